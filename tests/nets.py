@@ -1,0 +1,33 @@
+"""Small networks shared by tests: every layer type, sized to run in well under a second."""
+
+from xpcnn.layers import (
+    AvgPool2D,
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    Dropout,
+    FeatureNorm,
+    Flatten,
+    GlobalAvgPool2D,
+    MaxPool2D,
+    RandomCrop,
+    RandomFlip,
+    ReLU,
+    Rescaling,
+    Softmax,
+)
+
+
+def every_layer_net(classes: int = 10) -> list:
+    """Each layer type once, in an order where no two backends can route a tie differently
+    (FeatureNorm after the last ReLU-then-MaxPool, so pooling never sees tied values)."""
+    return [RandomFlip(), RandomCrop(2), Rescaling(1 / 255), Conv2D(4, 3, padding="same"),
+            BatchNorm2D(), ReLU(6.0), MaxPool2D(2), Conv2D(6, 3, strides=2, padding="same"),
+            FeatureNorm(), ReLU(), AvgPool2D(2, padding="same"), Dropout(0.3), Flatten(),
+            Dense(12), ReLU(), Dense(classes), Softmax()]
+
+
+def gap_net(classes: int = 10) -> list:
+    return [Rescaling(1 / 255), Conv2D(8, 3, padding="same", use_bias=False), BatchNorm2D(),
+            ReLU(), MaxPool2D(2), Conv2D(8, 3, padding="same"), ReLU(), GlobalAvgPool2D(),
+            Dense(classes), Softmax()]

@@ -1,0 +1,147 @@
+"""One code path on every Array API backend: strict, PyTorch CPU, CuPy (where a GPU exists)."""
+
+import array_api_strict as xs
+import numpy as np
+import pytest
+from nets import every_layer_net, gap_net
+
+import xpcnn
+from xpcnn.backend import get_backend
+from xpcnn.errors import DeviceError
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 40)
+
+
+def _train(device, data, optimizer, net=every_layer_net, epochs=2, dtype="float32"):
+    x, y = data
+    model = xpcnn.Sequential(net(), device=device, seed=0, dtype=dtype)
+    model.compile(optimizer=optimizer)
+    history = model.fit(x, y, epochs=epochs, batch_size=16, verbose=0,
+                        validation_data=(x[:8], y[:8]))
+    return model, history
+
+
+def _sgd():
+    return xpcnn.optim.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+
+
+def assert_same_weights(a, b, rtol=1e-4, atol=1e-5):
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b, strict=True)):
+        np.testing.assert_allclose(u, v, rtol=rtol, atol=atol, err_msg=f"weight array {i}")
+
+
+@pytest.mark.parametrize("device", [xs, (xs, xs.Device("device1"))],
+                         ids=["strict-default-device", "strict-device1"])
+def test_training_runs_standard_only_under_array_api_strict(device, data):
+    """array_api_strict rejects anything outside the standard and any mixing of devices."""
+    model, history = _train(device, data, _sgd())
+    ref, ref_history = _train("cpu", data, _sgd())
+    assert history.history["loss"] == pytest.approx(ref_history.history["loss"], rel=1e-5)
+    assert_same_weights(model.get_weights(), ref.get_weights())
+    probs = model.predict(data[0][:5])
+    assert probs.shape == (5, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # Every parameter and optimiser slot stayed on the model's device.
+    dev = model.backend.device
+    for layer in model.layers:
+        for a in (*layer.params.values(), *layer.state.values()):
+            assert a.device == dev
+    for slot in model.optimizer.slots.values():
+        assert all(a.device == dev for a in slot)
+
+
+def test_strict_adam_and_float64(data):
+    model, h = _train(xs, data, xpcnn.optim.Adam(1e-3), net=gap_net, dtype="float64")
+    ref, h_ref = _train("cpu", data, xpcnn.optim.Adam(1e-3), net=gap_net, dtype="float64")
+    assert_same_weights(model.get_weights(), ref.get_weights(), rtol=1e-10, atol=1e-12)
+
+
+def test_pytorch_cpu_ends_with_the_same_weights_as_numpy(data):
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    import array_api_compat.torch as xt
+
+    for opt in (_sgd, lambda: xpcnn.optim.AdamW(1e-3)):
+        ref, _ = _train("cpu", data, opt(), epochs=3,
+                        net=every_layer_net if opt is _sgd else gap_net)
+        model, _ = _train(xt, data, opt(), epochs=3,
+                          net=every_layer_net if opt is _sgd else gap_net)
+        assert all(isinstance(w, torch.Tensor) for la in model.layers for w in la.params.values())
+        assert_same_weights(model.get_weights(), ref.get_weights())
+
+
+def test_same_seed_same_weights_bit_identical(data):
+    a, _ = _train("cpu", data, _sgd())
+    b, _ = _train("cpu", data, _sgd())
+    for u, v in zip(a.get_weights(), b.get_weights(), strict=True):
+        assert np.array_equal(u, v)
+    c = xpcnn.Sequential(every_layer_net(), input_shape=(8, 8, 3), seed=1)
+    fresh = xpcnn.Sequential(every_layer_net(), input_shape=(8, 8, 3), seed=0)
+    assert not np.array_equal(c.get_weights()[0], fresh.get_weights()[0])
+
+
+def test_one_seed_gives_the_same_initial_weights_on_every_backend():
+    a = xpcnn.Sequential(every_layer_net(), input_shape=(8, 8, 3), seed=7)
+    b = xpcnn.Sequential(every_layer_net(), input_shape=(8, 8, 3), seed=7, device=xs)
+    for u, v in zip(a.get_weights(), b.get_weights(), strict=True):
+        assert np.array_equal(u, v)
+
+
+@pytest.mark.parametrize("flag", ["tpu", "cuda:x", "cpu:1", 3, "gpu:-1"])
+def test_unknown_device_is_a_clear_error(flag):
+    with pytest.raises(DeviceError, match="expected 'cpu', 'cuda', 'cuda:N'"):
+        get_backend(flag)
+
+
+def test_cuda_without_cupy_names_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_cupy(name, *args, **kwargs):
+        if name == "cupy" or name.startswith("cupy."):
+            raise ImportError("No module named 'cupy'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_cupy)
+    with pytest.raises(DeviceError, match=r"xpcnn\[cuda12\]"):
+        get_backend("cuda")
+    assert get_backend("auto").name == "numpy"
+
+
+def test_model_moves_between_devices(data):
+    model, _ = _train("cpu", data, _sgd())
+    before = model.predict(data[0][:4])
+    model.to((xs, xs.Device("device1")))
+    assert model.backend.name == "array_api_strict"
+    np.testing.assert_allclose(model.predict(data[0][:4]), before, rtol=1e-6)
+    model.fit(data[0], data[1], epochs=1, batch_size=16, verbose=0)  # optimiser state moved too
+    model.to("cpu")
+    assert all(isinstance(w, np.ndarray) for la in model.layers for w in la.params.values())
+
+
+def _cupy_ready():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cupy_ready(), reason="needs CuPy and a CUDA GPU")
+def test_numpy_and_cupy_training_steps_agree(data):
+    ref, _ = _train("cpu", data, _sgd())
+    model, _ = _train("cuda", data, _sgd())
+    assert model.backend.name == "cupy"
+    # Dropout and augmentation draw from CuPy's generator on the GPU, so compare a net
+    # without them for the weights, and the full net for finite training.
+    ref2, _ = _train("cpu", data, _sgd(), net=gap_net)
+    gpu2, _ = _train("cuda", data, _sgd(), net=gap_net)
+    assert_same_weights(gpu2.get_weights(), ref2.get_weights())
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())

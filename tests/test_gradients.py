@@ -1,0 +1,164 @@
+"""Every layer's input and parameter gradients against central finite differences in float64."""
+
+import array_api_compat.numpy as xpn
+import numpy as np
+import pytest
+from gradcheck import assert_close, check_layer, numeric_grad, sample_indices
+
+from xpcnn import Sequential, SoftmaxCrossEntropy
+from xpcnn.layers import (
+    AvgPool2D,
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    Dropout,
+    FeatureNorm,
+    Flatten,
+    GlobalAvgPool2D,
+    MaxPool2D,
+    Normalization,
+    ReLU,
+    Rescaling,
+    Softmax,
+)
+
+
+@pytest.mark.parametrize("kwargs, shape", [
+    (dict(filters=4, kernel_size=3), (7, 6, 3)),
+    (dict(filters=3, kernel_size=3, padding="same"), (5, 7, 2)),
+    (dict(filters=3, kernel_size=3, strides=2, padding="same"), (7, 7, 2)),
+    (dict(filters=2, kernel_size=(2, 3), strides=(2, 1), padding=1), (5, 6, 3)),
+    (dict(filters=5, kernel_size=1), (4, 3, 3)),
+    (dict(filters=2, kernel_size=5, strides=3, padding="valid", use_bias=False), (11, 9, 1)),
+    (dict(filters=3, kernel_size=4, strides=2, padding="same"), (9, 8, 2)),
+])
+def test_conv2d(kwargs, shape, rng):
+    check_layer(Conv2D(**kwargs), shape, rng)
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (Dense(5), (7,)),
+    (Dense(3, use_bias=False), (4,)),
+    (Flatten(), (3, 2, 4)),
+    (ReLU(), (4, 5, 3)),
+    (ReLU(max_value=0.5), (4, 5, 3)),
+    (Softmax(), (6,)),
+    (FeatureNorm(), (5, 4, 3)),
+    (FeatureNorm(eps=1e-3), (3, 3, 2)),
+    (BatchNorm2D(), (4, 3, 2)),
+    (BatchNorm2D(), (6,)),
+    (GlobalAvgPool2D(), (3, 5, 4)),
+    (Rescaling(0.5, 1.0), (3, 3, 2)),
+    (Normalization([0.1, -0.2], [2.0, 0.5]), (3, 3, 2)),
+])
+def test_layer(layer, shape, rng):
+    check_layer(layer, shape, rng, batch=3)
+
+
+@pytest.mark.parametrize("cls, kwargs, shape", [
+    (MaxPool2D, dict(pool_size=2), (6, 6, 3)),
+    (MaxPool2D, dict(pool_size=2), (7, 5, 2)),  # odd sizes drop the last row/column
+    (MaxPool2D, dict(pool_size=3, strides=2), (7, 7, 2)),  # overlapping windows
+    (MaxPool2D, dict(pool_size=3, strides=2, padding="same"), (6, 5, 2)),
+    (MaxPool2D, dict(pool_size=(2, 3), strides=1, padding=1), (4, 5, 1)),
+    (AvgPool2D, dict(pool_size=2), (5, 6, 3)),
+    (AvgPool2D, dict(pool_size=3, strides=2, padding="same"), (7, 6, 2)),
+    (AvgPool2D, dict(pool_size=3, strides=1, padding=1), (4, 4, 1)),
+])
+def test_pooling(cls, kwargs, shape, rng):
+    check_layer(cls(**kwargs), shape, rng, batch=2)
+
+
+def test_relu_ceiling_blocks_gradient_above_max(rng):
+    layer = ReLU(max_value=1.0)
+    layer.build((4,), "cpu", dtype="float64")
+    x = np.array([[-1.0, 0.5, 1.5, 0.9]])
+    assert np.array_equal(layer.forward(x, training=True), [[0.0, 0.5, 1.0, 0.9]])
+    assert np.array_equal(layer.backward(np.ones((1, 4))), [[0.0, 1.0, 0.0, 1.0]])
+
+
+def test_maxpool_ties_send_gradient_to_first_maximum():
+    layer = MaxPool2D(2)
+    layer.build((2, 2, 1), "cpu", dtype="float64")
+    x = np.ones((1, 2, 2, 1))
+    layer.forward(x, training=True)
+    dx = layer.backward(np.full((1, 1, 1, 1), 3.0))
+    assert dx[0, :, :, 0].tolist() == [[3.0, 0.0], [0.0, 0.0]]
+
+
+def test_dropout_gradient_replays_mask(rng):
+    layer = Dropout(0.4)
+    layer.build((5, 4, 3), "cpu", dtype="float64", rng=rng)
+    dx = check_layer(layer, (5, 4, 3), rng, reset=lambda: setattr(layer, "calls", 0))
+    assert np.mean(dx == 0) > 0.2  # some units really were dropped
+
+
+def test_batchnorm_eval_uses_running_statistics(rng):
+    layer = BatchNorm2D(momentum=0.5)
+    layer.build((2, 2, 3), "cpu", dtype="float64")
+    x = rng.standard_normal((8, 2, 2, 3)) * 3 + 2
+    layer.forward(x, training=True)
+    mean = x.reshape(-1, 3).mean(0)
+    var = x.reshape(-1, 3).var(0, ddof=1)
+    np.testing.assert_allclose(layer.state["moving_mean"], 0.5 * mean)
+    np.testing.assert_allclose(layer.state["moving_variance"], 0.5 + 0.5 * var)
+    y = layer.forward(x, training=False)
+    expected = (x - 0.5 * mean) / np.sqrt(0.5 + 0.5 * var + 1e-5)
+    np.testing.assert_allclose(y, expected)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_softmax_cross_entropy(smoothing, one_hot, rng):
+    loss = SoftmaxCrossEntropy(label_smoothing=smoothing)
+    z = rng.standard_normal((5, 4)) * 3
+    labels = rng.integers(0, 4, 5)
+    y = np.eye(4)[labels] if one_hot else labels
+    value, grad = loss.forward(xpn, z, y, np.float64)
+
+    t = np.eye(4)[labels] * (1 - smoothing) + smoothing / 4
+    logp = z - z.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    assert float(value) == pytest.approx(-(t * logp).sum() / 5, rel=1e-12)
+
+    def f():
+        return float(loss.forward(xpn, z, y, np.float64)[0])
+
+    for idx in sample_indices(z.shape, 20, rng):
+        assert_close(grad[idx], numeric_grad(f, z, idx), f"dloss/dz{idx}")
+
+
+def test_cross_entropy_is_stable_for_huge_logits():
+    loss = SoftmaxCrossEntropy()
+    z = np.array([[1000.0, 0.0, -1000.0], [-5e4, 5e4, 0.0]])
+    value, grad = loss.forward(xpn, z, np.array([0, 0]), np.float64)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+    assert float(value) == pytest.approx(1e5 / 2)
+
+
+def _small_net():
+    return [Conv2D(3, 3, strides=2, padding="same"), ReLU(max_value=2.0), FeatureNorm(),
+            Conv2D(4, 2), BatchNorm2D(), ReLU(), MaxPool2D(2), Flatten(), Dense(6), ReLU(),
+            Dense(3), Softmax()]
+
+
+def test_whole_model_gradients_match_finite_differences(rng):
+    """The fused softmax + cross-entropy and the chain of every layer, end to end."""
+    model = Sequential(_small_net(), input_shape=(9, 8, 2), dtype="float64", seed=3)
+    model.compile(optimizer="sgd")
+    x = rng.standard_normal((4, 9, 8, 2))
+    y = np.array([0, 2, 1, 2])
+    xp = model.backend.xp
+
+    def loss_value():
+        return float(model.loss.forward(xp, model._logits(x, True), y, xp.float64)[0])
+
+    logits = model._logits(x, True)
+    _, dz = model.loss.forward(xp, logits, y, xp.float64)
+    for layer in reversed(model.layers[:-1]):
+        dz = layer.backward(dz)
+    for layer in model.layers:
+        for name, p in layer.params.items():
+            g = np.array(layer.grads[name])
+            for idx in sample_indices(p.shape, 6, rng):
+                assert_close(g[idx], numeric_grad(loss_value, p, idx), f"{layer.name}.{name}")

@@ -1,0 +1,188 @@
+"""The device flag becomes an Array API namespace ``xp`` and a device.
+
+This is the only module that knows NumPy from CuPy (or PyTorch, or ``array_api_strict``). Layers,
+losses and optimisers receive a :class:`Backend` and use nothing but ``backend.xp`` (standard
+functions) and ``backend.device``. Arrays cross between host and device only here: ``asarray``
+(host -> device, one call per batch) and ``to_numpy`` (device -> host).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import array_api_compat.numpy as compat_numpy
+import numpy as np
+
+from .errors import DeviceError
+
+CUDA_EXTRA_HINT = 'pip install "xpcnn[cuda12]" (CUDA 12) or pip install "xpcnn[cuda13]" (CUDA 13)'
+
+# "cpu" | "cuda" | "cuda:N" | "auto" | namespace module | (module, device) | Backend
+DeviceLike = Any
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An Array API namespace and the device that every array of a model lives on."""
+
+    xp: ModuleType
+    device: Any
+    name: str  # "numpy", "cupy", "torch", "array_api_strict", or the namespace's own name
+
+    # -- host <-> device: the only two crossings ------------------------------------------
+    def asarray(self, a: Any, dtype: Any = None) -> Any:
+        """Copy a host array (or nested list) onto this backend's device."""
+        if dtype is not None and isinstance(dtype, str):
+            dtype = self.dtype(dtype)
+        if self.name == "numpy":
+            # np.array copies, so the caller's array is never aliased by a parameter.
+            return np.array(a, dtype=dtype)
+        return self.xp.asarray(np.asarray(a), dtype=dtype, device=self.device, copy=True)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """Copy a device array to a NumPy array on the host."""
+        if isinstance(x, np.ndarray):
+            return x
+        if self.name == "cupy":
+            return x.get()
+        if self.name == "torch":
+            return x.detach().cpu().numpy()
+        return np.from_dlpack(x)
+
+    # -- dtypes --------------------------------------------------------------------------
+    def dtype(self, name: str | Any) -> Any:
+        """The namespace's dtype object for a name such as ``"float32"``."""
+        if not isinstance(name, str):
+            return name
+        dt = getattr(self.xp, name, None)
+        if dt is None:
+            raise DeviceError(
+                f"the {self.name} backend has no dtype {name!r}; "
+                "choose one it supports (float32 works everywhere)"
+            )
+        return dt
+
+    # -- randomness ----------------------------------------------------------------------
+    def uniform(self, key: tuple[int, ...], shape: tuple[int, ...], dtype: Any) -> Any:
+        """Uniform [0, 1) numbers, a pure function of ``key``.
+
+        Counter-based: the caller passes (seed, counter, ...) so that its whole random state is a
+        few integers, which checkpoints can save and restore exactly.
+        """
+        if self.name == "cupy":
+            import cupy
+
+            seed = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+            with self.device:
+                return cupy.random.default_rng(seed).random(shape, dtype=cupy.float32).astype(
+                    dtype, copy=False
+                )
+        host = np.random.default_rng(list(key)).random(shape, dtype=np.float32)
+        return self.asarray(host, dtype=dtype)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (for timing); a no-op on the CPU."""
+        if self.name == "cupy":
+            import cupy
+
+            cupy.cuda.Device(self.device.id).synchronize()
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name}, device={self.device!r})"
+
+    @property
+    def label(self) -> str:
+        """Short human-readable device name, such as ``cpu`` or ``cuda:0``."""
+        if self.name == "numpy":
+            return "cpu"
+        if self.name == "cupy":
+            return f"cuda:{self.device.id}"
+        return f"{self.name}:{self.device}"
+
+
+def cuda_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # ImportError, or CUDA driver errors of many kinds
+        return False
+
+
+def _cupy_backend(index: int) -> Backend:
+    try:
+        import cupy
+    except ImportError as e:
+        raise DeviceError(
+            f"device 'cuda:{index}' needs CuPy, which is not installed: {CUDA_EXTRA_HINT}"
+        ) from e
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        raise DeviceError(f"CuPy is installed but no CUDA GPU is usable here ({e})") from e
+    if index >= count:
+        raise DeviceError(f"device 'cuda:{index}' does not exist: this machine has {count} GPU(s)")
+    import array_api_compat.cupy as compat_cupy
+
+    return Backend(compat_cupy, cupy.cuda.Device(index), "cupy")
+
+
+def _namespace_backend(module: ModuleType, device: Any = None) -> Backend:
+    name = module.__name__
+    if name in ("numpy", "array_api_compat.numpy"):
+        if device not in (None, "cpu"):
+            raise DeviceError(f"NumPy arrays live on 'cpu' only, not {device!r}")
+        return Backend(compat_numpy, "cpu", "numpy")
+    if name in ("cupy", "array_api_compat.cupy"):
+        import array_api_compat.cupy as compat_cupy
+        import cupy
+
+        dev = device if device is not None else cupy.cuda.Device()
+        if isinstance(dev, int):
+            dev = cupy.cuda.Device(dev)
+        return Backend(compat_cupy, dev, "cupy")
+    if name in ("torch", "array_api_compat.torch"):
+        import array_api_compat.torch as compat_torch
+        import torch
+
+        return Backend(compat_torch, torch.device(device or "cpu"), "torch")
+    if not hasattr(module, "asarray") or not hasattr(module, "matmul"):
+        raise DeviceError(f"module {name!r} is not an Array API namespace")
+    default = array_api_compat.device(module.empty(0))
+    short = name.split(".")[-1]
+    return Backend(module, default if device is None else device, short)
+
+
+def get_backend(device: DeviceLike = "cpu") -> Backend:
+    """Turn a device flag into a :class:`Backend`.
+
+    ``device`` is ``"cpu"`` (NumPy), ``"cuda"`` / ``"cuda:N"`` (CuPy), ``"auto"`` (the first GPU
+    when there is one, else the CPU), an Array API namespace module (``array_api_strict``,
+    ``array_api_compat.torch``, ...), a ``(module, device)`` pair, or a Backend.
+    """
+    if isinstance(device, Backend):
+        return device
+    if device is None:
+        device = "cpu"
+    if isinstance(device, ModuleType):
+        return _namespace_backend(device)
+    if isinstance(device, tuple) and len(device) == 2 and isinstance(device[0], ModuleType):
+        return _namespace_backend(device[0], device[1])
+    if isinstance(device, str):
+        flag = device.strip().lower()
+        if flag == "auto":
+            return _cupy_backend(0) if cuda_available() else get_backend("cpu")
+        if flag == "cpu":
+            return Backend(compat_numpy, "cpu", "numpy")
+        m = re.fullmatch(r"(?:cuda|gpu)(?::(\d+))?", flag)
+        if m:
+            return _cupy_backend(int(m.group(1) or 0))
+    raise DeviceError(
+        f"unknown device {device!r}: expected 'cpu', 'cuda', 'cuda:N', 'auto', "
+        "an Array API namespace module, or a (module, device) pair"
+    )

@@ -1,0 +1,80 @@
+"""Validation of what users hand to the public API, done on the host before any work starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+
+def as_images(x: Any, what: str = "x") -> np.ndarray:
+    """A real-valued host array with a leading batch axis and at least one sample."""
+    if hasattr(x, "__array_namespace__") and not isinstance(x, np.ndarray):
+        raise InputError(f"{what} must be a NumPy array on the host (xpcnn moves each batch to "
+                         f"the model's device itself), got {type(x).__name__}")
+    try:
+        arr = np.asarray(x)
+    except Exception as e:  # ragged lists and the like
+        raise InputError(f"{what} must be an array of numbers: {e}") from e
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer)
+                                 or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"{what} must hold real numbers (uint8 or float images), got dtype "
+                         f"{arr.dtype}")
+    if arr.ndim < 2:
+        raise InputError(f"{what} must have a batch axis and per-sample axes, e.g. (N, H, W, C); "
+                         f"got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise InputError(f"{what} is empty: shape {arr.shape}")
+    return arr
+
+
+def check_sample_shape(x: np.ndarray, expected: tuple[int, ...], what: str = "x") -> None:
+    if tuple(x.shape[1:]) != tuple(expected):
+        raise InputError(f"{what} has per-sample shape {tuple(x.shape[1:])} but the model expects "
+                         f"{tuple(expected)} (inputs are (N, H, W, C)); got {what}.shape = "
+                         f"{x.shape}")
+
+
+def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray, np.ndarray]:
+    """Integer labels (N,) or one-hot/probability rows (N, classes).
+
+    Returns (targets as given, int64 class indices) after checking lengths and ranges.
+    """
+    try:
+        arr = np.asarray(y)
+    except Exception as e:
+        raise InputError(f"{what} must be an array of labels: {e}") from e
+    if arr.shape[:1] != (n,):
+        raise InputError(f"{what} has {arr.shape[0] if arr.ndim else 0} labels but x has {n} "
+                         f"samples; they must match (got {what}.shape = {arr.shape})")
+    if arr.ndim == 1:
+        integral = np.issubdtype(arr.dtype, np.integer) or (
+            np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)))
+        if not integral:
+            raise InputError(f"{what} must be integer class labels, got dtype {arr.dtype}")
+        lo, hi = arr.min(), arr.max()
+        if lo < 0 or hi >= classes:
+            raise InputError(f"labels in {what} must be in [0, {classes - 1}] for a model with "
+                             f"{classes} outputs; found values from {lo} to {hi}")
+        labels = arr.astype(np.int64)
+        return labels, labels
+    if arr.ndim == 2 and arr.shape[1] == classes and np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"one-hot {what} holds NaN or infinite values")
+        return arr, np.argmax(arr, axis=1).astype(np.int64)
+    raise InputError(f"{what} must be integer labels of shape ({n},) or one-hot rows of shape "
+                     f"({n}, {classes}); got shape {arr.shape} and dtype {arr.dtype}")
+
+
+def positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise InputError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def non_negative_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise InputError(f"{what} must be a non-negative integer, got {value!r}")
+    return int(value)

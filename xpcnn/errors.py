@@ -1,0 +1,30 @@
+"""The error types xpcnn raises on purpose.
+
+Every error a user can provoke with bad input is one of these, with a message that names what was
+wrong and what was expected. Each also derives from the matching built-in type so that code written
+against ``ValueError`` or ``OSError`` keeps working.
+"""
+
+
+class XpcnnError(Exception):
+    """Base class of every error raised by xpcnn on purpose."""
+
+
+class InputError(XpcnnError, ValueError):
+    """An argument, array shape, dtype or label that is not what the API expects."""
+
+
+class DeviceError(XpcnnError, RuntimeError):
+    """A device that does not exist here, or a backend that is not installed."""
+
+
+class DataFormatError(XpcnnError, ValueError):
+    """A file (dataset, model, checkpoint) that is corrupt, truncated or of another kind."""
+
+
+class DownloadError(XpcnnError, OSError):
+    """A dataset file that could not be fetched or failed its checksum."""
+
+
+class NonFiniteError(XpcnnError, FloatingPointError):
+    """A NaN or infinity in the loss or a gradient during training."""

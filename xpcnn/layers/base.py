@@ -1,0 +1,182 @@
+"""The one small contract every layer follows.
+
+A layer is built once for a per-sample input shape (no batch axis), then runs ``forward`` and
+``backward`` on batches. Trainable arrays live in ``params`` (their gradients in ``grads`` after
+``backward``); non-trainable arrays that are part of the model (BatchNorm's running statistics)
+live in ``state``. Everything is an array of ``self.backend``; weights cross to the host only
+through ``get_weights`` / ``set_weights``, in Keras layouts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..backend import Backend, get_backend
+from ..errors import InputError
+
+Shape = tuple[int, ...]
+
+# name -> class, filled by Layer.__init_subclass__, used to rebuild models from files.
+LAYER_TYPES: dict[str, type[Layer]] = {}
+
+
+class Layer:
+    """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``."""
+
+    #: Keras-layout order of ``get_weights``: names in ``params`` then ``state``.
+    weight_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        LAYER_TYPES[cls.__name__] = cls
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or type(self).__name__.lower()
+        self.params: dict[str, Any] = {}
+        self.grads: dict[str, Any] = {}
+        self.state: dict[str, Any] = {}
+        self.built = False
+        self.input_shape: Shape | None = None
+        self.output_shape: Shape | None = None
+        # The model clears this on its first trainable layer: nothing upstream needs a gradient.
+        self.need_input_grad = True
+
+    # -- building ------------------------------------------------------------------------
+    def build(
+        self,
+        input_shape: Shape,
+        backend: Backend | Any = "cpu",
+        dtype: str = "float32",
+        compute_dtype: str | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> Shape:
+        """Create the parameters for a per-sample ``input_shape``; returns the output shape.
+
+        ``dtype`` is the parameters' dtype, ``compute_dtype`` the dtype of the heavy matmuls
+        (lower for mixed precision). Initial values come from ``rng`` on the host, so one seed
+        gives the same weights on every device.
+        """
+        self.backend = get_backend(backend)
+        self.xp = self.backend.xp
+        self.dtype = self.backend.dtype(dtype)
+        self.compute_dtype = self.backend.dtype(compute_dtype or dtype)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.output_shape = tuple(self._build(self.input_shape, rng))
+        self.built = True
+        return self.output_shape
+
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        return input_shape
+
+    def _param(self, name: str, value: np.ndarray, trainable: bool = True) -> None:
+        target = self.params if trainable else self.state
+        target[name] = self.backend.asarray(value, dtype=self.dtype)
+
+    # -- computing -----------------------------------------------------------------------
+    def forward(self, x: Any, training: bool = False) -> Any:
+        raise NotImplementedError
+
+    def backward(self, dy: Any) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, x: Any, training: bool = False) -> Any:
+        return self.forward(x, training)
+
+    # -- weights and configuration ---------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild this layer (JSON-serialisable)."""
+        return {"name": self.name}
+
+    def _arrays(self) -> dict[str, Any]:
+        return {**self.params, **self.state}
+
+    def get_weights(self) -> list[np.ndarray]:
+        """Weights as host arrays in Keras order and layout."""
+        arrays = self._arrays()
+        return [self.backend.to_numpy(arrays[n]).copy() for n in self.weight_names if n in arrays]
+
+    def set_weights(self, weights: list[Any]) -> None:
+        """Replace the weights; shapes must match :meth:`get_weights`."""
+        self._require_built("set_weights")
+        names = [n for n in self.weight_names if n in self._arrays()]
+        if len(weights) != len(names):
+            raise InputError(
+                f"layer {self.name!r} expects {len(names)} weight arrays ({', '.join(names)}), "
+                f"got {len(weights)}"
+            )
+        for n, w in zip(names, weights, strict=True):
+            w = np.asarray(w)
+            old = self._arrays()[n]
+            if tuple(w.shape) != tuple(old.shape):
+                raise InputError(
+                    f"layer {self.name!r} weight {n!r} must have shape {tuple(old.shape)}, "
+                    f"got {tuple(w.shape)}"
+                )
+            if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
+                raise InputError(f"layer {self.name!r} weight {n!r} must be real, got {w.dtype}")
+            target = self.params if n in self.params else self.state
+            target[n] = self.backend.asarray(w, dtype=self.dtype)
+
+    def count_params(self) -> int:
+        return int(sum(int(np.prod(p.shape)) for p in self.params.values()))
+
+    def to(self, backend: Backend) -> None:
+        """Move parameters and state to another backend (used by ``Sequential.to``)."""
+        for store in (self.params, self.state):
+            for n, a in store.items():
+                store[n] = backend.asarray(self.backend.to_numpy(a))
+        self.backend, self.xp = backend, backend.xp
+        self.dtype = backend.dtype(_dtype_name(self.dtype))
+        self.compute_dtype = backend.dtype(_dtype_name(self.compute_dtype))
+        self.grads = {}
+        self._clear_cache()
+
+    def _clear_cache(self) -> None:
+        """Drop arrays kept from the last forward pass (they belong to the old device)."""
+        for k in list(vars(self)):
+            if k.startswith("_cache"):
+                setattr(self, k, None)
+
+    def _require_built(self, what: str) -> None:
+        if not self.built:
+            raise InputError(f"layer {self.name!r} must be built before {what}")
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+def _dtype_name(dtype: Any) -> str:
+    for name in ("float16", "bfloat16", "float32", "float64"):
+        if name in str(dtype):
+            return name
+    raise InputError(f"unsupported dtype {dtype!r}")
+
+
+def pair(v: int | tuple[int, int] | list[int], what: str) -> tuple[int, int]:
+    """An int or a pair of ints as a pair of positive ints."""
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) != 2 or not all(isinstance(a, int | np.integer) and a > 0 for a in t):
+        raise InputError(f"{what} must be a positive int or a pair of positive ints, got {v!r}")
+    return int(t[0]), int(t[1])
+
+
+def check_padding(padding: str | int) -> str | int:
+    if isinstance(padding, str) and padding.lower() in ("valid", "same"):
+        return padding.lower()
+    if isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0:
+        return padding
+    raise InputError(f"padding must be 'valid', 'same' or a non-negative int, got {padding!r}")
+
+
+def require_rank(layer: Layer, input_shape: Shape, rank: int) -> None:
+    """Per-sample ``input_shape`` must have ``rank`` axes (3 means (H, W, C))."""
+    if len(input_shape) != rank:
+        layout = {3: "(H, W, C)", 1: "(features,)"}.get(rank, f"{rank} axes")
+        raise InputError(
+            f"layer {layer.name!r} ({type(layer).__name__}) expects per-sample inputs of shape "
+            f"{layout}, got {input_shape}"
+        )

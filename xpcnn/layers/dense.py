@@ -1,0 +1,82 @@
+"""Dense (fully connected) and Flatten."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from .base import Layer, Shape, pair
+from .initializers import check_initializer, initialize
+
+
+class Flatten(Layer):
+    """(N, H, W, C) -> (N, H*W*C) in (H, W, C) order, as Keras flattens."""
+
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        return (math.prod(input_shape),)
+
+    def forward(self, x: Any, training: bool = False) -> Any:
+        if training:
+            self._cache_shape = x.shape
+        return self.xp.reshape(x, (x.shape[0], -1))
+
+    def backward(self, dy: Any) -> Any:
+        return self.xp.reshape(dy, self._cache_shape)
+
+
+class Dense(Layer):
+    """y = x @ kernel + bias, kernel of shape (in, out) as in Keras."""
+
+    weight_names = ("kernel", "bias")
+
+    def __init__(self, units: int, use_bias: bool = True,
+                 kernel_initializer: str = "glorot_uniform", name: str | None = None) -> None:
+        super().__init__(name)
+        self.units = pair(units, "units")[0]
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = check_initializer(kernel_initializer)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "units": self.units, "use_bias": self.use_bias,
+                "kernel_initializer": self.kernel_initializer}
+
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        if len(input_shape) != 1:
+            raise InputError(
+                f"layer {self.name!r} (Dense) expects flat per-sample inputs (features,), got "
+                f"{input_shape}: add a Flatten or GlobalAvgPool2D layer before it"
+            )
+        n_in = input_shape[0]
+        self._param("kernel", initialize(self.kernel_initializer, (n_in, self.units), n_in,
+                                         self.units, rng))
+        if self.use_bias:
+            self._param("bias", np.zeros(self.units))
+        return (self.units,)
+
+    def forward(self, x: Any, training: bool = False) -> Any:
+        xp = self.xp
+        self._cache_x_dtype = x.dtype
+        x = xp.astype(x, self.compute_dtype, copy=False)
+        w = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
+        y = x @ w
+        if self.use_bias:
+            y = y + xp.astype(self.params["bias"], self.compute_dtype, copy=False)
+        if training:
+            self._cache_x, self._cache_w = x, w
+        return y
+
+    def backward(self, dy: Any) -> Any:
+        xp = self.xp
+        dy = xp.astype(dy, self.compute_dtype, copy=False)
+        self.grads["kernel"] = xp.astype(xp.matrix_transpose(self._cache_x) @ dy, self.dtype,
+                                         copy=False)
+        if self.use_bias:
+            self.grads["bias"] = xp.astype(xp.sum(dy, axis=0), self.dtype, copy=False)
+        self._cache_x = None
+        if not self.need_input_grad:
+            return None
+        dx = dy @ xp.matrix_transpose(self._cache_w)
+        return xp.astype(dx, self._cache_x_dtype, copy=False)

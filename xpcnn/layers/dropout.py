@@ -1,0 +1,52 @@
+"""Dropout: zero a random fraction of activations in training (inverted: rescale the rest)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from .base import Layer, Shape
+
+
+class RandomLayer(Layer):
+    """A layer that draws random numbers on the device.
+
+    Its randomness is a pure function of (seed, calls): the seed is drawn at build from the
+    model's generator and ``calls`` counts training batches, so a checkpoint that saves
+    ``calls`` resumes the exact same random stream.
+    """
+
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        self.seed = int(rng.integers(2**31))
+        self.calls = 0
+        return input_shape
+
+    def _uniform(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        u = self.backend.uniform((self.seed, self.calls), shape, dtype)
+        self.calls += 1
+        return u
+
+
+class Dropout(RandomLayer):
+    def __init__(self, rate: float, name: str | None = None) -> None:
+        super().__init__(name)
+        if not 0.0 <= rate < 1.0:
+            raise InputError(f"Dropout rate must be in [0, 1), got {rate!r}")
+        self.rate = float(rate)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "rate": self.rate}
+
+    def forward(self, x: Any, training: bool = False) -> Any:
+        if not training or self.rate == 0.0:
+            return x
+        keep = self._uniform(tuple(x.shape), x.dtype) >= self.rate
+        self._cache_scale = self.xp.astype(keep, x.dtype) * (1.0 / (1.0 - self.rate))
+        return x * self._cache_scale
+
+    def backward(self, dy: Any) -> Any:
+        if self.rate == 0.0:
+            return dy
+        return dy * self.xp.astype(self._cache_scale, dy.dtype, copy=False)

@@ -1,0 +1,119 @@
+"""FeatureNorm (the notebook's per-feature-map normalisation) and BatchNorm2D.
+
+Statistics are always computed in the parameter dtype (float32 under mixed precision).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from .base import Layer, Shape, require_rank
+
+
+def _standardize_backward(xp: Any, dxhat: Any, xhat: Any, inv_std: Any, axes: tuple[int, ...]
+                          ) -> Any:
+    """Gradient of xhat = (x - mean) / std through the mean and std of the same ``axes``."""
+    return inv_std * (dxhat - xp.mean(dxhat, axis=axes, keepdims=True)
+                      - xhat * xp.mean(dxhat * xhat, axis=axes, keepdims=True))
+
+
+def _check_eps(eps: float) -> float:
+    if not eps > 0:
+        raise InputError(f"eps must be positive, got {eps!r}")
+    return float(eps)
+
+
+class FeatureNorm(Layer):
+    """Each feature map of each image scaled to mean 0 and std 1 over its H x W positions.
+
+    y = (x - mean_hw) / sqrt(var_hw + eps). No parameters; the same in training and inference.
+    """
+
+    def __init__(self, eps: float = 1e-5, name: str | None = None) -> None:
+        super().__init__(name)
+        self.eps = _check_eps(eps)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "eps": self.eps}
+
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        require_rank(self, input_shape, 3)
+        return input_shape
+
+    def forward(self, x: Any, training: bool = False) -> Any:
+        xp = self.xp
+        x = xp.astype(x, self.dtype, copy=False)
+        centred = x - xp.mean(x, axis=(1, 2), keepdims=True)
+        inv_std = 1.0 / xp.sqrt(xp.mean(centred * centred, axis=(1, 2), keepdims=True) + self.eps)
+        xhat = centred * inv_std
+        if training:
+            self._cache = (xhat, inv_std)
+        return xhat
+
+    def backward(self, dy: Any) -> Any:
+        xhat, inv_std = self._cache
+        dy = self.xp.astype(dy, self.dtype, copy=False)
+        return _standardize_backward(self.xp, dy, xhat, inv_std, (1, 2))
+
+
+class BatchNorm2D(Layer):
+    """Batch normalisation over every axis but the last (channels).
+
+    Training uses the batch's statistics and updates running ones
+    (running = (1 - momentum) * running + momentum * batch, unbiased variance, as PyTorch);
+    inference uses the running statistics. Works on (N, H, W, C) and on (N, features).
+    """
+
+    weight_names = ("gamma", "beta", "moving_mean", "moving_variance")
+
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5, name: str | None = None) -> None:
+        super().__init__(name)
+        if not 0.0 <= momentum <= 1.0:
+            raise InputError(f"BatchNorm2D momentum must be in [0, 1], got {momentum!r}")
+        self.momentum = float(momentum)
+        self.eps = _check_eps(eps)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "momentum": self.momentum, "eps": self.eps}
+
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        c = input_shape[-1]
+        self._param("gamma", np.ones(c))
+        self._param("beta", np.zeros(c))
+        self._param("moving_mean", np.zeros(c), trainable=False)
+        self._param("moving_variance", np.ones(c), trainable=False)
+        return input_shape
+
+    def forward(self, x: Any, training: bool = False) -> Any:
+        xp = self.xp
+        x = xp.astype(x, self.dtype, copy=False)
+        axes = tuple(range(x.ndim - 1))
+        if training:
+            mean = xp.mean(x, axis=axes)
+            centred = x - mean
+            var = xp.mean(centred * centred, axis=axes)
+            count = math.prod(x.shape[:-1])
+            m = self.momentum
+            self.state["moving_mean"] = (1 - m) * self.state["moving_mean"] + m * mean
+            unbiased = var * (count / max(count - 1, 1))
+            self.state["moving_variance"] = (1 - m) * self.state["moving_variance"] + m * unbiased
+        else:
+            centred = x - self.state["moving_mean"]
+            var = self.state["moving_variance"]
+        inv_std = 1.0 / xp.sqrt(var + self.eps)
+        xhat = centred * inv_std
+        if training:
+            self._cache = (xhat, inv_std, axes)
+        return xhat * self.params["gamma"] + self.params["beta"]
+
+    def backward(self, dy: Any) -> Any:
+        xp = self.xp
+        xhat, inv_std, axes = self._cache
+        dy = xp.astype(dy, self.dtype, copy=False)
+        self.grads["gamma"] = xp.sum(dy * xhat, axis=axes)
+        self.grads["beta"] = xp.sum(dy, axis=axes)
+        return _standardize_backward(xp, dy * self.params["gamma"], xhat, inv_std, axes)

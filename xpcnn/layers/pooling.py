@@ -1,0 +1,107 @@
+"""Max, average and global-average pooling over (N, H, W, C)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..ops import conv as conv_ops
+from ..ops import pool as ops
+from .base import Layer, Shape, check_padding, pair, require_rank
+
+
+class _Pool2D(Layer):
+    def __init__(self, pool_size: int | tuple[int, int] = 2,
+                 strides: int | tuple[int, int] | None = None, padding: str | int = "valid",
+                 name: str | None = None) -> None:
+        super().__init__(name)
+        self.pool_size = pair(pool_size, "pool_size")
+        self.strides = self.pool_size if strides is None else pair(strides, "strides")
+        self.padding = check_padding(padding)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "pool_size": list(self.pool_size),
+                "strides": list(self.strides), "padding": self.padding}
+
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        require_rank(self, input_shape, 3)
+        h, w, c = input_shape
+        self.pads = conv_ops.resolve_padding(self.padding, (h, w), self.pool_size, self.strides)
+        self.out_hw = conv_ops.output_size((h, w), self.pool_size, self.strides, self.pads)
+        if min(self.out_hw) < 1:
+            raise InputError(
+                f"layer {self.name!r}: a {self.pool_size} pool does not fit an input of {h}x{w}"
+            )
+        return (*self.out_hw, c)
+
+
+class MaxPool2D(_Pool2D):
+    """Maximum of each window; the gradient goes to the first maximum of the window."""
+
+    def forward(self, x: Any, training: bool = False) -> Any:
+        xpad = conv_ops.pad(self.xp, x, self.pads, value=-math.inf)
+        y = ops.max_pool(self.xp, xpad, self.pool_size, self.strides, self.out_hw)
+        if training:
+            self._cache_xy = (xpad, y)
+        return y
+
+    def backward(self, dy: Any) -> Any:
+        xpad, y = self._cache_xy
+        dx = ops.max_pool_backward(self.xp, xpad, y, dy, self.pool_size, self.strides,
+                                   self.out_hw)
+        self._cache_xy = None
+        return conv_ops.unpad(dx, self.pads)
+
+
+class AvgPool2D(_Pool2D):
+    """Mean of each window; with padding, the mean is over the real (unpadded) inputs only."""
+
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        out = super()._build(input_shape, rng)
+        # How many real inputs each window covers (differs from k*k only at padded borders).
+        h, w, _ = input_shape
+        ones = np.zeros((1, h + self.pads[0] + self.pads[1], w + self.pads[2] + self.pads[3], 1))
+        ones[:, self.pads[0]:self.pads[0] + h, self.pads[2]:self.pads[2] + w, :] = 1
+        counts = ops.sum_pool(np, ones, self.pool_size, self.strides, self.out_hw)
+        self._inv_counts = self.backend.asarray(1.0 / counts, dtype=self.dtype)
+        return out
+
+    def forward(self, x: Any, training: bool = False) -> Any:
+        xpad = conv_ops.pad(self.xp, x, self.pads)
+        if training:
+            self._cache_shape = xpad.shape
+        s = ops.sum_pool(self.xp, xpad, self.pool_size, self.strides, self.out_hw)
+        return s * self.xp.astype(self._inv_counts, s.dtype, copy=False)
+
+    def backward(self, dy: Any) -> Any:
+        g = dy * self.xp.astype(self._inv_counts, dy.dtype, copy=False)
+        dx = ops.sum_pool_backward(self.xp, g, self._cache_shape, self.pool_size, self.strides,
+                                   self.out_hw)
+        return conv_ops.unpad(dx, self.pads)
+
+    def to(self, backend: Any) -> None:
+        inv = self.backend.to_numpy(self._inv_counts)
+        super().to(backend)
+        self._inv_counts = backend.asarray(inv)
+
+
+class GlobalAvgPool2D(Layer):
+    """Mean over H and W: (N, H, W, C) -> (N, C)."""
+
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        require_rank(self, input_shape, 3)
+        return (input_shape[2],)
+
+    def forward(self, x: Any, training: bool = False) -> Any:
+        if training:
+            self._cache_shape = x.shape
+        return self.xp.mean(x, axis=(1, 2))
+
+    def backward(self, dy: Any) -> Any:
+        xp = self.xp
+        n, h, w, c = self._cache_shape
+        g = xp.reshape(dy / (h * w), (n, 1, 1, c))
+        return xp.broadcast_to(g, (n, h, w, c))

@@ -1,0 +1,123 @@
+"""Input preprocessing and augmentation layers, run on the model's device.
+
+Augmentation layers act only in training (``fit``); in ``evaluate`` and ``predict`` they pass
+the input through unchanged. Being layers, they are saved with the model and need no gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from .base import Layer, Shape, require_rank
+from .dropout import RandomLayer
+
+
+class Rescaling(Layer):
+    """y = x * scale + offset, e.g. ``Rescaling(1 / 255)`` for uint8 images."""
+
+    def __init__(self, scale: float, offset: float = 0.0, name: str | None = None) -> None:
+        super().__init__(name)
+        self.scale, self.offset = float(scale), float(offset)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "scale": self.scale, "offset": self.offset}
+
+    def forward(self, x: Any, training: bool = False) -> Any:
+        return x * self.scale + self.offset
+
+    def backward(self, dy: Any) -> Any:
+        return dy * self.scale
+
+
+class Normalization(Layer):
+    """Per-channel normalisation y = (x - mean) / std with fixed ``mean`` and ``std``."""
+
+    def __init__(self, mean: list[float] | float, std: list[float] | float,
+                 name: str | None = None) -> None:
+        super().__init__(name)
+        self.mean = [float(v) for v in np.atleast_1d(mean)]
+        self.std = [float(v) for v in np.atleast_1d(std)]
+        if len(self.mean) != len(self.std) or not all(s > 0 for s in self.std):
+            raise InputError("Normalization needs mean and std of equal length, std positive; "
+                             f"got mean={mean!r}, std={std!r}")
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "mean": self.mean, "std": self.std}
+
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        c = input_shape[-1]
+        if len(self.mean) not in (1, c):
+            raise InputError(f"Normalization has {len(self.mean)} channel statistics but the "
+                             f"input has {c} channels")
+        self._shift = self.backend.asarray(np.broadcast_to(self.mean, (c,)), dtype=self.dtype)
+        self._scale = self.backend.asarray(1.0 / np.broadcast_to(self.std, (c,)),
+                                           dtype=self.dtype)
+        return input_shape
+
+    def forward(self, x: Any, training: bool = False) -> Any:
+        return (x - self._shift) * self._scale
+
+    def backward(self, dy: Any) -> Any:
+        return dy * self._scale
+
+    def to(self, backend: Any) -> None:
+        super().to(backend)
+        self._build(self.input_shape, np.random.default_rng(0))
+
+
+class RandomFlip(RandomLayer):
+    """Mirror each training image left-right with probability 1/2."""
+
+    def forward(self, x: Any, training: bool = False) -> Any:
+        if not training:
+            return x
+        xp = self.xp
+        flip = self._uniform((x.shape[0], 1, 1, 1), x.dtype) < 0.5
+        return xp.where(flip, xp.flip(x, axis=2), x)
+
+    def backward(self, dy: Any) -> Any:
+        raise InputError("RandomFlip must be the first layers of a model (it has no gradient)")
+
+
+class RandomCrop(RandomLayer):
+    """Pad each training image by ``padding`` zeros and crop it back at a random offset."""
+
+    def __init__(self, padding: int = 4, name: str | None = None) -> None:
+        super().__init__(name)
+        if not isinstance(padding, int) or padding < 1:
+            raise InputError(f"RandomCrop padding must be a positive int, got {padding!r}")
+        self.padding = padding
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "padding": self.padding}
+
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        require_rank(self, input_shape, 3)
+        return super()._build(input_shape, rng)
+
+    def forward(self, x: Any, training: bool = False) -> Any:
+        if not training:
+            return x
+        xp = self.xp
+        p, n = self.padding, x.shape[0]
+        h, w = x.shape[1], x.shape[2]
+        u = self._uniform((2, n, 1, 1, 1), x.dtype)
+        # Offsets in [0, 2p]; a crop is a row shift then a column shift, each chosen per image
+        # among 2p+1 candidates with where(): standard-only, no per-sample indexing needed.
+        dy = xp.floor(u[0, ...] * (2 * p + 1))
+        dx = xp.floor(u[1, ...] * (2 * p + 1))
+        xpad = xp.zeros((n, h + 2 * p, w + 2 * p, x.shape[3]), dtype=x.dtype, device=x.device)
+        xpad[:, p:p + h, p:p + w, :] = x
+        rows = xpad[:, 0:h, :, :]
+        for k in range(1, 2 * p + 1):
+            rows = xp.where(dy == k, xpad[:, k:k + h, :, :], rows)
+        out = rows[:, :, 0:w, :]
+        for k in range(1, 2 * p + 1):
+            out = xp.where(dx == k, rows[:, :, k:k + w, :], out)
+        return out
+
+    def backward(self, dy: Any) -> Any:
+        raise InputError("RandomCrop must be the first layers of a model (it has no gradient)")

@@ -1,0 +1,412 @@
+"""Sequential: a stack of layers with a Keras-like API and its training loop.
+
+Data enters as host NumPy arrays in (N, H, W, C); each batch crosses to the device once, is cast
+there, runs forward and backward through the layers, and only scalars (loss, correct count) come
+back. With a cross-entropy loss and a final Softmax layer, training feeds the Softmax's input
+(the logits) to the fused, stable softmax cross-entropy; ``predict`` still returns probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import checks
+from .backend import Backend, DeviceLike, get_backend
+from .errors import InputError, NonFiniteError
+from .layers.activation import Softmax
+from .layers.base import Layer
+from .losses import SoftmaxCrossEntropy, get_loss
+from .ops.softmax import softmax
+from .optim import Optimizer, get_optimizer
+
+PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
+
+
+class History:
+    """Per-epoch metrics of a ``fit`` call: ``history["loss"]``, ``["val_accuracy"]``, ..."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[float]] = {}
+        self.epoch: list[int] = []
+
+    def append(self, epoch: int, logs: dict[str, float]) -> None:
+        self.epoch.append(epoch)
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(float(v))
+
+    def __repr__(self) -> str:
+        return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
+
+
+class Sequential:
+    """A linear stack of layers trained by backpropagation.
+
+    ``device`` picks the array library and device (see :func:`xpcnn.backend.get_backend`),
+    ``seed`` the initial weights (the same on every device), ``dtype`` the parameters' dtype.
+    """
+
+    def __init__(self, layers: list[Layer] | None = None, *, input_shape: tuple[int, ...] | None
+                 = None, device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
+                 name: str = "sequential") -> None:
+        self.backend: Backend = get_backend(device)
+        if dtype not in ("float32", "float64"):
+            raise InputError(f"model dtype must be 'float32' or 'float64', got {dtype!r}")
+        self.dtype_name = dtype
+        self.seed = checks.non_negative_int(seed, "seed")
+        self.name = name
+        self.layers: list[Layer] = []
+        self.input_shape: tuple[int, ...] | None = None
+        self.loss: SoftmaxCrossEntropy | None = None
+        self.optimizer: Optimizer | None = None
+        self.precision = "float32"
+        self.loss_scale = 1.0
+        self._good_steps = 0
+        self.built = False
+        for layer in layers or []:
+            self.add(layer)
+        if input_shape is not None:
+            self.build(input_shape)
+
+    # -- construction ------------------------------------------------------------------------
+    def add(self, layer: Layer) -> None:
+        """Append a layer (the model is rebuilt on its next use)."""
+        if not isinstance(layer, Layer):
+            raise InputError(f"add() expects an xpcnn layer, got {type(layer).__name__}")
+        taken = {la.name for la in self.layers}
+        if layer.name in taken:
+            base, k = layer.name, 1
+            while f"{base}_{k}" in taken:
+                k += 1
+            layer.name = f"{base}_{k}"
+        self.layers.append(layer)
+        self.built = False
+
+    def build(self, input_shape: tuple[int, ...]) -> None:
+        """Create every layer's weights for per-sample ``input_shape``, e.g. (32, 32, 3)."""
+        if not self.layers:
+            raise InputError("the model has no layers: add() some before building it")
+        shape = tuple(int(d) for d in input_shape)
+        if not shape or any(d < 1 for d in shape):
+            raise InputError(f"input_shape must be positive sizes such as (H, W, C), got "
+                             f"{input_shape!r}")
+        self.input_shape = shape
+        compute = PRECISIONS[self.precision] or self.dtype_name
+        for i, layer in enumerate(self.layers):
+            rng = np.random.default_rng([self.seed, i])
+            shape = layer.build(shape, self.backend, self.dtype_name, compute, rng)
+        # Layers up to the first one with parameters need no input gradient.
+        first = next((i for i, la in enumerate(self.layers) if la.params), len(self.layers))
+        for i, layer in enumerate(self.layers):
+            layer.need_input_grad = i > first
+        self._first_trainable = first
+        self.built = True
+        if self.optimizer is not None:
+            self.optimizer.slots = {}
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        self._require_built("output_shape")
+        return self.layers[-1].output_shape  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.output_shape[-1])
+
+    def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
+                optimizer: str | Optimizer = "adam", metrics: tuple[str, ...] | list[str] = (
+                    "accuracy",), precision: str = "float32") -> None:
+        """Choose the loss, the optimiser, the metrics (only ``"accuracy"``) and the precision.
+
+        ``precision`` is ``"float32"``, ``"mixed_float16"`` or ``"mixed_bfloat16"``: matmuls in
+        the low precision, float32 master weights, softmax, loss and normalisation statistics,
+        and dynamic loss scaling for float16.
+        """
+        self.loss = get_loss(loss)
+        self.optimizer = get_optimizer(optimizer)
+        unknown = [m for m in metrics if m not in ("accuracy", "acc")]
+        if unknown:
+            raise InputError(f"unknown metrics {unknown}; xpcnn supports 'accuracy'")
+        if precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{precision!r}")
+        low = PRECISIONS[precision]
+        if low is not None:
+            self.backend.dtype(low)  # a clear error where the backend lacks the dtype
+        self.precision = precision
+        self.loss_scale = 2.0**15 if precision == "mixed_float16" else 1.0
+        self._good_steps = 0
+        if self.built:
+            compute = self.backend.dtype(low or self.dtype_name)
+            for layer in self.layers:
+                layer.compute_dtype = compute
+
+    # -- the hot path ------------------------------------------------------------------------
+    def _fused_softmax(self) -> bool:
+        return isinstance(self.layers[-1], Softmax)
+
+    def _logits(self, x: Any, training: bool) -> Any:
+        """Forward pass up to the logits (the last Softmax is left to the loss)."""
+        stop = len(self.layers) - 1 if self._fused_softmax() else len(self.layers)
+        for layer in self.layers[:stop]:
+            x = layer.forward(x, training)
+        return x
+
+    def _to_device(self, x: np.ndarray) -> Any:
+        """One host -> device copy of a batch, then the cast on the device."""
+        xb = self.backend.asarray(np.ascontiguousarray(x))
+        return self.backend.xp.astype(xb, self.backend.dtype(self.dtype_name))
+
+    def train_step(self, xb: Any, yb: Any) -> tuple[float, float]:
+        """One forward, backward and update on a device batch; returns (loss, correct count)."""
+        xp = self.backend.xp
+        logits = self._logits(xb, training=True)
+        loss, dz = self.loss.forward(xp, logits, yb, self.layers[-1].dtype)  # type: ignore
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            self._raise_non_finite(f"the loss is {loss_value}", xb)
+        correct = self._correct(logits, yb)
+        if self.loss_scale != 1.0:
+            dz = dz * self.loss_scale
+        stop = len(self.layers) - 1 if self._fused_softmax() else len(self.layers)
+        for layer in reversed(self.layers[self._first_trainable:stop]):
+            dz = layer.backward(dz)
+        params, grads, owners = [], [], []
+        for layer in self.layers:
+            for k, p in layer.params.items():
+                params.append(p)
+                grads.append(layer.grads[k])
+                owners.append(layer)
+        if self.loss_scale != 1.0:
+            grads = [g * (1.0 / self.loss_scale) for g in grads]
+        total = float(sum(xp.sum(g) for g in grads)) if grads else 0.0
+        if not math.isfinite(total):
+            if self.precision == "mixed_float16":
+                # Overflow in float16: skip this update and try a smaller scale.
+                self.loss_scale /= 2.0
+                self._good_steps = 0
+                return loss_value, correct
+            bad = next(o for o, g in zip(owners, grads, strict=True)
+                       if not bool(xp.all(xp.isfinite(g))))
+            raise NonFiniteError(f"non-finite gradient at step {self.optimizer.iterations + 1}:"
+                                 f" it first appears in layer {bad.name!r}")
+        self.optimizer.step(xp, params, grads)  # type: ignore[union-attr]
+        if self.precision == "mixed_float16":
+            self._good_steps += 1
+            if self._good_steps >= 2000:
+                self.loss_scale *= 2.0
+                self._good_steps = 0
+        return loss_value, correct
+
+    def _correct(self, logits: Any, yb: Any) -> float:
+        xp = self.backend.xp
+        labels = yb if yb.ndim == 1 else xp.argmax(yb, axis=1)
+        return float(xp.sum(xp.astype(xp.argmax(logits, axis=1) == labels, xp.int32)))
+
+    def _raise_non_finite(self, what: str, xb: Any) -> None:
+        """Name the step and the first layer whose output is not finite, then raise."""
+        xp = self.backend.xp
+        step = self.optimizer.iterations + 1  # type: ignore[union-attr]
+        where = "the loss"
+        if not bool(xp.all(xp.isfinite(xb))):
+            where = "the input batch"
+        else:
+            x = xb
+            for layer in self.layers:
+                x = layer.forward(x, training=False)
+                if not bool(xp.all(xp.isfinite(x))):
+                    where = f"layer {layer.name!r}"
+                    break
+        raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
+                             f"values appear in {where}")
+
+    # -- fit / evaluate / predict ----------------------------------------------------------
+    def _prepare(self, x: Any, y: Any | None = None, what: str = "x"
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        x = checks.as_images(x, what)
+        if not self.built:
+            self.build(x.shape[1:])
+        checks.check_sample_shape(x, self.input_shape, what)  # type: ignore[arg-type]
+        if y is None:
+            return x, None, None
+        ywhat = "y" if what == "x" else what.replace("x", "y")
+        targets, labels = checks.as_labels(y, x.shape[0], self.num_classes, ywhat)
+        return x, targets, labels
+
+    def _batches(self, n: int, batch_size: int, order: np.ndarray | None = None
+                 ) -> Iterator[np.ndarray]:
+        idx = np.arange(n) if order is None else order
+        for start in range(0, n, batch_size):
+            yield idx[start:start + batch_size]
+
+    def fit(self, x: Any, y: Any, epochs: int = 1, batch_size: int = 32,
+            validation_data: tuple[Any, Any] | None = None, validation_split: float = 0.0,
+            shuffle: bool = True, seed: int | None = None, verbose: int = 1,
+            on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> History:
+        """Train for ``epochs`` passes over (x, y); returns a :class:`History`.
+
+        ``x`` is (N, H, W, C) (uint8 or float), ``y`` integer labels (N,) or one-hot (N, K).
+        ``seed`` fixes the shuffling order (default: the model's seed). ``verbose=0`` silences
+        the progress bar.
+        """
+        self._require_compiled()
+        epochs = checks.non_negative_int(epochs, "epochs")
+        batch_size = checks.positive_int(batch_size, "batch_size")
+        if not 0.0 <= validation_split < 1.0:
+            raise InputError(f"validation_split must be in [0, 1), got {validation_split!r}")
+        x, targets, labels = self._prepare(x, y)
+        if validation_split:
+            n_val = int(round(len(x) * validation_split))
+            if n_val < 1 or n_val >= len(x):
+                raise InputError(f"validation_split={validation_split} leaves no training or no "
+                                 f"validation samples out of {len(x)}")
+            validation_data = (x[-n_val:], targets[-n_val:])
+            x, targets, labels = x[:-n_val], targets[:-n_val], labels[:-n_val]
+        if validation_data is not None:
+            if len(validation_data) != 2:
+                raise InputError("validation_data must be a pair (x_val, y_val)")
+            vx, vt, _ = self._prepare(validation_data[0], validation_data[1], "x_val")
+        seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
+        history = History()
+        n = len(x)
+        steps = math.ceil(n / batch_size)
+        for epoch in range(epochs):
+            order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else None
+            t0 = time.perf_counter()
+            loss_sum = correct = seen = 0.0
+            bar = tqdm(total=steps, desc=f"Epoch {epoch + 1}/{epochs}", unit="batch",
+                       disable=verbose == 0, leave=True, dynamic_ncols=True)
+            for idx in self._batches(n, batch_size, order):
+                xb = self._to_device(x[idx])
+                yb = self.backend.asarray(targets[idx])
+                loss, right = self.train_step(xb, yb)
+                loss_sum += loss * len(idx)
+                correct += right
+                seen += len(idx)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
+                                refresh=False)
+            logs = {"loss": loss_sum / seen, "accuracy": correct / seen}
+            if validation_data is not None:
+                val = self.evaluate(vx, vt, batch_size=max(batch_size, 256), verbose=0)
+                logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            logs["seconds"] = time.perf_counter() - t0
+            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "seconds"})
+            bar.close()
+            history.append(epoch, logs)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, logs)
+        return history
+
+    def evaluate(self, x: Any, y: Any, batch_size: int = 256, verbose: int = 0
+                 ) -> dict[str, float]:
+        """Mean loss and accuracy on (x, y), in inference mode."""
+        if self.loss is None:
+            self.loss = get_loss("cross_entropy")
+        batch_size = checks.positive_int(batch_size, "batch_size")
+        x, targets, _ = self._prepare(x, y)
+        xp = self.backend.xp
+        loss_sum = correct = 0.0
+        for idx in tqdm(list(self._batches(len(x), batch_size)), disable=verbose == 0,
+                        desc="evaluate", unit="batch"):
+            yb = self.backend.asarray(targets[idx])
+            logits = self._logits(self._to_device(x[idx]), training=False)
+            loss, _ = self.loss.forward(xp, logits, yb, self.layers[-1].dtype)
+            loss_sum += float(loss) * len(idx)
+            correct += self._correct(logits, yb)
+        return {"loss": loss_sum / len(x), "accuracy": correct / len(x)}
+
+    def predict(self, x: Any, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities, (N, classes), as a host NumPy array."""
+        batch_size = checks.positive_int(batch_size, "batch_size")
+        x, _, _ = self._prepare(x)
+        xp = self.backend.xp
+        out = []
+        for idx in self._batches(len(x), batch_size):
+            z = self._logits(self._to_device(x[idx]), training=False)
+            out.append(self.backend.to_numpy(softmax(xp, xp.astype(z, self.layers[-1].dtype))))
+        return np.concatenate(out)
+
+    def forward(self, x: Any, training: bool = False) -> list[Any]:
+        """Every layer's output for a host batch, as device arrays (for inspection)."""
+        self._require_built("forward")
+        x = checks.as_images(x)
+        checks.check_sample_shape(x, self.input_shape)  # type: ignore[arg-type]
+        outs, a = [], self._to_device(x)
+        for layer in self.layers:
+            a = layer.forward(a, training)
+            outs.append(a)
+        return outs
+
+    # -- inspection and weights --------------------------------------------------------------
+    def summary(self, print_fn: Callable[[str], None] = print) -> None:
+        """Print layer, output shape and parameter count, as Keras does."""
+        self._require_built("summary")
+        rows = [(f"{la.name} ({type(la).__name__})", str((None, *la.output_shape)),
+                 f"{la.count_params():,}") for la in self.layers]
+        heads = ("Layer (type)", "Output shape", "Params")
+        widths = [max(len(r[i]) for r in [heads, *rows]) + 2 for i in range(3)]
+        line = "-" * sum(widths)
+        fmt = lambda r: "".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
+        print_fn(f'Model "{self.name}" on {self.backend.label}, input {self.input_shape}')
+        print_fn(line)
+        print_fn(fmt(heads))
+        print_fn(line)
+        for r in rows:
+            print_fn(fmt(r))
+        print_fn(line)
+        print_fn(f"Total params: {self.count_params():,}")
+
+    def count_params(self) -> int:
+        return sum(la.count_params() for la in self.layers)
+
+    def get_weights(self) -> list[np.ndarray]:
+        """All layers' weights, in order, as host arrays in Keras layouts."""
+        self._require_built("get_weights")
+        return [w for la in self.layers for w in la.get_weights()]
+
+    def set_weights(self, weights: list[Any]) -> None:
+        """Replace all weights; the list must match :meth:`get_weights` in length and shapes."""
+        self._require_built("set_weights")
+        counts = [len(la.get_weights()) for la in self.layers]
+        if len(weights) != sum(counts):
+            raise InputError(f"set_weights expects {sum(counts)} arrays (as get_weights returns), "
+                             f"got {len(weights)}")
+        start = 0
+        for la, k in zip(self.layers, counts, strict=True):
+            la.set_weights(list(weights[start:start + k]))
+            start += k
+
+    def to(self, device: DeviceLike) -> Sequential:
+        """Move the model (weights, optimiser state) to another device; returns self."""
+        backend = get_backend(device)
+        for la in self.layers:
+            if la.built:
+                la.to(backend)
+        if self.optimizer is not None and self.optimizer.slots:
+            self.optimizer.slots = {
+                k: [backend.asarray(self.backend.to_numpy(a)) for a in v]
+                for k, v in self.optimizer.slots.items()
+            }
+        self.backend = backend
+        return self
+
+    def save(self, path: str) -> None:
+        """Write architecture and weights to ``path`` (an .npz that loads without pickle)."""
+        from .io import save_model
+
+        save_model(self, path)
+
+    def _require_built(self, what: str) -> None:
+        if not self.built:
+            raise InputError(f"the model must be built before {what}: call build(input_shape) "
+                             "or fit/predict on data first")
+
+    def _require_compiled(self) -> None:
+        if self.loss is None or self.optimizer is None:
+            raise InputError("call compile(loss=..., optimizer=...) before fit()")

@@ -1,0 +1,230 @@
+"""Optimisers (SGD, Adam, AdamW) and learning-rate schedules.
+
+Optimisers update parameters in place (``p[...] = ...``), so a layer's arrays stay the same
+objects. Semantics follow PyTorch's, so that runs can be compared step for step. Schedules map the
+optimiser's step count to a learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from .errors import InputError
+
+# -- learning-rate schedules ------------------------------------------------------------------
+
+
+class Schedule:
+    """A learning rate as a function of the step count (0 for the first step)."""
+
+    def __call__(self, step: int) -> float:
+        raise NotImplementedError
+
+    def get_config(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, **vars(self)}
+
+
+class StepDecay(Schedule):
+    """lr * gamma ** (step // step_size)."""
+
+    def __init__(self, lr: float, step_size: int, gamma: float = 0.1) -> None:
+        if step_size < 1:
+            raise InputError(f"StepDecay step_size must be >= 1, got {step_size!r}")
+        self.lr, self.step_size, self.gamma = float(lr), int(step_size), float(gamma)
+
+    def __call__(self, step: int) -> float:
+        return self.lr * self.gamma ** (step // self.step_size)
+
+
+class CosineDecay(Schedule):
+    """Cosine from lr down to min_lr over decay_steps, then constant at min_lr."""
+
+    def __init__(self, lr: float, decay_steps: int, min_lr: float = 0.0) -> None:
+        if decay_steps < 1:
+            raise InputError(f"CosineDecay decay_steps must be >= 1, got {decay_steps!r}")
+        self.lr, self.decay_steps, self.min_lr = float(lr), int(decay_steps), float(min_lr)
+
+    def __call__(self, step: int) -> float:
+        t = min(step, self.decay_steps) / self.decay_steps
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+class LinearWarmup(Schedule):
+    """Rise linearly from lr/warmup_steps to the wrapped schedule's value over warmup_steps,
+    then follow that schedule (counted from the end of the warm-up)."""
+
+    def __init__(self, after: Schedule | float, warmup_steps: int) -> None:
+        if warmup_steps < 1:
+            raise InputError(f"LinearWarmup warmup_steps must be >= 1, got {warmup_steps!r}")
+        self.after = after if isinstance(after, Schedule) else Constant(after)
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.after(0) * (step + 1) / self.warmup_steps
+        return self.after(step - self.warmup_steps)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"class": "LinearWarmup", "after": self.after.get_config(),
+                "warmup_steps": self.warmup_steps}
+
+
+class Constant(Schedule):
+    def __init__(self, lr: float) -> None:
+        self.lr = float(lr)
+
+    def __call__(self, step: int) -> float:
+        return self.lr
+
+
+SCHEDULES = {c.__name__: c for c in (StepDecay, CosineDecay, LinearWarmup, Constant)}
+
+
+def schedule_from_config(config: dict[str, Any]) -> Schedule:
+    config = dict(config)
+    cls = SCHEDULES[config.pop("class")]
+    if "after" in config:
+        config["after"] = schedule_from_config(config["after"])
+    return cls(**config)
+
+
+def as_schedule(lr: float | Schedule | Callable[[int], float]) -> Schedule:
+    if isinstance(lr, Schedule):
+        return lr
+    if isinstance(lr, int | float) and not isinstance(lr, bool) and lr > 0:
+        return Constant(lr)
+    raise InputError(f"learning rate must be a positive number or a Schedule, got {lr!r}")
+
+
+# -- optimisers -------------------------------------------------------------------------------
+
+
+class Optimizer:
+    """Base: subclasses define ``_update(i, p, g, lr)`` for parameter ``i``.
+
+    ``slots`` holds per-parameter state arrays (momentum, moments), created lazily on the
+    parameters' device; ``iterations`` counts applied steps and drives the schedule.
+    """
+
+    slot_names: tuple[str, ...] = ()
+
+    def __init__(self, lr: float | Schedule, weight_decay: float = 0.0) -> None:
+        self.schedule = as_schedule(lr)
+        if weight_decay < 0:
+            raise InputError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        self.weight_decay = float(weight_decay)
+        self.iterations = 0
+        self.slots: dict[str, list[Any]] = {}
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step will use."""
+        return self.schedule(self.iterations)
+
+    def step(self, xp: Any, params: list[Any], grads: list[Any]) -> None:
+        """Apply one update to every parameter, in place."""
+        if not self.slots:
+            self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
+        lr = self.lr
+        self.iterations += 1
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            self._update(xp, i, p, g, lr)
+
+    def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
+        raise NotImplementedError
+
+    def get_config(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "lr": self.schedule.get_config(),
+                "weight_decay": self.weight_decay}
+
+
+class SGD(Optimizer):
+    """SGD with optional momentum, Nesterov momentum and L2 weight decay (PyTorch semantics:
+    g += wd * p; b = momentum * b + g; step along b, or g + momentum * b with Nesterov)."""
+
+    def __init__(self, lr: float | Schedule = 0.01, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(lr, weight_decay)
+        if not 0.0 <= momentum < 1.0:
+            raise InputError(f"SGD momentum must be in [0, 1), got {momentum!r}")
+        if nesterov and momentum == 0.0:
+            raise InputError("Nesterov momentum needs momentum > 0")
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        self.slot_names = ("momentum",) if momentum else ()
+
+    def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        if self.momentum:
+            buf = self.slots["momentum"][i]
+            # PyTorch starts the buffer at the first gradient, not at momentum * 0 + g: same.
+            buf[...] = self.momentum * buf + g
+            g = g + self.momentum * buf if self.nesterov else buf
+        p[...] = p - lr * g
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "momentum": self.momentum, "nesterov": self.nesterov}
+
+
+class Adam(Optimizer):
+    """Adam (Kingma and Ba) with bias correction; ``weight_decay`` adds L2 to the gradient."""
+
+    slot_names = ("m", "v")
+    decoupled = False
+
+    def __init__(self, lr: float | Schedule = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(lr, weight_decay)
+        if not (0.0 <= beta_1 < 1.0 and 0.0 <= beta_2 < 1.0) or epsilon <= 0:
+            raise InputError("Adam needs 0 <= beta_1, beta_2 < 1 and epsilon > 0, got "
+                             f"beta_1={beta_1!r}, beta_2={beta_2!r}, epsilon={epsilon!r}")
+        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+
+    def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
+        if self.weight_decay:
+            if self.decoupled:
+                p[...] = p * (1.0 - lr * self.weight_decay)
+            else:
+                g = g + self.weight_decay * p
+        m, v = self.slots["m"][i], self.slots["v"][i]
+        b1, b2, t = self.beta_1, self.beta_2, self.iterations
+        m[...] = b1 * m + (1.0 - b1) * g
+        v[...] = b2 * v + (1.0 - b2) * (g * g)
+        m_hat_scale = lr / (1.0 - b1**t)
+        denom = xp.sqrt(v / (1.0 - b2**t)) + self.epsilon
+        p[...] = p - m_hat_scale * m / denom
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2,
+                "epsilon": self.epsilon}
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov and Hutter): p *= 1 - lr * weight_decay."""
+
+    decoupled = True
+
+    def __init__(self, lr: float | Schedule = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-8, weight_decay: float = 0.01) -> None:
+        super().__init__(lr, beta_1, beta_2, epsilon, weight_decay)
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
+def get_optimizer(optimizer: str | Optimizer) -> Optimizer:
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    if isinstance(optimizer, str) and optimizer.lower() in OPTIMIZERS:
+        return OPTIMIZERS[optimizer.lower()]()
+    raise InputError(f"unknown optimizer {optimizer!r}; expected one of {', '.join(OPTIMIZERS)} "
+                     "or an Optimizer instance")
+
+
+def optimizer_from_config(config: dict[str, Any]) -> Optimizer:
+    config = dict(config)
+    cls = {c.__name__: c for c in (SGD, Adam, AdamW)}[config.pop("class")]
+    config["lr"] = schedule_from_config(config["lr"])
+    return cls(**config)
