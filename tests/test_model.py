@@ -1,0 +1,240 @@
+"""Sequential: the Keras-like API, model files, weights layouts, precision, errors."""
+
+import numpy as np
+import pytest
+from nets import every_layer_net, gap_net
+
+import xpcnn
+from xpcnn.errors import DataFormatError, DeviceError, InputError
+from xpcnn.layers import Conv2D, Dense, Flatten, ReLU, Softmax
+from xpcnn.models import build_layers
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (48, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 48)
+
+
+def trained(data, net=every_layer_net, **compile_kwargs):
+    model = xpcnn.Sequential(net(), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), **compile_kwargs)
+    model.fit(*data, epochs=1, batch_size=16, verbose=0)
+    return model
+
+
+def test_fit_returns_history_and_learns_a_separable_task():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 256)
+    x = rng.normal(0, 20, (256, 6, 6, 1)) + 128
+    x[y == 1, 1:4, 1:4, :] += 60  # a bright square marks class 1
+    model = xpcnn.Sequential(gap_net(classes=2), seed=0)
+    model.compile(optimizer=xpcnn.optim.Adam(1e-2))
+    # Enough epochs for BatchNorm's running statistics (used in validation) to catch up.
+    history = model.fit(x.astype(np.uint8), y, epochs=12, batch_size=32, verbose=0,
+                        validation_split=0.25)
+    assert set(history.history) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert len(history.epoch) == 12
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert history.history["val_accuracy"][-1] > 0.9
+
+
+def test_notebook_network_trains_with_add_compile_fit(data):
+    model = xpcnn.Sequential(seed=0)
+    for layer in build_layers("notebook"):
+        model.add(layer)
+    model.compile(loss="cross_entropy", optimizer="adam", metrics=["accuracy"])
+    x, y = data
+    h = model.fit(x, y, epochs=4, batch_size=16, verbose=0)
+    assert h.history["loss"][-1] < h.history["loss"][0]
+    assert h.history["accuracy"][-1] > h.history["accuracy"][0]
+
+
+def test_predict_returns_probabilities_and_evaluate_matches(data):
+    model = trained(data)
+    x, y = data
+    p = model.predict(x)
+    assert p.shape == (48, 10) and p.dtype == np.float32
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+    result = model.evaluate(x, y, batch_size=7)
+    assert result["accuracy"] == pytest.approx(np.mean(p.argmax(1) == y))
+    assert result["loss"] == pytest.approx(-np.mean(np.log(p[np.arange(48), y])), rel=1e-4)
+
+
+def test_predict_applies_softmax_when_the_model_ends_in_logits(data):
+    model = xpcnn.Sequential([Flatten(), Dense(4)], seed=0)
+    model.compile()
+    p = model.predict(data[0][:5].astype(np.float32) / 255)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_save_and_load_round_trip(data, tmp_path):
+    model = trained(data)
+    path = tmp_path / "m.npz"
+    model.save(str(path))
+    again = xpcnn.load_model(str(path))
+    for a, b in zip(model.get_weights(), again.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+    np.testing.assert_array_equal(model.predict(data[0]), again.predict(data[0]))
+    assert [type(la).__name__ for la in again.layers] == [type(la).__name__
+                                                         for la in model.layers]
+    assert again.optimizer.get_config() == model.optimizer.get_config()
+    again.fit(*data, epochs=1, batch_size=16, verbose=0)  # loaded compiled, ready to train
+    # The file holds no pickled objects.
+    with np.load(path, allow_pickle=False) as f:
+        assert all(f[k].dtype != object for k in f.files)
+
+
+def test_load_onto_another_device(data, tmp_path):
+    import array_api_strict as xs
+
+    model = trained(data)
+    model.save(str(tmp_path / "m.npz"))
+    strict = xpcnn.load_model(str(tmp_path / "m.npz"), device=xs)
+    assert strict.backend.name == "array_api_strict"
+    np.testing.assert_allclose(strict.predict(data[0]), model.predict(data[0]), rtol=1e-5)
+
+
+def test_loading_a_file_that_is_not_a_model(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip at all")
+    with pytest.raises(DataFormatError, match="not a readable xpcnn .npz"):
+        xpcnn.load_model(str(bad))
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(DataFormatError, match="not an xpcnn model file"):
+        xpcnn.load_model(str(tmp_path / "other.npz"))
+    with pytest.raises(DataFormatError, match="no such file"):
+        xpcnn.load_model(str(tmp_path / "missing.npz"))
+
+
+def test_weights_use_keras_layouts():
+    model = xpcnn.Sequential([Conv2D(4, (3, 2)), ReLU(), Flatten(), Dense(5), Softmax()],
+                             input_shape=(6, 5, 3), seed=0)
+    shapes = [w.shape for w in model.get_weights()]
+    assert shapes == [(3, 2, 3, 4), (4,), (4 * 4 * 4, 5), (5,)]
+
+
+def test_flatten_uses_hwc_order(rng):
+    """Dense after Flatten sees x.reshape(N, H*W*C) of an NHWC array, as in Keras."""
+    model = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 3, 4), seed=0,
+                             dtype="float64")
+    w = rng.standard_normal((24, 3))
+    model.set_weights([w, np.zeros(3)])
+    x = rng.standard_normal((5, 2, 3, 4))
+    out = model.forward(x)[-1]
+    np.testing.assert_allclose(out, x.reshape(5, -1) @ w)
+    np.testing.assert_allclose(out[:, 0], np.einsum("nhwc,hwc->n", x, w[:, 0].reshape(2, 3, 4)))
+
+
+def test_set_weights_checks_count_and_shapes(data):
+    model = trained(data)
+    weights = model.get_weights()
+    with pytest.raises(InputError, match=r"expects \d+ arrays"):
+        model.set_weights(weights[:-1])
+    bad = list(weights)
+    bad[0] = np.zeros((1, 2, 3, 4))
+    with pytest.raises(InputError, match=r"must have shape \(3, 3, 3, 4\), got \(1, 2, 3, 4\)"):
+        model.set_weights(bad)
+    model.set_weights(weights)  # a correct list still works
+
+
+def test_set_weights_copies_caller_arrays(data):
+    model = trained(data)
+    weights = model.get_weights()
+    model.set_weights(weights)
+    before = weights[0].copy()
+    model.fit(*data, epochs=1, batch_size=16, verbose=0)
+    assert np.array_equal(weights[0], before)  # training did not write into the caller's array
+
+
+def test_summary_lists_layers_shapes_and_parameters(data):
+    model = xpcnn.Sequential(build_layers("notebook"), input_shape=(32, 32, 3))
+    lines = []
+    model.summary(print_fn=lines.append)
+    text = "\n".join(lines)
+    assert "conv2d (Conv2D)" in text and "(None, 30, 30, 32)" in text
+    assert "(None, 14, 14, 32)" in text and "(None, 6272)" in text
+    total = 3 * 3 * 3 * 32 + 32 + 3 * 3 * 32 * 32 + 32 + 6272 * 128 + 128 + 128 * 10 + 10
+    assert f"Total params: {total:,}" in text
+    assert model.count_params() == total
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x, y: m.fit(x[:, :4], y, verbose=0), r"per-sample shape \(4, 8, 3\)"),
+    (lambda m, x, y: m.fit(x[..., 0], y, verbose=0), r"expects \(8, 8, 3\)"),
+    (lambda m, x, y: m.fit(x, y + 5, verbose=0), r"must be in \[0, 9\]"),
+    (lambda m, x, y: m.fit(x, y[:-1], verbose=0), "47 labels but x has 48"),
+    (lambda m, x, y: m.fit(x, y, batch_size=0, verbose=0), "batch_size must be a positive"),
+    (lambda m, x, y: m.fit(x[:0], y[:0], verbose=0), "is empty"),
+    (lambda m, x, y: m.fit(x.astype(str), y, verbose=0), "must hold real numbers"),
+    (lambda m, x, y: m.predict(x[:, :, :, :2]), r"expects \(8, 8, 3\)"),
+    (lambda m, x, y: m.evaluate(x, np.full(48, 10)), r"must be in \[0, 9\]"),
+])
+def test_bad_arguments_raise_clear_errors(data, call, message):
+    model = trained(data)
+    with pytest.raises(InputError, match=message):
+        call(model, *data)
+
+
+def test_fit_before_compile_and_bad_compile_arguments(data):
+    model = xpcnn.Sequential(every_layer_net())
+    with pytest.raises(InputError, match="call compile"):
+        model.fit(*data)
+    with pytest.raises(InputError, match="unknown loss 'mse'"):
+        model.compile(loss="mse")
+    with pytest.raises(InputError, match="precision must be one of"):
+        model.compile(precision="float8")
+    with pytest.raises(InputError, match="unknown metrics"):
+        model.compile(metrics=["f1"])
+    with pytest.raises(InputError, match="expects an xpcnn layer"):
+        model.add("conv")
+
+
+def test_layer_arguments_are_checked():
+    with pytest.raises(InputError, match="padding must be 'valid', 'same'"):
+        Conv2D(3, 3, padding="full")
+    with pytest.raises(InputError, match="kernel_size must be a positive int"):
+        Conv2D(3, 0)
+    with pytest.raises(InputError, match="does not fit an input of 2x2"):
+        xpcnn.Sequential([Conv2D(3, 5)], input_shape=(2, 2, 1))
+    with pytest.raises(InputError, match="add a Flatten"):
+        xpcnn.Sequential([Dense(3)], input_shape=(4, 4, 1))
+
+
+def test_unknown_device_in_sequential():
+    with pytest.raises(DeviceError, match="unknown device 'tpu:0'"):
+        xpcnn.Sequential(device="tpu:0")
+
+
+def test_mixed_float16_trains_with_float32_master_weights(data):
+    model = trained(data, net=gap_net, precision="mixed_float16")
+    assert all(w.dtype == np.float32 for w in model.get_weights())
+    conv = model.layers[1]
+    assert conv.compute_dtype == np.float16
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+    ref = trained(data, net=gap_net)
+    for a, b in zip(model.get_weights(), ref.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02)
+
+
+def test_loss_scaling_skips_an_overflowing_step_and_lowers_the_scale(data):
+    model = xpcnn.Sequential(gap_net(), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.01), precision="mixed_float16")
+    model.build((8, 8, 3))
+    model.loss_scale = 2.0**60  # certain float16 overflow in the backward pass
+    def params():
+        return [np.array(p) for la in model.layers for p in la.params.values()]
+
+    before = params()
+    with np.errstate(all="ignore"):
+        model.fit(*data, epochs=1, batch_size=48, verbose=0)
+    assert model.loss_scale == 2.0**59
+    assert model.optimizer.iterations == 0
+    for a, b in zip(before, params(), strict=True):  # (BatchNorm statistics still update)
+        assert np.array_equal(a, b)
+
+
+def test_bfloat16_is_a_clear_error_where_the_backend_lacks_it():
+    model = xpcnn.Sequential(gap_net())
+    with pytest.raises(DeviceError, match="no dtype 'bfloat16'"):
+        model.compile(precision="mixed_bfloat16")

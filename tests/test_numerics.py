@@ -1,0 +1,121 @@
+"""Forward numerics against independent references: naive loops, and PyTorch where installed."""
+
+import array_api_compat.numpy as xpn
+import numpy as np
+import pytest
+
+from xpcnn import SoftmaxCrossEntropy
+from xpcnn.layers import AvgPool2D, BatchNorm2D, Conv2D, FeatureNorm, MaxPool2D
+
+
+def naive_conv(x, k, b, stride, pads):
+    """Direct definition: y[n,i,j,o] = b[o] + sum_{a,c,ch} xpad[n, i*s+a, j*s+c, ch] k[a,c,ch,o]."""
+    top, bottom, left, right = pads
+    x = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    kh, kw, _, co = k.shape
+    ho = (x.shape[1] - kh) // stride[0] + 1
+    wo = (x.shape[2] - kw) // stride[1] + 1
+    y = np.zeros((x.shape[0], ho, wo, co))
+    for i in range(ho):
+        for j in range(wo):
+            patch = x[:, i * stride[0]:i * stride[0] + kh, j * stride[1]:j * stride[1] + kw, :]
+            y[:, i, j, :] = np.tensordot(patch, k, axes=([1, 2, 3], [0, 1, 2])) + b
+    return y
+
+
+@pytest.mark.parametrize("kwargs, shape, pads", [
+    (dict(filters=4, kernel_size=3), (7, 6, 3), (0, 0, 0, 0)),
+    (dict(filters=2, kernel_size=3, padding="same"), (5, 5, 2), (1, 1, 1, 1)),
+    # TensorFlow's "same" with stride 2 on an even size pads more at the bottom/right.
+    (dict(filters=2, kernel_size=3, strides=2, padding="same"), (6, 6, 2), (0, 1, 0, 1)),
+    (dict(filters=3, kernel_size=(2, 3), strides=(1, 2), padding=2), (4, 7, 1), (2, 2, 2, 2)),
+])
+def test_conv2d_matches_direct_definition(kwargs, shape, pads, rng):
+    layer = Conv2D(**kwargs)
+    layer.build(shape, "cpu", dtype="float64", rng=rng)
+    layer.set_weights([rng.standard_normal(w.shape) for w in layer.get_weights()])
+    x = rng.standard_normal((2, *shape))
+    kernel, bias = layer.get_weights()
+    expected = naive_conv(x, kernel, bias, layer.strides, pads)
+    np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-10, atol=1e-12)
+
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+F = torch.nn.functional
+
+
+def nchw(a):
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2))))
+
+
+def nhwc(t):
+    return np.transpose(t.detach().numpy(), (0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("stride, padding, torch_padding", [
+    (1, "same", 1), (1, "valid", 0), (2, 1, 1), (3, 2, 2)])
+def test_conv2d_matches_pytorch(stride, padding, torch_padding, rng):
+    layer = Conv2D(5, 3, strides=stride, padding=padding)
+    layer.build((9, 9, 3), "cpu", dtype="float64", rng=rng)
+    kernel, bias = layer.get_weights()
+    bias = rng.standard_normal(bias.shape)
+    layer.set_weights([kernel, bias])
+    x = rng.standard_normal((2, 9, 9, 3))
+    ref = F.conv2d(nchw(x), torch.from_numpy(np.transpose(kernel, (3, 2, 0, 1)).copy()),
+                   torch.from_numpy(bias), stride=stride, padding=torch_padding)
+    np.testing.assert_allclose(layer.forward(x), nhwc(ref), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("size, stride, pad", [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 0)])
+def test_pooling_matches_pytorch(size, stride, pad, rng):
+    x = rng.standard_normal((2, 7, 6, 3))
+    maxp = MaxPool2D(size, stride, padding=pad)
+    maxp.build((7, 6, 3), "cpu", dtype="float64")
+    ref = F.max_pool2d(nchw(x), size, stride, padding=pad)
+    np.testing.assert_allclose(maxp.forward(x), nhwc(ref))
+    avgp = AvgPool2D(size, stride, padding=pad)
+    avgp.build((7, 6, 3), "cpu", dtype="float64")
+    ref = F.avg_pool2d(nchw(x), size, stride, padding=pad, count_include_pad=False)
+    np.testing.assert_allclose(avgp.forward(x), nhwc(ref), rtol=1e-12)
+
+
+def test_maxpool_gradient_routing_matches_pytorch_on_ties(rng):
+    x = rng.integers(0, 3, (2, 6, 6, 2)).astype(np.float64)  # many ties
+    layer = MaxPool2D(3, 2)
+    layer.build((6, 6, 2), "cpu", dtype="float64")
+    layer.forward(x, training=True)
+    dy = rng.standard_normal((2, 2, 2, 2))
+    t = nchw(x).requires_grad_()
+    F.max_pool2d(t, 3, 2).backward(nchw(dy))
+    np.testing.assert_allclose(layer.backward(dy), nhwc(t.grad))
+
+
+def test_normalisations_match_pytorch(rng):
+    x = rng.standard_normal((4, 5, 6, 3)) * 2 + 1
+    fn = FeatureNorm(eps=1e-5)
+    fn.build((5, 6, 3), "cpu", dtype="float64")
+    ref = F.instance_norm(nchw(x), eps=1e-5)
+    np.testing.assert_allclose(fn.forward(x), nhwc(ref), rtol=1e-10, atol=1e-12)
+
+    bn = BatchNorm2D(momentum=0.1)
+    bn.build((5, 6, 3), "cpu", dtype="float64")
+    gamma, beta = rng.standard_normal(3), rng.standard_normal(3)
+    bn.set_weights([gamma, beta, np.zeros(3), np.ones(3)])
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    ref = F.batch_norm(nchw(x), rm, rv, torch.from_numpy(gamma), torch.from_numpy(beta),
+                       training=True, momentum=0.1, eps=1e-5)
+    np.testing.assert_allclose(bn.forward(x, training=True), nhwc(ref), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(bn.state["moving_mean"], rm.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(bn.state["moving_variance"], rv.numpy(), rtol=1e-12)
+
+
+def test_cross_entropy_matches_pytorch(rng):
+    z = rng.standard_normal((6, 5)) * 4
+    y = rng.integers(0, 5, 6)
+    for smoothing in (0.0, 0.2):
+        value, grad = SoftmaxCrossEntropy(smoothing).forward(xpn, z, y, np.float64)
+        t = torch.from_numpy(z).requires_grad_()
+        ref = F.cross_entropy(t, torch.from_numpy(y), label_smoothing=smoothing)
+        ref.backward()
+        assert float(value) == pytest.approx(ref.item(), rel=1e-12)
+        np.testing.assert_allclose(grad, t.grad.numpy(), rtol=1e-10, atol=1e-14)

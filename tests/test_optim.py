@@ -1,0 +1,100 @@
+"""Optimisers step for step against PyTorch's, and the learning-rate schedules."""
+
+import math
+
+import array_api_compat.numpy as xpn
+import numpy as np
+import pytest
+
+from xpcnn import optim
+from xpcnn.errors import InputError
+
+
+def run_xpcnn(opt, params, grads_seq):
+    params = [p.copy() for p in params]
+    for grads in grads_seq:
+        opt.step(xpn, params, grads)
+    return params
+
+
+CASES = [
+    ("SGD", dict(lr=0.1), dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9), dict(lr=0.1, momentum=0.9)),
+    ("SGD", dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01),
+     dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01)),
+    ("Adam", dict(lr=0.01), dict(lr=0.01)),
+    ("Adam", dict(lr=0.01, beta_1=0.8, beta_2=0.99, epsilon=1e-6, weight_decay=0.1),
+     dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.05), dict(lr=0.01, weight_decay=0.05)),
+]
+
+
+@pytest.mark.parametrize("name, ours, theirs", CASES)
+def test_optimizer_matches_pytorch(name, ours, theirs, rng):
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    params = [rng.standard_normal((3, 4)), rng.standard_normal(5)]
+    grads_seq = [[rng.standard_normal(p.shape) for p in params] for _ in range(6)]
+    mine = run_xpcnn(getattr(optim, name)(**ours), params, grads_seq)
+    tp = [torch.tensor(p, requires_grad=True) for p in params]
+    topt = getattr(torch.optim, name)(tp, **theirs)
+    for grads in grads_seq:
+        for t, g in zip(tp, grads, strict=True):
+            t.grad = torch.from_numpy(g)
+        topt.step()
+    for a, t in zip(mine, tp, strict=True):
+        np.testing.assert_allclose(a, t.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_plain_sgd_by_hand():
+    p = [np.array([1.0, -2.0])]
+    optim.SGD(0.5).step(xpn, p, [np.array([0.2, 0.4])])
+    assert p[0].tolist() == [0.9, -2.2]
+
+
+def test_updates_are_in_place_and_slots_follow_parameters():
+    p = np.ones(3)
+    params = [p]
+    opt = optim.Adam(0.1)
+    opt.step(xpn, params, [np.ones(3)])
+    assert params[0] is p and p[0] < 1.0
+    assert opt.iterations == 1 and opt.slots["m"][0].shape == (3,)
+
+
+def test_schedules():
+    step = optim.StepDecay(1.0, step_size=10, gamma=0.5)
+    assert [step(s) for s in (0, 9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
+    cos = optim.CosineDecay(1.0, decay_steps=100, min_lr=0.1)
+    assert cos(0) == 1.0 and cos(100) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)
+    assert cos(50) == pytest.approx(0.55)
+    warm = optim.LinearWarmup(cos, warmup_steps=4)
+    assert [warm(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warm(4) == 1.0 and warm(54) == pytest.approx(0.55)
+    rebuilt = optim.schedule_from_config(warm.get_config())
+    assert [rebuilt(s) for s in range(0, 120, 7)] == [warm(s) for s in range(0, 120, 7)]
+
+
+def test_schedule_drives_the_optimizer():
+    opt = optim.SGD(optim.StepDecay(1.0, step_size=1, gamma=0.5))
+    p = [np.zeros(1)]
+    for _ in range(3):
+        opt.step(xpn, p, [np.ones(1)])
+    assert p[0][0] == pytest.approx(-(1 + 0.5 + 0.25))
+    assert opt.lr == 0.125
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: optim.SGD(-1.0), "learning rate must be a positive number"),
+    (lambda: optim.SGD(0.1, momentum=1.5), "momentum must be in"),
+    (lambda: optim.SGD(0.1, nesterov=True), "Nesterov momentum needs momentum > 0"),
+    (lambda: optim.Adam(0.1, beta_1=1.0), "beta_1"),
+    (lambda: optim.AdamW(0.1, weight_decay=-1), "weight_decay must be >= 0"),
+    (lambda: optim.CosineDecay(0.1, 0), "decay_steps must be >= 1"),
+    (lambda: optim.get_optimizer("rmsprop"), "unknown optimizer 'rmsprop'"),
+])
+def test_bad_optimizer_arguments(make, message):
+    with pytest.raises(InputError, match=message):
+        make()
+
+
+def test_lr_is_never_nan():
+    assert math.isfinite(optim.CosineDecay(0.1, 10)(10**9))
