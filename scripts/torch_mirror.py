@@ -1,0 +1,170 @@
+"""Build the PyTorch twin of an xpcnn Sequential: same layers, same weights, same random draws.
+
+Used by the parity script and the benchmarks (PyTorch is a reference only, never a dependency of
+xpcnn). The twin takes NHWC batches like xpcnn, works in NCHW inside, and flattens in (H, W, C)
+order so that Dense weights copy over unchanged. Dropout and augmentation draw their random
+numbers exactly as xpcnn's NumPy backend does (``np.random.default_rng([seed, calls])``), so the
+two runs see the same masks, crops and flips.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import xpcnn
+from xpcnn import layers as L
+
+
+def _uniform(seed: int, calls: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng([seed, calls]).random(shape, dtype=np.float32))
+
+
+class _Random(nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.seed, self.calls = seed, 0
+
+    def draw(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        u = _uniform(self.seed, self.calls, shape).to(like.dtype)
+        self.calls += 1
+        return u
+
+
+class SharedDropout(_Random):
+    def __init__(self, rate: float, seed: int) -> None:
+        super().__init__(seed)
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        # xpcnn draws in its own NHWC layout: draw in that shape, then move to NCHW.
+        shape = (x.shape[0], *x.shape[2:], x.shape[1]) if x.ndim == 4 else tuple(x.shape)
+        keep = (self.draw(shape, x) >= self.rate).to(x.dtype)
+        if x.ndim == 4:
+            keep = keep.permute(0, 3, 1, 2)
+        return x * keep / (1 - self.rate)
+
+
+class SharedFlip(_Random):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        flip = (self.draw((x.shape[0], 1, 1, 1), x) < 0.5)
+        return torch.where(flip, torch.flip(x, dims=(3,)), x)
+
+
+class SharedCrop(_Random):
+    def __init__(self, padding: int, seed: int) -> None:
+        super().__init__(seed)
+        self.p = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        p, (n, _, h, w) = self.p, x.shape
+        u = self.draw((2, n, 1, 1, 1), x)
+        offs = torch.floor(u * (2 * p + 1)).long().reshape(2, n)
+        xpad = F.pad(x, (p, p, p, p))
+        return torch.stack([xpad[i, :, offs[0, i]:offs[0, i] + h, offs[1, i]:offs[1, i] + w]
+                            for i in range(n)])
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _pad_module(pads: tuple[int, int, int, int], value: float) -> nn.Module:
+    top, bottom, left, right = pads
+    return Lambda(lambda x: F.pad(x, (left, right, top, bottom), value=value))
+
+
+def mirror_layer(layer: L.Layer) -> list[nn.Module]:
+    """PyTorch modules computing the same function as one built xpcnn layer (NCHW inside)."""
+    w = [torch.from_numpy(a.copy()) for a in layer.get_weights()]
+    if isinstance(layer, L.Conv2D):
+        kh, kw, cin, cout = layer.params["kernel"].shape
+        conv = nn.Conv2d(cin, cout, (kh, kw), stride=layer.strides, bias=layer.use_bias)
+        with torch.no_grad():
+            conv.weight.copy_(w[0].permute(3, 2, 0, 1))
+            if layer.use_bias:
+                conv.bias.copy_(w[1])
+        return [_pad_module(layer.pads, 0.0), conv] if any(layer.pads) else [conv]
+    if isinstance(layer, L.Dense):
+        lin = nn.Linear(*layer.params["kernel"].shape, bias=layer.use_bias)
+        with torch.no_grad():
+            lin.weight.copy_(w[0].T)
+            if layer.use_bias:
+                lin.bias.copy_(w[1])
+        return [lin]
+    if isinstance(layer, L.ReLU):
+        return [nn.ReLU()] if layer.max_value is None else [nn.Hardtanh(0.0, layer.max_value)]
+    if isinstance(layer, L.MaxPool2D):
+        pool = nn.MaxPool2d(layer.pool_size, layer.strides)
+        return [_pad_module(layer.pads, -math.inf), pool] if any(layer.pads) else [pool]
+    if isinstance(layer, L.AvgPool2D):
+        if any(layer.pads):
+            raise NotImplementedError("padded AvgPool2D has no direct PyTorch twin here")
+        return [nn.AvgPool2d(layer.pool_size, layer.strides)]
+    if isinstance(layer, L.GlobalAvgPool2D):
+        return [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if isinstance(layer, L.Flatten):
+        return [Lambda(lambda x: x.permute(0, 2, 3, 1).reshape(x.shape[0], -1))]
+    if isinstance(layer, L.FeatureNorm):
+        return [nn.InstanceNorm2d(layer.input_shape[-1], eps=layer.eps)]
+    if isinstance(layer, L.BatchNorm2D):
+        c = layer.input_shape[-1]
+        bn = (nn.BatchNorm2d if len(layer.input_shape) == 3 else nn.BatchNorm1d)(
+            c, eps=layer.eps, momentum=layer.momentum)
+        with torch.no_grad():
+            bn.weight.copy_(w[0])
+            bn.bias.copy_(w[1])
+            bn.running_mean.copy_(w[2])
+            bn.running_var.copy_(w[3])
+        return [bn]
+    if isinstance(layer, L.Dropout):
+        return [SharedDropout(layer.rate, layer.seed)]
+    if isinstance(layer, L.RandomFlip):
+        return [SharedFlip(layer.seed)]
+    if isinstance(layer, L.RandomCrop):
+        return [SharedCrop(layer.padding, layer.seed)]
+    if isinstance(layer, L.Rescaling):
+        s, o = layer.scale, layer.offset
+        return [Lambda(lambda x: x * s + o)]
+    if isinstance(layer, L.Softmax):
+        return []  # the loss takes logits, as xpcnn fuses softmax into cross-entropy
+    raise NotImplementedError(f"no PyTorch twin for {type(layer).__name__}")
+
+
+def mirror(model: xpcnn.Sequential, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """The PyTorch twin of a built model, taking NHWC input and returning logits."""
+    mods: list[nn.Module] = [Lambda(lambda x: x.permute(0, 3, 1, 2))]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # so copied weights are never rounded through float32
+    try:
+        for layer in model.layers:
+            mods += mirror_layer(layer)
+    finally:
+        torch.set_default_dtype(previous)
+    return nn.Sequential(*mods).to(dtype)
+
+
+def mirror_optimizer(opt: xpcnn.optim.Optimizer, params) -> torch.optim.Optimizer:
+    """The PyTorch optimiser with the same settings (constant learning rate)."""
+    lr = opt.schedule(0)
+    if isinstance(opt, xpcnn.optim.SGD):
+        return torch.optim.SGD(params, lr=lr, momentum=opt.momentum, nesterov=opt.nesterov,
+                               weight_decay=opt.weight_decay)
+    cls = torch.optim.AdamW if isinstance(opt, xpcnn.optim.AdamW) else torch.optim.Adam
+    return cls(params, lr=lr, betas=(opt.beta_1, opt.beta_2), eps=opt.epsilon,
+               weight_decay=opt.weight_decay)
