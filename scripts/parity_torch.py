@@ -26,8 +26,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import xpcnn  # noqa: E402
 from torch_mirror import mirror, mirror_optimizer  # noqa: E402
+
+import xpcnn  # noqa: E402
 from xpcnn.cli import DEFAULT_MODEL, _split  # noqa: E402
 from xpcnn.datasets import load_dataset  # noqa: E402
 from xpcnn.models import build_layers  # noqa: E402

@@ -10,8 +10,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 
-import xpcnn  # noqa: E402
 from torch_mirror import mirror, mirror_optimizer  # noqa: E402
+
+import xpcnn  # noqa: E402
 from xpcnn.models import build_layers  # noqa: E402
 
 
