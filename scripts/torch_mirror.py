@@ -89,8 +89,11 @@ def _pad_module(pads: tuple[int, int, int, int], value: float) -> nn.Module:
     return Lambda(lambda x: F.pad(x, (left, right, top, bottom), value=value))
 
 
-def mirror_layer(layer: L.Layer) -> list[nn.Module]:
-    """PyTorch modules computing the same function as one built xpcnn layer (NCHW inside)."""
+def mirror_layer(layer: L.Layer, exact_random: bool = True) -> list[nn.Module]:
+    """PyTorch modules computing the same function as one built xpcnn layer (NCHW inside).
+
+    ``exact_random=False`` uses PyTorch's own dropout (for timing on a GPU, where drawing the
+    masks on the host would be unfair to PyTorch)."""
     w = [torch.from_numpy(a.copy()) for a in layer.get_weights()]
     if isinstance(layer, L.Conv2D):
         kh, kw, cin, cout = layer.params["kernel"].shape
@@ -133,7 +136,7 @@ def mirror_layer(layer: L.Layer) -> list[nn.Module]:
             bn.running_var.copy_(w[3])
         return [bn]
     if isinstance(layer, L.Dropout):
-        return [SharedDropout(layer.rate, layer.seed)]
+        return [SharedDropout(layer.rate, layer.seed) if exact_random else nn.Dropout(layer.rate)]
     if isinstance(layer, L.RandomFlip):
         return [SharedFlip(layer.seed)]
     if isinstance(layer, L.RandomCrop):
@@ -146,14 +149,15 @@ def mirror_layer(layer: L.Layer) -> list[nn.Module]:
     raise NotImplementedError(f"no PyTorch twin for {type(layer).__name__}")
 
 
-def mirror(model: xpcnn.Sequential, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+def mirror(model: xpcnn.Sequential, dtype: torch.dtype = torch.float32,
+           exact_random: bool = True) -> nn.Sequential:
     """The PyTorch twin of a built model, taking NHWC input and returning logits."""
     mods: list[nn.Module] = [Lambda(lambda x: x.permute(0, 3, 1, 2))]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # so copied weights are never rounded through float32
     try:
         for layer in model.layers:
-            mods += mirror_layer(layer)
+            mods += mirror_layer(layer, exact_random)
     finally:
         torch.set_default_dtype(previous)
     return nn.Sequential(*mods).to(dtype)
