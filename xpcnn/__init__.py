@@ -15,6 +15,7 @@ The same layers train on NumPy (``device="cpu"``) or CuPy (``device="cuda"``)::
 
 from . import layers, optim
 from .backend import Backend, get_backend
+from .checkpoint import load_checkpoint
 from .errors import (
     DataFormatError,
     DeviceError,
@@ -32,5 +33,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "InputError",
     "NonFiniteError", "Sequential", "SoftmaxCrossEntropy", "XpcnnError", "get_backend", "layers",
-    "load_model", "optim",
+    "load_checkpoint", "load_model", "optim",
 ]

@@ -8,6 +8,7 @@ functions) and ``backend.device``. Arrays cross between host and device only her
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from types import ModuleType
@@ -23,6 +24,18 @@ CUDA_EXTRA_HINT = 'pip install "xpcnn[cuda12]" (CUDA 12) or pip install "xpcnn[c
 
 # "cpu" | "cuda" | "cuda:N" | "auto" | namespace module | (module, device) | Backend
 DeviceLike = Any
+
+# The NumPy fast path (Backend.fast): on unless XPCNN_FAST_PATH=0 or set_fast_path(False).
+_FAST_PATH = {"enabled": os.environ.get("XPCNN_FAST_PATH", "1") != "0"}
+# Per-chunk scratch of chunked CPU loops: im2col patches of a few images stay in the L2/L3 cache.
+CPU_CHUNK_BYTES = 3 << 20
+
+
+def set_fast_path(enabled: bool) -> bool:
+    """Turn the NumPy fast path on or off (for tests and comparisons); returns the old setting."""
+    old = _FAST_PATH["enabled"]
+    _FAST_PATH["enabled"] = bool(enabled)
+    return old
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,27 @@ class Backend:
                 )
         host = np.random.default_rng(list(key)).random(shape, dtype=np.float32)
         return self.asarray(host, dtype=dtype)
+
+    # -- the fast-path seam ------------------------------------------------------------------
+    @property
+    def fast(self) -> Any:
+        """NumPy-only kernels (:mod:`xpcnn.ops.fast_numpy`) on the NumPy backend, else None.
+
+        The one place where code outside the Array API standard enters: ops ask for it and fall
+        back to their standard versions when it is None (every other backend, or after
+        :func:`set_fast_path` ``(False)`` / ``XPCNN_FAST_PATH=0``).
+        """
+        if self.name != "numpy" or not _FAST_PATH["enabled"]:
+            return None
+        from .ops.fast_numpy import KERNELS
+
+        return KERNELS
+
+    @property
+    def chunk_bytes(self) -> int | None:
+        """Scratch size for loops that work on a batch a few images at a time (im2col): about
+        what stays in a CPU's cache; None on GPUs, where one launch over the batch is best."""
+        return None if self.name == "cupy" else CPU_CHUNK_BYTES
 
     def synchronize(self) -> None:
         """Wait for queued device work (for timing); a no-op on the CPU."""

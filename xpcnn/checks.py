@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 
 
 def as_images(x: Any, what: str = "x") -> np.ndarray:
@@ -78,3 +79,57 @@ def non_negative_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
         raise InputError(f"{what} must be a non-negative integer, got {value!r}")
     return int(value)
+
+
+def number(value: Any, what: str, low: float | None = None, high: float | None = None, *,
+           low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real number (not a bool) within optional bounds, as a float.
+
+    ``low_open`` / ``high_open`` exclude the bound itself, so (0, 1] is ``low=0, low_open=True,
+    high=1``.
+    """
+    ok = (not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
+          and math.isfinite(float(value)))
+    if ok:
+        v = float(value)
+        ok = ((low is None or (v > low if low_open else v >= low))
+              and (high is None or (v < high if high_open else v <= high)))
+    if not ok:
+        if low is None and high is None:
+            want = "a finite number"
+        elif high is None:
+            want = f"a number {'>' if low_open else '>='} {low:g}"
+        elif low is None:
+            want = f"a number {'<' if high_open else '<='} {high:g}"
+        else:
+            want = (f"a number in {'(' if low_open else '['}{low:g}, {high:g}"
+                    f"{')' if high_open else ']'}")
+        raise InputError(f"{what} must be {want}, got {value!r}")
+    return float(value)
+
+
+def name(value: Any, what: str = "name") -> str:
+    """A non-empty string naming a layer or model."""
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def check_finite(x: np.ndarray, what: str = "x") -> None:
+    """Refuse NaN or infinite values in float data, naming the first sample that holds one.
+
+    Runs in chunks of samples, so it needs no temporary as large as ``x``.
+    """
+    if not np.issubdtype(x.dtype, np.floating):
+        return  # integer images cannot hold NaN or infinity
+    rows = max(1, (1 << 22) // max(1, x[0].size))
+    for start in range(0, len(x), rows):
+        finite = np.isfinite(x[start:start + rows]).reshape(min(rows, len(x) - start), -1)
+        bad = np.flatnonzero(~finite.all(axis=1))
+        if bad.size:
+            i = start + int(bad[0])
+            where = np.argwhere(~np.isfinite(x[i]))
+            first = tuple(int(k) for k in where[0])
+            raise NonFiniteError(f"{what} holds NaN or infinite values: sample {i}, the first "
+                                 f"such sample, has {len(where)} (the first is {x[i][first]} at "
+                                 f"{first}); remove or repair those samples (nothing was run)")

@@ -1,4 +1,4 @@
-"""Command line: ``xpcnn train`` and ``xpcnn info``."""
+"""Command line: ``xpcnn train``, ``xpcnn visualize`` and ``xpcnn info``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,18 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None,
                    help="train on the first N training samples only")
     p.add_argument("--save", default=None, metavar="PATH", help="write the trained model here")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write training curves (train against the evaluation split, which is "
+                   "then evaluated every epoch) and the confusion matrix as PNGs to DIR "
+                   "(needs matplotlib: pip install \"xpcnn[viz]\")")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="keep the whole training state in this file (written atomically at the "
+                   "end of every epoch, and every --checkpoint-every steps)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="also write the checkpoint every STEPS training steps")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint where an interrupted run stopped (same "
+                   "final weights as an uninterrupted run); starts afresh if the file is absent")
     p.add_argument("--json", action="store_true",
                    help="make the last line of output one JSON object with the results")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -68,6 +80,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from .datasets import load_dataset
 
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if args.resume and not args.checkpoint:
+        raise XpcnnError("--resume needs --checkpoint PATH, the file to resume from")
     (x, y), test = load_dataset(args.dataset, data_dir=args.data_dir)
     evaluated_on = "test set"
     if test is None or args.val_split is not None:
@@ -97,7 +111,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         f"epochs on {model.backend.label}")
     t0 = time.perf_counter()
     history = model.fit(x, y, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
-                        verbose=0 if args.quiet or args.json else 1)
+                        verbose=0 if args.quiet or args.json else 1, checkpoint=args.checkpoint,
+                        checkpoint_every="epoch" if args.checkpoint_every is None
+                        else args.checkpoint_every, resume=args.resume,
+                        validation_data=(x_test, y_test) if args.plots else None)
     seconds = time.perf_counter() - t0
     result = model.evaluate(x_test, y_test)
     say(f"{evaluated_on} accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f}), "
@@ -105,11 +122,41 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.save:
         model.save(args.save)
         say(f"saved the model to {args.save}")
+    if args.plots:
+        from .datasets import class_names
+        from .viz import write_training_plots
+
+        for path in write_training_plots(args.plots, history, model, x_test, y_test,
+                                         class_names(args.dataset)):
+            say(f"wrote {path}")
     return {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
             "evaluated_on": evaluated_on, "epochs": epochs, "seconds": round(seconds, 3),
             "device": model.backend.label, "dataset": args.dataset, "model": model_name,
             "train_samples": int(len(x)), "test_samples": int(len(x_test)),
             "history": history.history}
+
+
+def _add_visualize(sub: Any) -> None:
+    p = sub.add_parser("visualize", help="figures of a saved model: feature maps and filters",
+                       description="Write the feature maps after every layer for one dataset "
+                       "image (the stage tour) and the filters of every Conv2D layer as PNGs; "
+                       'needs matplotlib (pip install "xpcnn[viz]").')
+    p.add_argument("--model", required=True, metavar="PATH", help="a model file from --save")
+    p.add_argument("--dataset", choices=DATASETS, default="shapes")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset files (as train)")
+    p.add_argument("--split", choices=("train", "test"), default=None,
+                   help="where --index points (default: test, else train)")
+    p.add_argument("--index", type=int, default=0, help="which image of the split")
+    p.add_argument("--out", default="figures", metavar="DIR", help="folder for the PNGs")
+    p.add_argument("--max-maps", type=int, default=8, help="feature maps shown per layer")
+    p.add_argument("--dpi", type=float, default=100, help="PNG pixels per inch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+
+
+def visualize(args: argparse.Namespace) -> dict[str, Any]:
+    from .viz import visualize_command
+
+    return visualize_command(args)
 
 
 def info(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,12 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_visualize(sub)
     p_info = sub.add_parser("info", help="versions, devices and the BLAS in use")
     p_info.add_argument("--device", default="auto")
     p_info.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
-        result = {"train": train, "info": info}[args.command](args)
+        result = {"train": train, "visualize": visualize, "info": info}[args.command](args)
     except XpcnnError as e:
         print(f"xpcnn {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,9 @@ back. With a cross-entropy loss and a final Softmax layer, training feeds the So
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -59,7 +61,9 @@ class Sequential:
             raise InputError(f"model dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype_name = dtype
         self.seed = checks.non_negative_int(seed, "seed")
-        self.name = name
+        self.name = checks.name(name, "model name")
+        if layers is not None and not isinstance(layers, list | tuple):
+            raise InputError(f"layers must be a list of xpcnn layers, got {type(layers).__name__}")
         self.layers: list[Layer] = []
         self.input_shape: tuple[int, ...] | None = None
         self.loss: SoftmaxCrossEntropy | None = None
@@ -91,7 +95,9 @@ class Sequential:
         """Create every layer's weights for per-sample ``input_shape``, e.g. (32, 32, 3)."""
         if not self.layers:
             raise InputError("the model has no layers: add() some before building it")
-        shape = tuple(int(d) for d in input_shape)
+        ok = isinstance(input_shape, tuple | list) and all(
+            isinstance(d, int | np.integer) and not isinstance(d, bool) for d in input_shape)
+        shape = tuple(int(d) for d in input_shape) if ok else ()
         if not shape or any(d < 1 for d in shape):
             raise InputError(f"input_shape must be positive sizes such as (H, W, C), got "
                              f"{input_shape!r}")
@@ -129,6 +135,7 @@ class Sequential:
         """
         self.loss = get_loss(loss)
         self.optimizer = get_optimizer(optimizer)
+        metrics = [metrics] if isinstance(metrics, str) else list(metrics)
         unknown = [m for m in metrics if m not in ("accuracy", "acc")]
         if unknown:
             raise InputError(f"unknown metrics {unknown}; xpcnn supports 'accuracy'")
@@ -186,15 +193,20 @@ class Sequential:
             grads = [g * (1.0 / self.loss_scale) for g in grads]
         total = float(sum(xp.sum(g) for g in grads)) if grads else 0.0
         if not math.isfinite(total):
-            if self.precision == "mixed_float16":
-                # Overflow in float16: skip this update and try a smaller scale.
+            if self.precision == "mixed_float16" and self.loss_scale > 1.0:
+                # Overflow in float16: skip this update and try a smaller scale (down to 1: past
+                # that the non-finite gradient is not the scaling's doing, and is reported).
                 self.loss_scale /= 2.0
                 self._good_steps = 0
                 return loss_value, correct
-            bad = next(o for o, g in zip(owners, grads, strict=True)
-                       if not bool(xp.all(xp.isfinite(g))))
-            raise NonFiniteError(f"non-finite gradient at step {self.optimizer.iterations + 1}:"
-                                 f" it first appears in layer {bad.name!r}")
+            bad = [o for o, g in zip(owners, grads, strict=True)
+                   if not bool(xp.all(xp.isfinite(g)))]
+            if bad:  # (else only the sum overflowed: every gradient is finite)
+                # Backpropagation runs from the last layer: the last one with a non-finite
+                # gradient is where it appeared.
+                raise NonFiniteError(f"non-finite gradient at step "
+                                     f"{self.optimizer.iterations + 1}: it first appears (in "
+                                     f"backpropagation order) in layer {bad[-1].name!r}")
         self.optimizer.step(xp, params, grads)  # type: ignore[union-attr]
         if self.precision == "mixed_float16":
             self._good_steps += 1
@@ -213,14 +225,19 @@ class Sequential:
         xp = self.backend.xp
         step = self.optimizer.iterations + 1  # type: ignore[union-attr]
         where = "the loss"
-        if not bool(xp.all(xp.isfinite(xb))):
+        finite = lambda a: bool(xp.all(xp.isfinite(a)))  # noqa: E731
+        weights = next((la for la in self.layers if not all(map(finite, la._arrays().values()))),
+                       None)
+        if not finite(xb):
             where = "the input batch"
+        elif weights is not None:
+            where = f"the weights of layer {weights.name!r}"
         else:
             x = xb
             for layer in self.layers:
                 x = layer.forward(x, training=False)
-                if not bool(xp.all(xp.isfinite(x))):
-                    where = f"layer {layer.name!r}"
+                if not finite(x):
+                    where = f"the output of layer {layer.name!r}"
                     break
         raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
                              f"values appear in {where}")
@@ -232,6 +249,7 @@ class Sequential:
         if not self.built:
             self.build(x.shape[1:])
         checks.check_sample_shape(x, self.input_shape, what)  # type: ignore[arg-type]
+        checks.check_finite(x, what)
         if y is None:
             return x, None, None
         ywhat = "y" if what == "x" else what.replace("x", "y")
@@ -247,18 +265,26 @@ class Sequential:
     def fit(self, x: Any, y: Any, epochs: int = 1, batch_size: int = 32,
             validation_data: tuple[Any, Any] | None = None, validation_split: float = 0.0,
             shuffle: bool = True, seed: int | None = None, verbose: int = 1,
-            on_epoch_end: Callable[[int, dict[str, float]], None] | None = None) -> History:
+            on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+            checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int | str = "epoch",
+            resume: bool = False) -> History:
         """Train for ``epochs`` passes over (x, y); returns a :class:`History`.
 
         ``x`` is (N, H, W, C) (uint8 or float), ``y`` integer labels (N,) or one-hot (N, K).
         ``seed`` fixes the shuffling order (default: the model's seed). ``verbose=0`` silences
         the progress bar.
+
+        ``checkpoint`` names a file that receives the whole training state at the end of every
+        epoch, and also every ``checkpoint_every`` steps when that is an int. With
+        ``resume=True``, a run continues from that file if it exists, exactly where it stopped:
+        it ends with the same weights, bit for bit, as an uninterrupted run, and returns the
+        history of every epoch, the ones before the interruption included
+        (:mod:`xpcnn.checkpoint`).
         """
         self._require_compiled()
         epochs = checks.non_negative_int(epochs, "epochs")
         batch_size = checks.positive_int(batch_size, "batch_size")
-        if not 0.0 <= validation_split < 1.0:
-            raise InputError(f"validation_split must be in [0, 1), got {validation_split!r}")
+        checks.number(validation_split, "validation_split", 0.0, 1.0, high_open=True)
         x, targets, labels = self._prepare(x, y)
         if validation_split:
             n_val = int(round(len(x) * validation_split))
@@ -268,26 +294,45 @@ class Sequential:
             validation_data = (x[-n_val:], targets[-n_val:])
             x, targets, labels = x[:-n_val], targets[:-n_val], labels[:-n_val]
         if validation_data is not None:
-            if len(validation_data) != 2:
-                raise InputError("validation_data must be a pair (x_val, y_val)")
+            if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
+                raise InputError("validation_data must be a pair (x_val, y_val), got "
+                                 f"{type(validation_data).__name__}")
             vx, vt, _ = self._prepare(validation_data[0], validation_data[1], "x_val")
         seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
         history = History()
         n = len(x)
         steps = math.ceil(n / batch_size)
-        for epoch in range(epochs):
+        saver = start = None
+        if checkpoint is not None:
+            from .checkpoint import FitCheckpoints, fingerprint
+
+            saver = FitCheckpoints(self, checkpoint, checkpoint_every, resume,
+                                   fingerprint(x, targets, batch_size, seed, shuffle), steps,
+                                   verbose)
+            history, start = saver.start()
+        elif resume:
+            raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
+        for epoch in range(start.epoch if start else 0, epochs):
             order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else None
             t0 = time.perf_counter()
             loss_sum = correct = seen = 0.0
-            bar = tqdm(total=steps, desc=f"Epoch {epoch + 1}/{epochs}", unit="batch",
-                       disable=verbose == 0, leave=True, dynamic_ncols=True)
-            for idx in self._batches(n, batch_size, order):
+            step = 0
+            if start is not None and epoch == start.epoch:  # resuming inside this epoch
+                step, loss_sum = start.step, start.loss_sum
+                correct, seen = start.correct, start.seen
+                t0 -= start.seconds
+            bar = tqdm(total=steps, initial=step, desc=f"Epoch {epoch + 1}/{epochs}",
+                       unit="batch", disable=verbose == 0, leave=True, dynamic_ncols=True)
+            for idx in itertools.islice(self._batches(n, batch_size, order), step, None):
                 xb = self._to_device(x[idx])
                 yb = self.backend.asarray(targets[idx])
                 loss, right = self.train_step(xb, yb)
                 loss_sum += loss * len(idx)
                 correct += right
                 seen += len(idx)
+                step += 1
+                if saver is not None:
+                    saver.after_step(epoch, step, loss_sum, correct, seen, t0, history)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
                                 refresh=False)
@@ -299,6 +344,8 @@ class Sequential:
             bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "seconds"})
             bar.close()
             history.append(epoch, logs)
+            if saver is not None:
+                saver.after_epoch(epoch, history)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, logs)
         return history
@@ -373,6 +420,9 @@ class Sequential:
     def set_weights(self, weights: list[Any]) -> None:
         """Replace all weights; the list must match :meth:`get_weights` in length and shapes."""
         self._require_built("set_weights")
+        if not isinstance(weights, list | tuple):
+            raise InputError(f"set_weights expects a list of arrays (as get_weights returns), got "
+                             f"{type(weights).__name__}")
         counts = [len(la.get_weights()) for la in self.layers]
         if len(weights) != sum(counts):
             raise InputError(f"set_weights expects {sum(counts)} arrays (as get_weights returns), "
@@ -381,6 +431,13 @@ class Sequential:
         for la, k in zip(self.layers, counts, strict=True):
             la.set_weights(list(weights[start:start + k]))
             start += k
+
+    def load_weights(self, path: str | os.PathLike[str]) -> None:
+        """Load the weights of a model file or checkpoint written for this same architecture
+        (``DataFormatError`` names the first difference otherwise)."""
+        from .checkpoint import load_weights
+
+        load_weights(self, path)
 
     def to(self, device: DeviceLike) -> Sequential:
         """Move the model (weights, optimiser state) to another device; returns self."""

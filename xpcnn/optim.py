@@ -8,10 +8,28 @@ optimiser's step count to a learning rate.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, NonFiniteError
+
+
+def _real(v: Any) -> bool:
+    """A finite int or float (not a bool, not a string)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _rate(v: Any, what: str, zero: bool = False) -> float:
+    """A learning rate: finite and positive (or zero for a floor such as min_lr)."""
+    if not _real(v) or not (v >= 0 if zero else v > 0):
+        raise InputError(f"{what} must be a finite number {'>=' if zero else '>'} 0, got {v!r}")
+    return float(v)
+
 
 # -- learning-rate schedules ------------------------------------------------------------------
 
@@ -30,21 +48,26 @@ class StepDecay(Schedule):
     """lr * gamma ** (step // step_size)."""
 
     def __init__(self, lr: float, step_size: int, gamma: float = 0.1) -> None:
-        if step_size < 1:
+        if not _count(step_size) or step_size < 1:
             raise InputError(f"StepDecay step_size must be >= 1, got {step_size!r}")
-        self.lr, self.step_size, self.gamma = float(lr), int(step_size), float(gamma)
+        self.lr, self.step_size = _rate(lr, "StepDecay lr"), int(step_size)
+        self.gamma = _rate(gamma, "StepDecay gamma", zero=True)
 
     def __call__(self, step: int) -> float:
-        return self.lr * self.gamma ** (step // self.step_size)
+        try:
+            return self.lr * self.gamma ** (step // self.step_size)
+        except OverflowError:  # gamma > 1 for many steps: the optimiser reports it
+            return math.inf
 
 
 class CosineDecay(Schedule):
     """Cosine from lr down to min_lr over decay_steps, then constant at min_lr."""
 
     def __init__(self, lr: float, decay_steps: int, min_lr: float = 0.0) -> None:
-        if decay_steps < 1:
+        if not _count(decay_steps) or decay_steps < 1:
             raise InputError(f"CosineDecay decay_steps must be >= 1, got {decay_steps!r}")
-        self.lr, self.decay_steps, self.min_lr = float(lr), int(decay_steps), float(min_lr)
+        self.lr, self.decay_steps = _rate(lr, "CosineDecay lr"), int(decay_steps)
+        self.min_lr = _rate(min_lr, "CosineDecay min_lr", zero=True)
 
     def __call__(self, step: int) -> float:
         t = min(step, self.decay_steps) / self.decay_steps
@@ -56,7 +79,7 @@ class LinearWarmup(Schedule):
     then follow that schedule (counted from the end of the warm-up)."""
 
     def __init__(self, after: Schedule | float, warmup_steps: int) -> None:
-        if warmup_steps < 1:
+        if not _count(warmup_steps) or warmup_steps < 1:
             raise InputError(f"LinearWarmup warmup_steps must be >= 1, got {warmup_steps!r}")
         self.after = after if isinstance(after, Schedule) else Constant(after)
         self.warmup_steps = int(warmup_steps)
@@ -73,7 +96,7 @@ class LinearWarmup(Schedule):
 
 class Constant(Schedule):
     def __init__(self, lr: float) -> None:
-        self.lr = float(lr)
+        self.lr = _rate(lr, "learning rate")
 
     def __call__(self, step: int) -> float:
         return self.lr
@@ -93,7 +116,7 @@ def schedule_from_config(config: dict[str, Any]) -> Schedule:
 def as_schedule(lr: float | Schedule | Callable[[int], float]) -> Schedule:
     if isinstance(lr, Schedule):
         return lr
-    if isinstance(lr, int | float) and not isinstance(lr, bool) and lr > 0:
+    if _real(lr) and lr > 0:
         return Constant(lr)
     raise InputError(f"learning rate must be a positive number or a Schedule, got {lr!r}")
 
@@ -112,8 +135,8 @@ class Optimizer:
 
     def __init__(self, lr: float | Schedule, weight_decay: float = 0.0) -> None:
         self.schedule = as_schedule(lr)
-        if weight_decay < 0:
-            raise InputError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if not _real(weight_decay) or weight_decay < 0:
+            raise InputError(f"weight_decay must be >= 0 and finite, got {weight_decay!r}")
         self.weight_decay = float(weight_decay)
         self.iterations = 0
         self.slots: dict[str, list[Any]] = {}
@@ -128,6 +151,9 @@ class Optimizer:
         if not self.slots:
             self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
         lr = self.lr
+        if not 0 <= lr < math.inf:  # a schedule that overflowed, or one built with inf
+            raise NonFiniteError(f"the learning rate for step {self.iterations + 1} is {lr}; "
+                                 "nothing was updated")
         self.iterations += 1
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             self._update(xp, i, p, g, lr)
@@ -147,7 +173,7 @@ class SGD(Optimizer):
     def __init__(self, lr: float | Schedule = 0.01, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
-        if not 0.0 <= momentum < 1.0:
+        if not _real(momentum) or not 0.0 <= momentum < 1.0:
             raise InputError(f"SGD momentum must be in [0, 1), got {momentum!r}")
         if nesterov and momentum == 0.0:
             raise InputError("Nesterov momentum needs momentum > 0")
@@ -177,7 +203,8 @@ class Adam(Optimizer):
     def __init__(self, lr: float | Schedule = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,
                  epsilon: float = 1e-8, weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
-        if not (0.0 <= beta_1 < 1.0 and 0.0 <= beta_2 < 1.0) or epsilon <= 0:
+        if not (_real(beta_1) and _real(beta_2) and _real(epsilon)) or not (
+                0.0 <= beta_1 < 1.0 and 0.0 <= beta_2 < 1.0) or epsilon <= 0:
             raise InputError("Adam needs 0 <= beta_1, beta_2 < 1 and epsilon > 0, got "
                              f"beta_1={beta_1!r}, beta_2={beta_2!r}, epsilon={epsilon!r}")
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)

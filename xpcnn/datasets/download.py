@@ -88,7 +88,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def base_url_for(dataset: str, base_url: str | None = None) -> str:
-    """The URL folder to fetch ``dataset`` from: ``base_url``, else its env var, else the default."""
+    """The URL folder for ``dataset``: ``base_url``, else its environment variable, else default."""
     url = base_url or os.environ.get(URL_ENV_VARS[dataset], "") or BASE_URLS[dataset]
     return url if url.endswith("/") else url + "/"
 

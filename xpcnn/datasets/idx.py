@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..errors import DataFormatError, DownloadError
+from ..errors import DataFormatError, DownloadError, InputError
 from .download import base_url_for, fetch, missing_files_message, resolve_data_dir
 
 MNIST_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
@@ -71,13 +71,13 @@ def parse_idx(
     ``0..num_classes-1``. Anything else raises ``DataFormatError`` mentioning ``source``.
     """
     if kind not in _NDIM:
-        raise ValueError(f"kind must be 'images' or 'labels', got {kind!r}")
+        raise InputError(f"kind must be 'images' or 'labels', got {kind!r}")
     view = memoryview(data).cast("B")
     dims, offset = _parse_header(bytes(view[:16]), kind, source)
     expected = _payload_size(dims, kind, max_bytes, source)
     _check_payload(len(view) - offset, expected, dims, source)
     arr = np.frombuffer(view, dtype=np.uint8, count=expected, offset=offset)
-    return _finish(arr, dims, kind, num_classes, source)
+    return _finish(arr, dims, kind, num_classes, source, copy=True)
 
 
 def read_idx_file(
@@ -94,7 +94,7 @@ def read_idx_file(
     header costs neither time nor memory.
     """
     if kind not in _NDIM:
-        raise ValueError(f"kind must be 'images' or 'labels', got {kind!r}")
+        raise InputError(f"kind must be 'images' or 'labels', got {kind!r}")
     source = str(path)
     try:
         with open(path, "rb") as raw:
@@ -136,8 +136,9 @@ def _read_stream(
         )
     # Reaching the end here also made gzip verify its CRC and length trailer.
     _check_payload(len(buf), expected, dims, source)
+    # The bytearray is ours and writable: the array can use it without a copy.
     arr = np.frombuffer(buf, dtype=np.uint8)
-    return _finish(arr, dims, kind, num_classes, source)
+    return _finish(arr, dims, kind, num_classes, source, copy=False)
 
 
 def _parse_header(head: bytes, kind: str, source: str) -> tuple[tuple[int, ...], int]:
@@ -198,10 +199,11 @@ def _check_payload(actual: int, expected: int, dims: tuple[int, ...], source: st
 
 
 def _finish(
-    arr: np.ndarray, dims: tuple[int, ...], kind: str, num_classes: int, source: str
+    arr: np.ndarray, dims: tuple[int, ...], kind: str, num_classes: int, source: str, copy: bool
 ) -> np.ndarray:
     if kind == "images":
-        return arr.reshape(dims).copy()
+        # A copy when the input was someone else's (read-only) bytes.
+        return arr.reshape(dims).copy() if copy else arr.reshape(dims)
     labels = arr.astype(np.int64)
     bad = np.flatnonzero(labels >= num_classes)
     if bad.size:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from ..errors import InputError
+from ..ops.kernels import kernels_for
 from ..ops.softmax import softmax
 from .base import Layer
 
@@ -14,7 +16,8 @@ class ReLU(Layer):
 
     def __init__(self, max_value: float | None = None, name: str | None = None) -> None:
         super().__init__(name)
-        if max_value is not None and not max_value > 0:
+        if max_value is not None and (isinstance(max_value, bool) or not isinstance(
+                max_value, numbers.Real) or not 0 < max_value < float("inf")):
             raise InputError(f"ReLU max_value must be positive or None, got {max_value!r}")
         self.max_value = None if max_value is None else float(max_value)
 
@@ -22,17 +25,18 @@ class ReLU(Layer):
         return {"name": self.name, "max_value": self.max_value}
 
     def forward(self, x: Any, training: bool = False) -> Any:
-        xp = self.xp
-        y = xp.clip(x, min=0.0, max=self.max_value)
+        kern = kernels_for(self.backend)
+        y = kern.relu(x, self.max_value)
         if training:
-            # The gradient passes where the output is strictly inside (0, max_value).
-            inside = x > 0 if self.max_value is None else (x > 0) & (x < self.max_value)
-            # Multiplying by a float mask is several times faster than xp.where.
-            self._cache_mask = xp.astype(inside, x.dtype)
+            # The gradient passes where the output is strictly inside (0, max_value). Kept as a
+            # boolean mask (a quarter of the memory of a float one); backward multiplies by it,
+            # several times faster than xp.where.
+            self._cache_mask = x > 0 if self.max_value is None else (x > 0) & (x < self.max_value)
         return y
 
     def backward(self, dy: Any) -> Any:
-        return dy * self.xp.astype(self._cache_mask, dy.dtype, copy=False)
+        mask, self._cache_mask = self._cache_mask, None
+        return kernels_for(self.backend).mask_multiply(dy, mask)
 
 
 class Softmax(Layer):

@@ -33,6 +33,8 @@ class Layer:
         LAYER_TYPES[cls.__name__] = cls
 
     def __init__(self, name: str | None = None) -> None:
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise InputError(f"layer name must be a non-empty string or None, got {name!r}")
         self.name = name or type(self).__name__.lower()
         self.params: dict[str, Any] = {}
         self.grads: dict[str, Any] = {}
@@ -158,8 +160,10 @@ def _dtype_name(dtype: Any) -> str:
 
 def pair(v: int | tuple[int, int] | list[int], what: str) -> tuple[int, int]:
     """An int or a pair of ints as a pair of positive ints."""
-    t = (v, v) if isinstance(v, int) else tuple(v)
-    if len(t) != 2 or not all(isinstance(a, int | np.integer) and a > 0 for a in t):
+    t = (v, v) if isinstance(v, int | np.integer) else tuple(v) if isinstance(
+        v, tuple | list) else ()
+    if len(t) != 2 or not all(isinstance(a, int | np.integer) and not isinstance(a, bool)
+                              and 0 < a < 2**31 for a in t):
         raise InputError(f"{what} must be a positive int or a pair of positive ints, got {v!r}")
     return int(t[0]), int(t[1])
 
@@ -167,7 +171,7 @@ def pair(v: int | tuple[int, int] | list[int], what: str) -> tuple[int, int]:
 def check_padding(padding: str | int) -> str | int:
     if isinstance(padding, str) and padding.lower() in ("valid", "same"):
         return padding.lower()
-    if isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0:
+    if isinstance(padding, int) and not isinstance(padding, bool) and 0 <= padding < 2**31:
         return padding
     raise InputError(f"padding must be 'valid', 'same' or a non-negative int, got {padding!r}")
 

@@ -1,4 +1,4 @@
-"""Conv2D: 2-D convolution over (N, H, W, C) inputs as im2col followed by one matmul."""
+"""Conv2D: 2-D convolution over (N, H, W, C) inputs as chunked im2col and matmuls."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..ops import conv as ops
+from ..ops.kernels import kernels_for
 from .base import Layer, Shape, check_padding, pair, require_rank
 from .initializers import check_initializer, initialize
 
@@ -61,42 +62,61 @@ class Conv2D(Layer):
             self._param("bias", np.zeros(self.filters))
         return (*self.out_hw, self.filters)
 
+    def _workspace(self) -> ops.Workspace:
+        ws = getattr(self, "_cache_ws", None)
+        if ws is None:
+            ws = self._cache_ws = ops.Workspace()
+        return ws
+
     def forward(self, x: Any, training: bool = False) -> Any:
         xp = self.xp
         n = x.shape[0]
         self._cache_x_dtype = x.dtype
         x = xp.astype(x, self.compute_dtype, copy=False)
-        xpad = ops.pad(xp, x, self.pads)
-        cols = ops.im2col(xp, xpad, self.kernel_size, self.strides, self.out_hw)
+        ws = self._workspace()
+        # Training keeps its padded input until backward: a buffer of its own, so that an
+        # inference call in between cannot overwrite it.
+        xpad = ops.pad_into(xp, x, self.pads, ws, "xpad_train" if training else "xpad")
         w2 = xp.reshape(xp.astype(self.params["kernel"], self.compute_dtype, copy=False),
                         (-1, self.filters))
-        y = cols @ w2
-        if self.use_bias:
-            y = y + xp.astype(self.params["bias"], self.compute_dtype, copy=False)
+        bias = (xp.astype(self.params["bias"], self.compute_dtype, copy=False)
+                if self.use_bias else None)
+        y = ops.conv_forward(xp, kernels_for(self.backend), xpad, w2, bias, self.kernel_size,
+                             self.strides, self.out_hw, ws, "cols", self.backend.chunk_bytes)
         if training:
-            self._cache_cols, self._cache_shape = cols, xpad.shape
+            self._cache_xpad = xpad
         return xp.reshape(y, (n, *self.out_hw, self.filters))
 
     def backward(self, dy: Any) -> Any:
         xp = self.xp
-        cols = self._cache_cols
-        dy2 = xp.reshape(xp.astype(dy, self.compute_dtype, copy=False), (-1, self.filters))
-        dw = xp.matrix_transpose(cols) @ dy2
+        kern = kernels_for(self.backend)
+        ws = self._workspace()
+        budget = self.backend.chunk_bytes
+        xpad = self._cache_xpad
+        dy = xp.astype(dy, self.compute_dtype, copy=False)
+        dy2 = xp.reshape(dy, (-1, self.filters))
+        dw = ops.conv_weight_grad(xp, kern, xpad, dy2, self.kernel_size, self.strides,
+                                  self.out_hw, ws, "cols", budget)
         self.grads["kernel"] = xp.astype(xp.reshape(dw, self.params["kernel"].shape), self.dtype,
                                          copy=False)
         if self.use_bias:
             self.grads["bias"] = xp.astype(xp.sum(dy2, axis=0), self.dtype, copy=False)
-        self._cache_cols = None
+        self._cache_xpad = None
         if not self.need_input_grad:
             return None
-        # W^T built by permute + reshape comes out contiguous; a matmul against a transposed
-        # view is several times slower on OpenBLAS.
         kernel = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
-        w2t = xp.reshape(xp.permute_dims(kernel, (3, 0, 1, 2)), (self.filters, -1))
-        dcols = dy2 @ w2t
-        n = self._cache_shape[0]
-        dcols = xp.reshape(dcols, (n, *self.out_hw, dcols.shape[-1]))
-        dxpad = ops.col2im(xp, dcols, self._cache_shape, self.kernel_size, self.strides,
-                           self.out_hw)
-        dx = ops.unpad(dxpad, self.pads)
+        h, w = self.input_shape[0], self.input_shape[1]
+        if ops.input_grad_as_conv(self.pads, self.kernel_size, self.strides):
+            dx = ops.conv_input_grad(xp, kern, xp.reshape(dy, (-1, *self.out_hw, self.filters)),
+                                     ops.flipped_kernel_matrix(xp, kernel), self.kernel_size,
+                                     self.pads, (h, w), ws, "dcols", budget)
+        else:
+            # Strided (or over-padded) convolutions: patch gradients scattered back (col2im).
+            # W^T built by permute + reshape comes out contiguous; a matmul against a
+            # transposed view is several times slower on OpenBLAS.
+            w2t = xp.reshape(xp.permute_dims(kernel, (3, 0, 1, 2)), (self.filters, -1))
+            dcols = xp.reshape(dy2 @ w2t, (xpad.shape[0], *self.out_hw, w2t.shape[-1]))
+            dxpad = ops.col2im(xp, dcols, tuple(xpad.shape), self.kernel_size, self.strides,
+                               self.out_hw)
+            dx = ops.unpad(dxpad, self.pads)
         return xp.astype(dx, self._cache_x_dtype, copy=False)

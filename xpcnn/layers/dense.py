@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..ops.kernels import kernels_for
 from .base import Layer, Shape, pair
 from .initializers import check_initializer, initialize
 
@@ -61,7 +62,7 @@ class Dense(Layer):
         self._cache_x_dtype = x.dtype
         x = xp.astype(x, self.compute_dtype, copy=False)
         w = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
-        y = x @ w
+        y = kernels_for(self.backend).matmul(x, w)
         if self.use_bias:
             y = y + xp.astype(self.params["bias"], self.compute_dtype, copy=False)
         if training:
@@ -70,13 +71,14 @@ class Dense(Layer):
 
     def backward(self, dy: Any) -> Any:
         xp = self.xp
+        kern = kernels_for(self.backend)
         dy = xp.astype(dy, self.compute_dtype, copy=False)
-        self.grads["kernel"] = xp.astype(xp.matrix_transpose(self._cache_x) @ dy, self.dtype,
+        self.grads["kernel"] = xp.astype(kern.matmul_tn(self._cache_x, dy), self.dtype,
                                          copy=False)
         if self.use_bias:
             self.grads["bias"] = xp.astype(xp.sum(dy, axis=0), self.dtype, copy=False)
         self._cache_x = None
         if not self.need_input_grad:
             return None
-        dx = dy @ xp.matrix_transpose(self._cache_w)
+        dx = kern.matmul_nt(dy, self._cache_w)
         return xp.astype(dx, self._cache_x_dtype, copy=False)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..checks import number
 from .base import Layer, Shape
 
 
@@ -32,9 +32,7 @@ class RandomLayer(Layer):
 class Dropout(RandomLayer):
     def __init__(self, rate: float, name: str | None = None) -> None:
         super().__init__(name)
-        if not 0.0 <= rate < 1.0:
-            raise InputError(f"Dropout rate must be in [0, 1), got {rate!r}")
-        self.rate = float(rate)
+        self.rate = number(rate, "Dropout rate", 0.0, 1.0, high_open=True)
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "rate": self.rate}

@@ -6,6 +6,7 @@ Statistics are always computed in the parameter dtype (float32 under mixed preci
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -22,8 +23,8 @@ def _standardize_backward(xp: Any, dxhat: Any, xhat: Any, inv_std: Any, axes: tu
 
 
 def _check_eps(eps: float) -> float:
-    if not eps > 0:
-        raise InputError(f"eps must be positive, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < math.inf:
+        raise InputError(f"eps must be a positive number, got {eps!r}")
     return float(eps)
 
 
@@ -72,7 +73,8 @@ class BatchNorm2D(Layer):
 
     def __init__(self, momentum: float = 0.1, eps: float = 1e-5, name: str | None = None) -> None:
         super().__init__(name)
-        if not 0.0 <= momentum <= 1.0:
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (
+                0.0 <= momentum <= 1.0):
             raise InputError(f"BatchNorm2D momentum must be in [0, 1], got {momentum!r}")
         self.momentum = float(momentum)
         self.eps = _check_eps(eps)

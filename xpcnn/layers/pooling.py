@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import InputError
 from ..ops import conv as conv_ops
 from ..ops import pool as ops
+from ..ops.kernels import kernels_for
 from .base import Layer, Shape, check_padding, pair, require_rank
 
 
@@ -50,8 +51,8 @@ class MaxPool2D(_Pool2D):
 
     def backward(self, dy: Any) -> Any:
         xpad, y = self._cache_xy
-        dx = ops.max_pool_backward(self.xp, xpad, y, dy, self.pool_size, self.strides,
-                                   self.out_hw)
+        dx = kernels_for(self.backend).max_pool_backward(xpad, y, dy, self.pool_size,
+                                                         self.strides, self.out_hw)
         self._cache_xy = None
         return conv_ops.unpad(dx, self.pads)
 

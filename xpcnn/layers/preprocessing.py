@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import number
 from ..errors import InputError
 from .base import Layer, Shape, require_rank
 from .dropout import RandomLayer
@@ -20,7 +21,8 @@ class Rescaling(Layer):
 
     def __init__(self, scale: float, offset: float = 0.0, name: str | None = None) -> None:
         super().__init__(name)
-        self.scale, self.offset = float(scale), float(offset)
+        self.scale = number(scale, "Rescaling scale")
+        self.offset = number(offset, "Rescaling offset")
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "scale": self.scale, "offset": self.offset}
@@ -38,8 +40,9 @@ class Normalization(Layer):
     def __init__(self, mean: list[float] | float, std: list[float] | float,
                  name: str | None = None) -> None:
         super().__init__(name)
-        self.mean = [float(v) for v in np.atleast_1d(mean)]
-        self.std = [float(v) for v in np.atleast_1d(std)]
+        self.mean = [number(v, "Normalization mean") for v in np.atleast_1d(mean).tolist()]
+        self.std = [number(v, "Normalization std", 0.0, low_open=True)
+                    for v in np.atleast_1d(std).tolist()]
         if len(self.mean) != len(self.std) or not all(s > 0 for s in self.std):
             raise InputError("Normalization needs mean and std of equal length, std positive; "
                              f"got mean={mean!r}, std={std!r}")
@@ -87,7 +90,7 @@ class RandomCrop(RandomLayer):
 
     def __init__(self, padding: int = 4, name: str | None = None) -> None:
         super().__init__(name)
-        if not isinstance(padding, int) or padding < 1:
+        if not isinstance(padding, int) or isinstance(padding, bool) or not 1 <= padding < 2**15:
             raise InputError(f"RandomCrop padding must be a positive int, got {padding!r}")
         self.padding = padding
 

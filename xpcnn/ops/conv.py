@@ -99,3 +99,192 @@ def col2im(
             colsl = slice(j, j + sw * (wo - 1) + 1, sw)
             out[:, rows, colsl, :] = out[:, rows, colsl, :] + cols[..., k : k + c]
     return out
+
+
+# -- chunked convolution with buffers reused across steps -----------------------------------------
+#
+# The batch is processed a few images at a time: the im2col patches of a chunk (a few MB) are
+# written and read back by the matmul while still in cache, and never exist for the whole batch
+# (for a 32x32x32 "same" 3x3 layer at batch 128 that would be a 151 MB temporary per pass).
+# Scratch arrays live in a Workspace and are reused across steps: fresh large arrays every step
+# cost page faults. Every write goes through slices (the standard does not promise that reshape
+# returns a view); reshapes are only read.
+
+
+class Workspace:
+    """Scratch arrays kept across steps, one per key, reallocated when the shape grows."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, Any] = {}
+
+    def get(self, xp: Any, key: str, shape: tuple[int, ...], dtype: Any, device: Any,
+            fill: float | None = None) -> Any:
+        """An array of ``shape`` (the leading rows of a larger cached one if the batch shrank).
+
+        With ``fill``, a new array starts filled with it, and callers only ever write the same
+        interior region, so the border keeps it.
+        """
+        a = self._arrays.get(key)
+        if (a is None or a.dtype != dtype or tuple(a.shape[1:]) != tuple(shape[1:])
+                or a.shape[0] < shape[0]):
+            if fill is None:
+                a = xp.empty(shape, dtype=dtype, device=device)
+            else:
+                a = xp.full(shape, fill, dtype=dtype, device=device)
+            self._arrays[key] = a
+        return a if a.shape[0] == shape[0] else a[: shape[0], ...]
+
+
+def images_per_chunk(n: int, bytes_per_image: int, budget: int | None) -> int:
+    """How many images of ``bytes_per_image`` scratch fit ``budget`` (all when None)."""
+    if budget is None:
+        return n
+    # at least two chunks, so that two threads (where the kernels use them) share the work
+    return max(1, min((n + 1) // 2, budget // max(bytes_per_image, 1)))
+
+
+def pad_into(xp: Any, x: Any, pads: Pads, ws: Workspace, key: str, value: float = 0.0) -> Any:
+    """:func:`pad` into a reused buffer whose border already holds ``value``."""
+    if not any(pads):
+        return x
+    top, bottom, left, right = pads
+    n, h, w, c = x.shape
+    out = ws.get(xp, key, (n, h + top + bottom, w + left + right, c), x.dtype, x.device,
+                 fill=value)
+    out[:, top : top + h, left : left + w, :] = x
+    return out
+
+
+def im2col_into(
+    x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int], out_hw: tuple[int, int]
+) -> Any:
+    """Patches of a padded (n, H, W, C) input written into ``out`` (n, Ho, Wo, kh*kw*C)."""
+    kh, kw = kernel
+    c = x.shape[3]
+    for i in range(kh):
+        for j in range(kw):
+            k = (i * kw + j) * c
+            out[:, :, :, k : k + c] = window(x, i, j, out_hw, strides)
+    return out
+
+
+def _patches(xp: Any, kern: Any, xpad: Any, n0: int, n1: int, buf: Any, kernel: tuple[int, int],
+             strides: tuple[int, int], out_hw: tuple[int, int]) -> Any:
+    """The (rows, kh*kw*C) patch matrix of images n0:n1 (im2col into ``buf``, or the input
+    itself for a 1x1 stride-1 kernel)."""
+    rows = (n1 - n0) * out_hw[0] * out_hw[1]
+    if buf is None:
+        return xp.reshape(xpad[n0:n1, ...], (rows, xpad.shape[3]))
+    part = buf if buf.shape[0] == n1 - n0 else buf[: n1 - n0, ...]
+    cols = kern.im2col_into(xpad[n0:n1, ...], part, kernel, strides, out_hw)
+    return xp.reshape(cols, (rows, buf.shape[3]))
+
+
+def conv_forward(
+    xp: Any,
+    kern: Any,
+    xpad: Any,
+    w2: Any,
+    bias: Any,
+    kernel: tuple[int, int],
+    strides: tuple[int, int],
+    out_hw: tuple[int, int],
+    ws: Workspace,
+    key: str,
+    budget: int | None,
+) -> Any:
+    """Convolution of a padded (N, H, W, C) input with a (kh*kw*C, K) kernel matrix.
+
+    Returns the (N*Ho*Wo, K) output rows. Chunks of images may run on several threads
+    (``kern.for_chunks``), each with scratch of its own.
+    """
+    n = xpad.shape[0]
+    ho, wo = out_hw
+    kk, k = w2.shape
+    y = xp.empty((n * ho * wo, k), dtype=xpad.dtype, device=xpad.device)
+    direct = kernel == (1, 1) and strides == (1, 1)
+    m = images_per_chunk(n, ho * wo * kk * 4, budget)
+
+    def work(worker: int, n0: int, n1: int) -> None:
+        buf = None if direct else ws.get(xp, f"{key}{worker}", (m, ho, wo, kk), xpad.dtype,
+                                          xpad.device)
+        cols = _patches(xp, kern, xpad, n0, n1, buf, kernel, strides, out_hw)
+        kern.matmul_into(cols, w2, y[n0 * ho * wo : n1 * ho * wo, :], bias)
+
+    kern.for_chunks(n, m, work)
+    return y
+
+
+def conv_weight_grad(
+    xp: Any,
+    kern: Any,
+    xpad: Any,
+    dy2: Any,
+    kernel: tuple[int, int],
+    strides: tuple[int, int],
+    out_hw: tuple[int, int],
+    ws: Workspace,
+    key: str,
+    budget: int | None,
+) -> Any:
+    """Kernel gradient (kh*kw*C, K): patches^T @ output gradient, summed over chunks."""
+    n, c = xpad.shape[0], xpad.shape[3]
+    ho, wo = out_hw
+    kk = kernel[0] * kernel[1] * c
+    direct = kernel == (1, 1) and strides == (1, 1)
+    m = images_per_chunk(n, ho * wo * kk * 4, budget)
+    parts: dict[int, Any] = {}  # per chunk, summed in chunk order: the same bits however
+    # the chunks were spread over threads
+
+    def work(worker: int, n0: int, n1: int) -> None:
+        buf = None if direct else ws.get(xp, f"{key}{worker}", (m, ho, wo, kk), xpad.dtype,
+                                          xpad.device)
+        cols = _patches(xp, kern, xpad, n0, n1, buf, kernel, strides, out_hw)
+        parts[n0] = kern.matmul_tn(cols, dy2[n0 * ho * wo : n1 * ho * wo, :])
+
+    kern.for_chunks(n, m, work)
+    dw = parts[0]
+    for n0 in range(m, n, m):
+        dw += parts[n0]
+    return dw
+
+
+def flipped_kernel_matrix(xp: Any, kernel: Any) -> Any:
+    """(kh, kw, C, K) kernel -> (kh*kw*K, C) matrix of the input-gradient convolution: the
+    kernel rotated by 180 degrees with its channel axes swapped (comes out contiguous)."""
+    kh, kw, c, k = kernel.shape
+    flipped = xp.flip(kernel, axis=(0, 1))
+    return xp.reshape(xp.permute_dims(flipped, (0, 1, 3, 2)), (kh * kw * k, c))
+
+
+def input_grad_as_conv(pads: Pads, kernel: tuple[int, int], strides: tuple[int, int]) -> bool:
+    """True when the input gradient is a stride-1 convolution of the padded output gradient."""
+    kh, kw = kernel
+    top, bottom, left, right = pads
+    return strides == (1, 1) and max(top, bottom) < kh and max(left, right) < kw
+
+
+def conv_input_grad(
+    xp: Any,
+    kern: Any,
+    dy: Any,
+    wflip2: Any,
+    kernel: tuple[int, int],
+    pads: Pads,
+    in_hw: tuple[int, int],
+    ws: Workspace,
+    key: str,
+    budget: int | None,
+) -> Any:
+    """Input gradient (N, H, W, C) of a stride-1 convolution (see :func:`input_grad_as_conv`):
+    the output gradient, zero-padded by kh-1-top above (and so on), convolved with the rotated
+    kernel. No col2im scatter, and no temporary the size of the whole batch's patches."""
+    kh, kw = kernel
+    n, ho, wo, k = dy.shape
+    h, w = in_hw
+    a, b = kh - 1 - pads[0], kw - 1 - pads[2]
+    dypad = ws.get(xp, key + "_pad", (n, h + kh - 1, w + kw - 1, k), dy.dtype, dy.device,
+                   fill=0.0)
+    dypad[:, a : a + ho, b : b + wo, :] = dy
+    dx = conv_forward(xp, kern, dypad, wflip2, None, kernel, (1, 1), (h, w), ws, key, budget)
+    return xp.reshape(dx, (n, h, w, wflip2.shape[1]))

@@ -1,0 +1,519 @@
+#!/usr/bin/env python
+"""CPU training and inference speed of xpcnn against PyTorch eager, side by side.
+
+For each reference model (``xpcnn.models.build_layers``) at one batch size, in float32:
+
+* training-step and inference images/s of xpcnn and of the same architecture in PyTorch eager
+  (same initial weights, SGD with momentum 0.9, dropout on in training on both sides), timed in
+  one process with BLOCK timing: a block of steps of one library, then a block of the other
+  (alternating step by step slows whichever library runs second: the other's BLAS threads
+  are still spinning). Each number is the median of the per-step times after warm-up;
+* achieved GFLOP/s, with FLOPs = 2 x MACs of the forward convolutions and dense layers
+  (direct-convolution count, whatever algorithm runs), training = 3 x forward, and that as a
+  share of the machine's float32 matmul peak (best of a 2048^3 NumPy matmul);
+* peak memory of a training step: each side's training steps run in a subprocess of their
+  own, which resets the kernel's peak-RSS mark (/proc/self/clear_refs) after building the model
+  and data and reports VmHWM - VmRSS at that point (ru_maxrss - baseline where clear_refs is
+  unavailable).
+
+PyTorch is optional: without it, only xpcnn and the peak are reported.
+
+    python scripts/bench.py                       # notebook, mnist, cifar at batch 128
+    python scripts/bench.py --models cifar --steps 30 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+MODELS = {"notebook": (32, 32, 3), "mnist": (28, 28, 1), "cifar": (32, 32, 3)}
+CLASSES = 10
+LR = 0.01
+MOMENTUM = 0.9
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="notebook,mnist,cifar",
+                   help="comma-separated reference models (default: notebook,mnist,cifar)")
+    p.add_argument("--steps", type=int, default=20,
+                   help="timed steps per library, mode and model (default 20)")
+    p.add_argument("--blocks", type=int, default=2,
+                   help="blocks the timed steps are split into, alternating libraries "
+                   "(default 2)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None,
+                   help="BLAS / PyTorch threads (default: every core)")
+    p.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--torch-channels-last", action="store_true",
+                   help="run PyTorch in channels_last memory format (default: NCHW)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    # internal: one side's training steps in a subprocess, for peak memory
+    p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+ARGS = parse_args()
+THREADS = ARGS.threads or os.cpu_count() or 1
+if ARGS.threads:
+    # Before NumPy loads OpenBLAS: its thread count is fixed at load time.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(ARGS.threads)
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import xpcnn  # noqa: E402
+from xpcnn.layers import (  # noqa: E402
+    Conv2D,
+    Dense,
+    Dropout,
+    FeatureNorm,
+    Flatten,
+    MaxPool2D,
+    ReLU,
+    Rescaling,
+    Softmax,
+)
+from xpcnn.models import build_layers  # noqa: E402
+
+try:
+    if ARGS.no_torch:
+        raise ImportError
+    import torch
+except ImportError:
+    torch = None
+
+
+# -- machine facts -----------------------------------------------------------------------------
+def blas_info() -> dict[str, Any]:
+    """Which OpenBLAS kernel NumPy runs (threadpoolctl when installed, else the library)."""
+    info: dict[str, Any] = {
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
+        "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE"),
+    }
+    try:
+        from threadpoolctl import threadpool_info
+
+        for lib in threadpool_info():
+            if lib.get("user_api") == "blas":
+                info.update(library=lib.get("internal_api"), version=lib.get("version"),
+                            kernel=lib.get("architecture"), threads=lib.get("num_threads"))
+                return info
+    except ImportError:
+        pass
+    try:  # the corename straight from the loaded OpenBLAS
+        import ctypes
+
+        with open("/proc/self/maps") as f:
+            paths = {ln.split()[-1] for ln in f if "openblas" in ln.lower() and "/" in ln}
+        for path in paths:
+            lib = ctypes.CDLL(path)
+            for prefix in ("scipy_openblas_", "openblas_", "scipy_openblas64_"):
+                for suffix in ("64_", ""):
+                    fn = getattr(lib, f"{prefix}get_corename{suffix}", None)
+                    if fn is None:
+                        continue
+                    fn.restype = ctypes.c_char_p
+                    info.update(library="openblas", kernel=fn().decode())
+                    nt = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
+                    if nt is not None:
+                        info["threads"] = int(nt())
+                    return info
+    except OSError:
+        pass
+    return info
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name"):
+                    return ln.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """float32 GFLOP/s of the best of ``repeats`` n^3 NumPy matmuls."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    out = np.empty((n, n), np.float32)
+    np.matmul(a, b, out=out)
+    best = min(_time(lambda: np.matmul(a, b, out=out)) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _time(fn: Any) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# -- models ------------------------------------------------------------------------------------
+def forward_flops(layers: list[Any], batch: int) -> int:
+    """2 x MACs of the forward convolutions and dense layers of a batch (direct count)."""
+    flops = 0
+    for layer in layers:
+        if isinstance(layer, Conv2D):
+            kh, kw = layer.kernel_size
+            ho, wo = layer.out_hw
+            flops += 2 * ho * wo * layer.filters * kh * kw * layer.input_shape[-1]
+        elif isinstance(layer, Dense):
+            flops += 2 * layer.input_shape[0] * layer.units
+    return batch * flops
+
+
+def xpcnn_model(name: str, batch: int) -> Any:
+    model = xpcnn.Sequential(build_layers(name, CLASSES), input_shape=MODELS[name], seed=0)
+    model.compile(loss="cross_entropy", optimizer=xpcnn.optim.SGD(LR, momentum=MOMENTUM))
+    return model
+
+
+class _FlattenHWC(torch.nn.Module if torch else object):  # type: ignore[misc]
+    """Flatten NCHW (or channels_last) activations in Keras' (H, W, C) order."""
+
+    def forward(self, x: Any) -> Any:
+        return torch.flatten(x.permute(0, 2, 3, 1), 1)
+
+
+class _Scale(torch.nn.Module if torch else object):  # type: ignore[misc]
+    def __init__(self, scale: float, offset: float) -> None:
+        super().__init__()
+        self.scale, self.offset = scale, offset
+
+    def forward(self, x: Any) -> Any:
+        return x * self.scale + self.offset
+
+
+def torch_model(model: Any, channels_last: bool = False) -> Any:
+    """The same architecture in PyTorch, with xpcnn's initial weights (Keras -> torch layouts).
+
+    The first Dense after Flatten sees (H, W, C)-ordered features on both sides: Flatten here
+    permutes the activations to NHWC first, so the Keras kernel copies over untouched.
+    """
+    nn = torch.nn
+    mods: list[Any] = []
+    for layer in model.layers:
+        w = layer.get_weights()
+        if isinstance(layer, Rescaling):
+            mods.append(_Scale(layer.scale, layer.offset))
+        elif isinstance(layer, Conv2D):
+            pads = layer.pads
+            if pads[0] != pads[1] or pads[2] != pads[3]:
+                raise SystemExit(f"{layer.name}: asymmetric padding has no nn.Conv2d twin")
+            conv = nn.Conv2d(layer.input_shape[-1], layer.filters, layer.kernel_size,
+                             stride=layer.strides, padding=(pads[0], pads[2]),
+                             bias=layer.use_bias)
+            conv.weight.data = torch.from_numpy(np.ascontiguousarray(w[0].transpose(3, 2, 0, 1)))
+            if layer.use_bias:
+                conv.bias.data = torch.from_numpy(w[1].copy())
+            mods.append(conv)
+        elif isinstance(layer, Dense):
+            lin = nn.Linear(layer.input_shape[0], layer.units, bias=layer.use_bias)
+            lin.weight.data = torch.from_numpy(np.ascontiguousarray(w[0].T))
+            if layer.use_bias:
+                lin.bias.data = torch.from_numpy(w[1].copy())
+            mods.append(lin)
+        elif isinstance(layer, ReLU):
+            mods.append(nn.ReLU() if layer.max_value is None
+                        else nn.Hardtanh(0.0, layer.max_value))
+        elif isinstance(layer, MaxPool2D):
+            if any(layer.pads):
+                raise SystemExit(f"{layer.name}: padded max pooling is not mapped")
+            mods.append(nn.MaxPool2d(layer.pool_size, layer.strides))
+        elif isinstance(layer, FeatureNorm):
+            mods.append(nn.InstanceNorm2d(layer.input_shape[-1], eps=layer.eps, affine=False))
+        elif isinstance(layer, Flatten):
+            mods.append(_FlattenHWC())
+        elif isinstance(layer, Dropout):
+            mods.append(nn.Dropout(layer.rate))
+        elif isinstance(layer, Softmax):
+            pass  # fused into the cross-entropy on both sides
+        else:
+            raise SystemExit(f"no PyTorch twin for layer type {type(layer).__name__}")
+    net = nn.Sequential(*mods)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def make_data(name: str, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (batch, *MODELS[name]), dtype=np.uint8)
+    y = rng.integers(0, CLASSES, batch)
+    return x, y
+
+
+# -- one step of each library ------------------------------------------------------------------
+def xpcnn_steps(model: Any, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
+    yb = model.backend.asarray(y)
+
+    def train() -> None:
+        model.train_step(model._to_device(x), yb)
+
+    def infer() -> None:
+        xp = model.backend.xp
+        z = model._logits(model._to_device(x), training=False)
+        float(xp.sum(z))
+
+    return train, infer
+
+
+def torch_steps(net: Any, x: np.ndarray, y: np.ndarray, channels_last: bool) -> tuple[Any, Any]:
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    if channels_last:
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    yt = torch.from_numpy(y)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def train() -> None:
+        net.train()
+        opt.zero_grad(set_to_none=True)
+        logits = net(xt.float())
+        loss = loss_fn(logits, yt)
+        loss.backward()
+        opt.step()
+        # the same host syncs as xpcnn's train_step: the loss and the correct count
+        loss.item()
+        (logits.argmax(1) == yt).sum().item()
+
+    def infer() -> None:
+        net.eval()
+        with torch.inference_mode():
+            float(net(xt.float()).sum())
+
+    return train, infer
+
+
+def check_same_model(model: Any, net: Any, x: np.ndarray, channels_last: bool) -> float:
+    """Max |logit difference| / max |logit| between the two at the initial weights."""
+    ref = np.asarray(model._logits(model._to_device(x[:8]), training=False))
+    xt = torch.from_numpy(np.ascontiguousarray(x[:8].transpose(0, 3, 1, 2))).float()
+    if channels_last:
+        xt = xt.contiguous(memory_format=torch.channels_last)
+    net.eval()
+    with torch.inference_mode():
+        got = net(xt).numpy()
+    return float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+
+
+def block_timing(fns: dict[str, Any], steps: int, blocks: int, warmup: int) -> dict[str, float]:
+    """Median seconds per step of each function, in blocks of steps, one library at a time."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    per_block = [steps // blocks + (i < steps % blocks) for i in range(blocks)]
+    for n in per_block:
+        for k, fn in fns.items():
+            fn()  # one untimed step: the other library's threads go quiet
+            for _ in range(n):
+                times[k].append(_time(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# -- peak memory, one subprocess per side --------------------------------------------------------
+def _rss_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for ln in f:
+                if ln.startswith(field + ":"):
+                    return int(ln.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def memory_child(spec: str) -> None:
+    """Run one side's training steps and print its peak RSS above the pre-step baseline."""
+    import resource
+
+    lib, name = spec.split(":")
+    batch = ARGS.batch_size
+    x, y = make_data(name, batch)
+    model = xpcnn_model(name, batch)
+    if lib == "torch":
+        train, _ = torch_steps(torch_model(model, ARGS.torch_channels_last), x, y,
+                               ARGS.torch_channels_last)
+        del model
+    else:
+        train, _ = xpcnn_steps(model, x, y)
+    import gc
+
+    gc.collect()
+    base = _rss_kib("VmRSS")
+    method = "VmHWM after clear_refs"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS mark to the current RSS
+    except OSError:
+        method = "ru_maxrss"
+    for _ in range(max(ARGS.warmup, 2) + 2):
+        train()
+    if method == "ru_maxrss" or base is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base = base or 0
+    else:
+        peak = _rss_kib("VmHWM") or 0
+    print(json.dumps({"peak_mib": (peak - base) / 1024, "method": method}))
+
+
+def measure_memory(lib: str, name: str) -> dict[str, Any] | None:
+    cmd = [sys.executable, os.path.abspath(__file__), "--_memory", f"{lib}:{name}",
+           "--batch-size", str(ARGS.batch_size), "--warmup", str(ARGS.warmup)]
+    if ARGS.threads:
+        cmd += ["--threads", str(ARGS.threads)]
+    if ARGS.torch_channels_last:
+        cmd.append("--torch-channels-last")
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"memory subprocess {lib}:{name} failed:\n{out.stderr}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- the run -----------------------------------------------------------------------------------
+def bench_model(name: str, peak: float) -> dict[str, Any]:
+    batch = ARGS.batch_size
+    x, y = make_data(name, batch)
+    model = xpcnn_model(name, batch)
+    fwd = forward_flops(model.layers, batch)
+    row: dict[str, Any] = {"model": name, "batch": batch, "forward_gflop": fwd / 1e9,
+                           "train_gflop": 3 * fwd / 1e9}
+    train, infer = xpcnn_steps(model, x, y)
+    fns_train, fns_infer = {"xpcnn": train}, {"xpcnn": infer}
+    if torch is not None:
+        net = torch_model(model, ARGS.torch_channels_last)
+        row["initial_logits_rel_diff"] = check_same_model(model, net, x,
+                                                          ARGS.torch_channels_last)
+        t_train, t_infer = torch_steps(net, x, y, ARGS.torch_channels_last)
+        fns_train["torch"], fns_infer["torch"] = t_train, t_infer
+    load_before = load_average()
+    tr = block_timing(fns_train, ARGS.steps, ARGS.blocks, ARGS.warmup)
+    inf = block_timing(fns_infer, ARGS.steps, ARGS.blocks, ARGS.warmup)
+    row["load_average"] = [load_before, load_average()]
+    for lib in fns_train:
+        row[lib] = {
+            "train_ms": tr[lib] * 1e3,
+            "train_img_s": batch / tr[lib],
+            "train_gflop_s": 3 * fwd / tr[lib] / 1e9,
+            "train_peak_share": 3 * fwd / tr[lib] / 1e9 / peak,
+            "infer_ms": inf[lib] * 1e3,
+            "infer_img_s": batch / inf[lib],
+            "infer_gflop_s": fwd / inf[lib] / 1e9,
+            "infer_peak_share": fwd / inf[lib] / 1e9 / peak,
+        }
+        if not ARGS.no_memory:
+            mem = measure_memory(lib, name)
+            if mem is not None:
+                row[lib]["train_peak_mib"] = mem["peak_mib"]
+                row["memory_method"] = mem["method"]
+    if torch is not None:
+        row["train_ratio"] = row["xpcnn"]["train_img_s"] / row["torch"]["train_img_s"]
+        row["infer_ratio"] = row["xpcnn"]["infer_img_s"] / row["torch"]["infer_img_s"]
+        if "train_peak_mib" in row["xpcnn"] and "train_peak_mib" in row["torch"]:
+            row["memory_ratio"] = (row["xpcnn"]["train_peak_mib"]
+                                   / max(row["torch"]["train_peak_mib"], 1e-9))
+    return row
+
+
+def print_table(result: dict[str, Any]) -> None:
+    m = result["machine"]
+    print(f"\n{m['cpu']}, {m['cores']} cores, {result['threads']} threads; "
+          f"float32 matmul peak {m['matmul_peak_gflop_s']:.1f} GFLOP/s (2048^3 NumPy)")
+    print(f"BLAS: {m['blas']}")
+    if result.get("torch_version"):
+        print(f"PyTorch {result['torch_version']}, NumPy {result['numpy_version']}")
+    head = (f"{'model':<9}{'library':<8}{'train img/s':>12}{'ratio':>7}{'GFLOP/s':>9}"
+            f"{'% peak':>8}{'infer img/s':>12}{'ratio':>7}{'GFLOP/s':>9}{'% peak':>8}"
+            f"{'train MiB':>10}{'ratio':>7}")
+    print(head)
+    print("-" * len(head))
+    for row in result["models"]:
+        for lib in ("xpcnn", "torch"):
+            if lib not in row:
+                continue
+            r = row[lib]
+            own = lib == "xpcnn" and "torch" in row
+
+            def ratio(key: str, own: bool = own, row: dict[str, Any] = row) -> str:
+                return f"{row[key]:>6.2f}x" if own and key in row else f"{'':>7}"
+
+            mem = r.get("train_peak_mib")
+            print(f"{row['model'] if lib == 'xpcnn' else '':<9}{lib:<8}"
+                  f"{r['train_img_s']:>12.0f}{ratio('train_ratio')}{r['train_gflop_s']:>9.1f}"
+                  f"{100 * r['train_peak_share']:>7.0f}%"
+                  f"{r['infer_img_s']:>12.0f}{ratio('infer_ratio')}{r['infer_gflop_s']:>9.1f}"
+                  f"{100 * r['infer_peak_share']:>7.0f}%"
+                  f"{(f'{mem:.0f}' if mem is not None else '-'):>10}{ratio('memory_ratio')}")
+    print(f"\nFLOPs = 2 x MACs of forward convs + dense (direct count); training = 3 x forward. "
+          f"Median of {result['steps']} steps per library after {result['warmup']} warm-up, "
+          f"block timing ({result['blocks']} blocks). Peak memory: {result['memory_method']}.")
+    print(f"Load average before/after each model: "
+          f"{ {r['model']: r['load_average'] for r in result['models']} }")
+
+
+def main() -> None:
+    if ARGS._memory:
+        memory_child(ARGS._memory)
+        return
+    if torch is not None:
+        torch.set_num_threads(THREADS)
+    names = [n.strip() for n in ARGS.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    peak = matmul_peak()
+    result: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "blas": blas_info(),
+                    "matmul_peak_gflop_s": peak, "load_average_start": load_average()},
+        "threads": THREADS, "numpy_version": np.__version__,
+        "torch_version": torch.__version__ if torch is not None else None,
+        "torch_memory_format": "channels_last" if ARGS.torch_channels_last else "NCHW",
+        "xpcnn_fast_path": getattr(xpcnn.get_backend("cpu"), "fast", None) is not None,
+        "steps": ARGS.steps, "blocks": ARGS.blocks, "warmup": ARGS.warmup,
+        "timing": "block", "flop_formula": "2*MACs of forward convs+dense; training = 3x",
+        "memory_method": "skipped" if ARGS.no_memory else
+        "per-side subprocess: peak RSS during training steps minus RSS before them",
+        "models": [],
+    }
+    for name in names:
+        row = bench_model(name, peak)
+        result["models"].append(row)
+        print(f"{name}: done ({json.dumps({k: row[k] for k in row if k.endswith('ratio')})})",
+              file=sys.stderr)
+    print_table(result)
+    if ARGS.json:
+        with open(ARGS.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {ARGS.json}")
+
+
+if __name__ == "__main__":
+    main()

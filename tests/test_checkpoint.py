@@ -1,0 +1,373 @@
+"""Checkpoints: a run that is killed and resumed ends bit for bit where an uninterrupted one does.
+
+The runs come from ``ckpt_train.py`` (random flips, crops and dropout, BatchNorm, Adam with a
+cosine schedule): in-process with an exception standing in for the interruption, and as a
+subprocess killed with SIGKILL at a random moment, or dying in the middle of a checkpoint write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ckpt_train
+import numpy as np
+import pytest
+
+import xpcnn
+from xpcnn.checkpoint import Progress, load_checkpoint, save_checkpoint
+from xpcnn.cli import main as cli_main
+from xpcnn.errors import DataFormatError, InputError, NonFiniteError
+from xpcnn.layers import Dense, Flatten, Softmax
+
+SCRIPT = Path(__file__).with_name("ckpt_train.py")
+STEPS = ckpt_train.EPOCHS * 8
+
+
+class Interrupt(BaseException):
+    """Stands in for a crash or Ctrl-C in the middle of training."""
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The uninterrupted run: final weights and history."""
+    model, history = ckpt_train.train()
+    return model.get_weights(), history
+
+
+def assert_same_run(weights, history, reference):
+    ref_weights, ref_history = reference
+    assert len(weights) == len(ref_weights)
+    for i, (a, b) in enumerate(zip(weights, ref_weights, strict=True)):
+        assert a.dtype == b.dtype and np.array_equal(a, b), f"weight array {i} differs"
+    assert history["epoch"] == ref_history.epoch == list(range(ckpt_train.EPOCHS))
+    for key in ("loss", "accuracy"):
+        assert history["history"][key] == ref_history.history[key], key
+    assert all(s > 0 for s in history["history"]["seconds"])
+
+
+def interrupted(path, after_steps, every=ckpt_train.EVERY):
+    """Run until ``after_steps`` steps are done, then raise as a crash would."""
+    model = ckpt_train.make_model()
+    step, count = model.train_step, [0]
+
+    def train_step(xb, yb):
+        if count[0] == after_steps:
+            raise Interrupt
+        count[0] += 1
+        return step(xb, yb)
+
+    model.train_step = train_step
+    with pytest.raises(Interrupt):
+        ckpt_train.train(str(path), every=every, model=model)
+
+
+def as_dict(history):
+    return {"epoch": history.epoch, "history": history.history}
+
+
+# -- in-process --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("after_steps, every", [(3, 1), (8, 1), (13, 5), (21, "epoch"),
+                                                (17, 4)])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, reference, after_steps, every):
+    path = tmp_path / "run.ckpt.npz"
+    interrupted(path, after_steps, every)
+    ckpt = load_checkpoint(path)
+    done = ckpt.epoch * 8 + ckpt.step
+    # The last checkpoint is the last multiple of `every` (or epoch end) reached.
+    period = 8 if every == "epoch" else every
+    assert done == max(k for k in range(after_steps + 1) if k % period == 0 or k % 8 == 0)
+    assert ckpt.model.optimizer.iterations == done
+    model, history = ckpt_train.train(str(path), resume=True, every=every)
+    assert_same_run(model.get_weights(), as_dict(history), reference)
+    assert load_checkpoint(path).progress == Progress(ckpt_train.EPOCHS)
+
+
+def test_resume_twice_and_after_the_end(tmp_path, reference):
+    path = tmp_path / "run.npz"
+    interrupted(path, 6)
+    model = ckpt_train.make_model()
+    step, count = model.train_step, [0]
+
+    def train_step(xb, yb):
+        if count[0] == 9:
+            raise Interrupt
+        count[0] += 1
+        return step(xb, yb)
+
+    model.train_step = train_step
+    with pytest.raises(Interrupt):
+        ckpt_train.train(str(path), resume=True, model=model)
+    assert load_checkpoint(path).model.optimizer.iterations == 10  # 5 + 9 steps: last at 10
+    model, history = ckpt_train.train(str(path), resume=True)
+    assert_same_run(model.get_weights(), as_dict(history), reference)
+    # Resuming a finished run trains nothing more and returns its whole history.
+    again, history = ckpt_train.train(str(path), resume=True)
+    assert_same_run(again.get_weights(), as_dict(history), reference)
+
+
+def test_resume_without_a_file_starts_afresh(tmp_path, reference):
+    model, history = ckpt_train.train(str(tmp_path / "new.npz"), resume=True)
+    assert_same_run(model.get_weights(), as_dict(history), reference)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_mixed_precision_loss_scale_is_restored(tmp_path):
+    def run(path=None, resume=False, stop=None):
+        model = ckpt_train.make_model("mixed_float16")
+        model.loss_scale = 2.0**24  # float16 overflows: the first steps lower the scale
+        if stop is not None:
+            step, count = model.train_step, [0]
+
+            def train_step(xb, yb):
+                if count[0] == stop:
+                    raise Interrupt
+                count[0] += 1
+                return step(xb, yb)
+
+            model.train_step = train_step
+        with np.errstate(all="ignore"):
+            ckpt_train.train(path, resume=resume, every=1, model=model)
+        return model
+
+    ref = run()
+    assert ref.loss_scale < 2.0**24
+    path = str(tmp_path / "mp.npz")
+    with pytest.raises(Interrupt):
+        run(path, stop=3)
+    ckpt = load_checkpoint(path)
+    assert ckpt.model.loss_scale < 2.0**24 and ckpt.model.optimizer.iterations < 3
+    resumed = run(path, resume=True)
+    assert resumed.loss_scale == ref.loss_scale and resumed._good_steps == ref._good_steps
+    for a, b in zip(resumed.get_weights(), ref.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_checkpoint_holds_every_piece_of_state(tmp_path):
+    path = tmp_path / "c.npz"
+    interrupted(path, 11, every=1)
+    ckpt = load_checkpoint(path)
+    model = ckpt.model
+    assert (ckpt.epoch, ckpt.step) == (1, 3)
+    assert model.optimizer.iterations == 11
+    assert model.optimizer.lr == pytest.approx(xpcnn.optim.CosineDecay(1e-2, 24)(11))
+    assert set(model.optimizer.slots) == {"m", "v"}
+    flip, crop, dropout = model.layers[0], model.layers[1], model.layers[7]
+    assert flip.calls == crop.calls == dropout.calls == 11
+    assert len(ckpt.history.epoch) == 1 and ckpt.progress.seen == 24.0
+    # A checkpoint is also a model file, and its weights load into the same architecture.
+    same = xpcnn.load_model(str(path))
+    fresh = ckpt_train.make_model()
+    fresh.load_weights(path)
+    for a, b, c in zip(model.get_weights(), same.get_weights(), fresh.get_weights(), strict=True):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+
+
+# -- what resuming refuses -----------------------------------------------------------------------
+
+
+def test_resume_refuses_other_data_arguments_or_models(tmp_path):
+    path = tmp_path / "c.npz"
+    interrupted(path, 5)
+    x, y = ckpt_train.data()
+    model = ckpt_train.make_model()
+    model.build((8, 8, 3))
+    before = model.get_weights()
+    with pytest.raises(InputError, match=r"other data or fit arguments \(they differ in "
+                                         r"x_crc32\)"):
+        model.fit(x[::-1], y, epochs=3, batch_size=8, verbose=0, checkpoint=path, resume=True)
+    # Refused before anything was restored into the model.
+    assert model.optimizer.iterations == 0 and model.layers[0].calls == 0
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+    with pytest.raises(InputError, match="differ in batch_size"):
+        model.fit(x, y, epochs=3, batch_size=16, verbose=0, checkpoint=path, resume=True)
+    other = ckpt_train.make_model()
+    other.compile(optimizer=xpcnn.optim.SGD(0.1))
+    with pytest.raises(InputError, match="compile it the same way to resume"):
+        other.fit(x, y, epochs=3, batch_size=8, verbose=0, checkpoint=path, resume=True)
+    small = xpcnn.Sequential([Flatten(), Dense(10), Softmax()])
+    small.compile()
+    with pytest.raises(DataFormatError, match="another architecture: its layer 0 is "
+                                              "RandomFlip"):
+        small.fit(x, y, verbose=0, checkpoint=path, resume=True)
+    with pytest.raises(DataFormatError, match="another architecture"):
+        small.load_weights(path)
+    with pytest.raises(InputError, match="resume=True needs checkpoint=PATH"):
+        model.fit(x, y, verbose=0, resume=True)
+    with pytest.raises(InputError, match="checkpoint_every must be a positive number of steps"):
+        model.fit(x, y, verbose=0, checkpoint=path, checkpoint_every=0)
+    # None of this touched the checkpoint.
+    assert load_checkpoint(path).model.optimizer.iterations == 5
+
+
+def test_a_model_file_is_not_a_checkpoint(tmp_path):
+    model = ckpt_train.make_model()
+    model.build((8, 8, 3))
+    model.save(str(tmp_path / "m.npz"))
+    with pytest.raises(DataFormatError, match="not an xpcnn checkpoint .a model file"):
+        load_checkpoint(tmp_path / "m.npz")
+
+
+# -- non-finite values never overwrite a good checkpoint ----------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("where", ["weight", "data"])
+def test_non_finite_values_stop_training_and_keep_the_good_checkpoint(tmp_path, where):
+    path = tmp_path / "c.npz"
+    model = ckpt_train.make_model()
+    step, count = model.train_step, [0]
+
+    def train_step(xb, yb):
+        count[0] += 1
+        if count[0] == 7:  # step 7: poison, after the checkpoint of step 5
+            if where == "weight":
+                model.layers[9].params["kernel"][0, 0] = np.nan
+            else:
+                xb = xb.copy()
+                xb[0, 3:5, 3:5, :] = np.inf  # (a corner pixel could be cropped away)
+        return step(xb, yb)
+
+    model.train_step = train_step
+    layer = "dense" if where == "weight" else "the input batch"
+    with pytest.raises(NonFiniteError, match=f"training stopped at step 7: the loss is nan; "
+                                             f"the first non-finite values appear in .*{layer}"):
+        ckpt_train.train(str(path), every=5, model=model)
+    ckpt = load_checkpoint(path)
+    assert ckpt.model.optimizer.iterations == 5
+    assert all(np.isfinite(w).all() for w in ckpt.model.get_weights())
+
+
+def test_a_checkpoint_is_never_written_from_non_finite_weights(tmp_path):
+    path = tmp_path / "c.npz"
+    model = ckpt_train.make_model()
+    step, count = model.train_step, [0]
+
+    def train_step(xb, yb):
+        out = step(xb, yb)
+        count[0] += 1
+        if count[0] == 10:  # an update that made a weight infinite, at a checkpoint step
+            model.layers[3].params["bias"][1] = np.inf
+        return out
+
+    model.train_step = train_step
+    with pytest.raises(NonFiniteError, match=r"after step 10: the weights of layer 'conv2d' "
+                                             r"\(bias\) hold NaN or infinity; the checkpoint .* "
+                                             r"was not overwritten"):
+        ckpt_train.train(str(path), every=5, model=model)
+    assert load_checkpoint(path).model.optimizer.iterations == 8  # the end of epoch 1
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_and_no_litter(tmp_path, monkeypatch):
+    path = tmp_path / "c.npz"
+    interrupted(path, 5)
+
+    def broken(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt_train.train(str(path), resume=True)
+    monkeypatch.undo()
+    assert load_checkpoint(path).model.optimizer.iterations == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]
+
+
+# -- killed processes ---------------------------------------------------------------------------
+
+
+def run_script(*args, wait=True):
+    cmd = [sys.executable, str(SCRIPT), *map(str, args)]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    if wait:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def finished_run(out):
+    with np.load(out) as f:
+        weights = [f[f"w{i}"] for i in range(len(f.files) - 1)]
+        history = json.loads(str(f["history"]))
+    return weights, history
+
+
+def test_sigkill_at_a_random_moment_then_resume(tmp_path, reference):
+    """Kill the run twice with SIGKILL at seeded random moments (each after a checkpoint exists),
+    resume each time; the weights at the end are those of the uninterrupted run."""
+    choice = random.Random(20240611)
+    path, out = tmp_path / "run.ckpt.npz", tmp_path / "out.npz"
+    killed_at = []
+    for _ in range(2):
+        proc = run_script(path, out, "--resume", "--step-delay", 0.06, wait=False)
+        try:
+            before = path.stat().st_mtime_ns if path.exists() else None
+            deadline = time.monotonic() + 60
+            # Wait for a (new) checkpoint, then let the run go on for a random while.
+            while (not path.exists() or path.stat().st_mtime_ns == before) and \
+                    proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(choice.uniform(0.0, 0.15))  # (under 3 steps: the run cannot end)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+        proc.stderr.close()
+        killed_at.append(load_checkpoint(path).model.optimizer.iterations)
+    assert 0 < killed_at[0] <= killed_at[1] < STEPS
+    done = run_script(path, out, "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_run(*finished_run(out), reference)
+
+
+@pytest.mark.parametrize("how", ["replace", "savez"])
+def test_dying_in_the_middle_of_a_checkpoint_write_keeps_the_previous_one(tmp_path, reference,
+                                                                           how):
+    path, out = tmp_path / "run.npz", tmp_path / "out.npz"
+    # Writes: step 5, end of epoch 1 (step 8), step 10, ... The third one dies.
+    died = run_script(path, out, "--die-at-write", 3, "--die-how", how)
+    assert died.returncode == 17, died.stderr[-2000:]
+    ckpt = load_checkpoint(path)
+    assert (ckpt.epoch, ckpt.step, ckpt.model.optimizer.iterations) == (1, 0, 8)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".run.npz.")
+    done = run_script(path, out, "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_run(*finished_run(out), reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz", "run.npz"]
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def test_cli_checkpoint_and_resume(tmp_path, capsys):
+    path = tmp_path / "cli.npz"
+    args = ["train", "--limit", "64", "--val-split", "0.01", "--epochs", "2", "--batch-size",
+            "16", "--quiet", "--json", "--checkpoint", str(path), "--checkpoint-every", "3"]
+    assert cli_main(args) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ckpt = load_checkpoint(path)
+    assert (ckpt.epoch, ckpt.step, ckpt.model.optimizer.iterations) == (2, 0, 8)
+    # Resuming the finished run changes nothing and reports the same.
+    assert cli_main([*args, "--resume"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["test_accuracy"] == first["test_accuracy"]
+    assert again["history"]["loss"] == first["history"]["loss"]
+    assert cli_main(["train", "--resume", "--limit", "10", "--quiet"]) == 2
+    assert "--resume needs --checkpoint" in capsys.readouterr().err
+
+
+def test_save_checkpoint_needs_a_compiled_built_model(tmp_path):
+    model = xpcnn.Sequential([Flatten(), Dense(2)])
+    with pytest.raises(InputError, match="must be built before save_checkpoint"):
+        save_checkpoint(model, tmp_path / "x.npz")
+    model.build((3,))
+    with pytest.raises(InputError, match="needs a compiled model"):
+        save_checkpoint(model, tmp_path / "x.npz")

@@ -1,0 +1,639 @@
+"""Loaders for MNIST, Fashion-MNIST and CIFAR-10 on small files in the exact upstream formats,
+and every kind of bad file: each must give DataFormatError naming the file, never a stray
+struct/zlib/pickle error, and hostile files must neither run code nor allocate what they claim."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets_helpers import (
+    META,
+    cifar_pickle,
+    gz,
+    idx_bytes,
+    idx_header,
+    md5,
+    py2_style_pickle,
+    random_cifar,
+    random_mnist,
+    rows,
+    tar_gz,
+    write_mnist,
+)
+
+from xpcnn.datasets import (
+    CIFAR10_CLASSES,
+    FASHION_MNIST_CLASSES,
+    MNIST_CLASSES,
+    SHAPES_CLASSES,
+    class_names,
+    default_data_dir,
+    load_cifar10,
+    load_dataset,
+    load_fashion_mnist,
+    load_mnist,
+)
+from xpcnn.datasets import cifar as cifar_mod
+from xpcnn.datasets import idx as idx_mod
+from xpcnn.datasets.cifar import parse_batch
+from xpcnn.datasets.download import resolve_data_dir
+from xpcnn.datasets.idx import parse_idx, read_idx_file
+from xpcnn.errors import DataFormatError, DownloadError, InputError
+
+# Read before the autouse fixture below clears it for every test: the slow tests need it.
+REAL_DATA_DIR = os.environ.get("XPCNN_DATA_DIR")
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    # Tests choose their folders and servers explicitly; the developer's settings must not leak in.
+    for var in ("DATA_DIR", "MNIST_URL", "FASHION_MNIST_URL", "CIFAR10_URL"):
+        monkeypatch.delenv(f"XPCNN_{var}", raising=False)
+
+
+def _check_mnist(result, arrays):
+    (x, y), (xt, yt) = result
+    assert x.dtype == np.uint8 and x.shape == (len(arrays["train_images"]), 28, 28, 1)
+    assert y.dtype == np.int64 and y.shape == (len(arrays["train_labels"]),)
+    np.testing.assert_array_equal(x[..., 0], arrays["train_images"])
+    np.testing.assert_array_equal(y, arrays["train_labels"])
+    np.testing.assert_array_equal(xt[..., 0], arrays["test_images"])
+    np.testing.assert_array_equal(yt, arrays["test_labels"])
+
+
+# -- MNIST / IDX: good files ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+@pytest.mark.parametrize("sub", ["", "mnist"])
+def test_load_mnist_round_trip(tmp_path, rng, gzipped, sub):
+    arrays = random_mnist(rng)
+    write_mnist(tmp_path / sub if sub else tmp_path, arrays, gzipped=gzipped)
+    _check_mnist(load_mnist(tmp_path, download=False), arrays)
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_load_mnist_dotted_spelling(tmp_path, rng, gzipped):
+    arrays = random_mnist(rng)
+    paths = write_mnist(tmp_path, arrays, gzipped=gzipped, dotted=True)
+    assert paths["train_images"].name.startswith("train-images.idx3-ubyte")
+    _check_mnist(load_mnist(tmp_path, download=False), arrays)
+
+
+def test_load_mnist_gz_detected_by_content(tmp_path, rng):
+    arrays = random_mnist(rng)
+    paths = write_mnist(tmp_path, arrays, gzipped=True)
+    # A gzipped file without the .gz suffix (as some browsers save it) still reads.
+    paths["train_images"].rename(tmp_path / "train-images-idx3-ubyte")
+    _check_mnist(load_mnist(tmp_path, download=False), arrays)
+
+
+def test_mnist_subfolder_preferred(tmp_path, rng):
+    top, sub = random_mnist(rng), random_mnist(rng)
+    write_mnist(tmp_path, top)
+    write_mnist(tmp_path / "mnist", sub)
+    _check_mnist(load_mnist(tmp_path, download=False), sub)
+
+
+def test_load_fashion_mnist(tmp_path, rng):
+    mnist, fashion = random_mnist(rng), random_mnist(rng)
+    write_mnist(tmp_path, mnist)
+    write_mnist(tmp_path / "fashion-mnist", fashion)
+    _check_mnist(load_fashion_mnist(tmp_path, download=False), fashion)
+    _check_mnist(load_mnist(tmp_path, download=False), mnist)
+
+
+def test_fashion_mnist_top_level(tmp_path, rng):
+    arrays = random_mnist(rng)
+    write_mnist(tmp_path, arrays)
+    _check_mnist(load_fashion_mnist(tmp_path, download=False), arrays)
+
+
+def test_fashion_mnist_refuses_mnist_files(tmp_path, rng, monkeypatch):
+    # The official MNIST label files are recognised by checksum, so a folder holding MNIST is not
+    # read as Fashion-MNIST (both use the same file names). Pretend our fake labels are MNIST's.
+    arrays = random_mnist(rng)
+    write_mnist(tmp_path, arrays)
+    fake = md5(idx_bytes(arrays["train_labels"]))
+    monkeypatch.setattr(idx_mod, "_MNIST_LABEL_MD5", {fake})
+    with pytest.raises(DownloadError, match="holds MNIST") as e:
+        load_fashion_mnist(tmp_path, download=False)
+    assert str(tmp_path / "fashion-mnist") in str(e.value)
+    _check_mnist(load_mnist(tmp_path, download=False), arrays)
+
+
+def test_data_dir_from_env(tmp_path, rng, monkeypatch):
+    arrays = random_mnist(rng)
+    write_mnist(tmp_path, arrays)
+    monkeypatch.setenv("XPCNN_DATA_DIR", str(tmp_path))
+    _check_mnist(load_mnist(download=False), arrays)
+    _check_mnist(load_dataset("mnist", download=False), arrays)
+
+
+def test_data_dir_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert default_data_dir() == tmp_path / "cache" / "xpcnn"
+    assert resolve_data_dir() == tmp_path / "cache" / "xpcnn"
+    monkeypatch.setenv("XPCNN_DATA_DIR", str(tmp_path / "env"))
+    assert resolve_data_dir() == tmp_path / "env"
+    assert resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # invalid per the XDG spec: ignored
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_data_dir() == tmp_path / "home" / ".cache" / "xpcnn"
+
+
+def test_parse_idx_values(rng):
+    images = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    out = parse_idx(idx_bytes(images), kind="images")
+    assert out.dtype == np.uint8 and out.shape == (5, 7, 3) and out.flags.writeable
+    np.testing.assert_array_equal(out, images)
+    labels = parse_idx(idx_bytes(np.array([0, 9, 3], np.uint8)), kind="labels")
+    assert labels.dtype == np.int64
+    np.testing.assert_array_equal(labels, [0, 9, 3])
+    assert parse_idx(idx_header("labels", 0), kind="labels").shape == (0,)
+
+
+# -- MNIST / IDX: bad files -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "kind", "match"),
+    [
+        (b"", "images", "too short"),
+        (b"\x00\x00\x08", "labels", "too short"),
+        (b"\x00\x00\x08\x03\x00\x00", "images", "truncated IDX header"),
+        (b"\x1f\x8b\x08\x03" + b"\x00" * 12, "images", "not an IDX file"),
+        (idx_header("labels", 3) + b"\x01\x02\x03", "images", "is not IDX images"),
+        (idx_header("images", 1, 2, 2) + b"\x00" * 4, "labels", "is not IDX labels"),
+        (b"\x00\x00\x0d\x01" + b"\x00\x00\x00\x01" + b"\x00" * 4, "labels", "data type 0x0d"),
+        (idx_header("images", 2, 28, 28) + b"\x00" * 1000, "images", "truncated"),
+        (idx_header("images", 1, 2, 2) + b"\x00" * 5, "images", "1 extra bytes"),
+        (idx_header("images", 3, 0, 28), "images", "image size 0x28"),
+        (idx_header("labels", 3) + bytes([1, 10, 2]), "labels", "label 10 at index 1"),
+    ],
+)
+def test_parse_idx_rejects(data, kind, match):
+    with pytest.raises(DataFormatError, match=match):
+        parse_idx(data, kind=kind, source="somefile")
+
+
+def _peak_bytes(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("count", [4_000_000_000, 2_000_000])
+def test_huge_claim_fails_fast_without_allocating(tmp_path, count):
+    # 4e9 images exceed the limit outright; 2e6 (1.5 GB) is allowed by the limit but the file is
+    # tiny, so it must be found truncated without ever holding more than the bytes read.
+    data = idx_header("images", count, 28, 28) + b"\x00" * 784
+    raw, packed = tmp_path / "raw-idx3-ubyte", tmp_path / "packed-idx3-ubyte.gz"
+    raw.write_bytes(data)
+    packed.write_bytes(gz(data))
+    match = "limit" if count > 2**31 else "truncated"
+
+    def attempt(fn):
+        def run():
+            with pytest.raises(DataFormatError, match=match):
+                fn()
+
+        return run
+
+    for fn in (
+        lambda: parse_idx(data, kind="images"),
+        lambda: read_idx_file(raw, kind="images"),
+        lambda: read_idx_file(packed, kind="images"),
+    ):
+        assert _peak_bytes(attempt(fn)) < 4 * 2**20
+
+
+def test_gzip_bomb_refused_by_loader_cap(tmp_path, rng):
+    # Within the general limit but far beyond any MNIST file: the loaders refuse it unread.
+    arrays = random_mnist(rng)
+    paths = write_mnist(tmp_path, arrays)
+    paths["train_images"].write_bytes(gz(idx_header("images", 1_000_000, 28, 28)))
+    with pytest.raises(DataFormatError, match="limit"):
+        load_mnist(tmp_path, download=False)
+
+
+def _mnist_with(tmp_path, rng, key, content: bytes) -> Path:
+    arrays = random_mnist(rng)
+    paths = write_mnist(tmp_path, arrays)
+    paths[key].write_bytes(content)
+    return paths[key]
+
+
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_truncated_idx_file(tmp_path, rng, gzipped):
+    data = idx_bytes(rng.integers(0, 256, (30, 28, 28), dtype=np.uint8))[:-100]
+    path = _mnist_with(tmp_path, rng, "train_images", gz(data) if gzipped else data)
+    with pytest.raises(DataFormatError, match="truncated") as e:
+        load_mnist(tmp_path, download=False)
+    assert str(path) in str(e.value)
+
+
+def test_truncated_gzip_stream(tmp_path, rng):
+    packed = gz(idx_bytes(rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)))
+    path = _mnist_with(tmp_path, rng, "train_images", packed[: len(packed) // 2])
+    with pytest.raises(DataFormatError, match="gzip") as e:
+        load_mnist(tmp_path, download=False)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("where", ["crc", "middle"])
+def test_corrupt_gzip(tmp_path, rng, where):
+    packed = bytearray(gz(idx_bytes(rng.integers(0, 256, (30, 28, 28), dtype=np.uint8))))
+    pos = len(packed) - 8 if where == "crc" else len(packed) // 2
+    packed[pos] ^= 0xFF
+    path = _mnist_with(tmp_path, rng, "train_images", bytes(packed))
+    with pytest.raises(DataFormatError) as e:
+        load_mnist(tmp_path, download=False)
+    assert str(path) in str(e.value)
+
+
+def test_not_gzip_at_all(tmp_path, rng):
+    path = _mnist_with(tmp_path, rng, "test_labels", b"\x1f\x8bthis is not gzip data at all")
+    with pytest.raises(DataFormatError, match="gzip") as e:
+        load_mnist(tmp_path, download=False)
+    assert str(path) in str(e.value)
+
+
+def test_wrong_magic_in_loader(tmp_path, rng):
+    # Labels and images swapped: each file's magic tells it is the wrong kind.
+    labels = idx_bytes(rng.integers(0, 10, 30, dtype=np.uint8))
+    path = _mnist_with(tmp_path, rng, "train_images", gz(labels))
+    with pytest.raises(DataFormatError, match="magic number 0x00000801") as e:
+        load_mnist(tmp_path, download=False)
+    assert str(path) in str(e.value)
+
+
+def test_dims_disagree_with_size(tmp_path, rng):
+    data = idx_header("images", 31, 28, 28) + b"\x00" * (30 * 784)
+    _mnist_with(tmp_path, rng, "train_images", data)
+    with pytest.raises(DataFormatError, match=r"31x28x28 needs 24304 bytes.* 23520 follow"):
+        load_mnist(tmp_path, download=False)
+
+
+def test_image_label_count_mismatch(tmp_path, rng):
+    _mnist_with(tmp_path, rng, "test_labels", gz(idx_bytes(np.zeros(11, np.uint8))))
+    with pytest.raises(DataFormatError, match="12 images but .* 11 labels"):
+        load_mnist(tmp_path, download=False)
+
+
+def test_labels_out_of_range(tmp_path, rng):
+    path = _mnist_with(tmp_path, rng, "train_labels", gz(idx_bytes(np.full(30, 200, np.uint8))))
+    with pytest.raises(DataFormatError, match="label 200 at index 0 is out of range") as e:
+        load_mnist(tmp_path, download=False)
+    assert str(path) in str(e.value)
+
+
+def test_wrong_image_size(tmp_path, rng):
+    _mnist_with(tmp_path, rng, "train_images", idx_bytes(np.zeros((30, 27, 28), np.uint8)))
+    with pytest.raises(DataFormatError, match="27x28, expected 28x28"):
+        load_mnist(tmp_path, download=False)
+
+
+# -- CIFAR-10: good files ---------------------------------------------------------------------
+
+
+def _official_tar(batches: dict[str, bytes], meta: bool = True) -> bytes:
+    members = {f"cifar-10-batches-py/{name}": data for name, data in batches.items()}
+    if meta:
+        members["cifar-10-batches-py/batches.meta"] = META
+    return tar_gz(members)
+
+
+def test_parse_batch_transposes_chw_to_hwc():
+    # One image whose planes are distinguishable: R = 1, G = 2, B = 3 plus the pixel index.
+    plane = np.arange(1024, dtype=np.uint16).reshape(32, 32) % 200
+    row = np.concatenate([(plane + c).ravel() for c in (1, 2, 3)]).astype(np.uint8)
+    x, y = parse_batch(cifar_pickle(np.zeros((1, 32, 32, 3), np.uint8), [4], data=row[None]))
+    assert x.shape == (1, 32, 32, 3) and x.flags.c_contiguous
+    for c in range(3):
+        np.testing.assert_array_equal(x[0, :, :, c], plane + c + 1)
+    assert y.tolist() == [4]
+
+
+@pytest.mark.parametrize("style", ["py3", "py3-str-keys", "py2", "bytes-data", "array-labels"])
+def test_parse_batch_styles(rng, style):
+    x, y = random_cifar(rng, 7)
+    data = {
+        "py3": lambda: cifar_pickle(x, y),
+        "py3-str-keys": lambda: cifar_pickle(x, y, str_keys=True),
+        "py2": lambda: py2_style_pickle(x, y),
+        "bytes-data": lambda: cifar_pickle(x, y, data=rows(x).tobytes()),
+        "array-labels": lambda: cifar_pickle(x, y, label_list=np.asarray(y, np.int32)),
+    }[style]()
+    xi, yi = parse_batch(data)
+    assert xi.dtype == np.uint8 and yi.dtype == np.int64
+    np.testing.assert_array_equal(xi, x)
+    np.testing.assert_array_equal(yi, y)
+
+
+def test_load_cifar10_official_archive(tmp_path, rng):
+    parts = [random_cifar(rng, n) for n in (5, 6, 7)]
+    test = random_cifar(rng, 4)
+    batches = {f"data_batch_{i + 1}": cifar_pickle(*p) for i, p in enumerate(parts)}
+    batches["test_batch"] = cifar_pickle(*test)
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(_official_tar(batches))
+    before = sorted(tmp_path.rglob("*"))
+    (x, y), (xt, yt) = load_cifar10(tmp_path, download=False)
+    assert x.shape == (18, 32, 32, 3) and x.dtype == np.uint8 and y.dtype == np.int64
+    np.testing.assert_array_equal(x, np.concatenate([p[0] for p in parts]))
+    np.testing.assert_array_equal(y, np.concatenate([p[1] for p in parts]))
+    np.testing.assert_array_equal(xt, test[0])
+    np.testing.assert_array_equal(yt, test[1])
+    assert sorted(tmp_path.rglob("*")) == before  # read from the archive, nothing extracted
+
+
+def test_load_cifar10_subset_archive_without_test(tmp_path, rng):
+    x, y = random_cifar(rng, 9)
+    data = _official_tar({"data_batch_1": py2_style_pickle(x, y)})
+    (tmp_path / "cifar-10-subset-python.tar.gz").write_bytes(data)
+    (tmp_path / "unrelated.tar.gz").write_bytes(tar_gz({"other/file": b"x"}))
+    (xi, yi), test = load_cifar10(tmp_path, download=False)
+    assert test is None
+    np.testing.assert_array_equal(xi, x)
+    np.testing.assert_array_equal(yi, y)
+    (xi, yi), test = load_dataset("cifar-10", tmp_path, download=False)
+    assert test is None and len(xi) == 9
+
+
+def test_load_cifar10_extracted_folder(tmp_path, rng):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    x, y = random_cifar(rng, 5)
+    xt, yt = random_cifar(rng, 3)
+    (folder / "data_batch_2").write_bytes(cifar_pickle(x, y))
+    (folder / "test_batch").write_bytes(cifar_pickle(xt, yt))
+    (folder / "batches.meta").write_bytes(META)
+    (xi, yi), (xti, yti) = load_cifar10(tmp_path, download=False)
+    np.testing.assert_array_equal(xi, x)
+    np.testing.assert_array_equal(yti, yt)
+
+
+# -- CIFAR-10: bad files ----------------------------------------------------------------------
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["top", "data", "label"])
+def test_malicious_pickle_is_not_run(tmp_path, rng, where):
+    marker = tmp_path / "pwned"
+    x, y = random_cifar(rng, 2)
+    evil = _Evil(marker)
+    if where == "top":
+        data = pickle.dumps(evil, protocol=2)
+    elif where == "data":
+        data = cifar_pickle(x, y, data=evil)
+    else:
+        data = cifar_pickle(x, y, label_list=[evil, 1])
+    with pytest.raises(DataFormatError, match=r"refers to (posix|nt|os)\.system"):
+        parse_batch(data)
+    # And through the loader, from an archive.
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(_official_tar({"data_batch_1": data}))
+    with pytest.raises(DataFormatError, match="system") as e:
+        load_cifar10(tmp_path, download=False)
+    assert "cifar-10-python.tar.gz" in str(e.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        # numpy.ndarray((10**12,)) would allocate what the file asks for.
+        (b"\x80\x02cnumpy\nndarray\n(L1000000000000L\ntR.", "not a valid pickle"),
+        # _reconstruct with a non-empty shape, ditto.
+        (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nL1000000000000L\n"
+         b"\x85U\x01b\x87R.", "shape"),
+        # Object arrays hold arbitrary Python objects.
+        (b"\x80\x02cnumpy\ndtype\nU\x02O8K\x00K\x01\x87R.", "dtype"),
+        (b"\x80\x02c_codecs\nencode\nU\x03abcU\x06rot_13\x86R.", "_codecs.encode"),
+        (b"\x80\x02cbuiltins\neval\nU\x041+1\x85R.", "builtins.eval"),
+        (b"\x80\x02c__builtin__\ngetattr\n.", "__builtin__.getattr"),
+        (b"\x80\x04\x8c\x02os\x8c\x06system\x93.", r"refers to os\.system"),
+    ],
+)
+def test_restricted_unpickler_hardening(payload, match):
+    with pytest.raises(DataFormatError, match=match):
+        parse_batch(payload, source="batch")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"data": np.zeros((3, 3000), np.uint8)}, r"shape \(3, 3000\)"),
+        ({"data": np.zeros((3, 3072), np.int16)}, "int16"),
+        ({"data": np.zeros((4, 3072), np.uint8)}, "4 images but 3 labels"),
+        ({"data": b"\x00" * 3071}, "whole number"),
+        ({"data": b"\x00" * 3072 * 2}, "2 images but 3 labels"),
+        ({"data": "text"}, "data is a str"),
+        ({"label_list": [0, 10, 1]}, "label 10 at index 1"),
+        ({"label_list": [0, -1, 1]}, "label -1 at index 1"),
+        ({"label_list": [0, 1.0, 1]}, "integers"),
+        ({"label_list": np.array([0, 12, 1])}, "label 12 at index 1"),
+        ({"label_list": "abc"}, "labels are a str"),
+    ],
+)
+def test_parse_batch_rejects_bad_content(rng, kwargs, match):
+    x, y = random_cifar(rng, 3)
+    with pytest.raises(DataFormatError, match=match):
+        parse_batch(cifar_pickle(x, y, **kwargs), source="batch")
+
+
+def test_parse_batch_rejects_wrong_structure(rng):
+    x, y = random_cifar(rng, 2)
+    with pytest.raises(DataFormatError, match="holds a list"):
+        parse_batch(pickle.dumps([1, 2], protocol=2))
+    with pytest.raises(DataFormatError, match="no 'labels' entry"):
+        parse_batch(pickle.dumps({b"data": rows(x)}, protocol=2))
+    good = cifar_pickle(x, y)
+    for cut in (1, len(good) // 2, len(good) - 1):
+        with pytest.raises(DataFormatError, match="not a valid pickle"):
+            parse_batch(good[:cut])
+    with pytest.raises(DataFormatError, match="not a valid pickle"):
+        parse_batch(b"")
+
+
+def test_parse_batch_size_cap(rng, monkeypatch):
+    monkeypatch.setattr(cifar_mod, "MAX_MEMBER_BYTES", 1000)
+    x, y = random_cifar(rng, 1)
+    with pytest.raises(DataFormatError, match="limit"):
+        parse_batch(cifar_pickle(x, y))
+
+
+def test_tar_member_size_cap(tmp_path, rng, monkeypatch):
+    x, y = random_cifar(rng, 1)
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(
+        _official_tar({"data_batch_1": cifar_pickle(x, y)})
+    )
+    monkeypatch.setattr(cifar_mod, "MAX_MEMBER_BYTES", 1000)
+    with pytest.raises(DataFormatError, match="member cifar-10-batches-py/data_batch_1 is .*limit"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_cifar_corrupt_gzip(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b\x08\x00garbage" * 100)
+    with pytest.raises(DataFormatError, match="cifar-10-python.tar.gz"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_cifar_not_gzip(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"<html>404 not found</html>")
+    with pytest.raises(DataFormatError, match="corrupt or truncated archive"):
+        load_cifar10(tmp_path, download=False)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.99])
+def test_cifar_truncated_archive(tmp_path, rng, fraction):
+    x, y = random_cifar(rng, 30)
+    data = _official_tar({"data_batch_1": cifar_pickle(x, y)})
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(DataFormatError, match="cifar-10-python.tar.gz"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_cifar_corrupt_crc(tmp_path, rng):
+    x, y = random_cifar(rng, 3)
+    data = bytearray(_official_tar({"data_batch_1": cifar_pickle(x, y)}))
+    data[-6] ^= 0xFF  # the gzip CRC: every tar member parses, only the trailer is wrong
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(bytes(data))
+    with pytest.raises(DataFormatError, match="CRC"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_cifar_tar_missing_member(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(_official_tar({}, meta=True))
+    with pytest.raises(DataFormatError, match="no training batch"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_cifar_tar_only_test_batch(tmp_path, rng):
+    data = _official_tar({"test_batch": cifar_pickle(*random_cifar(rng, 2))})
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(data)
+    with pytest.raises(DataFormatError, match="no training batch.*test_batch"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_cifar_tar_link_refused(tmp_path):
+    data = tar_gz(
+        {"cifar-10-batches-py/batches.meta": META},
+        links={"cifar-10-batches-py/data_batch_1": "/etc/passwd"},
+    )
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(data)
+    with pytest.raises(DataFormatError, match="not a regular file"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_cifar_tar_odd_paths_ignored(tmp_path, rng):
+    # Absolute and parent-relative members are never read, not even as a batch.
+    good = cifar_pickle(*random_cifar(rng, 2))
+    data = tar_gz(
+        {
+            "/cifar-10-batches-py/data_batch_1": good,
+            "../cifar-10-batches-py/data_batch_2": good,
+            "cifar-10-batches-py/sub/data_batch_3": good,
+        }
+    )
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(data)
+    with pytest.raises(DataFormatError, match="no training batch"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_cifar_tar_duplicate_member(tmp_path, rng):
+    buf = _official_tar({"data_batch_1": cifar_pickle(*random_cifar(rng, 2))}, meta=False)
+    raw = gzip.decompress(buf)
+    # Two copies of the archive body, back to back: the second data_batch_1 repeats the first.
+    body = raw.rstrip(b"\x00")
+    body += b"\x00" * (-len(body) % 512)
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(gz(body + raw))
+    with pytest.raises(DataFormatError, match="twice"):
+        load_cifar10(tmp_path, download=False)
+
+
+def test_cifar_bad_batch_names_file(tmp_path, rng):
+    x, y = random_cifar(rng, 3)
+    data = cifar_pickle(x, y, label_list=[1, 2, 99])
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(_official_tar({"data_batch_1": data}))
+    with pytest.raises(DataFormatError, match=r"cifar-10-python.tar.gz.*data_batch_1.*label 99"):
+        load_cifar10(tmp_path, download=False)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(data[:-10])
+    with pytest.raises(DataFormatError, match="data_batch_1"):
+        load_cifar10(tmp_path, download=False)
+
+
+# -- registry ---------------------------------------------------------------------------------
+
+
+def test_class_names_and_dispatch():
+    assert len(MNIST_CLASSES) == len(FASHION_MNIST_CLASSES) == len(CIFAR10_CLASSES) == 10
+    assert len(SHAPES_CLASSES) == 10
+    assert CIFAR10_CLASSES[0] == "airplane" and CIFAR10_CLASSES[9] == "truck"
+    assert FASHION_MNIST_CLASSES[9] == "Ankle boot"
+    assert class_names("cifar10") is CIFAR10_CLASSES
+    assert class_names("Fashion_MNIST") is FASHION_MNIST_CLASSES
+    assert class_names("shapes") is SHAPES_CLASSES
+    with pytest.raises(InputError, match="unknown dataset 'imagenet'"):
+        class_names("imagenet")
+    with pytest.raises(InputError, match="unknown dataset"):
+        load_dataset("svhn")
+    (x, y), (xt, yt) = load_dataset("shapes", n_train=20, n_test=10, seed=3)
+    assert x.shape == (20, 32, 32, 3) and xt.shape == (10, 32, 32, 3)
+
+
+# -- the real files ---------------------------------------------------------------------------
+
+MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+CIFAR_SUBSET_COUNTS = [1005, 974, 1032, 1016, 999, 937, 1030, 1001, 1025, 981]
+
+
+def _real_data_dir() -> Path:
+    if not REAL_DATA_DIR:
+        pytest.skip("XPCNN_DATA_DIR is not set (real-data test)")
+    return Path(REAL_DATA_DIR)
+
+
+@pytest.mark.slow
+def test_real_mnist():
+    folder = _real_data_dir()
+    if idx_mod._find_in(folder / "mnist") is None and idx_mod._find_in(folder) is None:
+        pytest.skip(f"no MNIST files in {folder}")
+    (x, y), (xt, yt) = load_mnist(folder, download=False)
+    assert x.shape == (60000, 28, 28, 1) and xt.shape == (10000, 28, 28, 1)
+    assert x.dtype == np.uint8 and y.dtype == np.int64
+    assert np.bincount(y, minlength=10).tolist() == MNIST_TRAIN_COUNTS
+    assert np.bincount(yt, minlength=10).tolist() == MNIST_TEST_COUNTS
+
+
+@pytest.mark.slow
+def test_real_cifar10():
+    folder = _real_data_dir()
+    if cifar_mod._find(folder) is None:
+        pytest.skip(f"no CIFAR-10 files in {folder}")
+    (x, y), test = load_cifar10(folder, download=False)
+    assert x.shape == (10000, 32, 32, 3) and x.dtype == np.uint8 and y.dtype == np.int64
+    assert np.bincount(y, minlength=10).tolist() == CIFAR_SUBSET_COUNTS
+    assert test is None
+    # Spot values from the data's README: first three R of image 0, last three B of image 9999.
+    assert x[0, 0, :3, 0].tolist() == [61, 48, 56]
+    assert x[9999, 31, -3:, 2].tolist() == [136, 141, 134]

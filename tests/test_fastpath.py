@@ -1,0 +1,202 @@
+"""The NumPy fast path (``Backend.fast``) gives the results of the standard (Array API) path."""
+
+import array_api_compat.numpy as xpn
+import array_api_strict as xs
+import numpy as np
+import pytest
+from nets import every_layer_net, gap_net
+
+import xpcnn
+from xpcnn import backend as backend_module
+from xpcnn.backend import get_backend, set_fast_path
+from xpcnn.layers import Conv2D, Dense, MaxPool2D, ReLU
+from xpcnn.models import build_layers
+from xpcnn.ops import conv as ops
+from xpcnn.ops.fast_numpy import KERNELS as FAST
+from xpcnn.ops.kernels import StandardKernels, kernels_for
+
+STD = StandardKernels(xpn)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of one image, so that chunked loops really spread over threads."""
+    monkeypatch.setattr(backend_module, "CPU_CHUNK_BYTES", 1)
+
+
+@pytest.fixture
+def no_fast_path():
+    old = set_fast_path(False)
+    yield
+    set_fast_path(old)
+
+
+def test_the_seam_is_numpy_only(no_fast_path):
+    assert get_backend("cpu").fast is None  # switched off
+    set_fast_path(True)
+    assert get_backend("cpu").fast is FAST
+    assert get_backend(xs).fast is None
+    assert isinstance(kernels_for(get_backend(xs)), StandardKernels)
+    assert kernels_for(get_backend("cpu")) is FAST
+
+
+@pytest.mark.parametrize("kernel, strides, shape", [
+    ((3, 3), (1, 1), (3, 8, 7, 3)), ((3, 3), (1, 1), (2, 6, 6, 1)), ((2, 3), (2, 1), (2, 7, 6, 4)),
+    ((3, 3), (2, 2), (2, 9, 9, 2)), ((1, 1), (1, 1), (2, 3, 3, 5)),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_im2col(kernel, strides, shape, dtype, rng):
+    x = rng.standard_normal(shape).astype(dtype)
+    out_hw = ops.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
+    cols = (shape[0], *out_hw, kernel[0] * kernel[1] * shape[3])
+    want = STD.im2col_into(x, np.empty(cols, dtype), kernel, strides, out_hw)
+    got = FAST.im2col_into(x, np.empty(cols, dtype), kernel, strides, out_hw)
+    np.testing.assert_array_equal(got, want)
+    # a non-contiguous input (a strided view) takes the standard route, same values
+    wide = np.zeros((shape[0], shape[1], shape[2], shape[3] * 2), dtype)
+    wide[..., ::2] = x
+    got = FAST.im2col_into(wide[..., ::2], np.empty(cols, dtype), kernel, strides, out_hw)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("m, k, n", [(7, 5, 3), (300, 200, 150)])  # small, and split by rows
+def test_matmuls(m, k, n, rng):
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    at = np.ascontiguousarray(a.T)
+    bt = np.ascontiguousarray(b.T)
+    np.testing.assert_allclose(FAST.matmul(a, b), STD.matmul(a, b), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(FAST.matmul_tn(at, b), STD.matmul_tn(at, b), rtol=1e-5,
+                               atol=1e-4)
+    np.testing.assert_allclose(FAST.matmul_nt(a, bt), STD.matmul_nt(a, bt), rtol=1e-5,
+                               atol=1e-4)
+    bias = rng.standard_normal(n).astype(np.float32)
+    for bb in (None, bias):
+        want, got = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
+        STD.matmul_into(a, b, want, bb)
+        FAST.matmul_into(a, b, got, bb)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("pool, strides, shape", [
+    ((2, 2), (2, 2), (2, 6, 6, 3)), ((2, 2), (2, 2), (2, 7, 5, 2)), ((3, 3), (2, 2), (2, 7, 7, 2)),
+    ((2, 3), (1, 1), (1, 4, 5, 1)),
+])
+def test_max_pool_backward_with_ties(pool, strides, shape, rng):
+    # integers in a small range (and ReLU-style zeros) make many tied maxima
+    x = np.maximum(rng.integers(-2, 3, shape), 0).astype(np.float32)
+    out_hw = ops.output_size(shape[1:3], pool, strides, (0, 0, 0, 0))
+    from xpcnn.ops.pool import max_pool
+
+    y = max_pool(xpn, x, pool, strides, out_hw)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    want = STD.max_pool_backward(x, y, dy, pool, strides, out_hw)
+    got = FAST.max_pool_backward(x, y, dy, pool, strides, out_hw)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # every window's gradient went to exactly one place
+    np.testing.assert_allclose(got.sum(), dy.sum(), rtol=1e-5)
+
+
+def test_relu_and_masks(rng):
+    x = rng.standard_normal((4, 5, 6)).astype(np.float32) * 3
+    for cap in (None, 2.0):
+        np.testing.assert_array_equal(FAST.relu(x, cap), STD.relu(x, cap))
+    mask = x > 0
+    np.testing.assert_array_equal(FAST.mask_multiply(x, mask), STD.mask_multiply(x, mask))
+
+
+@pytest.mark.parametrize("n, m", [(1, 1), (7, 2), (128, 3), (5, 10)])
+def test_for_chunks_visits_every_chunk_once(n, m):
+    seen = []
+    FAST.for_chunks(n, m, lambda w, a, b: seen.append((a, b)))
+    assert sorted(seen) == [(a, min(n, a + m)) for a in range(0, n, m)]
+
+
+def test_for_chunks_propagates_errors_and_restores_blas_threads():
+    before = FAST.threads()
+
+    def boom(worker, a, b):
+        if a == 4:
+            raise ValueError("chunk 4")
+
+    with pytest.raises(ValueError, match="chunk 4"):
+        FAST.for_chunks(8, 1, boom)
+    assert FAST.threads() == before
+
+
+CONV_CASES = [
+    dict(filters=4, kernel_size=3, padding="same"),
+    dict(filters=3, kernel_size=3),
+    dict(filters=3, kernel_size=3, strides=2, padding="same"),
+    dict(filters=2, kernel_size=(2, 3), strides=(2, 1), padding=1),
+    dict(filters=5, kernel_size=1),
+]
+
+
+@pytest.mark.parametrize("kwargs", CONV_CASES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_conv2d_layer_fast_equals_standard(kwargs, dtype, small_chunks, rng):
+    x = rng.standard_normal((6, 9, 8, 3)).astype(dtype)
+    dy = None
+    results = []
+    for fast in (True, False):
+        old = set_fast_path(fast)
+        try:
+            layer = Conv2D(**kwargs)
+            layer.build((9, 8, 3), "cpu", dtype=dtype, rng=np.random.default_rng(0))
+            y = layer.forward(x, training=True)
+            dy = rng.standard_normal(y.shape).astype(dtype) if dy is None else dy
+            dx = layer.backward(dy)
+            results.append((y, dx, layer.grads["kernel"], layer.grads["bias"]))
+        finally:
+            set_fast_path(old)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    for got, want in zip(results[0], results[1], strict=True):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+def test_pool_relu_dense_layers_fast_equals_standard(rng):
+    x = np.maximum(rng.integers(-2, 3, (4, 6, 6, 3)), 0).astype(np.float32)
+    for layer, shape, inp in [(MaxPool2D(2), (6, 6, 3), x), (ReLU(1.5), (6, 6, 3), x - 0.5),
+                              (Dense(7), (300,), rng.standard_normal((64, 300)))]:
+        out = []
+        for fast in (True, False):
+            old = set_fast_path(fast)
+            try:
+                layer.build(shape, "cpu", rng=np.random.default_rng(0))
+                y = layer.forward(np.asarray(inp, np.float32), training=True)
+                dx = layer.backward(np.ones_like(y))
+                out.append((y, dx, *layer.grads.values()))
+            finally:
+                set_fast_path(old)
+        for got, want in zip(out[0], out[1], strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _train(net, data, shape, fast):
+    old = set_fast_path(fast)
+    try:
+        x, y = data
+        model = xpcnn.Sequential(net, input_shape=shape, seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+        return model.get_weights()
+    finally:
+        set_fast_path(old)
+
+
+@pytest.mark.parametrize("net", [every_layer_net, gap_net])
+def test_training_fast_equals_standard(net, small_chunks, rng):
+    data = rng.integers(0, 256, (48, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 48)
+    fast = _train(net(), data, (8, 8, 3), True)
+    std = _train(net(), data, (8, 8, 3), False)
+    for i, (a, b) in enumerate(zip(fast, std, strict=True)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"weight {i}")
+
+
+def test_threaded_training_is_bit_reproducible(small_chunks, rng):
+    """Chunks go to whichever thread is free, yet the sums keep one order."""
+    data = rng.integers(0, 256, (32, 12, 12, 1), dtype=np.uint8), rng.integers(0, 10, 32)
+    runs = [_train(build_layers("mnist"), data, (12, 12, 1), True) for _ in range(2)]
+    for a, b in zip(*runs, strict=True):
+        assert np.array_equal(a, b)

@@ -1,0 +1,133 @@
+"""The standard (Array API) convolution ops: chunked, with reused buffers, against references."""
+
+import array_api_compat.numpy as xpn
+import array_api_strict as xs
+import numpy as np
+import pytest
+
+from xpcnn.ops import conv as ops
+from xpcnn.ops.kernels import StandardKernels
+
+
+def reference_conv(x, w, strides, pads):
+    """Direct convolution in float64 NumPy: (N, H, W, C) x (kh, kw, C, K)."""
+    xpad = np.pad(x, ((0, 0), (pads[0], pads[1]), (pads[2], pads[3]), (0, 0)))
+    kh, kw = w.shape[:2]
+    ho = (xpad.shape[1] - kh) // strides[0] + 1
+    wo = (xpad.shape[2] - kw) // strides[1] + 1
+    y = np.zeros((x.shape[0], ho, wo, w.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            win = xpad[:, i : i + strides[0] * (ho - 1) + 1 : strides[0],
+                       j : j + strides[1] * (wo - 1) + 1 : strides[1], :]
+            y += np.einsum("nhwc,ck->nhwk", win, w[i, j])
+    return y
+
+
+CASES = [  # (N, H, W, C, K, kernel, strides, padding)
+    (5, 7, 6, 3, 4, (3, 3), (1, 1), "same"),
+    (4, 6, 5, 2, 3, (3, 3), (1, 1), "valid"),
+    (3, 7, 7, 2, 3, (3, 3), (2, 2), "same"),
+    (3, 5, 6, 3, 2, (2, 3), (2, 1), 1),
+    (6, 4, 3, 3, 5, (1, 1), (1, 1), "valid"),
+    (3, 9, 8, 1, 2, (5, 5), (1, 1), "same"),
+]
+
+
+@pytest.mark.parametrize("xp", [xpn, xs], ids=["numpy", "strict"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("budget", [None, 1, 10**9], ids=["whole", "one-image", "big"])
+def test_conv_forward_matches_direct_convolution(xp, case, budget, rng):
+    n, h, w, c, k, kernel, strides, padding = case
+    pads = ops.resolve_padding(padding, (h, w), kernel, strides)
+    out_hw = ops.output_size((h, w), kernel, strides, pads)
+    x = rng.standard_normal((n, h, w, c))
+    wt = rng.standard_normal((*kernel, c, k))
+    bias = rng.standard_normal(k)
+    ws = ops.Workspace()
+    kern = StandardKernels(xp)
+    for _ in range(2):  # the second call reuses the workspace buffers
+        xpad = ops.pad_into(xp, xp.asarray(x), pads, ws, "xpad")
+        y = ops.conv_forward(xp, kern, xpad, xp.reshape(xp.asarray(wt), (-1, k)),
+                             xp.asarray(bias), kernel, strides, out_hw, ws, "cols", budget)
+        got = np.asarray(xp.reshape(y, (n, *out_hw, k)))
+        np.testing.assert_allclose(got, reference_conv(x, wt, strides, pads) + bias, rtol=1e-10,
+                                   atol=1e-10)
+
+
+@pytest.mark.parametrize("xp", [xpn, xs], ids=["numpy", "strict"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[6] == (1, 1)])
+@pytest.mark.parametrize("budget", [None, 1])
+def test_input_gradient_as_convolution_matches_col2im(xp, case, budget, rng):
+    n, h, w, c, k, kernel, strides, padding = case
+    pads = ops.resolve_padding(padding, (h, w), kernel, strides)
+    out_hw = ops.output_size((h, w), kernel, strides, pads)
+    assert ops.input_grad_as_conv(pads, kernel, strides)
+    wt = rng.standard_normal((*kernel, c, k))
+    dy = rng.standard_normal((n, *out_hw, k))
+    # reference: patch gradients scattered back by col2im
+    w2t = np.transpose(wt, (3, 0, 1, 2)).reshape(k, -1)
+    dcols = (dy.reshape(-1, k) @ w2t).reshape(n, *out_hw, -1)
+    padded = (n, h + pads[0] + pads[1], w + pads[2] + pads[3], c)
+    ref = ops.unpad(ops.col2im(xpn, dcols, padded, kernel, strides, out_hw), pads)
+    ws = ops.Workspace()
+    for _ in range(2):
+        dx = ops.conv_input_grad(xp, StandardKernels(xp), xp.asarray(dy),
+                                 ops.flipped_kernel_matrix(xp, xp.asarray(wt)), kernel, pads,
+                                 (h, w), ws, "dcols", budget)
+        np.testing.assert_allclose(np.asarray(dx), ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+def test_weight_gradient_matches_patches_transpose_product(budget, rng):
+    n, h, w, c, k = 5, 6, 5, 3, 4
+    kernel, strides, pads = (3, 3), (1, 1), (1, 1, 1, 1)
+    x = rng.standard_normal((n, h, w, c))
+    dy = rng.standard_normal((n, h, w, k))
+    xpad = ops.pad(xpn, x, pads)
+    cols = ops.im2col(xpn, xpad, kernel, strides, (h, w))
+    ref = cols.T @ dy.reshape(-1, k)
+    got = ops.conv_weight_grad(xpn, StandardKernels(xpn), xpad, dy.reshape(-1, k), kernel,
+                               strides, (h, w), ops.Workspace(), "cols", budget)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
+def test_workspace_reuses_and_regrows():
+    ws = ops.Workspace()
+    a = ws.get(xpn, "k", (4, 3), xpn.float32, "cpu", fill=0.0)
+    assert a.shape == (4, 3) and not a.any()
+    assert ws.get(xpn, "k", (4, 3), xpn.float32, "cpu") is a
+    part = ws.get(xpn, "k", (2, 3), xpn.float32, "cpu")  # a smaller batch: leading rows
+    assert part.shape == (2, 3) and np.shares_memory(part, a)
+    bigger = ws.get(xpn, "k", (6, 3), xpn.float32, "cpu")
+    assert bigger.shape == (6, 3) and not np.shares_memory(bigger, a)
+    other = ws.get(xpn, "k", (6, 3), xpn.float64, "cpu")
+    assert other.dtype == xpn.float64
+
+
+def test_pad_into_keeps_the_border(rng):
+    ws = ops.Workspace()
+    pads = (1, 2, 0, 1)
+    for _ in range(3):
+        x = rng.standard_normal((2, 3, 4, 2))
+        got = ops.pad_into(xpn, x, pads, ws, "p", value=-np.inf)
+        np.testing.assert_array_equal(got, ops.pad(xpn, x, pads, value=-np.inf))
+    x = rng.standard_normal((2, 3, 4, 2))
+    assert ops.pad_into(xpn, x, (0, 0, 0, 0), ws, "q") is x
+
+
+@pytest.mark.parametrize("n, per_image, budget, expected", [
+    (128, 100, None, 128), (128, 100, 1000, 10), (128, 10**9, 1000, 1), (5, 1, 10**9, 3),
+    (1, 1, 10**9, 1),
+])
+def test_images_per_chunk(n, per_image, budget, expected):
+    assert ops.images_per_chunk(n, per_image, budget) == expected
+
+
+def test_im2col_into_matches_concat_im2col(rng):
+    x = rng.standard_normal((2, 6, 7, 3))
+    for kernel, strides in [((3, 3), (1, 1)), ((2, 3), (2, 1)), ((3, 2), (2, 2))]:
+        out_hw = ops.output_size((6, 7), kernel, strides, (0, 0, 0, 0))
+        out = np.empty((2, *out_hw, kernel[0] * kernel[1] * 3))
+        got = ops.im2col_into(x, out, kernel, strides, out_hw).reshape(-1, out.shape[-1])
+        np.testing.assert_array_equal(got, ops.im2col(xpn, x, kernel, strides, out_hw))

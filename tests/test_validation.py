@@ -1,0 +1,450 @@
+"""Input validation at the public boundary: every bad argument is a clear xpcnn error, raised
+before any work starts, that says what was expected and what was given; non-finite values in data,
+weights, gradients or the learning rate stop training with NonFiniteError naming where."""
+
+from __future__ import annotations
+
+import math
+
+import array_api_strict as xs
+import numpy as np
+import pytest
+
+import xpcnn
+from xpcnn import optim
+from xpcnn.errors import DataFormatError, InputError, NonFiniteError
+from xpcnn.layers import (
+    AvgPool2D,
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    Dropout,
+    FeatureNorm,
+    Flatten,
+    MaxPool2D,
+    Normalization,
+    RandomCrop,
+    ReLU,
+    Rescaling,
+    Softmax,
+)
+from xpcnn.losses import SoftmaxCrossEntropy
+
+X = np.random.default_rng(0).integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
+Y = np.arange(20) % 4
+
+
+def net():
+    return [Rescaling(1 / 255), Conv2D(3, 3), ReLU(), Flatten(), Dense(4), Softmax()]
+
+
+@pytest.fixture
+def model():
+    m = xpcnn.Sequential(net(), seed=0)
+    m.compile(optimizer=optim.SGD(0.01))
+    m.build((6, 6, 3))
+    return m
+
+
+def nan_at(x, index):
+    x = x.astype(np.float32)
+    x[index] = np.nan
+    return x
+
+
+# -- fit / evaluate / predict: data -------------------------------------------------------------
+
+DATA_CASES = {
+    "rank too low": (lambda m: m.fit(X[:, :, :, 0], Y, verbose=0),
+                     InputError, r"per-sample shape \(6, 6\) but the model expects \(6, 6, 3\)"),
+    "1-d x": (lambda m: m.fit(X.reshape(-1), Y, verbose=0),
+              InputError, r"must have a batch axis .* got shape \(2160,\)"),
+    "wrong size": (lambda m: m.fit(X[:, :5], Y, verbose=0),
+                   InputError, r"per-sample shape \(5, 6, 3\) but the model expects \(6, 6, 3\)"),
+    "string dtype": (lambda m: m.fit(X.astype(str), Y, verbose=0),
+                     InputError, "x must hold real numbers .* got dtype <U3"),
+    "object dtype": (lambda m: m.fit(X.astype(object), Y, verbose=0),
+                     InputError, "x must hold real numbers .* got dtype object"),
+    "bool dtype": (lambda m: m.fit(X > 3, Y, verbose=0),
+                   InputError, "x must hold real numbers .* got dtype bool"),
+    "complex dtype": (lambda m: m.fit(X.astype(complex), Y, verbose=0),
+                      InputError, "got dtype complex128"),
+    "ragged list": (lambda m: m.fit([[1, 2], [3]], Y, verbose=0),
+                    InputError, "x must be an array of numbers"),
+    "device array": (lambda m: m.fit(xs.asarray(X), Y, verbose=0),
+                     InputError, "x must be a NumPy array on the host"),
+    "empty": (lambda m: m.fit(X[:0], Y[:0], verbose=0), InputError, r"x is empty: shape \(0, 6"),
+    "label too big": (lambda m: m.fit(X, Y + 1, verbose=0),
+                      InputError, r"labels in y must be in \[0, 3\] .* from 1 to 4"),
+    "negative label": (lambda m: m.fit(X, Y - 1, verbose=0),
+                       InputError, r"must be in \[0, 3\] .* from -1 to 2"),
+    "fractional labels": (lambda m: m.fit(X, Y + 0.5, verbose=0),
+                          InputError, "y must be integer class labels, got dtype float64"),
+    "string labels": (lambda m: m.fit(X, Y.astype(str), verbose=0),
+                      InputError, "y must be integer class labels, got dtype <U"),
+    "one-hot of the wrong width": (
+        lambda m: m.fit(X, np.eye(5)[Y % 5], verbose=0),
+        InputError, r"one-hot rows of shape \(20, 4\); got shape \(20, 5\)"),
+    "one-hot with NaN": (lambda m: m.fit(X, nan_at(np.eye(4)[Y], (3, 1)), verbose=0),
+                         InputError, "one-hot y holds NaN"),
+    "fewer labels": (lambda m: m.fit(X, Y[:-2], verbose=0),
+                     InputError, "y has 18 labels but x has 20 samples"),
+    "scalar labels": (lambda m: m.fit(X, 3, verbose=0), InputError, "y has 0 labels but x has 20"),
+    "batch size 0": (lambda m: m.fit(X, Y, batch_size=0, verbose=0),
+                     InputError, "batch_size must be a positive integer, got 0"),
+    "batch size float": (lambda m: m.fit(X, Y, batch_size=8.0, verbose=0),
+                         InputError, "batch_size must be a positive integer, got 8.0"),
+    "batch size bool": (lambda m: m.fit(X, Y, batch_size=True, verbose=0),
+                        InputError, "batch_size must be a positive integer, got True"),
+    "negative epochs": (lambda m: m.fit(X, Y, epochs=-1, verbose=0),
+                        InputError, "epochs must be a non-negative integer, got -1"),
+    "negative seed": (lambda m: m.fit(X, Y, seed=-3, verbose=0),
+                      InputError, "seed must be a non-negative integer, got -3"),
+    "validation_split 1": (lambda m: m.fit(X, Y, validation_split=1.0, verbose=0),
+                           InputError, r"validation_split must be a number in \[0, 1\), got 1.0"),
+    "validation_split str": (lambda m: m.fit(X, Y, validation_split="0.1", verbose=0),
+                             InputError, r"validation_split must be a number .* got '0.1'"),
+    "validation_split leaves nothing": (
+        lambda m: m.fit(X[:3], Y[:3], validation_split=0.1, verbose=0),
+        InputError, "leaves no training or no validation samples out of 3"),
+    "validation_data an array": (lambda m: m.fit(X, Y, validation_data=X[:2], verbose=0),
+                                 InputError, "validation_data must be a pair .* got ndarray"),
+    "validation_data wrong shape": (lambda m: m.fit(X, Y, validation_data=(X[:, :4], Y),
+                                                    verbose=0),
+                                    InputError, r"x_val has per-sample shape \(4, 6, 3\)"),
+    "validation labels out of range": (lambda m: m.fit(X, Y, validation_data=(X, Y + 9),
+                                                       verbose=0),
+                                       InputError, r"labels in y_val must be in \[0, 3\]"),
+    "evaluate labels": (lambda m: m.evaluate(X, Y[:5]), InputError, "y has 5 labels but x has 20"),
+    "evaluate batch size": (lambda m: m.evaluate(X, Y, batch_size=-1),
+                            InputError, "batch_size must be a positive integer, got -1"),
+    "predict shape": (lambda m: m.predict(X[..., :2]),
+                      InputError, r"per-sample shape \(6, 6, 2\) but the model expects"),
+    "predict empty": (lambda m: m.predict(X[:0]), InputError, "x is empty"),
+    "predict batch size": (lambda m: m.predict(X, batch_size=0),
+                           InputError, "batch_size must be a positive integer, got 0"),
+    "forward shape": (lambda m: m.forward(X[:, :3]), InputError, r"per-sample shape \(3, 6, 3\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_CASES))
+def test_bad_data_and_arguments(model, case):
+    call, error, message = DATA_CASES[case]
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(error, match=message):
+        call(model)
+    # Raised before any work: nothing trained, the optimiser never stepped.
+    assert model.optimizer.iterations == 0
+    for a, b in zip(before, model.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+
+
+NON_FINITE_DATA = {
+    "NaN in x": (lambda m: m.fit(nan_at(X, (7, 2, 3, 1)), Y, verbose=0),
+                 r"x holds NaN or infinite values: sample 7, the first such sample, has 1 "
+                 r"\(the first is nan at \(2, 3, 1\)\)"),
+    "inf in x": (lambda m: m.fit(np.where(np.arange(20)[:, None, None, None] == 4, np.inf,
+                                          X.astype(np.float64)), Y, verbose=0),
+                 r"sample 4, the first such sample, has 108 \(the first is inf at \(0, 0, 0\)\)"),
+    "NaN in x_val": (lambda m: m.fit(X, Y, validation_data=(nan_at(X, (1, 0, 0, 0)), Y),
+                                     verbose=0),
+                     "x_val holds NaN or infinite values: sample 1"),
+    "NaN in evaluate": (lambda m: m.evaluate(nan_at(X, (19, 5, 5, 2)), Y), "sample 19"),
+    "NaN in predict": (lambda m: m.predict(nan_at(X, (0, 0, 0, 0))), "sample 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NON_FINITE_DATA))
+def test_non_finite_data_is_refused_before_any_work(model, case):
+    call, message = NON_FINITE_DATA[case]
+    with pytest.raises(NonFiniteError, match=message):
+        call(model)
+    assert model.optimizer.iterations == 0
+
+
+def test_uint8_images_need_no_finiteness_scan_and_float_ones_pass(model):
+    model.fit(X.astype(np.float32), Y, epochs=1, batch_size=10, verbose=0)
+    assert model.optimizer.iterations == 2
+
+
+# -- non-finite values during training ----------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_nan_in_a_weight_names_the_layer_and_the_step(model):
+    model.fit(X, Y, epochs=1, batch_size=10, verbose=0)
+    w = model.get_weights()
+    w[2][1, 2] = np.nan  # the Dense kernel (Conv2D kernel, bias, then Dense kernel)
+    model.set_weights(w)
+    with pytest.raises(NonFiniteError, match=r"training stopped at step 3: the loss is nan; the "
+                                             r"first non-finite values appear in the weights "
+                                             r"of layer 'dense'"):
+        model.fit(X, Y, epochs=1, batch_size=10, verbose=0)
+    assert model.optimizer.iterations == 2
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_nan_in_an_input_batch_names_the_input(model):
+    xb = model._to_device(nan_at(X[:4], (2, 0, 0, 0)))
+    with pytest.raises(NonFiniteError, match="step 1: the loss is nan; the first non-finite "
+                                             "values appear in the input batch"):
+        model.train_step(xb, model.backend.asarray(Y[:4]))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_overflow_inside_a_layer_names_that_layer(model):
+    w = model.get_weights()
+    w[0][...] = 1e38  # finite weights whose products overflow to infinity in the convolution
+    model.set_weights(w)
+    with pytest.raises(NonFiniteError, match="step 1: the loss is nan; the first non-finite "
+                                             "values appear in the output of layer 'conv2d'"):
+        model.fit(X, Y, epochs=1, verbose=0)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_non_finite_gradient_names_the_layer_where_backpropagation_met_it(model, monkeypatch):
+    relu = model.layers[2]
+    real = relu.backward
+
+    def backward(dy):
+        dx = real(dy)
+        return dx * np.inf  # the gradient turns infinite inside ReLU's backward pass
+
+    monkeypatch.setattr(relu, "backward", backward)
+    with np.errstate(all="ignore"), pytest.raises(
+            NonFiniteError, match=r"non-finite gradient at step 1: it first appears \(in "
+                                  r"backpropagation order\) in layer 'conv2d'"):
+        model.fit(X, Y, epochs=1, verbose=0)
+    assert model.optimizer.iterations == 0
+
+
+def test_finite_gradients_whose_sum_overflows_are_not_an_error(model, monkeypatch):
+    dense = model.layers[4]
+    real = dense.backward
+
+    def backward(dy):
+        dx = real(dy)
+        dense.grads["kernel"] = np.full(dense.grads["kernel"].shape, 3e38, np.float32)
+        return dx
+
+    monkeypatch.setattr(dense, "backward", backward)
+    with np.errstate(over="ignore"):
+        model.fit(X, Y, epochs=1, batch_size=20, verbose=0)  # the sum of 36 * 3e38 is inf
+    assert model.optimizer.iterations == 1
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_a_learning_rate_that_overflows_stops_training(model):
+    # lr 1e-300, then 1.0, then 1e-300 * 1e600 = inf
+    model.compile(optimizer=optim.SGD(optim.StepDecay(1e-300, step_size=1, gamma=1e300)))
+    with pytest.raises(NonFiniteError, match="the learning rate for step 3 is inf; nothing was "
+                                             "updated"):
+        model.fit(X, Y, epochs=3, batch_size=10, verbose=0)
+    assert model.optimizer.iterations == 2
+
+
+# -- weights --------------------------------------------------------------------------------
+
+
+def test_set_weights_checks_everything(model):
+    w = model.get_weights()
+    with pytest.raises(InputError, match="set_weights expects 4 arrays .* got 3"):
+        model.set_weights(w[:3])
+    with pytest.raises(InputError, match="set_weights expects a list of arrays .* got ndarray"):
+        model.set_weights(w[0])
+    bad = [*w[:2], np.zeros((27, 4)), *w[3:]]
+    with pytest.raises(InputError, match=r"layer 'dense' weight 'kernel' must have shape "
+                                         r"\(48, 4\), got \(27, 4\)"):
+        model.set_weights(bad)
+    bad = [*w[:2], w[2].astype(str), *w[3:]]
+    with pytest.raises(InputError, match="layer 'dense' weight 'kernel' must be real, got <U"):
+        model.set_weights(bad)
+    unbuilt = xpcnn.Sequential(net())
+    with pytest.raises(InputError, match="must be built before set_weights"):
+        unbuilt.set_weights(w)
+
+
+def test_load_weights_refuses_another_architecture(model, tmp_path):
+    other = xpcnn.Sequential([Rescaling(1 / 255), Conv2D(5, 3), ReLU(), Flatten(), Dense(4),
+                              Softmax()], input_shape=(6, 6, 3))
+    other.save(str(tmp_path / "other.npz"))
+    with pytest.raises(DataFormatError, match=r"another architecture: its layer 1 is "
+                                              r"Conv2D\(filters=5, .*this model's is "
+                                              r"Conv2D\(filters=3"):
+        model.load_weights(tmp_path / "other.npz")
+    bigger = xpcnn.Sequential(net(), input_shape=(8, 8, 3))
+    bigger.save(str(tmp_path / "bigger.npz"))
+    with pytest.raises(DataFormatError, match=r"inputs of shape \(8, 8, 3\); this model takes "
+                                              r"\(6, 6, 3\)"):
+        model.load_weights(tmp_path / "bigger.npz")
+    with pytest.raises(DataFormatError, match="no such file"):
+        model.load_weights(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
+    with pytest.raises(DataFormatError, match="not a readable xpcnn .npz file"):
+        model.load_weights(tmp_path / "junk.npz")
+    # The same architecture loads, into a built or an unbuilt model.
+    same = xpcnn.Sequential(net(), seed=7, input_shape=(6, 6, 3))
+    same.save(str(tmp_path / "same.npz"))
+    fresh = xpcnn.Sequential(net())
+    for target in (model, fresh):
+        target.load_weights(tmp_path / "same.npz")
+        for a, b in zip(target.get_weights(), same.get_weights(), strict=True):
+            assert np.array_equal(a, b)
+
+
+def test_truncated_model_file(model, tmp_path):
+    model.save(str(tmp_path / "m.npz"))
+    data = (tmp_path / "m.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataFormatError, match="cut.npz: not a readable xpcnn .npz file"):
+        xpcnn.load_model(str(tmp_path / "cut.npz"))
+
+
+# -- model construction, compile ------------------------------------------------------------------
+
+CONSTRUCTION = {
+    "layers not a list": (lambda: xpcnn.Sequential(Dense(3)),
+                          "layers must be a list of xpcnn layers, got Dense"),
+    "not a layer": (lambda: xpcnn.Sequential(["conv"]),
+                    "add\\(\\) expects an xpcnn layer, got str"),
+    "dtype": (lambda: xpcnn.Sequential(dtype="float16"),
+              "model dtype must be 'float32' or 'float64', got 'float16'"),
+    "seed": (lambda: xpcnn.Sequential(seed=-1), "seed must be a non-negative integer, got -1"),
+    "seed float": (lambda: xpcnn.Sequential(seed=1.5), "seed must be a non-negative integer"),
+    "name": (lambda: xpcnn.Sequential(name=""), "model name must be a non-empty string, got ''"),
+    "input_shape floats": (lambda: xpcnn.Sequential(net(), input_shape=(6.5, 6, 3)),
+                           r"input_shape must be positive sizes .* got \(6.5, 6, 3\)"),
+    "input_shape strings": (lambda: xpcnn.Sequential(net(), input_shape=("6", 6, 3)),
+                            r"input_shape must be positive sizes .* got \('6', 6, 3\)"),
+    "input_shape zero": (lambda: xpcnn.Sequential(net(), input_shape=(0, 6, 3)),
+                         r"input_shape must be positive sizes"),
+    "input_shape int": (lambda: xpcnn.Sequential(net(), input_shape=6),
+                        "input_shape must be positive sizes"),
+    "no layers": (lambda: xpcnn.Sequential(input_shape=(6, 6, 3)), "the model has no layers"),
+    "rank for Conv2D": (lambda: xpcnn.Sequential(net(), input_shape=(6, 6)),
+                        r"layer 'conv2d' \(Conv2D\) expects per-sample inputs of shape "
+                        r"\(H, W, C\), got \(6, 6\)"),
+    "Dense after images": (lambda: xpcnn.Sequential([Dense(3)], input_shape=(4, 4, 1)),
+                           "add a Flatten"),
+    "kernel too big": (lambda: xpcnn.Sequential([Conv2D(2, 7)], input_shape=(4, 4, 1)),
+                       "a 7x7 kernel with padding 'valid' does not fit an input of 4x4"),
+    "summary unbuilt": (lambda: xpcnn.Sequential(net()).summary(),
+                        "must be built before summary"),
+    "fit uncompiled": (lambda: xpcnn.Sequential(net()).fit(X, Y),
+                       r"call compile\(loss=..., optimizer=...\) before fit"),
+    "unknown loss": (lambda: xpcnn.Sequential(net()).compile(loss="mse"), "unknown loss 'mse'"),
+    "unknown optimizer": (lambda: xpcnn.Sequential(net()).compile(optimizer="rmsprop"),
+                          "unknown optimizer 'rmsprop'"),
+    "unknown metric": (lambda: xpcnn.Sequential(net()).compile(metrics="f1"),
+                       r"unknown metrics \['f1'\]"),
+    "precision": (lambda: xpcnn.Sequential(net()).compile(precision="int8"),
+                  "precision must be one of float32, mixed_float16, mixed_bfloat16, got 'int8'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONSTRUCTION))
+def test_model_construction_and_compile(case):
+    call, message = CONSTRUCTION[case]
+    with pytest.raises(InputError, match=message):
+        call()
+
+
+def test_a_single_metric_name_is_accepted():
+    m = xpcnn.Sequential(net())
+    m.compile(metrics="accuracy")
+    m.fit(X, Y, epochs=1, verbose=0)
+
+
+LAYERS = {
+    "Conv2D filters 0": (lambda: Conv2D(0), "filters must be a positive int .* got 0"),
+    "Conv2D filters float": (lambda: Conv2D(3.5), "filters must be a positive int .* got 3.5"),
+    "Conv2D filters bool": (lambda: Conv2D(True), "filters must be a positive int .* got True"),
+    "Conv2D filters None": (lambda: Conv2D(None), "filters must be a positive int .* got None"),
+    "Conv2D kernel triple": (lambda: Conv2D(2, (3, 3, 3)),
+                             r"kernel_size must be a positive int or a pair .* got \(3, 3, 3\)"),
+    "Conv2D kernel huge": (lambda: Conv2D(2, 2**40), "kernel_size must be a positive int"),
+    "Conv2D strides": (lambda: Conv2D(2, 3, strides=0), "strides must be a positive int"),
+    "Conv2D padding": (lambda: Conv2D(2, 3, padding="full"),
+                       "padding must be 'valid', 'same' or a non-negative int, got 'full'"),
+    "Conv2D padding negative": (lambda: Conv2D(2, 3, padding=-1), "padding must be 'valid'"),
+    "Conv2D initializer": (lambda: Conv2D(2, kernel_initializer="ones"),
+                           "unknown initializer 'ones'"),
+    "Dense units": (lambda: Dense(-2), "units must be a positive int .* got -2"),
+    "Dense units str": (lambda: Dense("10"), "units must be a positive int .* got '10'"),
+    "Dropout 1": (lambda: Dropout(1.0), r"Dropout rate must be a number in \[0, 1\), got 1.0"),
+    "Dropout str": (lambda: Dropout("0.5"), r"Dropout rate must be a number in \[0, 1\), got"),
+    "Dropout NaN": (lambda: Dropout(math.nan), "Dropout rate must be a number"),
+    "ReLU max 0": (lambda: ReLU(0), "ReLU max_value must be positive or None, got 0"),
+    "ReLU max str": (lambda: ReLU("6"), "ReLU max_value must be positive or None, got '6'"),
+    "ReLU max inf": (lambda: ReLU(math.inf), "ReLU max_value must be positive or None, got inf"),
+    "Rescaling NaN": (lambda: Rescaling(math.nan), "Rescaling scale must be a finite number"),
+    "Rescaling str": (lambda: Rescaling("1/255"), "Rescaling scale must be a finite number, got"),
+    "Rescaling offset": (lambda: Rescaling(1.0, math.inf), "Rescaling offset must be a finite"),
+    "Normalization std 0": (lambda: Normalization(0.0, 0.0),
+                            "Normalization std must be a number > 0, got 0.0"),
+    "Normalization lengths": (lambda: Normalization([0.0, 1.0], [1.0, 1.0, 1.0]),
+                              "mean and std of equal length"),
+    "Normalization str": (lambda: Normalization("a", 1.0), "Normalization mean must be a finite"),
+    "MaxPool size": (lambda: MaxPool2D(0), "pool_size must be a positive int"),
+    "AvgPool strides": (lambda: AvgPool2D(2, strides=(1, 0)), "strides must be a positive int"),
+    "BatchNorm momentum": (lambda: BatchNorm2D(1.5), r"momentum must be in \[0, 1\], got 1.5"),
+    "BatchNorm momentum str": (lambda: BatchNorm2D("0.1"), "momentum must be in"),
+    "BatchNorm eps": (lambda: BatchNorm2D(eps=0), "eps must be a positive number, got 0"),
+    "FeatureNorm eps": (lambda: FeatureNorm(eps=math.inf), "eps must be a positive number"),
+    "RandomCrop padding": (lambda: RandomCrop(0), "RandomCrop padding must be a positive int"),
+    "RandomCrop padding bool": (lambda: RandomCrop(True), "RandomCrop padding must be"),
+    "layer name": (lambda: Dense(3, name=""), "layer name must be a non-empty string or None"),
+    "layer name int": (lambda: ReLU(name=5), "layer name must be a non-empty string or None"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYERS))
+def test_layer_constructors(case):
+    call, message = LAYERS[case]
+    with pytest.raises(InputError, match=message):
+        call()
+
+
+OPTIMIZERS = {
+    "lr inf": (lambda: optim.SGD(math.inf), "learning rate must be a positive number"),
+    "lr NaN": (lambda: optim.Adam(math.nan), "learning rate must be a positive number"),
+    "lr str": (lambda: optim.Adam("1e-3"), "learning rate must be a positive number"),
+    "lr 0": (lambda: optim.AdamW(0.0), "learning rate must be a positive number"),
+    "weight decay inf": (lambda: optim.SGD(0.1, weight_decay=math.inf),
+                         "weight_decay must be >= 0 and finite, got inf"),
+    "momentum str": (lambda: optim.SGD(0.1, momentum="0.9"), "momentum must be in"),
+    "beta NaN": (lambda: optim.Adam(beta_2=math.nan), "beta_2=nan"),
+    "epsilon 0": (lambda: optim.Adam(epsilon=0.0), "epsilon=0.0"),
+    "schedule lr inf": (lambda: optim.CosineDecay(math.inf, 10),
+                        "CosineDecay lr must be a finite number > 0, got inf"),
+    "schedule steps float": (lambda: optim.StepDecay(0.1, 2.5),
+                             "StepDecay step_size must be >= 1, got 2.5"),
+    "schedule gamma": (lambda: optim.StepDecay(0.1, 2, gamma=-1.0),
+                       "StepDecay gamma must be a finite number >= 0"),
+    "min_lr": (lambda: optim.CosineDecay(0.1, 10, min_lr=-1.0),
+               "CosineDecay min_lr must be a finite number >= 0"),
+    "warmup": (lambda: optim.LinearWarmup(0.1, 0), "warmup_steps must be >= 1, got 0"),
+    "warmup lr": (lambda: optim.LinearWarmup(math.inf, 5), "learning rate must be a finite"),
+    "label smoothing": (lambda: SoftmaxCrossEntropy("0.1"),
+                        r"label_smoothing must be in \[0, 1\), got '0.1'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPTIMIZERS))
+def test_optimizer_schedule_and_loss_arguments(case):
+    call, message = OPTIMIZERS[case]
+    with pytest.raises(InputError, match=message):
+        call()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_mixed_float16_gives_up_lowering_the_loss_scale_at_one(model, monkeypatch):
+    """A gradient that stays non-finite whatever the scale is reported, not skipped forever."""
+    model.compile(optimizer=optim.SGD(0.01), precision="mixed_float16")
+    model.loss_scale = 4.0
+    relu = model.layers[2]
+    real = relu.backward
+    monkeypatch.setattr(relu, "backward", lambda dy: real(dy) * np.nan)
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient at step 1: .* layer 'conv2d'"):
+        model.fit(X, Y, epochs=1, batch_size=5, verbose=0)
+    assert model.loss_scale == 1.0 and model.optimizer.iterations == 0

@@ -1,0 +1,312 @@
+"""Figures (xpcnn.viz), the CLI's `visualize` and `train --plots`, and viz without matplotlib."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import xpcnn
+import xpcnn.datasets
+from xpcnn import viz
+from xpcnn.cli import main
+from xpcnn.errors import DataFormatError, InputError
+from xpcnn.layers import (
+    Conv2D,
+    Dense,
+    Flatten,
+    GlobalAvgPool2D,
+    MaxPool2D,
+    ReLU,
+    Rescaling,
+    Softmax,
+)
+
+mpl_image = pytest.importorskip("matplotlib.image")
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def check_png(path, width, height):
+    """A real PNG of width x height pixels that is not one flat colour."""
+    path = Path(path)
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    pixels = mpl_image.imread(path)
+    assert pixels.shape[:2] == (height, width)
+    assert float(pixels[..., :3].var()) > 0
+    return pixels
+
+
+def image_axes(fig):
+    return [ax for ax in fig.axes if ax.images]
+
+
+def tiny_model(channels=3, size=12, classes=3):
+    model = xpcnn.Sequential([Rescaling(1 / 255), Conv2D(3, 3, padding="same"), ReLU(),
+                              MaxPool2D(2), Conv2D(4, 3), Flatten(), Dense(classes), Softmax()],
+                             seed=0)
+    model.build((size, size, channels))
+    return model
+
+
+@pytest.fixture
+def image(rng):
+    img = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    img[:, 6:, :] //= 4  # a vertical edge
+    return img
+
+
+# -- stage tour ---------------------------------------------------------------------------
+def test_stage_tour_writes_one_row_per_layer_plus_the_image(tmp_path, image):
+    model = tiny_model()
+    fig = viz.plot_stage_tour(model, image, tmp_path / "tour.png", max_maps=2,
+                              class_names=["a", "b", "c"], figsize=(4, 5), dpi=50)
+    check_png(tmp_path / "tour.png", 200, 250)
+    rows = len(model.layers) + 1
+    assert len(fig.axes) == 2 * rows  # per row: label (or the image), then maps or bars
+    maps = [ax for ax in fig.axes if ax.images][1:]  # the original, then mosaics
+    # The input's channels (3, capped at 2), Rescaling, two convs, ReLU, pool: 2 maps each.
+    assert [len(ax.get_xticks()) for ax in maps] == [2] * 6
+    softmax_axes = fig.axes[-1]
+    assert [t.get_text() for t in softmax_axes.get_xticklabels()] == ["a", "b", "c"]
+    texts = " ".join(t.get_text() for ax in fig.axes for t in ax.texts)
+    assert "conv2d_1" in texts and "(4, 4, 4)" in texts and "maps 0-1 of 3" in texts
+
+
+def test_stage_tour_builds_an_unbuilt_model_and_takes_gray_and_float_images(tmp_path, rng):
+    model = xpcnn.Sequential([Conv2D(2, 3), ReLU(), GlobalAvgPool2D(), Dense(2), Softmax()])
+    gray = rng.random((10, 10)).astype(np.float32)
+    fig = viz.plot_stage_tour(model, gray, tmp_path / "g.png", figsize=(3, 3), dpi=40)
+    assert model.built and model.input_shape == (10, 10, 1)
+    assert len(fig.axes) == 2 * (len(model.layers) + 1)
+    check_png(tmp_path / "g.png", 120, 120)
+
+
+def test_stage_tour_rejects_an_image_of_the_wrong_shape(tmp_path):
+    with pytest.raises(InputError, match=r"\(12, 12, 3\)"):
+        viz.plot_stage_tour(tiny_model(), np.zeros((8, 8, 3), np.uint8), tmp_path / "x.png")
+    with pytest.raises(InputError, match="one \\(H, W, C\\) image"):
+        viz.plot_stage_tour(tiny_model(), np.zeros((2, 12, 12, 3)), tmp_path / "x.png")
+    with pytest.raises(InputError, match="max_maps"):
+        viz.plot_stage_tour(tiny_model(), np.zeros((12, 12, 3)), tmp_path / "x.png", max_maps=0)
+    assert not (tmp_path / "x.png").exists()
+
+
+# -- the notebook's demonstration -----------------------------------------------------------
+def test_edge_filters_are_the_named_constants_on_every_channel():
+    model = viz.notebook_demo_model((8, 8, 3), ceiling=0.5)
+    kernel, bias = model.layers[0].get_weights()
+    assert kernel.shape == (3, 3, 3, 2) and not bias.any()
+    for c in range(3):
+        np.testing.assert_allclose(kernel[:, :, c, 0], viz.VERTICAL_EDGE / 3)
+        np.testing.assert_allclose(kernel[:, :, c, 1], viz.HORIZONTAL_EDGE / 3)
+    assert model.layers[1].max_value == 0.5
+
+
+def test_edge_filters_respond_to_their_edge_and_the_ceiling_caps_them():
+    x = np.zeros((1, 8, 8, 3), np.float32)
+    x[:, :, :4, :] = 1.0  # bright left half: a vertical edge
+    conv, relu, pool, norm = viz.notebook_demo_model((8, 8, 3), ceiling=0.5).forward(x)
+    conv, relu = np.asarray(conv)[0], np.asarray(relu)[0]
+    assert conv[:, :, 0].max() == pytest.approx(3.0)  # 3 rows of +1 across the edge
+    np.testing.assert_allclose(conv[:, :, 1], 0.0, atol=1e-6)  # no horizontal edge
+    assert relu.max() == pytest.approx(0.5) and relu.min() == 0.0
+    assert np.asarray(pool).shape == (1, 3, 3, 2) and np.asarray(norm).shape == (1, 3, 3, 2)
+
+
+def test_notebook_demo_figure(tmp_path, image):
+    fig = viz.plot_notebook_demo(image, tmp_path / "demo.png", figsize=(5, 6), dpi=40)
+    check_png(tmp_path / "demo.png", 200, 240)
+    assert len(image_axes(fig)) == 4 * 3  # 4 stages x (original, vertical, horizontal)
+    labels = [ax.get_ylabel() for ax in image_axes(fig)[::3]]
+    assert ["ReLU(max_value=1)" in lab for lab in labels] == [False, True, False, False]
+    with pytest.raises(InputError, match="at least 4x4"):
+        viz.plot_notebook_demo(np.zeros((3, 3, 3)), tmp_path / "small.png")
+
+
+# -- filters --------------------------------------------------------------------------------
+def test_filters_rgb_and_multichannel(tmp_path):
+    model = tiny_model()
+    fig = viz.plot_filters(model, tmp_path / "f1.png", figsize=(3, 2), dpi=50)
+    check_png(tmp_path / "f1.png", 150, 100)
+    assert len(fig.axes) == 1  # one image of all tiles; RGB kernels need no colour bar
+    tiles = fig.axes[0].images[0].get_array()
+    assert tiles.shape == (3, 3 * 3 + 2, 4)  # 3 filters 3x3 in a row, 1-pixel gaps, RGBA
+    assert "RGB" in fig.axes[0].get_title()
+    # conv2d_1 also sees 3 channels, but they are feature maps, not colours.
+    fig = viz.plot_filters(model, tmp_path / "f2.png", layer="conv2d_1", columns=2,
+                           figsize=(3, 3), dpi=50)
+    check_png(tmp_path / "f2.png", 150, 150)
+    assert len(fig.axes) == 2  # the tiles and a colour bar
+    assert fig.axes[0].images[0].get_array().shape == (7, 7)  # 4 filters as 2 x 2 tiles
+    assert "mean over the 3 input channels" in fig.axes[0].get_title()
+    fig = viz.plot_filters(model, tmp_path / "f3.png", layer=4, reduce="first", dpi=30)
+    assert "input channel 0 of 3" in fig.axes[0].get_title()
+    # A Conv2D on its own, over 3 channels, is taken to be looking at an image.
+    fig = viz.plot_filters(model.layers[4], tmp_path / "f4.png", dpi=30)
+    assert "RGB" in fig.axes[0].get_title()
+    with pytest.raises(InputError, match="reduce"):
+        viz.plot_filters(model, tmp_path / "f5.png", reduce="max")
+
+
+def test_filters_name_the_valid_layers(tmp_path):
+    model = tiny_model()
+    with pytest.raises(InputError, match=r"valid indices 0\.\.7\); its Conv2D layers are 1, 4"):
+        viz.plot_filters(model, tmp_path / "f.png", layer=8)
+    with pytest.raises(InputError, match="is a ReLU, not a Conv2D; its Conv2D layers are 1, 4"):
+        viz.plot_filters(model, tmp_path / "f.png", layer=2)
+    with pytest.raises(InputError, match="no layer named 'nope'"):
+        viz.plot_filters(model, tmp_path / "f.png", layer="nope")
+    dense_only = xpcnn.Sequential([Flatten(), Dense(2)], input_shape=(4, 4, 1))
+    with pytest.raises(InputError, match="no Conv2D layer"):
+        viz.plot_filters(dense_only, tmp_path / "f.png")
+    with pytest.raises(InputError, match="not built"):
+        viz.plot_filters(Conv2D(2, 3), tmp_path / "f.png")
+    assert not (tmp_path / "f.png").exists()
+
+
+# -- training curves ------------------------------------------------------------------------
+def test_history_train_against_validation(tmp_path, image):
+    model = tiny_model()
+    model.compile(optimizer=xpcnn.optim.Adam(1e-2))
+    x = np.stack([image, image[:, ::-1], 255 - image, image // 2])
+    y = np.array([0, 1, 2, 0])
+    history = model.fit(x, y, epochs=2, batch_size=2, validation_data=(x, y), verbose=0)
+    fig = viz.plot_history(history, tmp_path / "h.png", figsize=(6, 3), dpi=50)
+    check_png(tmp_path / "h.png", 300, 150)
+    assert [ax.get_title() for ax in fig.axes] == ["loss per epoch", "accuracy per epoch"]
+    assert all(len(ax.lines) == 2 for ax in fig.axes)  # train and validation
+    fig = viz.plot_history({"loss": [1.0, 0.5, 0.4]}, tmp_path / "h2.png", dpi=30)
+    assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 1
+    with pytest.raises(InputError, match="no loss or accuracy"):
+        viz.plot_history({"seconds": [1.0]}, tmp_path / "h3.png")
+
+
+# -- confusion matrix -----------------------------------------------------------------------
+def test_confusion_matrix_counts():
+    cm = viz.confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 2], 3)
+    np.testing.assert_array_equal(cm, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+    assert viz.confusion_matrix([], [], ["a", "b"]).shape == (2, 2)
+    with pytest.raises(InputError, match=r"y_pred must hold integer labels in \[0, 2\]"):
+        viz.confusion_matrix([0, 1], [0, 3], 3)
+    with pytest.raises(InputError, match="equal length"):
+        viz.confusion_matrix([0, 1], [0], 3)
+
+
+def test_confusion_matrix_figure(tmp_path, rng):
+    model = tiny_model()
+    x = rng.integers(0, 256, (9, 12, 12, 3), dtype=np.uint8)
+    y = np.arange(9) % 3
+    fig = viz.plot_confusion_matrix(model, x, y, tmp_path / "cm.png", class_names=["a", "b", "c"],
+                                    figsize=(4, 4), dpi=50)
+    check_png(tmp_path / "cm.png", 200, 200)
+    assert len(image_axes(fig)) == 1 and len(fig.axes) == 2  # the matrix and its colour bar
+    counts = [int(t.get_text()) for t in fig.axes[0].texts]
+    assert len(counts) == 9 and sum(counts) == 9
+    with pytest.raises(InputError, match="2 names but the model has 3 outputs"):
+        viz.plot_confusion_matrix(model, x, y, tmp_path / "bad.png", class_names=["a", "b"])
+
+
+# -- without matplotlib ---------------------------------------------------------------------
+def test_plots_name_the_extra_when_matplotlib_is_missing(tmp_path, monkeypatch, image):
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r'pip install "xpcnn\[viz\]"') as info:
+        viz.plot_notebook_demo(image, tmp_path / "demo.png")
+    assert isinstance(info.value, xpcnn.XpcnnError)
+    with pytest.raises(viz.MissingDependencyError):
+        viz.plot_history({"loss": [1.0]}, tmp_path / "h.png")
+    assert viz.confusion_matrix([0], [0], 1).sum() == 1  # pure NumPy still works
+    assert not list(tmp_path.iterdir())
+
+
+def test_xpcnn_imports_without_matplotlib():
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "import xpcnn, xpcnn.viz, xpcnn.cli\n"
+            "assert not [m for m in sys.modules if m.startswith('matplotlib.')]\n"
+            "try:\n"
+            "    xpcnn.viz.plot_history({'loss': [1.0]}, 'never.png')\n"
+            "except ImportError as e:\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert 'pip install "xpcnn[viz]"' in out.stdout
+
+
+# -- the command line -----------------------------------------------------------------------
+@pytest.fixture
+def small_shapes(monkeypatch):
+    """The CLI's shapes dataset, cut to a few images so that the end-to-end runs are quick."""
+    real = xpcnn.datasets.load_dataset
+
+    def load(name, data_dir=None, download=True, **kw):
+        if name == "shapes":
+            kw = {"n_train": 40, "n_test": 20, **kw}
+        return real(name, data_dir, download, **kw)
+
+    monkeypatch.setattr(xpcnn.datasets, "load_dataset", load)
+
+
+def test_cli_train_plots_then_visualize(tmp_path, small_shapes, capsys):
+    model_path, plots, figs = tmp_path / "m.npz", tmp_path / "plots", tmp_path / "figs"
+    assert main(["train", "--limit", "30", "--epochs", "1", "--batch-size", "16", "--quiet",
+                 "--save", str(model_path), "--plots", str(plots)]) == 0
+    out = capsys.readouterr().out
+    for name in ("history.png", "confusion.png"):
+        assert f"wrote {plots / name}" in out
+        check_png(plots / name, *{"history.png": (1000, 400), "confusion.png": (750, 650)}[name])
+
+    assert main(["visualize", "--model", str(model_path), "--index", "3", "--out", str(figs),
+                 "--max-maps", "4", "--dpi", "40"]) == 0
+    out = capsys.readouterr().out
+    written = sorted(p.name for p in figs.iterdir())
+    assert written == ["filters_1_conv2d.png", "filters_4_conv2d_1.png",
+                       "filters_7_conv2d_2.png", "tour_shapes_test_3.png"]
+    for name in written:
+        assert f"wrote {figs / name}" in out
+        assert mpl_image.imread(figs / name).var() > 0
+    assert "shapes test image 3: label" in out
+
+
+def test_cli_visualize_errors(tmp_path, small_shapes, capsys):
+    model = tiny_model(size=32)
+    model.save(tmp_path / "m.npz")
+    assert main(["visualize", "--model", str(tmp_path / "m.npz"), "--index", "20",
+                 "--out", str(tmp_path)]) == 2
+    assert "image index 20 does not exist" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"valid indices 0\.\.19"):
+        viz._image_for(np.zeros((20, 2, 2, 1)), -1)
+    not_a_model = tmp_path / "notes.npz"
+    not_a_model.write_text("hello")
+    assert main(["visualize", "--model", str(not_a_model), "--out", str(tmp_path)]) == 2
+    assert "not a readable xpcnn .npz file" in capsys.readouterr().err
+    with pytest.raises(DataFormatError):
+        xpcnn.load_model(not_a_model)
+    small = tiny_model(size=12)
+    small.save(tmp_path / "small.npz")
+    assert main(["visualize", "--model", str(tmp_path / "small.npz"), "--out",
+                 str(tmp_path)]) == 2
+    assert "expects images of shape (12, 12, 3) but shapes images are (32, 32, 3)" in \
+        capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
+# -- the tour script on the real data -----------------------------------------------------
+@pytest.mark.slow
+def test_tour_script_on_cifar(tmp_path):
+    data = os.environ["XPCNN_DATA_DIR"]
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "tour.py"), "--data-dir", data,
+                          "--epochs", "0", "--out", str(tmp_path)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["1_notebook_demo.png", "2_stage_tour.png", "3_filters_1_conv2d.png",
+                     "3_filters_3_conv2d_1.png"]
+    for name in names:
+        assert f"wrote {tmp_path / name}" in out.stdout
+        assert mpl_image.imread(tmp_path / name).var() > 0

@@ -1,0 +1,477 @@
+"""Checkpoints: all the state a training run needs to continue exactly where it stopped.
+
+``model.fit(x, y, ..., checkpoint="run.ckpt.npz")`` writes one at the end of every epoch (and
+every ``checkpoint_every`` steps when that is an int); ``fit(..., checkpoint=PATH, resume=True)``
+run again after an interruption (a crash, a kill, a pre-empted machine) continues from it, and ends
+with the same weights, bit for bit, and the same history as a run that was never interrupted. The
+same command line can be rerun as it is: without the file, ``resume=True`` starts afresh.
+
+A checkpoint is an ``.npz`` of plain arrays, read without pickle (:func:`xpcnn.io.read_npz`), so
+loading one never runs code. It holds:
+
+* the weights, as a model file does (``layer{i}.{j}``), so :func:`xpcnn.load_model` reads it too;
+* the optimiser's slots (``slot.{name}.{k}``: momentum, Adam moments);
+* a JSON entry with everything else: the architecture and compile settings (optimiser, schedule and
+  loss configuration), the optimiser's step count (which drives the schedule and Adam's bias
+  correction), the loss-scaling state, each random layer's ``seed`` and ``calls`` counter, the
+  position (epoch, and batches done in it: the shuffling order is a function of the seed and the
+  epoch), the running sums of the epoch in progress, the history of the epochs done, and a
+  fingerprint of the training data and ``fit`` arguments, which a resumed run must match.
+
+Files are written atomically (temporary file, fsync, rename), so the path always holds the last
+complete checkpoint, whatever moment the process dies. Before writing, every weight and slot is
+checked to be finite: a run that diverges stops with :class:`~xpcnn.errors.NonFiniteError` and
+leaves the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import math
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .backend import DeviceLike
+from .errors import DataFormatError, InputError, NonFiniteError
+from .io import (
+    CONFIG_KEY,
+    check_sizes,
+    decode_json,
+    encode_json,
+    model_config,
+    model_from_config,
+    read_npz,
+    set_weights_from_file,
+    write_npz_atomic,
+)
+from .layers.dropout import RandomLayer
+from .model import History, Sequential
+
+FORMAT = "xpcnn-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Progress:
+    """Where a run stands: ``step`` batches of epoch ``epoch`` (0-based) are done.
+
+    ``loss_sum``, ``correct`` and ``seen`` are the running sums of that epoch's metrics and
+    ``seconds`` the time spent in it so far, so a resumed epoch reports the same loss and
+    accuracy as an uninterrupted one.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model with all its training state, and the run's position."""
+
+    model: Sequential
+    progress: Progress
+    history: History
+    run: dict[str, Any] = field(default_factory=dict)  # data fingerprint and fit arguments
+    path: str = ""
+
+    @property
+    def epoch(self) -> int:
+        return self.progress.epoch
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def save_checkpoint(model: Sequential, path: str | os.PathLike[str],
+                    progress: Progress | None = None, history: History | None = None,
+                    run: dict[str, Any] | None = None) -> None:
+    """Write ``model``'s whole training state to ``path``, atomically.
+
+    Raises :class:`NonFiniteError`, and leaves ``path`` untouched, when a weight or an optimiser
+    slot holds NaN or infinity.
+    """
+    path = os.fspath(path)
+    model._require_built("save_checkpoint")
+    if model.loss is None or model.optimizer is None:
+        raise InputError("save_checkpoint needs a compiled model (compile(...) first)")
+    opt = model.optimizer
+    _refuse_non_finite(model, path)
+    progress = progress or Progress()
+    history = history or History()
+    config = {
+        "format": FORMAT, "version": VERSION,
+        "model": model_config(model),
+        "optimizer": {"iterations": int(opt.iterations),
+                      "slots": {k: len(v) for k, v in opt.slots.items()}},
+        "loss_scale": float(model.loss_scale), "good_steps": int(model._good_steps),
+        "random_layers": [{"index": i, "seed": int(la.seed), "calls": int(la.calls)}
+                          for i, la in enumerate(model.layers) if isinstance(la, RandomLayer)],
+        "progress": vars(progress),
+        "history": {"epoch": list(history.epoch), "history": history.history},
+        "run": run or {},
+    }
+    arrays = {CONFIG_KEY: encode_json(config)}
+    for i, la in enumerate(model.layers):
+        for j, w in enumerate(la.get_weights()):
+            arrays[f"layer{i}.{j}"] = w
+    for name, slot in opt.slots.items():
+        for k, a in enumerate(slot):
+            arrays[f"slot.{name}.{k}"] = model.backend.to_numpy(a)
+    write_npz_atomic(path, arrays)
+    _remove_leftovers(path)
+
+
+def _refuse_non_finite(model: Sequential, path: str) -> None:
+    xp = model.backend.xp
+    step = model.optimizer.iterations  # type: ignore[union-attr]
+    for la in model.layers:
+        for name, a in la._arrays().items():
+            if not bool(xp.all(xp.isfinite(a))):
+                raise NonFiniteError(
+                    f"training stopped after step {step}: the weights of layer {la.name!r} "
+                    f"({name}) hold NaN or infinity; the checkpoint {path} was not overwritten "
+                    "and still holds the last good state")
+    for name, slot in model.optimizer.slots.items():  # type: ignore[union-attr]
+        for a in slot:
+            if not bool(xp.all(xp.isfinite(a))):
+                raise NonFiniteError(
+                    f"training stopped after step {step}: the optimiser's {name!r} state holds "
+                    f"NaN or infinity; the checkpoint {path} was not overwritten")
+
+
+def _remove_leftovers(path: str) -> None:
+    """Delete temporary files that killed writers of this same checkpoint left behind."""
+    folder, base = os.path.split(os.path.abspath(path))
+    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(base)}.*.tmp")):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def _read(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    arrays = read_npz(path)
+    if CONFIG_KEY not in arrays:
+        raise DataFormatError(f"{path}: not an xpcnn checkpoint (no {CONFIG_KEY} entry)")
+    config = decode_json(arrays[CONFIG_KEY], path)
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        kind = config.get("format") if isinstance(config, dict) else None
+        hint = " (a model file: load it with xpcnn.load_model)" if kind == "xpcnn-model" else ""
+        raise DataFormatError(f"{path}: not an xpcnn checkpoint{hint}")
+    if config.get("version") != VERSION:
+        raise DataFormatError(f"{path}: checkpoint version {config.get('version')!r} is not "
+                              f"supported (this xpcnn reads version {VERSION})")
+    return config, arrays
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: DeviceLike = "cpu") -> Checkpoint:
+    """Rebuild the model of a checkpoint on ``device``, with every bit of its training state.
+
+    ``ckpt.model`` is compiled, holds the weights, optimiser slots and step count, loss scale and
+    random-layer counters; ``ckpt.progress`` says where the run stood and ``ckpt.history`` holds
+    its finished epochs. A corrupt, truncated or foreign file raises ``DataFormatError``.
+    """
+    path = os.fspath(path)
+    config, arrays = _read(path)
+    model = model_from_config(config.get("model"), path, device, arrays)
+    if model.optimizer is None:
+        raise DataFormatError(f"{path}: the checkpoint's model has no compile settings")
+    return _restore(model, config, arrays, path)
+
+
+def restore_checkpoint(model: Sequential, path: str | os.PathLike[str]) -> Checkpoint:
+    """Put the training state of the checkpoint at ``path`` into ``model``.
+
+    ``model`` must be compiled and have the checkpoint's architecture and compile settings
+    (optimiser, schedule, loss, precision); otherwise ``InputError`` says what differs.
+    """
+    path = os.fspath(path)
+    config, arrays = _read(path)
+    _check_compatible(model, config, arrays, path)
+    return _restore(model, config, arrays, path)
+
+
+def _check_compatible(model: Sequential, config: dict[str, Any], arrays: dict[str, np.ndarray],
+                      path: str) -> None:
+    """Refuse a checkpoint of another architecture or compile settings (``model`` unchanged,
+    but built for the file's input shape if it was not built yet)."""
+    if model.loss is None or model.optimizer is None:
+        raise InputError("restoring a checkpoint needs a compiled model (compile(...) first)")
+    mconf = config.get("model")
+    if not isinstance(mconf, dict):
+        raise DataFormatError(f"{path}: the checkpoint has no model configuration")
+    _build_for(model, mconf, arrays, path)
+    _check_architecture(model, mconf, path)
+    mine, theirs = _normal(model_config(model).get("compile")), mconf.get("compile")
+    if mine != theirs:
+        raise InputError(f"{path} was written by a model compiled with {theirs}; this model is "
+                         f"compiled with {mine}: compile it the same way to resume")
+
+
+def load_weights(model: Sequential, path: str | os.PathLike[str]) -> None:
+    """Load the weights of a model file or checkpoint into ``model``, checking that the file
+    holds the same architecture; otherwise ``DataFormatError`` names the first difference."""
+    path = os.fspath(path)
+    arrays = read_npz(path)
+    if CONFIG_KEY not in arrays:
+        raise DataFormatError(f"{path}: not an xpcnn model file or checkpoint")
+    config = decode_json(arrays[CONFIG_KEY], path)
+    if isinstance(config, dict) and config.get("format") == FORMAT:
+        config = config.get("model")
+    if not isinstance(config, dict) or config.get("format") != "xpcnn-model":
+        raise DataFormatError(f"{path}: not an xpcnn model file or checkpoint")
+    _build_for(model, config, arrays, path)
+    _check_architecture(model, config, path)
+    set_weights_from_file(model, arrays, path)
+
+
+def _build_for(model: Sequential, config: dict[str, Any], arrays: dict[str, np.ndarray],
+               path: str) -> None:
+    """Build an unbuilt ``model`` for the file's input shape, once that is known to be sane."""
+    if model.built:
+        return
+    shape = config.get("input_shape")
+    if not isinstance(shape, list) or not shape or not all(
+            type(d) is int and d > 0 for d in shape):
+        raise DataFormatError(f"{path}: the file has no valid input_shape ({shape!r})")
+    try:
+        check_sizes(model.layers, tuple(shape), arrays, path)
+    except InputError as e:  # the model's layers do not take that shape
+        raise DataFormatError(f"{path} holds a model for inputs of shape {tuple(shape)}, which "
+                              f"this model cannot take: {e}") from e
+    model.build(tuple(shape))
+
+
+def _normal(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(obj))
+
+
+def _architecture(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Layer classes and settings, leaving out names and weight initialisers."""
+    out = []
+    for spec in config["layers"]:
+        settings = {k: v for k, v in spec["config"].items()
+                    if k != "name" and not k.endswith("_initializer")}
+        out.append((spec["class"], settings))
+    return out
+
+
+def _check_architecture(model: Sequential, config: dict[str, Any], path: str) -> None:
+    mine = _normal(model_config(model))
+    try:
+        theirs, ours = _architecture(config), _architecture(mine)
+        shape = config["input_shape"]
+        dtype = config["dtype"]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
+                              ) from e
+
+    def show(layer: tuple[str, dict[str, Any]]) -> str:
+        return f"{layer[0]}({', '.join(f'{k}={v!r}' for k, v in layer[1].items())})"
+
+    if shape != mine["input_shape"]:
+        raise DataFormatError(f"{path} holds a model for inputs of shape {tuple(shape)}; this "
+                              f"model takes {tuple(mine['input_shape'])}")
+    if dtype != mine["dtype"]:
+        raise DataFormatError(f"{path} holds a {dtype} model; this model is {mine['dtype']}")
+    for i, (a, b) in enumerate(zip(theirs, ours, strict=False)):
+        if a != b:
+            raise DataFormatError(f"{path} holds a model of another architecture: its layer {i} "
+                                  f"is {show(a)}, this model's is {show(b)}")
+    if len(theirs) != len(ours):
+        raise DataFormatError(f"{path} holds a model of another architecture: {len(theirs)} "
+                              f"layers, this model has {len(ours)}")
+
+
+def _restore(model: Sequential, config: dict[str, Any], arrays: dict[str, np.ndarray],
+             path: str) -> Checkpoint:
+    """Check every field of a checkpoint, then put it into ``model`` (all or nothing)."""
+    opt = model.optimizer
+    assert opt is not None
+    bad = lambda what: DataFormatError(f"{path}: invalid checkpoint: {what}")  # noqa: E731
+
+    # Every check first, so that a bad file leaves the model as it was.
+    ostate = config.get("optimizer")
+    if not isinstance(ostate, dict):
+        raise bad("no optimizer state")
+    iterations = _int(ostate.get("iterations"), "optimizer iterations", path)
+    params = [p for la in model.layers for p in la.params.values()]
+    slot_counts = ostate.get("slots")
+    if not isinstance(slot_counts, dict):
+        raise bad("no optimizer slots")
+    slots: dict[str, list[np.ndarray]] = {}
+    if slot_counts:
+        if set(slot_counts) != set(opt.slot_names):
+            raise bad(f"optimizer slots {sorted(slot_counts)}, expected {list(opt.slot_names)}")
+        for name in opt.slot_names:
+            if slot_counts[name] != len(params):
+                raise bad(f"{slot_counts[name]!r} {name!r} slots for {len(params)} parameters")
+            slots[name] = []
+            for k, p in enumerate(params):
+                a = arrays.get(f"slot.{name}.{k}")
+                if a is None or tuple(a.shape) != tuple(p.shape) or a.dtype.kind != "f":
+                    raise bad(f"optimizer slot {name}.{k} is missing or not a float array of "
+                              f"shape {tuple(p.shape)}")
+                slots[name].append(a)
+    loss_scale = config.get("loss_scale")
+    if not isinstance(loss_scale, int | float) or not 0 < loss_scale < math.inf:
+        raise bad(f"loss_scale {loss_scale!r}")
+    good_steps = _int(config.get("good_steps"), "good_steps", path)
+    randoms = config.get("random_layers")
+    if not isinstance(randoms, list):
+        raise bad("no random_layers list")
+    counters = {}
+    for r in randoms:
+        if not isinstance(r, dict):
+            raise bad("random layer entry")
+        i = _int(r.get("index"), "random layer index", path)
+        if i >= len(model.layers) or not isinstance(model.layers[i], RandomLayer):
+            raise bad(f"layer {i} is not a random layer")
+        counters[i] = (_int(r.get("seed"), "seed", path), _int(r.get("calls"), "calls", path))
+    missing = [la.name for i, la in enumerate(model.layers)
+               if isinstance(la, RandomLayer) and i not in counters]
+    if missing:
+        raise bad(f"no random state for layers {missing}")
+    progress = _progress(config.get("progress"), path)
+    history = _history(config.get("history"), path)
+    run = config.get("run")
+    if not isinstance(run, dict):
+        raise bad("no run description")
+
+    set_weights_from_file(model, arrays, path)  # checks shapes before replacing anything
+    opt.iterations = iterations
+    opt.slots = {name: [model.backend.asarray(a) for a in v] for name, v in slots.items()}
+    model.loss_scale, model._good_steps = float(loss_scale), good_steps
+    for i, (seed, calls) in counters.items():
+        model.layers[i].seed, model.layers[i].calls = seed, calls  # type: ignore[attr-defined]
+    return Checkpoint(model, progress, history, run, path)
+
+
+def _int(v: Any, what: str, path: str) -> int:
+    if type(v) is not int or v < 0:
+        raise DataFormatError(f"{path}: invalid checkpoint: {what} is {v!r}, expected an int "
+                              ">= 0")
+    return v
+
+
+def _float(v: Any, what: str, path: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+        raise DataFormatError(f"{path}: invalid checkpoint: {what} is {v!r}")
+    return float(v)
+
+
+def _progress(p: Any, path: str) -> Progress:
+    if not isinstance(p, dict):
+        raise DataFormatError(f"{path}: invalid checkpoint: no progress entry")
+    return Progress(epoch=_int(p.get("epoch"), "epoch", path),
+                    step=_int(p.get("step"), "step", path),
+                    **{k: _float(p.get(k), k, path)
+                       for k in ("loss_sum", "correct", "seen", "seconds")})
+
+
+def _history(h: Any, path: str) -> History:
+    ok = (isinstance(h, dict) and isinstance(h.get("epoch"), list)
+          and isinstance(h.get("history"), dict)
+          and all(type(e) is int for e in h["epoch"])
+          and all(isinstance(k, str) and isinstance(v, list) and len(v) == len(h["epoch"])
+                  and all(isinstance(f, int | float) and not isinstance(f, bool) for f in v)
+                  for k, v in h["history"].items()))
+    if not ok:
+        raise DataFormatError(f"{path}: invalid checkpoint: bad history entry")
+    history = History()
+    history.epoch = list(h["epoch"])
+    history.history = {k: [float(f) for f in v] for k, v in h["history"].items()}
+    return history
+
+
+# -- the hook in Sequential.fit -----------------------------------------------------------------
+
+
+def fingerprint(x: np.ndarray, targets: np.ndarray, batch_size: int, seed: int,
+                shuffle: bool) -> dict[str, Any]:
+    """What a resumed run must share with the original: the data (sizes and CRC-32 checksums)
+    and the ``fit`` arguments that fix the order of the batches."""
+    crc = 0
+    rows = max(1, (1 << 24) // max(1, x[0].nbytes))
+    for start in range(0, len(x), rows):
+        crc = zlib.crc32(np.ascontiguousarray(x[start:start + rows]).data, crc)
+    return {"samples": int(len(x)), "sample_shape": list(x.shape[1:]), "x_dtype": str(x.dtype),
+            "x_crc32": crc, "y_crc32": zlib.crc32(np.ascontiguousarray(targets).data),
+            "batch_size": int(batch_size), "seed": int(seed), "shuffle": bool(shuffle)}
+
+
+class FitCheckpoints:
+    """What ``Sequential.fit`` calls when given ``checkpoint=``: restores at the start, writes
+    after every ``every`` steps (an int) and at the end of every epoch."""
+
+    def __init__(self, model: Sequential, path: str | os.PathLike[str], every: int | str,
+                 resume: bool, run: dict[str, Any], steps_per_epoch: int, verbose: int) -> None:
+        if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+            raise InputError(f"checkpoint must be a file path, got {path!r}")
+        if every != "epoch" and (isinstance(every, bool) or not isinstance(every, int)
+                                 or every < 1):
+            raise InputError(f"checkpoint_every must be a positive number of steps or 'epoch', "
+                             f"got {every!r}")
+        if not isinstance(resume, bool):
+            raise InputError(f"resume must be True or False, got {resume!r}")
+        self.model, self.path, self.every = model, os.fspath(path), every
+        self.resume, self.run, self.steps = resume, run, steps_per_epoch
+        self.verbose = verbose
+
+    def start(self) -> tuple[History, Progress | None]:
+        """The history so far and where to start (None: from the beginning)."""
+        if not (self.resume and os.path.exists(self.path)):
+            if self.resume and self.verbose:
+                print(f"no checkpoint at {self.path} yet: starting from the beginning")
+            return History(), None
+        config, arrays = _read(self.path)
+        _check_compatible(self.model, config, arrays, self.path)
+        run, mine = config.get("run"), _normal(self.run)
+        if not isinstance(run, dict):
+            raise DataFormatError(f"{self.path}: invalid checkpoint: no run description")
+        if run != mine:  # checked before the model is touched
+            diff = sorted(k for k in set(run) | set(mine) if run.get(k) != mine.get(k))
+            raise InputError(
+                f"{self.path} was written by a run with other data or fit arguments (they differ "
+                f"in {', '.join(diff)}): resume with the same x, y, batch_size, seed and shuffle, "
+                "or start afresh with resume=False")
+        progress = _progress(config.get("progress"), self.path)
+        if progress.step > self.steps or (progress.step and not progress.seen):
+            raise DataFormatError(f"{self.path}: invalid checkpoint: step {progress.step} of an "
+                                  f"epoch of {self.steps} steps, {progress.seen} samples seen")
+        ckpt = _restore(self.model, config, arrays, self.path)
+        if self.verbose:
+            print(f"resuming from {self.path}: epoch {ckpt.epoch + 1}, {ckpt.step}/"
+                  f"{self.steps} steps done")
+        return ckpt.history, ckpt.progress
+
+    def after_step(self, epoch: int, step: int, loss_sum: float, correct: float, seen: float,
+                   t0: float, history: History) -> None:
+        """Called after batch ``step`` (1-based) of ``epoch``; t0 is the epoch's start time."""
+        if self.every == "epoch" or (epoch * self.steps + step) % self.every:  # type: ignore
+            return
+        if step == self.steps:
+            return  # the end-of-epoch checkpoint follows at once
+        save_checkpoint(self.model, self.path,
+                        Progress(epoch, step, loss_sum, correct, seen, time.perf_counter() - t0),
+                        history, self.run)
+
+    def after_epoch(self, epoch: int, history: History) -> None:
+        save_checkpoint(self.model, self.path, Progress(epoch + 1), history, self.run)

@@ -1,0 +1,245 @@
+"""NumPy-only kernels behind the one seam ``Backend.fast`` (see :mod:`xpcnn.ops.kernels`).
+
+Only code outside the Array API standard lives here: ``out=`` arguments, in-place ufuncs,
+boolean masks as ufunc operands, overlapping strided views, and chunked loops spread over one
+thread per BLAS thread. Each method matches its :class:`StandardKernels` twin, which
+``tests/test_fastpath.py`` checks.
+
+Threads: a chunked loop (im2col + matmul of a few images at a time) runs on as many threads as
+OpenBLAS has, with OpenBLAS itself pinned to one thread meanwhile. Each thread then copies and
+multiplies its own chunks: the copies run in parallel too, and there is one synchronisation per
+loop instead of one inside every small matmul (OpenBLAS's threads spin-wait there, which costs
+dearly whenever another process holds a core). Where OpenBLAS's thread count cannot be set
+(another BLAS), loops run on the calling thread and BLAS keeps its own threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import array_api_compat.numpy as compat_numpy
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from .kernels import StandardKernels
+
+
+class _OpenBLASThreads:
+    """Get and set the thread count of the OpenBLAS that NumPy loaded (Linux), else inert."""
+
+    def __init__(self) -> None:
+        self.get: Callable[[], int] | None = None
+        self.set: Callable[[int], None] | None = None
+        try:
+            with open("/proc/self/maps") as f:
+                paths = sorted({ln.split()[-1] for ln in f
+                                if "openblas" in ln.lower() and ln.rstrip().endswith(".so")
+                                or "openblas" in ln.lower() and ".so." in ln})
+        except OSError:
+            return
+        for path in paths:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for prefix in ("scipy_openblas_", "openblas_"):
+                for suffix in ("64_", ""):
+                    get = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
+                    put = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
+                    if get is not None and put is not None:
+                        get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                        self.get, self.set = get, put
+                        return
+
+
+class NumpyKernels(StandardKernels):
+    fast = True
+
+    def __init__(self) -> None:
+        super().__init__(compat_numpy)
+        self._blas = _OpenBLASThreads()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_key: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+
+    def _executor(self, workers: int) -> ThreadPoolExecutor:
+        key = (os.getpid(), workers)  # a forked child needs threads of its own
+        if self._pool is None or self._pool_key != key:
+            self._pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="xpcnn")
+            self._pool_key = key
+        return self._pool
+
+    def threads(self) -> int:
+        """Threads a chunked loop uses: OpenBLAS's count (1 where it cannot be pinned)."""
+        if self._blas.get is None:
+            return 1
+        return max(1, min(int(self._blas.get()), os.cpu_count() or 1))
+
+    def for_chunks(self, n: int, m: int, fn: Callable[[int, int, int], None]) -> None:
+        starts = list(range(0, n, m))
+        workers = min(self.threads(), len(starts))
+        if workers <= 1 or not self._lock.acquire(blocking=False):
+            # one thread (or a loop already running on another thread): in order, here
+            super().for_chunks(n, m, fn)
+            return
+        counter = itertools.count()  # next() is atomic: chunks go to whichever thread is free
+
+        def run(worker: int) -> None:
+            for i in iter(counter.__next__, None):
+                if i >= len(starts):
+                    return
+                fn(worker, starts[i], min(n, starts[i] + m))
+
+        old = self._blas.get()
+        self._blas.set(1)
+        try:
+            futures = [self._executor(workers).submit(run, w) for w in range(1, workers)]
+            try:
+                run(0)
+            finally:
+                for f in futures:
+                    f.result()
+        finally:
+            self._blas.set(old)
+            self._lock.release()
+
+    # Whole-batch matmuls (Dense layers) split into row blocks, one per thread. Small ones
+    # run as they are.
+    _SPLIT_MACS = 1 << 22
+
+    def _split_rows(self, rows: int, macs: int) -> int:
+        workers = self.threads()
+        if workers <= 1 or macs < self._SPLIT_MACS or rows < 2 * workers:
+            return rows
+        return -(-rows // workers)
+
+    def matmul(self, a: Any, b: Any) -> Any:
+        m = self._split_rows(a.shape[0], a.shape[0] * a.shape[1] * b.shape[1])
+        if m >= a.shape[0]:
+            return np.matmul(a, b)
+        out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+        self.for_chunks(a.shape[0], m,
+                        lambda w, r0, r1: np.matmul(a[r0:r1], b, out=out[r0:r1]))
+        return out
+
+    def matmul_tn(self, a: Any, b: Any) -> Any:
+        m = self._split_rows(a.shape[1], a.shape[0] * a.shape[1] * b.shape[1])
+        if m >= a.shape[1]:
+            return np.matmul(a.T, b)
+        out = np.empty((a.shape[1], b.shape[1]), np.result_type(a, b))
+        self.for_chunks(a.shape[1], m,
+                        lambda w, r0, r1: np.matmul(a[:, r0:r1].T, b, out=out[r0:r1]))
+        return out
+
+    def matmul_nt(self, a: Any, b: Any) -> Any:
+        m = self._split_rows(a.shape[0], a.shape[0] * a.shape[1] * b.shape[0])
+        if m >= a.shape[0]:
+            return np.matmul(a, b.T)
+        out = np.empty((a.shape[0], b.shape[0]), np.result_type(a, b))
+        self.for_chunks(a.shape[0], m,
+                        lambda w, r0, r1: np.matmul(a[r0:r1], b.T, out=out[r0:r1]))
+        return out
+
+    def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None) -> None:
+        np.matmul(a, b, out=out)
+        if bias is not None:
+            np.add(out, bias, out=out)  # while ``out`` is still in cache
+
+    def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                    out_hw: tuple[int, int]) -> Any:
+        # Channels-last: the kw horizontal taps of all channels are kw*C consecutive floats of
+        # the input, so all patches are one overlapping strided view of shape
+        # (n, Ho, Wo, kh, kw*C), copied in one call with kw*C-long runs (instead of kh*kw
+        # copies of C-long runs: 2-3x faster, most of all for few channels).
+        kh, kw = kernel
+        n, _, _, c = x.shape
+        ho, wo = out_hw
+        s0, s1, s2, s3 = x.strides
+        if s3 != x.itemsize or s2 != c * s3 or not out.flags.c_contiguous:
+            # not channels-last rows, or an output whose reshape would copy
+            return super().im2col_into(x, out, kernel, strides, out_hw)
+        shape = (n, ho, wo, kh, kw * c)
+        steps = (s0, s1 * strides[0], s2 * strides[1], s1, s3)
+        if x.flags.c_contiguous:  # np.ndarray over the buffer: 5x cheaper than as_strided
+            view = np.ndarray(shape, x.dtype, buffer=x, strides=steps)
+        else:
+            view = as_strided(x, shape, steps, writeable=False)
+        np.copyto(out.reshape(shape), view)
+        return out
+
+    def max_pool_backward(self, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
+                          strides: tuple[int, int], out_hw: tuple[int, int]) -> Any:
+        # The standard version's passes, in place: comparisons into reused boolean buffers,
+        # products written straight into the strided slices of dx; images split over threads.
+        # (A masked add or copyto writes fewer values but mispredicts on every ReLU-made tie:
+        # several times slower.)
+        kh, kw = kernel
+        sh, sw = strides
+        ho, wo = out_hw
+        overlap = sh < kh or sw < kw
+        covered = not overlap and x.shape[1] == ho * kh and x.shape[2] == wo * kw
+        dx = np.empty(x.shape, dy.dtype) if covered else np.zeros(x.shape, dy.dtype)
+        last = (kh - 1, kw - 1)
+
+        def work(worker: int, n0: int, n1: int) -> None:
+            xs, ys, dys, dxs = x[n0:n1], y[n0:n1], dy[n0:n1], dx[n0:n1]
+            hit = np.empty(ys.shape, bool)
+            taken = np.empty(ys.shape, bool)
+            prod = np.empty(ys.shape, dy.dtype) if overlap else None
+            for i in range(kh):
+                for j in range(kw):
+                    rows = slice(i, i + sh * (ho - 1) + 1, sh)
+                    cols = slice(j, j + sw * (wo - 1) + 1, sw)
+                    np.equal(xs[:, rows, cols, :], ys, out=hit)
+                    if i == 0 and j == 0:
+                        np.copyto(taken, hit)
+                    else:
+                        np.greater(hit, taken, out=hit)  # a maximum no earlier tap has taken
+                        if (i, j) != last:
+                            np.logical_or(taken, hit, out=taken)
+                    d = dxs[:, rows, cols, :]
+                    if overlap:
+                        np.multiply(dys, hit, out=prod)
+                        np.add(d, prod, out=d)
+                    else:
+                        np.multiply(dys, hit, out=d)
+
+        self.for_chunks(x.shape[0], self._split_rows(x.shape[0], dx.size * 4), work)
+        return dx
+
+    def _elementwise(self, fn: Callable[..., None], dtype: Any, *arrays: Any) -> Any:
+        """``fn(*row_blocks_of_arrays, out_block)`` over row blocks on threads; the arrays all
+        have one shape, and so does the returned ``out``."""
+        x = arrays[0]
+        out = np.empty(x.shape, dtype)
+        if x.ndim == 0 or x.size < (1 << 18) or any(a.shape != x.shape for a in arrays):
+            fn(*arrays, out)
+            return out
+        self.for_chunks(x.shape[0], self._split_rows(x.shape[0], x.size * 4),
+                        lambda w, a, b: fn(*(arr[a:b] for arr in arrays), out[a:b]))
+        return out
+
+    def mask_multiply(self, x: Any, mask: Any) -> Any:
+        if mask.shape != x.shape:
+            return np.multiply(x, mask, dtype=x.dtype)
+        return self._elementwise(lambda a, m, o: np.multiply(a, m, out=o), x.dtype, x, mask)
+
+    def relu(self, x: Any, max_value: float | None) -> Any:
+        zero = x.dtype.type(0)
+        cap = None if max_value is None else x.dtype.type(max_value)
+
+        def fn(a: Any, o: Any) -> None:
+            np.maximum(a, zero, out=o)
+            if cap is not None:
+                np.minimum(o, cap, out=o)
+
+        return self._elementwise(fn, x.dtype, x)
+
+
+KERNELS = NumpyKernels()

@@ -1,0 +1,74 @@
+"""The few primitives whose NumPy versions beat their standard spelling, and the standard ones.
+
+Ops call :func:`kernels_for` (never NumPy directly): it returns ``backend.fast`` (the NumPy
+kernels of :mod:`xpcnn.ops.fast_numpy`) when the backend offers one, else
+:class:`StandardKernels`, written against the Array API alone. Both compute the same values; the
+fast ones write into their outputs without temporaries (``out=``) and multiply by boolean masks
+without first casting them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .conv import im2col_into
+from .pool import max_pool_backward
+
+
+class StandardKernels:
+    """The Array API versions (any namespace, any device)."""
+
+    fast = False
+
+    def __init__(self, xp: Any) -> None:
+        self.xp = xp
+
+    def for_chunks(self, n: int, m: int, fn: Callable[[int, int, int], None]) -> None:
+        """Call ``fn(worker, start, stop)`` for the chunks [start, stop) of m images of n
+        (here in order, all as worker 0; fast kernels may spread them over threads)."""
+        for n0 in range(0, n, m):
+            fn(0, n0, min(n, n0 + m))
+
+    def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None) -> None:
+        """``out[...] = a @ b (+ bias)`` for 2-D ``a``, ``b`` and a 2-D slice ``out``."""
+        y = a @ b
+        out[...] = y if bias is None else y + bias
+
+    def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                    out_hw: tuple[int, int]) -> Any:
+        """Patches of a padded (n, H, W, C) input into ``out`` (n, Ho, Wo, kh*kw*C)."""
+        return im2col_into(x, out, kernel, strides, out_hw)
+
+    def matmul(self, a: Any, b: Any) -> Any:
+        """``a @ b`` for 2-D ``a`` and ``b``."""
+        return a @ b
+
+    def matmul_tn(self, a: Any, b: Any) -> Any:
+        """``a^T @ b`` for 2-D ``a`` and ``b`` with the same number of rows."""
+        return self.xp.matrix_transpose(a) @ b
+
+    def matmul_nt(self, a: Any, b: Any) -> Any:
+        """``a @ b^T`` for 2-D ``a`` and ``b`` with the same number of columns."""
+        return a @ self.xp.matrix_transpose(b)
+
+    def max_pool_backward(self, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
+                          strides: tuple[int, int], out_hw: tuple[int, int]) -> Any:
+        """Gradient of a max pool of padded ``x`` (see :func:`xpcnn.ops.pool.max_pool_backward`):
+        each window's gradient goes to its first maximum in row-major order."""
+        return max_pool_backward(self.xp, x, y, dy, kernel, strides, out_hw)
+
+    def mask_multiply(self, x: Any, mask: Any) -> Any:
+        """``x`` where the boolean ``mask`` holds, 0 elsewhere (as a product, not ``where``:
+        several times faster)."""
+        return x * self.xp.astype(mask, x.dtype)
+
+    def relu(self, x: Any, max_value: float | None) -> Any:
+        """``min(max(x, 0), max_value)``."""
+        return self.xp.clip(x, min=0.0, max=max_value)
+
+
+def kernels_for(backend: Any) -> Any:
+    """The backend's fast kernels if it has them, else the standard ones."""
+    fast = backend.fast
+    return fast if fast is not None else StandardKernels(backend.xp)
