@@ -21,6 +21,7 @@ from .errors import (
     DeviceError,
     DownloadError,
     InputError,
+    MissingDependencyError,
     NonFiniteError,
     XpcnnError,
 )
@@ -32,6 +33,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "InputError",
-    "NonFiniteError", "Sequential", "SoftmaxCrossEntropy", "XpcnnError", "get_backend", "layers",
-    "load_checkpoint", "load_model", "optim",
+    "MissingDependencyError", "NonFiniteError", "Sequential", "SoftmaxCrossEntropy", "XpcnnError",
+    "get_backend", "layers", "load_checkpoint", "load_model", "optim",
 ]

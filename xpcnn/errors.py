@@ -28,3 +28,7 @@ class DownloadError(XpcnnError, OSError):
 
 class NonFiniteError(XpcnnError, FloatingPointError):
     """A NaN or infinity in the loss or a gradient during training."""
+
+
+class MissingDependencyError(XpcnnError, ImportError):
+    """An optional extra that is not installed (matplotlib for ``xpcnn[viz]``, CuPy for CUDA)."""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import checks
-from .errors import InputError, XpcnnError
+from .errors import InputError, MissingDependencyError
 from .layers import Conv2D, FeatureNorm, Layer, MaxPool2D, ReLU, Softmax
 from .model import History, Sequential
 
@@ -47,10 +47,6 @@ NOTEBOOK_CEILING = 1.0
 _SIGNED_CMAP = "RdBu_r"
 _POSITIVE_CMAP = "viridis"
 _GAP_COLOUR = "0.8"  # between filter tiles: light grey, so near-white kernels keep an edge
-
-
-class MissingDependencyError(XpcnnError, ImportError):
-    """An optional extra (here matplotlib, ``xpcnn[viz]``) that is not installed."""
 
 
 # -- matplotlib, imported on first use ------------------------------------------------------
