@@ -389,6 +389,8 @@ def measure_memory(lib: str, name: str) -> dict[str, Any] | None:
         cmd += ["--threads", str(ARGS.threads)]
     if ARGS.torch_channels_last:
         cmd.append("--torch-channels-last")
+    if lib == "xpcnn":
+        cmd.append("--no-torch")
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         print(f"memory subprocess {lib}:{name} failed:\n{out.stderr}", file=sys.stderr)
@@ -483,6 +485,8 @@ def main() -> None:
         return
     if torch is not None:
         torch.set_num_threads(THREADS)
+    if ARGS.steps < 1 or ARGS.blocks < 1 or ARGS.warmup < 0 or ARGS.batch_size < 1:
+        raise SystemExit("--steps, --blocks and --batch-size must be >= 1, --warmup >= 0")
     names = [n.strip() for n in ARGS.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -508,6 +512,16 @@ def main() -> None:
         result["models"].append(row)
         print(f"{name}: done ({json.dumps({k: row[k] for k in row if k.endswith('ratio')})})",
               file=sys.stderr)
+    # The peak again at the end (another process may have held a core at the start): the best
+    # of the two is the machine's, and every share is recomputed against it.
+    best = max(peak, matmul_peak())
+    result["machine"]["matmul_peak_gflop_s"] = best
+    for row in result["models"]:
+        for lib in ("xpcnn", "torch"):
+            if lib in row:
+                row[lib]["train_peak_share"] = row[lib]["train_gflop_s"] / best
+                row[lib]["infer_peak_share"] = row[lib]["infer_gflop_s"] / best
+    result["machine"]["load_average_end"] = load_average()
     print_table(result)
     if ARGS.json:
         with open(ARGS.json, "w") as f:

@@ -171,6 +171,12 @@ def main() -> None:
         c = "-" if conv is None else f"{conv:.4f}"
         m = "-" if mlp_acc is None else f"{mlp_acc:.4f}"
         print(f"{seed:4d}  {c:>18}  {m:>16}")
+    convs = [r[1] for r in results if r[1] is not None]
+    mlps = [r[2] for r in results if r[2] is not None]
+    if len(results) > 1:
+        c = f"{np.mean(convs):.4f}" if convs else "-"
+        m = f"{np.mean(mlps):.4f}" if mlps else "-"
+        print(f"mean  {c:>18}  {m:>16}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from nets import every_layer_net, gap_net
 import xpcnn
 from xpcnn import backend as backend_module
 from xpcnn.backend import get_backend, set_fast_path
-from xpcnn.layers import Conv2D, Dense, MaxPool2D, ReLU
+from xpcnn.layers import Conv2D, Dense, FeatureNorm, MaxPool2D, ReLU
 from xpcnn.models import build_layers
 from xpcnn.ops import conv as ops
 from xpcnn.ops.fast_numpy import KERNELS as FAST
@@ -59,7 +59,7 @@ def test_im2col(kernel, strides, shape, dtype, rng):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("m, k, n", [(7, 5, 3), (300, 200, 150)])  # small, and split by rows
+@pytest.mark.parametrize("m, k, n", [(7, 5, 3), (300, 200, 150), (512, 9, 32)])
 def test_matmuls(m, k, n, rng):
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
@@ -70,6 +70,7 @@ def test_matmuls(m, k, n, rng):
                                atol=1e-4)
     np.testing.assert_allclose(FAST.matmul_nt(a, bt), STD.matmul_nt(a, bt), rtol=1e-5,
                                atol=1e-4)
+    np.testing.assert_allclose(FAST.sum_rows(a), STD.sum_rows(a), rtol=1e-5, atol=1e-4)
     bias = rng.standard_normal(n).astype(np.float32)
     for bb in (None, bias):
         want, got = np.empty((m, n), np.float32), np.empty((m, n), np.float32)
@@ -80,15 +81,16 @@ def test_matmuls(m, k, n, rng):
 
 @pytest.mark.parametrize("pool, strides, shape", [
     ((2, 2), (2, 2), (2, 6, 6, 3)), ((2, 2), (2, 2), (2, 7, 5, 2)), ((3, 3), (2, 2), (2, 7, 7, 2)),
-    ((2, 3), (1, 1), (1, 4, 5, 1)),
+    ((2, 3), (1, 1), (1, 4, 5, 1)), ((2, 2), (2, 2), (64, 16, 16, 16)),  # last: threads
 ])
-def test_max_pool_backward_with_ties(pool, strides, shape, rng):
+def test_max_pool_with_ties(pool, strides, shape, rng):
     # integers in a small range (and ReLU-style zeros) make many tied maxima
     x = np.maximum(rng.integers(-2, 3, shape), 0).astype(np.float32)
     out_hw = ops.output_size(shape[1:3], pool, strides, (0, 0, 0, 0))
     from xpcnn.ops.pool import max_pool
 
     y = max_pool(xpn, x, pool, strides, out_hw)
+    np.testing.assert_array_equal(FAST.max_pool(x, pool, strides, out_hw), y)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     want = STD.max_pool_backward(x, y, dy, pool, strides, out_hw)
     got = FAST.max_pool_backward(x, y, dy, pool, strides, out_hw)
@@ -98,9 +100,12 @@ def test_max_pool_backward_with_ties(pool, strides, shape, rng):
 
 
 def test_relu_and_masks(rng):
-    x = rng.standard_normal((4, 5, 6)).astype(np.float32) * 3
+    x = rng.standard_normal((64, 80, 60)).astype(np.float32) * 3  # big enough for threads
     for cap in (None, 2.0):
         np.testing.assert_array_equal(FAST.relu(x, cap), STD.relu(x, cap))
+        for got, want in zip(FAST.relu_with_mask(x, cap), STD.relu_with_mask(x, cap),
+                             strict=True):
+            np.testing.assert_array_equal(got, want)
     mask = x > 0
     np.testing.assert_array_equal(FAST.mask_multiply(x, mask), STD.mask_multiply(x, mask))
 
@@ -171,6 +176,26 @@ def test_pool_relu_dense_layers_fast_equals_standard(rng):
                 set_fast_path(old)
         for got, want in zip(out[0], out[1], strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5, 2), (64, 12, 10, 8)])  # the second on threads
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_feature_norm_fast_equals_standard(shape, dtype, rng):
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    out = []
+    for fast in (True, False):
+        old = set_fast_path(fast)
+        try:
+            layer = FeatureNorm()
+            layer.build(shape[1:], "cpu", dtype=dtype)
+            y = layer.forward(x, training=True)
+            out.append((y, layer.backward(dy)))
+        finally:
+            set_fast_path(old)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    for got, want in zip(out[0], out[1], strict=True):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
 def _train(net, data, shape, fast):

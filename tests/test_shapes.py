@@ -7,7 +7,7 @@ import inspect
 import numpy as np
 import pytest
 
-from xpcnn.datasets import SHAPES_CLASSES, load_dataset, load_shapes
+from xpcnn.datasets import SHAPES_CLASSES, load_dataset, load_shapes, shapes
 from xpcnn.datasets.shapes import DEFAULT_N_TEST, DEFAULT_N_TRAIN
 from xpcnn.errors import InputError
 
@@ -72,10 +72,20 @@ def test_test_set_independent_of_n_train():
     np.testing.assert_array_equal(yt_a, yt_b)
 
 
-def test_images_are_not_blank():
-    (x, _), _ = load_shapes(n_train=300, n_test=0, seed=4)
-    spread = x.reshape(len(x), -1).astype(np.int16)
-    assert (spread.max(axis=1) - spread.min(axis=1) > 60).all()
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("k", range(10))
+def test_every_shape_is_visible_at_its_smallest(size, k):
+    # Smallest radius and thinnest line at many sub-pixel offsets: pixels must be drawn.
+    scale = size / 32
+    rng = np.random.default_rng(k)
+    grid = np.arange(size, dtype=np.float32) + 0.5
+    c = (size / 2 + rng.uniform(-1, 1, (200, 2))).astype(np.float32)
+    dx = grid[None, None, :] - c[:, 0, None, None]
+    dy = grid[None, :, None] - c[:, 1, None, None]
+    r = np.float32(shapes._RADIUS[0] * scale)
+    t = np.float32(max(shapes._THICK[0] * scale, 1.0))
+    drawn = shapes._draw(k, dx, dy, r, t).sum(axis=(1, 2))
+    assert drawn.min() >= 3
 
 
 def test_image_size():

@@ -22,6 +22,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import DownloadError
 
@@ -122,6 +123,9 @@ def download_file(
             _stream(url, out, md5, timeout, max_bytes)
             out.flush()
             os.fsync(out.fileno())
+        # mkstemp makes the file private (0600); a dataset in a shared folder should be readable.
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     except BaseException as e:
         # Whatever happened (including Ctrl-C), no partial file may stay behind.
@@ -138,7 +142,7 @@ def download_file(
     return dest
 
 
-def _stream(url: str, out, md5: str | None, timeout: float, max_bytes: int) -> None:
+def _stream(url: str, out: BinaryIO, md5: str | None, timeout: float, max_bytes: int) -> None:
     """Copy the body of ``url`` to ``out``, checking length, size cap and checksum."""
     digest = hashlib.md5(usedforsecurity=False)
     req = urllib.request.Request(url, headers={"User-Agent": "xpcnn"})

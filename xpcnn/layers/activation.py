@@ -26,12 +26,12 @@ class ReLU(Layer):
 
     def forward(self, x: Any, training: bool = False) -> Any:
         kern = kernels_for(self.backend)
-        y = kern.relu(x, self.max_value)
-        if training:
-            # The gradient passes where the output is strictly inside (0, max_value). Kept as a
-            # boolean mask (a quarter of the memory of a float one); backward multiplies by it,
-            # several times faster than xp.where.
-            self._cache_mask = x > 0 if self.max_value is None else (x > 0) & (x < self.max_value)
+        if not training:
+            return kern.relu(x, self.max_value)
+        # The gradient passes where the output is strictly inside (0, max_value). Kept as a
+        # boolean mask (a quarter of the memory of a float one); backward multiplies by it,
+        # several times faster than xp.where.
+        y, self._cache_mask = kern.relu_with_mask(x, self.max_value)
         return y
 
     def backward(self, dy: Any) -> Any:

@@ -73,18 +73,17 @@ class Conv2D(Layer):
         n = x.shape[0]
         self._cache_x_dtype = x.dtype
         x = xp.astype(x, self.compute_dtype, copy=False)
-        ws = self._workspace()
-        # Training keeps its padded input until backward: a buffer of its own, so that an
-        # inference call in between cannot overwrite it.
-        xpad = ops.pad_into(xp, x, self.pads, ws, "xpad_train" if training else "xpad")
         w2 = xp.reshape(xp.astype(self.params["kernel"], self.compute_dtype, copy=False),
                         (-1, self.filters))
         bias = (xp.astype(self.params["bias"], self.compute_dtype, copy=False)
                 if self.use_bias else None)
-        y = ops.conv_forward(xp, kernels_for(self.backend), xpad, w2, bias, self.kernel_size,
-                             self.strides, self.out_hw, ws, "cols", self.backend.chunk_bytes)
+        # Each chunk of images is padded and unfolded in a small buffer (no whole-batch copy);
+        # backward redoes that from the cached input rather than keeping the patches.
+        y = ops.conv_forward(xp, kernels_for(self.backend), x, w2, bias, self.kernel_size,
+                             self.strides, self.pads, self.out_hw, self._workspace(), "cols",
+                             self.backend.chunk_bytes)
         if training:
-            self._cache_xpad = xpad
+            self._cache_x = x
         return xp.reshape(y, (n, *self.out_hw, self.filters))
 
     def backward(self, dy: Any) -> Any:
@@ -92,16 +91,16 @@ class Conv2D(Layer):
         kern = kernels_for(self.backend)
         ws = self._workspace()
         budget = self.backend.chunk_bytes
-        xpad = self._cache_xpad
+        x = self._cache_x
         dy = xp.astype(dy, self.compute_dtype, copy=False)
         dy2 = xp.reshape(dy, (-1, self.filters))
-        dw = ops.conv_weight_grad(xp, kern, xpad, dy2, self.kernel_size, self.strides,
+        dw = ops.conv_weight_grad(xp, kern, x, dy2, self.kernel_size, self.strides, self.pads,
                                   self.out_hw, ws, "cols", budget)
         self.grads["kernel"] = xp.astype(xp.reshape(dw, self.params["kernel"].shape), self.dtype,
                                          copy=False)
         if self.use_bias:
-            self.grads["bias"] = xp.astype(xp.sum(dy2, axis=0), self.dtype, copy=False)
-        self._cache_xpad = None
+            self.grads["bias"] = xp.astype(kern.sum_rows(dy2), self.dtype, copy=False)
+        self._cache_x = None
         if not self.need_input_grad:
             return None
         kernel = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
@@ -115,8 +114,9 @@ class Conv2D(Layer):
             # W^T built by permute + reshape comes out contiguous; a matmul against a
             # transposed view is several times slower on OpenBLAS.
             w2t = xp.reshape(xp.permute_dims(kernel, (3, 0, 1, 2)), (self.filters, -1))
-            dcols = xp.reshape(dy2 @ w2t, (xpad.shape[0], *self.out_hw, w2t.shape[-1]))
-            dxpad = ops.col2im(xp, dcols, tuple(xpad.shape), self.kernel_size, self.strides,
-                               self.out_hw)
+            dcols = xp.reshape(dy2 @ w2t, (x.shape[0], *self.out_hw, w2t.shape[-1]))
+            pt, pb, pl, pr = self.pads
+            padded = (x.shape[0], h + pt + pb, w + pl + pr, x.shape[3])
+            dxpad = ops.col2im(xp, dcols, padded, self.kernel_size, self.strides, self.out_hw)
             dx = ops.unpad(dxpad, self.pads)
         return xp.astype(dx, self._cache_x_dtype, copy=False)

@@ -76,7 +76,7 @@ class Dense(Layer):
         self.grads["kernel"] = xp.astype(kern.matmul_tn(self._cache_x, dy), self.dtype,
                                          copy=False)
         if self.use_bias:
-            self.grads["bias"] = xp.astype(xp.sum(dy, axis=0), self.dtype, copy=False)
+            self.grads["bias"] = xp.astype(kern.sum_rows(dy), self.dtype, copy=False)
         self._cache_x = None
         if not self.need_input_grad:
             return None

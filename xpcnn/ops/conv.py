@@ -139,20 +139,9 @@ def images_per_chunk(n: int, bytes_per_image: int, budget: int | None) -> int:
     """How many images of ``bytes_per_image`` scratch fit ``budget`` (all when None)."""
     if budget is None:
         return n
-    # at least two chunks, so that two threads (where the kernels use them) share the work
-    return max(1, min((n + 1) // 2, budget // max(bytes_per_image, 1)))
-
-
-def pad_into(xp: Any, x: Any, pads: Pads, ws: Workspace, key: str, value: float = 0.0) -> Any:
-    """:func:`pad` into a reused buffer whose border already holds ``value``."""
-    if not any(pads):
-        return x
-    top, bottom, left, right = pads
-    n, h, w, c = x.shape
-    out = ws.get(xp, key, (n, h + top + bottom, w + left + right, c), x.dtype, x.device,
-                 fill=value)
-    out[:, top : top + h, left : left + w, :] = x
-    return out
+    # at least eight chunks, so that threads (where the kernels use them) share the work
+    # evenly whichever finishes first
+    return max(1, min(-(-n // 8), budget // max(bytes_per_image, 1)))
 
 
 def im2col_into(
@@ -168,47 +157,62 @@ def im2col_into(
     return out
 
 
-def _patches(xp: Any, kern: Any, xpad: Any, n0: int, n1: int, buf: Any, kernel: tuple[int, int],
-             strides: tuple[int, int], out_hw: tuple[int, int]) -> Any:
-    """The (rows, kh*kw*C) patch matrix of images n0:n1 (im2col into ``buf``, or the input
-    itself for a 1x1 stride-1 kernel)."""
-    rows = (n1 - n0) * out_hw[0] * out_hw[1]
-    if buf is None:
-        return xp.reshape(xpad[n0:n1, ...], (rows, xpad.shape[3]))
-    part = buf if buf.shape[0] == n1 - n0 else buf[: n1 - n0, ...]
-    cols = kern.im2col_into(xpad[n0:n1, ...], part, kernel, strides, out_hw)
-    return xp.reshape(cols, (rows, buf.shape[3]))
+def _patches(xp: Any, kern: Any, x: Any, n0: int, n1: int, pads: Pads, ws: Workspace, key: str,
+             m: int, kernel: tuple[int, int], strides: tuple[int, int],
+             out_hw: tuple[int, int]) -> Any:
+    """The (rows, kh*kw*C) patch matrix of images n0:n1 of the unpadded input ``x``.
+
+    The chunk is padded into a small buffer of its own (zero border kept across calls), then
+    copied into patches (im2col); a 1x1 stride-1 kernel without padding reads ``x`` itself.
+    Buffers are per ``key`` (one per worker thread), sized for ``m`` images.
+    """
+    n, h, w, c = x.shape
+    b = n1 - n0
+    rows = b * out_hw[0] * out_hw[1]
+    if kernel == (1, 1) and strides == (1, 1) and not any(pads):
+        return xp.reshape(x[n0:n1, ...], (rows, c))
+    src = x[n0:n1, ...]
+    if any(pads):
+        top, bottom, left, right = pads
+        padded = ws.get(xp, key + "_pad", (m, h + top + bottom, w + left + right, c), x.dtype,
+                        x.device, fill=0.0)
+        src = padded if b == m else padded[:b, ...]
+        src[:, top : top + h, left : left + w, :] = x[n0:n1, ...]
+    kk = kernel[0] * kernel[1] * c
+    buf = ws.get(xp, key, (m, *out_hw, kk), x.dtype, x.device)
+    part = buf if b == m else buf[:b, ...]
+    return xp.reshape(kern.im2col_into(src, part, kernel, strides, out_hw), (rows, kk))
 
 
 def conv_forward(
     xp: Any,
     kern: Any,
-    xpad: Any,
+    x: Any,
     w2: Any,
     bias: Any,
     kernel: tuple[int, int],
     strides: tuple[int, int],
+    pads: Pads,
     out_hw: tuple[int, int],
     ws: Workspace,
     key: str,
     budget: int | None,
 ) -> Any:
-    """Convolution of a padded (N, H, W, C) input with a (kh*kw*C, K) kernel matrix.
+    """Convolution of an (N, H, W, C) input, zero-padded by ``pads``, with a (kh*kw*C, K)
+    kernel matrix.
 
     Returns the (N*Ho*Wo, K) output rows. Chunks of images may run on several threads
     (``kern.for_chunks``), each with scratch of its own.
     """
-    n = xpad.shape[0]
+    n = x.shape[0]
     ho, wo = out_hw
     kk, k = w2.shape
-    y = xp.empty((n * ho * wo, k), dtype=xpad.dtype, device=xpad.device)
-    direct = kernel == (1, 1) and strides == (1, 1)
+    y = xp.empty((n * ho * wo, k), dtype=x.dtype, device=x.device)
     m = images_per_chunk(n, ho * wo * kk * 4, budget)
 
     def work(worker: int, n0: int, n1: int) -> None:
-        buf = None if direct else ws.get(xp, f"{key}{worker}", (m, ho, wo, kk), xpad.dtype,
-                                          xpad.device)
-        cols = _patches(xp, kern, xpad, n0, n1, buf, kernel, strides, out_hw)
+        cols = _patches(xp, kern, x, n0, n1, pads, ws, f"{key}{worker}", m, kernel, strides,
+                        out_hw)
         kern.matmul_into(cols, w2, y[n0 * ho * wo : n1 * ho * wo, :], bias)
 
     kern.for_chunks(n, m, work)
@@ -218,28 +222,27 @@ def conv_forward(
 def conv_weight_grad(
     xp: Any,
     kern: Any,
-    xpad: Any,
+    x: Any,
     dy2: Any,
     kernel: tuple[int, int],
     strides: tuple[int, int],
+    pads: Pads,
     out_hw: tuple[int, int],
     ws: Workspace,
     key: str,
     budget: int | None,
 ) -> Any:
     """Kernel gradient (kh*kw*C, K): patches^T @ output gradient, summed over chunks."""
-    n, c = xpad.shape[0], xpad.shape[3]
+    n = x.shape[0]
     ho, wo = out_hw
-    kk = kernel[0] * kernel[1] * c
-    direct = kernel == (1, 1) and strides == (1, 1)
+    kk = kernel[0] * kernel[1] * x.shape[3]
     m = images_per_chunk(n, ho * wo * kk * 4, budget)
     parts: dict[int, Any] = {}  # per chunk, summed in chunk order: the same bits however
     # the chunks were spread over threads
 
     def work(worker: int, n0: int, n1: int) -> None:
-        buf = None if direct else ws.get(xp, f"{key}{worker}", (m, ho, wo, kk), xpad.dtype,
-                                          xpad.device)
-        cols = _patches(xp, kern, xpad, n0, n1, buf, kernel, strides, out_hw)
+        cols = _patches(xp, kern, x, n0, n1, pads, ws, f"{key}{worker}", m, kernel, strides,
+                        out_hw)
         parts[n0] = kern.matmul_tn(cols, dy2[n0 * ho * wo : n1 * ho * wo, :])
 
     kern.for_chunks(n, m, work)
@@ -282,9 +285,8 @@ def conv_input_grad(
     kh, kw = kernel
     n, ho, wo, k = dy.shape
     h, w = in_hw
-    a, b = kh - 1 - pads[0], kw - 1 - pads[2]
-    dypad = ws.get(xp, key + "_pad", (n, h + kh - 1, w + kw - 1, k), dy.dtype, dy.device,
-                   fill=0.0)
-    dypad[:, a : a + ho, b : b + wo, :] = dy
-    dx = conv_forward(xp, kern, dypad, wflip2, None, kernel, (1, 1), (h, w), ws, key, budget)
+    # dy padded so that the stride-1 convolution's output is exactly (h, w)
+    gpads = (kh - 1 - pads[0], kh - 1 - pads[1], kw - 1 - pads[2], kw - 1 - pads[3])
+    dx = conv_forward(xp, kern, dy, wflip2, None, kernel, (1, 1), gpads, (h, w), ws, key,
+                      budget)
     return xp.reshape(dx, (n, h, w, wflip2.shape[1]))

@@ -38,11 +38,10 @@ class _OpenBLASThreads:
         self.set: Callable[[int], None] | None = None
         try:
             with open("/proc/self/maps") as f:
-                paths = sorted({ln.split()[-1] for ln in f
-                                if "openblas" in ln.lower() and ln.rstrip().endswith(".so")
-                                or "openblas" in ln.lower() and ".so." in ln})
+                paths = sorted({ln.split()[-1] for ln in f if "/" in ln})
         except OSError:
             return
+        paths = [p for p in paths if "openblas" in os.path.basename(p).lower() and ".so" in p]
         for path in paths:
             try:
                 lib = ctypes.CDLL(path)
@@ -67,6 +66,8 @@ class NumpyKernels(StandardKernels):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_key: tuple[int, int] | None = None
         self._lock = threading.Lock()
+        self._cores = os.cpu_count() or 1
+        self._ones_cache: dict[tuple[int, str], Any] = {}
 
     def _executor(self, workers: int) -> ThreadPoolExecutor:
         key = (os.getpid(), workers)  # a forked child needs threads of its own
@@ -79,7 +80,7 @@ class NumpyKernels(StandardKernels):
         """Threads a chunked loop uses: OpenBLAS's count (1 where it cannot be pinned)."""
         if self._blas.get is None:
             return 1
-        return max(1, min(int(self._blas.get()), os.cpu_count() or 1))
+        return max(1, min(int(self._blas.get()), self._cores))
 
     def for_chunks(self, n: int, m: int, fn: Callable[[int, int, int], None]) -> None:
         starts = list(range(0, n, m))
@@ -111,11 +112,14 @@ class NumpyKernels(StandardKernels):
 
     # Whole-batch matmuls (Dense layers) split into row blocks, one per thread. Small ones
     # run as they are.
+    # Elementwise passes likewise, from a quarter of a million elements.
     _SPLIT_MACS = 1 << 22
+    _SPLIT_ELEMENTS = 1 << 18
 
-    def _split_rows(self, rows: int, macs: int) -> int:
+    def _split_rows(self, rows: int, work: int, minimum: int = _SPLIT_MACS) -> int:
+        """Rows per block to share ``work`` among the threads (all rows if not worth it)."""
         workers = self.threads()
-        if workers <= 1 or macs < self._SPLIT_MACS or rows < 2 * workers:
+        if workers <= 1 or work < minimum or rows < 2 * workers:
             return rows
         return -(-rows // workers)
 
@@ -148,8 +152,13 @@ class NumpyKernels(StandardKernels):
 
     def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None) -> None:
         np.matmul(a, b, out=out)
-        if bias is not None:
-            np.add(out, bias, out=out)  # while ``out`` is still in cache
+        if bias is not None:  # while ``out`` is still in cache, over widened rows
+            k = self._widen(out.shape[0], out.shape[1])
+            if k > 1 and out.flags.c_contiguous:
+                wide = out.reshape(-1, k * out.shape[1])
+                np.add(wide, np.tile(bias, k), out=wide)
+            else:
+                np.add(out, bias, out=out)
 
     def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
                     out_hw: tuple[int, int]) -> Any:
@@ -171,6 +180,27 @@ class NumpyKernels(StandardKernels):
         else:
             view = as_strided(x, shape, steps, writeable=False)
         np.copyto(out.reshape(shape), view)
+        return out
+
+    def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                 out_hw: tuple[int, int]) -> Any:
+        kh, kw = kernel
+        sh, sw = strides
+        ho, wo = out_hw
+        out = np.empty((x.shape[0], ho, wo, x.shape[3]), x.dtype)
+
+        def work(worker: int, n0: int, n1: int) -> None:
+            xs, o = x[n0:n1], out[n0:n1]
+            for i in range(kh):
+                for j in range(kw):
+                    w = xs[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+                    if i == 0 and j == 0:
+                        np.copyto(o, w)
+                    else:
+                        np.maximum(o, w, out=o)
+
+        self.for_chunks(x.shape[0], self._split_rows(x.shape[0], x.size, self._SPLIT_ELEMENTS),
+                        work)
         return out
 
     def max_pool_backward(self, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
@@ -210,7 +240,85 @@ class NumpyKernels(StandardKernels):
                     else:
                         np.multiply(dys, hit, out=d)
 
-        self.for_chunks(x.shape[0], self._split_rows(x.shape[0], dx.size * 4), work)
+        self.for_chunks(x.shape[0], self._split_rows(x.shape[0], dx.size, self._SPLIT_ELEMENTS),
+                        work)
+        return dx
+
+    def _image_blocks(self, x: Any, budget: int = 1 << 20) -> int:
+        """Images per block for per-image passes: about ``budget`` bytes, two blocks at least."""
+        per_image = max(1, x[:1].nbytes)
+        return max(1, min(-(-x.shape[0] // 2), budget // per_image))
+
+    @staticmethod
+    def _widen(positions: int, channels: int) -> int:
+        """How many positions to fold into one row so that per-channel broadcasts run over
+        rows of at least 256 values (NumPy's inner loop otherwise stops every C values)."""
+        k = 1
+        while k * channels < 256 and positions % (2 * k) == 0:
+            k *= 2
+        return k
+
+    def _ones(self, n: int, dtype: Any) -> Any:
+        key = (n, np.dtype(dtype).str)
+        ones = self._ones_cache.get(key)
+        if ones is None:
+            ones = self._ones_cache[key] = np.ones(n, dtype)
+        return ones
+
+    def sum_rows(self, a: Any) -> Any:
+        # a matrix-vector product with ones: 5x faster than a reduction over axis 0
+        if a.ndim != 2 or a.shape[0] < 2:
+            return super().sum_rows(a)
+        return np.matmul(self._ones(a.shape[0], a.dtype), a)
+
+    def feature_norm(self, x: Any, eps: float) -> tuple[Any, Any]:
+        """FeatureNorm's forward: (x - mean_hw) / sqrt(var_hw + eps) and that 1/sqrt, per image
+        and channel; each block of images makes all its passes while it is in cache, sums
+        as products with ones, broadcasts over widened rows."""
+        n, h, w, c = x.shape
+        k = self._widen(h * w, c)
+        xhat = np.empty(x.shape, x.dtype)
+        inv_std = np.empty((n, 1, 1, c), x.dtype)
+        ones = self._ones(h * w, x.dtype)
+        scale = x.dtype.type(1.0 / (h * w))
+
+        def work(worker: int, n0: int, n1: int) -> None:
+            b = n1 - n0
+            xs = x[n0:n1].reshape(b, h * w, c)
+            o = xhat[n0:n1].reshape(b, h * w // k, k * c)
+            mean = np.matmul(ones, xs) * scale  # (b, c)
+            np.subtract(xs.reshape(o.shape), np.tile(mean, k)[:, None, :], out=o)
+            o3 = o.reshape(b, h * w, c)
+            var = np.matmul(ones, np.square(o3)) * scale
+            inv = np.divide(x.dtype.type(1), np.sqrt(var + x.dtype.type(eps)))
+            inv_std[n0:n1, 0, 0, :] = inv
+            np.multiply(o, np.tile(inv, k)[:, None, :], out=o)
+
+        self.for_chunks(n, self._image_blocks(x), work)
+        return xhat, inv_std
+
+    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any) -> Any:
+        """inv_std * (dy - mean_hw(dy) - xhat * mean_hw(dy * xhat)), a block of images at a
+        time."""
+        n, h, w, c = dy.shape
+        k = self._widen(h * w, c)
+        dx = np.empty(dy.shape, dy.dtype)
+        ones = self._ones(h * w, dy.dtype)
+        scale = dy.dtype.type(1.0 / (h * w))
+
+        def work(worker: int, n0: int, n1: int) -> None:
+            b = n1 - n0
+            shape = (b, h * w // k, k * c)
+            d, xh, o = (a[n0:n1].reshape(shape) for a in (dy, xhat, dx))
+            m1 = np.matmul(ones, d.reshape(b, h * w, c)) * scale
+            np.multiply(d, xh, out=o)
+            m2 = np.matmul(ones, o.reshape(b, h * w, c)) * scale
+            np.multiply(xh, np.tile(m2, k)[:, None, :], out=o)
+            np.subtract(d, o, out=o)
+            np.subtract(o, np.tile(m1, k)[:, None, :], out=o)
+            np.multiply(o, np.tile(inv_std[n0:n1, 0, 0, :], k)[:, None, :], out=o)
+
+        self.for_chunks(n, self._image_blocks(dy), work)
         return dx
 
     def _elementwise(self, fn: Callable[..., None], dtype: Any, *arrays: Any) -> Any:
@@ -218,10 +326,10 @@ class NumpyKernels(StandardKernels):
         have one shape, and so does the returned ``out``."""
         x = arrays[0]
         out = np.empty(x.shape, dtype)
-        if x.ndim == 0 or x.size < (1 << 18) or any(a.shape != x.shape for a in arrays):
+        if x.ndim == 0 or any(a.shape != x.shape for a in arrays):
             fn(*arrays, out)
             return out
-        self.for_chunks(x.shape[0], self._split_rows(x.shape[0], x.size * 4),
+        self.for_chunks(x.shape[0], self._split_rows(x.shape[0], x.size, self._SPLIT_ELEMENTS),
                         lambda w, a, b: fn(*(arr[a:b] for arr in arrays), out[a:b]))
         return out
 
@@ -240,6 +348,20 @@ class NumpyKernels(StandardKernels):
                 np.minimum(o, cap, out=o)
 
         return self._elementwise(fn, x.dtype, x)
+
+    def relu_with_mask(self, x: Any, max_value: float | None) -> tuple[Any, Any]:
+        zero = x.dtype.type(0)
+        cap = None if max_value is None else x.dtype.type(max_value)
+        mask = np.empty(x.shape, bool)
+
+        def fn(a: Any, m: Any, o: Any) -> None:
+            np.maximum(a, zero, out=o)
+            np.greater(a, zero, out=m)
+            if cap is not None:
+                np.minimum(o, cap, out=o)
+                np.logical_and(m, a < cap, out=m)
+
+        return self._elementwise(fn, x.dtype, x, mask), mask
 
 
 KERNELS = NumpyKernels()

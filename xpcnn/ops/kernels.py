@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .conv import im2col_into
-from .pool import max_pool_backward
+from .pool import max_pool, max_pool_backward
 
 
 class StandardKernels:
@@ -52,11 +52,20 @@ class StandardKernels:
         """``a @ b^T`` for 2-D ``a`` and ``b`` with the same number of columns."""
         return a @ self.xp.matrix_transpose(b)
 
+    def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                 out_hw: tuple[int, int]) -> Any:
+        """Maximum of each window of a padded (N, H, W, C) input."""
+        return max_pool(self.xp, x, kernel, strides, out_hw)
+
     def max_pool_backward(self, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
                           strides: tuple[int, int], out_hw: tuple[int, int]) -> Any:
         """Gradient of a max pool of padded ``x`` (see :func:`xpcnn.ops.pool.max_pool_backward`):
         each window's gradient goes to its first maximum in row-major order."""
         return max_pool_backward(self.xp, x, y, dy, kernel, strides, out_hw)
+
+    def sum_rows(self, a: Any) -> Any:
+        """Sum over the first axis (a bias gradient)."""
+        return self.xp.sum(a, axis=0)
 
     def mask_multiply(self, x: Any, mask: Any) -> Any:
         """``x`` where the boolean ``mask`` holds, 0 elsewhere (as a product, not ``where``:
@@ -66,6 +75,12 @@ class StandardKernels:
     def relu(self, x: Any, max_value: float | None) -> Any:
         """``min(max(x, 0), max_value)``."""
         return self.xp.clip(x, min=0.0, max=max_value)
+
+    def relu_with_mask(self, x: Any, max_value: float | None) -> tuple[Any, Any]:
+        """:meth:`relu` and the boolean mask of where its gradient passes: strictly inside
+        (0, max_value)."""
+        inside = x > 0 if max_value is None else (x > 0) & (x < max_value)
+        return self.relu(x, max_value), inside
 
 
 def kernels_for(backend: Any) -> Any:
