@@ -76,23 +76,14 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import xpcnn  # noqa: E402
-from xpcnn.layers import (  # noqa: E402
-    Conv2D,
-    Dense,
-    Dropout,
-    FeatureNorm,
-    Flatten,
-    MaxPool2D,
-    ReLU,
-    Rescaling,
-    Softmax,
-)
+from xpcnn.layers import Conv2D, Dense  # noqa: E402
 from xpcnn.models import build_layers  # noqa: E402
 
 try:
     if ARGS.no_torch:
         raise ImportError
     import torch
+    from torch_mirror import mirror_layer
 except ImportError:
     torch = None
 
@@ -192,69 +183,11 @@ def xpcnn_model(name: str, batch: int) -> Any:
     return model
 
 
-class _FlattenHWC(torch.nn.Module if torch else object):  # type: ignore[misc]
-    """Flatten NCHW (or channels_last) activations in Keras' (H, W, C) order."""
-
-    def forward(self, x: Any) -> Any:
-        return torch.flatten(x.permute(0, 2, 3, 1), 1)
-
-
-class _Scale(torch.nn.Module if torch else object):  # type: ignore[misc]
-    def __init__(self, scale: float, offset: float) -> None:
-        super().__init__()
-        self.scale, self.offset = scale, offset
-
-    def forward(self, x: Any) -> Any:
-        return x * self.scale + self.offset
-
-
 def torch_model(model: Any, channels_last: bool = False) -> Any:
-    """The same architecture in PyTorch, with xpcnn's initial weights (Keras -> torch layouts).
-
-    The first Dense after Flatten sees (H, W, C)-ordered features on both sides: Flatten here
-    permutes the activations to NHWC first, so the Keras kernel copies over untouched.
-    """
-    nn = torch.nn
-    mods: list[Any] = []
-    for layer in model.layers:
-        w = layer.get_weights()
-        if isinstance(layer, Rescaling):
-            mods.append(_Scale(layer.scale, layer.offset))
-        elif isinstance(layer, Conv2D):
-            pads = layer.pads
-            if pads[0] != pads[1] or pads[2] != pads[3]:
-                raise SystemExit(f"{layer.name}: asymmetric padding has no nn.Conv2d twin")
-            conv = nn.Conv2d(layer.input_shape[-1], layer.filters, layer.kernel_size,
-                             stride=layer.strides, padding=(pads[0], pads[2]),
-                             bias=layer.use_bias)
-            conv.weight.data = torch.from_numpy(np.ascontiguousarray(w[0].transpose(3, 2, 0, 1)))
-            if layer.use_bias:
-                conv.bias.data = torch.from_numpy(w[1].copy())
-            mods.append(conv)
-        elif isinstance(layer, Dense):
-            lin = nn.Linear(layer.input_shape[0], layer.units, bias=layer.use_bias)
-            lin.weight.data = torch.from_numpy(np.ascontiguousarray(w[0].T))
-            if layer.use_bias:
-                lin.bias.data = torch.from_numpy(w[1].copy())
-            mods.append(lin)
-        elif isinstance(layer, ReLU):
-            mods.append(nn.ReLU() if layer.max_value is None
-                        else nn.Hardtanh(0.0, layer.max_value))
-        elif isinstance(layer, MaxPool2D):
-            if any(layer.pads):
-                raise SystemExit(f"{layer.name}: padded max pooling is not mapped")
-            mods.append(nn.MaxPool2d(layer.pool_size, layer.strides))
-        elif isinstance(layer, FeatureNorm):
-            mods.append(nn.InstanceNorm2d(layer.input_shape[-1], eps=layer.eps, affine=False))
-        elif isinstance(layer, Flatten):
-            mods.append(_FlattenHWC())
-        elif isinstance(layer, Dropout):
-            mods.append(nn.Dropout(layer.rate))
-        elif isinstance(layer, Softmax):
-            pass  # fused into the cross-entropy on both sides
-        else:
-            raise SystemExit(f"no PyTorch twin for layer type {type(layer).__name__}")
-    net = nn.Sequential(*mods)
+    """The same architecture in PyTorch with xpcnn's initial weights (scripts/torch_mirror.py),
+    taking NCHW input, with PyTorch's own dropout."""
+    net = torch.nn.Sequential(*[m for layer in model.layers
+                                for m in mirror_layer(layer, exact_random=False)])
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net

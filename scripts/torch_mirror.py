@@ -97,12 +97,17 @@ def mirror_layer(layer: L.Layer, exact_random: bool = True) -> list[nn.Module]:
     w = [torch.from_numpy(a.copy()) for a in layer.get_weights()]
     if isinstance(layer, L.Conv2D):
         kh, kw, cin, cout = layer.params["kernel"].shape
-        conv = nn.Conv2d(cin, cout, (kh, kw), stride=layer.strides, bias=layer.use_bias)
+        top, bottom, left, right = layer.pads
+        # Symmetric padding goes into the convolution itself (as a PyTorch user writes it);
+        # only TensorFlow-style asymmetric "same" padding needs a separate pad.
+        symmetric = top == bottom and left == right
+        conv = nn.Conv2d(cin, cout, (kh, kw), stride=layer.strides, bias=layer.use_bias,
+                         padding=(top, left) if symmetric else 0)
         with torch.no_grad():
             conv.weight.copy_(w[0].permute(3, 2, 0, 1))
             if layer.use_bias:
                 conv.bias.copy_(w[1])
-        return [_pad_module(layer.pads, 0.0), conv] if any(layer.pads) else [conv]
+        return [conv] if symmetric else [_pad_module(layer.pads, 0.0), conv]
     if isinstance(layer, L.Dense):
         lin = nn.Linear(*layer.params["kernel"].shape, bias=layer.use_bias)
         with torch.no_grad():
