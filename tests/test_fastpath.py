@@ -129,6 +129,49 @@ def test_for_chunks_propagates_errors_and_restores_blas_threads():
     assert FAST.threads() == before
 
 
+def test_compute_scope_holds_openblas_to_one_thread_and_restores_it():
+    if FAST._blas.get is None:
+        pytest.skip("this NumPy's BLAS is not an OpenBLAS whose thread count can be set")
+    before = FAST._blas.get()
+    cpu = get_backend("cpu")
+    with pytest.raises(RuntimeError, match="inside"), cpu.compute_scope():
+        assert FAST._blas.get() == 1
+        assert FAST.threads() == max(1, min(before, FAST._cores))  # loops still use all
+        with cpu.compute_scope():  # re-entrant
+            assert FAST._blas.get() == 1
+        assert FAST._blas.get() == 1
+        raise RuntimeError("inside")
+    assert FAST._blas.get() == before
+
+
+def test_training_and_prediction_run_with_openblas_pinned(rng):
+    """OpenBLAS's idle workers spin for a while after each threaded call and take cores from
+    xpcnn's threads: every layer call of a step or a prediction must see one BLAS thread."""
+    if FAST._blas.get is None:
+        pytest.skip("this NumPy's BLAS is not an OpenBLAS whose thread count can be set")
+    before = FAST._blas.get()
+    model = xpcnn.Sequential(build_layers("shapes", 3))
+    model.build((32, 32, 1))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    seen = []
+
+    def probed(f):
+        def probe(*a, **k):
+            seen.append(FAST._blas.get())
+            return f(*a, **k)
+        return probe
+
+    for layer in model.layers:
+        layer.forward, layer.backward = probed(layer.forward), probed(layer.backward)
+    x = rng.random((6, 32, 32, 1)).astype(np.float32)
+    y = np.arange(6) % 3
+    model.fit(x, y, epochs=1, batch_size=3, verbose=0)
+    model.predict(x)
+    model.evaluate(x, y)
+    assert seen and set(seen) == {1}
+    assert FAST._blas.get() == before
+
+
 CONV_CASES = [
     dict(filters=4, kernel_size=3, padding="same"),
     dict(filters=3, kernel_size=3),

@@ -8,8 +8,10 @@ functions) and ``backend.device``. Arrays cross between host and device only her
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -111,6 +113,18 @@ class Backend:
         from .ops.fast_numpy import KERNELS
 
         return KERNELS
+
+    @contextlib.contextmanager
+    def compute_scope(self) -> Iterator[None]:
+        """Wrap a run of xpcnn work (a training step, a prediction loop): on the fast path it
+        keeps OpenBLAS to one thread meanwhile, since xpcnn's kernels bring their own threads
+        (see :meth:`xpcnn.ops.fast_numpy.NumpyKernels.pinned`); elsewhere it does nothing."""
+        fast = self.fast
+        if fast is None:
+            yield
+            return
+        with fast.pinned():
+            yield
 
     @property
     def chunk_bytes(self) -> int | None:

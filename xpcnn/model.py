@@ -160,8 +160,9 @@ class Sequential:
     def _logits(self, x: Any, training: bool) -> Any:
         """Forward pass up to the logits (the last Softmax is left to the loss)."""
         stop = len(self.layers) - 1 if self._fused_softmax() else len(self.layers)
-        for layer in self.layers[:stop]:
-            x = layer.forward(x, training)
+        with self.backend.compute_scope():
+            for layer in self.layers[:stop]:
+                x = layer.forward(x, training)
         return x
 
     def _to_device(self, x: np.ndarray) -> Any:
@@ -171,6 +172,10 @@ class Sequential:
 
     def train_step(self, xb: Any, yb: Any) -> tuple[float, float]:
         """One forward, backward and update on a device batch; returns (loss, correct count)."""
+        with self.backend.compute_scope():
+            return self._train_step(xb, yb)
+
+    def _train_step(self, xb: Any, yb: Any) -> tuple[float, float]:
         xp = self.backend.xp
         logits = self._logits(xb, training=True)
         loss, dz = self.loss.forward(xp, logits, yb, self.layers[-1].dtype)  # type: ignore
@@ -359,13 +364,14 @@ class Sequential:
         x, targets, _ = self._prepare(x, y)
         xp = self.backend.xp
         loss_sum = correct = 0.0
-        for idx in tqdm(list(self._batches(len(x), batch_size)), disable=verbose == 0,
-                        desc="evaluate", unit="batch"):
-            yb = self.backend.asarray(targets[idx])
-            logits = self._logits(self._to_device(x[idx]), training=False)
-            loss, _ = self.loss.forward(xp, logits, yb, self.layers[-1].dtype)
-            loss_sum += float(loss) * len(idx)
-            correct += self._correct(logits, yb)
+        with self.backend.compute_scope():
+            for idx in tqdm(list(self._batches(len(x), batch_size)), disable=verbose == 0,
+                            desc="evaluate", unit="batch"):
+                yb = self.backend.asarray(targets[idx])
+                logits = self._logits(self._to_device(x[idx]), training=False)
+                loss, _ = self.loss.forward(xp, logits, yb, self.layers[-1].dtype)
+                loss_sum += float(loss) * len(idx)
+                correct += self._correct(logits, yb)
         return {"loss": loss_sum / len(x), "accuracy": correct / len(x)}
 
     def predict(self, x: Any, batch_size: int = 256) -> np.ndarray:
@@ -374,9 +380,11 @@ class Sequential:
         x, _, _ = self._prepare(x)
         xp = self.backend.xp
         out = []
-        for idx in self._batches(len(x), batch_size):
-            z = self._logits(self._to_device(x[idx]), training=False)
-            out.append(self.backend.to_numpy(softmax(xp, xp.astype(z, self.layers[-1].dtype))))
+        with self.backend.compute_scope():
+            for idx in self._batches(len(x), batch_size):
+                z = self._logits(self._to_device(x[idx]), training=False)
+                out.append(self.backend.to_numpy(softmax(xp, xp.astype(z,
+                                                                        self.layers[-1].dtype))))
         return np.concatenate(out)
 
     def forward(self, x: Any, training: bool = False) -> list[Any]:
@@ -385,9 +393,10 @@ class Sequential:
         x = checks.as_images(x)
         checks.check_sample_shape(x, self.input_shape)  # type: ignore[arg-type]
         outs, a = [], self._to_device(x)
-        for layer in self.layers:
-            a = layer.forward(a, training)
-            outs.append(a)
+        with self.backend.compute_scope():
+            for layer in self.layers:
+                a = layer.forward(a, training)
+                outs.append(a)
         return outs
 
     # -- inspection and weights --------------------------------------------------------------

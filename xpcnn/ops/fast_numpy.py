@@ -6,7 +6,10 @@ thread per BLAS thread. Each method matches its :class:`StandardKernels` twin, w
 ``tests/test_fastpath.py`` checks.
 
 Threads: a chunked loop (im2col + matmul of a few images at a time) runs on as many threads as
-OpenBLAS has, with OpenBLAS itself pinned to one thread meanwhile. Each thread then copies and
+OpenBLAS has, with OpenBLAS itself pinned to one thread meanwhile (and for a whole training
+step or prediction, see :meth:`NumpyKernels.pinned`: after every call with several threads,
+OpenBLAS's workers spin for up to ~0.1 s, taking a core from the next loop's threads; measured
+as 25% of a ``cifar`` training step). Each thread then copies and
 multiplies its own chunks: the copies run in parallel too, and there is one synchronisation per
 loop instead of one inside every small matmul (OpenBLAS's threads spin-wait there, which costs
 dearly whenever another process holds a core). Where OpenBLAS's thread count cannot be set
@@ -19,8 +22,9 @@ import ctypes
 import itertools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import array_api_compat.numpy as compat_numpy
@@ -66,6 +70,9 @@ class NumpyKernels(StandardKernels):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_key: tuple[int, int] | None = None
         self._lock = threading.Lock()
+        self._pin_lock = threading.Lock()
+        self._pins = 0  # open pinned() scopes
+        self._saved_threads: int | None = None  # OpenBLAS's count before the outermost one
         self._cores = os.cpu_count() or 1
         self._ones_cache: dict[tuple[int, str], Any] = {}
 
@@ -77,10 +84,32 @@ class NumpyKernels(StandardKernels):
         return self._pool
 
     def threads(self) -> int:
-        """Threads a chunked loop uses: OpenBLAS's count (1 where it cannot be pinned)."""
+        """Threads a chunked loop uses: OpenBLAS's own count (1 where it cannot be pinned)."""
         if self._blas.get is None:
             return 1
-        return max(1, min(int(self._blas.get()), self._cores))
+        n = self._saved_threads if self._saved_threads is not None else self._blas.get()
+        return max(1, min(int(n), self._cores))
+
+    @contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Hold OpenBLAS to one thread inside (re-entrant): xpcnn's loops bring their own
+        threads, and OpenBLAS's workers would spin-wait on cores those threads need."""
+        if self._blas.get is None:
+            yield
+            return
+        with self._pin_lock:
+            if self._pins == 0:
+                self._saved_threads = int(self._blas.get())
+                self._blas.set(1)
+            self._pins += 1
+        try:
+            yield
+        finally:
+            with self._pin_lock:
+                self._pins -= 1
+                if self._pins == 0:
+                    self._blas.set(self._saved_threads)
+                    self._saved_threads = None
 
     def for_chunks(self, n: int, m: int, fn: Callable[[int, int, int], None]) -> None:
         starts = list(range(0, n, m))
@@ -97,17 +126,15 @@ class NumpyKernels(StandardKernels):
                     return
                 fn(worker, starts[i], min(n, starts[i] + m))
 
-        old = self._blas.get()
-        self._blas.set(1)
         try:
-            futures = [self._executor(workers).submit(run, w) for w in range(1, workers)]
-            try:
-                run(0)
-            finally:
-                for f in futures:
-                    f.result()
+            with self.pinned():
+                futures = [self._executor(workers).submit(run, w) for w in range(1, workers)]
+                try:
+                    run(0)
+                finally:
+                    for f in futures:
+                        f.result()
         finally:
-            self._blas.set(old)
             self._lock.release()
 
     # Whole-batch matmuls (Dense layers) split into row blocks, one per thread. Small ones
