@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import platform
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,28 @@ class _OpenBLASThreads:
                         return
 
 
+def _keep_freed_arrays_in_the_heap() -> None:
+    """Ask glibc's malloc to serve batch-sized arrays from its heap and keep freed ones there.
+
+    By default it maps every array above a (dynamic) threshold afresh, and every page of it
+    then faults and is zeroed by the kernel on first touch: each training step or prediction
+    would pay that for each of its intermediate arrays (measured: 57 -> 43 ms for an ``mnist``
+    inference batch, and the step-to-step spread gone). Process-wide, so done once, the first
+    time xpcnn computes on the fast path; a no-op where the C library is not glibc.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    for threshold in (1 << 28, 1 << 25):  # 256 MiB, else glibc's own ceiling on 64-bit
+        if mallopt(m_mmap_threshold, threshold) == 1:
+            mallopt(m_trim_threshold, 2 * threshold)
+            return
+
+
 class NumpyKernels(StandardKernels):
     fast = True
 
@@ -73,6 +96,7 @@ class NumpyKernels(StandardKernels):
         self._pin_lock = threading.Lock()
         self._pins = 0  # open pinned() scopes
         self._saved_threads: int | None = None  # OpenBLAS's count before the outermost one
+        self._malloc_tuned = False
         self._cores = os.cpu_count() or 1
         self._ones_cache: dict[tuple[int, str], Any] = {}
 
@@ -94,6 +118,9 @@ class NumpyKernels(StandardKernels):
     def pinned(self) -> Iterator[None]:
         """Hold OpenBLAS to one thread inside (re-entrant): xpcnn's loops bring their own
         threads, and OpenBLAS's workers would spin-wait on cores those threads need."""
+        if not self._malloc_tuned:
+            self._malloc_tuned = True
+            _keep_freed_arrays_in_the_heap()
         if self._blas.get is None:
             yield
             return
