@@ -58,9 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--torch-channels-last", action="store_true",
                    help="run PyTorch in channels_last memory format (default: NCHW)")
+    p.add_argument("--torch-own-process", action="store_true",
+                   help="time PyTorch in a process of its own, with glibc malloc's defaults "
+                   "(in one process it shares the heap settings xpcnn's fast path makes)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
-    # internal: one side's training steps in a subprocess, for peak memory
+    # internal: one side's training steps in a subprocess, for peak memory; PyTorch's timing
     p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_torch_timing", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -315,9 +319,21 @@ def memory_child(spec: str) -> None:
     print(json.dumps({"peak_mib": (peak - base) / 1024, "method": method}))
 
 
-def measure_memory(lib: str, name: str) -> dict[str, Any] | None:
-    cmd = [sys.executable, os.path.abspath(__file__), "--_memory", f"{lib}:{name}",
-           "--batch-size", str(ARGS.batch_size), "--warmup", str(ARGS.warmup)]
+def torch_timing_child(name: str) -> None:
+    """Time PyTorch alone in this process (xpcnn builds the weights but never computes here,
+    so malloc keeps its defaults) and print the median step times."""
+    x, y = make_data(name, ARGS.batch_size)
+    net = torch_model(xpcnn_model(name, ARGS.batch_size), ARGS.torch_channels_last)
+    train, infer = torch_steps(net, x, y, ARGS.torch_channels_last)
+    tr = block_timing({"torch": train}, ARGS.steps, ARGS.blocks, ARGS.warmup)
+    inf = block_timing({"torch": infer}, ARGS.steps, ARGS.blocks, ARGS.warmup)
+    print(json.dumps({"train": tr["torch"], "infer": inf["torch"]}))
+
+
+def _child(flag: str, spec: str, lib: str) -> dict[str, Any] | None:
+    cmd = [sys.executable, os.path.abspath(__file__), flag, spec,
+           "--batch-size", str(ARGS.batch_size), "--warmup", str(ARGS.warmup),
+           "--steps", str(ARGS.steps), "--blocks", str(ARGS.blocks)]
     if ARGS.threads:
         cmd += ["--threads", str(ARGS.threads)]
     if ARGS.torch_channels_last:
@@ -326,9 +342,13 @@ def measure_memory(lib: str, name: str) -> dict[str, Any] | None:
         cmd.append("--no-torch")
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        print(f"memory subprocess {lib}:{name} failed:\n{out.stderr}", file=sys.stderr)
+        print(f"subprocess {flag} {spec} failed:\n{out.stderr}", file=sys.stderr)
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(lib: str, name: str) -> dict[str, Any] | None:
+    return _child("--_memory", f"{lib}:{name}", lib)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -346,12 +366,17 @@ def bench_model(name: str, peak: float) -> dict[str, Any]:
         row["initial_logits_rel_diff"] = check_same_model(model, net, x,
                                                           ARGS.torch_channels_last)
         t_train, t_infer = torch_steps(net, x, y, ARGS.torch_channels_last)
-        fns_train["torch"], fns_infer["torch"] = t_train, t_infer
+        if not ARGS.torch_own_process:
+            fns_train["torch"], fns_infer["torch"] = t_train, t_infer
     load_before = load_average()
     tr = block_timing(fns_train, ARGS.steps, ARGS.blocks, ARGS.warmup)
     inf = block_timing(fns_infer, ARGS.steps, ARGS.blocks, ARGS.warmup)
+    if torch is not None and ARGS.torch_own_process:
+        own = _child("--_torch_timing", name, "torch")
+        if own is not None:
+            tr["torch"], inf["torch"] = own["train"], own["infer"]
     row["load_average"] = [load_before, load_average()]
-    for lib in fns_train:
+    for lib in tr:
         row[lib] = {
             "train_ms": tr[lib] * 1e3,
             "train_img_s": batch / tr[lib],
@@ -407,7 +432,8 @@ def print_table(result: dict[str, Any]) -> None:
                   f"{(f'{mem:.0f}' if mem is not None else '-'):>10}{ratio('memory_ratio')}")
     print(f"\nFLOPs = 2 x MACs of forward convs + dense (direct count); training = 3 x forward. "
           f"Median of {result['steps']} steps per library after {result['warmup']} warm-up, "
-          f"block timing ({result['blocks']} blocks). Peak memory: {result['memory_method']}.")
+          f"{result['timing']} ({result['blocks']} blocks). "
+          f"Peak memory: {result['memory_method']}.")
     print(f"Load average before/after each model: "
           f"{ {r['model']: r['load_average'] for r in result['models']} }")
 
@@ -415,6 +441,10 @@ def print_table(result: dict[str, Any]) -> None:
 def main() -> None:
     if ARGS._memory:
         memory_child(ARGS._memory)
+        return
+    if ARGS._torch_timing:
+        torch.set_num_threads(THREADS)
+        torch_timing_child(ARGS._torch_timing)
         return
     if torch is not None:
         torch.set_num_threads(THREADS)
@@ -435,7 +465,9 @@ def main() -> None:
         "torch_memory_format": "channels_last" if ARGS.torch_channels_last else "NCHW",
         "xpcnn_fast_path": getattr(xpcnn.get_backend("cpu"), "fast", None) is not None,
         "steps": ARGS.steps, "blocks": ARGS.blocks, "warmup": ARGS.warmup,
-        "timing": "block", "flop_formula": "2*MACs of forward convs+dense; training = 3x",
+        "timing": "block timing, " + ("PyTorch in its own process" if ARGS.torch_own_process else
+                                        "one process"),
+        "flop_formula": "2*MACs of forward convs+dense; training = 3x",
         "memory_method": "skipped" if ARGS.no_memory else
         "per-side subprocess: peak RSS during training steps minus RSS before them",
         "models": [],

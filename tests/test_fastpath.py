@@ -224,6 +224,36 @@ def test_conv2d_layer_fast_equals_standard(kwargs, dtype, small_chunks, rng):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("kwargs", [CONV_CASES[0], CONV_CASES[2]])
+def test_mixed_float16_conv_and_dense_fast_equal_standard(kwargs, small_chunks, rng):
+    """Half-precision compute: the fast path multiplies float16 inputs in float32 (NumPy has no
+    half BLAS) and rounds once; NumPy's own float16 matmul, the standard path, also accumulates
+    in float32. Both must agree to float16 rounding."""
+    x = rng.standard_normal((6, 9, 8, 3)).astype(np.float16)
+    results = []
+    for fast in (True, False):
+        old = set_fast_path(fast)
+        try:
+            conv, dense = Conv2D(**kwargs), Dense(5)
+            shape = conv.build((9, 8, 3), "cpu", dtype="float32", compute_dtype="float16",
+                               rng=np.random.default_rng(0))
+            dense.build((int(np.prod(shape)),), "cpu", dtype="float32", compute_dtype="float16",
+                        rng=np.random.default_rng(1))
+            y = conv.forward(x, training=True)
+            z = dense.forward(np.reshape(y, (6, -1)), training=True)
+            dy = np.reshape(dense.backward(np.ones_like(z)), y.shape)
+            dx = conv.backward(dy)
+            assert y.dtype == z.dtype == dx.dtype == np.float16
+            results.append((y, z, dx, conv.grads["kernel"], conv.grads["bias"],
+                            dense.grads["kernel"], dense.grads["bias"]))
+        finally:
+            set_fast_path(old)
+    for got, want in zip(results[0], results[1], strict=True):
+        scale = float(np.max(np.abs(np.asarray(want, np.float64))))
+        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                                   rtol=0, atol=4e-3 * scale)
+
+
 def test_pool_relu_dense_layers_fast_equals_standard(rng):
     x = np.maximum(rng.integers(-2, 3, (4, 6, 6, 3)), 0).astype(np.float32)
     for layer, shape, inp in [(MaxPool2D(2), (6, 6, 3), x), (ReLU(1.5), (6, 6, 3), x - 0.5),

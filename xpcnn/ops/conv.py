@@ -246,9 +246,12 @@ def conv_weight_grad(
         parts[n0] = kern.matmul_tn(cols, dy2[n0 * ho * wo : n1 * ho * wo, :])
 
     kern.for_chunks(n, m, work)
-    dw = parts[0]
+    # summed in float32 at least: in float16 (mixed precision) the sum of many chunks' parts
+    # would lose the low bits of each
+    acc = xp.float64 if parts[0].dtype == xp.float64 else xp.float32
+    dw = xp.astype(parts[0], acc, copy=True)
     for n0 in range(m, n, m):
-        dw += parts[n0]
+        dw += xp.astype(parts[n0], acc, copy=False)
     return dw
 
 

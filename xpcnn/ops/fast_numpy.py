@@ -177,34 +177,62 @@ class NumpyKernels(StandardKernels):
             return rows
         return -(-rows // workers)
 
+    # NumPy has no half-precision BLAS (its float16 matmul is a plain loop, ~40x slower): for
+    # mixed precision the products run in float32 on float16 inputs, rounded once to float16,
+    # as tensor cores do. The standard path's float16 matmul accumulates in float32 too.
+    @staticmethod
+    def _single(*arrays: Any) -> list[Any]:
+        return [a.astype(np.float32) if a.dtype == np.float16 else a for a in arrays]
+
+    @staticmethod
+    def _half(a: Any) -> Any:
+        with np.errstate(over="ignore"):  # inf is what loss scaling looks for
+            return a.astype(np.float16)
+
     def matmul(self, a: Any, b: Any) -> Any:
+        half = np.result_type(a, b) == np.float16
+        a, b = self._single(a, b)
         m = self._split_rows(a.shape[0], a.shape[0] * a.shape[1] * b.shape[1])
         if m >= a.shape[0]:
-            return np.matmul(a, b)
-        out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
-        self.for_chunks(a.shape[0], m,
-                        lambda w, r0, r1: np.matmul(a[r0:r1], b, out=out[r0:r1]))
-        return out
+            out = np.matmul(a, b)
+        else:
+            out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+            self.for_chunks(a.shape[0], m,
+                            lambda w, r0, r1: np.matmul(a[r0:r1], b, out=out[r0:r1]))
+        return self._half(out) if half else out
 
     def matmul_tn(self, a: Any, b: Any) -> Any:
+        half = np.result_type(a, b) == np.float16
+        a, b = self._single(a, b)
         m = self._split_rows(a.shape[1], a.shape[0] * a.shape[1] * b.shape[1])
         if m >= a.shape[1]:
-            return np.matmul(a.T, b)
-        out = np.empty((a.shape[1], b.shape[1]), np.result_type(a, b))
-        self.for_chunks(a.shape[1], m,
-                        lambda w, r0, r1: np.matmul(a[:, r0:r1].T, b, out=out[r0:r1]))
-        return out
+            out = np.matmul(a.T, b)
+        else:
+            out = np.empty((a.shape[1], b.shape[1]), np.result_type(a, b))
+            self.for_chunks(a.shape[1], m,
+                            lambda w, r0, r1: np.matmul(a[:, r0:r1].T, b, out=out[r0:r1]))
+        return self._half(out) if half else out
 
     def matmul_nt(self, a: Any, b: Any) -> Any:
+        half = np.result_type(a, b) == np.float16
+        a, b = self._single(a, b)
         m = self._split_rows(a.shape[0], a.shape[0] * a.shape[1] * b.shape[0])
         if m >= a.shape[0]:
-            return np.matmul(a, b.T)
-        out = np.empty((a.shape[0], b.shape[0]), np.result_type(a, b))
-        self.for_chunks(a.shape[0], m,
-                        lambda w, r0, r1: np.matmul(a[r0:r1], b.T, out=out[r0:r1]))
-        return out
+            out = np.matmul(a, b.T)
+        else:
+            out = np.empty((a.shape[0], b.shape[0]), np.result_type(a, b))
+            self.for_chunks(a.shape[0], m,
+                            lambda w, r0, r1: np.matmul(a[r0:r1], b.T, out=out[r0:r1]))
+        return self._half(out) if half else out
 
     def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None) -> None:
+        if out.dtype == np.float16:
+            a, b = self._single(a, b)
+            with np.errstate(over="ignore"):  # inf is what loss scaling looks for
+                np.copyto(out, np.matmul(a, b), casting="same_kind")  # rounded once
+            if bias is not None:
+                np.add(out, bias, out=out)
+            return
         np.matmul(a, b, out=out)
         if bias is not None:  # while ``out`` is still in cache, over widened rows
             k = self._widen(out.shape[0], out.shape[1])
@@ -323,6 +351,8 @@ class NumpyKernels(StandardKernels):
         # a matrix-vector product with ones: 5x faster than a reduction over axis 0
         if a.ndim != 2 or a.shape[0] < 2:
             return super().sum_rows(a)
+        if a.dtype == np.float16:  # in float32, as the standard version (and no half BLAS)
+            a = a.astype(np.float32)
         return np.matmul(self._ones(a.shape[0], a.dtype), a)
 
     def feature_norm(self, x: Any, eps: float) -> tuple[Any, Any]:

@@ -64,8 +64,10 @@ class StandardKernels:
         return max_pool_backward(self.xp, x, y, dy, kernel, strides, out_hw)
 
     def sum_rows(self, a: Any) -> Any:
-        """Sum over the first axis (a bias gradient)."""
-        return self.xp.sum(a, axis=0)
+        """Sum over the first axis (a bias gradient), accumulated in float32 at least (a float16
+        sum of a batch's rows would lose their low bits)."""
+        xp = self.xp
+        return xp.sum(a, axis=0, dtype=xp.float64 if a.dtype == xp.float64 else xp.float32)
 
     def mask_multiply(self, x: Any, mask: Any) -> Any:
         """``x`` where the boolean ``mask`` holds, 0 elsewhere (as a product, not ``where``:
