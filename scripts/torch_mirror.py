@@ -107,14 +107,15 @@ def mirror_layer(layer: L.Layer, exact_random: bool = True) -> list[nn.Module]:
             conv.weight.copy_(w[0].permute(3, 2, 0, 1))
             if layer.use_bias:
                 conv.bias.copy_(w[1])
-        return [conv] if symmetric else [_pad_module(layer.pads, 0.0), conv]
+        act = [nn.ReLU()] if layer.activation == "relu" else []
+        return [conv, *act] if symmetric else [_pad_module(layer.pads, 0.0), conv, *act]
     if isinstance(layer, L.Dense):
         lin = nn.Linear(*layer.params["kernel"].shape, bias=layer.use_bias)
         with torch.no_grad():
             lin.weight.copy_(w[0].T)
             if layer.use_bias:
                 lin.bias.copy_(w[1])
-        return [lin]
+        return [lin, nn.ReLU()] if layer.activation == "relu" else [lin]
     if isinstance(layer, L.ReLU):
         return [nn.ReLU()] if layer.max_value is None else [nn.Hardtanh(0.0, layer.max_value)]
     if isinstance(layer, L.MaxPool2D):

@@ -24,10 +24,10 @@ def every_layer_net(classes: int = 10) -> list:
     return [RandomFlip(), RandomCrop(2), Rescaling(1 / 255), Conv2D(4, 3, padding="same"),
             BatchNorm2D(), ReLU(6.0), MaxPool2D(2), Conv2D(6, 3, strides=2, padding="same"),
             FeatureNorm(), ReLU(), AvgPool2D(2, padding="same"), Dropout(0.3), Flatten(),
-            Dense(12), ReLU(), Dense(classes), Softmax()]
+            Dense(12, activation="relu"), Dense(classes), Softmax()]
 
 
 def gap_net(classes: int = 10) -> list:
     return [Rescaling(1 / 255), Conv2D(8, 3, padding="same", use_bias=False), BatchNorm2D(),
-            ReLU(), MaxPool2D(2), Conv2D(8, 3, padding="same"), ReLU(), GlobalAvgPool2D(),
-            Dense(classes), Softmax()]
+            ReLU(), MaxPool2D(2), Conv2D(8, 3, padding="same", activation="relu"),
+            GlobalAvgPool2D(), Dense(classes), Softmax()]

@@ -254,6 +254,42 @@ def test_mixed_float16_conv_and_dense_fast_equal_standard(kwargs, small_chunks, 
                                    rtol=0, atol=4e-3 * scale)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_fused_relu_equals_a_relu_layer(fast, small_chunks, rng):
+    """Conv2D and Dense with activation="relu" give exactly what a ReLU layer after them does,
+    on the fast path and on the standard one."""
+    x = rng.standard_normal((5, 7, 6, 3))
+    old = set_fast_path(fast)
+    try:
+        results, weights = [], None
+        for fused in (True, False):
+            act = {"activation": "relu"} if fused else {}
+            layers = [Conv2D(4, 3, padding="same", **act), *([] if fused else [ReLU()]),
+                      xpcnn.layers.Flatten(), Dense(6, **act), *([] if fused else [ReLU()])]
+            model = xpcnn.Sequential(layers, input_shape=(7, 6, 3), seed=3, dtype="float64")
+            weights = model.get_weights() if weights is None else weights
+            model.set_weights(weights)
+            y = model._logits(model.backend.asarray(x), training=True)
+            dz = np.cos(y)
+            for layer in reversed(model.layers):
+                dz = layer.backward(dz)
+            grads = [g for la in model.layers for g in la.grads.values()]
+            results.append((y, dz, *grads))
+    finally:
+        set_fast_path(old)
+    assert float(np.min(results[0][0])) == 0.0  # some outputs were cut
+    for got, want in zip(results[0], results[1], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_activation_names_are_checked():
+    for make in (lambda a: Conv2D(2, 3, activation=a), lambda a: Dense(2, activation=a)):
+        with pytest.raises(xpcnn.errors.InputError, match=r"activation must be None or 'relu', "
+                           r"got 'tanh' \(use a ReLU layer for a ceiling"):
+            make("tanh")
+        assert make("ReLU").activation == "relu" and make(None).activation is None
+
+
 def test_pool_relu_dense_layers_fast_equals_standard(rng):
     x = np.maximum(rng.integers(-2, 3, (4, 6, 6, 3)), 0).astype(np.float32)
     for layer, shape, inp in [(MaxPool2D(2), (6, 6, 3), x), (ReLU(1.5), (6, 6, 3), x - 0.5),

@@ -31,6 +31,7 @@ from xpcnn.layers import (
     (dict(filters=5, kernel_size=1), (4, 3, 3)),
     (dict(filters=2, kernel_size=5, strides=3, padding="valid", use_bias=False), (11, 9, 1)),
     (dict(filters=3, kernel_size=4, strides=2, padding="same"), (9, 8, 2)),
+    (dict(filters=3, kernel_size=3, padding="same", activation="relu"), (5, 4, 2)),
 ])
 def test_conv2d(kwargs, shape, rng):
     check_layer(Conv2D(**kwargs), shape, rng)
@@ -39,6 +40,7 @@ def test_conv2d(kwargs, shape, rng):
 @pytest.mark.parametrize("layer, shape", [
     (Dense(5), (7,)),
     (Dense(3, use_bias=False), (4,)),
+    (Dense(6, activation="relu"), (5,)),
     (Flatten(), (3, 2, 4)),
     (ReLU(), (4, 5, 3)),
     (ReLU(max_value=0.5), (4, 5, 3)),

@@ -265,8 +265,8 @@ def test_cli_train_plots_then_visualize(tmp_path, small_shapes, capsys):
                  "--max-maps", "4", "--dpi", "40"]) == 0
     out = capsys.readouterr().out
     written = sorted(p.name for p in figs.iterdir())
-    assert written == ["filters_1_conv2d.png", "filters_4_conv2d_1.png",
-                       "filters_7_conv2d_2.png", "tour_shapes_test_3.png"]
+    assert written == ["filters_1_conv2d.png", "filters_3_conv2d_1.png",
+                       "filters_5_conv2d_2.png", "tour_shapes_test_3.png"]
     for name in written:
         assert f"wrote {figs / name}" in out
         assert mpl_image.imread(figs / name).var() > 0

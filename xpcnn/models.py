@@ -29,12 +29,10 @@ from .layers import (
 
 def shapes_net(classes: int = 10) -> list[Layer]:
     """Small all-convolutional net for the built-in shapes dataset (the CLI default)."""
-    return [Rescaling(1 / 255),
-            Conv2D(16, 3, padding="same", kernel_initializer="he_uniform"), ReLU(),
-            MaxPool2D(2),
-            Conv2D(32, 3, padding="same", kernel_initializer="he_uniform"), ReLU(),
-            MaxPool2D(2),
-            Conv2D(64, 3, padding="same", kernel_initializer="he_uniform"), ReLU(),
+    def conv(k: int) -> Conv2D:
+        return Conv2D(k, 3, padding="same", activation="relu", kernel_initializer="he_uniform")
+
+    return [Rescaling(1 / 255), conv(16), MaxPool2D(2), conv(32), MaxPool2D(2), conv(64),
             GlobalAvgPool2D(), Dense(classes), Softmax()]
 
 
@@ -47,28 +45,31 @@ def notebook_net(classes: int = 10) -> list[Layer]:
 
 def mnist_net(classes: int = 10) -> list[Layer]:
     """The MNIST recipe (PyTorch's MNIST example, a little larger than Keras' mnist_convnet):
-    conv 3x3 32 and 64 (valid), max pool, dropout, Dense 128, dropout, Dense classes."""
-    return [Rescaling(1 / 255), Conv2D(32, 3, kernel_initializer="he_uniform"), ReLU(),
-            Conv2D(64, 3, kernel_initializer="he_uniform"), ReLU(), MaxPool2D(2), Dropout(0.25),
-            Flatten(), Dense(128, kernel_initializer="he_uniform"), ReLU(), Dropout(0.5),
+    conv 3x3 32 and 64 (valid), max pool, dropout, Dense 128, dropout, Dense classes; ReLU
+    fused into the conv and Dense layers."""
+    return [Rescaling(1 / 255),
+            Conv2D(32, 3, activation="relu", kernel_initializer="he_uniform"),
+            Conv2D(64, 3, activation="relu", kernel_initializer="he_uniform"),
+            MaxPool2D(2), Dropout(0.25), Flatten(),
+            Dense(128, activation="relu", kernel_initializer="he_uniform"), Dropout(0.5),
             Dense(classes), Softmax()]
 
 
 def cifar_net(classes: int = 10) -> list[Layer]:
     """The CIFAR-10 convnet of the benchmarks: conv 3x3 32, 32, pool, 64, 64, pool,
-    Dense 128, Dense classes, "same" padding, ReLU."""
-    def conv(k: int) -> list[Layer]:
-        return [Conv2D(k, 3, padding="same", kernel_initializer="he_uniform"), ReLU()]
+    Dense 128, Dense classes, "same" padding, ReLU (fused into the conv and Dense layers)."""
+    def conv(k: int) -> Conv2D:
+        return Conv2D(k, 3, padding="same", activation="relu", kernel_initializer="he_uniform")
 
-    return [Rescaling(1 / 255), *conv(32), *conv(32), MaxPool2D(2), *conv(64), *conv(64),
-            MaxPool2D(2), Flatten(), Dense(128, kernel_initializer="he_uniform"), ReLU(),
+    return [Rescaling(1 / 255), conv(32), conv(32), MaxPool2D(2), conv(64), conv(64),
+            MaxPool2D(2), Flatten(), Dense(128, activation="relu", kernel_initializer="he_uniform"),
             Dense(classes), Softmax()]
 
 
 def cifar_augmented_net(classes: int = 10) -> list[Layer]:
     """cifar_net with random crops and flips in training, and dropout before the classifier."""
     layers = cifar_net(classes)
-    return [RandomFlip(), RandomCrop(4), *layers[:-3], Dropout(0.5), *layers[-3:]]
+    return [RandomFlip(), RandomCrop(4), *layers[:-2], Dropout(0.5), *layers[-2:]]
 
 
 MODELS: dict[str, Callable[[int], list[Layer]]] = {

@@ -176,6 +176,14 @@ def check_padding(padding: str | int) -> str | int:
     raise InputError(f"padding must be 'valid', 'same' or a non-negative int, got {padding!r}")
 
 
+def check_activation(activation: str | None) -> str | None:
+    """A layer's fused activation: None or "relu" (applied while the output is in cache)."""
+    if activation is None or (isinstance(activation, str) and activation.lower() == "relu"):
+        return None if activation is None else "relu"
+    raise InputError(f"activation must be None or 'relu', got {activation!r} (use a ReLU layer "
+                     "for a ceiling, a Softmax layer for probabilities)")
+
+
 def require_rank(layer: Layer, input_shape: Shape, rank: int) -> None:
     """Per-sample ``input_shape`` must have ``rank`` axes (3 means (H, W, C))."""
     if len(input_shape) != rank:

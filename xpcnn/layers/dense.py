@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..ops.kernels import kernels_for
-from .base import Layer, Shape, pair
+from .base import Layer, Shape, check_activation, pair
 from .initializers import check_initializer, initialize
 
 
@@ -29,19 +29,22 @@ class Flatten(Layer):
 
 
 class Dense(Layer):
-    """y = x @ kernel + bias, kernel of shape (in, out) as in Keras."""
+    """y = x @ kernel + bias, kernel of shape (in, out) as in Keras; ``activation="relu"``
+    applies ReLU to y (as a ReLU layer after it would)."""
 
     weight_names = ("kernel", "bias")
 
-    def __init__(self, units: int, use_bias: bool = True,
+    def __init__(self, units: int, activation: str | None = None, use_bias: bool = True,
                  kernel_initializer: str = "glorot_uniform", name: str | None = None) -> None:
         super().__init__(name)
         self.units = pair(units, "units")[0]
+        self.activation = check_activation(activation)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = check_initializer(kernel_initializer)
 
     def get_config(self) -> dict[str, Any]:
-        return {"name": self.name, "units": self.units, "use_bias": self.use_bias,
+        return {"name": self.name, "units": self.units, "activation": self.activation,
+                "use_bias": self.use_bias,
                 "kernel_initializer": self.kernel_initializer}
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
@@ -62,17 +65,25 @@ class Dense(Layer):
         self._cache_x_dtype = x.dtype
         x = xp.astype(x, self.compute_dtype, copy=False)
         w = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
-        y = kernels_for(self.backend).matmul(x, w)
+        kern = kernels_for(self.backend)
+        y = kern.matmul(x, w)
         if self.use_bias:
             y = y + xp.astype(self.params["bias"], self.compute_dtype, copy=False)
+        relu = self.activation == "relu"
+        if relu:
+            y = kern.relu(y, None)
         if training:
             self._cache_x, self._cache_w = x, w
+            self._cache_y = y if relu else None  # where y > 0 the ReLU's gradient passes
         return y
 
     def backward(self, dy: Any) -> Any:
         xp = self.xp
         kern = kernels_for(self.backend)
         dy = xp.astype(dy, self.compute_dtype, copy=False)
+        if self.activation == "relu":
+            dy = kern.mask_multiply(dy, self._cache_y > 0)
+            self._cache_y = None
         self.grads["kernel"] = xp.astype(kern.matmul_tn(self._cache_x, dy), self.dtype,
                                          copy=False)
         if self.use_bias:

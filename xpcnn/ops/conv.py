@@ -197,9 +197,10 @@ def conv_forward(
     ws: Workspace,
     key: str,
     budget: int | None,
+    relu: bool = False,
 ) -> Any:
     """Convolution of an (N, H, W, C) input, zero-padded by ``pads``, with a (kh*kw*C, K)
-    kernel matrix.
+    kernel matrix (then ReLU, with ``relu``).
 
     Returns the (N*Ho*Wo, K) output rows. Chunks of images may run on several threads
     (``kern.for_chunks``), each with scratch of its own.
@@ -213,7 +214,7 @@ def conv_forward(
     def work(worker: int, n0: int, n1: int) -> None:
         cols = _patches(xp, kern, x, n0, n1, pads, ws, f"{key}{worker}", m, kernel, strides,
                         out_hw)
-        kern.matmul_into(cols, w2, y[n0 * ho * wo : n1 * ho * wo, :], bias)
+        kern.matmul_into(cols, w2, y[n0 * ho * wo : n1 * ho * wo, :], bias, relu)
 
     kern.for_chunks(n, m, work)
     return y

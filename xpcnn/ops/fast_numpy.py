@@ -225,22 +225,25 @@ class NumpyKernels(StandardKernels):
                             lambda w, r0, r1: np.matmul(a[r0:r1], b.T, out=out[r0:r1]))
         return self._half(out) if half else out
 
-    def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None) -> None:
+    def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None,
+                    relu: bool = False) -> None:
         if out.dtype == np.float16:
             a, b = self._single(a, b)
             with np.errstate(over="ignore"):  # inf is what loss scaling looks for
                 np.copyto(out, np.matmul(a, b), casting="same_kind")  # rounded once
             if bias is not None:
                 np.add(out, bias, out=out)
-            return
-        np.matmul(a, b, out=out)
-        if bias is not None:  # while ``out`` is still in cache, over widened rows
-            k = self._widen(out.shape[0], out.shape[1])
-            if k > 1 and out.flags.c_contiguous:
-                wide = out.reshape(-1, k * out.shape[1])
-                np.add(wide, np.tile(bias, k), out=wide)
-            else:
-                np.add(out, bias, out=out)
+        else:
+            np.matmul(a, b, out=out)
+            if bias is not None:  # while ``out`` is still in cache, over widened rows
+                k = self._widen(out.shape[0], out.shape[1])
+                if k > 1 and out.flags.c_contiguous:
+                    wide = out.reshape(-1, k * out.shape[1])
+                    np.add(wide, np.tile(bias, k), out=wide)
+                else:
+                    np.add(out, bias, out=out)
+        if relu:  # still in cache
+            np.maximum(out, out.dtype.type(0), out=out)
 
     def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
                     out_hw: tuple[int, int]) -> Any:

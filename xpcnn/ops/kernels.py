@@ -30,10 +30,14 @@ class StandardKernels:
         for n0 in range(0, n, m):
             fn(0, n0, min(n, n0 + m))
 
-    def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None) -> None:
-        """``out[...] = a @ b (+ bias)`` for 2-D ``a``, ``b`` and a 2-D slice ``out``."""
+    def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None,
+                    relu: bool = False) -> None:
+        """``out[...] = a @ b (+ bias)``, then ReLU with ``relu``, for 2-D ``a``, ``b`` and a
+        2-D slice ``out``."""
         y = a @ b
-        out[...] = y if bias is None else y + bias
+        if bias is not None:
+            y = y + bias
+        out[...] = self.xp.clip(y, min=0.0) if relu else y
 
     def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
                     out_hw: tuple[int, int]) -> Any:
