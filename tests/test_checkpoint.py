@@ -191,8 +191,13 @@ def test_resume_refuses_other_data_arguments_or_models(tmp_path):
         model.fit(x, y, epochs=3, batch_size=16, verbose=0, checkpoint=path, resume=True)
     other = ckpt_train.make_model()
     other.compile(optimizer=xpcnn.optim.SGD(0.1))
-    with pytest.raises(InputError, match="compile it the same way to resume"):
+    with pytest.raises(InputError, match=r"compiled otherwise \(compile\.optimizer\..* is "
+                                         r".*compile it the same way to resume"):
         other.fit(x, y, epochs=3, batch_size=8, verbose=0, checkpoint=path, resume=True)
+    longer = ckpt_train.make_model()  # a schedule over more steps: named, with both values
+    longer.compile(optimizer=xpcnn.optim.Adam(xpcnn.optim.CosineDecay(1e-2, 48)))
+    with pytest.raises(InputError, match=r"is 24 there and 48 here"):
+        longer.fit(x, y, epochs=3, batch_size=8, verbose=0, checkpoint=path, resume=True)
     small = xpcnn.Sequential([Flatten(), Dense(10), Softmax()])
     small.compile()
     with pytest.raises(DataFormatError, match="another architecture: its layer 0 is "

@@ -220,8 +220,20 @@ def _check_compatible(model: Sequential, config: dict[str, Any], arrays: dict[st
     _check_architecture(model, mconf, path)
     mine, theirs = _normal(model_config(model).get("compile")), mconf.get("compile")
     if mine != theirs:
-        raise InputError(f"{path} was written by a model compiled with {theirs}; this model is "
-                         f"compiled with {mine}: compile it the same way to resume")
+        diff = "; ".join(f"{k} is {a!r} there and {b!r} here"
+                         for k, a, b in _differences(theirs, mine)[:4])
+        raise InputError(f"{path} was written by a model compiled otherwise ({diff}): compile it "
+                         "the same way to resume (with `xpcnn train`: the same --epochs, "
+                         "--optimizer, --lr, --schedule and --precision, since the schedule "
+                         "spans the whole run)")
+
+
+def _differences(a: Any, b: Any, where: str = "compile") -> list[tuple[str, Any, Any]]:
+    """Dotted paths at which two JSON values differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(k), b.get(k), f"{where}.{k}")]
+    return [] if a == b else [(where, a, b)]
 
 
 def load_weights(model: Sequential, path: str | os.PathLike[str]) -> None:
