@@ -61,22 +61,23 @@ def torch_step(twin, topt, xb: np.ndarray, yb: np.ndarray, dtype) -> tuple[float
     return loss.item(), float((logits.argmax(1).numpy() == yb).sum())
 
 
-def torch_accuracy(twin, x: np.ndarray, y: np.ndarray) -> float:
+def torch_accuracy(twin, x: np.ndarray, y: np.ndarray, dtype=np.float32) -> float:
     twin.eval()
     correct = 0
     with torch.no_grad():
         for s in range(0, len(x), 500):
-            logits = twin(torch.from_numpy(x[s:s + 500].astype(np.float32)))
+            logits = twin(torch.from_numpy(x[s:s + 500].astype(dtype)))
             correct += int((logits.argmax(1).numpy() == y[s:s + 500]).sum())
     return correct / len(x)
 
 
-def float32_run(args: argparse.Namespace, name: str, x: np.ndarray, y: np.ndarray,
+def training_run(args: argparse.Namespace, name: str, x: np.ndarray, y: np.ndarray,
                 x_test: np.ndarray, y_test: np.ndarray, classes: int, seed: int) -> dict:
-    """One float32 training run of both libraries from the same start; per-epoch rows and the
-    final test accuracies."""
-    model, twin, topt = make_pair(name, x.shape[1:], classes, "float32", args.optimizer, args.lr,
-                                  seed)
+    """One training run (in ``args.dtype``) of both libraries from the same start; per-epoch
+    rows and the final test accuracies."""
+    model, twin, topt = make_pair(name, x.shape[1:], classes, args.dtype, args.optimizer,
+                                  args.lr, seed)
+    dtype = np.float64 if args.dtype == "float64" else np.float32
     rows = []
     print(f"seed {seed}\n{'epoch':>5}  {'xpcnn loss':>10} {'acc':>7} {'s':>6}   "
           f"{'torch loss':>10} {'acc':>7} {'s':>6}")
@@ -89,7 +90,7 @@ def float32_run(args: argparse.Namespace, name: str, x: np.ndarray, y: np.ndarra
             t0 = time.perf_counter()
             la, ca = xpcnn_step(model, x[idx], y[idx])
             t1 = time.perf_counter()
-            lb, cb = torch_step(twin, topt, x[idx], y[idx], np.float32)
+            lb, cb = torch_step(twin, topt, x[idx], y[idx], dtype)
             times[0] += t1 - t0
             times[1] += time.perf_counter() - t1
             sums += [la * len(idx), ca, lb * len(idx), cb]
@@ -102,7 +103,7 @@ def float32_run(args: argparse.Namespace, name: str, x: np.ndarray, y: np.ndarra
               f"{times[0]:>6.0f}   {row['torch_loss']:>10.4f} {row['torch_acc']:>7.4f} "
               f"{times[1]:>6.0f}")
     acc_x = model.evaluate(x_test, y_test)["accuracy"]
-    acc_t = torch_accuracy(twin, x_test, y_test)
+    acc_t = torch_accuracy(twin, x_test, y_test, dtype)
     print(f"test accuracy: xpcnn {acc_x:.4f}, PyTorch {acc_t:.4f}, difference "
           f"{100 * (acc_x - acc_t):+.2f} points on {len(x_test)} images", flush=True)
     return {"seed": seed, "epochs": rows, "xpcnn_test_accuracy": acc_x,
@@ -127,6 +128,9 @@ def main() -> int:
     p.add_argument("--val-split", type=float, default=0.1,
                    help="held-out fraction when the dataset has no test split")
     p.add_argument("--check-steps", type=int, default=20)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="dtype of the full training runs (float64: the two runs should stay "
+                   "together to the end, showing float32 rounding as the only difference)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
@@ -162,12 +166,12 @@ def main() -> int:
     print(f"first {args.check_steps} steps in float64: max relative loss difference {worst:.2e} "
           f"({'PASS' if worst <= 1e-4 else 'FAIL'} at 1e-4)")
 
-    # 2. float32: full training, side by side, once per seed (each seed its own initial
+    # 2. float32 (or --dtype): full training, side by side, once per seed (each seed its own initial
     # weights, batch order and dropout draws; the held-out images stay the same).
     runs = []
     for seed in range(args.seed, args.seed + args.seeds):
-        runs.append(float32_run(args, name, x, y, x_test, y_test, classes, seed))
-    report["float32_runs"] = runs
+        runs.append(training_run(args, name, x, y, x_test, y_test, classes, seed))
+    report["runs"], report["dtype"] = runs, args.dtype
     diffs = np.array([r["difference_points"] for r in runs])
     if len(runs) > 1:
         se = diffs.std(ddof=1) / math.sqrt(len(diffs))
