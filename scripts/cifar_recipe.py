@@ -28,7 +28,11 @@ def main() -> None:
                    choices=("cifar-augmented", "cifar", "notebook"))
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                   help="sgd: Nesterov momentum 0.9 and weight decay 5e-4; adam: Adam")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of the cosine schedule (default: sgd 0.05, "
+                   "adam 1e-3)")
     p.add_argument("--val-split", type=float, default=0.1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -44,9 +48,10 @@ def main() -> None:
     model = xpcnn.Sequential(build_layers(args.model), device=args.device, seed=args.seed,
                              name=args.model)
     steps = args.epochs * math.ceil(len(x) / args.batch_size)
-    model.compile(optimizer=xpcnn.optim.SGD(
-        xpcnn.optim.CosineDecay(args.lr, steps, min_lr=args.lr / 100), momentum=0.9,
-        nesterov=True, weight_decay=5e-4))
+    lr = args.lr if args.lr is not None else {"sgd": 0.05, "adam": 1e-3}[args.optimizer]
+    schedule = xpcnn.optim.CosineDecay(lr, steps, min_lr=lr / 100)
+    model.compile(optimizer=xpcnn.optim.Adam(schedule) if args.optimizer == "adam" else
+                  xpcnn.optim.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=5e-4))
     t0 = time.perf_counter()
     history = model.fit(x, y, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                         validation_data=(x_test, y_test))
@@ -56,7 +61,8 @@ def main() -> None:
           f"({len(x_test)} images) after {args.epochs} epochs, {seconds:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "accuracy": result["accuracy"], "evaluated_on": where,
+            json.dump({"model": args.model, "optimizer": args.optimizer, "lr": lr,
+                       "accuracy": result["accuracy"], "evaluated_on": where,
                        "epochs": args.epochs, "seconds": seconds, "history": history.history},
                       f, indent=2)
 

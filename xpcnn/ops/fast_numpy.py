@@ -189,41 +189,28 @@ class NumpyKernels(StandardKernels):
         with np.errstate(over="ignore"):  # inf is what loss scaling looks for
             return a.astype(np.float16)
 
-    def matmul(self, a: Any, b: Any) -> Any:
+    def _product(self, a: Any, b: Any, rows: int, cols: int, inner: int,
+                 part: Callable[[Any, Any, int, int, Any], None]) -> Any:
+        """A (rows, cols) product whose ``part(a, b, r0, r1, out)`` fills rows r0:r1; large
+        ones split into row blocks over the threads."""
         half = np.result_type(a, b) == np.float16
         a, b = self._single(a, b)
-        m = self._split_rows(a.shape[0], a.shape[0] * a.shape[1] * b.shape[1])
-        if m >= a.shape[0]:
-            out = np.matmul(a, b)
-        else:
-            out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
-            self.for_chunks(a.shape[0], m,
-                            lambda w, r0, r1: np.matmul(a[r0:r1], b, out=out[r0:r1]))
+        out = np.empty((rows, cols), np.result_type(a, b))
+        self.for_chunks(rows, self._split_rows(rows, rows * inner * cols),
+                        lambda w, r0, r1: part(a, b, r0, r1, out[r0:r1]))
         return self._half(out) if half else out
+
+    def matmul(self, a: Any, b: Any) -> Any:
+        return self._product(a, b, a.shape[0], b.shape[1], a.shape[1],
+                             lambda a, b, r0, r1, o: np.matmul(a[r0:r1], b, out=o))
 
     def matmul_tn(self, a: Any, b: Any) -> Any:
-        half = np.result_type(a, b) == np.float16
-        a, b = self._single(a, b)
-        m = self._split_rows(a.shape[1], a.shape[0] * a.shape[1] * b.shape[1])
-        if m >= a.shape[1]:
-            out = np.matmul(a.T, b)
-        else:
-            out = np.empty((a.shape[1], b.shape[1]), np.result_type(a, b))
-            self.for_chunks(a.shape[1], m,
-                            lambda w, r0, r1: np.matmul(a[:, r0:r1].T, b, out=out[r0:r1]))
-        return self._half(out) if half else out
+        return self._product(a, b, a.shape[1], b.shape[1], a.shape[0],
+                             lambda a, b, r0, r1, o: np.matmul(a[:, r0:r1].T, b, out=o))
 
     def matmul_nt(self, a: Any, b: Any) -> Any:
-        half = np.result_type(a, b) == np.float16
-        a, b = self._single(a, b)
-        m = self._split_rows(a.shape[0], a.shape[0] * a.shape[1] * b.shape[0])
-        if m >= a.shape[0]:
-            out = np.matmul(a, b.T)
-        else:
-            out = np.empty((a.shape[0], b.shape[0]), np.result_type(a, b))
-            self.for_chunks(a.shape[0], m,
-                            lambda w, r0, r1: np.matmul(a[r0:r1], b.T, out=out[r0:r1]))
-        return self._half(out) if half else out
+        return self._product(a, b, a.shape[0], b.shape[0], a.shape[1],
+                             lambda a, b, r0, r1, o: np.matmul(a[r0:r1], b.T, out=o))
 
     def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None,
                     relu: bool = False) -> None:
