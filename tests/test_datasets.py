@@ -608,16 +608,16 @@ CIFAR_SUBSET_COUNTS = [1005, 974, 1032, 1016, 999, 937, 1030, 1001, 1025, 981]
 
 
 def _real_data_dir() -> Path:
-    if not REAL_DATA_DIR:
-        pytest.skip("XPCNN_DATA_DIR is not set (real-data test)")
+    # conftest skips slow tests when XPCNN_DATA_DIR is unset; when it is set, missing files fail
+    assert REAL_DATA_DIR, "XPCNN_DATA_DIR is not set"
     return Path(REAL_DATA_DIR)
 
 
 @pytest.mark.slow
 def test_real_mnist():
     folder = _real_data_dir()
-    if idx_mod._find_in(folder / "mnist") is None and idx_mod._find_in(folder) is None:
-        pytest.skip(f"no MNIST files in {folder}")
+    assert idx_mod._find_in(folder / "mnist") is not None or idx_mod._find_in(folder) is not None, (
+        f"XPCNN_DATA_DIR={folder} holds no MNIST files")
     (x, y), (xt, yt) = load_mnist(folder, download=False)
     assert x.shape == (60000, 28, 28, 1) and xt.shape == (10000, 28, 28, 1)
     assert x.dtype == np.uint8 and y.dtype == np.int64
@@ -628,8 +628,7 @@ def test_real_mnist():
 @pytest.mark.slow
 def test_real_cifar10():
     folder = _real_data_dir()
-    if cifar_mod._find(folder) is None:
-        pytest.skip(f"no CIFAR-10 files in {folder}")
+    assert cifar_mod._find(folder) is not None, f"XPCNN_DATA_DIR={folder} holds no CIFAR-10 files"
     (x, y), test = load_cifar10(folder, download=False)
     assert x.shape == (10000, 32, 32, 3) and x.dtype == np.uint8 and y.dtype == np.int64
     assert np.bincount(y, minlength=10).tolist() == CIFAR_SUBSET_COUNTS

@@ -1,5 +1,7 @@
 """The NumPy fast path (``Backend.fast``) gives the results of the standard (Array API) path."""
 
+import platform
+
 import array_api_compat.numpy as xpn
 import array_api_strict as xs
 import numpy as np
@@ -16,6 +18,11 @@ from xpcnn.ops.fast_numpy import KERNELS as FAST
 from xpcnn.ops.kernels import StandardKernels, kernels_for
 
 STD = StandardKernels(xpn)
+needs_settable_openblas = pytest.mark.skipif(
+    FAST._blas.get is None, reason="this NumPy's BLAS is not an OpenBLAS whose thread count can "
+    "be set")
+needs_glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
+                                 reason="malloc tuning applies to glibc only")
 
 
 @pytest.fixture
@@ -129,9 +136,8 @@ def test_for_chunks_propagates_errors_and_restores_blas_threads():
     assert FAST.threads() == before
 
 
+@needs_settable_openblas
 def test_compute_scope_holds_openblas_to_one_thread_and_restores_it():
-    if FAST._blas.get is None:
-        pytest.skip("this NumPy's BLAS is not an OpenBLAS whose thread count can be set")
     before = FAST._blas.get()
     cpu = get_backend("cpu")
     with pytest.raises(RuntimeError, match="inside"), cpu.compute_scope():
@@ -144,11 +150,10 @@ def test_compute_scope_holds_openblas_to_one_thread_and_restores_it():
     assert FAST._blas.get() == before
 
 
+@needs_settable_openblas
 def test_training_and_prediction_run_with_openblas_pinned(rng):
     """OpenBLAS's idle workers spin for a while after each threaded call and take cores from
     xpcnn's threads: every layer call of a step or a prediction must see one BLAS thread."""
-    if FAST._blas.get is None:
-        pytest.skip("this NumPy's BLAS is not an OpenBLAS whose thread count can be set")
     before = FAST._blas.get()
     model = xpcnn.Sequential(build_layers("shapes", 3))
     model.build((32, 32, 1))
@@ -172,15 +177,13 @@ def test_training_and_prediction_run_with_openblas_pinned(rng):
     assert FAST._blas.get() == before
 
 
+@needs_glibc
 def test_a_repeated_prediction_reuses_heap_memory(rng):
     """On glibc the fast path keeps freed batch-sized arrays in malloc's heap: once warm, an
     identical prediction must not page-fault its intermediates in afresh (each of this net's
     conv and ReLU outputs is ~16 MiB; glibc's defaults cost ~1,500 faults a prediction)."""
-    import platform
     import resource
 
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("malloc tuning applies to glibc only")
     model = xpcnn.Sequential([Conv2D(32, 3, padding="same"), ReLU(), Conv2D(32, 3), ReLU(),
                               MaxPool2D(2), xpcnn.layers.Flatten(), Dense(3)])
     model.build((32, 32, 3))
