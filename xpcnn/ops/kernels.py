@@ -37,7 +37,7 @@ class StandardKernels:
         y = a @ b
         if bias is not None:
             y = y + bias
-        out[...] = self.xp.clip(y, min=0.0) if relu else y
+        out[...] = self.relu(y, None) if relu else y
 
     def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
                     out_hw: tuple[int, int]) -> Any:
