@@ -38,7 +38,7 @@ def no_fast_path():
     set_fast_path(old)
 
 
-def test_the_seam_is_numpy_only(no_fast_path):
+def test_the_seam_on_cpu_backends(no_fast_path):
     assert get_backend("cpu").fast is None  # switched off
     set_fast_path(True)
     assert get_backend("cpu").fast is FAST

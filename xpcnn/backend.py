@@ -27,14 +27,15 @@ CUDA_EXTRA_HINT = 'pip install "xpcnn[cuda12]" (CUDA 12) or pip install "xpcnn[c
 # "cpu" | "cuda" | "cuda:N" | "auto" | namespace module | (module, device) | Backend
 DeviceLike = Any
 
-# The NumPy fast path (Backend.fast): on unless XPCNN_FAST_PATH=0 or set_fast_path(False).
+# The fast paths (Backend.fast): on unless XPCNN_FAST_PATH=0 or set_fast_path(False).
 _FAST_PATH = {"enabled": os.environ.get("XPCNN_FAST_PATH", "1") != "0"}
 # Per-chunk scratch of chunked CPU loops: im2col patches of a few images stay in the L2/L3 cache.
 CPU_CHUNK_BYTES = 3 << 20
 
 
 def set_fast_path(enabled: bool) -> bool:
-    """Turn the NumPy fast path on or off (for tests and comparisons); returns the old setting."""
+    """Turn the NumPy and CuPy fast paths on or off (for tests and comparisons); returns the old
+    setting."""
     old = _FAST_PATH["enabled"]
     _FAST_PATH["enabled"] = bool(enabled)
     return old
@@ -102,22 +103,29 @@ class Backend:
     # -- the fast-path seam ------------------------------------------------------------------
     @property
     def fast(self) -> Any:
-        """NumPy-only kernels (:mod:`xpcnn.ops.fast_numpy`) on the NumPy backend, else None.
+        """Backend-specific kernels: :mod:`xpcnn.ops.fast_numpy` on NumPy,
+        :mod:`xpcnn.ops.fast_cupy` on CuPy; None elsewhere.
 
         The one place where code outside the Array API standard enters: ops ask for it and fall
         back to their standard versions when it is None (every other backend, or after
         :func:`set_fast_path` ``(False)`` / ``XPCNN_FAST_PATH=0``).
         """
-        if self.name != "numpy" or not _FAST_PATH["enabled"]:
+        if not _FAST_PATH["enabled"]:
             return None
-        from .ops.fast_numpy import KERNELS
+        if self.name == "numpy":
+            from .ops.fast_numpy import KERNELS
 
-        return KERNELS
+            return KERNELS
+        if self.name == "cupy":
+            from .ops.fast_cupy import KERNELS as CUPY_KERNELS
+
+            return CUPY_KERNELS
+        return None
 
     @contextlib.contextmanager
     def compute_scope(self) -> Iterator[None]:
-        """Wrap a run of xpcnn work (a training step, a prediction loop): on the fast path it
-        keeps OpenBLAS to one thread meanwhile, since xpcnn's kernels bring their own threads
+        """Wrap a run of xpcnn work (a training step, a prediction loop): on the NumPy fast path
+        it keeps OpenBLAS to one thread meanwhile, since xpcnn's kernels bring their own threads
         (see :meth:`xpcnn.ops.fast_numpy.NumpyKernels.pinned`); elsewhere it does nothing."""
         fast = self.fast
         if fast is None:

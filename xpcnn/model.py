@@ -24,6 +24,7 @@ from .errors import InputError, NonFiniteError
 from .layers.activation import Softmax
 from .layers.base import Layer
 from .losses import SoftmaxCrossEntropy, get_loss
+from .ops.kernels import kernels_for
 from .ops.softmax import softmax
 from .optim import Optimizer, get_optimizer
 
@@ -212,7 +213,8 @@ class Sequential:
                 raise NonFiniteError(f"non-finite gradient at step "
                                      f"{self.optimizer.iterations + 1}: it first appears (in "
                                      f"backpropagation order) in layer {bad[-1].name!r}")
-        self.optimizer.step(xp, params, grads)  # type: ignore[union-attr]
+        self.optimizer.step(xp, params, grads,  # type: ignore[union-attr]
+                            kernels_for(self.backend))
         if self.precision == "mixed_float16":
             self._good_steps += 1
             if self._good_steps >= 2000:

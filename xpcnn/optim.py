@@ -146,8 +146,10 @@ class Optimizer:
         """The learning rate the next step will use."""
         return self.schedule(self.iterations)
 
-    def step(self, xp: Any, params: list[Any], grads: list[Any]) -> None:
-        """Apply one update to every parameter, in place."""
+    def step(self, xp: Any, params: list[Any], grads: list[Any], kernels: Any = None) -> None:
+        """Apply one update to every parameter, in place; with ``kernels`` that offer fused
+        updates (:attr:`StandardKernels.fused_updates`, CuPy's), each parameter's update is one
+        of their passes instead of the standard formulas."""
         if not self.slots:
             self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
         lr = self.lr
@@ -155,10 +157,17 @@ class Optimizer:
             raise NonFiniteError(f"the learning rate for step {self.iterations + 1} is {lr}; "
                                  "nothing was updated")
         self.iterations += 1
+        fused = kernels is not None and kernels.fused_updates
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            self._update(xp, i, p, g, lr)
+            if fused:
+                self._fused_update(kernels, i, p, g, lr)
+            else:
+                self._update(xp, i, p, g, lr)
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
+        raise NotImplementedError
+
+    def _fused_update(self, kernels: Any, i: int, p: Any, g: Any, lr: float) -> None:
         raise NotImplementedError
 
     def get_config(self) -> dict[str, Any]:
@@ -189,6 +198,10 @@ class SGD(Optimizer):
             buf[...] = self.momentum * buf + g
             g = g + self.momentum * buf if self.nesterov else buf
         p[...] = p - lr * g
+
+    def _fused_update(self, kernels: Any, i: int, p: Any, g: Any, lr: float) -> None:
+        buf = self.slots["momentum"][i] if self.momentum else None
+        kernels.sgd_update(p, g, buf, lr, self.weight_decay, self.momentum, self.nesterov)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "momentum": self.momentum, "nesterov": self.nesterov}
@@ -222,6 +235,11 @@ class Adam(Optimizer):
         m_hat_scale = lr / (1.0 - b1**t)
         denom = xp.sqrt(v / (1.0 - b2**t)) + self.epsilon
         p[...] = p - m_hat_scale * m / denom
+
+    def _fused_update(self, kernels: Any, i: int, p: Any, g: Any, lr: float) -> None:
+        kernels.adam_update(p, g, self.slots["m"][i], self.slots["v"][i], lr, self.weight_decay,
+                            self.decoupled, self.beta_1, self.beta_2, self.epsilon,
+                            self.iterations)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2,

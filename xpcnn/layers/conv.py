@@ -102,7 +102,7 @@ class Conv2D(Layer):
         x = self._cache_x
         dy = xp.astype(dy, self.compute_dtype, copy=False)
         if self.activation == "relu":
-            dy = kern.mask_multiply(dy, self._cache_y > 0)
+            dy = kern.relu_backward(dy, self._cache_y)
             self._cache_y = None
         dy2 = xp.reshape(dy, (-1, self.filters))
         dw = ops.conv_weight_grad(xp, kern, x, dy2, self.kernel_size, self.strides, self.pads,

@@ -66,12 +66,10 @@ class Dense(Layer):
         x = xp.astype(x, self.compute_dtype, copy=False)
         w = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
         kern = kernels_for(self.backend)
-        y = kern.matmul(x, w)
-        if self.use_bias:
-            y = y + xp.astype(self.params["bias"], self.compute_dtype, copy=False)
+        bias = (xp.astype(self.params["bias"], self.compute_dtype, copy=False)
+                if self.use_bias else None)
         relu = self.activation == "relu"
-        if relu:
-            y = kern.relu(y, None)
+        y = kern.bias_relu(kern.matmul(x, w), bias, relu)
         if training:
             self._cache_x, self._cache_w = x, w
             self._cache_y = y if relu else None  # where y > 0 the ReLU's gradient passes
@@ -82,7 +80,7 @@ class Dense(Layer):
         kern = kernels_for(self.backend)
         dy = xp.astype(dy, self.compute_dtype, copy=False)
         if self.activation == "relu":
-            dy = kern.mask_multiply(dy, self._cache_y > 0)
+            dy = kern.relu_backward(dy, self._cache_y)
             self._cache_y = None
         self.grads["kernel"] = xp.astype(kern.matmul_tn(self._cache_x, dy), self.dtype,
                                          copy=False)

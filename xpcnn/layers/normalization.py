@@ -12,14 +12,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..ops.kernels import kernels_for, standardize_backward
 from .base import Layer, Shape, require_rank
-
-
-def _standardize_backward(xp: Any, dxhat: Any, xhat: Any, inv_std: Any, axes: tuple[int, ...]
-                          ) -> Any:
-    """Gradient of xhat = (x - mean) / std through the mean and std of the same ``axes``."""
-    return inv_std * (dxhat - xp.mean(dxhat, axis=axes, keepdims=True)
-                      - xhat * xp.mean(dxhat * xhat, axis=axes, keepdims=True))
 
 
 def _check_eps(eps: float) -> float:
@@ -48,14 +42,7 @@ class FeatureNorm(Layer):
     def forward(self, x: Any, training: bool = False) -> Any:
         xp = self.xp
         x = xp.astype(x, self.dtype, copy=False)
-        fast = self.backend.fast
-        if fast is not None:  # NumPy: the same formulas, a few images at a time, in cache
-            xhat, inv_std = fast.feature_norm(x, self.eps)
-        else:
-            centred = x - xp.mean(x, axis=(1, 2), keepdims=True)
-            inv_std = 1.0 / xp.sqrt(xp.mean(centred * centred, axis=(1, 2), keepdims=True)
-                                    + self.eps)
-            xhat = centred * inv_std
+        xhat, inv_std = kernels_for(self.backend).feature_norm(x, self.eps)
         if training:
             self._cache = (xhat, inv_std)
         return xhat
@@ -63,10 +50,7 @@ class FeatureNorm(Layer):
     def backward(self, dy: Any) -> Any:
         xhat, inv_std = self._cache
         dy = self.xp.astype(dy, self.dtype, copy=False)
-        fast = self.backend.fast
-        if fast is not None:
-            return fast.feature_norm_backward(dy, xhat, inv_std)
-        return _standardize_backward(self.xp, dy, xhat, inv_std, (1, 2))
+        return kernels_for(self.backend).feature_norm_backward(dy, xhat, inv_std)
 
 
 class BatchNorm2D(Layer):
@@ -126,4 +110,4 @@ class BatchNorm2D(Layer):
         dy = xp.astype(dy, self.dtype, copy=False)
         self.grads["gamma"] = xp.sum(dy * xhat, axis=axes)
         self.grads["beta"] = xp.sum(dy, axis=axes)
-        return _standardize_backward(xp, dy * self.params["gamma"], xhat, inv_std, axes)
+        return standardize_backward(xp, dy * self.params["gamma"], xhat, inv_std, axes)

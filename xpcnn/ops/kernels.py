@@ -1,14 +1,16 @@
 """The few primitives whose NumPy versions beat their standard spelling, and the standard ones.
 
-Ops call :func:`kernels_for` (never NumPy directly): it returns ``backend.fast`` (the NumPy
-kernels of :mod:`xpcnn.ops.fast_numpy`) when the backend offers one, else
-:class:`StandardKernels`, written against the Array API alone. Both compute the same values; the
-fast ones write into their outputs without temporaries (``out=``) and multiply by boolean masks
-without first casting them.
+Ops call :func:`kernels_for` (never NumPy or CuPy directly): it returns ``backend.fast`` (the
+NumPy kernels of :mod:`xpcnn.ops.fast_numpy`, the CuPy ones of :mod:`xpcnn.ops.fast_cupy`) when
+the backend offers them, else :class:`StandardKernels`, written against the Array API alone. All
+compute the same values; the NumPy ones write into their outputs without temporaries (``out=``)
+and spread work over threads, the CuPy ones do in one launch what takes the standard versions
+several.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -16,13 +18,27 @@ from .conv import im2col_into
 from .pool import max_pool, max_pool_backward
 
 
+def standardize_backward(xp: Any, dxhat: Any, xhat: Any, inv_std: Any,
+                         axes: tuple[int, ...]) -> Any:
+    """Gradient of xhat = (x - mean) / std through the mean and std of the same ``axes``."""
+    return inv_std * (dxhat - xp.mean(dxhat, axis=axes, keepdims=True)
+                      - xhat * xp.mean(dxhat * xhat, axis=axes, keepdims=True))
+
+
 class StandardKernels:
     """The Array API versions (any namespace, any device)."""
 
     fast = False
+    # True where the kernels offer sgd_update / adam_update (one pass per parameter); the
+    # optimisers then use them instead of their standard formulas.
+    fused_updates = False
 
     def __init__(self, xp: Any) -> None:
         self.xp = xp
+
+    def pinned(self) -> contextlib.AbstractContextManager[None]:
+        """Held around a training step or prediction (see :meth:`Backend.compute_scope`)."""
+        return contextlib.nullcontext()
 
     def for_chunks(self, n: int, m: int, fn: Callable[[int, int, int], None]) -> None:
         """Call ``fn(worker, start, stop)`` for the chunks [start, stop) of m images of n
@@ -34,10 +50,13 @@ class StandardKernels:
                     relu: bool = False) -> None:
         """``out[...] = a @ b (+ bias)``, then ReLU with ``relu``, for 2-D ``a``, ``b`` and a
         2-D slice ``out``."""
-        y = a @ b
+        out[...] = self.bias_relu(a @ b, bias, relu)
+
+    def bias_relu(self, y: Any, bias: Any, relu: bool) -> Any:
+        """``y + bias`` (when there is one), then ReLU with ``relu`` (may reuse ``y``)."""
         if bias is not None:
             y = y + bias
-        out[...] = self.relu(y, None) if relu else y
+        return self.relu(y, None) if relu else y
 
     def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
                     out_hw: tuple[int, int]) -> Any:
@@ -81,6 +100,22 @@ class StandardKernels:
     def relu(self, x: Any, max_value: float | None) -> Any:
         """``min(max(x, 0), max_value)``."""
         return self.xp.clip(x, min=0.0, max=max_value)
+
+    def relu_backward(self, dy: Any, y: Any) -> Any:
+        """Gradient through a ReLU (no ceiling) whose output was ``y``: ``dy`` where y > 0."""
+        return self.mask_multiply(dy, y > 0)
+
+    def feature_norm(self, x: Any, eps: float) -> tuple[Any, Any]:
+        """(x - mean) / sqrt(var + eps) over each image's and channel's H x W positions, and
+        that 1 / sqrt (N, 1, 1, C)."""
+        xp = self.xp
+        centred = x - xp.mean(x, axis=(1, 2), keepdims=True)
+        inv_std = 1.0 / xp.sqrt(xp.mean(centred * centred, axis=(1, 2), keepdims=True) + eps)
+        return centred * inv_std, inv_std
+
+    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any) -> Any:
+        """Gradient of :meth:`feature_norm` through its mean and variance."""
+        return standardize_backward(self.xp, dy, xhat, inv_std, (1, 2))
 
     def relu_with_mask(self, x: Any, max_value: float | None) -> tuple[Any, Any]:
         """:meth:`relu` and the boolean mask of where its gradient passes: strictly inside

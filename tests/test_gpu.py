@@ -1,0 +1,230 @@
+"""CuPy on a CUDA GPU: the CuPy kernels (``xpcnn.ops.fast_cupy``) give the standard versions'
+results on random inputs, and models train and predict on the GPU.
+
+These skip on machines without CuPy and a GPU (most of ours). ``scripts/gpu_check.sh`` runs
+them, with the GPU benchmark, when a GPU is lent.
+"""
+
+import numpy as np
+import pytest
+from nets import every_layer_net, gap_net
+
+import xpcnn
+from xpcnn.backend import cuda_available, get_backend, set_fast_path
+from xpcnn.errors import DeviceError
+from xpcnn.ops import conv as ops
+from xpcnn.ops.kernels import StandardKernels
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a CUDA GPU")]
+
+DTYPES = ["float32", "float16"]
+
+
+@pytest.fixture
+def cp():
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture
+def kernels():
+    """(CuPy kernels, standard kernels over the CuPy namespace)."""
+    import array_api_compat.cupy as xc
+
+    from xpcnn.ops.fast_cupy import KERNELS
+
+    return KERNELS, StandardKernels(xc)
+
+
+def _random(cp, rng, shape, dtype, levels=None):
+    """Random values; with ``levels``, small integers (so that pooling windows have ties)."""
+    a = rng.integers(0, levels, shape) if levels else rng.standard_normal(shape)
+    return cp.asarray(a.astype(dtype))
+
+
+def _poisoned(cp, shape, dtype):
+    return cp.full(shape, cp.nan, dtype=dtype)
+
+
+def _equal(got, want):
+    np.testing.assert_array_equal(got.get(), want.get())
+
+
+def test_the_seam_gives_cupy_kernels_to_cupy():
+    from xpcnn.ops.fast_cupy import KERNELS
+
+    backend = get_backend("cuda")
+    assert backend.fast is KERNELS
+    old = set_fast_path(False)
+    try:
+        assert backend.fast is None
+    finally:
+        set_fast_path(old)
+
+
+@pytest.mark.parametrize("kernel, strides, shape", [
+    ((3, 3), (1, 1), (3, 10, 9, 3)), ((3, 3), (2, 2), (2, 11, 10, 5)),
+    ((1, 1), (1, 1), (2, 4, 4, 7)), ((5, 3), (2, 1), (2, 12, 9, 2)), ((3, 3), (1, 1), (4, 8, 8, 1)),
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_im2col(cp, kernels, rng, kernel, strides, shape, dtype):
+    fast, std = kernels
+    x = _random(cp, rng, shape, dtype)
+    out_hw = ops.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
+    cols = (shape[0], *out_hw, kernel[0] * kernel[1] * shape[3])
+    got = fast.im2col_into(x, _poisoned(cp, cols, dtype), kernel, strides, out_hw)
+    want = std.im2col_into(x, _poisoned(cp, cols, dtype), kernel, strides, out_hw)
+    _equal(got, want)
+
+
+@pytest.mark.parametrize("kernel, strides, shape", [
+    ((2, 2), (2, 2), (3, 8, 8, 5)),   # windows cover the input
+    ((2, 2), (2, 2), (2, 7, 9, 3)),   # a last row and column outside every window
+    ((3, 3), (3, 3), (2, 9, 9, 4)),
+    ((2, 3), (3, 3), (2, 9, 9, 2)),   # strides larger than the window
+    ((3, 3), (2, 2), (2, 9, 9, 3)),   # overlapping windows: the standard version's job
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_pool_and_its_gradient(cp, kernels, rng, kernel, strides, shape, dtype):
+    fast, std = kernels
+    x = _random(cp, rng, shape, dtype, levels=3)  # many ties: the first maximum must win
+    out_hw = ops.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
+    y = fast.max_pool(x, kernel, strides, out_hw)
+    _equal(y, std.max_pool(x, kernel, strides, out_hw))
+    dy = _random(cp, rng, y.shape, dtype)
+    got = fast.max_pool_backward(x, y, dy, kernel, strides, out_hw)
+    _equal(got, std.max_pool_backward(x, y, dy, kernel, strides, out_hw))
+    # each window passes its gradient exactly once
+    np.testing.assert_allclose(float(got.astype(cp.float64).sum()),
+                               float(dy.astype(cp.float64).sum()),
+                               rtol=1e-6 if dtype == "float32" else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise_kernels(cp, kernels, rng, dtype):
+    fast, std = kernels
+    x = _random(cp, rng, (4, 5, 6, 7), dtype) * 4
+    x[0, 0, 0, :3] = cp.asarray([0.0, 6.0, cp.nan], dtype=dtype)  # edges and NaN
+    for cap in (None, 6.0):
+        _equal(fast.relu(x, cap), std.relu(x, cap))
+        y, m = fast.relu_with_mask(x, cap)
+        y_ref, m_ref = std.relu_with_mask(x, cap)
+        _equal(y, y_ref)
+        _equal(m, m_ref)
+    dy = _random(cp, rng, x.shape, dtype)
+    _equal(fast.relu_backward(dy, x), std.relu_backward(dy, x))
+    mask = x > 0.5
+    _equal(fast.mask_multiply(dy, mask), std.mask_multiply(dy, mask))
+    _equal(fast.mask_multiply(dy, mask[:1]), std.mask_multiply(dy, mask[:1]))  # broadcast
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias, relu", [(True, True), (True, False), (False, True),
+                                             (False, False)])
+def test_matmul_with_bias_and_relu(cp, kernels, rng, dtype, with_bias, relu):
+    fast, std = kernels
+    a, b = _random(cp, rng, (300, 40), dtype), _random(cp, rng, (40, 24), dtype)
+    bias = _random(cp, rng, (24,), dtype) if with_bias else None
+    got, want = _poisoned(cp, (300, 24), dtype), _poisoned(cp, (300, 24), dtype)
+    fast.matmul_into(a, b, got, bias, relu)
+    std.matmul_into(a, b, want, bias, relu)
+    tol = 0 if dtype == "float32" else 1e-3  # float16: the same up to one rounding
+    np.testing.assert_allclose(got.get(), want.get(), rtol=tol, atol=tol)
+    # into a block of rows of a larger output, as the chunked convolution does
+    big = _poisoned(cp, (600, 24), dtype)
+    fast.matmul_into(a, b, big[300:], bias, relu)
+    _equal(big[300:], got)
+    assert bool(cp.all(cp.isnan(big[:300])))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: xpcnn.optim.SGD(0.1),
+    lambda: xpcnn.optim.SGD(0.1, weight_decay=0.01),
+    lambda: xpcnn.optim.SGD(0.05, momentum=0.9),
+    lambda: xpcnn.optim.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    lambda: xpcnn.optim.Adam(1e-2),
+    lambda: xpcnn.optim.Adam(1e-2, weight_decay=1e-2),
+    lambda: xpcnn.optim.AdamW(1e-2),
+], ids=["sgd", "sgd-wd", "momentum", "nesterov-wd", "adam", "adam-l2", "adamw"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_optimiser_updates(cp, kernels, rng, make, dtype):
+    import array_api_compat.cupy as xc
+
+    fast, _ = kernels
+    params = [_random(cp, rng, s, dtype) for s in ((3, 3, 4, 8), (8,), (50, 10))]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    for _ in range(4):
+        grads = [_random(cp, rng, p.shape, dtype) for p in params]
+        opt_fused.step(xc, fused, grads, fast)
+        opt_std.step(xc, standard, grads)
+    rtol = 1e-5 if dtype == "float32" else 1e-12
+    for f, s in zip(fused, standard, strict=True):
+        np.testing.assert_allclose(f.get(), s.get(), rtol=rtol, atol=rtol)
+    for name, slots in opt_fused.slots.items():
+        for f, s in zip(slots, opt_std.slots[name], strict=True):
+            np.testing.assert_allclose(f.get(), s.get(), rtol=rtol, atol=rtol)
+
+
+def _fit(device, net, fast=True, precision="float32", epochs=2):
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (64, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 64)
+    old = set_fast_path(fast)
+    try:
+        model = xpcnn.Sequential(net(), device=device, seed=0)
+        # SGD: Adam would turn float rounding in near-zero gradients into whole steps
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), precision=precision)
+        history = model.fit(x, y, epochs=epochs, batch_size=16, verbose=0)
+        probs = model.predict(x[:8])
+    finally:
+        set_fast_path(old)
+    return model, history.history["loss"], probs
+
+
+def test_training_on_the_gpu_matches_the_standard_path_and_numpy():
+    fast, loss_fast, p_fast = _fit("cuda", gap_net)
+    std, loss_std, p_std = _fit("cuda", gap_net, fast=False)
+    ref, loss_ref, p_ref = _fit("cpu", gap_net)
+    assert loss_fast == pytest.approx(loss_std, rel=1e-5)
+    assert loss_fast == pytest.approx(loss_ref, rel=1e-5)
+    for a, b in zip(fast.get_weights(), std.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(fast.get_weights(), ref.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(p_fast, p_ref, rtol=1e-4, atol=1e-6)
+    assert isinstance(p_fast, np.ndarray)  # results come back to the host
+
+
+def test_every_layer_trains_on_the_gpu_and_stays_there(cp):
+    model, losses, probs = _fit("cuda:0", every_layer_net, epochs=3)
+    assert all(np.isfinite(losses))
+    for layer in model.layers:
+        for a in (*layer.params.values(), *layer.state.values()):
+            assert isinstance(a, cp.ndarray) and a.device.id == 0
+    for slot in model.optimizer.slots.values():
+        assert all(isinstance(a, cp.ndarray) for a in slot)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_mixed_float16_on_the_gpu():
+    fast, loss_fast, _ = _fit("cuda", gap_net, precision="mixed_float16", epochs=3)
+    std, loss_std, _ = _fit("cuda", gap_net, fast=False, precision="mixed_float16", epochs=3)
+    assert all(np.isfinite(loss_fast)) and loss_fast[-1] < loss_fast[0]
+    assert loss_fast == pytest.approx(loss_std, rel=2e-2)
+    # float32 master weights
+    assert all(w.dtype == np.float32 for w in fast.get_weights())
+
+
+def test_bfloat16_is_a_clear_error_on_cupy():
+    model = xpcnn.Sequential(gap_net(), input_shape=(8, 8, 3), device="cuda")
+    with pytest.raises(DeviceError, match="bfloat16"):
+        model.compile(precision="mixed_bfloat16")
+
+
+def test_a_missing_gpu_index_is_a_clear_error(cp):
+    count = cp.cuda.runtime.getDeviceCount()
+    assert get_backend(f"cuda:{count - 1}").label == f"cuda:{count - 1}"
+    with pytest.raises(DeviceError, match="does not exist"):
+        get_backend(f"cuda:{count}")

@@ -1,0 +1,261 @@
+"""CuPy-only kernels behind the one seam ``Backend.fast`` (see :mod:`xpcnn.ops.kernels`).
+
+On a GPU a training step of a small CNN at batch 128 is bound by kernel launches, not by
+arithmetic: the standard versions spend a launch (and a temporary) per array operation, e.g.
+kh*kw slice copies for an im2col, four launches for a ReLU gradient, nine for an Adam update.
+Each kernel here does one of those jobs in a single launch, reading and writing each element
+once. Every method matches its :class:`StandardKernels` twin, which ``tests/test_gpu.py`` checks
+on random inputs in float32 and float16; the cases a kernel does not cover (overlapping pooling
+windows, non-contiguous inputs) go to that twin.
+
+Kernels are compiled by CuPy on first use and cached on disk (``~/.cupy/kernel_cache``). In
+their bodies ``i`` is the element's C-order index, and a ``raw`` array indexed by one integer is
+read at that C-order index; ``n`` and ``i`` are CuPy's own names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat.cupy as compat_cupy
+import cupy
+
+from .kernels import StandardKernels
+
+# out[n, oh, ow, (i*kw + j)*C + c] = x[n, oh*sh + i, ow*sw + j, c] for a C-contiguous x.
+_IM2COL = cupy.ElementwiseKernel(
+    "raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kw, int32 sh, int32 sw,"
+    " int32 KK",
+    "T out",
+    """
+    long long r = i;
+    const int kk = r % KK; r /= KK;
+    const int ow = r % Wo; r /= Wo;
+    const int oh = r % Ho;
+    const long long img = r / Ho;
+    const int c = kk % C;
+    const int t = kk / C;
+    const int j = t % kw;
+    const int a = t / kw;
+    out = x[((img * H + oh * sh + a) * W + ow * sw + j) * C + c];
+    """,
+    "xpcnn_im2col",
+)
+
+# Maximum of each window, NaN propagating as xp.maximum does.
+_MAX_POOL = cupy.ElementwiseKernel(
+    "raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw, int32 sh,"
+    " int32 sw",
+    "T y",
+    """
+    long long r = i;
+    const int c = r % C; r /= C;
+    const int ow = r % Wo; r /= Wo;
+    const int oh = r % Ho;
+    const long long img = r / Ho;
+    const long long base = ((img * H + oh * sh) * W + ow * sw) * C + c;
+    T best = x[base];
+    for (int a = 0; a < kh; ++a) {
+        for (int b = 0; b < kw; ++b) {
+            const T v = x[base + ((long long)a * W + b) * C];
+            if (v > best || v != v) best = v;
+        }
+    }
+    y = best;
+    """,
+    "xpcnn_max_pool",
+)
+
+# Non-overlapping windows only (strides >= kernel): each output element owns its window, so
+# one thread writes every input position of it: the gradient at the first x == y in row-major
+# order, 0 at the others.
+_MAX_POOL_BACKWARD = cupy.ElementwiseKernel(
+    "T yv, G g, raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw,"
+    " int32 sh, int32 sw",
+    "raw G dx",
+    """
+    long long r = i;
+    const int c = r % C; r /= C;
+    const int ow = r % Wo; r /= Wo;
+    const int oh = r % Ho;
+    const long long img = r / Ho;
+    const long long base = ((img * H + oh * sh) * W + ow * sw) * C + c;
+    bool found = false;
+    for (int a = 0; a < kh; ++a) {
+        for (int b = 0; b < kw; ++b) {
+            const long long k = base + ((long long)a * W + b) * C;
+            const bool take = !found && x[k] == yv;
+            dx[k] = take ? g : (G)0.0f;
+            found = found || take;
+        }
+    }
+    """,
+    "xpcnn_max_pool_backward",
+)
+
+# y + bias (then ReLU) in place on the (rows, K) output of a matmul.
+_BIAS_RELU = cupy.ElementwiseKernel(
+    "raw T b, int32 K, bool relu",
+    "T y",
+    """
+    T v = y + b[i % K];
+    y = (relu && v < (T)0.0f) ? (T)0.0f : v;
+    """,
+    "xpcnn_bias_relu",
+)
+
+_RELU = cupy.ElementwiseKernel(
+    "T x, T cap, bool capped",
+    "T y",
+    """
+    T v = x < (T)0.0f ? (T)0.0f : x;
+    y = (capped && v > cap) ? cap : v;
+    """,
+    "xpcnn_relu",
+)
+
+# min(max(x, 0), cap) and where the gradient passes (strictly inside (0, cap)); NaN stays NaN,
+# as with xp.clip.
+_RELU_WITH_MASK = cupy.ElementwiseKernel(
+    "T x, T cap, bool capped",
+    "T y, bool m",
+    """
+    T v = x < (T)0.0f ? (T)0.0f : x;
+    if (capped && v > cap) v = cap;
+    y = v;
+    m = x > (T)0.0f && (!capped || x < cap);
+    """,
+    "xpcnn_relu_with_mask",
+)
+
+# dy * (y > 0) and dy * mask, as products (NaN * 0 is NaN, as in the standard versions).
+_RELU_BACKWARD = cupy.ElementwiseKernel(
+    "T dy, Y y", "T dx", "dx = dy * (T)(y > (Y)0.0f ? 1.0f : 0.0f);", "xpcnn_relu_backward"
+)
+_MASK_MULTIPLY = cupy.ElementwiseKernel(
+    "T x, bool m", "T y", "y = x * (T)(m ? 1.0f : 0.0f);", "xpcnn_mask_multiply"
+)
+
+# The optimisers' updates (the formulas of xpcnn.optim, in the same order), one pass each.
+_SGD = cupy.ElementwiseKernel(
+    "T g, T lr, T wd", "T p", "p = p - lr * (g + wd * p);", "xpcnn_sgd"
+)
+_SGD_MOMENTUM = cupy.ElementwiseKernel(
+    "T g, T lr, T wd, T mom, bool nesterov",
+    "T p, T buf",
+    """
+    const T grad = g + wd * p;
+    buf = mom * buf + grad;
+    p = p - lr * (nesterov ? grad + mom * buf : buf);
+    """,
+    "xpcnn_sgd_momentum",
+)
+_ADAM = cupy.ElementwiseKernel(
+    "T g, T wd, bool decoupled, T decay, T b1, T c1, T b2, T c2, T step, T bc2, T eps",
+    "T p, T m, T v",
+    """
+    T grad = g;
+    if (decoupled) p = p * decay;
+    else grad = grad + wd * p;
+    m = b1 * m + c1 * grad;
+    v = b2 * v + c2 * (grad * grad);
+    p = p - step * m / (sqrt(v / bc2) + eps);
+    """,
+    "xpcnn_adam",
+)
+
+
+def _contiguous(*arrays: Any) -> bool:
+    return all(a.flags.c_contiguous for a in arrays)
+
+
+class CupyKernels(StandardKernels):
+    """One launch per job where the standard versions take several (see the module doc)."""
+
+    fast = True
+    fused_updates = True
+
+    def __init__(self) -> None:
+        super().__init__(compat_cupy)
+
+    def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None,
+                    relu: bool = False) -> None:
+        if not out.flags.c_contiguous:
+            super().matmul_into(a, b, out, bias, relu)
+            return
+        cupy.matmul(a, b, out=out)
+        self.bias_relu(out, bias, relu)
+
+    def bias_relu(self, y: Any, bias: Any, relu: bool) -> Any:
+        if not y.flags.c_contiguous or (bias is not None and not bias.flags.c_contiguous):
+            return super().bias_relu(y, bias, relu)
+        if bias is not None:
+            _BIAS_RELU(bias, bias.shape[-1], relu, y)
+        elif relu:
+            cupy.maximum(y, 0, out=y)
+        return y
+
+    def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                    out_hw: tuple[int, int]) -> Any:
+        if not x.flags.c_contiguous:
+            return super().im2col_into(x, out, kernel, strides, out_hw)
+        n, h, w, c = x.shape
+        _IM2COL(x, h, w, c, out_hw[0], out_hw[1], kernel[1], strides[0], strides[1],
+                out.shape[-1], out)
+        return out
+
+    def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                 out_hw: tuple[int, int]) -> Any:
+        if not x.flags.c_contiguous:
+            return super().max_pool(x, kernel, strides, out_hw)
+        n, h, w, c = x.shape
+        y = cupy.empty((n, *out_hw, c), x.dtype)
+        _MAX_POOL(x, h, w, c, out_hw[0], out_hw[1], kernel[0], kernel[1], strides[0],
+                  strides[1], y)
+        return y
+
+    def max_pool_backward(self, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
+                          strides: tuple[int, int], out_hw: tuple[int, int]) -> Any:
+        (kh, kw), (sh, sw) = kernel, strides
+        if sh < kh or sw < kw or not _contiguous(x, y, dy):
+            return super().max_pool_backward(x, y, dy, kernel, strides, out_hw)
+        n, h, w, c = x.shape
+        covered = sh == kh and sw == kw and h == out_hw[0] * sh and w == out_hw[1] * sw
+        # positions outside every window keep a zero gradient
+        dx = cupy.empty(x.shape, dy.dtype) if covered else cupy.zeros(x.shape, dy.dtype)
+        _MAX_POOL_BACKWARD(y, dy, x, h, w, c, out_hw[0], out_hw[1], kh, kw, sh, sw, dx)
+        return dx
+
+    def mask_multiply(self, x: Any, mask: Any) -> Any:
+        return _MASK_MULTIPLY(x, mask)
+
+    def relu(self, x: Any, max_value: float | None) -> Any:
+        return _RELU(x, x.dtype.type(max_value or 0), max_value is not None)
+
+    def relu_with_mask(self, x: Any, max_value: float | None) -> tuple[Any, Any]:
+        return _RELU_WITH_MASK(x, x.dtype.type(max_value or 0), max_value is not None)
+
+    def relu_backward(self, dy: Any, y: Any) -> Any:
+        return _RELU_BACKWARD(dy, y)
+
+    # -- optimiser updates (used when ``fused_updates``; see xpcnn.optim) -------------------
+    def sgd_update(self, p: Any, g: Any, buf: Any, lr: float, weight_decay: float,
+                   momentum: float, nesterov: bool) -> None:
+        t = p.dtype.type
+        if buf is None:
+            _SGD(g, t(lr), t(weight_decay), p)
+        else:
+            _SGD_MOMENTUM(g, t(lr), t(weight_decay), t(momentum), nesterov, p, buf)
+
+    def adam_update(self, p: Any, g: Any, m: Any, v: Any, lr: float, weight_decay: float,
+                    decoupled: bool, beta_1: float, beta_2: float, epsilon: float,
+                    step: int) -> None:
+        # scalars rounded from float64 to the parameters' dtype, as Python floats are in the
+        # standard version
+        t = p.dtype.type
+        _ADAM(g, t(weight_decay), decoupled, t(1.0 - lr * weight_decay), t(beta_1),
+              t(1.0 - beta_1), t(beta_2), t(1.0 - beta_2), t(lr / (1.0 - beta_1**step)),
+              t(1.0 - beta_2**step), t(epsilon), p, m, v)
+
+
+KERNELS = CupyKernels()
