@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import xpcnn  # noqa: E402
+from xpcnn import backend as backend_module  # noqa: E402
 from xpcnn.backend import set_fast_path  # noqa: E402
 from xpcnn.models import build_layers  # noqa: E402
 
@@ -226,7 +227,8 @@ def bench_torch(model: xpcnn.Sequential, batch: int, precision: str,
 
 def software(device: str) -> dict[str, Any]:
     """Versions and the settings that decide float32 matmul precision on each side."""
-    info: dict[str, Any] = {"xpcnn": xpcnn.__version__, "numpy": np.__version__}
+    info: dict[str, Any] = {"xpcnn": xpcnn.__version__, "numpy": np.__version__,
+                            "gpu_chunk_bytes": backend_module.GPU_CHUNK_BYTES}
     if device.startswith("cuda"):
         import cupy
 
@@ -266,8 +268,13 @@ def main() -> int:
                    help="skip xpcnn's standard Array API path (the 'std' columns)")
     p.add_argument("--profile", action="append", default=[], metavar="MODEL:BATCH:PRECISION",
                    help="also print per-layer times of this configuration (repeatable)")
+    p.add_argument("--gpu-chunk-mb", type=float, default=None, metavar="MB",
+                   help="im2col scratch bound on the GPU (xpcnn.backend.GPU_CHUNK_BYTES; "
+                   "0: whole batch at once)")
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
+    if args.gpu_chunk_mb is not None:
+        backend_module.GPU_CHUNK_BYTES = int(args.gpu_chunk_mb * 2**20) or None
     rows = []
     header = (f"{'model':<9}{'batch':>6} {'precision':<14}{'train':>8}{'std':>8}{'torch':>8}"
               f"{'ratio':>7}  {'infer':>8}{'std':>8}{'torch':>8}{'ratio':>7}"

@@ -139,6 +139,19 @@ def test_matmul_with_bias_and_relu(cp, kernels, rng, dtype, with_bias, relu):
     assert bool(cp.all(cp.isnan(big[:300])))
 
 
+@pytest.mark.parametrize("rows, m, n", [(131072, 288, 32), (70001, 27, 16), (3000, 9, 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_transposed_product_split_into_blocks(cp, kernels, rng, rows, m, n, dtype):
+    """a^T @ b over many rows (a weight gradient) as a batched product of row blocks."""
+    fast, _ = kernels
+    a, b = _random(cp, rng, (rows, m), dtype), _random(cp, rng, (rows, n), dtype)
+    got = fast.matmul_tn(a, b)
+    want = a.astype(cp.float64).T @ b.astype(cp.float64)
+    assert got.dtype == a.dtype
+    err = float(cp.abs(got.astype(cp.float64) - want).max() / cp.abs(want).max())
+    assert err < (1e-5 if dtype == "float32" else 3e-3)
+
+
 @pytest.mark.parametrize("make", [
     lambda: xpcnn.optim.SGD(0.1),
     lambda: xpcnn.optim.SGD(0.1, weight_decay=0.01),

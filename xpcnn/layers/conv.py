@@ -70,7 +70,7 @@ class Conv2D(Layer):
     def _workspace(self) -> ops.Workspace:
         ws = getattr(self, "_cache_ws", None)
         if ws is None:
-            ws = self._cache_ws = ops.Workspace()
+            ws = self._cache_ws = ops.Workspace(keep=self.backend.keeps_scratch)
         return ws
 
     def forward(self, x: Any, training: bool = False) -> Any:
@@ -87,7 +87,8 @@ class Conv2D(Layer):
         relu = self.activation == "relu"
         y = ops.conv_forward(xp, kernels_for(self.backend), x, w2, bias, self.kernel_size,
                              self.strides, self.pads, self.out_hw, self._workspace(), "cols",
-                             self.backend.chunk_bytes, relu=relu)
+                             self.backend.chunk_bytes, relu=relu,
+                             min_chunks=self.backend.min_chunks)
         y = xp.reshape(y, (n, *self.out_hw, self.filters))
         if training:
             self._cache_x = x
@@ -98,7 +99,7 @@ class Conv2D(Layer):
         xp = self.xp
         kern = kernels_for(self.backend)
         ws = self._workspace()
-        budget = self.backend.chunk_bytes
+        budget, min_chunks = self.backend.chunk_bytes, self.backend.min_chunks
         x = self._cache_x
         dy = xp.astype(dy, self.compute_dtype, copy=False)
         if self.activation == "relu":
@@ -106,7 +107,7 @@ class Conv2D(Layer):
             self._cache_y = None
         dy2 = xp.reshape(dy, (-1, self.filters))
         dw = ops.conv_weight_grad(xp, kern, x, dy2, self.kernel_size, self.strides, self.pads,
-                                  self.out_hw, ws, "cols", budget)
+                                  self.out_hw, ws, "cols", budget, min_chunks)
         self.grads["kernel"] = xp.astype(xp.reshape(dw, self.params["kernel"].shape), self.dtype,
                                          copy=False)
         if self.use_bias:
@@ -119,7 +120,7 @@ class Conv2D(Layer):
         if ops.input_grad_as_conv(self.pads, self.kernel_size, self.strides):
             dx = ops.conv_input_grad(xp, kern, xp.reshape(dy, (-1, *self.out_hw, self.filters)),
                                      ops.flipped_kernel_matrix(xp, kernel), self.kernel_size,
-                                     self.pads, (h, w), ws, "dcols", budget)
+                                     self.pads, (h, w), ws, "dcols", budget, min_chunks)
         else:
             # Strided (or over-padded) convolutions: patch gradients scattered back (col2im).
             # W^T built by permute + reshape comes out contiguous; a matmul against a

@@ -112,9 +112,11 @@ def col2im(
 
 
 class Workspace:
-    """Scratch arrays kept across steps, one per key, reallocated when the shape grows."""
+    """Scratch arrays kept across steps, one per key, reallocated when the shape grows (with
+    ``keep`` False, fresh arrays every time: see :attr:`Backend.keeps_scratch`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = True) -> None:
+        self.keep = keep
         self._arrays: dict[str, Any] = {}
 
     def get(self, xp: Any, key: str, shape: tuple[int, ...], dtype: Any, device: Any,
@@ -131,17 +133,19 @@ class Workspace:
                 a = xp.empty(shape, dtype=dtype, device=device)
             else:
                 a = xp.full(shape, fill, dtype=dtype, device=device)
-            self._arrays[key] = a
+            if self.keep:
+                self._arrays[key] = a
         return a if a.shape[0] == shape[0] else a[: shape[0], ...]
 
 
-def images_per_chunk(n: int, bytes_per_image: int, budget: int | None) -> int:
-    """How many images of ``bytes_per_image`` scratch fit ``budget`` (all when None)."""
+def images_per_chunk(n: int, bytes_per_image: int, budget: int | None,
+                     min_chunks: int = 8) -> int:
+    """How many images of ``bytes_per_image`` scratch fit ``budget`` (all when None), in at
+    least ``min_chunks`` chunks (on the CPU, 8: threads then share the work evenly whichever
+    finishes first)."""
     if budget is None:
         return n
-    # at least eight chunks, so that threads (where the kernels use them) share the work
-    # evenly whichever finishes first
-    return max(1, min(-(-n // 8), budget // max(bytes_per_image, 1)))
+    return max(1, min(-(-n // min_chunks), budget // max(bytes_per_image, 1)))
 
 
 def im2col_into(
@@ -198,6 +202,7 @@ def conv_forward(
     key: str,
     budget: int | None,
     relu: bool = False,
+    min_chunks: int = 8,
 ) -> Any:
     """Convolution of an (N, H, W, C) input, zero-padded by ``pads``, with a (kh*kw*C, K)
     kernel matrix (then ReLU, with ``relu``).
@@ -209,7 +214,7 @@ def conv_forward(
     ho, wo = out_hw
     kk, k = w2.shape
     y = xp.empty((n * ho * wo, k), dtype=x.dtype, device=x.device)
-    m = images_per_chunk(n, ho * wo * kk * 4, budget)
+    m = images_per_chunk(n, ho * wo * kk * 4, budget, min_chunks)
 
     def work(worker: int, n0: int, n1: int) -> None:
         cols = _patches(xp, kern, x, n0, n1, pads, ws, f"{key}{worker}", m, kernel, strides,
@@ -232,12 +237,13 @@ def conv_weight_grad(
     ws: Workspace,
     key: str,
     budget: int | None,
+    min_chunks: int = 8,
 ) -> Any:
     """Kernel gradient (kh*kw*C, K): patches^T @ output gradient, summed over chunks."""
     n = x.shape[0]
     ho, wo = out_hw
     kk = kernel[0] * kernel[1] * x.shape[3]
-    m = images_per_chunk(n, ho * wo * kk * 4, budget)
+    m = images_per_chunk(n, ho * wo * kk * 4, budget, min_chunks)
     parts: dict[int, Any] = {}  # per chunk, summed in chunk order: the same bits however
     # the chunks were spread over threads
 
@@ -282,6 +288,7 @@ def conv_input_grad(
     ws: Workspace,
     key: str,
     budget: int | None,
+    min_chunks: int = 8,
 ) -> Any:
     """Input gradient (N, H, W, C) of a stride-1 convolution (see :func:`input_grad_as_conv`):
     the output gradient, zero-padded by kh-1-top above (and so on), convolved with the rotated
@@ -292,5 +299,5 @@ def conv_input_grad(
     # dy padded so that the stride-1 convolution's output is exactly (h, w)
     gpads = (kh - 1 - pads[0], kh - 1 - pads[1], kw - 1 - pads[2], kw - 1 - pads[3])
     dx = conv_forward(xp, kern, dy, wflip2, None, kernel, (1, 1), gpads, (h, w), ws, key,
-                      budget)
+                      budget, min_chunks=min_chunks)
     return xp.reshape(dx, (n, h, w, wflip2.shape[1]))

@@ -165,6 +165,14 @@ _ADAM = cupy.ElementwiseKernel(
 )
 
 
+# a^T @ b with a long inner dimension (a convolution's weight gradient: one row per output
+# position of the batch) is cut into blocks of about this many rows, multiplied as one batched
+# product and summed: a single product has too few output tiles to fill the GPU and runs
+# its long inner loop on a handful of multiprocessors (measured: 3.7 ms of a 9 ms step).
+_SPLIT_K_ROWS = 2048
+_SPLIT_K_MAX = 128
+
+
 def _contiguous(*arrays: Any) -> bool:
     return all(a.flags.c_contiguous for a in arrays)
 
@@ -185,6 +193,22 @@ class CupyKernels(StandardKernels):
             return
         cupy.matmul(a, b, out=out)
         self.bias_relu(out, bias, relu)
+
+    def matmul_tn(self, a: Any, b: Any) -> Any:
+        rows, m = a.shape
+        n = b.shape[1]
+        splits = min(rows // _SPLIT_K_ROWS, _SPLIT_K_MAX, max(1, (1 << 22) // (m * n)))
+        if splits < 2 or not _contiguous(a, b):
+            return super().matmul_tn(a, b)
+        per = rows // splits
+        used = per * splits
+        parts = cupy.matmul(a[:used].reshape(splits, per, m).transpose(0, 2, 1),
+                            b[:used].reshape(splits, per, n))
+        acc = cupy.float64 if parts.dtype == cupy.float64 else cupy.float32
+        out = parts.sum(axis=0, dtype=acc)
+        if used < rows:
+            out += cupy.matmul(a[used:].T, b[used:]).astype(acc, copy=False)
+        return out.astype(parts.dtype, copy=False)
 
     def bias_relu(self, y: Any, bias: Any, relu: bool) -> Any:
         if not y.flags.c_contiguous or (bias is not None and not bias.flags.c_contiguous):
