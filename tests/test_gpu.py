@@ -79,6 +79,34 @@ def test_im2col(cp, kernels, rng, kernel, strides, shape, dtype):
     _equal(got, want)
 
 
+@pytest.mark.parametrize("kernel, strides, shape, pads", [
+    ((3, 3), (1, 1), (3, 10, 9, 3), (1, 1, 1, 1)), ((3, 3), (2, 2), (2, 11, 10, 5), (0, 1, 0, 1)),
+    ((5, 5), (1, 1), (2, 6, 7, 2), (2, 2, 2, 2)), ((3, 3), (1, 1), (2, 5, 5, 4), (2, 2, 2, 2)),
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_im2col_reads_the_padding_without_storing_it(cp, kernels, rng, kernel, strides, shape,
+                                                      pads, dtype):
+    fast, std = kernels
+    x = _random(cp, rng, shape, dtype)
+    out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
+    cols = (shape[0], *out_hw, kernel[0] * kernel[1] * shape[3])
+    padded = cp.pad(x, ((0, 0), pads[:2], pads[2:], (0, 0)))
+    want = std.im2col_into(padded, _poisoned(cp, cols, dtype), kernel, strides, out_hw)
+    got = fast.im2col_into(x, _poisoned(cp, cols, dtype), kernel, strides, out_hw, pads)
+    _equal(got, want)
+
+
+@pytest.mark.parametrize("rows", [131072, 1000, 513, 100])
+@pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
+def test_sum_rows_in_blocks(cp, kernels, rng, rows, dtype):
+    fast, std = kernels
+    a = _random(cp, rng, (rows, 32), dtype)
+    got, want = fast.sum_rows(a), std.sum_rows(a)
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(got.get(), want.get(), rtol=1e-12 if dtype == "float64" else 1e-4,
+                               atol=1e-3)
+
+
 @pytest.mark.parametrize("kernel, strides, shape", [
     ((2, 2), (2, 2), (3, 8, 8, 5)),   # windows cover the input
     ((2, 2), (2, 2), (2, 7, 9, 3)),   # a last row and column outside every window

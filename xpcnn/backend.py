@@ -33,7 +33,7 @@ _FAST_PATH = {"enabled": os.environ.get("XPCNN_FAST_PATH", "1") != "0"}
 CPU_CHUNK_BYTES = 3 << 20
 # On a GPU, the most im2col scratch one convolution holds at a time: it bounds the peak memory
 # of a step (whole-batch patches of a 32-channel 3x3 layer at batch 512 would be 604 MB).
-GPU_CHUNK_BYTES = 64 << 20
+GPU_CHUNK_BYTES = 32 << 20
 
 
 def set_fast_path(enabled: bool) -> bool:

@@ -167,7 +167,8 @@ def _patches(xp: Any, kern: Any, x: Any, n0: int, n1: int, pads: Pads, ws: Works
     """The (rows, kh*kw*C) patch matrix of images n0:n1 of the unpadded input ``x``.
 
     The chunk is padded into a small buffer of its own (zero border kept across calls), then
-    copied into patches (im2col); a 1x1 stride-1 kernel without padding reads ``x`` itself.
+    copied into patches (im2col), or read as if padded where the kernels can
+    (``pads_in_im2col``); a 1x1 stride-1 kernel without padding reads ``x`` itself.
     Buffers are per ``key`` (one per worker thread), sized for ``m`` images.
     """
     n, h, w, c = x.shape
@@ -176,15 +177,17 @@ def _patches(xp: Any, kern: Any, x: Any, n0: int, n1: int, pads: Pads, ws: Works
     if kernel == (1, 1) and strides == (1, 1) and not any(pads):
         return xp.reshape(x[n0:n1, ...], (rows, c))
     src = x[n0:n1, ...]
+    kk = kernel[0] * kernel[1] * c
+    buf = ws.get(xp, key, (m, *out_hw, kk), x.dtype, x.device)
+    part = buf if b == m else buf[:b, ...]
+    if any(pads) and kern.pads_in_im2col:
+        return xp.reshape(kern.im2col_into(src, part, kernel, strides, out_hw, pads), (rows, kk))
     if any(pads):
         top, bottom, left, right = pads
         padded = ws.get(xp, key + "_pad", (m, h + top + bottom, w + left + right, c), x.dtype,
                         x.device, fill=0.0)
         src = padded if b == m else padded[:b, ...]
         src[:, top : top + h, left : left + w, :] = x[n0:n1, ...]
-    kk = kernel[0] * kernel[1] * c
-    buf = ws.get(xp, key, (m, *out_hw, kk), x.dtype, x.device)
-    part = buf if b == m else buf[:b, ...]
     return xp.reshape(kern.im2col_into(src, part, kernel, strides, out_hw), (rows, kk))
 
 

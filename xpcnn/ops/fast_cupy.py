@@ -22,10 +22,11 @@ import cupy
 
 from .kernels import StandardKernels
 
-# out[n, oh, ow, (i*kw + j)*C + c] = x[n, oh*sh + i, ow*sw + j, c] for a C-contiguous x.
+# out[n, oh, ow, (i*kw + j)*C + c] = x[n, oh*sh + i - top, ow*sw + j - left, c] for a
+# C-contiguous x, 0 outside it: the zero padding is read, never stored.
 _IM2COL = cupy.ElementwiseKernel(
     "raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kw, int32 sh, int32 sw,"
-    " int32 KK",
+    " int32 KK, int32 top, int32 left",
     "T out",
     """
     long long r = i;
@@ -35,9 +36,10 @@ _IM2COL = cupy.ElementwiseKernel(
     const long long img = r / Ho;
     const int c = kk % C;
     const int t = kk / C;
-    const int j = t % kw;
-    const int a = t / kw;
-    out = x[((img * H + oh * sh + a) * W + ow * sw + j) * C + c];
+    const int hh = oh * sh + t / kw - top;
+    const int ww = ow * sw + t % kw - left;
+    out = (hh >= 0 && hh < H && ww >= 0 && ww < W)
+        ? x[((img * H + hh) * W + ww) * C + c] : (T)0.0f;
     """,
     "xpcnn_im2col",
 )
@@ -182,6 +184,7 @@ class CupyKernels(StandardKernels):
 
     fast = True
     fused_updates = True
+    pads_in_im2col = True
 
     def __init__(self) -> None:
         super().__init__(compat_cupy)
@@ -220,12 +223,29 @@ class CupyKernels(StandardKernels):
         return y
 
     def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
-                    out_hw: tuple[int, int]) -> Any:
-        if not x.flags.c_contiguous:
-            return super().im2col_into(x, out, kernel, strides, out_hw)
+                    out_hw: tuple[int, int], pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+                    ) -> Any:
+        """As the standard version, and with ``pads`` (top, bottom, left, right) it reads ``x``
+        as if zero-padded (``pads_in_im2col``): no padded copy of the input."""
+        x = cupy.ascontiguousarray(x)
         n, h, w, c = x.shape
         _IM2COL(x, h, w, c, out_hw[0], out_hw[1], kernel[1], strides[0], strides[1],
-                out.shape[-1], out)
+                out.shape[-1], pads[0], pads[2], out)
+        return out
+
+    def sum_rows(self, a: Any) -> Any:
+        # Over blocks of rows first: a reduction over the leading axis runs one thread block
+        # per column, only 32-64 of them for a bias gradient (measured: 12 ms at batch 512).
+        rows = a.shape[0]
+        splits = min(rows // 256, 256)
+        if a.ndim != 2 or splits < 2 or not a.flags.c_contiguous:
+            return super().sum_rows(a)
+        acc = cupy.float64 if a.dtype == cupy.float64 else cupy.float32
+        per = rows // splits
+        used = per * splits
+        out = a[:used].reshape(splits, per, a.shape[1]).sum(axis=1, dtype=acc).sum(axis=0)
+        if used < rows:
+            out += a[used:].sum(axis=0, dtype=acc)
         return out
 
     def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],

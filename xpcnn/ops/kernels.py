@@ -32,6 +32,9 @@ class StandardKernels:
     # True where the kernels offer sgd_update / adam_update (one pass per parameter); the
     # optimisers then use them instead of their standard formulas.
     fused_updates = False
+    # True where im2col_into takes ``pads`` and reads the input as if zero-padded (CuPy's):
+    # convolutions then skip the padded copy of each chunk.
+    pads_in_im2col = False
 
     def __init__(self, xp: Any) -> None:
         self.xp = xp
