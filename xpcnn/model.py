@@ -197,7 +197,8 @@ class Sequential:
                 owners.append(layer)
         if self.loss_scale != 1.0:
             grads = [g * (1.0 / self.loss_scale) for g in grads]
-        total = float(sum(xp.sum(g) for g in grads)) if grads else 0.0
+        # one sum of per-array sums (a chain of 0-d additions would be a launch each on a GPU)
+        total = float(xp.sum(xp.stack([xp.sum(g) for g in grads]))) if grads else 0.0
         if not math.isfinite(total):
             if self.precision == "mixed_float16" and self.loss_scale > 1.0:
                 # Overflow in float16: skip this update and try a smaller scale (down to 1: past
