@@ -227,8 +227,7 @@ def bench_torch(model: xpcnn.Sequential, batch: int, precision: str,
 
 def software(device: str) -> dict[str, Any]:
     """Versions and the settings that decide float32 matmul precision on each side."""
-    info: dict[str, Any] = {"xpcnn": xpcnn.__version__, "numpy": np.__version__,
-                            "gpu_chunk_bytes": backend_module.GPU_CHUNK_BYTES}
+    info: dict[str, Any] = {"xpcnn": xpcnn.__version__, "numpy": np.__version__}
     if device.startswith("cuda"):
         import cupy
 
@@ -271,8 +270,16 @@ def main() -> int:
     p.add_argument("--gpu-chunk-mb", type=float, default=None, metavar="MB",
                    help="im2col scratch bound on the GPU (xpcnn.backend.GPU_CHUNK_BYTES; "
                    "0: whole batch at once)")
+    p.add_argument("--gpu-conv", choices=("direct", "im2col", "direct-forward"),
+                   default="direct", help="convolution algorithm of the CuPy kernels: direct "
+                   "kernels, im2col + cuBLAS, or direct forward with an im2col kernel gradient")
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
+    if args.device.startswith("cuda"):
+        from xpcnn.ops.fast_cupy import KERNELS
+
+        KERNELS.direct_conv = args.gpu_conv != "im2col"
+        KERNELS.direct_weight_grad = args.gpu_conv == "direct"
     if args.gpu_chunk_mb is not None:
         backend_module.GPU_CHUNK_BYTES = int(args.gpu_chunk_mb * 2**20) or None
     rows = []
@@ -280,6 +287,9 @@ def main() -> int:
               f"{'ratio':>7}  {'infer':>8}{'std':>8}{'torch':>8}{'ratio':>7}"
               f"{'MiB':>7}{'torch':>7}{'ratio':>7}")
     info = software(args.device)
+    if args.device.startswith("cuda"):
+        info["gpu_conv"] = args.gpu_conv
+        info["gpu_chunk_bytes"] = backend_module.GPU_CHUNK_BYTES
     print(f"device: {card_name(args.device)}; {info}")
     print(f"xpcnn images/s (fast path, and 'std' = standard Array API path) against PyTorch "
           f"eager; median of {args.steps} steps; MiB = peak memory of a training step")

@@ -96,6 +96,39 @@ def test_im2col_reads_the_padding_without_storing_it(cp, kernels, rng, kernel, s
     _equal(got, want)
 
 
+@pytest.mark.parametrize("kernel, strides, shape, filters, padding", [
+    ((3, 3), (1, 1), (3, 10, 9, 3), 8, "same"), ((3, 3), (2, 2), (2, 11, 10, 5), 4, "same"),
+    ((5, 3), (1, 2), (2, 12, 9, 2), 6, "valid"), ((1, 1), (1, 1), (2, 4, 4, 7), 5, "valid"),
+    ((3, 3), (1, 1), (2, 6, 6, 4), 3, 2), ((3, 3), (1, 1), (16, 32, 32, 32), 32, "same"),
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_direct_convolution_matches_im2col(cp, kernels, rng, kernel, strides, shape, filters,
+                                           padding, dtype):
+    """Forward (with bias and ReLU) and kernel gradient of the direct kernels against the
+    standard im2col + matmul versions."""
+    fast, std = kernels
+    x = _random(cp, rng, shape, dtype)
+    pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
+    out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
+    w2 = _random(cp, rng, (kernel[0] * kernel[1] * shape[3], filters), dtype)
+    bias = _random(cp, rng, (filters,), dtype)
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    for b, relu in ((bias, True), (None, False)):
+        got = fast.conv2d(x, w2, b, kernel, strides, pads, out_hw, relu)
+        want = ops.conv_forward(std.xp, std, x, w2, b, kernel, strides, pads, out_hw,
+                                ops.Workspace(), "k", None, relu)
+        np.testing.assert_allclose(got.get().astype(np.float64), want.get(), rtol=tol,
+                                   atol=tol)
+    dy = _random(cp, rng, (shape[0] * out_hw[0] * out_hw[1], filters), dtype)
+    got = fast.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw)
+    want = ops.conv_weight_grad(std.xp, std, x.astype(cp.float64), dy.astype(cp.float64),
+                                kernel, strides, pads, out_hw, ops.Workspace(), "k", None)
+    assert got.dtype == (cp.float32 if dtype == "float16" else x.dtype)
+    scale = float(cp.abs(want).max())
+    np.testing.assert_allclose(got.get() / scale, want.get() / scale, atol=1e-5 if dtype ==
+                               "float32" else 1e-3)
+
+
 @pytest.mark.parametrize("rows", [131072, 1000, 513, 100])
 @pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
 def test_sum_rows_in_blocks(cp, kernels, rng, rows, dtype):
@@ -224,7 +257,17 @@ def _fit(device, net, fast=True, precision="float32", epochs=2):
     return model, history.history["loss"], probs
 
 
-def test_training_on_the_gpu_matches_the_standard_path_and_numpy():
+@pytest.fixture(params=["direct", "im2col"])
+def conv_algorithm(request, kernels):
+    """Both convolution algorithms of the CuPy kernels."""
+    fast, _ = kernels
+    old = fast.direct_conv, fast.direct_weight_grad
+    fast.direct_conv = fast.direct_weight_grad = request.param == "direct"
+    yield request.param
+    fast.direct_conv, fast.direct_weight_grad = old
+
+
+def test_training_on_the_gpu_matches_the_standard_path_and_numpy(conv_algorithm):
     fast, loss_fast, p_fast = _fit("cuda", gap_net)
     std, loss_std, p_std = _fit("cuda", gap_net, fast=False)
     ref, loss_ref, p_ref = _fit("cpu", gap_net)
@@ -249,7 +292,7 @@ def test_every_layer_trains_on_the_gpu_and_stays_there(cp):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_mixed_float16_on_the_gpu():
+def test_mixed_float16_on_the_gpu(conv_algorithm):
     fast, loss_fast, _ = _fit("cuda", gap_net, precision="mixed_float16", epochs=3)
     std, loss_std, _ = _fit("cuda", gap_net, fast=False, precision="mixed_float16", epochs=3)
     assert all(np.isfinite(loss_fast)) and loss_fast[-1] < loss_fast[0]

@@ -213,6 +213,8 @@ def conv_forward(
     Returns the (N*Ho*Wo, K) output rows. Chunks of images may run on several threads
     (``kern.for_chunks``), each with scratch of its own.
     """
+    if kern.direct_conv:
+        return kern.conv2d(x, w2, bias, kernel, strides, pads, out_hw, relu)
     n = x.shape[0]
     ho, wo = out_hw
     kk, k = w2.shape
@@ -242,7 +244,10 @@ def conv_weight_grad(
     budget: int | None,
     min_chunks: int = 8,
 ) -> Any:
-    """Kernel gradient (kh*kw*C, K): patches^T @ output gradient, summed over chunks."""
+    """Kernel gradient (kh*kw*C, K): patches^T @ output gradient, summed over chunks (in
+    float32 at least)."""
+    if kern.direct_weight_grad:
+        return kern.conv2d_weight_grad(x, dy2, kernel, strides, pads, out_hw)
     n = x.shape[0]
     ho, wo = out_hw
     kk = kernel[0] * kernel[1] * x.shape[3]

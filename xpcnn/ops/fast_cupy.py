@@ -44,6 +44,86 @@ _IM2COL = cupy.ElementwiseKernel(
     "xpcnn_im2col",
 )
 
+# Accumulators: float32 for float16 data (as tensor cores do), else the data's own type.
+_ACC = """
+template <typename X> struct Acc { typedef float type; };
+template <> struct Acc<double> { typedef double type; };
+"""
+
+# Direct convolution, one output element per thread: y[n, oh, ow, k] = relu?(b[k] +
+# sum_{a, b, c} x[n, oh*sh + a - top, ow*sw + b - left, c] * w[(a*kw + b)*C + c, k]), zero
+# padding read, never stored. Threads of a warp share (n, oh, ow) and read consecutive k:
+# the x value is one broadcast load, the w row a coalesced one (w stays in L1).
+_CONV = cupy.ElementwiseKernel(
+    "raw T x, raw T w, raw T bias, bool has_bias, bool relu, int32 H, int32 W, int32 C,"
+    " int32 Ho, int32 Wo, int32 K, int32 kh, int32 kw, int32 sh, int32 sw, int32 top,"
+    " int32 left",
+    "T y",
+    """
+    typedef typename Acc<T>::type A;
+    long long r = i;
+    const int k = r % K; r /= K;
+    const int ow = r % Wo; r /= Wo;
+    const int oh = r % Ho;
+    const long long img = r / Ho;
+    A acc = has_bias ? (A)bias[k] : (A)0;
+    for (int a = 0; a < kh; ++a) {
+        const int hh = oh * sh + a - top;
+        if (hh < 0 || hh >= H) continue;
+        for (int q = 0; q < kw; ++q) {
+            const int ww = ow * sw + q - left;
+            if (ww < 0 || ww >= W) continue;
+            const long long xo = ((img * H + hh) * W + ww) * C;
+            const long long wo = (long long)((a * kw + q) * C) * K + k;
+            for (int c = 0; c < C; ++c) {
+                acc += (A)x[xo + c] * (A)w[wo + (long long)c * K];
+            }
+        }
+    }
+    if (relu && acc < (A)0) acc = (A)0;
+    y = (T)acc;
+    """,
+    "xpcnn_conv",
+    preamble=_ACC,
+)
+
+# Kernel gradient in parts: part[s, (a*kw + b)*C + c, k] = sum over the output rows of block s
+# of x[n, oh*sh + a - top, ow*sw + b - left, c] * dy[row, k]; the parts are then summed. Threads
+# of a warp share (s, a, b, c) and read consecutive k of each dy row (coalesced).
+_CONV_WEIGHT_GRAD = cupy.ElementwiseKernel(
+    "raw T x, raw G dy, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 K, int32 kw,"
+    " int32 sh, int32 sw, int32 top, int32 left, int32 KKC, int64 rows, int64 per",
+    "P part",
+    """
+    typedef typename Acc<T>::type A;
+    long long r = i;
+    const int k = r % K; r /= K;
+    const int q = r % KKC;
+    const long long s = r / KKC;
+    const int c = q % C;
+    const int a = (q / C) / kw;
+    const int b = (q / C) % kw;
+    long long row = s * per;
+    const long long end = row + per < rows ? row + per : rows;
+    int ow = row % Wo;
+    long long t = row / Wo;
+    int oh = t % Ho;
+    long long img = t / Ho;
+    A acc = (A)0;
+    for (; row < end; ++row) {
+        const int hh = oh * sh + a - top;
+        const int ww = ow * sw + b - left;
+        if (hh >= 0 && hh < H && ww >= 0 && ww < W) {
+            acc += (A)x[((img * H + hh) * W + ww) * C + c] * (A)dy[row * K + k];
+        }
+        if (++ow == Wo) { ow = 0; if (++oh == Ho) { oh = 0; ++img; } }
+    }
+    part = (P)acc;
+    """,
+    "xpcnn_conv_weight_grad",
+    preamble=_ACC,
+)
+
 # Maximum of each window, NaN propagating as xp.maximum does.
 _MAX_POOL = cupy.ElementwiseKernel(
     "raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw, int32 sh,"
@@ -188,6 +268,42 @@ class CupyKernels(StandardKernels):
 
     def __init__(self) -> None:
         super().__init__(compat_cupy)
+        # Convolutions as the direct kernels above rather than im2col + cuBLAS (both measured
+        # in docs/performance.md): forward and input gradient, and the kernel gradient.
+        self.direct_conv = True
+        self.direct_weight_grad = True
+
+    def conv2d(self, x: Any, w2: Any, bias: Any, kernel: tuple[int, int],
+               strides: tuple[int, int], pads: tuple[int, int, int, int],
+               out_hw: tuple[int, int], relu: bool) -> Any:
+        """Convolution of (N, H, W, C) ``x``, zero-padded by ``pads``, with the (kh*kw*C, K)
+        kernel matrix ``w2`` (+ bias, then ReLU): the (N*Ho*Wo, K) output rows, one launch."""
+        x, w2 = cupy.ascontiguousarray(x), cupy.ascontiguousarray(w2)
+        n, h, w, c = x.shape
+        k = w2.shape[1]
+        y = cupy.empty((n * out_hw[0] * out_hw[1], k), x.dtype)
+        b = w2 if bias is None else cupy.ascontiguousarray(bias)  # (unread without a bias)
+        _CONV(x, w2, b, bias is not None, relu, h, w, c, out_hw[0], out_hw[1], k, kernel[0],
+              kernel[1], strides[0], strides[1], pads[0], pads[2], y)
+        return y
+
+    def conv2d_weight_grad(self, x: Any, dy2: Any, kernel: tuple[int, int],
+                           strides: tuple[int, int], pads: tuple[int, int, int, int],
+                           out_hw: tuple[int, int]) -> Any:
+        """Kernel gradient (kh*kw*C, K) of :meth:`conv2d` for output gradient rows ``dy2``,
+        accumulated in float32 at least (float64 for float64): blocks of rows in parallel,
+        then their sum."""
+        x, dy2 = cupy.ascontiguousarray(x), cupy.ascontiguousarray(dy2)
+        n, h, w, c = x.shape
+        rows, k = dy2.shape
+        kkc = kernel[0] * kernel[1] * c
+        splits = max(1, min(rows // 1024, 256))
+        per = -(-rows // splits)
+        acc = cupy.float64 if x.dtype == cupy.float64 else cupy.float32
+        parts = cupy.empty((splits, kkc, k), acc)
+        _CONV_WEIGHT_GRAD(x, dy2, h, w, c, out_hw[0], out_hw[1], k, kernel[1], strides[0],
+                          strides[1], pads[0], pads[2], kkc, rows, per, parts)
+        return parts.sum(axis=0)
 
     def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None,
                     relu: bool = False) -> None:

@@ -35,6 +35,10 @@ class StandardKernels:
     # True where im2col_into takes ``pads`` and reads the input as if zero-padded (CuPy's):
     # convolutions then skip the padded copy of each chunk.
     pads_in_im2col = False
+    # True where the kernels convolve directly (conv2d, conv2d_weight_grad: CuPy's), without
+    # im2col patches: no scratch, one launch per convolution.
+    direct_conv = False
+    direct_weight_grad = False
 
     def __init__(self, xp: Any) -> None:
         self.xp = xp
