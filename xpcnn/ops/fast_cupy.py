@@ -46,8 +46,8 @@ _IM2COL = cupy.ElementwiseKernel(
 
 # Accumulators: float32 for float16 data (as tensor cores do), else the data's own type.
 _ACC = """
-template <typename X> struct Acc { typedef float type; };
-template <> struct Acc<double> { typedef double type; };
+template <typename X> struct XpcnnAcc { typedef float type; };
+template <> struct XpcnnAcc<double> { typedef double type; };
 """
 
 # Direct convolution, one output element per thread: y[n, oh, ow, k] = relu?(b[k] +
@@ -60,7 +60,7 @@ _CONV = cupy.ElementwiseKernel(
     " int32 left",
     "T y",
     """
-    typedef typename Acc<T>::type A;
+    typedef XpcnnAcc<T>::type A;
     long long r = i;
     const int k = r % K; r /= K;
     const int ow = r % Wo; r /= Wo;
@@ -95,7 +95,7 @@ _CONV_WEIGHT_GRAD = cupy.ElementwiseKernel(
     " int32 sh, int32 sw, int32 top, int32 left, int32 KKC, int64 rows, int64 per",
     "P part",
     """
-    typedef typename Acc<T>::type A;
+    typedef XpcnnAcc<T>::type A;
     long long r = i;
     const int k = r % K; r /= K;
     const int q = r % KKC;
