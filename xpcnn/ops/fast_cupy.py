@@ -268,10 +268,13 @@ class CupyKernels(StandardKernels):
 
     def __init__(self) -> None:
         super().__init__(compat_cupy)
-        # Convolutions as the direct kernels above rather than im2col + cuBLAS (both measured
-        # in docs/performance.md): forward and input gradient, and the kernel gradient.
+        # Which convolutions run as the direct kernels above rather than im2col + cuBLAS.
+        # Measured on an H200 (docs/performance.md): the direct forward (and input gradient,
+        # itself a convolution) is faster at batch 128 and needs no scratch; the direct kernel
+        # gradient re-reads the output gradient once per kernel row and was ~2x slower than
+        # im2col + a split batched cuBLAS product, so that stays the default for it.
         self.direct_conv = True
-        self.direct_weight_grad = True
+        self.direct_weight_grad = False
 
     def conv2d(self, x: Any, w2: Any, bias: Any, kernel: tuple[int, int],
                strides: tuple[int, int], pads: tuple[int, int, int, int],
