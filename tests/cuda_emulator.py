@@ -1,0 +1,159 @@
+"""Run the CUDA bodies of ``xpcnn.ops.fast_cupy``'s kernels on the CPU, for machines without a GPU.
+
+``cupy.ElementwiseKernel`` wraps a C++ loop body in a loop over the output's elements. This
+module does the same with the host C++ compiler, for float32 and float64 data: ``i`` is the
+element's C-order index, a non-raw argument is the element at ``i`` (broadcast), a ``raw`` one
+an array indexed by one integer, a scalar a constant of its declared type. A fake ``cupy`` module
+routes the few other CuPy calls of ``fast_cupy`` to NumPy. float16 is left to the GPU tests
+(CuPy's half type has no host twin here).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+C_TYPES = {np.dtype("float32"): "float", np.dtype("float64"): "double", np.dtype("bool"): "bool",
+           np.dtype("int32"): "int", np.dtype("int64"): "long long"}
+
+
+def compiler() -> str | None:
+    """The host C++ compiler, or None."""
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+
+
+def _params(text: str) -> list[tuple[bool, str, str]]:
+    """'raw T x, int32 H' -> [(True, 'T', 'x'), (False, 'int32', 'H')]."""
+    out = []
+    for p in (p.split() for p in text.split(",") if p.strip()):
+        raw = p[0] == "raw"
+        out.append((raw, *p[raw:]))
+    return out
+
+
+class ElementwiseKernel:
+    """The subset of ``cupy.ElementwiseKernel`` that ``fast_cupy`` uses, compiled for the CPU."""
+
+    build_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "xpcnn-cuda-emulator"
+
+    def __init__(self, in_params: str, out_params: str, operation: str, name: str = "kernel",
+                 preamble: str = "") -> None:
+        self.ins, self.outs = _params(in_params), _params(out_params)
+        self.body, self.name, self.preamble = operation, name, preamble
+
+    def __call__(self, *args: Any) -> Any:
+        params = self.ins + self.outs
+        args = list(args)
+        # type placeholders (one-letter names) from the arrays first, then from scalars
+        types_: dict[str, np.dtype] = {}
+        for (_, ty, _), a in zip(params, args, strict=False):
+            if len(ty) == 1 and isinstance(a, np.ndarray):
+                types_.setdefault(ty, a.dtype)
+        for (_, ty, _), a in zip(params, args, strict=False):
+            if len(ty) == 1:
+                types_.setdefault(ty, np.asarray(a).dtype)
+        shape = np.broadcast_shapes(*(a.shape for (raw, _, _), a in zip(params, args,
+                                                                          strict=False)
+                                      if not raw and isinstance(a, np.ndarray)))
+        for _raw, ty, _ in params[len(args):]:  # outputs not given
+            args.append(np.empty(shape, types_[ty] if len(ty) == 1 else np.dtype(ty)))
+        buffers, decls, per_element, scalars, copy_back = [], [], [], [], []
+        for k, ((raw, ty, name), a) in enumerate(zip(params, args, strict=True)):
+            dtype = types_[ty] if len(ty) == 1 else np.dtype(ty)
+            c = C_TYPES[dtype]
+            if not isinstance(a, np.ndarray):
+                scalars.append(float(a))
+                decls.append(f"const {c} {name} = ({c})scalars[{len(scalars) - 1}];")
+                continue
+            if raw:
+                assert a.flags.c_contiguous, f"raw argument {name} must be C-contiguous"
+                buf = a
+            elif k < len(self.ins):
+                buf = np.ascontiguousarray(np.broadcast_to(a, shape), dtype=dtype)
+            else:
+                buf = a if a.flags.c_contiguous else np.empty(shape, a.dtype)
+                if buf is not a:
+                    copy_back.append((a, buf))
+            buffers.append(buf)
+            j = len(buffers) - 1
+            if raw:
+                decls.append(f"Raw<{c}> {name}{{({c}*)ptrs[{j}]}};")
+            else:
+                decls.append(f"{c}* {name}_p = ({c}*)ptrs[{j}];")
+                per_element.append(f"{c}& {name} = {name}_p[i];")
+        typedefs = "".join(f"typedef {C_TYPES[v]} {k};\n" for k, v in types_.items())
+        source = ("#include <cmath>\nusing namespace std;\n" + typedefs + self.preamble +
+                  "template <typename X> struct Raw { X* d; "
+                  "X& operator[](long long k) const { return d[k]; } };\n"
+                  'extern "C" void run(long long size, void** ptrs, double* scalars) {\n'
+                  + "\n".join(decls) + "\nfor (long long i = 0; i < size; ++i) {\n"
+                  + "\n".join(per_element) + "\n{" + self.body + "}\n}\n}\n")
+        library = self._build(source)
+        ptrs = (ctypes.c_void_p * max(1, len(buffers)))(*[b.ctypes.data for b in buffers])
+        values = (ctypes.c_double * max(1, len(scalars)))(*scalars)
+        library.run(ctypes.c_longlong(int(np.prod(shape))), ptrs, values)
+        for a, buf in copy_back:
+            a[...] = buf
+        outs = args[len(self.ins):]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _build(self, source: str) -> Any:
+        digest = hashlib.sha1(source.encode()).hexdigest()[:16]
+        self.build_dir.mkdir(parents=True, exist_ok=True)
+        lib = self.build_dir / f"{self.name}_{digest}.so"
+        if not lib.exists():
+            src = lib.with_suffix(".cpp")
+            src.write_text(source)
+            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+            subprocess.run([compiler(), "-O1", "-shared", "-fPIC", "-o", str(tmp), str(src)],
+                           check=True, capture_output=True)
+            tmp.replace(lib)
+        return ctypes.CDLL(str(lib))
+
+
+def fake_cupy() -> types.ModuleType:
+    """A ``cupy`` whose kernels run on the CPU and whose arrays are NumPy's."""
+    fake = types.ModuleType("cupy")
+    fake.ElementwiseKernel = ElementwiseKernel
+    for name in ("matmul", "empty", "zeros", "maximum", "ascontiguousarray", "float32",
+                 "float64"):
+        setattr(fake, name, getattr(np, name))
+    return fake
+
+
+def load_emulated_fast_cupy() -> tuple[types.ModuleType, dict[str, Any]]:
+    """Import ``xpcnn.ops.fast_cupy`` against the fake ``cupy``; returns the module and the
+    ``sys.modules`` entries to put back afterwards (see :func:`restore`)."""
+    import array_api_compat.numpy as compat_numpy
+
+    names = ("cupy", "array_api_compat.cupy", "xpcnn.ops.fast_cupy")
+    saved = {n: sys.modules.get(n) for n in names}
+    sys.modules["cupy"] = fake_cupy()
+    sys.modules["array_api_compat.cupy"] = compat_numpy
+    sys.modules.pop("xpcnn.ops.fast_cupy", None)
+    import xpcnn.ops.fast_cupy as module
+
+    return module, saved
+
+
+def restore(saved: dict[str, Any]) -> None:
+    import xpcnn.ops
+
+    for name, module in saved.items():
+        if module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = module
+    if saved["xpcnn.ops.fast_cupy"] is None:
+        xpcnn.ops.__dict__.pop("fast_cupy", None)
+    else:
+        xpcnn.ops.fast_cupy = saved["xpcnn.ops.fast_cupy"]

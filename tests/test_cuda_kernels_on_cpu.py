@@ -1,0 +1,172 @@
+"""The CUDA kernels of ``xpcnn.ops.fast_cupy``, compiled for the CPU (tests/cuda_emulator.py),
+give the standard versions' results: their index arithmetic, bounds and formulas are checked on
+every machine, not only where a GPU is lent (tests/test_gpu.py checks them on the GPU, float16
+included)."""
+
+import array_api_compat.numpy as xpn
+import numpy as np
+import pytest
+from cuda_emulator import compiler, load_emulated_fast_cupy, restore
+from nets import every_layer_net, gap_net
+
+import xpcnn
+from xpcnn import backend as backend_module
+from xpcnn.ops import conv as ops
+from xpcnn.ops.kernels import StandardKernels
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="needs a C++ compiler (CXX or c++)")
+
+STD = StandardKernels(xpn)
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(scope="module")
+def fast():
+    module, saved = load_emulated_fast_cupy()
+    yield module.KERNELS
+    restore(saved)
+
+
+def _poisoned(shape, dtype):
+    return np.full(shape, np.nan, dtype)
+
+
+@pytest.mark.parametrize("kernel, strides, shape, pads", [
+    ((3, 3), (1, 1), (3, 10, 9, 3), (0, 0, 0, 0)), ((3, 3), (2, 2), (2, 11, 10, 5), (0, 1, 0, 1)),
+    ((5, 3), (2, 1), (2, 12, 9, 2), (0, 0, 0, 0)), ((5, 5), (1, 1), (2, 6, 7, 2), (2, 2, 2, 2)),
+    ((1, 1), (1, 1), (2, 4, 4, 7), (0, 0, 0, 0)), ((3, 3), (1, 1), (2, 5, 5, 4), (2, 2, 2, 2)),
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_im2col(fast, rng, kernel, strides, shape, pads, dtype):
+    x = rng.standard_normal(shape).astype(dtype)
+    out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
+    cols = (shape[0], *out_hw, kernel[0] * kernel[1] * shape[3])
+    padded = np.pad(x, ((0, 0), pads[:2], pads[2:], (0, 0)))
+    want = STD.im2col_into(padded, _poisoned(cols, dtype), kernel, strides, out_hw)
+    got = fast.im2col_into(x, _poisoned(cols, dtype), kernel, strides, out_hw, pads)
+    np.testing.assert_array_equal(got, want)
+    # into a block of a larger buffer (a chunk of the batch)
+    big = _poisoned((2 * shape[0], *cols[1:]), dtype)
+    fast.im2col_into(x, big[shape[0]:], kernel, strides, out_hw, pads)
+    np.testing.assert_array_equal(big[shape[0]:], want)
+
+
+@pytest.mark.parametrize("kernel, strides, shape", [
+    ((2, 2), (2, 2), (3, 8, 8, 5)), ((2, 2), (2, 2), (2, 7, 9, 3)), ((3, 3), (3, 3), (2, 9, 9, 4)),
+    ((2, 3), (3, 3), (2, 9, 9, 2)), ((3, 3), (2, 2), (2, 9, 9, 3)),
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_pool_and_its_gradient(fast, rng, kernel, strides, shape, dtype):
+    x = rng.integers(0, 3, shape).astype(dtype)  # ties: the first maximum must win
+    out_hw = ops.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
+    y = fast.max_pool(x, kernel, strides, out_hw)
+    np.testing.assert_array_equal(y, STD.max_pool(x, kernel, strides, out_hw))
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    np.testing.assert_array_equal(fast.max_pool_backward(x, y, dy, kernel, strides, out_hw),
+                                  STD.max_pool_backward(x, y, dy, kernel, strides, out_hw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise_kernels(fast, rng, dtype):
+    x = rng.standard_normal((4, 5, 6, 7)).astype(dtype) * 4
+    x[0, 0, 0, :3] = [0.0, 6.0, np.nan]
+    for cap in (None, 6.0):
+        np.testing.assert_array_equal(fast.relu(x, cap), STD.relu(x, cap))
+        for got, want in zip(fast.relu_with_mask(x, cap), STD.relu_with_mask(x, cap),
+                             strict=True):
+            np.testing.assert_array_equal(got, want)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    np.testing.assert_array_equal(fast.relu_backward(dy, x), STD.relu_backward(dy, x))
+    mask = x > 0.5
+    np.testing.assert_array_equal(fast.mask_multiply(dy, mask), STD.mask_multiply(dy, mask))
+    np.testing.assert_array_equal(fast.mask_multiply(dy, mask[:1]),
+                                  STD.mask_multiply(dy, mask[:1]))
+    a, b = rng.standard_normal((50, 7)).astype(dtype), rng.standard_normal((7, 6)).astype(dtype)
+    for bias in (None, rng.standard_normal(6).astype(dtype)):
+        for relu in (False, True):
+            got, want = _poisoned((50, 6), dtype), _poisoned((50, 6), dtype)
+            fast.matmul_into(a, b, got, bias, relu)
+            STD.matmul_into(a, b, want, bias, relu)
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("rows", [131072, 1000, 513, 100])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blocked_sums(fast, rng, rows, dtype):
+    """Bias gradients and long a^T @ b products, over blocks of rows."""
+    a = rng.standard_normal((rows, 24)).astype(dtype)
+    b = rng.standard_normal((rows, 8)).astype(dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(fast.sum_rows(a), STD.sum_rows(a), rtol=tol, atol=tol * rows)
+    want = a.astype(np.float64).T @ b.astype(np.float64)
+    got = fast.matmul_tn(a, b)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kernel, strides, shape, filters, padding", [
+    ((3, 3), (1, 1), (3, 10, 9, 3), 8, "same"), ((3, 3), (2, 2), (2, 11, 10, 5), 4, "same"),
+    ((5, 3), (1, 2), (2, 12, 9, 2), 6, "valid"), ((1, 1), (1, 1), (2, 4, 4, 7), 5, "valid"),
+    ((3, 3), (1, 1), (2, 6, 6, 4), 3, 2), ((3, 3), (1, 1), (37, 16, 16, 3), 4, "same"),
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_direct_convolution(fast, rng, kernel, strides, shape, filters, padding, dtype):
+    x = rng.standard_normal(shape).astype(dtype)
+    pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
+    out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
+    w2 = rng.standard_normal((kernel[0] * kernel[1] * shape[3], filters)).astype(dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for bias, relu in ((rng.standard_normal(filters).astype(dtype), True), (None, False)):
+        want = ops.conv_forward(xpn, STD, x, w2, bias, kernel, strides, pads, out_hw,
+                                ops.Workspace(), "k", None, relu)
+        got = fast.conv2d(x, w2, bias, kernel, strides, pads, out_hw, relu)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 10)
+    dy = rng.standard_normal((shape[0] * out_hw[0] * out_hw[1], filters)).astype(dtype)
+    want = ops.conv_weight_grad(xpn, STD, x, dy, kernel, strides, pads, out_hw,
+                                ops.Workspace(), "k", None)
+    got = fast.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw)
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=tol * 10, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: xpcnn.optim.SGD(0.1, weight_decay=0.01),
+    lambda: xpcnn.optim.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    lambda: xpcnn.optim.SGD(0.05, momentum=0.9),
+    lambda: xpcnn.optim.Adam(1e-2, weight_decay=1e-2),
+    lambda: xpcnn.optim.AdamW(1e-2),
+], ids=["sgd-wd", "nesterov-wd", "momentum", "adam-l2", "adamw"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_optimiser_updates(fast, rng, make, dtype):
+    params = [rng.standard_normal(s).astype(dtype) for s in ((3, 3, 4, 8), (8,))]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    for _ in range(4):
+        grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
+        opt_fused.step(xpn, fused, grads, fast)
+        opt_std.step(xpn, standard, grads)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for f, s in zip(fused, standard, strict=True):
+        np.testing.assert_allclose(f, s, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("net", [gap_net, every_layer_net])
+@pytest.mark.parametrize("direct_weight_grad", [False, True])
+def test_training_with_the_cuda_kernels(fast, monkeypatch, net, direct_weight_grad):
+    """Whole training runs with every CuPy kernel in place of the NumPy ones end with the
+    standard path's weights."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
+    monkeypatch.setattr(fast, "direct_weight_grad", direct_weight_grad)
+
+    def fit(kernels):
+        monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+        model = xpcnn.Sequential(net(), seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+        history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+        return model.get_weights(), history.history["loss"]
+
+    (w_fast, loss_fast), (w_std, loss_std) = fit(fast), fit(None)
+    assert loss_fast == pytest.approx(loss_std, rel=1e-5)
+    for a, b in zip(w_fast, w_std, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
