@@ -101,6 +101,8 @@ class Backend:
                     dtype, copy=False
                 )
         host = np.random.default_rng(list(key)).random(shape, dtype=np.float32)
+        if self.name == "numpy":  # fresh memory: no copy needed
+            return host if dtype in (None, np.float32) else host.astype(dtype)
         return self.asarray(host, dtype=dtype)
 
     # -- the fast-path seam ------------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..checks import number
+from ..ops.kernels import kernels_for
 from .base import Layer, Shape
 
 
@@ -40,11 +41,13 @@ class Dropout(RandomLayer):
     def forward(self, x: Any, training: bool = False) -> Any:
         if not training or self.rate == 0.0:
             return x
-        keep = self._uniform(tuple(x.shape), x.dtype) >= self.rate
-        self._cache_scale = self.xp.astype(keep, x.dtype) * (1.0 / (1.0 - self.rate))
-        return x * self._cache_scale
+        # the mask kept as booleans (a quarter of a float mask's memory), applied as a product
+        self._cache_keep = self._uniform(tuple(x.shape), x.dtype) >= self.rate
+        return kernels_for(self.backend).mask_multiply(x, self._cache_keep) * (
+            1.0 / (1.0 - self.rate))
 
     def backward(self, dy: Any) -> Any:
         if self.rate == 0.0:
             return dy
-        return dy * self.xp.astype(self._cache_scale, dy.dtype, copy=False)
+        keep, self._cache_keep = self._cache_keep, None
+        return kernels_for(self.backend).mask_multiply(dy, keep) * (1.0 / (1.0 - self.rate))
