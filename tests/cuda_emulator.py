@@ -91,7 +91,8 @@ class ElementwiseKernel:
                 decls.append(f"{c}* {name}_p = ({c}*)ptrs[{j}];")
                 per_element.append(f"{c}& {name} = {name}_p[i];")
         typedefs = "".join(f"typedef {C_TYPES[v]} {k};\n" for k, v in types_.items())
-        source = ("#include <cmath>\nusing namespace std;\n" + typedefs + self.preamble +
+        source = ("#include <cmath>\n#define __device__\nusing namespace std;\n" + typedefs +
+                  self.preamble +
                   "template <typename X> struct Raw { X* d; "
                   "X& operator[](long long k) const { return d[k]; } };\n"
                   'extern "C" void run(long long size, void** ptrs, double* scalars) {\n'

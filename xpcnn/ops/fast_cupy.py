@@ -124,18 +124,25 @@ _CONV_WEIGHT_GRAD = cupy.ElementwiseKernel(
     preamble=_ACC,
 )
 
+# Where pooling window i (C-order over the (N, Ho, Wo, C) output) starts in the input.
+_WINDOW = """
+__device__ long long xpcnn_window(long long r, int H, int W, int C, int Ho, int Wo, int sh,
+                                  int sw) {
+    const int c = r % C; r /= C;
+    const int ow = r % Wo; r /= Wo;
+    const int oh = r % Ho;
+    const long long img = r / Ho;
+    return ((img * H + oh * sh) * W + ow * sw) * C + c;
+}
+"""
+
 # Maximum of each window, NaN propagating as xp.maximum does.
 _MAX_POOL = cupy.ElementwiseKernel(
     "raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw, int32 sh,"
     " int32 sw",
     "T y",
     """
-    long long r = i;
-    const int c = r % C; r /= C;
-    const int ow = r % Wo; r /= Wo;
-    const int oh = r % Ho;
-    const long long img = r / Ho;
-    const long long base = ((img * H + oh * sh) * W + ow * sw) * C + c;
+    const long long base = xpcnn_window(i, H, W, C, Ho, Wo, sh, sw);
     T best = x[base];
     for (int a = 0; a < kh; ++a) {
         for (int b = 0; b < kw; ++b) {
@@ -146,6 +153,7 @@ _MAX_POOL = cupy.ElementwiseKernel(
     y = best;
     """,
     "xpcnn_max_pool",
+    preamble=_WINDOW,
 )
 
 # Non-overlapping windows only (strides >= kernel): each output element owns its window, so
@@ -156,12 +164,7 @@ _MAX_POOL_BACKWARD = cupy.ElementwiseKernel(
     " int32 sh, int32 sw",
     "raw G dx",
     """
-    long long r = i;
-    const int c = r % C; r /= C;
-    const int ow = r % Wo; r /= Wo;
-    const int oh = r % Ho;
-    const long long img = r / Ho;
-    const long long base = ((img * H + oh * sh) * W + ow * sw) * C + c;
+    const long long base = xpcnn_window(i, H, W, C, Ho, Wo, sh, sw);
     bool found = false;
     for (int a = 0; a < kh; ++a) {
         for (int b = 0; b < kw; ++b) {
@@ -173,6 +176,7 @@ _MAX_POOL_BACKWARD = cupy.ElementwiseKernel(
     }
     """,
     "xpcnn_max_pool_backward",
+    preamble=_WINDOW,
 )
 
 # y + bias (then ReLU) in place on the (rows, K) output of a matmul.
