@@ -1,12 +1,15 @@
 """CuPy-only kernels behind the one seam ``Backend.fast`` (see :mod:`xpcnn.ops.kernels`).
 
-On a GPU a training step of a small CNN at batch 128 is bound by kernel launches, not by
-arithmetic: the standard versions spend a launch (and a temporary) per array operation, e.g.
-kh*kw slice copies for an im2col, four launches for a ReLU gradient, nine for an Adam update.
-Each kernel here does one of those jobs in a single launch, reading and writing each element
-once. Every method matches its :class:`StandardKernels` twin, which ``tests/test_gpu.py`` checks
-on random inputs in float32 and float16; the cases a kernel does not cover (overlapping pooling
-windows, non-contiguous inputs) go to that twin.
+On a GPU a training step of a small CNN at batch 128 is bound by the host: each CuPy call costs
+20-50 us of Python and launch (measured on an H200, docs/performance.md), and the standard
+versions make one call (and one temporary) per array operation, e.g. kh*kw slice copies for an
+im2col, four calls for a ReLU gradient, nine for an Adam update. Each kernel here does one of
+those jobs in a single launch, reading and writing each element once; the convolution itself
+runs as a direct kernel with no im2col scratch. Every method matches its
+:class:`StandardKernels` twin: ``tests/test_gpu.py`` checks that on the GPU in float32 and
+float16, and ``tests/test_cuda_kernels_on_cpu.py`` compiles the same kernel bodies for the CPU
+and checks them on every machine. The cases a kernel does not cover (overlapping pooling
+windows, non-contiguous outputs) go to that twin.
 
 Kernels are compiled by CuPy on first use and cached on disk (``~/.cupy/kernel_cache``). In
 their bodies ``i`` is the element's C-order index, and a ``raw`` array indexed by one integer is
@@ -253,8 +256,9 @@ _ADAM = cupy.ElementwiseKernel(
 
 # a^T @ b with a long inner dimension (a convolution's weight gradient: one row per output
 # position of the batch) is cut into blocks of about this many rows, multiplied as one batched
-# product and summed: a single product has too few output tiles to fill the GPU and runs
-# its long inner loop on a handful of multiprocessors (measured: 3.7 ms of a 9 ms step).
+# product and summed: a single product has few output tiles (288 x 32 for a 32-channel 3x3
+# layer) and would run its 131,072-long inner loop on a handful of multiprocessors. (Its gain
+# was not measured apart from the bias-gradient change that came with it.)
 _SPLIT_K_ROWS = 2048
 _SPLIT_K_MAX = 128
 
