@@ -106,8 +106,13 @@ def test_max_pool_with_ties(pool, strides, shape, rng):
     np.testing.assert_allclose(got.sum(), dy.sum(), rtol=1e-5)
 
 
-def test_relu_and_masks(rng):
-    x = rng.standard_normal((64, 80, 60)).astype(np.float32) * 3  # big enough for threads
+@pytest.mark.parametrize("shape", [(64, 80, 60), (8, 7, 5), (3,), ()],
+                         ids=["threads", "odd-size", "vector", "scalar"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_and_masks(rng, shape, dtype):
+    x = np.asarray(rng.standard_normal(shape) * 3, dtype=dtype)
+    if x.size > 3:
+        x.reshape(-1)[:3] = [np.nan, 2.0, 0.0]  # NaN and the edges stay as the standard has them
     for cap in (None, 2.0):
         np.testing.assert_array_equal(FAST.relu(x, cap), STD.relu(x, cap))
         for got, want in zip(FAST.relu_with_mask(x, cap), STD.relu_with_mask(x, cap),

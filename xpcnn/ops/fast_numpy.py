@@ -99,6 +99,7 @@ class NumpyKernels(StandardKernels):
         self._malloc_tuned = False
         self._cores = os.cpu_count() or 1
         self._ones_cache: dict[tuple[int, str], Any] = {}
+        self._rows_cache: dict[tuple[int, str, float], Any] = {}
 
     def _executor(self, workers: int) -> ThreadPoolExecutor:
         key = (os.getpid(), workers)  # a forked child needs threads of its own
@@ -230,7 +231,7 @@ class NumpyKernels(StandardKernels):
                 else:
                     np.add(out, bias, out=out)
         if relu:  # still in cache
-            np.maximum(out, out.dtype.type(0), out=out)
+            self._clamp(np.maximum, out, 0.0, out)
 
     def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
                     out_hw: tuple[int, int]) -> Any:
@@ -330,6 +331,22 @@ class NumpyKernels(StandardKernels):
             k *= 2
         return k
 
+    def _clamp(self, fn: Any, a: Any, value: float, out: Any) -> None:
+        """``fn(a, value, out=out)`` for np.maximum / np.minimum with ``value`` as a constant
+        row broadcast over ``a``: NumPy's loop for a scalar operand is ~2.5x slower than its
+        array loop (0.25 against 0.1 ms for 2 MB of float32 here)."""
+        if a.ndim == 0:
+            fn(a, a.dtype.type(value), out=out)
+            return
+        n = a.shape[-1]
+        if a.flags.c_contiguous and out.flags.c_contiguous and a.size % 256 == 0:
+            a, out, n = a.reshape(-1, 256), out.reshape(-1, 256), 256
+        key = (n, np.dtype(a.dtype).str, float(value))
+        row = self._rows_cache.get(key)
+        if row is None:
+            row = self._rows_cache[key] = np.full(n, value, a.dtype)
+        fn(a, row, out=out)
+
     def _ones(self, n: int, dtype: Any) -> Any:
         key = (n, np.dtype(dtype).str)
         ones = self._ones_cache.get(key)
@@ -413,13 +430,10 @@ class NumpyKernels(StandardKernels):
         return self._elementwise(lambda a, m, o: np.multiply(a, m, out=o), x.dtype, x, mask)
 
     def relu(self, x: Any, max_value: float | None) -> Any:
-        zero = x.dtype.type(0)
-        cap = None if max_value is None else x.dtype.type(max_value)
-
         def fn(a: Any, o: Any) -> None:
-            np.maximum(a, zero, out=o)
-            if cap is not None:
-                np.minimum(o, cap, out=o)
+            self._clamp(np.maximum, a, 0.0, o)
+            if max_value is not None:
+                self._clamp(np.minimum, o, max_value, o)
 
         return self._elementwise(fn, x.dtype, x)
 
@@ -429,10 +443,10 @@ class NumpyKernels(StandardKernels):
         mask = np.empty(x.shape, bool)
 
         def fn(a: Any, m: Any, o: Any) -> None:
-            np.maximum(a, zero, out=o)
+            self._clamp(np.maximum, a, 0.0, o)
             np.greater(a, zero, out=m)
             if cap is not None:
-                np.minimum(o, cap, out=o)
+                self._clamp(np.minimum, o, max_value, o)
                 np.logical_and(m, a < cap, out=m)
 
         return self._elementwise(fn, x.dtype, x, mask), mask
