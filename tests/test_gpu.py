@@ -257,12 +257,13 @@ def _fit(device, net, fast=True, precision="float32", epochs=2):
     return model, history.history["loss"], probs
 
 
-@pytest.fixture(params=["direct", "im2col"])
+@pytest.fixture(params=["direct-forward", "direct", "im2col"])
 def conv_algorithm(request, kernels):
-    """Both convolution algorithms of the CuPy kernels."""
+    """The convolution algorithms of the CuPy kernels (the first is the default)."""
     fast, _ = kernels
     old = fast.direct_conv, fast.direct_weight_grad
-    fast.direct_conv = fast.direct_weight_grad = request.param == "direct"
+    fast.direct_conv = request.param != "im2col"
+    fast.direct_weight_grad = request.param == "direct"
     yield request.param
     fast.direct_conv, fast.direct_weight_grad = old
 
