@@ -50,7 +50,7 @@ class ElementwiseKernel:
         self.ins, self.outs = _params(in_params), _params(out_params)
         self.body, self.name, self.preamble = operation, name, preamble
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, size: int | None = None) -> Any:
         params = self.ins + self.outs
         args = list(args)
         # type placeholders (one-letter names) from the arrays first, then from scalars
@@ -61,9 +61,9 @@ class ElementwiseKernel:
         for (_, ty, _), a in zip(params, args, strict=False):
             if len(ty) == 1:
                 types_.setdefault(ty, np.asarray(a).dtype)
-        shape = np.broadcast_shapes(*(a.shape for (raw, _, _), a in zip(params, args,
-                                                                          strict=False)
-                                      if not raw and isinstance(a, np.ndarray)))
+        shape = (size,) if size is not None else np.broadcast_shapes(
+            *(a.shape for (raw, _, _), a in zip(params, args, strict=False)
+              if not raw and isinstance(a, np.ndarray)))
         for _raw, ty, _ in params[len(args):]:  # outputs not given
             args.append(np.empty(shape, types_[ty] if len(ty) == 1 else np.dtype(ty)))
         buffers, decls, per_element, scalars, copy_back = [], [], [], [], []

@@ -108,6 +108,7 @@ def test_blocked_sums(fast, rng, rows, dtype):
     ((3, 3), (1, 1), (3, 10, 9, 3), 8, "same"), ((3, 3), (2, 2), (2, 11, 10, 5), 4, "same"),
     ((5, 3), (1, 2), (2, 12, 9, 2), 6, "valid"), ((1, 1), (1, 1), (2, 4, 4, 7), 5, "valid"),
     ((3, 3), (1, 1), (2, 6, 6, 4), 3, 2), ((3, 3), (1, 1), (37, 16, 16, 3), 4, "same"),
+    ((3, 3), (1, 1), (4, 8, 8, 16), 8, "same"), ((3, 3), (2, 2), (3, 9, 9, 6), 5, "same"),
 ])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_direct_convolution(fast, rng, kernel, strides, shape, filters, padding, dtype):

@@ -100,6 +100,7 @@ def test_im2col_reads_the_padding_without_storing_it(cp, kernels, rng, kernel, s
     ((3, 3), (1, 1), (3, 10, 9, 3), 8, "same"), ((3, 3), (2, 2), (2, 11, 10, 5), 4, "same"),
     ((5, 3), (1, 2), (2, 12, 9, 2), 6, "valid"), ((1, 1), (1, 1), (2, 4, 4, 7), 5, "valid"),
     ((3, 3), (1, 1), (2, 6, 6, 4), 3, 2), ((3, 3), (1, 1), (16, 32, 32, 32), 32, "same"),
+    ((3, 3), (2, 2), (3, 9, 9, 6), 5, "same"), ((3, 3), (1, 1), (8, 8, 8, 12), 7, "same"),
 ])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_direct_convolution_matches_im2col(cp, kernels, rng, kernel, strides, shape, filters,

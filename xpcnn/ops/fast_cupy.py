@@ -91,41 +91,58 @@ _CONV = cupy.ElementwiseKernel(
 )
 
 # Kernel gradient in parts: part[s, (a*kw + b)*C + c, k] = sum over the output rows of block s
-# of x[n, oh*sh + a - top, ow*sw + b - left, c] * dy[row, k]; the parts are then summed. Threads
-# of a warp share (s, a, b, c) and read consecutive k of each dy row (coalesced).
-_CONV_WEIGHT_GRAD = cupy.ElementwiseKernel(
-    "raw T x, raw G dy, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 K, int32 kw,"
-    " int32 sh, int32 sw, int32 top, int32 left, int32 KKC, int64 rows, int64 per",
-    "P part",
-    """
+# of x[n, oh*sh + a - top, ow*sw + b - left, c] * dy[row, k]; the parts are then summed. A
+# thread owns one k and Q consecutive channels c of one (s, a, b): each dy value it loads serves
+# Q products (dy is read KKC/Q times in all, not KKC times). Threads of a warp share (s, a, b, c)
+# and read consecutive k of each dy row (coalesced). Q is a compile-time constant (the
+# accumulators stay in registers), one kernel per Q.
+_CONV_WEIGHT_GRAD_BODY = """
     typedef XpcnnAcc<T>::type A;
     long long r = i;
     const int k = r % K; r /= K;
-    const int q = r % KKC;
-    const long long s = r / KKC;
-    const int c = q % C;
-    const int a = (q / C) / kw;
-    const int b = (q / C) % kw;
+    const int qb = r % QB;
+    const long long s = r / QB;
+    const int q0 = qb * XQ;
+    const int c0 = q0 % C;
+    const int a = (q0 / C) / kw;
+    const int b = (q0 / C) % kw;
     long long row = s * per;
     const long long end = row + per < rows ? row + per : rows;
     int ow = row % Wo;
     long long t = row / Wo;
     int oh = t % Ho;
     long long img = t / Ho;
-    A acc = (A)0;
+    A acc[XQ];
+    for (int u = 0; u < XQ; ++u) acc[u] = (A)0;
     for (; row < end; ++row) {
         const int hh = oh * sh + a - top;
         const int ww = ow * sw + b - left;
         if (hh >= 0 && hh < H && ww >= 0 && ww < W) {
-            acc += (A)x[((img * H + hh) * W + ww) * C + c] * (A)dy[row * K + k];
+            const A g = (A)dy[row * K + k];
+            const long long xo = ((img * H + hh) * W + ww) * C + c0;
+            for (int u = 0; u < XQ; ++u) acc[u] += (A)x[xo + u] * g;
         }
         if (++ow == Wo) { ow = 0; if (++oh == Ho) { oh = 0; ++img; } }
     }
-    part = (P)acc;
-    """,
-    "xpcnn_conv_weight_grad",
-    preamble=_ACC,
-)
+    for (int u = 0; u < XQ; ++u) part[((s * QB + qb) * XQ + u) * K + k] = (P)acc[u];
+"""
+_CONV_WEIGHT_GRAD: dict[int, Any] = {}
+
+
+def _conv_weight_grad_kernel(q: int) -> Any:
+    kernel = _CONV_WEIGHT_GRAD.get(q)
+    if kernel is None:
+        kernel = _CONV_WEIGHT_GRAD[q] = cupy.ElementwiseKernel(
+            "raw T x, raw G dy, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 K,"
+            " int32 kw, int32 sh, int32 sw, int32 top, int32 left, int32 QB, int64 rows,"
+            " int64 per",
+            "raw P part",
+            _CONV_WEIGHT_GRAD_BODY.replace("XQ", str(q)),
+            f"xpcnn_conv_weight_grad_{q}",
+            preamble=_ACC,
+        )
+    return kernel
+
 
 # Where pooling window i (C-order over the (N, Ho, Wo, C) output) starts in the input.
 _WINDOW = """
@@ -278,9 +295,11 @@ class CupyKernels(StandardKernels):
         super().__init__(compat_cupy)
         # Which convolutions run as the direct kernels above rather than im2col + cuBLAS.
         # Measured on an H200 (docs/performance.md): the direct forward (and input gradient,
-        # itself a convolution) is faster at batch 128 and needs no scratch; the direct kernel
-        # gradient re-reads the output gradient once per kernel row and was ~2x slower than
-        # im2col + a split batched cuBLAS product, so that stays the default for it.
+        # itself a convolution) is faster at batch 128 and needs no scratch. The direct kernel
+        # gradient as first measured (one channel per thread, so the output gradient read once
+        # per kernel-matrix row) was ~2x slower than im2col + a split batched cuBLAS product,
+        # which stays the default; its present form (up to 8 channels per thread) is not yet
+        # measured (scripts/bench_gpu.py --gpu-conv direct).
         self.direct_conv = True
         self.direct_weight_grad = False
 
@@ -312,8 +331,10 @@ class CupyKernels(StandardKernels):
         per = -(-rows // splits)
         acc = cupy.float64 if x.dtype == cupy.float64 else cupy.float32
         parts = cupy.empty((splits, kkc, k), acc)
-        _CONV_WEIGHT_GRAD(x, dy2, h, w, c, out_hw[0], out_hw[1], k, kernel[1], strides[0],
-                          strides[1], pads[0], pads[2], kkc, rows, per, parts)
+        q = next(q for q in (8, 4, 3, 2, 1) if c % q == 0)  # channels per thread
+        _conv_weight_grad_kernel(q)(
+            x, dy2, h, w, c, out_hw[0], out_hw[1], k, kernel[1], strides[0], strides[1],
+            pads[0], pads[2], kkc // q, rows, per, parts, size=splits * (kkc // q) * k)
         return parts.sum(axis=0)
 
     def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None,
