@@ -151,6 +151,19 @@ def test_fused_optimiser_updates(fast, rng, make, dtype):
         np.testing.assert_allclose(f, s, rtol=tol, atol=tol)
 
 
+def test_an_optimiser_without_a_fused_update_runs_its_own(fast):
+    """A user's Optimizer subclass that defines only ``_update`` still works where the kernels
+    offer fused updates."""
+
+    class HalfStep(xpcnn.optim.Optimizer):
+        def _update(self, xp, i, p, g, lr):
+            p[...] = p - 0.5 * lr * g
+
+    p = [np.ones(3, np.float32)]
+    HalfStep(0.2).step(xpn, p, [np.ones(3, np.float32)], fast)
+    np.testing.assert_allclose(p[0], 0.9)
+
+
 @pytest.mark.parametrize("net", [gap_net, every_layer_net])
 @pytest.mark.parametrize("direct_weight_grad", [False, True])
 def test_training_with_the_cuda_kernels(fast, monkeypatch, net, direct_weight_grad):

@@ -159,16 +159,16 @@ class Optimizer:
         self.iterations += 1
         fused = kernels is not None and kernels.fused_updates
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            if fused:
-                self._fused_update(kernels, i, p, g, lr)
-            else:
+            if not (fused and self._fused_update(kernels, i, p, g, lr)):
                 self._update(xp, i, p, g, lr)
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
         raise NotImplementedError
 
-    def _fused_update(self, kernels: Any, i: int, p: Any, g: Any, lr: float) -> None:
-        raise NotImplementedError
+    def _fused_update(self, kernels: Any, i: int, p: Any, g: Any, lr: float) -> bool:
+        """The update as one pass of ``kernels``; False where this optimiser has none (a
+        subclass that defines only ``_update`` then runs that)."""
+        return False
 
     def get_config(self) -> dict[str, Any]:
         return {"class": type(self).__name__, "lr": self.schedule.get_config(),
@@ -199,9 +199,10 @@ class SGD(Optimizer):
             g = g + self.momentum * buf if self.nesterov else buf
         p[...] = p - lr * g
 
-    def _fused_update(self, kernels: Any, i: int, p: Any, g: Any, lr: float) -> None:
+    def _fused_update(self, kernels: Any, i: int, p: Any, g: Any, lr: float) -> bool:
         buf = self.slots["momentum"][i] if self.momentum else None
         kernels.sgd_update(p, g, buf, lr, self.weight_decay, self.momentum, self.nesterov)
+        return True
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "momentum": self.momentum, "nesterov": self.nesterov}
@@ -236,10 +237,11 @@ class Adam(Optimizer):
         denom = xp.sqrt(v / (1.0 - b2**t)) + self.epsilon
         p[...] = p - m_hat_scale * m / denom
 
-    def _fused_update(self, kernels: Any, i: int, p: Any, g: Any, lr: float) -> None:
+    def _fused_update(self, kernels: Any, i: int, p: Any, g: Any, lr: float) -> bool:
         kernels.adam_update(p, g, self.slots["m"][i], self.slots["v"][i], lr, self.weight_decay,
                             self.decoupled, self.beta_1, self.beta_2, self.epsilon,
                             self.iterations)
+        return True
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2,
