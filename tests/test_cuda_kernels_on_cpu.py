@@ -7,6 +7,7 @@ import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
 from cuda_emulator import compiler, load_emulated_fast_cupy, restore
+from kernel_cases import DIRECT_CONV, IM2COL, MAX_POOL, OPTIMISERS
 from nets import every_layer_net, gap_net
 
 import xpcnn
@@ -31,11 +32,7 @@ def _poisoned(shape, dtype):
     return np.full(shape, np.nan, dtype)
 
 
-@pytest.mark.parametrize("kernel, strides, shape, pads", [
-    ((3, 3), (1, 1), (3, 10, 9, 3), (0, 0, 0, 0)), ((3, 3), (2, 2), (2, 11, 10, 5), (0, 1, 0, 1)),
-    ((5, 3), (2, 1), (2, 12, 9, 2), (0, 0, 0, 0)), ((5, 5), (1, 1), (2, 6, 7, 2), (2, 2, 2, 2)),
-    ((1, 1), (1, 1), (2, 4, 4, 7), (0, 0, 0, 0)), ((3, 3), (1, 1), (2, 5, 5, 4), (2, 2, 2, 2)),
-])
+@pytest.mark.parametrize("kernel, strides, shape, pads", IM2COL)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_im2col(fast, rng, kernel, strides, shape, pads, dtype):
     x = rng.standard_normal(shape).astype(dtype)
@@ -51,10 +48,7 @@ def test_im2col(fast, rng, kernel, strides, shape, pads, dtype):
     np.testing.assert_array_equal(big[shape[0]:], want)
 
 
-@pytest.mark.parametrize("kernel, strides, shape", [
-    ((2, 2), (2, 2), (3, 8, 8, 5)), ((2, 2), (2, 2), (2, 7, 9, 3)), ((3, 3), (3, 3), (2, 9, 9, 4)),
-    ((2, 3), (3, 3), (2, 9, 9, 2)), ((3, 3), (2, 2), (2, 9, 9, 3)),
-])
+@pytest.mark.parametrize("kernel, strides, shape", MAX_POOL)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_max_pool_and_its_gradient(fast, rng, kernel, strides, shape, dtype):
     x = rng.integers(0, 3, shape).astype(dtype)  # ties: the first maximum must win
@@ -104,12 +98,7 @@ def test_blocked_sums(fast, rng, rows, dtype):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
-@pytest.mark.parametrize("kernel, strides, shape, filters, padding", [
-    ((3, 3), (1, 1), (3, 10, 9, 3), 8, "same"), ((3, 3), (2, 2), (2, 11, 10, 5), 4, "same"),
-    ((5, 3), (1, 2), (2, 12, 9, 2), 6, "valid"), ((1, 1), (1, 1), (2, 4, 4, 7), 5, "valid"),
-    ((3, 3), (1, 1), (2, 6, 6, 4), 3, 2), ((3, 3), (1, 1), (37, 16, 16, 3), 4, "same"),
-    ((3, 3), (1, 1), (4, 8, 8, 16), 8, "same"), ((3, 3), (2, 2), (3, 9, 9, 6), 5, "same"),
-])
+@pytest.mark.parametrize("kernel, strides, shape, filters, padding", DIRECT_CONV)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_direct_convolution(fast, rng, kernel, strides, shape, filters, padding, dtype):
     x = rng.standard_normal(shape).astype(dtype)
@@ -130,13 +119,7 @@ def test_direct_convolution(fast, rng, kernel, strides, shape, filters, padding,
     np.testing.assert_allclose(got, want, rtol=tol * 10, atol=tol * np.abs(want).max())
 
 
-@pytest.mark.parametrize("make", [
-    lambda: xpcnn.optim.SGD(0.1, weight_decay=0.01),
-    lambda: xpcnn.optim.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
-    lambda: xpcnn.optim.SGD(0.05, momentum=0.9),
-    lambda: xpcnn.optim.Adam(1e-2, weight_decay=1e-2),
-    lambda: xpcnn.optim.AdamW(1e-2),
-], ids=["sgd-wd", "nesterov-wd", "momentum", "adam-l2", "adamw"])
+@OPTIMISERS
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_optimiser_updates(fast, rng, make, dtype):
     params = [rng.standard_normal(s).astype(dtype) for s in ((3, 3, 4, 8), (8,))]

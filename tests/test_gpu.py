@@ -7,6 +7,7 @@ them, with the GPU benchmark, when a GPU is lent.
 
 import numpy as np
 import pytest
+from kernel_cases import DIRECT_CONV, IM2COL, MAX_POOL, OPTIMISERS
 from nets import every_layer_net, gap_net
 
 import xpcnn
@@ -64,12 +65,9 @@ def test_the_seam_gives_cupy_kernels_to_cupy():
         set_fast_path(old)
 
 
-@pytest.mark.parametrize("kernel, strides, shape", [
-    ((3, 3), (1, 1), (3, 10, 9, 3)), ((3, 3), (2, 2), (2, 11, 10, 5)),
-    ((1, 1), (1, 1), (2, 4, 4, 7)), ((5, 3), (2, 1), (2, 12, 9, 2)), ((3, 3), (1, 1), (4, 8, 8, 1)),
-])
+@pytest.mark.parametrize("kernel, strides, shape, pads", [c for c in IM2COL if not any(c[3])])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_im2col(cp, kernels, rng, kernel, strides, shape, dtype):
+def test_im2col(cp, kernels, rng, kernel, strides, shape, pads, dtype):
     fast, std = kernels
     x = _random(cp, rng, shape, dtype)
     out_hw = ops.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
@@ -79,10 +77,7 @@ def test_im2col(cp, kernels, rng, kernel, strides, shape, dtype):
     _equal(got, want)
 
 
-@pytest.mark.parametrize("kernel, strides, shape, pads", [
-    ((3, 3), (1, 1), (3, 10, 9, 3), (1, 1, 1, 1)), ((3, 3), (2, 2), (2, 11, 10, 5), (0, 1, 0, 1)),
-    ((5, 5), (1, 1), (2, 6, 7, 2), (2, 2, 2, 2)), ((3, 3), (1, 1), (2, 5, 5, 4), (2, 2, 2, 2)),
-])
+@pytest.mark.parametrize("kernel, strides, shape, pads", [c for c in IM2COL if any(c[3])])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_im2col_reads_the_padding_without_storing_it(cp, kernels, rng, kernel, strides, shape,
                                                       pads, dtype):
@@ -96,12 +91,7 @@ def test_im2col_reads_the_padding_without_storing_it(cp, kernels, rng, kernel, s
     _equal(got, want)
 
 
-@pytest.mark.parametrize("kernel, strides, shape, filters, padding", [
-    ((3, 3), (1, 1), (3, 10, 9, 3), 8, "same"), ((3, 3), (2, 2), (2, 11, 10, 5), 4, "same"),
-    ((5, 3), (1, 2), (2, 12, 9, 2), 6, "valid"), ((1, 1), (1, 1), (2, 4, 4, 7), 5, "valid"),
-    ((3, 3), (1, 1), (2, 6, 6, 4), 3, 2), ((3, 3), (1, 1), (16, 32, 32, 32), 32, "same"),
-    ((3, 3), (2, 2), (3, 9, 9, 6), 5, "same"), ((3, 3), (1, 1), (8, 8, 8, 12), 7, "same"),
-])
+@pytest.mark.parametrize("kernel, strides, shape, filters, padding", DIRECT_CONV)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_direct_convolution_matches_im2col(cp, kernels, rng, kernel, strides, shape, filters,
                                            padding, dtype):
@@ -141,13 +131,7 @@ def test_sum_rows_in_blocks(cp, kernels, rng, rows, dtype):
                                atol=1e-3)
 
 
-@pytest.mark.parametrize("kernel, strides, shape", [
-    ((2, 2), (2, 2), (3, 8, 8, 5)),   # windows cover the input
-    ((2, 2), (2, 2), (2, 7, 9, 3)),   # a last row and column outside every window
-    ((3, 3), (3, 3), (2, 9, 9, 4)),
-    ((2, 3), (3, 3), (2, 9, 9, 2)),   # strides larger than the window
-    ((3, 3), (2, 2), (2, 9, 9, 3)),   # overlapping windows: the standard version's job
-])
+@pytest.mark.parametrize("kernel, strides, shape", MAX_POOL)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_max_pool_and_its_gradient(cp, kernels, rng, kernel, strides, shape, dtype):
     fast, std = kernels
@@ -214,15 +198,7 @@ def test_long_transposed_product_split_into_blocks(cp, kernels, rng, rows, m, n,
     assert err < (1e-5 if dtype == "float32" else 3e-3)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: xpcnn.optim.SGD(0.1),
-    lambda: xpcnn.optim.SGD(0.1, weight_decay=0.01),
-    lambda: xpcnn.optim.SGD(0.05, momentum=0.9),
-    lambda: xpcnn.optim.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
-    lambda: xpcnn.optim.Adam(1e-2),
-    lambda: xpcnn.optim.Adam(1e-2, weight_decay=1e-2),
-    lambda: xpcnn.optim.AdamW(1e-2),
-], ids=["sgd", "sgd-wd", "momentum", "nesterov-wd", "adam", "adam-l2", "adamw"])
+@OPTIMISERS
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_fused_optimiser_updates(cp, kernels, rng, make, dtype):
     import array_api_compat.cupy as xc

@@ -284,10 +284,17 @@ def _contiguous(*arrays: Any) -> bool:
     return all(a.flags.c_contiguous for a in arrays)
 
 
+def _in_row_blocks(a: Any, splits: int) -> tuple[Any, Any]:
+    """The leading rows of C-contiguous ``a`` as ``splits`` equal blocks (a view of shape
+    (splits, rows per block, ...)), and the rows left over."""
+    per = a.shape[0] // splits
+    used = per * splits
+    return a[:used].reshape(splits, per, *a.shape[1:]), a[used:]
+
+
 class CupyKernels(StandardKernels):
     """One launch per job where the standard versions take several (see the module doc)."""
 
-    fast = True
     fused_updates = True
     pads_in_im2col = True
 
@@ -351,14 +358,12 @@ class CupyKernels(StandardKernels):
         splits = min(rows // _SPLIT_K_ROWS, _SPLIT_K_MAX, max(1, (1 << 22) // (m * n)))
         if splits < 2 or not _contiguous(a, b):
             return super().matmul_tn(a, b)
-        per = rows // splits
-        used = per * splits
-        parts = cupy.matmul(a[:used].reshape(splits, per, m).transpose(0, 2, 1),
-                            b[:used].reshape(splits, per, n))
+        (a3, a_rest), (b3, b_rest) = _in_row_blocks(a, splits), _in_row_blocks(b, splits)
+        parts = cupy.matmul(a3.transpose(0, 2, 1), b3)
         acc = cupy.float64 if parts.dtype == cupy.float64 else cupy.float32
         out = parts.sum(axis=0, dtype=acc)
-        if used < rows:
-            out += cupy.matmul(a[used:].T, b[used:]).astype(acc, copy=False)
+        if a_rest.shape[0]:
+            out += cupy.matmul(a_rest.T, b_rest).astype(acc, copy=False)
         return out.astype(parts.dtype, copy=False)
 
     def bias_relu(self, y: Any, bias: Any, relu: bool) -> Any:
@@ -389,11 +394,10 @@ class CupyKernels(StandardKernels):
         if a.ndim != 2 or splits < 2 or not a.flags.c_contiguous:
             return super().sum_rows(a)
         acc = cupy.float64 if a.dtype == cupy.float64 else cupy.float32
-        per = rows // splits
-        used = per * splits
-        out = a[:used].reshape(splits, per, a.shape[1]).sum(axis=1, dtype=acc).sum(axis=0)
-        if used < rows:
-            out += a[used:].sum(axis=0, dtype=acc)
+        blocks, rest = _in_row_blocks(a, splits)
+        out = blocks.sum(axis=1, dtype=acc).sum(axis=0)
+        if rest.shape[0]:
+            out += rest.sum(axis=0, dtype=acc)
         return out
 
     def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],

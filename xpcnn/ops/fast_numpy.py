@@ -85,7 +85,7 @@ def _keep_freed_arrays_in_the_heap() -> None:
 
 
 class NumpyKernels(StandardKernels):
-    fast = True
+    """The NumPy versions: ``out=`` writes, in-place ufuncs and threaded chunk loops."""
 
     def __init__(self) -> None:
         super().__init__(compat_numpy)

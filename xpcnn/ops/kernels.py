@@ -28,7 +28,6 @@ def standardize_backward(xp: Any, dxhat: Any, xhat: Any, inv_std: Any,
 class StandardKernels:
     """The Array API versions (any namespace, any device)."""
 
-    fast = False
     # True where the kernels offer sgd_update / adam_update (one pass per parameter); the
     # optimisers then use them instead of their standard formulas.
     fused_updates = False

@@ -1,0 +1,42 @@
+"""Cases shared by the tests of the CuPy kernels on the GPU (test_gpu.py) and on the CPU
+emulator (test_cuda_kernels_on_cpu.py), so that both check the same shapes."""
+
+import pytest
+
+import xpcnn
+
+# (kernel, strides, input shape, pads)
+IM2COL = [
+    ((3, 3), (1, 1), (3, 10, 9, 3), (0, 0, 0, 0)), ((3, 3), (2, 2), (2, 11, 10, 5), (0, 1, 0, 1)),
+    ((5, 3), (2, 1), (2, 12, 9, 2), (0, 0, 0, 0)), ((5, 5), (1, 1), (2, 6, 7, 2), (2, 2, 2, 2)),
+    ((1, 1), (1, 1), (2, 4, 4, 7), (0, 0, 0, 0)), ((3, 3), (1, 1), (2, 5, 5, 4), (2, 2, 2, 2)),
+    ((3, 3), (1, 1), (3, 10, 9, 3), (1, 1, 1, 1)), ((3, 3), (1, 1), (4, 8, 8, 1), (0, 0, 0, 0)),
+]
+
+# (pool, strides, input shape)
+MAX_POOL = [
+    ((2, 2), (2, 2), (3, 8, 8, 5)),   # windows cover the input
+    ((2, 2), (2, 2), (2, 7, 9, 3)),   # a last row and column outside every window
+    ((3, 3), (3, 3), (2, 9, 9, 4)),
+    ((2, 3), (3, 3), (2, 9, 9, 2)),   # strides larger than the window
+    ((3, 3), (2, 2), (2, 9, 9, 3)),   # overlapping windows: the standard version's job
+]
+
+# (kernel, strides, input shape, filters, padding)
+DIRECT_CONV = [
+    ((3, 3), (1, 1), (3, 10, 9, 3), 8, "same"), ((3, 3), (2, 2), (2, 11, 10, 5), 4, "same"),
+    ((5, 3), (1, 2), (2, 12, 9, 2), 6, "valid"), ((1, 1), (1, 1), (2, 4, 4, 7), 5, "valid"),
+    ((3, 3), (1, 1), (2, 6, 6, 4), 3, 2), ((3, 3), (1, 1), (37, 16, 16, 3), 4, "same"),
+    ((3, 3), (1, 1), (4, 8, 8, 16), 8, "same"), ((3, 3), (2, 2), (3, 9, 9, 6), 5, "same"),
+    ((3, 3), (1, 1), (8, 8, 8, 12), 7, "same"), ((3, 3), (1, 1), (16, 32, 32, 32), 32, "same"),
+]
+
+OPTIMISERS = pytest.mark.parametrize("make", [
+    lambda: xpcnn.optim.SGD(0.1),
+    lambda: xpcnn.optim.SGD(0.1, weight_decay=0.01),
+    lambda: xpcnn.optim.SGD(0.05, momentum=0.9),
+    lambda: xpcnn.optim.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    lambda: xpcnn.optim.Adam(1e-2),
+    lambda: xpcnn.optim.Adam(1e-2, weight_decay=1e-2),
+    lambda: xpcnn.optim.AdamW(1e-2),
+], ids=["sgd", "sgd-wd", "momentum", "nesterov-wd", "adam", "adam-l2", "adamw"])
