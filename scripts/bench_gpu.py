@@ -271,9 +271,10 @@ def main() -> int:
                    help="im2col scratch bound on the GPU (xpcnn.backend.GPU_CHUNK_BYTES; "
                    "0: whole batch at once)")
     p.add_argument("--gpu-conv", choices=("direct", "im2col", "direct-forward"),
-                   default="direct-forward",
-                   help="convolution algorithm of the CuPy kernels: direct kernels, im2col + "
-                   "cuBLAS, or direct forward with an im2col kernel gradient (the default)")
+                   default="direct",
+                   help="convolution algorithm of the CuPy kernels: direct kernels (the "
+                   "default), im2col + cuBLAS, or direct forward with an im2col + cuBLAS "
+                   "kernel gradient")
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
     if args.device.startswith("cuda"):
