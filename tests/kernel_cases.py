@@ -31,6 +31,11 @@ DIRECT_CONV = [
     ((3, 3), (1, 1), (8, 8, 8, 12), 7, "same"), ((3, 3), (1, 1), (16, 32, 32, 32), 32, "same"),
 ]
 
+# (rows, classes, label smoothing, integer logits below this (ties) or None: normal * 30)
+SOFTMAX_CROSS_ENTROPY = [
+    (7, 10, 0.0, None), (128, 10, 0.1, None), (40, 4, 0.0, 3), (33, 37, 0.2, 4), (3, 1, 0.0, None),
+]
+
 OPTIMISERS = pytest.mark.parametrize("make", [
     lambda: xpcnn.optim.SGD(0.1),
     lambda: xpcnn.optim.SGD(0.1, weight_decay=0.01),

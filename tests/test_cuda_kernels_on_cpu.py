@@ -7,7 +7,7 @@ import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
 from cuda_emulator import compiler, load_emulated_fast_cupy, restore
-from kernel_cases import DIRECT_CONV, IM2COL, MAX_POOL, OPTIMISERS
+from kernel_cases import DIRECT_CONV, IM2COL, MAX_POOL, OPTIMISERS, SOFTMAX_CROSS_ENTROPY
 from nets import every_layer_net, gap_net
 
 import xpcnn
@@ -112,11 +112,36 @@ def test_direct_convolution(fast, rng, kernel, strides, shape, filters, padding,
         got = fast.conv2d(x, w2, bias, kernel, strides, pads, out_hw, relu)
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 10)
     dy = rng.standard_normal((shape[0] * out_hw[0] * out_hw[1], filters)).astype(dtype)
-    want = ops.conv_weight_grad(xpn, STD, x, dy, kernel, strides, pads, out_hw,
-                                ops.Workspace(), "k", None)
-    got = fast.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw)
-    assert got.dtype == want.dtype
-    np.testing.assert_allclose(got, want, rtol=tol * 10, atol=tol * np.abs(want).max())
+    want, want_bias = ops.conv_weight_grad(xpn, STD, x, dy, kernel, strides, pads, out_hw,
+                                           ops.Workspace(), "k", None, with_bias=True)
+    for with_bias in (False, True):
+        got, got_bias = fast.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw,
+                                                with_bias)
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=tol * 10, atol=tol * np.abs(want).max())
+        if with_bias:
+            np.testing.assert_allclose(got_bias, want_bias, rtol=tol * 10, atol=tol * 10)
+        else:
+            assert got_bias is None
+
+
+@pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
+@pytest.mark.parametrize("labels_dtype", [np.int64, np.int32])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_cross_entropy(fast, rng, rows, classes, smoothing, levels, labels_dtype,
+                               dtype):
+    z = (rng.integers(0, levels, (rows, classes)) if levels
+         else rng.standard_normal((rows, classes)) * 30).astype(dtype)
+    labels = rng.integers(0, classes, rows).astype(labels_dtype)
+    stats, grad = fast.softmax_cross_entropy(z, labels, smoothing)
+    want_stats, want_grad = STD.softmax_cross_entropy(z, labels, smoothing)
+    assert stats.dtype == want_stats.dtype and stats.shape == (2,) and grad.dtype == dtype
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(stats[0], want_stats[0], rtol=tol, atol=tol)
+    assert stats[1] == want_stats[1]
+    np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol / rows)
+    z[-1, 0] = np.nan  # a non-finite logit makes the loss NaN, as in the standard version
+    assert np.isnan(fast.softmax_cross_entropy(z, labels, smoothing)[0][0])
 
 
 @OPTIMISERS

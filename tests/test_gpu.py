@@ -7,7 +7,7 @@ them, with the GPU benchmark, when a GPU is lent.
 
 import numpy as np
 import pytest
-from kernel_cases import DIRECT_CONV, IM2COL, MAX_POOL, OPTIMISERS
+from kernel_cases import DIRECT_CONV, IM2COL, MAX_POOL, OPTIMISERS, SOFTMAX_CROSS_ENTROPY
 from nets import every_layer_net, gap_net
 
 import xpcnn
@@ -111,13 +111,23 @@ def test_direct_convolution_matches_im2col(cp, kernels, rng, kernel, strides, sh
         np.testing.assert_allclose(got.get().astype(np.float64), want.get(), rtol=tol,
                                    atol=tol)
     dy = _random(cp, rng, (shape[0] * out_hw[0] * out_hw[1], filters), dtype)
-    got = fast.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw)
-    want = ops.conv_weight_grad(std.xp, std, x.astype(cp.float64), dy.astype(cp.float64),
-                                kernel, strides, pads, out_hw, ops.Workspace(), "k", None)
-    assert got.dtype == (cp.float32 if dtype == "float16" else x.dtype)
-    scale = float(cp.abs(want).max())
-    np.testing.assert_allclose(got.get() / scale, want.get() / scale, atol=1e-5 if dtype ==
-                               "float32" else 1e-3)
+    want, want_bias = ops.conv_weight_grad(std.xp, std, x.astype(cp.float64),
+                                           dy.astype(cp.float64), kernel, strides, pads,
+                                           out_hw, ops.Workspace(), "k", None, with_bias=True)
+    atol = 1e-5 if dtype == "float32" else 1e-3
+    for with_bias in (False, True):
+        got, got_bias = fast.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw,
+                                                with_bias)
+        assert got.dtype == (cp.float32 if dtype == "float16" else x.dtype)
+        scale = float(cp.abs(want).max())
+        np.testing.assert_allclose(got.get() / scale, want.get() / scale, atol=atol)
+        if with_bias:
+            assert got_bias.dtype == got.dtype
+            scale = float(cp.abs(want_bias).max())
+            np.testing.assert_allclose(got_bias.get() / scale, want_bias.get() / scale,
+                                       atol=atol)
+        else:
+            assert got_bias is None
 
 
 @pytest.mark.parametrize("rows", [131072, 1000, 513, 100])
@@ -196,6 +206,24 @@ def test_long_transposed_product_split_into_blocks(cp, kernels, rng, rows, m, n,
     assert got.dtype == a.dtype
     err = float(cp.abs(got.astype(cp.float64) - want).max() / cp.abs(want).max())
     assert err < (1e-5 if dtype == "float32" else 3e-3)
+
+
+@pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_cross_entropy(cp, kernels, rng, rows, classes, smoothing, levels, dtype):
+    """The loss runs in the parameters' dtype (float32 under mixed precision)."""
+    fast, std = kernels
+    z = _random(cp, rng, (rows, classes), dtype, levels)
+    if not levels:
+        z *= 30
+    labels = cp.asarray(rng.integers(0, classes, rows))
+    stats, grad = fast.softmax_cross_entropy(z, labels, smoothing)
+    want_stats, want_grad = std.softmax_cross_entropy(z, labels, smoothing)
+    assert stats.dtype == want_stats.dtype and stats.shape == (2,) and grad.dtype == z.dtype
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(stats[0].get(), want_stats[0].get(), rtol=tol, atol=tol)
+    assert float(stats[1]) == float(want_stats[1])
+    np.testing.assert_allclose(grad.get(), want_grad.get(), rtol=tol, atol=tol / rows)
 
 
 @OPTIMISERS

@@ -6,6 +6,7 @@ import pytest
 
 from xpcnn import SoftmaxCrossEntropy
 from xpcnn.layers import AvgPool2D, BatchNorm2D, Conv2D, FeatureNorm, MaxPool2D
+from xpcnn.ops.kernels import StandardKernels
 
 
 def naive_conv(x, k, b, stride, pads):
@@ -118,4 +119,24 @@ def test_cross_entropy_matches_pytorch(rng):
         ref = F.cross_entropy(t, torch.from_numpy(y), label_smoothing=smoothing)
         ref.backward()
         assert float(value) == pytest.approx(ref.item(), rel=1e-12)
+        np.testing.assert_allclose(grad, t.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_cross_entropy_with_the_correct_count(rng, one_hot):
+    """[loss, correct count] and the gradient against PyTorch and a count by hand; ties go to
+    the first maximum, as argmax does."""
+    z = rng.integers(0, 3, (40, 4)).astype(np.float64)  # many tied maxima
+    y = rng.integers(0, 4, 40)
+    first_max = np.array([next(c for c in range(4) if row[c] == row.max()) for row in z])
+    targets = np.eye(4)[y] if one_hot else y
+    for smoothing in (0.0, 0.1):
+        loss = SoftmaxCrossEntropy(smoothing)
+        stats, grad = loss.forward_with_accuracy(xpn, z, targets, np.float64, StandardKernels(xpn))
+        t = torch.from_numpy(z).requires_grad_()
+        ref = F.cross_entropy(t, torch.from_numpy(y), label_smoothing=smoothing)
+        ref.backward()
+        assert stats.shape == (2,) and stats.dtype == np.float64
+        assert stats[0] == pytest.approx(ref.item(), rel=1e-12)
+        assert stats[1] == np.sum(first_max == y)
         np.testing.assert_allclose(grad, t.grad.numpy(), rtol=1e-10, atol=1e-14)

@@ -86,9 +86,11 @@ def test_weight_gradient_matches_patches_transpose_product(budget, rng):
     dy = rng.standard_normal((n, h, w, k))
     cols = ops.im2col(xpn, ops.pad(xpn, x, pads), kernel, strides, (h, w))
     ref = cols.T @ dy.reshape(-1, k)
-    got = ops.conv_weight_grad(xpn, StandardKernels(xpn), x, dy.reshape(-1, k), kernel,
-                               strides, pads, (h, w), ops.Workspace(), "cols", budget)
+    got, bias = ops.conv_weight_grad(xpn, StandardKernels(xpn), x, dy.reshape(-1, k), kernel,
+                                     strides, pads, (h, w), ops.Workspace(), "cols", budget,
+                                     with_bias=True)
     np.testing.assert_allclose(got, ref, rtol=1e-12)
+    np.testing.assert_allclose(bias, dy.sum(axis=(0, 1, 2)), rtol=1e-12)
 
 
 def test_workspace_reuses_and_regrows():

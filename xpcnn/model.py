@@ -178,12 +178,10 @@ class Sequential:
 
     def _train_step(self, xb: Any, yb: Any) -> tuple[float, float]:
         xp = self.backend.xp
+        kernels = kernels_for(self.backend)
         logits = self._logits(xb, training=True)
-        loss, dz = self.loss.forward(xp, logits, yb, self.layers[-1].dtype)  # type: ignore
-        loss_value = float(loss)
-        if not math.isfinite(loss_value):
-            self._raise_non_finite(f"the loss is {loss_value}", xb)
-        correct = self._correct(logits, yb)
+        stats, dz = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
+            xp, logits, yb, self.layers[-1].dtype, kernels)
         if self.loss_scale != 1.0:
             dz = dz * self.loss_scale
         stop = len(self.layers) - 1 if self._fused_softmax() else len(self.layers)
@@ -197,9 +195,17 @@ class Sequential:
                 owners.append(layer)
         if self.loss_scale != 1.0:
             grads = [g * (1.0 / self.loss_scale) for g in grads]
-        # one sum of per-array sums (a chain of 0-d additions would be a launch each on a GPU)
-        total = float(xp.sum(xp.stack([xp.sum(g) for g in grads]))) if grads else 0.0
-        if not math.isfinite(total):
+        # The loss, the correct count and the sum of every gradient (finite if they all are,
+        # short of overflow) come to the host in one transfer: one wait for the device per
+        # step, and three launches on a GPU rather than one per array.
+        if grads:
+            total = xp.sum(xp.concat([xp.reshape(g, (-1,)) for g in grads]), dtype=stats.dtype)
+            stats = xp.concat([stats, xp.reshape(total, (1,))])
+        host = self.backend.to_numpy(stats)
+        loss_value, correct = float(host[0]), float(host[1])
+        if not math.isfinite(loss_value):
+            self._raise_non_finite(f"the loss is {loss_value}", xb)
+        if not np.all(np.isfinite(host[2:])):
             if self.precision == "mixed_float16" and self.loss_scale > 1.0:
                 # Overflow in float16: skip this update and try a smaller scale (down to 1: past
                 # that the non-finite gradient is not the scaling's doing, and is reported).
@@ -208,25 +214,19 @@ class Sequential:
                 return loss_value, correct
             bad = [o for o, g in zip(owners, grads, strict=True)
                    if not bool(xp.all(xp.isfinite(g)))]
-            if bad:  # (else only the sum overflowed: every gradient is finite)
+            if bad:  # (else only a sum overflowed: every gradient is finite)
                 # Backpropagation runs from the last layer: the last one with a non-finite
                 # gradient is where it appeared.
                 raise NonFiniteError(f"non-finite gradient at step "
                                      f"{self.optimizer.iterations + 1}: it first appears (in "
                                      f"backpropagation order) in layer {bad[-1].name!r}")
-        self.optimizer.step(xp, params, grads,  # type: ignore[union-attr]
-                            kernels_for(self.backend))
+        self.optimizer.step(xp, params, grads, kernels)  # type: ignore[union-attr]
         if self.precision == "mixed_float16":
             self._good_steps += 1
             if self._good_steps >= 2000:
                 self.loss_scale *= 2.0
                 self._good_steps = 0
         return loss_value, correct
-
-    def _correct(self, logits: Any, yb: Any) -> float:
-        xp = self.backend.xp
-        labels = yb if yb.ndim == 1 else xp.argmax(yb, axis=1)
-        return float(xp.sum(xp.astype(xp.argmax(logits, axis=1) == labels, xp.int32)))
 
     def _raise_non_finite(self, what: str, xb: Any) -> None:
         """Name the step and the first layer whose output is not finite, then raise."""
@@ -366,15 +366,18 @@ class Sequential:
         batch_size = checks.positive_int(batch_size, "batch_size")
         x, targets, _ = self._prepare(x, y)
         xp = self.backend.xp
+        kernels = kernels_for(self.backend)
         loss_sum = correct = 0.0
         with self.backend.compute_scope():
             for idx in tqdm(list(self._batches(len(x), batch_size)), disable=verbose == 0,
                             desc="evaluate", unit="batch"):
                 yb = self.backend.asarray(targets[idx])
                 logits = self._logits(self._to_device(x[idx]), training=False)
-                loss, _ = self.loss.forward(xp, logits, yb, self.layers[-1].dtype)
-                loss_sum += float(loss) * len(idx)
-                correct += self._correct(logits, yb)
+                stats, _ = self.loss.forward_with_accuracy(xp, logits, yb,
+                                                           self.layers[-1].dtype, kernels)
+                host = self.backend.to_numpy(stats)
+                loss_sum += float(host[0]) * len(idx)
+                correct += float(host[1])
         return {"loss": loss_sum / len(x), "accuracy": correct / len(x)}
 
     def predict(self, x: Any, batch_size: int = 256) -> np.ndarray:

@@ -106,12 +106,13 @@ class Conv2D(Layer):
             dy = kern.relu_backward(dy, self._cache_y)
             self._cache_y = None
         dy2 = xp.reshape(dy, (-1, self.filters))
-        dw = ops.conv_weight_grad(xp, kern, x, dy2, self.kernel_size, self.strides, self.pads,
-                                  self.out_hw, ws, "cols", budget, min_chunks)
+        dw, db = ops.conv_weight_grad(xp, kern, x, dy2, self.kernel_size, self.strides,
+                                      self.pads, self.out_hw, ws, "cols", budget, min_chunks,
+                                      with_bias=self.use_bias)
         self.grads["kernel"] = xp.astype(xp.reshape(dw, self.params["kernel"].shape), self.dtype,
                                          copy=False)
         if self.use_bias:
-            self.grads["bias"] = xp.astype(kern.sum_rows(dy2), self.dtype, copy=False)
+            self.grads["bias"] = xp.astype(db, self.dtype, copy=False)
         self._cache_x = None
         if not self.need_input_grad:
             return None

@@ -243,11 +243,13 @@ def conv_weight_grad(
     key: str,
     budget: int | None,
     min_chunks: int = 8,
-) -> Any:
+    with_bias: bool = False,
+) -> tuple[Any, Any | None]:
     """Kernel gradient (kh*kw*C, K): patches^T @ output gradient, summed over chunks (in
-    float32 at least)."""
-    if kern.direct_weight_grad:
-        return kern.conv2d_weight_grad(x, dy2, kernel, strides, pads, out_hw)
+    float32 at least); and ``with_bias`` the bias gradient, the sum of ``dy2``'s rows (else
+    None)."""
+    if kern.direct_weight_grad:  # both in one launch
+        return kern.conv2d_weight_grad(x, dy2, kernel, strides, pads, out_hw, with_bias)
     n = x.shape[0]
     ho, wo = out_hw
     kk = kernel[0] * kernel[1] * x.shape[3]
@@ -267,7 +269,7 @@ def conv_weight_grad(
     dw = xp.astype(parts[0], acc, copy=True)
     for n0 in range(m, n, m):
         dw += xp.astype(parts[n0], acc, copy=False)
-    return dw
+    return dw, (kern.sum_rows(dy2) if with_bias else None)
 
 
 def flipped_kernel_matrix(xp: Any, kernel: Any) -> Any:

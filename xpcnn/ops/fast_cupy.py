@@ -95,36 +95,45 @@ _CONV = cupy.ElementwiseKernel(
 # thread owns one k and Q consecutive channels c of one (s, a, b): each dy value it loads serves
 # Q products (dy is read KKC/Q times in all, not KKC times). Threads of a warp share (s, a, b, c)
 # and read consecutive k of each dy row (coalesced). Q is a compile-time constant (the
-# accumulators stay in registers), one kernel per Q.
+# accumulators stay in registers), one kernel per Q. With ``extra`` = 1 one more group of
+# threads (qb == QB) sums dy itself into part[s, KKC, k]: the bias gradient, in the same launch
+# and the same final sum.
 _CONV_WEIGHT_GRAD_BODY = """
     typedef XpcnnAcc<T>::type A;
     long long r = i;
     const int k = r % K; r /= K;
-    const int qb = r % QB;
-    const long long s = r / QB;
-    const int q0 = qb * XQ;
-    const int c0 = q0 % C;
-    const int a = (q0 / C) / kw;
-    const int b = (q0 / C) % kw;
+    const int qb = r % (QB + extra);
+    const long long s = r / (QB + extra);
+    const long long part_rows = (long long)QB * XQ + extra;
     long long row = s * per;
     const long long end = row + per < rows ? row + per : rows;
-    int ow = row % Wo;
-    long long t = row / Wo;
-    int oh = t % Ho;
-    long long img = t / Ho;
-    A acc[XQ];
-    for (int u = 0; u < XQ; ++u) acc[u] = (A)0;
-    for (; row < end; ++row) {
-        const int hh = oh * sh + a - top;
-        const int ww = ow * sw + b - left;
-        if (hh >= 0 && hh < H && ww >= 0 && ww < W) {
-            const A g = (A)dy[row * K + k];
-            const long long xo = ((img * H + hh) * W + ww) * C + c0;
-            for (int u = 0; u < XQ; ++u) acc[u] += (A)x[xo + u] * g;
+    if (qb == QB) {
+        A total = (A)0;
+        for (; row < end; ++row) total += (A)dy[row * K + k];
+        part[(s * part_rows + (long long)QB * XQ) * K + k] = (P)total;
+    } else {
+        const int q0 = qb * XQ;
+        const int c0 = q0 % C;
+        const int a = (q0 / C) / kw;
+        const int b = (q0 / C) % kw;
+        int ow = row % Wo;
+        long long t = row / Wo;
+        int oh = t % Ho;
+        long long img = t / Ho;
+        A acc[XQ];
+        for (int u = 0; u < XQ; ++u) acc[u] = (A)0;
+        for (; row < end; ++row) {
+            const int hh = oh * sh + a - top;
+            const int ww = ow * sw + b - left;
+            if (hh >= 0 && hh < H && ww >= 0 && ww < W) {
+                const A g = (A)dy[row * K + k];
+                const long long xo = ((img * H + hh) * W + ww) * C + c0;
+                for (int u = 0; u < XQ; ++u) acc[u] += (A)x[xo + u] * g;
+            }
+            if (++ow == Wo) { ow = 0; if (++oh == Ho) { oh = 0; ++img; } }
         }
-        if (++ow == Wo) { ow = 0; if (++oh == Ho) { oh = 0; ++img; } }
+        for (int u = 0; u < XQ; ++u) part[(s * part_rows + q0 + u) * K + k] = (P)acc[u];
     }
-    for (int u = 0; u < XQ; ++u) part[((s * QB + qb) * XQ + u) * K + k] = (P)acc[u];
 """
 _CONV_WEIGHT_GRAD: dict[int, Any] = {}
 
@@ -134,8 +143,8 @@ def _conv_weight_grad_kernel(q: int) -> Any:
     if kernel is None:
         kernel = _CONV_WEIGHT_GRAD[q] = cupy.ElementwiseKernel(
             "raw T x, raw G dy, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 K,"
-            " int32 kw, int32 sh, int32 sw, int32 top, int32 left, int32 QB, int64 rows,"
-            " int64 per",
+            " int32 kw, int32 sh, int32 sw, int32 top, int32 left, int32 QB, int32 extra,"
+            " int64 rows, int64 per",
             "raw P part",
             _CONV_WEIGHT_GRAD_BODY.replace("XQ", str(q)),
             f"xpcnn_conv_weight_grad_{q}",
@@ -242,6 +251,41 @@ _MASK_MULTIPLY = cupy.ElementwiseKernel(
     "T x, bool m", "T y", "y = x * (T)(m ? 1.0f : 0.0f);", "xpcnn_mask_multiply"
 )
 
+# Softmax cross-entropy of one row of logits per thread (a few classes each): the row's loss
+# divided by N, whether its first maximum is at the label, and its gradient row, (softmax -
+# target) / N, with the target mixed with the uniform distribution by ``spread`` = smoothing /
+# classes (``keep`` = 1 - smoothing). The same steps as xpcnn.ops.softmax, in the accumulator
+# type.
+_SOFTMAX_CROSS_ENTROPY = cupy.ElementwiseKernel(
+    "raw T z, raw L labels, int32 classes, float64 keep, float64 spread, float64 inv_n",
+    "raw T grad, raw S stats",
+    """
+    typedef XpcnnAcc<T>::type A;
+    const long long base = (long long)i * classes;
+    const long long label = (long long)labels[i];
+    A top = (A)z[base];
+    int first = 0;
+    for (int c = 1; c < classes; ++c) {
+        const A v = (A)z[base + c];
+        if (v > top) { top = v; first = c; }
+    }
+    A total = (A)0;
+    for (int c = 0; c < classes; ++c) total += exp((A)z[base + c] - top);
+    const A log_total = log(total);
+    A loss = (A)0;
+    for (int c = 0; c < classes; ++c) {
+        const A logp = ((A)z[base + c] - top) - log_total;
+        const A t = (c == label ? (A)keep : (A)0) + (A)spread;
+        loss -= t * logp;
+        grad[base + c] = (T)((exp(logp) - t) * (A)inv_n);
+    }
+    stats[2 * i] = (S)(loss * (A)inv_n);
+    stats[2 * i + 1] = (S)(first == label ? 1 : 0);
+    """,
+    "xpcnn_softmax_cross_entropy",
+    preamble=_ACC,
+)
+
 # The optimisers' updates (the formulas of xpcnn.optim, in the same order), one pass each.
 _SGD = cupy.ElementwiseKernel(
     "T g, T lr, T wd", "T p", "p = p - lr * (g + wd * p);", "xpcnn_sgd"
@@ -324,23 +368,27 @@ class CupyKernels(StandardKernels):
 
     def conv2d_weight_grad(self, x: Any, dy2: Any, kernel: tuple[int, int],
                            strides: tuple[int, int], pads: tuple[int, int, int, int],
-                           out_hw: tuple[int, int]) -> Any:
-        """Kernel gradient (kh*kw*C, K) of :meth:`conv2d` for output gradient rows ``dy2``,
-        accumulated in float32 at least (float64 for float64): blocks of rows in parallel,
-        then their sum."""
+                           out_hw: tuple[int, int], with_bias: bool = False
+                           ) -> tuple[Any, Any | None]:
+        """Kernel gradient (kh*kw*C, K) of :meth:`conv2d` for output gradient rows ``dy2``
+        and, ``with_bias``, the bias gradient (else None), accumulated in float32 at least
+        (float64 for float64): blocks of rows in parallel, then their sum."""
         x, dy2 = cupy.ascontiguousarray(x), cupy.ascontiguousarray(dy2)
         n, h, w, c = x.shape
         rows, k = dy2.shape
         kkc = kernel[0] * kernel[1] * c
+        extra = 1 if with_bias else 0
         splits = max(1, min(rows // 1024, 256))
         per = -(-rows // splits)
         acc = cupy.float64 if x.dtype == cupy.float64 else cupy.float32
-        parts = cupy.empty((splits, kkc, k), acc)
+        parts = cupy.empty((splits, kkc + extra, k), acc)
         q = next(q for q in (8, 4, 3, 2, 1) if c % q == 0)  # channels per thread
         _conv_weight_grad_kernel(q)(
             x, dy2, h, w, c, out_hw[0], out_hw[1], k, kernel[1], strides[0], strides[1],
-            pads[0], pads[2], kkc // q, rows, per, parts, size=splits * (kkc // q) * k)
-        return parts.sum(axis=0)
+            pads[0], pads[2], kkc // q, extra, rows, per, parts,
+            size=splits * (kkc // q + extra) * k)
+        total = parts.sum(axis=0)
+        return (total[:kkc], total[kkc]) if with_bias else (total, None)
 
     def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None,
                     relu: bool = False) -> None:
@@ -431,6 +479,17 @@ class CupyKernels(StandardKernels):
 
     def relu_backward(self, dy: Any, y: Any) -> Any:
         return _RELU_BACKWARD(dy, y)
+
+    def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float) -> tuple[Any, Any]:
+        n, classes = z.shape
+        if not _contiguous(z, labels) or n == 0:
+            return super().softmax_cross_entropy(z, labels, smoothing)
+        acc = cupy.float64 if z.dtype == cupy.float64 else cupy.float32
+        grad = cupy.empty(z.shape, z.dtype)
+        rows = cupy.empty((n, 2), acc)  # per row: loss / N, 1 if predicted right
+        _SOFTMAX_CROSS_ENTROPY(z, labels, classes, 1.0 - smoothing, smoothing / classes,
+                               1.0 / n, grad, rows, size=n)
+        return rows.sum(axis=0), grad
 
     # -- optimiser updates (used when ``fused_updates``; see xpcnn.optim) -------------------
     def sgd_update(self, p: Any, g: Any, buf: Any, lr: float, weight_decay: float,

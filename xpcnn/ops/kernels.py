@@ -16,6 +16,7 @@ from typing import Any
 
 from .conv import im2col_into
 from .pool import max_pool, max_pool_backward
+from .softmax import cross_entropy, loss_and_correct, target_rows
 
 
 def standardize_backward(xp: Any, dxhat: Any, xhat: Any, inv_std: Any,
@@ -122,6 +123,16 @@ class StandardKernels:
     def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any) -> Any:
         """Gradient of :meth:`feature_norm` through its mean and variance."""
         return standardize_backward(self.xp, dy, xhat, inv_std, (1, 2))
+
+    def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float) -> tuple[Any, Any]:
+        """Mean cross-entropy of softmax(z) against integer ``labels`` (targets mixed with the
+        uniform distribution by ``smoothing``) and the count of rows whose first maximum is at
+        the label, as one (2,) float32 (float64 for float64 ``z``) array; and the gradient with
+        respect to ``z``."""
+        xp = self.xp
+        loss, grad = cross_entropy(xp, z, target_rows(xp, labels, z.shape[1], z.dtype,
+                                                      smoothing))
+        return loss_and_correct(xp, loss, z, labels), grad
 
     def relu_with_mask(self, x: Any, max_value: float | None) -> tuple[Any, Any]:
         """:meth:`relu` and the boolean mask of where its gradient passes: strictly inside

@@ -1,4 +1,4 @@
-"""Numerically stable softmax and log-softmax over the last axis."""
+"""Numerically stable softmax, log-softmax and softmax cross-entropy over the last axis."""
 
 from __future__ import annotations
 
@@ -15,3 +15,33 @@ def softmax(xp: Any, z: Any) -> Any:
     """exp(z - max) normalised: never overflows."""
     e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))
     return e / xp.sum(e, axis=-1, keepdims=True)
+
+
+def target_rows(xp: Any, y: Any, classes: int, dtype: Any, smoothing: float = 0.0) -> Any:
+    """Integer labels (N,) or one-hot rows (N, classes) -> probability rows, mixed with the
+    uniform distribution by ``smoothing``: target * (1 - smoothing) + smoothing / classes."""
+    if y.ndim == 1:
+        y = xp.astype(xp.reshape(y, (-1, 1)) == xp.arange(classes, device=y.device), dtype)
+    else:
+        y = xp.astype(y, dtype, copy=False)
+    if smoothing:
+        y = y * (1.0 - smoothing) + smoothing / classes
+    return y
+
+
+def cross_entropy(xp: Any, z: Any, t: Any) -> tuple[Any, Any]:
+    """Mean cross-entropy of softmax(z) against probability rows ``t`` (a 0-d array) and its
+    gradient with respect to ``z``, (softmax(z) - t) / N."""
+    n = z.shape[0]
+    logp = log_softmax(xp, z)
+    return -xp.sum(t * logp) / n, (xp.exp(logp) - t) / n
+
+
+def loss_and_correct(xp: Any, loss: Any, z: Any, y: Any) -> Any:
+    """[loss, how many rows of ``z`` have their first maximum at the target's class (integer
+    labels or one-hot rows)] as one (2,) array (float32, or float64 for float64 ``z``): the
+    host reads both with one transfer."""
+    labels = y if y.ndim == 1 else xp.argmax(y, axis=1)
+    acc = xp.float64 if z.dtype == xp.float64 else xp.float32
+    correct = xp.sum(xp.astype(xp.argmax(z, axis=1) == labels, acc))
+    return xp.stack([xp.astype(loss, acc), correct])
