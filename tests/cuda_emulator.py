@@ -125,8 +125,8 @@ def fake_cupy() -> types.ModuleType:
     """A ``cupy`` whose kernels run on the CPU and whose arrays are NumPy's."""
     fake = types.ModuleType("cupy")
     fake.ElementwiseKernel = ElementwiseKernel
-    for name in ("matmul", "empty", "zeros", "maximum", "ascontiguousarray", "float32",
-                 "float64"):
+    for name in ("matmul", "empty", "zeros", "maximum", "ascontiguousarray", "asarray",
+                 "float32", "float64"):
         setattr(fake, name, getattr(np, name))
     return fake
 
@@ -143,6 +143,7 @@ def load_emulated_fast_cupy() -> tuple[types.ModuleType, dict[str, Any]]:
     sys.modules.pop("xpcnn.ops.fast_cupy", None)
     import xpcnn.ops.fast_cupy as module
 
+    module._address = lambda a: a.ctypes.data  # host addresses for the update kernels' tables
     return module, saved
 
 

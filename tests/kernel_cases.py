@@ -36,6 +36,9 @@ SOFTMAX_CROSS_ENTROPY = [
     (7, 10, 0.0, None), (128, 10, 0.1, None), (40, 4, 0.0, 3), (33, 37, 0.2, 4), (3, 1, 0.0, None),
 ]
 
+# parameter shapes of one optimiser step (every one updated by the same launch)
+UPDATE_SHAPES = [(3, 3, 4, 8), (8,), (1,), (50, 10), (7, 3), (2,)]
+
 OPTIMISERS = pytest.mark.parametrize("make", [
     lambda: xpcnn.optim.SGD(0.1),
     lambda: xpcnn.optim.SGD(0.1, weight_decay=0.01),

@@ -7,7 +7,14 @@ import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
 from cuda_emulator import compiler, load_emulated_fast_cupy, restore
-from kernel_cases import DIRECT_CONV, IM2COL, MAX_POOL, OPTIMISERS, SOFTMAX_CROSS_ENTROPY
+from kernel_cases import (
+    DIRECT_CONV,
+    IM2COL,
+    MAX_POOL,
+    OPTIMISERS,
+    SOFTMAX_CROSS_ENTROPY,
+    UPDATE_SHAPES,
+)
 from nets import every_layer_net, gap_net
 
 import xpcnn
@@ -147,7 +154,7 @@ def test_softmax_cross_entropy(fast, rng, rows, classes, smoothing, levels, labe
 @OPTIMISERS
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_optimiser_updates(fast, rng, make, dtype):
-    params = [rng.standard_normal(s).astype(dtype) for s in ((3, 3, 4, 8), (8,))]
+    params = [rng.standard_normal(s).astype(dtype) for s in UPDATE_SHAPES]
     fused, standard = [p.copy() for p in params], [p.copy() for p in params]
     opt_fused, opt_std = make(), make()
     for _ in range(4):
@@ -156,6 +163,23 @@ def test_fused_optimiser_updates(fast, rng, make, dtype):
         opt_std.step(xpn, standard, grads)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for f, s in zip(fused, standard, strict=True):
+        np.testing.assert_allclose(f, s, rtol=tol, atol=tol)
+
+
+@OPTIMISERS
+def test_fused_updates_of_parameters_of_two_dtypes(fast, rng, make):
+    """One step over float32 and float64 parameters: a launch per dtype, each right."""
+    params = [rng.standard_normal(s).astype(dt) for s, dt in
+              zip(UPDATE_SHAPES, [np.float32, np.float64] * 3, strict=True)]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    for _ in range(3):
+        grads = [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
+        opt_fused.step(xpn, fused, grads, fast)
+        opt_std.step(xpn, standard, grads)
+    for f, s in zip(fused, standard, strict=True):
+        assert f.dtype == s.dtype
+        tol = 1e-5 if f.dtype == np.float32 else 1e-12
         np.testing.assert_allclose(f, s, rtol=tol, atol=tol)
 
 

@@ -7,7 +7,14 @@ them, with the GPU benchmark, when a GPU is lent.
 
 import numpy as np
 import pytest
-from kernel_cases import DIRECT_CONV, IM2COL, MAX_POOL, OPTIMISERS, SOFTMAX_CROSS_ENTROPY
+from kernel_cases import (
+    DIRECT_CONV,
+    IM2COL,
+    MAX_POOL,
+    OPTIMISERS,
+    SOFTMAX_CROSS_ENTROPY,
+    UPDATE_SHAPES,
+)
 from nets import every_layer_net, gap_net
 
 import xpcnn
@@ -232,7 +239,7 @@ def test_fused_optimiser_updates(cp, kernels, rng, make, dtype):
     import array_api_compat.cupy as xc
 
     fast, _ = kernels
-    params = [_random(cp, rng, s, dtype) for s in ((3, 3, 4, 8), (8,), (50, 10))]
+    params = [_random(cp, rng, s, dtype) for s in UPDATE_SHAPES]
     fused, standard = [p.copy() for p in params], [p.copy() for p in params]
     opt_fused, opt_std = make(), make()
     for _ in range(4):

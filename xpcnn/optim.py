@@ -148,8 +148,8 @@ class Optimizer:
 
     def step(self, xp: Any, params: list[Any], grads: list[Any], kernels: Any = None) -> None:
         """Apply one update to every parameter, in place; with ``kernels`` that offer fused
-        updates (:attr:`StandardKernels.fused_updates`, CuPy's), each parameter's update is one
-        of their passes instead of the standard formulas."""
+        updates (:attr:`StandardKernels.fused_updates`, CuPy's), all of them are one launch
+        instead of the standard formulas' several per parameter."""
         if not self.slots:
             self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
         lr = self.lr
@@ -157,17 +157,19 @@ class Optimizer:
             raise NonFiniteError(f"the learning rate for step {self.iterations + 1} is {lr}; "
                                  "nothing was updated")
         self.iterations += 1
-        fused = kernels is not None and kernels.fused_updates
+        fused = kernels is not None and kernels.fused_updates and params
+        if fused and self._fused_update(kernels, params, grads, lr):
+            return
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            if not (fused and self._fused_update(kernels, i, p, g, lr)):
-                self._update(xp, i, p, g, lr)
+            self._update(xp, i, p, g, lr)
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
         raise NotImplementedError
 
-    def _fused_update(self, kernels: Any, i: int, p: Any, g: Any, lr: float) -> bool:
-        """The update as one pass of ``kernels``; False where this optimiser has none (a
-        subclass that defines only ``_update`` then runs that)."""
+    def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
+                      lr: float) -> bool:
+        """The update of every parameter as one launch of ``kernels``; False where this
+        optimiser has none (a subclass that defines only ``_update`` then runs that)."""
         return False
 
     def get_config(self) -> dict[str, Any]:
@@ -199,9 +201,11 @@ class SGD(Optimizer):
             g = g + self.momentum * buf if self.nesterov else buf
         p[...] = p - lr * g
 
-    def _fused_update(self, kernels: Any, i: int, p: Any, g: Any, lr: float) -> bool:
-        buf = self.slots["momentum"][i] if self.momentum else None
-        kernels.sgd_update(p, g, buf, lr, self.weight_decay, self.momentum, self.nesterov)
+    def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
+                      lr: float) -> bool:
+        bufs = self.slots["momentum"] if self.momentum else None
+        kernels.sgd_update(params, grads, bufs, lr, self.weight_decay, self.momentum,
+                           self.nesterov)
         return True
 
     def get_config(self) -> dict[str, Any]:
@@ -237,10 +241,11 @@ class Adam(Optimizer):
         denom = xp.sqrt(v / (1.0 - b2**t)) + self.epsilon
         p[...] = p - m_hat_scale * m / denom
 
-    def _fused_update(self, kernels: Any, i: int, p: Any, g: Any, lr: float) -> bool:
-        kernels.adam_update(p, g, self.slots["m"][i], self.slots["v"][i], lr, self.weight_decay,
-                            self.decoupled, self.beta_1, self.beta_2, self.epsilon,
-                            self.iterations)
+    def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
+                      lr: float) -> bool:
+        kernels.adam_update(params, grads, self.slots["m"], self.slots["v"], lr,
+                            self.weight_decay, self.decoupled, self.beta_1, self.beta_2,
+                            self.epsilon, self.iterations)
         return True
 
     def get_config(self) -> dict[str, Any]:

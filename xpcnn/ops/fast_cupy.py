@@ -22,6 +22,7 @@ from typing import Any
 
 import array_api_compat.cupy as compat_cupy
 import cupy
+import numpy as np
 
 from .kernels import StandardKernels
 
@@ -286,24 +287,44 @@ _SOFTMAX_CROSS_ENTROPY = cupy.ElementwiseKernel(
     preamble=_ACC,
 )
 
-# The optimisers' updates (the formulas of xpcnn.optim, in the same order), one pass each.
+# The optimisers' updates (the formulas of xpcnn.optim, in the same order) for every parameter
+# of a step in one launch: one thread per element of all of them. ``table`` holds the running
+# element offsets of the ``count`` arrays (count + 1 values), then per array the addresses of
+# the parameter, its gradient and its state arrays (``slots`` of them); a binary search finds
+# the array an element belongs to.
+_FIND_ARRAY = """
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if ((long long)i >= table[mid]) lo = mid; else hi = mid - 1;
+    }
+    const long long e = (long long)i - table[lo];
+    const long long row = count + 1 + (long long)lo * (2 + slots);
+    T& p = ((T*)table[row])[e];
+    const T g = ((const T*)table[row + 1])[e];
+"""
 _SGD = cupy.ElementwiseKernel(
-    "T g, T lr, T wd", "T p", "p = p - lr * (g + wd * p);", "xpcnn_sgd"
-)
-_SGD_MOMENTUM = cupy.ElementwiseKernel(
-    "T g, T lr, T wd, T mom, bool nesterov",
-    "T p, T buf",
-    """
+    "raw T dtype_of, int32 count, int32 slots, T lr, T wd, T mom, bool nesterov",
+    "raw int64 table",
+    _FIND_ARRAY + """
     const T grad = g + wd * p;
-    buf = mom * buf + grad;
-    p = p - lr * (nesterov ? grad + mom * buf : buf);
+    if (slots == 0) {
+        p = p - lr * grad;
+    } else {
+        T& buf = ((T*)table[row + 2])[e];
+        buf = mom * buf + grad;
+        p = p - lr * (nesterov ? grad + mom * buf : buf);
+    }
     """,
-    "xpcnn_sgd_momentum",
+    "xpcnn_sgd",
 )
 _ADAM = cupy.ElementwiseKernel(
-    "T g, T wd, bool decoupled, T decay, T b1, T c1, T b2, T c2, T step, T bc2, T eps",
-    "T p, T m, T v",
-    """
+    "raw T dtype_of, int32 count, int32 slots, T wd, bool decoupled, T decay, T b1, T c1, T b2,"
+    " T c2, T step, T bc2, T eps",
+    "raw int64 table",
+    _FIND_ARRAY + """
+    T& m = ((T*)table[row + 2])[e];
+    T& v = ((T*)table[row + 3])[e];
     T grad = g;
     if (decoupled) p = p * decay;
     else grad = grad + wd * p;
@@ -313,6 +334,20 @@ _ADAM = cupy.ElementwiseKernel(
     """,
     "xpcnn_adam",
 )
+
+
+def _address(a: Any) -> int:
+    """Device address of a CuPy array's first element."""
+    return a.data.ptr
+
+
+def _update_table(params: list[Any], grads: list[Any], *slots: list[Any]) -> tuple[Any, int]:
+    """The ``table`` of the update kernels (uploaded in one copy) and the total element count.
+    Every array must be C-contiguous and of the parameters' dtype."""
+    offsets = np.cumsum([0] + [p.size for p in params])
+    rows = [[_address(a) for a in arrays] for arrays in zip(params, grads, *slots, strict=True)]
+    table = np.concatenate([offsets, np.asarray(rows, np.int64).reshape(-1)]).astype(np.int64)
+    return cupy.asarray(table), int(offsets[-1])
 
 
 # a^T @ b with a long inner dimension (a convolution's weight gradient: one row per output
@@ -492,23 +527,39 @@ class CupyKernels(StandardKernels):
         return rows.sum(axis=0), grad
 
     # -- optimiser updates (used when ``fused_updates``; see xpcnn.optim) -------------------
-    def sgd_update(self, p: Any, g: Any, buf: Any, lr: float, weight_decay: float,
-                   momentum: float, nesterov: bool) -> None:
-        t = p.dtype.type
-        if buf is None:
-            _SGD(g, t(lr), t(weight_decay), p)
-        else:
-            _SGD_MOMENTUM(g, t(lr), t(weight_decay), t(momentum), nesterov, p, buf)
+    @staticmethod
+    def _by_dtype(params: list[Any], grads: list[Any], *slots: list[Any] | None
+                  ) -> list[tuple[Any, ...]]:
+        """(params, grads, *slots) lists per parameter dtype, gradients cast to it and every
+        array made C-contiguous (parameters and state arrays always are: they are updated in
+        place)."""
+        groups: dict[Any, list[tuple[Any, ...]]] = {}
+        for i, p in enumerate(params):
+            g = cupy.ascontiguousarray(grads[i].astype(p.dtype, copy=False))
+            groups.setdefault(p.dtype, []).append((p, g, *(s[i] for s in slots if s is not None)))
+        return [tuple(list(column) for column in zip(*rows, strict=True))
+                for rows in groups.values()]
 
-    def adam_update(self, p: Any, g: Any, m: Any, v: Any, lr: float, weight_decay: float,
-                    decoupled: bool, beta_1: float, beta_2: float, epsilon: float,
-                    step: int) -> None:
+    def sgd_update(self, params: list[Any], grads: list[Any], bufs: list[Any] | None,
+                   lr: float, weight_decay: float, momentum: float, nesterov: bool) -> None:
+        for p, g, *b in self._by_dtype(params, grads, bufs):
+            table, size = _update_table(p, g, *b)
+            t = p[0].dtype.type
+            _SGD(p[0], len(p), len(b), t(lr), t(weight_decay), t(momentum), nesterov, table,
+                 size=size)
+
+    def adam_update(self, params: list[Any], grads: list[Any], ms: list[Any], vs: list[Any],
+                    lr: float, weight_decay: float, decoupled: bool, beta_1: float,
+                    beta_2: float, epsilon: float, step: int) -> None:
         # scalars rounded from float64 to the parameters' dtype, as Python floats are in the
         # standard version
-        t = p.dtype.type
-        _ADAM(g, t(weight_decay), decoupled, t(1.0 - lr * weight_decay), t(beta_1),
-              t(1.0 - beta_1), t(beta_2), t(1.0 - beta_2), t(lr / (1.0 - beta_1**step)),
-              t(1.0 - beta_2**step), t(epsilon), p, m, v)
+        for p, g, m, v in self._by_dtype(params, grads, ms, vs):
+            table, size = _update_table(p, g, m, v)
+            t = p[0].dtype.type
+            _ADAM(p[0], len(p), 2, t(weight_decay), decoupled, t(1.0 - lr * weight_decay),
+                  t(beta_1), t(1.0 - beta_1), t(beta_2), t(1.0 - beta_2),
+                  t(lr / (1.0 - beta_1**step)), t(1.0 - beta_2**step), t(epsilon), table,
+                  size=size)
 
 
 KERNELS = CupyKernels()
