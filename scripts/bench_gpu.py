@@ -270,18 +270,17 @@ def main() -> int:
     p.add_argument("--gpu-chunk-mb", type=float, default=None, metavar="MB",
                    help="im2col scratch bound on the GPU (xpcnn.backend.GPU_CHUNK_BYTES; "
                    "0: whole batch at once)")
-    p.add_argument("--gpu-conv", choices=("direct", "im2col", "direct-forward"),
+    p.add_argument("--gpu-conv", choices=("direct", "tiled", "direct-forward", "im2col"),
                    default="direct",
-                   help="convolution algorithm of the CuPy kernels: direct kernels (the "
-                   "default), im2col + cuBLAS, or direct forward with an im2col + cuBLAS "
-                   "kernel gradient")
+                   help="convolution algorithm of the CuPy kernels (CupyKernels."
+                   "set_conv_algorithm): direct kernels (the default), the tiled forward kernel, "
+                   "direct forward with an im2col + cuBLAS kernel gradient, or im2col + cuBLAS")
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
     if args.device.startswith("cuda"):
         from xpcnn.ops.fast_cupy import KERNELS
 
-        KERNELS.direct_conv = args.gpu_conv != "im2col"
-        KERNELS.direct_weight_grad = args.gpu_conv == "direct"
+        KERNELS.set_conv_algorithm(args.gpu_conv)
     if args.gpu_chunk_mb is not None:
         backend_module.GPU_CHUNK_BYTES = int(args.gpu_chunk_mb * 2**20) or None
     rows = []

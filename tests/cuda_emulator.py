@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -115,16 +116,84 @@ class ElementwiseKernel:
             src = lib.with_suffix(".cpp")
             src.write_text(source)
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            subprocess.run([compiler(), "-O1", "-shared", "-fPIC", "-o", str(tmp), str(src)],
-                           check=True, capture_output=True)
+            subprocess.run([compiler(), "-O1", "-shared", "-fPIC", "-pthread", "-o", str(tmp),
+                            str(src)], check=True, capture_output=True)
             tmp.replace(lib)
         return ctypes.CDLL(str(lib))
+
+
+class RawKernel:
+    """The subset of ``cupy.RawKernel`` that ``fast_cupy`` uses, compiled for the CPU: a block's
+    threads run as POSIX threads (so ``__syncthreads`` is a real barrier) that take the blocks
+    one after the other, ``__shared__`` arrays shared by them. Pointer arguments are NumPy
+    arrays, the others numbers of the kernel's declared types."""
+
+    build_dir = ElementwiseKernel.build_dir
+
+    def __init__(self, code: str, name: str, options: tuple[str, ...] = ()) -> None:
+        self.code, self.name = code, name
+        match = re.search(r"__global__\s+void\s+" + re.escape(name) + r"\s*\((.*?)\)\s*\{",
+                          code, re.S)
+        assert match, f"no kernel {name} in the source"
+        self.params = [p.strip() for p in match.group(1).split(",")]
+
+    def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...],
+                 shared_mem: int = 0) -> None:
+        grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+        buffers, scalars, call = [], [], []
+        for decl, a in zip(self.params, args, strict=True):
+            ctype = decl.rsplit(None, 1)[0]
+            if "*" in decl:
+                assert isinstance(a, np.ndarray) and a.flags.c_contiguous, decl
+                buffers.append(a)
+                call.append(f"({ctype})xpcnn_ptrs[{len(buffers) - 1}]")
+            else:
+                scalars.append(float(a))
+                call.append(f"({ctype.replace('const', '')})xpcnn_scalars[{len(scalars) - 1}]")
+        source = (
+            "#include <cmath>\n#include <pthread.h>\n#include <vector>\n"
+            "struct xpcnn_dim3 { unsigned x, y, z; };\n"
+            "static thread_local xpcnn_dim3 threadIdx, blockIdx;\n"
+            "static xpcnn_dim3 blockDim, gridDim;\n"
+            "static pthread_barrier_t xpcnn_barrier;\n"
+            "static void** xpcnn_ptrs; static double* xpcnn_scalars;\n"
+            "#define __global__\n#define __device__\n#define __restrict__\n"
+            "#define __shared__ static\n"
+            "#define __syncthreads() pthread_barrier_wait(&xpcnn_barrier)\n"
+            "using namespace std;\n" + self.code +
+            "\nstatic void* xpcnn_thread(void* arg) {\n"
+            "  const unsigned t = (unsigned)(size_t)arg;\n"
+            "  threadIdx = {t % blockDim.x, t / blockDim.x % blockDim.y,"
+            " t / (blockDim.x * blockDim.y)};\n"
+            "  for (unsigned z = 0; z < gridDim.z; ++z)\n"
+            "  for (unsigned y = 0; y < gridDim.y; ++y)\n"
+            "  for (unsigned x = 0; x < gridDim.x; ++x) {\n"
+            "    blockIdx = {x, y, z};\n"
+            f"    {self.name}({', '.join(call)});\n"
+            "    pthread_barrier_wait(&xpcnn_barrier);  // the block's shared memory is free\n"
+            "  }\n  return nullptr;\n}\n"
+            'extern "C" void run(unsigned* dims, void** ptrs, double* scalars) {\n'
+            "  xpcnn_ptrs = ptrs; xpcnn_scalars = scalars;\n"
+            "  gridDim = {dims[0], dims[1], dims[2]}; blockDim = {dims[3], dims[4], dims[5]};\n"
+            "  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;\n"
+            "  pthread_barrier_init(&xpcnn_barrier, nullptr, threads);\n"
+            "  std::vector<pthread_t> ids(threads);\n"
+            "  for (unsigned t = 0; t < threads; ++t)\n"
+            "    pthread_create(&ids[t], nullptr, xpcnn_thread, (void*)(size_t)t);\n"
+            "  for (unsigned t = 0; t < threads; ++t) pthread_join(ids[t], nullptr);\n"
+            "  pthread_barrier_destroy(&xpcnn_barrier);\n}\n")
+        library = ElementwiseKernel._build(self, source)  # type: ignore[arg-type]
+        dims = (ctypes.c_uint * 6)(*grid, *block)
+        ptrs = (ctypes.c_void_p * max(1, len(buffers)))(*[b.ctypes.data for b in buffers])
+        values = (ctypes.c_double * max(1, len(scalars)))(*scalars)
+        library.run(dims, ptrs, values)
 
 
 def fake_cupy() -> types.ModuleType:
     """A ``cupy`` whose kernels run on the CPU and whose arrays are NumPy's."""
     fake = types.ModuleType("cupy")
     fake.ElementwiseKernel = ElementwiseKernel
+    fake.RawKernel = RawKernel
     for name in ("matmul", "empty", "zeros", "maximum", "ascontiguousarray", "asarray",
                  "float32", "float64"):
         setattr(fake, name, getattr(np, name))

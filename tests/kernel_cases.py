@@ -39,6 +39,13 @@ SOFTMAX_CROSS_ENTROPY = [
 # parameter shapes of one optimiser step (every one updated by the same launch)
 UPDATE_SHAPES = [(3, 3, 4, 8), (8,), (1,), (50, 10), (7, 3), (2,)]
 
+# the tiled convolution's cases: those above, plus output channels over one 32-wide tile and
+# kernel rows over several 16-long slices
+TILED_CONV = DIRECT_CONV + [
+    ((3, 3), (1, 1), (2, 8, 8, 8), 40, "same"), ((3, 3), (1, 1), (3, 7, 7, 20), 64, "valid"),
+    ((3, 3), (2, 2), (5, 9, 7, 33), 70, 1),
+]
+
 OPTIMISERS = pytest.mark.parametrize("make", [
     lambda: xpcnn.optim.SGD(0.1),
     lambda: xpcnn.optim.SGD(0.1, weight_decay=0.01),

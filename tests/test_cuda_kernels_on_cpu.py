@@ -13,6 +13,7 @@ from kernel_cases import (
     MAX_POOL,
     OPTIMISERS,
     SOFTMAX_CROSS_ENTROPY,
+    TILED_CONV,
     UPDATE_SHAPES,
 )
 from nets import every_layer_net, gap_net
@@ -151,6 +152,40 @@ def test_softmax_cross_entropy(fast, rng, rows, classes, smoothing, levels, labe
     assert np.isnan(fast.softmax_cross_entropy(z, labels, smoothing)[0][0])
 
 
+@pytest.mark.parametrize("kernel, strides, shape, filters, padding", TILED_CONV)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tiled_convolution(fast, monkeypatch, rng, kernel, strides, shape, filters, padding,
+                           dtype):
+    """The tiled kernels, forward and kernel gradient (blocks of threads sharing memory,
+    emulated with a real barrier)."""
+    if np.prod(shape[:3]) > 10_000:
+        pytest.skip("too slow emulated (a POSIX thread per CUDA thread); the GPU tests run it")
+    monkeypatch.setattr(fast, "tiled_conv", True)
+    x = rng.standard_normal(shape).astype(dtype)
+    pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
+    out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
+    w2 = rng.standard_normal((kernel[0] * kernel[1] * shape[3], filters)).astype(dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for bias, relu in ((rng.standard_normal(filters).astype(dtype), True), (None, False)):
+        want = ops.conv_forward(xpn, STD, x, w2, bias, kernel, strides, pads, out_hw,
+                                ops.Workspace(), "k", None, relu)
+        got = fast.conv2d(x, w2, bias, kernel, strides, pads, out_hw, relu)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 10)
+    dy = rng.standard_normal((shape[0] * out_hw[0] * out_hw[1], filters)).astype(dtype)
+    want, want_bias = ops.conv_weight_grad(xpn, STD, x, dy, kernel, strides, pads, out_hw,
+                                           ops.Workspace(), "k", None, with_bias=True)
+    for with_bias in (False, True):
+        got, got_bias = fast.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw,
+                                                with_bias)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, want, rtol=tol * 10, atol=tol * np.abs(want).max())
+        if with_bias:
+            np.testing.assert_allclose(got_bias, want_bias, rtol=tol * 10, atol=tol * 10)
+        else:
+            assert got_bias is None
+
+
 @OPTIMISERS
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_optimiser_updates(fast, rng, make, dtype):
@@ -197,13 +232,15 @@ def test_an_optimiser_without_a_fused_update_runs_its_own(fast):
 
 
 @pytest.mark.parametrize("net", [gap_net, every_layer_net])
-@pytest.mark.parametrize("direct_weight_grad", [False, True])
-def test_training_with_the_cuda_kernels(fast, monkeypatch, net, direct_weight_grad):
+@pytest.mark.parametrize("algorithm", ["direct", "tiled", "direct-forward"])
+def test_training_with_the_cuda_kernels(fast, monkeypatch, net, algorithm):
     """Whole training runs with every CuPy kernel in place of the NumPy ones end with the
     standard path's weights."""
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
-    monkeypatch.setattr(fast, "direct_weight_grad", direct_weight_grad)
+    for flag in ("direct_conv", "direct_weight_grad", "tiled_conv"):
+        monkeypatch.setattr(fast, flag, getattr(fast, flag))  # put back after the test
+    fast.set_conv_algorithm(algorithm)
 
     def fit(kernels):
         monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))

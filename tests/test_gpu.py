@@ -13,6 +13,7 @@ from kernel_cases import (
     MAX_POOL,
     OPTIMISERS,
     SOFTMAX_CROSS_ENTROPY,
+    TILED_CONV,
     UPDATE_SHAPES,
 )
 from nets import every_layer_net, gap_net
@@ -135,6 +136,43 @@ def test_direct_convolution_matches_im2col(cp, kernels, rng, kernel, strides, sh
                                        atol=atol)
         else:
             assert got_bias is None
+
+
+@pytest.mark.parametrize("kernel, strides, shape, filters, padding", TILED_CONV)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_tiled_convolution(cp, kernels, rng, kernel, strides, shape, filters, padding, dtype):
+    fast, std = kernels
+    x = _random(cp, rng, shape, dtype)
+    pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
+    out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
+    w2 = _random(cp, rng, (kernel[0] * kernel[1] * shape[3], filters), dtype)
+    bias = _random(cp, rng, (filters,), dtype)
+    tol = 1e-4 if dtype == "float32" else 1e-12
+    fast.set_conv_algorithm("tiled")
+    try:
+        for b, relu in ((bias, True), (None, False)):
+            got = fast.conv2d(x, w2, b, kernel, strides, pads, out_hw, relu)
+            want = ops.conv_forward(std.xp, std, x, w2, b, kernel, strides, pads, out_hw,
+                                    ops.Workspace(), "k", None, relu)
+            assert got.dtype == x.dtype
+            np.testing.assert_allclose(got.get(), want.get(), rtol=tol, atol=tol)
+        dy = _random(cp, rng, (shape[0] * out_hw[0] * out_hw[1], filters), dtype)
+        want, want_bias = ops.conv_weight_grad(std.xp, std, x, dy, kernel, strides, pads,
+                                               out_hw, ops.Workspace(), "k", None,
+                                               with_bias=True)
+        for with_bias in (False, True):
+            got, got_bias = fast.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw,
+                                                    with_bias)
+            assert got.dtype == x.dtype
+            scale = float(cp.abs(want).max())
+            np.testing.assert_allclose(got.get() / scale, want.get() / scale, atol=tol)
+            if with_bias:
+                np.testing.assert_allclose(got_bias.get(), want_bias.get(), rtol=tol,
+                                           atol=tol * shape[0] * out_hw[0] * out_hw[1])
+            else:
+                assert got_bias is None
+    finally:
+        fast.set_conv_algorithm("direct")
 
 
 @pytest.mark.parametrize("rows", [131072, 1000, 513, 100])
@@ -269,15 +307,13 @@ def _fit(device, net, fast=True, precision="float32", epochs=2):
     return model, history.history["loss"], probs
 
 
-@pytest.fixture(params=["direct", "direct-forward", "im2col"])
+@pytest.fixture(params=["direct", "tiled", "direct-forward", "im2col"])
 def conv_algorithm(request, kernels):
     """The convolution algorithms of the CuPy kernels (the first is the default)."""
     fast, _ = kernels
-    old = fast.direct_conv, fast.direct_weight_grad
-    fast.direct_conv = request.param != "im2col"
-    fast.direct_weight_grad = request.param == "direct"
+    fast.set_conv_algorithm(request.param)
     yield request.param
-    fast.direct_conv, fast.direct_weight_grad = old
+    fast.set_conv_algorithm("direct")
 
 
 def test_training_on_the_gpu_matches_the_standard_path_and_numpy(conv_algorithm):

@@ -91,6 +91,210 @@ _CONV = cupy.ElementwiseKernel(
     preamble=_ACC,
 )
 
+# Tiled direct convolution (implicit GEMM): the (M = N*Ho*Wo, K) output as the product of
+# the patch matrix (M, KK = kh*kw*C), gathered on the fly and never stored, and the kernel
+# matrix (KK, K). A block of 128 threads owns a 128 x 32 output tile and walks KK in slices of
+# 16: it gathers the slice's patch values and kernel rows into shared memory once, then each
+# thread accumulates an 8 x 4 tile from there (12 shared loads for 32 products, where the
+# one-element-per-thread kernel above makes two global loads per product). float32 and
+# float64; float16 keeps the kernel above.
+_CONV_TILED_SOURCE = r"""
+#define BM 128
+#define BN 32
+#define BK 16
+#define TM 8
+#define TN 4
+#define NT ((BM / TM) * (BN / TN))
+extern "C" __global__ void xpcnn_conv_tiled(
+        const TYPE* x, const TYPE* w, const TYPE* bias, TYPE* y, const int has_bias,
+        const int relu, const long long M, const int H, const int W, const int C,
+        const int Ho, const int Wo, const int K, const int kw, const int KK, const int sh,
+        const int sw, const int top, const int left) {
+    __shared__ TYPE As[BK][BM + 1];  // patch values, As[t][r]: +1 spreads the stores over banks
+    __shared__ TYPE Bs[BK][BN];      // kernel rows
+    __shared__ long long row_base[BM];  // where the row's image starts in x; -1 past M
+    __shared__ int row_h[BM];           // the row's top-left input position
+    __shared__ int row_w[BM];
+    const int tid = threadIdx.x;
+    const int tn = tid % (BN / TN);
+    const int tm = tid / (BN / TN);
+    const long long m0 = (long long)blockIdx.x * BM;
+    const int n0 = blockIdx.y * BN;
+    for (int r = tid; r < BM; r += NT) {
+        const long long m = m0 + r;
+        if (m < M) {
+            const int ow = (int)(m % Wo);
+            const long long t = m / Wo;
+            const int oh = (int)(t % Ho);
+            row_base[r] = (t / Ho) * H * W * C;
+            row_h[r] = oh * sh - top;
+            row_w[r] = ow * sw - left;
+        } else {
+            row_base[r] = -1;
+        }
+    }
+    ACC acc[TM][TN];
+    for (int i = 0; i < TM; ++i)
+        for (int j = 0; j < TN; ++j) acc[i][j] = (ACC)0;
+    __syncthreads();
+    for (int k0 = 0; k0 < KK; k0 += BK) {
+        for (int idx = tid; idx < BM * BK; idx += NT) {
+            const int t = idx % BK;
+            const int r = idx / BK;
+            const int kk = k0 + t;
+            TYPE v = (TYPE)0;
+            if (kk < KK && row_base[r] >= 0) {
+                const int c = kk % C;
+                const int tap = kk / C;
+                const int hh = row_h[r] + tap / kw;
+                const int ww = row_w[r] + tap % kw;
+                if (hh >= 0 && hh < H && ww >= 0 && ww < W)
+                    v = x[row_base[r] + ((long long)hh * W + ww) * C + c];
+            }
+            As[t][r] = v;
+        }
+        for (int idx = tid; idx < BK * BN; idx += NT) {
+            const int t = idx / BN;
+            const int nn = idx % BN;
+            const int kk = k0 + t;
+            const int n = n0 + nn;
+            Bs[t][nn] = (kk < KK && n < K) ? w[(long long)kk * K + n] : (TYPE)0;
+        }
+        __syncthreads();
+        for (int t = 0; t < BK; ++t) {
+            ACC a[TM];
+            ACC b[TN];
+            for (int i = 0; i < TM; ++i) a[i] = (ACC)As[t][tm * TM + i];
+            for (int j = 0; j < TN; ++j) b[j] = (ACC)Bs[t][tn * TN + j];
+            for (int i = 0; i < TM; ++i)
+                for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < TM; ++i) {
+        const long long m = m0 + tm * TM + i;
+        if (m >= M) continue;
+        for (int j = 0; j < TN; ++j) {
+            const int n = n0 + tn * TN + j;
+            if (n >= K) continue;
+            ACC v = acc[i][j];
+            if (has_bias) v += (ACC)bias[n];
+            if (relu && v < (ACC)0) v = (ACC)0;
+            y[m * K + n] = (TYPE)v;
+        }
+    }
+}
+"""
+# The kernel gradient as the same tiled product turned around: part[s, kk, n] = sum over the
+# output rows m of block s of patch[m, kk] * dy[m, n], a block of threads owning 128 kernel-
+# matrix rows x 32 output channels of one block of rows, walking it 16 rows at a time. With
+# ``extra`` = 1 a last kernel-matrix row of ones gives the bias gradient in the same pass.
+_CONV_WEIGHT_GRAD_TILED_SOURCE = r"""
+#define BM 128
+#define BN 32
+#define BK 16
+#define TM 8
+#define TN 4
+#define NT ((BM / TM) * (BN / TN))
+extern "C" __global__ void xpcnn_conv_weight_grad_tiled(
+        const TYPE* x, const TYPE* dy, TYPE* part, const long long M, const long long per,
+        const int H, const int W, const int C, const int Ho, const int Wo, const int K,
+        const int kw, const int KK, const int extra, const int sh, const int sw, const int top,
+        const int left) {
+    __shared__ TYPE As[BK][BM + 1];     // patch values, As[t][r] for row t, kernel row r
+    __shared__ TYPE Bs[BK][BN];         // output gradient rows
+    __shared__ long long row_base[BK];  // where the row's image starts in x; -1 past the end
+    __shared__ int row_h[BK];           // the row's top-left input position
+    __shared__ int row_w[BK];
+    const int tid = threadIdx.x;
+    const int tn = tid % (BN / TN);
+    const int tm = tid / (BN / TN);
+    const int kk0 = blockIdx.x * BM;
+    const int n0 = blockIdx.y * BN;
+    const long long s = blockIdx.z;
+    const long long begin = s * per;
+    const long long end = begin + per < M ? begin + per : M;
+    const int KKE = KK + extra;
+    ACC acc[TM][TN];
+    for (int i = 0; i < TM; ++i)
+        for (int j = 0; j < TN; ++j) acc[i][j] = (ACC)0;
+    for (long long m0 = begin; m0 < end; m0 += BK) {
+        if (tid < BK) {
+            const long long m = m0 + tid;
+            if (m < end) {
+                const int ow = (int)(m % Wo);
+                const long long t = m / Wo;
+                const int oh = (int)(t % Ho);
+                row_base[tid] = (t / Ho) * H * W * C;
+                row_h[tid] = oh * sh - top;
+                row_w[tid] = ow * sw - left;
+            } else {
+                row_base[tid] = -1;
+            }
+        }
+        __syncthreads();
+        for (int idx = tid; idx < BK * BM; idx += NT) {
+            const int r = idx % BM;
+            const int t = idx / BM;
+            const int kk = kk0 + r;
+            TYPE v = (TYPE)0;
+            if (kk < KKE && row_base[t] >= 0) {
+                if (kk >= KK) {
+                    v = (TYPE)1;
+                } else {
+                    const int c = kk % C;
+                    const int tap = kk / C;
+                    const int hh = row_h[t] + tap / kw;
+                    const int ww = row_w[t] + tap % kw;
+                    if (hh >= 0 && hh < H && ww >= 0 && ww < W)
+                        v = x[row_base[t] + ((long long)hh * W + ww) * C + c];
+                }
+            }
+            As[t][r] = v;
+        }
+        for (int idx = tid; idx < BK * BN; idx += NT) {
+            const int t = idx / BN;
+            const int nn = idx % BN;
+            const long long m = m0 + t;
+            const int n = n0 + nn;
+            Bs[t][nn] = (m < end && n < K) ? dy[m * K + n] : (TYPE)0;
+        }
+        __syncthreads();
+        for (int t = 0; t < BK; ++t) {
+            ACC a[TM];
+            ACC b[TN];
+            for (int i = 0; i < TM; ++i) a[i] = (ACC)As[t][tm * TM + i];
+            for (int j = 0; j < TN; ++j) b[j] = (ACC)Bs[t][tn * TN + j];
+            for (int i = 0; i < TM; ++i)
+                for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < TM; ++i) {
+        const int kk = kk0 + tm * TM + i;
+        if (kk >= KKE) continue;
+        for (int j = 0; j < TN; ++j) {
+            const int n = n0 + tn * TN + j;
+            if (n < K) part[(s * KKE + kk) * K + n] = (TYPE)acc[i][j];
+        }
+    }
+}
+"""
+_TILE_M, _TILE_N, _TILE_THREADS = 128, 32, 128
+_TILED: dict[tuple[str, str], Any] = {}
+
+
+def _tiled_kernel(name: str, source: str, dtype: Any) -> Any:
+    """The kernel ``name`` of ``source`` for float32 or float64 data, compiled once."""
+    key = (name, np.dtype(dtype).name)
+    kernel = _TILED.get(key)
+    if kernel is None:
+        ctype = {"float32": "float", "float64": "double"}[key[1]]
+        kernel = _TILED[key] = cupy.RawKernel(
+            source.replace("TYPE", ctype).replace("ACC", ctype), name)
+    return kernel
+
+
 # Kernel gradient in parts: part[s, (a*kw + b)*C + c, k] = sum over the output rows of block s
 # of x[n, oh*sh + a - top, ow*sw + b - left, c] * dy[row, k]; the parts are then summed. A
 # thread owns one k and Q consecutive channels c of one (s, a, b): each dy value it loads serves
@@ -371,6 +575,9 @@ def _in_row_blocks(a: Any, splits: int) -> tuple[Any, Any]:
     return a[:used].reshape(splits, per, *a.shape[1:]), a[used:]
 
 
+CONV_ALGORITHMS = ("direct", "tiled", "direct-forward", "im2col")
+
+
 class CupyKernels(StandardKernels):
     """One launch per job where the standard versions take several (see the module doc)."""
 
@@ -379,13 +586,23 @@ class CupyKernels(StandardKernels):
 
     def __init__(self) -> None:
         super().__init__(compat_cupy)
-        # Which convolutions run as the direct kernels above rather than im2col + cuBLAS.
         # Measured on an H200 (docs/performance.md): all three direct (forward, input gradient,
         # kernel gradient with up to 8 channels per thread) trained as fast as or faster than
         # a cuBLAS kernel gradient at batch 128 and 512, with no scratch at all (cifar, batch
         # 128: 26,460 against 24,679 images/s, 78 against 134 MiB).
-        self.direct_conv = True
-        self.direct_weight_grad = True
+        self.set_conv_algorithm("direct")
+
+    def set_conv_algorithm(self, name: str) -> None:
+        """How convolutions run: ``"direct"`` (the kernels above, one element per thread, for
+        all three), ``"tiled"`` (the tiled kernels for all three in float32 / float64, the
+        direct ones in float16), ``"direct-forward"`` (direct forward and input
+        gradient, im2col + cuBLAS kernel gradient) or ``"im2col"`` (im2col + cuBLAS for all)."""
+        if name not in CONV_ALGORITHMS:
+            raise ValueError(f"unknown convolution algorithm {name!r}; expected one of "
+                             f"{', '.join(CONV_ALGORITHMS)}")
+        self.direct_conv = name != "im2col"
+        self.direct_weight_grad = name in ("direct", "tiled")
+        self.tiled_conv = name == "tiled"
 
     def conv2d(self, x: Any, w2: Any, bias: Any, kernel: tuple[int, int],
                strides: tuple[int, int], pads: tuple[int, int, int, int],
@@ -395,8 +612,19 @@ class CupyKernels(StandardKernels):
         x, w2 = cupy.ascontiguousarray(x), cupy.ascontiguousarray(w2)
         n, h, w, c = x.shape
         k = w2.shape[1]
-        y = cupy.empty((n * out_hw[0] * out_hw[1], k), x.dtype)
+        rows = n * out_hw[0] * out_hw[1]
+        y = cupy.empty((rows, k), x.dtype)
         b = w2 if bias is None else cupy.ascontiguousarray(bias)  # (unread without a bias)
+        if self.tiled_conv and x.dtype in (cupy.float32, cupy.float64) and rows:
+            i32 = np.int32
+            grid = (-(-rows // _TILE_M), -(-k // _TILE_N))
+            _tiled_kernel("xpcnn_conv_tiled", _CONV_TILED_SOURCE, x.dtype)(
+                grid, (_TILE_THREADS,),
+                (x, w2, b, y, i32(bias is not None), i32(relu), np.int64(rows), i32(h), i32(w),
+                 i32(c), i32(out_hw[0]), i32(out_hw[1]), i32(k), i32(kernel[1]),
+                 i32(w2.shape[0]), i32(strides[0]), i32(strides[1]), i32(pads[0]),
+                 i32(pads[2])))
+            return y
         _CONV(x, w2, b, bias is not None, relu, h, w, c, out_hw[0], out_hw[1], k, kernel[0],
               kernel[1], strides[0], strides[1], pads[0], pads[2], y)
         return y
@@ -413,6 +641,21 @@ class CupyKernels(StandardKernels):
         rows, k = dy2.shape
         kkc = kernel[0] * kernel[1] * c
         extra = 1 if with_bias else 0
+        if self.tiled_conv and x.dtype in (cupy.float32, cupy.float64) and rows:
+            tiles = -(-(kkc + extra) // _TILE_M) * -(-k // _TILE_N)
+            splits = max(1, min(512 // tiles, rows // 64, 256))  # ~512 blocks in all
+            per = -(-rows // splits)
+            splits = -(-rows // per)
+            parts = cupy.empty((splits, kkc + extra, k), x.dtype)
+            i32 = np.int32
+            _tiled_kernel("xpcnn_conv_weight_grad_tiled", _CONV_WEIGHT_GRAD_TILED_SOURCE,
+                          x.dtype)(
+                (-(-(kkc + extra) // _TILE_M), -(-k // _TILE_N), splits), (_TILE_THREADS,),
+                (x, dy2, parts, np.int64(rows), np.int64(per), i32(h), i32(w), i32(c),
+                 i32(out_hw[0]), i32(out_hw[1]), i32(k), i32(kernel[1]), i32(kkc), i32(extra),
+                 i32(strides[0]), i32(strides[1]), i32(pads[0]), i32(pads[2])))
+            total = parts.sum(axis=0)
+            return (total[:kkc], total[kkc]) if with_bias else (total, None)
         splits = max(1, min(rows // 1024, 256))
         per = -(-rows // splits)
         acc = cupy.float64 if x.dtype == cupy.float64 else cupy.float32
