@@ -271,10 +271,11 @@ def main() -> int:
                    help="im2col scratch bound on the GPU (xpcnn.backend.GPU_CHUNK_BYTES; "
                    "0: whole batch at once)")
     p.add_argument("--gpu-conv", choices=("direct", "tiled", "direct-forward", "im2col"),
-                   default="direct",
+                   default="tiled",
                    help="convolution algorithm of the CuPy kernels (CupyKernels."
-                   "set_conv_algorithm): direct kernels (the default), the tiled forward kernel, "
-                   "direct forward with an im2col + cuBLAS kernel gradient, or im2col + cuBLAS")
+                   "set_conv_algorithm): tiled kernels (the default), one-element-per-thread "
+                   "direct kernels, direct forward with an im2col + cuBLAS kernel gradient, or "
+                   "im2col + cuBLAS")
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
     if args.device.startswith("cuda"):

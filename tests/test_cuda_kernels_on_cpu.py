@@ -108,7 +108,10 @@ def test_blocked_sums(fast, rng, rows, dtype):
 
 @pytest.mark.parametrize("kernel, strides, shape, filters, padding", DIRECT_CONV)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_direct_convolution(fast, rng, kernel, strides, shape, filters, padding, dtype):
+def test_direct_convolution(fast, monkeypatch, rng, kernel, strides, shape, filters, padding,
+                            dtype):
+    """The one-element-per-thread direct kernels."""
+    monkeypatch.setattr(fast, "tiled_conv", False)
     x = rng.standard_normal(shape).astype(dtype)
     pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
     out_hw = ops.output_size(shape[1:3], kernel, strides, pads)

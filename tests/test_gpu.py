@@ -47,6 +47,14 @@ def kernels():
     return KERNELS, StandardKernels(xc)
 
 
+@pytest.fixture
+def direct_kernels(kernels):
+    """:func:`kernels` with the one-element-per-thread direct convolutions."""
+    kernels[0].set_conv_algorithm("direct")
+    yield kernels
+    kernels[0].set_conv_algorithm("tiled")
+
+
 def _random(cp, rng, shape, dtype, levels=None):
     """Random values; with ``levels``, small integers (so that pooling windows have ties)."""
     a = rng.integers(0, levels, shape) if levels else rng.standard_normal(shape)
@@ -101,11 +109,11 @@ def test_im2col_reads_the_padding_without_storing_it(cp, kernels, rng, kernel, s
 
 @pytest.mark.parametrize("kernel, strides, shape, filters, padding", DIRECT_CONV)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_direct_convolution_matches_im2col(cp, kernels, rng, kernel, strides, shape, filters,
-                                           padding, dtype):
-    """Forward (with bias and ReLU) and kernel gradient of the direct kernels against the
-    standard im2col + matmul versions."""
-    fast, std = kernels
+def test_direct_convolution_matches_im2col(cp, direct_kernels, rng, kernel, strides, shape,
+                                           filters, padding, dtype):
+    """Forward (with bias and ReLU) and kernel gradient of the one-element-per-thread direct
+    kernels against the standard im2col + matmul versions."""
+    fast, std = direct_kernels
     x = _random(cp, rng, shape, dtype)
     pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
     out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
@@ -172,7 +180,7 @@ def test_tiled_convolution(cp, kernels, rng, kernel, strides, shape, filters, pa
             else:
                 assert got_bias is None
     finally:
-        fast.set_conv_algorithm("direct")
+        fast.set_conv_algorithm("tiled")
 
 
 @pytest.mark.parametrize("rows", [131072, 1000, 513, 100])
@@ -307,13 +315,13 @@ def _fit(device, net, fast=True, precision="float32", epochs=2):
     return model, history.history["loss"], probs
 
 
-@pytest.fixture(params=["direct", "tiled", "direct-forward", "im2col"])
+@pytest.fixture(params=["tiled", "direct", "direct-forward", "im2col"])
 def conv_algorithm(request, kernels):
     """The convolution algorithms of the CuPy kernels (the first is the default)."""
     fast, _ = kernels
     fast.set_conv_algorithm(request.param)
     yield request.param
-    fast.set_conv_algorithm("direct")
+    fast.set_conv_algorithm("tiled")
 
 
 def test_training_on_the_gpu_matches_the_standard_path_and_numpy(conv_algorithm):
