@@ -129,6 +129,17 @@ def test_for_chunks_visits_every_chunk_once(n, m):
     assert sorted(seen) == [(a, min(n, a + m)) for a in range(0, n, m)]
 
 
+def test_products_inside_a_chunk_loop_are_not_split_again():
+    """A large product is split over the threads, but not inside a chunk loop (whose threads
+    are busy already), on any thread, and the mark does not outlive the loop."""
+    big = 1 << 30
+    split_inside = []
+    FAST.for_chunks(6, 1, lambda w, a, b: split_inside.append(FAST._split_rows(1000, big)))
+    assert split_inside == [1000] * 6
+    assert FAST._split_rows(1000, big) == (1000 if FAST.threads() == 1
+                                           else -(-1000 // FAST.threads()))
+
+
 def test_for_chunks_propagates_errors_and_restores_blas_threads():
     before = FAST.threads()
 
