@@ -106,12 +106,18 @@ def test_blocked_sums(fast, rng, rows, dtype):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
-@pytest.mark.parametrize("kernel, strides, shape, filters, padding", DIRECT_CONV)
+@pytest.mark.parametrize("algorithm, kernel, strides, shape, filters, padding",
+                         [("direct", *case) for case in DIRECT_CONV]
+                         + [("tiled", *case) for case in TILED_CONV])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_direct_convolution(fast, monkeypatch, rng, kernel, strides, shape, filters, padding,
-                            dtype):
-    """The one-element-per-thread direct kernels."""
-    monkeypatch.setattr(fast, "tiled_conv", False)
+def test_convolution_kernels(fast, monkeypatch, rng, algorithm, kernel, strides, shape, filters,
+                             padding, dtype):
+    """The direct kernels (one element per thread) and the tiled ones (blocks of threads
+    sharing memory, emulated with a real barrier): forward with and without bias and ReLU,
+    kernel gradient with and without the bias's."""
+    if algorithm == "tiled" and np.prod(shape[:3]) > 10_000:
+        pytest.skip("too slow emulated (a POSIX thread per CUDA thread); the GPU tests run it")
+    monkeypatch.setattr(fast, "tiled_conv", algorithm == "tiled")
     x = rng.standard_normal(shape).astype(dtype)
     pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
     out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
@@ -121,6 +127,7 @@ def test_direct_convolution(fast, monkeypatch, rng, kernel, strides, shape, filt
         want = ops.conv_forward(xpn, STD, x, w2, bias, kernel, strides, pads, out_hw,
                                 ops.Workspace(), "k", None, relu)
         got = fast.conv2d(x, w2, bias, kernel, strides, pads, out_hw, relu)
+        assert got.dtype == dtype
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 10)
     dy = rng.standard_normal((shape[0] * out_hw[0] * out_hw[1], filters)).astype(dtype)
     want, want_bias = ops.conv_weight_grad(xpn, STD, x, dy, kernel, strides, pads, out_hw,
@@ -153,40 +160,6 @@ def test_softmax_cross_entropy(fast, rng, rows, classes, smoothing, levels, labe
     np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol / rows)
     z[-1, 0] = np.nan  # a non-finite logit makes the loss NaN, as in the standard version
     assert np.isnan(fast.softmax_cross_entropy(z, labels, smoothing)[0][0])
-
-
-@pytest.mark.parametrize("kernel, strides, shape, filters, padding", TILED_CONV)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_tiled_convolution(fast, monkeypatch, rng, kernel, strides, shape, filters, padding,
-                           dtype):
-    """The tiled kernels, forward and kernel gradient (blocks of threads sharing memory,
-    emulated with a real barrier)."""
-    if np.prod(shape[:3]) > 10_000:
-        pytest.skip("too slow emulated (a POSIX thread per CUDA thread); the GPU tests run it")
-    monkeypatch.setattr(fast, "tiled_conv", True)
-    x = rng.standard_normal(shape).astype(dtype)
-    pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
-    out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
-    w2 = rng.standard_normal((kernel[0] * kernel[1] * shape[3], filters)).astype(dtype)
-    tol = 1e-5 if dtype == np.float32 else 1e-12
-    for bias, relu in ((rng.standard_normal(filters).astype(dtype), True), (None, False)):
-        want = ops.conv_forward(xpn, STD, x, w2, bias, kernel, strides, pads, out_hw,
-                                ops.Workspace(), "k", None, relu)
-        got = fast.conv2d(x, w2, bias, kernel, strides, pads, out_hw, relu)
-        assert got.dtype == dtype
-        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 10)
-    dy = rng.standard_normal((shape[0] * out_hw[0] * out_hw[1], filters)).astype(dtype)
-    want, want_bias = ops.conv_weight_grad(xpn, STD, x, dy, kernel, strides, pads, out_hw,
-                                           ops.Workspace(), "k", None, with_bias=True)
-    for with_bias in (False, True):
-        got, got_bias = fast.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw,
-                                                with_bias)
-        assert got.dtype == dtype
-        np.testing.assert_allclose(got, want, rtol=tol * 10, atol=tol * np.abs(want).max())
-        if with_bias:
-            np.testing.assert_allclose(got_bias, want_bias, rtol=tol * 10, atol=tol * 10)
-        else:
-            assert got_bias is None
 
 
 @OPTIMISERS

@@ -47,14 +47,6 @@ def kernels():
     return KERNELS, StandardKernels(xc)
 
 
-@pytest.fixture
-def direct_kernels(kernels):
-    """:func:`kernels` with the one-element-per-thread direct convolutions."""
-    kernels[0].set_conv_algorithm("direct")
-    yield kernels
-    kernels[0].set_conv_algorithm("tiled")
-
-
 def _random(cp, rng, shape, dtype, levels=None):
     """Random values; with ``levels``, small integers (so that pooling windows have ties)."""
     a = rng.integers(0, levels, shape) if levels else rng.standard_normal(shape)
@@ -107,76 +99,48 @@ def test_im2col_reads_the_padding_without_storing_it(cp, kernels, rng, kernel, s
     _equal(got, want)
 
 
-@pytest.mark.parametrize("kernel, strides, shape, filters, padding", DIRECT_CONV)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_direct_convolution_matches_im2col(cp, direct_kernels, rng, kernel, strides, shape,
-                                           filters, padding, dtype):
-    """Forward (with bias and ReLU) and kernel gradient of the one-element-per-thread direct
-    kernels against the standard im2col + matmul versions."""
-    fast, std = direct_kernels
-    x = _random(cp, rng, shape, dtype)
-    pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
-    out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
-    w2 = _random(cp, rng, (kernel[0] * kernel[1] * shape[3], filters), dtype)
-    bias = _random(cp, rng, (filters,), dtype)
-    tol = 1e-4 if dtype == "float32" else 2e-2
-    for b, relu in ((bias, True), (None, False)):
-        got = fast.conv2d(x, w2, b, kernel, strides, pads, out_hw, relu)
-        want = ops.conv_forward(std.xp, std, x, w2, b, kernel, strides, pads, out_hw,
-                                ops.Workspace(), "k", None, relu)
-        np.testing.assert_allclose(got.get().astype(np.float64), want.get(), rtol=tol,
-                                   atol=tol)
-    dy = _random(cp, rng, (shape[0] * out_hw[0] * out_hw[1], filters), dtype)
-    want, want_bias = ops.conv_weight_grad(std.xp, std, x.astype(cp.float64),
-                                           dy.astype(cp.float64), kernel, strides, pads,
-                                           out_hw, ops.Workspace(), "k", None, with_bias=True)
-    atol = 1e-5 if dtype == "float32" else 1e-3
-    for with_bias in (False, True):
-        got, got_bias = fast.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw,
-                                                with_bias)
-        assert got.dtype == (cp.float32 if dtype == "float16" else x.dtype)
-        scale = float(cp.abs(want).max())
-        np.testing.assert_allclose(got.get() / scale, want.get() / scale, atol=atol)
-        if with_bias:
-            assert got_bias.dtype == got.dtype
-            scale = float(cp.abs(want_bias).max())
-            np.testing.assert_allclose(got_bias.get() / scale, want_bias.get() / scale,
-                                       atol=atol)
-        else:
-            assert got_bias is None
-
-
-@pytest.mark.parametrize("kernel, strides, shape, filters, padding", TILED_CONV)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_tiled_convolution(cp, kernels, rng, kernel, strides, shape, filters, padding, dtype):
+@pytest.mark.parametrize("algorithm, case, dtype",
+                         [("direct", case, dt) for case in DIRECT_CONV for dt in DTYPES]
+                         + [("tiled", case, dt) for case in TILED_CONV
+                            for dt in ("float32", "float64")])
+def test_convolution_kernels_match_im2col(cp, kernels, rng, algorithm, case, dtype):
+    """Forward (with and without bias and ReLU) and kernel gradient (with and without the
+    bias's) of the direct kernels (one element per thread; float16 runs these under every
+    algorithm) and the tiled ones, against the standard im2col + matmul versions."""
+    kernel, strides, shape, filters, padding = case
     fast, std = kernels
     x = _random(cp, rng, shape, dtype)
     pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
     out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
     w2 = _random(cp, rng, (kernel[0] * kernel[1] * shape[3], filters), dtype)
     bias = _random(cp, rng, (filters,), dtype)
-    tol = 1e-4 if dtype == "float32" else 1e-12
-    fast.set_conv_algorithm("tiled")
+    tol = {"float16": 2e-2, "float32": 1e-4, "float64": 1e-12}[dtype]
+    grad_tol = {"float16": 1e-3, "float32": 1e-5, "float64": 1e-12}[dtype]
+    fast.set_conv_algorithm(algorithm)
     try:
         for b, relu in ((bias, True), (None, False)):
             got = fast.conv2d(x, w2, b, kernel, strides, pads, out_hw, relu)
             want = ops.conv_forward(std.xp, std, x, w2, b, kernel, strides, pads, out_hw,
                                     ops.Workspace(), "k", None, relu)
             assert got.dtype == x.dtype
-            np.testing.assert_allclose(got.get(), want.get(), rtol=tol, atol=tol)
+            np.testing.assert_allclose(got.get().astype(np.float64), want.get(), rtol=tol,
+                                       atol=tol)
         dy = _random(cp, rng, (shape[0] * out_hw[0] * out_hw[1], filters), dtype)
-        want, want_bias = ops.conv_weight_grad(std.xp, std, x, dy, kernel, strides, pads,
+        want, want_bias = ops.conv_weight_grad(std.xp, std, x.astype(cp.float64),
+                                               dy.astype(cp.float64), kernel, strides, pads,
                                                out_hw, ops.Workspace(), "k", None,
                                                with_bias=True)
         for with_bias in (False, True):
             got, got_bias = fast.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw,
                                                     with_bias)
-            assert got.dtype == x.dtype
+            assert got.dtype == (cp.float32 if dtype == "float16" else x.dtype)
             scale = float(cp.abs(want).max())
-            np.testing.assert_allclose(got.get() / scale, want.get() / scale, atol=tol)
+            np.testing.assert_allclose(got.get() / scale, want.get() / scale, atol=grad_tol)
             if with_bias:
-                np.testing.assert_allclose(got_bias.get(), want_bias.get(), rtol=tol,
-                                           atol=tol * shape[0] * out_hw[0] * out_hw[1])
+                assert got_bias.dtype == got.dtype
+                scale = float(cp.abs(want_bias).max())
+                np.testing.assert_allclose(got_bias.get() / scale, want_bias.get() / scale,
+                                           atol=grad_tol)
             else:
                 assert got_bias is None
     finally:
