@@ -1,19 +1,20 @@
 """CuPy-only kernels behind the one seam ``Backend.fast`` (see :mod:`xpcnn.ops.kernels`).
 
-On a GPU a training step of a small CNN at batch 128 is bound by the host: each CuPy call costs
-20-50 us of Python and launch (measured on an H200, docs/performance.md), and the standard
-versions make one call (and one temporary) per array operation, e.g. kh*kw slice copies for an
-im2col, four calls for a ReLU gradient, nine for an Adam update. Each kernel here does one of
-those jobs in a single launch, reading and writing each element once; the convolution itself
-runs as a direct kernel with no im2col scratch. Every method matches its
-:class:`StandardKernels` twin: ``tests/test_gpu.py`` checks that on the GPU in float32 and
-float16, and ``tests/test_cuda_kernels_on_cpu.py`` compiles the same kernel bodies for the CPU
-and checks them on every machine. The cases a kernel does not cover (overlapping pooling
-windows, non-contiguous outputs) go to that twin.
+On a GPU each CuPy call costs 20-50 us of Python and launch (measured on an H200,
+docs/performance.md), and the standard versions make one call (and one temporary) per array
+operation, e.g. kh*kw slice copies for an im2col, four calls for a ReLU gradient, nine for an
+Adam update, ~20 for a softmax cross-entropy. Each kernel here does one of those jobs in a
+single launch, reading and writing each element once. Convolutions run as tiled implicit-GEMM
+kernels in shared memory (float32 / float64) or as one-element-per-thread direct kernels
+(float16), with no im2col scratch. Every method matches its :class:`StandardKernels` twin:
+``tests/test_gpu.py`` checks that on the GPU in float32 and float16, and
+``tests/test_cuda_kernels_on_cpu.py`` compiles the same kernel source for the CPU and checks
+it on every machine. The cases a kernel does not cover (overlapping pooling windows,
+non-contiguous outputs) go to that twin.
 
 Kernels are compiled by CuPy on first use and cached on disk (``~/.cupy/kernel_cache``). In
-their bodies ``i`` is the element's C-order index, and a ``raw`` array indexed by one integer is
-read at that C-order index; ``n`` and ``i`` are CuPy's own names.
+elementwise bodies ``i`` is the element's C-order index, and a ``raw`` array indexed by one
+integer is read at that C-order index; ``n`` and ``i`` are CuPy's own names.
 """
 
 from __future__ import annotations
