@@ -9,6 +9,7 @@ import math
 import array_api_strict as xs
 import numpy as np
 import pytest
+from nets import every_layer_net
 
 import xpcnn
 from xpcnn import optim
@@ -24,6 +25,7 @@ from xpcnn.layers import (
     MaxPool2D,
     Normalization,
     RandomCrop,
+    RandomFlip,
     ReLU,
     Rescaling,
     Softmax,
@@ -244,6 +246,27 @@ def test_a_learning_rate_that_overflows_stops_training(model):
 
 
 # -- weights --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", every_layer_net(), ids=lambda la: type(la).__name__)
+def test_backward_needs_a_training_forward_before_it(layer, rng):
+    """Every layer keeps what its gradient needs only in a training pass, for one backward."""
+    layer.build((8, 8, 3) if not isinstance(layer, Dense) else (5,), "cpu")
+    x = rng.standard_normal((2, *layer.input_shape)).astype(np.float32)
+    dy = np.ones((2, *layer.output_shape), np.float32)
+    with pytest.raises(InputError, match="backward\\(\\) needs a forward\\(x, training=True\\)"):
+        layer.backward(dy)
+    layer.forward(x, training=False)
+    with pytest.raises(InputError, match=f"layer {layer.name!r}"):
+        layer.backward(dy)
+    layer.forward(x, training=True)
+    if isinstance(layer, (RandomFlip, RandomCrop)):  # augmentation: no gradient at all
+        with pytest.raises(InputError, match="it has no gradient"):
+            layer.backward(dy)
+        return
+    layer.backward(dy)
+    with pytest.raises(InputError, match="for one backward"):
+        layer.backward(dy)  # a second time
 
 
 def test_set_weights_checks_everything(model):

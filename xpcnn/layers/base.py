@@ -9,6 +9,8 @@ through ``get_weights`` / ``set_weights``, in Keras layouts.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,6 +33,13 @@ class Layer:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         LAYER_TYPES[cls.__name__] = cls
+        # Every layer keeps what its gradient needs only in a training forward pass, and
+        # backward consumes it: a backward without one gets a clear error, not a missing
+        # attribute from deep inside.
+        if "forward" in cls.__dict__:
+            cls.forward = _marks_training_pass(cls.__dict__["forward"])
+        if "backward" in cls.__dict__:
+            cls.backward = _needs_training_pass(cls.__dict__["backward"])
 
     def __init__(self, name: str | None = None) -> None:
         if name is not None and (not isinstance(name, str) or not name.strip()):
@@ -192,3 +201,28 @@ def require_rank(layer: Layer, input_shape: Shape, rank: int) -> None:
             f"layer {layer.name!r} ({type(layer).__name__}) expects per-sample inputs of shape "
             f"{layout}, got {input_shape}"
         )
+
+
+def _marks_training_pass(forward: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(forward)
+    def checked(self: Layer, x: Any, training: bool = False) -> Any:
+        self._backward_ready = False
+        y = forward(self, x, training)
+        self._backward_ready = bool(training)
+        return y
+
+    return checked
+
+
+def _needs_training_pass(backward: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(backward)
+    def checked(self: Layer, dy: Any) -> Any:
+        if not getattr(self, "_backward_ready", False):
+            raise InputError(
+                f"layer {self.name!r}: backward() needs a forward(x, training=True) before it "
+                "(a layer keeps what its gradient needs only in training, for one backward)"
+            )
+        self._backward_ready = False
+        return backward(self, dy)
+
+    return checked
