@@ -1,10 +1,12 @@
 """The one small contract every layer follows.
 
 A layer is built once for a per-sample input shape (no batch axis), then runs ``forward`` and
-``backward`` on batches. Trainable arrays live in ``params`` (their gradients in ``grads`` after
-``backward``); non-trainable arrays that are part of the model (BatchNorm's running statistics)
-live in ``state``. Everything is an array of ``self.backend``; weights cross to the host only
-through ``get_weights`` / ``set_weights``, in Keras layouts.
+``backward`` on batches; a ``backward`` follows one ``forward(x, training=True)``, which keeps
+what the gradient needs (only in training). Trainable arrays live in ``params`` (their
+gradients in ``grads`` after ``backward``); non-trainable arrays that are part of the model
+(BatchNorm's running statistics) live in ``state``. Everything is an array of
+``self.backend``; weights cross to the host only through ``get_weights`` / ``set_weights``, in
+Keras layouts.
 """
 
 from __future__ import annotations
