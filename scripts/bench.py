@@ -20,6 +20,7 @@ PyTorch is optional: without it, only xpcnn and the peak are reported.
 
     python scripts/bench.py                       # notebook, mnist, cifar at batch 128
     python scripts/bench.py --models cifar --steps 30 --json bench.json
+    python scripts/bench.py --layers              # each convolution alone, forward / backward
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-own-process", action="store_true",
                    help="time PyTorch in a process of its own, with glibc malloc's defaults "
                    "(in one process it shares the heap settings xpcnn's fast path makes)")
+    p.add_argument("--layers", action="store_true",
+                   help="instead: each convolution of the models alone, forward (inference) and "
+                   "backward (after a training forward), against the same layer in PyTorch")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     # internal: one side's training steps in a subprocess, for peak memory; PyTorch's timing
     p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
@@ -351,6 +355,95 @@ def measure_memory(lib: str, name: str) -> dict[str, Any] | None:
     return _child("--_memory", f"{lib}:{name}", lib)
 
 
+# -- one layer at a time ------------------------------------------------------------------------
+def _median_ms(fn: Any, before: Any = None) -> float:
+    """Median milliseconds of ``fn`` over ``--steps`` calls after ``--warmup`` (``before`` runs
+    untimed ahead of each call)."""
+    times = []
+    for i in range(ARGS.warmup + ARGS.steps):
+        if before is not None:
+            before()
+        t = _time(fn)
+        if i >= ARGS.warmup:
+            times.append(t)
+    return statistics.median(times) * 1e3
+
+
+def bench_layers(names: list[str]) -> list[dict[str, Any]]:
+    """Each convolution of the models alone: xpcnn's Conv2D against the same layer in PyTorch
+    (mirrored weights, its activation included on both sides), forward in inference mode and
+    backward (input gradient where the model needs one, kernel and bias gradients) after a
+    training forward."""
+    batch, rows = ARGS.batch_size, []
+    backend = xpcnn.get_backend("cpu")
+    for name in names:
+        model = xpcnn_model(name, batch)
+        for layer in model.layers:
+            if not isinstance(layer, Conv2D):
+                continue
+            rng = np.random.default_rng(2)
+            x = rng.standard_normal((batch, *layer.input_shape)).astype(np.float32)
+            dy = rng.standard_normal((batch, *layer.output_shape)).astype(np.float32)
+
+            def forward(layer: Any = layer, x: Any = x) -> None:
+                with backend.compute_scope():
+                    layer.forward(x, training=False)
+
+            def train_forward(layer: Any = layer, x: Any = x) -> None:
+                with backend.compute_scope():
+                    layer.forward(x, training=True)
+
+            def backward(layer: Any = layer, dy: Any = dy) -> None:
+                with backend.compute_scope():
+                    layer.backward(dy)
+
+            row: dict[str, Any] = {
+                "model": name, "layer": layer.name, "input_shape": list(layer.input_shape),
+                "filters": layer.filters, "input_grad": layer.need_input_grad,
+                "xpcnn": {"forward_ms": _median_ms(forward),
+                          "backward_ms": _median_ms(backward, train_forward)}}
+            if torch is not None:
+                net = torch.nn.Sequential(*mirror_layer(layer))
+                xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+                xt.requires_grad_(layer.need_input_grad)
+                gt = torch.from_numpy(np.ascontiguousarray(dy.transpose(0, 3, 1, 2)))
+                wrt = [*net.parameters()] + ([xt] if layer.need_input_grad else [])
+                out = net(xt)
+
+                def t_forward(net: Any = net, xt: Any = xt) -> None:
+                    with torch.inference_mode():
+                        net(xt)
+
+                def t_backward(out: Any = out, wrt: Any = wrt, gt: Any = gt) -> None:
+                    torch.autograd.grad(out, wrt, gt, retain_graph=True)
+
+                row["torch"] = {"forward_ms": _median_ms(t_forward),
+                                "backward_ms": _median_ms(t_backward)}
+            rows.append(row)
+            print(f"{name}/{layer.name}: done", file=sys.stderr)
+    return rows
+
+
+def print_layers(rows: list[dict[str, Any]]) -> None:
+    print(f"{'model':8s} {'layer':9s} {'input':>12s} {'K':>3s}  "
+          f"{'fwd xpcnn':>9s} {'torch':>7s} {'ratio':>6s}  {'bwd xpcnn':>9s} {'torch':>7s} "
+          f"{'ratio':>6s}   (ms; ratio = PyTorch time / xpcnn time)")
+    for r in rows:
+        shape = "x".join(str(d) for d in r["input_shape"])
+        line = (f"{r['model']:8s} {r['layer']:9s} {shape:>12s} {r['filters']:3d}  "
+                f"{r['xpcnn']['forward_ms']:9.1f}")
+        if "torch" in r:
+            t, x = r["torch"], r["xpcnn"]
+            line += (f" {t['forward_ms']:7.1f} {t['forward_ms'] / x['forward_ms']:5.2f}x  "
+                     f"{x['backward_ms']:9.1f} {t['backward_ms']:7.1f} "
+                     f"{t['backward_ms'] / x['backward_ms']:5.2f}x")
+        else:
+            line += f" {'-':>7s} {'-':>6s}  {r['xpcnn']['backward_ms']:9.1f}"
+        print(line)
+    print("Backward: after a training forward; the input gradient only where the model needs "
+          "it (not for a first layer). Activations included on both sides.")
+
+
 # -- the run -----------------------------------------------------------------------------------
 def bench_model(name: str, peak: float) -> dict[str, Any]:
     batch = ARGS.batch_size
@@ -454,6 +547,16 @@ def main() -> None:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise SystemExit(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    if ARGS.layers:
+        rows = bench_layers(names)
+        print_layers(rows)
+        if ARGS.json:
+            with open(ARGS.json, "w") as f:
+                json.dump({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+                           "threads": THREADS, "layers": rows}, f, indent=2)
+            print(f"wrote {ARGS.json}")
+        return
     peak = matmul_peak()
     result: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
