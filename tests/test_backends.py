@@ -97,6 +97,35 @@ def test_unknown_device_is_a_clear_error(flag):
         get_backend(flag)
 
 
+def test_compute_scope_makes_a_cupy_backends_gpu_current():
+    """On CuPy a run of work happens with the model's GPU current (where CuPy allocates and
+    launches: the CuPy kernels' outputs would otherwise land on GPU 0 for a "cuda:1" model).
+    Checked with a stand-in device, so it runs without a GPU."""
+    import array_api_compat.numpy as xpn
+
+    from xpcnn.backend import Backend, set_fast_path
+
+    class Device:
+        depth = 0
+
+        def __enter__(self):
+            self.depth += 1
+
+        def __exit__(self, *exc):
+            self.depth -= 1
+
+    device = Device()
+    old = set_fast_path(False)  # (the CuPy kernels need CuPy)
+    try:
+        with Backend(xpn, device, "cupy").compute_scope():
+            assert device.depth == 1
+        assert device.depth == 0
+        with get_backend("cpu").compute_scope():
+            assert device.depth == 0
+    finally:
+        set_fast_path(old)
+
+
 def test_cuda_without_cupy_names_the_extra(monkeypatch):
     import builtins
 

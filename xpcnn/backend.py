@@ -129,14 +129,17 @@ class Backend:
 
     @contextlib.contextmanager
     def compute_scope(self) -> Iterator[None]:
-        """Wrap a run of xpcnn work (a training step, a prediction loop): on the NumPy fast path
-        it keeps OpenBLAS to one thread meanwhile, since xpcnn's kernels bring their own threads
-        (see :meth:`xpcnn.ops.fast_numpy.NumpyKernels.pinned`); elsewhere it does nothing."""
+        """Wrap a run of xpcnn work (a training step, a prediction loop). On CuPy it makes the
+        backend's GPU the current one, where CuPy allocates and launches (the CuPy kernels
+        allocate their outputs there: a model on "cuda:1" would otherwise get them on GPU 0).
+        On the NumPy fast path it keeps OpenBLAS to one thread meanwhile, since xpcnn's kernels
+        bring their own threads (see :meth:`xpcnn.ops.fast_numpy.NumpyKernels.pinned`)."""
         fast = self.fast
-        if fast is None:
-            yield
-            return
-        with fast.pinned():
+        with contextlib.ExitStack() as scope:
+            if self.name == "cupy":
+                scope.enter_context(self.device)
+            if fast is not None:
+                scope.enter_context(fast.pinned())
             yield
 
     @property
