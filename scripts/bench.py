@@ -20,7 +20,7 @@ PyTorch is optional: without it, only xpcnn and the peak are reported.
 
     python scripts/bench.py                       # notebook, mnist, cifar at batch 128
     python scripts/bench.py --models cifar --steps 30 --json bench.json
-    python scripts/bench.py --layers              # each convolution alone, forward / backward
+    python scripts/bench.py --layers              # each layer alone, forward / backward
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="time PyTorch in a process of its own, with glibc malloc's defaults "
                    "(in one process it shares the heap settings xpcnn's fast path makes)")
     p.add_argument("--layers", action="store_true",
-                   help="instead: each convolution of the models alone, forward (inference) and "
-                   "backward (after a training forward), against the same layer in PyTorch")
+                   help="instead: each layer of the models alone (convolutions, dense, pooling, "
+                   "normalisation, ReLU), forward (inference) and backward (after a training "
+                   "forward), against the same layer in PyTorch")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     # internal: one side's training steps in a subprocess, for peak memory; PyTorch's timing
     p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
@@ -84,7 +85,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import xpcnn  # noqa: E402
-from xpcnn.layers import Conv2D, Dense  # noqa: E402
+from xpcnn.layers import Conv2D, Dense, FeatureNorm, MaxPool2D, ReLU  # noqa: E402
 from xpcnn.models import build_layers  # noqa: E402
 
 try:
@@ -369,17 +370,25 @@ def _median_ms(fn: Any, before: Any = None) -> float:
     return statistics.median(times) * 1e3
 
 
+# layers timed one at a time by --layers (the rest have no gradient, or next to no work)
+TIMED_LAYERS = (Conv2D, Dense, MaxPool2D, FeatureNorm, ReLU)
+
+
+def _nchw(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.transpose(0, 3, 1, 2)) if a.ndim == 4 else a
+
+
 def bench_layers(names: list[str]) -> list[dict[str, Any]]:
-    """Each convolution of the models alone: xpcnn's Conv2D against the same layer in PyTorch
-    (mirrored weights, its activation included on both sides), forward in inference mode and
-    backward (input gradient where the model needs one, kernel and bias gradients) after a
-    training forward."""
+    """Each layer of the models alone (see TIMED_LAYERS) against the same layer in PyTorch
+    (mirrored weights, its activation included on both sides): forward in inference mode, and
+    backward (input gradient where the model needs one, parameter gradients) after a training
+    forward."""
     batch, rows = ARGS.batch_size, []
     backend = xpcnn.get_backend("cpu")
     for name in names:
         model = xpcnn_model(name, batch)
         for layer in model.layers:
-            if not isinstance(layer, Conv2D):
+            if not isinstance(layer, TIMED_LAYERS):
                 continue
             rng = np.random.default_rng(2)
             x = rng.standard_normal((batch, *layer.input_shape)).astype(np.float32)
@@ -399,14 +408,13 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
 
             row: dict[str, Any] = {
                 "model": name, "layer": layer.name, "input_shape": list(layer.input_shape),
-                "filters": layer.filters, "input_grad": layer.need_input_grad,
+                "output_shape": list(layer.output_shape), "input_grad": layer.need_input_grad,
                 "xpcnn": {"forward_ms": _median_ms(forward),
                           "backward_ms": _median_ms(backward, train_forward)}}
             if torch is not None:
                 net = torch.nn.Sequential(*mirror_layer(layer))
-                xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-                xt.requires_grad_(layer.need_input_grad)
-                gt = torch.from_numpy(np.ascontiguousarray(dy.transpose(0, 3, 1, 2)))
+                xt = torch.from_numpy(_nchw(x)).requires_grad_(layer.need_input_grad)
+                gt = torch.from_numpy(_nchw(dy))
                 wrt = [*net.parameters()] + ([xt] if layer.need_input_grad else [])
                 out = net(xt)
 
@@ -425,20 +433,21 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
 
 
 def print_layers(rows: list[dict[str, Any]]) -> None:
-    print(f"{'model':8s} {'layer':9s} {'input':>12s} {'K':>3s}  "
-          f"{'fwd xpcnn':>9s} {'torch':>7s} {'ratio':>6s}  {'bwd xpcnn':>9s} {'torch':>7s} "
-          f"{'ratio':>6s}   (ms; ratio = PyTorch time / xpcnn time)")
+    print(f"{'model':8s} {'layer':12s} {'input -> output':>24s}  {'fwd xpcnn':>9s} {'torch':>7s} "
+          f"{'ratio':>6s}  {'bwd xpcnn':>9s} {'torch':>7s} {'ratio':>6s}   "
+          "(ms; ratio = PyTorch time / xpcnn time)")
     for r in rows:
-        shape = "x".join(str(d) for d in r["input_shape"])
-        line = (f"{r['model']:8s} {r['layer']:9s} {shape:>12s} {r['filters']:3d}  "
-                f"{r['xpcnn']['forward_ms']:9.1f}")
+        shapes = ("x".join(str(d) for d in r["input_shape"]) + " -> "
+                  + "x".join(str(d) for d in r["output_shape"]))
+        x = r["xpcnn"]
+        line = f"{r['model']:8s} {r['layer']:12s} {shapes:>24s}  {x['forward_ms']:9.2f}"
         if "torch" in r:
-            t, x = r["torch"], r["xpcnn"]
-            line += (f" {t['forward_ms']:7.1f} {t['forward_ms'] / x['forward_ms']:5.2f}x  "
-                     f"{x['backward_ms']:9.1f} {t['backward_ms']:7.1f} "
+            t = r["torch"]
+            line += (f" {t['forward_ms']:7.2f} {t['forward_ms'] / x['forward_ms']:5.2f}x  "
+                     f"{x['backward_ms']:9.2f} {t['backward_ms']:7.2f} "
                      f"{t['backward_ms'] / x['backward_ms']:5.2f}x")
         else:
-            line += f" {'-':>7s} {'-':>6s}  {r['xpcnn']['backward_ms']:9.1f}"
+            line += f" {'-':>7s} {'-':>6s}  {x['backward_ms']:9.2f}"
         print(line)
     print("Backward: after a training forward; the input gradient only where the model needs "
           "it (not for a first layer). Activations included on both sides.")

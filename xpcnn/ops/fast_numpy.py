@@ -334,8 +334,11 @@ class NumpyKernels(StandardKernels):
                         work)
         return dx
 
-    def _image_blocks(self, x: Any, budget: int = 1 << 20) -> int:
-        """Images per block for per-image passes: about ``budget`` bytes, two blocks at least."""
+    def _image_blocks(self, x: Any, budget: int = 1 << 21) -> int:
+        """Images per block for per-image passes: about ``budget`` bytes, two blocks at least.
+        For FeatureNorm on five image shapes (8x8x128 .. 32x32x64), 2 MB against 1 MB was
+        1.2-1.7x faster forward on four (0.8x on 8x8x128) and as fast or up to 1.5x faster
+        backward; 4 MB and more were slower again."""
         per_image = max(1, x[:1].nbytes)
         return max(1, min(-(-x.shape[0] // 2), budget // per_image))
 
