@@ -269,6 +269,26 @@ def test_backward_needs_a_training_forward_before_it(layer, rng):
         layer.backward(dy)  # a second time
 
 
+def test_a_users_layer_keeps_its_own_forward_arguments_and_gets_the_same_check():
+    from xpcnn.layers.base import Layer
+
+    class Scale(Layer):
+        def forward(self, x, training=False, factor=2.0):
+            self._factor = factor
+            return x * factor
+
+        def backward(self, dy):
+            return dy * self._factor
+
+    layer = Scale()
+    layer.build((3,))
+    x = np.ones((1, 3), np.float32)
+    np.testing.assert_array_equal(layer.forward(x, training=True, factor=3.0), 3 * x)
+    np.testing.assert_array_equal(layer.backward(x), 3 * x)
+    with pytest.raises(InputError, match="layer 'scale': backward\\(\\) needs a forward"):
+        layer.backward(x)
+
+
 def test_set_weights_checks_everything(model):
     w = model.get_weights()
     with pytest.raises(InputError, match="set_weights expects 4 arrays .* got 3"):

@@ -207,9 +207,10 @@ def require_rank(layer: Layer, input_shape: Shape, rank: int) -> None:
 
 def _marks_training_pass(forward: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(forward)
-    def checked(self: Layer, x: Any, training: bool = False) -> Any:
+    def checked(self: Layer, x: Any, *args: Any, **kwargs: Any) -> Any:
+        training = kwargs.get("training", args[0] if args else False)
         self._backward_ready = False
-        y = forward(self, x, training)
+        y = forward(self, x, *args, **kwargs)
         self._backward_ready = bool(training)
         return y
 
@@ -218,13 +219,13 @@ def _marks_training_pass(forward: Callable[..., Any]) -> Callable[..., Any]:
 
 def _needs_training_pass(backward: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(backward)
-    def checked(self: Layer, dy: Any) -> Any:
+    def checked(self: Layer, dy: Any, *args: Any, **kwargs: Any) -> Any:
         if not getattr(self, "_backward_ready", False):
             raise InputError(
                 f"layer {self.name!r}: backward() needs a forward(x, training=True) before it "
                 "(a layer keeps what its gradient needs only in training, for one backward)"
             )
         self._backward_ready = False
-        return backward(self, dy)
+        return backward(self, dy, *args, **kwargs)
 
     return checked
