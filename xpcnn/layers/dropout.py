@@ -43,11 +43,16 @@ class Dropout(RandomLayer):
             return x
         # the mask kept as booleans (a quarter of a float mask's memory), applied as a product
         self._cache_keep = self._uniform(tuple(x.shape), x.dtype) >= self.rate
-        return kernels_for(self.backend).mask_multiply(x, self._cache_keep) * (
-            1.0 / (1.0 - self.rate))
+        return self._apply(x, self._cache_keep)
 
     def backward(self, dy: Any) -> Any:
         if self.rate == 0.0:
             return dy
         keep, self._cache_keep = self._cache_keep, None
-        return kernels_for(self.backend).mask_multiply(dy, keep) * (1.0 / (1.0 - self.rate))
+        return self._apply(dy, keep)
+
+    def _apply(self, a: Any, keep: Any) -> Any:
+        """``a`` where ``keep``, scaled by 1 / (1 - rate), in the product's own new array."""
+        out = kernels_for(self.backend).mask_multiply(a, keep)
+        out *= 1.0 / (1.0 - self.rate)
+        return out

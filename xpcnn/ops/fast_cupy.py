@@ -101,13 +101,17 @@ _CONV = cupy.ElementwiseKernel(
 # value lives comes from tables of offsets per output row and per kernel-matrix row: computing
 # it with integer divisions per value made the first version of this kernel 1.4x slower
 # (measured on an H200). float32 and float64; float16 keeps the kernel above.
-_TILE = """
-#define BM 128
-#define BN 32
-#define BK 16
-#define TM 8
-#define TN 4
-#define NT ((BM / TM) * (BN / TN))
+# Tile sizes: a block's output tile (M x N), the slice of the reduction it walks (K), one
+# thread's register tile (TM x TN); the launches below take their grids from the same numbers.
+_TILE_M, _TILE_N, _TILE_K, _TILE_TM, _TILE_TN = 128, 32, 16, 8, 4
+_TILE_THREADS = (_TILE_M // _TILE_TM) * (_TILE_N // _TILE_TN)
+_TILE = f"""
+#define BM {_TILE_M}
+#define BN {_TILE_N}
+#define BK {_TILE_K}
+#define TM {_TILE_TM}
+#define TN {_TILE_TN}
+""" + """#define NT ((BM / TM) * (BN / TN))
 // acc[i][j] += As[t][tm*TM + i] * Bs[t][tn*TN + j] over the slice's BK rows, in registers
 #define XPCNN_TILE_PRODUCT \
     for (int t = 0; t < BK; ++t) { \
@@ -298,7 +302,6 @@ extern "C" __global__ void xpcnn_conv_weight_grad_tiled(
     }
 }
 """
-_TILE_M, _TILE_N, _TILE_THREADS = 128, 32, 128
 _TILED: dict[tuple[str, str], Any] = {}
 
 
@@ -563,13 +566,25 @@ def _address(a: Any) -> int:
     return a.data.ptr
 
 
+# Device copies of recent update tables, by content: the parameters and their state keep their
+# addresses, and the memory pool tends to hand a step's gradients the same blocks as the last
+# step's, so a step usually finds its table here instead of copying one to the device.
+_TABLES: dict[tuple[str, bytes], Any] = {}
+
+
 def _update_table(params: list[Any], grads: list[Any], *slots: list[Any]) -> tuple[Any, int]:
-    """The ``table`` of the update kernels (uploaded in one copy) and the total element count.
-    Every array must be C-contiguous and of the parameters' dtype."""
+    """The ``table`` of the update kernels on the parameters' device and the total element
+    count. Every array must be C-contiguous and of the parameters' dtype."""
     offsets = np.cumsum([0] + [p.size for p in params])
     rows = [[_address(a) for a in arrays] for arrays in zip(params, grads, *slots, strict=True)]
     table = np.concatenate([offsets, np.asarray(rows, np.int64).reshape(-1)]).astype(np.int64)
-    return cupy.asarray(table), int(offsets[-1])
+    key = (str(params[0].device), table.tobytes())
+    device_table = _TABLES.get(key)
+    if device_table is None:
+        if len(_TABLES) >= 16:  # tables of arrays long freed: drop them all
+            _TABLES.clear()
+        device_table = _TABLES[key] = cupy.asarray(table)
+    return device_table, int(offsets[-1])
 
 
 # a^T @ b with a long inner dimension (a convolution's weight gradient: one row per output
