@@ -64,6 +64,13 @@ def test_im2col(kernel, strides, shape, dtype, rng):
     wide[..., ::2] = x
     got = FAST.im2col_into(wide[..., ::2], np.empty(cols, dtype), kernel, strides, out_hw)
     np.testing.assert_array_equal(got, want)
+    # into a wider output (a bias column, see bias_in_patches): the patch columns are written,
+    # the last one is left alone, by both versions
+    for kern in (FAST, STD):
+        wider = np.full((*cols[:3], cols[3] + 1), 7.0, dtype)
+        kern.im2col_into(x, wider, kernel, strides, out_hw)
+        np.testing.assert_array_equal(wider[..., :-1], want)
+        assert np.all(wider[..., -1] == 7.0)
 
 
 @pytest.mark.parametrize("m, k, n", [(7, 5, 3), (300, 200, 150), (512, 9, 32)])

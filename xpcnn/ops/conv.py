@@ -163,22 +163,24 @@ def im2col_into(
 
 def _patches(xp: Any, kern: Any, x: Any, n0: int, n1: int, pads: Pads, ws: Workspace, key: str,
              m: int, kernel: tuple[int, int], strides: tuple[int, int],
-             out_hw: tuple[int, int]) -> Any:
-    """The (rows, kh*kw*C) patch matrix of images n0:n1 of the unpadded input ``x``.
+             out_hw: tuple[int, int], ones: bool = False) -> Any:
+    """The (rows, kh*kw*C) patch matrix of images n0:n1 of the unpadded input ``x`` (with
+    ``ones``, (rows, kh*kw*C + 1): a last column of ones, see ``bias_in_patches``).
 
     The chunk is padded into a small buffer of its own (zero border kept across calls), then
     copied into patches (im2col), or read as if padded where the kernels can
     (``pads_in_im2col``); a 1x1 stride-1 kernel without padding reads ``x`` itself.
-    Buffers are per ``key`` (one per worker thread), sized for ``m`` images.
+    Buffers are per ``key`` (one per worker thread), sized for ``m`` images; the ones column
+    is filled when its buffer is made, and im2col never writes it.
     """
     n, h, w, c = x.shape
     b = n1 - n0
     rows = b * out_hw[0] * out_hw[1]
-    if kernel == (1, 1) and strides == (1, 1) and not any(pads):
+    if kernel == (1, 1) and strides == (1, 1) and not any(pads) and not ones:
         return xp.reshape(x[n0:n1, ...], (rows, c))
     src = x[n0:n1, ...]
-    kk = kernel[0] * kernel[1] * c
-    buf = ws.get(xp, key, (m, *out_hw, kk), x.dtype, x.device)
+    kk = kernel[0] * kernel[1] * c + int(ones)
+    buf = ws.get(xp, key, (m, *out_hw, kk), x.dtype, x.device, fill=1.0 if ones else None)
     part = buf if b == m else buf[:b, ...]
     if any(pads) and kern.pads_in_im2col:
         return xp.reshape(kern.im2col_into(src, part, kernel, strides, out_hw, pads), (rows, kk))
@@ -220,10 +222,14 @@ def conv_forward(
     kk, k = w2.shape
     y = xp.empty((n * ho * wo, k), dtype=x.dtype, device=x.device)
     m = images_per_chunk(n, ho * wo * kk * 4, budget, min_chunks)
+    ones = bias is not None and kern.bias_in_patches
+    if ones:  # the bias as the kernel matrix's last row, met by the patches' ones column
+        w2 = xp.concat([w2, xp.reshape(xp.astype(bias, w2.dtype), (1, k))], axis=0)
+        bias = None
 
     def work(worker: int, n0: int, n1: int) -> None:
         cols = _patches(xp, kern, x, n0, n1, pads, ws, f"{key}{worker}", m, kernel, strides,
-                        out_hw)
+                        out_hw, ones)
         kern.matmul_into(cols, w2, y[n0 * ho * wo : n1 * ho * wo, :], bias, relu)
 
     kern.for_chunks(n, m, work)
@@ -254,12 +260,13 @@ def conv_weight_grad(
     ho, wo = out_hw
     kk = kernel[0] * kernel[1] * x.shape[3]
     m = images_per_chunk(n, ho * wo * kk * 4, budget, min_chunks)
+    ones = with_bias and kern.bias_in_patches  # then the last row of each part is dy's sum
     parts: dict[int, Any] = {}  # per chunk, summed in chunk order: the same bits however
     # the chunks were spread over threads
 
     def work(worker: int, n0: int, n1: int) -> None:
         cols = _patches(xp, kern, x, n0, n1, pads, ws, f"{key}{worker}", m, kernel, strides,
-                        out_hw)
+                        out_hw, ones)
         parts[n0] = kern.matmul_tn(cols, dy2[n0 * ho * wo : n1 * ho * wo, :])
 
     kern.for_chunks(n, m, work)
@@ -269,6 +276,8 @@ def conv_weight_grad(
     dw = xp.astype(parts[0], acc, copy=True)
     for n0 in range(m, n, m):
         dw += xp.astype(parts[n0], acc, copy=False)
+    if ones:
+        return dw[:kk, ...], dw[kk, ...]
     return dw, (kern.sum_rows(dy2) if with_bias else None)
 
 

@@ -616,6 +616,7 @@ class CupyKernels(StandardKernels):
 
     fused_updates = True
     pads_in_im2col = True
+    bias_in_patches = False  # its im2col kernel fills every column of ``out``
 
     def __init__(self) -> None:
         super().__init__(compat_cupy)

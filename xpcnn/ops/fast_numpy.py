@@ -261,7 +261,7 @@ class NumpyKernels(StandardKernels):
         ho, wo = out_hw
         s0, s1, s2, s3 = x.strides
         if s3 != x.itemsize or s2 != c * s3 or not out.flags.c_contiguous:
-            # not channels-last rows, or an output whose reshape would copy
+            # not channels-last rows, or an output that is not one block
             return super().im2col_into(x, out, kernel, strides, out_hw)
         shape = (n, ho, wo, kh, kw * c)
         steps = (s0, s1 * strides[0], s2 * strides[1], s1, s3)
@@ -269,7 +269,10 @@ class NumpyKernels(StandardKernels):
             view = np.ndarray(shape, x.dtype, buffer=x, strides=steps)
         else:
             view = as_strided(x, shape, steps, writeable=False)
-        np.copyto(out.reshape(shape), view)
+        # the patch columns of each row of ``out`` (which may have more, see bias_in_patches)
+        o0, o1, o2, o3 = out.strides
+        np.copyto(np.ndarray(shape, out.dtype, buffer=out, strides=(o0, o1, o2, kw * c * o3, o3)),
+                  view)
         return out
 
     def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],

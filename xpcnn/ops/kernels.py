@@ -39,6 +39,11 @@ class StandardKernels:
     # im2col patches: no scratch, one launch per convolution.
     direct_conv = False
     direct_weight_grad = False
+    # True where im2col_into writes only the patch columns of a wider ``out`` (the standard
+    # and NumPy versions): convolutions with a bias then give each patch a last column of ones
+    # and the kernel matrix a last row of biases, so the product adds the bias (no pass over
+    # the output) and the kernel gradient's product yields the bias gradient (no pass over dy).
+    bias_in_patches = True
 
     def __init__(self, xp: Any) -> None:
         self.xp = xp
@@ -67,7 +72,8 @@ class StandardKernels:
 
     def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
                     out_hw: tuple[int, int]) -> Any:
-        """Patches of a padded (n, H, W, C) input into ``out`` (n, Ho, Wo, kh*kw*C)."""
+        """Patches of a padded (n, H, W, C) input into the first kh*kw*C columns of ``out``
+        (n, Ho, Wo, kh*kw*C or more); any further columns are left as they are."""
         return im2col_into(x, out, kernel, strides, out_hw)
 
     def matmul(self, a: Any, b: Any) -> Any:
