@@ -260,8 +260,10 @@ class NumpyKernels(StandardKernels):
         n, _, _, c = x.shape
         ho, wo = out_hw
         s0, s1, s2, s3 = x.strides
-        if s3 != x.itemsize or s2 != c * s3 or not out.flags.c_contiguous:
-            # not channels-last rows, or an output that is not one block
+        if c == 1 or s3 != x.itemsize or s2 != c * s3 or not out.flags.c_contiguous:
+            # One channel: the runs would be only kw floats long, and NumPy's copy loop pays
+            # per run; one copy per kernel offset runs along the Wo axis instead (3x faster
+            # for 3x3 on 26x26). Else: not channels-last rows, or an output not one block.
             return super().im2col_into(x, out, kernel, strides, out_hw)
         shape = (n, ho, wo, kh, kw * c)
         steps = (s0, s1 * strides[0], s2 * strides[1], s1, s3)
