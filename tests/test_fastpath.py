@@ -6,6 +6,7 @@ import array_api_compat.numpy as xpn
 import array_api_strict as xs
 import numpy as np
 import pytest
+from kernel_cases import OPTIMISERS, UPDATE_SHAPES
 from nets import every_layer_net, gap_net
 
 import xpcnn
@@ -382,3 +383,22 @@ def test_threaded_training_is_bit_reproducible(small_chunks, rng):
     runs = [_train(build_layers("mnist"), data, (12, 12, 1), True) for _ in range(2)]
     for a, b in zip(*runs, strict=True):
         assert np.array_equal(a, b)
+
+
+@OPTIMISERS
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_optimiser_updates_give_the_standard_bits(rng, make, dtype):
+    """The NumPy updates run the standard formulas' operations in place and in the same order:
+    the same bits, on small parameters and on one large enough to be split over threads."""
+    assert FAST.fused_updates  # (else both would run the standard formulas)
+    shapes = [*UPDATE_SHAPES, (600, 1000)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    for _ in range(3):
+        grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
+        grads[0] = np.asfortranarray(grads[0])  # a gradient that is not C-contiguous
+        opt_fused.step(xpn, fused, grads, FAST)
+        opt_std.step(xpn, standard, grads)
+    for f, s in zip(fused, standard, strict=True):
+        np.testing.assert_array_equal(f, s)

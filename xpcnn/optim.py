@@ -148,8 +148,8 @@ class Optimizer:
 
     def step(self, xp: Any, params: list[Any], grads: list[Any], kernels: Any = None) -> None:
         """Apply one update to every parameter, in place; with ``kernels`` that offer fused
-        updates (:attr:`StandardKernels.fused_updates`, CuPy's), all of them are one launch
-        instead of the standard formulas' several per parameter."""
+        updates (:attr:`StandardKernels.fused_updates`: CuPy's, one launch for all of them;
+        NumPy's, in place without temporaries) they run instead of the standard formulas."""
         if not self.slots:
             self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
         lr = self.lr

@@ -490,4 +490,62 @@ class NumpyKernels(StandardKernels):
         return self._elementwise(fn, x.dtype, x, mask), mask
 
 
+    # -- optimiser updates (``fused_updates``; see xpcnn.optim) ------------------------------
+    # The standard formulas' operations in the same order, so the same bits, but in place:
+    # no temporaries the size of each parameter, and large parameters split over the threads
+    # (an `mnist` step's SGD update: 2.5 -> ~1 ms).
+    fused_updates = True
+
+    def _update_blocks(self, update: Callable[..., None], params: list[Any],
+                       *per_param: list[Any] | None) -> None:
+        """``update(p, g, *slots)`` on 1-D blocks of each parameter (threads share big ones);
+        a parameter or slot that is not contiguous gets ``update`` on its whole array."""
+        for i, p in enumerate(params):
+            arrays = [p] + [a[i] for a in per_param if a is not None]
+            if not all(a.flags.c_contiguous and a.shape == p.shape for a in arrays):
+                update(*arrays)
+                continue
+            flat = [a.reshape(-1) for a in arrays]
+            n = p.size
+            self.for_chunks(n, self._split_rows(n, n, self._SPLIT_ELEMENTS),
+                            lambda w, a, b, flat=flat: update(*(f[a:b] for f in flat)))
+
+    def sgd_update(self, params: list[Any], grads: list[Any], bufs: list[Any] | None,
+                   lr: float, weight_decay: float, momentum: float, nesterov: bool) -> None:
+        def update(p: Any, g: Any, buf: Any = None) -> None:
+            if weight_decay:
+                g = g + weight_decay * p
+            if buf is not None:
+                np.multiply(buf, momentum, out=buf)
+                np.add(buf, g, out=buf)
+                g = g + momentum * buf if nesterov else buf
+            np.subtract(p, lr * g, out=p)
+
+        self._update_blocks(update, params, grads, bufs)
+
+    def adam_update(self, params: list[Any], grads: list[Any], ms: list[Any], vs: list[Any],
+                    lr: float, weight_decay: float, decoupled: bool, beta_1: float,
+                    beta_2: float, epsilon: float, step: int) -> None:
+        m_hat_scale = lr / (1.0 - beta_1**step)
+        v_hat_scale = 1.0 - beta_2**step
+
+        def update(p: Any, g: Any, m: Any, v: Any) -> None:
+            if weight_decay:
+                if decoupled:
+                    np.multiply(p, 1.0 - lr * weight_decay, out=p)
+                else:
+                    g = g + weight_decay * p
+            np.multiply(m, beta_1, out=m)
+            np.add(m, (1.0 - beta_1) * g, out=m)
+            np.multiply(v, beta_2, out=v)
+            np.add(v, (1.0 - beta_2) * (g * g), out=v)
+            denom = np.sqrt(v / v_hat_scale)
+            np.add(denom, epsilon, out=denom)
+            step_ = np.multiply(m_hat_scale, m)
+            np.divide(step_, denom, out=step_)
+            np.subtract(p, step_, out=p)
+
+        self._update_blocks(update, params, grads, ms, vs)
+
+
 KERNELS = NumpyKernels()

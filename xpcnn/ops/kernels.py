@@ -29,8 +29,9 @@ def standardize_backward(xp: Any, dxhat: Any, xhat: Any, inv_std: Any,
 class StandardKernels:
     """The Array API versions (any namespace, any device)."""
 
-    # True where the kernels offer sgd_update / adam_update (every parameter of a step in one
-    # launch); the optimisers then use them instead of their standard formulas.
+    # True where the kernels offer sgd_update / adam_update (CuPy: every parameter of a step in
+    # one launch; NumPy: in place, without temporaries); the optimisers then use them instead
+    # of their standard formulas.
     fused_updates = False
     # True where im2col_into takes ``pads`` and reads the input as if zero-padded (CuPy's):
     # convolutions then skip the padded copy of each chunk.
