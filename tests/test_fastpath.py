@@ -129,6 +129,9 @@ def test_relu_and_masks(rng, shape, dtype):
             np.testing.assert_array_equal(got, want)
     mask = x > 0
     np.testing.assert_array_equal(FAST.mask_multiply(x, mask), STD.mask_multiply(x, mask))
+    dy = np.asarray(rng.standard_normal(shape), dtype=dtype)
+    y = STD.relu(x, None)
+    np.testing.assert_array_equal(FAST.relu_backward(dy, y), STD.relu_backward(dy, y))
 
 
 @pytest.mark.parametrize("n, m", [(1, 1), (7, 2), (128, 3), (5, 10)])
