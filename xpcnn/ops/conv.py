@@ -169,7 +169,7 @@ def _patches(xp: Any, kern: Any, x: Any, n0: int, n1: int, pads: Pads, ws: Works
 
     The chunk is padded into a small buffer of its own (zero border kept across calls), then
     copied into patches (im2col), or read as if padded where the kernels can
-    (``pads_in_im2col``); a 1x1 stride-1 kernel without padding reads ``x`` itself.
+    (``pads_in_im2col``); a 1x1 stride-1 kernel without padding or ones reads ``x`` itself.
     Buffers are per ``key`` (one per worker thread), sized for ``m`` images; the ones column
     is filled when its buffer is made, and im2col never writes it.
     """
