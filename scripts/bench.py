@@ -413,8 +413,13 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
                           "backward_ms": _median_ms(backward, train_forward)}}
             if torch is not None:
                 net = torch.nn.Sequential(*mirror_layer(layer))
-                xt = torch.from_numpy(_nchw(x)).requires_grad_(layer.need_input_grad)
-                gt = torch.from_numpy(_nchw(dy))
+                xt, gt = torch.from_numpy(_nchw(x)), torch.from_numpy(_nchw(dy))
+                if ARGS.torch_channels_last and x.ndim == 4:
+                    net = net.to(memory_format=torch.channels_last)
+                    xt = xt.contiguous(memory_format=torch.channels_last)
+                    if dy.ndim == 4:
+                        gt = gt.contiguous(memory_format=torch.channels_last)
+                xt.requires_grad_(layer.need_input_grad)
                 wrt = [*net.parameters()] + ([xt] if layer.need_input_grad else [])
                 out = net(xt)
 
@@ -563,7 +568,9 @@ def main() -> None:
             with open(ARGS.json, "w") as f:
                 json.dump({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-                           "threads": THREADS, "layers": rows}, f, indent=2)
+                           "threads": THREADS, "torch_memory_format":
+                           "channels_last" if ARGS.torch_channels_last else "NCHW",
+                           "layers": rows}, f, indent=2)
             print(f"wrote {ARGS.json}")
         return
     peak = matmul_peak()
