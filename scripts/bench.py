@@ -224,10 +224,21 @@ def xpcnn_steps(model: Any, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
     return train, infer
 
 
+def torch_images(a: np.ndarray, channels_last: bool) -> Any:
+    """An (N, H, W, C) array as the tensor PyTorch's twin takes: NCHW with NCHW's own strides,
+    or channels-last with --torch-channels-last. (A plain transpose of a one-channel batch has
+    strides that are channels-last too, and PyTorch's convolutions then run the whole network
+    channels-last, its faster layout: the `mnist` model did so here until 2026-11-26, 07:40 UTC.)
+    A 2-D array (a Dense layer's input) passes as it is."""
+    t = torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)) if a.ndim == 4 else a)
+    if a.ndim != 4:
+        return t
+    return t.clone(memory_format=torch.channels_last if channels_last else
+                   torch.contiguous_format)
+
+
 def torch_steps(net: Any, x: np.ndarray, y: np.ndarray, channels_last: bool) -> tuple[Any, Any]:
-    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    if channels_last:
-        xt = xt.contiguous(memory_format=torch.channels_last)
+    xt = torch_images(x, channels_last)
     yt = torch.from_numpy(y)
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -254,9 +265,7 @@ def torch_steps(net: Any, x: np.ndarray, y: np.ndarray, channels_last: bool) -> 
 def check_same_model(model: Any, net: Any, x: np.ndarray, channels_last: bool) -> float:
     """Max |logit difference| / max |logit| between the two at the initial weights."""
     ref = np.asarray(model._logits(model._to_device(x[:8]), training=False))
-    xt = torch.from_numpy(np.ascontiguousarray(x[:8].transpose(0, 3, 1, 2))).float()
-    if channels_last:
-        xt = xt.contiguous(memory_format=torch.channels_last)
+    xt = torch_images(x[:8], channels_last).float()
     net.eval()
     with torch.inference_mode():
         got = net(xt).numpy()
@@ -374,10 +383,6 @@ def _median_ms(fn: Any, before: Any = None) -> float:
 TIMED_LAYERS = (Conv2D, Dense, MaxPool2D, FeatureNorm, ReLU)
 
 
-def _nchw(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a.transpose(0, 3, 1, 2)) if a.ndim == 4 else a
-
-
 def bench_layers(names: list[str]) -> list[dict[str, Any]]:
     """Each layer of the models alone (see TIMED_LAYERS) against the same layer in PyTorch
     (mirrored weights, its activation included on both sides): forward in inference mode, and
@@ -413,12 +418,10 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
                           "backward_ms": _median_ms(backward, train_forward)}}
             if torch is not None:
                 net = torch.nn.Sequential(*mirror_layer(layer))
-                xt, gt = torch.from_numpy(_nchw(x)), torch.from_numpy(_nchw(dy))
                 if ARGS.torch_channels_last and x.ndim == 4:
                     net = net.to(memory_format=torch.channels_last)
-                    xt = xt.contiguous(memory_format=torch.channels_last)
-                    if dy.ndim == 4:
-                        gt = gt.contiguous(memory_format=torch.channels_last)
+                xt = torch_images(x, ARGS.torch_channels_last)
+                gt = torch_images(dy, ARGS.torch_channels_last)
                 xt.requires_grad_(layer.need_input_grad)
                 wrt = [*net.parameters()] + ([xt] if layer.need_input_grad else [])
                 out = net(xt)
