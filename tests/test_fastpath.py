@@ -405,3 +405,31 @@ def test_fused_optimiser_updates_give_the_standard_bits(rng, make, dtype):
         opt_std.step(xpn, standard, grads)
     for f, s in zip(fused, standard, strict=True):
         np.testing.assert_array_equal(f, s)
+
+
+def test_chunk_plans_follow_shapes_and_partial_chunks(rng):
+    """A padded convolution keeps a plan per workspace key (views of its buffers, see
+    ``ops.conv._plan``). It must follow a change of input size or of chunk size, and a partial
+    last chunk takes the general path: all as a fresh workspace on the standard kernels."""
+    ws = ops.Workspace()
+    per_image = 27 * 4  # bytes of patches per output position (images_per_chunk's count)
+    for shape, images in [((7, 8, 8, 3), 3), ((7, 6, 6, 3), 3), ((5, 8, 8, 3), 2),
+                          ((7, 8, 8, 3), 3)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        w2 = rng.standard_normal((27, 4)).astype(np.float32)
+        bias = rng.standard_normal(4).astype(np.float32)
+        hw = shape[1:3]
+        budget = images * hw[0] * hw[1] * per_image  # chunks of `images`, the last one partial
+        args = ((3, 3), (1, 1), (1, 1, 1, 1), hw)
+        got = ops.conv_forward(xpn, FAST, x, w2, bias, *args, ws, "c", budget, relu=True,
+                               min_chunks=1)
+        want = ops.conv_forward(xpn, STD, x, w2, bias, *args, ops.Workspace(), "c", None,
+                                relu=True)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        dy = rng.standard_normal(want.shape).astype(np.float32)
+        got = ops.conv_weight_grad(xpn, FAST, x, dy, *args, ws, "c", budget, min_chunks=1,
+                                   with_bias=True)
+        want = ops.conv_weight_grad(xpn, STD, x, dy, *args, ops.Workspace(), "c", None,
+                                    with_bias=True)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)

@@ -143,6 +143,9 @@ class NumpyKernels(StandardKernels):
                     self._saved_threads = None
 
     def for_chunks(self, n: int, m: int, fn: Callable[[int, int, int], None]) -> None:
+        if m >= n:  # one chunk (a product inside a chunk loop, say): here, as it is
+            fn(0, 0, n)
+            return
         starts = list(range(0, n, m))
         workers = min(self.threads(), len(starts))
         if workers <= 1 or not self._lock.acquire(blocking=False):
@@ -245,12 +248,16 @@ class NumpyKernels(StandardKernels):
         if relu:  # still in cache
             self._clamp(np.maximum, out, 0.0, out)
 
-    def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
-                    out_hw: tuple[int, int]) -> Any:
-        # Channels-last: the kw horizontal taps of all channels are kw*C consecutive floats of
-        # the input, so all patches are one overlapping strided view of shape
-        # (n, Ho, Wo, kh, kw*C), copied in one call with kw*C-long runs (instead of kh*kw
-        # copies of C-long runs: 2-3x faster, most of all for few channels).
+    def _im2col_views(self, x: Any, out: Any, kernel: tuple[int, int],
+                      strides: tuple[int, int], out_hw: tuple[int, int]) -> tuple[Any, Any] | None:
+        """(source, destination) views whose copy is the im2col of ``x`` into ``out``, or None
+        where that copy would not pay (then the standard version runs).
+
+        Channels-last: the kw horizontal taps of all channels are kw*C consecutive floats of the
+        input, so all patches are one overlapping strided view of shape (n, Ho, Wo, kh, kw*C),
+        copied in one call with kw*C-long runs (instead of kh*kw copies of C-long runs: 2-3x
+        faster, most of all for few channels). The destination is the patch columns of each
+        row of ``out``, which may have more (see bias_in_patches)."""
         kh, kw = kernel
         n, _, _, c = x.shape
         ho, wo = out_hw
@@ -259,18 +266,38 @@ class NumpyKernels(StandardKernels):
             # One channel: the runs would be only kw floats long, and NumPy's copy loop pays
             # per run; one copy per kernel offset runs along the Wo axis instead (3x faster
             # for 3x3 on 26x26). Else: not channels-last rows, or an output not one block.
-            return super().im2col_into(x, out, kernel, strides, out_hw)
+            return None
         shape = (n, ho, wo, kh, kw * c)
         steps = (s0, s1 * strides[0], s2 * strides[1], s1, s3)
         if x.flags.c_contiguous:  # np.ndarray over the buffer: 5x cheaper than as_strided
-            view = np.ndarray(shape, x.dtype, buffer=x, strides=steps)
+            src = np.ndarray(shape, x.dtype, buffer=x, strides=steps)
         else:
-            view = as_strided(x, shape, steps, writeable=False)
-        # the patch columns of each row of ``out`` (which may have more, see bias_in_patches)
+            src = as_strided(x, shape, steps, writeable=False)
         o0, o1, o2, o3 = out.strides
-        np.copyto(np.ndarray(shape, out.dtype, buffer=out, strides=(o0, o1, o2, kw * c * o3, o3)),
-                  view)
+        dst = np.ndarray(shape, out.dtype, buffer=out, strides=(o0, o1, o2, kw * c * o3, o3))
+        return src, dst
+
+    def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                    out_hw: tuple[int, int]) -> Any:
+        views = self._im2col_views(x, out, kernel, strides, out_hw)
+        if views is None:
+            return super().im2col_into(x, out, kernel, strides, out_hw)
+        np.copyto(views[1], views[0])
         return out
+
+    def im2col_plan(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                    out_hw: tuple[int, int]) -> Callable[[], Any]:
+        views = self._im2col_views(x, out, kernel, strides, out_hw)
+        if views is None:
+            return super().im2col_plan(x, out, kernel, strides, out_hw)
+        src, dst = views
+        cols = out.reshape(-1, out.shape[-1])  # a view: ``out`` is contiguous (checked above)
+
+        def unfold() -> Any:
+            np.copyto(dst, src)
+            return cols
+
+        return unfold
 
     def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
                  out_hw: tuple[int, int]) -> Any:
@@ -374,7 +401,7 @@ class NumpyKernels(StandardKernels):
         n = a.shape[-1]
         if a.flags.c_contiguous and out.flags.c_contiguous and a.size % 256 == 0:
             a, out, n = a.reshape(-1, 256), out.reshape(-1, 256), 256
-        key = (n, np.dtype(a.dtype).str, float(value))
+        key = (n, a.dtype.char, value)
         row = self._rows_cache.get(key)
         if row is None:
             row = self._rows_cache[key] = np.full(n, value, a.dtype)

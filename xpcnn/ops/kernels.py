@@ -11,6 +11,7 @@ several.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,15 @@ class StandardKernels:
         """Patches of a padded (n, H, W, C) input into the first kh*kw*C columns of ``out``
         (n, Ho, Wo, kh*kw*C or more); any further columns are left as they are."""
         return im2col_into(x, out, kernel, strides, out_hw)
+
+    def im2col_plan(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                    out_hw: tuple[int, int]) -> Callable[[], Any]:
+        """A call that does :meth:`im2col_into` of ``x`` into ``out`` and returns the patches
+        as a (rows, out.shape[-1]) matrix, for two buffers kept across calls whose contents
+        change (whatever the call can prepare, it prepares once). Here the reshape comes
+        after every write: the standard does not promise that it returns a view."""
+        shape = (math.prod(out.shape[:-1]), out.shape[-1])
+        return lambda: self.xp.reshape(self.im2col_into(x, out, kernel, strides, out_hw), shape)
 
     def matmul(self, a: Any, b: Any) -> Any:
         """``a @ b`` for 2-D ``a`` and ``b``."""
