@@ -212,7 +212,7 @@ def _plan(xp: Any, kern: Any, x: Any, pads: Pads, ws: Workspace, key: str, m: in
     (where the chunk goes), and a call that unfolds the padded buffer into the patch buffer and
     returns the patch matrix (``kern.im2col_plan``). Built once per key and shapes and kept:
     the views, checks and reshapes of every chunk ran under the interpreter lock, one thread at
-    a time (a padded layer's forward and gradients: up to 1.13x faster without them)."""
+    a time (``cifar``'s 32x32 layers: every pass 1.04-1.10x faster without them)."""
     sig = (m, tuple(x.shape[1:]), x.dtype, pads, kernel, strides, out_hw, ones)
     plan = ws.plans.get(key)
     if plan is None or plan[0] != sig:
