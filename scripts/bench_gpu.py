@@ -188,11 +188,16 @@ def bench_torch(model: xpcnn.Sequential, batch: int, precision: str,
     dev = "cuda" if args.device.startswith("cuda") else "cpu"
     gc.collect()
     base = torch.cuda.memory_allocated() if dev == "cuda" else 0
-    net = mirror(model, torch.float32, exact_random=False).to(dev)
+    # The twin without its leading NHWC -> NCHW permute, fed NCHW with NCHW's own strides
+    # (a permuted NHWC batch has channels-last strides, and cuDNN then runs channels-last),
+    # or, with --torch-channels-last, PyTorch's channels-last layout throughout.
+    layout = torch.channels_last if args.torch_channels_last else torch.contiguous_format
+    net = mirror(model, torch.float32, exact_random=False)[1:].to(dev, memory_format=layout)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     shape = model.input_shape
     rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.integers(0, 256, (batch, *shape)).astype(np.float32)).to(dev)
+    images = rng.integers(0, 256, (batch, *shape)).astype(np.float32).transpose(0, 3, 1, 2)
+    x = torch.from_numpy(images).to(dev).clone(memory_format=layout)
     y = torch.from_numpy(rng.integers(0, 10, batch)).to(dev)
     mixed = precision == "mixed_float16" and dev == "cuda"
     scaler = torch.amp.GradScaler(enabled=mixed)
@@ -276,6 +281,8 @@ def main() -> int:
                    "set_conv_algorithm): tiled kernels (the default), one-element-per-thread "
                    "direct kernels, direct forward with an im2col + cuBLAS kernel gradient, or "
                    "im2col + cuBLAS")
+    p.add_argument("--torch-channels-last", action="store_true",
+                   help="PyTorch in its channels-last layout (default: NCHW, as in bench.py)")
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
     if args.device.startswith("cuda"):
@@ -289,6 +296,7 @@ def main() -> int:
               f"{'ratio':>7}  {'infer':>8}{'std':>8}{'torch':>8}{'ratio':>7}"
               f"{'MiB':>7}{'torch':>7}{'ratio':>7}")
     info = software(args.device)
+    info["torch_memory_format"] = "channels_last" if args.torch_channels_last else "nchw"
     if args.device.startswith("cuda"):
         info["gpu_conv"] = args.gpu_conv
         info["gpu_chunk_bytes"] = backend_module.GPU_CHUNK_BYTES

@@ -64,8 +64,10 @@ def test_max_pool_and_its_gradient(fast, rng, kernel, strides, shape, dtype):
     y = fast.max_pool(x, kernel, strides, out_hw)
     np.testing.assert_array_equal(y, STD.max_pool(x, kernel, strides, out_hw))
     dy = rng.standard_normal(y.shape).astype(dtype)
-    np.testing.assert_array_equal(fast.max_pool_backward(x, y, dy, kernel, strides, out_hw),
-                                  STD.max_pool_backward(x, y, dy, kernel, strides, out_hw))
+    for relu_grad in (False, True):  # True: the ReLU before the pool's gradient too
+        np.testing.assert_array_equal(
+            fast.max_pool_backward(x, y, dy, kernel, strides, out_hw, relu_grad),
+            STD.max_pool_backward(x, y, dy, kernel, strides, out_hw, relu_grad))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

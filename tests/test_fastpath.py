@@ -113,6 +113,12 @@ def test_max_pool_with_ties(pool, strides, shape, rng):
     np.testing.assert_allclose(got, want, rtol=1e-6)
     # every window's gradient went to exactly one place
     np.testing.assert_allclose(got.sum(), dy.sum(), rtol=1e-5)
+    # With the gradient of the ReLU before the pool: by definition, the pool's input gradient
+    # where that input is > 0. Both versions must give exactly that.
+    relu_too = want * (x > 0)
+    for kern in (STD, FAST):
+        got = kern.max_pool_backward(x, y, dy, pool, strides, out_hw, relu_grad=True)
+        np.testing.assert_array_equal(got, relu_too)
 
 
 @pytest.mark.parametrize("shape", [(64, 80, 60), (8, 7, 5), (3,), ()],

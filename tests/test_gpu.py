@@ -173,6 +173,9 @@ def test_max_pool_and_its_gradient(cp, kernels, rng, kernel, strides, shape, dty
     np.testing.assert_allclose(float(got.astype(cp.float64).sum()),
                                float(dy.astype(cp.float64).sum()),
                                rtol=1e-6 if dtype == "float32" else 1e-2)
+    # with the gradient of a ReLU before the pool
+    _equal(fast.max_pool_backward(x, y, dy, kernel, strides, out_hw, True),
+           std.max_pool_backward(x, y, dy, kernel, strides, out_hw, True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,7 +6,7 @@ from nets import every_layer_net, gap_net
 
 import xpcnn
 from xpcnn.errors import DataFormatError, DeviceError, InputError
-from xpcnn.layers import Conv2D, Dense, Flatten, ReLU, Softmax
+from xpcnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Softmax
 from xpcnn.models import build_layers
 
 
@@ -238,3 +238,69 @@ def test_bfloat16_is_a_clear_error_where_the_backend_lacks_it():
     model = xpcnn.Sequential(gap_net())
     with pytest.raises(DeviceError, match="no dtype 'bfloat16'"):
         model.compile(precision="mixed_bfloat16")
+
+
+def _gradients(model, x, y):
+    xp = model.backend.xp
+    _, dz = model.loss.forward(xp, model._logits(x, True), y, xp.float64)
+    for layer in reversed(model.layers[model._first_trainable:-1]):
+        dz = layer.backward(dz)
+    return [np.array(la.grads[k]) for la in model.layers for k in la.params]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
+def test_a_relu_gradient_left_to_the_next_layer_changes_no_gradient(fast, rng):
+    """Where a ReLU's output feeds a max pool, the pool applies the ReLU's gradient (on its
+    smaller gradient) and the ReLU layer or fused convolution skips its own pass: the same
+    gradients, bit for bit, as with each layer applying its own."""
+    from xpcnn.backend import set_fast_path
+
+    layers = [Conv2D(4, 3, padding="same", activation="relu"), MaxPool2D(2),
+              Conv2D(5, 3, padding="same"), ReLU(), MaxPool2D(2, padding="same"),
+              Conv2D(3, 3, activation="relu"), Conv2D(4, 1, activation="relu"),
+              ReLU(max_value=1.0), MaxPool2D(1), Flatten(), Dense(3), Softmax()]
+    model = xpcnn.Sequential(layers, input_shape=(14, 14, 2), dtype="float64", seed=1)
+    model.compile(optimizer="sgd")
+    handed = [(la.name, la.skip_relu_grad, la.apply_input_relu_grad) for la in model.layers]
+    assert [h for h in handed if h[1] or h[2]] == [
+        ("conv2d", True, False), ("maxpool2d", False, True), ("relu", True, False),
+        ("maxpool2d_1", False, True)]  # not after a convolution nor after a capped ReLU
+    # integer-valued inputs make ReLU zeros and tied maxima common
+    x = rng.integers(-3, 4, (6, 14, 14, 2)).astype(np.float64)
+    y = rng.integers(0, 3, 6)
+    old = set_fast_path(fast)
+    try:
+        handed_over = _gradients(model, x, y)
+        for la in model.layers:
+            la.skip_relu_grad = la.apply_input_relu_grad = False
+        own = _gradients(model, x, y)
+    finally:
+        set_fast_path(old)
+    for a, b in zip(handed_over, own, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_a_first_convolution_masks_its_relu_gradient_chunk_by_chunk(fast, use_bias, rng):
+    """Without an input gradient to compute, a convolution's fused ReLU gradient is applied
+    inside the kernel gradient's chunks: the same gradients as one pass over the whole."""
+    from xpcnn.backend import set_fast_path
+
+    conv = Conv2D(6, 3, padding="same", activation="relu", use_bias=use_bias)
+    model = xpcnn.Sequential([conv, Conv2D(3, 3), Flatten(), Dense(2), Softmax()],
+                             input_shape=(10, 10, 3), dtype="float64", seed=2)
+    model.compile(optimizer="sgd")
+    assert not conv.need_input_grad and not conv.skip_relu_grad
+    x = rng.standard_normal((20, 10, 10, 3))
+    y = rng.integers(0, 2, 20)
+    old = set_fast_path(fast)
+    try:
+        chunked = _gradients(model, x, y)
+        conv.need_input_grad = True  # now the whole gradient is masked first (and dx made)
+        whole = _gradients(model, x, y)
+    finally:
+        set_fast_path(old)
+    assert any(np.count_nonzero(g) for g in chunked)
+    for a, b in zip(chunked, whole, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -1,15 +1,18 @@
 """The benchmark helpers under scripts/ run (their figures are not checked: timings belong to the
 benchmarks, not the tests)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_revisions.py"), *args],
+def _run(*args: str, script: str = "compare_revisions.py") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -29,3 +32,20 @@ def test_compare_revisions_names_what_is_wrong(tmp_path):
     assert out.returncode != 0 and "no xpcnn/__init__.py" in out.stderr
     out = _run("--old", str(ROOT), "--specs", "mnist:fly")
     assert out.returncode != 0 and "'mnist:fly' is not model:mode" in out.stderr
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_the_gpu_benchmark_dry_runs_on_the_cpu(layout, tmp_path):
+    """scripts/bench_gpu.py as the device check runs it, on the CPU, with PyTorch in the layout
+    asked for (its twin is fed NCHW by default, as in scripts/bench.py)."""
+    pytest.importorskip("torch")
+    out_json = tmp_path / "gpu.json"
+    args = ["--device", "cpu", "--models", "mnist", "--batch-sizes", "4", "--steps", "1",
+            "--warmup", "0", "--precisions", "float32", "--no-standard", "--json", str(out_json)]
+    out = _run(*args, *(["--torch-channels-last"] if layout == "channels_last" else []),
+               script="bench_gpu.py")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out_json.read_text())
+    assert report["software"]["torch_memory_format"] == layout
+    (row,) = report["rows"]
+    assert row["xpcnn"]["train_img_s"] > 0 and row["torch"]["train_img_s"] > 0

@@ -112,6 +112,13 @@ class Sequential:
         for i, layer in enumerate(self.layers):
             layer.need_input_grad = i > first
         self._first_trainable = first
+        # A ReLU's gradient is applied by the layer after it where that one can do it in its
+        # own passes: one pass over a whole batch's gradient fewer (see Layer.skip_relu_grad).
+        for layer in self.layers:
+            layer.skip_relu_grad = layer.apply_input_relu_grad = False
+        for before, after in zip(self.layers[:-1], self.layers[1:], strict=True):
+            if before.relu_output and after.can_apply_input_relu_grad and after.need_input_grad:
+                before.skip_relu_grad = after.apply_input_relu_grad = True
         self.built = True
         if self.optimizer is not None:
             self.optimizer.slots = {}

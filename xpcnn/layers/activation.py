@@ -24,9 +24,14 @@ class ReLU(Layer):
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "max_value": self.max_value}
 
+    @property
+    def relu_output(self) -> bool:
+        return self.max_value is None
+
     def forward(self, x: Any, training: bool = False) -> Any:
         kern = kernels_for(self.backend)
-        if not training:
+        if not training or self.skip_relu_grad:  # (then the next layer applies the gradient)
+            self._cache_mask = None
             return kern.relu(x, self.max_value)
         # The gradient passes where the output is strictly inside (0, max_value). Kept as a
         # boolean mask (a quarter of the memory of a float one); backward multiplies by it,
@@ -36,7 +41,7 @@ class ReLU(Layer):
 
     def backward(self, dy: Any) -> Any:
         mask, self._cache_mask = self._cache_mask, None
-        return kernels_for(self.backend).mask_multiply(dy, mask)
+        return dy if self.skip_relu_grad else kernels_for(self.backend).mask_multiply(dy, mask)
 
 
 class Softmax(Layer):

@@ -31,6 +31,9 @@ class Layer:
 
     #: Keras-layout order of ``get_weights``: names in ``params`` then ``state``.
     weight_names: ClassVar[tuple[str, ...]] = ()
+    #: True where backward can multiply its input gradient by ``input > 0`` inside its own
+    #: passes (see :attr:`apply_input_relu_grad`).
+    can_apply_input_relu_grad: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -55,6 +58,18 @@ class Layer:
         self.output_shape: Shape | None = None
         # The model clears this on its first trainable layer: nothing upstream needs a gradient.
         self.need_input_grad = True
+        # Set in pairs by the model (Sequential.build) where a layer whose output is a plain
+        # ReLU's (relu_output) feeds one that can apply that ReLU's gradient, `input > 0`,
+        # more cheaply (a max pool: on its pooled gradient, a quarter the size, a block at a
+        # time). The first layer then skips its own pass over the whole gradient.
+        self.skip_relu_grad = False  # the next layer applies this layer's ReLU gradient
+        self.apply_input_relu_grad = False  # backward returns dx * (input > 0)
+
+    @property
+    def relu_output(self) -> bool:
+        """True where the output is a plain ReLU's, max(z, 0), whose gradient passes exactly
+        where the output is > 0 (see :attr:`skip_relu_grad`)."""
+        return False
 
     # -- building ------------------------------------------------------------------------
     def build(

@@ -67,6 +67,10 @@ class Conv2D(Layer):
             self._param("bias", np.zeros(self.filters))
         return (*self.out_hw, self.filters)
 
+    @property
+    def relu_output(self) -> bool:
+        return self.activation == "relu"
+
     def _workspace(self) -> ops.Workspace:
         ws = getattr(self, "_cache_ws", None)
         if ws is None:
@@ -92,7 +96,8 @@ class Conv2D(Layer):
         y = xp.reshape(y, (n, *self.out_hw, self.filters))
         if training:
             self._cache_x = x
-            self._cache_y = y if relu else None  # where y > 0 the ReLU's gradient passes
+            # where y > 0 the ReLU's gradient passes (unless the next layer applies it)
+            self._cache_y = y if relu and not self.skip_relu_grad else None
         return y
 
     def backward(self, dy: Any) -> Any:
@@ -102,13 +107,17 @@ class Conv2D(Layer):
         budget, min_chunks = self.backend.chunk_bytes, self.backend.min_chunks
         x = self._cache_x
         dy = xp.astype(dy, self.compute_dtype, copy=False)
-        if self.activation == "relu":
-            dy = kern.relu_backward(dy, self._cache_y)
-            self._cache_y = None
+        relu_y = None
+        if self.activation == "relu" and not self.skip_relu_grad:
+            if self.need_input_grad:
+                dy = kern.relu_backward(dy, self._cache_y)
+            else:  # only the kernel gradient reads it: masked a chunk at a time, in cache
+                relu_y = xp.reshape(self._cache_y, (-1, self.filters))
+        self._cache_y = None
         dy2 = xp.reshape(dy, (-1, self.filters))
         dw, db = ops.conv_weight_grad(xp, kern, x, dy2, self.kernel_size, self.strides,
                                       self.pads, self.out_hw, ws, "cols", budget, min_chunks,
-                                      with_bias=self.use_bias)
+                                      with_bias=self.use_bias, relu_y=relu_y)
         self.grads["kernel"] = xp.astype(xp.reshape(dw, self.params["kernel"].shape), self.dtype,
                                          copy=False)
         if self.use_bias:

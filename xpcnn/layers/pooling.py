@@ -42,6 +42,10 @@ class _Pool2D(Layer):
 class MaxPool2D(_Pool2D):
     """Maximum of each window; the gradient goes to the first maximum of the window."""
 
+    # An input ReLU's gradient passes at a window's first maximum exactly where the window's
+    # maximum is > 0: applied to the pooled gradient, before routing, at a quarter the size.
+    can_apply_input_relu_grad = True
+
     def forward(self, x: Any, training: bool = False) -> Any:
         xpad = conv_ops.pad(self.xp, x, self.pads, value=-math.inf)
         y = kernels_for(self.backend).max_pool(xpad, self.pool_size, self.strides, self.out_hw)
@@ -51,8 +55,8 @@ class MaxPool2D(_Pool2D):
 
     def backward(self, dy: Any) -> Any:
         xpad, y = self._cache_xy
-        dx = kernels_for(self.backend).max_pool_backward(xpad, y, dy, self.pool_size,
-                                                         self.strides, self.out_hw)
+        dx = kernels_for(self.backend).max_pool_backward(
+            xpad, y, dy, self.pool_size, self.strides, self.out_hw, self.apply_input_relu_grad)
         self._cache_xy = None
         return conv_ops.unpad(dx, self.pads)
 

@@ -284,24 +284,33 @@ def conv_weight_grad(
     budget: int | None,
     min_chunks: int = 8,
     with_bias: bool = False,
+    relu_y: Any = None,
 ) -> tuple[Any, Any | None]:
     """Kernel gradient (kh*kw*C, K): patches^T @ output gradient, summed over chunks (in
     float32 at least); and ``with_bias`` the bias gradient, the sum of ``dy2``'s rows (else
-    None)."""
+    None). With ``relu_y``, the output rows of a ReLU: the output gradient is ``dy2`` where
+    ``relu_y > 0`` (applied a chunk at a time)."""
     if kern.direct_weight_grad:  # both in one launch
+        if relu_y is not None:
+            dy2 = kern.relu_backward(dy2, relu_y)
         return kern.conv2d_weight_grad(x, dy2, kernel, strides, pads, out_hw, with_bias)
     n = x.shape[0]
     ho, wo = out_hw
     kk = kernel[0] * kernel[1] * x.shape[3]
     m = images_per_chunk(n, ho * wo * kk * 4, budget, min_chunks)
     ones = with_bias and kern.bias_in_patches  # then the last row of each part is dy's sum
+    if relu_y is not None and not ones and with_bias:  # the bias gradient needs it whole
+        dy2, relu_y = kern.relu_backward(dy2, relu_y), None
     parts: dict[int, Any] = {}  # per chunk, summed in chunk order: the same bits however
     # the chunks were spread over threads
 
     def work(worker: int, n0: int, n1: int) -> None:
         cols = _patches(xp, kern, x, n0, n1, pads, ws, f"{key}{worker}", m, kernel, strides,
                         out_hw, ones)
-        parts[n0] = kern.matmul_tn(cols, dy2[n0 * ho * wo : n1 * ho * wo, :])
+        r0, r1 = n0 * ho * wo, n1 * ho * wo
+        d = dy2[r0:r1, :] if relu_y is None else kern.relu_backward(dy2[r0:r1, :],
+                                                                     relu_y[r0:r1, :])
+        parts[n0] = kern.matmul_tn(cols, d)
 
     kern.for_chunks(n, m, work)
     # summed in float32 at least: in float16 (mixed precision) the sum of many chunks' parts

@@ -769,10 +769,13 @@ class CupyKernels(StandardKernels):
         return y
 
     def max_pool_backward(self, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
-                          strides: tuple[int, int], out_hw: tuple[int, int]) -> Any:
+                          strides: tuple[int, int], out_hw: tuple[int, int],
+                          relu_grad: bool = False) -> Any:
         (kh, kw), (sh, sw) = kernel, strides
         if sh < kh or sw < kw or not _contiguous(x, y, dy):
-            return super().max_pool_backward(x, y, dy, kernel, strides, out_hw)
+            return super().max_pool_backward(x, y, dy, kernel, strides, out_hw, relu_grad)
+        if relu_grad:
+            dy = self.relu_backward(dy, y)
         n, h, w, c = x.shape
         covered = sh == kh and sw == kw and h == out_hw[0] * sh and w == out_hw[1] * sw
         # positions outside every window keep a zero gradient

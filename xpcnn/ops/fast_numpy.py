@@ -335,11 +335,13 @@ class NumpyKernels(StandardKernels):
         return out
 
     def max_pool_backward(self, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
-                          strides: tuple[int, int], out_hw: tuple[int, int]) -> Any:
+                          strides: tuple[int, int], out_hw: tuple[int, int],
+                          relu_grad: bool = False) -> Any:
         # The standard version's passes, in place: comparisons into reused boolean buffers,
         # products written straight into the strided slices of dx; images split over threads.
         # (A masked add or copyto writes fewer values but mispredicts on every ReLU-made tie:
-        # several times slower.)
+        # several times slower.) With relu_grad, windows whose maximum is <= 0 count as taken
+        # from the start: their taps all get 0, as a ReLU before the pool would give them.
         kh, kw = kernel
         sh, sw = strides
         ho, wo = out_hw
@@ -352,13 +354,15 @@ class NumpyKernels(StandardKernels):
             xs, ys, dys, dxs = x[n0:n1], y[n0:n1], dy[n0:n1], dx[n0:n1]
             hit = np.empty(ys.shape, bool)
             taken = np.empty(ys.shape, bool)
+            if relu_grad:
+                np.less_equal(ys, ys.dtype.type(0), out=taken)
             prod = np.empty(ys.shape, dy.dtype) if overlap else None
             for i in range(kh):
                 for j in range(kw):
                     rows = slice(i, i + sh * (ho - 1) + 1, sh)
                     cols = slice(j, j + sw * (wo - 1) + 1, sw)
                     np.equal(xs[:, rows, cols, :], ys, out=hit)
-                    if i == 0 and j == 0:
+                    if i == 0 and j == 0 and not relu_grad:
                         np.copyto(taken, hit)
                     else:
                         np.greater(hit, taken, out=hit)  # a maximum no earlier tap has taken

@@ -105,9 +105,14 @@ class StandardKernels:
         return max_pool(self.xp, x, kernel, strides, out_hw)
 
     def max_pool_backward(self, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
-                          strides: tuple[int, int], out_hw: tuple[int, int]) -> Any:
+                          strides: tuple[int, int], out_hw: tuple[int, int],
+                          relu_grad: bool = False) -> Any:
         """Gradient of a max pool of padded ``x`` (see :func:`xpcnn.ops.pool.max_pool_backward`):
-        each window's gradient goes to its first maximum in row-major order."""
+        each window's gradient goes to its first maximum in row-major order. With
+        ``relu_grad``, only where that maximum is > 0: the gradient of a ReLU before the pool
+        (see ``Layer.apply_input_relu_grad``)."""
+        if relu_grad:
+            dy = self.relu_backward(dy, y)
         return max_pool_backward(self.xp, x, y, dy, kernel, strides, out_hw)
 
     def sum_rows(self, a: Any) -> Any:
