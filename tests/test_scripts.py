@@ -24,7 +24,7 @@ def test_compare_revisions_times_two_checkouts():
     lines = out.stdout.splitlines()
     for spec in ("mnist:infer", "notebook:train"):
         row = next(line for line in lines if line.startswith(spec))
-        assert row.split()[3].endswith("x") and "/2)" in row
+        assert row.split()[3].endswith("x") and "/2)," in row and row.endswith("x")
 
 
 def test_compare_revisions_names_what_is_wrong(tmp_path):
