@@ -252,7 +252,7 @@ def _gradients(model, x, y):
 def test_a_relu_gradient_left_to_the_next_layer_changes_no_gradient(fast, rng):
     """Where a ReLU's output feeds a max pool, the pool applies the ReLU's gradient (on its
     smaller gradient) and the ReLU layer or fused convolution skips its own pass: the same
-    gradients, bit for bit, as with each layer applying its own."""
+    gradients, exactly, as with each layer applying its own."""
     from xpcnn.backend import set_fast_path
 
     layers = [Conv2D(4, 3, padding="same", activation="relu"), MaxPool2D(2),
