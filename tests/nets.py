@@ -31,3 +31,11 @@ def gap_net(classes: int = 10) -> list:
     return [Rescaling(1 / 255), Conv2D(8, 3, padding="same", use_bias=False), BatchNorm2D(),
             ReLU(), MaxPool2D(2), Conv2D(8, 3, padding="same", activation="relu"),
             GlobalAvgPool2D(), Dense(classes), Softmax()]
+
+
+def fused_relu_net(classes: int = 10) -> list:
+    """The reference models' shape: convolutions with fused ReLU (the first computes no input
+    gradient), the second feeding a max pool that applies its ReLU's gradient."""
+    return [Rescaling(1 / 255), Conv2D(6, 3, padding="same", activation="relu"),
+            Conv2D(6, 3, padding="same", activation="relu"), MaxPool2D(2), Flatten(),
+            Dense(classes), Softmax()]

@@ -3,7 +3,7 @@
 import array_api_strict as xs
 import numpy as np
 import pytest
-from nets import every_layer_net, gap_net
+from nets import every_layer_net, fused_relu_net, gap_net
 
 import xpcnn
 from xpcnn.backend import get_backend
@@ -58,6 +58,15 @@ def test_training_runs_standard_only_under_array_api_strict(device, data):
 def test_strict_adam_and_float64(data):
     model, h = _train(xs, data, xpcnn.optim.Adam(1e-3), net=gap_net, dtype="float64")
     ref, h_ref = _train("cpu", data, xpcnn.optim.Adam(1e-3), net=gap_net, dtype="float64")
+    assert_same_weights(model.get_weights(), ref.get_weights(), rtol=1e-10, atol=1e-12)
+
+
+def test_strict_fused_relu_paths(data):
+    """A first convolution's ReLU gradient masked chunk by chunk, and one left to a max pool,
+    in the standard spelling under array_api_strict, against NumPy's fast path."""
+    model, _ = _train(xs, data, _sgd(), net=fused_relu_net, dtype="float64")
+    ref, _ = _train("cpu", data, _sgd(), net=fused_relu_net, dtype="float64")
+    assert model.layers[2].skip_relu_grad and model.layers[3].apply_input_relu_grad
     assert_same_weights(model.get_weights(), ref.get_weights(), rtol=1e-10, atol=1e-12)
 
 
