@@ -13,6 +13,7 @@ less moved by other tenants' bursts than a median).
     git worktree add /tmp/xpcnn-old HEAD~3
     python scripts/compare_revisions.py --old /tmp/xpcnn-old
     python scripts/compare_revisions.py --old /tmp/xpcnn-old --specs cifar:train --rounds 16
+    python scripts/compare_revisions.py --old .   # the tree against itself: the noise floor
 """
 
 from __future__ import annotations
