@@ -114,6 +114,22 @@ def test_images_per_chunk(n, per_image, budget, expected):
     assert ops.images_per_chunk(n, per_image, budget) == expected
 
 
+@pytest.mark.parametrize("n, largest, workers, expected", [
+    (128, 10, 2, 8),    # 13 chunks of 10 (the last run alone): 68 images; of 9: 65; of 8: 64
+    (128, 5, 2, 4),     # 26 chunks of 5 and one of 3: 65; of 4: 64
+    (128, 3, 2, 3),     # 2 would share out better, but is below three quarters of 3
+    (128, 16, 2, 16),   # already even
+    (128, 10, 1, 10),   # one worker: nothing to share
+    (7, 3, 2, 3),       # 3, 3, 1 (a partial last chunk stays: 2 is below three quarters)
+    (8, 4, 3, 3),       # 4, 4 leave a worker idle (4 images); 3, 3, 2 end at 3
+    (100, 7, 3, 7),     # 15 chunks in 5 rounds of 3: already even
+    (60, 8, 2, 6),      # 8 chunks of 8 (and 4): 32 images on the busier worker; of 6: 30
+])
+def test_chunks_share_out_evenly_among_workers(n, largest, workers, expected):
+    budget = largest * 10
+    assert ops.images_per_chunk(n, 10, budget, min_chunks=1, workers=workers) == expected
+
+
 def test_im2col_into_matches_concat_im2col(rng):
     x = rng.standard_normal((2, 6, 7, 3))
     for kernel, strides in [((3, 3), (1, 1)), ((2, 3), (2, 1)), ((3, 2), (2, 2))]:

@@ -54,6 +54,10 @@ class StandardKernels:
         """Held around a training step or prediction (see :meth:`Backend.compute_scope`)."""
         return contextlib.nullcontext()
 
+    def threads(self) -> int:
+        """How many threads :meth:`for_chunks` spreads chunks over (here one)."""
+        return 1
+
     def for_chunks(self, n: int, m: int, fn: Callable[[int, int, int], None]) -> None:
         """Call ``fn(worker, start, stop)`` for the chunks [start, stop) of m images of n
         (here in order, all as worker 0; fast kernels may spread them over threads)."""
