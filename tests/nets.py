@@ -34,8 +34,11 @@ def gap_net(classes: int = 10) -> list:
 
 
 def fused_relu_net(classes: int = 10) -> list:
-    """The reference models' shape: convolutions with fused ReLU (the first computes no input
-    gradient), the second feeding a max pool that applies its ReLU's gradient."""
+    """The reference models' shapes: convolutions with fused ReLU (the first computes no input
+    gradient); a ReLU() layer that the model fuses into the convolution before it, whose
+    gradient the FeatureNorm after it applies; a convolution feeding a max pool that applies
+    its ReLU's gradient; a ReLU() fused into a Dense layer."""
     return [Rescaling(1 / 255), Conv2D(6, 3, padding="same", activation="relu"),
+            Conv2D(6, 3, padding="same"), ReLU(), FeatureNorm(),
             Conv2D(6, 3, padding="same", activation="relu"), MaxPool2D(2), Flatten(),
-            Dense(classes), Softmax()]
+            Dense(8), ReLU(), Dense(classes), Softmax()]

@@ -62,11 +62,15 @@ def test_strict_adam_and_float64(data):
 
 
 def test_strict_fused_relu_paths(data):
-    """A first convolution's ReLU gradient masked chunk by chunk, and one left to a max pool,
-    in the standard spelling under array_api_strict, against NumPy's fast path."""
+    """A first convolution's ReLU gradient masked chunk by chunk, ReLU() layers fused into the
+    layer before them, ReLU gradients left to a FeatureNorm and to a max pool, in the
+    standard spelling under array_api_strict, against NumPy's fast path."""
     model, _ = _train(xs, data, _sgd(), net=fused_relu_net, dtype="float64")
     ref, _ = _train("cpu", data, _sgd(), net=fused_relu_net, dtype="float64")
-    assert model.layers[2].skip_relu_grad and model.layers[3].apply_input_relu_grad
+    conv, fnorm, conv_relu, pool, dense = (model.layers[i] for i in (2, 4, 5, 6, 8))
+    assert conv.fused_relu and dense.fused_relu and model.layers[3] not in model._plan
+    assert conv.skip_relu_grad and fnorm.apply_input_relu_grad
+    assert conv_relu.skip_relu_grad and pool.apply_input_relu_grad
     assert_same_weights(model.get_weights(), ref.get_weights(), rtol=1e-10, atol=1e-12)
 
 

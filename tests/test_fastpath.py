@@ -52,7 +52,7 @@ def test_the_seam_on_cpu_backends(no_fast_path):
     ((3, 3), (1, 1), (3, 8, 7, 3)), ((3, 3), (1, 1), (2, 6, 6, 1)), ((2, 3), (2, 1), (2, 7, 6, 4)),
     ((3, 3), (2, 2), (2, 9, 9, 2)), ((1, 1), (1, 1), (2, 3, 3, 5)),
 ])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_im2col(kernel, strides, shape, dtype, rng):
     x = rng.standard_normal(shape).astype(dtype)
     out_hw = ops.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
@@ -64,6 +64,11 @@ def test_im2col(kernel, strides, shape, dtype, rng):
     wide = np.zeros((shape[0], shape[1], shape[2], shape[3] * 2), dtype)
     wide[..., ::2] = x
     got = FAST.im2col_into(wide[..., ::2], np.empty(cols, dtype), kernel, strides, out_hw)
+    np.testing.assert_array_equal(got, want)
+    # channels-last rows of a taller array (not one block): the fast route, same values
+    tall = np.zeros((shape[0], shape[1] + 2, shape[2], shape[3]), dtype)
+    tall[:, 1:-1] = x
+    got = FAST.im2col_into(tall[:, 1:-1], np.empty(cols, dtype), kernel, strides, out_hw)
     np.testing.assert_array_equal(got, want)
     # into a wider output (a bias column, see bias_in_patches): the patch columns are written,
     # the last one is left alone, by both versions
@@ -293,30 +298,46 @@ def test_mixed_float16_conv_and_dense_fast_equal_standard(kwargs, small_chunks, 
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_fused_relu_equals_a_relu_layer(fast, small_chunks, rng):
-    """Conv2D and Dense with activation="relu" give exactly what a ReLU layer after them does,
-    on the fast path and on the standard one."""
+    """Conv2D and Dense with activation="relu", and the model's plan that fuses the ReLU()
+    layers after them, give exactly what the layers give run one by one as written, on the
+    fast path and on the standard one."""
     x = rng.standard_normal((5, 7, 6, 3))
     old = set_fast_path(fast)
     try:
         results, weights = [], None
-        for fused in (True, False):
-            act = {"activation": "relu"} if fused else {}
-            layers = [Conv2D(4, 3, padding="same", **act), *([] if fused else [ReLU()]),
-                      xpcnn.layers.Flatten(), Dense(6, **act), *([] if fused else [ReLU()])]
+        for how in ("activation", "layers", "plan"):
+            act = {"activation": "relu"} if how == "activation" else {}
+            def relu():
+                return [] if how == "activation" else [ReLU()]  # noqa: B023
+
+            layers = [Conv2D(4, 3, padding="same", **act), *relu(), xpcnn.layers.Flatten(),
+                      Dense(6, **act), *relu()]
             model = xpcnn.Sequential(layers, input_shape=(7, 6, 3), seed=3, dtype="float64")
+            model.compile(loss="cross_entropy", optimizer="sgd")
             weights = model.get_weights() if weights is None else weights
             model.set_weights(weights)
-            y = model._logits(model.backend.asarray(x), training=True)
-            dz = np.cos(y)
-            for layer in reversed(model.layers):
-                dz = layer.backward(dz)
+            y = model.backend.asarray(x)
+            if how == "plan":
+                assert [la.name for la in model._plan] == ["conv2d", "flatten", "dense"]
+                assert layers[0].fused_relu and layers[3].fused_relu
+                y = model._logits(y, training=True)
+                model._backward(np.cos(y))
+            else:
+                with model._each_layer_on_its_own():
+                    for layer in model.layers:
+                        y = layer.forward(y, training=True)
+                    dz = np.cos(y)
+                    for layer in reversed(model.layers[1:]):
+                        dz = layer.backward(dz)
+                    layers[0].backward(dz)
             grads = [g for la in model.layers for g in la.grads.values()]
-            results.append((y, dz, *grads))
+            results.append((y, *grads))
     finally:
         set_fast_path(old)
     assert float(np.min(results[0][0])) == 0.0  # some outputs were cut
-    for got, want in zip(results[0], results[1], strict=True):
-        np.testing.assert_array_equal(got, want)
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_activation_names_are_checked():
@@ -347,8 +368,13 @@ def test_pool_relu_dense_layers_fast_equals_standard(rng):
 
 @pytest.mark.parametrize("shape", [(3, 4, 5, 2), (64, 12, 10, 8)])  # the second on threads
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_feature_norm_fast_equals_standard(shape, dtype, rng):
+@pytest.mark.parametrize("relu_grad", [False, True])
+def test_feature_norm_fast_equals_standard(shape, dtype, relu_grad, rng):
+    """Both versions, and with an input ReLU's gradient applied (``apply_input_relu_grad``),
+    equal to the gradient times ``input > 0``."""
     x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    if relu_grad:
+        x = np.maximum(x, 0)  # a ReLU's output: zeros where its gradient stops
     dy = rng.standard_normal(shape).astype(dtype)
     out = []
     for fast in (True, False):
@@ -356,8 +382,13 @@ def test_feature_norm_fast_equals_standard(shape, dtype, rng):
         try:
             layer = FeatureNorm()
             layer.build(shape[1:], "cpu", dtype=dtype)
+            layer.apply_input_relu_grad = relu_grad
             y = layer.forward(x, training=True)
             out.append((y, layer.backward(dy)))
+            if relu_grad:
+                layer.apply_input_relu_grad = False
+                layer.forward(x, training=True)
+                np.testing.assert_array_equal(out[-1][1], layer.backward(dy) * (x > 0))
         finally:
             set_fast_path(old)
     tol = 1e-5 if dtype == "float32" else 1e-12

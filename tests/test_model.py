@@ -6,7 +6,16 @@ from nets import every_layer_net, gap_net
 
 import xpcnn
 from xpcnn.errors import DataFormatError, DeviceError, InputError
-from xpcnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Softmax
+from xpcnn.layers import (
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    FeatureNorm,
+    Flatten,
+    MaxPool2D,
+    ReLU,
+    Softmax,
+)
 from xpcnn.models import build_layers
 
 
@@ -126,6 +135,21 @@ def test_flatten_uses_hwc_order(rng):
     np.testing.assert_allclose(out[:, 0], np.einsum("nhwc,hwc->n", x, w[:, 0].reshape(2, 3, 4)))
 
 
+def test_forward_shows_each_layer_of_a_plan_that_fuses_them(rng):
+    """Training and predict run a Conv2D or Dense and the ReLU() after it as one (the plan);
+    forward() still returns every layer's own output, the convolution's before its ReLU, and
+    leaves the plan as it was."""
+    model = xpcnn.Sequential(build_layers("notebook"), input_shape=(12, 12, 3), seed=0)
+    conv, relu = model.layers[1], model.layers[2]
+    assert conv.fused_relu and relu not in model._plan
+    x = rng.integers(0, 256, (4, 12, 12, 3)).astype(np.uint8)
+    outs = [np.asarray(o) for o in model.forward(x)]
+    assert float(outs[1].min()) < 0  # the convolution's output, before the ReLU
+    np.testing.assert_array_equal(outs[2], np.maximum(outs[1], 0))
+    assert conv.fused_relu
+    np.testing.assert_allclose(model.predict(x), outs[-1], rtol=1e-6, atol=1e-7)
+
+
 def test_set_weights_checks_count_and_shapes(data):
     model = trained(data)
     weights = model.get_weights()
@@ -243,8 +267,7 @@ def test_bfloat16_is_a_clear_error_where_the_backend_lacks_it():
 def _gradients(model, x, y):
     xp = model.backend.xp
     _, dz = model.loss.forward(xp, model._logits(x, True), y, xp.float64)
-    for layer in reversed(model.layers[model._first_trainable:-1]):
-        dz = layer.backward(dz)
+    model._backward(dz)
     return [np.array(la.grads[k]) for la in model.layers for k in la.params]
 
 
@@ -257,14 +280,17 @@ def test_a_relu_gradient_left_to_the_next_layer_changes_no_gradient(fast, rng):
 
     layers = [Conv2D(4, 3, padding="same", activation="relu"), MaxPool2D(2),
               Conv2D(5, 3, padding="same"), ReLU(), MaxPool2D(2, padding="same"),
+              Conv2D(5, 1), BatchNorm2D(), ReLU(), FeatureNorm(),
               Conv2D(3, 3, activation="relu"), Conv2D(4, 1, activation="relu"),
               ReLU(max_value=1.0), MaxPool2D(1), Flatten(), Dense(3), Softmax()]
     model = xpcnn.Sequential(layers, input_shape=(14, 14, 2), dtype="float64", seed=1)
     model.compile(optimizer="sgd")
     handed = [(la.name, la.skip_relu_grad, la.apply_input_relu_grad) for la in model.layers]
     assert [h for h in handed if h[1] or h[2]] == [
-        ("conv2d", True, False), ("maxpool2d", False, True), ("relu", True, False),
-        ("maxpool2d_1", False, True)]  # not after a convolution nor after a capped ReLU
+        ("conv2d", True, False), ("maxpool2d", False, True),
+        ("conv2d_1", True, False), ("maxpool2d_1", False, True),  # its ReLU() fused into it
+        ("relu_1", True, False), ("featurenorm", False, True),
+    ]  # not after a convolution nor after a capped ReLU
     # integer-valued inputs make ReLU zeros and tied maxima common
     x = rng.integers(-3, 4, (6, 14, 14, 2)).astype(np.float64)
     y = rng.integers(0, 3, 6)

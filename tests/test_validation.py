@@ -205,14 +205,14 @@ def test_overflow_inside_a_layer_names_that_layer(model):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_a_non_finite_gradient_names_the_layer_where_backpropagation_met_it(model, monkeypatch):
-    relu = model.layers[2]
-    real = relu.backward
+    flatten = model.layers[3]
+    real = flatten.backward
 
     def backward(dy):
         dx = real(dy)
-        return dx * np.inf  # the gradient turns infinite inside ReLU's backward pass
+        return dx * np.inf  # the gradient turns infinite inside Flatten's backward pass
 
-    monkeypatch.setattr(relu, "backward", backward)
+    monkeypatch.setattr(flatten, "backward", backward)
     with np.errstate(all="ignore"), pytest.raises(
             NonFiniteError, match=r"non-finite gradient at step 1: it first appears \(in "
                                   r"backpropagation order\) in layer 'conv2d'"):
@@ -485,9 +485,9 @@ def test_mixed_float16_gives_up_lowering_the_loss_scale_at_one(model, monkeypatc
     """A gradient that stays non-finite whatever the scale is reported, not skipped forever."""
     model.compile(optimizer=optim.SGD(0.01), precision="mixed_float16")
     model.loss_scale = 4.0
-    relu = model.layers[2]
-    real = relu.backward
-    monkeypatch.setattr(relu, "backward", lambda dy: real(dy) * np.nan)
+    flatten = model.layers[3]
+    real = flatten.backward
+    monkeypatch.setattr(flatten, "backward", lambda dy: real(dy) * np.nan)
     with pytest.raises(NonFiniteError, match=r"non-finite gradient at step 1: .* layer 'conv2d'"):
         model.fit(X, Y, epochs=1, batch_size=5, verbose=0)
     assert model.loss_scale == 1.0 and model.optimizer.iterations == 0

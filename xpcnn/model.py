@@ -8,6 +8,7 @@ back. With a cross-entropy loss and a final Softmax layer, training feeds the So
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from . import checks
 from .backend import Backend, DeviceLike, get_backend
 from .errors import InputError, NonFiniteError
-from .layers.activation import Softmax
+from .layers.activation import ReLU, Softmax
 from .layers.base import Layer
 from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
@@ -111,12 +112,23 @@ class Sequential:
         first = next((i for i, la in enumerate(self.layers) if la.params), len(self.layers))
         for i, layer in enumerate(self.layers):
             layer.need_input_grad = i > first
-        self._first_trainable = first
+            layer.skip_relu_grad = layer.apply_input_relu_grad = layer.fused_relu = False
+        # The hot path (training, evaluate, predict) runs a plan of the layers in which a plain
+        # ReLU() right after a Conv2D or Dense is applied by that layer, to each chunk of its
+        # output while it is in cache (Layer.fused_relu): one pass over the batch fewer each
+        # way. forward() still runs every layer on its own, for inspection.
+        plan: list[Layer] = []
+        for layer in self.layers:
+            if (isinstance(layer, ReLU) and layer.max_value is None and plan
+                    and plan[-1].can_fuse_relu):
+                plan[-1].fused_relu = True
+                continue
+            plan.append(layer)
+        self._plan = plan
+        self._first_trainable = next((i for i, la in enumerate(plan) if la.params), len(plan))
         # A ReLU's gradient is applied by the layer after it where that one can do it in its
         # own passes: one pass over a whole batch's gradient fewer (see Layer.skip_relu_grad).
-        for layer in self.layers:
-            layer.skip_relu_grad = layer.apply_input_relu_grad = False
-        for before, after in zip(self.layers[:-1], self.layers[1:], strict=True):
+        for before, after in zip(plan[:-1], plan[1:], strict=True):
             if before.relu_output and after.can_apply_input_relu_grad and after.need_input_grad:
                 before.skip_relu_grad = after.apply_input_relu_grad = True
         self.built = True
@@ -165,13 +177,34 @@ class Sequential:
     def _fused_softmax(self) -> bool:
         return isinstance(self.layers[-1], Softmax)
 
+    def _hot_layers(self) -> list[Layer]:
+        """The plan's layers up to the logits (the last Softmax is left to the loss)."""
+        return self._plan[:-1] if self._fused_softmax() else self._plan
+
     def _logits(self, x: Any, training: bool) -> Any:
-        """Forward pass up to the logits (the last Softmax is left to the loss)."""
-        stop = len(self.layers) - 1 if self._fused_softmax() else len(self.layers)
+        """Forward pass up to the logits, by the plan (see :meth:`build`)."""
         with self.backend.compute_scope():
-            for layer in self.layers[:stop]:
+            for layer in self._hot_layers():
                 x = layer.forward(x, training)
         return x
+
+    def _backward(self, dz: Any) -> None:
+        """Backward pass from the logits' gradient, after ``_logits(x, training=True)``: fills
+        every layer's ``grads``."""
+        for layer in reversed(self._hot_layers()[self._first_trainable:]):
+            dz = layer.backward(dz)
+
+    @contextlib.contextmanager
+    def _each_layer_on_its_own(self) -> Iterator[None]:
+        """Inside, the layers run as written, each ReLU() layer applying its own ReLU."""
+        fused = [la for la in self.layers if la.fused_relu]
+        for la in fused:
+            la.fused_relu = False
+        try:
+            yield
+        finally:
+            for la in fused:
+                la.fused_relu = True
 
     def _to_device(self, x: np.ndarray) -> Any:
         """One host -> device copy of a batch, then the cast on the device."""
@@ -191,9 +224,7 @@ class Sequential:
             xp, logits, yb, self.layers[-1].dtype, kernels)
         if self.loss_scale != 1.0:
             dz = dz * self.loss_scale
-        stop = len(self.layers) - 1 if self._fused_softmax() else len(self.layers)
-        for layer in reversed(self.layers[self._first_trainable:stop]):
-            dz = layer.backward(dz)
+        self._backward(dz)
         params, grads, owners = [], [], []
         for layer in self.layers:
             for k, p in layer.params.items():
@@ -249,11 +280,12 @@ class Sequential:
             where = f"the weights of layer {weights.name!r}"
         else:
             x = xb
-            for layer in self.layers:
-                x = layer.forward(x, training=False)
-                if not finite(x):
-                    where = f"the output of layer {layer.name!r}"
-                    break
+            with self._each_layer_on_its_own():
+                for layer in self.layers:
+                    x = layer.forward(x, training=False)
+                    if not finite(x):
+                        where = f"the output of layer {layer.name!r}"
+                        break
         raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
                              f"values appear in {where}")
 
@@ -406,7 +438,7 @@ class Sequential:
         x = checks.as_images(x)
         checks.check_sample_shape(x, self.input_shape)  # type: ignore[arg-type]
         outs, a = [], self._to_device(x)
-        with self.backend.compute_scope():
+        with self.backend.compute_scope(), self._each_layer_on_its_own():
             for layer in self.layers:
                 a = layer.forward(a, training)
                 outs.append(a)

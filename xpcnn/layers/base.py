@@ -34,6 +34,9 @@ class Layer:
     #: True where backward can multiply its input gradient by ``input > 0`` inside its own
     #: passes (see :attr:`apply_input_relu_grad`).
     can_apply_input_relu_grad: ClassVar[bool] = False
+    #: True where the layer can apply a plain ReLU to its output as it computes it (see
+    #: :attr:`fused_relu`).
+    can_fuse_relu: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -64,6 +67,10 @@ class Layer:
         # time). The first layer then skips its own pass over the whole gradient.
         self.skip_relu_grad = False  # the next layer applies this layer's ReLU gradient
         self.apply_input_relu_grad = False  # backward returns dx * (input > 0)
+        # Set by the model on a layer that can_fuse_relu and is followed by a plain ReLU()
+        # layer: this layer applies that ReLU (to each chunk of its output while it is in
+        # cache, and its gradient) and the model's hot path skips the ReLU layer.
+        self.fused_relu = False
 
     @property
     def relu_output(self) -> bool:

@@ -22,6 +22,7 @@ class Conv2D(Layer):
     """
 
     weight_names = ("kernel", "bias")
+    can_fuse_relu = True
 
     def __init__(
         self,
@@ -69,7 +70,7 @@ class Conv2D(Layer):
 
     @property
     def relu_output(self) -> bool:
-        return self.activation == "relu"
+        return self.activation == "relu" or self.fused_relu
 
     def _workspace(self) -> ops.Workspace:
         ws = getattr(self, "_cache_ws", None)
@@ -88,7 +89,7 @@ class Conv2D(Layer):
                 if self.use_bias else None)
         # Each chunk of images is padded and unfolded in a small buffer (no whole-batch copy);
         # backward redoes that from the cached input rather than keeping the patches.
-        relu = self.activation == "relu"
+        relu = self.relu_output
         y = ops.conv_forward(xp, kernels_for(self.backend), x, w2, bias, self.kernel_size,
                              self.strides, self.pads, self.out_hw, self._workspace(), "cols",
                              self.backend.chunk_bytes, relu=relu,
@@ -108,7 +109,7 @@ class Conv2D(Layer):
         x = self._cache_x
         dy = xp.astype(dy, self.compute_dtype, copy=False)
         relu_y = None
-        if self.activation == "relu" and not self.skip_relu_grad:
+        if self.relu_output and not self.skip_relu_grad:
             if self.need_input_grad:
                 dy = kern.relu_backward(dy, self._cache_y)
             else:  # only the kernel gradient reads it: masked a chunk at a time, in cache

@@ -33,6 +33,7 @@ class Dense(Layer):
     applies ReLU to y (as a ReLU layer after it would)."""
 
     weight_names = ("kernel", "bias")
+    can_fuse_relu = True
 
     def __init__(self, units: int, activation: str | None = None, use_bias: bool = True,
                  kernel_initializer: str = "glorot_uniform", name: str | None = None) -> None:
@@ -46,6 +47,10 @@ class Dense(Layer):
         return {"name": self.name, "units": self.units, "activation": self.activation,
                 "use_bias": self.use_bias,
                 "kernel_initializer": self.kernel_initializer}
+
+    @property
+    def relu_output(self) -> bool:
+        return self.activation == "relu" or self.fused_relu
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         if len(input_shape) != 1:
@@ -68,18 +73,19 @@ class Dense(Layer):
         kern = kernels_for(self.backend)
         bias = (xp.astype(self.params["bias"], self.compute_dtype, copy=False)
                 if self.use_bias else None)
-        relu = self.activation == "relu"
+        relu = self.relu_output
         y = kern.bias_relu(kern.matmul(x, w), bias, relu)
         if training:
             self._cache_x, self._cache_w = x, w
-            self._cache_y = y if relu else None  # where y > 0 the ReLU's gradient passes
+            # where y > 0 the ReLU's gradient passes (unless the next layer applies it)
+            self._cache_y = y if relu and not self.skip_relu_grad else None
         return y
 
     def backward(self, dy: Any) -> Any:
         xp = self.xp
         kern = kernels_for(self.backend)
         dy = xp.astype(dy, self.compute_dtype, copy=False)
-        if self.activation == "relu":
+        if self.relu_output and not self.skip_relu_grad:
             dy = kern.relu_backward(dy, self._cache_y)
             self._cache_y = None
         self.grads["kernel"] = xp.astype(kern.matmul_tn(self._cache_x, dy), self.dtype,

@@ -28,6 +28,10 @@ class FeatureNorm(Layer):
     y = (x - mean_hw) / sqrt(var_hw + eps). No parameters; the same in training and inference.
     """
 
+    # The gradient of a ReLU before it is applied in backward's own passes, a block of images
+    # at a time while it is in cache.
+    can_apply_input_relu_grad = True
+
     def __init__(self, eps: float = 1e-5, name: str | None = None) -> None:
         super().__init__(name)
         self.eps = _check_eps(eps)
@@ -44,13 +48,14 @@ class FeatureNorm(Layer):
         x = xp.astype(x, self.dtype, copy=False)
         xhat, inv_std = kernels_for(self.backend).feature_norm(x, self.eps)
         if training:
-            self._cache = (xhat, inv_std)
+            self._cache = (xhat, inv_std, x if self.apply_input_relu_grad else None)
         return xhat
 
     def backward(self, dy: Any) -> Any:
-        xhat, inv_std = self._cache
+        xhat, inv_std, relu_x = self._cache
+        self._cache = None
         dy = self.xp.astype(dy, self.dtype, copy=False)
-        return kernels_for(self.backend).feature_norm_backward(dy, xhat, inv_std)
+        return kernels_for(self.backend).feature_norm_backward(dy, xhat, inv_std, relu_x)
 
 
 class BatchNorm2D(Layer):

@@ -257,7 +257,12 @@ class NumpyKernels(StandardKernels):
         input, so all patches are one overlapping strided view of shape (n, Ho, Wo, kh, kw*C),
         copied in one call with kw*C-long runs (instead of kh*kw copies of C-long runs: 2-3x
         faster, most of all for few channels). The destination is the patch columns of each
-        row of ``out``, which may have more (see bias_in_patches)."""
+        row of ``out``, which may have more (see bias_in_patches).
+
+        Both views are of a void dtype of kw*C floats: NumPy then copies each run as one item
+        (its inner loop runs along the output's columns), not as a loop of kw*C floats per
+        run. Per chunk: 0.35 -> 0.17 ms for 16 images of 32x32x3, 0.10 -> 0.08 ms for 3 of
+        30x30x32, 0.074 -> 0.069 ms for 5 of 16x16x64."""
         kh, kw = kernel
         n, _, _, c = x.shape
         ho, wo = out_hw
@@ -267,14 +272,16 @@ class NumpyKernels(StandardKernels):
             # per run; one copy per kernel offset runs along the Wo axis instead (3x faster
             # for 3x3 on 26x26). Else: not channels-last rows, or an output not one block.
             return None
-        shape = (n, ho, wo, kh, kw * c)
-        steps = (s0, s1 * strides[0], s2 * strides[1], s1, s3)
+        run = np.dtype((np.void, kw * c * x.itemsize))
+        shape = (n, ho, wo, kh)
+        steps = (s0, s1 * strides[0], s2 * strides[1], s1)
         if x.flags.c_contiguous:  # np.ndarray over the buffer: 5x cheaper than as_strided
-            src = np.ndarray(shape, x.dtype, buffer=x, strides=steps)
-        else:
-            src = as_strided(x, shape, steps, writeable=False)
+            src = np.ndarray(shape, run, buffer=x, strides=steps)
+        else:  # (its last axis, kw*C floats, is contiguous: checked above)
+            src = as_strided(x, (*shape, kw * c), (*steps, s3), writeable=False)
+            src = src.view(run)[..., 0]
         o0, o1, o2, o3 = out.strides
-        dst = np.ndarray(shape, out.dtype, buffer=out, strides=(o0, o1, o2, kw * c * o3, o3))
+        dst = np.ndarray(shape, run, buffer=out, strides=(o0, o1, o2, kw * c * o3))
         return src, dst
 
     def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
@@ -452,14 +459,16 @@ class NumpyKernels(StandardKernels):
         self.for_chunks(n, self._image_blocks(x), work)
         return xhat, inv_std
 
-    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any) -> Any:
+    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any,
+                              relu_x: Any = None) -> Any:
         """inv_std * (dy - mean_hw(dy) - xhat * mean_hw(dy * xhat)), a block of images at a
-        time."""
+        time (then times ``relu_x > 0`` on the block while it is in cache)."""
         n, h, w, c = dy.shape
         k = self._widen(h * w, c)
         dx = np.empty(dy.shape, dy.dtype)
         ones = self._ones(h * w, dy.dtype)
         scale = dy.dtype.type(1.0 / (h * w))
+        zero = dy.dtype.type(0)
 
         def work(worker: int, n0: int, n1: int) -> None:
             b = n1 - n0
@@ -472,6 +481,8 @@ class NumpyKernels(StandardKernels):
             np.subtract(d, o, out=o)
             np.subtract(o, np.tile(m1, k)[:, None, :], out=o)
             np.multiply(o, np.tile(inv_std[n0:n1, 0, 0, :], k)[:, None, :], out=o)
+            if relu_x is not None:
+                np.multiply(o, relu_x[n0:n1].reshape(shape) > zero, out=o)
 
         self.for_chunks(n, self._image_blocks(dy), work)
         return dx

@@ -146,9 +146,13 @@ class StandardKernels:
         inv_std = 1.0 / xp.sqrt(xp.mean(centred * centred, axis=(1, 2), keepdims=True) + eps)
         return centred * inv_std, inv_std
 
-    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any) -> Any:
-        """Gradient of :meth:`feature_norm` through its mean and variance."""
-        return standardize_backward(self.xp, dy, xhat, inv_std, (1, 2))
+    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any,
+                              relu_x: Any = None) -> Any:
+        """Gradient of :meth:`feature_norm` through its mean and variance; with ``relu_x``,
+        the input of a feature norm after a ReLU, only where ``relu_x > 0``: the gradient of
+        that ReLU too (see ``Layer.apply_input_relu_grad``)."""
+        dx = standardize_backward(self.xp, dy, xhat, inv_std, (1, 2))
+        return dx if relu_x is None else self.relu_backward(dx, relu_x)
 
     def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float) -> tuple[Any, Any]:
         """Mean cross-entropy of softmax(z) against integer ``labels`` (targets mixed with the
