@@ -145,7 +145,7 @@ def profile_layers(name: str, batch: int, precision: str, args: argparse.Namespa
     """Per-layer forward and backward time of one training step (synchronised after each
     layer, median of ``args.steps``), to see where a step's time goes."""
     model, xb, _ = build_xpcnn(name, batch, precision, args.device)
-    layers = model.layers[:-1] if model._fused_softmax() else model.layers
+    layers = model._hot_layers()  # as a training step runs them (ReLU() layers fused)
     xp = model.backend.xp
     fwd: dict[int, list[float]] = {i: [] for i in range(len(layers))}
     bwd: dict[int, list[float]] = {i: [] for i in range(len(layers))}

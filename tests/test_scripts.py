@@ -49,3 +49,21 @@ def test_the_gpu_benchmark_dry_runs_on_the_cpu(layout, tmp_path):
     assert report["software"]["torch_memory_format"] == layout
     (row,) = report["rows"]
     assert row["xpcnn"]["train_img_s"] > 0 and row["torch"]["train_img_s"] > 0
+
+
+def test_the_per_layer_tables_dry_run(tmp_path):
+    """scripts/bench.py --layers (each layer as written, its own ReLU included, as its PyTorch
+    twin) and bench_gpu.py --profile (the layers a training step runs, on the CPU here)."""
+    out_json = tmp_path / "layers.json"
+    out = _run("--layers", "--models", "notebook", "--batch-size", "4", "--steps", "1",
+               "--warmup", "0", "--json", str(out_json), script="bench.py")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out_json.read_text())["layers"]
+    assert [r["layer"] for r in rows][:3] == ["conv2d", "relu", "conv2d_1"]
+    assert all(r["xpcnn"]["forward_ms"] > 0 for r in rows)
+    out = _run("--device", "cpu", "--models", "notebook", "--batch-sizes", "4", "--steps", "1",
+               "--warmup", "0", "--precisions", "float32", "--no-standard", "--profile",
+               "notebook:4:float32", script="bench_gpu.py")
+    assert out.returncode == 0, out.stderr
+    profile = out.stdout[out.stdout.index("per layer, notebook"):]
+    assert "conv2d_1" in profile and "relu_1" not in profile  # ReLU() fused, as in training
