@@ -122,7 +122,8 @@ class Sequential:
         for layer in self.layers:
             if (isinstance(layer, ReLU) and layer.max_value is None and plan
                     and plan[-1].can_fuse_relu):
-                fused.append(plan[-1])
+                if plan[-1] not in fused:  # (a second ReLU() changes nothing)
+                    fused.append(plan[-1])
                 continue
             plan.append(layer)
         # A ReLU's gradient is applied by the layer after it where that one can do it in its
