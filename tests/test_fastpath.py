@@ -442,6 +442,31 @@ def test_fused_optimiser_updates_give_the_standard_bits(rng, make, dtype):
         np.testing.assert_array_equal(f, s)
 
 
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_conv_grads_fast_equals_standard(dtype, rng):
+    """ops.conv_grads on the NumPy kernels (chunks on threads, chunk plans, a partial last
+    chunk, float16 products in float32) gives the standard kernels' gradients, twice over one
+    workspace."""
+    n, h, w, c, k = 7, 8, 6, 5, 4
+    pads = (1, 1, 1, 1)
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    dy = rng.standard_normal((n, h, w, k)).astype(dtype)
+    kernel = (0.3 * rng.standard_normal((3, 3, c, k))).astype(dtype)
+    budget = 3 * h * w * 9 * k * 4  # chunks of 3 images: 3, 3 and 1
+    ws = ops.Workspace()
+    want = ops.conv_grads(xpn, STD, x, dy, kernel, pads, ops.Workspace(), "d", None,
+                          with_bias=True)
+    tol = 1e-2 if dtype == np.float16 else 1e-5
+    for _ in range(2):
+        got = ops.conv_grads(xpn, FAST, x, dy, kernel, pads, ws, "d", budget, min_chunks=1,
+                             with_bias=True)
+        for g, ref in zip(got, want, strict=True):
+            assert g.shape == ref.shape
+            np.testing.assert_allclose(g.astype(np.float64), ref.astype(np.float64), rtol=tol,
+                                       atol=tol)
+
+
 def test_chunk_plans_follow_shapes_and_partial_chunks(rng):
     """A padded convolution keeps a plan per workspace key (views of its buffers, see
     ``ops.conv._plan``). It must follow a change of input size or of chunk size, and a partial

@@ -32,6 +32,10 @@ from xpcnn.layers import (
     (dict(filters=2, kernel_size=5, strides=3, padding="valid", use_bias=False), (11, 9, 1)),
     (dict(filters=3, kernel_size=4, strides=2, padding="same"), (9, 8, 2)),
     (dict(filters=3, kernel_size=3, padding="same", activation="relu"), (5, 4, 2)),
+    # "same", stride 1, at least as many input channels as filters: ops.conv_grads
+    (dict(filters=2, kernel_size=3, padding="same"), (5, 6, 3)),
+    (dict(filters=3, kernel_size=2, padding="same", use_bias=False), (4, 5, 3)),
+    (dict(filters=2, kernel_size=(5, 3), padding="same", activation="relu"), (6, 5, 2)),
 ])
 def test_conv2d(kwargs, shape, rng):
     check_layer(Conv2D(**kwargs), shape, rng)

@@ -93,6 +93,58 @@ def test_weight_gradient_matches_patches_transpose_product(budget, rng):
     np.testing.assert_allclose(bias, dy.sum(axis=(0, 1, 2)), rtol=1e-12)
 
 
+
+SHARED_PATCH_CASES = [  # (N, H, W, C, K, kernel, padding): stride 1, output as large as input
+    (5, 6, 5, 3, 3, (3, 3), "same"),
+    (4, 5, 7, 4, 2, (2, 2), "same"),  # asymmetric padding: (0, 1, 0, 1)
+    (3, 7, 6, 2, 2, (5, 3), "same"),
+    (3, 5, 5, 3, 1, (3, 3), 1),
+]
+
+
+@pytest.mark.parametrize("xp", [xpn, xs], ids=["numpy", "strict"])
+@pytest.mark.parametrize("case", SHARED_PATCH_CASES)
+@pytest.mark.parametrize("budget", [None, 1, 700], ids=["whole", "one-image", "partial"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradients_from_the_output_gradient_patches(xp, case, budget, with_bias, rng):
+    """conv_grads: kernel, bias and input gradients against the patches-transpose product, the
+    sum of dy and col2im (chunks of one image, and of two with a partial last one)."""
+    n, h, w, c, k, kernel, padding = case
+    pads = ops.resolve_padding(padding, (h, w), kernel, (1, 1))
+    assert ops.grads_share_patches(pads, kernel, (1, 1), (h, w), (h, w), c, k)
+    x = rng.standard_normal((n, h, w, c))
+    wt = rng.standard_normal((*kernel, c, k))
+    dy = rng.standard_normal((n, h, w, k))
+    cols = ops.im2col(xpn, ops.pad(xpn, x, pads), kernel, (1, 1), (h, w))
+    want_dw = (cols.T @ dy.reshape(-1, k)).reshape(wt.shape)
+    w2t = np.transpose(wt, (3, 0, 1, 2)).reshape(k, -1)
+    dcols = (dy.reshape(-1, k) @ w2t).reshape(n, h, w, -1)
+    padded = (n, h + pads[0] + pads[1], w + pads[2] + pads[3], c)
+    want_dx = ops.unpad(ops.col2im(xpn, dcols, padded, kernel, (1, 1), (h, w)), pads)
+    ws = ops.Workspace()
+    for _ in range(2):  # the second call reuses the workspace buffers
+        dw, db, dx = ops.conv_grads(xp, StandardKernels(xp), xp.asarray(x), xp.asarray(dy),
+                                    xp.asarray(wt), pads, ws, "dcols", budget,
+                                    with_bias=with_bias)
+        np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-10, atol=1e-10)
+        if with_bias:
+            np.testing.assert_allclose(np.asarray(db), dy.sum(axis=(0, 1, 2)), rtol=1e-10)
+        else:
+            assert db is None
+
+
+@pytest.mark.parametrize("pads, kernel, strides, in_hw, out_hw, c, k, expected", [
+    ((1, 1, 1, 1), (3, 3), (1, 1), (8, 8), (8, 8), 32, 32, True),
+    ((1, 1, 1, 1), (3, 3), (1, 1), (8, 8), (8, 8), 32, 64, False),  # wider dy patches
+    ((0, 0, 0, 0), (3, 3), (1, 1), (8, 8), (6, 6), 32, 32, False),  # "valid"
+    ((1, 1, 1, 1), (3, 3), (2, 2), (8, 8), (4, 4), 32, 32, False),  # strided
+])
+def test_grads_share_patches_only_where_it_pays(pads, kernel, strides, in_hw, out_hw, c, k,
+                                                expected):
+    assert ops.grads_share_patches(pads, kernel, strides, in_hw, out_hw, c, k) is expected
+
+
 def test_workspace_reuses_and_regrows():
     ws = ops.Workspace()
     a = ws.get(xpn, "k", (4, 3), xpn.float32, "cpu", fill=0.0)
