@@ -210,7 +210,7 @@ def test_an_optimiser_without_a_fused_update_runs_its_own(fast):
 
 
 @pytest.mark.parametrize("net", [gap_net, every_layer_net])
-@pytest.mark.parametrize("algorithm", ["direct", "tiled", "direct-forward"])
+@pytest.mark.parametrize("algorithm", ["direct", "tiled", "direct-forward", "im2col"])
 def test_training_with_the_cuda_kernels(fast, monkeypatch, net, algorithm):
     """Whole training runs with every CuPy kernel in place of the NumPy ones end with the
     standard path's weights."""

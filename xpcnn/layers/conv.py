@@ -88,7 +88,7 @@ class Conv2D(Layer):
         bias = (xp.astype(self.params["bias"], self.compute_dtype, copy=False)
                 if self.use_bias else None)
         # Each chunk of images is padded and unfolded in a small buffer (no whole-batch copy);
-        # backward redoes that from the cached input rather than keeping the patches.
+        # backward unfolds again rather than keeping the patches (see backward).
         relu = self.relu_output
         y = ops.conv_forward(xp, kernels_for(self.backend), x, w2, bias, self.kernel_size,
                              self.strides, self.pads, self.out_hw, self._workspace(), "cols",
@@ -116,6 +116,8 @@ class Conv2D(Layer):
                 relu_y = xp.reshape(self._cache_y, (-1, self.filters))
         self._cache_y = None
         h, w = self.input_shape[0], self.input_shape[1]
+        # Both gradients from the output gradient's patches alone where that pays; else the
+        # kernel gradient from the input's patches, then the input gradient.
         if (self.need_input_grad and not kern.direct_conv
                 and ops.grads_share_patches(self.pads, self.kernel_size, self.strides, (h, w),
                                             self.out_hw, x.shape[3], self.filters)):
