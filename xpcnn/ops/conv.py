@@ -322,8 +322,7 @@ def conv_weight_grad(
     ones = with_bias and kern.bias_in_patches  # then the last row of each part is dy's sum
     if relu_y is not None and not ones and with_bias:  # the bias gradient needs it whole
         dy2, relu_y = kern.relu_backward(dy2, relu_y), None
-    parts: dict[int, Any] = {}  # per chunk, summed in chunk order: the same bits however
-    # the chunks were spread over threads
+    parts: dict[int, Any] = {}  # per chunk, see _sum_in_chunk_order
 
     def work(worker: int, n0: int, n1: int) -> None:
         cols = _patches(xp, kern, x, n0, n1, pads, ws, f"{key}{worker}", m, kernel, strides,
@@ -334,15 +333,21 @@ def conv_weight_grad(
         parts[n0] = kern.matmul_tn(cols, d)
 
     kern.for_chunks(n, m, work)
-    # summed in float32 at least: in float16 (mixed precision) the sum of many chunks' parts
-    # would lose the low bits of each
-    acc = xp.float64 if parts[0].dtype == xp.float64 else xp.float32
-    dw = xp.astype(parts[0], acc, copy=True)
-    for n0 in range(m, n, m):
-        dw += xp.astype(parts[n0], acc, copy=False)
+    dw = _sum_in_chunk_order(xp, parts, n, m)
     if ones:
         return dw[:kk, ...], dw[kk, ...]
     return dw, (kern.sum_rows(dy2) if with_bias else None)
+
+
+def _sum_in_chunk_order(xp: Any, parts: dict[int, Any], n: int, m: int) -> Any:
+    """The sum of per-chunk parts (keyed by first image, chunks of ``m`` of ``n`` images) in
+    chunk order, so the same bits whichever threads ran the chunks; in float32 at least: in
+    float16 (mixed precision) the sum of many chunks' parts would lose the low bits of each."""
+    acc = xp.float64 if parts[0].dtype == xp.float64 else xp.float32
+    total = xp.astype(parts[0], acc, copy=True)
+    for n0 in range(m, n, m):
+        total += xp.astype(parts[n0], acc, copy=False)
+    return total
 
 
 def flipped_kernel_matrix(xp: Any, kernel: Any) -> Any:
@@ -437,7 +442,7 @@ def conv_grads(
     dx = xp.empty((n * h * w, c), dtype=dy.dtype, device=dy.device)
     dy2 = xp.reshape(dy, (n * h * w, k))
     m = images_per_chunk(n, h * w * kk * 4, budget, min_chunks, kern.threads())
-    parts: dict[int, Any] = {}  # per chunk, summed in chunk order (the same bits on any threads)
+    parts: dict[int, Any] = {}  # per chunk, see _sum_in_chunk_order
     bias_parts: dict[int, Any] = {}
 
     def work(worker: int, n0: int, n1: int) -> None:
@@ -450,13 +455,8 @@ def conv_grads(
             bias_parts[n0] = kern.sum_rows(dy2[r0:r1, :])
 
     kern.for_chunks(n, m, work)
-    acc = xp.float64 if parts[0].dtype == xp.float64 else xp.float32
-    g = xp.astype(parts[0], acc, copy=True)
-    db = xp.astype(bias_parts[0], acc, copy=True) if with_bias else None
-    for n0 in range(m, n, m):
-        g += xp.astype(parts[n0], acc, copy=False)
-        if db is not None:
-            db += xp.astype(bias_parts[n0], acc, copy=False)
+    g = _sum_in_chunk_order(xp, parts, n, m)
+    db = _sum_in_chunk_order(xp, bias_parts, n, m) if with_bias else None
     # (C, kh, kw, K) with rotated taps -> (kh, kw, C, K), contiguous (a reshape of the
     # permuted view copies it)
     dw = xp.permute_dims(xp.flip(xp.reshape(g, (c, kh, kw, k)), axis=(1, 2)), (1, 2, 0, 3))
