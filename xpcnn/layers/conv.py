@@ -116,24 +116,23 @@ class Conv2D(Layer):
                 relu_y = xp.reshape(self._cache_y, (-1, self.filters))
         self._cache_y = None
         h, w = self.input_shape[0], self.input_shape[1]
+        kernel = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
         # Both gradients from the output gradient's patches alone where that pays; else the
         # kernel gradient from the input's patches, then the input gradient.
         if (self.need_input_grad and not kern.direct_conv
                 and ops.grads_share_patches(self.pads, self.kernel_size, self.strides, (h, w),
                                             self.out_hw, x.shape[3], self.filters)):
-            kernel = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
             dw, db, dx = ops.conv_grads(xp, kern, x, dy, kernel, self.pads, ws, "dcols",
                                         budget, min_chunks, with_bias=self.use_bias)
-            self._set_grads(dw, db)
+            self._store_grads(dw, db)
             return xp.astype(dx, self._cache_x_dtype, copy=False)
         dy2 = xp.reshape(dy, (-1, self.filters))
         dw, db = ops.conv_weight_grad(xp, kern, x, dy2, self.kernel_size, self.strides,
                                       self.pads, self.out_hw, ws, "cols", budget, min_chunks,
                                       with_bias=self.use_bias, relu_y=relu_y)
-        self._set_grads(dw, db)
+        self._store_grads(dw, db)
         if not self.need_input_grad:
             return None
-        kernel = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
         if ops.input_grad_as_conv(self.pads, self.kernel_size, self.strides):
             dx = ops.conv_input_grad(xp, kern, xp.reshape(dy, (-1, *self.out_hw, self.filters)),
                                      ops.flipped_kernel_matrix(xp, kernel), self.kernel_size,
@@ -150,7 +149,9 @@ class Conv2D(Layer):
             dx = ops.unpad(dxpad, self.pads)
         return xp.astype(dx, self._cache_x_dtype, copy=False)
 
-    def _set_grads(self, dw: Any, db: Any) -> None:
+    def _store_grads(self, dw: Any, db: Any) -> None:
+        """Keep the kernel (and bias) gradient in the parameters' dtype; the cached input is
+        no longer needed."""
         xp = self.xp
         self.grads["kernel"] = xp.astype(xp.reshape(dw, self.params["kernel"].shape), self.dtype,
                                          copy=False)

@@ -358,6 +358,13 @@ def flipped_kernel_matrix(xp: Any, kernel: Any) -> Any:
     return xp.reshape(xp.permute_dims(flipped, (0, 1, 3, 2)), (kh * kw * k, c))
 
 
+def _output_grad_pads(pads: Pads, kernel: tuple[int, int]) -> Pads:
+    """Padding of the output gradient whose stride-1 convolution with the rotated kernel has
+    exactly the input's size: kh-1-top above, and so on."""
+    kh, kw = kernel
+    return (kh - 1 - pads[0], kh - 1 - pads[1], kw - 1 - pads[2], kw - 1 - pads[3])
+
+
 def input_grad_as_conv(pads: Pads, kernel: tuple[int, int], strides: tuple[int, int]) -> bool:
     """True when the input gradient is a stride-1 convolution of the padded output gradient."""
     kh, kw = kernel
@@ -381,11 +388,9 @@ def conv_input_grad(
     """Input gradient (N, H, W, C) of a stride-1 convolution (see :func:`input_grad_as_conv`):
     the output gradient, zero-padded by kh-1-top above (and so on), convolved with the rotated
     kernel. No col2im scatter, and no temporary the size of the whole batch's patches."""
-    kh, kw = kernel
-    n, ho, wo, k = dy.shape
+    n = dy.shape[0]
     h, w = in_hw
-    # dy padded so that the stride-1 convolution's output is exactly (h, w)
-    gpads = (kh - 1 - pads[0], kh - 1 - pads[1], kw - 1 - pads[2], kw - 1 - pads[3])
+    gpads = _output_grad_pads(pads, kernel)
     dx = conv_forward(xp, kern, dy, wflip2, None, kernel, (1, 1), gpads, (h, w), ws, key,
                       budget, min_chunks=min_chunks)
     return xp.reshape(dx, (n, h, w, wflip2.shape[1]))
@@ -436,7 +441,7 @@ def conv_grads(
     """
     kh, kw, c, k = kernel.shape
     n, h, w, _ = x.shape
-    gpads = (kh - 1 - pads[0], kh - 1 - pads[1], kw - 1 - pads[2], kw - 1 - pads[3])
+    gpads = _output_grad_pads(pads, (kh, kw))
     wflip2 = flipped_kernel_matrix(xp, kernel)
     kk = kh * kw * k
     dx = xp.empty((n * h * w, c), dtype=dy.dtype, device=dy.device)
