@@ -158,7 +158,7 @@ class RawKernel:
             "static pthread_barrier_t xpcnn_barrier;\n"
             "static void** xpcnn_ptrs; static double* xpcnn_scalars;\n"
             "#define __global__\n#define __device__\n#define __restrict__\n"
-            "#define __shared__ static\n"
+            "#define __shared__ static\n#define __align__(n) __attribute__((aligned(n)))\n"
             "#define __syncthreads() pthread_barrier_wait(&xpcnn_barrier)\n"
             "using namespace std;\n" + self.code +
             "\nstatic void* xpcnn_thread(void* arg) {\n"
@@ -194,8 +194,10 @@ def fake_cupy() -> types.ModuleType:
     fake = types.ModuleType("cupy")
     fake.ElementwiseKernel = ElementwiseKernel
     fake.RawKernel = RawKernel
+    fake.cuda = types.SimpleNamespace(compiler=types.SimpleNamespace(
+        CompileException=type("CompileException", (Exception,), {})))
     for name in ("matmul", "empty", "zeros", "maximum", "ascontiguousarray", "asarray",
-                 "float32", "float64"):
+                 "float16", "float32", "float64"):
         setattr(fake, name, getattr(np, name))
     return fake
 

@@ -3,6 +3,8 @@ give the standard versions' results: their index arithmetic, bounds and formulas
 every machine, not only where a GPU is lent (tests/test_gpu.py checks them on the GPU, float16
 included)."""
 
+import sys
+
 import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
@@ -38,6 +40,37 @@ def fast():
 
 def _poisoned(shape, dtype):
     return np.full(shape, np.nan, dtype)
+
+
+def test_tensor_core_kernels_that_do_not_compile_fall_back_with_a_warning(fast, monkeypatch,
+                                                                         rng):
+    """Where CUDA's headers or the GPU cannot build the tensor-core (TF32) kernels, float32
+    convolutions run on the CUDA-core tiled kernels, with a warning, and give the same
+    results; float16 ones go to the direct kernels."""
+    module = sys.modules[type(fast).__module__]  # the emulated fast_cupy
+    compile_error = module.cupy.cuda.compiler.CompileException
+
+    class NoTensorCores(module.cupy.RawKernel):
+        def compile(self):
+            raise compile_error("mma.h(55): cannot open source file\nmore")
+
+    monkeypatch.setattr(module.cupy, "RawKernel", NoTensorCores)
+    monkeypatch.setattr(module, "_compute_capability", lambda: 90)
+    monkeypatch.setattr(module, "_TILED", {})
+    monkeypatch.setattr(fast, "tf32", True)
+    x = rng.standard_normal((2, 6, 6, 4)).astype(np.float32)
+    w2 = rng.standard_normal((36, 5)).astype(np.float32)
+    pads = (1, 1, 1, 1)
+    with pytest.warns(RuntimeWarning, match="did not compile .*mma.h.* CUDA cores"):
+        got = fast.conv2d(x, w2, None, (3, 3), (1, 1), pads, (6, 6), False)
+    want = ops.conv_forward(xpn, STD, x, w2, None, (3, 3), (1, 1), pads, (6, 6),
+                            ops.Workspace(), "k", None, False)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert module._TILED[("xpcnn_conv_tiled", "float32", True)] is None
+    assert module._TILED[("xpcnn_conv_tiled", "float32", False)] is not None
+    with pytest.warns(RuntimeWarning, match="float16 convolutions run on the CUDA cores"):
+        assert fast._tiled_kernel("xpcnn_conv_tiled", module._CONV_TILED_SOURCE,
+                                  np.float16) is None
 
 
 @pytest.mark.parametrize("kernel, strides, shape, pads", IM2COL)

@@ -102,11 +102,13 @@ def test_im2col_reads_the_padding_without_storing_it(cp, kernels, rng, kernel, s
 @pytest.mark.parametrize("algorithm, case, dtype",
                          [("direct", case, dt) for case in DIRECT_CONV for dt in DTYPES]
                          + [("tiled", case, dt) for case in TILED_CONV
-                            for dt in ("float32", "float64")])
+                            for dt in ("float16", "float32", "float64")]
+                         + [("tiled-tf32", case, "float32") for case in TILED_CONV])
 def test_convolution_kernels_match_im2col(cp, kernels, rng, algorithm, case, dtype):
     """Forward (with and without bias and ReLU) and kernel gradient (with and without the
-    bias's) of the direct kernels (one element per thread; float16 runs these under every
-    algorithm) and the tiled ones, against the standard im2col + matmul versions."""
+    bias's) of the direct kernels (one element per thread), the tiled ones (float16 on the
+    tensor cores) and the tiled float32 ones on the tensor cores in TF32, against the
+    standard im2col + matmul versions."""
     kernel, strides, shape, filters, padding = case
     fast, std = kernels
     x = _random(cp, rng, shape, dtype)
@@ -114,17 +116,27 @@ def test_convolution_kernels_match_im2col(cp, kernels, rng, algorithm, case, dty
     out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
     w2 = _random(cp, rng, (kernel[0] * kernel[1] * shape[3], filters), dtype)
     bias = _random(cp, rng, (filters,), dtype)
-    tol = {"float16": 2e-2, "float32": 1e-4, "float64": 1e-12}[dtype]
-    grad_tol = {"float16": 1e-3, "float32": 1e-5, "float64": 1e-12}[dtype]
-    fast.set_conv_algorithm(algorithm)
+    tf32 = algorithm == "tiled-tf32"
+    # TF32 keeps 10 bits of each factor's mantissa: errors of ~1e-3 of the largest value
+    tol = 3e-3 if tf32 else {"float16": 2e-2, "float32": 1e-4, "float64": 1e-12}[dtype]
+    grad_tol = 3e-3 if tf32 else {"float16": 1e-3, "float32": 1e-5, "float64": 1e-12}[dtype]
+    fast.set_conv_algorithm("tiled" if tf32 else algorithm)
+    fast.tf32 = tf32
     try:
         for b, relu in ((bias, True), (None, False)):
             got = fast.conv2d(x, w2, b, kernel, strides, pads, out_hw, relu)
             want = ops.conv_forward(std.xp, std, x, w2, b, kernel, strides, pads, out_hw,
                                     ops.Workspace(), "k", None, relu)
             assert got.dtype == x.dtype
-            np.testing.assert_allclose(got.get().astype(np.float64), want.get(), rtol=tol,
-                                       atol=tol)
+            if tf32:
+                scale = float(cp.abs(want).max())
+                np.testing.assert_allclose(got.get() / scale, want.get() / scale, atol=tol)
+                # and not exact: the tensor cores ran, not the CUDA-core kernel
+                assert not cp.array_equal(got, fast_float32(fast, x, w2, b, kernel, strides,
+                                                            pads, out_hw, relu))
+            else:
+                np.testing.assert_allclose(got.get().astype(np.float64), want.get(), rtol=tol,
+                                           atol=tol)
         dy = _random(cp, rng, (shape[0] * out_hw[0] * out_hw[1], filters), dtype)
         want, want_bias = ops.conv_weight_grad(std.xp, std, x.astype(cp.float64),
                                                dy.astype(cp.float64), kernel, strides, pads,
@@ -145,6 +157,41 @@ def test_convolution_kernels_match_im2col(cp, kernels, rng, algorithm, case, dty
                 assert got_bias is None
     finally:
         fast.set_conv_algorithm("tiled")
+        fast.tf32 = False
+
+
+def fast_float32(fast, *args):
+    """``fast.conv2d`` on the CUDA cores (TF32 off)."""
+    fast.tf32 = False
+    try:
+        return fast.conv2d(*args)
+    finally:
+        fast.tf32 = True
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_tensor_core_kernels_compile_here(kernels, dtype):
+    """On a GPU with tensor cores the float16 (and TF32) tiled kernels compile, rather than
+    falling back with a warning to the slower kernels."""
+    import warnings
+
+    from xpcnn.ops import fast_cupy
+
+    fast, _ = kernels
+    if fast_cupy._compute_capability() < (70 if dtype == "float16" else 80):
+        pytest.skip("this GPU has no tensor cores for this type")
+    fast.tf32 = dtype == "float32"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for name, source in (("xpcnn_conv_tiled", fast_cupy._CONV_TILED_SOURCE),
+                                 ("xpcnn_conv_weight_grad_tiled",
+                                  fast_cupy._CONV_WEIGHT_GRAD_TILED_SOURCE)):
+                kernel = fast._tiled_kernel(name, source, np.dtype(dtype))
+                assert kernel is not None
+                assert kernel is fast_cupy._TILED[(name, dtype, dtype == "float32")]
+    finally:
+        fast.tf32 = False
 
 
 @pytest.mark.parametrize("rows", [131072, 1000, 513, 100])

@@ -5,12 +5,13 @@ docs/performance.md), and the standard versions make one call (and one temporary
 operation, e.g. kh*kw slice copies for an im2col, four calls for a ReLU gradient, nine for an
 Adam update, ~20 for a softmax cross-entropy. Each kernel here does one of those jobs in a
 single launch, reading and writing each element once. Convolutions run as tiled implicit-GEMM
-kernels in shared memory (float32 / float64) or as one-element-per-thread direct kernels
-(float16), with no im2col scratch. Every method matches its :class:`StandardKernels` twin:
-``tests/test_gpu.py`` checks that on the GPU in float32 and float16, and
-``tests/test_cuda_kernels_on_cpu.py`` compiles the same kernel source for the CPU and checks
-it on every machine. The cases a kernel does not cover (overlapping pooling windows,
-non-contiguous outputs) go to that twin.
+kernels in shared memory (float16 on the tensor cores, float32 / float64 on the CUDA cores or,
+with ``CUPY_TF32=1``, float32 on the tensor cores in TF32), with no im2col scratch. Every
+method matches its :class:`StandardKernels` twin: ``tests/test_gpu.py`` checks that on the GPU
+in float16, float32 and TF32, and ``tests/test_cuda_kernels_on_cpu.py`` compiles the same
+kernel source for the CPU and checks it on every machine in float32 and float64 (the
+tensor-core instructions have no CPU twin). The cases a kernel does not cover (overlapping
+pooling windows, non-contiguous outputs) go to that twin.
 
 Kernels are compiled by CuPy on first use and cached on disk (``~/.cupy/kernel_cache``). In
 elementwise bodies ``i`` is the element's C-order index, and a ``raw`` array indexed by one
@@ -19,6 +20,9 @@ integer is read at that C-order index; ``n`` and ``i`` are CuPy's own names.
 
 from __future__ import annotations
 
+import functools
+import os
+import warnings
 from typing import Any
 
 import array_api_compat.cupy as compat_cupy
@@ -95,12 +99,18 @@ _CONV = cupy.ElementwiseKernel(
 # Tiled direct convolution (implicit GEMM): the (M = N*Ho*Wo, K) output as the product of
 # the patch matrix (M, KK = kh*kw*C), gathered on the fly and never stored, and the kernel
 # matrix (KK, K). A block of 128 threads owns a 128 x 32 output tile and walks KK in slices of
-# 16: it gathers the slice's patch values and kernel rows into shared memory once, then each
-# thread accumulates an 8 x 4 tile from there (12 shared loads for 32 products, where the
-# one-element-per-thread kernel above makes two global loads per product). Where each gathered
-# value lives comes from tables of offsets per output row and per kernel-matrix row: computing
-# it with integer divisions per value made the first version of this kernel 1.4x slower
-# (measured on an H200). float32 and float64; float16 keeps the kernel above.
+# 16: it gathers the slice's patch values and kernel rows into shared memory once, then
+# multiplies them there: on the CUDA cores each thread accumulates an 8 x 4 tile (12 shared
+# loads for 32 products, where the one-element-per-thread kernel above makes two global loads
+# per product); on the tensor cores (float16 always, float32 with TF32 on) each warp a 32 x 32
+# one. Each thread loads its share of the next slice into registers before the product of this
+# one starts, so that the loads' latency is hidden behind it: that made the kernels 1.6x-3.2x
+# faster (float16 forward 0.51 -> 0.27 ms, kernel gradient 1.55 -> 0.48 ms at batch 512 of
+# cifar's 32x32x32 -> 32 layer; H200, 2026-11-26), since they had waited on those loads (ncu:
+# 25-30% occupancy, 15 cycles per issued instruction in the kernel gradient). Where each
+# gathered value lives comes from offsets per output row (tables in shared memory) and per
+# kernel-matrix row (in the registers of the thread that gathers it): computing it with
+# integer divisions per value made the first version 1.4x slower.
 # Tile sizes: a block's output tile (M x N), the slice of the reduction it walks (K), one
 # thread's register tile (TM x TN); the launches below take their grids from the same numbers.
 _TILE_M, _TILE_N, _TILE_K, _TILE_TM, _TILE_TN = 128, 32, 16, 8, 4
@@ -112,7 +122,14 @@ _TILE = f"""
 #define TM {_TILE_TM}
 #define TN {_TILE_TN}
 """ + """#define NT ((BM / TM) * (BN / TN))
-// acc[i][j] += As[t][tm*TM + i] * Bs[t][tn*TN + j] over the slice's BK rows, in registers
+"""
+# The tile product on the CUDA cores (float32 / float64): acc[i][j] += As[t][tm*TM + i] *
+# Bs[t][tn*TN + j] over the slice's BK rows, in registers; thread (tm, tn) owns its result.
+_FMA_PRODUCT = """#define APAD 1
+#define XPCNN_TILE_INIT \
+    ACC acc[TM][TN]; \
+    for (int i = 0; i < TM; ++i) \
+        for (int j = 0; j < TN; ++j) acc[i][j] = (ACC)0;
 #define XPCNN_TILE_PRODUCT \
     for (int t = 0; t < BK; ++t) { \
         ACC a[TM]; \
@@ -122,21 +139,94 @@ _TILE = f"""
         for (int i = 0; i < TM; ++i) \
             for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j]; \
     }
+#define XPCNN_TILE_FINISH
+#define XPCNN_RESULT(i, j) acc[i][j]
 """
+# The same tile product on the tensor cores (float16, or float32 rounded to TF32, with float32
+# accumulators): each of the block's four warps owns 32 rows x BN columns of the tile as
+# 2 x (BN/16) fragments of 16 x 16. As is the tile's (BM x BK) left factor stored column by
+# column, Bs its (BK x BN) right one row by row, as the CUDA-core version has them; at the end
+# the fragments go through shared memory so that thread (tm, tn) finds its result where the
+# CUDA-core version has it, and both kernels keep one epilogue. The warp-wide instructions are
+# PTX's wmma, written inline: CUDA's C++ wrapper for them (mma.h) is missing from the CUDA
+# headers that pip installs beside CuPy.
+_WMMA_PRODUCT = """#define APAD 8
+#define WROWS (BM / (NT / 32))
+#define XPCNN_TILE_INIT \
+    float acc[WROWS / 16][BN / 16][8]; \
+    for (int i = 0; i < WROWS / 16; ++i) \
+        for (int j = 0; j < BN / 16; ++j) \
+            for (int e = 0; e < 8; ++e) acc[i][j][e] = 0.0f;
+#define XPCNN_TILE_PRODUCT \
+    for (int kt = 0; kt < BK; kt += WK) { \
+        for (int i = 0; i < WROWS / 16; ++i) { \
+            unsigned a[FRAG]; \
+            xpcnn_load_a(a, &As[kt][tid / 32 * WROWS + i * 16], BM + APAD); \
+            for (int j = 0; j < BN / 16; ++j) { \
+                unsigned b[FRAG]; \
+                xpcnn_load_b(b, &Bs[kt][j * 16], BN); \
+                xpcnn_mma(acc[i][j], a, b); \
+            } \
+        } \
+    }
+#define XPCNN_TILE_FINISH \
+    __shared__ __align__(32) float Cs[BM][BN + 4]; \
+    for (int i = 0; i < WROWS / 16; ++i) \
+        for (int j = 0; j < BN / 16; ++j) \
+            xpcnn_store(&Cs[tid / 32 * WROWS + i * 16][j * 16], acc[i][j], BN + 4); \
+    __syncthreads();
+#define XPCNN_RESULT(i, j) Cs[tm * TM + i][tn * TN + j]
+"""
+
+
+def _wmma(shape: str, depth: int, kind: str, regs: int, mma_types: str,
+          round_tf32: bool) -> str:
+    """The four warp-wide steps of one wmma flavour (16 x 16 x ``depth``) as device
+    functions: load a column-major A fragment and a row-major B one (``regs`` 32-bit registers
+    each; TF32 values rounded to nearest from float32), multiply-add into eight float32
+    accumulators, store them."""
+    def operands(first: int, n: int) -> str:
+        return "{" + ",".join(f"%{k}" for k in range(first, first + n)) + "}"
+
+    outs = ", ".join(f'"=r"(f[{k}])' for k in range(regs))
+    rounding = ("    for (int k = 0; k < FRAG; ++k)\n"
+                '        asm("cvt.rna.tf32.f32 %0, %1;"'
+                ' : "=r"(f[k]) : "f"(__uint_as_float(f[k])));\n' if round_tf32 else "")
+    load = "".join(f"""
+__device__ __forceinline__ void xpcnn_load_{m}(unsigned* f, const void* p, int ldm) {{
+    asm volatile("wmma.load.{m}.sync.aligned.{layout}.{shape}.{kind} {operands(0, regs)}, "
+                 "[%{regs}], %{regs + 1};" : {outs} : "l"(p), "r"(ldm) : "memory");
+{rounding}}}""" for m, layout in (("a", "col"), ("b", "row")))
+    d = ", ".join(f'"+f"(d[{k}])' for k in range(8))
+    ab = ", ".join([f'"r"(a[{k}])' for k in range(regs)] + [f'"r"(b[{k}])' for k in range(regs)])
+    dv = ", ".join(f'"f"(d[{k}])' for k in range(8))
+    return f"""#define WK {depth}
+#define FRAG {regs}{load}
+__device__ __forceinline__ void xpcnn_mma(float* d, const unsigned* a, const unsigned* b) {{
+    asm volatile("wmma.mma.sync.aligned.col.row.{shape}.{mma_types} {operands(0, 8)}, "
+                 "{operands(8, regs)}, {operands(8 + regs, regs)}, {operands(0, 8)};"
+                 : {d} : {ab});
+}}
+__device__ __forceinline__ void xpcnn_store(float* p, const float* d, int ldm) {{
+    asm volatile("wmma.store.d.sync.aligned.row.{shape}.f32 [%0], {operands(1, 8)}, %9;"
+                 :: "l"(p), {dv}, "r"(ldm) : "memory");
+}}
+"""
+
+
+_WMMA_FLOAT16 = "#include <cuda_fp16.h>\n" + _wmma("m16n16k16", 16, "f16", 8, "f32.f32", False)
+_WMMA_TF32 = _wmma("m16n16k8", 8, "tf32", 4, "f32.tf32.tf32.f32", True)
 _CONV_TILED_SOURCE = r"""
 extern "C" __global__ void xpcnn_conv_tiled(
         const TYPE* x, const TYPE* w, const TYPE* bias, TYPE* y, const int has_bias,
         const int relu, const long long M, const int H, const int W, const int C,
         const int Ho, const int Wo, const int K, const int kw, const int KK, const int sh,
         const int sw, const int top, const int left) {
-    __shared__ TYPE As[BK][BM + 1];  // patch values, As[t][r]: +1 spreads the stores over banks
-    __shared__ TYPE Bs[BK][BN];      // kernel rows
+    __shared__ __align__(32) TYPE As[BK][BM + APAD];  // patch values, As[t][r]
+    __shared__ __align__(32) TYPE Bs[BK][BN];         // kernel rows
     __shared__ long long row_at[BM]; // where the row's window starts in x (may lie outside)
     __shared__ int row_h[BM];        // the row's top-left input position; -2^29 past M
     __shared__ int row_w[BM];
-    __shared__ int tap_h[BK];        // per kernel-matrix row of the slice: its offsets in the
-    __shared__ int tap_w[BK];        // window, and in x from the window's start; -2^29 past KK
-    __shared__ long long tap_at[BK];
     const int tid = threadIdx.x;
     const int tn = tid % (BN / TN);
     const int tm = tid / (BN / TN);
@@ -157,50 +247,54 @@ extern "C" __global__ void xpcnn_conv_tiled(
             row_at[r] = 0;
         }
     }
-    ACC acc[TM][TN];
-    for (int i = 0; i < TM; ++i)
-        for (int j = 0; j < TN; ++j) acc[i][j] = (ACC)0;
+    XPCNN_TILE_INIT
+    // Thread tid gathers kernel-matrix row gt of each slice for the tile rows tid / BK + e *
+    // (NT / BK), and kernel values at (tid / BN + e * (NT / BN), tid % BN), into registers:
+    // the next slice's loads are in flight while the product of this one runs.
+    static_assert(NT % BK == 0 && NT % BN == 0, "whole rows of the slice per pass");
+    const int gt = tid % BK;
+    TYPE pa[BM * BK / NT];
+    TYPE pb[BK * BN / NT];
+    auto fetch = [&](const int k0) {
+        const int kk = k0 + gt;
+        int th = -(1 << 29), tw = 0;  // offsets in the window; -2^29 past KK
+        long long tat = 0;            // and in x from the window's start
+        if (kk < KK) {
+            const int tap = kk / C;
+            th = tap / kw;
+            tw = tap % kw;
+            tat = ((long long)th * W + tw) * C + kk % C;
+        }
+        for (int e = 0; e < BM * BK / NT; ++e) {
+            const int r = tid / BK + e * (NT / BK);
+            const int hh = row_h[r] + th;
+            const int ww = row_w[r] + tw;
+            pa[e] = (hh >= 0 && hh < H && ww >= 0 && ww < W) ? x[row_at[r] + tat] : (TYPE)0;
+        }
+        for (int e = 0; e < BK * BN / NT; ++e) {
+            const int kr = k0 + tid / BN + e * (NT / BN);
+            const int n = n0 + tid % BN;
+            pb[e] = (kr < KK && n < K) ? w[(long long)kr * K + n] : (TYPE)0;
+        }
+    };
+    __syncthreads();  // the row tables
+    fetch(0);
     for (int k0 = 0; k0 < KK; k0 += BK) {
-        if (tid < BK) {
-            const int kk = k0 + tid;
-            if (kk < KK) {
-                const int tap = kk / C;
-                tap_h[tid] = tap / kw;
-                tap_w[tid] = tap % kw;
-                tap_at[tid] = ((long long)tap_h[tid] * W + tap_w[tid]) * C + kk % C;
-            } else {
-                tap_h[tid] = -(1 << 29);
-                tap_w[tid] = 0;
-                tap_at[tid] = 0;
-            }
-        }
+        for (int e = 0; e < BM * BK / NT; ++e) As[gt][tid / BK + e * (NT / BK)] = pa[e];
+        for (int e = 0; e < BK * BN / NT; ++e) Bs[tid / BN + e * (NT / BN)][tid % BN] = pb[e];
         __syncthreads();
-        for (int idx = tid; idx < BM * BK; idx += NT) {
-            const int t = idx % BK;
-            const int r = idx / BK;
-            const int hh = row_h[r] + tap_h[t];
-            const int ww = row_w[r] + tap_w[t];
-            As[t][r] = (hh >= 0 && hh < H && ww >= 0 && ww < W) ? x[row_at[r] + tap_at[t]]
-                                                                  : (TYPE)0;
-        }
-        for (int idx = tid; idx < BK * BN; idx += NT) {
-            const int t = idx / BN;
-            const int nn = idx % BN;
-            const int kk = k0 + t;
-            const int n = n0 + nn;
-            Bs[t][nn] = (kk < KK && n < K) ? w[(long long)kk * K + n] : (TYPE)0;
-        }
-        __syncthreads();
+        if (k0 + BK < KK) fetch(k0 + BK);
         XPCNN_TILE_PRODUCT
         __syncthreads();
     }
+    XPCNN_TILE_FINISH
     for (int i = 0; i < TM; ++i) {
         const long long m = m0 + tm * TM + i;
         if (m >= M) continue;
         for (int j = 0; j < TN; ++j) {
             const int n = n0 + tn * TN + j;
             if (n >= K) continue;
-            ACC v = acc[i][j];
+            ACC v = XPCNN_RESULT(i, j);
             if (has_bias) v += (ACC)bias[n];
             if (relu && v < (ACC)0) v = (ACC)0;
             y[m * K + n] = (TYPE)v;
@@ -214,18 +308,15 @@ extern "C" __global__ void xpcnn_conv_tiled(
 # ``extra`` = 1 a last kernel-matrix row of ones gives the bias gradient in the same pass.
 _CONV_WEIGHT_GRAD_TILED_SOURCE = r"""
 extern "C" __global__ void xpcnn_conv_weight_grad_tiled(
-        const TYPE* x, const TYPE* dy, TYPE* part, const long long M, const long long per,
+        const TYPE* x, const TYPE* dy, PART* part, const long long M, const long long per,
         const int H, const int W, const int C, const int Ho, const int Wo, const int K,
         const int kw, const int KK, const int extra, const int sh, const int sw, const int top,
         const int left) {
-    __shared__ TYPE As[BK][BM + 1];     // patch values, As[t][r] for row t, kernel row r
-    __shared__ TYPE Bs[BK][BN];         // output gradient rows
-    __shared__ long long row_at[BK];    // where the row's window starts in x (may lie outside)
-    __shared__ int row_h[BK];           // the row's top-left input position; -2^29 past the end
-    __shared__ int row_w[BK];
-    __shared__ int tap_h[BM];           // per kernel-matrix row of the block: its offsets in the
-    __shared__ int tap_w[BM];           // window, and in x from the window's start; -2^29 past
-    __shared__ long long tap_at[BM];    // KK, and 2^29 for the bias row
+    __shared__ __align__(32) TYPE As[BK][BM + APAD];  // patch values, As[t][r] for row t,
+    __shared__ __align__(32) TYPE Bs[BK][BN];         // kernel row r; output gradient rows
+    __shared__ long long row_at[2][BK]; // where the row's window starts in x (may lie
+    __shared__ int row_h[2][BK];        // outside), its top-left input position (-2^29 past
+    __shared__ int row_w[2][BK];        // the end): for this slice and the next
     const int tid = threadIdx.x;
     const int tn = tid % (BN / TN);
     const int tm = tid / (BN / TN);
@@ -235,85 +326,108 @@ extern "C" __global__ void xpcnn_conv_weight_grad_tiled(
     const long long begin = s * per;
     const long long end = begin + per < M ? begin + per : M;
     const int KKE = KK + extra;
-    for (int r = tid; r < BM; r += NT) {
-        const int kk = kk0 + r;
-        if (kk < KK) {
-            const int tap = kk / C;
-            tap_h[r] = tap / kw;
-            tap_w[r] = tap % kw;
-            tap_at[r] = ((long long)tap_h[r] * W + tap_w[r]) * C + kk % C;
-        } else {
-            tap_h[r] = kk < KKE ? (1 << 29) : -(1 << 29);
-            tap_w[r] = 0;
-            tap_at[r] = 0;
-        }
+    // Thread tid gathers kernel-matrix row kk0 + tid of each slice's BK rows, and output
+    // gradient values at (tid / BN + e * (NT / BN), tid % BN), into registers: the next
+    // slice's loads are in flight while the product of this one runs.
+    static_assert(NT == BM && NT % BN == 0, "one thread per kernel-matrix row");
+    const int kk = kk0 + tid;
+    const bool ones = kk >= KK && kk < KKE;  // the bias row
+    int th = -(1 << 29), tw = 0;  // offsets in the window; -2^29 past KK
+    long long tat = 0;            // and in x from the window's start
+    if (kk < KK) {
+        const int tap = kk / C;
+        th = tap / kw;
+        tw = tap % kw;
+        tat = ((long long)th * W + tw) * C + kk % C;
     }
-    ACC acc[TM][TN];
-    for (int i = 0; i < TM; ++i)
-        for (int j = 0; j < TN; ++j) acc[i][j] = (ACC)0;
-    for (long long m0 = begin; m0 < end; m0 += BK) {
+    auto rows = [&](const long long m0, const int buf) {
         if (tid < BK) {
             const long long m = m0 + tid;
             if (m < end) {
                 const int ow = (int)(m % Wo);
                 const long long t = m / Wo;
                 const int oh = (int)(t % Ho);
-                row_h[tid] = oh * sh - top;
-                row_w[tid] = ow * sw - left;
-                row_at[tid] = (t / Ho) * H * W * C + ((long long)row_h[tid] * W + row_w[tid]) * C;
+                row_h[buf][tid] = oh * sh - top;
+                row_w[buf][tid] = ow * sw - left;
+                row_at[buf][tid] = (t / Ho) * H * W * C
+                                   + ((long long)row_h[buf][tid] * W + row_w[buf][tid]) * C;
             } else {
-                row_h[tid] = -(1 << 29);
-                row_w[tid] = 0;
-                row_at[tid] = 0;
+                row_h[buf][tid] = -(1 << 29);
+                row_w[buf][tid] = 0;
+                row_at[buf][tid] = 0;
             }
         }
-        __syncthreads();
-        for (int idx = tid; idx < BK * BM; idx += NT) {
-            const int r = idx % BM;
-            const int t = idx / BM;
-            TYPE v = (TYPE)0;
-            if (tap_h[r] == (1 << 29)) {
-                v = row_h[t] > -(1 << 28) ? (TYPE)1 : (TYPE)0;  // the bias row, for real rows
-            } else {
-                const int hh = row_h[t] + tap_h[r];
-                const int ww = row_w[t] + tap_w[r];
-                if (hh >= 0 && hh < H && ww >= 0 && ww < W) v = x[row_at[t] + tap_at[r]];
-            }
-            As[t][r] = v;
+    };
+    TYPE pa[BK];
+    TYPE pb[BK * BN / NT];
+    auto fetch = [&](const long long m0, const int buf) {
+        for (int t = 0; t < BK; ++t) {
+            const int hh = row_h[buf][t] + th;
+            const int ww = row_w[buf][t] + tw;
+            if (ones)
+                pa[t] = row_h[buf][t] > -(1 << 28) ? (TYPE)1 : (TYPE)0;  // for real rows
+            else
+                pa[t] = (hh >= 0 && hh < H && ww >= 0 && ww < W) ? x[row_at[buf][t] + tat]
+                                                                  : (TYPE)0;
         }
-        for (int idx = tid; idx < BK * BN; idx += NT) {
-            const int t = idx / BN;
-            const int nn = idx % BN;
-            const long long m = m0 + t;
-            const int n = n0 + nn;
-            Bs[t][nn] = (m < end && n < K) ? dy[m * K + n] : (TYPE)0;
+        for (int e = 0; e < BK * BN / NT; ++e) {
+            const long long m = m0 + tid / BN + e * (NT / BN);
+            const int n = n0 + tid % BN;
+            pb[e] = (m < end && n < K) ? dy[m * K + n] : (TYPE)0;
         }
+    };
+    XPCNN_TILE_INIT
+    rows(begin, 0);
+    __syncthreads();
+    fetch(begin, 0);
+    int buf = 0;
+    for (long long m0 = begin; m0 < end; m0 += BK, buf ^= 1) {
+        for (int t = 0; t < BK; ++t) As[t][tid] = pa[t];
+        for (int e = 0; e < BK * BN / NT; ++e) Bs[tid / BN + e * (NT / BN)][tid % BN] = pb[e];
+        if (m0 + BK < end) rows(m0 + BK, buf ^ 1);
         __syncthreads();
+        if (m0 + BK < end) fetch(m0 + BK, buf ^ 1);
         XPCNN_TILE_PRODUCT
         __syncthreads();
     }
+    XPCNN_TILE_FINISH
     for (int i = 0; i < TM; ++i) {
         const int kk = kk0 + tm * TM + i;
         if (kk >= KKE) continue;
         for (int j = 0; j < TN; ++j) {
             const int n = n0 + tn * TN + j;
-            if (n < K) part[(s * KKE + kk) * K + n] = (TYPE)acc[i][j];
+            if (n < K) part[(s * KKE + kk) * K + n] = (PART)XPCNN_RESULT(i, j);
         }
     }
 }
 """
-_TILED: dict[tuple[str, str], Any] = {}
+_TILED: dict[tuple[str, str, bool], Any] = {}
 
 
-def _tiled_kernel(name: str, source: str, dtype: Any) -> Any:
-    """The kernel ``name`` of ``source`` for float32 or float64 data, compiled once."""
-    key = (name, np.dtype(dtype).name)
-    kernel = _TILED.get(key)
-    if kernel is None:
-        ctype = {"float32": "float", "float64": "double"}[key[1]]
-        kernel = _TILED[key] = cupy.RawKernel(
-            (_TILE + source).replace("TYPE", ctype).replace("ACC", ctype), name)
-    return kernel
+def _tiled_kernel(name: str, source: str, dtype: Any, tf32: bool = False) -> Any:
+    """The kernel ``name`` of ``source`` for float16 (on the tensor cores), float32 (on the
+    CUDA cores, or with ``tf32`` on the tensor cores) or float64 data, compiled once; None
+    for a tensor-core one that does not compile here (CUDA's ``mma.h`` missing), after a
+    warning: the caller then runs the CUDA-core or direct kernels instead."""
+    key = (name, np.dtype(dtype).name, tf32)
+    if key not in _TILED:
+        ctype, acc, product = {
+            "float16": ("__half", "float", _WMMA_FLOAT16 + _WMMA_PRODUCT),
+            "float32": ("float", "float", _WMMA_TF32 + _WMMA_PRODUCT if tf32 else _FMA_PRODUCT),
+            "float64": ("double", "double", _FMA_PRODUCT)}[key[1]]
+        # PART: the kernel-gradient parts' type, float32 at least
+        source = (_TILE + product + source).replace("TYPE", ctype).replace("ACC", acc)
+        kernel = cupy.RawKernel(source.replace("PART", acc), name)
+        if product is not _FMA_PRODUCT:
+            try:
+                kernel.compile()
+            except cupy.cuda.compiler.CompileException as e:
+                warnings.warn(f"xpcnn: the tensor-core convolution kernels did not compile "
+                              f"({str(e).splitlines()[0]}); {key[1]} convolutions run on the "
+                              f"CUDA cores instead", RuntimeWarning, stacklevel=3)
+                kernel = None
+        _TILED[key] = kernel
+    return _TILED[key]
 
 
 # Kernel gradient in parts: part[s, (a*kw + b)*C + c, k] = sum over the output rows of block s
@@ -561,6 +675,16 @@ _ADAM = cupy.ElementwiseKernel(
 )
 
 
+@functools.cache
+def _capability_of(device: int) -> int:
+    return int(cupy.cuda.Device(device).compute_capability)
+
+
+def _compute_capability() -> int:
+    """The current GPU's compute capability as a number (9.0 -> 90)."""
+    return _capability_of(cupy.cuda.Device().id)
+
+
 def _address(a: Any) -> int:
     """Device address of a CuPy array's first element."""
     return a.data.ptr
@@ -625,18 +749,36 @@ class CupyKernels(StandardKernels):
         # 128: 44,732 against 30,638 images/s), which in turn beat im2col + cuBLAS; neither
         # keeps any scratch.
         self.set_conv_algorithm("tiled")
+        # TF32 as CuPy's own matmuls have it: with CUPY_TF32=1 the tiled float32 convolutions
+        # round their factors to TF32 and run on the tensor cores (compute capability 8.0 or
+        # newer), as cuDNN's do by default under PyTorch. Off by default: full float32.
+        self.tf32 = os.environ.get("CUPY_TF32", "0") != "0"
 
     def set_conv_algorithm(self, name: str) -> None:
         """How convolutions run: ``"direct"`` (the kernels above, one element per thread, for
-        all three), ``"tiled"`` (the tiled kernels for all three in float32 / float64, the
-        direct ones in float16), ``"direct-forward"`` (direct forward and input
-        gradient, im2col + cuBLAS kernel gradient) or ``"im2col"`` (im2col + cuBLAS for all)."""
+        all three), ``"tiled"`` (the tiled kernels for all three: float16 on the tensor cores
+        of a GPU of compute capability 7.0 or newer, else the direct ones), ``"direct-forward"``
+        (direct forward and input gradient, im2col + cuBLAS kernel gradient) or ``"im2col"``
+        (im2col + cuBLAS for all)."""
         if name not in CONV_ALGORITHMS:
             raise ValueError(f"unknown convolution algorithm {name!r}; expected one of "
                              f"{', '.join(CONV_ALGORITHMS)}")
         self.direct_conv = name != "im2col"
         self.direct_weight_grad = name in ("direct", "tiled")
         self.tiled_conv = name == "tiled"
+
+    def _tiled_kernel(self, name: str, source: str, dtype: Any) -> Any:
+        """The tiled kernel for ``dtype`` data, or None where the direct kernels run: another
+        algorithm chosen, or float16 without tensor cores (compute capability below 7.0)."""
+        if not self.tiled_conv or dtype not in (cupy.float16, cupy.float32, cupy.float64):
+            return None
+        if dtype == cupy.float16:
+            return _tiled_kernel(name, source, dtype) if _compute_capability() >= 70 else None
+        if self.tf32 and dtype == cupy.float32 and _compute_capability() >= 80:
+            kernel = _tiled_kernel(name, source, dtype, tf32=True)
+            if kernel is not None:
+                return kernel
+        return _tiled_kernel(name, source, dtype)
 
     def conv2d(self, x: Any, w2: Any, bias: Any, kernel: tuple[int, int],
                strides: tuple[int, int], pads: tuple[int, int, int, int],
@@ -649,15 +791,15 @@ class CupyKernels(StandardKernels):
         rows = n * out_hw[0] * out_hw[1]
         y = cupy.empty((rows, k), x.dtype)
         b = w2 if bias is None else cupy.ascontiguousarray(bias)  # (unread without a bias)
-        if self.tiled_conv and x.dtype in (cupy.float32, cupy.float64) and rows:
+        tiled = self._tiled_kernel("xpcnn_conv_tiled", _CONV_TILED_SOURCE, x.dtype)
+        if tiled is not None and rows:
             i32 = np.int32
             grid = (-(-rows // _TILE_M), -(-k // _TILE_N))
-            _tiled_kernel("xpcnn_conv_tiled", _CONV_TILED_SOURCE, x.dtype)(
-                grid, (_TILE_THREADS,),
-                (x, w2, b, y, i32(bias is not None), i32(relu), np.int64(rows), i32(h), i32(w),
-                 i32(c), i32(out_hw[0]), i32(out_hw[1]), i32(k), i32(kernel[1]),
-                 i32(w2.shape[0]), i32(strides[0]), i32(strides[1]), i32(pads[0]),
-                 i32(pads[2])))
+            tiled(grid, (_TILE_THREADS,),
+                  (x, w2, b, y, i32(bias is not None), i32(relu), np.int64(rows), i32(h),
+                   i32(w), i32(c), i32(out_hw[0]), i32(out_hw[1]), i32(k), i32(kernel[1]),
+                   i32(w2.shape[0]), i32(strides[0]), i32(strides[1]), i32(pads[0]),
+                   i32(pads[2])))
             return y
         _CONV(x, w2, b, bias is not None, relu, h, w, c, out_hw[0], out_hw[1], k, kernel[0],
               kernel[1], strides[0], strides[1], pads[0], pads[2], y)
@@ -675,24 +817,24 @@ class CupyKernels(StandardKernels):
         rows, k = dy2.shape
         kkc = kernel[0] * kernel[1] * c
         extra = 1 if with_bias else 0
-        if self.tiled_conv and x.dtype in (cupy.float32, cupy.float64) and rows:
+        acc = cupy.float64 if x.dtype == cupy.float64 else cupy.float32
+        tiled = self._tiled_kernel("xpcnn_conv_weight_grad_tiled",
+                                   _CONV_WEIGHT_GRAD_TILED_SOURCE, x.dtype)
+        if tiled is not None and rows:
             tiles = -(-(kkc + extra) // _TILE_M) * -(-k // _TILE_N)
             splits = max(1, min(512 // tiles, rows // 64, 256))  # ~512 blocks in all
             per = -(-rows // splits)
             splits = -(-rows // per)
-            parts = cupy.empty((splits, kkc + extra, k), x.dtype)
+            parts = cupy.empty((splits, kkc + extra, k), acc)
             i32 = np.int32
-            _tiled_kernel("xpcnn_conv_weight_grad_tiled", _CONV_WEIGHT_GRAD_TILED_SOURCE,
-                          x.dtype)(
-                (-(-(kkc + extra) // _TILE_M), -(-k // _TILE_N), splits), (_TILE_THREADS,),
-                (x, dy2, parts, np.int64(rows), np.int64(per), i32(h), i32(w), i32(c),
-                 i32(out_hw[0]), i32(out_hw[1]), i32(k), i32(kernel[1]), i32(kkc), i32(extra),
-                 i32(strides[0]), i32(strides[1]), i32(pads[0]), i32(pads[2])))
+            tiled((-(-(kkc + extra) // _TILE_M), -(-k // _TILE_N), splits), (_TILE_THREADS,),
+                  (x, dy2, parts, np.int64(rows), np.int64(per), i32(h), i32(w), i32(c),
+                   i32(out_hw[0]), i32(out_hw[1]), i32(k), i32(kernel[1]), i32(kkc),
+                   i32(extra), i32(strides[0]), i32(strides[1]), i32(pads[0]), i32(pads[2])))
             total = parts.sum(axis=0)
             return (total[:kkc], total[kkc]) if with_bias else (total, None)
         splits = max(1, min(rows // 1024, 256))
         per = -(-rows // splits)
-        acc = cupy.float64 if x.dtype == cupy.float64 else cupy.float32
         parts = cupy.empty((splits, kkc + extra, k), acc)
         q = next(q for q in (8, 4, 3, 2, 1) if c % q == 0)  # channels per thread
         _conv_weight_grad_kernel(q)(
