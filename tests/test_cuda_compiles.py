@@ -1,0 +1,83 @@
+"""The tiled convolution kernels of ``xpcnn.ops.fast_cupy`` compile for NVIDIA GPUs, on a
+machine without one: NVRTC (CUDA's runtime compiler, a pip package) builds them to machine
+code for each GPU generation they target, which also runs ``ptxas`` over their inline PTX. The
+tensor-core product has no CPU twin (tests/cuda_emulator.py), so this is where its syntax and
+register counts are checked before a GPU is lent.
+
+Skips unless NVRTC and CUDA's headers are installed as pip wheels (``pip install
+nvidia-cuda-nvrtc nvidia-cuda-runtime``, the ``nvidia`` namespace package); CI has neither.
+"""
+
+import ctypes
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cuda_emulator import load_emulated_fast_cupy, restore
+
+
+def _find(pattern: str) -> Path | None:
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for path in sorted(Path(root).glob(pattern)):
+            return path
+    return None
+
+
+NVRTC = _find("*/lib/libnvrtc.so*")
+FP16_HEADER = _find("*/include/cuda_fp16.h")
+pytestmark = pytest.mark.skipif(NVRTC is None or FP16_HEADER is None,
+                                reason="needs NVRTC and CUDA's headers (pip nvidia-cuda-nvrtc "
+                                "nvidia-cuda-runtime)")
+
+
+@pytest.fixture(scope="module")
+def fast_cupy():
+    module, saved = load_emulated_fast_cupy()
+    yield module
+    restore(saved)
+
+
+def _compile(source: str, name: str, arch: int) -> tuple[int, str]:
+    """NVRTC's result code and log for ``source`` built to sm_``arch`` machine code."""
+    lib = ctypes.CDLL(str(NVRTC))
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None,
+                                  None) == 0
+    options = [f"--gpu-architecture=sm_{arch}".encode(), f"-I{FP16_HEADER.parent}".encode()]
+    try:
+        code = lib.nvrtcCompileProgram(prog, len(options),
+                                       (ctypes.c_char_p * len(options))(*options))
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        return code, log.value.decode(errors="replace")
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+# The oldest generations that CUDA 13's NVRTC builds for (7.5), Ampere (TF32) and Hopper.
+@pytest.mark.parametrize("dtype, tf32, arch", [("float16", False, 75), ("float16", False, 90),
+                                               ("float32", True, 80), ("float32", True, 90),
+                                               ("float32", False, 75), ("float64", False, 90)])
+@pytest.mark.parametrize("name", ["xpcnn_conv_tiled", "xpcnn_conv_weight_grad_tiled"])
+def test_tiled_kernels_compile(fast_cupy, monkeypatch, name, dtype, tf32, arch):
+    sources = []
+
+    class Capture:
+        def __init__(self, code: str, kernel_name: str) -> None:
+            sources.append(code)
+
+        def compile(self) -> None:
+            pass
+
+    monkeypatch.setattr(fast_cupy.cupy, "RawKernel", Capture)
+    monkeypatch.setattr(fast_cupy, "_TILED", {})
+    source = {"xpcnn_conv_tiled": fast_cupy._CONV_TILED_SOURCE,
+              "xpcnn_conv_weight_grad_tiled": fast_cupy._CONV_WEIGHT_GRAD_TILED_SOURCE}[name]
+    fast_cupy._tiled_kernel(name, source, np.dtype(dtype), tf32)
+    code, log = _compile(sources[0], name, arch)
+    assert code == 0, log
+    assert ("wmma" in sources[0]) == (dtype == "float16" or tf32)
