@@ -69,7 +69,7 @@ def test_tensor_core_kernels_that_do_not_compile_fall_back_with_a_warning(fast, 
     assert module._TILED[("xpcnn_conv_tiled", "float32", True)] is None
     assert module._TILED[("xpcnn_conv_tiled", "float32", False)] is not None
     with pytest.warns(RuntimeWarning, match="float16 convolutions run on the CUDA cores"):
-        assert fast._tiled_kernel("xpcnn_conv_tiled", module._CONV_TILED_SOURCE,
+        assert fast._tiled_for("xpcnn_conv_tiled", module._CONV_TILED_SOURCE,
                                   np.float16) is None
 
 

@@ -187,7 +187,7 @@ def test_tensor_core_kernels_compile_here(kernels, dtype):
             for name, source in (("xpcnn_conv_tiled", fast_cupy._CONV_TILED_SOURCE),
                                  ("xpcnn_conv_weight_grad_tiled",
                                   fast_cupy._CONV_WEIGHT_GRAD_TILED_SOURCE)):
-                kernel = fast._tiled_kernel(name, source, np.dtype(dtype))
+                kernel = fast._tiled_for(name, source, np.dtype(dtype))
                 assert kernel is not None
                 assert kernel is fast_cupy._TILED[(name, dtype, dtype == "float32")]
     finally:

@@ -767,9 +767,11 @@ class CupyKernels(StandardKernels):
         self.direct_weight_grad = name in ("direct", "tiled")
         self.tiled_conv = name == "tiled"
 
-    def _tiled_kernel(self, name: str, source: str, dtype: Any) -> Any:
+    def _tiled_for(self, name: str, source: str, dtype: Any) -> Any:
         """The tiled kernel for ``dtype`` data, or None where the direct kernels run: another
-        algorithm chosen, or float16 without tensor cores (compute capability below 7.0)."""
+        algorithm chosen, or float16 without tensor cores (compute capability below 7.0) or
+        whose tensor-core kernel did not compile. TF32 needs 8.0; without it, or where its
+        kernel did not compile, float32 runs on the CUDA cores."""
         if not self.tiled_conv or dtype not in (cupy.float16, cupy.float32, cupy.float64):
             return None
         if dtype == cupy.float16:
@@ -791,7 +793,7 @@ class CupyKernels(StandardKernels):
         rows = n * out_hw[0] * out_hw[1]
         y = cupy.empty((rows, k), x.dtype)
         b = w2 if bias is None else cupy.ascontiguousarray(bias)  # (unread without a bias)
-        tiled = self._tiled_kernel("xpcnn_conv_tiled", _CONV_TILED_SOURCE, x.dtype)
+        tiled = self._tiled_for("xpcnn_conv_tiled", _CONV_TILED_SOURCE, x.dtype)
         if tiled is not None and rows:
             i32 = np.int32
             grid = (-(-rows // _TILE_M), -(-k // _TILE_N))
@@ -818,7 +820,7 @@ class CupyKernels(StandardKernels):
         kkc = kernel[0] * kernel[1] * c
         extra = 1 if with_bias else 0
         acc = cupy.float64 if x.dtype == cupy.float64 else cupy.float32
-        tiled = self._tiled_kernel("xpcnn_conv_weight_grad_tiled",
+        tiled = self._tiled_for("xpcnn_conv_weight_grad_tiled",
                                    _CONV_WEIGHT_GRAD_TILED_SOURCE, x.dtype)
         if tiled is not None and rows:
             tiles = -(-(kkc + extra) // _TILE_M) * -(-k // _TILE_N)
