@@ -157,7 +157,8 @@ class RawKernel:
             "static xpcnn_dim3 blockDim, gridDim;\n"
             "static pthread_barrier_t xpcnn_barrier;\n"
             "static void** xpcnn_ptrs; static double* xpcnn_scalars;\n"
-            "#define __global__\n#define __device__\n#define __restrict__\n"
+            "#define __global__\n#define __device__\n#define __forceinline__ inline\n"
+            "#define __restrict__\n"
             "#define __shared__ static\n#define __align__(n) __attribute__((aligned(n)))\n"
             "#define __syncthreads() pthread_barrier_wait(&xpcnn_barrier)\n"
             "using namespace std;\n" + self.code +

@@ -122,6 +122,21 @@ _TILE = f"""
 #define TM {_TILE_TM}
 #define TN {_TILE_TN}
 """ + """#define NT ((BM / TM) * (BN / TN))
+// Where kernel-matrix row kk reads a window: its offsets in the window (th, tw), and in x from
+// the window's start (tat); past KK, -2^29, which puts every read outside x.
+__device__ __forceinline__ void xpcnn_tap(const int kk, const int KK, const int C,
+                                          const int kw, const int W, int& th, int& tw,
+                                          long long& tat) {
+    th = -(1 << 29);
+    tw = 0;
+    tat = 0;
+    if (kk < KK) {
+        const int tap = kk / C;
+        th = tap / kw;
+        tw = tap % kw;
+        tat = ((long long)th * W + tw) * C + kk % C;
+    }
+}
 """
 # The tile product on the CUDA cores (float32 / float64): acc[i][j] += As[t][tm*TM + i] *
 # Bs[t][tn*TN + j] over the slice's BK rows, in registers; thread (tm, tn) owns its result.
@@ -256,15 +271,9 @@ extern "C" __global__ void xpcnn_conv_tiled(
     TYPE pa[BM * BK / NT];
     TYPE pb[BK * BN / NT];
     auto fetch = [&](const int k0) {
-        const int kk = k0 + gt;
-        int th = -(1 << 29), tw = 0;  // offsets in the window; -2^29 past KK
-        long long tat = 0;            // and in x from the window's start
-        if (kk < KK) {
-            const int tap = kk / C;
-            th = tap / kw;
-            tw = tap % kw;
-            tat = ((long long)th * W + tw) * C + kk % C;
-        }
+        int th, tw;
+        long long tat;
+        xpcnn_tap(k0 + gt, KK, C, kw, W, th, tw, tat);
         for (int e = 0; e < BM * BK / NT; ++e) {
             const int r = tid / BK + e * (NT / BK);
             const int hh = row_h[r] + th;
@@ -332,14 +341,9 @@ extern "C" __global__ void xpcnn_conv_weight_grad_tiled(
     static_assert(NT == BM && NT % BN == 0, "one thread per kernel-matrix row");
     const int kk = kk0 + tid;
     const bool ones = kk >= KK && kk < KKE;  // the bias row
-    int th = -(1 << 29), tw = 0;  // offsets in the window; -2^29 past KK
-    long long tat = 0;            // and in x from the window's start
-    if (kk < KK) {
-        const int tap = kk / C;
-        th = tap / kw;
-        tw = tap % kw;
-        tat = ((long long)th * W + tw) * C + kk % C;
-    }
+    int th, tw;
+    long long tat;
+    xpcnn_tap(kk, KK, C, kw, W, th, tw, tat);
     auto rows = [&](const long long m0, const int buf) {
         if (tid < BK) {
             const long long m = m0 + tid;
