@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -176,15 +177,20 @@ def info(args: argparse.Namespace) -> dict[str, Any]:
 
         out["cupy"] = cupy.__version__
         out["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
-        out["gpus"] = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode()
-                       for i in range(cupy.cuda.runtime.getDeviceCount())]
+        gpus = [cupy.cuda.runtime.getDeviceProperties(i)
+                for i in range(cupy.cuda.runtime.getDeviceCount())]
+        # compute capability 7.0+: float16 convolutions on the tensor cores; 8.0+: TF32 too
+        out["gpus"] = [f"{g['name'].decode()} (compute capability {g['major']}.{g['minor']})"
+                       for g in gpus]
+        out["cupy_tf32"] = os.environ.get("CUPY_TF32", "0")
     except Exception as e:  # not installed, or no driver/GPU
         out["cupy"] = None
         out["gpus"] = []
         out["cupy_note"] = f"{type(e).__name__}: {e}"
     out["auto_device"] = get_backend(args.device).label
-    for k, v in out.items():
-        print(f"{k:>18}: {v}")
+    if not args.json:  # (--json: the JSON alone, for a program to read)
+        for k, v in out.items():
+            print(f"{k:>18}: {v}")
     return out
 
 

@@ -1,0 +1,47 @@
+"""``xpcnn info``: versions, devices and the BLAS, as a table or as JSON alone."""
+
+import json
+import sys
+import types
+
+import numpy as np
+
+import xpcnn
+from xpcnn.cli import main
+
+
+def test_info_on_a_machine_without_cupy(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"xpcnn: {xpcnn.__version__}" in out
+    assert f"numpy: {np.__version__}" in out
+    assert "cupy: None" in out and "gpus: []" in out
+    assert "auto_device: cpu" in out  # --device auto without a GPU
+
+
+def test_info_json_is_the_json_alone(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)  # the whole output parses
+    assert info["xpcnn"] == xpcnn.__version__
+    assert info["auto_device"] == "cpu" and info["gpus"] == []
+    assert "ImportError" in info["cupy_note"] or "ModuleNotFoundError" in info["cupy_note"]
+
+
+def test_info_names_each_gpu_with_its_compute_capability(monkeypatch, capsys):
+    props = [{"name": b"NVIDIA H200", "major": 9, "minor": 0},
+             {"name": b"Tesla V100", "major": 7, "minor": 0}]
+    runtime = types.SimpleNamespace(runtimeGetVersion=lambda: 13020,
+                                    getDeviceCount=lambda: len(props),
+                                    getDeviceProperties=lambda i: props[i])
+    fake = types.SimpleNamespace(__version__="14.2.0", cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setenv("CUPY_TF32", "1")
+    assert main(["info", "--device", "cpu", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cupy"] == "14.2.0" and info["cuda_runtime"] == 13020
+    assert info["gpus"] == ["NVIDIA H200 (compute capability 9.0)",
+                            "Tesla V100 (compute capability 7.0)"]
+    assert info["cupy_tf32"] == "1"
+    assert info["auto_device"] == "cpu"
