@@ -161,12 +161,12 @@ def test_convolution_kernels_match_im2col(cp, kernels, rng, algorithm, case, dty
 
 
 def fast_float32(fast, *args):
-    """``fast.conv2d`` on the CUDA cores (TF32 off)."""
-    fast.tf32 = False
+    """``fast.conv2d`` on the CUDA cores (TF32 off for this call)."""
+    old, fast.tf32 = fast.tf32, False
     try:
         return fast.conv2d(*args)
     finally:
-        fast.tf32 = True
+        fast.tf32 = old
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])

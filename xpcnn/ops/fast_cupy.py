@@ -411,7 +411,7 @@ _TILED: dict[tuple[str, str, bool], Any] = {}
 def _tiled_kernel(name: str, source: str, dtype: Any, tf32: bool = False) -> Any:
     """The kernel ``name`` of ``source`` for float16 (on the tensor cores), float32 (on the
     CUDA cores, or with ``tf32`` on the tensor cores) or float64 data, compiled once; None
-    for a tensor-core one that does not compile here (CUDA's ``mma.h`` missing), after a
+    for a tensor-core one that does not compile here (e.g. no ``cuda_fp16.h``), after a
     warning: the caller then runs the CUDA-core or direct kernels instead."""
     key = (name, np.dtype(dtype).name, tf32)
     if key not in _TILED:
