@@ -73,6 +73,35 @@ def test_schedules():
     assert [rebuilt(s) for s in range(0, 120, 7)] == [warm(s) for s in range(0, 120, 7)]
 
 
+def test_one_cycle_by_hand():
+    # the peak is at step 12 * 0.25 - 1 = 2, the last step 11
+    one = optim.OneCycle(1.0, total_steps=12, pct_start=0.25, div_factor=10.0,
+                         final_div_factor=100.0)
+    assert one(0) == pytest.approx(0.1)  # lr / div_factor
+    assert one(1) == pytest.approx(0.55)  # half way up
+    assert one(2) == pytest.approx(1.0)
+    assert one(3) < one(2) and one(6.5) == pytest.approx((1.0 + 0.001) / 2)  # half way down
+    assert one(11) == pytest.approx(0.001) and one(99) == one(11)  # lr / 10 / 100, then flat
+    rebuilt = optim.schedule_from_config(one.get_config())
+    assert [rebuilt(s) for s in range(14)] == [one(s) for s in range(14)]
+
+
+@pytest.mark.parametrize("total, pct_start", [(20, 0.3), (97, 0.25), (5, 0.5)])
+def test_one_cycle_matches_pytorch(total, pct_start):
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.4, total_steps=total,
+                                                pct_start=pct_start, div_factor=20.0,
+                                                final_div_factor=50.0, cycle_momentum=False)
+    theirs = []
+    for _ in range(total):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = optim.OneCycle(0.4, total, pct_start, div_factor=20.0, final_div_factor=50.0)
+    np.testing.assert_allclose([ours(s) for s in range(total)], theirs, rtol=1e-12)
+
+
 def test_schedule_drives_the_optimizer():
     opt = optim.SGD(optim.StepDecay(1.0, step_size=1, gamma=0.5))
     p = [np.zeros(1)]
@@ -89,6 +118,8 @@ def test_schedule_drives_the_optimizer():
     (lambda: optim.Adam(0.1, beta_1=1.0), "beta_1"),
     (lambda: optim.AdamW(0.1, weight_decay=-1), "weight_decay must be >= 0"),
     (lambda: optim.CosineDecay(0.1, 0), "decay_steps must be >= 1"),
+    (lambda: optim.OneCycle(0.1, 1), "total_steps must be >= 2"),
+    (lambda: optim.OneCycle(0.1, 10, pct_start=1.0), "pct_start must leave more than one"),
     (lambda: optim.get_optimizer("rmsprop"), "unknown optimizer 'rmsprop'"),
 ])
 def test_bad_optimizer_arguments(make, message):

@@ -94,6 +94,34 @@ class LinearWarmup(Schedule):
                 "warmup_steps": self.warmup_steps}
 
 
+class OneCycle(Schedule):
+    """Smith's one-cycle policy, as PyTorch's ``OneCycleLR`` (cosine annealing): from
+    lr / div_factor up to lr over the first pct_start of total_steps, then down to
+    lr / (div_factor * final_div_factor) at the last step; constant after it."""
+
+    def __init__(self, lr: float, total_steps: int, pct_start: float = 0.3,
+                 div_factor: float = 25.0, final_div_factor: float = 1e4) -> None:
+        if not _count(total_steps) or total_steps < 2:
+            raise InputError(f"OneCycle total_steps must be >= 2, got {total_steps!r}")
+        if not _real(pct_start) or not 1 < pct_start * total_steps < total_steps:
+            raise InputError(f"OneCycle pct_start must leave more than one step to each phase "
+                             f"of {total_steps}, got {pct_start!r}")
+        self.lr, self.total_steps = _rate(lr, "OneCycle lr"), int(total_steps)
+        self.pct_start = float(pct_start)
+        self.div_factor = _rate(div_factor, "OneCycle div_factor")
+        self.final_div_factor = _rate(final_div_factor, "OneCycle final_div_factor")
+
+    def __call__(self, step: int) -> float:
+        start_lr = self.lr / self.div_factor
+        peak, last = self.pct_start * self.total_steps - 1, self.total_steps - 1
+        step = min(step, last)
+        if step <= peak:
+            a, b, t = start_lr, self.lr, step / peak
+        else:
+            a, b, t = self.lr, start_lr / self.final_div_factor, (step - peak) / (last - peak)
+        return b + 0.5 * (a - b) * (1.0 + math.cos(math.pi * t))
+
+
 class Constant(Schedule):
     def __init__(self, lr: float) -> None:
         self.lr = _rate(lr, "learning rate")
@@ -102,7 +130,7 @@ class Constant(Schedule):
         return self.lr
 
 
-SCHEDULES = {c.__name__: c for c in (StepDecay, CosineDecay, LinearWarmup, Constant)}
+SCHEDULES = {c.__name__: c for c in (StepDecay, CosineDecay, LinearWarmup, OneCycle, Constant)}
 
 
 def schedule_from_config(config: dict[str, Any]) -> Schedule:
