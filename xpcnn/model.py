@@ -22,30 +22,16 @@ from tqdm.auto import tqdm
 from . import checks
 from .backend import Backend, DeviceLike, get_backend
 from .errors import InputError, NonFiniteError
+from .history import History
 from .layers.activation import ReLU, Softmax
 from .layers.base import Layer
 from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
 from .ops.softmax import softmax
 from .optim import Optimizer, get_optimizer
+from .saving import FitCheckpoints, fingerprint, load_weights, register_model, save_model
 
 PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
-
-
-class History:
-    """Per-epoch metrics of a ``fit`` call: ``history["loss"]``, ``["val_accuracy"]``, ..."""
-
-    def __init__(self) -> None:
-        self.history: dict[str, list[float]] = {}
-        self.epoch: list[int] = []
-
-    def append(self, epoch: int, logs: dict[str, float]) -> None:
-        self.epoch.append(epoch)
-        for k, v in logs.items():
-            self.history.setdefault(k, []).append(float(v))
-
-    def __repr__(self) -> str:
-        return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
 
 
 class Model:
@@ -243,7 +229,7 @@ class Model:
         ``resume=True``, a run continues from that file if it exists, exactly where it stopped:
         it ends with the same weights, bit for bit, as an uninterrupted run, and returns the
         history of every epoch, the ones before the interruption included
-        (:mod:`xpcnn.checkpoint`).
+        (:mod:`xpcnn.saving.checkpoint`).
         """
         self._require_compiled()
         epochs = checks.non_negative_int(epochs, "epochs")
@@ -268,50 +254,50 @@ class Model:
         steps = math.ceil(n / batch_size)
         saver = start = None
         if checkpoint is not None:
-            from .checkpoint import FitCheckpoints, fingerprint
-
             saver = FitCheckpoints(self, checkpoint, checkpoint_every, resume,
                                    fingerprint(x, targets, batch_size, seed, shuffle), steps,
                                    verbose)
             history, start = saver.start()
         elif resume:
             raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
-        for epoch in range(start.epoch if start else 0, epochs):
-            order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else None
-            t0 = time.perf_counter()
-            loss_sum = correct = seen = 0.0
-            step = 0
-            if start is not None and epoch == start.epoch:  # resuming inside this epoch
-                step, loss_sum = start.step, start.loss_sum
-                correct, seen = start.correct, start.seen
-                t0 -= start.seconds
-            bar = tqdm(total=steps, initial=step, desc=f"Epoch {epoch + 1}/{epochs}",
-                       unit="batch", disable=verbose == 0, leave=True, dynamic_ncols=True)
-            for idx in itertools.islice(self._batches(n, batch_size, order), step, None):
-                xb = self._to_device(x[idx])
-                yb = self.backend.asarray(targets[idx])
-                loss, right = self.train_step(xb, yb)
-                loss_sum += loss * len(idx)
-                correct += right
-                seen += len(idx)
-                step += 1
+        # With a checkpoint, Ctrl-C stops after the step in progress and writes one there.
+        with saver.interruptible() if saver is not None else contextlib.nullcontext():
+            for epoch in range(start.epoch if start else 0, epochs):
+                order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else None
+                t0 = time.perf_counter()
+                loss_sum = correct = seen = 0.0
+                step = 0
+                if start is not None and epoch == start.epoch:  # resuming inside this epoch
+                    step, loss_sum = start.step, start.loss_sum
+                    correct, seen = start.correct, start.seen
+                    t0 -= start.seconds
+                bar = tqdm(total=steps, initial=step, desc=f"Epoch {epoch + 1}/{epochs}",
+                           unit="batch", disable=verbose == 0, leave=True, dynamic_ncols=True)
+                for idx in itertools.islice(self._batches(n, batch_size, order), step, None):
+                    xb = self._to_device(x[idx])
+                    yb = self.backend.asarray(targets[idx])
+                    loss, right = self.train_step(xb, yb)
+                    loss_sum += loss * len(idx)
+                    correct += right
+                    seen += len(idx)
+                    step += 1
+                    if saver is not None:
+                        saver.after_step(epoch, step, loss_sum, correct, seen, t0, history)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
+                                    refresh=False)
+                logs = {"loss": loss_sum / seen, "accuracy": correct / seen}
+                if validation_data is not None:
+                    val = self.evaluate(vx, vt, batch_size=max(batch_size, 256), verbose=0)
+                    logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                logs["seconds"] = time.perf_counter() - t0
+                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "seconds"})
+                bar.close()
+                history.append(epoch, logs)
                 if saver is not None:
-                    saver.after_step(epoch, step, loss_sum, correct, seen, t0, history)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
-                                refresh=False)
-            logs = {"loss": loss_sum / seen, "accuracy": correct / seen}
-            if validation_data is not None:
-                val = self.evaluate(vx, vt, batch_size=max(batch_size, 256), verbose=0)
-                logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-            logs["seconds"] = time.perf_counter() - t0
-            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "seconds"})
-            bar.close()
-            history.append(epoch, logs)
-            if saver is not None:
-                saver.after_epoch(epoch, history)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, logs)
+                    saver.after_epoch(epoch, history)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, logs)
         return history
 
     def evaluate(self, x: Any, y: Any, batch_size: int = 256, verbose: int = 0
@@ -401,8 +387,6 @@ class Model:
     def load_weights(self, path: str | os.PathLike[str]) -> None:
         """Load the weights of a model file or checkpoint written for this same architecture
         (``DataFormatError`` names the first difference otherwise)."""
-        from .checkpoint import load_weights
-
         load_weights(self, path)
 
     def to(self, device: DeviceLike) -> Model:
@@ -419,10 +403,8 @@ class Model:
         self.backend = backend
         return self
 
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write architecture and weights to ``path`` (an .npz that loads without pickle)."""
-        from .io import save_model
-
         save_model(self, path)
 
     def _require_built(self, what: str) -> None:
@@ -435,6 +417,7 @@ class Model:
             raise InputError("call compile(loss=..., optimizer=...) before fit()")
 
 
+@register_model
 class Sequential(Model):
     """A linear stack of layers trained by backpropagation (see :class:`Model` for the rest)."""
 
