@@ -257,7 +257,8 @@ def test_loss_scaling_skips_an_overflowing_step_and_lowers_the_scale(data):
     with np.errstate(all="ignore"):
         model.fit(*data, epochs=1, batch_size=48, verbose=0)
     assert model.loss_scale == 2.0**59
-    assert model.optimizer.iterations == 0
+    # The device skipped the update; the step still counts (the host never waited to know).
+    assert model.optimizer.iterations == 1
     for a, b in zip(before, params(), strict=True):  # (BatchNorm statistics still update)
         assert np.array_equal(a, b)
 
