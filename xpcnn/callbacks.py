@@ -77,7 +77,10 @@ class CallbackList:
         if hook not in HOOKS:
             raise AttributeError(hook)
 
+        # Every hook gets its logs, as in Keras (empty where there are none yet).
+        indexed = hook.startswith(("on_epoch", "on_train_batch"))
         def call(*args: Any) -> None:
+            args = args + ({},) * (1 + indexed - len(args))
             for cb in self.callbacks:
                 getattr(cb, hook)(*args)
 
@@ -231,7 +234,7 @@ class EarlyStopping(_Monitor):
                 self.best_weights = self.model.get_weights()
             return
         self.wait += 1
-        if self.wait > self.patience or (self.patience == 0 and self.wait):
+        if self.wait >= self.patience:
             self.stopped_epoch = epoch
             self.model.stop_training = True
 

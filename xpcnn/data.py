@@ -128,11 +128,11 @@ class ArrayBatches(Batches):
         self.steps = -(-self.samples // batch_size)
         self.host_x = x if isinstance(x, np.ndarray) else None
         self.host_targets = targets
-        nbytes = x.nbytes + (0 if targets is None else targets.nbytes)
         # Memory-mapped files are read batch by batch; other arrays live on the device (on the
         # CPU they are there already) unless they are too large for the budget.
-        self.on_device = not isinstance(x, np.memmap) and (
-            self.host_x is None or backend.name == "numpy" or nbytes <= DEVICE_BUDGET_BYTES)
+        self.on_device = self.host_x is None or not isinstance(x, np.memmap) and (
+            backend.name == "numpy" or x.nbytes + (0 if targets is None else targets.nbytes)
+            <= DEVICE_BUDGET_BYTES)
         if self.on_device:
             self.x = to_device(backend, x) if backend.name != "numpy" else x
             self.targets = to_device(backend, targets) if backend.name != "numpy" else targets
@@ -243,39 +243,35 @@ class IterableBatches(Batches):
         if self.iterator is not None and self.steps is None:
             raise InputError(f"{what} is an iterator (a generator): pass steps_per_epoch (steps "
                              "for evaluate/predict), the number of batches an epoch")
+        self._peeked: Any = None  # a first batch drawn from an iterator to build the model
         if not model.built:  # the first batch tells the input shape
-            first = next(iter(self._source()), None)
+            source = iter(data)
+            first = next(source, None)
             if first is None:
                 raise InputError(f"{what} gave no batches")
-            self._peeked: Any = first
-            x = first[0] if with_targets or isinstance(first, tuple | list) else first
-            model.build(tuple(int(d) for d in np.shape(x)[1:]) if not hasattr(x, "shape") else
-                        tuple(int(d) for d in x.shape[1:]))
-        else:
-            self._peeked = None
-
-    def _source(self) -> Iterator[Any]:
-        return self.iterator if self.iterator is not None else iter(self.data)
+            if self.iterator is not None:
+                self._peeked = first
+            x = self._split(first)[0]
+            model.build(tuple(int(d) for d in (x.shape if hasattr(x, "shape") else
+                                               np.shape(x))[1:]))
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
-        source = self._source()
+        source = self.iterator if self.iterator is not None else iter(self.data)
         if self._peeked is not None:
             source = itertools.chain([self._peeked], source)
             self._peeked = None
         if self.steps is not None:
             source = itertools.islice(source, self.steps)
-        return upload(self.model.backend, prefetch(self._checked(source)))
+        checked = (check_batch(self.model, *self._split(item), self.what) for item in source)
+        return upload(self.model.backend, prefetch(checked))
 
-    def _checked(self, source: Iterator[Any]) -> Iterator[tuple[Any, Any]]:
-        for item in source:
-            if self.with_targets:
-                if not isinstance(item, tuple | list) or len(item) != 2:
-                    raise InputError(f"{self.what} must yield (x, y) batches, got "
-                                     f"{type(item).__name__}")
-                x, y = item
-            else:
-                x, y = (item[0] if isinstance(item, tuple | list) else item), None
-            yield check_batch(self.model, x, y, self.what)
+    def _split(self, item: Any) -> tuple[Any, Any]:
+        """(x, y) of one batch as given (y None without targets)."""
+        if not self.with_targets:
+            return (item[0] if isinstance(item, tuple | list) else item), None
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise InputError(f"{self.what} must yield (x, y) batches, got {type(item).__name__}")
+        return item[0], item[1]
 
 
 def check_batch(model: Any, x: Any, y: Any, what: str) -> tuple[Any, Any]:
@@ -338,6 +334,10 @@ def prefetch(items: Iterator[Any], depth: int = PREFETCH) -> Iterator[Any]:
             put(_DONE)
         except BaseException as e:  # noqa: BLE001 (handed to the consumer)
             put(_Failure(e))
+        finally:  # a generator's own clean-up runs here, on the thread that iterated it
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=work, name="xpcnn-prefetch", daemon=True)
     thread.start()

@@ -384,6 +384,9 @@ class Model:
                 cbs.on_train_batch_end(step - 1, LazyLogs(self._batch_logs))
                 if self.stop_training:
                     break
+        if not self._seen:
+            raise InputError(f"the training data gave no batches in epoch {epoch + 1}: an "
+                             "iterator needs steps_per_epoch batches for every epoch")
         return self._batch_logs()
 
     def _batch_logs(self) -> dict[str, float]:
@@ -448,6 +451,8 @@ class Model:
                     xp, logits, yb, self._param_dtype, kernels)
                 totals.add_stats(stats, int(xb.shape[0]))
                 seen += int(xb.shape[0])
+        if not seen:
+            raise InputError("the evaluation data gave no batches")
         host, _ = totals.read()
         logs = {"loss": float(host[LOSS_SUM]) / seen, "accuracy": float(host[CORRECT]) / seen}
         cbs.on_test_end(logs)
