@@ -22,9 +22,9 @@ from xpcnn.callbacks import (
     ReduceLROnPlateau,
     TerminateOnNaN,
 )
-from xpcnn.checkpoint import Progress, load_checkpoint, save_checkpoint
 from xpcnn.errors import InputError
 from xpcnn.layers import Dense, Flatten, Rescaling, Softmax
+from xpcnn.saving import Progress, load_checkpoint, save_checkpoint
 
 N, BATCH = 40, 10  # 4 steps an epoch
 

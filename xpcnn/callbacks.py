@@ -16,6 +16,7 @@ costs no synchronisation; the progress bar reads at most every ``refresh`` secon
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -26,7 +27,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import history
 from .errors import InputError, NonFiniteError
+from .saving import FitCheckpoints, Progress, save_checkpoint
 
 
 class Callback:
@@ -86,6 +89,15 @@ class CallbackList:
 
         return call
 
+    def interruptible(self) -> contextlib.ExitStack:
+        """A context around the training loop in which each :class:`BackupAndRestore` turns a
+        Ctrl-C into a checkpoint and a clean stop (see :meth:`FitCheckpoints.interruptible`)."""
+        scope = contextlib.ExitStack()
+        for cb in self.callbacks:
+            if isinstance(cb, BackupAndRestore):
+                scope.enter_context(cb.saver.interruptible())
+        return scope
+
     def on_non_finite(self, error: NonFiniteError) -> bool:
         """Hand a deferred :class:`NonFiniteError` to a :class:`TerminateOnNaN`, if there is
         one (True: training ends cleanly), else False (``fit`` raises it)."""
@@ -130,24 +142,16 @@ class LambdaCallback(Callback):
             setattr(self, name, fn)
 
 
-class History(Callback):
-    """Per-epoch metrics of a ``fit`` call: ``history.history["loss"]``, ``["val_accuracy"]``."""
+class History(Callback, history.History):
+    """Per-epoch metrics of a ``fit`` call: ``history.history["loss"]``, ``["val_accuracy"]``
+    (the record of :mod:`xpcnn.history`, kept by a callback)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.history: dict[str, list[float]] = {}
-        self.epoch: list[int] = []
-
-    def append(self, epoch: int, logs: Mapping[str, float]) -> None:
-        self.epoch.append(epoch)
-        for k, v in logs.items():
-            self.history.setdefault(k, []).append(float(v))
+        Callback.__init__(self)
+        history.History.__init__(self)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        self.append(epoch, logs or {})
-
-    def __repr__(self) -> str:
-        return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
+        self.append(epoch, dict(logs or {}))
 
 
 class ProgbarLogger(Callback):
@@ -279,8 +283,6 @@ class ModelCheckpoint(_Monitor):
         if self.save_weights_only:
             self.model.save(path)
         else:
-            from .checkpoint import Progress, save_checkpoint
-
             save_checkpoint(self.model, path, Progress(epoch + 1), self.model.history)
         if self.verbose:
             print(f"epoch {epoch + 1}: saved {path}")
@@ -291,8 +293,10 @@ class BackupAndRestore(Callback):
     at the end of every epoch (and every ``save_freq`` steps when that is an int); a run started
     again with the same callback, model, data and ``fit`` arguments continues from the file and
     ends with the same weights, bit for bit, and the same history as an uninterrupted run.
-    ``resume=False`` ignores an existing file. ``fit(checkpoint=PATH, resume=True)`` is short
-    for this callback (:mod:`xpcnn.checkpoint` describes the file)."""
+    ``resume=False`` ignores an existing file. While training, a Ctrl-C lets the step in
+    progress finish, writes the checkpoint there and stops with
+    :class:`~xpcnn.errors.TrainingInterrupted`. ``fit(checkpoint=PATH, resume=True)`` is short
+    for this callback (:mod:`xpcnn.saving.checkpoint` describes the file)."""
 
     def __init__(self, path: str | os.PathLike[str], save_freq: int | str = "epoch",
                  resume: bool = True) -> None:
@@ -308,8 +312,6 @@ class BackupAndRestore(Callback):
         self.path, self.save_freq, self.resume = os.fspath(path), save_freq, resume
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
-        from .checkpoint import FitCheckpoints
-
         data = self.params["data"]
         if not data.resumable:
             raise InputError("BackupAndRestore needs data whose batches can be replayed: arrays "
@@ -325,9 +327,10 @@ class BackupAndRestore(Callback):
     def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
         epoch, step = self.model._position
         steps = self.params["steps"]
-        # (at an epoch's last step the end-of-epoch save follows at once)
-        if self.save_freq != "epoch" and not (epoch * steps + step) % self.save_freq \
-                and step != steps:
+        # (at an epoch's last step the end-of-epoch save follows at once; after a Ctrl-C the
+        # saver writes at the step in progress and stops training)
+        if self.saver.interrupted or self.save_freq != "epoch" and not (
+                epoch * steps + step) % self.save_freq and step != steps:
             self.saver.after_step(epoch, step, *self.model._epoch_sums(), self.model.history)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:

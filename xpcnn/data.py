@@ -29,7 +29,6 @@ import contextlib
 import itertools
 import queue
 import threading
-import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -38,6 +37,7 @@ import numpy as np
 
 from . import checks
 from .errors import InputError
+from .saving import fingerprint
 
 # A NumPy training set up to this size (images + targets) is uploaded to a GPU once per fit.
 DEVICE_BUDGET_BYTES = 2 << 30
@@ -62,7 +62,7 @@ class Batches:
         raise NotImplementedError
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a resumed run must share with the original (see :mod:`xpcnn.checkpoint`)."""
+        """What a resumed run must share with the original (see :mod:`xpcnn.saving.checkpoint`)."""
         raise NotImplementedError
 
 
@@ -173,14 +173,7 @@ class ArrayBatches(Batches):
         x = self.host_x if self.host_x is not None else self.backend.to_numpy(self.x)
         targets = self.host_targets if self.host_targets is not None else \
             self.backend.to_numpy(self.targets)
-        crc = 0
-        rows = max(1, (1 << 24) // max(1, x[0].nbytes))
-        for start in range(0, len(x), rows):
-            crc = zlib.crc32(np.ascontiguousarray(x[start:start + rows]).data, crc)
-        return {"samples": self.samples, "sample_shape": list(x.shape[1:]),
-                "x_dtype": str(x.dtype), "x_crc32": crc,
-                "y_crc32": zlib.crc32(np.ascontiguousarray(targets).data),
-                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle}
+        return fingerprint(x, targets, self.batch_size, self.seed, self.shuffle)
 
 
 # -- map-style datasets and iterables ---------------------------------------------------------

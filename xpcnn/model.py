@@ -41,6 +41,7 @@ from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
 from .ops.softmax import softmax
 from .optim import Optimizer, get_optimizer
+from .saving import load_weights, register_model, save_model
 from .totals import (
     BAD_GRADS,
     BAD_LOSS,
@@ -348,16 +349,17 @@ class Model:
         cbs.on_train_begin()
         start = self._resume_at
         try:
-            for epoch in range(start.epoch if start else 0, epochs):
-                logs = self._fit_epoch(epoch, data, cbs, start if start and
-                                       start.epoch == epoch else None)
-                if validation is not None:
-                    val = self._evaluate(validation, cbs)
-                    logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-                logs["seconds"] = time.perf_counter() - self._epoch_t0
-                cbs.on_epoch_end(epoch, logs)
-                if self.stop_training:
-                    break
+            with cbs.interruptible():
+                for epoch in range(start.epoch if start else 0, epochs):
+                    logs = self._fit_epoch(epoch, data, cbs, start if start and
+                                           start.epoch == epoch else None)
+                    if validation is not None:
+                        val = self._evaluate(validation, cbs)
+                        logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                    logs["seconds"] = time.perf_counter() - self._epoch_t0
+                    cbs.on_epoch_end(epoch, logs)
+                    if self.stop_training:
+                        break
         except NonFiniteError as error:
             if not cbs.on_non_finite(error):
                 raise
@@ -530,8 +532,6 @@ class Model:
     def load_weights(self, path: str | os.PathLike[str]) -> None:
         """Load the weights of a model file or checkpoint written for this same architecture
         (``DataFormatError`` names the first difference otherwise)."""
-        from .checkpoint import load_weights
-
         load_weights(self, path)
 
     def to(self, device: DeviceLike) -> Model:
@@ -548,10 +548,8 @@ class Model:
         self.backend = backend
         return self
 
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write architecture and weights to ``path`` (an .npz that loads without pickle)."""
-        from .io import save_model
-
         save_model(self, path)
 
     def _require_built(self, what: str) -> None:
@@ -564,6 +562,7 @@ class Model:
             raise InputError("call compile(loss=..., optimizer=...) before fit()")
 
 
+@register_model
 class Sequential(Model):
     """A linear stack of layers trained by backpropagation (see :class:`Model` for the rest)."""
 
