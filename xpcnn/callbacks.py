@@ -165,7 +165,7 @@ class ProgbarLogger(Callback):
         self.last = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        steps, start = self.params.get("steps"), self.params.get("initial_step", 0)
+        steps, start = self.params.get("steps"), self.model._position[1]  # (resumed inside)
         self.bar = tqdm(total=steps, initial=start, desc=f"Epoch {epoch + 1}/"
                         f"{self.params['epochs']}", unit="batch", leave=True, dynamic_ncols=True)
         self.last = time.monotonic()
