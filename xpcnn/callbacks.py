@@ -82,6 +82,7 @@ class CallbackList:
 
         # Every hook gets its logs, as in Keras (empty where there are none yet).
         indexed = hook.startswith(("on_epoch", "on_train_batch"))
+
         def call(*args: Any) -> None:
             args = args + ({},) * (1 + indexed - len(args))
             for cb in self.callbacks:
