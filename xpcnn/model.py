@@ -30,6 +30,7 @@ from .ops.kernels import kernels_for
 from .ops.softmax import softmax
 from .optim import Optimizer, get_optimizer
 from .saving import FitCheckpoints, fingerprint, load_weights, register_model, save_model
+from .structure import check_classifier, check_structure
 
 PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 
@@ -71,6 +72,10 @@ class Sequential:
         """Append a layer (the model is rebuilt on its next use)."""
         if not isinstance(layer, Layer):
             raise InputError(f"add() expects an xpcnn layer, got {type(layer).__name__}")
+        if any(layer is la for la in self.layers):
+            raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) is already in the "
+                             "model: the same layer instance cannot be added twice; create "
+                             f"another {type(layer).__name__}(...)")
         taken = {la.name for la in self.layers}
         if layer.name in taken:
             base, k = layer.name, 1
@@ -90,6 +95,7 @@ class Sequential:
         if not shape or any(d < 1 for d in shape):
             raise InputError(f"input_shape must be positive sizes such as (H, W, C), got "
                              f"{input_shape!r}")
+        check_structure(self.layers)
         self.input_shape = shape
         compute = PRECISIONS[self.precision] or self.dtype_name
         for i, layer in enumerate(self.layers):
@@ -230,34 +236,23 @@ class Sequential:
             for k, p in layer.params.items():
                 params.append(p)
                 grads.append(layer.grads[k])
-                owners.append(layer)
+                owners.append((layer, k))
         if self.loss_scale != 1.0:
             grads = [g * (1.0 / self.loss_scale) for g in grads]
-        # The loss, the correct count and the sum of every gradient (finite if they all are,
-        # short of overflow) come to the host in one transfer: one wait for the device per
-        # step, and three launches on a GPU rather than one per array.
+        # The loss, the correct count and the sum of every gradient's square come to the host in
+        # one transfer: one wait for the device per step, and three launches on a GPU rather
+        # than one per array. The sum of squares is finite only where every gradient is, and
+        # none is so large that its square (Adam's second moment) overflows.
         if grads:
-            total = xp.sum(xp.concat([xp.reshape(g, (-1,)) for g in grads]), dtype=stats.dtype)
-            stats = xp.concat([stats, xp.reshape(total, (1,))])
+            flat = xp.concat([xp.reshape(g, (-1,)) for g in grads])
+            squares = xp.reshape(xp.vecdot(flat, flat), (1,))
+            stats = xp.concat([stats, xp.astype(squares, stats.dtype)])
         host = self.backend.to_numpy(stats)
         loss_value, correct = float(host[0]), float(host[1])
         if not math.isfinite(loss_value):
             self._raise_non_finite(f"the loss is {loss_value}", xb)
-        if not np.all(np.isfinite(host[2:])):
-            if self.precision == "mixed_float16" and self.loss_scale > 1.0:
-                # Overflow in float16: skip this update and try a smaller scale (down to 1: past
-                # that the non-finite gradient is not the scaling's doing, and is reported).
-                self.loss_scale /= 2.0
-                self._good_steps = 0
-                return loss_value, correct
-            bad = [o for o, g in zip(owners, grads, strict=True)
-                   if not bool(xp.all(xp.isfinite(g)))]
-            if bad:  # (else only a sum overflowed: every gradient is finite)
-                # Backpropagation runs from the last layer: the last one with a non-finite
-                # gradient is where it appeared.
-                raise NonFiniteError(f"non-finite gradient at step "
-                                     f"{self.optimizer.iterations + 1}: it first appears (in "
-                                     f"backpropagation order) in layer {bad[-1].name!r}")
+        if not np.all(np.isfinite(host[2:])) and self._skip_step(params, grads, owners):
+            return loss_value, correct
         self.optimizer.step(xp, params, grads, kernels)  # type: ignore[union-attr]
         if self.precision == "mixed_float16":
             self._good_steps += 1
@@ -265,6 +260,36 @@ class Sequential:
                 self.loss_scale *= 2.0
                 self._good_steps = 0
         return loss_value, correct
+
+    def _skip_step(self, params: list[Any], grads: list[Any],
+                   owners: list[tuple[Layer, str]]) -> bool:
+        """After the sum of squared gradients came back non-finite: find out why, one array at
+        a time (this happens rarely). A float16 overflow in mixed precision halves the loss
+        scale, down to 1, and the step is skipped (True); a non-finite gradient, or one whose
+        update would push the optimiser's state to infinity, raises; otherwise only the sum
+        overflowed, and the step goes on (False)."""
+        xp = self.backend.xp
+        step = self.optimizer.iterations + 1  # type: ignore[union-attr]
+        bad = [o for o, g in zip(owners, grads, strict=True) if not bool(xp.all(xp.isfinite(g)))]
+        if bad and self.precision == "mixed_float16" and self.loss_scale > 1.0:
+            self.loss_scale /= 2.0
+            self._good_steps = 0
+            return True
+        if bad:
+            # Backpropagation runs from the last layer: the last one with a non-finite
+            # gradient is where it appeared.
+            raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
+                                 f"backpropagation order) in layer {bad[-1][0].name!r}")
+        i = self.optimizer.overflowing(xp, params, grads)  # type: ignore[union-attr]
+        if i is not None:
+            layer, name = owners[i]
+            largest = float(xp.max(xp.abs(grads[i])))
+            raise NonFiniteError(
+                f"training stopped at step {step}: the gradient of layer {layer.name!r} "
+                f"({name}) reaches {largest:.3g}, and the optimiser's state would overflow to "
+                "infinity; nothing was updated (are the inputs scaled? a Rescaling or "
+                "Normalization layer brings them to a small range)")
+        return False
 
     def _raise_non_finite(self, what: str, xb: Any) -> None:
         """Name the step and the first layer whose output is not finite, then raise."""
@@ -294,6 +319,7 @@ class Sequential:
         x = checks.as_images(x, what)
         if not self.built:
             self.build(x.shape[1:])
+        check_classifier(self.layers, [la.output_shape for la in self.layers])
         checks.check_sample_shape(x, self.input_shape, what)  # type: ignore[arg-type]
         checks.check_finite(x, what)
         if y is None:

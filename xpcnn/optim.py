@@ -166,6 +166,12 @@ class Optimizer:
     def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
         raise NotImplementedError
 
+    def overflowing(self, xp: Any, params: list[Any], grads: list[Any]) -> int | None:
+        """The index of the first parameter whose state this step's update would push to
+        infinity, or None. The training loop asks only when its cheap check, the sum of the
+        squared gradients, overflowed."""
+        return None
+
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
                       lr: float) -> bool:
         """The update of every parameter as one launch of ``kernels``; False where this
@@ -240,6 +246,19 @@ class Adam(Optimizer):
         m_hat_scale = lr / (1.0 - b1**t)
         denom = xp.sqrt(v / (1.0 - b2**t)) + self.epsilon
         p[...] = p - m_hat_scale * m / denom
+
+    def overflowing(self, xp: Any, params: list[Any], grads: list[Any]) -> int | None:
+        """Where the second moment, beta_2 * v + (1 - beta_2) * g**2, would overflow."""
+        vs = self.slots.get("v")
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            if self.weight_decay and not self.decoupled:
+                g = g + self.weight_decay * p
+            v = (1.0 - self.beta_2) * (g * g)
+            if vs:
+                v = self.beta_2 * vs[i] + v
+            if not bool(xp.all(xp.isfinite(v))):
+                return i
+        return None
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
                       lr: float) -> bool:
