@@ -578,7 +578,10 @@ def visualize_command(args: Any) -> dict[str, Any]:
     if split == "test" and test is None:
         raise InputError(f"the {args.dataset} files here have no test split; use --split train")
     x, y = test if split == "test" else train
-    image = _image_for(x, args.index, f"{args.dataset} {split} images")
+    try:
+        image = _image_for(x, args.index, f"{args.dataset} {split} images")
+    except InputError as e:
+        raise InputError(f"argument --index: {e}") from e
     if tuple(image.shape) != tuple(model.input_shape or ()):
         raise InputError(f"the model {args.model} expects images of shape "
                          f"{tuple(model.input_shape or ())} but {args.dataset} images are "

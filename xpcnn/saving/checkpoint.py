@@ -445,7 +445,4 @@ class FitCheckpoints:
 
     def _stop_if_interrupted(self, epoch: int, step: int) -> None:
         if self.interrupted:
-            raise TrainingInterrupted(
-                f"interrupted at epoch {epoch + 1}, step {step}/{self.steps}; the checkpoint "
-                f"{self.path} holds the training state there, and resuming continues from it",
-                self.path)
+            raise TrainingInterrupted(f"epoch {epoch + 1}, step {step}/{self.steps}", self.path)
