@@ -335,6 +335,8 @@ def _add_visualize(sub: Any) -> None:
     p.add_argument("--max-maps", type=MAX_MAPS, default=8, help="feature maps shown per layer")
     p.add_argument("--dpi", type=DPI, default=100, help="PNG pixels per inch")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout: what was written, or the error")
 
 
 def visualize(args: argparse.Namespace) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -599,8 +600,9 @@ def visualize_command(args: Any) -> dict[str, Any]:
     for i in conv_layer_indices(model):
         paths.append(os.path.join(out, f"filters_{i}_{model.layers[i].name}.png"))
         plot_filters(model, paths[-1], layer=i, dpi=args.dpi)
-    print(title)
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print  # --json: JSON alone
+    say(title)
     for p in paths:
-        print(f"wrote {p}")
+        say(f"wrote {p}")
     return {"written": paths, "label": label, "predicted": guess,
             "probability": float(probs[guess])}
