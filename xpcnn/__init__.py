@@ -26,13 +26,13 @@ from .errors import (
 )
 from .history import History
 from .losses import SoftmaxCrossEntropy
-from .model import Sequential
+from .model import Model, Sequential
 from .saving import load_checkpoint, load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "InputError",
-    "MissingDependencyError", "NonFiniteError", "Sequential", "SoftmaxCrossEntropy", "XpcnnError",
-    "get_backend", "layers", "load_checkpoint", "load_model", "optim",
+    "MissingDependencyError", "Model", "NonFiniteError", "Sequential", "SoftmaxCrossEntropy",
+    "XpcnnError", "get_backend", "layers", "load_checkpoint", "load_model", "optim",
 ]

@@ -1,4 +1,4 @@
-"""Sequential: a stack of layers with a Keras-like API and its training loop.
+"""Model: the base class that trains, evaluates and predicts; Sequential: a stack of layers.
 
 Data enters as host NumPy arrays in (N, H, W, C); each batch crosses to the device once, is cast
 there, runs forward and backward through the layers, and only scalars (loss, correct count) come
@@ -35,25 +35,36 @@ from .structure import check_classifier, check_structure
 PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 
 
-@register_model
-class Sequential:
-    """A linear stack of layers trained by backpropagation.
+class Model:
+    """What every xpcnn network shares: compile, fit, evaluate, predict, train_step, the
+    non-finite checks, weights, save/load_weights, to(device) and summary (Keras' design).
 
     ``device`` picks the array library and device (see :func:`xpcnn.backend.get_backend`),
     ``seed`` the initial weights (the same on every device), ``dtype`` the parameters' dtype.
+
+    A subclass defines the network. This class reaches it only through these hooks:
+
+    * ``build(input_shape)``: create every layer's weights for per-sample ``input_shape``, set
+      ``input_shape`` and ``built``;
+    * ``built``, ``input_shape`` (per sample, e.g. (32, 32, 3); None before building);
+    * ``layers``: every layer once, in weight order (``get_weights`` concatenates theirs);
+    * ``_logits(xb, training)``: the forward pass of a device batch up to the logits;
+    * ``_backward(dlogits)``: the backward pass after ``_logits(xb, training=True)``, filling
+      every layer's ``grads``;
+    * ``_fused_softmax()``: True when the network ends in a Softmax that is left to the loss;
+    * ``output_shape`` (per sample; ``num_classes`` is its last axis);
+    * ``_layer_outputs(xb, training)``: every layer's output, in ``layers`` order (for
+      :meth:`forward` and to find where non-finite values first appear).
     """
 
-    def __init__(self, layers: list[Layer] | None = None, *, input_shape: tuple[int, ...] | None
-                 = None, device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
-                 name: str = "sequential") -> None:
+    def __init__(self, *, device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
+                 name: str = "model") -> None:
         self.backend: Backend = get_backend(device)
         if dtype not in ("float32", "float64"):
             raise InputError(f"model dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype_name = dtype
         self.seed = checks.non_negative_int(seed, "seed")
         self.name = checks.name(name, "model name")
-        if layers is not None and not isinstance(layers, list | tuple):
-            raise InputError(f"layers must be a list of xpcnn layers, got {type(layers).__name__}")
         self.layers: list[Layer] = []
         self.input_shape: tuple[int, ...] | None = None
         self.loss: SoftmaxCrossEntropy | None = None
@@ -62,83 +73,15 @@ class Sequential:
         self.loss_scale = 1.0
         self._good_steps = 0
         self.built = False
-        for layer in layers or []:
-            self.add(layer)
-        if input_shape is not None:
-            self.build(input_shape)
-
-    # -- construction ------------------------------------------------------------------------
-    def add(self, layer: Layer) -> None:
-        """Append a layer (the model is rebuilt on its next use)."""
-        if not isinstance(layer, Layer):
-            raise InputError(f"add() expects an xpcnn layer, got {type(layer).__name__}")
-        if any(layer is la for la in self.layers):
-            raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) is already in the "
-                             "model: the same layer instance cannot be added twice; create "
-                             f"another {type(layer).__name__}(...)")
-        taken = {la.name for la in self.layers}
-        if layer.name in taken:
-            base, k = layer.name, 1
-            while f"{base}_{k}" in taken:
-                k += 1
-            layer.name = f"{base}_{k}"
-        self.layers.append(layer)
-        self.built = False
-
-    def build(self, input_shape: tuple[int, ...]) -> None:
-        """Create every layer's weights for per-sample ``input_shape``, e.g. (32, 32, 3)."""
-        if not self.layers:
-            raise InputError("the model has no layers: add() some before building it")
-        ok = isinstance(input_shape, tuple | list) and all(
-            isinstance(d, int | np.integer) and not isinstance(d, bool) for d in input_shape)
-        shape = tuple(int(d) for d in input_shape) if ok else ()
-        if not shape or any(d < 1 for d in shape):
-            raise InputError(f"input_shape must be positive sizes such as (H, W, C), got "
-                             f"{input_shape!r}")
-        check_structure(self.layers)
-        self.input_shape = shape
-        compute = PRECISIONS[self.precision] or self.dtype_name
-        for i, layer in enumerate(self.layers):
-            rng = np.random.default_rng([self.seed, i])
-            shape = layer.build(shape, self.backend, self.dtype_name, compute, rng)
-        # Layers up to the first one with parameters need no input gradient.
-        first = next((i for i, la in enumerate(self.layers) if la.params), len(self.layers))
-        for i, layer in enumerate(self.layers):
-            layer.need_input_grad = i > first
-            layer.skip_relu_grad = layer.apply_input_relu_grad = layer.fused_relu = False
-        # The hot path (training, evaluate, predict) runs a plan of the layers (see
-        # _as_planned): a plain ReLU() right after a Conv2D or Dense is applied by that layer,
-        # to each chunk of its output while it is in cache (Layer.fused_relu), and the ReLU
-        # layer is skipped: one pass over the batch fewer each way.
-        plan: list[Layer] = []
-        fused: list[Layer] = []
-        for layer in self.layers:
-            if (isinstance(layer, ReLU) and layer.max_value is None and plan
-                    and plan[-1].can_fuse_relu):
-                if plan[-1] not in fused:  # (a second ReLU() changes nothing)
-                    fused.append(plan[-1])
-                continue
-            plan.append(layer)
-        # A ReLU's gradient is applied by the layer after it where that one can do it in its
-        # own passes: one pass over a whole batch's gradient fewer (see Layer.skip_relu_grad).
-        handed = [(before, after) for before, after in zip(plan[:-1], plan[1:], strict=True)
-                  if (before.relu_output or before in fused)
-                  and after.can_apply_input_relu_grad and after.need_input_grad]
-        self._plan, self._fused, self._handed = plan, fused, handed
-        self._first_trainable = next((i for i, la in enumerate(plan) if la.params), len(plan))
-        self._planned_depth = 0
-        self.built = True
-        if self.optimizer is not None:
-            self.optimizer.slots = {}
-
-    @property
-    def output_shape(self) -> tuple[int, ...]:
-        self._require_built("output_shape")
-        return self.layers[-1].output_shape  # type: ignore[return-value]
 
     @property
     def num_classes(self) -> int:
-        return int(self.output_shape[-1])
+        return int(self.output_shape[-1])  # type: ignore[attr-defined]
+
+    @property
+    def _param_dtype(self) -> Any:
+        """The parameters' (master) dtype on this backend: losses and outputs are in it."""
+        return self.backend.dtype(self.dtype_name)
 
     def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
                 optimizer: str | Optimizer = "adam", metrics: tuple[str, ...] | list[str] = (
@@ -169,53 +112,10 @@ class Sequential:
             for layer in self.layers:
                 layer.compute_dtype = compute
 
-    # -- the hot path ------------------------------------------------------------------------
-    def _fused_softmax(self) -> bool:
-        return isinstance(self.layers[-1], Softmax)
-
-    def _hot_layers(self) -> list[Layer]:
-        """The plan's layers up to the logits (the last Softmax is left to the loss)."""
-        return self._plan[:-1] if self._fused_softmax() else self._plan
-
-    def _logits(self, x: Any, training: bool) -> Any:
-        """Forward pass up to the logits, by the plan (see :meth:`build`)."""
-        with self.backend.compute_scope(), self._as_planned():
-            for layer in self._hot_layers():
-                x = layer.forward(x, training)
-        return x
-
-    def _backward(self, dz: Any) -> None:
-        """Backward pass from the logits' gradient, after ``_logits(x, training=True)``: fills
-        every layer's ``grads``."""
-        with self._as_planned():
-            for layer in reversed(self._hot_layers()[self._first_trainable:]):
-                dz = layer.backward(dz)
-
-    @contextlib.contextmanager
-    def _as_planned(self) -> Iterator[None]:
-        """Inside, the layers run as the plan has them (see :meth:`build`): the fused ReLUs
-        and the ReLU gradients handed to the next layer are switched on. Outside, every layer
-        does its own work, so that one called on its own gives its own output and gradient."""
-        self._planned_depth += 1
-        if self._planned_depth == 1:
-            self._set_plan_flags(True)
-        try:
-            yield
-        finally:
-            self._planned_depth -= 1
-            if self._planned_depth == 0:
-                self._set_plan_flags(False)
-
-    def _set_plan_flags(self, on: bool) -> None:
-        for layer in self._fused:
-            layer.fused_relu = on
-        for before, after in self._handed:
-            before.skip_relu_grad = after.apply_input_relu_grad = on
-
     def _to_device(self, x: np.ndarray) -> Any:
         """One host -> device copy of a batch, then the cast on the device."""
         xb = self.backend.asarray(np.ascontiguousarray(x))
-        return self.backend.xp.astype(xb, self.backend.dtype(self.dtype_name))
+        return self.backend.xp.astype(xb, self._param_dtype)
 
     def train_step(self, xb: Any, yb: Any) -> tuple[float, float]:
         """One forward, backward and update on a device batch; returns (loss, correct count)."""
@@ -227,7 +127,7 @@ class Sequential:
         kernels = kernels_for(self.backend)
         logits = self._logits(xb, training=True)
         stats, dz = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
-            xp, logits, yb, self.layers[-1].dtype, kernels)
+            xp, logits, yb, self._param_dtype, kernels)
         if self.loss_scale != 1.0:
             dz = dz * self.loss_scale
         self._backward(dz)
@@ -304,12 +204,11 @@ class Sequential:
         elif weights is not None:
             where = f"the weights of layer {weights.name!r}"
         else:
-            x = xb
-            for layer in self.layers:
-                x = layer.forward(x, training=False)
-                if not finite(x):
-                    where = f"the output of layer {layer.name!r}"
-                    break
+            outputs = self._layer_outputs(xb, False)  # type: ignore[attr-defined]
+            layer = next((la for la, out in zip(self.layers, outputs, strict=True)
+                          if not finite(out)), None)
+            if layer is not None:
+                where = f"the output of layer {layer.name!r}"
         raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
                              f"values appear in {where}")
 
@@ -437,8 +336,8 @@ class Sequential:
                             desc="evaluate", unit="batch"):
                 yb = self.backend.asarray(targets[idx])
                 logits = self._logits(self._to_device(x[idx]), training=False)
-                stats, _ = self.loss.forward_with_accuracy(xp, logits, yb,
-                                                           self.layers[-1].dtype, kernels)
+                stats, _ = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype,
+                                                           kernels)
                 host = self.backend.to_numpy(stats)
                 loss_sum += float(host[0]) * len(idx)
                 correct += float(host[1])
@@ -453,8 +352,7 @@ class Sequential:
         with self.backend.compute_scope():
             for idx in self._batches(len(x), batch_size):
                 z = self._logits(self._to_device(x[idx]), training=False)
-                out.append(self.backend.to_numpy(softmax(xp, xp.astype(z,
-                                                                        self.layers[-1].dtype))))
+                out.append(self.backend.to_numpy(softmax(xp, xp.astype(z, self._param_dtype))))
         return np.concatenate(out)
 
     def forward(self, x: Any, training: bool = False) -> list[Any]:
@@ -462,12 +360,8 @@ class Sequential:
         self._require_built("forward")
         x = checks.as_images(x)
         checks.check_sample_shape(x, self.input_shape)  # type: ignore[arg-type]
-        outs, a = [], self._to_device(x)
         with self.backend.compute_scope():
-            for layer in self.layers:
-                a = layer.forward(a, training)
-                outs.append(a)
-        return outs
+            return self._layer_outputs(self._to_device(x), training)  # type: ignore[attr-defined]
 
     # -- inspection and weights --------------------------------------------------------------
     def summary(self, print_fn: Callable[[str], None] = print) -> None:
@@ -516,7 +410,7 @@ class Sequential:
         (``DataFormatError`` names the first difference otherwise)."""
         load_weights(self, path)
 
-    def to(self, device: DeviceLike) -> Sequential:
+    def to(self, device: DeviceLike) -> Model:
         """Move the model (weights, optimiser state) to another device; returns self."""
         backend = get_backend(device)
         for la in self.layers:
@@ -542,3 +436,139 @@ class Sequential:
     def _require_compiled(self) -> None:
         if self.loss is None or self.optimizer is None:
             raise InputError("call compile(loss=..., optimizer=...) before fit()")
+
+
+@register_model
+class Sequential(Model):
+    """A linear stack of layers trained by backpropagation (see :class:`Model` for the rest)."""
+
+    def __init__(self, layers: list[Layer] | None = None, *, input_shape: tuple[int, ...] | None
+                 = None, device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
+                 name: str = "sequential") -> None:
+        super().__init__(device=device, seed=seed, dtype=dtype, name=name)
+        if layers is not None and not isinstance(layers, list | tuple):
+            raise InputError(f"layers must be a list of xpcnn layers, got {type(layers).__name__}")
+        for layer in layers or []:
+            self.add(layer)
+        if input_shape is not None:
+            self.build(input_shape)
+
+    # -- construction ------------------------------------------------------------------------
+    def add(self, layer: Layer) -> None:
+        """Append a layer (the model is rebuilt on its next use)."""
+        if not isinstance(layer, Layer):
+            raise InputError(f"add() expects an xpcnn layer, got {type(layer).__name__}")
+        if any(layer is la for la in self.layers):
+            raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) is already in the "
+                             "model: the same layer instance cannot be added twice; create "
+                             f"another {type(layer).__name__}(...)")
+        taken = {la.name for la in self.layers}
+        if layer.name in taken:
+            base, k = layer.name, 1
+            while f"{base}_{k}" in taken:
+                k += 1
+            layer.name = f"{base}_{k}"
+        self.layers.append(layer)
+        self.built = False
+
+    def build(self, input_shape: tuple[int, ...]) -> None:
+        """Create every layer's weights for per-sample ``input_shape``, e.g. (32, 32, 3)."""
+        if not self.layers:
+            raise InputError("the model has no layers: add() some before building it")
+        ok = isinstance(input_shape, tuple | list) and all(
+            isinstance(d, int | np.integer) and not isinstance(d, bool) for d in input_shape)
+        shape = tuple(int(d) for d in input_shape) if ok else ()
+        if not shape or any(d < 1 for d in shape):
+            raise InputError(f"input_shape must be positive sizes such as (H, W, C), got "
+                             f"{input_shape!r}")
+        check_structure(self.layers)
+        self.input_shape = shape
+        compute = PRECISIONS[self.precision] or self.dtype_name
+        for i, layer in enumerate(self.layers):
+            rng = np.random.default_rng([self.seed, i])
+            shape = layer.build(shape, self.backend, self.dtype_name, compute, rng)
+        # Layers up to the first one with parameters need no input gradient.
+        first = next((i for i, la in enumerate(self.layers) if la.params), len(self.layers))
+        for i, layer in enumerate(self.layers):
+            layer.need_input_grad = i > first
+            layer.skip_relu_grad = layer.apply_input_relu_grad = layer.fused_relu = False
+        # The hot path (training, evaluate, predict) runs a plan of the layers (see
+        # _as_planned): a plain ReLU() right after a Conv2D or Dense is applied by that layer,
+        # to each chunk of its output while it is in cache (Layer.fused_relu), and the ReLU
+        # layer is skipped: one pass over the batch fewer each way.
+        plan: list[Layer] = []
+        fused: list[Layer] = []
+        for layer in self.layers:
+            if (isinstance(layer, ReLU) and layer.max_value is None and plan
+                    and plan[-1].can_fuse_relu):
+                if plan[-1] not in fused:  # (a second ReLU() changes nothing)
+                    fused.append(plan[-1])
+                continue
+            plan.append(layer)
+        # A ReLU's gradient is applied by the layer after it where that one can do it in its
+        # own passes: one pass over a whole batch's gradient fewer (see Layer.skip_relu_grad).
+        handed = [(before, after) for before, after in zip(plan[:-1], plan[1:], strict=True)
+                  if (before.relu_output or before in fused)
+                  and after.can_apply_input_relu_grad and after.need_input_grad]
+        self._plan, self._fused, self._handed = plan, fused, handed
+        self._first_trainable = next((i for i, la in enumerate(plan) if la.params), len(plan))
+        self._planned_depth = 0
+        self.built = True
+        if self.optimizer is not None:
+            self.optimizer.slots = {}
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        self._require_built("output_shape")
+        return self.layers[-1].output_shape  # type: ignore[return-value]
+
+    # -- the hot path ------------------------------------------------------------------------
+    def _fused_softmax(self) -> bool:
+        return isinstance(self.layers[-1], Softmax)
+
+    def _hot_layers(self) -> list[Layer]:
+        """The plan's layers up to the logits (the last Softmax is left to the loss)."""
+        return self._plan[:-1] if self._fused_softmax() else self._plan
+
+    def _logits(self, x: Any, training: bool) -> Any:
+        """Forward pass up to the logits, by the plan (see :meth:`build`)."""
+        with self.backend.compute_scope(), self._as_planned():
+            for layer in self._hot_layers():
+                x = layer.forward(x, training)
+        return x
+
+    def _backward(self, dz: Any) -> None:
+        """Backward pass from the logits' gradient, after ``_logits(x, training=True)``: fills
+        every layer's ``grads``."""
+        with self._as_planned():
+            for layer in reversed(self._hot_layers()[self._first_trainable:]):
+                dz = layer.backward(dz)
+
+    @contextlib.contextmanager
+    def _as_planned(self) -> Iterator[None]:
+        """Inside, the layers run as the plan has them (see :meth:`build`): the fused ReLUs
+        and the ReLU gradients handed to the next layer are switched on. Outside, every layer
+        does its own work, so that one called on its own gives its own output and gradient."""
+        self._planned_depth += 1
+        if self._planned_depth == 1:
+            self._set_plan_flags(True)
+        try:
+            yield
+        finally:
+            self._planned_depth -= 1
+            if self._planned_depth == 0:
+                self._set_plan_flags(False)
+
+    def _set_plan_flags(self, on: bool) -> None:
+        for layer in self._fused:
+            layer.fused_relu = on
+        for before, after in self._handed:
+            before.skip_relu_grad = after.apply_input_relu_grad = on
+
+    def _layer_outputs(self, x: Any, training: bool) -> list[Any]:
+        """Every layer's own output, one after the other (no plan: each does its own work)."""
+        outs = []
+        for layer in self.layers:
+            x = layer.forward(x, training)
+            outs.append(x)
+        return outs
