@@ -379,9 +379,11 @@ class FitCheckpoints:
     def interruptible(self) -> Iterator[None]:
         """Inside, a Ctrl-C (SIGINT) lets the step in progress finish, writes a checkpoint at
         that step and raises :class:`~xpcnn.errors.TrainingInterrupted`; a second Ctrl-C
-        interrupts at once (the last checkpoint written stays). Only the main thread receives
-        signals, so elsewhere this changes nothing."""
-        if threading.current_thread() is not threading.main_thread():
+        interrupts at once (the last checkpoint written stays). Only where Ctrl-C has Python's
+        own meaning (KeyboardInterrupt, in the main thread): a SIGINT handler of the
+        program's own, or SIGINT ignored, is left alone."""
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
             yield
             return
 
