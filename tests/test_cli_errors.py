@@ -55,6 +55,7 @@ def bad_cases(tmp: Path) -> list[tuple[list[str], str]]:
         "--seed": ["-1", "abc"],
         "--val-split": ["0", "1", "1.5", "-0.1", "nan", "abc"],
         "--limit": ["0", "-5", "abc"],
+        "--early-stopping": ["-1", "abc", "2.5"],
     }
     for flag, values in numbers.items():
         cases += [(["train", flag, v], flag) for v in values]
@@ -65,7 +66,7 @@ def bad_cases(tmp: Path) -> list[tuple[list[str], str]]:
         cases.append((["train", flag, "bogus"], flag))
     cases += [(["train", "--device", d], "--device") for d in ("tpu", "cuda:x", "")]
     cases += [(["train", "--data-dir", str(p)], "--data-dir") for p in (missing, a_file)]
-    for flag in ("--save", "--checkpoint"):
+    for flag in ("--save", "--checkpoint", "--log"):
         cases += [(["train", flag, str(p)], flag) for p in
                   (folder, missing / "m.npz", UNWRITABLE / "m.npz", a_file / "m.npz",
                    "/dev/null", "")]
@@ -75,6 +76,8 @@ def bad_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["train", "--resume"], "--resume"),
         (["train", "--checkpoint-every", "5"], "--checkpoint-every"),
         (["train", "--save", str(tmp / "x.npz"), "--checkpoint", str(tmp / "x.npz")], "--save"),
+        (["train", "--checkpoint", str(tmp / "x.npz"), "--log", str(tmp / "x.npz")],
+         "--checkpoint"),
         (["train", "--unknown-flag"], "--unknown-flag"),
         (["visualize"], "--model"),
     ]
@@ -100,7 +103,7 @@ def _files(tmp: Path) -> None:
 def test_every_bad_flag_value_is_one_line_naming_the_flag(tmp_path, traps, capsys):
     _files(tmp_path)
     cases = bad_cases(tmp_path)
-    assert len(cases) > 70
+    assert len(cases) > 85
     for argv, flag in cases:
         for as_json in (False, True):
             status = main([*argv, "--json"] if as_json else argv)

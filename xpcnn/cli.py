@@ -26,6 +26,7 @@ import numpy as np
 
 from . import __version__, optim
 from .backend import get_backend
+from .callbacks import Callback, CSVLogger, EarlyStopping
 from .errors import TrainingInterrupted, XpcnnError
 from .model import Sequential
 from .models import MODELS, build_layers
@@ -201,6 +202,12 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from --checkpoint where an interrupted run stopped (same "
                    "final weights as an uninterrupted run); starts afresh if the file is absent")
+    p.add_argument("--early-stopping", type=NON_NEGATIVE, default=None, metavar="PATIENCE",
+                   help="stop when the evaluation split's loss (evaluated every epoch) has not "
+                   "improved for PATIENCE epochs, and keep the best epoch's weights (with "
+                   "--val-split the test set plays no part in that choice)")
+    p.add_argument("--log", default=None, metavar="CSV",
+                   help="write each epoch's metrics to this CSV file")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout: the results, or the error")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -215,13 +222,16 @@ def _check_train(args: argparse.Namespace) -> None:
                              f"{'to resume from' if flag == '--resume' else 'to write'}")
     if args.data_dir is not None:
         _input_folder("--data-dir", args.data_dir)
-    for flag, path in (("--save", args.save), ("--checkpoint", args.checkpoint)):
+    outputs = {"--save": args.save, "--checkpoint": args.checkpoint, "--log": args.log}
+    for flag, path in outputs.items():
         if path is not None:
             _output_file(flag, path)
-    if args.save and args.checkpoint and \
-            Path(args.save).absolute() == Path(args.checkpoint).absolute():
-        raise UsageError("argument --save: the same file as --checkpoint; the model would "
-                         "replace the checkpoint that --resume continues from")
+    for flag, path in outputs.items():
+        others = [f for f, p in outputs.items() if f != flag and p is not None and path
+                  is not None and Path(p).absolute() == Path(path).absolute()]
+        if others:
+            raise UsageError(f"argument {flag}: the same file as {others[0]}; each output "
+                             "needs a file of its own")
     if args.plots is not None:
         _output_folder("--plots", args.plots)
         _needs_matplotlib("--plots")
@@ -278,14 +288,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model.compile(optimizer=optimizer, precision=args.precision)
     say(f"training {model_name} on {args.dataset} ({len(x)} images {x.shape[1:]}) for {epochs} "
         f"epochs on {model.backend.label}")
+    callbacks: list[Callback] = []
+    if args.early_stopping is not None:
+        callbacks.append(EarlyStopping("val_loss", patience=args.early_stopping,
+                                       restore_best_weights=True, verbose=not args.json))
+    if args.log:
+        callbacks.append(CSVLogger(args.log))
     t0 = time.perf_counter()
     try:
         history = model.fit(x, y, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
                             verbose=0 if args.quiet or args.json else 1,
                             checkpoint=args.checkpoint,
                             checkpoint_every=args.checkpoint_every or "epoch",
-                            resume=args.resume,
-                            validation_data=(x_test, y_test) if args.plots else None)
+                            resume=args.resume, callbacks=callbacks,
+                            validation_data=(x_test, y_test) if args.plots or
+                            args.early_stopping is not None else None)
     except TrainingInterrupted as e:
         raise Interrupted(f"interrupted at {e.where}; the checkpoint {e.checkpoint} holds the "
                           "training state there: run the same command with --resume to "
