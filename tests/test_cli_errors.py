@@ -280,3 +280,19 @@ def test_fit_interrupted_then_resumed_ends_with_the_same_weights(tmp_path):
     resumed, _ = ckpt_train.train(path, resume=True)
     for a, b in zip(reference.get_weights(), resumed.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("error, status, text", [
+    (OSError(28, "No space left on device"), 1, "error: [Errno 28] No space left on device"),
+    (MemoryError(), 1, "error: out of memory (a smaller --batch-size needs less)"),
+])
+def test_failures_of_the_machine_are_one_line_too(small_shapes, tmp_path, monkeypatch, capsys,
+                                                  error, status, text):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(xpcnn.Sequential, "fit", fail)
+    assert main(["train", "--quiet", "--json"]) == status
+    out, err = capsys.readouterr()
+    assert err.splitlines()[-1] == f"xpcnn train: {text}" and "Traceback" not in err
+    assert json.loads(out) == {"error": err.splitlines()[-1], "exit_status": status}
