@@ -49,6 +49,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None,
                    help="train on the first N training samples only")
     p.add_argument("--save", default=None, metavar="PATH", help="write the trained model here")
+    p.add_argument("--export", default=None, metavar="PATH.onnx",
+                   help="write the trained model as ONNX here (needs onnx: pip install "
+                   "\"xpcnn[onnx]\")")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="write training curves (train against the evaluation split, which is "
                    "then evaluated every epoch) and the confusion matrix as PNGs to DIR "
@@ -83,6 +86,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     if args.resume and not args.checkpoint:
         raise XpcnnError("--resume needs --checkpoint PATH, the file to resume from")
+    if args.export:
+        from .onnx_export import check_export
+
+        check_export(args.export)  # onnx installed and the path writable, before training
     (x, y), test = load_dataset(args.dataset, data_dir=args.data_dir)
     evaluated_on = "test set"
     if test is None or args.val_split is not None:
@@ -123,6 +130,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.save:
         model.save(args.save)
         say(f"saved the model to {args.save}")
+    if args.export:
+        model.export(args.export)
+        say(f"exported the model as ONNX to {args.export}")
     if args.plots:
         from .datasets import class_names
         from .viz import write_training_plots
