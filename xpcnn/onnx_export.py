@@ -20,17 +20,17 @@ new layer type registers its own with :func:`register_converter`. Needs the ``on
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
-from typing import IO, Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .errors import InputError, MissingDependencyError
 from .layers.base import Layer
 from .ops.conv import resolve_padding
+from .saving.npz import atomic_file
 
 #: The ONNX operator set the graph uses, and the file format version that goes with it (as
 #: onnx 1.12 wrote them): old enough for every current runtime.
@@ -119,19 +119,21 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
         raise InputError(f"no ONNX converter for layer type(s) {', '.join(unknown)} (model "
                          f"{model.name!r}); known: {', '.join(sorted(CONVERTERS))}. A new "
                          "layer type registers one with xpcnn.onnx_export.register_converter")
-    with _atomic_file(path) as f:
-        graph = GraphBuilder(onnx)
-        tensors = {INPUT_NAME: INPUT_NAME}
-        if input_dtype == "uint8":
-            tensors[INPUT_NAME] = graph.op("Cast", [INPUT_NAME], to=onnx.TensorProto.FLOAT)
-        for node in nodes:
-            graph.scope = node.layer.name
-            tensors[node.output] = CONVERTERS[type(node.layer).__name__](
-                node.layer, graph, [tensors[t] for t in node.inputs])
-        graph.scope = ""
-        # predict's last step: probabilities from the logits.
-        graph.op("Softmax", [tensors[logits]], OUTPUT_NAME, axis=-1)
-        f.write(_model_proto(onnx, model, graph, input_dtype).SerializeToString())
+    check_export(path)
+    graph = GraphBuilder(onnx)
+    tensors = {INPUT_NAME: INPUT_NAME}
+    if input_dtype == "uint8":
+        tensors[INPUT_NAME] = graph.op("Cast", [INPUT_NAME], to=onnx.TensorProto.FLOAT)
+    for node in nodes:
+        graph.scope = node.layer.name
+        tensors[node.output] = CONVERTERS[type(node.layer).__name__](
+            node.layer, graph, [tensors[t] for t in node.inputs])
+    graph.scope = ""
+    # predict's last step: probabilities from the logits.
+    graph.op("Softmax", [tensors[logits]], OUTPUT_NAME, axis=-1)
+    proto = _model_proto(onnx, model, graph, input_dtype)
+    with atomic_file(path) as f:
+        f.write(proto.SerializeToString())
 
 
 def chain_nodes(model: Any) -> tuple[list[Node], str]:
@@ -146,8 +148,6 @@ def chain_nodes(model: Any) -> tuple[list[Node], str]:
 
 
 def _model_proto(onnx: Any, model: Any, graph: GraphBuilder, input_dtype: str) -> Any:
-    from . import __version__
-
     helper = onnx.helper
     elem = onnx.TensorProto.UINT8 if input_dtype == "uint8" else onnx.TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info(INPUT_NAME, elem, ["N", *model.input_shape])]
@@ -156,7 +156,7 @@ def _model_proto(onnx: Any, model: Any, graph: GraphBuilder, input_dtype: str) -
     proto = helper.make_model(
         helper.make_graph(graph.nodes, model.name, inputs, outputs, graph.initializers),
         opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
-        producer_name="xpcnn", producer_version=__version__,
+        producer_name="xpcnn",
         doc_string=f"xpcnn model {model.name!r}: (N, H, W, C) images -> class probabilities")
     onnx.checker.check_model(proto, full_check=True)
     return proto
@@ -175,47 +175,19 @@ def _import_onnx() -> Any:
 
 
 def check_export(path: str | os.PathLike[str]) -> None:
-    """Fail now, with a clear error, where a later export to ``path`` would fail: onnx not
-    installed, or a path that cannot be written (the CLI checks this before training)."""
+    """Fail now, with a clear error, where an export to ``path`` would fail for want of onnx
+    or of a writable path (the export checks this before any work; the CLI before training)."""
     _import_onnx()
-    fd, tmp = _temporary_file(path)
-    os.close(fd)
-    os.unlink(tmp)
-
-
-def _temporary_file(path: str | os.PathLike[str]) -> tuple[int, str]:
-    """A new temporary file in ``path``'s folder (created if need be): (descriptor, name)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise InputError(f"cannot write the ONNX file {path!r}: it is a folder")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        # A leftover of a killed writer is recognisable: ".<name>.<random>.tmp" next to it.
-        return tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                dir=folder)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as e:
         raise InputError(f"cannot write the ONNX file {path!r}: {e.strerror or e}") from e
-
-
-@contextlib.contextmanager
-def _atomic_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
-    """A temporary file next to ``path`` that becomes ``path`` only once the block succeeds.
-
-    It is created first, so an unwritable path fails before any work is done; a failed block
-    leaves the old file (if any) as it was.
-    """
-    fd, tmp = _temporary_file(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # -- one converter per layer type ----------------------------------------------------------
