@@ -219,6 +219,16 @@ def test_an_unknown_layer_type_is_named_and_a_registered_converter_exports_it(
     check_model(model, rng.normal(0, 2, (2, 2, 2, 1)).astype(np.float32), tmp_path)
 
 
+def test_a_model_other_than_a_chain_is_refused(tmp_path):
+    class Branchy(xpcnn.Model):  # a network that is not a chain
+        pass
+
+    model = Branchy()
+    model.built, model.layers = True, [Flatten()]
+    with pytest.raises(InputError, match="Branchy models do not export yet"):
+        model.export(tmp_path / "m.onnx")
+
+
 def test_an_unbuilt_model_and_a_bad_input_dtype_are_refused(tmp_path):
     with pytest.raises(InputError, match="must be built before export"):
         xpcnn.Sequential([Flatten(), Dense(3)]).export(tmp_path / "m.onnx")

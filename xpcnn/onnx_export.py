@@ -139,6 +139,10 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
 def chain_nodes(model: Any) -> tuple[list[Node], str]:
     """A Sequential's layers up to its logits as a chain of nodes, and the logits' name (a
     final Softmax layer is left out: the export ends with predict's softmax)."""
+    # (by name: importing Sequential would make the model and its exporter import each other)
+    if "Sequential" not in {c.__name__ for c in type(model).__mro__}:
+        raise InputError(f"ONNX export walks a Sequential's chain of layers; "
+                         f"{type(model).__name__} models do not export yet")
     layers = model.layers[:-1] if model._fused_softmax() else model.layers
     nodes, x = [], INPUT_NAME
     for layer in layers:
