@@ -12,7 +12,7 @@ Tensors stay (N, H, W, C) between layers as in xpcnn; Conv and the pools, which 
 (N, C, H, W), are wrapped in a transpose each way (runtimes cancel each adjacent pair), so a
 Flatten is a plain reshape in xpcnn's (H, W, C) order.
 
-The exporter walks a list of :class:`Node` (layer, input tensors, output tensor): a Sequential
+The exporter walks a list of :class:`Node` (layer, input slots, output slot): a Sequential
 gives a chain. Each layer type has one converter, found by class name in :data:`CONVERTERS`; a
 new layer type registers its own with :func:`register_converter`. Needs the ``onnx`` package
 (``pip install "xpcnn[onnx]"``), imported only on export.
@@ -43,12 +43,12 @@ NCHW, NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
 
 
 class Node(NamedTuple):
-    """One step of a model's graph: ``layer`` applied to the tensors named ``inputs`` gives
-    the tensor named ``output`` (names are the model's own; the model input is ``"input"``)."""
+    """One step of a model's graph: ``layer`` reads the tensors in slots ``inputs`` and writes
+    slot ``output`` (slot 0 is the model's input)."""
 
     layer: Layer
-    inputs: tuple[str, ...]
-    output: str
+    inputs: tuple[int, ...]
+    output: int
 
 
 class GraphBuilder:
@@ -121,9 +121,9 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
                          "layer type registers one with xpcnn.onnx_export.register_converter")
     check_export(path)
     graph = GraphBuilder(onnx)
-    tensors = {INPUT_NAME: INPUT_NAME}
+    tensors = {0: INPUT_NAME}  # slot -> ONNX tensor name
     if input_dtype == "uint8":
-        tensors[INPUT_NAME] = graph.op("Cast", [INPUT_NAME], to=onnx.TensorProto.FLOAT)
+        tensors[0] = graph.op("Cast", [INPUT_NAME], to=onnx.TensorProto.FLOAT)
     for node in nodes:
         graph.scope = node.layer.name
         tensors[node.output] = CONVERTERS[type(node.layer).__name__](
@@ -136,19 +136,15 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
         f.write(proto.SerializeToString())
 
 
-def chain_nodes(model: Any) -> tuple[list[Node], str]:
-    """A Sequential's layers up to its logits as a chain of nodes, and the logits' name (a
+def chain_nodes(model: Any) -> tuple[list[Node], int]:
+    """A Sequential's layers up to its logits as a chain of nodes, and the logits' slot (a
     final Softmax layer is left out: the export ends with predict's softmax)."""
     # (by name: importing Sequential would make the model and its exporter import each other)
     if "Sequential" not in {c.__name__ for c in type(model).__mro__}:
         raise InputError(f"ONNX export walks a Sequential's chain of layers; "
                          f"{type(model).__name__} models do not export yet")
     layers = model.layers[:-1] if model._fused_softmax() else model.layers
-    nodes, x = [], INPUT_NAME
-    for layer in layers:
-        nodes.append(Node(layer, (x,), layer.name))
-        x = layer.name
-    return nodes, x
+    return [Node(layer, (k,), k + 1) for k, layer in enumerate(layers)], len(layers)
 
 
 def _model_proto(onnx: Any, model: Any, graph: GraphBuilder, input_dtype: str) -> Any:
