@@ -200,7 +200,7 @@ def test_every_layer_type_has_a_converter():
 
 # -- errors, registration, writing ------------------------------------------------------------
 class Doubling(Layer):
-    def forward(self, x, training=False):
+    def forward(self, x, training=False, options=None):  # (options: the plan's, unused)
         return x * 2.0
 
 
