@@ -119,7 +119,7 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
     config = {
         "format": FORMAT, "version": VERSION,
         "model": model_config(model),
-        "optimizer": {"iterations": int(opt.iterations),
+        "optimizer": {"iterations": int(opt.iterations), "lr_factor": float(opt.lr_factor),
                       "slots": {k: len(v) for k, v in opt.slots.items()}},
         "loss_scale": float(model.loss_scale), "good_steps": int(model._good_steps),
         "random_layers": [{"index": i, "seed": int(la.seed), "calls": int(la.calls)}
@@ -246,6 +246,7 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     if not isinstance(ostate, dict):
         raise bad("no optimizer state")
     iterations = _int(ostate.get("iterations"), "optimizer iterations", path)
+    lr_factor = _float(ostate.get("lr_factor", 1.0), "optimizer lr_factor", path)
     params = [p for la in model.layers for p in la.params.values()]
     slot_counts = ostate.get("slots")
     if not isinstance(slot_counts, dict):
@@ -295,7 +296,7 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         raise bad("no run description")
 
     set_weights_from_file(model, npz)  # checks shapes before replacing anything
-    opt.iterations = iterations
+    opt.iterations, opt.lr_factor = iterations, lr_factor
     opt.slots = {name: [model.backend.asarray(a) for a in v] for name, v in slots.items()}
     model.loss_scale, model._good_steps = float(loss_scale), good_steps
     for i, (seed, calls) in counters.items():
@@ -379,9 +380,11 @@ class FitCheckpoints:
     def interruptible(self) -> Iterator[None]:
         """Inside, a Ctrl-C (SIGINT) lets the step in progress finish, writes a checkpoint at
         that step and raises :class:`~xpcnn.errors.TrainingInterrupted`; a second Ctrl-C
-        interrupts at once (the last checkpoint written stays). Only the main thread receives
-        signals, so elsewhere this changes nothing."""
-        if threading.current_thread() is not threading.main_thread():
+        interrupts at once (the last checkpoint written stays). Only where Ctrl-C has Python's
+        own meaning (KeyboardInterrupt, in the main thread): a SIGINT handler of the
+        program's own, or SIGINT ignored, is left alone."""
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
             yield
             return
 
@@ -445,7 +448,4 @@ class FitCheckpoints:
 
     def _stop_if_interrupted(self, epoch: int, step: int) -> None:
         if self.interrupted:
-            raise TrainingInterrupted(
-                f"interrupted at epoch {epoch + 1}, step {step}/{self.steps}; the checkpoint "
-                f"{self.path} holds the training state there, and resuming continues from it",
-                self.path)
+            raise TrainingInterrupted(f"epoch {epoch + 1}, step {step}/{self.steps}", self.path)
