@@ -84,6 +84,8 @@ def test_one_cycle_by_hand():
     assert one(11) == pytest.approx(0.001) and one(99) == one(11)  # lr / 10 / 100, then flat
     rebuilt = optim.schedule_from_config(one.get_config())
     assert [rebuilt(s) for s in range(14)] == [one(s) for s in range(14)]
+    short = optim.OneCycle(1.0, total_steps=2)  # no room for a warm-up: starts at the peak
+    assert short(0) == 1.0 and short(1) == pytest.approx(1.0 / 25 / 1e4)
 
 
 @pytest.mark.parametrize("total, pct_start", [(20, 0.3), (97, 0.25), (5, 0.5)])
@@ -119,7 +121,7 @@ def test_schedule_drives_the_optimizer():
     (lambda: optim.AdamW(0.1, weight_decay=-1), "weight_decay must be >= 0"),
     (lambda: optim.CosineDecay(0.1, 0), "decay_steps must be >= 1"),
     (lambda: optim.OneCycle(0.1, 1), "total_steps must be >= 2"),
-    (lambda: optim.OneCycle(0.1, 10, pct_start=1.0), "pct_start must leave more than one"),
+    (lambda: optim.OneCycle(0.1, 10, pct_start=1.0), r"pct_start must be in \(0, 1\)"),
     (lambda: optim.get_optimizer("rmsprop"), "unknown optimizer 'rmsprop'"),
 ])
 def test_bad_optimizer_arguments(make, message):

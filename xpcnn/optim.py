@@ -103,9 +103,8 @@ class OneCycle(Schedule):
                  div_factor: float = 25.0, final_div_factor: float = 1e4) -> None:
         if not _count(total_steps) or total_steps < 2:
             raise InputError(f"OneCycle total_steps must be >= 2, got {total_steps!r}")
-        if not _real(pct_start) or not 1 < pct_start * total_steps < total_steps:
-            raise InputError(f"OneCycle pct_start must leave more than one step to each phase "
-                             f"of {total_steps}, got {pct_start!r}")
+        if not _real(pct_start) or not 0 < pct_start < 1:
+            raise InputError(f"OneCycle pct_start must be in (0, 1), got {pct_start!r}")
         self.lr, self.total_steps = _rate(lr, "OneCycle lr"), int(total_steps)
         self.pct_start = float(pct_start)
         self.div_factor = _rate(div_factor, "OneCycle div_factor")
@@ -113,9 +112,10 @@ class OneCycle(Schedule):
 
     def __call__(self, step: int) -> float:
         start_lr = self.lr / self.div_factor
-        peak, last = self.pct_start * self.total_steps - 1, self.total_steps - 1
+        # (a run too short for a warm-up starts at the peak)
+        peak, last = max(self.pct_start * self.total_steps - 1, 0.0), self.total_steps - 1
         step = min(step, last)
-        if step <= peak:
+        if step < peak:
             a, b, t = start_lr, self.lr, step / peak
         else:
             a, b, t = self.lr, start_lr / self.final_div_factor, (step - peak) / (last - peak)
