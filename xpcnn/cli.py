@@ -28,8 +28,7 @@ from . import __version__, optim
 from .backend import get_backend
 from .callbacks import Callback, CSVLogger, EarlyStopping
 from .errors import TrainingInterrupted, XpcnnError
-from .model import Sequential
-from .models import MODELS, build_layers
+from .models import NAMES, build_model
 from .onnx_export import ONNX_EXTRA_HINT
 
 DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10")
@@ -173,7 +172,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--data-dir", default=None,
                    help="an existing folder with the dataset files (default: $XPCNN_DATA_DIR, "
                    "else the per-user cache, downloading there if needed)")
-    p.add_argument("--model", choices=sorted(MODELS), default=None,
+    p.add_argument("--model", choices=sorted(NAMES), default=None,
                    help="reference model (default: the dataset's own)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--epochs", type=POSITIVE, default=None)
@@ -284,8 +283,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model_name = args.model or DEFAULT_MODEL[args.dataset]
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.dataset]
     classes = int(max(y.max(), y_test.max())) + 1
-    model = Sequential(build_layers(model_name, classes), device=args.device, seed=args.seed,
-                       name=model_name)
+    model = build_model(model_name, classes, x.shape[1:], device=args.device, seed=args.seed)
     steps_per_epoch = -(-len(x) // args.batch_size)
     lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 3e-3)
     schedule = optim.CosineDecay(lr, epochs * steps_per_epoch, min_lr=lr * 0.01) \

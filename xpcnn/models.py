@@ -1,16 +1,20 @@
 """Named reference models, shared by the CLI, the recipes and the benchmarks.
 
-Each builder returns the list of layers for a per-sample input shape and a class count; the
-caller wraps them in :class:`~xpcnn.Sequential` with its device and seed. Inputs are uint8
-images; every model starts by rescaling them to [0, 1].
+Two kinds: a *stack* builder (:data:`MODELS`) returns the list of layers for a class count, to
+wrap in :class:`~xpcnn.Sequential`; a *network* builder (:data:`NETWORKS`) returns a built graph
+:class:`~xpcnn.Model` (residual networks). :func:`build_model` gives either kind as a model.
+Inputs are uint8 images; every model starts by rescaling or normalising them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from .errors import InputError
+from .graph import Input
 from .layers import (
+    Add,
     BatchNorm2D,
     Conv2D,
     Dense,
@@ -20,12 +24,15 @@ from .layers import (
     GlobalAvgPool2D,
     Layer,
     MaxPool2D,
+    Normalization,
     RandomCrop,
     RandomFlip,
     ReLU,
     Rescaling,
     Softmax,
 )
+from .layers.base import SymbolicTensor
+from .model import Model, Sequential
 
 
 def shapes_net(classes: int = 10) -> list[Layer]:
@@ -97,7 +104,101 @@ MODELS: dict[str, Callable[[int], list[Layer]]] = {
 
 
 def build_layers(name: str, classes: int = 10) -> list[Layer]:
-    """The layers of reference model ``name`` (see :data:`MODELS`)."""
+    """The layers of reference stack ``name`` (see :data:`MODELS`)."""
     if name not in MODELS:
         raise InputError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     return MODELS[name](classes)
+
+
+# -- residual networks (graph models) ---------------------------------------------------------
+
+#: CIFAR-10's per-channel mean and standard deviation, on the 0-255 scale of uint8 images.
+CIFAR_MEAN, CIFAR_STD = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]
+
+
+def _augmented_input(input_shape: tuple[int, ...]) -> tuple[SymbolicTensor, SymbolicTensor]:
+    """The input, then (in training only) a random flip and a crop of 4-pixel padding, then the
+    per-channel normalisation."""
+    inputs = Input(input_shape)
+    x = RandomCrop(4)(RandomFlip()(inputs))
+    return inputs, Normalization(CIFAR_MEAN, CIFAR_STD)(x)
+
+
+def _conv_bn(x: SymbolicTensor, filters: int, strides: int = 1, relu: bool = True,
+             kernel_size: int = 3) -> SymbolicTensor:
+    """Convolution (no bias: the BatchNorm's beta is one), BatchNorm, then ReLU if ``relu``.
+    Padding (kernel_size - 1) / 2 on every side, as PyTorch's ResNets (at stride 2 too)."""
+    x = Conv2D(filters, kernel_size, strides=strides, padding=(kernel_size - 1) // 2,
+               use_bias=False, kernel_initializer="he_uniform")(x)
+    x = BatchNorm2D()(x)
+    return ReLU()(x) if relu else x
+
+
+def _basic_block(x: SymbolicTensor, filters: int, strides: int) -> SymbolicTensor:
+    """He et al.'s basic block: relu(x' + bn(conv(relu(bn(conv(x)))))), where the shortcut x' is
+    x itself, or a projection (1x1 convolution and BatchNorm, their option B) where the block
+    changes the size or the channel count."""
+    y = _conv_bn(_conv_bn(x, filters, strides), filters, relu=False)
+    if strides != 1 or x.shape[-1] != filters:
+        x = _conv_bn(x, filters, strides, relu=False, kernel_size=1)
+    return ReLU()(Add()([x, y]))
+
+
+def _classifier(x: SymbolicTensor, classes: int) -> SymbolicTensor:
+    return Softmax()(Dense(classes)(GlobalAvgPool2D()(x)))
+
+
+def resnet20(classes: int = 10, input_shape: tuple[int, ...] = (32, 32, 3),
+             **model_options: Any) -> Model:
+    """ResNet-20 of He et al. (2016) for CIFAR: a 3x3 convolution of 16 filters, then 3 stages
+    of 3 basic blocks with 16, 32 and 64 filters (the 2nd and 3rd stages start at stride 2),
+    BatchNorm, global average pooling and Dense classes; projection shortcuts where the shape
+    changes (~0.27 M parameters). Random flips and crops in training."""
+    inputs, x = _augmented_input(input_shape)
+    x = _conv_bn(x, 16)
+    for stage, filters in enumerate((16, 32, 64)):
+        for block in range(3):
+            x = _basic_block(x, filters, 2 if stage > 0 and block == 0 else 1)
+    return Model(inputs, _classifier(x, classes), **{"name": "resnet20", **model_options})
+
+
+def fast_resnet(classes: int = 10, input_shape: tuple[int, ...] = (32, 32, 3),
+                width: int = 32, **model_options: Any) -> Model:
+    """The DAWNBench "ResNet-9" of Myrtle.ai (Page, 2018), its widths halved by default
+    (``width=64`` is the original, 6.5 M parameters; 32 has 1.6 M and a quarter of the work):
+    conv-BN-ReLU blocks of width w, 2w with a max pool and a residual pair, 4w with a max pool,
+    8w with a max pool and a residual pair, a global max pool, Dense classes with the logits
+    scaled by 1/8. Random flips and crops in training."""
+    def residual(x: SymbolicTensor, filters: int) -> SymbolicTensor:
+        return Add()([x, _conv_bn(_conv_bn(x, filters), filters)])
+
+    inputs, x = _augmented_input(input_shape)
+    x = _conv_bn(x, width)
+    x = residual(MaxPool2D(2)(_conv_bn(x, 2 * width)), 2 * width)
+    x = MaxPool2D(2)(_conv_bn(x, 4 * width))
+    x = residual(MaxPool2D(2)(_conv_bn(x, 8 * width)), 8 * width)
+    x = Flatten()(MaxPool2D(x.shape[0])(x))  # global max pool (4x4 for 32x32 images)
+    logits = Rescaling(1 / 8)(Dense(classes, use_bias=False)(x))
+    return Model(inputs, Softmax()(logits), **{"name": "fast-resnet", **model_options})
+
+
+NETWORKS: dict[str, Callable[..., Model]] = {
+    "resnet20": resnet20,
+    "fast-resnet": fast_resnet,
+}
+
+#: Every reference model's name.
+NAMES = (*MODELS, *NETWORKS)
+
+
+def build_model(name: str, classes: int = 10, input_shape: tuple[int, ...] | None = None,
+                **model_options: Any) -> Model:
+    """Reference model ``name`` as a model: a :class:`~xpcnn.Sequential` of a stack's layers
+    (built when ``input_shape`` is given, else on first use), or a network's built graph
+    :class:`~xpcnn.Model` (``input_shape`` defaults to CIFAR's (32, 32, 3)). ``model_options``
+    go to the model: ``device``, ``seed``, ``dtype``, ``name``."""
+    options = {"name": name, **model_options}
+    if name in NETWORKS:
+        shape = (32, 32, 3) if input_shape is None else tuple(input_shape)
+        return NETWORKS[name](classes, shape, **options)
+    return Sequential(build_layers(name, classes), input_shape=input_shape, **options)
