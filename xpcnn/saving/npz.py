@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import secrets
 import struct
 import warnings
 import zipfile
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataFormatError
+from ..files import fsync_folder, new_temporary
 
 CONFIG_KEY = "__config__"
 #: The most bytes the JSON configuration entry may inflate to (a model's is a few kB; a
@@ -202,15 +202,12 @@ def _parse_npy(data: bytes, where: str) -> np.ndarray:
 
 
 def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
-    """Write an .npz so that ``path`` is always either the old file or the complete new one.
-
-    The file is created as ``open`` creates files (mode 0666 less the umask), so it can be
-    shared where the umask allows.
-    """
+    """Write an .npz so that ``path`` is always either the old file or the complete new one
+    (created with mode 0666 less the umask, see :func:`xpcnn.files.new_temporary`)."""
     path = os.fspath(path)
     folder, base = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = _new_temporary(folder, base)
+    fd, tmp = new_temporary(folder, base)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -221,20 +218,4 @@ def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def _new_temporary(folder: str, base: str) -> tuple[int, str]:
-    """A new file ``.<base>.<random>.tmp`` in ``folder`` (a killed writer's leftover is
-    recognisable by that name), created with mode 0666 for the kernel to apply the umask to."""
-    while True:
-        tmp = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
-        with contextlib.suppress(FileExistsError):
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+    fsync_folder(folder)
