@@ -86,6 +86,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import xpcnn  # noqa: E402
 from xpcnn.layers import Conv2D, Dense, FeatureNorm, MaxPool2D, ReLU  # noqa: E402
+from xpcnn.layers.base import Options  # noqa: E402
 from xpcnn.models import build_layers  # noqa: E402
 
 try:
@@ -395,6 +396,9 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
         for layer in model.layers:  # each on its own: as written, its own ReLU and gradient
             if not isinstance(layer, TIMED_LAYERS):
                 continue
+            # the input gradient only where the model needs one
+            need_dx = model._plan().options(layer).need_input_grad
+            options = Options(need_input_grad=need_dx)
             rng = np.random.default_rng(2)
             x = rng.standard_normal((batch, *layer.input_shape)).astype(np.float32)
             dy = rng.standard_normal((batch, *layer.output_shape)).astype(np.float32)
@@ -403,17 +407,17 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
                 with backend.compute_scope():
                     layer.forward(x, training=False)
 
-            def train_forward(layer: Any = layer, x: Any = x) -> None:
+            def train_forward(layer: Any = layer, x: Any = x, options: Any = options) -> None:
                 with backend.compute_scope():
-                    layer.forward(x, training=True)
+                    layer.forward(x, training=True, options=options)
 
-            def backward(layer: Any = layer, dy: Any = dy) -> None:
+            def backward(layer: Any = layer, dy: Any = dy, options: Any = options) -> None:
                 with backend.compute_scope():
-                    layer.backward(dy)
+                    layer.backward(dy, options)
 
             row: dict[str, Any] = {
                 "model": name, "layer": layer.name, "input_shape": list(layer.input_shape),
-                "output_shape": list(layer.output_shape), "input_grad": layer.need_input_grad,
+                "output_shape": list(layer.output_shape), "input_grad": need_dx,
                 "xpcnn": {"forward_ms": _median_ms(forward),
                           "backward_ms": _median_ms(backward, train_forward)}}
             if torch is not None:
@@ -422,8 +426,8 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
                     net = net.to(memory_format=torch.channels_last)
                 xt = torch_images(x, ARGS.torch_channels_last)
                 gt = torch_images(dy, ARGS.torch_channels_last)
-                xt.requires_grad_(layer.need_input_grad)
-                wrt = [*net.parameters()] + ([xt] if layer.need_input_grad else [])
+                xt.requires_grad_(need_dx)
+                wrt = [*net.parameters()] + ([xt] if need_dx else [])
                 out = net(xt)
 
                 def t_forward(net: Any = net, xt: Any = xt) -> None:

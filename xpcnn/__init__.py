@@ -25,14 +25,16 @@ from .errors import (
     NonFiniteError,
     XpcnnError,
 )
+from .graph import Input
 from .io import load_model
 from .losses import SoftmaxCrossEntropy
-from .model import History, Sequential
+from .model import History, Model, Sequential
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "InputError",
-    "MissingDependencyError", "NonFiniteError", "Sequential", "SoftmaxCrossEntropy", "XpcnnError",
-    "get_backend", "layers", "load_checkpoint", "load_model", "optim",
+    "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "Input",
+    "InputError", "MissingDependencyError", "Model", "NonFiniteError", "Sequential",
+    "SoftmaxCrossEntropy", "XpcnnError", "get_backend", "layers", "load_checkpoint",
+    "load_model", "optim",
 ]

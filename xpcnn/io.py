@@ -25,24 +25,23 @@ import numpy as np
 
 from .backend import DeviceLike
 from .errors import DataFormatError, InputError
+from .graph import check_graph
 from .layers.base import LAYER_TYPES
 from .losses import SoftmaxCrossEntropy
 from .model import Sequential
 from .optim import optimizer_from_config
 
 FORMAT = "xpcnn-model"
-VERSION = 1
+VERSION = 1  # a Sequential's file; a functional Model's is version 2 (it has the graph)
+GRAPH_VERSION = 2
 CONFIG_KEY = "__config__"
 
 
 def model_config(model: Sequential) -> dict[str, Any]:
     """Everything but the weights: enough to rebuild the same model."""
-    config: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "name": model.name, "seed": model.seed,
-        "dtype": model.dtype_name, "input_shape": list(model.input_shape or []),
-        "layers": [{"class": type(la).__name__, "config": la.get_config()}
-                   for la in model.layers],
-    }
+    architecture = model.get_config()
+    version = VERSION if architecture["class"] == "Sequential" else GRAPH_VERSION
+    config: dict[str, Any] = {"format": FORMAT, "version": version, **architecture}
     if model.loss is not None and model.optimizer is not None:
         config["compile"] = {"loss": model.loss.get_config(),
                              "optimizer": model.optimizer.get_config(),
@@ -196,9 +195,10 @@ def model_from_config(config: Any, path: str, device: DeviceLike = "cpu",
     """
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise DataFormatError(f"{path}: not an xpcnn model file (format is not {FORMAT!r})")
-    if config.get("version") != VERSION:
+    if config.get("version") not in (VERSION, GRAPH_VERSION):
         raise DataFormatError(f"{path}: model format version {config.get('version')!r} is not "
-                              f"supported (this xpcnn reads version {VERSION})")
+                              f"supported (this xpcnn reads versions {VERSION} and "
+                              f"{GRAPH_VERSION})")
     try:
         layers = []
         for spec in config["layers"]:
@@ -210,10 +210,15 @@ def model_from_config(config: Any, path: str, device: DeviceLike = "cpu",
         if not isinstance(input_shape, list) or not all(
                 type(d) is int and d > 0 for d in input_shape):
             raise DataFormatError(f"{path}: input_shape {input_shape!r} is not a list of sizes")
-        check_sizes(layers, tuple(input_shape), arrays, path)
-        model = Sequential(layers, device=device, seed=int(config["seed"]),
-                           dtype=config["dtype"], name=str(config["name"]))
-        model.build(tuple(input_shape))
+        inbound = None
+        if config.get("class", "Sequential") != "Sequential":
+            inbound = [tuple(spec["inbound"]) for spec in config["layers"]]
+            try:
+                check_graph(layers, inbound)
+            except InputError as e:
+                raise DataFormatError(f"{path}: invalid layer graph: {e}") from e
+        check_sizes(layers, tuple(input_shape), arrays, path, inbound)
+        model = Sequential.from_config(config, device)
         if "compile" in config:
             c = config["compile"]
             model.compile(SoftmaxCrossEntropy(**c["loss"]), optimizer_from_config(c["optimizer"]),
@@ -227,18 +232,23 @@ def model_from_config(config: Any, path: str, device: DeviceLike = "cpu",
 
 
 def check_sizes(layers: list[Any], shape: tuple[int, ...], arrays: dict[str, np.ndarray] | None,
-                 path: str) -> None:
+                path: str, inbound: list[tuple[int, ...]] | None = None) -> None:
     """Refuse, before building it, a layer that would allocate more than the file accounts for.
 
-    Walks the layers on the host with trial builds: each layer's input (with its padding or
-    window) must stay under :data:`MAX_SAMPLE_VALUES` values, and the weights a Dense, Conv2D or
-    BatchNorm2D layer would create must number exactly the values stored for it.
+    Walks the layers on the host with trial builds (along the graph ``inbound``, a chain by
+    default): each layer's input (with its padding or window) must stay under
+    :data:`MAX_SAMPLE_VALUES` values, and the weights a Dense, Conv2D or BatchNorm2D layer would
+    create must number exactly the values stored for it.
     """
+    shapes = [shape]
     for i, layer in enumerate(layers):
+        ins = inbound[i] if inbound is not None else (i,)
+        shape = [shapes[j] for j in ins] if layer.multi_input else shapes[ins[0]]
         window = max([*getattr(layer, "kernel_size", ()), *getattr(layer, "pool_size", ()), 0])
         pad = getattr(layer, "padding", 0)
         extra = 2 * max(window, pad if isinstance(pad, int) else 0)
-        padded = (shape[0] + extra, shape[1] + extra, *shape[2:]) if len(shape) == 3 else shape
+        one = shape[0] if layer.multi_input else shape
+        padded = (one[0] + extra, one[1] + extra, *one[2:]) if len(one) == 3 else one
         if math.prod(padded) > MAX_SAMPLE_VALUES:
             raise DataFormatError(f"{path}: layer {i} ({type(layer).__name__}) would take inputs "
                                   f"of shape {shape}, more than {MAX_SAMPLE_VALUES} values per "
@@ -250,7 +260,7 @@ def check_sizes(layers: list[Any], shape: tuple[int, ...], arrays: dict[str, np.
                 raise DataFormatError(f"{path}: layer {i} ({type(layer).__name__}) needs {need} "
                                       f"weight values for inputs of shape {shape}, but the file "
                                       f"holds {have}")
-        shape = layer.build(shape, "cpu", "float32", None, np.random.default_rng(0))
+        shapes.append(layer.build(shape, "cpu", "float32", None, np.random.default_rng(0)))
 
 
 def _weight_count(layer: Any, shape: tuple[int, ...]) -> int | None:

@@ -8,7 +8,6 @@ back. With a cross-entropy loss and a final Softmax layer, training feeds the So
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
@@ -19,11 +18,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checks
+from . import checks, graph
 from .backend import Backend, DeviceLike, get_backend
 from .errors import InputError, NonFiniteError
-from .layers.activation import ReLU, Softmax
-from .layers.base import Layer
+from .layers.activation import Softmax
+from .layers.base import LAYER_TYPES, Layer, SymbolicTensor
 from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
 from .ops.softmax import softmax
@@ -84,14 +83,22 @@ class Sequential:
         """Append a layer (the model is rebuilt on its next use)."""
         if not isinstance(layer, Layer):
             raise InputError(f"add() expects an xpcnn layer, got {type(layer).__name__}")
-        taken = {la.name for la in self.layers}
-        if layer.name in taken:
-            base, k = layer.name, 1
-            while f"{base}_{k}" in taken:
-                k += 1
-            layer.name = f"{base}_{k}"
+        _give_unique_name(layer, {la.name for la in self.layers})
         self.layers.append(layer)
         self.built = False
+
+    def __call__(self, x: Any) -> Any:
+        """On a symbolic tensor: calls every layer of this model on it, so that the model
+        becomes part of a functional :class:`Model` (its layers are shared: training that
+        model trains them; it builds them afresh, from its own seed)."""
+        if not isinstance(x, SymbolicTensor):
+            raise InputError(f"a model is called on a symbolic tensor (to use it in a functional "
+                             f"Model), got {type(x).__name__}; predict(x) runs it on a batch")
+        values = [x]
+        for layer, ins in zip(self.layers, self._inbound(), strict=True):
+            values.append(layer([values[i] for i in ins] if layer.multi_input
+                                else values[ins[0]]))
+        return values[-1]
 
     def build(self, input_shape: tuple[int, ...]) -> None:
         """Create every layer's weights for per-sample ``input_shape``, e.g. (32, 32, 3)."""
@@ -104,36 +111,10 @@ class Sequential:
             raise InputError(f"input_shape must be positive sizes such as (H, W, C), got "
                              f"{input_shape!r}")
         self.input_shape = shape
-        compute = PRECISIONS[self.precision] or self.dtype_name
-        for i, layer in enumerate(self.layers):
-            rng = np.random.default_rng([self.seed, i])
-            shape = layer.build(shape, self.backend, self.dtype_name, compute, rng)
-        # Layers up to the first one with parameters need no input gradient.
-        first = next((i for i, la in enumerate(self.layers) if la.params), len(self.layers))
-        for i, layer in enumerate(self.layers):
-            layer.need_input_grad = i > first
-            layer.skip_relu_grad = layer.apply_input_relu_grad = layer.fused_relu = False
-        # The hot path (training, evaluate, predict) runs a plan of the layers (see
-        # _as_planned): a plain ReLU() right after a Conv2D or Dense is applied by that layer,
-        # to each chunk of its output while it is in cache (Layer.fused_relu), and the ReLU
-        # layer is skipped: one pass over the batch fewer each way.
-        plan: list[Layer] = []
-        fused: list[Layer] = []
-        for layer in self.layers:
-            if (isinstance(layer, ReLU) and layer.max_value is None and plan
-                    and plan[-1].can_fuse_relu):
-                if plan[-1] not in fused:  # (a second ReLU() changes nothing)
-                    fused.append(plan[-1])
-                continue
-            plan.append(layer)
-        # A ReLU's gradient is applied by the layer after it where that one can do it in its
-        # own passes: one pass over a whole batch's gradient fewer (see Layer.skip_relu_grad).
-        handed = [(before, after) for before, after in zip(plan[:-1], plan[1:], strict=True)
-                  if (before.relu_output or before in fused)
-                  and after.can_apply_input_relu_grad and after.need_input_grad]
-        self._plan, self._fused, self._handed = plan, fused, handed
-        self._first_trainable = next((i for i, la in enumerate(plan) if la.params), len(plan))
-        self._planned_depth = 0
+        graph.check_graph(self.layers, self._inbound())
+        graph.build(self.layers, self._inbound(), shape, self.backend, self.dtype_name,
+                    PRECISIONS[self.precision] or self.dtype_name, self.seed)
+        self._plan_cache: tuple[tuple[bool, ...], graph.Plan] | None = None
         self.built = True
         if self.optimizer is not None:
             self.optimizer.slots = {}
@@ -180,44 +161,31 @@ class Sequential:
     def _fused_softmax(self) -> bool:
         return isinstance(self.layers[-1], Softmax)
 
-    def _hot_layers(self) -> list[Layer]:
-        """The plan's layers up to the logits (the last Softmax is left to the loss)."""
-        return self._plan[:-1] if self._fused_softmax() else self._plan
+    def _inbound(self) -> list[graph.Inbound]:
+        """What each layer reads (see :mod:`xpcnn.graph`): a chain."""
+        return [(k,) for k in range(len(self.layers))]
+
+    def _plan(self) -> graph.Plan:
+        """The compiled plan of the graph (see :mod:`xpcnn.graph`), compiled again when a
+        layer is frozen or unfrozen: which layers need gradients changes, and so do the
+        optimiser's parameters (its state starts afresh, as after a compile in Keras)."""
+        key = tuple(la.trainable for la in self.layers)
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            if self._plan_cache is not None and self.optimizer is not None:
+                self.optimizer.slots = {}
+            self._plan_cache = (key, graph.compile_plan(self.layers, self._inbound(),
+                                                        self._fused_softmax()))
+        return self._plan_cache[1]
 
     def _logits(self, x: Any, training: bool) -> Any:
-        """Forward pass up to the logits, by the plan (see :meth:`build`)."""
-        with self.backend.compute_scope(), self._as_planned():
-            for layer in self._hot_layers():
-                x = layer.forward(x, training)
-        return x
+        """Forward pass up to the logits, by the plan."""
+        with self.backend.compute_scope():
+            return graph.forward(self._plan(), x, training)
 
     def _backward(self, dz: Any) -> None:
         """Backward pass from the logits' gradient, after ``_logits(x, training=True)``: fills
-        every layer's ``grads``."""
-        with self._as_planned():
-            for layer in reversed(self._hot_layers()[self._first_trainable:]):
-                dz = layer.backward(dz)
-
-    @contextlib.contextmanager
-    def _as_planned(self) -> Iterator[None]:
-        """Inside, the layers run as the plan has them (see :meth:`build`): the fused ReLUs
-        and the ReLU gradients handed to the next layer are switched on. Outside, every layer
-        does its own work, so that one called on its own gives its own output and gradient."""
-        self._planned_depth += 1
-        if self._planned_depth == 1:
-            self._set_plan_flags(True)
-        try:
-            yield
-        finally:
-            self._planned_depth -= 1
-            if self._planned_depth == 0:
-                self._set_plan_flags(False)
-
-    def _set_plan_flags(self, on: bool) -> None:
-        for layer in self._fused:
-            layer.fused_relu = on
-        for before, after in self._handed:
-            before.skip_relu_grad = after.apply_input_relu_grad = on
+        every trainable layer's ``grads``."""
+        graph.backward(self._plan(), dz)
 
     def _to_device(self, x: np.ndarray) -> Any:
         """One host -> device copy of a batch, then the cast on the device."""
@@ -239,7 +207,7 @@ class Sequential:
             dz = dz * self.loss_scale
         self._backward(dz)
         params, grads, owners = [], [], []
-        for layer in self.layers:
+        for layer in self.trainable_layers:
             for k, p in layer.params.items():
                 params.append(p)
                 grads.append(layer.grads[k])
@@ -292,12 +260,9 @@ class Sequential:
         elif weights is not None:
             where = f"the weights of layer {weights.name!r}"
         else:
-            x = xb
-            for layer in self.layers:
-                x = layer.forward(x, training=False)
-                if not finite(x):
-                    where = f"the output of layer {layer.name!r}"
-                    break
+            outs = graph.each_output(self.layers, self._inbound(), xb)
+            where = next((f"the output of layer {la.name!r}" for la, out
+                          in zip(self.layers, outs, strict=True) if not finite(out)), where)
         raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
                              f"values appear in {where}")
 
@@ -449,21 +414,23 @@ class Sequential:
         self._require_built("forward")
         x = checks.as_images(x)
         checks.check_sample_shape(x, self.input_shape)  # type: ignore[arg-type]
-        outs, a = [], self._to_device(x)
         with self.backend.compute_scope():
-            for layer in self.layers:
-                a = layer.forward(a, training)
-                outs.append(a)
-        return outs
+            return graph.each_output(self.layers, self._inbound(), self._to_device(x), training)
 
     # -- inspection and weights --------------------------------------------------------------
     def summary(self, print_fn: Callable[[str], None] = print) -> None:
-        """Print layer, output shape and parameter count, as Keras does."""
+        """Print each layer's name, type, output shape and weight count (and, for a graph, the
+        layers it reads), then the trainable and non-trainable counts, as Keras does."""
         self._require_built("summary")
-        rows = [(f"{la.name} ({type(la).__name__})", str((None, *la.output_shape)),
-                 f"{la.count_params():,}") for la in self.layers]
-        heads = ("Layer (type)", "Output shape", "Params")
-        widths = [max(len(r[i]) for r in [heads, *rows]) + 2 for i in range(3)]
+        inbound = self._inbound()
+        names = ["input", *(la.name for la in self.layers)]
+        chain = all(ins == (k,) for k, ins in enumerate(inbound))
+        heads = ("Layer (type)", "Output shape", "Params") + (() if chain else ("Inputs",))
+        rows = [(f"{la.name} ({type(la).__name__}){'' if la.trainable else ' frozen'}",
+                 str((None, *la.output_shape)), f"{la.count_params():,}")
+                + (() if chain else (", ".join(names[i] for i in ins),))
+                for la, ins in zip(self.layers, inbound, strict=True)]
+        widths = [max(len(r[i]) for r in [heads, *rows]) + 2 for i in range(len(heads))]
         line = "-" * sum(widths)
         fmt = lambda r: "".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
         print_fn(f'Model "{self.name}" on {self.backend.label}, input {self.input_shape}')
@@ -473,10 +440,20 @@ class Sequential:
         for r in rows:
             print_fn(fmt(r))
         print_fn(line)
+        trainable = sum(la.count_params() - la.count_state() for la in self.trainable_layers)
         print_fn(f"Total params: {self.count_params():,}")
+        print_fn(f"Trainable params: {trainable:,}")
+        print_fn(f"Non-trainable params: {self.count_params() - trainable:,}")
 
     def count_params(self) -> int:
+        """Every weight, trainable or not (BatchNorm's statistics, frozen layers'), as Keras."""
         return sum(la.count_params() for la in self.layers)
+
+    @property
+    def trainable_layers(self) -> list[Layer]:
+        """The layers the optimiser updates: those with parameters not frozen
+        (``layer.trainable = False``), in weight order."""
+        return [la for la in self.layers if la.trainable and la.params]
 
     def get_weights(self) -> list[np.ndarray]:
         """All layers' weights, in order, as host arrays in Keras layouts."""
@@ -530,6 +507,107 @@ class Sequential:
             raise InputError(f"the model must be built before {what}: call build(input_shape) "
                              "or fit/predict on data first")
 
+    def get_config(self) -> dict[str, Any]:
+        """The architecture as JSON-ready data: enough, with the weights, to rebuild the model
+        (:meth:`from_config`). Each layer has its class and constructor arguments, and in a
+        functional model the tensors it reads (``inbound``, see :mod:`xpcnn.graph`)."""
+        self._require_built("get_config")
+        chain = isinstance(self, Sequential) and not isinstance(self, Model)
+        layers = []
+        for la, ins in zip(self.layers, self._inbound(), strict=True):
+            spec: dict[str, Any] = {"class": type(la).__name__, "config": la.get_config()}
+            if not chain:
+                spec["inbound"] = list(ins)
+            if not la.trainable:
+                spec["trainable"] = False
+            layers.append(spec)
+        return {"class": "Sequential" if chain else "Model", "name": self.name,
+                "seed": self.seed, "dtype": self.dtype_name,
+                "input_shape": list(self.input_shape or []), "layers": layers}
+
+    @staticmethod
+    def from_config(config: dict[str, Any], device: DeviceLike = "cpu") -> Sequential:
+        """The built (unweighted) model :meth:`get_config` describes."""
+        layers = []
+        for spec in config["layers"]:
+            cls = LAYER_TYPES.get(spec["class"])
+            if cls is None or spec["class"].startswith("_"):
+                raise InputError(f"unknown layer type {spec['class']!r}")
+            layers.append(cls(**spec["config"]))
+            layers[-1].trainable = spec.get("trainable", True) is not False
+        kind = config.get("class", "Sequential")
+        args = dict(device=device, seed=int(config["seed"]), dtype=config["dtype"],
+                    name=str(config["name"]))
+        if kind == "Sequential":
+            model = Sequential(layers, **args)
+        elif kind == "Model":
+            model = Model._from_graph(layers, [tuple(spec["inbound"]) for spec in
+                                               config["layers"]], **args)
+        else:
+            raise InputError(f"unknown model class {kind!r}")
+        model.build(tuple(config["input_shape"]))
+        return model
+
     def _require_compiled(self) -> None:
         if self.loss is None or self.optimizer is None:
             raise InputError("call compile(loss=..., optimizer=...) before fit()")
+
+
+class Model(Sequential):
+    """A functional model: a graph of layers from one input to one output, as in Keras::
+
+        inputs = xpcnn.Input((32, 32, 3))
+        x = Conv2D(16, 3, padding="same")(inputs)
+        y = ReLU()(BatchNorm2D()(x))
+        outputs = Softmax()(Dense(10)(Flatten()(Add()([x, y]))))
+        model = xpcnn.Model(inputs, outputs, device="cpu", seed=0)
+
+    It trains, evaluates, predicts, saves and loads as a Sequential does, with the same
+    executor. Its layers, in :attr:`layers` and in :meth:`get_weights`, come in the order they
+    were called (a topological order). A tensor read by several layers receives the sum of
+    their gradients; a layer may appear only once in a graph (shared layers are refused).
+    Building the model gives its layers fresh weights from ``seed``.
+    """
+
+    def __init__(self, inputs: SymbolicTensor, outputs: SymbolicTensor, *,
+                 device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
+                 name: str = "model") -> None:
+        layers, inbound = graph.trace(inputs, outputs)
+        self._init_graph(layers, inbound, device, seed, dtype, name)
+        self.build(_one_tensor(inputs).shape)
+
+    @classmethod
+    def _from_graph(cls, layers: list[Layer], inbound: list[graph.Inbound], *,
+                    device: DeviceLike, seed: int, dtype: str, name: str) -> Model:
+        model = cls.__new__(cls)
+        model._init_graph(layers, inbound, device, seed, dtype, name)
+        return model
+
+    def _init_graph(self, layers: list[Layer], inbound: list[graph.Inbound],
+                    device: DeviceLike, seed: int, dtype: str, name: str) -> None:
+        super().__init__(device=device, seed=seed, dtype=dtype, name=name)
+        graph.check_graph(layers, inbound)
+        for layer in layers:
+            _give_unique_name(layer, {la.name for la in self.layers})
+            self.layers.append(layer)
+        self._graph_inbound = list(inbound)
+
+    def add(self, layer: Layer) -> None:
+        raise InputError("add() is for Sequential models; a functional Model is made from "
+                         "its input and output tensors")
+
+    def _inbound(self) -> list[graph.Inbound]:
+        return self._graph_inbound
+
+
+def _one_tensor(t: Any) -> SymbolicTensor:
+    return t[0] if isinstance(t, list | tuple) else t
+
+
+def _give_unique_name(layer: Layer, taken: set[str]) -> None:
+    """Rename ``layer`` to ``name_1``, ``name_2``... where its name is taken."""
+    if layer.name in taken:
+        base, k = layer.name, 1
+        while f"{base}_{k}" in taken:
+            k += 1
+        layer.name = f"{base}_{k}"
