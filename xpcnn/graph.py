@@ -59,20 +59,19 @@ def trace(inputs: Any, outputs: Any) -> tuple[list[Layer], list[Inbound]]:
         raise InputError(f"Model inputs must be the tensor xpcnn.Input(shape) returns; "
                          f"{inputs.name!r} is the output of a layer")
     tensors: dict[int, SymbolicTensor] = {}
-    stack, reached = [outputs], False
+    stack = [outputs]
     while stack:
         t = stack.pop()
-        if t is inputs:
-            reached = True
-        elif t.node is None:
-            raise InputError(f"the outputs depend on input {t.name!r}, which is not the model's "
-                             "input (xpcnn models have one input)")
-        elif id(t) not in tensors:
+        if t.node is None and t is not inputs:
+            raise InputError(f"the outputs are computed from input {t.name!r} of shape "
+                             f"{t.shape}, which is not this model's input: the graph from the "
+                             "model's input to its outputs is disconnected (xpcnn models have "
+                             "one input)")
+        if t.node is not None and id(t) not in tensors:
             tensors[id(t)] = t
             stack.extend(t.node.inputs)
-    if not reached:
-        raise InputError(f"the outputs do not depend on the input {inputs.name!r}: the graph "
-                         "from it to them is disconnected")
+    if not tensors:
+        raise InputError("the model has no layers: its outputs are its inputs")
     order = sorted(tensors.values(), key=lambda t: t.node.order)  # type: ignore[union-attr]
     seen: dict[int, Layer] = {}
     for t in order:
