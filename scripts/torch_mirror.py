@@ -186,7 +186,7 @@ class GraphTwin(nn.Module):
         return values[-1]
 
 
-def mirror(model: xpcnn.Sequential, dtype: torch.dtype = torch.float32,
+def mirror(model: xpcnn.Model, dtype: torch.dtype = torch.float32,
            exact_random: bool = True) -> nn.Module:
     """The PyTorch twin of a built model, taking NHWC input and returning logits: an
     ``nn.Sequential`` for a Sequential, a :class:`GraphTwin` for a functional Model."""
@@ -196,7 +196,7 @@ def mirror(model: xpcnn.Sequential, dtype: torch.dtype = torch.float32,
         stages = [mirror_layer(layer, exact_random) for layer in model.layers]
     finally:
         torch.set_default_dtype(previous)
-    if isinstance(model, xpcnn.Model):
+    if not isinstance(model, xpcnn.Sequential):
         return GraphTwin([nn.Sequential(*m) for m in stages], model._inbound()).to(dtype)
     mods: list[nn.Module] = [Lambda(lambda x: x.permute(0, 3, 1, 2))]
     return nn.Sequential(*mods, *(m for ms in stages for m in ms)).to(dtype)

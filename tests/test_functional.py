@@ -296,7 +296,8 @@ def test_a_graph_model_resumes_exactly_from_a_checkpoint(data, tmp_path):
 
 
 def test_a_file_with_a_broken_graph_is_refused(tmp_path):
-    from xpcnn.io import encode_json, model_config, write_npz_atomic
+    from xpcnn.saving.model_file import model_config
+    from xpcnn.saving.npz import encode_json, write_npz_atomic
 
     model = make_model(dtype="float32")
     config = model_config(model)

@@ -15,7 +15,6 @@ The same layers train on NumPy (``device="cpu"``) or CuPy (``device="cuda"``)::
 
 from . import layers, optim
 from .backend import Backend, get_backend
-from .checkpoint import load_checkpoint
 from .errors import (
     DataFormatError,
     DeviceError,
@@ -26,9 +25,10 @@ from .errors import (
     XpcnnError,
 )
 from .graph import Input
-from .io import load_model
+from .history import History
 from .losses import SoftmaxCrossEntropy
-from .model import History, Model, Sequential
+from .model import Model, Sequential
+from .saving import load_checkpoint, load_model
 
 __version__ = "0.1.0"
 

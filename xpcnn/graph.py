@@ -51,6 +51,22 @@ def _one(t: Any, what: str) -> SymbolicTensor:
     return t
 
 
+def input_shape_of(inputs: Any) -> Shape:
+    return _one(inputs, "inputs").shape
+
+
+def inbound_of(layer_specs: list[dict[str, Any]]) -> list[Inbound]:
+    """What each layer of a configuration (``Model.get_config()["layers"]``) reads: its
+    ``inbound`` list, or the layer before it where it has none."""
+    inbound = []
+    for k, spec in enumerate(layer_specs):
+        ins = spec.get("inbound", [k])
+        if not isinstance(ins, list) or not all(type(i) is int for i in ins):
+            raise InputError(f"layer {k}: inbound must be a list of layer numbers, got {ins!r}")
+        inbound.append(tuple(ins))
+    return inbound
+
+
 def trace(inputs: Any, outputs: Any) -> tuple[list[Layer], list[Inbound]]:
     """The graph from ``inputs`` (an :func:`Input`) to ``outputs``: layers in the order they
     were called, and what each reads."""

@@ -1,4 +1,8 @@
-"""Sequential: a stack of layers with a Keras-like API and its training loop.
+"""Model: a graph of layers that trains, evaluates and predicts; Sequential: a stack of layers.
+
+``Model(inputs, outputs)`` is the functional model of Keras, traced from symbolic tensors
+(:func:`xpcnn.Input`); ``Sequential`` is the chain of its layers. Both run through the same
+executor (:mod:`xpcnn.graph`) and the same training loop.
 
 Data enters as host NumPy arrays in (N, H, W, C); each batch crosses to the device once, is cast
 there, runs forward and backward through the layers, and only scalars (loss, correct count) come
@@ -8,6 +12,7 @@ back. With a cross-entropy loss and a final Softmax layer, training feeds the So
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -21,50 +26,66 @@ from tqdm.auto import tqdm
 from . import checks, graph
 from .backend import Backend, DeviceLike, get_backend
 from .errors import InputError, NonFiniteError
+from .history import History
 from .layers.activation import Softmax
-from .layers.base import LAYER_TYPES, Layer, SymbolicTensor
+from .layers.base import Layer, SymbolicTensor
 from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
 from .ops.softmax import softmax
 from .optim import Optimizer, get_optimizer
+from .saving import FitCheckpoints, fingerprint, load_weights, register_model, save_model
 
 PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 
 
-class History:
-    """Per-epoch metrics of a ``fit`` call: ``history["loss"]``, ``["val_accuracy"]``, ..."""
+@register_model
+class Model:
+    """A network of layers from one input to one output, as Keras' functional API has it::
 
-    def __init__(self) -> None:
-        self.history: dict[str, list[float]] = {}
-        self.epoch: list[int] = []
+        inputs = xpcnn.Input((32, 32, 3))
+        x = Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+        y = Conv2D(16, 3, padding="same")(ReLU()(BatchNorm2D()(x)))
+        outputs = Softmax()(Dense(10)(GlobalAvgPool2D()(Add()([x, y]))))
+        model = xpcnn.Model(inputs, outputs, device="cpu", seed=0)
 
-    def append(self, epoch: int, logs: dict[str, float]) -> None:
-        self.epoch.append(epoch)
-        for k, v in logs.items():
-            self.history.setdefault(k, []).append(float(v))
-
-    def __repr__(self) -> str:
-        return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
-
-
-class Sequential:
-    """A linear stack of layers trained by backpropagation.
+    It owns compile, fit, evaluate, predict, train_step, the non-finite checks, weights,
+    save/load_weights, to(device) and summary; :class:`Sequential` is the chain of layers.
 
     ``device`` picks the array library and device (see :func:`xpcnn.backend.get_backend`),
     ``seed`` the initial weights (the same on every device), ``dtype`` the parameters' dtype.
+    Building gives every layer fresh weights, layer ``k``'s from the seed ``[seed, k]``.
+
+    :attr:`layers` (and :meth:`get_weights`, layer by layer) come in the order the layers were
+    called on symbolic tensors, a topological order. A tensor read by several layers receives
+    the sum of their gradients. A layer may appear once in a graph: shared layers (one layer
+    called twice) are refused with an error, since a layer keeps one forward pass for its
+    backward. A model called on a symbolic tensor adds its layers to the graph being traced
+    (a Sequential block inside a Model: the layers are shared by both).
+
+    The training loop reaches the network only through these hooks:
+
+    * ``build(input_shape)``: create every layer's weights for per-sample ``input_shape``, set
+      ``input_shape`` and ``built``;
+    * ``built``, ``input_shape`` (per sample, e.g. (32, 32, 3); None before building);
+    * ``layers``: every layer once, in weight order (``get_weights`` concatenates theirs);
+    * ``_logits(xb, training)``: the forward pass of a device batch up to the logits;
+    * ``_backward(dlogits)``: the backward pass after ``_logits(xb, training=True)``, filling
+      every layer's ``grads``;
+    * ``_fused_softmax()``: True when the network ends in a Softmax that is left to the loss;
+    * ``output_shape`` (per sample; ``num_classes`` is its last axis);
+    * ``_layer_outputs(xb, training)``: every layer's output, in ``layers`` order (for
+      :meth:`forward` and to find where non-finite values first appear).
     """
 
-    def __init__(self, layers: list[Layer] | None = None, *, input_shape: tuple[int, ...] | None
-                 = None, device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
-                 name: str = "sequential") -> None:
+    def __init__(self, inputs: SymbolicTensor | None = None,
+                 outputs: SymbolicTensor | None = None, *, device: DeviceLike = "cpu",
+                 seed: int = 0, dtype: str = "float32", name: str = "model") -> None:
         self.backend: Backend = get_backend(device)
         if dtype not in ("float32", "float64"):
             raise InputError(f"model dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype_name = dtype
         self.seed = checks.non_negative_int(seed, "seed")
         self.name = checks.name(name, "model name")
-        if layers is not None and not isinstance(layers, list | tuple):
-            raise InputError(f"layers must be a list of xpcnn layers, got {type(layers).__name__}")
         self.layers: list[Layer] = []
         self.input_shape: tuple[int, ...] | None = None
         self.loss: SoftmaxCrossEntropy | None = None
@@ -73,19 +94,22 @@ class Sequential:
         self.loss_scale = 1.0
         self._good_steps = 0
         self.built = False
-        for layer in layers or []:
-            self.add(layer)
-        if input_shape is not None:
-            self.build(input_shape)
+        self._graph: list[graph.Inbound] = []
+        self._plan_cache: tuple[tuple[bool, ...], graph.Plan] | None = None
+        if inputs is not None or outputs is not None:
+            self._set_graph(*graph.trace(inputs, outputs))
+            self.build(graph.input_shape_of(inputs))
 
-    # -- construction ------------------------------------------------------------------------
-    def add(self, layer: Layer) -> None:
-        """Append a layer (the model is rebuilt on its next use)."""
-        if not isinstance(layer, Layer):
-            raise InputError(f"add() expects an xpcnn layer, got {type(layer).__name__}")
-        _give_unique_name(layer, {la.name for la in self.layers})
-        self.layers.append(layer)
-        self.built = False
+    def _set_graph(self, layers: list[Layer], inbound: list[graph.Inbound]) -> None:
+        graph.check_graph(layers, inbound)
+        for layer in layers:
+            _give_unique_name(layer, {la.name for la in self.layers})
+            self.layers.append(layer)
+        self._graph = list(inbound)
+
+    def _inbound(self) -> list[graph.Inbound]:
+        """What each layer reads (see :mod:`xpcnn.graph`)."""
+        return self._graph
 
     def __call__(self, x: Any) -> Any:
         """On a symbolic tensor: calls every layer of this model on it, so that the model
@@ -100,6 +124,7 @@ class Sequential:
                                 else values[ins[0]]))
         return values[-1]
 
+    # -- the graph and its executor ------------------------------------------------------------
     def build(self, input_shape: tuple[int, ...]) -> None:
         """Create every layer's weights for per-sample ``input_shape``, e.g. (32, 32, 3)."""
         if not self.layers:
@@ -114,7 +139,7 @@ class Sequential:
         graph.check_graph(self.layers, self._inbound())
         graph.build(self.layers, self._inbound(), shape, self.backend, self.dtype_name,
                     PRECISIONS[self.precision] or self.dtype_name, self.seed)
-        self._plan_cache: tuple[tuple[bool, ...], graph.Plan] | None = None
+        self._plan_cache = None
         self.built = True
         if self.optimizer is not None:
             self.optimizer.slots = {}
@@ -124,9 +149,71 @@ class Sequential:
         self._require_built("output_shape")
         return self.layers[-1].output_shape  # type: ignore[return-value]
 
+    def _fused_softmax(self) -> bool:
+        return isinstance(self.layers[-1], Softmax)
+
+    def _plan(self) -> graph.Plan:
+        """The compiled plan of the graph (see :mod:`xpcnn.graph`), compiled again when a
+        layer is frozen or unfrozen: which layers need gradients changes, and so do the
+        optimiser's parameters (its state starts afresh, as after a compile in Keras)."""
+        key = tuple(la.trainable for la in self.layers)
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            if self._plan_cache is not None and self.optimizer is not None:
+                self.optimizer.slots = {}
+            self._plan_cache = (key, graph.compile_plan(self.layers, self._inbound(),
+                                                        self._fused_softmax()))
+        return self._plan_cache[1]
+
+    def _logits(self, x: Any, training: bool) -> Any:
+        """Forward pass up to the logits, by the plan."""
+        with self.backend.compute_scope():
+            return graph.forward(self._plan(), x, training)
+
+    def _backward(self, dz: Any) -> None:
+        """Backward pass from the logits' gradient, after ``_logits(x, training=True)``: fills
+        every trainable layer's ``grads``."""
+        graph.backward(self._plan(), dz)
+
+    def _layer_outputs(self, x: Any, training: bool) -> list[Any]:
+        """Every layer's own output (no plan: each does its own work)."""
+        return graph.each_output(self.layers, self._inbound(), x, training)
+
+    # -- configuration -------------------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        """The architecture as JSON-ready data, enough with the weights to rebuild the model:
+        its class, name, seed, dtype, input shape, and each layer's class and constructor
+        arguments, with the tensors it reads (``inbound``, see :mod:`xpcnn.graph`) unless it
+        reads the layer before it, and ``trainable: false`` if frozen."""
+        layers = []
+        for k, (la, ins) in enumerate(zip(self.layers, self._inbound(), strict=True)):
+            spec: dict[str, Any] = {"class": type(la).__name__, "config": la.get_config()}
+            if ins != (k,):
+                spec["inbound"] = list(ins)
+            if not la.trainable:
+                spec["trainable"] = False
+            layers.append(spec)
+        return {"class": type(self).__name__, "name": self.name, "seed": self.seed,
+                "dtype": self.dtype_name, "input_shape": list(self.input_shape or []),
+                "layers": layers}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], layers: list[Layer],
+                    device: DeviceLike = "cpu") -> Model:
+        """The unbuilt model that :meth:`get_config` describes, from its ``layers`` (made from
+        the configuration's, see :mod:`xpcnn.saving.model_file`)."""
+        model = cls(device=device, seed=int(config["seed"]), dtype=config["dtype"],
+                    name=str(config["name"]))
+        model._set_graph(layers, graph.inbound_of(config["layers"]))
+        return model
+
     @property
     def num_classes(self) -> int:
-        return int(self.output_shape[-1])
+        return int(self.output_shape[-1])  # type: ignore[attr-defined]
+
+    @property
+    def _param_dtype(self) -> Any:
+        """The parameters' (master) dtype on this backend: losses and outputs are in it."""
+        return self.backend.dtype(self.dtype_name)
 
     def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
                 optimizer: str | Optimizer = "adam", metrics: tuple[str, ...] | list[str] = (
@@ -157,40 +244,10 @@ class Sequential:
             for layer in self.layers:
                 layer.compute_dtype = compute
 
-    # -- the hot path ------------------------------------------------------------------------
-    def _fused_softmax(self) -> bool:
-        return isinstance(self.layers[-1], Softmax)
-
-    def _inbound(self) -> list[graph.Inbound]:
-        """What each layer reads (see :mod:`xpcnn.graph`): a chain."""
-        return [(k,) for k in range(len(self.layers))]
-
-    def _plan(self) -> graph.Plan:
-        """The compiled plan of the graph (see :mod:`xpcnn.graph`), compiled again when a
-        layer is frozen or unfrozen: which layers need gradients changes, and so do the
-        optimiser's parameters (its state starts afresh, as after a compile in Keras)."""
-        key = tuple(la.trainable for la in self.layers)
-        if self._plan_cache is None or self._plan_cache[0] != key:
-            if self._plan_cache is not None and self.optimizer is not None:
-                self.optimizer.slots = {}
-            self._plan_cache = (key, graph.compile_plan(self.layers, self._inbound(),
-                                                        self._fused_softmax()))
-        return self._plan_cache[1]
-
-    def _logits(self, x: Any, training: bool) -> Any:
-        """Forward pass up to the logits, by the plan."""
-        with self.backend.compute_scope():
-            return graph.forward(self._plan(), x, training)
-
-    def _backward(self, dz: Any) -> None:
-        """Backward pass from the logits' gradient, after ``_logits(x, training=True)``: fills
-        every trainable layer's ``grads``."""
-        graph.backward(self._plan(), dz)
-
     def _to_device(self, x: np.ndarray) -> Any:
         """One host -> device copy of a batch, then the cast on the device."""
         xb = self.backend.asarray(np.ascontiguousarray(x))
-        return self.backend.xp.astype(xb, self.backend.dtype(self.dtype_name))
+        return self.backend.xp.astype(xb, self._param_dtype)
 
     def train_step(self, xb: Any, yb: Any) -> tuple[float, float]:
         """One forward, backward and update on a device batch; returns (loss, correct count)."""
@@ -202,7 +259,7 @@ class Sequential:
         kernels = kernels_for(self.backend)
         logits = self._logits(xb, training=True)
         stats, dz = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
-            xp, logits, yb, self.layers[-1].dtype, kernels)
+            xp, logits, yb, self._param_dtype, kernels)
         if self.loss_scale != 1.0:
             dz = dz * self.loss_scale
         self._backward(dz)
@@ -260,9 +317,11 @@ class Sequential:
         elif weights is not None:
             where = f"the weights of layer {weights.name!r}"
         else:
-            outs = graph.each_output(self.layers, self._inbound(), xb)
-            where = next((f"the output of layer {la.name!r}" for la, out
-                          in zip(self.layers, outs, strict=True) if not finite(out)), where)
+            outputs = self._layer_outputs(xb, False)  # type: ignore[attr-defined]
+            layer = next((la for la, out in zip(self.layers, outputs, strict=True)
+                          if not finite(out)), None)
+            if layer is not None:
+                where = f"the output of layer {layer.name!r}"
         raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
                              f"values appear in {where}")
 
@@ -303,7 +362,7 @@ class Sequential:
         ``resume=True``, a run continues from that file if it exists, exactly where it stopped:
         it ends with the same weights, bit for bit, as an uninterrupted run, and returns the
         history of every epoch, the ones before the interruption included
-        (:mod:`xpcnn.checkpoint`).
+        (:mod:`xpcnn.saving.checkpoint`).
         """
         self._require_compiled()
         epochs = checks.non_negative_int(epochs, "epochs")
@@ -328,50 +387,50 @@ class Sequential:
         steps = math.ceil(n / batch_size)
         saver = start = None
         if checkpoint is not None:
-            from .checkpoint import FitCheckpoints, fingerprint
-
             saver = FitCheckpoints(self, checkpoint, checkpoint_every, resume,
                                    fingerprint(x, targets, batch_size, seed, shuffle), steps,
                                    verbose)
             history, start = saver.start()
         elif resume:
             raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
-        for epoch in range(start.epoch if start else 0, epochs):
-            order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else None
-            t0 = time.perf_counter()
-            loss_sum = correct = seen = 0.0
-            step = 0
-            if start is not None and epoch == start.epoch:  # resuming inside this epoch
-                step, loss_sum = start.step, start.loss_sum
-                correct, seen = start.correct, start.seen
-                t0 -= start.seconds
-            bar = tqdm(total=steps, initial=step, desc=f"Epoch {epoch + 1}/{epochs}",
-                       unit="batch", disable=verbose == 0, leave=True, dynamic_ncols=True)
-            for idx in itertools.islice(self._batches(n, batch_size, order), step, None):
-                xb = self._to_device(x[idx])
-                yb = self.backend.asarray(targets[idx])
-                loss, right = self.train_step(xb, yb)
-                loss_sum += loss * len(idx)
-                correct += right
-                seen += len(idx)
-                step += 1
+        # With a checkpoint, Ctrl-C stops after the step in progress and writes one there.
+        with saver.interruptible() if saver is not None else contextlib.nullcontext():
+            for epoch in range(start.epoch if start else 0, epochs):
+                order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else None
+                t0 = time.perf_counter()
+                loss_sum = correct = seen = 0.0
+                step = 0
+                if start is not None and epoch == start.epoch:  # resuming inside this epoch
+                    step, loss_sum = start.step, start.loss_sum
+                    correct, seen = start.correct, start.seen
+                    t0 -= start.seconds
+                bar = tqdm(total=steps, initial=step, desc=f"Epoch {epoch + 1}/{epochs}",
+                           unit="batch", disable=verbose == 0, leave=True, dynamic_ncols=True)
+                for idx in itertools.islice(self._batches(n, batch_size, order), step, None):
+                    xb = self._to_device(x[idx])
+                    yb = self.backend.asarray(targets[idx])
+                    loss, right = self.train_step(xb, yb)
+                    loss_sum += loss * len(idx)
+                    correct += right
+                    seen += len(idx)
+                    step += 1
+                    if saver is not None:
+                        saver.after_step(epoch, step, loss_sum, correct, seen, t0, history)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
+                                    refresh=False)
+                logs = {"loss": loss_sum / seen, "accuracy": correct / seen}
+                if validation_data is not None:
+                    val = self.evaluate(vx, vt, batch_size=max(batch_size, 256), verbose=0)
+                    logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                logs["seconds"] = time.perf_counter() - t0
+                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "seconds"})
+                bar.close()
+                history.append(epoch, logs)
                 if saver is not None:
-                    saver.after_step(epoch, step, loss_sum, correct, seen, t0, history)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
-                                refresh=False)
-            logs = {"loss": loss_sum / seen, "accuracy": correct / seen}
-            if validation_data is not None:
-                val = self.evaluate(vx, vt, batch_size=max(batch_size, 256), verbose=0)
-                logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-            logs["seconds"] = time.perf_counter() - t0
-            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "seconds"})
-            bar.close()
-            history.append(epoch, logs)
-            if saver is not None:
-                saver.after_epoch(epoch, history)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, logs)
+                    saver.after_epoch(epoch, history)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, logs)
         return history
 
     def evaluate(self, x: Any, y: Any, batch_size: int = 256, verbose: int = 0
@@ -389,8 +448,8 @@ class Sequential:
                             desc="evaluate", unit="batch"):
                 yb = self.backend.asarray(targets[idx])
                 logits = self._logits(self._to_device(x[idx]), training=False)
-                stats, _ = self.loss.forward_with_accuracy(xp, logits, yb,
-                                                           self.layers[-1].dtype, kernels)
+                stats, _ = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype,
+                                                           kernels)
                 host = self.backend.to_numpy(stats)
                 loss_sum += float(host[0]) * len(idx)
                 correct += float(host[1])
@@ -405,8 +464,7 @@ class Sequential:
         with self.backend.compute_scope():
             for idx in self._batches(len(x), batch_size):
                 z = self._logits(self._to_device(x[idx]), training=False)
-                out.append(self.backend.to_numpy(softmax(xp, xp.astype(z,
-                                                                        self.layers[-1].dtype))))
+                out.append(self.backend.to_numpy(softmax(xp, xp.astype(z, self._param_dtype))))
         return np.concatenate(out)
 
     def forward(self, x: Any, training: bool = False) -> list[Any]:
@@ -415,11 +473,11 @@ class Sequential:
         x = checks.as_images(x)
         checks.check_sample_shape(x, self.input_shape)  # type: ignore[arg-type]
         with self.backend.compute_scope():
-            return graph.each_output(self.layers, self._inbound(), self._to_device(x), training)
+            return self._layer_outputs(self._to_device(x), training)  # type: ignore[attr-defined]
 
     # -- inspection and weights --------------------------------------------------------------
     def summary(self, print_fn: Callable[[str], None] = print) -> None:
-        """Print each layer's name, type, output shape and weight count (and, for a graph, the
+        """Print each layer's name, type, output shape and weight count (and, in a graph, the
         layers it reads), then the trainable and non-trainable counts, as Keras does."""
         self._require_built("summary")
         inbound = self._inbound()
@@ -478,11 +536,9 @@ class Sequential:
     def load_weights(self, path: str | os.PathLike[str]) -> None:
         """Load the weights of a model file or checkpoint written for this same architecture
         (``DataFormatError`` names the first difference otherwise)."""
-        from .checkpoint import load_weights
-
         load_weights(self, path)
 
-    def to(self, device: DeviceLike) -> Sequential:
+    def to(self, device: DeviceLike) -> Model:
         """Move the model (weights, optimiser state) to another device; returns self."""
         backend = get_backend(device)
         for la in self.layers:
@@ -496,10 +552,8 @@ class Sequential:
         self.backend = backend
         return self
 
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write architecture and weights to ``path`` (an .npz that loads without pickle)."""
-        from .io import save_model
-
         save_model(self, path)
 
     def _require_built(self, what: str) -> None:
@@ -507,101 +561,44 @@ class Sequential:
             raise InputError(f"the model must be built before {what}: call build(input_shape) "
                              "or fit/predict on data first")
 
-    def get_config(self) -> dict[str, Any]:
-        """The architecture as JSON-ready data: enough, with the weights, to rebuild the model
-        (:meth:`from_config`). Each layer has its class and constructor arguments, and in a
-        functional model the tensors it reads (``inbound``, see :mod:`xpcnn.graph`)."""
-        self._require_built("get_config")
-        chain = isinstance(self, Sequential) and not isinstance(self, Model)
-        layers = []
-        for la, ins in zip(self.layers, self._inbound(), strict=True):
-            spec: dict[str, Any] = {"class": type(la).__name__, "config": la.get_config()}
-            if not chain:
-                spec["inbound"] = list(ins)
-            if not la.trainable:
-                spec["trainable"] = False
-            layers.append(spec)
-        return {"class": "Sequential" if chain else "Model", "name": self.name,
-                "seed": self.seed, "dtype": self.dtype_name,
-                "input_shape": list(self.input_shape or []), "layers": layers}
-
-    @staticmethod
-    def from_config(config: dict[str, Any], device: DeviceLike = "cpu") -> Sequential:
-        """The built (unweighted) model :meth:`get_config` describes."""
-        layers = []
-        for spec in config["layers"]:
-            cls = LAYER_TYPES.get(spec["class"])
-            if cls is None or spec["class"].startswith("_"):
-                raise InputError(f"unknown layer type {spec['class']!r}")
-            layers.append(cls(**spec["config"]))
-            layers[-1].trainable = spec.get("trainable", True) is not False
-        kind = config.get("class", "Sequential")
-        args = dict(device=device, seed=int(config["seed"]), dtype=config["dtype"],
-                    name=str(config["name"]))
-        if kind == "Sequential":
-            model = Sequential(layers, **args)
-        elif kind == "Model":
-            model = Model._from_graph(layers, [tuple(spec["inbound"]) for spec in
-                                               config["layers"]], **args)
-        else:
-            raise InputError(f"unknown model class {kind!r}")
-        model.build(tuple(config["input_shape"]))
-        return model
-
     def _require_compiled(self) -> None:
         if self.loss is None or self.optimizer is None:
             raise InputError("call compile(loss=..., optimizer=...) before fit()")
 
 
-class Model(Sequential):
-    """A functional model: a graph of layers from one input to one output, as in Keras::
+@register_model
+class Sequential(Model):
+    """A linear stack of layers trained by backpropagation (see :class:`Model` for the rest)."""
 
-        inputs = xpcnn.Input((32, 32, 3))
-        x = Conv2D(16, 3, padding="same")(inputs)
-        y = ReLU()(BatchNorm2D()(x))
-        outputs = Softmax()(Dense(10)(Flatten()(Add()([x, y]))))
-        model = xpcnn.Model(inputs, outputs, device="cpu", seed=0)
-
-    It trains, evaluates, predicts, saves and loads as a Sequential does, with the same
-    executor. Its layers, in :attr:`layers` and in :meth:`get_weights`, come in the order they
-    were called (a topological order). A tensor read by several layers receives the sum of
-    their gradients; a layer may appear only once in a graph (shared layers are refused).
-    Building the model gives its layers fresh weights from ``seed``.
-    """
-
-    def __init__(self, inputs: SymbolicTensor, outputs: SymbolicTensor, *,
-                 device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
-                 name: str = "model") -> None:
-        layers, inbound = graph.trace(inputs, outputs)
-        self._init_graph(layers, inbound, device, seed, dtype, name)
-        self.build(_one_tensor(inputs).shape)
-
-    @classmethod
-    def _from_graph(cls, layers: list[Layer], inbound: list[graph.Inbound], *,
-                    device: DeviceLike, seed: int, dtype: str, name: str) -> Model:
-        model = cls.__new__(cls)
-        model._init_graph(layers, inbound, device, seed, dtype, name)
-        return model
-
-    def _init_graph(self, layers: list[Layer], inbound: list[graph.Inbound],
-                    device: DeviceLike, seed: int, dtype: str, name: str) -> None:
+    def __init__(self, layers: list[Layer] | None = None, *, input_shape: tuple[int, ...] | None
+                 = None, device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
+                 name: str = "sequential") -> None:
         super().__init__(device=device, seed=seed, dtype=dtype, name=name)
-        graph.check_graph(layers, inbound)
-        for layer in layers:
-            _give_unique_name(layer, {la.name for la in self.layers})
-            self.layers.append(layer)
-        self._graph_inbound = list(inbound)
+        if layers is not None and not isinstance(layers, list | tuple):
+            raise InputError(f"layers must be a list of xpcnn layers, got {type(layers).__name__}")
+        for layer in layers or []:
+            self.add(layer)
+        if input_shape is not None:
+            self.build(input_shape)
 
+    # -- construction ------------------------------------------------------------------------
     def add(self, layer: Layer) -> None:
-        raise InputError("add() is for Sequential models; a functional Model is made from "
-                         "its input and output tensors")
+        """Append a layer (the model is rebuilt on its next use)."""
+        if not isinstance(layer, Layer):
+            raise InputError(f"add() expects an xpcnn layer, got {type(layer).__name__}")
+        _give_unique_name(layer, {la.name for la in self.layers})
+        self.layers.append(layer)
+        self.built = False
 
     def _inbound(self) -> list[graph.Inbound]:
-        return self._graph_inbound
+        """A chain: each layer reads the one before it."""
+        return [(k,) for k in range(len(self.layers))]
 
-
-def _one_tensor(t: Any) -> SymbolicTensor:
-    return t[0] if isinstance(t, list | tuple) else t
+    @classmethod
+    def from_config(cls, config: dict[str, Any], layers: list[Layer],
+                    device: DeviceLike = "cpu") -> Sequential:
+        return cls(layers, device=device, seed=int(config["seed"]), dtype=config["dtype"],
+                   name=str(config["name"]))
 
 
 def _give_unique_name(layer: Layer, taken: set[str]) -> None:
