@@ -21,6 +21,7 @@ PyTorch is optional: without it, only xpcnn and the peak are reported.
     python scripts/bench.py                       # notebook, mnist, cifar at batch 128
     python scripts/bench.py --models cifar --steps 30 --json bench.json
     python scripts/bench.py --layers              # each layer alone, forward / backward
+    python scripts/bench.py --functional --models cifar   # Sequential vs the same functional Model
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead: each layer of the models alone (convolutions, dense, pooling, "
                    "normalisation, ReLU), forward (inference) and backward (after a training "
                    "forward), against the same layer in PyTorch")
+    p.add_argument("--functional", action="store_true",
+                   help="instead: each model as a Sequential and as the same stack built as a "
+                   "functional Model (same weights), training and inference block-timed side "
+                   "by side (the functional path's cost)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     # internal: one side's training steps in a subprocess, for peak memory; PyTorch's timing
     p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
@@ -191,6 +196,57 @@ def xpcnn_model(name: str, batch: int) -> Any:
     model = xpcnn.Sequential(build_layers(name, CLASSES), input_shape=MODELS[name], seed=0)
     model.compile(loss="cross_entropy", optimizer=xpcnn.optim.SGD(LR, momentum=MOMENTUM))
     return model
+
+
+def functional_model(name: str, sequential: Any) -> Any:
+    """The same stack as ``sequential``, built as a functional Model with its weights."""
+    inputs = xpcnn.Input(MODELS[name])
+    x = inputs
+    for layer in build_layers(name, CLASSES):
+        x = layer(x)
+    model = xpcnn.Model(inputs, x, seed=0)
+    model.compile(loss="cross_entropy", optimizer=xpcnn.optim.SGD(LR, momentum=MOMENTUM))
+    model.set_weights(sequential.get_weights())
+    return model
+
+
+def bench_functional(names: list[str]) -> list[dict[str, Any]]:
+    """Training and inference of each model as a Sequential and as a functional Model."""
+    rows = []
+    for name in names:
+        x, y = make_data(name, ARGS.batch_size)
+        seq = xpcnn_model(name, ARGS.batch_size)
+        fun = functional_model(name, seq)
+        (s_train, s_infer), (f_train, f_infer) = xpcnn_steps(seq, x, y), xpcnn_steps(fun, x, y)
+        load_before = load_average()
+        tr = block_timing({"sequential": s_train, "functional": f_train}, ARGS.steps,
+                          ARGS.blocks, ARGS.warmup)
+        inf = block_timing({"sequential": s_infer, "functional": f_infer}, ARGS.steps,
+                           ARGS.blocks, ARGS.warmup)
+        rows.append({"model": name, "batch": ARGS.batch_size,
+                     "load_average": [load_before, load_average()],
+                     **{kind: {"train_img_s": ARGS.batch_size / tr[kind],
+                               "infer_img_s": ARGS.batch_size / inf[kind]} for kind in tr},
+                     "train_cost": tr["functional"] / tr["sequential"] - 1,
+                     "infer_cost": inf["functional"] / inf["sequential"] - 1})
+        print(f"{name}: done", file=sys.stderr)
+    return rows
+
+
+def print_functional(rows: list[dict[str, Any]]) -> None:
+    head = (f"{'model':<9}{'train img/s seq':>16}{'functional':>12}{'cost':>8}"
+            f"{'infer img/s seq':>17}{'functional':>12}{'cost':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        s, f = r["sequential"], r["functional"]
+        print(f"{r['model']:<9}{s['train_img_s']:>16.0f}{f['train_img_s']:>12.0f}"
+              f"{100 * r['train_cost']:>+7.1f}%{s['infer_img_s']:>17.0f}{f['infer_img_s']:>12.0f}"
+              f"{100 * r['infer_cost']:>+7.1f}%")
+    print(f"\nMedian of {ARGS.steps} steps each after {ARGS.warmup} warm-up, block timing "
+          f"({ARGS.blocks} blocks), batch {ARGS.batch_size}; cost = functional time / "
+          f"Sequential time - 1. Load average before/after: "
+          f"{ {r['model']: r['load_average'] for r in rows} }")
 
 
 def torch_model(model: Any, channels_last: bool = False) -> Any:
@@ -552,6 +608,16 @@ def print_table(result: dict[str, Any]) -> None:
           f"{ {r['model']: r['load_average'] for r in result['models']} }")
 
 
+def write_json(rows: dict[str, Any]) -> None:
+    """With --json, the results with the date, the command and the thread count."""
+    if ARGS.json:
+        with open(ARGS.json, "w") as f:
+            json.dump({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+                       "threads": THREADS, **rows}, f, indent=2)
+        print(f"wrote {ARGS.json}")
+
+
 def main() -> None:
     if ARGS._memory:
         memory_child(ARGS._memory)
@@ -568,17 +634,16 @@ def main() -> None:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise SystemExit(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    if ARGS.functional:
+        rows = bench_functional(names)
+        print_functional(rows)
+        write_json({"functional": rows})
+        return
     if ARGS.layers:
         rows = bench_layers(names)
         print_layers(rows)
-        if ARGS.json:
-            with open(ARGS.json, "w") as f:
-                json.dump({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-                           "threads": THREADS, "torch_memory_format":
-                           "channels_last" if ARGS.torch_channels_last else "NCHW",
-                           "layers": rows}, f, indent=2)
-            print(f"wrote {ARGS.json}")
+        write_json({"torch_memory_format": "channels_last" if ARGS.torch_channels_last
+                    else "NCHW", "layers": rows})
         return
     peak = matmul_peak()
     result: dict[str, Any] = {
