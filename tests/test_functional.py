@@ -358,3 +358,29 @@ def test_a_layer_taken_out_of_a_model_does_its_own_work(data):
     stem = model.layers[0]
     stem.forward(data[0][:2], training=True)
     assert stem.backward(np.ones((2, 8, 8, 4))) is not None
+
+
+def test_a_graph_trains_in_mixed_precision_and_shows_one_tour_row_per_layer(data, tmp_path):
+    from xpcnn.viz import plot_stage_tour
+
+    model = make_model(dtype="float32")
+    model.compile(optimizer="adam", precision="mixed_float16")
+    history = model.fit(data[0].astype(np.float32), data[1], epochs=2, batch_size=8, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert all(str(p.dtype) == "float32" for la in model.layers for p in la.params.values())
+    fig = plot_stage_tour(model, data[0][0].astype(np.float32), tmp_path / "tour.png")
+    assert len(fig.axes) == 2 * (len(model.layers) + 1)
+
+
+def test_a_graph_on_pytorch_tensors_ends_with_numpy_weights(data):
+    pytest.importorskip("torch", reason="PyTorch is not installed")
+    import array_api_compat.torch as xt
+
+    weights = []
+    for device in ("cpu", xt):
+        model = make_model(device, dtype="float64")
+        model.compile(optimizer="adam")
+        model.fit(*data, epochs=1, batch_size=8, verbose=0)
+        weights.append(model.get_weights())
+    for a, b in zip(*weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
