@@ -10,9 +10,9 @@ reads and writes, the :class:`~xpcnn.layers.base.Options` it is called with), an
 :func:`forward` and :func:`backward` run a plan: the only copy of the forward and backward code.
 The plan fuses a plain ``ReLU()`` into the ``Conv2D`` or ``Dense`` before it when that layer's
 output has no other consumer, and hands a ReLU's gradient to a max pool or FeatureNorm reading
-it alone (one pass over a batch fewer each time); nothing is set on the layers, so a layer
-called by itself always does all its own work, and models can be shared between threads for
-inference.
+it alone (one pass over a batch fewer each time). Nothing is set on the layers or switched on
+and off around a pass: a layer called by itself always gets the default options and does all
+its own work.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from . import checks
 from .backend import Backend
 from .errors import InputError
 from .layers.activation import ReLU
-from .layers.base import Layer, Options, Shape, SymbolicTensor
+from .layers.base import DEFAULT, Layer, Options, Shape, SymbolicTensor
 
 Inbound = tuple[int, ...]
 
@@ -160,7 +160,7 @@ class Plan:
 
     def options(self, layer: Layer) -> Options:
         """The options the plan calls ``layer`` with (the defaults for one it skips)."""
-        return next((s.options for s in self.steps if s.layer is layer), Options())
+        return next((s.options for s in self.steps if s.layer is layer), DEFAULT)
 
 
 def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool) -> Plan:

@@ -1,9 +1,15 @@
 """The one small contract every layer follows.
 
-A layer is built once for a per-sample input shape (no batch axis), then runs ``forward`` and
-``backward`` on batches; a ``backward`` follows one ``forward(x, training=True)``, which keeps
-what the gradient needs (only in training). Trainable arrays live in ``params`` (their
-gradients in ``grads`` after ``backward``); non-trainable arrays that are part of the model
+A layer is built once for a per-sample input shape (no batch axis), then runs
+``forward(x, training, options)`` and ``backward(dy, options)`` on batches; a ``backward``
+follows one ``forward(x, training=True)`` with the same :class:`Options`, which keeps what the
+gradient needs (only in training). A model's plan passes options to hand work between
+neighbours; a layer called by itself gets the defaults. A merge layer (``multi_input``) takes a
+list of batches and returns a list of gradients. Called on a symbolic tensor (the functional
+API), a layer records a :class:`Node` and returns the output's :class:`SymbolicTensor`.
+
+Trainable arrays live in ``params`` (their gradients in ``grads`` after ``backward``, unless the
+layer is frozen: ``trainable = False``); non-trainable arrays that are part of the model
 (BatchNorm's running statistics) live in ``state``. Everything is an array of
 ``self.backend``; weights cross to the host only through ``get_weights`` / ``set_weights``, in
 Keras layouts.
