@@ -30,6 +30,7 @@ from .callbacks import Callback, CSVLogger, EarlyStopping
 from .errors import TrainingInterrupted, XpcnnError
 from .model import Sequential
 from .models import MODELS, build_layers
+from .onnx_export import ONNX_EXTRA_HINT
 
 DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10")
 DEFAULT_MODEL = {"shapes": "shapes", "mnist": "mnist", "fashion-mnist": "mnist",
@@ -119,8 +120,9 @@ def _output_file(flag: str, path: str) -> None:
     name is not taken by a folder or anything but a regular file."""
     p = Path(path).expanduser()
     if not path or p.is_dir():
+        example = p / ("model.onnx" if flag == "--export" else "model.npz")
         raise UsageError(f"argument {flag}: {path!r} is a folder; give a file path such as "
-                         f"{str(p / 'model.npz')!r}")
+                         f"{str(example)!r}")
     if p.exists() and not p.is_file():
         raise UsageError(f"argument {flag}: {path!r} exists and is not a regular file")
     _writable_folder(flag, path, p.absolute().parent)
@@ -189,6 +191,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--limit", type=POSITIVE, default=None,
                    help="train on the first N training samples only")
     p.add_argument("--save", default=None, metavar="PATH", help="write the trained model here")
+    p.add_argument("--export", default=None, metavar="PATH.onnx",
+                   help="write the trained model as ONNX here (needs onnx: pip install "
+                   "\"xpcnn[onnx]\")")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="write training curves (train against the evaluation split, which is "
                    "then evaluated every epoch) and the confusion matrix as PNGs to DIR "
@@ -222,7 +227,8 @@ def _check_train(args: argparse.Namespace) -> None:
                              f"{'to resume from' if flag == '--resume' else 'to write'}")
     if args.data_dir is not None:
         _input_folder("--data-dir", args.data_dir)
-    outputs = {"--save": args.save, "--checkpoint": args.checkpoint, "--log": args.log}
+    outputs = {"--save": args.save, "--checkpoint": args.checkpoint, "--log": args.log,
+               "--export": args.export}
     for flag, path in outputs.items():
         if path is not None:
             _output_file(flag, path)
@@ -235,6 +241,8 @@ def _check_train(args: argparse.Namespace) -> None:
     if args.plots is not None:
         _output_folder("--plots", args.plots)
         _needs_matplotlib("--plots")
+    if args.export is not None and importlib.util.find_spec("onnx") is None:
+        raise UsageError(f"argument --export: {ONNX_EXTRA_HINT}")
     _check_device(args)
 
 
@@ -320,6 +328,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.save:
         model.save(args.save)
         say(f"saved the model to {args.save}")
+    if args.export:
+        model.export(args.export)
+        say(f"exported the model as ONNX to {args.export}")
     if args.plots:
         from .datasets import class_names
         from .viz import write_training_plots

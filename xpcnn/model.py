@@ -691,6 +691,14 @@ class Model:
         """Write architecture and weights to ``path`` (an .npz that loads without pickle)."""
         save_model(self, path)
 
+    def export(self, path: str | os.PathLike[str], input_dtype: str = "float32") -> None:
+        """Write the model as ONNX to ``path``: (N, H, W, C) images of ``input_dtype``
+        ("float32" or "uint8") in, ``predict``'s probabilities out (:mod:`xpcnn.onnx_export`;
+        needs ``pip install "xpcnn[onnx]"``)."""
+        from .onnx_export import export_model
+
+        export_model(self, path, input_dtype)
+
     def _require_built(self, what: str) -> None:
         if not self.built:
             raise InputError(f"the model must be built before {what}: call build(input_shape) "

@@ -24,7 +24,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -202,10 +202,18 @@ def _parse_npy(data: bytes, where: str) -> np.ndarray:
 
 
 def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
-    """Write an .npz so that ``path`` is always either the old file or the complete new one.
+    """Write an .npz so that ``path`` is always either the old file or the complete new one."""
+    with atomic_file(path) as f:
+        np.savez(f, **arrays)
 
-    The file is created as ``open`` creates files (mode 0666 less the umask), so it can be
-    shared where the umask allows.
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """A new file to write that becomes ``path`` only once the block succeeds: ``path`` is
+    always either the old file or the complete new one.
+
+    The file is created on entry (an unwritable path fails before the block runs), as ``open``
+    creates files (mode 0666 less the umask), so it can be shared where the umask allows.
     """
     path = os.fspath(path)
     folder, base = os.path.split(os.path.abspath(path))
@@ -213,7 +221,7 @@ def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]
     fd, tmp = _new_temporary(folder, base)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
