@@ -28,8 +28,7 @@ from .data import (
     Batches,
     DatasetBatches,
     IterableBatches,
-    check_device_images,
-    is_device_array,
+    check_arrays,
     is_map_dataset,
     is_stream,
     to_device,
@@ -42,6 +41,7 @@ from .ops.kernels import kernels_for
 from .ops.softmax import softmax
 from .optim import Optimizer, get_optimizer
 from .saving import load_weights, register_model, save_model
+from .structure import check_structure
 from .totals import (
     BAD_GRADS,
     BAD_LOSS,
@@ -195,7 +195,7 @@ class Model:
             grads = [g * inverse for g in grads]
         totals = self._running_totals()
         apply, self._scaling = totals.add(stats, grads, int(xb.shape[0]), opt.iterations + 1, xb,
-                                          self._scaling)
+                                          self._scaling, opt.keeps_squares)
         opt.step(xp, params, grads, kernels, apply=apply)
         if len(totals.pending) >= READ_EVERY:
             self._read_totals()
@@ -205,7 +205,7 @@ class Model:
         """One training step on one batch of host or device arrays, checked at once (the host
         waits for the device): its ``loss`` and ``accuracy``, or :class:`NonFiniteError`."""
         self._require_compiled()
-        x, targets = self._arrays(x, y)
+        x, targets = check_arrays(self, x, y)
         with self.backend.compute_scope():
             loss, correct = self.train_step(to_device(self.backend, x),
                                             to_device(self.backend, targets))
@@ -237,12 +237,20 @@ class Model:
         loss = float(host[BAD_LOSS])
         if not math.isfinite(loss):
             self._raise_non_finite(f"the loss is {loss}", batches[step], step)
-        owners = [la for la in self.layers for _ in la.params]
-        bad = [la for la, flag in zip(owners, host[BAD_GRADS:], strict=True) if flag]
-        # Backpropagation runs from the last layer: the last one with a non-finite gradient is
-        # where it appeared.
-        raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
-                             f"backpropagation order) in layer {bad[-1].name!r}")
+        owners = [(la, k) for la in self.layers for k in la.params]
+        flags = list(zip(owners, host[BAD_GRADS:], strict=True))
+        bad = [la for (la, _), flag in flags if flag == 1]
+        if bad:
+            # Backpropagation runs from the last layer: the last one with a non-finite
+            # gradient is where it appeared.
+            raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
+                                 f"backpropagation order) in layer {bad[-1].name!r}")
+        layer, name = [owner for owner, flag in flags if flag == 2][-1]
+        raise NonFiniteError(f"training stopped at step {step}: the gradient of layer "
+                             f"{layer.name!r} ({name}) is so large that its squares overflow, "
+                             "and the optimiser's state would become infinite; nothing was "
+                             "updated from that step on (are the inputs scaled? a Rescaling or "
+                             "Normalization layer brings them to a small range)")
 
     def _raise_non_finite(self, what: str, xb: Any, step: int) -> None:
         """Name the step and the first layer whose output is not finite, then raise."""
@@ -267,27 +275,6 @@ class Model:
                              f"values appear in {where}")
 
     # -- data ------------------------------------------------------------------------------------
-    def _arrays(self, x: Any, y: Any | None = None, what: str = "x") -> tuple[Any, Any]:
-        """Checked images (host NumPy, a memory map, or device arrays of this model's library)
-        and targets (host: integer labels or one-hot rows); builds the model if needed."""
-        if is_device_array(x):
-            x = check_device_images(x, self.backend, what)
-        elif isinstance(x, np.memmap):
-            checks.as_images(x, what)  # (checked; the memory map stays one, read batch by batch)
-        else:
-            x = checks.as_images(x, what)
-        if not self.built:
-            self.build(tuple(int(d) for d in x.shape[1:]))
-        checks.check_sample_shape(x, self.input_shape, what)  # type: ignore[arg-type]
-        if isinstance(x, np.ndarray):
-            checks.check_finite(x, what)
-        if y is None:
-            return x, None
-        ywhat = "y" if what == "x" else what.replace("x", "y")
-        y = self.backend.to_numpy(y) if is_device_array(y) else y
-        targets, _ = checks.as_labels(y, int(x.shape[0]), self.num_classes, ywhat)
-        return x, targets
-
     def _batches(self, x: Any, y: Any, batch_size: int, steps: int | None, what: str = "x", *,
                  shuffle: bool = False, seed: int = 0, targets: bool = True) -> Batches:
         """The batch source for ``x`` (and ``y``): arrays, a map-style dataset or an iterable
@@ -304,7 +291,7 @@ class Model:
                              "ceil(N / batch_size) batches")
         if targets and y is None:
             raise InputError(f"y (the labels of {what}) is missing")
-        x, t = self._arrays(x, y, what)
+        x, t = check_arrays(self, x, y, what)
         return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed)
 
     # -- fit / evaluate / predict ----------------------------------------------------------
@@ -409,13 +396,13 @@ class Model:
             if is_stream(x):
                 raise InputError("validation_split needs arrays; pass validation_data with a "
                                  "dataset or generator")
-            x, targets = self._arrays(x, y)
+            x, targets = check_arrays(self, x, y)
             n_val = int(round(int(x.shape[0]) * validation_split))
             if n_val < 1 or n_val >= x.shape[0]:
                 raise InputError(f"validation_split={validation_split} leaves no training or no "
                                  f"validation samples out of {x.shape[0]}")
-            validation_data = (x[-n_val:], targets[-n_val:])
-            x, y = x[:-n_val], targets[:-n_val]
+            validation_data = (x[-n_val:, ...], targets[-n_val:])
+            x, y = x[:-n_val, ...], targets[:-n_val]
         data = self._batches(x, y, batch_size, steps, shuffle=shuffle, seed=seed)
         if validation_data is None:
             return data, None
@@ -545,7 +532,9 @@ class Model:
                 k: [backend.asarray(self.backend.to_numpy(a)) for a in v]
                 for k, v in self.optimizer.slots.items()
             }
-        self.backend = backend
+        if self._scaling is not None:
+            self._scaling = backend.asarray(self.backend.to_numpy(self._scaling))
+        self.backend = backend  # (the running totals are made afresh there)
         return self
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -590,6 +579,10 @@ class Sequential(Model):
         """Append a layer (the model is rebuilt on its next use)."""
         if not isinstance(layer, Layer):
             raise InputError(f"add() expects an xpcnn layer, got {type(layer).__name__}")
+        if any(layer is la for la in self.layers):
+            raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) is already in the "
+                             "model: the same layer instance cannot be added twice; create "
+                             f"another {type(layer).__name__}(...)")
         taken = {la.name for la in self.layers}
         if layer.name in taken:
             base, k = layer.name, 1
@@ -609,6 +602,7 @@ class Sequential(Model):
         if not shape or any(d < 1 for d in shape):
             raise InputError(f"input_shape must be positive sizes such as (H, W, C), got "
                              f"{input_shape!r}")
+        check_structure(self.layers)
         self.input_shape = shape
         compute = PRECISIONS[self.precision] or self.dtype_name
         for i, layer in enumerate(self.layers):

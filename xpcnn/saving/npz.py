@@ -31,8 +31,9 @@ import numpy as np
 from ..errors import DataFormatError
 
 CONFIG_KEY = "__config__"
-#: The most bytes the JSON configuration entry may inflate to.
-MAX_CONFIG_BYTES = 1 << 24
+#: The most bytes the JSON configuration entry may inflate to (a model's is a few kB; a
+#: checkpoint's grows by about 150 bytes an epoch of history).
+MAX_CONFIG_BYTES = 1 << 22
 #: Room for an .npy preamble and header (numpy writes 128 bytes for the arrays saved here).
 NPY_HEADER_BYTES = 4096
 #: The widest value a weight or optimiser slot may be stored as (float64).
@@ -142,6 +143,9 @@ class NpzArchive:
         if CONFIG_KEY not in self.entries:
             raise DataFormatError(f"{self.path}: not an xpcnn model file or checkpoint (no "
                                   f"{CONFIG_KEY} entry)")
+        shape, dtype = self.header(CONFIG_KEY)
+        if dtype != np.uint8 or len(shape) != 1:  # refused before it is inflated
+            raise DataFormatError(f"{self.path}: the configuration entry is not JSON bytes")
         return decode_json(self.read(CONFIG_KEY, MAX_CONFIG_BYTES), self.path)
 
 
