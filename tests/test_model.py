@@ -406,3 +406,19 @@ def test_the_host_reads_the_device_once_an_epoch_and_every_read_every_steps(monk
     history = model.fit(x, y, epochs=2, batch_size=1, verbose=0)
     assert len(reads) == 2 * (70 // READ_EVERY + 1)  # (never one per step)
     assert len(history.history["loss"]) == 2 and model.optimizer.iterations == 140
+
+
+def test_train_on_batch_is_one_checked_step(data):
+    def make():
+        model = xpcnn.Sequential(gap_net(), seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+        return model
+
+    x, y = data
+    model, twin = make(), make()
+    result = model.train_on_batch(x[:16], y[:16])
+    history = twin.fit(x[:16], y[:16], batch_size=16, shuffle=False, verbose=0)
+    assert result == {"loss": history.history["loss"][0],
+                      "accuracy": history.history["accuracy"][0]}
+    for a, b in zip(model.get_weights(), twin.get_weights(), strict=True):
+        assert np.array_equal(a, b)

@@ -13,7 +13,7 @@ The same layers train on NumPy (``device="cpu"``) or CuPy (``device="cuda"``)::
     model.fit(x, y, epochs=3, batch_size=64)
 """
 
-from . import layers, optim
+from . import callbacks, data, layers, optim
 from .backend import Backend, get_backend
 from .errors import (
     DataFormatError,
@@ -34,5 +34,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "InputError",
     "MissingDependencyError", "Model", "NonFiniteError", "Sequential", "SoftmaxCrossEntropy",
-    "XpcnnError", "get_backend", "layers", "load_checkpoint", "load_model", "optim",
+    "XpcnnError", "callbacks", "data", "get_backend", "layers", "load_checkpoint", "load_model",
+    "optim",
 ]

@@ -120,8 +120,9 @@ def _output_file(flag: str, path: str) -> None:
     name is not taken by a folder or anything but a regular file."""
     p = Path(path).expanduser()
     if not path or p.is_dir():
+        example = p / ("model.onnx" if flag == "--export" else "model.npz")
         raise UsageError(f"argument {flag}: {path!r} is a folder; give a file path such as "
-                         f"{str(p / 'model.npz')!r}")
+                         f"{str(example)!r}")
     if p.exists() and not p.is_file():
         raise UsageError(f"argument {flag}: {path!r} exists and is not a regular file")
     _writable_folder(flag, path, p.absolute().parent)
@@ -241,7 +242,7 @@ def _check_train(args: argparse.Namespace) -> None:
         _output_folder("--plots", args.plots)
         _needs_matplotlib("--plots")
     if args.export is not None and importlib.util.find_spec("onnx") is None:
-        raise UsageError(f"argument --export: ONNX export needs onnx: {ONNX_EXTRA_HINT}")
+        raise UsageError(f"argument --export: {ONNX_EXTRA_HINT}")
     _check_device(args)
 
 

@@ -210,8 +210,7 @@ class Model:
             loss, correct = self.train_step(to_device(self.backend, x),
                                             to_device(self.backend, targets))
         self._read_totals()
-        return {"loss": float(self.backend.to_numpy(loss)),
-                "accuracy": float(self.backend.to_numpy(correct)) / int(x.shape[0])}
+        return {"loss": float(loss), "accuracy": float(correct) / int(x.shape[0])}
 
     def _running_totals(self) -> RunningTotals:
         n_grads = sum(len(la.params) for la in self.layers)

@@ -180,8 +180,10 @@ def _check_writable(path: str | os.PathLike[str]) -> None:
     if os.path.isdir(path):
         raise InputError(f"cannot write the ONNX file {path!r}: it is a folder")
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"cannot write the ONNX file {path!r}: its folder {folder!r} does not "
+                         "exist")
     try:
-        os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
