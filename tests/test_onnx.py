@@ -281,11 +281,16 @@ def test_without_onnx_a_missing_dependency_error_gives_the_pip_command(tmp_path,
     assert not os.listdir(tmp_path)
 
 
-def test_cli_train_exports_and_checks_the_path_before_training(tmp_path, capsys):
+def test_cli_train_exports_and_checks_first(tmp_path, capsys, monkeypatch):
     path = tmp_path / "shapes.onnx"
     args = ["train", "--limit", "40", "--epochs", "1", "--batch-size", "20", "--quiet"]
     assert cli_main([*args, "--export", str(tmp_path)]) == 2  # a folder: refused at once
     assert "is a folder; give a file path such as" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "onnx", None)
+        assert cli_main([*args, "--export", str(path)]) == 2
+        assert 'pip install "xpcnn[onnx]"' in capsys.readouterr().err
+    assert not path.exists()
     assert cli_main([*args, "--save", str(tmp_path / "shapes.npz"), "--export", str(path)]) == 0
     model = xpcnn.load_model(str(tmp_path / "shapes.npz"))
     x = load_shapes()[1][0][:4]

@@ -119,7 +119,7 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
         raise InputError(f"no ONNX converter for layer type(s) {', '.join(unknown)} (model "
                          f"{model.name!r}); known: {', '.join(sorted(CONVERTERS))}. A new "
                          "layer type registers one with xpcnn.onnx_export.register_converter")
-    check_export(path)
+    _check_writable(path)
     graph = GraphBuilder(onnx)
     tensors = {0: INPUT_NAME}  # slot -> ONNX tensor name
     if input_dtype == "uint8":
@@ -175,10 +175,8 @@ def _import_onnx() -> Any:
     return onnx
 
 
-def check_export(path: str | os.PathLike[str]) -> None:
-    """Fail now, with a clear error, where an export to ``path`` would fail for want of onnx
-    or of a writable path (the export checks this before any work; the CLI before training)."""
-    _import_onnx()
+def _check_writable(path: str | os.PathLike[str]) -> None:
+    """A clear error now, before any work, where ``path`` cannot be written."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise InputError(f"cannot write the ONNX file {path!r}: it is a folder")
