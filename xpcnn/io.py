@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from . import distributed
 from .backend import DeviceLike
 from .errors import DataFormatError, InputError
 from .layers.base import LAYER_TYPES
@@ -175,6 +176,8 @@ def _parse_npy(data: bytes, where: str) -> np.ndarray:
 
 def save_model(model: Sequential, path: str) -> None:
     model._require_built("save")
+    if not distributed.is_root():  # one writer: rank 0 (all ranks hold the same weights)
+        return
     arrays = {CONFIG_KEY: encode_json(model_config(model))}
     for i, la in enumerate(model.layers):
         for j, w in enumerate(la.get_weights()):

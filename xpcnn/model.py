@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checks
+from . import checks, distributed
 from .backend import Backend, DeviceLike, get_backend
 from .errors import InputError, NonFiniteError
 from .layers.activation import ReLU, Softmax
@@ -58,7 +58,7 @@ class Sequential:
     def __init__(self, layers: list[Layer] | None = None, *, input_shape: tuple[int, ...] | None
                  = None, device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
                  name: str = "sequential") -> None:
-        self.backend: Backend = get_backend(device)
+        self.backend: Backend = get_backend(distributed.device_for_rank(device))
         if dtype not in ("float32", "float64"):
             raise InputError(f"model dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype_name = dtype
@@ -73,6 +73,7 @@ class Sequential:
         self.precision = "float32"
         self.loss_scale = 1.0
         self._good_steps = 0
+        self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
         self.built = False
         for layer in layers or []:
             self.add(layer)
@@ -191,12 +192,14 @@ class Sequential:
                 x = layer.forward(x, training)
         return x
 
-    def _backward(self, dz: Any) -> None:
+    def _backward(self, dz: Any, on_layer: Callable[[Layer], None] | None = None) -> None:
         """Backward pass from the logits' gradient, after ``_logits(x, training=True)``: fills
-        every layer's ``grads``."""
+        every layer's ``grads``, calling ``on_layer(layer)`` after each layer's backward."""
         with self._as_planned():
             for layer in reversed(self._hot_layers()[self._first_trainable:]):
                 dz = layer.backward(dz)
+                if on_layer is not None:
+                    on_layer(layer)
 
     @contextlib.contextmanager
     def _as_planned(self) -> Iterator[None]:
@@ -232,17 +235,11 @@ class Sequential:
     def _train_step(self, xb: Any, yb: Any) -> tuple[float, float]:
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
-        logits = self._logits(xb, training=True)
-        stats, dz = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
-            xp, logits, yb, self.layers[-1].dtype, kernels)
-        if self.loss_scale != 1.0:
-            dz = dz * self.loss_scale
-        self._backward(dz)
-        params, grads, owners = [], [], []
+        stats, grads = self._loss_and_grads(xb, yb, kernels)
+        params, owners = [], []
         for layer in self.layers:
-            for k, p in layer.params.items():
+            for p in layer.params.values():
                 params.append(p)
-                grads.append(layer.grads[k])
                 owners.append(layer)
         if self.loss_scale != 1.0:
             grads = [g * (1.0 / self.loss_scale) for g in grads]
@@ -278,6 +275,26 @@ class Sequential:
                 self.loss_scale *= 2.0
                 self._good_steps = 0
         return loss_value, correct
+
+    def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any) -> tuple[Any, list[Any]]:
+        """[loss, correct count] of a batch and the gradients of its (scaled) loss, in parameter
+        order. On several ranks (fit sets ``_parallel``), the batch is this rank's slice: the
+        stats come back summed and the gradients averaged over the ranks."""
+        xp, dp = self.backend.xp, self._parallel
+        if dp is not None and xb.shape[0] == 0:  # no sample of a short last batch here
+            return dp.empty_step(xp.zeros((2,), dtype=self.layers[-1].dtype))
+        logits = self._logits(xb, training=True)
+        stats, dz = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
+            xp, logits, yb, self.layers[-1].dtype, kernels)
+        if self.loss_scale != 1.0:
+            dz = dz * self.loss_scale
+        if dp is None:
+            self._backward(dz)
+            return stats, [la.grads[k] for la in self.layers for k in la.params]
+        dp.buckets.begin(dp.weight, stats)
+        self._backward(dz, dp.buckets.layer_done)
+        grads, stats = dp.buckets.finish()
+        return stats, grads
 
     def _raise_non_finite(self, what: str, xb: Any) -> None:
         """Name the step and the first layer whose output is not finite, then raise."""
@@ -339,6 +356,10 @@ class Sequential:
         it ends with the same weights, bit for bit, as an uninterrupted run, and returns the
         history of every epoch, the ones before the interruption included
         (:mod:`xpcnn.checkpoint`).
+
+        Launched on several processes (``mpiexec -n N``, :mod:`xpcnn.distributed`), each step
+        takes a global batch of ``N * batch_size`` samples, the very batch one process would take
+        at that size, and each rank computes on its own slice; only rank 0 prints and writes.
         """
         self._require_compiled()
         epochs = checks.non_negative_int(epochs, "epochs")
@@ -360,17 +381,23 @@ class Sequential:
         seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
         history = History()
         n = len(x)
-        steps = math.ceil(n / batch_size)
+        dp = distributed.data_parallel(self)
+        ranks = 1 if dp is None else dp.world.size
+        if dp is not None:
+            verbose = verbose if dp.world.is_root else 0
+            dp.broadcast_weights()
+        steps = math.ceil(n / (batch_size * ranks))
         saver = start = None
         if checkpoint is not None:
             from .checkpoint import FitCheckpoints, fingerprint
 
             saver = FitCheckpoints(self, checkpoint, checkpoint_every, resume,
-                                   fingerprint(x, targets, batch_size, seed, shuffle), steps,
-                                   verbose)
+                                   fingerprint(x, targets, batch_size, seed, shuffle, ranks),
+                                   steps, verbose)
             history, start = saver.start()
         elif resume:
             raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
+        self._parallel = dp
         for epoch in range(start.epoch if start else 0, epochs):
             order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else None
             t0 = time.perf_counter()
@@ -382,9 +409,14 @@ class Sequential:
                 t0 -= start.seconds
             bar = tqdm(total=steps, initial=step, desc=f"Epoch {epoch + 1}/{epochs}",
                        unit="batch", disable=verbose == 0, leave=True, dynamic_ncols=True)
-            for idx in itertools.islice(self._batches(n, batch_size, order), step, None):
-                xb = self._to_device(x[idx])
-                yb = self.backend.asarray(targets[idx])
+            # (on several ranks a global batch, of which each rank takes a slice)
+            for idx in itertools.islice(self._batches(n, batch_size * ranks, order), step, None):
+                mine = idx
+                if dp is not None:
+                    mine, first = dp.shard(idx)
+                    dp.set_batch(first, len(mine), len(idx))
+                xb = self._to_device(x[mine])
+                yb = self.backend.asarray(targets[mine])
                 loss, right = self.train_step(xb, yb)
                 loss_sum += loss * len(idx)
                 correct += right
@@ -396,6 +428,8 @@ class Sequential:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
                                 refresh=False)
             logs = {"loss": loss_sum / seen, "accuracy": correct / seen}
+            if dp is not None:
+                dp.average_state()
             if validation_data is not None:
                 val = self.evaluate(vx, vt, batch_size=max(batch_size, 256), verbose=0)
                 logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
@@ -407,11 +441,15 @@ class Sequential:
                 saver.after_epoch(epoch, history)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, logs)
+        self._parallel = None
+        if dp is not None:
+            dp.end_fit()
         return history
 
     def evaluate(self, x: Any, y: Any, batch_size: int = 256, verbose: int = 0
                  ) -> dict[str, float]:
-        """Mean loss and accuracy on (x, y), in inference mode."""
+        """Mean loss and accuracy on (x, y), in inference mode (on several ranks, each
+        evaluates a slice and the sums are added up: every rank gets the whole result)."""
         if self.loss is None:
             self.loss = get_loss("cross_entropy")
         batch_size = checks.positive_int(batch_size, "batch_size")
@@ -419,9 +457,13 @@ class Sequential:
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
         loss_sum = correct = 0.0
+        here = distributed.world()
+        rows = np.arange(len(x))[here.rank * len(x) // here.size:
+                                 (here.rank + 1) * len(x) // here.size]
         with self.backend.compute_scope():
-            for idx in tqdm(list(self._batches(len(x), batch_size)), disable=verbose == 0,
-                            desc="evaluate", unit="batch"):
+            for idx in tqdm(list(self._batches(len(rows), batch_size, rows)),
+                            disable=verbose == 0 or not here.is_root, desc="evaluate",
+                            unit="batch"):
                 yb = self.backend.asarray(targets[idx])
                 logits = self._logits(self._to_device(x[idx]), training=False)
                 stats, _ = self.loss.forward_with_accuracy(xp, logits, yb,
@@ -429,6 +471,7 @@ class Sequential:
                 host = self.backend.to_numpy(stats)
                 loss_sum += float(host[0]) * len(idx)
                 correct += float(host[1])
+        loss_sum, correct = distributed.host_sum(here, [loss_sum, correct], "evaluate")
         return {"loss": loss_sum / len(x), "accuracy": correct / len(x)}
 
     def predict(self, x: Any, batch_size: int = 256) -> np.ndarray:
@@ -507,7 +550,7 @@ class Sequential:
 
     def to(self, device: DeviceLike) -> Sequential:
         """Move the model (weights, optimiser state) to another device; returns self."""
-        backend = get_backend(device)
+        backend = get_backend(distributed.device_for_rank(device))
         for la in self.layers:
             if la.built:
                 la.to(backend)

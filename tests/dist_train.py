@@ -1,0 +1,92 @@
+"""A small training run for tests/test_distributed.py, in one process or under ``mpiexec``.
+
+    mpiexec -n 3 python tests/dist_train.py OUT [--batch 4] [--samples 50] [--dtype float64]
+        [--optimizer sgd|adam] [--checkpoint PATH --every N [--resume]]
+        [--fail-rank R --fail-step S --fail-how kill|raise]
+
+trains one epoch (``--epochs``) with ``--batch`` samples per rank and writes, from every rank,
+its final weights and history to ``OUT.rank<R>.npz`` (with plain ``np.savez``: each rank its own
+file, to compare them). ``--fail-rank`` makes rank R die (SIGKILL) or raise at its S-th step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+
+import numpy as np
+
+import xpcnn
+from xpcnn import distributed
+from xpcnn.layers import (
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    MaxPool2D,
+    RandomCrop,
+    RandomFlip,
+    ReLU,
+    Rescaling,
+    Softmax,
+)
+
+
+def data(samples: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (samples, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, samples)
+
+
+def make_model(dtype: str = "float64", optimizer: str = "sgd") -> xpcnn.Sequential:
+    """Random layers of both kinds (augmentation on the input, dropout inside); no BatchNorm,
+    whose statistics are per rank."""
+    model = xpcnn.Sequential([RandomFlip(), RandomCrop(1), Rescaling(1 / 255),
+                              Conv2D(4, 3, padding="same"), ReLU(), MaxPool2D(2),
+                              Dropout(0.25), Flatten(), Dense(10), Softmax()], seed=3,
+                             dtype=dtype)
+    opt = (xpcnn.optim.SGD(0.05, momentum=0.9) if optimizer == "sgd"
+           else xpcnn.optim.Adam(1e-2))
+    model.compile(optimizer=opt)
+    return model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--dtype", default="float64")
+    p.add_argument("--optimizer", default="sgd")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--every", type=int, default=2)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--fail-rank", type=int, default=-1)
+    p.add_argument("--fail-step", type=int, default=0)
+    p.add_argument("--fail-how", default="kill")
+    args = p.parse_args()
+    here = distributed.world()
+    x, y = data(args.samples)
+    model = make_model(args.dtype, args.optimizer)
+    if here.rank == args.fail_rank:
+        step = model.train_step
+
+        def failing_step(xb, yb):
+            if model.optimizer.iterations + 1 == args.fail_step:
+                if args.fail_how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError(f"a failure planted at step {args.fail_step}")
+            return step(xb, yb)
+
+        model.train_step = failing_step
+    history = model.fit(x, y, epochs=args.epochs, batch_size=args.batch, verbose=0,
+                        checkpoint=args.checkpoint, checkpoint_every=args.every,
+                        resume=args.resume, validation_data=(x[:20], y[:20]))
+    arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
+    arrays.update({f"h_{k}": np.array(v) for k, v in history.history.items() if k != "seconds"})
+    np.savez(f"{args.out}.rank{here.rank}.npz", **arrays)
+
+
+if __name__ == "__main__":
+    main()
