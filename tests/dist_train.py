@@ -7,6 +7,7 @@
 trains one epoch (``--epochs``) with ``--batch`` samples per rank and writes, from every rank,
 its final weights and history to ``OUT.rank<R>.npz`` (with plain ``np.savez``: each rank its own
 file, to compare them). ``--fail-rank`` makes rank R die (SIGKILL) or raise at its S-th step.
+In one process (no mpiexec), :func:`train` is the reference run.
 """
 
 from __future__ import annotations
@@ -51,6 +52,36 @@ def make_model(dtype: str = "float64", optimizer: str = "sgd") -> xpcnn.Sequenti
     return model
 
 
+def train(out: str | None = None, batch: int = 4, samples: int = 50, epochs: int = 1,
+          dtype: str = "float64", optimizer: str = "sgd", checkpoint: str | None = None,
+          every: int = 2, resume: bool = False, fail_rank: int = -1, fail_step: int = 0,
+          fail_how: str = "kill") -> tuple[list[np.ndarray], dict[str, list[float]]]:
+    """Train; returns the final weights and history (and writes them to ``out.rank<R>.npz``)."""
+    here = distributed.world()
+    x, y = data(samples)
+    model = make_model(dtype, optimizer)
+    if here.rank == fail_rank:
+        step = model.train_step
+
+        def failing_step(xb, yb):
+            if model.optimizer.iterations + 1 == fail_step:
+                if fail_how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise RuntimeError(f"a failure planted at step {fail_step}")
+            return step(xb, yb)
+
+        model.train_step = failing_step
+    history = model.fit(x, y, epochs=epochs, batch_size=batch, verbose=0, checkpoint=checkpoint,
+                        checkpoint_every=every, resume=resume, validation_data=(x[:20], y[:20]))
+    weights = model.get_weights()
+    logs = {k: v for k, v in history.history.items() if k != "seconds"}
+    if out is not None:
+        arrays = {f"w{i}": w for i, w in enumerate(weights)}
+        arrays.update({f"h_{k}": np.array(v) for k, v in logs.items()})
+        np.savez(f"{out}.rank{here.rank}.npz", **arrays)
+    return weights, logs
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
@@ -65,27 +96,7 @@ def main() -> None:
     p.add_argument("--fail-rank", type=int, default=-1)
     p.add_argument("--fail-step", type=int, default=0)
     p.add_argument("--fail-how", default="kill")
-    args = p.parse_args()
-    here = distributed.world()
-    x, y = data(args.samples)
-    model = make_model(args.dtype, args.optimizer)
-    if here.rank == args.fail_rank:
-        step = model.train_step
-
-        def failing_step(xb, yb):
-            if model.optimizer.iterations + 1 == args.fail_step:
-                if args.fail_how == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise RuntimeError(f"a failure planted at step {args.fail_step}")
-            return step(xb, yb)
-
-        model.train_step = failing_step
-    history = model.fit(x, y, epochs=args.epochs, batch_size=args.batch, verbose=0,
-                        checkpoint=args.checkpoint, checkpoint_every=args.every,
-                        resume=args.resume, validation_data=(x[:20], y[:20]))
-    arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
-    arrays.update({f"h_{k}": np.array(v) for k, v in history.history.items() if k != "seconds"})
-    np.savez(f"{args.out}.rank{here.rank}.npz", **arrays)
+    train(**vars(p.parse_args()))
 
 
 if __name__ == "__main__":

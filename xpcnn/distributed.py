@@ -31,6 +31,7 @@ imports mpi4py.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -110,6 +111,12 @@ def init(comm: Any = None, timeout: float | None = None) -> World:
     node.Free()
     if here.size > 1:
         _abort_all_on_error(here)
+        # Which process is which rank: a launcher that reports a dead process by its pid
+        # (MPICH's Hydra) is then understood.
+        peers = comm.allgather(f"{socket.gethostname()}:{os.getpid()}")
+        if here.is_root:
+            sys.stderr.write(f"xpcnn: {here.size} ranks (host:pid): " + ", ".join(
+                f"rank {r} = {p}" for r, p in enumerate(peers)) + "\n")
     _WORLD["world"] = here
     return here
 
@@ -350,10 +357,11 @@ class GradientBuckets:
 class DataParallel:
     """The distributed side of ``fit`` and ``evaluate`` for one model on ``here``'s ranks."""
 
-    def __init__(self, model: Any, here: World) -> None:
+    def __init__(self, model: Any, here: World, comm: Any = None) -> None:
         self.model, self.world = model, here
         backend = model.backend
-        self.comm = _communicator(here, backend)
+        # comm: an MpiSum / NcclSum, or anything with their start/progress/wait (tests)
+        self.comm = comm if comm is not None else _communicator(here, backend)
         self.buckets = GradientBuckets(self.comm, backend.xp, model.layers)
         from .layers.dropout import RandomLayer
 
