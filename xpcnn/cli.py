@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, optim
+from . import __version__, distributed, optim
 from .backend import get_backend
 from .errors import XpcnnError
 from .model import Sequential
@@ -35,7 +35,8 @@ def _add_train(sub: Any) -> None:
                    help="reference model (default: the dataset's own)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="samples per step (under mpiexec -n N: per process, N times this in all)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="cosine",
@@ -81,6 +82,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from .datasets import load_dataset
 
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if not distributed.is_root():  # on several ranks (mpiexec), rank 0 speaks for all
+        say = lambda *a: None  # noqa: E731
     if args.resume and not args.checkpoint:
         raise XpcnnError("--resume needs --checkpoint PATH, the file to resume from")
     (x, y), test = load_dataset(args.dataset, data_dir=args.data_dir)
@@ -100,7 +103,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     classes = int(max(y.max(), y_test.max())) + 1
     model = Sequential(build_layers(model_name, classes), device=args.device, seed=args.seed,
                        name=model_name)
-    steps = max(1, epochs * -(-len(x) // args.batch_size))
+    steps = max(1, epochs * -(-len(x) // (args.batch_size * distributed.world().size)))
     lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 3e-3)
     schedule = optim.CosineDecay(lr, steps, min_lr=lr * 0.01) if args.schedule == "cosine" \
         else optim.Constant(lr)
@@ -108,8 +111,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                  "sgd": lambda: optim.SGD(schedule, momentum=0.9, nesterov=True,
                                           weight_decay=5e-4)}[args.optimizer]()
     model.compile(optimizer=optimizer, precision=args.precision)
+    ranks = distributed.world().size
     say(f"training {model_name} on {args.dataset} ({len(x)} images {x.shape[1:]}) for {epochs} "
-        f"epochs on {model.backend.label}")
+        f"epochs on {model.backend.label}" + (f" and {ranks - 1} other rank(s), a global batch "
+                                             f"of {ranks * args.batch_size}" if ranks > 1 else ""))
     t0 = time.perf_counter()
     history = model.fit(x, y, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
                         verbose=0 if args.quiet or args.json else 1, checkpoint=args.checkpoint,
@@ -123,7 +128,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.save:
         model.save(args.save)
         say(f"saved the model to {args.save}")
-    if args.plots:
+    if args.plots and distributed.is_root():
         from .datasets import class_names
         from .viz import write_training_plots
 
@@ -207,9 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = {"train": train, "visualize": visualize, "info": info}[args.command](args)
     except XpcnnError as e:
-        print(f"xpcnn {args.command}: error: {e}", file=sys.stderr)
+        here = distributed.world()
+        rank = f" (rank {here.rank} of {here.size})" if here.size > 1 else ""
+        print(f"xpcnn {args.command}: error{rank}: {e}", file=sys.stderr)
+        distributed.abort(2)  # the other ranks would wait for this one forever
         return 2
-    if getattr(args, "json", False):
+    if getattr(args, "json", False) and distributed.is_root():
         print(json.dumps(result))
     return 0
 
