@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Data-parallel training speed on the CPU: 1 process against N under mpiexec (weak scaling).
+
+Each run trains a reference model (``xpcnn.models``) with ``fit`` on synthetic uint8 images,
+``--batch-size`` samples per process, one BLAS / xpcnn thread per process
+(OPENBLAS_NUM_THREADS=1: xpcnn's chunk loops use OpenBLAS's thread count). One process runs
+without MPI (the distributed path is then off entirely); N processes run under ``mpiexec -n N``.
+A run does ``--warmup`` untimed steps, then ``--steps`` timed ones (one ``fit`` epoch each);
+images/s counts every process's images. Runs alternate between process counts, ``--repeats``
+times, so that load from other programs falls on all of them alike; the table gives the median
+and the range, and efficiency = images/s on N / (N x images/s on 1).
+
+    python scripts/bench_distributed.py                          # mnist, batch 64, 1 and 2
+    python scripts/bench_distributed.py --model cifar --ranks 1,2 --repeats 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+SHAPES = {"notebook": (32, 32, 3), "mnist": (28, 28, 1), "cifar": (32, 32, 3),
+          "cifar-augmented": (32, 32, 3), "shapes": (32, 32, 3)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="mnist", choices=sorted(SHAPES))
+    p.add_argument("--batch-size", type=int, default=64, help="samples per process and step")
+    p.add_argument("--ranks", default="1,2", help="process counts to compare (default 1,2)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per run (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per process count (default 3)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One run, in each process of it: rank 0 prints a JSON line."""
+    import numpy as np
+
+    import xpcnn
+    from xpcnn import distributed
+    from xpcnn.models import build_layers
+
+    here = distributed.world()
+    per_step = args.batch_size * here.size
+    rng = np.random.default_rng(0)
+    n = (args.warmup + args.steps) * per_step
+    x = rng.integers(0, 256, (n, *SHAPES[args.model]), dtype=np.uint8)
+    y = rng.integers(0, 10, n)
+    model = xpcnn.Sequential(build_layers(args.model, 10), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.01, momentum=0.9))
+    warm = args.warmup * per_step
+    model.fit(x[:warm], y[:warm], batch_size=args.batch_size, verbose=0, shuffle=False)
+    t0 = time.perf_counter()
+    model.fit(x[warm:], y[warm:], batch_size=args.batch_size, verbose=0, shuffle=False)
+    seconds = time.perf_counter() - t0  # the last step's allreduce ends every rank together
+    if here.is_root:
+        print(json.dumps({"ranks": here.size, "seconds": seconds,
+                          "images_per_s": args.steps * per_step / seconds,
+                          "params": model.count_params()}))
+
+
+def run_once(args: argparse.Namespace, ranks: int) -> dict:
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, __file__, "--_worker", "--model", args.model, "--batch-size",
+           str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if ranks > 1:
+        mpiexec = Path(sys.executable).parent / "mpiexec"
+        mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
+        if mpiexec is None:
+            sys.exit('no mpiexec: pip install -e ".[mpi]"')
+        cmd = [mpiexec, "-n", str(ranks), *cmd]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    args = parse_args()
+    if args._worker:
+        worker(args)
+        return
+    counts = [int(r) for r in args.ranks.split(",")]
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_before = os.getloadavg()
+    runs: dict[int, list[float]] = {r: [] for r in counts}
+    for repeat in range(args.repeats):
+        for r in counts:
+            result = run_once(args, r)
+            runs[r].append(result["images_per_s"])
+            print(f"repeat {repeat + 1}: {r} process(es): {result['images_per_s']:.0f} images/s "
+                  f"({result['seconds']:.2f} s for {args.steps} steps)", flush=True)
+    load_after = os.getloadavg()
+    base = statistics.median(runs[counts[0]]) / counts[0]
+    print(f"\n{args.model}, batch {args.batch_size} per process, {args.steps} steps, "
+          f"{os.cpu_count()} cores, load average {load_before[0]:.2f} before, "
+          f"{load_after[0]:.2f} after; started {started}")
+    print("| processes | images/s (median) | range | efficiency |")
+    print("| --- | --- | --- | --- |")
+    rows = []
+    for r in counts:
+        med = statistics.median(runs[r])
+        rows.append({"ranks": r, "median": med, "min": min(runs[r]), "max": max(runs[r]),
+                     "runs": runs[r], "efficiency": med / (r * base)})
+        print(f"| {r} | {med:.0f} | {min(runs[r]):.0f}-{max(runs[r]):.0f} | "
+              f"{med / (r * base):.0%} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": started, "model": args.model, "batch_size": args.batch_size,
+                       "steps": args.steps, "cores": os.cpu_count(),
+                       "load_average": [load_before, load_after], "rows": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
