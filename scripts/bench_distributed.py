@@ -8,7 +8,8 @@ without MPI (the distributed path is then off entirely); N processes run under `
 A run does ``--warmup`` untimed steps, then ``--steps`` timed ones (one ``fit`` epoch each);
 images/s counts every process's images. Runs alternate between process counts, ``--repeats``
 times, so that load from other programs falls on all of them alike; the table gives the median
-and the range, and efficiency = images/s on N / (N x images/s on 1).
+and the range, and efficiency = images/s on N / (N x images/s on 1). Each N-process run also
+times the allreduce alone of a float32 buffer the size of the gradients (median of 20).
 
     python scripts/bench_distributed.py                          # mnist, batch 64, 1 and 2
     python scripts/bench_distributed.py --model cifar --ranks 1,2 --repeats 5 --json out.json
@@ -65,10 +66,20 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     model.fit(x[warm:], y[warm:], batch_size=args.batch_size, verbose=0, shuffle=False)
     seconds = time.perf_counter() - t0  # the last step's allreduce ends every rank together
+    allreduce_us = None
+    if here.size > 1:  # the gradients' allreduce alone: one float32 buffer of every parameter
+        buf = np.ones(model.count_params(), dtype=np.float32)
+        times = []
+        for _ in range(20):
+            here.comm.Barrier()
+            t = time.perf_counter()
+            distributed.MpiSum(here).wait([distributed.MpiSum(here).start(buf)], "bench")
+            times.append(time.perf_counter() - t)
+        allreduce_us = statistics.median(times) * 1e6
     if here.is_root:
         print(json.dumps({"ranks": here.size, "seconds": seconds,
                           "images_per_s": args.steps * per_step / seconds,
-                          "params": model.count_params()}))
+                          "params": model.count_params(), "allreduce_us": allreduce_us}))
 
 
 def run_once(args: argparse.Namespace, ranks: int) -> dict:
@@ -96,31 +107,38 @@ def main() -> None:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_before = os.getloadavg()
     runs: dict[int, list[float]] = {r: [] for r in counts}
+    allreduce: dict[int, list[float]] = {r: [] for r in counts}
     for repeat in range(args.repeats):
         for r in counts:
             result = run_once(args, r)
             runs[r].append(result["images_per_s"])
+            if result["allreduce_us"] is not None:
+                allreduce[r].append(result["allreduce_us"])
             print(f"repeat {repeat + 1}: {r} process(es): {result['images_per_s']:.0f} images/s "
                   f"({result['seconds']:.2f} s for {args.steps} steps)", flush=True)
+            params = result["params"]
     load_after = os.getloadavg()
     base = statistics.median(runs[counts[0]]) / counts[0]
     print(f"\n{args.model}, batch {args.batch_size} per process, {args.steps} steps, "
           f"{os.cpu_count()} cores, load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after; started {started}")
-    print("| processes | images/s (median) | range | efficiency |")
-    print("| --- | --- | --- | --- |")
+    print(f"{params:,} parameters: {4 * params / 1e6:.2f} MB of float32 gradients a step")
+    print("| processes | images/s (median) | range | efficiency | allreduce of the gradients |")
+    print("| --- | --- | --- | --- | --- |")
     rows = []
     for r in counts:
         med = statistics.median(runs[r])
+        ar = statistics.median(allreduce[r]) if allreduce[r] else None
         rows.append({"ranks": r, "median": med, "min": min(runs[r]), "max": max(runs[r]),
-                     "runs": runs[r], "efficiency": med / (r * base)})
+                     "runs": runs[r], "efficiency": med / (r * base), "allreduce_us": ar})
         print(f"| {r} | {med:.0f} | {min(runs[r]):.0f}-{max(runs[r]):.0f} | "
-              f"{med / (r * base):.0%} |")
+              f"{med / (r * base):.0%} | {'-' if ar is None else f'{ar:.0f} us'} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": started, "model": args.model, "batch_size": args.batch_size,
                        "steps": args.steps, "cores": os.cpu_count(),
-                       "load_average": [load_before, load_after], "rows": rows}, f, indent=2)
+                       "params": params, "load_average": [load_before, load_after],
+                       "rows": rows}, f, indent=2)
         print(f"wrote {args.json}")
 
 
