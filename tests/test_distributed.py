@@ -210,7 +210,8 @@ def test_bucketed_average_over_thread_ranks_equals_one_batch():
         here = distributed.World(rank, ranks)
         # a bucket per ~200 bytes: several buckets, started as backward reaches them
         dp = distributed.DataParallel(model, here, comm.for_rank(rank))
-        dp.buckets = distributed.GradientBuckets(dp.comm, model.backend.xp, model.layers, 200)
+        dp.buckets = distributed.GradientBuckets(dp.comm, model.backend.xp, model.layers, 200,
+                                                 200)
         model._parallel = dp
         idx = parts[rank]
         dp.set_batch(int(idx[0]), len(idx), 7)

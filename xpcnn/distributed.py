@@ -9,9 +9,9 @@ on four ranks; ``fit`` needs no change. As in ChainerMN, Horovod and PyTorch DDP
   process at that size (one seeded permutation), and each rank takes its own slice of each;
 * after the backward pass the gradients are averaged, weighted by each rank's share of the
   samples, so that a step equals the single-process step on the whole global batch. They are
-  packed into a few flat buckets (25 MB, as DDP), each reduced as soon as backward has produced
-  all of its gradients, while backward goes on: NCCL on CuPy arrays for GPU ranks (on its own
-  stream), MPI ``Iallreduce`` on host arrays for CPU ranks;
+  packed into a few flat buckets (1 MiB for the first, then 25 MiB, as DDP), each reduced as
+  soon as backward has produced all of its gradients, while backward goes on: NCCL on CuPy
+  arrays for GPU ranks (on its own stream), MPI ``Iallreduce`` on host arrays for CPU ranks;
 * random layers (Dropout, RandomFlip, RandomCrop) draw the numbers of the global batch and
   take their slice, so each sample gets the numbers it gets in one process;
 * ``evaluate`` and the training metrics are summed over the ranks; only rank 0 prints progress
@@ -43,8 +43,9 @@ import numpy as np
 
 from .errors import DeviceError, MissingDependencyError, XpcnnError
 
-#: Bytes of gradients per bucket (PyTorch DDP's default bucket_cap_mb is 25).
-BUCKET_BYTES = 25 << 20
+#: Bytes of gradients per bucket, as PyTorch DDP: 1 MiB for the first (the last layers': it
+#: goes out early in backward), 25 MiB for the others.
+FIRST_BUCKET_BYTES, BUCKET_BYTES = 1 << 20, 25 << 20
 #: Environment variables by which MPI launchers tell a process its rank and the world's size:
 #: Open MPI, then MPICH's Hydra (also Intel MPI, and Slurm's srun --mpi=pmi2).
 _LAUNCHERS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"))
@@ -230,18 +231,22 @@ class NcclSum:
 
 
 def _wait(here: World, requests: list[Any], what: str) -> None:
-    """Wait for MPI requests, polling, for at most ``here.timeout`` seconds."""
+    """Wait for MPI requests for at most ``here.timeout`` seconds. MPI moves a non-blocking
+    collective on only inside MPI calls, so this polls without sleeping (yielding the core to
+    any other thread that wants it) for a second, then every millisecond."""
     from mpi4py import MPI
 
-    deadline = time.monotonic() + here.timeout
-    pause = 1e-5
+    start = time.monotonic()
     while not MPI.Request.Testall(requests):
-        if time.monotonic() > deadline:
+        waited = time.monotonic() - start
+        if waited > here.timeout:
             raise DistributedError(
                 f"rank {here.rank} of {here.size} waited {here.timeout:g} s for the other ranks "
                 f"in {what}: one of them is stuck or has died (XPCNN_DIST_TIMEOUT sets the limit)")
-        time.sleep(pause)
-        pause = min(2 * pause, 1e-3)
+        if waited < 1.0:
+            os.sched_yield()
+        else:
+            time.sleep(1e-3)
 
 
 def host_sum(here: World, values: Sequence[float], what: str) -> list[float]:
@@ -271,19 +276,24 @@ class GradientBuckets:
     """
 
     def __init__(self, comm: Any, xp: Any, layers: Sequence[Any],
-                 bucket_bytes: int = BUCKET_BYTES) -> None:
+                 bucket_bytes: int = BUCKET_BYTES,
+                 first_bucket_bytes: int = FIRST_BUCKET_BYTES) -> None:
         self.comm, self.xp = comm, xp
         self.entries = [(layer, key) for layer in layers for key in layer.params]
-        self.buckets: list[list[int]] = []  # entry indices
+        # Backward order; a bucket closes once it holds its cap (DDP's rule): in the reference
+        # models the first holds the big Dense kernel, whose allreduce then runs while backward
+        # goes through the convolutions.
+        self.buckets: list[list[int]] = [[]]  # entry indices
         size = 0
         for i in reversed(range(len(self.entries))):
             layer, key = self.entries[i]
             p = layer.params[key]
-            if not self.buckets or size and size + p.size * p.dtype.itemsize > bucket_bytes:
-                self.buckets.append([])
-                size = 0
             self.buckets[-1].append(i)
             size += p.size * p.dtype.itemsize
+            if size >= (first_bucket_bytes if len(self.buckets) == 1 else bucket_bytes):
+                self.buckets.append([])
+                size = 0
+        self.buckets = [b for b in self.buckets if b]
         self.offsets: dict[int, tuple[int, int]] = {}
         self.buffers = []
         for bucket in self.buckets:
@@ -306,7 +316,9 @@ class GradientBuckets:
         self._weight = 1.0
 
     def begin(self, weight: float, stats: Any) -> None:
-        """Start a step in which this rank's batch is ``weight`` of the global batch."""
+        """Start a step in which this rank's batch is ``weight`` of the global batch: the
+        gradients to come must be those of ``weight`` x this batch's loss (the model scales
+        the loss gradient), ``stats`` is [mean loss, correct count] of this batch."""
         self._weight = weight
         self._left = [len({id(self.entries[i][0]) for i in b}) for b in self.buckets]
         self._started, self._handles = set(), []
@@ -345,8 +357,8 @@ class GradientBuckets:
             g = layer.grads.get(key)
             if g is None or self._weight == 0:
                 buf[start:stop] = 0
-            else:
-                buf[start:stop] = xp.astype(xp.reshape(g, (-1,)) * self._weight, buf.dtype)
+            else:  # (already weighted: the model scales the loss gradient, see begin)
+                buf[start:stop] = xp.reshape(g, (-1,))
         self._started.add(b)
         self._handles.append(self.comm.start(buf))
 

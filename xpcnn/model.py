@@ -286,8 +286,11 @@ class Sequential:
         logits = self._logits(xb, training=True)
         stats, dz = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
             xp, logits, yb, self.layers[-1].dtype, kernels)
-        if self.loss_scale != 1.0:
-            dz = dz * self.loss_scale
+        # On several ranks the gradient is weighted by this slice's share of the global batch
+        # here, once: backward is linear in dz, and the buckets then only copy and sum.
+        scale = self.loss_scale * (1.0 if dp is None else dp.weight)
+        if scale != 1.0:
+            dz = dz * scale
         if dp is None:
             self._backward(dz)
             return stats, [la.grads[k] for la in self.layers for k in la.params]
