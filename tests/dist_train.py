@@ -2,11 +2,11 @@
 
     mpiexec -n 3 python tests/dist_train.py OUT [--batch 4] [--samples 50] [--dtype float64]
         [--optimizer sgd|adam] [--checkpoint PATH --every N [--resume]]
-        [--fail-rank R --fail-step S --fail-how kill|raise]
+        [--fail-rank R --fail-step S --fail-how kill|raise|hang]
 
 trains one epoch (``--epochs``) with ``--batch`` samples per rank and writes, from every rank,
 its final weights and history to ``OUT.rank<R>.npz`` (with plain ``np.savez``: each rank its own
-file, to compare them). ``--fail-rank`` makes rank R die (SIGKILL) or raise at its S-th step.
+file, to compare them). ``--fail-rank`` makes rank R die (SIGKILL), raise or hang at its S-th step.
 In one process (no mpiexec), :func:`train` is the reference run.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import time
 
 import numpy as np
 
@@ -67,6 +68,8 @@ def train(out: str | None = None, batch: int = 4, samples: int = 50, epochs: int
             if model.optimizer.iterations + 1 == fail_step:
                 if fail_how == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
+                if fail_how == "hang":
+                    time.sleep(3600)
                 raise RuntimeError(f"a failure planted at step {fail_step}")
             return step(xb, yb)
 

@@ -43,13 +43,13 @@ needs_mpi = pytest.mark.skipif(
     reason='needs mpiexec and mpi4py: pip install -e ".[mpi]"')
 
 
-def mpirun(ranks: int, out: Path, *args: str, timeout: float = 120
+def mpirun(ranks: int, out: Path, *args: str, collective_timeout: int = 30
            ) -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
-           "XPCNN_DIST_TIMEOUT": "30"}
+           "XPCNN_DIST_TIMEOUT": str(collective_timeout)}
     cmd = [MPIEXEC, "-n", str(ranks), sys.executable, SCRIPT, str(out), *args]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     return proc, time.monotonic() - t0
 
 
@@ -132,6 +132,16 @@ def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
     assert proc.returncode != 0 and seconds < 60
     assert "rank 2 of 3 failed" in proc.stderr
     assert "RuntimeError: a failure planted at step 4" in proc.stderr
+
+
+@needs_mpi
+def test_a_rank_that_hangs_ends_the_job_after_the_collective_timeout(tmp_path):
+    proc, seconds = mpirun(2, tmp_path / "run", "--batch", "2", "--samples", "60",
+                           "--fail-rank", "1", "--fail-step", "3", "--fail-how", "hang",
+                           collective_timeout=4)
+    assert proc.returncode != 0 and 4 < seconds < 60
+    assert "rank 0 of 2 failed" in proc.stderr
+    assert "rank 0 of 2 waited 4 s for the other ranks in the gradient allreduce" in proc.stderr
 
 
 # -- ranks as threads, around a fake communicator ------------------------------------------------

@@ -155,8 +155,8 @@ def device_for_rank(device: Any) -> Any:
         return device
     from .backend import cuda_available
 
-    if flag == "auto" and not cuda_available():
-        return "cpu"
+    if not cuda_available():  # "cuda" then fails with get_backend's own clear message
+        return "cpu" if flag == "auto" else device
     import cupy
 
     here, count = world(), cupy.cuda.runtime.getDeviceCount()
