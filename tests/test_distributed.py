@@ -230,7 +230,7 @@ def test_bucketed_average_over_thread_ranks_equals_one_batch():
     run_ranks(models, step)
     assert len(models[0]._parallel.buckets.buckets) > 2
     # buckets went out in backward order: the last layer's parameters first
-    sizes = [len(b) for b in models[0]._parallel.buckets.buffers]
+    sizes = [b.size for b in models[0]._parallel.buckets.buffers]
     assert comm.launched[0] == [2, *sizes]  # the [loss, correct] sums, then the buckets
     for model in models:
         for a, b in zip(model.get_weights(), single.get_weights(), strict=True):

@@ -38,7 +38,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
 from .errors import DeviceError, MissingDependencyError, XpcnnError
@@ -294,26 +293,24 @@ class GradientBuckets:
                 self.buckets.append([])
                 size = 0
         self.buckets = [b for b in self.buckets if b]
-        self.offsets: dict[int, tuple[int, int]] = {}
-        self.buffers = []
+        self.offsets: dict[int, tuple[int, int]] = {}  # entry -> its slice of its bucket
         for bucket in self.buckets:
             n = 0
             for i in bucket:
-                p = self.entries[i][0].params[self.entries[i][1]]
-                self.offsets[i] = (n, n + p.size)
-                n += p.size
-            layer, key = self.entries[bucket[0]]
-            first = layer.params[key]
-            self.buffers.append(xp.zeros((n,), dtype=first.dtype,
-                                         device=array_api_compat.device(first)))
-        self.owner = {}  # layer -> buckets holding its parameters
+                size = self._param(i).size
+                self.offsets[i] = (n, n + size)
+                n += size
+        self.owner: dict[int, set[int]] = {}  # id(layer) -> buckets holding its parameters
         for b, bucket in enumerate(self.buckets):
             for i in bucket:
                 self.owner.setdefault(id(self.entries[i][0]), set()).add(b)
-        self._waiting: list[int] = []
+        self.buffers: list[Any] = [None] * len(self.buckets)  # this step's, once started
         self._handles: list[Any] = []
-        self._started: set[int] = set()
         self._weight = 1.0
+
+    def _param(self, i: int) -> Any:
+        layer, key = self.entries[i]
+        return layer.params[key]
 
     def begin(self, weight: float, stats: Any) -> None:
         """Start a step in which this rank's batch is ``weight`` of the global batch: the
@@ -321,7 +318,8 @@ class GradientBuckets:
         the loss gradient), ``stats`` is [mean loss, correct count] of this batch."""
         self._weight = weight
         self._left = [len({id(self.entries[i][0]) for i in b}) for b in self.buckets]
-        self._started, self._handles = set(), []
+        self.buffers = [None] * len(self.buckets)
+        self._handles = []
         self._stats = self.xp.concat([stats[:1] * weight, stats[1:]])
         self._stats_handle = self.comm.start(self._stats)
 
@@ -336,31 +334,28 @@ class GradientBuckets:
     def finish(self) -> tuple[list[Any], Any]:
         """Start what is left (gradients that backward did not produce count as zeros), wait;
         returns the averaged gradients and the summed stats."""
-        for b in range(len(self.buckets)):
-            if b not in self._started:
+        for b, buf in enumerate(self.buffers):
+            if buf is None:
                 self._start(b)
         self.comm.wait([self._stats_handle, *self._handles], "the gradient allreduce")
-        xp = self.xp
         grads: list[Any] = [None] * len(self.entries)
         for b, bucket in enumerate(self.buckets):
             for i in bucket:
                 start, stop = self.offsets[i]
-                shape = self.entries[i][0].params[self.entries[i][1]].shape
-                grads[i] = xp.reshape(self.buffers[b][start:stop], shape)
+                grads[i] = self.xp.reshape(self.buffers[b][start:stop], self._param(i).shape)
         return grads, self._stats
 
     def _start(self, b: int) -> None:
-        xp, buf = self.xp, self.buffers[b]
+        """Pack bucket ``b`` (one concatenation: one launch on a GPU) and start its sum. The
+        gradients are already weighted (the model scales the loss gradient, see begin)."""
+        xp = self.xp
+        parts = []
         for i in self.buckets[b]:
             layer, key = self.entries[i]
-            start, stop = self.offsets[i]
             g = layer.grads.get(key)
-            if g is None or self._weight == 0:
-                buf[start:stop] = 0
-            else:  # (already weighted: the model scales the loss gradient, see begin)
-                buf[start:stop] = xp.reshape(g, (-1,))
-        self._started.add(b)
-        self._handles.append(self.comm.start(buf))
+            parts.append(xp.zeros_like(self._param(i)) if g is None or self._weight == 0 else g)
+        self.buffers[b] = xp.concat([xp.reshape(g, (-1,)) for g in parts])
+        self._handles.append(self.comm.start(self.buffers[b]))
 
 
 # -- what fit does on several ranks -----------------------------------------------------------
