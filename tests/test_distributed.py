@@ -307,3 +307,77 @@ def test_xpcnn_train_under_mpiexec_speaks_and_writes_once(tmp_path):
     assert "a global batch of 64" in proc.stderr
     xpcnn.load_model(tmp_path / "m.npz")
     assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]
+
+
+def test_nccl_sum_calls_cupy_nccl_as_documented(monkeypatch):
+    """NcclSum against a stand-in for CuPy (no GPU here): the NCCL id made on rank 0 and sent
+    over MPI, the communicator made on the rank's device, the allreduce queued in place on the
+    communicator's stream after the compute stream's work, and the compute stream made to wait
+    for it, with no host synchronisation."""
+    calls = []
+
+    class Stream:
+        def __init__(self, name="compute", non_blocking=False):
+            self.name, self.ptr = name, 7 if name == "nccl" else 3
+
+        def wait_event(self, event):
+            calls.append(("wait", self.name, event.name))
+
+    class Event:
+        count = 0
+
+        def __init__(self, disable_timing=False):
+            Event.count += 1
+            self.name = f"event{Event.count}"
+
+        def record(self, stream):
+            calls.append(("record", self.name, stream.name))
+
+    class Communicator:
+        def __init__(self, ndev, uid, rank):
+            calls.append(("init", ndev, uid, rank))
+
+        def allReduce(self, send, recv, count, dtype, op, stream):  # noqa: N802 - CuPy's name
+            calls.append(("allReduce", send, recv, count, dtype, op, stream))
+
+    compute = Stream()
+    nccl = type(sys)("cupy.cuda.nccl")
+    nccl.NCCL_FLOAT16, nccl.NCCL_FLOAT32, nccl.NCCL_FLOAT64, nccl.NCCL_SUM = 6, 7, 8, 0
+    nccl.get_unique_id = lambda: (1,) * 128
+    nccl.NcclCommunicator = Communicator
+    cuda = type(sys)("cupy.cuda")
+    cuda.nccl, cuda.Event, cuda.get_current_stream = nccl, Event, lambda: compute
+    cuda.Stream = lambda non_blocking: Stream("nccl", non_blocking)
+    cupy = type(sys)("cupy")
+    cupy.cuda = cuda
+    for name, module in (("cupy", cupy), ("cupy.cuda", cuda), ("cupy.cuda.nccl", nccl)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+    class Comm:
+        def bcast(self, obj, root):
+            calls.append(("bcast", obj, root))
+            return (2,) * 128  # rank 0's id
+
+    class Device:
+        def __enter__(self):
+            calls.append(("device",))
+
+        def __exit__(self, *exc):
+            calls.append(("device done",))
+
+    class Buffer:
+        size, dtype = 1000, np.dtype(np.float32)
+        data = type("Memory", (), {"ptr": 4096})()
+
+    for rank in (0, 1):
+        calls.clear()
+        comm = distributed.NcclSum(distributed.World(rank, 2, comm=Comm()), Device())
+        done = comm.start(Buffer())
+        comm.wait([done], "test")
+        uid = (1,) * 128 if rank == 0 else None
+        assert calls == [
+            ("bcast", uid, 0), ("device",), ("init", 2, (2,) * 128, rank), ("device done",),
+            ("record", "event1", "compute"), ("wait", "nccl", "event1"),
+            ("allReduce", 4096, 4096, 1000, 7, 0, 7), ("record", "event2", "nccl"),
+            ("wait", "compute", "event2")]
+        Event.count = 0
