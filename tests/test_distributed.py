@@ -381,3 +381,10 @@ def test_nccl_sum_calls_cupy_nccl_as_documented(monkeypatch):
             ("allReduce", 4096, 4096, 1000, 7, 0, 7), ("record", "event2", "nccl"),
             ("wait", "compute", "event2")]
         Event.count = 0
+
+
+def test_a_bad_collective_timeout_is_refused():
+    for bad in ("ten", "0", "-5", "inf", None):
+        with pytest.raises(distributed.DistributedError, match="positive number of seconds"):
+            distributed._seconds(bad)
+    assert distributed._seconds("2.5") == 2.5

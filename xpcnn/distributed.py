@@ -30,6 +30,7 @@ imports mpi4py.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -103,8 +104,8 @@ def init(comm: Any = None, timeout: float | None = None) -> World:
         raise MissingDependencyError(f"training on several processes needs mpi4py and an MPI: "
                                      f"{MPI_EXTRA_HINT}") from e
     comm = MPI.COMM_WORLD if comm is None else comm
-    if timeout is None:
-        timeout = float(os.environ.get("XPCNN_DIST_TIMEOUT", "600"))
+    timeout = _seconds(os.environ.get("XPCNN_DIST_TIMEOUT", "600") if timeout is None
+                       else timeout)
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     here = World(comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size(), comm,
                  timeout)
@@ -121,9 +122,22 @@ def init(comm: Any = None, timeout: float | None = None) -> World:
     return here
 
 
+def _seconds(value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise DistributedError(f"the collective timeout (XPCNN_DIST_TIMEOUT, or init's "
+                               f"timeout) must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
 def _abort_all_on_error(here: World) -> None:
     """An exception that ends this rank ends every rank (else they wait for it forever): print
     it, named by rank, then ``MPI_Abort``."""
+    if getattr(sys.excepthook, "xpcnn_abort", False):  # (init called again)
+        sys.excepthook = sys.excepthook.previous  # type: ignore[attr-defined]
     previous = sys.excepthook
 
     def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
@@ -132,6 +146,7 @@ def _abort_all_on_error(here: World) -> None:
         sys.stderr.flush()
         here.comm.Abort(1)
 
+    hook.xpcnn_abort, hook.previous = True, previous  # type: ignore[attr-defined]
     sys.excepthook = hook
 
 
