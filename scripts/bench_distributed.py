@@ -8,8 +8,10 @@ without MPI (the distributed path is then off entirely); N processes run under `
 A run does ``--warmup`` untimed steps, then ``--steps`` timed ones (one ``fit`` epoch each);
 images/s counts every process's images. Runs alternate between process counts, ``--repeats``
 times, so that load from other programs falls on all of them alike; the table gives the median
-and the range, and efficiency = images/s on N / (N x images/s on 1). Each N-process run also
-times the allreduce alone of a float32 buffer the size of the gradients (median of 20).
+and the range, and efficiency = images/s on N / (N x images/s on 1). On a machine that other
+programs share, the CPU time all processes spent per image (waits included) is steadier:
+CPU efficiency = CPU ms per image on 1 / that on N. Each N-process run also times the allreduce
+alone of a float32 buffer the size of the gradients (median of 20).
 
     python scripts/bench_distributed.py                          # mnist, batch 64, 1 and 2
     python scripts/bench_distributed.py --model cifar --ranks 1,2 --repeats 5 --json out.json
@@ -63,9 +65,11 @@ def worker(args: argparse.Namespace) -> None:
     model.compile(optimizer=xpcnn.optim.SGD(0.01, momentum=0.9))
     warm = args.warmup * per_step
     model.fit(x[:warm], y[:warm], batch_size=args.batch_size, verbose=0, shuffle=False)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     model.fit(x[warm:], y[warm:], batch_size=args.batch_size, verbose=0, shuffle=False)
     seconds = time.perf_counter() - t0  # the last step's allreduce ends every rank together
+    # CPU time of every rank (waits included): what the work cost, whoever else ran meanwhile
+    cpu = distributed.host_sum(here, [time.process_time() - cpu0], "bench")[0]
     allreduce_us = None
     if here.size > 1:  # the gradients' allreduce alone: one float32 buffer of every parameter
         buf = np.ones(model.count_params(), dtype=np.float32)
@@ -79,6 +83,7 @@ def worker(args: argparse.Namespace) -> None:
     if here.is_root:
         print(json.dumps({"ranks": here.size, "seconds": seconds,
                           "images_per_s": args.steps * per_step / seconds,
+                          "cpu_ms_per_image": 1e3 * cpu / (args.steps * per_step),
                           "params": model.count_params(), "allreduce_us": allreduce_us}))
 
 
@@ -108,10 +113,12 @@ def main() -> None:
     load_before = os.getloadavg()
     runs: dict[int, list[float]] = {r: [] for r in counts}
     allreduce: dict[int, list[float]] = {r: [] for r in counts}
+    cpu: dict[int, list[float]] = {r: [] for r in counts}
     for repeat in range(args.repeats):
         for r in counts:
             result = run_once(args, r)
             runs[r].append(result["images_per_s"])
+            cpu[r].append(result["cpu_ms_per_image"])
             if result["allreduce_us"] is not None:
                 allreduce[r].append(result["allreduce_us"])
             print(f"repeat {repeat + 1}: {r} process(es): {result['images_per_s']:.0f} images/s "
@@ -123,16 +130,20 @@ def main() -> None:
           f"{os.cpu_count()} cores, load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after; started {started}")
     print(f"{params:,} parameters: {4 * params / 1e6:.2f} MB of float32 gradients a step")
-    print("| processes | images/s (median) | range | efficiency | allreduce of the gradients |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| processes | images/s (median) | range | efficiency | CPU ms per image (median) | "
+          "CPU efficiency | allreduce of the gradients |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     rows = []
+    cpu_base = statistics.median(cpu[counts[0]])
     for r in counts:
-        med = statistics.median(runs[r])
+        med, cpu_med = statistics.median(runs[r]), statistics.median(cpu[r])
         ar = statistics.median(allreduce[r]) if allreduce[r] else None
         rows.append({"ranks": r, "median": med, "min": min(runs[r]), "max": max(runs[r]),
-                     "runs": runs[r], "efficiency": med / (r * base), "allreduce_us": ar})
+                     "runs": runs[r], "efficiency": med / (r * base), "allreduce_us": ar,
+                     "cpu_ms_per_image": cpu[r], "cpu_efficiency": cpu_base / cpu_med})
         print(f"| {r} | {med:.0f} | {min(runs[r]):.0f}-{max(runs[r]):.0f} | "
-              f"{med / (r * base):.0%} | {'-' if ar is None else f'{ar:.0f} us'} |")
+              f"{med / (r * base):.0%} | {cpu_med:.2f} | {cpu_base / cpu_med:.0%} | "
+              f"{'-' if ar is None else f'{ar:.0f} us'} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": started, "model": args.model, "batch_size": args.batch_size,
