@@ -447,7 +447,6 @@ class DataParallel:
             la.state[k] = backend.asarray(a / self.world.size, dtype=la.dtype)
 
 
-
 _COMMUNICATORS: dict[tuple[int, str], Any] = {}
 
 
