@@ -1,7 +1,7 @@
 """A small training run for tests/test_distributed.py, in one process or under ``mpiexec``.
 
     mpiexec -n 3 python tests/dist_train.py OUT [--batch 4] [--samples 50] [--dtype float64]
-        [--optimizer sgd|adam] [--checkpoint PATH --every N [--resume]]
+        [--optimizer sgd|adam] [--batchnorm] [--checkpoint PATH --every N [--resume]]
         [--fail-rank R --fail-step S --fail-how kill|raise|hang]
 
 trains one epoch (``--epochs``) with ``--batch`` samples per rank and writes, from every rank,
@@ -22,6 +22,7 @@ import numpy as np
 import xpcnn
 from xpcnn import distributed
 from xpcnn.layers import (
+    BatchNorm2D,
     Conv2D,
     Dense,
     Dropout,
@@ -40,11 +41,13 @@ def data(samples: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 256, (samples, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, samples)
 
 
-def make_model(dtype: str = "float64", optimizer: str = "sgd") -> xpcnn.Sequential:
-    """Random layers of both kinds (augmentation on the input, dropout inside); no BatchNorm,
-    whose statistics are per rank."""
+def make_model(dtype: str = "float64", optimizer: str = "sgd", batchnorm: bool = False
+               ) -> xpcnn.Sequential:
+    """Random layers of both kinds (augmentation on the input, dropout inside); BatchNorm only
+    on request, since it normalises each rank's slice by itself."""
+    norm = [BatchNorm2D()] if batchnorm else []
     model = xpcnn.Sequential([RandomFlip(), RandomCrop(1), Rescaling(1 / 255),
-                              Conv2D(4, 3, padding="same"), ReLU(), MaxPool2D(2),
+                              Conv2D(4, 3, padding="same"), *norm, ReLU(), MaxPool2D(2),
                               Dropout(0.25), Flatten(), Dense(10), Softmax()], seed=3,
                              dtype=dtype)
     opt = (xpcnn.optim.SGD(0.05, momentum=0.9) if optimizer == "sgd"
@@ -56,11 +59,12 @@ def make_model(dtype: str = "float64", optimizer: str = "sgd") -> xpcnn.Sequenti
 def train(out: str | None = None, batch: int = 4, samples: int = 50, epochs: int = 1,
           dtype: str = "float64", optimizer: str = "sgd", checkpoint: str | None = None,
           every: int = 2, resume: bool = False, fail_rank: int = -1, fail_step: int = 0,
-          fail_how: str = "kill") -> tuple[list[np.ndarray], dict[str, list[float]]]:
+          fail_how: str = "kill", batchnorm: bool = False
+          ) -> tuple[list[np.ndarray], dict[str, list[float]]]:
     """Train; returns the final weights and history (and writes them to ``out.rank<R>.npz``)."""
     here = distributed.world()
     x, y = data(samples)
-    model = make_model(dtype, optimizer)
+    model = make_model(dtype, optimizer, batchnorm)
     if here.rank == fail_rank:
         step = model.train_step
 
@@ -99,6 +103,7 @@ def main() -> None:
     p.add_argument("--fail-rank", type=int, default=-1)
     p.add_argument("--fail-step", type=int, default=0)
     p.add_argument("--fail-how", default="kill")
+    p.add_argument("--batchnorm", action="store_true")
     train(**vars(p.parse_args()))
 
 

@@ -99,6 +99,16 @@ def test_ranks_train_as_one_process_float32_adam(tmp_path):
 
 
 @needs_mpi
+def test_batchnorm_statistics_are_averaged_so_every_rank_holds_the_same_model(tmp_path):
+    proc, _ = mpirun(2, tmp_path / "run", "--batchnorm", "--checkpoint",
+                     str(tmp_path / "c.npz"), "--every", "3")
+    assert proc.returncode == 0, proc.stderr
+    weights0, weights1 = load_rank(tmp_path / "run", 0)[0], load_rank(tmp_path / "run", 1)[0]
+    for a, b in zip(weights0, weights1, strict=True):  # running mean and variance included
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_mpi
 def test_a_killed_rank_ends_the_job_and_the_checkpoint_resumes(tmp_path):
     ckpt = tmp_path / "run.ckpt.npz"
     common = ["--batch", "2", "--samples", "60", "--epochs", "2", "--checkpoint", str(ckpt),
