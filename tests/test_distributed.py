@@ -9,6 +9,7 @@ communicator that sums their buffers.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -398,3 +399,18 @@ def test_a_bad_collective_timeout_is_refused():
         with pytest.raises(distributed.DistributedError, match="positive number of seconds"):
             distributed._seconds(bad)
     assert distributed._seconds("2.5") == 2.5
+
+
+@needs_mpi
+def test_the_scaling_benchmark_runs(tmp_path):
+    """scripts/bench_distributed.py, 1 and 2 processes, one short run each (its figures are
+    the benchmark's business, not the test's)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_distributed.py"),
+                           "--model", "mnist", "--batch-size", "4", "--steps", "2", "--warmup",
+                           "1", "--repeats", "1", "--json", str(out)],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["ranks"] for r in rows] == [1, 2] and rows[1]["allreduce_us"] > 0
