@@ -15,6 +15,10 @@ alone of a float32 buffer the size of the gradients (median of 20).
 
     python scripts/bench_distributed.py                          # mnist, batch 64, 1 and 2
     python scripts/bench_distributed.py --model cifar --ranks 1,2 --repeats 5 --json out.json
+    python scripts/bench_distributed.py --overhead --device cuda --model cifar --batch-size 512
+
+``--overhead`` times, in one process, ``train_step`` through the distributed path (a one-rank
+communicator: NCCL on a GPU, MPI on the CPU) against the plain step, alternating step by step.
 """
 
 from __future__ import annotations
@@ -43,8 +47,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--repeats", type=int, default=3, help="runs per process count (default 3)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    p.add_argument("--overhead", action="store_true",
+                   help="instead: one process, train_step with the distributed path (a one-rank "
+                   "MPI or NCCL communicator) against without it, alternating")
+    p.add_argument("--device", default="cpu", help="with --overhead: cpu or cuda")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def overhead(args: argparse.Namespace) -> None:
+    """The cost of the distributed path itself: buckets packed, summed over one rank (NCCL on
+    a GPU, MPI on the CPU), the [loss, correct] pair with them; batches already on the device."""
+    import numpy as np
+    from mpi4py import MPI
+
+    import xpcnn
+    from xpcnn import distributed
+    from xpcnn.models import build_layers
+
+    rng = np.random.default_rng(0)
+    b = args.batch_size
+    x = rng.integers(0, 256, (b, *SHAPES[args.model]), dtype=np.uint8)
+    model = xpcnn.Sequential(build_layers(args.model, 10), seed=0, device=args.device)
+    model.compile(optimizer=xpcnn.optim.SGD(0.01, momentum=0.9))
+    model.build(x.shape[1:])
+    xb, yb = model._to_device(x), model.backend.asarray(rng.integers(0, 10, b))
+    parallel = distributed.DataParallel(model, distributed.World(0, 1, comm=MPI.COMM_WORLD))
+    parallel.set_batch(0, b, b)
+    times: dict[str, list[float]] = {"plain": [], "distributed path": []}
+    for step in range(2 * (args.warmup + args.steps)):  # alternating, step by step
+        name = "plain" if step % 2 == 0 else "distributed path"
+        model._parallel = None if name == "plain" else parallel
+        t = time.perf_counter()
+        model.train_step(xb, yb)  # (reads the loss back: the step has ended on the device)
+        if step >= 2 * args.warmup:
+            times[name].append(time.perf_counter() - t)
+    # The buckets' own work alone (pack, sum over the one rank, views back), on the last
+    # step's gradients: what the path adds to a step when nothing else differs.
+    buckets, stats, alone = parallel.buckets, model.backend.xp.zeros((2,)), []
+    for _ in range(50):
+        t = time.perf_counter()
+        with model.backend.compute_scope():
+            buckets.begin(1.0, stats)
+            for layer in reversed(model.layers):
+                buckets.layer_done(layer)
+            buckets.finish()
+            model.backend.synchronize()
+        alone.append(time.perf_counter() - t)
+    times["buckets alone"] = alone
+    plain, dist = (statistics.median(times[k]) for k in ("plain", "distributed path"))
+    print(f"{args.model}, batch {b} on {model.backend.label}, median of {len(times['plain'])} "
+          f"steps each: {plain * 1e3:.2f} ms plain, {dist * 1e3:.2f} ms through the distributed "
+          f"path ({dist / plain - 1:+.1%}); the buckets' work alone "
+          f"{statistics.median(alone) * 1e3:.3f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "model": args.model, "batch_size": b, "device": model.backend.label,
+                       "step_s": times}, f, indent=2)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -107,6 +167,9 @@ def main() -> None:
     args = parse_args()
     if args._worker:
         worker(args)
+        return
+    if args.overhead:
+        overhead(args)
         return
     counts = [int(r) for r in args.ranks.split(",")]
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")

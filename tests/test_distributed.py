@@ -403,8 +403,8 @@ def test_a_bad_collective_timeout_is_refused():
 
 @needs_mpi
 def test_the_scaling_benchmark_runs(tmp_path):
-    """scripts/bench_distributed.py, 1 and 2 processes, one short run each (its figures are
-    the benchmark's business, not the test's)."""
+    """scripts/bench_distributed.py, 1 and 2 processes, one short run each, and --overhead
+    (its figures are the benchmark's business, not the test's)."""
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_distributed.py"),
                            "--model", "mnist", "--batch-size", "4", "--steps", "2", "--warmup",
@@ -414,3 +414,11 @@ def test_the_scaling_benchmark_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [r["ranks"] for r in rows] == [1, 2] and rows[1]["allreduce_us"] > 0
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_distributed.py"),
+                           "--overhead", "--model", "mnist", "--batch-size", "4", "--steps", "2",
+                           "--warmup", "1", "--json", str(out)],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    steps = json.loads(out.read_text())["step_s"]
+    assert [len(v) for v in steps.values()] == [2, 2, 50]
