@@ -17,8 +17,10 @@ on four ranks; ``fit`` needs no change. As in ChainerMN, Horovod and PyTorch DDP
 * ``evaluate`` and the training metrics are summed over the ranks; only rank 0 prints progress
   and writes files (models, checkpoints, figures);
 * a rank that raises ends the whole job (``MPI_Abort``, with that rank's traceback), one that
-  dies is reported by ``mpiexec``, and a collective that waits longer than ``timeout`` seconds
-  (``XPCNN_DIST_TIMEOUT``, default 600) raises on the waiting rank.
+  dies is reported by ``mpiexec`` (which ends the others), and an MPI wait (the CPU ranks'
+  allreduce, the weight broadcast, the sums of ``evaluate``) longer than ``timeout`` seconds
+  (``XPCNN_DIST_TIMEOUT``, default 600) raises on the waiting rank. NCCL's waits are on the
+  device and have no such limit: a GPU rank that hangs without dying is not detected.
 
 BatchNorm normalises each rank's slice with that slice's own statistics (as DDP does by
 default), so a BatchNorm model does not train exactly as in one process; its running
