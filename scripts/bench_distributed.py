@@ -73,7 +73,7 @@ def overhead(args: argparse.Namespace) -> None:
     model.build(x.shape[1:])
     xb, yb = model._to_device(x), model.backend.asarray(rng.integers(0, 10, b))
     parallel = distributed.DataParallel(model, distributed.World(0, 1, comm=MPI.COMM_WORLD))
-    parallel.set_batch(0, b, b)
+    parallel.use_slice(0, b, b)
     times: dict[str, list[float]] = {"plain": [], "distributed path": []}
     for step in range(2 * (args.warmup + args.steps)):  # alternating, step by step
         name = "plain" if step % 2 == 0 else "distributed path"

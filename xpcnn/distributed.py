@@ -390,25 +390,24 @@ class DataParallel:
         from .layers.dropout import RandomLayer
 
         self.random_layers = [la for la in model.layers if isinstance(la, RandomLayer)]
-        self.weight = 1.0  # this rank's share of the current global batch
+        self.total, self.weight = 0, 1.0  # the global batch's size, this rank's share of it
 
-    # the data
-    def shard(self, idx: np.ndarray) -> tuple[np.ndarray, int]:
-        """This rank's slice of a global batch, and where it starts in it (the slices differ
-        in size by at most one sample; some are empty when the batch has fewer samples than
-        there are ranks)."""
-        size, rank = self.world.size, self.world.rank
-        start = rank * len(idx) // size
-        stop = (rank + 1) * len(idx) // size
-        return idx[start:stop], start
-
-    def set_batch(self, start: int, local: int, total: int) -> None:
-        """Before a training step on ``local`` samples from ``start`` of a global batch of
-        ``total``: random layers draw for the global batch, the gradients are weighted by
+    # the batch
+    def set_batch(self, local: int) -> None:
+        """Before a training step on ``local`` samples, this rank's part of the global batch:
+        learn every rank's part (one small host allreduce), so that random layers draw the
+        global batch's numbers and keep this part's, and the gradients are weighted by
         ``local / total``."""
+        sizes = np.zeros(self.world.size)
+        sizes[self.world.rank] = local
+        sizes = host_sum(self.world, sizes, "the batch sizes")
+        self.use_slice(int(sum(sizes[:self.world.rank])), local, int(sum(sizes)))
+
+    def use_slice(self, start: int, local: int, total: int) -> None:
+        """This rank's part is samples ``start:start + local`` of a global batch of ``total``."""
         for layer in self.random_layers:
             layer.batch_slice = (start, total)
-        self.weight = local / total
+        self.total, self.weight = total, local / total
 
     def empty_step(self, zeros: Any) -> tuple[Any, list[Any]]:
         """The step of a rank without a sample in this batch: its random layers still count

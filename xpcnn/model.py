@@ -1,15 +1,16 @@
 """Model: the base class that trains, evaluates and predicts; Sequential: a stack of layers.
 
-Data enters as host NumPy arrays in (N, H, W, C); each batch crosses to the device once, is cast
-there, runs forward and backward through the layers, and only scalars (loss, correct count) come
-back. With a cross-entropy loss and a final Softmax layer, training feeds the Softmax's input
-(the logits) to the fused, stable softmax cross-entropy; ``predict`` still returns probabilities.
+Data enters as arrays in (N, H, W, C) (or datasets, see :mod:`xpcnn.data`); each batch crosses
+to the device once (a training set that fits :data:`xpcnn.data.DEVICE_BUDGET_BYTES` crosses once
+in all), is cast there and runs forward and backward through the layers; the loss and correct
+count stay on the device until the host reads them (:mod:`xpcnn.totals`). With a cross-entropy
+loss and a final Softmax layer, training feeds the Softmax's input (the logits) to the fused,
+stable softmax cross-entropy; ``predict`` still returns probabilities.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import os
 import time
@@ -21,15 +22,36 @@ from tqdm.auto import tqdm
 
 from . import checks, distributed
 from .backend import Backend, DeviceLike, get_backend
+from .callbacks import BackupAndRestore, Callback, CallbackList, History, LazyLogs, ProgbarLogger
+from .data import (
+    ArrayBatches,
+    Batches,
+    DatasetBatches,
+    IterableBatches,
+    check_device_images,
+    is_device_array,
+    is_map_dataset,
+    is_stream,
+    to_device,
+)
 from .errors import InputError, NonFiniteError
-from .history import History
 from .layers.activation import ReLU, Softmax
 from .layers.base import Layer
 from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
 from .ops.softmax import softmax
 from .optim import Optimizer, get_optimizer
-from .saving import FitCheckpoints, fingerprint, load_weights, register_model, save_model
+from .saving import load_weights, register_model, save_model
+from .totals import (
+    BAD_GRADS,
+    BAD_LOSS,
+    BAD_STEP,
+    CORRECT,
+    LOSS_SUM,
+    READ_EVERY,
+    RunningTotals,
+    loss_scaling,
+)
 
 PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 
@@ -71,10 +93,14 @@ class Model:
         self.loss: SoftmaxCrossEntropy | None = None
         self.optimizer: Optimizer | None = None
         self.precision = "float32"
-        self.loss_scale = 1.0
-        self._good_steps = 0
-        self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
         self.built = False
+        self.history = History()
+        self.stop_training = False
+        self._scaling: Any = None  # float16 loss scaling on the device (see xpcnn.totals)
+        self._totals: RunningTotals | None = None
+        self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
+        self._resume_at: Any = None  # where BackupAndRestore restarts a run
+        self._position = (0, 0)  # (epoch, batches done in it) during fit
 
     @property
     def num_classes(self) -> int:
@@ -84,6 +110,29 @@ class Model:
     def _param_dtype(self) -> Any:
         """The parameters' (master) dtype on this backend: losses and outputs are in it."""
         return self.backend.dtype(self.dtype_name)
+
+    @property
+    def loss_scale(self) -> float:
+        """The dynamic float16 loss scale (1.0 unless ``mixed_float16``); reading it waits for
+        the device."""
+        return 1.0 if self._scaling is None else float(self.backend.to_numpy(self._scaling)[0])
+
+    @loss_scale.setter
+    def loss_scale(self, value: float) -> None:
+        if self._scaling is not None:
+            self._scaling = loss_scaling(self.backend, value, self._good_steps)
+        elif value != 1.0:
+            raise InputError("a loss scale other than 1 needs precision='mixed_float16'")
+
+    @property
+    def _good_steps(self) -> int:
+        """float16 steps in a row without overflow (the scale doubles after 2000)."""
+        return 0 if self._scaling is None else int(self.backend.to_numpy(self._scaling)[1])
+
+    @_good_steps.setter
+    def _good_steps(self, value: int) -> None:
+        if self._scaling is not None:
+            self._scaling = loss_scaling(self.backend, self.loss_scale, value)
 
     def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
                 optimizer: str | Optimizer = "adam", metrics: tuple[str, ...] | list[str] = (
@@ -107,8 +156,8 @@ class Model:
         if low is not None:
             self.backend.dtype(low)  # a clear error where the backend lacks the dtype
         self.precision = precision
-        self.loss_scale = 2.0**15 if precision == "mixed_float16" else 1.0
-        self._good_steps = 0
+        self._scaling = loss_scaling(self.backend, 2.0**15) if precision == "mixed_float16" \
+            else None
         if self.built:
             compute = self.backend.dtype(low or self.dtype_name)
             for layer in self.layers:
@@ -119,70 +168,54 @@ class Model:
         xb = self.backend.asarray(np.ascontiguousarray(x))
         return self.backend.xp.astype(xb, self._param_dtype)
 
-    def train_step(self, xb: Any, yb: Any) -> tuple[float, float]:
-        """One forward, backward and update on a device batch; returns (loss, correct count)."""
+    # -- one training step ---------------------------------------------------------------------
+    def train_step(self, xb: Any, yb: Any) -> tuple[Any, Any]:
+        """One forward, backward and update on a device batch (uint8 or float: it is cast on
+        the device), queued without waiting for the device.
+
+        Returns the batch's mean loss and correct count as 0-d device arrays. A non-finite loss
+        or gradient is recorded on the device and its update (and every later one) skipped;
+        :class:`NonFiniteError` names that step when the host next reads the running totals:
+        ``fit`` reads them regularly (see :mod:`xpcnn.totals`), :meth:`train_on_batch` at once.
+        """
         with self.backend.compute_scope():
             return self._train_step(xb, yb)
 
-    def _train_step(self, xb: Any, yb: Any) -> tuple[float, float]:
+    def _train_step(self, xb: Any, yb: Any) -> tuple[Any, Any]:
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
+        opt = self.optimizer
+        assert opt is not None and self.loss is not None
         stats, grads = self._loss_and_grads(xb, yb, kernels)
-        params, owners = [], []
-        for layer in self.layers:
-            for p in layer.params.values():
-                params.append(p)
-                owners.append(layer)
-        if self.loss_scale != 1.0:
-            grads = [g * (1.0 / self.loss_scale) for g in grads]
-        # The loss, the correct count and the sum of every gradient (finite if they all are,
-        # short of overflow) come to the host in one transfer: one wait for the device per
-        # step, and three launches on a GPU rather than one per array.
-        if grads:
-            total = xp.sum(xp.concat([xp.reshape(g, (-1,)) for g in grads]), dtype=stats.dtype)
-            stats = xp.concat([stats, xp.reshape(total, (1,))])
-        host = self.backend.to_numpy(stats)
-        loss_value, correct = float(host[0]), float(host[1])
-        if not math.isfinite(loss_value):
-            self._raise_non_finite(f"the loss is {loss_value}", xb)
-        if not np.all(np.isfinite(host[2:])):
-            if self.precision == "mixed_float16" and self.loss_scale > 1.0:
-                # Overflow in float16: skip this update and try a smaller scale (down to 1: past
-                # that the non-finite gradient is not the scaling's doing, and is reported).
-                self.loss_scale /= 2.0
-                self._good_steps = 0
-                return loss_value, correct
-            bad = [o for o, g in zip(owners, grads, strict=True)
-                   if not bool(xp.all(xp.isfinite(g)))]
-            if bad:  # (else only a sum overflowed: every gradient is finite)
-                # Backpropagation runs from the last layer: the last one with a non-finite
-                # gradient is where it appeared.
-                raise NonFiniteError(f"non-finite gradient at step "
-                                     f"{self.optimizer.iterations + 1}: it first appears (in "
-                                     f"backpropagation order) in layer {bad[-1].name!r}")
-        self.optimizer.step(xp, params, grads, kernels)  # type: ignore[union-attr]
-        if self.precision == "mixed_float16":
-            self._good_steps += 1
-            if self._good_steps >= 2000:
-                self.loss_scale *= 2.0
-                self._good_steps = 0
-        return loss_value, correct
+        params = [p for la in self.layers for p in la.params.values()]
+        if self._scaling is not None:
+            inverse = 1.0 / self._scaling[0]
+            grads = [g * inverse for g in grads]
+        totals = self._running_totals()
+        n = int(xb.shape[0]) if self._parallel is None else self._parallel.total
+        apply, self._scaling = totals.add(stats, grads, n, opt.iterations + 1, xb, self._scaling)
+        opt.step(xp, params, grads, kernels, apply=apply)
+        if len(totals.pending) >= READ_EVERY:
+            self._read_totals()
+        return stats[0], stats[1]
 
     def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any) -> tuple[Any, list[Any]]:
         """[loss, correct count] of a batch and the gradients of its (scaled) loss, in parameter
-        order. On several ranks (fit sets ``_parallel``), the batch is this rank's slice: the
-        stats come back summed and the gradients averaged over the ranks."""
+        order. On several ranks (``fit`` sets ``_parallel``), the batch is this rank's slice of
+        the global batch: the stats come back for the global batch, and the gradients averaged
+        over it."""
         xp, dp = self.backend.xp, self._parallel
+        assert self.loss is not None
         if dp is not None and xb.shape[0] == 0:  # no sample of a short last batch here
             return dp.empty_step(xp.zeros((2,), dtype=self._param_dtype))
-        logits = self._logits(xb, training=True)
-        stats, dz = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
-            xp, logits, yb, self._param_dtype, kernels)
-        # On several ranks the gradient is weighted by this slice's share of the global batch
-        # here, once: backward is linear in dz, and the buckets then only copy and sum.
-        scale = self.loss_scale * (1.0 if dp is None else dp.weight)
-        if scale != 1.0:
-            dz = dz * scale
+        logits = self._logits(xp.astype(xb, self._param_dtype, copy=False), training=True)
+        stats, dz = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype, kernels)
+        if dp is not None and dp.weight != 1.0:
+            # weighted by this slice's share of the global batch, here, once: backward is
+            # linear in dz, and the buckets then only copy and sum
+            dz = dz * dp.weight
+        if self._scaling is not None:
+            dz = dz * self._scaling[0]
         if dp is None:
             self._backward(dz)
             return stats, [la.grads[k] for la in self.layers for k in la.params]
@@ -191,10 +224,52 @@ class Model:
         grads, stats = dp.buckets.finish()
         return stats, grads
 
-    def _raise_non_finite(self, what: str, xb: Any) -> None:
+    def train_on_batch(self, x: Any, y: Any) -> dict[str, float]:
+        """One training step on one batch of host or device arrays, checked at once (the host
+        waits for the device): its ``loss`` and ``accuracy``, or :class:`NonFiniteError`."""
+        self._require_compiled()
+        x, targets = self._arrays(x, y)
+        with self.backend.compute_scope():
+            loss, correct = self.train_step(to_device(self.backend, x),
+                                            to_device(self.backend, targets))
+        self._read_totals()
+        return {"loss": float(self.backend.to_numpy(loss)),
+                "accuracy": float(self.backend.to_numpy(correct)) / int(x.shape[0])}
+
+    def _running_totals(self) -> RunningTotals:
+        n_grads = sum(len(la.params) for la in self.layers)
+        if self._totals is None or self._totals.n_grads != n_grads or \
+                self._totals.backend != self.backend:
+            self._totals = RunningTotals(self.backend, n_grads)
+        return self._totals
+
+    def _read_totals(self) -> tuple[float, float]:
+        """Wait for the device and read the running loss sum and correct count; raise
+        :class:`NonFiniteError` for the first non-finite step since the last read."""
+        if self._totals is None:
+            return 0.0, 0.0
+        host, pending = self._totals.read()
+        if host[BAD_STEP] >= 0:
+            self._raise_deferred(host, dict(pending))
+        return float(host[LOSS_SUM]), float(host[CORRECT])
+
+    def _raise_deferred(self, host: np.ndarray, batches: dict[int, Any]) -> None:
+        step = int(host[BAD_STEP])
+        # Every update from that step on was skipped: the model is as after the step before.
+        self.optimizer.iterations = step - 1  # type: ignore[union-attr]
+        loss = float(host[BAD_LOSS])
+        if not math.isfinite(loss):
+            self._raise_non_finite(f"the loss is {loss}", batches[step], step)
+        owners = [la for la in self.layers for _ in la.params]
+        bad = [la for la, flag in zip(owners, host[BAD_GRADS:], strict=True) if flag]
+        # Backpropagation runs from the last layer: the last one with a non-finite gradient is
+        # where it appeared.
+        raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
+                             f"backpropagation order) in layer {bad[-1].name!r}")
+
+    def _raise_non_finite(self, what: str, xb: Any, step: int) -> None:
         """Name the step and the first layer whose output is not finite, then raise."""
         xp = self.backend.xp
-        step = self.optimizer.iterations + 1  # type: ignore[union-attr]
         where = "the loss"
         finite = lambda a: bool(xp.all(xp.isfinite(a)))  # noqa: E731
         weights = next((la for la in self.layers if not all(map(finite, la._arrays().values()))),
@@ -204,7 +279,9 @@ class Model:
         elif weights is not None:
             where = f"the weights of layer {weights.name!r}"
         else:
-            outputs = self._layer_outputs(xb, False)  # type: ignore[attr-defined]
+            with self.backend.compute_scope():
+                outputs = self._layer_outputs(  # type: ignore[attr-defined]
+                    xp.astype(xb, self._param_dtype, copy=False), False)
             layer = next((la for la, out in zip(self.layers, outputs, strict=True)
                           if not finite(out)), None)
             if layer is not None:
@@ -212,174 +289,246 @@ class Model:
         raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
                              f"values appear in {where}")
 
-    # -- fit / evaluate / predict ----------------------------------------------------------
-    def _prepare(self, x: Any, y: Any | None = None, what: str = "x"
-                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        x = checks.as_images(x, what)
+    # -- data ------------------------------------------------------------------------------------
+    def _arrays(self, x: Any, y: Any | None = None, what: str = "x") -> tuple[Any, Any]:
+        """Checked images (host NumPy, a memory map, or device arrays of this model's library)
+        and targets (host: integer labels or one-hot rows); builds the model if needed."""
+        if is_device_array(x):
+            x = check_device_images(x, self.backend, what)
+        elif isinstance(x, np.memmap):
+            checks.as_images(x, what)  # (checked; the memory map stays one, read batch by batch)
+        else:
+            x = checks.as_images(x, what)
         if not self.built:
-            self.build(x.shape[1:])
+            self.build(tuple(int(d) for d in x.shape[1:]))
         checks.check_sample_shape(x, self.input_shape, what)  # type: ignore[arg-type]
-        checks.check_finite(x, what)
+        if isinstance(x, np.ndarray):
+            checks.check_finite(x, what)
         if y is None:
-            return x, None, None
+            return x, None
         ywhat = "y" if what == "x" else what.replace("x", "y")
-        targets, labels = checks.as_labels(y, x.shape[0], self.num_classes, ywhat)
-        return x, targets, labels
+        y = self.backend.to_numpy(y) if is_device_array(y) else y
+        targets, _ = checks.as_labels(y, int(x.shape[0]), self.num_classes, ywhat)
+        return x, targets
 
-    def _batches(self, n: int, batch_size: int, order: np.ndarray | None = None
-                 ) -> Iterator[np.ndarray]:
-        idx = np.arange(n) if order is None else order
-        for start in range(0, n, batch_size):
-            yield idx[start:start + batch_size]
+    def _batches(self, x: Any, y: Any, batch_size: int, steps: int | None, what: str = "x", *,
+                 shuffle: bool = False, seed: int = 0, targets: bool = True) -> Batches:
+        """The batch source for ``x`` (and ``y``): arrays, a map-style dataset or an iterable
+        of batches (see :mod:`xpcnn.data`). On several ranks, arrays and datasets give each
+        rank its slice of every global batch (of ``ranks * batch_size``), except for
+        ``predict`` (no targets), where every rank predicts everything; an iterable is each
+        rank's own."""
+        here = distributed.world()
+        shard = (here.rank, here.size) if targets else (0, 1)
+        if is_stream(x):
+            if y is not None:
+                raise InputError(f"y must be None when {what} is a dataset or an iterable of "
+                                 "batches (they hold the targets)")
+            if is_map_dataset(x):
+                return DatasetBatches(self, x, batch_size, shuffle, seed, targets, what, shard)
+            return IterableBatches(self, x, steps, targets, what)
+        if steps is not None:
+            raise InputError("steps_per_epoch / steps are for generators; arrays give "
+                             "ceil(N / batch_size) batches")
+        if targets and y is None:
+            raise InputError(f"y (the labels of {what}) is missing")
+        x, t = self._arrays(x, y, what)
+        return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed, shard)
 
-    def fit(self, x: Any, y: Any, epochs: int = 1, batch_size: int = 32,
-            validation_data: tuple[Any, Any] | None = None, validation_split: float = 0.0,
-            shuffle: bool = True, seed: int | None = None, verbose: int = 1,
-            on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    # -- fit / evaluate / predict ----------------------------------------------------------
+    def fit(self, x: Any, y: Any = None, epochs: int = 1, batch_size: int = 32,
+            validation_data: Any = None, validation_split: float = 0.0, shuffle: bool = True,
+            seed: int | None = None, verbose: int = 1, callbacks: list[Callback] | None = None,
+            steps_per_epoch: int | None = None, validation_steps: int | None = None,
             checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int | str = "epoch",
             resume: bool = False) -> History:
-        """Train for ``epochs`` passes over (x, y); returns a :class:`History`.
+        """Train for ``epochs`` passes over the data; returns the :class:`History`.
 
-        ``x`` is (N, H, W, C) (uint8 or float), ``y`` integer labels (N,) or one-hot (N, K).
-        ``seed`` fixes the shuffling order (default: the model's seed). ``verbose=0`` silences
-        the progress bar.
-
-        ``checkpoint`` names a file that receives the whole training state at the end of every
-        epoch, and also every ``checkpoint_every`` steps when that is an int. With
-        ``resume=True``, a run continues from that file if it exists, exactly where it stopped:
-        it ends with the same weights, bit for bit, as an uninterrupted run, and returns the
-        history of every epoch, the ones before the interruption included
-        (:mod:`xpcnn.saving.checkpoint`).
+        ``x`` is images (N, H, W, C) (uint8 or float; NumPy, a memory map, or arrays of the
+        model's library on its device) with ``y`` integer labels (N,) or one-hot rows (N, K);
+        or a map-style dataset, or an iterable of ``(x, y)`` batches with ``steps_per_epoch``
+        (:mod:`xpcnn.data`). ``validation_data`` is a pair of arrays or such a source
+        (``validation_steps`` batches). ``seed`` fixes the shuffling order (default: the
+        model's seed). ``verbose=0`` silences the progress bar. ``callbacks``: see
+        :mod:`xpcnn.callbacks`.
 
         Launched on several processes (``mpiexec -n N``, :mod:`xpcnn.distributed`), each step
         takes a global batch of ``N * batch_size`` samples, the very batch one process would take
         at that size, and each rank computes on its own slice; only rank 0 prints and writes.
+
+        ``checkpoint=PATH`` is short for ``callbacks=[BackupAndRestore(PATH, checkpoint_every,
+        resume)]``: the whole training state at the end of every epoch (and every
+        ``checkpoint_every`` steps when that is an int); with ``resume=True`` a run continues
+        from that file, exactly, and returns the history of every epoch.
         """
         self._require_compiled()
         epochs = checks.non_negative_int(epochs, "epochs")
         batch_size = checks.positive_int(batch_size, "batch_size")
-        checks.number(validation_split, "validation_split", 0.0, 1.0, high_open=True)
-        x, targets, labels = self._prepare(x, y)
-        if validation_split:
-            n_val = int(round(len(x) * validation_split))
-            if n_val < 1 or n_val >= len(x):
-                raise InputError(f"validation_split={validation_split} leaves no training or no "
-                                 f"validation samples out of {len(x)}")
-            validation_data = (x[-n_val:], targets[-n_val:])
-            x, targets, labels = x[:-n_val], targets[:-n_val], labels[:-n_val]
-        if validation_data is not None:
-            if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
-                raise InputError("validation_data must be a pair (x_val, y_val), got "
-                                 f"{type(validation_data).__name__}")
-            vx, vt, _ = self._prepare(validation_data[0], validation_data[1], "x_val")
         seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
-        history = History()
-        n = len(x)
-        dp = distributed.data_parallel(self)
-        ranks = 1 if dp is None else dp.world.size
-        if dp is not None:
-            verbose = verbose if dp.world.is_root else 0
-            dp.broadcast_weights()
-        steps = math.ceil(n / (batch_size * ranks))
-        saver = start = None
+        if not distributed.is_root():
+            verbose = 0
+        data, validation = self._fit_data(x, y, batch_size, validation_data, validation_split,
+                                          shuffle, seed, steps_per_epoch, validation_steps)
+        extra = []
         if checkpoint is not None:
-            saver = FitCheckpoints(self, checkpoint, checkpoint_every, resume,
-                                   fingerprint(x, targets, batch_size, seed, shuffle, ranks),
-                                   steps, verbose)
-            history, start = saver.start()
+            extra.append(BackupAndRestore(checkpoint, checkpoint_every, resume))
         elif resume:
             raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
-        self._parallel = dp
-        # With a checkpoint, Ctrl-C stops after the step in progress and writes one there.
-        with saver.interruptible() if saver is not None else contextlib.nullcontext():
-            for epoch in range(start.epoch if start else 0, epochs):
-                order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else None
-                t0 = time.perf_counter()
-                loss_sum = correct = seen = 0.0
-                step = 0
-                if start is not None and epoch == start.epoch:  # resuming inside this epoch
-                    step, loss_sum = start.step, start.loss_sum
-                    correct, seen = start.correct, start.seen
-                    t0 -= start.seconds
-                bar = tqdm(total=steps, initial=step, desc=f"Epoch {epoch + 1}/{epochs}",
-                           unit="batch", disable=verbose == 0, leave=True, dynamic_ncols=True)
-                # (on several ranks a global batch, of which each rank takes a slice)
-                batches = self._batches(n, batch_size * ranks, order)
-                for idx in itertools.islice(batches, step, None):
-                    mine = idx
-                    if dp is not None:
-                        mine, first = dp.shard(idx)
-                        dp.set_batch(first, len(mine), len(idx))
-                    xb = self._to_device(x[mine])
-                    yb = self.backend.asarray(targets[mine])
-                    loss, right = self.train_step(xb, yb)
-                    loss_sum += loss * len(idx)
-                    correct += right
-                    seen += len(idx)
-                    step += 1
-                    if saver is not None:
-                        saver.after_step(epoch, step, loss_sum, correct, seen, t0, history)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
-                                    refresh=False)
-                logs = {"loss": loss_sum / seen, "accuracy": correct / seen}
-                if dp is not None:
-                    dp.average_state()
-                if validation_data is not None:
-                    val = self.evaluate(vx, vt, batch_size=max(batch_size, 256), verbose=0)
-                    logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-                logs["seconds"] = time.perf_counter() - t0
-                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "seconds"})
-                bar.close()
-                history.append(epoch, logs)
-                if saver is not None:
-                    saver.after_epoch(epoch, history)
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, logs)
-        self._parallel = None
-        if dp is not None:
-            dp.end_fit()
-        return history
+        self.history = History()
+        cbs = CallbackList([self.history, *([ProgbarLogger()] if verbose else []),
+                            *(callbacks or []), *extra], self,
+                           {"epochs": epochs, "steps": data.steps, "verbose": verbose,
+                            "data": data})
+        self.stop_training, self._resume_at = False, None
+        self._parallel = distributed.data_parallel(self)
+        if self._parallel is not None:
+            self._parallel.broadcast_weights()
+        cbs.on_train_begin()
+        start = self._resume_at
+        try:
+            with cbs.interruptible():
+                for epoch in range(start.epoch if start else 0, epochs):
+                    logs = self._fit_epoch(epoch, data, cbs, start if start and
+                                           start.epoch == epoch else None)
+                    if self._parallel is not None:
+                        self._parallel.average_state()
+                    if validation is not None:
+                        val = self._evaluate(validation, cbs)
+                        logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                    logs["seconds"] = time.perf_counter() - self._epoch_t0
+                    cbs.on_epoch_end(epoch, logs)
+                    if self.stop_training:
+                        break
+        except NonFiniteError as error:
+            if not cbs.on_non_finite(error):
+                raise
+        finally:
+            if self._parallel is not None:
+                self._parallel.end_fit()
+                self._parallel = None
+        cbs.on_train_end()
+        return self.history
 
-    def evaluate(self, x: Any, y: Any, batch_size: int = 256, verbose: int = 0
+    def _fit_epoch(self, epoch: int, data: Batches, cbs: CallbackList, start: Any
+                   ) -> dict[str, float]:
+        """One pass of training steps (from ``start``, a checkpoint's position, when resuming
+        inside this epoch); returns the epoch's loss and accuracy."""
+        step = start.step if start else 0
+        self._position = (epoch, step)
+        self._epoch_t0 = time.perf_counter() - (start.seconds if start else 0.0)
+        self._seen = start.seen if start else 0.0
+        self._running_totals().reset(*((start.loss_sum, start.correct) if start else ()))
+        cbs.on_epoch_begin(epoch)
+        with contextlib.closing(data.epoch(epoch, step)) as batches:  # type: ignore[type-var]
+            for xb, yb in batches:
+                cbs.on_train_batch_begin(step)
+                if self._parallel is not None:  # (the global batch's size: a host allreduce)
+                    self._parallel.set_batch(int(xb.shape[0]))
+                self.train_step(xb, yb)
+                self._seen += int(xb.shape[0]) if self._parallel is None else \
+                    self._parallel.total
+                step += 1
+                self._position = (epoch, step)
+                cbs.on_train_batch_end(step - 1, LazyLogs(self._batch_logs))
+                if self.stop_training:
+                    break
+        if not self._seen:
+            raise InputError(f"the training data gave no batches in epoch {epoch + 1}: an "
+                             "iterator needs steps_per_epoch batches for every epoch")
+        return self._batch_logs()
+
+    def _batch_logs(self) -> dict[str, float]:
+        """The epoch's running loss and accuracy (waits for the device)."""
+        loss_sum, correct = self._read_totals()
+        return {"loss": loss_sum / self._seen, "accuracy": correct / self._seen}
+
+    def _epoch_sums(self) -> tuple[float, float, float, float]:
+        """(loss sum, correct count, samples seen, start time) of the epoch in progress, as a
+        checkpoint stores them (waits for the device)."""
+        return (*self._read_totals(), self._seen, self._epoch_t0)
+
+    def _fit_data(self, x: Any, y: Any, batch_size: int, validation_data: Any,
+                  validation_split: float, shuffle: bool, seed: int, steps: int | None,
+                  validation_steps: int | None) -> tuple[Batches, Batches | None]:
+        checks.number(validation_split, "validation_split", 0.0, 1.0, high_open=True)
+        if validation_split:
+            if is_stream(x):
+                raise InputError("validation_split needs arrays; pass validation_data with a "
+                                 "dataset or generator")
+            x, targets = self._arrays(x, y)
+            n_val = int(round(int(x.shape[0]) * validation_split))
+            if n_val < 1 or n_val >= x.shape[0]:
+                raise InputError(f"validation_split={validation_split} leaves no training or no "
+                                 f"validation samples out of {x.shape[0]}")
+            validation_data = (x[-n_val:], targets[-n_val:])
+            x, y = x[:-n_val], targets[:-n_val]
+        data = self._batches(x, y, batch_size, steps, shuffle=shuffle, seed=seed)
+        if validation_data is None:
+            return data, None
+        if is_stream(validation_data):
+            return data, self._batches(validation_data, None, max(batch_size, 256),
+                                       validation_steps, "x_val")
+        if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
+            raise InputError("validation_data must be a pair (x_val, y_val), a dataset or an "
+                             f"iterable of batches, got {type(validation_data).__name__}")
+        return data, self._batches(*validation_data, max(batch_size, 256), None, "x_val")
+
+    def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int = 0,
+                 steps: int | None = None, callbacks: list[Callback] | None = None
                  ) -> dict[str, float]:
-        """Mean loss and accuracy on (x, y), in inference mode (on several ranks, each
-        evaluates a slice and the sums are added up: every rank gets the whole result)."""
+        """Mean loss and accuracy on (x, y) (or a dataset or iterable of batches), in inference
+        mode."""
         if self.loss is None:
             self.loss = get_loss("cross_entropy")
         batch_size = checks.positive_int(batch_size, "batch_size")
-        x, targets, _ = self._prepare(x, y)
+        data = self._batches(x, y, batch_size, steps)
+        return self._evaluate(data, CallbackList(callbacks or [], self, {"verbose": verbose}),
+                              verbose)
+
+    def _evaluate(self, data: Batches, cbs: CallbackList, verbose: int = 0) -> dict[str, float]:
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
-        loss_sum = correct = 0.0
-        here = distributed.world()
-        rows = np.arange(len(x))[here.rank * len(x) // here.size:
-                                 (here.rank + 1) * len(x) // here.size]
-        with self.backend.compute_scope():
-            for idx in tqdm(list(self._batches(len(rows), batch_size, rows)),
-                            disable=verbose == 0 or not here.is_root, desc="evaluate",
-                            unit="batch"):
-                yb = self.backend.asarray(targets[idx])
-                logits = self._logits(self._to_device(x[idx]), training=False)
-                stats, _ = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype,
-                                                           kernels)
-                host = self.backend.to_numpy(stats)
-                loss_sum += float(host[0]) * len(idx)
-                correct += float(host[1])
-        loss_sum, correct = distributed.host_sum(here, [loss_sum, correct], "evaluate")
-        return {"loss": loss_sum / len(x), "accuracy": correct / len(x)}
+        totals, seen = RunningTotals(self.backend, 0), 0
+        cbs.on_test_begin()
+        with self.backend.compute_scope(), contextlib.closing(
+                data.epoch(0)) as batches:  # type: ignore[type-var]
+            for xb, yb in tqdm(batches, total=data.steps, disable=verbose == 0 or not
+                               distributed.is_root(), desc="evaluate", unit="batch"):
+                if not xb.shape[0]:  # this rank's empty part of a short batch
+                    continue
+                logits = self._logits(xp.astype(xb, self._param_dtype, copy=False), False)
+                stats, _ = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
+                    xp, logits, yb, self._param_dtype, kernels)
+                totals.add_stats(stats, int(xb.shape[0]))
+                seen += int(xb.shape[0])
+        host, _ = totals.read()
+        # on several ranks, each evaluated its slices: the sums are added up over the ranks
+        loss_sum, correct, seen = distributed.host_sum(
+            distributed.world(), [host[LOSS_SUM], host[CORRECT], seen], "evaluate")
+        if not seen:
+            raise InputError("the evaluation data gave no batches")
+        logs = {"loss": loss_sum / seen, "accuracy": correct / seen}
+        cbs.on_test_end(logs)
+        return logs
 
-    def predict(self, x: Any, batch_size: int = 256) -> np.ndarray:
-        """Class probabilities, (N, classes), as a host NumPy array."""
+    def predict(self, x: Any, batch_size: int = 256, steps: int | None = None,
+                callbacks: list[Callback] | None = None) -> np.ndarray:
+        """Class probabilities, (N, classes), as a host NumPy array; ``x`` as for
+        :meth:`evaluate` (targets, if any, are ignored)."""
         batch_size = checks.positive_int(batch_size, "batch_size")
-        x, _, _ = self._prepare(x)
+        data = self._batches(x, None, batch_size, steps, targets=False)
+        cbs = CallbackList(callbacks or [], self, {})
         xp = self.backend.xp
         out = []
-        with self.backend.compute_scope():
-            for idx in self._batches(len(x), batch_size):
-                z = self._logits(self._to_device(x[idx]), training=False)
-                out.append(self.backend.to_numpy(softmax(xp, xp.astype(z, self._param_dtype))))
-        return np.concatenate(out)
+        cbs.on_predict_begin()
+        with self.backend.compute_scope(), contextlib.closing(
+                data.epoch(0)) as batches:  # type: ignore[type-var]
+            for xb, _ in batches:
+                z = self._logits(xp.astype(xb, self._param_dtype, copy=False), training=False)
+                out.append(softmax(xp, xp.astype(z, self._param_dtype)))
+            probabilities = self.backend.to_numpy(xp.concat(out))
+        cbs.on_predict_end()
+        return probabilities
 
     def forward(self, x: Any, training: bool = False) -> list[Any]:
         """Every layer's output for a host batch, as device arrays (for inspection)."""
