@@ -1,7 +1,8 @@
 """A small training run for tests/test_distributed.py, in one process or under ``mpiexec``.
 
     mpiexec -n 3 python tests/dist_train.py OUT [--batch 4] [--samples 50] [--dtype float64]
-        [--optimizer sgd|adam] [--batchnorm] [--checkpoint PATH --every N [--resume]]
+        [--optimizer sgd|adam] [--batchnorm] [--dataset]
+        [--checkpoint PATH --every N [--resume]]
         [--fail-rank R --fail-step S --fail-how kill|raise|hang]
 
 trains one epoch (``--epochs``) with ``--batch`` samples per rank and writes, from every rank,
@@ -41,6 +42,19 @@ def data(samples: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 256, (samples, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, samples)
 
 
+class Samples:
+    """A map-style dataset over the arrays: ``samples[i] -> (x_i, y_i)``."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.x[i], int(self.y[i])
+
+
 def make_model(dtype: str = "float64", optimizer: str = "sgd", batchnorm: bool = False
                ) -> xpcnn.Sequential:
     """Random layers of both kinds (augmentation on the input, dropout inside); BatchNorm only
@@ -59,7 +73,7 @@ def make_model(dtype: str = "float64", optimizer: str = "sgd", batchnorm: bool =
 def train(out: str | None = None, batch: int = 4, samples: int = 50, epochs: int = 1,
           dtype: str = "float64", optimizer: str = "sgd", checkpoint: str | None = None,
           every: int = 2, resume: bool = False, fail_rank: int = -1, fail_step: int = 0,
-          fail_how: str = "kill", batchnorm: bool = False
+          fail_how: str = "kill", batchnorm: bool = False, dataset: bool = False
           ) -> tuple[list[np.ndarray], dict[str, list[float]]]:
     """Train; returns the final weights and history (and writes them to ``out.rank<R>.npz``)."""
     here = distributed.world()
@@ -78,8 +92,10 @@ def train(out: str | None = None, batch: int = 4, samples: int = 50, epochs: int
             return step(xb, yb)
 
         model.train_step = failing_step
-    history = model.fit(x, y, epochs=epochs, batch_size=batch, verbose=0, checkpoint=checkpoint,
-                        checkpoint_every=every, resume=resume, validation_data=(x[:20], y[:20]))
+    source = (Samples(x, y), None) if dataset else (x, y)
+    history = model.fit(*source, epochs=epochs, batch_size=batch, verbose=0,
+                        checkpoint=checkpoint, checkpoint_every=every, resume=resume,
+                        validation_data=(x[:20], y[:20]))
     weights = model.get_weights()
     logs = {k: v for k, v in history.history.items() if k != "seconds"}
     if out is not None:
@@ -104,6 +120,7 @@ def main() -> None:
     p.add_argument("--fail-step", type=int, default=0)
     p.add_argument("--fail-how", default="kill")
     p.add_argument("--batchnorm", action="store_true")
+    p.add_argument("--dataset", action="store_true", help="a map-style dataset, not arrays")
     train(**vars(p.parse_args()))
 
 

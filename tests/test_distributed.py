@@ -77,12 +77,16 @@ def assert_same_as_one_process(out: Path, ranks: int, reference, rtol: float, at
 
 
 @needs_mpi
-@pytest.mark.parametrize("ranks,samples", [(2, 48), (3, 50)])
-def test_ranks_train_as_one_process_on_the_combined_batch_float64(tmp_path, ranks, samples):
+@pytest.mark.parametrize("ranks,samples,source", [(2, 48, "arrays"), (3, 50, "arrays"),
+                                                  (3, 50, "dataset")])
+def test_ranks_train_as_one_process_on_the_combined_batch_float64(tmp_path, ranks, samples,
+                                                                   source):
     """A whole epoch with flips, crops and dropout; with 3 ranks and 50 samples the last global
-    batch has 2 samples, so one rank has none."""
+    batch has 2 samples, so one rank has none. The ranks read arrays, or a map-style dataset;
+    the single process, arrays."""
     batch = 12 // ranks
-    proc, _ = mpirun(ranks, tmp_path / "run", "--batch", str(batch), "--samples", str(samples))
+    proc, _ = mpirun(ranks, tmp_path / "run", "--batch", str(batch), "--samples", str(samples),
+                     *(["--dataset"] if source == "dataset" else []))
     assert proc.returncode == 0, proc.stderr
     reference = dist_train.train(batch=12, samples=samples)
     assert_same_as_one_process(tmp_path / "run", ranks, reference, rtol=0, atol=1e-12)
