@@ -240,3 +240,17 @@ def test_streamed_inputs_are_checked(data):
         model.fit(iter([(nan, y)]), steps_per_epoch=1, verbose=0)
     with pytest.raises(InputError, match="validation_split needs arrays"):
         model.fit(MapDataset(x, y), validation_split=0.2, verbose=0)
+
+
+def test_validation_split_and_validation_data_on_the_device(data):
+    x, y = data
+    device = (xps, xps.Device("device1"))
+    put = lambda a: xps.asarray(a, device=xps.Device("device1"))  # noqa: E731
+    on_device = trained(put(x), put(y), device=device, validation_split=0.25)
+    on_host = trained(x, y, device=device, validation_split=0.25)
+    assert_same_weights(on_device, on_host)
+    assert on_device.history.history == {**on_host.history.history,
+                                         "seconds": on_device.history.history["seconds"]}
+    streamed = trained(x[:33], y[:33], device=device,
+                       validation_data=MapDataset(x[33:], y[33:]))
+    assert streamed.history.history["val_loss"] == on_host.history.history["val_loss"]

@@ -82,6 +82,7 @@ class CallbackList:
 
         # Every hook gets its logs, as in Keras (empty where there are none yet).
         indexed = hook.startswith(("on_epoch", "on_train_batch"))
+
         def call(*args: Any) -> None:
             args = args + ({},) * (1 + indexed - len(args))
             for cb in self.callbacks:
@@ -165,7 +166,7 @@ class ProgbarLogger(Callback):
         self.last = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        steps, start = self.params.get("steps"), self.params.get("initial_step", 0)
+        steps, start = self.params.get("steps"), self.model._position[1]  # (resumed inside)
         self.bar = tqdm(total=steps, initial=start, desc=f"Epoch {epoch + 1}/"
                         f"{self.params['epochs']}", unit="batch", leave=True, dynamic_ncols=True)
         self.last = time.monotonic()

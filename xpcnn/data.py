@@ -287,22 +287,35 @@ class IterableBatches(Batches):
         return item[0], item[1]
 
 
-def check_batch(model: Any, x: Any, y: Any, what: str) -> tuple[Any, Any]:
-    """One streamed batch checked as whole arrays are (device batches: shape only)."""
+def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", streamed: bool = False
+                 ) -> tuple[Any, Any]:
+    """Checked images (host NumPy, a memory map, or device arrays of the model's library) and
+    targets (integer labels or one-hot rows, on the host); builds the model if needed. A
+    ``streamed`` batch's device labels pass unchecked (reading them would wait for the device
+    every batch)."""
     if is_device_array(x):
         x = check_device_images(x, model.backend, what)
-        checks.check_sample_shape(x, model.input_shape, what)
-        return x, y
-    x = checks.as_images(x, what)
+    elif isinstance(x, np.memmap):
+        checks.as_images(x, what)  # (checked; the memory map stays one, read batch by batch)
+    else:
+        x = checks.as_images(x, what)
+    if not model.built:
+        model.build(tuple(int(d) for d in x.shape[1:]))
     checks.check_sample_shape(x, model.input_shape, what)
-    checks.check_finite(x, what)
-    if y is None:
-        return np.ascontiguousarray(x), None
-    if is_device_array(y):
-        return np.ascontiguousarray(x), y
-    targets, _ = checks.as_labels(y, x.shape[0], model.num_classes,
+    if isinstance(x, np.ndarray):
+        checks.check_finite(x, what)
+    if y is None or (streamed and is_device_array(y)):
+        return x, y
+    y = model.backend.to_numpy(y) if is_device_array(y) else y
+    targets, _ = checks.as_labels(y, int(x.shape[0]), model.num_classes,
                                   "y" if what == "x" else what.replace("x", "y"))
-    return np.ascontiguousarray(x), targets
+    return x, targets
+
+
+def check_batch(model: Any, x: Any, y: Any, what: str) -> tuple[Any, Any]:
+    """One streamed batch, checked as whole arrays are, contiguous on the host."""
+    x, y = check_arrays(model, x, y, what, streamed=True)
+    return (x if is_device_array(x) else np.ascontiguousarray(x)), y
 
 
 def upload(backend: Any, batches: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:

@@ -28,8 +28,7 @@ from .data import (
     Batches,
     DatasetBatches,
     IterableBatches,
-    check_device_images,
-    is_device_array,
+    check_arrays,
     is_map_dataset,
     is_stream,
     to_device,
@@ -228,7 +227,7 @@ class Model:
         """One training step on one batch of host or device arrays, checked at once (the host
         waits for the device): its ``loss`` and ``accuracy``, or :class:`NonFiniteError`."""
         self._require_compiled()
-        x, targets = self._arrays(x, y)
+        x, targets = check_arrays(self, x, y)
         with self.backend.compute_scope():
             loss, correct = self.train_step(to_device(self.backend, x),
                                             to_device(self.backend, targets))
@@ -290,27 +289,6 @@ class Model:
                              f"values appear in {where}")
 
     # -- data ------------------------------------------------------------------------------------
-    def _arrays(self, x: Any, y: Any | None = None, what: str = "x") -> tuple[Any, Any]:
-        """Checked images (host NumPy, a memory map, or device arrays of this model's library)
-        and targets (host: integer labels or one-hot rows); builds the model if needed."""
-        if is_device_array(x):
-            x = check_device_images(x, self.backend, what)
-        elif isinstance(x, np.memmap):
-            checks.as_images(x, what)  # (checked; the memory map stays one, read batch by batch)
-        else:
-            x = checks.as_images(x, what)
-        if not self.built:
-            self.build(tuple(int(d) for d in x.shape[1:]))
-        checks.check_sample_shape(x, self.input_shape, what)  # type: ignore[arg-type]
-        if isinstance(x, np.ndarray):
-            checks.check_finite(x, what)
-        if y is None:
-            return x, None
-        ywhat = "y" if what == "x" else what.replace("x", "y")
-        y = self.backend.to_numpy(y) if is_device_array(y) else y
-        targets, _ = checks.as_labels(y, int(x.shape[0]), self.num_classes, ywhat)
-        return x, targets
-
     def _batches(self, x: Any, y: Any, batch_size: int, steps: int | None, what: str = "x", *,
                  shuffle: bool = False, seed: int = 0, targets: bool = True) -> Batches:
         """The batch source for ``x`` (and ``y``): arrays, a map-style dataset or an iterable
@@ -332,7 +310,7 @@ class Model:
                              "ceil(N / batch_size) batches")
         if targets and y is None:
             raise InputError(f"y (the labels of {what}) is missing")
-        x, t = self._arrays(x, y, what)
+        x, t = check_arrays(self, x, y, what)
         return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed, shard)
 
     # -- fit / evaluate / predict ----------------------------------------------------------
@@ -455,13 +433,13 @@ class Model:
             if is_stream(x):
                 raise InputError("validation_split needs arrays; pass validation_data with a "
                                  "dataset or generator")
-            x, targets = self._arrays(x, y)
+            x, targets = check_arrays(self, x, y)
             n_val = int(round(int(x.shape[0]) * validation_split))
             if n_val < 1 or n_val >= x.shape[0]:
                 raise InputError(f"validation_split={validation_split} leaves no training or no "
                                  f"validation samples out of {x.shape[0]}")
-            validation_data = (x[-n_val:], targets[-n_val:])
-            x, y = x[:-n_val], targets[:-n_val]
+            validation_data = (x[-n_val:, ...], targets[-n_val:])
+            x, y = x[:-n_val, ...], targets[:-n_val]
         data = self._batches(x, y, batch_size, steps, shuffle=shuffle, seed=seed)
         if validation_data is None:
             return data, None
@@ -596,7 +574,9 @@ class Model:
                 k: [backend.asarray(self.backend.to_numpy(a)) for a in v]
                 for k, v in self.optimizer.slots.items()
             }
-        self.backend = backend
+        if self._scaling is not None:
+            self._scaling = backend.asarray(self.backend.to_numpy(self._scaling))
+        self.backend = backend  # (the running totals are made afresh there)
         return self
 
     def save(self, path: str | os.PathLike[str]) -> None:
