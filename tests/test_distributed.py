@@ -313,15 +313,17 @@ def test_xpcnn_train_under_mpiexec_speaks_and_writes_once(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
     cli = "import sys; from xpcnn.cli import main; sys.exit(main())"
     proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", cli, "train", "--dataset",
-                           "shapes", "--limit", "256", "--epochs", "1", "--batch-size", "32",
-                           "--json", "--save", str(tmp_path / "m.npz")],
+                           "shapes", "--limit", "256", "--epochs", "2", "--batch-size", "32",
+                           "--json", "--save", str(tmp_path / "m.npz"), "--log",
+                           str(tmp_path / "log.csv"), "--early-stopping", "3"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and '"train_samples": 256' in lines[0]  # rank 0's JSON alone
     assert "a global batch of 64" in proc.stderr
     xpcnn.load_model(tmp_path / "m.npz")
-    assert [p.name for p in tmp_path.iterdir()] == ["m.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "m.npz"]
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 3  # header, 2 epochs
 
 
 def test_nccl_sum_calls_cupy_nccl_as_documented(monkeypatch):
