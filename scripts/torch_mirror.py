@@ -68,8 +68,8 @@ class SharedCrop(_Random):
         if not self.training:
             return x
         p, (n, _, h, w) = self.p, x.shape
-        u = self.draw((2, n, 1, 1, 1), x)
-        offs = torch.floor(u * (2 * p + 1)).long().reshape(2, n)
+        u = self.draw((n, 2, 1, 1, 1), x)  # (xpcnn draws the batch on axis 0)
+        offs = torch.floor(u * (2 * p + 1)).long().reshape(n, 2).T
         xpad = F.pad(x, (p, p, p, p))
         return torch.stack([xpad[i, :, offs[0, i]:offs[0, i] + h, offs[1, i]:offs[1, i] + w]
                             for i in range(n)])
