@@ -41,6 +41,7 @@ from .ops.kernels import kernels_for
 from .ops.softmax import softmax
 from .optim import Optimizer, get_optimizer
 from .saving import load_weights, register_model, save_model
+from .structure import check_structure
 from .totals import (
     BAD_GRADS,
     BAD_LOSS,
@@ -192,7 +193,8 @@ class Model:
             grads = [g * inverse for g in grads]
         totals = self._running_totals()
         n = int(xb.shape[0]) if self._parallel is None else self._parallel.total
-        apply, self._scaling = totals.add(stats, grads, n, opt.iterations + 1, xb, self._scaling)
+        apply, self._scaling = totals.add(stats, grads, n, opt.iterations + 1, xb, self._scaling,
+                                          opt.keeps_squares)
         opt.step(xp, params, grads, kernels, apply=apply)
         if len(totals.pending) >= READ_EVERY:
             self._read_totals()
@@ -259,12 +261,20 @@ class Model:
         loss = float(host[BAD_LOSS])
         if not math.isfinite(loss):
             self._raise_non_finite(f"the loss is {loss}", batches[step], step)
-        owners = [la for la in self.layers for _ in la.params]
-        bad = [la for la, flag in zip(owners, host[BAD_GRADS:], strict=True) if flag]
-        # Backpropagation runs from the last layer: the last one with a non-finite gradient is
-        # where it appeared.
-        raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
-                             f"backpropagation order) in layer {bad[-1].name!r}")
+        owners = [(la, k) for la in self.layers for k in la.params]
+        flags = list(zip(owners, host[BAD_GRADS:], strict=True))
+        bad = [la for (la, _), flag in flags if flag == 1]
+        if bad:
+            # Backpropagation runs from the last layer: the last one with a non-finite
+            # gradient is where it appeared.
+            raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
+                                 f"backpropagation order) in layer {bad[-1].name!r}")
+        layer, name = [owner for owner, flag in flags if flag == 2][-1]
+        raise NonFiniteError(f"training stopped at step {step}: the gradient of layer "
+                             f"{layer.name!r} ({name}) is so large that its squares overflow, "
+                             "and the optimiser's state would become infinite; nothing was "
+                             "updated from that step on (are the inputs scaled? a Rescaling or "
+                             "Normalization layer brings them to a small range)")
 
     def _raise_non_finite(self, what: str, xb: Any, step: int) -> None:
         """Name the step and the first layer whose output is not finite, then raise."""
@@ -583,6 +593,15 @@ class Model:
         """Write architecture and weights to ``path`` (an .npz that loads without pickle)."""
         save_model(self, path)
 
+    def export(self, path: str | os.PathLike[str], input_dtype: str = "float32") -> None:
+        """Write the model as ONNX to ``path``: (N, H, W, C) images of ``input_dtype``
+        ("float32" or "uint8") in, ``predict``'s probabilities out (:mod:`xpcnn.onnx_export`;
+        needs ``pip install "xpcnn[onnx]"``)."""
+        from .onnx_export import export_model
+
+        if distributed.is_root():  # one writer on several ranks (all hold the same model)
+            export_model(self, path, input_dtype)
+
     def _require_built(self, what: str) -> None:
         if not self.built:
             raise InputError(f"the model must be built before {what}: call build(input_shape) "
@@ -613,6 +632,10 @@ class Sequential(Model):
         """Append a layer (the model is rebuilt on its next use)."""
         if not isinstance(layer, Layer):
             raise InputError(f"add() expects an xpcnn layer, got {type(layer).__name__}")
+        if any(layer is la for la in self.layers):
+            raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) is already in the "
+                             "model: the same layer instance cannot be added twice; create "
+                             f"another {type(layer).__name__}(...)")
         taken = {la.name for la in self.layers}
         if layer.name in taken:
             base, k = layer.name, 1
@@ -632,6 +655,7 @@ class Sequential(Model):
         if not shape or any(d < 1 for d in shape):
             raise InputError(f"input_shape must be positive sizes such as (H, W, C), got "
                              f"{input_shape!r}")
+        check_structure(self.layers)
         self.input_shape = shape
         compute = PRECISIONS[self.precision] or self.dtype_name
         for i, layer in enumerate(self.layers):
