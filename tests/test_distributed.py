@@ -168,7 +168,7 @@ class ThreadSum:
 
     def __init__(self, ranks: int) -> None:
         self.ranks = ranks
-        self.meet = threading.Barrier(ranks)
+        self.meet = threading.Barrier(ranks, timeout=30)  # (a failed rank must not hang all)
         self.posted: list[list] = [[] for _ in range(ranks)]
         self.launched: list[list[int]] = [[] for _ in range(ranks)]  # buffer sizes, in order
 
@@ -214,7 +214,7 @@ def run_ranks(models, step):
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(len(models))]
+    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(len(models))]
     for t in threads:
         t.start()
     for t in threads:
@@ -235,7 +235,8 @@ def test_bucketed_average_over_thread_ranks_equals_one_batch():
         here = distributed.World(rank, ranks)
         # a bucket per ~200 bytes: several buckets, started as backward reaches them
         dp = distributed.DataParallel(model, here, comm.for_rank(rank))
-        dp.buckets = distributed.GradientBuckets(dp.comm, model.backend.xp, model.layers, 200,
+        dp.buckets = distributed.GradientBuckets(dp.comm, model.backend.xp,
+                                                 model.trainable_layers, 200,
                                                  200)
         model._parallel = dp
         idx = parts[rank]
@@ -263,8 +264,8 @@ def test_one_ranks_overflow_skips_the_step_on_every_rank():
     dense = models[1].layers[1]
     backward = dense.backward
 
-    def overflowing_backward(dy):
-        out = backward(dy)
+    def overflowing_backward(dy, *options):
+        out = backward(dy, *options)
         dense.grads["kernel"][0, 0] = np.inf
         return out
 

@@ -289,7 +289,8 @@ class GradientBuckets:
     while backward still runs through the earlier layers. Per step: :meth:`begin` with this
     rank's share of the global batch and its [loss, correct] stats (reduced alongside), then
     :meth:`layer_done` after each layer's backward, then :meth:`finish` for the averaged
-    gradients (views into the buckets, in ``layers``' parameter order) and the summed stats.
+    gradients (views into the buckets, in ``layers``' parameter order: the model's trainable
+    layers, as the optimiser takes them) and the summed stats.
     A non-finite gradient on any rank makes the sum non-finite on every rank, so the overflow
     check after it (mixed precision) skips the step on all of them.
     """
@@ -389,7 +390,7 @@ class DataParallel:
         backend = model.backend
         # comm: an MpiSum / NcclSum, or anything with their start/progress/wait (tests)
         self.comm = comm if comm is not None else _communicator(here, backend)
-        self.buckets = GradientBuckets(self.comm, backend.xp, model.layers)
+        self.buckets = GradientBuckets(self.comm, backend.xp, model.trainable_layers)
         from .layers.dropout import RandomLayer
 
         self.random_layers = [la for la in model.layers if isinstance(la, RandomLayer)]
