@@ -222,13 +222,17 @@ def run_ranks(models, step):
     assert not errors, errors
 
 
-def test_bucketed_average_over_thread_ranks_equals_one_batch():
+@pytest.mark.parametrize("frozen", [False, True])
+def test_bucketed_average_over_thread_ranks_equals_one_batch(frozen):
+    """Three ranks of 3, 2 and 2 samples against one batch of 7; with the first Dense layer
+    frozen, the buckets hold the other layers' gradients only."""
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(7, 3, 3, 2)), rng.integers(0, 5, 7)
-    single = small_model()
-    single.train_step(single._to_device(x), single.backend.asarray(y))
     ranks, comm = 3, ThreadSum(3)
-    models = [small_model() for _ in range(ranks)]
+    single, *models = [small_model() for _ in range(ranks + 1)]
+    for model in (single, *models):
+        model.layers[1].trainable = not frozen
+    single.train_step(single._to_device(x), single.backend.asarray(y))
     parts = np.array_split(np.arange(7), ranks)  # 3, 2, 2 samples
 
     def step(rank, model):
@@ -244,7 +248,8 @@ def test_bucketed_average_over_thread_ranks_equals_one_batch():
         model.train_step(model._to_device(x[idx]), model.backend.asarray(y[idx]))
 
     run_ranks(models, step)
-    assert len(models[0]._parallel.buckets.buckets) > 2
+    assert len(models[0]._parallel.buckets.buckets) > 1
+    assert len(models[0]._parallel.buckets.entries) == (4 if frozen else 6)
     # buckets went out in backward order: the last layer's parameters first
     sizes = [b.size for b in models[0]._parallel.buckets.buffers]
     assert comm.launched[0] == [2, *sizes]  # the [loss, correct] sums, then the buckets
