@@ -87,3 +87,12 @@ def test_training_from_a_folder_of_png_files(tmp_path):
     assert log.read_text().splitlines()[0].startswith("epoch,")
     out = _run(str(tmp_path / "missing"), script="train_from_folder.py")
     assert out.returncode != 0 and "missing: not a folder" in out.stderr
+
+
+def test_the_loop_overhead_benchmark_dry_runs():
+    out = _run("--model", "mnist", "--batch-size", "4", "--samples", "64", "--repeat", "1",
+               "--optimizer", "adam", script="bench_loop.py")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.endswith("ms per step")]
+    assert [r.split("  ")[1].strip() for r in rows] == [
+        "host batch -> device", "batch gathered on device", "step bookkeeping"]
