@@ -24,6 +24,7 @@ from .errors import (
     NonFiniteError,
     XpcnnError,
 )
+from .graph import Input
 from .history import History
 from .losses import SoftmaxCrossEntropy
 from .model import Model, Sequential
@@ -32,8 +33,8 @@ from .saving import load_checkpoint, load_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "InputError",
-    "MissingDependencyError", "Model", "NonFiniteError", "Sequential", "SoftmaxCrossEntropy",
-    "XpcnnError", "callbacks", "data", "get_backend", "layers", "load_checkpoint", "load_model",
-    "optim",
+    "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "Input",
+    "InputError", "MissingDependencyError", "Model", "NonFiniteError", "Sequential",
+    "SoftmaxCrossEntropy", "XpcnnError", "callbacks", "data", "get_backend", "layers",
+    "load_checkpoint", "load_model", "optim",
 ]
