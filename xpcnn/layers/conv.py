@@ -9,7 +9,16 @@ import numpy as np
 from ..errors import InputError
 from ..ops import conv as ops
 from ..ops.kernels import kernels_for
-from .base import Layer, Shape, check_activation, check_padding, pair, require_rank
+from .base import (
+    DEFAULT,
+    Layer,
+    Options,
+    Shape,
+    check_activation,
+    check_padding,
+    pair,
+    require_rank,
+)
 from .initializers import check_initializer, initialize
 
 
@@ -70,7 +79,7 @@ class Conv2D(Layer):
 
     @property
     def relu_output(self) -> bool:
-        return self.activation == "relu" or self.fused_relu
+        return self.activation == "relu"
 
     def _workspace(self) -> ops.Workspace:
         ws = getattr(self, "_cache_ws", None)
@@ -78,7 +87,7 @@ class Conv2D(Layer):
             ws = self._cache_ws = ops.Workspace(keep=self.backend.keeps_scratch)
         return ws
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         xp = self.xp
         n = x.shape[0]
         self._cache_x_dtype = x.dtype
@@ -89,7 +98,7 @@ class Conv2D(Layer):
                 if self.use_bias else None)
         # Each chunk of images is padded and unfolded in a small buffer (no whole-batch copy);
         # backward unfolds again rather than keeping the patches (see backward).
-        relu = self.relu_output
+        relu = self.relu_output or options.fused_relu
         y = ops.conv_forward(xp, kernels_for(self.backend), x, w2, bias, self.kernel_size,
                              self.strides, self.pads, self.out_hw, self._workspace(), "cols",
                              self.backend.chunk_bytes, relu=relu,
@@ -98,51 +107,61 @@ class Conv2D(Layer):
         if training:
             self._cache_x = x
             # where y > 0 the ReLU's gradient passes (unless the next layer applies it)
-            self._cache_y = y if relu and not self.skip_relu_grad else None
+            self._cache_y = y if relu and not options.skip_relu_grad else None
         return y
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         xp = self.xp
         kern = kernels_for(self.backend)
         ws = self._workspace()
         budget, min_chunks = self.backend.chunk_bytes, self.backend.min_chunks
-        x = self._cache_x
+        x, self._cache_x = self._cache_x, None
         dy = xp.astype(dy, self.compute_dtype, copy=False)
         relu_y = None
-        if self.relu_output and not self.skip_relu_grad:
-            if self.need_input_grad:
+        need_dx = options.need_input_grad
+        if (self.relu_output or options.fused_relu) and not options.skip_relu_grad:
+            if need_dx or not self.trainable:
                 dy = kern.relu_backward(dy, self._cache_y)
             else:  # only the kernel gradient reads it: masked a chunk at a time, in cache
                 relu_y = xp.reshape(self._cache_y, (-1, self.filters))
         self._cache_y = None
         h, w = self.input_shape[0], self.input_shape[1]
         kernel = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
+        if not self.trainable:  # frozen: the input gradient alone
+            return self._input_grad(x, dy, kernel) if need_dx else None
         # Both gradients from the output gradient's patches alone where that pays; else the
         # kernel gradient from the input's patches, then the input gradient.
-        if (self.need_input_grad and not kern.direct_conv
+        if (need_dx and not kern.direct_conv
                 and ops.grads_share_patches(self.pads, self.kernel_size, self.strides, (h, w),
                                             self.out_hw, x.shape[3], self.filters)):
             dw, db, dx = ops.conv_grads(xp, kern, x, dy, kernel, self.pads, ws, "dcols",
                                         budget, min_chunks, with_bias=self.use_bias)
             self._store_grads(dw, db)
             return xp.astype(dx, self._cache_x_dtype, copy=False)
-        dy2 = xp.reshape(dy, (-1, self.filters))
-        dw, db = ops.conv_weight_grad(xp, kern, x, dy2, self.kernel_size, self.strides,
-                                      self.pads, self.out_hw, ws, "cols", budget, min_chunks,
-                                      with_bias=self.use_bias, relu_y=relu_y)
+        dw, db = ops.conv_weight_grad(xp, kern, x, xp.reshape(dy, (-1, self.filters)),
+                                      self.kernel_size, self.strides, self.pads, self.out_hw, ws,
+                                      "cols", budget, min_chunks, with_bias=self.use_bias,
+                                      relu_y=relu_y)
         self._store_grads(dw, db)
-        if not self.need_input_grad:
-            return None
+        return self._input_grad(x, dy, kernel) if need_dx else None
+
+    def _input_grad(self, x: Any, dy: Any, kernel: Any) -> Any:
+        xp = self.xp
+        kern = kernels_for(self.backend)
+        budget, min_chunks = self.backend.chunk_bytes, self.backend.min_chunks
+        h, w = self.input_shape[0], self.input_shape[1]
         if ops.input_grad_as_conv(self.pads, self.kernel_size, self.strides):
             dx = ops.conv_input_grad(xp, kern, xp.reshape(dy, (-1, *self.out_hw, self.filters)),
                                      ops.flipped_kernel_matrix(xp, kernel), self.kernel_size,
-                                     self.pads, (h, w), ws, "dcols", budget, min_chunks)
+                                     self.pads, (h, w), self._workspace(), "dcols", budget,
+                                     min_chunks)
         else:
             # Strided (or over-padded) convolutions: patch gradients scattered back (col2im).
             # W^T built by permute + reshape comes out contiguous; a matmul against a
             # transposed view is several times slower on OpenBLAS.
             w2t = xp.reshape(xp.permute_dims(kernel, (3, 0, 1, 2)), (self.filters, -1))
-            dcols = xp.reshape(dy2 @ w2t, (x.shape[0], *self.out_hw, w2t.shape[-1]))
+            dcols = xp.reshape(xp.reshape(dy, (-1, self.filters)) @ w2t,
+                               (x.shape[0], *self.out_hw, w2t.shape[-1]))
             pt, pb, pl, pr = self.pads
             padded = (x.shape[0], h + pt + pb, w + pl + pr, x.shape[3])
             dxpad = ops.col2im(xp, dcols, padded, self.kernel_size, self.strides, self.out_hw)
@@ -150,11 +169,9 @@ class Conv2D(Layer):
         return xp.astype(dx, self._cache_x_dtype, copy=False)
 
     def _store_grads(self, dw: Any, db: Any) -> None:
-        """Keep the kernel (and bias) gradient in the parameters' dtype; the cached input is
-        no longer needed."""
+        """Keep the kernel (and bias) gradient in the parameters' dtype."""
         xp = self.xp
         self.grads["kernel"] = xp.astype(xp.reshape(dw, self.params["kernel"].shape), self.dtype,
                                          copy=False)
         if self.use_bias:
             self.grads["bias"] = xp.astype(db, self.dtype, copy=False)
-        self._cache_x = None
