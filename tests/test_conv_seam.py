@@ -30,6 +30,8 @@ GEOMETRIES = [
     ((5, 5, 4), 3, (1, 1), (1, 1), "valid"),   # 1x1
     ((4, 5, 2), 3, (3, 3), (1, 1), 2),         # over-padded (pads >= kernel - 1)
     ((6, 6, 3), 2, (2, 2), (2, 2), "valid"),   # windows that do not overlap
+    ((6, 5, 2), 3, (2, 2), (1, 1), "same"),    # pads (0, 1, 0, 1): more after than before
+    ((7, 6, 2), 3, (5, 3), (1, 1), "same"),    # pads (2, 2, 1, 1): rows and columns differ
 ]
 IDS = [f"{g[0]}-{g[1]}-{g[2]}-{g[3]}-{g[4]}" for g in GEOMETRIES]
 
