@@ -228,3 +228,36 @@ def test_the_cupy_kernels_choose_cudnn_per_layer_where_it_loads(monkeypatch):
     finally:
         sys.modules.pop("xpcnn.ops.cudnn_conv", None)
         restore_fast_cupy(saved)
+
+
+def test_the_real_frontend_takes_these_graph_descriptions(monkeypatch):
+    """The graphs described with NVIDIA's own frontend (nvidia-cudnn-frontend, in the test
+    extra; its Python graph is built on a machine without a GPU, up to validate): the calls,
+    argument names and resulting dims and strides are the ones the stand-in checks."""
+    import importlib
+    import sys
+
+    from cudnn_emulator import fake_cupy
+
+    cudnn = pytest.importorskip("cudnn")
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
+    monkeypatch.delitem(sys.modules, "xpcnn.ops.cudnn_conv", raising=False)
+    cc = importlib.import_module("xpcnn.ops.cudnn_conv")
+    monkeypatch.delitem(sys.modules, "xpcnn.ops.cudnn_conv")
+    g = ConvGeometry.of((10, 9, 3), 8, (5, 3), (2, 1), "same")  # pads (1, 2, 1, 1)
+    engine = cc.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xpn)))
+    image, kernel = ([4, 3, 10, 9], [270, 1, 27, 3]), ([8, 3, 5, 3], [45, 1, 9, 3])
+    output = ([4, 8, 5, 9], [360, 1, 72, 8])
+    cases = [(engine._fprop(4, True, True), {"x": image, "w": kernel, "y": output,
+                                             "bias": ([1, 8, 1, 1], [8, 1, 8, 8])}, 3),
+             (engine._dgrad(4), {"dy": output, "w": kernel, "dx": image}, 1),
+             (engine._wgrad(4), {"x": image, "dy": output, "dw": kernel}, 1),
+             (cc.CudnnMatmul._make(5, 7, 4, True, False),
+              {"a": ([1, 5, 7], [35, 1, 5]), "b": ([1, 7, 4], [28, 4, 1]),
+               "c": ([1, 5, 4], [20, 4, 1])}, 1)]
+    for make, want, nodes in cases:
+        io = cudnn.data_type.FLOAT
+        graph = cudnn.pygraph(io_data_type=io, intermediate_data_type=io, compute_data_type=io)
+        tensors = make(graph, io)
+        assert {k: (t.get_dim(), t.get_stride()) for k, t in tensors.items()} == want
+        assert len(graph.nodes) == nodes
