@@ -166,6 +166,31 @@ class Optimizer:
     def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
         raise NotImplementedError
 
+    # -- a step whose per-step numbers live in device memory (CUDA graphs) --------------------
+    #: True where :meth:`step_scalars` and :meth:`scalar_step` are defined.
+    has_scalar_step = False
+
+    def step_scalars(self) -> dict[str, float]:
+        """The numbers of the next step that change from one step to the next (the learning
+        rate; Adam's bias corrections), by name. A step captured in a CUDA graph reads them
+        from device arrays that are refilled before each replay (:mod:`xpcnn.cuda_graphs`):
+        baked into the graph, they would stay those of the captured step."""
+        raise NotImplementedError
+
+    def scalar_step(self, xp: Any, params: list[Any], grads: list[Any],
+                    scalars: dict[str, Any]) -> None:
+        """One update by the standard formulas with the per-step numbers taken from
+        ``scalars`` (0-d arrays, as :meth:`step_scalars` names them): the same values, in the
+        same order, as :meth:`step` computes without fused kernels. ``iterations`` is left to
+        the caller, which counts replays."""
+        if not self.slots:
+            self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            self._scalar_update(xp, i, p, g, scalars)
+
+    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any]) -> None:
+        raise NotImplementedError
+
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
                       lr: float) -> bool:
         """The update of every parameter as one launch of ``kernels``; False where this
@@ -190,6 +215,14 @@ class SGD(Optimizer):
             raise InputError("Nesterov momentum needs momentum > 0")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         self.slot_names = ("momentum",) if momentum else ()
+
+    has_scalar_step = True
+
+    def step_scalars(self) -> dict[str, float]:
+        return {"lr": self.lr}
+
+    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any]) -> None:
+        self._update(xp, i, p, g, scalars["lr"])
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
         if self.weight_decay:
@@ -227,19 +260,32 @@ class Adam(Optimizer):
                              f"beta_1={beta_1!r}, beta_2={beta_2!r}, epsilon={epsilon!r}")
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
 
+    has_scalar_step = True
+
+    def _scalars(self, lr: float, t: int) -> dict[str, float]:
+        """Step ``t``'s numbers: the decoupled decay factor, the step size with the first
+        moment's bias correction, and the second moment's bias correction."""
+        return {"decay": 1.0 - lr * self.weight_decay, "step": lr / (1.0 - self.beta_1**t),
+                "bc2": 1.0 - self.beta_2**t}
+
+    def step_scalars(self) -> dict[str, float]:
+        return self._scalars(self.lr, self.iterations + 1)
+
     def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
+        self._scalar_update(xp, i, p, g, self._scalars(lr, self.iterations))
+
+    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any]) -> None:
         if self.weight_decay:
             if self.decoupled:
-                p[...] = p * (1.0 - lr * self.weight_decay)
+                p[...] = p * scalars["decay"]
             else:
                 g = g + self.weight_decay * p
         m, v = self.slots["m"][i], self.slots["v"][i]
-        b1, b2, t = self.beta_1, self.beta_2, self.iterations
+        b1, b2 = self.beta_1, self.beta_2
         m[...] = b1 * m + (1.0 - b1) * g
         v[...] = b2 * v + (1.0 - b2) * (g * g)
-        m_hat_scale = lr / (1.0 - b1**t)
-        denom = xp.sqrt(v / (1.0 - b2**t)) + self.epsilon
-        p[...] = p - m_hat_scale * m / denom
+        denom = xp.sqrt(v / scalars["bc2"]) + self.epsilon
+        p[...] = p - scalars["step"] * m / denom
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
                       lr: float) -> bool:
