@@ -77,7 +77,7 @@ def train(checkpoint: str | None = None, resume: bool = False, every: int | str 
 
 def _die_at_write(n: int, how: str) -> None:
     """Make the n-th checkpoint write end the process abruptly."""
-    import xpcnn.io as xio
+    import xpcnn.saving.npz as npz_module
 
     count = [0]
     if how == "replace":
@@ -101,7 +101,7 @@ def _die_at_write(n: int, how: str) -> None:
                 os._exit(17)
             real_savez(f, **arrays)
 
-        xio.np.savez = savez  # the writer looks it up through xpcnn.io's numpy
+        npz_module.np.savez = savez  # the writer looks it up through its module's numpy
 
 
 def main() -> None:

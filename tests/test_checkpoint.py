@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 import xpcnn
-from xpcnn.checkpoint import Progress, load_checkpoint, save_checkpoint
 from xpcnn.cli import main as cli_main
 from xpcnn.errors import DataFormatError, InputError, NonFiniteError
 from xpcnn.layers import Dense, Flatten, Softmax
+from xpcnn.saving.checkpoint import Progress, load_checkpoint, save_checkpoint
 
 SCRIPT = Path(__file__).with_name("ckpt_train.py")
 STEPS = ckpt_train.EPOCHS * 8

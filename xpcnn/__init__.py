@@ -15,7 +15,6 @@ The same layers train on NumPy (``device="cpu"``) or CuPy (``device="cuda"``)::
 
 from . import layers, optim
 from .backend import Backend, get_backend
-from .checkpoint import load_checkpoint
 from .errors import (
     DataFormatError,
     DeviceError,
@@ -25,14 +24,15 @@ from .errors import (
     NonFiniteError,
     XpcnnError,
 )
-from .io import load_model
+from .history import History
 from .losses import SoftmaxCrossEntropy
-from .model import History, Sequential
+from .model import Model, Sequential
+from .saving import load_checkpoint, load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "InputError",
-    "MissingDependencyError", "NonFiniteError", "Sequential", "SoftmaxCrossEntropy", "XpcnnError",
-    "get_backend", "layers", "load_checkpoint", "load_model", "optim",
+    "MissingDependencyError", "Model", "NonFiniteError", "Sequential", "SoftmaxCrossEntropy",
+    "XpcnnError", "get_backend", "layers", "load_checkpoint", "load_model", "optim",
 ]

@@ -32,3 +32,12 @@ class NonFiniteError(XpcnnError, FloatingPointError):
 
 class MissingDependencyError(XpcnnError, ImportError):
     """An optional extra that is not installed (matplotlib for ``xpcnn[viz]``, CuPy for CUDA)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``fit(..., checkpoint=PATH)``: the step in progress finished and the
+    training state was written to ``checkpoint``, from which ``resume=True`` continues."""
+
+    def __init__(self, message: str, checkpoint: str) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint

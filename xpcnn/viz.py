@@ -25,8 +25,9 @@ import numpy as np
 
 from . import checks
 from .errors import InputError, MissingDependencyError
+from .history import History
 from .layers import Conv2D, FeatureNorm, Layer, MaxPool2D, ReLU, Softmax
-from .model import History, Sequential
+from .model import Sequential
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -569,7 +570,7 @@ def write_training_plots(out_dir: str | os.PathLike[str], history: History, mode
 def visualize_command(args: Any) -> dict[str, Any]:
     """``xpcnn visualize``: the stage tour of one dataset image and every Conv2D's filters."""
     from .datasets import class_names, load_dataset
-    from .io import load_model
+    from .saving import load_model
 
     model = load_model(args.model, device=args.device)
     train, test = load_dataset(args.dataset, data_dir=args.data_dir)

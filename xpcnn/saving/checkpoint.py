@@ -6,8 +6,8 @@ run again after an interruption (a crash, a kill, a pre-empted machine) continue
 with the same weights, bit for bit, and the same history as a run that was never interrupted. The
 same command line can be rerun as it is: without the file, ``resume=True`` starts afresh.
 
-A checkpoint is an ``.npz`` of plain arrays, read without pickle (:func:`xpcnn.io.read_npz`), so
-loading one never runs code. It holds:
+A checkpoint is an ``.npz`` of plain arrays, read without pickle
+(:class:`~xpcnn.saving.npz.NpzArchive`), so loading one never runs code. It holds:
 
 * the weights, as a model file does (``layer{i}.{j}``), so :func:`xpcnn.load_model` reads it too;
 * the optimiser's slots (``slot.{name}.{k}``: momentum, Adam moments);
@@ -28,33 +28,36 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import math
 import os
+import signal
+import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .backend import DeviceLike
-from .errors import DataFormatError, InputError, NonFiniteError
-from .io import (
-    CONFIG_KEY,
-    check_sizes,
-    decode_json,
-    encode_json,
+from ..backend import DeviceLike
+from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterrupted
+from ..history import History
+from ..layers.dropout import RandomLayer
+from .model_file import (
+    CHECKPOINT_FORMAT,
+    build_for,
+    check_architecture,
+    check_file_entries,
     model_config,
-    model_from_config,
-    read_npz,
+    model_from_file,
+    normal,
     set_weights_from_file,
-    write_npz_atomic,
+    weight_arrays,
 )
-from .layers.dropout import RandomLayer
-from .model import History, Sequential
+from .npz import CONFIG_KEY, NpzArchive, array_bytes, encode_json, write_npz_atomic
 
-FORMAT = "xpcnn-checkpoint"
+FORMAT = CHECKPOINT_FORMAT
 VERSION = 1
 
 
@@ -79,7 +82,7 @@ class Progress:
 class Checkpoint:
     """A loaded checkpoint: the model with all its training state, and the run's position."""
 
-    model: Sequential
+    model: Any
     progress: Progress
     history: History
     run: dict[str, Any] = field(default_factory=dict)  # data fingerprint and fit arguments
@@ -97,7 +100,7 @@ class Checkpoint:
 # -- writing ----------------------------------------------------------------------------------
 
 
-def save_checkpoint(model: Sequential, path: str | os.PathLike[str],
+def save_checkpoint(model: Any, path: str | os.PathLike[str],
                     progress: Progress | None = None, history: History | None = None,
                     run: dict[str, Any] | None = None) -> None:
     """Write ``model``'s whole training state to ``path``, atomically.
@@ -125,10 +128,7 @@ def save_checkpoint(model: Sequential, path: str | os.PathLike[str],
         "history": {"epoch": list(history.epoch), "history": history.history},
         "run": run or {},
     }
-    arrays = {CONFIG_KEY: encode_json(config)}
-    for i, la in enumerate(model.layers):
-        for j, w in enumerate(la.get_weights()):
-            arrays[f"layer{i}.{j}"] = w
+    arrays = {CONFIG_KEY: encode_json(config), **weight_arrays(model, path)}
     for name, slot in opt.slots.items():
         for k, a in enumerate(slot):
             arrays[f"slot.{name}.{k}"] = model.backend.to_numpy(a)
@@ -136,7 +136,7 @@ def save_checkpoint(model: Sequential, path: str | os.PathLike[str],
     _remove_leftovers(path)
 
 
-def _refuse_non_finite(model: Sequential, path: str) -> None:
+def _refuse_non_finite(model: Any, path: str) -> None:
     xp = model.backend.xp
     step = model.optimizer.iterations  # type: ignore[union-attr]
     for la in model.layers:
@@ -165,19 +165,16 @@ def _remove_leftovers(path: str) -> None:
 # -- reading ----------------------------------------------------------------------------------
 
 
-def _read(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    arrays = read_npz(path)
-    if CONFIG_KEY not in arrays:
-        raise DataFormatError(f"{path}: not an xpcnn checkpoint (no {CONFIG_KEY} entry)")
-    config = decode_json(arrays[CONFIG_KEY], path)
+def _checkpoint_config(npz: NpzArchive) -> dict[str, Any]:
+    config = npz.read_config()
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         kind = config.get("format") if isinstance(config, dict) else None
         hint = " (a model file: load it with xpcnn.load_model)" if kind == "xpcnn-model" else ""
-        raise DataFormatError(f"{path}: not an xpcnn checkpoint{hint}")
+        raise DataFormatError(f"{npz.path}: not an xpcnn checkpoint{hint}")
     if config.get("version") != VERSION:
-        raise DataFormatError(f"{path}: checkpoint version {config.get('version')!r} is not "
+        raise DataFormatError(f"{npz.path}: checkpoint version {config.get('version')!r} is not "
                               f"supported (this xpcnn reads version {VERSION})")
-    return config, arrays
+    return config
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: DeviceLike = "cpu") -> Checkpoint:
@@ -187,38 +184,39 @@ def load_checkpoint(path: str | os.PathLike[str], device: DeviceLike = "cpu") ->
     random-layer counters; ``ckpt.progress`` says where the run stood and ``ckpt.history`` holds
     its finished epochs. A corrupt, truncated or foreign file raises ``DataFormatError``.
     """
-    path = os.fspath(path)
-    config, arrays = _read(path)
-    model = model_from_config(config.get("model"), path, device, arrays)
-    if model.optimizer is None:
-        raise DataFormatError(f"{path}: the checkpoint's model has no compile settings")
-    return _restore(model, config, arrays, path)
+    with NpzArchive(path) as npz:
+        config = _checkpoint_config(npz)
+        model = model_from_file(config.get("model"), npz, device, with_slots=True)
+        if model.optimizer is None:
+            raise DataFormatError(f"{npz.path}: the checkpoint's model has no compile settings")
+        return _restore(model, config, npz)
 
 
-def restore_checkpoint(model: Sequential, path: str | os.PathLike[str]) -> Checkpoint:
+def restore_checkpoint(model: Any, path: str | os.PathLike[str]) -> Checkpoint:
     """Put the training state of the checkpoint at ``path`` into ``model``.
 
     ``model`` must be compiled and have the checkpoint's architecture and compile settings
     (optimiser, schedule, loss, precision); otherwise ``InputError`` says what differs.
     """
-    path = os.fspath(path)
-    config, arrays = _read(path)
-    _check_compatible(model, config, arrays, path)
-    return _restore(model, config, arrays, path)
+    with NpzArchive(path) as npz:
+        config = _checkpoint_config(npz)
+        _check_compatible(model, config, npz)
+        return _restore(model, config, npz)
 
 
-def _check_compatible(model: Sequential, config: dict[str, Any], arrays: dict[str, np.ndarray],
-                      path: str) -> None:
+def _check_compatible(model: Any, config: dict[str, Any], npz: NpzArchive) -> None:
     """Refuse a checkpoint of another architecture or compile settings (``model`` unchanged,
     but built for the file's input shape if it was not built yet)."""
+    path = npz.path
     if model.loss is None or model.optimizer is None:
         raise InputError("restoring a checkpoint needs a compiled model (compile(...) first)")
     mconf = config.get("model")
     if not isinstance(mconf, dict):
         raise DataFormatError(f"{path}: the checkpoint has no model configuration")
-    _build_for(model, mconf, arrays, path)
-    _check_architecture(model, mconf, path)
-    mine, theirs = _normal(model_config(model).get("compile")), mconf.get("compile")
+    check_file_entries(npz, mconf, checkpoint=True)
+    build_for(model, mconf, npz)
+    check_architecture(model, mconf, path)
+    mine, theirs = normal(model_config(model).get("compile")), mconf.get("compile")
     if mine != theirs:
         diff = "; ".join(f"{k} is {a!r} there and {b!r} here"
                          for k, a, b in _differences(theirs, mine)[:4])
@@ -236,85 +234,9 @@ def _differences(a: Any, b: Any, where: str = "compile") -> list[tuple[str, Any,
     return [] if a == b else [(where, a, b)]
 
 
-def load_weights(model: Sequential, path: str | os.PathLike[str]) -> None:
-    """Load the weights of a model file or checkpoint into ``model``, checking that the file
-    holds the same architecture; otherwise ``DataFormatError`` names the first difference."""
-    path = os.fspath(path)
-    arrays = read_npz(path)
-    if CONFIG_KEY not in arrays:
-        raise DataFormatError(f"{path}: not an xpcnn model file or checkpoint")
-    config = decode_json(arrays[CONFIG_KEY], path)
-    if isinstance(config, dict) and config.get("format") == FORMAT:
-        config = config.get("model")
-    if not isinstance(config, dict) or config.get("format") != "xpcnn-model":
-        raise DataFormatError(f"{path}: not an xpcnn model file or checkpoint")
-    _build_for(model, config, arrays, path)
-    _check_architecture(model, config, path)
-    set_weights_from_file(model, arrays, path)
-
-
-def _build_for(model: Sequential, config: dict[str, Any], arrays: dict[str, np.ndarray],
-               path: str) -> None:
-    """Build an unbuilt ``model`` for the file's input shape, once that is known to be sane."""
-    if model.built:
-        return
-    shape = config.get("input_shape")
-    if not isinstance(shape, list) or not shape or not all(
-            type(d) is int and d > 0 for d in shape):
-        raise DataFormatError(f"{path}: the file has no valid input_shape ({shape!r})")
-    try:
-        check_sizes(model.layers, tuple(shape), arrays, path)
-    except InputError as e:  # the model's layers do not take that shape
-        raise DataFormatError(f"{path} holds a model for inputs of shape {tuple(shape)}, which "
-                              f"this model cannot take: {e}") from e
-    model.build(tuple(shape))
-
-
-def _normal(obj: Any) -> Any:
-    """``obj`` as it reads back from JSON (tuples become lists)."""
-    return json.loads(json.dumps(obj))
-
-
-def _architecture(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """Layer classes and settings, leaving out names and weight initialisers."""
-    out = []
-    for spec in config["layers"]:
-        settings = {k: v for k, v in spec["config"].items()
-                    if k != "name" and not k.endswith("_initializer")}
-        out.append((spec["class"], settings))
-    return out
-
-
-def _check_architecture(model: Sequential, config: dict[str, Any], path: str) -> None:
-    mine = _normal(model_config(model))
-    try:
-        theirs, ours = _architecture(config), _architecture(mine)
-        shape = config["input_shape"]
-        dtype = config["dtype"]
-    except (KeyError, TypeError, AttributeError) as e:
-        raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
-                              ) from e
-
-    def show(layer: tuple[str, dict[str, Any]]) -> str:
-        return f"{layer[0]}({', '.join(f'{k}={v!r}' for k, v in layer[1].items())})"
-
-    if shape != mine["input_shape"]:
-        raise DataFormatError(f"{path} holds a model for inputs of shape {tuple(shape)}; this "
-                              f"model takes {tuple(mine['input_shape'])}")
-    if dtype != mine["dtype"]:
-        raise DataFormatError(f"{path} holds a {dtype} model; this model is {mine['dtype']}")
-    for i, (a, b) in enumerate(zip(theirs, ours, strict=False)):
-        if a != b:
-            raise DataFormatError(f"{path} holds a model of another architecture: its layer {i} "
-                                  f"is {show(a)}, this model's is {show(b)}")
-    if len(theirs) != len(ours):
-        raise DataFormatError(f"{path} holds a model of another architecture: {len(theirs)} "
-                              f"layers, this model has {len(ours)}")
-
-
-def _restore(model: Sequential, config: dict[str, Any], arrays: dict[str, np.ndarray],
-             path: str) -> Checkpoint:
+def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     """Check every field of a checkpoint, then put it into ``model`` (all or nothing)."""
+    path = npz.path
     opt = model.optimizer
     assert opt is not None
     bad = lambda what: DataFormatError(f"{path}: invalid checkpoint: {what}")  # noqa: E731
@@ -337,10 +259,15 @@ def _restore(model: Sequential, config: dict[str, Any], arrays: dict[str, np.nda
                 raise bad(f"{slot_counts[name]!r} {name!r} slots for {len(params)} parameters")
             slots[name] = []
             for k, p in enumerate(params):
-                a = arrays.get(f"slot.{name}.{k}")
+                key = f"slot.{name}.{k}"
+                a = npz.read(key, array_bytes(math.prod(p.shape))) if key in npz.entries \
+                    else None
                 if a is None or tuple(a.shape) != tuple(p.shape) or a.dtype.kind != "f":
                     raise bad(f"optimizer slot {name}.{k} is missing or not a float array of "
                               f"shape {tuple(p.shape)}")
+                if not np.all(np.isfinite(a)):
+                    raise bad(f"array {key!r} (the optimizer's {name!r} state) holds NaN or "
+                              "infinite values")
                 slots[name].append(a)
     loss_scale = config.get("loss_scale")
     if not isinstance(loss_scale, int | float) or not 0 < loss_scale < math.inf:
@@ -367,7 +294,7 @@ def _restore(model: Sequential, config: dict[str, Any], arrays: dict[str, np.nda
     if not isinstance(run, dict):
         raise bad("no run description")
 
-    set_weights_from_file(model, arrays, path)  # checks shapes before replacing anything
+    set_weights_from_file(model, npz)  # checks shapes before replacing anything
     opt.iterations = iterations
     opt.slots = {name: [model.backend.asarray(a) for a in v] for name, v in slots.items()}
     model.loss_scale, model._good_steps = float(loss_scale), good_steps
@@ -433,7 +360,7 @@ class FitCheckpoints:
     """What ``Sequential.fit`` calls when given ``checkpoint=``: restores at the start, writes
     after every ``every`` steps (an int) and at the end of every epoch."""
 
-    def __init__(self, model: Sequential, path: str | os.PathLike[str], every: int | str,
+    def __init__(self, model: Any, path: str | os.PathLike[str], every: int | str,
                  resume: bool, run: dict[str, Any], steps_per_epoch: int, verbose: int) -> None:
         if not isinstance(path, str | os.PathLike) or not os.fspath(path):
             raise InputError(f"checkpoint must be a file path, got {path!r}")
@@ -446,6 +373,28 @@ class FitCheckpoints:
         self.model, self.path, self.every = model, os.fspath(path), every
         self.resume, self.run, self.steps = resume, run, steps_per_epoch
         self.verbose = verbose
+        self.interrupted = False
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Inside, a Ctrl-C (SIGINT) lets the step in progress finish, writes a checkpoint at
+        that step and raises :class:`~xpcnn.errors.TrainingInterrupted`; a second Ctrl-C
+        interrupts at once (the last checkpoint written stays). Only the main thread receives
+        signals, so elsewhere this changes nothing."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+
+        previous = signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def start(self) -> tuple[History, Progress | None]:
         """The history so far and where to start (None: from the beginning)."""
@@ -453,9 +402,13 @@ class FitCheckpoints:
             if self.resume and self.verbose:
                 print(f"no checkpoint at {self.path} yet: starting from the beginning")
             return History(), None
-        config, arrays = _read(self.path)
-        _check_compatible(self.model, config, arrays, self.path)
-        run, mine = config.get("run"), _normal(self.run)
+        with NpzArchive(self.path) as npz:
+            return self._resume(npz)
+
+    def _resume(self, npz: NpzArchive) -> tuple[History, Progress | None]:
+        config = _checkpoint_config(npz)
+        _check_compatible(self.model, config, npz)
+        run, mine = config.get("run"), normal(self.run)
         if not isinstance(run, dict):
             raise DataFormatError(f"{self.path}: invalid checkpoint: no run description")
         if run != mine:  # checked before the model is touched
@@ -468,7 +421,7 @@ class FitCheckpoints:
         if progress.step > self.steps or (progress.step and not progress.seen):
             raise DataFormatError(f"{self.path}: invalid checkpoint: step {progress.step} of an "
                                   f"epoch of {self.steps} steps, {progress.seen} samples seen")
-        ckpt = _restore(self.model, config, arrays, self.path)
+        ckpt = _restore(self.model, config, npz)
         if self.verbose:
             print(f"resuming from {self.path}: epoch {ckpt.epoch + 1}, {ckpt.step}/"
                   f"{self.steps} steps done")
@@ -477,13 +430,22 @@ class FitCheckpoints:
     def after_step(self, epoch: int, step: int, loss_sum: float, correct: float, seen: float,
                    t0: float, history: History) -> None:
         """Called after batch ``step`` (1-based) of ``epoch``; t0 is the epoch's start time."""
-        if self.every == "epoch" or (epoch * self.steps + step) % self.every:  # type: ignore
+        if not self.interrupted and (
+                self.every == "epoch" or (epoch * self.steps + step) % self.every  # type: ignore
+                or step == self.steps):  # (the end-of-epoch checkpoint follows at once)
             return
-        if step == self.steps:
-            return  # the end-of-epoch checkpoint follows at once
         save_checkpoint(self.model, self.path,
                         Progress(epoch, step, loss_sum, correct, seen, time.perf_counter() - t0),
                         history, self.run)
+        self._stop_if_interrupted(epoch, step)
 
     def after_epoch(self, epoch: int, history: History) -> None:
         save_checkpoint(self.model, self.path, Progress(epoch + 1), history, self.run)
+        self._stop_if_interrupted(epoch, self.steps)
+
+    def _stop_if_interrupted(self, epoch: int, step: int) -> None:
+        if self.interrupted:
+            raise TrainingInterrupted(
+                f"interrupted at epoch {epoch + 1}, step {step}/{self.steps}; the checkpoint "
+                f"{self.path} holds the training state there, and resuming continues from it",
+                self.path)

@@ -1,0 +1,350 @@
+"""Model files: the architecture as JSON and the weights as arrays in one .npz, read without pickle.
+
+A model is rebuilt from its file through two registries: the layers by class name
+(:data:`~xpcnn.layers.base.LAYER_TYPES`) and the model class by name (:data:`MODEL_TYPES`,
+filled by :func:`register_model`), so nothing here imports the model module, which imports this.
+
+Files from outside are untrusted. Before any array is inflated, every entry must be one the
+architecture has a place for; each layer's weight count is checked against what the entries
+claim before the layer is built, and each entry is then inflated under the cap its weight's
+size implies (:class:`~xpcnn.saving.npz.NpzArchive`). Weights holding NaN or infinity, unknown
+layers and sizes a configuration cannot have are all a :class:`~xpcnn.errors.DataFormatError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Collection
+from typing import Any
+
+import numpy as np
+
+from ..backend import DeviceLike
+from ..errors import DataFormatError, InputError, NonFiniteError
+from ..layers import BatchNorm2D, Conv2D, Dense
+from ..layers.base import LAYER_TYPES, Layer
+from ..losses import SoftmaxCrossEntropy
+from ..optim import optimizer_from_config
+from .npz import CONFIG_KEY, NpzArchive, array_bytes, encode_json, write_npz_atomic
+
+FORMAT = "xpcnn-model"
+VERSION = 1
+CHECKPOINT_FORMAT = "xpcnn-checkpoint"
+
+#: Model classes a file may name, by class name (see :func:`register_model`).
+MODEL_TYPES: dict[str, type] = {}
+
+#: The most values per sample (after padding) that a model file may make a layer take, 64 Mi
+#: (4096 x 4096 x 4): a bigger claim is refused before any layer is built.
+MAX_SAMPLE_VALUES = 2**26
+
+
+def register_model(cls: type) -> type:
+    """Class decorator: files may name ``cls`` (by its class name) as the model to rebuild.
+
+    The class is constructed as ``cls(layers, device=, seed=, dtype=, name=)``, then built for
+    the file's input shape and compiled with its settings."""
+    MODEL_TYPES[cls.__name__] = cls
+    return cls
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def model_config(model: Any) -> dict[str, Any]:
+    """Everything but the weights: enough to rebuild the same model."""
+    config: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "class": type(model).__name__, "name": model.name,
+        "seed": model.seed, "dtype": model.dtype_name,
+        "input_shape": list(model.input_shape or []),
+        "layers": [{"class": type(la).__name__, "config": la.get_config()}
+                   for la in model.layers],
+    }
+    if model.loss is not None and model.optimizer is not None:
+        config["compile"] = {"loss": model.loss.get_config(),
+                             "optimizer": model.optimizer.get_config(),
+                             "precision": model.precision}
+    return config
+
+
+def weight_arrays(model: Any, path: str) -> dict[str, np.ndarray]:
+    """Every layer's weights as the entries ``layer{i}.{j}`` of a model file or checkpoint;
+    ``NonFiniteError`` (and nothing written to ``path``) if one holds NaN or infinity."""
+    arrays = {}
+    for i, la in enumerate(model.layers):
+        names = [n for n in la.weight_names if n in la._arrays()]
+        for j, (name, w) in enumerate(zip(names, la.get_weights(), strict=True)):
+            if not np.all(np.isfinite(w)):
+                raise NonFiniteError(f"the weights of layer {la.name!r} ({name}) hold NaN or "
+                                     f"infinity: {path} was not written")
+            arrays[f"layer{i}.{j}"] = w
+    return arrays
+
+
+def save_model(model: Any, path: str | os.PathLike[str]) -> None:
+    """Write ``model``'s architecture, compile settings and weights to ``path``, atomically."""
+    path = os.fspath(path)
+    model._require_built("save")
+    arrays = {CONFIG_KEY: encode_json(model_config(model)), **weight_arrays(model, path)}
+    write_npz_atomic(path, arrays)
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def load_model(path: str | os.PathLike[str], device: DeviceLike = "cpu") -> Any:
+    """Load a model written by ``Model.save`` onto ``device``.
+
+    A checkpoint (:mod:`xpcnn.saving.checkpoint`) loads too: its model, with the weights it holds.
+    """
+    path = os.fspath(path)
+    with NpzArchive(path) as npz:
+        config = npz.read_config()
+        checkpoint = isinstance(config, dict) and config.get("format") == CHECKPOINT_FORMAT
+        return model_from_file(config.get("model") if checkpoint else config, npz, device,
+                               with_slots=checkpoint)
+
+
+def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
+                    with_slots: bool = False) -> Any:
+    """Rebuild, compile and fill the model that ``config`` describes from the file ``npz``.
+
+    ``with_slots``: the file is a checkpoint, whose optimiser slots are allowed (not read here).
+    Every field is checked; the file's entries are checked against the architecture before any
+    is inflated, and each layer's weight count before the layer is built.
+    """
+    path = npz.path
+    layers, input_shape = layers_from_config(config, path)
+    try:
+        cls = MODEL_TYPES.get(config.get("class", "Sequential"))
+        if cls is None:
+            raise DataFormatError(f"{path}: unknown model class {config.get('class')!r}")
+        compiled = config.get("compile")
+        loss = optimizer = None
+        if compiled is not None:
+            loss = SoftmaxCrossEntropy(**compiled["loss"])
+            optimizer = optimizer_from_config(compiled["optimizer"])
+        slots = optimizer.slot_names if with_slots and optimizer is not None else ()
+        check_entries(npz, layers, slots)
+        check_sizes(layers, input_shape, npz)
+        model = cls(layers, device=device, seed=int(config["seed"]), dtype=config["dtype"],
+                    name=str(config["name"]))
+        model.build(input_shape)
+        if compiled is not None:
+            model.compile(loss, optimizer, precision=compiled["precision"])
+    except DataFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
+        raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
+                              ) from e
+    set_weights_from_file(model, npz)
+    return model
+
+
+def layers_from_config(config: Any, path: str) -> tuple[list[Layer], tuple[int, ...]]:
+    """The (unbuilt) layers and the input shape of a model configuration, every field checked."""
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise DataFormatError(f"{path}: not an xpcnn model file (format is not {FORMAT!r})")
+    if config.get("version") != VERSION:
+        raise DataFormatError(f"{path}: model format version {config.get('version')!r} is not "
+                              f"supported (this xpcnn reads version {VERSION})")
+    try:
+        layers = []
+        for spec in config["layers"]:
+            cls = LAYER_TYPES.get(spec["class"])
+            if cls is None or spec["class"].startswith("_"):
+                raise DataFormatError(f"{path}: unknown layer type {spec['class']!r}")
+            layers.append(cls(**spec["config"]))
+    except DataFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
+        raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
+                              ) from e
+    return layers, input_shape_of(config, path)
+
+
+def input_shape_of(config: dict[str, Any], path: str) -> tuple[int, ...]:
+    shape = config.get("input_shape")
+    if not isinstance(shape, list) or not shape or not all(
+            type(d) is int and d > 0 for d in shape):
+        raise DataFormatError(f"{path}: input_shape {shape!r} is not a list of sizes")
+    return tuple(shape)
+
+
+_ENTRY = re.compile(r"layer(\d+)\.(\d+)|slot\.(\w+)\.(\d+)")
+
+
+def check_entries(npz: NpzArchive, layers: list[Layer], slot_names: Collection[str]) -> None:
+    """Refuse, before inflating anything, an entry that the architecture has no place for:
+    weight ``j`` of layer ``i`` exists only where that layer has a ``j``-th weight, and optimiser
+    slots (``slot.{name}.{k}``) only in a checkpoint, under its optimiser's slot names."""
+    params = sum(len(la.weight_names) for la in layers)
+    for key in npz.entries:
+        if key == CONFIG_KEY:
+            continue
+        m = _ENTRY.fullmatch(key)
+        ok = m is not None and (
+            (int(m[1]) < len(layers) and int(m[2]) < len(layers[int(m[1])].weight_names))
+            if m[1] is not None else (m[3] in slot_names and int(m[4]) < params))
+        if not ok:
+            raise DataFormatError(f"{npz.path}: unexpected entry {key!r}: this model has no "
+                                  "place for it (the file is corrupt or not an xpcnn file); "
+                                  "nothing was read from it")
+
+
+def check_sizes(layers: list[Layer], shape: tuple[int, ...], npz: NpzArchive) -> None:
+    """Refuse, before building it, a layer that would allocate more than the file accounts for.
+
+    Walks the layers on the host with trial builds: each layer's input (with its padding or
+    window) must stay under :data:`MAX_SAMPLE_VALUES` values, and the weights a Dense, Conv2D or
+    BatchNorm2D layer would create must number exactly the values its entries claim (read from
+    their headers alone).
+    """
+    path = npz.path
+    for i, layer in enumerate(layers):
+        window = max([*getattr(layer, "kernel_size", ()), *getattr(layer, "pool_size", ()), 0])
+        pad = getattr(layer, "padding", 0)
+        extra = 2 * max(window, pad if isinstance(pad, int) else 0)
+        padded = (shape[0] + extra, shape[1] + extra, *shape[2:]) if len(shape) == 3 else shape
+        if math.prod(padded) > MAX_SAMPLE_VALUES:
+            raise DataFormatError(f"{path}: layer {i} ({type(layer).__name__}) would take inputs "
+                                  f"of shape {shape}, more than {MAX_SAMPLE_VALUES} values per "
+                                  "sample with its padding: the file is corrupt or not a model")
+        need = _weight_count(layer, shape)
+        if need is not None:
+            have = sum(math.prod(npz.header(k)[0]) for k in npz.entries
+                       if k.startswith(f"layer{i}."))
+            if need != have:
+                raise DataFormatError(f"{path}: layer {i} ({type(layer).__name__}) needs {need} "
+                                      f"weight values for inputs of shape {shape}, but the file "
+                                      f"holds {have}")
+        shape = layer.build(shape, "cpu", "float32", None, np.random.default_rng(0))
+
+
+def _weight_count(layer: Layer, shape: tuple[int, ...]) -> int | None:
+    """How many weight values ``layer`` creates for per-sample ``shape`` (None: not known here;
+    a wrong rank is left for the layer's own build to report)."""
+    if isinstance(layer, Dense):
+        return shape[0] * layer.units + layer.units * layer.use_bias if len(shape) == 1 else None
+    if isinstance(layer, Conv2D):
+        if len(shape) != 3:
+            return None
+        kh, kw = layer.kernel_size
+        return kh * kw * shape[2] * layer.filters + layer.filters * layer.use_bias
+    if isinstance(layer, BatchNorm2D):
+        return 4 * shape[-1]
+    return 0 if not layer.weight_names else None
+
+
+def set_weights_from_file(model: Any, npz: NpzArchive) -> None:
+    """Give the built ``model`` the weights ``layer{i}.{j}`` of a model file or checkpoint, each
+    inflated under the cap its size implies and refused if it holds NaN or infinity."""
+    path = npz.path
+    weights = []
+    for i, la in enumerate(model.layers):
+        arrays = la._arrays()
+        for j, name in enumerate(n for n in la.weight_names if n in arrays):
+            key = f"layer{i}.{j}"
+            if key not in npz.entries:
+                raise DataFormatError(f"{path}: weight {key} of layer {la.name!r} is missing")
+            w = npz.read(key, array_bytes(math.prod(arrays[name].shape)))
+            if w.dtype.kind == "f" and not np.all(np.isfinite(w)):
+                raise DataFormatError(f"{path}: array {key!r} ({name} of layer {la.name!r}) "
+                                      "holds NaN or infinite values: the file is corrupt or was "
+                                      "written from a model that diverged")
+            weights.append(w)
+    try:
+        model.set_weights(weights)
+    except InputError as e:
+        raise DataFormatError(f"{path}: weights do not fit the architecture: {e}") from e
+
+
+def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
+    """Load the weights of a model file or checkpoint into ``model``, checking that the file
+    holds the same architecture; otherwise ``DataFormatError`` names the first difference."""
+    path = os.fspath(path)
+    with NpzArchive(path) as npz:
+        config = npz.read_config()
+        checkpoint = isinstance(config, dict) and config.get("format") == CHECKPOINT_FORMAT
+        if checkpoint:
+            config = config.get("model")
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise DataFormatError(f"{path}: not an xpcnn model file or checkpoint")
+        check_file_entries(npz, config, checkpoint)
+        build_for(model, config, npz)
+        check_architecture(model, config, path)
+        set_weights_from_file(model, npz)
+
+
+def check_file_entries(npz: NpzArchive, config: dict[str, Any], checkpoint: bool) -> None:
+    """:func:`check_entries` against the model that the file's own ``config`` describes (and,
+    in a checkpoint, its optimiser's slots)."""
+    layers, _ = layers_from_config(config, npz.path)
+    slots: tuple[str, ...] = ()
+    if checkpoint:
+        try:
+            slots = tuple(optimizer_from_config(config["compile"]["optimizer"]).slot_names)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
+                RecursionError) as e:
+            raise DataFormatError(f"{npz.path}: invalid checkpoint: its optimizer "
+                                  f"configuration ({type(e).__name__}: {e})") from e
+    check_entries(npz, layers, slots)
+
+
+def build_for(model: Any, config: dict[str, Any], npz: NpzArchive) -> None:
+    """Build an unbuilt ``model`` for the file's input shape, once that is known to be sane."""
+    if model.built:
+        return
+    shape = input_shape_of(config, npz.path)
+    try:
+        check_sizes(model.layers, shape, npz)
+    except InputError as e:  # the model's layers do not take that shape
+        raise DataFormatError(f"{npz.path} holds a model for inputs of shape {shape}, which "
+                              f"this model cannot take: {e}") from e
+    model.build(shape)
+
+
+def normal(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(obj))
+
+
+def _architecture(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Layer classes and settings, leaving out names and weight initialisers."""
+    out = []
+    for spec in config["layers"]:
+        settings = {k: v for k, v in spec["config"].items()
+                    if k != "name" and not k.endswith("_initializer")}
+        out.append((spec["class"], settings))
+    return out
+
+
+def check_architecture(model: Any, config: dict[str, Any], path: str) -> None:
+    """Refuse a file whose model differs from ``model`` in input shape, dtype or layers."""
+    mine = normal(model_config(model))
+    try:
+        theirs, ours = _architecture(config), _architecture(mine)
+        shape = config["input_shape"]
+        dtype = config["dtype"]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
+                              ) from e
+
+    def show(layer: tuple[str, dict[str, Any]]) -> str:
+        return f"{layer[0]}({', '.join(f'{k}={v!r}' for k, v in layer[1].items())})"
+
+    if shape != mine["input_shape"]:
+        raise DataFormatError(f"{path} holds a model for inputs of shape {tuple(shape)}; this "
+                              f"model takes {tuple(mine['input_shape'])}")
+    if dtype != mine["dtype"]:
+        raise DataFormatError(f"{path} holds a {dtype} model; this model is {mine['dtype']}")
+    for i, (a, b) in enumerate(zip(theirs, ours, strict=False)):
+        if a != b:
+            raise DataFormatError(f"{path} holds a model of another architecture: its layer {i} "
+                                  f"is {show(a)}, this model's is {show(b)}")
+    if len(theirs) != len(ours):
+        raise DataFormatError(f"{path} holds a model of another architecture: {len(theirs)} "
+                              f"layers, this model has {len(ours)}")

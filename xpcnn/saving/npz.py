@@ -1,0 +1,236 @@
+"""Bounded reading and atomic writing of .npz files of plain arrays, without pickle.
+
+Files from outside are untrusted. :class:`NpzArchive` checks the zip directory when it opens a
+file (entry names, compression methods, the sizes claimed against the file's own size) and
+inflates nothing until an entry is asked for; it then inflates that one entry as a stream cut off
+at a cap the caller derives from what the entry must hold, so neither an unexpected entry nor a
+lying size can make it allocate more. Each array's header is checked against the bytes really
+there before an array is made from them, and only plain numeric arrays (bool, int, uint, float)
+are accepted, never Python objects. Every way a file can be wrong is a
+:class:`~xpcnn.errors.DataFormatError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import secrets
+import struct
+import warnings
+import zipfile
+import zlib
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataFormatError
+
+CONFIG_KEY = "__config__"
+#: The most bytes the JSON configuration entry may inflate to.
+MAX_CONFIG_BYTES = 1 << 24
+#: Room for an .npy preamble and header (numpy writes 128 bytes for the arrays saved here).
+NPY_HEADER_BYTES = 4096
+#: The widest value a weight or optimiser slot may be stored as (float64).
+MAX_ITEMSIZE = 8
+MAX_ENTRIES = 100_000
+#: Compression methods an entry may use: what numpy writes (stored or deflated). Deflate cannot
+#: expand data more than about 1032 times, which bounds what a directory may claim.
+_METHODS = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: 1032}
+_READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, KeyError,
+                NotImplementedError, RuntimeError, zlib.error, OverflowError, IndexError,
+                TypeError, RecursionError, struct.error)
+
+
+def array_bytes(values: int) -> int:
+    """The most bytes an .npy entry holding ``values`` numbers may inflate to."""
+    return NPY_HEADER_BYTES + MAX_ITEMSIZE * int(values)
+
+
+def encode_json(obj: Any) -> np.ndarray:
+    return np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+
+
+def decode_json(arr: np.ndarray, path: str) -> Any:
+    if arr.dtype != np.uint8 or arr.ndim != 1:
+        raise DataFormatError(f"{path}: the configuration entry is not JSON bytes")
+    try:
+        return json.loads(arr.tobytes().decode())
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge ints, deep nesting
+        raise DataFormatError(f"{path}: the configuration entry is not valid JSON "
+                              f"({type(e).__name__}: {e})") from e
+
+
+@contextlib.contextmanager
+def _format_errors(path: str) -> Iterator[None]:
+    """Whatever zipfile, zlib or numpy's header parser raise becomes a DataFormatError."""
+    try:
+        yield
+    except DataFormatError:
+        raise
+    except _READ_ERRORS as e:
+        raise DataFormatError(f"{path}: not a readable xpcnn .npz file ({type(e).__name__}: "
+                              f"{e})") from e
+
+
+class NpzArchive:
+    """An .npz file opened for checked reading; use it as a context manager.
+
+    ``entries`` maps each array name (the entry name without ``.npy``) to its zip directory
+    record; nothing is inflated until :meth:`header` or :meth:`read` asks for one entry.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise DataFormatError(f"{self.path}: no such file")
+        with _format_errors(self.path):
+            size = os.path.getsize(self.path)
+            self._zip = zipfile.ZipFile(self.path)
+        try:
+            with _format_errors(self.path):
+                members = self._zip.infolist()
+            if len(members) > MAX_ENTRIES:
+                raise DataFormatError(f"{self.path}: {len(members)} entries; not an xpcnn file")
+            self.entries: dict[str, zipfile.ZipInfo] = {}
+            for info in members:
+                key = _entry_key(info, size, self.path)
+                if key in self.entries:
+                    raise DataFormatError(f"{self.path}: entry {key!r} appears twice")
+                self.entries[key] = info
+        except BaseException:
+            self._zip.close()
+            raise
+
+    def __enter__(self) -> NpzArchive:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._zip.close()
+
+    def _inflate(self, key: str, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` inflated bytes of entry ``key``; more is an error."""
+        info = self.entries[key]
+        if info.file_size > max_bytes:
+            raise DataFormatError(f"{self.path}: entry {key!r} claims {info.file_size} bytes, "
+                                  f"more than the {max_bytes} its place in the file allows")
+        with _format_errors(self.path), self._zip.open(info) as f:
+            data = f.read(max_bytes + 1)  # a stream: never more than this is inflated
+        if len(data) > max_bytes:
+            raise DataFormatError(f"{self.path}: entry {key!r} inflates to more than its "
+                                  f"{max_bytes}-byte limit")
+        return data
+
+    def header(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+        """The shape and dtype entry ``key`` claims, from its first bytes alone."""
+        with _format_errors(self.path), self._zip.open(self.entries[key]) as f:
+            head = f.read(NPY_HEADER_BYTES)
+        shape, _, dtype = _read_header(io.BytesIO(head), f"{self.path}: entry {key!r}")
+        return shape, dtype
+
+    def read(self, key: str, max_bytes: int) -> np.ndarray:
+        """The array in entry ``key``, which may inflate to at most ``max_bytes`` bytes."""
+        return _parse_npy(self._inflate(key, max_bytes), f"{self.path}: entry {key!r}")
+
+    def read_config(self) -> Any:
+        """The decoded JSON configuration entry."""
+        if CONFIG_KEY not in self.entries:
+            raise DataFormatError(f"{self.path}: not an xpcnn model file or checkpoint (no "
+                                  f"{CONFIG_KEY} entry)")
+        return decode_json(self.read(CONFIG_KEY, MAX_CONFIG_BYTES), self.path)
+
+
+def _entry_key(info: zipfile.ZipInfo, archive_size: int, path: str) -> str:
+    """The array name of a zip entry, after checking its sizes against what the file can hold."""
+    name = info.filename
+    if not name.endswith(".npy") or info.is_dir():
+        raise DataFormatError(f"{path}: entry {name!r} is not an array (.npy)")
+    if info.flag_bits & 0x1:
+        raise DataFormatError(f"{path}: entry {name!r} is encrypted")
+    ratio = _METHODS.get(info.compress_type)
+    if ratio is None:
+        raise DataFormatError(f"{path}: entry {name!r} uses compression method "
+                              f"{info.compress_type}; only stored or deflated entries are read")
+    if info.compress_size > archive_size or info.file_size > ratio * info.compress_size + 64:
+        raise DataFormatError(f"{path}: entry {name!r} claims {info.file_size} bytes from "
+                              f"{info.compress_size} stored bytes in a {archive_size}-byte file")
+    return name[:-4]
+
+
+def _read_header(f: io.BytesIO, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    try:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise DataFormatError(f"{where}: .npy format version {version} is not supported")
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        with warnings.catch_warnings():  # e.g. "created on Python 2": not a file we wrote
+            warnings.simplefilter("error")
+            shape, fortran, dtype = read_header(f)
+    except DataFormatError:
+        raise
+    except Exception as e:  # numpy's header parser raises ValueError, TokenError, SyntaxError...
+        raise DataFormatError(f"{where}: unreadable .npy header ({type(e).__name__}: {e})") from e
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
+        raise DataFormatError(f"{where}: arrays of dtype {dtype} are not accepted (only numbers)")
+    if any(d < 0 for d in shape):
+        raise DataFormatError(f"{where}: negative size in shape {shape}")
+    return shape, fortran, dtype
+
+
+def _parse_npy(data: bytes, where: str) -> np.ndarray:
+    """One .npy image held in memory, checked before any array is made from it."""
+    f = io.BytesIO(data)
+    shape, fortran, dtype = _read_header(f, where)
+    count = math.prod(shape)
+    offset = f.tell()
+    if count * dtype.itemsize != len(data) - offset:
+        raise DataFormatError(f"{where}: header says {dtype} {shape} ({count * dtype.itemsize} "
+                              f"bytes) but {len(data) - offset} bytes follow")
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    arr = arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
+    return arr.copy()  # owns aligned, writable memory
+
+
+def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
+    """Write an .npz so that ``path`` is always either the old file or the complete new one.
+
+    The file is created as ``open`` creates files (mode 0666 less the umask), so it can be
+    shared where the umask allows.
+    """
+    path = os.fspath(path)
+    folder, base = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = _new_temporary(folder, base)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _new_temporary(folder: str, base: str) -> tuple[int, str]:
+    """A new file ``.<base>.<random>.tmp`` in ``folder`` (a killed writer's leftover is
+    recognisable by that name), created with mode 0666 for the kernel to apply the umask to."""
+    while True:
+        tmp = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
+        with contextlib.suppress(FileExistsError):
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
