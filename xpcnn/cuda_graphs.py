@@ -92,14 +92,18 @@ class StepGraphs:
     ``step(xb, yb, scalars)`` is one training step without host reads whose optimiser update
     takes the per-step numbers from ``scalars`` (0-d arrays); it returns device arrays, which
     after a replay hold that replay's values. ``arrays()`` lists every array that outlives a
-    step, by name. ``scalars_for_next()`` gives the next step's numbers (host floats) and
-    ``advance()`` counts a step done; ``capturable`` is the kernels' context for matmuls that
-    can be captured; ``device`` makes the static buffers (see :meth:`_static`).
+    step, by name ("param ..." first). ``scalars_for_next()`` gives the next step's numbers
+    (host floats) and ``advance()`` counts a step done; ``capturable()`` is the kernels'
+    context for matrix products that can be captured; ``capture`` the CUDA side
+    (:class:`CupyCapture`; tests give a stand-in).
     """
 
     def __init__(self, step: StepFn, arrays: ArraysFn, scalars_for_next: Callable[[], dict],
                  advance: Callable[[], None], backend: Any, capturable: Any,
                  capture: Any = None, warmup: int = 2) -> None:
+        if warmup < 2:
+            raise ValueError("at least two warm-up steps: the first may create arrays (the "
+                             "optimiser's slots), the last checks that none is rebound")
         self.step, self.arrays = step, arrays
         self.scalars_for_next, self.advance = scalars_for_next, advance
         self.backend, self.capturable = backend, capturable
@@ -110,7 +114,7 @@ class StepGraphs:
         self.graph: Any = None
         self.reason = ""  # why the step runs eagerly for good ("" while capture is possible)
         self._static: tuple[Any, Any] | None = None
-        self._scalars: Any = None  # (vector, names): device scalars refilled before each step
+        self._scalars: dict[str, Any] | None = None  # refilled before each step
         self._outputs: Any = None
         self._identity: list[tuple[str, int]] = []
 
@@ -130,11 +134,12 @@ class StepGraphs:
             return "warmup" if self.warm < self.warmup else "capture"
         return "replay"
 
-    def __call__(self, xb: Any, yb: Any, eager: Callable[[Any, Any], Any]) -> Any:
-        """One training step on (xb, yb): ``eager(xb, yb)`` where the step is not captured."""
+    def run(self, xb: Any, yb: Any) -> Any | None:
+        """One training step on (xb, yb) warmed up, captured or replayed: its outputs; None
+        where this step runs eagerly instead (the caller runs it)."""
         action = self.decide(xb, yb)
         if action == "eager":
-            return eager(xb, yb)
+            return None
         self._fill_scalars()
         if action == "replay":
             static_x, static_y = self._static  # type: ignore[misc]
@@ -147,7 +152,7 @@ class StepGraphs:
             return self._warm_up(xb, yb) if action == "warmup" else self._capture(xb, yb)
 
     def _run(self, xb: Any, yb: Any) -> Any:
-        out = self.step(xb, yb, self._scalars[1])
+        out = self.step(xb, yb, self._scalars)
         self.advance()
         return out
 
@@ -169,7 +174,7 @@ class StepGraphs:
         before = self._ids()
         try:
             graph, out = self.capture.capture(
-                lambda: self.step(static_x, static_y, self._scalars[1]))
+                lambda: self.step(static_x, static_y, self._scalars))
         except Exception as e:  # what the capture refused, e.g. a read from the host
             first = (str(e).splitlines() or [type(e).__name__])[0][:200]
             self.reason = f"capturing the step failed: {first}"
@@ -192,15 +197,15 @@ class StepGraphs:
         return next((n for (n, a), (_, b) in zip(before, now, strict=True) if a != b), "")
 
     def _fill_scalars(self) -> None:
-        """Put the next step's numbers into the device scalars (made on first use)."""
+        """Put the next step's numbers into the device scalars (made on first use), one 0-d
+        array each: the graph reads them where it was captured reading them."""
         values = self.scalars_for_next()
-        names = sorted(values)
-        if self._scalars is None or self._scalars[2] != names:
-            vector = self.backend.asarray([values[k] for k in names], dtype=self._dtype())
-            self._scalars = (vector, {k: vector[i] for i, k in enumerate(names)}, names)
-        else:
-            vector = self._scalars[0]
-            vector[...] = self.backend.asarray([values[k] for k in names], dtype=vector.dtype)
+        if self._scalars is None or set(self._scalars) != set(values):
+            dtype = self._dtype()
+            self._scalars = {k: self.backend.asarray(v, dtype=dtype) for k, v in values.items()}
+            return
+        for k, v in values.items():
+            self._scalars[k][...] = v
 
     def _dtype(self) -> Any:
         """The parameters' dtype (the scalars meet them in the update)."""

@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 
 from . import checks
 from .backend import Backend, DeviceLike, get_backend
+from .cuda_graphs import StepGraphs
+from .cuda_graphs import blockers as graph_blockers
 from .errors import InputError, NonFiniteError
 from .history import History
 from .layers.activation import ReLU, Softmax
@@ -72,6 +75,10 @@ class Model:
         self.loss_scale = 1.0
         self._good_steps = 0
         self.built = False
+        self.cuda_graphs: bool | None = None
+        #: Why training steps run without CUDA graphs ("" while they are captured, or will be).
+        self.cuda_graphs_reason = ""
+        self._graphs: StepGraphs | None = None
 
     @property
     def num_classes(self) -> int:
@@ -84,13 +91,22 @@ class Model:
 
     def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
                 optimizer: str | Optimizer = "adam", metrics: tuple[str, ...] | list[str] = (
-                    "accuracy",), precision: str = "float32") -> None:
+                    "accuracy",), precision: str = "float32",
+                cuda_graphs: bool | None = None) -> None:
         """Choose the loss, the optimiser, the metrics (only ``"accuracy"``) and the precision.
 
         ``precision`` is ``"float32"``, ``"mixed_float16"`` or ``"mixed_bfloat16"``: matmuls in
         the low precision, float32 master weights, softmax, loss and normalisation statistics,
         and dynamic loss scaling for float16.
+
+        ``cuda_graphs``: capture the training step in a CUDA graph and replay it
+        (:mod:`xpcnn.cuda_graphs`); None (the default) does so on CuPy wherever the model
+        allows it, True also warns once where it does not, False never does.
+        ``cuda_graphs_reason`` says why steps run without.
         """
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise InputError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
+        self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
         self.loss = get_loss(loss)
         self.optimizer = get_optimizer(optimizer)
         metrics = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -119,7 +135,96 @@ class Model:
     def train_step(self, xb: Any, yb: Any) -> tuple[float, float]:
         """One forward, backward and update on a device batch; returns (loss, correct count)."""
         with self.backend.compute_scope():
-            return self._train_step(xb, yb)
+            graphs = self._step_graphs()
+            step = self.optimizer.iterations + 1  # type: ignore[union-attr]
+            stats = None if graphs is None else graphs.run(xb, yb)
+            if stats is None:
+                return self._train_step(xb, yb)
+            return self._check_graph_step(stats, step, xb)
+
+    # -- CUDA graphs (xpcnn.cuda_graphs) ------------------------------------------------------
+    def _step_graphs(self) -> StepGraphs | None:
+        """The captured-step runner where this model's steps can be captured, else None (with
+        the reason in ``cuda_graphs_reason``)."""
+        if self.cuda_graphs is False or self.cuda_graphs_reason:
+            return None
+        if self._graphs is not None and self._graphs.backend is self.backend:
+            if self._graphs.reason:  # (found while warming up or capturing)
+                self.cuda_graphs_reason = self._graphs.reason
+                return None
+            return self._graphs
+        reasons = self._graph_blockers()
+        if reasons:
+            self.cuda_graphs_reason = reasons[0]
+            if self.cuda_graphs:
+                warnings.warn(f"xpcnn: training steps run without CUDA graphs: {reasons[0]}",
+                              RuntimeWarning, stacklevel=3)
+            return None
+        opt = self.optimizer
+        assert opt is not None
+
+        def advance() -> None:
+            opt.iterations += 1
+
+        self._graphs = StepGraphs(self._graph_step, self._graph_arrays, opt.step_scalars,
+                                  advance, self.backend, kernels_for(self.backend).capturable)
+        return self._graphs
+
+    def _graph_blockers(self) -> list[str]:
+        extra = []
+        if self.precision == "mixed_float16":
+            extra.append("mixed_float16's loss scale is decided on the host each step")
+        if self.backend.name == "cupy":
+            from .ops import cudnn_conv
+
+            if cudnn_conv.load() is None:
+                extra.append("cuDNN could not be loaded: the matrix products would go to "
+                             "cuBLAS, which CuPy cannot capture")
+        return graph_blockers(self.layers, self.optimizer, self.backend.name, tuple(extra))
+
+    def _graph_arrays(self) -> list[tuple[str, Any]]:
+        """Every array that outlives a training step, parameters first (see StepGraphs)."""
+        params = [(f"param {la.name}.{k}", a) for la in self.layers for k, a in la.params.items()]
+        state = [(f"state {la.name}.{k}", a) for la in self.layers for k, a in la.state.items()]
+        slots = [(f"optimizer slot {k}.{i}", a)
+                 for k, v in self.optimizer.slots.items()  # type: ignore[union-attr]
+                 for i, a in enumerate(v)]
+        return params + state + slots
+
+    def _graph_step(self, xb: Any, yb: Any, scalars: dict[str, Any]) -> Any:
+        """The training step as a CUDA graph captures it: no host reads; the update is
+        skipped on the device where the loss or a gradient sum is not finite. Returns [loss,
+        correct count, sum of all gradients] on the device."""
+        xp = self.backend.xp
+        kernels = kernels_for(self.backend)
+        logits = self._logits(xb, training=True)
+        stats, dz = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
+            xp, logits, yb, self._param_dtype, kernels)
+        self._backward(dz)
+        params = [p for la in self.layers for p in la.params.values()]
+        grads = [la.grads[k] for la in self.layers for k in la.params]
+        total = xp.sum(xp.concat([xp.reshape(g, (-1,)) for g in grads]), dtype=stats.dtype)
+        stats = xp.concat([stats, xp.reshape(total, (1,))])
+        self.optimizer.scalar_step(xp, params, grads, scalars,  # type: ignore[union-attr]
+                                   apply=xp.all(xp.isfinite(stats)))
+        return stats
+
+    def _check_graph_step(self, stats: Any, step: int, xb: Any) -> tuple[float, float]:
+        """Read a graph step's [loss, correct, gradient sum]; raise NonFiniteError as the eager
+        step does (the device skipped the update, so the step does not count)."""
+        host = self.backend.to_numpy(stats)
+        if np.all(np.isfinite(host)):
+            return float(host[0]), float(host[1])
+        self.optimizer.iterations = step - 1  # type: ignore[union-attr]
+        if not math.isfinite(host[0]):
+            self._raise_non_finite(f"the loss is {host[0]}", xb)
+        xp = self.backend.xp
+        bad = [la for la in self.layers
+               if not all(bool(xp.all(xp.isfinite(la.grads[k]))) for k in la.params)]
+        if bad:
+            raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
+                                 f"backpropagation order) in layer {bad[-1].name!r}")
+        return float(host[0]), float(host[1])  # (only the sum overflowed; the update skipped)
 
     def _train_step(self, xb: Any, yb: Any) -> tuple[float, float]:
         xp = self.backend.xp
@@ -401,6 +506,7 @@ class Model:
                 for k, v in self.optimizer.slots.items()
             }
         self.backend = backend
+        self._graphs, self.cuda_graphs_reason = None, ""
         return self
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -178,15 +178,21 @@ class Optimizer:
         raise NotImplementedError
 
     def scalar_step(self, xp: Any, params: list[Any], grads: list[Any],
-                    scalars: dict[str, Any]) -> None:
+                    scalars: dict[str, Any], apply: Any = None) -> None:
         """One update by the standard formulas with the per-step numbers taken from
         ``scalars`` (0-d arrays, as :meth:`step_scalars` names them): the same values, in the
-        same order, as :meth:`step` computes without fused kernels. ``iterations`` is left to
-        the caller, which counts replays."""
+        same order, as :meth:`step` computes without fused kernels. ``apply``: a 0-d boolean
+        device array; where False, parameters and slots keep their values. ``iterations`` is
+        left to the caller, which counts replays."""
         if not self.slots:
             self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
+        kept = [] if apply is None else [
+            (a, xp.asarray(a, copy=True))
+            for a in [*params, *(s for v in self.slots.values() for s in v)]]
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             self._scalar_update(xp, i, p, g, scalars)
+        for a, before in kept:
+            a[...] = xp.where(apply, a, before)
 
     def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any]) -> None:
         raise NotImplementedError
