@@ -177,7 +177,10 @@ class Model:
         if self.backend.name == "cupy":
             from .ops import cudnn_conv
 
-            if cudnn_conv.load() is None:
+            if not hasattr(kernels_for(self.backend), "capturable"):
+                extra.append("the CuPy fast path is off (XPCNN_FAST_PATH=0): the standard "
+                             "matrix products go to cuBLAS, which CuPy cannot capture")
+            elif cudnn_conv.load() is None:
                 extra.append("cuDNN could not be loaded: the matrix products would go to "
                              "cuBLAS, which CuPy cannot capture")
         return graph_blockers(self.layers, self.optimizer, self.backend.name, tuple(extra))
