@@ -12,10 +12,11 @@ captured in a CUDA graph (tests/test_gpu.py). The same module gives matmuls as c
 which stream capture takes where CuPy's cuBLAS calls are refused (:class:`CudnnMatmul`).
 
 float32 runs in TF32 on the tensor cores, as PyTorch's convolutions do by default; with
-``XPCNN_TF32=0`` in full float32: the plans whose engines carry cuDNN's numerical notes
-TENSOR_CORE or DOWN_CONVERT_INPUTS are excluded (``pygraph.deselect_numeric_notes``), the
-filter PyTorch applies when ``torch.backends.cudnn.allow_tf32`` is False (its cuDNN v8 path,
-aten/src/ATen/native/cudnn/Conv_v8.cpp, ``filterEngineConfigs``).
+``XPCNN_TF32=0`` in full float32. The switch is the one PyTorch uses on its cuDNN v8 path
+(aten/src/ATen/native/cudnn/Conv_v8.cpp, ``filterEngineConfigs``): float32 plans whose engines
+carry cuDNN's numerical note DOWN_CONVERT_INPUTS (float16 products inside) are always
+excluded, those with TENSOR_CORE (TF32) too where TF32 is off
+(``pygraph.deselect_numeric_notes``).
 
 Where cuDNN cannot be loaded, or has no plan for a case, the hand-written CUDA kernels run
 instead, after a one-line warning (once per reason).
@@ -120,9 +121,9 @@ def build_plan(cudnn: ModuleType, dtype: Any, make: Any) -> Plan:
     graph.validate()
     graph.build_operation_graph()
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    if io == cudnn.data_type.FLOAT and not tf32():
-        graph.deselect_numeric_notes([cudnn.numerical_note.TENSOR_CORE,
-                                      cudnn.numerical_note.DOWN_CONVERT_INPUTS])
+    if io == cudnn.data_type.FLOAT:  # no float16 products inside; TF32 only where allowed
+        graph.deselect_numeric_notes([cudnn.numerical_note.DOWN_CONVERT_INPUTS]
+                                     + ([] if tf32() else [cudnn.numerical_note.TENSOR_CORE]))
     graph.check_support()
     graph.build_plans()
     return Plan(cudnn, graph, tensors)
