@@ -8,7 +8,7 @@ from the raw addresses it is given, reading and writing memory exactly where eac
 layout in xpcnn's descriptors therefore gives wrong numbers here, as it would on a GPU. The
 arithmetic (NCHW loops over kernel taps) shares nothing with xpcnn's.
 
-The fake ``cupy`` hands out NumPy arrays with ``.data.ptr`` (their host address).
+The fake ``cupy`` hands out NumPy arrays, whose host addresses stand for device ones.
 """
 
 from __future__ import annotations
@@ -292,38 +292,39 @@ def fake_cudnn() -> types.ModuleType:
 
 
 # -- the CuPy calls of xpcnn.ops.cudnn_conv ---------------------------------------------------
-class DeviceArray(np.ndarray):
-    """A NumPy array with CuPy's ``.data.ptr`` (its address)."""
-
-    @property
-    def data(self) -> Any:  # type: ignore[override]
-        return types.SimpleNamespace(ptr=self.ctypes.data)
-
-
 CURRENT_STREAM = types.SimpleNamespace(ptr=0x5EED)
 
 
-def fake_cupy() -> types.ModuleType:
-    m = types.ModuleType("cupy")
-    m.empty = lambda shape, dtype: np.empty(shape, dtype).view(DeviceArray)
-    m.ascontiguousarray = lambda a: np.ascontiguousarray(a).view(DeviceArray)
+def add_cupy_calls(m: types.ModuleType) -> types.ModuleType:
+    """Give a fake ``cupy`` (NumPy underneath) what xpcnn.ops.cudnn_conv calls."""
+    m.empty = np.empty
+    m.ascontiguousarray = np.ascontiguousarray
     m.uint8 = np.uint8
-    m.cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0),
-                                   get_current_stream=lambda: CURRENT_STREAM)
+    cuda = getattr(m, "cuda", None) or types.SimpleNamespace()
+    cuda.Device = lambda: types.SimpleNamespace(id=0)
+    cuda.get_current_stream = lambda: CURRENT_STREAM
+    m.cuda = cuda
     return m
 
 
-def load_emulated_cudnn_conv() -> tuple[types.ModuleType, dict[str, Any]]:
-    """``xpcnn.ops.cudnn_conv`` imported against the fake ``cupy``, and its ``load()`` giving
-    the fake ``cudnn``; returns the module and the ``sys.modules`` entries to restore."""
-    names = ("cupy", "cudnn", "xpcnn.ops.cudnn_conv")
-    saved = {n: sys.modules.get(n) for n in names}
-    sys.modules["cupy"] = fake_cupy()
-    sys.modules["cudnn"] = fake_cudnn()
+def import_cudnn_conv() -> types.ModuleType:
+    """``xpcnn.ops.cudnn_conv`` imported afresh against whatever ``cupy`` and ``cudnn``
+    sys.modules holds, reading host addresses for device ones."""
     sys.modules.pop("xpcnn.ops.cudnn_conv", None)
     import xpcnn.ops.cudnn_conv as module
 
-    return module, saved
+    module._address = lambda a: a.ctypes.data
+    return module
+
+
+def load_emulated_cudnn_conv() -> tuple[types.ModuleType, dict[str, Any]]:
+    """``xpcnn.ops.cudnn_conv`` imported against a fake ``cupy``, and its ``load()`` giving
+    the fake ``cudnn``; returns the module and the ``sys.modules`` entries to restore."""
+    names = ("cupy", "cudnn", "xpcnn.ops.cudnn_conv")
+    saved = {n: sys.modules.get(n) for n in names}
+    sys.modules["cupy"] = add_cupy_calls(types.ModuleType("cupy"))
+    sys.modules["cudnn"] = fake_cudnn()
+    return import_cudnn_conv(), saved
 
 
 def restore(saved: dict[str, Any]) -> None:

@@ -228,6 +228,7 @@ def test_the_cupy_kernels_choose_cudnn_per_layer_where_it_loads(monkeypatch):
         assert isinstance(engine, KernelsConv) and engine.kern is fast_cupy.KERNELS
     finally:
         sys.modules.pop("xpcnn.ops.cudnn_conv", None)
+        xpcnn.ops.__dict__.pop("cudnn_conv", None)
         restore_fast_cupy(saved)
 
 
@@ -235,15 +236,15 @@ def test_the_real_frontend_takes_these_graph_descriptions(monkeypatch):
     """The graphs described with NVIDIA's own frontend (nvidia-cudnn-frontend, in the test
     extra; its Python graph is built on a machine without a GPU, up to validate): the calls,
     argument names and resulting dims and strides are the ones the stand-in checks."""
-    import importlib
     import sys
+    import types
 
-    from cudnn_emulator import fake_cupy
+    from cudnn_emulator import add_cupy_calls, import_cudnn_conv
 
     cudnn = pytest.importorskip("cudnn")
-    monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
+    monkeypatch.setitem(sys.modules, "cupy", add_cupy_calls(types.ModuleType("cupy")))
     monkeypatch.delitem(sys.modules, "xpcnn.ops.cudnn_conv", raising=False)
-    cc = importlib.import_module("xpcnn.ops.cudnn_conv")
+    cc = import_cudnn_conv()
     monkeypatch.delitem(sys.modules, "xpcnn.ops.cudnn_conv")
     g = ConvGeometry.of((10, 9, 3), 8, (5, 3), (2, 1), "same")  # pads (1, 2, 1, 1)
     engine = cc.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xpn)))
@@ -262,3 +263,54 @@ def test_the_real_frontend_takes_these_graph_descriptions(monkeypatch):
         tensors = make(graph, io)
         assert {k: (t.get_dim(), t.get_stride()) for k, t in tensors.items()} == want
         assert len(graph.nodes) == nodes
+
+
+@pytest.mark.parametrize("net", ["gap_net", "fused_relu_net"])
+def test_training_with_cudnn_convolutions(monkeypatch, net):
+    """Whole fits whose Conv2D layers run on the cuDNN engine (the stand-in frontend; every
+    other CuPy kernel on the CUDA emulator) end with the standard path's weights: the layer's
+    use of the seam (fused bias and ReLU, masks, casts, bias gradients) holds with cuDNN."""
+    import sys
+
+    import nets
+    from cuda_emulator import compiler, load_emulated_fast_cupy
+    from cuda_emulator import restore as restore_fast_cupy
+    from cudnn_emulator import add_cupy_calls, fake_cudnn, import_cudnn_conv
+
+    import xpcnn
+    from xpcnn import backend as backend_module
+
+    if compiler() is None:
+        pytest.skip("needs a C++ compiler (CXX or c++)")
+    fast_cupy, saved = load_emulated_fast_cupy()
+    try:
+        add_cupy_calls(sys.modules["cupy"])
+        monkeypatch.setitem(sys.modules, "cudnn", fake_cudnn())
+        monkeypatch.setattr(PyGraph, "refuse", None)
+        monkeypatch.delenv("XPCNN_CUDNN", raising=False)
+        import_cudnn_conv()
+        GRAPHS.clear()
+        rng = np.random.default_rng(0)
+        x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
+
+        def fit(kernels):
+            monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+            model = xpcnn.Sequential(getattr(nets, net)(), seed=0)
+            model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+            history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+            return model, history.history["loss"]
+
+        (cudnn_model, loss_cudnn), (std_model, loss_std) = fit(fast_cupy.KERNELS), fit(None)
+        engines = {type(la._engine()).__name__ for la in cudnn_model.layers
+                   if isinstance(la, xpcnn.layers.Conv2D)}
+        assert engines == {"CudnnConv"}
+        kinds = {graph.ops[0][0] for graph in GRAPHS}
+        assert kinds == {"conv_fprop", "conv_dgrad", "conv_wgrad"}
+        assert all(graph.executions for graph in GRAPHS)
+        assert loss_cudnn == pytest.approx(loss_std, rel=1e-5)
+        for a, b in zip(cudnn_model.get_weights(), std_model.get_weights(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    finally:
+        sys.modules.pop("xpcnn.ops.cudnn_conv", None)
+        xpcnn.ops.__dict__.pop("cudnn_conv", None)
+        restore_fast_cupy(saved)

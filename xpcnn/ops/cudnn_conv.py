@@ -69,6 +69,11 @@ def tf32() -> bool:
     return os.environ.get("XPCNN_TF32", "1") != "0"
 
 
+def _address(a: Any) -> int:
+    """Device address of a CuPy array's first element."""
+    return a.data.ptr
+
+
 _HANDLES: dict[int, Any] = {}
 
 
@@ -105,8 +110,8 @@ class Plan:
         """Execute on CuPy's current stream; ``arrays`` are the named tensors' CuPy arrays
         (C-contiguous, in the layouts the graph was built for)."""
         workspace = cupy.empty(self.workspace, cupy.uint8)
-        self.graph.execute({self.tensors[k]: a.data.ptr for k, a in arrays.items()},
-                           workspace.data.ptr, handle=_handle(self.cudnn))
+        self.graph.execute({self.tensors[k]: _address(a) for k, a in arrays.items()},
+                           _address(workspace), handle=_handle(self.cudnn))
 
 
 def build_plan(cudnn: ModuleType, dtype: Any, make: Any) -> Plan:
