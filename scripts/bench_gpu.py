@@ -423,6 +423,14 @@ def main() -> int:
         info["xpcnn_tf32"] = cudnn_conv.tf32()
         info["gpu_conv"] = args.gpu_conv
         info["gpu_chunk_bytes"] = backend_module.GPU_CHUNK_BYTES
+    def save() -> None:
+        """Write the JSON report as it stands (after every row: a run cut short keeps it)."""
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": card, "software": info,
+                           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           "rows": rows, "conv_layers": conv_rows}, f, indent=2)
+
     print(f"device: {card}; {info}")
     print(f"xpcnn images/s: 'fit' through fit() on host uint8 images ({args.fit_batches} "
           "batches an epoch, after a warm-up epoch), its ratio to PyTorch's train step, its "
@@ -487,10 +495,12 @@ def main() -> int:
                       f"{rate(ours['peak_mib'])[1:]}{rate(get(theirs, 'peak_mib'))[1:]}"
                       f"{ratio(ours['peak_mib'], get(theirs, 'peak_mib'))}"
                       f"  graphs: {ours.get('cuda_graphs', '-')}", flush=True)
+                save()
     for spec in args.conv_layers:
         name, batch, precision = spec.split(":")
         conv_rows.append({"spec": spec,
                           "layers": compare_conv_engines(name, int(batch), precision, args)})
+        save()
     for spec in args.profile:
         name, batch, precision = spec.split(":")
         for fast in (True, False):
@@ -499,11 +509,7 @@ def main() -> int:
                 profile_layers(name, int(batch), precision, args)
             finally:
                 set_fast_path(old)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": card_name(args.device), "software": info,
-                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "rows": rows, "conv_layers": conv_rows}, f, indent=2)
+    save()
     return 0
 
 

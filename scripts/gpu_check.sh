@@ -3,7 +3,7 @@
 # comparison): the GPU tests (cuDNN and CUDA graphs first), the training command on the GPU,
 # then scripts/bench_gpu.py (through fit(), per-convolution cuDNN against the hand-written
 # kernels, TFLOP/s, a per-layer profile). Logs and gpu.json go to OUTDIR. The stages' limits
-# add up to 9 minutes 15 s, inside the device tool's 10-minute command.
+# add up to 8 minutes 15 s, inside the device tool's 10-minute command.
 #
 #   scripts/gpu_wheels.sh            # first, where PyPI is reachable: the wheels the GPU lacks
 #   scripts/gpu_check.sh [OUTDIR]    # on the GPU machine (installs .whl/*.whl when present)
@@ -38,7 +38,7 @@ timeout "${NEW_TEST_TIMEOUT:-120}" $py -m pytest -q -m gpu -p no:cacheprovider -
   2>&1 | tee "$out/gpu_tests_new.log"
 
 echo "== GPU tests: the rest"
-timeout "${TEST_TIMEOUT:-150}" $py -m pytest -q -m gpu -p no:cacheprovider \
+timeout "${TEST_TIMEOUT:-130}" $py -m pytest -q -m gpu -p no:cacheprovider \
   -k "not (cudnn or captured or replayed or random_layers)" \
   tests/test_gpu.py tests/test_backends.py 2>&1 | tee "$out/gpu_tests.log"
 
@@ -48,7 +48,7 @@ timeout "${TRAIN_TIMEOUT:-45}" $py -c "import xpcnn.cli as c; c.main(['train', '
 
 echo "== benchmark"
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-240}" $py scripts/bench_gpu.py --json "$out/gpu.json" \
-  ${BENCH_ARGS:---steps 20 --no-standard --torch-channels-last \
+timeout "${BENCH_TIMEOUT:-200}" $py scripts/bench_gpu.py --json "$out/gpu.json" \
+  ${BENCH_ARGS:---steps 15 --warmup 3 --no-standard --torch-channels-last \
   --conv-layers cifar:512:float32 --conv-layers cifar:512:mixed_float16 \
   --profile cifar:128:float32} 2>&1 | tee "$out/bench_gpu.log"
