@@ -116,7 +116,8 @@ class StepGraphs:
         self._static: tuple[Any, Any] | None = None
         self._scalars: dict[str, Any] | None = None  # refilled before each step
         self._outputs: Any = None
-        self._identity: list[tuple[str, int]] = []
+        # the arrays the graph was captured with, held so that their memory stays theirs
+        self._captured: list[tuple[str, Any]] = []
 
     def decide(self, xb: Any, yb: Any) -> str:
         """What the next step on this batch does: "eager" (for good, or another shape than
@@ -128,7 +129,7 @@ class StepGraphs:
             self.shape = shape
         if shape != self.shape:
             return "eager"
-        if self.graph is not None and self._identity != self._ids():
+        if self.graph is not None and self._rebound(self._captured):
             self.graph, self.warm = None, 0  # weights replaced: warm up and capture again
         if self.graph is None:
             return "warmup" if self.warm < self.warmup else "capture"
@@ -160,7 +161,7 @@ class StepGraphs:
         """An eager step on the capture stream and pool; the last one also checks that the
         step rebinds none of the arrays that outlive it (the first may create some, such as
         the optimiser's slots)."""
-        before = self._ids()
+        before = self.arrays()
         out = self._run(xb, yb)
         self.warm += 1
         rebound = self._rebound(before)
@@ -171,7 +172,7 @@ class StepGraphs:
     def _capture(self, xb: Any, yb: Any) -> Any:
         xp = self.backend.xp
         static_x, static_y = xp.asarray(xb, copy=True), xp.asarray(yb, copy=True)
-        before = self._ids()
+        before = self.arrays()
         try:
             graph, out = self.capture.capture(
                 lambda: self.step(static_x, static_y, self._scalars))
@@ -184,17 +185,17 @@ class StepGraphs:
             raise RuntimeError(f"xpcnn: {rebound} was replaced while the training step was "
                                "captured in a CUDA graph; compile(cuda_graphs=False) avoids it")
         self.graph, self._static, self._outputs = graph, (static_x, static_y), out
-        self._identity = self._ids()
+        self._captured = before
         self.capture.launch(graph)  # the capture only recorded the step: now run it
         self.advance()
         return out
 
-    def _rebound(self, before: list[tuple[str, int]]) -> str:
+    def _rebound(self, before: list[tuple[str, Any]]) -> str:
         """The first array that is no longer the object it was in ``before`` ("" if none)."""
-        now = self._ids()
+        now = self.arrays()
         if [n for n, _ in now] != [n for n, _ in before]:
             return "the list of the model's arrays"
-        return next((n for (n, a), (_, b) in zip(before, now, strict=True) if a != b), "")
+        return next((n for (n, a), (_, b) in zip(before, now, strict=True) if a is not b), "")
 
     def _fill_scalars(self) -> None:
         """Put the next step's numbers into the device scalars (made on first use), one 0-d
@@ -213,6 +214,3 @@ class StepGraphs:
             if name.startswith("param"):
                 return a.dtype
         return self.backend.dtype("float32")
-
-    def _ids(self) -> list[tuple[str, int]]:
-        return [(name, id(a)) for name, a in self.arrays()]
