@@ -55,20 +55,36 @@ def blockers(layers: list[Any], optimizer: Any, backend_name: str,
 
 
 class CupyCapture:
-    """The CuPy side: a capture stream and a memory pool of the graphs' own."""
+    """The CuPy side: a capture stream and a memory pool of the graphs' own.
+
+    The capture stream does not synchronise implicitly with any other (an implicit dependency
+    on the legacy default stream would invalidate a capture); events order its work after
+    the caller's stream's and the caller's after it."""
 
     def __init__(self) -> None:
         import cupy
 
         self.cupy = cupy
-        self.stream = cupy.cuda.Stream()  # blocking: ordered with the default stream too
+        self.stream = cupy.cuda.Stream(non_blocking=True)
         self.pool = cupy.cuda.MemoryPool()
+
+    def _enter(self) -> Any:
+        """Make the capture stream wait for the caller's; returns the caller's stream."""
+        caller = self.cupy.cuda.get_current_stream()
+        self.stream.wait_event(caller.record())
+        return caller
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
-        """Warm-up and capture: on the capture stream, from the private pool."""
+        """Warm-up and capture: on the capture stream, from the private pool, with cuDNN's
+        handle on that stream before any capture begins."""
+        from .ops import cudnn_conv
+
+        caller = self._enter()
         with self.stream, self.cupy.cuda.using_allocator(self.pool.malloc):
+            cudnn_conv.use_current_stream()
             yield
+        caller.wait_event(self.stream.record())
 
     def capture(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
         """``fn()``'s work as a graph, and its result; the capture is ended even when ``fn``
@@ -83,7 +99,9 @@ class CupyCapture:
         return self.stream.end_capture(), out
 
     def launch(self, graph: Any) -> None:
+        caller = self._enter()
         graph.launch(stream=self.stream)
+        caller.wait_event(self.stream.record())
 
 
 class StepGraphs:

@@ -87,6 +87,14 @@ def _handle(cudnn: ModuleType) -> Any:
     return handle
 
 
+def use_current_stream() -> None:
+    """Put the current device's cuDNN handle (where cuDNN loads) on CuPy's current stream now:
+    before a CUDA-graph capture begins, rather than inside it."""
+    cudnn = load()
+    if cudnn is not None:
+        _handle(cudnn)
+
+
 def nhwc(n: int, c: int, h: int, w: int) -> tuple[list[int], list[int]]:
     """(dim, stride) of a C-contiguous (n, h, w, c) array in cuDNN's (N, C, H, W) order."""
     return [n, c, h, w], [h * w * c, 1, w * c, c]
