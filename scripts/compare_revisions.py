@@ -47,11 +47,17 @@ def load_old(path: Path) -> Any:
 
 
 def step_function(lib: Any, name: str, mode: str, batch: int) -> Any:
-    """One training step or one inference batch of reference model ``name`` in ``lib``."""
+    """One training step or one inference batch of reference model ``name`` in ``lib``; or
+    (``fit``) one ``fit`` epoch of four shuffled batches of host uint8 images, as users call
+    it: the loop around the steps too."""
     layers = importlib.import_module(f"{lib.__name__}.models").build_layers(name, 10)
     model = lib.Sequential(layers, input_shape=INPUTS[name], seed=0)
     model.compile(loss="cross_entropy", optimizer=lib.optim.SGD(0.01, momentum=0.9))
     rng = np.random.default_rng(1)
+    if mode == "fit":
+        xs = rng.integers(0, 256, (4 * batch, *INPUTS[name]), dtype=np.uint8)
+        ys = rng.integers(0, 10, 4 * batch)
+        return lambda: model.fit(xs, ys, batch_size=batch, verbose=0)
     x = model._to_device(rng.integers(0, 256, (batch, *INPUTS[name]), dtype=np.uint8))
     y = model.backend.asarray(rng.integers(0, 10, batch))
     if mode == "train":
@@ -96,7 +102,8 @@ def main() -> None:
                    help="directory holding the older revision's xpcnn package")
     p.add_argument("--specs", default="notebook:train,mnist:train,cifar:train,"
                    "notebook:infer,mnist:infer,cifar:infer",
-                   help="comma-separated model:mode pairs (mode: train or infer)")
+                   help="comma-separated model:mode pairs (mode: train, infer, or fit: one "
+                   "fit epoch of 4 batches)")
     p.add_argument("--rounds", type=int, default=8, help="alternating rounds (default 8)")
     p.add_argument("--block", type=int, default=4, help="timed steps per block (default 4)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -110,9 +117,9 @@ def main() -> None:
           "rounds new won), fastest tenth's speed-up")
     for spec in args.specs.split(","):
         name, mode = spec.split(":")
-        if name not in INPUTS or mode not in ("train", "infer"):
+        if name not in INPUTS or mode not in ("train", "infer", "fit"):
             sys.exit(f"--specs: {spec!r} is not model:mode with a model of {list(INPUTS)} "
-                     "and mode train or infer")
+                     "and mode train, infer or fit")
         fns = {"old": step_function(old, name, mode, args.batch_size),
                "new": step_function(new, name, mode, args.batch_size)}
         r = compare(fns, args.rounds, args.block)

@@ -19,6 +19,7 @@ import time
 import tracemalloc
 
 import xpcnn
+from xpcnn.callbacks import LambdaCallback
 from xpcnn.datasets import load_shapes
 from xpcnn.models import build_layers
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'epoch':>5} {'loss':>8} {'val_acc':>8} {'RSS (MB)':>10} {'traced (MB)':>12} "
           f"{'peak (MB)':>12}")
     model.fit(x, y, epochs=args.epochs, batch_size=args.batch_size, verbose=0,
-              validation_data=(x_val, y_val), on_epoch_end=record, checkpoint=args.checkpoint,
+              validation_data=(x_val, y_val), checkpoint=args.checkpoint,
+              callbacks=[LambdaCallback(on_epoch_end=record)],
               checkpoint_every=args.checkpoint_every or "epoch")
     seconds = time.perf_counter() - start
     tracemalloc.stop()

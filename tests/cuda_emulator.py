@@ -197,8 +197,8 @@ def fake_cupy() -> types.ModuleType:
     fake.RawKernel = RawKernel
     fake.cuda = types.SimpleNamespace(compiler=types.SimpleNamespace(
         CompileException=type("CompileException", (Exception,), {})))
-    for name in ("matmul", "empty", "zeros", "maximum", "ascontiguousarray", "asarray",
-                 "float16", "float32", "float64"):
+    for name in ("matmul", "empty", "zeros", "ones", "reshape", "maximum", "ascontiguousarray",
+                 "asarray", "bool_", "float16", "float32", "float64"):
         setattr(fake, name, getattr(np, name))
     return fake
 

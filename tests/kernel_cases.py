@@ -1,6 +1,7 @@
 """Cases shared by the tests of the CuPy kernels on the GPU (test_gpu.py) and on the CPU
 emulator (test_cuda_kernels_on_cpu.py), so that both check the same shapes."""
 
+import numpy as np
 import pytest
 
 import xpcnn
@@ -55,3 +56,25 @@ OPTIMISERS = pytest.mark.parametrize("make", [
     lambda: xpcnn.optim.Adam(1e-2, weight_decay=1e-2),
     lambda: xpcnn.optim.AdamW(1e-2),
 ], ids=["sgd", "sgd-wd", "momentum", "nesterov-wd", "adam", "adam-l2", "adamw"])
+
+
+def gated_updates(xp, kernels, make, rng, dtype=np.float32):
+    """Three steps of a fused and a standard optimiser, the middle one with NaN gradients and
+    ``apply`` False (a step the device found non-finite). Checks that step changes no parameter
+    and no slot in either; returns the final (fused, standard) parameters to compare."""
+    params = [rng.standard_normal(s).astype(dtype) for s in UPDATE_SHAPES]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    for ok in (True, False, True):
+        grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
+        if not ok:
+            grads[1][0] = np.nan
+        before = [[a.copy() for a in arrays] for arrays in (
+            fused, standard, *opt_fused.slots.values(), *opt_std.slots.values())]
+        opt_fused.step(xp, fused, grads, kernels, apply=np.asarray(ok))
+        opt_std.step(xp, standard, grads, apply=np.asarray(ok))
+        if not ok:
+            after = (fused, standard, *opt_fused.slots.values(), *opt_std.slots.values())
+            for old, new in zip(before, after, strict=True):
+                assert all(np.array_equal(a, b) for a, b in zip(old, new, strict=True))
+    return fused, standard

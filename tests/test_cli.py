@@ -45,3 +45,18 @@ def test_info_names_each_gpu_with_its_compute_capability(monkeypatch, capsys):
                             "Tesla V100 (compute capability 7.0)"]
     assert info["cupy_tf32"] == "1"
     assert info["auto_device"] == "cpu"
+
+
+def test_train_with_early_stopping_and_a_csv_log(tmp_path, capsys):
+    log = tmp_path / "log.csv"
+    args = ["train", "--limit", "64", "--val-split", "0.25", "--epochs", "4", "--batch-size",
+            "16", "--quiet", "--json", "--early-stopping", "1", "--log", str(log)]
+    assert main(args) == 0
+    history = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["history"]
+    rows = log.read_text().splitlines()
+    assert rows[0].split(",") == ["epoch", "accuracy", "loss", "seconds", "val_accuracy",
+                                  "val_loss"]
+    assert len(rows) - 1 == len(history["val_loss"]) == len(history["loss"]) <= 4
+    assert [float(r.split(",")[2]) for r in rows[1:]] == history["loss"]
+    assert main(["train", "--limit", "10", "--quiet", "--early-stopping", "-1"]) == 2
+    assert "--early-stopping needs a patience >= 0" in capsys.readouterr().err

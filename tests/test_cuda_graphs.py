@@ -15,7 +15,7 @@ from nets import gap_net
 
 import xpcnn
 from xpcnn import optim
-from xpcnn.cuda_graphs import StepGraphs, blockers
+from xpcnn.cuda_graphs import blockers
 from xpcnn.errors import InputError, NonFiniteError
 from xpcnn.layers import BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, ReLU
 from xpcnn.model import Model
@@ -51,16 +51,18 @@ class FakeCapture:
 
 
 def _runner(model, warmup=2):
-    """A StepGraphs over ``model`` (NumPy) with the stand-in capture, as Model._step_graphs
-    makes one on CuPy."""
-    opt = model.optimizer
-
-    def advance():
-        opt.iterations += 1
-
+    """The StepGraphs that Model._step_graphs makes on CuPy, here over NumPy with the
+    stand-in capture."""
+    monkey_model = model
+    monkey_model.cuda_graphs_reason = ""
+    blockers_of = monkey_model._graph_blockers
+    monkey_model._graph_blockers = lambda: []  # (NumPy: "not CuPy" otherwise)
+    try:
+        graphs = monkey_model._step_graphs()
+    finally:
+        monkey_model._graph_blockers = blockers_of
     capture = FakeCapture(model._graph_arrays)
-    graphs = StepGraphs(model._graph_step, model._graph_arrays, opt.step_scalars, advance,
-                        model.backend, contextlib.nullcontext, capture=capture, warmup=warmup)
+    graphs.capture, graphs.warmup = capture, warmup
     return graphs, capture
 
 
@@ -92,8 +94,8 @@ def test_a_fit_through_captured_steps_equals_an_eager_fit(monkeypatch, net, make
     eager = _model(net(), make_optimizer())
     eager_history = eager.fit(x, y, epochs=4, batch_size=16, verbose=0)
     graphed = _model(net(), make_optimizer())
+    graphed.build((12, 12, 3))
     graphs, capture = _runner(graphed)
-    monkeypatch.setattr(graphed, "_step_graphs", lambda: graphs)
     history = graphed.fit(x, y, epochs=4, batch_size=16, verbose=0)
     assert (capture.captures, capture.launches) == (1, 6)  # warm-up 2, captured 1, replayed 5
     assert graphed.optimizer.iterations == eager.optimizer.iterations == 12
@@ -161,25 +163,29 @@ def test_a_refused_capture_runs_the_step_eagerly_once_with_the_reason():
     assert graphs.decide(xb, yb) == "eager"
 
 
-def test_a_non_finite_replayed_step_is_skipped_and_reported_as_eagerly(monkeypatch):
+def test_a_non_finite_replayed_step_is_skipped_and_reported_as_eagerly():
     """The same error as an eager step's, and the same model after it: the update skipped on
-    the device (the batch statistics a BatchNorm took are the eager step's too)."""
+    the device, and the step counted in the graph's device scalar (the batch statistics a
+    BatchNorm took are the eager step's too)."""
     x, y = _data(48)
-    x_bad = x[:16].astype(np.float64)
+    x = x.astype(np.float64)  # (float batches, so that one can hold an infinity)
+    x_bad = x[:16].copy()
     x_bad[3] = np.inf
     models = []
     for graphed in (False, True):
         model = _model(gap_net(), optim.SGD(0.01))
         if graphed:
+            model.build((12, 12, 3))
             graphs, capture = _runner(model)
-            monkeypatch.setattr(model, "_step_graphs", lambda graphs=graphs: graphs)
         model.fit(x, y, epochs=1, batch_size=16, verbose=0)  # graphed: warm-up 2, capture
-        with pytest.raises(NonFiniteError, match="step 4: the loss is nan; the first "
+        for batch, labels in ((x[16:32], y[16:32]), (x_bad, y[:16])):  # graphed: replays
+            model.train_step(model.backend.asarray(batch), model.backend.asarray(labels))
+        with pytest.raises(NonFiniteError, match="step 5: the loss is nan; the first "
                            "non-finite values appear in the input batch"):
-            model.train_step(model._to_device(x_bad), model.backend.asarray(y[:16]))
-        assert model.optimizer.iterations == 3  # the skipped step does not count
+            model._read_totals()  # (fit reads them at least every READ_EVERY steps)
+        assert model.optimizer.iterations == 4  # the skipped step does not count
         models.append(model)
-    assert capture.launches == 2  # the capture's own run, and the replay that failed
+    assert capture.launches == 3  # the capture's own run and two replays
     for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -17,6 +17,7 @@ from kernel_cases import (
     SOFTMAX_CROSS_ENTROPY,
     TILED_CONV,
     UPDATE_SHAPES,
+    gated_updates,
 )
 from nets import every_layer_net, gap_net
 
@@ -227,6 +228,13 @@ def test_fused_updates_of_parameters_of_two_dtypes(fast, rng, make):
         assert f.dtype == s.dtype
         tol = 1e-5 if f.dtype == np.float32 else 1e-12
         np.testing.assert_allclose(f, s, rtol=tol, atol=tol)
+
+
+@OPTIMISERS
+def test_a_gated_update_changes_nothing_where_the_flag_is_false(fast, rng, make):
+    """The CUDA update kernels read ``apply`` from device memory: False leaves every element."""
+    for f, s in zip(*gated_updates(xpn, fast, make, rng), strict=True):
+        np.testing.assert_allclose(f, s, rtol=1e-5, atol=1e-5)
 
 
 def test_an_optimiser_without_a_fused_update_runs_its_own(fast):

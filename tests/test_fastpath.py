@@ -6,7 +6,7 @@ import array_api_compat.numpy as xpn
 import array_api_strict as xs
 import numpy as np
 import pytest
-from kernel_cases import OPTIMISERS, UPDATE_SHAPES
+from kernel_cases import OPTIMISERS, UPDATE_SHAPES, gated_updates
 from nets import every_layer_net, gap_net
 
 import xpcnn
@@ -439,6 +439,15 @@ def test_fused_optimiser_updates_give_the_standard_bits(rng, make, dtype):
         opt_fused.step(xpn, fused, grads, FAST)
         opt_std.step(xpn, standard, grads)
     for f, s in zip(fused, standard, strict=True):
+        np.testing.assert_array_equal(f, s)
+
+
+@OPTIMISERS
+def test_a_gated_update_changes_nothing_where_the_flag_is_false(rng, make):
+    """``apply`` False (a non-finite step, decided on the device) leaves parameters and slots as
+    they were, in the NumPy updates as in the standard formulas; the other steps agree bit for
+    bit."""
+    for f, s in zip(*gated_updates(xpn, FAST, make, rng), strict=True):
         np.testing.assert_array_equal(f, s)
 
 

@@ -5,7 +5,8 @@ import pytest
 from nets import every_layer_net, gap_net
 
 import xpcnn
-from xpcnn.errors import DataFormatError, DeviceError, InputError
+import xpcnn.callbacks
+from xpcnn.errors import DataFormatError, DeviceError, InputError, NonFiniteError
 from xpcnn.layers import (
     BatchNorm2D,
     Conv2D,
@@ -257,7 +258,8 @@ def test_loss_scaling_skips_an_overflowing_step_and_lowers_the_scale(data):
     with np.errstate(all="ignore"):
         model.fit(*data, epochs=1, batch_size=48, verbose=0)
     assert model.loss_scale == 2.0**59
-    assert model.optimizer.iterations == 0
+    # The device skipped the update; the step still counts (the host never waited to know).
+    assert model.optimizer.iterations == 1
     for a, b in zip(before, params(), strict=True):  # (BatchNorm statistics still update)
         assert np.array_equal(a, b)
 
@@ -344,3 +346,63 @@ def test_a_first_convolution_masks_its_relu_gradient_chunk_by_chunk(fast, use_bi
     assert any(np.count_nonzero(g) for g in chunked)
     for a, b in zip(chunked, whole, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# -- no host synchronisation inside a step --------------------------------------------------------
+
+
+def count_reads(monkeypatch):
+    """Every device -> host copy (Backend.to_numpy) from now on."""
+    reads = []
+    real = xpcnn.Backend.to_numpy
+    monkeypatch.setattr(xpcnn.Backend, "to_numpy", lambda self, x: reads.append(1) or real(self,
+                                                                                            x))
+    return reads
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_deferred_non_finite_gradient_names_its_step_and_layer(data, monkeypatch):
+    """Step 5 of 6 has a NaN gradient: nothing waits for the device until the epoch ends, then
+    the error names step 5 and the layer, and the model is as after step 4."""
+    model = xpcnn.Sequential(gap_net(), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+    dense = model.layers[7]
+    real, calls = dense.backward, [0]
+
+    def backward(dy):
+        out = real(dy)
+        calls[0] += 1
+        if calls[0] == 5:
+            dense.grads["bias"][1] = np.inf
+        return out
+
+    monkeypatch.setattr(dense, "backward", backward)
+    reads = count_reads(monkeypatch)
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient at step 5: it first appears "
+                                             r"\(in backpropagation order\) in layer 'dense'"):
+        model.fit(*data, epochs=1, batch_size=8, verbose=0)
+    assert calls[0] == 6 and len(reads) == 1  # all six steps ran; one read, at the end
+    assert model.optimizer.iterations == 4
+    monkeypatch.undo()
+    reference = xpcnn.Sequential(gap_net(), seed=0)
+    reference.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+    stop = xpcnn.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: setattr(
+        reference, "stop_training", b == 3))
+    reference.fit(*data, epochs=1, batch_size=8, verbose=0, callbacks=[stop])
+    params = lambda m: [p for la in m.layers for p in la.params.values()]  # noqa: E731
+    for a, b in zip(params(model), params(reference), strict=True):  # (BatchNorm's running
+        assert np.array_equal(a, b)  # statistics, not parameters, saw the later batches)
+
+
+def test_the_host_reads_the_device_once_an_epoch_and_every_read_every_steps(monkeypatch):
+    from xpcnn.totals import READ_EVERY
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (70, 2, 2, 1), dtype=np.uint8), rng.integers(0, 3, 70)
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=0)
+    model.compile(optimizer=xpcnn.optim.Adam(1e-2))
+    model.build((2, 2, 1))
+    reads = count_reads(monkeypatch)
+    history = model.fit(x, y, epochs=2, batch_size=1, verbose=0)
+    assert len(reads) == 2 * (70 // READ_EVERY + 1)  # (never one per step)
+    assert len(history.history["loss"]) == 2 and model.optimizer.iterations == 140

@@ -72,3 +72,23 @@ def test_the_per_layer_tables_dry_run(tmp_path):
     assert out.returncode == 0, out.stderr
     profile = out.stdout[out.stdout.index("per layer, notebook"):]
     assert "conv2d_1" in profile and "relu_1" not in profile  # ReLU() fused, as in training
+
+
+def test_training_from_a_folder_of_png_files(tmp_path):
+    """scripts/train_from_folder.py: a demo folder of PNG files, then a run that reads it a batch
+    at a time, with early stopping and a CSV log."""
+    pytest.importorskip("PIL")
+    folder, log = tmp_path / "images", tmp_path / "log.csv"
+    out = _run(str(folder), "--make-demo", "--count", "60", script="train_from_folder.py")
+    assert out.returncode == 0, out.stderr
+    assert len(list(folder.rglob("*.png"))) == 60
+    out = _run(str(folder), "--epochs", "2", "--batch-size", "16", "--val-split", "0.2",
+               "--early-stopping", "1", "--log", str(log), "--json",
+               script="train_from_folder.py")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (result["train_images"], result["held_out_images"]) == (48, 12)
+    assert 0.0 <= result["accuracy"] <= 1.0 and len(result["history"]["val_loss"]) >= 1
+    assert log.read_text().splitlines()[0].startswith("epoch,")
+    out = _run(str(tmp_path / "missing"), script="train_from_folder.py")
+    assert out.returncode != 0 and "missing: not a folder" in out.stderr

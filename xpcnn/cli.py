@@ -13,6 +13,7 @@ import numpy as np
 
 from . import __version__, optim
 from .backend import get_backend
+from .callbacks import Callback, CSVLogger, EarlyStopping
 from .errors import XpcnnError
 from .model import Sequential
 from .models import MODELS, build_layers
@@ -61,6 +62,12 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from --checkpoint where an interrupted run stopped (same "
                    "final weights as an uninterrupted run); starts afresh if the file is absent")
+    p.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
+                   help="stop when the evaluation split's loss (evaluated every epoch) has not "
+                   "improved for PATIENCE epochs, and keep the best epoch's weights (with "
+                   "--val-split the test set plays no part in that choice)")
+    p.add_argument("--log", default=None, metavar="CSV",
+                   help="write each epoch's metrics to this CSV file")
     p.add_argument("--json", action="store_true",
                    help="make the last line of output one JSON object with the results")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -110,12 +117,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model.compile(optimizer=optimizer, precision=args.precision)
     say(f"training {model_name} on {args.dataset} ({len(x)} images {x.shape[1:]}) for {epochs} "
         f"epochs on {model.backend.label}")
+    callbacks: list[Callback] = []
+    if args.early_stopping is not None:
+        if args.early_stopping < 0:
+            raise XpcnnError(f"--early-stopping needs a patience >= 0, got {args.early_stopping}")
+        callbacks.append(EarlyStopping("val_loss", patience=args.early_stopping,
+                                       restore_best_weights=True, verbose=not args.json))
+    if args.log:
+        callbacks.append(CSVLogger(args.log))
     t0 = time.perf_counter()
     history = model.fit(x, y, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
                         verbose=0 if args.quiet or args.json else 1, checkpoint=args.checkpoint,
                         checkpoint_every="epoch" if args.checkpoint_every is None
-                        else args.checkpoint_every, resume=args.resume,
-                        validation_data=(x_test, y_test) if args.plots else None)
+                        else args.checkpoint_every, resume=args.resume, callbacks=callbacks,
+                        validation_data=(x_test, y_test) if args.plots or
+                        args.early_stopping is not None else None)
     seconds = time.perf_counter() - t0
     result = model.evaluate(x_test, y_test)
     say(f"{evaluated_on} accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f}), "

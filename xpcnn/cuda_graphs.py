@@ -113,20 +113,21 @@ class StepGraphs:
     step, by name ("param ..." first). ``scalars_for_next()`` gives the next step's numbers
     (host floats) and ``advance()`` counts a step done; ``capturable()`` is the kernels'
     context for matrix products that can be captured; ``capture`` the CUDA side
-    (:class:`CupyCapture`; tests give a stand-in).
+    (:class:`CupyCapture` by default; tests give a stand-in). The scalars are in the
+    parameters' dtype, those named in ``exact`` (a step count) in float64.
     """
 
     def __init__(self, step: StepFn, arrays: ArraysFn, scalars_for_next: Callable[[], dict],
                  advance: Callable[[], None], backend: Any, capturable: Any,
-                 capture: Any = None, warmup: int = 2) -> None:
+                 capture: Any = None, warmup: int = 2, exact: tuple[str, ...] = ()) -> None:
         if warmup < 2:
             raise ValueError("at least two warm-up steps: the first may create arrays (the "
                              "optimiser's slots), the last checks that none is rebound")
         self.step, self.arrays = step, arrays
         self.scalars_for_next, self.advance = scalars_for_next, advance
         self.backend, self.capturable = backend, capturable
-        self.capture = capture if capture is not None else CupyCapture()
-        self.warmup = warmup
+        self.capture = capture  # (made on first use: CuPy is imported only then)
+        self.warmup, self.exact = warmup, exact
         self.shape: tuple[Any, ...] | None = None  # the batch shape that is captured
         self.warm = 0
         self.graph: Any = None
@@ -160,6 +161,8 @@ class StepGraphs:
         if action == "eager":
             return None
         self._fill_scalars()
+        if self.capture is None:
+            self.capture = CupyCapture()
         if action == "replay":
             static_x, static_y = self._static  # type: ignore[misc]
             static_x[...] = xb
@@ -220,8 +223,9 @@ class StepGraphs:
         array each: the graph reads them where it was captured reading them."""
         values = self.scalars_for_next()
         if self._scalars is None or set(self._scalars) != set(values):
-            dtype = self._dtype()
-            self._scalars = {k: self.backend.asarray(v, dtype=dtype) for k, v in values.items()}
+            dtype, wide = self._dtype(), getattr(self.backend.xp, "float64", None)
+            self._scalars = {k: self.backend.asarray(v, dtype=wide if k in self.exact and wide
+                                                     else dtype) for k, v in values.items()}
             return
         for k, v in values.items():
             self._scalars[k][...] = v

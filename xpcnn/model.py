@@ -1,15 +1,16 @@
 """Model: the base class that trains, evaluates and predicts; Sequential: a stack of layers.
 
-Data enters as host NumPy arrays in (N, H, W, C); each batch crosses to the device once, is cast
-there, runs forward and backward through the layers, and only scalars (loss, correct count) come
-back. With a cross-entropy loss and a final Softmax layer, training feeds the Softmax's input
-(the logits) to the fused, stable softmax cross-entropy; ``predict`` still returns probabilities.
+Data enters as arrays in (N, H, W, C) (or datasets, see :mod:`xpcnn.data`); each batch crosses
+to the device once (a training set that fits :data:`xpcnn.data.DEVICE_BUDGET_BYTES` crosses once
+in all), is cast there and runs forward and backward through the layers; the loss and correct
+count stay on the device until the host reads them (:mod:`xpcnn.totals`). With a cross-entropy
+loss and a final Softmax layer, training feeds the Softmax's input (the logits) to the fused,
+stable softmax cross-entropy; ``predict`` still returns probabilities.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import os
 import time
@@ -22,17 +23,37 @@ from tqdm.auto import tqdm
 
 from . import checks
 from .backend import Backend, DeviceLike, get_backend
+from .callbacks import BackupAndRestore, Callback, CallbackList, History, LazyLogs, ProgbarLogger
 from .cuda_graphs import StepGraphs
 from .cuda_graphs import blockers as graph_blockers
+from .data import (
+    ArrayBatches,
+    Batches,
+    DatasetBatches,
+    IterableBatches,
+    check_arrays,
+    is_map_dataset,
+    is_stream,
+    to_device,
+)
 from .errors import InputError, NonFiniteError
-from .history import History
 from .layers.activation import ReLU, Softmax
 from .layers.base import Layer
 from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
 from .ops.softmax import softmax
 from .optim import Optimizer, get_optimizer
-from .saving import FitCheckpoints, fingerprint, load_weights, register_model, save_model
+from .saving import load_weights, register_model, save_model
+from .totals import (
+    BAD_GRADS,
+    BAD_LOSS,
+    BAD_STEP,
+    CORRECT,
+    LOSS_SUM,
+    READ_EVERY,
+    RunningTotals,
+    loss_scaling,
+)
 
 PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 
@@ -72,9 +93,13 @@ class Model:
         self.loss: SoftmaxCrossEntropy | None = None
         self.optimizer: Optimizer | None = None
         self.precision = "float32"
-        self.loss_scale = 1.0
-        self._good_steps = 0
         self.built = False
+        self.history = History()
+        self.stop_training = False
+        self._scaling: Any = None  # float16 loss scaling on the device (see xpcnn.totals)
+        self._totals: RunningTotals | None = None
+        self._resume_at: Any = None  # where BackupAndRestore restarts a run
+        self._position = (0, 0)  # (epoch, batches done in it) during fit
         self.cuda_graphs: bool | None = None
         #: Why training steps run without CUDA graphs ("" while they are captured, or will be).
         self.cuda_graphs_reason = ""
@@ -88,6 +113,29 @@ class Model:
     def _param_dtype(self) -> Any:
         """The parameters' (master) dtype on this backend: losses and outputs are in it."""
         return self.backend.dtype(self.dtype_name)
+
+    @property
+    def loss_scale(self) -> float:
+        """The dynamic float16 loss scale (1.0 unless ``mixed_float16``); reading it waits for
+        the device."""
+        return 1.0 if self._scaling is None else float(self.backend.to_numpy(self._scaling)[0])
+
+    @loss_scale.setter
+    def loss_scale(self, value: float) -> None:
+        if self._scaling is not None:
+            self._scaling = loss_scaling(self.backend, value, self._good_steps)
+        elif value != 1.0:
+            raise InputError("a loss scale other than 1 needs precision='mixed_float16'")
+
+    @property
+    def _good_steps(self) -> int:
+        """float16 steps in a row without overflow (the scale doubles after 2000)."""
+        return 0 if self._scaling is None else int(self.backend.to_numpy(self._scaling)[1])
+
+    @_good_steps.setter
+    def _good_steps(self, value: int) -> None:
+        if self._scaling is not None:
+            self._scaling = loss_scaling(self.backend, self.loss_scale, value)
 
     def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
                 optimizer: str | Optimizer = "adam", metrics: tuple[str, ...] | list[str] = (
@@ -120,8 +168,8 @@ class Model:
         if low is not None:
             self.backend.dtype(low)  # a clear error where the backend lacks the dtype
         self.precision = precision
-        self.loss_scale = 2.0**15 if precision == "mixed_float16" else 1.0
-        self._good_steps = 0
+        self._scaling = loss_scaling(self.backend, 2.0**15) if precision == "mixed_float16" \
+            else None
         if self.built:
             compute = self.backend.dtype(low or self.dtype_name)
             for layer in self.layers:
@@ -132,15 +180,60 @@ class Model:
         xb = self.backend.asarray(np.ascontiguousarray(x))
         return self.backend.xp.astype(xb, self._param_dtype)
 
-    def train_step(self, xb: Any, yb: Any) -> tuple[float, float]:
-        """One forward, backward and update on a device batch; returns (loss, correct count)."""
+    # -- one training step ---------------------------------------------------------------------
+    def train_step(self, xb: Any, yb: Any) -> tuple[Any, Any]:
+        """One forward, backward and update on a device batch (uint8 or float: it is cast on
+        the device), queued without waiting for the device.
+
+        Returns the batch's mean loss and correct count as 0-d device arrays. A non-finite loss
+        or gradient is recorded on the device and its update (and every later one) skipped;
+        :class:`NonFiniteError` names that step when the host next reads the running totals:
+        ``fit`` reads them regularly (see :mod:`xpcnn.totals`), :meth:`train_on_batch` at once.
+        """
         with self.backend.compute_scope():
             graphs = self._step_graphs()
             step = self.optimizer.iterations + 1  # type: ignore[union-attr]
             stats = None if graphs is None else graphs.run(xb, yb)
             if stats is None:
-                return self._train_step(xb, yb)
-            return self._check_graph_step(stats, step, xb)
+                stats = self._device_step(xb, yb, step)
+            else:  # (a replay rewrites the graph's outputs: the caller gets copies)
+                stats = self.backend.xp.asarray(stats[:2], copy=True)
+            totals = self._running_totals()
+            totals.pending.append((step, xb))
+            if len(totals.pending) >= READ_EVERY:
+                self._read_totals()
+            return stats[0], stats[1]
+
+    def _device_step(self, xb: Any, yb: Any, step: Any, scalars: dict[str, Any] | None = None
+                     ) -> Any:
+        """Training step ``step`` on the device, with no host read: forward, loss, backward,
+        the running totals and the update (skipped on the device where the step is not
+        finite). With ``scalars`` (a step captured in a CUDA graph), ``step`` and the
+        optimiser's per-step numbers are device scalars, and every array that outlives the
+        step is updated in place. Returns the batch's [loss, correct count]."""
+        xp = self.backend.xp
+        kernels = kernels_for(self.backend)
+        opt = self.optimizer
+        assert opt is not None and self.loss is not None
+        logits = self._logits(xp.astype(xb, self._param_dtype, copy=False), training=True)
+        stats, dz = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype, kernels)
+        if self._scaling is not None:
+            dz = dz * self._scaling[0]
+        self._backward(dz)
+        params = [p for la in self.layers for p in la.params.values()]
+        grads = [la.grads[k] for la in self.layers for k in la.params]
+        if self._scaling is not None:
+            inverse = 1.0 / self._scaling[0]
+            grads = [g * inverse for g in grads]
+        apply, scaling = self._running_totals().add(stats, grads, int(xb.shape[0]), step,
+                                                    self._scaling)
+        if scaling is not None:
+            self._scaling[...] = scaling
+        if scalars is None:
+            opt.step(xp, params, grads, kernels, apply=apply)
+        else:
+            opt.scalar_step(xp, params, grads, scalars, apply=apply)
+        return stats
 
     # -- CUDA graphs (xpcnn.cuda_graphs) ------------------------------------------------------
     def _step_graphs(self) -> StepGraphs | None:
@@ -163,17 +256,24 @@ class Model:
         opt = self.optimizer
         assert opt is not None
 
+        def scalars() -> dict[str, float]:
+            values = opt.step_scalars()
+            assert "iteration" not in values, "an optimiser's scalar shadows the step count"
+            return {**values, "iteration": float(opt.iterations + 1)}
+
         def advance() -> None:
             opt.iterations += 1
 
-        self._graphs = StepGraphs(self._graph_step, self._graph_arrays, opt.step_scalars,
-                                  advance, self.backend, kernels_for(self.backend).capturable)
+        # (on CuPy the kernels can always make matmuls capturable: see _graph_blockers)
+        capturable = getattr(kernels_for(self.backend), "capturable", contextlib.nullcontext)
+        self._running_totals()  # (made before the warm-up: its state is captured)
+        self._graphs = StepGraphs(
+            lambda xb, yb, s: self._device_step(xb, yb, s["iteration"], s), self._graph_arrays,
+            scalars, advance, self.backend, capturable, exact=("iteration",))
         return self._graphs
 
     def _graph_blockers(self) -> list[str]:
         extra = []
-        if self.precision == "mixed_float16":
-            extra.append("mixed_float16's loss scale is decided on the host each step")
         if self.backend.name == "cupy":
             from .ops import cudnn_conv
 
@@ -192,97 +292,56 @@ class Model:
         slots = [(f"optimizer slot {k}.{i}", a)
                  for k, v in self.optimizer.slots.items()  # type: ignore[union-attr]
                  for i, a in enumerate(v)]
-        return params + state + slots
+        totals = [("the running totals", self._running_totals().state)]
+        scaling = [] if self._scaling is None else [("the loss scale", self._scaling)]
+        return params + state + slots + totals + scaling
 
-    def _graph_step(self, xb: Any, yb: Any, scalars: dict[str, Any]) -> Any:
-        """The training step as a CUDA graph captures it: no host reads; the update is
-        skipped on the device where the loss or a gradient sum is not finite. Returns [loss,
-        correct count, sum of all gradients] on the device."""
-        xp = self.backend.xp
-        kernels = kernels_for(self.backend)
-        logits = self._logits(xb, training=True)
-        stats, dz = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
-            xp, logits, yb, self._param_dtype, kernels)
-        self._backward(dz)
-        params = [p for la in self.layers for p in la.params.values()]
-        grads = [la.grads[k] for la in self.layers for k in la.params]
-        total = xp.sum(xp.concat([xp.reshape(g, (-1,)) for g in grads]), dtype=stats.dtype)
-        stats = xp.concat([stats, xp.reshape(total, (1,))])
-        self.optimizer.scalar_step(xp, params, grads, scalars,  # type: ignore[union-attr]
-                                   apply=xp.all(xp.isfinite(stats)))
-        return stats
+    def train_on_batch(self, x: Any, y: Any) -> dict[str, float]:
+        """One training step on one batch of host or device arrays, checked at once (the host
+        waits for the device): its ``loss`` and ``accuracy``, or :class:`NonFiniteError`."""
+        self._require_compiled()
+        x, targets = check_arrays(self, x, y)
+        with self.backend.compute_scope():
+            loss, correct = self.train_step(to_device(self.backend, x),
+                                            to_device(self.backend, targets))
+        self._read_totals()
+        return {"loss": float(self.backend.to_numpy(loss)),
+                "accuracy": float(self.backend.to_numpy(correct)) / int(x.shape[0])}
 
-    def _check_graph_step(self, stats: Any, step: int, xb: Any) -> tuple[float, float]:
-        """Read a graph step's [loss, correct, gradient sum]; raise NonFiniteError as the eager
-        step does (the device skipped the update, so the step does not count)."""
-        host = self.backend.to_numpy(stats)
-        if np.all(np.isfinite(host)):
-            return float(host[0]), float(host[1])
+    def _running_totals(self) -> RunningTotals:
+        n_grads = sum(len(la.params) for la in self.layers)
+        if self._totals is None or self._totals.n_grads != n_grads or \
+                self._totals.backend != self.backend:
+            self._totals = RunningTotals(self.backend, n_grads)
+        return self._totals
+
+    def _read_totals(self) -> tuple[float, float]:
+        """Wait for the device and read the running loss sum and correct count; raise
+        :class:`NonFiniteError` for the first non-finite step since the last read."""
+        if self._totals is None:
+            return 0.0, 0.0
+        host, pending = self._totals.read()
+        if host[BAD_STEP] >= 0:
+            self._raise_deferred(host, dict(pending))
+        return float(host[LOSS_SUM]), float(host[CORRECT])
+
+    def _raise_deferred(self, host: np.ndarray, batches: dict[int, Any]) -> None:
+        step = int(host[BAD_STEP])
+        # Every update from that step on was skipped: the model is as after the step before.
         self.optimizer.iterations = step - 1  # type: ignore[union-attr]
-        if not math.isfinite(host[0]):
-            self._raise_non_finite(f"the loss is {host[0]}", xb)
-        xp = self.backend.xp
-        bad = [la for la in self.layers
-               if not all(bool(xp.all(xp.isfinite(la.grads[k]))) for k in la.params)]
-        if bad:
-            raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
-                                 f"backpropagation order) in layer {bad[-1].name!r}")
-        return float(host[0]), float(host[1])  # (only the sum overflowed; the update skipped)
+        loss = float(host[BAD_LOSS])
+        if not math.isfinite(loss):
+            self._raise_non_finite(f"the loss is {loss}", batches[step], step)
+        owners = [la for la in self.layers for _ in la.params]
+        bad = [la for la, flag in zip(owners, host[BAD_GRADS:], strict=True) if flag]
+        # Backpropagation runs from the last layer: the last one with a non-finite gradient is
+        # where it appeared.
+        raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
+                             f"backpropagation order) in layer {bad[-1].name!r}")
 
-    def _train_step(self, xb: Any, yb: Any) -> tuple[float, float]:
-        xp = self.backend.xp
-        kernels = kernels_for(self.backend)
-        logits = self._logits(xb, training=True)
-        stats, dz = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
-            xp, logits, yb, self._param_dtype, kernels)
-        if self.loss_scale != 1.0:
-            dz = dz * self.loss_scale
-        self._backward(dz)
-        params, grads, owners = [], [], []
-        for layer in self.layers:
-            for k, p in layer.params.items():
-                params.append(p)
-                grads.append(layer.grads[k])
-                owners.append(layer)
-        if self.loss_scale != 1.0:
-            grads = [g * (1.0 / self.loss_scale) for g in grads]
-        # The loss, the correct count and the sum of every gradient (finite if they all are,
-        # short of overflow) come to the host in one transfer: one wait for the device per
-        # step, and three launches on a GPU rather than one per array.
-        if grads:
-            total = xp.sum(xp.concat([xp.reshape(g, (-1,)) for g in grads]), dtype=stats.dtype)
-            stats = xp.concat([stats, xp.reshape(total, (1,))])
-        host = self.backend.to_numpy(stats)
-        loss_value, correct = float(host[0]), float(host[1])
-        if not math.isfinite(loss_value):
-            self._raise_non_finite(f"the loss is {loss_value}", xb)
-        if not np.all(np.isfinite(host[2:])):
-            if self.precision == "mixed_float16" and self.loss_scale > 1.0:
-                # Overflow in float16: skip this update and try a smaller scale (down to 1: past
-                # that the non-finite gradient is not the scaling's doing, and is reported).
-                self.loss_scale /= 2.0
-                self._good_steps = 0
-                return loss_value, correct
-            bad = [o for o, g in zip(owners, grads, strict=True)
-                   if not bool(xp.all(xp.isfinite(g)))]
-            if bad:  # (else only a sum overflowed: every gradient is finite)
-                # Backpropagation runs from the last layer: the last one with a non-finite
-                # gradient is where it appeared.
-                raise NonFiniteError(f"non-finite gradient at step "
-                                     f"{self.optimizer.iterations + 1}: it first appears (in "
-                                     f"backpropagation order) in layer {bad[-1].name!r}")
-        self.optimizer.step(xp, params, grads, kernels)  # type: ignore[union-attr]
-        if self.precision == "mixed_float16":
-            self._good_steps += 1
-            if self._good_steps >= 2000:
-                self.loss_scale *= 2.0
-                self._good_steps = 0
-        return loss_value, correct
-
-    def _raise_non_finite(self, what: str, xb: Any) -> None:
+    def _raise_non_finite(self, what: str, xb: Any, step: int) -> None:
         """Name the step and the first layer whose output is not finite, then raise."""
         xp = self.backend.xp
-        step = self.optimizer.iterations + 1  # type: ignore[union-attr]
         where = "the loss"
         finite = lambda a: bool(xp.all(xp.isfinite(a)))  # noqa: E731
         weights = next((la for la in self.layers if not all(map(finite, la._arrays().values()))),
@@ -292,7 +351,9 @@ class Model:
         elif weights is not None:
             where = f"the weights of layer {weights.name!r}"
         else:
-            outputs = self._layer_outputs(xb, False)  # type: ignore[attr-defined]
+            with self.backend.compute_scope():
+                outputs = self._layer_outputs(  # type: ignore[attr-defined]
+                    xp.astype(xb, self._param_dtype, copy=False), False)
             layer = next((la for la, out in zip(self.layers, outputs, strict=True)
                           if not finite(out)), None)
             if layer is not None:
@@ -300,147 +361,197 @@ class Model:
         raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
                              f"values appear in {where}")
 
+    # -- data ------------------------------------------------------------------------------------
+    def _batches(self, x: Any, y: Any, batch_size: int, steps: int | None, what: str = "x", *,
+                 shuffle: bool = False, seed: int = 0, targets: bool = True) -> Batches:
+        """The batch source for ``x`` (and ``y``): arrays, a map-style dataset or an iterable
+        of batches (see :mod:`xpcnn.data`)."""
+        if is_stream(x):
+            if y is not None:
+                raise InputError(f"y must be None when {what} is a dataset or an iterable of "
+                                 "batches (they hold the targets)")
+            if is_map_dataset(x):
+                return DatasetBatches(self, x, batch_size, shuffle, seed, targets, what)
+            return IterableBatches(self, x, steps, targets, what)
+        if steps is not None:
+            raise InputError("steps_per_epoch / steps are for generators; arrays give "
+                             "ceil(N / batch_size) batches")
+        if targets and y is None:
+            raise InputError(f"y (the labels of {what}) is missing")
+        x, t = check_arrays(self, x, y, what)
+        return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed)
+
     # -- fit / evaluate / predict ----------------------------------------------------------
-    def _prepare(self, x: Any, y: Any | None = None, what: str = "x"
-                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        x = checks.as_images(x, what)
-        if not self.built:
-            self.build(x.shape[1:])
-        checks.check_sample_shape(x, self.input_shape, what)  # type: ignore[arg-type]
-        checks.check_finite(x, what)
-        if y is None:
-            return x, None, None
-        ywhat = "y" if what == "x" else what.replace("x", "y")
-        targets, labels = checks.as_labels(y, x.shape[0], self.num_classes, ywhat)
-        return x, targets, labels
-
-    def _batches(self, n: int, batch_size: int, order: np.ndarray | None = None
-                 ) -> Iterator[np.ndarray]:
-        idx = np.arange(n) if order is None else order
-        for start in range(0, n, batch_size):
-            yield idx[start:start + batch_size]
-
-    def fit(self, x: Any, y: Any, epochs: int = 1, batch_size: int = 32,
-            validation_data: tuple[Any, Any] | None = None, validation_split: float = 0.0,
-            shuffle: bool = True, seed: int | None = None, verbose: int = 1,
-            on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    def fit(self, x: Any, y: Any = None, epochs: int = 1, batch_size: int = 32,
+            validation_data: Any = None, validation_split: float = 0.0, shuffle: bool = True,
+            seed: int | None = None, verbose: int = 1, callbacks: list[Callback] | None = None,
+            steps_per_epoch: int | None = None, validation_steps: int | None = None,
             checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int | str = "epoch",
             resume: bool = False) -> History:
-        """Train for ``epochs`` passes over (x, y); returns a :class:`History`.
+        """Train for ``epochs`` passes over the data; returns the :class:`History`.
 
-        ``x`` is (N, H, W, C) (uint8 or float), ``y`` integer labels (N,) or one-hot (N, K).
-        ``seed`` fixes the shuffling order (default: the model's seed). ``verbose=0`` silences
-        the progress bar.
+        ``x`` is images (N, H, W, C) (uint8 or float; NumPy, a memory map, or arrays of the
+        model's library on its device) with ``y`` integer labels (N,) or one-hot rows (N, K);
+        or a map-style dataset, or an iterable of ``(x, y)`` batches with ``steps_per_epoch``
+        (:mod:`xpcnn.data`). ``validation_data`` is a pair of arrays or such a source
+        (``validation_steps`` batches). ``seed`` fixes the shuffling order (default: the
+        model's seed). ``verbose=0`` silences the progress bar. ``callbacks``: see
+        :mod:`xpcnn.callbacks`.
 
-        ``checkpoint`` names a file that receives the whole training state at the end of every
-        epoch, and also every ``checkpoint_every`` steps when that is an int. With
-        ``resume=True``, a run continues from that file if it exists, exactly where it stopped:
-        it ends with the same weights, bit for bit, as an uninterrupted run, and returns the
-        history of every epoch, the ones before the interruption included
-        (:mod:`xpcnn.saving.checkpoint`).
+        ``checkpoint=PATH`` is short for ``callbacks=[BackupAndRestore(PATH, checkpoint_every,
+        resume)]``: the whole training state at the end of every epoch (and every
+        ``checkpoint_every`` steps when that is an int); with ``resume=True`` a run continues
+        from that file, exactly, and returns the history of every epoch.
         """
         self._require_compiled()
         epochs = checks.non_negative_int(epochs, "epochs")
         batch_size = checks.positive_int(batch_size, "batch_size")
-        checks.number(validation_split, "validation_split", 0.0, 1.0, high_open=True)
-        x, targets, labels = self._prepare(x, y)
-        if validation_split:
-            n_val = int(round(len(x) * validation_split))
-            if n_val < 1 or n_val >= len(x):
-                raise InputError(f"validation_split={validation_split} leaves no training or no "
-                                 f"validation samples out of {len(x)}")
-            validation_data = (x[-n_val:], targets[-n_val:])
-            x, targets, labels = x[:-n_val], targets[:-n_val], labels[:-n_val]
-        if validation_data is not None:
-            if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
-                raise InputError("validation_data must be a pair (x_val, y_val), got "
-                                 f"{type(validation_data).__name__}")
-            vx, vt, _ = self._prepare(validation_data[0], validation_data[1], "x_val")
         seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
-        history = History()
-        n = len(x)
-        steps = math.ceil(n / batch_size)
-        saver = start = None
+        data, validation = self._fit_data(x, y, batch_size, validation_data, validation_split,
+                                          shuffle, seed, steps_per_epoch, validation_steps)
+        extra = []
         if checkpoint is not None:
-            saver = FitCheckpoints(self, checkpoint, checkpoint_every, resume,
-                                   fingerprint(x, targets, batch_size, seed, shuffle), steps,
-                                   verbose)
-            history, start = saver.start()
+            extra.append(BackupAndRestore(checkpoint, checkpoint_every, resume))
         elif resume:
             raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
-        # With a checkpoint, Ctrl-C stops after the step in progress and writes one there.
-        with saver.interruptible() if saver is not None else contextlib.nullcontext():
-            for epoch in range(start.epoch if start else 0, epochs):
-                order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else None
-                t0 = time.perf_counter()
-                loss_sum = correct = seen = 0.0
-                step = 0
-                if start is not None and epoch == start.epoch:  # resuming inside this epoch
-                    step, loss_sum = start.step, start.loss_sum
-                    correct, seen = start.correct, start.seen
-                    t0 -= start.seconds
-                bar = tqdm(total=steps, initial=step, desc=f"Epoch {epoch + 1}/{epochs}",
-                           unit="batch", disable=verbose == 0, leave=True, dynamic_ncols=True)
-                for idx in itertools.islice(self._batches(n, batch_size, order), step, None):
-                    xb = self._to_device(x[idx])
-                    yb = self.backend.asarray(targets[idx])
-                    loss, right = self.train_step(xb, yb)
-                    loss_sum += loss * len(idx)
-                    correct += right
-                    seen += len(idx)
-                    step += 1
-                    if saver is not None:
-                        saver.after_step(epoch, step, loss_sum, correct, seen, t0, history)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
-                                    refresh=False)
-                logs = {"loss": loss_sum / seen, "accuracy": correct / seen}
-                if validation_data is not None:
-                    val = self.evaluate(vx, vt, batch_size=max(batch_size, 256), verbose=0)
-                    logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-                logs["seconds"] = time.perf_counter() - t0
-                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "seconds"})
-                bar.close()
-                history.append(epoch, logs)
-                if saver is not None:
-                    saver.after_epoch(epoch, history)
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, logs)
-        return history
+        self.history = History()
+        cbs = CallbackList([self.history, *([ProgbarLogger()] if verbose else []),
+                            *(callbacks or []), *extra], self,
+                           {"epochs": epochs, "steps": data.steps, "verbose": verbose,
+                            "data": data})
+        self.stop_training, self._resume_at = False, None
+        cbs.on_train_begin()
+        start = self._resume_at
+        try:
+            with cbs.interruptible():
+                for epoch in range(start.epoch if start else 0, epochs):
+                    logs = self._fit_epoch(epoch, data, cbs, start if start and
+                                           start.epoch == epoch else None)
+                    if validation is not None:
+                        val = self._evaluate(validation, cbs)
+                        logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                    logs["seconds"] = time.perf_counter() - self._epoch_t0
+                    cbs.on_epoch_end(epoch, logs)
+                    if self.stop_training:
+                        break
+        except NonFiniteError as error:
+            if not cbs.on_non_finite(error):
+                raise
+        cbs.on_train_end()
+        return self.history
 
-    def evaluate(self, x: Any, y: Any, batch_size: int = 256, verbose: int = 0
+    def _fit_epoch(self, epoch: int, data: Batches, cbs: CallbackList, start: Any
+                   ) -> dict[str, float]:
+        """One pass of training steps (from ``start``, a checkpoint's position, when resuming
+        inside this epoch); returns the epoch's loss and accuracy."""
+        step = start.step if start else 0
+        self._position = (epoch, step)
+        self._epoch_t0 = time.perf_counter() - (start.seconds if start else 0.0)
+        self._seen = start.seen if start else 0.0
+        self._running_totals().reset(*((start.loss_sum, start.correct) if start else ()))
+        cbs.on_epoch_begin(epoch)
+        with contextlib.closing(data.epoch(epoch, step)) as batches:  # type: ignore[type-var]
+            for xb, yb in batches:
+                cbs.on_train_batch_begin(step)
+                self.train_step(xb, yb)
+                self._seen += int(xb.shape[0])
+                step += 1
+                self._position = (epoch, step)
+                cbs.on_train_batch_end(step - 1, LazyLogs(self._batch_logs))
+                if self.stop_training:
+                    break
+        if not self._seen:
+            raise InputError(f"the training data gave no batches in epoch {epoch + 1}: an "
+                             "iterator needs steps_per_epoch batches for every epoch")
+        return self._batch_logs()
+
+    def _batch_logs(self) -> dict[str, float]:
+        """The epoch's running loss and accuracy (waits for the device)."""
+        loss_sum, correct = self._read_totals()
+        return {"loss": loss_sum / self._seen, "accuracy": correct / self._seen}
+
+    def _epoch_sums(self) -> tuple[float, float, float, float]:
+        """(loss sum, correct count, samples seen, start time) of the epoch in progress, as a
+        checkpoint stores them (waits for the device)."""
+        return (*self._read_totals(), self._seen, self._epoch_t0)
+
+    def _fit_data(self, x: Any, y: Any, batch_size: int, validation_data: Any,
+                  validation_split: float, shuffle: bool, seed: int, steps: int | None,
+                  validation_steps: int | None) -> tuple[Batches, Batches | None]:
+        checks.number(validation_split, "validation_split", 0.0, 1.0, high_open=True)
+        if validation_split:
+            if is_stream(x):
+                raise InputError("validation_split needs arrays; pass validation_data with a "
+                                 "dataset or generator")
+            x, targets = check_arrays(self, x, y)
+            n_val = int(round(int(x.shape[0]) * validation_split))
+            if n_val < 1 or n_val >= x.shape[0]:
+                raise InputError(f"validation_split={validation_split} leaves no training or no "
+                                 f"validation samples out of {x.shape[0]}")
+            validation_data = (x[-n_val:, ...], targets[-n_val:])
+            x, y = x[:-n_val, ...], targets[:-n_val]
+        data = self._batches(x, y, batch_size, steps, shuffle=shuffle, seed=seed)
+        if validation_data is None:
+            return data, None
+        if is_stream(validation_data):
+            return data, self._batches(validation_data, None, max(batch_size, 256),
+                                       validation_steps, "x_val")
+        if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
+            raise InputError("validation_data must be a pair (x_val, y_val), a dataset or an "
+                             f"iterable of batches, got {type(validation_data).__name__}")
+        return data, self._batches(*validation_data, max(batch_size, 256), None, "x_val")
+
+    def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int = 0,
+                 steps: int | None = None, callbacks: list[Callback] | None = None
                  ) -> dict[str, float]:
-        """Mean loss and accuracy on (x, y), in inference mode."""
+        """Mean loss and accuracy on (x, y) (or a dataset or iterable of batches), in inference
+        mode."""
         if self.loss is None:
             self.loss = get_loss("cross_entropy")
         batch_size = checks.positive_int(batch_size, "batch_size")
-        x, targets, _ = self._prepare(x, y)
+        data = self._batches(x, y, batch_size, steps)
+        return self._evaluate(data, CallbackList(callbacks or [], self, {"verbose": verbose}),
+                              verbose)
+
+    def _evaluate(self, data: Batches, cbs: CallbackList, verbose: int = 0) -> dict[str, float]:
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
-        loss_sum = correct = 0.0
-        with self.backend.compute_scope():
-            for idx in tqdm(list(self._batches(len(x), batch_size)), disable=verbose == 0,
-                            desc="evaluate", unit="batch"):
-                yb = self.backend.asarray(targets[idx])
-                logits = self._logits(self._to_device(x[idx]), training=False)
-                stats, _ = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype,
-                                                           kernels)
-                host = self.backend.to_numpy(stats)
-                loss_sum += float(host[0]) * len(idx)
-                correct += float(host[1])
-        return {"loss": loss_sum / len(x), "accuracy": correct / len(x)}
+        totals, seen = RunningTotals(self.backend, 0), 0
+        cbs.on_test_begin()
+        with self.backend.compute_scope(), contextlib.closing(
+                data.epoch(0)) as batches:  # type: ignore[type-var]
+            for xb, yb in tqdm(batches, total=data.steps, disable=verbose == 0, desc="evaluate",
+                               unit="batch"):
+                logits = self._logits(xp.astype(xb, self._param_dtype, copy=False), False)
+                stats, _ = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
+                    xp, logits, yb, self._param_dtype, kernels)
+                totals.add_stats(stats, int(xb.shape[0]))
+                seen += int(xb.shape[0])
+        if not seen:
+            raise InputError("the evaluation data gave no batches")
+        host, _ = totals.read()
+        logs = {"loss": float(host[LOSS_SUM]) / seen, "accuracy": float(host[CORRECT]) / seen}
+        cbs.on_test_end(logs)
+        return logs
 
-    def predict(self, x: Any, batch_size: int = 256) -> np.ndarray:
-        """Class probabilities, (N, classes), as a host NumPy array."""
+    def predict(self, x: Any, batch_size: int = 256, steps: int | None = None,
+                callbacks: list[Callback] | None = None) -> np.ndarray:
+        """Class probabilities, (N, classes), as a host NumPy array; ``x`` as for
+        :meth:`evaluate` (targets, if any, are ignored)."""
         batch_size = checks.positive_int(batch_size, "batch_size")
-        x, _, _ = self._prepare(x)
+        data = self._batches(x, None, batch_size, steps, targets=False)
+        cbs = CallbackList(callbacks or [], self, {})
         xp = self.backend.xp
         out = []
-        with self.backend.compute_scope():
-            for idx in self._batches(len(x), batch_size):
-                z = self._logits(self._to_device(x[idx]), training=False)
-                out.append(self.backend.to_numpy(softmax(xp, xp.astype(z, self._param_dtype))))
-        return np.concatenate(out)
+        cbs.on_predict_begin()
+        with self.backend.compute_scope(), contextlib.closing(
+                data.epoch(0)) as batches:  # type: ignore[type-var]
+            for xb, _ in batches:
+                z = self._logits(xp.astype(xb, self._param_dtype, copy=False), training=False)
+                out.append(softmax(xp, xp.astype(z, self._param_dtype)))
+            probabilities = self.backend.to_numpy(xp.concat(out))
+        cbs.on_predict_end()
+        return probabilities
 
     def forward(self, x: Any, training: bool = False) -> list[Any]:
         """Every layer's output for a host batch, as device arrays (for inspection)."""
@@ -508,7 +619,9 @@ class Model:
                 k: [backend.asarray(self.backend.to_numpy(a)) for a in v]
                 for k, v in self.optimizer.slots.items()
             }
-        self.backend = backend
+        if self._scaling is not None:
+            self._scaling = backend.asarray(self.backend.to_numpy(self._scaling))
+        self.backend = backend  # (the running totals are made afresh there)
         self._graphs, self.cuda_graphs_reason = None, ""
         return self
 

@@ -128,7 +128,9 @@ class Optimizer:
     """Base: subclasses define ``_update(i, p, g, lr)`` for parameter ``i``.
 
     ``slots`` holds per-parameter state arrays (momentum, moments), created lazily on the
-    parameters' device; ``iterations`` counts applied steps and drives the schedule.
+    parameters' device; ``iterations`` counts steps and drives the schedule (a step whose update
+    the device skipped, see :mod:`xpcnn.totals`, counts too). ``lr_factor`` multiplies the
+    schedule (callbacks such as ``ReduceLROnPlateau`` change it; checkpoints keep it).
     """
 
     slot_names: tuple[str, ...] = ()
@@ -139,29 +141,63 @@ class Optimizer:
             raise InputError(f"weight_decay must be >= 0 and finite, got {weight_decay!r}")
         self.weight_decay = float(weight_decay)
         self.iterations = 0
+        self.lr_factor = 1.0
         self.slots: dict[str, list[Any]] = {}
 
     @property
     def lr(self) -> float:
         """The learning rate the next step will use."""
-        return self.schedule(self.iterations)
+        return self.schedule(self.iterations) * self.lr_factor
 
-    def step(self, xp: Any, params: list[Any], grads: list[Any], kernels: Any = None) -> None:
+    @lr.setter
+    def lr(self, value: float) -> None:
+        """Make the next step's rate ``value``: the schedule goes on, scaled to it."""
+        base = self.schedule(self.iterations)
+        if not _real(value) or value < 0 or base <= 0:
+            raise InputError(f"cannot set the learning rate to {value!r} (the schedule gives "
+                             f"{base} at step {self.iterations + 1})")
+        self.lr_factor = float(value) / base
+
+    def step(self, xp: Any, params: list[Any], grads: list[Any], kernels: Any = None,
+             apply: Any = None) -> None:
         """Apply one update to every parameter, in place; with ``kernels`` that offer fused
         updates (:attr:`StandardKernels.fused_updates`: CuPy's, one launch for all of them;
-        NumPy's, in place without temporaries) they run instead of the standard formulas."""
+        NumPy's, in place without temporaries) they run instead of the standard formulas.
+        ``apply``: a 0-d boolean device array; where False, parameters and slots keep their
+        values (decided on the device, without the host waiting for it)."""
         if not self.slots:
             self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
-        lr = self.lr
-        if not 0 <= lr < math.inf:  # a schedule that overflowed, or one built with inf
-            raise NonFiniteError(f"the learning rate for step {self.iterations + 1} is {lr}; "
-                                 "nothing was updated")
+        lr = self._checked_lr()
         self.iterations += 1
         fused = kernels is not None and kernels.fused_updates and params
-        if fused and self._fused_update(kernels, params, grads, lr):
+        if fused and self._fused_update(kernels, params, grads, lr, apply):
             return
+        kept = self._kept(xp, params, apply)
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             self._update(xp, i, p, g, lr)
+        self._restore(xp, kept, apply)
+
+    def _checked_lr(self) -> float:
+        """The next step's learning rate; NonFiniteError where it is not a finite number >= 0
+        (a schedule that overflowed, or one built with inf)."""
+        lr = self.lr
+        if not 0 <= lr < math.inf:
+            raise NonFiniteError(f"the learning rate for step {self.iterations + 1} is {lr}; "
+                                 "nothing was updated")
+        return lr
+
+    def _kept(self, xp: Any, params: list[Any], apply: Any) -> list[tuple[Any, Any]]:
+        """Copies of the parameters and slots where ``apply`` may undo an update."""
+        if apply is None:
+            return []
+        return [(a, xp.asarray(a, copy=True))
+                for a in [*params, *(s for v in self.slots.values() for s in v)]]
+
+    @staticmethod
+    def _restore(xp: Any, kept: list[tuple[Any, Any]], apply: Any) -> None:
+        """Put back the values from before the update where ``apply`` is False."""
+        for a, before in kept:
+            a[...] = xp.where(apply, a, before)
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
         raise NotImplementedError
@@ -174,7 +210,8 @@ class Optimizer:
         """The numbers of the next step that change from one step to the next (the learning
         rate; Adam's bias corrections), by name. A step captured in a CUDA graph reads them
         from device arrays that are refilled before each replay (:mod:`xpcnn.cuda_graphs`):
-        baked into the graph, they would stay those of the captured step."""
+        baked into the graph, they would stay those of the captured step. NonFiniteError
+        where the learning rate is not finite, as :meth:`step` raises it."""
         raise NotImplementedError
 
     def scalar_step(self, xp: Any, params: list[Any], grads: list[Any],
@@ -186,21 +223,19 @@ class Optimizer:
         left to the caller, which counts replays."""
         if not self.slots:
             self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
-        kept = [] if apply is None else [
-            (a, xp.asarray(a, copy=True))
-            for a in [*params, *(s for v in self.slots.values() for s in v)]]
+        kept = self._kept(xp, params, apply)
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             self._scalar_update(xp, i, p, g, scalars)
-        for a, before in kept:
-            a[...] = xp.where(apply, a, before)
+        self._restore(xp, kept, apply)
 
     def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any]) -> None:
         raise NotImplementedError
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
-                      lr: float) -> bool:
-        """The update of every parameter as one launch of ``kernels``; False where this
-        optimiser has none (a subclass that defines only ``_update`` then runs that)."""
+                      lr: float, apply: Any) -> bool:
+        """The update of every parameter as one launch of ``kernels`` (none where ``apply`` is
+        False); False where this optimiser has none (a subclass that defines only ``_update``
+        then runs that)."""
         return False
 
     def get_config(self) -> dict[str, Any]:
@@ -225,7 +260,7 @@ class SGD(Optimizer):
     has_scalar_step = True
 
     def step_scalars(self) -> dict[str, float]:
-        return {"lr": self.lr}
+        return {"lr": self._checked_lr()}
 
     def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any]) -> None:
         self._update(xp, i, p, g, scalars["lr"])
@@ -241,10 +276,10 @@ class SGD(Optimizer):
         p[...] = p - lr * g
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
-                      lr: float) -> bool:
+                      lr: float, apply: Any) -> bool:
         bufs = self.slots["momentum"] if self.momentum else None
         kernels.sgd_update(params, grads, bufs, lr, self.weight_decay, self.momentum,
-                           self.nesterov)
+                           self.nesterov, apply)
         return True
 
     def get_config(self) -> dict[str, Any]:
@@ -275,7 +310,7 @@ class Adam(Optimizer):
                 "bc2": 1.0 - self.beta_2**t}
 
     def step_scalars(self) -> dict[str, float]:
-        return self._scalars(self.lr, self.iterations + 1)
+        return self._scalars(self._checked_lr(), self.iterations + 1)
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
         self._scalar_update(xp, i, p, g, self._scalars(lr, self.iterations))
@@ -294,10 +329,10 @@ class Adam(Optimizer):
         p[...] = p - scalars["step"] * m / denom
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
-                      lr: float) -> bool:
+                      lr: float, apply: Any) -> bool:
         kernels.adam_update(params, grads, self.slots["m"], self.slots["v"], lr,
                             self.weight_decay, self.decoupled, self.beta_1, self.beta_2,
-                            self.epsilon, self.iterations)
+                            self.epsilon, self.iterations, apply)
         return True
 
     def get_config(self) -> dict[str, Any]:

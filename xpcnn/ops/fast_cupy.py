@@ -649,10 +649,11 @@ _FIND_ARRAY = """
     T& p = ((T*)table[row])[e];
     const T g = ((const T*)table[row + 1])[e];
 """
+# ``apply[0]`` false (a step the device found non-finite): every element is left as it is.
 _SGD = cupy.ElementwiseKernel(
-    "raw T dtype_of, int32 count, int32 slots, T lr, T wd, T mom, bool nesterov",
+    "raw T dtype_of, int32 count, int32 slots, T lr, T wd, T mom, bool nesterov, raw bool apply",
     "raw int64 table",
-    _FIND_ARRAY + """
+    "if (!apply[0]) continue;" + _FIND_ARRAY + """
     const T grad = g + wd * p;
     if (slots == 0) {
         p = p - lr * grad;
@@ -666,9 +667,9 @@ _SGD = cupy.ElementwiseKernel(
 )
 _ADAM = cupy.ElementwiseKernel(
     "raw T dtype_of, int32 count, int32 slots, T wd, bool decoupled, T decay, T b1, T c1, T b2,"
-    " T c2, T step, T bc2, T eps",
+    " T c2, T step, T bc2, T eps, raw bool apply",
     "raw int64 table",
-    _FIND_ARRAY + """
+    "if (!apply[0]) continue;" + _FIND_ARRAY + """
     T& m = ((T*)table[row + 2])[e];
     T& v = ((T*)table[row + 3])[e];
     T grad = g;
@@ -701,7 +702,6 @@ def _address(a: Any) -> int:
 # addresses, and the memory pool tends to hand a step's gradients the same blocks as the last
 # step's, so a step usually finds its table here instead of copying one to the device.
 _TABLES: dict[tuple[str, bytes], Any] = {}
-
 
 def _update_table(params: list[Any], grads: list[Any], *slots: list[Any]) -> tuple[Any, int]:
     """The ``table`` of the update kernels on the parameters' device and the total element
@@ -1015,25 +1015,35 @@ class CupyKernels(StandardKernels):
         return [tuple(list(column) for column in zip(*rows, strict=True))
                 for rows in groups.values()]
 
+    @staticmethod
+    def _apply_flag(apply: Any) -> Any:
+        """``apply`` as the update kernels' one-element bool array (None: always)."""
+        if apply is None:
+            return cupy.ones(1, cupy.bool_)
+        return cupy.reshape(apply.astype(cupy.bool_, copy=False), (1,))
+
     def sgd_update(self, params: list[Any], grads: list[Any], bufs: list[Any] | None,
-                   lr: float, weight_decay: float, momentum: float, nesterov: bool) -> None:
+                   lr: float, weight_decay: float, momentum: float, nesterov: bool,
+                   apply: Any = None) -> None:
+        flag = self._apply_flag(apply)
         for p, g, *b in self._by_dtype(params, grads, bufs):
             table, size = _update_table(p, g, *b)
             t = p[0].dtype.type
-            _SGD(p[0], len(p), len(b), t(lr), t(weight_decay), t(momentum), nesterov, table,
-                 size=size)
+            _SGD(p[0], len(p), len(b), t(lr), t(weight_decay), t(momentum), nesterov, flag,
+                 table, size=size)
 
     def adam_update(self, params: list[Any], grads: list[Any], ms: list[Any], vs: list[Any],
                     lr: float, weight_decay: float, decoupled: bool, beta_1: float,
-                    beta_2: float, epsilon: float, step: int) -> None:
+                    beta_2: float, epsilon: float, step: int, apply: Any = None) -> None:
         # scalars rounded from float64 to the parameters' dtype, as Python floats are in the
         # standard version
+        flag = self._apply_flag(apply)
         for p, g, m, v in self._by_dtype(params, grads, ms, vs):
             table, size = _update_table(p, g, m, v)
             t = p[0].dtype.type
             _ADAM(p[0], len(p), 2, t(weight_decay), decoupled, t(1.0 - lr * weight_decay),
                   t(beta_1), t(1.0 - beta_1), t(beta_2), t(1.0 - beta_2),
-                  t(lr / (1.0 - beta_1**step)), t(1.0 - beta_2**step), t(epsilon), table,
+                  t(lr / (1.0 - beta_1**step)), t(1.0 - beta_2**step), t(epsilon), flag, table,
                   size=size)
 
 

@@ -119,7 +119,7 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
     config = {
         "format": FORMAT, "version": VERSION,
         "model": model_config(model),
-        "optimizer": {"iterations": int(opt.iterations),
+        "optimizer": {"iterations": int(opt.iterations), "lr_factor": float(opt.lr_factor),
                       "slots": {k: len(v) for k, v in opt.slots.items()}},
         "loss_scale": float(model.loss_scale), "good_steps": int(model._good_steps),
         "random_layers": [{"index": i, "seed": int(la.seed), "calls": int(la.calls)}
@@ -246,6 +246,7 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     if not isinstance(ostate, dict):
         raise bad("no optimizer state")
     iterations = _int(ostate.get("iterations"), "optimizer iterations", path)
+    lr_factor = _float(ostate.get("lr_factor", 1.0), "optimizer lr_factor", path)
     params = [p for la in model.layers for p in la.params.values()]
     slot_counts = ostate.get("slots")
     if not isinstance(slot_counts, dict):
@@ -295,7 +296,7 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         raise bad("no run description")
 
     set_weights_from_file(model, npz)  # checks shapes before replacing anything
-    opt.iterations = iterations
+    opt.iterations, opt.lr_factor = iterations, lr_factor
     opt.slots = {name: [model.backend.asarray(a) for a in v] for name, v in slots.items()}
     model.loss_scale, model._good_steps = float(loss_scale), good_steps
     for i, (seed, calls) in counters.items():

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Train on a folder of image files, read a batch at a time (Keras' image_dataset_from_directory
+layout): one subfolder per class, its PNG/JPEG files the class's images, all of one size.
+
+    python scripts/train_from_folder.py --make-demo /tmp/shapes-png   # write a folder to try
+    python scripts/train_from_folder.py /tmp/shapes-png --epochs 3 --log log.csv --save m.npz
+
+The folder becomes a map-style dataset (``len`` and ``dataset[i] -> (image, label)``), which
+``fit`` batches and shuffles itself; the files of the next batches are decoded on a background
+thread while the model trains on the current one (:mod:`xpcnn.data`), so the images never all
+sit in memory. A held-out fraction (``--val-split``) is evaluated after every epoch and drives
+``--early-stopping``. Decoding uses Pillow, which matplotlib (``pip install "xpcnn[viz]"``)
+installs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import xpcnn
+from xpcnn.callbacks import Callback, CSVLogger, EarlyStopping
+from xpcnn.datasets import class_names, load_shapes
+from xpcnn.models import MODELS, build_layers
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+class ImageFolder:
+    """``root/<class>/<file>``: the classes are the subfolders in sorted order; ``self[i]`` is
+    the uint8 (H, W, 3) image of file ``i`` and its label, decoded when asked for."""
+
+    def __init__(self, root: str | Path, files: list[tuple[Path, int]] | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            sys.exit(f"{self.root}: not a folder (expected ROOT/<class>/<image files>)")
+        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        if not self.classes:
+            sys.exit(f"{self.root}: no class subfolders (expected ROOT/<class>/<image files>)")
+        self.files = files if files is not None else [
+            (f, label) for label, name in enumerate(self.classes)
+            for f in sorted((self.root / name).iterdir()) if f.suffix.lower() in SUFFIXES]
+        if not self.files:
+            sys.exit(f"{self.root}: no image files ({', '.join(SUFFIXES)}) in its subfolders")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        from PIL import Image  # (installed with matplotlib: the viz extra)
+
+        path, label = self.files[i]
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB")), label
+
+    def split(self, fraction: float, seed: int) -> tuple[ImageFolder, ImageFolder]:
+        """A seeded random (train, held-out) split of the files."""
+        order = np.random.default_rng([seed, 12345]).permutation(len(self.files))
+        n_val = max(1, int(round(len(order) * fraction)))
+        pick = lambda idx: ImageFolder(self.root, [self.files[k] for k in idx])  # noqa: E731
+        return pick(order[n_val:]), pick(order[:n_val])
+
+
+def make_demo(root: Path, count: int) -> None:
+    """Write ``count`` images of the built-in shapes dataset as PNG files under ``root``."""
+    from PIL import Image
+
+    (x, y), _ = load_shapes(n_train=count, n_test=1)
+    names = class_names("shapes")
+    for i, (image, label) in enumerate(zip(x, y, strict=True)):
+        folder = root / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:05d}.png")
+    print(f"wrote {count} PNG images in {len(set(y.tolist()))} class folders under {root}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", type=Path, help="ROOT with one subfolder of images per class")
+    p.add_argument("--make-demo", action="store_true",
+                   help="write shapes images into FOLDER as PNG files instead of training")
+    p.add_argument("--count", type=int, default=2000, help="images --make-demo writes")
+    p.add_argument("--model", choices=sorted(MODELS), default="shapes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--val-split", type=float, default=0.1)
+    p.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE")
+    p.add_argument("--log", default=None, metavar="CSV", help="per-epoch metrics to this file")
+    p.add_argument("--save", default=None, metavar="PATH", help="write the trained model here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON line")
+    args = p.parse_args(argv)
+    if args.make_demo:
+        make_demo(args.folder, args.count)
+        return 0
+    train, held_out = ImageFolder(args.folder).split(args.val_split, args.seed)
+    model = xpcnn.Sequential(build_layers(args.model, len(train.classes)), device=args.device,
+                             seed=args.seed, name=args.model)
+    model.compile(optimizer=xpcnn.optim.Adam(args.lr))
+    callbacks: list[Callback] = []
+    if args.early_stopping is not None:
+        callbacks.append(EarlyStopping(patience=args.early_stopping, restore_best_weights=True))
+    if args.log:
+        callbacks.append(CSVLogger(args.log))
+    history = model.fit(train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                        validation_data=held_out, callbacks=callbacks,
+                        verbose=0 if args.quiet or args.json else 1)
+    result = model.evaluate(held_out)
+    if args.save:
+        model.save(args.save)
+    if args.json:
+        print(json.dumps({"classes": train.classes, "train_images": len(train),
+                          "held_out_images": len(held_out), **result,
+                          "history": history.history}))
+    else:
+        print(f"{len(train.classes)} classes, {len(train)} training images: held-out accuracy "
+              f"{result['accuracy']:.4f} (loss {result['loss']:.4f}) on {len(held_out)} images")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Callbacks: the protocol (order of hooks, stopping, lazy batch logs) and each built-in one."""
+
+from __future__ import annotations
+
+import csv
+import random
+
+import ckpt_train
+import numpy as np
+import pytest
+from test_checkpoint import Interrupt, as_dict, assert_same_run
+
+import xpcnn
+from xpcnn.callbacks import (
+    BackupAndRestore,
+    Callback,
+    CSVLogger,
+    EarlyStopping,
+    LambdaCallback,
+    LearningRateScheduler,
+    ModelCheckpoint,
+    ReduceLROnPlateau,
+    TerminateOnNaN,
+)
+from xpcnn.errors import InputError
+from xpcnn.layers import Dense, Flatten, Rescaling, Softmax
+from xpcnn.saving import Progress, load_checkpoint, save_checkpoint
+
+N, BATCH = 40, 10  # 4 steps an epoch
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (N, 4, 4, 2), dtype=np.uint8), rng.integers(0, 3, N)
+
+
+def small_model(lr=0.1):
+    model = xpcnn.Sequential([Rescaling(1 / 255), Flatten(), Dense(3), Softmax()], seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(lr, momentum=0.9))
+    return model
+
+
+class Scripted(Callback):
+    """Puts a scripted metric ``score`` (per epoch) into the epoch logs, for the callbacks after
+    it, and keeps each epoch's weights."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores, self.weights = scores, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["score"] = self.scores[epoch]
+        self.weights.append(self.model.get_weights())
+
+
+def same_weights(a, b):
+    return len(a) == len(b) and all(np.array_equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+# -- the protocol --------------------------------------------------------------------------------
+
+
+def test_hooks_run_in_keras_order_with_epoch_logs(data):
+    calls = []
+
+    class Recorder(Callback):
+        def __getattribute__(self, name):
+            if name.startswith("on_"):
+                return lambda *args: calls.append((name, *args[:1]) if name.startswith(
+                    ("on_epoch", "on_train_batch")) else (name,))
+            return super().__getattribute__(name)
+
+    model = small_model()
+    history = model.fit(*data, epochs=2, batch_size=20, verbose=0, callbacks=[Recorder()],
+                        validation_data=data)
+    per_epoch = lambda e: [("on_epoch_begin", e), ("on_train_batch_begin", 0),  # noqa: E731
+                           ("on_train_batch_end", 0), ("on_train_batch_begin", 1),
+                           ("on_train_batch_end", 1), ("on_test_begin",), ("on_test_end",),
+                           ("on_epoch_end", e)]
+    assert calls == [("on_train_begin",), *per_epoch(0), *per_epoch(1), ("on_train_end",)]
+    assert history is model.history and history.epoch == [0, 1]
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "seconds"}
+
+
+def test_a_callback_stops_training_from_on_train_batch_end_and_the_history_is_kept(data):
+    def stop(batch, logs):
+        if model._position == (1, 2):  # after the second batch of the second epoch
+            model.stop_training = True
+
+    model = small_model()
+    history = model.fit(*data, epochs=5, batch_size=BATCH, verbose=0,
+                        callbacks=[LambdaCallback(on_train_batch_end=stop)])
+    assert model.optimizer.iterations == 4 + 2
+    assert history.epoch == [0, 1]  # the cut epoch's logs cover its two batches
+    full = small_model()
+    full.fit(*data, epochs=1, batch_size=BATCH, verbose=0, shuffle=True)
+    assert history.history["loss"][0] == full.history.history["loss"][0]
+
+
+def test_batch_logs_are_read_from_the_device_only_when_looked_at(data, monkeypatch):
+    reads = []
+    real = xpcnn.Backend.to_numpy
+    monkeypatch.setattr(xpcnn.Backend, "to_numpy",
+                        lambda self, x: reads.append(1) or real(self, x))
+    seen = []
+    quiet = LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(batch))
+    small_model().fit(*data, epochs=1, batch_size=BATCH, verbose=0, callbacks=[quiet])
+    assert seen == [0, 1, 2, 3] and len(reads) == 1  # the end of the epoch only
+    reads.clear()
+    losses = []
+    looking = LambdaCallback(on_train_batch_end=lambda batch, logs: losses.append(logs["loss"]))
+    model = small_model()
+    model.fit(*data, epochs=1, batch_size=BATCH, verbose=0, callbacks=[looking])
+    assert len(reads) == 4 + 1 and losses[-1] == model.history.history["loss"][0]
+
+
+def test_callbacks_and_hooks_are_checked():
+    with pytest.raises(InputError, match="LambdaCallback got unknown hooks \\['on_batch_end'\\]"):
+        LambdaCallback(on_batch_end=print)
+    model = small_model()
+    with pytest.raises(InputError, match="callbacks must be xpcnn.callbacks.Callback instances, "
+                                         "got builtin_function_or_method"):
+        model.fit(np.zeros((4, 4, 4, 2)), np.zeros(4, int), verbose=0, callbacks=[print])
+    with pytest.raises(InputError, match="EarlyStopping monitors 'val_loss', which the epoch logs "
+                                         "lack .* pass validation_data"):
+        model.fit(np.zeros((4, 4, 4, 2)), np.zeros(4, int), verbose=0,
+                  callbacks=[EarlyStopping()])
+
+
+def test_the_progress_bar_shows_the_running_metrics(data, monkeypatch, capsys):
+    import xpcnn.callbacks
+
+    real = xpcnn.callbacks.tqdm  # (TQDM_DISABLE=1 in the tests' environment)
+    monkeypatch.setattr(xpcnn.callbacks, "tqdm", lambda *a, **k: real(*a, **k, disable=False))
+    model = small_model()
+    model.fit(*data, epochs=1, batch_size=BATCH, verbose=1)
+    err = capsys.readouterr().err
+    assert "Epoch 1/1" in err and "4/4" in err
+    assert f"loss={model.history.history['loss'][0]:.4f}" in err
+
+
+# -- EarlyStopping ---------------------------------------------------------------------------------
+
+
+def test_early_stopping_restores_the_best_weights(data):
+    script = Scripted([3.0, 1.0, 2.0, 2.5, 0.5, 0.1])
+    stop = EarlyStopping("score", patience=2, restore_best_weights=True)
+    model = small_model()
+    history = model.fit(*data, epochs=6, batch_size=BATCH, verbose=0, callbacks=[script, stop])
+    # best at epoch 1; epochs 2 and 3 do not improve: patience 2 is used up at epoch 3
+    assert history.epoch == [0, 1, 2, 3] and stop.stopped_epoch == 3 and stop.best_epoch == 1
+    assert same_weights(model.get_weights(), script.weights[1])
+    assert not same_weights(script.weights[3], script.weights[1])
+
+
+def test_early_stopping_min_delta_mode_and_baseline(data):
+    script = Scripted([0.50, 0.55, 0.56, 0.9])
+    stop = EarlyStopping("score", mode="max", min_delta=0.02, patience=0)
+    small_model().fit(*data, epochs=4, batch_size=BATCH, verbose=0, callbacks=[script, stop])
+    assert stop.stopped_epoch == 2  # +0.05 counts, +0.01 does not
+    script = Scripted([0.5, 0.4, 0.3, 0.2])
+    stop = EarlyStopping("score", baseline=0.1, patience=1, restore_best_weights=True)
+    model = small_model()
+    model.fit(*data, epochs=4, batch_size=BATCH, verbose=0, callbacks=[script, stop])
+    # 0.5 does not beat the baseline: patience 1 is used up at once; no best epoch to restore
+    assert stop.stopped_epoch == 0 and stop.best_weights is None
+    assert same_weights(model.get_weights(), script.weights[0])
+    assert EarlyStopping("val_accuracy").mode == "max" and EarlyStopping().mode == "min"
+
+
+# -- ModelCheckpoint -------------------------------------------------------------------------------
+
+
+def test_model_checkpoint_fills_the_path_template_each_epoch(data, tmp_path):
+    model = small_model()
+    template = str(tmp_path / "ckpt-{epoch:02d}-{loss:.3f}.npz")
+    history = model.fit(*data, epochs=2, batch_size=BATCH, verbose=0,
+                        callbacks=[ModelCheckpoint(template)])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"ckpt-{e + 1:02d}-{loss:.3f}.npz"
+                     for e, loss in enumerate(history.history["loss"])]
+    ckpt = load_checkpoint(tmp_path / names[1])  # a whole training state
+    assert ckpt.model.optimizer.iterations == 8 and ckpt.epoch == 2
+    assert same_weights(ckpt.model.get_weights(), model.get_weights())
+
+
+def test_model_checkpoint_best_only_and_weights_only(data, tmp_path):
+    script = Scripted([2.0, 1.0, 1.5, 0.5])
+    path = tmp_path / "best.npz"
+    model = small_model()
+    saves = []
+    save = ModelCheckpoint(path, monitor="score", save_best_only=True, save_weights_only=True)
+    watch = LambdaCallback(on_epoch_end=lambda e, logs: saves.append(
+        path.exists() and path.stat().st_mtime_ns))
+    model.fit(*data, epochs=4, batch_size=BATCH, verbose=0, callbacks=[script, save, watch])
+    assert saves[1] != saves[0] and saves[2] == saves[1] and saves[3] != saves[2]
+    best = xpcnn.load_model(str(path))  # a model file
+    assert same_weights(best.get_weights(), script.weights[3])
+    with pytest.raises(InputError, match="could not be filled from epoch and the logs"):
+        small_model().fit(*data, verbose=0,
+                          callbacks=[ModelCheckpoint(tmp_path / "{val_loss}.npz")])
+
+
+# -- BackupAndRestore ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model, history = ckpt_train.train()
+    return model.get_weights(), history
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_backup_and_restore_resumes_bit_for_bit_after_a_kill_at_a_random_step(tmp_path,
+                                                                               reference, seed):
+    path = tmp_path / "backup.npz"
+    x, y = ckpt_train.data()
+    stop_at = random.Random(seed).randrange(1, ckpt_train.EPOCHS * 8)
+    model = ckpt_train.make_model()
+
+    def kill(batch, logs):
+        if model.optimizer.iterations == stop_at:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        model.fit(x, y, epochs=ckpt_train.EPOCHS, batch_size=ckpt_train.BATCH, verbose=0,
+                  callbacks=[LambdaCallback(on_train_batch_end=kill),
+                             BackupAndRestore(path, save_freq=3)])
+    resumed = ckpt_train.make_model()
+    history = resumed.fit(x, y, epochs=ckpt_train.EPOCHS, batch_size=ckpt_train.BATCH, verbose=0,
+                          callbacks=[BackupAndRestore(path, save_freq=3)])
+    assert_same_run(resumed.get_weights(), as_dict(history), reference)
+
+
+def test_backup_and_restore_refuses_a_generator(data, tmp_path):
+    x, y = data
+    batches = ((x[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10))
+    with pytest.raises(InputError, match="BackupAndRestore needs data whose batches can be "
+                                         "replayed"):
+        small_model().fit(batches, steps_per_epoch=4, verbose=0,
+                          callbacks=[BackupAndRestore(tmp_path / "b.npz")])
+
+
+# -- learning rate ---------------------------------------------------------------------------------
+
+
+def test_reduce_lr_on_plateau_with_cooldown_and_floor(data, tmp_path):
+    script = Scripted([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    rates = []
+    reduce = ReduceLROnPlateau("score", factor=0.5, patience=1, cooldown=2, min_lr=0.03)
+    model = small_model(lr=0.1)
+    record = LambdaCallback(on_epoch_end=lambda e, logs: rates.append(model.optimizer.lr))
+    model.fit(*data, epochs=7, batch_size=BATCH, verbose=0, callbacks=[script, reduce, record])
+    # (Keras' counting) epoch 0 sets the best; 1: reduce; 2: cooling down; 3: the cooldown has
+    # run out, reduce (to the floor)
+    assert rates == pytest.approx([0.1, 0.05, 0.05, 0.03, 0.03, 0.03, 0.03])
+    save_checkpoint(model, tmp_path / "c.npz", Progress(7))  # the reduced rate is kept
+    assert load_checkpoint(tmp_path / "c.npz").model.optimizer.lr == pytest.approx(0.03)
+
+
+def test_learning_rate_scheduler_sets_each_epochs_rate(data):
+    used = []
+    model = small_model(lr=0.1)
+    schedule = LearningRateScheduler(lambda epoch, lr: 0.2 * 0.5**epoch)
+    record = LambdaCallback(on_train_batch_begin=lambda b, logs: used.append(model.optimizer.lr))
+    model.fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=[schedule, record])
+    assert used == pytest.approx([0.2] * 4 + [0.1] * 4 + [0.05] * 4)
+    # the same updates as an SGD whose schedule gives those rates
+    twin = xpcnn.Sequential([Rescaling(1 / 255), Flatten(), Dense(3), Softmax()], seed=0)
+    twin.compile(optimizer=xpcnn.optim.SGD(xpcnn.optim.StepDecay(0.2, 4, 0.5), momentum=0.9))
+    twin.fit(*data, epochs=3, batch_size=BATCH, verbose=0)
+    for a, b in zip(model.get_weights(), twin.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+# -- CSVLogger and TerminateOnNaN ----------------------------------------------------------------
+
+
+def test_csv_logger_writes_a_row_per_epoch_and_appends(data, tmp_path):
+    path = tmp_path / "log.csv"
+    model = small_model()
+    model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, validation_data=data,
+              callbacks=[CSVLogger(path)])
+    model.fit(*data, epochs=1, batch_size=BATCH, verbose=0, validation_data=data,
+              callbacks=[CSVLogger(path, append=True)])
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1", "0"]
+    assert set(rows[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"}
+    assert float(rows[2]["val_loss"]) == model.history.history["val_loss"][0]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_terminate_on_nan_ends_training_cleanly_before_the_bad_step(data, monkeypatch, capsys):
+    model = small_model()
+    dense = model.layers[2]
+    real, calls = dense.backward, [0]
+
+    def backward_after(dy):
+        out = real(dy)
+        calls[0] += 1
+        if calls[0] == 6:  # the 2nd step of epoch 2 (1-based): a NaN gradient
+            dense.grads["kernel"][0, 0] = np.nan
+        return out
+
+    monkeypatch.setattr(dense, "backward", backward_after)
+    history = model.fit(*data, epochs=3, batch_size=BATCH, verbose=0,
+                        callbacks=[TerminateOnNaN()])
+    assert history.epoch == [0]  # epoch 2 failed, epoch 3 never ran
+    assert model.optimizer.iterations == 5
+    assert "TerminateOnNaN: non-finite gradient at step 6" in capsys.readouterr().out
+    monkeypatch.undo()
+    reference = small_model()  # the same 5 steps without the failure
+    stop = LambdaCallback(on_train_batch_end=lambda b, logs: setattr(
+        reference, "stop_training", reference.optimizer.iterations == 5))
+    reference.fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=[stop])
+    assert same_weights(model.get_weights(), reference.get_weights())

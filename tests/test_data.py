@@ -1,0 +1,256 @@
+"""Batch sources: arrays on the device, memory maps, generators, map-style datasets, prefetching.
+
+Every source that gives the same batches must give the same weights, bit for bit."""
+
+from __future__ import annotations
+
+import threading
+import tracemalloc
+
+import array_api_strict as xps
+import numpy as np
+import pytest
+from nets import gap_net
+
+import xpcnn
+import xpcnn.data
+from xpcnn.callbacks import LambdaCallback
+from xpcnn.errors import InputError, NonFiniteError
+from xpcnn.layers import Dense, Flatten, Rescaling, Softmax
+
+N, BATCH, EPOCHS, SEED = 44, 8, 2, 5  # 6 steps an epoch, the last one short
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (N, 6, 6, 3), dtype=np.uint8), rng.integers(0, 4, N)
+
+
+def make(device="cpu"):
+    model = xpcnn.Sequential(gap_net(classes=4), seed=0, device=device)
+    model.compile(optimizer=xpcnn.optim.Adam(1e-2))
+    return model
+
+
+def trained(x, y=None, device="cpu", **fit):
+    model = make(device)
+    model.fit(x, y, epochs=EPOCHS, batch_size=BATCH, seed=SEED, verbose=0, **fit)
+    return model
+
+
+def shuffled_batches(x, y, epochs=EPOCHS):
+    """The batches fit makes of arrays, in its order (a pure function of seed and epoch)."""
+    for epoch in range(epochs):
+        order = np.random.default_rng([SEED, epoch]).permutation(len(x))
+        for a in range(0, len(x), BATCH):
+            yield x[order[a:a + BATCH]], y[order[a:a + BATCH]]
+
+
+class Loader:
+    """An iterable that is not an iterator (PyTorch's DataLoader): a new pass each time."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class MapDataset:
+    """PyTorch's habit: len() and one (image, label) pair per index."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def assert_same_weights(a, b):
+    wa, wb = a.get_weights(), b.get_weights()
+    assert len(wa) == len(wb)
+    for i, (u, v) in enumerate(zip(wa, wb, strict=True)):
+        assert np.array_equal(u, v), f"weight array {i} differs"
+
+
+# -- one source, the same weights ----------------------------------------------------------------
+
+
+def test_a_generator_gives_the_weights_of_the_arrays_on_the_same_batches(data):
+    x, y = data
+    reference = trained(x, y)
+    fed = trained(shuffled_batches(x, y), steps_per_epoch=6)
+    assert_same_weights(fed, reference)
+    assert fed.history.history["loss"] == reference.history.history["loss"]
+    # a re-iterable (a DataLoader, say) is gone through afresh every epoch
+    plain = trained(x, y, shuffle=False)
+    loader = Loader([(x[a:a + BATCH], y[a:a + BATCH]) for a in range(0, N, BATCH)])
+    assert_same_weights(trained(loader), plain)
+
+
+def test_a_map_style_dataset_is_batched_and_shuffled_as_arrays_are(data):
+    x, y = data
+    assert_same_weights(trained(MapDataset(x, y)), trained(x, y))
+    model = trained(x, y)
+    assert model.evaluate(MapDataset(x, y), batch_size=16) == model.evaluate(x, y, batch_size=16)
+    assert np.array_equal(model.predict(MapDataset(x, y)), model.predict(x))
+    assert np.array_equal(model.predict(iter([x[:20], x[20:40], x[40:]]), steps=3),
+                          model.predict(x, batch_size=20))
+
+
+def test_a_memory_map_is_read_batch_by_batch_never_whole(tmp_path):
+    n, shape = 2000, (16, 16, 3)  # a 1.5 MB file, batches of 3 KB
+    rng = np.random.default_rng(1)
+    x = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.uint8,
+                                  shape=(n, *shape))
+    x[:] = rng.integers(0, 256, x.shape, dtype=np.uint8)
+    x.flush()
+    y = rng.integers(0, 4, n)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+
+    def model():
+        m = xpcnn.Sequential([Rescaling(1 / 255), Flatten(), Dense(4), Softmax()], seed=0)
+        m.compile(optimizer=xpcnn.optim.SGD(0.01))
+        return m
+
+    streamed = model()
+    tracemalloc.start()
+    streamed.fit(mapped, y, epochs=1, batch_size=4, seed=SEED, verbose=0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < mapped.nbytes / 4, f"{peak} bytes traced for a {mapped.nbytes}-byte file"
+    in_memory = model()
+    in_memory.fit(np.array(mapped), y, epochs=1, batch_size=4, seed=SEED, verbose=0)
+    assert_same_weights(streamed, in_memory)
+
+
+# -- data on the device --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("library", ["array_api_strict", "torch"])
+def test_device_arrays_host_arrays_and_uploaded_arrays_give_the_same_weights(data, library,
+                                                                             monkeypatch):
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        import array_api_compat.torch as namespace
+
+        device, put = namespace, torch.from_numpy
+    else:
+        device = (xps, xps.Device("device1"))
+        put = lambda a: xps.asarray(a, device=xps.Device("device1"))  # noqa: E731
+    x, y = data
+    uploads = []
+    real = xpcnn.Backend.asarray
+
+    def asarray(self, a, dtype=None):
+        if getattr(a, "shape", ())[1:] == x.shape[1:]:  # images (not weights)
+            uploads.append(a.shape)
+        return real(self, a, dtype)
+
+    monkeypatch.setattr(xpcnn.Backend, "asarray", asarray)
+    on_device = trained(put(x), put(y), device=device)
+    assert uploads == []  # gathered where they are
+    uploaded = trained(x, y, device=device)
+    assert uploads == [x.shape]  # once, as given (uint8), then gathered on the device
+    uploads.clear()
+    monkeypatch.setattr(xpcnn.data, "DEVICE_BUDGET_BYTES", 0)
+    per_batch = trained(x, y, device=device)
+    assert len(uploads) == EPOCHS * 6  # over the budget: one upload per batch
+    assert_same_weights(on_device, per_batch)
+    assert_same_weights(uploaded, per_batch)
+    assert on_device.evaluate(put(x), put(y)) == per_batch.evaluate(x, y)
+    np.testing.assert_array_equal(on_device.predict(put(x)), per_batch.predict(x))
+
+
+def test_arrays_of_another_library_or_device_are_refused(data):
+    x, y = data
+    model = make((xps, xps.Device("device1")))
+    with pytest.raises(InputError, match="x is an array of array_api_strict on .*device2.* but "
+                                         "the model is on array_api_strict:.*device1"):
+        model.fit(xps.asarray(x, device=xps.Device("device2")), y, verbose=0)
+    bad = xps.asarray(x.astype(np.float32), device=xps.Device("device1"))
+    bad[3, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="x holds NaN or infinite values: sample 3"):
+        model.fit(bad, y, verbose=0)
+
+
+# -- the background thread -------------------------------------------------------------------------
+
+
+def prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "xpcnn-prefetch"]
+
+
+def test_an_error_in_the_data_reaches_the_caller(data):
+    x, y = data
+
+    def broken():
+        yield x[:8], y[:8]
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        make().fit(broken(), steps_per_epoch=3, verbose=0)
+    wrong = iter([(x[:8, :5], y[:8])])
+    model = make()
+    model.build((6, 6, 3))
+    with pytest.raises(InputError, match=r"x has per-sample shape \(5, 6, 3\) but the model "
+                                         r"expects \(6, 6, 3\)"):
+        model.fit(wrong, steps_per_epoch=1, verbose=0)
+    assert prefetch_threads() == []
+
+
+def test_stopping_early_stops_the_thread(data):
+    x, y = data
+    drawn = []
+
+    def endless():
+        while True:
+            drawn.append(1)
+            yield x[:8], y[:8]
+
+    stop = LambdaCallback(on_train_batch_end=lambda b, logs: setattr(model, "stop_training",
+                                                                     b == 1))
+    model = make()
+    model.fit(endless(), steps_per_epoch=100, epochs=3, verbose=0, callbacks=[stop])
+    assert model.optimizer.iterations == 2 and prefetch_threads() == []
+    # the thread drew at most PREFETCH batches ahead (and one more it was waiting to hand over)
+    assert len(drawn) <= 2 + xpcnn.data.PREFETCH + 1
+
+
+def test_streamed_inputs_are_checked(data):
+    x, y = data
+    model = make()
+    with pytest.raises(InputError, match="is an iterator .*: pass steps_per_epoch"):
+        model.fit(iter([(x, y)]), verbose=0)
+    with pytest.raises(InputError, match="y must be None when x is a dataset or an iterable"):
+        model.fit(MapDataset(x, y), y, verbose=0)
+    with pytest.raises(InputError, match="steps_per_epoch / steps are for generators"):
+        model.fit(x, y, steps_per_epoch=3, verbose=0)
+    with pytest.raises(InputError, match="x must yield \\(x, y\\) batches, got ndarray"):
+        model.fit(Loader([x]), verbose=0)
+    with pytest.raises(InputError, match="gave no batches in epoch 2"):
+        model.fit(iter([(x, y)]), steps_per_epoch=1, epochs=2, verbose=0)
+    nan = x.astype(np.float32)
+    nan[2, 1, 1, 0] = np.nan
+    with pytest.raises(NonFiniteError, match="x holds NaN or infinite values: sample 2"):
+        model.fit(iter([(nan, y)]), steps_per_epoch=1, verbose=0)
+    with pytest.raises(InputError, match="validation_split needs arrays"):
+        model.fit(MapDataset(x, y), validation_split=0.2, verbose=0)
+
+
+def test_validation_split_and_validation_data_on_the_device(data):
+    x, y = data
+    device = (xps, xps.Device("device1"))
+    put = lambda a: xps.asarray(a, device=xps.Device("device1"))  # noqa: E731
+    on_device = trained(put(x), put(y), device=device, validation_split=0.25)
+    on_host = trained(x, y, device=device, validation_split=0.25)
+    assert_same_weights(on_device, on_host)
+    assert on_device.history.history == {**on_host.history.history,
+                                         "seconds": on_device.history.history["seconds"]}
+    streamed = trained(x[:33], y[:33], device=device,
+                       validation_data=MapDataset(x[33:], y[33:]))
+    assert streamed.history.history["val_loss"] == on_host.history.history["val_loss"]

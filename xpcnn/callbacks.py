@@ -1,0 +1,434 @@
+"""Callbacks: code that ``fit`` calls at fixed points of training (Keras' protocol).
+
+``model.fit(x, y, callbacks=[EarlyStopping(patience=3), CSVLogger("log.csv")])``. A callback
+subclasses :class:`Callback` and overrides the hooks it needs; ``self.model`` is the model being
+trained and ``self.params`` holds ``epochs``, ``steps`` (per epoch, None when unknown), ``verbose``
+and ``data`` (the batch source). Setting ``model.stop_training = True`` in any hook ends training
+after the current batch (or epoch): ``on_epoch_end`` and ``on_train_end`` still run and ``fit``
+returns the :class:`History`.
+
+Epoch logs are plain floats (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ``seconds``).
+Batch logs are read lazily: the loss and correct count of the steps stay on the device, and the
+host waits for the device only when a callback actually reads a value from the batch ``logs``
+(``logs["loss"]``: the epoch's running mean, as in Keras). A callback that only counts batches
+costs no synchronisation; the progress bar reads at most every ``refresh`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import history
+from .errors import InputError, NonFiniteError
+from .saving import FitCheckpoints, Progress, save_checkpoint
+
+
+class Callback:
+    """Base class: every hook does nothing. ``logs`` is a mapping of metric names to floats."""
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.params: dict[str, Any] = {}
+
+    def set_model(self, model: Any) -> None:
+        self.model = model
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        self.params = params
+
+    def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None: ...
+    def on_train_end(self, logs: Mapping[str, float] | None = None) -> None: ...
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None: ...
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None: ...
+    def on_train_batch_begin(self, batch: int, logs: Mapping[str, float] | None = None
+                             ) -> None: ...
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None
+                           ) -> None: ...
+    def on_test_begin(self, logs: Mapping[str, float] | None = None) -> None: ...
+    def on_test_end(self, logs: Mapping[str, float] | None = None) -> None: ...
+    def on_predict_begin(self, logs: Mapping[str, float] | None = None) -> None: ...
+    def on_predict_end(self, logs: Mapping[str, float] | None = None) -> None: ...
+
+
+HOOKS = ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
+         "on_train_batch_begin", "on_train_batch_end", "on_test_begin", "on_test_end",
+         "on_predict_begin", "on_predict_end")
+
+
+class CallbackList:
+    """Calls a hook on every callback in order: ``callbacks.on_epoch_end(epoch, logs)``."""
+
+    def __init__(self, callbacks: Iterable[Callback], model: Any, params: dict[str, Any]) -> None:
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise InputError(f"callbacks must be xpcnn.callbacks.Callback instances, got "
+                                 f"{type(cb).__name__}")
+            cb.set_model(model)
+            cb.set_params(params)
+
+    def __getattr__(self, hook: str) -> Callable[..., None]:
+        if hook not in HOOKS:
+            raise AttributeError(hook)
+
+        # Every hook gets its logs, as in Keras (empty where there are none yet).
+        indexed = hook.startswith(("on_epoch", "on_train_batch"))
+
+        def call(*args: Any) -> None:
+            args = args + ({},) * (1 + indexed - len(args))
+            for cb in self.callbacks:
+                getattr(cb, hook)(*args)
+
+        return call
+
+    def interruptible(self) -> contextlib.ExitStack:
+        """A context around the training loop in which each :class:`BackupAndRestore` turns a
+        Ctrl-C into a checkpoint and a clean stop (see :meth:`FitCheckpoints.interruptible`)."""
+        scope = contextlib.ExitStack()
+        for cb in self.callbacks:
+            if isinstance(cb, BackupAndRestore):
+                scope.enter_context(cb.saver.interruptible())
+        return scope
+
+    def on_non_finite(self, error: NonFiniteError) -> bool:
+        """Hand a deferred :class:`NonFiniteError` to a :class:`TerminateOnNaN`, if there is
+        one (True: training ends cleanly), else False (``fit`` raises it)."""
+        handler = next((cb for cb in self.callbacks if isinstance(cb, TerminateOnNaN)), None)
+        if handler is not None:
+            handler.on_non_finite(error)
+        return handler is not None
+
+
+class LazyLogs(Mapping[str, float]):
+    """Batch logs read from the device only when a callback first looks at a value."""
+
+    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
+        self._read = read
+        self._values: dict[str, float] | None = None
+
+    def _get(self) -> dict[str, float]:
+        if self._values is None:
+            self._values = self._read()
+        return self._values
+
+    def __getitem__(self, key: str) -> float:
+        return self._get()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+class LambdaCallback(Callback):
+    """A callback from functions: ``LambdaCallback(on_epoch_end=lambda epoch, logs: ...)``."""
+
+    def __init__(self, **hooks: Callable[..., None]) -> None:
+        super().__init__()
+        unknown = sorted(set(hooks) - set(HOOKS))
+        if unknown:
+            raise InputError(f"LambdaCallback got unknown hooks {unknown}; expected some of "
+                             f"{', '.join(HOOKS)}")
+        for name, fn in hooks.items():
+            setattr(self, name, fn)
+
+
+class History(Callback, history.History):
+    """Per-epoch metrics of a ``fit`` call: ``history.history["loss"]``, ``["val_accuracy"]``
+    (the record of :mod:`xpcnn.history`, kept by a callback)."""
+
+    def __init__(self) -> None:
+        Callback.__init__(self)
+        history.History.__init__(self)
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        self.append(epoch, dict(logs or {}))
+
+
+class ProgbarLogger(Callback):
+    """A tqdm progress bar per epoch. The running loss and accuracy shown are read from the
+    device at most every ``refresh`` seconds (each read waits for the device)."""
+
+    def __init__(self, refresh: float = 0.5) -> None:
+        super().__init__()
+        self.refresh = refresh
+        self.bar: Any = None
+        self.last = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        steps, start = self.params.get("steps"), self.model._position[1]  # (resumed inside)
+        self.bar = tqdm(total=steps, initial=start, desc=f"Epoch {epoch + 1}/"
+                        f"{self.params['epochs']}", unit="batch", leave=True, dynamic_ncols=True)
+        self.last = time.monotonic()
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
+        self.bar.update(1)
+        now = time.monotonic()
+        if logs is not None and now - self.last >= self.refresh:
+            self.last = now
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['accuracy']:.4f}")
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        self.bar.set_postfix({k: f"{v:.4f}" for k, v in (logs or {}).items() if k != "seconds"})
+        self.bar.close()
+
+    def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
+        if self.bar is not None:
+            self.bar.close()  # (a no-op when the epoch ended normally)
+
+
+class _Monitor(Callback):
+    """Shared by the callbacks that watch one metric for improvement."""
+
+    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0) -> None:
+        super().__init__()
+        if mode not in ("auto", "min", "max"):
+            raise InputError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        if mode == "auto":
+            mode = "max" if "acc" in monitor else "min"
+        self.monitor, self.mode, self.min_delta = monitor, mode, abs(float(min_delta))
+
+    def current(self, logs: Mapping[str, float] | None) -> float:
+        if not logs or self.monitor not in logs:
+            raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, which the epoch "
+                             f"logs lack (they have {sorted(logs or {})}); pass "
+                             "validation_data for 'val_*' metrics")
+        return float(logs[self.monitor])
+
+    def improves(self, value: float, best: float) -> bool:
+        if self.mode == "min":
+            return value < best - self.min_delta
+        return value > best + self.min_delta
+
+    def worst(self) -> float:
+        return math.inf if self.mode == "min" else -math.inf
+
+
+class EarlyStopping(_Monitor):
+    """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience``
+    epochs. ``baseline``: stop also when it does not beat that value within ``patience``
+    epochs. ``restore_best_weights``: end with the weights of the best epoch."""
+
+    def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0,
+                 mode: str = "auto", baseline: float | None = None,
+                 restore_best_weights: bool = False, verbose: int = 0) -> None:
+        super().__init__(monitor, mode, min_delta)
+        self.patience, self.baseline = int(patience), baseline
+        self.restore_best_weights, self.verbose = restore_best_weights, verbose
+
+    def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        self.wait, self.stopped_epoch, self.best_epoch = 0, None, None
+        self.best = self.worst() if self.baseline is None else float(self.baseline)
+        self.best_weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        value = self.current(logs)
+        if self.improves(value, self.best):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best_weights:
+                self.best_weights = self.model.get_weights()
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
+        if self.stopped_epoch is not None and self.verbose:
+            print(f"early stopping at epoch {self.stopped_epoch + 1}: {self.monitor} has not "
+                  f"improved since epoch {(self.best_epoch or 0) + 1}")
+        if self.restore_best_weights and self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
+
+class ModelCheckpoint(_Monitor):
+    """Save the model at the end of each epoch to ``filepath``, a template filled with the
+    1-based ``epoch`` and the epoch logs: ``"ckpt-{epoch:02d}-{val_loss:.3f}.npz"``.
+
+    ``save_best_only``: only when ``monitor`` improved (the path may then be fixed).
+    ``save_weights_only``: a model file (architecture and weights, :meth:`Model.save`) instead
+    of a whole training checkpoint (optimiser state too, :func:`xpcnn.load_checkpoint`).
+    Both load with :func:`xpcnn.load_model` and :meth:`Model.load_weights`.
+    """
+
+    def __init__(self, filepath: str | os.PathLike[str], monitor: str = "val_loss",
+                 save_best_only: bool = False, save_weights_only: bool = False,
+                 mode: str = "auto", verbose: int = 0) -> None:
+        super().__init__(monitor, mode)
+        self.filepath, self.save_best_only = os.fspath(filepath), save_best_only
+        self.save_weights_only, self.verbose = save_weights_only, verbose
+        self.best = self.worst()
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        logs = dict(logs or {})
+        if self.save_best_only:
+            value = self.current(logs)
+            if not self.improves(value, self.best):
+                return
+            self.best = value
+        try:
+            path = self.filepath.format(epoch=epoch + 1, **logs)
+        except (KeyError, IndexError, ValueError) as e:
+            raise InputError(f"ModelCheckpoint path {self.filepath!r} could not be filled from "
+                             f"epoch and the logs {sorted(logs)}: {e}") from e
+        if self.save_weights_only:
+            self.model.save(path)
+        else:
+            save_checkpoint(self.model, path, Progress(epoch + 1), self.model.history)
+        if self.verbose:
+            print(f"epoch {epoch + 1}: saved {path}")
+
+
+class BackupAndRestore(Callback):
+    """Exact resumption of an interrupted ``fit``: the whole training state goes to ``path``
+    at the end of every epoch (and every ``save_freq`` steps when that is an int); a run started
+    again with the same callback, model, data and ``fit`` arguments continues from the file and
+    ends with the same weights, bit for bit, and the same history as an uninterrupted run.
+    ``resume=False`` ignores an existing file. While training, a Ctrl-C lets the step in
+    progress finish, writes the checkpoint there and stops with
+    :class:`~xpcnn.errors.TrainingInterrupted`. ``fit(checkpoint=PATH, resume=True)`` is short
+    for this callback (:mod:`xpcnn.saving.checkpoint` describes the file)."""
+
+    def __init__(self, path: str | os.PathLike[str], save_freq: int | str = "epoch",
+                 resume: bool = True) -> None:
+        super().__init__()
+        if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+            raise InputError(f"checkpoint must be a file path, got {path!r}")
+        if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int)
+                                     or save_freq < 1):
+            raise InputError(f"checkpoint_every must be a positive number of steps or 'epoch', "
+                             f"got {save_freq!r}")
+        if not isinstance(resume, bool):
+            raise InputError(f"resume must be True or False, got {resume!r}")
+        self.path, self.save_freq, self.resume = os.fspath(path), save_freq, resume
+
+    def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        data = self.params["data"]
+        if not data.resumable:
+            raise InputError("BackupAndRestore needs data whose batches can be replayed: arrays "
+                             "or a map-style dataset, not a generator")
+        self.saver = FitCheckpoints(self.model, self.path, self.save_freq, self.resume,
+                                    data.fingerprint(), self.params["steps"],
+                                    self.params["verbose"])
+        history, start = self.saver.start()
+        if start is not None:
+            self.model.history.epoch, self.model.history.history = history.epoch, history.history
+            self.model._resume_at = start
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
+        epoch, step = self.model._position
+        steps = self.params["steps"]
+        # (at an epoch's last step the end-of-epoch save follows at once; after a Ctrl-C the
+        # saver writes at the step in progress and stops training)
+        if self.saver.interrupted or self.save_freq != "epoch" and not (
+                epoch * steps + step) % self.save_freq and step != steps:
+            self.saver.after_step(epoch, step, *self.model._epoch_sums(), self.model.history)
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        self.saver.after_epoch(epoch, self.model.history)
+
+
+class ReduceLROnPlateau(_Monitor):
+    """Multiply the learning rate by ``factor`` when ``monitor`` has not improved for
+    ``patience`` epochs, then wait ``cooldown`` epochs; never below ``min_lr``."""
+
+    def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10,
+                 mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0,
+                 min_lr: float = 0.0, verbose: int = 0) -> None:
+        super().__init__(monitor, mode, min_delta)
+        if not 0.0 < factor < 1.0:
+            raise InputError(f"ReduceLROnPlateau factor must be in (0, 1), got {factor!r}")
+        self.factor, self.patience, self.cooldown = float(factor), int(patience), int(cooldown)
+        self.min_lr, self.verbose = float(min_lr), verbose
+
+    def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        self.best, self.wait, self.cooling = self.worst(), 0, 0
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        value = self.current(logs)
+        if self.cooling:
+            self.cooling -= 1
+            self.wait = 0
+        if self.improves(value, self.best):
+            self.best, self.wait = value, 0
+            return
+        if self.cooling:
+            return
+        self.wait += 1
+        optimizer = self.model.optimizer
+        if self.wait >= self.patience and optimizer.lr > self.min_lr:
+            optimizer.lr = max(optimizer.lr * self.factor, self.min_lr)
+            self.cooling, self.wait = self.cooldown, 0
+            if self.verbose:
+                print(f"epoch {epoch + 1}: learning rate reduced to {optimizer.lr:.3g}")
+
+
+class LearningRateScheduler(Callback):
+    """Set the learning rate at the start of each epoch to ``schedule(epoch, lr)`` (0-based
+    epoch, the current rate)."""
+
+    def __init__(self, schedule: Callable[[int, float], float], verbose: int = 0) -> None:
+        super().__init__()
+        self.schedule, self.verbose = schedule, verbose
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        optimizer = self.model.optimizer
+        optimizer.lr = self.schedule(epoch, optimizer.lr)
+        if self.verbose:
+            print(f"epoch {epoch + 1}: learning rate {optimizer.lr:.3g}")
+
+
+class CSVLogger(Callback):
+    """One CSV row per epoch: ``epoch`` (0-based) and every log, to ``filename``
+    (``append=True`` continues an existing file)."""
+
+    def __init__(self, filename: str | os.PathLike[str], separator: str = ",",
+                 append: bool = False) -> None:
+        super().__init__()
+        self.filename, self.separator, self.append = os.fspath(filename), separator, append
+        self.file: Any = None
+
+    def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        exists = self.append and os.path.exists(self.filename) and os.path.getsize(
+            self.filename) > 0
+        self.file = open(self.filename, "a" if self.append else "w", newline="")  # noqa: SIM115
+        self.writer: Any = None
+        self.keys: list[str] | None = None
+        if exists:
+            with open(self.filename, newline="") as f:
+                self.keys = next(csv.reader(f, delimiter=self.separator))[1:]
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        logs = dict(logs or {})
+        if self.keys is None:
+            self.keys = sorted(logs)
+            csv.writer(self.file, delimiter=self.separator).writerow(["epoch", *self.keys])
+        row = [epoch] + [logs.get(k, "") for k in self.keys]
+        csv.writer(self.file, delimiter=self.separator).writerow(row)
+        self.file.flush()
+
+    def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class TerminateOnNaN(Callback):
+    """End training cleanly, instead of raising :class:`NonFiniteError`, when a step's loss or
+    gradient is not finite: ``fit`` returns the History of the epochs done, and the weights and
+    optimiser state are those before the first non-finite step (found when the device's flag is
+    next read, not by a wait for the device every step)."""
+
+    def on_non_finite(self, error: NonFiniteError) -> None:
+        print(f"TerminateOnNaN: {error}")
+        self.model.stop_training = True

@@ -1,0 +1,360 @@
+"""Where batches come from: arrays (on the host or the device), generators and map-style datasets.
+
+``fit``, ``evaluate`` and ``predict`` turn what they are given into a :class:`Batches` source,
+which yields device batches ``(xb, yb)`` (``xb`` as stored, e.g. uint8: the model casts it on
+the device):
+
+* arrays of the model's own namespace on its device (CuPy, PyTorch, ``array_api_strict``) stay
+  there; each batch is gathered on the device (``xp.take``);
+* a NumPy training set of at most :data:`DEVICE_BUDGET_BYTES` (images and targets together) is
+  uploaded to the device once, as given (uint8 stays uint8), and gathered there in the same
+  shuffled order as host batches, so that seeds and checkpoints reproduce. On the CPU (NumPy)
+  the host is the device: nothing is copied;
+* larger NumPy arrays, and ``np.memmap`` arrays always, stay on the host and are read batch by
+  batch (a memory-mapped file is never read whole), on a background thread;
+* an iterable of ``(x, y)`` batches (a generator, a list, a PyTorch ``DataLoader``): ``steps``
+  batches an epoch (for an iterator: drawn from it, epoch after epoch), or one pass an epoch
+  over a re-iterable when ``steps`` is None;
+* a map-style dataset (``__len__`` and ``__getitem__(i) -> (x_i, y_i)``, PyTorch's habit),
+  batched and shuffled by xpcnn exactly as arrays are.
+
+Host work (reading files, stacking samples, checking values) runs on a background thread that
+keeps up to :data:`PREFETCH` batches ready while the device computes; an exception there is
+raised in the caller, and the thread stops when the loop ends early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from . import checks
+from .errors import InputError
+from .saving import fingerprint
+
+# A NumPy training set up to this size (images + targets) is uploaded to a GPU once per fit.
+DEVICE_BUDGET_BYTES = 2 << 30
+# Batches prepared ahead by the background thread.
+PREFETCH = 2
+
+
+class Batches:
+    """A source of device batches for one ``fit``/``evaluate``/``predict`` call.
+
+    ``samples``: the number of samples (None when unknown); ``steps``: batches an epoch (None
+    when unknown before the epoch ends); ``resumable``: an epoch can be started at any step and
+    replays the same batches (what exact resumption needs)."""
+
+    samples: int | None = None
+    steps: int | None = None
+    resumable = False
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
+        """The batches of ``epoch`` from batch ``start`` on: (xb, yb) on the device (yb None
+        without targets)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resumed run must share with the original (see :mod:`xpcnn.saving.checkpoint`)."""
+        raise NotImplementedError
+
+
+# -- arrays -----------------------------------------------------------------------------------
+
+
+def is_device_array(x: Any) -> bool:
+    """True for an array of another library than NumPy (CuPy, PyTorch, array_api_strict)."""
+    return array_api_compat.is_array_api_obj(x) and not isinstance(x, np.ndarray)
+
+
+def to_device(backend: Any, a: Any) -> Any:
+    """A host array copied to the backend's device; a device array (or None) as it is."""
+    return a if a is None or is_device_array(a) else backend.asarray(a)
+
+
+def is_stream(x: Any) -> bool:
+    """A dataset or an iterable of batches, as opposed to arrays (lists and tuples are arrays)."""
+    if array_api_compat.is_array_api_obj(x) or isinstance(x, list | tuple | str | bytes):
+        return False
+    return isinstance(x, Iterable) or is_map_dataset(x)
+
+
+def is_map_dataset(x: Any) -> bool:
+    """``__len__`` and ``__getitem__``: batched and shuffled by xpcnn (not an iterator)."""
+    return hasattr(x, "__len__") and hasattr(x, "__getitem__") and not isinstance(x, Iterator)
+
+
+def check_device_images(x: Any, backend: Any, what: str = "x") -> Any:
+    """A device array of the model's namespace and device with a batch axis, real values."""
+    xp = backend.xp
+    try:
+        library = array_api_compat.array_namespace(x).__name__
+        where = f"an array of {library} on {array_api_compat.device(x)}"
+    except TypeError:
+        library, where = "", f"a {type(x).__name__}"
+    if library != xp.__name__ or array_api_compat.device(x) != backend.device:
+        raise InputError(f"{what} is {where}, but the model is on {backend.label} "
+                         f"({xp.__name__}): pass a NumPy array, or an array of the model's own "
+                         "library on its device")
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise InputError(f"{what} must have a batch axis and per-sample axes, e.g. (N, H, W, C), "
+                         f"and at least one sample; got shape {tuple(x.shape)}")
+    if not (xp.isdtype(x.dtype, "integral") or xp.isdtype(x.dtype, "real floating")) or \
+            x.dtype == xp.bool:
+        raise InputError(f"{what} must hold real numbers (uint8 or float images), got dtype "
+                         f"{x.dtype}")
+    if xp.isdtype(x.dtype, "real floating") and not bool(xp.all(xp.isfinite(x))):
+        checks.check_finite(backend.to_numpy(x), what)  # names the sample
+    return x
+
+
+class ArrayBatches(Batches):
+    """Batches of arrays ``x`` and ``targets`` (validated already), in the order
+    ``np.random.default_rng([seed, epoch]).permutation(n)`` when shuffled."""
+
+    resumable = True
+
+    def __init__(self, backend: Any, x: Any, targets: np.ndarray | None, batch_size: int,
+                 shuffle: bool = False, seed: int = 0) -> None:
+        self.backend, self.batch_size, self.shuffle, self.seed = backend, batch_size, shuffle, seed
+        self.samples = int(x.shape[0])
+        self.steps = -(-self.samples // batch_size)
+        self.host_x = x if isinstance(x, np.ndarray) else None
+        self.host_targets = targets
+        # Memory-mapped files are read batch by batch; other arrays live on the device (on the
+        # CPU they are there already) unless they are too large for the budget.
+        self.on_device = self.host_x is None or not isinstance(x, np.memmap) and (
+            backend.name == "numpy" or x.nbytes + (0 if targets is None else targets.nbytes)
+            <= DEVICE_BUDGET_BYTES)
+        if self.on_device:
+            self.x = to_device(backend, x) if backend.name != "numpy" else x
+            self.targets = to_device(backend, targets) if backend.name != "numpy" else targets
+
+    def order(self, epoch: int) -> np.ndarray | None:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.samples) \
+            if self.shuffle else None
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
+        order = self.order(epoch)
+        starts = range(start * self.batch_size, self.samples, self.batch_size)
+        if self.on_device:
+            return self._gather_on_device(order, starts)
+        host = (self._host_batch(order, a) for a in starts)
+        return upload(self.backend, prefetch(host))
+
+    def _gather_on_device(self, order: np.ndarray | None, starts: range
+                          ) -> Iterator[tuple[Any, Any]]:
+        xp, b = self.backend.xp, self.batch_size
+        dev_order = None if order is None else (order if self.backend.name == "numpy" else
+                                                self.backend.asarray(order))
+        for a in starts:
+            end = min(a + b, self.samples)  # (slices past the end are not standard)
+            if dev_order is None:
+                yield self.x[a:end, ...], None if self.targets is None else \
+                    self.targets[a:end, ...]
+                continue
+            idx = dev_order[a:end]
+            yield (xp.take(self.x, idx, axis=0),
+                   None if self.targets is None else xp.take(self.targets, idx, axis=0))
+
+    def _host_batch(self, order: np.ndarray | None, a: int) -> tuple[np.ndarray, Any]:
+        idx = slice(a, a + self.batch_size) if order is None else order[a:a + self.batch_size]
+        x = np.ascontiguousarray(self.host_x[idx])  # type: ignore[index]
+        return x, None if self.host_targets is None else self.host_targets[idx]
+
+    def fingerprint(self) -> dict[str, Any]:
+        x = self.host_x if self.host_x is not None else self.backend.to_numpy(self.x)
+        targets = self.host_targets if self.host_targets is not None else \
+            self.backend.to_numpy(self.targets)
+        return fingerprint(x, targets, self.batch_size, self.seed, self.shuffle)
+
+
+# -- map-style datasets and iterables ---------------------------------------------------------
+
+
+class DatasetBatches(Batches):
+    """A map-style dataset: ``dataset[i] -> (x_i, y_i)`` (or ``x_i`` alone for ``predict``),
+    batched and shuffled as arrays are; samples are read and stacked on a background thread."""
+
+    resumable = True
+
+    def __init__(self, model: Any, dataset: Any, batch_size: int, shuffle: bool = False,
+                 seed: int = 0, with_targets: bool = True, what: str = "x") -> None:
+        self.model, self.dataset, self.batch_size = model, dataset, batch_size
+        self.shuffle, self.seed, self.with_targets, self.what = shuffle, seed, with_targets, what
+        self.samples = len(dataset)
+        if self.samples < 1:
+            raise InputError(f"{what} is an empty dataset (len() is {self.samples})")
+        self.steps = -(-self.samples // batch_size)
+        if not model.built:  # the first sample tells the input shape
+            first = dataset[0]
+            x = first[0] if isinstance(first, tuple | list) else first
+            model.build(tuple(int(d) for d in np.shape(x)))
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.samples) \
+            if self.shuffle else np.arange(self.samples)
+        host = (self._batch(order[a:a + self.batch_size])
+                for a in range(start * self.batch_size, self.samples, self.batch_size))
+        return upload(self.model.backend, prefetch(host))
+
+    def _batch(self, idx: np.ndarray) -> tuple[np.ndarray, Any]:
+        items = [self.dataset[int(i)] for i in idx]
+        if self.with_targets:
+            if not all(isinstance(it, tuple | list) and len(it) == 2 for it in items):
+                raise InputError(f"{self.what}[i] must return a pair (x_i, y_i), got "
+                                 f"{type(items[0]).__name__}")
+            xs, ys = zip(*items, strict=True)
+            return check_batch(self.model, np.stack(xs), np.stack(ys), self.what)
+        xs = [it[0] if isinstance(it, tuple | list) else it for it in items]
+        return check_batch(self.model, np.stack(xs), None, self.what)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"samples": self.samples, "dataset": type(self.dataset).__name__,
+                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle}
+
+
+class IterableBatches(Batches):
+    """An iterable of ``(x, y)`` batches (or ``x`` batches for ``predict``). An iterator (a
+    generator) gives ``steps`` batches an epoch, continuing where the last epoch stopped; a
+    re-iterable (a list, a DataLoader) is iterated afresh each epoch, ``steps`` batches or to its
+    end. Host batches are checked on a background thread; the first one builds the model."""
+
+    def __init__(self, model: Any, data: Iterable[Any], steps: int | None,
+                 with_targets: bool = True, what: str = "x") -> None:
+        self.model, self.with_targets, self.what = model, with_targets, what
+        self.steps = None if steps is None else checks.positive_int(steps, "steps_per_epoch")
+        self.data = data
+        self.iterator = data if isinstance(data, Iterator) else None
+        if self.iterator is not None and self.steps is None:
+            raise InputError(f"{what} is an iterator (a generator): pass steps_per_epoch (steps "
+                             "for evaluate/predict), the number of batches an epoch")
+        self._peeked: Any = None  # a first batch drawn from an iterator to build the model
+        if not model.built:  # the first batch tells the input shape
+            source = iter(data)
+            first = next(source, None)
+            if first is None:
+                raise InputError(f"{what} gave no batches")
+            if self.iterator is not None:
+                self._peeked = first
+            x = self._split(first)[0]
+            model.build(tuple(int(d) for d in (x.shape if hasattr(x, "shape") else
+                                               np.shape(x))[1:]))
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
+        source = self.iterator if self.iterator is not None else iter(self.data)
+        if self._peeked is not None:
+            source = itertools.chain([self._peeked], source)
+            self._peeked = None
+        if self.steps is not None:
+            source = itertools.islice(source, self.steps)
+        checked = (check_batch(self.model, *self._split(item), self.what) for item in source)
+        return upload(self.model.backend, prefetch(checked))
+
+    def _split(self, item: Any) -> tuple[Any, Any]:
+        """(x, y) of one batch as given (y None without targets)."""
+        if not self.with_targets:
+            return (item[0] if isinstance(item, tuple | list) else item), None
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise InputError(f"{self.what} must yield (x, y) batches, got {type(item).__name__}")
+        return item[0], item[1]
+
+
+def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", streamed: bool = False
+                 ) -> tuple[Any, Any]:
+    """Checked images (host NumPy, a memory map, or device arrays of the model's library) and
+    targets (integer labels or one-hot rows, on the host); builds the model if needed. A
+    ``streamed`` batch's device labels pass unchecked (reading them would wait for the device
+    every batch)."""
+    if is_device_array(x):
+        x = check_device_images(x, model.backend, what)
+    elif isinstance(x, np.memmap):
+        checks.as_images(x, what)  # (checked; the memory map stays one, read batch by batch)
+    else:
+        x = checks.as_images(x, what)
+    if not model.built:
+        model.build(tuple(int(d) for d in x.shape[1:]))
+    checks.check_sample_shape(x, model.input_shape, what)
+    if isinstance(x, np.ndarray):
+        checks.check_finite(x, what)
+    if y is None or (streamed and is_device_array(y)):
+        return x, y
+    y = model.backend.to_numpy(y) if is_device_array(y) else y
+    targets, _ = checks.as_labels(y, int(x.shape[0]), model.num_classes,
+                                  "y" if what == "x" else what.replace("x", "y"))
+    return x, targets
+
+
+def check_batch(model: Any, x: Any, y: Any, what: str) -> tuple[Any, Any]:
+    """One streamed batch, checked as whole arrays are, contiguous on the host."""
+    x, y = check_arrays(model, x, y, what, streamed=True)
+    return (x if is_device_array(x) else np.ascontiguousarray(x)), y
+
+
+def upload(backend: Any, batches: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+    """Host batches to the device, one copy each (device batches pass as they are), on the
+    caller's thread: the device's current context and stream are the loop's."""
+    with contextlib.closing(batches):  # type: ignore[type-var]
+        for x, y in batches:
+            yield to_device(backend, x), to_device(backend, y)
+
+
+# -- the background thread --------------------------------------------------------------------
+
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def prefetch(items: Iterator[Any], depth: int = PREFETCH) -> Iterator[Any]:
+    """``items`` computed on a background thread, up to ``depth`` ahead. An exception in the
+    thread is raised here; closing this generator (a loop that ends early) stops the thread."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+            put(_Failure(e))
+        finally:  # a generator's own clean-up runs here, on the thread that iterated it
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=work, name="xpcnn-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
