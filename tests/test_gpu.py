@@ -498,30 +498,33 @@ def xc_namespace():
     return xc
 
 
-@pytest.mark.parametrize("make_optimizer", [
-    lambda: xpcnn.optim.SGD(xpcnn.optim.StepDecay(0.05, 3, 0.5), momentum=0.9),
-    lambda: xpcnn.optim.Adam(xpcnn.optim.CosineDecay(2e-3, 10)),
+@pytest.mark.parametrize("make_optimizer, precision, tol", [
+    (lambda: xpcnn.optim.SGD(xpcnn.optim.StepDecay(0.05, 3, 0.5), momentum=0.9), "float32",
+     1e-3),
+    (lambda: xpcnn.optim.Adam(xpcnn.optim.CosineDecay(2e-3, 10)), "float32", 1e-3),
+    (lambda: xpcnn.optim.SGD(0.05, momentum=0.9), "mixed_float16", 2e-2),
 ])
 def test_replayed_steps_give_the_weights_of_eager_steps(cudnn_module, monkeypatch,
-                                                        make_optimizer):
+                                                        make_optimizer, precision, tol):
     """A fit whose steps are captured and replayed (and whose last, smaller batch of each
-    epoch runs eagerly) against the same fit without graphs: the same weights, to float32
-    rounding (full float32, so that cuDNN's matmuls in the graph and cuBLAS's outside agree)."""
+    epoch runs eagerly) against the same fit without graphs: the same weights, to rounding
+    (full float32, so that cuDNN's matmuls in the graph and cuBLAS's outside agree; mixed
+    float16 with its loss scale on the device)."""
     monkeypatch.setenv("XPCNN_TF32", "0")
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (72, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 72)
     results = []
     for graphs in (False, True):
         model = xpcnn.Sequential(gap_net(), device="cuda", seed=0)
-        model.compile(optimizer=make_optimizer(), cuda_graphs=graphs)
+        model.compile(optimizer=make_optimizer(), precision=precision, cuda_graphs=graphs)
         history = model.fit(x, y, epochs=3, batch_size=16, verbose=0)
         results.append((model, history.history["loss"]))
     (eager, loss_eager), (graphed, loss_graphed) = results
     assert graphed.cuda_graphs_reason == "" and graphed._graphs.graph is not None
     assert graphed.optimizer.iterations == eager.optimizer.iterations == 15
-    assert loss_graphed == pytest.approx(loss_eager, rel=1e-4)
+    assert loss_graphed == pytest.approx(loss_eager, rel=tol / 10)
     for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol / 100)
 
 
 def test_models_with_random_layers_train_eagerly_with_the_reason():
