@@ -366,7 +366,7 @@ def test_cli_checkpoint_and_resume(tmp_path, capsys):
     assert again["test_accuracy"] == first["test_accuracy"]
     assert again["history"]["loss"] == first["history"]["loss"]
     assert cli_main(["train", "--resume", "--limit", "10", "--quiet"]) == 2
-    assert "--resume needs --checkpoint" in capsys.readouterr().err
+    assert "argument --resume: needs --checkpoint" in capsys.readouterr().err
 
 
 def test_save_checkpoint_needs_a_compiled_built_model(tmp_path):

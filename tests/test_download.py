@@ -26,7 +26,7 @@ from datasets_helpers import (
 from xpcnn.datasets import download as dl
 from xpcnn.datasets import load_cifar10, load_dataset, load_fashion_mnist, load_mnist
 from xpcnn.datasets.download import download_file
-from xpcnn.errors import DownloadError
+from xpcnn.errors import DownloadError, InputError
 
 MNIST_NAMES = [stem + ".gz" for stem in MNIST_STEMS.values()]
 
@@ -251,7 +251,7 @@ def test_offline_message_idx(tmp_path, loader, sub):
     with pytest.raises(DownloadError) as e:
         loader(tmp_path, download=False)
     msg = str(e.value)
-    assert f"Put these files in {tmp_path / sub}:" in msg
+    assert f"Put these files in {tmp_path}:" in msg  # the top level works: no subfolder needed
     assert all(name in msg for name in MNIST_NAMES)
     assert "XPCNN_DATA_DIR" in msg and "data_dir" in msg and "download=True" in msg
     assert not (tmp_path / sub).exists()
@@ -262,6 +262,36 @@ def test_offline_message_cifar(tmp_path, monkeypatch):
     with pytest.raises(DownloadError) as e:
         load_dataset("cifar10", download=False)
     msg = str(e.value)
-    assert f"Put these files in {tmp_path}: cifar-10-python.tar.gz" in msg
+    assert f"Put this file in {tmp_path}: cifar-10-python.tar.gz" in msg
     assert "cifar-10-batches-py" in msg and "XPCNN_DATA_DIR" in msg
     assert "https://www.cs.toronto.edu/~kriz/" in msg
+
+
+def test_a_missing_file_is_named_where_the_others_are(tmp_path, rng):
+    """Three of MNIST's files at the top level (where they work): the message names the fourth
+    and the top-level folder, not a subfolder."""
+    paths = write_mnist(tmp_path, random_mnist(rng))
+    paths["test_labels"].unlink()
+    with pytest.raises(DownloadError) as e:
+        load_mnist(tmp_path, download=False)
+    msg = str(e.value)
+    assert f"not complete in {tmp_path}: missing t10k-labels-idx1-ubyte.gz." in msg
+    assert f"Put this file in {tmp_path}: t10k-labels-idx1-ubyte.gz" in msg
+    assert "train-images" not in msg and str(tmp_path / "mnist") not in msg
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+@pytest.mark.parametrize("loader", [load_mnist, load_cifar10])
+def test_a_mistyped_data_folder_is_neither_created_nor_downloaded_into(tmp_path, monkeypatch,
+                                                                       how, loader):
+    typo = tmp_path / "dtaa"
+    with http_server({}) as srv:
+        if how == "environment":
+            monkeypatch.setenv("XPCNN_DATA_DIR", str(typo))
+        with pytest.raises(InputError, match=f"the data folder {typo} .* does not exist"):
+            loader(typo if how == "argument" else None, base_url=srv.url)
+        assert srv.requests == []
+    assert not typo.exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="is not a folder"):
+        loader(tmp_path / "file", download=False)

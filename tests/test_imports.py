@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent / "xpcnn"
 #: Layers below the model: they never reach the model, saving or the command line.
 LOWER = ("xpcnn.datasets", "xpcnn.layers", "xpcnn.ops", "xpcnn.backend")
-UPPER = ("xpcnn.model", "xpcnn.saving", "xpcnn.cli")
+UPPER = ("xpcnn.model", "xpcnn.saving", "xpcnn.cli", "xpcnn.onnx_export")
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:

@@ -98,3 +98,34 @@ def test_bad_optimizer_arguments(make, message):
 
 def test_lr_is_never_nan():
     assert math.isfinite(optim.CosineDecay(0.1, 10)(10**9))
+
+
+def test_adam_state_overflowing_to_infinity_is_caught_at_its_step(rng):
+    """Inputs near 1e30 make gradients whose squares overflow float32: Adam's second moment
+    would become infinite and its updates silently zero. Training stops at that step, naming
+    the layer, and nothing is updated."""
+    import xpcnn
+    from xpcnn.errors import NonFiniteError
+    from xpcnn.layers import Dense, Flatten, Softmax
+
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=0)
+    model.compile(optimizer="adam")
+    x = rng.random((8, 4, 4, 1)).astype(np.float32)
+    y = np.arange(8) % 3
+    model.fit(x, y, batch_size=4, verbose=0)  # two good steps
+    before = model.get_weights()
+    x[4:] = 1e30  # the fourth step's batch
+    message = (r"training stopped at step 4: the gradient of layer 'dense' \(kernel\) is so "
+               r"large that its squares overflow, and the optimiser's state would become "
+               r"infinite; nothing was updated from that step on")
+    with np.errstate(over="ignore"), pytest.raises(NonFiniteError, match=message):
+        model.fit(x, y, batch_size=4, verbose=0, shuffle=False)
+    assert model.optimizer.iterations == 3
+    assert all(np.isfinite(model.backend.to_numpy(v)).all() for v in model.optimizer.slots["v"])
+    after = model.get_weights()
+    assert not all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))  # step 3
+
+
+def test_only_adam_watches_its_squares():
+    assert optim.Adam().keeps_squares and optim.AdamW().keeps_squares
+    assert not optim.SGD(0.1, momentum=0.9).keeps_squares

@@ -1,27 +1,168 @@
-"""Command line: ``xpcnn train``, ``xpcnn visualize`` and ``xpcnn info``."""
+"""Command line: ``xpcnn train``, ``xpcnn visualize`` and ``xpcnn info``.
+
+A command that cannot work ends with exit status 2 and one line on stderr naming the flag to
+change, before any data is loaded or any training done; every path it will write is checked
+first, so that no work is lost at the end. Ctrl-C ends training with status 130 and one line
+saying where it stopped (with ``--checkpoint``, after writing a checkpoint at that step, from
+which ``--resume`` continues). With ``--json``, stdout holds exactly one JSON object: the results,
+or ``{"error": ..., "exit_status": ...}``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import sys
+import tempfile
 import time
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 
 from . import __version__, optim
 from .backend import get_backend
 from .callbacks import Callback, CSVLogger, EarlyStopping
-from .errors import XpcnnError
+from .errors import TrainingInterrupted, XpcnnError
 from .model import Sequential
 from .models import MODELS, build_layers
+from .onnx_export import ONNX_EXTRA_HINT
 
 DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10")
 DEFAULT_MODEL = {"shapes": "shapes", "mnist": "mnist", "fashion-mnist": "mnist",
                  "cifar10": "cifar"}
 DEFAULT_EPOCHS = {"shapes": 4, "mnist": 3, "fashion-mnist": 5, "cifar10": 10}
+VIZ_HINT = 'needs matplotlib, which is not installed: pip install "xpcnn[viz]"'
+
+
+class UsageError(XpcnnError):
+    """A command-line argument that cannot work; the message starts with the flag."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: the message says where the command stopped."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors become one line (see :func:`main`) rather than a usage
+    block and an exit from inside the parser."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+# -- values the flags take ---------------------------------------------------------------------
+
+
+def _whole(low: int, high: float = math.inf, want: str = "") -> Callable[[str], int]:
+    want = want or f"a whole number >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _real(low: float, high: float, want: str, *, low_open: bool = False,
+          high_open: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = (math.isfinite(value) and (value > low if low_open else value >= low)
+              and (value < high if high_open else value <= high))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE = _whole(1)
+NON_NEGATIVE = _whole(0)
+LEARNING_RATE = _real(0.0, math.inf, "a learning rate > 0, such as 3e-3", low_open=True)
+FRACTION = _real(0.0, 1.0, "a fraction between 0 and 1 (both excluded), such as 0.1",
+                 low_open=True, high_open=True)
+# A figure is about (max maps + 2) x (layers + 1) inches: these bounds keep one to ~200 MB.
+MAX_MAPS = _whole(1, 32, "a whole number from 1 to 32")
+DPI = _real(10.0, 300.0, "a resolution from 10 to 300 pixels per inch")
+
+
+# -- paths, checked before any work ------------------------------------------------------------
+
+
+def _writable_folder(flag: str, path: str, folder: Path) -> None:
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise UsageError(f"argument {flag}: {path!r}: the folder {str(folder)!r} {what}")
+    try:  # os.access is not enough (root, read-only file systems): try it
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".xpcnn-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"argument {flag}: {path!r}: cannot write in {str(folder)!r} "
+                         f"({e.strerror or e})") from e
+
+
+def _output_file(flag: str, path: str) -> None:
+    """A file to write (atomically, by a rename): an existing folder, writable, where the
+    name is not taken by a folder or anything but a regular file."""
+    p = Path(path).expanduser()
+    if not path or p.is_dir():
+        example = p / ("model.onnx" if flag == "--export" else "model.npz")
+        raise UsageError(f"argument {flag}: {path!r} is a folder; give a file path such as "
+                         f"{str(example)!r}")
+    if p.exists() and not p.is_file():
+        raise UsageError(f"argument {flag}: {path!r} exists and is not a regular file")
+    _writable_folder(flag, path, p.absolute().parent)
+
+
+def _output_folder(flag: str, path: str) -> None:
+    """A folder to write into: it exists, or its parent does (it is created then)."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"argument {flag}: {path!r} exists and is not a folder")
+    _writable_folder(flag, path, p if p.is_dir() else p.absolute().parent)
+
+
+def _input_folder(flag: str, path: str) -> None:
+    if not Path(path).expanduser().is_dir():
+        what = "is not a folder" if Path(path).expanduser().exists() else "does not exist"
+        raise UsageError(f"argument {flag}: the folder {path!r} {what}")
+
+
+def _input_file(flag: str, path: str) -> None:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        what = "is a folder" if p.is_dir() else "is not a file" if p.exists() else \
+            "does not exist"
+        raise UsageError(f"argument {flag}: {path!r} {what}")
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    try:
+        get_backend(args.device)
+    except XpcnnError as e:
+        raise UsageError(f"argument --device: {e}") from e
+
+
+def _needs_matplotlib(flag: str) -> None:
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError(f"argument {flag}: {VIZ_HINT}")
+
+
+# -- train -------------------------------------------------------------------------------------
 
 
 def _add_train(sub: Any) -> None:
@@ -30,56 +171,94 @@ def _add_train(sub: Any) -> None:
                        "dataset on the CPU (no download).")
     p.add_argument("--dataset", choices=DATASETS, default="shapes")
     p.add_argument("--data-dir", default=None,
-                   help="folder with the dataset files (default: $XPCNN_DATA_DIR, else the "
-                   "per-user cache, downloading there if needed)")
+                   help="an existing folder with the dataset files (default: $XPCNN_DATA_DIR, "
+                   "else the per-user cache, downloading there if needed)")
     p.add_argument("--model", choices=sorted(MODELS), default=None,
                    help="reference model (default: the dataset's own)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--epochs", type=POSITIVE, default=None)
+    p.add_argument("--batch-size", type=POSITIVE, default=64)
+    p.add_argument("--lr", type=LEARNING_RATE, default=None, help="peak learning rate")
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="cosine",
                    help="learning-rate schedule over the whole run")
     p.add_argument("--precision", choices=("float32", "mixed_float16", "mixed_bfloat16"),
                    default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-split", type=float, default=None,
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    p.add_argument("--val-split", type=FRACTION, default=None,
                    help="hold out this fraction of the training set; accuracy is then "
                    "reported on it (the default for a dataset without a test split: 0.1)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=POSITIVE, default=None,
                    help="train on the first N training samples only")
     p.add_argument("--save", default=None, metavar="PATH", help="write the trained model here")
+    p.add_argument("--export", default=None, metavar="PATH.onnx",
+                   help="write the trained model as ONNX here (needs onnx: pip install "
+                   "\"xpcnn[onnx]\")")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="write training curves (train against the evaluation split, which is "
                    "then evaluated every epoch) and the confusion matrix as PNGs to DIR "
                    "(needs matplotlib: pip install \"xpcnn[viz]\")")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="keep the whole training state in this file (written atomically at the "
-                   "end of every epoch, and every --checkpoint-every steps)")
-    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   "end of every epoch, every --checkpoint-every steps, and where Ctrl-C stops "
+                   "the run)")
+    p.add_argument("--checkpoint-every", type=POSITIVE, default=None, metavar="STEPS",
                    help="also write the checkpoint every STEPS training steps")
     p.add_argument("--resume", action="store_true",
                    help="continue from --checkpoint where an interrupted run stopped (same "
                    "final weights as an uninterrupted run); starts afresh if the file is absent")
-    p.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE",
+    p.add_argument("--early-stopping", type=NON_NEGATIVE, default=None, metavar="PATIENCE",
                    help="stop when the evaluation split's loss (evaluated every epoch) has not "
                    "improved for PATIENCE epochs, and keep the best epoch's weights (with "
                    "--val-split the test set plays no part in that choice)")
     p.add_argument("--log", default=None, metavar="CSV",
                    help="write each epoch's metrics to this CSV file")
     p.add_argument("--json", action="store_true",
-                   help="make the last line of output one JSON object with the results")
+                   help="print one JSON object on stdout: the results, or the error")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    """Everything about the arguments that can be known before loading data or training."""
+    for flag, needs in (("--resume", args.resume), ("--checkpoint-every",
+                                                    args.checkpoint_every is not None)):
+        if needs and not args.checkpoint:
+            raise UsageError(f"argument {flag}: needs --checkpoint PATH, the file "
+                             f"{'to resume from' if flag == '--resume' else 'to write'}")
+    if args.data_dir is not None:
+        _input_folder("--data-dir", args.data_dir)
+    outputs = {"--save": args.save, "--checkpoint": args.checkpoint, "--log": args.log,
+               "--export": args.export}
+    for flag, path in outputs.items():
+        if path is not None:
+            _output_file(flag, path)
+    for flag, path in outputs.items():
+        others = [f for f, p in outputs.items() if f != flag and p is not None and path
+                  is not None and Path(p).absolute() == Path(path).absolute()]
+        if others:
+            raise UsageError(f"argument {flag}: the same file as {others[0]}; each output "
+                             "needs a file of its own")
+    if args.plots is not None:
+        _output_folder("--plots", args.plots)
+        _needs_matplotlib("--plots")
+    if args.export is not None and importlib.util.find_spec("onnx") is None:
+        raise UsageError(f"argument --export: {ONNX_EXTRA_HINT}")
+    _check_device(args)
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:g}%"
 
 
 def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int
            ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """A seeded, stratification-free random split into (train, held-out)."""
-    if not 0.0 < fraction < 1.0:
-        raise XpcnnError(f"--val-split must be in (0, 1), got {fraction}")
-    order = np.random.default_rng([seed, 12345]).permutation(len(x))
     n_val = max(1, int(round(len(x) * fraction)))
+    if n_val >= len(x):
+        raise UsageError(f"argument --val-split: {fraction:g} of the {len(x)} training images "
+                         f"holds out {n_val} and leaves none to train on; choose a smaller "
+                         "fraction")
+    order = np.random.default_rng([seed, 12345]).permutation(len(x))
     val, train = order[:n_val], order[n_val:]
     return (x[train], y[train]), (x[val], y[val])
 
@@ -87,18 +266,18 @@ def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int
 def train(args: argparse.Namespace) -> dict[str, Any]:
     from .datasets import load_dataset
 
+    _check_train(args)
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    if args.resume and not args.checkpoint:
-        raise XpcnnError("--resume needs --checkpoint PATH, the file to resume from")
     (x, y), test = load_dataset(args.dataset, data_dir=args.data_dir)
     evaluated_on = "test set"
     if test is None or args.val_split is not None:
         fraction = 0.1 if args.val_split is None else args.val_split
         (x, y), test = _split(x, y, fraction, args.seed)
-        evaluated_on = f"held-out {fraction:.0%} of the training set"
+        evaluated_on = f"held-out {_percent(fraction)} of the training set"
         if args.val_split is None:
-            say(f"{args.dataset} in this folder has no test split: holding out {fraction:.0%} "
-                "of the training set (--val-split) and reporting accuracy on it")
+            say(f"{args.dataset} in this folder has no test split: holding out "
+                f"{_percent(fraction)} of the training set (--val-split) and reporting accuracy "
+                "on it")
     if args.limit is not None:
         x, y = x[:args.limit], y[:args.limit]
     x_test, y_test = test
@@ -107,10 +286,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     classes = int(max(y.max(), y_test.max())) + 1
     model = Sequential(build_layers(model_name, classes), device=args.device, seed=args.seed,
                        name=model_name)
-    steps = max(1, epochs * -(-len(x) // args.batch_size))
+    steps_per_epoch = -(-len(x) // args.batch_size)
     lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 3e-3)
-    schedule = optim.CosineDecay(lr, steps, min_lr=lr * 0.01) if args.schedule == "cosine" \
-        else optim.Constant(lr)
+    schedule = optim.CosineDecay(lr, epochs * steps_per_epoch, min_lr=lr * 0.01) \
+        if args.schedule == "cosine" else optim.Constant(lr)
     optimizer = {"adam": lambda: optim.Adam(schedule), "adamw": lambda: optim.AdamW(schedule),
                  "sgd": lambda: optim.SGD(schedule, momentum=0.9, nesterov=True,
                                           weight_decay=5e-4)}[args.optimizer]()
@@ -119,19 +298,29 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         f"epochs on {model.backend.label}")
     callbacks: list[Callback] = []
     if args.early_stopping is not None:
-        if args.early_stopping < 0:
-            raise XpcnnError(f"--early-stopping needs a patience >= 0, got {args.early_stopping}")
         callbacks.append(EarlyStopping("val_loss", patience=args.early_stopping,
                                        restore_best_weights=True, verbose=not args.json))
     if args.log:
         callbacks.append(CSVLogger(args.log))
     t0 = time.perf_counter()
-    history = model.fit(x, y, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
-                        verbose=0 if args.quiet or args.json else 1, checkpoint=args.checkpoint,
-                        checkpoint_every="epoch" if args.checkpoint_every is None
-                        else args.checkpoint_every, resume=args.resume, callbacks=callbacks,
-                        validation_data=(x_test, y_test) if args.plots or
-                        args.early_stopping is not None else None)
+    try:
+        history = model.fit(x, y, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
+                            verbose=0 if args.quiet or args.json else 1,
+                            checkpoint=args.checkpoint,
+                            checkpoint_every=args.checkpoint_every or "epoch",
+                            resume=args.resume, callbacks=callbacks,
+                            validation_data=(x_test, y_test) if args.plots or
+                            args.early_stopping is not None else None)
+    except TrainingInterrupted as e:
+        raise Interrupted(f"interrupted at {e.where}; the checkpoint {e.checkpoint} holds the "
+                          "training state there: run the same command with --resume to "
+                          "continue") from None
+    except KeyboardInterrupt:
+        done = model.optimizer.iterations  # type: ignore[union-attr]
+        raise Interrupted(f"interrupted at epoch {done // steps_per_epoch + 1}, after step "
+                          f"{done % steps_per_epoch}/{steps_per_epoch}; nothing was kept "
+                          "(--checkpoint PATH keeps the training state, and --resume "
+                          "continues from it)") from None
     seconds = time.perf_counter() - t0
     result = model.evaluate(x_test, y_test)
     say(f"{evaluated_on} accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f}), "
@@ -139,6 +328,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.save:
         model.save(args.save)
         say(f"saved the model to {args.save}")
+    if args.export:
+        model.export(args.export)
+        say(f"exported the model as ONNX to {args.export}")
     if args.plots:
         from .datasets import class_names
         from .viz import write_training_plots
@@ -153,6 +345,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "history": history.history}
 
 
+# -- visualize and info ------------------------------------------------------------------------
+
+
 def _add_visualize(sub: Any) -> None:
     p = sub.add_parser("visualize", help="figures of a saved model: feature maps and filters",
                        description="Write the feature maps after every layer for one dataset "
@@ -163,16 +358,24 @@ def _add_visualize(sub: Any) -> None:
     p.add_argument("--data-dir", default=None, help="folder with the dataset files (as train)")
     p.add_argument("--split", choices=("train", "test"), default=None,
                    help="where --index points (default: test, else train)")
-    p.add_argument("--index", type=int, default=0, help="which image of the split")
+    p.add_argument("--index", type=NON_NEGATIVE, default=0, help="which image of the split")
     p.add_argument("--out", default="figures", metavar="DIR", help="folder for the PNGs")
-    p.add_argument("--max-maps", type=int, default=8, help="feature maps shown per layer")
-    p.add_argument("--dpi", type=float, default=100, help="PNG pixels per inch")
+    p.add_argument("--max-maps", type=MAX_MAPS, default=8, help="feature maps shown per layer")
+    p.add_argument("--dpi", type=DPI, default=100, help="PNG pixels per inch")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout: what was written, or the error")
 
 
 def visualize(args: argparse.Namespace) -> dict[str, Any]:
     from .viz import visualize_command
 
+    _input_file("--model", args.model)
+    if args.data_dir is not None:
+        _input_folder("--data-dir", args.data_dir)
+    _output_folder("--out", args.out)
+    _needs_matplotlib("visualize")
+    _check_device(args)
     return visualize_command(args)
 
 
@@ -180,6 +383,7 @@ def info(args: argparse.Namespace) -> dict[str, Any]:
     """Versions, devices and the BLAS in use."""
     import array_api_compat
 
+    _check_device(args)
     out: dict[str, Any] = {"xpcnn": __version__, "python": sys.version.split()[0],
                            "numpy": np.__version__,
                            "array_api_compat": array_api_compat.__version__}
@@ -210,8 +414,11 @@ def info(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xpcnn", description=__doc__)
+COMMANDS = {"train": train, "visualize": visualize, "info": info}
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="xpcnn", description=__doc__)
     parser.add_argument("--version", action="version", version=f"xpcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
@@ -219,15 +426,40 @@ def main(argv: list[str] | None = None) -> int:
     p_info = sub.add_parser("info", help="versions, devices and the BLAS in use")
     p_info.add_argument("--device", default="auto")
     p_info.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    prog = f"xpcnn {command}" if command else "xpcnn"
+    as_json = "--json" in argv
     try:
-        result = {"train": train, "visualize": visualize, "info": info}[args.command](args)
+        args = _parser().parse_args(argv)
+        result = COMMANDS[args.command](args)
+    except Interrupted as e:
+        return _fail(prog, str(e), 130, as_json)
+    except KeyboardInterrupt:
+        return _fail(prog, "interrupted", 130, as_json)
     except XpcnnError as e:
-        print(f"xpcnn {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    if getattr(args, "json", False):
+        return _fail(prog, f"error: {e}", 2, as_json)
+    except MemoryError:
+        return _fail(prog, "error: out of memory (a smaller --batch-size needs less)", 1,
+                     as_json)
+    except OSError as e:  # the disk filled up, a file vanished: no traceback, the reason
+        return _fail(prog, f"error: {e}", 1, as_json)
+    if as_json:
         print(json.dumps(result))
     return 0
+
+
+def _fail(prog: str, message: str, status: int, as_json: bool) -> int:
+    """One line on stderr; with --json, also one JSON object on stdout."""
+    line = f"{prog}: {' '.join(message.split())}"
+    print(line, file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": line, "exit_status": status}))
+    return status
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import numpy as np
 from . import checks
 from .errors import InputError
 from .saving import fingerprint
+from .structure import check_classifier
 
 # A NumPy training set up to this size (images + targets) is uploaded to a GPU once per fit.
 DEVICE_BUDGET_BYTES = 2 << 30
@@ -281,6 +282,7 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", streamed: b
         x = checks.as_images(x, what)
     if not model.built:
         model.build(tuple(int(d) for d in x.shape[1:]))
+    check_classifier(model.layers, [la.output_shape for la in model.layers])
     checks.check_sample_shape(x, model.input_shape, what)
     if isinstance(x, np.ndarray):
         checks.check_finite(x, what)

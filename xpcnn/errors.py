@@ -38,6 +38,8 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during ``fit(..., checkpoint=PATH)``: the step in progress finished and the
     training state was written to ``checkpoint``, from which ``resume=True`` continues."""
 
-    def __init__(self, message: str, checkpoint: str) -> None:
-        super().__init__(message)
-        self.checkpoint = checkpoint
+    def __init__(self, where: str, checkpoint: str) -> None:
+        super().__init__(f"interrupted at {where}; the checkpoint {checkpoint} holds the "
+                         "training state at that step, and fit(..., resume=True) continues "
+                         "from it")
+        self.where, self.checkpoint = where, checkpoint

@@ -44,6 +44,7 @@ from .ops.kernels import kernels_for
 from .ops.softmax import softmax
 from .optim import Optimizer, get_optimizer
 from .saving import load_weights, register_model, save_model
+from .structure import check_structure
 from .totals import (
     BAD_GRADS,
     BAD_LOSS,
@@ -226,7 +227,7 @@ class Model:
             inverse = 1.0 / self._scaling[0]
             grads = [g * inverse for g in grads]
         apply, scaling = self._running_totals().add(stats, grads, int(xb.shape[0]), step,
-                                                    self._scaling)
+                                                    self._scaling, opt.keeps_squares)
         if scaling is not None:
             self._scaling[...] = scaling
         if scalars is None:
@@ -332,12 +333,20 @@ class Model:
         loss = float(host[BAD_LOSS])
         if not math.isfinite(loss):
             self._raise_non_finite(f"the loss is {loss}", batches[step], step)
-        owners = [la for la in self.layers for _ in la.params]
-        bad = [la for la, flag in zip(owners, host[BAD_GRADS:], strict=True) if flag]
-        # Backpropagation runs from the last layer: the last one with a non-finite gradient is
-        # where it appeared.
-        raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
-                             f"backpropagation order) in layer {bad[-1].name!r}")
+        owners = [(la, k) for la in self.layers for k in la.params]
+        flags = list(zip(owners, host[BAD_GRADS:], strict=True))
+        bad = [la for (la, _), flag in flags if flag == 1]
+        if bad:
+            # Backpropagation runs from the last layer: the last one with a non-finite
+            # gradient is where it appeared.
+            raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
+                                 f"backpropagation order) in layer {bad[-1].name!r}")
+        layer, name = [owner for owner, flag in flags if flag == 2][-1]
+        raise NonFiniteError(f"training stopped at step {step}: the gradient of layer "
+                             f"{layer.name!r} ({name}) is so large that its squares overflow, "
+                             "and the optimiser's state would become infinite; nothing was "
+                             "updated from that step on (are the inputs scaled? a Rescaling or "
+                             "Normalization layer brings them to a small range)")
 
     def _raise_non_finite(self, what: str, xb: Any, step: int) -> None:
         """Name the step and the first layer whose output is not finite, then raise."""
@@ -629,6 +638,14 @@ class Model:
         """Write architecture and weights to ``path`` (an .npz that loads without pickle)."""
         save_model(self, path)
 
+    def export(self, path: str | os.PathLike[str], input_dtype: str = "float32") -> None:
+        """Write the model as ONNX to ``path``: (N, H, W, C) images of ``input_dtype``
+        ("float32" or "uint8") in, ``predict``'s probabilities out (:mod:`xpcnn.onnx_export`;
+        needs ``pip install "xpcnn[onnx]"``)."""
+        from .onnx_export import export_model
+
+        export_model(self, path, input_dtype)
+
     def _require_built(self, what: str) -> None:
         if not self.built:
             raise InputError(f"the model must be built before {what}: call build(input_shape) "
@@ -659,6 +676,10 @@ class Sequential(Model):
         """Append a layer (the model is rebuilt on its next use)."""
         if not isinstance(layer, Layer):
             raise InputError(f"add() expects an xpcnn layer, got {type(layer).__name__}")
+        if any(layer is la for la in self.layers):
+            raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) is already in the "
+                             "model: the same layer instance cannot be added twice; create "
+                             f"another {type(layer).__name__}(...)")
         taken = {la.name for la in self.layers}
         if layer.name in taken:
             base, k = layer.name, 1
@@ -678,6 +699,7 @@ class Sequential(Model):
         if not shape or any(d < 1 for d in shape):
             raise InputError(f"input_shape must be positive sizes such as (H, W, C), got "
                              f"{input_shape!r}")
+        check_structure(self.layers)
         self.input_shape = shape
         compute = PRECISIONS[self.precision] or self.dtype_name
         for i, layer in enumerate(self.layers):

@@ -134,6 +134,10 @@ class Optimizer:
     """
 
     slot_names: tuple[str, ...] = ()
+    #: True where the state holds squared gradients (Adam's second moment): the training loop
+    #: then also stops at a gradient whose square overflows, before it turns that state into
+    #: infinity (see :meth:`xpcnn.totals.RunningTotals.add`).
+    keeps_squares: bool = False
 
     def __init__(self, lr: float | Schedule, weight_decay: float = 0.0) -> None:
         self.schedule = as_schedule(lr)
@@ -290,6 +294,7 @@ class Adam(Optimizer):
     """Adam (Kingma and Ba) with bias correction; ``weight_decay`` adds L2 to the gradient."""
 
     slot_names = ("m", "v")
+    keeps_squares = True
     decoupled = False
 
     def __init__(self, lr: float | Schedule = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,

@@ -31,7 +31,8 @@ class RunningTotals:
 
     ``state`` is one float64 vector (float32 where the namespace lacks float64): [loss sum,
     correct count, number of the first non-finite step (-1: none), that step's loss, one entry
-    per gradient (1: that gradient was not finite at that step)]."""
+    per gradient (1: that gradient was not finite at that step; 2: finite, but its squares
+    overflow)]."""
 
     def __init__(self, backend: Any, n_grads: int) -> None:
         xp = self.xp = backend.xp
@@ -59,23 +60,32 @@ class RunningTotals:
                                           self.state[BAD_STEP:]])
 
     def add(self, stats: Any, grads: list[Any], n: int, step: Any,
-            scaling: Any = None) -> tuple[Any, Any]:
+            scaling: Any = None, squares: bool = False) -> tuple[Any, Any]:
         """Record training step ``step`` (1-based; an int, or a 0-d device array in a captured
         step) on a batch of ``n`` samples; ``stats`` is its [loss, correct count], ``scaling``
-        the float16 loss-scaling state (see :func:`loss_scaling`) or None. Returns the device
-        flag "apply this step's update" and the new scaling state. The caller notes the step's
-        input batch in ``pending``."""
+        the float16 loss-scaling state (see :func:`loss_scaling`) or None. With ``squares`` (an
+        optimiser that keeps squared gradients, :attr:`~xpcnn.optim.Optimizer.keeps_squares`),
+        a gradient whose squares overflow its dtype is an error too (flagged 2: finite, but it
+        would make that state infinite). Returns the device flag "apply this step's update"
+        and the new scaling state. The caller notes the step's input batch in ``pending``."""
         xp, f = self.xp, self.dtype
         stats = xp.astype(stats, f)
         sums = [xp.reshape(xp.sum(g, dtype=f), (1,)) for g in grads]  # float64: no overflow
         bad = xp.logical_not(xp.isfinite(xp.concat([stats[:1], *sums])))
+        flags = xp.astype(bad[1:], f)
+        if squares and grads:
+            # Each gradient's sum of squares, in its own dtype: one BLAS dot.
+            flat = [xp.reshape(g, (-1,)) for g in grads]
+            over = xp.logical_not(xp.isfinite(xp.concat([xp.reshape(xp.vecdot(g, g), (1,))
+                                                         for g in flat])))
+            flags = flags + 2 * xp.astype(xp.logical_and(over, xp.logical_not(bad[1:])), f)
+            bad = xp.concat([bad[:1], xp.logical_or(bad[1:], over)])
         any_bad = xp.any(bad)
         error = any_bad
         if scaling is not None:
             scaling, error = _update_scale(xp, scaling, bad[0], any_bad)
         fresh = xp.logical_and(error, self.state[BAD_STEP] < 0)
-        first = xp.concat([self.state[BAD_STEP:BAD_LOSS] * 0 + step, stats[:1],
-                           xp.astype(bad[1:], f)])
+        first = xp.concat([self.state[BAD_STEP:BAD_LOSS] * 0 + step, stats[:1], flags])
         self.state[...] = xp.concat([self.state[:BAD_STEP] + stats * self._weight(n),
                                      xp.where(fresh, first, self.state[BAD_STEP:])])
         return xp.logical_and(xp.logical_not(any_bad), self.state[BAD_STEP] < 0), scaling

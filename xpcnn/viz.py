@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -578,7 +579,10 @@ def visualize_command(args: Any) -> dict[str, Any]:
     if split == "test" and test is None:
         raise InputError(f"the {args.dataset} files here have no test split; use --split train")
     x, y = test if split == "test" else train
-    image = _image_for(x, args.index, f"{args.dataset} {split} images")
+    try:
+        image = _image_for(x, args.index, f"{args.dataset} {split} images")
+    except InputError as e:
+        raise InputError(f"argument --index: {e}") from e
     if tuple(image.shape) != tuple(model.input_shape or ()):
         raise InputError(f"the model {args.model} expects images of shape "
                          f"{tuple(model.input_shape or ())} but {args.dataset} images are "
@@ -596,8 +600,9 @@ def visualize_command(args: Any) -> dict[str, Any]:
     for i in conv_layer_indices(model):
         paths.append(os.path.join(out, f"filters_{i}_{model.layers[i].name}.png"))
         plot_filters(model, paths[-1], layer=i, dpi=args.dpi)
-    print(title)
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print  # --json: JSON alone
+    say(title)
     for p in paths:
-        print(f"wrote {p}")
+        say(f"wrote {p}")
     return {"written": paths, "label": label, "predicted": guess,
             "probability": float(probs[guess])}

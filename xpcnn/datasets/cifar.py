@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataFormatError, DownloadError
-from .download import base_url_for, fetch, missing_files_message, resolve_data_dir
+from .download import base_url_for, data_root, fetch, missing_files_message
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane",
@@ -360,7 +360,7 @@ def load_cifar10(
     holds out part of the training set instead). With nothing found, the official archive is
     downloaded when ``download`` is true; otherwise ``DownloadError`` says what to put where.
     """
-    root = resolve_data_dir(data_dir)
+    root = data_root(data_dir)
     source = _find(root)
     if source is None:
         url = base_url_for("cifar10", base_url)

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import DownloadError
+from ..errors import DownloadError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,20 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return default_data_dir()
+
+
+def data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """:func:`resolve_data_dir`, checked: a folder named by ``data_dir`` or ``$XPCNN_DATA_DIR``
+    must exist (a mistyped path is reported, never created and downloaded into); only the
+    default cache is created when a download needs it."""
+    root = resolve_data_dir(data_dir)
+    if root != default_data_dir() and not root.is_dir():
+        named = "data_dir" if data_dir is not None else f"${DATA_DIR_ENV}"
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise InputError(f"the data folder {root} ({named}) {what}: check the path (xpcnn "
+                         "creates only its default cache folder; create the folder yourself to "
+                         "download into it)")
+    return root
 
 
 def base_url_for(dataset: str, base_url: str | None = None) -> str:
@@ -208,15 +222,18 @@ def fetch(dataset: str, names: Iterable[str], folder: Path, base_url: str | None
 def missing_files_message(
     title: str, names: Iterable[str], folder: Path, *, url: str, also: str = "", cause: str = ""
 ) -> str:
-    """The error text for absent files: what to put where, and how to point xpcnn at them."""
+    """The error text for absent files: which are missing, where to put them, and how to point
+    xpcnn at another folder."""
+    names = list(names)
     listed = ", ".join(names)
+    these = "these files" if len(names) > 1 else "this file"
     parts = []
     if cause:
         parts.append(f"Could not download {title}: {cause}.")
     else:
-        parts.append(f"{title} is not in {folder}{also}.")
+        parts.append(f"{title} is not complete in {folder}{also}: missing {listed}.")
     parts.append(
-        f"Put these files in {folder}: {listed} (from {url}). To read them from another folder, "
+        f"Put {these} in {folder}: {listed} (from {url}). To read them from another folder, "
         f"pass data_dir=... or set the environment variable {DATA_DIR_ENV}."
     )
     if not cause:

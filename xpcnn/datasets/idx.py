@@ -19,7 +19,7 @@ from typing import BinaryIO
 import numpy as np
 
 from ..errors import DataFormatError, DownloadError, InputError
-from .download import base_url_for, fetch, missing_files_message, resolve_data_dir
+from .download import base_url_for, data_root, fetch, missing_files_message
 
 MNIST_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
@@ -269,6 +269,12 @@ def _find_in(folder: Path) -> dict[str, Path] | None:
     return found
 
 
+def _missing(folder: Path) -> list[str]:
+    """The official names of the files missing from ``folder``."""
+    return [stem + ".gz" for _, stem, _ in _FILES
+            if not any((folder / n).is_file() for n in _spellings(stem))]
+
+
 def _is_mnist(labels_path: Path) -> bool:
     try:
         with open(labels_path, "rb") as raw:
@@ -292,7 +298,7 @@ def _load(
     download: bool,
     base_url: str | None,
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    root = resolve_data_dir(data_dir)
+    root = data_root(data_dir)
     home = root / dataset
     also = ""
     paths = _find_in(home)
@@ -302,11 +308,15 @@ def _load(
             also = f" ({root} holds MNIST, which has the same file names)"
             paths = None
     if paths is None:
-        missing = [stem + ".gz" for _, stem, _ in _FILES
-                   if not any((home / n).is_file() for n in _spellings(stem))]
+        missing = _missing(home)
         url = base_url_for(dataset, base_url)
         if not download:
-            raise DownloadError(missing_files_message(title, missing, home, url=url, also=also))
+            # Name the files missing where they come closest to complete: at the top level
+            # (where they work as well) unless the subfolder holds more of them.
+            top = _missing(root)
+            folder, names = (root, top) if top and not also and len(top) <= len(missing) \
+                else (home, missing)
+            raise DownloadError(missing_files_message(title, names, folder, url=url, also=also))
         try:
             fetch(dataset, missing, home, base_url)
         except DownloadError as e:

@@ -380,9 +380,11 @@ class FitCheckpoints:
     def interruptible(self) -> Iterator[None]:
         """Inside, a Ctrl-C (SIGINT) lets the step in progress finish, writes a checkpoint at
         that step and raises :class:`~xpcnn.errors.TrainingInterrupted`; a second Ctrl-C
-        interrupts at once (the last checkpoint written stays). Only the main thread receives
-        signals, so elsewhere this changes nothing."""
-        if threading.current_thread() is not threading.main_thread():
+        interrupts at once (the last checkpoint written stays). Only where Ctrl-C has Python's
+        own meaning (KeyboardInterrupt, in the main thread): a SIGINT handler of the
+        program's own, or SIGINT ignored, is left alone."""
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
             yield
             return
 
@@ -446,7 +448,4 @@ class FitCheckpoints:
 
     def _stop_if_interrupted(self, epoch: int, step: int) -> None:
         if self.interrupted:
-            raise TrainingInterrupted(
-                f"interrupted at epoch {epoch + 1}, step {step}/{self.steps}; the checkpoint "
-                f"{self.path} holds the training state there, and resuming continues from it",
-                self.path)
+            raise TrainingInterrupted(f"epoch {epoch + 1}, step {step}/{self.steps}", self.path)

@@ -24,15 +24,16 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from ..errors import DataFormatError
 
 CONFIG_KEY = "__config__"
-#: The most bytes the JSON configuration entry may inflate to.
-MAX_CONFIG_BYTES = 1 << 24
+#: The most bytes the JSON configuration entry may inflate to (a model's is a few kB; a
+#: checkpoint's grows by about 150 bytes an epoch of history).
+MAX_CONFIG_BYTES = 1 << 22
 #: Room for an .npy preamble and header (numpy writes 128 bytes for the arrays saved here).
 NPY_HEADER_BYTES = 4096
 #: The widest value a weight or optimiser slot may be stored as (float64).
@@ -142,6 +143,9 @@ class NpzArchive:
         if CONFIG_KEY not in self.entries:
             raise DataFormatError(f"{self.path}: not an xpcnn model file or checkpoint (no "
                                   f"{CONFIG_KEY} entry)")
+        shape, dtype = self.header(CONFIG_KEY)
+        if dtype != np.uint8 or len(shape) != 1:  # refused before it is inflated
+            raise DataFormatError(f"{self.path}: the configuration entry is not JSON bytes")
         return decode_json(self.read(CONFIG_KEY, MAX_CONFIG_BYTES), self.path)
 
 
@@ -198,10 +202,18 @@ def _parse_npy(data: bytes, where: str) -> np.ndarray:
 
 
 def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
-    """Write an .npz so that ``path`` is always either the old file or the complete new one.
+    """Write an .npz so that ``path`` is always either the old file or the complete new one."""
+    with atomic_file(path) as f:
+        np.savez(f, **arrays)
 
-    The file is created as ``open`` creates files (mode 0666 less the umask), so it can be
-    shared where the umask allows.
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """A new file to write that becomes ``path`` only once the block succeeds: ``path`` is
+    always either the old file or the complete new one.
+
+    The file is created on entry (an unwritable path fails before the block runs), as ``open``
+    creates files (mode 0666 less the umask), so it can be shared where the umask allows.
     """
     path = os.fspath(path)
     folder, base = os.path.split(os.path.abspath(path))
@@ -209,7 +221,7 @@ def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]
     fd, tmp = _new_temporary(folder, base)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,0 +1,298 @@
+"""The command line under bad input and Ctrl-C.
+
+Every bad value of every flag ends with exit status 2 and one line on stderr naming the flag,
+before any data is loaded or any training done (the loaders and fit are replaced by traps);
+with --json, stdout holds exactly one JSON object saying what went wrong. Ctrl-C during training
+ends with one line saying where the run stopped, after writing a checkpoint there when
+--checkpoint was given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ckpt_train
+import numpy as np
+import pytest
+
+import xpcnn
+import xpcnn.datasets
+import xpcnn.viz
+from xpcnn.cli import main
+from xpcnn.saving import load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+UNWRITABLE = Path("/sys")  # even root cannot create files there
+
+
+@pytest.fixture
+def traps(monkeypatch):
+    """Loading data, training or drawing fails the test: checks must come first."""
+    def trap(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(xpcnn.datasets, "load_dataset", trap)
+    monkeypatch.setattr(xpcnn.Sequential, "fit", trap)
+    monkeypatch.setattr(xpcnn.viz, "visualize_command", trap)
+
+
+def bad_cases(tmp: Path) -> list[tuple[list[str], str]]:
+    """(arguments, the flag the one-line message must name)."""
+    folder, model = tmp / "folder", tmp / "model.npz"
+    a_file, missing = tmp / "a-file", tmp / "no" / "such"
+    cases: list[tuple[list[str], str]] = []
+    numbers = {
+        "--epochs": ["0", "-1", "abc", "1.5", ""],
+        "--batch-size": ["0", "-3", "x", "1e3"],
+        "--lr": ["0", "-1", "nan", "inf", "1e999", "abc"],
+        "--seed": ["-1", "abc"],
+        "--val-split": ["0", "1", "1.5", "-0.1", "nan", "abc"],
+        "--limit": ["0", "-5", "abc"],
+        "--early-stopping": ["-1", "abc", "2.5"],
+    }
+    for flag, values in numbers.items():
+        cases += [(["train", flag, v], flag) for v in values]
+    ck = ["--checkpoint", str(tmp / "ck.npz")]
+    cases += [(["train", *ck, "--checkpoint-every", v], "--checkpoint-every")
+              for v in ("0", "-2", "abc")]
+    for flag in ("--dataset", "--model", "--optimizer", "--schedule", "--precision"):
+        cases.append((["train", flag, "bogus"], flag))
+    cases += [(["train", "--device", d], "--device") for d in ("tpu", "cuda:x", "")]
+    cases += [(["train", "--data-dir", str(p)], "--data-dir") for p in (missing, a_file)]
+    for flag in ("--save", "--checkpoint", "--log"):
+        cases += [(["train", flag, str(p)], flag) for p in
+                  (folder, missing / "m.npz", UNWRITABLE / "m.npz", a_file / "m.npz",
+                   "/dev/null", "")]
+    cases += [(["train", "--plots", str(p)], "--plots") for p in
+              (a_file, missing / "plots", UNWRITABLE / "plots")]
+    cases += [
+        (["train", "--resume"], "--resume"),
+        (["train", "--checkpoint-every", "5"], "--checkpoint-every"),
+        (["train", "--save", str(tmp / "x.npz"), "--checkpoint", str(tmp / "x.npz")], "--save"),
+        (["train", "--checkpoint", str(tmp / "x.npz"), "--log", str(tmp / "x.npz")],
+         "--checkpoint"),
+        (["train", "--unknown-flag"], "--unknown-flag"),
+        (["visualize"], "--model"),
+    ]
+    vis = ["visualize", "--model", str(model)]
+    cases += [(["visualize", "--model", str(p)], "--model") for p in (missing, folder)]
+    cases += [([*vis, "--index", v], "--index") for v in ("-1", "abc")]
+    cases += [([*vis, "--max-maps", v], "--max-maps") for v in ("0", "33", "abc")]
+    cases += [([*vis, "--dpi", v], "--dpi") for v in ("0", "5", "1000", "nan", "abc")]
+    cases += [([*vis, "--out", str(p)], "--out") for p in
+              (a_file, missing / "figs", UNWRITABLE / "figs")]
+    cases += [([*vis, "--data-dir", str(missing)], "--data-dir"),
+              ([*vis, "--device", "tpu"], "--device"),
+              (["info", "--device", "tpu"], "--device")]
+    return cases
+
+
+def _files(tmp: Path) -> None:
+    (tmp / "folder").mkdir(exist_ok=True)
+    (tmp / "a-file").write_text("not a folder")
+    (tmp / "model.npz").write_bytes(b"")  # (visualize checks it exists before reading it)
+
+
+def test_every_bad_flag_value_is_one_line_naming_the_flag(tmp_path, traps, capsys):
+    _files(tmp_path)
+    cases = bad_cases(tmp_path)
+    assert len(cases) > 85
+    for argv, flag in cases:
+        for as_json in (False, True):
+            status = main([*argv, "--json"] if as_json else argv)
+            out, err = capsys.readouterr()
+            lines = err.splitlines()
+            assert status == 2, (argv, err)
+            assert len(lines) == 1 and flag in lines[0], (argv, err)
+            assert "Traceback" not in out + err
+            if as_json:
+                (obj,) = [json.loads(line) for line in out.splitlines()]
+                assert obj == {"error": lines[0], "exit_status": 2}
+    assert not list((tmp_path / "folder").iterdir())  # nothing written anywhere
+
+
+def test_messages_speak_of_flags_not_internals(tmp_path, traps, capsys):
+    for argv, expected in [
+        (["train", "--lr", "-1"], "argument --lr: expected a learning rate > 0, such as 3e-3, "
+                                  "got '-1'"),
+        (["train", "--checkpoint", str(tmp_path / "c.npz"), "--checkpoint-every", "0"],
+         "argument --checkpoint-every: expected a whole number >= 1, got '0'"),
+        (["train", "--batch-size", "0"], "argument --batch-size: expected a whole number >= 1"),
+        (["train", "--save", str(tmp_path)], f"argument --save: '{tmp_path}' is a folder"),
+        (["train", "--save", str(UNWRITABLE / "m.npz")], "cannot write in '/sys'"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("xpcnn train: error: ") and expected in err, err
+        assert "CosineDecay" not in err and "checkpoint_every" not in err
+
+
+@pytest.fixture
+def small_shapes(monkeypatch):
+    real = xpcnn.datasets.load_dataset
+
+    def load(name, data_dir=None, download=True, **kw):
+        return real(name, data_dir, download, **{"n_train": 40, "n_test": 20, **kw})
+
+    monkeypatch.setattr(xpcnn.datasets, "load_dataset", load)
+
+
+def test_a_val_split_that_leaves_nothing_to_train_on(small_shapes, capsys):
+    assert main(["train", "--val-split", "0.999", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "argument --val-split: 0.999 of the 40 training images holds out 40 and leaves " \
+           "none to train on" in err
+
+
+def test_a_val_split_is_reported_as_it_was_asked(small_shapes, capsys):
+    assert main(["train", "--val-split", "0.95", "--epochs", "1", "--quiet", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["evaluated_on"] == "held-out 95% of the training set"
+    assert (result["train_samples"], result["test_samples"]) == (2, 38)
+
+
+def test_json_success_and_failure_are_one_object(small_shapes, capsys, tmp_path):
+    assert main(["train", "--epochs", "1", "--limit", "8", "--quiet", "--json"]) == 0
+    (result,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert result["epochs"] == 1
+    assert main(["train", "--data-dir", str(tmp_path / "typo"), "--json"]) == 2
+    out, err = capsys.readouterr()
+    (failure,) = [json.loads(line) for line in out.splitlines()]
+    assert failure["exit_status"] == 2 and "--data-dir" in failure["error"]
+    assert failure["error"] == err.strip()
+
+
+def test_output_paths_are_checked_before_training(small_shapes, tmp_path, capsys):
+    """The issue's case: --save to a folder used to fail after training, losing the model."""
+    calls = []
+    fit = xpcnn.Sequential.fit
+
+    def counting_fit(self, *a, **kw):
+        calls.append(1)
+        return fit(self, *a, **kw)
+
+    xpcnn.Sequential.fit = counting_fit
+    try:
+        assert main(["train", "--epochs", "1", "--quiet", "--save", str(tmp_path)]) == 2
+        assert main(["train", "--epochs", "1", "--quiet", "--checkpoint", str(tmp_path)]) == 2
+    finally:
+        xpcnn.Sequential.fit = fit
+    assert calls == []
+    assert "is a folder" in capsys.readouterr().err
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "xpcnn.cli", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def test_no_traceback_from_the_real_entry_point(tmp_path):
+    for argv in (["train", "--batch-size", "0"], ["train", "--limit", "-5", "--json"],
+                 ["train", "--save", str(tmp_path)]):
+        run = subprocess.run(_cli(*argv), capture_output=True, text=True, env=_env(),
+                             timeout=120)
+        assert run.returncode == 2, run.stderr
+        assert len(run.stderr.splitlines()) == 1 and "Traceback" not in run.stdout + run.stderr
+        assert run.stdout == "" or json.loads(run.stdout)["exit_status"] == 2
+
+
+TRAIN = ["train", "--limit", "64", "--batch-size", "8", "--schedule", "constant", "--quiet"]
+
+
+def test_ctrl_c_writes_a_checkpoint_at_the_step_and_resume_continues(tmp_path):
+    ck = tmp_path / "ck.npz"
+    proc = subprocess.Popen(_cli(*TRAIN, "--epochs", "1000", "--checkpoint", str(ck)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    try:
+        assert proc.stdout.readline().startswith("training shapes")
+        # Wait until training has run a while: the first end-of-epoch checkpoint is there.
+        deadline = time.monotonic() + 120
+        while not ck.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in out + err and len(err.splitlines()) == 1, err
+    m = re.fullmatch(rf"xpcnn train: interrupted at epoch (\d+), step (\d+)/8; the checkpoint "
+                     rf"{re.escape(str(ck))} holds the training state there: run the same "
+                     r"command with --resume to continue", err.strip())
+    assert m, err
+    epoch, step = int(m[1]), int(m[2])
+    ckpt = load_checkpoint(ck)
+    assert ckpt.model.optimizer.iterations == (epoch - 1) * 8 + step
+    # The same command with --resume continues from there (here: to the end of the next epoch).
+    assert main([*TRAIN, "--epochs", str(epoch + 1), "--checkpoint", str(ck), "--resume"]) == 0
+    assert load_checkpoint(ck).model.optimizer.iterations == (epoch + 1) * 8
+
+
+def test_ctrl_c_without_a_checkpoint_says_where_it_stopped(tmp_path):
+    proc = subprocess.Popen(_cli(*TRAIN, "--epochs", "1000"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert proc.stdout.readline().startswith("training shapes")
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in out + err and len(err.splitlines()) == 1, err
+    assert re.fullmatch(r"xpcnn train: interrupted at epoch \d+, after step \d/8; nothing was "
+                        r"kept \(--checkpoint PATH keeps the training state, and --resume "
+                        r"continues from it\)", err.strip()), err
+
+
+def test_fit_interrupted_then_resumed_ends_with_the_same_weights(tmp_path):
+    """Ctrl-C inside fit(checkpoint=...): the step in progress finishes, the checkpoint is
+    written there, and resuming gives the uninterrupted run's weights, bit for bit."""
+    reference, _ = ckpt_train.train()
+    model = ckpt_train.make_model()
+    step = model.train_step
+    count = [0]
+
+    def step_then_ctrl_c(xb, yb):
+        out = step(xb, yb)
+        count[0] += 1
+        if count[0] == 11:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives while the step's bookkeeping runs
+        return out
+
+    model.train_step = step_then_ctrl_c
+    path = tmp_path / "c.npz"
+    with pytest.raises(xpcnn.errors.TrainingInterrupted, match="epoch 2, step 3/8"):
+        ckpt_train.train(path, model=model)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert load_checkpoint(path).model.optimizer.iterations == 11
+    resumed, _ = ckpt_train.train(path, resume=True)
+    for a, b in zip(reference.get_weights(), resumed.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("error, status, text", [
+    (OSError(28, "No space left on device"), 1, "error: [Errno 28] No space left on device"),
+    (MemoryError(), 1, "error: out of memory (a smaller --batch-size needs less)"),
+])
+def test_failures_of_the_machine_are_one_line_too(small_shapes, tmp_path, monkeypatch, capsys,
+                                                  error, status, text):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(xpcnn.Sequential, "fit", fail)
+    assert main(["train", "--quiet", "--json"]) == status
+    out, err = capsys.readouterr()
+    assert err.splitlines()[-1] == f"xpcnn train: {text}" and "Traceback" not in err
+    assert json.loads(out) == {"error": err.splitlines()[-1], "exit_status": status}

@@ -1,0 +1,262 @@
+"""Model files and checkpoints under hostile edits: entries the format has no place for are refused
+before they are inflated, every entry inflates under the cap its weight implies, NaN or infinite
+weights are refused, and files are created as the umask says.
+
+The property test builds files from a valid one by adding, removing, resizing and recompressing
+entries: each either raises DataFormatError or loads the very model that was saved, and never
+takes more memory (tracemalloc's peak) than a small multiple of that model's size.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import struct
+import tracemalloc
+import zipfile
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import xpcnn
+from xpcnn.errors import DataFormatError, NonFiniteError
+from xpcnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Rescaling, Softmax
+from xpcnn.saving import load_checkpoint, save_checkpoint
+from xpcnn.saving.npz import MAX_CONFIG_BYTES
+
+
+def small_model() -> xpcnn.Sequential:
+    """About 0.5 MB of weights, so that memory bounds are a multiple of the model, not of
+    Python's own overhead."""
+    model = xpcnn.Sequential([Rescaling(1 / 255), Conv2D(4, 3), ReLU(), MaxPool2D(2), Flatten(),
+                              Dense(2000, activation="relu"), Dense(5), Softmax()],
+                             input_shape=(10, 10, 3), seed=1)
+    model.compile(optimizer="adam")
+    return model
+
+
+class Saved(tuple):
+    """(model, its file's bytes), with a short repr for hypothesis' reports."""
+
+    def __repr__(self) -> str:
+        return "<saved model>"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("files")
+    model = small_model()
+    model.save(folder / "model.npz")
+    return Saved((model, (folder / "model.npz").read_bytes()))
+
+
+def members(data: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def pack(entries: dict[str, tuple[bytes, int]]) -> bytes:
+    """A valid zip of (content, compression method) entries."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, (blob, method) in entries.items():
+            zf.writestr(name, blob, compress_type=method)
+    return out.getvalue()
+
+
+def npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def measured_load(path) -> tuple[object, int]:
+    """(the loaded model, or the DataFormatError raised), and the peak of traced memory."""
+    tracemalloc.start()
+    try:
+        result = xpcnn.load_model(path)
+    except DataFormatError as e:
+        result = e
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return result, peak
+
+
+def weights_bytes(model) -> int:
+    return sum(w.nbytes for w in model.get_weights())
+
+
+# -- the issue's cases, one by one -------------------------------------------------------------
+
+
+def test_an_extra_deflated_entry_is_refused_before_it_is_inflated(saved, tmp_path):
+    """The issue's case: a small file with one extra deflated entry took 1.6 GB to load."""
+    model, data = saved
+    entries = {k: (v, zipfile.ZIP_DEFLATED) for k, v in members(data).items()}
+    entries["extra.npy"] = (npy(np.zeros(2**26, np.uint8)), zipfile.ZIP_DEFLATED)  # 64 MiB
+    path = tmp_path / "bomb.npz"
+    path.write_bytes(pack(entries))
+    assert path.stat().st_size < 2**20
+    result, peak = measured_load(path)
+    assert isinstance(result, DataFormatError)
+    assert "unexpected entry 'extra'" in str(result) and "nothing was read" in str(result)
+    assert peak < 4 * weights_bytes(model) + 2**20
+
+
+@pytest.mark.parametrize("name", ["layer1.2", "layer9.0", "slot.m.0", "layer1.0.x", "__cfg__"])
+def test_entries_the_architecture_has_no_place_for(saved, tmp_path, name):
+    _, data = saved
+    entries = {k: (v, zipfile.ZIP_STORED) for k, v in members(data).items()}
+    entries[f"{name}.npy"] = (npy(np.zeros(3, np.float32)), zipfile.ZIP_STORED)
+    (tmp_path / "m.npz").write_bytes(pack(entries))
+    with pytest.raises(DataFormatError, match=f"unexpected entry '{name}'"):
+        xpcnn.load_model(tmp_path / "m.npz")
+
+
+def test_an_expected_entry_inflates_only_as_far_as_its_weight(saved, tmp_path):
+    """The right name and header, but data that inflates far past the weight it stands for:
+    refused from the zip directory's claim, and, where the directory lies, by the stream's cap."""
+    model, data = saved
+    kernel = model.layers[1].get_weights()[0]
+    header = npy(kernel)[:-kernel.nbytes]
+    big = header + kernel.tobytes() + bytes(2**25)
+    entries = {k: (v, zipfile.ZIP_DEFLATED) for k, v in members(data).items()}
+    entries["layer1.0.npy"] = (big, zipfile.ZIP_DEFLATED)
+    honest = pack(entries)
+    path = tmp_path / "m.npz"
+    path.write_bytes(honest)
+    result, peak = measured_load(path)
+    assert isinstance(result, DataFormatError)
+    assert "entry 'layer1.0' claims 33554" in str(result) and "its place in the file" in str(result)
+    assert peak < 4 * weights_bytes(model) + 2**20
+    # Now the directory claims the right size: the stream stops at the cap anyway.
+    lying = bytearray(honest)
+    pos = lying.find(b"PK\x01\x02")  # each central directory record
+    while pos != -1:
+        if lying[pos + 46:pos + 58] == b"layer1.0.npy":
+            lying[pos + 24:pos + 28] = struct.pack("<I", len(npy(kernel)))
+        pos = lying.find(b"PK\x01\x02", pos + 4)
+    path.write_bytes(bytes(lying))
+    result, peak = measured_load(path)
+    assert isinstance(result, DataFormatError)
+    assert peak < 4 * weights_bytes(model) + 2**20
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_weights_holding_nan_or_infinity_are_refused(saved, tmp_path, bad):
+    model, data = saved
+    entries = {k: (v, zipfile.ZIP_STORED) for k, v in members(data).items()}
+    dense_bias = model.layers[6].get_weights()[1]
+    dense_bias[2] = bad
+    entries["layer6.1.npy"] = (npy(dense_bias), zipfile.ZIP_STORED)
+    (tmp_path / "m.npz").write_bytes(pack(entries))
+    message = r"array 'layer6.1' \(bias of layer 'dense_1'\) holds NaN or infinite values"
+    with pytest.raises(DataFormatError, match=message):
+        xpcnn.load_model(tmp_path / "m.npz")
+    fresh = small_model()
+    with pytest.raises(DataFormatError, match=message):
+        fresh.load_weights(tmp_path / "m.npz")
+    assert np.all(np.isfinite(fresh.layers[6].get_weights()[1]))
+
+
+def test_non_finite_weights_are_not_saved(tmp_path):
+    model = small_model()
+    weights = model.get_weights()
+    weights[0][0, 0, 0, 0] = np.nan
+    model.set_weights(weights)
+    with pytest.raises(NonFiniteError, match=r"layer 'conv2d' \(kernel\) hold NaN or infinity: "
+                                             r".*m.npz was not written"):
+        model.save(tmp_path / "m.npz")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_checkpoint_with_non_finite_optimizer_state_is_refused(tmp_path):
+    model = small_model()
+    rng = np.random.default_rng(0)
+    model.fit(rng.integers(0, 256, (4, 10, 10, 3), np.uint8), np.arange(4), verbose=0)
+    save_checkpoint(model, tmp_path / "c.npz")
+    entries = {k: (v, zipfile.ZIP_STORED) for k, v in members((tmp_path / "c.npz").read_bytes()
+                                                               ).items()}
+    v = model.backend.to_numpy(model.optimizer.slots["v"][0]).copy()
+    v.flat[0] = np.inf
+    entries["slot.v.0.npy"] = (npy(v), zipfile.ZIP_STORED)
+    (tmp_path / "c.npz").write_bytes(pack(entries))
+    with pytest.raises(DataFormatError, match=r"array 'slot.v.0' \(the optimizer's 'v' state\) "
+                                              "holds NaN or infinite values"):
+        load_checkpoint(tmp_path / "c.npz")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_are_created_as_the_umask_says(tmp_path, umask):
+    model = small_model()
+    old = os.umask(umask)
+    try:
+        model.save(tmp_path / "m.npz")
+        save_checkpoint(model, tmp_path / "c.npz")
+        model.save(tmp_path / "m.npz")  # replacing a file: the same
+    finally:
+        os.umask(old)
+    for name in ("m.npz", "c.npz"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "m.npz"]  # no leftovers
+
+
+# -- the property ------------------------------------------------------------------------------
+
+SIZES = st.sampled_from([0, 1, 7, 100, 5000, 2**21])
+METHODS = st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+
+
+@st.composite
+def edited_files(draw, data: bytes) -> tuple[bytes, bool]:
+    """A file built from ``data`` by adding, removing, resizing and recompressing entries, and
+    whether only the compression changed (then it must load as it was)."""
+    entries = {k: (v, zipfile.ZIP_DEFLATED) for k, v in members(data).items()}
+    names = sorted(entries)
+    only_compression = True
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["add", "remove", "resize", "recompress"]))
+        name = draw(st.sampled_from(names))
+        if op == "recompress" or name not in entries:
+            if name in entries:
+                entries[name] = (entries[name][0], draw(METHODS))
+            continue
+        only_compression = False
+        if op == "remove":
+            del entries[name]
+        elif op == "add":
+            new = draw(st.sampled_from(["layer1.0", "layer6.1", "layer1.9", "layer12.0",
+                                        "slot.m.0", "junk", "__config__"]))
+            dtype = draw(st.sampled_from([np.float32, np.float64, np.uint8]))
+            entries[f"{new}_{len(entries)}.npy" if new == "junk" else f"{new}.npy"] = (
+                npy(np.zeros(draw(SIZES), dtype)), draw(METHODS))
+        else:  # resize: the same entry, another number of values
+            arr = np.load(io.BytesIO(entries[name][0]))
+            size = draw(SIZES)
+            entries[name] = (npy(np.resize(arr.reshape(-1), size)), draw(METHODS))
+    return pack(entries), only_compression
+
+
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_edited_model_files_load_correctly_or_are_refused_within_memory(saved, tmp_path, data):
+    model, original = saved
+    blob, only_compression = data.draw(edited_files(original))
+    path = tmp_path / "edited.npz"
+    path.write_bytes(blob)
+    result, peak = measured_load(path)
+    # The configuration entry is capped on its own (MAX_CONFIG_BYTES, read and copied).
+    limit = 8 * weights_bytes(model) + 2 * MAX_CONFIG_BYTES + 2**20
+    assert peak < limit, f"{peak} bytes to load a {len(blob)}-byte file"
+    if only_compression:
+        assert not isinstance(result, DataFormatError), result
+    if not isinstance(result, DataFormatError):
+        for a, b in zip(model.get_weights(), result.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert [type(la) for la in result.layers] == [type(la) for la in model.layers]

@@ -1,0 +1,285 @@
+"""ONNX export: every reference model and every layer type in onnxruntime against xpcnn."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+from nets import every_layer_net, gap_net
+
+import xpcnn
+from xpcnn.cli import main as cli_main
+from xpcnn.datasets import load_shapes
+from xpcnn.errors import InputError, MissingDependencyError
+from xpcnn.layers import (
+    AvgPool2D,
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    Dropout,
+    FeatureNorm,
+    Flatten,
+    GlobalAvgPool2D,
+    Layer,
+    MaxPool2D,
+    Normalization,
+    RandomCrop,
+    RandomFlip,
+    ReLU,
+    Rescaling,
+    Softmax,
+)
+from xpcnn.models import MODELS, build_layers
+from xpcnn.onnx_export import CONVERTERS, GraphBuilder, register_converter
+
+onnx = pytest.importorskip("onnx", reason="onnx is not installed")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+
+TOL = 1e-5
+INPUT_SHAPES = {"mnist": (28, 28, 1)}  # the others take CIFAR-sized images
+
+
+def run_onnx(path, x):
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+def randomize(model, rng):
+    """Non-trivial weights: random biases, BatchNorm affine and running statistics far from
+    their initial 0 / 1, so that every weight shows in the output."""
+    for layer in model.layers:
+        randomize_layer(layer, rng)
+
+
+def randomize_layer(layer, rng):
+    weights = []
+    for name, w in zip(layer.weight_names, layer.get_weights(), strict=False):
+        if name == "moving_variance":
+            w = rng.uniform(0.2, 3.0, w.shape)
+        elif name == "gamma":
+            w = rng.uniform(0.5, 2.0, w.shape)
+        elif name in ("bias", "beta", "moving_mean"):
+            w = rng.normal(0.0, 0.3, w.shape)
+        weights.append(w)
+    layer.set_weights(weights)
+
+
+def check_model(model, x, tmp_path, input_dtype="float32"):
+    """Export, check, run in onnxruntime; returns the largest difference to predict."""
+    path = tmp_path / "model.onnx"
+    model.export(path, input_dtype=input_dtype)
+    onnx.checker.check_model(os.fspath(path), full_check=True)
+    expected = model.predict(x)
+    got = run_onnx(path, x.astype(input_dtype))
+    assert got.shape == expected.shape and got.dtype == np.float32
+    # The test means something only where the probabilities differ from uniform.
+    assert np.ptp(expected, axis=-1).max() > 0.05
+    diff = float(np.abs(got - expected).max())
+    assert diff < TOL, diff
+    return diff
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_reference_models_match_predict(name, tmp_path):
+    rng = np.random.default_rng(0)
+    shape = INPUT_SHAPES.get(name, (32, 32, 3))
+    model = xpcnn.Sequential(build_layers(name, 10), input_shape=shape, seed=1)
+    randomize(model, rng)
+    x = rng.integers(0, 256, (3, *shape), dtype=np.uint8)
+    check_model(model, x, tmp_path)
+    check_model(model, x, tmp_path, input_dtype="uint8")  # the same bytes, cast in the graph
+
+
+@pytest.mark.parametrize("net", [every_layer_net, gap_net])
+def test_nets_with_batchnorm_and_every_layer_type_match_predict(net, tmp_path):
+    rng = np.random.default_rng(2)
+    model = xpcnn.Sequential(net(7), input_shape=(9, 11, 3), seed=0)
+    randomize(model, rng)
+    check_model(model, rng.integers(0, 256, (4, 9, 11, 3), dtype=np.uint8), tmp_path)
+
+
+def test_a_trained_model_matches_and_any_batch_size_runs(tmp_path):
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, 256, (64, 9, 11, 3), dtype=np.uint8), rng.integers(0, 7, 64)
+    model = xpcnn.Sequential(gap_net(7), seed=0)
+    model.compile(optimizer=xpcnn.optim.Adam(1e-2))
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0)  # BatchNorm's statistics move
+    check_model(model, x[:1], tmp_path)
+    check_model(model, x[:5], tmp_path)
+
+
+def test_a_model_without_a_final_softmax_exports_predicts_probabilities(tmp_path):
+    rng = np.random.default_rng(4)
+    model = xpcnn.Sequential([Flatten(), Dense(5)], input_shape=(3, 4, 2), seed=0)
+    randomize(model, rng)
+    x = rng.normal(0, 3, (6, 3, 4, 2)).astype(np.float32)
+    check_model(model, x, tmp_path)
+    np.testing.assert_allclose(run_onnx(tmp_path / "model.onnx", x).sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_a_float64_model_exports_in_float32(tmp_path):
+    rng = np.random.default_rng(5)
+    model = xpcnn.Sequential(gap_net(7), input_shape=(9, 11, 3), seed=0, dtype="float64")
+    randomize(model, rng)
+    check_model(model, rng.integers(0, 256, (3, 9, 11, 3), dtype=np.uint8), tmp_path)
+
+
+# -- one layer at a time: its converter alone against its forward pass ------------------------
+LAYERS = {
+    "conv_valid": lambda: Conv2D(4, 3),
+    "conv_same_strided": lambda: Conv2D(5, (3, 2), strides=(2, 3), padding="same"),
+    "conv_int_padding_relu": lambda: Conv2D(3, 2, padding=2, activation="relu"),
+    "conv_no_bias": lambda: Conv2D(2, (1, 3), strides=2, use_bias=False),
+    "maxpool": lambda: MaxPool2D(2),
+    "maxpool_same_strided": lambda: MaxPool2D((3, 2), strides=(2, 1), padding="same"),
+    "maxpool_int_padding": lambda: MaxPool2D(3, strides=2, padding=1),
+    "avgpool_same": lambda: AvgPool2D(2, padding="same"),
+    "avgpool_int_padding": lambda: AvgPool2D((3, 2), strides=(1, 2), padding=1),
+    "global_avgpool": lambda: GlobalAvgPool2D(),
+    "flatten": lambda: Flatten(),
+    "relu": lambda: ReLU(),
+    "relu_max_value": lambda: ReLU(max_value=0.7),
+    "softmax": lambda: Softmax(),
+    "batchnorm": lambda: BatchNorm2D(eps=1e-3),
+    "featurenorm": lambda: FeatureNorm(eps=0.5),  # a large eps, so a wrong one shows
+    "rescaling_offset": lambda: Rescaling(0.5, offset=-1.25),
+    "normalization_per_channel": lambda: Normalization([0.1, -0.2, 0.3], [0.5, 2.0, 1.5]),
+    "normalization_scalar": lambda: Normalization(0.25, 3.0),
+    "dropout": lambda: Dropout(0.5),
+    "random_flip": lambda: RandomFlip(),
+    "random_crop": lambda: RandomCrop(2),
+}
+FLAT_LAYERS = {
+    "dense": lambda: Dense(5),
+    "dense_relu_no_bias": lambda: Dense(4, activation="relu", use_bias=False),
+    "batchnorm_flat": lambda: BatchNorm2D(),
+}
+
+
+def layer_graph(layer):
+    """An ONNX model of ``layer``'s converter alone, input and output named as the export."""
+    graph = GraphBuilder(onnx)
+    graph.scope = layer.name
+    y = CONVERTERS[type(layer).__name__](layer, graph, ["input"])
+    graph.op("Identity", [y], "output")
+    helper = onnx.helper
+    model = helper.make_model(
+        helper.make_graph(graph.nodes, "layer", [helper.make_tensor_value_info(
+            "input", onnx.TensorProto.FLOAT, ["N", *layer.input_shape])],
+            [helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT,
+                                           ["N", *layer.output_shape])], graph.initializers),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"input": x})[0]
+
+
+@pytest.mark.parametrize("case", sorted(LAYERS) + sorted(FLAT_LAYERS))
+def test_each_layer_converter_matches_its_forward(case):
+    rng = np.random.default_rng(sorted(LAYERS).index(case) if case in LAYERS else 99)
+    layer = {**LAYERS, **FLAT_LAYERS}[case]()
+    shape = (6,) if case in FLAT_LAYERS else (7, 5, 3)  # odd sizes: uneven "same" padding
+    layer.build(shape, rng=rng)
+    randomize_layer(layer, rng)
+    x = rng.normal(0.5, 2.0, (3, *shape)).astype(np.float32)
+    expected = np.asarray(layer.forward(x, training=False))
+    got = layer_graph(layer)(x)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=TOL)
+
+
+def test_every_layer_type_has_a_converter():
+    public = {name for name in xpcnn.layers.__all__
+              if isinstance(getattr(xpcnn.layers, name), type)
+              and issubclass(getattr(xpcnn.layers, name), Layer)
+              and name != "Layer"}
+    assert public <= set(CONVERTERS), public - set(CONVERTERS)
+    tested = {type(make()).__name__ for make in {**LAYERS, **FLAT_LAYERS}.values()}
+    assert public <= tested, public - tested
+
+
+# -- errors, registration, writing ------------------------------------------------------------
+class Doubling(Layer):
+    def forward(self, x, training=False, options=None):  # (options: the plan's, unused)
+        return x * 2.0
+
+
+def test_an_unknown_layer_type_is_named_and_a_registered_converter_exports_it(
+        tmp_path, monkeypatch):
+    rng = np.random.default_rng(6)
+    model = xpcnn.Sequential([Flatten(), Doubling(), Dense(3)], input_shape=(2, 2, 1))
+    randomize(model, rng)
+    with pytest.raises(InputError, match="no ONNX converter for layer type.*Doubling.*"
+                                         "register_converter"):
+        model.export(tmp_path / "m.onnx")
+    assert not os.listdir(tmp_path)  # checked before anything is written
+    monkeypatch.setitem(CONVERTERS, "Doubling", None)  # removed again after the test
+    register_converter("Doubling")(
+        lambda layer, graph, inputs: graph.op("Mul", [inputs[0], graph.constant("two", 2.0)]))
+    check_model(model, rng.normal(0, 2, (2, 2, 2, 1)).astype(np.float32), tmp_path)
+
+
+def test_a_model_other_than_a_chain_is_refused(tmp_path):
+    class Branchy(xpcnn.Model):  # a network that is not a chain
+        pass
+
+    model = Branchy()
+    model.built, model.layers = True, [Flatten()]
+    with pytest.raises(InputError, match="Branchy models do not export yet"):
+        model.export(tmp_path / "m.onnx")
+
+
+def test_an_unbuilt_model_and_a_bad_input_dtype_are_refused(tmp_path):
+    with pytest.raises(InputError, match="must be built before export"):
+        xpcnn.Sequential([Flatten(), Dense(3)]).export(tmp_path / "m.onnx")
+    model = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1))
+    with pytest.raises(InputError, match="input_dtype must be one of float32, uint8"):
+        model.export(tmp_path / "m.onnx", input_dtype="float16")
+
+
+def test_an_unwritable_path_is_refused_before_any_work(tmp_path, monkeypatch):
+    model = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1))
+    calls = []
+    monkeypatch.setitem(CONVERTERS, "Flatten", lambda *a: calls.append(a))
+    with pytest.raises(InputError, match="it is a folder"):
+        model.export(tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="cannot write the ONNX file"):
+        model.export(tmp_path / "file" / "m.onnx")  # a file where a folder should be
+    assert calls == []
+
+
+def test_a_failed_export_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    model = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1))
+    path = tmp_path / "m.onnx"
+    model.export(path)
+    before = path.read_bytes()
+
+    def disk_full(proto):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx.ModelProto, "SerializeToString", disk_full)  # while writing
+    with pytest.raises(OSError, match="No space left"):
+        model.export(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.onnx"]
+
+
+def test_without_onnx_a_missing_dependency_error_gives_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    model = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1))
+    with pytest.raises(MissingDependencyError, match=r'pip install "xpcnn\[onnx\]"'):
+        model.export(tmp_path / "m.onnx")
+    assert not os.listdir(tmp_path)
+
+
+def test_cli_train_exports_and_checks_the_path_before_training(tmp_path, capsys):
+    path = tmp_path / "shapes.onnx"
+    args = ["train", "--limit", "40", "--epochs", "1", "--batch-size", "20", "--quiet"]
+    assert cli_main([*args, "--export", str(tmp_path)]) == 2  # a folder: refused at once
+    assert "is a folder; give a file path such as" in capsys.readouterr().err
+    assert cli_main([*args, "--save", str(tmp_path / "shapes.npz"), "--export", str(path)]) == 0
+    model = xpcnn.load_model(str(tmp_path / "shapes.npz"))
+    x = load_shapes()[1][0][:4]
+    np.testing.assert_allclose(run_onnx(path, x.astype(np.float32)), model.predict(x),
+                               rtol=0, atol=TOL)

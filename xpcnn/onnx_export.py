@@ -1,0 +1,337 @@
+"""ONNX export: a built model as an ONNX file that onnxruntime (or any ONNX runtime) runs.
+
+``model.export("model.onnx")`` writes a graph that takes what ``predict`` takes, images
+(N, H, W, C) with any batch size N, and returns what ``predict`` returns, class probabilities
+(N, classes): the model's layers up to its logits, then a softmax. Layers that act only in
+training (RandomFlip, RandomCrop, Dropout) are identities, BatchNorm2D uses its running
+statistics. The graph computes in float32 whatever the model's dtype or precision, with the
+weights rounded to float32. Its input is float32 by default; ``input_dtype="uint8"`` takes raw
+image bytes and casts them (the model's own Rescaling still scales them).
+
+Tensors stay (N, H, W, C) between layers as in xpcnn; Conv and the pools, which ONNX defines on
+(N, C, H, W), are wrapped in a transpose each way (runtimes cancel each adjacent pair), so a
+Flatten is a plain reshape in xpcnn's (H, W, C) order.
+
+The exporter walks a list of :class:`Node` (layer, input slots, output slot): a Sequential
+gives a chain. Each layer type has one converter, found by class name in :data:`CONVERTERS`; a
+new layer type registers its own with :func:`register_converter`. Needs the ``onnx`` package
+(``pip install "xpcnn[onnx]"``), imported only on export.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .errors import InputError, MissingDependencyError
+from .layers.base import Layer
+from .ops.conv import resolve_padding
+from .saving.npz import atomic_file
+
+#: The ONNX operator set the graph uses, and the file format version that goes with it (as
+#: onnx 1.12 wrote them): old enough for every current runtime.
+OPSET = 17
+IR_VERSION = 8
+INPUT_DTYPES = ("float32", "uint8")
+INPUT_NAME, OUTPUT_NAME = "input", "probabilities"
+ONNX_EXTRA_HINT = 'pip install "xpcnn[onnx]" (or: pip install onnx)'
+NCHW, NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
+
+
+class Node(NamedTuple):
+    """One step of a model's graph: ``layer`` reads the tensors in slots ``inputs`` and writes
+    slot ``output`` (slot 0 is the model's input)."""
+
+    layer: Layer
+    inputs: tuple[int, ...]
+    output: int
+
+
+class GraphBuilder:
+    """The ONNX nodes and initializers (constant tensors) being written, with unique names
+    derived from the layer being converted."""
+
+    def __init__(self, onnx: Any) -> None:
+        self.onnx = onnx
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.scope = ""
+        self._taken = {INPUT_NAME, OUTPUT_NAME}
+
+    def name(self, hint: str) -> str:
+        """A tensor name not used yet: ``scope/hint``, numbered if need be."""
+        base = f"{self.scope}/{hint}" if self.scope else hint
+        name, k = base, 1
+        while name in self._taken:
+            name, k = f"{base}_{k}", k + 1
+        self._taken.add(name)
+        return name
+
+    def op(self, op_type: str, inputs: list[str], output: str | None = None,
+           **attributes: Any) -> str:
+        """Append an ONNX node; returns the name of its output."""
+        output = output or self.name(op_type)
+        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, [output],
+                                                     name=self.name(f"{op_type}_node"),
+                                                     **attributes))
+        return output
+
+    def constant(self, hint: str, value: Any) -> str:
+        """A float32 constant (an initializer); returns its name."""
+        name = self.name(hint)
+        array = np.asarray(value, dtype=np.float32)
+        self.initializers.append(self.onnx.numpy_helper.from_array(array, name))
+        return name
+
+
+#: A converter appends the ONNX nodes of one layer to the builder, given the names of the
+#: layer's input tensors, and returns the name of its output tensor.
+Converter = Callable[[Layer, GraphBuilder, list[str]], str]
+
+#: Layer class name -> converter.
+CONVERTERS: dict[str, Converter] = {}
+
+
+def register_converter(layer_type: str) -> Callable[[Converter], Converter]:
+    """Decorator: ``converter`` exports layers whose class is named ``layer_type``."""
+    def register(converter: Converter) -> Converter:
+        CONVERTERS[layer_type] = converter
+        return converter
+
+    return register
+
+
+# -- the model ---------------------------------------------------------------------------------
+def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "float32") -> None:
+    """Write ``model`` (built) to ``path`` as ONNX; see the module's docstring."""
+    onnx = _import_onnx()
+    if input_dtype not in INPUT_DTYPES:
+        raise InputError(f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got "
+                         f"{input_dtype!r}")
+    model._require_built("export")
+    nodes, logits = chain_nodes(model)
+    unknown = sorted({type(n.layer).__name__ for n in nodes} - set(CONVERTERS))
+    if unknown:
+        raise InputError(f"no ONNX converter for layer type(s) {', '.join(unknown)} (model "
+                         f"{model.name!r}); known: {', '.join(sorted(CONVERTERS))}. A new "
+                         "layer type registers one with xpcnn.onnx_export.register_converter")
+    check_export(path)
+    graph = GraphBuilder(onnx)
+    tensors = {0: INPUT_NAME}  # slot -> ONNX tensor name
+    if input_dtype == "uint8":
+        tensors[0] = graph.op("Cast", [INPUT_NAME], to=onnx.TensorProto.FLOAT)
+    for node in nodes:
+        graph.scope = node.layer.name
+        tensors[node.output] = CONVERTERS[type(node.layer).__name__](
+            node.layer, graph, [tensors[t] for t in node.inputs])
+    graph.scope = ""
+    # predict's last step: probabilities from the logits.
+    graph.op("Softmax", [tensors[logits]], OUTPUT_NAME, axis=-1)
+    proto = _model_proto(onnx, model, graph, input_dtype)
+    with atomic_file(path) as f:
+        f.write(proto.SerializeToString())
+
+
+def chain_nodes(model: Any) -> tuple[list[Node], int]:
+    """A Sequential's layers up to its logits as a chain of nodes, and the logits' slot (a
+    final Softmax layer is left out: the export ends with predict's softmax)."""
+    # (by name: importing Sequential would make the model and its exporter import each other)
+    if "Sequential" not in {c.__name__ for c in type(model).__mro__}:
+        raise InputError(f"ONNX export walks a Sequential's chain of layers; "
+                         f"{type(model).__name__} models do not export yet")
+    layers = model.layers[:-1] if model._fused_softmax() else model.layers
+    return [Node(layer, (k,), k + 1) for k, layer in enumerate(layers)], len(layers)
+
+
+def _model_proto(onnx: Any, model: Any, graph: GraphBuilder, input_dtype: str) -> Any:
+    helper = onnx.helper
+    elem = onnx.TensorProto.UINT8 if input_dtype == "uint8" else onnx.TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, elem, ["N", *model.input_shape])]
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, onnx.TensorProto.FLOAT,
+                                             ["N", *model.output_shape])]
+    proto = helper.make_model(
+        helper.make_graph(graph.nodes, model.name, inputs, outputs, graph.initializers),
+        opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
+        producer_name="xpcnn",
+        doc_string=f"xpcnn model {model.name!r}: (N, H, W, C) images -> class probabilities")
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _import_onnx() -> Any:
+    try:
+        import onnx
+        import onnx.checker
+        import onnx.helper
+        import onnx.numpy_helper
+    except ImportError as e:
+        raise MissingDependencyError(f"ONNX export needs the onnx package, which is not "
+                                     f"installed: {ONNX_EXTRA_HINT}") from e
+    return onnx
+
+
+def check_export(path: str | os.PathLike[str]) -> None:
+    """Fail now, with a clear error, where an export to ``path`` would fail for want of onnx
+    or of a writable path (the export checks this before any work; the CLI before training)."""
+    _import_onnx()
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(f"cannot write the ONNX file {path!r}: it is a folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"cannot write the ONNX file {path!r}: its folder {folder!r} does not "
+                         "exist")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write the ONNX file {path!r}: {e.strerror or e}") from e
+
+
+# -- one converter per layer type ----------------------------------------------------------
+def _weights(layer: Layer) -> dict[str, np.ndarray]:
+    """The layer's weights by name (Keras layouts, the model's dtype)."""
+    names = [n for n in layer.weight_names if n in layer._arrays()]
+    return dict(zip(names, layer.get_weights(), strict=True))
+
+
+def _relu_if(layer: Layer, graph: GraphBuilder, y: str) -> str:
+    """``y`` through the layer's fused activation (None or "relu")."""
+    return graph.op("Relu", [y]) if layer.get_config()["activation"] == "relu" else y
+
+
+def _window_attributes(layer: Layer, size: tuple[int, int], strides: tuple[int, int]
+                       ) -> dict[str, Any]:
+    """kernel_shape, strides and pads of a Conv or pool, with xpcnn's padding rule."""
+    top, bottom, left, right = resolve_padding(layer.get_config()["padding"],
+                                               layer.input_shape[:2], size, strides)
+    return {"kernel_shape": list(size), "strides": list(strides),
+            "pads": [top, left, bottom, right]}
+
+
+@register_converter("RandomFlip")
+@register_converter("RandomCrop")
+@register_converter("Dropout")
+def _identity(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    """Layers that act only in training."""
+    return graph.op("Identity", inputs)
+
+
+@register_converter("Rescaling")
+def _rescaling(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    config = layer.get_config()
+    y = graph.op("Mul", [inputs[0], graph.constant("scale", config["scale"])])
+    return graph.op("Add", [y, graph.constant("offset", config["offset"])]) \
+        if config["offset"] else y
+
+
+@register_converter("Normalization")
+def _normalization(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    config = layer.get_config()
+    c = layer.input_shape[-1]
+    # As the layer computes it: minus the mean, times 1 / std (the division in float64).
+    shift = np.broadcast_to(config["mean"], (c,))
+    scale = 1.0 / np.broadcast_to(config["std"], (c,))
+    y = graph.op("Sub", [inputs[0], graph.constant("mean", shift)])
+    return graph.op("Mul", [y, graph.constant("inv_std", scale)])
+
+
+@register_converter("Conv2D")
+def _conv2d(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    config, weights = layer.get_config(), _weights(layer)
+    # Keras' (kh, kw, C_in, C_out) kernel as ONNX's (C_out, C_in, kh, kw)
+    operands = [graph.op("Transpose", inputs, perm=NCHW),
+                graph.constant("kernel", weights["kernel"].transpose(3, 2, 0, 1))]
+    if config["use_bias"]:
+        operands.append(graph.constant("bias", weights["bias"]))
+    y = graph.op("Conv", operands, **_window_attributes(layer, tuple(config["kernel_size"]),
+                                                        tuple(config["strides"])))
+    return _relu_if(layer, graph, graph.op("Transpose", [y], perm=NHWC))
+
+
+def _pool(op_type: str, layer: Layer, graph: GraphBuilder, inputs: list[str],
+          **extra: Any) -> str:
+    config = layer.get_config()
+    attributes = _window_attributes(layer, tuple(config["pool_size"]), tuple(config["strides"]))
+    pads, size = attributes["pads"], attributes["kernel_shape"]
+    if any(p >= size[i % 2] for i, p in enumerate(pads)):
+        raise InputError(f"layer {layer.name!r}: ONNX pools need less padding than the pool "
+                         f"size, got padding {config['padding']!r} for a {size} pool")
+    y = graph.op(op_type, [graph.op("Transpose", inputs, perm=NCHW)], **attributes, **extra)
+    return graph.op("Transpose", [y], perm=NHWC)
+
+
+@register_converter("MaxPool2D")
+def _max_pool(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    # xpcnn pads with -inf: ONNX's MaxPool ignores padding, the same thing.
+    return _pool("MaxPool", layer, graph, inputs)
+
+
+@register_converter("AvgPool2D")
+def _avg_pool(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    # The mean over the real (unpadded) inputs of each window, as xpcnn takes it.
+    return _pool("AveragePool", layer, graph, inputs, count_include_pad=0)
+
+
+@register_converter("GlobalAvgPool2D")
+def _global_avg_pool(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    return graph.op("ReduceMean", inputs, axes=[1, 2], keepdims=0)
+
+
+@register_converter("Flatten")
+def _flatten(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    # (N, H, W, C) -> (N, H*W*C) in (H, W, C) order: the tensor is NHWC, as in xpcnn.
+    return graph.op("Flatten", inputs, axis=1)
+
+
+@register_converter("Dense")
+def _dense(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    weights = _weights(layer)
+    operands = [inputs[0], graph.constant("kernel", weights["kernel"])]
+    if layer.get_config()["use_bias"]:
+        operands.append(graph.constant("bias", weights["bias"]))
+    return _relu_if(layer, graph, graph.op("Gemm", operands))
+
+
+@register_converter("ReLU")
+def _relu(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    max_value = layer.get_config()["max_value"]
+    if max_value is None:
+        return graph.op("Relu", inputs)
+    return graph.op("Clip", [inputs[0], graph.constant("min", 0.0),
+                             graph.constant("max", max_value)])
+
+
+@register_converter("Softmax")
+def _softmax(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    return graph.op("Softmax", inputs, axis=-1)
+
+
+@register_converter("BatchNorm2D")
+def _batch_norm(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    # Inference as the layer computes it, on the last (channel) axis of NHWC or (N, features):
+    # (x - moving_mean) * (1 / sqrt(moving_variance + eps)) * gamma + beta.
+    w = _weights(layer)
+    var = w["moving_variance"]
+    inv_std = 1.0 / np.sqrt(var + var.dtype.type(layer.get_config()["eps"]))
+    y = graph.op("Sub", [inputs[0], graph.constant("moving_mean", w["moving_mean"])])
+    y = graph.op("Mul", [y, graph.constant("inv_std", inv_std)])
+    y = graph.op("Mul", [y, graph.constant("gamma", w["gamma"])])
+    return graph.op("Add", [y, graph.constant("beta", w["beta"])])
+
+
+@register_converter("FeatureNorm")
+def _feature_norm(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    # As the layer computes it, per image and channel over H x W:
+    # centred = x - mean; y = centred * (1 / sqrt(mean(centred^2) + eps)).
+    x = inputs[0]
+    centred = graph.op("Sub", [x, graph.op("ReduceMean", [x], axes=[1, 2], keepdims=1)])
+    var = graph.op("ReduceMean", [graph.op("Mul", [centred, centred])], axes=[1, 2], keepdims=1)
+    std = graph.op("Sqrt", [graph.op("Add", [var, graph.constant("eps",
+                                                                 layer.get_config()["eps"])])])
+    inv_std = graph.op("Div", [graph.constant("one", 1.0), std])
+    return graph.op("Mul", [centred, inv_std])
