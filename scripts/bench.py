@@ -21,6 +21,7 @@ PyTorch is optional: without it, only xpcnn and the peak are reported.
     python scripts/bench.py                       # notebook, mnist, cifar at batch 128
     python scripts/bench.py --models cifar --steps 30 --json bench.json
     python scripts/bench.py --layers              # each layer alone, forward / backward
+    python scripts/bench.py --functional --models cifar   # Sequential vs the same functional Model
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead: each layer of the models alone (convolutions, dense, pooling, "
                    "normalisation, ReLU), forward (inference) and backward (after a training "
                    "forward), against the same layer in PyTorch")
+    p.add_argument("--functional", action="store_true",
+                   help="instead: each model as a Sequential and as the same stack built as a "
+                   "functional Model (same weights), training and inference block-timed side "
+                   "by side (the functional path's cost)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     # internal: one side's training steps in a subprocess, for peak memory; PyTorch's timing
     p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
@@ -86,6 +91,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import xpcnn  # noqa: E402
 from xpcnn.layers import Conv2D, Dense, FeatureNorm, MaxPool2D, ReLU  # noqa: E402
+from xpcnn.layers.base import Options  # noqa: E402
 from xpcnn.models import build_layers  # noqa: E402
 
 try:
@@ -192,6 +198,66 @@ def xpcnn_model(name: str, batch: int) -> Any:
     return model
 
 
+def functional_model(name: str, sequential: Any) -> Any:
+    """The same stack as ``sequential``, built as a functional Model with its weights."""
+    inputs = xpcnn.Input(MODELS[name])
+    x = inputs
+    for layer in build_layers(name, CLASSES):
+        x = layer(x)
+    model = xpcnn.Model(inputs, x, seed=0)
+    model.compile(loss="cross_entropy", optimizer=xpcnn.optim.SGD(LR, momentum=MOMENTUM))
+    model.set_weights(sequential.get_weights())
+    return model
+
+
+def bench_functional(names: list[str]) -> list[dict[str, Any]]:
+    """Training and inference of each model as a Sequential and as a functional Model."""
+    rows = []
+    for name in names:
+        x, y = make_data(name, ARGS.batch_size)
+        seq = xpcnn_model(name, ARGS.batch_size)
+        fun = functional_model(name, seq)
+        (s_train, s_infer), (f_train, f_infer) = xpcnn_steps(seq, x, y), xpcnn_steps(fun, x, y)
+        load_before = load_average()
+        times = {mode: block_times({"sequential": s, "functional": f}, ARGS.steps, ARGS.blocks,
+                                   ARGS.warmup)
+                 for mode, s, f in (("train", s_train, f_train), ("infer", s_infer, f_infer))}
+        row: dict[str, Any] = {"model": name, "batch": ARGS.batch_size,
+                               "load_average": [load_before, load_average()]}
+        for mode, t in times.items():
+            # the median, and the fastest tenth (less moved by other processes' bursts)
+            for stat, fn in (("", statistics.median), ("_fastest_tenth", _tenth)):
+                seq, fun = fn(t["sequential"]), fn(t["functional"])
+                row[f"{mode}{stat}"] = {"sequential_img_s": ARGS.batch_size / seq,
+                                        "functional_img_s": ARGS.batch_size / fun,
+                                        "cost": fun / seq - 1}
+        rows.append(row)
+        print(f"{name}: done", file=sys.stderr)
+    return rows
+
+
+def _tenth(times: list[float]) -> float:
+    return float(np.percentile(times, 10))
+
+
+def print_functional(rows: list[dict[str, Any]]) -> None:
+    head = (f"{'model':<9}{'statistic':<15}{'train img/s seq':>16}{'functional':>12}{'cost':>8}"
+            f"{'infer img/s seq':>17}{'functional':>12}{'cost':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        for stat, label in (("", "median"), ("_fastest_tenth", "fastest tenth")):
+            t, i = r[f"train{stat}"], r[f"infer{stat}"]
+            print(f"{r['model'] if not stat else '':<9}{label:<15}"
+                  f"{t['sequential_img_s']:>16.0f}{t['functional_img_s']:>12.0f}"
+                  f"{100 * t['cost']:>+7.1f}%{i['sequential_img_s']:>17.0f}"
+                  f"{i['functional_img_s']:>12.0f}{100 * i['cost']:>+7.1f}%")
+    print(f"\n{ARGS.steps} steps each after {ARGS.warmup} warm-up, block timing "
+          f"({ARGS.blocks} blocks), batch {ARGS.batch_size}; cost = functional time / "
+          f"Sequential time - 1. Load average before/after: "
+          f"{ {r['model']: r['load_average'] for r in rows} }")
+
+
 def torch_model(model: Any, channels_last: bool = False) -> Any:
     """The same architecture in PyTorch with xpcnn's initial weights (scripts/torch_mirror.py),
     taking NCHW input, with PyTorch's own dropout."""
@@ -274,6 +340,12 @@ def check_same_model(model: Any, net: Any, x: np.ndarray, channels_last: bool) -
 
 def block_timing(fns: dict[str, Any], steps: int, blocks: int, warmup: int) -> dict[str, float]:
     """Median seconds per step of each function, in blocks of steps, one library at a time."""
+    return {k: statistics.median(v) for k, v in block_times(fns, steps, blocks, warmup).items()}
+
+
+def block_times(fns: dict[str, Any], steps: int, blocks: int, warmup: int
+                ) -> dict[str, list[float]]:
+    """Seconds of every timed step of each function, in blocks of steps, one at a time."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -284,7 +356,7 @@ def block_timing(fns: dict[str, Any], steps: int, blocks: int, warmup: int) -> d
             fn()  # one untimed step: the other library's threads go quiet
             for _ in range(n):
                 times[k].append(_time(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 # -- peak memory, one subprocess per side --------------------------------------------------------
@@ -395,6 +467,9 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
         for layer in model.layers:  # each on its own: as written, its own ReLU and gradient
             if not isinstance(layer, TIMED_LAYERS):
                 continue
+            # the input gradient only where the model needs one
+            need_dx = model._plan().options(layer).need_input_grad
+            options = Options(need_input_grad=need_dx)
             rng = np.random.default_rng(2)
             x = rng.standard_normal((batch, *layer.input_shape)).astype(np.float32)
             dy = rng.standard_normal((batch, *layer.output_shape)).astype(np.float32)
@@ -403,17 +478,17 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
                 with backend.compute_scope():
                     layer.forward(x, training=False)
 
-            def train_forward(layer: Any = layer, x: Any = x) -> None:
+            def train_forward(layer: Any = layer, x: Any = x, options: Any = options) -> None:
                 with backend.compute_scope():
-                    layer.forward(x, training=True)
+                    layer.forward(x, training=True, options=options)
 
-            def backward(layer: Any = layer, dy: Any = dy) -> None:
+            def backward(layer: Any = layer, dy: Any = dy, options: Any = options) -> None:
                 with backend.compute_scope():
-                    layer.backward(dy)
+                    layer.backward(dy, options)
 
             row: dict[str, Any] = {
                 "model": name, "layer": layer.name, "input_shape": list(layer.input_shape),
-                "output_shape": list(layer.output_shape), "input_grad": layer.need_input_grad,
+                "output_shape": list(layer.output_shape), "input_grad": need_dx,
                 "xpcnn": {"forward_ms": _median_ms(forward),
                           "backward_ms": _median_ms(backward, train_forward)}}
             if torch is not None:
@@ -422,8 +497,8 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
                     net = net.to(memory_format=torch.channels_last)
                 xt = torch_images(x, ARGS.torch_channels_last)
                 gt = torch_images(dy, ARGS.torch_channels_last)
-                xt.requires_grad_(layer.need_input_grad)
-                wrt = [*net.parameters()] + ([xt] if layer.need_input_grad else [])
+                xt.requires_grad_(need_dx)
+                wrt = [*net.parameters()] + ([xt] if need_dx else [])
                 out = net(xt)
 
                 def t_forward(net: Any = net, xt: Any = xt) -> None:
@@ -548,6 +623,16 @@ def print_table(result: dict[str, Any]) -> None:
           f"{ {r['model']: r['load_average'] for r in result['models']} }")
 
 
+def write_json(rows: dict[str, Any]) -> None:
+    """With --json, the results with the date, the command and the thread count."""
+    if ARGS.json:
+        with open(ARGS.json, "w") as f:
+            json.dump({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+                       "threads": THREADS, **rows}, f, indent=2)
+        print(f"wrote {ARGS.json}")
+
+
 def main() -> None:
     if ARGS._memory:
         memory_child(ARGS._memory)
@@ -564,17 +649,16 @@ def main() -> None:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise SystemExit(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+    if ARGS.functional:
+        rows = bench_functional(names)
+        print_functional(rows)
+        write_json({"functional": rows})
+        return
     if ARGS.layers:
         rows = bench_layers(names)
         print_layers(rows)
-        if ARGS.json:
-            with open(ARGS.json, "w") as f:
-                json.dump({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-                           "threads": THREADS, "torch_memory_format":
-                           "channels_last" if ARGS.torch_channels_last else "NCHW",
-                           "layers": rows}, f, indent=2)
-            print(f"wrote {ARGS.json}")
+        write_json({"torch_memory_format": "channels_last" if ARGS.torch_channels_last
+                    else "NCHW", "layers": rows})
         return
     peak = matmul_peak()
     result: dict[str, Any] = {

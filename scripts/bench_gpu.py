@@ -250,23 +250,24 @@ def profile_layers(name: str, batch: int, precision: str, args: argparse.Namespa
     """Per-layer forward and backward time of one training step (synchronised after each
     layer, median of ``args.steps``), to see where a step's time goes."""
     model, xb, _ = build_xpcnn(name, batch, precision, args.device)
-    layers = model._hot_layers()  # as a training step runs them (ReLU() layers fused)
+    steps = model._plan().steps  # as a training step runs them (ReLU() layers fused)
+    layers = [s.layer for s in steps]
     xp = model.backend.xp
     fwd: dict[int, list[float]] = {i: [] for i in range(len(layers))}
     bwd: dict[int, list[float]] = {i: [] for i in range(len(layers))}
-    with model.backend.compute_scope(), model._as_planned():
+    with model.backend.compute_scope():
         for rep in range(args.warmup + args.steps):
             x = xb
             for i, layer in enumerate(layers):
                 t0 = time.perf_counter()
-                x = layer.forward(x, True)
+                x = layer.forward(x, True, steps[i].options)
                 sync(args.device)
                 if rep >= args.warmup:
                     fwd[i].append(time.perf_counter() - t0)
             dy = xp.ones_like(x) / batch
             for i in reversed(range(len(layers))):
                 t0 = time.perf_counter()
-                dy = layers[i].backward(dy)
+                dy = layers[i].backward(dy, steps[i].options)
                 sync(args.device)
                 if rep >= args.warmup:
                     bwd[i].append(time.perf_counter() - t0)

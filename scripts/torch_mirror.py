@@ -1,4 +1,4 @@
-"""Build the PyTorch twin of an xpcnn Sequential: same layers, same weights, same random draws.
+"""Build the PyTorch twin of an xpcnn model: same layers, same weights, same random draws.
 
 Used by the parity script and the benchmarks (PyTorch is a reference only, never a dependency of
 xpcnn). The twin takes NHWC batches like xpcnn, works in NCHW inside, and flattens in (H, W, C)
@@ -152,21 +152,54 @@ def mirror_layer(layer: L.Layer, exact_random: bool = True) -> list[nn.Module]:
         return [Lambda(lambda x: x * s + o)]
     if isinstance(layer, L.Softmax):
         return []  # the loss takes logits, as xpcnn fuses softmax into cross-entropy
+    if isinstance(layer, L.Add):
+        return [Merge(lambda xs: sum(xs[1:], xs[0]))]
+    if isinstance(layer, L.Concatenate):
+        return [Merge(lambda xs: torch.cat(xs, dim=1))]  # channels: axis 1 in NCHW and (N, C)
     raise NotImplementedError(f"no PyTorch twin for {type(layer).__name__}")
 
 
-def mirror(model: xpcnn.Sequential, dtype: torch.dtype = torch.float32,
-           exact_random: bool = True) -> nn.Sequential:
-    """The PyTorch twin of a built model, taking NHWC input and returning logits."""
-    mods: list[nn.Module] = [Lambda(lambda x: x.permute(0, 3, 1, 2))]
+class Merge(nn.Module):
+    """A merge layer's twin: a function of the list of its inputs."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return self.fn(xs)
+
+
+class GraphTwin(nn.Module):
+    """The twin of a functional model: each layer's modules, run along the same graph."""
+
+    def __init__(self, stages: list[nn.Sequential], inbound: list[tuple[int, ...]]) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.inbound = inbound
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = [x.permute(0, 3, 1, 2)]
+        for stage, ins in zip(self.stages, self.inbound, strict=True):
+            a = [values[i] for i in ins]
+            values.append(stage(a) if len(a) > 1 else stage(a[0]))  # a merge takes a list
+        return values[-1]
+
+
+def mirror(model: xpcnn.Model, dtype: torch.dtype = torch.float32,
+           exact_random: bool = True) -> nn.Module:
+    """The PyTorch twin of a built model, taking NHWC input and returning logits: an
+    ``nn.Sequential`` for a Sequential, a :class:`GraphTwin` for a functional Model."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # so copied weights are never rounded through float32
     try:
-        for layer in model.layers:
-            mods += mirror_layer(layer, exact_random)
+        stages = [mirror_layer(layer, exact_random) for layer in model.layers]
     finally:
         torch.set_default_dtype(previous)
-    return nn.Sequential(*mods).to(dtype)
+    if not isinstance(model, xpcnn.Sequential):
+        return GraphTwin([nn.Sequential(*m) for m in stages], model._inbound()).to(dtype)
+    mods: list[nn.Module] = [Lambda(lambda x: x.permute(0, 3, 1, 2))]
+    return nn.Sequential(*mods, *(m for ms in stages for m in ms)).to(dtype)
 
 
 def mirror_optimizer(opt: xpcnn.optim.Optimizer, params) -> torch.optim.Optimizer:

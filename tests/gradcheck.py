@@ -56,7 +56,7 @@ def check_layer(layer, input_shape, rng, batch=2, count=40, training=True, reset
     grads = {k: np.array(v) for k, v in layer.grads.items()}
     for idx in sample_indices(x.shape, count, rng):
         assert_close(dx[idx], numeric_grad(f, x, idx), f"{layer!r} dx{idx}")
-    for name, p in layer.params.items():
+    for name, p in (layer.params if layer.trainable else {}).items():  # (frozen: no grads)
         for idx in sample_indices(p.shape, count, rng):
             assert_close(grads[name][idx], numeric_grad(f, p, idx), f"{layer!r} d{name}{idx}")
     return dx

@@ -42,3 +42,16 @@ def fused_relu_net(classes: int = 10) -> list:
             Conv2D(6, 3, padding="same"), ReLU(), FeatureNorm(),
             Conv2D(6, 3, padding="same", activation="relu"), MaxPool2D(2), Flatten(),
             Dense(8), ReLU(), Dense(classes), Softmax()]
+
+
+def plan_of(model) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """A built model's plan by layer names: the layers it runs (up to the logits), those that
+    apply the ReLU() after them, and the (layer, reader) pairs where the reader applies the
+    first layer's ReLU gradient."""
+    plan = model._plan()
+    writer = {s.output: s.layer for s in plan.steps}
+    ran = [s.layer.name for s in plan.steps]
+    fused = [s.layer.name for s in plan.steps if s.options.fused_relu]
+    handed = [(writer[s.inputs[0]].name, s.layer.name) for s in plan.steps
+              if s.options.apply_input_relu_grad]
+    return ran, fused, handed

@@ -3,7 +3,7 @@
 import array_api_strict as xs
 import numpy as np
 import pytest
-from nets import every_layer_net, fused_relu_net, gap_net
+from nets import every_layer_net, fused_relu_net, gap_net, plan_of
 
 import xpcnn
 from xpcnn.backend import get_backend
@@ -68,8 +68,9 @@ def test_strict_fused_relu_paths(data):
     model, _ = _train(xs, data, _sgd(), net=fused_relu_net, dtype="float64")
     ref, _ = _train("cpu", data, _sgd(), net=fused_relu_net, dtype="float64")
     conv, fnorm, conv_relu, pool, dense = (model.layers[i] for i in (2, 4, 5, 6, 8))
-    assert model._fused == [conv, dense] and model.layers[3] not in model._plan
-    assert model._handed == [(conv, fnorm), (conv_relu, pool)]
+    ran, fused, handed = plan_of(model)
+    assert fused == [conv.name, dense.name] and model.layers[3].name not in ran
+    assert handed == [(conv.name, fnorm.name), (conv_relu.name, pool.name)]
     assert_same_weights(model.get_weights(), ref.get_weights(), rtol=1e-10, atol=1e-12)
 
 

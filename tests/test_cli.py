@@ -59,4 +59,4 @@ def test_train_with_early_stopping_and_a_csv_log(tmp_path, capsys):
     assert len(rows) - 1 == len(history["val_loss"]) == len(history["loss"]) <= 4
     assert [float(r.split(",")[2]) for r in rows[1:]] == history["loss"]
     assert main(["train", "--limit", "10", "--quiet", "--early-stopping", "-1"]) == 2
-    assert "--early-stopping needs a patience >= 0" in capsys.readouterr().err
+    assert "argument --early-stopping: expected a whole number >= 0" in capsys.readouterr().err

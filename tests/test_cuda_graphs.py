@@ -131,8 +131,8 @@ def test_a_step_that_rebinds_its_state_stays_eager_with_the_reason():
     bn = model.layers[1]
     forward = type(bn).forward
 
-    def rebinding(self, x, training=False):  # the old, out-of-place moving-mean update
-        y = forward(self, x, training)
+    def rebinding(self, x, *args, **kwargs):  # the old, out-of-place moving-mean update
+        y = forward(self, x, *args, **kwargs)
         self.state["moving_mean"] = self.state["moving_mean"] * 1.0
         return y
 

@@ -3,6 +3,7 @@ transfers. A failed download must leave neither the file nor a temporary file be
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -295,3 +296,17 @@ def test_a_mistyped_data_folder_is_neither_created_nor_downloaded_into(tmp_path,
     (tmp_path / "file").write_text("")
     with pytest.raises(InputError, match="is not a folder"):
         loader(tmp_path / "file", download=False)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_download_is_created_as_the_umask_says(tmp_path, rng, umask):
+    import stat
+
+    body = rng.integers(0, 256, 1000, dtype=np.uint8).tobytes()
+    old = os.umask(umask)
+    try:
+        with http_server({"/f.bin": Route(body)}) as srv:
+            download_file(srv.url + "f.bin", tmp_path / "f.bin", md5(body))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o666 & ~umask

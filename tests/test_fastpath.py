@@ -7,12 +7,13 @@ import array_api_strict as xs
 import numpy as np
 import pytest
 from kernel_cases import OPTIMISERS, UPDATE_SHAPES, gated_updates
-from nets import every_layer_net, gap_net
+from nets import every_layer_net, gap_net, plan_of
 
 import xpcnn
 from xpcnn import backend as backend_module
 from xpcnn.backend import get_backend, set_fast_path
 from xpcnn.layers import Conv2D, Dense, FeatureNorm, MaxPool2D, ReLU
+from xpcnn.layers.base import Options
 from xpcnn.models import build_layers
 from xpcnn.ops import conv as ops
 from xpcnn.ops.fast_numpy import KERNELS as FAST
@@ -318,8 +319,8 @@ def test_fused_relu_equals_a_relu_layer(fast, small_chunks, rng):
             model.set_weights(weights)
             y = model.backend.asarray(x)
             if how == "plan":
-                assert [la.name for la in model._plan] == ["conv2d", "flatten", "dense"]
-                assert model._fused == [layers[0], layers[3]]
+                ran, fused, _ = plan_of(model)
+                assert ran == ["conv2d", "flatten", "dense"] and fused == ["conv2d", "dense"]
                 y = model._logits(y, training=True)
                 model._backward(np.cos(y))
             else:  # each layer on its own, as written
@@ -380,11 +381,10 @@ def test_feature_norm_fast_equals_standard(shape, dtype, relu_grad, rng):
         try:
             layer = FeatureNorm()
             layer.build(shape[1:], "cpu", dtype=dtype)
-            layer.apply_input_relu_grad = relu_grad
-            y = layer.forward(x, training=True)
-            out.append((y, layer.backward(dy)))
+            options = Options(apply_input_relu_grad=relu_grad)
+            y = layer.forward(x, training=True, options=options)
+            out.append((y, layer.backward(dy, options)))
             if relu_grad:
-                layer.apply_input_relu_grad = False
                 layer.forward(x, training=True)
                 np.testing.assert_array_equal(out[-1][1], layer.backward(dy) * (x > 0))
         finally:

@@ -396,6 +396,43 @@ def test_a_missing_gpu_index_is_a_clear_error(cp):
         get_backend(f"cuda:{count}")
 
 
+def test_data_on_the_gpu_gives_the_weights_of_host_batches(cp, monkeypatch):
+    """CuPy arrays, a NumPy set uploaded once (uint8) and one uploaded batch by batch: the same
+    batches in the same order, so the same weights."""
+    import xpcnn.data
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (44, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 44)
+
+    def run(xs, ys):
+        model = xpcnn.Sequential(gap_net(), device="cuda", seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+        model.fit(xs, ys, epochs=2, batch_size=8, verbose=0)
+        return model.get_weights()
+
+    on_device, uploaded = run(cp.asarray(x), cp.asarray(y)), run(x, y)
+    monkeypatch.setattr(xpcnn.data, "DEVICE_BUDGET_BYTES", 0)
+    per_batch = run(x, y)
+    for a, b, c in zip(on_device, uploaded, per_batch, strict=True):
+        assert np.array_equal(a, b) and np.array_equal(b, c)
+
+
+@OPTIMISERS
+def test_a_gated_update_on_the_gpu_changes_nothing_where_the_flag_is_false(cp, kernels, make):
+    """The update kernels read ``apply`` from device memory (no wait for the host)."""
+    fast, _ = kernels
+    rng = np.random.default_rng(0)
+    params = [cp.asarray(rng.standard_normal(s).astype(np.float32)) for s in UPDATE_SHAPES]
+    opt = make()
+    grads = [cp.asarray(rng.standard_normal(p.shape).astype(np.float32)) for p in params]
+    opt.step(cp, params, grads, fast, apply=cp.asarray(True))
+    before = [p.copy() for p in params] + [s.copy() for v in opt.slots.values() for s in v]
+    grads[1][0] = cp.nan
+    opt.step(cp, params, grads, fast, apply=cp.asarray(False))
+    after = params + [s for v in opt.slots.values() for s in v]
+    assert all(bool(cp.array_equal(a, b)) for a, b in zip(before, after, strict=True))
+
+
 # -- cuDNN (xpcnn.ops.cudnn_conv) and CUDA graphs (xpcnn.cuda_graphs) -----------------------------
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from nets import every_layer_net, gap_net
+from nets import every_layer_net, gap_net, plan_of
 
 import xpcnn
 import xpcnn.callbacks
@@ -142,7 +142,8 @@ def test_forward_and_a_layer_on_its_own_show_each_layers_own_output(rng):
     convolution called on its own."""
     model = xpcnn.Sequential(build_layers("notebook"), input_shape=(12, 12, 3), seed=0)
     rescale, conv, relu = model.layers[:3]
-    assert model._fused[0] is conv and relu not in model._plan
+    ran, fused, _ = plan_of(model)
+    assert fused[0] == conv.name and relu.name not in ran
     x = rng.integers(0, 256, (4, 12, 12, 3)).astype(np.uint8)
     outs = [np.asarray(o) for o in model.forward(x)]
     assert float(outs[1].min()) < 0  # the convolution's output, before the ReLU
@@ -303,12 +304,11 @@ def test_a_relu_gradient_left_to_the_next_layer_changes_no_gradient(fast, rng):
               ReLU(max_value=1.0), MaxPool2D(1), Flatten(), Dense(3), Softmax()]
     model = xpcnn.Sequential(layers, input_shape=(14, 14, 2), dtype="float64", seed=1)
     model.compile(optimizer="sgd")
-    assert [la.name for la in model._fused] == ["conv2d_1"]  # its ReLU() fused into it
-    assert [(b.name, a.name) for b, a in model._handed] == [
+    _, fused, handed = plan_of(model)
+    assert fused == ["conv2d_1"]  # its ReLU() fused into it
+    assert handed == [
         ("conv2d", "maxpool2d"), ("conv2d_1", "maxpool2d_1"), ("relu_1", "featurenorm")
     ]  # not after a convolution nor after a capped ReLU
-    assert not any(la.fused_relu or la.skip_relu_grad or la.apply_input_relu_grad
-                   for la in model.layers)  # switched on only while the model runs its plan
     # integer-valued inputs make ReLU zeros and tied maxima common
     x = rng.integers(-3, 4, (6, 14, 14, 2)).astype(np.float64)
     y = rng.integers(0, 3, 6)
@@ -333,14 +333,16 @@ def test_a_first_convolution_masks_its_relu_gradient_chunk_by_chunk(fast, use_bi
     model = xpcnn.Sequential([conv, Conv2D(3, 3), Flatten(), Dense(2), Softmax()],
                              input_shape=(10, 10, 3), dtype="float64", seed=2)
     model.compile(optimizer="sgd")
-    assert not conv.need_input_grad and conv not in [b for b, _ in model._handed]
+    options = model._plan().options(conv)
+    assert not options.need_input_grad and not options.skip_relu_grad
     x = rng.standard_normal((20, 10, 10, 3))
     y = rng.integers(0, 2, 20)
     old = set_fast_path(fast)
     try:
         chunked = _gradients(model, x, y)
-        conv.need_input_grad = True  # now the whole gradient is masked first (and dx made)
-        whole = _gradients(model, x, y)
+        # each layer on its own: the first convolution masks the whole gradient first, and
+        # makes dx
+        whole = _gradients(model, x, y, planned=False)
     finally:
         set_fast_path(old)
     assert any(np.count_nonzero(g) for g in chunked)
@@ -369,8 +371,8 @@ def test_a_deferred_non_finite_gradient_names_its_step_and_layer(data, monkeypat
     dense = model.layers[7]
     real, calls = dense.backward, [0]
 
-    def backward(dy):
-        out = real(dy)
+    def backward(dy, options):
+        out = real(dy, options)
         calls[0] += 1
         if calls[0] == 5:
             dense.grads["bias"][1] = np.inf
@@ -406,3 +408,19 @@ def test_the_host_reads_the_device_once_an_epoch_and_every_read_every_steps(monk
     history = model.fit(x, y, epochs=2, batch_size=1, verbose=0)
     assert len(reads) == 2 * (70 // READ_EVERY + 1)  # (never one per step)
     assert len(history.history["loss"]) == 2 and model.optimizer.iterations == 140
+
+
+def test_train_on_batch_is_one_checked_step(data):
+    def make():
+        model = xpcnn.Sequential(gap_net(), seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+        return model
+
+    x, y = data
+    model, twin = make(), make()
+    result = model.train_on_batch(x[:16], y[:16])
+    history = twin.fit(x[:16], y[:16], batch_size=16, shuffle=False, verbose=0)
+    assert result == {"loss": history.history["loss"][0],
+                      "accuracy": history.history["accuracy"][0]}
+    for a, b in zip(model.get_weights(), twin.get_weights(), strict=True):
+        assert np.array_equal(a, b)

@@ -12,8 +12,10 @@ from xpcnn.cli import main as cli_main
 from xpcnn.datasets import load_shapes
 from xpcnn.errors import InputError, MissingDependencyError
 from xpcnn.layers import (
+    Add,
     AvgPool2D,
     BatchNorm2D,
+    Concatenate,
     Conv2D,
     Dense,
     Dropout,
@@ -195,6 +197,7 @@ def test_every_layer_type_has_a_converter():
               and name != "Layer"}
     assert public <= set(CONVERTERS), public - set(CONVERTERS)
     tested = {type(make()).__name__ for make in {**LAYERS, **FLAT_LAYERS}.values()}
+    tested |= {"Add", "Concatenate"}  # (in the functional model's test)
     assert public <= tested, public - tested
 
 
@@ -219,14 +222,19 @@ def test_an_unknown_layer_type_is_named_and_a_registered_converter_exports_it(
     check_model(model, rng.normal(0, 2, (2, 2, 2, 1)).astype(np.float32), tmp_path)
 
 
-def test_a_model_other_than_a_chain_is_refused(tmp_path):
-    class Branchy(xpcnn.Model):  # a network that is not a chain
-        pass
-
-    model = Branchy()
-    model.built, model.layers = True, [Flatten()]
-    with pytest.raises(InputError, match="Branchy models do not export yet"):
-        model.export(tmp_path / "m.onnx")
+def test_a_functional_model_with_merges_and_a_reused_tensor_matches_predict(tmp_path):
+    rng = np.random.default_rng(8)
+    inputs = xpcnn.Input((9, 11, 3))
+    x = ReLU()(BatchNorm2D()(Conv2D(4, 3, padding="same")(inputs)))
+    y = Conv2D(4, 3, padding="same", activation="relu")(x)
+    z = Add()([x, y, Conv2D(4, 1)(x)])  # x read three times
+    c = Concatenate()([z, MaxPool2D(1)(x)])
+    flat = GlobalAvgPool2D()(c)
+    outputs = Softmax()(Dense(7)(Concatenate()([flat, Dense(3)(flat)])))
+    model = xpcnn.Model(inputs, outputs, seed=0)
+    randomize(model, rng)
+    check_model(model, rng.integers(0, 256, (4, 9, 11, 3), dtype=np.uint8).astype(np.float32),
+                tmp_path)
 
 
 def test_an_unbuilt_model_and_a_bad_input_dtype_are_refused(tmp_path):
@@ -273,11 +281,16 @@ def test_without_onnx_a_missing_dependency_error_gives_the_pip_command(tmp_path,
     assert not os.listdir(tmp_path)
 
 
-def test_cli_train_exports_and_checks_the_path_before_training(tmp_path, capsys):
+def test_cli_train_exports_and_checks_first(tmp_path, capsys, monkeypatch):
     path = tmp_path / "shapes.onnx"
     args = ["train", "--limit", "40", "--epochs", "1", "--batch-size", "20", "--quiet"]
     assert cli_main([*args, "--export", str(tmp_path)]) == 2  # a folder: refused at once
     assert "is a folder; give a file path such as" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "onnx", None)
+        assert cli_main([*args, "--export", str(path)]) == 2
+        assert 'pip install "xpcnn[onnx]"' in capsys.readouterr().err
+    assert not path.exists()
     assert cli_main([*args, "--save", str(tmp_path / "shapes.npz"), "--export", str(path)]) == 0
     model = xpcnn.load_model(str(tmp_path / "shapes.npz"))
     x = load_shapes()[1][0][:4]

@@ -212,8 +212,8 @@ def test_a_non_finite_gradient_names_the_layer_where_backpropagation_met_it(mode
     flatten = model.layers[3]
     real = flatten.backward
 
-    def backward(dy):
-        dx = real(dy)
+    def backward(dy, options):
+        dx = real(dy, options)
         return dx * np.inf  # the gradient turns infinite inside Flatten's backward pass
 
     monkeypatch.setattr(flatten, "backward", backward)
@@ -228,8 +228,8 @@ def test_finite_gradients_whose_sum_overflows_are_not_an_error(model, monkeypatc
     dense = model.layers[4]
     real = dense.backward
 
-    def backward(dy):
-        dx = real(dy)
+    def backward(dy, options):
+        dx = real(dy, options)
         dense.grads["kernel"] = np.full(dense.grads["kernel"].shape, 3e38, np.float32)
         return dx
 
@@ -491,7 +491,7 @@ def test_mixed_float16_gives_up_lowering_the_loss_scale_at_one(model, monkeypatc
     model.loss_scale = 4.0
     flatten = model.layers[3]
     real = flatten.backward
-    monkeypatch.setattr(flatten, "backward", lambda dy: real(dy) * np.nan)
+    monkeypatch.setattr(flatten, "backward", lambda dy, options: real(dy, options) * np.nan)
     # Steps 1 and 2 halve the scale (their updates skipped on the device), step 3 fails at 1.
     with pytest.raises(NonFiniteError, match=r"non-finite gradient at step 3: .* layer 'conv2d'"):
         model.fit(X, Y, epochs=1, batch_size=5, verbose=0)

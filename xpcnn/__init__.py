@@ -13,7 +13,7 @@ The same layers train on NumPy (``device="cpu"``) or CuPy (``device="cuda"``)::
     model.fit(x, y, epochs=3, batch_size=64)
 """
 
-from . import layers, optim
+from . import callbacks, data, layers, optim
 from .backend import Backend, get_backend
 from .errors import (
     DataFormatError,
@@ -24,6 +24,7 @@ from .errors import (
     NonFiniteError,
     XpcnnError,
 )
+from .graph import Input
 from .history import History
 from .losses import SoftmaxCrossEntropy
 from .model import Model, Sequential
@@ -32,7 +33,8 @@ from .saving import load_checkpoint, load_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "InputError",
-    "MissingDependencyError", "Model", "NonFiniteError", "Sequential", "SoftmaxCrossEntropy",
-    "XpcnnError", "get_backend", "layers", "load_checkpoint", "load_model", "optim",
+    "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "Input",
+    "InputError", "MissingDependencyError", "Model", "NonFiniteError", "Sequential",
+    "SoftmaxCrossEntropy", "XpcnnError", "callbacks", "data", "get_backend", "layers",
+    "load_checkpoint", "load_model", "optim",
 ]

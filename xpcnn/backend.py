@@ -64,8 +64,8 @@ class Backend:
 
     def to_numpy(self, x: Any) -> np.ndarray:
         """Copy a device array to a NumPy array on the host."""
-        if isinstance(x, np.ndarray):
-            return x
+        if isinstance(x, np.ndarray | np.generic):  # (a NumPy scalar: an element of an array)
+            return np.asarray(x)
         if self.name == "cupy":
             return x.get()
         if self.name == "torch":

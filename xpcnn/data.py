@@ -49,11 +49,10 @@ PREFETCH = 2
 class Batches:
     """A source of device batches for one ``fit``/``evaluate``/``predict`` call.
 
-    ``samples``: the number of samples (None when unknown); ``steps``: batches an epoch (None
-    when unknown before the epoch ends); ``resumable``: an epoch can be started at any step and
-    replays the same batches (what exact resumption needs)."""
+    ``steps``: batches an epoch (None when unknown before the epoch ends); ``resumable``: an
+    epoch can be started at any step and replays the same batches (what exact resumption
+    needs, with :meth:`fingerprint`)."""
 
-    samples: int | None = None
     steps: int | None = None
     resumable = False
 
@@ -134,9 +133,9 @@ class ArrayBatches(Batches):
         self.on_device = self.host_x is None or not isinstance(x, np.memmap) and (
             backend.name == "numpy" or x.nbytes + (0 if targets is None else targets.nbytes)
             <= DEVICE_BUDGET_BYTES)
-        if self.on_device:
-            self.x = to_device(backend, x) if backend.name != "numpy" else x
-            self.targets = to_device(backend, targets) if backend.name != "numpy" else targets
+        if self.on_device and backend.name != "numpy":  # (on NumPy: there already)
+            x, targets = to_device(backend, x), to_device(backend, targets)
+        self.x, self.targets = x, targets
 
     def order(self, epoch: int) -> np.ndarray | None:
         return np.random.default_rng([self.seed, epoch]).permutation(self.samples) \
@@ -172,9 +171,7 @@ class ArrayBatches(Batches):
 
     def fingerprint(self) -> dict[str, Any]:
         x = self.host_x if self.host_x is not None else self.backend.to_numpy(self.x)
-        targets = self.host_targets if self.host_targets is not None else \
-            self.backend.to_numpy(self.targets)
-        return fingerprint(x, targets, self.batch_size, self.seed, self.shuffle)
+        return fingerprint(x, self.host_targets, self.batch_size, self.seed, self.shuffle)
 
 
 # -- map-style datasets and iterables ---------------------------------------------------------

@@ -1,4 +1,8 @@
-"""Model: the base class that trains, evaluates and predicts; Sequential: a stack of layers.
+"""Model: a graph of layers that trains, evaluates and predicts; Sequential: a stack of layers.
+
+``Model(inputs, outputs)`` is the functional model of Keras, traced from symbolic tensors
+(:func:`xpcnn.Input`); ``Sequential`` is the chain of its layers. Both run through the same
+executor (:mod:`xpcnn.graph`) and the same training loop.
 
 Data enters as arrays in (N, H, W, C) (or datasets, see :mod:`xpcnn.data`); each batch crosses
 to the device once (a training set that fits :data:`xpcnn.data.DEVICE_BUDGET_BYTES` crosses once
@@ -15,13 +19,13 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checks
+from . import checks, graph
 from .backend import Backend, DeviceLike, get_backend
 from .callbacks import BackupAndRestore, Callback, CallbackList, History, LazyLogs, ProgbarLogger
 from .cuda_graphs import StepGraphs
@@ -37,8 +41,8 @@ from .data import (
     to_device,
 )
 from .errors import InputError, NonFiniteError
-from .layers.activation import ReLU, Softmax
-from .layers.base import Layer
+from .layers.activation import Softmax
+from .layers.base import Layer, SymbolicTensor
 from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
 from .ops.softmax import softmax
@@ -59,14 +63,31 @@ from .totals import (
 PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 
 
+@register_model
 class Model:
-    """What every xpcnn network shares: compile, fit, evaluate, predict, train_step, the
-    non-finite checks, weights, save/load_weights, to(device) and summary (Keras' design).
+    """A network of layers from one input to one output, as Keras' functional API has it::
+
+        inputs = xpcnn.Input((32, 32, 3))
+        x = Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+        y = Conv2D(16, 3, padding="same")(ReLU()(BatchNorm2D()(x)))
+        outputs = Softmax()(Dense(10)(GlobalAvgPool2D()(Add()([x, y]))))
+        model = xpcnn.Model(inputs, outputs, device="cpu", seed=0)
+
+    It owns compile, fit, evaluate, predict, train_step, the non-finite checks, weights,
+    save/load_weights, to(device) and summary; :class:`Sequential` is the chain of layers.
 
     ``device`` picks the array library and device (see :func:`xpcnn.backend.get_backend`),
     ``seed`` the initial weights (the same on every device), ``dtype`` the parameters' dtype.
+    Building gives every layer fresh weights, layer ``k``'s from the seed ``[seed, k]``.
 
-    A subclass defines the network. This class reaches it only through these hooks:
+    :attr:`layers` (and :meth:`get_weights`, layer by layer) come in the order the layers were
+    called on symbolic tensors, a topological order. A tensor read by several layers receives
+    the sum of their gradients. A layer may appear once in a graph: shared layers (one layer
+    called twice) are refused with an error, since a layer keeps one forward pass for its
+    backward. A model called on a symbolic tensor adds its layers to the graph being traced
+    (a Sequential block inside a Model: the layers are shared by both).
+
+    The training loop reaches the network only through these hooks:
 
     * ``build(input_shape)``: create every layer's weights for per-sample ``input_shape``, set
       ``input_shape`` and ``built``;
@@ -81,8 +102,9 @@ class Model:
       :meth:`forward` and to find where non-finite values first appear).
     """
 
-    def __init__(self, *, device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
-                 name: str = "model") -> None:
+    def __init__(self, inputs: SymbolicTensor | None = None,
+                 outputs: SymbolicTensor | None = None, *, device: DeviceLike = "cpu",
+                 seed: int = 0, dtype: str = "float32", name: str = "model") -> None:
         self.backend: Backend = get_backend(device)
         if dtype not in ("float32", "float64"):
             raise InputError(f"model dtype must be 'float32' or 'float64', got {dtype!r}")
@@ -105,6 +127,118 @@ class Model:
         #: Why training steps run without CUDA graphs ("" while they are captured, or will be).
         self.cuda_graphs_reason = ""
         self._graphs: StepGraphs | None = None
+        self._graph: list[graph.Inbound] = []
+        self._plan_cache: tuple[tuple[bool, ...], graph.Plan] | None = None
+        if inputs is not None or outputs is not None:
+            self._set_graph(*graph.trace(inputs, outputs))
+            self.build(graph.input_shape_of(inputs))
+
+    def _set_graph(self, layers: list[Layer], inbound: list[graph.Inbound]) -> None:
+        graph.check_graph(layers, inbound)
+        for layer in layers:
+            _give_unique_name(layer, {la.name for la in self.layers})
+            self.layers.append(layer)
+        self._graph = list(inbound)
+
+    def _inbound(self) -> list[graph.Inbound]:
+        """What each layer reads (see :mod:`xpcnn.graph`)."""
+        return self._graph
+
+    def __call__(self, x: Any) -> Any:
+        """On a symbolic tensor: calls every layer of this model on it, so that the model
+        becomes part of a functional :class:`Model` (its layers are shared: training that
+        model trains them; it builds them afresh, from its own seed)."""
+        if not isinstance(x, SymbolicTensor):
+            raise InputError(f"a model is called on a symbolic tensor (to use it in a functional "
+                             f"Model), got {type(x).__name__}; predict(x) runs it on a batch")
+        values = [x]
+        for layer, ins in zip(self.layers, self._inbound(), strict=True):
+            values.append(layer([values[i] for i in ins] if layer.multi_input
+                                else values[ins[0]]))
+        return values[-1]
+
+    # -- the graph and its executor ------------------------------------------------------------
+    def build(self, input_shape: tuple[int, ...]) -> None:
+        """Create every layer's weights for per-sample ``input_shape``, e.g. (32, 32, 3)."""
+        if not self.layers:
+            raise InputError("the model has no layers: add() some before building it")
+        ok = isinstance(input_shape, tuple | list) and all(
+            isinstance(d, int | np.integer) and not isinstance(d, bool) for d in input_shape)
+        shape = tuple(int(d) for d in input_shape) if ok else ()
+        if not shape or any(d < 1 for d in shape):
+            raise InputError(f"input_shape must be positive sizes such as (H, W, C), got "
+                             f"{input_shape!r}")
+        graph.check_graph(self.layers, self._inbound())
+        check_structure(self.layers)
+        self.input_shape = shape
+        graph.build(self.layers, self._inbound(), shape, self.backend, self.dtype_name,
+                    PRECISIONS[self.precision] or self.dtype_name, self.seed)
+        self._plan_cache = None
+        self.built = True
+        if self.optimizer is not None:
+            self.optimizer.slots = {}
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        self._require_built("output_shape")
+        return self.layers[-1].output_shape  # type: ignore[return-value]
+
+    def _fused_softmax(self) -> bool:
+        return isinstance(self.layers[-1], Softmax)
+
+    def _plan(self) -> graph.Plan:
+        """The compiled plan of the graph (see :mod:`xpcnn.graph`), compiled again when a
+        layer is frozen or unfrozen: which layers need gradients changes, and so do the
+        optimiser's parameters (its state starts afresh, as after a compile in Keras)."""
+        key = tuple(la.trainable for la in self.layers)
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            if self._plan_cache is not None and self.optimizer is not None:
+                self.optimizer.slots = {}
+            self._plan_cache = (key, graph.compile_plan(self.layers, self._inbound(),
+                                                        self._fused_softmax()))
+        return self._plan_cache[1]
+
+    def _logits(self, x: Any, training: bool) -> Any:
+        """Forward pass up to the logits, by the plan."""
+        with self.backend.compute_scope():
+            return graph.forward(self._plan(), x, training)
+
+    def _backward(self, dz: Any) -> None:
+        """Backward pass from the logits' gradient, after ``_logits(x, training=True)``: fills
+        every trainable layer's ``grads``."""
+        graph.backward(self._plan(), dz)
+
+    def _layer_outputs(self, x: Any, training: bool) -> list[Any]:
+        """Every layer's own output (no plan: each does its own work)."""
+        return graph.each_output(self.layers, self._inbound(), x, training)
+
+    # -- configuration -------------------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        """The architecture as JSON-ready data, enough with the weights to rebuild the model:
+        its class, name, seed, dtype, input shape, and each layer's class and constructor
+        arguments, with the tensors it reads (``inbound``, see :mod:`xpcnn.graph`) unless it
+        reads the layer before it, and ``trainable: false`` if frozen."""
+        layers = []
+        for k, (la, ins) in enumerate(zip(self.layers, self._inbound(), strict=True)):
+            spec: dict[str, Any] = {"class": type(la).__name__, "config": la.get_config()}
+            if ins != (k,):
+                spec["inbound"] = list(ins)
+            if not la.trainable:
+                spec["trainable"] = False
+            layers.append(spec)
+        return {"class": type(self).__name__, "name": self.name, "seed": self.seed,
+                "dtype": self.dtype_name, "input_shape": list(self.input_shape or []),
+                "layers": layers}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], layers: list[Layer],
+                    device: DeviceLike = "cpu") -> Model:
+        """The unbuilt model that :meth:`get_config` describes, from its ``layers`` (made from
+        the configuration's, see :mod:`xpcnn.saving.model_file`)."""
+        model = cls(device=device, seed=int(config["seed"]), dtype=config["dtype"],
+                    name=str(config["name"]))
+        model._set_graph(layers, graph.inbound_of(config["layers"]))
+        return model
 
     @property
     def num_classes(self) -> int:
@@ -221,8 +355,8 @@ class Model:
         if self._scaling is not None:
             dz = dz * self._scaling[0]
         self._backward(dz)
-        params = [p for la in self.layers for p in la.params.values()]
-        grads = [la.grads[k] for la in self.layers for k in la.params]
+        params = [p for la in self.trainable_layers for p in la.params.values()]
+        grads = [la.grads[k] for la in self.trainable_layers for k in la.params]
         if self._scaling is not None:
             inverse = 1.0 / self._scaling[0]
             grads = [g * inverse for g in grads]
@@ -306,11 +440,10 @@ class Model:
             loss, correct = self.train_step(to_device(self.backend, x),
                                             to_device(self.backend, targets))
         self._read_totals()
-        return {"loss": float(self.backend.to_numpy(loss)),
-                "accuracy": float(self.backend.to_numpy(correct)) / int(x.shape[0])}
+        return {"loss": float(loss), "accuracy": float(correct) / int(x.shape[0])}
 
     def _running_totals(self) -> RunningTotals:
-        n_grads = sum(len(la.params) for la in self.layers)
+        n_grads = sum(len(la.params) for la in self.trainable_layers)
         if self._totals is None or self._totals.n_grads != n_grads or \
                 self._totals.backend != self.backend:
             self._totals = RunningTotals(self.backend, n_grads)
@@ -333,7 +466,7 @@ class Model:
         loss = float(host[BAD_LOSS])
         if not math.isfinite(loss):
             self._raise_non_finite(f"the loss is {loss}", batches[step], step)
-        owners = [(la, k) for la in self.layers for k in la.params]
+        owners = [(la, k) for la in self.trainable_layers for k in la.params]
         flags = list(zip(owners, host[BAD_GRADS:], strict=True))
         bad = [la for (la, _), flag in flags if flag == 1]
         if bad:
@@ -572,12 +705,18 @@ class Model:
 
     # -- inspection and weights --------------------------------------------------------------
     def summary(self, print_fn: Callable[[str], None] = print) -> None:
-        """Print layer, output shape and parameter count, as Keras does."""
+        """Print each layer's name, type, output shape and weight count (and, in a graph, the
+        layers it reads), then the trainable and non-trainable counts, as Keras does."""
         self._require_built("summary")
-        rows = [(f"{la.name} ({type(la).__name__})", str((None, *la.output_shape)),
-                 f"{la.count_params():,}") for la in self.layers]
-        heads = ("Layer (type)", "Output shape", "Params")
-        widths = [max(len(r[i]) for r in [heads, *rows]) + 2 for i in range(3)]
+        inbound = self._inbound()
+        names = ["input", *(la.name for la in self.layers)]
+        chain = all(ins == (k,) for k, ins in enumerate(inbound))
+        heads = ("Layer (type)", "Output shape", "Params") + (() if chain else ("Inputs",))
+        rows = [(f"{la.name} ({type(la).__name__}){'' if la.trainable else ' frozen'}",
+                 str((None, *la.output_shape)), f"{la.count_params():,}")
+                + (() if chain else (", ".join(names[i] for i in ins),))
+                for la, ins in zip(self.layers, inbound, strict=True)]
+        widths = [max(len(r[i]) for r in [heads, *rows]) + 2 for i in range(len(heads))]
         line = "-" * sum(widths)
         fmt = lambda r: "".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
         print_fn(f'Model "{self.name}" on {self.backend.label}, input {self.input_shape}')
@@ -587,10 +726,20 @@ class Model:
         for r in rows:
             print_fn(fmt(r))
         print_fn(line)
+        trainable = sum(la.count_params() - la.count_state() for la in self.trainable_layers)
         print_fn(f"Total params: {self.count_params():,}")
+        print_fn(f"Trainable params: {trainable:,}")
+        print_fn(f"Non-trainable params: {self.count_params() - trainable:,}")
 
     def count_params(self) -> int:
+        """Every weight, trainable or not (BatchNorm's statistics, frozen layers'), as Keras."""
         return sum(la.count_params() for la in self.layers)
+
+    @property
+    def trainable_layers(self) -> list[Layer]:
+        """The layers the optimiser updates: those with parameters not frozen
+        (``layer.trainable = False``), in weight order."""
+        return [la for la in self.layers if la.trainable and la.params]
 
     def get_weights(self) -> list[np.ndarray]:
         """All layers' weights, in order, as host arrays in Keras layouts."""
@@ -680,113 +829,25 @@ class Sequential(Model):
             raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) is already in the "
                              "model: the same layer instance cannot be added twice; create "
                              f"another {type(layer).__name__}(...)")
-        taken = {la.name for la in self.layers}
-        if layer.name in taken:
-            base, k = layer.name, 1
-            while f"{base}_{k}" in taken:
-                k += 1
-            layer.name = f"{base}_{k}"
+        _give_unique_name(layer, {la.name for la in self.layers})
         self.layers.append(layer)
         self.built = False
 
-    def build(self, input_shape: tuple[int, ...]) -> None:
-        """Create every layer's weights for per-sample ``input_shape``, e.g. (32, 32, 3)."""
-        if not self.layers:
-            raise InputError("the model has no layers: add() some before building it")
-        ok = isinstance(input_shape, tuple | list) and all(
-            isinstance(d, int | np.integer) and not isinstance(d, bool) for d in input_shape)
-        shape = tuple(int(d) for d in input_shape) if ok else ()
-        if not shape or any(d < 1 for d in shape):
-            raise InputError(f"input_shape must be positive sizes such as (H, W, C), got "
-                             f"{input_shape!r}")
-        check_structure(self.layers)
-        self.input_shape = shape
-        compute = PRECISIONS[self.precision] or self.dtype_name
-        for i, layer in enumerate(self.layers):
-            rng = np.random.default_rng([self.seed, i])
-            shape = layer.build(shape, self.backend, self.dtype_name, compute, rng)
-        # Layers up to the first one with parameters need no input gradient.
-        first = next((i for i, la in enumerate(self.layers) if la.params), len(self.layers))
-        for i, layer in enumerate(self.layers):
-            layer.need_input_grad = i > first
-            layer.skip_relu_grad = layer.apply_input_relu_grad = layer.fused_relu = False
-        # The hot path (training, evaluate, predict) runs a plan of the layers (see
-        # _as_planned): a plain ReLU() right after a Conv2D or Dense is applied by that layer,
-        # to each chunk of its output while it is in cache (Layer.fused_relu), and the ReLU
-        # layer is skipped: one pass over the batch fewer each way.
-        plan: list[Layer] = []
-        fused: list[Layer] = []
-        for layer in self.layers:
-            if (isinstance(layer, ReLU) and layer.max_value is None and plan
-                    and plan[-1].can_fuse_relu):
-                if plan[-1] not in fused:  # (a second ReLU() changes nothing)
-                    fused.append(plan[-1])
-                continue
-            plan.append(layer)
-        # A ReLU's gradient is applied by the layer after it where that one can do it in its
-        # own passes: one pass over a whole batch's gradient fewer (see Layer.skip_relu_grad).
-        handed = [(before, after) for before, after in zip(plan[:-1], plan[1:], strict=True)
-                  if (before.relu_output or before in fused)
-                  and after.can_apply_input_relu_grad and after.need_input_grad]
-        self._plan, self._fused, self._handed = plan, fused, handed
-        self._first_trainable = next((i for i, la in enumerate(plan) if la.params), len(plan))
-        self._planned_depth = 0
-        self.built = True
-        if self.optimizer is not None:
-            self.optimizer.slots = {}
+    def _inbound(self) -> list[graph.Inbound]:
+        """A chain: each layer reads the one before it."""
+        return [(k,) for k in range(len(self.layers))]
 
-    @property
-    def output_shape(self) -> tuple[int, ...]:
-        self._require_built("output_shape")
-        return self.layers[-1].output_shape  # type: ignore[return-value]
+    @classmethod
+    def from_config(cls, config: dict[str, Any], layers: list[Layer],
+                    device: DeviceLike = "cpu") -> Sequential:
+        return cls(layers, device=device, seed=int(config["seed"]), dtype=config["dtype"],
+                   name=str(config["name"]))
 
-    # -- the hot path ------------------------------------------------------------------------
-    def _fused_softmax(self) -> bool:
-        return isinstance(self.layers[-1], Softmax)
 
-    def _hot_layers(self) -> list[Layer]:
-        """The plan's layers up to the logits (the last Softmax is left to the loss)."""
-        return self._plan[:-1] if self._fused_softmax() else self._plan
-
-    def _logits(self, x: Any, training: bool) -> Any:
-        """Forward pass up to the logits, by the plan (see :meth:`build`)."""
-        with self.backend.compute_scope(), self._as_planned():
-            for layer in self._hot_layers():
-                x = layer.forward(x, training)
-        return x
-
-    def _backward(self, dz: Any) -> None:
-        """Backward pass from the logits' gradient, after ``_logits(x, training=True)``: fills
-        every layer's ``grads``."""
-        with self._as_planned():
-            for layer in reversed(self._hot_layers()[self._first_trainable:]):
-                dz = layer.backward(dz)
-
-    @contextlib.contextmanager
-    def _as_planned(self) -> Iterator[None]:
-        """Inside, the layers run as the plan has them (see :meth:`build`): the fused ReLUs
-        and the ReLU gradients handed to the next layer are switched on. Outside, every layer
-        does its own work, so that one called on its own gives its own output and gradient."""
-        self._planned_depth += 1
-        if self._planned_depth == 1:
-            self._set_plan_flags(True)
-        try:
-            yield
-        finally:
-            self._planned_depth -= 1
-            if self._planned_depth == 0:
-                self._set_plan_flags(False)
-
-    def _set_plan_flags(self, on: bool) -> None:
-        for layer in self._fused:
-            layer.fused_relu = on
-        for before, after in self._handed:
-            before.skip_relu_grad = after.apply_input_relu_grad = on
-
-    def _layer_outputs(self, x: Any, training: bool) -> list[Any]:
-        """Every layer's own output, one after the other (no plan: each does its own work)."""
-        outs = []
-        for layer in self.layers:
-            x = layer.forward(x, training)
-            outs.append(x)
-        return outs
+def _give_unique_name(layer: Layer, taken: set[str]) -> None:
+    """Rename ``layer`` to ``name_1``, ``name_2``... where its name is taken."""
+    if layer.name in taken:
+        base, k = layer.name, 1
+        while f"{base}_{k}" in taken:
+            k += 1
+        layer.name = f"{base}_{k}"

@@ -12,10 +12,10 @@ Tensors stay (N, H, W, C) between layers as in xpcnn; Conv and the pools, which 
 (N, C, H, W), are wrapped in a transpose each way (runtimes cancel each adjacent pair), so a
 Flatten is a plain reshape in xpcnn's (H, W, C) order.
 
-The exporter walks a list of :class:`Node` (layer, input slots, output slot): a Sequential
-gives a chain. Each layer type has one converter, found by class name in :data:`CONVERTERS`; a
-new layer type registers its own with :func:`register_converter`. Needs the ``onnx`` package
-(``pip install "xpcnn[onnx]"``), imported only on export.
+The exporter walks a list of :class:`Node` (layer, input slots, output slot): the model's
+graph, a chain for a Sequential. Each layer type has one converter, found by class name in
+:data:`CONVERTERS`; a new layer type registers its own with :func:`register_converter`. Needs
+the ``onnx`` package (``pip install "xpcnn[onnx]"``), imported only on export.
 """
 
 from __future__ import annotations
@@ -113,13 +113,13 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
         raise InputError(f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got "
                          f"{input_dtype!r}")
     model._require_built("export")
-    nodes, logits = chain_nodes(model)
+    nodes, logits = graph_nodes(model)
     unknown = sorted({type(n.layer).__name__ for n in nodes} - set(CONVERTERS))
     if unknown:
         raise InputError(f"no ONNX converter for layer type(s) {', '.join(unknown)} (model "
                          f"{model.name!r}); known: {', '.join(sorted(CONVERTERS))}. A new "
                          "layer type registers one with xpcnn.onnx_export.register_converter")
-    check_export(path)
+    _check_writable(path)
     graph = GraphBuilder(onnx)
     tensors = {0: INPUT_NAME}  # slot -> ONNX tensor name
     if input_dtype == "uint8":
@@ -136,15 +136,16 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
         f.write(proto.SerializeToString())
 
 
-def chain_nodes(model: Any) -> tuple[list[Node], int]:
-    """A Sequential's layers up to its logits as a chain of nodes, and the logits' slot (a
-    final Softmax layer is left out: the export ends with predict's softmax)."""
-    # (by name: importing Sequential would make the model and its exporter import each other)
-    if "Sequential" not in {c.__name__ for c in type(model).__mro__}:
-        raise InputError(f"ONNX export walks a Sequential's chain of layers; "
-                         f"{type(model).__name__} models do not export yet")
-    layers = model.layers[:-1] if model._fused_softmax() else model.layers
-    return [Node(layer, (k,), k + 1) for k, layer in enumerate(layers)], len(layers)
+def graph_nodes(model: Any) -> tuple[list[Node], int]:
+    """A model's layers up to its logits as nodes of its graph (a Sequential's is a chain),
+    and the logits' slot (a final Softmax layer is left out: the export ends with predict's
+    softmax)."""
+    inbound = model._inbound()
+    nodes = [Node(layer, ins, k + 1)
+             for k, (layer, ins) in enumerate(zip(model.layers, inbound, strict=True))]
+    if model._fused_softmax():
+        return nodes[:-1], inbound[-1][0]
+    return nodes, len(nodes)
 
 
 def _model_proto(onnx: Any, model: Any, graph: GraphBuilder, input_dtype: str) -> Any:
@@ -174,10 +175,8 @@ def _import_onnx() -> Any:
     return onnx
 
 
-def check_export(path: str | os.PathLike[str]) -> None:
-    """Fail now, with a clear error, where an export to ``path`` would fail for want of onnx
-    or of a writable path (the export checks this before any work; the CLI before training)."""
-    _import_onnx()
+def _check_writable(path: str | os.PathLike[str]) -> None:
+    """A clear error now, before any work, where ``path`` cannot be written."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise InputError(f"cannot write the ONNX file {path!r}: it is a folder")
@@ -304,6 +303,16 @@ def _relu(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
         return graph.op("Relu", inputs)
     return graph.op("Clip", [inputs[0], graph.constant("min", 0.0),
                              graph.constant("max", max_value)])
+
+
+@register_converter("Add")
+def _add(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    return graph.op("Sum", inputs)
+
+
+@register_converter("Concatenate")
+def _concatenate(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
+    return graph.op("Concat", inputs, axis=-1)  # the channel axis of NHWC or (N, features)
 
 
 @register_converter("Softmax")

@@ -28,7 +28,7 @@ from . import checks
 from .errors import InputError, MissingDependencyError
 from .history import History
 from .layers import Conv2D, FeatureNorm, Layer, MaxPool2D, ReLU, Softmax
-from .model import Sequential
+from .model import Model, Sequential
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -119,9 +119,9 @@ def _image_for(x: Any, index: int, what: str = "images") -> np.ndarray:
     return np.asarray(x[index])
 
 
-def _ready_model(model: Any, sample_shape: tuple[int, ...]) -> Sequential:
-    if not isinstance(model, Sequential):
-        raise InputError(f"expected an xpcnn Sequential model, got {type(model).__name__}")
+def _ready_model(model: Any, sample_shape: tuple[int, ...]) -> Model:
+    if not isinstance(model, Model):
+        raise InputError(f"expected an xpcnn model, got {type(model).__name__}")
     if not model.layers:
         raise InputError("the model has no layers to show")
     if not model.built:
@@ -184,7 +184,7 @@ def _show_mosaic(ax: Axes, maps: np.ndarray, slots: int, vmin: float, vmax: floa
         side.set_visible(False)
 
 
-def plot_stage_tour(model: Sequential, image: Any, path: str | os.PathLike[str],
+def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
                     max_maps: int = 8, class_names: Sequence[str] | None = None,
                     title: str | None = None, figsize: tuple[float, float] | None = None,
                     dpi: float = 100) -> Figure:
@@ -330,7 +330,7 @@ def plot_notebook_demo(image: Any, path: str | os.PathLike[str],
 
 
 # -- filters --------------------------------------------------------------------------------
-def conv_layer_indices(model: Sequential) -> list[int]:
+def conv_layer_indices(model: Model) -> list[int]:
     """Indices (into ``model.layers``) of the model's Conv2D layers."""
     return [i for i, la in enumerate(model.layers) if isinstance(la, Conv2D)]
 
@@ -340,7 +340,7 @@ def _pick_conv(model_or_layer: Any, layer: int | str | None) -> Conv2D:
         if layer is not None:
             raise InputError("pass layer=None when plotting a Conv2D layer itself")
         conv = model_or_layer
-    elif isinstance(model_or_layer, Sequential):
+    elif isinstance(model_or_layer, Model):
         model = model_or_layer
         convs = conv_layer_indices(model)
         which = f"its Conv2D layers are {', '.join(map(str, convs))}" if convs else \
@@ -366,14 +366,14 @@ def _pick_conv(model_or_layer: Any, layer: int | str | None) -> Conv2D:
             raise InputError(f"layer {layer} ({conv.name!r}) is a {type(conv).__name__}, not a "
                              f"Conv2D; {which}")
     else:
-        raise InputError(f"plot_filters expects a Sequential model or a Conv2D layer, got "
+        raise InputError(f"plot_filters expects an xpcnn model or a Conv2D layer, got "
                          f"{type(model_or_layer).__name__}")
     if not conv.built:
         raise InputError(f"layer {conv.name!r} is not built yet: build the model first")
     return conv
 
 
-def plot_filters(model_or_layer: Sequential | Conv2D, path: str | os.PathLike[str],
+def plot_filters(model_or_layer: Model | Conv2D, path: str | os.PathLike[str],
                  layer: int | str | None = None, reduce: str = "mean", columns: int = 8,
                  figsize: tuple[float, float] | None = None, dpi: float = 100) -> Figure:
     """A grid of one Conv2D layer's kernels, one tile per output filter, ``columns`` a row.
@@ -393,7 +393,7 @@ def plot_filters(model_or_layer: Sequential | Conv2D, path: str | os.PathLike[st
     kh, kw, c_in, c_out = kernel.shape
     ncols = min(columns, c_out)
     nrows = math.ceil(c_out / ncols)
-    first = not isinstance(model_or_layer, Sequential) or \
+    first = not isinstance(model_or_layer, Model) or \
         conv is model_or_layer.layers[conv_layer_indices(model_or_layer)[0]]
     rgb = c_in == 3 and first
     if figsize is None:
@@ -510,7 +510,7 @@ def confusion_matrix(y_true: Any, y_pred: Any, classes: int | Sequence[Any]) -> 
     return np.bincount(flat, minlength=k * k).reshape(k, k)
 
 
-def plot_confusion_matrix(model: Sequential, x: Any, y: Any, path: str | os.PathLike[str],
+def plot_confusion_matrix(model: Model, x: Any, y: Any, path: str | os.PathLike[str],
                           class_names: Sequence[str] | None = None, batch_size: int = 256,
                           figsize: tuple[float, float] = (7.5, 6.5), dpi: float = 100
                           ) -> Figure:
@@ -556,7 +556,7 @@ def _names_for(names: Sequence[str] | None, k: int) -> list[str] | None:
     return [str(n) for n in names[:k]] if names is not None and len(names) >= k else None
 
 
-def write_training_plots(out_dir: str | os.PathLike[str], history: History, model: Sequential,
+def write_training_plots(out_dir: str | os.PathLike[str], history: History, model: Model,
                          x_test: Any, y_test: Any, class_names: Sequence[str] | None = None
                          ) -> list[str]:
     """``history.png`` and ``confusion.png`` in ``out_dir`` (``xpcnn train --plots``)."""

@@ -16,7 +16,6 @@ import hashlib
 import http.client
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import DownloadError, InputError
+from ..files import fsync_folder, new_temporary
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def download_file(
         raise DownloadError(f"refusing to download {url!r}: only http and https URLs are allowed")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        fd, tmp_name = new_temporary(dest.parent, dest.name, ".part")
     except OSError as e:
         raise DownloadError(f"cannot write to {dest.parent}: {e}") from e
     tmp = Path(tmp_name)
@@ -137,9 +137,6 @@ def download_file(
             _stream(url, out, md5, timeout, max_bytes)
             out.flush()
             os.fsync(out.fileno())
-        # mkstemp makes the file private (0600); a dataset in a shared folder should be readable.
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     except BaseException as e:
         # Whatever happened (including Ctrl-C), no partial file may stay behind.
@@ -152,7 +149,7 @@ def download_file(
         if isinstance(e, (OSError, http.client.HTTPException, ValueError)):
             raise DownloadError(f"downloading {url} failed: {_describe(e)}") from e
         raise
-    _fsync_dir(dest.parent)
+    fsync_folder(dest.parent)
     return dest
 
 
@@ -193,20 +190,6 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, urllib.error.URLError):
         return str(e.reason)
     return str(e) or type(e).__name__
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable; not possible (nor needed) on every platform, so best effort."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def fetch(dataset: str, names: Iterable[str], folder: Path, base_url: str | None = None) -> None:

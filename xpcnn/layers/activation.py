@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import InputError
 from ..ops.kernels import kernels_for
 from ..ops.softmax import softmax
-from .base import Layer
+from .base import DEFAULT, Layer, Options
 
 
 class ReLU(Layer):
@@ -28,9 +28,9 @@ class ReLU(Layer):
     def relu_output(self) -> bool:
         return self.max_value is None
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         kern = kernels_for(self.backend)
-        if not training or self.skip_relu_grad:  # (then the next layer applies the gradient)
+        if not training or options.skip_relu_grad:  # (then the next layer applies the gradient)
             self._cache_mask = None
             return kern.relu(x, self.max_value)
         # The gradient passes where the output is strictly inside (0, max_value). Kept as a
@@ -39,22 +39,22 @@ class ReLU(Layer):
         y, self._cache_mask = kern.relu_with_mask(x, self.max_value)
         return y
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         mask, self._cache_mask = self._cache_mask, None
-        return dy if self.skip_relu_grad else kernels_for(self.backend).mask_multiply(dy, mask)
+        return dy if options.skip_relu_grad else kernels_for(self.backend).mask_multiply(dy, mask)
 
 
 class Softmax(Layer):
     """Probabilities over the last axis. With cross-entropy the model fuses it into the loss."""
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         xp = self.xp
         y = softmax(xp, xp.astype(x, self.dtype, copy=False))
         if training:
             self._cache_y = y
         return y
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         xp = self.xp
         y = self._cache_y
         return y * (dy - xp.sum(dy * y, axis=-1, keepdims=True))

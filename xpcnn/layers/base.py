@@ -1,9 +1,15 @@
 """The one small contract every layer follows.
 
-A layer is built once for a per-sample input shape (no batch axis), then runs ``forward`` and
-``backward`` on batches; a ``backward`` follows one ``forward(x, training=True)``, which keeps
-what the gradient needs (only in training). Trainable arrays live in ``params`` (their
-gradients in ``grads`` after ``backward``); non-trainable arrays that are part of the model
+A layer is built once for a per-sample input shape (no batch axis), then runs
+``forward(x, training, options)`` and ``backward(dy, options)`` on batches; a ``backward``
+follows one ``forward(x, training=True)`` with the same :class:`Options`, which keeps what the
+gradient needs (only in training). A model's plan passes options to hand work between
+neighbours; a layer called by itself gets the defaults. A merge layer (``multi_input``) takes a
+list of batches and returns a list of gradients. Called on a symbolic tensor (the functional
+API), a layer records a :class:`Node` and returns the output's :class:`SymbolicTensor`.
+
+Trainable arrays live in ``params`` (their gradients in ``grads`` after ``backward``, unless the
+layer is frozen: ``trainable = False``); non-trainable arrays that are part of the model
 (BatchNorm's running statistics) live in ``state``. Everything is an array of
 ``self.backend``; weights cross to the host only through ``get_weights`` / ``set_weights``, in
 Keras layouts.
@@ -12,7 +18,9 @@ Keras layouts.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,6 +34,63 @@ Shape = tuple[int, ...]
 LAYER_TYPES: dict[str, type[Layer]] = {}
 
 
+@dataclass(frozen=True)
+class Options:
+    """How a model's plan asks a layer to run (``forward(x, training, options)`` and
+    ``backward(dy, options)``, the same options for both). The defaults are a layer doing all
+    its own work, as it does when called by itself; the plan (:mod:`xpcnn.graph`) changes them
+    only to hand work between neighbouring layers, one pass over memory fewer each time."""
+
+    #: this layer (``can_fuse_relu``) applies the plain ReLU() that follows it, to each chunk of
+    #: its output while it is in cache, and its gradient; the plan skips that ReLU layer.
+    fused_relu: bool = False
+    #: the next layer applies this layer's ReLU gradient (``apply_input_relu_grad``).
+    skip_relu_grad: bool = False
+    #: backward returns dx * (input > 0): the ReLU before it skipped its own pass
+    #: (``can_apply_input_relu_grad``).
+    apply_input_relu_grad: bool = False
+    #: False where nothing upstream needs a gradient: backward computes only the parameters'
+    #: gradients and returns None.
+    need_input_grad: bool = True
+
+
+#: A layer called by itself: it does all its own work.
+DEFAULT = Options()
+
+
+class SymbolicTensor:
+    """A placeholder for a batch in the functional API: per-sample ``shape`` (no batch axis)
+    and the :class:`Node` that makes it (None for an :func:`xpcnn.Input`)."""
+
+    def __init__(self, shape: Shape, node: Node | None = None, name: str = "input") -> None:
+        self.shape = tuple(int(d) for d in shape)
+        self.node = node
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<SymbolicTensor {self.name!r} shape=(None, {', '.join(map(str, self.shape))})>"
+
+
+class Node:
+    """One call of a layer on symbolic tensors. ``order`` is the order of the calls, a
+    topological order of any graph they form (a node is made after its inputs)."""
+
+    _counter = itertools.count()
+
+    def __init__(self, layer: Layer, inputs: tuple[SymbolicTensor, ...], multi: bool) -> None:
+        self.layer = layer
+        self.inputs = inputs
+        self.multi = multi  # the layer takes a list (a merge layer)
+        self.order = next(Node._counter)
+
+
+def _symbolic(x: Any) -> bool:
+    """True for a symbolic tensor or a non-empty list of them."""
+    if isinstance(x, list | tuple):
+        return bool(x) and all(isinstance(t, SymbolicTensor) for t in x)
+    return isinstance(x, SymbolicTensor)
+
+
 class Layer:
     """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``."""
 
@@ -37,6 +102,9 @@ class Layer:
     #: True where the layer can apply a plain ReLU to its output as it computes it (see
     #: :attr:`fused_relu`).
     can_fuse_relu: ClassVar[bool] = False
+    #: True for a layer whose input is a list of batches (a merge layer): ``forward`` takes a
+    #: list and ``backward`` returns one gradient per input, in the same order.
+    multi_input: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -59,25 +127,14 @@ class Layer:
         self.built = False
         self.input_shape: Shape | None = None
         self.output_shape: Shape | None = None
-        # The model clears this on its first trainable layer: nothing upstream needs a gradient.
-        self.need_input_grad = True
-        # The model's plan (Sequential.build), switched on only while the model runs it
-        # (training, evaluate, predict): a layer called on its own always does its own work.
-        # Set in pairs where a layer whose output is a plain ReLU's (relu_output) feeds one
-        # that can apply that ReLU's gradient, `input > 0`, more cheaply (a max pool: on its
-        # pooled gradient, a quarter the size; a FeatureNorm: in its own blocks). The first
-        # layer then skips its own pass over the whole gradient.
-        self.skip_relu_grad = False  # the next layer applies this layer's ReLU gradient
-        self.apply_input_relu_grad = False  # backward returns dx * (input > 0)
-        # Set on a layer that can_fuse_relu and is followed by a plain ReLU() layer: this
-        # layer applies that ReLU (to each chunk of its output while it is in cache, and its
-        # gradient) and the plan skips the ReLU layer.
-        self.fused_relu = False
+        # False freezes the layer (as in Keras): no gradients for its parameters, which the
+        # optimiser leaves alone; a BatchNorm2D also runs in inference mode.
+        self.trainable = True
 
     @property
     def relu_output(self) -> bool:
         """True where the output is a plain ReLU's, max(z, 0), whose gradient passes exactly
-        where the output is > 0 (see :attr:`skip_relu_grad`)."""
+        where the output is > 0 (see :attr:`Options.skip_relu_grad`)."""
         return False
 
     # -- building ------------------------------------------------------------------------
@@ -99,7 +156,7 @@ class Layer:
         self.xp = self.backend.xp
         self.dtype = self.backend.dtype(dtype)
         self.compute_dtype = self.backend.dtype(compute_dtype or dtype)
-        self.input_shape = tuple(int(d) for d in input_shape)
+        self.input_shape = _shape(input_shape, self)
         rng = rng if rng is not None else np.random.default_rng(0)
         self.output_shape = tuple(self._build(self.input_shape, rng))
         self.built = True
@@ -113,14 +170,34 @@ class Layer:
         target[name] = self.backend.asarray(value, dtype=self.dtype)
 
     # -- computing -----------------------------------------------------------------------
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         raise NotImplementedError
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         raise NotImplementedError
 
     def __call__(self, x: Any, training: bool = False) -> Any:
+        """On a batch: ``forward(x, training)``. On a symbolic tensor (or, for a merge layer,
+        a list of them): records the call in a graph and returns the output's symbolic
+        tensor, for ``xpcnn.Model(inputs, outputs)``."""
+        if _symbolic(x):
+            return self._call_symbolic(x)
         return self.forward(x, training)
+
+    def _call_symbolic(self, x: SymbolicTensor | list[SymbolicTensor]) -> SymbolicTensor:
+        multi = isinstance(x, list | tuple)
+        if multi != self.multi_input or (multi and len(x) < 2):
+            want = "a list of two or more tensors" if self.multi_input else "one tensor"
+            got = f"a list of {len(x)}" if multi else "one tensor"
+            raise InputError(f"layer {self.name!r} ({type(self).__name__}) takes {want}, got "
+                             f"{got}")
+        inputs = tuple(x) if multi else (x,)
+        shapes = [t.shape for t in inputs]
+        # The output shape from a trial build of a copy: this layer's own weights (perhaps
+        # trained) stay as they are; the model builds the layer on its device.
+        probe = type(self)(**self.get_config())
+        shape = probe.build(shapes if multi else shapes[0], "cpu", "float32")
+        return SymbolicTensor(shape, Node(self, inputs, multi), self.name)
 
     # -- weights and configuration ---------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
@@ -158,7 +235,12 @@ class Layer:
             target[n] = self.backend.asarray(w, dtype=self.dtype)
 
     def count_params(self) -> int:
-        return int(sum(int(np.prod(p.shape)) for p in self.params.values()))
+        """How many weights: parameters and state (BatchNorm's statistics), as Keras counts."""
+        return int(sum(int(np.prod(a.shape)) for a in self._arrays().values()))
+
+    def count_state(self) -> int:
+        """How many of those weights are state, never trained."""
+        return int(sum(int(np.prod(a.shape)) for a in self.state.values()))
 
     def to(self, backend: Backend) -> None:
         """Move parameters and state to another backend (used by ``Sequential.to``)."""
@@ -184,6 +266,13 @@ class Layer:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
         return f"{type(self).__name__}({args})"
+
+
+def _shape(shape: Any, layer: Layer) -> Shape | tuple[Shape, ...]:
+    """A per-sample shape as a tuple of ints; a merge layer's, a tuple of those."""
+    if layer.multi_input:
+        return tuple(tuple(int(d) for d in s) for s in shape)
+    return tuple(int(d) for d in shape)
 
 
 def _dtype_name(dtype: Any) -> str:

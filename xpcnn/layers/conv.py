@@ -10,7 +10,16 @@ import numpy as np
 from ..errors import InputError
 from ..ops.convolution import ConvEngine, ConvGeometry
 from ..ops.kernels import kernels_for
-from .base import Layer, Shape, check_activation, check_padding, pair, require_rank
+from .base import (
+    DEFAULT,
+    Layer,
+    Options,
+    Shape,
+    check_activation,
+    check_padding,
+    pair,
+    require_rank,
+)
 from .initializers import check_initializer, initialize
 
 
@@ -91,7 +100,7 @@ class Conv2D(Layer):
 
     @property
     def relu_output(self) -> bool:
-        return self.activation == "relu" or self.fused_relu
+        return self.activation == "relu"
 
     def _engine(self) -> ConvEngine:
         """This layer's convolution engine, chosen by the backend's kernels for its geometry
@@ -102,39 +111,42 @@ class Conv2D(Layer):
                                                                                  self.backend)
         return engine
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         xp = self.xp
         self._cache_x_dtype = x.dtype
         x = xp.astype(x, self.compute_dtype, copy=False)
         kernel = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
         bias = (xp.astype(self.params["bias"], self.compute_dtype, copy=False)
                 if self.use_bias else None)
-        relu = self.relu_output
+        relu = self.relu_output or options.fused_relu
         y = self._engine().forward(x, kernel, bias, relu)
         if training:
             self._cache_x = x
             # where y > 0 the ReLU's gradient passes (unless the next layer applies it)
-            self._cache_y = y if relu and not self.skip_relu_grad else None
+            self._cache_y = y if relu and not options.skip_relu_grad else None
         return y
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         xp = self.xp
-        x = self._cache_x
+        x, self._cache_x = self._cache_x, None
         dy = xp.astype(dy, self.compute_dtype, copy=False)
         relu_y = None
-        if self.relu_output and not self.skip_relu_grad:
-            if self.need_input_grad:
+        need_dx = options.need_input_grad
+        if (self.relu_output or options.fused_relu) and not options.skip_relu_grad:
+            if need_dx or not self.trainable:
                 dy = kernels_for(self.backend).relu_backward(dy, self._cache_y)
             else:  # only the kernel gradient reads it: the engine masks it where it pays
                 relu_y = self._cache_y
         self._cache_y = None
         kernel = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
-        dw, db, dx = self._engine().gradients(x, dy, kernel, self.use_bias, self.need_input_grad,
-                                              relu_y)
-        self.grads["kernel"] = xp.astype(dw, self.dtype, copy=False)
-        if self.use_bias:
-            self.grads["bias"] = xp.astype(db, self.dtype, copy=False)
-        self._cache_x = None  # (the gradients no longer need it)
+        engine = self._engine()
+        if not self.trainable:  # frozen: the input gradient alone
+            dx = engine.input_grad(dy, kernel) if need_dx else None
+        else:
+            dw, db, dx = engine.gradients(x, dy, kernel, self.use_bias, need_dx, relu_y)
+            self.grads["kernel"] = xp.astype(dw, self.dtype, copy=False)
+            if self.use_bias:
+                self.grads["bias"] = xp.astype(db, self.dtype, copy=False)
         return None if dx is None else xp.astype(dx, self._cache_x_dtype, copy=False)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..ops.kernels import kernels_for
-from .base import Layer, Shape, check_activation, pair
+from .base import DEFAULT, Layer, Options, Shape, check_activation, pair
 from .initializers import check_initializer, initialize
 
 
@@ -19,12 +19,12 @@ class Flatten(Layer):
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         return (math.prod(input_shape),)
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         if training:
             self._cache_shape = x.shape
         return self.xp.reshape(x, (x.shape[0], -1))
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         return self.xp.reshape(dy, self._cache_shape)
 
 
@@ -50,7 +50,7 @@ class Dense(Layer):
 
     @property
     def relu_output(self) -> bool:
-        return self.activation == "relu" or self.fused_relu
+        return self.activation == "relu"
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         if len(input_shape) != 1:
@@ -65,7 +65,7 @@ class Dense(Layer):
             self._param("bias", np.zeros(self.units))
         return (self.units,)
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         xp = self.xp
         self._cache_x_dtype = x.dtype
         x = xp.astype(x, self.compute_dtype, copy=False)
@@ -73,27 +73,28 @@ class Dense(Layer):
         kern = kernels_for(self.backend)
         bias = (xp.astype(self.params["bias"], self.compute_dtype, copy=False)
                 if self.use_bias else None)
-        relu = self.relu_output
+        relu = self.relu_output or options.fused_relu
         y = kern.bias_relu(kern.matmul(x, w), bias, relu)
         if training:
             self._cache_x, self._cache_w = x, w
             # where y > 0 the ReLU's gradient passes (unless the next layer applies it)
-            self._cache_y = y if relu and not self.skip_relu_grad else None
+            self._cache_y = y if relu and not options.skip_relu_grad else None
         return y
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         xp = self.xp
         kern = kernels_for(self.backend)
         dy = xp.astype(dy, self.compute_dtype, copy=False)
-        if self.relu_output and not self.skip_relu_grad:
+        if (self.relu_output or options.fused_relu) and not options.skip_relu_grad:
             dy = kern.relu_backward(dy, self._cache_y)
             self._cache_y = None
-        self.grads["kernel"] = xp.astype(kern.matmul_tn(self._cache_x, dy), self.dtype,
-                                         copy=False)
-        if self.use_bias:
-            self.grads["bias"] = xp.astype(kern.sum_rows(dy), self.dtype, copy=False)
+        if self.trainable:
+            self.grads["kernel"] = xp.astype(kern.matmul_tn(self._cache_x, dy), self.dtype,
+                                             copy=False)
+            if self.use_bias:
+                self.grads["bias"] = xp.astype(kern.sum_rows(dy), self.dtype, copy=False)
         self._cache_x = None
-        if not self.need_input_grad:
+        if not options.need_input_grad:
             return None
         dx = kern.matmul_nt(dy, self._cache_w)
         return xp.astype(dx, self._cache_x_dtype, copy=False)

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..checks import number
 from ..ops.kernels import kernels_for
-from .base import Layer, Shape
+from .base import DEFAULT, Layer, Options, Shape
 
 
 class RandomLayer(Layer):
@@ -38,14 +38,14 @@ class Dropout(RandomLayer):
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "rate": self.rate}
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         if not training or self.rate == 0.0:
             return x
         # the mask kept as booleans (a quarter of a float mask's memory), applied as a product
         self._cache_keep = self._uniform(tuple(x.shape), x.dtype) >= self.rate
         return self._apply(x, self._cache_keep)
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         if self.rate == 0.0:
             return dy
         keep, self._cache_keep = self._cache_keep, None

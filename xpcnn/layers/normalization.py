@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..ops.kernels import kernels_for, standardize_backward
-from .base import Layer, Shape, require_rank
+from .base import DEFAULT, Layer, Options, Shape, require_rank
 
 
 def _check_eps(eps: float) -> float:
@@ -43,15 +43,15 @@ class FeatureNorm(Layer):
         require_rank(self, input_shape, 3)
         return input_shape
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         xp = self.xp
         x = xp.astype(x, self.dtype, copy=False)
         xhat, inv_std = kernels_for(self.backend).feature_norm(x, self.eps)
         if training:
-            self._cache = (xhat, inv_std, x if self.apply_input_relu_grad else None)
+            self._cache = (xhat, inv_std, x if options.apply_input_relu_grad else None)
         return xhat
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         xhat, inv_std, relu_x = self._cache
         self._cache = None
         dy = self.xp.astype(dy, self.dtype, copy=False)
@@ -63,7 +63,8 @@ class BatchNorm2D(Layer):
 
     Training uses the batch's statistics and updates running ones
     (running = (1 - momentum) * running + momentum * batch, unbiased variance, as PyTorch);
-    inference uses the running statistics. Works on (N, H, W, C) and on (N, features).
+    inference uses the running statistics, and so does a frozen layer (``trainable = False``)
+    in training, as in Keras. Works on (N, H, W, C) and on (N, features).
     """
 
     weight_names = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -87,11 +88,14 @@ class BatchNorm2D(Layer):
         self._param("moving_variance", np.ones(c), trainable=False)
         return input_shape
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         xp = self.xp
         x = xp.astype(x, self.dtype, copy=False)
         axes = tuple(range(x.ndim - 1))
-        if training:
+        # A frozen BatchNorm (trainable=False) runs in inference mode in training too, as in
+        # Keras: running statistics, left as they are.
+        batch_stats = training and self.trainable
+        if batch_stats:
             mean = xp.mean(x, axis=axes)
             centred = x - mean
             var = xp.mean(centred * centred, axis=axes)
@@ -108,13 +112,16 @@ class BatchNorm2D(Layer):
         inv_std = 1.0 / xp.sqrt(var + self.eps)
         xhat = centred * inv_std
         if training:
-            self._cache = (xhat, inv_std, axes)
+            self._cache = (xhat, inv_std, axes, batch_stats)
         return xhat * self.params["gamma"] + self.params["beta"]
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         xp = self.xp
-        xhat, inv_std, axes = self._cache
+        xhat, inv_std, axes, batch_stats = self._cache
         dy = xp.astype(dy, self.dtype, copy=False)
-        self.grads["gamma"] = xp.sum(dy * xhat, axis=axes)
-        self.grads["beta"] = xp.sum(dy, axis=axes)
+        if self.trainable:
+            self.grads["gamma"] = xp.sum(dy * xhat, axis=axes)
+            self.grads["beta"] = xp.sum(dy, axis=axes)
+        if not batch_stats:  # fixed statistics: an affine map per channel
+            return dy * (self.params["gamma"] * inv_std)
         return standardize_backward(xp, dy * self.params["gamma"], xhat, inv_std, axes)

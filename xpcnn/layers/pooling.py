@@ -11,7 +11,7 @@ from ..errors import InputError
 from ..ops import conv as conv_ops
 from ..ops import pool as ops
 from ..ops.kernels import kernels_for
-from .base import Layer, Shape, check_padding, pair, require_rank
+from .base import DEFAULT, Layer, Options, Shape, check_padding, pair, require_rank
 
 
 class _Pool2D(Layer):
@@ -46,17 +46,17 @@ class MaxPool2D(_Pool2D):
     # maximum is > 0: applied to the pooled gradient, before routing, at a quarter the size.
     can_apply_input_relu_grad = True
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         xpad = conv_ops.pad(self.xp, x, self.pads, value=-math.inf)
         y = kernels_for(self.backend).max_pool(xpad, self.pool_size, self.strides, self.out_hw)
         if training:
             self._cache_xy = (xpad, y)
         return y
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         xpad, y = self._cache_xy
         dx = kernels_for(self.backend).max_pool_backward(
-            xpad, y, dy, self.pool_size, self.strides, self.out_hw, self.apply_input_relu_grad)
+            xpad, y, dy, self.pool_size, self.strides, self.out_hw, options.apply_input_relu_grad)
         self._cache_xy = None
         return conv_ops.unpad(dx, self.pads)
 
@@ -74,14 +74,14 @@ class AvgPool2D(_Pool2D):
         self._inv_counts = self.backend.asarray(1.0 / counts, dtype=self.dtype)
         return out
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         xpad = conv_ops.pad(self.xp, x, self.pads)
         if training:
             self._cache_shape = xpad.shape
         s = ops.sum_pool(self.xp, xpad, self.pool_size, self.strides, self.out_hw)
         return s * self.xp.astype(self._inv_counts, s.dtype, copy=False)
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         g = dy * self.xp.astype(self._inv_counts, dy.dtype, copy=False)
         dx = ops.sum_pool_backward(self.xp, g, self._cache_shape, self.pool_size, self.strides,
                                    self.out_hw)
@@ -100,12 +100,12 @@ class GlobalAvgPool2D(Layer):
         require_rank(self, input_shape, 3)
         return (input_shape[2],)
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         if training:
             self._cache_shape = x.shape
         return self.xp.mean(x, axis=(1, 2))
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         xp = self.xp
         n, h, w, c = self._cache_shape
         g = xp.reshape(dy / (h * w), (n, 1, 1, c))

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..checks import number
 from ..errors import InputError
-from .base import Layer, Shape, require_rank
+from .base import DEFAULT, Layer, Options, Shape, require_rank
 from .dropout import RandomLayer
 
 
@@ -27,10 +27,10 @@ class Rescaling(Layer):
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "scale": self.scale, "offset": self.offset}
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         return x * self.scale + self.offset
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         return dy * self.scale
 
 
@@ -60,10 +60,10 @@ class Normalization(Layer):
                                            dtype=self.dtype)
         return input_shape
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         return (x - self._shift) * self._scale
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         return dy * self._scale
 
     def to(self, backend: Any) -> None:
@@ -74,14 +74,14 @@ class Normalization(Layer):
 class RandomFlip(RandomLayer):
     """Mirror each training image left-right with probability 1/2."""
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         if not training:
             return x
         xp = self.xp
         flip = self._uniform((x.shape[0], 1, 1, 1), x.dtype) < 0.5
         return xp.where(flip, xp.flip(x, axis=2), x)
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         raise InputError("RandomFlip must be the first layers of a model (it has no gradient)")
 
 
@@ -101,7 +101,7 @@ class RandomCrop(RandomLayer):
         require_rank(self, input_shape, 3)
         return super()._build(input_shape, rng)
 
-    def forward(self, x: Any, training: bool = False) -> Any:
+    def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         if not training:
             return x
         xp = self.xp
@@ -122,5 +122,5 @@ class RandomCrop(RandomLayer):
             out = xp.where(dx == k, rows[:, :, k:k + w, :], out)
         return out
 
-    def backward(self, dy: Any) -> Any:
+    def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         raise InputError("RandomCrop must be the first layers of a model (it has no gradient)")

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..backend import DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError
+from ..graph import Inbound, check_graph, inbound_of
 from ..layers import BatchNorm2D, Conv2D, Dense
 from ..layers.base import LAYER_TYPES, Layer
 from ..losses import SoftmaxCrossEntropy
@@ -45,8 +46,9 @@ MAX_SAMPLE_VALUES = 2**26
 def register_model(cls: type) -> type:
     """Class decorator: files may name ``cls`` (by its class name) as the model to rebuild.
 
-    The class is constructed as ``cls(layers, device=, seed=, dtype=, name=)``, then built for
-    the file's input shape and compiled with its settings."""
+    The class is constructed as ``cls.from_config(config, layers, device)`` (``config`` as its
+    ``get_config()`` wrote it, ``layers`` made from it), then built for the file's input shape
+    and compiled with its settings."""
     MODEL_TYPES[cls.__name__] = cls
     return cls
 
@@ -56,13 +58,7 @@ def register_model(cls: type) -> type:
 
 def model_config(model: Any) -> dict[str, Any]:
     """Everything but the weights: enough to rebuild the same model."""
-    config: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "class": type(model).__name__, "name": model.name,
-        "seed": model.seed, "dtype": model.dtype_name,
-        "input_shape": list(model.input_shape or []),
-        "layers": [{"class": type(la).__name__, "config": la.get_config()}
-                   for la in model.layers],
-    }
+    config: dict[str, Any] = {"format": FORMAT, "version": VERSION, **model.get_config()}
     if model.loss is not None and model.optimizer is not None:
         config["compile"] = {"loss": model.loss.get_config(),
                              "optimizer": model.optimizer.get_config(),
@@ -129,9 +125,8 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
             optimizer = optimizer_from_config(compiled["optimizer"])
         slots = optimizer.slot_names if with_slots and optimizer is not None else ()
         check_entries(npz, layers, slots)
-        check_sizes(layers, input_shape, npz)
-        model = cls(layers, device=device, seed=int(config["seed"]), dtype=config["dtype"],
-                    name=str(config["name"]))
+        check_sizes(layers, input_shape, npz, graph_of(config, layers, path))
+        model = cls.from_config(config, layers, device)
         model.build(input_shape)
         if compiled is not None:
             model.compile(loss, optimizer, precision=compiled["precision"])
@@ -158,6 +153,7 @@ def layers_from_config(config: Any, path: str) -> tuple[list[Layer], tuple[int, 
             if cls is None or spec["class"].startswith("_"):
                 raise DataFormatError(f"{path}: unknown layer type {spec['class']!r}")
             layers.append(cls(**spec["config"]))
+            layers[-1].trainable = spec.get("trainable", True) is not False
     except DataFormatError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
@@ -172,6 +168,16 @@ def input_shape_of(config: dict[str, Any], path: str) -> tuple[int, ...]:
             type(d) is int and d > 0 for d in shape):
         raise DataFormatError(f"{path}: input_shape {shape!r} is not a list of sizes")
     return tuple(shape)
+
+
+def graph_of(config: dict[str, Any], layers: list[Layer], path: str) -> list[Inbound]:
+    """What each layer reads (``inbound``, a chain where the file gives none), checked."""
+    try:
+        inbound = inbound_of(config["layers"])
+        check_graph(layers, inbound)
+    except InputError as e:
+        raise DataFormatError(f"{path}: invalid layer graph: {e}") from e
+    return inbound
 
 
 _ENTRY = re.compile(r"layer(\d+)\.(\d+)|slot\.(\w+)\.(\d+)")
@@ -195,16 +201,23 @@ def check_entries(npz: NpzArchive, layers: list[Layer], slot_names: Collection[s
                                   "nothing was read from it")
 
 
-def check_sizes(layers: list[Layer], shape: tuple[int, ...], npz: NpzArchive) -> None:
+def check_sizes(layers: list[Layer], shape: tuple[int, ...], npz: NpzArchive,
+                inbound: list[Inbound] | None = None) -> None:
     """Refuse, before building it, a layer that would allocate more than the file accounts for.
 
-    Walks the layers on the host with trial builds: each layer's input (with its padding or
-    window) must stay under :data:`MAX_SAMPLE_VALUES` values, and the weights a Dense, Conv2D or
-    BatchNorm2D layer would create must number exactly the values its entries claim (read from
-    their headers alone).
+    Walks the layers on the host with trial builds, along the graph ``inbound`` (a chain by
+    default): each layer's input (with its padding or window) must stay under
+    :data:`MAX_SAMPLE_VALUES` values, and the weights a Dense, Conv2D or BatchNorm2D layer would
+    create must number exactly the values its entries claim (read from their headers alone).
     """
     path = npz.path
+    shapes: list[Any] = [shape]
     for i, layer in enumerate(layers):
+        ins = inbound[i] if inbound is not None else (i,)
+        if layer.multi_input:  # (a merge layer: no window, no weights)
+            shapes.append(layer.build([shapes[j] for j in ins], "cpu", "float32"))
+            continue
+        shape = shapes[ins[0]]
         window = max([*getattr(layer, "kernel_size", ()), *getattr(layer, "pool_size", ()), 0])
         pad = getattr(layer, "padding", 0)
         extra = 2 * max(window, pad if isinstance(pad, int) else 0)
@@ -221,7 +234,7 @@ def check_sizes(layers: list[Layer], shape: tuple[int, ...], npz: NpzArchive) ->
                 raise DataFormatError(f"{path}: layer {i} ({type(layer).__name__}) needs {need} "
                                       f"weight values for inputs of shape {shape}, but the file "
                                       f"holds {have}")
-        shape = layer.build(shape, "cpu", "float32", None, np.random.default_rng(0))
+        shapes.append(layer.build(shape, "cpu", "float32", None, np.random.default_rng(0)))
 
 
 def _weight_count(layer: Layer, shape: tuple[int, ...]) -> int | None:
@@ -318,6 +331,8 @@ def _architecture(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     for spec in config["layers"]:
         settings = {k: v for k, v in spec["config"].items()
                     if k != "name" and not k.endswith("_initializer")}
+        if "inbound" in spec:
+            settings["inbound"] = spec["inbound"]
         out.append((spec["class"], settings))
     return out
 

@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import secrets
 import struct
 import warnings
 import zipfile
@@ -29,6 +28,7 @@ from typing import IO, Any
 import numpy as np
 
 from ..errors import DataFormatError
+from ..files import fsync_folder, new_temporary
 
 CONFIG_KEY = "__config__"
 #: The most bytes the JSON configuration entry may inflate to (a model's is a few kB; a
@@ -218,7 +218,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
     path = os.fspath(path)
     folder, base = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = _new_temporary(folder, base)
+    fd, tmp = new_temporary(folder, base)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -229,20 +229,4 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def _new_temporary(folder: str, base: str) -> tuple[int, str]:
-    """A new file ``.<base>.<random>.tmp`` in ``folder`` (a killed writer's leftover is
-    recognisable by that name), created with mode 0666 for the kernel to apply the umask to."""
-    while True:
-        tmp = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
-        with contextlib.suppress(FileExistsError):
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+    fsync_folder(folder)

@@ -1,0 +1,392 @@
+"""The functional API: symbolic tensors, merge layers, the graph executor and its plan,
+freezing, and functional models saved, loaded and checked against a PyTorch twin."""
+
+import os
+import sys
+
+import array_api_strict as xs
+import numpy as np
+import pytest
+from gradcheck import assert_close, check_layer, numeric_grad, sample_indices
+from nets import plan_of
+
+import xpcnn
+from xpcnn.errors import DataFormatError, InputError
+from xpcnn.layers import (
+    Add,
+    BatchNorm2D,
+    Concatenate,
+    Conv2D,
+    Dense,
+    Flatten,
+    GlobalAvgPool2D,
+    MaxPool2D,
+    ReLU,
+    Softmax,
+)
+
+
+def residual_net(shape=(8, 8, 3), classes=5):
+    """A residual block with BatchNorm, a Concatenate branch, tensors read two and three times,
+    a Conv2D -> ReLU the plan can fuse and one it must not (the convolution's output has a
+    second reader), and a ReLU whose gradient the max pool after it applies."""
+    inputs = xpcnn.Input(shape)
+    x = Conv2D(4, 3, padding="same", use_bias=False, name="stem")(inputs)
+    x = ReLU(name="stem_relu")(BatchNorm2D(name="stem_bn")(x))  # read three times below
+    y = Conv2D(4, 3, padding="same", name="conv_a")(x)
+    y = ReLU(name="relu_a")(y)  # fused into conv_a: its only reader
+    # (no bias before a BatchNorm: its gradient is rounding noise, which Adam would amplify)
+    y = Conv2D(4, 3, padding="same", use_bias=False, name="conv_b")(y)
+    y = BatchNorm2D(name="bn_b")(y)
+    z = ReLU(name="res_relu")(Add(name="add")([x, y]))
+    a = Conv2D(3, 1, name="branch")(z)
+    r = ReLU(name="branch_relu")(a)  # not fused: the branch's output is also concatenated
+    c = Concatenate(name="concat")([z, a, r, x])
+    p = MaxPool2D(2, name="pool")(ReLU(name="pool_relu")(c))  # the pool applies its gradient
+    g = GlobalAvgPool2D(name="gap")(p)
+    outputs = Softmax(name="softmax")(Dense(classes, name="dense")(g))
+    return inputs, outputs
+
+
+def make_model(device="cpu", dtype="float64", seed=0):
+    inputs, outputs = residual_net()
+    return xpcnn.Model(inputs, outputs, device=device, seed=seed, dtype=dtype)
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(5)
+    return rng.standard_normal((24, 8, 8, 3)), rng.integers(0, 5, 24)
+
+
+def test_the_plan_fuses_a_relu_only_where_the_convolution_has_one_reader():
+    model = make_model()
+    ran, fused, handed = plan_of(model)
+    assert fused == ["conv_a"]
+    assert "relu_a" not in ran and "branch_relu" in ran and "softmax" not in ran
+    assert handed == [("pool_relu", "pool")]
+    assert not model._plan().options(model.layers[0]).need_input_grad
+    assert model._plan().options(model.layers[2]).need_input_grad
+
+
+def test_summary_shows_inputs_and_trainable_counts():
+    model = make_model()
+    model.layers[0].trainable = False  # the stem: 3*3*3*4 = 108 weights frozen
+    lines = []
+    model.summary(print_fn=lines.append)
+    text = "\n".join(lines)
+    assert "add (Add)" in text and "stem_relu, bn_b" in text
+    assert "concat (Concatenate)" in text and "res_relu, branch, branch_relu, stem_relu" in text
+    total = model.count_params()
+    bn_stats = 2 * 4 + 2 * 4
+    assert f"Total params: {total:,}" in text
+    assert f"Non-trainable params: {108 + bn_stats:,}" in text
+    assert f"Trainable params: {total - 108 - bn_stats:,}" in text
+
+
+# -- against PyTorch ---------------------------------------------------------------------------
+
+torch_mirror = None
+
+
+def _twin(model):
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    from torch_mirror import mirror, mirror_optimizer
+
+    return torch, mirror(model, torch.float64), mirror_optimizer
+
+
+@pytest.mark.parametrize("device", ["cpu", xs], ids=["numpy", "strict"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_training_steps_match_a_pytorch_twin_in_float64(device, optimizer, data):
+    model = make_model(device)
+    opt = (xpcnn.optim.SGD(0.05, momentum=0.9, weight_decay=1e-3) if optimizer == "sgd"
+           else xpcnn.optim.Adam(1e-2))
+    model.compile(optimizer=opt)
+    torch, twin, mirror_optimizer = _twin(model)
+    topt = mirror_optimizer(opt, twin.parameters())
+    x, y = data
+    for step in range(4):
+        idx = slice(6 * step, 6 * step + 6)
+        ours = model.train_on_batch(x[idx], y[idx])["loss"]
+        twin.train()
+        loss = torch.nn.functional.cross_entropy(twin(torch.from_numpy(x[idx])),
+                                                 torch.from_numpy(y[idx]))
+        topt.zero_grad()
+        loss.backward()
+        topt.step()
+        assert ours == pytest.approx(loss.item(), rel=1e-10, abs=1e-12), f"step {step}"
+    twin.eval()  # the running statistics too
+    with torch.no_grad():
+        want = torch.softmax(twin(torch.from_numpy(x)), dim=1).numpy()
+    np.testing.assert_allclose(model.predict(x), want, rtol=1e-10, atol=1e-12)
+    stem = twin.stages[0][0].weight.detach().numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_allclose(model.get_weights()[0], stem, rtol=1e-10, atol=1e-12)
+
+
+def test_a_frozen_layer_and_a_frozen_batchnorm_match_pytorch(data):
+    """trainable=False: no gradient for the layer, the optimiser skips it; a frozen
+    BatchNorm2D normalises with its running statistics in training (PyTorch: eval mode,
+    parameters without gradients)."""
+    model = make_model()
+    model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+    x, y = data
+    model.fit(x[:12], y[:12], epochs=1, batch_size=6, verbose=0, shuffle=False)  # stats move
+    frozen = [model.layers[0], model.layers[1]]  # the stem and its BatchNorm
+    for layer in frozen:
+        layer.trainable = False
+    before = [la.get_weights() for la in frozen]
+    torch, twin, mirror_optimizer = _twin(model)
+    for stage in twin.stages[:2]:
+        for p in stage.parameters():
+            p.requires_grad_(False)
+    topt = mirror_optimizer(model.optimizer, [p for p in twin.parameters() if p.requires_grad])
+    for step in range(2):
+        idx = slice(12 + 6 * step, 18 + 6 * step)
+        ours = model.train_on_batch(x[idx], y[idx])["loss"]
+        twin.train()
+        twin.stages[1].eval()  # the frozen BatchNorm
+        loss = torch.nn.functional.cross_entropy(twin(torch.from_numpy(x[idx])),
+                                                 torch.from_numpy(y[idx]))
+        topt.zero_grad()
+        loss.backward()
+        topt.step()
+        assert ours == pytest.approx(loss.item(), rel=1e-10), f"step {step}"
+    for layer, old in zip(frozen, before, strict=True):
+        for a, b in zip(layer.get_weights(), old, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert len(model.trainable_layers) == len([la for la in model.layers if la.params]) - 2
+
+
+# -- gradients ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer, shapes", [
+    (Add(), [(3, 4, 2), (3, 4, 2), (3, 4, 2)]),
+    (Concatenate(), [(3, 4, 2), (3, 4, 5)]),
+    (Concatenate(), [(4,), (2,)]),
+])
+def test_merge_layer_gradients_match_finite_differences(layer, shapes, rng):
+    layer.build(shapes, "cpu", dtype="float64")
+    xs_ = [rng.standard_normal((2, *s)) for s in shapes]
+    y = layer.forward(xs_, training=True)
+    r = rng.standard_normal(y.shape)
+    dxs = layer.backward(r)
+    assert len(dxs) == len(xs_)
+    f = lambda: float(np.sum(layer.forward(xs_) * r))  # noqa: E731
+    for k, (x, dx) in enumerate(zip(xs_, dxs, strict=True)):
+        assert dx.shape == x.shape
+        for idx in sample_indices(x.shape, 20, rng):
+            assert_close(dx[idx], numeric_grad(f, x, idx), f"{layer!r} input {k} {idx}")
+
+
+def test_a_tensor_read_twice_gets_the_sum_of_both_gradients(rng):
+    """Fan-out: the input gradient of a model where the same tensor feeds a Dense and a
+    Concatenate, against finite differences of the whole model's loss."""
+    inputs = xpcnn.Input((6,))
+    h = Dense(5, name="h")(inputs)
+    out = Softmax()(Dense(3)(Concatenate()([Dense(4)(h), h])))
+    model = xpcnn.Model(inputs, out, dtype="float64", seed=3)
+    model.compile(optimizer="sgd")
+    xp = model.backend.xp
+    x = rng.standard_normal((4, 6))
+    y = rng.integers(0, 3, 4)
+
+    def loss():
+        return float(model.loss.forward(xp, model._logits(x, False), y, xp.float64)[0])
+
+    _, dz = model.loss.forward(xp, model._logits(x, True), y, xp.float64)
+    model._backward(dz)
+    hidden = model.layers[0]
+    for name, p in hidden.params.items():
+        for idx in sample_indices(p.shape, 15, rng):
+            assert_close(hidden.grads[name][idx], numeric_grad(loss, p, idx), f"h.{name}{idx}")
+
+
+def test_a_frozen_batchnorm_has_the_gradient_of_its_affine_map(rng):
+    bn = BatchNorm2D()
+    bn.build((3, 3, 2), "cpu", dtype="float64", rng=rng)
+    bn.set_weights([rng.standard_normal(2), rng.standard_normal(2),
+                    rng.standard_normal(2), rng.uniform(0.5, 2.0, 2)])
+    bn.trainable = False
+    stats = [w.copy() for w in bn.get_weights()[2:]]
+    check_layer(bn, (3, 3, 2), rng)
+    x = rng.standard_normal((2, 3, 3, 2))
+    np.testing.assert_allclose(bn.forward(x, training=True), bn.forward(x, training=False))
+    assert "gamma" not in bn.grads
+    for a, b in zip(bn.get_weights()[2:], stats, strict=True):
+        np.testing.assert_array_equal(a, b)  # the statistics did not move
+
+
+def test_a_frozen_convolution_still_passes_its_input_gradient(rng):
+    conv = Conv2D(3, 3, strides=2, padding="same")
+    conv.trainable = False
+    check_layer(conv, (5, 5, 2), rng)
+    assert conv.grads == {}
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def test_sequential_and_a_model_of_the_same_stack_train_identically(data):
+    def stack():
+        return [Conv2D(4, 3, padding="same"), ReLU(), MaxPool2D(2), Flatten(), Dense(5),
+                Softmax()]
+
+    seq = xpcnn.Sequential(stack(), input_shape=(8, 8, 3), dtype="float64", seed=2)
+    inputs = xpcnn.Input((8, 8, 3))
+    x = inputs
+    for layer in stack():
+        x = layer(x)
+    fun = xpcnn.Model(inputs, x, dtype="float64", seed=2)
+    assert plan_of(seq) == plan_of(fun)
+    for m in (seq, fun):
+        m.compile(optimizer="adam")
+        m.fit(*data, epochs=2, batch_size=8, verbose=0)
+    for a, b in zip(seq.get_weights(), fun.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_sequential_and_a_model_are_layers_of_a_model(data):
+    block = xpcnn.Sequential([Conv2D(4, 3, padding="same"), BatchNorm2D(), ReLU()])
+    block_in = xpcnn.Input((8, 8, 3))
+    residual = xpcnn.Model(block_in, Add()([Conv2D(3, 1)(block_in), block_in]))
+    inputs = xpcnn.Input((8, 8, 3))
+    x = block(residual(inputs))
+    out = Softmax()(Dense(5)(GlobalAvgPool2D()(Add()([x, Conv2D(4, 1)(inputs)]))))
+    model = xpcnn.Model(inputs, out, seed=1)
+    # shared: training the model trains the blocks' layers
+    assert model.layers[:5] == residual.layers + block.layers
+    assert model._inbound()[:5] == [(0,), (1, 0), (2,), (3,), (4,)]
+    model.compile(optimizer="adam")
+    before = block.layers[0].get_weights()[0]
+    history = model.fit(*data, epochs=1, batch_size=8, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert not np.array_equal(block.layers[0].get_weights()[0], before)
+
+
+def test_save_and_load_a_graph_round_trip(data, tmp_path):
+    model = make_model(dtype="float32")
+    model.layers[0].trainable = False
+    model.compile(optimizer="adam")
+    model.fit(*data, epochs=1, batch_size=8, verbose=0)
+    path = str(tmp_path / "graph.npz")
+    model.save(path)
+    loaded = xpcnn.load_model(path)
+    assert type(loaded) is xpcnn.Model and loaded._inbound() == model._inbound()
+    assert [la.name for la in loaded.layers] == [la.name for la in model.layers]
+    assert not loaded.layers[0].trainable and loaded.layers[1].trainable
+    np.testing.assert_array_equal(loaded.predict(data[0]), model.predict(data[0]))
+    for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_graph_model_resumes_exactly_from_a_checkpoint(data, tmp_path):
+    x, y = data
+    path = str(tmp_path / "run.npz")
+
+    def run(epochs, resume=False):
+        model = make_model(dtype="float32")
+        model.compile(optimizer="adam")
+        model.fit(x, y, epochs=epochs, batch_size=8, verbose=0, checkpoint=path,
+                  checkpoint_every=1, resume=resume)
+        return model
+
+    whole = run(3)
+    os.unlink(path)
+    run(1)
+    resumed = run(3, resume=True)
+    for a, b in zip(whole.get_weights(), resumed.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_file_with_a_broken_graph_is_refused(tmp_path):
+    from xpcnn.saving.model_file import model_config
+    from xpcnn.saving.npz import encode_json, write_npz_atomic
+
+    model = make_model(dtype="float32")
+    config = model_config(model)
+    config["layers"][3]["inbound"] = [9]  # a layer reading a later one's output
+    path = str(tmp_path / "bad.npz")
+    write_npz_atomic(path, {"__config__": encode_json(config)})
+    with pytest.raises(DataFormatError, match="invalid layer graph: layer 3 .* reads \\[9\\]"):
+        xpcnn.load_model(path)
+
+
+# -- bad graphs --------------------------------------------------------------------------------
+
+
+def test_bad_graphs_get_clear_errors():
+    inputs = xpcnn.Input((8, 8, 3))
+    x = Conv2D(4, 3, padding="same")(inputs)
+    with pytest.raises(InputError, match=r"Add\) adds inputs of one shape, got \(8, 8, 4\), "
+                                         r"\(8, 8, 3\)"):
+        Add()([x, inputs])
+    with pytest.raises(InputError, match="Concatenate\\) joins inputs along the last"):
+        Concatenate()([x, MaxPool2D(2)(x)])
+    with pytest.raises(InputError, match="takes a list of two or more tensors, got one tensor"):
+        Add()(x)
+    with pytest.raises(InputError, match="takes one tensor, got a list of 2"):
+        ReLU()([x, x])
+    with pytest.raises(InputError, match="computed from input 'input' of shape \\(8, 8, 3\\), "
+                                         "which is not this model's input: the graph .* is "
+                                         "disconnected"):
+        xpcnn.Model(xpcnn.Input((8, 8, 3)), x)
+    with pytest.raises(InputError, match="the model has no layers"):
+        xpcnn.Model(inputs, inputs)
+    other = xpcnn.Input((8, 8, 4), name="other")
+    with pytest.raises(InputError, match="computed from input 'other' of shape"):
+        xpcnn.Model(inputs, Add()([x, other]))
+    shared = Conv2D(4, 3, padding="same")
+    with pytest.raises(InputError, match="is called twice in this graph: .* shared layers"):
+        xpcnn.Model(inputs, shared(shared(x)))
+    with pytest.raises(InputError, match="must be the tensor xpcnn.Input"):
+        xpcnn.Model(x, ReLU()(x))
+    with pytest.raises(InputError, match="Input shape must be positive sizes"):
+        xpcnn.Input((0, 3))
+    with pytest.raises(InputError, match="predict\\(x\\) runs it on a batch"):
+        xpcnn.Sequential([ReLU()])(np.zeros((1, 3)))
+
+
+def test_a_layer_taken_out_of_a_model_does_its_own_work(data):
+    """The plan lives in the model: the first convolution of a trained model (which the plan
+    runs without an input gradient, its ReLU fused) still returns its input gradient and its
+    own output when called by itself."""
+    model = make_model()
+    model.compile(optimizer="sgd")
+    model.fit(*data, epochs=1, batch_size=8, verbose=0)
+    conv_a = next(la for la in model.layers if la.name == "conv_a")
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 4))
+    y = conv_a.forward(x, training=True)
+    assert float(np.min(y)) < 0  # no ReLU fused into it
+    assert conv_a.backward(np.ones_like(y)).shape == x.shape
+    stem = model.layers[0]
+    stem.forward(data[0][:2], training=True)
+    assert stem.backward(np.ones((2, 8, 8, 4))) is not None
+
+
+def test_a_graph_trains_in_mixed_precision_and_shows_one_tour_row_per_layer(data, tmp_path):
+    from xpcnn.viz import plot_stage_tour
+
+    model = make_model(dtype="float32")
+    model.compile(optimizer="adam", precision="mixed_float16")
+    history = model.fit(data[0].astype(np.float32), data[1], epochs=2, batch_size=8, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert all(str(p.dtype) == "float32" for la in model.layers for p in la.params.values())
+    fig = plot_stage_tour(model, data[0][0].astype(np.float32), tmp_path / "tour.png")
+    assert len(fig.axes) == 2 * (len(model.layers) + 1)
+
+
+def test_a_graph_on_pytorch_tensors_ends_with_numpy_weights(data):
+    pytest.importorskip("torch", reason="PyTorch is not installed")
+    import array_api_compat.torch as xt
+
+    weights = []
+    for device in ("cpu", xt):
+        model = make_model(device, dtype="float64")
+        model.compile(optimizer="adam")
+        model.fit(*data, epochs=1, batch_size=8, verbose=0)
+        weights.append(model.get_weights())
+    for a, b in zip(*weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -1,0 +1,257 @@
+"""The layer graph of a model, its plan, and the one executor that runs every model.
+
+A model's graph is its layers in a topological order, each with the tensors it reads
+(``inbound[k]``: 0 is the model's input, ``j + 1`` the output of layer ``j``); the output of the
+last layer is the model's output. A ``Sequential`` is the chain where layer ``k`` reads ``k``; a
+functional ``Model`` is traced from symbolic tensors (:func:`Input`, :func:`trace`).
+
+:func:`compile_plan` turns a graph into immutable :class:`Step` records (a layer, the slots it
+reads and writes, the :class:`~xpcnn.layers.base.Options` it is called with), and
+:func:`forward` and :func:`backward` run a plan: the only copy of the forward and backward code.
+The plan fuses a plain ``ReLU()`` into the ``Conv2D`` or ``Dense`` before it when that layer's
+output has no other consumer, and hands a ReLU's gradient to a max pool or FeatureNorm reading
+it alone (one pass over a batch fewer each time). Nothing is set on the layers or switched on
+and off around a pass: a layer called by itself always gets the default options and does all
+its own work.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import checks
+from .backend import Backend
+from .errors import InputError
+from .layers.activation import ReLU
+from .layers.base import DEFAULT, Layer, Options, Shape, SymbolicTensor
+
+Inbound = tuple[int, ...]
+
+
+def Input(shape: tuple[int, ...] | list[int], name: str = "input") -> SymbolicTensor:  # noqa: N802
+    """The symbolic input of a functional model: per-sample ``shape``, e.g. (32, 32, 3)."""
+    ok = isinstance(shape, tuple | list) and all(
+        isinstance(d, int | np.integer) and not isinstance(d, bool) and d > 0 for d in shape)
+    if not ok or not shape:
+        raise InputError(f"Input shape must be positive sizes such as (H, W, C) (no batch "
+                         f"axis), got {shape!r}")
+    return SymbolicTensor(tuple(int(d) for d in shape), None, checks.name(name, "input name"))
+
+
+def _one(t: Any, what: str) -> SymbolicTensor:
+    if isinstance(t, list | tuple) and len(t) == 1:
+        t = t[0]
+    if not isinstance(t, SymbolicTensor):
+        raise InputError(f"Model {what} must be one symbolic tensor (from xpcnn.Input or a "
+                         f"layer called on one), got {type(t).__name__}")
+    return t
+
+
+def input_shape_of(inputs: Any) -> Shape:
+    return _one(inputs, "inputs").shape
+
+
+def inbound_of(layer_specs: list[dict[str, Any]]) -> list[Inbound]:
+    """What each layer of a configuration (``Model.get_config()["layers"]``) reads: its
+    ``inbound`` list, or the layer before it where it has none."""
+    inbound = []
+    for k, spec in enumerate(layer_specs):
+        ins = spec.get("inbound", [k])
+        if not isinstance(ins, list) or not all(type(i) is int for i in ins):
+            raise InputError(f"layer {k}: inbound must be a list of layer numbers, got {ins!r}")
+        inbound.append(tuple(ins))
+    return inbound
+
+
+def trace(inputs: Any, outputs: Any) -> tuple[list[Layer], list[Inbound]]:
+    """The graph from ``inputs`` (an :func:`Input`) to ``outputs``: layers in the order they
+    were called, and what each reads."""
+    inputs, outputs = _one(inputs, "inputs"), _one(outputs, "outputs")
+    if inputs.node is not None:
+        raise InputError(f"Model inputs must be the tensor xpcnn.Input(shape) returns; "
+                         f"{inputs.name!r} is the output of a layer")
+    tensors: dict[int, SymbolicTensor] = {}
+    stack = [outputs]
+    while stack:
+        t = stack.pop()
+        if t.node is None and t is not inputs:
+            raise InputError(f"the outputs are computed from input {t.name!r} of shape "
+                             f"{t.shape}, which is not this model's input: the graph from the "
+                             "model's input to its outputs is disconnected (xpcnn models have "
+                             "one input)")
+        if t.node is not None and id(t) not in tensors:
+            tensors[id(t)] = t
+            stack.extend(t.node.inputs)
+    if not tensors:
+        raise InputError("the model has no layers: its outputs are its inputs")
+    order = sorted(tensors.values(), key=lambda t: t.node.order)  # type: ignore[union-attr]
+    seen: dict[int, Layer] = {}
+    for t in order:
+        layer = t.node.layer  # type: ignore[union-attr]
+        if id(layer) in seen:
+            raise InputError(f"layer {layer.name!r} is called twice in this graph: an xpcnn "
+                             "layer keeps one forward pass for its backward, so shared layers "
+                             "are not supported; use a second layer (set_weights copies "
+                             "weights)")
+        seen[id(layer)] = layer
+    index = {id(inputs): 0, **{id(t): k + 1 for k, t in enumerate(order)}}
+    return ([t.node.layer for t in order],  # type: ignore[union-attr]
+            [tuple(index[id(i)] for i in t.node.inputs) for t in order])  # type: ignore[union-attr]
+
+
+def check_graph(layers: list[Layer], inbound: list[Inbound]) -> None:
+    """Each layer reads tensors made before it, as many as it takes (one; two or more for a
+    merge layer), and every layer leads to the output."""
+    if len(inbound) != len(layers):
+        raise InputError(f"{len(layers)} layers but {len(inbound)} inbound lists")
+    used = {len(layers)}
+    for k, (layer, ins) in enumerate(zip(layers, inbound, strict=True)):
+        if not all(isinstance(i, int) and 0 <= i <= k for i in ins):
+            raise InputError(f"layer {k} ({layer.name!r}) reads {list(ins)}: each input must be "
+                             f"0 (the model's input) or an earlier layer's output (1..{k})")
+        if (len(ins) >= 2) != layer.multi_input or not ins:
+            want = "two or more inputs" if layer.multi_input else "one input"
+            raise InputError(f"layer {k} ({layer.name!r}, {type(layer).__name__}) takes {want}, "
+                             f"got {len(ins)}")
+        used.update(ins)
+    dead = [layers[k].name for k in range(len(layers)) if k + 1 not in used]
+    if dead:
+        raise InputError(f"layers {dead} do not lead to the model's output")
+
+
+def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backend: Backend,
+          dtype: str, compute_dtype: str, seed: int) -> None:
+    """Build every layer for its inputs' shapes; layer ``k``'s weights come from the seed
+    ``[seed, k]``, the same on every device."""
+    shapes: list[Any] = [input_shape]
+    for k, (layer, ins) in enumerate(zip(layers, inbound, strict=True)):
+        shape = [shapes[i] for i in ins] if layer.multi_input else shapes[ins[0]]
+        rng = np.random.default_rng([seed, k])
+        shapes.append(layer.build(shape, backend, dtype, compute_dtype, rng))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One layer call of a plan: read ``inputs`` (slots), write ``output``, with ``options``;
+    ``backward`` says whether the backward pass calls it; ``release`` lists the slots nothing
+    reads after this step (freed in the forward pass)."""
+
+    layer: Layer
+    inputs: Inbound
+    output: int
+    options: Options
+    backward: bool
+    release: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compiled graph: its steps in order, the slot of the result (the logits), and the
+    slots whose gradient some layer needs."""
+
+    steps: tuple[Step, ...]
+    output: int
+    slots: int
+    needs_grad: frozenset[int]
+
+    def options(self, layer: Layer) -> Options:
+        """The options the plan calls ``layer`` with (the defaults for one it skips)."""
+        return next((s.options for s in self.steps if s.layer is layer), DEFAULT)
+
+
+def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool) -> Plan:
+    """The plan of a graph; ``drop_last`` leaves out the final layer (a Softmax left to the
+    loss): the plan's result is then that layer's input."""
+    count = len(layers) - 1 if drop_last else len(layers)
+    result = inbound[-1][0] if drop_last else len(layers)
+    uses = Counter(i for ins in inbound[:count] for i in ins)
+    uses[result] += 1
+    # A plain ReLU() reading alone the output of a layer that can apply it is fused into it:
+    # the ReLU's output is then that layer's output slot.
+    alias: dict[int, int] = {}
+    producer: dict[int, int] = {}  # slot -> index (into kept) of the step writing it
+    fused: set[int] = set()
+    kept: list[tuple[Layer, Inbound, int]] = []
+    for k in range(count):
+        layer, ins = layers[k], tuple(alias.get(i, i) for i in inbound[k])
+        before = producer.get(ins[0])
+        if (isinstance(layer, ReLU) and layer.max_value is None and before is not None
+                and kept[before][0].can_fuse_relu and uses[inbound[k][0]] == 1):
+            fused.add(before)
+            alias[k + 1] = ins[0]
+            continue
+        producer[k + 1] = len(kept)
+        kept.append((layer, ins, k + 1))
+    result = alias.get(result, result)
+    # Which slots need a gradient: those computed from a trainable parameter.
+    needs: set[int] = set()
+    need_dx = []
+    for layer, ins, out in kept:
+        need_dx.append(any(i in needs for i in ins))
+        if need_dx[-1] or (layer.trainable and layer.params):
+            needs.add(out)
+    # A ReLU's gradient is applied by the one layer reading its output where that layer can
+    # do it in its own passes (see Options.apply_input_relu_grad).
+    readers = Counter(i for _, ins, _ in kept for i in ins)
+    readers[result] += 1
+    skip: set[int] = set()
+    apply: set[int] = set()
+    for j, (layer, ins, _) in enumerate(kept):
+        before = producer.get(ins[0])
+        if (len(ins) == 1 and before is not None and readers[ins[0]] == 1 and need_dx[j]
+                and layer.can_apply_input_relu_grad
+                and (kept[before][0].relu_output or before in fused)):
+            skip.add(before)
+            apply.add(j)
+    last_read = {i: j for j, (_, ins, _) in enumerate(kept) for i in ins}
+    steps = []
+    for j, (layer, ins, out) in enumerate(kept):
+        options = Options(fused_relu=j in fused, skip_relu_grad=j in skip,
+                          apply_input_relu_grad=j in apply, need_input_grad=need_dx[j])
+        release = tuple(sorted({i for i in ins if last_read[i] == j and i != result}))
+        steps.append(Step(layer, ins, out, options,
+                          need_dx[j] or bool(layer.trainable and layer.params), release))
+    return Plan(tuple(steps), result, len(layers) + 1, frozenset(needs))
+
+
+def forward(plan: Plan, x: Any, training: bool) -> Any:
+    """Run the plan's steps on batch ``x``; returns the plan's result."""
+    values: list[Any] = [None] * plan.slots
+    values[0] = x
+    for step in plan.steps:
+        ins = step.inputs
+        a = [values[i] for i in ins] if step.layer.multi_input else values[ins[0]]
+        values[step.output] = step.layer.forward(a, training, step.options)
+        for i in step.release:
+            values[i] = None
+    return values[plan.output]
+
+
+def backward(plan: Plan, dz: Any) -> None:
+    """Backward pass from the result's gradient ``dz``, after ``forward(plan, x, True)``:
+    fills every trainable layer's ``grads``. A tensor read by several layers receives the sum
+    of their gradients."""
+    grads = {plan.output: dz}
+    for step in reversed(plan.steps):
+        if not step.backward:
+            continue
+        dx = step.layer.backward(grads.pop(step.output), step.options)
+        if not step.options.need_input_grad:
+            continue
+        for i, g in zip(step.inputs, dx if step.layer.multi_input else (dx,), strict=True):
+            if i in plan.needs_grad:
+                grads[i] = grads[i] + g if i in grads else g
+
+
+def each_output(layers: list[Layer], inbound: list[Inbound], x: Any, training: bool = False
+                ) -> list[Any]:
+    """Every layer's output, each layer doing all its own work (for inspection)."""
+    values = [x]
+    for layer, ins in zip(layers, inbound, strict=True):
+        a = [values[i] for i in ins] if layer.multi_input else values[ins[0]]
+        values.append(layer.forward(a, training))
+    return values[1:]

@@ -1,0 +1,69 @@
+"""Merge layers: several batches in, one out (the functional API's skip connections and
+branches). ``forward`` takes a list of batches; ``backward`` returns one gradient per input,
+in the same order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from .base import DEFAULT, Layer, Options, Shape
+
+
+class Add(Layer):
+    """The elementwise sum of two or more batches of one shape (a residual connection)."""
+
+    multi_input = True
+
+    def _build(self, input_shape: tuple[Shape, ...], rng: np.random.Generator) -> Shape:
+        _require_inputs(self, input_shape)
+        if any(s != input_shape[0] for s in input_shape):
+            raise InputError(f"layer {self.name!r} (Add) adds inputs of one shape, got "
+                             f"{', '.join(map(str, input_shape))}")
+        return input_shape[0]
+
+    def forward(self, x: list[Any], training: bool = False, options: Options = DEFAULT) -> Any:
+        y = x[0] + x[1]
+        for a in x[2:]:
+            y = y + a
+        if training:
+            self._cache_count = len(x)
+        return y
+
+    def backward(self, dy: Any, options: Options = DEFAULT) -> list[Any]:
+        return [dy] * self._cache_count  # (the model sums what reaches one tensor twice)
+
+
+class Concatenate(Layer):
+    """Two or more batches side by side along the channel (last) axis; every other axis must
+    match. (N, H, W, C1) and (N, H, W, C2) give (N, H, W, C1 + C2)."""
+
+    multi_input = True
+
+    def _build(self, input_shape: tuple[Shape, ...], rng: np.random.Generator) -> Shape:
+        _require_inputs(self, input_shape)
+        first = input_shape[0]
+        if any(len(s) != len(first) or s[:-1] != first[:-1] for s in input_shape):
+            raise InputError(f"layer {self.name!r} (Concatenate) joins inputs along the last "
+                             "(channel) axis, so every other axis must match; got "
+                             f"{', '.join(map(str, input_shape))}")
+        self.splits = [s[-1] for s in input_shape]
+        return (*first[:-1], sum(self.splits))
+
+    def forward(self, x: list[Any], training: bool = False, options: Options = DEFAULT) -> Any:
+        return self.xp.concat(list(x), axis=-1)
+
+    def backward(self, dy: Any, options: Options = DEFAULT) -> list[Any]:
+        grads, start = [], 0
+        for size in self.splits:
+            grads.append(dy[..., start:start + size])
+            start += size
+        return grads
+
+
+def _require_inputs(layer: Layer, input_shape: tuple[Shape, ...]) -> None:
+    if len(input_shape) < 2:
+        raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) merges two or more "
+                         f"inputs, got {len(input_shape)}")
