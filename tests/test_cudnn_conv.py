@@ -29,6 +29,7 @@ def cc(monkeypatch):
     GRAPHS.clear()
     monkeypatch.delenv("XPCNN_TF32", raising=False)
     monkeypatch.delenv("XPCNN_CUDNN", raising=False)
+    monkeypatch.delenv("CUPY_TF32", raising=False)
     monkeypatch.setattr(PyGraph, "refuse", None)
     yield module
     restore(saved)
@@ -181,6 +182,20 @@ def test_cudnn_that_does_not_load_warns_once(cc, monkeypatch):
     cc.load.cache_clear()
     monkeypatch.setenv("XPCNN_CUDNN", "0")
     assert cc.load() is None
+
+
+def test_matmul_graphs_follow_cupys_tf32_switch_not_the_convolutions(cc, monkeypatch, rng):
+    """A captured step's matmuls compute as an eager step's cuBLAS ones: full float32 unless
+    CUPY_TF32=1, whatever XPCNN_TF32 says for the convolutions."""
+    a, b = rng.standard_normal((5, 7)).astype(np.float32), rng.standard_normal((7, 4))
+    notes = []
+    for cupy_tf32 in ("0", "1"):
+        monkeypatch.setenv("CUPY_TF32", cupy_tf32)
+        monkeypatch.setenv("XPCNN_TF32", "1")
+        cc.CudnnMatmul(cc.load())(a, b.astype(np.float32))
+        notes.append(GRAPHS[-1].deselected)
+    assert notes == [[NumericalNote.DOWN_CONVERT_INPUTS, NumericalNote.TENSOR_CORE],
+                     [NumericalNote.DOWN_CONVERT_INPUTS]]
 
 
 @pytest.mark.parametrize("transpose_a, transpose_b", [(False, False), (True, False),

@@ -493,7 +493,7 @@ def test_cudnn_matches_the_standard_path(cp, cudnn_module, monkeypatch, rng, cas
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_cudnn_matmul_graphs(cp, cudnn_module, monkeypatch, rng, dtype):
     cudnn_conv, cudnn = cudnn_module
-    monkeypatch.setenv("XPCNN_TF32", "0")
+    monkeypatch.delenv("CUPY_TF32", raising=False)  # full float32, as CuPy's own matmuls
     matmul = cudnn_conv.CudnnMatmul(cudnn)
     a, b = _random(cp, rng, (300, 40), dtype), _random(cp, rng, (40, 24), dtype)
     tol = 1e-5 if dtype == "float32" else 1e-2
@@ -545,9 +545,10 @@ def test_replayed_steps_give_the_weights_of_eager_steps(cudnn_module, monkeypatc
                                                         make_optimizer, precision, tol):
     """A fit whose steps are captured and replayed (and whose last, smaller batch of each
     epoch runs eagerly) against the same fit without graphs: the same weights, to rounding
-    (full float32, so that cuDNN's matmuls in the graph and cuBLAS's outside agree; mixed
-    float16 with its loss scale on the device)."""
+    (cuDNN's matmuls in the graph and cuBLAS's outside both in full float32; mixed float16
+    with its loss scale on the device)."""
     monkeypatch.setenv("XPCNN_TF32", "0")
+    monkeypatch.delenv("CUPY_TF32", raising=False)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (72, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 72)
     results = []

@@ -18,6 +18,9 @@ carry cuDNN's numerical note DOWN_CONVERT_INPUTS (float16 products inside) are a
 excluded, those with TENSOR_CORE (TF32) too where TF32 is off
 (``pygraph.deselect_numeric_notes``).
 
+Matmul graphs follow CuPy's switch for its own matmuls instead (``CUPY_TF32``, full float32
+by default), as a captured step's products must match an eager step's.
+
 Where cuDNN cannot be loaded, or has no plan for a case, the hand-written CUDA kernels run
 instead, after a one-line warning (once per reason).
 """
@@ -74,6 +77,13 @@ def _address(a: Any) -> int:
     return a.data.ptr
 
 
+def matmul_tf32() -> bool:
+    """Whether float32 matmul graphs may run in TF32: CuPy's own switch for its (cuBLAS)
+    matmuls, ``CUPY_TF32`` (off unless "1"), so that a captured step's products are computed
+    as an eager step's are (and as PyTorch's matmuls are by default: in full float32)."""
+    return os.environ.get("CUPY_TF32", "0") != "0"
+
+
 _HANDLES: dict[int, Any] = {}
 
 
@@ -122,10 +132,10 @@ class Plan:
                            _address(workspace), handle=_handle(self.cudnn))
 
 
-def build_plan(cudnn: ModuleType, dtype: Any, make: Any) -> Plan:
+def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool) -> Plan:
     """Build a graph of ``dtype`` data (float32 accumulators; float64 for float64): ``make(g,
-    io)`` adds its tensors and operations and returns the named tensors. Raises where cuDNN
-    has no plan for it."""
+    io)`` adds its tensors and operations and returns the named tensors; float32 products in
+    TF32 only with ``allow_tf32``. Raises where cuDNN has no plan for it."""
     io = _data_type(cudnn, dtype)
     compute = cudnn.data_type.DOUBLE if io == cudnn.data_type.DOUBLE else cudnn.data_type.FLOAT
     graph = cudnn.pygraph(io_data_type=io, intermediate_data_type=compute,
@@ -136,7 +146,7 @@ def build_plan(cudnn: ModuleType, dtype: Any, make: Any) -> Plan:
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
     if io == cudnn.data_type.FLOAT:  # no float16 products inside; TF32 only where allowed
         graph.deselect_numeric_notes([cudnn.numerical_note.DOWN_CONVERT_INPUTS]
-                                     + ([] if tf32() else [cudnn.numerical_note.TENSOR_CORE]))
+                                     + ([] if allow_tf32 else [cudnn.numerical_note.TENSOR_CORE]))
     graph.check_support()
     graph.build_plans()
     return Plan(cudnn, graph, tensors)
@@ -158,7 +168,7 @@ class CudnnConv(ConvEngine):
         """The cached plan of ``key``; None where cuDNN has none (the fallback runs)."""
         if key not in self._plans:
             try:
-                self._plans[key] = build_plan(self.cudnn, dtype, make)
+                self._plans[key] = build_plan(self.cudnn, dtype, make, tf32())
             except Exception as e:  # the frontend's errors have no common base
                 reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
                 warn_once(f"xpcnn: cuDNN has no plan for {key[0]} of {self.geometry} in "
@@ -288,7 +298,7 @@ class CudnnMatmul:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = build_plan(self.cudnn, a.dtype, self._make(
-                m, k, n, transpose_a, transpose_b))
+                m, k, n, transpose_a, transpose_b), matmul_tf32())
         c = cupy.empty((m, n), a.dtype)
         plan.run(a=a, b=b, c=c)
         return c
