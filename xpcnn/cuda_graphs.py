@@ -4,17 +4,19 @@ On a GPU a training step is a few hundred kernel launches; at small batches the 
 Python issuing them (PyTorch's own step graph ran 2.77x faster at batch 128 on an H200). A
 replayed graph is one launch. What a captured step needs, and how it gets it:
 
-- Per-step numbers from device memory: the learning rate and Adam's bias corrections are 0-d
-  device arrays refilled before each replay (:meth:`xpcnn.optim.Optimizer.step_scalars`), and
-  the batch is copied into static input buffers. Anything else the host would pass by value
-  is baked in at capture, so models whose layers draw random numbers from a host counter
-  (Dropout, RandomFlip, RandomCrop) run eagerly.
+- Per-step numbers from device memory: the learning rate, Adam's bias corrections and the
+  step count are 0-d device arrays refilled before each replay
+  (:meth:`xpcnn.optim.Optimizer.step_scalars`), and the batch is copied into static input
+  buffers. Anything else the host would pass by value is baked in at capture, so models whose
+  layers draw random numbers from a host counter (Dropout, RandomFlip, RandomCrop) run
+  eagerly.
 - State updated in place: a graph reads and writes the addresses it was captured with. Every
-  array that outlives a step (parameters, their optimiser slots, normalisation statistics)
-  must be written with ``a[...] =``; one rebound to a new array during the step would be read
-  stale at the next replay. The identities of those arrays are compared after capture (a
-  rebound one discards the graph, with the reason) and before each replay (replaced ones, by
-  ``set_weights``, ``load_weights`` or ``to``, make the step capture again).
+  array that outlives a step (parameters, their optimiser slots, normalisation statistics,
+  the running totals and the float16 loss scale of :mod:`xpcnn.totals`) must be written with
+  ``a[...] =``; one rebound to a new array during the step would be read stale at the next
+  replay. The last warm-up step checks that none is rebound (else the step stays eager, with
+  the reason), and each replay that the captured arrays are still the model's (replaced ones,
+  by ``set_weights``, ``load_weights`` or a checkpoint, make the step capture again).
 - No cuBLAS: CuPy 14 refuses to capture it, so matrix products run as cuDNN graphs during the
   warm-up and the capture (``CupyKernels.capturable``).
 - No host reads inside the step.
