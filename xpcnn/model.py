@@ -640,6 +640,18 @@ class Model:
         return sum(la.count_params() for la in self.layers)
 
     @property
+    def trainable(self) -> bool:
+        """False when every layer is frozen. Setting it freezes (or unfreezes) every layer, as
+        Keras does: ``base.trainable = False`` on a model used inside another fine-tunes the
+        rest."""
+        return any(la.trainable for la in self.layers)
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        for la in self.layers:
+            la.trainable = bool(value)
+
+    @property
     def trainable_layers(self) -> list[Layer]:
         """The layers the optimiser updates: those with parameters not frozen
         (``layer.trainable = False``), in weight order."""
