@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .conv import im2col_into
+from .convolution import ConvEngine, ConvGeometry, kernels_conv
 from .pool import max_pool, max_pool_backward
 from .softmax import cross_entropy, loss_and_correct, target_rows
 
@@ -49,6 +50,11 @@ class StandardKernels:
 
     def __init__(self, xp: Any) -> None:
         self.xp = xp
+
+    def conv_engine(self, geometry: ConvGeometry, backend: Any) -> ConvEngine:
+        """The engine that runs a convolution layer of this ``geometry`` (see
+        :mod:`xpcnn.ops.convolution`): here the chunked loops over these kernels."""
+        return kernels_conv(geometry, self, backend)
 
     def pinned(self) -> contextlib.AbstractContextManager[None]:
         """Held around a training step or prediction (see :meth:`Backend.compute_scope`)."""
