@@ -78,7 +78,9 @@ class Model:
 
     ``device`` picks the array library and device (see :func:`xpcnn.backend.get_backend`),
     ``seed`` the initial weights (the same on every device), ``dtype`` the parameters' dtype.
-    Building gives every layer fresh weights, layer ``k``'s from the seed ``[seed, k]``.
+    Building gives layer ``k`` fresh weights from the seed ``[seed, k]``, unless it is already
+    built for the same input shape, device and dtype: then it keeps its weights (a trained model
+    used inside another, as in Keras).
 
     :attr:`layers` (and :meth:`get_weights`, layer by layer) come in the order the layers were
     called on symbolic tensors, a topological order. A tensor read by several layers receives
@@ -147,7 +149,7 @@ class Model:
     def __call__(self, x: Any) -> Any:
         """On a symbolic tensor: calls every layer of this model on it, so that the model
         becomes part of a functional :class:`Model` (its layers are shared: training that
-        model trains them; it builds them afresh, from its own seed)."""
+        model trains them)."""
         if not isinstance(x, SymbolicTensor):
             raise InputError(f"a model is called on a symbolic tensor (to use it in a functional "
                              f"Model), got {type(x).__name__}; predict(x) runs it on a batch")
@@ -734,6 +736,18 @@ class Model:
     def count_params(self) -> int:
         """Every weight, trainable or not (BatchNorm's statistics, frozen layers'), as Keras."""
         return sum(la.count_params() for la in self.layers)
+
+    @property
+    def trainable(self) -> bool:
+        """False when every layer is frozen. Setting it freezes (or unfreezes) every layer, as
+        Keras does: ``base.trainable = False`` on a model used inside another fine-tunes the
+        rest."""
+        return any(la.trainable for la in self.layers)
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        for la in self.layers:
+            la.trainable = bool(value)
 
     @property
     def trainable_layers(self) -> list[Layer]:

@@ -120,7 +120,7 @@ class StandardKernels:
         """Gradient of a max pool of padded ``x`` (see :func:`xpcnn.ops.pool.max_pool_backward`):
         each window's gradient goes to its first maximum in row-major order. With
         ``relu_grad``, only where that maximum is > 0: the gradient of a ReLU before the pool
-        (see ``Layer.apply_input_relu_grad``)."""
+        (see ``Options.apply_input_relu_grad`` in :mod:`xpcnn.layers.base`)."""
         if relu_grad:
             dy = self.relu_backward(dy, y)
         return max_pool_backward(self.xp, x, y, dy, kernel, strides, out_hw)
@@ -156,7 +156,7 @@ class StandardKernels:
                               relu_x: Any = None) -> Any:
         """Gradient of :meth:`feature_norm` through its mean and variance; with ``relu_x``,
         the input of a feature norm after a ReLU, only where ``relu_x > 0``: the gradient of
-        that ReLU too (see ``Layer.apply_input_relu_grad``)."""
+        that ReLU too (see ``Options.apply_input_relu_grad`` in :mod:`xpcnn.layers.base`)."""
         dx = standardize_backward(self.xp, dy, xhat, inv_std, (1, 2))
         return dx if relu_x is None else self.relu_backward(dx, relu_x)
 
