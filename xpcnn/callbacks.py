@@ -304,7 +304,10 @@ class BackupAndRestore(Callback):
     ``resume=False`` ignores an existing file. While training, a Ctrl-C lets the step in
     progress finish, writes the checkpoint there and stops with
     :class:`~xpcnn.errors.TrainingInterrupted`. ``fit(checkpoint=PATH, resume=True)`` is short
-    for this callback (:mod:`xpcnn.saving.checkpoint` describes the file)."""
+    for this callback (:mod:`xpcnn.saving.checkpoint` describes the file). The learning-rate
+    factor that :class:`ReduceLROnPlateau` or :class:`LearningRateScheduler` set is optimiser
+    state and comes back; other callbacks' own counters (patience, best value) start afresh,
+    as in Keras."""
 
     def __init__(self, path: str | os.PathLike[str], save_freq: int | str = "epoch",
                  resume: bool = True) -> None:

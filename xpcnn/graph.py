@@ -127,12 +127,26 @@ def check_graph(layers: list[Layer], inbound: list[Inbound]) -> None:
 def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backend: Backend,
           dtype: str, compute_dtype: str, seed: int) -> None:
     """Build every layer for its inputs' shapes; layer ``k``'s weights come from the seed
-    ``[seed, k]``, the same on every device."""
+    ``[seed, k]``, the same on every device. A layer already built for the same input shape,
+    device and dtype keeps its weights (as in Keras: a trained model used inside another)."""
     shapes: list[Any] = [input_shape]
     for k, (layer, ins) in enumerate(zip(layers, inbound, strict=True)):
         shape = [shapes[i] for i in ins] if layer.multi_input else shapes[ins[0]]
+        if _built_for(layer, shape, backend, dtype):
+            layer.compute_dtype = backend.dtype(compute_dtype)
+            shapes.append(layer.output_shape)
+            continue
         rng = np.random.default_rng([seed, k])
         shapes.append(layer.build(shape, backend, dtype, compute_dtype, rng))
+
+
+def _built_for(layer: Layer, shape: Any, backend: Backend, dtype: str) -> bool:
+    if not layer.built:
+        return False
+    same_shape = layer.input_shape == (tuple(map(tuple, shape)) if layer.multi_input
+                                       else tuple(shape))
+    return (same_shape and layer.backend.xp is backend.xp
+            and layer.backend.device == backend.device and layer.dtype == backend.dtype(dtype))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,8 @@ from tqdm.auto import tqdm
 from . import checks, distributed, graph
 from .backend import Backend, DeviceLike, get_backend
 from .callbacks import BackupAndRestore, Callback, CallbackList, History, LazyLogs, ProgbarLogger
+from .cuda_graphs import StepGraphs
+from .cuda_graphs import blockers as graph_blockers
 from .data import (
     ArrayBatches,
     Batches,
@@ -75,7 +78,9 @@ class Model:
 
     ``device`` picks the array library and device (see :func:`xpcnn.backend.get_backend`),
     ``seed`` the initial weights (the same on every device), ``dtype`` the parameters' dtype.
-    Building gives every layer fresh weights, layer ``k``'s from the seed ``[seed, k]``.
+    Building gives layer ``k`` fresh weights from the seed ``[seed, k]``, unless it is already
+    built for the same input shape, device and dtype: then it keeps its weights (a trained model
+    used inside another, as in Keras).
 
     :attr:`layers` (and :meth:`get_weights`, layer by layer) come in the order the layers were
     called on symbolic tensors, a topological order. A tensor read by several layers receives
@@ -123,6 +128,10 @@ class Model:
         self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
         self._resume_at: Any = None  # where BackupAndRestore restarts a run
         self._position = (0, 0)  # (epoch, batches done in it) during fit
+        self.cuda_graphs: bool | None = None
+        #: Why training steps run without CUDA graphs ("" while they are captured, or will be).
+        self.cuda_graphs_reason = ""
+        self._graphs: StepGraphs | None = None
         self._graph: list[graph.Inbound] = []
         self._plan_cache: tuple[tuple[bool, ...], graph.Plan] | None = None
         if inputs is not None or outputs is not None:
@@ -143,7 +152,7 @@ class Model:
     def __call__(self, x: Any) -> Any:
         """On a symbolic tensor: calls every layer of this model on it, so that the model
         becomes part of a functional :class:`Model` (its layers are shared: training that
-        model trains them; it builds them afresh, from its own seed)."""
+        model trains them)."""
         if not isinstance(x, SymbolicTensor):
             raise InputError(f"a model is called on a symbolic tensor (to use it in a functional "
                              f"Model), got {type(x).__name__}; predict(x) runs it on a batch")
@@ -271,13 +280,22 @@ class Model:
 
     def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
                 optimizer: str | Optimizer = "adam", metrics: tuple[str, ...] | list[str] = (
-                    "accuracy",), precision: str = "float32") -> None:
+                    "accuracy",), precision: str = "float32",
+                cuda_graphs: bool | None = None) -> None:
         """Choose the loss, the optimiser, the metrics (only ``"accuracy"``) and the precision.
 
         ``precision`` is ``"float32"``, ``"mixed_float16"`` or ``"mixed_bfloat16"``: matmuls in
         the low precision, float32 master weights, softmax, loss and normalisation statistics,
         and dynamic loss scaling for float16.
+
+        ``cuda_graphs``: capture the training step in a CUDA graph and replay it
+        (:mod:`xpcnn.cuda_graphs`); None (the default) does so on CuPy wherever the model
+        allows it, True also warns once where it does not, False never does.
+        ``cuda_graphs_reason`` says why steps run without.
         """
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise InputError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
+        self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
         self.loss = get_loss(loss)
         self.optimizer = get_optimizer(optimizer)
         metrics = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -314,9 +332,27 @@ class Model:
         ``fit`` reads them regularly (see :mod:`xpcnn.totals`), :meth:`train_on_batch` at once.
         """
         with self.backend.compute_scope():
-            return self._train_step(xb, yb)
+            # (a data-parallel step runs uncaptured: its allreduces are outside any graph)
+            graphs = None if self._parallel is not None else self._step_graphs()
+            step = self.optimizer.iterations + 1  # type: ignore[union-attr]
+            stats = None if graphs is None else graphs.run(xb, yb)
+            if stats is None:
+                stats = self._device_step(xb, yb, step)
+            else:  # (a replay rewrites the graph's outputs: the caller gets copies)
+                stats = self.backend.xp.asarray(stats[:2], copy=True)
+            totals = self._running_totals()
+            totals.pending.append((step, xb))
+            if len(totals.pending) >= READ_EVERY:
+                self._read_totals()
+            return stats[0], stats[1]
 
-    def _train_step(self, xb: Any, yb: Any) -> tuple[Any, Any]:
+    def _device_step(self, xb: Any, yb: Any, step: Any, scalars: dict[str, Any] | None = None
+                     ) -> Any:
+        """Training step ``step`` on the device, with no host read: forward, loss, backward,
+        the running totals and the update (skipped on the device where the step is not
+        finite). With ``scalars`` (a step captured in a CUDA graph), ``step`` and the
+        optimiser's per-step numbers are device scalars, and every array that outlives the
+        step is updated in place. Returns the batch's [loss, correct count]."""
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
         opt = self.optimizer
@@ -326,14 +362,16 @@ class Model:
         if self._scaling is not None:
             inverse = 1.0 / self._scaling[0]
             grads = [g * inverse for g in grads]
-        totals = self._running_totals()
         n = int(xb.shape[0]) if self._parallel is None else self._parallel.total
-        apply, self._scaling = totals.add(stats, grads, n, opt.iterations + 1, xb, self._scaling,
-                                          opt.keeps_squares)
-        opt.step(xp, params, grads, kernels, apply=apply)
-        if len(totals.pending) >= READ_EVERY:
-            self._read_totals()
-        return stats[0], stats[1]
+        apply, scaling = self._running_totals().add(stats, grads, n, step, self._scaling,
+                                                    opt.keeps_squares)
+        if scaling is not None:
+            self._scaling[...] = scaling
+        if scalars is None:
+            opt.step(xp, params, grads, kernels, apply=apply)
+        else:
+            opt.scalar_step(xp, params, grads, scalars, apply=apply)
+        return stats
 
     def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any) -> tuple[Any, list[Any]]:
         """[loss, correct count] of a batch and the gradients of its (scaled) loss, in parameter
@@ -359,6 +397,67 @@ class Model:
         self._backward(dz, dp.buckets.layer_done)
         grads, stats = dp.buckets.finish()
         return stats, grads
+
+    # -- CUDA graphs (xpcnn.cuda_graphs) ------------------------------------------------------
+    def _step_graphs(self) -> StepGraphs | None:
+        """The captured-step runner where this model's steps can be captured, else None (with
+        the reason in ``cuda_graphs_reason``)."""
+        if self.cuda_graphs is False or self.cuda_graphs_reason:
+            return None
+        if self._graphs is not None and self._graphs.backend is self.backend:
+            if self._graphs.reason:  # (found while warming up or capturing)
+                self.cuda_graphs_reason = self._graphs.reason
+                return None
+            return self._graphs
+        reasons = self._graph_blockers()
+        if reasons:
+            self.cuda_graphs_reason = reasons[0]
+            if self.cuda_graphs:
+                warnings.warn(f"xpcnn: training steps run without CUDA graphs: {reasons[0]}",
+                              RuntimeWarning, stacklevel=3)
+            return None
+        opt = self.optimizer
+        assert opt is not None
+
+        def scalars() -> dict[str, float]:
+            values = opt.step_scalars()
+            assert "iteration" not in values, "an optimiser's scalar shadows the step count"
+            return {**values, "iteration": float(opt.iterations + 1)}
+
+        def advance() -> None:
+            opt.iterations += 1
+
+        # (on CuPy the kernels can always make matmuls capturable: see _graph_blockers)
+        capturable = getattr(kernels_for(self.backend), "capturable", contextlib.nullcontext)
+        self._running_totals()  # (made before the warm-up: its state is captured)
+        self._graphs = StepGraphs(
+            lambda xb, yb, s: self._device_step(xb, yb, s["iteration"], s), self._graph_arrays,
+            scalars, advance, self.backend, capturable, exact=("iteration",))
+        return self._graphs
+
+    def _graph_blockers(self) -> list[str]:
+        extra = []
+        if self.backend.name == "cupy":
+            from .ops import cudnn_conv
+
+            if not hasattr(kernels_for(self.backend), "capturable"):
+                extra.append("the CuPy fast path is off (XPCNN_FAST_PATH=0): the standard "
+                             "matrix products go to cuBLAS, which CuPy cannot capture")
+            elif cudnn_conv.load() is None:
+                extra.append("cuDNN could not be loaded: the matrix products would go to "
+                             "cuBLAS, which CuPy cannot capture")
+        return graph_blockers(self.layers, self.optimizer, self.backend.name, tuple(extra))
+
+    def _graph_arrays(self) -> list[tuple[str, Any]]:
+        """Every array that outlives a training step, parameters first (see StepGraphs)."""
+        params = [(f"param {la.name}.{k}", a) for la in self.layers for k, a in la.params.items()]
+        state = [(f"state {la.name}.{k}", a) for la in self.layers for k, a in la.state.items()]
+        slots = [(f"optimizer slot {k}.{i}", a)
+                 for k, v in self.optimizer.slots.items()  # type: ignore[union-attr]
+                 for i, a in enumerate(v)]
+        totals = [("the running totals", self._running_totals().state)]
+        scaling = [] if self._scaling is None else [("the loss scale", self._scaling)]
+        return params + state + slots + totals + scaling
 
     def train_on_batch(self, x: Any, y: Any) -> dict[str, float]:
         """One training step on one batch of host or device arrays, checked at once (the host
@@ -693,6 +792,18 @@ class Model:
         return sum(la.count_params() for la in self.layers)
 
     @property
+    def trainable(self) -> bool:
+        """False when every layer is frozen. Setting it freezes (or unfreezes) every layer, as
+        Keras does: ``base.trainable = False`` on a model used inside another fine-tunes the
+        rest."""
+        return any(la.trainable for la in self.layers)
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        for la in self.layers:
+            la.trainable = bool(value)
+
+    @property
     def trainable_layers(self) -> list[Layer]:
         """The layers the optimiser updates: those with parameters not frozen
         (``layer.trainable = False``), in weight order."""
@@ -737,6 +848,7 @@ class Model:
         if self._scaling is not None:
             self._scaling = backend.asarray(self.backend.to_numpy(self._scaling))
         self.backend = backend  # (the running totals are made afresh there)
+        self._graphs, self.cuda_graphs_reason = None, ""
         return self
 
     def save(self, path: str | os.PathLike[str]) -> None:
