@@ -220,7 +220,7 @@ def bench_functional(names: list[str]) -> list[dict[str, Any]]:
         (s_train, s_infer), (f_train, f_infer) = xpcnn_steps(seq, x, y), xpcnn_steps(fun, x, y)
         load_before = load_average()
         times = {mode: block_times({"sequential": s, "functional": f}, ARGS.steps, ARGS.blocks,
-                                   ARGS.warmup)
+                                   ARGS.warmup, alternate=True)
                  for mode, s, f in (("train", s_train, f_train), ("infer", s_infer, f_infer))}
         row: dict[str, Any] = {"model": name, "batch": ARGS.batch_size,
                                "load_average": [load_before, load_average()]}
@@ -253,8 +253,9 @@ def print_functional(rows: list[dict[str, Any]]) -> None:
                   f"{100 * t['cost']:>+7.1f}%{i['sequential_img_s']:>17.0f}"
                   f"{i['functional_img_s']:>12.0f}{100 * i['cost']:>+7.1f}%")
     print(f"\n{ARGS.steps} steps each after {ARGS.warmup} warm-up, block timing "
-          f"({ARGS.blocks} blocks), batch {ARGS.batch_size}; cost = functional time / "
-          f"Sequential time - 1. Load average before/after: "
+          f"({ARGS.blocks} blocks, the order reversed every other block), batch "
+          f"{ARGS.batch_size}; cost = functional time / Sequential time - 1. Load average "
+          f"before/after: "
           f"{ {r['model']: r['load_average'] for r in rows} }")
 
 
@@ -343,16 +344,19 @@ def block_timing(fns: dict[str, Any], steps: int, blocks: int, warmup: int) -> d
     return {k: statistics.median(v) for k, v in block_times(fns, steps, blocks, warmup).items()}
 
 
-def block_times(fns: dict[str, Any], steps: int, blocks: int, warmup: int
-                ) -> dict[str, list[float]]:
-    """Seconds of every timed step of each function, in blocks of steps, one at a time."""
+def block_times(fns: dict[str, Any], steps: int, blocks: int, warmup: int,
+                alternate: bool = False) -> dict[str, list[float]]:
+    """Seconds of every timed step of each function, in blocks of steps, one at a time
+    (``alternate``: the order of the functions reversed every other block, so that neither
+    always runs first)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     per_block = [steps // blocks + (i < steps % blocks) for i in range(blocks)]
-    for n in per_block:
-        for k, fn in fns.items():
+    for i, n in enumerate(per_block):
+        items = list(fns.items())
+        for k, fn in reversed(items) if alternate and i % 2 else items:
             fn()  # one untimed step: the other library's threads go quiet
             for _ in range(n):
                 times[k].append(_time(fn))

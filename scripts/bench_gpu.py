@@ -1,10 +1,21 @@
 """GPU training and inference speed: xpcnn on CuPy against PyTorch CUDA eager (cuDNN).
 
 For each reference model (notebook, mnist, cifar), batch size (128, 512) and precision
-(float32, mixed_float16): training-step and inference images/s of both, timed with device
-synchronisation (median of per-step times after warm-up, in blocks of one library then the
-other), and peak GPU memory of a training step (CuPy: the memory pool's high-water mark of
-used bytes; PyTorch: ``torch.cuda.max_memory_allocated``).
+(float32, mixed_float16):
+- images/s through ``fit`` on host uint8 images, as users call it (``--fit-batches`` batches
+  an epoch, shuffled, after a warm-up epoch; CUDA graphs as ``compile`` sets them by default,
+  and why not where they are off);
+- training-step and inference images/s of xpcnn and PyTorch, timed with device
+  synchronisation (median of per-step times after warm-up, in blocks of one library then the
+  other), batches already on the GPU;
+- the training step's achieved TFLOP/s (3x the forward pass's convolution and Dense
+  multiply-adds, times two) and its share of the GPU's datasheet peak for that precision
+  (float32 with TF32 on: the TF32 tensor-core peak);
+- peak GPU memory of a training step (CuPy: the memory pool's high-water mark of used bytes;
+  PyTorch: ``torch.cuda.max_memory_allocated``).
+
+``--conv-layers MODEL:BATCH:PRECISION`` also times each convolution layer's three operations
+with cuDNN and with xpcnn's hand-written CUDA kernels.
 
     python scripts/bench_gpu.py --json gpu.json              # on a machine with a CUDA GPU
     python scripts/bench_gpu.py --device cpu --steps 2 --batch-sizes 8   # dry run on the CPU
@@ -24,6 +35,7 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -104,6 +116,99 @@ class PeakMemory:
         finally:
             cupy.cuda.set_allocator(self.pool.malloc)
         return (peak[0] - self.base) / 2**20
+
+
+# Datasheet peaks, dense, in TFLOP/s (H100 / H200 SXM: the same compute): the CUDA cores'
+# float32, the tensor cores' TF32 and float16. Not measured here.
+PEAK_TFLOPS = {"H200": {"float32": 67.0, "tf32": 494.7, "float16": 989.4},
+               "H100": {"float32": 67.0, "tf32": 494.7, "float16": 989.4}}
+
+
+def peak_tflops(card: str, precision: str) -> float | None:
+    """The datasheet peak of the product xpcnn runs for ``precision`` on ``card``."""
+    kind = ("float16" if precision == "mixed_float16"
+            else "tf32" if os.environ.get("XPCNN_TF32", "1") != "0" else "float32")
+    return next((peaks[kind] for key, peaks in PEAK_TFLOPS.items() if key in card), None)
+
+
+def forward_flops(model: Any) -> int:
+    """Multiply-adds times two of one image's forward pass through the convolutions and
+    Dense layers (the rest is a few percent)."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, xpcnn.layers.Conv2D):
+            total += layer.geometry.flops(1)
+        elif isinstance(layer, xpcnn.layers.Dense):
+            total += 2 * layer.input_shape[0] * layer.units
+    return total
+
+
+def bench_fit(name: str, batch: int, precision: str, args: argparse.Namespace
+              ) -> dict[str, Any]:
+    """Images/s of ``fit`` on host uint8 images: one warm-up epoch, then one timed."""
+    shape = SHAPES[name]
+    rng = np.random.default_rng(1)
+    n = batch * args.fit_batches
+    x = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+    y = rng.integers(0, 10, n)
+    model = xpcnn.Sequential(build_layers(name), input_shape=shape, device=args.device, seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.01, momentum=0.9), precision=precision)
+    model.fit(x, y, epochs=1, batch_size=batch, verbose=0)
+    sync(args.device)
+    t0 = time.perf_counter()
+    model.fit(x, y, epochs=1, batch_size=batch, verbose=0)
+    sync(args.device)
+    return {"fit_img_s": n / (time.perf_counter() - t0),
+            "cuda_graphs": model.cuda_graphs_reason or "captured"}
+
+
+def compare_conv_engines(name: str, batch: int, precision: str, args: argparse.Namespace
+                         ) -> list[dict[str, Any]]:
+    """Each convolution layer's forward, input gradient and kernel gradient with cuDNN and
+    with the hand-written kernels (ms, median of ``args.steps``), and cuDNN's TFLOP/s."""
+    import cupy
+
+    from xpcnn.ops import cudnn_conv
+    from xpcnn.ops.convolution import kernels_conv
+    from xpcnn.ops.fast_cupy import KERNELS
+
+    cudnn = cudnn_conv.load()
+    model, xb, _ = build_xpcnn(name, batch, precision, args.device)
+    dtype = model.layers[0].compute_dtype
+    rows = []
+    print(f"\nconvolutions of {name}, batch {batch}, {precision}: ms per operation, cuDNN "
+          f"against the hand-written kernels (TF32 {'on' if cudnn_conv.tf32() else 'off'})")
+    print(f"  {'layer':<14}{'geometry':<34}{'forward':>16}{'input grad':>16}{'kernel grad':>16}"
+          f"{'cuDNN TFLOP/s':>15}")
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if not isinstance(layer, xpcnn.layers.Conv2D):
+            continue
+        g = layer.geometry
+        own = kernels_conv(g, KERNELS, model.backend)
+        engines = {"hand-written": own}
+        if cudnn is not None:
+            engines["cudnn"] = cudnn_conv.CudnnConv(g, cudnn, own)
+        x = cupy.asarray(rng.standard_normal((batch, *g.in_hw, g.channels)), dtype=dtype)
+        w = cupy.asarray(rng.standard_normal((g.filters, *g.kernel, g.channels)) * 0.1,
+                         dtype=dtype)
+        b = cupy.zeros(g.filters, dtype)
+        dy = cupy.asarray(rng.standard_normal((batch, *g.out_hw, g.filters)), dtype=dtype)
+        times: dict[str, list[float]] = {}
+        for label, e in engines.items():
+            ops = [partial(e.forward, x, w, b, True), partial(e.input_grad, dy, w),
+                   partial(e.weight_grad, x, dy, True)]
+            times[label] = [timed(op, args.steps, args.warmup, args.device) * 1e3 for op in ops]
+        theirs, mine = times.get("cudnn"), times["hand-written"]
+        cells = "".join((f"{theirs[i]:>8.3f}" if theirs else f"{'-':>8}") + f" /{mine[i]:>6.3f}"
+                        for i in range(3))
+        rate = 3 * g.flops(batch) / (sum(theirs) * 1e-3) / 1e12 if theirs else None
+        geometry = f"{g.in_hw}x{g.channels}->{g.filters} k{g.kernel} s{g.strides}"
+        print(f"  {layer.name:<14}{geometry:<34}{cells}"
+              + (f"{rate:>15.1f}" if rate else f"{'-':>15}"))
+        rows.append({"layer": layer.name, "geometry": geometry, "ms": times,
+                     "cudnn_tflops": rate})
+    return rows
 
 
 def build_xpcnn(name: str, batch: int, precision: str, device: str) -> tuple[Any, Any, Any]:
@@ -284,26 +389,55 @@ def main() -> int:
                    "im2col + cuBLAS")
     p.add_argument("--torch-channels-last", action="store_true",
                    help="PyTorch in its channels-last layout (default: NCHW, as in bench.py)")
+    p.add_argument("--fit-batches", type=int, default=16,
+                   help="batches an epoch in the fit() timing (default 16)")
+    p.add_argument("--conv-layers", action="append", default=[], metavar="MODEL:BATCH:PRECISION",
+                   help="also time each convolution layer with cuDNN and with the hand-written "
+                   "kernels (repeatable; CUDA only)")
+    p.add_argument("--no-cudnn", action="store_true",
+                   help="convolutions on the hand-written kernels alone (XPCNN_CUDNN=0)")
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
+    if args.no_cudnn:
+        os.environ["XPCNN_CUDNN"] = "0"
     if args.device.startswith("cuda"):
         from xpcnn.ops.fast_cupy import KERNELS
 
         KERNELS.set_conv_algorithm(args.gpu_conv)
     if args.gpu_chunk_mb is not None:
         backend_module.GPU_CHUNK_BYTES = int(args.gpu_chunk_mb * 2**20) or None
-    rows = []
-    header = (f"{'model':<9}{'batch':>6} {'precision':<14}{'train':>8}{'std':>8}{'torch':>8}"
+    rows: list[dict[str, Any]] = []
+    conv_rows: list[dict[str, Any]] = []
+    header = (f"{'model':<9}{'batch':>6} {'precision':<14}{'fit':>8}{'ratio':>7}{'TFLOP/s':>8}"
+              f"{'peak':>7}  {'train':>8}{'std':>8}{'torch':>8}"
               f"{'ratio':>7}  {'infer':>8}{'std':>8}{'torch':>8}{'ratio':>7}"
               f"{'MiB':>7}{'torch':>7}{'ratio':>7}")
+    card = card_name(args.device)
     info = software(args.device)
     info["torch_memory_format"] = "channels_last" if args.torch_channels_last else "nchw"
     if args.device.startswith("cuda"):
+        from xpcnn.ops import cudnn_conv
+
+        cudnn = cudnn_conv.load()
+        info["cudnn_frontend"] = getattr(cudnn, "__version__", None)
+        info["cudnn_backend"] = cudnn.backend_version() if cudnn is not None else None
+        info["xpcnn_tf32"] = cudnn_conv.tf32()
         info["gpu_conv"] = args.gpu_conv
         info["gpu_chunk_bytes"] = backend_module.GPU_CHUNK_BYTES
-    print(f"device: {card_name(args.device)}; {info}")
-    print(f"xpcnn images/s (fast path, and 'std' = standard Array API path) against PyTorch "
-          f"eager; median of {args.steps} steps; MiB = peak memory of a training step")
+    def save() -> None:
+        """Write the JSON report as it stands (after every row: a run cut short keeps it)."""
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": card, "software": info,
+                           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           "rows": rows, "conv_layers": conv_rows}, f, indent=2)
+
+    print(f"device: {card}; {info}")
+    print(f"xpcnn images/s: 'fit' through fit() on host uint8 images ({args.fit_batches} "
+          "batches an epoch, after a warm-up epoch), its ratio to PyTorch's train step, its "
+          "TFLOP/s and share of the datasheet peak; 'train' / 'infer' a step on device batches "
+          f"(fast path, and 'std' = standard Array API path) against PyTorch eager; median of "
+          f"{args.steps} steps; MiB = peak memory of a training step")
     print(header)
     for name in args.models.split(","):
         for batch in (int(b) for b in args.batch_sizes.split(",")):
@@ -325,7 +459,17 @@ def main() -> int:
                             "model": std["model"]}
                 if std is not None:
                     std.pop("model")
-                theirs = bench_torch(ours.pop("model"), batch, precision, args) or {}
+                model = ours.pop("model")
+                theirs = bench_torch(model, batch, precision, args) or {}
+                try:
+                    ours.update(bench_fit(name, batch, precision, args))
+                except Exception as e:  # reported, and the other columns still printed
+                    print(f"{name:<9}{batch:>6} {precision:<14}fit failed: "
+                          f"{type(e).__name__}: {str(e)[:300]}")
+                fit = ours.get("fit_img_s")
+                tflops = 3 * forward_flops(model) * fit / 1e12 if fit else None
+                peak = peak_tflops(card, precision)
+                ours.update(fit_tflops=tflops, peak_tflops=peak)
                 row = {"model": name, "batch": batch, "precision": precision,
                        "xpcnn": ours, "xpcnn_standard": std, "torch": theirs}
                 rows.append(row)
@@ -339,7 +483,10 @@ def main() -> int:
                 def get(d: dict | None, key: str) -> float | None:
                     return d.get(key) if d else None
 
+                share = f"{100 * tflops / peak:>6.1f}%" if tflops and peak else f"{'-':>7}"
                 print(f"{name:<9}{batch:>6} {precision:<14}"
+                      f"{rate(fit)}{ratio(fit, get(theirs, 'train_img_s'))}"
+                      f"{tflops or 0:>8.2f}{share}  "
                       f"{rate(ours['train_img_s'])}{rate(get(std, 'train_img_s'))}"
                       f"{rate(get(theirs, 'train_img_s'))}"
                       f"{ratio(ours['train_img_s'], get(theirs, 'train_img_s'))}  "
@@ -347,7 +494,14 @@ def main() -> int:
                       f"{rate(get(theirs, 'infer_img_s'))}"
                       f"{ratio(ours['infer_img_s'], get(theirs, 'infer_img_s'))}"
                       f"{rate(ours['peak_mib'])[1:]}{rate(get(theirs, 'peak_mib'))[1:]}"
-                      f"{ratio(ours['peak_mib'], get(theirs, 'peak_mib'))}", flush=True)
+                      f"{ratio(ours['peak_mib'], get(theirs, 'peak_mib'))}"
+                      f"  graphs: {ours.get('cuda_graphs', '-')}", flush=True)
+                save()
+    for spec in args.conv_layers:
+        name, batch, precision = spec.split(":")
+        conv_rows.append({"spec": spec,
+                          "layers": compare_conv_engines(name, int(batch), precision, args)})
+        save()
     for spec in args.profile:
         name, batch, precision = spec.split(":")
         for fast in (True, False):
@@ -356,11 +510,7 @@ def main() -> int:
                 profile_layers(name, int(batch), precision, args)
             finally:
                 set_fast_path(old)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": card_name(args.device), "software": info,
-                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "rows": rows}, f, indent=2)
+    save()
     return 0
 
 

@@ -1,33 +1,54 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one go, for a machine with CuPy (and PyTorch for the
-# comparison): the GPU tests, the training command on the GPU, then scripts/bench_gpu.py with a
-# per-layer profile. Logs and gpu.json go to OUTDIR.
+# comparison): the GPU tests (cuDNN and CUDA graphs first), the training command on the GPU,
+# then scripts/bench_gpu.py (through fit(), per-convolution cuDNN against the hand-written
+# kernels, TFLOP/s, a per-layer profile). Logs and gpu.json go to OUTDIR. The stages' limits
+# add up to 8 minutes 15 s, inside the device tool's 10-minute command.
 #
-#   scripts/gpu_check.sh [OUTDIR]
+#   scripts/gpu_wheels.sh            # first, where PyPI is reachable: the wheels the GPU lacks
+#   scripts/gpu_check.sh [OUTDIR]    # on the GPU machine (installs .whl/*.whl when present)
 #
-# Each stage has a time limit (TEST_TIMEOUT, TRAIN_TIMEOUT, BENCH_TIMEOUT seconds) so that a
-# lent machine's time is never lost to one stage; BENCH_ARGS adds arguments to the benchmark.
+# Each stage has a time limit (NEW_TEST_TIMEOUT, TEST_TIMEOUT, TRAIN_TIMEOUT, BENCH_TIMEOUT
+# seconds) so that a lent machine's time is never lost to one stage; BENCH_ARGS replaces the
+# benchmark's arguments. On the device tool: carry ".whl", timeout_s 600, and OUTDIR "$OUT".
 set -u
 out=${1:-gpu-check}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+if [ -d .whl ]; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $py -c "import xpcnn.cli as c; c.main(['info'])"
+  $py -c "from xpcnn.ops import cudnn_conv as c; m = c.load(); print('cudnn frontend', \
+getattr(m, '__version__', None), 'backend', m.backend_version() if m else None)"
 } 2>&1 | tee "$out/gpu.txt"
 
-echo "== GPU tests"
-timeout "${TEST_TIMEOUT:-240}" $py -m pytest -q -m gpu -p no:cacheprovider \
+echo "== GPU tests: cuDNN and CUDA graphs"
+timeout "${NEW_TEST_TIMEOUT:-120}" $py -m pytest -q -m gpu -p no:cacheprovider -x \
+  -k "cudnn or captured or replayed or random_layers" tests/test_gpu.py \
+  2>&1 | tee "$out/gpu_tests_new.log"
+
+echo "== GPU tests: the rest"
+timeout "${TEST_TIMEOUT:-130}" $py -m pytest -q -m gpu -p no:cacheprovider \
+  -k "not (cudnn or captured or replayed or random_layers)" \
   tests/test_gpu.py tests/test_backends.py 2>&1 | tee "$out/gpu_tests.log"
 
 echo "== xpcnn train --device cuda"
-timeout "${TRAIN_TIMEOUT:-90}" $py -c "import xpcnn.cli as c; c.main(['train', '--device', 'cuda', '--quiet'])" \
+timeout "${TRAIN_TIMEOUT:-45}" $py -c "import xpcnn.cli as c; c.main(['train', '--device', 'cuda', '--quiet'])" \
   2>&1 | tee "$out/train_cuda.log"
 
 echo "== benchmark"
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-300}" $py scripts/bench_gpu.py --json "$out/gpu.json" \
-  --profile cifar:128:float32 ${BENCH_ARGS:-} 2>&1 | tee "$out/bench_gpu.log"
+timeout "${BENCH_TIMEOUT:-200}" $py scripts/bench_gpu.py --json "$out/gpu.json" \
+  ${BENCH_ARGS:---steps 15 --warmup 3 --no-standard --torch-channels-last \
+  --conv-layers cifar:512:float32 --conv-layers cifar:512:mixed_float16 \
+  --profile cifar:128:float32} 2>&1 | tee "$out/bench_gpu.log"

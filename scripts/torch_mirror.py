@@ -68,8 +68,8 @@ class SharedCrop(_Random):
         if not self.training:
             return x
         p, (n, _, h, w) = self.p, x.shape
-        u = self.draw((2, n, 1, 1, 1), x)
-        offs = torch.floor(u * (2 * p + 1)).long().reshape(2, n)
+        u = self.draw((n, 2, 1, 1, 1), x)  # (xpcnn draws the batch on axis 0)
+        offs = torch.floor(u * (2 * p + 1)).long().reshape(n, 2).T
         xpad = F.pad(x, (p, p, p, p))
         return torch.stack([xpad[i, :, offs[0, i]:offs[0, i] + h, offs[1, i]:offs[1, i] + w]
                             for i in range(n)])
@@ -96,8 +96,8 @@ def mirror_layer(layer: L.Layer, exact_random: bool = True) -> list[nn.Module]:
     masks on the host would be unfair to PyTorch)."""
     w = [torch.from_numpy(a.copy()) for a in layer.get_weights()]
     if isinstance(layer, L.Conv2D):
-        kh, kw, cin, cout = layer.params["kernel"].shape
-        top, bottom, left, right = layer.pads
+        kh, kw, cin, cout = w[0].shape  # Keras' layout
+        top, bottom, left, right = layer.geometry.pads
         # Symmetric padding goes into the convolution itself (as a PyTorch user writes it);
         # only TensorFlow-style asymmetric "same" padding needs a separate pad.
         symmetric = top == bottom and left == right
@@ -108,7 +108,7 @@ def mirror_layer(layer: L.Layer, exact_random: bool = True) -> list[nn.Module]:
             if layer.use_bias:
                 conv.bias.copy_(w[1])
         act = [nn.ReLU()] if layer.activation == "relu" else []
-        return [conv, *act] if symmetric else [_pad_module(layer.pads, 0.0), conv, *act]
+        return [conv, *act] if symmetric else [_pad_module(layer.geometry.pads, 0.0), conv, *act]
     if isinstance(layer, L.Dense):
         lin = nn.Linear(*layer.params["kernel"].shape, bias=layer.use_bias)
         with torch.no_grad():

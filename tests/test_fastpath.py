@@ -461,7 +461,7 @@ def test_conv_grads_fast_equals_standard(dtype, rng):
     pads = (1, 1, 1, 1)
     x = rng.standard_normal((n, h, w, c)).astype(dtype)
     dy = rng.standard_normal((n, h, w, k)).astype(dtype)
-    kernel = (0.3 * rng.standard_normal((3, 3, c, k))).astype(dtype)
+    kernel = (0.3 * rng.standard_normal((k, 3, 3, c))).astype(dtype)  # (K, kh, kw, C)
     budget = 3 * h * w * 9 * k * 4  # chunks of 3 images: 3, 3 and 1
     ws = ops.Workspace()
     want = ops.conv_grads(xpn, STD, x, dy, kernel, pads, ops.Workspace(), "d", None,

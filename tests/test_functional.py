@@ -390,3 +390,21 @@ def test_a_graph_on_pytorch_tensors_ends_with_numpy_weights(data):
         weights.append(model.get_weights())
     for a, b in zip(*weights, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_a_frozen_base_model_keeps_its_weights_under_a_new_head(data):
+    base = xpcnn.Sequential([Conv2D(4, 3, padding="same"), BatchNorm2D(), ReLU()],
+                            input_shape=(8, 8, 3))
+    base.layers[1].set_weights([np.full(4, 2.0), np.full(4, 0.5), np.full(4, 0.1),
+                                np.full(4, 3.0)])  # as if trained
+    frozen = [w.copy() for w in base.get_weights()]
+    base.trainable = False
+    inputs = xpcnn.Input((8, 8, 3))
+    model = xpcnn.Model(inputs, Softmax()(Dense(5)(GlobalAvgPool2D()(base(inputs)))))
+    model.compile(optimizer="adam")
+    head = model.layers[-2].get_weights()[0]
+    model.fit(*data, epochs=1, batch_size=8, verbose=0)
+    for a, b in zip(base.get_weights(), frozen, strict=True):
+        np.testing.assert_array_equal(a, b)  # the BatchNorm's statistics too
+    assert not np.array_equal(model.layers[-2].get_weights()[0], head)
+    assert model.trainable_layers == [model.layers[-2]] and not base.trainable

@@ -17,6 +17,8 @@ from kernel_cases import (
     UPDATE_SHAPES,
 )
 from nets import every_layer_net, gap_net
+from test_conv_seam import GEOMETRIES
+from test_conv_seam import IDS as GEOMETRY_IDS
 
 import xpcnn
 from xpcnn.backend import cuda_available, get_backend, set_fast_path
@@ -329,11 +331,20 @@ def _fit(device, net, fast=True, precision="float32", epochs=2):
     return model, history.history["loss"], probs
 
 
-@pytest.fixture(params=["tiled", "direct", "direct-forward", "im2col"])
-def conv_algorithm(request, kernels):
-    """The convolution algorithms of the CuPy kernels (the first is the default)."""
+@pytest.fixture(params=["cudnn", "tiled", "direct", "direct-forward", "im2col"])
+def conv_algorithm(request, kernels, monkeypatch):
+    """cuDNN (in full float32: the comparisons are against float32 paths), then the
+    algorithms of the hand-written CuPy kernels, with cuDNN turned off."""
+    from xpcnn.ops import cudnn_conv
+
     fast, _ = kernels
-    fast.set_conv_algorithm(request.param)
+    if request.param == "cudnn":
+        if cudnn_conv.load() is None:
+            pytest.skip("cuDNN's frontend does not load here")
+        monkeypatch.setenv("XPCNN_TF32", "0")
+    else:
+        monkeypatch.setattr(cudnn_conv, "load", lambda: None)
+        fast.set_conv_algorithm(request.param)
     yield request.param
     fast.set_conv_algorithm("tiled")
 
@@ -420,3 +431,144 @@ def test_a_gated_update_on_the_gpu_changes_nothing_where_the_flag_is_false(cp, k
     opt.step(cp, params, grads, fast, apply=cp.asarray(False))
     after = params + [s for v in opt.slots.values() for s in v]
     assert all(bool(cp.array_equal(a, b)) for a, b in zip(before, after, strict=True))
+
+
+# -- cuDNN (xpcnn.ops.cudnn_conv) and CUDA graphs (xpcnn.cuda_graphs) -----------------------------
+
+
+@pytest.fixture
+def cudnn_module():
+    from xpcnn.ops import cudnn_conv
+
+    cudnn = cudnn_conv.load()
+    if cudnn is None:
+        pytest.skip("cuDNN's frontend does not load here")
+    return cudnn_conv, cudnn
+
+
+@pytest.mark.parametrize("case", GEOMETRIES, ids=GEOMETRY_IDS)
+@pytest.mark.parametrize("dtype, tf32", [("float32", False), ("float32", True),
+                                         ("float16", False), ("float64", False)])
+def test_cudnn_matches_the_standard_path(cp, cudnn_module, monkeypatch, rng, case, dtype, tf32):
+    """cuDNN's forward (with and without bias and ReLU), input gradient and kernel gradient
+    against the standard Array API engine in float64, in every dtype: full float32, TF32
+    (PyTorch's default for convolutions), float16 and float64; and it ran (no fallback)."""
+    import array_api_compat.cupy as xc
+
+    from xpcnn.ops.convolution import ConvGeometry, KernelsConv
+
+    cudnn_conv, cudnn = cudnn_module
+    monkeypatch.setenv("XPCNN_TF32", "1" if tf32 else "0")
+    g = ConvGeometry.of(*case)
+    engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc)))
+    standard = KernelsConv(g, StandardKernels(xc))
+    n = 5
+    x = _random(cp, rng, (n, *g.in_hw, g.channels), dtype)
+    w = _random(cp, rng, (g.filters, *g.kernel, g.channels), dtype)
+    bias = _random(cp, rng, (g.filters,), dtype)
+    dy = _random(cp, rng, (n, *g.out_hw, g.filters), dtype)
+    f64 = [a.astype(cp.float64) for a in (x, w, bias, dy)]
+    tol = {("float32", False): 1e-5, ("float32", True): 3e-3, ("float16", False): 2e-2,
+           ("float64", False): 1e-12}[dtype, tf32]
+
+    def close(got, want):
+        assert got.dtype == x.dtype
+        scale = max(float(cp.abs(want).max()), 1e-30)
+        np.testing.assert_allclose(got.get().astype(np.float64) / scale, want.get() / scale,
+                                   atol=tol)
+
+    for b, b64 in ((bias, f64[2]), (None, None)):
+        for relu in (False, True):
+            close(engine.forward(x, w, b, relu), standard.forward(f64[0], f64[1], b64, relu))
+    close(engine.input_grad(dy, w), standard.input_grad(f64[3], f64[1]))
+    dw, db = engine.weight_grad(x, dy, True)
+    want_dw, want_db = standard.weight_grad(f64[0], f64[3], True)
+    close(dw, want_dw)
+    np.testing.assert_allclose(db.get() / float(cp.abs(want_db).max()),
+                               want_db.get() / float(cp.abs(want_db).max()), atol=tol)
+    # cuDNN ran them all, not the fallback (float64 channels-last may have no cuDNN engine)
+    assert dtype == "float64" or all(p is not None for p in engine._plans.values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cudnn_matmul_graphs(cp, cudnn_module, monkeypatch, rng, dtype):
+    cudnn_conv, cudnn = cudnn_module
+    monkeypatch.delenv("CUPY_TF32", raising=False)  # full float32, as CuPy's own matmuls
+    matmul = cudnn_conv.CudnnMatmul(cudnn)
+    a, b = _random(cp, rng, (300, 40), dtype), _random(cp, rng, (40, 24), dtype)
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    for ta, tb in ((False, False), (True, False), (False, True)):
+        left = cp.ascontiguousarray(a.T) if ta else a
+        right = cp.ascontiguousarray(b.T) if tb else b
+        got = matmul(left, right, ta, tb)
+        want = a.astype(cp.float64) @ b.astype(cp.float64)
+        np.testing.assert_allclose(got.get() / float(abs(want).max()),
+                                   want.get() / float(abs(want).max()), atol=tol)
+
+
+def test_a_cudnn_graph_is_captured_and_replayed(cp, cudnn_module, rng):
+    """A frontend graph executed inside CuPy's stream capture, replayed on new data."""
+    cudnn_conv, cudnn = cudnn_module
+    from xpcnn.ops.convolution import ConvGeometry, KernelsConv
+
+    g = ConvGeometry.of((16, 16, 8), 8, (3, 3), (1, 1), "same")
+    engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc_namespace())))
+    x = _random(cp, rng, (4, 16, 16, 8), "float32")
+    w = _random(cp, rng, (8, 3, 3, 8), "float32")
+    engine.forward(x, w, None, True)  # builds the plan outside the capture
+    stream = cp.cuda.Stream()
+    static = x.copy()
+    with stream:
+        stream.begin_capture()
+        y = engine.forward(static, w, None, True)
+        graph = stream.end_capture()
+    x2 = _random(cp, rng, x.shape, "float32")
+    static[...] = x2
+    graph.launch(stream=stream)
+    stream.synchronize()
+    _equal(y, engine.forward(x2, w, None, True))
+
+
+def xc_namespace():
+    import array_api_compat.cupy as xc
+
+    return xc
+
+
+@pytest.mark.parametrize("make_optimizer, precision, tol", [
+    (lambda: xpcnn.optim.SGD(xpcnn.optim.StepDecay(0.05, 3, 0.5), momentum=0.9), "float32",
+     1e-3),
+    (lambda: xpcnn.optim.Adam(xpcnn.optim.CosineDecay(2e-3, 10)), "float32", 1e-3),
+    (lambda: xpcnn.optim.SGD(0.05, momentum=0.9), "mixed_float16", 2e-2),
+])
+def test_replayed_steps_give_the_weights_of_eager_steps(cudnn_module, monkeypatch,
+                                                        make_optimizer, precision, tol):
+    """A fit whose steps are captured and replayed (and whose last, smaller batch of each
+    epoch runs eagerly) against the same fit without graphs: the same weights, to rounding
+    (cuDNN's matmuls in the graph and cuBLAS's outside both in full float32; mixed float16
+    with its loss scale on the device)."""
+    monkeypatch.setenv("XPCNN_TF32", "0")
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (72, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 72)
+    results = []
+    for graphs in (False, True):
+        model = xpcnn.Sequential(gap_net(), device="cuda", seed=0)
+        model.compile(optimizer=make_optimizer(), precision=precision, cuda_graphs=graphs)
+        history = model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+        results.append((model, history.history["loss"]))
+    (eager, loss_eager), (graphed, loss_graphed) = results
+    assert graphed.cuda_graphs_reason == "" and graphed._graphs.graph is not None
+    assert graphed.optimizer.iterations == eager.optimizer.iterations == 15
+    assert loss_graphed == pytest.approx(loss_eager, rel=tol / 10)
+    for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol / 100)
+
+
+def test_models_with_random_layers_train_eagerly_with_the_reason():
+    model = xpcnn.Sequential(every_layer_net(), device="cuda", seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.05))
+    rng = np.random.default_rng(0)
+    model.fit(rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32),
+              epochs=1, batch_size=16, verbose=0)
+    assert "draws random numbers" in model.cuda_graphs_reason

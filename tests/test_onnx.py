@@ -237,6 +237,29 @@ def test_a_functional_model_with_merges_and_a_reused_tensor_matches_predict(tmp_
                 tmp_path)
 
 
+def test_a_model_with_a_nested_sequential_matches_predict(tmp_path):
+    rng = np.random.default_rng(9)
+    inputs = xpcnn.Input((8, 6, 3))
+    x = ReLU()(BatchNorm2D()(Conv2D(4, 3, padding="same", use_bias=False)(
+        Rescaling(1 / 255)(inputs))))
+    block = xpcnn.Sequential([Conv2D(3, 3, strides=2, padding="same"), ReLU(6.0)])
+    c = Concatenate()([MaxPool2D(2)(x), block(x), AvgPool2D(2)(x)])
+    outputs = Softmax()(Dense(5)(Flatten()(FeatureNorm()(c))))
+    model = xpcnn.Model(inputs, outputs, seed=0)
+    randomize(model, rng)
+    x = rng.integers(0, 256, (3, 8, 6, 3), dtype=np.uint8)
+    check_model(model, x, tmp_path)
+    check_model(model, x, tmp_path, input_dtype="uint8")
+
+
+def test_a_model_whose_logits_are_a_merge_matches_predict(tmp_path):
+    rng = np.random.default_rng(10)
+    inputs = xpcnn.Input((5,))
+    model = xpcnn.Model(inputs, Add()([Dense(4)(inputs), Dense(4, activation="relu")(inputs)]))
+    randomize(model, rng)
+    check_model(model, rng.normal(0, 2, (6, 5)).astype(np.float32), tmp_path)
+
+
 def test_an_unbuilt_model_and_a_bad_input_dtype_are_refused(tmp_path):
     with pytest.raises(InputError, match="must be built before export"):
         xpcnn.Sequential([Flatten(), Dense(3)]).export(tmp_path / "m.onnx")

@@ -72,8 +72,9 @@ def test_input_gradient_as_convolution_matches_col2im(xp, case, budget, rng):
     ref = ops.unpad(ops.col2im(xpn, dcols, padded, kernel, strides, out_hw), pads)
     ws = ops.Workspace()
     for _ in range(2):
+        stored = xp.asarray(np.transpose(wt, (3, 0, 1, 2)))  # (K, kh, kw, C)
         dx = ops.conv_input_grad(xp, StandardKernels(xp), xp.asarray(dy),
-                                 ops.flipped_kernel_matrix(xp, xp.asarray(wt)), kernel, pads,
+                                 ops.flipped_kernel_matrix(xp, stored), kernel, pads,
                                  (h, w), ws, "dcols", budget)
         np.testing.assert_allclose(np.asarray(dx), ref, rtol=1e-10, atol=1e-10)
 
@@ -116,7 +117,7 @@ def test_gradients_from_the_output_gradient_patches(xp, case, budget, with_bias,
     wt = rng.standard_normal((*kernel, c, k))
     dy = rng.standard_normal((n, h, w, k))
     cols = ops.im2col(xpn, ops.pad(xpn, x, pads), kernel, (1, 1), (h, w))
-    want_dw = (cols.T @ dy.reshape(-1, k)).reshape(wt.shape)
+    want_dw = np.transpose((cols.T @ dy.reshape(-1, k)).reshape(wt.shape), (3, 0, 1, 2))
     w2t = np.transpose(wt, (3, 0, 1, 2)).reshape(k, -1)
     dcols = (dy.reshape(-1, k) @ w2t).reshape(n, h, w, -1)
     padded = (n, h + pads[0] + pads[1], w + pads[2] + pads[3], c)
@@ -124,7 +125,8 @@ def test_gradients_from_the_output_gradient_patches(xp, case, budget, with_bias,
     ws = ops.Workspace()
     for _ in range(2):  # the second call reuses the workspace buffers
         dw, db, dx = ops.conv_grads(xp, StandardKernels(xp), xp.asarray(x), xp.asarray(dy),
-                                    xp.asarray(wt), pads, ws, "dcols", budget,
+                                    xp.asarray(np.transpose(wt, (3, 0, 1, 2))), pads, ws,
+                                    "dcols", budget,
                                     with_bias=with_bias)
         np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(np.asarray(dx), want_dx, rtol=1e-10, atol=1e-10)

@@ -41,7 +41,8 @@ def test_the_gpu_benchmark_dry_runs_on_the_cpu(layout, tmp_path):
     pytest.importorskip("torch")
     out_json = tmp_path / "gpu.json"
     args = ["--device", "cpu", "--models", "mnist", "--batch-sizes", "4", "--steps", "1",
-            "--warmup", "0", "--precisions", "float32", "--no-standard", "--json", str(out_json)]
+            "--warmup", "0", "--precisions", "float32", "--no-standard", "--fit-batches", "2",
+            "--json", str(out_json)]
     out = _run(*args, *(["--torch-channels-last"] if layout == "channels_last" else []),
                script="bench_gpu.py")
     assert out.returncode == 0, out.stderr
@@ -49,6 +50,10 @@ def test_the_gpu_benchmark_dry_runs_on_the_cpu(layout, tmp_path):
     assert report["software"]["torch_memory_format"] == layout
     (row,) = report["rows"]
     assert row["xpcnn"]["train_img_s"] > 0 and row["torch"]["train_img_s"] > 0
+    # through fit() on host uint8 images, its TFLOP/s, and why no CUDA graphs here
+    assert row["xpcnn"]["fit_img_s"] > 0 and row["xpcnn"]["fit_tflops"] > 0
+    assert row["xpcnn"]["cuda_graphs"] == "CUDA graphs need the CuPy backend, not numpy"
+    assert row["xpcnn"]["peak_tflops"] is None  # no datasheet peak for a CPU
 
 
 def test_the_per_layer_tables_dry_run(tmp_path):
@@ -87,3 +92,12 @@ def test_training_from_a_folder_of_png_files(tmp_path):
     assert log.read_text().splitlines()[0].startswith("epoch,")
     out = _run(str(tmp_path / "missing"), script="train_from_folder.py")
     assert out.returncode != 0 and "missing: not a folder" in out.stderr
+
+
+def test_the_loop_overhead_benchmark_dry_runs():
+    out = _run("--model", "mnist", "--batch-size", "4", "--samples", "64", "--repeat", "1",
+               "--optimizer", "adam", script="bench_loop.py")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.endswith("ms per step")]
+    assert [r.split("  ")[1].strip() for r in rows] == [
+        "host batch -> device", "batch gathered on device", "step bookkeeping"]

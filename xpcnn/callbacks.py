@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import history
+from . import distributed, history
 from .errors import InputError, NonFiniteError
 from .saving import FitCheckpoints, Progress, save_checkpoint
 
@@ -128,6 +128,13 @@ class LazyLogs(Mapping[str, float]):
 
     def __len__(self) -> int:
         return len(self._get())
+
+
+def _say(message: str) -> None:
+    """A callback's message: printed on rank 0 only when several processes train together
+    (:mod:`xpcnn.distributed`; they all hold the same logs)."""
+    if distributed.is_root():
+        print(message)
 
 
 class LambdaCallback(Callback):
@@ -245,8 +252,8 @@ class EarlyStopping(_Monitor):
 
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
         if self.stopped_epoch is not None and self.verbose:
-            print(f"early stopping at epoch {self.stopped_epoch + 1}: {self.monitor} has not "
-                  f"improved since epoch {(self.best_epoch or 0) + 1}")
+            _say(f"early stopping at epoch {self.stopped_epoch + 1}: {self.monitor} has not "
+                 f"improved since epoch {(self.best_epoch or 0) + 1}")
         if self.restore_best_weights and self.best_weights is not None:
             self.model.set_weights(self.best_weights)
 
@@ -286,7 +293,7 @@ class ModelCheckpoint(_Monitor):
         else:
             save_checkpoint(self.model, path, Progress(epoch + 1), self.model.history)
         if self.verbose:
-            print(f"epoch {epoch + 1}: saved {path}")
+            _say(f"epoch {epoch + 1}: saved {path}")
 
 
 class BackupAndRestore(Callback):
@@ -297,7 +304,10 @@ class BackupAndRestore(Callback):
     ``resume=False`` ignores an existing file. While training, a Ctrl-C lets the step in
     progress finish, writes the checkpoint there and stops with
     :class:`~xpcnn.errors.TrainingInterrupted`. ``fit(checkpoint=PATH, resume=True)`` is short
-    for this callback (:mod:`xpcnn.saving.checkpoint` describes the file)."""
+    for this callback (:mod:`xpcnn.saving.checkpoint` describes the file). The learning-rate
+    factor that :class:`ReduceLROnPlateau` or :class:`LearningRateScheduler` set is optimiser
+    state and comes back; other callbacks' own counters (patience, best value) start afresh,
+    as in Keras."""
 
     def __init__(self, path: str | os.PathLike[str], save_freq: int | str = "epoch",
                  resume: bool = True) -> None:
@@ -370,7 +380,7 @@ class ReduceLROnPlateau(_Monitor):
             optimizer.lr = max(optimizer.lr * self.factor, self.min_lr)
             self.cooling, self.wait = self.cooldown, 0
             if self.verbose:
-                print(f"epoch {epoch + 1}: learning rate reduced to {optimizer.lr:.3g}")
+                _say(f"epoch {epoch + 1}: learning rate reduced to {optimizer.lr:.3g}")
 
 
 class LearningRateScheduler(Callback):
@@ -385,7 +395,7 @@ class LearningRateScheduler(Callback):
         optimizer = self.model.optimizer
         optimizer.lr = self.schedule(epoch, optimizer.lr)
         if self.verbose:
-            print(f"epoch {epoch + 1}: learning rate {optimizer.lr:.3g}")
+            _say(f"epoch {epoch + 1}: learning rate {optimizer.lr:.3g}")
 
 
 class CSVLogger(Callback):
@@ -399,6 +409,8 @@ class CSVLogger(Callback):
         self.file: Any = None
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        if not distributed.is_root():  # one writer on several ranks (same logs on all)
+            return
         exists = self.append and os.path.exists(self.filename) and os.path.getsize(
             self.filename) > 0
         self.file = open(self.filename, "a" if self.append else "w", newline="")  # noqa: SIM115
@@ -409,6 +421,8 @@ class CSVLogger(Callback):
                 self.keys = next(csv.reader(f, delimiter=self.separator))[1:]
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        if self.file is None:
+            return
         logs = dict(logs or {})
         if self.keys is None:
             self.keys = sorted(logs)
@@ -430,5 +444,5 @@ class TerminateOnNaN(Callback):
     next read, not by a wait for the device every step)."""
 
     def on_non_finite(self, error: NonFiniteError) -> None:
-        print(f"TerminateOnNaN: {error}")
+        _say(f"TerminateOnNaN: {error}")
         self.model.stop_training = True

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from . import __version__, optim
+from . import __version__, distributed, optim
 from .backend import get_backend
 from .callbacks import Callback, CSVLogger, EarlyStopping
 from .errors import TrainingInterrupted, XpcnnError
@@ -176,7 +176,8 @@ def _add_train(sub: Any) -> None:
                    help="reference model (default: the dataset's own)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--epochs", type=POSITIVE, default=None)
-    p.add_argument("--batch-size", type=POSITIVE, default=64)
+    p.add_argument("--batch-size", type=POSITIVE, default=64,
+                   help="samples per step (under mpiexec -n N: per process, N times this in all)")
     p.add_argument("--lr", type=LEARNING_RATE, default=None, help="peak learning rate")
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="cosine",
@@ -267,6 +268,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     _check_train(args)
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    if not distributed.is_root():  # on several ranks (mpiexec), rank 0 speaks for all
+        say = lambda *a: None  # noqa: E731
     (x, y), test = load_dataset(args.dataset, data_dir=args.data_dir)
     evaluated_on = "test set"
     if test is None or args.val_split is not None:
@@ -284,7 +287,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.dataset]
     classes = int(max(y.max(), y_test.max())) + 1
     model = build_model(model_name, classes, x.shape[1:], device=args.device, seed=args.seed)
-    steps_per_epoch = -(-len(x) // args.batch_size)
+    # (on several ranks, steps of the global batch: N x --batch-size)
+    steps_per_epoch = -(-len(x) // (args.batch_size * distributed.world().size))
     lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 3e-3)
     schedule = optim.CosineDecay(lr, epochs * steps_per_epoch, min_lr=lr * 0.01) \
         if args.schedule == "cosine" else optim.Constant(lr)
@@ -292,13 +296,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                  "sgd": lambda: optim.SGD(schedule, momentum=0.9, nesterov=True,
                                           weight_decay=5e-4)}[args.optimizer]()
     model.compile(optimizer=optimizer, precision=args.precision)
+    ranks = distributed.world().size
     say(f"training {model_name} on {args.dataset} ({len(x)} images {x.shape[1:]}) for {epochs} "
-        f"epochs on {model.backend.label}")
+        f"epochs on {model.backend.label}" + (f" and {ranks - 1} other rank(s), a global batch "
+                                             f"of {ranks * args.batch_size}" if ranks > 1 else ""))
     callbacks: list[Callback] = []
     if args.early_stopping is not None:
         callbacks.append(EarlyStopping("val_loss", patience=args.early_stopping,
-                                       restore_best_weights=True, verbose=not args.json))
-    if args.log:
+                                       restore_best_weights=True,
+                                       verbose=not args.json and distributed.is_root()))
+    if args.log and distributed.is_root():
         callbacks.append(CSVLogger(args.log))
     t0 = time.perf_counter()
     try:
@@ -329,7 +336,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.export:
         model.export(args.export)
         say(f"exported the model as ONNX to {args.export}")
-    if args.plots:
+    if args.plots and distributed.is_root():
         from .datasets import class_names
         from .viz import write_training_plots
 
@@ -446,17 +453,21 @@ def main(argv: list[str] | None = None) -> int:
                      as_json)
     except OSError as e:  # the disk filled up, a file vanished: no traceback, the reason
         return _fail(prog, f"error: {e}", 1, as_json)
-    if as_json:
+    if as_json and distributed.is_root():
         print(json.dumps(result))
     return 0
 
 
 def _fail(prog: str, message: str, status: int, as_json: bool) -> int:
-    """One line on stderr; with --json, also one JSON object on stdout."""
-    line = f"{prog}: {' '.join(message.split())}"
+    """One line on stderr; with --json, also one JSON object on stdout. On several ranks
+    (mpiexec) the line names the rank, and every rank ends (they would wait for this one)."""
+    here = distributed.world()
+    rank = f" (rank {here.rank} of {here.size})" if here.size > 1 else ""
+    line = f"{prog}{rank}: {' '.join(message.split())}"
     print(line, file=sys.stderr)
     if as_json:
         print(json.dumps({"error": line, "exit_status": status}))
+    distributed.abort(status)
     return status
 
 

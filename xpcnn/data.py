@@ -115,17 +115,32 @@ def check_device_images(x: Any, backend: Any, what: str = "x") -> Any:
     return x
 
 
+def rank_slices(samples: int, batch_size: int, start: int, shard: tuple[int, int]
+                ) -> Iterator[tuple[int, int]]:
+    """[lo, hi) of this rank's part of each global batch from step ``start`` on. ``shard`` is
+    (rank, ranks) (:mod:`xpcnn.distributed`): a global batch is ``ranks * batch_size``
+    consecutive positions of the order, and the ranks take consecutive slices of it that
+    differ in size by one at most (some empty in a short last batch); (0, 1): the batches."""
+    rank, ranks = shard
+    size = batch_size * ranks
+    for a in range(start * size, samples, size):
+        m = min(size, samples - a)
+        yield a + rank * m // ranks, a + (rank + 1) * m // ranks
+
+
 class ArrayBatches(Batches):
     """Batches of arrays ``x`` and ``targets`` (validated already), in the order
-    ``np.random.default_rng([seed, epoch]).permutation(n)`` when shuffled."""
+    ``np.random.default_rng([seed, epoch]).permutation(n)`` when shuffled; on several ranks,
+    this rank's slices of the global batches (see :func:`rank_slices`)."""
 
     resumable = True
 
     def __init__(self, backend: Any, x: Any, targets: np.ndarray | None, batch_size: int,
-                 shuffle: bool = False, seed: int = 0) -> None:
+                 shuffle: bool = False, seed: int = 0, shard: tuple[int, int] = (0, 1)) -> None:
         self.backend, self.batch_size, self.shuffle, self.seed = backend, batch_size, shuffle, seed
+        self.shard = shard
         self.samples = int(x.shape[0])
-        self.steps = -(-self.samples // batch_size)
+        self.steps = -(-self.samples // (batch_size * shard[1]))
         self.host_x = x if isinstance(x, np.ndarray) else None
         self.host_targets = targets
         # Memory-mapped files are read batch by batch; other arrays live on the device (on the
@@ -143,35 +158,35 @@ class ArrayBatches(Batches):
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
         order = self.order(epoch)
-        starts = range(start * self.batch_size, self.samples, self.batch_size)
+        bounds = rank_slices(self.samples, self.batch_size, start, self.shard)
         if self.on_device:
-            return self._gather_on_device(order, starts)
-        host = (self._host_batch(order, a) for a in starts)
+            return self._gather_on_device(order, bounds)
+        host = (self._host_batch(order, lo, hi) for lo, hi in bounds)
         return upload(self.backend, prefetch(host))
 
-    def _gather_on_device(self, order: np.ndarray | None, starts: range
+    def _gather_on_device(self, order: np.ndarray | None, bounds: Iterator[tuple[int, int]]
                           ) -> Iterator[tuple[Any, Any]]:
-        xp, b = self.backend.xp, self.batch_size
+        xp = self.backend.xp
         dev_order = None if order is None else (order if self.backend.name == "numpy" else
                                                 self.backend.asarray(order))
-        for a in starts:
-            end = min(a + b, self.samples)  # (slices past the end are not standard)
+        for lo, hi in bounds:  # (hi <= samples: slices past the end are not standard)
             if dev_order is None:
-                yield self.x[a:end, ...], None if self.targets is None else \
-                    self.targets[a:end, ...]
+                yield self.x[lo:hi, ...], None if self.targets is None else \
+                    self.targets[lo:hi, ...]
                 continue
-            idx = dev_order[a:end]
+            idx = dev_order[lo:hi]
             yield (xp.take(self.x, idx, axis=0),
                    None if self.targets is None else xp.take(self.targets, idx, axis=0))
 
-    def _host_batch(self, order: np.ndarray | None, a: int) -> tuple[np.ndarray, Any]:
-        idx = slice(a, a + self.batch_size) if order is None else order[a:a + self.batch_size]
+    def _host_batch(self, order: np.ndarray | None, lo: int, hi: int) -> tuple[np.ndarray, Any]:
+        idx = slice(lo, hi) if order is None else order[lo:hi]
         x = np.ascontiguousarray(self.host_x[idx])  # type: ignore[index]
         return x, None if self.host_targets is None else self.host_targets[idx]
 
     def fingerprint(self) -> dict[str, Any]:
         x = self.host_x if self.host_x is not None else self.backend.to_numpy(self.x)
-        return fingerprint(x, self.host_targets, self.batch_size, self.seed, self.shuffle)
+        return fingerprint(x, self.host_targets, self.batch_size, self.seed, self.shuffle,
+                           self.shard[1])
 
 
 # -- map-style datasets and iterables ---------------------------------------------------------
@@ -184,13 +199,15 @@ class DatasetBatches(Batches):
     resumable = True
 
     def __init__(self, model: Any, dataset: Any, batch_size: int, shuffle: bool = False,
-                 seed: int = 0, with_targets: bool = True, what: str = "x") -> None:
+                 seed: int = 0, with_targets: bool = True, what: str = "x",
+                 shard: tuple[int, int] = (0, 1)) -> None:
         self.model, self.dataset, self.batch_size = model, dataset, batch_size
         self.shuffle, self.seed, self.with_targets, self.what = shuffle, seed, with_targets, what
+        self.shard = shard
         self.samples = len(dataset)
         if self.samples < 1:
             raise InputError(f"{what} is an empty dataset (len() is {self.samples})")
-        self.steps = -(-self.samples // batch_size)
+        self.steps = -(-self.samples // (batch_size * shard[1]))
         if not model.built:  # the first sample tells the input shape
             first = dataset[0]
             x = first[0] if isinstance(first, tuple | list) else first
@@ -199,11 +216,14 @@ class DatasetBatches(Batches):
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.samples) \
             if self.shuffle else np.arange(self.samples)
-        host = (self._batch(order[a:a + self.batch_size])
-                for a in range(start * self.batch_size, self.samples, self.batch_size))
+        host = (self._batch(order[lo:hi])
+                for lo, hi in rank_slices(self.samples, self.batch_size, start, self.shard))
         return upload(self.model.backend, prefetch(host))
 
     def _batch(self, idx: np.ndarray) -> tuple[np.ndarray, Any]:
+        if not len(idx):  # this rank's empty part of a short last batch (several ranks)
+            return (np.zeros((0, *self.model.input_shape), np.float32),
+                    np.zeros((0,), np.int64) if self.with_targets else None)
         items = [self.dataset[int(i)] for i in idx]
         if self.with_targets:
             if not all(isinstance(it, tuple | list) and len(it) == 2 for it in items):
@@ -216,7 +236,8 @@ class DatasetBatches(Batches):
 
     def fingerprint(self) -> dict[str, Any]:
         return {"samples": self.samples, "dataset": type(self.dataset).__name__,
-                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle}
+                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
+                **({"ranks": self.shard[1]} if self.shard[1] > 1 else {})}
 
 
 class IterableBatches(Batches):

@@ -18,6 +18,7 @@ its own work.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,12 +127,26 @@ def check_graph(layers: list[Layer], inbound: list[Inbound]) -> None:
 def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backend: Backend,
           dtype: str, compute_dtype: str, seed: int) -> None:
     """Build every layer for its inputs' shapes; layer ``k``'s weights come from the seed
-    ``[seed, k]``, the same on every device."""
+    ``[seed, k]``, the same on every device. A layer already built for the same input shape,
+    device and dtype keeps its weights (as in Keras: a trained model used inside another)."""
     shapes: list[Any] = [input_shape]
     for k, (layer, ins) in enumerate(zip(layers, inbound, strict=True)):
         shape = [shapes[i] for i in ins] if layer.multi_input else shapes[ins[0]]
+        if _built_for(layer, shape, backend, dtype):
+            layer.compute_dtype = backend.dtype(compute_dtype)
+            shapes.append(layer.output_shape)
+            continue
         rng = np.random.default_rng([seed, k])
         shapes.append(layer.build(shape, backend, dtype, compute_dtype, rng))
+
+
+def _built_for(layer: Layer, shape: Any, backend: Backend, dtype: str) -> bool:
+    if not layer.built:
+        return False
+    same_shape = layer.input_shape == (tuple(map(tuple, shape)) if layer.multi_input
+                                       else tuple(shape))
+    return (same_shape and layer.backend.xp is backend.xp
+            and layer.backend.device == backend.device and layer.dtype == backend.dtype(dtype))
 
 
 @dataclass(frozen=True)
@@ -231,15 +246,18 @@ def forward(plan: Plan, x: Any, training: bool) -> Any:
     return values[plan.output]
 
 
-def backward(plan: Plan, dz: Any) -> None:
+def backward(plan: Plan, dz: Any, on_layer: Callable[[Layer], None] | None = None) -> None:
     """Backward pass from the result's gradient ``dz``, after ``forward(plan, x, True)``:
-    fills every trainable layer's ``grads``. A tensor read by several layers receives the sum
-    of their gradients."""
+    fills every trainable layer's ``grads``, calling ``on_layer(layer)`` after each layer's
+    backward (data parallelism starts the allreduce of its gradients then). A tensor read by
+    several layers receives the sum of their gradients."""
     grads = {plan.output: dz}
     for step in reversed(plan.steps):
         if not step.backward:
             continue
         dx = step.layer.backward(grads.pop(step.output), step.options)
+        if on_layer is not None:
+            on_layer(step.layer)
         if not step.options.need_input_grad:
             continue
         for i, g in zip(step.inputs, dx if step.layer.multi_input else (dx,), strict=True):

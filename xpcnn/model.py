@@ -18,15 +18,18 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checks, graph
+from . import checks, distributed, graph
 from .backend import Backend, DeviceLike, get_backend
 from .callbacks import BackupAndRestore, Callback, CallbackList, History, LazyLogs, ProgbarLogger
+from .cuda_graphs import StepGraphs
+from .cuda_graphs import blockers as graph_blockers
 from .data import (
     ArrayBatches,
     Batches,
@@ -75,7 +78,9 @@ class Model:
 
     ``device`` picks the array library and device (see :func:`xpcnn.backend.get_backend`),
     ``seed`` the initial weights (the same on every device), ``dtype`` the parameters' dtype.
-    Building gives every layer fresh weights, layer ``k``'s from the seed ``[seed, k]``.
+    Building gives layer ``k`` fresh weights from the seed ``[seed, k]``, unless it is already
+    built for the same input shape, device and dtype: then it keeps its weights (a trained model
+    used inside another, as in Keras).
 
     :attr:`layers` (and :meth:`get_weights`, layer by layer) come in the order the layers were
     called on symbolic tensors, a topological order. A tensor read by several layers receives
@@ -91,8 +96,10 @@ class Model:
     * ``built``, ``input_shape`` (per sample, e.g. (32, 32, 3); None before building);
     * ``layers``: every layer once, in weight order (``get_weights`` concatenates theirs);
     * ``_logits(xb, training)``: the forward pass of a device batch up to the logits;
-    * ``_backward(dlogits)``: the backward pass after ``_logits(xb, training=True)``, filling
-      every layer's ``grads``;
+    * ``_backward(dlogits, on_layer=None)``: the backward pass after
+      ``_logits(xb, training=True)``, filling every layer's ``grads`` and calling
+      ``on_layer(layer)`` as soon as each layer's are filled (data parallelism starts their
+      allreduce then);
     * ``_fused_softmax()``: True when the network ends in a Softmax that is left to the loss;
     * ``output_shape`` (per sample; ``num_classes`` is its last axis);
     * ``_layer_outputs(xb, training)``: every layer's output, in ``layers`` order (for
@@ -102,7 +109,7 @@ class Model:
     def __init__(self, inputs: SymbolicTensor | None = None,
                  outputs: SymbolicTensor | None = None, *, device: DeviceLike = "cpu",
                  seed: int = 0, dtype: str = "float32", name: str = "model") -> None:
-        self.backend: Backend = get_backend(device)
+        self.backend: Backend = get_backend(distributed.device_for_rank(device))
         if dtype not in ("float32", "float64"):
             raise InputError(f"model dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype_name = dtype
@@ -118,8 +125,13 @@ class Model:
         self.stop_training = False
         self._scaling: Any = None  # float16 loss scaling on the device (see xpcnn.totals)
         self._totals: RunningTotals | None = None
+        self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
         self._resume_at: Any = None  # where BackupAndRestore restarts a run
         self._position = (0, 0)  # (epoch, batches done in it) during fit
+        self.cuda_graphs: bool | None = None
+        #: Why training steps run without CUDA graphs ("" while they are captured, or will be).
+        self.cuda_graphs_reason = ""
+        self._graphs: StepGraphs | None = None
         self._graph: list[graph.Inbound] = []
         self._plan_cache: tuple[tuple[bool, ...], graph.Plan] | None = None
         if inputs is not None or outputs is not None:
@@ -140,7 +152,7 @@ class Model:
     def __call__(self, x: Any) -> Any:
         """On a symbolic tensor: calls every layer of this model on it, so that the model
         becomes part of a functional :class:`Model` (its layers are shared: training that
-        model trains them; it builds them afresh, from its own seed)."""
+        model trains them)."""
         if not isinstance(x, SymbolicTensor):
             raise InputError(f"a model is called on a symbolic tensor (to use it in a functional "
                              f"Model), got {type(x).__name__}; predict(x) runs it on a batch")
@@ -196,10 +208,11 @@ class Model:
         with self.backend.compute_scope():
             return graph.forward(self._plan(), x, training)
 
-    def _backward(self, dz: Any) -> None:
+    def _backward(self, dz: Any, on_layer: Callable[[Layer], None] | None = None) -> None:
         """Backward pass from the logits' gradient, after ``_logits(x, training=True)``: fills
-        every trainable layer's ``grads``."""
-        graph.backward(self._plan(), dz)
+        every trainable layer's ``grads``, calling ``on_layer(layer)`` after each layer's
+        backward."""
+        graph.backward(self._plan(), dz, on_layer)
 
     def _layer_outputs(self, x: Any, training: bool) -> list[Any]:
         """Every layer's own output (no plan: each does its own work)."""
@@ -267,13 +280,22 @@ class Model:
 
     def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
                 optimizer: str | Optimizer = "adam", metrics: tuple[str, ...] | list[str] = (
-                    "accuracy",), precision: str = "float32") -> None:
+                    "accuracy",), precision: str = "float32",
+                cuda_graphs: bool | None = None) -> None:
         """Choose the loss, the optimiser, the metrics (only ``"accuracy"``) and the precision.
 
         ``precision`` is ``"float32"``, ``"mixed_float16"`` or ``"mixed_bfloat16"``: matmuls in
         the low precision, float32 master weights, softmax, loss and normalisation statistics,
         and dynamic loss scaling for float16.
+
+        ``cuda_graphs``: capture the training step in a CUDA graph and replay it
+        (:mod:`xpcnn.cuda_graphs`); None (the default) does so on CuPy wherever the model
+        allows it, True also warns once where it does not, False never does.
+        ``cuda_graphs_reason`` says why steps run without.
         """
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise InputError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
+        self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
         self.loss = get_loss(loss)
         self.optimizer = get_optimizer(optimizer)
         metrics = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -310,30 +332,132 @@ class Model:
         ``fit`` reads them regularly (see :mod:`xpcnn.totals`), :meth:`train_on_batch` at once.
         """
         with self.backend.compute_scope():
-            return self._train_step(xb, yb)
+            # (a data-parallel step runs uncaptured: its allreduces are outside any graph)
+            graphs = None if self._parallel is not None else self._step_graphs()
+            step = self.optimizer.iterations + 1  # type: ignore[union-attr]
+            stats = None if graphs is None else graphs.run(xb, yb)
+            if stats is None:
+                stats = self._device_step(xb, yb, step)
+            else:  # (a replay rewrites the graph's outputs: the caller gets copies)
+                stats = self.backend.xp.asarray(stats[:2], copy=True)
+            totals = self._running_totals()
+            totals.pending.append((step, xb))
+            if len(totals.pending) >= READ_EVERY:
+                self._read_totals()
+            return stats[0], stats[1]
 
-    def _train_step(self, xb: Any, yb: Any) -> tuple[Any, Any]:
+    def _device_step(self, xb: Any, yb: Any, step: Any, scalars: dict[str, Any] | None = None
+                     ) -> Any:
+        """Training step ``step`` on the device, with no host read: forward, loss, backward,
+        the running totals and the update (skipped on the device where the step is not
+        finite). With ``scalars`` (a step captured in a CUDA graph), ``step`` and the
+        optimiser's per-step numbers are device scalars, and every array that outlives the
+        step is updated in place. Returns the batch's [loss, correct count]."""
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
         opt = self.optimizer
         assert opt is not None and self.loss is not None
-        logits = self._logits(xp.astype(xb, self._param_dtype, copy=False), training=True)
-        stats, dz = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype, kernels)
-        if self._scaling is not None:
-            dz = dz * self._scaling[0]
-        self._backward(dz)
+        stats, grads = self._loss_and_grads(xb, yb, kernels)
         params = [p for la in self.trainable_layers for p in la.params.values()]
-        grads = [la.grads[k] for la in self.trainable_layers for k in la.params]
         if self._scaling is not None:
             inverse = 1.0 / self._scaling[0]
             grads = [g * inverse for g in grads]
-        totals = self._running_totals()
-        apply, self._scaling = totals.add(stats, grads, int(xb.shape[0]), opt.iterations + 1, xb,
-                                          self._scaling, opt.keeps_squares)
-        opt.step(xp, params, grads, kernels, apply=apply)
-        if len(totals.pending) >= READ_EVERY:
-            self._read_totals()
-        return stats[0], stats[1]
+        n = int(xb.shape[0]) if self._parallel is None else self._parallel.total
+        apply, scaling = self._running_totals().add(stats, grads, n, step, self._scaling,
+                                                    opt.keeps_squares)
+        if scaling is not None:
+            self._scaling[...] = scaling
+        if scalars is None:
+            opt.step(xp, params, grads, kernels, apply=apply)
+        else:
+            opt.scalar_step(xp, params, grads, scalars, apply=apply)
+        return stats
+
+    def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any) -> tuple[Any, list[Any]]:
+        """[loss, correct count] of a batch and the gradients of its (scaled) loss, in parameter
+        order. On several ranks (``fit`` sets ``_parallel``), the batch is this rank's slice of
+        the global batch: the stats come back for the global batch, and the gradients averaged
+        over it."""
+        xp, dp = self.backend.xp, self._parallel
+        assert self.loss is not None
+        if dp is not None and xb.shape[0] == 0:  # no sample of a short last batch here
+            return dp.empty_step(xp.zeros((2,), dtype=self._param_dtype))
+        logits = self._logits(xp.astype(xb, self._param_dtype, copy=False), training=True)
+        stats, dz = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype, kernels)
+        if dp is not None and dp.weight != 1.0:
+            # weighted by this slice's share of the global batch, here, once: backward is
+            # linear in dz, and the buckets then only copy and sum
+            dz = dz * dp.weight
+        if self._scaling is not None:
+            dz = dz * self._scaling[0]
+        if dp is None:
+            self._backward(dz)
+            return stats, [la.grads[k] for la in self.trainable_layers for k in la.params]
+        dp.buckets.begin(dp.weight, stats)
+        self._backward(dz, dp.buckets.layer_done)
+        grads, stats = dp.buckets.finish()
+        return stats, grads
+
+    # -- CUDA graphs (xpcnn.cuda_graphs) ------------------------------------------------------
+    def _step_graphs(self) -> StepGraphs | None:
+        """The captured-step runner where this model's steps can be captured, else None (with
+        the reason in ``cuda_graphs_reason``)."""
+        if self.cuda_graphs is False or self.cuda_graphs_reason:
+            return None
+        if self._graphs is not None and self._graphs.backend is self.backend:
+            if self._graphs.reason:  # (found while warming up or capturing)
+                self.cuda_graphs_reason = self._graphs.reason
+                return None
+            return self._graphs
+        reasons = self._graph_blockers()
+        if reasons:
+            self.cuda_graphs_reason = reasons[0]
+            if self.cuda_graphs:
+                warnings.warn(f"xpcnn: training steps run without CUDA graphs: {reasons[0]}",
+                              RuntimeWarning, stacklevel=3)
+            return None
+        opt = self.optimizer
+        assert opt is not None
+
+        def scalars() -> dict[str, float]:
+            values = opt.step_scalars()
+            assert "iteration" not in values, "an optimiser's scalar shadows the step count"
+            return {**values, "iteration": float(opt.iterations + 1)}
+
+        def advance() -> None:
+            opt.iterations += 1
+
+        # (on CuPy the kernels can always make matmuls capturable: see _graph_blockers)
+        capturable = getattr(kernels_for(self.backend), "capturable", contextlib.nullcontext)
+        self._running_totals()  # (made before the warm-up: its state is captured)
+        self._graphs = StepGraphs(
+            lambda xb, yb, s: self._device_step(xb, yb, s["iteration"], s), self._graph_arrays,
+            scalars, advance, self.backend, capturable, exact=("iteration",))
+        return self._graphs
+
+    def _graph_blockers(self) -> list[str]:
+        extra = []
+        if self.backend.name == "cupy":
+            from .ops import cudnn_conv
+
+            if not hasattr(kernels_for(self.backend), "capturable"):
+                extra.append("the CuPy fast path is off (XPCNN_FAST_PATH=0): the standard "
+                             "matrix products go to cuBLAS, which CuPy cannot capture")
+            elif cudnn_conv.load() is None:
+                extra.append("cuDNN could not be loaded: the matrix products would go to "
+                             "cuBLAS, which CuPy cannot capture")
+        return graph_blockers(self.layers, self.optimizer, self.backend.name, tuple(extra))
+
+    def _graph_arrays(self) -> list[tuple[str, Any]]:
+        """Every array that outlives a training step, parameters first (see StepGraphs)."""
+        params = [(f"param {la.name}.{k}", a) for la in self.layers for k, a in la.params.items()]
+        state = [(f"state {la.name}.{k}", a) for la in self.layers for k, a in la.state.items()]
+        slots = [(f"optimizer slot {k}.{i}", a)
+                 for k, v in self.optimizer.slots.items()  # type: ignore[union-attr]
+                 for i, a in enumerate(v)]
+        totals = [("the running totals", self._running_totals().state)]
+        scaling = [] if self._scaling is None else [("the loss scale", self._scaling)]
+        return params + state + slots + totals + scaling
 
     def train_on_batch(self, x: Any, y: Any) -> dict[str, float]:
         """One training step on one batch of host or device arrays, checked at once (the host
@@ -411,13 +535,18 @@ class Model:
     def _batches(self, x: Any, y: Any, batch_size: int, steps: int | None, what: str = "x", *,
                  shuffle: bool = False, seed: int = 0, targets: bool = True) -> Batches:
         """The batch source for ``x`` (and ``y``): arrays, a map-style dataset or an iterable
-        of batches (see :mod:`xpcnn.data`)."""
+        of batches (see :mod:`xpcnn.data`). On several ranks, arrays and datasets give each
+        rank its slice of every global batch (of ``ranks * batch_size``), except for
+        ``predict`` (no targets), where every rank predicts everything; an iterable is each
+        rank's own."""
+        here = distributed.world()
+        shard = (here.rank, here.size) if targets else (0, 1)
         if is_stream(x):
             if y is not None:
                 raise InputError(f"y must be None when {what} is a dataset or an iterable of "
                                  "batches (they hold the targets)")
             if is_map_dataset(x):
-                return DatasetBatches(self, x, batch_size, shuffle, seed, targets, what)
+                return DatasetBatches(self, x, batch_size, shuffle, seed, targets, what, shard)
             return IterableBatches(self, x, steps, targets, what)
         if steps is not None:
             raise InputError("steps_per_epoch / steps are for generators; arrays give "
@@ -425,7 +554,7 @@ class Model:
         if targets and y is None:
             raise InputError(f"y (the labels of {what}) is missing")
         x, t = check_arrays(self, x, y, what)
-        return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed)
+        return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed, shard)
 
     # -- fit / evaluate / predict ----------------------------------------------------------
     def fit(self, x: Any, y: Any = None, epochs: int = 1, batch_size: int = 32,
@@ -444,6 +573,10 @@ class Model:
         model's seed). ``verbose=0`` silences the progress bar. ``callbacks``: see
         :mod:`xpcnn.callbacks`.
 
+        Launched on several processes (``mpiexec -n N``, :mod:`xpcnn.distributed`), each step
+        takes a global batch of ``N * batch_size`` samples, the very batch one process would take
+        at that size, and each rank computes on its own slice; only rank 0 prints and writes.
+
         ``checkpoint=PATH`` is short for ``callbacks=[BackupAndRestore(PATH, checkpoint_every,
         resume)]``: the whole training state at the end of every epoch (and every
         ``checkpoint_every`` steps when that is an int); with ``resume=True`` a run continues
@@ -453,6 +586,8 @@ class Model:
         epochs = checks.non_negative_int(epochs, "epochs")
         batch_size = checks.positive_int(batch_size, "batch_size")
         seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
+        if not distributed.is_root():
+            verbose = 0
         data, validation = self._fit_data(x, y, batch_size, validation_data, validation_split,
                                           shuffle, seed, steps_per_epoch, validation_steps)
         extra = []
@@ -466,6 +601,9 @@ class Model:
                            {"epochs": epochs, "steps": data.steps, "verbose": verbose,
                             "data": data})
         self.stop_training, self._resume_at = False, None
+        self._parallel = distributed.data_parallel(self)
+        if self._parallel is not None:
+            self._parallel.broadcast_weights()
         cbs.on_train_begin()
         start = self._resume_at
         try:
@@ -473,6 +611,8 @@ class Model:
                 for epoch in range(start.epoch if start else 0, epochs):
                     logs = self._fit_epoch(epoch, data, cbs, start if start and
                                            start.epoch == epoch else None)
+                    if self._parallel is not None:
+                        self._parallel.average_state()
                     if validation is not None:
                         val = self._evaluate(validation, cbs)
                         logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
@@ -483,6 +623,10 @@ class Model:
         except NonFiniteError as error:
             if not cbs.on_non_finite(error):
                 raise
+        finally:
+            if self._parallel is not None:
+                self._parallel.end_fit()
+                self._parallel = None
         cbs.on_train_end()
         return self.history
 
@@ -499,8 +643,11 @@ class Model:
         with contextlib.closing(data.epoch(epoch, step)) as batches:  # type: ignore[type-var]
             for xb, yb in batches:
                 cbs.on_train_batch_begin(step)
+                if self._parallel is not None:  # (the global batch's size: a host allreduce)
+                    self._parallel.set_batch(int(xb.shape[0]))
                 self.train_step(xb, yb)
-                self._seen += int(xb.shape[0])
+                self._seen += int(xb.shape[0]) if self._parallel is None else \
+                    self._parallel.total
                 step += 1
                 self._position = (epoch, step)
                 cbs.on_train_batch_end(step - 1, LazyLogs(self._batch_logs))
@@ -566,17 +713,22 @@ class Model:
         cbs.on_test_begin()
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(0)) as batches:  # type: ignore[type-var]
-            for xb, yb in tqdm(batches, total=data.steps, disable=verbose == 0, desc="evaluate",
-                               unit="batch"):
+            for xb, yb in tqdm(batches, total=data.steps, disable=verbose == 0 or not
+                               distributed.is_root(), desc="evaluate", unit="batch"):
+                if not xb.shape[0]:  # this rank's empty part of a short batch
+                    continue
                 logits = self._logits(xp.astype(xb, self._param_dtype, copy=False), False)
                 stats, _ = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
                     xp, logits, yb, self._param_dtype, kernels)
                 totals.add_stats(stats, int(xb.shape[0]))
                 seen += int(xb.shape[0])
+        host, _ = totals.read()
+        # on several ranks, each evaluated its slices: the sums are added up over the ranks
+        loss_sum, correct, seen = distributed.host_sum(
+            distributed.world(), [host[LOSS_SUM], host[CORRECT], seen], "evaluate")
         if not seen:
             raise InputError("the evaluation data gave no batches")
-        host, _ = totals.read()
-        logs = {"loss": float(host[LOSS_SUM]) / seen, "accuracy": float(host[CORRECT]) / seen}
+        logs = {"loss": loss_sum / seen, "accuracy": correct / seen}
         cbs.on_test_end(logs)
         return logs
 
@@ -640,6 +792,18 @@ class Model:
         return sum(la.count_params() for la in self.layers)
 
     @property
+    def trainable(self) -> bool:
+        """False when every layer is frozen. Setting it freezes (or unfreezes) every layer, as
+        Keras does: ``base.trainable = False`` on a model used inside another fine-tunes the
+        rest."""
+        return any(la.trainable for la in self.layers)
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        for la in self.layers:
+            la.trainable = bool(value)
+
+    @property
     def trainable_layers(self) -> list[Layer]:
         """The layers the optimiser updates: those with parameters not frozen
         (``layer.trainable = False``), in weight order."""
@@ -672,7 +836,7 @@ class Model:
 
     def to(self, device: DeviceLike) -> Model:
         """Move the model (weights, optimiser state) to another device; returns self."""
-        backend = get_backend(device)
+        backend = get_backend(distributed.device_for_rank(device))
         for la in self.layers:
             if la.built:
                 la.to(backend)
@@ -684,6 +848,7 @@ class Model:
         if self._scaling is not None:
             self._scaling = backend.asarray(self.backend.to_numpy(self._scaling))
         self.backend = backend  # (the running totals are made afresh there)
+        self._graphs, self.cuda_graphs_reason = None, ""
         return self
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -696,7 +861,8 @@ class Model:
         needs ``pip install "xpcnn[onnx]"``)."""
         from .onnx_export import export_model
 
-        export_model(self, path, input_dtype)
+        if distributed.is_root():  # one writer on several ranks (all hold the same model)
+            export_model(self, path, input_dtype)
 
     def _require_built(self, what: str) -> None:
         if not self.built:

@@ -199,23 +199,68 @@ class Optimizer:
         values (decided on the device, without the host waiting for it)."""
         if not self.slots:
             self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
-        lr = self.lr
-        if not 0 <= lr < math.inf:  # a schedule that overflowed, or one built with inf
-            raise NonFiniteError(f"the learning rate for step {self.iterations + 1} is {lr}; "
-                                 "nothing was updated")
+        lr = self._checked_lr()
         self.iterations += 1
         fused = kernels is not None and kernels.fused_updates and params
         if fused and self._fused_update(kernels, params, grads, lr, apply):
             return
-        kept = [] if apply is None else [
-            (a, xp.asarray(a, copy=True)) for a in [*params, *(s for v in self.slots.values()
-                                                               for s in v)]]
+        kept = self._kept(xp, params, apply)
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             self._update(xp, i, p, g, lr)
+        self._restore(xp, kept, apply)
+
+    def _checked_lr(self) -> float:
+        """The next step's learning rate; NonFiniteError where it is not a finite number >= 0
+        (a schedule that overflowed, or one built with inf)."""
+        lr = self.lr
+        if not 0 <= lr < math.inf:
+            raise NonFiniteError(f"the learning rate for step {self.iterations + 1} is {lr}; "
+                                 "nothing was updated")
+        return lr
+
+    def _kept(self, xp: Any, params: list[Any], apply: Any) -> list[tuple[Any, Any]]:
+        """Copies of the parameters and slots where ``apply`` may undo an update."""
+        if apply is None:
+            return []
+        return [(a, xp.asarray(a, copy=True))
+                for a in [*params, *(s for v in self.slots.values() for s in v)]]
+
+    @staticmethod
+    def _restore(xp: Any, kept: list[tuple[Any, Any]], apply: Any) -> None:
+        """Put back the values from before the update where ``apply`` is False."""
         for a, before in kept:
             a[...] = xp.where(apply, a, before)
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
+        raise NotImplementedError
+
+    # -- a step whose per-step numbers live in device memory (CUDA graphs) --------------------
+    #: True where :meth:`step_scalars` and :meth:`scalar_step` are defined.
+    has_scalar_step = False
+
+    def step_scalars(self) -> dict[str, float]:
+        """The numbers of the next step that change from one step to the next (the learning
+        rate; Adam's bias corrections), by name. A step captured in a CUDA graph reads them
+        from device arrays that are refilled before each replay (:mod:`xpcnn.cuda_graphs`):
+        baked into the graph, they would stay those of the captured step. NonFiniteError
+        where the learning rate is not finite, as :meth:`step` raises it."""
+        raise NotImplementedError
+
+    def scalar_step(self, xp: Any, params: list[Any], grads: list[Any],
+                    scalars: dict[str, Any], apply: Any = None) -> None:
+        """One update by the standard formulas with the per-step numbers taken from
+        ``scalars`` (0-d arrays, as :meth:`step_scalars` names them): the same values, in the
+        same order, as :meth:`step` computes without fused kernels. ``apply``: a 0-d boolean
+        device array; where False, parameters and slots keep their values. ``iterations`` is
+        left to the caller, which counts replays."""
+        if not self.slots:
+            self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
+        kept = self._kept(xp, params, apply)
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            self._scalar_update(xp, i, p, g, scalars)
+        self._restore(xp, kept, apply)
+
+    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any]) -> None:
         raise NotImplementedError
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
@@ -243,6 +288,14 @@ class SGD(Optimizer):
             raise InputError("Nesterov momentum needs momentum > 0")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         self.slot_names = ("momentum",) if momentum else ()
+
+    has_scalar_step = True
+
+    def step_scalars(self) -> dict[str, float]:
+        return {"lr": self._checked_lr()}
+
+    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any]) -> None:
+        self._update(xp, i, p, g, scalars["lr"])
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
         if self.weight_decay:
@@ -281,19 +334,32 @@ class Adam(Optimizer):
                              f"beta_1={beta_1!r}, beta_2={beta_2!r}, epsilon={epsilon!r}")
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
 
+    has_scalar_step = True
+
+    def _scalars(self, lr: float, t: int) -> dict[str, float]:
+        """Step ``t``'s numbers: the decoupled decay factor, the step size with the first
+        moment's bias correction, and the second moment's bias correction."""
+        return {"decay": 1.0 - lr * self.weight_decay, "step": lr / (1.0 - self.beta_1**t),
+                "bc2": 1.0 - self.beta_2**t}
+
+    def step_scalars(self) -> dict[str, float]:
+        return self._scalars(self._checked_lr(), self.iterations + 1)
+
     def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
+        self._scalar_update(xp, i, p, g, self._scalars(lr, self.iterations))
+
+    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any]) -> None:
         if self.weight_decay:
             if self.decoupled:
-                p[...] = p * (1.0 - lr * self.weight_decay)
+                p[...] = p * scalars["decay"]
             else:
                 g = g + self.weight_decay * p
         m, v = self.slots["m"][i], self.slots["v"][i]
-        b1, b2, t = self.beta_1, self.beta_2, self.iterations
+        b1, b2 = self.beta_1, self.beta_2
         m[...] = b1 * m + (1.0 - b1) * g
         v[...] = b2 * v + (1.0 - b2) * (g * g)
-        m_hat_scale = lr / (1.0 - b1**t)
-        denom = xp.sqrt(v / (1.0 - b2**t)) + self.epsilon
-        p[...] = p - m_hat_scale * m / denom
+        denom = xp.sqrt(v / scalars["bc2"]) + self.epsilon
+        p[...] = p - scalars["step"] * m / denom
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
                       lr: float, apply: Any) -> bool:

@@ -46,25 +46,28 @@ class RunningTotals:
     def _vector(self, values: list[float]) -> Any:
         return self.backend.asarray(values, dtype=self.dtype)
 
+    # ``state`` is always written in place: a training step captured in a CUDA graph
+    # (xpcnn.cuda_graphs) reads and writes the array it was captured with.
     def reset(self, loss_sum: float = 0.0, correct: float = 0.0) -> None:
         """Start an epoch's sums (from a checkpoint's, when resuming inside one)."""
-        self.state = self.xp.concat([self._vector([loss_sum, correct]), self.state[BAD_STEP:]])
+        self.state[...] = self.xp.concat([self._vector([loss_sum, correct]),
+                                          self.state[BAD_STEP:]])
 
     def add_stats(self, stats: Any, n: int) -> None:
         """Add a batch's [mean loss, correct count] of ``n`` samples to the sums (evaluation)."""
         stats = self.xp.astype(stats, self.dtype)
-        self.state = self.xp.concat([self.state[:BAD_STEP] + stats * self._weight(n),
-                                     self.state[BAD_STEP:]])
+        self.state[...] = self.xp.concat([self.state[:BAD_STEP] + stats * self._weight(n),
+                                          self.state[BAD_STEP:]])
 
-    def add(self, stats: Any, grads: list[Any], n: int, step: int, xb: Any,
+    def add(self, stats: Any, grads: list[Any], n: int, step: Any,
             scaling: Any = None, squares: bool = False) -> tuple[Any, Any]:
-        """Record training step ``step`` (1-based) on a batch of ``n`` samples; ``stats`` is
-        its [loss, correct count], ``scaling`` the float16 loss-scaling state (see
-        :func:`loss_scaling`) or None. With ``squares`` (an optimiser that keeps squared
-        gradients, :attr:`~xpcnn.optim.Optimizer.keeps_squares`), a gradient whose squares
-        overflow its dtype is an error too (flagged 2: finite, but it would make that state
-        infinite). Returns the device flag "apply this step's update" and the new scaling
-        state."""
+        """Record training step ``step`` (1-based; an int, or a 0-d device array in a captured
+        step) on a batch of ``n`` samples; ``stats`` is its [loss, correct count], ``scaling``
+        the float16 loss-scaling state (see :func:`loss_scaling`) or None. With ``squares`` (an
+        optimiser that keeps squared gradients, :attr:`~xpcnn.optim.Optimizer.keeps_squares`),
+        a gradient whose squares overflow its dtype is an error too (flagged 2: finite, but it
+        would make that state infinite). Returns the device flag "apply this step's update"
+        and the new scaling state. The caller notes the step's input batch in ``pending``."""
         xp, f = self.xp, self.dtype
         stats = xp.astype(stats, f)
         sums = [xp.reshape(xp.sum(g, dtype=f), (1,)) for g in grads]  # float64: no overflow
@@ -83,9 +86,8 @@ class RunningTotals:
             scaling, error = _update_scale(xp, scaling, bad[0], any_bad)
         fresh = xp.logical_and(error, self.state[BAD_STEP] < 0)
         first = xp.concat([self.state[BAD_STEP:BAD_LOSS] * 0 + step, stats[:1], flags])
-        self.state = xp.concat([self.state[:BAD_STEP] + stats * self._weight(n),
-                                xp.where(fresh, first, self.state[BAD_STEP:])])
-        self.pending.append((step, xb))
+        self.state[...] = xp.concat([self.state[:BAD_STEP] + stats * self._weight(n),
+                                     xp.where(fresh, first, self.state[BAD_STEP:])])
         return xp.logical_and(xp.logical_not(any_bad), self.state[BAD_STEP] < 0), scaling
 
     def _weight(self, n: int) -> Any:
@@ -97,11 +99,11 @@ class RunningTotals:
     def read(self) -> tuple[Any, list[tuple[int, Any]]]:
         """The state on the host (one transfer: the host waits for the device here) and the
         unread steps' input batches; clears the record of a non-finite step."""
-        host = self.backend.to_numpy(self.state)
+        host = self.backend.to_numpy(self.state).copy()  # (NumPy's is the state itself)
         pending, self.pending = self.pending, []
         if host[BAD_STEP] >= 0:
-            self.state = self.xp.concat([self.state[:BAD_STEP],
-                                         self._vector([-1.0, 0.0] + [0.0] * self.n_grads)])
+            self.state[...] = self.xp.concat([self.state[:BAD_STEP],
+                                              self._vector([-1.0, 0.0] + [0.0] * self.n_grads)])
         return host, pending
 
     def to(self, backend: Any) -> RunningTotals:

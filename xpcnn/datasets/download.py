@@ -193,13 +193,22 @@ def _describe(e: BaseException) -> str:
 
 
 def fetch(dataset: str, names: Iterable[str], folder: Path, base_url: str | None = None) -> None:
-    """Download the named files of ``dataset`` into ``folder``, verifying each published MD5."""
+    """Download the named files of ``dataset`` into ``folder``, verifying each published MD5.
+
+    A ``folder`` created for them is removed again if nothing could be downloaded into it."""
     url_base = base_url_for(dataset, base_url)
     sums = MD5SUMS[dataset]
-    for name in names:
-        url = urllib.parse.urljoin(url_base, name)
-        log.info("downloading %s to %s", url, folder)
-        download_file(url, folder / name, sums.get(name))
+    created = not folder.exists()
+    try:
+        for name in names:
+            url = urllib.parse.urljoin(url_base, name)
+            log.info("downloading %s to %s", url, folder)
+            download_file(url, folder / name, sums.get(name))
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):  # (only while it is empty)
+                folder.rmdir()
+        raise
 
 
 def missing_files_message(

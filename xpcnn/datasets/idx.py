@@ -310,18 +310,18 @@ def _load(
     if paths is None:
         missing = _missing(home)
         url = base_url_for(dataset, base_url)
+        # Name the files missing where they come closest to complete: at the top level (where
+        # they work as well) unless the subfolder holds more of them.
+        top = _missing(root)
+        folder, names = (root, top) if top and not also and len(top) <= len(missing) \
+            else (home, missing)
         if not download:
-            # Name the files missing where they come closest to complete: at the top level
-            # (where they work as well) unless the subfolder holds more of them.
-            top = _missing(root)
-            folder, names = (root, top) if top and not also and len(top) <= len(missing) \
-                else (home, missing)
             raise DownloadError(missing_files_message(title, names, folder, url=url, also=also))
         try:
             fetch(dataset, missing, home, base_url)
         except DownloadError as e:
             raise DownloadError(
-                missing_files_message(title, missing, home, url=url, cause=str(e))
+                missing_files_message(title, names, folder, url=url, cause=str(e))
             ) from e
         paths = _find_in(home)
         if paths is None:  # pragma: no cover - fetch raises rather than leave a gap

@@ -97,10 +97,10 @@ class Layer:
     #: Keras-layout order of ``get_weights``: names in ``params`` then ``state``.
     weight_names: ClassVar[tuple[str, ...]] = ()
     #: True where backward can multiply its input gradient by ``input > 0`` inside its own
-    #: passes (see :attr:`apply_input_relu_grad`).
+    #: passes (see :attr:`Options.apply_input_relu_grad`).
     can_apply_input_relu_grad: ClassVar[bool] = False
     #: True where the layer can apply a plain ReLU to its output as it computes it (see
-    #: :attr:`fused_relu`).
+    #: :attr:`Options.fused_relu`).
     can_fuse_relu: ClassVar[bool] = False
     #: True for a layer whose input is a list of batches (a merge layer): ``forward`` takes a
     #: list and ``backward`` returns one gradient per input, in the same order.

@@ -17,17 +17,24 @@ class RandomLayer(Layer):
     Its randomness is a pure function of (seed, calls): the seed is drawn at build from the
     model's generator and ``calls`` counts training batches, so a checkpoint that saves
     ``calls`` resumes the exact same random stream.
+
+    Axis 0 of what it draws is the batch. In data-parallel training (:mod:`xpcnn.distributed`)
+    ``batch_slice`` is ``(start, total)``: the batch is samples ``start:start + n`` of a global
+    batch of ``total``, and the layer draws the numbers of the whole global batch and keeps that
+    slice, so that every sample gets the numbers it gets in one process.
     """
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         self.seed = int(rng.integers(2**31))
         self.calls = 0
+        self.batch_slice: tuple[int, int] | None = None
         return input_shape
 
     def _uniform(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        u = self.backend.uniform((self.seed, self.calls), shape, dtype)
+        start, total = self.batch_slice or (0, shape[0])
+        u = self.backend.uniform((self.seed, self.calls), (total, *shape[1:]), dtype)
         self.calls += 1
-        return u
+        return u if total == shape[0] else u[start:start + shape[0], ...]
 
 
 class Dropout(RandomLayer):

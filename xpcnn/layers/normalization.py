@@ -101,9 +101,11 @@ class BatchNorm2D(Layer):
             var = xp.mean(centred * centred, axis=axes)
             count = math.prod(x.shape[:-1])
             m = self.momentum
-            self.state["moving_mean"] = (1 - m) * self.state["moving_mean"] + m * mean
+            # in place: a step replayed from a CUDA graph reads and writes the same arrays
+            moving_mean, moving_var = self.state["moving_mean"], self.state["moving_variance"]
+            moving_mean[...] = (1 - m) * moving_mean + m * mean
             unbiased = var * (count / max(count - 1, 1))
-            self.state["moving_variance"] = (1 - m) * self.state["moving_variance"] + m * unbiased
+            moving_var[...] = (1 - m) * moving_var + m * unbiased
         else:
             centred = x - self.state["moving_mean"]
             var = self.state["moving_variance"]

@@ -107,11 +107,11 @@ class RandomCrop(RandomLayer):
         xp = self.xp
         p, n = self.padding, x.shape[0]
         h, w = x.shape[1], x.shape[2]
-        u = self._uniform((2, n, 1, 1, 1), x.dtype)
+        u = self._uniform((n, 2, 1, 1, 1), x.dtype)
         # Offsets in [0, 2p]; a crop is a row shift then a column shift, each chosen per image
         # among 2p+1 candidates with where(): standard-only, no per-sample indexing needed.
-        dy = xp.floor(u[0, ...] * (2 * p + 1))
-        dx = xp.floor(u[1, ...] * (2 * p + 1))
+        dy = xp.floor(u[:, 0, ...] * (2 * p + 1))
+        dx = xp.floor(u[:, 1, ...] * (2 * p + 1))
         xpad = xp.zeros((n, h + 2 * p, w + 2 * p, x.shape[3]), dtype=x.dtype, device=x.device)
         xpad[:, p:p + h, p:p + w, :] = x
         rows = xpad[:, 0:h, :, :]

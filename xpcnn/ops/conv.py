@@ -1,8 +1,9 @@
 """Shared convolution helpers: output sizes, padding, im2col and col2im on (N, H, W, C) arrays.
 
 Channels-last lets im2col be a single concatenation along the last axis, whose column order
-(kernel row, kernel column, channel) is exactly the row order of a Keras kernel (kh, kw, C, K)
-reshaped to (kh*kw*C, K): the convolution is then one matmul with no transposes.
+(kernel row, kernel column, channel) is exactly the column order of a (K, kh, kw, C) kernel
+reshaped to (K, kh*kw*C): the convolution is then one matmul with that matrix transposed. The
+seam over these loops (one engine per backend) is :mod:`xpcnn.ops.convolution`.
 """
 
 from __future__ import annotations
@@ -351,11 +352,11 @@ def _sum_in_chunk_order(xp: Any, parts: dict[int, Any], n: int, m: int) -> Any:
 
 
 def flipped_kernel_matrix(xp: Any, kernel: Any) -> Any:
-    """(kh, kw, C, K) kernel -> (kh*kw*K, C) matrix of the input-gradient convolution: the
+    """(K, kh, kw, C) kernel -> (kh*kw*K, C) matrix of the input-gradient convolution: the
     kernel rotated by 180 degrees with its channel axes swapped (comes out contiguous)."""
-    kh, kw, c, k = kernel.shape
-    flipped = xp.flip(kernel, axis=(0, 1))
-    return xp.reshape(xp.permute_dims(flipped, (0, 1, 3, 2)), (kh * kw * k, c))
+    k, kh, kw, c = kernel.shape
+    flipped = xp.flip(kernel, axis=(1, 2))
+    return xp.reshape(xp.permute_dims(flipped, (1, 2, 0, 3)), (kh * kw * k, c))
 
 
 def _output_grad_pads(pads: Pads, kernel: tuple[int, int]) -> Pads:
@@ -435,11 +436,11 @@ def conv_grads(
     (top, left), k], and that shifted dy is P's column block (kh-1-i, kw-1-j). So x^T @ P is the
     kernel gradient with its taps rotated, and x needs no im2col.
 
-    ``kernel`` is (kh, kw, C, K); ``x`` the unpadded input (N, H, W, C), ``dy`` (N, H, W, K).
-    Returns (dW (kh, kw, C, K), db (K,) or None, dx (N, H, W, C)); dW and db are summed over
+    ``kernel`` is (K, kh, kw, C); ``x`` the unpadded input (N, H, W, C), ``dy`` (N, H, W, K).
+    Returns (dW (K, kh, kw, C), db (K,) or None, dx (N, H, W, C)); dW and db are summed over
     chunks in chunk order, in float32 at least.
     """
-    kh, kw, c, k = kernel.shape
+    k, kh, kw, c = kernel.shape
     n, h, w, _ = x.shape
     gpads = _output_grad_pads(pads, (kh, kw))
     wflip2 = flipped_kernel_matrix(xp, kernel)
@@ -462,8 +463,8 @@ def conv_grads(
     kern.for_chunks(n, m, work)
     g = _sum_in_chunk_order(xp, parts, n, m)
     db = _sum_in_chunk_order(xp, bias_parts, n, m) if with_bias else None
-    # (C, kh, kw, K) with rotated taps -> (kh, kw, C, K), contiguous (a reshape of the
+    # (C, kh, kw, K) with rotated taps -> (K, kh, kw, C), contiguous (a reshape of the
     # permuted view copies it)
-    dw = xp.permute_dims(xp.flip(xp.reshape(g, (c, kh, kw, k)), axis=(1, 2)), (1, 2, 0, 3))
-    dw = xp.reshape(xp.reshape(dw, (kh * kw * c, k)), (kh, kw, c, k))
+    dw = xp.permute_dims(xp.flip(xp.reshape(g, (c, kh, kw, k)), axis=(1, 2)), (3, 1, 2, 0))
+    dw = xp.reshape(xp.reshape(dw, (k, kh * kw * c)), (k, kh, kw, c))
     return dw, db, xp.reshape(dx, (n, h, w, c))

@@ -20,15 +20,18 @@ integer is read at that C-order index; ``n`` and ``i`` are CuPy's own names.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import array_api_compat.cupy as compat_cupy
 import cupy
 import numpy as np
 
+from .convolution import ConvEngine, ConvGeometry
 from .kernels import StandardKernels
 
 # out[n, oh, ow, (i*kw + j)*C + c] = x[n, oh*sh + i - top, ow*sw + j - left, c] for a
@@ -757,6 +760,35 @@ class CupyKernels(StandardKernels):
         # round their factors to TF32 and run on the tensor cores (compute capability 8.0 or
         # newer), as cuDNN's do by default under PyTorch. Off by default: full float32.
         self.tf32 = os.environ.get("CUPY_TF32", "0") != "0"
+        # matrix products as cuDNN graphs while set (see capturable)
+        self._graph_matmul: Any = None
+
+    def conv_engine(self, geometry: ConvGeometry, backend: Any) -> ConvEngine:
+        """cuDNN (:mod:`xpcnn.ops.cudnn_conv`) where it loads, with the hand-written kernels
+        below for the cases it has no plan for; those kernels alone where it does not load
+        (after a one-line warning) or with ``XPCNN_CUDNN=0``."""
+        from . import cudnn_conv
+
+        own = super().conv_engine(geometry, backend)
+        cudnn = cudnn_conv.load()
+        return own if cudnn is None else cudnn_conv.CudnnConv(geometry, cudnn, own)
+
+    @contextlib.contextmanager
+    def capturable(self) -> Iterator[None]:
+        """Inside, matrix products run as cuDNN graphs, which a CUDA graph can capture (CuPy 14
+        refuses to capture cuBLAS calls). RuntimeError where cuDNN does not load."""
+        from . import cudnn_conv
+
+        cudnn = cudnn_conv.load()
+        if cudnn is None:
+            raise RuntimeError("cuDNN could not be loaded: the matrix products would go to "
+                               "cuBLAS, which CuPy cannot capture in a CUDA graph")
+        old = self._graph_matmul
+        self._graph_matmul = old or cudnn_conv.CudnnMatmul(cudnn)
+        try:
+            yield
+        finally:
+            self._graph_matmul = old
 
     def set_conv_algorithm(self, name: str) -> None:
         """How convolutions run: ``"direct"`` (the kernels above, one element per thread, for
@@ -850,8 +882,21 @@ class CupyKernels(StandardKernels):
         total = parts.sum(axis=0)
         return (total[:kkc], total[kkc]) if with_bias else (total, None)
 
+    def matmul(self, a: Any, b: Any) -> Any:
+        if self._graph_matmul is not None:
+            return self._graph_matmul(a, b)
+        return super().matmul(a, b)
+
+    def matmul_nt(self, a: Any, b: Any) -> Any:
+        if self._graph_matmul is not None:
+            return self._graph_matmul(a, b, transpose_b=True)
+        return super().matmul_nt(a, b)
+
     def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None,
                     relu: bool = False) -> None:
+        if self._graph_matmul is not None:
+            out[...] = self.bias_relu(self._graph_matmul(a, b), bias, relu)
+            return
         if not out.flags.c_contiguous:
             super().matmul_into(a, b, out, bias, relu)
             return
@@ -859,6 +904,8 @@ class CupyKernels(StandardKernels):
         self.bias_relu(out, bias, relu)
 
     def matmul_tn(self, a: Any, b: Any) -> Any:
+        if self._graph_matmul is not None:
+            return self._graph_matmul(a, b, transpose_a=True)
         rows, m = a.shape
         n = b.shape[1]
         splits = min(rows // _SPLIT_K_ROWS, _SPLIT_K_MAX, max(1, (1 << 22) // (m * n)))

@@ -118,6 +118,13 @@ class NumpyKernels(StandardKernels):
         n = self._saved_threads if self._saved_threads is not None else self._blas.get()
         return max(1, min(int(n), self._cores))
 
+    def set_threads(self, n: int) -> None:
+        """Run chunk loops (and OpenBLAS outside them) on ``n`` threads: for processes that
+        share a machine's cores (:mod:`xpcnn.distributed`). A no-op where OpenBLAS's count
+        cannot be set."""
+        if self._blas.set is not None:
+            self._blas.set(max(1, int(n)))
+
     @contextmanager
     def pinned(self) -> Iterator[None]:
         """Hold OpenBLAS to one thread inside (re-entrant): xpcnn's loops bring their own

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .conv import im2col_into
+from .convolution import ConvEngine, ConvGeometry, kernels_conv
 from .pool import max_pool, max_pool_backward
 from .softmax import cross_entropy, loss_and_correct, target_rows
 
@@ -49,6 +50,11 @@ class StandardKernels:
 
     def __init__(self, xp: Any) -> None:
         self.xp = xp
+
+    def conv_engine(self, geometry: ConvGeometry, backend: Any) -> ConvEngine:
+        """The engine that runs a convolution layer of this ``geometry`` (see
+        :mod:`xpcnn.ops.convolution`): here the chunked loops over these kernels."""
+        return kernels_conv(geometry, self, backend)
 
     def pinned(self) -> contextlib.AbstractContextManager[None]:
         """Held around a training step or prediction (see :meth:`Backend.compute_scope`)."""
@@ -114,7 +120,7 @@ class StandardKernels:
         """Gradient of a max pool of padded ``x`` (see :func:`xpcnn.ops.pool.max_pool_backward`):
         each window's gradient goes to its first maximum in row-major order. With
         ``relu_grad``, only where that maximum is > 0: the gradient of a ReLU before the pool
-        (see ``Layer.apply_input_relu_grad``)."""
+        (see ``Options.apply_input_relu_grad`` in :mod:`xpcnn.layers.base`)."""
         if relu_grad:
             dy = self.relu_backward(dy, y)
         return max_pool_backward(self.xp, x, y, dy, kernel, strides, out_hw)
@@ -150,7 +156,7 @@ class StandardKernels:
                               relu_x: Any = None) -> Any:
         """Gradient of :meth:`feature_norm` through its mean and variance; with ``relu_x``,
         the input of a feature norm after a ReLU, only where ``relu_x > 0``: the gradient of
-        that ReLU too (see ``Layer.apply_input_relu_grad``)."""
+        that ReLU too (see ``Options.apply_input_relu_grad`` in :mod:`xpcnn.layers.base`)."""
         dx = standardize_backward(self.xp, dy, xhat, inv_std, (1, 2))
         return dx if relu_x is None else self.relu_backward(dx, relu_x)
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..backend import DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterrupted
 from ..history import History
@@ -110,6 +111,8 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
     """
     path = os.fspath(path)
     model._require_built("save_checkpoint")
+    if not distributed.is_root():  # one writer: rank 0 (all ranks hold the same state)
+        return
     if model.loss is None or model.optimizer is None:
         raise InputError("save_checkpoint needs a compiled model (compile(...) first)")
     opt = model.optimizer
@@ -345,16 +348,18 @@ def _history(h: Any, path: str) -> History:
 
 
 def fingerprint(x: np.ndarray, targets: np.ndarray, batch_size: int, seed: int,
-                shuffle: bool) -> dict[str, Any]:
-    """What a resumed run must share with the original: the data (sizes and CRC-32 checksums)
-    and the ``fit`` arguments that fix the order of the batches."""
+                shuffle: bool, ranks: int = 1) -> dict[str, Any]:
+    """What a resumed run must share with the original: the data (sizes and CRC-32 checksums),
+    the ``fit`` arguments that fix the order of the batches, and the number of processes
+    (:mod:`xpcnn.distributed`; recorded only when there are several)."""
     crc = 0
     rows = max(1, (1 << 24) // max(1, x[0].nbytes))
     for start in range(0, len(x), rows):
         crc = zlib.crc32(np.ascontiguousarray(x[start:start + rows]).data, crc)
     return {"samples": int(len(x)), "sample_shape": list(x.shape[1:]), "x_dtype": str(x.dtype),
             "x_crc32": crc, "y_crc32": zlib.crc32(np.ascontiguousarray(targets).data),
-            "batch_size": int(batch_size), "seed": int(seed), "shuffle": bool(shuffle)}
+            "batch_size": int(batch_size), "seed": int(seed), "shuffle": bool(shuffle),
+            **({"ranks": int(ranks)} if ranks > 1 else {})}
 
 
 class FitCheckpoints:
@@ -414,6 +419,12 @@ class FitCheckpoints:
         run, mine = config.get("run"), normal(self.run)
         if not isinstance(run, dict):
             raise DataFormatError(f"{self.path}: invalid checkpoint: no run description")
+        theirs, ours = run.get("ranks", 1), mine.get("ranks", 1)
+        if theirs != ours:
+            raise InputError(f"{self.path} was written by a run on {theirs} process(es) and this "
+                             f"run has {ours}: resume it on {theirs} (mpiexec -n {theirs} ...), "
+                             "since the global batch, and so every later step, depends on the "
+                             "number of processes")
         if run != mine:  # checked before the model is touched
             diff = sorted(k for k in set(run) | set(mine) if run.get(k) != mine.get(k))
             raise InputError(
@@ -437,6 +448,8 @@ class FitCheckpoints:
                 self.every == "epoch" or (epoch * self.steps + step) % self.every  # type: ignore
                 or step == self.steps):  # (the end-of-epoch checkpoint follows at once)
             return
+        if self.model._parallel is not None:  # every rank saves the same BatchNorm statistics
+            self.model._parallel.average_state()
         save_checkpoint(self.model, self.path,
                         Progress(epoch, step, loss_sum, correct, seen, time.perf_counter() - t0),
                         history, self.run)

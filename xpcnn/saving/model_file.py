@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from ..backend import DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError
 from ..graph import Inbound, check_graph, inbound_of
@@ -84,6 +85,8 @@ def save_model(model: Any, path: str | os.PathLike[str]) -> None:
     """Write ``model``'s architecture, compile settings and weights to ``path``, atomically."""
     path = os.fspath(path)
     model._require_built("save")
+    if not distributed.is_root():  # one writer: rank 0 (all ranks hold the same weights)
+        return
     arrays = {CONFIG_KEY: encode_json(model_config(model)), **weight_arrays(model, path)}
     write_npz_atomic(path, arrays)
 

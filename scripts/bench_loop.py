@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Host time that fit's loop spends per step outside the layers: getting a batch to the device
+and the device-side bookkeeping of a step (xpcnn.totals: running sums, the non-finite flag).
+
+On the CPU that is time the step takes; on a GPU it is time the host spends issuing work (the
+device runs behind it), which bounds the steps per second when the layers' kernels are short.
+The best of many repeats is reported, which a busy machine moves little.
+
+    python scripts/bench_loop.py                      # cifar, batch 128, on the CPU
+    python scripts/bench_loop.py --device cuda --model mnist --optimizer adam
+"""
+
+from __future__ import annotations
+
+import argparse
+import timeit
+
+import numpy as np
+
+import xpcnn
+from xpcnn.data import ArrayBatches
+from xpcnn.models import MODELS, build_layers
+from xpcnn.totals import READ_EVERY, RunningTotals
+
+INPUTS = {"notebook": (32, 32, 3), "mnist": (28, 28, 1), "cifar": (32, 32, 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=sorted(set(MODELS) & set(INPUTS)), default="cifar")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--samples", type=int, default=10_000, help="uint8 training images")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                   help="adam adds the check of the gradients' squares")
+    p.add_argument("--repeat", type=int, default=15)
+    args = p.parse_args()
+    shape = INPUTS[args.model]
+    model = xpcnn.Sequential(build_layers(args.model, 10), input_shape=shape, seed=0,
+                             device=args.device)
+    model.compile(optimizer=args.optimizer)
+    backend, xp = model.backend, model.backend.xp
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (args.samples, *shape), dtype=np.uint8)
+    y = rng.integers(0, 10, args.samples)
+    resident = ArrayBatches(backend, x, y, args.batch_size, shuffle=True)
+    batches = iter(resident.epoch(0))
+    idx = rng.permutation(args.samples)[:args.batch_size]
+    params = [p for la in model.layers for p in la.params.values()]
+    grads = [xp.ones_like(p) for p in params]
+    stats = backend.asarray([2.3, 10.0], dtype="float32")
+    totals, step = RunningTotals(backend, len(grads)), [0]
+
+    def upload() -> None:  # a host batch, copied and cast (the loop before the data stayed)
+        model._to_device(x[idx])
+
+    def gather() -> None:  # the next batch of a training set on the device, cast there
+        nonlocal batches
+        try:
+            xb, _ = next(batches)
+        except StopIteration:
+            batches = iter(resident.epoch(0))
+            xb, _ = next(batches)
+        xp.astype(xb, xp.float32, copy=False)
+
+    def bookkeeping() -> None:  # one step's totals, and the host's read every READ_EVERY steps
+        step[0] += 1
+        totals.add(stats, grads, args.batch_size, step[0], squares=model.optimizer.keeps_squares)
+        totals.pending.append((step[0], None))  # (as Model.train_step records each step)
+        if len(totals.pending) >= READ_EVERY:
+            totals.read()
+
+    print(f"{args.model}, batch {args.batch_size}, {backend.label}, {len(params)} parameter "
+          f"arrays, {args.optimizer}: best of {args.repeat} x 20 calls")
+    with backend.compute_scope():
+        for name, fn in (("host batch -> device", upload), ("batch gathered on device", gather),
+                         ("step bookkeeping", bookkeeping)):
+            best = min(timeit.repeat(fn, number=20, repeat=args.repeat)) / 20
+            print(f"  {name:26s} {best * 1e3:8.3f} ms per step")
+
+
+if __name__ == "__main__":
+    main()

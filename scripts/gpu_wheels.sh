@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Download, on a machine that reaches PyPI, the wheels that the lent GPU machine lacks (its
+# image has CuPy, PyTorch, cuDNN's library, pytest, hypothesis and tqdm, but not these), into
+# .whl/ (ignored by git), for Python 3.12 on x86-64 Linux:
+#
+#   scripts/gpu_wheels.sh [PYTHON]
+#
+# The device command then installs them first (scripts/gpu_check.sh does it where .whl/ is
+# there): pip install --no-index --no-deps --target /tmp/site .whl/*.whl
+set -euo pipefail
+py=${1:-python3}
+cd "$(dirname "$0")/.."
+rm -rf .whl
+platforms=()
+for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
+  platforms+=(--platform "$p")
+done
+# The versions this session tested with (array-api-*) and the frontend that pyproject's
+# [cuda12]/[cuda13] extras pin.
+$py -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  "${platforms[@]}" -d .whl \
+  "array-api-compat==1.16.0" "array-api-strict==2.6.1" "nvidia-cudnn-frontend==1.28.0"
+ls -la .whl

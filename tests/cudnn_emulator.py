@@ -1,0 +1,341 @@
+"""A stand-in for NVIDIA's cuDNN frontend (module ``cudnn``) and for the few CuPy calls of
+``xpcnn.ops.cudnn_conv``, so that its graphs are built and run on a machine without a GPU.
+
+The fake ``pygraph`` takes the frontend's calls (tensor, conv_fprop, conv_dgrad, conv_wgrad,
+bias, relu, matmul, the build steps) and records them; ``execute`` then computes each graph
+from the raw addresses it is given, reading and writing memory exactly where each tensor's
+``dim`` and ``stride`` say (``dim`` in cuDNN's logical order, N, C, H, W). A wrong stride or
+layout in xpcnn's descriptors therefore gives wrong numbers here, as it would on a GPU. The
+arithmetic (NCHW loops over kernel taps) shares nothing with xpcnn's.
+
+The fake ``cupy`` hands out NumPy arrays, whose host addresses stand for device ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import sys
+import types
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+
+class DataType(enum.Enum):
+    HALF = np.float16
+    FLOAT = np.float32
+    DOUBLE = np.float64
+    BFLOAT16 = "bfloat16"
+
+
+class HeurMode(enum.Enum):
+    A = 1
+    B = 2
+    FALLBACK = 3
+
+
+class NumericalNote(enum.Enum):
+    TENSOR_CORE = 1
+    DOWN_CONVERT_INPUTS = 2
+
+
+class Tensor:
+    def __init__(self, name: str, dim: list[int] | None, stride: list[int] | None,
+                 data_type: DataType | None, virtual: bool) -> None:
+        self.name, self.dim, self.stride, self.data_type = name, dim, stride, data_type
+        self.virtual, self.output = virtual, False
+
+    def set_output(self, value: bool) -> Tensor:
+        self.output = bool(value)
+        self.virtual = not value
+        return self
+
+    def set_dim(self, dim: list[int]) -> Tensor:
+        self.dim = list(dim)
+        return self
+
+    def set_stride(self, stride: list[int]) -> Tensor:
+        self.stride = list(stride)
+        return self
+
+    def set_data_type(self, data_type: DataType) -> Tensor:
+        self.data_type = data_type
+        return self
+
+
+def _row_major(dim: list[int]) -> list[int]:
+    stride, acc = [], 1
+    for d in reversed(dim):
+        stride.insert(0, acc)
+        acc *= d
+    return stride
+
+
+class PyGraph:
+    """Records one graph; every instance is kept in ``GRAPHS`` for the tests to inspect."""
+
+    STEPS = ("validate", "build_operation_graph", "create_execution_plans", "check_support",
+             "build_plans")
+    refuse: Any = None  # a predicate on the graph: raise at check_support where it holds
+
+    def __init__(self, io_data_type: DataType, intermediate_data_type: DataType,
+                 compute_data_type: DataType, handle: Any) -> None:
+        assert isinstance(handle, Handle), "build with the handle of the current device"
+        self.io, self.intermediate, self.compute = (io_data_type, intermediate_data_type,
+                                                    compute_data_type)
+        self.tensors: list[Tensor] = []
+        self.ops: list[tuple[str, dict[str, Any], Tensor]] = []
+        self.steps: list[str] = []
+        self.deselected: list[NumericalNote] = []
+        self.heuristics: list[HeurMode] = []
+        self.executions = 0
+        GRAPHS.append(self)
+
+    def tensor(self, name: str, dim: list[int], stride: list[int], data_type: DataType) -> Tensor:
+        assert len(dim) == len(stride)
+        t = Tensor(name, list(dim), list(stride), data_type, virtual=False)
+        self.tensors.append(t)
+        return t
+
+    def _op(self, kind: str, args: dict[str, Any], dim: list[int] | None) -> Tensor:
+        for v in args.values():
+            assert not isinstance(v, Tensor) or v in self.tensors, "a tensor of another graph"
+        out = Tensor(f"{kind}_out", dim, None if dim is None else _row_major(dim), None,
+                     virtual=True)
+        self.tensors.append(out)
+        self.ops.append((kind, args, out))
+        return out
+
+    @staticmethod
+    def _conv_attrs(pre_padding, post_padding, stride, dilation) -> dict[str, Any]:
+        assert len(pre_padding) == len(post_padding) == len(stride) == len(dilation) == 2
+        assert list(dilation) == [1, 1]
+        return {"pre": list(pre_padding), "post": list(post_padding), "stride": list(stride)}
+
+    def conv_fprop(self, image: Tensor, weight: Tensor, *, pre_padding, post_padding, stride,
+                   dilation, name: str = "") -> Tensor:
+        attrs = self._conv_attrs(pre_padding, post_padding, stride, dilation)
+        n, _, h, w = image.dim
+        k, _, kh, kw = weight.dim
+        out = [n, k] + [(size + attrs["pre"][i] + attrs["post"][i] - kern) // attrs["stride"][i]
+                        + 1 for i, (size, kern) in enumerate(((h, kh), (w, kw)))]
+        return self._op("conv_fprop", {"x": image, "w": weight, **attrs}, out)
+
+    def conv_dgrad(self, loss: Tensor, filter: Tensor, *, pre_padding, post_padding,  # noqa: A002
+                   stride, dilation, name: str = "") -> Tensor:
+        attrs = self._conv_attrs(pre_padding, post_padding, stride, dilation)
+        return self._op("conv_dgrad", {"dy": loss, "w": filter, **attrs}, None)
+
+    def conv_wgrad(self, image: Tensor, loss: Tensor, *, pre_padding, post_padding, stride,
+                   dilation, name: str = "") -> Tensor:
+        attrs = self._conv_attrs(pre_padding, post_padding, stride, dilation)
+        return self._op("conv_wgrad", {"x": image, "dy": loss, **attrs}, None)
+
+    def bias(self, input: Tensor, bias: Tensor, name: str = "") -> Tensor:  # noqa: A002
+        return self._op("bias", {"x": input, "b": bias}, input.dim)
+
+    def relu(self, input: Tensor, name: str = "") -> Tensor:  # noqa: A002
+        return self._op("relu", {"x": input}, input.dim)
+
+    def matmul(self, A: Tensor, B: Tensor, name: str = "") -> Tensor:  # noqa: N803
+        return self._op("matmul", {"a": A, "b": B}, [A.dim[0], A.dim[1], B.dim[2]])
+
+    # -- the build steps, in the frontend's order ----------------------------------------------
+    def _step(self, name: str) -> None:
+        assert self.steps == list(self.STEPS[:self.STEPS.index(name)]), (
+            f"{name} after {self.steps}")
+        self.steps.append(name)
+
+    def validate(self) -> None:
+        self._step("validate")
+        for t in self.tensors:
+            assert t.dim is not None and t.stride is not None, f"{t.name} has no dims/strides"
+            assert t.virtual or t.data_type is not None, f"{t.name} has no data type"
+        assert any(t.output for t in self.tensors), "no output"
+
+    def build_operation_graph(self) -> None:
+        self._step("build_operation_graph")
+
+    def create_execution_plans(self, modes: list[HeurMode]) -> None:
+        self._step("create_execution_plans")
+        self.heuristics = list(modes)
+
+    def deselect_numeric_notes(self, notes: list[NumericalNote]) -> None:
+        assert self.steps[-1] == "create_execution_plans"
+        self.deselected += list(notes)
+
+    def check_support(self) -> None:
+        self._step("check_support")
+        if PyGraph.refuse is not None and PyGraph.refuse(self):
+            raise RuntimeError("No valid engine configs for this graph\nmore")
+
+    def build_plans(self) -> None:
+        self._step("build_plans")
+
+    def get_workspace_size(self) -> int:
+        assert self.steps[-1] == "build_plans"
+        return 256
+
+    # -- running -------------------------------------------------------------------------------
+    def execute(self, variant_pack: dict[Tensor, int], workspace: int, handle: Any) -> None:
+        assert self.steps[-1] == "build_plans"
+        assert isinstance(workspace, int) and workspace != 0
+        assert handle.stream == CURRENT_STREAM.ptr, "run on CuPy's current stream"
+        given = set(variant_pack)
+        wanted = {t for t in self.tensors if not t.virtual}
+        assert given == wanted, f"variant pack {[t.name for t in given]} != {wanted}"
+        assert all(isinstance(p, int) for p in variant_pack.values())
+        values: dict[Tensor, np.ndarray] = {t: _read(t, p) for t, p in variant_pack.items()
+                                            if not t.output}
+        for kind, args, out in self.ops:
+            values[out] = _COMPUTE[kind](out, *(values.get(v, v) if isinstance(v, Tensor) else v
+                                                for v in args.values()))
+        for t, p in variant_pack.items():
+            if t.output:
+                _write(t, p, values[t])
+        self.executions += 1
+
+
+def _view(t: Tensor, address: int) -> np.ndarray:
+    """The memory at ``address`` seen through ``t``'s dims and strides."""
+    dtype = np.dtype(t.data_type.value)
+    extent = 1 + sum((d - 1) * s for d, s in zip(t.dim, t.stride, strict=True))
+    buf = (ctypes.c_uint8 * (extent * dtype.itemsize)).from_address(address)
+    flat = np.ctypeslib.as_array(buf).view(dtype)
+    return as_strided(flat, shape=t.dim, strides=[s * dtype.itemsize for s in t.stride])
+
+
+def _read(t: Tensor, address: int) -> np.ndarray:
+    return _view(t, address).astype(np.float64)
+
+
+def _write(t: Tensor, address: int, value: np.ndarray) -> None:
+    view = _view(t, address)
+    assert value.shape == view.shape, f"{t.name}: computed {value.shape}, declared {view.shape}"
+    view[...] = value
+
+
+def _padded(x: np.ndarray, pre: list[int], post: list[int]) -> np.ndarray:
+    return np.pad(x, ((0, 0), (0, 0), (pre[0], post[0]), (pre[1], post[1])))
+
+
+def _fprop(out: Tensor, x, w, pre, post, stride) -> np.ndarray:
+    xp = _padded(x, pre, post)
+    n, k, ho, wo = out.dim
+    y = np.zeros((n, k, ho, wo))
+    for a in range(w.shape[2]):
+        for b in range(w.shape[3]):
+            win = xp[:, :, a:a + stride[0] * (ho - 1) + 1:stride[0],
+                     b:b + stride[1] * (wo - 1) + 1:stride[1]]
+            y += np.einsum("nchw,kc->nkhw", win, w[:, :, a, b])
+    return y
+
+
+def _dgrad(out: Tensor, dy, w, pre, post, stride) -> np.ndarray:
+    n, c, h, wd = out.dim
+    ho, wo = dy.shape[2:]
+    dxp = np.zeros((n, c, h + pre[0] + post[0], wd + pre[1] + post[1]))
+    for a in range(w.shape[2]):
+        for b in range(w.shape[3]):
+            dxp[:, :, a:a + stride[0] * (ho - 1) + 1:stride[0],
+                b:b + stride[1] * (wo - 1) + 1:stride[1]] += np.einsum("nkhw,kc->nchw", dy,
+                                                                       w[:, :, a, b])
+    return dxp[:, :, pre[0]:pre[0] + h, pre[1]:pre[1] + wd]
+
+
+def _wgrad(out: Tensor, x, dy, pre, post, stride) -> np.ndarray:
+    xp = _padded(x, pre, post)
+    k, c, kh, kw = out.dim
+    ho, wo = dy.shape[2:]
+    dw = np.zeros((k, c, kh, kw))
+    for a in range(kh):
+        for b in range(kw):
+            win = xp[:, :, a:a + stride[0] * (ho - 1) + 1:stride[0],
+                     b:b + stride[1] * (wo - 1) + 1:stride[1]]
+            dw[:, :, a, b] = np.einsum("nchw,nkhw->kc", win, dy)
+    return dw
+
+
+_COMPUTE = {
+    "conv_fprop": _fprop, "conv_dgrad": _dgrad, "conv_wgrad": _wgrad,
+    "bias": lambda out, x, b: x + b,
+    "relu": lambda out, x: np.maximum(x, 0.0),
+    "matmul": lambda out, a, b: a @ b,
+}
+
+GRAPHS: list[PyGraph] = []
+
+
+class Handle:
+    def __init__(self) -> None:
+        self.stream: int | None = None
+
+
+class GraphNotSupported(Exception):
+    pass
+
+
+def fake_cudnn() -> types.ModuleType:
+    m = types.ModuleType("cudnn")
+    m.pygraph = PyGraph
+    m.data_type, m.heur_mode, m.numerical_note = DataType, HeurMode, NumericalNote
+    m.backend_version = lambda: 91900
+    m.create_handle = Handle
+
+    def set_stream(handle: Handle, stream: int) -> None:
+        handle.stream = stream
+
+    m.set_stream = set_stream
+    return m
+
+
+# -- the CuPy calls of xpcnn.ops.cudnn_conv ---------------------------------------------------
+CURRENT_STREAM = types.SimpleNamespace(ptr=0x5EED)
+
+
+def add_cupy_calls(m: types.ModuleType) -> types.ModuleType:
+    """Give a fake ``cupy`` (NumPy underneath) what xpcnn.ops.cudnn_conv calls."""
+    m.empty = np.empty
+    m.ascontiguousarray = np.ascontiguousarray
+    m.uint8 = np.uint8
+    cuda = getattr(m, "cuda", None) or types.SimpleNamespace()
+    cuda.Device = lambda: types.SimpleNamespace(id=0)
+    cuda.get_current_stream = lambda: CURRENT_STREAM
+    m.cuda = cuda
+    return m
+
+
+def import_cudnn_conv() -> types.ModuleType:
+    """``xpcnn.ops.cudnn_conv`` imported afresh against whatever ``cupy`` and ``cudnn``
+    sys.modules holds, reading host addresses for device ones."""
+    sys.modules.pop("xpcnn.ops.cudnn_conv", None)
+    import xpcnn.ops.cudnn_conv as module
+
+    module._address = lambda a: a.ctypes.data
+    return module
+
+
+def load_emulated_cudnn_conv() -> tuple[types.ModuleType, dict[str, Any]]:
+    """``xpcnn.ops.cudnn_conv`` imported against a fake ``cupy``, and its ``load()`` giving
+    the fake ``cudnn``; returns the module and the ``sys.modules`` entries to restore."""
+    names = ("cupy", "cudnn", "xpcnn.ops.cudnn_conv")
+    saved = {n: sys.modules.get(n) for n in names}
+    sys.modules["cupy"] = add_cupy_calls(types.ModuleType("cupy"))
+    sys.modules["cudnn"] = fake_cudnn()
+    return import_cudnn_conv(), saved
+
+
+def restore(saved: dict[str, Any]) -> None:
+    import xpcnn.ops
+
+    for name, module in saved.items():
+        if module is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = module
+    if saved["xpcnn.ops.cudnn_conv"] is None:
+        xpcnn.ops.__dict__.pop("cudnn_conv", None)
+    else:
+        xpcnn.ops.cudnn_conv = saved["xpcnn.ops.cudnn_conv"]

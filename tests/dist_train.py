@@ -1,0 +1,128 @@
+"""A small training run for tests/test_distributed.py, in one process or under ``mpiexec``.
+
+    mpiexec -n 3 python tests/dist_train.py OUT [--batch 4] [--samples 50] [--dtype float64]
+        [--optimizer sgd|adam] [--batchnorm] [--dataset]
+        [--checkpoint PATH --every N [--resume]]
+        [--fail-rank R --fail-step S --fail-how kill|raise|hang]
+
+trains one epoch (``--epochs``) with ``--batch`` samples per rank and writes, from every rank,
+its final weights and history to ``OUT.rank<R>.npz`` (with plain ``np.savez``: each rank its own
+file, to compare them). ``--fail-rank`` makes rank R die (SIGKILL), raise or hang at its S-th step.
+In one process (no mpiexec), :func:`train` is the reference run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+
+import numpy as np
+
+import xpcnn
+from xpcnn import distributed
+from xpcnn.layers import (
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    MaxPool2D,
+    RandomCrop,
+    RandomFlip,
+    ReLU,
+    Rescaling,
+    Softmax,
+)
+
+
+def data(samples: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (samples, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, samples)
+
+
+class Samples:
+    """A map-style dataset over the arrays: ``samples[i] -> (x_i, y_i)``."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.x[i], int(self.y[i])
+
+
+def make_model(dtype: str = "float64", optimizer: str = "sgd", batchnorm: bool = False
+               ) -> xpcnn.Sequential:
+    """Random layers of both kinds (augmentation on the input, dropout inside); BatchNorm only
+    on request, since it normalises each rank's slice by itself."""
+    norm = [BatchNorm2D()] if batchnorm else []
+    model = xpcnn.Sequential([RandomFlip(), RandomCrop(1), Rescaling(1 / 255),
+                              Conv2D(4, 3, padding="same"), *norm, ReLU(), MaxPool2D(2),
+                              Dropout(0.25), Flatten(), Dense(10), Softmax()], seed=3,
+                             dtype=dtype)
+    opt = (xpcnn.optim.SGD(0.05, momentum=0.9) if optimizer == "sgd"
+           else xpcnn.optim.Adam(1e-2))
+    model.compile(optimizer=opt)
+    return model
+
+
+def train(out: str | None = None, batch: int = 4, samples: int = 50, epochs: int = 1,
+          dtype: str = "float64", optimizer: str = "sgd", checkpoint: str | None = None,
+          every: int = 2, resume: bool = False, fail_rank: int = -1, fail_step: int = 0,
+          fail_how: str = "kill", batchnorm: bool = False, dataset: bool = False
+          ) -> tuple[list[np.ndarray], dict[str, list[float]]]:
+    """Train; returns the final weights and history (and writes them to ``out.rank<R>.npz``)."""
+    here = distributed.world()
+    x, y = data(samples)
+    model = make_model(dtype, optimizer, batchnorm)
+    if here.rank == fail_rank:
+        step = model.train_step
+
+        def failing_step(xb, yb):
+            if model.optimizer.iterations + 1 == fail_step:
+                if fail_how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if fail_how == "hang":
+                    time.sleep(3600)
+                raise RuntimeError(f"a failure planted at step {fail_step}")
+            return step(xb, yb)
+
+        model.train_step = failing_step
+    source = (Samples(x, y), None) if dataset else (x, y)
+    history = model.fit(*source, epochs=epochs, batch_size=batch, verbose=0,
+                        checkpoint=checkpoint, checkpoint_every=every, resume=resume,
+                        validation_data=(x[:20], y[:20]))
+    weights = model.get_weights()
+    logs = {k: v for k, v in history.history.items() if k != "seconds"}
+    if out is not None:
+        arrays = {f"w{i}": w for i, w in enumerate(weights)}
+        arrays.update({f"h_{k}": np.array(v) for k, v in logs.items()})
+        np.savez(f"{out}.rank{here.rank}.npz", **arrays)
+    return weights, logs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--samples", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--dtype", default="float64")
+    p.add_argument("--optimizer", default="sgd")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--every", type=int, default=2)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--fail-rank", type=int, default=-1)
+    p.add_argument("--fail-step", type=int, default=0)
+    p.add_argument("--fail-how", default="kill")
+    p.add_argument("--batchnorm", action="store_true")
+    p.add_argument("--dataset", action="store_true", help="a map-style dataset, not arrays")
+    train(**vars(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""CUDA-graph capture of the training step (xpcnn.cuda_graphs), the parts a CPU can check: when
+a step is warmed up, captured, replayed or run eagerly and why; the optimisers' update with
+device scalars; and whole fits through the graph runner against eager fits, with a stand-in
+capture whose "graph" re-runs the recorded step on the same static buffers and device
+scalars (a real capture only records, so the stand-in undoes the recording run's writes).
+tests/test_gpu.py checks replays against eager steps with CuPy's real stream capture."""
+
+import contextlib
+
+import array_api_compat.numpy as xpn
+import numpy as np
+import pytest
+from kernel_cases import OPTIMISERS
+from nets import gap_net
+
+import xpcnn
+from xpcnn import optim
+from xpcnn.cuda_graphs import blockers
+from xpcnn.errors import InputError, NonFiniteError
+from xpcnn.layers import BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, ReLU
+from xpcnn.model import Model
+
+
+class FakeCapture:
+    """Records a step instead of running it, as stream capture does; ``launch`` runs the
+    recorded step again and writes its outputs where the capture's outputs are."""
+
+    def __init__(self, arrays):
+        self.arrays, self.captures, self.launches, self.fail = arrays, 0, 0, None
+        self.scoped = 0
+
+    @contextlib.contextmanager
+    def scope(self):
+        self.scoped += 1
+        yield
+
+    def capture(self, fn):
+        if self.fail is not None:
+            raise self.fail
+        before = [(a, np.array(a, copy=True)) for _, a in self.arrays()]
+        out = fn()
+        for a, value in before:  # a capture records the work, it does not do it
+            a[...] = value
+        self.captures += 1
+        return (fn, out), out
+
+    def launch(self, graph):
+        fn, out = graph
+        out[...] = fn()
+        self.launches += 1
+
+
+def _runner(model, warmup=2):
+    """The StepGraphs that Model._step_graphs makes on CuPy, here over NumPy with the
+    stand-in capture."""
+    monkey_model = model
+    monkey_model.cuda_graphs_reason = ""
+    blockers_of = monkey_model._graph_blockers
+    monkey_model._graph_blockers = lambda: []  # (NumPy: "not CuPy" otherwise)
+    try:
+        graphs = monkey_model._step_graphs()
+    finally:
+        monkey_model._graph_blockers = blockers_of
+    capture = FakeCapture(model._graph_arrays)
+    graphs.capture, graphs.warmup = capture, warmup
+    return graphs, capture
+
+
+def _model(layers, optimizer, dtype="float64"):
+    model = xpcnn.Sequential(layers, seed=3, dtype=dtype)
+    model.compile(optimizer=optimizer)
+    return model
+
+
+def _data(n=40):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+def _bn_net():
+    return [Conv2D(6, 3, padding="same"), BatchNorm2D(), ReLU(), GlobalAvgPool2D(), Dense(10)]
+
+
+@pytest.mark.parametrize("net", [gap_net, _bn_net])
+@pytest.mark.parametrize("make_optimizer", [
+    lambda: optim.SGD(optim.StepDecay(0.05, 2, 0.5), momentum=0.9),  # the rate changes
+    lambda: optim.AdamW(optim.CosineDecay(3e-3, 7)),
+])
+def test_a_fit_through_captured_steps_equals_an_eager_fit(monkeypatch, net, make_optimizer):
+    """Batches of 16 of 40: per epoch two full batches (warmed up, then captured and
+    replayed) and a tail of 8 (eager): the same weights, losses and step count as a fit
+    without graphs, the learning-rate schedule reaching every replay."""
+    x, y = _data()
+    eager = _model(net(), make_optimizer())
+    eager_history = eager.fit(x, y, epochs=4, batch_size=16, verbose=0)
+    graphed = _model(net(), make_optimizer())
+    graphed.build((12, 12, 3))
+    graphs, capture = _runner(graphed)
+    history = graphed.fit(x, y, epochs=4, batch_size=16, verbose=0)
+    assert (capture.captures, capture.launches) == (1, 6)  # warm-up 2, captured 1, replayed 5
+    assert graphed.optimizer.iterations == eager.optimizer.iterations == 12
+    np.testing.assert_allclose(history.history["loss"], eager_history.history["loss"],
+                               rtol=1e-12)
+    for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_decisions_per_batch_shape_and_when_weights_are_replaced():
+    model = _model(gap_net(), optim.SGD(0.01))
+    model.build((12, 12, 3))
+    graphs, capture = _runner(model)
+    xb = model._to_device(_data(8)[0])
+    yb = np.zeros(8, np.int64)
+    tail = (xb[:3], yb[:3])
+    done = []
+    for batch in [(xb, yb), tail, (xb, yb), (xb, yb), (xb, yb), tail, (xb, yb)]:
+        done.append(graphs.decide(*batch))
+        if done[-1] != "eager":
+            graphs.run(*batch)
+    assert done == ["warmup", "eager", "warmup", "capture", "replay", "eager", "replay"]
+    model.set_weights(model.get_weights())  # new arrays: the graph would read the old ones
+    assert [graphs.decide(xb, yb) for _ in range(1)] == ["warmup"]
+    for _ in range(3):
+        graphs.run(xb, yb)
+    assert graphs.decide(xb, yb) == "replay" and capture.captures == 2
+
+
+def test_a_step_that_rebinds_its_state_stays_eager_with_the_reason():
+    model = _model(_bn_net(), optim.SGD(0.01))
+    model.build((12, 12, 3))
+    bn = model.layers[1]
+    forward = type(bn).forward
+
+    def rebinding(self, x, *args, **kwargs):  # the old, out-of-place moving-mean update
+        y = forward(self, x, *args, **kwargs)
+        self.state["moving_mean"] = self.state["moving_mean"] * 1.0
+        return y
+
+    bn.forward = rebinding.__get__(bn)
+    graphs, capture = _runner(model)
+    xb, yb = model._to_device(_data(8)[0]), np.zeros(8, np.int64)
+    assert graphs.run(xb, yb) is not None and graphs.run(xb, yb) is not None  # warm-up
+    assert graphs.reason == ("state batchnorm2d.moving_mean is replaced by each step rather than "
+                             "updated in place")
+    assert graphs.decide(xb, yb) == "eager" and graphs.run(xb, yb) is None
+    assert capture.captures == 0 and model.optimizer.iterations == 2
+
+
+def test_a_refused_capture_runs_the_step_eagerly_once_with_the_reason():
+    model = _model(gap_net(), optim.SGD(0.01))
+    model.build((12, 12, 3))
+    graphs, capture = _runner(model)
+    capture.fail = RuntimeError("operation not permitted when stream is capturing\ndetails")
+    xb, yb = model._to_device(_data(8)[0]), np.zeros(8, np.int64)
+    for _ in range(2):
+        graphs.run(xb, yb)
+    before = model.get_weights()
+    stats = graphs.run(xb, yb)
+    assert stats is not None and model.optimizer.iterations == 3
+    assert not np.array_equal(model.get_weights()[0], before[0])  # the step ran, once
+    assert graphs.reason == ("capturing the step failed: operation not permitted when stream "
+                             "is capturing")
+    assert graphs.decide(xb, yb) == "eager"
+
+
+def test_a_non_finite_replayed_step_is_skipped_and_reported_as_eagerly():
+    """The same error as an eager step's, and the same model after it: the update skipped on
+    the device, and the step counted in the graph's device scalar (the batch statistics a
+    BatchNorm took are the eager step's too)."""
+    x, y = _data(48)
+    x = x.astype(np.float64)  # (float batches, so that one can hold an infinity)
+    x_bad = x[:16].copy()
+    x_bad[3] = np.inf
+    models = []
+    for graphed in (False, True):
+        model = _model(gap_net(), optim.SGD(0.01))
+        if graphed:
+            model.build((12, 12, 3))
+            graphs, capture = _runner(model)
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0)  # graphed: warm-up 2, capture
+        for batch, labels in ((x[16:32], y[16:32]), (x_bad, y[:16])):  # graphed: replays
+            model.train_step(model.backend.asarray(batch), model.backend.asarray(labels))
+        with pytest.raises(NonFiniteError, match="step 5: the loss is nan; the first "
+                           "non-finite values appear in the input batch"):
+            model._read_totals()  # (fit reads them at least every READ_EVERY steps)
+        assert model.optimizer.iterations == 4  # the skipped step does not count
+        models.append(model)
+    assert capture.launches == 3  # the capture's own run and two replays
+    for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@OPTIMISERS
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_update_with_device_scalars_is_the_standard_one_bit_for_bit(make, dtype):
+    rng = np.random.default_rng(5)
+    params = [rng.standard_normal(s).astype(dtype) for s in [(3, 3, 2, 4), (4,), (6, 5)]]
+    standard, scalar = [p.copy() for p in params], [p.copy() for p in params]
+    opt_standard, opt_scalar = make(), make()
+    for _ in range(4):
+        grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
+        values = opt_scalar.step_scalars()
+        device = {k: np.asarray(v, dtype) for k, v in values.items()}  # 0-d arrays
+        opt_scalar.scalar_step(xpn, scalar, grads, device)
+        opt_scalar.iterations += 1
+        opt_standard.step(xpn, standard, grads)
+    for a, b in zip(scalar, standard, strict=True):
+        np.testing.assert_array_equal(a, b)
+    grads = [np.full(p.shape, np.nan, dtype) for p in params]
+    kept = [p.copy() for p in scalar]
+    slots = {k: [s.copy() for s in v] for k, v in opt_scalar.slots.items()}
+    device = {k: np.asarray(v, dtype) for k, v in opt_scalar.step_scalars().items()}
+    opt_scalar.scalar_step(xpn, scalar, grads, device, apply=np.asarray(False))
+    for a, b in zip(scalar, kept, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for k, v in slots.items():
+        for a, b in zip(opt_scalar.slots[k], v, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_what_keeps_a_step_eager():
+    layers = [Flatten(), Dense(8), Dropout(0.5), Dense(2)]
+    for layer in layers:
+        layer.name = type(layer).__name__.lower()
+
+    class NoScalars(optim.Optimizer):
+        def _update(self, xp, i, p, g, lr):
+            p[...] = p - lr * g
+
+    assert blockers(layers[:2], optim.SGD(0.1), "cupy") == []
+    assert blockers(layers, NoScalars(0.1), "numpy", ("cuDNN missing",)) == [
+        "cuDNN missing", "CUDA graphs need the CuPy backend, not numpy",
+        "layer 'dropout' draws random numbers from a host counter each step",
+        "optimizer NoScalars has no update with device scalars (step_scalars / scalar_step)"]
+
+
+def test_the_compile_switch(recwarn):
+    x, y = _data(16)
+    model = _model(gap_net(), optim.SGD(0.01), dtype="float32")
+    assert model.cuda_graphs is None
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)  # NumPy: eager, quietly
+    assert model.cuda_graphs_reason == "CUDA graphs need the CuPy backend, not numpy"
+    assert not recwarn.list
+    model.compile(optimizer=optim.SGD(0.01), cuda_graphs=True)
+    with pytest.warns(RuntimeWarning, match="training steps run without CUDA graphs: CUDA "
+                      "graphs need the CuPy backend, not numpy"):
+        model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    model.compile(optimizer=optim.SGD(0.01), cuda_graphs=False)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    assert model.cuda_graphs_reason == "" and model._graphs is None
+    with pytest.raises(InputError, match="cuda_graphs must be True, False or None, got 'yes'"):
+        model.compile(cuda_graphs="yes")
+    assert isinstance(model, Model)

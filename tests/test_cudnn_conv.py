@@ -1,0 +1,331 @@
+"""xpcnn.ops.cudnn_conv on a machine without a GPU: its cuDNN graphs are built and run by the
+stand-in frontend of tests/cudnn_emulator.py, which reads and writes memory where each tensor's
+dims and strides say. So the descriptors (NHWC images, KRSC filters, padding, strides, the bias
+and ReLU fused into the forward graph) are checked here by the numbers they give against the
+standard engine, and the graph caching, the TF32 switch and the fallbacks by what was called.
+tests/test_gpu.py runs the same engine against real cuDNN where a GPU is lent."""
+
+import array_api_compat.numpy as xpn
+import numpy as np
+import pytest
+from cudnn_emulator import (
+    GRAPHS,
+    DataType,
+    NumericalNote,
+    PyGraph,
+    load_emulated_cudnn_conv,
+    restore,
+)
+from test_conv_seam import GEOMETRIES, IDS
+
+from xpcnn.ops.convolution import ConvGeometry, KernelsConv
+from xpcnn.ops.kernels import StandardKernels
+
+
+@pytest.fixture
+def cc(monkeypatch):
+    """The emulated xpcnn.ops.cudnn_conv, with a fresh record of graphs."""
+    module, saved = load_emulated_cudnn_conv()
+    GRAPHS.clear()
+    monkeypatch.delenv("XPCNN_TF32", raising=False)
+    monkeypatch.delenv("XPCNN_CUDNN", raising=False)
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    monkeypatch.setattr(PyGraph, "refuse", None)
+    yield module
+    restore(saved)
+
+
+def _engines(cc, case):
+    shape, filters, kernel, strides, padding = case
+    g = ConvGeometry.of(shape, filters, kernel, strides, padding)
+    standard = KernelsConv(g, StandardKernels(xpn))
+    return g, cc.CudnnConv(g, cc.load(), KernelsConv(g, StandardKernels(xpn))), standard
+
+
+def _data(g, rng, dtype, n=2):
+    x = rng.standard_normal((n, *g.in_hw, g.channels)).astype(dtype)
+    w = rng.standard_normal((g.filters, *g.kernel, g.channels)).astype(dtype)
+    bias = rng.standard_normal(g.filters).astype(dtype)
+    dy = rng.standard_normal((n, *g.out_hw, g.filters)).astype(dtype)
+    return x, w, bias, dy
+
+
+@pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cudnn_graphs_give_the_standard_engines_results(cc, case, dtype, rng):
+    g, cudnn, standard = _engines(cc, case)
+    x, w, bias, dy = _data(g, rng, dtype)
+    tol = 1e-11 if dtype == np.float64 else 2e-5
+    for b in (bias, None):
+        for relu in (False, True):
+            got = cudnn.forward(x, w, b, relu)
+            assert got.dtype == dtype and got.shape == (2, *g.out_hw, g.filters)
+            np.testing.assert_allclose(got, standard.forward(x, w, b, relu), rtol=tol, atol=tol)
+    got_dx = cudnn.input_grad(dy, w)
+    np.testing.assert_allclose(got_dx, standard.input_grad(dy, w), rtol=tol, atol=tol)
+    relu_y = np.maximum(standard.forward(x, w, bias, False), 0)
+    for with_bias, mask in ((True, None), (False, relu_y)):
+        got_dw, got_db = cudnn.weight_grad(x, dy, with_bias, mask)
+        want_dw, want_db = standard.weight_grad(x, dy, with_bias, mask)
+        assert got_dw.shape == (g.filters, *g.kernel, g.channels)
+        np.testing.assert_allclose(got_dw, want_dw, rtol=tol, atol=tol * 10)
+        if with_bias:
+            np.testing.assert_allclose(got_db, want_db, rtol=tol, atol=tol * 10)
+        else:
+            assert got_db is None
+    assert all(graph.executions for graph in GRAPHS)  # cuDNN ran, not the fallback
+
+
+def test_descriptors_are_nhwc_images_and_krsc_filters(cc, rng):
+    """The layouts that ran on the H200 (../shared/gpu-notes.md): image dim [N, C, H, W] with
+    strides [H*W*C, 1, W*C, C], filter dim [K, C, kh, kw] with strides [kh*kw*C, 1, kw*C, C],
+    bias [1, K, 1, 1]; the bias and ReLU in the forward graph itself."""
+    g, cudnn, _ = _engines(cc, ((10, 9, 3), 8, (3, 3), (2, 2), "same"))
+    x, w, bias, dy = _data(g, rng, np.float32, n=4)
+    cudnn.forward(x, w, bias, True)
+    (fprop,) = GRAPHS
+    named = {t.name: t for t in fprop.tensors if not t.virtual}
+    assert (named["x"].dim, named["x"].stride) == ([4, 3, 10, 9], [270, 1, 27, 3])
+    assert (named["w"].dim, named["w"].stride) == ([8, 3, 3, 3], [27, 1, 9, 3])
+    assert (named["bias"].dim, named["bias"].stride) == ([1, 8, 1, 1], [8, 1, 8, 8])
+    (y,) = [t for t in fprop.tensors if t.output]
+    assert (y.dim, y.stride) == ([4, 8, 5, 5], [200, 1, 40, 8])
+    assert [op[0] for op in fprop.ops] == ["conv_fprop", "bias", "relu"]
+    kind, attrs, _ = fprop.ops[0]
+    # "same" at stride 2: (top, bottom) = (0, 1) over 10 rows, (left, right) = (1, 1) over 9
+    assert (attrs["pre"], attrs["post"], attrs["stride"]) == ([0, 1], [1, 1], [2, 2])
+    assert fprop.io == DataType.FLOAT and fprop.compute == DataType.FLOAT
+    assert fprop.steps == list(PyGraph.STEPS)
+    cudnn.input_grad(dy, w)
+    cudnn.weight_grad(x, dy, True)
+    dgrad, wgrad = GRAPHS[1:]
+    assert [op[0] for op in dgrad.ops] == ["conv_dgrad"]
+    (dx,) = [t for t in dgrad.tensors if t.output]
+    assert (dx.dim, dx.stride) == ([4, 3, 10, 9], [270, 1, 27, 3])
+    (dw,) = [t for t in wgrad.tensors if t.output]
+    assert (dw.dim, dw.stride) == ([8, 3, 3, 3], [27, 1, 9, 3])
+
+
+def test_graphs_are_built_once_per_batch_size_dtype_and_epilogue(cc, rng):
+    g, cudnn, _ = _engines(cc, GEOMETRIES[0])
+    x, w, bias, dy = _data(g, rng, np.float32, n=3)
+    for _ in range(3):
+        cudnn.forward(x, w, bias, True)
+        cudnn.input_grad(dy, w)
+        cudnn.weight_grad(x, dy, True)
+    assert len(GRAPHS) == 3 and all(graph.executions == 3 for graph in GRAPHS)
+    cudnn.forward(x[:2], w, bias, True)  # a tail batch
+    cudnn.forward(x, w, None, True)  # another epilogue
+    cudnn.forward(*(a.astype(np.float64) for a in (x, w, bias)), True)  # another dtype
+    assert len(GRAPHS) == 6
+    assert GRAPHS[-1].io == DataType.DOUBLE and GRAPHS[-1].compute == DataType.DOUBLE
+
+
+def test_half_precision_graphs_accumulate_in_float32(cc, rng):
+    g, cudnn, standard = _engines(cc, GEOMETRIES[0])
+    x, w, bias, _ = _data(g, rng, np.float16)
+    got = cudnn.forward(x, w, bias, True)
+    assert got.dtype == np.float16
+    assert GRAPHS[0].io == DataType.HALF and GRAPHS[0].compute == DataType.FLOAT
+    assert GRAPHS[0].intermediate == DataType.FLOAT
+    want = standard.forward(*(a.astype(np.float64) for a in (x, w, bias)), True)
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("setting, dtype, excluded", [
+    # TF32 by default, as PyTorch's convolutions; never float16 products inside float32
+    (None, np.float32, [NumericalNote.DOWN_CONVERT_INPUTS]),
+    ("1", np.float32, [NumericalNote.DOWN_CONVERT_INPUTS]),
+    ("0", np.float32, [NumericalNote.DOWN_CONVERT_INPUTS, NumericalNote.TENSOR_CORE]),
+    ("0", np.float16, []),  # float16 is meant for the tensor cores
+    ("0", np.float64, []),
+])
+def test_tf32_switch(cc, monkeypatch, rng, setting, dtype, excluded):
+    if setting is not None:
+        monkeypatch.setenv("XPCNN_TF32", setting)
+    g, cudnn, _ = _engines(cc, GEOMETRIES[0])
+    x, w, bias, dy = _data(g, rng, dtype)
+    cudnn.forward(x, w, bias, False)
+    cudnn.weight_grad(x, dy, False)
+    assert [graph.deselected for graph in GRAPHS] == [excluded, excluded]
+
+
+def test_a_case_without_a_cudnn_plan_runs_on_the_fallback_with_one_warning(cc, monkeypatch,
+                                                                           rng):
+    monkeypatch.setattr(PyGraph, "refuse", lambda graph: graph.ops[0][0] == "conv_dgrad")
+    g, cudnn, standard = _engines(cc, GEOMETRIES[2])
+    x, w, bias, dy = _data(g, rng, np.float64)
+    with pytest.warns(RuntimeWarning, match=r"no plan for input gradient .* \(No valid engine "
+                      r"configs for this graph\); xpcnn's own CUDA kernels run it") as record:
+        got = cudnn.input_grad(dy, w)
+        cudnn.input_grad(dy, w)
+    assert len(record) == 1
+    np.testing.assert_allclose(got, standard.input_grad(dy, w), rtol=1e-12)
+    np.testing.assert_allclose(cudnn.forward(x, w, bias, True),
+                               standard.forward(x, w, bias, True), rtol=1e-12)
+    assert [graph.executions for graph in GRAPHS] == [0, 1]  # dgrad refused, fprop ran
+
+
+def test_cudnn_that_does_not_load_warns_once(cc, monkeypatch):
+    import sys
+
+    def missing():
+        raise RuntimeError("Unable to find symbol cudnnGetVersion\ndetails")
+
+    monkeypatch.setattr(sys.modules["cudnn"], "backend_version", missing)
+    cc.load.cache_clear()
+    cc._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match=r"cuDNN could not be loaded \(Unable to find symbol "
+                      r"cudnnGetVersion\); convolutions run on xpcnn's own CUDA kernels"):
+        assert cc.load() is None
+    assert cc.load() is None  # cached: no second warning (pytest would fail on it below)
+    cc.load.cache_clear()
+    monkeypatch.setenv("XPCNN_CUDNN", "0")
+    assert cc.load() is None
+
+
+def test_matmul_graphs_follow_cupys_tf32_switch_not_the_convolutions(cc, monkeypatch, rng):
+    """A captured step's matmuls compute as an eager step's cuBLAS ones: full float32 unless
+    CUPY_TF32=1, whatever XPCNN_TF32 says for the convolutions."""
+    a, b = rng.standard_normal((5, 7)).astype(np.float32), rng.standard_normal((7, 4))
+    notes = []
+    for cupy_tf32 in ("0", "1"):
+        monkeypatch.setenv("CUPY_TF32", cupy_tf32)
+        monkeypatch.setenv("XPCNN_TF32", "1")
+        cc.CudnnMatmul(cc.load())(a, b.astype(np.float32))
+        notes.append(GRAPHS[-1].deselected)
+    assert notes == [[NumericalNote.DOWN_CONVERT_INPUTS, NumericalNote.TENSOR_CORE],
+                     [NumericalNote.DOWN_CONVERT_INPUTS]]
+
+
+@pytest.mark.parametrize("transpose_a, transpose_b", [(False, False), (True, False),
+                                                      (False, True), (True, True)])
+def test_matmul_graphs(cc, rng, transpose_a, transpose_b):
+    """The matmuls a captured CUDA graph uses in place of cuBLAS: a transposed operand is read
+    through swapped strides."""
+    matmul = cc.CudnnMatmul(cc.load())
+    a = rng.standard_normal((7, 5) if transpose_a else (5, 7))
+    b = rng.standard_normal((4, 7) if transpose_b else (7, 4))
+    got = matmul(a, b, transpose_a, transpose_b)
+    want = (a.T if transpose_a else a) @ (b.T if transpose_b else b)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    matmul(a, b, transpose_a, transpose_b)
+    assert len(GRAPHS) == 1 and GRAPHS[0].executions == 2
+
+
+def test_the_cupy_kernels_choose_cudnn_per_layer_where_it_loads(monkeypatch):
+    """CupyKernels.conv_engine: cuDNN with the hand-written kernels behind it; those kernels
+    alone, after one warning, where cuDNN does not load."""
+    import sys
+
+    from cuda_emulator import load_emulated_fast_cupy
+    from cuda_emulator import restore as restore_fast_cupy
+    from cudnn_emulator import fake_cudnn
+
+    import xpcnn
+
+    fast_cupy, saved = load_emulated_fast_cupy()
+    try:
+        monkeypatch.delitem(sys.modules, "xpcnn.ops.cudnn_conv", raising=False)
+        monkeypatch.delattr(xpcnn.ops, "cudnn_conv", raising=False)
+        monkeypatch.setitem(sys.modules, "cudnn", fake_cudnn())
+        monkeypatch.delenv("XPCNN_CUDNN", raising=False)
+        backend = xpcnn.backend.Backend(xpn, "cpu", "cupy")  # CuPy's chunking, NumPy arrays
+        g = ConvGeometry.of((8, 8, 3), 4, (3, 3), (1, 1), "same")
+        engine = fast_cupy.KERNELS.conv_engine(g, backend)
+        assert engine.name == "cudnn" and engine.geometry is g
+        assert isinstance(engine.fallback, KernelsConv)
+        assert engine.fallback.kern is fast_cupy.KERNELS
+        sys.modules["xpcnn.ops.cudnn_conv"].load.cache_clear()
+        monkeypatch.setitem(sys.modules, "cudnn", None)  # import cudnn raises ImportError
+        with pytest.warns(RuntimeWarning, match="cuDNN could not be loaded"):
+            engine = fast_cupy.KERNELS.conv_engine(g, backend)
+        assert isinstance(engine, KernelsConv) and engine.kern is fast_cupy.KERNELS
+    finally:
+        sys.modules.pop("xpcnn.ops.cudnn_conv", None)
+        xpcnn.ops.__dict__.pop("cudnn_conv", None)
+        restore_fast_cupy(saved)
+
+
+def test_the_real_frontend_takes_these_graph_descriptions(monkeypatch):
+    """The graphs described with NVIDIA's own frontend (nvidia-cudnn-frontend, in the test
+    extra; its Python graph is built on a machine without a GPU, up to validate): the calls,
+    argument names and resulting dims and strides are the ones the stand-in checks."""
+    import sys
+    import types
+
+    from cudnn_emulator import add_cupy_calls, import_cudnn_conv
+
+    cudnn = pytest.importorskip("cudnn")
+    monkeypatch.setitem(sys.modules, "cupy", add_cupy_calls(types.ModuleType("cupy")))
+    monkeypatch.delitem(sys.modules, "xpcnn.ops.cudnn_conv", raising=False)
+    cc = import_cudnn_conv()
+    monkeypatch.delitem(sys.modules, "xpcnn.ops.cudnn_conv")
+    g = ConvGeometry.of((10, 9, 3), 8, (5, 3), (2, 1), "same")  # pads (1, 2, 1, 1)
+    engine = cc.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xpn)))
+    image, kernel = ([4, 3, 10, 9], [270, 1, 27, 3]), ([8, 3, 5, 3], [45, 1, 9, 3])
+    output = ([4, 8, 5, 9], [360, 1, 72, 8])
+    cases = [(engine._fprop(4, True, True), {"x": image, "w": kernel, "y": output,
+                                             "bias": ([1, 8, 1, 1], [8, 1, 8, 8])}, 3),
+             (engine._dgrad(4), {"dy": output, "w": kernel, "dx": image}, 1),
+             (engine._wgrad(4), {"x": image, "dy": output, "dw": kernel}, 1),
+             (cc.CudnnMatmul._make(5, 7, 4, True, False),
+              {"a": ([1, 5, 7], [35, 1, 5]), "b": ([1, 7, 4], [28, 4, 1]),
+               "c": ([1, 5, 4], [20, 4, 1])}, 1)]
+    for make, want, nodes in cases:
+        io = cudnn.data_type.FLOAT
+        graph = cudnn.pygraph(io_data_type=io, intermediate_data_type=io, compute_data_type=io)
+        tensors = make(graph, io)
+        assert {k: (t.get_dim(), t.get_stride()) for k, t in tensors.items()} == want
+        assert len(graph.nodes) == nodes
+
+
+@pytest.mark.parametrize("net", ["gap_net", "fused_relu_net"])
+def test_training_with_cudnn_convolutions(monkeypatch, net):
+    """Whole fits whose Conv2D layers run on the cuDNN engine (the stand-in frontend; every
+    other CuPy kernel on the CUDA emulator) end with the standard path's weights: the layer's
+    use of the seam (fused bias and ReLU, masks, casts, bias gradients) holds with cuDNN."""
+    import sys
+
+    import nets
+    from cuda_emulator import compiler, load_emulated_fast_cupy
+    from cuda_emulator import restore as restore_fast_cupy
+    from cudnn_emulator import add_cupy_calls, fake_cudnn, import_cudnn_conv
+
+    import xpcnn
+    from xpcnn import backend as backend_module
+
+    if compiler() is None:
+        pytest.skip("needs a C++ compiler (CXX or c++)")
+    fast_cupy, saved = load_emulated_fast_cupy()
+    try:
+        add_cupy_calls(sys.modules["cupy"])
+        monkeypatch.setitem(sys.modules, "cudnn", fake_cudnn())
+        monkeypatch.setattr(PyGraph, "refuse", None)
+        monkeypatch.delenv("XPCNN_CUDNN", raising=False)
+        import_cudnn_conv()
+        GRAPHS.clear()
+        rng = np.random.default_rng(0)
+        x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
+
+        def fit(kernels):
+            monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+            model = xpcnn.Sequential(getattr(nets, net)(), seed=0)
+            model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+            history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+            return model, history.history["loss"]
+
+        (cudnn_model, loss_cudnn), (std_model, loss_std) = fit(fast_cupy.KERNELS), fit(None)
+        engines = {type(la._engine()).__name__ for la in cudnn_model.layers
+                   if isinstance(la, xpcnn.layers.Conv2D)}
+        assert engines == {"CudnnConv"}
+        kinds = {graph.ops[0][0] for graph in GRAPHS}
+        assert kinds == {"conv_fprop", "conv_dgrad", "conv_wgrad"}
+        assert all(graph.executions for graph in GRAPHS)
+        assert loss_cudnn == pytest.approx(loss_std, rel=1e-5)
+        for a, b in zip(cudnn_model.get_weights(), std_model.get_weights(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    finally:
+        sys.modules.pop("xpcnn.ops.cudnn_conv", None)
+        xpcnn.ops.__dict__.pop("cudnn_conv", None)
+        restore_fast_cupy(saved)

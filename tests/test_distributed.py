@@ -1,0 +1,436 @@
+"""Data parallelism (xpcnn.distributed): N ranks train as one process on the combined batch.
+
+The multi-process tests run ``mpiexec -n 2`` / ``-n 3`` on tests/dist_train.py (skipped where
+mpiexec or mpi4py is missing: ``pip install -e ".[mpi]"``); the gradient buckets and the
+mixed-precision agreement are also checked in one process, with ranks as threads around a fake
+communicator that sums their buffers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import xpcnn
+from xpcnn import distributed
+from xpcnn.layers import Dense, Flatten, ReLU, Softmax
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(Path(__file__).parent / "dist_train.py")
+
+
+def _mpiexec() -> str | None:
+    beside = Path(sys.executable).parent / "mpiexec"  # where the mpich wheel puts it
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+MPIEXEC = _mpiexec()
+needs_mpi = pytest.mark.skipif(
+    MPIEXEC is None or importlib.util.find_spec("mpi4py") is None,
+    reason='needs mpiexec and mpi4py: pip install -e ".[mpi]"')
+
+
+def mpirun(ranks: int, out: Path, *args: str, collective_timeout: int = 30
+           ) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
+           "XPCNN_DIST_TIMEOUT": str(collective_timeout)}
+    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, SCRIPT, str(out), *args]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return proc, time.monotonic() - t0
+
+
+def load_rank(out: Path, rank: int) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    with np.load(f"{out}.rank{rank}.npz") as f:
+        weights = [f[f"w{i}"] for i in range(sum(k.startswith("w") for k in f.files))]
+        logs = {k[2:]: f[k] for k in f.files if k.startswith("h_")}
+    return weights, logs
+
+
+def assert_same_as_one_process(out: Path, ranks: int, reference, rtol: float, atol: float):
+    ref_weights, ref_logs = reference
+    weights0, logs0 = load_rank(out, 0)
+    for a, b in zip(weights0, ref_weights, strict=True):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+    for k, v in ref_logs.items():
+        np.testing.assert_allclose(logs0[k], v, rtol=rtol, atol=atol)
+    for rank in range(1, ranks):  # every rank ends with the very same weights
+        for a, b in zip(load_rank(out, rank)[0], weights0, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+# -- N processes against one ----------------------------------------------------------------------
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks,samples,source", [(2, 48, "arrays"), (3, 50, "arrays"),
+                                                  (3, 50, "dataset")])
+def test_ranks_train_as_one_process_on_the_combined_batch_float64(tmp_path, ranks, samples,
+                                                                   source):
+    """A whole epoch with flips, crops and dropout; with 3 ranks and 50 samples the last global
+    batch has 2 samples, so one rank has none. The ranks read arrays, or a map-style dataset;
+    the single process, arrays."""
+    batch = 12 // ranks
+    proc, _ = mpirun(ranks, tmp_path / "run", "--batch", str(batch), "--samples", str(samples),
+                     *(["--dataset"] if source == "dataset" else []))
+    assert proc.returncode == 0, proc.stderr
+    reference = dist_train.train(batch=12, samples=samples)
+    assert_same_as_one_process(tmp_path / "run", ranks, reference, rtol=0, atol=1e-12)
+
+
+@needs_mpi
+def test_ranks_train_as_one_process_float32_adam(tmp_path):
+    proc, _ = mpirun(2, tmp_path / "run", "--batch", "5", "--samples", "47", "--dtype",
+                     "float32", "--optimizer", "adam")
+    assert proc.returncode == 0, proc.stderr
+    reference = dist_train.train(batch=10, samples=47, dtype="float32", optimizer="adam")
+    # Adam steps are ~lr = 1e-2 whatever the gradient: float32 rounding of the summed
+    # gradients moves a weight by a few ulps of the step.
+    assert_same_as_one_process(tmp_path / "run", 2, reference, rtol=1e-5, atol=1e-6)
+
+
+@needs_mpi
+def test_batchnorm_statistics_are_averaged_so_every_rank_holds_the_same_model(tmp_path):
+    proc, _ = mpirun(2, tmp_path / "run", "--batchnorm", "--checkpoint",
+                     str(tmp_path / "c.npz"), "--every", "3")
+    assert proc.returncode == 0, proc.stderr
+    weights0, weights1 = load_rank(tmp_path / "run", 0)[0], load_rank(tmp_path / "run", 1)[0]
+    for a, b in zip(weights0, weights1, strict=True):  # running mean and variance included
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_mpi
+def test_a_killed_rank_ends_the_job_and_the_checkpoint_resumes(tmp_path):
+    ckpt = tmp_path / "run.ckpt.npz"
+    common = ["--batch", "2", "--samples", "60", "--epochs", "2", "--checkpoint", str(ckpt),
+              "--every", "3"]
+    proc, seconds = mpirun(2, tmp_path / "dead", *common, "--fail-rank", "1", "--fail-step",
+                           "20", "--fail-how", "kill")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and seconds < 60, out
+    pids = dict(re.findall(r"rank (\d+) = [^,\s]+:(\d+)", out))
+    dead = re.search(r"PID (\d+) RUNNING AT", out)  # MPICH's Hydra names the pid
+    assert (dead is not None and dead.group(1) == pids["1"]) or "rank 1" in out.split(
+        "ranks (host:pid)")[-1], out
+    ckpt_state = xpcnn.load_checkpoint(ckpt)  # complete: the last one written before the kill
+    assert (ckpt_state.epoch, ckpt_state.step) == (1, 3)  # 15 steps an epoch, every 3 steps
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    proc, _ = mpirun(3, tmp_path / "other", *common, "--resume")
+    assert proc.returncode != 0
+    assert "written by a run on 2 process(es) and this run has 3" in proc.stderr
+
+    proc, _ = mpirun(2, tmp_path / "resumed", *common, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    reference = dist_train.train(batch=4, samples=60, epochs=2)
+    assert_same_as_one_process(tmp_path / "resumed", 2, reference, rtol=0, atol=1e-12)
+
+
+@needs_mpi
+def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
+    proc, seconds = mpirun(3, tmp_path / "run", "--batch", "2", "--samples", "60",
+                           "--fail-rank", "2", "--fail-step", "4", "--fail-how", "raise")
+    assert proc.returncode != 0 and seconds < 60
+    assert "rank 2 of 3 failed" in proc.stderr
+    assert "RuntimeError: a failure planted at step 4" in proc.stderr
+
+
+@needs_mpi
+def test_a_rank_that_hangs_ends_the_job_after_the_collective_timeout(tmp_path):
+    proc, seconds = mpirun(2, tmp_path / "run", "--batch", "2", "--samples", "60",
+                           "--fail-rank", "1", "--fail-step", "3", "--fail-how", "hang",
+                           collective_timeout=4)
+    assert proc.returncode != 0 and 4 < seconds < 60
+    assert "rank 0 of 2 failed" in proc.stderr
+    assert "rank 0 of 2 waited 4 s for the other ranks in the gradient allreduce" in proc.stderr
+
+
+# -- ranks as threads, around a fake communicator ------------------------------------------------
+
+
+class ThreadSum:
+    """The MpiSum / NcclSum interface for ranks that are threads of this process: ``wait``
+    meets the other ranks, then every rank's started buffers are summed into each of them."""
+
+    def __init__(self, ranks: int) -> None:
+        self.ranks = ranks
+        self.meet = threading.Barrier(ranks, timeout=30)  # (a failed rank must not hang all)
+        self.posted: list[list] = [[] for _ in range(ranks)]
+        self.launched: list[list[int]] = [[] for _ in range(ranks)]  # buffer sizes, in order
+
+    def for_rank(self, rank: int):
+        comm = self
+
+        class RankComm:
+            def start(self, buf):
+                comm.posted[rank].append(buf)
+                comm.launched[rank].append(buf.size)
+                return len(comm.posted[rank]) - 1
+
+            def progress(self, handles):
+                pass
+
+            def wait(self, handles, what):
+                if comm.meet.wait() == 0:
+                    for bufs in zip(*comm.posted, strict=True):
+                        total = sum(np.array(b) for b in bufs)
+                        for b in bufs:
+                            b[...] = total
+                comm.meet.wait()
+                comm.posted[rank] = []
+                comm.meet.wait()
+
+        return RankComm()
+
+
+def small_model(precision: str = "float32") -> xpcnn.Sequential:
+    model = xpcnn.Sequential([Flatten(), Dense(16), ReLU(), Dense(12), ReLU(), Dense(5),
+                              Softmax()], seed=1, dtype="float64")
+    model.compile(optimizer=xpcnn.optim.SGD(0.1, momentum=0.9), precision=precision)
+    model.build((3, 3, 2))
+    return model
+
+
+def run_ranks(models, step):
+    errors = []
+
+    def body(rank):
+        try:
+            step(rank, models[rank])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(len(models))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_bucketed_average_over_thread_ranks_equals_one_batch(frozen):
+    """Three ranks of 3, 2 and 2 samples against one batch of 7; with the first Dense layer
+    frozen, the buckets hold the other layers' gradients only."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(7, 3, 3, 2)), rng.integers(0, 5, 7)
+    ranks, comm = 3, ThreadSum(3)
+    single, *models = [small_model() for _ in range(ranks + 1)]
+    for model in (single, *models):
+        model.layers[1].trainable = not frozen
+    single.train_step(single._to_device(x), single.backend.asarray(y))
+    parts = np.array_split(np.arange(7), ranks)  # 3, 2, 2 samples
+
+    def step(rank, model):
+        here = distributed.World(rank, ranks)
+        # a bucket per ~200 bytes: several buckets, started as backward reaches them
+        dp = distributed.DataParallel(model, here, comm.for_rank(rank))
+        dp.buckets = distributed.GradientBuckets(dp.comm, model.backend.xp,
+                                                 model.trainable_layers, 200,
+                                                 200)
+        model._parallel = dp
+        idx = parts[rank]
+        dp.use_slice(int(idx[0]), len(idx), 7)
+        model.train_step(model._to_device(x[idx]), model.backend.asarray(y[idx]))
+
+    run_ranks(models, step)
+    assert len(models[0]._parallel.buckets.buckets) > 1
+    assert len(models[0]._parallel.buckets.entries) == (4 if frozen else 6)
+    # buckets went out in backward order: the last layer's parameters first
+    sizes = [b.size for b in models[0]._parallel.buckets.buffers]
+    assert comm.launched[0] == [2, *sizes]  # the [loss, correct] sums, then the buckets
+    for model in models:
+        for a, b in zip(model.get_weights(), single.get_weights(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-14)
+
+
+def test_one_ranks_overflow_skips_the_step_on_every_rank():
+    """Mixed float16: rank 1's gradient overflows; the sum is non-finite on both ranks, so both
+    skip the update and halve the loss scale together."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(4, 3, 3, 2)), rng.integers(0, 5, 4)
+    comm = ThreadSum(2)
+    models = [small_model("mixed_float16") for _ in range(2)]
+    before = models[0].get_weights()
+    dense = models[1].layers[1]
+    backward = dense.backward
+
+    def overflowing_backward(dy, *options):
+        out = backward(dy, *options)
+        dense.grads["kernel"][0, 0] = np.inf
+        return out
+
+    dense.backward = overflowing_backward
+
+    def step(rank, model):
+        dp = distributed.DataParallel(model, distributed.World(rank, 2), comm.for_rank(rank))
+        model._parallel = dp
+        dp.use_slice(2 * rank, 2, 4)
+        model.train_step(model._to_device(x[2 * rank:2 * rank + 2]),
+                         model.backend.asarray(y[2 * rank:2 * rank + 2]))
+
+    run_ranks(models, step)
+    for model in models:
+        assert model.loss_scale == 2.0**14
+        for a, b in zip(model.get_weights(), before, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_an_empty_rank_adds_zeros_even_after_a_non_finite_gradient():
+    model = small_model()
+    comm = ThreadSum(1)
+    dp = distributed.DataParallel(model, distributed.World(0, 1), comm.for_rank(0))
+    for layer in model.layers:
+        for k, p in layer.params.items():
+            layer.grads[k] = p * np.nan  # stale gradients of an earlier step
+    stats, grads = dp.empty_step(model.backend.xp.zeros((2,)))
+    assert all(not np.any(g) for g in grads) and not np.any(stats)
+
+
+def test_one_process_is_a_no_op_without_mpi(monkeypatch):
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert not distributed.launched_by_mpi()
+    assert distributed.data_parallel(small_model()) is None
+    assert "mpi4py.MPI" not in sys.modules
+    assert distributed.device_for_rank("cuda") == "cuda"
+    monkeypatch.setenv("PMI_SIZE", "1")
+    assert not distributed.launched_by_mpi()
+    monkeypatch.setenv("PMI_SIZE", "4")
+    assert distributed.launched_by_mpi()
+
+
+@needs_mpi
+def test_xpcnn_train_under_mpiexec_speaks_and_writes_once(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
+    cli = "import sys; from xpcnn.cli import main; sys.exit(main())"
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", cli, "train", "--dataset",
+                           "shapes", "--limit", "256", "--epochs", "2", "--batch-size", "32",
+                           "--json", "--save", str(tmp_path / "m.npz"), "--log",
+                           str(tmp_path / "log.csv"), "--early-stopping", "3"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and '"train_samples": 256' in lines[0]  # rank 0's JSON alone
+    assert "a global batch of 64" in proc.stderr
+    xpcnn.load_model(tmp_path / "m.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "m.npz"]
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 3  # header, 2 epochs
+
+
+def test_nccl_sum_calls_cupy_nccl_as_documented(monkeypatch):
+    """NcclSum against a stand-in for CuPy (no GPU here): the NCCL id made on rank 0 and sent
+    over MPI, the communicator made on the rank's device, the allreduce queued in place on the
+    communicator's stream after the compute stream's work, and the compute stream made to wait
+    for it, with no host synchronisation."""
+    calls = []
+
+    class Stream:
+        def __init__(self, name="compute", non_blocking=False):
+            self.name, self.ptr = name, 7 if name == "nccl" else 3
+
+        def wait_event(self, event):
+            calls.append(("wait", self.name, event.name))
+
+    class Event:
+        count = 0
+
+        def __init__(self, disable_timing=False):
+            Event.count += 1
+            self.name = f"event{Event.count}"
+
+        def record(self, stream):
+            calls.append(("record", self.name, stream.name))
+
+    class Communicator:
+        def __init__(self, ndev, uid, rank):
+            calls.append(("init", ndev, uid, rank))
+
+        def allReduce(self, send, recv, count, dtype, op, stream):  # noqa: N802 - CuPy's name
+            calls.append(("allReduce", send, recv, count, dtype, op, stream))
+
+    compute = Stream()
+    nccl = type(sys)("cupy.cuda.nccl")
+    nccl.NCCL_FLOAT16, nccl.NCCL_FLOAT32, nccl.NCCL_FLOAT64, nccl.NCCL_SUM = 6, 7, 8, 0
+    nccl.get_unique_id = lambda: (1,) * 128
+    nccl.NcclCommunicator = Communicator
+    cuda = type(sys)("cupy.cuda")
+    cuda.nccl, cuda.Event, cuda.get_current_stream = nccl, Event, lambda: compute
+    cuda.Stream = lambda non_blocking: Stream("nccl", non_blocking)
+    cupy = type(sys)("cupy")
+    cupy.cuda = cuda
+    for name, module in (("cupy", cupy), ("cupy.cuda", cuda), ("cupy.cuda.nccl", nccl)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+    class Comm:
+        def bcast(self, obj, root):
+            calls.append(("bcast", obj, root))
+            return (2,) * 128  # rank 0's id
+
+    class Device:
+        def __enter__(self):
+            calls.append(("device",))
+
+        def __exit__(self, *exc):
+            calls.append(("device done",))
+
+    class Buffer:
+        size, dtype = 1000, np.dtype(np.float32)
+        data = type("Memory", (), {"ptr": 4096})()
+
+    for rank in (0, 1):
+        calls.clear()
+        comm = distributed.NcclSum(distributed.World(rank, 2, comm=Comm()), Device())
+        done = comm.start(Buffer())
+        comm.wait([done], "test")
+        uid = (1,) * 128 if rank == 0 else None
+        assert calls == [
+            ("bcast", uid, 0), ("device",), ("init", 2, (2,) * 128, rank), ("device done",),
+            ("record", "event1", "compute"), ("wait", "nccl", "event1"),
+            ("allReduce", 4096, 4096, 1000, 7, 0, 7), ("record", "event2", "nccl"),
+            ("wait", "compute", "event2")]
+        Event.count = 0
+
+
+def test_a_bad_collective_timeout_is_refused():
+    for bad in ("ten", "0", "-5", "inf", None):
+        with pytest.raises(distributed.DistributedError, match="positive number of seconds"):
+            distributed._seconds(bad)
+    assert distributed._seconds("2.5") == 2.5
+
+
+@needs_mpi
+def test_the_scaling_benchmark_runs(tmp_path):
+    """scripts/bench_distributed.py, 1 and 2 processes, one short run each, and --overhead
+    (its figures are the benchmark's business, not the test's)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_distributed.py"),
+                           "--model", "mnist", "--batch-size", "4", "--steps", "2", "--warmup",
+                           "1", "--repeats", "1", "--json", str(out)],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["ranks"] for r in rows] == [1, 2] and rows[1]["allreduce_us"] > 0
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_distributed.py"),
+                           "--overhead", "--model", "mnist", "--batch-size", "4", "--steps", "2",
+                           "--warmup", "1", "--json", str(out)],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    steps = json.loads(out.read_text())["step_s"]
+    assert [len(v) for v in steps.values()] == [2, 2, 50]

@@ -1,0 +1,491 @@
+"""Data parallelism: the same training on N processes, one device each, launched by MPI.
+
+``mpiexec -n 4 xpcnn train ...`` or ``mpiexec -n 4 python my_script.py`` runs the same program
+on four ranks; ``fit`` needs no change. As in ChainerMN, Horovod and PyTorch DDP:
+
+* every rank holds the whole model on its own device (``"cuda"`` means ``cuda:<local rank>``,
+  see :func:`device_for_rank`); rank 0's initial weights are broadcast to the others;
+* ``fit(batch_size=B)`` makes global batches of ``N * B`` samples, exactly the batches of one
+  process at that size (one seeded permutation), and each rank takes its own slice of each
+  (arrays and map-style datasets, :func:`xpcnn.data.rank_slices`; an iterable of batches is
+  each rank's own); before each step the ranks tell each other their slices' sizes (one small
+  host allreduce);
+* after the backward pass the gradients are averaged, weighted by each rank's share of the
+  samples, so that a step equals the single-process step on the whole global batch. They are
+  packed into a few flat buckets (1 MiB for the first, then 25 MiB, as DDP), each reduced as
+  soon as backward has produced all of its gradients, while backward goes on: NCCL on CuPy
+  arrays for GPU ranks (on its own stream), MPI ``Iallreduce`` on host arrays for CPU ranks;
+* random layers (Dropout, RandomFlip, RandomCrop) draw the numbers of the global batch and
+  take their slice, so each sample gets the numbers it gets in one process;
+* ``evaluate`` and the training metrics are summed over the ranks; only rank 0 prints progress
+  and writes files (models, checkpoints, figures);
+* a rank that raises ends the whole job (``MPI_Abort``, with that rank's traceback), one that
+  dies is reported by ``mpiexec`` (which ends the others), and an MPI wait (the CPU ranks'
+  allreduce, the weight broadcast, the sums of ``evaluate``) longer than ``timeout`` seconds
+  (``XPCNN_DIST_TIMEOUT``, default 600) raises on the waiting rank. NCCL's waits are on the
+  device and have no such limit: a GPU rank that hangs without dying is not detected.
+
+BatchNorm normalises each rank's slice with that slice's own statistics (as DDP does by
+default), so a BatchNorm model does not train exactly as in one process; its running
+statistics are averaged over the ranks at the end of each epoch and before each checkpoint.
+
+In a single process (no MPI launcher in the environment) this module does nothing and never
+imports mpi4py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import DeviceError, MissingDependencyError, XpcnnError
+
+#: Bytes of gradients per bucket, as PyTorch DDP: 1 MiB for the first (the last layers': it
+#: goes out early in backward), 25 MiB for the others.
+FIRST_BUCKET_BYTES, BUCKET_BYTES = 1 << 20, 25 << 20
+#: Environment variables by which MPI launchers tell a process its rank and the world's size:
+#: Open MPI, then MPICH's Hydra (also Intel MPI, and Slurm's srun --mpi=pmi2).
+_LAUNCHERS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"))
+MPI_EXTRA_HINT = 'pip install "xpcnn[mpi]" (mpi4py and MPICH), or mpi4py alone for a cluster\'s MPI'
+
+
+class DistributedError(XpcnnError, RuntimeError):
+    """A failure of the ranks to work together: a timeout, a mismatch between ranks."""
+
+
+@dataclass(frozen=True)
+class World:
+    """The processes of one job: this one's ``rank`` among ``size``, and on its node."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    comm: Any = None  # the mpi4py communicator; None in a single process
+    timeout: float = 600.0  # seconds a rank waits in a collective before it gives up
+
+    @property
+    def is_root(self) -> bool:
+        """True on rank 0, the one that prints and writes files."""
+        return self.rank == 0
+
+
+_WORLD: dict[str, World] = {}
+
+
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher started this process as one of several (read from the
+    environment: no MPI import)."""
+    sizes = [os.environ.get(size, "") for _, size in _LAUNCHERS]
+    return any(v.isdigit() and int(v) > 1 for v in sizes)
+
+
+def world() -> World:
+    """This process's :class:`World`: found at the first call, from the launcher's environment
+    (or an mpi4py already initialised with several ranks); a one-process world otherwise."""
+    if "world" not in _WORLD:
+        mpi = sys.modules.get("mpi4py.MPI")
+        running = mpi is not None and mpi.Is_initialized() and mpi.COMM_WORLD.Get_size() > 1
+        _WORLD["world"] = init() if launched_by_mpi() or running else World()
+    return _WORLD["world"]
+
+
+def init(comm: Any = None, timeout: float | None = None) -> World:
+    """Join the ranks of ``comm`` (an mpi4py communicator; default ``MPI.COMM_WORLD``) and make
+    them this process's world. Needed only to choose the communicator or the timeout:
+    :func:`world` calls it by itself under ``mpiexec``. ``init(MPI.COMM_SELF)`` makes a launched
+    process train on its own."""
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise MissingDependencyError(f"training on several processes needs mpi4py and an MPI: "
+                                     f"{MPI_EXTRA_HINT}") from e
+    comm = MPI.COMM_WORLD if comm is None else comm
+    timeout = _seconds(os.environ.get("XPCNN_DIST_TIMEOUT", "600") if timeout is None
+                       else timeout)
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    here = World(comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size(), comm,
+                 timeout)
+    node.Free()
+    if here.size > 1:
+        _abort_all_on_error(here)
+        # Which process is which rank: a launcher that reports a dead process by its pid
+        # (MPICH's Hydra) is then understood.
+        peers = comm.allgather(f"{socket.gethostname()}:{os.getpid()}")
+        if here.is_root:
+            sys.stderr.write(f"xpcnn: {here.size} ranks (host:pid): " + ", ".join(
+                f"rank {r} = {p}" for r, p in enumerate(peers)) + "\n")
+    _WORLD["world"] = here
+    return here
+
+
+def _seconds(value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise DistributedError(f"the collective timeout (XPCNN_DIST_TIMEOUT, or init's "
+                               f"timeout) must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def _abort_all_on_error(here: World) -> None:
+    """An exception that ends this rank ends every rank (else they wait for it forever): print
+    it, named by rank, then ``MPI_Abort``."""
+    if getattr(sys.excepthook, "xpcnn_abort", False):  # (init called again)
+        sys.excepthook = sys.excepthook.previous  # type: ignore[attr-defined]
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        sys.stderr.write(f"xpcnn: rank {here.rank} of {here.size} failed; ending all ranks\n")
+        previous(kind, value, tb)
+        sys.stderr.flush()
+        here.comm.Abort(1)
+
+    hook.xpcnn_abort, hook.previous = True, previous  # type: ignore[attr-defined]
+    sys.excepthook = hook
+
+
+def abort(code: int) -> None:
+    """End every rank of a distributed job with exit status ``code`` (nothing in one process):
+    for errors a rank handles itself, such as the command line's."""
+    here = world()
+    if here.size > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        here.comm.Abort(code)
+
+
+def device_for_rank(device: Any) -> Any:
+    """The device a rank uses for a device flag: on several ranks, ``"cuda"`` / ``"gpu"`` (no
+    index) and ``"auto"`` where there is a GPU mean ``"cuda:<local rank>"``; anything else, and
+    everything in one process, is kept as it is."""
+    flag = device.strip().lower() if isinstance(device, str) else None
+    if flag not in ("cuda", "gpu", "auto") or world().size == 1:
+        return device
+    from .backend import cuda_available
+
+    if not cuda_available():  # "cuda" then fails with get_backend's own clear message
+        return "cpu" if flag == "auto" else device
+    import cupy
+
+    here, count = world(), cupy.cuda.runtime.getDeviceCount()
+    if here.local_rank >= count:
+        raise DeviceError(f"rank {here.rank} is process {here.local_rank + 1} of "
+                          f"{here.local_size} on its node, which has {count} GPU(s): start at "
+                          "most one process per GPU on each node")
+    return f"cuda:{here.local_rank}"
+
+
+# -- communicators: sum buffers over the ranks, started now and waited for later --------------
+
+
+class MpiSum:
+    """Sums NumPy buffers over the ranks with MPI, in place and non-blocking."""
+
+    def __init__(self, here: World) -> None:
+        from mpi4py import MPI
+
+        self.world, self.mpi = here, MPI
+
+    def start(self, buf: Any) -> Any:
+        return self.world.comm.Iallreduce(self.mpi.IN_PLACE, buf, op=self.mpi.SUM)
+
+    def progress(self, handles: list[Any]) -> None:
+        """Let MPI move the started reductions on (MPICH progresses only inside MPI calls)."""
+        if handles:
+            self.mpi.Request.Testall(handles)
+
+    def wait(self, handles: list[Any], what: str) -> None:
+        _wait(self.world, handles, what)
+
+
+class NcclSum:
+    """Sums CuPy buffers over the ranks with NCCL on a stream of its own (the NCCL id goes to
+    every rank over MPI). ``start`` orders the reduction after the work queued so far on the
+    current stream; ``wait`` orders the current stream's next work after it: neither blocks the
+    host."""
+
+    def __init__(self, here: World, device: Any) -> None:
+        import cupy
+        from cupy.cuda import nccl
+
+        self.cupy, self.nccl = cupy, nccl
+        uid = nccl.get_unique_id() if here.rank == 0 else None
+        uid = here.comm.bcast(uid, root=0)
+        with device:
+            self.comm = nccl.NcclCommunicator(here.size, uid, here.rank)
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.types = {np.dtype(np.float16): nccl.NCCL_FLOAT16,
+                      np.dtype(np.float32): nccl.NCCL_FLOAT32,
+                      np.dtype(np.float64): nccl.NCCL_FLOAT64}
+
+    def start(self, buf: Any) -> Any:
+        cuda = self.cupy.cuda
+        ready = cuda.Event(disable_timing=True)
+        ready.record(cuda.get_current_stream())
+        self.stream.wait_event(ready)
+        self.comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self.types[buf.dtype],
+                            self.nccl.NCCL_SUM, self.stream.ptr)
+        done = cuda.Event(disable_timing=True)
+        done.record(self.stream)
+        return done
+
+    def progress(self, handles: list[Any]) -> None:
+        """NCCL moves on by itself."""
+
+    def wait(self, handles: list[Any], what: str) -> None:
+        stream = self.cupy.cuda.get_current_stream()
+        for done in handles:
+            stream.wait_event(done)
+
+
+def _wait(here: World, requests: list[Any], what: str) -> None:
+    """Wait for MPI requests for at most ``here.timeout`` seconds. MPI moves a non-blocking
+    collective on only inside MPI calls, so this polls without sleeping (yielding the core to
+    any other thread that wants it) for a second, then every millisecond."""
+    from mpi4py import MPI
+
+    start = time.monotonic()
+    while not MPI.Request.Testall(requests):
+        waited = time.monotonic() - start
+        if waited > here.timeout:
+            raise DistributedError(
+                f"rank {here.rank} of {here.size} waited {here.timeout:g} s for the other ranks "
+                f"in {what}: one of them is stuck or has died (XPCNN_DIST_TIMEOUT sets the limit)")
+        if waited < 1.0:
+            os.sched_yield()
+        else:
+            time.sleep(1e-3)
+
+
+def host_sum(here: World, values: Sequence[float], what: str) -> list[float]:
+    """The sum over the ranks of a few host numbers (float64), with the timeout."""
+    buf = np.asarray(values, dtype=np.float64)
+    if here.size > 1:
+        from mpi4py import MPI
+
+        _wait(here, [here.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)], what)
+    return [float(v) for v in buf]
+
+
+# -- gradients ----------------------------------------------------------------------------------
+
+
+class GradientBuckets:
+    """Averages the gradients of ``layers`` over the ranks, in flat buckets of about
+    ``bucket_bytes``, each reduced as soon as backward has filled it.
+
+    Parameters are bucketed in backward order (last layer first), so the first bucket is full
+    while backward still runs through the earlier layers. Per step: :meth:`begin` with this
+    rank's share of the global batch and its [loss, correct] stats (reduced alongside), then
+    :meth:`layer_done` after each layer's backward, then :meth:`finish` for the averaged
+    gradients (views into the buckets, in ``layers``' parameter order: the model's trainable
+    layers, as the optimiser takes them) and the summed stats.
+    A non-finite gradient on any rank makes the sum non-finite on every rank, so the overflow
+    check after it (mixed precision) skips the step on all of them.
+    """
+
+    def __init__(self, comm: Any, xp: Any, layers: Sequence[Any],
+                 bucket_bytes: int = BUCKET_BYTES,
+                 first_bucket_bytes: int = FIRST_BUCKET_BYTES) -> None:
+        self.comm, self.xp = comm, xp
+        self.entries = [(layer, key) for layer in layers for key in layer.params]
+        # Backward order; a bucket closes once it holds its cap (DDP's rule): in the reference
+        # models the first holds the big Dense kernel, whose allreduce then runs while backward
+        # goes through the convolutions.
+        self.buckets: list[list[int]] = [[]]  # entry indices
+        size = 0
+        for i in reversed(range(len(self.entries))):
+            layer, key = self.entries[i]
+            p = layer.params[key]
+            self.buckets[-1].append(i)
+            size += p.size * p.dtype.itemsize
+            if size >= (first_bucket_bytes if len(self.buckets) == 1 else bucket_bytes):
+                self.buckets.append([])
+                size = 0
+        self.buckets = [b for b in self.buckets if b]
+        self.offsets: dict[int, tuple[int, int]] = {}  # entry -> its slice of its bucket
+        for bucket in self.buckets:
+            n = 0
+            for i in bucket:
+                size = self._param(i).size
+                self.offsets[i] = (n, n + size)
+                n += size
+        self.owner: dict[int, set[int]] = {}  # id(layer) -> buckets holding its parameters
+        for b, bucket in enumerate(self.buckets):
+            for i in bucket:
+                self.owner.setdefault(id(self.entries[i][0]), set()).add(b)
+        self.buffers: list[Any] = [None] * len(self.buckets)  # this step's, once started
+        self._handles: list[Any] = []
+        self._weight = 1.0
+
+    def _param(self, i: int) -> Any:
+        layer, key = self.entries[i]
+        return layer.params[key]
+
+    def begin(self, weight: float, stats: Any) -> None:
+        """Start a step in which this rank's batch is ``weight`` of the global batch: the
+        gradients to come must be those of ``weight`` x this batch's loss (the model scales
+        the loss gradient), ``stats`` is [mean loss, correct count] of this batch."""
+        self._weight = weight
+        self._left = [len({id(self.entries[i][0]) for i in b}) for b in self.buckets]
+        self.buffers = [None] * len(self.buckets)
+        self._handles = []
+        self._stats = self.xp.concat([stats[:1] * weight, stats[1:]])
+        self._stats_handle = self.comm.start(self._stats)
+
+    def layer_done(self, layer: Any) -> None:
+        """``layer``'s backward has run: start every bucket it completes."""
+        for b in sorted(self.owner.get(id(layer), ())):
+            self._left[b] -= 1
+            if self._left[b] == 0:
+                self._start(b)
+        self.comm.progress(self._handles)
+
+    def finish(self) -> tuple[list[Any], Any]:
+        """Start what is left (gradients that backward did not produce count as zeros), wait;
+        returns the averaged gradients and the summed stats."""
+        for b, buf in enumerate(self.buffers):
+            if buf is None:
+                self._start(b)
+        self.comm.wait([self._stats_handle, *self._handles], "the gradient allreduce")
+        grads: list[Any] = [None] * len(self.entries)
+        for b, bucket in enumerate(self.buckets):
+            for i in bucket:
+                start, stop = self.offsets[i]
+                grads[i] = self.xp.reshape(self.buffers[b][start:stop], self._param(i).shape)
+        return grads, self._stats
+
+    def _start(self, b: int) -> None:
+        """Pack bucket ``b`` (one concatenation: one launch on a GPU) and start its sum. The
+        gradients are already weighted (the model scales the loss gradient, see begin)."""
+        xp = self.xp
+        parts = []
+        for i in self.buckets[b]:
+            layer, key = self.entries[i]
+            g = layer.grads.get(key)
+            parts.append(xp.zeros_like(self._param(i)) if g is None or self._weight == 0 else g)
+        self.buffers[b] = xp.concat([xp.reshape(g, (-1,)) for g in parts])
+        self._handles.append(self.comm.start(self.buffers[b]))
+
+
+# -- what fit does on several ranks -----------------------------------------------------------
+
+
+class DataParallel:
+    """The distributed side of ``fit`` and ``evaluate`` for one model on ``here``'s ranks."""
+
+    def __init__(self, model: Any, here: World, comm: Any = None) -> None:
+        self.model, self.world = model, here
+        backend = model.backend
+        # comm: an MpiSum / NcclSum, or anything with their start/progress/wait (tests)
+        self.comm = comm if comm is not None else _communicator(here, backend)
+        self.buckets = GradientBuckets(self.comm, backend.xp, model.trainable_layers)
+        from .layers.dropout import RandomLayer
+
+        self.random_layers = [la for la in model.layers if isinstance(la, RandomLayer)]
+        self.total, self.weight = 0, 1.0  # the global batch's size, this rank's share of it
+
+    # the batch
+    def set_batch(self, local: int) -> None:
+        """Before a training step on ``local`` samples, this rank's part of the global batch:
+        learn every rank's part (one small host allreduce), so that random layers draw the
+        global batch's numbers and keep this part's, and the gradients are weighted by
+        ``local / total``."""
+        sizes = np.zeros(self.world.size)
+        sizes[self.world.rank] = local
+        sizes = host_sum(self.world, sizes, "the batch sizes")
+        self.use_slice(int(sum(sizes[:self.world.rank])), local, int(sum(sizes)))
+
+    def use_slice(self, start: int, local: int, total: int) -> None:
+        """This rank's part is samples ``start:start + local`` of a global batch of ``total``."""
+        for layer in self.random_layers:
+            layer.batch_slice = (start, total)
+        self.total, self.weight = total, local / total
+
+    def empty_step(self, zeros: Any) -> tuple[Any, list[Any]]:
+        """The step of a rank without a sample in this batch: its random layers still count
+        the batch (to draw as the others do afterwards), it adds zeros to the sums."""
+        for layer in self.random_layers:
+            layer.calls += 1
+        self.buckets.begin(0.0, zeros)
+        grads, stats = self.buckets.finish()
+        return stats, grads
+
+    def end_fit(self) -> None:
+        for layer in self.random_layers:
+            layer.batch_slice = None
+
+    # the model's arrays
+    def broadcast_weights(self) -> None:
+        """Every rank takes rank 0's weights (its parameters and BatchNorm statistics)."""
+        weights = [np.ascontiguousarray(w) for w in self.model.get_weights()]
+        _wait(self.world, [self.world.comm.Ibcast(w, root=0) for w in weights],
+              "the broadcast of the initial weights")
+        if not self.world.is_root:
+            self.model.set_weights(weights)
+
+    def average_state(self) -> None:
+        """Average the layers' non-trainable state (BatchNorm's running statistics), which
+        each rank updates from its own slices."""
+        layers = [la for la in self.model.layers if la.state]
+        if not layers:
+            return
+        from mpi4py import MPI
+
+        backend = self.model.backend
+        host = [(la, k, np.array(backend.to_numpy(a), dtype=np.float64))
+                for la in layers for k, a in la.state.items()]
+        _wait(self.world, [self.world.comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+                           for _, _, a in host], "the average of the BatchNorm statistics")
+        for la, k, a in host:
+            la.state[k] = backend.asarray(a / self.world.size, dtype=la.dtype)
+
+
+_COMMUNICATORS: dict[tuple[int, str], Any] = {}
+
+
+def _communicator(here: World, backend: Any) -> Any:
+    """NCCL for CuPy ranks, MPI for NumPy ones; made once per world and device (an NCCL
+    communicator takes a collective and some time to set up)."""
+    key = (id(here), backend.label)
+    if key not in _COMMUNICATORS:
+        if backend.name == "cupy":
+            _COMMUNICATORS[key] = NcclSum(here, backend.device)
+        elif backend.name == "numpy":
+            _COMMUNICATORS[key] = MpiSum(here)
+            _share_cores(backend, here)
+        else:
+            raise DeviceError(f"training on several ranks runs on NumPy (CPU, with MPI) or CuPy "
+                              f"(CUDA, with NCCL), not on {backend.name}")
+    return _COMMUNICATORS[key]
+
+
+def _share_cores(backend: Any, here: World) -> None:
+    """CPU ranks on one node share its cores: unless the user set a thread count, each rank's
+    kernels get cores / (ranks on the node) threads."""
+    chosen = any(v in os.environ for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"))
+    fast = backend.fast
+    if not chosen and fast is not None:
+        fast.set_threads(max(1, (os.cpu_count() or 1) // here.local_size))
+
+
+def data_parallel(model: Any) -> DataParallel | None:
+    """The model's :class:`DataParallel` on this process's world; None in one process."""
+    here = world()
+    return None if here.size == 1 else DataParallel(model, here)
+
+
+def is_root() -> bool:
+    """True where this process should print and write files: rank 0, or a single process."""
+    return world().is_root

@@ -1,0 +1,320 @@
+"""cuDNN behind the convolution seam, through NVIDIA's Python frontend (module ``cudnn`` of the
+``nvidia-cudnn-frontend`` wheel), on CuPy arrays: imported by :mod:`xpcnn.ops.fast_cupy` only.
+
+Each operation is a cuDNN graph built once per (operation, batch size, dtype, bias, ReLU) and
+cached on the layer's engine: forward (``conv_fprop``, with the bias and ReLU in the same
+graph), input gradient (``conv_dgrad``) and kernel gradient (``conv_wgrad``), channels-last.
+A tensor's ``dim`` is always in cuDNN's logical order (N, C, H, W); its ``stride`` says where the
+values lie: an (N, H, W, C) image is dim [N, C, H, W] with strides [H*W*C, 1, W*C, C], and a
+(K, kh, kw, C) kernel (cuDNN's "KRSC" filter) dim [K, C, kh, kw], strides [kh*kw*C, 1, kw*C, C].
+Graphs run on CuPy's current stream with a workspace from CuPy's memory pool, so they can be
+captured in a CUDA graph (tests/test_gpu.py). The same module gives matmuls as cuDNN graphs,
+which stream capture takes where CuPy's cuBLAS calls are refused (:class:`CudnnMatmul`).
+
+float32 runs in TF32 on the tensor cores, as PyTorch's convolutions do by default; with
+``XPCNN_TF32=0`` in full float32. The switch is the one PyTorch uses on its cuDNN v8 path
+(aten/src/ATen/native/cudnn/Conv_v8.cpp, ``filterEngineConfigs``): float32 plans whose engines
+carry cuDNN's numerical note DOWN_CONVERT_INPUTS (float16 products inside) are always
+excluded, those with TENSOR_CORE (TF32) too where TF32 is off
+(``pygraph.deselect_numeric_notes``).
+
+Matmul graphs follow CuPy's switch for its own matmuls instead (``CUPY_TF32``, full float32
+by default), as a captured step's products must match an eager step's.
+
+Where cuDNN cannot be loaded, or has no plan for a case, the hand-written CUDA kernels run
+instead, after a one-line warning (once per reason).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from types import ModuleType
+from typing import Any
+
+import cupy
+import numpy as np
+
+from .convolution import ConvEngine, ConvGeometry
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A RuntimeWarning the first time ``message`` is given in this process."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The frontend module with cuDNN's library loaded; None with ``XPCNN_CUDNN=0``, or after
+    a warning where it cannot be loaded."""
+    if os.environ.get("XPCNN_CUDNN", "1") == "0":
+        return None
+    try:
+        import cudnn
+
+        cudnn.backend_version()  # loads libcudnn; raises where it is missing
+    except Exception as e:  # ImportError, OSError, RuntimeError from the loader
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        warn_once(f"xpcnn: cuDNN could not be loaded ({reason}); convolutions run on xpcnn's "
+                  "own CUDA kernels (pip install \"xpcnn[cuda12]\" or \"xpcnn[cuda13]\")")
+        return None
+    return cudnn
+
+
+def tf32() -> bool:
+    """Whether float32 graphs may run in TF32 (``XPCNN_TF32``, on unless "0"); read when a
+    graph is built."""
+    return os.environ.get("XPCNN_TF32", "1") != "0"
+
+
+def _address(a: Any) -> int:
+    """Device address of a CuPy array's first element."""
+    return a.data.ptr
+
+
+def matmul_tf32() -> bool:
+    """Whether float32 matmul graphs may run in TF32: CuPy's own switch for its (cuBLAS)
+    matmuls, ``CUPY_TF32`` (off unless "1"), so that a captured step's products are computed
+    as an eager step's are (and as PyTorch's matmuls are by default: in full float32)."""
+    return os.environ.get("CUPY_TF32", "0") != "0"
+
+
+_HANDLES: dict[int, Any] = {}
+
+
+def _handle(cudnn: ModuleType) -> Any:
+    """The cuDNN handle of the current device (one per device), on CuPy's current stream."""
+    device = cupy.cuda.Device().id
+    handle = _HANDLES.get(device)
+    if handle is None:
+        handle = _HANDLES[device] = cudnn.create_handle()
+    cudnn.set_stream(handle=handle, stream=cupy.cuda.get_current_stream().ptr)
+    return handle
+
+
+def use_current_stream() -> None:
+    """Put the current device's cuDNN handle (where cuDNN loads) on CuPy's current stream now:
+    before a CUDA-graph capture begins, rather than inside it."""
+    cudnn = load()
+    if cudnn is not None:
+        _handle(cudnn)
+
+
+def nhwc(n: int, c: int, h: int, w: int) -> tuple[list[int], list[int]]:
+    """(dim, stride) of a C-contiguous (n, h, w, c) array in cuDNN's (N, C, H, W) order."""
+    return [n, c, h, w], [h * w * c, 1, w * c, c]
+
+
+def _data_type(cudnn: ModuleType, dtype: Any) -> Any:
+    """cuDNN's type of a NumPy / CuPy dtype (bfloat16 where the array library has one)."""
+    name = np.dtype(dtype).name
+    return {"float16": cudnn.data_type.HALF, "bfloat16": cudnn.data_type.BFLOAT16,
+            "float32": cudnn.data_type.FLOAT, "float64": cudnn.data_type.DOUBLE}[name]
+
+
+class Plan:
+    """A built cuDNN graph, its named tensors and workspace size: ``run`` executes it."""
+
+    def __init__(self, cudnn: ModuleType, graph: Any, tensors: dict[str, Any]) -> None:
+        self.cudnn, self.graph, self.tensors = cudnn, graph, tensors
+        self.workspace = int(graph.get_workspace_size())
+
+    def run(self, **arrays: Any) -> None:
+        """Execute on CuPy's current stream; ``arrays`` are the named tensors' CuPy arrays
+        (C-contiguous, in the layouts the graph was built for)."""
+        workspace = cupy.empty(self.workspace, cupy.uint8)
+        self.graph.execute({self.tensors[k]: _address(a) for k, a in arrays.items()},
+                           _address(workspace), handle=_handle(self.cudnn))
+
+
+def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool) -> Plan:
+    """Build a graph of ``dtype`` data (float32 accumulators; float64 for float64): ``make(g,
+    io)`` adds its tensors and operations and returns the named tensors; float32 products in
+    TF32 only with ``allow_tf32``. Raises where cuDNN has no plan for it."""
+    io = _data_type(cudnn, dtype)
+    compute = cudnn.data_type.DOUBLE if io == cudnn.data_type.DOUBLE else cudnn.data_type.FLOAT
+    graph = cudnn.pygraph(io_data_type=io, intermediate_data_type=compute,
+                          compute_data_type=compute, handle=_handle(cudnn))
+    tensors = make(graph, io)
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    if io == cudnn.data_type.FLOAT:  # no float16 products inside; TF32 only where allowed
+        graph.deselect_numeric_notes([cudnn.numerical_note.DOWN_CONVERT_INPUTS]
+                                     + ([] if allow_tf32 else [cudnn.numerical_note.TENSOR_CORE]))
+    graph.check_support()
+    graph.build_plans()
+    return Plan(cudnn, graph, tensors)
+
+
+class CudnnConv(ConvEngine):
+    """A layer's convolutions as cuDNN graphs; ``fallback`` (the hand-written kernels' engine)
+    runs what cuDNN cannot build, after a one-line warning."""
+
+    name = "cudnn"
+
+    def __init__(self, geometry: ConvGeometry, cudnn: ModuleType, fallback: ConvEngine) -> None:
+        super().__init__(geometry)
+        self.cudnn, self.fallback = cudnn, fallback
+        self.kern = fallback.kern  # type: ignore[attr-defined]
+        self._plans: dict[tuple[Any, ...], Plan | None] = {}
+
+    def _plan(self, key: tuple[Any, ...], dtype: Any, make: Any) -> Plan | None:
+        """The cached plan of ``key``; None where cuDNN has none (the fallback runs)."""
+        if key not in self._plans:
+            try:
+                self._plans[key] = build_plan(self.cudnn, dtype, make, tf32())
+            except Exception as e:  # the frontend's errors have no common base
+                reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                warn_once(f"xpcnn: cuDNN has no plan for {key[0]} of {self.geometry} in "
+                          f"{np.dtype(dtype).name} ({reason}); xpcnn's own CUDA kernels run it")
+                self._plans[key] = None
+        return self._plans[key]
+
+    # -- the graphs (every tensor with its channels-last strides) ----------------------------
+    def _conv_args(self) -> dict[str, Any]:
+        g = self.geometry
+        top, bottom, left, right = g.pads
+        return {"pre_padding": [top, left], "post_padding": [bottom, right],
+                "stride": list(g.strides), "dilation": [1, 1]}
+
+    def _image(self, graph: Any, io: Any, name: str, n: int, hw: tuple[int, int], c: int) -> Any:
+        dim, stride = nhwc(n, c, *hw)
+        return graph.tensor(name=name, dim=dim, stride=stride, data_type=io)
+
+    def _kernel(self, graph: Any, io: Any) -> Any:
+        g = self.geometry
+        dim, stride = nhwc(g.filters, g.channels, *g.kernel)
+        return graph.tensor(name="w", dim=dim, stride=stride, data_type=io)
+
+    def _fprop(self, n: int, bias: bool, relu: bool) -> Any:
+        g = self.geometry
+
+        def make(graph: Any, io: Any) -> dict[str, Any]:
+            x = self._image(graph, io, "x", n, g.in_hw, g.channels)
+            w = self._kernel(graph, io)
+            dim, stride = nhwc(n, g.filters, *g.out_hw)
+            y = graph.conv_fprop(image=x, weight=w, **self._conv_args(), name="conv")
+            y.set_dim(dim).set_stride(stride)
+            tensors = {"x": x, "w": w}
+            if bias:
+                b = graph.tensor(name="bias", dim=[1, g.filters, 1, 1],
+                                 stride=[g.filters, 1, g.filters, g.filters], data_type=io)
+                y = graph.bias(input=y, bias=b, name="add_bias")
+                y.set_dim(dim).set_stride(stride)
+                tensors["bias"] = b
+            if relu:
+                y = graph.relu(input=y, name="relu")
+                y.set_dim(dim).set_stride(stride)
+            y.set_output(True).set_data_type(io)
+            return {**tensors, "y": y}
+
+        return make
+
+    def _dgrad(self, n: int) -> Any:
+        g = self.geometry
+
+        def make(graph: Any, io: Any) -> dict[str, Any]:
+            dy = self._image(graph, io, "dy", n, g.out_hw, g.filters)
+            w = self._kernel(graph, io)
+            dx = graph.conv_dgrad(loss=dy, filter=w, **self._conv_args(), name="dgrad")
+            dim, stride = nhwc(n, g.channels, *g.in_hw)
+            dx.set_output(True).set_dim(dim).set_stride(stride).set_data_type(io)
+            return {"dy": dy, "w": w, "dx": dx}
+
+        return make
+
+    def _wgrad(self, n: int) -> Any:
+        g = self.geometry
+
+        def make(graph: Any, io: Any) -> dict[str, Any]:
+            x = self._image(graph, io, "x", n, g.in_hw, g.channels)
+            dy = self._image(graph, io, "dy", n, g.out_hw, g.filters)
+            dw = graph.conv_wgrad(image=x, loss=dy, **self._conv_args(), name="wgrad")
+            dim, stride = nhwc(g.filters, g.channels, *g.kernel)
+            dw.set_output(True).set_dim(dim).set_stride(stride).set_data_type(io)
+            return {"x": x, "dy": dy, "dw": dw}
+
+        return make
+
+    # -- the seam ------------------------------------------------------------------------------
+    def forward(self, x: Any, w: Any, bias: Any | None, relu: bool) -> Any:
+        g, n = self.geometry, x.shape[0]
+        key = ("forward", n, x.dtype.name, bias is not None, relu)
+        plan = self._plan(key, x.dtype, self._fprop(n, bias is not None, relu))
+        if plan is None:
+            return self.fallback.forward(x, w, bias, relu)
+        y = cupy.empty((n, *g.out_hw, g.filters), x.dtype)
+        arrays = {"x": cupy.ascontiguousarray(x), "w": cupy.ascontiguousarray(w), "y": y}
+        if bias is not None:
+            arrays["bias"] = cupy.ascontiguousarray(bias)
+        plan.run(**arrays)
+        return y
+
+    def input_grad(self, dy: Any, w: Any) -> Any:
+        g, n = self.geometry, dy.shape[0]
+        plan = self._plan(("input gradient", n, dy.dtype.name), dy.dtype, self._dgrad(n))
+        if plan is None:
+            return self.fallback.input_grad(dy, w)
+        dx = cupy.empty((n, *g.in_hw, g.channels), dy.dtype)
+        plan.run(dy=cupy.ascontiguousarray(dy), w=cupy.ascontiguousarray(w), dx=dx)
+        return dx
+
+    def weight_grad(self, x: Any, dy: Any, with_bias: bool, relu_y: Any = None
+                    ) -> tuple[Any, Any | None]:
+        g, n = self.geometry, x.shape[0]
+        plan = self._plan(("kernel gradient", n, x.dtype.name), x.dtype, self._wgrad(n))
+        if plan is None:
+            return self.fallback.weight_grad(x, dy, with_bias, relu_y)
+        if relu_y is not None:
+            dy = self.kern.relu_backward(dy, relu_y)
+        dw = cupy.empty((g.filters, *g.kernel, g.channels), x.dtype)
+        dy = cupy.ascontiguousarray(dy)
+        plan.run(x=cupy.ascontiguousarray(x), dy=dy, dw=dw)
+        db = self.kern.sum_rows(dy.reshape(-1, g.filters)) if with_bias else None
+        return dw, db
+
+
+class CudnnMatmul:
+    """2-D matrix products as cuDNN graphs (one per shapes, transposes and dtype): a CUDA graph
+    can capture them, where CuPy 14 refuses to capture cuBLAS."""
+
+    def __init__(self, cudnn: ModuleType) -> None:
+        self.cudnn = cudnn
+        self._plans: dict[tuple[Any, ...], Plan] = {}
+
+    def __call__(self, a: Any, b: Any, transpose_a: bool = False,
+                 transpose_b: bool = False) -> Any:
+        """``op(a) @ op(b)`` of C-contiguous 2-D ``a`` and ``b``, op a transpose where asked."""
+        a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
+        m, k = a.shape[::-1] if transpose_a else a.shape
+        n = b.shape[0] if transpose_b else b.shape[1]
+        key = (a.shape, b.shape, transpose_a, transpose_b, a.dtype.name)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = build_plan(self.cudnn, a.dtype, self._make(
+                m, k, n, transpose_a, transpose_b), matmul_tf32())
+        c = cupy.empty((m, n), a.dtype)
+        plan.run(a=a, b=b, c=c)
+        return c
+
+    @staticmethod
+    def _make(m: int, k: int, n: int, transpose_a: bool, transpose_b: bool) -> Any:
+        """Batch-of-one (1, m, k) @ (1, k, n) tensors; a transposed operand is the same memory
+        read with swapped strides."""
+
+        def make(graph: Any, io: Any) -> dict[str, Any]:
+            a = graph.tensor(name="a", dim=[1, m, k],
+                             stride=[m * k, 1, m] if transpose_a else [m * k, k, 1], data_type=io)
+            b = graph.tensor(name="b", dim=[1, k, n],
+                             stride=[k * n, 1, k] if transpose_b else [k * n, n, 1], data_type=io)
+            c = graph.matmul(A=a, B=b, name="matmul")
+            c.set_output(True).set_dim([1, m, n]).set_stride([m * n, n, 1]).set_data_type(io)
+            return {"a": a, "b": b, "c": c}
+
+        return make
