@@ -8,13 +8,13 @@ tests/test_gpu.py runs the same engine against real cuDNN where a GPU is lent.""
 import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
+from cuda_emulator import restore
 from cudnn_emulator import (
     GRAPHS,
     DataType,
     NumericalNote,
     PyGraph,
     load_emulated_cudnn_conv,
-    restore,
 )
 from test_conv_seam import GEOMETRIES, IDS
 
@@ -219,7 +219,6 @@ def test_the_cupy_kernels_choose_cudnn_per_layer_where_it_loads(monkeypatch):
     import sys
 
     from cuda_emulator import load_emulated_fast_cupy
-    from cuda_emulator import restore as restore_fast_cupy
     from cudnn_emulator import fake_cudnn
 
     import xpcnn
@@ -244,7 +243,7 @@ def test_the_cupy_kernels_choose_cudnn_per_layer_where_it_loads(monkeypatch):
     finally:
         sys.modules.pop("xpcnn.ops.cudnn_conv", None)
         xpcnn.ops.__dict__.pop("cudnn_conv", None)
-        restore_fast_cupy(saved)
+        restore(saved)
 
 
 def test_the_real_frontend_takes_these_graph_descriptions(monkeypatch):
@@ -289,7 +288,6 @@ def test_training_with_cudnn_convolutions(monkeypatch, net):
 
     import nets
     from cuda_emulator import compiler, load_emulated_fast_cupy
-    from cuda_emulator import restore as restore_fast_cupy
     from cudnn_emulator import add_cupy_calls, fake_cudnn, import_cudnn_conv
 
     import xpcnn
@@ -328,4 +326,4 @@ def test_training_with_cudnn_convolutions(monkeypatch, net):
     finally:
         sys.modules.pop("xpcnn.ops.cudnn_conv", None)
         xpcnn.ops.__dict__.pop("cudnn_conv", None)
-        restore_fast_cupy(saved)
+        restore(saved)
