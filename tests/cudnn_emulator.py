@@ -273,10 +273,6 @@ class Handle:
         self.stream: int | None = None
 
 
-class GraphNotSupported(Exception):
-    pass
-
-
 def fake_cudnn() -> types.ModuleType:
     m = types.ModuleType("cudnn")
     m.pygraph = PyGraph
