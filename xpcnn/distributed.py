@@ -55,6 +55,8 @@ FIRST_BUCKET_BYTES, BUCKET_BYTES = 1 << 20, 25 << 20
 #: Open MPI, then MPICH's Hydra (also Intel MPI, and Slurm's srun --mpi=pmi2).
 _LAUNCHERS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"))
 MPI_EXTRA_HINT = 'pip install "xpcnn[mpi]" (mpi4py and MPICH), or mpi4py alone for a cluster\'s MPI'
+# How long a failing rank waits, after printing its error, before it aborts the job.
+ABORT_GRACE_SECONDS = 0.5
 
 
 class DistributedError(XpcnnError, RuntimeError):
@@ -149,6 +151,9 @@ def _abort_all_on_error(here: World) -> None:
         sys.stderr.write(f"xpcnn: rank {here.rank} of {here.size} failed; ending all ranks\n")
         previous(kind, value, tb)
         sys.stderr.flush()
+        # mpiexec stops forwarding a rank's output once the job is aborted: give it a moment to
+        # pass on the traceback (seen cut short without this).
+        time.sleep(ABORT_GRACE_SECONDS)
         here.comm.Abort(1)
 
     hook.xpcnn_abort, hook.previous = True, previous  # type: ignore[attr-defined]
@@ -162,6 +167,7 @@ def abort(code: int) -> None:
     if here.size > 1:
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_SECONDS)
         here.comm.Abort(code)
 
 
