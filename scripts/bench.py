@@ -184,9 +184,7 @@ def forward_flops(layers: list[Any], batch: int) -> int:
     flops = 0
     for layer in layers:
         if isinstance(layer, Conv2D):
-            kh, kw = layer.kernel_size
-            ho, wo = layer.out_hw
-            flops += 2 * ho * wo * layer.filters * kh * kw * layer.input_shape[-1]
+            flops += layer.geometry.flops(1)
         elif isinstance(layer, Dense):
             flops += 2 * layer.input_shape[0] * layer.units
     return batch * flops

@@ -220,6 +220,9 @@ def load_emulated_fast_cupy() -> tuple[types.ModuleType, dict[str, Any]]:
 
 
 def restore(saved: dict[str, Any]) -> None:
+    """Put back the ``sys.modules`` entries an emulated load replaced (this module's
+    :func:`load_emulated_fast_cupy`, or cudnn_emulator's ``load_emulated_cudnn_conv``), and
+    the ``xpcnn.ops`` attribute of each ``xpcnn.ops`` module among them."""
     import xpcnn.ops
 
     for name, module in saved.items():
@@ -227,7 +230,9 @@ def restore(saved: dict[str, Any]) -> None:
             sys.modules.pop(name, None)
         else:
             sys.modules[name] = module
-    if saved["xpcnn.ops.fast_cupy"] is None:
-        xpcnn.ops.__dict__.pop("fast_cupy", None)
-    else:
-        xpcnn.ops.fast_cupy = saved["xpcnn.ops.fast_cupy"]
+        if name.startswith("xpcnn.ops."):
+            attribute = name.removeprefix("xpcnn.ops.")
+            if module is None:
+                xpcnn.ops.__dict__.pop(attribute, None)
+            else:
+                setattr(xpcnn.ops, attribute, module)

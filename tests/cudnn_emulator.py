@@ -273,10 +273,6 @@ class Handle:
         self.stream: int | None = None
 
 
-class GraphNotSupported(Exception):
-    pass
-
-
 def fake_cudnn() -> types.ModuleType:
     m = types.ModuleType("cudnn")
     m.pygraph = PyGraph
@@ -319,23 +315,10 @@ def import_cudnn_conv() -> types.ModuleType:
 
 def load_emulated_cudnn_conv() -> tuple[types.ModuleType, dict[str, Any]]:
     """``xpcnn.ops.cudnn_conv`` imported against a fake ``cupy``, and its ``load()`` giving
-    the fake ``cudnn``; returns the module and the ``sys.modules`` entries to restore."""
+    the fake ``cudnn``; returns the module and the ``sys.modules`` entries that
+    ``cuda_emulator.restore`` puts back."""
     names = ("cupy", "cudnn", "xpcnn.ops.cudnn_conv")
     saved = {n: sys.modules.get(n) for n in names}
     sys.modules["cupy"] = add_cupy_calls(types.ModuleType("cupy"))
     sys.modules["cudnn"] = fake_cudnn()
     return import_cudnn_conv(), saved
-
-
-def restore(saved: dict[str, Any]) -> None:
-    import xpcnn.ops
-
-    for name, module in saved.items():
-        if module is None:
-            sys.modules.pop(name, None)
-        else:
-            sys.modules[name] = module
-    if saved["xpcnn.ops.cudnn_conv"] is None:
-        xpcnn.ops.__dict__.pop("cudnn_conv", None)
-    else:
-        xpcnn.ops.cudnn_conv = saved["xpcnn.ops.cudnn_conv"]

@@ -210,26 +210,37 @@ def test_no_traceback_from_the_real_entry_point(tmp_path):
 TRAIN = ["train", "--limit", "64", "--batch-size", "8", "--schedule", "constant", "--quiet"]
 
 
-def test_ctrl_c_writes_a_checkpoint_at_the_step_and_resume_continues(tmp_path):
-    ck = tmp_path / "ck.npz"
-    proc = subprocess.Popen(_cli(*TRAIN, "--epochs", "1000", "--checkpoint", str(ck)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env())
+def _ctrl_c(*args: str, wait) -> str:
+    """Run ``xpcnn *args``, press Ctrl-C once training has started and ``wait(proc)`` returned;
+    check that it ends with status 130 and one line on stderr, no traceback; that line."""
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env())
     try:
         assert proc.stdout.readline().startswith("training shapes")
-        # Wait until training has run a while: the first end-of-epoch checkpoint is there.
-        deadline = time.monotonic() + 120
-        while not ck.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait(proc)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
     assert "Traceback" not in out + err and len(err.splitlines()) == 1, err
+    return err.strip()
+
+
+def test_ctrl_c_writes_a_checkpoint_at_the_step_and_resume_continues(tmp_path):
+    ck = tmp_path / "ck.npz"
+
+    def until_the_first_checkpoint(proc):
+        # Training has run a while: the first end-of-epoch checkpoint is there.
+        deadline = time.monotonic() + 120
+        while not ck.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    err = _ctrl_c(*TRAIN, "--epochs", "1000", "--checkpoint", str(ck),
+                  wait=until_the_first_checkpoint)
     m = re.fullmatch(rf"xpcnn train: interrupted at epoch (\d+), step (\d+)/8; the checkpoint "
                      rf"{re.escape(str(ck))} holds the training state there: run the same "
-                     r"command with --resume to continue", err.strip())
+                     r"command with --resume to continue", err)
     assert m, err
     epoch, step = int(m[1]), int(m[2])
     ckpt = load_checkpoint(ck)
@@ -240,20 +251,10 @@ def test_ctrl_c_writes_a_checkpoint_at_the_step_and_resume_continues(tmp_path):
 
 
 def test_ctrl_c_without_a_checkpoint_says_where_it_stopped(tmp_path):
-    proc = subprocess.Popen(_cli(*TRAIN, "--epochs", "1000"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())
-    try:
-        assert proc.stdout.readline().startswith("training shapes")
-        time.sleep(1.5)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
-    assert "Traceback" not in out + err and len(err.splitlines()) == 1, err
+    err = _ctrl_c(*TRAIN, "--epochs", "1000", wait=lambda proc: time.sleep(1.5))
     assert re.fullmatch(r"xpcnn train: interrupted at epoch \d+, after step \d/8; nothing was "
                         r"kept \(--checkpoint PATH keeps the training state, and --resume "
-                        r"continues from it\)", err.strip()), err
+                        r"continues from it\)", err), err
 
 
 def test_fit_interrupted_then_resumed_ends_with_the_same_weights(tmp_path):

@@ -41,12 +41,12 @@ def _geometry(case):
     return ConvGeometry.of(shape, filters, kernel, strides, padding)
 
 
-def _data(geometry, rng, n=3):
-    g = geometry
-    x = rng.standard_normal((n, *g.in_hw, g.channels))
-    w = rng.standard_normal((g.filters, *g.kernel, g.channels))
-    bias = rng.standard_normal(g.filters)
-    dy = rng.standard_normal((n, *g.out_hw, g.filters))
+def conv_data(g, rng, n=3, dtype=np.float64):
+    """Random x, w (K, kh, kw, C), bias and dy for ``n`` images of geometry ``g``."""
+    x = rng.standard_normal((n, *g.in_hw, g.channels)).astype(dtype)
+    w = rng.standard_normal((g.filters, *g.kernel, g.channels)).astype(dtype)
+    bias = rng.standard_normal(g.filters).astype(dtype)
+    dy = rng.standard_normal((n, *g.out_hw, g.filters)).astype(dtype)
     return x, w, bias, dy
 
 
@@ -81,7 +81,7 @@ def test_standard_engine_gradients_match_finite_differences(case, rng):
     """The fallback's input and kernel gradients are those of sum(forward(x, w) * dy)."""
     g = _geometry(case)
     engine = _standard(g)
-    x, w, bias, dy = _data(g, rng, n=2)
+    x, w, bias, dy = conv_data(g, rng, n=2)
 
     def f():
         return float(np.sum(engine.forward(x, w, bias, False) * dy))
@@ -100,7 +100,7 @@ def test_standard_engine_gradients_match_finite_differences(case, rng):
 def test_relu_is_applied_and_masks_the_kernel_gradient(case, rng):
     g = _geometry(case)
     engine = _standard(g)
-    x, w, bias, dy = _data(g, rng)
+    x, w, bias, dy = conv_data(g, rng)
     y = engine.forward(x, w, bias, False)
     np.testing.assert_array_equal(engine.forward(x, w, bias, True), np.maximum(y, 0))
     masked, _ = engine.weight_grad(x, dy, False, relu_y=np.maximum(y, 0))
@@ -112,7 +112,7 @@ def test_relu_is_applied_and_masks_the_kernel_gradient(case, rng):
 @pytest.mark.parametrize("budget", [None, 1], ids=["whole-batch", "one-image-chunks"])
 def test_numpy_and_strict_engines_match_the_standard_one(case, budget, rng):
     g = _geometry(case)
-    data = _data(g, rng)
+    data = conv_data(g, rng)
     want = _all_results(_standard(g), *data)
     got_numpy = _all_results(KernelsConv(g, NUMPY_KERNELS, budget, min_chunks=1), *data)
     got_strict = _all_results(_standard(g, xs, budget), *data, to=lambda a: np.asarray(
@@ -143,7 +143,7 @@ def test_hand_written_cuda_engine_matches_the_standard_one(emulated_cupy_kernels
         monkeypatch.setattr(fast, flag, getattr(fast, flag))  # put back after the test
     fast.set_conv_algorithm(algorithm)
     g = _geometry(case)
-    data = _data(g, rng, n=2)
+    data = conv_data(g, rng, n=2)
     want = _all_results(_standard(g), *data)
     got = _all_results(KernelsConv(g, fast, None, min_chunks=1), *data)
     for a, b in zip(got, want, strict=True):

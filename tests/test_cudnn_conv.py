@@ -8,15 +8,15 @@ tests/test_gpu.py runs the same engine against real cuDNN where a GPU is lent.""
 import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
+from cuda_emulator import restore
 from cudnn_emulator import (
     GRAPHS,
     DataType,
     NumericalNote,
     PyGraph,
     load_emulated_cudnn_conv,
-    restore,
 )
-from test_conv_seam import GEOMETRIES, IDS
+from test_conv_seam import GEOMETRIES, IDS, conv_data
 
 from xpcnn.ops.convolution import ConvGeometry, KernelsConv
 from xpcnn.ops.kernels import StandardKernels
@@ -42,19 +42,11 @@ def _engines(cc, case):
     return g, cc.CudnnConv(g, cc.load(), KernelsConv(g, StandardKernels(xpn))), standard
 
 
-def _data(g, rng, dtype, n=2):
-    x = rng.standard_normal((n, *g.in_hw, g.channels)).astype(dtype)
-    w = rng.standard_normal((g.filters, *g.kernel, g.channels)).astype(dtype)
-    bias = rng.standard_normal(g.filters).astype(dtype)
-    dy = rng.standard_normal((n, *g.out_hw, g.filters)).astype(dtype)
-    return x, w, bias, dy
-
-
 @pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_cudnn_graphs_give_the_standard_engines_results(cc, case, dtype, rng):
     g, cudnn, standard = _engines(cc, case)
-    x, w, bias, dy = _data(g, rng, dtype)
+    x, w, bias, dy = conv_data(g, rng, 2, dtype)
     tol = 1e-11 if dtype == np.float64 else 2e-5
     for b in (bias, None):
         for relu in (False, True):
@@ -81,7 +73,7 @@ def test_descriptors_are_nhwc_images_and_krsc_filters(cc, rng):
     strides [H*W*C, 1, W*C, C], filter dim [K, C, kh, kw] with strides [kh*kw*C, 1, kw*C, C],
     bias [1, K, 1, 1]; the bias and ReLU in the forward graph itself."""
     g, cudnn, _ = _engines(cc, ((10, 9, 3), 8, (3, 3), (2, 2), "same"))
-    x, w, bias, dy = _data(g, rng, np.float32, n=4)
+    x, w, bias, dy = conv_data(g, rng, 4, np.float32)
     cudnn.forward(x, w, bias, True)
     (fprop,) = GRAPHS
     named = {t.name: t for t in fprop.tensors if not t.virtual}
@@ -108,7 +100,7 @@ def test_descriptors_are_nhwc_images_and_krsc_filters(cc, rng):
 
 def test_graphs_are_built_once_per_batch_size_dtype_and_epilogue(cc, rng):
     g, cudnn, _ = _engines(cc, GEOMETRIES[0])
-    x, w, bias, dy = _data(g, rng, np.float32, n=3)
+    x, w, bias, dy = conv_data(g, rng, 3, np.float32)
     for _ in range(3):
         cudnn.forward(x, w, bias, True)
         cudnn.input_grad(dy, w)
@@ -123,7 +115,7 @@ def test_graphs_are_built_once_per_batch_size_dtype_and_epilogue(cc, rng):
 
 def test_half_precision_graphs_accumulate_in_float32(cc, rng):
     g, cudnn, standard = _engines(cc, GEOMETRIES[0])
-    x, w, bias, _ = _data(g, rng, np.float16)
+    x, w, bias, _ = conv_data(g, rng, 2, np.float16)
     got = cudnn.forward(x, w, bias, True)
     assert got.dtype == np.float16
     assert GRAPHS[0].io == DataType.HALF and GRAPHS[0].compute == DataType.FLOAT
@@ -144,7 +136,7 @@ def test_tf32_switch(cc, monkeypatch, rng, setting, dtype, excluded):
     if setting is not None:
         monkeypatch.setenv("XPCNN_TF32", setting)
     g, cudnn, _ = _engines(cc, GEOMETRIES[0])
-    x, w, bias, dy = _data(g, rng, dtype)
+    x, w, bias, dy = conv_data(g, rng, 2, dtype)
     cudnn.forward(x, w, bias, False)
     cudnn.weight_grad(x, dy, False)
     assert [graph.deselected for graph in GRAPHS] == [excluded, excluded]
@@ -154,7 +146,7 @@ def test_a_case_without_a_cudnn_plan_runs_on_the_fallback_with_one_warning(cc, m
                                                                            rng):
     monkeypatch.setattr(PyGraph, "refuse", lambda graph: graph.ops[0][0] == "conv_dgrad")
     g, cudnn, standard = _engines(cc, GEOMETRIES[2])
-    x, w, bias, dy = _data(g, rng, np.float64)
+    x, w, bias, dy = conv_data(g, rng, 2, np.float64)
     with pytest.warns(RuntimeWarning, match=r"no plan for input gradient .* \(No valid engine "
                       r"configs for this graph\); xpcnn's own CUDA kernels run it") as record:
         got = cudnn.input_grad(dy, w)
@@ -219,7 +211,6 @@ def test_the_cupy_kernels_choose_cudnn_per_layer_where_it_loads(monkeypatch):
     import sys
 
     from cuda_emulator import load_emulated_fast_cupy
-    from cuda_emulator import restore as restore_fast_cupy
     from cudnn_emulator import fake_cudnn
 
     import xpcnn
@@ -244,7 +235,7 @@ def test_the_cupy_kernels_choose_cudnn_per_layer_where_it_loads(monkeypatch):
     finally:
         sys.modules.pop("xpcnn.ops.cudnn_conv", None)
         xpcnn.ops.__dict__.pop("cudnn_conv", None)
-        restore_fast_cupy(saved)
+        restore(saved)
 
 
 def test_the_real_frontend_takes_these_graph_descriptions(monkeypatch):
@@ -289,7 +280,6 @@ def test_training_with_cudnn_convolutions(monkeypatch, net):
 
     import nets
     from cuda_emulator import compiler, load_emulated_fast_cupy
-    from cuda_emulator import restore as restore_fast_cupy
     from cudnn_emulator import add_cupy_calls, fake_cudnn, import_cudnn_conv
 
     import xpcnn
@@ -328,4 +318,4 @@ def test_training_with_cudnn_convolutions(monkeypatch, net):
     finally:
         sys.modules.pop("xpcnn.ops.cudnn_conv", None)
         xpcnn.ops.__dict__.pop("cudnn_conv", None)
-        restore_fast_cupy(saved)
+        restore(saved)

@@ -101,3 +101,18 @@ def test_the_loop_overhead_benchmark_dry_runs():
     rows = [line for line in out.stdout.splitlines() if line.endswith("ms per step")]
     assert [r.split("  ")[1].strip() for r in rows] == [
         "host batch -> device", "batch gathered on device", "step bookkeeping"]
+
+
+def test_the_model_table_dry_runs(tmp_path):
+    """scripts/bench.py's default table (xpcnn alone here), with its FLOP count against one by
+    hand for the notebook's network on 32x32x3 images: two 3x3 convolutions (32 filters, valid),
+    then Dense 6272 -> 128 -> 10."""
+    out_json = tmp_path / "models.json"
+    out = _run("--models", "notebook", "--batch-size", "4", "--steps", "1", "--blocks", "1",
+               "--warmup", "0", "--no-torch", "--no-memory", "--json", str(out_json),
+               script="bench.py")
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads(out_json.read_text())["models"]
+    per_image = 2 * (30 * 30 * 32 * 27 + 28 * 28 * 32 * 288 + 6272 * 128 + 128 * 10)
+    assert row["forward_gflop"] == pytest.approx(4 * per_image / 1e9, rel=1e-12)
+    assert row["xpcnn"]["train_img_s"] > 0 and row["xpcnn"]["infer_img_s"] > 0

@@ -59,9 +59,8 @@ class Callback:
     def on_predict_end(self, logs: Mapping[str, float] | None = None) -> None: ...
 
 
-HOOKS = ("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
-         "on_train_batch_begin", "on_train_batch_end", "on_test_begin", "on_test_end",
-         "on_predict_begin", "on_predict_end")
+#: The hooks' names, in the order :class:`Callback` declares them.
+HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
 
 
 class CallbackList:

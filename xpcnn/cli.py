@@ -303,9 +303,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     callbacks: list[Callback] = []
     if args.early_stopping is not None:
         callbacks.append(EarlyStopping("val_loss", patience=args.early_stopping,
-                                       restore_best_weights=True,
-                                       verbose=not args.json and distributed.is_root()))
-    if args.log and distributed.is_root():
+                                       restore_best_weights=True, verbose=not args.json))
+    if args.log:  # (callbacks print and write on rank 0 only)
         callbacks.append(CSVLogger(args.log))
     t0 = time.perf_counter()
     try:

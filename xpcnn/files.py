@@ -1,26 +1,53 @@
 """Files written atomically: a temporary file next to the destination, fsynced and renamed over
-it, so the destination is always either the old file or the complete new one."""
+it, so the destination is always either the old file or the complete new one. Model files,
+checkpoints, ONNX exports and downloads are all written through :func:`atomic_file`."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+from collections.abc import Iterator
+from typing import IO
 
 
-def new_temporary(folder: str | os.PathLike[str], name: str, suffix: str = ".tmp"
-                  ) -> tuple[int, str]:
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[IO[bytes]]:
+    """A new file to write that becomes ``path`` only once the block succeeds: ``path`` is
+    always either the old file or the complete new one.
+
+    The file is created on entry (an unwritable path fails before the block runs), as ``open``
+    creates files (mode 0666 less the umask), so it can be shared where the umask allows. If
+    the block raises (Ctrl-C included), the temporary file is removed.
+    """
+    path = os.fspath(path)
+    folder, base = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = _new_temporary(folder, base, suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def _new_temporary(folder: str, name: str, suffix: str) -> tuple[int, str]:
     """A new, empty file ``.<name>.<random><suffix>`` in ``folder``, open for writing: its file
-    descriptor and path. It is created as ``open`` creates files, mode 0666 less the umask, so
-    the file renamed from it can be shared where the umask allows; a killed writer's leftover
-    is recognisable by its name."""
+    descriptor and path. Mode 0666 less the umask, as ``open`` creates files; a killed writer's
+    leftover is recognisable by its name."""
     while True:
         path = os.path.join(folder, f".{name}.{secrets.token_hex(6)}{suffix}")
         with contextlib.suppress(FileExistsError):
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
 
 
-def fsync_folder(folder: str | os.PathLike[str]) -> None:
+def _fsync_folder(folder: str) -> None:
     """Make a rename in ``folder`` durable; not possible (nor needed) on every platform, so
     best effort."""
     try:

@@ -89,21 +89,9 @@ class Model:
     backward. A model called on a symbolic tensor adds its layers to the graph being traced
     (a Sequential block inside a Model: the layers are shared by both).
 
-    The training loop reaches the network only through these hooks:
-
-    * ``build(input_shape)``: create every layer's weights for per-sample ``input_shape``, set
-      ``input_shape`` and ``built``;
-    * ``built``, ``input_shape`` (per sample, e.g. (32, 32, 3); None before building);
-    * ``layers``: every layer once, in weight order (``get_weights`` concatenates theirs);
-    * ``_logits(xb, training)``: the forward pass of a device batch up to the logits;
-    * ``_backward(dlogits, on_layer=None)``: the backward pass after
-      ``_logits(xb, training=True)``, filling every layer's ``grads`` and calling
-      ``on_layer(layer)`` as soon as each layer's are filled (data parallelism starts their
-      allreduce then);
-    * ``_fused_softmax()``: True when the network ends in a Softmax that is left to the loss;
-    * ``output_shape`` (per sample; ``num_classes`` is its last axis);
-    * ``_layer_outputs(xb, training)``: every layer's output, in ``layers`` order (for
-      :meth:`forward` and to find where non-finite values first appear).
+    The training loop reaches the network through the executor's methods below (``build``,
+    ``_logits``, ``_backward``, ``_layer_outputs``), all here: a subclass only says which
+    tensors each layer reads (:class:`Sequential` overrides ``_inbound``: a chain).
     """
 
     def __init__(self, inputs: SymbolicTensor | None = None,
@@ -189,6 +177,8 @@ class Model:
         return self.layers[-1].output_shape  # type: ignore[return-value]
 
     def _fused_softmax(self) -> bool:
+        """True when the network ends in a Softmax that is left to the loss (the plan stops
+        at the logits)."""
         return isinstance(self.layers[-1], Softmax)
 
     def _plan(self) -> graph.Plan:
@@ -248,7 +238,7 @@ class Model:
 
     @property
     def num_classes(self) -> int:
-        return int(self.output_shape[-1])  # type: ignore[attr-defined]
+        return int(self.output_shape[-1])
 
     @property
     def _param_dtype(self) -> Any:
@@ -522,7 +512,7 @@ class Model:
             where = f"the weights of layer {weights.name!r}"
         else:
             with self.backend.compute_scope():
-                outputs = self._layer_outputs(  # type: ignore[attr-defined]
+                outputs = self._layer_outputs(
                     xp.astype(xb, self._param_dtype, copy=False), False)
             layer = next((la for la, out in zip(self.layers, outputs, strict=True)
                           if not finite(out)), None)
@@ -757,7 +747,7 @@ class Model:
         x = checks.as_images(x)
         checks.check_sample_shape(x, self.input_shape)  # type: ignore[arg-type]
         with self.backend.compute_scope():
-            return self._layer_outputs(self._to_device(x), training)  # type: ignore[attr-defined]
+            return self._layer_outputs(self._to_device(x), training)
 
     # -- inspection and weights --------------------------------------------------------------
     def summary(self, print_fn: Callable[[str], None] = print) -> None:

@@ -28,9 +28,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .errors import InputError, MissingDependencyError
+from .files import atomic_file
 from .layers.base import Layer
 from .ops.conv import resolve_padding
-from .saving.npz import atomic_file
 
 #: The ONNX operator set the graph uses, and the file format version that goes with it (as
 #: onnx 1.12 wrote them): old enough for every current runtime.

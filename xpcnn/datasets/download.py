@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import DownloadError, InputError
-from ..files import fsync_folder, new_temporary
+from ..files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -127,29 +127,21 @@ def download_file(
     if scheme not in ("http", "https"):
         raise DownloadError(f"refusing to download {url!r}: only http and https URLs are allowed")
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = new_temporary(dest.parent, dest.name, ".part")
-    except OSError as e:
-        raise DownloadError(f"cannot write to {dest.parent}: {e}") from e
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
+        with contextlib.ExitStack() as stack:
+            try:
+                out = stack.enter_context(atomic_file(dest, suffix=".part"))
+            except OSError as e:
+                raise DownloadError(f"cannot write to {dest.parent}: {e}") from e
+            # Whatever happens (including Ctrl-C), atomic_file leaves no partial file behind.
             _stream(url, out, md5, timeout, max_bytes)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException as e:
-        # Whatever happened (including Ctrl-C), no partial file may stay behind.
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, DownloadError) or not isinstance(e, Exception):
+    except Exception as e:
+        if isinstance(e, DownloadError):
             raise
         if isinstance(e, urllib.error.HTTPError):
             raise DownloadError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from e
         if isinstance(e, (OSError, http.client.HTTPException, ValueError)):
             raise DownloadError(f"downloading {url} failed: {_describe(e)}") from e
         raise
-    fsync_folder(dest.parent)
     return dest
 
 

@@ -243,7 +243,7 @@ class Layer:
         return int(sum(int(np.prod(a.shape)) for a in self.state.values()))
 
     def to(self, backend: Backend) -> None:
-        """Move parameters and state to another backend (used by ``Sequential.to``)."""
+        """Move parameters and state to another backend (used by ``Model.to``)."""
         for store in (self.params, self.state):
             for n, a in store.items():
                 store[n] = backend.asarray(self.backend.to_numpy(a))

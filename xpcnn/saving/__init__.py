@@ -1,7 +1,7 @@
 """Saving: model files and checkpoints, as .npz files of plain arrays read without pickle.
 
 - :mod:`.npz`: bounded reading (nothing inflated that the format has no place for, nothing
-  beyond the size it implies) and atomic writing;
+  beyond the size it implies) and writing (atomically, through :mod:`xpcnn.files`);
 - :mod:`.model_file`: ``save_model`` / ``load_model`` / ``load_weights``, rebuilding models
   through the layer and model registries (nothing here imports :mod:`xpcnn.model`);
 - :mod:`.checkpoint`: the whole training state, for an exact resume.

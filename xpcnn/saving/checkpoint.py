@@ -344,7 +344,7 @@ def _history(h: Any, path: str) -> History:
     return history
 
 
-# -- the hook in Sequential.fit -----------------------------------------------------------------
+# -- what BackupAndRestore (xpcnn.callbacks) runs during fit -----------------------------------
 
 
 def fingerprint(x: np.ndarray, targets: np.ndarray, batch_size: int, seed: int,
@@ -363,19 +363,12 @@ def fingerprint(x: np.ndarray, targets: np.ndarray, batch_size: int, seed: int,
 
 
 class FitCheckpoints:
-    """What ``Sequential.fit`` calls when given ``checkpoint=``: restores at the start, writes
-    after every ``every`` steps (an int) and at the end of every epoch."""
+    """The checkpoints of one ``fit`` (run by :class:`~xpcnn.callbacks.BackupAndRestore`, which
+    checked the arguments): restores at the start, writes after every ``every`` steps (an int)
+    and at the end of every epoch."""
 
     def __init__(self, model: Any, path: str | os.PathLike[str], every: int | str,
                  resume: bool, run: dict[str, Any], steps_per_epoch: int, verbose: int) -> None:
-        if not isinstance(path, str | os.PathLike) or not os.fspath(path):
-            raise InputError(f"checkpoint must be a file path, got {path!r}")
-        if every != "epoch" and (isinstance(every, bool) or not isinstance(every, int)
-                                 or every < 1):
-            raise InputError(f"checkpoint_every must be a positive number of steps or 'epoch', "
-                             f"got {every!r}")
-        if not isinstance(resume, bool):
-            raise InputError(f"resume must be True or False, got {resume!r}")
         self.model, self.path, self.every = model, os.fspath(path), every
         self.resume, self.run, self.steps = resume, run, steps_per_epoch
         self.verbose = verbose

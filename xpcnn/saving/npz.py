@@ -23,12 +23,12 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import DataFormatError
-from ..files import fsync_folder, new_temporary
+from ..files import atomic_file
 
 CONFIG_KEY = "__config__"
 #: The most bytes the JSON configuration entry may inflate to (a model's is a few kB; a
@@ -205,28 +205,3 @@ def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]
     """Write an .npz so that ``path`` is always either the old file or the complete new one."""
     with atomic_file(path) as f:
         np.savez(f, **arrays)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
-    """A new file to write that becomes ``path`` only once the block succeeds: ``path`` is
-    always either the old file or the complete new one.
-
-    The file is created on entry (an unwritable path fails before the block runs), as ``open``
-    creates files (mode 0666 less the umask), so it can be shared where the umask allows.
-    """
-    path = os.fspath(path)
-    folder, base = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = new_temporary(folder, base)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_folder(folder)
