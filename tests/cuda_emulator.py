@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 C_TYPES = {np.dtype("float32"): "float", np.dtype("float64"): "double", np.dtype("bool"): "bool",
            np.dtype("int32"): "int", np.dtype("int64"): "long long"}
@@ -30,6 +31,10 @@ C_TYPES = {np.dtype("float32"): "float", np.dtype("float64"): "double", np.dtype
 def compiler() -> str | None:
     """The host C++ compiler, or None."""
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+
+
+#: Tests that build the emulator (CUDA kernels compiled as C++ for the host).
+needs_compiler = pytest.mark.skipif(compiler() is None, reason="needs a C++ compiler (CXX or c++)")
 
 
 def _params(text: str) -> list[tuple[bool, str, str]]:

@@ -10,7 +10,7 @@ import array_api_compat.numpy as xpn
 import array_api_strict as xs
 import numpy as np
 import pytest
-from cuda_emulator import compiler, load_emulated_fast_cupy, restore
+from cuda_emulator import load_emulated_fast_cupy, needs_compiler, restore
 from gradcheck import assert_close, numeric_grad, sample_indices
 
 import xpcnn
@@ -125,13 +125,12 @@ def test_numpy_and_strict_engines_match_the_standard_one(case, budget, rng):
 
 @pytest.fixture(scope="module")
 def emulated_cupy_kernels():
-    if compiler() is None:
-        pytest.skip("needs a C++ compiler (CXX or c++)")
     module, saved = load_emulated_fast_cupy()
     yield module.KERNELS
     restore(saved)
 
 
+@needs_compiler
 @pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
 @pytest.mark.parametrize("algorithm", ["tiled", "direct"])
 def test_hand_written_cuda_engine_matches_the_standard_one(emulated_cupy_kernels, monkeypatch,

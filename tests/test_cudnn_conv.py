@@ -8,7 +8,7 @@ tests/test_gpu.py runs the same engine against real cuDNN where a GPU is lent.""
 import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
-from cuda_emulator import restore
+from cuda_emulator import needs_compiler, restore
 from cudnn_emulator import (
     GRAPHS,
     DataType,
@@ -205,6 +205,7 @@ def test_matmul_graphs(cc, rng, transpose_a, transpose_b):
     assert len(GRAPHS) == 1 and GRAPHS[0].executions == 2
 
 
+@needs_compiler
 def test_the_cupy_kernels_choose_cudnn_per_layer_where_it_loads(monkeypatch):
     """CupyKernels.conv_engine: cuDNN with the hand-written kernels behind it; those kernels
     alone, after one warning, where cuDNN does not load."""
@@ -271,6 +272,7 @@ def test_the_real_frontend_takes_these_graph_descriptions(monkeypatch):
         assert len(graph.nodes) == nodes
 
 
+@needs_compiler
 @pytest.mark.parametrize("net", ["gap_net", "fused_relu_net"])
 def test_training_with_cudnn_convolutions(monkeypatch, net):
     """Whole fits whose Conv2D layers run on the cuDNN engine (the stand-in frontend; every
@@ -279,14 +281,12 @@ def test_training_with_cudnn_convolutions(monkeypatch, net):
     import sys
 
     import nets
-    from cuda_emulator import compiler, load_emulated_fast_cupy
+    from cuda_emulator import load_emulated_fast_cupy
     from cudnn_emulator import add_cupy_calls, fake_cudnn, import_cudnn_conv
 
     import xpcnn
     from xpcnn import backend as backend_module
 
-    if compiler() is None:
-        pytest.skip("needs a C++ compiler (CXX or c++)")
     fast_cupy, saved = load_emulated_fast_cupy()
     try:
         add_cupy_calls(sys.modules["cupy"])

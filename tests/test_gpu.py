@@ -29,6 +29,22 @@ from xpcnn.ops.kernels import StandardKernels
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a CUDA GPU")]
 
+
+def _gpu_facts() -> tuple[int, bool]:
+    """(compute capability, e.g. 90; whether cuDNN's frontend loads), read once at collection;
+    (0, False) without a GPU, where every test here is skipped anyway."""
+    if not cuda_available():
+        return 0, False
+    from xpcnn.ops import cudnn_conv, fast_cupy
+
+    return fast_cupy._compute_capability(), cudnn_conv.load() is not None
+
+
+CAPABILITY, CUDNN_LOADS = _gpu_facts()
+needs_cudnn = pytest.mark.skipif(
+    not CUDNN_LOADS, reason="cuDNN's frontend (nvidia-cudnn-frontend, the [cuda12] / [cuda13] "
+    "extra) does not load here" if CAPABILITY else "needs CuPy and a CUDA GPU")
+
 DTYPES = ["float32", "float16"]
 
 
@@ -171,7 +187,11 @@ def fast_float32(fast, *args):
         fast.tf32 = old
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("dtype", [
+    pytest.param("float16", marks=pytest.mark.skipif(
+        CAPABILITY < 70, reason="this GPU has no float16 tensor cores (compute capability < 7.0)")),
+    pytest.param("float32", marks=pytest.mark.skipif(
+        CAPABILITY < 80, reason="this GPU has no TF32 tensor cores (compute capability < 8.0)"))])
 def test_tensor_core_kernels_compile_here(kernels, dtype):
     """On a GPU with tensor cores the float16 (and TF32) tiled kernels compile, rather than
     falling back with a warning to the slower kernels."""
@@ -180,8 +200,6 @@ def test_tensor_core_kernels_compile_here(kernels, dtype):
     from xpcnn.ops import fast_cupy
 
     fast, _ = kernels
-    if fast_cupy._compute_capability() < (70 if dtype == "float16" else 80):
-        pytest.skip("this GPU has no tensor cores for this type")
     fast.tf32 = dtype == "float32"
     try:
         with warnings.catch_warnings():
@@ -331,7 +349,8 @@ def _fit(device, net, fast=True, precision="float32", epochs=2):
     return model, history.history["loss"], probs
 
 
-@pytest.fixture(params=["cudnn", "tiled", "direct", "direct-forward", "im2col"])
+@pytest.fixture(params=[pytest.param("cudnn", marks=needs_cudnn), "tiled", "direct",
+                        "direct-forward", "im2col"])
 def conv_algorithm(request, kernels, monkeypatch):
     """cuDNN (in full float32: the comparisons are against float32 paths), then the
     algorithms of the hand-written CuPy kernels, with cuDNN turned off."""
@@ -339,8 +358,6 @@ def conv_algorithm(request, kernels, monkeypatch):
 
     fast, _ = kernels
     if request.param == "cudnn":
-        if cudnn_conv.load() is None:
-            pytest.skip("cuDNN's frontend does not load here")
         monkeypatch.setenv("XPCNN_TF32", "0")
     else:
         monkeypatch.setattr(cudnn_conv, "load", lambda: None)
@@ -441,11 +458,11 @@ def cudnn_module():
     from xpcnn.ops import cudnn_conv
 
     cudnn = cudnn_conv.load()
-    if cudnn is None:
-        pytest.skip("cuDNN's frontend does not load here")
+    assert cudnn is not None  # (the tests that take this fixture are marked needs_cudnn)
     return cudnn_conv, cudnn
 
 
+@needs_cudnn
 @pytest.mark.parametrize("case", GEOMETRIES, ids=GEOMETRY_IDS)
 @pytest.mark.parametrize("dtype, tf32", [("float32", False), ("float32", True),
                                          ("float16", False), ("float64", False)])
@@ -490,6 +507,7 @@ def test_cudnn_matches_the_standard_path(cp, cudnn_module, monkeypatch, rng, cas
     assert dtype == "float64" or all(p is not None for p in engine._plans.values())
 
 
+@needs_cudnn
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_cudnn_matmul_graphs(cp, cudnn_module, monkeypatch, rng, dtype):
     cudnn_conv, cudnn = cudnn_module
@@ -504,8 +522,7 @@ def test_cudnn_matmul_graphs(cp, cudnn_module, monkeypatch, rng, dtype):
         want = a.astype(cp.float64) @ b.astype(cp.float64)
         np.testing.assert_allclose(got.get() / float(abs(want).max()),
                                    want.get() / float(abs(want).max()), atol=tol)
-
-
+@needs_cudnn
 def test_a_cudnn_graph_is_captured_and_replayed(cp, cudnn_module, rng):
     """A frontend graph executed inside CuPy's stream capture, replayed on new data."""
     cudnn_conv, cudnn = cudnn_module
@@ -541,6 +558,7 @@ def xc_namespace():
     (lambda: xpcnn.optim.Adam(xpcnn.optim.CosineDecay(2e-3, 10)), "float32", 1e-3),
     (lambda: xpcnn.optim.SGD(0.05, momentum=0.9), "mixed_float16", 2e-2),
 ])
+@needs_cudnn
 def test_replayed_steps_give_the_weights_of_eager_steps(cudnn_module, monkeypatch,
                                                         make_optimizer, precision, tol):
     """A fit whose steps are captured and replayed (and whose last, smaller batch of each
