@@ -106,12 +106,6 @@ class RunningTotals:
                                               self._vector([-1.0, 0.0] + [0.0] * self.n_grads)])
         return host, pending
 
-    def to(self, backend: Any) -> RunningTotals:
-        """These totals on another backend (:meth:`Model.to`)."""
-        moved = RunningTotals(backend, self.n_grads)
-        moved.state = backend.asarray(self.backend.to_numpy(self.state))
-        return moved
-
 
 def loss_scaling(backend: Any, scale: float, good_steps: int = 0) -> Any:
     """The float16 loss-scaling state on the device: [scale, good steps in a row], float32
