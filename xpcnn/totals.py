@@ -70,14 +70,13 @@ class RunningTotals:
         and the new scaling state. The caller notes the step's input batch in ``pending``."""
         xp, f = self.xp, self.dtype
         stats = xp.astype(stats, f)
-        sums = [xp.reshape(xp.sum(g, dtype=f), (1,)) for g in grads]  # float64: no overflow
-        bad = xp.logical_not(xp.isfinite(xp.concat([stats[:1], *sums])))
+        sums = [xp.sum(g, dtype=f) for g in grads]  # float64: no overflow
+        bad = xp.logical_not(xp.isfinite(xp.stack([stats[0], *sums])))
         flags = xp.astype(bad[1:], f)
         if squares and grads:
             # Each gradient's sum of squares, in its own dtype: one BLAS dot.
             flat = [xp.reshape(g, (-1,)) for g in grads]
-            over = xp.logical_not(xp.isfinite(xp.concat([xp.reshape(xp.vecdot(g, g), (1,))
-                                                         for g in flat])))
+            over = xp.logical_not(xp.isfinite(xp.stack([xp.vecdot(g, g) for g in flat])))
             flags = flags + 2 * xp.astype(xp.logical_and(over, xp.logical_not(bad[1:])), f)
             bad = xp.concat([bad[:1], xp.logical_or(bad[1:], over)])
         any_bad = xp.any(bad)
