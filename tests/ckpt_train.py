@@ -21,36 +21,21 @@ import sys
 import time
 
 import numpy as np
+from nets import random_layers_net, tiny_images
 
 import xpcnn
-from xpcnn.layers import (
-    BatchNorm2D,
-    Conv2D,
-    Dense,
-    Dropout,
-    Flatten,
-    MaxPool2D,
-    RandomCrop,
-    RandomFlip,
-    ReLU,
-    Rescaling,
-    Softmax,
-)
 
 EPOCHS, BATCH, EVERY = 3, 8, 5  # 60 samples: 8 steps an epoch, the last one short
 
 
 def data() -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (60, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 60)
+    return tiny_images(60)
 
 
 def make_model(precision: str = "float32") -> xpcnn.Sequential:
     """Every kind of state a checkpoint must carry: random layers (flip, crop, dropout),
     BatchNorm statistics, Adam moments and a schedule driven by the step count."""
-    model = xpcnn.Sequential([RandomFlip(), RandomCrop(1), Rescaling(1 / 255),
-                              Conv2D(4, 3, padding="same"), BatchNorm2D(), ReLU(), MaxPool2D(2),
-                              Dropout(0.25), Flatten(), Dense(10), Softmax()], seed=3)
+    model = xpcnn.Sequential(random_layers_net(), seed=3)
     model.compile(optimizer=xpcnn.optim.Adam(xpcnn.optim.CosineDecay(1e-2, 24)),
                   precision=precision)
     return model

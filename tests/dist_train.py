@@ -19,27 +19,12 @@ import signal
 import time
 
 import numpy as np
+from nets import random_layers_net, tiny_images
 
 import xpcnn
 from xpcnn import distributed
-from xpcnn.layers import (
-    BatchNorm2D,
-    Conv2D,
-    Dense,
-    Dropout,
-    Flatten,
-    MaxPool2D,
-    RandomCrop,
-    RandomFlip,
-    ReLU,
-    Rescaling,
-    Softmax,
-)
 
-
-def data(samples: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (samples, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, samples)
+data = tiny_images
 
 
 class Samples:
@@ -59,11 +44,7 @@ def make_model(dtype: str = "float64", optimizer: str = "sgd", batchnorm: bool =
                ) -> xpcnn.Sequential:
     """Random layers of both kinds (augmentation on the input, dropout inside); BatchNorm only
     on request, since it normalises each rank's slice by itself."""
-    norm = [BatchNorm2D()] if batchnorm else []
-    model = xpcnn.Sequential([RandomFlip(), RandomCrop(1), Rescaling(1 / 255),
-                              Conv2D(4, 3, padding="same"), *norm, ReLU(), MaxPool2D(2),
-                              Dropout(0.25), Flatten(), Dense(10), Softmax()], seed=3,
-                             dtype=dtype)
+    model = xpcnn.Sequential(random_layers_net(batchnorm), seed=3, dtype=dtype)
     opt = (xpcnn.optim.SGD(0.05, momentum=0.9) if optimizer == "sgd"
            else xpcnn.optim.Adam(1e-2))
     model.compile(optimizer=opt)

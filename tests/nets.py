@@ -1,5 +1,7 @@
 """Small networks shared by tests: every layer type, sized to run in well under a second."""
 
+import numpy as np
+
 from xpcnn.layers import (
     AvgPool2D,
     BatchNorm2D,
@@ -55,3 +57,18 @@ def plan_of(model) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     handed = [(writer[s.inputs[0]].name, s.layer.name) for s in plan.steps
               if s.options.apply_input_relu_grad]
     return ran, fused, handed
+
+
+def random_layers_net(batchnorm: bool = True) -> list:
+    """Random layers of every kind (flip, crop on the input, dropout inside) around one
+    convolution, for 8x8x3 images: what checkpoints and several ranks must reproduce exactly.
+    BatchNorm is optional, since on several ranks it normalises each rank's slice by itself."""
+    norm = [BatchNorm2D()] if batchnorm else []
+    return [RandomFlip(), RandomCrop(1), Rescaling(1 / 255), Conv2D(4, 3, padding="same"), *norm,
+            ReLU(), MaxPool2D(2), Dropout(0.25), Flatten(), Dense(10), Softmax()]
+
+
+def tiny_images(samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """``samples`` random uint8 8x8x3 images and labels of 10 classes (seed 0)."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (samples, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, samples)
