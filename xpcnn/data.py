@@ -115,6 +115,12 @@ def check_device_images(x: Any, backend: Any, what: str = "x") -> Any:
     return x
 
 
+def epoch_order(shuffle: bool, seed: int, epoch: int, samples: int) -> np.ndarray | None:
+    """The order of an epoch's samples when shuffled, ``np.random.default_rng([seed, epoch])``'s
+    permutation (the same on every device and after a resume); None when not shuffled."""
+    return np.random.default_rng([seed, epoch]).permutation(samples) if shuffle else None
+
+
 def rank_slices(samples: int, batch_size: int, start: int, shard: tuple[int, int]
                 ) -> Iterator[tuple[int, int]]:
     """[lo, hi) of this rank's part of each global batch from step ``start`` on. ``shard`` is
@@ -129,9 +135,8 @@ def rank_slices(samples: int, batch_size: int, start: int, shard: tuple[int, int
 
 
 class ArrayBatches(Batches):
-    """Batches of arrays ``x`` and ``targets`` (validated already), in the order
-    ``np.random.default_rng([seed, epoch]).permutation(n)`` when shuffled; on several ranks,
-    this rank's slices of the global batches (see :func:`rank_slices`)."""
+    """Batches of arrays ``x`` and ``targets`` (validated already), in :func:`epoch_order`; on
+    several ranks, this rank's slices of the global batches (see :func:`rank_slices`)."""
 
     resumable = True
 
@@ -152,12 +157,8 @@ class ArrayBatches(Batches):
             x, targets = to_device(backend, x), to_device(backend, targets)
         self.x, self.targets = x, targets
 
-    def order(self, epoch: int) -> np.ndarray | None:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.samples) \
-            if self.shuffle else None
-
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
-        order = self.order(epoch)
+        order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
         bounds = rank_slices(self.samples, self.batch_size, start, self.shard)
         if self.on_device:
             return self._gather_on_device(order, bounds)
@@ -214,8 +215,9 @@ class DatasetBatches(Batches):
             model.build(tuple(int(d) for d in np.shape(x)))
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.samples) \
-            if self.shuffle else np.arange(self.samples)
+        order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
+        if order is None:
+            order = np.arange(self.samples)
         host = (self._batch(order[lo:hi])
                 for lo, hi in rank_slices(self.samples, self.batch_size, start, self.shard))
         return upload(self.model.backend, prefetch(host))
