@@ -16,7 +16,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ from . import __version__, distributed, optim
 from .backend import get_backend
 from .callbacks import Callback, CSVLogger, EarlyStopping
 from .errors import TrainingInterrupted, XpcnnError
+from .files import try_writing_in
 from .models import NAMES, build_model
 from .onnx_export import ONNX_EXTRA_HINT
 
@@ -105,10 +105,8 @@ def _writable_folder(flag: str, path: str, folder: Path) -> None:
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise UsageError(f"argument {flag}: {path!r}: the folder {str(folder)!r} {what}")
-    try:  # os.access is not enough (root, read-only file systems): try it
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".xpcnn-write-test.")
-        os.close(fd)
-        os.unlink(probe)
+    try:
+        try_writing_in(folder)
     except OSError as e:
         raise UsageError(f"argument {flag}: {path!r}: cannot write in {str(folder)!r} "
                          f"({e.strerror or e})") from e

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from typing import IO
 
@@ -35,6 +36,13 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+def try_writing_in(folder: str | os.PathLike[str]) -> None:
+    """Create and remove a file in ``folder``: OSError where that fails (``os.access`` is not
+    enough: root, read-only file systems), so that a command can refuse before any work."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 def _new_temporary(folder: str, name: str, suffix: str) -> tuple[int, str]:

@@ -21,14 +21,13 @@ the ``onnx`` package (``pip install "xpcnn[onnx]"``), imported only on export.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from .errors import InputError, MissingDependencyError
-from .files import atomic_file
+from .files import atomic_file, try_writing_in
 from .layers.base import Layer
 from .ops.conv import resolve_padding
 
@@ -185,8 +184,7 @@ def _check_writable(path: str | os.PathLike[str]) -> None:
         raise InputError(f"cannot write the ONNX file {path!r}: its folder {folder!r} does not "
                          "exist")
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        try_writing_in(folder)
     except OSError as e:
         raise InputError(f"cannot write the ONNX file {path!r}: {e.strerror or e}") from e
 
