@@ -336,11 +336,9 @@ class BackupAndRestore(Callback):
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
         epoch, step = self.model._position
-        steps = self.params["steps"]
-        # (at an epoch's last step the end-of-epoch save follows at once; after a Ctrl-C the
-        # saver writes at the step in progress and stops training)
-        if self.saver.interrupted or self.save_freq != "epoch" and not (
-                epoch * steps + step) % self.save_freq and step != steps:
+        # (after a Ctrl-C the saver writes at the step in progress and stops training; the
+        # running sums are read from the device only for a checkpoint)
+        if self.saver.due(epoch, step):
             self.saver.after_step(epoch, step, *self.model._epoch_sums(), self.model.history)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:

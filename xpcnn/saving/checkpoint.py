@@ -434,13 +434,17 @@ class FitCheckpoints:
                   f"{self.steps} steps done")
         return ckpt.history, ckpt.progress
 
+    def due(self, epoch: int, step: int) -> bool:
+        """Whether batch ``step`` (1-based) of ``epoch`` ends with a checkpoint: every
+        ``every`` steps, or at once after a Ctrl-C. (Not at an epoch's last step: the
+        end-of-epoch checkpoint follows at once.)"""
+        return self.interrupted or self.every != "epoch" and not (
+            epoch * self.steps + step) % self.every and step != self.steps  # type: ignore
+
     def after_step(self, epoch: int, step: int, loss_sum: float, correct: float, seen: float,
                    t0: float, history: History) -> None:
-        """Called after batch ``step`` (1-based) of ``epoch``; t0 is the epoch's start time."""
-        if not self.interrupted and (
-                self.every == "epoch" or (epoch * self.steps + step) % self.every  # type: ignore
-                or step == self.steps):  # (the end-of-epoch checkpoint follows at once)
-            return
+        """The checkpoint after batch ``step`` of ``epoch`` where :meth:`due`; t0 is the epoch's
+        start time."""
         if self.model._parallel is not None:  # every rank saves the same BatchNorm statistics
             self.model._parallel.average_state()
         save_checkpoint(self.model, self.path,
