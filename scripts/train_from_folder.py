@@ -25,7 +25,7 @@ import numpy as np
 import xpcnn
 from xpcnn.callbacks import Callback, CSVLogger, EarlyStopping
 from xpcnn.datasets import class_names, load_shapes
-from xpcnn.models import MODELS, build_layers
+from xpcnn.models import MODELS, build_model
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         make_demo(args.folder, args.count)
         return 0
     train, held_out = ImageFolder(args.folder).split(args.val_split, args.seed)
-    model = xpcnn.Sequential(build_layers(args.model, len(train.classes)), device=args.device,
-                             seed=args.seed, name=args.model)
+    model = build_model(args.model, len(train.classes), device=args.device, seed=args.seed)
     model.compile(optimizer=xpcnn.optim.Adam(args.lr))
     callbacks: list[Callback] = []
     if args.early_stopping is not None:
