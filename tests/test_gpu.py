@@ -187,11 +187,16 @@ def fast_float32(fast, *args):
         fast.tf32 = old
 
 
+def needs_capability(least: int, what: str) -> pytest.MarkDecorator:
+    """Skip below compute capability ``least`` (70 is 7.0); without a GPU, say that instead."""
+    reason = (f"this GPU has no {what} (compute capability < {least / 10:.1f})" if CAPABILITY
+              else "needs CuPy and a CUDA GPU")
+    return pytest.mark.skipif(CAPABILITY < least, reason=reason)
+
+
 @pytest.mark.parametrize("dtype", [
-    pytest.param("float16", marks=pytest.mark.skipif(
-        CAPABILITY < 70, reason="this GPU has no float16 tensor cores (compute capability < 7.0)")),
-    pytest.param("float32", marks=pytest.mark.skipif(
-        CAPABILITY < 80, reason="this GPU has no TF32 tensor cores (compute capability < 8.0)"))])
+    pytest.param("float16", marks=needs_capability(70, "float16 tensor cores")),
+    pytest.param("float32", marks=needs_capability(80, "TF32 tensor cores"))])
 def test_tensor_core_kernels_compile_here(kernels, dtype):
     """On a GPU with tensor cores the float16 (and TF32) tiled kernels compile, rather than
     falling back with a warning to the slower kernels."""
