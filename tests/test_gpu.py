@@ -191,7 +191,7 @@ def needs_capability(least: int, what: str) -> pytest.MarkDecorator:
     """Skip below compute capability ``least`` (70 is 7.0); without a GPU, say that instead."""
     reason = (f"this GPU has no {what} (compute capability < {least / 10:.1f})" if CAPABILITY
               else "needs CuPy and a CUDA GPU")
-    return pytest.mark.skipif(CAPABILITY < least, reason=reason)
+    return pytest.mark.skipif(least > CAPABILITY, reason=reason)
 
 
 @pytest.mark.parametrize("dtype", [
