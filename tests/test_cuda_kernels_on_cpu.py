@@ -245,8 +245,8 @@ def test_an_optimiser_without_a_fused_update_runs_its_own(fast):
     offer fused updates."""
 
     class HalfStep(xpcnn.optim.Optimizer):
-        def _update(self, xp, i, p, g, lr):
-            p[...] = p - 0.5 * lr * g
+        def _update(self, xp, i, p, g, lr, apply):
+            self._assign(xp, p, p - 0.5 * lr * g, apply)
 
     p = [np.ones(3, np.float32)]
     HalfStep(0.2).step(xpn, p, [np.ones(3, np.float32)], fast)
