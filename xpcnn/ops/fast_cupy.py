@@ -724,7 +724,7 @@ def _update_table(params: list[Any], grads: list[Any], *slots: list[Any],
     rows = [[_address(a) for a in arrays] for arrays in zip(params, grads, *slots, strict=True)]
     table = np.concatenate([offsets, np.asarray(rows, np.int64).reshape(-1)]).astype(np.int64)
     if deferred is not None:
-        device_table = cupy.empty(table.shape, cupy.int64)
+        device_table = cupy.empty(table.shape, table.dtype)
         deferred.append((device_table, table))
         return device_table, int(offsets[-1])
     key = (str(params[0].device), table.tobytes())
