@@ -19,7 +19,13 @@ replayed graph is one launch. What a captured step needs, and how it gets it:
   by ``set_weights``, ``load_weights`` or a checkpoint, make the step capture again).
 - No cuBLAS: CuPy 14 refuses to capture it, so matrix products run as cuDNN graphs during the
   warm-up and the capture (``CupyKernels.capturable``).
-- No host reads inside the step.
+- No host reads inside the step, and no copies from the host. The optimiser update is CuPy's
+  fused one (:meth:`xpcnn.optim.Optimizer.scalar_step`: one launch per parameter dtype,
+  reading the per-step numbers above from their device arrays); it finds the parameters,
+  gradients and slots through a device table of their addresses. A capture allocates that
+  table and fills it once the capture has ended, before the graph's first launch
+  (``CupyKernels.capture_tables``): the addresses in a graph never change, and the table is
+  held with the graph, as the captured arrays are.
 - Memory: the steps run from warm-up on with a memory pool of their own, so the blocks the
   graph's temporaries use are never handed to anything else.
 
