@@ -3,14 +3,15 @@
 Used by the parity script and the benchmarks (PyTorch is a reference only, never a dependency of
 xpcnn). The twin takes NHWC batches like xpcnn, works in NCHW inside, and flattens in (H, W, C)
 order so that Dense weights copy over unchanged. Dropout and augmentation draw their random
-numbers exactly as xpcnn's NumPy backend does (``np.random.default_rng([seed, calls])``), so the
-two runs see the same masks, crops and flips.
+numbers exactly as xpcnn does (:func:`xpcnn.ops.random.uniform` of [seed, calls]), so the two
+runs see the same masks, crops and flips.
 """
 
 from __future__ import annotations
 
 import math
 
+import array_api_compat.numpy as compat_numpy
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,10 +19,13 @@ from torch import nn
 
 import xpcnn
 from xpcnn import layers as L
+from xpcnn.ops.random import uniform
 
 
-def _uniform(seed: int, calls: int, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.from_numpy(np.random.default_rng([seed, calls]).random(shape, dtype=np.float32))
+def _uniform(seed: int, calls: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    numpy_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    state = np.array([seed, calls], np.int64)
+    return torch.from_numpy(uniform(compat_numpy, state, shape, numpy_dtype))
 
 
 class _Random(nn.Module):
@@ -30,7 +34,7 @@ class _Random(nn.Module):
         self.seed, self.calls = seed, 0
 
     def draw(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        u = _uniform(self.seed, self.calls, shape).to(like.dtype)
+        u = _uniform(self.seed, self.calls, shape, like.dtype)
         self.calls += 1
         return u
 

@@ -205,7 +205,7 @@ def fake_cupy() -> types.ModuleType:
     fake.cuda = types.SimpleNamespace(compiler=types.SimpleNamespace(
         CompileException=type("CompileException", (Exception,), {})))
     for name in ("matmul", "empty", "zeros", "ones", "reshape", "maximum", "ascontiguousarray",
-                 "asarray", "bool_", "float16", "float32", "float64"):
+                 "asarray", "finfo", "bool_", "float16", "float32", "float64"):
         setattr(fake, name, getattr(np, name))
     return fake
 

@@ -20,17 +20,29 @@ from xpcnn import backend as backend_module
 from xpcnn import optim
 from xpcnn.cuda_graphs import blockers
 from xpcnn.errors import InputError, NonFiniteError
-from xpcnn.layers import BatchNorm2D, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, ReLU
+from xpcnn.layers import (
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAvgPool2D,
+    RandomCrop,
+    RandomFlip,
+    ReLU,
+)
 from xpcnn.model import Model
 
 
 class FakeCapture:
     """Records a step instead of running it, as stream capture does; ``launch`` runs the
-    recorded step again and writes its outputs where the capture's outputs are."""
+    recorded step again and writes its outputs where the capture's outputs are. A real replay
+    runs no Python: the layers' host numbers (counters, flags) are put back after each launch,
+    so a step that kept per-step state on the host would repeat itself here, as on a GPU."""
 
-    def __init__(self, arrays):
+    def __init__(self, arrays, layers=()):
         self.arrays, self.captures, self.launches, self.fail = arrays, 0, 0, None
-        self.scoped = 0
+        self.layers, self.scoped = layers, 0
 
     @contextlib.contextmanager
     def scope(self):
@@ -49,7 +61,11 @@ class FakeCapture:
 
     def launch(self, graph):
         fn, out = graph
+        host = [(layer, {k: v for k, v in vars(layer).items() if isinstance(v, int | float)})
+                for layer in self.layers]
         out[...] = fn()
+        for layer, numbers in host:
+            vars(layer).update(numbers)
         self.launches += 1
 
 
@@ -64,7 +80,7 @@ def _runner(model, warmup=2):
         graphs = monkey_model._step_graphs()
     finally:
         monkey_model._graph_blockers = blockers_of
-    capture = FakeCapture(model._graph_arrays)
+    capture = FakeCapture(model._graph_arrays, model.layers)
     graphs.capture, graphs.warmup = capture, warmup
     return graphs, capture
 
@@ -84,6 +100,12 @@ def _bn_net():
     return [Conv2D(6, 3, padding="same"), BatchNorm2D(), ReLU(), GlobalAvgPool2D(), Dense(10)]
 
 
+def _random_net():
+    """Every random layer: augmentation first, dropout inside."""
+    return [RandomFlip(), RandomCrop(2), Conv2D(6, 3, padding="same"), ReLU(), Dropout(0.3),
+            GlobalAvgPool2D(), Dense(10)]
+
+
 @pytest.fixture(scope="module", params=["numpy", pytest.param("cupy", marks=needs_compiler)])
 def kernels(request):
     """The model's kernels: NumPy's own (standard updates in a captured step), or CuPy's
@@ -97,7 +119,7 @@ def kernels(request):
     restore(saved)
 
 
-@pytest.mark.parametrize("net", [gap_net, _bn_net])
+@pytest.mark.parametrize("net", [gap_net, _bn_net, _random_net])
 @pytest.mark.parametrize("make_optimizer", [
     lambda: optim.SGD(optim.StepDecay(0.05, 2, 0.5), momentum=0.9),  # the rate changes
     lambda: optim.AdamW(optim.CosineDecay(3e-3, 7)),
@@ -302,10 +324,9 @@ def test_what_keeps_a_step_eager():
         def _update(self, xp, i, p, g, lr, apply):
             self._assign(xp, p, p - lr * g, apply)
 
-    assert blockers(layers[:2], optim.SGD(0.1), "cupy") == []
+    assert blockers(layers, optim.SGD(0.1), "cupy") == []  # (random layers included)
     assert blockers(layers, NoScalars(0.1), "numpy", ("cuDNN missing",)) == [
         "cuDNN missing", "CUDA graphs need the CuPy backend, not numpy",
-        "layer 'dropout' draws random numbers from a host counter each step",
         "optimizer NoScalars has no update with device scalars (step_scalars / scalar_step)"]
 
 

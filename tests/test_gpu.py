@@ -645,10 +645,33 @@ def test_replayed_steps_give_the_weights_of_eager_steps(cudnn_module, monkeypatc
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol / 100)
 
 
-def test_models_with_random_layers_train_eagerly_with_the_reason():
-    model = xpcnn.Sequential(every_layer_net(), device="cuda", seed=0)
-    model.compile(optimizer=xpcnn.optim.SGD(0.05))
+@needs_cudnn
+def test_models_with_random_layers_are_captured_and_replay_their_draws(cudnn_module,
+                                                                      monkeypatch):
+    """Every layer type, random ones included, captured and replayed: the draws counted on
+    the device give each replay the masks, flips and crops an eager step gets."""
+    monkeypatch.setenv("XPCNN_TF32", "0")
+    monkeypatch.delenv("CUPY_TF32", raising=False)
     rng = np.random.default_rng(0)
-    model.fit(rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32),
-              epochs=1, batch_size=16, verbose=0)
-    assert "draws random numbers" in model.cuda_graphs_reason
+    x, y = rng.integers(0, 256, (72, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 72)
+    results = []
+    for graphs in (False, True):
+        model = xpcnn.Sequential(every_layer_net(), device="cuda", seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), cuda_graphs=graphs)
+        model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+        results.append(model)
+    eager, graphed = results
+    assert graphed.cuda_graphs_reason == "" and graphed._graphs.graph is not None
+    assert [la.calls for la in graphed.layers if hasattr(la, "random_state")] == \
+        [la.calls for la in eager.layers if hasattr(la, "random_state")] == [15, 15, 15]
+    for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_random_numbers_kernel_is_the_definition(cp, kernels, dtype):
+    fast, std = kernels
+    dtype = getattr(cp, dtype)
+    state = cp.asarray([2**40 + 17, 123], dtype=cp.int64)
+    for shape, first in (((1000, 37), 0), ((3, 5), 2**33 + 1)):
+        _equal(fast.uniform(state, shape, dtype, first), std.uniform(state, shape, dtype, first))

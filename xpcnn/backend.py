@@ -86,25 +86,6 @@ class Backend:
         return dt
 
     # -- randomness ----------------------------------------------------------------------
-    def uniform(self, key: tuple[int, ...], shape: tuple[int, ...], dtype: Any) -> Any:
-        """Uniform [0, 1) numbers, a pure function of ``key``.
-
-        Counter-based: the caller passes (seed, counter, ...) so that its whole random state is a
-        few integers, which checkpoints can save and restore exactly.
-        """
-        if self.name == "cupy":
-            import cupy
-
-            seed = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
-            with self.device:
-                return cupy.random.default_rng(seed).random(shape, dtype=cupy.float32).astype(
-                    dtype, copy=False
-                )
-        host = np.random.default_rng(list(key)).random(shape, dtype=np.float32)
-        if self.name == "numpy":  # fresh memory: no copy needed
-            return host if dtype in (None, np.float32) else host.astype(dtype)
-        return self.asarray(host, dtype=dtype)
-
     # -- the fast-path seam ------------------------------------------------------------------
     @property
     def fast(self) -> Any:

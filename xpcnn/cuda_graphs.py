@@ -6,13 +6,14 @@ replayed graph is one launch. What a captured step needs, and how it gets it:
 
 - Per-step numbers from device memory: the learning rate, Adam's bias corrections and the
   step count are 0-d device arrays refilled before each replay
-  (:meth:`xpcnn.optim.Optimizer.step_scalars`), and the batch is copied into static input
-  buffers. Anything else the host would pass by value is baked in at capture, so models whose
-  layers draw random numbers from a host counter (Dropout, RandomFlip, RandomCrop) run
-  eagerly.
+  (:meth:`xpcnn.optim.Optimizer.step_scalars`), the batch is copied into static input
+  buffers, and random layers (Dropout, RandomFlip, RandomCrop) keep their seed and draw count
+  in device memory and count their draws there (:mod:`xpcnn.ops.random`). Anything else the
+  host would pass by value is baked in at capture.
 - State updated in place: a graph reads and writes the addresses it was captured with. Every
   array that outlives a step (parameters, their optimiser slots, normalisation statistics,
-  the running totals and the float16 loss scale of :mod:`xpcnn.totals`) must be written with
+  the random layers' states, the running totals and the float16 loss scale of
+  :mod:`xpcnn.totals`) must be written with
   ``a[...] =``; one rebound to a new array during the step would be read stale at the next
   replay. The last warm-up step checks that none is rebound (else the step stays eager, with
   the reason), and each replay that the captured arrays are still the model's (replaced ones,
@@ -47,15 +48,9 @@ ArraysFn = Callable[[], "list[tuple[str, Any]]"]
 def blockers(layers: list[Any], optimizer: Any, backend_name: str,
              extra: tuple[str, ...] = ()) -> list[str]:
     """Why a training step of these layers and optimiser cannot be captured (none: it can)."""
-    from .layers.dropout import RandomLayer
-
     reasons = list(extra)
     if backend_name != "cupy":
         reasons.append(f"CUDA graphs need the CuPy backend, not {backend_name}")
-    for layer in layers:
-        if isinstance(layer, RandomLayer):
-            reasons.append(f"layer {layer.name!r} draws random numbers from a host counter "
-                           "each step")
     if not getattr(optimizer, "has_scalar_step", False):
         reasons.append(f"optimizer {type(optimizer).__name__} has no update with device "
                        "scalars (step_scalars / scalar_step)")

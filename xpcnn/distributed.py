@@ -423,7 +423,7 @@ class DataParallel:
         """The step of a rank without a sample in this batch: its random layers still count
         the batch (to draw as the others do afterwards), it adds zeros to the sums."""
         for layer in self.random_layers:
-            layer.calls += 1
+            layer.skip_draw()
         self.buckets.begin(0.0, zeros)
         grads, stats = self.buckets.finish()
         return stats, grads

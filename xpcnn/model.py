@@ -43,6 +43,7 @@ from .data import (
 from .errors import InputError, NonFiniteError
 from .layers.activation import Softmax
 from .layers.base import Layer, SymbolicTensor
+from .layers.dropout import RandomLayer
 from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
 from .ops.softmax import softmax
@@ -447,9 +448,11 @@ class Model:
         slots = [(f"optimizer slot {k}.{i}", a)
                  for k, v in self.optimizer.slots.items()  # type: ignore[union-attr]
                  for i, a in enumerate(v)]
+        randoms = [(f"random state {la.name}", la.random_state) for la in self.layers
+                   if isinstance(la, RandomLayer)]
         totals = [("the running totals", self._running_totals().state)]
         scaling = [] if self._scaling is None else [("the loss scale", self._scaling)]
-        return params + state + slots + totals + scaling
+        return params + state + slots + randoms + totals + scaling
 
     def train_on_batch(self, x: Any, y: Any) -> dict[str, float]:
         """One training step on one batch of host or device arrays, checked at once (the host

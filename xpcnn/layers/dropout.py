@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -14,27 +15,54 @@ from .base import DEFAULT, Layer, Options, Shape
 class RandomLayer(Layer):
     """A layer that draws random numbers on the device.
 
-    Its randomness is a pure function of (seed, calls): the seed is drawn at build from the
-    model's generator and ``calls`` counts training batches, so a checkpoint that saves
-    ``calls`` resumes the exact same random stream.
+    Its whole random state is ``random_state``, a device array [seed, draws so far] (see
+    :mod:`xpcnn.ops.random`): the seed is drawn at build from the model's generator, and each
+    training batch's draw reads the state and counts itself there, on the device. No host
+    value changes from one step to the next, so a step can be captured in a CUDA graph and
+    replayed; a checkpoint saves the two numbers (:attr:`seed`, :attr:`calls`) and resumes the
+    exact same stream.
 
     Axis 0 of what it draws is the batch. In data-parallel training (:mod:`xpcnn.distributed`)
     ``batch_slice`` is ``(start, total)``: the batch is samples ``start:start + n`` of a global
-    batch of ``total``, and the layer draws the numbers of the whole global batch and keeps that
-    slice, so that every sample gets the numbers it gets in one process.
+    batch of ``total``, and the layer draws those samples' numbers of the global batch's draw,
+    so that every sample gets the numbers it gets in one process.
     """
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
-        self.seed = int(rng.integers(2**31))
-        self.calls = 0
+        self.random_state = self.backend.asarray(np.array([rng.integers(2**31), 0], np.int64))
         self.batch_slice: tuple[int, int] | None = None
         return input_shape
 
+    @property
+    def seed(self) -> int:
+        return int(self.backend.to_numpy(self.random_state)[0])
+
+    @property
+    def calls(self) -> int:
+        """How many batches drawn (read from the device: the host waits for it)."""
+        return int(self.backend.to_numpy(self.random_state)[1])
+
+    def set_random_state(self, seed: int, calls: int) -> None:
+        """Resume the stream of ``seed`` after ``calls`` draws (written in place: a captured
+        step goes on reading it)."""
+        self.random_state[...] = self.backend.asarray(np.array([seed, calls], np.int64))
+
+    def skip_draw(self) -> None:
+        """Count a draw without drawing (a data-parallel rank with no sample in a batch)."""
+        self.random_state[1:2] += 1
+
     def _uniform(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        start, total = self.batch_slice or (0, shape[0])
-        u = self.backend.uniform((self.seed, self.calls), (total, *shape[1:]), dtype)
-        self.calls += 1
-        return u if total == shape[0] else u[start:start + shape[0], ...]
+        start = self.batch_slice[0] if self.batch_slice else 0
+        per_sample = math.prod(shape[1:])
+        u = kernels_for(self.backend).uniform(self.random_state, shape, dtype,
+                                              first=start * per_sample)
+        self.random_state[1:2] += 1
+        return u
+
+    def to(self, backend: Any) -> None:
+        state = self.backend.to_numpy(self.random_state)
+        super().to(backend)
+        self.random_state = backend.asarray(state)
 
 
 class Dropout(RandomLayer):

@@ -32,6 +32,7 @@ import array_api_compat.cupy as compat_cupy
 import cupy
 import numpy as np
 
+from . import random
 from .convolution import ConvEngine, ConvGeometry
 from .kernels import StandardKernels
 
@@ -599,6 +600,28 @@ _MASK_MULTIPLY = cupy.ElementwiseKernel(
     "T x, bool m", "T y", "y = x * (T)(m ? 1.0f : 0.0f);", "xpcnn_mask_multiply"
 )
 
+# xpcnn.ops.random's numbers in one launch: element ``first + i`` of the draw that ``state`` =
+# [seed, draw] names (the same SplitMix64 bits; unsigned arithmetic, which wraps as the
+# definition's int64 does).
+_UNIFORM = cupy.ElementwiseKernel(
+    "raw int64 state, int64 first, int32 bits, float64 scale",
+    "T u",
+    """
+    const unsigned long long gamma = 0x9E3779B97F4A7C15ULL;
+    const unsigned long long key = xpcnn_mix(
+        xpcnn_mix((unsigned long long)state[0]) + ((unsigned long long)state[1] + 1ULL) * gamma);
+    const unsigned long long z = xpcnn_mix(key + ((unsigned long long)(first + i) + 1ULL) * gamma);
+    u = (T)((double)(z >> (64 - bits)) * scale);
+    """,
+    "xpcnn_uniform",
+    preamble="""
+    __device__ unsigned long long xpcnn_mix(unsigned long long z) {
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+    """,
+)
 # Softmax cross-entropy of one row of logits per thread (a few classes each): the row's loss
 # divided by N, whether its first maximum is at the label, and its gradient row, (softmax -
 # target) / N, with the target mixed with the uniform distribution by ``spread`` = smoothing /
@@ -1003,6 +1026,10 @@ class CupyKernels(StandardKernels):
         dx = cupy.empty(x.shape, dy.dtype) if covered else cupy.zeros(x.shape, dy.dtype)
         _MAX_POOL_BACKWARD(y, dy, x, h, w, c, out_hw[0], out_hw[1], kh, kw, sh, sw, dx)
         return dx
+
+    def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
+        bits = random.significant_bits(cupy, dtype)
+        return _UNIFORM(state, first, bits, 2.0**-bits, cupy.empty(shape, dtype))
 
     def mask_multiply(self, x: Any, mask: Any) -> Any:
         return _MASK_MULTIPLY(x, mask)

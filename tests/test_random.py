@@ -1,0 +1,156 @@
+"""Random numbers from a device-held state (xpcnn.ops.random) and the random layers that use
+them: the definition against an independent SplitMix64 in Python integers, every fast path
+against the definition bit for bit, the numbers' statistics, and the layers' state (counted on
+the device, carried by ``to``, restored by checkpoints, sliced for data parallelism)."""
+
+import importlib.util
+
+import array_api_compat.numpy as xpn
+import array_api_strict as xps
+import numpy as np
+import pytest
+from cuda_emulator import load_emulated_fast_cupy, needs_compiler, restore
+
+import xpcnn
+from xpcnn.layers import Dropout, RandomCrop, RandomFlip
+from xpcnn.ops import random
+from xpcnn.ops.fast_numpy import KERNELS as NUMPY_KERNELS
+from xpcnn.ops.kernels import StandardKernels
+
+MASK = (1 << 64) - 1
+
+
+def _splitmix_mix(z):
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def _reference(seed, draw, count, bits, first=0):
+    """Numbers ``first:first + count`` of draw ``draw`` of ``seed``, in Python integers."""
+    gamma = 0x9E3779B97F4A7C15
+    key = _splitmix_mix((_splitmix_mix(seed) + (draw + 1) * gamma) & MASK)
+    return np.array([(_splitmix_mix((key + (first + i + 1) * gamma) & MASK) >> (64 - bits))
+                     * 2.0**-bits for i in range(count)])
+
+
+def _host(a):
+    return np.asarray(a.cpu() if hasattr(a, "cpu") else a).astype(np.float64)
+
+
+NAMESPACES = [("numpy", xpn), ("array_api_strict", xps)]
+if importlib.util.find_spec("torch") is not None:  # the torch backend, where installed
+    import array_api_compat.torch as xpt
+
+    NAMESPACES.append(("torch", xpt))
+CASES = [pytest.param(xp, dtype, bits, id=f"{name}-{dtype}") for name, xp in NAMESPACES
+         for dtype, bits in (("float16", 11), ("float32", 24), ("float64", 53))
+         if hasattr(xp, dtype)]  # (array_api_strict has no float16)
+
+
+@pytest.mark.parametrize("xp, dtype, bits", CASES)
+def test_the_definition_is_splitmix64(xp, dtype, bits):
+    for seed, draw, first in ((0, 0, 0), (2**31 - 1, 12345, 7), (2**62 + 3, 2**40, 2**35)):
+        state = xp.asarray([seed, draw], dtype=xp.int64)
+        u = random.uniform(xp, state, (3, 4), getattr(xp, dtype), first)
+        assert u.dtype == getattr(xp, dtype) and tuple(u.shape) == (3, 4)
+        np.testing.assert_array_equal(_host(u).ravel(), _reference(seed, draw, 12, bits, first))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape, first", [((5,), 0), ((70000,), 3), ((3, 40000, 2), 2**36)])
+def test_the_numpy_kernel_is_the_definition(dtype, shape, first):
+    """Chunks of 32,768 on the threads, every chunk's offset right (shapes span several)."""
+    state = np.array([987654321, 41], np.int64)
+    got = NUMPY_KERNELS.uniform(state, shape, dtype, first)
+    want = random.uniform(xpn, state, shape, dtype, first)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_cuda_kernel_is_the_definition(dtype):
+    """fast_cupy's kernel, compiled for the CPU (tests/cuda_emulator.py; float16 on a GPU)."""
+    module, saved = load_emulated_fast_cupy()
+    try:
+        state = np.array([2**40 + 17, 123], np.int64)
+        for shape, first in (((40, 37), 0), ((3, 5), 2**33 + 1)):
+            got = module.KERNELS.uniform(state, shape, dtype, first)
+            np.testing.assert_array_equal(got, random.uniform(xpn, state, shape, dtype, first))
+    finally:
+        restore(saved)
+
+
+def test_the_numbers_look_uniform_and_independent():
+    std = StandardKernels(xpn)
+    n = 1 << 20
+    u = std.uniform(np.array([5, 0], np.int64), (n,), np.float64)
+    assert u.min() >= 0.0 and u.max() < 1.0
+    assert abs(u.mean() - 0.5) < 5 * (1 / 12 / n) ** 0.5  # five standard errors
+    assert abs(u.var() - 1 / 12) < 1e-3
+    counts = np.bincount((u * 256).astype(int), minlength=256)
+    chi2 = float(((counts - n / 256) ** 2 / (n / 256)).sum())
+    assert chi2 < 255 + 6 * (2 * 255) ** 0.5  # 255 degrees of freedom, six sigma
+    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 5 / n**0.5  # neighbours
+    # other draws, other seeds: uncorrelated with this one
+    for state in ([5, 1], [6, 0], [5, 2**32]):
+        v = std.uniform(np.array(state, np.int64), (n,), np.float64)
+        assert abs(np.corrcoef(u, v)[0, 1]) < 5 / n**0.5
+
+
+def test_float16_numbers_stay_below_one():
+    u = StandardKernels(xpn).uniform(np.array([1, 2], np.int64), (1 << 16,), np.float16)
+    assert u.dtype == np.float16 and u.max() < 1.0 and len(np.unique(u)) == 2048
+
+
+def test_a_slice_of_a_draw_is_those_elements_of_the_whole_draw():
+    """What a data-parallel rank holding samples 3:7 of a batch of 10 draws."""
+    std = StandardKernels(xpn)
+    state = np.array([77, 9], np.int64)
+    whole = std.uniform(state, (10, 4, 5), np.float32)
+    np.testing.assert_array_equal(std.uniform(state, (4, 4, 5), np.float32, first=3 * 20),
+                                  whole[3:7])
+
+
+def _layers():
+    return [RandomFlip(), RandomCrop(2), Dropout(0.5)]
+
+
+def test_random_layers_count_their_draws_on_the_device():
+    model = xpcnn.Sequential([*_layers(), xpcnn.layers.Flatten(), xpcnn.layers.Dense(3)],
+                             seed=4, device=xps)
+    model.compile(optimizer="sgd")
+    model.build((6, 6, 2))
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (20, 6, 6, 2), dtype=np.uint8), rng.integers(0, 3, 20)
+    randoms = model.layers[:3]
+    states = [la.random_state for la in randoms]
+    seeds = [la.seed for la in randoms]
+    assert len(set(seeds)) == 3 and [la.calls for la in randoms] == [0, 0, 0]
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)  # 3 batches an epoch
+    assert [la.calls for la in randoms] == [6, 6, 6] and [la.seed for la in randoms] == seeds
+    # counted in place: a captured step goes on reading the arrays it was captured with
+    assert all(la.random_state is s for la, s in zip(randoms, states, strict=True))
+    model.predict(x)  # inference draws nothing
+    assert [la.calls for la in randoms] == [6, 6, 6]
+
+
+def test_a_draw_depends_on_the_state_alone():
+    """Set back to the same (seed, calls), a layer draws the same mask; moved to another
+    backend it keeps its state."""
+    layer = Dropout(0.5)
+    layer.build((8, 8, 3), "cpu", dtype="float32", rng=np.random.default_rng(1))
+    x = np.ones((4, 8, 8, 3), np.float32)
+    layer.forward(x, training=True)
+    second = layer.forward(x, training=True)
+    layer.set_random_state(layer.seed, 1)
+    np.testing.assert_array_equal(layer.forward(x, training=True), second)
+    assert layer.calls == 2
+    seed = layer.seed
+    layer.to(xpcnn.backend.get_backend(xps))
+    assert (layer.seed, layer.calls) == (seed, 2)
+    third = layer.forward(xps.asarray(x), training=True)
+    layer.to(xpcnn.backend.get_backend("cpu"))
+    layer.set_random_state(seed, 2)
+    np.testing.assert_array_equal(layer.forward(x, training=True), np.asarray(third._array))
