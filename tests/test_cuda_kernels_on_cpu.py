@@ -332,11 +332,17 @@ def test_fused_updates_with_device_scalars_are_the_standard_ones_bit_for_bit(
 class EmulatedCapture:
     """A stream capture of the emulated kernels, as CUDA makes one: while ``recording``, kernel
     launches are recorded, not run; a copy to the device fails (CuPy's capture refuses it) and
-    new device memory holds garbage (-1). ``replay`` runs the recorded launches on the arrays
-    they were given, as a replayed graph does."""
+    new device memory holds garbage (-1); ``allocators`` notes the allocator each new array
+    came from. ``replay`` runs the recorded launches on the arrays they were given, as a
+    replayed graph does."""
 
     def __init__(self, module, monkeypatch):
-        self.module, self.monkeypatch, self.launches = module, monkeypatch, []
+        self.module, self.monkeypatch, self.launches, self.allocators = (
+            module, monkeypatch, [], [])
+
+    def _garbage(self, shape, dtype):
+        self.allocators.append((self.module.cupy.cuda.allocators or [None])[-1])
+        return np.full(shape, -1, dtype)
 
     @contextlib.contextmanager
     def recording(self):
@@ -348,7 +354,7 @@ class EmulatedCapture:
                       self.launches.append((kernel, args, size)))
             m.setattr(self.module.cupy, "asarray", refuse)
             m.setattr(self.module, "_upload", refuse)
-            m.setattr(self.module.cupy, "empty", lambda shape, dtype: np.full(shape, -1, dtype))
+            m.setattr(self.module.cupy, "empty", self._garbage)
             yield
 
     def replay(self):
@@ -360,10 +366,11 @@ class EmulatedCapture:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_captured_fused_update_fills_its_table_after_the_capture_and_replays_right(
         fast, monkeypatch, rng, make, dtype):
-    """An update captured in a graph: inside the capture its table is allocated, not copied
-    to the device; it is filled when ``capture_tables`` ends (before any launch) with the
-    addresses of the captured step's arrays; the replays, with new gradients, step numbers and
-    flags in the same arrays, give the standard formulas' values bit for bit."""
+    """An update captured in a graph: inside the capture its table is allocated (from the
+    tables' own memory pool, which no temporary of the step shares), not copied to the
+    device; it is filled when ``capture_tables`` ends (before any launch) with the addresses
+    of the captured step's arrays; the replays, with new gradients, step numbers and flags in
+    the same arrays, give the standard formulas' values bit for bit."""
     module = sys.modules[type(fast).__module__]
     params = [rng.standard_normal(s).astype(dtype) for s in UPDATE_SHAPES]
     fused, standard = [p.copy() for p in params], [p.copy() for p in params]
@@ -380,6 +387,7 @@ def test_a_captured_fused_update_fills_its_table_after_the_capture_and_replays_r
             opt_fused.scalar_step(xpn, fused, grads, scalars, fast, apply)
         assert tables == []  # (filled on leaving)
     assert fast._deferred is None and len(capture.launches) == 1 and len(tables) == 1
+    assert capture.allocators == [fast._table_pool.malloc]
     offsets = np.cumsum([0] + [p.size for p in fused])
     rows = [[a.ctypes.data for a in arrays]
             for arrays in zip(fused, grads, *opt_fused.slots.values(), strict=True)]

@@ -461,7 +461,9 @@ def test_a_captured_fused_update_replays_as_the_standard_one(cp, kernels, make, 
     """The fused update reading its step numbers from device arrays, captured in a CUDA graph
     (its table allocated in the capture, filled after it) and replayed with new gradients,
     numbers and flags in the same arrays: the standard ``scalar_step``'s values (to rounding:
-    the GPU fuses multiply-adds), and a replay flagged False changes nothing."""
+    the GPU fuses multiply-adds), and a replay flagged False changes nothing. The captured
+    step first fills and frees a scratch array of the table's size: were the table given that
+    block, each replay would overwrite it with -1s before the update reads it."""
     import array_api_compat.cupy as xc
 
     from xpcnn.cuda_graphs import CupyCapture
@@ -481,10 +483,15 @@ def test_a_captured_fused_update_replays_as_the_standard_one(cp, kernels, make, 
     for opt, ps, fast_or_none in ((opt_fused, fused, fast), (opt_std, standard, None)):
         opt.scalar_step(xc, ps, grads, device_scalars(opt), fast_or_none, apply)  # warm-up
         opt.iterations += 1
+    def captured_step():
+        scratch = cp.empty(64, cp.int64)  # (512 bytes: the pool's smallest block, the table's)
+        scratch.fill(-1)
+        del scratch
+        opt_fused.scalar_step(xc, fused, grads, scalars, fast, apply)
+
     capture = CupyCapture()
     with capture.scope(), fast.capture_tables() as tables:
-        graph, _ = capture.capture(
-            lambda: opt_fused.scalar_step(xc, fused, grads, scalars, fast, apply))
+        graph, _ = capture.capture(captured_step)
     assert len(tables) == 1  # one dtype: one launch, one table
     for gate in (True, False, True):
         for g in grads:

@@ -738,18 +738,15 @@ _TABLES: dict[tuple[str, bytes], Any] = {}
 
 
 def _update_table(params: list[Any], grads: list[Any], *slots: list[Any],
-                  deferred: list[tuple[Any, Any]] | None = None) -> tuple[Any, int]:
+                  deferred: _DeferredTables | None = None) -> tuple[Any, int]:
     """The ``table`` of the update kernels on the parameters' device and the total element
     count. Every array must be C-contiguous and of the parameters' dtype. With ``deferred``
-    (inside a stream capture, see :meth:`CupyKernels.capture_tables`) the device table is only
-    allocated, and (device table, host table) appended there to be filled later."""
+    (inside a stream capture), a table that it fills once the capture has ended."""
     offsets = np.cumsum([0] + [p.size for p in params])
     rows = [[_address(a) for a in arrays] for arrays in zip(params, grads, *slots, strict=True)]
     table = np.concatenate([offsets, np.asarray(rows, np.int64).reshape(-1)]).astype(np.int64)
     if deferred is not None:
-        device_table = cupy.empty(table.shape, table.dtype)
-        deferred.append((device_table, table))
-        return device_table, int(offsets[-1])
+        return deferred.table(table), int(offsets[-1])
     key = (str(params[0].device), table.tobytes())
     device_table = _TABLES.get(key)
     if device_table is None:
@@ -762,6 +759,29 @@ def _update_table(params: list[Any], grads: list[Any], *slots: list[Any],
 def _upload(device: Any, host: Any) -> None:
     """Copy NumPy array ``host`` into the device array ``device`` (no allocation)."""
     device.set(host)
+
+
+class _DeferredTables:
+    """The update tables of one stream capture (see :meth:`CupyKernels.capture_tables`)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.pending: list[tuple[Any, Any]] = []
+
+    def table(self, host_table: Any) -> Any:
+        """A device array for ``host_table``, filled by :meth:`fill`. Its memory comes from
+        ``pool``, the tables' own: a block of the graph's pool may have served a temporary
+        earlier in the same step, whose kernels would overwrite the table at every replay."""
+        with cupy.cuda.using_allocator(self.pool.malloc):
+            device_table = cupy.empty(host_table.shape, host_table.dtype)
+        self.pending.append((device_table, host_table))
+        return device_table
+
+    def fill(self) -> list[Any]:
+        """Copy every table to the device (the capture has ended); returns them."""
+        for device_table, host_table in self.pending:
+            _upload(device_table, host_table)
+        return [device_table for device_table, _ in self.pending]
 
 
 # a^T @ b with a long inner dimension (a convolution's weight gradient: one row per output
@@ -809,8 +829,10 @@ class CupyKernels(StandardKernels):
         self.tf32 = os.environ.get("CUPY_TF32", "0") != "0"
         # matrix products as cuDNN graphs while set (see capturable)
         self._graph_matmul: Any = None
-        # update tables to fill once a stream capture has ended (see capture_tables)
-        self._deferred: list[tuple[Any, Any]] | None = None
+        # update tables to fill once a stream capture has ended, and their memory pool (see
+        # capture_tables; made on first use)
+        self._deferred: _DeferredTables | None = None
+        self._table_pool: Any = None
 
     def conv_engine(self, geometry: ConvGeometry, backend: Any) -> ConvEngine:
         """cuDNN (:mod:`xpcnn.ops.cudnn_conv`) where it loads, with the hand-written kernels
@@ -1088,20 +1110,20 @@ class CupyKernels(StandardKernels):
     def capture_tables(self) -> Iterator[list[Any]]:
         """Around a stream capture of update kernels: a capture refuses copies to the device,
         and a step's gradients have their addresses only inside it, so the tables of the
-        updates issued inside are allocated there and filled on leaving (the capture has
-        ended; the graph has not run yet). A graph's addresses never change, so neither do
-        its tables. Yields the list of them, complete on leaving: the graph reads them, so
-        whoever holds the graph must hold it. Nothing is filled where the body raises."""
-        pending: list[tuple[Any, Any]] = []
-        tables: list[Any] = []
-        outer, self._deferred = self._deferred, pending
+        updates issued inside are allocated there (from a memory pool of their own) and
+        filled on leaving (the capture has ended; the graph has not run yet). A graph's
+        addresses never change, so neither do its tables. Yields the list of them, complete
+        on leaving: the graph reads them, so whoever holds the graph must hold it. Nothing is
+        filled where the body raises."""
+        if self._table_pool is None:
+            self._table_pool = cupy.cuda.MemoryPool()
+        deferred, tables = _DeferredTables(self._table_pool), []
+        outer, self._deferred = self._deferred, deferred
         try:
             yield tables
         finally:
             self._deferred = outer
-        for device_table, host_table in pending:
-            _upload(device_table, host_table)
-            tables.append(device_table)
+        tables.extend(deferred.fill())
 
     def _launch_updates(self, kernel: Any, groups: list[tuple[Any, ...]], constants: tuple,
                         per_step: tuple, apply: Any) -> None:
