@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one go, for a machine with CuPy (and PyTorch for the
 # comparison): the GPU tests (cuDNN and CUDA graphs first), the training command on the GPU,
-# then scripts/bench_gpu.py (through fit(), per-convolution cuDNN against the hand-written
-# kernels, TFLOP/s, a per-layer profile). Logs and gpu.json go to OUTDIR. The stages' limits
-# add up to 8 minutes 15 s, inside the device tool's 10-minute command.
+# the MNIST recipe on the GPU (where .gpudata/ holds MNIST), then scripts/bench_gpu.py
+# (through fit(), per-convolution cuDNN against the hand-written kernels, TFLOP/s, a per-layer
+# profile). Logs, mnist.json and gpu.json go to OUTDIR. The stages' limits add up to 9 minutes
+# 5 s, inside the device tool's 10-minute command.
 #
-#   scripts/gpu_wheels.sh            # first, where PyPI is reachable: the wheels the GPU lacks
+#   scripts/gpu_wheels.sh PY DATA    # first, where PyPI is reachable: wheels, and MNIST staged
 #   scripts/gpu_check.sh [OUTDIR]    # on the GPU machine (installs .whl/*.whl when present)
 #
-# Each stage has a time limit (NEW_TEST_TIMEOUT, TEST_TIMEOUT, TRAIN_TIMEOUT, BENCH_TIMEOUT
-# seconds) so that a lent machine's time is never lost to one stage; BENCH_ARGS replaces the
-# benchmark's arguments. On the device tool: carry ".whl", timeout_s 600, and OUTDIR "$OUT".
+# Each stage has a time limit (NEW_TEST_TIMEOUT, TEST_TIMEOUT, TRAIN_TIMEOUT, MNIST_TIMEOUT,
+# BENCH_TIMEOUT seconds) so that a lent machine's time is never lost to one stage; BENCH_ARGS
+# replaces the benchmark's arguments. On the device tool: carry [".whl", ".gpudata"],
+# timeout_s 600, and OUTDIR "$OUT".
 set -u
 out=${1:-gpu-check}
 mkdir -p "$out"
@@ -46,9 +48,15 @@ echo "== xpcnn train --device cuda"
 timeout "${TRAIN_TIMEOUT:-45}" $py -c "import xpcnn.cli as c; c.main(['train', '--device', 'cuda', '--quiet'])" \
   2>&1 | tee "$out/train_cuda.log"
 
+if [ -d .gpudata ]; then
+  echo "== MNIST recipe on the GPU (6 epochs, evaluated on the 10,000 test images)"
+  timeout "${MNIST_TIMEOUT:-80}" $py scripts/mnist_recipe.py --data-dir .gpudata \
+    --device cuda --epochs 6 --json "$out/mnist.json" 2>&1 | tee "$out/mnist_cuda.log"
+fi
+
 echo "== benchmark"
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-200}" $py scripts/bench_gpu.py --json "$out/gpu.json" \
+timeout "${BENCH_TIMEOUT:-170}" $py scripts/bench_gpu.py --json "$out/gpu.json" \
   ${BENCH_ARGS:---steps 15 --warmup 3 --no-standard --torch-channels-last \
   --conv-layers cifar:512:float32 --conv-layers cifar:512:mixed_float16 \
   --profile cifar:128:float32} 2>&1 | tee "$out/bench_gpu.log"

@@ -171,6 +171,95 @@ def test_checkpoint_holds_every_piece_of_state(tmp_path):
         assert np.array_equal(a, b) and np.array_equal(a, c)
 
 
+def test_a_model_with_a_frozen_layer_resumes_bit_for_bit(tmp_path):
+    """The optimiser has slots for the trainable parameters only; a checkpoint maps them back."""
+    def make():
+        model = ckpt_train.make_model()
+        model.build((8, 8, 3))
+        model.layers[3].trainable = False  # the convolution
+        return model
+
+    reference, _ = ckpt_train.train(model=make())
+    path = tmp_path / "c.npz"
+    model, count = make(), [0]
+    step = model.train_step
+
+    def train_step(xb, yb):
+        if count[0] == 13:
+            raise Interrupt
+        count[0] += 1
+        return step(xb, yb)
+
+    model.train_step = train_step
+    with pytest.raises(Interrupt):
+        ckpt_train.train(str(path), every=1, model=model)
+    ckpt = load_checkpoint(path)
+    assert ckpt.model.layers[3].trainable is False
+    assert len(ckpt.model.optimizer.slots["m"]) == len(model.optimizer.slots["m"]) == 4
+    resumed, _ = ckpt_train.train(str(path), resume=True, model=ckpt.model)
+    for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+
+
+def _rewrite(path, edit_config, edit_arrays=lambda arrays: None):
+    """Rewrite checkpoint ``path`` as an older xpcnn would have written it."""
+    from xpcnn.saving.npz import CONFIG_KEY, decode_json, encode_json, write_npz_atomic
+
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    config = decode_json(arrays[CONFIG_KEY], str(path))
+    edit_config(config)
+    edit_arrays(arrays)
+    arrays[CONFIG_KEY] = encode_json(config)
+    write_npz_atomic(path, arrays)
+
+
+def test_slots_are_written_in_the_weights_layout_and_older_files_still_load(tmp_path):
+    """Version 2 holds the convolution kernel's slots in Keras' layout, as its weights. Version
+    1 files load too: those of xpcnn before the kernel's layout change (no ``lr_factor``) in
+    that same layout, those written after it in the layout stored inside."""
+    path = tmp_path / "c.npz"
+    interrupted(path, 11, every=1)
+    ckpt = load_checkpoint(path)
+    conv = ckpt.model.layers[3]
+    k = 0  # the first trainable parameter: the convolution's kernel
+    with np.load(path) as f:
+        saved = f["slot.m.0"]
+    assert saved.shape == conv.get_weights()[0].shape == (3, 3, 3, 4)  # kh, kw, C, K
+    np.testing.assert_array_equal(saved, conv.to_keras_layout("kernel", np.asarray(
+        ckpt.model.optimizer.slots["m"][k])))
+    slots = {n: [np.asarray(a) for a in v] for n, v in ckpt.model.optimizer.slots.items()}
+
+    def loads_the_same(p):
+        again = load_checkpoint(p).model.optimizer.slots
+        for n, v in slots.items():
+            for a, b in zip(v, again[n], strict=True):
+                np.testing.assert_array_equal(a, b)
+
+    old = tmp_path / "v1-keras.npz"
+    old.write_bytes(path.read_bytes())
+
+    def before_lr_factor(config):
+        config["version"] = 1
+        del config["optimizer"]["lr_factor"]
+
+    _rewrite(old, before_lr_factor)
+    loads_the_same(old)
+
+    stored = tmp_path / "v1-stored.npz"
+    stored.write_bytes(path.read_bytes())
+
+    def kernel_slots_as_stored(arrays):
+        for n in slots:
+            arrays[f"slot.{n}.0"] = conv.from_keras_layout("kernel", arrays[f"slot.{n}.0"])
+
+    _rewrite(stored, lambda config: config.update(version=1), kernel_slots_as_stored)
+    loads_the_same(stored)
+    _rewrite(stored, lambda config: config.update(version=3))
+    with pytest.raises(DataFormatError, match="version 3 is not supported"):
+        load_checkpoint(stored)
+
+
 # -- what resuming refuses -----------------------------------------------------------------------
 
 

@@ -181,7 +181,8 @@ def test_a_checkpoint_with_non_finite_optimizer_state_is_refused(tmp_path):
     save_checkpoint(model, tmp_path / "c.npz")
     entries = {k: (v, zipfile.ZIP_STORED) for k, v in members((tmp_path / "c.npz").read_bytes()
                                                                ).items()}
-    v = model.backend.to_numpy(model.optimizer.slots["v"][0]).copy()
+    with np.load(tmp_path / "c.npz") as f:
+        v = f["slot.v.0"].copy()
     v.flat[0] = np.inf
     entries["slot.v.0.npy"] = (npy(v), zipfile.ZIP_STORED)
     (tmp_path / "c.npz").write_bytes(pack(entries))

@@ -210,7 +210,18 @@ class Layer:
     def get_weights(self) -> list[np.ndarray]:
         """Weights as host arrays in Keras order and layout."""
         arrays = self._arrays()
-        return [self.backend.to_numpy(arrays[n]).copy() for n in self.weight_names if n in arrays]
+        return [self.to_keras_layout(n, self.backend.to_numpy(arrays[n])).copy()
+                for n in self.weight_names if n in arrays]
+
+    def to_keras_layout(self, name: str, a: np.ndarray) -> np.ndarray:
+        """A host array shaped like weight ``name`` as stored (its optimiser slots too), in
+        Keras' layout, as files hold it: the layout a layer keeps inside may change between
+        versions, what files hold does not (Conv2D's kernel differs)."""
+        return a
+
+    def from_keras_layout(self, name: str, a: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`to_keras_layout`."""
+        return a
 
     def set_weights(self, weights: list[Any]) -> None:
         """Replace the weights; shapes must match :meth:`get_weights`."""
@@ -223,16 +234,19 @@ class Layer:
             )
         for n, w in zip(names, weights, strict=True):
             w = np.asarray(w)
-            old = self._arrays()[n]
-            if tuple(w.shape) != tuple(old.shape):
-                raise InputError(
-                    f"layer {self.name!r} weight {n!r} must have shape {tuple(old.shape)}, "
-                    f"got {tuple(w.shape)}"
-                )
+            shape = self.keras_shape(n)
+            if tuple(w.shape) != shape:
+                raise InputError(f"layer {self.name!r} weight {n!r} must have shape {shape}, "
+                                 f"got {tuple(w.shape)}")
             if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
                 raise InputError(f"layer {self.name!r} weight {n!r} must be real, got {w.dtype}")
             target = self.params if n in self.params else self.state
-            target[n] = self.backend.asarray(w, dtype=self.dtype)
+            target[n] = self.backend.asarray(self.from_keras_layout(n, w), dtype=self.dtype)
+
+    def keras_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of weight ``name`` in Keras' layout."""
+        stored = tuple(int(d) for d in self._arrays()[name].shape)
+        return self.to_keras_layout(name, np.empty(stored, np.int8)).shape
 
     def count_params(self) -> int:
         """How many weights: parameters and state (BatchNorm's statistics), as Keras counts."""

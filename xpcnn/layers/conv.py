@@ -81,22 +81,11 @@ class Conv2D(Layer):
         return (*self.geometry.out_hw, self.filters)
 
     # -- the kernel in Keras' layout outside, (K, kh, kw, C) inside (see ops.convolution) ------
-    def get_weights(self) -> list[np.ndarray]:
-        weights = super().get_weights()
-        weights[0] = np.ascontiguousarray(np.transpose(weights[0], _TO_KERAS))
-        return weights
+    def to_keras_layout(self, name: str, a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.transpose(a, _TO_KERAS)) if name == "kernel" else a
 
-    def set_weights(self, weights: list[Any]) -> None:
-        self._require_built("set_weights")
-        weights = list(weights)
-        if weights:  # (a wrong count is the base class's error)
-            keras = tuple(int(self.params["kernel"].shape[i]) for i in _TO_KERAS)
-            if np.shape(weights[0]) != keras:
-                raise InputError(f"layer {self.name!r} weight 'kernel' must have shape {keras}, "
-                                 f"got {np.shape(weights[0])} (Keras' layout: kh, kw, C_in, "
-                                 "C_out)")
-            weights[0] = np.ascontiguousarray(np.transpose(np.asarray(weights[0]), _TO_STORED))
-        super().set_weights(weights)
+    def from_keras_layout(self, name: str, a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.transpose(a, _TO_STORED)) if name == "kernel" else a
 
     @property
     def relu_output(self) -> bool:

@@ -10,7 +10,8 @@ A checkpoint is an ``.npz`` of plain arrays, read without pickle
 (:class:`~xpcnn.saving.npz.NpzArchive`), so loading one never runs code. It holds:
 
 * the weights, as a model file does (``layer{i}.{j}``), so :func:`xpcnn.load_model` reads it too;
-* the optimiser's slots (``slot.{name}.{k}``: momentum, Adam moments);
+* the optimiser's slots (``slot.{name}.{k}``: momentum, Adam moments), one per trainable
+  parameter, in the weights' (Keras') layout;
 * a JSON entry with everything else: the architecture and compile settings (optimiser, schedule and
   loss configuration), the optimiser's step count (which drives the schedule and Adam's bias
   correction), the loss-scaling state, each random layer's ``seed`` and ``calls`` counter, the
@@ -59,7 +60,7 @@ from .model_file import (
 from .npz import CONFIG_KEY, NpzArchive, array_bytes, encode_json, write_npz_atomic
 
 FORMAT = CHECKPOINT_FORMAT
-VERSION = 1
+VERSION = 2  # 2: optimiser slots in Keras' layout, one per trainable parameter
 
 
 @dataclass
@@ -132,11 +133,18 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
         "run": run or {},
     }
     arrays = {CONFIG_KEY: encode_json(config), **weight_arrays(model, path)}
+    owners = _slot_owners(model)
     for name, slot in opt.slots.items():
         for k, a in enumerate(slot):
-            arrays[f"slot.{name}.{k}"] = model.backend.to_numpy(a)
+            layer, weight = owners[k]
+            arrays[f"slot.{name}.{k}"] = layer.to_keras_layout(weight, model.backend.to_numpy(a))
     write_npz_atomic(path, arrays)
     _remove_leftovers(path)
+
+
+def _slot_owners(model: Any) -> list[tuple[Any, str]]:
+    """(layer, weight name) of each optimiser slot, in slot order: the trainable parameters."""
+    return [(la, k) for la in model.trainable_layers for k in la.params]
 
 
 def _refuse_non_finite(model: Any, path: str) -> None:
@@ -174,9 +182,9 @@ def _checkpoint_config(npz: NpzArchive) -> dict[str, Any]:
         kind = config.get("format") if isinstance(config, dict) else None
         hint = " (a model file: load it with xpcnn.load_model)" if kind == "xpcnn-model" else ""
         raise DataFormatError(f"{npz.path}: not an xpcnn checkpoint{hint}")
-    if config.get("version") != VERSION:
+    if config.get("version") not in (1, VERSION):
         raise DataFormatError(f"{npz.path}: checkpoint version {config.get('version')!r} is not "
-                              f"supported (this xpcnn reads version {VERSION})")
+                              f"supported (this xpcnn reads versions 1 and {VERSION})")
     return config
 
 
@@ -250,7 +258,11 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         raise bad("no optimizer state")
     iterations = _int(ostate.get("iterations"), "optimizer iterations", path)
     lr_factor = _float(ostate.get("lr_factor", 1.0), "optimizer lr_factor", path)
-    params = [p for la in model.layers for p in la.params.values()]
+    owners = _slot_owners(model)
+    # Slots are in Keras' layout, as the weights are, except in version 1 files that have an
+    # lr_factor (written between the convolution kernel's change of layout and version 2),
+    # which hold them as the layers stored them then: as they are stored now.
+    stored_layout = config.get("version") == 1 and "lr_factor" in ostate
     slot_counts = ostate.get("slots")
     if not isinstance(slot_counts, dict):
         raise bad("no optimizer slots")
@@ -259,20 +271,22 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         if set(slot_counts) != set(opt.slot_names):
             raise bad(f"optimizer slots {sorted(slot_counts)}, expected {list(opt.slot_names)}")
         for name in opt.slot_names:
-            if slot_counts[name] != len(params):
-                raise bad(f"{slot_counts[name]!r} {name!r} slots for {len(params)} parameters")
+            if slot_counts[name] != len(owners):
+                raise bad(f"{slot_counts[name]!r} {name!r} slots for {len(owners)} trainable "
+                          "parameters")
             slots[name] = []
-            for k, p in enumerate(params):
+            for k, (layer, weight) in enumerate(owners):
                 key = f"slot.{name}.{k}"
-                a = npz.read(key, array_bytes(math.prod(p.shape))) if key in npz.entries \
-                    else None
-                if a is None or tuple(a.shape) != tuple(p.shape) or a.dtype.kind != "f":
+                shape = tuple(layer.params[weight].shape) if stored_layout \
+                    else layer.keras_shape(weight)
+                a = npz.read(key, array_bytes(math.prod(shape))) if key in npz.entries else None
+                if a is None or tuple(a.shape) != shape or a.dtype.kind != "f":
                     raise bad(f"optimizer slot {name}.{k} is missing or not a float array of "
-                              f"shape {tuple(p.shape)}")
+                              f"shape {shape}")
                 if not np.all(np.isfinite(a)):
                     raise bad(f"array {key!r} (the optimizer's {name!r} state) holds NaN or "
                               "infinite values")
-                slots[name].append(a)
+                slots[name].append(a if stored_layout else layer.from_keras_layout(weight, a))
     loss_scale = config.get("loss_scale")
     if not isinstance(loss_scale, int | float) or not 0 < loss_scale < math.inf:
         raise bad(f"loss_scale {loss_scale!r}")
