@@ -167,6 +167,33 @@ def test_a_step_whose_apply_flag_is_false_changes_nothing(make, scalar_step, rng
             np.testing.assert_array_equal(np.asarray(a), b)
 
 
+@pytest.mark.parametrize("make, updated", [
+    (lambda: optim.SGD(0.1), 1), (lambda: optim.SGD(0.1, momentum=0.9), 2),
+    (lambda: optim.Adam(1e-3), 3), (lambda: optim.AdamW(1e-3), 3)])
+def test_a_gated_update_costs_one_where_per_updated_array_and_no_copies(make, updated):
+    """``apply`` is folded into each update: one ``where`` per parameter and slot, no copies
+    of them kept to put back."""
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            function = getattr(xpn, name)
+
+            def counted(*args, **kwargs):
+                if name == "where" or kwargs.get("copy"):
+                    calls.append(name)
+                return function(*args, **kwargs)
+
+            return counted
+
+    params = [np.ones((3, 4), np.float32), np.ones(5, np.float32)]
+    grads = [np.ones_like(p) for p in params]
+    opt = make()
+    opt.step(xpn, params, grads)  # (makes the slots)
+    opt.step(Counting(), params, grads, apply=np.asarray(True))
+    assert calls == ["where"] * updated * len(params)
+
+
 def test_lr_is_never_nan():
     assert math.isfinite(optim.CosineDecay(0.1, 10)(10**9))
 
