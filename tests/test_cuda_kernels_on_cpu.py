@@ -329,6 +329,26 @@ def test_fused_updates_with_device_scalars_are_the_standard_ones_bit_for_bit(
             np.testing.assert_array_equal(a, b)
 
 
+@OPTIMISERS
+def test_fused_updates_with_device_scalars_over_two_dtypes(fast, rng, make):
+    """Parameters of float32 and float64 with float32 step numbers (the first parameter's
+    dtype, as a captured step has them): the standard values bit for bit (a float32 number
+    meets float64 parameters exactly, in both)."""
+    params = [rng.standard_normal(s).astype(dt) for s, dt in
+              zip(UPDATE_SHAPES, [np.float32, np.float64] * 3, strict=True)]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    for _ in range(3):
+        grads = [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
+        opt_fused.scalar_step(xpn, fused, grads, _device_scalars(opt_fused, np.float32), fast)
+        opt_std.scalar_step(xpn, standard, grads, _device_scalars(opt_std, np.float32))
+        for opt in (opt_fused, opt_std):
+            opt.iterations += 1
+    for a, b in zip(fused, standard, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
 class EmulatedCapture:
     """A stream capture of the emulated kernels, as CUDA makes one: while ``recording``, kernel
     launches are recorded, not run; a copy to the device fails (CuPy's capture refuses it) and
