@@ -138,8 +138,7 @@ def test_a_step_whose_apply_flag_is_false_changes_nothing(make, scalar_step, rng
     update) give, bit for bit, the run that leaves out the steps flagged False (NaN gradients
     there) and only counts them; ``apply`` True is the ungated update."""
     shapes = [(3, 4), (5,)]
-    steps = [(rng.standard_normal(s) for s in shapes) for _ in range(4)]
-    steps = [[g.astype(np.float32) for g in grads] for grads in steps]
+    steps = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(4)]
     steps[2][0][1, 1] = np.nan
     gates = [True, True, False, True]
     start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
