@@ -10,6 +10,7 @@ routes the few other CuPy calls of ``fast_cupy`` to NumPy. float16 is left to th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +123,10 @@ class ElementwiseKernel:
             src = lib.with_suffix(".cpp")
             src.write_text(source)
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            subprocess.run([compiler(), "-O1", "-shared", "-fPIC", "-pthread", "-o", str(tmp),
-                            str(src)], check=True, capture_output=True)
+            # (no fused multiply-adds: the formulas are checked as written, bit for bit)
+            subprocess.run([compiler(), "-O1", "-ffp-contract=off", "-shared", "-fPIC",
+                            "-pthread", "-o", str(tmp), str(src)], check=True,
+                           capture_output=True)
             tmp.replace(lib)
         return ctypes.CDLL(str(lib))
 
@@ -200,8 +204,21 @@ def fake_cupy() -> types.ModuleType:
     fake = types.ModuleType("cupy")
     fake.ElementwiseKernel = ElementwiseKernel
     fake.RawKernel = RawKernel
-    fake.cuda = types.SimpleNamespace(compiler=types.SimpleNamespace(
-        CompileException=type("CompileException", (Exception,), {})))
+    allocators: list[Any] = []  # the allocator of each using_allocator block entered
+
+    @contextlib.contextmanager
+    def using_allocator(allocator: Any = None) -> Iterator[None]:
+        allocators.append(allocator)
+        try:
+            yield
+        finally:
+            allocators.pop()
+
+    fake.cuda = types.SimpleNamespace(
+        compiler=types.SimpleNamespace(
+            CompileException=type("CompileException", (Exception,), {})),
+        MemoryPool=lambda: types.SimpleNamespace(malloc=lambda nbytes: None),
+        using_allocator=using_allocator, allocators=allocators)
     for name in ("matmul", "empty", "zeros", "ones", "reshape", "maximum", "ascontiguousarray",
                  "asarray", "finfo", "bool_", "float16", "float32", "float64"):
         setattr(fake, name, getattr(np, name))
@@ -221,6 +238,7 @@ def load_emulated_fast_cupy() -> tuple[types.ModuleType, dict[str, Any]]:
     import xpcnn.ops.fast_cupy as module
 
     module._address = lambda a: a.ctypes.data  # host addresses for the update kernels' tables
+    module._upload = np.copyto  # (the device arrays are NumPy's)
     return module, saved
 
 

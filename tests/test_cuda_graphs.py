@@ -3,6 +3,7 @@ a step is warmed up, captured, replayed or run eagerly and why; the optimisers' 
 device scalars; and whole fits through the graph runner against eager fits, with a stand-in
 capture whose "graph" re-runs the recorded step on the same static buffers and device
 scalars (a real capture only records, so the stand-in undoes the recording run's writes).
+tests/test_cuda_kernels_on_cpu.py captures the CuPy update kernels (emulated) and replays them;
 tests/test_gpu.py checks replays against eager steps with CuPy's real stream capture."""
 
 import contextlib
@@ -10,10 +11,12 @@ import contextlib
 import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
+from cuda_emulator import load_emulated_fast_cupy, needs_compiler, restore
 from kernel_cases import OPTIMISERS
 from nets import gap_net
 
 import xpcnn
+from xpcnn import backend as backend_module
 from xpcnn import optim
 from xpcnn.cuda_graphs import blockers
 from xpcnn.errors import InputError, NonFiniteError
@@ -103,23 +106,55 @@ def _random_net():
             GlobalAvgPool2D(), Dense(10)]
 
 
+@pytest.fixture(scope="module", params=["numpy", pytest.param("cupy", marks=needs_compiler)])
+def kernels(request):
+    """The model's kernels: NumPy's own (standard updates in a captured step), or CuPy's
+    compiled for the CPU (tests/cuda_emulator.py: fused updates reading device scalars)."""
+    if request.param == "numpy":
+        yield None
+        return
+    module, saved = load_emulated_fast_cupy()
+    module.KERNELS.set_conv_algorithm("direct")  # (the tiled kernels' emulation is slow)
+    yield module.KERNELS
+    restore(saved)
+
+
 @pytest.mark.parametrize("net", [gap_net, _bn_net, _random_net])
 @pytest.mark.parametrize("make_optimizer", [
     lambda: optim.SGD(optim.StepDecay(0.05, 2, 0.5), momentum=0.9),  # the rate changes
     lambda: optim.AdamW(optim.CosineDecay(3e-3, 7)),
 ])
-def test_a_fit_through_captured_steps_equals_an_eager_fit(monkeypatch, net, make_optimizer):
+def test_a_fit_through_captured_steps_equals_an_eager_fit(monkeypatch, kernels, net,
+                                                          make_optimizer):
     """Batches of 16 of 40: per epoch two full batches (warmed up, then captured and
     replayed) and a tail of 8 (eager): the same weights, losses and step count as a fit
-    without graphs, the learning-rate schedule reaching every replay."""
+    without graphs, the learning-rate schedule reaching every replay. With CuPy's kernels the
+    captured steps' updates are the fused ones reading the device scalars (the stand-in's
+    replays re-run the step, so their update tables are made as in eager steps)."""
+    if kernels is not None:
+        monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+        launched, launch = [], type(kernels)._launch_updates
+
+        def counted(self, kernel, *args):
+            launched.append(kernel.name)
+            launch(self, kernel, *args)
+
+        monkeypatch.setattr(type(kernels), "_launch_updates", counted)
     x, y = _data()
     eager = _model(net(), make_optimizer())
     eager_history = eager.fit(x, y, epochs=4, batch_size=16, verbose=0)
     graphed = _model(net(), make_optimizer())
     graphed.build((12, 12, 3))
     graphs, capture = _runner(graphed)
+    if kernels is not None:  # (the stand-in needs neither cuDNN nor deferred tables)
+        graphs.capturable, graphs.capture_tables = contextlib.nullcontext, lambda: (
+            contextlib.nullcontext([]))
+        launched.clear()
     history = graphed.fit(x, y, epochs=4, batch_size=16, verbose=0)
     assert (capture.captures, capture.launches) == (1, 6)  # warm-up 2, captured 1, replayed 5
+    if kernels is not None:  # 2 warm-up, 1 captured, 6 launched steps, 4 eager tails
+        kind = "sgd" if isinstance(graphed.optimizer, optim.SGD) else "adam"
+        assert sorted(launched) == sorted([f"xpcnn_{kind}_at"] * 9 + [f"xpcnn_{kind}"] * 4)
     assert graphed.optimizer.iterations == eager.optimizer.iterations == 12
     np.testing.assert_allclose(history.history["loss"], eager_history.history["loss"],
                                rtol=1e-12)
@@ -145,6 +180,46 @@ def test_decisions_per_batch_shape_and_when_weights_are_replaced():
     for _ in range(3):
         graphs.run(xb, yb)
     assert graphs.decide(xb, yb) == "replay" and capture.captures == 2
+
+
+def test_the_update_tables_are_filled_after_the_capture_and_held_with_its_graph():
+    """The kernels' ``capture_tables`` context spans the capture alone: it is left (and fills
+    the tables) after the capture ended and before the graph's first launch, and the tables
+    live as long as that graph (a new capture holds its own)."""
+    events = []
+
+    class LoggedCapture(FakeCapture):
+        def capture(self, fn):
+            events.append("capture")
+            return super().capture(fn)
+
+        def launch(self, graph):
+            events.append("launch")
+            super().launch(graph)
+
+    @contextlib.contextmanager
+    def capture_tables():
+        tables = []
+        events.append("capture_tables")
+        yield tables
+        events.append("filled")
+        tables.append(f"table {events.count('filled')}")
+
+    model = _model(gap_net(), optim.Adam(1e-3))
+    model.build((12, 12, 3))
+    graphs, _ = _runner(model)
+    graphs.capture = LoggedCapture(model._graph_arrays)
+    graphs.capture_tables = capture_tables
+    xb, yb = model._to_device(_data(8)[0]), np.zeros(8, np.int64)
+    for _ in range(4):  # warm-up 2, capture, replay
+        graphs.run(xb, yb)
+    assert events == ["capture_tables", "capture", "filled", "launch", "launch"]
+    assert graphs._tables == ["table 1"]
+    model.set_weights(model.get_weights())  # new arrays: warmed up and captured again
+    for _ in range(3):
+        graphs.run(xb, yb)
+    assert events[5:] == ["capture_tables", "capture", "filled", "launch"]
+    assert graphs._tables == ["table 2"]
 
 
 def test_a_step_that_rebinds_its_state_stays_eager_with_the_reason():
@@ -246,8 +321,8 @@ def test_what_keeps_a_step_eager():
         layer.name = type(layer).__name__.lower()
 
     class NoScalars(optim.Optimizer):
-        def _update(self, xp, i, p, g, lr):
-            p[...] = p - lr * g
+        def _update(self, xp, i, p, g, lr, apply):
+            self._assign(xp, p, p - lr * g, apply)
 
     assert blockers(layers, optim.SGD(0.1), "cupy") == []  # (random layers included)
     assert blockers(layers, NoScalars(0.1), "numpy", ("cuDNN missing",)) == [

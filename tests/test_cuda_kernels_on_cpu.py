@@ -3,12 +3,13 @@ give the standard versions' results: their index arithmetic, bounds and formulas
 every machine, not only where a GPU is lent (tests/test_gpu.py checks them on the GPU, float16
 included)."""
 
+import contextlib
 import sys
 
 import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
-from cuda_emulator import load_emulated_fast_cupy, needs_compiler, restore
+from cuda_emulator import ElementwiseKernel, load_emulated_fast_cupy, needs_compiler, restore
 from kernel_cases import (
     DIRECT_CONV,
     IM2COL,
@@ -245,8 +246,8 @@ def test_an_optimiser_without_a_fused_update_runs_its_own(fast):
     offer fused updates."""
 
     class HalfStep(xpcnn.optim.Optimizer):
-        def _update(self, xp, i, p, g, lr):
-            p[...] = p - 0.5 * lr * g
+        def _update(self, xp, i, p, g, lr, apply):
+            self._assign(xp, p, p - 0.5 * lr * g, apply)
 
     p = [np.ones(3, np.float32)]
     HalfStep(0.2).step(xpn, p, [np.ones(3, np.float32)], fast)
@@ -275,3 +276,173 @@ def test_training_with_the_cuda_kernels(fast, monkeypatch, net, algorithm):
     assert loss_fast == pytest.approx(loss_std, rel=1e-5)
     for a, b in zip(w_fast, w_std, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# -- the updates with device scalars (a step captured in a CUDA graph, xpcnn.cuda_graphs) ---------
+
+
+def _device_scalars(opt, dtype):
+    """The next step's numbers as 0-d arrays of the parameters' dtype (as StepGraphs has them)."""
+    return {k: np.asarray(v, dtype) for k, v in opt.step_scalars().items()}
+
+
+# per step, whether it applies (None: no flag); where it does not, its gradients hold a NaN
+GATED_STEPS = [None, True, False, True]
+
+
+@OPTIMISERS
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_updates_with_device_scalars_are_the_standard_ones_bit_for_bit(
+        fast, monkeypatch, rng, make, dtype):
+    """``scalar_step`` with the CuPy kernels (one launch, the numbers read from device arrays)
+    against its standard formulas: the same parameters and slots, bit for bit, a step whose
+    ``apply`` is False included."""
+    module = sys.modules[type(fast).__module__]
+    launches = []
+
+    def counted(kernel):
+        def launch(*args, **kwargs):
+            launches.append(kernel.name)
+            kernel(*args, **kwargs)
+
+        return launch
+
+    for name in ("_SGD_AT", "_ADAM_AT"):
+        monkeypatch.setattr(module, name, counted(getattr(module, name)))
+    params = [rng.standard_normal(s).astype(dtype) for s in UPDATE_SHAPES]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    for apply in GATED_STEPS:
+        grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
+        if apply is False:
+            grads[1][0] = np.nan
+        flag = None if apply is None else np.asarray(apply)
+        before = [a.copy() for a in fused] + [s.copy() for v in opt_fused.slots.values()
+                                              for s in v]
+        opt_fused.scalar_step(xpn, fused, grads, _device_scalars(opt_fused, dtype), fast, flag)
+        opt_std.scalar_step(xpn, standard, grads, _device_scalars(opt_std, dtype), apply=flag)
+        for opt in (opt_fused, opt_std):
+            opt.iterations += 1
+        if apply is False:
+            after = fused + [s for v in opt_fused.slots.values() for s in v]
+            for a, b in zip(after, before, strict=True):
+                np.testing.assert_array_equal(a, b)
+    assert len(launches) == len(GATED_STEPS)  # one launch per step
+    for a, b in zip(fused, standard, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for name, slots in opt_std.slots.items():
+        for a, b in zip(opt_fused.slots[name], slots, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@OPTIMISERS
+def test_fused_updates_with_device_scalars_over_two_dtypes(fast, rng, make):
+    """Parameters of float32 and float64 with float32 step numbers (the first parameter's
+    dtype, as a captured step has them): the standard values bit for bit (a float32 number
+    meets float64 parameters exactly, in both)."""
+    params = [rng.standard_normal(s).astype(dt) for s, dt in
+              zip(UPDATE_SHAPES, [np.float32, np.float64] * 3, strict=True)]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    for _ in range(3):
+        grads = [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
+        opt_fused.scalar_step(xpn, fused, grads, _device_scalars(opt_fused, np.float32), fast)
+        opt_std.scalar_step(xpn, standard, grads, _device_scalars(opt_std, np.float32))
+        for opt in (opt_fused, opt_std):
+            opt.iterations += 1
+    for a, b in zip(fused, standard, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+class EmulatedCapture:
+    """A stream capture of the emulated kernels, as CUDA makes one: while ``recording``, kernel
+    launches are recorded, not run; a copy to the device fails (CuPy's capture refuses it) and
+    new device memory holds garbage (-1); ``allocators`` notes the allocator each new array
+    came from. ``replay`` runs the recorded launches on the arrays they were given, as a
+    replayed graph does."""
+
+    def __init__(self, module, monkeypatch):
+        self.module, self.monkeypatch, self.launches, self.allocators = (
+            module, monkeypatch, [], [])
+
+    def _garbage(self, shape, dtype):
+        self.allocators.append((self.module.cupy.cuda.allocators or [None])[-1])
+        return np.full(shape, -1, dtype)
+
+    @contextlib.contextmanager
+    def recording(self):
+        def refuse(*args, **kwargs):
+            raise AssertionError("a copy to the device inside the capture")
+
+        with self.monkeypatch.context() as m:
+            m.setattr(ElementwiseKernel, "__call__", lambda kernel, *args, size=None:
+                      self.launches.append((kernel, args, size)))
+            m.setattr(self.module.cupy, "asarray", refuse)
+            m.setattr(self.module, "_upload", refuse)
+            m.setattr(self.module.cupy, "empty", self._garbage)
+            yield
+
+    def replay(self):
+        for kernel, args, size in self.launches:
+            kernel(*args, size=size)
+
+
+@OPTIMISERS
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_captured_fused_update_fills_its_table_after_the_capture_and_replays_right(
+        fast, monkeypatch, rng, make, dtype):
+    """An update captured in a graph: inside the capture its table is allocated (from the
+    tables' own memory pool, which no temporary of the step shares), not copied to the
+    device; it is filled when ``capture_tables`` ends (before any launch) with the addresses
+    of the captured step's arrays; the replays, with new gradients, step numbers and flags in
+    the same arrays, give the standard formulas' values bit for bit."""
+    module = sys.modules[type(fast).__module__]
+    params = [rng.standard_normal(s).astype(dtype) for s in UPDATE_SHAPES]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]  # the static buffers
+    apply = np.asarray(True)
+    scalars = _device_scalars(opt_fused, dtype)
+    for opt, ps, kernels in ((opt_fused, fused, fast), (opt_std, standard, None)):  # warm-up
+        opt.scalar_step(xpn, ps, grads, _device_scalars(opt, dtype), kernels, apply)
+        opt.iterations += 1
+    capture = EmulatedCapture(module, monkeypatch)
+    with fast.capture_tables() as tables:
+        with capture.recording():
+            opt_fused.scalar_step(xpn, fused, grads, scalars, fast, apply)
+        assert tables == []  # (filled on leaving)
+    assert fast._deferred is None and len(capture.launches) == 1 and len(tables) == 1
+    assert capture.allocators == [fast._table_pool.malloc]
+    offsets = np.cumsum([0] + [p.size for p in fused])
+    rows = [[a.ctypes.data for a in arrays]
+            for arrays in zip(fused, grads, *opt_fused.slots.values(), strict=True)]
+    np.testing.assert_array_equal(tables[0], np.concatenate([offsets, np.ravel(rows)]))
+    for gate in GATED_STEPS[1:]:  # the replays
+        for g in grads:
+            g[...] = rng.standard_normal(g.shape)
+        if gate is False:
+            grads[1][0] = np.nan
+        apply[...] = gate
+        for k, v in opt_fused.step_scalars().items():
+            scalars[k][...] = v
+        capture.replay()
+        opt_std.scalar_step(xpn, standard, grads, _device_scalars(opt_std, dtype), apply=apply)
+        for opt in (opt_fused, opt_std):
+            opt.iterations += 1
+    for a, b in zip(fused, standard, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for name, slots in opt_std.slots.items():
+        for a, b in zip(opt_fused.slots[name], slots, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_capture_that_fails_fills_no_table(fast, monkeypatch, rng):
+    module = sys.modules[type(fast).__module__]
+    filled = []
+    monkeypatch.setattr(module, "_upload", lambda device, host: filled.append(device))
+    p, g = [np.zeros(3, np.float32)], [np.ones(3, np.float32)]
+    with pytest.raises(RuntimeError, match="refused"), fast.capture_tables() as tables:
+        fast.sgd_scalar_update(p, g, None, np.asarray(0.5, np.float32), 0.0, 0.0, False)
+        raise RuntimeError("the capture refused something")
+    assert tables == filled == [] and fast._deferred is None

@@ -455,6 +455,69 @@ def test_a_gated_update_on_the_gpu_changes_nothing_where_the_flag_is_false(cp, k
     assert all(bool(cp.array_equal(a, b)) for a, b in zip(before, after, strict=True))
 
 
+@OPTIMISERS
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_captured_fused_update_replays_as_the_standard_one(cp, kernels, make, dtype):
+    """The fused update reading its step numbers from device arrays, captured in a CUDA graph
+    (its table allocated in the capture, filled after it) and replayed with new gradients,
+    numbers and flags in the same arrays: the standard ``scalar_step``'s values (to rounding:
+    the GPU fuses multiply-adds), and a replay flagged False changes nothing. The captured
+    step first fills and frees a scratch array of the table's size: were the table given that
+    block, each replay would overwrite it with -1s before the update reads it."""
+    import array_api_compat.cupy as xc
+
+    from xpcnn.cuda_graphs import CupyCapture
+
+    fast, _ = kernels
+    rng = np.random.default_rng(0)
+    params = [_random(cp, rng, s, dtype) for s in UPDATE_SHAPES]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    grads = [_random(cp, rng, p.shape, dtype) for p in params]  # the graph's static buffers
+    apply = cp.asarray(True)
+
+    def device_scalars(opt):
+        return {k: cp.asarray(v, dtype=dtype) for k, v in opt.step_scalars().items()}
+
+    scalars = device_scalars(opt_fused)
+    for opt, ps, fast_or_none in ((opt_fused, fused, fast), (opt_std, standard, None)):
+        opt.scalar_step(xc, ps, grads, device_scalars(opt), fast_or_none, apply)  # warm-up
+        opt.iterations += 1
+    def captured_step():
+        scratch = cp.empty(64, cp.int64)  # (512 bytes: the pool's smallest block, the table's)
+        scratch.fill(-1)
+        del scratch
+        opt_fused.scalar_step(xc, fused, grads, scalars, fast, apply)
+
+    capture = CupyCapture()
+    with capture.scope(), fast.capture_tables() as tables:
+        graph, _ = capture.capture(captured_step)
+    assert len(tables) == 1  # one dtype: one launch, one table
+    for gate in (True, False, True):
+        for g in grads:
+            g[...] = _random(cp, rng, g.shape, dtype)
+        if not gate:
+            grads[1][0] = cp.nan
+        apply[...] = gate
+        for k, v in opt_fused.step_scalars().items():
+            scalars[k][...] = v
+        before = [a.copy() for a in fused] + [a.copy() for v in opt_fused.slots.values()
+                                              for a in v]
+        capture.launch(graph)
+        opt_std.scalar_step(xc, standard, grads, device_scalars(opt_std), apply=apply)
+        for opt in (opt_fused, opt_std):
+            opt.iterations += 1
+        if not gate:
+            after = fused + [a for v in opt_fused.slots.values() for a in v]
+            assert all(bool(cp.array_equal(a, b)) for a, b in zip(after, before, strict=True))
+    rtol = 1e-5 if dtype == "float32" else 1e-12
+    for f, s in zip(fused, standard, strict=True):
+        np.testing.assert_allclose(f.get(), s.get(), rtol=rtol, atol=rtol)
+    for name, slots in opt_std.slots.items():
+        for f, s in zip(opt_fused.slots[name], slots, strict=True):
+            np.testing.assert_allclose(f.get(), s.get(), rtol=rtol, atol=rtol)
+
+
 # -- cuDNN (xpcnn.ops.cudnn_conv) and CUDA graphs (xpcnn.cuda_graphs) -----------------------------
 
 
@@ -582,6 +645,7 @@ def test_replayed_steps_give_the_weights_of_eager_steps(cudnn_module, monkeypatc
         results.append((model, history.history["loss"]))
     (eager, loss_eager), (graphed, loss_graphed) = results
     assert graphed.cuda_graphs_reason == "" and graphed._graphs.graph is not None
+    assert len(graphed._graphs._tables) == 1  # its update: the fused kernel, one launch
     assert graphed.optimizer.iterations == eager.optimizer.iterations == 15
     assert loss_graphed == pytest.approx(loss_eager, rel=tol / 10)
     for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):

@@ -3,8 +3,10 @@
 import math
 
 import array_api_compat.numpy as xpn
+import array_api_strict as xs
 import numpy as np
 import pytest
+from kernel_cases import OPTIMISERS
 
 from xpcnn import optim
 from xpcnn.errors import InputError
@@ -127,6 +129,68 @@ def test_schedule_drives_the_optimizer():
 def test_bad_optimizer_arguments(make, message):
     with pytest.raises(InputError, match=message):
         make()
+
+
+@OPTIMISERS
+@pytest.mark.parametrize("scalar_step", [False, True], ids=["step", "scalar_step"])
+def test_a_step_whose_apply_flag_is_false_changes_nothing(make, scalar_step, rng):
+    """Under array_api_strict, gated steps (``apply`` a 0-d device bool, folded into each
+    update) give, bit for bit, the run that leaves out the steps flagged False (NaN gradients
+    there) and only counts them; ``apply`` True is the ungated update."""
+    shapes = [(3, 4), (5,)]
+    steps = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(4)]
+    steps[2][0][1, 1] = np.nan
+    gates = [True, True, False, True]
+    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    gated, reference = [xs.asarray(p) for p in start], [p.copy() for p in start]
+    opt_gated, opt_reference = make(), make()
+    for grads, gate in zip(steps, gates, strict=True):
+        apply = xs.asarray(gate)
+        strict_grads = [xs.asarray(g) for g in grads]
+        if scalar_step:
+            scalars = {k: xs.asarray(v, dtype=xs.float32)
+                       for k, v in opt_gated.step_scalars().items()}
+            opt_gated.scalar_step(xs, gated, strict_grads, scalars, apply=apply)
+            opt_gated.iterations += 1
+        else:
+            opt_gated.step(xs, gated, strict_grads, apply=apply)
+        if gate:
+            opt_reference.step(xpn, reference, grads)
+        else:
+            opt_reference.iterations += 1
+    assert opt_gated.iterations == opt_reference.iterations == 4
+    for a, b in zip(gated, reference, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    for name, slots in opt_reference.slots.items():
+        for a, b in zip(opt_gated.slots[name], slots, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), b)
+
+
+@pytest.mark.parametrize("make, updated", [
+    (lambda: optim.SGD(0.1), 1), (lambda: optim.SGD(0.1, momentum=0.9), 2),
+    (lambda: optim.Adam(1e-3), 3), (lambda: optim.AdamW(1e-3), 3)])
+def test_a_gated_update_costs_one_where_per_updated_array_and_no_copies(make, updated):
+    """``apply`` is folded into each update: one ``where`` per parameter and slot, no copies
+    of them kept to put back."""
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            function = getattr(xpn, name)
+
+            def counted(*args, **kwargs):
+                if name == "where" or kwargs.get("copy"):
+                    calls.append(name)
+                return function(*args, **kwargs)
+
+            return counted
+
+    params = [np.ones((3, 4), np.float32), np.ones(5, np.float32)]
+    grads = [np.ones_like(p) for p in params]
+    opt = make()
+    opt.step(xpn, params, grads)  # (makes the slots)
+    opt.step(Counting(), params, grads, apply=np.asarray(True))
+    assert calls == ["where"] * updated * len(params)
 
 
 def test_lr_is_never_nan():

@@ -20,7 +20,14 @@ replayed graph is one launch. What a captured step needs, and how it gets it:
   by ``set_weights``, ``load_weights`` or a checkpoint, make the step capture again).
 - No cuBLAS: CuPy 14 refuses to capture it, so matrix products run as cuDNN graphs during the
   warm-up and the capture (``CupyKernels.capturable``).
-- No host reads inside the step.
+- No host reads inside the step, and no copies from the host. The optimiser update is CuPy's
+  fused one (:meth:`xpcnn.optim.Optimizer.scalar_step`: one launch per parameter dtype,
+  reading the per-step numbers above from their device arrays); it finds the parameters,
+  gradients and slots through a device table of their addresses. A capture allocates that
+  table (from a memory pool that none of the step's temporaries share) and fills it once the
+  capture has ended, before the graph's first launch (``CupyKernels.capture_tables``): the
+  addresses in a graph never change, and the table is held with the graph, as the captured
+  arrays are.
 - Memory: the steps run from warm-up on with a memory pool of their own, so the blocks the
   graph's temporaries use are never handed to anything else.
 
@@ -101,6 +108,11 @@ class CupyCapture:
         caller.wait_event(self.stream.record())
 
 
+@contextlib.contextmanager
+def _nothing_deferred() -> Iterator[list[Any]]:
+    yield []
+
+
 class StepGraphs:
     """A training step run eagerly, warmed up, captured, then replayed (see the module doc).
 
@@ -109,20 +121,24 @@ class StepGraphs:
     after a replay hold that replay's values. ``arrays()`` lists every array that outlives a
     step, by name ("param ..." first). ``scalars_for_next()`` gives the next step's numbers
     (host floats) and ``advance()`` counts a step done; ``capturable()`` is the kernels'
-    context for matrix products that can be captured; ``capture`` the CUDA side
-    (:class:`CupyCapture` by default; tests give a stand-in). The scalars are in the
-    parameters' dtype, those named in ``exact`` (a step count) in float64.
+    context for matrix products that can be captured; ``capture_tables`` (None: nothing to
+    defer) the kernels' context around the capture in which the fused updates defer filling
+    their device tables until it has ended (:meth:`CupyKernels.capture_tables`); ``capture``
+    the CUDA side (:class:`CupyCapture` by default; tests give a stand-in). The scalars are in
+    the parameters' dtype, those named in ``exact`` (a step count) in float64.
     """
 
     def __init__(self, step: StepFn, arrays: ArraysFn, scalars_for_next: Callable[[], dict],
                  advance: Callable[[], None], backend: Any, capturable: Any,
-                 capture: Any = None, warmup: int = 2, exact: tuple[str, ...] = ()) -> None:
+                 capture: Any = None, warmup: int = 2, exact: tuple[str, ...] = (),
+                 capture_tables: Callable[[], Any] | None = None) -> None:
         if warmup < 2:
             raise ValueError("at least two warm-up steps: the first may create arrays (the "
                              "optimiser's slots), the last checks that none is rebound")
         self.step, self.arrays = step, arrays
         self.scalars_for_next, self.advance = scalars_for_next, advance
         self.backend, self.capturable = backend, capturable
+        self.capture_tables = capture_tables or _nothing_deferred
         self.capture = capture  # (made on first use: CuPy is imported only then)
         self.warmup, self.exact = warmup, exact
         self.shape: tuple[Any, ...] | None = None  # the batch shape that is captured
@@ -132,8 +148,10 @@ class StepGraphs:
         self._static: tuple[Any, Any] | None = None
         self._scalars: dict[str, Any] | None = None  # refilled before each step
         self._outputs: Any = None
-        # the arrays the graph was captured with, held so that their memory stays theirs
+        # the arrays the graph was captured with, and the device tables its update kernels
+        # read, held so that their memory stays theirs
         self._captured: list[tuple[str, Any]] = []
+        self._tables: list[Any] = []
 
     def decide(self, xb: Any, yb: Any) -> str:
         """What the next step on this batch does: "eager" (for good, or another shape than
@@ -192,8 +210,10 @@ class StepGraphs:
         static_x, static_y = xp.asarray(xb, copy=True), xp.asarray(yb, copy=True)
         before = self.arrays()
         try:
-            graph, out = self.capture.capture(
-                lambda: self.step(static_x, static_y, self._scalars))
+            # (the tables are filled on leaving, after the capture ended, before any launch)
+            with self.capture_tables() as tables:
+                graph, out = self.capture.capture(
+                    lambda: self.step(static_x, static_y, self._scalars))
         except Exception as e:  # what the capture refused, e.g. a read from the host
             first = (str(e).splitlines() or [type(e).__name__])[0][:200]
             self.reason = f"capturing the step failed: {first}"
@@ -203,7 +223,7 @@ class StepGraphs:
             raise RuntimeError(f"xpcnn: {rebound} was replaced while the training step was "
                                "captured in a CUDA graph; compile(cuda_graphs=False) avoids it")
         self.graph, self._static, self._outputs = graph, (static_x, static_y), out
-        self._captured = before
+        self._captured, self._tables = before, tables
         self.capture.launch(graph)  # the capture only recorded the step: now run it
         self.advance()
         return out

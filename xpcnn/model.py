@@ -361,7 +361,7 @@ class Model:
         if scalars is None:
             opt.step(xp, params, grads, kernels, apply=apply)
         else:
-            opt.scalar_step(xp, params, grads, scalars, apply=apply)
+            opt.scalar_step(xp, params, grads, scalars, kernels, apply=apply)
         return stats
 
     def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any) -> tuple[Any, list[Any]]:
@@ -419,11 +419,13 @@ class Model:
             opt.iterations += 1
 
         # (on CuPy the kernels can always make matmuls capturable: see _graph_blockers)
-        capturable = getattr(kernels_for(self.backend), "capturable", contextlib.nullcontext)
+        kernels = kernels_for(self.backend)
+        capturable = getattr(kernels, "capturable", contextlib.nullcontext)
         self._running_totals()  # (made before the warm-up: its state is captured)
         self._graphs = StepGraphs(
             lambda xb, yb, s: self._device_step(xb, yb, s["iteration"], s), self._graph_arrays,
-            scalars, advance, self.backend, capturable, exact=("iteration",))
+            scalars, advance, self.backend, capturable, exact=("iteration",),
+            capture_tables=getattr(kernels, "capture_tables", None))
         return self._graphs
 
     def _graph_blockers(self) -> list[str]:

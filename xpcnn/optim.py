@@ -153,7 +153,9 @@ def as_schedule(lr: float | Schedule | Callable[[int], float]) -> Schedule:
 
 
 class Optimizer:
-    """Base: subclasses define ``_update(i, p, g, lr)`` for parameter ``i``.
+    """Base: subclasses define ``_update(xp, i, p, g, lr, apply)`` for parameter ``i``, writing
+    every array they update through :meth:`_assign` (so that a step the device skips changes
+    nothing).
 
     ``slots`` holds per-parameter state arrays (momentum, moments), created lazily on the
     parameters' device; ``iterations`` counts steps and drives the schedule (a step whose update
@@ -204,10 +206,8 @@ class Optimizer:
         fused = kernels is not None and kernels.fused_updates and params
         if fused and self._fused_update(kernels, params, grads, lr, apply):
             return
-        kept = self._kept(xp, params, apply)
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            self._update(xp, i, p, g, lr)
-        self._restore(xp, kept, apply)
+            self._update(xp, i, p, g, lr, apply)
 
     def _checked_lr(self) -> float:
         """The next step's learning rate; NonFiniteError where it is not a finite number >= 0
@@ -218,21 +218,14 @@ class Optimizer:
                                  "nothing was updated")
         return lr
 
-    def _kept(self, xp: Any, params: list[Any], apply: Any) -> list[tuple[Any, Any]]:
-        """Copies of the parameters and slots where ``apply`` may undo an update."""
-        if apply is None:
-            return []
-        return [(a, xp.asarray(a, copy=True))
-                for a in [*params, *(s for v in self.slots.values() for s in v)]]
+    def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float, apply: Any) -> None:
+        raise NotImplementedError
 
     @staticmethod
-    def _restore(xp: Any, kept: list[tuple[Any, Any]], apply: Any) -> None:
-        """Put back the values from before the update where ``apply`` is False."""
-        for a, before in kept:
-            a[...] = xp.where(apply, a, before)
-
-    def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
-        raise NotImplementedError
+    def _assign(xp: Any, a: Any, new: Any, apply: Any) -> None:
+        """``a[...] = new``, or where ``apply`` (a 0-d boolean device array) is False, ``a`` as
+        it was: one ``where`` per updated array, decided on the device."""
+        a[...] = new if apply is None else xp.where(apply, new, a)
 
     # -- a step whose per-step numbers live in device memory (CUDA graphs) --------------------
     #: True where :meth:`step_scalars` and :meth:`scalar_step` are defined.
@@ -247,20 +240,24 @@ class Optimizer:
         raise NotImplementedError
 
     def scalar_step(self, xp: Any, params: list[Any], grads: list[Any],
-                    scalars: dict[str, Any], apply: Any = None) -> None:
-        """One update by the standard formulas with the per-step numbers taken from
-        ``scalars`` (0-d arrays, as :meth:`step_scalars` names them): the same values, in the
-        same order, as :meth:`step` computes without fused kernels. ``apply``: a 0-d boolean
-        device array; where False, parameters and slots keep their values. ``iterations`` is
-        left to the caller, which counts replays."""
+                    scalars: dict[str, Any], kernels: Any = None, apply: Any = None) -> None:
+        """One update with the per-step numbers taken from ``scalars`` (0-d arrays in the
+        parameters' dtype, as :meth:`step_scalars` names them): the same values, in the same
+        order, as :meth:`step` computes without fused kernels. With ``kernels`` that read them
+        from device memory (:attr:`StandardKernels.scalar_updates`: CuPy's), one launch per
+        parameter dtype; else the standard formulas. ``apply``: a 0-d boolean device array;
+        where False, parameters and slots keep their values. ``iterations`` is left to the
+        caller, which counts replays."""
         if not self.slots:
             self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
-        kept = self._kept(xp, params, apply)
+        fused = kernels is not None and kernels.scalar_updates and params
+        if fused and self._fused_scalar_update(kernels, params, grads, scalars, apply):
+            return
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            self._scalar_update(xp, i, p, g, scalars)
-        self._restore(xp, kept, apply)
+            self._scalar_update(xp, i, p, g, scalars, apply)
 
-    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any]) -> None:
+    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
+                       apply: Any) -> None:
         raise NotImplementedError
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
@@ -268,6 +265,11 @@ class Optimizer:
         """The update of every parameter as one launch of ``kernels`` (none where ``apply`` is
         False); False where this optimiser has none (a subclass that defines only ``_update``
         then runs that)."""
+        return False
+
+    def _fused_scalar_update(self, kernels: Any, params: list[Any], grads: list[Any],
+                             scalars: dict[str, Any], apply: Any) -> bool:
+        """:meth:`_fused_update` with the per-step numbers in device ``scalars``."""
         return False
 
     def get_config(self) -> dict[str, Any]:
@@ -294,24 +296,33 @@ class SGD(Optimizer):
     def step_scalars(self) -> dict[str, float]:
         return {"lr": self._checked_lr()}
 
-    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any]) -> None:
-        self._update(xp, i, p, g, scalars["lr"])
+    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
+                       apply: Any) -> None:
+        self._update(xp, i, p, g, scalars["lr"], apply)
 
-    def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
+    def _update(self, xp: Any, i: int, p: Any, g: Any, lr: Any, apply: Any) -> None:
         if self.weight_decay:
             g = g + self.weight_decay * p
         if self.momentum:
             buf = self.slots["momentum"][i]
             # PyTorch starts the buffer at the first gradient, not at momentum * 0 + g: same.
-            buf[...] = self.momentum * buf + g
+            self._assign(xp, buf, self.momentum * buf + g, apply)
+            # (where apply is False, p's new value below is not kept either)
             g = g + self.momentum * buf if self.nesterov else buf
-        p[...] = p - lr * g
+        self._assign(xp, p, p - lr * g, apply)
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
                       lr: float, apply: Any) -> bool:
         bufs = self.slots["momentum"] if self.momentum else None
         kernels.sgd_update(params, grads, bufs, lr, self.weight_decay, self.momentum,
                            self.nesterov, apply)
+        return True
+
+    def _fused_scalar_update(self, kernels: Any, params: list[Any], grads: list[Any],
+                             scalars: dict[str, Any], apply: Any) -> bool:
+        bufs = self.slots["momentum"] if self.momentum else None
+        kernels.sgd_scalar_update(params, grads, bufs, scalars["lr"], self.weight_decay,
+                                  self.momentum, self.nesterov, apply)
         return True
 
     def get_config(self) -> dict[str, Any]:
@@ -345,27 +356,37 @@ class Adam(Optimizer):
     def step_scalars(self) -> dict[str, float]:
         return self._scalars(self._checked_lr(), self.iterations + 1)
 
-    def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float) -> None:
-        self._scalar_update(xp, i, p, g, self._scalars(lr, self.iterations))
+    def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float, apply: Any) -> None:
+        self._scalar_update(xp, i, p, g, self._scalars(lr, self.iterations), apply)
 
-    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any]) -> None:
+    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
+                       apply: Any) -> None:
+        new_p = p
         if self.weight_decay:
             if self.decoupled:
-                p[...] = p * scalars["decay"]
+                new_p = p * scalars["decay"]  # (the parameters' dtype: so are the scalars)
             else:
                 g = g + self.weight_decay * p
         m, v = self.slots["m"][i], self.slots["v"][i]
         b1, b2 = self.beta_1, self.beta_2
-        m[...] = b1 * m + (1.0 - b1) * g
-        v[...] = b2 * v + (1.0 - b2) * (g * g)
+        self._assign(xp, m, b1 * m + (1.0 - b1) * g, apply)
+        self._assign(xp, v, b2 * v + (1.0 - b2) * (g * g), apply)
+        # (where apply is False, m and v are the old ones here, and p keeps its value)
         denom = xp.sqrt(v / scalars["bc2"]) + self.epsilon
-        p[...] = p - scalars["step"] * m / denom
+        self._assign(xp, p, new_p - scalars["step"] * m / denom, apply)
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
                       lr: float, apply: Any) -> bool:
         kernels.adam_update(params, grads, self.slots["m"], self.slots["v"], lr,
                             self.weight_decay, self.decoupled, self.beta_1, self.beta_2,
                             self.epsilon, self.iterations, apply)
+        return True
+
+    def _fused_scalar_update(self, kernels: Any, params: list[Any], grads: list[Any],
+                             scalars: dict[str, Any], apply: Any) -> bool:
+        kernels.adam_scalar_update(params, grads, self.slots["m"], self.slots["v"], scalars,
+                                   self.weight_decay, self.decoupled, self.beta_1, self.beta_2,
+                                   self.epsilon, apply)
         return True
 
     def get_config(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import os
 import warnings
 from collections.abc import Iterator
@@ -672,11 +673,27 @@ _FIND_ARRAY = """
     T& p = ((T*)table[row])[e];
     const T g = ((const T*)table[row + 1])[e];
 """
-# ``apply[0]`` false (a step the device found non-finite): every element is left as it is.
-_SGD = cupy.ElementwiseKernel(
-    "raw T dtype_of, int32 count, int32 slots, T lr, T wd, T mom, bool nesterov, raw bool apply",
-    "raw int64 table",
-    "if (!apply[0]) continue;" + _FIND_ARRAY + """
+
+
+def _update_kernels(name: str, constants: str, per_step: tuple[str, ...], body: str
+                    ) -> tuple[Any, Any]:
+    """An update kernel in two versions: the numbers that change from step to step
+    (``per_step``) passed by value (eager steps), and read from one-element device arrays
+    ``<name>_at`` (a step captured in a CUDA graph, which would keep by-value arguments as they
+    were at the capture). ``apply[0]`` false (a step the device found non-finite): every element
+    is left as it is."""
+    head = "raw T dtype_of, int32 count, int32 slots, " + constants
+    by_value = "".join(f", T {s}" for s in per_step)
+    on_device = "".join(f", raw T {s}_at" for s in per_step)
+    read = "".join(f"const T {s} = {s}_at[0];" for s in per_step)
+    gate = "if (!apply[0]) continue;"
+    return (cupy.ElementwiseKernel(head + by_value + ", raw bool apply", "raw int64 table",
+                                   gate + _FIND_ARRAY + body, f"xpcnn_{name}"),
+            cupy.ElementwiseKernel(head + on_device + ", raw bool apply", "raw int64 table",
+                                   gate + read + _FIND_ARRAY + body, f"xpcnn_{name}_at"))
+
+
+_SGD, _SGD_AT = _update_kernels("sgd", "T wd, T mom, bool nesterov", ("lr",), """
     const T grad = g + wd * p;
     if (slots == 0) {
         p = p - lr * grad;
@@ -685,14 +702,9 @@ _SGD = cupy.ElementwiseKernel(
         buf = mom * buf + grad;
         p = p - lr * (nesterov ? grad + mom * buf : buf);
     }
-    """,
-    "xpcnn_sgd",
-)
-_ADAM = cupy.ElementwiseKernel(
-    "raw T dtype_of, int32 count, int32 slots, T wd, bool decoupled, T decay, T b1, T c1, T b2,"
-    " T c2, T step, T bc2, T eps, raw bool apply",
-    "raw int64 table",
-    "if (!apply[0]) continue;" + _FIND_ARRAY + """
+    """)
+_ADAM, _ADAM_AT = _update_kernels(
+    "adam", "T wd, bool decoupled, T b1, T c1, T b2, T c2, T eps", ("decay", "step", "bc2"), """
     T& m = ((T*)table[row + 2])[e];
     T& v = ((T*)table[row + 3])[e];
     T grad = g;
@@ -701,9 +713,7 @@ _ADAM = cupy.ElementwiseKernel(
     m = b1 * m + c1 * grad;
     v = b2 * v + c2 * (grad * grad);
     p = p - step * m / (sqrt(v / bc2) + eps);
-    """,
-    "xpcnn_adam",
-)
+    """)
 
 
 @functools.cache
@@ -726,12 +736,17 @@ def _address(a: Any) -> int:
 # step's, so a step usually finds its table here instead of copying one to the device.
 _TABLES: dict[tuple[str, bytes], Any] = {}
 
-def _update_table(params: list[Any], grads: list[Any], *slots: list[Any]) -> tuple[Any, int]:
+
+def _update_table(params: list[Any], grads: list[Any], *slots: list[Any],
+                  deferred: _DeferredTables | None = None) -> tuple[Any, int]:
     """The ``table`` of the update kernels on the parameters' device and the total element
-    count. Every array must be C-contiguous and of the parameters' dtype."""
+    count. Every array must be C-contiguous and of the parameters' dtype. With ``deferred``
+    (inside a stream capture), a table that it fills once the capture has ended."""
     offsets = np.cumsum([0] + [p.size for p in params])
     rows = [[_address(a) for a in arrays] for arrays in zip(params, grads, *slots, strict=True)]
     table = np.concatenate([offsets, np.asarray(rows, np.int64).reshape(-1)]).astype(np.int64)
+    if deferred is not None:
+        return deferred.table(table), int(offsets[-1])
     key = (str(params[0].device), table.tobytes())
     device_table = _TABLES.get(key)
     if device_table is None:
@@ -739,6 +754,34 @@ def _update_table(params: list[Any], grads: list[Any], *slots: list[Any]) -> tup
             _TABLES.clear()
         device_table = _TABLES[key] = cupy.asarray(table)
     return device_table, int(offsets[-1])
+
+
+def _upload(device: Any, host: Any) -> None:
+    """Copy NumPy array ``host`` into the device array ``device`` (no allocation)."""
+    device.set(host)
+
+
+class _DeferredTables:
+    """The update tables of one stream capture (see :meth:`CupyKernels.capture_tables`)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.pending: list[tuple[Any, Any]] = []
+
+    def table(self, host_table: Any) -> Any:
+        """A device array for ``host_table``, filled by :meth:`fill`. Its memory comes from
+        ``pool``, the tables' own: a block of the graph's pool may have served a temporary
+        earlier in the same step, whose kernels would overwrite the table at every replay."""
+        with cupy.cuda.using_allocator(self.pool.malloc):
+            device_table = cupy.empty(host_table.shape, host_table.dtype)
+        self.pending.append((device_table, host_table))
+        return device_table
+
+    def fill(self) -> list[Any]:
+        """Copy every table to the device (the capture has ended); returns them."""
+        for device_table, host_table in self.pending:
+            _upload(device_table, host_table)
+        return [device_table for device_table, _ in self.pending]
 
 
 # a^T @ b with a long inner dimension (a convolution's weight gradient: one row per output
@@ -769,6 +812,7 @@ class CupyKernels(StandardKernels):
     """One launch per job where the standard versions take several (see the module doc)."""
 
     fused_updates = True
+    scalar_updates = True
     pads_in_im2col = True
     bias_in_patches = False  # its im2col kernel fills every column of ``out``
 
@@ -785,6 +829,10 @@ class CupyKernels(StandardKernels):
         self.tf32 = os.environ.get("CUPY_TF32", "0") != "0"
         # matrix products as cuDNN graphs while set (see capturable)
         self._graph_matmul: Any = None
+        # update tables to fill once a stream capture has ended, and their memory pool (see
+        # capture_tables; made on first use)
+        self._deferred: _DeferredTables | None = None
+        self._table_pool: Any = None
 
     def conv_engine(self, geometry: ConvGeometry, backend: Any) -> ConvEngine:
         """cuDNN (:mod:`xpcnn.ops.cudnn_conv`) where it loads, with the hand-written kernels
@@ -1049,29 +1097,83 @@ class CupyKernels(StandardKernels):
             return cupy.ones(1, cupy.bool_)
         return cupy.reshape(apply.astype(cupy.bool_, copy=False), (1,))
 
+    @staticmethod
+    def _per_step(value: Any, t: Any) -> Any:
+        """A per-step number for parameters of dtype ``t``: a Python float rounded to it (as
+        the standard version rounds it), a 0-d device array (a ``*_scalar_update``'s) as a
+        one-element array of it."""
+        if isinstance(value, numbers.Real):
+            return t(value)
+        return cupy.reshape(value.astype(t, copy=False), (1,))
+
+    @contextlib.contextmanager
+    def capture_tables(self) -> Iterator[list[Any]]:
+        """Around a stream capture of update kernels: a capture refuses copies to the device,
+        and a step's gradients have their addresses only inside it, so the tables of the
+        updates issued inside are allocated there (from a memory pool of their own) and
+        filled on leaving (the capture has ended; the graph has not run yet). A graph's
+        addresses never change, so neither do its tables. Yields the list of them, complete
+        on leaving: the graph reads them, so whoever holds the graph must hold it. Nothing is
+        filled where the body raises."""
+        if self._table_pool is None:
+            self._table_pool = cupy.cuda.MemoryPool()
+        deferred, tables = _DeferredTables(self._table_pool), []
+        outer, self._deferred = self._deferred, deferred
+        try:
+            yield tables
+        finally:
+            self._deferred = outer
+        tables.extend(deferred.fill())
+
+    def _launch_updates(self, kernel: Any, groups: list[tuple[Any, ...]], constants: tuple,
+                        per_step: tuple, apply: Any) -> None:
+        """``kernel`` once per dtype group of (params, grads, *slots): ``constants`` (Python
+        floats rounded to the group's dtype, bools as they are), then ``per_step``."""
+        flag = self._apply_flag(apply)
+        for p, g, *slots in groups:
+            table, size = _update_table(p, g, *slots, deferred=self._deferred)
+            t = p[0].dtype.type
+            fixed = [c if isinstance(c, bool) else t(c) for c in constants]
+            kernel(p[0], len(p), len(slots), *fixed, *(self._per_step(v, t) for v in per_step),
+                   flag, table, size=size)
+
     def sgd_update(self, params: list[Any], grads: list[Any], bufs: list[Any] | None,
                    lr: float, weight_decay: float, momentum: float, nesterov: bool,
                    apply: Any = None) -> None:
-        flag = self._apply_flag(apply)
-        for p, g, *b in self._by_dtype(params, grads, bufs):
-            table, size = _update_table(p, g, *b)
-            t = p[0].dtype.type
-            _SGD(p[0], len(p), len(b), t(lr), t(weight_decay), t(momentum), nesterov, flag,
-                 table, size=size)
+        self._launch_updates(_SGD, self._by_dtype(params, grads, bufs),
+                             (weight_decay, momentum, nesterov), (lr,), apply)
+
+    def sgd_scalar_update(self, params: list[Any], grads: list[Any], bufs: list[Any] | None,
+                          lr: Any, weight_decay: float, momentum: float, nesterov: bool,
+                          apply: Any = None) -> None:
+        """:meth:`sgd_update` with ``lr`` a 0-d device array, read by the kernel."""
+        self._launch_updates(_SGD_AT, self._by_dtype(params, grads, bufs),
+                             (weight_decay, momentum, nesterov), (lr,), apply)
 
     def adam_update(self, params: list[Any], grads: list[Any], ms: list[Any], vs: list[Any],
                     lr: float, weight_decay: float, decoupled: bool, beta_1: float,
                     beta_2: float, epsilon: float, step: int, apply: Any = None) -> None:
-        # scalars rounded from float64 to the parameters' dtype, as Python floats are in the
-        # standard version
-        flag = self._apply_flag(apply)
-        for p, g, m, v in self._by_dtype(params, grads, ms, vs):
-            table, size = _update_table(p, g, m, v)
-            t = p[0].dtype.type
-            _ADAM(p[0], len(p), 2, t(weight_decay), decoupled, t(1.0 - lr * weight_decay),
-                  t(beta_1), t(1.0 - beta_1), t(beta_2), t(1.0 - beta_2),
-                  t(lr / (1.0 - beta_1**step)), t(1.0 - beta_2**step), t(epsilon), flag, table,
-                  size=size)
+        # (the numbers of xpcnn.optim.Adam's step_scalars, computed in float64 as there)
+        self._launch_updates(
+            _ADAM, self._by_dtype(params, grads, ms, vs),
+            self._adam_constants(weight_decay, decoupled, beta_1, beta_2, epsilon),
+            (1.0 - lr * weight_decay, lr / (1.0 - beta_1**step), 1.0 - beta_2**step), apply)
+
+    def adam_scalar_update(self, params: list[Any], grads: list[Any], ms: list[Any],
+                           vs: list[Any], scalars: dict[str, Any], weight_decay: float,
+                           decoupled: bool, beta_1: float, beta_2: float, epsilon: float,
+                           apply: Any = None) -> None:
+        """:meth:`adam_update` with the step's numbers in 0-d device arrays, read by the
+        kernel: ``scalars`` as :meth:`xpcnn.optim.Adam.step_scalars` names them."""
+        self._launch_updates(
+            _ADAM_AT, self._by_dtype(params, grads, ms, vs),
+            self._adam_constants(weight_decay, decoupled, beta_1, beta_2, epsilon),
+            (scalars["decay"], scalars["step"], scalars["bc2"]), apply)
+
+    @staticmethod
+    def _adam_constants(weight_decay: float, decoupled: bool, beta_1: float, beta_2: float,
+                        epsilon: float) -> tuple:
+        return (weight_decay, decoupled, beta_1, 1.0 - beta_1, beta_2, 1.0 - beta_2, epsilon)
 
 
 KERNELS = CupyKernels()
