@@ -230,12 +230,18 @@ def load_emulated_fast_cupy() -> tuple[types.ModuleType, dict[str, Any]]:
     ``sys.modules`` entries to put back afterwards (see :func:`restore`)."""
     import array_api_compat.numpy as compat_numpy
 
-    names = ("cupy", "array_api_compat.cupy", "xpcnn.ops.fast_cupy")
+    names = ("cupy", "array_api_compat.cupy", "xpcnn.ops.fast_cupy", "xpcnn.ops.cudnn_conv")
     saved = {n: sys.modules.get(n) for n in names}
     sys.modules["cupy"] = fake_cupy()
     sys.modules["array_api_compat.cupy"] = compat_numpy
     sys.modules.pop("xpcnn.ops.fast_cupy", None)
+    sys.modules.pop("xpcnn.ops.cudnn_conv", None)
+    import xpcnn.ops.cudnn_conv as cudnn_conv  # afresh, on the fake cupy
     import xpcnn.ops.fast_cupy as module
+
+    # The hand-written kernels alone, as where cuDNN does not load, without its warning (a
+    # test of cuDNN imports cudnn_conv afresh with the fake frontend of cudnn_emulator).
+    cudnn_conv.load = lambda: None
 
     module._address = lambda a: a.ctypes.data  # host addresses for the update kernels' tables
     module._upload = np.copyto  # (the device arrays are NumPy's)

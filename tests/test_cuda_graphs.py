@@ -260,6 +260,7 @@ def test_a_refused_capture_runs_the_step_eagerly_once_with_the_reason():
     assert graphs.decide(xb, yb) == "eager"
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 def test_a_non_finite_replayed_step_is_skipped_and_reported_as_eagerly():
     """The same error as an eager step's, and the same model after it: the update skipped on
     the device, and the step counted in the graph's device scalar (the batch statistics a
