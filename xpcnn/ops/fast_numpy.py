@@ -514,32 +514,32 @@ class NumpyKernels(StandardKernels):
         return out
 
     def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
-        # the definition's arithmetic in place, in chunks that stay in cache, on the threads
-        # (3x faster than the whole-array version for a Dropout mask of 1.2M numbers)
+        # the definition's arithmetic in place on uint64 views (logical shifts, no masks), in
+        # chunks that stay in cache, on the threads
         seed, draw = state[0:1], state[1:2]
-        key = random._mix(random._mix(seed) + (draw + 1) * random.GAMMA)
+        key = random._mix(random._mix(seed) + (draw + 1) * random.GAMMA).view(np.uint64)
         bits = random.significant_bits(np, dtype)
         out = np.empty(int(np.prod(shape)), dtype)
+        gamma, mix_1, mix_2 = (np.int64(c).view(np.uint64)
+                               for c in (random.GAMMA, random.MIX_1, random.MIX_2))
 
         def fill(worker: int, a: int, b: int) -> None:
-            z = np.arange(first + a + 1, first + b + 1, dtype=np.int64)
+            z = np.arange(first + a + 1, first + b + 1, dtype=np.uint64)
             t = np.empty_like(z)
-            z *= random.GAMMA
+            z *= gamma
             z += key
-            for s, m in ((30, random.MIX_1), (27, random.MIX_2), (31, None)):
-                np.right_shift(z, s, out=t)
-                t &= (1 << (64 - s)) - 1
+            for s, m in ((30, mix_1), (27, mix_2), (31, None)):
+                np.right_shift(z, np.uint64(s), out=t)
                 z ^= t
                 if m is not None:
                     z *= m
-            np.right_shift(z, 64 - bits, out=z)
-            z &= (1 << bits) - 1
+            np.right_shift(z, np.uint64(64 - bits), out=z)
             np.multiply(z, 2.0**-bits, out=out[a:b], casting="unsafe")
 
         self.for_chunks(out.size, self._UNIFORM_CHUNK, fill)
         return out.reshape(shape)
 
-    _UNIFORM_CHUNK = 1 << 15
+    _UNIFORM_CHUNK = 1 << 16  # (measured best of 2**12-2**18 for a 1.2M-number mask)
 
     def mask_multiply(self, x: Any, mask: Any) -> Any:
         if mask.shape != x.shape:
