@@ -254,3 +254,25 @@ def test_validation_split_and_validation_data_on_the_device(data):
     streamed = trained(x[:33], y[:33], device=device,
                        validation_data=MapDataset(x[33:], y[33:]))
     assert streamed.history.history["val_loss"] == on_host.history.history["val_loss"]
+
+
+@pytest.mark.parametrize("samples, batch_size, ranks", [(50, 4, 3), (48, 4, 2), (7, 5, 4),
+                                                        (13, 1, 1)])
+def test_every_rank_knows_its_place_in_each_global_batch(samples, batch_size, ranks):
+    """What the ranks would learn by telling each other their slices' sizes (the host
+    allreduce an iterable needs each step), each rank computes from the shard alone."""
+    x, y = np.zeros((samples, 2, 2, 1), np.uint8), np.zeros(samples, np.int64)
+    backend = xpcnn.backend.get_backend("cpu")
+    sources = [xpcnn.data.ArrayBatches(backend, x, y, batch_size, shard=(r, ranks))
+               for r in range(ranks)]
+    slices = [list(xpcnn.data.rank_slices(samples, batch_size, 0, (r, ranks)))
+              for r in range(ranks)]
+    for step in range(sources[0].steps):
+        sizes = [hi - lo for lo, hi in (s[step] for s in slices)]
+        for r, source in enumerate(sources):
+            assert source.place(step) == (sum(sizes[:r]), sizes[r], sum(sizes))
+    covered = sorted(i for s in slices for lo, hi in s for i in range(lo, hi))
+    assert covered == list(range(samples))  # every sample once, in some rank's slice
+    iterable = xpcnn.data.IterableBatches(xpcnn.Sequential([Flatten(), Dense(2)]), [(x, y)],
+                                          None)
+    assert iterable.place(0) is None  # (only its batches tell: the ranks ask each other)

@@ -65,6 +65,13 @@ class Batches:
         """What a resumed run must share with the original (see :mod:`xpcnn.saving.checkpoint`)."""
         raise NotImplementedError
 
+    def place(self, step: int) -> tuple[int, int, int] | None:
+        """On several ranks, (start, local, total): this rank's batch of step ``step`` is
+        samples ``start:start + local`` of a global batch of ``total``, where every rank can
+        tell without asking the others; None where only the batches tell (an iterable: the
+        ranks then exchange their batches' sizes each step)."""
+        return None
+
 
 # -- arrays -----------------------------------------------------------------------------------
 
@@ -127,14 +134,35 @@ def rank_slices(samples: int, batch_size: int, start: int, shard: tuple[int, int
     (rank, ranks) (:mod:`xpcnn.distributed`): a global batch is ``ranks * batch_size``
     consecutive positions of the order, and the ranks take consecutive slices of it that
     differ in size by one at most (some empty in a short last batch); (0, 1): the batches."""
+    size = batch_size * shard[1]
+    for step in range(start, -(-samples // size)):
+        first, local, _ = place_in_batch(samples, batch_size, step, shard)
+        yield step * size + first, step * size + first + local
+
+
+def place_in_batch(samples: int, batch_size: int, step: int, shard: tuple[int, int]
+                   ) -> tuple[int, int, int]:
+    """(start, local, total) of this rank's slice of global batch ``step`` (see
+    :func:`rank_slices`): samples ``start:start + local`` of the ``total`` in that batch."""
     rank, ranks = shard
-    size = batch_size * ranks
-    for a in range(start * size, samples, size):
-        m = min(size, samples - a)
-        yield a + rank * m // ranks, a + (rank + 1) * m // ranks
+    total = min(batch_size * ranks, samples - step * batch_size * ranks)
+    start = rank * total // ranks
+    return start, (rank + 1) * total // ranks - start, total
 
 
-class ArrayBatches(Batches):
+class ShardedBatches(Batches):
+    """Batches of ``samples`` indexed samples, ``batch_size`` a rank: every rank knows every
+    rank's slice of each global batch."""
+
+    samples: int
+    batch_size: int
+    shard: tuple[int, int]
+
+    def place(self, step: int) -> tuple[int, int, int] | None:
+        return place_in_batch(self.samples, self.batch_size, step, self.shard)
+
+
+class ArrayBatches(ShardedBatches):
     """Batches of arrays ``x`` and ``targets`` (validated already), in :func:`epoch_order`; on
     several ranks, this rank's slices of the global batches (see :func:`rank_slices`)."""
 
@@ -193,7 +221,7 @@ class ArrayBatches(Batches):
 # -- map-style datasets and iterables ---------------------------------------------------------
 
 
-class DatasetBatches(Batches):
+class DatasetBatches(ShardedBatches):
     """A map-style dataset: ``dataset[i] -> (x_i, y_i)`` (or ``x_i`` alone for ``predict``),
     batched and shuffled as arrays are; samples are read and stacked on a background thread."""
 

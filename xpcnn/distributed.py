@@ -8,8 +8,8 @@ on four ranks; ``fit`` needs no change. As in ChainerMN, Horovod and PyTorch DDP
 * ``fit(batch_size=B)`` makes global batches of ``N * B`` samples, exactly the batches of one
   process at that size (one seeded permutation), and each rank takes its own slice of each
   (arrays and map-style datasets, :func:`xpcnn.data.rank_slices`; an iterable of batches is
-  each rank's own); before each step the ranks tell each other their slices' sizes (one small
-  host allreduce);
+  each rank's own, and before each of its steps the ranks tell each other their batches'
+  sizes, in one small host allreduce);
 * after the backward pass the gradients are averaged, weighted by each rank's share of the
   samples, so that a step equals the single-process step on the whole global batch. They are
   packed into a few flat buckets (1 MiB for the first, then 25 MiB, as DDP), each reduced as

@@ -638,8 +638,12 @@ class Model:
         with contextlib.closing(data.epoch(epoch, step)) as batches:  # type: ignore[type-var]
             for xb, yb in batches:
                 cbs.on_train_batch_begin(step)
-                if self._parallel is not None:  # (the global batch's size: a host allreduce)
-                    self._parallel.set_batch(int(xb.shape[0]))
+                if self._parallel is not None:  # this rank's place in the global batch
+                    place = data.place(step)
+                    if place is None:  # (asked of the other ranks: a host allreduce)
+                        self._parallel.set_batch(int(xb.shape[0]))
+                    else:
+                        self._parallel.use_slice(*place)
                 self.train_step(xb, yb)
                 self._seen += int(xb.shape[0]) if self._parallel is None else \
                     self._parallel.total
