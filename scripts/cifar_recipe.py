@@ -25,7 +25,15 @@ import time
 from typing import Any
 
 import xpcnn
-from xpcnn.cli import _split
+from xpcnn.cli import (
+    FRACTION,
+    LEARNING_RATE,
+    NON_NEGATIVE,
+    POSITIVE,
+    SMOOTHING,
+    WEIGHT_DECAY,
+    _split,
+)
 from xpcnn.datasets import load_cifar10
 from xpcnn.models import build_model
 
@@ -62,17 +70,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model", default="cifar-augmented", choices=sorted(RECIPES))
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--epochs", type=POSITIVE, default=20)
+    p.add_argument("--batch-size", type=POSITIVE, default=None)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
                    help="sgd: Nesterov momentum 0.9")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--lr", type=LEARNING_RATE, default=None, help="peak learning rate")
     p.add_argument("--schedule", choices=("cosine", "one-cycle"), default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--label-smoothing", type=float, default=None)
-    p.add_argument("--val-split", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=WEIGHT_DECAY, default=None)
+    p.add_argument("--label-smoothing", type=SMOOTHING, default=None)
+    p.add_argument("--val-split", type=FRACTION, default=0.1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
     knobs = dict(RECIPES[args.model])

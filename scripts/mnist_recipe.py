@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import xpcnn
+from xpcnn.cli import LEARNING_RATE, NON_NEGATIVE, POSITIVE, SMOOTHING, WEIGHT_DECAY
 from xpcnn.datasets import load_mnist
 from xpcnn.models import build_layers
 
@@ -68,18 +69,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model", choices=sorted(RECIPES), default="mnist")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=POSITIVE, default=6)
+    p.add_argument("--batch-size", type=POSITIVE, default=128)
     p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default=None,
                    help="sgd: Nesterov momentum 0.9")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--lr", type=LEARNING_RATE, default=None, help="peak learning rate")
     p.add_argument("--schedule", choices=("warmup-cosine", "one-cycle"), default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--label-smoothing", type=float, default=None)
+    p.add_argument("--weight-decay", type=WEIGHT_DECAY, default=None)
+    p.add_argument("--label-smoothing", type=SMOOTHING, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="first N training images only")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    p.add_argument("--limit", type=POSITIVE, default=None, help="first N training images only")
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
 

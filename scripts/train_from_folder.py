@@ -24,6 +24,7 @@ import numpy as np
 
 import xpcnn
 from xpcnn.callbacks import Callback, CSVLogger, EarlyStopping
+from xpcnn.cli import FRACTION, LEARNING_RATE, NON_NEGATIVE, POSITIVE
 from xpcnn.datasets import class_names, load_shapes
 from xpcnn.models import MODELS, build_model
 
@@ -83,17 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folder", type=Path, help="ROOT with one subfolder of images per class")
     p.add_argument("--make-demo", action="store_true",
                    help="write shapes images into FOLDER as PNG files instead of training")
-    p.add_argument("--count", type=int, default=2000, help="images --make-demo writes")
+    p.add_argument("--count", type=POSITIVE, default=2000, help="images --make-demo writes")
     p.add_argument("--model", choices=sorted(MODELS), default="shapes")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--val-split", type=float, default=0.1)
-    p.add_argument("--early-stopping", type=int, default=None, metavar="PATIENCE")
+    p.add_argument("--epochs", type=POSITIVE, default=3)
+    p.add_argument("--batch-size", type=POSITIVE, default=64)
+    p.add_argument("--lr", type=LEARNING_RATE, default=3e-3)
+    p.add_argument("--val-split", type=FRACTION, default=0.1)
+    p.add_argument("--early-stopping", type=NON_NEGATIVE, default=None, metavar="PATIENCE")
     p.add_argument("--log", default=None, metavar="CSV", help="per-epoch metrics to this file")
     p.add_argument("--save", default=None, metavar="PATH", help="write the trained model here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line")
     args = p.parse_args(argv)

@@ -116,3 +116,18 @@ def test_the_model_table_dry_runs(tmp_path):
     per_image = 2 * (30 * 30 * 32 * 27 + 28 * 28 * 32 * 288 + 6272 * 128 + 128 * 10)
     assert row["forward_gflop"] == pytest.approx(4 * per_image / 1e9, rel=1e-12)
     assert row["xpcnn"]["train_img_s"] > 0 and row["xpcnn"]["infer_img_s"] > 0
+
+
+@pytest.mark.parametrize("script, flag, value", [
+    ("mnist_recipe.py", "--epochs", "0"), ("mnist_recipe.py", "--weight-decay", "-1"),
+    ("cifar_recipe.py", "--val-split", "1"), ("cifar_recipe.py", "--label-smoothing", "nan"),
+    ("train_from_folder.py", "--batch-size", "-3"), ("train_from_folder.py", "--lr", "0"),
+])
+def test_the_recipe_scripts_refuse_bad_flags_as_the_cli_does(tmp_path, script, flag, value):
+    """Exit status 2 and an error line naming the flag and the value, before any data is
+    read (the data folder here is empty)."""
+    out = _run(*(["--data-dir", str(tmp_path)] if "recipe" in script else [str(tmp_path)]),
+               flag, value, script=script)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"error: argument {flag}: expected " in last and last.endswith(f"got '{value}'")

@@ -94,6 +94,10 @@ LEARNING_RATE = _real(0.0, math.inf, "a learning rate > 0, such as 3e-3", low_op
 FRACTION = _real(0.0, 1.0, "a fraction between 0 and 1 (both excluded), such as 0.1",
                  low_open=True, high_open=True)
 # A figure is about (max maps + 2) x (layers + 1) inches: these bounds keep one to ~200 MB.
+# (the recipe scripts' flags)
+WEIGHT_DECAY = _real(0.0, math.inf, "a weight decay >= 0, such as 5e-4")
+SMOOTHING = _real(0.0, 1.0, "a label smoothing from 0 to 1 (1 excluded), such as 0.1",
+                  high_open=True)
 MAX_MAPS = _whole(1, 32, "a whole number from 1 to 32")
 DPI = _real(10.0, 300.0, "a resolution from 10 to 300 pixels per inch")
 
