@@ -310,8 +310,8 @@ class Adam(Optimizer):
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
 
     def step_scalars(self) -> dict[str, float]:
-        """The decoupled decay factor, the step size with the first moment's bias correction,
-        and the second moment's bias correction, of step ``t``."""
+        """The next step's (t, counted from 1) decoupled decay factor, step size with the first
+        moment's bias correction, and second moment's bias correction."""
         lr, t = super().step_scalars()["lr"], self.iterations + 1
         return {"decay": 1.0 - lr * self.weight_decay, "step": lr / (1.0 - self.beta_1**t),
                 "bc2": 1.0 - self.beta_2**t}
@@ -321,7 +321,7 @@ class Adam(Optimizer):
         new_p = p
         if self.weight_decay:
             if self.decoupled:
-                new_p = p * scalars["decay"]  # (a float or an array of p's dtype: p's dtype)
+                new_p = p * scalars["decay"]  # (a float or a device scalar: p's dtype)
             else:
                 g = g + self.weight_decay * p
         m, v = self.slots["m"][i], self.slots["v"][i]
