@@ -298,9 +298,8 @@ GATED_STEPS = [None, True, False, True]
 def test_fused_updates_with_device_scalars_are_the_standard_ones_bit_for_bit(
         fast, monkeypatch, rng, make, dtype):
     """A step given device scalars, with the CuPy kernels (one launch, the numbers read from
-    device arrays)
-    against its standard formulas: the same parameters and slots, bit for bit, a step whose
-    ``apply`` is False included."""
+    device arrays) against its standard formulas: the same parameters and slots, bit for bit,
+    a step whose ``apply`` is False included."""
     module = sys.modules[type(fast).__module__]
     launches = []
 
