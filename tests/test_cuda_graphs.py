@@ -25,7 +25,6 @@ from xpcnn.layers import (
     Conv2D,
     Dense,
     Dropout,
-    Flatten,
     GlobalAvgPool2D,
     RandomCrop,
     RandomFlip,
@@ -108,8 +107,9 @@ def _random_net():
 
 @pytest.fixture(scope="module", params=["numpy", pytest.param("cupy", marks=needs_compiler)])
 def kernels(request):
-    """The model's kernels: NumPy's own (standard updates in a captured step), or CuPy's
-    compiled for the CPU (tests/cuda_emulator.py: fused updates reading device scalars)."""
+    """The model's kernels: NumPy's own (in-place updates, given the device scalars in a
+    captured step), or CuPy's compiled for the CPU (tests/cuda_emulator.py: fused updates
+    reading device scalars)."""
     if request.param == "numpy":
         yield None
         return
@@ -299,7 +299,7 @@ def test_the_update_with_device_scalars_is_the_standard_one_bit_for_bit(make, dt
         grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
         values = opt_scalar.step_scalars()
         device = {k: np.asarray(v, dtype) for k, v in values.items()}  # 0-d arrays
-        opt_scalar.scalar_step(xpn, scalar, grads, device)
+        opt_scalar.step(xpn, scalar, grads, scalars=device)
         opt_scalar.iterations += 1
         opt_standard.step(xpn, standard, grads)
     for a, b in zip(scalar, standard, strict=True):
@@ -308,7 +308,7 @@ def test_the_update_with_device_scalars_is_the_standard_one_bit_for_bit(make, dt
     kept = [p.copy() for p in scalar]
     slots = {k: [s.copy() for s in v] for k, v in opt_scalar.slots.items()}
     device = {k: np.asarray(v, dtype) for k, v in opt_scalar.step_scalars().items()}
-    opt_scalar.scalar_step(xpn, scalar, grads, device, apply=np.asarray(False))
+    opt_scalar.step(xpn, scalar, grads, apply=np.asarray(False), scalars=device)
     for a, b in zip(scalar, kept, strict=True):
         np.testing.assert_array_equal(a, b)
     for k, v in slots.items():
@@ -317,18 +317,32 @@ def test_the_update_with_device_scalars_is_the_standard_one_bit_for_bit(make, dt
 
 
 def test_what_keeps_a_step_eager():
-    layers = [Flatten(), Dense(8), Dropout(0.5), Dense(2)]
-    for layer in layers:
-        layer.name = type(layer).__name__.lower()
+    assert blockers("cupy") == []  # (any layers, random ones included; any optimiser)
+    assert blockers("numpy", ("cuDNN missing",)) == [
+        "cuDNN missing", "CUDA graphs need the CuPy backend, not numpy"]
 
-    class NoScalars(optim.Optimizer):
-        def _update(self, xp, i, p, g, lr, apply):
-            self._assign(xp, p, p - lr * g, apply)
 
-    assert blockers(layers, optim.SGD(0.1), "cupy") == []  # (random layers included)
-    assert blockers(layers, NoScalars(0.1), "numpy", ("cuDNN missing",)) == [
-        "cuDNN missing", "CUDA graphs need the CuPy backend, not numpy",
-        "optimizer NoScalars has no update with device scalars (step_scalars / scalar_step)"]
+def test_an_optimiser_that_defines_only_its_update_is_captured_too():
+    """A user's Optimizer subclass with ``_update`` alone (the base's step numbers: the
+    learning rate) reads its rate from the device scalar in captured steps: a fit through
+    the stand-in graphs equals the eager one, the schedule reaching every replay."""
+
+    class PlainSGD(optim.Optimizer):
+        def _update(self, xp, i, p, g, scalars, apply):
+            self._assign(xp, p, p - scalars["lr"] * g, apply)
+
+    x, y = _data()
+    eager = _model(gap_net(), PlainSGD(optim.StepDecay(0.05, 2, 0.5)))
+    eager_history = eager.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    graphed = _model(gap_net(), PlainSGD(optim.StepDecay(0.05, 2, 0.5)))
+    graphed.build((12, 12, 3))
+    graphs, capture = _runner(graphed)
+    history = graphed.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    assert (capture.captures, capture.launches) == (1, 2)  # warm-up 2, captured 1, replayed 1
+    assert graphed.optimizer.iterations == eager.optimizer.iterations == 6
+    np.testing.assert_array_equal(history.history["loss"], eager_history.history["loss"])
+    for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_the_compile_switch(recwarn):

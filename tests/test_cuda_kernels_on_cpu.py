@@ -243,15 +243,18 @@ def test_a_gated_update_changes_nothing_where_the_flag_is_false(fast, rng, make)
 
 def test_an_optimiser_without_a_fused_update_runs_its_own(fast):
     """A user's Optimizer subclass that defines only ``_update`` still works where the kernels
-    offer fused updates."""
+    offer fused updates, with the learning rate as a float or as a device scalar."""
 
     class HalfStep(xpcnn.optim.Optimizer):
-        def _update(self, xp, i, p, g, lr, apply):
-            self._assign(xp, p, p - 0.5 * lr * g, apply)
+        def _update(self, xp, i, p, g, scalars, apply):
+            self._assign(xp, p, p - 0.5 * scalars["lr"] * g, apply)
 
     p = [np.ones(3, np.float32)]
     HalfStep(0.2).step(xpn, p, [np.ones(3, np.float32)], fast)
     np.testing.assert_allclose(p[0], 0.9)
+    HalfStep(0.2).step(xpn, p, [np.ones(3, np.float32)], fast,
+                       scalars={"lr": np.asarray(0.2, np.float32)})
+    np.testing.assert_allclose(p[0], 0.8)
 
 
 @pytest.mark.parametrize("net", [gap_net, every_layer_net])
@@ -294,9 +297,9 @@ GATED_STEPS = [None, True, False, True]
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_updates_with_device_scalars_are_the_standard_ones_bit_for_bit(
         fast, monkeypatch, rng, make, dtype):
-    """``scalar_step`` with the CuPy kernels (one launch, the numbers read from device arrays)
-    against its standard formulas: the same parameters and slots, bit for bit, a step whose
-    ``apply`` is False included."""
+    """A step given device scalars, with the CuPy kernels (one launch, the numbers read from
+    device arrays) against its standard formulas: the same parameters and slots, bit for bit,
+    a step whose ``apply`` is False included."""
     module = sys.modules[type(fast).__module__]
     launches = []
 
@@ -319,8 +322,8 @@ def test_fused_updates_with_device_scalars_are_the_standard_ones_bit_for_bit(
         flag = None if apply is None else np.asarray(apply)
         before = [a.copy() for a in fused] + [s.copy() for v in opt_fused.slots.values()
                                               for s in v]
-        opt_fused.scalar_step(xpn, fused, grads, _device_scalars(opt_fused, dtype), fast, flag)
-        opt_std.scalar_step(xpn, standard, grads, _device_scalars(opt_std, dtype), apply=flag)
+        opt_fused.step(xpn, fused, grads, fast, flag, _device_scalars(opt_fused, dtype))
+        opt_std.step(xpn, standard, grads, apply=flag, scalars=_device_scalars(opt_std, dtype))
         for opt in (opt_fused, opt_std):
             opt.iterations += 1
         if apply is False:
@@ -346,8 +349,8 @@ def test_fused_updates_with_device_scalars_over_two_dtypes(fast, rng, make):
     opt_fused, opt_std = make(), make()
     for _ in range(3):
         grads = [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
-        opt_fused.scalar_step(xpn, fused, grads, _device_scalars(opt_fused, np.float32), fast)
-        opt_std.scalar_step(xpn, standard, grads, _device_scalars(opt_std, np.float32))
+        opt_fused.step(xpn, fused, grads, fast, scalars=_device_scalars(opt_fused, np.float32))
+        opt_std.step(xpn, standard, grads, scalars=_device_scalars(opt_std, np.float32))
         for opt in (opt_fused, opt_std):
             opt.iterations += 1
     for a, b in zip(fused, standard, strict=True):
@@ -405,12 +408,12 @@ def test_a_captured_fused_update_fills_its_table_after_the_capture_and_replays_r
     apply = np.asarray(True)
     scalars = _device_scalars(opt_fused, dtype)
     for opt, ps, kernels in ((opt_fused, fused, fast), (opt_std, standard, None)):  # warm-up
-        opt.scalar_step(xpn, ps, grads, _device_scalars(opt, dtype), kernels, apply)
+        opt.step(xpn, ps, grads, kernels, apply, _device_scalars(opt, dtype))
         opt.iterations += 1
     capture = EmulatedCapture(module, monkeypatch)
     with fast.capture_tables() as tables:
         with capture.recording():
-            opt_fused.scalar_step(xpn, fused, grads, scalars, fast, apply)
+            opt_fused.step(xpn, fused, grads, fast, apply, scalars)
         assert tables == []  # (filled on leaving)
     assert fast._deferred is None and len(capture.launches) == 1 and len(tables) == 1
     assert capture.allocators == [fast._table_pool.malloc]
@@ -427,7 +430,7 @@ def test_a_captured_fused_update_fills_its_table_after_the_capture_and_replays_r
         for k, v in opt_fused.step_scalars().items():
             scalars[k][...] = v
         capture.replay()
-        opt_std.scalar_step(xpn, standard, grads, _device_scalars(opt_std, dtype), apply=apply)
+        opt_std.step(xpn, standard, grads, apply=apply, scalars=_device_scalars(opt_std, dtype))
         for opt in (opt_fused, opt_std):
             opt.iterations += 1
     for a, b in zip(fused, standard, strict=True):
@@ -443,6 +446,6 @@ def test_a_capture_that_fails_fills_no_table(fast, monkeypatch, rng):
     monkeypatch.setattr(module, "_upload", lambda device, host: filled.append(device))
     p, g = [np.zeros(3, np.float32)], [np.ones(3, np.float32)]
     with pytest.raises(RuntimeError, match="refused"), fast.capture_tables() as tables:
-        fast.sgd_scalar_update(p, g, None, np.asarray(0.5, np.float32), 0.0, 0.0, False)
+        fast.sgd_update(p, g, None, np.asarray(0.5, np.float32), 0.0, 0.0, False)
         raise RuntimeError("the capture refused something")
     assert tables == filled == [] and fast._deferred is None

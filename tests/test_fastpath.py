@@ -423,23 +423,60 @@ def test_threaded_training_is_bit_reproducible(small_chunks, rng):
         assert np.array_equal(a, b)
 
 
+def _step(opt, params, grads, kernels, scalar_dtype):
+    """One step; with ``scalar_dtype``, its numbers as 0-d arrays of it (a captured step's)."""
+    if scalar_dtype is None:
+        opt.step(xpn, params, grads, kernels)
+        return
+    scalars = {k: np.asarray(v, scalar_dtype) for k, v in opt.step_scalars().items()}
+    opt.step(xpn, params, grads, kernels, scalars=scalars)
+    opt.iterations += 1
+
+
+def _assert_same_bits(opt_fused, fused, opt_std, standard):
+    for f, s in zip(fused, standard, strict=True):
+        assert f.dtype == s.dtype
+        np.testing.assert_array_equal(f, s)
+    for name, slots in opt_std.slots.items():
+        for f, s in zip(opt_fused.slots[name], slots, strict=True):
+            np.testing.assert_array_equal(f, s)
+
+
 @OPTIMISERS
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_fused_optimiser_updates_give_the_standard_bits(rng, make, dtype):
+@pytest.mark.parametrize("device_scalars", [False, True], ids=["floats", "device-scalars"])
+def test_fused_optimiser_updates_give_the_standard_bits(rng, make, dtype, device_scalars):
     """The NumPy updates run the standard formulas' operations in place and in the same order:
-    the same bits, on small parameters and on one large enough to be split over threads."""
+    the same bits, on small parameters and on one large enough to be split over threads, with
+    the step's numbers as Python floats or as 0-d arrays of the parameters' dtype."""
     assert FAST.fused_updates  # (else both would run the standard formulas)
     shapes = [*UPDATE_SHAPES, (600, 1000)]
     params = [rng.standard_normal(s).astype(dtype) for s in shapes]
     fused, standard = [p.copy() for p in params], [p.copy() for p in params]
     opt_fused, opt_std = make(), make()
+    scalar_dtype = dtype if device_scalars else None
     for _ in range(3):
         grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
         grads[0] = np.asfortranarray(grads[0])  # a gradient that is not C-contiguous
-        opt_fused.step(xpn, fused, grads, FAST)
-        opt_std.step(xpn, standard, grads)
-    for f, s in zip(fused, standard, strict=True):
-        np.testing.assert_array_equal(f, s)
+        _step(opt_fused, fused, grads, FAST, scalar_dtype)
+        _step(opt_std, standard, grads, None, scalar_dtype)
+    _assert_same_bits(opt_fused, fused, opt_std, standard)
+
+
+@OPTIMISERS
+def test_fused_updates_with_wider_device_scalars_give_the_standard_bits(rng, make):
+    """float64 step numbers (a captured step's, in the first parameter's dtype) meeting
+    float32 parameters too: the NumPy updates compute in float64 and round to float32 once,
+    at the end, as the standard formulas do (AdamW's decay included)."""
+    params = [rng.standard_normal(s).astype(dt) for s, dt in
+              zip(UPDATE_SHAPES, [np.float64, np.float32] * 3, strict=True)]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    for _ in range(3):
+        grads = [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
+        _step(opt_fused, fused, grads, FAST, np.float64)
+        _step(opt_std, standard, grads, None, np.float64)
+    _assert_same_bits(opt_fused, fused, opt_std, standard)
 
 
 @OPTIMISERS

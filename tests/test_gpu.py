@@ -460,7 +460,7 @@ def test_a_gated_update_on_the_gpu_changes_nothing_where_the_flag_is_false(cp, k
 def test_a_captured_fused_update_replays_as_the_standard_one(cp, kernels, make, dtype):
     """The fused update reading its step numbers from device arrays, captured in a CUDA graph
     (its table allocated in the capture, filled after it) and replayed with new gradients,
-    numbers and flags in the same arrays: the standard ``scalar_step``'s values (to rounding:
+    numbers and flags in the same arrays: the standard step's values (to rounding:
     the GPU fuses multiply-adds), and a replay flagged False changes nothing. The captured
     step first fills and frees a scratch array of the table's size: were the table given that
     block, each replay would overwrite it with -1s before the update reads it."""
@@ -481,13 +481,13 @@ def test_a_captured_fused_update_replays_as_the_standard_one(cp, kernels, make, 
 
     scalars = device_scalars(opt_fused)
     for opt, ps, fast_or_none in ((opt_fused, fused, fast), (opt_std, standard, None)):
-        opt.scalar_step(xc, ps, grads, device_scalars(opt), fast_or_none, apply)  # warm-up
+        opt.step(xc, ps, grads, fast_or_none, apply, device_scalars(opt))  # warm-up
         opt.iterations += 1
     def captured_step():
         scratch = cp.empty(64, cp.int64)  # (512 bytes: the pool's smallest block, the table's)
         scratch.fill(-1)
         del scratch
-        opt_fused.scalar_step(xc, fused, grads, scalars, fast, apply)
+        opt_fused.step(xc, fused, grads, fast, apply, scalars)
 
     capture = CupyCapture()
     with capture.scope(), fast.capture_tables() as tables:
@@ -504,7 +504,7 @@ def test_a_captured_fused_update_replays_as_the_standard_one(cp, kernels, make, 
         before = [a.copy() for a in fused] + [a.copy() for v in opt_fused.slots.values()
                                               for a in v]
         capture.launch(graph)
-        opt_std.scalar_step(xc, standard, grads, device_scalars(opt_std), apply=apply)
+        opt_std.step(xc, standard, grads, apply=apply, scalars=device_scalars(opt_std))
         for opt in (opt_fused, opt_std):
             opt.iterations += 1
         if not gate:

@@ -132,11 +132,12 @@ def test_bad_optimizer_arguments(make, message):
 
 
 @OPTIMISERS
-@pytest.mark.parametrize("scalar_step", [False, True], ids=["step", "scalar_step"])
-def test_a_step_whose_apply_flag_is_false_changes_nothing(make, scalar_step, rng):
+@pytest.mark.parametrize("device_scalars", [False, True], ids=["floats", "device-scalars"])
+def test_a_step_whose_apply_flag_is_false_changes_nothing(make, device_scalars, rng):
     """Under array_api_strict, gated steps (``apply`` a 0-d device bool, folded into each
     update) give, bit for bit, the run that leaves out the steps flagged False (NaN gradients
-    there) and only counts them; ``apply`` True is the ungated update."""
+    there) and only counts them; ``apply`` True is the ungated update. With the step's numbers
+    as Python floats or as 0-d device arrays (a captured step's)."""
     shapes = [(3, 4), (5,)]
     steps = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(4)]
     steps[2][0][1, 1] = np.nan
@@ -147,10 +148,10 @@ def test_a_step_whose_apply_flag_is_false_changes_nothing(make, scalar_step, rng
     for grads, gate in zip(steps, gates, strict=True):
         apply = xs.asarray(gate)
         strict_grads = [xs.asarray(g) for g in grads]
-        if scalar_step:
+        if device_scalars:
             scalars = {k: xs.asarray(v, dtype=xs.float32)
                        for k, v in opt_gated.step_scalars().items()}
-            opt_gated.scalar_step(xs, gated, strict_grads, scalars, apply=apply)
+            opt_gated.step(xs, gated, strict_grads, apply=apply, scalars=scalars)
             opt_gated.iterations += 1
         else:
             opt_gated.step(xs, gated, strict_grads, apply=apply)

@@ -6,10 +6,11 @@ replayed graph is one launch. What a captured step needs, and how it gets it:
 
 - Per-step numbers from device memory: the learning rate, Adam's bias corrections and the
   step count are 0-d device arrays refilled before each replay
-  (:meth:`xpcnn.optim.Optimizer.step_scalars`), the batch is copied into static input
-  buffers, and random layers (Dropout, RandomFlip, RandomCrop) keep their seed and draw count
-  in device memory and count their draws there (:mod:`xpcnn.ops.random`). Anything else the
-  host would pass by value is baked in at capture.
+  (:meth:`xpcnn.optim.Optimizer.step_scalars`; every optimiser's step takes them, so no
+  optimiser keeps a step eager), the batch is copied into static input buffers, and random
+  layers (Dropout, RandomFlip, RandomCrop) keep their seed and draw count in device memory and
+  count their draws there (:mod:`xpcnn.ops.random`). Anything else the host would pass by
+  value is baked in at capture.
 - State updated in place: a graph reads and writes the addresses it was captured with. Every
   array that outlives a step (parameters, their optimiser slots, normalisation statistics,
   the random layers' states, the running totals and the float16 loss scale of
@@ -21,13 +22,13 @@ replayed graph is one launch. What a captured step needs, and how it gets it:
 - No cuBLAS: CuPy 14 refuses to capture it, so matrix products run as cuDNN graphs during the
   warm-up and the capture (``CupyKernels.capturable``).
 - No host reads inside the step, and no copies from the host. The optimiser update is CuPy's
-  fused one (:meth:`xpcnn.optim.Optimizer.scalar_step`: one launch per parameter dtype,
-  reading the per-step numbers above from their device arrays); it finds the parameters,
-  gradients and slots through a device table of their addresses. A capture allocates that
-  table (from a memory pool that none of the step's temporaries share) and fills it once the
-  capture has ended, before the graph's first launch (``CupyKernels.capture_tables``): the
-  addresses in a graph never change, and the table is held with the graph, as the captured
-  arrays are.
+  fused one (:meth:`xpcnn.optim.Optimizer.step` given the device ``scalars``: one launch per
+  parameter dtype, reading the per-step numbers above from their device arrays); it finds
+  the parameters, gradients and slots through a device table of their addresses. A capture
+  allocates that table (from a memory pool that none of the step's temporaries share) and
+  fills it once the capture has ended, before the graph's first launch
+  (``CupyKernels.capture_tables``): the addresses in a graph never change, and the table is
+  held with the graph, as the captured arrays are.
 - Memory: the steps run from warm-up on with a memory pool of their own, so the blocks the
   graph's temporaries use are never handed to anything else.
 
@@ -46,15 +47,13 @@ StepFn = Callable[[Any, Any, "dict[str, Any]"], Any]
 ArraysFn = Callable[[], "list[tuple[str, Any]]"]
 
 
-def blockers(layers: list[Any], optimizer: Any, backend_name: str,
-             extra: tuple[str, ...] = ()) -> list[str]:
-    """Why a training step of these layers and optimiser cannot be captured (none: it can)."""
+def blockers(backend_name: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """Why a training step cannot be captured (none: it can): ``extra`` (the backend's own
+    reasons), then the backend itself. Neither the layers nor the optimiser can keep a step
+    eager (see the module doc)."""
     reasons = list(extra)
     if backend_name != "cupy":
         reasons.append(f"CUDA graphs need the CuPy backend, not {backend_name}")
-    if not getattr(optimizer, "has_scalar_step", False):
-        reasons.append(f"optimizer {type(optimizer).__name__} has no update with device "
-                       "scalars (step_scalars / scalar_step)")
     return reasons
 
 

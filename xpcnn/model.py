@@ -358,10 +358,7 @@ class Model:
                                                     opt.keeps_squares)
         if scaling is not None:
             self._scaling[...] = scaling
-        if scalars is None:
-            opt.step(xp, params, grads, kernels, apply=apply)
-        else:
-            opt.scalar_step(xp, params, grads, scalars, kernels, apply=apply)
+        opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)
         return stats
 
     def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any) -> tuple[Any, list[Any]]:
@@ -439,7 +436,7 @@ class Model:
             elif cudnn_conv.load() is None:
                 extra.append("cuDNN could not be loaded: the matrix products would go to "
                              "cuBLAS, which CuPy cannot capture")
-        return graph_blockers(self.layers, self.optimizer, self.backend.name, tuple(extra))
+        return graph_blockers(self.backend.name, tuple(extra))
 
     def _graph_arrays(self) -> list[tuple[str, Any]]:
         """Every array that outlives a training step, parameters first (see StepGraphs)."""

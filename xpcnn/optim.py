@@ -3,6 +3,11 @@
 Optimisers update parameters in place (``p[...] = ...``), so a layer's arrays stay the same
 objects. Semantics follow PyTorch's, so that runs can be compared step for step. Schedules map the
 optimiser's step count to a learning rate.
+
+One step, :meth:`Optimizer.step`, for every optimiser: it takes the numbers that change from step
+to step by name (:meth:`Optimizer.step_scalars`: Python floats in an eager step, 0-d device
+arrays in a step captured in a CUDA graph) and hands them to the optimiser's one update,
+``_update`` per parameter or ``_fused_update`` where the kernels offer one.
 """
 
 from __future__ import annotations
@@ -153,9 +158,10 @@ def as_schedule(lr: float | Schedule | Callable[[int], float]) -> Schedule:
 
 
 class Optimizer:
-    """Base: subclasses define ``_update(xp, i, p, g, lr, apply)`` for parameter ``i``, writing
-    every array they update through :meth:`_assign` (so that a step the device skips changes
-    nothing).
+    """Base: subclasses define ``_update(xp, i, p, g, scalars, apply)`` for parameter ``i``,
+    with the step's numbers in ``scalars`` (as :meth:`step_scalars` names them), writing every
+    array they update through :meth:`_assign` (so that a step the device skips changes
+    nothing); and, optionally, ``_fused_update`` for kernels that update every parameter at once.
 
     ``slots`` holds per-parameter state arrays (momentum, moments), created lazily on the
     parameters' device; ``iterations`` counts steps and drives the schedule (a step whose update
@@ -192,85 +198,58 @@ class Optimizer:
                              f"{base} at step {self.iterations + 1})")
         self.lr_factor = float(value) / base
 
-    def step(self, xp: Any, params: list[Any], grads: list[Any], kernels: Any = None,
-             apply: Any = None) -> None:
-        """Apply one update to every parameter, in place; with ``kernels`` that offer fused
-        updates (:attr:`StandardKernels.fused_updates`: CuPy's, one launch for all of them;
-        NumPy's, in place without temporaries) they run instead of the standard formulas.
-        ``apply``: a 0-d boolean device array; where False, parameters and slots keep their
-        values (decided on the device, without the host waiting for it)."""
-        if not self.slots:
-            self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
-        lr = self._checked_lr()
-        self.iterations += 1
-        fused = kernels is not None and kernels.fused_updates and params
-        if fused and self._fused_update(kernels, params, grads, lr, apply):
-            return
-        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            self._update(xp, i, p, g, lr, apply)
-
-    def _checked_lr(self) -> float:
-        """The next step's learning rate; NonFiniteError where it is not a finite number >= 0
-        (a schedule that overflowed, or one built with inf)."""
+    def step_scalars(self) -> dict[str, float]:
+        """The numbers of the next step that change from one step to the next, by name (here
+        the learning rate). NonFiniteError where the learning rate is not a finite number
+        >= 0 (a schedule that overflowed, or one built with inf)."""
         lr = self.lr
         if not 0 <= lr < math.inf:
             raise NonFiniteError(f"the learning rate for step {self.iterations + 1} is {lr}; "
                                  "nothing was updated")
-        return lr
+        return {"lr": lr}
 
-    def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float, apply: Any) -> None:
+    def step(self, xp: Any, params: list[Any], grads: list[Any], kernels: Any = None,
+             apply: Any = None, scalars: dict[str, Any] | None = None) -> None:
+        """Apply one update to every parameter, in place.
+
+        ``scalars``: the step's numbers. None (an eager step): those of :meth:`step_scalars`,
+        as Python floats, and the step is counted in ``iterations``. Given (a step captured in
+        a CUDA graph, :mod:`xpcnn.cuda_graphs`): 0-d device arrays in the parameters' dtype,
+        refilled before each replay (baked into the graph, numbers would stay those of the
+        captured step); ``iterations`` is left to the caller, which counts replays. Either
+        way the same values come out.
+
+        ``kernels`` with :attr:`StandardKernels.fused_updates` (CuPy's: one launch per
+        parameter dtype; NumPy's: in place, without temporaries) run instead of the standard
+        formulas. ``apply``: a 0-d boolean device array; where False, parameters and slots
+        keep their values (decided on the device, without the host waiting for it)."""
+        if not self.slots:
+            self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
+        if scalars is None:
+            scalars = self.step_scalars()
+            self.iterations += 1
+        fused = kernels is not None and kernels.fused_updates and params
+        if fused and self._fused_update(kernels, params, grads, scalars, apply):
+            return
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            self._update(xp, i, p, g, scalars, apply)
+
+    def _update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
+                apply: Any) -> None:
         raise NotImplementedError
+
+    def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
+                      scalars: dict[str, Any], apply: Any) -> bool:
+        """The update of every parameter by ``kernels`` (none where ``apply`` is False);
+        False where this optimiser has none (a subclass that defines only ``_update`` then
+        runs that)."""
+        return False
 
     @staticmethod
     def _assign(xp: Any, a: Any, new: Any, apply: Any) -> None:
         """``a[...] = new``, or where ``apply`` (a 0-d boolean device array) is False, ``a`` as
         it was: one ``where`` per updated array, decided on the device."""
         a[...] = new if apply is None else xp.where(apply, new, a)
-
-    # -- a step whose per-step numbers live in device memory (CUDA graphs) --------------------
-    #: True where :meth:`step_scalars` and :meth:`scalar_step` are defined.
-    has_scalar_step = False
-
-    def step_scalars(self) -> dict[str, float]:
-        """The numbers of the next step that change from one step to the next (the learning
-        rate; Adam's bias corrections), by name. A step captured in a CUDA graph reads them
-        from device arrays that are refilled before each replay (:mod:`xpcnn.cuda_graphs`):
-        baked into the graph, they would stay those of the captured step. NonFiniteError
-        where the learning rate is not finite, as :meth:`step` raises it."""
-        raise NotImplementedError
-
-    def scalar_step(self, xp: Any, params: list[Any], grads: list[Any],
-                    scalars: dict[str, Any], kernels: Any = None, apply: Any = None) -> None:
-        """One update with the per-step numbers taken from ``scalars`` (0-d arrays in the
-        parameters' dtype, as :meth:`step_scalars` names them): the same values, in the same
-        order, as :meth:`step` computes without fused kernels. With ``kernels`` that read them
-        from device memory (:attr:`StandardKernels.scalar_updates`: CuPy's), one launch per
-        parameter dtype; else the standard formulas. ``apply``: a 0-d boolean device array;
-        where False, parameters and slots keep their values. ``iterations`` is left to the
-        caller, which counts replays."""
-        if not self.slots:
-            self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
-        fused = kernels is not None and kernels.scalar_updates and params
-        if fused and self._fused_scalar_update(kernels, params, grads, scalars, apply):
-            return
-        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            self._scalar_update(xp, i, p, g, scalars, apply)
-
-    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
-                       apply: Any) -> None:
-        raise NotImplementedError
-
-    def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
-                      lr: float, apply: Any) -> bool:
-        """The update of every parameter as one launch of ``kernels`` (none where ``apply`` is
-        False); False where this optimiser has none (a subclass that defines only ``_update``
-        then runs that)."""
-        return False
-
-    def _fused_scalar_update(self, kernels: Any, params: list[Any], grads: list[Any],
-                             scalars: dict[str, Any], apply: Any) -> bool:
-        """:meth:`_fused_update` with the per-step numbers in device ``scalars``."""
-        return False
 
     def get_config(self) -> dict[str, Any]:
         return {"class": type(self).__name__, "lr": self.schedule.get_config(),
@@ -291,16 +270,8 @@ class SGD(Optimizer):
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         self.slot_names = ("momentum",) if momentum else ()
 
-    has_scalar_step = True
-
-    def step_scalars(self) -> dict[str, float]:
-        return {"lr": self._checked_lr()}
-
-    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
-                       apply: Any) -> None:
-        self._update(xp, i, p, g, scalars["lr"], apply)
-
-    def _update(self, xp: Any, i: int, p: Any, g: Any, lr: Any, apply: Any) -> None:
+    def _update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
+                apply: Any) -> None:
         if self.weight_decay:
             g = g + self.weight_decay * p
         if self.momentum:
@@ -309,20 +280,13 @@ class SGD(Optimizer):
             self._assign(xp, buf, self.momentum * buf + g, apply)
             # (where apply is False, p's new value below is not kept either)
             g = g + self.momentum * buf if self.nesterov else buf
-        self._assign(xp, p, p - lr * g, apply)
+        self._assign(xp, p, p - scalars["lr"] * g, apply)
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
-                      lr: float, apply: Any) -> bool:
+                      scalars: dict[str, Any], apply: Any) -> bool:
         bufs = self.slots["momentum"] if self.momentum else None
-        kernels.sgd_update(params, grads, bufs, lr, self.weight_decay, self.momentum,
+        kernels.sgd_update(params, grads, bufs, scalars["lr"], self.weight_decay, self.momentum,
                            self.nesterov, apply)
-        return True
-
-    def _fused_scalar_update(self, kernels: Any, params: list[Any], grads: list[Any],
-                             scalars: dict[str, Any], apply: Any) -> bool:
-        bufs = self.slots["momentum"] if self.momentum else None
-        kernels.sgd_scalar_update(params, grads, bufs, scalars["lr"], self.weight_decay,
-                                  self.momentum, self.nesterov, apply)
         return True
 
     def get_config(self) -> dict[str, Any]:
@@ -345,26 +309,19 @@ class Adam(Optimizer):
                              f"beta_1={beta_1!r}, beta_2={beta_2!r}, epsilon={epsilon!r}")
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
 
-    has_scalar_step = True
-
-    def _scalars(self, lr: float, t: int) -> dict[str, float]:
-        """Step ``t``'s numbers: the decoupled decay factor, the step size with the first
-        moment's bias correction, and the second moment's bias correction."""
+    def step_scalars(self) -> dict[str, float]:
+        """The next step's (t, counted from 1) decoupled decay factor, step size with the first
+        moment's bias correction, and second moment's bias correction."""
+        lr, t = super().step_scalars()["lr"], self.iterations + 1
         return {"decay": 1.0 - lr * self.weight_decay, "step": lr / (1.0 - self.beta_1**t),
                 "bc2": 1.0 - self.beta_2**t}
 
-    def step_scalars(self) -> dict[str, float]:
-        return self._scalars(self._checked_lr(), self.iterations + 1)
-
-    def _update(self, xp: Any, i: int, p: Any, g: Any, lr: float, apply: Any) -> None:
-        self._scalar_update(xp, i, p, g, self._scalars(lr, self.iterations), apply)
-
-    def _scalar_update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
-                       apply: Any) -> None:
+    def _update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
+                apply: Any) -> None:
         new_p = p
         if self.weight_decay:
             if self.decoupled:
-                new_p = p * scalars["decay"]  # (the parameters' dtype: so are the scalars)
+                new_p = p * scalars["decay"]  # (a float or a device scalar: p's dtype)
             else:
                 g = g + self.weight_decay * p
         m, v = self.slots["m"][i], self.slots["v"][i]
@@ -376,17 +333,10 @@ class Adam(Optimizer):
         self._assign(xp, p, new_p - scalars["step"] * m / denom, apply)
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
-                      lr: float, apply: Any) -> bool:
-        kernels.adam_update(params, grads, self.slots["m"], self.slots["v"], lr,
-                            self.weight_decay, self.decoupled, self.beta_1, self.beta_2,
-                            self.epsilon, self.iterations, apply)
-        return True
-
-    def _fused_scalar_update(self, kernels: Any, params: list[Any], grads: list[Any],
-                             scalars: dict[str, Any], apply: Any) -> bool:
-        kernels.adam_scalar_update(params, grads, self.slots["m"], self.slots["v"], scalars,
-                                   self.weight_decay, self.decoupled, self.beta_1, self.beta_2,
-                                   self.epsilon, apply)
+                      scalars: dict[str, Any], apply: Any) -> bool:
+        kernels.adam_update(params, grads, self.slots["m"], self.slots["v"], scalars["decay"],
+                            scalars["step"], scalars["bc2"], self.weight_decay, self.decoupled,
+                            self.beta_1, self.beta_2, self.epsilon, apply)
         return True
 
     def get_config(self) -> dict[str, Any]:

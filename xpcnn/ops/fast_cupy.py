@@ -675,6 +675,11 @@ _FIND_ARRAY = """
 """
 
 
+def _by_value(value: Any) -> bool:
+    """Whether a per-step number is a Python float (an eager step), not a 0-d device array."""
+    return isinstance(value, numbers.Real)
+
+
 def _update_kernels(name: str, constants: str, per_step: tuple[str, ...], body: str
                     ) -> tuple[Any, Any]:
     """An update kernel in two versions: the numbers that change from step to step
@@ -812,7 +817,6 @@ class CupyKernels(StandardKernels):
     """One launch per job where the standard versions take several (see the module doc)."""
 
     fused_updates = True
-    scalar_updates = True
     pads_in_im2col = True
     bias_in_patches = False  # its im2col kernel fills every column of ``out``
 
@@ -1076,7 +1080,10 @@ class CupyKernels(StandardKernels):
                                1.0 / n, grad, rows, size=n)
         return rows.sum(axis=0), grad
 
-    # -- optimiser updates (used when ``fused_updates``; see xpcnn.optim) -------------------
+    # -- optimiser updates (``fused_updates``; see xpcnn.optim) -------------------------------
+    # The per-step numbers are Python floats (an eager step: the kernels that take them by
+    # value) or 0-d device arrays (a step captured in a CUDA graph: the ``_AT`` kernels, which
+    # read them from device memory at every replay).
     @staticmethod
     def _by_dtype(params: list[Any], grads: list[Any], *slots: list[Any] | None
                   ) -> list[tuple[Any, ...]]:
@@ -1100,9 +1107,8 @@ class CupyKernels(StandardKernels):
     @staticmethod
     def _per_step(value: Any, t: Any) -> Any:
         """A per-step number for parameters of dtype ``t``: a Python float rounded to it (as
-        the standard version rounds it), a 0-d device array (a ``*_scalar_update``'s) as a
-        one-element array of it."""
-        if isinstance(value, numbers.Real):
+        the standard version rounds it), a 0-d device array as a one-element array of it."""
+        if _by_value(value):
             return t(value)
         return cupy.reshape(value.astype(t, copy=False), (1,))
 
@@ -1138,37 +1144,20 @@ class CupyKernels(StandardKernels):
                    flag, table, size=size)
 
     def sgd_update(self, params: list[Any], grads: list[Any], bufs: list[Any] | None,
-                   lr: float, weight_decay: float, momentum: float, nesterov: bool,
+                   lr: Any, weight_decay: float, momentum: float, nesterov: bool,
                    apply: Any = None) -> None:
-        self._launch_updates(_SGD, self._by_dtype(params, grads, bufs),
-                             (weight_decay, momentum, nesterov), (lr,), apply)
-
-    def sgd_scalar_update(self, params: list[Any], grads: list[Any], bufs: list[Any] | None,
-                          lr: Any, weight_decay: float, momentum: float, nesterov: bool,
-                          apply: Any = None) -> None:
-        """:meth:`sgd_update` with ``lr`` a 0-d device array, read by the kernel."""
-        self._launch_updates(_SGD_AT, self._by_dtype(params, grads, bufs),
+        self._launch_updates(_SGD if _by_value(lr) else _SGD_AT,
+                             self._by_dtype(params, grads, bufs),
                              (weight_decay, momentum, nesterov), (lr,), apply)
 
     def adam_update(self, params: list[Any], grads: list[Any], ms: list[Any], vs: list[Any],
-                    lr: float, weight_decay: float, decoupled: bool, beta_1: float,
-                    beta_2: float, epsilon: float, step: int, apply: Any = None) -> None:
-        # (the numbers of xpcnn.optim.Adam's step_scalars, computed in float64 as there)
+                    decay: Any, step: Any, bc2: Any, weight_decay: float, decoupled: bool,
+                    beta_1: float, beta_2: float, epsilon: float, apply: Any = None) -> None:
+        """``decay``, ``step``, ``bc2``: as :meth:`xpcnn.optim.Adam.step_scalars` names them."""
         self._launch_updates(
-            _ADAM, self._by_dtype(params, grads, ms, vs),
+            _ADAM if _by_value(decay) else _ADAM_AT, self._by_dtype(params, grads, ms, vs),
             self._adam_constants(weight_decay, decoupled, beta_1, beta_2, epsilon),
-            (1.0 - lr * weight_decay, lr / (1.0 - beta_1**step), 1.0 - beta_2**step), apply)
-
-    def adam_scalar_update(self, params: list[Any], grads: list[Any], ms: list[Any],
-                           vs: list[Any], scalars: dict[str, Any], weight_decay: float,
-                           decoupled: bool, beta_1: float, beta_2: float, epsilon: float,
-                           apply: Any = None) -> None:
-        """:meth:`adam_update` with the step's numbers in 0-d device arrays, read by the
-        kernel: ``scalars`` as :meth:`xpcnn.optim.Adam.step_scalars` names them."""
-        self._launch_updates(
-            _ADAM_AT, self._by_dtype(params, grads, ms, vs),
-            self._adam_constants(weight_decay, decoupled, beta_1, beta_2, epsilon),
-            (scalars["decay"], scalars["step"], scalars["bc2"]), apply)
+            (decay, step, bc2), apply)
 
     @staticmethod
     def _adam_constants(weight_decay: float, decoupled: bool, beta_1: float, beta_2: float,

@@ -580,8 +580,9 @@ class NumpyKernels(StandardKernels):
     # -- optimiser updates (``fused_updates``; see xpcnn.optim) ------------------------------
     # The standard formulas' operations in the same order, so the same bits, but in place:
     # no temporaries the size of each parameter, and large parameters split over the threads
-    # (the `mnist` model's SGD update: 2.1 -> 1.2 ms). ``apply`` (a 0-d bool array or None):
-    # where False, nothing changes; on the CPU reading it costs nothing.
+    # (the `mnist` model's SGD update: 2.1 -> 1.2 ms). The per-step numbers are Python floats
+    # or 0-d arrays (a captured step's), met as the standard formulas meet them. ``apply`` (a
+    # 0-d bool array or None): where False, nothing changes; on the CPU reading it costs nothing.
 
     def _update_blocks(self, update: Callable[..., None], params: list[Any],
                        *per_param: list[Any] | None) -> None:
@@ -598,7 +599,7 @@ class NumpyKernels(StandardKernels):
                             lambda w, a, b, flat=flat: update(*(f[a:b] for f in flat)))
 
     def sgd_update(self, params: list[Any], grads: list[Any], bufs: list[Any] | None,
-                   lr: float, weight_decay: float, momentum: float, nesterov: bool,
+                   lr: Any, weight_decay: float, momentum: float, nesterov: bool,
                    apply: Any = None) -> None:
         if apply is not None and not apply:
             return
@@ -615,28 +616,29 @@ class NumpyKernels(StandardKernels):
         self._update_blocks(update, params, grads, bufs)
 
     def adam_update(self, params: list[Any], grads: list[Any], ms: list[Any], vs: list[Any],
-                    lr: float, weight_decay: float, decoupled: bool, beta_1: float,
-                    beta_2: float, epsilon: float, step: int, apply: Any = None) -> None:
+                    decay: Any, step: Any, bc2: Any, weight_decay: float, decoupled: bool,
+                    beta_1: float, beta_2: float, epsilon: float, apply: Any = None) -> None:
+        """``decay``, ``step``, ``bc2``: as :meth:`xpcnn.optim.Adam.step_scalars` names them."""
         if apply is not None and not apply:
             return
-        m_hat_scale = lr / (1.0 - beta_1**step)
-        v_hat_scale = 1.0 - beta_2**step
 
         def update(p: Any, g: Any, m: Any, v: Any) -> None:
-            if weight_decay:
-                if decoupled:
-                    np.multiply(p, 1.0 - lr * weight_decay, out=p)
-                else:
-                    g = g + weight_decay * p
+            if weight_decay and not decoupled:
+                g = g + weight_decay * p
             np.multiply(m, beta_1, out=m)
             np.add(m, (1.0 - beta_1) * g, out=m)
             np.multiply(v, beta_2, out=v)
             np.add(v, (1.0 - beta_2) * (g * g), out=v)
-            denom = np.sqrt(v / v_hat_scale)
+            denom = np.sqrt(v / bc2)
             np.add(denom, epsilon, out=denom)
-            step_ = np.multiply(m_hat_scale, m)
-            np.divide(step_, denom, out=step_)
-            np.subtract(p, step_, out=p)
+            change = np.multiply(step, m)
+            np.divide(change, denom, out=change)
+            if weight_decay and decoupled:
+                # p * decay into denom's memory (free now; of the dtype p * decay has, as in
+                # the standard formula, which rounds to p's dtype only once, at the end)
+                np.subtract(np.multiply(p, decay, out=denom), change, out=p)
+            else:
+                np.subtract(p, change, out=p)
 
         self._update_blocks(update, params, grads, ms, vs)
 
