@@ -17,6 +17,7 @@ from nets import gap_net
 
 import xpcnn
 from xpcnn import backend as backend_module
+from xpcnn import model as model_module
 from xpcnn import optim
 from xpcnn.cuda_graphs import blockers
 from xpcnn.errors import InputError, NonFiniteError
@@ -71,14 +72,10 @@ class FakeCapture:
 def _runner(model, warmup=2):
     """The StepGraphs that Model._step_graphs makes on CuPy, here over NumPy with the
     stand-in capture."""
-    monkey_model = model
-    monkey_model.cuda_graphs_reason = ""
-    blockers_of = monkey_model._graph_blockers
-    monkey_model._graph_blockers = lambda: []  # (NumPy: "not CuPy" otherwise)
-    try:
-        graphs = monkey_model._step_graphs()
-    finally:
-        monkey_model._graph_blockers = blockers_of
+    model.cuda_graphs_reason = ""
+    with pytest.MonkeyPatch.context() as mp:  # (NumPy: "not CuPy" otherwise)
+        mp.setattr(model_module, "graph_blockers", lambda backend: [])
+        graphs = model._step_graphs()
     capture = FakeCapture(model._graph_arrays, model.layers)
     graphs.capture, graphs.warmup = capture, warmup
     return graphs, capture
@@ -316,10 +313,33 @@ def test_the_update_with_device_scalars_is_the_standard_one_bit_for_bit(make, dt
             np.testing.assert_array_equal(a, b)
 
 
-def test_what_keeps_a_step_eager():
-    assert blockers("cupy") == []  # (any layers, random ones included; any optimiser)
-    assert blockers("numpy", ("cuDNN missing",)) == [
-        "cuDNN missing", "CUDA graphs need the CuPy backend, not numpy"]
+@needs_compiler
+def test_what_keeps_a_step_eager(monkeypatch):
+    """Only the backend: not CuPy, CuPy without its fast path, or without cuDNN (its matrix
+    products would go to cuBLAS, which CuPy cannot capture). Layers (random ones too) and
+    optimisers never do (the other tests here capture them)."""
+    import sys
+
+    from cudnn_emulator import fake_cudnn, import_cudnn_conv
+
+    assert blockers(xpcnn.backend.get_backend("cpu")) == [
+        "CUDA graphs need the CuPy backend, not numpy"]
+    module, saved = load_emulated_fast_cupy()  # (its cuDNN does not load)
+    try:
+        cupy_like = backend_module.Backend(xpn, "cpu", "cupy")  # (CuPy's kernels, NumPy arrays)
+        assert blockers(cupy_like) == ["cuDNN could not be loaded: the matrix products would "
+                                       "go to cuBLAS, which CuPy cannot capture"]
+        monkeypatch.setitem(sys.modules, "cudnn", fake_cudnn())
+        monkeypatch.delenv("XPCNN_CUDNN", raising=False)
+        import_cudnn_conv()  # (afresh: it loads the fake frontend)
+        assert blockers(cupy_like) == []
+        old = backend_module.set_fast_path(False)
+        try:
+            assert blockers(cupy_like)[0].startswith("the CuPy fast path is off")
+        finally:
+            backend_module.set_fast_path(old)
+    finally:
+        restore(saved)
 
 
 def test_an_optimiser_that_defines_only_its_update_is_captured_too():

@@ -47,14 +47,21 @@ StepFn = Callable[[Any, Any, "dict[str, Any]"], Any]
 ArraysFn = Callable[[], "list[tuple[str, Any]]"]
 
 
-def blockers(backend_name: str, extra: tuple[str, ...] = ()) -> list[str]:
-    """Why a training step cannot be captured (none: it can): ``extra`` (the backend's own
-    reasons), then the backend itself. Neither the layers nor the optimiser can keep a step
-    eager (see the module doc)."""
-    reasons = list(extra)
-    if backend_name != "cupy":
-        reasons.append(f"CUDA graphs need the CuPy backend, not {backend_name}")
-    return reasons
+def blockers(backend: Any) -> list[str]:
+    """Why training steps on ``backend`` cannot be captured (none: they can). Neither the
+    layers nor the optimiser can keep a step eager (see the module doc); the backend can."""
+    if backend.name != "cupy":
+        return [f"CUDA graphs need the CuPy backend, not {backend.name}"]
+    from .ops import cudnn_conv
+    from .ops.kernels import kernels_for
+
+    if not hasattr(kernels_for(backend), "capturable"):
+        return ["the CuPy fast path is off (XPCNN_FAST_PATH=0): the standard matrix products "
+                "go to cuBLAS, which CuPy cannot capture"]
+    if cudnn_conv.load() is None:
+        return ["cuDNN could not be loaded: the matrix products would go to cuBLAS, which "
+                "CuPy cannot capture"]
+    return []
 
 
 class CupyCapture:

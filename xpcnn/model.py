@@ -397,7 +397,7 @@ class Model:
                 self.cuda_graphs_reason = self._graphs.reason
                 return None
             return self._graphs
-        reasons = self._graph_blockers()
+        reasons = graph_blockers(self.backend)
         if reasons:
             self.cuda_graphs_reason = reasons[0]
             if self.cuda_graphs:
@@ -415,7 +415,7 @@ class Model:
         def advance() -> None:
             opt.iterations += 1
 
-        # (on CuPy the kernels can always make matmuls capturable: see _graph_blockers)
+        # (on CuPy the kernels make matmuls capturable: see xpcnn.cuda_graphs.blockers)
         kernels = kernels_for(self.backend)
         capturable = getattr(kernels, "capturable", contextlib.nullcontext)
         self._running_totals()  # (made before the warm-up: its state is captured)
@@ -424,19 +424,6 @@ class Model:
             scalars, advance, self.backend, capturable, exact=("iteration",),
             capture_tables=getattr(kernels, "capture_tables", None))
         return self._graphs
-
-    def _graph_blockers(self) -> list[str]:
-        extra = []
-        if self.backend.name == "cupy":
-            from .ops import cudnn_conv
-
-            if not hasattr(kernels_for(self.backend), "capturable"):
-                extra.append("the CuPy fast path is off (XPCNN_FAST_PATH=0): the standard "
-                             "matrix products go to cuBLAS, which CuPy cannot capture")
-            elif cudnn_conv.load() is None:
-                extra.append("cuDNN could not be loaded: the matrix products would go to "
-                             "cuBLAS, which CuPy cannot capture")
-        return graph_blockers(self.backend.name, tuple(extra))
 
     def _graph_arrays(self) -> list[tuple[str, Any]]:
         """Every array that outlives a training step, parameters first (see StepGraphs)."""
