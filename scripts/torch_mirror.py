@@ -33,8 +33,8 @@ class _Random(nn.Module):
         super().__init__()
         self.seed, self.calls = seed, 0
 
-    def draw(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        u = _uniform(self.seed, self.calls, shape, like.dtype)
+    def draw(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        u = _uniform(self.seed, self.calls, shape, dtype)
         self.calls += 1
         return u
 
@@ -49,7 +49,7 @@ class SharedDropout(_Random):
             return x
         # xpcnn draws in its own NHWC layout: draw in that shape, then move to NCHW.
         shape = (x.shape[0], *x.shape[2:], x.shape[1]) if x.ndim == 4 else tuple(x.shape)
-        keep = (self.draw(shape, x) >= self.rate).to(x.dtype)
+        keep = (self.draw(shape, x.dtype) >= self.rate).to(x.dtype)
         if x.ndim == 4:
             keep = keep.permute(0, 3, 1, 2)
         return x * keep / (1 - self.rate)
@@ -59,7 +59,7 @@ class SharedFlip(_Random):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        flip = (self.draw((x.shape[0], 1, 1, 1), x) < 0.5)
+        flip = (self.draw((x.shape[0], 1, 1, 1), torch.float32) < 0.5)
         return torch.where(flip, torch.flip(x, dims=(3,)), x)
 
 
@@ -72,7 +72,7 @@ class SharedCrop(_Random):
         if not self.training:
             return x
         p, (n, _, h, w) = self.p, x.shape
-        u = self.draw((n, 2, 1, 1, 1), x)  # (xpcnn draws the batch on axis 0)
+        u = self.draw((n, 2, 1, 1, 1), torch.float32)  # (xpcnn draws the batch on axis 0)
         offs = torch.floor(u * (2 * p + 1)).long().reshape(n, 2).T
         xpad = F.pad(x, (p, p, p, p))
         return torch.stack([xpad[i, :, offs[0, i]:offs[0, i] + h, offs[1, i]:offs[1, i] + w]

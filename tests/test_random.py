@@ -154,3 +154,19 @@ def test_a_draw_depends_on_the_state_alone():
     layer.to(xpcnn.backend.get_backend("cpu"))
     layer.set_random_state(seed, 2)
     np.testing.assert_array_equal(layer.forward(x, training=True), np.asarray(third._array))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float16, np.float64])
+def test_flips_and_crops_are_drawn_in_float32_whatever_the_images_dtype(dtype):
+    """uint8 has no numbers in [0, 1): drawn in the images' dtype, every flip and offset would
+    be the same. Both layers act on images as given to them, in their own dtype."""
+    x = np.arange(64 * 6 * 6 * 1).reshape(64, 6, 6, 1).astype(dtype)
+    flip, crop = RandomFlip(), RandomCrop(1)
+    for layer in (flip, crop):
+        layer.build((6, 6, 1), "cpu", dtype="float32", rng=np.random.default_rng(0))
+    flipped = np.all(flip.forward(x, training=True) == x[:, :, ::-1, :], axis=(1, 2, 3))
+    assert 16 < flipped.sum() < 48  # about half of them
+    cropped = crop.forward(x, training=True)
+    assert cropped.dtype == x.dtype
+    same = np.all(cropped == x, axis=(1, 2, 3))
+    assert 0 < same.sum() < 20  # the centre offset (1 of 9) for about a ninth of them

@@ -78,7 +78,8 @@ class RandomFlip(RandomLayer):
         if not training:
             return x
         xp = self.xp
-        flip = self._uniform((x.shape[0], 1, 1, 1), x.dtype) < 0.5
+        # (decisions, drawn in float32 whatever the images' dtype: uint8 has no [0, 1))
+        flip = self._uniform((x.shape[0], 1, 1, 1), xp.float32) < 0.5
         return xp.where(flip, xp.flip(x, axis=2), x)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
@@ -107,7 +108,7 @@ class RandomCrop(RandomLayer):
         xp = self.xp
         p, n = self.padding, x.shape[0]
         h, w = x.shape[1], x.shape[2]
-        u = self._uniform((n, 2, 1, 1, 1), x.dtype)
+        u = self._uniform((n, 2, 1, 1, 1), xp.float32)  # (offsets: float32, as flips)
         # Offsets in [0, 2p]; a crop is a row shift then a column shift, each chosen per image
         # among 2p+1 candidates with where(): standard-only, no per-sample indexing needed.
         dy = xp.floor(u[:, 0, ...] * (2 * p + 1))
