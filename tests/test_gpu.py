@@ -682,3 +682,12 @@ def test_random_numbers_kernel_is_the_definition(cp, kernels, dtype):
     state = cp.asarray([2**40 + 17, 123], dtype=cp.int64)
     for shape, first in (((1000, 37), 0), ((3, 5), 2**33 + 1)):
         _equal(fast.uniform(state, shape, dtype, first), std.uniform(state, shape, dtype, first))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float16", "float32"])
+def test_random_crop_kernel_is_the_standard_crop(cp, kernels, rng, dtype):
+    fast, std = kernels
+    x = cp.asarray(rng.integers(0, 200, (64, 9, 7, 3)).astype(dtype))
+    u = cp.asarray(rng.random((64, 2), dtype=np.float32))
+    for padding in (1, 4):
+        _equal(fast.random_crop(x, u, padding), std.random_crop(x, u, padding))

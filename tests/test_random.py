@@ -170,3 +170,27 @@ def test_flips_and_crops_are_drawn_in_float32_whatever_the_images_dtype(dtype):
     assert cropped.dtype == x.dtype
     same = np.all(cropped == x, axis=(1, 2, 3))
     assert 0 < same.sum() < 20  # the centre offset (1 of 9) for about a ninth of them
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("padding", [1, 4])
+def test_the_crop_kernels_are_the_standard_crop(dtype, padding):
+    """NumPy's (a slice copy per image) and CuPy's (one launch, compiled for the CPU here)
+    random crops against the standard where() version, with every offset drawn."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 7, 9, 3)).astype(dtype)
+    u = rng.random((40, 2), dtype=np.float32)
+    u[:2] = [[0.0, 0.999999], [0.5, 0.0]]  # (the edges: offsets 0 and 2p)
+    want = StandardKernels(xpn).random_crop(x, u, padding)
+    assert want.shape == x.shape and want.dtype == x.dtype
+    np.testing.assert_array_equal(NUMPY_KERNELS.random_crop(x, u, padding), want)
+    module, saved = load_emulated_fast_cupy()
+    try:
+        np.testing.assert_array_equal(module.KERNELS.random_crop(x, u, padding), want)
+    finally:
+        restore(saved)
+    # the standard crop itself: image 0 (offsets 0 and 2p) takes its rows from p above and its
+    # columns from p to the right
+    p = padding
+    np.testing.assert_array_equal(want[0, p:, :-p or None], x[0, :-p or None, p:])

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..checks import number
 from ..errors import InputError
+from ..ops.kernels import kernels_for
 from .base import DEFAULT, Layer, Options, Shape, require_rank
 from .dropout import RandomLayer
 
@@ -105,23 +106,9 @@ class RandomCrop(RandomLayer):
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         if not training:
             return x
-        xp = self.xp
-        p, n = self.padding, x.shape[0]
-        h, w = x.shape[1], x.shape[2]
-        u = self._uniform((n, 2, 1, 1, 1), xp.float32)  # (offsets: float32, as flips)
-        # Offsets in [0, 2p]; a crop is a row shift then a column shift, each chosen per image
-        # among 2p+1 candidates with where(): standard-only, no per-sample indexing needed.
-        dy = xp.floor(u[:, 0, ...] * (2 * p + 1))
-        dx = xp.floor(u[:, 1, ...] * (2 * p + 1))
-        xpad = xp.zeros((n, h + 2 * p, w + 2 * p, x.shape[3]), dtype=x.dtype, device=x.device)
-        xpad[:, p:p + h, p:p + w, :] = x
-        rows = xpad[:, 0:h, :, :]
-        for k in range(1, 2 * p + 1):
-            rows = xp.where(dy == k, xpad[:, k:k + h, :, :], rows)
-        out = rows[:, :, 0:w, :]
-        for k in range(1, 2 * p + 1):
-            out = xp.where(dx == k, rows[:, :, k:k + w, :], out)
-        return out
+        # offsets drawn in float32 whatever the images' dtype (uint8 has no [0, 1)), as flips
+        u = self._uniform((x.shape[0], 2), self.xp.float32)
+        return kernels_for(self.backend).random_crop(x, u, self.padding)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         raise InputError("RandomCrop must be the first layers of a model (it has no gradient)")

@@ -600,6 +600,24 @@ _MASK_MULTIPLY = cupy.ElementwiseKernel(
     "T x, bool m", "T y", "y = x * (T)(m ? 1.0f : 0.0f);", "xpcnn_mask_multiply"
 )
 
+# StandardKernels.random_crop in one launch: out[n, i, j, c] = x[n, i + dy - p, j + dx - p, c]
+# (0 outside the image), the offsets floor(u * (2p + 1)) per image from the (N, 2) numbers u.
+_RANDOM_CROP = cupy.ElementwiseKernel(
+    "raw T x, raw float32 u, int32 H, int32 W, int32 C, int32 p",
+    "T out",
+    """
+    long long r = i;
+    const int c = r % C; r /= C;
+    const int j = r % W; r /= W;
+    const int row = r % H;
+    const long long img = r / H;
+    const int hh = row + (int)floorf(u[2 * img] * (float)(2 * p + 1)) - p;
+    const int ww = j + (int)floorf(u[2 * img + 1] * (float)(2 * p + 1)) - p;
+    out = (hh >= 0 && hh < H && ww >= 0 && ww < W) ? x[((img * H + hh) * W + ww) * C + c]
+                                                    : (T)0;
+    """,
+    "xpcnn_random_crop",
+)
 # xpcnn.ops.random's numbers in one launch: element ``first + i`` of the draw that ``state`` =
 # [seed, draw] names (the same SplitMix64 bits; unsigned arithmetic, which wraps as the
 # definition's int64 does).
@@ -1056,6 +1074,11 @@ class CupyKernels(StandardKernels):
     def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
         bits = random.significant_bits(cupy, dtype)
         return _UNIFORM(state, first, bits, 2.0**-bits, cupy.empty(shape, dtype))
+
+    def random_crop(self, x: Any, u: Any, padding: int) -> Any:
+        n, h, w, c = x.shape
+        return _RANDOM_CROP(cupy.ascontiguousarray(x), cupy.ascontiguousarray(u), h, w, c,
+                            padding, cupy.empty(x.shape, x.dtype))
 
     def mask_multiply(self, x: Any, mask: Any) -> Any:
         return _MASK_MULTIPLY(x, mask)

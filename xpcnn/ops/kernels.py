@@ -138,6 +138,25 @@ class StandardKernels:
         :mod:`xpcnn.ops.random`, the definition)."""
         return uniform(self.xp, state, shape, dtype, first)
 
+    def random_crop(self, x: Any, u: Any, padding: int) -> Any:
+        """Each image of ``x`` (N, H, W, C) padded by ``padding`` zeros on every side and cut
+        back to H x W at row and column offsets ``floor(u * (2 * padding + 1))`` (``u``: (N, 2)
+        numbers in [0, 1), rows then columns). Standard-only: each offset among the 2p + 1
+        candidates chosen per image with where(), no per-image indexing."""
+        xp, p = self.xp, padding
+        n, h, w, c = x.shape
+        offsets = xp.floor(u * (2 * p + 1))
+        dy, dx = (xp.reshape(offsets[:, k], (n, 1, 1, 1)) for k in (0, 1))
+        xpad = xp.zeros((n, h + 2 * p, w + 2 * p, c), dtype=x.dtype, device=x.device)
+        xpad[:, p:p + h, p:p + w, :] = x
+        rows = xpad[:, 0:h, :, :]
+        for k in range(1, 2 * p + 1):
+            rows = xp.where(dy == k, xpad[:, k:k + h, :, :], rows)
+        out = rows[:, :, 0:w, :]
+        for k in range(1, 2 * p + 1):
+            out = xp.where(dx == k, rows[:, :, k:k + w, :], out)
+        return out
+
     def mask_multiply(self, x: Any, mask: Any) -> Any:
         """``x`` where the boolean ``mask`` holds, 0 elsewhere (as a product, not ``where``:
         several times faster)."""
