@@ -78,3 +78,33 @@ def gated_updates(xp, kernels, make, rng, dtype=np.float32):
             for old, new in zip(before, after, strict=True):
                 assert all(np.array_equal(a, b) for a, b in zip(old, new, strict=True))
     return fused, standard
+
+
+def device_scalars(opt, dtype):
+    """The next step's numbers as 0-d arrays of ``dtype`` (as a captured step has them)."""
+    return {k: np.asarray(v, dtype) for k, v in opt.step_scalars().items()}
+
+
+def step_with(xp, opt, params, grads, kernels, scalar_dtype=None):
+    """One step; with ``scalar_dtype``, its numbers as 0-d arrays of it (a captured step's,
+    which leaves counting the step to its caller)."""
+    if scalar_dtype is None:
+        opt.step(xp, params, grads, kernels)
+        return
+    opt.step(xp, params, grads, kernels, scalars=device_scalars(opt, scalar_dtype))
+    opt.iterations += 1
+
+
+def two_dtype_updates(xp, kernels, make, rng, dtypes, scalar_dtype=None):
+    """Three steps of a fused (``kernels``) and a standard optimiser over parameters of the two
+    ``dtypes`` in turn; returns (fused optimiser, its parameters, standard optimiser, its
+    parameters) to compare."""
+    params = [rng.standard_normal(s).astype(dt) for s, dt in
+              zip(UPDATE_SHAPES, list(dtypes) * 3, strict=True)]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    for _ in range(3):
+        grads = [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
+        step_with(xp, opt_fused, fused, grads, kernels, scalar_dtype)
+        step_with(xp, opt_std, standard, grads, None, scalar_dtype)
+    return opt_fused, fused, opt_std, standard

@@ -18,7 +18,9 @@ from kernel_cases import (
     SOFTMAX_CROSS_ENTROPY,
     TILED_CONV,
     UPDATE_SHAPES,
+    device_scalars,
     gated_updates,
+    two_dtype_updates,
 )
 from nets import every_layer_net, gap_net
 
@@ -220,14 +222,7 @@ def test_fused_optimiser_updates(fast, rng, make, dtype):
 @OPTIMISERS
 def test_fused_updates_of_parameters_of_two_dtypes(fast, rng, make):
     """One step over float32 and float64 parameters: a launch per dtype, each right."""
-    params = [rng.standard_normal(s).astype(dt) for s, dt in
-              zip(UPDATE_SHAPES, [np.float32, np.float64] * 3, strict=True)]
-    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
-    opt_fused, opt_std = make(), make()
-    for _ in range(3):
-        grads = [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
-        opt_fused.step(xpn, fused, grads, fast)
-        opt_std.step(xpn, standard, grads)
+    _, fused, _, standard = two_dtype_updates(xpn, fast, make, rng, (np.float32, np.float64))
     for f, s in zip(fused, standard, strict=True):
         assert f.dtype == s.dtype
         tol = 1e-5 if f.dtype == np.float32 else 1e-12
@@ -284,11 +279,6 @@ def test_training_with_the_cuda_kernels(fast, monkeypatch, net, algorithm):
 # -- the updates with device scalars (a step captured in a CUDA graph, xpcnn.cuda_graphs) ---------
 
 
-def _device_scalars(opt, dtype):
-    """The next step's numbers as 0-d arrays of the parameters' dtype (as StepGraphs has them)."""
-    return {k: np.asarray(v, dtype) for k, v in opt.step_scalars().items()}
-
-
 # per step, whether it applies (None: no flag); where it does not, its gradients hold a NaN
 GATED_STEPS = [None, True, False, True]
 
@@ -322,8 +312,8 @@ def test_fused_updates_with_device_scalars_are_the_standard_ones_bit_for_bit(
         flag = None if apply is None else np.asarray(apply)
         before = [a.copy() for a in fused] + [s.copy() for v in opt_fused.slots.values()
                                               for s in v]
-        opt_fused.step(xpn, fused, grads, fast, flag, _device_scalars(opt_fused, dtype))
-        opt_std.step(xpn, standard, grads, apply=flag, scalars=_device_scalars(opt_std, dtype))
+        opt_fused.step(xpn, fused, grads, fast, flag, device_scalars(opt_fused, dtype))
+        opt_std.step(xpn, standard, grads, apply=flag, scalars=device_scalars(opt_std, dtype))
         for opt in (opt_fused, opt_std):
             opt.iterations += 1
         if apply is False:
@@ -343,16 +333,8 @@ def test_fused_updates_with_device_scalars_over_two_dtypes(fast, rng, make):
     """Parameters of float32 and float64 with float32 step numbers (the first parameter's
     dtype, as a captured step has them): the standard values bit for bit (a float32 number
     meets float64 parameters exactly, in both)."""
-    params = [rng.standard_normal(s).astype(dt) for s, dt in
-              zip(UPDATE_SHAPES, [np.float32, np.float64] * 3, strict=True)]
-    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
-    opt_fused, opt_std = make(), make()
-    for _ in range(3):
-        grads = [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
-        opt_fused.step(xpn, fused, grads, fast, scalars=_device_scalars(opt_fused, np.float32))
-        opt_std.step(xpn, standard, grads, scalars=_device_scalars(opt_std, np.float32))
-        for opt in (opt_fused, opt_std):
-            opt.iterations += 1
+    _, fused, _, standard = two_dtype_updates(xpn, fast, make, rng, (np.float32, np.float64),
+                                              np.float32)
     for a, b in zip(fused, standard, strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
@@ -406,9 +388,9 @@ def test_a_captured_fused_update_fills_its_table_after_the_capture_and_replays_r
     opt_fused, opt_std = make(), make()
     grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]  # the static buffers
     apply = np.asarray(True)
-    scalars = _device_scalars(opt_fused, dtype)
+    scalars = device_scalars(opt_fused, dtype)
     for opt, ps, kernels in ((opt_fused, fused, fast), (opt_std, standard, None)):  # warm-up
-        opt.step(xpn, ps, grads, kernels, apply, _device_scalars(opt, dtype))
+        opt.step(xpn, ps, grads, kernels, apply, device_scalars(opt, dtype))
         opt.iterations += 1
     capture = EmulatedCapture(module, monkeypatch)
     with fast.capture_tables() as tables:
@@ -430,7 +412,7 @@ def test_a_captured_fused_update_fills_its_table_after_the_capture_and_replays_r
         for k, v in opt_fused.step_scalars().items():
             scalars[k][...] = v
         capture.replay()
-        opt_std.step(xpn, standard, grads, apply=apply, scalars=_device_scalars(opt_std, dtype))
+        opt_std.step(xpn, standard, grads, apply=apply, scalars=device_scalars(opt_std, dtype))
         for opt in (opt_fused, opt_std):
             opt.iterations += 1
     for a, b in zip(fused, standard, strict=True):

@@ -6,7 +6,7 @@ import array_api_compat.numpy as xpn
 import array_api_strict as xs
 import numpy as np
 import pytest
-from kernel_cases import OPTIMISERS, UPDATE_SHAPES, gated_updates
+from kernel_cases import OPTIMISERS, UPDATE_SHAPES, gated_updates, step_with, two_dtype_updates
 from nets import every_layer_net, gap_net, plan_of
 
 import xpcnn
@@ -423,16 +423,6 @@ def test_threaded_training_is_bit_reproducible(small_chunks, rng):
         assert np.array_equal(a, b)
 
 
-def _step(opt, params, grads, kernels, scalar_dtype):
-    """One step; with ``scalar_dtype``, its numbers as 0-d arrays of it (a captured step's)."""
-    if scalar_dtype is None:
-        opt.step(xpn, params, grads, kernels)
-        return
-    scalars = {k: np.asarray(v, scalar_dtype) for k, v in opt.step_scalars().items()}
-    opt.step(xpn, params, grads, kernels, scalars=scalars)
-    opt.iterations += 1
-
-
 def _assert_same_bits(opt_fused, fused, opt_std, standard):
     for f, s in zip(fused, standard, strict=True):
         assert f.dtype == s.dtype
@@ -458,8 +448,8 @@ def test_fused_optimiser_updates_give_the_standard_bits(rng, make, dtype, device
     for _ in range(3):
         grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
         grads[0] = np.asfortranarray(grads[0])  # a gradient that is not C-contiguous
-        _step(opt_fused, fused, grads, FAST, scalar_dtype)
-        _step(opt_std, standard, grads, None, scalar_dtype)
+        step_with(xpn, opt_fused, fused, grads, FAST, scalar_dtype)
+        step_with(xpn, opt_std, standard, grads, None, scalar_dtype)
     _assert_same_bits(opt_fused, fused, opt_std, standard)
 
 
@@ -468,15 +458,8 @@ def test_fused_updates_with_wider_device_scalars_give_the_standard_bits(rng, mak
     """float64 step numbers (a captured step's, in the first parameter's dtype) meeting
     float32 parameters too: the NumPy updates compute in float64 and round to float32 once,
     at the end, as the standard formulas do (AdamW's decay included)."""
-    params = [rng.standard_normal(s).astype(dt) for s, dt in
-              zip(UPDATE_SHAPES, [np.float64, np.float32] * 3, strict=True)]
-    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
-    opt_fused, opt_std = make(), make()
-    for _ in range(3):
-        grads = [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
-        _step(opt_fused, fused, grads, FAST, np.float64)
-        _step(opt_std, standard, grads, None, np.float64)
-    _assert_same_bits(opt_fused, fused, opt_std, standard)
+    _assert_same_bits(*two_dtype_updates(xpn, FAST, make, rng, (np.float64, np.float32),
+                                          np.float64))
 
 
 @OPTIMISERS

@@ -620,6 +620,23 @@ def xc_namespace():
     return xc
 
 
+def _eager_and_graphed_fits(monkeypatch, net, make_optimizer, precision="float32"):
+    """The same 3-epoch fit of 72 images in batches of 16 (the last of each epoch short, so
+    eager) without and with CUDA graphs, all in full float32 (cuDNN's matmuls in the graph
+    and cuBLAS's outside): [(model, its losses)] for each."""
+    monkeypatch.setenv("XPCNN_TF32", "0")
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (72, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 72)
+    results = []
+    for graphs in (False, True):
+        model = xpcnn.Sequential(net(), device="cuda", seed=0)
+        model.compile(optimizer=make_optimizer(), precision=precision, cuda_graphs=graphs)
+        history = model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+        results.append((model, history.history["loss"]))
+    return results
+
+
 @pytest.mark.parametrize("make_optimizer, precision, tol", [
     (lambda: xpcnn.optim.SGD(xpcnn.optim.StepDecay(0.05, 3, 0.5), momentum=0.9), "float32",
      1e-3),
@@ -633,17 +650,8 @@ def test_replayed_steps_give_the_weights_of_eager_steps(cudnn_module, monkeypatc
     epoch runs eagerly) against the same fit without graphs: the same weights, to rounding
     (cuDNN's matmuls in the graph and cuBLAS's outside both in full float32; mixed float16
     with its loss scale on the device)."""
-    monkeypatch.setenv("XPCNN_TF32", "0")
-    monkeypatch.delenv("CUPY_TF32", raising=False)
-    rng = np.random.default_rng(0)
-    x, y = rng.integers(0, 256, (72, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 72)
-    results = []
-    for graphs in (False, True):
-        model = xpcnn.Sequential(gap_net(), device="cuda", seed=0)
-        model.compile(optimizer=make_optimizer(), precision=precision, cuda_graphs=graphs)
-        history = model.fit(x, y, epochs=3, batch_size=16, verbose=0)
-        results.append((model, history.history["loss"]))
-    (eager, loss_eager), (graphed, loss_graphed) = results
+    (eager, loss_eager), (graphed, loss_graphed) = _eager_and_graphed_fits(
+        monkeypatch, gap_net, make_optimizer, precision)
     assert graphed.cuda_graphs_reason == "" and graphed._graphs.graph is not None
     assert len(graphed._graphs._tables) == 1  # its update: the fused kernel, one launch
     assert graphed.optimizer.iterations == eager.optimizer.iterations == 15
@@ -657,17 +665,8 @@ def test_models_with_random_layers_are_captured_and_replay_their_draws(cudnn_mod
                                                                       monkeypatch):
     """Every layer type, random ones included, captured and replayed: the draws counted on
     the device give each replay the masks, flips and crops an eager step gets."""
-    monkeypatch.setenv("XPCNN_TF32", "0")
-    monkeypatch.delenv("CUPY_TF32", raising=False)
-    rng = np.random.default_rng(0)
-    x, y = rng.integers(0, 256, (72, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 72)
-    results = []
-    for graphs in (False, True):
-        model = xpcnn.Sequential(every_layer_net(), device="cuda", seed=0)
-        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), cuda_graphs=graphs)
-        model.fit(x, y, epochs=3, batch_size=16, verbose=0)
-        results.append(model)
-    eager, graphed = results
+    (eager, _), (graphed, _) = _eager_and_graphed_fits(
+        monkeypatch, every_layer_net, lambda: xpcnn.optim.SGD(0.05, momentum=0.9))
     assert graphed.cuda_graphs_reason == "" and graphed._graphs.graph is not None
     assert [la.calls for la in graphed.layers if hasattr(la, "random_state")] == \
         [la.calls for la in eager.layers if hasattr(la, "random_state")] == [15, 15, 15]
