@@ -72,8 +72,8 @@ def weight_arrays(model: Any, path: str) -> dict[str, np.ndarray]:
     ``NonFiniteError`` (and nothing written to ``path``) if one holds NaN or infinity."""
     arrays = {}
     for i, la in enumerate(model.layers):
-        names = [n for n in la.weight_names if n in la._arrays()]
-        for j, (name, w) in enumerate(zip(names, la.get_weights(), strict=True)):
+        for j, (name, w) in enumerate(zip(la.present_weight_names(), la.get_weights(),
+                                          strict=True)):
             if not np.all(np.isfinite(w)):
                 raise NonFiniteError(f"the weights of layer {la.name!r} ({name}) hold NaN or "
                                      f"infinity: {path} was not written")
@@ -262,7 +262,7 @@ def set_weights_from_file(model: Any, npz: NpzArchive) -> None:
     weights = []
     for i, la in enumerate(model.layers):
         arrays = la._arrays()
-        for j, name in enumerate(n for n in la.weight_names if n in arrays):
+        for j, name in enumerate(la.present_weight_names()):
             key = f"layer{i}.{j}"
             if key not in npz.entries:
                 raise DataFormatError(f"{path}: weight {key} of layer {la.name!r} is missing")
