@@ -186,6 +186,22 @@ def test_a_layer_without_a_bias_saves_and_loads_only_its_kernel(tmp_path):
                                   model.layers[1].get_weights()[0])
 
 
+def test_a_checkpoint_is_not_written_from_non_finite_optimizer_state(tmp_path):
+    model = small_model()
+    rng = np.random.default_rng(0)
+    model.fit(rng.integers(0, 256, (4, 10, 10, 3), np.uint8), np.arange(4), verbose=0)
+    save_checkpoint(model, tmp_path / "c.npz")
+    good = (tmp_path / "c.npz").read_bytes()
+    slot = model.optimizer.slots["v"][1]
+    slot[(0,) * slot.ndim] = np.inf
+    with pytest.raises(NonFiniteError, match=r"training stopped after step 1: the optimiser's "
+                                             r"'v' state holds NaN or infinity; the checkpoint "
+                                             r".*c.npz was not overwritten"):
+        save_checkpoint(model, tmp_path / "c.npz")
+    assert (tmp_path / "c.npz").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]
+
+
 def test_a_checkpoint_with_non_finite_optimizer_state_is_refused(tmp_path):
     model = small_model()
     rng = np.random.default_rng(0)
