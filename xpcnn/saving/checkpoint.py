@@ -28,7 +28,6 @@ leaves the last good checkpoint in place.
 from __future__ import annotations
 
 import contextlib
-import glob
 import math
 import os
 import signal
@@ -44,6 +43,7 @@ import numpy as np
 from .. import distributed
 from ..backend import DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterrupted
+from ..files import remove_leftovers
 from ..history import History
 from ..layers.dropout import RandomLayer
 from .model_file import (
@@ -150,20 +150,12 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
                                      f"infinity; {kept}")
             arrays[f"slot.{name}.{k}"] = host
     write_npz_atomic(path, arrays)
-    _remove_leftovers(path)
+    remove_leftovers(path)
 
 
 def _slot_owners(model: Any) -> list[tuple[Any, str]]:
     """(layer, weight name) of each optimiser slot, in slot order: the trainable parameters."""
     return [(la, k) for la in model.trainable_layers for k in la.params]
-
-
-def _remove_leftovers(path: str) -> None:
-    """Delete temporary files that killed writers of this same checkpoint left behind."""
-    folder, base = os.path.split(os.path.abspath(path))
-    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(base)}.*.tmp")):
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 # -- reading ----------------------------------------------------------------------------------
