@@ -35,7 +35,6 @@ imports mpi4py.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import sys
@@ -46,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from . import checks
 from .errors import DeviceError, MissingDependencyError, XpcnnError
 
 #: Bytes of gradients per bucket, as PyTorch DDP: 1 MiB for the first (the last layers': it
@@ -131,13 +131,11 @@ def init(comm: Any = None, timeout: float | None = None) -> World:
 
 def _seconds(value: Any) -> float:
     try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = math.nan
-    if not 0 < seconds < math.inf:
+        return checks.number(float(value), "the collective timeout", low=0.0, low_open=True)
+    except (TypeError, ValueError):  # (InputError is a ValueError)
         raise DistributedError(f"the collective timeout (XPCNN_DIST_TIMEOUT, or init's "
-                               f"timeout) must be a positive number of seconds, got {value!r}")
-    return seconds
+                               f"timeout) must be a positive number of seconds, got {value!r}"
+                               ) from None
 
 
 def _abort_all_on_error(here: World) -> None:
