@@ -239,16 +239,22 @@ def _percent(fraction: float) -> str:
     return f"{100 * fraction:g}%"
 
 
+def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded, stratification-free random split of ``n`` samples: the indices of (train,
+    held-out), ``fraction`` of them (rounded, at least one) held out."""
+    n_val = max(1, int(round(n * fraction)))
+    order = np.random.default_rng([seed, 12345]).permutation(n)
+    return order[n_val:], order[:n_val]
+
+
 def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int
            ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """A seeded, stratification-free random split into (train, held-out)."""
-    n_val = max(1, int(round(len(x) * fraction)))
-    if n_val >= len(x):
+    """:func:`split_indices` applied to (x, y): (train, held-out)."""
+    train, val = split_indices(len(x), fraction, seed)
+    if not len(train):
         raise UsageError(f"argument --val-split: {fraction:g} of the {len(x)} training images "
-                         f"holds out {n_val} and leaves none to train on; choose a smaller "
+                         f"holds out {len(val)} and leaves none to train on; choose a smaller "
                          "fraction")
-    order = np.random.default_rng([seed, 12345]).permutation(len(x))
-    val, train = order[:n_val], order[n_val:]
     return (x[train], y[train]), (x[val], y[val])
 
 
