@@ -30,12 +30,13 @@ from .errors import TrainingInterrupted, XpcnnError
 from .files import try_writing_in
 from .models import NAMES, build_model
 from .onnx_export import ONNX_EXTRA_HINT
+from .viz import VIZ_EXTRA_HINT
 
 DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10")
 DEFAULT_MODEL = {"shapes": "shapes", "mnist": "mnist", "fashion-mnist": "mnist",
                  "cifar10": "cifar"}
 DEFAULT_EPOCHS = {"shapes": 4, "mnist": 3, "fashion-mnist": 5, "cifar10": 10}
-VIZ_HINT = 'needs matplotlib, which is not installed: pip install "xpcnn[viz]"'
+VIZ_HINT = f"needs matplotlib, which is not installed: {VIZ_EXTRA_HINT}"
 
 
 class UsageError(XpcnnError):
