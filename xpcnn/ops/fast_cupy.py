@@ -1179,13 +1179,8 @@ class CupyKernels(StandardKernels):
         """``decay``, ``step``, ``bc2``: as :meth:`xpcnn.optim.Adam.step_scalars` names them."""
         self._launch_updates(
             _ADAM if _by_value(decay) else _ADAM_AT, self._by_dtype(params, grads, ms, vs),
-            self._adam_constants(weight_decay, decoupled, beta_1, beta_2, epsilon),
+            (weight_decay, decoupled, beta_1, 1.0 - beta_1, beta_2, 1.0 - beta_2, epsilon),
             (decay, step, bc2), apply)
-
-    @staticmethod
-    def _adam_constants(weight_decay: float, decoupled: bool, beta_1: float, beta_2: float,
-                        epsilon: float) -> tuple:
-        return (weight_decay, decoupled, beta_1, 1.0 - beta_1, beta_2, 1.0 - beta_2, epsilon)
 
 
 KERNELS = CupyKernels()
