@@ -195,8 +195,10 @@ class Model:
         return self._plan_cache[1]
 
     def _logits(self, x: Any, training: bool) -> Any:
-        """Forward pass up to the logits, by the plan."""
+        """Forward pass up to the logits, by the plan, of a device batch (cast to the
+        parameters' dtype first)."""
         with self.backend.compute_scope():
+            x = self.backend.xp.astype(x, self._param_dtype, copy=False)
             return graph.forward(self._plan(), x, training)
 
     def _backward(self, dz: Any, on_layer: Callable[[Layer], None] | None = None) -> None:
@@ -370,7 +372,7 @@ class Model:
         assert self.loss is not None
         if dp is not None and xb.shape[0] == 0:  # no sample of a short last batch here
             return dp.empty_step(xp.zeros((2,), dtype=self._param_dtype))
-        logits = self._logits(xp.astype(xb, self._param_dtype, copy=False), training=True)
+        logits = self._logits(xb, training=True)
         stats, dz = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype, kernels)
         if dp is not None and dp.weight != 1.0:
             # weighted by this slice's share of the global batch, here, once: backward is
@@ -700,7 +702,7 @@ class Model:
                                distributed.is_root(), desc="evaluate", unit="batch"):
                 if not xb.shape[0]:  # this rank's empty part of a short batch
                     continue
-                logits = self._logits(xp.astype(xb, self._param_dtype, copy=False), False)
+                logits = self._logits(xb, False)
                 stats, _ = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
                     xp, logits, yb, self._param_dtype, kernels)
                 totals.add_stats(stats, int(xb.shape[0]))
@@ -728,7 +730,7 @@ class Model:
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(0)) as batches:  # type: ignore[type-var]
             for xb, _ in batches:
-                z = self._logits(xp.astype(xb, self._param_dtype, copy=False), training=False)
+                z = self._logits(xb, training=False)
                 out.append(softmax(xp, xp.astype(z, self._param_dtype)))
             probabilities = self.backend.to_numpy(xp.concat(out))
         cbs.on_predict_end()
