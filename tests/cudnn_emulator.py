@@ -271,6 +271,7 @@ GRAPHS: list[PyGraph] = []
 class Handle:
     def __init__(self) -> None:
         self.stream: int | None = None
+        self.streams_set: list[int] = []  # every set_stream, in order
 
 
 def fake_cudnn() -> types.ModuleType:
@@ -282,6 +283,7 @@ def fake_cudnn() -> types.ModuleType:
 
     def set_stream(handle: Handle, stream: int) -> None:
         handle.stream = stream
+        handle.streams_set.append(stream)
 
     m.set_stream = set_stream
     return m

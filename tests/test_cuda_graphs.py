@@ -412,3 +412,54 @@ def test_the_compile_switch(recwarn):
     with pytest.raises(InputError, match="cuda_graphs must be True, False or None, got 'yes'"):
         model.compile(cuda_graphs="yes")
     assert isinstance(model, Model)
+
+
+def test_the_cupy_side_orders_warm_up_and_capture_by_events_and_replays_on_the_callers_stream(
+        monkeypatch):
+    """CupyCapture against a stand-in ``cupy`` that records stream calls: the warm-up and the
+    capture run on the capture stream after the caller's work and before its next (events); a
+    replay is launched on the caller's stream itself, with no events."""
+    import sys
+    import types
+
+    from xpcnn.cuda_graphs import CupyCapture
+
+    calls = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def record(self):
+            calls.append(("record", self.name))
+            return self.name
+
+        def wait_event(self, event):
+            calls.append(("wait", self.name, event))
+
+        def __enter__(self):
+            calls.append(("enter", self.name))
+
+        def __exit__(self, *exc):
+            calls.append(("exit", self.name))
+
+    caller = Stream("caller")
+    cuda = types.SimpleNamespace(
+        Stream=lambda non_blocking: Stream("capture"), MemoryPool=lambda: types.SimpleNamespace(
+            malloc=None), get_current_stream=lambda: caller,
+        using_allocator=lambda malloc: contextlib.nullcontext())
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    cudnn_conv = types.SimpleNamespace(
+        use_current_stream=lambda: calls.append(("cudnn on", "capture")))
+    monkeypatch.setitem(sys.modules, "xpcnn.ops.cudnn_conv", cudnn_conv)
+    monkeypatch.setattr(xpcnn.ops, "cudnn_conv", cudnn_conv, raising=False)
+    capture = CupyCapture()
+    with capture.scope():
+        calls.append(("step",))
+    assert calls == [("record", "caller"), ("wait", "capture", "caller"), ("enter", "capture"),
+                     ("cudnn on", "capture"), ("step",), ("exit", "capture"),
+                     ("record", "capture"), ("wait", "caller", "capture")]
+    calls.clear()
+    graph = types.SimpleNamespace(launch=lambda stream: calls.append(("launch", stream.name)))
+    capture.launch(graph)
+    assert calls == [("launch", "caller")]

@@ -5,11 +5,14 @@ and ReLU fused into the forward graph) are checked here by the numbers they give
 standard engine, and the graph caching, the TF32 switch and the fallbacks by what was called.
 tests/test_gpu.py runs the same engine against real cuDNN where a GPU is lent."""
 
+import types
+
 import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
 from cuda_emulator import needs_compiler, restore
 from cudnn_emulator import (
+    CURRENT_STREAM,
     GRAPHS,
     DataType,
     NumericalNote,
@@ -205,6 +208,43 @@ def test_matmul_graphs(cc, rng, transpose_a, transpose_b):
     assert len(GRAPHS) == 1 and GRAPHS[0].executions == 2
 
 
+def test_matmul_graphs_are_built_per_device(cc, monkeypatch, rng):
+    """A plan is built with its device's handle: the same product on another GPU gets its own."""
+    import sys
+
+    matmul = cc.CudnnMatmul(cc.load())
+    a, b = rng.standard_normal((5, 7)), rng.standard_normal((7, 4))
+    matmul(a, b)
+    monkeypatch.setattr(sys.modules["cupy"].cuda, "Device", lambda: types.SimpleNamespace(id=1))
+    np.testing.assert_allclose(matmul(a, b), a @ b, rtol=1e-12)
+    assert [graph.executions for graph in GRAPHS] == [1, 1]
+    assert set(cc._HANDLES) == {0, 1}
+
+
+def test_the_handle_is_put_on_a_stream_only_when_the_stream_changes(cc, monkeypatch, rng):
+    """cudnnSetStream once per change of CuPy's current stream, not once per graph run: a
+    capture finds the handle on its stream already (use_current_stream, before it begins)."""
+    g, cudnn, _ = _engines(cc, GEOMETRIES[0])
+    x, w, bias, dy = conv_data(g, rng, 2, np.float64)
+    matmul = cc.CudnnMatmul(cc.load())
+    for _ in range(2):
+        cudnn.forward(x, w, bias, True)
+        cudnn.input_grad(dy, w)
+        matmul(dy.reshape(-1, g.filters), dy.reshape(-1, g.filters), transpose_a=True)
+    (handle,) = cc._HANDLES.values()
+    assert handle.streams_set == [CURRENT_STREAM.ptr]
+    first = CURRENT_STREAM.ptr
+    monkeypatch.setattr(CURRENT_STREAM, "ptr", first + 16)
+    cc.use_current_stream()
+    assert handle.streams_set == [first, first + 16]
+    cudnn.forward(x, w, bias, True)  # (the emulator checks that it ran on the current stream)
+    cudnn.weight_grad(x, dy, True)
+    monkeypatch.setattr(CURRENT_STREAM, "ptr", first)
+    cudnn.input_grad(dy, w)
+    assert handle.streams_set == [first, first + 16, first]
+    assert all(graph.executions for graph in GRAPHS)
+
+
 @needs_compiler
 def test_the_cupy_kernels_choose_cudnn_per_layer_where_it_loads(monkeypatch):
     """CupyKernels.conv_engine: cuDNN with the hand-written kernels behind it; those kernels
@@ -233,6 +273,39 @@ def test_the_cupy_kernels_choose_cudnn_per_layer_where_it_loads(monkeypatch):
         with pytest.warns(RuntimeWarning, match="cuDNN could not be loaded"):
             engine = fast_cupy.KERNELS.conv_engine(g, backend)
         assert isinstance(engine, KernelsConv) and engine.kern is fast_cupy.KERNELS
+    finally:
+        sys.modules.pop("xpcnn.ops.cudnn_conv", None)
+        xpcnn.ops.__dict__.pop("cudnn_conv", None)
+        restore(saved)
+
+
+def test_the_cupy_kernels_keep_their_matmul_graphs_across_captures(monkeypatch, rng):
+    """CupyKernels.capturable: inside, matrix products are cuDNN graphs (built once, on the
+    first warm-up step, and kept while a captured graph replays them); outside, not."""
+    import sys
+
+    from cuda_emulator import load_emulated_fast_cupy
+    from cudnn_emulator import add_cupy_calls, fake_cudnn, import_cudnn_conv
+
+    import xpcnn
+
+    fast_cupy, saved = load_emulated_fast_cupy()
+    try:
+        add_cupy_calls(sys.modules["cupy"])
+        monkeypatch.setitem(sys.modules, "cudnn", fake_cudnn())
+        monkeypatch.setattr(PyGraph, "refuse", None)
+        monkeypatch.delenv("XPCNN_CUDNN", raising=False)
+        import_cudnn_conv()
+        GRAPHS.clear()
+        kernels = fast_cupy.KERNELS
+        a, b = rng.standard_normal((6, 5)), rng.standard_normal((5, 3))
+        for _ in range(3):  # two warm-up steps and a capture
+            with kernels.capturable():
+                np.testing.assert_allclose(kernels.matmul(a, b), a @ b, rtol=1e-12)
+                np.testing.assert_allclose(kernels.matmul_tn(a, a), a.T @ a, rtol=1e-12)
+        assert [graph.executions for graph in GRAPHS] == [3, 3]
+        np.testing.assert_allclose(kernels.matmul(a, b), a @ b, rtol=1e-12)  # CuPy's own
+        assert [graph.executions for graph in GRAPHS] == [3, 3]
     finally:
         sys.modules.pop("xpcnn.ops.cudnn_conv", None)
         xpcnn.ops.__dict__.pop("cudnn_conv", None)

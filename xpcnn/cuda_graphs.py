@@ -68,8 +68,9 @@ class CupyCapture:
     """The CuPy side: a capture stream and a memory pool of the graphs' own.
 
     The capture stream does not synchronise implicitly with any other (an implicit dependency
-    on the legacy default stream would invalidate a capture); events order its work after
-    the caller's stream's and the caller's after it."""
+    on the legacy default stream would invalidate a capture); around the warm-up and the
+    capture, events order its work after the caller's stream's and the caller's after it. A
+    captured graph is launched on the caller's stream itself, in order with its other work."""
 
     def __init__(self) -> None:
         import cupy
@@ -78,19 +79,15 @@ class CupyCapture:
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.pool = cupy.cuda.MemoryPool()
 
-    def _enter(self) -> Any:
-        """Make the capture stream wait for the caller's; returns the caller's stream."""
-        caller = self.cupy.cuda.get_current_stream()
-        self.stream.wait_event(caller.record())
-        return caller
-
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
-        """Warm-up and capture: on the capture stream, from the private pool, with cuDNN's
-        handle on that stream before any capture begins."""
+        """Warm-up and capture: on the capture stream (after the caller's stream's work, and
+        before its next), from the private pool, with cuDNN's handle on that stream before any
+        capture begins."""
         from .ops import cudnn_conv
 
-        caller = self._enter()
+        caller = self.cupy.cuda.get_current_stream()
+        self.stream.wait_event(caller.record())
         with self.stream, self.cupy.cuda.using_allocator(self.pool.malloc):
             cudnn_conv.use_current_stream()
             yield
@@ -109,9 +106,8 @@ class CupyCapture:
         return self.stream.end_capture(), out
 
     def launch(self, graph: Any) -> None:
-        caller = self._enter()
-        graph.launch(stream=self.stream)
-        caller.wait_event(self.stream.record())
+        """Run ``graph`` on the caller's (CuPy's current) stream."""
+        graph.launch(stream=self.cupy.cuda.get_current_stream())
 
 
 @contextlib.contextmanager
@@ -245,7 +241,7 @@ class StepGraphs:
         """Put the next step's numbers into the device scalars (made on first use), one 0-d
         array each: the graph reads them where it was captured reading them."""
         values = self.scalars_for_next()
-        if self._scalars is None or set(self._scalars) != set(values):
+        if self._scalars is None or self._scalars.keys() != values.keys():
             dtype, wide = self._dtype(), getattr(self.backend.xp, "float64", None)
             self._scalars = {k: self.backend.asarray(v, dtype=wide if k in self.exact and wide
                                                      else dtype) for k, v in values.items()}

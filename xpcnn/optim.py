@@ -39,6 +39,11 @@ def _rate(v: Any, what: str, zero: bool = False) -> float:
 # -- learning-rate schedules ------------------------------------------------------------------
 
 
+def _cosine(start: float, end: float, t: float) -> float:
+    """From ``start`` at t = 0 to ``end`` at t = 1 along half a cosine."""
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
+
+
 class Schedule:
     """A learning rate as a function of the step count (0 for the first step)."""
 
@@ -75,8 +80,7 @@ class CosineDecay(Schedule):
         self.min_lr = _rate(min_lr, "CosineDecay min_lr", zero=True)
 
     def __call__(self, step: int) -> float:
-        t = min(step, self.decay_steps) / self.decay_steps
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * t))
+        return _cosine(self.lr, self.min_lr, min(step, self.decay_steps) / self.decay_steps)
 
 
 class LinearWarmup(Schedule):
@@ -124,7 +128,7 @@ class OneCycle(Schedule):
             a, b, t = start_lr, self.lr, step / peak
         else:
             a, b, t = self.lr, start_lr / self.final_div_factor, (step - peak) / (last - peak)
-        return b + 0.5 * (a - b) * (1.0 + math.cos(math.pi * t))
+        return _cosine(a, b, t)
 
 
 class Constant(Schedule):

@@ -39,6 +39,7 @@ import numpy as np
 from .convolution import ConvEngine, ConvGeometry
 
 _WARNED: set[str] = set()
+_NOT_BUILT: Any = object()  # a plan cache's answer for a key not looked up before
 
 
 def warn_once(message: str) -> None:
@@ -85,15 +86,21 @@ def matmul_tf32() -> bool:
 
 
 _HANDLES: dict[int, Any] = {}
+_STREAMS: dict[int, int] = {}  # the stream each device's handle was last put on
 
 
 def _handle(cudnn: ModuleType) -> Any:
-    """The cuDNN handle of the current device (one per device), on CuPy's current stream."""
+    """The cuDNN handle of the current device (one per device), on CuPy's current stream: put
+    on it only when the stream has changed, so a capture finds it there already (see
+    :func:`use_current_stream`)."""
     device = cupy.cuda.Device().id
     handle = _HANDLES.get(device)
     if handle is None:
         handle = _HANDLES[device] = cudnn.create_handle()
-    cudnn.set_stream(handle=handle, stream=cupy.cuda.get_current_stream().ptr)
+    stream = cupy.cuda.get_current_stream().ptr
+    if _STREAMS.get(device) != stream:
+        cudnn.set_stream(handle=handle, stream=stream)
+        _STREAMS[device] = stream
     return handle
 
 
@@ -164,17 +171,23 @@ class CudnnConv(ConvEngine):
         self.kern = fallback.kern  # type: ignore[attr-defined]
         self._plans: dict[tuple[Any, ...], Plan | None] = {}
 
-    def _plan(self, key: tuple[Any, ...], dtype: Any, make: Any) -> Plan | None:
-        """The cached plan of ``key``; None where cuDNN has none (the fallback runs)."""
-        if key not in self._plans:
-            try:
-                self._plans[key] = build_plan(self.cudnn, dtype, make, tf32())
-            except Exception as e:  # the frontend's errors have no common base
-                reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-                warn_once(f"xpcnn: cuDNN has no plan for {key[0]} of {self.geometry} in "
-                          f"{np.dtype(dtype).name} ({reason}); xpcnn's own CUDA kernels run it")
-                self._plans[key] = None
-        return self._plans[key]
+    def _plan(self, key: tuple[Any, ...], dtype: Any, describe: Any, *args: Any) -> Plan | None:
+        """The plan of ``key``, built on its first use from the graph description
+        ``describe(*args)`` gives; None where cuDNN has none (the fallback runs)."""
+        plan = self._plans.get(key, _NOT_BUILT)
+        if plan is _NOT_BUILT:
+            plan = self._plans[key] = self._build(key, dtype, describe(*args))
+        return plan
+
+    def _build(self, key: tuple[Any, ...], dtype: Any, make: Any) -> Plan | None:
+        """``make``'s graph built; None, after a one-line warning, where cuDNN has no plan."""
+        try:
+            return build_plan(self.cudnn, dtype, make, tf32())
+        except Exception as e:  # the frontend's errors have no common base
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            warn_once(f"xpcnn: cuDNN has no plan for {key[0]} of {self.geometry} in "
+                      f"{np.dtype(dtype).name} ({reason}); xpcnn's own CUDA kernels run it")
+            return None
 
     # -- the graphs (every tensor with its channels-last strides) ----------------------------
     def _conv_args(self) -> dict[str, Any]:
@@ -246,7 +259,7 @@ class CudnnConv(ConvEngine):
     def forward(self, x: Any, w: Any, bias: Any | None, relu: bool) -> Any:
         g, n = self.geometry, x.shape[0]
         key = ("forward", n, x.dtype.name, bias is not None, relu)
-        plan = self._plan(key, x.dtype, self._fprop(n, bias is not None, relu))
+        plan = self._plan(key, x.dtype, self._fprop, n, bias is not None, relu)
         if plan is None:
             return self.fallback.forward(x, w, bias, relu)
         y = cupy.empty((n, *g.out_hw, g.filters), x.dtype)
@@ -258,7 +271,7 @@ class CudnnConv(ConvEngine):
 
     def input_grad(self, dy: Any, w: Any) -> Any:
         g, n = self.geometry, dy.shape[0]
-        plan = self._plan(("input gradient", n, dy.dtype.name), dy.dtype, self._dgrad(n))
+        plan = self._plan(("input gradient", n, dy.dtype.name), dy.dtype, self._dgrad, n)
         if plan is None:
             return self.fallback.input_grad(dy, w)
         dx = cupy.empty((n, *g.in_hw, g.channels), dy.dtype)
@@ -268,7 +281,7 @@ class CudnnConv(ConvEngine):
     def weight_grad(self, x: Any, dy: Any, with_bias: bool, relu_y: Any = None
                     ) -> tuple[Any, Any | None]:
         g, n = self.geometry, x.shape[0]
-        plan = self._plan(("kernel gradient", n, x.dtype.name), x.dtype, self._wgrad(n))
+        plan = self._plan(("kernel gradient", n, x.dtype.name), x.dtype, self._wgrad, n)
         if plan is None:
             return self.fallback.weight_grad(x, dy, with_bias, relu_y)
         if relu_y is not None:
@@ -281,8 +294,8 @@ class CudnnConv(ConvEngine):
 
 
 class CudnnMatmul:
-    """2-D matrix products as cuDNN graphs (one per shapes, transposes and dtype): a CUDA graph
-    can capture them, where CuPy 14 refuses to capture cuBLAS."""
+    """2-D matrix products as cuDNN graphs (one per device, shapes, transposes and dtype): a
+    CUDA graph can capture them, where CuPy 14 refuses to capture cuBLAS."""
 
     def __init__(self, cudnn: ModuleType) -> None:
         self.cudnn = cudnn
@@ -294,7 +307,7 @@ class CudnnMatmul:
         a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
         m, k = a.shape[::-1] if transpose_a else a.shape
         n = b.shape[0] if transpose_b else b.shape[1]
-        key = (a.shape, b.shape, transpose_a, transpose_b, a.dtype.name)
+        key = (cupy.cuda.Device().id, a.shape, b.shape, transpose_a, transpose_b, a.dtype.name)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = build_plan(self.cudnn, a.dtype, self._make(

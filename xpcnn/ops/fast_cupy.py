@@ -849,8 +849,10 @@ class CupyKernels(StandardKernels):
         # round their factors to TF32 and run on the tensor cores (compute capability 8.0 or
         # newer), as cuDNN's do by default under PyTorch. Off by default: full float32.
         self.tf32 = os.environ.get("CUPY_TF32", "0") != "0"
-        # matrix products as cuDNN graphs while set (see capturable)
+        # matrix products as cuDNN graphs while set (see capturable): always the same engine,
+        # made on first use and kept, as the graphs captured with it run its plans
         self._graph_matmul: Any = None
+        self._matmul_graphs: Any = None
         # update tables to fill once a stream capture has ended, and their memory pool (see
         # capture_tables; made on first use)
         self._deferred: _DeferredTables | None = None
@@ -876,8 +878,9 @@ class CupyKernels(StandardKernels):
         if cudnn is None:
             raise RuntimeError("cuDNN could not be loaded: the matrix products would go to "
                                "cuBLAS, which CuPy cannot capture in a CUDA graph")
-        old = self._graph_matmul
-        self._graph_matmul = old or cudnn_conv.CudnnMatmul(cudnn)
+        if self._matmul_graphs is None:
+            self._matmul_graphs = cudnn_conv.CudnnMatmul(cudnn)
+        old, self._graph_matmul = self._graph_matmul, self._matmul_graphs
         try:
             yield
         finally:
@@ -1179,13 +1182,8 @@ class CupyKernels(StandardKernels):
         """``decay``, ``step``, ``bc2``: as :meth:`xpcnn.optim.Adam.step_scalars` names them."""
         self._launch_updates(
             _ADAM if _by_value(decay) else _ADAM_AT, self._by_dtype(params, grads, ms, vs),
-            self._adam_constants(weight_decay, decoupled, beta_1, beta_2, epsilon),
+            (weight_decay, decoupled, beta_1, 1.0 - beta_1, beta_2, 1.0 - beta_2, epsilon),
             (decay, step, bc2), apply)
-
-    @staticmethod
-    def _adam_constants(weight_decay: float, decoupled: bool, beta_1: float, beta_2: float,
-                        epsilon: float) -> tuple:
-        return (weight_decay, decoupled, beta_1, 1.0 - beta_1, beta_2, 1.0 - beta_2, epsilon)
 
 
 KERNELS = CupyKernels()
