@@ -46,14 +46,14 @@ def train(checkpoint: str | None = None, resume: bool = False, every: int | str 
           ) -> tuple[xpcnn.Sequential, xpcnn.History]:
     model = model or make_model()
     if step_delay:
-        step = model._train_step
+        step = model.train_step
 
         def slow_step(xb, yb):
             out = step(xb, yb)
             time.sleep(step_delay)
             return out
 
-        model._train_step = slow_step
+        model.train_step = slow_step
     x, y = data()
     history = model.fit(x, y, epochs=EPOCHS, batch_size=BATCH, verbose=0, checkpoint=checkpoint,
                         checkpoint_every=every, resume=resume)

@@ -61,7 +61,7 @@ def train(out: str | None = None, batch: int = 4, samples: int = 50, epochs: int
     x, y = data(samples)
     model = make_model(dtype, optimizer, batchnorm)
     if here.rank == fail_rank:
-        step = model._train_step
+        step = model.train_step
 
         def failing_step(xb, yb):
             if model.optimizer.iterations + 1 == fail_step:
@@ -72,7 +72,7 @@ def train(out: str | None = None, batch: int = 4, samples: int = 50, epochs: int
                 raise RuntimeError(f"a failure planted at step {fail_step}")
             return step(xb, yb)
 
-        model._train_step = failing_step
+        model.train_step = failing_step
     source = (Samples(x, y), None) if dataset else (x, y)
     history = model.fit(*source, epochs=epochs, batch_size=batch, verbose=0,
                         checkpoint=checkpoint, checkpoint_every=every, resume=resume,

@@ -55,7 +55,7 @@ def assert_same_run(weights, history, reference):
 def interrupted(path, after_steps, every=ckpt_train.EVERY, model=None):
     """Run until ``after_steps`` steps are done, then raise as a crash would."""
     model = model or ckpt_train.make_model()
-    step, count = model._train_step, [0]
+    step, count = model.train_step, [0]
 
     def train_step(xb, yb):
         if count[0] == after_steps:
@@ -63,7 +63,7 @@ def interrupted(path, after_steps, every=ckpt_train.EVERY, model=None):
         count[0] += 1
         return step(xb, yb)
 
-    model._train_step = train_step
+    model.train_step = train_step
     with pytest.raises(Interrupt):
         ckpt_train.train(str(path), every=every, model=model)
 
@@ -95,7 +95,7 @@ def test_resume_twice_and_after_the_end(tmp_path, reference):
     path = tmp_path / "run.npz"
     interrupted(path, 6)
     model = ckpt_train.make_model()
-    step, count = model._train_step, [0]
+    step, count = model.train_step, [0]
 
     def train_step(xb, yb):
         if count[0] == 9:
@@ -103,7 +103,7 @@ def test_resume_twice_and_after_the_end(tmp_path, reference):
         count[0] += 1
         return step(xb, yb)
 
-    model._train_step = train_step
+    model.train_step = train_step
     with pytest.raises(Interrupt):
         ckpt_train.train(str(path), resume=True, model=model)
     assert load_checkpoint(path).model.optimizer.iterations == 10  # 5 + 9 steps: last at 10
@@ -125,7 +125,7 @@ def test_mixed_precision_loss_scale_is_restored(tmp_path):
         model = ckpt_train.make_model("mixed_float16")
         model.loss_scale = 2.0**24  # float16 overflows: the first steps lower the scale
         if stop is not None:
-            step, count = model._train_step, [0]
+            step, count = model.train_step, [0]
 
             def train_step(xb, yb):
                 if count[0] == stop:
@@ -133,7 +133,7 @@ def test_mixed_precision_loss_scale_is_restored(tmp_path):
                 count[0] += 1
                 return step(xb, yb)
 
-            model._train_step = train_step
+            model.train_step = train_step
         with np.errstate(all="ignore"):
             ckpt_train.train(path, resume=resume, every=1, model=model)
         return model
@@ -308,7 +308,7 @@ def test_a_model_file_is_not_a_checkpoint(tmp_path):
 def test_non_finite_values_stop_training_and_keep_the_good_checkpoint(tmp_path, where):
     path = tmp_path / "c.npz"
     model = ckpt_train.make_model()
-    step, count = model._train_step, [0]
+    step, count = model.train_step, [0]
 
     def train_step(xb, yb):
         count[0] += 1
@@ -320,7 +320,7 @@ def test_non_finite_values_stop_training_and_keep_the_good_checkpoint(tmp_path, 
                 xb[0, 3:5, 3:5, :] = np.inf  # (a corner pixel could be cropped away)
         return step(xb, yb)
 
-    model._train_step = train_step
+    model.train_step = train_step
     layer = "dense" if where == "weight" else "the input batch"
     with pytest.raises(NonFiniteError, match=f"training stopped at step 7: the loss is nan; "
                                              f"the first non-finite values appear in .*{layer}"):
@@ -333,7 +333,7 @@ def test_non_finite_values_stop_training_and_keep_the_good_checkpoint(tmp_path, 
 def test_a_checkpoint_is_never_written_from_non_finite_weights(tmp_path):
     path = tmp_path / "c.npz"
     model = ckpt_train.make_model()
-    step, count = model._train_step, [0]
+    step, count = model.train_step, [0]
 
     def train_step(xb, yb):
         out = step(xb, yb)
@@ -342,7 +342,7 @@ def test_a_checkpoint_is_never_written_from_non_finite_weights(tmp_path):
             model.layers[3].params["bias"][1] = np.inf
         return out
 
-    model._train_step = train_step
+    model.train_step = train_step
     with pytest.raises(NonFiniteError, match=r"after step 10: the weights of layer 'conv2d' "
                                              r"\(bias\) hold NaN or infinity; the checkpoint .* "
                                              r"was not overwritten"):

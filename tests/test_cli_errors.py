@@ -262,7 +262,7 @@ def test_fit_interrupted_then_resumed_ends_with_the_same_weights(tmp_path):
     written there, and resuming gives the uninterrupted run's weights, bit for bit."""
     reference, _ = ckpt_train.train()
     model = ckpt_train.make_model()
-    step = model._train_step
+    step = model.train_step
     count = [0]
 
     def step_then_ctrl_c(xb, yb):
@@ -272,7 +272,7 @@ def test_fit_interrupted_then_resumed_ends_with_the_same_weights(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)  # arrives while the step's bookkeeping runs
         return out
 
-    model._train_step = step_then_ctrl_c
+    model.train_step = step_then_ctrl_c
     path = tmp_path / "c.npz"
     with pytest.raises(xpcnn.errors.TrainingInterrupted, match="epoch 2, step 3/8"):
         ckpt_train.train(path, model=model)

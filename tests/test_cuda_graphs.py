@@ -179,36 +179,6 @@ def test_decisions_per_batch_shape_and_when_weights_are_replaced():
     assert graphs.decide(xb, yb) == "replay" and capture.captures == 2
 
 
-def test_train_step_results_outlive_later_replays_and_fit_steps_take_them_uncopied():
-    """A captured or replayed step's [loss, correct count] are the graph's outputs, which the
-    next replay rewrites: ``train_step`` returns copies of them, which later steps leave as
-    they were (on CuPy; NumPy's indexing makes host scalars anyway); ``_train_step`` (fit's
-    step) returns the outputs themselves and says so. A warm-up step's and an eager step's
-    arrays are their own."""
-    model = _model(gap_net(), optim.SGD(0.05))
-    model.build((12, 12, 3))
-    graphs, _ = _runner(model)
-    x, y = _data(48)
-    batches = [(model._to_device(x[k:k + 8]), model.backend.asarray(y[k:k + 8]))
-               for k in range(0, 40, 8)]
-    batches.append((model._to_device(x[40:43]), model.backend.asarray(y[40:43])))
-    kinds, results, seen = [], [], []
-    for xb, yb in batches:  # warm-up 2, capture, replay 2, an eager tail
-        kinds.append(graphs.decide(xb, yb))
-        loss, correct = model.train_step(xb, yb)
-        results.append((loss, correct))
-        seen.append((float(loss), float(correct)))
-    assert kinds == ["warmup", "warmup", "capture", "replay", "replay", "eager"]
-    assert len({loss for loss, _ in seen}) == len(seen)  # each step's own loss
-    assert [(float(loss), float(correct)) for loss, correct in results] == seen
-    flags = []
-    for xb, yb in batches[3:]:
-        stats, in_graph = model._train_step(xb, yb)
-        flags.append(in_graph)
-        assert (stats is graphs._outputs) == in_graph
-    assert flags == [True, True, False]
-
-
 def test_the_update_tables_are_filled_after_the_capture_and_held_with_its_graph():
     """The kernels' ``capture_tables`` context spans the capture alone: it is left (and fills
     the tables) after the capture ended and before the graph's first launch, and the tables

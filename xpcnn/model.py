@@ -324,29 +324,20 @@ class Model:
         :class:`NonFiniteError` names that step when the host next reads the running totals:
         ``fit`` reads them regularly (see :mod:`xpcnn.totals`), :meth:`train_on_batch` at once.
         """
-        stats, in_graph = self._train_step(xb, yb)
-        if in_graph:  # (the next replay rewrites the graph's outputs: the caller gets copies)
-            stats = self.backend.xp.asarray(stats, copy=True)
-        return stats[0], stats[1]
-
-    def _train_step(self, xb: Any, yb: Any) -> tuple[Any, bool]:
-        """:meth:`train_step` without copies: the batch's [loss, correct count], and True where
-        that array is the CUDA graph's outputs (a step captured or replayed), which the next
-        replay rewrites."""
         with self.backend.compute_scope():
             # (a data-parallel step runs uncaptured: its allreduces are outside any graph)
             graphs = None if self._parallel is not None else self._step_graphs()
             step = self.optimizer.iterations + 1  # type: ignore[union-attr]
             stats = None if graphs is None else graphs.run(xb, yb)
-            # (after a warm-up or a refused capture, no graph: the step ran eagerly)
-            in_graph = stats is not None and graphs.graph is not None  # type: ignore[union-attr]
             if stats is None:
                 stats = self._device_step(xb, yb, step)
+            else:  # (a replay rewrites the graph's outputs: the caller gets copies)
+                stats = self.backend.xp.asarray(stats[:2], copy=True)
             totals = self._running_totals()
             totals.pending.append((step, xb))
             if len(totals.pending) >= READ_EVERY:
                 self._read_totals()
-            return stats, in_graph
+            return stats[0], stats[1]
 
     def _device_step(self, xb: Any, yb: Any, step: Any, scalars: dict[str, Any] | None = None
                      ) -> Any:
@@ -455,11 +446,10 @@ class Model:
         self._require_compiled()
         x, targets = check_arrays(self, x, y)
         with self.backend.compute_scope():
-            # (read before any further step: no copy of a replay's outputs)
-            stats, _ = self._train_step(to_device(self.backend, x),
-                                        to_device(self.backend, targets))
+            loss, correct = self.train_step(to_device(self.backend, x),
+                                            to_device(self.backend, targets))
         self._read_totals()
-        return {"loss": float(stats[0]), "accuracy": float(stats[1]) / int(x.shape[0])}
+        return {"loss": float(loss), "accuracy": float(correct) / int(x.shape[0])}
 
     def _running_totals(self) -> RunningTotals:
         n_grads = sum(len(la.params) for la in self.trainable_layers)
@@ -642,7 +632,7 @@ class Model:
                         self._parallel.set_batch(int(xb.shape[0]))
                     else:
                         self._parallel.use_slice(*place)
-                self._train_step(xb, yb)
+                self.train_step(xb, yb)
                 self._seen += int(xb.shape[0]) if self._parallel is None else \
                     self._parallel.total
                 step += 1
