@@ -332,7 +332,7 @@ class Model:
             if stats is None:
                 stats = self._device_step(xb, yb, step)
             else:  # (a replay rewrites the graph's outputs: the caller gets copies)
-                stats = self.backend.xp.asarray(stats[:2], copy=True)
+                stats = self.backend.xp.asarray(stats, copy=True)
             totals = self._running_totals()
             totals.pending.append((step, xb))
             if len(totals.pending) >= READ_EVERY:
