@@ -14,6 +14,7 @@ from nets import gap_net
 
 import xpcnn
 import xpcnn.data
+from xpcnn import model as model_module
 from xpcnn.callbacks import LambdaCallback
 from xpcnn.errors import InputError, NonFiniteError
 from xpcnn.layers import Dense, Flatten, Rescaling, Softmax
@@ -254,6 +255,23 @@ def test_validation_split_and_validation_data_on_the_device(data):
     streamed = trained(x[:33], y[:33], device=device,
                        validation_data=MapDataset(x[33:], y[33:]))
     assert streamed.history.history["val_loss"] == on_host.history.history["val_loss"]
+
+
+def test_validation_split_checks_the_arrays_once_as_a_whole(data, monkeypatch):
+    """x and y are checked once, whole, then split: the weights and history of a fit on the
+    first part with the rest as validation_data, whose two parts are checked each."""
+    x, y = data
+    calls = []
+    check = model_module.check_arrays
+    monkeypatch.setattr(model_module, "check_arrays",
+                        lambda *args, **kwargs: calls.append(args) or check(*args, **kwargs))
+    split = trained(x, y, validation_split=0.25)
+    assert len(calls) == 1
+    given = trained(x[:33], y[:33], validation_data=(x[33:], y[33:]))
+    assert len(calls) == 3
+    assert_same_weights(split, given)
+    assert split.history.history == {**given.history.history,
+                                     "seconds": split.history.history["seconds"]}
 
 
 @pytest.mark.parametrize("samples, batch_size, ranks", [(50, 4, 3), (48, 4, 2), (7, 5, 4),

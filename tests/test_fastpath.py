@@ -297,6 +297,38 @@ def test_mixed_float16_conv_and_dense_fast_equal_standard(kwargs, small_chunks, 
                                    rtol=0, atol=4e-3 * scale)
 
 
+@pytest.mark.parametrize("trainable", [True, False])
+def test_mixed_float16_conv_backward_reuses_the_kernel_cast_in_forward(trainable, rng):
+    """Under mixed precision the float16 kernel is a copy of the float32 one: backward
+    (frozen too: the input gradient alone) hands the engine the copy forward made, and lets
+    it go."""
+    conv = Conv2D(4, 3, padding="same")
+    conv.build((6, 5, 3), "cpu", dtype="float32", compute_dtype="float16", rng=rng)
+    conv.trainable = trainable
+    engine, kernels = conv._engine(), []
+
+    class KernelSpy:  # the engine, noting each kernel it is given
+        def forward(self, x, kernel, *rest):
+            kernels.append(kernel)
+            return engine.forward(x, kernel, *rest)
+
+        def gradients(self, x, dy, kernel, *rest):
+            kernels.append(kernel)
+            return engine.gradients(x, dy, kernel, *rest)
+
+        def input_grad(self, dy, kernel):
+            kernels.append(kernel)
+            return engine.input_grad(dy, kernel)
+
+    conv._cache_engine = KernelSpy()
+    y = conv.forward(rng.standard_normal((2, 6, 5, 3)).astype(np.float16), training=True)
+    dx = conv.backward(np.ones_like(y))
+    assert dx.dtype == np.float16 and len(kernels) == 2
+    assert kernels[0].dtype == np.float16 and kernels[0] is not conv.params["kernel"]
+    assert kernels[1] is kernels[0]
+    assert conv._cache_kernel is None
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_fused_relu_equals_a_relu_layer(fast, small_chunks, rng):
     """Conv2D and Dense with activation="relu", and the model's plan that fuses the ReLU()

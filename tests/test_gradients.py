@@ -20,6 +20,7 @@ from xpcnn.layers import (
     ReLU,
     Rescaling,
     Softmax,
+    normalization,
 )
 
 
@@ -112,6 +113,30 @@ def test_batchnorm_eval_uses_running_statistics(rng):
     y = layer.forward(x, training=False)
     expected = (x - 0.5 * mean) / np.sqrt(0.5 + 0.5 * var + 1e-5)
     np.testing.assert_allclose(y, expected)
+
+
+def test_batchnorm_first_in_a_model_computes_only_its_parameter_gradients(rng, monkeypatch):
+    """Nothing before it needs a gradient (the plan says need_input_grad=False): backward
+    returns None without computing the input gradient, and gives gamma and beta the
+    gradients it gives when it computes one."""
+    model = Sequential([BatchNorm2D(), Conv2D(3, 2), Flatten(), Dense(4), Softmax()],
+                       input_shape=(5, 4, 2), dtype="float64", seed=3)
+    model.compile(optimizer="sgd")
+    bn = model.layers[0]
+    options = model._plan().options(bn)
+    assert not options.need_input_grad
+    x = rng.standard_normal((6, 5, 4, 2))
+    dy = rng.standard_normal(x.shape)
+    bn.forward(x, training=True)
+    assert bn.backward(dy).shape == x.shape  # (by itself: the input gradient too)
+    want = {k: np.array(g) for k, g in bn.grads.items()}
+    calls = []
+    monkeypatch.setattr(normalization, "standardize_backward", lambda *a: calls.append(a))
+    bn.forward(x, training=True, options=options)
+    assert bn.backward(dy, options) is None and not calls
+    assert set(bn.grads) == set(want) == {"gamma", "beta"}
+    for k, g in want.items():
+        np.testing.assert_array_equal(bn.grads[k], g)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])

@@ -156,6 +156,19 @@ def test_forward_and_a_layer_on_its_own_show_each_layers_own_output(rng):
     assert float(np.asarray(conv(outs[0])).min()) < 0
 
 
+def test_the_logits_of_a_uint8_batch_are_those_of_the_batch_in_the_parameters_dtype(rng):
+    """_logits casts a device batch to the parameters' dtype itself (fit, evaluate and
+    predict hand it batches as stored): a uint8 batch's logits are, bit for bit, those of the
+    same batch cast first, and in that dtype."""
+    model = xpcnn.Sequential(gap_net(), input_shape=(8, 8, 3), seed=0)
+    x = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    for training in (False, True):
+        got = model._logits(model.backend.asarray(x), training)
+        want = model._logits(model.backend.asarray(x.astype(np.float32)), training)
+        assert got.dtype == want.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+
+
 def test_set_weights_checks_count_and_shapes(data):
     model = trained(data)
     weights = model.get_weights()

@@ -195,8 +195,10 @@ class Model:
         return self._plan_cache[1]
 
     def _logits(self, x: Any, training: bool) -> Any:
-        """Forward pass up to the logits, by the plan."""
+        """Forward pass up to the logits, by the plan, of a device batch (cast to the
+        parameters' dtype first)."""
         with self.backend.compute_scope():
+            x = self.backend.xp.astype(x, self._param_dtype, copy=False)
             return graph.forward(self._plan(), x, training)
 
     def _backward(self, dz: Any, on_layer: Callable[[Layer], None] | None = None) -> None:
@@ -330,7 +332,7 @@ class Model:
             if stats is None:
                 stats = self._device_step(xb, yb, step)
             else:  # (a replay rewrites the graph's outputs: the caller gets copies)
-                stats = self.backend.xp.asarray(stats[:2], copy=True)
+                stats = self.backend.xp.asarray(stats, copy=True)
             totals = self._running_totals()
             totals.pending.append((step, xb))
             if len(totals.pending) >= READ_EVERY:
@@ -370,7 +372,7 @@ class Model:
         assert self.loss is not None
         if dp is not None and xb.shape[0] == 0:  # no sample of a short last batch here
             return dp.empty_step(xp.zeros((2,), dtype=self._param_dtype))
-        logits = self._logits(xp.astype(xb, self._param_dtype, copy=False), training=True)
+        logits = self._logits(xb, training=True)
         stats, dz = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype, kernels)
         if dp is not None and dp.weight != 1.0:
             # weighted by this slice's share of the global batch, here, once: backward is
@@ -512,12 +514,14 @@ class Model:
 
     # -- data ------------------------------------------------------------------------------------
     def _batches(self, x: Any, y: Any, batch_size: int, steps: int | None, what: str = "x", *,
-                 shuffle: bool = False, seed: int = 0, targets: bool = True) -> Batches:
+                 shuffle: bool = False, seed: int = 0, targets: bool = True,
+                 checked: bool = False) -> Batches:
         """The batch source for ``x`` (and ``y``): arrays, a map-style dataset or an iterable
         of batches (see :mod:`xpcnn.data`). On several ranks, arrays and datasets give each
         rank its slice of every global batch (of ``ranks * batch_size``), except for
         ``predict`` (no targets), where every rank predicts everything; an iterable is each
-        rank's own."""
+        rank's own. ``checked`` arrays are parts of arrays (targets and all) that
+        :func:`check_arrays` passed: they are not checked again."""
         here = distributed.world()
         shard = (here.rank, here.size) if targets else (0, 1)
         if is_stream(x):
@@ -532,7 +536,7 @@ class Model:
                              "ceil(N / batch_size) batches")
         if targets and y is None:
             raise InputError(f"y (the labels of {what}) is missing")
-        x, t = check_arrays(self, x, y, what)
+        x, t = (x, y) if checked else check_arrays(self, x, y, what)
         return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed, shard)
 
     # -- fit / evaluate / predict ----------------------------------------------------------
@@ -655,7 +659,8 @@ class Model:
                   validation_split: float, shuffle: bool, seed: int, steps: int | None,
                   validation_steps: int | None) -> tuple[Batches, Batches | None]:
         checks.number(validation_split, "validation_split", 0.0, 1.0, high_open=True)
-        if validation_split:
+        split = bool(validation_split)  # x and y checked as a whole, then split in two
+        if split:
             if is_stream(x):
                 raise InputError("validation_split needs arrays; pass validation_data with a "
                                  "dataset or generator")
@@ -666,7 +671,7 @@ class Model:
                                  f"validation samples out of {x.shape[0]}")
             validation_data = (x[-n_val:, ...], targets[-n_val:])
             x, y = x[:-n_val, ...], targets[:-n_val]
-        data = self._batches(x, y, batch_size, steps, shuffle=shuffle, seed=seed)
+        data = self._batches(x, y, batch_size, steps, shuffle=shuffle, seed=seed, checked=split)
         if validation_data is None:
             return data, None
         if is_stream(validation_data):
@@ -675,7 +680,8 @@ class Model:
         if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
             raise InputError("validation_data must be a pair (x_val, y_val), a dataset or an "
                              f"iterable of batches, got {type(validation_data).__name__}")
-        return data, self._batches(*validation_data, max(batch_size, 256), None, "x_val")
+        return data, self._batches(*validation_data, max(batch_size, 256), None, "x_val",
+                                   checked=split)
 
     def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int = 0,
                  steps: int | None = None, callbacks: list[Callback] | None = None
@@ -700,7 +706,7 @@ class Model:
                                distributed.is_root(), desc="evaluate", unit="batch"):
                 if not xb.shape[0]:  # this rank's empty part of a short batch
                     continue
-                logits = self._logits(xp.astype(xb, self._param_dtype, copy=False), False)
+                logits = self._logits(xb, False)
                 stats, _ = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
                     xp, logits, yb, self._param_dtype, kernels)
                 totals.add_stats(stats, int(xb.shape[0]))
@@ -728,7 +734,7 @@ class Model:
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(0)) as batches:  # type: ignore[type-var]
             for xb, _ in batches:
-                z = self._logits(xp.astype(xb, self._param_dtype, copy=False), training=False)
+                z = self._logits(xb, training=False)
                 out.append(softmax(xp, xp.astype(z, self._param_dtype)))
             probabilities = self.backend.to_numpy(xp.concat(out))
         cbs.on_predict_end()

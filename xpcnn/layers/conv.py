@@ -109,8 +109,8 @@ class Conv2D(Layer):
                 if self.use_bias else None)
         relu = self.relu_output or options.fused_relu
         y = self._engine().forward(x, kernel, bias, relu)
-        if training:
-            self._cache_x = x
+        if training:  # (under mixed precision the cast kernel is a copy: backward reuses it)
+            self._cache_x, self._cache_kernel = x, kernel
             # where y > 0 the ReLU's gradient passes (unless the next layer applies it)
             self._cache_y = y if relu and not options.skip_relu_grad else None
         return y
@@ -127,7 +127,7 @@ class Conv2D(Layer):
             else:  # only the kernel gradient reads it: the engine masks it where it pays
                 relu_y = self._cache_y
         self._cache_y = None
-        kernel = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
+        kernel, self._cache_kernel = self._cache_kernel, None
         engine = self._engine()
         if not self.trainable:  # frozen: the input gradient alone
             dx = engine.input_grad(dy, kernel) if need_dx else None

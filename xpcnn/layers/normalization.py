@@ -122,6 +122,8 @@ class BatchNorm2D(Layer):
         if self.trainable:
             self.grads["gamma"] = xp.sum(dy * xhat, axis=axes)
             self.grads["beta"] = xp.sum(dy, axis=axes)
+        if not options.need_input_grad:
+            return None
         if not batch_stats:  # fixed statistics: an affine map per channel
             return dy * (self.params["gamma"] * inv_std)
         return standardize_backward(xp, dy * self.params["gamma"], xhat, inv_std, axes)
