@@ -37,7 +37,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-MODELS = {"notebook": (32, 32, 3), "mnist": (28, 28, 1), "cifar": (32, 32, 3)}
+MODELS = ("notebook", "mnist", "cifar")
 CLASSES = 10
 LR = 0.01
 MOMENTUM = 0.9
@@ -92,7 +92,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import xpcnn  # noqa: E402
 from xpcnn.layers import Conv2D, Dense, FeatureNorm, MaxPool2D, ReLU  # noqa: E402
 from xpcnn.layers.base import Options  # noqa: E402
-from xpcnn.models import build_layers  # noqa: E402
+from xpcnn.models import INPUT_SHAPES, build_layers  # noqa: E402
 
 try:
     if ARGS.no_torch:
@@ -191,14 +191,14 @@ def forward_flops(layers: list[Any], batch: int) -> int:
 
 
 def xpcnn_model(name: str, batch: int) -> Any:
-    model = xpcnn.Sequential(build_layers(name, CLASSES), input_shape=MODELS[name], seed=0)
+    model = xpcnn.Sequential(build_layers(name, CLASSES), input_shape=INPUT_SHAPES[name], seed=0)
     model.compile(loss="cross_entropy", optimizer=xpcnn.optim.SGD(LR, momentum=MOMENTUM))
     return model
 
 
 def functional_model(name: str, sequential: Any) -> Any:
     """The same stack as ``sequential``, built as a functional Model with its weights."""
-    inputs = xpcnn.Input(MODELS[name])
+    inputs = xpcnn.Input(INPUT_SHAPES[name])
     x = inputs
     for layer in build_layers(name, CLASSES):
         x = layer(x)
@@ -269,7 +269,7 @@ def torch_model(model: Any, channels_last: bool = False) -> Any:
 
 def make_data(name: str, batch: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(1)
-    x = rng.integers(0, 256, (batch, *MODELS[name]), dtype=np.uint8)
+    x = rng.integers(0, 256, (batch, *INPUT_SHAPES[name]), dtype=np.uint8)
     y = rng.integers(0, CLASSES, batch)
     return x, y
 

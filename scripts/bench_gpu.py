@@ -46,9 +46,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import xpcnn  # noqa: E402
 from xpcnn import backend as backend_module  # noqa: E402
 from xpcnn.backend import set_fast_path  # noqa: E402
-from xpcnn.models import build_layers  # noqa: E402
-
-SHAPES = {"notebook": (32, 32, 3), "mnist": (28, 28, 1), "cifar": (32, 32, 3)}
+from xpcnn.models import INPUT_SHAPES, build_layers  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -146,7 +144,7 @@ def forward_flops(model: Any) -> int:
 def bench_fit(name: str, batch: int, precision: str, args: argparse.Namespace
               ) -> dict[str, Any]:
     """Images/s of ``fit`` on host uint8 images: one warm-up epoch, then one timed."""
-    shape = SHAPES[name]
+    shape = INPUT_SHAPES[name]
     rng = np.random.default_rng(1)
     n = batch * args.fit_batches
     x = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
@@ -212,7 +210,7 @@ def compare_conv_engines(name: str, batch: int, precision: str, args: argparse.N
 
 
 def build_xpcnn(name: str, batch: int, precision: str, device: str) -> tuple[Any, Any, Any]:
-    shape = SHAPES[name]
+    shape = INPUT_SHAPES[name]
     model = xpcnn.Sequential(build_layers(name), input_shape=shape, device=device, seed=0)
     model.compile(optimizer=xpcnn.optim.SGD(0.01, momentum=0.9), precision=precision)
     rng = np.random.default_rng(0)

@@ -19,15 +19,13 @@ import numpy as np
 
 import xpcnn
 from xpcnn.data import ArrayBatches
-from xpcnn.models import MODELS, build_layers
+from xpcnn.models import INPUT_SHAPES, build_layers
 from xpcnn.totals import READ_EVERY, RunningTotals
-
-INPUTS = {"notebook": (32, 32, 3), "mnist": (28, 28, 1), "cifar": (32, 32, 3)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=sorted(set(MODELS) & set(INPUTS)), default="cifar")
+    p.add_argument("--model", choices=("cifar", "mnist", "notebook"), default="cifar")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--samples", type=int, default=10_000, help="uint8 training images")
@@ -35,7 +33,7 @@ def main() -> None:
                    help="adam adds the check of the gradients' squares")
     p.add_argument("--repeat", type=int, default=15)
     args = p.parse_args()
-    shape = INPUTS[args.model]
+    shape = INPUT_SHAPES[args.model]
     model = xpcnn.Sequential(build_layers(args.model, 10), input_shape=shape, seed=0,
                              device=args.device)
     model.compile(optimizer=args.optimizer)

@@ -32,6 +32,7 @@ from xpcnn.cli import (
     POSITIVE,
     SMOOTHING,
     WEIGHT_DECAY,
+    _percent,
     _split,
 )
 from xpcnn.datasets import load_cifar10
@@ -92,7 +93,7 @@ def main() -> None:
     where = "test set"
     if test is None:
         (x, y), test = _split(x, y, args.val_split, args.seed)
-        where = f"held-out {args.val_split:.0%} of data_batch_1 (no test batch present)"
+        where = f"held-out {_percent(args.val_split)} of data_batch_1 (no test batch present)"
     x_test, y_test = test
     steps = args.epochs * math.ceil(len(x) / knobs["batch_size"])
     model = compiled(args.model, knobs, steps, args.device, args.seed)

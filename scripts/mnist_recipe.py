@@ -26,7 +26,7 @@ from typing import Any
 import xpcnn
 from xpcnn.cli import LEARNING_RATE, NON_NEGATIVE, POSITIVE, SMOOTHING, WEIGHT_DECAY
 from xpcnn.datasets import load_mnist
-from xpcnn.models import build_layers
+from xpcnn.models import build_model
 
 RECIPES: dict[str, dict[str, Any]] = {
     "mnist": dict(optimizer="adam", lr=2e-3, schedule="warmup-cosine", weight_decay=0.0,
@@ -52,7 +52,7 @@ def recipe(epochs: int, steps_per_epoch: int, lr: float | None = None, device: s
     """The compiled model ``model`` with its recipe (``RECIPES``), less any ``overrides``."""
     knobs = {**RECIPES[model], **({} if lr is None else {"lr": lr}),
              **{k: v for k, v in overrides.items() if v is not None}}
-    net = xpcnn.Sequential(build_layers(model), device=device, seed=seed, name=model)
+    net = build_model(model, 10, device=device, seed=seed)
     schedule = schedule_for(knobs["schedule"], knobs["lr"], epochs * steps_per_epoch)
     optimizer = {
         "adam": lambda: xpcnn.optim.Adam(schedule, weight_decay=knobs["weight_decay"]),

@@ -24,7 +24,7 @@ import numpy as np
 
 import xpcnn
 from xpcnn.callbacks import Callback, CSVLogger, EarlyStopping
-from xpcnn.cli import FRACTION, LEARNING_RATE, NON_NEGATIVE, POSITIVE
+from xpcnn.cli import FRACTION, LEARNING_RATE, NON_NEGATIVE, POSITIVE, split_indices
 from xpcnn.datasets import class_names, load_shapes
 from xpcnn.models import MODELS, build_model
 
@@ -59,11 +59,10 @@ class ImageFolder:
             return np.asarray(image.convert("RGB")), label
 
     def split(self, fraction: float, seed: int) -> tuple[ImageFolder, ImageFolder]:
-        """A seeded random (train, held-out) split of the files."""
-        order = np.random.default_rng([seed, 12345]).permutation(len(self.files))
-        n_val = max(1, int(round(len(order) * fraction)))
+        """A seeded random (train, held-out) split of the files, as ``xpcnn train`` splits."""
         pick = lambda idx: ImageFolder(self.root, [self.files[k] for k in idx])  # noqa: E731
-        return pick(order[n_val:]), pick(order[:n_val])
+        train, held_out = split_indices(len(self.files), fraction, seed)
+        return pick(train), pick(held_out)
 
 
 def make_demo(root: Path, count: int) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import xpcnn
+from xpcnn import files
 from xpcnn.cli import main as cli_main
 from xpcnn.errors import DataFormatError, InputError, NonFiniteError
 from xpcnn.layers import Dense, Flatten, Softmax
@@ -409,6 +410,17 @@ def test_sigkill_at_a_random_moment_then_resume(tmp_path, reference):
     done = run_script(path, out, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_run(*finished_run(out), reference)
+
+
+def test_only_the_leftovers_of_writers_of_that_path_are_removed(tmp_path):
+    fd, leftover = files._new_temporary(str(tmp_path), "run.npz", ".tmp")  # as a killed writer's
+    os.close(fd)
+    others = [".other.npz.0123.tmp", ".run.npz.0123.part", "run.npz.0123.tmp", "run.npz"]
+    for name in others:
+        (tmp_path / name).write_bytes(b"")
+    files.remove_leftovers(tmp_path / "run.npz")
+    assert not os.path.exists(leftover)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
 
 
 @pytest.mark.parametrize("how", ["replace", "savez"])

@@ -60,3 +60,19 @@ def test_train_with_early_stopping_and_a_csv_log(tmp_path, capsys):
     assert [float(r.split(",")[2]) for r in rows[1:]] == history["loss"]
     assert main(["train", "--limit", "10", "--quiet", "--early-stopping", "-1"]) == 2
     assert "argument --early-stopping: expected a whole number >= 0" in capsys.readouterr().err
+
+
+def test_the_held_out_split_is_seeded_and_shared_by_the_scripts():
+    from xpcnn.cli import _split, split_indices
+
+    train, held_out = split_indices(50, 0.25, seed=3)
+    assert len(held_out) == 12 and sorted([*train, *held_out]) == list(range(50))
+    again, other = split_indices(50, 0.25, seed=3), split_indices(50, 0.25, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(again, (train, held_out), strict=True))
+    assert not np.array_equal(other[1], held_out)
+    assert len(split_indices(5, 0.01, seed=0)[1]) == 1  # at least one held out
+    x, y = np.arange(50) * 10, np.arange(50)
+    (x_train, y_train), (x_val, y_val) = _split(x, y, 0.25, 3)
+    np.testing.assert_array_equal(y_train, train)
+    np.testing.assert_array_equal(y_val, held_out)
+    np.testing.assert_array_equal(x_val, 10 * held_out)

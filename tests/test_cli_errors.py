@@ -9,6 +9,7 @@ ends with one line saying where the run stopped, after writing a checkpoint ther
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -297,3 +298,23 @@ def test_failures_of_the_machine_are_one_line_too(small_shapes, tmp_path, monkey
     out, err = capsys.readouterr()
     assert err.splitlines()[-1] == f"xpcnn train: {text}" and "Traceback" not in err
     assert json.loads(out) == {"error": err.splitlines()[-1], "exit_status": status}
+
+
+def test_flag_values_at_and_beyond_their_bounds():
+    from xpcnn import cli
+
+    assert (cli.POSITIVE("1"), cli.NON_NEGATIVE("0"), cli.MAX_MAPS("32")) == (1, 0, 32)
+    assert (cli.DPI("10"), cli.DPI("300"), cli.WEIGHT_DECAY("0"), cli.SMOOTHING("0")) == (
+        10.0, 300.0, 0.0, 0.0)
+    assert cli.NON_NEGATIVE("9" * 400) == int("9" * 400)  # whole numbers beyond a float's range
+    for parse, text, want in [
+        (cli.MAX_MAPS, "33", "a whole number from 1 to 32"),
+        (cli.MAX_MAPS, "9" * 400, "a whole number from 1 to 32"),
+        (cli.DPI, "300.5", "a resolution from 10 to 300 pixels per inch"),
+        (cli.SMOOTHING, "1", "a label smoothing from 0 to 1 (1 excluded), such as 0.1"),
+        (cli.FRACTION, "1e-400", "a fraction between 0 and 1 (both excluded), such as 0.1"),
+        (cli.WEIGHT_DECAY, "-inf", "a weight decay >= 0, such as 5e-4"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError) as e:
+            parse(text)
+        assert str(e.value) == f"expected {want}, got {text!r}"

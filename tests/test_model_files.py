@@ -174,6 +174,34 @@ def test_non_finite_weights_are_not_saved(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_layer_without_a_bias_saves_and_loads_only_its_kernel(tmp_path):
+    model = xpcnn.Sequential([Flatten(), Dense(3, use_bias=False), Softmax()],
+                             input_shape=(2, 2, 1), seed=1)
+    assert model.layers[1].present_weight_names() == ["kernel"]
+    model.save(tmp_path / "m.npz")
+    assert sorted(members((tmp_path / "m.npz").read_bytes())) == ["__config__.npy",
+                                                                  "layer1.0.npy"]
+    loaded = xpcnn.load_model(tmp_path / "m.npz")
+    np.testing.assert_array_equal(loaded.layers[1].get_weights()[0],
+                                  model.layers[1].get_weights()[0])
+
+
+def test_a_checkpoint_is_not_written_from_non_finite_optimizer_state(tmp_path):
+    model = small_model()
+    rng = np.random.default_rng(0)
+    model.fit(rng.integers(0, 256, (4, 10, 10, 3), np.uint8), np.arange(4), verbose=0)
+    save_checkpoint(model, tmp_path / "c.npz")
+    good = (tmp_path / "c.npz").read_bytes()
+    slot = model.optimizer.slots["v"][1]
+    slot[(0,) * slot.ndim] = np.inf
+    with pytest.raises(NonFiniteError, match=r"training stopped after step 1: the optimiser's "
+                                             r"'v' state holds NaN or infinity; the checkpoint "
+                                             r".*c.npz was not overwritten"):
+        save_checkpoint(model, tmp_path / "c.npz")
+    assert (tmp_path / "c.npz").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]
+
+
 def test_a_checkpoint_with_non_finite_optimizer_state_is_refused(tmp_path):
     model = small_model()
     rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@ import xpcnn.datasets
 from xpcnn.cli import main
 from xpcnn.errors import InputError
 from xpcnn.layers import Add, Conv2D, Dense, MaxPool2D
-from xpcnn.models import MODELS, NAMES, NETWORKS, build_model
+from xpcnn.models import INPUT_SHAPES, MODELS, NAMES, NETWORKS, build_model
 
 # Small inputs keep the builds and steps fast; every model accepts these.
 SHAPES = {"mnist": (12, 12, 1), "mnist-bn": (12, 12, 1), "notebook": (12, 12, 3)}
@@ -34,6 +34,17 @@ def test_names_are_the_stacks_and_the_networks():
     assert set(NAMES) == set(MODELS) | set(NETWORKS) and len(NAMES) == len(MODELS) + len(NETWORKS)
     with pytest.raises(InputError, match="unknown model 'resnet21'"):
         build_model("resnet21")
+
+
+def test_every_model_has_the_input_shape_of_its_dataset():
+    assert set(INPUT_SHAPES) == set(NAMES)
+    for name, shape in INPUT_SHAPES.items():
+        assert shape == ((28, 28, 1) if name.startswith("mnist") else (32, 32, 3)), name
+    for name in NAMES:
+        model = build_model(name, 10, INPUT_SHAPES[name], seed=1)
+        assert model.predict(np.zeros((1, *INPUT_SHAPES[name]), np.uint8)).shape == (1, 10)
+    for name in NETWORKS:  # (a network is built for its input shape when none is given)
+        assert build_model(name).input_shape == INPUT_SHAPES[name]
 
 
 def _convs(model):

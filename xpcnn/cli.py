@@ -13,29 +13,30 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 
-from . import __version__, distributed, optim
+from . import __version__, checks, distributed, optim
 from .backend import get_backend
 from .callbacks import Callback, CSVLogger, EarlyStopping
 from .errors import TrainingInterrupted, XpcnnError
 from .files import try_writing_in
 from .models import NAMES, build_model
 from .onnx_export import ONNX_EXTRA_HINT
+from .viz import VIZ_EXTRA_HINT
 
 DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10")
 DEFAULT_MODEL = {"shapes": "shapes", "mnist": "mnist", "fashion-mnist": "mnist",
                  "cifar10": "cifar"}
 DEFAULT_EPOCHS = {"shapes": 4, "mnist": 3, "fashion-mnist": 5, "cifar10": 10}
-VIZ_HINT = 'needs matplotlib, which is not installed: pip install "xpcnn[viz]"'
+VIZ_HINT = f"needs matplotlib, which is not installed: {VIZ_EXTRA_HINT}"
 
 
 class UsageError(XpcnnError):
@@ -57,49 +58,36 @@ class _Parser(argparse.ArgumentParser):
 # -- values the flags take ---------------------------------------------------------------------
 
 
-def _whole(low: int, high: float = math.inf, want: str = "") -> Callable[[str], int]:
-    want = want or f"a whole number >= {low}"
+def _flag(convert: Callable[[str], Any], check: Callable[[Any, str], Any],
+          want: str) -> Callable[[str], Any]:
+    """A flag's value: ``convert(text)``, which ``check`` (an :mod:`xpcnn.checks` helper, called
+    as ``check(value, what)``) accepts; otherwise "expected {want}, got {text!r}"."""
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+            value = convert(text)
+            check(value, want)
+        except (ValueError, OverflowError):  # (InputError is a ValueError)
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
         return value
 
     return parse
 
 
-def _real(low: float, high: float, want: str, *, low_open: bool = False,
-          high_open: bool = False) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        ok = (math.isfinite(value) and (value > low if low_open else value >= low)
-              and (value < high if high_open else value <= high))
-        if not ok:
-            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
-        return value
-
-    return parse
-
-
-POSITIVE = _whole(1)
-NON_NEGATIVE = _whole(0)
-LEARNING_RATE = _real(0.0, math.inf, "a learning rate > 0, such as 3e-3", low_open=True)
-FRACTION = _real(0.0, 1.0, "a fraction between 0 and 1 (both excluded), such as 0.1",
-                 low_open=True, high_open=True)
-# A figure is about (max maps + 2) x (layers + 1) inches: these bounds keep one to ~200 MB.
+POSITIVE = _flag(int, checks.positive_int, "a whole number >= 1")
+NON_NEGATIVE = _flag(int, checks.non_negative_int, "a whole number >= 0")
+LEARNING_RATE = _flag(float, partial(checks.number, low=0.0, low_open=True),
+                      "a learning rate > 0, such as 3e-3")
+FRACTION = _flag(float, partial(checks.number, low=0.0, high=1.0, low_open=True, high_open=True),
+                 "a fraction between 0 and 1 (both excluded), such as 0.1")
 # (the recipe scripts' flags)
-WEIGHT_DECAY = _real(0.0, math.inf, "a weight decay >= 0, such as 5e-4")
-SMOOTHING = _real(0.0, 1.0, "a label smoothing from 0 to 1 (1 excluded), such as 0.1",
-                  high_open=True)
-MAX_MAPS = _whole(1, 32, "a whole number from 1 to 32")
-DPI = _real(10.0, 300.0, "a resolution from 10 to 300 pixels per inch")
+WEIGHT_DECAY = _flag(float, partial(checks.number, low=0.0), "a weight decay >= 0, such as 5e-4")
+SMOOTHING = _flag(float, partial(checks.number, low=0.0, high=1.0, high_open=True),
+                  "a label smoothing from 0 to 1 (1 excluded), such as 0.1")
+# A figure is about (max maps + 2) x (layers + 1) inches: these bounds keep one to ~200 MB.
+MAX_MAPS = _flag(int, partial(checks.number, low=1, high=32), "a whole number from 1 to 32")
+DPI = _flag(float, partial(checks.number, low=10.0, high=300.0),
+            "a resolution from 10 to 300 pixels per inch")
 
 
 # -- paths, checked before any work ------------------------------------------------------------
@@ -252,16 +240,22 @@ def _percent(fraction: float) -> str:
     return f"{100 * fraction:g}%"
 
 
+def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded, stratification-free random split of ``n`` samples: the indices of (train,
+    held-out), ``fraction`` of them (rounded, at least one) held out."""
+    n_val = max(1, int(round(n * fraction)))
+    order = np.random.default_rng([seed, 12345]).permutation(n)
+    return order[n_val:], order[:n_val]
+
+
 def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int
            ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """A seeded, stratification-free random split into (train, held-out)."""
-    n_val = max(1, int(round(len(x) * fraction)))
-    if n_val >= len(x):
+    """:func:`split_indices` applied to (x, y): (train, held-out)."""
+    train, val = split_indices(len(x), fraction, seed)
+    if not len(train):
         raise UsageError(f"argument --val-split: {fraction:g} of the {len(x)} training images "
-                         f"holds out {n_val} and leaves none to train on; choose a smaller "
+                         f"holds out {len(val)} and leaves none to train on; choose a smaller "
                          "fraction")
-    order = np.random.default_rng([seed, 12345]).permutation(len(x))
-    val, train = order[:n_val], order[n_val:]
     return (x[train], y[train]), (x[val], y[val])
 
 

@@ -35,7 +35,6 @@ imports mpi4py.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import sys
@@ -46,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from . import checks
 from .errors import DeviceError, MissingDependencyError, XpcnnError
 
 #: Bytes of gradients per bucket, as PyTorch DDP: 1 MiB for the first (the last layers': it
@@ -131,13 +131,11 @@ def init(comm: Any = None, timeout: float | None = None) -> World:
 
 def _seconds(value: Any) -> float:
     try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = math.nan
-    if not 0 < seconds < math.inf:
+        return checks.number(float(value), "the collective timeout", low=0.0, low_open=True)
+    except (TypeError, ValueError):  # (InputError is a ValueError)
         raise DistributedError(f"the collective timeout (XPCNN_DIST_TIMEOUT, or init's "
-                               f"timeout) must be a positive number of seconds, got {value!r}")
-    return seconds
+                               f"timeout) must be a positive number of seconds, got {value!r}"
+                               ) from None
 
 
 def _abort_all_on_error(here: World) -> None:
@@ -327,10 +325,13 @@ class GradientBuckets:
                 size = self._param(i).size
                 self.offsets[i] = (n, n + size)
                 n += size
-        self.owner: dict[int, set[int]] = {}  # id(layer) -> buckets holding its parameters
+        owners: dict[int, set[int]] = {}  # id(layer) -> buckets holding its parameters
         for b, bucket in enumerate(self.buckets):
             for i in bucket:
-                self.owner.setdefault(id(self.entries[i][0]), set()).add(b)
+                owners.setdefault(id(self.entries[i][0]), set()).add(b)
+        self.owner = {layer: tuple(sorted(b)) for layer, b in owners.items()}  # (in order)
+        # How many layers each bucket waits for: a step counts them down (see layer_done).
+        self.layers_per_bucket = [len({id(self.entries[i][0]) for i in b}) for b in self.buckets]
         self.buffers: list[Any] = [None] * len(self.buckets)  # this step's, once started
         self._handles: list[Any] = []
         self._weight = 1.0
@@ -344,7 +345,7 @@ class GradientBuckets:
         gradients to come must be those of ``weight`` x this batch's loss (the model scales
         the loss gradient), ``stats`` is [mean loss, correct count] of this batch."""
         self._weight = weight
-        self._left = [len({id(self.entries[i][0]) for i in b}) for b in self.buckets]
+        self._left = list(self.layers_per_bucket)
         self.buffers = [None] * len(self.buckets)
         self._handles = []
         self._stats = self.xp.concat([stats[:1] * weight, stats[1:]])
@@ -352,7 +353,7 @@ class GradientBuckets:
 
     def layer_done(self, layer: Any) -> None:
         """``layer``'s backward has run: start every bucket it completes."""
-        for b in sorted(self.owner.get(id(layer), ())):
+        for b in self.owner.get(id(layer), ()):
             self._left[b] -= 1
             if self._left[b] == 0:
                 self._start(b)

@@ -5,6 +5,7 @@ checkpoints, ONNX exports and downloads are all written through :func:`atomic_fi
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 import tempfile
@@ -53,6 +54,15 @@ def _new_temporary(folder: str, name: str, suffix: str) -> tuple[int, str]:
         path = os.path.join(folder, f".{name}.{secrets.token_hex(6)}{suffix}")
         with contextlib.suppress(FileExistsError):
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+
+
+def remove_leftovers(path: str | os.PathLike[str], suffix: str = ".tmp") -> None:
+    """Delete the temporary files that killed writers of ``path`` left behind (named as
+    :func:`_new_temporary` names them)."""
+    folder, base = os.path.split(os.path.abspath(path))
+    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(base)}.*{suffix}")):
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _fsync_folder(folder: str) -> None:

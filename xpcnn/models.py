@@ -190,15 +190,29 @@ NETWORKS: dict[str, Callable[..., Model]] = {
 #: Every reference model's name.
 NAMES = (*MODELS, *NETWORKS)
 
+#: The images each reference model is made for: MNIST's for the MNIST stacks, CIFAR-10's for the
+#: others (the shapes dataset's images are 32 x 32 RGB as well).
+INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
+    "shapes": (32, 32, 3),
+    "notebook": (32, 32, 3),
+    "mnist": (28, 28, 1),
+    "mnist-bn": (28, 28, 1),
+    "cifar": (32, 32, 3),
+    "cifar-augmented": (32, 32, 3),
+    "resnet20": (32, 32, 3),
+    "fast-resnet": (32, 32, 3),
+}
+
 
 def build_model(name: str, classes: int = 10, input_shape: tuple[int, ...] | None = None,
                 **model_options: Any) -> Model:
     """Reference model ``name`` as a model: a :class:`~xpcnn.Sequential` of a stack's layers
     (built when ``input_shape`` is given, else on first use), or a network's built graph
-    :class:`~xpcnn.Model` (``input_shape`` defaults to CIFAR's (32, 32, 3)). ``model_options``
-    go to the model: ``device``, ``seed``, ``dtype``, ``name``."""
+    :class:`~xpcnn.Model` (``input_shape`` defaults to CIFAR's (32, 32, 3), its
+    :data:`INPUT_SHAPES`). ``model_options`` go to the model: ``device``, ``seed``, ``dtype``,
+    ``name``."""
     options = {"name": name, **model_options}
     if name in NETWORKS:
-        shape = (32, 32, 3) if input_shape is None else tuple(input_shape)
+        shape = INPUT_SHAPES[name] if input_shape is None else tuple(input_shape)
         return NETWORKS[name](classes, shape, **options)
     return Sequential(build_layers(name, classes), input_shape=input_shape, **options)

@@ -192,8 +192,7 @@ def _check_writable(path: str | os.PathLike[str]) -> None:
 # -- one converter per layer type ----------------------------------------------------------
 def _weights(layer: Layer) -> dict[str, np.ndarray]:
     """The layer's weights by name (Keras layouts, the model's dtype)."""
-    names = [n for n in layer.weight_names if n in layer._arrays()]
-    return dict(zip(names, layer.get_weights(), strict=True))
+    return dict(zip(layer.present_weight_names(), layer.get_weights(), strict=True))
 
 
 def _relu_if(layer: Layer, graph: GraphBuilder, y: str) -> str:

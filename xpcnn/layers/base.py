@@ -207,11 +207,17 @@ class Layer:
     def _arrays(self) -> dict[str, Any]:
         return {**self.params, **self.state}
 
+    def present_weight_names(self) -> list[str]:
+        """The names of :attr:`weight_names` this layer holds (one built without a bias has no
+        ``bias``), in the order of :meth:`get_weights`."""
+        arrays = self._arrays()
+        return [n for n in self.weight_names if n in arrays]
+
     def get_weights(self) -> list[np.ndarray]:
         """Weights as host arrays in Keras order and layout."""
         arrays = self._arrays()
         return [self.to_keras_layout(n, self.backend.to_numpy(arrays[n])).copy()
-                for n in self.weight_names if n in arrays]
+                for n in self.present_weight_names()]
 
     def to_keras_layout(self, name: str, a: np.ndarray) -> np.ndarray:
         """A host array shaped like weight ``name`` as stored (its optimiser slots too), in
@@ -226,7 +232,7 @@ class Layer:
     def set_weights(self, weights: list[Any]) -> None:
         """Replace the weights; shapes must match :meth:`get_weights`."""
         self._require_built("set_weights")
-        names = [n for n in self.weight_names if n in self._arrays()]
+        names = self.present_weight_names()
         if len(weights) != len(names):
             raise InputError(
                 f"layer {self.name!r} expects {len(names)} weight arrays ({', '.join(names)}), "

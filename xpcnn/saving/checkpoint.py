@@ -28,7 +28,6 @@ leaves the last good checkpoint in place.
 from __future__ import annotations
 
 import contextlib
-import glob
 import math
 import os
 import signal
@@ -44,6 +43,7 @@ import numpy as np
 from .. import distributed
 from ..backend import DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterrupted
+from ..files import remove_leftovers
 from ..history import History
 from ..layers.dropout import RandomLayer
 from .model_file import (
@@ -117,7 +117,6 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
     if model.loss is None or model.optimizer is None:
         raise InputError("save_checkpoint needs a compiled model (compile(...) first)")
     opt = model.optimizer
-    _refuse_non_finite(model, path)
     progress = progress or Progress()
     history = history or History()
     config = {
@@ -132,45 +131,31 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
         "history": {"epoch": list(history.epoch), "history": history.history},
         "run": run or {},
     }
-    arrays = {CONFIG_KEY: encode_json(config), **weight_arrays(model, path)}
+    # Each weight and slot is checked on the host copy that is written (one transfer each).
+    stopped = f"training stopped after step {opt.iterations}"
+    kept = f"the checkpoint {path} was not overwritten"
+
+    def refusal(layer: Any, weight: str) -> str:
+        return (f"{stopped}: the weights of layer {layer.name!r} ({weight}) hold NaN or "
+                f"infinity; {kept} and still holds the last good state")
+
+    arrays = {CONFIG_KEY: encode_json(config), **weight_arrays(model, refusal)}
     owners = _slot_owners(model)
     for name, slot in opt.slots.items():
         for k, a in enumerate(slot):
             layer, weight = owners[k]
-            arrays[f"slot.{name}.{k}"] = layer.to_keras_layout(weight, model.backend.to_numpy(a))
+            host = layer.to_keras_layout(weight, model.backend.to_numpy(a))
+            if not np.all(np.isfinite(host)):
+                raise NonFiniteError(f"{stopped}: the optimiser's {name!r} state holds NaN or "
+                                     f"infinity; {kept}")
+            arrays[f"slot.{name}.{k}"] = host
     write_npz_atomic(path, arrays)
-    _remove_leftovers(path)
+    remove_leftovers(path)
 
 
 def _slot_owners(model: Any) -> list[tuple[Any, str]]:
     """(layer, weight name) of each optimiser slot, in slot order: the trainable parameters."""
     return [(la, k) for la in model.trainable_layers for k in la.params]
-
-
-def _refuse_non_finite(model: Any, path: str) -> None:
-    xp = model.backend.xp
-    step = model.optimizer.iterations  # type: ignore[union-attr]
-    for la in model.layers:
-        for name, a in la._arrays().items():
-            if not bool(xp.all(xp.isfinite(a))):
-                raise NonFiniteError(
-                    f"training stopped after step {step}: the weights of layer {la.name!r} "
-                    f"({name}) hold NaN or infinity; the checkpoint {path} was not overwritten "
-                    "and still holds the last good state")
-    for name, slot in model.optimizer.slots.items():  # type: ignore[union-attr]
-        for a in slot:
-            if not bool(xp.all(xp.isfinite(a))):
-                raise NonFiniteError(
-                    f"training stopped after step {step}: the optimiser's {name!r} state holds "
-                    f"NaN or infinity; the checkpoint {path} was not overwritten")
-
-
-def _remove_leftovers(path: str) -> None:
-    """Delete temporary files that killed writers of this same checkpoint left behind."""
-    folder, base = os.path.split(os.path.abspath(path))
-    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(base)}.*.tmp")):
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 # -- reading ----------------------------------------------------------------------------------

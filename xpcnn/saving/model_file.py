@@ -17,7 +17,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import numpy as np
@@ -67,16 +67,16 @@ def model_config(model: Any) -> dict[str, Any]:
     return config
 
 
-def weight_arrays(model: Any, path: str) -> dict[str, np.ndarray]:
-    """Every layer's weights as the entries ``layer{i}.{j}`` of a model file or checkpoint;
-    ``NonFiniteError`` (and nothing written to ``path``) if one holds NaN or infinity."""
+def weight_arrays(model: Any, refusal: Callable[[Layer, str], str]) -> dict[str, np.ndarray]:
+    """Every layer's weights as the entries ``layer{i}.{j}`` of a model file or checkpoint,
+    checked on the host copies: ``NonFiniteError(refusal(layer, weight name))`` for the first
+    that holds NaN or infinity (so that nothing is written)."""
     arrays = {}
     for i, la in enumerate(model.layers):
-        names = [n for n in la.weight_names if n in la._arrays()]
-        for j, (name, w) in enumerate(zip(names, la.get_weights(), strict=True)):
+        for j, (name, w) in enumerate(zip(la.present_weight_names(), la.get_weights(),
+                                          strict=True)):
             if not np.all(np.isfinite(w)):
-                raise NonFiniteError(f"the weights of layer {la.name!r} ({name}) hold NaN or "
-                                     f"infinity: {path} was not written")
+                raise NonFiniteError(refusal(la, name))
             arrays[f"layer{i}.{j}"] = w
     return arrays
 
@@ -87,7 +87,12 @@ def save_model(model: Any, path: str | os.PathLike[str]) -> None:
     model._require_built("save")
     if not distributed.is_root():  # one writer: rank 0 (all ranks hold the same weights)
         return
-    arrays = {CONFIG_KEY: encode_json(model_config(model)), **weight_arrays(model, path)}
+
+    def refusal(layer: Layer, weight: str) -> str:
+        return (f"the weights of layer {layer.name!r} ({weight}) hold NaN or infinity: {path} "
+                "was not written")
+
+    arrays = {CONFIG_KEY: encode_json(model_config(model)), **weight_arrays(model, refusal)}
     write_npz_atomic(path, arrays)
 
 
@@ -262,7 +267,7 @@ def set_weights_from_file(model: Any, npz: NpzArchive) -> None:
     weights = []
     for i, la in enumerate(model.layers):
         arrays = la._arrays()
-        for j, name in enumerate(n for n in la.weight_names if n in arrays):
+        for j, name in enumerate(la.present_weight_names()):
             key = f"layer{i}.{j}"
             if key not in npz.entries:
                 raise DataFormatError(f"{path}: weight {key} of layer {la.name!r} is missing")
