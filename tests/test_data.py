@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import tracemalloc
+from collections.abc import Iterator
 
 import array_api_strict as xps
 import numpy as np
@@ -65,10 +66,10 @@ class MapDataset:
         self.x, self.y = x, y
 
     def __len__(self):
-        return len(self.x)
+        return int(self.y.shape[0])
 
     def __getitem__(self, i):
-        return self.x[i], self.y[i]
+        return self.x[i, ...], self.y[i]
 
 
 def assert_same_weights(a, b):
@@ -177,6 +178,46 @@ def test_arrays_of_another_library_or_device_are_refused(data):
     bad[3, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="x holds NaN or infinite values: sample 3"):
         model.fit(bad, y, verbose=0)
+
+
+def test_streamed_device_labels_are_checked_like_host_labels(data):
+    """A label out of range would index past a row of logits (on a GPU, a read out of
+    bounds): streamed device labels are checked as host ones are, and give the same steps."""
+    x, y = data
+    device = (xps, xps.Device("device1"))
+    put = lambda a: xps.asarray(a, device=xps.Device("device1"))  # noqa: E731
+    model = make(device)
+    wrong = y.copy()
+    wrong[5] = 4  # a fifth class of a 4-class model
+    for source in (iter([(put(x), put(wrong))]), MapDataset(put(x), put(wrong))):
+        with pytest.raises(InputError, match=r"labels in y must be in \[0, 3\] for a model "
+                                             "with 4 outputs; found values from 0 to 4"):
+            model.fit(source, steps_per_epoch=1 if isinstance(source, Iterator) else None,
+                      verbose=0)
+    with pytest.raises(InputError, match=r"y has 43 labels but x has 44"):
+        model.evaluate(iter([(put(x), put(y[:-1]))]), steps=1)
+    batches = list(shuffled_batches(x, y))
+    on_device = make(device)
+    on_device.fit(iter([(put(a), put(b)) for a, b in batches]), steps_per_epoch=len(batches),
+                  verbose=0)
+    on_host = make(device)
+    on_host.fit(iter(batches), steps_per_epoch=len(batches), verbose=0)
+    assert_same_weights(on_device, on_host)
+    # a map-style dataset of device samples is batched on the device
+    assert_same_weights(trained(MapDataset(put(x), put(y)), device=device),
+                        trained(MapDataset(x, y), device=device))
+
+
+def test_a_dataset_whose_samples_cannot_be_stacked_is_refused(data):
+    x, y = data
+    class Ragged(MapDataset):  # sample 3 is a row short
+        def __getitem__(self, i):
+            return self.x[i, :5 if i == 3 else 6], self.y[i]
+
+    ragged = Ragged(x, y)
+    with pytest.raises(InputError, match=r"the x_i that x\[i\] returns cannot be stacked into "
+                                         r"a batch \(.*shape.*\): they must share one shape"):
+        trained(ragged)
 
 
 # -- the background thread -------------------------------------------------------------------------

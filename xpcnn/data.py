@@ -29,7 +29,7 @@ import contextlib
 import itertools
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import array_api_compat
@@ -260,9 +260,25 @@ class DatasetBatches(ShardedBatches):
                 raise InputError(f"{self.what}[i] must return a pair (x_i, y_i), got "
                                  f"{type(items[0]).__name__}")
             xs, ys = zip(*items, strict=True)
-            return check_batch(self.model, np.stack(xs), np.stack(ys), self.what)
+            return check_batch(self.model, self._stack(xs, "x"), self._stack(ys, "y"),
+                               self.what)
         xs = [it[0] if isinstance(it, tuple | list) else it for it in items]
-        return check_batch(self.model, np.stack(xs), None, self.what)
+        return check_batch(self.model, self._stack(xs, "x"), None, self.what)
+
+    def _stack(self, parts: Sequence[Any], which: str) -> Any:
+        """Samples stacked into a batch: on the device where they are arrays of the model's
+        library (they stay there), else on the host."""
+        xp = self.model.backend.xp
+        if is_device_array(parts[0]) and \
+                array_api_compat.array_namespace(parts[0]).__name__ == xp.__name__:
+            return xp.stack(parts)
+        try:
+            return np.stack(parts)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"the {which}_i that {self.what}[i] returns cannot be stacked "
+                             f"into a batch ({e}): they must share one shape, as NumPy arrays "
+                             f"or arrays of the model's library ({xp.__name__}) on its "
+                             "device") from e
 
     def fingerprint(self) -> dict[str, Any]:
         return {"samples": self.samples, "dataset": type(self.dataset).__name__,
@@ -316,12 +332,12 @@ class IterableBatches(Batches):
         return item[0], item[1]
 
 
-def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", streamed: bool = False
-                 ) -> tuple[Any, Any]:
+def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x") -> tuple[Any, Any]:
     """Checked images (host NumPy, a memory map, or device arrays of the model's library) and
-    targets (integer labels or one-hot rows, on the host); builds the model if needed. A
-    ``streamed`` batch's device labels pass unchecked (reading them would wait for the device
-    every batch)."""
+    targets (integer labels or one-hot rows), returned on the host; builds the model if
+    needed. Device targets are read to the host to be checked (a label out of range would
+    otherwise index past a row of logits). A streamed batch is checked on the background
+    thread (:func:`prefetch`), beside the training loop rather than in it."""
     if is_device_array(x):
         x = check_device_images(x, model.backend, what)
     elif isinstance(x, np.memmap):
@@ -334,7 +350,7 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", streamed: b
     checks.check_sample_shape(x, model.input_shape, what)
     if isinstance(x, np.ndarray):
         checks.check_finite(x, what)
-    if y is None or (streamed and is_device_array(y)):
+    if y is None:
         return x, y
     y = model.backend.to_numpy(y) if is_device_array(y) else y
     targets, _ = checks.as_labels(y, int(x.shape[0]), model.num_classes,
@@ -344,7 +360,7 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", streamed: b
 
 def check_batch(model: Any, x: Any, y: Any, what: str) -> tuple[Any, Any]:
     """One streamed batch, checked as whole arrays are, contiguous on the host."""
-    x, y = check_arrays(model, x, y, what, streamed=True)
+    x, y = check_arrays(model, x, y, what)
     return (x if is_device_array(x) else np.ascontiguousarray(x)), y
 
 
