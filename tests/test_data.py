@@ -181,8 +181,8 @@ def test_arrays_of_another_library_or_device_are_refused(data):
 
 
 def test_streamed_device_labels_are_checked_like_host_labels(data):
-    """A label out of range would index past a row of logits (on a GPU, a read out of
-    bounds): streamed device labels are checked as host ones are, and give the same steps."""
+    """A label out of range would silently match no class (the loss kernels compare labels
+    with class numbers): streamed device labels are checked as host ones are."""
     x, y = data
     device = (xps, xps.Device("device1"))
     put = lambda a: xps.asarray(a, device=xps.Device("device1"))  # noqa: E731

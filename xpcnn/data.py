@@ -336,7 +336,7 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x") -> tuple[An
     """Checked images (host NumPy, a memory map, or device arrays of the model's library) and
     targets (integer labels or one-hot rows), returned on the host; builds the model if
     needed. Device targets are read to the host to be checked (a label out of range would
-    otherwise index past a row of logits). A streamed batch is checked on the background
+    otherwise silently match no class). A streamed batch is checked on the background
     thread (:func:`prefetch`), beside the training loop rather than in it."""
     if is_device_array(x):
         x = check_device_images(x, model.backend, what)
