@@ -11,8 +11,9 @@ For each reference model (notebook, mnist, cifar), batch size (128, 512) and pre
 - the training step's achieved TFLOP/s (3x the forward pass's convolution and Dense
   multiply-adds, times two) and its share of the GPU's datasheet peak for that precision
   (float32 with TF32 on: the TF32 tensor-core peak);
-- peak GPU memory of a training step (CuPy: the memory pool's high-water mark of used bytes;
-  PyTorch: ``torch.cuda.max_memory_allocated``).
+- peak GPU memory of a training step (CuPy: the memory pool's high-water mark of used bytes,
+  plus every byte held by the pool of a step captured in a CUDA graph, whose replays allocate
+  nothing; PyTorch: ``torch.cuda.max_memory_allocated``).
 
 ``--conv-layers MODEL:BATCH:PRECISION`` also times each convolution layer's three operations
 with cuDNN and with xpcnn's hand-written CUDA kernels.
@@ -81,7 +82,9 @@ class PeakMemory:
 
     CuPy's pool keeps no high-water mark, so its allocator is wrapped while measuring (not
     while timing) and reads the bytes in use after every allocation; PyTorch has
-    ``max_memory_allocated``.
+    ``max_memory_allocated``. A step replayed from a CUDA graph allocates nothing: its
+    temporaries live in the graph's own pool (:class:`xpcnn.cuda_graphs.CupyCapture`), all of
+    whose bytes count, in use or cached (the graph addresses them at every replay).
     """
 
     def __init__(self, device: str) -> None:
@@ -94,7 +97,7 @@ class PeakMemory:
             self.pool.free_all_blocks()
             self.base = self.pool.used_bytes()
 
-    def xpcnn(self, step: Any, steps: int = 3) -> float | None:
+    def xpcnn(self, model: Any, step: Any, steps: int = 3) -> float | None:
         if not self.cuda:
             return None
         import cupy
@@ -113,7 +116,9 @@ class PeakMemory:
             sync("cuda")
         finally:
             cupy.cuda.set_allocator(self.pool.malloc)
-        return (peak[0] - self.base) / 2**20
+        capture = getattr(model._graphs, "capture", None)  # (None: the steps ran eagerly)
+        held = capture.pool.total_bytes() if capture is not None else 0
+        return (peak[0] - self.base + held) / 2**20
 
 
 # Datasheet peaks, dense, in TFLOP/s (H100 / H200 SXM: the same compute): the CUDA cores'
@@ -237,7 +242,7 @@ def bench_xpcnn(name: str, batch: int, precision: str, fast: bool, args: argpars
 
         t_train = timed(train, args.steps, args.warmup, args.device)
         t_infer = timed(infer, args.steps, args.warmup, args.device)
-        peak = mem.xpcnn(train) if fast else None
+        peak = mem.xpcnn(model, train) if fast else None
     finally:
         set_fast_path(old)
     return {"train_img_s": batch / t_train, "infer_img_s": batch / t_infer, "peak_mib": peak,
