@@ -1,6 +1,7 @@
-"""Short probes of the GPU APIs xpcnn relies on where the CPU emulators cannot answer: one line
-each, "ok" or "FAIL" with the first line of the error, a failing probe not stopping the others.
-Run first by scripts/gpu_check.sh (a few seconds); on a machine without a GPU it says so.
+"""Short probes of the GPU APIs xpcnn relies on where the CPU emulators cannot answer (the
+UNSURE rows of docs/gpu-api-audit.md): one line each, "ok" or "FAIL" with the first line of
+the error, a failing probe not stopping the others. Run first by scripts/gpu_check.sh (a few
+seconds); on a machine without a GPU it says so.
 
 1. cuDNN's full-float32 switch for convolutions (``XPCNN_TF32=0``: plans with the numerical
    note TENSOR_CORE deselected) gives float32 accuracy; TF32 (the default) only TF32's.
