@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one go, for a machine with CuPy (and PyTorch for the
-# comparison): the GPU tests (cuDNN and CUDA graphs first), the training command on the GPU,
+# comparison): short probes of the GPU APIs (scripts/gpu_probes.py), the GPU tests (cuDNN and
+# CUDA graphs first), the training command on the GPU,
 # the MNIST recipe on the GPU (where .gpudata/ holds MNIST), then scripts/bench_gpu.py
 # (through fit(), per-convolution cuDNN against the hand-written kernels, TFLOP/s, a per-layer
 # profile). Logs, mnist.json and gpu.json go to OUTDIR. The stages' limits add up to 9 minutes
@@ -9,8 +10,8 @@
 #   scripts/gpu_wheels.sh PY DATA    # first, where PyPI is reachable: wheels, and MNIST staged
 #   scripts/gpu_check.sh [OUTDIR]    # on the GPU machine (installs .whl/*.whl when present)
 #
-# Each stage has a time limit (NEW_TEST_TIMEOUT, TEST_TIMEOUT, TRAIN_TIMEOUT, MNIST_TIMEOUT,
-# BENCH_TIMEOUT seconds) so that a lent machine's time is never lost to one stage; BENCH_ARGS
+# Each stage has a time limit (PROBE_TIMEOUT, NEW_TEST_TIMEOUT, TEST_TIMEOUT, TRAIN_TIMEOUT,
+# MNIST_TIMEOUT, BENCH_TIMEOUT seconds) so that a lent machine's time is never lost to one stage; BENCH_ARGS
 # replaces the benchmark's arguments. On the device tool: carry [".whl", ".gpudata"],
 # timeout_s 600, and OUTDIR "$OUT".
 set -u
@@ -34,6 +35,9 @@ fi
 getattr(m, '__version__', None), 'backend', m.backend_version() if m else None)"
 } 2>&1 | tee "$out/gpu.txt"
 
+echo "== probes: cuDNN's float32 switch, capture rules, NCCL"
+timeout "${PROBE_TIMEOUT:-20}" $py scripts/gpu_probes.py 2>&1 | tee "$out/gpu_probes.log"
+
 echo "== GPU tests: cuDNN and CUDA graphs"
 timeout "${NEW_TEST_TIMEOUT:-120}" $py -m pytest -q -m gpu -p no:cacheprovider -x \
   -k "cudnn or captured or replayed or random_layers" tests/test_gpu.py \
@@ -56,7 +60,7 @@ fi
 
 echo "== benchmark"
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-170}" $py scripts/bench_gpu.py --json "$out/gpu.json" \
+timeout "${BENCH_TIMEOUT:-150}" $py scripts/bench_gpu.py --json "$out/gpu.json" \
   ${BENCH_ARGS:---steps 15 --warmup 3 --no-standard --torch-channels-last \
   --conv-layers cifar:512:float32 --conv-layers cifar:512:mixed_float16 \
   --profile cifar:128:float32} 2>&1 | tee "$out/bench_gpu.log"

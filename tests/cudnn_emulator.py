@@ -158,9 +158,9 @@ class PyGraph:
     def build_operation_graph(self) -> None:
         self._step("build_operation_graph")
 
-    def create_execution_plans(self, modes: list[HeurMode]) -> None:
+    def create_execution_plans(self, heuristics: list[HeurMode] | None = None) -> None:
         self._step("create_execution_plans")
-        self.heuristics = list(modes)
+        self.heuristics = list(heuristics or [HeurMode.A, HeurMode.FALLBACK])
 
     def deselect_numeric_notes(self, notes: list[NumericalNote]) -> None:
         assert self.steps[-1] == "create_execution_plans"
@@ -179,20 +179,25 @@ class PyGraph:
         return 256
 
     # -- running -------------------------------------------------------------------------------
-    def execute(self, variant_pack: dict[Tensor, int], workspace: int, handle: Any) -> None:
+    def execute(self, tensor_dict: dict[Tensor, int], workspace: Any = None,
+                handle: Any = None) -> None:
+        """The frontend's ``execute(tensor_dict, workspace=None, handle=None, ...)``. Without
+        ``handle`` the frontend runs on the graph's own handle and its stream, not CuPy's
+        current one: refused here."""
         assert self.steps[-1] == "build_plans"
-        assert isinstance(workspace, int) and workspace != 0
+        assert isinstance(workspace, int), "the workspace's address"
+        assert isinstance(handle, Handle), "execute with handle= (a cudnn.Handle)"
         assert handle.stream == CURRENT_STREAM.ptr, "run on CuPy's current stream"
-        given = set(variant_pack)
+        given = set(tensor_dict)
         wanted = {t for t in self.tensors if not t.virtual}
         assert given == wanted, f"variant pack {[t.name for t in given]} != {wanted}"
-        assert all(isinstance(p, int) for p in variant_pack.values())
-        values: dict[Tensor, np.ndarray] = {t: _read(t, p) for t, p in variant_pack.items()
+        assert all(isinstance(p, int) for p in tensor_dict.values())
+        values: dict[Tensor, np.ndarray] = {t: _read(t, p) for t, p in tensor_dict.items()
                                             if not t.output}
         for kind, args, out in self.ops:
             values[out] = _COMPUTE[kind](out, *(values.get(v, v) if isinstance(v, Tensor) else v
                                                 for v in args.values()))
-        for t, p in variant_pack.items():
+        for t, p in tensor_dict.items():
             if t.output:
                 _write(t, p, values[t])
         self.executions += 1
@@ -282,6 +287,9 @@ def fake_cudnn() -> types.ModuleType:
     m.create_handle = Handle
 
     def set_stream(handle: Handle, stream: int) -> None:
+        if not isinstance(handle, Handle):  # (the frontend's own check)
+            raise TypeError("cudnn.set_stream expects a cudnn.Handle")
+        assert isinstance(stream, int), "a stream's address (Stream.ptr)"
         handle.stream = stream
         handle.streams_set.append(stream)
 

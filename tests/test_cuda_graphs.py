@@ -38,7 +38,8 @@ class FakeCapture:
     """Records a step instead of running it, as stream capture does; ``launch`` runs the
     recorded step again and writes its outputs where the capture's outputs are. A real replay
     runs no Python: the layers' host numbers (counters, flags) are put back after each launch,
-    so a step that kept per-step state on the host would repeat itself here, as on a GPU."""
+    so a step that kept per-step state on the host would repeat itself here, as on a GPU.
+    While it records, the namespace's matrix products raise, as cuBLAS calls do in CuPy 14."""
 
     def __init__(self, arrays, layers=()):
         self.arrays, self.captures, self.launches, self.fail = arrays, 0, 0, None
@@ -53,7 +54,8 @@ class FakeCapture:
         if self.fail is not None:
             raise self.fail
         before = [(a, np.array(a, copy=True)) for _, a in self.arrays()]
-        out = fn()
+        with _cublas_refused():
+            out = fn()
         for a, value in before:  # a capture records the work, it does not do it
             a[...] = value
         self.captures += 1
@@ -67,6 +69,22 @@ class FakeCapture:
         for layer, numbers in host:
             vars(layer).update(numbers)
         self.launches += 1
+
+
+@contextlib.contextmanager
+def _cublas_refused():
+    """The namespace's matrix products raise, as CuPy 14 refuses cuBLAS calls during a stream
+    capture ("calling cuBLAS API during stream capture is currently unsupported"): a captured
+    step's products must go through the kernels (cuDNN graphs on CuPy, ``capturable``)."""
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("calling cuBLAS API during stream capture is currently unsupported")
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (xpn, xpn.linalg):
+            for name in ("matmul", "tensordot", "vecdot"):
+                mp.setattr(module, name, refused)
+        yield
 
 
 def _runner(model, warmup=2):

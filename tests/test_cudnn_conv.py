@@ -345,6 +345,29 @@ def test_the_real_frontend_takes_these_graph_descriptions(monkeypatch):
         assert len(graph.nodes) == nodes
 
 
+def test_the_real_frontend_has_the_build_and_run_calls_as_xpcnn_makes_them():
+    """What the graph test above cannot reach without cuDNN's library: the build steps, the
+    plan filter, execute, the handle calls and the enums, bound with the arguments
+    xpcnn.ops.cudnn_conv passes (build_plan, Plan.run, _handle)."""
+    import inspect
+
+    cudnn = pytest.importorskip("cudnn")
+    graph = cudnn.pygraph
+    for step in ("validate", "build_operation_graph", "check_support", "build_plans",
+                 "get_workspace_size"):
+        inspect.signature(getattr(graph, step)).bind(None)
+    modes = [cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK]
+    inspect.signature(graph.create_execution_plans).bind(None, modes)
+    notes = [cudnn.numerical_note.DOWN_CONVERT_INPUTS, cudnn.numerical_note.TENSOR_CORE]
+    inspect.signature(graph.deselect_numeric_notes).bind(None, notes)
+    inspect.signature(graph.execute).bind(None, {}, 0, handle=None)
+    inspect.signature(cudnn.set_stream).bind(handle=None, stream=0)
+    inspect.signature(cudnn.create_handle).bind()
+    assert {"HALF", "BFLOAT16", "FLOAT", "DOUBLE"} <= set(cudnn.data_type.__members__)
+    with pytest.raises(TypeError, match="cudnn.Handle"):  # (what the stand-in refuses too)
+        cudnn.set_stream(handle=object(), stream=0)
+
+
 @needs_compiler
 @pytest.mark.parametrize("net", ["gap_net", "fused_relu_net"])
 def test_training_with_cudnn_convolutions(monkeypatch, net):

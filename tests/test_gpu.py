@@ -601,9 +601,11 @@ def test_a_cudnn_graph_is_captured_and_replayed(cp, cudnn_module, rng):
     x = _random(cp, rng, (4, 16, 16, 8), "float32")
     w = _random(cp, rng, (8, 3, 3, 8), "float32")
     engine.forward(x, w, None, True)  # builds the plan outside the capture
-    stream = cp.cuda.Stream()
+    stream = cp.cuda.Stream(non_blocking=True)
     static = x.copy()
     with stream:
+        # (as xpcnn.cuda_graphs does: cudnnSetStream queries the stream, outside the capture)
+        cudnn_conv.use_current_stream()
         stream.begin_capture()
         y = engine.forward(static, w, None, True)
         graph = stream.end_capture()

@@ -34,6 +34,18 @@ def test_compare_revisions_names_what_is_wrong(tmp_path):
     assert out.returncode != 0 and "'mnist:fly' is not model:mode" in out.stderr
 
 
+def test_the_gpu_probes_say_so_where_there_is_no_gpu():
+    """scripts/gpu_probes.py (run first by scripts/gpu_check.sh) imports everywhere; its probes
+    need a GPU."""
+    from xpcnn.backend import cuda_available
+
+    if cuda_available():
+        pytest.skip("a GPU is here: scripts/gpu_check.sh runs the probes")
+    out = _run(script="gpu_probes.py")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "gpu_probes: no CUDA GPU here; nothing probed\n"
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_the_gpu_benchmark_dry_runs_on_the_cpu(layout, tmp_path):
     """scripts/bench_gpu.py as the device check runs it, on the CPU, with PyTorch in the layout

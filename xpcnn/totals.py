@@ -74,9 +74,9 @@ class RunningTotals:
         bad = xp.logical_not(xp.isfinite(xp.stack([stats[0], *sums])))
         flags = xp.astype(bad[1:], f)
         if squares and grads:
-            # Each gradient's sum of squares, in its own dtype: one BLAS dot.
-            flat = [xp.reshape(g, (-1,)) for g in grads]
-            over = xp.logical_not(xp.isfinite(xp.stack([xp.vecdot(g, g) for g in flat])))
+            # Each gradient's sum of squares, in its own dtype. Not xp.vecdot: on CuPy that is
+            # a cuBLAS product, which CuPy refuses inside a CUDA-graph capture of the step.
+            over = xp.logical_not(xp.isfinite(xp.stack([xp.sum(g * g) for g in grads])))
             flags = flags + 2 * xp.astype(xp.logical_and(over, xp.logical_not(bad[1:])), f)
             bad = xp.concat([bad[:1], xp.logical_or(bad[1:], over)])
         any_bad = xp.any(bad)

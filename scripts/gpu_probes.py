@@ -1,0 +1,151 @@
+"""Short probes of the GPU APIs xpcnn relies on where the CPU emulators cannot answer (the
+UNSURE rows of docs/gpu-api-audit.md): one line each, "ok" or "FAIL" with the first line of
+the error, a failing probe not stopping the others. Run first by scripts/gpu_check.sh (a few
+seconds); on a machine without a GPU it says so.
+
+1. cuDNN's full-float32 switch for convolutions (``XPCNN_TF32=0``: plans with the numerical
+   note TENSOR_CORE deselected) gives float32 accuracy; TF32 (the default) only TF32's.
+2. The same switch for float32 matmul graphs (``CUPY_TF32`` unset): a plan exists.
+3. CuPy 14 refuses ``xp.vecdot`` (cuBLAS) inside a stream capture, and takes ``xp.sum``.
+4. ``cudnn.set_stream`` inside a capture: whether it invalidates it (xpcnn calls it before).
+5. NCCL as xpcnn.distributed.NcclSum calls it, on one rank (no MPI needed).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _relative_error(got: Any, want: Any) -> float:
+    want = want.get()
+    return float(np.abs(got.get().astype(np.float64) - want).max() / np.abs(want).max())
+
+
+def _plan_name(plan: Any) -> str:
+    graph = plan.graph
+    return graph.get_plan_name_at_index(getattr(graph, "_plan_index", 0))
+
+
+def conv_tf32_switch(cp: Any, xc: Any, cudnn: Any) -> str:
+    from xpcnn.ops import cudnn_conv
+    from xpcnn.ops.convolution import ConvGeometry, KernelsConv
+    from xpcnn.ops.kernels import StandardKernels
+
+    g = ConvGeometry.of((16, 16, 32), 32, (3, 3), (1, 1), "same")
+    rng = np.random.default_rng(0)
+    x = cp.asarray(rng.standard_normal((8, 16, 16, 32)), dtype=cp.float32)
+    w = cp.asarray(rng.standard_normal((32, 3, 3, 32)), dtype=cp.float32)
+    want = KernelsConv(g, StandardKernels(xc)).forward(x.astype(cp.float64),
+                                                        w.astype(cp.float64), None, False)
+    parts = []
+    for flag in ("0", "1"):
+        os.environ["XPCNN_TF32"] = flag
+        engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc)))
+        got = engine.forward(x, w, None, False)
+        plan = next(iter(engine._plans.values()))
+        name = "no plan (fallback ran)" if plan is None else _plan_name(plan)
+        parts.append(f"XPCNN_TF32={flag}: error {_relative_error(got, want):.1e} [{name}]")
+    os.environ.pop("XPCNN_TF32")
+    return "; ".join(parts) + " (want < 1e-5 with 0, ~1e-3 with 1)"
+
+
+def matmul_full_float32(cp: Any, xc: Any, cudnn: Any) -> str:
+    from xpcnn.ops import cudnn_conv
+
+    os.environ.pop("CUPY_TF32", None)
+    rng = np.random.default_rng(0)
+    a = cp.asarray(rng.standard_normal((512, 256)), dtype=cp.float32)
+    b = cp.asarray(rng.standard_normal((256, 128)), dtype=cp.float32)
+    matmul = cudnn_conv.CudnnMatmul(cudnn)
+    got = matmul(a, b)
+    plan = next(iter(matmul._plans.values()))
+    want = a.astype(cp.float64) @ b.astype(cp.float64)
+    return f"error {_relative_error(got, want):.1e} [{_plan_name(plan)}] (want < 1e-5)"
+
+
+def vecdot_in_capture(cp: Any, xc: Any, cudnn: Any) -> str:
+    g = cp.ones(1000, cp.float32)
+    xc.sum(g * g)  # (kernels compiled before the capture)
+    stream = cp.cuda.Stream(non_blocking=True)
+    answers = []
+    for label, fn in (("vecdot", lambda: xc.vecdot(g, g)), ("sum", lambda: xc.sum(g * g))):
+        with stream:
+            stream.begin_capture()
+            try:
+                fn()
+                answers.append(f"{label} captured")
+            except Exception as e:
+                answers.append(f"{label} refused ({(str(e).splitlines() or [''])[0][:80]})")
+            finally:
+                stream.end_capture()
+    return "; ".join(answers) + " (want: vecdot refused, sum captured)"
+
+
+def set_stream_in_capture(cp: Any, xc: Any, cudnn: Any) -> str:
+    handle = cudnn.create_handle()
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            cudnn.set_stream(handle=handle, stream=stream.ptr)
+            cp.zeros(4, cp.float32).fill(1)
+        finally:
+            graph = stream.end_capture()
+        graph.launch(stream=stream)
+    stream.synchronize()
+    return "set_stream inside a capture left it valid (xpcnn calls it before one anyway)"
+
+
+def nccl_one_rank(cp: Any, xc: Any, cudnn: Any) -> str:
+    from xpcnn.distributed import NcclSum, World
+
+    here = World(comm=types.SimpleNamespace(bcast=lambda value, root: value))
+    nccl_sum = NcclSum(here, cp.cuda.Device(0))
+    parts = []
+    for dtype in (cp.float16, cp.float32, cp.float64):
+        buf = cp.arange(10, dtype=dtype)
+        nccl_sum.wait([nccl_sum.start(buf)], "probe")
+        ok = bool(cp.array_equal(buf, cp.arange(10, dtype=dtype)))
+        parts.append(f"{np.dtype(dtype).name} {'ok' if ok else 'WRONG SUM'}")
+    return f"NCCL {nccl_sum.nccl.get_version()}: " + ", ".join(parts)
+
+
+def main() -> int:
+    from xpcnn.backend import cuda_available
+
+    if not cuda_available():
+        print("gpu_probes: no CUDA GPU here; nothing probed")
+        return 0
+    import array_api_compat.cupy as xc
+    import cupy as cp
+
+    from xpcnn.ops import cudnn_conv
+
+    cudnn = cudnn_conv.load()
+    print(f"gpu_probes: CuPy {cp.__version__}, cuDNN frontend "
+          f"{getattr(cudnn, '__version__', None)}, backend "
+          f"{cudnn.backend_version() if cudnn is not None else None}")
+    probes = [conv_tf32_switch, matmul_full_float32, vecdot_in_capture, set_stream_in_capture,
+              nccl_one_rank]
+    for probe in probes:
+        if cudnn is None and probe in (conv_tf32_switch, matmul_full_float32,
+                                       set_stream_in_capture):
+            print(f"  {probe.__name__}: skipped (cuDNN's frontend does not load)")
+            continue
+        try:
+            print(f"  {probe.__name__}: ok: {probe(cp, xc, cudnn)}", flush=True)
+        except Exception as e:
+            print(f"  {probe.__name__}: FAIL: {type(e).__name__}: "
+                  f"{(str(e).splitlines() or [''])[0][:200]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
