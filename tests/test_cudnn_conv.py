@@ -208,6 +208,21 @@ def test_matmul_graphs(cc, rng, transpose_a, transpose_b):
     assert len(GRAPHS) == 1 and GRAPHS[0].executions == 2
 
 
+def test_a_matmul_without_a_cudnn_plan_runs_on_cublas_with_one_warning(cc, monkeypatch, rng):
+    """Eagerly the same product; a CUDA-graph capture of it then fails, and the step stays
+    eager with that reason (CuPy refuses cuBLAS in a capture), rather than training failing."""
+    monkeypatch.setattr(PyGraph, "refuse", lambda graph: graph.ops[0][0] == "matmul")
+    matmul = cc.CudnnMatmul(cc.load())
+    a, b = rng.standard_normal((5, 7)), rng.standard_normal((4, 7))
+    with pytest.warns(RuntimeWarning, match=r"cuDNN has no plan for the matrix product \(5, 7\) "
+                      r"@ \(7, 4\) in float64 \(No valid engine configs for this graph\); "
+                      "cuBLAS runs it, which a CUDA graph cannot capture") as record:
+        got = [matmul(a, b, transpose_b=True) for _ in range(2)]
+    assert len(record) == 1 and len(GRAPHS) == 1  # one try at a plan, one warning
+    for c in got:
+        np.testing.assert_allclose(c, a @ b.T, rtol=1e-12)
+
+
 def test_matmul_graphs_are_built_per_device(cc, monkeypatch, rng):
     """A plan is built with its device's handle: the same product on another GPU gets its own."""
     import sys

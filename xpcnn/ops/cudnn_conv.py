@@ -295,11 +295,13 @@ class CudnnConv(ConvEngine):
 
 class CudnnMatmul:
     """2-D matrix products as cuDNN graphs (one per device, shapes, transposes and dtype): a
-    CUDA graph can capture them, where CuPy 14 refuses to capture cuBLAS."""
+    CUDA graph can capture them, where CuPy 14 refuses to capture cuBLAS. A product cuDNN has
+    no plan for runs on cuBLAS after a one-line warning: eagerly it is the same product, and a
+    capture of it fails, so the training step stays eager (with that reason)."""
 
     def __init__(self, cudnn: ModuleType) -> None:
         self.cudnn = cudnn
-        self._plans: dict[tuple[Any, ...], Plan] = {}
+        self._plans: dict[tuple[Any, ...], Plan | None] = {}
 
     def __call__(self, a: Any, b: Any, transpose_a: bool = False,
                  transpose_b: bool = False) -> Any:
@@ -308,13 +310,26 @@ class CudnnMatmul:
         m, k = a.shape[::-1] if transpose_a else a.shape
         n = b.shape[0] if transpose_b else b.shape[1]
         key = (cupy.cuda.Device().id, a.shape, b.shape, transpose_a, transpose_b, a.dtype.name)
-        plan = self._plans.get(key)
+        plan = self._plans.get(key, _NOT_BUILT)
+        if plan is _NOT_BUILT:
+            plan = self._plans[key] = self._build(a.dtype, m, k, n, transpose_a, transpose_b)
         if plan is None:
-            plan = self._plans[key] = build_plan(self.cudnn, a.dtype, self._make(
-                m, k, n, transpose_a, transpose_b), matmul_tf32())
+            return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
         c = cupy.empty((m, n), a.dtype)
         plan.run(a=a, b=b, c=c)
         return c
+
+    def _build(self, dtype: Any, m: int, k: int, n: int, transpose_a: bool,
+               transpose_b: bool) -> Plan | None:
+        try:
+            return build_plan(self.cudnn, dtype, self._make(m, k, n, transpose_a, transpose_b),
+                              matmul_tf32())
+        except Exception as e:  # the frontend's errors have no common base
+            reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            warn_once(f"xpcnn: cuDNN has no plan for the matrix product ({m}, {k}) @ ({k}, "
+                      f"{n}) in {np.dtype(dtype).name} ({reason}); cuBLAS runs it, which a "
+                      "CUDA graph cannot capture: training steps with it run eagerly")
+            return None
 
     @staticmethod
     def _make(m: int, k: int, n: int, transpose_a: bool, transpose_b: bool) -> Any:
