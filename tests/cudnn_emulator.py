@@ -39,6 +39,7 @@ class HeurMode(enum.Enum):
 class NumericalNote(enum.Enum):
     TENSOR_CORE = 1
     DOWN_CONVERT_INPUTS = 2
+    NONDETERMINISTIC = 3
 
 
 class Tensor:

@@ -145,6 +145,25 @@ def test_tf32_switch(cc, monkeypatch, rng, setting, dtype, excluded):
     assert [graph.deselected for graph in GRAPHS] == [excluded, excluded]
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_the_determinism_switch_excludes_nondeterministic_plans(cc, monkeypatch, rng, dtype):
+    """XPCNN_DETERMINISTIC=1: no plan with the NONDETERMINISTIC note, for every graph (the
+    convolutions' and the matmuls'), in every dtype; off (the default, as in PyTorch): the
+    notes of the TF32 switch alone."""
+    g, cudnn, _ = _engines(cc, GEOMETRIES[0])
+    x, w, bias, dy = conv_data(g, rng, 2, dtype)
+    for setting in ("1", "0"):
+        monkeypatch.setenv("XPCNN_DETERMINISTIC", setting)
+        GRAPHS.clear()
+        cudnn._plans.clear()
+        cudnn.forward(x, w, bias, True)
+        cudnn.weight_grad(x, dy, True)
+        rows = x.reshape(-1, g.channels)
+        cc.CudnnMatmul(cc.load())(rows, rows, transpose_a=True)
+        flagged = [NumericalNote.NONDETERMINISTIC in graph.deselected for graph in GRAPHS]
+        assert flagged == [setting == "1"] * 3
+
+
 def test_a_case_without_a_cudnn_plan_runs_on_the_fallback_with_one_warning(cc, monkeypatch,
                                                                            rng):
     monkeypatch.setattr(PyGraph, "refuse", lambda graph: graph.ops[0][0] == "conv_dgrad")

@@ -19,7 +19,9 @@ excluded, those with TENSOR_CORE (TF32) too where TF32 is off
 (``pygraph.deselect_numeric_notes``).
 
 Matmul graphs follow CuPy's switch for its own matmuls instead (``CUPY_TF32``, full float32
-by default), as a captured step's products must match an eager step's.
+by default), as a captured step's products must match an eager step's. ``XPCNN_DETERMINISTIC=1``
+excludes plans with the note NONDETERMINISTIC from every graph (PyTorch's
+``cudnn.deterministic``; PyTorch's v8 path filters the same note).
 
 Where cuDNN cannot be loaded, or has no plan for a case, the hand-written CUDA kernels run
 instead, after a one-line warning (once per reason).
@@ -71,6 +73,14 @@ def tf32() -> bool:
     """Whether float32 graphs may run in TF32 (``XPCNN_TF32``, on unless "0"); read when a
     graph is built."""
     return os.environ.get("XPCNN_TF32", "1") != "0"
+
+
+def deterministic() -> bool:
+    """Whether graphs must give the same bits at every run (``XPCNN_DETERMINISTIC``, off
+    unless "1"): plans with the numerical note NONDETERMINISTIC (atomic adds in a weight
+    gradient, say) are then excluded, as PyTorch's ``cudnn.deterministic = True`` does. Read
+    when a graph is built."""
+    return os.environ.get("XPCNN_DETERMINISTIC", "0") != "0"
 
 
 def _address(a: Any) -> int:
@@ -142,7 +152,8 @@ class Plan:
 def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool) -> Plan:
     """Build a graph of ``dtype`` data (float32 accumulators; float64 for float64): ``make(g,
     io)`` adds its tensors and operations and returns the named tensors; float32 products in
-    TF32 only with ``allow_tf32``. Raises where cuDNN has no plan for it."""
+    TF32 only with ``allow_tf32``; only deterministic plans where :func:`deterministic`.
+    Raises where cuDNN has no plan for it."""
     io = _data_type(cudnn, dtype)
     compute = cudnn.data_type.DOUBLE if io == cudnn.data_type.DOUBLE else cudnn.data_type.FLOAT
     graph = cudnn.pygraph(io_data_type=io, intermediate_data_type=compute,
@@ -151,9 +162,12 @@ def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool) -> Pl
     graph.validate()
     graph.build_operation_graph()
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    notes = [cudnn.numerical_note.NONDETERMINISTIC] if deterministic() else []
     if io == cudnn.data_type.FLOAT:  # no float16 products inside; TF32 only where allowed
-        graph.deselect_numeric_notes([cudnn.numerical_note.DOWN_CONVERT_INPUTS]
-                                     + ([] if allow_tf32 else [cudnn.numerical_note.TENSOR_CORE]))
+        notes += [cudnn.numerical_note.DOWN_CONVERT_INPUTS] + (
+            [] if allow_tf32 else [cudnn.numerical_note.TENSOR_CORE])
+    if notes:
+        graph.deselect_numeric_notes(notes)
     graph.check_support()
     graph.build_plans()
     return Plan(cudnn, graph, tensors)
