@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import distributed, history
+from . import checks, distributed, history
 from .errors import InputError, NonFiniteError
 from .saving import FitCheckpoints, Progress, save_checkpoint
 
@@ -271,9 +271,14 @@ class ModelCheckpoint(_Monitor):
                  save_best_only: bool = False, save_weights_only: bool = False,
                  mode: str = "auto", verbose: int = 0) -> None:
         super().__init__(monitor, mode)
-        self.filepath, self.save_best_only = os.fspath(filepath), save_best_only
+        self.filepath = checks.file_path(filepath, "ModelCheckpoint filepath")
+        self.save_best_only = save_best_only
         self.save_weights_only, self.verbose = save_weights_only, verbose
         self.best = self.worst()
+
+    def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        if distributed.is_root():  # (the one writer)
+            checks.output_file(self.filepath, "the ModelCheckpoint file")
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         logs = dict(logs or {})
@@ -311,21 +316,22 @@ class BackupAndRestore(Callback):
     def __init__(self, path: str | os.PathLike[str], save_freq: int | str = "epoch",
                  resume: bool = True) -> None:
         super().__init__()
-        if not isinstance(path, str | os.PathLike) or not os.fspath(path):
-            raise InputError(f"checkpoint must be a file path, got {path!r}")
+        path = checks.file_path(path, "checkpoint")
         if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int)
                                      or save_freq < 1):
             raise InputError(f"checkpoint_every must be a positive number of steps or 'epoch', "
                              f"got {save_freq!r}")
         if not isinstance(resume, bool):
             raise InputError(f"resume must be True or False, got {resume!r}")
-        self.path, self.save_freq, self.resume = os.fspath(path), save_freq, resume
+        self.path, self.save_freq, self.resume = path, save_freq, resume
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         data = self.params["data"]
         if not data.resumable:
             raise InputError("BackupAndRestore needs data whose batches can be replayed: arrays "
                              "or a map-style dataset, not a generator")
+        if distributed.is_root():  # (the one writer)
+            checks.output_file(self.path, "the checkpoint")
         self.saver = FitCheckpoints(self.model, self.path, self.save_freq, self.resume,
                                     data.fingerprint(), self.params["steps"],
                                     self.params["verbose"])
@@ -402,12 +408,15 @@ class CSVLogger(Callback):
     def __init__(self, filename: str | os.PathLike[str], separator: str = ",",
                  append: bool = False) -> None:
         super().__init__()
-        self.filename, self.separator, self.append = os.fspath(filename), separator, append
+        self.filename = checks.file_path(filename, "CSVLogger filename")
+        self.separator, self.append = separator, append
         self.file: Any = None
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         if not distributed.is_root():  # one writer on several ranks (same logs on all)
             return
+        checks.output_file(self.filename, "the CSVLogger file")
+        os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)
         exists = self.append and os.path.exists(self.filename) and os.path.getsize(
             self.filename) > 0
         self.file = open(self.filename, "a" if self.append else "w", newline="")  # noqa: SIM115

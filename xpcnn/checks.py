@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
 
 from .errors import InputError, NonFiniteError
+from .files import try_writing_in
 
 
 def as_images(x: Any, what: str = "x") -> np.ndarray:
@@ -133,3 +135,29 @@ def check_finite(x: np.ndarray, what: str = "x") -> None:
             raise NonFiniteError(f"{what} holds NaN or infinite values: sample {i}, the first "
                                  f"such sample, has {len(where)} (the first is {x[i][first]} at "
                                  f"{first}); remove or repair those samples (nothing was run)")
+
+
+def file_path(path: Any, what: str) -> str:
+    """A non-empty str or path-like object, as a str."""
+    if not isinstance(path, str | os.PathLike) or not isinstance(os.fspath(path), str) \
+            or not os.fspath(path):
+        raise InputError(f"{what} must be a file path, got {path!r}")
+    return os.fspath(path)
+
+
+def output_file(path: Any, what: str) -> str:
+    """A path a file can be written at (atomically, by a rename; missing folders are created):
+    checked before any work, so that a long run does not fail at its first save."""
+    path = file_path(path, what)
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path!r} is a folder; give the path of a file (in it, say)")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # (created when the file is written)
+        folder = os.path.dirname(folder)
+    try:
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(f"{folder!r} is not a folder")
+        try_writing_in(folder)
+    except OSError as e:
+        raise InputError(f"cannot write {what} {path!r} in {folder!r}: {e.strerror or e}") from e
+    return path
