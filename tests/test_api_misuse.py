@@ -86,3 +86,99 @@ def test_missing_folders_are_still_created(model, tmp_path):
     model.save(tmp_path / "models" / "m.npz")
     assert path.is_file() and (tmp_path / "logs" / "log.csv").is_file()
     assert (tmp_path / "models" / "m.npz").is_file()
+
+
+# -- arguments that were taken silently, or failed deep inside ---------------------------------
+
+ARGUMENTS = {
+    "Dense units a pair": (lambda m: Dense((10, 20)),
+                           r"units must be a positive int \(a count, below 2\*\*31\), got "
+                           r"\(10, 20\)"),
+    "Conv2D filters a pair": (lambda m: Conv2D((8, 16), 3),
+                              r"filters must be a positive int .* got \(8, 16\)"),
+    "use_bias a string": (lambda m: Dense(3, use_bias="False"),
+                          "use_bias must be True or False, got 'False'"),
+    "Conv2D use_bias None": (lambda m: Conv2D(3, use_bias=None),
+                             "use_bias must be True or False, got None"),
+    "nesterov a string": (lambda m: optim.SGD(0.1, momentum=0.9, nesterov="no"),
+                          "SGD nesterov must be True or False, got 'no'"),
+    "shuffle a string": (lambda m: m.fit(X, Y, shuffle="no", verbose=0),
+                         "shuffle must be True or False, got 'no'"),
+    "precision a list": (lambda m: m.compile(precision=["float32"]),
+                         r"precision must be one of .* got \['float32'\]"),
+    "metrics a number": (lambda m: m.compile(metrics=3),
+                         r"metrics must be a list of names such as \['accuracy'\], got 3"),
+    "callbacks not a list": (lambda m: m.fit(X, Y, callbacks=xpcnn.callbacks.History(),
+                                             verbose=0),
+                             "callbacks must be a list of xpcnn.callbacks.Callback instances, "
+                             "got History"),
+    "evaluate callbacks not a list": (lambda m: m.evaluate(X, Y, callbacks=CSVLogger("log")),
+                                      "callbacks must be a list .* got CSVLogger"),
+    "x a dict": (lambda m: m.fit({"images": X}, verbose=0),
+                 r"x is a dict \(keys \['images'\]\): an xpcnn model has one input"),
+    "validation_data a dict": (lambda m: m.fit(X, Y, validation_data={"x": X, "y": Y},
+                                               verbose=0),
+                               r"x_val is a dict \(keys \['x', 'y'\]\)"),
+    "predict on a dict": (lambda m: m.predict({"x": X}), "x is a dict"),
+    "one-hot rows not summing to 1": (
+        lambda m: m.fit(X, 3 * np.eye(4)[Y], verbose=0),
+        r"one-hot y must hold probabilities, each row >= 0 and summing to 1; row 0 sums to 3 "
+        r"with a least value of 0 \(20 such rows\)"),
+    "one-hot rows with a negative value": (
+        lambda m: m.fit(X, np.eye(4)[Y] * 1.5 - 0.125, verbose=0),
+        "row 0 sums to 1 with a least value of -0.125"),
+    "one-hot rows of ints": (
+        lambda m: m.fit(X, np.eye(4, dtype=np.int64)[Y], verbose=0),
+        r"one-hot y must be floats \(probabilities\), got dtype int64: pass "
+        r"y.astype\('float32'\), or the class indices y.argmax\(axis=1\)"),
+    "validation one-hot rows": (
+        lambda m: m.fit(X, Y, validation_data=(X, np.eye(4)[Y] * 2), verbose=0),
+        "one-hot y_val must hold probabilities"),
+    "loss_scale NaN": (lambda m: (m.compile(precision="mixed_float16"),
+                                  setattr(m, "loss_scale", float("nan"))),
+                       "loss_scale must be a number > 0, got nan"),
+    "loss_scale negative": (lambda m: (m.compile(precision="mixed_float16"),
+                                       setattr(m, "loss_scale", -4)),
+                            "loss_scale must be a number > 0, got -4"),
+    "EarlyStopping patience": (lambda m: xpcnn.callbacks.EarlyStopping(patience=-1),
+                               "EarlyStopping patience must be a non-negative integer, got -1"),
+    "ReduceLROnPlateau cooldown": (lambda m: xpcnn.callbacks.ReduceLROnPlateau(cooldown=1.5),
+                                   "ReduceLROnPlateau cooldown must be a non-negative integer"),
+    "LearningRateScheduler a number": (lambda m: xpcnn.callbacks.LearningRateScheduler(0.1),
+                                       r"schedule must be a function of \(epoch, lr\) or of "
+                                       "epoch, got 0.1"),
+    "LearningRateScheduler of three": (
+        lambda m: xpcnn.callbacks.LearningRateScheduler(lambda epoch, lr, extra: lr),
+        "schedule must be a function of"),
+    "LambdaCallback a number": (lambda m: xpcnn.callbacks.LambdaCallback(on_epoch_end=3),
+                                "LambdaCallback on_epoch_end must be a function, got 3"),
+    "an unbuilt layer called on a batch": (
+        lambda m: Dense(3)(np.ones((2, 4), np.float32)),
+        r"layer 'dense' \(Dense\) must be built before it runs on a batch: "
+        r"layer.build\(input_shape\)"),
+    "an unbuilt layer's forward": (lambda m: Conv2D(3).forward(X.astype(np.float32)),
+                                   r"layer 'conv2d' \(Conv2D\) must be built before it runs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ARGUMENTS))
+def test_a_bad_argument_is_a_clear_error_before_any_work(model, case):
+    call, message = ARGUMENTS[case]
+    before = model.get_weights()
+    with pytest.raises(InputError, match=message):
+        call(model)
+    assert model.optimizer.iterations == 0
+    for a, b in zip(before, model.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_keras_spellings_that_mean_the_same_are_accepted(model):
+    model.compile(optimizer=optim.SGD(0.01), metrics=None)  # Keras' default
+    seen = []
+    model.fit(X, Y, epochs=2, verbose=0, callbacks=[  # Keras' one-argument schedule
+        xpcnn.callbacks.LearningRateScheduler(lambda epoch: seen.append(epoch) or 0.5)])
+    assert seen == [0, 1] and model.optimizer.lr == 0.5
+    soft = np.full((20, 4), 0.1, np.float32)  # smoothed labels: probabilities
+    soft[np.arange(20), Y] = 0.7
+    model.fit(X, soft, verbose=0)
+    assert Dense(3, use_bias=np.bool_(False)).use_bias is False

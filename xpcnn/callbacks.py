@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import math
 import os
 import time
@@ -61,6 +62,15 @@ class Callback:
 
 #: The hooks' names, in the order :class:`Callback` declares them.
 HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
+
+
+def callback_list(callbacks: Any) -> list[Callback]:
+    """A user's ``callbacks`` argument, None or a list of callbacks, as a list (each is checked
+    by :class:`CallbackList`)."""
+    if not isinstance(callbacks, list | tuple | None):
+        raise InputError(f"callbacks must be a list of xpcnn.callbacks.Callback instances, got "
+                         f"{type(callbacks).__name__}")
+    return list(callbacks or [])
 
 
 class CallbackList:
@@ -146,6 +156,8 @@ class LambdaCallback(Callback):
             raise InputError(f"LambdaCallback got unknown hooks {unknown}; expected some of "
                              f"{', '.join(HOOKS)}")
         for name, fn in hooks.items():
+            if not callable(fn):
+                raise InputError(f"LambdaCallback {name} must be a function, got {fn!r}")
             setattr(self, name, fn)
 
 
@@ -229,7 +241,8 @@ class EarlyStopping(_Monitor):
                  mode: str = "auto", baseline: float | None = None,
                  restore_best_weights: bool = False, verbose: int = 0) -> None:
         super().__init__(monitor, mode, min_delta)
-        self.patience, self.baseline = int(patience), baseline
+        self.patience = checks.non_negative_int(patience, "EarlyStopping patience")
+        self.baseline = None if baseline is None else checks.number(baseline, "baseline")
         self.restore_best_weights, self.verbose = restore_best_weights, verbose
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
@@ -361,7 +374,9 @@ class ReduceLROnPlateau(_Monitor):
         super().__init__(monitor, mode, min_delta)
         if not 0.0 < factor < 1.0:
             raise InputError(f"ReduceLROnPlateau factor must be in (0, 1), got {factor!r}")
-        self.factor, self.patience, self.cooldown = float(factor), int(patience), int(cooldown)
+        self.factor = float(factor)
+        self.patience = checks.non_negative_int(patience, "ReduceLROnPlateau patience")
+        self.cooldown = checks.non_negative_int(cooldown, "ReduceLROnPlateau cooldown")
         self.min_lr, self.verbose = float(min_lr), verbose
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
@@ -388,17 +403,35 @@ class ReduceLROnPlateau(_Monitor):
 
 class LearningRateScheduler(Callback):
     """Set the learning rate at the start of each epoch to ``schedule(epoch, lr)`` (0-based
-    epoch, the current rate)."""
+    epoch, the current rate), or ``schedule(epoch)`` for a function of the epoch alone (both
+    as in Keras)."""
 
-    def __init__(self, schedule: Callable[[int, float], float], verbose: int = 0) -> None:
+    def __init__(self, schedule: Callable[..., float], verbose: int = 0) -> None:
         super().__init__()
         self.schedule, self.verbose = schedule, verbose
+        self.takes_lr = _binds(schedule, 0, 0.1)
+        if not callable(schedule) or not (self.takes_lr or _binds(schedule, 0)):
+            raise InputError(f"LearningRateScheduler schedule must be a function of (epoch, lr) "
+                             f"or of epoch, got {schedule!r}")
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         optimizer = self.model.optimizer
-        optimizer.lr = self.schedule(epoch, optimizer.lr)
+        optimizer.lr = self.schedule(epoch, optimizer.lr) if self.takes_lr else \
+            self.schedule(epoch)
         if self.verbose:
             _say(f"epoch {epoch + 1}: learning rate {optimizer.lr:.3g}")
+
+
+def _binds(fn: Any, *args: Any) -> bool:
+    """True where ``fn`` can be called with ``args`` (a callable without a signature, a
+    builtin, is given the benefit of the doubt)."""
+    try:
+        inspect.signature(fn).bind(*args)
+    except TypeError:
+        return False
+    except ValueError:
+        return callable(fn)
+    return True
 
 
 class CSVLogger(Callback):

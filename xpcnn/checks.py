@@ -66,7 +66,19 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray
     if arr.ndim == 2 and arr.shape[1] == classes and np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)):
             raise InputError(f"one-hot {what} holds NaN or infinite values")
+        # (the loss's gradient, softmax - target, holds for rows of probabilities only)
+        sums = arr.sum(axis=1, dtype=np.float64)
+        bad = np.flatnonzero((arr.min(axis=1) < 0) | (np.abs(sums - 1) > 1e-3))
+        if bad.size:
+            i = int(bad[0])
+            raise InputError(f"one-hot {what} must hold probabilities, each row >= 0 and summing "
+                             f"to 1; row {i} sums to {sums[i]:.6g} with a least value of "
+                             f"{arr[i].min():.6g} ({bad.size} such rows)")
         return arr, np.argmax(arr, axis=1).astype(np.int64)
+    if arr.ndim == 2 and arr.shape[1] == classes:
+        raise InputError(f"one-hot {what} must be floats (probabilities), got dtype {arr.dtype}: "
+                         f"pass {what}.astype('float32'), or the class indices "
+                         f"{what}.argmax(axis=1)")
     raise InputError(f"{what} must be integer labels of shape ({n},) or one-hot rows of shape "
                      f"({n}, {classes}); got shape {arr.shape} and dtype {arr.dtype}")
 
@@ -81,6 +93,13 @@ def non_negative_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
         raise InputError(f"{what} must be a non-negative integer, got {value!r}")
     return int(value)
+
+
+def flag(value: Any, what: str) -> bool:
+    """True or False itself: a truthy stand-in ("no", None, 1) would be taken silently."""
+    if not isinstance(value, bool | np.bool_):
+        raise InputError(f"{what} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def number(value: Any, what: str, low: float | None = None, high: float | None = None, *,

@@ -19,7 +19,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,15 @@ from tqdm.auto import tqdm
 
 from . import checks, distributed, graph
 from .backend import Backend, DeviceLike, get_backend
-from .callbacks import BackupAndRestore, Callback, CallbackList, History, LazyLogs, ProgbarLogger
+from .callbacks import (
+    BackupAndRestore,
+    Callback,
+    CallbackList,
+    History,
+    LazyLogs,
+    ProgbarLogger,
+    callback_list,
+)
 from .cuda_graphs import StepGraphs
 from .cuda_graphs import blockers as graph_blockers
 from .data import (
@@ -257,6 +265,7 @@ class Model:
     @loss_scale.setter
     def loss_scale(self, value: float) -> None:
         if self._scaling is not None:
+            value = checks.number(value, "loss_scale", 0.0, low_open=True)
             self._scaling = loss_scaling(self.backend, value, self._good_steps)
         elif value != 1.0:
             raise InputError("a loss scale other than 1 needs precision='mixed_float16'")
@@ -291,11 +300,14 @@ class Model:
         self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
         self.loss = get_loss(loss)
         self.optimizer = get_optimizer(optimizer)
-        metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+        if not isinstance(metrics, str | list | tuple | None):
+            raise InputError(f"metrics must be a list of names such as ['accuracy'], got "
+                             f"{metrics!r}")
+        metrics = [metrics] if isinstance(metrics, str) else list(metrics or [])  # None: Keras'
         unknown = [m for m in metrics if m not in ("accuracy", "acc")]
         if unknown:
             raise InputError(f"unknown metrics {unknown}; xpcnn supports 'accuracy'")
-        if precision not in PRECISIONS:
+        if not isinstance(precision, str) or precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{precision!r}")
         low = PRECISIONS[precision]
@@ -522,6 +534,10 @@ class Model:
         ``predict`` (no targets), where every rank predicts everything; an iterable is each
         rank's own. ``checked`` arrays are parts of arrays (targets and all) that
         :func:`check_arrays` passed: they are not checked again."""
+        if isinstance(x, Mapping):
+            raise InputError(f"{what} is a dict (keys {list(x)[:4]}): an xpcnn model has one "
+                             "input; pass its images as one array (N, H, W, C), or a dataset "
+                             "whose items are (x, y) pairs")
         here = distributed.world()
         shard = (here.rank, here.size) if targets else (0, 1)
         if is_stream(x):
@@ -569,6 +585,7 @@ class Model:
         epochs = checks.non_negative_int(epochs, "epochs")
         batch_size = checks.positive_int(batch_size, "batch_size")
         seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
+        shuffle = checks.flag(shuffle, "shuffle")
         if not distributed.is_root():
             verbose = 0
         data, validation = self._fit_data(x, y, batch_size, validation_data, validation_split,
@@ -580,7 +597,7 @@ class Model:
             raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
         self.history = History()
         cbs = CallbackList([self.history, *([ProgbarLogger()] if verbose else []),
-                            *(callbacks or []), *extra], self,
+                            *callback_list(callbacks), *extra], self,
                            {"epochs": epochs, "steps": data.steps, "verbose": verbose,
                             "data": data})
         self.stop_training, self._resume_at = False, None
@@ -692,7 +709,8 @@ class Model:
             self.loss = get_loss("cross_entropy")
         batch_size = checks.positive_int(batch_size, "batch_size")
         data = self._batches(x, y, batch_size, steps)
-        return self._evaluate(data, CallbackList(callbacks or [], self, {"verbose": verbose}),
+        return self._evaluate(data, CallbackList(callback_list(callbacks), self,
+                                                       {"verbose": verbose}),
                               verbose)
 
     def _evaluate(self, data: Batches, cbs: CallbackList, verbose: int = 0) -> dict[str, float]:
@@ -727,7 +745,7 @@ class Model:
         :meth:`evaluate` (targets, if any, are ignored)."""
         batch_size = checks.positive_int(batch_size, "batch_size")
         data = self._batches(x, None, batch_size, steps, targets=False)
-        cbs = CallbackList(callbacks or [], self, {})
+        cbs = CallbackList(callback_list(callbacks), self, {})
         xp = self.backend.xp
         out = []
         cbs.on_predict_begin()
