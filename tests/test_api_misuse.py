@@ -182,3 +182,41 @@ def test_keras_spellings_that_mean_the_same_are_accepted(model):
     soft[np.arange(20), Y] = 0.7
     model.fit(X, soft, verbose=0)
     assert Dense(3, use_bias=np.bool_(False)).use_bias is False
+
+
+# -- a layer in two models --------------------------------------------------------------------
+
+def conv_net():
+    from xpcnn.layers import GlobalAvgPool2D
+
+    return [Rescaling(1 / 255), Conv2D(4, 3, padding="same"), ReLU(), GlobalAvgPool2D(),
+            Dense(4), Softmax()]
+
+
+def test_layers_shared_with_a_model_on_larger_images_keep_their_trained_weights():
+    layers = conv_net()
+    small = xpcnn.Sequential(layers, input_shape=(6, 6, 3))
+    small.compile(optimizer=optim.SGD(0.1))
+    small.fit(X, Y, epochs=2, verbose=0)
+    trained, before = small.get_weights(), small.evaluate(X, Y)
+    large = xpcnn.Sequential(layers, input_shape=(8, 8, 3), dtype="float64")
+    for a, b in zip(trained, large.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # kept (they were re-initialised), cast to float64
+    assert large.predict(np.zeros((2, 8, 8, 3), np.uint8)).shape == (2, 4)
+    # The first model runs its layers as built for it again, with the same weights.
+    assert small.evaluate(X, Y) == before
+
+
+def test_a_layer_whose_weights_cannot_fit_another_models_inputs_is_refused_untouched():
+    layers = net()
+    first = xpcnn.Sequential(layers, input_shape=(6, 6, 3))
+    weights, probabilities = first.get_weights(), first.predict(X)
+    with pytest.raises(InputError, match=r"layer 'dense' \(Dense\) holds weights for inputs of "
+                                         r"shape \(48,\), and inputs of shape \(75,\) need "
+                                         r"weights of other shapes \(\[\(75, 4\), \(4,\)\], it "
+                                         r"has \[\(48, 4\), \(4,\)\]\): a layer keeps its "
+                                         r"weights; use a new Dense\(...\) for these inputs"):
+        xpcnn.Sequential(layers, input_shape=(7, 7, 3))
+    for a, b in zip(weights, first.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(first.predict(X), probabilities)

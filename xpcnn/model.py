@@ -88,8 +88,11 @@ class Model:
     ``device`` picks the array library and device (see :func:`xpcnn.backend.get_backend`),
     ``seed`` the initial weights (the same on every device), ``dtype`` the parameters' dtype.
     Building gives layer ``k`` fresh weights from the seed ``[seed, k]``, unless it is already
-    built for the same input shape, device and dtype: then it keeps its weights (a trained model
-    used inside another, as in Keras).
+    built: then it keeps its weights (a trained model used inside another, as in Keras), on
+    this device and in this dtype, and for inputs of another size where its weights keep their
+    shapes (a convolution); a layer whose weights would need other shapes is refused. A model
+    whose shared layers another model built since for its own inputs builds them again for
+    its own before it runs (fit, evaluate, predict, train_on_batch, forward).
 
     :attr:`layers` (and :meth:`get_weights`, layer by layer) come in the order the layers were
     called on symbolic tensors, a topological order. A tensor read by several layers receives
@@ -179,6 +182,13 @@ class Model:
         self.built = True
         if self.optimizer is not None:
             self.optimizer.slots = {}
+
+    def _rebuild_if_shared(self) -> None:
+        """Build again where a layer shared with another model was built since for that
+        model's inputs (it keeps its weights): each model runs its layers as built for it."""
+        if self.built and not graph.built_as(self.layers, self._inbound(), self.input_shape,
+                                             self.backend, self.dtype_name):
+            self.build(self.input_shape)
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -456,6 +466,7 @@ class Model:
         """One training step on one batch of host or device arrays, checked at once (the host
         waits for the device): its ``loss`` and ``accuracy``, or :class:`NonFiniteError`."""
         self._require_compiled()
+        self._rebuild_if_shared()
         x, targets = check_arrays(self, x, y)
         with self.backend.compute_scope():
             loss, correct = self.train_step(to_device(self.backend, x),
@@ -582,6 +593,7 @@ class Model:
         from that file, exactly, and returns the history of every epoch.
         """
         self._require_compiled()
+        self._rebuild_if_shared()
         epochs = checks.non_negative_int(epochs, "epochs")
         batch_size = checks.positive_int(batch_size, "batch_size")
         seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
@@ -708,6 +720,7 @@ class Model:
         if self.loss is None:
             self.loss = get_loss("cross_entropy")
         batch_size = checks.positive_int(batch_size, "batch_size")
+        self._rebuild_if_shared()
         data = self._batches(x, y, batch_size, steps)
         return self._evaluate(data, CallbackList(callback_list(callbacks), self,
                                                        {"verbose": verbose}),
@@ -744,6 +757,7 @@ class Model:
         """Class probabilities, (N, classes), as a host NumPy array; ``x`` as for
         :meth:`evaluate` (targets, if any, are ignored)."""
         batch_size = checks.positive_int(batch_size, "batch_size")
+        self._rebuild_if_shared()
         data = self._batches(x, None, batch_size, steps, targets=False)
         cbs = CallbackList(callback_list(callbacks), self, {})
         xp = self.backend.xp
@@ -761,6 +775,7 @@ class Model:
     def forward(self, x: Any, training: bool = False) -> list[Any]:
         """Every layer's output for a host batch, as device arrays (for inspection)."""
         self._require_built("forward")
+        self._rebuild_if_shared()
         x = checks.as_images(x)
         checks.check_sample_shape(x, self.input_shape)  # type: ignore[arg-type]
         with self.backend.compute_scope():
