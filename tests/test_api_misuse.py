@@ -220,3 +220,12 @@ def test_a_layer_whose_weights_cannot_fit_another_models_inputs_is_refused_untou
     for a, b in zip(weights, first.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(first.predict(X), probabilities)
+
+
+def test_random_flip_takes_keras_mode_first_and_has_only_the_horizontal_one():
+    from xpcnn.layers import RandomFlip
+
+    with pytest.raises(InputError, match="RandomFlip flips left-right only \\(mode "
+                                         "'horizontal'\\), got mode 'vertical'"):
+        RandomFlip("vertical")  # was a layer named 'vertical' that flipped left-right
+    assert RandomFlip("horizontal", name="flip").name == "flip"
