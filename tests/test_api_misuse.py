@@ -229,3 +229,14 @@ def test_random_flip_takes_keras_mode_first_and_has_only_the_horizontal_one():
                                          "'horizontal'\\), got mode 'vertical'"):
         RandomFlip("vertical")  # was a layer named 'vertical' that flipped left-right
     assert RandomFlip("horizontal", name="flip").name == "flip"
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "copy", "pickle"])
+def test_copying_a_model_says_how_to_keep_its_weights(model, how):
+    import copy
+    import pickle
+
+    call = {"deepcopy": copy.deepcopy, "copy": copy.copy, "pickle": pickle.dumps}[how]
+    with pytest.raises(InputError, match=r"a model cannot be copied or pickled .* keep its "
+                                         r"weights with get_weights\(\)"):
+        call(model)  # was TypeError: cannot pickle 'module' object, from inside copy

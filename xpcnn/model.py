@@ -886,6 +886,14 @@ class Model:
         if distributed.is_root():  # one writer on several ranks (all hold the same model)
             export_model(self, path, input_dtype)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # (copy.copy, copy.deepcopy and pickle all come here: a model holds its device's array
+        # library and kernels, which cannot be copied)
+        raise InputError("a model cannot be copied or pickled (it holds its device's array "
+                         "library and kernels): keep its weights with get_weights() "
+                         "(set_weights() puts them back), or save(path) and load_model(path) "
+                         "for a second model")
+
     def _require_built(self, what: str) -> None:
         if not self.built:
             raise InputError(f"the model must be built before {what}: call build(input_shape) "
