@@ -240,3 +240,16 @@ def test_copying_a_model_says_how_to_keep_its_weights(model, how):
     with pytest.raises(InputError, match=r"a model cannot be copied or pickled .* keep its "
                                          r"weights with get_weights\(\)"):
         call(model)  # was TypeError: cannot pickle 'module' object, from inside copy
+
+
+def test_figures_and_onnx_files_name_a_path_that_cannot_be_written(model, tmp_path):
+    pytest.importorskip("matplotlib")
+    from xpcnn import viz
+
+    with pytest.raises(InputError, match=f"the figure '{tmp_path}' is a folder"):
+        viz.plot_stage_tour(model, X[0], tmp_path)  # was IsADirectoryError from inside PIL
+    with pytest.raises(InputError, match="the figure must be a file path, got None"):
+        viz.plot_filters(model, None)
+    pytest.importorskip("onnx")
+    with pytest.raises(InputError, match="the ONNX file must be a file path, got None"):
+        model.export(None)
