@@ -253,3 +253,13 @@ def test_figures_and_onnx_files_name_a_path_that_cannot_be_written(model, tmp_pa
     pytest.importorskip("onnx")
     with pytest.raises(InputError, match="the ONNX file must be a file path, got None"):
         model.export(None)
+
+
+def test_one_optimizer_cannot_train_two_models(model):
+    same = xpcnn.Sequential(net(), seed=1)
+    with pytest.raises(InputError, match="this SGD optimizer is already compiled into model "
+                                         "'sequential': an optimizer holds one model's state"):
+        same.compile(optimizer=model.optimizer)  # was: one model's momentum in the other's
+    model.compile(optimizer=model.optimizer)  # compiling its own model again is fine
+    model.fit(X, Y, verbose=0)
+    assert model.optimizer.iterations == 1

@@ -19,6 +19,7 @@ import math
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -309,7 +310,7 @@ class Model:
             raise InputError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
         self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
         self.loss = get_loss(loss)
-        self.optimizer = get_optimizer(optimizer)
+        self.optimizer = self._own(get_optimizer(optimizer))
         if not isinstance(metrics, str | list | tuple | None):
             raise InputError(f"metrics must be a list of names such as ['accuracy'], got "
                              f"{metrics!r}")
@@ -330,6 +331,18 @@ class Model:
             compute = self.backend.dtype(low or self.dtype_name)
             for layer in self.layers:
                 layer.compute_dtype = compute
+
+    def _own(self, optimizer: Optimizer) -> Optimizer:
+        """``optimizer``, bound to this model: its slots and step count are one model's, and
+        another model's steps would silently mix into them (or fail deep inside)."""
+        owner = getattr(optimizer, "_model", lambda: None)()
+        if owner is not None and owner is not self:
+            raise InputError(f"this {type(optimizer).__name__} optimizer is already compiled into "
+                             f"model {owner.name!r}: an optimizer holds one model's state (its "
+                             "slots and step count), so each model needs one of its own; pass "
+                             "a new one")
+        optimizer._model = weakref.ref(self)
+        return optimizer
 
     def _to_device(self, x: np.ndarray) -> Any:
         """One host -> device copy of a batch, then the cast on the device."""
