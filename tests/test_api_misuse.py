@@ -263,3 +263,10 @@ def test_one_optimizer_cannot_train_two_models(model):
     model.compile(optimizer=model.optimizer)  # compiling its own model again is fine
     model.fit(X, Y, verbose=0)
     assert model.optimizer.iterations == 1
+
+
+def test_validation_steps_with_validation_arrays_is_refused_as_steps_is(model):
+    with pytest.raises(InputError, match=r"steps_per_epoch / steps are for generators; arrays "
+                                         r"give ceil\(N / batch_size\) batches"):
+        model.fit(X, Y, validation_data=(X, Y), validation_steps=2, verbose=0)  # was ignored
+    assert model.optimizer.iterations == 0

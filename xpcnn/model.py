@@ -722,8 +722,8 @@ class Model:
         if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
             raise InputError("validation_data must be a pair (x_val, y_val), a dataset or an "
                              f"iterable of batches, got {type(validation_data).__name__}")
-        return data, self._batches(*validation_data, max(batch_size, 256), None, "x_val",
-                                   checked=split)
+        return data, self._batches(*validation_data, max(batch_size, 256), validation_steps,
+                                   "x_val", checked=split)
 
     def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int = 0,
                  steps: int | None = None, callbacks: list[Callback] | None = None
