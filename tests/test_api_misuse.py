@@ -270,3 +270,35 @@ def test_validation_steps_with_validation_arrays_is_refused_as_steps_is(model):
                                          r"give ceil\(N / batch_size\) batches"):
         model.fit(X, Y, validation_data=(X, Y), validation_steps=2, verbose=0)  # was ignored
     assert model.optimizer.iterations == 0
+
+
+# -- images laid out as PyTorch has them -----------------------------------------------------
+
+def test_channels_first_images_are_named_as_such():
+    from xpcnn.layers import GlobalAvgPool2D
+
+    nchw = np.ascontiguousarray(X.transpose(0, 3, 1, 2))  # (20, 3, 6, 6)
+    unbuilt = xpcnn.Sequential([Rescaling(1 / 255), Conv2D(4, 3, padding="same"),
+                                GlobalAvgPool2D(), Dense(4), Softmax()])
+    unbuilt.compile()
+    # (it would train, silently, on 3x6 images of 6 channels)
+    with pytest.warns(UserWarning, match=r"x has per-sample shape \(3, 6, 6\), which looks like "
+                                         r"channels-first images \(C, H, W\), as PyTorch keeps "
+                                         r"them; .* Pass x.transpose\(0, 2, 3, 1\)"):
+        unbuilt.fit(nchw, Y, verbose=0)
+    built = xpcnn.Sequential(net(), input_shape=(6, 6, 3))
+    with pytest.raises(InputError, match=r"got x.shape = \(20, 3, 6, 6\): channels first \(N, C, "
+                                         r"H, W\), as PyTorch keeps images\? pass "
+                                         r"x.transpose\(0, 2, 3, 1\)"):
+        built.predict(nchw)
+    with pytest.raises(InputError, match=r"got x.shape = \(6, 6, 3\): one sample\? add the batch "
+                                         r"axis, x\[None\]"):
+        built.predict(X[0])
+    assert built.predict(X[0][None]).shape == (1, 4)
+
+
+def test_images_in_keras_layout_build_without_a_warning(recwarn):
+    xpcnn.Sequential(net()).predict(X)
+    gray = xpcnn.Sequential([Flatten(), Dense(4), Softmax()])
+    gray.predict(np.zeros((2, 28, 28, 1), np.uint8))
+    assert not [w for w in recwarn if "channels-first" in str(w.message)]

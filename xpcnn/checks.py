@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -34,10 +35,31 @@ def as_images(x: Any, what: str = "x") -> np.ndarray:
 
 
 def check_sample_shape(x: np.ndarray, expected: tuple[int, ...], what: str = "x") -> None:
-    if tuple(x.shape[1:]) != tuple(expected):
-        raise InputError(f"{what} has per-sample shape {tuple(x.shape[1:])} but the model expects "
-                         f"{tuple(expected)} (inputs are (N, H, W, C)); got {what}.shape = "
-                         f"{x.shape}")
+    sample, expected = tuple(x.shape[1:]), tuple(expected)
+    if sample != expected:
+        hint = ""
+        if tuple(x.shape) == expected:
+            hint = f": one sample? add the batch axis, {what}[None]"
+        elif len(sample) == 3 and sample == (expected[2], expected[0], expected[1]):
+            hint = (f": channels first (N, C, H, W), as PyTorch keeps images? pass "
+                    f"{what}.transpose(0, 2, 3, 1)")
+        raise InputError(f"{what} has per-sample shape {sample} but the model expects "
+                         f"{expected} (inputs are (N, H, W, C)); got {what}.shape = "
+                         f"{x.shape}{hint}")
+
+
+def shape_to_build(sample: tuple[int, ...], what: str = "x") -> tuple[int, ...]:
+    """The per-sample shape of the first data a model sees, which it is built for; a warning
+    where it looks like channels-first images (the model would be built for 3-pixel-high
+    images of 32 channels and could train on them, meaninglessly)."""
+    sample = tuple(int(d) for d in sample)
+    if len(sample) == 3 and sample[0] in (1, 3) and min(sample[1:]) > 4:
+        warnings.warn(f"{what} has per-sample shape {sample}, which looks like channels-first "
+                      f"images (C, H, W), as PyTorch keeps them; xpcnn reads (H, W, C), so the "
+                      f"model is built for {sample[0]}x{sample[1]} images of {sample[2]} "
+                      f"channels. Pass {what}.transpose(0, 2, 3, 1), or build(input_shape) "
+                      "first where that shape is meant", UserWarning, stacklevel=2)
+    return sample
 
 
 def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray, np.ndarray]:

@@ -240,7 +240,7 @@ class DatasetBatches(ShardedBatches):
         if not model.built:  # the first sample tells the input shape
             first = dataset[0]
             x = first[0] if isinstance(first, tuple | list) else first
-            model.build(tuple(int(d) for d in np.shape(x)))
+            model.build(checks.shape_to_build(np.shape(x), what))
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
         order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
@@ -310,8 +310,8 @@ class IterableBatches(Batches):
             if self.iterator is not None:
                 self._peeked = first
             x = self._split(first)[0]
-            model.build(tuple(int(d) for d in (x.shape if hasattr(x, "shape") else
-                                               np.shape(x))[1:]))
+            model.build(checks.shape_to_build(
+                (x.shape if hasattr(x, "shape") else np.shape(x))[1:], what))
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
         source = self.iterator if self.iterator is not None else iter(self.data)
@@ -345,7 +345,7 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x") -> tuple[An
     else:
         x = checks.as_images(x, what)
     if not model.built:
-        model.build(tuple(int(d) for d in x.shape[1:]))
+        model.build(checks.shape_to_build(x.shape[1:], what))
     check_classifier(model.layers, [la.output_shape for la in model.layers])
     checks.check_sample_shape(x, model.input_shape, what)
     if isinstance(x, np.ndarray):
