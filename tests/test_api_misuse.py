@@ -302,3 +302,22 @@ def test_images_in_keras_layout_build_without_a_warning(recwarn):
     gray = xpcnn.Sequential([Flatten(), Dense(4), Softmax()])
     gray.predict(np.zeros((2, 28, 28, 1), np.uint8))
     assert not [w for w in recwarn if "channels-first" in str(w.message)]
+
+
+def test_a_non_finite_sample_of_a_dataset_is_named_by_its_index_in_the_dataset(model):
+    from xpcnn.errors import NonFiniteError
+
+    class Samples:
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            x = X[i].astype(np.float32)
+            x[1, 2, 0] = np.nan if i == 13 else x[1, 2, 0]
+            return x, Y[i]
+
+    # (it said "sample 3", its place in a shuffled batch, and "nothing was run")
+    with pytest.raises(NonFiniteError, match=r"x holds NaN or infinite values: x\[13\], the "
+                                             r"first such sample, has 1 \(the first is nan at "
+                                             r"\(1, 2, 0\)\); remove or repair those samples$"):
+        model.fit(Samples(), batch_size=5, verbose=0)

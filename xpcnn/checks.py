@@ -158,8 +158,9 @@ def name(value: Any, what: str = "name") -> str:
     return value
 
 
-def check_finite(x: np.ndarray, what: str = "x") -> None:
-    """Refuse NaN or infinite values in float data, naming the first sample that holds one.
+def check_finite(x: np.ndarray, what: str = "x", index: Any = None) -> None:
+    """Refuse NaN or infinite values in float data, naming the first sample that holds one
+    (``what[index[i]]`` where ``x`` is a batch of a dataset's samples ``index``).
 
     Runs in chunks of samples, so it needs no temporary as large as ``x``.
     """
@@ -173,9 +174,11 @@ def check_finite(x: np.ndarray, what: str = "x") -> None:
             i = start + int(bad[0])
             where = np.argwhere(~np.isfinite(x[i]))
             first = tuple(int(k) for k in where[0])
-            raise NonFiniteError(f"{what} holds NaN or infinite values: sample {i}, the first "
+            sample = f"sample {i}" if index is None else f"{what}[{int(index[i])}]"
+            raise NonFiniteError(f"{what} holds NaN or infinite values: {sample}, the first "
                                  f"such sample, has {len(where)} (the first is {x[i][first]} at "
-                                 f"{first}); remove or repair those samples (nothing was run)")
+                                 f"{first}); remove or repair those samples"
+                                 + (" (nothing was run)" if index is None else ""))
 
 
 def file_path(path: Any, what: str) -> str:
