@@ -321,3 +321,20 @@ def test_a_non_finite_sample_of_a_dataset_is_named_by_its_index_in_the_dataset(m
                                              r"first such sample, has 1 \(the first is nan at "
                                              r"\(1, 2, 0\)\); remove or repair those samples$"):
         model.fit(Samples(), batch_size=5, verbose=0)
+
+
+@pytest.mark.parametrize("callback", [
+    lambda: xpcnn.callbacks.EarlyStopping(),
+    lambda: xpcnn.callbacks.ReduceLROnPlateau(),
+    lambda: ModelCheckpoint("best.npz", save_best_only=True),
+], ids=["EarlyStopping", "ReduceLROnPlateau", "ModelCheckpoint"])
+def test_a_validation_metric_without_validation_data_is_refused_before_the_first_epoch(
+        model, callback, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cb = callback()
+    with pytest.raises(InputError, match=f"{type(cb).__name__} monitors 'val_loss', which the "
+                                         "epoch logs lack in a fit without validation data: pass "
+                                         r"validation_data \(or validation_split\)"):
+        model.fit(X, Y, epochs=3, callbacks=[cb], verbose=0)
+    assert model.optimizer.iterations == 0  # (it was raised after the first epoch's training)
+    model.fit(X, Y, epochs=1, callbacks=[callback()], validation_split=0.2, verbose=0)

@@ -223,6 +223,14 @@ class _Monitor(Callback):
                              "validation_data for 'val_*' metrics")
         return float(logs[self.monitor])
 
+    def check_monitor(self) -> None:
+        """Refuse a 'val_*' metric in a fit without validation data now, not at the end of
+        the first epoch (``fit`` says in ``params`` whether it has some)."""
+        if self.monitor.startswith("val_") and self.params.get("validation") is False:
+            raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, which the epoch "
+                             "logs lack in a fit without validation data: pass validation_data "
+                             "(or validation_split), or monitor 'loss'")
+
     def improves(self, value: float, best: float) -> bool:
         if self.mode == "min":
             return value < best - self.min_delta
@@ -246,6 +254,7 @@ class EarlyStopping(_Monitor):
         self.restore_best_weights, self.verbose = restore_best_weights, verbose
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        self.check_monitor()
         self.wait, self.stopped_epoch, self.best_epoch = 0, None, None
         self.best = self.worst() if self.baseline is None else float(self.baseline)
         self.best_weights: list[np.ndarray] | None = None
@@ -290,6 +299,8 @@ class ModelCheckpoint(_Monitor):
         self.best = self.worst()
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        if self.save_best_only:
+            self.check_monitor()
         if distributed.is_root():  # (the one writer)
             checks.output_file(self.filepath, "the ModelCheckpoint file")
 
@@ -380,6 +391,7 @@ class ReduceLROnPlateau(_Monitor):
         self.min_lr, self.verbose = float(min_lr), verbose
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        self.check_monitor()
         self.best, self.wait, self.cooling = self.worst(), 0, 0
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:

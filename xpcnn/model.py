@@ -624,7 +624,7 @@ class Model:
         cbs = CallbackList([self.history, *([ProgbarLogger()] if verbose else []),
                             *callback_list(callbacks), *extra], self,
                            {"epochs": epochs, "steps": data.steps, "verbose": verbose,
-                            "data": data})
+                            "data": data, "validation": validation is not None})
         self.stop_training, self._resume_at = False, None
         self._parallel = distributed.data_parallel(self)
         if self._parallel is not None:
