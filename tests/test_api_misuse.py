@@ -338,3 +338,19 @@ def test_a_validation_metric_without_validation_data_is_refused_before_the_first
         model.fit(X, Y, epochs=3, callbacks=[cb], verbose=0)
     assert model.optimizer.iterations == 0  # (it was raised after the first epoch's training)
     model.fit(X, Y, epochs=1, callbacks=[callback()], validation_split=0.2, verbose=0)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("m-{epoch:02d}-{val_loss:.3f}.npz", "'val_loss'"),
+    ("m-{epoch:s}.npz", "Unknown format code 's'"),
+    ("m-{acc:.2f}.npz", "'acc'"),
+])
+def test_a_model_checkpoint_template_that_cannot_be_filled_fails_before_the_first_epoch(
+        model, tmp_path, template, message):
+    with pytest.raises(InputError, match=f"ModelCheckpoint path .* could not be filled from "
+                                         f"epoch and the logs .*{message}"):
+        model.fit(X, Y, epochs=2, callbacks=[ModelCheckpoint(tmp_path / template)], verbose=0)
+    assert model.optimizer.iterations == 0 and not os.listdir(tmp_path)
+    model.fit(X, Y, epochs=2, validation_data=(X, Y), verbose=0, callbacks=[
+        ModelCheckpoint(tmp_path / "m-{epoch:02d}-{val_loss:.3f}-{accuracy:.2f}.npz")])
+    assert len(os.listdir(tmp_path)) == 2

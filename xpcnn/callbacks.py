@@ -301,8 +301,20 @@ class ModelCheckpoint(_Monitor):
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         if self.save_best_only:
             self.check_monitor()
+        # (the template filled now with the logs fit will give, so that it fails before the
+        # first epoch rather than after it)
+        names = ["loss", "accuracy", "seconds"]
+        names += [f"val_{n}" for n in names[:2]] if self.params.get("validation") else []
+        path = self._fill(0, dict.fromkeys(names, 0.0))
         if distributed.is_root():  # (the one writer)
-            checks.output_file(self.filepath, "the ModelCheckpoint file")
+            checks.output_file(path, "the ModelCheckpoint file")
+
+    def _fill(self, epoch: int, logs: dict[str, float]) -> str:
+        try:
+            return self.filepath.format(epoch=epoch + 1, **logs)
+        except (KeyError, IndexError, ValueError) as e:
+            raise InputError(f"ModelCheckpoint path {self.filepath!r} could not be filled from "
+                             f"epoch and the logs {sorted(logs)}: {e}") from e
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         logs = dict(logs or {})
@@ -311,11 +323,7 @@ class ModelCheckpoint(_Monitor):
             if not self.improves(value, self.best):
                 return
             self.best = value
-        try:
-            path = self.filepath.format(epoch=epoch + 1, **logs)
-        except (KeyError, IndexError, ValueError) as e:
-            raise InputError(f"ModelCheckpoint path {self.filepath!r} could not be filled from "
-                             f"epoch and the logs {sorted(logs)}: {e}") from e
+        path = self._fill(epoch, logs)
         if self.save_weights_only:
             self.model.save(path)
         else:
