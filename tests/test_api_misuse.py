@@ -343,7 +343,7 @@ def test_a_validation_metric_without_validation_data_is_refused_before_the_first
 @pytest.mark.parametrize("template, message", [
     ("m-{epoch:02d}-{val_loss:.3f}.npz", "'val_loss'"),
     ("m-{epoch:s}.npz", "Unknown format code 's'"),
-    ("m-{acc:.2f}.npz", "'acc'"),
+    ("m-{0}.npz", "positional fields"),
 ])
 def test_a_model_checkpoint_template_that_cannot_be_filled_fails_before_the_first_epoch(
         model, tmp_path, template, message):
@@ -354,3 +354,15 @@ def test_a_model_checkpoint_template_that_cannot_be_filled_fails_before_the_firs
     model.fit(X, Y, epochs=2, validation_data=(X, Y), verbose=0, callbacks=[
         ModelCheckpoint(tmp_path / "m-{epoch:02d}-{val_loss:.3f}-{accuracy:.2f}.npz")])
     assert len(os.listdir(tmp_path)) == 2
+
+
+def test_logs_that_a_users_callback_adds_can_be_monitored_and_named(model, tmp_path):
+    class HoldoutScore(xpcnn.callbacks.Callback):  # a Keras pattern: a metric of one's own
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_f1"] = 0.5 + epoch
+
+    model.fit(X, Y, epochs=2, verbose=0, callbacks=[
+        HoldoutScore(), xpcnn.callbacks.EarlyStopping(monitor="val_f1", mode="max"),
+        ModelCheckpoint(tmp_path / "m-{epoch}-{val_f1:.1f}.npz", monitor="val_f1",
+                        save_best_only=True, mode="max")])
+    assert sorted(os.listdir(tmp_path)) == ["m-1-0.5.npz", "m-2-1.5.npz"]

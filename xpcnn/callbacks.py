@@ -60,6 +60,9 @@ class Callback:
     def on_predict_end(self, logs: Mapping[str, float] | None = None) -> None: ...
 
 
+#: The metrics fit logs for its validation data.
+VALIDATION_LOGS = ("val_loss", "val_accuracy")
+
 #: The hooks' names, in the order :class:`Callback` declares them.
 HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
 
@@ -224,9 +227,10 @@ class _Monitor(Callback):
         return float(logs[self.monitor])
 
     def check_monitor(self) -> None:
-        """Refuse a 'val_*' metric in a fit without validation data now, not at the end of
-        the first epoch (``fit`` says in ``params`` whether it has some)."""
-        if self.monitor.startswith("val_") and self.params.get("validation") is False:
+        """Refuse fit's own validation metrics in a fit without validation data now, not at
+        the end of the first epoch (``fit`` says in ``params`` whether it has some; other
+        names may come from a user's callback, which can add them to the logs)."""
+        if self.monitor in VALIDATION_LOGS and self.params.get("validation") is False:
             raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, which the epoch "
                              "logs lack in a fit without validation data: pass validation_data "
                              "(or validation_split), or monitor 'loss'")
@@ -279,6 +283,16 @@ class EarlyStopping(_Monitor):
             self.model.set_weights(self.best_weights)
 
 
+class _TrialLogs(dict):  # type: ignore[type-arg]
+    """The logs of a trial fill of a path template: 0 for a name that a user's callback may
+    add to the logs, and no value for fit's validation metrics where it has no validation."""
+
+    def __missing__(self, key: str) -> float:
+        if key in VALIDATION_LOGS:
+            raise KeyError(key)
+        return 0.0
+
+
 class ModelCheckpoint(_Monitor):
     """Save the model at the end of each epoch to ``filepath``, a template filled with the
     1-based ``epoch`` and the epoch logs: ``"ckpt-{epoch:02d}-{val_loss:.3f}.npz"``.
@@ -301,20 +315,21 @@ class ModelCheckpoint(_Monitor):
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         if self.save_best_only:
             self.check_monitor()
-        # (the template filled now with the logs fit will give, so that it fails before the
-        # first epoch rather than after it)
+        # (the template filled now, so that it fails before the first epoch rather than after)
         names = ["loss", "accuracy", "seconds"]
-        names += [f"val_{n}" for n in names[:2]] if self.params.get("validation") else []
-        path = self._fill(0, dict.fromkeys(names, 0.0))
+        if self.params.get("validation") is not False:
+            names += VALIDATION_LOGS
+        path = self._fill(_TrialLogs(dict.fromkeys(names, 0.0), epoch=1))
         if distributed.is_root():  # (the one writer)
             checks.output_file(path, "the ModelCheckpoint file")
 
-    def _fill(self, epoch: int, logs: dict[str, float]) -> str:
+    def _fill(self, fields: Mapping[str, Any]) -> str:
         try:
-            return self.filepath.format(epoch=epoch + 1, **logs)
+            return self.filepath.format_map(fields)
         except (KeyError, IndexError, ValueError) as e:
+            logs = sorted(k for k in fields if k != "epoch")
             raise InputError(f"ModelCheckpoint path {self.filepath!r} could not be filled from "
-                             f"epoch and the logs {sorted(logs)}: {e}") from e
+                             f"epoch and the logs {logs}: {e}") from e
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         logs = dict(logs or {})
@@ -323,7 +338,7 @@ class ModelCheckpoint(_Monitor):
             if not self.improves(value, self.best):
                 return
             self.best = value
-        path = self._fill(epoch, logs)
+        path = self._fill({**logs, "epoch": epoch + 1})
         if self.save_weights_only:
             self.model.save(path)
         else:
