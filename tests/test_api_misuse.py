@@ -366,3 +366,12 @@ def test_logs_that_a_users_callback_adds_can_be_monitored_and_named(model, tmp_p
         ModelCheckpoint(tmp_path / "m-{epoch}-{val_f1:.1f}.npz", monitor="val_f1",
                         save_best_only=True, mode="max")])
     assert sorted(os.listdir(tmp_path)) == ["m-1-0.5.npz", "m-2-1.5.npz"]
+
+
+def test_a_list_of_batches_is_told_how_to_be_passed(model):
+    batches = [(X[:10], Y[:10]), (X[10:], Y[10:])]
+    with pytest.raises(InputError, match=r"y \(the labels of x\) is missing; x is a list of "
+                                         r"pairs: .* iter\(x\), with steps_per_epoch"):
+        model.fit(batches, verbose=0)
+    model.fit(iter(batches), steps_per_epoch=2, verbose=0)
+    assert model.optimizer.iterations == 2
