@@ -102,6 +102,13 @@ ARGUMENTS = {
                              "use_bias must be True or False, got None"),
     "nesterov a string": (lambda m: optim.SGD(0.1, momentum=0.9, nesterov="no"),
                           "SGD nesterov must be True or False, got 'no'"),
+    "save_best_only a string": (lambda m: ModelCheckpoint("m.npz", save_best_only="no"),
+                                "save_best_only must be True or False, got 'no'"),
+    "restore_best_weights None": (
+        lambda m: xpcnn.callbacks.EarlyStopping(restore_best_weights=None),
+        "restore_best_weights must be True or False, got None"),
+    "CSVLogger append a string": (lambda m: CSVLogger("log.csv", append="yes"),
+                                  "CSVLogger append must be True or False, got 'yes'"),
     "shuffle a string": (lambda m: m.fit(X, Y, shuffle="no", verbose=0),
                          "shuffle must be True or False, got 'no'"),
     "precision a list": (lambda m: m.compile(precision=["float32"]),

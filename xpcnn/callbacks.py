@@ -255,7 +255,8 @@ class EarlyStopping(_Monitor):
         super().__init__(monitor, mode, min_delta)
         self.patience = checks.non_negative_int(patience, "EarlyStopping patience")
         self.baseline = None if baseline is None else checks.number(baseline, "baseline")
-        self.restore_best_weights, self.verbose = restore_best_weights, verbose
+        self.restore_best_weights = checks.flag(restore_best_weights, "restore_best_weights")
+        self.verbose = verbose
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         self.check_monitor()
@@ -308,8 +309,9 @@ class ModelCheckpoint(_Monitor):
                  mode: str = "auto", verbose: int = 0) -> None:
         super().__init__(monitor, mode)
         self.filepath = checks.file_path(filepath, "ModelCheckpoint filepath")
-        self.save_best_only = save_best_only
-        self.save_weights_only, self.verbose = save_weights_only, verbose
+        self.save_best_only = checks.flag(save_best_only, "save_best_only")
+        self.save_weights_only = checks.flag(save_weights_only, "save_weights_only")
+        self.verbose = verbose
         self.best = self.worst()
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
@@ -477,7 +479,7 @@ class CSVLogger(Callback):
                  append: bool = False) -> None:
         super().__init__()
         self.filename = checks.file_path(filename, "CSVLogger filename")
-        self.separator, self.append = separator, append
+        self.separator, self.append = separator, checks.flag(append, "CSVLogger append")
         self.file: Any = None
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
