@@ -189,6 +189,8 @@ def test_keras_spellings_that_mean_the_same_are_accepted(model):
     soft[np.arange(20), Y] = 0.7
     model.fit(X, soft, verbose=0)
     assert Dense(3, use_bias=np.bool_(False)).use_bias is False
+    # Keras' everyday predict(x, verbose=0) (it was TypeError: unexpected keyword 'verbose')
+    np.testing.assert_array_equal(model.predict(X, verbose=0), model.predict(X))
 
 
 # -- a layer in two models --------------------------------------------------------------------

@@ -769,10 +769,11 @@ class Model:
         cbs.on_test_end(logs)
         return logs
 
-    def predict(self, x: Any, batch_size: int = 256, steps: int | None = None,
+    def predict(self, x: Any, batch_size: int = 256, verbose: int = 0, steps: int | None = None,
                 callbacks: list[Callback] | None = None) -> np.ndarray:
         """Class probabilities, (N, classes), as a host NumPy array; ``x`` as for
-        :meth:`evaluate` (targets, if any, are ignored)."""
+        :meth:`evaluate` (targets, if any, are ignored); ``verbose=1`` shows a progress bar
+        (Keras' ``predict(x, verbose=0)`` works as it is)."""
         batch_size = checks.positive_int(batch_size, "batch_size")
         self._rebuild_if_shared()
         data = self._batches(x, None, batch_size, steps, targets=False)
@@ -782,7 +783,8 @@ class Model:
         cbs.on_predict_begin()
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(0)) as batches:  # type: ignore[type-var]
-            for xb, _ in batches:
+            for xb, _ in tqdm(batches, total=data.steps, disable=verbose == 0 or not
+                              distributed.is_root(), desc="predict", unit="batch"):
                 z = self._logits(xb, training=False)
                 out.append(softmax(xp, xp.astype(z, self._param_dtype)))
             probabilities = self.backend.to_numpy(xp.concat(out))
