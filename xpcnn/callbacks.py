@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import math
 import os
 import time
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import distributed, history
+from . import checks, distributed, history
 from .errors import InputError, NonFiniteError
 from .saving import FitCheckpoints, Progress, save_checkpoint
 
@@ -59,8 +60,20 @@ class Callback:
     def on_predict_end(self, logs: Mapping[str, float] | None = None) -> None: ...
 
 
+#: The metrics fit logs for its validation data.
+VALIDATION_LOGS = ("val_loss", "val_accuracy")
+
 #: The hooks' names, in the order :class:`Callback` declares them.
 HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
+
+
+def callback_list(callbacks: Any) -> list[Callback]:
+    """A user's ``callbacks`` argument, None or a list of callbacks, as a list (each is checked
+    by :class:`CallbackList`)."""
+    if not isinstance(callbacks, list | tuple | None):
+        raise InputError(f"callbacks must be a list of xpcnn.callbacks.Callback instances, got "
+                         f"{type(callbacks).__name__}")
+    return list(callbacks or [])
 
 
 class CallbackList:
@@ -146,6 +159,8 @@ class LambdaCallback(Callback):
             raise InputError(f"LambdaCallback got unknown hooks {unknown}; expected some of "
                              f"{', '.join(HOOKS)}")
         for name, fn in hooks.items():
+            if not callable(fn):
+                raise InputError(f"LambdaCallback {name} must be a function, got {fn!r}")
             setattr(self, name, fn)
 
 
@@ -211,6 +226,15 @@ class _Monitor(Callback):
                              "validation_data for 'val_*' metrics")
         return float(logs[self.monitor])
 
+    def check_monitor(self) -> None:
+        """Refuse fit's own validation metrics in a fit without validation data now, not at
+        the end of the first epoch (``fit`` says in ``params`` whether it has some; other
+        names may come from a user's callback, which can add them to the logs)."""
+        if self.monitor in VALIDATION_LOGS and self.params.get("validation") is False:
+            raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, which the epoch "
+                             "logs lack in a fit without validation data: pass validation_data "
+                             "(or validation_split), or monitor 'loss'")
+
     def improves(self, value: float, best: float) -> bool:
         if self.mode == "min":
             return value < best - self.min_delta
@@ -229,10 +253,13 @@ class EarlyStopping(_Monitor):
                  mode: str = "auto", baseline: float | None = None,
                  restore_best_weights: bool = False, verbose: int = 0) -> None:
         super().__init__(monitor, mode, min_delta)
-        self.patience, self.baseline = int(patience), baseline
-        self.restore_best_weights, self.verbose = restore_best_weights, verbose
+        self.patience = checks.non_negative_int(patience, "EarlyStopping patience")
+        self.baseline = None if baseline is None else checks.number(baseline, "baseline")
+        self.restore_best_weights = checks.flag(restore_best_weights, "restore_best_weights")
+        self.verbose = verbose
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        self.check_monitor()
         self.wait, self.stopped_epoch, self.best_epoch = 0, None, None
         self.best = self.worst() if self.baseline is None else float(self.baseline)
         self.best_weights: list[np.ndarray] | None = None
@@ -257,6 +284,16 @@ class EarlyStopping(_Monitor):
             self.model.set_weights(self.best_weights)
 
 
+class _TrialLogs(dict):  # type: ignore[type-arg]
+    """The logs of a trial fill of a path template: 0 for a name that a user's callback may
+    add to the logs, and no value for fit's validation metrics where it has no validation."""
+
+    def __missing__(self, key: str) -> float:
+        if key in VALIDATION_LOGS:
+            raise KeyError(key)
+        return 0.0
+
+
 class ModelCheckpoint(_Monitor):
     """Save the model at the end of each epoch to ``filepath``, a template filled with the
     1-based ``epoch`` and the epoch logs: ``"ckpt-{epoch:02d}-{val_loss:.3f}.npz"``.
@@ -271,9 +308,30 @@ class ModelCheckpoint(_Monitor):
                  save_best_only: bool = False, save_weights_only: bool = False,
                  mode: str = "auto", verbose: int = 0) -> None:
         super().__init__(monitor, mode)
-        self.filepath, self.save_best_only = os.fspath(filepath), save_best_only
-        self.save_weights_only, self.verbose = save_weights_only, verbose
+        self.filepath = checks.file_path(filepath, "ModelCheckpoint filepath")
+        self.save_best_only = checks.flag(save_best_only, "save_best_only")
+        self.save_weights_only = checks.flag(save_weights_only, "save_weights_only")
+        self.verbose = verbose
         self.best = self.worst()
+
+    def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        if self.save_best_only:
+            self.check_monitor()
+        # (the template filled now, so that it fails before the first epoch rather than after)
+        names = ["loss", "accuracy", "seconds"]
+        if self.params.get("validation") is not False:
+            names += VALIDATION_LOGS
+        path = self._fill(_TrialLogs(dict.fromkeys(names, 0.0), epoch=1))
+        if distributed.is_root():  # (the one writer)
+            checks.output_file(path, "the ModelCheckpoint file")
+
+    def _fill(self, fields: Mapping[str, Any]) -> str:
+        try:
+            return self.filepath.format_map(fields)
+        except (KeyError, IndexError, ValueError) as e:
+            logs = sorted(k for k in fields if k != "epoch")
+            raise InputError(f"ModelCheckpoint path {self.filepath!r} could not be filled from "
+                             f"epoch and the logs {logs}: {e}") from e
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         logs = dict(logs or {})
@@ -282,11 +340,7 @@ class ModelCheckpoint(_Monitor):
             if not self.improves(value, self.best):
                 return
             self.best = value
-        try:
-            path = self.filepath.format(epoch=epoch + 1, **logs)
-        except (KeyError, IndexError, ValueError) as e:
-            raise InputError(f"ModelCheckpoint path {self.filepath!r} could not be filled from "
-                             f"epoch and the logs {sorted(logs)}: {e}") from e
+        path = self._fill({**logs, "epoch": epoch + 1})
         if self.save_weights_only:
             self.model.save(path)
         else:
@@ -311,21 +365,22 @@ class BackupAndRestore(Callback):
     def __init__(self, path: str | os.PathLike[str], save_freq: int | str = "epoch",
                  resume: bool = True) -> None:
         super().__init__()
-        if not isinstance(path, str | os.PathLike) or not os.fspath(path):
-            raise InputError(f"checkpoint must be a file path, got {path!r}")
+        path = checks.file_path(path, "checkpoint")
         if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int)
                                      or save_freq < 1):
             raise InputError(f"checkpoint_every must be a positive number of steps or 'epoch', "
                              f"got {save_freq!r}")
         if not isinstance(resume, bool):
             raise InputError(f"resume must be True or False, got {resume!r}")
-        self.path, self.save_freq, self.resume = os.fspath(path), save_freq, resume
+        self.path, self.save_freq, self.resume = path, save_freq, resume
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         data = self.params["data"]
         if not data.resumable:
             raise InputError("BackupAndRestore needs data whose batches can be replayed: arrays "
                              "or a map-style dataset, not a generator")
+        if distributed.is_root():  # (the one writer)
+            checks.output_file(self.path, "the checkpoint")
         self.saver = FitCheckpoints(self.model, self.path, self.save_freq, self.resume,
                                     data.fingerprint(), self.params["steps"],
                                     self.params["verbose"])
@@ -355,10 +410,13 @@ class ReduceLROnPlateau(_Monitor):
         super().__init__(monitor, mode, min_delta)
         if not 0.0 < factor < 1.0:
             raise InputError(f"ReduceLROnPlateau factor must be in (0, 1), got {factor!r}")
-        self.factor, self.patience, self.cooldown = float(factor), int(patience), int(cooldown)
+        self.factor = float(factor)
+        self.patience = checks.non_negative_int(patience, "ReduceLROnPlateau patience")
+        self.cooldown = checks.non_negative_int(cooldown, "ReduceLROnPlateau cooldown")
         self.min_lr, self.verbose = float(min_lr), verbose
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        self.check_monitor()
         self.best, self.wait, self.cooling = self.worst(), 0, 0
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
@@ -382,17 +440,35 @@ class ReduceLROnPlateau(_Monitor):
 
 class LearningRateScheduler(Callback):
     """Set the learning rate at the start of each epoch to ``schedule(epoch, lr)`` (0-based
-    epoch, the current rate)."""
+    epoch, the current rate), or ``schedule(epoch)`` for a function of the epoch alone (both
+    as in Keras)."""
 
-    def __init__(self, schedule: Callable[[int, float], float], verbose: int = 0) -> None:
+    def __init__(self, schedule: Callable[..., float], verbose: int = 0) -> None:
         super().__init__()
         self.schedule, self.verbose = schedule, verbose
+        self.takes_lr = _binds(schedule, 0, 0.1)
+        if not callable(schedule) or not (self.takes_lr or _binds(schedule, 0)):
+            raise InputError(f"LearningRateScheduler schedule must be a function of (epoch, lr) "
+                             f"or of epoch, got {schedule!r}")
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         optimizer = self.model.optimizer
-        optimizer.lr = self.schedule(epoch, optimizer.lr)
+        optimizer.lr = self.schedule(epoch, optimizer.lr) if self.takes_lr else \
+            self.schedule(epoch)
         if self.verbose:
             _say(f"epoch {epoch + 1}: learning rate {optimizer.lr:.3g}")
+
+
+def _binds(fn: Any, *args: Any) -> bool:
+    """True where ``fn`` can be called with ``args`` (a callable without a signature, a
+    builtin, is given the benefit of the doubt)."""
+    try:
+        inspect.signature(fn).bind(*args)
+    except TypeError:
+        return False
+    except ValueError:
+        return callable(fn)
+    return True
 
 
 class CSVLogger(Callback):
@@ -402,12 +478,15 @@ class CSVLogger(Callback):
     def __init__(self, filename: str | os.PathLike[str], separator: str = ",",
                  append: bool = False) -> None:
         super().__init__()
-        self.filename, self.separator, self.append = os.fspath(filename), separator, append
+        self.filename = checks.file_path(filename, "CSVLogger filename")
+        self.separator, self.append = separator, checks.flag(append, "CSVLogger append")
         self.file: Any = None
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         if not distributed.is_root():  # one writer on several ranks (same logs on all)
             return
+        checks.output_file(self.filename, "the CSVLogger file")
+        os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)
         exists = self.append and os.path.exists(self.filename) and os.path.getsize(
             self.filename) > 0
         self.file = open(self.filename, "a" if self.append else "w", newline="")  # noqa: SIM115

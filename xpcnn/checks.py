@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import Any
 
 import numpy as np
 
 from .errors import InputError, NonFiniteError
+from .files import try_writing_in
 
 
 def as_images(x: Any, what: str = "x") -> np.ndarray:
@@ -32,10 +35,31 @@ def as_images(x: Any, what: str = "x") -> np.ndarray:
 
 
 def check_sample_shape(x: np.ndarray, expected: tuple[int, ...], what: str = "x") -> None:
-    if tuple(x.shape[1:]) != tuple(expected):
-        raise InputError(f"{what} has per-sample shape {tuple(x.shape[1:])} but the model expects "
-                         f"{tuple(expected)} (inputs are (N, H, W, C)); got {what}.shape = "
-                         f"{x.shape}")
+    sample, expected = tuple(x.shape[1:]), tuple(expected)
+    if sample != expected:
+        hint = ""
+        if tuple(x.shape) == expected:
+            hint = f": one sample? add the batch axis, {what}[None]"
+        elif len(sample) == 3 and sample == (expected[2], expected[0], expected[1]):
+            hint = (f": channels first (N, C, H, W), as PyTorch keeps images? pass "
+                    f"{what}.transpose(0, 2, 3, 1)")
+        raise InputError(f"{what} has per-sample shape {sample} but the model expects "
+                         f"{expected} (inputs are (N, H, W, C)); got {what}.shape = "
+                         f"{x.shape}{hint}")
+
+
+def shape_to_build(sample: tuple[int, ...], what: str = "x") -> tuple[int, ...]:
+    """The per-sample shape of the first data a model sees, which it is built for; a warning
+    where it looks like channels-first images (the model would be built for 3-pixel-high
+    images of 32 channels and could train on them, meaninglessly)."""
+    sample = tuple(int(d) for d in sample)
+    if len(sample) == 3 and sample[0] in (1, 3) and min(sample[1:]) > 4:
+        warnings.warn(f"{what} has per-sample shape {sample}, which looks like channels-first "
+                      f"images (C, H, W), as PyTorch keeps them; xpcnn reads (H, W, C), so the "
+                      f"model is built for {sample[0]}x{sample[1]} images of {sample[2]} "
+                      f"channels. Pass {what}.transpose(0, 2, 3, 1), or build(input_shape) "
+                      "first where that shape is meant", UserWarning, stacklevel=2)
+    return sample
 
 
 def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +88,19 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray
     if arr.ndim == 2 and arr.shape[1] == classes and np.issubdtype(arr.dtype, np.floating):
         if not np.all(np.isfinite(arr)):
             raise InputError(f"one-hot {what} holds NaN or infinite values")
+        # (the loss's gradient, softmax - target, holds for rows of probabilities only)
+        sums = arr.sum(axis=1, dtype=np.float64)
+        bad = np.flatnonzero((arr.min(axis=1) < 0) | (np.abs(sums - 1) > 1e-3))
+        if bad.size:
+            i = int(bad[0])
+            raise InputError(f"one-hot {what} must hold probabilities, each row >= 0 and summing "
+                             f"to 1; row {i} sums to {sums[i]:.6g} with a least value of "
+                             f"{arr[i].min():.6g} ({bad.size} such rows)")
         return arr, np.argmax(arr, axis=1).astype(np.int64)
+    if arr.ndim == 2 and arr.shape[1] == classes:
+        raise InputError(f"one-hot {what} must be floats (probabilities), got dtype {arr.dtype}: "
+                         f"pass {what}.astype('float32'), or the class indices "
+                         f"{what}.argmax(axis=1)")
     raise InputError(f"{what} must be integer labels of shape ({n},) or one-hot rows of shape "
                      f"({n}, {classes}); got shape {arr.shape} and dtype {arr.dtype}")
 
@@ -79,6 +115,13 @@ def non_negative_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
         raise InputError(f"{what} must be a non-negative integer, got {value!r}")
     return int(value)
+
+
+def flag(value: Any, what: str) -> bool:
+    """True or False itself: a truthy stand-in ("no", None, 1) would be taken silently."""
+    if not isinstance(value, bool | np.bool_):
+        raise InputError(f"{what} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def number(value: Any, what: str, low: float | None = None, high: float | None = None, *,
@@ -115,8 +158,9 @@ def name(value: Any, what: str = "name") -> str:
     return value
 
 
-def check_finite(x: np.ndarray, what: str = "x") -> None:
-    """Refuse NaN or infinite values in float data, naming the first sample that holds one.
+def check_finite(x: np.ndarray, what: str = "x", index: Any = None) -> None:
+    """Refuse NaN or infinite values in float data, naming the first sample that holds one
+    (``what[index[i]]`` where ``x`` is a batch of a dataset's samples ``index``).
 
     Runs in chunks of samples, so it needs no temporary as large as ``x``.
     """
@@ -130,6 +174,34 @@ def check_finite(x: np.ndarray, what: str = "x") -> None:
             i = start + int(bad[0])
             where = np.argwhere(~np.isfinite(x[i]))
             first = tuple(int(k) for k in where[0])
-            raise NonFiniteError(f"{what} holds NaN or infinite values: sample {i}, the first "
+            sample = f"sample {i}" if index is None else f"{what}[{int(index[i])}]"
+            raise NonFiniteError(f"{what} holds NaN or infinite values: {sample}, the first "
                                  f"such sample, has {len(where)} (the first is {x[i][first]} at "
-                                 f"{first}); remove or repair those samples (nothing was run)")
+                                 f"{first}); remove or repair those samples"
+                                 + (" (nothing was run)" if index is None else ""))
+
+
+def file_path(path: Any, what: str) -> str:
+    """A non-empty str or path-like object, as a str."""
+    if not isinstance(path, str | os.PathLike) or not isinstance(os.fspath(path), str) \
+            or not os.fspath(path):
+        raise InputError(f"{what} must be a file path, got {path!r}")
+    return os.fspath(path)
+
+
+def output_file(path: Any, what: str) -> str:
+    """A path a file can be written at (atomically, by a rename; missing folders are created):
+    checked before any work, so that a long run does not fail at its first save."""
+    path = file_path(path, what)
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path!r} is a folder; give the path of a file (in it, say)")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # (created when the file is written)
+        folder = os.path.dirname(folder)
+    try:
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(f"{folder!r} is not a folder")
+        try_writing_in(folder)
+    except OSError as e:
+        raise InputError(f"cannot write {what} {path!r} in {folder!r}: {e.strerror or e}") from e
+    return path

@@ -240,7 +240,7 @@ class DatasetBatches(ShardedBatches):
         if not model.built:  # the first sample tells the input shape
             first = dataset[0]
             x = first[0] if isinstance(first, tuple | list) else first
-            model.build(tuple(int(d) for d in np.shape(x)))
+            model.build(checks.shape_to_build(np.shape(x), what))
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
         order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
@@ -261,9 +261,9 @@ class DatasetBatches(ShardedBatches):
                                  f"{type(items[0]).__name__}")
             xs, ys = zip(*items, strict=True)
             return check_batch(self.model, self._stack(xs, "x"), self._stack(ys, "y"),
-                               self.what)
+                               self.what, idx)
         xs = [it[0] if isinstance(it, tuple | list) else it for it in items]
-        return check_batch(self.model, self._stack(xs, "x"), None, self.what)
+        return check_batch(self.model, self._stack(xs, "x"), None, self.what, idx)
 
     def _stack(self, parts: Sequence[Any], which: str) -> Any:
         """Samples stacked into a batch: on the device where they are arrays of the model's
@@ -310,8 +310,8 @@ class IterableBatches(Batches):
             if self.iterator is not None:
                 self._peeked = first
             x = self._split(first)[0]
-            model.build(tuple(int(d) for d in (x.shape if hasattr(x, "shape") else
-                                               np.shape(x))[1:]))
+            model.build(checks.shape_to_build(
+                (x.shape if hasattr(x, "shape") else np.shape(x))[1:], what))
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
         source = self.iterator if self.iterator is not None else iter(self.data)
@@ -332,12 +332,14 @@ class IterableBatches(Batches):
         return item[0], item[1]
 
 
-def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x") -> tuple[Any, Any]:
+def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any = None
+                 ) -> tuple[Any, Any]:
     """Checked images (host NumPy, a memory map, or device arrays of the model's library) and
     targets (integer labels or one-hot rows), returned on the host; builds the model if
     needed. Device targets are read to the host to be checked (a label out of range would
     otherwise silently match no class). A streamed batch is checked on the background
-    thread (:func:`prefetch`), beside the training loop rather than in it."""
+    thread (:func:`prefetch`), beside the training loop rather than in it; ``index``: the
+    dataset samples that a streamed batch holds, which errors name."""
     if is_device_array(x):
         x = check_device_images(x, model.backend, what)
     elif isinstance(x, np.memmap):
@@ -345,11 +347,11 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x") -> tuple[An
     else:
         x = checks.as_images(x, what)
     if not model.built:
-        model.build(tuple(int(d) for d in x.shape[1:]))
+        model.build(checks.shape_to_build(x.shape[1:], what))
     check_classifier(model.layers, [la.output_shape for la in model.layers])
     checks.check_sample_shape(x, model.input_shape, what)
     if isinstance(x, np.ndarray):
-        checks.check_finite(x, what)
+        checks.check_finite(x, what, index)
     if y is None:
         return x, y
     y = model.backend.to_numpy(y) if is_device_array(y) else y
@@ -358,9 +360,9 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x") -> tuple[An
     return x, targets
 
 
-def check_batch(model: Any, x: Any, y: Any, what: str) -> tuple[Any, Any]:
+def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None) -> tuple[Any, Any]:
     """One streamed batch, checked as whole arrays are, contiguous on the host."""
-    x, y = check_arrays(model, x, y, what)
+    x, y = check_arrays(model, x, y, what, index)
     return (x if is_device_array(x) else np.ascontiguousarray(x)), y
 
 

@@ -127,8 +127,10 @@ def check_graph(layers: list[Layer], inbound: list[Inbound]) -> None:
 def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backend: Backend,
           dtype: str, compute_dtype: str, seed: int) -> None:
     """Build every layer for its inputs' shapes; layer ``k``'s weights come from the seed
-    ``[seed, k]``, the same on every device. A layer already built for the same input shape,
-    device and dtype keeps its weights (as in Keras: a trained model used inside another)."""
+    ``[seed, k]``, the same on every device. A layer already built keeps its weights (as in
+    Keras: a trained model used inside another), on another device, in another dtype and for
+    inputs of another size where its weights keep their shapes (a convolution on larger
+    images); where they would not, it is refused before anything changes."""
     shapes: list[Any] = [input_shape]
     for k, (layer, ins) in enumerate(zip(layers, inbound, strict=True)):
         shape = [shapes[i] for i in ins] if layer.multi_input else shapes[ins[0]]
@@ -136,8 +138,42 @@ def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backe
             layer.compute_dtype = backend.dtype(compute_dtype)
             shapes.append(layer.output_shape)
             continue
+        kept = _weights_that_fit(layer, shape) if layer.built else []
         rng = np.random.default_rng([seed, k])
         shapes.append(layer.build(shape, backend, dtype, compute_dtype, rng))
+        if kept:
+            layer.set_weights(kept)
+
+
+def built_as(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backend: Backend,
+             dtype: str) -> bool:
+    """True where every layer is still built as :func:`build` built it for ``input_shape`` (a
+    layer shared with another model may since have been built for that model's inputs)."""
+    shapes: list[Any] = [input_shape]
+    for layer, ins in zip(layers, inbound, strict=True):
+        shape = [shapes[i] for i in ins] if layer.multi_input else shapes[ins[0]]
+        if not _built_for(layer, shape, backend, dtype):
+            return False
+        shapes.append(layer.output_shape)
+    return True
+
+
+def _weights_that_fit(layer: Layer, shape: Any) -> list[np.ndarray]:
+    """The weights of built ``layer`` (host copies), after checking that the layer built for
+    inputs of ``shape`` has weights of the same shapes."""
+    weights = layer.get_weights()
+    if not weights:
+        return []
+    probe = type(layer)(**layer.get_config())  # (built aside: the layer stays as it is)
+    probe.build(shape, "cpu", "float32")
+    wanted = [probe.keras_shape(n) for n in probe.present_weight_names()]
+    if wanted != [w.shape for w in weights]:
+        raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) holds weights for "
+                         f"inputs of shape {layer.input_shape}, and inputs of shape "
+                         f"{tuple(shape)} need weights of other shapes ({wanted}, it has "
+                         f"{[w.shape for w in weights]}): a layer keeps its weights; use a new "
+                         f"{type(layer).__name__}(...) for these inputs")
+    return weights
 
 
 def _built_for(layer: Layer, shape: Any, backend: Backend, dtype: str) -> bool:

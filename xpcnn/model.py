@@ -19,7 +19,8 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,15 @@ from tqdm.auto import tqdm
 
 from . import checks, distributed, graph
 from .backend import Backend, DeviceLike, get_backend
-from .callbacks import BackupAndRestore, Callback, CallbackList, History, LazyLogs, ProgbarLogger
+from .callbacks import (
+    BackupAndRestore,
+    Callback,
+    CallbackList,
+    History,
+    LazyLogs,
+    ProgbarLogger,
+    callback_list,
+)
 from .cuda_graphs import StepGraphs
 from .cuda_graphs import blockers as graph_blockers
 from .data import (
@@ -80,8 +89,11 @@ class Model:
     ``device`` picks the array library and device (see :func:`xpcnn.backend.get_backend`),
     ``seed`` the initial weights (the same on every device), ``dtype`` the parameters' dtype.
     Building gives layer ``k`` fresh weights from the seed ``[seed, k]``, unless it is already
-    built for the same input shape, device and dtype: then it keeps its weights (a trained model
-    used inside another, as in Keras).
+    built: then it keeps its weights (a trained model used inside another, as in Keras), on
+    this device and in this dtype, and for inputs of another size where its weights keep their
+    shapes (a convolution); a layer whose weights would need other shapes is refused. A model
+    whose shared layers another model built since for its own inputs builds them again for
+    its own before it runs (fit, evaluate, predict, train_on_batch, forward).
 
     :attr:`layers` (and :meth:`get_weights`, layer by layer) come in the order the layers were
     called on symbolic tensors, a topological order. A tensor read by several layers receives
@@ -172,6 +184,13 @@ class Model:
         if self.optimizer is not None:
             self.optimizer.slots = {}
 
+    def _rebuild_if_shared(self) -> None:
+        """Build again where a layer shared with another model was built since for that
+        model's inputs (it keeps its weights): each model runs its layers as built for it."""
+        if self.built and not graph.built_as(self.layers, self._inbound(), self.input_shape,
+                                             self.backend, self.dtype_name):
+            self.build(self.input_shape)
+
     @property
     def output_shape(self) -> tuple[int, ...]:
         self._require_built("output_shape")
@@ -257,6 +276,7 @@ class Model:
     @loss_scale.setter
     def loss_scale(self, value: float) -> None:
         if self._scaling is not None:
+            value = checks.number(value, "loss_scale", 0.0, low_open=True)
             self._scaling = loss_scaling(self.backend, value, self._good_steps)
         elif value != 1.0:
             raise InputError("a loss scale other than 1 needs precision='mixed_float16'")
@@ -290,12 +310,15 @@ class Model:
             raise InputError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
         self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
         self.loss = get_loss(loss)
-        self.optimizer = get_optimizer(optimizer)
-        metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+        self.optimizer = self._own(get_optimizer(optimizer))
+        if not isinstance(metrics, str | list | tuple | None):
+            raise InputError(f"metrics must be a list of names such as ['accuracy'], got "
+                             f"{metrics!r}")
+        metrics = [metrics] if isinstance(metrics, str) else list(metrics or [])  # None: Keras'
         unknown = [m for m in metrics if m not in ("accuracy", "acc")]
         if unknown:
             raise InputError(f"unknown metrics {unknown}; xpcnn supports 'accuracy'")
-        if precision not in PRECISIONS:
+        if not isinstance(precision, str) or precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{precision!r}")
         low = PRECISIONS[precision]
@@ -308,6 +331,18 @@ class Model:
             compute = self.backend.dtype(low or self.dtype_name)
             for layer in self.layers:
                 layer.compute_dtype = compute
+
+    def _own(self, optimizer: Optimizer) -> Optimizer:
+        """``optimizer``, bound to this model: its slots and step count are one model's, and
+        another model's steps would silently mix into them (or fail deep inside)."""
+        owner = getattr(optimizer, "_model", lambda: None)()
+        if owner is not None and owner is not self:
+            raise InputError(f"this {type(optimizer).__name__} optimizer is already compiled into "
+                             f"model {owner.name!r}: an optimizer holds one model's state (its "
+                             "slots and step count), so each model needs one of its own; pass "
+                             "a new one")
+        optimizer._model = weakref.ref(self)
+        return optimizer
 
     def _to_device(self, x: np.ndarray) -> Any:
         """One host -> device copy of a batch, then the cast on the device."""
@@ -444,6 +479,7 @@ class Model:
         """One training step on one batch of host or device arrays, checked at once (the host
         waits for the device): its ``loss`` and ``accuracy``, or :class:`NonFiniteError`."""
         self._require_compiled()
+        self._rebuild_if_shared()
         x, targets = check_arrays(self, x, y)
         with self.backend.compute_scope():
             loss, correct = self.train_step(to_device(self.backend, x),
@@ -522,6 +558,10 @@ class Model:
         ``predict`` (no targets), where every rank predicts everything; an iterable is each
         rank's own. ``checked`` arrays are parts of arrays (targets and all) that
         :func:`check_arrays` passed: they are not checked again."""
+        if isinstance(x, Mapping):
+            raise InputError(f"{what} is a dict (keys {list(x)[:4]}): an xpcnn model has one "
+                             "input; pass its images as one array (N, H, W, C), or a dataset "
+                             "whose items are (x, y) pairs")
         here = distributed.world()
         shard = (here.rank, here.size) if targets else (0, 1)
         if is_stream(x):
@@ -535,7 +575,11 @@ class Model:
             raise InputError("steps_per_epoch / steps are for generators; arrays give "
                              "ceil(N / batch_size) batches")
         if targets and y is None:
-            raise InputError(f"y (the labels of {what}) is missing")
+            batches = isinstance(x, list | tuple) and bool(x) and isinstance(
+                x[0], list | tuple) and len(x[0]) == 2
+            raise InputError(f"y (the labels of {what}) is missing" + (
+                f"; {what} is a list of pairs: a list is read as one array, so pass the (x, y) "
+                f"batches as an iterator, iter({what}), with steps_per_epoch" if batches else ""))
         x, t = (x, y) if checked else check_arrays(self, x, y, what)
         return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed, shard)
 
@@ -566,9 +610,11 @@ class Model:
         from that file, exactly, and returns the history of every epoch.
         """
         self._require_compiled()
+        self._rebuild_if_shared()
         epochs = checks.non_negative_int(epochs, "epochs")
         batch_size = checks.positive_int(batch_size, "batch_size")
         seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
+        shuffle = checks.flag(shuffle, "shuffle")
         if not distributed.is_root():
             verbose = 0
         data, validation = self._fit_data(x, y, batch_size, validation_data, validation_split,
@@ -580,9 +626,9 @@ class Model:
             raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
         self.history = History()
         cbs = CallbackList([self.history, *([ProgbarLogger()] if verbose else []),
-                            *(callbacks or []), *extra], self,
+                            *callback_list(callbacks), *extra], self,
                            {"epochs": epochs, "steps": data.steps, "verbose": verbose,
-                            "data": data})
+                            "data": data, "validation": validation is not None})
         self.stop_training, self._resume_at = False, None
         self._parallel = distributed.data_parallel(self)
         if self._parallel is not None:
@@ -680,8 +726,8 @@ class Model:
         if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
             raise InputError("validation_data must be a pair (x_val, y_val), a dataset or an "
                              f"iterable of batches, got {type(validation_data).__name__}")
-        return data, self._batches(*validation_data, max(batch_size, 256), None, "x_val",
-                                   checked=split)
+        return data, self._batches(*validation_data, max(batch_size, 256), validation_steps,
+                                   "x_val", checked=split)
 
     def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int = 0,
                  steps: int | None = None, callbacks: list[Callback] | None = None
@@ -691,8 +737,10 @@ class Model:
         if self.loss is None:
             self.loss = get_loss("cross_entropy")
         batch_size = checks.positive_int(batch_size, "batch_size")
+        self._rebuild_if_shared()
         data = self._batches(x, y, batch_size, steps)
-        return self._evaluate(data, CallbackList(callbacks or [], self, {"verbose": verbose}),
+        return self._evaluate(data, CallbackList(callback_list(callbacks), self,
+                                                       {"verbose": verbose}),
                               verbose)
 
     def _evaluate(self, data: Batches, cbs: CallbackList, verbose: int = 0) -> dict[str, float]:
@@ -721,19 +769,22 @@ class Model:
         cbs.on_test_end(logs)
         return logs
 
-    def predict(self, x: Any, batch_size: int = 256, steps: int | None = None,
+    def predict(self, x: Any, batch_size: int = 256, verbose: int = 0, steps: int | None = None,
                 callbacks: list[Callback] | None = None) -> np.ndarray:
         """Class probabilities, (N, classes), as a host NumPy array; ``x`` as for
-        :meth:`evaluate` (targets, if any, are ignored)."""
+        :meth:`evaluate` (targets, if any, are ignored); ``verbose=1`` shows a progress bar
+        (Keras' ``predict(x, verbose=0)`` works as it is)."""
         batch_size = checks.positive_int(batch_size, "batch_size")
+        self._rebuild_if_shared()
         data = self._batches(x, None, batch_size, steps, targets=False)
-        cbs = CallbackList(callbacks or [], self, {})
+        cbs = CallbackList(callback_list(callbacks), self, {})
         xp = self.backend.xp
         out = []
         cbs.on_predict_begin()
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(0)) as batches:  # type: ignore[type-var]
-            for xb, _ in batches:
+            for xb, _ in tqdm(batches, total=data.steps, disable=verbose == 0 or not
+                              distributed.is_root(), desc="predict", unit="batch"):
                 z = self._logits(xb, training=False)
                 out.append(softmax(xp, xp.astype(z, self._param_dtype)))
             probabilities = self.backend.to_numpy(xp.concat(out))
@@ -743,6 +794,7 @@ class Model:
     def forward(self, x: Any, training: bool = False) -> list[Any]:
         """Every layer's output for a host batch, as device arrays (for inspection)."""
         self._require_built("forward")
+        self._rebuild_if_shared()
         x = checks.as_images(x)
         checks.check_sample_shape(x, self.input_shape)  # type: ignore[arg-type]
         with self.backend.compute_scope():
@@ -852,6 +904,14 @@ class Model:
 
         if distributed.is_root():  # one writer on several ranks (all hold the same model)
             export_model(self, path, input_dtype)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # (copy.copy, copy.deepcopy and pickle all come here: a model holds its device's array
+        # library and kernels, which cannot be copied)
+        raise InputError("a model cannot be copied or pickled (it holds its device's array "
+                         "library and kernels): keep its weights with get_weights() "
+                         "(set_weights() puts them back), or save(path) and load_model(path) "
+                         "for a second model")
 
     def _require_built(self, what: str) -> None:
         if not self.built:

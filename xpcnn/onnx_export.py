@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .checks import file_path
 from .errors import InputError, MissingDependencyError
 from .files import atomic_file, try_writing_in
 from .layers.base import Layer
@@ -176,7 +177,7 @@ def _import_onnx() -> Any:
 
 def _check_writable(path: str | os.PathLike[str]) -> None:
     """A clear error now, before any work, where ``path`` cannot be written."""
-    path = os.fspath(path)
+    path = file_path(path, "the ONNX file")
     if os.path.isdir(path):
         raise InputError(f"cannot write the ONNX file {path!r}: it is a folder")
     folder = os.path.dirname(os.path.abspath(path))

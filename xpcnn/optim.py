@@ -17,6 +17,7 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
+from .checks import flag
 from .errors import InputError, NonFiniteError
 
 
@@ -269,7 +270,7 @@ class SGD(Optimizer):
         super().__init__(lr, weight_decay)
         if not _real(momentum) or not 0.0 <= momentum < 1.0:
             raise InputError(f"SGD momentum must be in [0, 1), got {momentum!r}")
-        if nesterov and momentum == 0.0:
+        if flag(nesterov, "SGD nesterov") and momentum == 0.0:
             raise InputError("Nesterov momentum needs momentum > 0")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         self.slot_names = ("momentum",) if momentum else ()

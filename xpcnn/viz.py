@@ -70,9 +70,9 @@ def _new_figure(figsize: tuple[float, float], dpi: float) -> Figure:
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
     """Write ``fig`` as a PNG of exactly figsize * dpi pixels, creating the folder."""
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    os.makedirs(folder, exist_ok=True)
-    fig.savefig(os.fspath(path), format="png", dpi=fig.dpi)
+    path = checks.output_file(path, "the figure")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, format="png", dpi=fig.dpi)
 
 
 # -- inputs -------------------------------------------------------------------------------

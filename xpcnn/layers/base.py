@@ -312,6 +312,13 @@ def pair(v: int | tuple[int, int] | list[int], what: str) -> tuple[int, int]:
     return int(t[0]), int(t[1])
 
 
+def count(v: int, what: str) -> int:
+    """A positive int: a number of units or filters (a pair would be silently cut to one)."""
+    if isinstance(v, bool) or not isinstance(v, int | np.integer) or not 0 < v < 2**31:
+        raise InputError(f"{what} must be a positive int (a count, below 2**31), got {v!r}")
+    return int(v)
+
+
 def check_padding(padding: str | int) -> str | int:
     if isinstance(padding, str) and padding.lower() in ("valid", "same"):
         return padding.lower()
@@ -341,6 +348,10 @@ def require_rank(layer: Layer, input_shape: Shape, rank: int) -> None:
 def _marks_training_pass(forward: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(forward)
     def checked(self: Layer, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.built:
+            raise InputError(f"layer {self.name!r} ({type(self).__name__}) must be built before "
+                             "it runs on a batch: layer.build(input_shape), per sample (e.g. "
+                             "(32, 32, 3)), or use it in a model, which builds it")
         training = kwargs.get("training", args[0] if args else False)
         self._backward_ready = False
         y = forward(self, x, *args, **kwargs)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import flag
 from ..errors import InputError
 from ..ops.convolution import ConvEngine, ConvGeometry
 from ..ops.kernels import kernels_for
@@ -17,6 +18,7 @@ from .base import (
     Shape,
     check_activation,
     check_padding,
+    count,
     pair,
     require_rank,
 )
@@ -47,12 +49,12 @@ class Conv2D(Layer):
         name: str | None = None,
     ) -> None:
         super().__init__(name)
-        self.filters = pair(filters, "filters")[0]
+        self.filters = count(filters, "filters")
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.strides = pair(strides, "strides")
         self.padding = check_padding(padding)
         self.activation = check_activation(activation)
-        self.use_bias = bool(use_bias)
+        self.use_bias = flag(use_bias, "use_bias")
         self.kernel_initializer = check_initializer(kernel_initializer)
 
     def get_config(self) -> dict[str, Any]:

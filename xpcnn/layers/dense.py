@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import flag
 from ..errors import InputError
 from ..ops.kernels import kernels_for
-from .base import DEFAULT, Layer, Options, Shape, check_activation, pair
+from .base import DEFAULT, Layer, Options, Shape, check_activation, count
 from .initializers import check_initializer, initialize
 
 
@@ -38,9 +39,9 @@ class Dense(Layer):
     def __init__(self, units: int, activation: str | None = None, use_bias: bool = True,
                  kernel_initializer: str = "glorot_uniform", name: str | None = None) -> None:
         super().__init__(name)
-        self.units = pair(units, "units")[0]
+        self.units = count(units, "units")
         self.activation = check_activation(activation)
-        self.use_bias = bool(use_bias)
+        self.use_bias = flag(use_bias, "use_bias")
         self.kernel_initializer = check_initializer(kernel_initializer)
 
     def get_config(self) -> dict[str, Any]:

@@ -73,7 +73,14 @@ class Normalization(Layer):
 
 
 class RandomFlip(RandomLayer):
-    """Mirror each training image left-right with probability 1/2."""
+    """Mirror each training image left-right with probability 1/2 (Keras' ``"horizontal"``
+    mode, the only one)."""
+
+    def __init__(self, mode: str = "horizontal", name: str | None = None) -> None:
+        super().__init__(name)
+        if mode != "horizontal":  # (Keras' first argument: not taken for a name)
+            raise InputError(f"RandomFlip flips left-right only (mode 'horizontal'), got mode "
+                             f"{mode!r}")
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         if not training:

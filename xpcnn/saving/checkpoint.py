@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import distributed
+from .. import checks, distributed
 from ..backend import DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterrupted
 from ..files import remove_leftovers
@@ -110,10 +110,11 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
     Raises :class:`NonFiniteError`, and leaves ``path`` untouched, when a weight or an optimiser
     slot holds NaN or infinity.
     """
-    path = os.fspath(path)
+    path = checks.file_path(path, "the checkpoint")
     model._require_built("save_checkpoint")
     if not distributed.is_root():  # one writer: rank 0 (all ranks hold the same state)
         return
+    checks.output_file(path, "the checkpoint")
     if model.loss is None or model.optimizer is None:
         raise InputError("save_checkpoint needs a compiled model (compile(...) first)")
     opt = model.optimizer

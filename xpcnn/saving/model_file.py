@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import distributed
+from .. import checks, distributed
 from ..backend import DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError
 from ..graph import Inbound, check_graph, inbound_of
@@ -83,10 +83,11 @@ def weight_arrays(model: Any, refusal: Callable[[Layer, str], str]) -> dict[str,
 
 def save_model(model: Any, path: str | os.PathLike[str]) -> None:
     """Write ``model``'s architecture, compile settings and weights to ``path``, atomically."""
-    path = os.fspath(path)
+    path = checks.file_path(path, "the model file")
     model._require_built("save")
     if not distributed.is_root():  # one writer: rank 0 (all ranks hold the same weights)
         return
+    checks.output_file(path, "the model file")
 
     def refusal(layer: Layer, weight: str) -> str:
         return (f"the weights of layer {layer.name!r} ({weight}) hold NaN or infinity: {path} "
@@ -104,7 +105,7 @@ def load_model(path: str | os.PathLike[str], device: DeviceLike = "cpu") -> Any:
 
     A checkpoint (:mod:`xpcnn.saving.checkpoint`) loads too: its model, with the weights it holds.
     """
-    path = os.fspath(path)
+    path = checks.file_path(path, "the model file")
     with NpzArchive(path) as npz:
         config = npz.read_config()
         checkpoint = isinstance(config, dict) and config.get("format") == CHECKPOINT_FORMAT
@@ -286,7 +287,7 @@ def set_weights_from_file(model: Any, npz: NpzArchive) -> None:
 def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
     """Load the weights of a model file or checkpoint into ``model``, checking that the file
     holds the same architecture; otherwise ``DataFormatError`` names the first difference."""
-    path = os.fspath(path)
+    path = checks.file_path(path, "the model file")
     with NpzArchive(path) as npz:
         config = npz.read_config()
         checkpoint = isinstance(config, dict) and config.get("format") == CHECKPOINT_FORMAT

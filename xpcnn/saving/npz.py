@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import file_path
 from ..errors import DataFormatError
 from ..files import atomic_file
 
@@ -86,7 +87,7 @@ class NpzArchive:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
+        self.path = file_path(path, "the path of the file to read")
         if not os.path.isfile(self.path):
             raise DataFormatError(f"{self.path}: no such file")
         with _format_errors(self.path):

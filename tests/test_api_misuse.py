@@ -1,0 +1,386 @@
+"""What a Keras or PyTorch user gets wrong through the Python API: each is a clear xpcnn error
+naming what was wrong and what was expected, raised before any work (no bare traceback from
+deep inside, no silent wrong result, no lost work)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import xpcnn
+from xpcnn import optim
+from xpcnn.callbacks import BackupAndRestore, CSVLogger, ModelCheckpoint
+from xpcnn.errors import InputError
+from xpcnn.layers import Conv2D, Dense, Flatten, ReLU, Rescaling, Softmax
+
+X = np.random.default_rng(0).integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
+Y = np.arange(20) % 4
+
+
+def net():
+    return [Rescaling(1 / 255), Conv2D(3, 3), ReLU(), Flatten(), Dense(4), Softmax()]
+
+
+@pytest.fixture
+def model():
+    m = xpcnn.Sequential(net(), seed=0)
+    m.compile(optimizer=optim.SGD(0.01))
+    m.build((6, 6, 3))
+    return m
+
+
+# -- files written during or after training: checked before the first step ---------------------
+
+def unwritable(folder):
+    """A path whose folder cannot be made: a regular file stands where it would be."""
+    with open(os.path.join(folder, "file"), "w"):
+        pass
+    return os.path.join(folder, "file", "m.npz")
+
+
+WRITES = {
+    "fit checkpoint a folder": (
+        lambda m, d: m.fit(X, Y, checkpoint=d, verbose=0), "the checkpoint '{d}' is a folder"),
+    "fit checkpoint unwritable": (
+        lambda m, d: m.fit(X, Y, checkpoint=unwritable(d), verbose=0),
+        "cannot write the checkpoint '{d}/file/m.npz' in '{d}/file': .*not a folder"),
+    "BackupAndRestore a folder": (
+        lambda m, d: m.fit(X, Y, callbacks=[BackupAndRestore(d, resume=True)], verbose=0),
+        "the checkpoint '{d}' is a folder"),
+    "ModelCheckpoint a folder": (
+        lambda m, d: m.fit(X, Y, callbacks=[ModelCheckpoint(str(d))], verbose=0),
+        "the ModelCheckpoint file '{d}' is a folder; give the path of a file"),
+    "ModelCheckpoint unwritable": (
+        lambda m, d: m.fit(X, Y, callbacks=[ModelCheckpoint(unwritable(d))], verbose=0),
+        "cannot write the ModelCheckpoint file '{d}/file/m.npz'"),
+    "ModelCheckpoint None": (lambda m, d: ModelCheckpoint(None),
+                             "ModelCheckpoint filepath must be a file path, got None"),
+    "CSVLogger a folder": (lambda m, d: m.fit(X, Y, callbacks=[CSVLogger(d)], verbose=0),
+                           "the CSVLogger file '{d}' is a folder"),
+    "save to a folder": (lambda m, d: m.save(d), "the model file '{d}' is a folder"),
+    "save unwritable": (lambda m, d: m.save(unwritable(d)),
+                        "cannot write the model file '{d}/file/m.npz'"),
+    "save to None": (lambda m, d: m.save(None), "the model file must be a file path, got None"),
+    "load_model None": (lambda m, d: xpcnn.load_model(None),
+                        "the model file must be a file path, got None"),
+    "load_weights an int": (lambda m, d: m.load_weights(3),
+                            "the model file must be a file path, got 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRITES))
+def test_a_path_that_cannot_be_written_is_refused_before_training(model, tmp_path, case):
+    call, message = WRITES[case]
+    with pytest.raises(InputError, match=message.format(d=tmp_path)):
+        call(model, str(tmp_path))
+    assert model.optimizer.iterations == 0  # not a single step lost
+    assert set(os.listdir(tmp_path)) <= {"file"}  # nothing written
+
+
+def test_missing_folders_are_still_created(model, tmp_path):
+    path = tmp_path / "runs" / "a" / "ckpt.npz"
+    model.fit(X, Y, epochs=1, checkpoint=path, callbacks=[
+        CSVLogger(tmp_path / "logs" / "log.csv")], verbose=0)
+    model.save(tmp_path / "models" / "m.npz")
+    assert path.is_file() and (tmp_path / "logs" / "log.csv").is_file()
+    assert (tmp_path / "models" / "m.npz").is_file()
+
+
+# -- arguments that were taken silently, or failed deep inside ---------------------------------
+
+ARGUMENTS = {
+    "Dense units a pair": (lambda m: Dense((10, 20)),
+                           r"units must be a positive int \(a count, below 2\*\*31\), got "
+                           r"\(10, 20\)"),
+    "Conv2D filters a pair": (lambda m: Conv2D((8, 16), 3),
+                              r"filters must be a positive int .* got \(8, 16\)"),
+    "use_bias a string": (lambda m: Dense(3, use_bias="False"),
+                          "use_bias must be True or False, got 'False'"),
+    "Conv2D use_bias None": (lambda m: Conv2D(3, use_bias=None),
+                             "use_bias must be True or False, got None"),
+    "nesterov a string": (lambda m: optim.SGD(0.1, momentum=0.9, nesterov="no"),
+                          "SGD nesterov must be True or False, got 'no'"),
+    "save_best_only a string": (lambda m: ModelCheckpoint("m.npz", save_best_only="no"),
+                                "save_best_only must be True or False, got 'no'"),
+    "restore_best_weights None": (
+        lambda m: xpcnn.callbacks.EarlyStopping(restore_best_weights=None),
+        "restore_best_weights must be True or False, got None"),
+    "CSVLogger append a string": (lambda m: CSVLogger("log.csv", append="yes"),
+                                  "CSVLogger append must be True or False, got 'yes'"),
+    "shuffle a string": (lambda m: m.fit(X, Y, shuffle="no", verbose=0),
+                         "shuffle must be True or False, got 'no'"),
+    "precision a list": (lambda m: m.compile(precision=["float32"]),
+                         r"precision must be one of .* got \['float32'\]"),
+    "metrics a number": (lambda m: m.compile(metrics=3),
+                         r"metrics must be a list of names such as \['accuracy'\], got 3"),
+    "callbacks not a list": (lambda m: m.fit(X, Y, callbacks=xpcnn.callbacks.History(),
+                                             verbose=0),
+                             "callbacks must be a list of xpcnn.callbacks.Callback instances, "
+                             "got History"),
+    "evaluate callbacks not a list": (lambda m: m.evaluate(X, Y, callbacks=CSVLogger("log")),
+                                      "callbacks must be a list .* got CSVLogger"),
+    "x a dict": (lambda m: m.fit({"images": X}, verbose=0),
+                 r"x is a dict \(keys \['images'\]\): an xpcnn model has one input"),
+    "validation_data a dict": (lambda m: m.fit(X, Y, validation_data={"x": X, "y": Y},
+                                               verbose=0),
+                               r"x_val is a dict \(keys \['x', 'y'\]\)"),
+    "predict on a dict": (lambda m: m.predict({"x": X}), "x is a dict"),
+    "one-hot rows not summing to 1": (
+        lambda m: m.fit(X, 3 * np.eye(4)[Y], verbose=0),
+        r"one-hot y must hold probabilities, each row >= 0 and summing to 1; row 0 sums to 3 "
+        r"with a least value of 0 \(20 such rows\)"),
+    "one-hot rows with a negative value": (
+        lambda m: m.fit(X, np.eye(4)[Y] * 1.5 - 0.125, verbose=0),
+        "row 0 sums to 1 with a least value of -0.125"),
+    "one-hot rows of ints": (
+        lambda m: m.fit(X, np.eye(4, dtype=np.int64)[Y], verbose=0),
+        r"one-hot y must be floats \(probabilities\), got dtype int64: pass "
+        r"y.astype\('float32'\), or the class indices y.argmax\(axis=1\)"),
+    "validation one-hot rows": (
+        lambda m: m.fit(X, Y, validation_data=(X, np.eye(4)[Y] * 2), verbose=0),
+        "one-hot y_val must hold probabilities"),
+    "loss_scale NaN": (lambda m: (m.compile(precision="mixed_float16"),
+                                  setattr(m, "loss_scale", float("nan"))),
+                       "loss_scale must be a number > 0, got nan"),
+    "loss_scale negative": (lambda m: (m.compile(precision="mixed_float16"),
+                                       setattr(m, "loss_scale", -4)),
+                            "loss_scale must be a number > 0, got -4"),
+    "EarlyStopping patience": (lambda m: xpcnn.callbacks.EarlyStopping(patience=-1),
+                               "EarlyStopping patience must be a non-negative integer, got -1"),
+    "ReduceLROnPlateau cooldown": (lambda m: xpcnn.callbacks.ReduceLROnPlateau(cooldown=1.5),
+                                   "ReduceLROnPlateau cooldown must be a non-negative integer"),
+    "LearningRateScheduler a number": (lambda m: xpcnn.callbacks.LearningRateScheduler(0.1),
+                                       r"schedule must be a function of \(epoch, lr\) or of "
+                                       "epoch, got 0.1"),
+    "LearningRateScheduler of three": (
+        lambda m: xpcnn.callbacks.LearningRateScheduler(lambda epoch, lr, extra: lr),
+        "schedule must be a function of"),
+    "LambdaCallback a number": (lambda m: xpcnn.callbacks.LambdaCallback(on_epoch_end=3),
+                                "LambdaCallback on_epoch_end must be a function, got 3"),
+    "an unbuilt layer called on a batch": (
+        lambda m: Dense(3)(np.ones((2, 4), np.float32)),
+        r"layer 'dense' \(Dense\) must be built before it runs on a batch: "
+        r"layer.build\(input_shape\)"),
+    "an unbuilt layer's forward": (lambda m: Conv2D(3).forward(X.astype(np.float32)),
+                                   r"layer 'conv2d' \(Conv2D\) must be built before it runs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ARGUMENTS))
+def test_a_bad_argument_is_a_clear_error_before_any_work(model, case):
+    call, message = ARGUMENTS[case]
+    before = model.get_weights()
+    with pytest.raises(InputError, match=message):
+        call(model)
+    assert model.optimizer.iterations == 0
+    for a, b in zip(before, model.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_keras_spellings_that_mean_the_same_are_accepted(model):
+    model.compile(optimizer=optim.SGD(0.01), metrics=None)  # Keras' default
+    seen = []
+    model.fit(X, Y, epochs=2, verbose=0, callbacks=[  # Keras' one-argument schedule
+        xpcnn.callbacks.LearningRateScheduler(lambda epoch: seen.append(epoch) or 0.5)])
+    assert seen == [0, 1] and model.optimizer.lr == 0.5
+    soft = np.full((20, 4), 0.1, np.float32)  # smoothed labels: probabilities
+    soft[np.arange(20), Y] = 0.7
+    model.fit(X, soft, verbose=0)
+    assert Dense(3, use_bias=np.bool_(False)).use_bias is False
+    # Keras' everyday predict(x, verbose=0) (it was TypeError: unexpected keyword 'verbose')
+    np.testing.assert_array_equal(model.predict(X, verbose=0), model.predict(X))
+
+
+# -- a layer in two models --------------------------------------------------------------------
+
+def conv_net():
+    from xpcnn.layers import GlobalAvgPool2D
+
+    return [Rescaling(1 / 255), Conv2D(4, 3, padding="same"), ReLU(), GlobalAvgPool2D(),
+            Dense(4), Softmax()]
+
+
+def test_layers_shared_with_a_model_on_larger_images_keep_their_trained_weights():
+    layers = conv_net()
+    small = xpcnn.Sequential(layers, input_shape=(6, 6, 3))
+    small.compile(optimizer=optim.SGD(0.1))
+    small.fit(X, Y, epochs=2, verbose=0)
+    trained, before = small.get_weights(), small.evaluate(X, Y)
+    large = xpcnn.Sequential(layers, input_shape=(8, 8, 3), dtype="float64")
+    for a, b in zip(trained, large.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # kept (they were re-initialised), cast to float64
+    assert large.predict(np.zeros((2, 8, 8, 3), np.uint8)).shape == (2, 4)
+    # The first model runs its layers as built for it again, with the same weights.
+    assert small.evaluate(X, Y) == before
+
+
+def test_a_layer_whose_weights_cannot_fit_another_models_inputs_is_refused_untouched():
+    layers = net()
+    first = xpcnn.Sequential(layers, input_shape=(6, 6, 3))
+    weights, probabilities = first.get_weights(), first.predict(X)
+    with pytest.raises(InputError, match=r"layer 'dense' \(Dense\) holds weights for inputs of "
+                                         r"shape \(48,\), and inputs of shape \(75,\) need "
+                                         r"weights of other shapes \(\[\(75, 4\), \(4,\)\], it "
+                                         r"has \[\(48, 4\), \(4,\)\]\): a layer keeps its "
+                                         r"weights; use a new Dense\(...\) for these inputs"):
+        xpcnn.Sequential(layers, input_shape=(7, 7, 3))
+    for a, b in zip(weights, first.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(first.predict(X), probabilities)
+
+
+def test_random_flip_takes_keras_mode_first_and_has_only_the_horizontal_one():
+    from xpcnn.layers import RandomFlip
+
+    with pytest.raises(InputError, match="RandomFlip flips left-right only \\(mode "
+                                         "'horizontal'\\), got mode 'vertical'"):
+        RandomFlip("vertical")  # was a layer named 'vertical' that flipped left-right
+    assert RandomFlip("horizontal", name="flip").name == "flip"
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "copy", "pickle"])
+def test_copying_a_model_says_how_to_keep_its_weights(model, how):
+    import copy
+    import pickle
+
+    call = {"deepcopy": copy.deepcopy, "copy": copy.copy, "pickle": pickle.dumps}[how]
+    with pytest.raises(InputError, match=r"a model cannot be copied or pickled .* keep its "
+                                         r"weights with get_weights\(\)"):
+        call(model)  # was TypeError: cannot pickle 'module' object, from inside copy
+
+
+def test_figures_and_onnx_files_name_a_path_that_cannot_be_written(model, tmp_path):
+    pytest.importorskip("matplotlib")
+    from xpcnn import viz
+
+    with pytest.raises(InputError, match=f"the figure '{tmp_path}' is a folder"):
+        viz.plot_stage_tour(model, X[0], tmp_path)  # was IsADirectoryError from inside PIL
+    with pytest.raises(InputError, match="the figure must be a file path, got None"):
+        viz.plot_filters(model, None)
+    pytest.importorskip("onnx")
+    with pytest.raises(InputError, match="the ONNX file must be a file path, got None"):
+        model.export(None)
+
+
+def test_one_optimizer_cannot_train_two_models(model):
+    same = xpcnn.Sequential(net(), seed=1)
+    with pytest.raises(InputError, match="this SGD optimizer is already compiled into model "
+                                         "'sequential': an optimizer holds one model's state"):
+        same.compile(optimizer=model.optimizer)  # was: one model's momentum in the other's
+    model.compile(optimizer=model.optimizer)  # compiling its own model again is fine
+    model.fit(X, Y, verbose=0)
+    assert model.optimizer.iterations == 1
+
+
+def test_validation_steps_with_validation_arrays_is_refused_as_steps_is(model):
+    with pytest.raises(InputError, match=r"steps_per_epoch / steps are for generators; arrays "
+                                         r"give ceil\(N / batch_size\) batches"):
+        model.fit(X, Y, validation_data=(X, Y), validation_steps=2, verbose=0)  # was ignored
+    assert model.optimizer.iterations == 0
+
+
+# -- images laid out as PyTorch has them -----------------------------------------------------
+
+def test_channels_first_images_are_named_as_such():
+    from xpcnn.layers import GlobalAvgPool2D
+
+    nchw = np.ascontiguousarray(X.transpose(0, 3, 1, 2))  # (20, 3, 6, 6)
+    unbuilt = xpcnn.Sequential([Rescaling(1 / 255), Conv2D(4, 3, padding="same"),
+                                GlobalAvgPool2D(), Dense(4), Softmax()])
+    unbuilt.compile()
+    # (it would train, silently, on 3x6 images of 6 channels)
+    with pytest.warns(UserWarning, match=r"x has per-sample shape \(3, 6, 6\), which looks like "
+                                         r"channels-first images \(C, H, W\), as PyTorch keeps "
+                                         r"them; .* Pass x.transpose\(0, 2, 3, 1\)"):
+        unbuilt.fit(nchw, Y, verbose=0)
+    built = xpcnn.Sequential(net(), input_shape=(6, 6, 3))
+    with pytest.raises(InputError, match=r"got x.shape = \(20, 3, 6, 6\): channels first \(N, C, "
+                                         r"H, W\), as PyTorch keeps images\? pass "
+                                         r"x.transpose\(0, 2, 3, 1\)"):
+        built.predict(nchw)
+    with pytest.raises(InputError, match=r"got x.shape = \(6, 6, 3\): one sample\? add the batch "
+                                         r"axis, x\[None\]"):
+        built.predict(X[0])
+    assert built.predict(X[0][None]).shape == (1, 4)
+
+
+def test_images_in_keras_layout_build_without_a_warning(recwarn):
+    xpcnn.Sequential(net()).predict(X)
+    gray = xpcnn.Sequential([Flatten(), Dense(4), Softmax()])
+    gray.predict(np.zeros((2, 28, 28, 1), np.uint8))
+    assert not [w for w in recwarn if "channels-first" in str(w.message)]
+
+
+def test_a_non_finite_sample_of_a_dataset_is_named_by_its_index_in_the_dataset(model):
+    from xpcnn.errors import NonFiniteError
+
+    class Samples:
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            x = X[i].astype(np.float32)
+            x[1, 2, 0] = np.nan if i == 13 else x[1, 2, 0]
+            return x, Y[i]
+
+    # (it said "sample 3", its place in a shuffled batch, and "nothing was run")
+    with pytest.raises(NonFiniteError, match=r"x holds NaN or infinite values: x\[13\], the "
+                                             r"first such sample, has 1 \(the first is nan at "
+                                             r"\(1, 2, 0\)\); remove or repair those samples$"):
+        model.fit(Samples(), batch_size=5, verbose=0)
+
+
+@pytest.mark.parametrize("callback", [
+    lambda: xpcnn.callbacks.EarlyStopping(),
+    lambda: xpcnn.callbacks.ReduceLROnPlateau(),
+    lambda: ModelCheckpoint("best.npz", save_best_only=True),
+], ids=["EarlyStopping", "ReduceLROnPlateau", "ModelCheckpoint"])
+def test_a_validation_metric_without_validation_data_is_refused_before_the_first_epoch(
+        model, callback, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cb = callback()
+    with pytest.raises(InputError, match=f"{type(cb).__name__} monitors 'val_loss', which the "
+                                         "epoch logs lack in a fit without validation data: pass "
+                                         r"validation_data \(or validation_split\)"):
+        model.fit(X, Y, epochs=3, callbacks=[cb], verbose=0)
+    assert model.optimizer.iterations == 0  # (it was raised after the first epoch's training)
+    model.fit(X, Y, epochs=1, callbacks=[callback()], validation_split=0.2, verbose=0)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("m-{epoch:02d}-{val_loss:.3f}.npz", "'val_loss'"),
+    ("m-{epoch:s}.npz", "Unknown format code 's'"),
+    ("m-{0}.npz", "positional fields"),
+])
+def test_a_model_checkpoint_template_that_cannot_be_filled_fails_before_the_first_epoch(
+        model, tmp_path, template, message):
+    with pytest.raises(InputError, match=f"ModelCheckpoint path .* could not be filled from "
+                                         f"epoch and the logs .*{message}"):
+        model.fit(X, Y, epochs=2, callbacks=[ModelCheckpoint(tmp_path / template)], verbose=0)
+    assert model.optimizer.iterations == 0 and not os.listdir(tmp_path)
+    model.fit(X, Y, epochs=2, validation_data=(X, Y), verbose=0, callbacks=[
+        ModelCheckpoint(tmp_path / "m-{epoch:02d}-{val_loss:.3f}-{accuracy:.2f}.npz")])
+    assert len(os.listdir(tmp_path)) == 2
+
+
+def test_logs_that_a_users_callback_adds_can_be_monitored_and_named(model, tmp_path):
+    class HoldoutScore(xpcnn.callbacks.Callback):  # a Keras pattern: a metric of one's own
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_f1"] = 0.5 + epoch
+
+    model.fit(X, Y, epochs=2, verbose=0, callbacks=[
+        HoldoutScore(), xpcnn.callbacks.EarlyStopping(monitor="val_f1", mode="max"),
+        ModelCheckpoint(tmp_path / "m-{epoch}-{val_f1:.1f}.npz", monitor="val_f1",
+                        save_best_only=True, mode="max")])
+    assert sorted(os.listdir(tmp_path)) == ["m-1-0.5.npz", "m-2-1.5.npz"]
+
+
+def test_a_list_of_batches_is_told_how_to_be_passed(model):
+    batches = [(X[:10], Y[:10]), (X[10:], Y[10:])]
+    with pytest.raises(InputError, match=r"y \(the labels of x\) is missing; x is a list of "
+                                         r"pairs: .* iter\(x\), with steps_per_epoch"):
+        model.fit(batches, verbose=0)
+    model.fit(iter(batches), steps_per_epoch=2, verbose=0)
+    assert model.optimizer.iterations == 2
