@@ -145,7 +145,7 @@ def test_the_progress_bar_shows_the_running_metrics(data, monkeypatch, capsys):
 
 def test_early_stopping_restores_the_best_weights(data):
     script = Scripted([3.0, 1.0, 2.0, 2.5, 0.5, 0.1])
-    stop = EarlyStopping("score", patience=2, restore_best_weights=True)
+    stop = EarlyStopping("score", mode="min", patience=2, restore_best_weights=True)
     model = small_model()
     history = model.fit(*data, epochs=6, batch_size=BATCH, verbose=0, callbacks=[script, stop])
     # best at epoch 1; epochs 2 and 3 do not improve: patience 2 is used up at epoch 3
@@ -159,14 +159,13 @@ def test_early_stopping_min_delta_mode_and_baseline(data):
     stop = EarlyStopping("score", mode="max", min_delta=0.02, patience=0)
     small_model().fit(*data, epochs=4, batch_size=BATCH, verbose=0, callbacks=[script, stop])
     assert stop.stopped_epoch == 2  # +0.05 counts, +0.01 does not
-    script = Scripted([0.5, 0.4, 0.3, 0.2])
-    stop = EarlyStopping("score", baseline=0.1, patience=1, restore_best_weights=True)
-    model = small_model()
-    model.fit(*data, epochs=4, batch_size=BATCH, verbose=0, callbacks=[script, stop])
-    # 0.5 does not beat the baseline: patience 1 is used up at once; no best epoch to restore
-    assert stop.stopped_epoch == 0 and stop.best_weights is None
-    assert same_weights(model.get_weights(), script.weights[0])
     assert EarlyStopping("val_accuracy").mode == "max" and EarlyStopping().mode == "min"
+    with pytest.raises(InputError, match="EarlyStopping cannot tell whether 'score' should go "
+                                         "down or up: pass mode='min' or mode='max'"):
+        EarlyStopping("score")
+    assert ModelCheckpoint("m.npz", monitor="score").mode == "auto"  # (not watched)
+    with pytest.raises(InputError, match="ModelCheckpoint cannot tell whether 'val_f1'"):
+        ModelCheckpoint("m.npz", monitor="val_f1", save_best_only=True)
 
 
 # -- ModelCheckpoint -------------------------------------------------------------------------------
@@ -190,7 +189,8 @@ def test_model_checkpoint_best_only_and_weights_only(data, tmp_path):
     path = tmp_path / "best.npz"
     model = small_model()
     saves = []
-    save = ModelCheckpoint(path, monitor="score", save_best_only=True, save_weights_only=True)
+    save = ModelCheckpoint(path, monitor="score", mode="min", save_best_only=True,
+                           save_weights_only=True)
     watch = LambdaCallback(on_epoch_end=lambda e, logs: saves.append(
         path.exists() and path.stat().st_mtime_ns))
     model.fit(*data, epochs=4, batch_size=BATCH, verbose=0, callbacks=[script, save, watch])
@@ -248,7 +248,8 @@ def test_backup_and_restore_refuses_a_generator(data, tmp_path):
 def test_reduce_lr_on_plateau_with_cooldown_and_floor(data, tmp_path):
     script = Scripted([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
     rates = []
-    reduce = ReduceLROnPlateau("score", factor=0.5, patience=1, cooldown=2, min_lr=0.03)
+    reduce = ReduceLROnPlateau("score", mode="min", factor=0.5, patience=1, cooldown=2,
+                               min_lr=0.03)
     model = small_model(lr=0.1)
     record = LambdaCallback(on_epoch_end=lambda e, logs: rates.append(model.optimizer.lr))
     model.fit(*data, epochs=7, batch_size=BATCH, verbose=0, callbacks=[script, reduce, record])

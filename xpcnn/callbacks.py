@@ -22,7 +22,7 @@ import inspect
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -208,15 +208,42 @@ class ProgbarLogger(Callback):
             self.bar.close()  # (a no-op when the epoch ended normally)
 
 
-class _Monitor(Callback):
-    """Shared by the callbacks that watch one metric for improvement."""
+#: The direction of the metrics ``fit`` logs (``val_`` ones alike), for ``mode="auto"``.
+AUTO_MODES = {"loss": "min", "accuracy": "max"}
 
-    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0) -> None:
+
+def _log(logs: Mapping[str, float] | None, name: str, value: float) -> None:
+    """Add ``name`` to the epoch logs, for the callbacks after this one and the History."""
+    if isinstance(logs, MutableMapping):
+        logs[name] = value
+
+
+class _Monitor(Callback):
+    """Shared by the callbacks that watch one metric for improvement, with Keras' rules: the
+    first value is the first best; a later one improves on ``best`` when it is lower (mode
+    "min") or higher ("max") by more than ``min_delta``; ``mode="auto"`` is "min" for
+    ``loss`` and ``val_loss``, "max" for ``accuracy`` and ``val_accuracy``.
+
+    Deliberate differences from Keras: a name whose direction is unknown with ``mode="auto"``
+    is refused at once (Keras raises at the end of the first epoch); a monitor missing from the
+    logs is an error (Keras warns and skips the epoch, so a typo silently disables the
+    callback); a NaN value never improves, not even as the first one (in Keras a NaN first
+    value becomes the best, which nothing can then beat: training stops after ``patience``
+    epochs and restores the NaN epoch's weights); values are compared in float64 (Keras rounds
+    both sides to float32, so its ties at exactly ``min_delta`` are decided by rounding).
+    """
+
+    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0,
+                 watched: bool = True) -> None:
         super().__init__()
         if mode not in ("auto", "min", "max"):
             raise InputError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
         if mode == "auto":
-            mode = "max" if "acc" in monitor else "min"
+            mode = AUTO_MODES.get(str(monitor).removeprefix("val_"), "auto")
+            if mode == "auto" and watched:
+                raise InputError(f"{type(self).__name__} cannot tell whether {monitor!r} should "
+                                 "go down or up: pass mode='min' or mode='max' (mode='auto' "
+                                 "knows loss and accuracy)")
         self.monitor, self.mode, self.min_delta = monitor, mode, abs(float(min_delta))
 
     def current(self, logs: Mapping[str, float] | None) -> float:
@@ -235,51 +262,72 @@ class _Monitor(Callback):
                              "logs lack in a fit without validation data: pass validation_data "
                              "(or validation_split), or monitor 'loss'")
 
-    def improves(self, value: float, best: float) -> bool:
+    def improves(self, value: float, best: float | None) -> bool:
+        """Whether ``value`` beats ``best`` (None: nothing yet) by more than ``min_delta``."""
+        if math.isnan(value):
+            return False
+        if best is None:
+            return True
         if self.mode == "min":
-            return value < best - self.min_delta
-        return value > best + self.min_delta
-
-    def worst(self) -> float:
-        return math.inf if self.mode == "min" else -math.inf
+            return value + self.min_delta < best
+        return value - self.min_delta > best
 
 
 class EarlyStopping(_Monitor):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience``
-    epochs. ``baseline``: stop also when it does not beat that value within ``patience``
-    epochs. ``restore_best_weights``: end with the weights of the best epoch."""
+    epochs (Keras' rules, see :class:`_Monitor`); epochs before ``start_from_epoch`` (0-based)
+    are not watched at all. ``stopped_epoch`` is the 0-based epoch that stopped training (0:
+    it did not stop; as in Keras, the first epoch never stops it).
+
+    ``baseline``: the patience runs from the last epoch that beat both the best value so far
+    and ``baseline``: training stops ``patience`` epochs after that (after the start without
+    one) at an epoch that does not improve on the best value; an epoch that improves on it
+    without reaching the baseline neither stops training nor resets the count (Keras' rule).
+
+    ``restore_best_weights``: end with the weights of the best epoch (``best_epoch``), also
+    when training ends without an early stop, and also when no epoch reached the baseline (the
+    best of those watched).
+    """
 
     def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0,
                  mode: str = "auto", baseline: float | None = None,
-                 restore_best_weights: bool = False, verbose: int = 0) -> None:
+                 restore_best_weights: bool = False, verbose: int = 0,
+                 start_from_epoch: int = 0) -> None:
         super().__init__(monitor, mode, min_delta)
         self.patience = checks.non_negative_int(patience, "EarlyStopping patience")
         self.baseline = None if baseline is None else checks.number(baseline, "baseline")
         self.restore_best_weights = checks.flag(restore_best_weights, "restore_best_weights")
+        self.start_from_epoch = checks.non_negative_int(start_from_epoch, "start_from_epoch")
         self.verbose = verbose
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         self.check_monitor()
-        self.wait, self.stopped_epoch, self.best_epoch = 0, None, None
-        self.best = self.worst() if self.baseline is None else float(self.baseline)
+        self.wait, self.stopped_epoch, self.best_epoch = 0, 0, 0
+        self.best: float | None = None
         self.best_weights: list[np.ndarray] | None = None
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         value = self.current(logs)
+        if epoch < self.start_from_epoch:
+            return
+        if self.restore_best_weights and self.best_weights is None:  # (until one is better)
+            self.best_weights, self.best_epoch = self.model.get_weights(), epoch
+        self.wait += 1
         if self.improves(value, self.best):
-            self.best, self.best_epoch, self.wait = value, epoch, 0
+            self.best, self.best_epoch = value, epoch
             if self.restore_best_weights:
                 self.best_weights = self.model.get_weights()
+            if self.baseline is None or self.improves(value, self.baseline):
+                self.wait = 0
             return
-        self.wait += 1
-        if self.wait >= self.patience:
+        if self.wait >= self.patience and epoch > 0:
             self.stopped_epoch = epoch
             self.model.stop_training = True
 
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
-        if self.stopped_epoch is not None and self.verbose:
+        if self.stopped_epoch and self.verbose:
             _say(f"early stopping at epoch {self.stopped_epoch + 1}: {self.monitor} has not "
-                 f"improved since epoch {(self.best_epoch or 0) + 1}")
+                 f"improved since epoch {self.best_epoch + 1}")
         if self.restore_best_weights and self.best_weights is not None:
             self.model.set_weights(self.best_weights)
 
@@ -307,12 +355,12 @@ class ModelCheckpoint(_Monitor):
     def __init__(self, filepath: str | os.PathLike[str], monitor: str = "val_loss",
                  save_best_only: bool = False, save_weights_only: bool = False,
                  mode: str = "auto", verbose: int = 0) -> None:
-        super().__init__(monitor, mode)
+        super().__init__(monitor, mode, watched=save_best_only is True)
         self.filepath = checks.file_path(filepath, "ModelCheckpoint filepath")
         self.save_best_only = checks.flag(save_best_only, "save_best_only")
         self.save_weights_only = checks.flag(save_weights_only, "save_weights_only")
         self.verbose = verbose
-        self.best = self.worst()
+        self.best: float | None = None  # (kept across fit calls, as in Keras)
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         if self.save_best_only:
@@ -344,9 +392,22 @@ class ModelCheckpoint(_Monitor):
         if self.save_weights_only:
             self.model.save(path)
         else:
-            save_checkpoint(self.model, path, Progress(epoch + 1), self.model.history)
+            save_checkpoint(self.model, path, Progress(epoch + 1),
+                            _history_through(self.model.history, epoch, logs))
         if self.verbose:
             _say(f"epoch {epoch + 1}: saved {path}")
+
+
+def _history_through(done: history.History, epoch: int, logs: dict[str, float]
+                     ) -> history.History:
+    """``done`` with ``epoch``'s logs as they stand, for a checkpoint written at the end of the
+    epoch before the History callback, which runs after the user's ones, records it."""
+    if done.epoch[-1:] == [epoch]:
+        return done
+    record = history.History()
+    record.epoch, record.history = list(done.epoch), {k: list(v) for k, v in done.history.items()}
+    record.append(epoch, logs)
+    return record
 
 
 class BackupAndRestore(Callback):
@@ -402,7 +463,9 @@ class BackupAndRestore(Callback):
 
 class ReduceLROnPlateau(_Monitor):
     """Multiply the learning rate by ``factor`` when ``monitor`` has not improved for
-    ``patience`` epochs, then wait ``cooldown`` epochs; never below ``min_lr``."""
+    ``patience`` epochs, then wait ``cooldown`` epochs; never below ``min_lr`` (Keras' rules, see
+    :class:`_Monitor`). Adds the epoch's rate to the logs as ``learning_rate``, as Keras does,
+    so the History of a ``fit`` records it."""
 
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10,
                  mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0,
@@ -417,10 +480,13 @@ class ReduceLROnPlateau(_Monitor):
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         self.check_monitor()
-        self.best, self.wait, self.cooling = self.worst(), 0, 0
+        self.best: float | None = None
+        self.wait, self.cooling = 0, 0
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         value = self.current(logs)
+        optimizer = self.model.optimizer
+        _log(logs, "learning_rate", optimizer.lr)  # (the epoch's rate, as Keras logs it)
         if self.cooling:
             self.cooling -= 1
             self.wait = 0
@@ -430,7 +496,6 @@ class ReduceLROnPlateau(_Monitor):
         if self.cooling:
             return
         self.wait += 1
-        optimizer = self.model.optimizer
         if self.wait >= self.patience and optimizer.lr > self.min_lr:
             optimizer.lr = max(optimizer.lr * self.factor, self.min_lr)
             self.cooling, self.wait = self.cooldown, 0
@@ -441,7 +506,9 @@ class ReduceLROnPlateau(_Monitor):
 class LearningRateScheduler(Callback):
     """Set the learning rate at the start of each epoch to ``schedule(epoch, lr)`` (0-based
     epoch, the current rate), or ``schedule(epoch)`` for a function of the epoch alone (both
-    as in Keras)."""
+    as in Keras). Adds the epoch's rate to the logs as ``learning_rate``, as Keras does. Unlike
+    Keras, which calls ``schedule(epoch, lr)`` and retries ``schedule(epoch)`` on any TypeError,
+    the signature decides, so a TypeError inside the schedule is not hidden."""
 
     def __init__(self, schedule: Callable[..., float], verbose: int = 0) -> None:
         super().__init__()
@@ -457,6 +524,9 @@ class LearningRateScheduler(Callback):
             self.schedule(epoch)
         if self.verbose:
             _say(f"epoch {epoch + 1}: learning rate {optimizer.lr:.3g}")
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        _log(logs, "learning_rate", self.model.optimizer.lr)
 
 
 def _binds(fn: Any, *args: Any) -> bool:

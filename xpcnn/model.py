@@ -625,8 +625,13 @@ class Model:
         elif resume:
             raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
         self.history = History()
-        cbs = CallbackList([self.history, *([ProgbarLogger()] if verbose else []),
-                            *callback_list(callbacks), *extra], self,
+        # Keras' order: the History and the progress bar after the user's callbacks, so they
+        # see the logs those add (learning_rate, a user's metric); BackupAndRestore last, so
+        # that its checkpoint holds the History of the epoch just done.
+        callbacks = [*callback_list(callbacks), *extra]
+        backups = [cb for cb in callbacks if isinstance(cb, BackupAndRestore)]
+        cbs = CallbackList([*(cb for cb in callbacks if cb not in backups), self.history,
+                            *([ProgbarLogger()] if verbose else []), *backups], self,
                            {"epochs": epochs, "steps": data.steps, "verbose": verbose,
                             "data": data, "validation": validation is not None})
         self.stop_training, self._resume_at = False, None
@@ -635,6 +640,7 @@ class Model:
             self._parallel.broadcast_weights()
         cbs.on_train_begin()
         start = self._resume_at
+        logs: dict[str, float] = {}  # (the last epoch's, for on_train_end, as in Keras)
         try:
             with cbs.interruptible():
                 for epoch in range(start.epoch if start else 0, epochs):
@@ -656,7 +662,7 @@ class Model:
             if self._parallel is not None:
                 self._parallel.end_fit()
                 self._parallel = None
-        cbs.on_train_end()
+        cbs.on_train_end(logs)
         return self.history
 
     def _fit_epoch(self, epoch: int, data: Batches, cbs: CallbackList, start: Any
