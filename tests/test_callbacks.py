@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import math
 import random
+from types import SimpleNamespace
 
 import ckpt_train
 import numpy as np
@@ -166,6 +168,128 @@ def test_early_stopping_min_delta_mode_and_baseline(data):
     assert ModelCheckpoint("m.npz", monitor="score").mode == "auto"  # (not watched)
     with pytest.raises(InputError, match="ModelCheckpoint cannot tell whether 'val_f1'"):
         ModelCheckpoint("m.npz", monitor="val_f1", save_best_only=True)
+
+
+# -- Keras' decisions, epoch by epoch -------------------------------------------------------------
+# Each row is derived by hand from Keras 3's rules (keras/src/callbacks/early_stopping.py,
+# reduce_lr_on_plateau.py, model_checkpoint.py, monitor_callback.py); the rows marked "xpcnn"
+# are its documented differences (a NaN never improves). scripts/keras_callbacks_check.py
+# compares the callbacks with Keras itself where Keras is installed.
+
+nan, inf = math.nan, math.inf
+
+
+class TokenModel:
+    """What the monitoring callbacks read; its weights are a token: the epoch they are from."""
+
+    def __init__(self):
+        self.stop_training, self.epoch, self.restored, self.saved = False, None, None, []
+        self.optimizer = SimpleNamespace(lr=0.1)
+
+    def get_weights(self):
+        return [self.epoch]
+
+    def set_weights(self, weights):
+        self.restored = weights[0]
+
+    def save(self, path):
+        self.saved.append(self.epoch)
+
+
+def drive(callback, scores, monitor="score"):
+    """Call ``callback`` as fit does over epochs whose logs hold ``monitor``: ``scores``.
+    Returns the model, the number of epochs run, the logs of each after the callback."""
+    model, seen = TokenModel(), []
+    callback.set_model(model)
+    callback.set_params({"epochs": len(scores), "validation": True})
+    callback.on_train_begin({})
+    for epoch, score in enumerate(scores):
+        model.epoch = epoch
+        callback.on_epoch_begin(epoch, {})
+        seen.append({monitor: score})
+        callback.on_epoch_end(epoch, seen[-1])
+        if model.stop_training:
+            break
+    callback.on_train_end(seen[-1])
+    return model, len(seen), seen
+
+
+EARLY_STOPPING = [  # (settings (mode "min"), scores, epochs run, epoch restored)
+    (dict(patience=2), [3.0, 1.0, 2.0, 2.5, 0.5], 4, 1),  # no gain at 2 and 3: stop at 3
+    (dict(patience=0), [1.0, 1.0], 2, 0),  # a tie is no improvement
+    (dict(patience=1, min_delta=0.15), [1.0, 0.9, 0.8], 2, 0),  # -0.1 is less than min_delta
+    (dict(patience=5), [0.3, 0.1, 0.2], 3, 1),  # no early stop: the best epoch still comes back
+    (dict(patience=1, start_from_epoch=2), [1.0, 2.0, 3.0, 4.0, 0.5], 4, 2),  # 0, 1 not watched
+    # baseline: only an epoch beating it and the best resets the wait; an epoch improving on
+    # the best never stops training; the best epoch comes back even below the baseline
+    (dict(patience=1, baseline=0.1), [0.5, 0.4, 0.3, 0.2], 4, 3),
+    (dict(patience=2, baseline=0.35), [0.5, 0.4, 0.45, 0.3], 3, 1),
+    (dict(patience=1, baseline=0.35), [0.5, 0.3, 0.32, 0.2], 3, 1),
+    (dict(patience=0), [inf, 1.0, 1.0], 3, 1),  # the first value is the first best, even inf
+    (dict(patience=1), [0.5, nan, 0.4], 2, 0),  # NaN is no improvement
+    (dict(patience=1), [nan, 0.5, 0.6, 0.4], 3, 1),  # xpcnn: Keras makes NaN the best (2, 0)
+]
+
+
+@pytest.mark.parametrize("settings, scores, epochs_run, restored", EARLY_STOPPING)
+def test_early_stopping_stops_and_restores_on_keras_epochs(settings, scores, epochs_run,
+                                                          restored):
+    stop = EarlyStopping("score", mode="min", restore_best_weights=True, **settings)
+    model, ran, _ = drive(stop, scores)
+    assert (ran, model.restored) == (epochs_run, restored)
+    assert stop.stopped_epoch == (ran - 1 if model.stop_training else 0)  # (0: no stop)
+    flipped = EarlyStopping("score", mode="max", restore_best_weights=True, **{
+        k: -v if k == "baseline" else v for k, v in settings.items()})
+    model, ran, _ = drive(flipped, [-s for s in scores])
+    assert (ran, model.restored) == (epochs_run, restored)
+
+
+REDUCE_LR = [  # (settings (mode "min", factor 0.5), scores, rate after each epoch)
+    (dict(patience=1, cooldown=2, min_lr=0.03), [1.0] * 7, [.1, .05, .05, .03, .03, .03, .03]),
+    (dict(patience=0), [1.0, 0.9, 0.9, 0.8], [.1, .1, .05, .05]),
+    (dict(patience=1), [1.0, 0.99995, 0.9], [.1, .05, .05]),  # min_delta 1e-4 by default
+    (dict(patience=1), [inf, 5.0, 5.0], [.1, .1, .05]),  # the first value is the first best
+    (dict(patience=1), [nan, 1.0, 1.0], [.05, .05, .025]),  # xpcnn: Keras has [.1, .05, .025]
+]
+
+
+@pytest.mark.parametrize("settings, scores, rates", REDUCE_LR)
+def test_reduce_lr_on_plateau_lowers_the_rate_on_keras_epochs_and_logs_it(settings, scores,
+                                                                         rates):
+    reduce = ReduceLROnPlateau("score", mode="min", factor=0.5, **settings)
+    model, _, seen = drive(reduce, scores)
+    assert model.optimizer.lr == pytest.approx(rates[-1])
+    logged = [logs["learning_rate"] for logs in seen]  # the epoch's rate, before a reduction
+    assert logged == pytest.approx([0.1, *rates[:-1]])
+
+
+def test_learning_rate_scheduler_logs_each_epochs_rate():
+    _, _, seen = drive(LearningRateScheduler(lambda epoch: 0.1 / (epoch + 1)), [1.0] * 3)
+    assert [logs["learning_rate"] for logs in seen] == pytest.approx([0.1, 0.05, 0.1 / 3])
+
+
+@pytest.mark.parametrize("mode, scores, saved", [
+    ("min", [inf, 1.0, 1.0, 0.5], [0, 1, 3]),  # the first value is the first best
+    ("max", [0.5, 0.4, 0.6, 0.6], [0, 2]),
+    ("min", [nan, 1.0, 2.0, 0.5], [1, 3]),  # xpcnn: Keras saves the NaN epoch, then none
+])
+def test_model_checkpoint_saves_the_best_on_keras_epochs(tmp_path, mode, scores, saved):
+    save = ModelCheckpoint(tmp_path / "m.npz", "score", save_best_only=True,
+                           save_weights_only=True, mode=mode)
+    assert drive(save, scores)[0].saved == saved
+
+
+def test_history_holds_the_logs_callbacks_add_and_on_train_end_gets_the_last(data, tmp_path):
+    ended = []
+    model = small_model()
+    history = model.fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=[
+        Scripted([1.0, 1.0, 1.0]), ReduceLROnPlateau("score", mode="min", patience=0),
+        ModelCheckpoint(tmp_path / "last.npz"),
+        LambdaCallback(on_train_end=lambda logs: ended.append(dict(logs)))])
+    assert set(history.history) == {"loss", "accuracy", "seconds", "score", "learning_rate"}
+    assert history.history["learning_rate"] == pytest.approx([0.1, 0.1, 0.01])  # (before)
+    assert ended == [{k: v[-1] for k, v in history.history.items()}]
+    assert load_checkpoint(tmp_path / "last.npz").history.epoch == [0, 1, 2]
 
 
 # -- ModelCheckpoint -------------------------------------------------------------------------------
