@@ -624,6 +624,9 @@ class Model:
             extra.append(BackupAndRestore(checkpoint, checkpoint_every, resume))
         elif resume:
             raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
+        elif not (isinstance(checkpoint_every, str) and checkpoint_every == "epoch"):
+            raise InputError(f"checkpoint_every={checkpoint_every!r} needs checkpoint=PATH, the "
+                             "file to write: without it no checkpoint would be written")
         self.history = History()
         cbs = CallbackList([self.history, *([ProgbarLogger()] if verbose else []),
                             *callback_list(callbacks), *extra], self,
