@@ -38,6 +38,7 @@ class FakeModel:
 
     def __init__(self):
         self.stop_training, self.optimizer, self.epoch = False, Optimizer(0.1), -1
+        self._position = (0, 0)  # (epoch, batches done), which xpcnn's callbacks read
         self.restored, self.saved = None, []
         self.metrics = [MetricsList([keras.metrics.Accuracy(name="accuracy")])]
 
@@ -48,21 +49,28 @@ class FakeModel:
         self.restored = weights[0]
 
     def save(self, path, overwrite=True):
-        self.saved.append(self.epoch)
+        self.saved.append(self.epoch if self._position[1] is None else self._position)
 
 
-def run(make, kw, seq, monitor):
+def run(make, kw, seq, monitor, steps=1):
     """The decisions of a callback over one scripted sequence (or the error it raised)."""
     model = FakeModel()
     try:
         cb = make(**kw)
         cb.set_model(model)
+        if hasattr(cb, "_set_monitor_op"):  # (Keras sets it at the first epoch end: too late
+            cb._set_monitor_op()  # for its own save_freq=N with save_best_only, a TypeError)
         cb.set_params({"epochs": len(seq), "steps": 1, "verbose": 0, "validation": True})
         cb.on_train_begin({})
         lrs, keys = [], set()
         for epoch, value in enumerate(seq):
             model.epoch = epoch
             cb.on_epoch_begin(epoch, {})
+            for batch in range(steps):
+                model._position = (epoch, batch + 1)
+                cb.on_train_batch_begin(batch, {})
+                cb.on_train_batch_end(batch, {monitor: value})
+            model._position = (epoch, None)
             logs = {monitor: value}
             cb.on_epoch_end(epoch, logs)
             lrs.append(round(model.optimizer.lr, 9))
@@ -96,7 +104,11 @@ def case(rng):
                   factor=rng.choice([0.5, 0.1]), cooldown=rng.randrange(3),
                   min_lr=rng.choice([0.0, 0.01, 0.03]))
     elif kind == "ModelCheckpoint":
-        kw = dict(monitor=monitor, mode=mode, save_best_only=rng.random() < 0.8)
+        kw = dict(monitor=monitor, mode=mode, save_best_only=rng.random() < 0.8,
+                  save_freq=rng.choice(["epoch", "epoch", 1, 2, 3]),
+                  initial_value_threshold=rng.choice([None, None, 0.5]))
+        if kw["save_freq"] != "epoch":  # (xpcnn's batch logs: loss and accuracy)
+            kw["monitor"] = monitor = rng.choice(["loss", "accuracy"])
     else:
         kw = dict(schedule=rng.choice([SCHEDULES[0], SCHEDULES[1]]))
     return kind, kw, seq, monitor
@@ -105,28 +117,45 @@ def case(rng):
 SCHEDULES = [lambda epoch, lr: lr * 0.5 if epoch % 2 else lr, lambda epoch: 0.1 / (epoch + 1)]
 
 
+def known(kw, seq, theirs, steps):
+    """The documented difference a case shows, if any (xpcnn.callbacks._Monitor)."""
+    every = kw.get("save_freq", "epoch")
+    first = kw.get("start_from_epoch", 0) if every == "epoch" else (every - 1) // steps
+    if theirs == "error" and not kw.get("save_best_only", True):
+        return "Keras refuses an unknown mode='auto' monitor that save_best_only=False ignores"
+    if math.isnan(seq[min(first, len(seq) - 1)]):  # (the first value compared)
+        return "a NaN first value: Keras makes it the best, which nothing beats"
+    return None
+
+
 def main(cases=2000, seed=0):
     rng, tmp = random.Random(seed), tempfile.mkdtemp()
-    differences = {}
+    explained, unexplained = {}, []
     for _ in range(cases):
         kind, kw, seq, monitor = case(rng)
+        steps = rng.randrange(1, 5)
         keras_kw, xpcnn_kw = dict(kw), dict(kw)
         if kind == "ModelCheckpoint":
             keras_kw["filepath"] = os.path.join(tmp, "m.keras")
             xpcnn_kw.update(filepath=os.path.join(tmp, "m.npz"), save_weights_only=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ours = run(getattr(xc, kind), xpcnn_kw, seq, monitor)
-            theirs = run(getattr(keras.callbacks, kind), keras_kw, seq, monitor)
+            ours = run(getattr(xc, kind), xpcnn_kw, seq, monitor, steps)
+            theirs = run(getattr(keras.callbacks, kind), keras_kw, seq, monitor, steps)
         if ours != theirs:
-            differences.setdefault(kind, []).append((kw, seq, theirs, ours))
-    for kind, found in differences.items():
-        print(f"== {kind}: {len(found)} differences; first ones (settings, sequence, Keras, xpcnn)")
-        for kw, seq, theirs, ours in found[:6]:
-            kw = {k: getattr(v, "__name__", v) for k, v in kw.items()}
-            print(f"  {kw}\n    {seq}\n    keras {theirs}\n    xpcnn {ours}")
-    print(f"{cases} cases, {sum(map(len, differences.values()))} differences")
-    return not differences
+            reason = known(kw, seq, theirs, steps)
+            if reason:
+                explained[kind, reason] = explained.get((kind, reason), 0) + 1
+            else:
+                unexplained.append((kind, dict(kw, steps=steps), seq, theirs, ours))
+    for (kind, reason), count in sorted(explained.items()):
+        print(f"documented: {kind}: {reason}: {count} cases")
+    for kind, kw, seq, theirs, ours in unexplained:
+        kw = {k: getattr(v, "__name__", v) for k, v in kw.items()}
+        print(f"DIFFERENT {kind} {kw}\n  {seq}\n  keras {theirs}\n  xpcnn {ours}")
+    print(f"{cases} cases: {sum(explained.values())} documented differences, "
+          f"{len(unexplained)} others")
+    return not unexplained
 
 
 if __name__ == "__main__":

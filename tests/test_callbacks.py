@@ -277,6 +277,39 @@ def test_model_checkpoint_saves_the_best_on_keras_epochs(tmp_path, mode, scores,
     save = ModelCheckpoint(tmp_path / "m.npz", "score", save_best_only=True,
                            save_weights_only=True, mode=mode)
     assert drive(save, scores)[0].saved == saved
+    above = ModelCheckpoint(tmp_path / "m.npz", "score", save_best_only=True, mode=mode,
+                            save_weights_only=True, initial_value_threshold=scores[-1])
+    assert drive(above, scores)[0].saved == []  # nothing beats the last, the best
+
+
+def test_model_checkpoint_save_freq_counts_batches_across_epochs(data, tmp_path):
+    model = small_model()
+    saves = ModelCheckpoint(tmp_path / "m-{epoch}-{batch}.npz", save_freq=3)  # 4 batches/epoch
+    model.fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=[saves])
+    # Keras' count: after 3, 6, 9 and 12 batches (batch 1-based within its epoch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m-1-3.npz", "m-2-2.npz", "m-3-1.npz", "m-3-4.npz"]
+    inside = load_checkpoint(tmp_path / "m-2-2.npz")  # the state after step 6, to resume there
+    assert inside.model.optimizer.iterations == 6 and inside.history.epoch == [0]
+    best = ModelCheckpoint(tmp_path / "best.npz", "loss", save_best_only=True, save_freq=1,
+                           save_weights_only=True)
+    losses, saved = [], []  # (the running loss after each batch; the batches saved after)
+    model.save = lambda path: saved.append(model._position[1])
+    model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[
+        LambdaCallback(on_train_batch_end=lambda batch, logs: losses.append(logs["loss"])),
+        best])
+    assert saved == [i % 4 + 1 for i, loss in enumerate(losses) if loss < min(losses[:i] + [inf])]
+    assert 1 < len(saved) < 8 and best.best == min(losses)
+    for wrong, message in [(dict(save_freq=0), "save_freq must be 'epoch' or a positive"),
+                           (dict(save_freq=2, save_best_only=True),
+                            "batch logs, which hold loss and accuracy only: monitor one of them, "
+                            "not 'val_loss'")]:
+        with pytest.raises(InputError, match=message):
+            ModelCheckpoint(tmp_path / "m.npz", **wrong)
+    model = small_model()
+    with pytest.raises(InputError, match="could not be filled from epoch and the logs"):
+        model.fit(*data, verbose=0, callbacks=[ModelCheckpoint(tmp_path / "{batch}.npz")])
+    assert model.optimizer.iterations == 0  # (refused before the first step)
 
 
 def test_history_holds_the_logs_callbacks_add_and_on_train_end_gets_the_last(data, tmp_path):

@@ -63,6 +63,9 @@ class Callback:
 #: The metrics fit logs for its validation data.
 VALIDATION_LOGS = ("val_loss", "val_accuracy")
 
+#: The metrics of the batch logs (the epoch's running values).
+BATCH_LOGS = ("loss", "accuracy")
+
 #: The hooks' names, in the order :class:`Callback` declares them.
 HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
 
@@ -334,10 +337,11 @@ class EarlyStopping(_Monitor):
 
 class _TrialLogs(dict):  # type: ignore[type-arg]
     """The logs of a trial fill of a path template: 0 for a name that a user's callback may
-    add to the logs, and no value for fit's validation metrics where it has no validation."""
+    add to the logs, and no value for fit's validation metrics where it has no validation, nor
+    for ``batch`` where the saves are at the ends of epochs."""
 
     def __missing__(self, key: str) -> float:
-        if key in VALIDATION_LOGS:
+        if key in (*VALIDATION_LOGS, "batch"):
             raise KeyError(key)
         return 0.0
 
@@ -346,30 +350,54 @@ class ModelCheckpoint(_Monitor):
     """Save the model at the end of each epoch to ``filepath``, a template filled with the
     1-based ``epoch`` and the epoch logs: ``"ckpt-{epoch:02d}-{val_loss:.3f}.npz"``.
 
-    ``save_best_only``: only when ``monitor`` improved (the path may then be fixed).
-    ``save_weights_only``: a model file (architecture and weights, :meth:`Model.save`) instead
-    of a whole training checkpoint (optimiser state too, :func:`xpcnn.load_checkpoint`).
-    Both load with :func:`xpcnn.load_model` and :meth:`Model.load_weights`.
+    ``save_best_only``: only when ``monitor`` improved (the path may then be fixed); the first
+    value saves unless ``initial_value_threshold`` is given: then only a value beating it.
+    The best value is kept across ``fit`` calls, as in Keras. ``save_weights_only``: a model
+    file (architecture and weights, :meth:`Model.save`) instead of a whole training checkpoint
+    (optimiser state too, :func:`xpcnn.load_checkpoint`). Both load with
+    :func:`xpcnn.load_model` and :meth:`Model.load_weights`.
+
+    ``save_freq=N`` (Keras' batch-level saving): instead of at the end of each epoch, save
+    after every ``N`` batches, counted across epochs; the template may use the 1-based
+    ``batch`` in its epoch, and the logs are the batch logs (the epoch's running ``loss`` and
+    ``accuracy``), which ``save_best_only`` then compares. Unlike Keras, which then saves anyway
+    with a warning, a monitor the batch logs lack is refused.
     """
 
     def __init__(self, filepath: str | os.PathLike[str], monitor: str = "val_loss",
                  save_best_only: bool = False, save_weights_only: bool = False,
-                 mode: str = "auto", verbose: int = 0) -> None:
+                 mode: str = "auto", verbose: int = 0, save_freq: int | str = "epoch",
+                 initial_value_threshold: float | None = None) -> None:
         super().__init__(monitor, mode, watched=save_best_only is True)
         self.filepath = checks.file_path(filepath, "ModelCheckpoint filepath")
         self.save_best_only = checks.flag(save_best_only, "save_best_only")
         self.save_weights_only = checks.flag(save_weights_only, "save_weights_only")
-        self.verbose = verbose
-        self.best: float | None = None  # (kept across fit calls, as in Keras)
+        if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int)
+                                     or save_freq < 1):
+            raise InputError(f"ModelCheckpoint save_freq must be 'epoch' or a positive number "
+                             f"of batches, got {save_freq!r}")
+        if save_freq != "epoch" and save_best_only and monitor not in BATCH_LOGS:
+            raise InputError(f"ModelCheckpoint with save_freq={save_freq} compares the batch "
+                             f"logs, which hold {' and '.join(BATCH_LOGS)} only: monitor one of "
+                             f"them, not {monitor!r}")
+        self.save_freq, self.verbose = save_freq, verbose
+        self.best = None if initial_value_threshold is None else checks.number(
+            initial_value_threshold, "initial_value_threshold")
+        self.batches = 0  # since the last save, with save_freq=N (kept across fits, as in Keras)
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
-        if self.save_best_only:
+        if self.save_best_only and self.save_freq == "epoch":
             self.check_monitor()
         # (the template filled now, so that it fails before the first epoch rather than after)
-        names = ["loss", "accuracy", "seconds"]
-        if self.params.get("validation") is not False:
-            names += VALIDATION_LOGS
-        path = self._fill(_TrialLogs(dict.fromkeys(names, 0.0), epoch=1))
+        names = list(BATCH_LOGS)
+        if self.save_freq == "epoch":
+            names.append("seconds")
+            if self.params.get("validation") is not False:
+                names += VALIDATION_LOGS
+        fields = _TrialLogs(dict.fromkeys(names, 0.0), epoch=1)
+        if self.save_freq != "epoch":
+            fields["batch"] = 1
+        path = self._fill(fields)
         if distributed.is_root():  # (the one writer)
             checks.output_file(path, "the ModelCheckpoint file")
 
@@ -377,25 +405,45 @@ class ModelCheckpoint(_Monitor):
         try:
             return self.filepath.format_map(fields)
         except (KeyError, IndexError, ValueError) as e:
-            logs = sorted(k for k in fields if k != "epoch")
+            logs = sorted(k for k in fields if k not in ("epoch", "batch"))
+            where = "epoch" if self.save_freq == "epoch" else "epoch, batch"
             raise InputError(f"ModelCheckpoint path {self.filepath!r} could not be filled from "
-                             f"epoch and the logs {logs}: {e}") from e
+                             f"{where} and the logs {logs}: {e}") from e
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
+        if self.save_freq == "epoch":
+            return
+        self.batches += 1
+        if self.batches >= self.save_freq:
+            self.batches = 0
+            self._save(self.model._position[0], dict(logs or {}), batch)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        logs = dict(logs or {})
+        if self.save_freq == "epoch":
+            self._save(epoch, dict(logs or {}))
+
+    def _save(self, epoch: int, logs: dict[str, float], batch: int | None = None) -> None:
+        """Save after ``batch`` (0-based) of ``epoch``, or at its end (None)."""
         if self.save_best_only:
             value = self.current(logs)
             if not self.improves(value, self.best):
                 return
             self.best = value
-        path = self._fill({**logs, "epoch": epoch + 1})
+        fields = {**logs, "epoch": epoch + 1, **({} if batch is None else {"batch": batch + 1})}
+        path = self._fill(fields)
         if self.save_weights_only:
             self.model.save(path)
-        else:
+        elif batch is None:
             save_checkpoint(self.model, path, Progress(epoch + 1),
                             _history_through(self.model.history, epoch, logs))
+        else:  # (inside the epoch: where it stands, so that it resumes there)
+            loss_sum, correct, seen, t0 = self.model._epoch_sums()
+            save_checkpoint(self.model, path, Progress(epoch, batch + 1, loss_sum, correct, seen,
+                                                       time.perf_counter() - t0),
+                            self.model.history)
         if self.verbose:
-            _say(f"epoch {epoch + 1}: saved {path}")
+            _say(f"epoch {epoch + 1}" + ("" if batch is None else f", batch {batch + 1}") +
+                 f": saved {path}")
 
 
 def _history_through(done: history.History, epoch: int, logs: dict[str, float]
