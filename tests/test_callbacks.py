@@ -14,6 +14,7 @@ from test_checkpoint import Interrupt, as_dict, assert_same_run
 
 import xpcnn
 from xpcnn.callbacks import (
+    HOOKS,
     BackupAndRestore,
     Callback,
     CSVLogger,
@@ -70,7 +71,7 @@ def test_hooks_run_in_keras_order_with_epoch_logs(data):
         def __getattribute__(self, name):
             if name.startswith("on_"):
                 return lambda *args: calls.append((name, *args[:1]) if name.startswith(
-                    ("on_epoch", "on_train_batch")) else (name,))
+                    "on_epoch") or "_batch_" in name else (name,))
             return super().__getattribute__(name)
 
     model = small_model()
@@ -78,11 +79,33 @@ def test_hooks_run_in_keras_order_with_epoch_logs(data):
                         validation_data=data)
     per_epoch = lambda e: [("on_epoch_begin", e), ("on_train_batch_begin", 0),  # noqa: E731
                            ("on_train_batch_end", 0), ("on_train_batch_begin", 1),
-                           ("on_train_batch_end", 1), ("on_test_begin",), ("on_test_end",),
+                           ("on_train_batch_end", 1), ("on_test_begin",),
+                           ("on_test_batch_begin", 0), ("on_test_batch_end", 0), ("on_test_end",),
                            ("on_epoch_end", e)]
     assert calls == [("on_train_begin",), *per_epoch(0), *per_epoch(1), ("on_train_end",)]
     assert history is model.history and history.epoch == [0, 1]
     assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "seconds"}
+
+
+def test_each_hook_gets_the_logs_keras_gives_it(data):
+    got = {}
+    spy = LambdaCallback(**{hook: lambda *args, hook=hook: got.setdefault(hook, []).append(
+        dict(args[-1])) for hook in HOOKS})
+    model = small_model()
+    history = model.fit(*data, epochs=2, batch_size=20, verbose=0, validation_data=data,
+                        callbacks=[spy]).history
+    last = {k: v[-1] for k, v in history.items()}
+    assert all(logs == {} for hook in got if hook.endswith("_begin") for logs in got[hook])
+    assert got["on_train_batch_end"][-1] == {"loss": last["loss"], "accuracy": last["accuracy"]}
+    validation = {"loss": last["val_loss"], "accuracy": last["val_accuracy"]}
+    assert got["on_test_batch_end"][-1] == pytest.approx(validation)  # (one batch)
+    assert got["on_test_end"][-1] == validation
+    assert got["on_epoch_end"][-1] == last and got["on_train_end"] == [last]
+    probabilities = model.predict(data[0], batch_size=16, callbacks=[spy])
+    outputs = [logs["outputs"] for logs in got["on_predict_batch_end"]]
+    assert [len(o) for o in outputs] == [16, 16, 8]
+    np.testing.assert_array_equal(np.concatenate(outputs), probabilities)
+    assert got["on_predict_end"] == [{}]
 
 
 def test_a_callback_stops_training_from_on_train_batch_end_and_the_history_is_kept(data):

@@ -7,11 +7,19 @@ and ``data`` (the batch source). Setting ``model.stop_training = True`` in any h
 after the current batch (or epoch): ``on_epoch_end`` and ``on_train_end`` still run and ``fit``
 returns the :class:`History`.
 
-Epoch logs are plain floats (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ``seconds``).
+The ``logs`` of each hook, as in Keras: empty for the ``*_begin`` hooks; the epoch's running
+``loss`` and ``accuracy`` for ``on_train_batch_end`` (of the evaluation for
+``on_test_batch_end``, and its result for ``on_test_end``); for ``on_epoch_end``, plain floats
+(``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, and, unlike Keras, ``seconds``), to which
+a callback may add names (:class:`ReduceLROnPlateau` adds ``learning_rate``) that the callbacks
+after it and the History see (``fit`` runs the History and the progress bar after the user's
+callbacks, as Keras does); the last epoch's for ``on_train_end``; ``{"outputs": probabilities}``
+(on the device) for ``on_predict_batch_end``.
+
 Batch logs are read lazily: the loss and correct count of the steps stay on the device, and the
-host waits for the device only when a callback actually reads a value from the batch ``logs``
-(``logs["loss"]``: the epoch's running mean, as in Keras). A callback that only counts batches
-costs no synchronisation; the progress bar reads at most every ``refresh`` seconds.
+host waits for the device only when a callback actually reads a value from the batch ``logs``.
+A callback that only counts batches costs no synchronisation; the progress bar reads at most
+every ``refresh`` seconds.
 """
 
 from __future__ import annotations
@@ -56,8 +64,16 @@ class Callback:
                            ) -> None: ...
     def on_test_begin(self, logs: Mapping[str, float] | None = None) -> None: ...
     def on_test_end(self, logs: Mapping[str, float] | None = None) -> None: ...
+    def on_test_batch_begin(self, batch: int, logs: Mapping[str, float] | None = None
+                            ) -> None: ...
+    def on_test_batch_end(self, batch: int, logs: Mapping[str, float] | None = None
+                          ) -> None: ...
     def on_predict_begin(self, logs: Mapping[str, float] | None = None) -> None: ...
     def on_predict_end(self, logs: Mapping[str, float] | None = None) -> None: ...
+    def on_predict_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None
+                               ) -> None: ...
+    def on_predict_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None
+                             ) -> None: ...
 
 
 #: The metrics fit logs for its validation data.
@@ -96,7 +112,7 @@ class CallbackList:
             raise AttributeError(hook)
 
         # Every hook gets its logs, as in Keras (empty where there are none yet).
-        indexed = hook.startswith(("on_epoch", "on_train_batch"))
+        indexed = hook.startswith("on_epoch") or "_batch_" in hook
 
         def call(*args: Any) -> None:
             args = args + ({},) * (1 + indexed - len(args))
