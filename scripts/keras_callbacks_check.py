@@ -85,13 +85,14 @@ def run(make, kw, seq, monitor, steps=1):
 
 
 def case(rng):
-    grid = [round(0.1 * k, 1) for k in range(11)] + [math.nan, math.inf]
-    seq = [rng.choice(grid[:11] if rng.random() < 0.8 else grid)]
+    finite = [round(0.1 * k, 1) for k in range(11)] + [0.30000001]  # (0.3 to float32)
+    grid = finite + [math.nan, math.inf]
+    seq = [rng.choice(finite if rng.random() < 0.8 else grid)]
     for _ in range(rng.randrange(0, 10)):  # plateaus, ties, steps and noise
-        seq.append(rng.choice([seq[-1], seq[-1], rng.choice(grid[:11]), rng.choice(grid)]))
+        seq.append(rng.choice([seq[-1], seq[-1], rng.choice(finite), rng.choice(grid)]))
     monitor = rng.choice(["loss", "val_loss", "accuracy", "val_accuracy", "score"])
     mode = rng.choice(["auto", "auto", "min", "max"])
-    delta = rng.choice([0, 0, 0.05, 0.15])  # (never a difference of two grid values)
+    delta = rng.choice([0, 0, 0.05, 0.1, 0.2])  # (0.1, 0.2: ties decided by rounding)
     kind = rng.choice(["EarlyStopping", "ReduceLROnPlateau", "ModelCheckpoint",
                        "LearningRateScheduler"])
     if kind == "EarlyStopping":

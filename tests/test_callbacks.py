@@ -241,6 +241,10 @@ EARLY_STOPPING = [  # (settings (mode "min"), scores, epochs run, epoch restored
     (dict(patience=2), [3.0, 1.0, 2.0, 2.5, 0.5], 4, 1),  # no gain at 2 and 3: stop at 3
     (dict(patience=0), [1.0, 1.0], 2, 0),  # a tie is no improvement
     (dict(patience=1, min_delta=0.15), [1.0, 0.9, 0.8], 2, 0),  # -0.1 is less than min_delta
+    # compared in float32 after the shift by min_delta: exactly min_delta, or less than float32
+    # resolves, is no improvement (float64 alone would call 0.8 -> 0.7 one: 0.7 + 0.1 < 0.8)
+    (dict(patience=0, min_delta=0.1), [0.8, 0.7, 0.6], 2, 0),
+    (dict(patience=0), [0.30000001, 0.3, 0.2], 2, 0),
     (dict(patience=5), [0.3, 0.1, 0.2], 3, 1),  # no early stop: the best epoch still comes back
     (dict(patience=1, start_from_epoch=2), [1.0, 2.0, 3.0, 4.0, 0.5], 4, 2),  # 0, 1 not watched
     # baseline: only an epoch beating it and the best resets the wait; an epoch improving on
@@ -470,6 +474,12 @@ def test_csv_logger_writes_a_row_per_epoch_and_appends(data, tmp_path):
     assert [r["epoch"] for r in rows] == ["0", "1", "0"]
     assert set(rows[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"}
     assert float(rows[2]["val_loss"]) == model.history.history["val_loss"][0]
+    logger = CSVLogger(path)  # the columns are the first epoch's; a missing log is NA (Keras)
+    logger.on_train_begin()
+    logger.on_epoch_end(0, {"loss": 1.0, "learning_rate": 0.1})
+    logger.on_epoch_end(1, {"loss": 0.5, "score": 3.0})
+    logger.on_train_end()
+    assert path.read_text().splitlines() == ["epoch,learning_rate,loss", "0,0.1,1.0", "1,NA,0.5"]
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -240,7 +240,8 @@ def _log(logs: Mapping[str, float] | None, name: str, value: float) -> None:
 class _Monitor(Callback):
     """Shared by the callbacks that watch one metric for improvement, with Keras' rules: the
     first value is the first best; a later one improves on ``best`` when it is lower (mode
-    "min") or higher ("max") by more than ``min_delta``; ``mode="auto"`` is "min" for
+    "min") or higher ("max") by more than ``min_delta`` (in float32, as Keras compares: a change
+    of exactly ``min_delta`` is decided by rounding, as there); ``mode="auto"`` is "min" for
     ``loss`` and ``val_loss``, "max" for ``accuracy`` and ``val_accuracy``.
 
     Deliberate differences from Keras: a name whose direction is unknown with ``mode="auto"``
@@ -248,8 +249,7 @@ class _Monitor(Callback):
     logs is an error (Keras warns and skips the epoch, so a typo silently disables the
     callback); a NaN value never improves, not even as the first one (in Keras a NaN first
     value becomes the best, which nothing can then beat: training stops after ``patience``
-    epochs and restores the NaN epoch's weights); values are compared in float64 (Keras rounds
-    both sides to float32, so its ties at exactly ``min_delta`` are decided by rounding).
+    epochs and restores the NaN epoch's weights).
     """
 
     def __init__(self, monitor: str, mode: str, min_delta: float = 0.0,
@@ -287,9 +287,12 @@ class _Monitor(Callback):
             return False
         if best is None:
             return True
-        if self.mode == "min":
-            return value + self.min_delta < best
-        return value - self.min_delta > best
+        # (as Keras: shifted by min_delta, then both sides rounded to float32, so that a change
+        # of exactly min_delta, or one below float32's resolution, is decided as in Keras)
+        with np.errstate(over="ignore"):
+            if self.mode == "min":
+                return bool(np.float32(value + self.min_delta) < np.float32(best))
+            return bool(np.float32(value - self.min_delta) > np.float32(best))
 
 
 class EarlyStopping(_Monitor):
@@ -607,7 +610,11 @@ def _binds(fn: Any, *args: Any) -> bool:
 
 class CSVLogger(Callback):
     """One CSV row per epoch: ``epoch`` (0-based) and every log, to ``filename``
-    (``append=True`` continues an existing file)."""
+    (``append=True`` continues an existing file). The columns are the first epoch's logs, sorted;
+    a log missing in a later epoch is written ``NA``, as in Keras. Unlike Keras, ``append=True``
+    keeps the existing file's columns (Keras writes the new run's columns under the old header),
+    and no ``val_*`` columns are added for a fit without validation data (Keras adds one, all
+    ``NA``, per log, for fits that validate only every few epochs, which ``fit`` does not do)."""
 
     def __init__(self, filename: str | os.PathLike[str], separator: str = ",",
                  append: bool = False) -> None:
@@ -637,7 +644,7 @@ class CSVLogger(Callback):
         if self.keys is None:
             self.keys = sorted(logs)
             csv.writer(self.file, delimiter=self.separator).writerow(["epoch", *self.keys])
-        row = [epoch] + [logs.get(k, "") for k in self.keys]
+        row = [epoch] + [logs.get(k, "NA") for k in self.keys]
         csv.writer(self.file, delimiter=self.separator).writerow(row)
         self.file.flush()
 
