@@ -219,10 +219,10 @@ class TokenModel:
         self.saved.append(self.epoch)
 
 
-def drive(callback, scores, monitor="score"):
+def drive(callback, scores, monitor="score", model=None):
     """Call ``callback`` as fit does over epochs whose logs hold ``monitor``: ``scores``.
     Returns the model, the number of epochs run, the logs of each after the callback."""
-    model, seen = TokenModel(), []
+    model, seen = model or TokenModel(), []
     callback.set_model(model)
     callback.set_params({"epochs": len(scores), "validation": True})
     callback.on_train_begin({})
@@ -288,6 +288,16 @@ def test_reduce_lr_on_plateau_lowers_the_rate_on_keras_epochs_and_logs_it(settin
     assert model.optimizer.lr == pytest.approx(rates[-1])
     logged = [logs["learning_rate"] for logs in seen]  # the epoch's rate, before a reduction
     assert logged == pytest.approx([0.1, *rates[:-1]])
+
+
+def test_reduce_lr_on_plateau_stops_at_min_lr_though_the_rate_reads_back_above_it(capsys):
+    model = TokenModel()
+    model.optimizer = xpcnn.optim.SGD(0.07)  # (1e-5 set reads back 1.0000000000000003e-05)
+    reduce = ReduceLROnPlateau("score", mode="min", factor=0.1, patience=0, min_lr=1e-5,
+                               verbose=1)
+    drive(reduce, [1.0] * 7, model=model)
+    assert capsys.readouterr().out.count("learning rate reduced") == 4  # epochs 2 to 5
+    assert model.optimizer.lr == pytest.approx(1e-5)
 
 
 def test_learning_rate_scheduler_logs_each_epochs_rate():

@@ -532,7 +532,8 @@ class ReduceLROnPlateau(_Monitor):
     """Multiply the learning rate by ``factor`` when ``monitor`` has not improved for
     ``patience`` epochs, then wait ``cooldown`` epochs; never below ``min_lr`` (Keras' rules, see
     :class:`_Monitor`). Adds the epoch's rate to the logs as ``learning_rate``, as Keras does,
-    so the History of a ``fit`` records it."""
+    so the History of a ``fit`` records it. ``factor`` must lie in (0, 1) (Keras also takes 0 or
+    less, which drops the rate to ``min_lr`` at once: say ``factor=1e-9`` for that)."""
 
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10,
                  mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0,
@@ -563,7 +564,8 @@ class ReduceLROnPlateau(_Monitor):
         if self.cooling:
             return
         self.wait += 1
-        if self.wait >= self.patience and optimizer.lr > self.min_lr:
+        # (in float32, as Keras: a rate set to min_lr may read back a rounding above it)
+        if self.wait >= self.patience and np.float32(optimizer.lr) > np.float32(self.min_lr):
             optimizer.lr = max(optimizer.lr * self.factor, self.min_lr)
             self.cooling, self.wait = self.cooldown, 0
             if self.verbose:
