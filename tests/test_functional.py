@@ -408,3 +408,28 @@ def test_a_frozen_base_model_keeps_its_weights_under_a_new_head(data):
         np.testing.assert_array_equal(a, b)  # the BatchNorm's statistics too
     assert not np.array_equal(model.layers[-2].get_weights()[0], head)
     assert model.trainable_layers == [model.layers[-2]] and not base.trainable
+
+
+def same_conv_reference(x, kernel, bias):
+    """A stride-1 "same" convolution in plain NumPy, kernel in Keras' (kh, kw, C, K) layout."""
+    kh, kw = kernel.shape[:2]
+    top, left = (kh - 1) // 2, (kw - 1) // 2
+    padded = np.pad(x, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
+    h, w = x.shape[1:3]
+    return bias + sum(np.einsum("nhwc,ck->nhwk", padded[:, i:i + h, j:j + w], kernel[i, j])
+                      for i in range(kh) for j in range(kw))
+
+
+def test_a_convolution_run_on_small_images_then_used_on_larger_ones_computes_for_them(rng):
+    """A pretrained convolution that has already run keeps its weights in a model on larger
+    images and convolves them as such (not with the geometry of its first images)."""
+    base = xpcnn.Sequential([Conv2D(3, 3, padding="same")], input_shape=(6, 6, 2),
+                            dtype="float64")
+    base.layers[0].forward(rng.standard_normal((2, 6, 6, 2)))
+    inputs = xpcnn.Input((8, 8, 2))
+    model = xpcnn.Model(inputs, Softmax()(Dense(3)(GlobalAvgPool2D()(base(inputs)))),
+                        dtype="float64")
+    x = rng.standard_normal((4, 8, 8, 2))
+    kernel, bias = base.layers[0].get_weights()
+    np.testing.assert_allclose(model.forward(x)[0], same_conv_reference(x, kernel, bias),
+                               rtol=1e-12, atol=1e-12)

@@ -157,6 +157,7 @@ class Layer:
         self.dtype = self.backend.dtype(dtype)
         self.compute_dtype = self.backend.dtype(compute_dtype or dtype)
         self.input_shape = _shape(input_shape, self)
+        self._clear_cache()  # (a convolution's engine was for the old shape, say)
         rng = rng if rng is not None else np.random.default_rng(0)
         self.output_shape = tuple(self._build(self.input_shape, rng))
         self.built = True
@@ -274,7 +275,8 @@ class Layer:
         self._clear_cache()
 
     def _clear_cache(self) -> None:
-        """Drop arrays kept from the last forward pass (they belong to the old device)."""
+        """Drop what the last forward pass kept (arrays on the old device, a convolution's
+        engine for the old geometry)."""
         for k in list(vars(self)):
             if k.startswith("_cache"):
                 setattr(self, k, None)
