@@ -18,6 +18,7 @@ from xpcnn.layers import (
     Concatenate,
     Conv2D,
     Dense,
+    Dropout,
     Flatten,
     GlobalAvgPool2D,
     MaxPool2D,
@@ -348,6 +349,39 @@ def test_bad_graphs_get_clear_errors():
     with pytest.raises(InputError, match="predict\\(x\\) runs it on a batch"):
         xpcnn.Sequential([ReLU()])(np.zeros((1, 3)))
 
+
+
+def test_keras_habits_xpcnn_does_not_share_get_clear_errors():
+    """What a Keras user writes and xpcnn does not do is refused, naming why: several inputs
+    or outputs, Keras' training= on a call in a graph (it would be ignored), an array among a
+    merge's symbolic tensors, a model called twice (siamese weights)."""
+    inputs, other = xpcnn.Input((8, 8, 3)), xpcnn.Input((8, 8, 3), name="other")
+    x = Conv2D(3, 3, padding="same")(inputs)
+    with pytest.raises(InputError, match="^Model inputs must be one symbolic tensor, got 2: an "
+                                         "xpcnn model has one input and one output$"):
+        xpcnn.Model([inputs, other], Add()([x, other]))
+    with pytest.raises(InputError, match="^Model outputs must be one symbolic tensor, got 2"):
+        xpcnn.Model(inputs, [x, ReLU()(x)])
+    training = ("called on a symbolic tensor with training={}: a graph does not record it, fit "
+                "runs every layer in training mode and predict in inference mode")
+    with pytest.raises(InputError, match=r"^layer 'dropout' \(Dropout\) "
+                                         + training.format("True")):
+        Dropout(0.5)(x, training=True)
+    base = xpcnn.Sequential([BatchNorm2D()], name="base")
+    with pytest.raises(InputError, match="^model 'base' " + training.format("False")):
+        base(x, training=False)
+    with pytest.raises(InputError, match=r"^layer 'add' \(Add\) got a list of symbolic tensors "
+                                         r"and arrays \(SymbolicTensor, ndarray\): in a "
+                                         "functional model every input is a symbolic tensor"):
+        Add()([x, np.zeros((1, 8, 8, 3))])
+    block_in = xpcnn.Input((8, 8, 3))
+    block = xpcnn.Model(block_in, ReLU()(Conv2D(3, 3, padding="same", name="c")(block_in)))
+    with pytest.raises(InputError, match=r"^layer 'c' is called twice in this graph: .* shared "
+                                         r"layers \(a layer, or a model, called twice\)"):
+        xpcnn.Model(inputs, block(block(inputs)))
+    drop = Dropout(0.5)
+    drop.build((3,))
+    assert drop(np.ones((2, 3))).tolist() == [[1.0] * 3] * 2  # on a batch: inference by default
 
 def test_a_layer_taken_out_of_a_model_does_its_own_work(data):
     """The plan lives in the model: the first convolution of a trained model (which the plan

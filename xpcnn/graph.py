@@ -46,6 +46,9 @@ def Input(shape: tuple[int, ...] | list[int], name: str = "input") -> SymbolicTe
 def _one(t: Any, what: str) -> SymbolicTensor:
     if isinstance(t, list | tuple) and len(t) == 1:
         t = t[0]
+    if isinstance(t, list | tuple | dict) and len(t) > 1:
+        raise InputError(f"Model {what} must be one symbolic tensor, got {len(t)}: an xpcnn "
+                         "model has one input and one output")
     if not isinstance(t, SymbolicTensor):
         raise InputError(f"Model {what} must be one symbolic tensor (from xpcnn.Input or a "
                          f"layer called on one), got {type(t).__name__}")
@@ -96,8 +99,8 @@ def trace(inputs: Any, outputs: Any) -> tuple[list[Layer], list[Inbound]]:
         if id(layer) in seen:
             raise InputError(f"layer {layer.name!r} is called twice in this graph: an xpcnn "
                              "layer keeps one forward pass for its backward, so shared layers "
-                             "are not supported; use a second layer (set_weights copies "
-                             "weights)")
+                             "(a layer, or a model, called twice) are not supported; use a "
+                             "second layer or model (set_weights copies weights)")
         seen[id(layer)] = layer
     index = {id(inputs): 0, **{id(t): k + 1 for k, t in enumerate(order)}}
     return ([t.node.layer for t in order],  # type: ignore[union-attr]

@@ -51,7 +51,7 @@ from .data import (
 )
 from .errors import InputError, NonFiniteError
 from .layers.activation import Softmax
-from .layers.base import Layer, SymbolicTensor
+from .layers.base import Layer, SymbolicTensor, refuse_training_in_graph
 from .layers.dropout import RandomLayer
 from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
@@ -150,13 +150,15 @@ class Model:
         """What each layer reads (see :mod:`xpcnn.graph`)."""
         return self._graph
 
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, x: Any, training: bool | None = None) -> Any:
         """On a symbolic tensor: calls every layer of this model on it, so that the model
         becomes part of a functional :class:`Model` (its layers are shared: training that
-        model trains them)."""
+        model trains them). ``training`` is refused (see
+        :func:`~xpcnn.layers.base.refuse_training_in_graph`)."""
         if not isinstance(x, SymbolicTensor):
             raise InputError(f"a model is called on a symbolic tensor (to use it in a functional "
                              f"Model), got {type(x).__name__}; predict(x) runs it on a batch")
+        refuse_training_in_graph(f"model {self.name!r}", training)
         values = [x]
         for layer, ins in zip(self.layers, self._inbound(), strict=True):
             values.append(layer([values[i] for i in ins] if layer.multi_input

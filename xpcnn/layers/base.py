@@ -91,6 +91,16 @@ def _symbolic(x: Any) -> bool:
     return isinstance(x, SymbolicTensor)
 
 
+def refuse_training_in_graph(what: str, training: bool | None) -> None:
+    """A layer or model called on a symbolic tensor takes no ``training=`` (Keras' way to fix
+    a layer's mode): the mode is the pass's, so one given is refused rather than ignored."""
+    if training is not None:
+        raise InputError(f"{what} called on a symbolic tensor with training={training!r}: a "
+                         "graph does not record it, fit runs every layer in training mode and "
+                         "predict in inference mode (a frozen layer, layer.trainable = False, "
+                         "keeps a BatchNorm2D in inference mode while training)")
+
+
 class Layer:
     """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``."""
 
@@ -177,13 +187,20 @@ class Layer:
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         raise NotImplementedError
 
-    def __call__(self, x: Any, training: bool = False) -> Any:
+    def __call__(self, x: Any, training: bool | None = None) -> Any:
         """On a batch: ``forward(x, training)``. On a symbolic tensor (or, for a merge layer,
         a list of them): records the call in a graph and returns the output's symbolic
         tensor, for ``xpcnn.Model(inputs, outputs)``."""
+        what = f"layer {self.name!r} ({type(self).__name__})"
         if _symbolic(x):
+            refuse_training_in_graph(what, training)
             return self._call_symbolic(x)
-        return self.forward(x, training)
+        if isinstance(x, list | tuple) and any(isinstance(t, SymbolicTensor) for t in x):
+            raise InputError(f"{what} got a list of symbolic tensors and arrays "
+                             f"({', '.join(type(t).__name__ for t in x)}): in a functional "
+                             "model every input is a symbolic tensor (xpcnn.Input or a layer's "
+                             "output)")
+        return self.forward(x, bool(training))
 
     def _call_symbolic(self, x: SymbolicTensor | list[SymbolicTensor]) -> SymbolicTensor:
         multi = isinstance(x, list | tuple)
