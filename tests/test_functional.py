@@ -467,3 +467,15 @@ def test_a_convolution_run_on_small_images_then_used_on_larger_ones_computes_for
     kernel, bias = base.layers[0].get_weights()
     np.testing.assert_allclose(model.forward(x)[0], same_conv_reference(x, kernel, bias),
                                rtol=1e-12, atol=1e-12)
+
+
+
+def test_summary_and_output_shape_are_of_the_models_own_images_where_a_block_is_shared():
+    block_in = xpcnn.Input((6, 6, 2))
+    block = xpcnn.Model(block_in, Conv2D(3, 3, strides=2, padding="same")(block_in))
+    larger = xpcnn.Input((8, 8, 2))
+    xpcnn.Model(larger, Softmax()(Dense(4)(Flatten()(block(larger)))))
+    lines = []
+    block.summary(print_fn=lines.append)
+    assert block.output_shape == (3, 3, 3)
+    assert "conv2d (Conv2D)  (None, 3, 3, 3)  57" in [line.rstrip() for line in lines]

@@ -196,6 +196,7 @@ class Model:
     @property
     def output_shape(self) -> tuple[int, ...]:
         self._require_built("output_shape")
+        self._rebuild_if_shared()
         return self.layers[-1].output_shape  # type: ignore[return-value]
 
     def _fused_softmax(self) -> bool:
@@ -833,6 +834,7 @@ class Model:
         layers it reads), then the trainable and non-trainable counts, as Keras does; each
         line goes to ``print_fn`` (``print`` when None)."""
         self._require_built("summary")
+        self._rebuild_if_shared()
         print_fn = print if print_fn is None else print_fn
         inbound = self._inbound()
         names = ["input", *(la.name for la in self.layers)]
@@ -933,6 +935,7 @@ class Model:
         from .onnx_export import export_model
 
         if distributed.is_root():  # one writer on several ranks (all hold the same model)
+            self._rebuild_if_shared()
             export_model(self, path, input_dtype)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
