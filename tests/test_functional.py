@@ -479,3 +479,27 @@ def test_summary_and_output_shape_are_of_the_models_own_images_where_a_block_is_
     block.summary(print_fn=lines.append)
     assert block.output_shape == (3, 3, 3)
     assert "conv2d (Conv2D)  (None, 3, 3, 3)  57" in [line.rstrip() for line in lines]
+
+
+def test_predicting_with_a_model_sharing_a_block_leaves_the_others_training_as_it_was(rng):
+    """Another model's images rebuild the shared block for them; this model's next step
+    rebuilds it back and trains on as if nothing happened (Adam's moments kept)."""
+    x, y = rng.standard_normal((16, 6, 6, 2)), rng.integers(0, 3, 16)
+    larger = rng.standard_normal((4, 8, 8, 2))
+
+    def train(interrupted):
+        block = xpcnn.Sequential([Conv2D(3, 3, padding="same"), ReLU()])
+        inputs, other_in = xpcnn.Input((6, 6, 2)), xpcnn.Input((8, 8, 2))
+        model = xpcnn.Model(inputs, Softmax()(Dense(3)(GlobalAvgPool2D()(block(inputs)))),
+                            dtype="float64", seed=1)
+        other = xpcnn.Model(other_in, Softmax()(Dense(3)(GlobalAvgPool2D()(block(other_in)))),
+                            dtype="float64", seed=2)
+        model.compile(optimizer="adam")
+        for _ in range(2):
+            model.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False)
+            if interrupted:
+                other.predict(larger)
+        return model.get_weights()
+
+    for a, b in zip(train(False), train(True), strict=True):
+        np.testing.assert_array_equal(a, b)

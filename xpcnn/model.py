@@ -179,19 +179,23 @@ class Model:
         graph.check_graph(self.layers, self._inbound())
         check_structure(self.layers)
         self.input_shape = shape
-        graph.build(self.layers, self._inbound(), shape, self.backend, self.dtype_name,
-                    PRECISIONS[self.precision] or self.dtype_name, self.seed)
-        self._plan_cache = None
-        self.built = True
+        self._build_layers()
         if self.optimizer is not None:
             self.optimizer.slots = {}
 
+    def _build_layers(self) -> None:
+        graph.build(self.layers, self._inbound(), self.input_shape, self.backend,
+                    self.dtype_name, PRECISIONS[self.precision] or self.dtype_name, self.seed)
+        self._plan_cache = None
+        self.built = True
+
     def _rebuild_if_shared(self) -> None:
         """Build again where a layer shared with another model was built since for that
-        model's inputs (it keeps its weights): each model runs its layers as built for it."""
+        model's inputs (it keeps its weights): each model runs its layers as built for it.
+        The optimiser's state stays, as the weights it follows do."""
         if self.built and not graph.built_as(self.layers, self._inbound(), self.input_shape,
                                              self.backend, self.dtype_name):
-            self.build(self.input_shape)
+            self._build_layers()
 
     @property
     def output_shape(self) -> tuple[int, ...]:
