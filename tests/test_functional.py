@@ -503,3 +503,19 @@ def test_predicting_with_a_model_sharing_a_block_leaves_the_others_training_as_i
 
     for a, b in zip(train(False), train(True), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_custom_layer_whose_get_config_does_not_make_it_again_is_named():
+    class Scale(xpcnn.layers.Layer):
+        def __init__(self, factor, name=None):
+            super().__init__(name)
+            self.factor = factor
+
+        def forward(self, x, training=False, options=None):
+            return x * self.factor
+
+    with pytest.raises(InputError, match=r"^layer 'scale' \(Scale\) cannot be made again from "
+                                         r"its get_config\(\) \{'name': 'scale'\} \(.*missing 1 "
+                                         r"required positional argument: 'factor'\): a layer's "
+                                         r"get_config\(\) returns its constructor's arguments"):
+        Scale(2.0)(xpcnn.Input((4,)))

@@ -167,7 +167,7 @@ def _weights_that_fit(layer: Layer, shape: Any) -> list[np.ndarray]:
     weights = layer.get_weights()
     if not weights:
         return []
-    probe = type(layer)(**layer.get_config())  # (built aside: the layer stays as it is)
+    probe = layer.unbuilt_copy()  # (built aside: the layer stays as it is)
     probe.build(shape, "cpu", "float32")
     wanted = [probe.keras_shape(n) for n in probe.present_weight_names()]
     if wanted != [w.shape for w in weights]:

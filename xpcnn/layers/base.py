@@ -213,7 +213,7 @@ class Layer:
         shapes = [t.shape for t in inputs]
         # The output shape from a trial build of a copy: this layer's own weights (perhaps
         # trained) stay as they are; the model builds the layer on its device.
-        probe = type(self)(**self.get_config())
+        probe = self.unbuilt_copy()
         shape = probe.build(shapes if multi else shapes[0], "cpu", "float32")
         return SymbolicTensor(shape, Node(self, inputs, multi), self.name)
 
@@ -221,6 +221,18 @@ class Layer:
     def get_config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this layer (JSON-serialisable)."""
         return {"name": self.name}
+
+    def unbuilt_copy(self) -> Layer:
+        """A new layer made from :meth:`get_config` (to build aside, leaving this one as it
+        is); a subclass whose constructor takes other arguments gets a clear error."""
+        config = self.get_config()
+        try:
+            return type(self)(**config)
+        except TypeError as e:
+            raise InputError(f"layer {self.name!r} ({type(self).__name__}) cannot be made again "
+                             f"from its get_config() {config!r} ({e}): a layer's get_config() "
+                             "returns its constructor's arguments, name included (a graph "
+                             "builds a copy to learn the output shape)") from None
 
     def _arrays(self) -> dict[str, Any]:
         return {**self.params, **self.state}
