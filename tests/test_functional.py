@@ -519,3 +519,18 @@ def test_a_custom_layer_whose_get_config_does_not_make_it_again_is_named():
                                          r"required positional argument: 'factor'\): a layer's "
                                          r"get_config\(\) returns its constructor's arguments"):
         Scale(2.0)(xpcnn.Input((4,)))
+
+
+def test_a_new_model_renames_its_new_layers_not_those_other_models_hold():
+    """A name clash with a block's layer renames the new layer: renaming the block's would
+    change the names another model holding the block shows (two 'conv2d_1' there)."""
+    base = xpcnn.Sequential([Conv2D(2, 1)], input_shape=(4, 4, 3))
+    first_in = xpcnn.Input((4, 4, 3))
+    first = xpcnn.Model(first_in, Softmax()(Dense(3)(Flatten()(Conv2D(2, 1)(base(first_in))))))
+    names = ["conv2d", "conv2d_1", "flatten", "dense", "softmax"]
+    assert [la.name for la in first.layers] == names
+    inputs = xpcnn.Input((4, 4, 3))
+    second = xpcnn.Model(inputs, Softmax()(Dense(3)(Flatten()(base(Conv2D(3, 1)(inputs))))))
+    assert [la.name for la in first.layers] == names
+    assert [la.name for la in base.layers] == ["conv2d"]
+    assert [la.name for la in second.layers] == ["conv2d_1", *names[:1], *names[2:]]

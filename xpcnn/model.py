@@ -141,9 +141,13 @@ class Model:
 
     def _set_graph(self, layers: list[Layer], inbound: list[graph.Inbound]) -> None:
         graph.check_graph(layers, inbound)
-        for layer in layers:
-            _give_unique_name(layer, {la.name for la in self.layers})
-            self.layers.append(layer)
+        # Built layers may be held by other models, which show their names: they keep them
+        # (the first of two alike does), and new layers are renamed where a name is taken.
+        taken: set[str] = set()
+        for layer in sorted(layers, key=lambda la: not la.built):
+            _give_unique_name(layer, taken)
+            taken.add(layer.name)
+        self.layers = list(layers)
         self._graph = list(inbound)
 
     def _inbound(self) -> list[graph.Inbound]:
