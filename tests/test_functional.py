@@ -534,3 +534,19 @@ def test_a_new_model_renames_its_new_layers_not_those_other_models_hold():
     assert [la.name for la in first.layers] == names
     assert [la.name for la in base.layers] == ["conv2d"]
     assert [la.name for la in second.layers] == ["conv2d_1", *names[:1], *names[2:]]
+
+
+def test_a_model_runs_a_shared_block_in_its_own_precision(rng):
+    """Another model compiled for mixed precision computes the block in float16; this float32
+    model still computes it in float32 (its predictions do not move)."""
+    block = xpcnn.Sequential([Conv2D(8, 3, padding="same"), ReLU()])
+    inputs, other_in = xpcnn.Input((6, 6, 2)), xpcnn.Input((6, 6, 2))
+    model = xpcnn.Model(inputs, Softmax()(Dense(3)(GlobalAvgPool2D()(block(inputs)))))
+    other = xpcnn.Model(other_in, Softmax()(Dense(3)(GlobalAvgPool2D()(block(other_in)))))
+    x = 10 * rng.standard_normal((4, 6, 6, 2)).astype(np.float32)
+    before = model.predict(x)
+    other.compile(optimizer="sgd", precision="mixed_float16")
+    other.predict(x)
+    assert block.layers[0].compute_dtype == np.float16
+    np.testing.assert_array_equal(model.predict(x), before)
+    assert block.layers[0].compute_dtype == np.float32

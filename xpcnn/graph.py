@@ -149,13 +149,15 @@ def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backe
 
 
 def built_as(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backend: Backend,
-             dtype: str) -> bool:
+             dtype: str, compute_dtype: str) -> bool:
     """True where every layer is still built as :func:`build` built it for ``input_shape`` (a
-    layer shared with another model may since have been built for that model's inputs)."""
+    layer shared with another model may since have been built for that model's inputs, or
+    precision)."""
     shapes: list[Any] = [input_shape]
     for layer, ins in zip(layers, inbound, strict=True):
         shape = [shapes[i] for i in ins] if layer.multi_input else shapes[ins[0]]
-        if not _built_for(layer, shape, backend, dtype):
+        if (not _built_for(layer, shape, backend, dtype)
+                or layer.compute_dtype != backend.dtype(compute_dtype)):
             return False
         shapes.append(layer.output_shape)
     return True

@@ -189,16 +189,21 @@ class Model:
 
     def _build_layers(self) -> None:
         graph.build(self.layers, self._inbound(), self.input_shape, self.backend,
-                    self.dtype_name, PRECISIONS[self.precision] or self.dtype_name, self.seed)
+                    self.dtype_name, self._compute_dtype_name, self.seed)
         self._plan_cache = None
         self.built = True
 
+    @property
+    def _compute_dtype_name(self) -> str:
+        return PRECISIONS[self.precision] or self.dtype_name
+
     def _rebuild_if_shared(self) -> None:
         """Build again where a layer shared with another model was built since for that
-        model's inputs (it keeps its weights): each model runs its layers as built for it.
-        The optimiser's state stays, as the weights it follows do."""
+        model's inputs or precision (it keeps its weights): each model runs its layers as
+        built for it. The optimiser's state stays, as the weights it follows do."""
         if self.built and not graph.built_as(self.layers, self._inbound(), self.input_shape,
-                                             self.backend, self.dtype_name):
+                                             self.backend, self.dtype_name,
+                                             self._compute_dtype_name):
             self._build_layers()
 
     @property
