@@ -483,12 +483,13 @@ def test_summary_and_output_shape_are_of_the_models_own_images_where_a_block_is_
 
 def test_predicting_with_a_model_sharing_a_block_leaves_the_others_training_as_it_was(rng):
     """Another model's images rebuild the shared block for them; this model's next step
-    rebuilds it back and trains on as if nothing happened (Adam's moments kept)."""
+    rebuilds it back and trains on as if nothing happened (Adam's moments kept, and the
+    Dropout's stream)."""
     x, y = rng.standard_normal((16, 6, 6, 2)), rng.integers(0, 3, 16)
     larger = rng.standard_normal((4, 8, 8, 2))
 
     def train(interrupted):
-        block = xpcnn.Sequential([Conv2D(3, 3, padding="same"), ReLU()])
+        block = xpcnn.Sequential([Conv2D(3, 3, padding="same"), ReLU(), Dropout(0.5)])
         inputs, other_in = xpcnn.Input((6, 6, 2)), xpcnn.Input((8, 8, 2))
         model = xpcnn.Model(inputs, Softmax()(Dense(3)(GlobalAvgPool2D()(block(inputs)))),
                             dtype="float64", seed=1)

@@ -29,6 +29,7 @@ from .backend import Backend
 from .errors import InputError
 from .layers.activation import ReLU
 from .layers.base import DEFAULT, Layer, Options, Shape, SymbolicTensor
+from .layers.dropout import RandomLayer
 
 Inbound = tuple[int, ...]
 
@@ -131,9 +132,10 @@ def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backe
           dtype: str, compute_dtype: str, seed: int) -> None:
     """Build every layer for its inputs' shapes; layer ``k``'s weights come from the seed
     ``[seed, k]``, the same on every device. A layer already built keeps its weights (as in
-    Keras: a trained model used inside another), on another device, in another dtype and for
-    inputs of another size where its weights keep their shapes (a convolution on larger
-    images); where they would not, it is refused before anything changes."""
+    Keras: a trained model used inside another) and a random layer its stream, on another
+    device, in another dtype and for inputs of another size where its weights keep their shapes
+    (a convolution on larger images); where they would not, it is refused before anything
+    changes."""
     shapes: list[Any] = [input_shape]
     for k, (layer, ins) in enumerate(zip(layers, inbound, strict=True)):
         shape = [shapes[i] for i in ins] if layer.multi_input else shapes[ins[0]]
@@ -142,10 +144,14 @@ def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backe
             shapes.append(layer.output_shape)
             continue
         kept = _weights_that_fit(layer, shape) if layer.built else []
+        stream = ((layer.seed, layer.calls) if layer.built and isinstance(layer, RandomLayer)
+                  else None)
         rng = np.random.default_rng([seed, k])
         shapes.append(layer.build(shape, backend, dtype, compute_dtype, rng))
         if kept:
             layer.set_weights(kept)
+        if stream is not None:
+            layer.set_random_state(*stream)
 
 
 def built_as(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backend: Backend,
