@@ -18,6 +18,7 @@ from xpcnn.layers import (
     Concatenate,
     Conv2D,
     Dense,
+    Dropout,
     Flatten,
     GlobalAvgPool2D,
     MaxPool2D,
@@ -349,6 +350,39 @@ def test_bad_graphs_get_clear_errors():
         xpcnn.Sequential([ReLU()])(np.zeros((1, 3)))
 
 
+
+def test_keras_habits_xpcnn_does_not_share_get_clear_errors():
+    """What a Keras user writes and xpcnn does not do is refused, naming why: several inputs
+    or outputs, Keras' training= on a call in a graph (it would be ignored), an array among a
+    merge's symbolic tensors, a model called twice (siamese weights)."""
+    inputs, other = xpcnn.Input((8, 8, 3)), xpcnn.Input((8, 8, 3), name="other")
+    x = Conv2D(3, 3, padding="same")(inputs)
+    with pytest.raises(InputError, match="^Model inputs must be one symbolic tensor, got 2: an "
+                                         "xpcnn model has one input and one output$"):
+        xpcnn.Model([inputs, other], Add()([x, other]))
+    with pytest.raises(InputError, match="^Model outputs must be one symbolic tensor, got 2"):
+        xpcnn.Model(inputs, [x, ReLU()(x)])
+    training = ("called on a symbolic tensor with training={}: a graph does not record it, fit "
+                "runs every layer in training mode and predict in inference mode")
+    with pytest.raises(InputError, match=r"^layer 'dropout' \(Dropout\) "
+                                         + training.format("True")):
+        Dropout(0.5)(x, training=True)
+    base = xpcnn.Sequential([BatchNorm2D()], name="base")
+    with pytest.raises(InputError, match="^model 'base' " + training.format("False")):
+        base(x, training=False)
+    with pytest.raises(InputError, match=r"^layer 'add' \(Add\) got a list of symbolic tensors "
+                                         r"and arrays \(SymbolicTensor, ndarray\): in a "
+                                         "functional model every input is a symbolic tensor"):
+        Add()([x, np.zeros((1, 8, 8, 3))])
+    block_in = xpcnn.Input((8, 8, 3))
+    block = xpcnn.Model(block_in, ReLU()(Conv2D(3, 3, padding="same", name="c")(block_in)))
+    with pytest.raises(InputError, match=r"^layer 'c' is called twice in this graph: .* shared "
+                                         r"layers \(a layer, or a model, called twice\)"):
+        xpcnn.Model(inputs, block(block(inputs)))
+    drop = Dropout(0.5)
+    drop.build((3,))
+    assert drop(np.ones((2, 3))).tolist() == [[1.0] * 3] * 2  # on a batch: inference by default
+
 def test_a_layer_taken_out_of_a_model_does_its_own_work(data):
     """The plan lives in the model: the first convolution of a trained model (which the plan
     runs without an input gradient, its ReLU fused) still returns its input gradient and its
@@ -408,3 +442,112 @@ def test_a_frozen_base_model_keeps_its_weights_under_a_new_head(data):
         np.testing.assert_array_equal(a, b)  # the BatchNorm's statistics too
     assert not np.array_equal(model.layers[-2].get_weights()[0], head)
     assert model.trainable_layers == [model.layers[-2]] and not base.trainable
+
+
+def same_conv_reference(x, kernel, bias):
+    """A stride-1 "same" convolution in plain NumPy, kernel in Keras' (kh, kw, C, K) layout."""
+    kh, kw = kernel.shape[:2]
+    top, left = (kh - 1) // 2, (kw - 1) // 2
+    padded = np.pad(x, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
+    h, w = x.shape[1:3]
+    return bias + sum(np.einsum("nhwc,ck->nhwk", padded[:, i:i + h, j:j + w], kernel[i, j])
+                      for i in range(kh) for j in range(kw))
+
+
+def test_a_convolution_run_on_small_images_then_used_on_larger_ones_computes_for_them(rng):
+    """A pretrained convolution that has already run keeps its weights in a model on larger
+    images and convolves them as such (not with the geometry of its first images)."""
+    base = xpcnn.Sequential([Conv2D(3, 3, padding="same")], input_shape=(6, 6, 2),
+                            dtype="float64")
+    base.layers[0].forward(rng.standard_normal((2, 6, 6, 2)))
+    inputs = xpcnn.Input((8, 8, 2))
+    model = xpcnn.Model(inputs, Softmax()(Dense(3)(GlobalAvgPool2D()(base(inputs)))),
+                        dtype="float64")
+    x = rng.standard_normal((4, 8, 8, 2))
+    kernel, bias = base.layers[0].get_weights()
+    np.testing.assert_allclose(model.forward(x)[0], same_conv_reference(x, kernel, bias),
+                               rtol=1e-12, atol=1e-12)
+
+
+
+def test_summary_and_output_shape_are_of_the_models_own_images_where_a_block_is_shared():
+    block_in = xpcnn.Input((6, 6, 2))
+    block = xpcnn.Model(block_in, Conv2D(3, 3, strides=2, padding="same")(block_in))
+    larger = xpcnn.Input((8, 8, 2))
+    xpcnn.Model(larger, Softmax()(Dense(4)(Flatten()(block(larger)))))
+    lines = []
+    block.summary(print_fn=lines.append)
+    assert block.output_shape == (3, 3, 3)
+    assert "conv2d (Conv2D)  (None, 3, 3, 3)  57" in [line.rstrip() for line in lines]
+
+
+def test_predicting_with_a_model_sharing_a_block_leaves_the_others_training_as_it_was(rng):
+    """Another model's images rebuild the shared block for them; this model's next step
+    rebuilds it back and trains on as if nothing happened (Adam's moments kept, and the
+    Dropout's stream)."""
+    x, y = rng.standard_normal((16, 6, 6, 2)), rng.integers(0, 3, 16)
+    larger = rng.standard_normal((4, 8, 8, 2))
+
+    def train(interrupted):
+        block = xpcnn.Sequential([Conv2D(3, 3, padding="same"), ReLU(), Dropout(0.5)])
+        inputs, other_in = xpcnn.Input((6, 6, 2)), xpcnn.Input((8, 8, 2))
+        model = xpcnn.Model(inputs, Softmax()(Dense(3)(GlobalAvgPool2D()(block(inputs)))),
+                            dtype="float64", seed=1)
+        other = xpcnn.Model(other_in, Softmax()(Dense(3)(GlobalAvgPool2D()(block(other_in)))),
+                            dtype="float64", seed=2)
+        model.compile(optimizer="adam")
+        for _ in range(2):
+            model.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False)
+            if interrupted:
+                other.predict(larger)
+        return model.get_weights()
+
+    for a, b in zip(train(False), train(True), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_custom_layer_whose_get_config_does_not_make_it_again_is_named():
+    class Scale(xpcnn.layers.Layer):
+        def __init__(self, factor, name=None):
+            super().__init__(name)
+            self.factor = factor
+
+        def forward(self, x, training=False, options=None):
+            return x * self.factor
+
+    with pytest.raises(InputError, match=r"^layer 'scale' \(Scale\) cannot be made again from "
+                                         r"its get_config\(\) \{'name': 'scale'\} \(.*missing 1 "
+                                         r"required positional argument: 'factor'\): a layer's "
+                                         r"get_config\(\) returns its constructor's arguments"):
+        Scale(2.0)(xpcnn.Input((4,)))
+
+
+def test_a_new_model_renames_its_new_layers_not_those_other_models_hold():
+    """A name clash with a block's layer renames the new layer: renaming the block's would
+    change the names another model holding the block shows (two 'conv2d_1' there)."""
+    base = xpcnn.Sequential([Conv2D(2, 1)], input_shape=(4, 4, 3))
+    first_in = xpcnn.Input((4, 4, 3))
+    first = xpcnn.Model(first_in, Softmax()(Dense(3)(Flatten()(Conv2D(2, 1)(base(first_in))))))
+    names = ["conv2d", "conv2d_1", "flatten", "dense", "softmax"]
+    assert [la.name for la in first.layers] == names
+    inputs = xpcnn.Input((4, 4, 3))
+    second = xpcnn.Model(inputs, Softmax()(Dense(3)(Flatten()(base(Conv2D(3, 1)(inputs))))))
+    assert [la.name for la in first.layers] == names
+    assert [la.name for la in base.layers] == ["conv2d"]
+    assert [la.name for la in second.layers] == ["conv2d_1", *names[:1], *names[2:]]
+
+
+def test_a_model_runs_a_shared_block_in_its_own_precision(rng):
+    """Another model compiled for mixed precision computes the block in float16; this float32
+    model still computes it in float32 (its predictions do not move)."""
+    block = xpcnn.Sequential([Conv2D(8, 3, padding="same"), ReLU()])
+    inputs, other_in = xpcnn.Input((6, 6, 2)), xpcnn.Input((6, 6, 2))
+    model = xpcnn.Model(inputs, Softmax()(Dense(3)(GlobalAvgPool2D()(block(inputs)))))
+    other = xpcnn.Model(other_in, Softmax()(Dense(3)(GlobalAvgPool2D()(block(other_in)))))
+    x = 10 * rng.standard_normal((4, 6, 6, 2)).astype(np.float32)
+    before = model.predict(x)
+    other.compile(optimizer="sgd", precision="mixed_float16")
+    other.predict(x)
+    assert block.layers[0].compute_dtype == np.float16
+    np.testing.assert_array_equal(model.predict(x), before)
+    assert block.layers[0].compute_dtype == np.float32

@@ -29,6 +29,7 @@ from .backend import Backend
 from .errors import InputError
 from .layers.activation import ReLU
 from .layers.base import DEFAULT, Layer, Options, Shape, SymbolicTensor
+from .layers.dropout import RandomLayer
 
 Inbound = tuple[int, ...]
 
@@ -46,6 +47,9 @@ def Input(shape: tuple[int, ...] | list[int], name: str = "input") -> SymbolicTe
 def _one(t: Any, what: str) -> SymbolicTensor:
     if isinstance(t, list | tuple) and len(t) == 1:
         t = t[0]
+    if isinstance(t, list | tuple | dict) and len(t) > 1:
+        raise InputError(f"Model {what} must be one symbolic tensor, got {len(t)}: an xpcnn "
+                         "model has one input and one output")
     if not isinstance(t, SymbolicTensor):
         raise InputError(f"Model {what} must be one symbolic tensor (from xpcnn.Input or a "
                          f"layer called on one), got {type(t).__name__}")
@@ -96,8 +100,8 @@ def trace(inputs: Any, outputs: Any) -> tuple[list[Layer], list[Inbound]]:
         if id(layer) in seen:
             raise InputError(f"layer {layer.name!r} is called twice in this graph: an xpcnn "
                              "layer keeps one forward pass for its backward, so shared layers "
-                             "are not supported; use a second layer (set_weights copies "
-                             "weights)")
+                             "(a layer, or a model, called twice) are not supported; use a "
+                             "second layer or model (set_weights copies weights)")
         seen[id(layer)] = layer
     index = {id(inputs): 0, **{id(t): k + 1 for k, t in enumerate(order)}}
     return ([t.node.layer for t in order],  # type: ignore[union-attr]
@@ -128,9 +132,10 @@ def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backe
           dtype: str, compute_dtype: str, seed: int) -> None:
     """Build every layer for its inputs' shapes; layer ``k``'s weights come from the seed
     ``[seed, k]``, the same on every device. A layer already built keeps its weights (as in
-    Keras: a trained model used inside another), on another device, in another dtype and for
-    inputs of another size where its weights keep their shapes (a convolution on larger
-    images); where they would not, it is refused before anything changes."""
+    Keras: a trained model used inside another) and a random layer its stream, on another
+    device, in another dtype and for inputs of another size where its weights keep their shapes
+    (a convolution on larger images); where they would not, it is refused before anything
+    changes."""
     shapes: list[Any] = [input_shape]
     for k, (layer, ins) in enumerate(zip(layers, inbound, strict=True)):
         shape = [shapes[i] for i in ins] if layer.multi_input else shapes[ins[0]]
@@ -139,20 +144,26 @@ def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backe
             shapes.append(layer.output_shape)
             continue
         kept = _weights_that_fit(layer, shape) if layer.built else []
+        stream = ((layer.seed, layer.calls) if layer.built and isinstance(layer, RandomLayer)
+                  else None)
         rng = np.random.default_rng([seed, k])
         shapes.append(layer.build(shape, backend, dtype, compute_dtype, rng))
         if kept:
             layer.set_weights(kept)
+        if stream is not None:
+            layer.set_random_state(*stream)
 
 
 def built_as(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backend: Backend,
-             dtype: str) -> bool:
+             dtype: str, compute_dtype: str) -> bool:
     """True where every layer is still built as :func:`build` built it for ``input_shape`` (a
-    layer shared with another model may since have been built for that model's inputs)."""
+    layer shared with another model may since have been built for that model's inputs, or
+    precision)."""
     shapes: list[Any] = [input_shape]
     for layer, ins in zip(layers, inbound, strict=True):
         shape = [shapes[i] for i in ins] if layer.multi_input else shapes[ins[0]]
-        if not _built_for(layer, shape, backend, dtype):
+        if (not _built_for(layer, shape, backend, dtype)
+                or layer.compute_dtype != backend.dtype(compute_dtype)):
             return False
         shapes.append(layer.output_shape)
     return True
@@ -164,7 +175,7 @@ def _weights_that_fit(layer: Layer, shape: Any) -> list[np.ndarray]:
     weights = layer.get_weights()
     if not weights:
         return []
-    probe = type(layer)(**layer.get_config())  # (built aside: the layer stays as it is)
+    probe = layer.unbuilt_copy()  # (built aside: the layer stays as it is)
     probe.build(shape, "cpu", "float32")
     wanted = [probe.keras_shape(n) for n in probe.present_weight_names()]
     if wanted != [w.shape for w in weights]:

@@ -51,7 +51,7 @@ from .data import (
 )
 from .errors import InputError, NonFiniteError
 from .layers.activation import Softmax
-from .layers.base import Layer, SymbolicTensor
+from .layers.base import Layer, SymbolicTensor, refuse_training_in_graph
 from .layers.dropout import RandomLayer
 from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
@@ -141,22 +141,28 @@ class Model:
 
     def _set_graph(self, layers: list[Layer], inbound: list[graph.Inbound]) -> None:
         graph.check_graph(layers, inbound)
-        for layer in layers:
-            _give_unique_name(layer, {la.name for la in self.layers})
-            self.layers.append(layer)
+        # Built layers may be held by other models, which show their names: they keep them
+        # (the first of two alike does), and new layers are renamed where a name is taken.
+        taken: set[str] = set()
+        for layer in sorted(layers, key=lambda la: not la.built):
+            _give_unique_name(layer, taken)
+            taken.add(layer.name)
+        self.layers = list(layers)
         self._graph = list(inbound)
 
     def _inbound(self) -> list[graph.Inbound]:
         """What each layer reads (see :mod:`xpcnn.graph`)."""
         return self._graph
 
-    def __call__(self, x: Any) -> Any:
+    def __call__(self, x: Any, training: bool | None = None) -> Any:
         """On a symbolic tensor: calls every layer of this model on it, so that the model
         becomes part of a functional :class:`Model` (its layers are shared: training that
-        model trains them)."""
+        model trains them). ``training`` is refused (see
+        :func:`~xpcnn.layers.base.refuse_training_in_graph`)."""
         if not isinstance(x, SymbolicTensor):
             raise InputError(f"a model is called on a symbolic tensor (to use it in a functional "
                              f"Model), got {type(x).__name__}; predict(x) runs it on a batch")
+        refuse_training_in_graph(f"model {self.name!r}", training)
         values = [x]
         for layer, ins in zip(self.layers, self._inbound(), strict=True):
             values.append(layer([values[i] for i in ins] if layer.multi_input
@@ -177,23 +183,33 @@ class Model:
         graph.check_graph(self.layers, self._inbound())
         check_structure(self.layers)
         self.input_shape = shape
-        graph.build(self.layers, self._inbound(), shape, self.backend, self.dtype_name,
-                    PRECISIONS[self.precision] or self.dtype_name, self.seed)
-        self._plan_cache = None
-        self.built = True
+        self._build_layers()
         if self.optimizer is not None:
             self.optimizer.slots = {}
 
+    def _build_layers(self) -> None:
+        graph.build(self.layers, self._inbound(), self.input_shape, self.backend,
+                    self.dtype_name, self._compute_dtype_name, self.seed)
+        self._plan_cache = None
+        self.built = True
+
+    @property
+    def _compute_dtype_name(self) -> str:
+        return PRECISIONS[self.precision] or self.dtype_name
+
     def _rebuild_if_shared(self) -> None:
         """Build again where a layer shared with another model was built since for that
-        model's inputs (it keeps its weights): each model runs its layers as built for it."""
+        model's inputs or precision (it keeps its weights): each model runs its layers as
+        built for it. The optimiser's state stays, as the weights it follows do."""
         if self.built and not graph.built_as(self.layers, self._inbound(), self.input_shape,
-                                             self.backend, self.dtype_name):
-            self.build(self.input_shape)
+                                             self.backend, self.dtype_name,
+                                             self._compute_dtype_name):
+            self._build_layers()
 
     @property
     def output_shape(self) -> tuple[int, ...]:
         self._require_built("output_shape")
+        self._rebuild_if_shared()
         return self.layers[-1].output_shape  # type: ignore[return-value]
 
     def _fused_softmax(self) -> bool:
@@ -831,6 +847,7 @@ class Model:
         layers it reads), then the trainable and non-trainable counts, as Keras does; each
         line goes to ``print_fn`` (``print`` when None)."""
         self._require_built("summary")
+        self._rebuild_if_shared()
         print_fn = print if print_fn is None else print_fn
         inbound = self._inbound()
         names = ["input", *(la.name for la in self.layers)]
@@ -931,6 +948,7 @@ class Model:
         from .onnx_export import export_model
 
         if distributed.is_root():  # one writer on several ranks (all hold the same model)
+            self._rebuild_if_shared()
             export_model(self, path, input_dtype)
 
     def __reduce_ex__(self, protocol: Any) -> Any:

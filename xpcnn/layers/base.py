@@ -91,6 +91,16 @@ def _symbolic(x: Any) -> bool:
     return isinstance(x, SymbolicTensor)
 
 
+def refuse_training_in_graph(what: str, training: bool | None) -> None:
+    """A layer or model called on a symbolic tensor takes no ``training=`` (Keras' way to fix
+    a layer's mode): the mode is the pass's, so one given is refused rather than ignored."""
+    if training is not None:
+        raise InputError(f"{what} called on a symbolic tensor with training={training!r}: a "
+                         "graph does not record it, fit runs every layer in training mode and "
+                         "predict in inference mode (a frozen layer, layer.trainable = False, "
+                         "keeps a BatchNorm2D in inference mode while training)")
+
+
 class Layer:
     """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``."""
 
@@ -157,6 +167,7 @@ class Layer:
         self.dtype = self.backend.dtype(dtype)
         self.compute_dtype = self.backend.dtype(compute_dtype or dtype)
         self.input_shape = _shape(input_shape, self)
+        self._clear_cache()  # (a convolution's engine was for the old shape, say)
         rng = rng if rng is not None else np.random.default_rng(0)
         self.output_shape = tuple(self._build(self.input_shape, rng))
         self.built = True
@@ -176,13 +187,20 @@ class Layer:
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         raise NotImplementedError
 
-    def __call__(self, x: Any, training: bool = False) -> Any:
+    def __call__(self, x: Any, training: bool | None = None) -> Any:
         """On a batch: ``forward(x, training)``. On a symbolic tensor (or, for a merge layer,
         a list of them): records the call in a graph and returns the output's symbolic
         tensor, for ``xpcnn.Model(inputs, outputs)``."""
+        what = f"layer {self.name!r} ({type(self).__name__})"
         if _symbolic(x):
+            refuse_training_in_graph(what, training)
             return self._call_symbolic(x)
-        return self.forward(x, training)
+        if isinstance(x, list | tuple) and any(isinstance(t, SymbolicTensor) for t in x):
+            raise InputError(f"{what} got a list of symbolic tensors and arrays "
+                             f"({', '.join(type(t).__name__ for t in x)}): in a functional "
+                             "model every input is a symbolic tensor (xpcnn.Input or a layer's "
+                             "output)")
+        return self.forward(x, bool(training))
 
     def _call_symbolic(self, x: SymbolicTensor | list[SymbolicTensor]) -> SymbolicTensor:
         multi = isinstance(x, list | tuple)
@@ -195,7 +213,7 @@ class Layer:
         shapes = [t.shape for t in inputs]
         # The output shape from a trial build of a copy: this layer's own weights (perhaps
         # trained) stay as they are; the model builds the layer on its device.
-        probe = type(self)(**self.get_config())
+        probe = self.unbuilt_copy()
         shape = probe.build(shapes if multi else shapes[0], "cpu", "float32")
         return SymbolicTensor(shape, Node(self, inputs, multi), self.name)
 
@@ -203,6 +221,18 @@ class Layer:
     def get_config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this layer (JSON-serialisable)."""
         return {"name": self.name}
+
+    def unbuilt_copy(self) -> Layer:
+        """A new layer made from :meth:`get_config` (to build aside, leaving this one as it
+        is); a subclass whose constructor takes other arguments gets a clear error."""
+        config = self.get_config()
+        try:
+            return type(self)(**config)
+        except TypeError as e:
+            raise InputError(f"layer {self.name!r} ({type(self).__name__}) cannot be made again "
+                             f"from its get_config() {config!r} ({e}): a layer's get_config() "
+                             "returns its constructor's arguments, name included (a graph "
+                             "builds a copy to learn the output shape)") from None
 
     def _arrays(self) -> dict[str, Any]:
         return {**self.params, **self.state}
@@ -274,7 +304,8 @@ class Layer:
         self._clear_cache()
 
     def _clear_cache(self) -> None:
-        """Drop arrays kept from the last forward pass (they belong to the old device)."""
+        """Drop what the last forward pass kept (arrays on the old device, a convolution's
+        engine for the old geometry)."""
         for k in list(vars(self)):
             if k.startswith("_cache"):
                 setattr(self, k, None)
