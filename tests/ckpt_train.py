@@ -55,8 +55,9 @@ def train(checkpoint: str | None = None, resume: bool = False, every: int | str 
 
         model.train_step = slow_step
     x, y = data()
+    every = {} if checkpoint is None else {"checkpoint_every": every}
     history = model.fit(x, y, epochs=EPOCHS, batch_size=BATCH, verbose=0, checkpoint=checkpoint,
-                        checkpoint_every=every, resume=resume)
+                        resume=resume, **every)
     return model, history
 
 

@@ -74,9 +74,10 @@ def train(out: str | None = None, batch: int = 4, samples: int = 50, epochs: int
 
         model.train_step = failing_step
     source = (Samples(x, y), None) if dataset else (x, y)
+    every_step = {} if checkpoint is None else {"checkpoint_every": every}
     history = model.fit(*source, epochs=epochs, batch_size=batch, verbose=0,
-                        checkpoint=checkpoint, checkpoint_every=every, resume=resume,
-                        validation_data=(x[:20], y[:20]))
+                        checkpoint=checkpoint, resume=resume, validation_data=(x[:20], y[:20]),
+                        **every_step)
     weights = model.get_weights()
     logs = {k: v for k, v in history.history.items() if k != "seconds"}
     if out is not None:

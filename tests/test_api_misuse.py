@@ -165,6 +165,13 @@ ARGUMENTS = {
         r"layer.build\(input_shape\)"),
     "an unbuilt layer's forward": (lambda m: Conv2D(3).forward(X.astype(np.float32)),
                                    r"layer 'conv2d' \(Conv2D\) must be built before it runs"),
+    "verbose a word": (lambda m: m.fit(X, Y, verbose="quiet"),
+                       r"verbose must be 0 \(silent\), 1 \(a progress bar\), 2 or 'auto', got "
+                       "'quiet'"),
+    "evaluate verbose 3": (lambda m: m.evaluate(X, Y, verbose=3), "verbose must be 0"),
+    "predict verbose True": (lambda m: m.predict(X, verbose=True), "got True"),
+    "trainable a string": (lambda m: setattr(m, "trainable", "no"),
+                           "trainable must be True or False, got 'no'"),
 }
 
 
@@ -191,6 +198,11 @@ def test_keras_spellings_that_mean_the_same_are_accepted(model):
     assert Dense(3, use_bias=np.bool_(False)).use_bias is False
     # Keras' everyday predict(x, verbose=0) (it was TypeError: unexpected keyword 'verbose')
     np.testing.assert_array_equal(model.predict(X, verbose=0), model.predict(X))
+    assert model.evaluate(X, Y, verbose="auto") == model.evaluate(X, Y)
+    lines = []
+    model.summary(print_fn=lines.append)
+    model.summary(print_fn=None)  # Keras' default: print
+    assert lines and lines[-1].startswith("Non-trainable params")
 
 
 # -- a layer in two models --------------------------------------------------------------------

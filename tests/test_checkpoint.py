@@ -287,6 +287,9 @@ def test_resume_refuses_other_data_arguments_or_models(tmp_path):
         small.load_weights(path)
     with pytest.raises(InputError, match="resume=True needs checkpoint=PATH"):
         model.fit(x, y, verbose=0, resume=True)
+    with pytest.raises(InputError, match=r"checkpoint_every=5 needs checkpoint=PATH, the file to "
+                                         "write: without it no checkpoint would be written"):
+        model.fit(x, y, verbose=0, checkpoint_every=5)
     with pytest.raises(InputError, match="checkpoint_every must be a positive number of steps"):
         model.fit(x, y, verbose=0, checkpoint=path, checkpoint_every=0)
     # None of this touched the checkpoint.

@@ -124,6 +124,16 @@ def flag(value: Any, what: str) -> bool:
     return bool(value)
 
 
+def verbosity(value: Any) -> int:
+    """Keras' ``verbose``: 0 (silent), 1 (a progress bar), 2 (a line an epoch) or "auto" (1)."""
+    if value == "auto" and isinstance(value, str):
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value not in (0, 1, 2):
+        raise InputError(f"verbose must be 0 (silent), 1 (a progress bar), 2 or 'auto', got "
+                         f"{value!r}")
+    return int(value)
+
+
 def number(value: Any, what: str, low: float | None = None, high: float | None = None, *,
            low_open: bool = False, high_open: bool = False) -> float:
     """A finite real number (not a bool) within optional bounds, as a float.

@@ -289,8 +289,9 @@ class DatasetBatches(ShardedBatches):
 class IterableBatches(Batches):
     """An iterable of ``(x, y)`` batches (or ``x`` batches for ``predict``). An iterator (a
     generator) gives ``steps`` batches an epoch, continuing where the last epoch stopped; a
-    re-iterable (a list, a DataLoader) is iterated afresh each epoch, ``steps`` batches or to its
-    end. Host batches are checked on a background thread; the first one builds the model."""
+    re-iterable that is not an array (a DataLoader; a list or tuple is read as one array) is
+    iterated afresh each epoch, ``steps`` batches or to its end. Batches are checked on a
+    background thread; the first one builds the model."""
 
     def __init__(self, model: Any, data: Iterable[Any], steps: int | None,
                  with_targets: bool = True, what: str = "x") -> None:

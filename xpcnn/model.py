@@ -615,6 +615,7 @@ class Model:
         batch_size = checks.positive_int(batch_size, "batch_size")
         seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
         shuffle = checks.flag(shuffle, "shuffle")
+        verbose = checks.verbosity(verbose)
         if not distributed.is_root():
             verbose = 0
         data, validation = self._fit_data(x, y, batch_size, validation_data, validation_split,
@@ -624,6 +625,9 @@ class Model:
             extra.append(BackupAndRestore(checkpoint, checkpoint_every, resume))
         elif resume:
             raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
+        elif not (isinstance(checkpoint_every, str) and checkpoint_every == "epoch"):
+            raise InputError(f"checkpoint_every={checkpoint_every!r} needs checkpoint=PATH, the "
+                             "file to write: without it no checkpoint would be written")
         self.history = History()
         cbs = CallbackList([self.history, *([ProgbarLogger()] if verbose else []),
                             *callback_list(callbacks), *extra], self,
@@ -737,6 +741,7 @@ class Model:
         if self.loss is None:
             self.loss = get_loss("cross_entropy")
         batch_size = checks.positive_int(batch_size, "batch_size")
+        verbose = checks.verbosity(verbose)
         self._rebuild_if_shared()
         data = self._batches(x, y, batch_size, steps)
         return self._evaluate(data, CallbackList(callback_list(callbacks), self,
@@ -775,6 +780,7 @@ class Model:
         :meth:`evaluate` (targets, if any, are ignored); ``verbose=1`` shows a progress bar
         (Keras' ``predict(x, verbose=0)`` works as it is)."""
         batch_size = checks.positive_int(batch_size, "batch_size")
+        verbose = checks.verbosity(verbose)
         self._rebuild_if_shared()
         data = self._batches(x, None, batch_size, steps, targets=False)
         cbs = CallbackList(callback_list(callbacks), self, {})
@@ -801,10 +807,12 @@ class Model:
             return self._layer_outputs(self._to_device(x), training)
 
     # -- inspection and weights --------------------------------------------------------------
-    def summary(self, print_fn: Callable[[str], None] = print) -> None:
+    def summary(self, print_fn: Callable[[str], None] | None = None) -> None:
         """Print each layer's name, type, output shape and weight count (and, in a graph, the
-        layers it reads), then the trainable and non-trainable counts, as Keras does."""
+        layers it reads), then the trainable and non-trainable counts, as Keras does; each
+        line goes to ``print_fn`` (``print`` when None)."""
         self._require_built("summary")
+        print_fn = print if print_fn is None else print_fn
         inbound = self._inbound()
         names = ["input", *(la.name for la in self.layers)]
         chain = all(ins == (k,) for k, ins in enumerate(inbound))
@@ -841,8 +849,9 @@ class Model:
 
     @trainable.setter
     def trainable(self, value: bool) -> None:
+        value = checks.flag(value, "trainable")
         for la in self.layers:
-            la.trainable = bool(value)
+            la.trainable = value
 
     @property
     def trainable_layers(self) -> list[Layer]:
