@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import math
 import random
+from types import SimpleNamespace
 
 import ckpt_train
 import numpy as np
@@ -12,6 +14,7 @@ from test_checkpoint import Interrupt, as_dict, assert_same_run
 
 import xpcnn
 from xpcnn.callbacks import (
+    HOOKS,
     BackupAndRestore,
     Callback,
     CSVLogger,
@@ -68,7 +71,7 @@ def test_hooks_run_in_keras_order_with_epoch_logs(data):
         def __getattribute__(self, name):
             if name.startswith("on_"):
                 return lambda *args: calls.append((name, *args[:1]) if name.startswith(
-                    ("on_epoch", "on_train_batch")) else (name,))
+                    "on_epoch") or "_batch_" in name else (name,))
             return super().__getattribute__(name)
 
     model = small_model()
@@ -76,11 +79,33 @@ def test_hooks_run_in_keras_order_with_epoch_logs(data):
                         validation_data=data)
     per_epoch = lambda e: [("on_epoch_begin", e), ("on_train_batch_begin", 0),  # noqa: E731
                            ("on_train_batch_end", 0), ("on_train_batch_begin", 1),
-                           ("on_train_batch_end", 1), ("on_test_begin",), ("on_test_end",),
+                           ("on_train_batch_end", 1), ("on_test_begin",),
+                           ("on_test_batch_begin", 0), ("on_test_batch_end", 0), ("on_test_end",),
                            ("on_epoch_end", e)]
     assert calls == [("on_train_begin",), *per_epoch(0), *per_epoch(1), ("on_train_end",)]
     assert history is model.history and history.epoch == [0, 1]
     assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "seconds"}
+
+
+def test_each_hook_gets_the_logs_keras_gives_it(data):
+    got = {}
+    spy = LambdaCallback(**{hook: lambda *args, hook=hook: got.setdefault(hook, []).append(
+        dict(args[-1])) for hook in HOOKS})
+    model = small_model()
+    history = model.fit(*data, epochs=2, batch_size=20, verbose=0, validation_data=data,
+                        callbacks=[spy]).history
+    last = {k: v[-1] for k, v in history.items()}
+    assert all(logs == {} for hook in got if hook.endswith("_begin") for logs in got[hook])
+    assert got["on_train_batch_end"][-1] == {"loss": last["loss"], "accuracy": last["accuracy"]}
+    validation = {"loss": last["val_loss"], "accuracy": last["val_accuracy"]}
+    assert got["on_test_batch_end"][-1] == pytest.approx(validation)  # (one batch)
+    assert got["on_test_end"][-1] == validation
+    assert got["on_epoch_end"][-1] == last and got["on_train_end"] == [last]
+    probabilities = model.predict(data[0], batch_size=16, callbacks=[spy])
+    outputs = [logs["outputs"] for logs in got["on_predict_batch_end"]]
+    assert [len(o) for o in outputs] == [16, 16, 8]
+    np.testing.assert_array_equal(np.concatenate(outputs), probabilities)
+    assert got["on_predict_end"] == [{}]
 
 
 def test_a_callback_stops_training_from_on_train_batch_end_and_the_history_is_kept(data):
@@ -145,7 +170,7 @@ def test_the_progress_bar_shows_the_running_metrics(data, monkeypatch, capsys):
 
 def test_early_stopping_restores_the_best_weights(data):
     script = Scripted([3.0, 1.0, 2.0, 2.5, 0.5, 0.1])
-    stop = EarlyStopping("score", patience=2, restore_best_weights=True)
+    stop = EarlyStopping("score", mode="min", patience=2, restore_best_weights=True)
     model = small_model()
     history = model.fit(*data, epochs=6, batch_size=BATCH, verbose=0, callbacks=[script, stop])
     # best at epoch 1; epochs 2 and 3 do not improve: patience 2 is used up at epoch 3
@@ -159,14 +184,182 @@ def test_early_stopping_min_delta_mode_and_baseline(data):
     stop = EarlyStopping("score", mode="max", min_delta=0.02, patience=0)
     small_model().fit(*data, epochs=4, batch_size=BATCH, verbose=0, callbacks=[script, stop])
     assert stop.stopped_epoch == 2  # +0.05 counts, +0.01 does not
-    script = Scripted([0.5, 0.4, 0.3, 0.2])
-    stop = EarlyStopping("score", baseline=0.1, patience=1, restore_best_weights=True)
-    model = small_model()
-    model.fit(*data, epochs=4, batch_size=BATCH, verbose=0, callbacks=[script, stop])
-    # 0.5 does not beat the baseline: patience 1 is used up at once; no best epoch to restore
-    assert stop.stopped_epoch == 0 and stop.best_weights is None
-    assert same_weights(model.get_weights(), script.weights[0])
     assert EarlyStopping("val_accuracy").mode == "max" and EarlyStopping().mode == "min"
+    with pytest.raises(InputError, match="EarlyStopping cannot tell whether 'score' should go "
+                                         "down or up: pass mode='min' or mode='max'"):
+        EarlyStopping("score")
+    assert ModelCheckpoint("m.npz", monitor="score").mode == "auto"  # (not watched)
+    with pytest.raises(InputError, match="ModelCheckpoint cannot tell whether 'val_f1'"):
+        ModelCheckpoint("m.npz", monitor="val_f1", save_best_only=True)
+
+
+# -- Keras' decisions, epoch by epoch -------------------------------------------------------------
+# Each row is derived by hand from Keras 3's rules (keras/src/callbacks/early_stopping.py,
+# reduce_lr_on_plateau.py, model_checkpoint.py, monitor_callback.py); the rows marked "xpcnn"
+# are its documented differences (a NaN never improves). scripts/keras_callbacks_check.py
+# compares the callbacks with Keras itself where Keras is installed.
+
+nan, inf = math.nan, math.inf
+
+
+class TokenModel:
+    """What the monitoring callbacks read; its weights are a token: the epoch they are from."""
+
+    def __init__(self):
+        self.stop_training, self.epoch, self.restored, self.saved = False, None, None, []
+        self.optimizer = SimpleNamespace(lr=0.1)
+
+    def get_weights(self):
+        return [self.epoch]
+
+    def set_weights(self, weights):
+        self.restored = weights[0]
+
+    def save(self, path):
+        self.saved.append(self.epoch)
+
+
+def drive(callback, scores, monitor="score", model=None):
+    """Call ``callback`` as fit does over epochs whose logs hold ``monitor``: ``scores``.
+    Returns the model, the number of epochs run, the logs of each after the callback."""
+    model, seen = model or TokenModel(), []
+    callback.set_model(model)
+    callback.set_params({"epochs": len(scores), "validation": True})
+    callback.on_train_begin({})
+    for epoch, score in enumerate(scores):
+        model.epoch = epoch
+        callback.on_epoch_begin(epoch, {})
+        seen.append({monitor: score})
+        callback.on_epoch_end(epoch, seen[-1])
+        if model.stop_training:
+            break
+    callback.on_train_end(seen[-1])
+    return model, len(seen), seen
+
+
+EARLY_STOPPING = [  # (settings (mode "min"), scores, epochs run, epoch restored)
+    (dict(patience=2), [3.0, 1.0, 2.0, 2.5, 0.5], 4, 1),  # no gain at 2 and 3: stop at 3
+    (dict(patience=0), [1.0, 1.0], 2, 0),  # a tie is no improvement
+    (dict(patience=1, min_delta=0.15), [1.0, 0.9, 0.8], 2, 0),  # -0.1 is less than min_delta
+    # compared in float32 after the shift by min_delta: exactly min_delta, or less than float32
+    # resolves, is no improvement (float64 alone would call 0.8 -> 0.7 one: 0.7 + 0.1 < 0.8)
+    (dict(patience=0, min_delta=0.1), [0.8, 0.7, 0.6], 2, 0),
+    (dict(patience=0), [0.30000001, 0.3, 0.2], 2, 0),
+    (dict(patience=5), [0.3, 0.1, 0.2], 3, 1),  # no early stop: the best epoch still comes back
+    (dict(patience=1, start_from_epoch=2), [1.0, 2.0, 3.0, 4.0, 0.5], 4, 2),  # 0, 1 not watched
+    # baseline: only an epoch beating it and the best resets the wait; an epoch improving on
+    # the best never stops training; the best epoch comes back even below the baseline
+    (dict(patience=1, baseline=0.1), [0.5, 0.4, 0.3, 0.2], 4, 3),
+    (dict(patience=2, baseline=0.35), [0.5, 0.4, 0.45, 0.3], 3, 1),
+    (dict(patience=1, baseline=0.35), [0.5, 0.3, 0.32, 0.2], 3, 1),
+    (dict(patience=0), [inf, 1.0, 1.0], 3, 1),  # the first value is the first best, even inf
+    (dict(patience=1), [0.5, nan, 0.4], 2, 0),  # NaN is no improvement
+    (dict(patience=1), [nan, 0.5, 0.6, 0.4], 3, 1),  # xpcnn: Keras makes NaN the best (2, 0)
+]
+
+
+@pytest.mark.parametrize("settings, scores, epochs_run, restored", EARLY_STOPPING)
+def test_early_stopping_stops_and_restores_on_keras_epochs(settings, scores, epochs_run,
+                                                          restored):
+    stop = EarlyStopping("score", mode="min", restore_best_weights=True, **settings)
+    model, ran, _ = drive(stop, scores)
+    assert (ran, model.restored) == (epochs_run, restored)
+    assert stop.stopped_epoch == (ran - 1 if model.stop_training else 0)  # (0: no stop)
+    flipped = EarlyStopping("score", mode="max", restore_best_weights=True, **{
+        k: -v if k == "baseline" else v for k, v in settings.items()})
+    model, ran, _ = drive(flipped, [-s for s in scores])
+    assert (ran, model.restored) == (epochs_run, restored)
+
+
+REDUCE_LR = [  # (settings (mode "min", factor 0.5), scores, rate after each epoch)
+    (dict(patience=1, cooldown=2, min_lr=0.03), [1.0] * 7, [.1, .05, .05, .03, .03, .03, .03]),
+    (dict(patience=0), [1.0, 0.9, 0.9, 0.8], [.1, .1, .05, .05]),
+    (dict(patience=1), [1.0, 0.99995, 0.9], [.1, .05, .05]),  # min_delta 1e-4 by default
+    (dict(patience=1), [inf, 5.0, 5.0], [.1, .1, .05]),  # the first value is the first best
+    (dict(patience=1), [nan, 1.0, 1.0], [.05, .05, .025]),  # xpcnn: Keras has [.1, .05, .025]
+]
+
+
+@pytest.mark.parametrize("settings, scores, rates", REDUCE_LR)
+def test_reduce_lr_on_plateau_lowers_the_rate_on_keras_epochs_and_logs_it(settings, scores,
+                                                                         rates):
+    reduce = ReduceLROnPlateau("score", mode="min", factor=0.5, **settings)
+    model, _, seen = drive(reduce, scores)
+    assert model.optimizer.lr == pytest.approx(rates[-1])
+    logged = [logs["learning_rate"] for logs in seen]  # the epoch's rate, before a reduction
+    assert logged == pytest.approx([0.1, *rates[:-1]])
+
+
+def test_reduce_lr_on_plateau_stops_at_min_lr_though_the_rate_reads_back_above_it(capsys):
+    model = TokenModel()
+    model.optimizer = xpcnn.optim.SGD(0.07)  # (1e-5 set reads back 1.0000000000000003e-05)
+    reduce = ReduceLROnPlateau("score", mode="min", factor=0.1, patience=0, min_lr=1e-5,
+                               verbose=1)
+    drive(reduce, [1.0] * 7, model=model)
+    assert capsys.readouterr().out.count("learning rate reduced") == 4  # epochs 2 to 5
+    assert model.optimizer.lr == pytest.approx(1e-5)
+
+
+def test_learning_rate_scheduler_logs_each_epochs_rate():
+    _, _, seen = drive(LearningRateScheduler(lambda epoch: 0.1 / (epoch + 1)), [1.0] * 3)
+    assert [logs["learning_rate"] for logs in seen] == pytest.approx([0.1, 0.05, 0.1 / 3])
+
+
+@pytest.mark.parametrize("mode, scores, saved", [
+    ("min", [inf, 1.0, 1.0, 0.5], [0, 1, 3]),  # the first value is the first best
+    ("max", [0.5, 0.4, 0.6, 0.6], [0, 2]),
+    ("min", [nan, 1.0, 2.0, 0.5], [1, 3]),  # xpcnn: Keras saves the NaN epoch, then none
+])
+def test_model_checkpoint_saves_the_best_on_keras_epochs(tmp_path, mode, scores, saved):
+    save = ModelCheckpoint(tmp_path / "m.npz", "score", save_best_only=True,
+                           save_weights_only=True, mode=mode)
+    assert drive(save, scores)[0].saved == saved
+    above = ModelCheckpoint(tmp_path / "m.npz", "score", save_best_only=True, mode=mode,
+                            save_weights_only=True, initial_value_threshold=scores[-1])
+    assert drive(above, scores)[0].saved == []  # nothing beats the last, the best
+
+
+def test_model_checkpoint_save_freq_counts_batches_across_epochs(data, tmp_path):
+    model = small_model()
+    saves = ModelCheckpoint(tmp_path / "m-{epoch}-{batch}.npz", save_freq=3)  # 4 batches/epoch
+    model.fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=[saves])
+    # Keras' count: after 3, 6, 9 and 12 batches (batch 1-based within its epoch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m-1-3.npz", "m-2-2.npz", "m-3-1.npz", "m-3-4.npz"]
+    inside = load_checkpoint(tmp_path / "m-2-2.npz")  # the state after step 6, to resume there
+    assert inside.model.optimizer.iterations == 6 and inside.history.epoch == [0]
+    best = ModelCheckpoint(tmp_path / "best.npz", "loss", save_best_only=True, save_freq=1,
+                           save_weights_only=True)
+    losses, saved = [], []  # (the running loss after each batch; the batches saved after)
+    model.save = lambda path: saved.append(model._position[1])
+    model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[
+        LambdaCallback(on_train_batch_end=lambda batch, logs: losses.append(logs["loss"])),
+        best])
+    assert saved == [i % 4 + 1 for i, loss in enumerate(losses) if loss < min(losses[:i] + [inf])]
+    assert 1 < len(saved) < 8 and best.best == min(losses)
+    for wrong, message in [(dict(save_freq=0), "save_freq must be 'epoch' or a positive"),
+                           (dict(save_freq=2, save_best_only=True),
+                            "batch logs, which hold loss and accuracy only: monitor one of them, "
+                            "not 'val_loss'")]:
+        with pytest.raises(InputError, match=message):
+            ModelCheckpoint(tmp_path / "m.npz", **wrong)
+    model = small_model()
+    with pytest.raises(InputError, match="could not be filled from epoch and the logs"):
+        model.fit(*data, verbose=0, callbacks=[ModelCheckpoint(tmp_path / "{batch}.npz")])
+    assert model.optimizer.iterations == 0  # (refused before the first step)
+
+
+def test_history_holds_the_logs_callbacks_add_and_on_train_end_gets_the_last(data, tmp_path):
+    ended = []
+    model = small_model()
+    history = model.fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=[
+        Scripted([1.0, 1.0, 1.0]), ReduceLROnPlateau("score", mode="min", patience=0),
+        ModelCheckpoint(tmp_path / "last.npz"),
+        LambdaCallback(on_train_end=lambda logs: ended.append(dict(logs)))])
+    assert set(history.history) == {"loss", "accuracy", "seconds", "score", "learning_rate"}
+    assert history.history["learning_rate"] == pytest.approx([0.1, 0.1, 0.01])  # (before)
+    assert ended == [{k: v[-1] for k, v in history.history.items()}]
+    assert load_checkpoint(tmp_path / "last.npz").history.epoch == [0, 1, 2]
 
 
 # -- ModelCheckpoint -------------------------------------------------------------------------------
@@ -190,7 +383,8 @@ def test_model_checkpoint_best_only_and_weights_only(data, tmp_path):
     path = tmp_path / "best.npz"
     model = small_model()
     saves = []
-    save = ModelCheckpoint(path, monitor="score", save_best_only=True, save_weights_only=True)
+    save = ModelCheckpoint(path, monitor="score", mode="min", save_best_only=True,
+                           save_weights_only=True)
     watch = LambdaCallback(on_epoch_end=lambda e, logs: saves.append(
         path.exists() and path.stat().st_mtime_ns))
     model.fit(*data, epochs=4, batch_size=BATCH, verbose=0, callbacks=[script, save, watch])
@@ -248,7 +442,8 @@ def test_backup_and_restore_refuses_a_generator(data, tmp_path):
 def test_reduce_lr_on_plateau_with_cooldown_and_floor(data, tmp_path):
     script = Scripted([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
     rates = []
-    reduce = ReduceLROnPlateau("score", factor=0.5, patience=1, cooldown=2, min_lr=0.03)
+    reduce = ReduceLROnPlateau("score", mode="min", factor=0.5, patience=1, cooldown=2,
+                               min_lr=0.03)
     model = small_model(lr=0.1)
     record = LambdaCallback(on_epoch_end=lambda e, logs: rates.append(model.optimizer.lr))
     model.fit(*data, epochs=7, batch_size=BATCH, verbose=0, callbacks=[script, reduce, record])
@@ -289,6 +484,12 @@ def test_csv_logger_writes_a_row_per_epoch_and_appends(data, tmp_path):
     assert [r["epoch"] for r in rows] == ["0", "1", "0"]
     assert set(rows[0]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"}
     assert float(rows[2]["val_loss"]) == model.history.history["val_loss"][0]
+    logger = CSVLogger(path)  # the columns are the first epoch's; a missing log is NA (Keras)
+    logger.on_train_begin()
+    logger.on_epoch_end(0, {"loss": 1.0, "learning_rate": 0.1})
+    logger.on_epoch_end(1, {"loss": 0.5, "score": 3.0})
+    logger.on_train_end()
+    assert path.read_text().splitlines() == ["epoch,learning_rate,loss", "0,0.1,1.0", "1,NA,0.5"]
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

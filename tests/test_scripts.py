@@ -46,6 +46,17 @@ def test_the_gpu_probes_say_so_where_there_is_no_gpu():
     assert out.stdout == "gpu_probes: no CUDA GPU here; nothing probed\n"
 
 
+def test_the_keras_callbacks_check_says_it_skipped_without_keras():
+    """scripts/keras_callbacks_check.py compares the callbacks with Keras 3, not a dependency."""
+    import importlib.util
+
+    if importlib.util.find_spec("keras") is not None:
+        pytest.skip("Keras is here: the script compares (python scripts/keras_callbacks_check.py)")
+    out = _run(script="keras_callbacks_check.py")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "skipped: Keras 3 is not importable\n"
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_the_gpu_benchmark_dry_runs_on_the_cpu(layout, tmp_path):
     """scripts/bench_gpu.py as the device check runs it, on the CPU, with PyTorch in the layout

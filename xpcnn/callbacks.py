@@ -7,11 +7,19 @@ and ``data`` (the batch source). Setting ``model.stop_training = True`` in any h
 after the current batch (or epoch): ``on_epoch_end`` and ``on_train_end`` still run and ``fit``
 returns the :class:`History`.
 
-Epoch logs are plain floats (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ``seconds``).
+The ``logs`` of each hook, as in Keras: empty for the ``*_begin`` hooks; the epoch's running
+``loss`` and ``accuracy`` for ``on_train_batch_end`` (of the evaluation for
+``on_test_batch_end``, and its result for ``on_test_end``); for ``on_epoch_end``, plain floats
+(``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, and, unlike Keras, ``seconds``), to which
+a callback may add names (:class:`ReduceLROnPlateau` adds ``learning_rate``) that the callbacks
+after it and the History see (``fit`` runs the History and the progress bar after the user's
+callbacks, as Keras does); the last epoch's for ``on_train_end``; ``{"outputs": probabilities}``
+(on the device) for ``on_predict_batch_end``.
+
 Batch logs are read lazily: the loss and correct count of the steps stay on the device, and the
-host waits for the device only when a callback actually reads a value from the batch ``logs``
-(``logs["loss"]``: the epoch's running mean, as in Keras). A callback that only counts batches
-costs no synchronisation; the progress bar reads at most every ``refresh`` seconds.
+host waits for the device only when a callback actually reads a value from the batch ``logs``.
+A callback that only counts batches costs no synchronisation; the progress bar reads at most
+every ``refresh`` seconds.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import inspect
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -56,12 +64,23 @@ class Callback:
                            ) -> None: ...
     def on_test_begin(self, logs: Mapping[str, float] | None = None) -> None: ...
     def on_test_end(self, logs: Mapping[str, float] | None = None) -> None: ...
+    def on_test_batch_begin(self, batch: int, logs: Mapping[str, float] | None = None
+                            ) -> None: ...
+    def on_test_batch_end(self, batch: int, logs: Mapping[str, float] | None = None
+                          ) -> None: ...
     def on_predict_begin(self, logs: Mapping[str, float] | None = None) -> None: ...
     def on_predict_end(self, logs: Mapping[str, float] | None = None) -> None: ...
+    def on_predict_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None
+                               ) -> None: ...
+    def on_predict_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None
+                             ) -> None: ...
 
 
 #: The metrics fit logs for its validation data.
 VALIDATION_LOGS = ("val_loss", "val_accuracy")
+
+#: The metrics of the batch logs (the epoch's running values).
+BATCH_LOGS = ("loss", "accuracy")
 
 #: The hooks' names, in the order :class:`Callback` declares them.
 HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
@@ -93,7 +112,7 @@ class CallbackList:
             raise AttributeError(hook)
 
         # Every hook gets its logs, as in Keras (empty where there are none yet).
-        indexed = hook.startswith(("on_epoch", "on_train_batch"))
+        indexed = hook.startswith("on_epoch") or "_batch_" in hook
 
         def call(*args: Any) -> None:
             args = args + ({},) * (1 + indexed - len(args))
@@ -208,15 +227,42 @@ class ProgbarLogger(Callback):
             self.bar.close()  # (a no-op when the epoch ended normally)
 
 
-class _Monitor(Callback):
-    """Shared by the callbacks that watch one metric for improvement."""
+#: The direction of the metrics ``fit`` logs (``val_`` ones alike), for ``mode="auto"``.
+AUTO_MODES = {"loss": "min", "accuracy": "max"}
 
-    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0) -> None:
+
+def _log(logs: Mapping[str, float] | None, name: str, value: float) -> None:
+    """Add ``name`` to the epoch logs, for the callbacks after this one and the History."""
+    if isinstance(logs, MutableMapping):
+        logs[name] = value
+
+
+class _Monitor(Callback):
+    """Shared by the callbacks that watch one metric for improvement, with Keras' rules: the
+    first value is the first best; a later one improves on ``best`` when it is lower (mode
+    "min") or higher ("max") by more than ``min_delta`` (in float32, as Keras compares: a change
+    of exactly ``min_delta`` is decided by rounding, as there); ``mode="auto"`` is "min" for
+    ``loss`` and ``val_loss``, "max" for ``accuracy`` and ``val_accuracy``.
+
+    Deliberate differences from Keras: a name whose direction is unknown with ``mode="auto"``
+    is refused at once (Keras raises at the end of the first epoch); a monitor missing from the
+    logs is an error (Keras warns and skips the epoch, so a typo silently disables the
+    callback); a NaN value never improves, not even as the first one (in Keras a NaN first
+    value becomes the best, which nothing can then beat: training stops after ``patience``
+    epochs and restores the NaN epoch's weights).
+    """
+
+    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0,
+                 watched: bool = True) -> None:
         super().__init__()
         if mode not in ("auto", "min", "max"):
             raise InputError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
         if mode == "auto":
-            mode = "max" if "acc" in monitor else "min"
+            mode = AUTO_MODES.get(str(monitor).removeprefix("val_"), "auto")
+            if mode == "auto" and watched:
+                raise InputError(f"{type(self).__name__} cannot tell whether {monitor!r} should "
+                                 "go down or up: pass mode='min' or mode='max' (mode='auto' "
+                                 "knows loss and accuracy)")
         self.monitor, self.mode, self.min_delta = monitor, mode, abs(float(min_delta))
 
     def current(self, logs: Mapping[str, float] | None) -> float:
@@ -235,61 +281,86 @@ class _Monitor(Callback):
                              "logs lack in a fit without validation data: pass validation_data "
                              "(or validation_split), or monitor 'loss'")
 
-    def improves(self, value: float, best: float) -> bool:
-        if self.mode == "min":
-            return value < best - self.min_delta
-        return value > best + self.min_delta
-
-    def worst(self) -> float:
-        return math.inf if self.mode == "min" else -math.inf
+    def improves(self, value: float, best: float | None) -> bool:
+        """Whether ``value`` beats ``best`` (None: nothing yet) by more than ``min_delta``."""
+        if math.isnan(value):
+            return False
+        if best is None:
+            return True
+        # (as Keras: shifted by min_delta, then both sides rounded to float32, so that a change
+        # of exactly min_delta, or one below float32's resolution, is decided as in Keras)
+        with np.errstate(over="ignore"):
+            if self.mode == "min":
+                return bool(np.float32(value + self.min_delta) < np.float32(best))
+            return bool(np.float32(value - self.min_delta) > np.float32(best))
 
 
 class EarlyStopping(_Monitor):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience``
-    epochs. ``baseline``: stop also when it does not beat that value within ``patience``
-    epochs. ``restore_best_weights``: end with the weights of the best epoch."""
+    epochs (Keras' rules, see :class:`_Monitor`); epochs before ``start_from_epoch`` (0-based)
+    are not watched at all. ``stopped_epoch`` is the 0-based epoch that stopped training (0:
+    it did not stop; as in Keras, the first epoch never stops it).
+
+    ``baseline``: the patience runs from the last epoch that beat both the best value so far
+    and ``baseline``: training stops ``patience`` epochs after that (after the start without
+    one) at an epoch that does not improve on the best value; an epoch that improves on it
+    without reaching the baseline neither stops training nor resets the count (Keras' rule).
+
+    ``restore_best_weights``: end with the weights of the best epoch (``best_epoch``), also
+    when training ends without an early stop, and also when no epoch reached the baseline (the
+    best of those watched).
+    """
 
     def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0,
                  mode: str = "auto", baseline: float | None = None,
-                 restore_best_weights: bool = False, verbose: int = 0) -> None:
+                 restore_best_weights: bool = False, verbose: int = 0,
+                 start_from_epoch: int = 0) -> None:
         super().__init__(monitor, mode, min_delta)
         self.patience = checks.non_negative_int(patience, "EarlyStopping patience")
         self.baseline = None if baseline is None else checks.number(baseline, "baseline")
         self.restore_best_weights = checks.flag(restore_best_weights, "restore_best_weights")
+        self.start_from_epoch = checks.non_negative_int(start_from_epoch, "start_from_epoch")
         self.verbose = verbose
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         self.check_monitor()
-        self.wait, self.stopped_epoch, self.best_epoch = 0, None, None
-        self.best = self.worst() if self.baseline is None else float(self.baseline)
+        self.wait, self.stopped_epoch, self.best_epoch = 0, 0, 0
+        self.best: float | None = None
         self.best_weights: list[np.ndarray] | None = None
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         value = self.current(logs)
+        if epoch < self.start_from_epoch:
+            return
+        if self.restore_best_weights and self.best_weights is None:  # (until one is better)
+            self.best_weights, self.best_epoch = self.model.get_weights(), epoch
+        self.wait += 1
         if self.improves(value, self.best):
-            self.best, self.best_epoch, self.wait = value, epoch, 0
+            self.best, self.best_epoch = value, epoch
             if self.restore_best_weights:
                 self.best_weights = self.model.get_weights()
+            if self.baseline is None or self.improves(value, self.baseline):
+                self.wait = 0
             return
-        self.wait += 1
-        if self.wait >= self.patience:
+        if self.wait >= self.patience and epoch > 0:
             self.stopped_epoch = epoch
             self.model.stop_training = True
 
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
-        if self.stopped_epoch is not None and self.verbose:
+        if self.stopped_epoch and self.verbose:
             _say(f"early stopping at epoch {self.stopped_epoch + 1}: {self.monitor} has not "
-                 f"improved since epoch {(self.best_epoch or 0) + 1}")
+                 f"improved since epoch {self.best_epoch + 1}")
         if self.restore_best_weights and self.best_weights is not None:
             self.model.set_weights(self.best_weights)
 
 
 class _TrialLogs(dict):  # type: ignore[type-arg]
     """The logs of a trial fill of a path template: 0 for a name that a user's callback may
-    add to the logs, and no value for fit's validation metrics where it has no validation."""
+    add to the logs, and no value for fit's validation metrics where it has no validation, nor
+    for ``batch`` where the saves are at the ends of epochs."""
 
     def __missing__(self, key: str) -> float:
-        if key in VALIDATION_LOGS:
+        if key in (*VALIDATION_LOGS, "batch"):
             raise KeyError(key)
         return 0.0
 
@@ -298,30 +369,54 @@ class ModelCheckpoint(_Monitor):
     """Save the model at the end of each epoch to ``filepath``, a template filled with the
     1-based ``epoch`` and the epoch logs: ``"ckpt-{epoch:02d}-{val_loss:.3f}.npz"``.
 
-    ``save_best_only``: only when ``monitor`` improved (the path may then be fixed).
-    ``save_weights_only``: a model file (architecture and weights, :meth:`Model.save`) instead
-    of a whole training checkpoint (optimiser state too, :func:`xpcnn.load_checkpoint`).
-    Both load with :func:`xpcnn.load_model` and :meth:`Model.load_weights`.
+    ``save_best_only``: only when ``monitor`` improved (the path may then be fixed); the first
+    value saves unless ``initial_value_threshold`` is given: then only a value beating it.
+    The best value is kept across ``fit`` calls, as in Keras. ``save_weights_only``: a model
+    file (architecture and weights, :meth:`Model.save`) instead of a whole training checkpoint
+    (optimiser state too, :func:`xpcnn.load_checkpoint`). Both load with
+    :func:`xpcnn.load_model` and :meth:`Model.load_weights`.
+
+    ``save_freq=N`` (Keras' batch-level saving): instead of at the end of each epoch, save
+    after every ``N`` batches, counted across epochs; the template may use the 1-based
+    ``batch`` in its epoch, and the logs are the batch logs (the epoch's running ``loss`` and
+    ``accuracy``), which ``save_best_only`` then compares. Unlike Keras, which then saves anyway
+    with a warning, a monitor the batch logs lack is refused.
     """
 
     def __init__(self, filepath: str | os.PathLike[str], monitor: str = "val_loss",
                  save_best_only: bool = False, save_weights_only: bool = False,
-                 mode: str = "auto", verbose: int = 0) -> None:
-        super().__init__(monitor, mode)
+                 mode: str = "auto", verbose: int = 0, save_freq: int | str = "epoch",
+                 initial_value_threshold: float | None = None) -> None:
+        super().__init__(monitor, mode, watched=save_best_only is True)
         self.filepath = checks.file_path(filepath, "ModelCheckpoint filepath")
         self.save_best_only = checks.flag(save_best_only, "save_best_only")
         self.save_weights_only = checks.flag(save_weights_only, "save_weights_only")
-        self.verbose = verbose
-        self.best = self.worst()
+        if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int)
+                                     or save_freq < 1):
+            raise InputError(f"ModelCheckpoint save_freq must be 'epoch' or a positive number "
+                             f"of batches, got {save_freq!r}")
+        if save_freq != "epoch" and save_best_only and monitor not in BATCH_LOGS:
+            raise InputError(f"ModelCheckpoint with save_freq={save_freq} compares the batch "
+                             f"logs, which hold {' and '.join(BATCH_LOGS)} only: monitor one of "
+                             f"them, not {monitor!r}")
+        self.save_freq, self.verbose = save_freq, verbose
+        self.best = None if initial_value_threshold is None else checks.number(
+            initial_value_threshold, "initial_value_threshold")
+        self.batches = 0  # since the last save, with save_freq=N (kept across fits, as in Keras)
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
-        if self.save_best_only:
+        if self.save_best_only and self.save_freq == "epoch":
             self.check_monitor()
         # (the template filled now, so that it fails before the first epoch rather than after)
-        names = ["loss", "accuracy", "seconds"]
-        if self.params.get("validation") is not False:
-            names += VALIDATION_LOGS
-        path = self._fill(_TrialLogs(dict.fromkeys(names, 0.0), epoch=1))
+        names = list(BATCH_LOGS)
+        if self.save_freq == "epoch":
+            names.append("seconds")
+            if self.params.get("validation") is not False:
+                names += VALIDATION_LOGS
+        fields = _TrialLogs(dict.fromkeys(names, 0.0), epoch=1)
+        if self.save_freq != "epoch":
+            fields["batch"] = 1
+        path = self._fill(fields)
         if distributed.is_root():  # (the one writer)
             checks.output_file(path, "the ModelCheckpoint file")
 
@@ -329,24 +424,57 @@ class ModelCheckpoint(_Monitor):
         try:
             return self.filepath.format_map(fields)
         except (KeyError, IndexError, ValueError) as e:
-            logs = sorted(k for k in fields if k != "epoch")
+            logs = sorted(k for k in fields if k not in ("epoch", "batch"))
+            where = "epoch" if self.save_freq == "epoch" else "epoch, batch"
             raise InputError(f"ModelCheckpoint path {self.filepath!r} could not be filled from "
-                             f"epoch and the logs {logs}: {e}") from e
+                             f"{where} and the logs {logs}: {e}") from e
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
+        if self.save_freq == "epoch":
+            return
+        self.batches += 1
+        if self.batches >= self.save_freq:
+            self.batches = 0
+            self._save(self.model._position[0], dict(logs or {}), batch)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        logs = dict(logs or {})
+        if self.save_freq == "epoch":
+            self._save(epoch, dict(logs or {}))
+
+    def _save(self, epoch: int, logs: dict[str, float], batch: int | None = None) -> None:
+        """Save after ``batch`` (0-based) of ``epoch``, or at its end (None)."""
         if self.save_best_only:
             value = self.current(logs)
             if not self.improves(value, self.best):
                 return
             self.best = value
-        path = self._fill({**logs, "epoch": epoch + 1})
+        fields = {**logs, "epoch": epoch + 1, **({} if batch is None else {"batch": batch + 1})}
+        path = self._fill(fields)
         if self.save_weights_only:
             self.model.save(path)
-        else:
-            save_checkpoint(self.model, path, Progress(epoch + 1), self.model.history)
+        elif batch is None:
+            save_checkpoint(self.model, path, Progress(epoch + 1),
+                            _history_through(self.model.history, epoch, logs))
+        else:  # (inside the epoch: where it stands, so that it resumes there)
+            loss_sum, correct, seen, t0 = self.model._epoch_sums()
+            save_checkpoint(self.model, path, Progress(epoch, batch + 1, loss_sum, correct, seen,
+                                                       time.perf_counter() - t0),
+                            self.model.history)
         if self.verbose:
-            _say(f"epoch {epoch + 1}: saved {path}")
+            _say(f"epoch {epoch + 1}" + ("" if batch is None else f", batch {batch + 1}") +
+                 f": saved {path}")
+
+
+def _history_through(done: history.History, epoch: int, logs: dict[str, float]
+                     ) -> history.History:
+    """``done`` with ``epoch``'s logs as they stand, for a checkpoint written at the end of the
+    epoch before the History callback, which runs after the user's ones, records it."""
+    if done.epoch[-1:] == [epoch]:
+        return done
+    record = history.History()
+    record.epoch, record.history = list(done.epoch), {k: list(v) for k, v in done.history.items()}
+    record.append(epoch, logs)
+    return record
 
 
 class BackupAndRestore(Callback):
@@ -402,7 +530,10 @@ class BackupAndRestore(Callback):
 
 class ReduceLROnPlateau(_Monitor):
     """Multiply the learning rate by ``factor`` when ``monitor`` has not improved for
-    ``patience`` epochs, then wait ``cooldown`` epochs; never below ``min_lr``."""
+    ``patience`` epochs, then wait ``cooldown`` epochs; never below ``min_lr`` (Keras' rules, see
+    :class:`_Monitor`). Adds the epoch's rate to the logs as ``learning_rate``, as Keras does,
+    so the History of a ``fit`` records it. ``factor`` must lie in (0, 1) (Keras also takes 0 or
+    less, which drops the rate to ``min_lr`` at once: say ``factor=1e-9`` for that)."""
 
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10,
                  mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0,
@@ -417,10 +548,13 @@ class ReduceLROnPlateau(_Monitor):
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         self.check_monitor()
-        self.best, self.wait, self.cooling = self.worst(), 0, 0
+        self.best: float | None = None
+        self.wait, self.cooling = 0, 0
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         value = self.current(logs)
+        optimizer = self.model.optimizer
+        _log(logs, "learning_rate", optimizer.lr)  # (the epoch's rate, as Keras logs it)
         if self.cooling:
             self.cooling -= 1
             self.wait = 0
@@ -430,8 +564,8 @@ class ReduceLROnPlateau(_Monitor):
         if self.cooling:
             return
         self.wait += 1
-        optimizer = self.model.optimizer
-        if self.wait >= self.patience and optimizer.lr > self.min_lr:
+        # (in float32, as Keras: a rate set to min_lr may read back a rounding above it)
+        if self.wait >= self.patience and np.float32(optimizer.lr) > np.float32(self.min_lr):
             optimizer.lr = max(optimizer.lr * self.factor, self.min_lr)
             self.cooling, self.wait = self.cooldown, 0
             if self.verbose:
@@ -441,7 +575,9 @@ class ReduceLROnPlateau(_Monitor):
 class LearningRateScheduler(Callback):
     """Set the learning rate at the start of each epoch to ``schedule(epoch, lr)`` (0-based
     epoch, the current rate), or ``schedule(epoch)`` for a function of the epoch alone (both
-    as in Keras)."""
+    as in Keras). Adds the epoch's rate to the logs as ``learning_rate``, as Keras does. Unlike
+    Keras, which calls ``schedule(epoch, lr)`` and retries ``schedule(epoch)`` on any TypeError,
+    the signature decides, so a TypeError inside the schedule is not hidden."""
 
     def __init__(self, schedule: Callable[..., float], verbose: int = 0) -> None:
         super().__init__()
@@ -458,6 +594,9 @@ class LearningRateScheduler(Callback):
         if self.verbose:
             _say(f"epoch {epoch + 1}: learning rate {optimizer.lr:.3g}")
 
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+        _log(logs, "learning_rate", self.model.optimizer.lr)
+
 
 def _binds(fn: Any, *args: Any) -> bool:
     """True where ``fn`` can be called with ``args`` (a callable without a signature, a
@@ -473,7 +612,11 @@ def _binds(fn: Any, *args: Any) -> bool:
 
 class CSVLogger(Callback):
     """One CSV row per epoch: ``epoch`` (0-based) and every log, to ``filename``
-    (``append=True`` continues an existing file)."""
+    (``append=True`` continues an existing file). The columns are the first epoch's logs, sorted;
+    a log missing in a later epoch is written ``NA``, as in Keras. Unlike Keras, ``append=True``
+    keeps the existing file's columns (Keras writes the new run's columns under the old header),
+    and no ``val_*`` columns are added for a fit without validation data (Keras adds one, all
+    ``NA``, per log, for fits that validate only every few epochs, which ``fit`` does not do)."""
 
     def __init__(self, filename: str | os.PathLike[str], separator: str = ",",
                  append: bool = False) -> None:
@@ -503,7 +646,7 @@ class CSVLogger(Callback):
         if self.keys is None:
             self.keys = sorted(logs)
             csv.writer(self.file, delimiter=self.separator).writerow(["epoch", *self.keys])
-        row = [epoch] + [logs.get(k, "") for k in self.keys]
+        row = [epoch] + [logs.get(k, "NA") for k in self.keys]
         csv.writer(self.file, delimiter=self.separator).writerow(row)
         self.file.flush()
 

@@ -629,8 +629,13 @@ class Model:
             raise InputError(f"checkpoint_every={checkpoint_every!r} needs checkpoint=PATH, the "
                              "file to write: without it no checkpoint would be written")
         self.history = History()
-        cbs = CallbackList([self.history, *([ProgbarLogger()] if verbose else []),
-                            *callback_list(callbacks), *extra], self,
+        # Keras' order: the History and the progress bar after the user's callbacks, so they
+        # see the logs those add (learning_rate, a user's metric); BackupAndRestore last, so
+        # that its checkpoint holds the History of the epoch just done.
+        callbacks = [*callback_list(callbacks), *extra]
+        backups = [cb for cb in callbacks if isinstance(cb, BackupAndRestore)]
+        cbs = CallbackList([*(cb for cb in callbacks if cb not in backups), self.history,
+                            *([ProgbarLogger()] if verbose else []), *backups], self,
                            {"epochs": epochs, "steps": data.steps, "verbose": verbose,
                             "data": data, "validation": validation is not None})
         self.stop_training, self._resume_at = False, None
@@ -639,6 +644,7 @@ class Model:
             self._parallel.broadcast_weights()
         cbs.on_train_begin()
         start = self._resume_at
+        logs: dict[str, float] = {}  # (the last epoch's, for on_train_end, as in Keras)
         try:
             with cbs.interruptible():
                 for epoch in range(start.epoch if start else 0, epochs):
@@ -660,7 +666,7 @@ class Model:
             if self._parallel is not None:
                 self._parallel.end_fit()
                 self._parallel = None
-        cbs.on_train_end()
+        cbs.on_train_end(logs)
         return self.history
 
     def _fit_epoch(self, epoch: int, data: Batches, cbs: CallbackList, start: Any
@@ -755,15 +761,19 @@ class Model:
         cbs.on_test_begin()
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(0)) as batches:  # type: ignore[type-var]
-            for xb, yb in tqdm(batches, total=data.steps, disable=verbose == 0 or not
-                               distributed.is_root(), desc="evaluate", unit="batch"):
+            for step, (xb, yb) in enumerate(tqdm(
+                    batches, total=data.steps, disable=verbose == 0 or not distributed.is_root(),
+                    desc="evaluate", unit="batch")):
                 if not xb.shape[0]:  # this rank's empty part of a short batch
                     continue
+                cbs.on_test_batch_begin(step)
                 logits = self._logits(xb, False)
                 stats, _ = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
                     xp, logits, yb, self._param_dtype, kernels)
                 totals.add_stats(stats, int(xb.shape[0]))
                 seen += int(xb.shape[0])
+                cbs.on_test_batch_end(step, LazyLogs(lambda seen=seen: self._running_logs(
+                    totals, seen)))  # (this rank's running means, as Keras' batch logs)
         host, _ = totals.read()
         # on several ranks, each evaluated its slices: the sums are added up over the ranks
         loss_sum, correct, seen = distributed.host_sum(
@@ -773,6 +783,12 @@ class Model:
         logs = {"loss": loss_sum / seen, "accuracy": correct / seen}
         cbs.on_test_end(logs)
         return logs
+
+    def _running_logs(self, totals: RunningTotals, seen: int) -> dict[str, float]:
+        """The running loss and accuracy of ``seen`` samples in ``totals`` (waits for the
+        device)."""
+        host = self.backend.to_numpy(totals.state)
+        return {"loss": float(host[LOSS_SUM]) / seen, "accuracy": float(host[CORRECT]) / seen}
 
     def predict(self, x: Any, batch_size: int = 256, verbose: int = 0, steps: int | None = None,
                 callbacks: list[Callback] | None = None) -> np.ndarray:
@@ -789,10 +805,13 @@ class Model:
         cbs.on_predict_begin()
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(0)) as batches:  # type: ignore[type-var]
-            for xb, _ in tqdm(batches, total=data.steps, disable=verbose == 0 or not
-                              distributed.is_root(), desc="predict", unit="batch"):
+            for step, (xb, _) in enumerate(tqdm(
+                    batches, total=data.steps, disable=verbose == 0 or not distributed.is_root(),
+                    desc="predict", unit="batch")):
+                cbs.on_predict_batch_begin(step)
                 z = self._logits(xb, training=False)
                 out.append(softmax(xp, xp.astype(z, self._param_dtype)))
+                cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
             probabilities = self.backend.to_numpy(xp.concat(out))
         cbs.on_predict_end()
         return probabilities
