@@ -315,7 +315,8 @@ def torch_steps(net: Any, x: np.ndarray, y: np.ndarray, channels_last: bool) -> 
         loss = loss_fn(logits, yt)
         loss.backward()
         opt.step()
-        # the same host syncs as xpcnn's train_step: the loss and the correct count
+        # the loss and correct count on the host (xpcnn's train_step leaves them in device
+        # arrays, which on the CPU are host memory: neither side waits for a device)
         loss.item()
         (logits.argmax(1) == yt).sum().item()
 

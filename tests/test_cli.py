@@ -76,3 +76,15 @@ def test_the_held_out_split_is_seeded_and_shared_by_the_scripts():
     np.testing.assert_array_equal(y_train, train)
     np.testing.assert_array_equal(y_val, held_out)
     np.testing.assert_array_equal(x_val, 10 * held_out)
+
+
+def test_python_dash_m_xpcnn_is_the_xpcnn_command():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "xpcnn", "--version"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert xpcnn.__version__ in done.stdout
+    done = subprocess.run([sys.executable, "-m", "xpcnn", "train", "--batch-size", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--batch-size" in done.stderr

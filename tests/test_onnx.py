@@ -31,14 +31,13 @@ from xpcnn.layers import (
     Rescaling,
     Softmax,
 )
-from xpcnn.models import MODELS, build_layers
+from xpcnn.models import INPUT_SHAPES, NAMES, build_model
 from xpcnn.onnx_export import CONVERTERS, GraphBuilder, register_converter
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
 
 TOL = 1e-5
-INPUT_SHAPES = {"mnist": (28, 28, 1)}  # the others take CIFAR-sized images
 
 
 def run_onnx(path, x):
@@ -81,11 +80,11 @@ def check_model(model, x, tmp_path, input_dtype="float32"):
     return diff
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", NAMES)  # the stacks and the residual networks
 def test_reference_models_match_predict(name, tmp_path):
     rng = np.random.default_rng(0)
-    shape = INPUT_SHAPES.get(name, (32, 32, 3))
-    model = xpcnn.Sequential(build_layers(name, 10), input_shape=shape, seed=1)
+    shape = INPUT_SHAPES[name]
+    model = build_model(name, 10, shape, seed=1)
     randomize(model, rng)
     x = rng.integers(0, 256, (3, *shape), dtype=np.uint8)
     check_model(model, x, tmp_path)
