@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from nets import small_data, small_model, small_net
 
 import xpcnn
 from xpcnn import optim
@@ -15,20 +16,12 @@ from xpcnn.callbacks import BackupAndRestore, CSVLogger, ModelCheckpoint
 from xpcnn.errors import InputError
 from xpcnn.layers import Conv2D, Dense, Flatten, ReLU, Rescaling, Softmax
 
-X = np.random.default_rng(0).integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
-Y = np.arange(20) % 4
-
-
-def net():
-    return [Rescaling(1 / 255), Conv2D(3, 3), ReLU(), Flatten(), Dense(4), Softmax()]
+X, Y = small_data()
 
 
 @pytest.fixture
 def model():
-    m = xpcnn.Sequential(net(), seed=0)
-    m.compile(optimizer=optim.SGD(0.01))
-    m.build((6, 6, 3))
-    return m
+    return small_model()
 
 
 # -- files written during or after training: checked before the first step ---------------------
@@ -67,6 +60,8 @@ WRITES = {
                         "the model file must be a file path, got None"),
     "load_weights an int": (lambda m, d: m.load_weights(3),
                             "the model file must be a file path, got 3"),
+    "load_checkpoint None": (lambda m, d: xpcnn.load_checkpoint(None),
+                             "the checkpoint must be a file path, got None"),
 }
 
 
@@ -107,6 +102,8 @@ ARGUMENTS = {
     "restore_best_weights None": (
         lambda m: xpcnn.callbacks.EarlyStopping(restore_best_weights=None),
         "restore_best_weights must be True or False, got None"),
+    "BackupAndRestore resume a string": (lambda m: BackupAndRestore("b.npz", resume="no"),
+                                         "resume must be True or False, got 'no'"),
     "CSVLogger append a string": (lambda m: CSVLogger("log.csv", append="yes"),
                                   "CSVLogger append must be True or False, got 'yes'"),
     "shuffle a string": (lambda m: m.fit(X, Y, shuffle="no", verbose=0),
@@ -170,6 +167,8 @@ ARGUMENTS = {
                        "'quiet'"),
     "evaluate verbose 3": (lambda m: m.evaluate(X, Y, verbose=3), "verbose must be 0"),
     "predict verbose True": (lambda m: m.predict(X, verbose=True), "got True"),
+    "verbose an array": (lambda m: m.predict(X, verbose=np.array([0, 1])),
+                         r"verbose must be 0 .* got array\(\[0, 1\]\)"),
     "trainable a string": (lambda m: setattr(m, "trainable", "no"),
                            "trainable must be True or False, got 'no'"),
 }
@@ -229,7 +228,7 @@ def test_layers_shared_with_a_model_on_larger_images_keep_their_trained_weights(
 
 
 def test_a_layer_whose_weights_cannot_fit_another_models_inputs_is_refused_untouched():
-    layers = net()
+    layers = small_net()
     first = xpcnn.Sequential(layers, input_shape=(6, 6, 3))
     weights, probabilities = first.get_weights(), first.predict(X)
     with pytest.raises(InputError, match=r"layer 'dense' \(Dense\) holds weights for inputs of "
@@ -277,7 +276,7 @@ def test_figures_and_onnx_files_name_a_path_that_cannot_be_written(model, tmp_pa
 
 
 def test_one_optimizer_cannot_train_two_models(model):
-    same = xpcnn.Sequential(net(), seed=1)
+    same = xpcnn.Sequential(small_net(), seed=1)
     with pytest.raises(InputError, match="this SGD optimizer is already compiled into model "
                                          "'sequential': an optimizer holds one model's state"):
         same.compile(optimizer=model.optimizer)  # was: one model's momentum in the other's
@@ -307,7 +306,7 @@ def test_channels_first_images_are_named_as_such():
                                          r"channels-first images \(C, H, W\), as PyTorch keeps "
                                          r"them; .* Pass x.transpose\(0, 2, 3, 1\)"):
         unbuilt.fit(nchw, Y, verbose=0)
-    built = xpcnn.Sequential(net(), input_shape=(6, 6, 3))
+    built = xpcnn.Sequential(small_net(), input_shape=(6, 6, 3))
     with pytest.raises(InputError, match=r"got x.shape = \(20, 3, 6, 6\): channels first \(N, C, "
                                          r"H, W\), as PyTorch keeps images\? pass "
                                          r"x.transpose\(0, 2, 3, 1\)"):
@@ -319,7 +318,7 @@ def test_channels_first_images_are_named_as_such():
 
 
 def test_images_in_keras_layout_build_without_a_warning(recwarn):
-    xpcnn.Sequential(net()).predict(X)
+    xpcnn.Sequential(small_net()).predict(X)
     gray = xpcnn.Sequential([Flatten(), Dense(4), Softmax()])
     gray.predict(np.zeros((2, 28, 28, 1), np.uint8))
     assert not [w for w in recwarn if "channels-first" in str(w.message)]

@@ -126,7 +126,7 @@ def flag(value: Any, what: str) -> bool:
 
 def verbosity(value: Any) -> int:
     """Keras' ``verbose``: 0 (silent), 1 (a progress bar), 2 (a line an epoch) or "auto" (1)."""
-    if value == "auto" and isinstance(value, str):
+    if isinstance(value, str) and value == "auto":
         return 1
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value not in (0, 1, 2):
         raise InputError(f"verbose must be 0 (silent), 1 (a progress bar), 2 or 'auto', got "

@@ -165,8 +165,7 @@ class Model:
         refuse_training_in_graph(f"model {self.name!r}", training)
         values = [x]
         for layer, ins in zip(self.layers, self._inbound(), strict=True):
-            values.append(layer([values[i] for i in ins] if layer.multi_input
-                                else values[ins[0]]))
+            values.append(layer(graph.read_by(layer, ins, values)))
         return values[-1]
 
     # -- the graph and its executor ------------------------------------------------------------
