@@ -350,7 +350,6 @@ def test_bad_graphs_get_clear_errors():
         xpcnn.Sequential([ReLU()])(np.zeros((1, 3)))
 
 
-
 def test_keras_habits_xpcnn_does_not_share_get_clear_errors():
     """What a Keras user writes and xpcnn does not do is refused, naming why: several inputs
     or outputs, Keras' training= on a call in a graph (it would be ignored), an array among a
@@ -382,6 +381,7 @@ def test_keras_habits_xpcnn_does_not_share_get_clear_errors():
     drop = Dropout(0.5)
     drop.build((3,))
     assert drop(np.ones((2, 3))).tolist() == [[1.0] * 3] * 2  # on a batch: inference by default
+
 
 def test_a_layer_taken_out_of_a_model_does_its_own_work(data):
     """The plan lives in the model: the first convolution of a trained model (which the plan
@@ -467,7 +467,6 @@ def test_a_convolution_run_on_small_images_then_used_on_larger_ones_computes_for
     kernel, bias = base.layers[0].get_weights()
     np.testing.assert_allclose(model.forward(x)[0], same_conv_reference(x, kernel, bias),
                                rtol=1e-12, atol=1e-12)
-
 
 
 def test_summary_and_output_shape_are_of_the_models_own_images_where_a_block_is_shared():
