@@ -285,6 +285,17 @@ def test_one_optimizer_cannot_train_two_models(model):
     assert model.optimizer.iterations == 1
 
 
+def test_a_failed_compile_leaves_the_model_and_the_optimizer_as_they_were(model):
+    optimizer, other = optim.Adam(1e-3), xpcnn.Sequential(small_net(), seed=1)
+    for wrong in (dict(metrics=["mse"]), dict(precision="float8"), dict(cuda_graphs="yes")):
+        with pytest.raises(InputError):
+            other.compile(optimizer=optimizer, **wrong)
+    assert other.optimizer is None and other.loss is None
+    model.compile(optimizer=optimizer)  # (was: 'already compiled into model sequential_1')
+    model.fit(X, Y, verbose=0)
+    assert optimizer.iterations == 1
+
+
 def test_validation_steps_with_validation_arrays_is_refused_as_steps_is(model):
     with pytest.raises(InputError, match=r"steps_per_epoch / steps are for generators; arrays "
                                          r"give ceil\(N / batch_size\) batches"):

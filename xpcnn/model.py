@@ -307,9 +307,9 @@ class Model:
             self._scaling = loss_scaling(self.backend, self.loss_scale, value)
 
     def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
-                optimizer: str | Optimizer = "adam", metrics: tuple[str, ...] | list[str] = (
-                    "accuracy",), precision: str = "float32",
-                cuda_graphs: bool | None = None) -> None:
+                optimizer: str | Optimizer = "adam",
+                metrics: str | list[str] | tuple[str, ...] | None = ("accuracy",),
+                precision: str = "float32", cuda_graphs: bool | None = None) -> None:
         """Choose the loss, the optimiser, the metrics (only ``"accuracy"``) and the precision.
 
         ``precision`` is ``"float32"``, ``"mixed_float16"`` or ``"mixed_bfloat16"``: matmuls in
@@ -321,11 +321,11 @@ class Model:
         allows it, True also warns once where it does not, False never does.
         ``cuda_graphs_reason`` says why steps run without.
         """
+        # Every argument is checked before anything changes: a failed compile leaves the
+        # model (and the optimizer, which it would bind) as they were.
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
             raise InputError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
-        self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
-        self.loss = get_loss(loss)
-        self.optimizer = self._own(get_optimizer(optimizer))
+        loss, optimizer = get_loss(loss), get_optimizer(optimizer)
         if not isinstance(metrics, str | list | tuple | None):
             raise InputError(f"metrics must be a list of names such as ['accuracy'], got "
                              f"{metrics!r}")
@@ -336,14 +336,15 @@ class Model:
         if not isinstance(precision, str) or precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{precision!r}")
-        low = PRECISIONS[precision]
-        if low is not None:
-            self.backend.dtype(low)  # a clear error where the backend lacks the dtype
+        if PRECISIONS[precision] is not None:
+            self.backend.dtype(PRECISIONS[precision])  # a clear error where the backend lacks it
+        self.loss, self.optimizer = loss, self._own(optimizer)
+        self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
         self.precision = precision
         self._scaling = loss_scaling(self.backend, 2.0**15) if precision == "mixed_float16" \
             else None
         if self.built:
-            compute = self.backend.dtype(low or self.dtype_name)
+            compute = self.backend.dtype(self._compute_dtype_name)
             for layer in self.layers:
                 layer.compute_dtype = compute
 
