@@ -4,7 +4,9 @@ deep inside, no silent wrong result, no lost work)."""
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -13,8 +15,17 @@ from nets import small_data, small_model, small_net
 import xpcnn
 from xpcnn import optim
 from xpcnn.callbacks import BackupAndRestore, CSVLogger, ModelCheckpoint
-from xpcnn.errors import InputError
-from xpcnn.layers import Conv2D, Dense, Flatten, ReLU, Rescaling, Softmax
+from xpcnn.errors import InputError, NonFiniteError
+from xpcnn.layers import (
+    Conv2D,
+    Dense,
+    Flatten,
+    GlobalAvgPool2D,
+    RandomFlip,
+    ReLU,
+    Rescaling,
+    Softmax,
+)
 
 X, Y = small_data()
 
@@ -207,8 +218,6 @@ def test_keras_spellings_that_mean_the_same_are_accepted(model):
 # -- a layer in two models --------------------------------------------------------------------
 
 def conv_net():
-    from xpcnn.layers import GlobalAvgPool2D
-
     return [Rescaling(1 / 255), Conv2D(4, 3, padding="same"), ReLU(), GlobalAvgPool2D(),
             Dense(4), Softmax()]
 
@@ -243,8 +252,6 @@ def test_a_layer_whose_weights_cannot_fit_another_models_inputs_is_refused_untou
 
 
 def test_random_flip_takes_keras_mode_first_and_has_only_the_horizontal_one():
-    from xpcnn.layers import RandomFlip
-
     with pytest.raises(InputError, match="RandomFlip flips left-right only \\(mode "
                                          "'horizontal'\\), got mode 'vertical'"):
         RandomFlip("vertical")  # was a layer named 'vertical' that flipped left-right
@@ -253,9 +260,6 @@ def test_random_flip_takes_keras_mode_first_and_has_only_the_horizontal_one():
 
 @pytest.mark.parametrize("how", ["deepcopy", "copy", "pickle"])
 def test_copying_a_model_says_how_to_keep_its_weights(model, how):
-    import copy
-    import pickle
-
     call = {"deepcopy": copy.deepcopy, "copy": copy.copy, "pickle": pickle.dumps}[how]
     with pytest.raises(InputError, match=r"a model cannot be copied or pickled .* keep its "
                                          r"weights with get_weights\(\)"):
@@ -306,8 +310,6 @@ def test_validation_steps_with_validation_arrays_is_refused_as_steps_is(model):
 # -- images laid out as PyTorch has them -----------------------------------------------------
 
 def test_channels_first_images_are_named_as_such():
-    from xpcnn.layers import GlobalAvgPool2D
-
     nchw = np.ascontiguousarray(X.transpose(0, 3, 1, 2))  # (20, 3, 6, 6)
     unbuilt = xpcnn.Sequential([Rescaling(1 / 255), Conv2D(4, 3, padding="same"),
                                 GlobalAvgPool2D(), Dense(4), Softmax()])
@@ -336,8 +338,6 @@ def test_images_in_keras_layout_build_without_a_warning(recwarn):
 
 
 def test_a_non_finite_sample_of_a_dataset_is_named_by_its_index_in_the_dataset(model):
-    from xpcnn.errors import NonFiniteError
-
     class Samples:
         def __len__(self):
             return 20
