@@ -10,7 +10,7 @@ import pickle
 
 import numpy as np
 import pytest
-from nets import small_data, small_model, small_net
+from nets import four_class_data, four_class_model, four_class_net
 
 import xpcnn
 from xpcnn import optim
@@ -27,12 +27,12 @@ from xpcnn.layers import (
     Softmax,
 )
 
-X, Y = small_data()
+X, Y = four_class_data()
 
 
 @pytest.fixture
 def model():
-    return small_model()
+    return four_class_model()
 
 
 # -- files written during or after training: checked before the first step ---------------------
@@ -237,7 +237,7 @@ def test_layers_shared_with_a_model_on_larger_images_keep_their_trained_weights(
 
 
 def test_a_layer_whose_weights_cannot_fit_another_models_inputs_is_refused_untouched():
-    layers = small_net()
+    layers = four_class_net()
     first = xpcnn.Sequential(layers, input_shape=(6, 6, 3))
     weights, probabilities = first.get_weights(), first.predict(X)
     with pytest.raises(InputError, match=r"layer 'dense' \(Dense\) holds weights for inputs of "
@@ -280,7 +280,7 @@ def test_figures_and_onnx_files_name_a_path_that_cannot_be_written(model, tmp_pa
 
 
 def test_one_optimizer_cannot_train_two_models(model):
-    same = xpcnn.Sequential(small_net(), seed=1)
+    same = xpcnn.Sequential(four_class_net(), seed=1)
     with pytest.raises(InputError, match="this SGD optimizer is already compiled into model "
                                          "'sequential': an optimizer holds one model's state"):
         same.compile(optimizer=model.optimizer)  # was: one model's momentum in the other's
@@ -290,7 +290,7 @@ def test_one_optimizer_cannot_train_two_models(model):
 
 
 def test_a_failed_compile_leaves_the_model_and_the_optimizer_as_they_were(model):
-    optimizer, other = optim.Adam(1e-3), xpcnn.Sequential(small_net(), seed=1)
+    optimizer, other = optim.Adam(1e-3), xpcnn.Sequential(four_class_net(), seed=1)
     for wrong in (dict(metrics=["mse"]), dict(precision="float8"), dict(cuda_graphs="yes")):
         with pytest.raises(InputError):
             other.compile(optimizer=optimizer, **wrong)
@@ -319,7 +319,7 @@ def test_channels_first_images_are_named_as_such():
                                          r"channels-first images \(C, H, W\), as PyTorch keeps "
                                          r"them; .* Pass x.transpose\(0, 2, 3, 1\)"):
         unbuilt.fit(nchw, Y, verbose=0)
-    built = xpcnn.Sequential(small_net(), input_shape=(6, 6, 3))
+    built = xpcnn.Sequential(four_class_net(), input_shape=(6, 6, 3))
     with pytest.raises(InputError, match=r"got x.shape = \(20, 3, 6, 6\): channels first \(N, C, "
                                          r"H, W\), as PyTorch keeps images\? pass "
                                          r"x.transpose\(0, 2, 3, 1\)"):
@@ -331,7 +331,7 @@ def test_channels_first_images_are_named_as_such():
 
 
 def test_images_in_keras_layout_build_without_a_warning(recwarn):
-    xpcnn.Sequential(small_net()).predict(X)
+    xpcnn.Sequential(four_class_net()).predict(X)
     gray = xpcnn.Sequential([Flatten(), Dense(4), Softmax()])
     gray.predict(np.zeros((2, 28, 28, 1), np.uint8))
     assert not [w for w in recwarn if "channels-first" in str(w.message)]

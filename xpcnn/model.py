@@ -766,9 +766,8 @@ class Model:
         verbose = checks.verbosity(verbose)
         self._rebuild_if_shared()
         data = self._batches(x, y, batch_size, steps)
-        return self._evaluate(data, CallbackList(callback_list(callbacks), self,
-                                                       {"verbose": verbose}),
-                              verbose)
+        cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
+        return self._evaluate(data, cbs, verbose)
 
     def _evaluate(self, data: Batches, cbs: CallbackList, verbose: int = 0) -> dict[str, float]:
         xp = self.backend.xp
@@ -815,7 +814,7 @@ class Model:
         verbose = checks.verbosity(verbose)
         self._rebuild_if_shared()
         data = self._batches(x, None, batch_size, steps, targets=False)
-        cbs = CallbackList(callback_list(callbacks), self, {})
+        cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
         xp = self.backend.xp
         out = []
         cbs.on_predict_begin()
