@@ -200,8 +200,9 @@ def file_path(path: Any, what: str) -> str:
 
 
 def output_file(path: Any, what: str) -> str:
-    """A path a file can be written at (atomically, by a rename; missing folders are created):
-    checked before any work, so that a long run does not fail at its first save."""
+    """A path a file can be written at: not a folder, and its nearest existing folder takes a
+    new file (the writers create the missing folders below it). Checked before any work, so
+    that a long run does not fail at its first save."""
     path = file_path(path, what)
     if os.path.isdir(path):
         raise InputError(f"{what} {path!r} is a folder; give the path of a file (in it, say)")
