@@ -602,7 +602,8 @@ class Model:
     # -- fit / evaluate / predict ----------------------------------------------------------
     def fit(self, x: Any, y: Any = None, epochs: int = 1, batch_size: int = 32,
             validation_data: Any = None, validation_split: float = 0.0, shuffle: bool = True,
-            seed: int | None = None, verbose: int = 1, callbacks: list[Callback] | None = None,
+            seed: int | None = None, verbose: int | str = 1,
+            callbacks: list[Callback] | None = None,
             steps_per_epoch: int | None = None, validation_steps: int | None = None,
             checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int | str = "epoch",
             resume: bool = False) -> History:
@@ -755,7 +756,7 @@ class Model:
         return data, self._batches(*validation_data, max(batch_size, 256), validation_steps,
                                    "x_val", checked=split)
 
-    def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int = 0,
+    def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int | str = 0,
                  steps: int | None = None, callbacks: list[Callback] | None = None
                  ) -> dict[str, float]:
         """Mean loss and accuracy on (x, y) (or a dataset or iterable of batches), in inference
@@ -805,8 +806,8 @@ class Model:
         host = self.backend.to_numpy(totals.state)
         return {"loss": float(host[LOSS_SUM]) / seen, "accuracy": float(host[CORRECT]) / seen}
 
-    def predict(self, x: Any, batch_size: int = 256, verbose: int = 0, steps: int | None = None,
-                callbacks: list[Callback] | None = None) -> np.ndarray:
+    def predict(self, x: Any, batch_size: int = 256, verbose: int | str = 0,
+                steps: int | None = None, callbacks: list[Callback] | None = None) -> np.ndarray:
         """Class probabilities, (N, classes), as a host NumPy array; ``x`` as for
         :meth:`evaluate` (targets, if any, are ignored); ``verbose=1`` shows a progress bar
         (Keras' ``predict(x, verbose=0)`` works as it is)."""
