@@ -550,3 +550,16 @@ def test_a_model_runs_a_shared_block_in_its_own_precision(rng):
     assert block.layers[0].compute_dtype == np.float16
     np.testing.assert_array_equal(model.predict(x), before)
     assert block.layers[0].compute_dtype == np.float32
+
+
+def test_a_sequential_renames_its_new_layers_not_those_other_models_hold():
+    """As a functional Model does: the layer a built model holds keeps its name (it was
+    renamed, and the model holding it showed two 'conv2d_1')."""
+    base = xpcnn.Sequential([Conv2D(2, 1), Conv2D(2, 1)], input_shape=(4, 4, 3))
+    second = xpcnn.Sequential([Conv2D(3, 1), base.layers[0], Conv2D(2, 1)])
+    assert [la.name for la in base.layers] == ["conv2d", "conv2d_1"]
+    assert [la.name for la in second.layers] == ["conv2d_1", "conv2d", "conv2d_2"]
+    both = xpcnn.Sequential([Conv2D(3, 1), *base.layers])
+    assert [la.name for la in both.layers][1:] == ["conv2d", "conv2d_1"]
+    assert len({la.name for la in both.layers}) == 3
+    assert [la.name for la in base.layers] == ["conv2d", "conv2d_1"]

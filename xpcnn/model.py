@@ -993,7 +993,12 @@ class Sequential(Model):
             raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) is already in the "
                              "model: the same layer instance cannot be added twice; create "
                              f"another {type(layer).__name__}(...)")
-        _give_unique_name(layer, {la.name for la in self.layers})
+        clash = next((la for la in self.layers if la.name == layer.name), None)
+        if clash is not None:
+            # A built layer may be held by other models, which show its name: it keeps it, and
+            # this model's new layer gives way (as a functional Model renames).
+            give_way = clash if layer.built and not clash.built else layer
+            _give_unique_name(give_way, {la.name for la in self.layers})
         self.layers.append(layer)
         self.built = False
 
