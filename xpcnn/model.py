@@ -591,11 +591,11 @@ class Model:
             raise InputError("steps_per_epoch / steps are for generators; arrays give "
                              "ceil(N / batch_size) batches")
         if targets and y is None:
-            batches = isinstance(x, list | tuple) and bool(x) and isinstance(
+            pairs = isinstance(x, list | tuple) and bool(x) and isinstance(
                 x[0], list | tuple) and len(x[0]) == 2
             raise InputError(f"y (the labels of {what}) is missing" + (
                 f"; {what} is a list of pairs: a list is read as one array, so pass the (x, y) "
-                f"batches as an iterator, iter({what}), with steps_per_epoch" if batches else ""))
+                f"batches as an iterator, iter({what}), with steps_per_epoch" if pairs else ""))
         x, t = (x, y) if checked else check_arrays(self, x, y, what)
         return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed, shard)
 
