@@ -245,11 +245,12 @@ class _Monitor(Callback):
     ``loss`` and ``val_loss``, "max" for ``accuracy`` and ``val_accuracy``.
 
     Deliberate differences from Keras: a name whose direction is unknown with ``mode="auto"``
-    is refused at once (Keras raises at the end of the first epoch); a monitor missing from the
-    logs is an error (Keras warns and skips the epoch, so a typo silently disables the
-    callback); a NaN value never improves, not even as the first one (in Keras a NaN first
-    value becomes the best, which nothing can then beat: training stops after ``patience``
-    epochs and restores the NaN epoch's weights).
+    is refused at once where the monitor decides something (``watched``: a ModelCheckpoint's
+    only with ``save_best_only``), where Keras raises at the end of the first epoch; a monitor
+    missing from the logs is an error (Keras warns and skips the epoch, so a typo silently
+    disables the callback); a NaN value never improves, not even as the first one (in Keras a
+    NaN first value becomes the best, which nothing can then beat: training stops after
+    ``patience`` epochs and restores the NaN epoch's weights).
     """
 
     def __init__(self, monitor: str, mode: str, min_delta: float = 0.0,
