@@ -761,10 +761,10 @@ class Model:
                  ) -> dict[str, float]:
         """Mean loss and accuracy on (x, y) (or a dataset or iterable of batches), in inference
         mode."""
-        if self.loss is None:
-            self.loss = get_loss("cross_entropy")
         batch_size = checks.positive_int(batch_size, "batch_size")
         verbose = checks.verbosity(verbose)
+        if self.loss is None:  # (an uncompiled model is evaluated with the default loss)
+            self.loss = get_loss("cross_entropy")
         self._rebuild_if_shared()
         data = self._batches(x, y, batch_size, steps)
         cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
