@@ -2,6 +2,8 @@
 
 import numpy as np
 
+import xpcnn
+from xpcnn import optim
 from xpcnn.layers import (
     AvgPool2D,
     BatchNorm2D,
@@ -72,3 +74,23 @@ def tiny_images(samples: int) -> tuple[np.ndarray, np.ndarray]:
     """``samples`` random uint8 8x8x3 images and labels of 10 classes (seed 0)."""
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, (samples, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, samples)
+
+
+def four_class_net() -> list:
+    """One convolution and a dense layer of 4 classes, for the images of :func:`four_class_data`."""
+    return [Rescaling(1 / 255), Conv2D(3, 3), ReLU(), Flatten(), Dense(4), Softmax()]
+
+
+def four_class_data() -> tuple[np.ndarray, np.ndarray]:
+    """20 random uint8 6x6x3 images (seed 0) and their labels, of 4 classes."""
+    return np.random.default_rng(0).integers(0, 256, (20, 6, 6, 3), dtype=np.uint8), \
+        np.arange(20) % 4
+
+
+def four_class_model():
+    """:func:`four_class_net`, compiled with SGD(0.01) and built for the images of
+    :func:`four_class_data`: what tests of misuse call wrongly."""
+    m = xpcnn.Sequential(four_class_net(), seed=0)
+    m.compile(optimizer=optim.SGD(0.01))
+    m.build((6, 6, 3))
+    return m

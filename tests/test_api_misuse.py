@@ -4,31 +4,35 @@ deep inside, no silent wrong result, no lost work)."""
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 
 import numpy as np
 import pytest
+from nets import four_class_data, four_class_model, four_class_net
 
 import xpcnn
 from xpcnn import optim
 from xpcnn.callbacks import BackupAndRestore, CSVLogger, ModelCheckpoint
-from xpcnn.errors import InputError
-from xpcnn.layers import Conv2D, Dense, Flatten, ReLU, Rescaling, Softmax
+from xpcnn.errors import InputError, NonFiniteError
+from xpcnn.layers import (
+    Conv2D,
+    Dense,
+    Flatten,
+    GlobalAvgPool2D,
+    RandomFlip,
+    ReLU,
+    Rescaling,
+    Softmax,
+)
 
-X = np.random.default_rng(0).integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
-Y = np.arange(20) % 4
-
-
-def net():
-    return [Rescaling(1 / 255), Conv2D(3, 3), ReLU(), Flatten(), Dense(4), Softmax()]
+X, Y = four_class_data()
 
 
 @pytest.fixture
 def model():
-    m = xpcnn.Sequential(net(), seed=0)
-    m.compile(optimizer=optim.SGD(0.01))
-    m.build((6, 6, 3))
-    return m
+    return four_class_model()
 
 
 # -- files written during or after training: checked before the first step ---------------------
@@ -67,6 +71,8 @@ WRITES = {
                         "the model file must be a file path, got None"),
     "load_weights an int": (lambda m, d: m.load_weights(3),
                             "the model file must be a file path, got 3"),
+    "load_checkpoint None": (lambda m, d: xpcnn.load_checkpoint(None),
+                             "the checkpoint must be a file path, got None"),
 }
 
 
@@ -107,6 +113,8 @@ ARGUMENTS = {
     "restore_best_weights None": (
         lambda m: xpcnn.callbacks.EarlyStopping(restore_best_weights=None),
         "restore_best_weights must be True or False, got None"),
+    "BackupAndRestore resume a string": (lambda m: BackupAndRestore("b.npz", resume="no"),
+                                         "resume must be True or False, got 'no'"),
     "CSVLogger append a string": (lambda m: CSVLogger("log.csv", append="yes"),
                                   "CSVLogger append must be True or False, got 'yes'"),
     "shuffle a string": (lambda m: m.fit(X, Y, shuffle="no", verbose=0),
@@ -170,6 +178,8 @@ ARGUMENTS = {
                        "'quiet'"),
     "evaluate verbose 3": (lambda m: m.evaluate(X, Y, verbose=3), "verbose must be 0"),
     "predict verbose True": (lambda m: m.predict(X, verbose=True), "got True"),
+    "verbose an array": (lambda m: m.predict(X, verbose=np.array([0, 1])),
+                         r"verbose must be 0 .* got array\(\[0, 1\]\)"),
     "trainable a string": (lambda m: setattr(m, "trainable", "no"),
                            "trainable must be True or False, got 'no'"),
 }
@@ -208,8 +218,6 @@ def test_keras_spellings_that_mean_the_same_are_accepted(model):
 # -- a layer in two models --------------------------------------------------------------------
 
 def conv_net():
-    from xpcnn.layers import GlobalAvgPool2D
-
     return [Rescaling(1 / 255), Conv2D(4, 3, padding="same"), ReLU(), GlobalAvgPool2D(),
             Dense(4), Softmax()]
 
@@ -229,7 +237,7 @@ def test_layers_shared_with_a_model_on_larger_images_keep_their_trained_weights(
 
 
 def test_a_layer_whose_weights_cannot_fit_another_models_inputs_is_refused_untouched():
-    layers = net()
+    layers = four_class_net()
     first = xpcnn.Sequential(layers, input_shape=(6, 6, 3))
     weights, probabilities = first.get_weights(), first.predict(X)
     with pytest.raises(InputError, match=r"layer 'dense' \(Dense\) holds weights for inputs of "
@@ -244,8 +252,6 @@ def test_a_layer_whose_weights_cannot_fit_another_models_inputs_is_refused_untou
 
 
 def test_random_flip_takes_keras_mode_first_and_has_only_the_horizontal_one():
-    from xpcnn.layers import RandomFlip
-
     with pytest.raises(InputError, match="RandomFlip flips left-right only \\(mode "
                                          "'horizontal'\\), got mode 'vertical'"):
         RandomFlip("vertical")  # was a layer named 'vertical' that flipped left-right
@@ -254,9 +260,6 @@ def test_random_flip_takes_keras_mode_first_and_has_only_the_horizontal_one():
 
 @pytest.mark.parametrize("how", ["deepcopy", "copy", "pickle"])
 def test_copying_a_model_says_how_to_keep_its_weights(model, how):
-    import copy
-    import pickle
-
     call = {"deepcopy": copy.deepcopy, "copy": copy.copy, "pickle": pickle.dumps}[how]
     with pytest.raises(InputError, match=r"a model cannot be copied or pickled .* keep its "
                                          r"weights with get_weights\(\)"):
@@ -277,13 +280,24 @@ def test_figures_and_onnx_files_name_a_path_that_cannot_be_written(model, tmp_pa
 
 
 def test_one_optimizer_cannot_train_two_models(model):
-    same = xpcnn.Sequential(net(), seed=1)
+    same = xpcnn.Sequential(four_class_net(), seed=1)
     with pytest.raises(InputError, match="this SGD optimizer is already compiled into model "
                                          "'sequential': an optimizer holds one model's state"):
         same.compile(optimizer=model.optimizer)  # was: one model's momentum in the other's
     model.compile(optimizer=model.optimizer)  # compiling its own model again is fine
     model.fit(X, Y, verbose=0)
     assert model.optimizer.iterations == 1
+
+
+def test_a_failed_compile_leaves_the_model_and_the_optimizer_as_they_were(model):
+    optimizer, other = optim.Adam(1e-3), xpcnn.Sequential(four_class_net(), seed=1)
+    for wrong in (dict(metrics=["mse"]), dict(precision="float8"), dict(cuda_graphs="yes")):
+        with pytest.raises(InputError):
+            other.compile(optimizer=optimizer, **wrong)
+    assert other.optimizer is None and other.loss is None
+    model.compile(optimizer=optimizer)  # (was: 'already compiled into model sequential_1')
+    model.fit(X, Y, verbose=0)
+    assert optimizer.iterations == 1
 
 
 def test_validation_steps_with_validation_arrays_is_refused_as_steps_is(model):
@@ -296,8 +310,6 @@ def test_validation_steps_with_validation_arrays_is_refused_as_steps_is(model):
 # -- images laid out as PyTorch has them -----------------------------------------------------
 
 def test_channels_first_images_are_named_as_such():
-    from xpcnn.layers import GlobalAvgPool2D
-
     nchw = np.ascontiguousarray(X.transpose(0, 3, 1, 2))  # (20, 3, 6, 6)
     unbuilt = xpcnn.Sequential([Rescaling(1 / 255), Conv2D(4, 3, padding="same"),
                                 GlobalAvgPool2D(), Dense(4), Softmax()])
@@ -307,7 +319,7 @@ def test_channels_first_images_are_named_as_such():
                                          r"channels-first images \(C, H, W\), as PyTorch keeps "
                                          r"them; .* Pass x.transpose\(0, 2, 3, 1\)"):
         unbuilt.fit(nchw, Y, verbose=0)
-    built = xpcnn.Sequential(net(), input_shape=(6, 6, 3))
+    built = xpcnn.Sequential(four_class_net(), input_shape=(6, 6, 3))
     with pytest.raises(InputError, match=r"got x.shape = \(20, 3, 6, 6\): channels first \(N, C, "
                                          r"H, W\), as PyTorch keeps images\? pass "
                                          r"x.transpose\(0, 2, 3, 1\)"):
@@ -319,15 +331,13 @@ def test_channels_first_images_are_named_as_such():
 
 
 def test_images_in_keras_layout_build_without_a_warning(recwarn):
-    xpcnn.Sequential(net()).predict(X)
+    xpcnn.Sequential(four_class_net()).predict(X)
     gray = xpcnn.Sequential([Flatten(), Dense(4), Softmax()])
     gray.predict(np.zeros((2, 28, 28, 1), np.uint8))
     assert not [w for w in recwarn if "channels-first" in str(w.message)]
 
 
 def test_a_non_finite_sample_of_a_dataset_is_named_by_its_index_in_the_dataset(model):
-    from xpcnn.errors import NonFiniteError
-
     class Samples:
         def __len__(self):
             return 20

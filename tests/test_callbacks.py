@@ -106,6 +106,7 @@ def test_each_hook_gets_the_logs_keras_gives_it(data):
     assert [len(o) for o in outputs] == [16, 16, 8]
     np.testing.assert_array_equal(np.concatenate(outputs), probabilities)
     assert got["on_predict_end"] == [{}]
+    assert spy.params == {"verbose": 0}  # (as evaluate's callbacks get)
 
 
 def test_a_callback_stops_training_from_on_train_batch_end_and_the_history_is_kept(data):

@@ -88,3 +88,9 @@ def test_python_dash_m_xpcnn_is_the_xpcnn_command():
     done = subprocess.run([sys.executable, "-m", "xpcnn", "train", "--batch-size", "0"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--batch-size" in done.stderr
+
+
+def test_importing_xpcnn_main_runs_no_command():
+    import importlib
+
+    importlib.import_module("xpcnn.__main__")  # (was SystemExit: the command ran on import)

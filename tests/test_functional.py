@@ -350,7 +350,6 @@ def test_bad_graphs_get_clear_errors():
         xpcnn.Sequential([ReLU()])(np.zeros((1, 3)))
 
 
-
 def test_keras_habits_xpcnn_does_not_share_get_clear_errors():
     """What a Keras user writes and xpcnn does not do is refused, naming why: several inputs
     or outputs, Keras' training= on a call in a graph (it would be ignored), an array among a
@@ -382,6 +381,7 @@ def test_keras_habits_xpcnn_does_not_share_get_clear_errors():
     drop = Dropout(0.5)
     drop.build((3,))
     assert drop(np.ones((2, 3))).tolist() == [[1.0] * 3] * 2  # on a batch: inference by default
+
 
 def test_a_layer_taken_out_of_a_model_does_its_own_work(data):
     """The plan lives in the model: the first convolution of a trained model (which the plan
@@ -469,7 +469,6 @@ def test_a_convolution_run_on_small_images_then_used_on_larger_ones_computes_for
                                rtol=1e-12, atol=1e-12)
 
 
-
 def test_summary_and_output_shape_are_of_the_models_own_images_where_a_block_is_shared():
     block_in = xpcnn.Input((6, 6, 2))
     block = xpcnn.Model(block_in, Conv2D(3, 3, strides=2, padding="same")(block_in))
@@ -551,3 +550,16 @@ def test_a_model_runs_a_shared_block_in_its_own_precision(rng):
     assert block.layers[0].compute_dtype == np.float16
     np.testing.assert_array_equal(model.predict(x), before)
     assert block.layers[0].compute_dtype == np.float32
+
+
+def test_a_sequential_renames_its_new_layers_not_those_other_models_hold():
+    """As a functional Model does: the layer a built model holds keeps its name (it was
+    renamed, and the model holding it showed two 'conv2d_1')."""
+    base = xpcnn.Sequential([Conv2D(2, 1), Conv2D(2, 1)], input_shape=(4, 4, 3))
+    second = xpcnn.Sequential([Conv2D(3, 1), base.layers[0], Conv2D(2, 1)])
+    assert [la.name for la in base.layers] == ["conv2d", "conv2d_1"]
+    assert [la.name for la in second.layers] == ["conv2d_1", "conv2d", "conv2d_2"]
+    both = xpcnn.Sequential([Conv2D(3, 1), *base.layers])
+    assert [la.name for la in both.layers][1:] == ["conv2d", "conv2d_1"]
+    assert len({la.name for la in both.layers}) == 3
+    assert [la.name for la in base.layers] == ["conv2d", "conv2d_1"]

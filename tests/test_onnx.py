@@ -251,7 +251,6 @@ def test_a_model_with_a_nested_sequential_matches_predict(tmp_path):
     check_model(model, x, tmp_path, input_dtype="uint8")
 
 
-
 def test_a_model_exports_its_shared_block_as_built_for_its_own_images(tmp_path):
     """A block shared with a model on other images was last built for those: the export
     writes the padding of this model's images (a strided "same" convolution's differs)."""
@@ -263,6 +262,7 @@ def test_a_model_exports_its_shared_block_as_built_for_its_own_images(tmp_path):
     larger = xpcnn.Input((7, 7, 2))
     xpcnn.Model(larger, Softmax()(Dense(4)(Flatten()(block(larger)))))
     check_model(model, rng.normal(0, 2, (3, 6, 6, 2)).astype(np.float32), tmp_path)
+
 
 def test_a_model_whose_logits_are_a_merge_matches_predict(tmp_path):
     rng = np.random.default_rng(10)

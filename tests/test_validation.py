@@ -9,7 +9,7 @@ import math
 import array_api_strict as xs
 import numpy as np
 import pytest
-from nets import every_layer_net
+from nets import every_layer_net, four_class_data, four_class_model, four_class_net
 
 import xpcnn
 from xpcnn import optim
@@ -32,20 +32,12 @@ from xpcnn.layers import (
 )
 from xpcnn.losses import SoftmaxCrossEntropy
 
-X = np.random.default_rng(0).integers(0, 256, (20, 6, 6, 3), dtype=np.uint8)
-Y = np.arange(20) % 4
-
-
-def net():
-    return [Rescaling(1 / 255), Conv2D(3, 3), ReLU(), Flatten(), Dense(4), Softmax()]
+X, Y = four_class_data()
 
 
 @pytest.fixture
 def model():
-    m = xpcnn.Sequential(net(), seed=0)
-    m.compile(optimizer=optim.SGD(0.01))
-    m.build((6, 6, 3))
-    return m
+    return four_class_model()
 
 
 def nan_at(x, index):
@@ -306,7 +298,7 @@ def test_set_weights_checks_everything(model):
     bad = [*w[:2], w[2].astype(str), *w[3:]]
     with pytest.raises(InputError, match="layer 'dense' weight 'kernel' must be real, got <U"):
         model.set_weights(bad)
-    unbuilt = xpcnn.Sequential(net())
+    unbuilt = xpcnn.Sequential(four_class_net())
     with pytest.raises(InputError, match="must be built before set_weights"):
         unbuilt.set_weights(w)
 
@@ -319,7 +311,7 @@ def test_load_weights_refuses_another_architecture(model, tmp_path):
                                               r"Conv2D\(filters=5, .*this model's is "
                                               r"Conv2D\(filters=3"):
         model.load_weights(tmp_path / "other.npz")
-    bigger = xpcnn.Sequential(net(), input_shape=(8, 8, 3))
+    bigger = xpcnn.Sequential(four_class_net(), input_shape=(8, 8, 3))
     bigger.save(str(tmp_path / "bigger.npz"))
     with pytest.raises(DataFormatError, match=r"inputs of shape \(8, 8, 3\); this model takes "
                                               r"\(6, 6, 3\)"):
@@ -330,9 +322,9 @@ def test_load_weights_refuses_another_architecture(model, tmp_path):
     with pytest.raises(DataFormatError, match="not a readable xpcnn .npz file"):
         model.load_weights(tmp_path / "junk.npz")
     # The same architecture loads, into a built or an unbuilt model.
-    same = xpcnn.Sequential(net(), seed=7, input_shape=(6, 6, 3))
+    same = xpcnn.Sequential(four_class_net(), seed=7, input_shape=(6, 6, 3))
     same.save(str(tmp_path / "same.npz"))
-    fresh = xpcnn.Sequential(net())
+    fresh = xpcnn.Sequential(four_class_net())
     for target in (model, fresh):
         target.load_weights(tmp_path / "same.npz")
         for a, b in zip(target.get_weights(), same.get_weights(), strict=True):
@@ -359,32 +351,33 @@ CONSTRUCTION = {
     "seed": (lambda: xpcnn.Sequential(seed=-1), "seed must be a non-negative integer, got -1"),
     "seed float": (lambda: xpcnn.Sequential(seed=1.5), "seed must be a non-negative integer"),
     "name": (lambda: xpcnn.Sequential(name=""), "model name must be a non-empty string, got ''"),
-    "input_shape floats": (lambda: xpcnn.Sequential(net(), input_shape=(6.5, 6, 3)),
+    "input_shape floats": (lambda: xpcnn.Sequential(four_class_net(), input_shape=(6.5, 6, 3)),
                            r"input_shape must be positive sizes .* got \(6.5, 6, 3\)"),
-    "input_shape strings": (lambda: xpcnn.Sequential(net(), input_shape=("6", 6, 3)),
+    "input_shape strings": (lambda: xpcnn.Sequential(four_class_net(), input_shape=("6", 6, 3)),
                             r"input_shape must be positive sizes .* got \('6', 6, 3\)"),
-    "input_shape zero": (lambda: xpcnn.Sequential(net(), input_shape=(0, 6, 3)),
+    "input_shape zero": (lambda: xpcnn.Sequential(four_class_net(), input_shape=(0, 6, 3)),
                          r"input_shape must be positive sizes"),
-    "input_shape int": (lambda: xpcnn.Sequential(net(), input_shape=6),
+    "input_shape int": (lambda: xpcnn.Sequential(four_class_net(), input_shape=6),
                         "input_shape must be positive sizes"),
     "no layers": (lambda: xpcnn.Sequential(input_shape=(6, 6, 3)), "the model has no layers"),
-    "rank for Conv2D": (lambda: xpcnn.Sequential(net(), input_shape=(6, 6)),
+    "rank for Conv2D": (lambda: xpcnn.Sequential(four_class_net(), input_shape=(6, 6)),
                         r"layer 'conv2d' \(Conv2D\) expects per-sample inputs of shape "
                         r"\(H, W, C\), got \(6, 6\)"),
     "Dense after images": (lambda: xpcnn.Sequential([Dense(3)], input_shape=(4, 4, 1)),
                            "add a Flatten"),
     "kernel too big": (lambda: xpcnn.Sequential([Conv2D(2, 7)], input_shape=(4, 4, 1)),
                        "a 7x7 kernel with padding 'valid' does not fit an input of 4x4"),
-    "summary unbuilt": (lambda: xpcnn.Sequential(net()).summary(),
+    "summary unbuilt": (lambda: xpcnn.Sequential(four_class_net()).summary(),
                         "must be built before summary"),
-    "fit uncompiled": (lambda: xpcnn.Sequential(net()).fit(X, Y),
+    "fit uncompiled": (lambda: xpcnn.Sequential(four_class_net()).fit(X, Y),
                        r"call compile\(loss=..., optimizer=...\) before fit"),
-    "unknown loss": (lambda: xpcnn.Sequential(net()).compile(loss="mse"), "unknown loss 'mse'"),
-    "unknown optimizer": (lambda: xpcnn.Sequential(net()).compile(optimizer="rmsprop"),
+    "unknown loss": (lambda: xpcnn.Sequential(four_class_net()).compile(loss="mse"),
+                     "unknown loss 'mse'"),
+    "unknown optimizer": (lambda: xpcnn.Sequential(four_class_net()).compile(optimizer="rmsprop"),
                           "unknown optimizer 'rmsprop'"),
-    "unknown metric": (lambda: xpcnn.Sequential(net()).compile(metrics="f1"),
+    "unknown metric": (lambda: xpcnn.Sequential(four_class_net()).compile(metrics="f1"),
                        r"unknown metrics \['f1'\]"),
-    "precision": (lambda: xpcnn.Sequential(net()).compile(precision="int8"),
+    "precision": (lambda: xpcnn.Sequential(four_class_net()).compile(precision="int8"),
                   "precision must be one of float32, mixed_float16, mixed_bfloat16, got 'int8'"),
 }
 
@@ -397,7 +390,7 @@ def test_model_construction_and_compile(case):
 
 
 def test_a_single_metric_name_is_accepted():
-    m = xpcnn.Sequential(net())
+    m = xpcnn.Sequential(four_class_net())
     m.compile(metrics="accuracy")
     m.fit(X, Y, epochs=1, verbose=0)
 

@@ -5,4 +5,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # (not on a mere import: a documentation tool walking the package)
+    sys.exit(main())

@@ -245,11 +245,12 @@ class _Monitor(Callback):
     ``loss`` and ``val_loss``, "max" for ``accuracy`` and ``val_accuracy``.
 
     Deliberate differences from Keras: a name whose direction is unknown with ``mode="auto"``
-    is refused at once (Keras raises at the end of the first epoch); a monitor missing from the
-    logs is an error (Keras warns and skips the epoch, so a typo silently disables the
-    callback); a NaN value never improves, not even as the first one (in Keras a NaN first
-    value becomes the best, which nothing can then beat: training stops after ``patience``
-    epochs and restores the NaN epoch's weights).
+    is refused at once where the monitor decides something (``watched``: a ModelCheckpoint's
+    only with ``save_best_only``), where Keras raises at the end of the first epoch; a monitor
+    missing from the logs is an error (Keras warns and skips the epoch, so a typo silently
+    disables the callback); a NaN value never improves, not even as the first one (in Keras a
+    NaN first value becomes the best, which nothing can then beat: training stops after
+    ``patience`` epochs and restores the NaN epoch's weights).
     """
 
     def __init__(self, monitor: str, mode: str, min_delta: float = 0.0,
@@ -354,6 +355,13 @@ class EarlyStopping(_Monitor):
             self.model.set_weights(self.best_weights)
 
 
+def _is_save_freq(value: Any) -> bool:
+    """Keras' ``save_freq``: "epoch", or a positive number of batches."""
+    if isinstance(value, str):
+        return value == "epoch"
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 class _TrialLogs(dict):  # type: ignore[type-arg]
     """The logs of a trial fill of a path template: 0 for a name that a user's callback may
     add to the logs, and no value for fit's validation metrics where it has no validation, nor
@@ -391,8 +399,7 @@ class ModelCheckpoint(_Monitor):
         self.filepath = checks.file_path(filepath, "ModelCheckpoint filepath")
         self.save_best_only = checks.flag(save_best_only, "save_best_only")
         self.save_weights_only = checks.flag(save_weights_only, "save_weights_only")
-        if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int)
-                                     or save_freq < 1):
+        if not _is_save_freq(save_freq):
             raise InputError(f"ModelCheckpoint save_freq must be 'epoch' or a positive number "
                              f"of batches, got {save_freq!r}")
         if save_freq != "epoch" and save_best_only and monitor not in BATCH_LOGS:
@@ -494,13 +501,11 @@ class BackupAndRestore(Callback):
                  resume: bool = True) -> None:
         super().__init__()
         path = checks.file_path(path, "checkpoint")
-        if save_freq != "epoch" and (isinstance(save_freq, bool) or not isinstance(save_freq, int)
-                                     or save_freq < 1):
+        if not _is_save_freq(save_freq):
             raise InputError(f"checkpoint_every must be a positive number of steps or 'epoch', "
                              f"got {save_freq!r}")
-        if not isinstance(resume, bool):
-            raise InputError(f"resume must be True or False, got {resume!r}")
-        self.path, self.save_freq, self.resume = path, save_freq, resume
+        self.path, self.save_freq = path, save_freq
+        self.resume = checks.flag(resume, "resume")
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         data = self.params["data"]

@@ -125,8 +125,9 @@ def flag(value: Any, what: str) -> bool:
 
 
 def verbosity(value: Any) -> int:
-    """Keras' ``verbose``: 0 (silent), 1 (a progress bar), 2 (a line an epoch) or "auto" (1)."""
-    if value == "auto" and isinstance(value, str):
+    """Keras' ``verbose``: 0 (silent), 1 (a progress bar), 2 (a progress bar too: Keras prints
+    a line an epoch instead) or "auto" (1)."""
+    if isinstance(value, str) and value == "auto":
         return 1
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value not in (0, 1, 2):
         raise InputError(f"verbose must be 0 (silent), 1 (a progress bar), 2 or 'auto', got "
@@ -200,8 +201,9 @@ def file_path(path: Any, what: str) -> str:
 
 
 def output_file(path: Any, what: str) -> str:
-    """A path a file can be written at (atomically, by a rename; missing folders are created):
-    checked before any work, so that a long run does not fail at its first save."""
+    """A path a file can be written at: not a folder, and its nearest existing folder takes a
+    new file (the writers create the missing folders below it). Checked before any work, so
+    that a long run does not fail at its first save."""
     path = file_path(path, what)
     if os.path.isdir(path):
         raise InputError(f"{what} {path!r} is a folder; give the path of a file (in it, say)")

@@ -108,6 +108,12 @@ def trace(inputs: Any, outputs: Any) -> tuple[list[Layer], list[Inbound]]:
             [tuple(index[id(i)] for i in t.node.inputs) for t in order])  # type: ignore[union-attr]
 
 
+def read_by(layer: Layer, ins: Inbound, values: list[Any]) -> Any:
+    """What ``layer`` reads from ``values`` (tensors, shapes) at slots ``ins``: a list for a
+    merge layer, else its one input."""
+    return [values[i] for i in ins] if layer.multi_input else values[ins[0]]
+
+
 def check_graph(layers: list[Layer], inbound: list[Inbound]) -> None:
     """Each layer reads tensors made before it, as many as it takes (one; two or more for a
     merge layer), and every layer leads to the output."""
@@ -134,11 +140,11 @@ def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backe
     ``[seed, k]``, the same on every device. A layer already built keeps its weights (as in
     Keras: a trained model used inside another) and a random layer its stream, on another
     device, in another dtype and for inputs of another size where its weights keep their shapes
-    (a convolution on larger images); where they would not, it is refused before anything
-    changes."""
+    (a convolution on larger images); where they would not, it is refused with its weights
+    untouched."""
     shapes: list[Any] = [input_shape]
     for k, (layer, ins) in enumerate(zip(layers, inbound, strict=True)):
-        shape = [shapes[i] for i in ins] if layer.multi_input else shapes[ins[0]]
+        shape = read_by(layer, ins, shapes)
         if _built_for(layer, shape, backend, dtype):
             layer.compute_dtype = backend.dtype(compute_dtype)
             shapes.append(layer.output_shape)
@@ -161,7 +167,7 @@ def built_as(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, ba
     precision)."""
     shapes: list[Any] = [input_shape]
     for layer, ins in zip(layers, inbound, strict=True):
-        shape = [shapes[i] for i in ins] if layer.multi_input else shapes[ins[0]]
+        shape = read_by(layer, ins, shapes)
         if (not _built_for(layer, shape, backend, dtype)
                 or layer.compute_dtype != backend.dtype(compute_dtype)):
             return False
@@ -285,8 +291,7 @@ def forward(plan: Plan, x: Any, training: bool) -> Any:
     values: list[Any] = [None] * plan.slots
     values[0] = x
     for step in plan.steps:
-        ins = step.inputs
-        a = [values[i] for i in ins] if step.layer.multi_input else values[ins[0]]
+        a = read_by(step.layer, step.inputs, values)
         values[step.output] = step.layer.forward(a, training, step.options)
         for i in step.release:
             values[i] = None
@@ -317,6 +322,5 @@ def each_output(layers: list[Layer], inbound: list[Inbound], x: Any, training: b
     """Every layer's output, each layer doing all its own work (for inspection)."""
     values = [x]
     for layer, ins in zip(layers, inbound, strict=True):
-        a = [values[i] for i in ins] if layer.multi_input else values[ins[0]]
-        values.append(layer.forward(a, training))
+        values.append(layer.forward(read_by(layer, ins, values), training))
     return values[1:]

@@ -165,8 +165,7 @@ class Model:
         refuse_training_in_graph(f"model {self.name!r}", training)
         values = [x]
         for layer, ins in zip(self.layers, self._inbound(), strict=True):
-            values.append(layer([values[i] for i in ins] if layer.multi_input
-                                else values[ins[0]]))
+            values.append(layer(graph.read_by(layer, ins, values)))
         return values[-1]
 
     # -- the graph and its executor ------------------------------------------------------------
@@ -308,9 +307,9 @@ class Model:
             self._scaling = loss_scaling(self.backend, self.loss_scale, value)
 
     def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
-                optimizer: str | Optimizer = "adam", metrics: tuple[str, ...] | list[str] = (
-                    "accuracy",), precision: str = "float32",
-                cuda_graphs: bool | None = None) -> None:
+                optimizer: str | Optimizer = "adam",
+                metrics: str | list[str] | tuple[str, ...] | None = ("accuracy",),
+                precision: str = "float32", cuda_graphs: bool | None = None) -> None:
         """Choose the loss, the optimiser, the metrics (only ``"accuracy"``) and the precision.
 
         ``precision`` is ``"float32"``, ``"mixed_float16"`` or ``"mixed_bfloat16"``: matmuls in
@@ -322,11 +321,11 @@ class Model:
         allows it, True also warns once where it does not, False never does.
         ``cuda_graphs_reason`` says why steps run without.
         """
+        # Every argument is checked before anything changes: a failed compile leaves the
+        # model (and the optimizer, which it would bind) as they were.
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
             raise InputError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
-        self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
-        self.loss = get_loss(loss)
-        self.optimizer = self._own(get_optimizer(optimizer))
+        loss, optimizer = get_loss(loss), get_optimizer(optimizer)
         if not isinstance(metrics, str | list | tuple | None):
             raise InputError(f"metrics must be a list of names such as ['accuracy'], got "
                              f"{metrics!r}")
@@ -337,14 +336,15 @@ class Model:
         if not isinstance(precision, str) or precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{precision!r}")
-        low = PRECISIONS[precision]
-        if low is not None:
-            self.backend.dtype(low)  # a clear error where the backend lacks the dtype
+        if PRECISIONS[precision] is not None:
+            self.backend.dtype(PRECISIONS[precision])  # a clear error where the backend lacks it
+        self.loss, self.optimizer = loss, self._own(optimizer)
+        self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
         self.precision = precision
         self._scaling = loss_scaling(self.backend, 2.0**15) if precision == "mixed_float16" \
             else None
         if self.built:
-            compute = self.backend.dtype(low or self.dtype_name)
+            compute = self.backend.dtype(self._compute_dtype_name)
             for layer in self.layers:
                 layer.compute_dtype = compute
 
@@ -591,18 +591,19 @@ class Model:
             raise InputError("steps_per_epoch / steps are for generators; arrays give "
                              "ceil(N / batch_size) batches")
         if targets and y is None:
-            batches = isinstance(x, list | tuple) and bool(x) and isinstance(
+            pairs = isinstance(x, list | tuple) and bool(x) and isinstance(
                 x[0], list | tuple) and len(x[0]) == 2
             raise InputError(f"y (the labels of {what}) is missing" + (
                 f"; {what} is a list of pairs: a list is read as one array, so pass the (x, y) "
-                f"batches as an iterator, iter({what}), with steps_per_epoch" if batches else ""))
+                f"batches as an iterator, iter({what}), with steps_per_epoch" if pairs else ""))
         x, t = (x, y) if checked else check_arrays(self, x, y, what)
         return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed, shard)
 
     # -- fit / evaluate / predict ----------------------------------------------------------
     def fit(self, x: Any, y: Any = None, epochs: int = 1, batch_size: int = 32,
             validation_data: Any = None, validation_split: float = 0.0, shuffle: bool = True,
-            seed: int | None = None, verbose: int = 1, callbacks: list[Callback] | None = None,
+            seed: int | None = None, verbose: int | str = 1,
+            callbacks: list[Callback] | None = None,
             steps_per_epoch: int | None = None, validation_steps: int | None = None,
             checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int | str = "epoch",
             resume: bool = False) -> History:
@@ -755,20 +756,19 @@ class Model:
         return data, self._batches(*validation_data, max(batch_size, 256), validation_steps,
                                    "x_val", checked=split)
 
-    def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int = 0,
+    def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int | str = 0,
                  steps: int | None = None, callbacks: list[Callback] | None = None
                  ) -> dict[str, float]:
         """Mean loss and accuracy on (x, y) (or a dataset or iterable of batches), in inference
         mode."""
-        if self.loss is None:
-            self.loss = get_loss("cross_entropy")
         batch_size = checks.positive_int(batch_size, "batch_size")
         verbose = checks.verbosity(verbose)
+        if self.loss is None:  # (an uncompiled model is evaluated with the default loss)
+            self.loss = get_loss("cross_entropy")
         self._rebuild_if_shared()
         data = self._batches(x, y, batch_size, steps)
-        return self._evaluate(data, CallbackList(callback_list(callbacks), self,
-                                                       {"verbose": verbose}),
-                              verbose)
+        cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
+        return self._evaluate(data, cbs, verbose)
 
     def _evaluate(self, data: Batches, cbs: CallbackList, verbose: int = 0) -> dict[str, float]:
         xp = self.backend.xp
@@ -806,8 +806,8 @@ class Model:
         host = self.backend.to_numpy(totals.state)
         return {"loss": float(host[LOSS_SUM]) / seen, "accuracy": float(host[CORRECT]) / seen}
 
-    def predict(self, x: Any, batch_size: int = 256, verbose: int = 0, steps: int | None = None,
-                callbacks: list[Callback] | None = None) -> np.ndarray:
+    def predict(self, x: Any, batch_size: int = 256, verbose: int | str = 0,
+                steps: int | None = None, callbacks: list[Callback] | None = None) -> np.ndarray:
         """Class probabilities, (N, classes), as a host NumPy array; ``x`` as for
         :meth:`evaluate` (targets, if any, are ignored); ``verbose=1`` shows a progress bar
         (Keras' ``predict(x, verbose=0)`` works as it is)."""
@@ -815,7 +815,7 @@ class Model:
         verbose = checks.verbosity(verbose)
         self._rebuild_if_shared()
         data = self._batches(x, None, batch_size, steps, targets=False)
-        cbs = CallbackList(callback_list(callbacks), self, {})
+        cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
         xp = self.backend.xp
         out = []
         cbs.on_predict_begin()
@@ -993,7 +993,12 @@ class Sequential(Model):
             raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) is already in the "
                              "model: the same layer instance cannot be added twice; create "
                              f"another {type(layer).__name__}(...)")
-        _give_unique_name(layer, {la.name for la in self.layers})
+        clash = next((la for la in self.layers if la.name == layer.name), None)
+        if clash is not None:
+            # A built layer may be held by other models, which show its name: it keeps it, and
+            # this model's new layer gives way (as a functional Model renames).
+            give_way = clash if layer.built and not clash.built else layer
+            _give_unique_name(give_way, {la.name for la in self.layers})
         self.layers.append(layer)
         self.built = False
 

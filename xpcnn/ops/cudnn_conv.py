@@ -76,10 +76,10 @@ def tf32() -> bool:
 
 
 def deterministic() -> bool:
-    """Whether graphs must give the same bits at every run (``XPCNN_DETERMINISTIC``, off
-    unless "1"): plans with the numerical note NONDETERMINISTIC (atomic adds in a weight
-    gradient, say) are then excluded, as PyTorch's ``cudnn.deterministic = True`` does. Read
-    when a graph is built."""
+    """Whether graphs must give the same bits at every run (``XPCNN_DETERMINISTIC``: on for
+    "1", or any value but "0"; off when unset): plans with the numerical note NONDETERMINISTIC
+    (atomic adds in a weight gradient, say) are then excluded, as PyTorch's
+    ``cudnn.deterministic = True`` does. Read when a graph is built."""
     return os.environ.get("XPCNN_DETERMINISTIC", "0") != "0"
 
 

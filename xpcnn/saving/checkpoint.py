@@ -181,7 +181,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: DeviceLike = "cpu") ->
     random-layer counters; ``ckpt.progress`` says where the run stood and ``ckpt.history`` holds
     its finished epochs. A corrupt, truncated or foreign file raises ``DataFormatError``.
     """
-    with NpzArchive(path) as npz:
+    with NpzArchive(path, "the checkpoint") as npz:
         config = _checkpoint_config(npz)
         model = model_from_file(config.get("model"), npz, device, with_slots=True)
         if model.optimizer is None:
@@ -195,7 +195,7 @@ def restore_checkpoint(model: Any, path: str | os.PathLike[str]) -> Checkpoint:
     ``model`` must be compiled and have the checkpoint's architecture and compile settings
     (optimiser, schedule, loss, precision); otherwise ``InputError`` says what differs.
     """
-    with NpzArchive(path) as npz:
+    with NpzArchive(path, "the checkpoint") as npz:
         config = _checkpoint_config(npz)
         _check_compatible(model, config, npz)
         return _restore(model, config, npz)

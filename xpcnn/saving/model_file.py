@@ -105,8 +105,7 @@ def load_model(path: str | os.PathLike[str], device: DeviceLike = "cpu") -> Any:
 
     A checkpoint (:mod:`xpcnn.saving.checkpoint`) loads too: its model, with the weights it holds.
     """
-    path = checks.file_path(path, "the model file")
-    with NpzArchive(path) as npz:
+    with NpzArchive(path, "the model file") as npz:
         config = npz.read_config()
         checkpoint = isinstance(config, dict) and config.get("format") == CHECKPOINT_FORMAT
         return model_from_file(config.get("model") if checkpoint else config, npz, device,
@@ -287,17 +286,16 @@ def set_weights_from_file(model: Any, npz: NpzArchive) -> None:
 def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
     """Load the weights of a model file or checkpoint into ``model``, checking that the file
     holds the same architecture; otherwise ``DataFormatError`` names the first difference."""
-    path = checks.file_path(path, "the model file")
-    with NpzArchive(path) as npz:
+    with NpzArchive(path, "the model file") as npz:
         config = npz.read_config()
         checkpoint = isinstance(config, dict) and config.get("format") == CHECKPOINT_FORMAT
         if checkpoint:
             config = config.get("model")
         if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise DataFormatError(f"{path}: not an xpcnn model file or checkpoint")
+            raise DataFormatError(f"{npz.path}: not an xpcnn model file or checkpoint")
         check_file_entries(npz, config, checkpoint)
         build_for(model, config, npz)
-        check_architecture(model, config, path)
+        check_architecture(model, config, npz.path)
         set_weights_from_file(model, npz)
 
 

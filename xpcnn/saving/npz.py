@@ -86,8 +86,8 @@ class NpzArchive:
     record; nothing is inflated until :meth:`header` or :meth:`read` asks for one entry.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = file_path(path, "the path of the file to read")
+    def __init__(self, path: str | os.PathLike[str], what: str = "the file") -> None:
+        self.path = file_path(path, what)
         if not os.path.isfile(self.path):
             raise DataFormatError(f"{self.path}: no such file")
         with _format_errors(self.path):
