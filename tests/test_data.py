@@ -335,3 +335,69 @@ def test_every_rank_knows_its_place_in_each_global_batch(samples, batch_size, ra
     iterable = xpcnn.data.IterableBatches(xpcnn.Sequential([Flatten(), Dense(2)]), [(x, y)],
                                           None)
     assert iterable.place(0) is None  # (only its batches tell: the ranks ask each other)
+
+
+# -- what a dataset or a generator gives, read as the user meant it ------------------------------
+
+
+def test_steps_with_a_dataset_is_refused_as_with_arrays(data):
+    x, y = data
+    model = make()
+    refused = r"steps_per_epoch / steps are for generators; a dataset gives ceil\(len\(dataset\) " \
+              r"/ batch_size\) batches"
+    with pytest.raises(InputError, match=refused):  # (was ignored: every sample, each epoch)
+        model.fit(MapDataset(x, y), steps_per_epoch=2, verbose=0)
+    with pytest.raises(InputError, match=refused):
+        model.evaluate(MapDataset(x, y), steps=100)
+    assert model.optimizer.iterations == 0
+
+
+def test_a_dataset_item_that_is_not_a_pair_is_named(data):
+    x, y = data
+
+    class Records(MapDataset):
+        def __getitem__(self, i):
+            return {"image": self.x[i], "label": self.y[i]}
+
+    class Triples(MapDataset):
+        def __getitem__(self, i):
+            return self.x[i], self.y[i], 1.0
+
+    # (a dict built the model from shape (): 'input_shape must be positive sizes ... got ()')
+    with pytest.raises(InputError, match=r"x\[i\] must return a pair \(x_i, y_i\), got dict$"):
+        trained(Records(x, y))
+    with pytest.raises(InputError, match=r"x\[i\] must return a pair \(x_i, y_i\), got tuple of "
+                                         r"length 3$"):
+        trained(Triples(x, y))
+
+
+def test_an_index_below_len_that_a_dataset_refuses_is_named(data):
+    x, y = data
+
+    class Overcounted(MapDataset):  # len() says 50, the arrays hold 44
+        def __len__(self):
+            return 50
+
+    with pytest.raises(InputError, match=r"x\[4\d\] raised IndexError\('index 4\d is out of bounds "
+                                         r".*'\), but len\(x\) is 50: a dataset must return a "
+                                         r"sample for every index in range\(len\(x\)\)"):
+        make().fit(Overcounted(x, y), batch_size=BATCH, shuffle=False, verbose=0)
+    assert prefetch_threads() == []
+
+
+def test_predict_reads_a_list_of_samples_as_a_batch_not_as_a_pair(data):
+    x, y = data
+    model = trained(x, y)
+    expected = model.predict(x, batch_size=BATCH)
+    # a generator of lists of images, a dataset of images as nested lists (their first image or
+    # first row was taken for x: a shape error)
+    batches = (list(x[a:a + BATCH]) for a in range(0, N, BATCH))
+    assert np.array_equal(model.predict(batches, steps=6), expected)
+
+    class NestedLists(MapDataset):
+        def __getitem__(self, i):
+            return self.x[i].tolist()
+
+    assert np.array_equal(model.predict(NestedLists(x, y), batch_size=BATCH), expected)
+    pairs = ((x[a:a + BATCH], y[a:a + BATCH]) for a in range(0, N, BATCH))
+    assert np.array_equal(model.predict(pairs, steps=6), expected)  # (a pair's y is ignored)

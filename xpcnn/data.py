@@ -234,12 +234,12 @@ class DatasetBatches(ShardedBatches):
         self.shuffle, self.seed, self.with_targets, self.what = shuffle, seed, with_targets, what
         self.shard = shard
         self.samples = len(dataset)
+        self._expected = f"{what}[i] must return a pair (x_i, y_i)"
         if self.samples < 1:
             raise InputError(f"{what} is an empty dataset (len() is {self.samples})")
         self.steps = -(-self.samples // (batch_size * shard[1]))
         if not model.built:  # the first sample tells the input shape
-            first = dataset[0]
-            x = first[0] if isinstance(first, tuple | list) else first
+            x = split_item(self._item(0), with_targets, self._expected)[0]
             model.build(checks.shape_to_build(np.shape(x), what))
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
@@ -254,16 +254,19 @@ class DatasetBatches(ShardedBatches):
         if not len(idx):  # this rank's empty part of a short last batch (several ranks)
             return (np.zeros((0, *self.model.input_shape), np.float32),
                     np.zeros((0,), np.int64) if self.with_targets else None)
-        items = [self.dataset[int(i)] for i in idx]
-        if self.with_targets:
-            if not all(isinstance(it, tuple | list) and len(it) == 2 for it in items):
-                raise InputError(f"{self.what}[i] must return a pair (x_i, y_i), got "
-                                 f"{type(items[0]).__name__}")
-            xs, ys = zip(*items, strict=True)
-            return check_batch(self.model, self._stack(xs, "x"), self._stack(ys, "y"),
-                               self.what, idx)
-        xs = [it[0] if isinstance(it, tuple | list) else it for it in items]
-        return check_batch(self.model, self._stack(xs, "x"), None, self.what, idx)
+        pairs = [split_item(self._item(int(i)), self.with_targets, self._expected) for i in idx]
+        xs, ys = zip(*pairs, strict=True)
+        return check_batch(self.model, self._stack(xs, "x"),
+                           self._stack(ys, "y") if self.with_targets else None, self.what, idx)
+
+    def _item(self, i: int) -> Any:
+        """``dataset[i]``; an index below len() that the dataset refuses is named as such."""
+        try:
+            return self.dataset[i]
+        except LookupError as e:  # (IndexError, KeyError: len() promised more than there is)
+            raise InputError(f"{self.what}[{i}] raised {e!r}, but len("
+                             f"{self.what}) is {self.samples}: a dataset must return a sample for "
+                             f"every index in range(len({self.what}))") from e
 
     def _stack(self, parts: Sequence[Any], which: str) -> Any:
         """Samples stacked into a batch: on the device where they are arrays of the model's
@@ -326,11 +329,20 @@ class IterableBatches(Batches):
 
     def _split(self, item: Any) -> tuple[Any, Any]:
         """(x, y) of one batch as given (y None without targets)."""
-        if not self.with_targets:
-            return (item[0] if isinstance(item, tuple | list) else item), None
-        if not isinstance(item, tuple | list) or len(item) != 2:
-            raise InputError(f"{self.what} must yield (x, y) batches, got {type(item).__name__}")
-        return item[0], item[1]
+        return split_item(item, self.with_targets, f"{self.what} must yield (x, y) batches")
+
+
+def split_item(item: Any, with_targets: bool, expected: str) -> tuple[Any, Any]:
+    """(x, y) of a batch or a sample: a pair, a tuple or list of two; without targets
+    (``predict``), a pair's y is ignored and anything else is x itself (a list of samples or of
+    rows is an array, not a pair); else ``expected``, the error."""
+    pair = isinstance(item, tuple | list) and len(item) == 2
+    if not with_targets:
+        return (item[0] if pair else item), None
+    if not pair:
+        length = f" of length {len(item)}" if isinstance(item, tuple | list) else ""
+        raise InputError(f"{expected}, got {type(item).__name__}{length}")
+    return item[0], item[1]
 
 
 def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any = None

@@ -585,6 +585,9 @@ class Model:
                 raise InputError(f"y must be None when {what} is a dataset or an iterable of "
                                  "batches (they hold the targets)")
             if is_map_dataset(x):
+                if steps is not None:  # (it was ignored: every sample, each epoch)
+                    raise InputError("steps_per_epoch / steps are for generators; a dataset "
+                                     "gives ceil(len(dataset) / batch_size) batches")
                 return DatasetBatches(self, x, batch_size, shuffle, seed, targets, what, shard)
             return IterableBatches(self, x, steps, targets, what)
         if steps is not None:
