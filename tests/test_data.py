@@ -426,3 +426,17 @@ def test_predict_reads_a_list_of_samples_as_a_batch_not_as_a_pair(data):
     assert np.array_equal(model.predict(NestedLists(x, y), batch_size=BATCH), expected)
     pairs = ((x[a:a + BATCH], y[a:a + BATCH]) for a in range(0, N, BATCH))
     assert np.array_equal(model.predict(pairs, steps=6), expected)  # (a pair's y is ignored)
+
+
+def test_a_checkpoint_needs_replayable_data_and_says_so_for_every_iterable(data, tmp_path):
+    x, y = data
+    refused = r"BackupAndRestore needs data whose batches can be replayed: arrays or a " \
+              r"map-style dataset, not a generator or another iterable of batches \(a " \
+              r"DataLoader: its batches are its own to order\)$"
+    path = tmp_path / "ckpt.npz"
+    for batches in (shuffled_batches(x, y), Loader(list(shuffled_batches(x, y, 1)))):
+        model = make()
+        with pytest.raises(InputError, match=refused):  # (a DataLoader was 'not a generator')
+            model.fit(batches, steps_per_epoch=6, verbose=0, checkpoint=path, resume=True)
+        assert model.optimizer.iterations == 0 and not path.exists()
+    assert prefetch_threads() == []
