@@ -159,6 +159,17 @@ ARGUMENTS = {
                                "EarlyStopping patience must be a non-negative integer, got -1"),
     "ReduceLROnPlateau cooldown": (lambda m: xpcnn.callbacks.ReduceLROnPlateau(cooldown=1.5),
                                    "ReduceLROnPlateau cooldown must be a non-negative integer"),
+    "ReduceLROnPlateau factor a string": (
+        lambda m: xpcnn.callbacks.ReduceLROnPlateau(factor="0.5"),
+        r"ReduceLROnPlateau factor must be a number in \(0, 1\), got '0.5'"),
+    "ReduceLROnPlateau factor 1": (lambda m: xpcnn.callbacks.ReduceLROnPlateau(factor=1),
+                                   r"factor must be a number in \(0, 1\), got 1"),
+    "ReduceLROnPlateau min_lr negative": (
+        lambda m: xpcnn.callbacks.ReduceLROnPlateau(min_lr=-1e-3),
+        "ReduceLROnPlateau min_lr must be a number >= 0, got -0.001"),
+    "EarlyStopping min_delta a string": (
+        lambda m: xpcnn.callbacks.EarlyStopping("loss", min_delta="1e-3"),
+        "EarlyStopping min_delta must be a finite number, got '1e-3'"),
     "LearningRateScheduler a number": (lambda m: xpcnn.callbacks.LearningRateScheduler(0.1),
                                        r"schedule must be a function of \(epoch, lr\) or of "
                                        "epoch, got 0.1"),

@@ -284,12 +284,19 @@ def test_an_unwritable_path_is_refused_before_any_work(tmp_path, monkeypatch):
     model = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1))
     calls = []
     monkeypatch.setitem(CONVERTERS, "Flatten", lambda *a: calls.append(a))
-    with pytest.raises(InputError, match="it is a folder"):
+    with pytest.raises(InputError, match="the ONNX file .* is a folder; give the path of a file"):
         model.export(tmp_path)
     (tmp_path / "file").write_text("")
-    with pytest.raises(InputError, match="cannot write the ONNX file"):
+    with pytest.raises(InputError, match="cannot write the ONNX file .* is not a folder"):
         model.export(tmp_path / "file" / "m.onnx")  # a file where a folder should be
     assert calls == []
+
+
+def test_an_export_makes_its_missing_folders_as_saving_does(tmp_path):
+    model = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1))
+    model.save(tmp_path / "a" / "m.npz")
+    model.export(tmp_path / "b" / "c" / "m.onnx")
+    assert (tmp_path / "b" / "c" / "m.onnx").stat().st_size > 0
 
 
 def test_a_failed_export_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):

@@ -264,7 +264,8 @@ class _Monitor(Callback):
                 raise InputError(f"{type(self).__name__} cannot tell whether {monitor!r} should "
                                  "go down or up: pass mode='min' or mode='max' (mode='auto' "
                                  "knows loss and accuracy)")
-        self.monitor, self.mode, self.min_delta = monitor, mode, abs(float(min_delta))
+        self.monitor, self.mode = monitor, mode
+        self.min_delta = abs(checks.number(min_delta, f"{type(self).__name__} min_delta"))
 
     def current(self, logs: Mapping[str, float] | None) -> float:
         if not logs or self.monitor not in logs:
@@ -545,12 +546,12 @@ class ReduceLROnPlateau(_Monitor):
                  mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0,
                  min_lr: float = 0.0, verbose: int = 0) -> None:
         super().__init__(monitor, mode, min_delta)
-        if not 0.0 < factor < 1.0:
-            raise InputError(f"ReduceLROnPlateau factor must be in (0, 1), got {factor!r}")
-        self.factor = float(factor)
+        self.factor = checks.number(factor, "ReduceLROnPlateau factor", 0.0, 1.0, low_open=True,
+                                    high_open=True)
         self.patience = checks.non_negative_int(patience, "ReduceLROnPlateau patience")
         self.cooldown = checks.non_negative_int(cooldown, "ReduceLROnPlateau cooldown")
-        self.min_lr, self.verbose = float(min_lr), verbose
+        self.min_lr = checks.number(min_lr, "ReduceLROnPlateau min_lr", 0.0)
+        self.verbose = verbose
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         self.check_monitor()

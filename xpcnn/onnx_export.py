@@ -26,9 +26,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .checks import file_path
+from .checks import output_file
 from .errors import InputError, MissingDependencyError
-from .files import atomic_file, try_writing_in
+from .files import atomic_file
 from .layers.base import Layer
 from .ops.conv import resolve_padding
 
@@ -119,7 +119,7 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
         raise InputError(f"no ONNX converter for layer type(s) {', '.join(unknown)} (model "
                          f"{model.name!r}); known: {', '.join(sorted(CONVERTERS))}. A new "
                          "layer type registers one with xpcnn.onnx_export.register_converter")
-    _check_writable(path)
+    output_file(path, "the ONNX file")  # (before any work; missing folders are made)
     graph = GraphBuilder(onnx)
     tensors = {0: INPUT_NAME}  # slot -> ONNX tensor name
     if input_dtype == "uint8":
@@ -173,21 +173,6 @@ def _import_onnx() -> Any:
         raise MissingDependencyError(f"ONNX export needs the onnx package, which is not "
                                      f"installed: {ONNX_EXTRA_HINT}") from e
     return onnx
-
-
-def _check_writable(path: str | os.PathLike[str]) -> None:
-    """A clear error now, before any work, where ``path`` cannot be written."""
-    path = file_path(path, "the ONNX file")
-    if os.path.isdir(path):
-        raise InputError(f"cannot write the ONNX file {path!r}: it is a folder")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise InputError(f"cannot write the ONNX file {path!r}: its folder {folder!r} does not "
-                         "exist")
-    try:
-        try_writing_in(folder)
-    except OSError as e:
-        raise InputError(f"cannot write the ONNX file {path!r}: {e.strerror or e}") from e
 
 
 # -- one converter per layer type ----------------------------------------------------------
