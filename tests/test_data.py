@@ -193,6 +193,25 @@ def test_big_endian_images_train_on_a_device_as_native_ones_do(data, library, tm
     assert_same_weights(trained(big, y, device=device), expected)
 
 
+def test_a_dataset_of_host_and_device_samples_mixed_is_refused(data):
+    x, y = data
+    put = lambda a: xps.asarray(a, device=xps.Device("device1"))  # noqa: E731
+
+    class Mixed(MapDataset):  # every other image already on the device
+        def __getitem__(self, i):
+            return (put(self.x[i]) if i % 2 == self.odd else self.x[i]), self.y[i]
+
+    # (was a RuntimeError or a TypeError from inside array_api_strict, by the first sample)
+    for odd in (0, 1):
+        Mixed.odd = odd
+        with pytest.raises(InputError, match=r"the x_i that x\[i\] returns are arrays of "
+                                             r"array_api_strict on the device for some i and not "
+                                             r"for others: a batch is stacked in one place, so "
+                                             r"return one kind"):
+            trained(Mixed(x, y), device=(xps, xps.Device("device1")))
+    assert prefetch_threads() == []
+
+
 def test_arrays_of_another_library_or_device_are_refused(data):
     x, y = data
     model = make((xps, xps.Device("device1")))

@@ -272,9 +272,14 @@ class DatasetBatches(ShardedBatches):
         """Samples stacked into a batch: on the device where they are arrays of the model's
         library (they stay there), else on the host."""
         xp = self.model.backend.xp
-        if is_device_array(parts[0]) and \
-                array_api_compat.array_namespace(parts[0]).__name__ == xp.__name__:
+        mine = [is_device_array(p) and array_api_compat.array_namespace(p).__name__ ==
+                xp.__name__ for p in parts]
+        if all(mine):
             return xp.stack(parts)
+        if any(mine):  # (NumPy or the device library would fail on the other kind)
+            raise InputError(f"the {which}_i that {self.what}[i] returns are arrays of "
+                             f"{xp.__name__} on the device for some i and not for others: "
+                             "a batch is stacked in one place, so return one kind")
         try:
             return np.stack(parts)
         except (TypeError, ValueError) as e:
