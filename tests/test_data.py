@@ -415,6 +415,21 @@ def test_a_dataset_item_that_is_not_a_pair_is_named(data):
         trained(Triples(x, y))
 
 
+def test_a_dataset_whose_len_is_not_a_count_is_named(data):
+    x, y = data
+    for length, python_says in ((-3, r"__len__\(\) should return >= 0"),
+                                (44.0, "'float' object cannot be interpreted as an integer")):
+        class Odd(MapDataset):
+            def __len__(self, length=length):
+                return length
+
+        with pytest.raises(InputError, match=rf"len\(x_val\) must be its number of samples, an "
+                                             rf"int >= 1: {python_says}$"):  # (was Python's own)
+            make().fit(x, y, validation_data=Odd(x, y), verbose=0)
+    with pytest.raises(InputError, match=r"x is an empty dataset \(len\(\) is 0\)"):
+        make().fit(MapDataset(x[:0], y[:0]), verbose=0)
+
+
 def test_an_index_below_len_that_a_dataset_refuses_is_named(data):
     x, y = data
 

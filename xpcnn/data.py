@@ -233,7 +233,10 @@ class DatasetBatches(ShardedBatches):
         self.model, self.dataset, self.batch_size = model, dataset, batch_size
         self.shuffle, self.seed, self.with_targets, self.what = shuffle, seed, with_targets, what
         self.shard = shard
-        self.samples = len(dataset)
+        try:
+            self.samples = len(dataset)
+        except (TypeError, ValueError) as e:  # (a __len__ that is negative or not an int)
+            raise InputError(f"len({what}) must be its number of samples, an int >= 1: {e}") from e
         self._expected = f"{what}[i] must return a pair (x_i, y_i)"
         if self.samples < 1:
             raise InputError(f"{what} is an empty dataset (len() is {self.samples})")
