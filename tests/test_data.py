@@ -326,6 +326,12 @@ def test_streamed_inputs_are_checked(data):
         model.fit(iter([(nan, y)]), steps_per_epoch=1, verbose=0)
     with pytest.raises(InputError, match="validation_split needs arrays"):
         model.fit(MapDataset(x, y), validation_split=0.2, verbose=0)
+    two_epochs = iter(list(shuffled_batches(x, y, 1))[:4])  # (was 'the evaluation data ...')
+    with pytest.raises(InputError, match=r"^the validation data gave no batches in epoch 3: an "
+                                         r"iterator needs validation_steps batches for every "
+                                         r"epoch$"):
+        model.fit(x, y, epochs=3, validation_data=two_epochs, validation_steps=2, verbose=0)
+    assert model.history.epoch == [0, 1]  # (the epochs before it are kept)
 
 
 def test_validation_split_and_validation_data_on_the_device(data):
