@@ -480,3 +480,24 @@ def test_a_checkpoint_needs_replayable_data_and_says_so_for_every_iterable(data,
             model.fit(batches, steps_per_epoch=6, verbose=0, checkpoint=path, resume=True)
         assert model.optimizer.iterations == 0 and not path.exists()
     assert prefetch_threads() == []
+
+
+def test_a_generator_may_refill_the_arrays_it_yielded(data):
+    x, y = data
+
+    def refilled(one_hot):  # one buffer, refilled for each batch, as a plain loop allows
+        xb, yb = np.empty((BATCH, *x.shape[1:]), x.dtype), np.empty((BATCH, 4) if one_hot
+                                                                     else BATCH)
+        for xs, ys in shuffled_batches(x, y):
+            n = len(xs)  # (the last batch is short)
+            xb[:n], yb[:n] = xs, np.eye(4)[ys] if one_hot else ys
+            yield xb[:n], yb[:n]
+
+    # (the batches waiting in the queue were refilled under it: other weights, other outputs)
+    expected = trained(x, y)
+    for one_hot in (False, True):
+        assert_same_weights(trained(refilled(one_hot), steps_per_epoch=6, shuffle=False),
+                            expected)
+    probabilities = expected.predict(refilled(False), steps=6)
+    order = np.random.default_rng([SEED, 0]).permutation(N)
+    np.testing.assert_array_equal(probabilities, expected.predict(x[order], batch_size=BATCH))

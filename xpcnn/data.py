@@ -332,7 +332,8 @@ class IterableBatches(Batches):
             self._peeked = None
         if self.steps is not None:
             source = itertools.islice(source, self.steps)
-        checked = (check_batch(self.model, *self._split(item), self.what) for item in source)
+        checked = (check_batch(self.model, *self._split(item), self.what, copy=True)
+                   for item in source)
         return upload(self.model.backend, prefetch(checked))
 
     def _split(self, item: Any) -> tuple[Any, Any]:
@@ -381,10 +382,16 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
     return x, targets
 
 
-def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None) -> tuple[Any, Any]:
-    """One streamed batch, checked as whole arrays are, contiguous on the host."""
+def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None, copy: bool = False
+                ) -> tuple[Any, Any]:
+    """One streamed batch, checked as whole arrays are, contiguous on the host; ``copy``: host
+    arrays in memory of their own (a generator may refill the arrays it yielded, as a plain
+    loop allows, while this batch waits in the queue)."""
     x, y = check_arrays(model, x, y, what, index)
-    return (x if is_device_array(x) else np.ascontiguousarray(x)), y
+    if is_device_array(x):
+        return x, y
+    return np.array(x, order="C", copy=copy or None), \
+        None if y is None else np.array(y, copy=copy or None)
 
 
 def upload(backend: Any, batches: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
