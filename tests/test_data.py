@@ -168,6 +168,50 @@ def test_device_arrays_host_arrays_and_uploaded_arrays_give_the_same_weights(dat
     np.testing.assert_array_equal(on_device.predict(put(x)), per_batch.predict(x))
 
 
+@pytest.mark.parametrize("library", ["array_api_strict", "torch"])
+def test_big_endian_images_train_on_a_device_as_native_ones_do(data, library, tmp_path,
+                                                                monkeypatch):
+    if library == "torch":
+        pytest.importorskip("torch")
+        import array_api_compat.torch as device
+    else:
+        device = (xps, xps.Device("device1"))
+    x, y = data
+    native = x.astype(np.float32)
+    big = x.astype(">f4")  # (as a file written on another machine holds them)
+    np.save(tmp_path / "x.npy", big)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    expected = trained(native, y, device=device)
+    # (each was "The array_api_strict namespace does not support the dtype '>f4'", or
+    # torch's "byte order different from the native byte order")
+    assert_same_weights(trained(big, y, device=device), expected)
+    assert_same_weights(trained(mapped, y, device=device), expected)
+    assert_same_weights(trained(shuffled_batches(big, y), steps_per_epoch=6, shuffle=False,
+                                device=device), expected)
+    np.testing.assert_array_equal(expected.predict(big), expected.predict(native))
+    monkeypatch.setattr(xpcnn.data, "DEVICE_BUDGET_BYTES", 0)  # one upload per batch
+    assert_same_weights(trained(big, y, device=device), expected)
+
+
+def test_a_dataset_of_host_and_device_samples_mixed_is_refused(data):
+    x, y = data
+    put = lambda a: xps.asarray(a, device=xps.Device("device1"))  # noqa: E731
+
+    class Mixed(MapDataset):  # every other image already on the device
+        def __getitem__(self, i):
+            return (put(self.x[i]) if i % 2 == self.odd else self.x[i]), self.y[i]
+
+    # (was a RuntimeError or a TypeError from inside array_api_strict, by the first sample)
+    for odd in (0, 1):
+        Mixed.odd = odd
+        with pytest.raises(InputError, match=r"the x_i that x\[i\] returns are arrays of "
+                                             r"array_api_strict on the device for some i and not "
+                                             r"for others: a batch is stacked in one place, so "
+                                             r"return one kind"):
+            trained(Mixed(x, y), device=(xps, xps.Device("device1")))
+    assert prefetch_threads() == []
+
+
 def test_arrays_of_another_library_or_device_are_refused(data):
     x, y = data
     model = make((xps, xps.Device("device1")))
@@ -282,6 +326,12 @@ def test_streamed_inputs_are_checked(data):
         model.fit(iter([(nan, y)]), steps_per_epoch=1, verbose=0)
     with pytest.raises(InputError, match="validation_split needs arrays"):
         model.fit(MapDataset(x, y), validation_split=0.2, verbose=0)
+    two_epochs = iter(list(shuffled_batches(x, y, 1))[:4])  # (was 'the evaluation data ...')
+    with pytest.raises(InputError, match=r"^the validation data gave no batches in epoch 3: an "
+                                         r"iterator needs validation_steps batches for every "
+                                         r"epoch$"):
+        model.fit(x, y, epochs=3, validation_data=two_epochs, validation_steps=2, verbose=0)
+    assert model.history.epoch == [0, 1]  # (the epochs before it are kept)
 
 
 def test_validation_split_and_validation_data_on_the_device(data):
@@ -335,3 +385,119 @@ def test_every_rank_knows_its_place_in_each_global_batch(samples, batch_size, ra
     iterable = xpcnn.data.IterableBatches(xpcnn.Sequential([Flatten(), Dense(2)]), [(x, y)],
                                           None)
     assert iterable.place(0) is None  # (only its batches tell: the ranks ask each other)
+
+
+# -- what a dataset or a generator gives, read as the user meant it ------------------------------
+
+
+def test_steps_with_a_dataset_is_refused_as_with_arrays(data):
+    x, y = data
+    model = make()
+    refused = r"steps_per_epoch / steps are for generators; a dataset gives ceil\(len\(dataset\) " \
+              r"/ batch_size\) batches"
+    with pytest.raises(InputError, match=refused):  # (was ignored: every sample, each epoch)
+        model.fit(MapDataset(x, y), steps_per_epoch=2, verbose=0)
+    with pytest.raises(InputError, match=refused):
+        model.evaluate(MapDataset(x, y), steps=100)
+    assert model.optimizer.iterations == 0
+
+
+def test_a_dataset_item_that_is_not_a_pair_is_named(data):
+    x, y = data
+
+    class Records(MapDataset):
+        def __getitem__(self, i):
+            return {"image": self.x[i], "label": self.y[i]}
+
+    class Triples(MapDataset):
+        def __getitem__(self, i):
+            return self.x[i], self.y[i], 1.0
+
+    # (a dict built the model from shape (): 'input_shape must be positive sizes ... got ()')
+    with pytest.raises(InputError, match=r"x\[i\] must return a pair \(x_i, y_i\), got dict$"):
+        trained(Records(x, y))
+    with pytest.raises(InputError, match=r"x\[i\] must return a pair \(x_i, y_i\), got tuple of "
+                                         r"length 3$"):
+        trained(Triples(x, y))
+
+
+def test_a_dataset_whose_len_is_not_a_count_is_named(data):
+    x, y = data
+    for length, python_says in ((-3, r"__len__\(\) should return >= 0"),
+                                (44.0, "'float' object cannot be interpreted as an integer")):
+        class Odd(MapDataset):
+            def __len__(self, length=length):
+                return length
+
+        with pytest.raises(InputError, match=rf"len\(x_val\) must be its number of samples, an "
+                                             rf"int >= 1: {python_says}$"):  # (was Python's own)
+            make().fit(x, y, validation_data=Odd(x, y), verbose=0)
+    with pytest.raises(InputError, match=r"x is an empty dataset \(len\(\) is 0\)"):
+        make().fit(MapDataset(x[:0], y[:0]), verbose=0)
+
+
+def test_an_index_below_len_that_a_dataset_refuses_is_named(data):
+    x, y = data
+
+    class Overcounted(MapDataset):  # len() says 50, the arrays hold 44
+        def __len__(self):
+            return 50
+
+    with pytest.raises(InputError, match=r"x\[4\d\] raised IndexError\('index 4\d is out of bounds "
+                                         r".*'\), but len\(x\) is 50: a dataset must return a "
+                                         r"sample for every index in range\(len\(x\)\)"):
+        make().fit(Overcounted(x, y), batch_size=BATCH, shuffle=False, verbose=0)
+    assert prefetch_threads() == []
+
+
+def test_predict_reads_a_list_of_samples_as_a_batch_not_as_a_pair(data):
+    x, y = data
+    model = trained(x, y)
+    expected = model.predict(x, batch_size=BATCH)
+    # a generator of lists of images, a dataset of images as nested lists (their first image or
+    # first row was taken for x: a shape error)
+    batches = (list(x[a:a + BATCH]) for a in range(0, N, BATCH))
+    assert np.array_equal(model.predict(batches, steps=6), expected)
+
+    class NestedLists(MapDataset):
+        def __getitem__(self, i):
+            return self.x[i].tolist()
+
+    assert np.array_equal(model.predict(NestedLists(x, y), batch_size=BATCH), expected)
+    pairs = ((x[a:a + BATCH], y[a:a + BATCH]) for a in range(0, N, BATCH))
+    assert np.array_equal(model.predict(pairs, steps=6), expected)  # (a pair's y is ignored)
+
+
+def test_a_checkpoint_needs_replayable_data_and_says_so_for_every_iterable(data, tmp_path):
+    x, y = data
+    refused = r"BackupAndRestore needs data whose batches can be replayed: arrays or a " \
+              r"map-style dataset, not a generator or another iterable of batches \(a " \
+              r"DataLoader: its batches are its own to order\)$"
+    path = tmp_path / "ckpt.npz"
+    for batches in (shuffled_batches(x, y), Loader(list(shuffled_batches(x, y, 1)))):
+        model = make()
+        with pytest.raises(InputError, match=refused):  # (a DataLoader was 'not a generator')
+            model.fit(batches, steps_per_epoch=6, verbose=0, checkpoint=path, resume=True)
+        assert model.optimizer.iterations == 0 and not path.exists()
+    assert prefetch_threads() == []
+
+
+def test_a_generator_may_refill_the_arrays_it_yielded(data):
+    x, y = data
+
+    def refilled(one_hot):  # one buffer, refilled for each batch, as a plain loop allows
+        xb, yb = np.empty((BATCH, *x.shape[1:]), x.dtype), np.empty((BATCH, 4) if one_hot
+                                                                     else BATCH)
+        for xs, ys in shuffled_batches(x, y):
+            n = len(xs)  # (the last batch is short)
+            xb[:n], yb[:n] = xs, np.eye(4)[ys] if one_hot else ys
+            yield xb[:n], yb[:n]
+
+    # (the batches waiting in the queue were refilled under it: other weights, other outputs)
+    expected = trained(x, y)
+    for one_hot in (False, True):
+        assert_same_weights(trained(refilled(one_hot), steps_per_epoch=6, shuffle=False),
+                            expected)
+    probabilities = expected.predict(refilled(False), steps=6)
+    order = np.random.default_rng([SEED, 0]).permutation(N)
+    np.testing.assert_array_equal(probabilities, expected.predict(x[order], batch_size=BATCH))

@@ -60,7 +60,10 @@ class Backend:
         if self.name == "numpy":
             # np.array copies, so the caller's array is never aliased by a parameter.
             return np.array(a, dtype=dtype)
-        return self.xp.asarray(np.asarray(a), dtype=dtype, device=self.device, copy=True)
+        host = np.asarray(a)
+        if not host.dtype.isnative:  # (big-endian data from a file: other libraries refuse it)
+            host = host.astype(host.dtype.newbyteorder("="))
+        return self.xp.asarray(host, dtype=dtype, device=self.device, copy=True)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         """Copy a device array to a NumPy array on the host."""

@@ -512,7 +512,8 @@ class BackupAndRestore(Callback):
         data = self.params["data"]
         if not data.resumable:
             raise InputError("BackupAndRestore needs data whose batches can be replayed: arrays "
-                             "or a map-style dataset, not a generator")
+                             "or a map-style dataset, not a generator or another iterable of "
+                             "batches (a DataLoader: its batches are its own to order)")
         if distributed.is_root():  # (the one writer)
             checks.output_file(self.path, "the checkpoint")
         self.saver = FitCheckpoints(self.model, self.path, self.save_freq, self.resume,

@@ -233,13 +233,16 @@ class DatasetBatches(ShardedBatches):
         self.model, self.dataset, self.batch_size = model, dataset, batch_size
         self.shuffle, self.seed, self.with_targets, self.what = shuffle, seed, with_targets, what
         self.shard = shard
-        self.samples = len(dataset)
+        try:
+            self.samples = len(dataset)
+        except (TypeError, ValueError) as e:  # (a __len__ that is negative or not an int)
+            raise InputError(f"len({what}) must be its number of samples, an int >= 1: {e}") from e
+        self._expected = f"{what}[i] must return a pair (x_i, y_i)"
         if self.samples < 1:
             raise InputError(f"{what} is an empty dataset (len() is {self.samples})")
         self.steps = -(-self.samples // (batch_size * shard[1]))
         if not model.built:  # the first sample tells the input shape
-            first = dataset[0]
-            x = first[0] if isinstance(first, tuple | list) else first
+            x = split_item(self._item(0), with_targets, self._expected)[0]
             model.build(checks.shape_to_build(np.shape(x), what))
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
@@ -254,24 +257,32 @@ class DatasetBatches(ShardedBatches):
         if not len(idx):  # this rank's empty part of a short last batch (several ranks)
             return (np.zeros((0, *self.model.input_shape), np.float32),
                     np.zeros((0,), np.int64) if self.with_targets else None)
-        items = [self.dataset[int(i)] for i in idx]
-        if self.with_targets:
-            if not all(isinstance(it, tuple | list) and len(it) == 2 for it in items):
-                raise InputError(f"{self.what}[i] must return a pair (x_i, y_i), got "
-                                 f"{type(items[0]).__name__}")
-            xs, ys = zip(*items, strict=True)
-            return check_batch(self.model, self._stack(xs, "x"), self._stack(ys, "y"),
-                               self.what, idx)
-        xs = [it[0] if isinstance(it, tuple | list) else it for it in items]
-        return check_batch(self.model, self._stack(xs, "x"), None, self.what, idx)
+        pairs = [split_item(self._item(int(i)), self.with_targets, self._expected) for i in idx]
+        xs, ys = zip(*pairs, strict=True)
+        return check_batch(self.model, self._stack(xs, "x"),
+                           self._stack(ys, "y") if self.with_targets else None, self.what, idx)
+
+    def _item(self, i: int) -> Any:
+        """``dataset[i]``; an index below len() that the dataset refuses is named as such."""
+        try:
+            return self.dataset[i]
+        except LookupError as e:  # (IndexError, KeyError: len() promised more than there is)
+            raise InputError(f"{self.what}[{i}] raised {e!r}, but len("
+                             f"{self.what}) is {self.samples}: a dataset must return a sample for "
+                             f"every index in range(len({self.what}))") from e
 
     def _stack(self, parts: Sequence[Any], which: str) -> Any:
         """Samples stacked into a batch: on the device where they are arrays of the model's
         library (they stay there), else on the host."""
         xp = self.model.backend.xp
-        if is_device_array(parts[0]) and \
-                array_api_compat.array_namespace(parts[0]).__name__ == xp.__name__:
+        mine = [is_device_array(p) and array_api_compat.array_namespace(p).__name__ ==
+                xp.__name__ for p in parts]
+        if all(mine):
             return xp.stack(parts)
+        if any(mine):  # (NumPy or the device library would fail on the other kind)
+            raise InputError(f"the {which}_i that {self.what}[i] returns are arrays of "
+                             f"{xp.__name__} on the device for some i and not for others: "
+                             "a batch is stacked in one place, so return one kind")
         try:
             return np.stack(parts)
         except (TypeError, ValueError) as e:
@@ -321,16 +332,26 @@ class IterableBatches(Batches):
             self._peeked = None
         if self.steps is not None:
             source = itertools.islice(source, self.steps)
-        checked = (check_batch(self.model, *self._split(item), self.what) for item in source)
+        checked = (check_batch(self.model, *self._split(item), self.what, copy=True)
+                   for item in source)
         return upload(self.model.backend, prefetch(checked))
 
     def _split(self, item: Any) -> tuple[Any, Any]:
         """(x, y) of one batch as given (y None without targets)."""
-        if not self.with_targets:
-            return (item[0] if isinstance(item, tuple | list) else item), None
-        if not isinstance(item, tuple | list) or len(item) != 2:
-            raise InputError(f"{self.what} must yield (x, y) batches, got {type(item).__name__}")
-        return item[0], item[1]
+        return split_item(item, self.with_targets, f"{self.what} must yield (x, y) batches")
+
+
+def split_item(item: Any, with_targets: bool, expected: str) -> tuple[Any, Any]:
+    """(x, y) of a batch or a sample: a pair, a tuple or list of two; without targets
+    (``predict``), a pair's y is ignored and anything else is x itself (a list of samples or of
+    rows is an array, not a pair); else ``expected``, the error."""
+    pair = isinstance(item, tuple | list) and len(item) == 2
+    if not with_targets:
+        return (item[0] if pair else item), None
+    if not pair:
+        length = f" of length {len(item)}" if isinstance(item, tuple | list) else ""
+        raise InputError(f"{expected}, got {type(item).__name__}{length}")
+    return item[0], item[1]
 
 
 def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any = None
@@ -361,10 +382,16 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
     return x, targets
 
 
-def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None) -> tuple[Any, Any]:
-    """One streamed batch, checked as whole arrays are, contiguous on the host."""
+def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None, copy: bool = False
+                ) -> tuple[Any, Any]:
+    """One streamed batch, checked as whole arrays are, contiguous on the host; ``copy``: host
+    arrays in memory of their own (a generator may refill the arrays it yielded, as a plain
+    loop allows, while this batch waits in the queue)."""
     x, y = check_arrays(model, x, y, what, index)
-    return (x if is_device_array(x) else np.ascontiguousarray(x)), y
+    if is_device_array(x):
+        return x, y
+    return np.array(x, order="C", copy=copy or None), \
+        None if y is None else np.array(y, copy=copy or None)
 
 
 def upload(backend: Any, batches: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:

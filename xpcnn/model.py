@@ -585,6 +585,9 @@ class Model:
                 raise InputError(f"y must be None when {what} is a dataset or an iterable of "
                                  "batches (they hold the targets)")
             if is_map_dataset(x):
+                if steps is not None:  # (it was ignored: every sample, each epoch)
+                    raise InputError("steps_per_epoch / steps are for generators; a dataset "
+                                     "gives ceil(len(dataset) / batch_size) batches")
                 return DatasetBatches(self, x, batch_size, shuffle, seed, targets, what, shard)
             return IterableBatches(self, x, steps, targets, what)
         if steps is not None:
@@ -670,7 +673,7 @@ class Model:
                     if self._parallel is not None:
                         self._parallel.average_state()
                     if validation is not None:
-                        val = self._evaluate(validation, cbs)
+                        val = self._evaluate(validation, cbs, epoch=epoch)
                         logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
                     logs["seconds"] = time.perf_counter() - self._epoch_t0
                     cbs.on_epoch_end(epoch, logs)
@@ -770,7 +773,9 @@ class Model:
         cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
         return self._evaluate(data, cbs, verbose)
 
-    def _evaluate(self, data: Batches, cbs: CallbackList, verbose: int = 0) -> dict[str, float]:
+    def _evaluate(self, data: Batches, cbs: CallbackList, verbose: int = 0,
+                  epoch: int | None = None) -> dict[str, float]:
+        """Mean loss and accuracy of ``data``; ``epoch``: fit's, when it is the validation data."""
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
         totals, seen = RunningTotals(self.backend, 0), 0
@@ -795,7 +800,9 @@ class Model:
         loss_sum, correct, seen = distributed.host_sum(
             distributed.world(), [host[LOSS_SUM], host[CORRECT], seen], "evaluate")
         if not seen:
-            raise InputError("the evaluation data gave no batches")
+            raise InputError("the evaluation data gave no batches" if epoch is None else
+                             f"the validation data gave no batches in epoch {epoch + 1}: an "
+                             "iterator needs validation_steps batches for every epoch")
         logs = {"loss": loss_sum / seen, "accuracy": correct / seen}
         cbs.on_test_end(logs)
         return logs
