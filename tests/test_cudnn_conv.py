@@ -38,6 +38,32 @@ def cc(monkeypatch):
     restore(saved)
 
 
+@pytest.fixture
+def emulated_cupy(monkeypatch):
+    """xpcnn.ops.fast_cupy on the CUDA emulator, with the stand-in cuDNN frontend loaded
+    (every plan built, no graph yet); put back afterwards."""
+    import sys
+
+    from cuda_emulator import load_emulated_fast_cupy
+    from cudnn_emulator import add_cupy_calls, fake_cudnn, import_cudnn_conv
+
+    import xpcnn
+
+    fast_cupy, saved = load_emulated_fast_cupy()
+    try:
+        add_cupy_calls(sys.modules["cupy"])
+        monkeypatch.setitem(sys.modules, "cudnn", fake_cudnn())
+        monkeypatch.setattr(PyGraph, "refuse", None)
+        monkeypatch.delenv("XPCNN_CUDNN", raising=False)
+        import_cudnn_conv()
+        GRAPHS.clear()
+        yield fast_cupy
+    finally:
+        sys.modules.pop("xpcnn.ops.cudnn_conv", None)
+        xpcnn.ops.__dict__.pop("cudnn_conv", None)
+        restore(saved)
+
+
 def _engines(cc, case):
     shape, filters, kernel, strides, padding = case
     g = ConvGeometry.of(shape, filters, kernel, strides, padding)
@@ -313,37 +339,18 @@ def test_the_cupy_kernels_choose_cudnn_per_layer_where_it_loads(monkeypatch):
         restore(saved)
 
 
-def test_the_cupy_kernels_keep_their_matmul_graphs_across_captures(monkeypatch, rng):
+def test_the_cupy_kernels_keep_their_matmul_graphs_across_captures(emulated_cupy, rng):
     """CupyKernels.capturable: inside, matrix products are cuDNN graphs (built once, on the
     first warm-up step, and kept while a captured graph replays them); outside, not."""
-    import sys
-
-    from cuda_emulator import load_emulated_fast_cupy
-    from cudnn_emulator import add_cupy_calls, fake_cudnn, import_cudnn_conv
-
-    import xpcnn
-
-    fast_cupy, saved = load_emulated_fast_cupy()
-    try:
-        add_cupy_calls(sys.modules["cupy"])
-        monkeypatch.setitem(sys.modules, "cudnn", fake_cudnn())
-        monkeypatch.setattr(PyGraph, "refuse", None)
-        monkeypatch.delenv("XPCNN_CUDNN", raising=False)
-        import_cudnn_conv()
-        GRAPHS.clear()
-        kernels = fast_cupy.KERNELS
-        a, b = rng.standard_normal((6, 5)), rng.standard_normal((5, 3))
-        for _ in range(3):  # two warm-up steps and a capture
-            with kernels.capturable():
-                np.testing.assert_allclose(kernels.matmul(a, b), a @ b, rtol=1e-12)
-                np.testing.assert_allclose(kernels.matmul_tn(a, a), a.T @ a, rtol=1e-12)
-        assert [graph.executions for graph in GRAPHS] == [3, 3]
-        np.testing.assert_allclose(kernels.matmul(a, b), a @ b, rtol=1e-12)  # CuPy's own
-        assert [graph.executions for graph in GRAPHS] == [3, 3]
-    finally:
-        sys.modules.pop("xpcnn.ops.cudnn_conv", None)
-        xpcnn.ops.__dict__.pop("cudnn_conv", None)
-        restore(saved)
+    kernels = emulated_cupy.KERNELS
+    a, b = rng.standard_normal((6, 5)), rng.standard_normal((5, 3))
+    for _ in range(3):  # two warm-up steps and a capture
+        with kernels.capturable():
+            np.testing.assert_allclose(kernels.matmul(a, b), a @ b, rtol=1e-12)
+            np.testing.assert_allclose(kernels.matmul_tn(a, a), a.T @ a, rtol=1e-12)
+    assert [graph.executions for graph in GRAPHS] == [3, 3]
+    np.testing.assert_allclose(kernels.matmul(a, b), a @ b, rtol=1e-12)  # CuPy's own
+    assert [graph.executions for graph in GRAPHS] == [3, 3]
 
 
 def test_the_real_frontend_takes_these_graph_descriptions(monkeypatch):
@@ -404,48 +411,33 @@ def test_the_real_frontend_has_the_build_and_run_calls_as_xpcnn_makes_them():
 
 @needs_compiler
 @pytest.mark.parametrize("net", ["gap_net", "fused_relu_net"])
-def test_training_with_cudnn_convolutions(monkeypatch, net):
+def test_training_with_cudnn_convolutions(emulated_cupy, monkeypatch, net):
     """Whole fits whose Conv2D layers run on the cuDNN engine (the stand-in frontend; every
     other CuPy kernel on the CUDA emulator) end with the standard path's weights: the layer's
     use of the seam (fused bias and ReLU, masks, casts, bias gradients) holds with cuDNN."""
-    import sys
-
     import nets
-    from cuda_emulator import load_emulated_fast_cupy
-    from cudnn_emulator import add_cupy_calls, fake_cudnn, import_cudnn_conv
 
     import xpcnn
     from xpcnn import backend as backend_module
 
-    fast_cupy, saved = load_emulated_fast_cupy()
-    try:
-        add_cupy_calls(sys.modules["cupy"])
-        monkeypatch.setitem(sys.modules, "cudnn", fake_cudnn())
-        monkeypatch.setattr(PyGraph, "refuse", None)
-        monkeypatch.delenv("XPCNN_CUDNN", raising=False)
-        import_cudnn_conv()
-        GRAPHS.clear()
-        rng = np.random.default_rng(0)
-        x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
+    fast_cupy = emulated_cupy
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
 
-        def fit(kernels):
-            monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
-            model = xpcnn.Sequential(getattr(nets, net)(), seed=0)
-            model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
-            history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
-            return model, history.history["loss"]
+    def fit(kernels):
+        monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+        model = xpcnn.Sequential(getattr(nets, net)(), seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+        history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+        return model, history.history["loss"]
 
-        (cudnn_model, loss_cudnn), (std_model, loss_std) = fit(fast_cupy.KERNELS), fit(None)
-        engines = {type(la._engine()).__name__ for la in cudnn_model.layers
-                   if isinstance(la, xpcnn.layers.Conv2D)}
-        assert engines == {"CudnnConv"}
-        kinds = {graph.ops[0][0] for graph in GRAPHS}
-        assert kinds == {"conv_fprop", "conv_dgrad", "conv_wgrad"}
-        assert all(graph.executions for graph in GRAPHS)
-        assert loss_cudnn == pytest.approx(loss_std, rel=1e-5)
-        for a, b in zip(cudnn_model.get_weights(), std_model.get_weights(), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    finally:
-        sys.modules.pop("xpcnn.ops.cudnn_conv", None)
-        xpcnn.ops.__dict__.pop("cudnn_conv", None)
-        restore(saved)
+    (cudnn_model, loss_cudnn), (std_model, loss_std) = fit(fast_cupy.KERNELS), fit(None)
+    engines = {type(la._engine()).__name__ for la in cudnn_model.layers
+               if isinstance(la, xpcnn.layers.Conv2D)}
+    assert engines == {"CudnnConv"}
+    kinds = {graph.ops[0][0] for graph in GRAPHS}
+    assert kinds == {"conv_fprop", "conv_dgrad", "conv_wgrad"}
+    assert all(graph.executions for graph in GRAPHS)
+    assert loss_cudnn == pytest.approx(loss_std, rel=1e-5)
+    for a, b in zip(cudnn_model.get_weights(), std_model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from . import checks, distributed, history
 from .errors import InputError, NonFiniteError
-from .saving import FitCheckpoints, Progress, save_checkpoint
+from .saving import FitCheckpoints, Progress, progress_within, save_checkpoint
 
 
 class Callback:
@@ -464,9 +464,7 @@ class ModelCheckpoint(_Monitor):
             save_checkpoint(self.model, path, Progress(epoch + 1),
                             _history_through(self.model.history, epoch, logs))
         else:  # (inside the epoch: where it stands, so that it resumes there)
-            loss_sum, correct, seen, t0 = self.model._epoch_sums()
-            save_checkpoint(self.model, path, Progress(epoch, batch + 1, loss_sum, correct, seen,
-                                                       time.perf_counter() - t0),
+            save_checkpoint(self.model, path, progress_within(self.model, epoch, batch + 1),
                             self.model.history)
         if self.verbose:
             _say(f"epoch {epoch + 1}" + ("" if batch is None else f", batch {batch + 1}") +
@@ -529,7 +527,7 @@ class BackupAndRestore(Callback):
         # (after a Ctrl-C the saver writes at the step in progress and stops training; the
         # running sums are read from the device only for a checkpoint)
         if self.saver.due(epoch, step):
-            self.saver.after_step(epoch, step, *self.model._epoch_sums(), self.model.history)
+            self.saver.after_step(epoch, step, self.model.history)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         self.saver.after_epoch(epoch, self.model.history)

@@ -166,10 +166,10 @@ def built_as(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, ba
     layer shared with another model may since have been built for that model's inputs, or
     precision)."""
     shapes: list[Any] = [input_shape]
+    compute = backend.dtype(compute_dtype)
     for layer, ins in zip(layers, inbound, strict=True):
         shape = read_by(layer, ins, shapes)
-        if (not _built_for(layer, shape, backend, dtype)
-                or layer.compute_dtype != backend.dtype(compute_dtype)):
+        if not _built_for(layer, shape, backend, dtype) or layer.compute_dtype != compute:
             return False
         shapes.append(layer.output_shape)
     return True

@@ -190,6 +190,8 @@ class Model:
         graph.build(self.layers, self._inbound(), self.input_shape, self.backend,
                     self.dtype_name, self._compute_dtype_name, self.seed)
         self._plan_cache = None
+        # (its own, whatever a layer it shares with another model is built for since)
+        self._output_shape: tuple[int, ...] = self.layers[-1].output_shape
         self.built = True
 
     @property
@@ -208,8 +210,7 @@ class Model:
     @property
     def output_shape(self) -> tuple[int, ...]:
         self._require_built("output_shape")
-        self._rebuild_if_shared()
-        return self.layers[-1].output_shape  # type: ignore[return-value]
+        return self._output_shape
 
     def _fused_softmax(self) -> bool:
         """True when the network ends in a Softmax that is left to the loss (the plan stops
@@ -782,9 +783,7 @@ class Model:
         cbs.on_test_begin()
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(0)) as batches:  # type: ignore[type-var]
-            for step, (xb, yb) in enumerate(tqdm(
-                    batches, total=data.steps, disable=verbose == 0 or not distributed.is_root(),
-                    desc="evaluate", unit="batch")):
+            for step, (xb, yb) in enumerate(_progress(batches, data, verbose, "evaluate")):
                 if not xb.shape[0]:  # this rank's empty part of a short batch
                     continue
                 cbs.on_test_batch_begin(step)
@@ -828,9 +827,7 @@ class Model:
         cbs.on_predict_begin()
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(0)) as batches:  # type: ignore[type-var]
-            for step, (xb, _) in enumerate(tqdm(
-                    batches, total=data.steps, disable=verbose == 0 or not distributed.is_root(),
-                    desc="predict", unit="batch")):
+            for step, (xb, _) in enumerate(_progress(batches, data, verbose, "predict")):
                 cbs.on_predict_batch_begin(step)
                 z = self._logits(xb, training=False)
                 out.append(softmax(xp, xp.astype(z, self._param_dtype)))
@@ -1018,6 +1015,12 @@ class Sequential(Model):
                     device: DeviceLike = "cpu") -> Sequential:
         return cls(layers, device=device, seed=int(config["seed"]), dtype=config["dtype"],
                    name=str(config["name"]))
+
+
+def _progress(batches: Any, data: Batches, verbose: int, desc: str) -> Any:
+    """``batches`` behind a progress bar where ``verbose`` asks for one (on rank 0 only)."""
+    return tqdm(batches, total=data.steps, disable=verbose == 0 or not distributed.is_root(),
+                desc=desc, unit="batch")
 
 
 def _give_unique_name(layer: Layer, taken: set[str]) -> None:

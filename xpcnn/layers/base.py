@@ -191,12 +191,12 @@ class Layer:
         """On a batch: ``forward(x, training)``. On a symbolic tensor (or, for a merge layer,
         a list of them): records the call in a graph and returns the output's symbolic
         tensor, for ``xpcnn.Model(inputs, outputs)``."""
-        what = f"layer {self.name!r} ({type(self).__name__})"
         if _symbolic(x):
-            refuse_training_in_graph(what, training)
+            refuse_training_in_graph(f"layer {self.name!r} ({type(self).__name__})", training)
             return self._call_symbolic(x)
         if isinstance(x, list | tuple) and any(isinstance(t, SymbolicTensor) for t in x):
-            raise InputError(f"{what} got a list of symbolic tensors and arrays "
+            raise InputError(f"layer {self.name!r} ({type(self).__name__}) got a list of "
+                             "symbolic tensors and arrays "
                              f"({', '.join(type(t).__name__ for t in x)}): in a functional "
                              "model every input is a symbolic tensor (xpcnn.Input or a layer's "
                              "output)")

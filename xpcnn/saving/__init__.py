@@ -13,6 +13,7 @@ from .checkpoint import (
     Progress,
     fingerprint,
     load_checkpoint,
+    progress_within,
     restore_checkpoint,
     save_checkpoint,
 )
@@ -20,6 +21,7 @@ from .model_file import MODEL_TYPES, load_model, load_weights, register_model, s
 
 __all__ = [
     "MODEL_TYPES", "Checkpoint", "FitCheckpoints", "Progress", "fingerprint", "load_checkpoint",
-    "load_model", "load_weights", "register_model", "restore_checkpoint", "save_checkpoint",
+    "load_model", "load_weights", "progress_within", "register_model", "restore_checkpoint",
+    "save_checkpoint",
     "save_model",
 ]

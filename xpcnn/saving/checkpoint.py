@@ -331,6 +331,13 @@ def _progress(p: Any, path: str) -> Progress:
                        for k in ("loss_sum", "correct", "seen", "seconds")})
 
 
+def progress_within(model: Any, epoch: int, step: int) -> Progress:
+    """Where ``epoch`` stands after its batch ``step``, with its running sums (read from the
+    device), so that a run resumed from it continues there."""
+    loss_sum, correct, seen, t0 = model._epoch_sums()
+    return Progress(epoch, step, loss_sum, correct, seen, time.perf_counter() - t0)
+
+
 def _history(h: Any, path: str) -> History:
     ok = (isinstance(h, dict) and isinstance(h.get("epoch"), list)
           and isinstance(h.get("history"), dict)
@@ -443,14 +450,11 @@ class FitCheckpoints:
         return self.interrupted or self.every != "epoch" and not (
             epoch * self.steps + step) % self.every and step != self.steps  # type: ignore
 
-    def after_step(self, epoch: int, step: int, loss_sum: float, correct: float, seen: float,
-                   t0: float, history: History) -> None:
-        """The checkpoint after batch ``step`` of ``epoch`` where :meth:`due`; t0 is the epoch's
-        start time."""
+    def after_step(self, epoch: int, step: int, history: History) -> None:
+        """The checkpoint after batch ``step`` of ``epoch`` where :meth:`due`."""
         if self.model._parallel is not None:  # every rank saves the same BatchNorm statistics
             self.model._parallel.average_state()
-        save_checkpoint(self.model, self.path,
-                        Progress(epoch, step, loss_sum, correct, seen, time.perf_counter() - t0),
+        save_checkpoint(self.model, self.path, progress_within(self.model, epoch, step),
                         history, self.run)
         self._stop_if_interrupted(epoch, step)
 
