@@ -17,8 +17,8 @@ from nets import gap_net
 
 import xpcnn
 from xpcnn import backend as backend_module
-from xpcnn import model as model_module
 from xpcnn import optim
+from xpcnn import training as training_module
 from xpcnn.cuda_graphs import blockers
 from xpcnn.errors import InputError, NonFiniteError
 from xpcnn.layers import (
@@ -92,7 +92,7 @@ def _runner(model, warmup=2):
     stand-in capture."""
     model.cuda_graphs_reason = ""
     with pytest.MonkeyPatch.context() as mp:  # (NumPy: "not CuPy" otherwise)
-        mp.setattr(model_module, "graph_blockers", lambda backend: [])
+        mp.setattr(training_module, "graph_blockers", lambda backend: [])
         graphs = model._step_graphs()
     capture = FakeCapture(model._graph_arrays, model.layers)
     graphs.capture, graphs.warmup = capture, warmup
