@@ -8,6 +8,7 @@ import copy
 import os
 import pickle
 
+import array_api_strict as xs
 import numpy as np
 import pytest
 from nets import four_class_data, four_class_model, four_class_net
@@ -26,6 +27,7 @@ from xpcnn.layers import (
     Rescaling,
     Softmax,
 )
+from xpcnn.totals import READ_EVERY
 
 X, Y = four_class_data()
 
@@ -417,3 +419,70 @@ def test_a_list_of_batches_is_told_how_to_be_passed(model):
         model.fit(batches, verbose=0)
     model.fit(iter(batches), steps_per_epoch=2, verbose=0)
     assert model.optimizer.iterations == 2
+
+
+# -- train_step, the raw step: its labels are checked without a host wait --------------------
+
+def _strict_model():
+    """:func:`four_class_model` on array_api_strict, whose arrays are not NumPy's: what a
+    CuPy model's device labels are."""
+    m = xpcnn.Sequential(four_class_net(), seed=0, device=xs)
+    m.compile(optimizer=optim.SGD(0.01))
+    m.build((6, 6, 3))
+    return m
+
+
+@pytest.mark.parametrize("on", ["numpy", "array_api_strict"])
+@pytest.mark.parametrize("labels", [[0, 1, 2, 4], [0, -1, 2, 3], np.array([3, 0, 7, 1], np.uint8)])
+def test_train_step_never_trains_on_labels_that_are_no_class(labels, on):
+    """(was: such a label matched no class, and the step trained on a wrong loss, silently)"""
+    model = four_class_model() if on == "numpy" else _strict_model()
+    before = model.get_weights()
+    xb, bad = model._to_device(X[:4]), model.backend.asarray(np.array(labels))
+    good = model.backend.asarray(Y[4:8])
+    loss, _ = model.train_step(xb, bad)  # queued: the host does not wait for the device
+    assert not np.isfinite(float(loss))
+    with pytest.raises(InputError, match=r"training stopped at step 1: labels in y must be in "
+                                         r"\[0, 3\] for a model with 4 outputs"):
+        for _ in range(READ_EVERY):  # the host reads the totals every READ_EVERY steps
+            model.train_step(xb, good)
+    assert model.optimizer.iterations == 0  # no update from that step on
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_train_step_never_trains_on_one_hot_rows_that_are_no_probabilities(model):
+    xb, rows = model._to_device(X[:4]), np.eye(4)[Y[:4]]
+    rows[2] *= 3.0
+    model.train_step(xb, model.backend.asarray(rows))
+    with pytest.raises(InputError, match="step 1: one-hot y must hold probabilities, each row "
+                                         ">= 0 and summing to 1; row 2 sums to 3"):
+        model.train_on_batch(X[:4], Y[:4])  # (reads the totals at once)
+    assert model.optimizer.iterations == 0
+
+
+@pytest.mark.parametrize("labels, message", [
+    (Y[:1], r"y has 1 labels but x has 4 samples"),  # (was: broadcast to every sample)
+    (Y[:4].reshape(4, 1), r"y must be integer labels of shape \(4,\) or one-hot rows of shape "
+                          r"\(4, 4\); got shape \(4, 1\)"),  # (was: broadcast, silently)
+    (np.eye(5)[Y[:4]], r"got shape \(4, 5\)"),
+    (Y[:4] > 1, r"y must be integer class labels, got dtype bool"),
+    (Y[:4] * 1.0, r"y must be integer class labels, got dtype float64"),
+])
+def test_train_step_refuses_labels_of_the_wrong_shape_or_dtype_at_once(model, labels, message):
+    with pytest.raises(InputError, match=message):
+        model.train_step(model._to_device(X[:4]), model.backend.asarray(labels))
+    assert model.optimizer.iterations == 0
+
+
+def test_train_step_refuses_what_it_cannot_run_on(model):
+    with pytest.raises(InputError, match=r"x has per-sample shape \(5, 5, 3\) but the model "
+                                         r"expects \(6, 6, 3\)"):
+        model.train_step(model._to_device(X[:4, :5, :5]), Y[:4])
+    strict = model.backend.asarray(X[:4]), xs.asarray(Y[:4])
+    with pytest.raises(InputError, match="y is an array of array_api_strict"):
+        model.train_step(*strict)
+    uncompiled = xpcnn.Sequential(four_class_net(), input_shape=(6, 6, 3))
+    with pytest.raises(InputError, match=r"call compile\(loss=..., optimizer=...\) before "
+                                         r"train_step"):
+        uncompiled.train_step(model._to_device(X[:4]), Y[:4])

@@ -98,8 +98,10 @@ def is_map_dataset(x: Any) -> bool:
     return hasattr(x, "__len__") and hasattr(x, "__getitem__") and not isinstance(x, Iterator)
 
 
-def check_device_images(x: Any, backend: Any, what: str = "x") -> Any:
-    """A device array of the model's namespace and device with a batch axis, real values."""
+def check_on_device(x: Any, backend: Any, what: str = "x", instead: str = "a NumPy array, or "
+                    ) -> None:
+    """``x`` is an array of the backend's namespace on its device (``instead``: what else the
+    caller takes, for the error)."""
     xp = backend.xp
     try:
         library = array_api_compat.array_namespace(x).__name__
@@ -108,18 +110,29 @@ def check_device_images(x: Any, backend: Any, what: str = "x") -> Any:
         library, where = "", f"a {type(x).__name__}"
     if library != xp.__name__ or array_api_compat.device(x) != backend.device:
         raise InputError(f"{what} is {where}, but the model is on {backend.label} "
-                         f"({xp.__name__}): pass a NumPy array, or an array of the model's own "
-                         "library on its device")
+                         f"({xp.__name__}): pass {instead}an array of the model's own library "
+                         "on its device")
+
+
+def check_device_images(x: Any, backend: Any, what: str = "x") -> Any:
+    """A device array of the model's namespace and device with a batch axis, real values."""
+    xp = backend.xp
+    check_on_device(x, backend, what)
     if x.ndim < 2 or x.shape[0] == 0:
         raise InputError(f"{what} must have a batch axis and per-sample axes, e.g. (N, H, W, C), "
                          f"and at least one sample; got shape {tuple(x.shape)}")
+    check_real_images(x, xp, what)
+    if xp.isdtype(x.dtype, "real floating") and not bool(xp.all(xp.isfinite(x))):
+        checks.check_finite(backend.to_numpy(x), what)  # names the sample
+    return x
+
+
+def check_real_images(x: Any, xp: Any, what: str = "x") -> None:
+    """``x`` holds real numbers (uint8 or float images), not booleans or complex numbers."""
     if not (xp.isdtype(x.dtype, "integral") or xp.isdtype(x.dtype, "real floating")) or \
             x.dtype == xp.bool:
         raise InputError(f"{what} must hold real numbers (uint8 or float images), got dtype "
                          f"{x.dtype}")
-    if xp.isdtype(x.dtype, "real floating") and not bool(xp.all(xp.isfinite(x))):
-        checks.check_finite(backend.to_numpy(x), what)  # names the sample
-    return x
 
 
 def epoch_order(shuffle: bool, seed: int, epoch: int, samples: int) -> np.ndarray | None:

@@ -46,6 +46,8 @@ from .data import (
     DatasetBatches,
     IterableBatches,
     check_arrays,
+    check_on_device,
+    check_real_images,
     is_map_dataset,
     is_stream,
     to_device,
@@ -206,20 +208,39 @@ class Trainer:
             self._scaling = backend.asarray(self.backend.to_numpy(self._scaling))
         self._graphs, self.cuda_graphs_reason = None, ""
 
-    def _require_compiled(self) -> None:
+    def _require_compiled(self, what: str) -> None:
         if self.loss is None or self.optimizer is None:
-            raise InputError("call compile(loss=..., optimizer=...) before fit()")
+            raise InputError(f"call compile(loss=..., optimizer=...) before {what}")
 
     # -- one training step ---------------------------------------------------------------------
     def train_step(self, xb: Any, yb: Any) -> tuple[Any, Any]:
-        """One forward, backward and update on a device batch (uint8 or float: it is cast on
-        the device), queued without waiting for the device.
+        """One forward, backward and update on a batch of device arrays, queued without waiting
+        for the device: ``xb`` images (uint8 or float: cast on the device), ``yb`` integer
+        labels (N,) or one-hot rows (N, classes). ``fit`` runs each of its steps through here.
 
         Returns the batch's mean loss and correct count as 0-d device arrays. A non-finite loss
         or gradient is recorded on the device and its update (and every later one) skipped;
         :class:`NonFiniteError` names that step when the host next reads the running totals:
-        ``fit`` reads them regularly (see :mod:`xpcnn.totals`), :meth:`train_on_batch` at once.
+        ``fit`` reads them regularly, and every :data:`~xpcnn.totals.READ_EVERY` steps a loop of
+        train_step calls does too; :meth:`train_on_batch` reads them at once.
+
+        The batch is checked without waiting for the device: shapes, dtypes and devices here
+        (:class:`InputError`); the labels' values on the device, where a label that is no class
+        (or a one-hot row that is no probabilities) makes the step's loss NaN: its update and
+        every later one are skipped, and :class:`InputError` names the labels when the host
+        next reads the totals. No step ever trains on labels that match no class.
         """
+        self._require_compiled("train_step")
+        self._require_built("train_step")
+        check_on_device(xb, self.backend, "x", instead="")
+        check_on_device(yb, self.backend, "y", instead="")
+        checks.check_sample_shape(xb, self.input_shape)  # type: ignore[arg-type]
+        check_real_images(xb, self.backend.xp)
+        xp = self.backend.xp
+        # (integer labels only: fit turns whole-number floats into them on the host)
+        checks.check_label_layout(tuple(yb.shape), xp.isdtype(yb.dtype, "integral"),
+                                  yb.ndim == 2 and xp.isdtype(yb.dtype, "real floating"),
+                                  yb.dtype, int(xb.shape[0]), self.num_classes)
         with self.backend.compute_scope():
             # (a data-parallel step runs uncaptured: its allreduces are outside any graph)
             graphs = None if self._parallel is not None else self._step_graphs()
@@ -230,7 +251,7 @@ class Trainer:
             else:  # (a replay rewrites the graph's outputs: the caller gets copies)
                 stats = self.backend.xp.asarray(stats, copy=True)
             totals = self._running_totals()
-            totals.pending.append((step, xb))
+            totals.pending.append((step, (xb, yb)))
             if len(totals.pending) >= READ_EVERY:
                 self._read_totals()
             return stats[0], stats[1]
@@ -270,6 +291,10 @@ class Trainer:
             return dp.empty_step(xp.zeros((2,), dtype=self._param_dtype))
         logits = self._logits(xb, training=True)
         stats, dz = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype, kernels)
+        # A label that is no class matches none and trains on a wrong loss, silently: such a
+        # step's loss is NaN instead, on the device, so that its update is skipped as a
+        # non-finite step's is, and the host names the labels (_raise_deferred).
+        stats = xp.where(self.loss.valid_targets(xp, yb, int(logits.shape[-1])), stats, xp.nan)
         if dp is not None and dp.weight != 1.0:
             # weighted by this slice's share of the global batch, here, once: backward is
             # linear in dz, and the buckets then only copy and sum
@@ -339,7 +364,7 @@ class Trainer:
     def train_on_batch(self, x: Any, y: Any) -> dict[str, float]:
         """One training step on one batch of host or device arrays, checked at once (the host
         waits for the device): its ``loss`` and ``accuracy``, or :class:`NonFiniteError`."""
-        self._require_compiled()
+        self._require_compiled("train_on_batch")
         self._rebuild_if_shared()
         x, targets = check_arrays(self, x, y)
         with self.backend.compute_scope():
@@ -357,7 +382,8 @@ class Trainer:
 
     def _read_totals(self) -> tuple[float, float]:
         """Wait for the device and read the running loss sum and correct count; raise
-        :class:`NonFiniteError` for the first non-finite step since the last read."""
+        :class:`NonFiniteError` for the first non-finite step since the last read
+        (:class:`InputError` where its labels were no classes)."""
         if self._totals is None:
             return 0.0, 0.0
         host, pending = self._totals.read()
@@ -371,7 +397,9 @@ class Trainer:
         self.optimizer.iterations = step - 1  # type: ignore[union-attr]
         loss = float(host[BAD_LOSS])
         if not math.isfinite(loss):
-            self._raise_non_finite(f"the loss is {loss}", batches[step], step)
+            xb, yb = batches[step]
+            self._raise_for_labels(yb, step)
+            self._raise_non_finite(f"the loss is {loss}", xb, step)
         owners = [(la, k) for la in self.trainable_layers for k in la.params]
         flags = list(zip(owners, host[BAD_GRADS:], strict=True))
         bad = [la for (la, _), flag in flags if flag == 1]
@@ -386,6 +414,17 @@ class Trainer:
                              "and the optimiser's state would become infinite; nothing was "
                              "updated from that step on (are the inputs scaled? a Rescaling or "
                              "Normalization layer brings them to a small range)")
+
+    def _raise_for_labels(self, yb: Any, step: int) -> None:
+        """Raise :class:`InputError` where the labels of step ``step`` are not all classes (the
+        step made its loss NaN for them, see ``_loss_and_grads``), named as ``fit`` names
+        them."""
+        if yb.shape[0]:  # (not this rank's empty part of a short batch)
+            try:
+                checks.as_labels(self.backend.to_numpy(yb), int(yb.shape[0]), self.num_classes)
+            except InputError as e:
+                raise InputError(f"training stopped at step {step}: {e}; nothing was updated "
+                                 "from that step on") from None
 
     def _raise_non_finite(self, what: str, xb: Any, step: int) -> None:
         """Name the step and the first layer whose output is not finite, then raise."""
@@ -474,7 +513,7 @@ class Trainer:
         ``checkpoint_every`` steps when that is an int); with ``resume=True`` a run continues
         from that file, exactly, and returns the history of every epoch.
         """
-        self._require_compiled()
+        self._require_compiled("fit")
         self._rebuild_if_shared()
         epochs = checks.non_negative_int(epochs, "epochs")
         batch_size = checks.positive_int(batch_size, "batch_size")
