@@ -15,8 +15,8 @@ from nets import four_class_data, four_class_model, four_class_net
 
 import xpcnn
 from xpcnn import optim
-from xpcnn.callbacks import BackupAndRestore, CSVLogger, ModelCheckpoint
-from xpcnn.errors import InputError, NonFiniteError
+from xpcnn.callbacks import BackupAndRestore, CSVLogger, EarlyStopping, ModelCheckpoint
+from xpcnn.errors import DataFormatError, InputError, NonFiniteError
 from xpcnn.layers import (
     Conv2D,
     Dense,
@@ -486,3 +486,105 @@ def test_train_step_refuses_what_it_cannot_run_on(model):
     with pytest.raises(InputError, match=r"call compile\(loss=..., optimizer=...\) before "
                                          r"train_step"):
         uncompiled.train_step(model._to_device(X[:4]), Y[:4])
+
+
+# -- a refused call changes nothing: no batch drawn, no weight replaced -------------------------
+
+def _generator():
+    for start in range(0, 20, 5):
+        yield X[start:start + 5], Y[start:start + 5]
+
+
+@pytest.mark.parametrize("wrong", [
+    dict(resume=True), dict(checkpoint_every=2), dict(validation_data=[X]),
+    dict(validation_data=(X, Y), validation_steps=2), dict(callbacks=[print]),
+], ids=["resume", "checkpoint_every", "validation_data", "validation_steps", "callbacks"])
+def test_a_refused_fit_draws_no_batch_from_a_generator(wrong):
+    """(was: refused after the first batch was drawn to build the model, and that batch lost)"""
+    unbuilt = xpcnn.Sequential(four_class_net(), seed=0)
+    unbuilt.compile(optimizer=optim.SGD(0.01))
+    batches = _generator()
+    with pytest.raises(InputError):
+        unbuilt.fit(batches, steps_per_epoch=4, verbose=0, **wrong)
+    assert not unbuilt.built
+    first = next(batches)
+    np.testing.assert_array_equal(first[0], X[:5])
+
+
+def test_a_refused_set_weights_replaces_no_weight(model):
+    weights = model.get_weights()
+    wrong = [w + 1 for w in weights]
+    wrong[-1] = np.zeros(5)  # the last layer's bias, of the wrong size
+    with pytest.raises(InputError, match=r"weight 'bias' must have shape \(4,\), got \(5,\)"):
+        model.set_weights(wrong)  # (was: every layer before the last one replaced)
+    for a, b in zip(model.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_refused_evaluate_leaves_an_uncompiled_model_uncompiled():
+    unbuilt = xpcnn.Sequential(four_class_net(), seed=0)
+    with pytest.raises(InputError):
+        unbuilt.evaluate(X, Y[:3])
+    assert unbuilt.loss is None  # (was: the default loss, as if compiled)
+    assert unbuilt.evaluate(X, Y)["loss"] > 0 and unbuilt.loss is None
+
+
+def _unbuilt():
+    unbuilt = xpcnn.Sequential(four_class_net(), seed=0)
+    unbuilt.compile(optimizer=optim.SGD(0.01))
+    return unbuilt
+
+
+@pytest.mark.parametrize("refused", [
+    dict(checkpoint="ck.npz"),  # BackupAndRestore needs batches it can replay
+    dict(callbacks=[EarlyStopping()]),  # val_loss, in a fit without validation data
+    dict(validation_data=(X[:4, :5], Y[:4])),  # images of another size than x's
+], ids=["checkpoint", "early stopping", "validation images"])
+def test_a_batch_drawn_to_build_the_model_is_given_back_when_fit_is_refused(
+        refused, tmp_path, monkeypatch):
+    """Refused after the first batch was drawn (to build the model from it), fit gives that
+    batch back: the next fit on the generator trains on every batch, as on a fresh one (was:
+    the batch was lost, and the model built for the refused call)."""
+    monkeypatch.chdir(tmp_path)
+    model, batches = _unbuilt(), _generator()
+    with pytest.raises(InputError):
+        model.fit(batches, steps_per_epoch=4, verbose=0, **refused)
+    assert not model.built
+    model.fit(batches, steps_per_epoch=4, verbose=0)
+    fresh = _unbuilt()
+    fresh.fit(_generator(), steps_per_epoch=4, verbose=0)
+    assert model.optimizer.iterations == 4
+    for a, b in zip(model.get_weights(), fresh.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_refused_call_leaves_an_unbuilt_model_unbuilt():
+    """(was: built for the refused data, whose shape then refused the right data)"""
+    nchw = np.ascontiguousarray(X.transpose(0, 3, 1, 2))
+    for call in (lambda m: m.fit(nchw, Y[:3], verbose=0),
+                 lambda m: m.train_on_batch(nchw, Y[:3]),
+                 lambda m: m.evaluate(nchw, Y[:3])):
+        model = _unbuilt()
+        with pytest.warns(UserWarning, match="channels-first"), pytest.raises(InputError):
+            call(model)
+        assert not model.built and all(not la.built and not la.params for la in model.layers)
+        model.fit(X, Y, verbose=0)  # (was: 'x has per-sample shape (6, 6, 3) but the model
+        assert model.input_shape == (6, 6, 3)  # expects (3, 6, 6)')
+
+
+def test_a_refused_fit_keeps_the_history_of_the_last_one(tmp_path):
+    model = four_class_model()
+    history = model.fit(X, Y, epochs=2, verbose=0)
+    with pytest.raises(InputError, match="EarlyStopping monitors 'val_loss'"):
+        model.fit(X, Y, callbacks=[EarlyStopping()], verbose=0)
+    assert model.history is history and len(history.history["loss"]) == 2
+
+
+def test_a_refused_load_weights_leaves_an_unbuilt_model_unbuilt(tmp_path):
+    other = xpcnn.Sequential([Rescaling(1 / 255), Conv2D(3, 3), ReLU(), Flatten(),
+                              Dense(4, activation="relu"), Softmax()], input_shape=(6, 6, 3))
+    other.save(tmp_path / "other.npz")
+    model = _unbuilt()
+    with pytest.raises(DataFormatError, match="another architecture"):
+        model.load_weights(tmp_path / "other.npz")
+    assert not model.built  # (was: built for the file's inputs)

@@ -9,8 +9,10 @@ from the base class :class:`xpcnn.training.Trainer`, as in Keras 3.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -143,6 +145,27 @@ class Model(Trainer):
                                              self.backend, self.dtype_name,
                                              self._compute_dtype_name):
             self._build_layers()
+
+    @contextlib.contextmanager
+    def _unbuilt_if_refused(self) -> Iterator[None]:
+        """Around a call that may build the model from its data and then refuse the call (labels
+        that do not fit, a callback's refusal): a model that was not built is left unbuilt, its
+        layers too, so that refused data does not fix its input shape. (Nothing is lost: a
+        build gives the same weights from the seed again.) A built model is left as it is."""
+        if self.built:
+            yield
+            return
+        # (each unbuilt layer's attributes, its empty dicts of weights copied: build fills them)
+        unbuilt = [(la, {k: copy.copy(v) if isinstance(v, dict) else v
+                         for k, v in vars(la).items()}) for la in self.layers if not la.built]
+        try:
+            yield
+        except BaseException:
+            for layer, attributes in unbuilt:
+                vars(layer).clear()
+                vars(layer).update(attributes)
+            self.built, self.input_shape, self._plan_cache = False, None, None
+            raise
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -303,15 +326,19 @@ class Model(Trainer):
         if len(weights) != sum(counts):
             raise InputError(f"set_weights expects {sum(counts)} arrays (as get_weights returns), "
                              f"got {len(weights)}")
-        start = 0
-        for la, k in zip(self.layers, counts, strict=True):
-            la.set_weights(list(weights[start:start + k]))
-            start += k
+        # every layer's checked before any is replaced: a refused call changes no weight
+        starts = np.cumsum([0, *counts]).tolist()
+        checked = [la.checked_weights(list(weights[a:b]))
+                   for la, a, b in zip(self.layers, starts[:-1], starts[1:], strict=True)]
+        for la, pairs in zip(self.layers, checked, strict=True):
+            la.assign_weights(pairs)
 
     def load_weights(self, path: str | os.PathLike[str]) -> None:
         """Load the weights of a model file or checkpoint written for this same architecture
-        (``DataFormatError`` names the first difference otherwise)."""
-        load_weights(self, path)
+        (``DataFormatError`` names the first difference otherwise); an unbuilt model is built
+        for the file's input shape."""
+        with self._unbuilt_if_refused():
+            load_weights(self, path)
 
     def to(self, device: DeviceLike) -> Model:
         """Move the model (weights, optimiser state) to another device; returns self."""

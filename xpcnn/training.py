@@ -21,7 +21,7 @@ import os
 import time
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,7 @@ from .data import (
     check_arrays,
     check_on_device,
     check_real_images,
+    check_source,
     is_map_dataset,
     is_stream,
     to_device,
@@ -366,7 +367,8 @@ class Trainer:
         waits for the device): its ``loss`` and ``accuracy``, or :class:`NonFiniteError`."""
         self._require_compiled("train_on_batch")
         self._rebuild_if_shared()
-        x, targets = check_arrays(self, x, y)
+        with self._unbuilt_if_refused():
+            x, targets = check_arrays(self, x, y)
         with self.backend.compute_scope():
             loss, correct = self.train_step(to_device(self.backend, x),
                                             to_device(self.backend, targets))
@@ -458,33 +460,34 @@ class Trainer:
         ``predict`` (no targets), where every rank predicts everything; an iterable is each
         rank's own. ``checked`` arrays are parts of arrays (targets and all) that
         :func:`check_arrays` passed: they are not checked again."""
-        if isinstance(x, Mapping):
-            raise InputError(f"{what} is a dict (keys {list(x)[:4]}): an xpcnn model has one "
-                             "input; pass its images as one array (N, H, W, C), or a dataset "
-                             "whose items are (x, y) pairs")
+        steps = check_source(x, y, steps, what, targets)
         here = distributed.world()
         shard = (here.rank, here.size) if targets else (0, 1)
         if is_stream(x):
-            if y is not None:
-                raise InputError(f"y must be None when {what} is a dataset or an iterable of "
-                                 "batches (they hold the targets)")
             if is_map_dataset(x):
-                if steps is not None:  # (it was ignored: every sample, each epoch)
-                    raise InputError("steps_per_epoch / steps are for generators; a dataset "
-                                     "gives ceil(len(dataset) / batch_size) batches")
                 return DatasetBatches(self, x, batch_size, shuffle, seed, targets, what, shard)
             return IterableBatches(self, x, steps, targets, what)
-        if steps is not None:
-            raise InputError("steps_per_epoch / steps are for generators; arrays give "
-                             "ceil(N / batch_size) batches")
-        if targets and y is None:
-            pairs = isinstance(x, list | tuple) and bool(x) and isinstance(
-                x[0], list | tuple) and len(x[0]) == 2
-            raise InputError(f"y (the labels of {what}) is missing" + (
-                f"; {what} is a list of pairs: a list is read as one array, so pass the (x, y) "
-                f"batches as an iterator, iter({what}), with steps_per_epoch" if pairs else ""))
         x, t = (x, y) if checked else check_arrays(self, x, y, what)
         return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed, shard)
+
+    @contextlib.contextmanager
+    def _undone_if_refused(self) -> Iterator[list[Batches]]:
+        """Around a call's set-up, up to its first step: where the call is refused (data that
+        does not fit the model, a callback's refusal when training begins), the model is as
+        it was (unbuilt if it was, see ``_unbuilt_if_refused``; its history), and the batch
+        that a source added to the list drew from an iterator to build the model is given
+        back to the next source of that iterator (:meth:`IterableBatches.give_back`)."""
+        made: list[Batches] = []
+        history = self.history
+        with self._unbuilt_if_refused():
+            try:
+                yield made
+            except BaseException:
+                self.history = history
+                for data in made:
+                    if isinstance(data, IterableBatches):
+                        data.give_back()
+                raise
 
     # -- fit / evaluate / predict ----------------------------------------------------------
     def fit(self, x: Any, y: Any = None, epochs: int = 1, batch_size: int = 32,
@@ -512,9 +515,13 @@ class Trainer:
         resume)]``: the whole training state at the end of every epoch (and every
         ``checkpoint_every`` steps when that is an int); with ``resume=True`` a run continues
         from that file, exactly, and returns the history of every epoch.
+
+        A refused fit leaves the model as it was, and loses no batch of an iterator: the
+        arguments are checked before any batch is drawn, and where the model is built from
+        the first batch and then refused (validation data that does not fit it, a callback's
+        refusal), the next call on that iterator starts with that batch.
         """
         self._require_compiled("fit")
-        self._rebuild_if_shared()
         epochs = checks.non_negative_int(epochs, "epochs")
         batch_size = checks.positive_int(batch_size, "batch_size")
         seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
@@ -522,31 +529,40 @@ class Trainer:
         verbose = checks.verbosity(verbose)
         if not distributed.is_root():
             verbose = 0
-        data, validation = self._fit_data(x, y, batch_size, validation_data, validation_split,
-                                          shuffle, seed, steps_per_epoch, validation_steps)
-        extra = []
-        if checkpoint is not None:
-            extra.append(BackupAndRestore(checkpoint, checkpoint_every, resume))
-        elif resume:
-            raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
-        elif not (isinstance(checkpoint_every, str) and checkpoint_every == "epoch"):
-            raise InputError(f"checkpoint_every={checkpoint_every!r} needs checkpoint=PATH, the "
-                             "file to write: without it no checkpoint would be written")
-        self.history = History()
         # Keras' order: the History and the progress bar after the user's callbacks, so they
         # see the logs those add (learning_rate, a user's metric); BackupAndRestore last, so
         # that its checkpoint holds the History of the epoch just done.
-        callbacks = [*callback_list(callbacks), *extra]
+        callbacks = [*callback_list(callbacks),
+                     *_checkpoint_callback(checkpoint, checkpoint_every, resume)]
         backups = [cb for cb in callbacks if isinstance(cb, BackupAndRestore)]
-        cbs = CallbackList([*(cb for cb in callbacks if cb not in backups), self.history,
-                            *([ProgbarLogger()] if verbose else []), *backups], self,
-                           {"epochs": epochs, "steps": data.steps, "verbose": verbose,
-                            "data": data, "validation": validation is not None})
-        self.stop_training, self._resume_at = False, None
-        self._parallel = distributed.data_parallel(self)
-        if self._parallel is not None:
-            self._parallel.broadcast_weights()
-        cbs.on_train_begin()
+        history = History()
+        callbacks = [*(cb for cb in callbacks if cb not in backups), history,
+                     *([ProgbarLogger()] if verbose else []), *backups]
+        _check_fit_data(x, y, validation_data, validation_split, steps_per_epoch,
+                        validation_steps)
+        self._rebuild_if_shared()
+        with self._undone_if_refused() as made:
+            x, y, validation_data, split = self._split_validation(x, y, validation_data,
+                                                                  validation_split)
+            data = self._batches(x, y, batch_size, steps_per_epoch, shuffle=shuffle, seed=seed,
+                                 checked=split)
+            made.append(data)
+            validation = None if validation_data is None else self._batches(
+                *_pair(validation_data), max(batch_size, 256), validation_steps, "x_val",
+                checked=split)
+            self.history = history
+            cbs = CallbackList(callbacks, self, {"epochs": epochs, "steps": data.steps,
+                                                 "verbose": verbose, "data": data,
+                                                 "validation": validation is not None})
+            self.stop_training, self._resume_at = False, None
+            self._parallel = distributed.data_parallel(self)
+            try:
+                if self._parallel is not None:
+                    self._parallel.broadcast_weights()
+                cbs.on_train_begin()
+            except BaseException:
+                self._leave_parallel()
+                raise
         start = self._resume_at
         logs: dict[str, float] = {}  # (the last epoch's, for on_train_end, as in Keras)
         try:
@@ -557,7 +573,7 @@ class Trainer:
                     if self._parallel is not None:
                         self._parallel.average_state()
                     if validation is not None:
-                        val = self._evaluate(validation, cbs, epoch=epoch)
+                        val = self._evaluate(validation, cbs, self.loss, epoch=epoch)
                         logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
                     logs["seconds"] = time.perf_counter() - self._epoch_t0
                     cbs.on_epoch_end(epoch, logs)
@@ -567,11 +583,15 @@ class Trainer:
             if not cbs.on_non_finite(error):
                 raise
         finally:
-            if self._parallel is not None:
-                self._parallel.end_fit()
-                self._parallel = None
+            self._leave_parallel()
         cbs.on_train_end(logs)
         return self.history
+
+    def _leave_parallel(self) -> None:
+        """End fit's data-parallel mode, if it is in it (see :mod:`xpcnn.distributed`)."""
+        if self._parallel is not None:
+            self._parallel.end_fit()
+            self._parallel = None
 
     def _fit_epoch(self, epoch: int, data: Batches, cbs: CallbackList, start: Any
                    ) -> dict[str, float]:
@@ -615,51 +635,38 @@ class Trainer:
         checkpoint stores them (waits for the device)."""
         return (*self._read_totals(), self._seen, self._epoch_t0)
 
-    def _fit_data(self, x: Any, y: Any, batch_size: int, validation_data: Any,
-                  validation_split: float, shuffle: bool, seed: int, steps: int | None,
-                  validation_steps: int | None) -> tuple[Batches, Batches | None]:
-        checks.number(validation_split, "validation_split", 0.0, 1.0, high_open=True)
-        split = bool(validation_split)  # x and y checked as a whole, then split in two
-        if split:
-            if is_stream(x):
-                raise InputError("validation_split needs arrays; pass validation_data with a "
-                                 "dataset or generator")
-            x, targets = check_arrays(self, x, y)
-            n_val = int(round(int(x.shape[0]) * validation_split))
-            if n_val < 1 or n_val >= x.shape[0]:
-                raise InputError(f"validation_split={validation_split} leaves no training or no "
-                                 f"validation samples out of {x.shape[0]}")
-            validation_data = (x[-n_val:, ...], targets[-n_val:])
-            x, y = x[:-n_val, ...], targets[:-n_val]
-        data = self._batches(x, y, batch_size, steps, shuffle=shuffle, seed=seed, checked=split)
-        if validation_data is None:
-            return data, None
-        if is_stream(validation_data):
-            return data, self._batches(validation_data, None, max(batch_size, 256),
-                                       validation_steps, "x_val")
-        if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
-            raise InputError("validation_data must be a pair (x_val, y_val), a dataset or an "
-                             f"iterable of batches, got {type(validation_data).__name__}")
-        return data, self._batches(*validation_data, max(batch_size, 256), validation_steps,
-                                   "x_val", checked=split)
+    def _split_validation(self, x: Any, y: Any, validation_data: Any,
+                          validation_split: float) -> tuple[Any, Any, Any, bool]:
+        """(x, y, validation data, split): with a ``validation_split``, the arrays x and y are
+        checked as a whole, then their last part is the validation data; else as given."""
+        if not validation_split:
+            return x, y, validation_data, False
+        x, targets = check_arrays(self, x, y)
+        n_val = int(round(int(x.shape[0]) * validation_split))
+        if n_val < 1 or n_val >= x.shape[0]:
+            raise InputError(f"validation_split={validation_split} leaves no training or no "
+                             f"validation samples out of {x.shape[0]}")
+        return x[:-n_val, ...], targets[:-n_val], (x[-n_val:, ...], targets[-n_val:]), True
 
     def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int | str = 0,
                  steps: int | None = None, callbacks: list[Callback] | None = None
                  ) -> dict[str, float]:
         """Mean loss and accuracy on (x, y) (or a dataset or iterable of batches), in inference
-        mode."""
+        mode; an uncompiled model is evaluated with the default loss (and stays uncompiled)."""
         batch_size = checks.positive_int(batch_size, "batch_size")
         verbose = checks.verbosity(verbose)
-        if self.loss is None:  # (an uncompiled model is evaluated with the default loss)
-            self.loss = get_loss("cross_entropy")
-        self._rebuild_if_shared()
-        data = self._batches(x, y, batch_size, steps)
         cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
-        return self._evaluate(data, cbs, verbose)
+        loss = self.loss if self.loss is not None else get_loss("cross_entropy")
+        self._rebuild_if_shared()
+        with self._undone_if_refused() as made:
+            data = self._batches(x, y, batch_size, steps)
+            made.append(data)
+            return self._evaluate(data, cbs, loss, verbose)
 
-    def _evaluate(self, data: Batches, cbs: CallbackList, verbose: int = 0,
-                  epoch: int | None = None) -> dict[str, float]:
-        """Mean loss and accuracy of ``data``; ``epoch``: fit's, when it is the validation data."""
+    def _evaluate(self, data: Batches, cbs: CallbackList, loss: SoftmaxCrossEntropy | None,
+                  verbose: int = 0, epoch: int | None = None) -> dict[str, float]:
+        """Mean ``loss`` and accuracy of ``data``; ``epoch``: fit's, when it is the validation
+        data."""
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
         totals, seen = RunningTotals(self.backend, 0), 0
@@ -671,7 +678,7 @@ class Trainer:
                     continue
                 cbs.on_test_batch_begin(step)
                 logits = self._logits(xb, False)
-                stats, _ = self.loss.forward_with_accuracy(  # type: ignore[union-attr]
+                stats, _ = loss.forward_with_accuracy(  # type: ignore[union-attr]
                     xp, logits, yb, self._param_dtype, kernels)
                 totals.add_stats(stats, int(xb.shape[0]))
                 seen += int(xb.shape[0])
@@ -702,20 +709,22 @@ class Trainer:
         (Keras' ``predict(x, verbose=0)`` works as it is)."""
         batch_size = checks.positive_int(batch_size, "batch_size")
         verbose = checks.verbosity(verbose)
-        self._rebuild_if_shared()
-        data = self._batches(x, None, batch_size, steps, targets=False)
         cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
+        self._rebuild_if_shared()
         xp = self.backend.xp
         out = []
-        cbs.on_predict_begin()
-        with self.backend.compute_scope(), contextlib.closing(
-                data.epoch(0)) as batches:  # type: ignore[type-var]
-            for step, (xb, _) in enumerate(_progress(batches, data, verbose, "predict")):
-                cbs.on_predict_batch_begin(step)
-                z = self._logits(xb, training=False)
-                out.append(softmax(xp, xp.astype(z, self._param_dtype)))
-                cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
-            probabilities = self.backend.to_numpy(xp.concat(out))
+        with self._undone_if_refused() as made:
+            data = self._batches(x, None, batch_size, steps, targets=False)
+            made.append(data)
+            cbs.on_predict_begin()
+            with self.backend.compute_scope(), contextlib.closing(
+                    data.epoch(0)) as batches:  # type: ignore[type-var]
+                for step, (xb, _) in enumerate(_progress(batches, data, verbose, "predict")):
+                    cbs.on_predict_batch_begin(step)
+                    z = self._logits(xb, training=False)
+                    out.append(softmax(xp, xp.astype(z, self._param_dtype)))
+                    cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
+                probabilities = self.backend.to_numpy(xp.concat(out))
         cbs.on_predict_end()
         return probabilities
 
@@ -724,3 +733,39 @@ def _progress(batches: Any, data: Batches, verbose: int, desc: str) -> Any:
     """``batches`` behind a progress bar where ``verbose`` asks for one (on rank 0 only)."""
     return tqdm(batches, total=data.steps, disable=verbose == 0 or not distributed.is_root(),
                 desc=desc, unit="batch")
+
+
+def _checkpoint_callback(checkpoint: str | os.PathLike[str] | None, every: int | str,
+                         resume: bool) -> list[Callback]:
+    """fit's ``checkpoint=PATH``, as the :class:`BackupAndRestore` it is short for."""
+    if checkpoint is not None:
+        return [BackupAndRestore(checkpoint, every, resume)]
+    if resume:
+        raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
+    if not (isinstance(every, str) and every == "epoch"):
+        raise InputError(f"checkpoint_every={every!r} needs checkpoint=PATH, the file to "
+                         "write: without it no checkpoint would be written")
+    return []
+
+
+def _check_fit_data(x: Any, y: Any, validation_data: Any, validation_split: float,
+                    steps: int | None, validation_steps: int | None) -> None:
+    """fit's data arguments, checked before any batch source is made (none draws a batch)."""
+    checks.number(validation_split, "validation_split", 0.0, 1.0, high_open=True)
+    if validation_split and is_stream(x):
+        raise InputError("validation_split needs arrays; pass validation_data with a "
+                         "dataset or generator")
+    check_source(x, y, steps)
+    if validation_data is not None and not validation_split:
+        check_source(*_pair(validation_data), validation_steps, "x_val")
+
+
+def _pair(validation_data: Any) -> tuple[Any, Any]:
+    """``validation_data`` as (x_val, y_val); a dataset or an iterable of batches holds its
+    targets (y_val None)."""
+    if is_stream(validation_data):
+        return validation_data, None
+    if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
+        raise InputError("validation_data must be a pair (x_val, y_val), a dataset or an "
+                         f"iterable of batches, got {type(validation_data).__name__}")
+    return validation_data[0], validation_data[1]
