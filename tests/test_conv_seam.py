@@ -141,7 +141,7 @@ def test_hand_written_cuda_engine_matches_the_standard_one(emulated_cupy_kernels
     im2col + matmul) in float64: all three operations."""
     fast = emulated_cupy_kernels
     conv = fast.conv_kernels
-    for flag in ("direct_conv", "direct_weight_grad", "tiled_conv"):
+    for flag in ("runs_forward", "runs_weight_grad", "tiled"):
         monkeypatch.setattr(conv, flag, getattr(conv, flag))  # put back after the test
     conv.set_algorithm(algorithm)
     g = _geometry(case)

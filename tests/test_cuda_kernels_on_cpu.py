@@ -161,7 +161,7 @@ def test_convolution_kernels(fast, monkeypatch, rng, algorithm, kernel, strides,
     sharing memory, emulated with a real barrier): forward with and without bias and ReLU,
     kernel gradient with and without the bias's."""
     conv = fast.conv_kernels
-    monkeypatch.setattr(conv, "tiled_conv", algorithm == "tiled")
+    monkeypatch.setattr(conv, "tiled", algorithm == "tiled")
     x = rng.standard_normal(shape).astype(dtype)
     pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
     out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
@@ -262,7 +262,7 @@ def test_training_with_the_cuda_kernels(fast, monkeypatch, net, algorithm):
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
     conv = fast.conv_kernels
-    for flag in ("direct_conv", "direct_weight_grad", "tiled_conv"):
+    for flag in ("runs_forward", "runs_weight_grad", "tiled"):
         monkeypatch.setattr(conv, flag, getattr(conv, flag))  # put back after the test
     conv.set_algorithm(algorithm)
 

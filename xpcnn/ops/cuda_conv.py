@@ -510,16 +510,16 @@ class ConvKernels:
         if name not in ALGORITHMS:
             raise ValueError(f"unknown convolution algorithm {name!r}; expected one of "
                              f"{', '.join(ALGORITHMS)}")
-        self.direct_conv = name != "im2col"
-        self.direct_weight_grad = name in ("direct", "tiled")
-        self.tiled_conv = name == "tiled"
+        self.runs_forward = name != "im2col"  # and the input gradient
+        self.runs_weight_grad = name in ("direct", "tiled")
+        self.tiled = name == "tiled"
 
     def _tiled_for(self, name: str, source: str, dtype: Any) -> Any:
         """The tiled kernel for ``dtype`` data, or None where the direct kernels run: another
         algorithm chosen, or float16 without tensor cores (compute capability below 7.0) or
         whose tensor-core kernel did not compile. TF32 needs 8.0; without it, or where its
         kernel did not compile, float32 runs on the CUDA cores."""
-        if not self.tiled_conv or dtype not in (cupy.float16, cupy.float32, cupy.float64):
+        if not self.tiled or dtype not in (cupy.float16, cupy.float32, cupy.float64):
             return None
         if dtype == cupy.float16:
             return _tiled_kernel(name, source, dtype) if _compute_capability() >= 70 else None
@@ -602,7 +602,7 @@ class CudaConv(KernelsConv):
 
     def forward(self, x: Any, w: Any, bias: Any | None, relu: bool) -> Any:
         conv = self.kern.conv_kernels
-        if not conv.direct_conv:
+        if not conv.runs_forward:
             return super().forward(x, w, bias, relu)
         g = self.geometry
         y = conv.conv2d(x, self._matrix(w), bias, g.kernel, g.strides, g.pads, g.out_hw, relu)
@@ -610,7 +610,7 @@ class CudaConv(KernelsConv):
 
     def input_grad(self, dy: Any, w: Any) -> Any:
         conv, g = self.kern.conv_kernels, self.geometry
-        if not conv.direct_conv or not ops.input_grad_as_conv(g.pads, g.kernel, g.strides):
+        if not conv.runs_forward or not ops.input_grad_as_conv(g.pads, g.kernel, g.strides):
             return super().input_grad(dy, w)
         # the padded output gradient convolved with the rotated kernel (ops.conv_input_grad)
         dx = conv.conv2d(dy, ops.flipped_kernel_matrix(self.xp, w), None, g.kernel, (1, 1),
@@ -620,7 +620,7 @@ class CudaConv(KernelsConv):
     def weight_grad(self, x: Any, dy: Any, with_bias: bool, relu_y: Any = None
                     ) -> tuple[Any, Any | None]:
         conv = self.kern.conv_kernels
-        if not conv.direct_weight_grad:
+        if not conv.runs_weight_grad:
             return super().weight_grad(x, dy, with_bias, relu_y)
         g, xp = self.geometry, self.xp
         rows = (-1, g.filters)
@@ -633,6 +633,6 @@ class CudaConv(KernelsConv):
 
     def gradients(self, x: Any, dy: Any, w: Any, with_bias: bool, input_grad: bool,
                   relu_y: Any = None) -> tuple[Any, Any | None, Any | None]:
-        if self.kern.conv_kernels.direct_conv:  # no im2col patches for the two to share
+        if self.kern.conv_kernels.runs_forward:  # no im2col patches for the two to share
             return ConvEngine.gradients(self, x, dy, w, with_bias, input_grad, relu_y)
         return super().gradients(x, dy, w, with_bias, input_grad, relu_y)
