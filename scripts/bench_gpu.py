@@ -187,7 +187,7 @@ def compare_conv_engines(name: str, batch: int, precision: str, args: argparse.N
         if not isinstance(layer, xpcnn.layers.Conv2D):
             continue
         g = layer.geometry
-        own = cuda_conv.CudaConv.for_backend(g, KERNELS, model.backend)
+        own = cuda_conv.HandWrittenConv.for_backend(g, KERNELS, model.backend)
         engines = {"hand-written": own}
         if cudnn is not None:
             engines["cudnn"] = cudnn_conv.CudnnConv(g, cudnn, own)

@@ -147,7 +147,7 @@ def test_hand_written_cuda_engine_matches_the_standard_one(emulated_cupy_kernels
     g = _geometry(case)
     data = conv_data(g, rng, n=2)
     want = _all_results(_standard(g), *data)
-    engine = sys.modules[type(conv).__module__].CudaConv(g, fast, None, min_chunks=1)
+    engine = sys.modules[type(conv).__module__].HandWrittenConv(g, fast, None, min_chunks=1)
     got = _all_results(engine, *data)
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape

@@ -8,7 +8,7 @@ kernels (K, kh, kw, C), the layout cuDNN takes for NHWC images (filters "KRSC").
   kernels object (:mod:`xpcnn.ops.kernels`): on :class:`StandardKernels` it is the standard
   Array API fallback, on the NumPy kernels the threaded CPU path, on the CuPy kernels im2col +
   cuBLAS.
-- ``CudaConv`` (:mod:`xpcnn.ops.cuda_conv`, CuPy only): xpcnn's hand-written CUDA kernels, no
+- ``HandWrittenConv`` (:mod:`xpcnn.ops.cuda_conv`, CuPy only): xpcnn's own CUDA kernels, no
   im2col at all.
 - ``CudnnConv`` (:mod:`xpcnn.ops.cudnn_conv`, CuPy only): cuDNN through NVIDIA's frontend.
 

@@ -487,8 +487,8 @@ ALGORITHMS = ("direct", "tiled", "direct-forward", "im2col")
 
 class ConvKernels:
     """The hand-written convolutions and the switches that choose among them, held by the CuPy
-    kernels (``KERNELS.conv_kernels``) and read by every layer's :class:`CudaConv` at each
-    call: ``set_algorithm`` and ``tf32`` take effect on layers already built."""
+    kernels (``KERNELS.conv_kernels``) and read by every layer's :class:`HandWrittenConv` at
+    each call: ``set_algorithm`` and ``tf32`` take effect on layers already built."""
 
     def __init__(self) -> None:
         # Measured on an H200 (docs/performance.md, 05:18 UTC): the tiled kernels trained
@@ -594,7 +594,7 @@ class ConvKernels:
         return (total[:kkc], total[kkc]) if with_bias else (total, None)
 
 
-class CudaConv(KernelsConv):
+class HandWrittenConv(KernelsConv):
     """The CuPy kernels' convolution engine: forward and input gradient on the hand-written
     kernels unless the algorithm is ``"im2col"``, the kernel gradient too with ``"direct"`` or
     ``"tiled"``; the rest (and an input gradient with strides, scattered back by col2im) on the

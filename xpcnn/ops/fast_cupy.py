@@ -32,8 +32,10 @@ from . import cuda_conv, random
 from .convolution import ConvEngine, ConvGeometry
 from .kernels import StandardKernels
 
-# out[n, oh, ow, (i*kw + j)*C + c] = x[n, oh*sh + i - top, ow*sw + j - left, c] for a
-# C-contiguous x, 0 outside it: the zero padding is read, never stored.
+# The patches of convolutions as im2col + cuBLAS (the hand-written ones' algorithms
+# "im2col" and "direct-forward"): out[n, oh, ow, (i*kw + j)*C + c] = x[n, oh*sh + i - top,
+# ow*sw + j - left, c] for a C-contiguous x, 0 outside it: the zero padding is read, never
+# stored.
 _IM2COL = cupy.ElementwiseKernel(
     "raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kw, int32 sh, int32 sw,"
     " int32 KK, int32 top, int32 left",
@@ -403,7 +405,7 @@ class CupyKernels(StandardKernels):
         where it does not load (after a one-line warning) or with ``XPCNN_CUDNN=0``."""
         from . import cudnn_conv
 
-        own = cuda_conv.CudaConv.for_backend(geometry, self, backend)
+        own = cuda_conv.HandWrittenConv.for_backend(geometry, self, backend)
         cudnn = cudnn_conv.load()
         return own if cudnn is None else cudnn_conv.CudnnConv(geometry, cudnn, own)
 

@@ -1,11 +1,11 @@
-"""The few primitives whose NumPy versions beat their standard spelling, and the standard ones.
+"""The primitives that have faster versions outside the Array API, in their standard versions.
 
-Ops call :func:`kernels_for` (never NumPy or CuPy directly): it returns ``backend.fast`` (the
-NumPy kernels of :mod:`xpcnn.ops.fast_numpy`, the CuPy ones of :mod:`xpcnn.ops.fast_cupy`) when
-the backend offers them, else :class:`StandardKernels`, written against the Array API alone. All
-compute the same values; the NumPy ones write into their outputs without temporaries (``out=``)
-and spread work over threads, the CuPy ones do in one launch what takes the standard versions
-several.
+Layers and the model call :func:`kernels_for` (never NumPy or CuPy directly): it returns
+``backend.fast`` (the NumPy kernels of :mod:`xpcnn.ops.fast_numpy`, the CuPy ones of
+:mod:`xpcnn.ops.fast_cupy`) when the backend offers them, else :class:`StandardKernels`,
+written against the Array API alone. All compute the same values; the NumPy ones write into
+their outputs without temporaries (``out=``) and spread work over threads, the CuPy ones do in
+one launch what takes the standard versions several.
 """
 
 from __future__ import annotations
