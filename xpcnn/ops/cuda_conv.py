@@ -4,8 +4,9 @@ load or has no plan for a case (see :mod:`xpcnn.ops.cudnn_conv`), reached from
 
 Convolutions run as tiled implicit-GEMM kernels in shared memory (float16 on the tensor cores,
 float32 / float64 on the CUDA cores or, with ``CUPY_TF32=1``, float32 on the tensor cores in
-TF32), with no im2col scratch; a direct kernel with one output element per thread does what the
-tiled ones cannot (float16 without tensor cores). ``tests/test_gpu.py`` checks them against the
+TF32), with no im2col scratch; direct kernels with one output element per thread run what the
+tiled ones cannot (float16 without tensor cores) and the algorithm ``"direct"``. The switches
+between them are :class:`ConvKernels`'s. ``tests/test_gpu.py`` checks them against the
 standard versions on the GPU in float16, float32 and TF32, and
 ``tests/test_cuda_kernels_on_cpu.py`` compiles the same source for the CPU and checks it on
 every machine in float32 and float64 (the tensor-core instructions have no CPU twin).
