@@ -171,8 +171,7 @@ def compare_conv_engines(name: str, batch: int, precision: str, args: argparse.N
     with the hand-written kernels (ms, median of ``args.steps``), and cuDNN's TFLOP/s."""
     import cupy
 
-    from xpcnn.ops import cudnn_conv
-    from xpcnn.ops.convolution import kernels_conv
+    from xpcnn.ops import cuda_conv, cudnn_conv
     from xpcnn.ops.fast_cupy import KERNELS
 
     cudnn = cudnn_conv.load()
@@ -188,7 +187,7 @@ def compare_conv_engines(name: str, batch: int, precision: str, args: argparse.N
         if not isinstance(layer, xpcnn.layers.Conv2D):
             continue
         g = layer.geometry
-        own = kernels_conv(g, KERNELS, model.backend)
+        own = cuda_conv.HandWrittenConv.for_backend(g, KERNELS, model.backend)
         engines = {"hand-written": own}
         if cudnn is not None:
             engines["cudnn"] = cudnn_conv.CudnnConv(g, cudnn, own)
@@ -386,8 +385,9 @@ def main() -> int:
                    "0: whole batch at once)")
     p.add_argument("--gpu-conv", choices=("direct", "tiled", "direct-forward", "im2col"),
                    default="tiled",
-                   help="convolution algorithm of the CuPy kernels (CupyKernels."
-                   "set_conv_algorithm): tiled kernels (the default), one-element-per-thread "
+                   help="convolution algorithm of the hand-written CUDA kernels (xpcnn.ops."
+                   "cuda_conv.ConvKernels.set_algorithm): tiled kernels (the default), "
+                   "one-element-per-thread "
                    "direct kernels, direct forward with an im2col + cuBLAS kernel gradient, or "
                    "im2col + cuBLAS")
     p.add_argument("--torch-channels-last", action="store_true",
@@ -406,7 +406,7 @@ def main() -> int:
     if args.device.startswith("cuda"):
         from xpcnn.ops.fast_cupy import KERNELS
 
-        KERNELS.set_conv_algorithm(args.gpu_conv)
+        KERNELS.conv_kernels.set_algorithm(args.gpu_conv)
     if args.gpu_chunk_mb is not None:
         backend_module.GPU_CHUNK_BYTES = int(args.gpu_chunk_mb * 2**20) or None
     rows: list[dict[str, Any]] = []

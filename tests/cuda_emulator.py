@@ -1,10 +1,11 @@
-"""Run the CUDA bodies of ``xpcnn.ops.fast_cupy``'s kernels on the CPU, for machines without a GPU.
+"""Run the CUDA bodies of xpcnn's CuPy kernels (``xpcnn.ops.fast_cupy``, ``xpcnn.ops.cuda_conv``)
+on the CPU, for machines without a GPU.
 
 ``cupy.ElementwiseKernel`` wraps a C++ loop body in a loop over the output's elements. This
 module does the same with the host C++ compiler, for float32 and float64 data: ``i`` is the
 element's C-order index, a non-raw argument is the element at ``i`` (broadcast), a ``raw`` one
 an array indexed by one integer, a scalar a constant of its declared type. A fake ``cupy`` module
-routes the few other CuPy calls of ``fast_cupy`` to NumPy. float16 is left to the GPU tests
+routes the few other CuPy calls of those modules to NumPy. float16 is left to the GPU tests
 (CuPy's half type has no host twin here).
 """
 
@@ -49,7 +50,7 @@ def _params(text: str) -> list[tuple[bool, str, str]]:
 
 
 class ElementwiseKernel:
-    """The subset of ``cupy.ElementwiseKernel`` that ``fast_cupy`` uses, compiled for the CPU."""
+    """The subset of ``cupy.ElementwiseKernel`` that xpcnn uses, compiled for the CPU."""
 
     build_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "xpcnn-cuda-emulator"
 
@@ -132,7 +133,7 @@ class ElementwiseKernel:
 
 
 class RawKernel:
-    """The subset of ``cupy.RawKernel`` that ``fast_cupy`` uses, compiled for the CPU: a block's
+    """The subset of ``cupy.RawKernel`` that xpcnn uses, compiled for the CPU: a block's
     threads run as POSIX threads (so ``__syncthreads`` is a real barrier) that take the blocks
     one after the other, ``__shared__`` arrays shared by them. Pointer arguments are NumPy
     arrays, the others numbers of the kernel's declared types."""
@@ -226,16 +227,17 @@ def fake_cupy() -> types.ModuleType:
 
 
 def load_emulated_fast_cupy() -> tuple[types.ModuleType, dict[str, Any]]:
-    """Import ``xpcnn.ops.fast_cupy`` against the fake ``cupy``; returns the module and the
-    ``sys.modules`` entries to put back afterwards (see :func:`restore`)."""
+    """Import ``xpcnn.ops.fast_cupy`` (and the other modules of ``xpcnn.ops`` that import
+    CuPy) against the fake ``cupy``; returns the module and the ``sys.modules`` entries to put
+    back afterwards (see :func:`restore`)."""
     import array_api_compat.numpy as compat_numpy
 
-    names = ("cupy", "array_api_compat.cupy", "xpcnn.ops.fast_cupy", "xpcnn.ops.cudnn_conv")
-    saved = {n: sys.modules.get(n) for n in names}
+    ours = ("xpcnn.ops.fast_cupy", "xpcnn.ops.cuda_conv", "xpcnn.ops.cudnn_conv")
+    saved = {n: sys.modules.get(n) for n in ("cupy", "array_api_compat.cupy", *ours)}
     sys.modules["cupy"] = fake_cupy()
     sys.modules["array_api_compat.cupy"] = compat_numpy
-    sys.modules.pop("xpcnn.ops.fast_cupy", None)
-    sys.modules.pop("xpcnn.ops.cudnn_conv", None)
+    for name in ours:
+        sys.modules.pop(name, None)
     import xpcnn.ops.cudnn_conv as cudnn_conv  # afresh, on the fake cupy
     import xpcnn.ops.fast_cupy as module
 

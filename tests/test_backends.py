@@ -187,3 +187,46 @@ def test_numpy_and_cupy_training_steps_agree(data):
     gpu2, _ = _train("cuda", data, _sgd(), net=gap_net)
     assert_same_weights(gpu2.get_weights(), ref2.get_weights())
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+# Each way a device array reaches the host: on a GPU, every one makes the host wait for the device.
+_TO_HOST = ("__array__", "__bool__", "__complex__", "__dlpack__", "__float__", "__index__",
+            "__int__", "__iter__", "to_device")
+
+
+def _crossings(monkeypatch):
+    """Record every device -> host crossing of a strict array and every upload (Backend.asarray)."""
+    seen = []
+    array = type(xs.asarray(0))
+    for name in _TO_HOST:
+        real = getattr(array, name)
+        monkeypatch.setattr(array, name, lambda self, *a, _real=real, _name=name, **k: (
+            seen.append(_name), _real(self, *a, **k))[1])
+    upload = xpcnn.Backend.asarray
+    monkeypatch.setattr(xpcnn.Backend, "asarray", lambda self, *a, **k: (
+        seen.append("upload"), upload(self, *a, **k))[1])
+    return seen
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_training_step_never_waits_for_the_device(data, optimizer, monkeypatch):
+    """Data on the device, a learning rate that changes every step, every layer type, validation:
+    what crosses between host and device depends on the epochs, not on the steps (the running
+    totals are read when an epoch ends), and no device value ever becomes a Python number (a
+    ``float(loss)`` or an ``if xp.any(...)`` in a step would)."""
+    rate = xpcnn.optim.CosineDecay(1e-2, 100)
+    opt = {"sgd": lambda: xpcnn.optim.SGD(rate, momentum=0.9), "adam": lambda: xpcnn.optim.Adam(
+        rate, weight_decay=1e-3)}[optimizer]
+    x, y = xs.asarray(data[0]), xs.asarray(data[1])
+    counts = []
+    for batch_size in (20, 4):  # 2 and 10 steps an epoch (both under READ_EVERY)
+        model = xpcnn.Sequential(every_layer_net(), device=xs, seed=0)
+        model.compile(optimizer=opt())
+        model.fit(x, y, epochs=1, batch_size=batch_size, verbose=0)  # (builds, makes scratch)
+        seen = _crossings(monkeypatch)
+        model.fit(x, y, epochs=2, batch_size=batch_size, verbose=0,
+                  validation_data=(x[:8, ...], y[:8]))
+        monkeypatch.undo()
+        assert not set(seen) - {"upload", "__dlpack__"}, seen
+        counts.append(len(seen))
+    assert counts[0] == counts[1] > 0

@@ -5,6 +5,7 @@ for the CPU by tests/cuda_emulator.py), and the fallback's gradients are the fin
 ones. The cuDNN engine has tests of its own (test_cudnn_conv.py, and test_gpu.py on a GPU)."""
 
 import dataclasses
+import sys
 
 import array_api_compat.numpy as xpn
 import array_api_strict as xs
@@ -132,19 +133,22 @@ def emulated_cupy_kernels():
 
 @needs_compiler
 @pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
-@pytest.mark.parametrize("algorithm", ["tiled", "direct"])
+@pytest.mark.parametrize("algorithm", ["tiled", "direct", "direct-forward", "im2col"])
 def test_hand_written_cuda_engine_matches_the_standard_one(emulated_cupy_kernels, monkeypatch,
                                                            case, algorithm, rng):
     """The CuPy kernels' engine (tiled or one-element-per-thread CUDA kernels, run on the CPU
-    by the emulator) in float64: all three operations."""
+    by the emulator; with "direct-forward" the kernel gradient, with "im2col" all three, as
+    im2col + matmul) in float64: all three operations."""
     fast = emulated_cupy_kernels
-    for flag in ("direct_conv", "direct_weight_grad", "tiled_conv"):
-        monkeypatch.setattr(fast, flag, getattr(fast, flag))  # put back after the test
-    fast.set_conv_algorithm(algorithm)
+    conv = fast.conv_kernels
+    for flag in ("runs_forward", "runs_weight_grad", "tiled"):
+        monkeypatch.setattr(conv, flag, getattr(conv, flag))  # put back after the test
+    conv.set_algorithm(algorithm)
     g = _geometry(case)
     data = conv_data(g, rng, n=2)
     want = _all_results(_standard(g), *data)
-    got = _all_results(KernelsConv(g, fast, None, min_chunks=1), *data)
+    engine = sys.modules[type(conv).__module__].HandWrittenConv(g, fast, None, min_chunks=1)
+    got = _all_results(engine, *data)
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)

@@ -1,4 +1,4 @@
-"""The tiled convolution kernels of ``xpcnn.ops.fast_cupy`` compile for NVIDIA GPUs, on a
+"""The tiled convolution kernels of ``xpcnn.ops.cuda_conv`` compile for NVIDIA GPUs, on a
 machine without one: NVRTC (CUDA's runtime compiler, a pip package) builds them to machine
 code for each GPU generation they target, which also runs ``ptxas`` over their inline PTX. The
 tensor-core product has no CPU twin (tests/cuda_emulator.py), so this is where its syntax and
@@ -33,9 +33,9 @@ pytestmark = pytest.mark.skipif(NVRTC is None or FP16_HEADER is None,
 
 
 @pytest.fixture(scope="module")
-def fast_cupy():
+def cuda_conv():
     module, saved = load_emulated_fast_cupy()
-    yield module
+    yield module.cuda_conv
     restore(saved)
 
 
@@ -63,7 +63,7 @@ def _compile(source: str, name: str, arch: int) -> tuple[int, str]:
                                                ("float32", True, 80), ("float32", True, 90),
                                                ("float32", False, 75), ("float64", False, 90)])
 @pytest.mark.parametrize("name", ["xpcnn_conv_tiled", "xpcnn_conv_weight_grad_tiled"])
-def test_tiled_kernels_compile(fast_cupy, monkeypatch, name, dtype, tf32, arch):
+def test_tiled_kernels_compile(cuda_conv, monkeypatch, name, dtype, tf32, arch):
     sources = []
 
     class Capture:
@@ -73,11 +73,11 @@ def test_tiled_kernels_compile(fast_cupy, monkeypatch, name, dtype, tf32, arch):
         def compile(self) -> None:
             pass
 
-    monkeypatch.setattr(fast_cupy.cupy, "RawKernel", Capture)
-    monkeypatch.setattr(fast_cupy, "_TILED", {})
-    source = {"xpcnn_conv_tiled": fast_cupy._CONV_TILED_SOURCE,
-              "xpcnn_conv_weight_grad_tiled": fast_cupy._CONV_WEIGHT_GRAD_TILED_SOURCE}[name]
-    fast_cupy._tiled_kernel(name, source, np.dtype(dtype), tf32)
+    monkeypatch.setattr(cuda_conv.cupy, "RawKernel", Capture)
+    monkeypatch.setattr(cuda_conv, "_TILED", {})
+    source = {"xpcnn_conv_tiled": cuda_conv._CONV_TILED_SOURCE,
+              "xpcnn_conv_weight_grad_tiled": cuda_conv._CONV_WEIGHT_GRAD_TILED_SOURCE}[name]
+    cuda_conv._tiled_kernel(name, source, np.dtype(dtype), tf32)
     code, log = _compile(sources[0], name, arch)
     assert code == 0, log
     assert ("wmma" in sources[0]) == (dtype == "float16" or tf32)

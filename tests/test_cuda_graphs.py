@@ -129,7 +129,7 @@ def kernels(request):
         yield None
         return
     module, saved = load_emulated_fast_cupy()
-    module.KERNELS.set_conv_algorithm("direct")  # (the tiled kernels' emulation is slow)
+    module.KERNELS.conv_kernels.set_algorithm("direct")  # (the tiled kernels' emulation is slow)
     yield module.KERNELS
     restore(saved)
 

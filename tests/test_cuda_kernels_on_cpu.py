@@ -1,7 +1,7 @@
-"""The CUDA kernels of ``xpcnn.ops.fast_cupy``, compiled for the CPU (tests/cuda_emulator.py),
-give the standard versions' results: their index arithmetic, bounds and formulas are checked on
-every machine, not only where a GPU is lent (tests/test_gpu.py checks them on the GPU, float16
-included)."""
+"""The CUDA kernels of ``xpcnn.ops.fast_cupy`` and ``xpcnn.ops.cuda_conv``, compiled for the CPU
+(tests/cuda_emulator.py), give the standard versions' results: their index arithmetic, bounds
+and formulas are checked on every machine, not only where a GPU is lent (tests/test_gpu.py
+checks them on the GPU, float16 included)."""
 
 import contextlib
 import sys
@@ -51,7 +51,8 @@ def test_tensor_core_kernels_that_do_not_compile_fall_back_with_a_warning(fast, 
     """Where CUDA's headers or the GPU cannot build the tensor-core (TF32) kernels, float32
     convolutions run on the CUDA-core tiled kernels, with a warning, and give the same
     results; float16 ones go to the direct kernels."""
-    module = sys.modules[type(fast).__module__]  # the emulated fast_cupy
+    conv = fast.conv_kernels
+    module = sys.modules[type(conv).__module__]  # the emulated cuda_conv
     compile_error = module.cupy.cuda.compiler.CompileException
 
     class NoTensorCores(module.cupy.RawKernel):
@@ -61,20 +62,20 @@ def test_tensor_core_kernels_that_do_not_compile_fall_back_with_a_warning(fast, 
     monkeypatch.setattr(module.cupy, "RawKernel", NoTensorCores)
     monkeypatch.setattr(module, "_compute_capability", lambda: 90)
     monkeypatch.setattr(module, "_TILED", {})
-    monkeypatch.setattr(fast, "tf32", True)
+    monkeypatch.setattr(conv, "tf32", True)
     x = rng.standard_normal((2, 6, 6, 4)).astype(np.float32)
     w2 = rng.standard_normal((36, 5)).astype(np.float32)
     pads = (1, 1, 1, 1)
     with pytest.warns(RuntimeWarning, match="did not compile .*mma.h.* CUDA cores"):
-        got = fast.conv2d(x, w2, None, (3, 3), (1, 1), pads, (6, 6), False)
+        got = conv.conv2d(x, w2, None, (3, 3), (1, 1), pads, (6, 6), False)
     want = ops.conv_forward(xpn, STD, x, w2, None, (3, 3), (1, 1), pads, (6, 6),
                             ops.Workspace(), "k", None, False)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     assert module._TILED[("xpcnn_conv_tiled", "float32", True)] is None
     assert module._TILED[("xpcnn_conv_tiled", "float32", False)] is not None
     with pytest.warns(RuntimeWarning, match="float16 convolutions run on the CUDA cores"):
-        assert fast._tiled_for("xpcnn_conv_tiled", module._CONV_TILED_SOURCE,
-                                  np.float16) is None
+        assert conv._tiled_for("xpcnn_conv_tiled", module._CONV_TILED_SOURCE,
+                               np.float16) is None
 
 
 @pytest.mark.parametrize("kernel, strides, shape, pads", IM2COL)
@@ -159,7 +160,8 @@ def test_convolution_kernels(fast, monkeypatch, rng, algorithm, kernel, strides,
     """The direct kernels (one element per thread) and the tiled ones (blocks of threads
     sharing memory, emulated with a real barrier): forward with and without bias and ReLU,
     kernel gradient with and without the bias's."""
-    monkeypatch.setattr(fast, "tiled_conv", algorithm == "tiled")
+    conv = fast.conv_kernels
+    monkeypatch.setattr(conv, "tiled", algorithm == "tiled")
     x = rng.standard_normal(shape).astype(dtype)
     pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
     out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
@@ -168,14 +170,14 @@ def test_convolution_kernels(fast, monkeypatch, rng, algorithm, kernel, strides,
     for bias, relu in ((rng.standard_normal(filters).astype(dtype), True), (None, False)):
         want = ops.conv_forward(xpn, STD, x, w2, bias, kernel, strides, pads, out_hw,
                                 ops.Workspace(), "k", None, relu)
-        got = fast.conv2d(x, w2, bias, kernel, strides, pads, out_hw, relu)
+        got = conv.conv2d(x, w2, bias, kernel, strides, pads, out_hw, relu)
         assert got.dtype == dtype
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 10)
     dy = rng.standard_normal((shape[0] * out_hw[0] * out_hw[1], filters)).astype(dtype)
     want, want_bias = ops.conv_weight_grad(xpn, STD, x, dy, kernel, strides, pads, out_hw,
                                            ops.Workspace(), "k", None, with_bias=True)
     for with_bias in (False, True):
-        got, got_bias = fast.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw,
+        got, got_bias = conv.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw,
                                                 with_bias)
         assert got.dtype == want.dtype
         np.testing.assert_allclose(got, want, rtol=tol * 10, atol=tol * np.abs(want).max())
@@ -259,9 +261,10 @@ def test_training_with_the_cuda_kernels(fast, monkeypatch, net, algorithm):
     standard path's weights."""
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
-    for flag in ("direct_conv", "direct_weight_grad", "tiled_conv"):
-        monkeypatch.setattr(fast, flag, getattr(fast, flag))  # put back after the test
-    fast.set_conv_algorithm(algorithm)
+    conv = fast.conv_kernels
+    for flag in ("runs_forward", "runs_weight_grad", "tiled"):
+        monkeypatch.setattr(conv, flag, getattr(conv, flag))  # put back after the test
+    conv.set_algorithm(algorithm)
 
     def fit(kernels):
         monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))

@@ -326,13 +326,14 @@ def test_the_cupy_kernels_choose_cudnn_per_layer_where_it_loads(monkeypatch):
         g = ConvGeometry.of((8, 8, 3), 4, (3, 3), (1, 1), "same")
         engine = fast_cupy.KERNELS.conv_engine(g, backend)
         assert engine.name == "cudnn" and engine.geometry is g
-        assert isinstance(engine.fallback, KernelsConv)
+        assert isinstance(engine.fallback, fast_cupy.cuda_conv.HandWrittenConv)
         assert engine.fallback.kern is fast_cupy.KERNELS
         sys.modules["xpcnn.ops.cudnn_conv"].load.cache_clear()
         monkeypatch.setitem(sys.modules, "cudnn", None)  # import cudnn raises ImportError
         with pytest.warns(RuntimeWarning, match="cuDNN could not be loaded"):
             engine = fast_cupy.KERNELS.conv_engine(g, backend)
-        assert isinstance(engine, KernelsConv) and engine.kern is fast_cupy.KERNELS
+        assert isinstance(engine, fast_cupy.cuda_conv.HandWrittenConv)
+        assert engine.kern is fast_cupy.KERNELS
     finally:
         sys.modules.pop("xpcnn.ops.cudnn_conv", None)
         xpcnn.ops.__dict__.pop("cudnn_conv", None)

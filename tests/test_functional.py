@@ -167,6 +167,8 @@ def test_a_frozen_layer_and_a_frozen_batchnorm_match_pytorch(data):
     (Add(), [(3, 4, 2), (3, 4, 2), (3, 4, 2)]),
     (Concatenate(), [(3, 4, 2), (3, 4, 5)]),
     (Concatenate(), [(4,), (2,)]),
+    (Concatenate(axis=1), [(3, 4, 2), (1, 4, 2)]),
+    (Concatenate(axis=-2), [(3, 4, 2), (3, 1, 2), (3, 2, 2)]),
 ])
 def test_merge_layer_gradients_match_finite_differences(layer, shapes, rng):
     layer.build(shapes, "cpu", dtype="float64")
@@ -283,6 +285,18 @@ def test_save_and_load_a_graph_round_trip(data, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_concatenation_along_the_height_saves_and_loads(data, tmp_path):
+    inputs = xpcnn.Input((8, 8, 3))
+    x = Conv2D(4, 3, padding="same")(inputs)
+    c = Concatenate(axis=1, name="tall")([x, MaxPool2D((2, 1))(x)])  # (12, 8, 4)
+    model = xpcnn.Model(inputs, Softmax()(Dense(5)(GlobalAvgPool2D()(c))), seed=0)
+    assert model.layers[2].output_shape == (12, 8, 4)
+    model.save(tmp_path / "tall.npz")
+    loaded = xpcnn.load_model(tmp_path / "tall.npz")
+    assert loaded.layers[2].get_config() == {"name": "tall", "axis": 1}
+    np.testing.assert_array_equal(loaded.predict(data[0]), model.predict(data[0]))
+
+
 def test_a_graph_model_resumes_exactly_from_a_checkpoint(data, tmp_path):
     x, y = data
     path = str(tmp_path / "run.npz")
@@ -324,8 +338,15 @@ def test_bad_graphs_get_clear_errors():
     with pytest.raises(InputError, match=r"Add\) adds inputs of one shape, got \(8, 8, 4\), "
                                          r"\(8, 8, 3\)"):
         Add()([x, inputs])
-    with pytest.raises(InputError, match="Concatenate\\) joins inputs along the last"):
+    with pytest.raises(InputError, match=r"Concatenate\) joins inputs along axis -1, so every "
+                                         r"other axis must match; got \(8, 8, 4\), \(4, 4, 4\)"):
         Concatenate()([x, MaxPool2D(2)(x)])
+    with pytest.raises(InputError, match=r"has axis 4, but its inputs have 4 axes with the "
+                                         r"batch: expected 1..3 or -3..-1"):
+        Concatenate(axis=4)([x, x])
+    for axis in (0, 1.0, True, "1"):
+        with pytest.raises(InputError, match="Concatenate axis must be a non-zero int"):
+            Concatenate(axis=axis)
     with pytest.raises(InputError, match="takes a list of two or more tensors, got one tensor"):
         Add()(x)
     with pytest.raises(InputError, match="takes one tensor, got a list of 2"):

@@ -1,5 +1,5 @@
-"""CuPy on a CUDA GPU: the CuPy kernels (``xpcnn.ops.fast_cupy``) give the standard versions'
-results on random inputs, and models train and predict on the GPU.
+"""CuPy on a CUDA GPU: the CuPy kernels (``xpcnn.ops.fast_cupy``, ``xpcnn.ops.cuda_conv``) give
+the standard versions' results on random inputs, and models train and predict on the GPU.
 
 These skip on machines without CuPy and a GPU (most of ours). ``scripts/gpu_check.sh`` runs
 them, with the GPU benchmark, when a GPU is lent.
@@ -35,9 +35,9 @@ def _gpu_facts() -> tuple[int, bool]:
     (0, False) without a GPU, where every test here is skipped anyway."""
     if not cuda_available():
         return 0, False
-    from xpcnn.ops import cudnn_conv, fast_cupy
+    from xpcnn.ops import cuda_conv, cudnn_conv
 
-    return fast_cupy._compute_capability(), cudnn_conv.load() is not None
+    return cuda_conv._compute_capability(), cudnn_conv.load() is not None
 
 
 CAPABILITY, CUDNN_LOADS = _gpu_facts()
@@ -129,6 +129,7 @@ def test_convolution_kernels_match_im2col(cp, kernels, rng, algorithm, case, dty
     standard im2col + matmul versions."""
     kernel, strides, shape, filters, padding = case
     fast, std = kernels
+    conv = fast.conv_kernels
     x = _random(cp, rng, shape, dtype)
     pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
     out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
@@ -138,11 +139,11 @@ def test_convolution_kernels_match_im2col(cp, kernels, rng, algorithm, case, dty
     # TF32 keeps 10 bits of each factor's mantissa: errors of ~1e-3 of the largest value
     tol = 3e-3 if tf32 else {"float16": 2e-2, "float32": 1e-4, "float64": 1e-12}[dtype]
     grad_tol = 3e-3 if tf32 else {"float16": 1e-3, "float32": 1e-5, "float64": 1e-12}[dtype]
-    fast.set_conv_algorithm("tiled" if tf32 else algorithm)
-    fast.tf32 = tf32
+    conv.set_algorithm("tiled" if tf32 else algorithm)
+    conv.tf32 = tf32
     try:
         for b, relu in ((bias, True), (None, False)):
-            got = fast.conv2d(x, w2, b, kernel, strides, pads, out_hw, relu)
+            got = conv.conv2d(x, w2, b, kernel, strides, pads, out_hw, relu)
             want = ops.conv_forward(std.xp, std, x, w2, b, kernel, strides, pads, out_hw,
                                     ops.Workspace(), "k", None, relu)
             assert got.dtype == x.dtype
@@ -150,7 +151,7 @@ def test_convolution_kernels_match_im2col(cp, kernels, rng, algorithm, case, dty
                 scale = float(cp.abs(want).max())
                 np.testing.assert_allclose(got.get() / scale, want.get() / scale, atol=tol)
                 # and not exact: the tensor cores ran, not the CUDA-core kernel
-                assert not cp.array_equal(got, fast_float32(fast, x, w2, b, kernel, strides,
+                assert not cp.array_equal(got, fast_float32(conv, x, w2, b, kernel, strides,
                                                             pads, out_hw, relu))
             else:
                 np.testing.assert_allclose(got.get().astype(np.float64), want.get(), rtol=tol,
@@ -161,7 +162,7 @@ def test_convolution_kernels_match_im2col(cp, kernels, rng, algorithm, case, dty
                                                out_hw, ops.Workspace(), "k", None,
                                                with_bias=True)
         for with_bias in (False, True):
-            got, got_bias = fast.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw,
+            got, got_bias = conv.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw,
                                                     with_bias)
             assert got.dtype == (cp.float32 if dtype == "float16" else x.dtype)
             scale = float(cp.abs(want).max())
@@ -174,17 +175,17 @@ def test_convolution_kernels_match_im2col(cp, kernels, rng, algorithm, case, dty
             else:
                 assert got_bias is None
     finally:
-        fast.set_conv_algorithm("tiled")
-        fast.tf32 = False
+        conv.set_algorithm("tiled")
+        conv.tf32 = False
 
 
-def fast_float32(fast, *args):
-    """``fast.conv2d`` on the CUDA cores (TF32 off for this call)."""
-    old, fast.tf32 = fast.tf32, False
+def fast_float32(conv, *args):
+    """``conv.conv2d`` on the CUDA cores (TF32 off for this call)."""
+    old, conv.tf32 = conv.tf32, False
     try:
-        return fast.conv2d(*args)
+        return conv.conv2d(*args)
     finally:
-        fast.tf32 = old
+        conv.tf32 = old
 
 
 def needs_capability(least: int, what: str) -> pytest.MarkDecorator:
@@ -202,21 +203,21 @@ def test_tensor_core_kernels_compile_here(kernels, dtype):
     falling back with a warning to the slower kernels."""
     import warnings
 
-    from xpcnn.ops import fast_cupy
+    from xpcnn.ops import cuda_conv
 
-    fast, _ = kernels
-    fast.tf32 = dtype == "float32"
+    conv = kernels[0].conv_kernels
+    conv.tf32 = dtype == "float32"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            for name, source in (("xpcnn_conv_tiled", fast_cupy._CONV_TILED_SOURCE),
+            for name, source in (("xpcnn_conv_tiled", cuda_conv._CONV_TILED_SOURCE),
                                  ("xpcnn_conv_weight_grad_tiled",
-                                  fast_cupy._CONV_WEIGHT_GRAD_TILED_SOURCE)):
-                kernel = fast._tiled_for(name, source, np.dtype(dtype))
+                                  cuda_conv._CONV_WEIGHT_GRAD_TILED_SOURCE)):
+                kernel = conv._tiled_for(name, source, np.dtype(dtype))
                 assert kernel is not None
-                assert kernel is fast_cupy._TILED[(name, dtype, dtype == "float32")]
+                assert kernel is cuda_conv._TILED[(name, dtype, dtype == "float32")]
     finally:
-        fast.tf32 = False
+        conv.tf32 = False
 
 
 @pytest.mark.parametrize("rows", [131072, 1000, 513, 100])
@@ -361,14 +362,14 @@ def conv_algorithm(request, kernels, monkeypatch):
     algorithms of the hand-written CuPy kernels, with cuDNN turned off."""
     from xpcnn.ops import cudnn_conv
 
-    fast, _ = kernels
+    conv = kernels[0].conv_kernels
     if request.param == "cudnn":
         monkeypatch.setenv("XPCNN_TF32", "0")
     else:
         monkeypatch.setattr(cudnn_conv, "load", lambda: None)
-        fast.set_conv_algorithm(request.param)
+        conv.set_algorithm(request.param)
     yield request.param
-    fast.set_conv_algorithm("tiled")
+    conv.set_algorithm("tiled")
 
 
 def test_training_on_the_gpu_matches_the_standard_path_and_numpy(conv_algorithm):

@@ -228,6 +228,7 @@ def test_a_functional_model_with_merges_and_a_reused_tensor_matches_predict(tmp_
     y = Conv2D(4, 3, padding="same", activation="relu")(x)
     z = Add()([x, y, Conv2D(4, 1)(x)])  # x read three times
     c = Concatenate()([z, MaxPool2D(1)(x)])
+    c = Concatenate(axis=1)([c, Conv2D(8, 1)(x)])  # along the height
     flat = GlobalAvgPool2D()(c)
     outputs = Softmax()(Dense(7)(Concatenate()([flat, Dense(3)(flat)])))
     model = xpcnn.Model(inputs, outputs, seed=0)

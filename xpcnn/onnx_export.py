@@ -295,7 +295,7 @@ def _add(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
 
 @register_converter("Concatenate")
 def _concatenate(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
-    return graph.op("Concat", inputs, axis=-1)  # the channel axis of NHWC or (N, features)
+    return graph.op("Concat", inputs, axis=layer.axis_index + 1)  # (the layout is xpcnn's)
 
 
 @register_converter("Softmax")

@@ -37,28 +37,47 @@ class Add(Layer):
 
 
 class Concatenate(Layer):
-    """Two or more batches side by side along the channel (last) axis; every other axis must
-    match. (N, H, W, C1) and (N, H, W, C2) give (N, H, W, C1 + C2)."""
+    """Two or more batches side by side along ``axis`` (as in Keras: -1, the channel axis, by
+    default; axis 0 is the batch); every other axis must match. (N, H, W, C1) and
+    (N, H, W, C2) give (N, H, W, C1 + C2)."""
 
     multi_input = True
+
+    def __init__(self, axis: int = -1, name: str | None = None) -> None:
+        super().__init__(name)
+        if isinstance(axis, bool) or not isinstance(axis, int | np.integer) or axis == 0:
+            raise InputError(f"Concatenate axis must be a non-zero int (axis 0 is the batch), "
+                             f"got {axis!r}")
+        self.axis = int(axis)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "axis": self.axis}
 
     def _build(self, input_shape: tuple[Shape, ...], rng: np.random.Generator) -> Shape:
         _require_inputs(self, input_shape)
         first = input_shape[0]
-        if any(len(s) != len(first) or s[:-1] != first[:-1] for s in input_shape):
-            raise InputError(f"layer {self.name!r} (Concatenate) joins inputs along the last "
-                             "(channel) axis, so every other axis must match; got "
+        rank = len(first) + 1  # with the batch axis
+        if not -rank < self.axis < rank:
+            raise InputError(f"layer {self.name!r} (Concatenate) has axis {self.axis}, but its "
+                             f"inputs have {rank} axes with the batch: expected 1..{rank - 1} "
+                             f"or -{rank - 1}..-1")
+        self.axis_index = self.axis % rank - 1  # in the per-sample shape
+        a = self.axis_index
+        if any(len(s) != len(first) or s[:a] + s[a + 1:] != first[:a] + first[a + 1:]
+               for s in input_shape):
+            raise InputError(f"layer {self.name!r} (Concatenate) joins inputs along axis "
+                             f"{self.axis}, so every other axis must match; got "
                              f"{', '.join(map(str, input_shape))}")
-        self.splits = [s[-1] for s in input_shape]
-        return (*first[:-1], sum(self.splits))
+        self.splits = [s[a] for s in input_shape]
+        return (*first[:a], sum(self.splits), *first[a + 1:])
 
     def forward(self, x: list[Any], training: bool = False, options: Options = DEFAULT) -> Any:
-        return self.xp.concat(list(x), axis=-1)
+        return self.xp.concat(list(x), axis=self.axis_index + 1)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> list[Any]:
-        grads, start = [], 0
+        grads, start, lead = [], 0, (slice(None),) * (self.axis_index + 1)
         for size in self.splits:
-            grads.append(dy[..., start:start + size])
+            grads.append(dy[(*lead, slice(start, start + size), ...)])
             start += size
         return grads
 

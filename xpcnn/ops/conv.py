@@ -271,8 +271,6 @@ def conv_forward(
     Returns the (N*Ho*Wo, K) output rows. Chunks of images may run on several threads
     (``kern.for_chunks``), each with scratch of its own.
     """
-    if kern.direct_conv:
-        return kern.conv2d(x, w2, bias, kernel, strides, pads, out_hw, relu)
     n = x.shape[0]
     ho, wo = out_hw
     kk, k = w2.shape
@@ -312,10 +310,6 @@ def conv_weight_grad(
     float32 at least); and ``with_bias`` the bias gradient, the sum of ``dy2``'s rows (else
     None). With ``relu_y``, the output rows of a ReLU: the output gradient is ``dy2`` where
     ``relu_y > 0`` (applied a chunk at a time)."""
-    if kern.direct_weight_grad:  # both in one launch
-        if relu_y is not None:
-            dy2 = kern.relu_backward(dy2, relu_y)
-        return kern.conv2d_weight_grad(x, dy2, kernel, strides, pads, out_hw, with_bias)
     n = x.shape[0]
     ho, wo = out_hw
     kk = kernel[0] * kernel[1] * x.shape[3]
@@ -359,7 +353,7 @@ def flipped_kernel_matrix(xp: Any, kernel: Any) -> Any:
     return xp.reshape(xp.permute_dims(flipped, (1, 2, 0, 3)), (kh * kw * k, c))
 
 
-def _output_grad_pads(pads: Pads, kernel: tuple[int, int]) -> Pads:
+def output_grad_pads(pads: Pads, kernel: tuple[int, int]) -> Pads:
     """Padding of the output gradient whose stride-1 convolution with the rotated kernel has
     exactly the input's size: kh-1-top above, and so on."""
     kh, kw = kernel
@@ -391,7 +385,7 @@ def conv_input_grad(
     kernel. No col2im scatter, and no temporary the size of the whole batch's patches."""
     n = dy.shape[0]
     h, w = in_hw
-    gpads = _output_grad_pads(pads, kernel)
+    gpads = output_grad_pads(pads, kernel)
     dx = conv_forward(xp, kern, dy, wflip2, None, kernel, (1, 1), gpads, (h, w), ws, key,
                       budget, min_chunks=min_chunks)
     return xp.reshape(dx, (n, h, w, wflip2.shape[1]))
@@ -442,7 +436,7 @@ def conv_grads(
     """
     k, kh, kw, c = kernel.shape
     n, h, w, _ = x.shape
-    gpads = _output_grad_pads(pads, (kh, kw))
+    gpads = output_grad_pads(pads, (kh, kw))
     wflip2 = flipped_kernel_matrix(xp, kernel)
     kk = kh * kw * k
     dx = xp.empty((n * h * w, c), dtype=dy.dtype, device=dy.device)

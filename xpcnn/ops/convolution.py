@@ -6,8 +6,10 @@ kernels (K, kh, kw, C), the layout cuDNN takes for NHWC images (filters "KRSC").
 
 - :class:`KernelsConv`: the chunked im2col + matmul loops of :mod:`xpcnn.ops.conv` over a
   kernels object (:mod:`xpcnn.ops.kernels`): on :class:`StandardKernels` it is the standard
-  Array API fallback, on the NumPy kernels the threaded CPU path, on the CuPy kernels the
-  hand-written tiled CUDA kernels (``direct_conv``: no im2col at all).
+  Array API fallback, on the NumPy kernels the threaded CPU path, on the CuPy kernels im2col +
+  cuBLAS.
+- ``HandWrittenConv`` (:mod:`xpcnn.ops.cuda_conv`, CuPy only): xpcnn's own CUDA kernels, no
+  im2col at all.
 - ``CudnnConv`` (:mod:`xpcnn.ops.cudnn_conv`, CuPy only): cuDNN through NVIDIA's frontend.
 
 A backend's kernels pick the engine per layer (``kernels.conv_engine(geometry, backend)``):
@@ -96,9 +98,8 @@ class ConvEngine:
 
 
 class KernelsConv(ConvEngine):
-    """The convolution through a kernels object's primitives: chunked im2col and matmuls
-    (:class:`~xpcnn.ops.kernels.StandardKernels`, the NumPy kernels) or the CuPy kernels' direct
-    tiled convolutions; scratch in a :class:`~xpcnn.ops.conv.Workspace` of its own."""
+    """The convolution through a kernels object's primitives: chunked im2col and matmuls;
+    scratch in a :class:`~xpcnn.ops.conv.Workspace` of its own."""
 
     def __init__(self, geometry: ConvGeometry, kern: Any, budget: int | None = None,
                  min_chunks: int = 8, keep_scratch: bool = True) -> None:
@@ -108,6 +109,12 @@ class KernelsConv(ConvEngine):
         self.budget, self.min_chunks = budget, min_chunks
         self.workspace = ops.Workspace(keep=keep_scratch)
         self.name = type(kern).__name__
+
+    @classmethod
+    def for_backend(cls, geometry: ConvGeometry, kern: Any, backend: Any) -> KernelsConv:
+        """The engine of ``kern`` with the backend's chunking."""
+        return cls(geometry, kern, backend.chunk_bytes, backend.min_chunks,
+                   backend.keeps_scratch)
 
     def _matrix(self, w: Any) -> Any:
         """(K, kh, kw, C) -> the (kh*kw*C, K) kernel matrix (a transposed view where the
@@ -157,15 +164,8 @@ class KernelsConv(ConvEngine):
         # Both gradients from the output gradient's patches alone where that pays (see
         # ops.grads_share_patches).
         g = self.geometry
-        if (input_grad and not self.kern.direct_conv
-                and ops.grads_share_patches(g.pads, g.kernel, g.strides, g.in_hw, g.out_hw,
-                                            g.channels, g.filters)):
+        if input_grad and ops.grads_share_patches(g.pads, g.kernel, g.strides, g.in_hw,
+                                                  g.out_hw, g.channels, g.filters):
             return ops.conv_grads(self.xp, self.kern, x, dy, w, g.pads, self.workspace,
                                   "dcols", self.budget, self.min_chunks, with_bias=with_bias)
         return super().gradients(x, dy, w, with_bias, input_grad, relu_y)
-
-
-def kernels_conv(geometry: ConvGeometry, kern: Any, backend: Any) -> KernelsConv:
-    """The :class:`KernelsConv` engine of ``kern`` with the backend's chunking."""
-    return KernelsConv(geometry, kern, backend.chunk_bytes, backend.min_chunks,
-                       backend.keeps_scratch)

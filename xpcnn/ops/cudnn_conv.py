@@ -1,5 +1,6 @@
 """cuDNN behind the convolution seam, through NVIDIA's Python frontend (module ``cudnn`` of the
-``nvidia-cudnn-frontend`` wheel), on CuPy arrays: imported by :mod:`xpcnn.ops.fast_cupy` only.
+``nvidia-cudnn-frontend`` wheel), on CuPy arrays: imported by :mod:`xpcnn.ops.fast_cupy` (and
+:mod:`xpcnn.cuda_graphs`, which puts the handle on a capture's stream) only.
 
 Each operation is a cuDNN graph built once per (operation, batch size, dtype, bias, ReLU) and
 cached on the layer's engine: forward (``conv_fprop``, with the bias and ReLU in the same
@@ -23,8 +24,8 @@ by default), as a captured step's products must match an eager step's. ``XPCNN_D
 excludes plans with the note NONDETERMINISTIC from every graph (PyTorch's
 ``cudnn.deterministic``; PyTorch's v8 path filters the same note).
 
-Where cuDNN cannot be loaded, or has no plan for a case, the hand-written CUDA kernels run
-instead, after a one-line warning (once per reason).
+Where cuDNN cannot be loaded, or has no plan for a case, the hand-written CUDA kernels
+(:mod:`xpcnn.ops.cuda_conv`) run instead, after a one-line warning (once per reason).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 import cupy
 import numpy as np
 
-from .convolution import ConvEngine, ConvGeometry
+from .convolution import ConvEngine, ConvGeometry, KernelsConv
 
 _WARNED: set[str] = set()
 _NOT_BUILT: Any = object()  # a plan cache's answer for a key not looked up before
@@ -175,14 +176,16 @@ def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool) -> Pl
 
 class CudnnConv(ConvEngine):
     """A layer's convolutions as cuDNN graphs; ``fallback`` (the hand-written kernels' engine)
-    runs what cuDNN cannot build, after a one-line warning."""
+    runs what cuDNN cannot build, after a one-line warning, and lends its kernels' ReLU
+    gradient and bias sum."""
 
     name = "cudnn"
 
-    def __init__(self, geometry: ConvGeometry, cudnn: ModuleType, fallback: ConvEngine) -> None:
+    def __init__(self, geometry: ConvGeometry, cudnn: ModuleType, fallback: KernelsConv
+                 ) -> None:
         super().__init__(geometry)
         self.cudnn, self.fallback = cudnn, fallback
-        self.kern = fallback.kern  # type: ignore[attr-defined]
+        self.kern = fallback.kern
         self._plans: dict[tuple[Any, ...], Plan | None] = {}
 
     def _plan(self, key: tuple[Any, ...], dtype: Any, describe: Any, *args: Any) -> Plan | None:

@@ -4,14 +4,13 @@ On a GPU each CuPy call costs 20-50 us of Python and launch (measured on an H200
 docs/performance.md), and the standard versions make one call (and one temporary) per array
 operation, e.g. kh*kw slice copies for an im2col, four calls for a ReLU gradient, nine for an
 Adam update, ~20 for a softmax cross-entropy. Each kernel here does one of those jobs in a
-single launch, reading and writing each element once. Convolutions run as tiled implicit-GEMM
-kernels in shared memory (float16 on the tensor cores, float32 / float64 on the CUDA cores or,
-with ``CUPY_TF32=1``, float32 on the tensor cores in TF32), with no im2col scratch. Every
-method matches its :class:`StandardKernels` twin: ``tests/test_gpu.py`` checks that on the GPU
-in float16, float32 and TF32, and ``tests/test_cuda_kernels_on_cpu.py`` compiles the same
-kernel source for the CPU and checks it on every machine in float32 and float64 (the
-tensor-core instructions have no CPU twin). The cases a kernel does not cover (overlapping
-pooling windows, non-contiguous outputs) go to that twin.
+single launch, reading and writing each element once. Convolutions run on an engine per
+layer (:meth:`CupyKernels.conv_engine`): cuDNN (:mod:`xpcnn.ops.cudnn_conv`) where it loads,
+with xpcnn's hand-written CUDA kernels (:mod:`xpcnn.ops.cuda_conv`) behind it. Every method
+matches its :class:`StandardKernels` twin: ``tests/test_gpu.py`` checks that on the GPU in
+float16 and float32, and ``tests/test_cuda_kernels_on_cpu.py`` compiles the same kernel source
+for the CPU and checks it on every machine in float32 and float64. The cases a kernel does not
+cover (overlapping pooling windows, non-contiguous outputs) go to that twin.
 
 Kernels are compiled by CuPy on first use and cached on disk (``~/.cupy/kernel_cache``). In
 elementwise bodies ``i`` is the element's C-order index, and a ``raw`` array indexed by one
@@ -21,10 +20,7 @@ integer is read at that C-order index; ``n`` and ``i`` are CuPy's own names.
 from __future__ import annotations
 
 import contextlib
-import functools
 import numbers
-import os
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,12 +28,14 @@ import array_api_compat.cupy as compat_cupy
 import cupy
 import numpy as np
 
-from . import random
+from . import cuda_conv, random
 from .convolution import ConvEngine, ConvGeometry
 from .kernels import StandardKernels
 
-# out[n, oh, ow, (i*kw + j)*C + c] = x[n, oh*sh + i - top, ow*sw + j - left, c] for a
-# C-contiguous x, 0 outside it: the zero padding is read, never stored.
+# The patches of convolutions as im2col + cuBLAS (the hand-written ones' algorithms
+# "im2col" and "direct-forward"): out[n, oh, ow, (i*kw + j)*C + c] = x[n, oh*sh + i - top,
+# ow*sw + j - left, c] for a C-contiguous x, 0 outside it: the zero padding is read, never
+# stored.
 _IM2COL = cupy.ElementwiseKernel(
     "raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kw, int32 sh, int32 sw,"
     " int32 KK, int32 top, int32 left",
@@ -63,444 +61,6 @@ _ACC = """
 template <typename X> struct XpcnnAcc { typedef float type; };
 template <> struct XpcnnAcc<double> { typedef double type; };
 """
-
-# Direct convolution, one output element per thread: y[n, oh, ow, k] = relu?(b[k] +
-# sum_{a, b, c} x[n, oh*sh + a - top, ow*sw + b - left, c] * w[(a*kw + b)*C + c, k]), zero
-# padding read, never stored. Threads of a warp share (n, oh, ow) and read consecutive k:
-# the x value is one broadcast load, the w row a coalesced one (w stays in L1).
-_CONV = cupy.ElementwiseKernel(
-    "raw T x, raw T w, raw T bias, bool has_bias, bool relu, int32 H, int32 W, int32 C,"
-    " int32 Ho, int32 Wo, int32 K, int32 kh, int32 kw, int32 sh, int32 sw, int32 top,"
-    " int32 left",
-    "T y",
-    """
-    typedef XpcnnAcc<T>::type A;
-    long long r = i;
-    const int k = r % K; r /= K;
-    const int ow = r % Wo; r /= Wo;
-    const int oh = r % Ho;
-    const long long img = r / Ho;
-    A acc = has_bias ? (A)bias[k] : (A)0;
-    for (int a = 0; a < kh; ++a) {
-        const int hh = oh * sh + a - top;
-        if (hh < 0 || hh >= H) continue;
-        for (int q = 0; q < kw; ++q) {
-            const int ww = ow * sw + q - left;
-            if (ww < 0 || ww >= W) continue;
-            const long long xo = ((img * H + hh) * W + ww) * C;
-            const long long wo = (long long)((a * kw + q) * C) * K + k;
-            for (int c = 0; c < C; ++c) {
-                acc += (A)x[xo + c] * (A)w[wo + (long long)c * K];
-            }
-        }
-    }
-    if (relu && acc < (A)0) acc = (A)0;
-    y = (T)acc;
-    """,
-    "xpcnn_conv",
-    preamble=_ACC,
-)
-
-# Tiled direct convolution (implicit GEMM): the (M = N*Ho*Wo, K) output as the product of
-# the patch matrix (M, KK = kh*kw*C), gathered on the fly and never stored, and the kernel
-# matrix (KK, K). A block of 128 threads owns a 128 x 32 output tile and walks KK in slices of
-# 16: it gathers the slice's patch values and kernel rows into shared memory once, then
-# multiplies them there: on the CUDA cores each thread accumulates an 8 x 4 tile (12 shared
-# loads for 32 products, where the one-element-per-thread kernel above makes two global loads
-# per product); on the tensor cores (float16 always, float32 with TF32 on) each warp a 32 x 32
-# one. Each thread loads its share of the next slice into registers before the product of this
-# one starts, so that the loads' latency is hidden behind it: that made the kernels 1.6x-3.2x
-# faster (float16 forward 0.51 -> 0.27 ms, kernel gradient 1.55 -> 0.48 ms at batch 512 of
-# cifar's 32x32x32 -> 32 layer; H200, 2026-11-26), since they had waited on those loads (ncu:
-# 25-30% occupancy, 15 cycles per issued instruction in the kernel gradient). Where each
-# gathered value lives comes from offsets per output row (tables in shared memory) and per
-# kernel-matrix row (in the registers of the thread that gathers it): computing it with
-# integer divisions per value made the first version 1.4x slower.
-# Tile sizes: a block's output tile (M x N), the slice of the reduction it walks (K), one
-# thread's register tile (TM x TN); the launches below take their grids from the same numbers.
-_TILE_M, _TILE_N, _TILE_K, _TILE_TM, _TILE_TN = 128, 32, 16, 8, 4
-_TILE_THREADS = (_TILE_M // _TILE_TM) * (_TILE_N // _TILE_TN)
-_TILE = f"""
-#define BM {_TILE_M}
-#define BN {_TILE_N}
-#define BK {_TILE_K}
-#define TM {_TILE_TM}
-#define TN {_TILE_TN}
-""" + """#define NT ((BM / TM) * (BN / TN))
-// Where kernel-matrix row kk reads a window: its offsets in the window (th, tw), and in x from
-// the window's start (tat); past KK, -2^29, which puts every read outside x.
-__device__ __forceinline__ void xpcnn_tap(const int kk, const int KK, const int C,
-                                          const int kw, const int W, int& th, int& tw,
-                                          long long& tat) {
-    th = -(1 << 29);
-    tw = 0;
-    tat = 0;
-    if (kk < KK) {
-        const int tap = kk / C;
-        th = tap / kw;
-        tw = tap % kw;
-        tat = ((long long)th * W + tw) * C + kk % C;
-    }
-}
-"""
-# The tile product on the CUDA cores (float32 / float64): acc[i][j] += As[t][tm*TM + i] *
-# Bs[t][tn*TN + j] over the slice's BK rows, in registers; thread (tm, tn) owns its result.
-_FMA_PRODUCT = """#define APAD 1
-#define XPCNN_TILE_INIT \
-    ACC acc[TM][TN]; \
-    for (int i = 0; i < TM; ++i) \
-        for (int j = 0; j < TN; ++j) acc[i][j] = (ACC)0;
-#define XPCNN_TILE_PRODUCT \
-    for (int t = 0; t < BK; ++t) { \
-        ACC a[TM]; \
-        ACC b[TN]; \
-        for (int i = 0; i < TM; ++i) a[i] = (ACC)As[t][tm * TM + i]; \
-        for (int j = 0; j < TN; ++j) b[j] = (ACC)Bs[t][tn * TN + j]; \
-        for (int i = 0; i < TM; ++i) \
-            for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j]; \
-    }
-#define XPCNN_TILE_FINISH
-#define XPCNN_RESULT(i, j) acc[i][j]
-"""
-# The same tile product on the tensor cores (float16, or float32 rounded to TF32, with float32
-# accumulators): each of the block's four warps owns 32 rows x BN columns of the tile as
-# 2 x (BN/16) fragments of 16 x 16. As is the tile's (BM x BK) left factor stored column by
-# column, Bs its (BK x BN) right one row by row, as the CUDA-core version has them; at the end
-# the fragments go through shared memory so that thread (tm, tn) finds its result where the
-# CUDA-core version has it, and both kernels keep one epilogue. The warp-wide instructions are
-# PTX's wmma, written inline: CUDA's C++ wrapper for them (mma.h) is missing from the CUDA
-# headers that pip installs beside CuPy.
-_WMMA_PRODUCT = """#define APAD 8
-#define WROWS (BM / (NT / 32))
-#define XPCNN_TILE_INIT \
-    float acc[WROWS / 16][BN / 16][8]; \
-    for (int i = 0; i < WROWS / 16; ++i) \
-        for (int j = 0; j < BN / 16; ++j) \
-            for (int e = 0; e < 8; ++e) acc[i][j][e] = 0.0f;
-#define XPCNN_TILE_PRODUCT \
-    for (int kt = 0; kt < BK; kt += WK) { \
-        for (int i = 0; i < WROWS / 16; ++i) { \
-            unsigned a[FRAG]; \
-            xpcnn_load_a(a, &As[kt][tid / 32 * WROWS + i * 16], BM + APAD); \
-            for (int j = 0; j < BN / 16; ++j) { \
-                unsigned b[FRAG]; \
-                xpcnn_load_b(b, &Bs[kt][j * 16], BN); \
-                xpcnn_mma(acc[i][j], a, b); \
-            } \
-        } \
-    }
-#define XPCNN_TILE_FINISH \
-    __shared__ __align__(32) float Cs[BM][BN + 4]; \
-    for (int i = 0; i < WROWS / 16; ++i) \
-        for (int j = 0; j < BN / 16; ++j) \
-            xpcnn_store(&Cs[tid / 32 * WROWS + i * 16][j * 16], acc[i][j], BN + 4); \
-    __syncthreads();
-#define XPCNN_RESULT(i, j) Cs[tm * TM + i][tn * TN + j]
-"""
-
-
-def _wmma(shape: str, depth: int, kind: str, regs: int, mma_types: str,
-          round_tf32: bool) -> str:
-    """The four warp-wide steps of one wmma flavour (16 x 16 x ``depth``) as device
-    functions: load a column-major A fragment and a row-major B one (``regs`` 32-bit registers
-    each; TF32 values rounded to nearest from float32), multiply-add into eight float32
-    accumulators, store them."""
-    def operands(first: int, n: int) -> str:
-        return "{" + ",".join(f"%{k}" for k in range(first, first + n)) + "}"
-
-    outs = ", ".join(f'"=r"(f[{k}])' for k in range(regs))
-    rounding = ("    for (int k = 0; k < FRAG; ++k)\n"
-                '        asm("cvt.rna.tf32.f32 %0, %1;"'
-                ' : "=r"(f[k]) : "f"(__uint_as_float(f[k])));\n' if round_tf32 else "")
-    load = "".join(f"""
-__device__ __forceinline__ void xpcnn_load_{m}(unsigned* f, const void* p, int ldm) {{
-    asm volatile("wmma.load.{m}.sync.aligned.{layout}.{shape}.{kind} {operands(0, regs)}, "
-                 "[%{regs}], %{regs + 1};" : {outs} : "l"(p), "r"(ldm) : "memory");
-{rounding}}}""" for m, layout in (("a", "col"), ("b", "row")))
-    d = ", ".join(f'"+f"(d[{k}])' for k in range(8))
-    ab = ", ".join([f'"r"(a[{k}])' for k in range(regs)] + [f'"r"(b[{k}])' for k in range(regs)])
-    dv = ", ".join(f'"f"(d[{k}])' for k in range(8))
-    return f"""#define WK {depth}
-#define FRAG {regs}{load}
-__device__ __forceinline__ void xpcnn_mma(float* d, const unsigned* a, const unsigned* b) {{
-    asm volatile("wmma.mma.sync.aligned.col.row.{shape}.{mma_types} {operands(0, 8)}, "
-                 "{operands(8, regs)}, {operands(8 + regs, regs)}, {operands(0, 8)};"
-                 : {d} : {ab});
-}}
-__device__ __forceinline__ void xpcnn_store(float* p, const float* d, int ldm) {{
-    asm volatile("wmma.store.d.sync.aligned.row.{shape}.f32 [%0], {operands(1, 8)}, %9;"
-                 :: "l"(p), {dv}, "r"(ldm) : "memory");
-}}
-"""
-
-
-_WMMA_FLOAT16 = "#include <cuda_fp16.h>\n" + _wmma("m16n16k16", 16, "f16", 8, "f32.f32", False)
-_WMMA_TF32 = _wmma("m16n16k8", 8, "tf32", 4, "f32.tf32.tf32.f32", True)
-_CONV_TILED_SOURCE = r"""
-extern "C" __global__ void xpcnn_conv_tiled(
-        const TYPE* x, const TYPE* w, const TYPE* bias, TYPE* y, const int has_bias,
-        const int relu, const long long M, const int H, const int W, const int C,
-        const int Ho, const int Wo, const int K, const int kw, const int KK, const int sh,
-        const int sw, const int top, const int left) {
-    __shared__ __align__(32) TYPE As[BK][BM + APAD];  // patch values, As[t][r]
-    __shared__ __align__(32) TYPE Bs[BK][BN];         // kernel rows
-    __shared__ long long row_at[BM]; // where the row's window starts in x (may lie outside)
-    __shared__ int row_h[BM];        // the row's top-left input position; -2^29 past M
-    __shared__ int row_w[BM];
-    const int tid = threadIdx.x;
-    const int tn = tid % (BN / TN);
-    const int tm = tid / (BN / TN);
-    const long long m0 = (long long)blockIdx.x * BM;
-    const int n0 = blockIdx.y * BN;
-    for (int r = tid; r < BM; r += NT) {
-        const long long m = m0 + r;
-        if (m < M) {
-            const int ow = (int)(m % Wo);
-            const long long t = m / Wo;
-            const int oh = (int)(t % Ho);
-            row_h[r] = oh * sh - top;
-            row_w[r] = ow * sw - left;
-            row_at[r] = (t / Ho) * H * W * C + ((long long)row_h[r] * W + row_w[r]) * C;
-        } else {
-            row_h[r] = -(1 << 29);
-            row_w[r] = 0;
-            row_at[r] = 0;
-        }
-    }
-    XPCNN_TILE_INIT
-    // Thread tid gathers kernel-matrix row gt of each slice for the tile rows tid / BK + e *
-    // (NT / BK), and kernel values at (tid / BN + e * (NT / BN), tid % BN), into registers:
-    // the next slice's loads are in flight while the product of this one runs.
-    static_assert(NT % BK == 0 && NT % BN == 0, "whole rows of the slice per pass");
-    const int gt = tid % BK;
-    TYPE pa[BM * BK / NT];
-    TYPE pb[BK * BN / NT];
-    auto fetch = [&](const int k0) {
-        int th, tw;
-        long long tat;
-        xpcnn_tap(k0 + gt, KK, C, kw, W, th, tw, tat);
-        for (int e = 0; e < BM * BK / NT; ++e) {
-            const int r = tid / BK + e * (NT / BK);
-            const int hh = row_h[r] + th;
-            const int ww = row_w[r] + tw;
-            pa[e] = (hh >= 0 && hh < H && ww >= 0 && ww < W) ? x[row_at[r] + tat] : (TYPE)0;
-        }
-        for (int e = 0; e < BK * BN / NT; ++e) {
-            const int kr = k0 + tid / BN + e * (NT / BN);
-            const int n = n0 + tid % BN;
-            pb[e] = (kr < KK && n < K) ? w[(long long)kr * K + n] : (TYPE)0;
-        }
-    };
-    __syncthreads();  // the row tables
-    fetch(0);
-    for (int k0 = 0; k0 < KK; k0 += BK) {
-        for (int e = 0; e < BM * BK / NT; ++e) As[gt][tid / BK + e * (NT / BK)] = pa[e];
-        for (int e = 0; e < BK * BN / NT; ++e) Bs[tid / BN + e * (NT / BN)][tid % BN] = pb[e];
-        __syncthreads();
-        if (k0 + BK < KK) fetch(k0 + BK);
-        XPCNN_TILE_PRODUCT
-        __syncthreads();
-    }
-    XPCNN_TILE_FINISH
-    for (int i = 0; i < TM; ++i) {
-        const long long m = m0 + tm * TM + i;
-        if (m >= M) continue;
-        for (int j = 0; j < TN; ++j) {
-            const int n = n0 + tn * TN + j;
-            if (n >= K) continue;
-            ACC v = XPCNN_RESULT(i, j);
-            if (has_bias) v += (ACC)bias[n];
-            if (relu && v < (ACC)0) v = (ACC)0;
-            y[m * K + n] = (TYPE)v;
-        }
-    }
-}
-"""
-# The kernel gradient as the same tiled product turned around: part[s, kk, n] = sum over the
-# output rows m of block s of patch[m, kk] * dy[m, n], a block of threads owning 128 kernel-
-# matrix rows x 32 output channels of one block of rows, walking it 16 rows at a time. With
-# ``extra`` = 1 a last kernel-matrix row of ones gives the bias gradient in the same pass.
-_CONV_WEIGHT_GRAD_TILED_SOURCE = r"""
-extern "C" __global__ void xpcnn_conv_weight_grad_tiled(
-        const TYPE* x, const TYPE* dy, PART* part, const long long M, const long long per,
-        const int H, const int W, const int C, const int Ho, const int Wo, const int K,
-        const int kw, const int KK, const int extra, const int sh, const int sw, const int top,
-        const int left) {
-    __shared__ __align__(32) TYPE As[BK][BM + APAD];  // patch values, As[t][r] for row t,
-    __shared__ __align__(32) TYPE Bs[BK][BN];         // kernel row r; output gradient rows
-    __shared__ long long row_at[2][BK]; // where the row's window starts in x (may lie
-    __shared__ int row_h[2][BK];        // outside), its top-left input position (-2^29 past
-    __shared__ int row_w[2][BK];        // the end): for this slice and the next
-    const int tid = threadIdx.x;
-    const int tn = tid % (BN / TN);
-    const int tm = tid / (BN / TN);
-    const int kk0 = blockIdx.x * BM;
-    const int n0 = blockIdx.y * BN;
-    const long long s = blockIdx.z;
-    const long long begin = s * per;
-    const long long end = begin + per < M ? begin + per : M;
-    const int KKE = KK + extra;
-    // Thread tid gathers kernel-matrix row kk0 + tid of each slice's BK rows, and output
-    // gradient values at (tid / BN + e * (NT / BN), tid % BN), into registers: the next
-    // slice's loads are in flight while the product of this one runs.
-    static_assert(NT == BM && NT % BN == 0, "one thread per kernel-matrix row");
-    const int kk = kk0 + tid;
-    const bool ones = kk >= KK && kk < KKE;  // the bias row
-    int th, tw;
-    long long tat;
-    xpcnn_tap(kk, KK, C, kw, W, th, tw, tat);
-    auto rows = [&](const long long m0, const int buf) {
-        if (tid < BK) {
-            const long long m = m0 + tid;
-            if (m < end) {
-                const int ow = (int)(m % Wo);
-                const long long t = m / Wo;
-                const int oh = (int)(t % Ho);
-                row_h[buf][tid] = oh * sh - top;
-                row_w[buf][tid] = ow * sw - left;
-                row_at[buf][tid] = (t / Ho) * H * W * C
-                                   + ((long long)row_h[buf][tid] * W + row_w[buf][tid]) * C;
-            } else {
-                row_h[buf][tid] = -(1 << 29);
-                row_w[buf][tid] = 0;
-                row_at[buf][tid] = 0;
-            }
-        }
-    };
-    TYPE pa[BK];
-    TYPE pb[BK * BN / NT];
-    auto fetch = [&](const long long m0, const int buf) {
-        for (int t = 0; t < BK; ++t) {
-            const int hh = row_h[buf][t] + th;
-            const int ww = row_w[buf][t] + tw;
-            if (ones)
-                pa[t] = row_h[buf][t] > -(1 << 28) ? (TYPE)1 : (TYPE)0;  // for real rows
-            else
-                pa[t] = (hh >= 0 && hh < H && ww >= 0 && ww < W) ? x[row_at[buf][t] + tat]
-                                                                  : (TYPE)0;
-        }
-        for (int e = 0; e < BK * BN / NT; ++e) {
-            const long long m = m0 + tid / BN + e * (NT / BN);
-            const int n = n0 + tid % BN;
-            pb[e] = (m < end && n < K) ? dy[m * K + n] : (TYPE)0;
-        }
-    };
-    XPCNN_TILE_INIT
-    rows(begin, 0);
-    __syncthreads();
-    fetch(begin, 0);
-    int buf = 0;
-    for (long long m0 = begin; m0 < end; m0 += BK, buf ^= 1) {
-        for (int t = 0; t < BK; ++t) As[t][tid] = pa[t];
-        for (int e = 0; e < BK * BN / NT; ++e) Bs[tid / BN + e * (NT / BN)][tid % BN] = pb[e];
-        if (m0 + BK < end) rows(m0 + BK, buf ^ 1);
-        __syncthreads();
-        if (m0 + BK < end) fetch(m0 + BK, buf ^ 1);
-        XPCNN_TILE_PRODUCT
-        __syncthreads();
-    }
-    XPCNN_TILE_FINISH
-    for (int i = 0; i < TM; ++i) {
-        const int kk = kk0 + tm * TM + i;
-        if (kk >= KKE) continue;
-        for (int j = 0; j < TN; ++j) {
-            const int n = n0 + tn * TN + j;
-            if (n < K) part[(s * KKE + kk) * K + n] = (PART)XPCNN_RESULT(i, j);
-        }
-    }
-}
-"""
-_TILED: dict[tuple[str, str, bool], Any] = {}
-
-
-def _tiled_kernel(name: str, source: str, dtype: Any, tf32: bool = False) -> Any:
-    """The kernel ``name`` of ``source`` for float16 (on the tensor cores), float32 (on the
-    CUDA cores, or with ``tf32`` on the tensor cores) or float64 data, compiled once; None
-    for a tensor-core one that does not compile here (e.g. no ``cuda_fp16.h``), after a
-    warning: the caller then runs the CUDA-core or direct kernels instead."""
-    key = (name, np.dtype(dtype).name, tf32)
-    if key not in _TILED:
-        ctype, acc, product = {
-            "float16": ("__half", "float", _WMMA_FLOAT16 + _WMMA_PRODUCT),
-            "float32": ("float", "float", _WMMA_TF32 + _WMMA_PRODUCT if tf32 else _FMA_PRODUCT),
-            "float64": ("double", "double", _FMA_PRODUCT)}[key[1]]
-        # PART: the kernel-gradient parts' type, float32 at least
-        source = (_TILE + product + source).replace("TYPE", ctype).replace("ACC", acc)
-        kernel = cupy.RawKernel(source.replace("PART", acc), name)
-        if product is not _FMA_PRODUCT:
-            try:
-                kernel.compile()
-            except cupy.cuda.compiler.CompileException as e:
-                warnings.warn(f"xpcnn: the tensor-core convolution kernels did not compile "
-                              f"({str(e).splitlines()[0]}); {key[1]} convolutions run on the "
-                              f"CUDA cores instead", RuntimeWarning, stacklevel=3)
-                kernel = None
-        _TILED[key] = kernel
-    return _TILED[key]
-
-
-# Kernel gradient in parts: part[s, (a*kw + b)*C + c, k] = sum over the output rows of block s
-# of x[n, oh*sh + a - top, ow*sw + b - left, c] * dy[row, k]; the parts are then summed. A
-# thread owns one k and Q consecutive channels c of one (s, a, b): each dy value it loads serves
-# Q products (dy is read KKC/Q times in all, not KKC times). Threads of a warp share (s, a, b, c)
-# and read consecutive k of each dy row (coalesced). Q is a compile-time constant (the
-# accumulators stay in registers), one kernel per Q. With ``extra`` = 1 one more group of
-# threads (qb == QB) sums dy itself into part[s, KKC, k]: the bias gradient, in the same launch
-# and the same final sum.
-_CONV_WEIGHT_GRAD_BODY = """
-    typedef XpcnnAcc<T>::type A;
-    long long r = i;
-    const int k = r % K; r /= K;
-    const int qb = r % (QB + extra);
-    const long long s = r / (QB + extra);
-    const long long part_rows = (long long)QB * XQ + extra;
-    long long row = s * per;
-    const long long end = row + per < rows ? row + per : rows;
-    if (qb == QB) {
-        A total = (A)0;
-        for (; row < end; ++row) total += (A)dy[row * K + k];
-        part[(s * part_rows + (long long)QB * XQ) * K + k] = (P)total;
-    } else {
-        const int q0 = qb * XQ;
-        const int c0 = q0 % C;
-        const int a = (q0 / C) / kw;
-        const int b = (q0 / C) % kw;
-        int ow = row % Wo;
-        long long t = row / Wo;
-        int oh = t % Ho;
-        long long img = t / Ho;
-        A acc[XQ];
-        for (int u = 0; u < XQ; ++u) acc[u] = (A)0;
-        for (; row < end; ++row) {
-            const int hh = oh * sh + a - top;
-            const int ww = ow * sw + b - left;
-            if (hh >= 0 && hh < H && ww >= 0 && ww < W) {
-                const A g = (A)dy[row * K + k];
-                const long long xo = ((img * H + hh) * W + ww) * C + c0;
-                for (int u = 0; u < XQ; ++u) acc[u] += (A)x[xo + u] * g;
-            }
-            if (++ow == Wo) { ow = 0; if (++oh == Ho) { oh = 0; ++img; } }
-        }
-        for (int u = 0; u < XQ; ++u) part[(s * part_rows + q0 + u) * K + k] = (P)acc[u];
-    }
-"""
-_CONV_WEIGHT_GRAD: dict[int, Any] = {}
-
-
-def _conv_weight_grad_kernel(q: int) -> Any:
-    kernel = _CONV_WEIGHT_GRAD.get(q)
-    if kernel is None:
-        kernel = _CONV_WEIGHT_GRAD[q] = cupy.ElementwiseKernel(
-            "raw T x, raw G dy, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 K,"
-            " int32 kw, int32 sh, int32 sw, int32 top, int32 left, int32 QB, int32 extra,"
-            " int64 rows, int64 per",
-            "raw P part",
-            _CONV_WEIGHT_GRAD_BODY.replace("XQ", str(q)),
-            f"xpcnn_conv_weight_grad_{q}",
-            preamble=_ACC,
-        )
-    return kernel
-
 
 # Where pooling window i (C-order over the (N, Ho, Wo, C) output) starts in the input.
 _WINDOW = """
@@ -739,16 +299,6 @@ _ADAM, _ADAM_AT = _update_kernels(
     """)
 
 
-@functools.cache
-def _capability_of(device: int) -> int:
-    return int(cupy.cuda.Device(device).compute_capability)
-
-
-def _compute_capability() -> int:
-    """The current GPU's compute capability as a number (9.0 -> 90)."""
-    return _capability_of(cupy.cuda.Device().id)
-
-
 def _address(a: Any) -> int:
     """Device address of a CuPy array's first element."""
     return a.data.ptr
@@ -828,9 +378,6 @@ def _in_row_blocks(a: Any, splits: int) -> tuple[Any, Any]:
     return a[:used].reshape(splits, per, *a.shape[1:]), a[used:]
 
 
-CONV_ALGORITHMS = ("direct", "tiled", "direct-forward", "im2col")
-
-
 class CupyKernels(StandardKernels):
     """One launch per job where the standard versions take several (see the module doc)."""
 
@@ -840,15 +387,9 @@ class CupyKernels(StandardKernels):
 
     def __init__(self) -> None:
         super().__init__(compat_cupy)
-        # Measured on an H200 (docs/performance.md, 05:18 UTC): the tiled kernels trained
-        # float32 1.3x-1.6x faster than the one-element-per-thread direct ones (cifar, batch
-        # 128: 44,732 against 30,638 images/s), which in turn beat im2col + cuBLAS; neither
-        # keeps any scratch.
-        self.set_conv_algorithm("tiled")
-        # TF32 as CuPy's own matmuls have it: with CUPY_TF32=1 the tiled float32 convolutions
-        # round their factors to TF32 and run on the tensor cores (compute capability 8.0 or
-        # newer), as cuDNN's do by default under PyTorch. Off by default: full float32.
-        self.tf32 = os.environ.get("CUPY_TF32", "0") != "0"
+        # the hand-written convolution kernels and their switches (algorithm, TF32), read by
+        # every layer's engine (see conv_engine)
+        self.conv_kernels = cuda_conv.ConvKernels()
         # matrix products as cuDNN graphs while set (see capturable): always the same engine,
         # made on first use and kept, as the graphs captured with it run its plans
         self._graph_matmul: Any = None
@@ -860,11 +401,11 @@ class CupyKernels(StandardKernels):
 
     def conv_engine(self, geometry: ConvGeometry, backend: Any) -> ConvEngine:
         """cuDNN (:mod:`xpcnn.ops.cudnn_conv`) where it loads, with the hand-written kernels
-        below for the cases it has no plan for; those kernels alone where it does not load
-        (after a one-line warning) or with ``XPCNN_CUDNN=0``."""
+        (:mod:`xpcnn.ops.cuda_conv`) for the cases it has no plan for; those kernels alone
+        where it does not load (after a one-line warning) or with ``XPCNN_CUDNN=0``."""
         from . import cudnn_conv
 
-        own = super().conv_engine(geometry, backend)
+        own = cuda_conv.HandWrittenConv.for_backend(geometry, self, backend)
         cudnn = cudnn_conv.load()
         return own if cudnn is None else cudnn_conv.CudnnConv(geometry, cudnn, own)
 
@@ -885,98 +426,6 @@ class CupyKernels(StandardKernels):
             yield
         finally:
             self._graph_matmul = old
-
-    def set_conv_algorithm(self, name: str) -> None:
-        """How convolutions run: ``"direct"`` (the kernels above, one element per thread, for
-        all three), ``"tiled"`` (the tiled kernels for all three: float16 on the tensor cores
-        of a GPU of compute capability 7.0 or newer, else the direct ones), ``"direct-forward"``
-        (direct forward and input gradient, im2col + cuBLAS kernel gradient) or ``"im2col"``
-        (im2col + cuBLAS for all)."""
-        if name not in CONV_ALGORITHMS:
-            raise ValueError(f"unknown convolution algorithm {name!r}; expected one of "
-                             f"{', '.join(CONV_ALGORITHMS)}")
-        self.direct_conv = name != "im2col"
-        self.direct_weight_grad = name in ("direct", "tiled")
-        self.tiled_conv = name == "tiled"
-
-    def _tiled_for(self, name: str, source: str, dtype: Any) -> Any:
-        """The tiled kernel for ``dtype`` data, or None where the direct kernels run: another
-        algorithm chosen, or float16 without tensor cores (compute capability below 7.0) or
-        whose tensor-core kernel did not compile. TF32 needs 8.0; without it, or where its
-        kernel did not compile, float32 runs on the CUDA cores."""
-        if not self.tiled_conv or dtype not in (cupy.float16, cupy.float32, cupy.float64):
-            return None
-        if dtype == cupy.float16:
-            return _tiled_kernel(name, source, dtype) if _compute_capability() >= 70 else None
-        if self.tf32 and dtype == cupy.float32 and _compute_capability() >= 80:
-            kernel = _tiled_kernel(name, source, dtype, tf32=True)
-            if kernel is not None:
-                return kernel
-        return _tiled_kernel(name, source, dtype)
-
-    def conv2d(self, x: Any, w2: Any, bias: Any, kernel: tuple[int, int],
-               strides: tuple[int, int], pads: tuple[int, int, int, int],
-               out_hw: tuple[int, int], relu: bool) -> Any:
-        """Convolution of (N, H, W, C) ``x``, zero-padded by ``pads``, with the (kh*kw*C, K)
-        kernel matrix ``w2`` (+ bias, then ReLU): the (N*Ho*Wo, K) output rows, one launch."""
-        x, w2 = cupy.ascontiguousarray(x), cupy.ascontiguousarray(w2)
-        n, h, w, c = x.shape
-        k = w2.shape[1]
-        rows = n * out_hw[0] * out_hw[1]
-        y = cupy.empty((rows, k), x.dtype)
-        b = w2 if bias is None else cupy.ascontiguousarray(bias)  # (unread without a bias)
-        tiled = self._tiled_for("xpcnn_conv_tiled", _CONV_TILED_SOURCE, x.dtype)
-        if tiled is not None and rows:
-            i32 = np.int32
-            grid = (-(-rows // _TILE_M), -(-k // _TILE_N))
-            tiled(grid, (_TILE_THREADS,),
-                  (x, w2, b, y, i32(bias is not None), i32(relu), np.int64(rows), i32(h),
-                   i32(w), i32(c), i32(out_hw[0]), i32(out_hw[1]), i32(k), i32(kernel[1]),
-                   i32(w2.shape[0]), i32(strides[0]), i32(strides[1]), i32(pads[0]),
-                   i32(pads[2])))
-            return y
-        _CONV(x, w2, b, bias is not None, relu, h, w, c, out_hw[0], out_hw[1], k, kernel[0],
-              kernel[1], strides[0], strides[1], pads[0], pads[2], y)
-        return y
-
-    def conv2d_weight_grad(self, x: Any, dy2: Any, kernel: tuple[int, int],
-                           strides: tuple[int, int], pads: tuple[int, int, int, int],
-                           out_hw: tuple[int, int], with_bias: bool = False
-                           ) -> tuple[Any, Any | None]:
-        """Kernel gradient (kh*kw*C, K) of :meth:`conv2d` for output gradient rows ``dy2``
-        and, ``with_bias``, the bias gradient (else None), accumulated in float32 at least
-        (float64 for float64): blocks of rows in parallel, then their sum."""
-        x, dy2 = cupy.ascontiguousarray(x), cupy.ascontiguousarray(dy2)
-        n, h, w, c = x.shape
-        rows, k = dy2.shape
-        kkc = kernel[0] * kernel[1] * c
-        extra = 1 if with_bias else 0
-        acc = cupy.float64 if x.dtype == cupy.float64 else cupy.float32
-        tiled = self._tiled_for("xpcnn_conv_weight_grad_tiled",
-                                   _CONV_WEIGHT_GRAD_TILED_SOURCE, x.dtype)
-        if tiled is not None and rows:
-            tiles = -(-(kkc + extra) // _TILE_M) * -(-k // _TILE_N)
-            splits = max(1, min(512 // tiles, rows // 64, 256))  # ~512 blocks in all
-            per = -(-rows // splits)
-            splits = -(-rows // per)
-            parts = cupy.empty((splits, kkc + extra, k), acc)
-            i32 = np.int32
-            tiled((-(-(kkc + extra) // _TILE_M), -(-k // _TILE_N), splits), (_TILE_THREADS,),
-                  (x, dy2, parts, np.int64(rows), np.int64(per), i32(h), i32(w), i32(c),
-                   i32(out_hw[0]), i32(out_hw[1]), i32(k), i32(kernel[1]), i32(kkc),
-                   i32(extra), i32(strides[0]), i32(strides[1]), i32(pads[0]), i32(pads[2])))
-            total = parts.sum(axis=0)
-            return (total[:kkc], total[kkc]) if with_bias else (total, None)
-        splits = max(1, min(rows // 1024, 256))
-        per = -(-rows // splits)
-        parts = cupy.empty((splits, kkc + extra, k), acc)
-        q = next(q for q in (8, 4, 3, 2, 1) if c % q == 0)  # channels per thread
-        _conv_weight_grad_kernel(q)(
-            x, dy2, h, w, c, out_hw[0], out_hw[1], k, kernel[1], strides[0], strides[1],
-            pads[0], pads[2], kkc // q, extra, rows, per, parts,
-            size=splits * (kkc // q + extra) * k)
-        total = parts.sum(axis=0)
-        return (total[:kkc], total[kkc]) if with_bias else (total, None)
 
     def matmul(self, a: Any, b: Any) -> Any:
         if self._graph_matmul is not None:

@@ -1,11 +1,11 @@
-"""The few primitives whose NumPy versions beat their standard spelling, and the standard ones.
+"""The primitives that have faster versions outside the Array API, in their standard versions.
 
-Ops call :func:`kernels_for` (never NumPy or CuPy directly): it returns ``backend.fast`` (the
-NumPy kernels of :mod:`xpcnn.ops.fast_numpy`, the CuPy ones of :mod:`xpcnn.ops.fast_cupy`) when
-the backend offers them, else :class:`StandardKernels`, written against the Array API alone. All
-compute the same values; the NumPy ones write into their outputs without temporaries (``out=``)
-and spread work over threads, the CuPy ones do in one launch what takes the standard versions
-several.
+Layers and the model call :func:`kernels_for` (never NumPy or CuPy directly): it returns
+``backend.fast`` (the NumPy kernels of :mod:`xpcnn.ops.fast_numpy`, the CuPy ones of
+:mod:`xpcnn.ops.fast_cupy`) when the backend offers them, else :class:`StandardKernels`,
+written against the Array API alone. All compute the same values; the NumPy ones write into
+their outputs without temporaries (``out=``) and spread work over threads, the CuPy ones do in
+one launch what takes the standard versions several.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .conv import im2col_into
-from .convolution import ConvEngine, ConvGeometry, kernels_conv
+from .convolution import ConvEngine, ConvGeometry, KernelsConv
 from .pool import max_pool, max_pool_backward
 from .random import uniform
 from .softmax import cross_entropy, loss_and_correct, target_rows
@@ -40,10 +40,6 @@ class StandardKernels:
     # True where im2col_into takes ``pads`` and reads the input as if zero-padded (CuPy's):
     # convolutions then skip the padded copy of each chunk.
     pads_in_im2col = False
-    # True where the kernels convolve directly (conv2d, conv2d_weight_grad: CuPy's), without
-    # im2col patches: no scratch, one launch per convolution.
-    direct_conv = False
-    direct_weight_grad = False
     # True where im2col_into writes only the patch columns of a wider ``out`` (the standard
     # and NumPy versions): convolutions with a bias then give each patch a last column of ones
     # and the kernel matrix a last row of biases, so the product adds the bias (no pass over
@@ -56,7 +52,7 @@ class StandardKernels:
     def conv_engine(self, geometry: ConvGeometry, backend: Any) -> ConvEngine:
         """The engine that runs a convolution layer of this ``geometry`` (see
         :mod:`xpcnn.ops.convolution`): here the chunked loops over these kernels."""
-        return kernels_conv(geometry, self, backend)
+        return KernelsConv.for_backend(geometry, self, backend)
 
     def pinned(self) -> contextlib.AbstractContextManager[None]:
         """Held around a training step or prediction (see :meth:`Backend.compute_scope`)."""
