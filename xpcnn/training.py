@@ -82,14 +82,19 @@ class Trainer:
     * ``backend``, ``name``, ``seed``, ``dtype_name`` (the parameters' dtype) and
       ``_param_dtype`` (that dtype on the backend);
     * ``layers`` and ``trainable_layers`` (those the optimiser updates), ``built``,
-      ``input_shape``, ``num_classes``, ``build(input_shape)``, ``_require_built(what)`` and
-      ``_rebuild_if_shared()`` (layers another model shares are built as this one needs);
+      ``input_shape``, ``num_classes``, ``build(input_shape)``, ``_require_built(what)``,
+      ``_rebuild_if_shared()`` (layers another model shares are built as this one needs) and
+      ``_unbuilt_if_refused()`` (a context: a call refused inside it leaves an unbuilt model
+      unbuilt);
     * ``_logits(x, training)``, the forward pass to the logits (a final Softmax is left to the
       loss), ``_backward(dz, on_layer)``, which fills each trainable layer's ``grads``, and
       ``_layer_outputs(x, training)``, every layer's output (to name where a value stopped
       being finite).
 
-    Nothing here knows how the layers are connected.
+    Nothing here knows how the layers are connected. The file reads in the order of a run:
+    compile; one training step (checked, on the device, captured in a CUDA graph where it can
+    be), and the running totals the host reads behind it; the batch sources; fit, evaluate and
+    predict. A refused call changes nothing (``_undone_if_refused``).
     """
 
     backend: Backend
@@ -231,17 +236,7 @@ class Trainer:
         every later one are skipped, and :class:`InputError` names the labels when the host
         next reads the totals. No step ever trains on labels that match no class.
         """
-        self._require_compiled("train_step")
-        self._require_built("train_step")
-        check_on_device(xb, self.backend, "x", instead="")
-        check_on_device(yb, self.backend, "y", instead="")
-        checks.check_sample_shape(xb, self.input_shape)  # type: ignore[arg-type]
-        check_real_images(xb, self.backend.xp)
-        xp = self.backend.xp
-        # (integer labels only: fit turns whole-number floats into them on the host)
-        checks.check_label_layout(tuple(yb.shape), xp.isdtype(yb.dtype, "integral"),
-                                  yb.ndim == 2 and xp.isdtype(yb.dtype, "real floating"),
-                                  yb.dtype, int(xb.shape[0]), self.num_classes)
+        self._check_step_batch(xb, yb)
         with self.backend.compute_scope():
             # (a data-parallel step runs uncaptured: its allreduces are outside any graph)
             graphs = None if self._parallel is not None else self._step_graphs()
@@ -256,6 +251,22 @@ class Trainer:
             if len(totals.pending) >= READ_EVERY:
                 self._read_totals()
             return stats[0], stats[1]
+
+    def _check_step_batch(self, xb: Any, yb: Any) -> None:
+        """What :meth:`train_step` checks on the host, from the arrays' shapes and dtypes
+        alone: the model compiled and built, both arrays on its device, images of its sample
+        shape, labels of the batch's length (integers only: fit turns whole-number floats into
+        them on the host)."""
+        self._require_compiled("train_step")
+        self._require_built("train_step")
+        check_on_device(xb, self.backend, "x", instead="")
+        check_on_device(yb, self.backend, "y", instead="")
+        checks.check_sample_shape(xb, self.input_shape)  # type: ignore[arg-type]
+        xp = self.backend.xp
+        check_real_images(xb, xp)
+        checks.check_label_layout(tuple(yb.shape), xp.isdtype(yb.dtype, "integral"),
+                                  yb.ndim == 2 and xp.isdtype(yb.dtype, "real floating"),
+                                  yb.dtype, int(xb.shape[0]), self.num_classes)
 
     def _device_step(self, xb: Any, yb: Any, step: Any, scalars: dict[str, Any] | None = None
                      ) -> Any:
