@@ -588,3 +588,14 @@ def test_a_refused_load_weights_leaves_an_unbuilt_model_unbuilt(tmp_path):
     with pytest.raises(DataFormatError, match="another architecture"):
         model.load_weights(tmp_path / "other.npz")
     assert not model.built  # (was: built for the file's inputs)
+
+
+def test_a_refused_build_leaves_a_built_model_as_it_was(model):
+    model.fit(X, Y, verbose=0)
+    before = model.predict(X)
+    with pytest.raises(InputError, match=r"layer 'dense' \(Dense\) holds weights for inputs of "
+                                         r"shape \(48,\)"):
+        model.build((5, 5, 3))  # the convolution takes it, the Dense layer after it cannot
+    assert model.input_shape == (6, 6, 3)  # (was: (5, 5, 3), with the convolution built for it
+    np.testing.assert_array_equal(model.predict(X), before)  # and predict failing deep inside)
+    model.fit(X, Y, verbose=0)

@@ -123,8 +123,18 @@ class Model(Trainer):
                              f"{input_shape!r}")
         graph.check_graph(self.layers, self._inbound())
         check_structure(self.layers)
-        self.input_shape = shape
-        self._build_layers()
+        built_for = self.input_shape if self.built else None
+        with self._unbuilt_if_refused():
+            self.input_shape = shape
+            try:
+                self._build_layers()
+            except BaseException:
+                # (a layer refused the new shape, the layers before it built for it: a built
+                # model is built again for its own, with the weights it kept)
+                if built_for is not None:
+                    self.input_shape = built_for
+                    self._build_layers()
+                raise
         if self.optimizer is not None:
             self.optimizer.slots = {}
 
