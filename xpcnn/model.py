@@ -110,7 +110,7 @@ class Model(Trainer):
             values.append(layer(graph.read_by(layer, ins, values)))
         return values[-1]
 
-    # -- the graph and its executor ------------------------------------------------------------
+    # -- building: every layer's weights for an input shape -------------------------------------
     def build(self, input_shape: tuple[int, ...]) -> None:
         """Create every layer's weights for per-sample ``input_shape``, e.g. (32, 32, 3)."""
         if not self.layers:
@@ -182,6 +182,11 @@ class Model(Trainer):
         self._require_built("output_shape")
         return self._output_shape
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.output_shape[-1])
+
+    # -- the executor: forward and backward through the graph's plan ----------------------------
     def _fused_softmax(self) -> bool:
         """True when the network ends in a Softmax that is left to the loss (the plan stops
         at the logits)."""
@@ -199,6 +204,16 @@ class Model(Trainer):
                                                         self._fused_softmax()))
         return self._plan_cache[1]
 
+    @property
+    def _param_dtype(self) -> Any:
+        """The parameters' (master) dtype on this backend: losses and outputs are in it."""
+        return self.backend.dtype(self.dtype_name)
+
+    def _to_device(self, x: np.ndarray) -> Any:
+        """One host -> device copy of a batch, then the cast on the device."""
+        xb = self.backend.asarray(np.ascontiguousarray(x))
+        return self.backend.xp.astype(xb, self._param_dtype)
+
     def _logits(self, x: Any, training: bool) -> Any:
         """Forward pass up to the logits, by the plan, of a device batch (cast to the
         parameters' dtype first)."""
@@ -215,6 +230,15 @@ class Model(Trainer):
     def _layer_outputs(self, x: Any, training: bool) -> list[Any]:
         """Every layer's own output (no plan: each does its own work)."""
         return graph.each_output(self.layers, self._inbound(), x, training)
+
+    def forward(self, x: Any, training: bool = False) -> list[Any]:
+        """Every layer's output for a host batch, as device arrays (for inspection)."""
+        self._require_built("forward")
+        self._rebuild_if_shared()
+        x = checks.as_images(x)
+        checks.check_sample_shape(x, self.input_shape)  # type: ignore[arg-type]
+        with self.backend.compute_scope():
+            return self._layer_outputs(self._to_device(x), training)
 
     # -- configuration -------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
@@ -244,30 +268,7 @@ class Model(Trainer):
         model._set_graph(layers, graph.inbound_of(config["layers"]))
         return model
 
-    @property
-    def num_classes(self) -> int:
-        return int(self.output_shape[-1])
-
-    @property
-    def _param_dtype(self) -> Any:
-        """The parameters' (master) dtype on this backend: losses and outputs are in it."""
-        return self.backend.dtype(self.dtype_name)
-
-    def _to_device(self, x: np.ndarray) -> Any:
-        """One host -> device copy of a batch, then the cast on the device."""
-        xb = self.backend.asarray(np.ascontiguousarray(x))
-        return self.backend.xp.astype(xb, self._param_dtype)
-
-    def forward(self, x: Any, training: bool = False) -> list[Any]:
-        """Every layer's output for a host batch, as device arrays (for inspection)."""
-        self._require_built("forward")
-        self._rebuild_if_shared()
-        x = checks.as_images(x)
-        checks.check_sample_shape(x, self.input_shape)  # type: ignore[arg-type]
-        with self.backend.compute_scope():
-            return self._layer_outputs(self._to_device(x), training)
-
-    # -- inspection and weights --------------------------------------------------------------
+    # -- inspection -----------------------------------------------------------------------------
     def summary(self, print_fn: Callable[[str], None] | None = None) -> None:
         """Print each layer's name, type, output shape and weight count (and, in a graph, the
         layers it reads), then the trainable and non-trainable counts, as Keras does; each
@@ -321,6 +322,7 @@ class Model(Trainer):
         (``layer.trainable = False``), in weight order."""
         return [la for la in self.layers if la.trainable and la.params]
 
+    # -- weights, devices and files -------------------------------------------------------------
     def get_weights(self) -> list[np.ndarray]:
         """All layers' weights, in order, as host arrays in Keras layouts."""
         self._require_built("get_weights")

@@ -121,7 +121,7 @@ class Trainer:
         self.cuda_graphs_reason = ""
         self._graphs: StepGraphs | None = None
 
-    # -- compile: the loss, the optimiser and the precision ------------------------------------
+    # -- compile: the loss, the optimiser and the precision -------------------------------------
     def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
                 optimizer: str | Optimizer = "adam",
                 metrics: str | list[str] | tuple[str, ...] | None = ("accuracy",),
@@ -218,7 +218,7 @@ class Trainer:
         if self.loss is None or self.optimizer is None:
             raise InputError(f"call compile(loss=..., optimizer=...) before {what}")
 
-    # -- one training step ---------------------------------------------------------------------
+    # -- one training step ----------------------------------------------------------------------
     def train_step(self, xb: Any, yb: Any) -> tuple[Any, Any]:
         """One forward, backward and update on a batch of device arrays, queued without waiting
         for the device: ``xb`` images (uint8 or float: cast on the device), ``yb`` integer
@@ -251,6 +251,19 @@ class Trainer:
             if len(totals.pending) >= READ_EVERY:
                 self._read_totals()
             return stats[0], stats[1]
+
+    def train_on_batch(self, x: Any, y: Any) -> dict[str, float]:
+        """One training step on one batch of host or device arrays, checked at once (the host
+        waits for the device): its ``loss`` and ``accuracy``, or :class:`NonFiniteError`."""
+        self._require_compiled("train_on_batch")
+        self._rebuild_if_shared()
+        with self._unbuilt_if_refused():
+            x, targets = check_arrays(self, x, y)
+        with self.backend.compute_scope():
+            loss, correct = self.train_step(to_device(self.backend, x),
+                                            to_device(self.backend, targets))
+        self._read_totals()
+        return {"loss": float(loss), "accuracy": float(correct) / int(x.shape[0])}
 
     def _check_step_batch(self, xb: Any, yb: Any) -> None:
         """What :meth:`train_step` checks on the host, from the arrays' shapes and dtypes
@@ -321,7 +334,7 @@ class Trainer:
         grads, stats = dp.buckets.finish()
         return stats, grads
 
-    # -- CUDA graphs (xpcnn.cuda_graphs) ------------------------------------------------------
+    # -- the step captured in a CUDA graph (xpcnn.cuda_graphs) ----------------------------------
     def _step_graphs(self) -> StepGraphs | None:
         """The captured-step runner where this model's steps can be captured, else None (with
         the reason in ``cuda_graphs_reason``)."""
@@ -373,19 +386,7 @@ class Trainer:
         scaling = [] if self._scaling is None else [("the loss scale", self._scaling)]
         return params + state + slots + randoms + totals + scaling
 
-    def train_on_batch(self, x: Any, y: Any) -> dict[str, float]:
-        """One training step on one batch of host or device arrays, checked at once (the host
-        waits for the device): its ``loss`` and ``accuracy``, or :class:`NonFiniteError`."""
-        self._require_compiled("train_on_batch")
-        self._rebuild_if_shared()
-        with self._unbuilt_if_refused():
-            x, targets = check_arrays(self, x, y)
-        with self.backend.compute_scope():
-            loss, correct = self.train_step(to_device(self.backend, x),
-                                            to_device(self.backend, targets))
-        self._read_totals()
-        return {"loss": float(loss), "accuracy": float(correct) / int(x.shape[0])}
-
+    # -- the running totals the host reads behind the steps; deferred errors --------------------
     def _running_totals(self) -> RunningTotals:
         n_grads = sum(len(la.params) for la in self.trainable_layers)
         if self._totals is None or self._totals.n_grads != n_grads or \
@@ -461,7 +462,7 @@ class Trainer:
         raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
                              f"values appear in {where}")
 
-    # -- data ------------------------------------------------------------------------------------
+    # -- batch sources, and a refused call undone -----------------------------------------------
     def _batches(self, x: Any, y: Any, batch_size: int, steps: int | None, what: str = "x", *,
                  shuffle: bool = False, seed: int = 0, targets: bool = True,
                  checked: bool = False) -> Batches:
@@ -500,7 +501,7 @@ class Trainer:
                         data.give_back()
                 raise
 
-    # -- fit / evaluate / predict ----------------------------------------------------------
+    # -- fit, evaluate, predict -----------------------------------------------------------------
     def fit(self, x: Any, y: Any = None, epochs: int = 1, batch_size: int = 32,
             validation_data: Any = None, validation_split: float = 0.0, shuffle: bool = True,
             seed: int | None = None, verbose: int | str = 1,
