@@ -64,7 +64,7 @@ def main() -> None:
     def bookkeeping() -> None:  # one step's totals, and the host's read every READ_EVERY steps
         step[0] += 1
         totals.add(stats, grads, args.batch_size, step[0], squares=model.optimizer.keeps_squares)
-        totals.pending.append((step[0], None))  # (as Model.train_step records each step)
+        totals.pending.append((step[0], (None, None)))  # (as train_step records each step)
         if len(totals.pending) >= READ_EVERY:
             totals.read()
 

@@ -8,14 +8,15 @@ import copy
 import os
 import pickle
 
+import array_api_strict as xs
 import numpy as np
 import pytest
 from nets import four_class_data, four_class_model, four_class_net
 
 import xpcnn
 from xpcnn import optim
-from xpcnn.callbacks import BackupAndRestore, CSVLogger, ModelCheckpoint
-from xpcnn.errors import InputError, NonFiniteError
+from xpcnn.callbacks import BackupAndRestore, CSVLogger, EarlyStopping, ModelCheckpoint
+from xpcnn.errors import DataFormatError, InputError, NonFiniteError
 from xpcnn.layers import (
     Conv2D,
     Dense,
@@ -26,6 +27,7 @@ from xpcnn.layers import (
     Rescaling,
     Softmax,
 )
+from xpcnn.totals import READ_EVERY
 
 X, Y = four_class_data()
 
@@ -417,3 +419,183 @@ def test_a_list_of_batches_is_told_how_to_be_passed(model):
         model.fit(batches, verbose=0)
     model.fit(iter(batches), steps_per_epoch=2, verbose=0)
     assert model.optimizer.iterations == 2
+
+
+# -- train_step, the raw step: its labels are checked without a host wait --------------------
+
+def _strict_model():
+    """:func:`four_class_model` on array_api_strict, whose arrays are not NumPy's: what a
+    CuPy model's device labels are."""
+    m = xpcnn.Sequential(four_class_net(), seed=0, device=xs)
+    m.compile(optimizer=optim.SGD(0.01))
+    m.build((6, 6, 3))
+    return m
+
+
+@pytest.mark.parametrize("on", ["numpy", "array_api_strict"])
+@pytest.mark.parametrize("labels", [[0, 1, 2, 4], [0, -1, 2, 3], np.array([3, 0, 7, 1], np.uint8)])
+def test_train_step_never_trains_on_labels_that_are_no_class(labels, on):
+    """(was: such a label matched no class, and the step trained on a wrong loss, silently)"""
+    model = four_class_model() if on == "numpy" else _strict_model()
+    before = model.get_weights()
+    xb, bad = model._to_device(X[:4]), model.backend.asarray(np.array(labels))
+    good = model.backend.asarray(Y[4:8])
+    loss, _ = model.train_step(xb, bad)  # queued: the host does not wait for the device
+    assert not np.isfinite(float(loss))
+    with pytest.raises(InputError, match=r"training stopped at step 1: labels in y must be in "
+                                         r"\[0, 3\] for a model with 4 outputs"):
+        for _ in range(READ_EVERY):  # the host reads the totals every READ_EVERY steps
+            model.train_step(xb, good)
+    assert model.optimizer.iterations == 0  # no update from that step on
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_train_step_never_trains_on_one_hot_rows_that_are_no_probabilities(model):
+    xb, rows = model._to_device(X[:4]), np.eye(4)[Y[:4]]
+    rows[2] *= 3.0
+    model.train_step(xb, model.backend.asarray(rows))
+    with pytest.raises(InputError, match="step 1: one-hot y must hold probabilities, each row "
+                                         ">= 0 and summing to 1; row 2 sums to 3"):
+        model.train_on_batch(X[:4], Y[:4])  # (reads the totals at once)
+    assert model.optimizer.iterations == 0
+
+
+@pytest.mark.parametrize("labels, message", [
+    (Y[:1], r"y has 1 labels but x has 4 samples"),  # (was: broadcast to every sample)
+    (Y[:4].reshape(4, 1), r"y must be integer labels of shape \(4,\) or one-hot rows of shape "
+                          r"\(4, 4\); got shape \(4, 1\)"),  # (was: broadcast, silently)
+    (np.eye(5)[Y[:4]], r"got shape \(4, 5\)"),
+    (Y[:4] > 1, r"y must be integer class labels, got dtype bool"),
+    (Y[:4] * 1.0, r"y must be integer class labels, got dtype float64"),
+])
+def test_train_step_refuses_labels_of_the_wrong_shape_or_dtype_at_once(model, labels, message):
+    with pytest.raises(InputError, match=message):
+        model.train_step(model._to_device(X[:4]), model.backend.asarray(labels))
+    assert model.optimizer.iterations == 0
+
+
+def test_train_step_refuses_what_it_cannot_run_on(model):
+    with pytest.raises(InputError, match=r"x has per-sample shape \(5, 5, 3\) but the model "
+                                         r"expects \(6, 6, 3\)"):
+        model.train_step(model._to_device(X[:4, :5, :5]), Y[:4])
+    strict = model.backend.asarray(X[:4]), xs.asarray(Y[:4])
+    with pytest.raises(InputError, match="y is an array of array_api_strict"):
+        model.train_step(*strict)
+    uncompiled = xpcnn.Sequential(four_class_net(), input_shape=(6, 6, 3))
+    with pytest.raises(InputError, match=r"call compile\(loss=..., optimizer=...\) before "
+                                         r"train_step"):
+        uncompiled.train_step(model._to_device(X[:4]), Y[:4])
+
+
+# -- a refused call changes nothing: no batch drawn, no weight replaced -------------------------
+
+def _generator():
+    for start in range(0, 20, 5):
+        yield X[start:start + 5], Y[start:start + 5]
+
+
+@pytest.mark.parametrize("wrong", [
+    dict(resume=True), dict(checkpoint_every=2), dict(validation_data=[X]),
+    dict(validation_data=(X, Y), validation_steps=2), dict(callbacks=[print]),
+], ids=["resume", "checkpoint_every", "validation_data", "validation_steps", "callbacks"])
+def test_a_refused_fit_draws_no_batch_from_a_generator(wrong):
+    """(was: refused after the first batch was drawn to build the model, and that batch lost)"""
+    unbuilt = xpcnn.Sequential(four_class_net(), seed=0)
+    unbuilt.compile(optimizer=optim.SGD(0.01))
+    batches = _generator()
+    with pytest.raises(InputError):
+        unbuilt.fit(batches, steps_per_epoch=4, verbose=0, **wrong)
+    assert not unbuilt.built
+    first = next(batches)
+    np.testing.assert_array_equal(first[0], X[:5])
+
+
+def test_a_refused_set_weights_replaces_no_weight(model):
+    weights = model.get_weights()
+    wrong = [w + 1 for w in weights]
+    wrong[-1] = np.zeros(5)  # the last layer's bias, of the wrong size
+    with pytest.raises(InputError, match=r"weight 'bias' must have shape \(4,\), got \(5,\)"):
+        model.set_weights(wrong)  # (was: every layer before the last one replaced)
+    for a, b in zip(model.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_refused_evaluate_leaves_an_uncompiled_model_uncompiled():
+    unbuilt = xpcnn.Sequential(four_class_net(), seed=0)
+    with pytest.raises(InputError):
+        unbuilt.evaluate(X, Y[:3])
+    assert unbuilt.loss is None  # (was: the default loss, as if compiled)
+    assert unbuilt.evaluate(X, Y)["loss"] > 0 and unbuilt.loss is None
+
+
+def _unbuilt():
+    unbuilt = xpcnn.Sequential(four_class_net(), seed=0)
+    unbuilt.compile(optimizer=optim.SGD(0.01))
+    return unbuilt
+
+
+@pytest.mark.parametrize("refused", [
+    dict(checkpoint="ck.npz"),  # BackupAndRestore needs batches it can replay
+    dict(callbacks=[EarlyStopping()]),  # val_loss, in a fit without validation data
+    dict(validation_data=(X[:4, :5], Y[:4])),  # images of another size than x's
+], ids=["checkpoint", "early stopping", "validation images"])
+def test_a_batch_drawn_to_build_the_model_is_given_back_when_fit_is_refused(
+        refused, tmp_path, monkeypatch):
+    """Refused after the first batch was drawn (to build the model from it), fit gives that
+    batch back: the next fit on the generator trains on every batch, as on a fresh one (was:
+    the batch was lost, and the model built for the refused call)."""
+    monkeypatch.chdir(tmp_path)
+    model, batches = _unbuilt(), _generator()
+    with pytest.raises(InputError):
+        model.fit(batches, steps_per_epoch=4, verbose=0, **refused)
+    assert not model.built
+    model.fit(batches, steps_per_epoch=4, verbose=0)
+    fresh = _unbuilt()
+    fresh.fit(_generator(), steps_per_epoch=4, verbose=0)
+    assert model.optimizer.iterations == 4
+    for a, b in zip(model.get_weights(), fresh.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_refused_call_leaves_an_unbuilt_model_unbuilt():
+    """(was: built for the refused data, whose shape then refused the right data)"""
+    nchw = np.ascontiguousarray(X.transpose(0, 3, 1, 2))
+    for call in (lambda m: m.fit(nchw, Y[:3], verbose=0),
+                 lambda m: m.train_on_batch(nchw, Y[:3]),
+                 lambda m: m.evaluate(nchw, Y[:3])):
+        model = _unbuilt()
+        with pytest.warns(UserWarning, match="channels-first"), pytest.raises(InputError):
+            call(model)
+        assert not model.built and all(not la.built and not la.params for la in model.layers)
+        model.fit(X, Y, verbose=0)  # (was: 'x has per-sample shape (6, 6, 3) but the model
+        assert model.input_shape == (6, 6, 3)  # expects (3, 6, 6)')
+
+
+def test_a_refused_fit_keeps_the_history_of_the_last_one(tmp_path):
+    model = four_class_model()
+    history = model.fit(X, Y, epochs=2, verbose=0)
+    with pytest.raises(InputError, match="EarlyStopping monitors 'val_loss'"):
+        model.fit(X, Y, callbacks=[EarlyStopping()], verbose=0)
+    assert model.history is history and len(history.history["loss"]) == 2
+
+
+def test_a_refused_load_weights_leaves_an_unbuilt_model_unbuilt(tmp_path):
+    other = xpcnn.Sequential([Rescaling(1 / 255), Conv2D(3, 3), ReLU(), Flatten(),
+                              Dense(4, activation="relu"), Softmax()], input_shape=(6, 6, 3))
+    other.save(tmp_path / "other.npz")
+    model = _unbuilt()
+    with pytest.raises(DataFormatError, match="another architecture"):
+        model.load_weights(tmp_path / "other.npz")
+    assert not model.built  # (was: built for the file's inputs)
+
+
+def test_a_refused_build_leaves_a_built_model_as_it_was(model):
+    model.fit(X, Y, verbose=0)
+    before = model.predict(X)
+    with pytest.raises(InputError, match=r"layer 'dense' \(Dense\) holds weights for inputs of "
+                                         r"shape \(48,\)"):
+        model.build((5, 5, 3))  # the convolution takes it, the Dense layer after it cannot
+    assert model.input_shape == (6, 6, 3)  # (was: (5, 5, 3), with the convolution built for it
+    np.testing.assert_array_equal(model.predict(X), before)  # and predict failing deep inside)
+    model.fit(X, Y, verbose=0)

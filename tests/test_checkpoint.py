@@ -283,6 +283,8 @@ def test_resume_refuses_other_data_arguments_or_models(tmp_path):
     with pytest.raises(DataFormatError, match="another architecture: its layer 0 is "
                                               "RandomFlip"):
         small.fit(x, y, verbose=0, checkpoint=path, resume=True)
+    assert not small.built  # (the refused fit leaves it as it was)
+    small.build((8, 8, 3))
     with pytest.raises(DataFormatError, match="another architecture"):
         small.load_weights(path)
     with pytest.raises(InputError, match="resume=True needs checkpoint=PATH"):

@@ -17,8 +17,8 @@ from nets import gap_net
 
 import xpcnn
 from xpcnn import backend as backend_module
-from xpcnn import model as model_module
 from xpcnn import optim
+from xpcnn import training as training_module
 from xpcnn.cuda_graphs import blockers
 from xpcnn.errors import InputError, NonFiniteError
 from xpcnn.layers import (
@@ -92,7 +92,7 @@ def _runner(model, warmup=2):
     stand-in capture."""
     model.cuda_graphs_reason = ""
     with pytest.MonkeyPatch.context() as mp:  # (NumPy: "not CuPy" otherwise)
-        mp.setattr(model_module, "graph_blockers", lambda backend: [])
+        mp.setattr(training_module, "graph_blockers", lambda backend: [])
         graphs = model._step_graphs()
     capture = FakeCapture(model._graph_arrays, model.layers)
     graphs.capture, graphs.warmup = capture, warmup
@@ -297,6 +297,32 @@ def test_a_non_finite_replayed_step_is_skipped_and_reported_as_eagerly():
                            "non-finite values appear in the input batch"):
             model._read_totals()  # (fit reads them at least every READ_EVERY steps)
         assert model.optimizer.iterations == 4  # the skipped step does not count
+        models.append(model)
+    assert capture.launches == 3  # the capture's own run and two replays
+    for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_replayed_step_on_labels_that_are_no_class_is_skipped_and_named_as_eagerly():
+    """train_step's check of the labels' values runs inside the captured step: a replay on a
+    label that is no class skips its update and is named as an eager step is."""
+    x, y = _data(48)
+    bad = y[:16].copy()
+    bad[5] = 10  # (10 classes: 0 to 9)
+    models = []
+    for graphed in (False, True):
+        model = _model(gap_net(), optim.SGD(0.01))
+        if graphed:
+            model.build((12, 12, 3))
+            graphs, capture = _runner(model)
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0)  # graphed: warm-up 2, capture
+        for labels in (y[16:32], bad):  # graphed: replays
+            model.train_step(model.backend.asarray(x[:16]), model.backend.asarray(labels))
+        with pytest.raises(InputError, match=r"training stopped at step 5: labels in y must be "
+                                             r"in \[0, 9\] for a model with 10 outputs; found "
+                                             r"values from 0 to 10"):
+            model._read_totals()
+        assert model.optimizer.iterations == 4
         models.append(model)
     assert capture.launches == 3  # the capture's own run and two replays
     for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):

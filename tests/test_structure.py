@@ -58,8 +58,9 @@ def test_a_model_ending_in_conv2d(use, rng):
                                          r"\(classes,\): add Flatten\(\) or GlobalAvgPool2D\(\), "
                                          r"then Dense\(classes\), after it"):
         call()
-    assert model.optimizer.iterations == 0
+    assert model.optimizer.iterations == 0 and not model.built  # (a refused call builds nothing)
     # Such a model still transforms images, for inspection.
+    model.build((8, 8, 1))
     assert np.asarray(model.forward(x)[-1]).shape == (4, 3, 3, 4)
 
 

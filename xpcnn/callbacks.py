@@ -87,11 +87,14 @@ HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
 
 
 def callback_list(callbacks: Any) -> list[Callback]:
-    """A user's ``callbacks`` argument, None or a list of callbacks, as a list (each is checked
-    by :class:`CallbackList`)."""
+    """A user's ``callbacks`` argument, None or a list of callbacks, as a list, checked."""
     if not isinstance(callbacks, list | tuple | None):
         raise InputError(f"callbacks must be a list of xpcnn.callbacks.Callback instances, got "
                          f"{type(callbacks).__name__}")
+    for cb in callbacks or []:
+        if not isinstance(cb, Callback):
+            raise InputError(f"callbacks must be xpcnn.callbacks.Callback instances, got "
+                             f"{type(cb).__name__}")
     return list(callbacks or [])
 
 
@@ -99,11 +102,8 @@ class CallbackList:
     """Calls a hook on every callback in order: ``callbacks.on_epoch_end(epoch, logs)``."""
 
     def __init__(self, callbacks: Iterable[Callback], model: Any, params: dict[str, Any]) -> None:
-        self.callbacks = list(callbacks)
+        self.callbacks = list(callbacks)  # (checked by callback_list)
         for cb in self.callbacks:
-            if not isinstance(cb, Callback):
-                raise InputError(f"callbacks must be xpcnn.callbacks.Callback instances, got "
-                                 f"{type(cb).__name__}")
             cb.set_model(model)
             cb.set_params(params)
 

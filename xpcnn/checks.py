@@ -71,13 +71,10 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray
         arr = np.asarray(y)
     except Exception as e:
         raise InputError(f"{what} must be an array of labels: {e}") from e
-    if arr.shape[:1] != (n,):
-        raise InputError(f"{what} has {arr.shape[0] if arr.ndim else 0} labels but x has {n} "
-                         f"samples; they must match (got {what}.shape = {arr.shape})")
+    check_label_layout(arr.shape, np.issubdtype(arr.dtype, np.integer),
+                       np.issubdtype(arr.dtype, np.floating), arr.dtype, n, classes, what)
     if arr.ndim == 1:
-        integral = np.issubdtype(arr.dtype, np.integer) or (
-            np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)))
-        if not integral:
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(arr == np.round(arr)):
             raise InputError(f"{what} must be integer class labels, got dtype {arr.dtype}")
         lo, hi = arr.min(), arr.max()
         if lo < 0 or hi >= classes:
@@ -85,24 +82,35 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray
                              f"{classes} outputs; found values from {lo} to {hi}")
         labels = arr.astype(np.int64)
         return labels, labels
-    if arr.ndim == 2 and arr.shape[1] == classes and np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)):
-            raise InputError(f"one-hot {what} holds NaN or infinite values")
-        # (the loss's gradient, softmax - target, holds for rows of probabilities only)
-        sums = arr.sum(axis=1, dtype=np.float64)
-        bad = np.flatnonzero((arr.min(axis=1) < 0) | (np.abs(sums - 1) > 1e-3))
-        if bad.size:
-            i = int(bad[0])
-            raise InputError(f"one-hot {what} must hold probabilities, each row >= 0 and summing "
-                             f"to 1; row {i} sums to {sums[i]:.6g} with a least value of "
-                             f"{arr[i].min():.6g} ({bad.size} such rows)")
-        return arr, np.argmax(arr, axis=1).astype(np.int64)
-    if arr.ndim == 2 and arr.shape[1] == classes:
-        raise InputError(f"one-hot {what} must be floats (probabilities), got dtype {arr.dtype}: "
+    if not np.all(np.isfinite(arr)):
+        raise InputError(f"one-hot {what} holds NaN or infinite values")
+    # (the loss's gradient, softmax - target, holds for rows of probabilities only)
+    sums = arr.sum(axis=1, dtype=np.float64)
+    bad = np.flatnonzero((arr.min(axis=1) < 0) | (np.abs(sums - 1) > 1e-3))
+    if bad.size:
+        i = int(bad[0])
+        raise InputError(f"one-hot {what} must hold probabilities, each row >= 0 and summing "
+                         f"to 1; row {i} sums to {sums[i]:.6g} with a least value of "
+                         f"{arr[i].min():.6g} ({bad.size} such rows)")
+    return arr, np.argmax(arr, axis=1).astype(np.int64)
+
+
+def check_label_layout(shape: tuple[int, ...], integral: bool, floating: bool, dtype: Any,
+                       n: int, classes: int, what: str = "y") -> None:
+    """The shape and dtype of labels, before their values (which may wait on a device, see
+    ``Trainer.train_step``): integer or float class labels (n,), or float rows (n, classes)."""
+    if tuple(shape[:1]) != (n,):
+        raise InputError(f"{what} has {shape[0] if shape else 0} labels but x has {n} "
+                         f"samples; they must match (got {what}.shape = {tuple(shape)})")
+    if len(shape) == 1 and not (integral or floating):
+        raise InputError(f"{what} must be integer class labels, got dtype {dtype}")
+    if len(shape) == 2 and shape[1] == classes and not floating:
+        raise InputError(f"one-hot {what} must be floats (probabilities), got dtype {dtype}: "
                          f"pass {what}.astype('float32'), or the class indices "
                          f"{what}.argmax(axis=1)")
-    raise InputError(f"{what} must be integer labels of shape ({n},) or one-hot rows of shape "
-                     f"({n}, {classes}); got shape {arr.shape} and dtype {arr.dtype}")
+    if len(shape) not in (1, 2) or len(shape) == 2 and shape[1] != classes:
+        raise InputError(f"{what} must be integer labels of shape ({n},) or one-hot rows of "
+                         f"shape ({n}, {classes}); got shape {tuple(shape)} and dtype {dtype}")
 
 
 def positive_int(value: Any, what: str) -> int:

@@ -29,7 +29,7 @@ import contextlib
 import itertools
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import array_api_compat
@@ -98,8 +98,10 @@ def is_map_dataset(x: Any) -> bool:
     return hasattr(x, "__len__") and hasattr(x, "__getitem__") and not isinstance(x, Iterator)
 
 
-def check_device_images(x: Any, backend: Any, what: str = "x") -> Any:
-    """A device array of the model's namespace and device with a batch axis, real values."""
+def check_on_device(x: Any, backend: Any, what: str = "x", instead: str = "a NumPy array, or "
+                    ) -> None:
+    """``x`` is an array of the backend's namespace on its device (``instead``: what else the
+    caller takes, for the error)."""
     xp = backend.xp
     try:
         library = array_api_compat.array_namespace(x).__name__
@@ -108,18 +110,29 @@ def check_device_images(x: Any, backend: Any, what: str = "x") -> Any:
         library, where = "", f"a {type(x).__name__}"
     if library != xp.__name__ or array_api_compat.device(x) != backend.device:
         raise InputError(f"{what} is {where}, but the model is on {backend.label} "
-                         f"({xp.__name__}): pass a NumPy array, or an array of the model's own "
-                         "library on its device")
+                         f"({xp.__name__}): pass {instead}an array of the model's own library "
+                         "on its device")
+
+
+def check_device_images(x: Any, backend: Any, what: str = "x") -> Any:
+    """A device array of the model's namespace and device with a batch axis, real values."""
+    xp = backend.xp
+    check_on_device(x, backend, what)
     if x.ndim < 2 or x.shape[0] == 0:
         raise InputError(f"{what} must have a batch axis and per-sample axes, e.g. (N, H, W, C), "
                          f"and at least one sample; got shape {tuple(x.shape)}")
+    check_real_images(x, xp, what)
+    if xp.isdtype(x.dtype, "real floating") and not bool(xp.all(xp.isfinite(x))):
+        checks.check_finite(backend.to_numpy(x), what)  # names the sample
+    return x
+
+
+def check_real_images(x: Any, xp: Any, what: str = "x") -> None:
+    """``x`` holds real numbers (uint8 or float images), not booleans or complex numbers."""
     if not (xp.isdtype(x.dtype, "integral") or xp.isdtype(x.dtype, "real floating")) or \
             x.dtype == xp.bool:
         raise InputError(f"{what} must hold real numbers (uint8 or float images), got dtype "
                          f"{x.dtype}")
-    if xp.isdtype(x.dtype, "real floating") and not bool(xp.all(xp.isfinite(x))):
-        checks.check_finite(backend.to_numpy(x), what)  # names the sample
-    return x
 
 
 def epoch_order(shuffle: bool, seed: int, epoch: int, samples: int) -> np.ndarray | None:
@@ -302,43 +315,95 @@ class IterableBatches(Batches):
     generator) gives ``steps`` batches an epoch, continuing where the last epoch stopped; a
     re-iterable that is not an array (a DataLoader; a list or tuple is read as one array) is
     iterated afresh each epoch, ``steps`` batches or to its end. Batches are checked on a
-    background thread; the first one builds the model."""
+    background thread; the first one builds the model.
+
+    An iterator's first batch, drawn to build the model, waits in :attr:`first` until the
+    first epoch starts; a call refused before (see ``Trainer``) gives it back
+    (:meth:`give_back`), and the next source of that iterator starts with it."""
 
     def __init__(self, model: Any, data: Iterable[Any], steps: int | None,
                  with_targets: bool = True, what: str = "x") -> None:
         self.model, self.with_targets, self.what = model, with_targets, what
-        self.steps = None if steps is None else checks.positive_int(steps, "steps_per_epoch")
+        self.steps = steps  # (checked by check_source)
         self.data = data
         self.iterator = data if isinstance(data, Iterator) else None
-        if self.iterator is not None and self.steps is None:
-            raise InputError(f"{what} is an iterator (a generator): pass steps_per_epoch (steps "
-                             "for evaluate/predict), the number of batches an epoch")
-        self._peeked: Any = None  # a first batch drawn from an iterator to build the model
+        held = _GIVEN_BACK.pop(id(data), None)
+        first = self.first = held[1] if held is not None and held[0] is data else None
         if not model.built:  # the first batch tells the input shape
-            source = iter(data)
-            first = next(source, None)
             if first is None:
-                raise InputError(f"{what} gave no batches")
-            if self.iterator is not None:
-                self._peeked = first
-            x = self._split(first)[0]
-            model.build(checks.shape_to_build(
-                (x.shape if hasattr(x, "shape") else np.shape(x))[1:], what))
+                first = next(iter(data), None)
+                if first is None:
+                    raise InputError(f"{what} gave no batches")
+                if self.iterator is not None:
+                    self.first = first
+            try:
+                x = self._split(first)[0]
+                model.build(checks.shape_to_build(
+                    (x.shape if hasattr(x, "shape") else np.shape(x))[1:], what))
+            except BaseException:
+                self.give_back()
+                raise
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
         source = self.iterator if self.iterator is not None else iter(self.data)
-        if self._peeked is not None:
-            source = itertools.chain([self._peeked], source)
-            self._peeked = None
+        if self.first is not None:
+            source = itertools.chain([self.first], source)
+            self.first = None
         if self.steps is not None:
             source = itertools.islice(source, self.steps)
         checked = (check_batch(self.model, *self._split(item), self.what, copy=True)
                    for item in source)
         return upload(self.model.backend, prefetch(checked))
 
+    def give_back(self) -> None:
+        """Keep the batch drawn from the iterator and not trained on (the call was refused
+        before its first epoch) for the next source of that iterator, not lost to it."""
+        if self.first is not None:
+            _GIVEN_BACK[id(self.iterator)] = (self.iterator, self.first)
+            self.first = None
+
     def _split(self, item: Any) -> tuple[Any, Any]:
         """(x, y) of one batch as given (y None without targets)."""
         return split_item(item, self.with_targets, f"{self.what} must yield (x, y) batches")
+
+
+#: Batches given back by refused calls, by the id of their iterator (held with it, so that the
+#: id stays its own): (iterator, batch).
+_GIVEN_BACK: dict[int, tuple[Iterator[Any], Any]] = {}
+
+
+def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bool = True
+                 ) -> int | None:
+    """The arguments that name a batch source (``x`` and ``y``, ``steps`` batches an epoch),
+    checked before any source is made: a refused call draws no batch from an iterator.
+    Returns ``steps``, checked."""
+    if isinstance(x, Mapping):
+        raise InputError(f"{what} is a dict (keys {list(x)[:4]}): an xpcnn model has one "
+                         "input; pass its images as one array (N, H, W, C), or a dataset "
+                         "whose items are (x, y) pairs")
+    if is_stream(x):
+        if y is not None:
+            raise InputError(f"y must be None when {what} is a dataset or an iterable of "
+                             "batches (they hold the targets)")
+        if is_map_dataset(x):
+            if steps is not None:  # (it was ignored: every sample, each epoch)
+                raise InputError("steps_per_epoch / steps are for generators; a dataset "
+                                 "gives ceil(len(dataset) / batch_size) batches")
+            return None
+        if isinstance(x, Iterator) and steps is None:
+            raise InputError(f"{what} is an iterator (a generator): pass steps_per_epoch (steps "
+                             "for evaluate/predict), the number of batches an epoch")
+        return None if steps is None else checks.positive_int(steps, "steps_per_epoch")
+    if steps is not None:
+        raise InputError("steps_per_epoch / steps are for generators; arrays give "
+                         "ceil(N / batch_size) batches")
+    if targets and y is None:
+        pairs = isinstance(x, list | tuple) and bool(x) and isinstance(
+            x[0], list | tuple) and len(x[0]) == 2
+        raise InputError(f"y (the labels of {what}) is missing" + (
+            f"; {what} is a list of pairs: a list is read as one array, so pass the (x, y) "
+            f"batches as an iterator, iter({what}), with steps_per_epoch" if pairs else ""))
+    return None
 
 
 def split_item(item: Any, with_targets: bool, expected: str) -> tuple[Any, Any]:

@@ -50,6 +50,21 @@ class SoftmaxCrossEntropy:
         return loss_and_correct(xp, loss, z, y), grad
 
 
+    @staticmethod
+    def valid_targets(xp: Any, y: Any, classes: int) -> Any:
+        """Whether every target is one this loss can mean, as a 0-d bool array computed on the
+        device (no host wait): integer labels in [0, classes), one-hot rows >= 0 that sum to 1
+        (as :func:`xpcnn.checks.as_labels` asks of host labels). Any other label would match no
+        class and give a wrong, finite loss."""
+        if y.ndim == 2:
+            sums = xp.sum(y, axis=1)
+            return xp.logical_and(xp.all(y >= 0), xp.all(xp.abs(sums - 1) <= 1e-3))
+        ok = y >= 0
+        if xp.iinfo(y.dtype).max >= classes:  # (else every value of the dtype is a class)
+            ok = xp.logical_and(ok, y < classes)
+        return xp.all(ok)
+
+
 LOSSES = {"cross_entropy": SoftmaxCrossEntropy,
           "categorical_crossentropy": SoftmaxCrossEntropy,
           "sparse_categorical_crossentropy": SoftmaxCrossEntropy}

@@ -260,7 +260,13 @@ class Layer:
         return a
 
     def set_weights(self, weights: list[Any]) -> None:
-        """Replace the weights; shapes must match :meth:`get_weights`."""
+        """Replace the weights; shapes must match :meth:`get_weights` (all are checked before
+        any is replaced)."""
+        self.assign_weights(self.checked_weights(weights))
+
+    def checked_weights(self, weights: list[Any]) -> list[tuple[str, np.ndarray]]:
+        """``weights`` as :meth:`get_weights` gives them, checked, as (name, host array in the
+        layer's own layout) pairs for :meth:`assign_weights`."""
         self._require_built("set_weights")
         names = self.present_weight_names()
         if len(weights) != len(names):
@@ -268,6 +274,7 @@ class Layer:
                 f"layer {self.name!r} expects {len(names)} weight arrays ({', '.join(names)}), "
                 f"got {len(weights)}"
             )
+        checked = []
         for n, w in zip(names, weights, strict=True):
             w = np.asarray(w)
             shape = self.keras_shape(n)
@@ -276,8 +283,14 @@ class Layer:
                                  f"got {tuple(w.shape)}")
             if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
                 raise InputError(f"layer {self.name!r} weight {n!r} must be real, got {w.dtype}")
+            checked.append((n, self.from_keras_layout(n, w)))
+        return checked
+
+    def assign_weights(self, checked: list[tuple[str, np.ndarray]]) -> None:
+        """Replace the weights by :meth:`checked_weights`' pairs."""
+        for n, w in checked:
             target = self.params if n in self.params else self.state
-            target[n] = self.backend.asarray(self.from_keras_layout(n, w), dtype=self.dtype)
+            target[n] = self.backend.asarray(w, dtype=self.dtype)
 
     def keras_shape(self, name: str) -> tuple[int, ...]:
         """The shape of weight ``name`` in Keras' layout."""

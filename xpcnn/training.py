@@ -1,0 +1,783 @@
+"""Trainer: compile, fit, evaluate, predict and the training step, for :class:`xpcnn.Model`.
+
+As in Keras 3 (``class Model(Trainer, Layer)``), the training machinery is a base class of the
+model: :class:`Trainer` holds what training adds to a network (the loss, the optimiser, the
+precision, the running totals, the captured CUDA graphs) and reaches the network only through
+the hooks that :class:`~xpcnn.model.Model` defines (listed in :class:`Trainer`'s docstring).
+
+Data enters as arrays in (N, H, W, C) (or datasets, see :mod:`xpcnn.data`); each batch crosses
+to the device once (a training set that fits :data:`xpcnn.data.DEVICE_BUDGET_BYTES` crosses once
+in all), is cast there and runs forward and backward through the layers; the loss and correct
+count stay on the device until the host reads them (:mod:`xpcnn.totals`). With a cross-entropy
+loss and a final Softmax layer, training feeds the Softmax's input (the logits) to the fused,
+stable softmax cross-entropy; ``predict`` still returns probabilities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import checks, distributed
+from .backend import Backend
+from .callbacks import (
+    BackupAndRestore,
+    Callback,
+    CallbackList,
+    History,
+    LazyLogs,
+    ProgbarLogger,
+    callback_list,
+)
+from .cuda_graphs import StepGraphs
+from .cuda_graphs import blockers as graph_blockers
+from .data import (
+    ArrayBatches,
+    Batches,
+    DatasetBatches,
+    IterableBatches,
+    check_arrays,
+    check_on_device,
+    check_real_images,
+    check_source,
+    is_map_dataset,
+    is_stream,
+    to_device,
+)
+from .errors import InputError, NonFiniteError
+from .layers.base import Layer
+from .layers.dropout import RandomLayer
+from .losses import SoftmaxCrossEntropy, get_loss
+from .ops.kernels import kernels_for
+from .ops.softmax import softmax
+from .optim import Optimizer, get_optimizer
+from .totals import (
+    BAD_GRADS,
+    BAD_LOSS,
+    BAD_STEP,
+    CORRECT,
+    LOSS_SUM,
+    READ_EVERY,
+    RunningTotals,
+    loss_scaling,
+)
+
+#: compile's precisions and the dtype of their heavy matmuls (None: the parameters' dtype).
+PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
+
+
+class Trainer:
+    """Training, evaluation and prediction of a network: the base class of
+    :class:`xpcnn.Model`, which supplies the network through these hooks:
+
+    * ``backend``, ``name``, ``seed``, ``dtype_name`` (the parameters' dtype) and
+      ``_param_dtype`` (that dtype on the backend);
+    * ``layers`` and ``trainable_layers`` (those the optimiser updates), ``built``,
+      ``input_shape``, ``num_classes``, ``build(input_shape)``, ``_require_built(what)``,
+      ``_rebuild_if_shared()`` (layers another model shares are built as this one needs) and
+      ``_unbuilt_if_refused()`` (a context: a call refused inside it leaves an unbuilt model
+      unbuilt);
+    * ``_logits(x, training)``, the forward pass to the logits (a final Softmax is left to the
+      loss), ``_backward(dz, on_layer)``, which fills each trainable layer's ``grads``, and
+      ``_layer_outputs(x, training)``, every layer's output (to name where a value stopped
+      being finite).
+
+    Nothing here knows how the layers are connected. The file reads in the order of a run:
+    compile; one training step (checked, on the device, captured in a CUDA graph where it can
+    be), and the running totals the host reads behind it; the batch sources; fit, evaluate and
+    predict. A refused call changes nothing (``_undone_if_refused``).
+    """
+
+    backend: Backend
+    name: str
+    seed: int
+    dtype_name: str
+    layers: list[Layer]
+    built: bool
+    input_shape: tuple[int, ...] | None
+
+    def __init__(self) -> None:
+        self.loss: SoftmaxCrossEntropy | None = None
+        self.optimizer: Optimizer | None = None
+        self.precision = "float32"
+        self.history = History()
+        self.stop_training = False
+        self._scaling: Any = None  # float16 loss scaling on the device (see xpcnn.totals)
+        self._totals: RunningTotals | None = None
+        self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
+        self._resume_at: Any = None  # where BackupAndRestore restarts a run
+        self._position = (0, 0)  # (epoch, batches done in it) during fit
+        self.cuda_graphs: bool | None = None
+        #: Why training steps run without CUDA graphs ("" while they are captured, or will be).
+        self.cuda_graphs_reason = ""
+        self._graphs: StepGraphs | None = None
+
+    # -- compile: the loss, the optimiser and the precision -------------------------------------
+    def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
+                optimizer: str | Optimizer = "adam",
+                metrics: str | list[str] | tuple[str, ...] | None = ("accuracy",),
+                precision: str = "float32", cuda_graphs: bool | None = None) -> None:
+        """Choose the loss, the optimiser, the metrics (only ``"accuracy"``) and the precision.
+
+        ``precision`` is ``"float32"``, ``"mixed_float16"`` or ``"mixed_bfloat16"``: matmuls in
+        the low precision, float32 master weights, softmax, loss and normalisation statistics,
+        and dynamic loss scaling for float16.
+
+        ``cuda_graphs``: capture the training step in a CUDA graph and replay it
+        (:mod:`xpcnn.cuda_graphs`); None (the default) does so on CuPy wherever the model
+        allows it, True also warns once where it does not, False never does.
+        ``cuda_graphs_reason`` says why steps run without.
+        """
+        # Every argument is checked before anything changes: a failed compile leaves the
+        # model (and the optimizer, which it would bind) as they were.
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise InputError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
+        loss, optimizer = get_loss(loss), get_optimizer(optimizer)
+        if not isinstance(metrics, str | list | tuple | None):
+            raise InputError(f"metrics must be a list of names such as ['accuracy'], got "
+                             f"{metrics!r}")
+        metrics = [metrics] if isinstance(metrics, str) else list(metrics or [])  # None: Keras'
+        unknown = [m for m in metrics if m not in ("accuracy", "acc")]
+        if unknown:
+            raise InputError(f"unknown metrics {unknown}; xpcnn supports 'accuracy'")
+        if not isinstance(precision, str) or precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{precision!r}")
+        if PRECISIONS[precision] is not None:
+            self.backend.dtype(PRECISIONS[precision])  # a clear error where the backend lacks it
+        self.loss, self.optimizer = loss, self._own(optimizer)
+        self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
+        self.precision = precision
+        self._scaling = loss_scaling(self.backend, 2.0**15) if precision == "mixed_float16" \
+            else None
+        self._rebuild_if_shared()  # (built layers compute in the new precision's dtype)
+
+    def _own(self, optimizer: Optimizer) -> Optimizer:
+        """``optimizer``, bound to this model: its slots and step count are one model's, and
+        another model's steps would silently mix into them (or fail deep inside)."""
+        owner = getattr(optimizer, "_model", lambda: None)()
+        if owner is not None and owner is not self:
+            raise InputError(f"this {type(optimizer).__name__} optimizer is already compiled into "
+                             f"model {owner.name!r}: an optimizer holds one model's state (its "
+                             "slots and step count), so each model needs one of its own; pass "
+                             "a new one")
+        optimizer._model = weakref.ref(self)
+        return optimizer
+
+    @property
+    def _compute_dtype_name(self) -> str:
+        """The dtype the layers compute their matmuls in, as the precision says."""
+        return PRECISIONS[self.precision] or self.dtype_name
+
+    @property
+    def loss_scale(self) -> float:
+        """The dynamic float16 loss scale (1.0 unless ``mixed_float16``); reading it waits for
+        the device."""
+        return 1.0 if self._scaling is None else float(self.backend.to_numpy(self._scaling)[0])
+
+    @loss_scale.setter
+    def loss_scale(self, value: float) -> None:
+        if self._scaling is not None:
+            value = checks.number(value, "loss_scale", 0.0, low_open=True)
+            self._scaling = loss_scaling(self.backend, value, self._good_steps)
+        elif value != 1.0:
+            raise InputError("a loss scale other than 1 needs precision='mixed_float16'")
+
+    @property
+    def _good_steps(self) -> int:
+        """float16 steps in a row without overflow (the scale doubles after 2000)."""
+        return 0 if self._scaling is None else int(self.backend.to_numpy(self._scaling)[1])
+
+    @_good_steps.setter
+    def _good_steps(self, value: int) -> None:
+        if self._scaling is not None:
+            self._scaling = loss_scaling(self.backend, self.loss_scale, value)
+
+    def _move_training_state(self, backend: Backend) -> None:
+        """The optimiser's state and the loss scale to ``backend`` (``Model.to``); the running
+        totals and captured graphs are made afresh there."""
+        if self.optimizer is not None and self.optimizer.slots:
+            self.optimizer.slots = {
+                k: [backend.asarray(self.backend.to_numpy(a)) for a in v]
+                for k, v in self.optimizer.slots.items()
+            }
+        if self._scaling is not None:
+            self._scaling = backend.asarray(self.backend.to_numpy(self._scaling))
+        self._graphs, self.cuda_graphs_reason = None, ""
+
+    def _require_compiled(self, what: str) -> None:
+        if self.loss is None or self.optimizer is None:
+            raise InputError(f"call compile(loss=..., optimizer=...) before {what}")
+
+    # -- one training step ----------------------------------------------------------------------
+    def train_step(self, xb: Any, yb: Any) -> tuple[Any, Any]:
+        """One forward, backward and update on a batch of device arrays, queued without waiting
+        for the device: ``xb`` images (uint8 or float: cast on the device), ``yb`` integer
+        labels (N,) or one-hot rows (N, classes). ``fit`` runs each of its steps through here.
+
+        Returns the batch's mean loss and correct count as 0-d device arrays. A non-finite loss
+        or gradient is recorded on the device and its update (and every later one) skipped;
+        :class:`NonFiniteError` names that step when the host next reads the running totals:
+        ``fit`` reads them regularly, and every :data:`~xpcnn.totals.READ_EVERY` steps a loop of
+        train_step calls does too; :meth:`train_on_batch` reads them at once.
+
+        The batch is checked without waiting for the device: shapes, dtypes and devices here
+        (:class:`InputError`); the labels' values on the device, where a label that is no class
+        (or a one-hot row that is no probabilities) makes the step's loss NaN: its update and
+        every later one are skipped, and :class:`InputError` names the labels when the host
+        next reads the totals. No step ever trains on labels that match no class.
+        """
+        self._check_step_batch(xb, yb)
+        with self.backend.compute_scope():
+            # (a data-parallel step runs uncaptured: its allreduces are outside any graph)
+            graphs = None if self._parallel is not None else self._step_graphs()
+            step = self.optimizer.iterations + 1  # type: ignore[union-attr]
+            stats = None if graphs is None else graphs.run(xb, yb)
+            if stats is None:
+                stats = self._device_step(xb, yb, step)
+            else:  # (a replay rewrites the graph's outputs: the caller gets copies)
+                stats = self.backend.xp.asarray(stats, copy=True)
+            totals = self._running_totals()
+            totals.pending.append((step, (xb, yb)))
+            if len(totals.pending) >= READ_EVERY:
+                self._read_totals()
+            return stats[0], stats[1]
+
+    def train_on_batch(self, x: Any, y: Any) -> dict[str, float]:
+        """One training step on one batch of host or device arrays, checked at once (the host
+        waits for the device): its ``loss`` and ``accuracy``, or :class:`NonFiniteError`."""
+        self._require_compiled("train_on_batch")
+        self._rebuild_if_shared()
+        with self._unbuilt_if_refused():
+            x, targets = check_arrays(self, x, y)
+        with self.backend.compute_scope():
+            loss, correct = self.train_step(to_device(self.backend, x),
+                                            to_device(self.backend, targets))
+        self._read_totals()
+        return {"loss": float(loss), "accuracy": float(correct) / int(x.shape[0])}
+
+    def _check_step_batch(self, xb: Any, yb: Any) -> None:
+        """What :meth:`train_step` checks on the host, from the arrays' shapes and dtypes
+        alone: the model compiled and built, both arrays on its device, images of its sample
+        shape, labels of the batch's length (integers only: fit turns whole-number floats into
+        them on the host)."""
+        self._require_compiled("train_step")
+        self._require_built("train_step")
+        check_on_device(xb, self.backend, "x", instead="")
+        check_on_device(yb, self.backend, "y", instead="")
+        checks.check_sample_shape(xb, self.input_shape)  # type: ignore[arg-type]
+        xp = self.backend.xp
+        check_real_images(xb, xp)
+        checks.check_label_layout(tuple(yb.shape), xp.isdtype(yb.dtype, "integral"),
+                                  yb.ndim == 2 and xp.isdtype(yb.dtype, "real floating"),
+                                  yb.dtype, int(xb.shape[0]), self.num_classes)
+
+    def _device_step(self, xb: Any, yb: Any, step: Any, scalars: dict[str, Any] | None = None
+                     ) -> Any:
+        """Training step ``step`` on the device, with no host read: forward, loss, backward,
+        the running totals and the update (skipped on the device where the step is not
+        finite). With ``scalars`` (a step captured in a CUDA graph), ``step`` and the
+        optimiser's per-step numbers are device scalars, and every array that outlives the
+        step is updated in place. Returns the batch's [loss, correct count]."""
+        xp = self.backend.xp
+        kernels = kernels_for(self.backend)
+        opt = self.optimizer
+        assert opt is not None and self.loss is not None
+        stats, grads = self._loss_and_grads(xb, yb, kernels)
+        params = [p for la in self.trainable_layers for p in la.params.values()]
+        if self._scaling is not None:
+            inverse = 1.0 / self._scaling[0]
+            grads = [g * inverse for g in grads]
+        n = int(xb.shape[0]) if self._parallel is None else self._parallel.total
+        apply, scaling = self._running_totals().add(stats, grads, n, step, self._scaling,
+                                                    opt.keeps_squares)
+        if scaling is not None:
+            self._scaling[...] = scaling
+        opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)
+        return stats
+
+    def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any) -> tuple[Any, list[Any]]:
+        """[loss, correct count] of a batch and the gradients of its (scaled) loss, in parameter
+        order. On several ranks (``fit`` sets ``_parallel``), the batch is this rank's slice of
+        the global batch: the stats come back for the global batch, and the gradients averaged
+        over it."""
+        xp, dp = self.backend.xp, self._parallel
+        assert self.loss is not None
+        if dp is not None and xb.shape[0] == 0:  # no sample of a short last batch here
+            return dp.empty_step(xp.zeros((2,), dtype=self._param_dtype))
+        logits = self._logits(xb, training=True)
+        stats, dz = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype, kernels)
+        # A label that is no class matches none and trains on a wrong loss, silently: such a
+        # step's loss is NaN instead, on the device, so that its update is skipped as a
+        # non-finite step's is, and the host names the labels (_raise_deferred).
+        stats = xp.where(self.loss.valid_targets(xp, yb, int(logits.shape[-1])), stats, xp.nan)
+        if dp is not None and dp.weight != 1.0:
+            # weighted by this slice's share of the global batch, here, once: backward is
+            # linear in dz, and the buckets then only copy and sum
+            dz = dz * dp.weight
+        if self._scaling is not None:
+            dz = dz * self._scaling[0]
+        if dp is None:
+            self._backward(dz)
+            return stats, [la.grads[k] for la in self.trainable_layers for k in la.params]
+        dp.buckets.begin(dp.weight, stats)
+        self._backward(dz, dp.buckets.layer_done)
+        grads, stats = dp.buckets.finish()
+        return stats, grads
+
+    # -- the step captured in a CUDA graph (xpcnn.cuda_graphs) ----------------------------------
+    def _step_graphs(self) -> StepGraphs | None:
+        """The captured-step runner where this model's steps can be captured, else None (with
+        the reason in ``cuda_graphs_reason``)."""
+        if self.cuda_graphs is False or self.cuda_graphs_reason:
+            return None
+        if self._graphs is not None and self._graphs.backend is self.backend:
+            if self._graphs.reason:  # (found while warming up or capturing)
+                self.cuda_graphs_reason = self._graphs.reason
+                return None
+            return self._graphs
+        reasons = graph_blockers(self.backend)
+        if reasons:
+            self.cuda_graphs_reason = reasons[0]
+            if self.cuda_graphs:
+                warnings.warn(f"xpcnn: training steps run without CUDA graphs: {reasons[0]}",
+                              RuntimeWarning, stacklevel=3)
+            return None
+        opt = self.optimizer
+        assert opt is not None
+
+        def scalars() -> dict[str, float]:
+            values = opt.step_scalars()
+            assert "iteration" not in values, "an optimiser's scalar shadows the step count"
+            return {**values, "iteration": float(opt.iterations + 1)}
+
+        def advance() -> None:
+            opt.iterations += 1
+
+        # (on CuPy the kernels make matmuls capturable: see xpcnn.cuda_graphs.blockers)
+        kernels = kernels_for(self.backend)
+        capturable = getattr(kernels, "capturable", contextlib.nullcontext)
+        self._running_totals()  # (made before the warm-up: its state is captured)
+        self._graphs = StepGraphs(
+            lambda xb, yb, s: self._device_step(xb, yb, s["iteration"], s), self._graph_arrays,
+            scalars, advance, self.backend, capturable, exact=("iteration",),
+            capture_tables=getattr(kernels, "capture_tables", None))
+        return self._graphs
+
+    def _graph_arrays(self) -> list[tuple[str, Any]]:
+        """Every array that outlives a training step, parameters first (see StepGraphs)."""
+        params = [(f"param {la.name}.{k}", a) for la in self.layers for k, a in la.params.items()]
+        state = [(f"state {la.name}.{k}", a) for la in self.layers for k, a in la.state.items()]
+        slots = [(f"optimizer slot {k}.{i}", a)
+                 for k, v in self.optimizer.slots.items()  # type: ignore[union-attr]
+                 for i, a in enumerate(v)]
+        randoms = [(f"random state {la.name}", la.random_state) for la in self.layers
+                   if isinstance(la, RandomLayer)]
+        totals = [("the running totals", self._running_totals().state)]
+        scaling = [] if self._scaling is None else [("the loss scale", self._scaling)]
+        return params + state + slots + randoms + totals + scaling
+
+    # -- the running totals the host reads behind the steps; deferred errors --------------------
+    def _running_totals(self) -> RunningTotals:
+        n_grads = sum(len(la.params) for la in self.trainable_layers)
+        if self._totals is None or self._totals.n_grads != n_grads or \
+                self._totals.backend != self.backend:
+            self._totals = RunningTotals(self.backend, n_grads)
+        return self._totals
+
+    def _read_totals(self) -> tuple[float, float]:
+        """Wait for the device and read the running loss sum and correct count; raise
+        :class:`NonFiniteError` for the first non-finite step since the last read
+        (:class:`InputError` where its labels were no classes)."""
+        if self._totals is None:
+            return 0.0, 0.0
+        host, pending = self._totals.read()
+        if host[BAD_STEP] >= 0:
+            self._raise_deferred(host, dict(pending))
+        return float(host[LOSS_SUM]), float(host[CORRECT])
+
+    def _raise_deferred(self, host: np.ndarray, batches: dict[int, Any]) -> None:
+        step = int(host[BAD_STEP])
+        # Every update from that step on was skipped: the model is as after the step before.
+        self.optimizer.iterations = step - 1  # type: ignore[union-attr]
+        loss = float(host[BAD_LOSS])
+        if not math.isfinite(loss):
+            xb, yb = batches[step]
+            self._raise_for_labels(yb, step)
+            self._raise_non_finite(f"the loss is {loss}", xb, step)
+        owners = [(la, k) for la in self.trainable_layers for k in la.params]
+        flags = list(zip(owners, host[BAD_GRADS:], strict=True))
+        bad = [la for (la, _), flag in flags if flag == 1]
+        if bad:
+            # Backpropagation runs from the last layer: the last one with a non-finite
+            # gradient is where it appeared.
+            raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
+                                 f"backpropagation order) in layer {bad[-1].name!r}")
+        layer, name = [owner for owner, flag in flags if flag == 2][-1]
+        raise NonFiniteError(f"training stopped at step {step}: the gradient of layer "
+                             f"{layer.name!r} ({name}) is so large that its squares overflow, "
+                             "and the optimiser's state would become infinite; nothing was "
+                             "updated from that step on (are the inputs scaled? a Rescaling or "
+                             "Normalization layer brings them to a small range)")
+
+    def _raise_for_labels(self, yb: Any, step: int) -> None:
+        """Raise :class:`InputError` where the labels of step ``step`` are not all classes (the
+        step made its loss NaN for them, see ``_loss_and_grads``), named as ``fit`` names
+        them."""
+        if yb.shape[0]:  # (not this rank's empty part of a short batch)
+            try:
+                checks.as_labels(self.backend.to_numpy(yb), int(yb.shape[0]), self.num_classes)
+            except InputError as e:
+                raise InputError(f"training stopped at step {step}: {e}; nothing was updated "
+                                 "from that step on") from None
+
+    def _raise_non_finite(self, what: str, xb: Any, step: int) -> None:
+        """Name the step and the first layer whose output is not finite, then raise."""
+        xp = self.backend.xp
+        where = "the loss"
+        finite = lambda a: bool(xp.all(xp.isfinite(a)))  # noqa: E731
+        weights = next((la for la in self.layers if not all(map(finite, la._arrays().values()))),
+                       None)
+        if not finite(xb):
+            where = "the input batch"
+        elif weights is not None:
+            where = f"the weights of layer {weights.name!r}"
+        else:
+            with self.backend.compute_scope():
+                outputs = self._layer_outputs(
+                    xp.astype(xb, self._param_dtype, copy=False), False)
+            layer = next((la for la, out in zip(self.layers, outputs, strict=True)
+                          if not finite(out)), None)
+            if layer is not None:
+                where = f"the output of layer {layer.name!r}"
+        raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
+                             f"values appear in {where}")
+
+    # -- batch sources, and a refused call undone -----------------------------------------------
+    def _batches(self, x: Any, y: Any, batch_size: int, steps: int | None, what: str = "x", *,
+                 shuffle: bool = False, seed: int = 0, targets: bool = True,
+                 checked: bool = False) -> Batches:
+        """The batch source for ``x`` (and ``y``): arrays, a map-style dataset or an iterable
+        of batches (see :mod:`xpcnn.data`). On several ranks, arrays and datasets give each
+        rank its slice of every global batch (of ``ranks * batch_size``), except for
+        ``predict`` (no targets), where every rank predicts everything; an iterable is each
+        rank's own. ``checked`` arrays are parts of arrays (targets and all) that
+        :func:`check_arrays` passed: they are not checked again."""
+        steps = check_source(x, y, steps, what, targets)
+        here = distributed.world()
+        shard = (here.rank, here.size) if targets else (0, 1)
+        if is_stream(x):
+            if is_map_dataset(x):
+                return DatasetBatches(self, x, batch_size, shuffle, seed, targets, what, shard)
+            return IterableBatches(self, x, steps, targets, what)
+        x, t = (x, y) if checked else check_arrays(self, x, y, what)
+        return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed, shard)
+
+    @contextlib.contextmanager
+    def _undone_if_refused(self) -> Iterator[list[Batches]]:
+        """Around a call's set-up, up to its first step: where the call is refused (data that
+        does not fit the model, a callback's refusal when training begins), the model is as
+        it was (unbuilt if it was, see ``_unbuilt_if_refused``; its history), and the batch
+        that a source added to the list drew from an iterator to build the model is given
+        back to the next source of that iterator (:meth:`IterableBatches.give_back`)."""
+        made: list[Batches] = []
+        history = self.history
+        with self._unbuilt_if_refused():
+            try:
+                yield made
+            except BaseException:
+                self.history = history
+                for data in made:
+                    if isinstance(data, IterableBatches):
+                        data.give_back()
+                raise
+
+    # -- fit, evaluate, predict -----------------------------------------------------------------
+    def fit(self, x: Any, y: Any = None, epochs: int = 1, batch_size: int = 32,
+            validation_data: Any = None, validation_split: float = 0.0, shuffle: bool = True,
+            seed: int | None = None, verbose: int | str = 1,
+            callbacks: list[Callback] | None = None,
+            steps_per_epoch: int | None = None, validation_steps: int | None = None,
+            checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int | str = "epoch",
+            resume: bool = False) -> History:
+        """Train for ``epochs`` passes over the data; returns the :class:`History`.
+
+        ``x`` is images (N, H, W, C) (uint8 or float; NumPy, a memory map, or arrays of the
+        model's library on its device) with ``y`` integer labels (N,) or one-hot rows (N, K);
+        or a map-style dataset, or an iterable of ``(x, y)`` batches with ``steps_per_epoch``
+        (:mod:`xpcnn.data`). ``validation_data`` is a pair of arrays or such a source
+        (``validation_steps`` batches). ``seed`` fixes the shuffling order (default: the
+        model's seed). ``verbose=0`` silences the progress bar. ``callbacks``: see
+        :mod:`xpcnn.callbacks`.
+
+        Launched on several processes (``mpiexec -n N``, :mod:`xpcnn.distributed`), each step
+        takes a global batch of ``N * batch_size`` samples, the very batch one process would take
+        at that size, and each rank computes on its own slice; only rank 0 prints and writes.
+
+        ``checkpoint=PATH`` is short for ``callbacks=[BackupAndRestore(PATH, checkpoint_every,
+        resume)]``: the whole training state at the end of every epoch (and every
+        ``checkpoint_every`` steps when that is an int); with ``resume=True`` a run continues
+        from that file, exactly, and returns the history of every epoch.
+
+        A refused fit leaves the model as it was, and loses no batch of an iterator: the
+        arguments are checked before any batch is drawn, and where the model is built from
+        the first batch and then refused (validation data that does not fit it, a callback's
+        refusal), the next call on that iterator starts with that batch.
+        """
+        self._require_compiled("fit")
+        epochs = checks.non_negative_int(epochs, "epochs")
+        batch_size = checks.positive_int(batch_size, "batch_size")
+        seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
+        shuffle = checks.flag(shuffle, "shuffle")
+        verbose = checks.verbosity(verbose)
+        if not distributed.is_root():
+            verbose = 0
+        # Keras' order: the History and the progress bar after the user's callbacks, so they
+        # see the logs those add (learning_rate, a user's metric); BackupAndRestore last, so
+        # that its checkpoint holds the History of the epoch just done.
+        callbacks = [*callback_list(callbacks),
+                     *_checkpoint_callback(checkpoint, checkpoint_every, resume)]
+        backups = [cb for cb in callbacks if isinstance(cb, BackupAndRestore)]
+        history = History()
+        callbacks = [*(cb for cb in callbacks if cb not in backups), history,
+                     *([ProgbarLogger()] if verbose else []), *backups]
+        _check_fit_data(x, y, validation_data, validation_split, steps_per_epoch,
+                        validation_steps)
+        self._rebuild_if_shared()
+        with self._undone_if_refused() as made:
+            x, y, validation_data, split = self._split_validation(x, y, validation_data,
+                                                                  validation_split)
+            data = self._batches(x, y, batch_size, steps_per_epoch, shuffle=shuffle, seed=seed,
+                                 checked=split)
+            made.append(data)
+            validation = None if validation_data is None else self._batches(
+                *_pair(validation_data), max(batch_size, 256), validation_steps, "x_val",
+                checked=split)
+            self.history = history
+            cbs = CallbackList(callbacks, self, {"epochs": epochs, "steps": data.steps,
+                                                 "verbose": verbose, "data": data,
+                                                 "validation": validation is not None})
+            self.stop_training, self._resume_at = False, None
+            self._parallel = distributed.data_parallel(self)
+            try:
+                if self._parallel is not None:
+                    self._parallel.broadcast_weights()
+                cbs.on_train_begin()
+            except BaseException:
+                self._leave_parallel()
+                raise
+        start = self._resume_at
+        logs: dict[str, float] = {}  # (the last epoch's, for on_train_end, as in Keras)
+        try:
+            with cbs.interruptible():
+                for epoch in range(start.epoch if start else 0, epochs):
+                    logs = self._fit_epoch(epoch, data, cbs, start if start and
+                                           start.epoch == epoch else None)
+                    if self._parallel is not None:
+                        self._parallel.average_state()
+                    if validation is not None:
+                        val = self._evaluate(validation, cbs, self.loss, epoch=epoch)
+                        logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                    logs["seconds"] = time.perf_counter() - self._epoch_t0
+                    cbs.on_epoch_end(epoch, logs)
+                    if self.stop_training:
+                        break
+        except NonFiniteError as error:
+            if not cbs.on_non_finite(error):
+                raise
+        finally:
+            self._leave_parallel()
+        cbs.on_train_end(logs)
+        return self.history
+
+    def _leave_parallel(self) -> None:
+        """End fit's data-parallel mode, if it is in it (see :mod:`xpcnn.distributed`)."""
+        if self._parallel is not None:
+            self._parallel.end_fit()
+            self._parallel = None
+
+    def _fit_epoch(self, epoch: int, data: Batches, cbs: CallbackList, start: Any
+                   ) -> dict[str, float]:
+        """One pass of training steps (from ``start``, a checkpoint's position, when resuming
+        inside this epoch); returns the epoch's loss and accuracy."""
+        step = start.step if start else 0
+        self._position = (epoch, step)
+        self._epoch_t0 = time.perf_counter() - (start.seconds if start else 0.0)
+        self._seen = start.seen if start else 0.0
+        self._running_totals().reset(*((start.loss_sum, start.correct) if start else ()))
+        cbs.on_epoch_begin(epoch)
+        with contextlib.closing(data.epoch(epoch, step)) as batches:  # type: ignore[type-var]
+            for xb, yb in batches:
+                cbs.on_train_batch_begin(step)
+                if self._parallel is not None:  # this rank's place in the global batch
+                    place = data.place(step)
+                    if place is None:  # (asked of the other ranks: a host allreduce)
+                        self._parallel.set_batch(int(xb.shape[0]))
+                    else:
+                        self._parallel.use_slice(*place)
+                self.train_step(xb, yb)
+                self._seen += int(xb.shape[0]) if self._parallel is None else \
+                    self._parallel.total
+                step += 1
+                self._position = (epoch, step)
+                cbs.on_train_batch_end(step - 1, LazyLogs(self._batch_logs))
+                if self.stop_training:
+                    break
+        if not self._seen:
+            raise InputError(f"the training data gave no batches in epoch {epoch + 1}: an "
+                             "iterator needs steps_per_epoch batches for every epoch")
+        return self._batch_logs()
+
+    def _batch_logs(self) -> dict[str, float]:
+        """The epoch's running loss and accuracy (waits for the device)."""
+        loss_sum, correct = self._read_totals()
+        return {"loss": loss_sum / self._seen, "accuracy": correct / self._seen}
+
+    def _epoch_sums(self) -> tuple[float, float, float, float]:
+        """(loss sum, correct count, samples seen, start time) of the epoch in progress, as a
+        checkpoint stores them (waits for the device)."""
+        return (*self._read_totals(), self._seen, self._epoch_t0)
+
+    def _split_validation(self, x: Any, y: Any, validation_data: Any,
+                          validation_split: float) -> tuple[Any, Any, Any, bool]:
+        """(x, y, validation data, split): with a ``validation_split``, the arrays x and y are
+        checked as a whole, then their last part is the validation data; else as given."""
+        if not validation_split:
+            return x, y, validation_data, False
+        x, targets = check_arrays(self, x, y)
+        n_val = int(round(int(x.shape[0]) * validation_split))
+        if n_val < 1 or n_val >= x.shape[0]:
+            raise InputError(f"validation_split={validation_split} leaves no training or no "
+                             f"validation samples out of {x.shape[0]}")
+        return x[:-n_val, ...], targets[:-n_val], (x[-n_val:, ...], targets[-n_val:]), True
+
+    def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int | str = 0,
+                 steps: int | None = None, callbacks: list[Callback] | None = None
+                 ) -> dict[str, float]:
+        """Mean loss and accuracy on (x, y) (or a dataset or iterable of batches), in inference
+        mode; an uncompiled model is evaluated with the default loss (and stays uncompiled)."""
+        batch_size = checks.positive_int(batch_size, "batch_size")
+        verbose = checks.verbosity(verbose)
+        cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
+        loss = self.loss if self.loss is not None else get_loss("cross_entropy")
+        self._rebuild_if_shared()
+        with self._undone_if_refused() as made:
+            data = self._batches(x, y, batch_size, steps)
+            made.append(data)
+            return self._evaluate(data, cbs, loss, verbose)
+
+    def _evaluate(self, data: Batches, cbs: CallbackList, loss: SoftmaxCrossEntropy | None,
+                  verbose: int = 0, epoch: int | None = None) -> dict[str, float]:
+        """Mean ``loss`` and accuracy of ``data``; ``epoch``: fit's, when it is the validation
+        data."""
+        xp = self.backend.xp
+        kernels = kernels_for(self.backend)
+        totals, seen = RunningTotals(self.backend, 0), 0
+        cbs.on_test_begin()
+        with self.backend.compute_scope(), contextlib.closing(
+                data.epoch(0)) as batches:  # type: ignore[type-var]
+            for step, (xb, yb) in enumerate(_progress(batches, data, verbose, "evaluate")):
+                if not xb.shape[0]:  # this rank's empty part of a short batch
+                    continue
+                cbs.on_test_batch_begin(step)
+                logits = self._logits(xb, False)
+                stats, _ = loss.forward_with_accuracy(  # type: ignore[union-attr]
+                    xp, logits, yb, self._param_dtype, kernels)
+                totals.add_stats(stats, int(xb.shape[0]))
+                seen += int(xb.shape[0])
+                cbs.on_test_batch_end(step, LazyLogs(lambda seen=seen: self._running_logs(
+                    totals, seen)))  # (this rank's running means, as Keras' batch logs)
+        host, _ = totals.read()
+        # on several ranks, each evaluated its slices: the sums are added up over the ranks
+        loss_sum, correct, seen = distributed.host_sum(
+            distributed.world(), [host[LOSS_SUM], host[CORRECT], seen], "evaluate")
+        if not seen:
+            raise InputError("the evaluation data gave no batches" if epoch is None else
+                             f"the validation data gave no batches in epoch {epoch + 1}: an "
+                             "iterator needs validation_steps batches for every epoch")
+        logs = {"loss": loss_sum / seen, "accuracy": correct / seen}
+        cbs.on_test_end(logs)
+        return logs
+
+    def _running_logs(self, totals: RunningTotals, seen: int) -> dict[str, float]:
+        """The running loss and accuracy of ``seen`` samples in ``totals`` (waits for the
+        device)."""
+        host = self.backend.to_numpy(totals.state)
+        return {"loss": float(host[LOSS_SUM]) / seen, "accuracy": float(host[CORRECT]) / seen}
+
+    def predict(self, x: Any, batch_size: int = 256, verbose: int | str = 0,
+                steps: int | None = None, callbacks: list[Callback] | None = None) -> np.ndarray:
+        """Class probabilities, (N, classes), as a host NumPy array; ``x`` as for
+        :meth:`evaluate` (targets, if any, are ignored); ``verbose=1`` shows a progress bar
+        (Keras' ``predict(x, verbose=0)`` works as it is)."""
+        batch_size = checks.positive_int(batch_size, "batch_size")
+        verbose = checks.verbosity(verbose)
+        cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
+        self._rebuild_if_shared()
+        xp = self.backend.xp
+        out = []
+        with self._undone_if_refused() as made:
+            data = self._batches(x, None, batch_size, steps, targets=False)
+            made.append(data)
+            cbs.on_predict_begin()
+            with self.backend.compute_scope(), contextlib.closing(
+                    data.epoch(0)) as batches:  # type: ignore[type-var]
+                for step, (xb, _) in enumerate(_progress(batches, data, verbose, "predict")):
+                    cbs.on_predict_batch_begin(step)
+                    z = self._logits(xb, training=False)
+                    out.append(softmax(xp, xp.astype(z, self._param_dtype)))
+                    cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
+                probabilities = self.backend.to_numpy(xp.concat(out))
+        cbs.on_predict_end()
+        return probabilities
+
+
+def _progress(batches: Any, data: Batches, verbose: int, desc: str) -> Any:
+    """``batches`` behind a progress bar where ``verbose`` asks for one (on rank 0 only)."""
+    return tqdm(batches, total=data.steps, disable=verbose == 0 or not distributed.is_root(),
+                desc=desc, unit="batch")
+
+
+def _checkpoint_callback(checkpoint: str | os.PathLike[str] | None, every: int | str,
+                         resume: bool) -> list[Callback]:
+    """fit's ``checkpoint=PATH``, as the :class:`BackupAndRestore` it is short for."""
+    if checkpoint is not None:
+        return [BackupAndRestore(checkpoint, every, resume)]
+    if resume:
+        raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
+    if not (isinstance(every, str) and every == "epoch"):
+        raise InputError(f"checkpoint_every={every!r} needs checkpoint=PATH, the file to "
+                         "write: without it no checkpoint would be written")
+    return []
+
+
+def _check_fit_data(x: Any, y: Any, validation_data: Any, validation_split: float,
+                    steps: int | None, validation_steps: int | None) -> None:
+    """fit's data arguments, checked before any batch source is made (none draws a batch)."""
+    checks.number(validation_split, "validation_split", 0.0, 1.0, high_open=True)
+    if validation_split and is_stream(x):
+        raise InputError("validation_split needs arrays; pass validation_data with a "
+                         "dataset or generator")
+    check_source(x, y, steps)
+    if validation_data is not None and not validation_split:
+        check_source(*_pair(validation_data), validation_steps, "x_val")
+
+
+def _pair(validation_data: Any) -> tuple[Any, Any]:
+    """``validation_data`` as (x_val, y_val); a dataset or an iterable of batches holds its
+    targets (y_val None)."""
+    if is_stream(validation_data):
+        return validation_data, None
+    if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
+        raise InputError("validation_data must be a pair (x_val, y_val), a dataset or an "
+                         f"iterable of batches, got {type(validation_data).__name__}")
+    return validation_data[0], validation_data[1]
