@@ -558,6 +558,20 @@ def test_a_batch_drawn_to_build_the_model_is_given_back_when_fit_is_refused(
         np.testing.assert_array_equal(a, b)
 
 
+def test_only_the_last_refused_calls_batch_is_kept(tmp_path, monkeypatch):
+    """A given-back batch waits for a retry of the refused call; refused calls on other
+    generators do not pile theirs up (each holds a generator and a batch)."""
+    from xpcnn import data
+
+    monkeypatch.chdir(tmp_path)
+    for _ in range(3):
+        with pytest.raises(InputError):
+            _unbuilt().fit(_generator(), steps_per_epoch=4, verbose=0,
+                           callbacks=[EarlyStopping()])
+    assert len(data._GIVEN_BACK) == 1
+    data._GIVEN_BACK.clear()
+
+
 def test_a_refused_call_leaves_an_unbuilt_model_unbuilt():
     """(was: built for the refused data, whose shape then refused the right data)"""
     nchw = np.ascontiguousarray(X.transpose(0, 3, 1, 2))

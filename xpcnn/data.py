@@ -359,6 +359,7 @@ class IterableBatches(Batches):
         """Keep the batch drawn from the iterator and not trained on (the call was refused
         before its first epoch) for the next source of that iterator, not lost to it."""
         if self.first is not None:
+            _GIVEN_BACK.clear()  # (only the last refused call's: a retry takes it)
             _GIVEN_BACK[id(self.iterator)] = (self.iterator, self.first)
             self.first = None
 
@@ -367,8 +368,8 @@ class IterableBatches(Batches):
         return split_item(item, self.with_targets, f"{self.what} must yield (x, y) batches")
 
 
-#: Batches given back by refused calls, by the id of their iterator (held with it, so that the
-#: id stays its own): (iterator, batch).
+#: The batch given back by the last refused call, by the id of its iterator (held with it, so
+#: that the id stays its own): (iterator, batch). One at most: nothing piles up.
 _GIVEN_BACK: dict[int, tuple[Iterator[Any], Any]] = {}
 
 
