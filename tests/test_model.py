@@ -202,6 +202,23 @@ def test_summary_lists_layers_shapes_and_parameters(data):
     assert model.count_params() == total
 
 
+def test_get_layer_by_name_or_index():
+    model = xpcnn.Sequential(build_layers("notebook"), input_shape=(32, 32, 3))
+    conv = model.layers[3]
+    assert conv.name == "conv2d_1"
+    assert model.get_layer("conv2d_1") is conv and model.get_layer(index=3) is conv
+    assert model.get_layer(index=-1) is model.layers[-1]
+    with pytest.raises(InputError, match=r"no layer named 'conv'; the model's layers are "
+                                         r"'rescaling', 'conv2d', 'relu', "):
+        model.get_layer("conv")
+    for index in (len(model.layers), 1.0, True):
+        with pytest.raises(InputError, match="get_layer index must be an int in"):
+            model.get_layer(index=index)
+    for args in ({}, {"name": "conv2d", "index": 1}):
+        with pytest.raises(InputError, match="a layer's name or its index, one of the two"):
+            model.get_layer(**args)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda m, x, y: m.fit(x[:, :4], y, verbose=0), r"per-sample shape \(4, 8, 3\)"),
     (lambda m, x, y: m.fit(x[..., 0], y, verbose=0), r"expects \(8, 8, 3\)"),

@@ -299,6 +299,24 @@ class Model(Trainer):
         print_fn(f"Trainable params: {trainable:,}")
         print_fn(f"Non-trainable params: {self.count_params() - trainable:,}")
 
+    def get_layer(self, name: str | None = None, index: int | None = None) -> Layer:
+        """A layer by its ``name`` or its ``index`` in :attr:`layers` (one of the two), as in
+        Keras: ``model.get_layer("conv2d_1").get_weights()``."""
+        if (name is None) == (index is None):
+            raise InputError("get_layer takes a layer's name or its index, one of the two")
+        if index is not None:
+            if isinstance(index, bool) or not isinstance(index, int | np.integer) or not (
+                    -len(self.layers) <= index < len(self.layers)):
+                raise InputError(f"get_layer index must be an int in [{-len(self.layers)}, "
+                                 f"{len(self.layers)}) (the model has {len(self.layers)} "
+                                 f"layers), got {index!r}")
+            return self.layers[index]
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise InputError(f"no layer named {name!r}; the model's layers are "
+                         f"{', '.join(repr(la.name) for la in self.layers) or 'none'}")
+
     def count_params(self) -> int:
         """Every weight, trainable or not (BatchNorm's statistics, frozen layers'), as Keras."""
         return sum(la.count_params() for la in self.layers)
