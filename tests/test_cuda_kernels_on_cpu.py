@@ -202,6 +202,12 @@ def test_softmax_cross_entropy(fast, rng, rows, classes, smoothing, levels, labe
     np.testing.assert_allclose(stats[0], want_stats[0], rtol=tol, atol=tol)
     assert stats[1] == want_stats[1]
     np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol / rows)
+    for bad in (classes, -1):  # a label that is no class makes the loss NaN, in both versions
+        wrong = labels.copy()
+        wrong[rows // 2] = bad
+        for kernels in (fast, STD):
+            stats, grad = kernels.softmax_cross_entropy(z, wrong, smoothing)
+            assert np.isnan(stats[0]) and np.isfinite(grad).all()
     z[-1, 0] = np.nan  # a non-finite logit makes the loss NaN, as in the standard version
     assert np.isnan(fast.softmax_cross_entropy(z, labels, smoothing)[0][0])
 

@@ -6,7 +6,7 @@ import numbers
 from typing import Any
 
 from .errors import InputError
-from .ops.softmax import cross_entropy, loss_and_correct, target_rows
+from .ops.softmax import cross_entropy, loss_and_correct, nan_unless_classes, target_rows
 
 
 class SoftmaxCrossEntropy:
@@ -42,27 +42,14 @@ class SoftmaxCrossEntropy:
                               kernels: Any) -> tuple[Any, Any]:
         """:meth:`forward` with the count of rows predicted right (first maximum at the target's
         class): ([loss, count] as one (2,) float32 or float64 array, gradient). Integer labels
-        go to ``kernels`` (on a GPU one launch instead of ~20)."""
+        go to ``kernels`` (on a GPU one launch instead of ~20). A target that names no class
+        (a label out of range, a one-hot row that is no probabilities) makes the loss NaN, on
+        the device: the step is skipped as a non-finite one, never trained on a wrong loss."""
         z = xp.astype(logits, dtype, copy=False)
         if y.ndim == 1:
             return kernels.softmax_cross_entropy(z, y, self.label_smoothing)
         loss, grad = self.forward(xp, z, y, dtype)
-        return loss_and_correct(xp, loss, z, y), grad
-
-
-    @staticmethod
-    def valid_targets(xp: Any, y: Any, classes: int) -> Any:
-        """Whether every target is one this loss can mean, as a 0-d bool array computed on the
-        device (no host wait): integer labels in [0, classes), one-hot rows >= 0 that sum to 1
-        (as :func:`xpcnn.checks.as_labels` asks of host labels). Any other label would match no
-        class and give a wrong, finite loss."""
-        if y.ndim == 2:
-            sums = xp.sum(y, axis=1)
-            return xp.logical_and(xp.all(y >= 0), xp.all(xp.abs(sums - 1) <= 1e-3))
-        ok = y >= 0
-        if xp.iinfo(y.dtype).max >= classes:  # (else every value of the dtype is a class)
-            ok = xp.logical_and(ok, y < classes)
-        return xp.all(ok)
+        return nan_unless_classes(xp, loss_and_correct(xp, loss, z, y), y, z.shape[1]), grad
 
 
 LOSSES = {"cross_entropy": SoftmaxCrossEntropy,

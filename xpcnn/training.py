@@ -315,11 +315,9 @@ class Trainer:
         if dp is not None and xb.shape[0] == 0:  # no sample of a short last batch here
             return dp.empty_step(xp.zeros((2,), dtype=self._param_dtype))
         logits = self._logits(xb, training=True)
+        # (a label that is no class makes the loss NaN: the step is skipped as a non-finite one
+        # and the host names the labels, _raise_deferred)
         stats, dz = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype, kernels)
-        # A label that is no class matches none and trains on a wrong loss, silently: such a
-        # step's loss is NaN instead, on the device, so that its update is skipped as a
-        # non-finite step's is, and the host names the labels (_raise_deferred).
-        stats = xp.where(self.loss.valid_targets(xp, yb, int(logits.shape[-1])), stats, xp.nan)
         if dp is not None and dp.weight != 1.0:
             # weighted by this slice's share of the global batch, here, once: backward is
             # linear in dz, and the buckets then only copy and sum
@@ -431,8 +429,8 @@ class Trainer:
 
     def _raise_for_labels(self, yb: Any, step: int) -> None:
         """Raise :class:`InputError` where the labels of step ``step`` are not all classes (the
-        step made its loss NaN for them, see ``_loss_and_grads``), named as ``fit`` names
-        them."""
+        loss made its loss NaN for them, :meth:`SoftmaxCrossEntropy.forward_with_accuracy`),
+        named as ``fit`` names them."""
         if yb.shape[0]:  # (not this rank's empty part of a short batch)
             try:
                 checks.as_labels(self.backend.to_numpy(yb), int(yb.shape[0]), self.num_classes)

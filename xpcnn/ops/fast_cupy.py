@@ -228,6 +228,7 @@ _SOFTMAX_CROSS_ENTROPY = cupy.ElementwiseKernel(
         loss -= t * logp;
         grad[base + c] = (T)((exp(logp) - t) * (A)inv_n);
     }
+    if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
     stats[2 * i] = (S)(loss * (A)inv_n);
     stats[2 * i + 1] = (S)(first == label ? 1 : 0);
     """,

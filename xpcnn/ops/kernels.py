@@ -19,7 +19,7 @@ from .conv import im2col_into
 from .convolution import ConvEngine, ConvGeometry, KernelsConv
 from .pool import max_pool, max_pool_backward
 from .random import uniform
-from .softmax import cross_entropy, loss_and_correct, target_rows
+from .softmax import cross_entropy, loss_and_correct, nan_unless_classes, target_rows
 
 
 def standardize_backward(xp: Any, dxhat: Any, xhat: Any, inv_std: Any,
@@ -185,12 +185,13 @@ class StandardKernels:
     def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float) -> tuple[Any, Any]:
         """Mean cross-entropy of softmax(z) against integer ``labels`` (targets mixed with the
         uniform distribution by ``smoothing``) and the count of rows whose first maximum is at
-        the label, as one (2,) float32 (float64 for float64 ``z``) array; and the gradient with
-        respect to ``z``."""
+        the label, as one (2,) float32 (float64 for float64 ``z``) array, the loss NaN where a
+        label is no class; and the gradient with respect to ``z``."""
         xp = self.xp
         loss, grad = cross_entropy(xp, z, target_rows(xp, labels, z.shape[1], z.dtype,
                                                       smoothing))
-        return loss_and_correct(xp, loss, z, labels), grad
+        stats = loss_and_correct(xp, loss, z, labels)
+        return nan_unless_classes(xp, stats, labels, z.shape[1]), grad
 
     def relu_with_mask(self, x: Any, max_value: float | None) -> tuple[Any, Any]:
         """:meth:`relu` and the boolean mask of where its gradient passes: strictly inside

@@ -29,6 +29,27 @@ def target_rows(xp: Any, y: Any, classes: int, dtype: Any, smoothing: float = 0.
     return y
 
 
+def targets_are_classes(xp: Any, y: Any, classes: int) -> Any:
+    """Whether every target names a class, as a 0-d bool array computed on the device (no host
+    wait): integer labels in [0, classes), one-hot rows >= 0 that sum to 1 (as
+    :func:`xpcnn.checks.as_labels` asks of host labels). Any other target would match no class
+    and give a wrong, finite loss: the losses below make it NaN instead."""
+    if y.ndim == 2:
+        sums = xp.sum(y, axis=1)
+        return xp.logical_and(xp.all(y >= 0), xp.all(xp.abs(sums - 1) <= 1e-3))
+    ok = y >= 0
+    if xp.iinfo(y.dtype).max >= classes:  # (else every value of the dtype is a class)
+        ok = xp.logical_and(ok, y < classes)
+    return xp.all(ok)
+
+
+def nan_unless_classes(xp: Any, stats: Any, y: Any, classes: int) -> Any:
+    """``stats`` where every target of ``y`` names a class (:func:`targets_are_classes`), else
+    NaN: the training step is then skipped as a non-finite one, and the host names the
+    targets when it reads the step's totals."""
+    return xp.where(targets_are_classes(xp, y, classes), stats, xp.nan)
+
+
 def cross_entropy(xp: Any, z: Any, t: Any) -> tuple[Any, Any]:
     """Mean cross-entropy of softmax(z) against probability rows ``t`` (a 0-d array) and its
     gradient with respect to ``z``, (softmax(z) - t) / N."""
