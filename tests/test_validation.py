@@ -318,6 +318,12 @@ def test_load_weights_refuses_another_architecture(model, tmp_path):
         model.load_weights(tmp_path / "bigger.npz")
     with pytest.raises(DataFormatError, match="no such file"):
         model.load_weights(tmp_path / "missing.npz")
+    unbuilt = xpcnn.Sequential(four_class_net())  # the layers are compared before a build
+    with pytest.raises(DataFormatError, match=r"another architecture: its layer 1 is "
+                                              r"Conv2D\(filters=5, .*this model's is "
+                                              r"Conv2D\(filters=3"):
+        unbuilt.load_weights(tmp_path / "other.npz")  # (was: 'layer 1 (Conv2D) needs 84 weight
+    assert not unbuilt.built  # values for inputs of shape (6, 6, 3), but the file holds 140')
     (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
     with pytest.raises(DataFormatError, match="not a readable xpcnn .npz file"):
         model.load_weights(tmp_path / "junk.npz")

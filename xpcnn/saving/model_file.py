@@ -294,6 +294,7 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise DataFormatError(f"{npz.path}: not an xpcnn model file or checkpoint")
         check_file_entries(npz, config, checkpoint)
+        check_layers(model, config, npz.path)  # (before building: an unbuilt model too)
         build_for(model, config, npz)
         check_architecture(model, config, npz.path)
         set_weights_from_file(model, npz)
@@ -348,9 +349,23 @@ def check_architecture(model: Any, config: dict[str, Any], path: str) -> None:
     """Refuse a file whose model differs from ``model`` in input shape, dtype or layers."""
     mine = normal(model_config(model))
     try:
-        theirs, ours = _architecture(config), _architecture(mine)
-        shape = config["input_shape"]
-        dtype = config["dtype"]
+        shape, dtype = config["input_shape"], config["dtype"]
+    except (KeyError, TypeError) as e:
+        raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
+                              ) from e
+    if shape != mine["input_shape"]:
+        raise DataFormatError(f"{path} holds a model for inputs of shape {tuple(shape)}; this "
+                              f"model takes {tuple(mine['input_shape'])}")
+    if dtype != mine["dtype"]:
+        raise DataFormatError(f"{path} holds a {dtype} model; this model is {mine['dtype']}")
+    check_layers(model, config, path)
+
+
+def check_layers(model: Any, config: dict[str, Any], path: str) -> None:
+    """Refuse a file whose model has other layers (classes, settings, graph) than ``model``,
+    built or not, naming the first difference."""
+    try:
+        theirs, ours = _architecture(config), _architecture(normal(model_config(model)))
     except (KeyError, TypeError, AttributeError) as e:
         raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
                               ) from e
@@ -358,11 +373,6 @@ def check_architecture(model: Any, config: dict[str, Any], path: str) -> None:
     def show(layer: tuple[str, dict[str, Any]]) -> str:
         return f"{layer[0]}({', '.join(f'{k}={v!r}' for k, v in layer[1].items())})"
 
-    if shape != mine["input_shape"]:
-        raise DataFormatError(f"{path} holds a model for inputs of shape {tuple(shape)}; this "
-                              f"model takes {tuple(mine['input_shape'])}")
-    if dtype != mine["dtype"]:
-        raise DataFormatError(f"{path} holds a {dtype} model; this model is {mine['dtype']}")
     for i, (a, b) in enumerate(zip(theirs, ours, strict=False)):
         if a != b:
             raise DataFormatError(f"{path} holds a model of another architecture: its layer {i} "
