@@ -300,6 +300,10 @@ def test_one_optimizer_cannot_train_two_models(model):
     model.compile(optimizer=model.optimizer)  # compiling its own model again is fine
     model.fit(X, Y, verbose=0)
     assert model.optimizer.iterations == 1
+    replaced = model.optimizer
+    model.compile(optimizer=optim.SGD(0.1))
+    same.compile(optimizer=replaced)  # (was: 'already compiled into model 'sequential'', which
+    assert same.optimizer is replaced  # had compiled another one since)
 
 
 def test_a_failed_compile_leaves_the_model_and_the_optimizer_as_they_were(model):

@@ -170,6 +170,9 @@ class Trainer:
                              f"model {owner.name!r}: an optimizer holds one model's state (its "
                              "slots and step count), so each model needs one of its own; pass "
                              "a new one")
+        previous = self.optimizer
+        if previous is not None and previous is not optimizer:
+            del previous._model  # (replaced: free to be compiled into another model)
         optimizer._model = weakref.ref(self)
         return optimizer
 
