@@ -77,8 +77,10 @@ class Model(Trainer):
         self.built = False
         self._graph: list[graph.Inbound] = []
         self._plan_cache: tuple[tuple[bool, ...], graph.Plan] | None = None
+        self._symbolic: graph.Symbolic | None = None
         if inputs is not None or outputs is not None:
-            self._set_graph(*graph.trace(inputs, outputs))
+            layers, inbound, self._symbolic = graph.trace(inputs, outputs)
+            self._set_graph(layers, inbound)
             self.build(graph.input_shape_of(inputs))
 
     def _set_graph(self, layers: list[Layer], inbound: list[graph.Inbound]) -> None:
@@ -107,7 +109,8 @@ class Model(Trainer):
         refuse_training_in_graph(f"model {self.name!r}", training)
         values = [x]
         for layer, ins in zip(self.layers, self._inbound(), strict=True):
-            values.append(layer(graph.read_by(layer, ins, values)))
+            # (not one of the layer's inbound nodes: its output stays this model's, as in Keras)
+            values.append(layer._call_symbolic(graph.read_by(layer, ins, values), record=False))
         return values[-1]
 
     # -- building: every layer's weights for an input shape -------------------------------------
@@ -145,6 +148,28 @@ class Model(Trainer):
         # (its own, whatever a layer it shares with another model is built for since)
         self._output_shape: tuple[int, ...] = self.layers[-1].output_shape
         self.built = True
+        self._make_symbolic()
+
+    def _make_symbolic(self) -> None:
+        """The symbolic graph of the model as built (``input``, ``output``, each layer's
+        ``output``): a traced model keeps the one it was traced from; a graph for another
+        input shape or other layers is replaced, its calls dropped from the layers'."""
+        old = self._symbolic
+        if old is None or old.input.shape != self.input_shape or \
+                [n.layer for n in old.nodes] != self.layers:
+            self._use_symbolic(graph.symbolic(self.layers, self._inbound(), self.input_shape))
+
+    def _use_symbolic(self, new: graph.Symbolic | None) -> None:
+        """Make ``new`` this model's symbolic graph: the old one's calls leave its layers'
+        inbound nodes, the new one's join them (each layer's ``output`` is in this graph,
+        where no other holds the layer)."""
+        for node in self._symbolic.nodes if self._symbolic is not None else ():
+            if node in node.layer.inbound_nodes:
+                node.layer.inbound_nodes.remove(node)
+        for node in new.nodes if new is not None else ():
+            if node not in node.layer.inbound_nodes:
+                node.layer.inbound_nodes.append(node)
+        self._symbolic = new
 
     def _rebuild_if_shared(self) -> None:
         """Build again where a layer shared with another model was built since for that
@@ -168,6 +193,7 @@ class Model(Trainer):
         # (each unbuilt layer's attributes, its empty dicts of weights copied: build fills them)
         unbuilt = [(la, {k: copy.copy(v) if isinstance(v, dict) else v
                          for k, v in vars(la).items()}) for la in self.layers if not la.built]
+        symbolic = self._symbolic
         try:
             yield
         except BaseException:
@@ -175,6 +201,8 @@ class Model(Trainer):
                 vars(layer).clear()
                 vars(layer).update(attributes)
             self.built, self.input_shape, self._plan_cache = False, None, None
+            if self._symbolic is not symbolic:
+                self._use_symbolic(symbolic)
             raise
 
     @property
@@ -298,6 +326,37 @@ class Model(Trainer):
         print_fn(f"Total params: {self.count_params():,}")
         print_fn(f"Trainable params: {trainable:,}")
         print_fn(f"Non-trainable params: {self.count_params() - trainable:,}")
+
+    @property
+    def input(self) -> SymbolicTensor:
+        """The model's symbolic input, as in Keras: with a layer's ``output``, the ends of a
+        model that shares this one's layers, a feature extractor::
+
+            extractor = xpcnn.Model(model.input, model.get_layer("conv2d_1").output)
+            features = extractor.predict(images)  # that layer's output"""
+        return self._built_symbolic("input").input
+
+    @property
+    def output(self) -> SymbolicTensor:
+        """The model's symbolic output, as in Keras (see :attr:`input`)."""
+        return self._built_symbolic("output").output
+
+    @property
+    def inputs(self) -> list[SymbolicTensor]:
+        """``[input]``: Keras' list of the inputs (an xpcnn model has one)."""
+        return [self.input]
+
+    @property
+    def outputs(self) -> list[SymbolicTensor]:
+        """``[output]``: Keras' list of the outputs (an xpcnn model has one)."""
+        return [self.output]
+
+    def _built_symbolic(self, what: str) -> graph.Symbolic:
+        if not self.built or self._symbolic is None:
+            raise InputError(f"model {self.name!r} has no symbolic {what} before it is built: "
+                             "call build(input_shape), give Sequential(..., input_shape=...), "
+                             "or fit/predict on data first")
+        return self._symbolic
 
     def get_layer(self, name: str | None = None, index: int | None = None) -> Layer:
         """A layer by its ``name`` or its ``index`` in :attr:`layers` (one of the two), as in
