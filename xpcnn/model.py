@@ -21,7 +21,7 @@ from . import checks, distributed, graph
 from .backend import DeviceLike, get_backend
 from .errors import InputError
 from .layers.activation import Softmax
-from .layers.base import Layer, SymbolicTensor, refuse_training_in_graph
+from .layers.base import Layer, SymbolicTensor, dtype_name, refuse_training_in_graph
 from .saving import load_weights, register_model, save_model
 from .structure import check_structure
 from .training import Trainer
@@ -42,7 +42,9 @@ class Model(Trainer):
     the hooks it names. :class:`Sequential` is the chain of layers.
 
     ``device`` picks the array library and device (see :func:`xpcnn.backend.get_backend`),
-    ``seed`` the initial weights (the same on every device), ``dtype`` the parameters' dtype.
+    ``seed`` the initial weights (the same on every device), ``dtype`` the parameters' dtype;
+    a graph of layers that are built already (``Model(model.input, layer.output)``, a feature
+    extractor) takes by default their device and dtype, any other the CPU and float32.
     Building gives layer ``k`` fresh weights from the seed ``[seed, k]``, unless it is already
     built: then it keeps its weights (a trained model used inside another, as in Keras), on
     this device and in this dtype, and for inputs of another size where its weights keep their
@@ -63,9 +65,18 @@ class Model(Trainer):
     """
 
     def __init__(self, inputs: SymbolicTensor | None = None,
-                 outputs: SymbolicTensor | None = None, *, device: DeviceLike = "cpu",
-                 seed: int = 0, dtype: str = "float32", name: str = "model") -> None:
+                 outputs: SymbolicTensor | None = None, *, device: DeviceLike | None = None,
+                 seed: int = 0, dtype: str | None = None, name: str = "model") -> None:
         super().__init__()  # (the training state: build reads the optimiser and the precision)
+        traced = graph.trace(inputs, outputs) if inputs is not None or outputs is not None \
+            else None
+        # A graph of built layers (a feature extractor of a trained model) runs by default
+        # where they are and in their dtype: on the same weight arrays.
+        placed = next((la for la in traced[0] if la.built), None) if traced else None
+        if device is None:
+            device = placed.backend if placed else "cpu"
+        if dtype is None:
+            dtype = dtype_name(placed.dtype) if placed else "float32"
         self.backend = get_backend(distributed.device_for_rank(device))
         if dtype not in ("float32", "float64"):
             raise InputError(f"model dtype must be 'float32' or 'float64', got {dtype!r}")
@@ -78,8 +89,8 @@ class Model(Trainer):
         self._graph: list[graph.Inbound] = []
         self._plan_cache: tuple[tuple[bool, ...], graph.Plan] | None = None
         self._symbolic: graph.Symbolic | None = None
-        if inputs is not None or outputs is not None:
-            layers, inbound, self._symbolic = graph.trace(inputs, outputs)
+        if traced is not None:
+            layers, inbound, self._symbolic = traced
             self._set_graph(layers, inbound)
             self.build(graph.input_shape_of(inputs))
 

@@ -351,8 +351,8 @@ class Layer:
             for n, a in store.items():
                 store[n] = backend.asarray(self.backend.to_numpy(a))
         self.backend, self.xp = backend, backend.xp
-        self.dtype = backend.dtype(_dtype_name(self.dtype))
-        self.compute_dtype = backend.dtype(_dtype_name(self.compute_dtype))
+        self.dtype = backend.dtype(dtype_name(self.dtype))
+        self.compute_dtype = backend.dtype(dtype_name(self.compute_dtype))
         self.grads = {}
         self._clear_cache()
 
@@ -379,7 +379,8 @@ def _shape(shape: Any, layer: Layer) -> Shape | tuple[Shape, ...]:
     return tuple(int(d) for d in shape)
 
 
-def _dtype_name(dtype: Any) -> str:
+def dtype_name(dtype: Any) -> str:
+    """The name of a backend dtype: "float16", "bfloat16", "float32" or "float64"."""
     for name in ("float16", "bfloat16", "float32", "float64"):
         if name in str(dtype):
             return name
