@@ -166,6 +166,44 @@ def test_model_moves_between_devices(data):
     assert all(isinstance(w, np.ndarray) for la in model.layers for w in la.params.values())
 
 
+@pytest.mark.parametrize("fail_at", [1, 7, 10**6])  # a layer's weight; an optimiser slot
+def test_a_move_that_fails_partway_leaves_the_model_where_it_was(data, fail_at, monkeypatch):
+    """Out of device memory in the middle of ``to``: every weight, statistic and optimiser slot
+    stays on the old device, and the model trains on there (was: some layers moved, the model
+    unusable on either device)."""
+    model, _ = _train("cpu", data, _sgd())
+    weights, slots = model.get_weights(), model.optimizer.slots
+    copies = [0]
+    real = xpcnn.Backend.asarray
+
+    def asarray(self, a, dtype=None):
+        copies[0] += 1
+        if copies[0] >= fail_at and self.name == "array_api_strict":
+            raise MemoryError("out of device memory")
+        return real(self, a, dtype)
+
+    monkeypatch.setattr(xpcnn.Backend, "asarray", asarray)
+    if fail_at < 10**6:
+        with pytest.raises(MemoryError):
+            model.to((xs, xs.Device("device1")))
+    else:  # (the count the whole move takes: a failure at the very last copy)
+        model.to((xs, xs.Device("device1")))
+        moved = copies[0]
+        model.to("cpu")
+        copies[0], fail_at = 0, moved
+        with pytest.raises(MemoryError):
+            model.to((xs, xs.Device("device1")))
+    monkeypatch.undo()
+    assert model.backend.name == "numpy" and model.optimizer.slots.keys() == slots.keys()
+    for layer in model.layers:
+        assert all(isinstance(a, np.ndarray) for a in (*layer.params.values(),
+                                                      *layer.state.values()))
+    assert all(isinstance(a, np.ndarray) for v in model.optimizer.slots.values() for a in v)
+    for a, b in zip(model.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    model.fit(*data, epochs=1, batch_size=16, verbose=0)
+
+
 def _cupy_ready():
     try:
         import cupy

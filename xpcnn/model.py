@@ -201,16 +201,12 @@ class Model(Trainer):
         if self.built:
             yield
             return
-        # (each unbuilt layer's attributes, its empty dicts of weights copied: build fills them)
-        unbuilt = [(la, {k: copy.copy(v) if isinstance(v, dict) else v
-                         for k, v in vars(la).items()}) for la in self.layers if not la.built]
+        unbuilt = _attributes([la for la in self.layers if not la.built])
         symbolic = self._symbolic
         try:
             yield
         except BaseException:
-            for layer, attributes in unbuilt:
-                vars(layer).clear()
-                vars(layer).update(attributes)
+            _restore(unbuilt)
             self.built, self.input_shape, self._plan_cache = False, None, None
             if self._symbolic is not symbolic:
                 self._use_symbolic(symbolic)
@@ -443,10 +439,16 @@ class Model(Trainer):
     def to(self, device: DeviceLike) -> Model:
         """Move the model (weights, optimiser state) to another device; returns self."""
         backend = get_backend(distributed.device_for_rank(device))
-        for la in self.layers:
-            if la.built:
-                la.to(backend)
-        self._move_training_state(backend)
+        # A move that fails partway (out of device memory) leaves the model whole where it was.
+        layers = _attributes(self.layers)
+        try:
+            for la in self.layers:
+                if la.built:
+                    la.to(backend)
+            self._move_training_state(backend)  # (last: it changes nothing where it fails)
+        except BaseException:
+            _restore(layers)
+            raise
         self.backend = backend
         return self
 
@@ -520,6 +522,19 @@ class Sequential(Model):
                     device: DeviceLike = "cpu") -> Sequential:
         return cls(layers, device=device, seed=int(config["seed"]), dtype=config["dtype"],
                    name=str(config["name"]))
+
+
+def _attributes(layers: list[Layer]) -> list[tuple[Layer, dict[str, Any]]]:
+    """Each layer's attributes, its dicts (of weights, gradients) copied: :func:`_restore`
+    puts them back after a call that rebinds (never writes into) them has failed."""
+    return [(la, {k: copy.copy(v) if isinstance(v, dict) else v for k, v in vars(la).items()})
+            for la in layers]
+
+
+def _restore(attributes: list[tuple[Layer, dict[str, Any]]]) -> None:
+    for layer, saved in attributes:
+        vars(layer).clear()
+        vars(layer).update(saved)
 
 
 def _give_unique_name(layer: Layer, taken: set[str]) -> None:

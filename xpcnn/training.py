@@ -206,16 +206,18 @@ class Trainer:
             self._scaling = loss_scaling(self.backend, self.loss_scale, value)
 
     def _move_training_state(self, backend: Backend) -> None:
-        """The optimiser's state and the loss scale to ``backend`` (``Model.to``); the running
-        totals and captured graphs are made afresh there."""
-        if self.optimizer is not None and self.optimizer.slots:
-            self.optimizer.slots = {
-                k: [backend.asarray(self.backend.to_numpy(a)) for a in v]
-                for k, v in self.optimizer.slots.items()
-            }
-        if self._scaling is not None:
-            self._scaling = backend.asarray(self.backend.to_numpy(self._scaling))
-        self._graphs, self.cuda_graphs_reason = None, ""
+        """The optimiser's state and the loss scale to ``backend`` (``Model.to``), all copied
+        before any is replaced (a copy that fails changes nothing); the running totals and
+        captured graphs are made afresh there."""
+        def move(a: Any) -> Any:
+            return backend.asarray(self.backend.to_numpy(a))
+
+        optimizer = self.optimizer
+        slots = {k: [move(a) for a in v] for k, v in optimizer.slots.items()} if optimizer else {}
+        scaling = None if self._scaling is None else move(self._scaling)
+        if optimizer is not None:
+            optimizer.slots = slots
+        self._scaling, self._graphs, self.cuda_graphs_reason = scaling, None, ""
 
     def _require_compiled(self, what: str) -> None:
         if self.loss is None or self.optimizer is None:
