@@ -253,8 +253,9 @@ class Layer:
             raise InputError(f"layer {self.name!r} ({type(self).__name__}) is called at "
                              f"{len(self.inbound_nodes)} places (shared by several graphs or "
                              f"models), so its {what} is ill-defined: Keras asks for "
-                             f"get_{what}_at(node_index) here, which xpcnn does not have; keep "
-                             "the tensor that calling the layer returned instead")
+                             f"get_{what}_at(node_index) here, which xpcnn does not have: "
+                             "use the tensor the layer's call returned in the graph you mean, "
+                             "or give each model a layer of its own")
         return self.inbound_nodes[0]
 
     # -- weights and configuration ---------------------------------------------------------
