@@ -123,6 +123,14 @@ def test_an_extractor_of_features_cannot_fit_labels_but_shows_and_saves(images, 
     assert again.input.shape == (8, 8, 3) and again.get_layer("relu").output.shape == (6, 6, 4)
 
 
+def test_one_extractor_of_every_layer_is_refused_naming_forward():
+    model = sequential_net()
+    with pytest.raises(InputError, match=r"Model outputs must be one symbolic tensor, got 6: an "
+                                         r"xpcnn model has one input and one output "
+                                         r"\(model.forward\(x\) returns every layer's output\)"):
+        xpcnn.Model(model.inputs, [layer.output for layer in model.layers])
+
+
 def test_without_a_graph_there_is_no_symbolic_tensor():
     model = xpcnn.Sequential([Conv2D(2, 3), Flatten(), Dense(3)])
     for what in ("input", "output", "inputs", "outputs"):
