@@ -71,11 +71,18 @@ def test_predict_returns_probabilities_and_evaluate_matches(data):
     assert result["loss"] == pytest.approx(-np.mean(np.log(p[np.arange(48), y])), rel=1e-4)
 
 
-def test_predict_applies_softmax_when_the_model_ends_in_logits(data):
-    model = xpcnn.Sequential([Flatten(), Dense(4)], seed=0)
-    model.compile()
-    p = model.predict(data[0][:5].astype(np.float32) / 255)
-    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
+def test_predict_returns_the_logits_of_a_model_without_a_final_softmax(data):
+    # As in Keras: predict returns the model's output; only a final Softmax makes it
+    # probabilities.
+    x = data[0][:5].astype(np.float64) / 255
+    model = xpcnn.Sequential([Flatten(), Dense(4)], seed=0, dtype="float64")
+    logits = model.predict(x)
+    kernel, bias = model.get_weights()
+    np.testing.assert_allclose(logits, x.reshape(5, -1) @ kernel + bias, rtol=1e-12)
+    with_softmax = xpcnn.Sequential([Flatten(), Dense(4), Softmax()], seed=0, dtype="float64")
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(with_softmax.predict(x), e / e.sum(axis=1, keepdims=True),
+                               rtol=1e-12)
 
 
 def test_save_and_load_round_trip(data, tmp_path):

@@ -109,13 +109,25 @@ def test_a_trained_model_matches_and_any_batch_size_runs(tmp_path):
     check_model(model, x[:5], tmp_path)
 
 
-def test_a_model_without_a_final_softmax_exports_predicts_probabilities(tmp_path):
+def test_a_model_without_a_final_softmax_exports_its_logits_as_predict_returns_them(tmp_path):
     rng = np.random.default_rng(4)
     model = xpcnn.Sequential([Flatten(), Dense(5)], input_shape=(3, 4, 2), seed=0)
     randomize(model, rng)
     x = rng.normal(0, 3, (6, 3, 4, 2)).astype(np.float32)
     check_model(model, x, tmp_path)
-    np.testing.assert_allclose(run_onnx(tmp_path / "model.onnx", x).sum(axis=1), 1.0, atol=1e-6)
+    kernel, bias = model.get_weights()
+    np.testing.assert_allclose(run_onnx(tmp_path / "model.onnx", x),
+                               x.reshape(6, -1) @ kernel + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_a_feature_extractor_exports_the_inner_layer_output(tmp_path):
+    rng = np.random.default_rng(11)
+    model = xpcnn.Sequential(gap_net(4), input_shape=(6, 6, 3), seed=0)
+    randomize(model, rng)
+    extractor = xpcnn.Model(model.input, model.get_layer("conv2d_1").output)
+    x = rng.integers(0, 256, (3, 6, 6, 3)).astype(np.float32)
+    check_model(extractor, x, tmp_path)
+    assert run_onnx(tmp_path / "model.onnx", x).shape == (3, 3, 3, 8)
 
 
 def test_a_float64_model_exports_in_float32(tmp_path):

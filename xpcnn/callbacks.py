@@ -13,8 +13,8 @@ The ``logs`` of each hook, as in Keras: empty for the ``*_begin`` hooks; the epo
 (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, and, unlike Keras, ``seconds``), to which
 a callback may add names (:class:`ReduceLROnPlateau` adds ``learning_rate``) that the callbacks
 after it and the History see (``fit`` runs the History and the progress bar after the user's
-callbacks, as Keras does); the last epoch's for ``on_train_end``; ``{"outputs": probabilities}``
-(on the device) for ``on_predict_batch_end``.
+callbacks, as Keras does); the last epoch's for ``on_train_end``; ``{"outputs": ...}`` (the
+batch's part of what predict returns, on the device) for ``on_predict_batch_end``.
 
 Batch logs are read lazily: the loss and correct count of the steps stay on the device, and the
 host waits for the device only when a callback actually reads a value from the batch ``logs``.

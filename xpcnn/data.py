@@ -436,10 +436,13 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
         x = checks.as_images(x, what)
     if not model.built:
         model.build(checks.shape_to_build(x.shape[1:], what))
-    check_classifier(model.layers, [la.output_shape for la in model.layers])
     checks.check_sample_shape(x, model.input_shape, what)
     if isinstance(x, np.ndarray):
         checks.check_finite(x, what, index)
+    if y is not None or model._fused_softmax():
+        # (labels, or a final Softmax, need class scores; predict returns any other model's
+        # output as it is: an inner layer's features, say)
+        check_classifier(model.layers, [la.output_shape for la in model.layers])
     if y is None:
         return x, y
     y = model.backend.to_numpy(y) if is_device_array(y) else y

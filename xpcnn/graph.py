@@ -28,7 +28,7 @@ from . import checks
 from .backend import Backend
 from .errors import InputError
 from .layers.activation import ReLU
-from .layers.base import DEFAULT, Layer, Options, Shape, SymbolicTensor
+from .layers.base import DEFAULT, Layer, Node, Options, Shape, SymbolicTensor
 from .layers.dropout import RandomLayer
 
 Inbound = tuple[int, ...]
@@ -48,8 +48,9 @@ def _one(t: Any, what: str) -> SymbolicTensor:
     if isinstance(t, list | tuple) and len(t) == 1:
         t = t[0]
     if isinstance(t, list | tuple | dict) and len(t) > 1:
+        every = " (model.forward(x) returns every layer's output)" if what == "outputs" else ""
         raise InputError(f"Model {what} must be one symbolic tensor, got {len(t)}: an xpcnn "
-                         "model has one input and one output")
+                         f"model has one input and one output{every}")
     if not isinstance(t, SymbolicTensor):
         raise InputError(f"Model {what} must be one symbolic tensor (from xpcnn.Input or a "
                          f"layer called on one), got {type(t).__name__}")
@@ -72,9 +73,19 @@ def inbound_of(layer_specs: list[dict[str, Any]]) -> list[Inbound]:
     return inbound
 
 
-def trace(inputs: Any, outputs: Any) -> tuple[list[Layer], list[Inbound]]:
+@dataclass(frozen=True)
+class Symbolic:
+    """A model's symbolic graph (Keras' ``model.input`` and ``model.output``): its input, its
+    output, and each layer's call in it, in the order of the model's layers."""
+
+    input: SymbolicTensor
+    output: SymbolicTensor
+    nodes: tuple[Node, ...]
+
+
+def trace(inputs: Any, outputs: Any) -> tuple[list[Layer], list[Inbound], Symbolic]:
     """The graph from ``inputs`` (an :func:`Input`) to ``outputs``: layers in the order they
-    were called, and what each reads."""
+    were called, what each reads, and the symbolic graph it was traced from."""
     inputs, outputs = _one(inputs, "inputs"), _one(outputs, "outputs")
     if inputs.node is not None:
         raise InputError(f"Model inputs must be the tensor xpcnn.Input(shape) returns; "
@@ -104,8 +115,20 @@ def trace(inputs: Any, outputs: Any) -> tuple[list[Layer], list[Inbound]]:
                              "second layer or model (set_weights copies weights)")
         seen[id(layer)] = layer
     index = {id(inputs): 0, **{id(t): k + 1 for k, t in enumerate(order)}}
-    return ([t.node.layer for t in order],  # type: ignore[union-attr]
-            [tuple(index[id(i)] for i in t.node.inputs) for t in order])  # type: ignore[union-attr]
+    nodes = tuple(t.node for t in order)
+    return ([n.layer for n in nodes],  # type: ignore[union-attr]
+            [tuple(index[id(i)] for i in n.inputs) for n in nodes],  # type: ignore[union-attr]
+            Symbolic(inputs, outputs, nodes))  # type: ignore[arg-type]
+
+
+def symbolic(layers: list[Layer], inbound: list[Inbound], input_shape: Shape) -> Symbolic:
+    """The symbolic graph of built ``layers`` (a Sequential's, a loaded model's)."""
+    tensors, nodes = [Input(input_shape)], []
+    for layer, ins in zip(layers, inbound, strict=True):
+        nodes.append(Node(layer, tuple(tensors[i] for i in ins), layer.multi_input,
+                          layer.output_shape))  # type: ignore[arg-type]
+        tensors.append(nodes[-1].output)
+    return Symbolic(tensors[0], tensors[-1], tuple(nodes))
 
 
 def read_by(layer: Layer, ins: Inbound, values: list[Any]) -> Any:

@@ -21,7 +21,7 @@ from . import checks, distributed, graph
 from .backend import DeviceLike, get_backend
 from .errors import InputError
 from .layers.activation import Softmax
-from .layers.base import Layer, SymbolicTensor, refuse_training_in_graph
+from .layers.base import Layer, SymbolicTensor, dtype_name, refuse_training_in_graph
 from .saving import load_weights, register_model, save_model
 from .structure import check_structure
 from .training import Trainer
@@ -42,7 +42,9 @@ class Model(Trainer):
     the hooks it names. :class:`Sequential` is the chain of layers.
 
     ``device`` picks the array library and device (see :func:`xpcnn.backend.get_backend`),
-    ``seed`` the initial weights (the same on every device), ``dtype`` the parameters' dtype.
+    ``seed`` the initial weights (the same on every device), ``dtype`` the parameters' dtype;
+    a graph of layers that are built already (``Model(model.input, layer.output)``, a feature
+    extractor) takes by default their device and dtype, any other the CPU and float32.
     Building gives layer ``k`` fresh weights from the seed ``[seed, k]``, unless it is already
     built: then it keeps its weights (a trained model used inside another, as in Keras), on
     this device and in this dtype, and for inputs of another size where its weights keep their
@@ -63,9 +65,18 @@ class Model(Trainer):
     """
 
     def __init__(self, inputs: SymbolicTensor | None = None,
-                 outputs: SymbolicTensor | None = None, *, device: DeviceLike = "cpu",
-                 seed: int = 0, dtype: str = "float32", name: str = "model") -> None:
+                 outputs: SymbolicTensor | None = None, *, device: DeviceLike | None = None,
+                 seed: int = 0, dtype: str | None = None, name: str = "model") -> None:
         super().__init__()  # (the training state: build reads the optimiser and the precision)
+        traced = graph.trace(inputs, outputs) if inputs is not None or outputs is not None \
+            else None
+        # A graph of built layers (a feature extractor of a trained model) runs by default
+        # where they are and in their dtype: on the same weight arrays.
+        placed = next((la for la in traced[0] if la.built), None) if traced else None
+        if device is None:
+            device = placed.backend if placed else "cpu"
+        if dtype is None:
+            dtype = dtype_name(placed.dtype) if placed else "float32"
         self.backend = get_backend(distributed.device_for_rank(device))
         if dtype not in ("float32", "float64"):
             raise InputError(f"model dtype must be 'float32' or 'float64', got {dtype!r}")
@@ -77,8 +88,10 @@ class Model(Trainer):
         self.built = False
         self._graph: list[graph.Inbound] = []
         self._plan_cache: tuple[tuple[bool, ...], graph.Plan] | None = None
-        if inputs is not None or outputs is not None:
-            self._set_graph(*graph.trace(inputs, outputs))
+        self._symbolic: graph.Symbolic | None = None
+        if traced is not None:
+            layers, inbound, self._symbolic = traced
+            self._set_graph(layers, inbound)
             self.build(graph.input_shape_of(inputs))
 
     def _set_graph(self, layers: list[Layer], inbound: list[graph.Inbound]) -> None:
@@ -107,7 +120,8 @@ class Model(Trainer):
         refuse_training_in_graph(f"model {self.name!r}", training)
         values = [x]
         for layer, ins in zip(self.layers, self._inbound(), strict=True):
-            values.append(layer(graph.read_by(layer, ins, values)))
+            # (not one of the layer's inbound nodes: its output stays this model's, as in Keras)
+            values.append(layer._call_symbolic(graph.read_by(layer, ins, values), record=False))
         return values[-1]
 
     # -- building: every layer's weights for an input shape -------------------------------------
@@ -145,6 +159,28 @@ class Model(Trainer):
         # (its own, whatever a layer it shares with another model is built for since)
         self._output_shape: tuple[int, ...] = self.layers[-1].output_shape
         self.built = True
+        self._make_symbolic()
+
+    def _make_symbolic(self) -> None:
+        """The symbolic graph of the model as built (``input``, ``output``, each layer's
+        ``output``): a traced model keeps the one it was traced from; a graph for another
+        input shape or other layers is replaced, its calls dropped from the layers'."""
+        old = self._symbolic
+        if old is None or old.input.shape != self.input_shape or \
+                [n.layer for n in old.nodes] != self.layers:
+            self._use_symbolic(graph.symbolic(self.layers, self._inbound(), self.input_shape))
+
+    def _use_symbolic(self, new: graph.Symbolic | None) -> None:
+        """Make ``new`` this model's symbolic graph: the old one's calls leave its layers'
+        inbound nodes, the new one's join them (each layer's ``output`` is in this graph,
+        where no other holds the layer)."""
+        for node in self._symbolic.nodes if self._symbolic is not None else ():
+            if node in node.layer.inbound_nodes:
+                node.layer.inbound_nodes.remove(node)
+        for node in new.nodes if new is not None else ():
+            if node not in node.layer.inbound_nodes:
+                node.layer.inbound_nodes.append(node)
+        self._symbolic = new
 
     def _rebuild_if_shared(self) -> None:
         """Build again where a layer shared with another model was built since for that
@@ -166,11 +202,14 @@ class Model(Trainer):
             yield
             return
         unbuilt = _attributes([la for la in self.layers if not la.built])
+        symbolic = self._symbolic
         try:
             yield
         except BaseException:
             _restore(unbuilt)
             self.built, self.input_shape, self._plan_cache = False, None, None
+            if self._symbolic is not symbolic:
+                self._use_symbolic(symbolic)
             raise
 
     @property
@@ -294,6 +333,37 @@ class Model(Trainer):
         print_fn(f"Total params: {self.count_params():,}")
         print_fn(f"Trainable params: {trainable:,}")
         print_fn(f"Non-trainable params: {self.count_params() - trainable:,}")
+
+    @property
+    def input(self) -> SymbolicTensor:
+        """The model's symbolic input, as in Keras: with a layer's ``output``, the ends of a
+        model that shares this one's layers, a feature extractor::
+
+            extractor = xpcnn.Model(model.input, model.get_layer("conv2d_1").output)
+            features = extractor.predict(images)  # that layer's output"""
+        return self._built_symbolic("input").input
+
+    @property
+    def output(self) -> SymbolicTensor:
+        """The model's symbolic output, as in Keras (see :attr:`input`)."""
+        return self._built_symbolic("output").output
+
+    @property
+    def inputs(self) -> list[SymbolicTensor]:
+        """``[input]``: Keras' list of the inputs (an xpcnn model has one)."""
+        return [self.input]
+
+    @property
+    def outputs(self) -> list[SymbolicTensor]:
+        """``[output]``: Keras' list of the outputs (an xpcnn model has one)."""
+        return [self.output]
+
+    def _built_symbolic(self, what: str) -> graph.Symbolic:
+        if not self.built or self._symbolic is None:
+            raise InputError(f"model {self.name!r} has no symbolic {what} before it is built: "
+                             "call build(input_shape), give Sequential(..., input_shape=...), "
+                             "or fit/predict on data first")
+        return self._symbolic
 
     def get_layer(self, name: str | None = None, index: int | None = None) -> Layer:
         """A layer by its ``name`` or its ``index`` in :attr:`layers` (one of the two), as in

@@ -1,8 +1,9 @@
 """ONNX export: a built model as an ONNX file that onnxruntime (or any ONNX runtime) runs.
 
 ``model.export("model.onnx")`` writes a graph that takes what ``predict`` takes, images
-(N, H, W, C) with any batch size N, and returns what ``predict`` returns, class probabilities
-(N, classes): the model's layers up to its logits, then a softmax. Layers that act only in
+(N, H, W, C) with any batch size N, and returns what ``predict`` returns: class probabilities
+(N, classes) for a model that ends in a Softmax (its layers up to the logits, then a softmax),
+any other model's output as it is (logits, features). Layers that act only in
 training (RandomFlip, RandomCrop, Dropout) are identities, BatchNorm2D uses its running
 statistics. The graph computes in float32 whatever the model's dtype or precision, with the
 weights rounded to float32. Its input is float32 by default; ``input_dtype="uint8"`` takes raw
@@ -129,8 +130,10 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
         tensors[node.output] = CONVERTERS[type(node.layer).__name__](
             node.layer, graph, [tensors[t] for t in node.inputs])
     graph.scope = ""
-    # predict's last step: probabilities from the logits.
-    graph.op("Softmax", [tensors[logits]], OUTPUT_NAME, axis=-1)
+    if model._fused_softmax():  # predict's last step: probabilities from the logits
+        graph.op("Softmax", [tensors[logits]], OUTPUT_NAME, axis=-1)
+    else:
+        graph.op("Identity", [tensors[logits]], OUTPUT_NAME)
     proto = _model_proto(onnx, model, graph, input_dtype)
     with atomic_file(path) as f:
         f.write(proto.SerializeToString())
@@ -158,7 +161,7 @@ def _model_proto(onnx: Any, model: Any, graph: GraphBuilder, input_dtype: str) -
         helper.make_graph(graph.nodes, model.name, inputs, outputs, graph.initializers),
         opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
         producer_name="xpcnn",
-        doc_string=f"xpcnn model {model.name!r}: (N, H, W, C) images -> class probabilities")
+        doc_string=f"xpcnn model {model.name!r}: (N, H, W, C) images -> what predict returns")
     onnx.checker.check_model(proto, full_check=True)
     return proto
 

@@ -34,9 +34,10 @@ def check_structure(layers: Sequence[Layer]) -> None:
 
 
 def check_classifier(layers: Sequence[Layer], output_shapes: Sequence[Shape]) -> None:
-    """Refuse, before training, evaluating or predicting, a model whose output (the last of the
-    layers' per-sample ``output_shapes``) is not one vector of at least 2 class scores. (A model
-    that only transforms images, inspected with ``forward``, may end anywhere.)"""
+    """Refuse, before training or evaluating (or predicting, where it ends in a Softmax), a
+    model whose output (the last of the layers' per-sample ``output_shapes``) is not one vector
+    of at least 2 class scores. (A model that only transforms images, a feature extractor, may
+    end anywhere: ``predict`` and ``forward`` return its output.)"""
     last, shape = layers[-1], tuple(output_shapes[-1])
     if len(shape) != 1:
         raise InputError(f"the model's output has per-sample shape {shape}, from "

@@ -719,9 +719,12 @@ class Trainer:
 
     def predict(self, x: Any, batch_size: int = 256, verbose: int | str = 0,
                 steps: int | None = None, callbacks: list[Callback] | None = None) -> np.ndarray:
-        """Class probabilities, (N, classes), as a host NumPy array; ``x`` as for
-        :meth:`evaluate` (targets, if any, are ignored); ``verbose=1`` shows a progress bar
-        (Keras' ``predict(x, verbose=0)`` works as it is)."""
+        """The model's output for ``x`` as a host NumPy array, as in Keras: class
+        probabilities (N, classes) for a model that ends in a Softmax (applied to the logits
+        the plan stops at), any other model's output as it is (logits, an inner layer's
+        features); ``x`` as for :meth:`evaluate` (targets, if any, are ignored);
+        ``verbose=1`` shows a progress bar (Keras' ``predict(x, verbose=0)`` works as it
+        is)."""
         batch_size = checks.positive_int(batch_size, "batch_size")
         verbose = checks.verbosity(verbose)
         cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
@@ -736,12 +739,12 @@ class Trainer:
                     data.epoch(0)) as batches:  # type: ignore[type-var]
                 for step, (xb, _) in enumerate(_progress(batches, data, verbose, "predict")):
                     cbs.on_predict_batch_begin(step)
-                    z = self._logits(xb, training=False)
-                    out.append(softmax(xp, xp.astype(z, self._param_dtype)))
+                    z = xp.astype(self._logits(xb, training=False), self._param_dtype)
+                    out.append(softmax(xp, z) if self._fused_softmax() else z)
                     cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
-                probabilities = self.backend.to_numpy(xp.concat(out))
+                outputs = self.backend.to_numpy(xp.concat(out))
         cbs.on_predict_end()
-        return probabilities
+        return outputs
 
 
 def _progress(batches: Any, data: Batches, verbose: int, desc: str) -> Any:

@@ -72,16 +72,19 @@ class SymbolicTensor:
 
 
 class Node:
-    """One call of a layer on symbolic tensors. ``order`` is the order of the calls, a
-    topological order of any graph they form (a node is made after its inputs)."""
+    """One call of a layer on symbolic tensors, and the ``output`` tensor it makes, of
+    per-sample ``shape``. ``order`` is the order of the calls, a topological order of any graph
+    they form (a node is made after its inputs)."""
 
     _counter = itertools.count()
 
-    def __init__(self, layer: Layer, inputs: tuple[SymbolicTensor, ...], multi: bool) -> None:
+    def __init__(self, layer: Layer, inputs: tuple[SymbolicTensor, ...], multi: bool,
+                 shape: Shape) -> None:
         self.layer = layer
         self.inputs = inputs
         self.multi = multi  # the layer takes a list (a merge layer)
         self.order = next(Node._counter)
+        self.output = SymbolicTensor(shape, self, layer.name)
 
 
 def _symbolic(x: Any) -> bool:
@@ -140,6 +143,9 @@ class Layer:
         # False freezes the layer (as in Keras): no gradients for its parameters, which the
         # optimiser leaves alone; a BatchNorm2D also runs in inference mode.
         self.trainable = True
+        # Its calls on symbolic tensors (Keras' inbound nodes): the user's in a functional
+        # graph, a built Sequential's own; ``output`` and ``input`` are those of the one call.
+        self.inbound_nodes: list[Node] = []
 
     @property
     def relu_output(self) -> bool:
@@ -202,7 +208,10 @@ class Layer:
                              "output)")
         return self.forward(x, bool(training))
 
-    def _call_symbolic(self, x: SymbolicTensor | list[SymbolicTensor]) -> SymbolicTensor:
+    def _call_symbolic(self, x: SymbolicTensor | list[SymbolicTensor], record: bool = True
+                       ) -> SymbolicTensor:
+        """The call's output tensor; ``record``: the call is one of :attr:`inbound_nodes` (not
+        where a model called on a tensor calls its layers, as in Keras)."""
         multi = isinstance(x, list | tuple)
         if multi != self.multi_input or (multi and len(x) < 2):
             want = "a list of two or more tensors" if self.multi_input else "one tensor"
@@ -214,8 +223,40 @@ class Layer:
         # The output shape from a trial build of a copy: this layer's own weights (perhaps
         # trained) stay as they are; the model builds the layer on its device.
         probe = self.unbuilt_copy()
-        shape = probe.build(shapes if multi else shapes[0], "cpu", "float32")
-        return SymbolicTensor(shape, Node(self, inputs, multi), self.name)
+        node = Node(self, inputs, multi, probe.build(shapes if multi else shapes[0], "cpu",
+                                                     "float32"))
+        if record:
+            self.inbound_nodes.append(node)
+        return node.output
+
+    @property
+    def output(self) -> SymbolicTensor:
+        """The symbolic tensor this layer computes in the graph it is called in, as in Keras
+        (``xpcnn.Model(model.input, model.get_layer("conv2d").output)``: a feature
+        extractor sharing this layer)."""
+        return self._only_node("output").output
+
+    @property
+    def input(self) -> SymbolicTensor | list[SymbolicTensor]:
+        """The symbolic tensor this layer reads in the graph it is called in (a list for a
+        merge layer), as in Keras."""
+        node = self._only_node("input")
+        return list(node.inputs) if node.multi else node.inputs[0]
+
+    def _only_node(self, what: str) -> Node:
+        if not self.inbound_nodes:
+            raise InputError(f"layer {self.name!r} ({type(self).__name__}) has no symbolic "
+                             f"{what}: it is in no functional graph and no built Sequential "
+                             "(build(input_shape) or Sequential(..., input_shape=...) makes "
+                             "one; a model called on a tensor keeps its layers' own)")
+        if len(self.inbound_nodes) > 1:
+            raise InputError(f"layer {self.name!r} ({type(self).__name__}) is called at "
+                             f"{len(self.inbound_nodes)} places (shared by several graphs or "
+                             f"models), so its {what} is ill-defined: Keras asks for "
+                             f"get_{what}_at(node_index) here, which xpcnn does not have: "
+                             "use the tensor the layer's call returned in the graph you mean, "
+                             "or give each model a layer of its own")
+        return self.inbound_nodes[0]
 
     # -- weights and configuration ---------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
@@ -311,8 +352,8 @@ class Layer:
             for n, a in store.items():
                 store[n] = backend.asarray(self.backend.to_numpy(a))
         self.backend, self.xp = backend, backend.xp
-        self.dtype = backend.dtype(_dtype_name(self.dtype))
-        self.compute_dtype = backend.dtype(_dtype_name(self.compute_dtype))
+        self.dtype = backend.dtype(dtype_name(self.dtype))
+        self.compute_dtype = backend.dtype(dtype_name(self.compute_dtype))
         self.grads = {}
         self._clear_cache()
 
@@ -339,7 +380,8 @@ def _shape(shape: Any, layer: Layer) -> Shape | tuple[Shape, ...]:
     return tuple(int(d) for d in shape)
 
 
-def _dtype_name(dtype: Any) -> str:
+def dtype_name(dtype: Any) -> str:
+    """The name of a backend dtype: "float16", "bfloat16", "float32" or "float64"."""
     for name in ("float16", "bfloat16", "float32", "float64"):
         if name in str(dtype):
             return name

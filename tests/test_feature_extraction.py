@@ -1,0 +1,190 @@
+"""Keras' feature-extraction idiom: ``model.input`` / ``model.output`` and ``layer.output`` as
+symbolic tensors, and ``xpcnn.Model(model.input, layer.output)``, a model that shares the
+trained layers and predicts what that layer computes."""
+
+import numpy as np
+import pytest
+from nets import plan_of
+from test_functional import residual_net
+
+import xpcnn
+from xpcnn.errors import InputError
+from xpcnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Softmax
+
+
+def sequential_net():
+    """A Conv2D -> ReLU the plan fuses, and a Dense before a Softmax left to the loss."""
+    return xpcnn.Sequential([Conv2D(4, 3, name="conv"), ReLU(name="relu"), MaxPool2D(2),
+                             Flatten(), Dense(5, name="dense"), Softmax()],
+                            input_shape=(8, 8, 3), dtype="float64", seed=0)
+
+
+def functional_net():
+    inputs, outputs = residual_net()
+    return xpcnn.Model(inputs, outputs, dtype="float64", seed=0)
+
+
+ORIGINALS = {"sequential": (sequential_net, "conv", "relu"),
+             "functional": (functional_net, "conv_a", "relu_a")}
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(3).standard_normal((6, 8, 8, 3))
+
+
+def randomize_biases(model, rng):
+    """Biases far from 0, so that a convolution's output has signs a ReLU would change."""
+    for layer in model.layers:
+        if "bias" in layer.params:
+            layer.set_weights([w if w.ndim > 1 else rng.normal(0, 1, w.shape)
+                               for w in layer.get_weights()])
+
+
+@pytest.mark.parametrize("kind", ORIGINALS)
+def test_an_extractor_predicts_exactly_the_layer_it_ends_at(kind, images, rng):
+    make, conv, relu = ORIGINALS[kind]
+    model = make()
+    randomize_biases(model, rng)
+    assert (conv, [conv]) == (plan_of(model)[1][0], plan_of(model)[1][:1])  # the ReLU is fused
+    outputs = {la.name: np.asarray(y) for la, y in zip(model.layers, model.forward(images),
+                                                       strict=True)}
+    for name in (conv, relu, "dense"):
+        extractor = xpcnn.Model(inputs=model.inputs, outputs=model.get_layer(name).output)
+        assert extractor.layers[-1] is model.get_layer(name)
+        np.testing.assert_allclose(extractor.predict(images), outputs[name], rtol=1e-12,
+                                   atol=1e-12)
+    # (not vacuous: the convolution's output has negatives, the ReLU's none, and the logits
+    # are no probabilities)
+    assert outputs[conv].min() < 0 <= outputs[relu].min()
+    assert not np.allclose(outputs["dense"].sum(axis=1), 1.0)
+    # the whole model still ends in probabilities
+    np.testing.assert_allclose(model.predict(images).sum(axis=1), 1.0, rtol=1e-12)
+
+
+def test_the_logits_extracted_are_the_dense_layer_of_the_flattened_features(images):
+    model = sequential_net()
+    pooled = xpcnn.Model(model.input, model.get_layer("maxpool2d").output).predict(images)
+    logits = xpcnn.Model(model.input, model.get_layer("dense").output).predict(images)
+    kernel, bias = model.get_layer("dense").get_weights()
+    np.testing.assert_allclose(logits, pooled.reshape(6, -1) @ kernel + bias, rtol=1e-12)
+
+
+def test_symbolic_ends_of_sequential_and_functional_models():
+    model = sequential_net()
+    assert model.input.shape == (8, 8, 3) and model.inputs == [model.input]
+    assert model.output.shape == (5,) and model.outputs == [model.output]
+    assert model.output is model.layers[-1].output
+    assert model.layers[1].input is model.layers[0].output  # a chain
+    inputs, outputs = residual_net()
+    graph = xpcnn.Model(inputs, outputs)
+    assert graph.input is inputs and graph.output is outputs  # the tensors it was traced from
+    concat = graph.get_layer("concat")
+    assert [t.node.layer.name for t in concat.input] == ["res_relu", "branch", "branch_relu",
+                                                        "stem_relu"]
+
+
+def test_an_extractor_shares_the_trained_layers_both_ways(images, rng):
+    model = sequential_net()
+    model.compile(optimizer=xpcnn.optim.SGD(0.1))
+    features = xpcnn.Model(model.input, model.get_layer("conv").output)
+    logits = xpcnn.Model(model.input, model.get_layer("dense").output)
+    assert features.dtype_name == "float64"  # the layers' own dtype and device: no copy
+    assert features.layers[0].params["kernel"] is model.layers[0].params["kernel"]
+    before = features.predict(images)
+    labels = rng.integers(0, 5, 6)
+    model.fit(images, labels, epochs=1, batch_size=6, verbose=0)
+    after = features.predict(images)
+    assert not np.allclose(after, before)
+    np.testing.assert_allclose(after, np.asarray(model.forward(images)[0]), rtol=1e-12)
+    # Training the extractor (as Keras allows) trains the original's layers.
+    logits.compile(optimizer=xpcnn.optim.SGD(0.1))
+    dense = model.get_layer("dense").get_weights()[0]
+    logits.fit(images, labels, epochs=1, batch_size=6, verbose=0)
+    assert not np.allclose(model.get_layer("dense").get_weights()[0], dense)
+    np.testing.assert_allclose(logits.predict(images), np.asarray(model.forward(images)[4]),
+                               rtol=1e-12)
+
+
+def test_an_extractor_of_features_cannot_fit_labels_but_shows_and_saves(images, tmp_path):
+    model = sequential_net()
+    features = xpcnn.Model(model.input, model.get_layer("relu").output, name="features")
+    features.compile()
+    with pytest.raises(InputError, match=r"per-sample shape \(6, 6, 4\), from layer 'relu' "
+                                         r"\(ReLU, 2 of 2\): a classifier ends in one vector"):
+        features.fit(images, np.zeros(6, int), verbose=0)
+    lines = []
+    features.summary(print_fn=lines.append)
+    assert [line.split()[0] for line in lines[4:-4]] == ["conv", "relu"]  # its layers only
+    features.save(tmp_path / "features.npz")
+    again = xpcnn.load_model(tmp_path / "features.npz")
+    np.testing.assert_array_equal(again.predict(images), features.predict(images))
+    assert again.layers[0] is not model.layers[0]  # a file's model has layers of its own
+    assert again.input.shape == (8, 8, 3) and again.get_layer("relu").output.shape == (6, 6, 4)
+
+
+def test_one_extractor_of_every_layer_is_refused_naming_forward():
+    model = sequential_net()
+    with pytest.raises(InputError, match=r"Model outputs must be one symbolic tensor, got 6: an "
+                                         r"xpcnn model has one input and one output "
+                                         r"\(model.forward\(x\) returns every layer's output\)"):
+        xpcnn.Model(model.inputs, [layer.output for layer in model.layers])
+
+
+def test_without_a_graph_there_is_no_symbolic_tensor():
+    model = xpcnn.Sequential([Conv2D(2, 3), Flatten(), Dense(3)])
+    for what in ("input", "output", "inputs", "outputs"):
+        with pytest.raises(InputError, match=rf"model 'sequential' has no symbolic "
+                                             rf"{what.rstrip('s')} before it is built: call "
+                                             r"build\(input_shape\), give Sequential\(\.\.\., "
+                                             r"input_shape=\.\.\.\)"):
+            getattr(model, what)
+    with pytest.raises(InputError, match=r"layer 'conv2d' \(Conv2D\) has no symbolic output: it "
+                                         "is in no functional graph and no built Sequential"):
+        _ = model.layers[0].output
+    model.build((5, 5, 1))
+    assert model.layers[0].output.shape == (3, 3, 2)
+
+
+def test_a_layer_called_at_two_places_asks_which(images):
+    conv = Conv2D(4, 3)
+    xpcnn.Sequential([conv, Flatten(), Dense(3)], input_shape=(8, 8, 3))
+    xpcnn.Sequential([conv, MaxPool2D(2), Flatten(), Dense(2)], input_shape=(8, 8, 3))
+    for what in ("output", "input"):
+        with pytest.raises(InputError, match=rf"layer 'conv2d' \(Conv2D\) is called at 2 "
+                                             rf"places .* so its {what} is ill-defined: Keras "
+                                             rf"asks for get_{what}_at\(node_index\)"):
+            getattr(conv, what)
+
+
+def test_a_block_inside_a_model_keeps_its_own_symbolic_graph(images):
+    # As in Keras: a model called on a tensor does not record its layers' calls, so a
+    # pretrained base keeps base.input -> layer.output.
+    base = xpcnn.Sequential([Conv2D(4, 3, name="conv"), ReLU(), Flatten()],
+                            input_shape=(8, 8, 3), dtype="float64")
+    inputs = xpcnn.Input((8, 8, 3))
+    head = xpcnn.Model(inputs, Softmax()(Dense(2)(base(inputs))))
+    conv = base.get_layer("conv")
+    assert conv in head.layers and conv.output.node.inputs == (base.input,)
+    np.testing.assert_allclose(xpcnn.Model(base.input, conv.output).predict(images),
+                               np.asarray(base.forward(images)[0]), rtol=1e-12)
+    with pytest.raises(InputError, match="disconnected"):
+        xpcnn.Model(head.input, conv.output)
+
+
+def test_a_rebuilt_or_refused_sequential_keeps_one_graph(images):
+    model = sequential_net()
+    with pytest.raises(InputError, match="layer 'dense' .* holds weights for inputs of shape"):
+        model.build((10, 10, 3))  # refused: the model stays built for its own images
+    assert model.input.shape == (8, 8, 3) and model.get_layer("relu").output.shape == (6, 6, 4)
+    convolutions = xpcnn.Sequential([Conv2D(2, 3), ReLU()], input_shape=(8, 8, 3))
+    convolutions.build((10, 10, 3))
+    assert convolutions.input.shape == (10, 10, 3) and convolutions.output.shape == (8, 8, 2)
+    assert [len(la.inbound_nodes) for la in convolutions.layers] == [1, 1]
+    fresh = xpcnn.Sequential([Conv2D(2, 3), Flatten(), Dense(3), Softmax()])
+    fresh.compile()
+    with pytest.raises(InputError, match="label"):
+        fresh.fit(images, np.full(6, 7), verbose=0)  # refused: the model stays unbuilt
+    assert not fresh.built and all(not la.inbound_nodes for la in fresh.layers)
+    fresh.build((8, 8, 3))
+    assert [len(la.inbound_nodes) for la in fresh.layers] == [1, 1, 1, 1]
