@@ -1,4 +1,5 @@
-"""The package's import graph, read from the source with ast: no circles, and data flows one way.
+"""The package's import graph, read from the source with ast: no circles, data flows one way,
+and imports run down the README's list of modules.
 
 Every ``import`` counts, at the top of a module or inside a function, except those under
 ``if TYPE_CHECKING:`` (never run). ``python tests/test_imports.py`` prints the graph.
@@ -7,6 +8,7 @@ Every ``import`` counts, at the top of a module or inside a function, except tho
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "xpcnn"
@@ -121,6 +123,28 @@ def test_data_flows_one_way():
             assert not above, f"{module} imports {above}"
         if _under(module, ("xpcnn.saving",)):
             assert not {"xpcnn.model", "xpcnn.training"} & reachable(graph, module), module
+
+
+def readme_import_order() -> list[set[str]]:
+    """The README's order of the package's top-level modules (What is in the box: "Imports only
+    run down this list"), as groups: a module may import only those of later groups."""
+    text = " ".join((ROOT.parent / "README.md").read_text().split())
+    listed = text.split("module importing only those after it: ", 1)[1].split(". ", 1)[0]
+    return [set(re.findall(r"`(\w+)`", group)) for group in listed.split(" -> ")]
+
+
+def test_imports_run_down_the_readme_list():
+    order = readme_import_order()
+    rank = {name: i for i, group in enumerate(order) for name in group}
+    top = {name.split(".")[1] for name in import_graph() if "." in name} - {"__main__"}
+    assert top == set(rank), f"modules the README's list lacks or names wrongly: {top ^ set(rank)}"
+    for module, targets in import_graph().items():
+        if module.count(".") < 1 or module.endswith("__main__"):
+            continue
+        for target in targets:
+            me, other = module.split(".")[1], target.split(".")[1] if "." in target else None
+            assert other is None or other == me or rank[other] > rank[me], \
+                f"{module} imports {target}, listed above it in the README"
 
 
 if __name__ == "__main__":

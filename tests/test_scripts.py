@@ -154,3 +154,13 @@ def test_the_recipe_scripts_refuse_bad_flags_as_the_cli_does(tmp_path, script, f
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"error: argument {flag}: expected " in last and last.endswith(f"got '{value}'")
+
+
+def test_parity_checks_no_more_steps_than_a_short_training_set_holds():
+    """--limit below --check-steps batches: the float64 check stops after one epoch's batches
+    (it ran on into empty batches, a traceback)."""
+    pytest.importorskip("torch")
+    out = _run("--dataset", "shapes", "--limit", "100", "--batch-size", "32", "--check-steps",
+               "20", "--epochs", "1", script="parity_torch.py")
+    assert out.returncode == 0, out.stderr
+    assert "first 4 steps in float64" in out.stdout

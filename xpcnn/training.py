@@ -434,8 +434,8 @@ class Trainer:
 
     def _raise_for_labels(self, yb: Any, step: int) -> None:
         """Raise :class:`InputError` where the labels of step ``step`` are not all classes (the
-        loss made its loss NaN for them, :meth:`SoftmaxCrossEntropy.forward_with_accuracy`),
-        named as ``fit`` names them."""
+        loss made that step's loss NaN for them,
+        :meth:`SoftmaxCrossEntropy.forward_with_accuracy`), named as ``fit`` names them."""
         if yb.shape[0]:  # (not this rank's empty part of a short batch)
             try:
                 checks.as_labels(self.backend.to_numpy(yb), int(yb.shape[0]), self.num_classes)

@@ -1,4 +1,5 @@
-"""Numerically stable softmax, log-softmax and softmax cross-entropy over the last axis."""
+"""Numerically stable softmax, log-softmax and softmax cross-entropy over the last axis, and the
+check, on the device, that every target names a class (the loss is NaN where one does not)."""
 
 from __future__ import annotations
 
