@@ -492,6 +492,19 @@ def test_train_step_refuses_what_it_cannot_run_on(model):
         uncompiled.train_step(model._to_device(X[:4]), Y[:4])
 
 
+@pytest.mark.parametrize("on", ["numpy", "array_api_strict"])
+def test_train_step_refuses_an_empty_batch_by_name(on):
+    """(was: a ValueError from a reshape deep inside the first Dense layer)"""
+    model = four_class_model() if on == "numpy" else _strict_model()
+    xb, yb = model._to_device(X[:4]), model.backend.asarray(Y[:4])
+    with pytest.raises(InputError, match=r"x is empty: a training step needs at least one "
+                                         r"sample; got x.shape = \(0, 6, 6, 3\)"):
+        model.train_step(xb[:0, ...], yb[:0])
+    assert model.optimizer.iterations == 0
+    model.train_step(xb, yb)
+    assert model.optimizer.iterations == 1
+
+
 # -- a refused call changes nothing: no batch drawn, no weight replaced -------------------------
 
 def _generator():

@@ -272,14 +272,17 @@ class Trainer:
 
     def _check_step_batch(self, xb: Any, yb: Any) -> None:
         """What :meth:`train_step` checks on the host, from the arrays' shapes and dtypes
-        alone: the model compiled and built, both arrays on its device, images of its sample
-        shape, labels of the batch's length (integers only: fit turns whole-number floats into
+        alone: the model compiled and built, both arrays on its device, at least one image of its
+        sample shape (on one process), labels of the batch's length (integers only: fit turns whole-number floats into
         them on the host)."""
         self._require_compiled("train_step")
         self._require_built("train_step")
         check_on_device(xb, self.backend, "x", instead="")
         check_on_device(yb, self.backend, "y", instead="")
         checks.check_sample_shape(xb, self.input_shape)  # type: ignore[arg-type]
+        if not xb.shape[0] and self._parallel is None:  # (a rank's part may be empty, not a batch)
+            raise InputError(f"x is empty: a training step needs at least one sample; got "
+                             f"x.shape = {tuple(xb.shape)}")
         xp = self.backend.xp
         check_real_images(xb, xp)
         checks.check_label_layout(tuple(yb.shape), xp.isdtype(yb.dtype, "integral"),
