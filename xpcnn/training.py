@@ -272,9 +272,9 @@ class Trainer:
 
     def _check_step_batch(self, xb: Any, yb: Any) -> None:
         """What :meth:`train_step` checks on the host, from the arrays' shapes and dtypes
-        alone: the model compiled and built, both arrays on its device, at least one image of its
-        sample shape (on one process), labels of the batch's length (integers only: fit turns whole-number floats into
-        them on the host)."""
+        alone: the model compiled and built, both arrays on its device, at least one image (on
+        one process) of its sample shape, labels of the batch's length (integers only: fit
+        turns whole-number floats into them on the host)."""
         self._require_compiled("train_step")
         self._require_built("train_step")
         check_on_device(xb, self.backend, "x", instead="")
