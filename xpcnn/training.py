@@ -465,6 +465,9 @@ class Trainer:
                           if not finite(out)), None)
             if layer is not None:
                 where = f"the output of layer {layer.name!r}"
+            elif self._parallel is not None:
+                where = ("the loss summed over the ranks: this rank's batch and outputs are "
+                         "finite, another rank's made it (that rank's error names where)")
         raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
                              f"values appear in {where}")
 
