@@ -5,8 +5,10 @@ import numpy as np
 import xpcnn
 from xpcnn import optim
 from xpcnn.layers import (
+    Add,
     AvgPool2D,
     BatchNorm2D,
+    Concatenate,
     Conv2D,
     Dense,
     Dropout,
@@ -94,3 +96,25 @@ def four_class_model():
     m.compile(optimizer=optim.SGD(0.01))
     m.build((6, 6, 3))
     return m
+
+
+def residual_net(shape=(8, 8, 3), classes=5):
+    """A residual block with BatchNorm, a Concatenate branch, tensors read two and three times,
+    a Conv2D -> ReLU the plan can fuse and one it must not (the convolution's output has a
+    second reader), and a ReLU whose gradient the max pool after it applies."""
+    inputs = xpcnn.Input(shape)
+    x = Conv2D(4, 3, padding="same", use_bias=False, name="stem")(inputs)
+    x = ReLU(name="stem_relu")(BatchNorm2D(name="stem_bn")(x))  # read three times below
+    y = Conv2D(4, 3, padding="same", name="conv_a")(x)
+    y = ReLU(name="relu_a")(y)  # fused into conv_a: its only reader
+    # (no bias before a BatchNorm: its gradient is rounding noise, which Adam would amplify)
+    y = Conv2D(4, 3, padding="same", use_bias=False, name="conv_b")(y)
+    y = BatchNorm2D(name="bn_b")(y)
+    z = ReLU(name="res_relu")(Add(name="add")([x, y]))
+    a = Conv2D(3, 1, name="branch")(z)
+    r = ReLU(name="branch_relu")(a)  # not fused: the branch's output is also concatenated
+    c = Concatenate(name="concat")([z, a, r, x])
+    p = MaxPool2D(2, name="pool")(ReLU(name="pool_relu")(c))  # the pool applies its gradient
+    g = GlobalAvgPool2D(name="gap")(p)
+    outputs = Softmax(name="softmax")(Dense(classes, name="dense")(g))
+    return inputs, outputs

@@ -4,8 +4,7 @@ trained layers and predicts what that layer computes."""
 
 import numpy as np
 import pytest
-from nets import plan_of
-from test_functional import residual_net
+from nets import plan_of, residual_net
 
 import xpcnn
 from xpcnn.errors import InputError

@@ -224,6 +224,30 @@ def test_adam_state_overflowing_to_infinity_is_caught_at_its_step(rng):
     assert not all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))  # step 3
 
 
+def test_only_an_element_whose_square_overflows_stops_adam():
+    """What would make Adam's state infinite is an element's square, not their sum: 10^5
+    elements of 1e17 (each square 1e34, their sum past float32's 3.4e38) train on; one element
+    of 2e19 stops the step, flagged 2 (was: the sum of squares flagged the first too)."""
+    from xpcnn.backend import get_backend
+    from xpcnn.totals import BAD_GRADS, BAD_STEP, RunningTotals
+
+    totals = RunningTotals(get_backend("cpu"), 2)
+    stats, ones = np.array([0.5, 1.0], np.float32), np.ones(3, np.float32)
+    big = np.full(10**5, 1e17, np.float32)
+    apply, _ = totals.add(stats, [big, ones], 4, 1, squares=True)
+    assert bool(apply)
+    big[7] = 2e19
+    apply, _ = totals.add(stats, [big, ones], 4, 2, squares=True)
+    assert not bool(apply)
+    totals.add(stats, [ones, big], 4, 3, squares=True)
+    host, _ = totals.read()
+    assert host[BAD_STEP] == 2 and list(host[BAD_GRADS:]) == [2.0, 0.0]  # (the first bad step)
+    big[7] = np.nan  # a NaN among large finite elements: flagged 1, not finite
+    totals.add(stats, [ones, big], 4, 4, squares=True)
+    host, _ = totals.read()
+    assert host[BAD_STEP] == 4 and list(host[BAD_GRADS:]) == [0.0, 1.0]
+
+
 def test_only_adam_watches_its_squares():
     assert optim.Adam().keeps_squares and optim.AdamW().keeps_squares
     assert not optim.SGD(0.1, momentum=0.9).keeps_squares

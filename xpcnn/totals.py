@@ -16,6 +16,7 @@ good steps in a row double it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 # The most steps between two reads by the host.
@@ -65,20 +66,28 @@ class RunningTotals:
         step) on a batch of ``n`` samples; ``stats`` is its [loss, correct count], ``scaling``
         the float16 loss-scaling state (see :func:`loss_scaling`) or None. With ``squares`` (an
         optimiser that keeps squared gradients, :attr:`~xpcnn.optim.Optimizer.keeps_squares`),
-        a gradient whose squares overflow its dtype is an error too (flagged 2: finite, but it
-        would make that state infinite). Returns the device flag "apply this step's update"
-        and the new scaling state. The caller notes the step's input batch in ``pending``."""
+        a gradient with an element whose square overflows its dtype is an error too (flagged 2:
+        finite, but it would make that state infinite). Returns the device flag "apply this
+        step's update" and the new scaling state. The caller notes the step's input batch in
+        ``pending``."""
         xp, f = self.xp, self.dtype
         stats = xp.astype(stats, f)
-        sums = [xp.sum(g, dtype=f) for g in grads]  # float64: no overflow
-        bad = xp.logical_not(xp.isfinite(xp.stack([stats[0], *sums])))
-        flags = xp.astype(bad[1:], f)
         if squares and grads:
-            # Each gradient's sum of squares, in its own dtype. Not xp.vecdot: on CuPy that is
-            # a cuBLAS product, which CuPy refuses inside a CUDA-graph capture of the step.
-            over = xp.logical_not(xp.isfinite(xp.stack([xp.sum(g * g) for g in grads])))
-            flags = flags + 2 * xp.astype(xp.logical_and(over, xp.logical_not(bad[1:])), f)
-            bad = xp.concat([bad[:1], xp.logical_or(bad[1:], over)])
+            # Each gradient's largest magnitude (in its own dtype; a max is NaN where an
+            # element is): not finite where an element is not (flag 1), above the square root
+            # of the dtype's largest value where an element's square overflows (flag 2). Two
+            # passes over a gradient, where its sum and its sum of squares took three.
+            peaks = xp.stack([xp.max(xp.abs(g)) for g in grads])
+            limit = math.sqrt(min(xp.finfo(g.dtype).max for g in grads))
+            finite = xp.isfinite(peaks)
+            over = xp.logical_and(finite, peaks > limit)
+            flags = xp.astype(xp.logical_not(finite), f) + 2 * xp.astype(over, f)
+            bad = xp.concat([xp.logical_not(xp.isfinite(stats[:1])),
+                             xp.logical_not(xp.logical_and(finite, xp.logical_not(over)))])
+        else:
+            sums = [xp.sum(g, dtype=f) for g in grads]  # float64: no overflow
+            bad = xp.logical_not(xp.isfinite(xp.stack([stats[0], *sums])))
+            flags = xp.astype(bad[1:], f)
         any_bad = xp.any(bad)
         error = any_bad
         if scaling is not None:
