@@ -306,6 +306,31 @@ def test_one_optimizer_cannot_train_two_models(model):
     assert same.optimizer is replaced  # had compiled another one since)
 
 
+@pytest.mark.parametrize("make", [lambda: optim.SGD(0.1, momentum=0.9),
+                                  lambda: optim.Adam(0.01)], ids=["sgd_momentum", "adam"])
+def test_a_released_optimizer_trains_its_next_model_as_a_new_one_would(make):
+    """(was: it brought the state of the model that released it: that model's momentum and
+    step count, silently, or a ValueError from deep inside where the weights' shapes differ)"""
+    first = xpcnn.Sequential(four_class_net(), seed=0)
+    optimizer = make()
+    first.compile(optimizer=optimizer)
+    first.fit(X, Y, epochs=2, verbose=0)
+    first.compile(optimizer=make())  # releases it
+    reused, fresh = (xpcnn.Sequential(four_class_net(), seed=1) for _ in range(2))
+    reused.compile(optimizer=optimizer)
+    fresh.compile(optimizer=make())
+    for model in (reused, fresh):
+        model.fit(X, Y, epochs=2, shuffle=False, verbose=0)
+    assert optimizer.iterations == 2
+    for a, b in zip(reused.get_weights(), fresh.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    reused.compile(optimizer=make())
+    wider = xpcnn.Sequential([Flatten(), Dense(7), Dense(4), Softmax()])
+    wider.compile(optimizer=optimizer)
+    wider.fit(X, Y, verbose=0)  # (was: operands could not be broadcast together)
+    assert optimizer.iterations == 1
+
+
 def test_a_failed_compile_leaves_the_model_and_the_optimizer_as_they_were(model):
     optimizer, other = optim.Adam(1e-3), xpcnn.Sequential(four_class_net(), seed=1)
     for wrong in (dict(metrics=["mse"]), dict(precision="float8"), dict(cuda_graphs="yes")):

@@ -163,7 +163,8 @@ class Trainer:
 
     def _own(self, optimizer: Optimizer) -> Optimizer:
         """``optimizer``, bound to this model: its slots and step count are one model's, and
-        another model's steps would silently mix into them (or fail deep inside)."""
+        another model's steps would silently mix into them (or fail deep inside). One new to
+        this model starts with none (one that another model released held that model's)."""
         owner = getattr(optimizer, "_model", lambda: None)()
         if owner is not None and owner is not self:
             raise InputError(f"this {type(optimizer).__name__} optimizer is already compiled into "
@@ -173,6 +174,8 @@ class Trainer:
         previous = self.optimizer
         if previous is not None and previous is not optimizer:
             del previous._model  # (replaced: free to be compiled into another model)
+        if owner is None:
+            optimizer.slots, optimizer.iterations = {}, 0
         optimizer._model = weakref.ref(self)
         return optimizer
 
