@@ -462,8 +462,9 @@ class Model(Trainer):
 
     def export(self, path: str | os.PathLike[str], input_dtype: str = "float32") -> None:
         """Write the model as ONNX to ``path``: (N, H, W, C) images of ``input_dtype``
-        ("float32" or "uint8") in, ``predict``'s probabilities out (:mod:`xpcnn.onnx_export`;
-        needs ``pip install "xpcnn[onnx]"``)."""
+        ("float32" or "uint8") in, what ``predict`` returns out (probabilities after a final
+        Softmax, else the logits or features; :mod:`xpcnn.onnx_export`; needs
+        ``pip install "xpcnn[onnx]"``)."""
         from .onnx_export import export_model
 
         if distributed.is_root():  # one writer on several ranks (all hold the same model)
