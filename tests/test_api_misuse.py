@@ -18,6 +18,7 @@ from xpcnn import optim
 from xpcnn.callbacks import BackupAndRestore, CSVLogger, EarlyStopping, ModelCheckpoint
 from xpcnn.errors import DataFormatError, InputError, NonFiniteError
 from xpcnn.layers import (
+    BatchNorm2D,
     Conv2D,
     Dense,
     Flatten,
@@ -478,6 +479,35 @@ def test_train_step_never_trains_on_labels_that_are_no_class(labels, on):
     assert model.optimizer.iterations == 0  # no update from that step on
     for a, b in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("on", ["numpy", "array_api_strict"])
+@pytest.mark.parametrize("bad", ["label", "nan image"])
+def test_a_skipped_step_moves_no_normalisation_statistics(bad, on):
+    """A step skipped on the device (a label that is no class, a NaN image) and the steps
+    after it until the host reads the totals change nothing, BatchNorm's moving statistics
+    included (was: they moved on every skipped step, and a NaN image made them NaN, so that
+    predict returned NaN ever after the error had said nothing was updated)."""
+    model = xpcnn.Sequential([Conv2D(3, 3), BatchNorm2D(), ReLU(), Flatten(), Dense(4),
+                              Softmax()], seed=0, device=np if on == "numpy" else xs)
+    model.compile(optimizer=optim.SGD(0.1, momentum=0.9))
+    model.build((6, 6, 3))
+    xb, yb = model._to_device(X[:4]), model.backend.asarray(Y[:4])
+    model.train_step(xb, yb)
+    before, predicted = model.get_weights(), model.predict(X[:4])
+    if bad == "label":
+        model.train_step(xb, model.backend.asarray(np.array([0, 1, 4, 3])))
+    else:
+        x = np.array(X[:4], np.float32)
+        x[1, 2, 3, 0] = np.nan
+        model.train_step(model._to_device(x), yb)
+    with pytest.raises(InputError if bad == "label" else NonFiniteError, match="step 2"):
+        for _ in range(READ_EVERY):
+            model.train_step(xb, yb)
+    assert model.optimizer.iterations == 1
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(model.predict(X[:4]), predicted)
 
 
 def test_train_step_never_trains_on_one_hot_rows_that_are_no_probabilities(model):

@@ -296,13 +296,17 @@ class Trainer:
                      ) -> Any:
         """Training step ``step`` on the device, with no host read: forward, loss, backward,
         the running totals and the update (skipped on the device where the step is not
-        finite). With ``scalars`` (a step captured in a CUDA graph), ``step`` and the
-        optimiser's per-step numbers are device scalars, and every array that outlives the
-        step is updated in place. Returns the batch's [loss, correct count]."""
+        finite, normalisation statistics included). With ``scalars`` (a step captured in a
+        CUDA graph), ``step`` and the optimiser's per-step numbers are device scalars, and
+        every array that outlives the step is updated in place. Returns the batch's [loss,
+        correct count]."""
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
         opt = self.optimizer
         assert opt is not None and self.loss is not None
+        # (normalisation statistics move in the forward pass: a skipped step puts them back)
+        moving = [(a, xp.asarray(a, copy=True)) for la in self.layers if la.trainable
+                  for a in la.state.values()]
         stats, grads = self._loss_and_grads(xb, yb, kernels)
         params = [p for la in self.trainable_layers for p in la.params.values()]
         if self._scaling is not None:
@@ -313,6 +317,8 @@ class Trainer:
                                                     opt.keeps_squares)
         if scaling is not None:
             self._scaling[...] = scaling
+        for a, before in moving:
+            a[...] = xp.where(apply, a, before)
         opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)
         return stats
 
