@@ -496,6 +496,28 @@ def test_a_base_frozen_through_a_model_on_larger_images_trains_on_as_frozen_alon
         np.testing.assert_array_equal(a, b)
 
 
+def test_train_step_runs_shared_layers_as_built_for_its_own_images(data):
+    """A raw train_step loop after another model built the shared layers for larger images
+    trains as if that model did not exist (was: a ValueError, 'strides is incompatible with
+    shape', from inside the convolution: only fit and train_on_batch built them again)."""
+    x, y = data
+    models = [xpcnn.Sequential([Conv2D(3, 3, name="conv"), BatchNorm2D(), ReLU(),
+                                GlobalAvgPool2D(name="pool"), Dense(5), Softmax()],
+                               input_shape=(8, 8, 3), dtype="float64") for _ in range(2)]
+    shared, alone = models
+    for model in models:
+        model.compile(optimizer=xpcnn.optim.SGD(0.1, momentum=0.9))
+    larger = xpcnn.Input((11, 11, 3))
+    features = xpcnn.Model(shared.input, shared.get_layer("pool").output)
+    xpcnn.Model(larger, Softmax()(Dense(5)(features(larger))))
+    assert shared.get_layer("conv").input_shape == (11, 11, 3)
+    for model in models:
+        for _ in range(3):
+            model.train_step(model._to_device(x), model.backend.asarray(y))
+    for a, b in zip(shared.get_weights(), alone.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_summary_and_output_shape_are_of_the_models_own_images_where_a_block_is_shared():
     block_in = xpcnn.Input((6, 6, 2))
     block = xpcnn.Model(block_in, Conv2D(3, 3, strides=2, padding="same")(block_in))

@@ -275,11 +275,13 @@ class Trainer:
 
     def _check_step_batch(self, xb: Any, yb: Any) -> None:
         """What :meth:`train_step` checks on the host, from the arrays' shapes and dtypes
-        alone: the model compiled and built, both arrays on its device, at least one image (on
+        alone: the model compiled and built (its shared layers as it needs them, see
+        ``_rebuild_if_shared``), both arrays on its device, at least one image (on
         one process) of its sample shape, labels of the batch's length (integers only: fit
         turns whole-number floats into them on the host)."""
         self._require_compiled("train_step")
         self._require_built("train_step")
+        self._rebuild_if_shared()  # (another model may have built shared layers since)
         check_on_device(xb, self.backend, "x", instead="")
         check_on_device(yb, self.backend, "y", instead="")
         checks.check_sample_shape(xb, self.input_shape)  # type: ignore[arg-type]
