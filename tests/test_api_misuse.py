@@ -510,6 +510,50 @@ def test_a_skipped_step_moves_no_normalisation_statistics(bad, on):
     np.testing.assert_array_equal(model.predict(X[:4]), predicted)
 
 
+def test_a_skipped_step_is_named_even_where_a_layer_is_frozen_before_the_totals_are_read(
+        model):
+    """(was: freezing a layer made the running totals afresh, and the record of the skipped
+    step with them: it and the steps after it were lost without a word, and counted)"""
+    xb, yb = model._to_device(X[:4]), model.backend.asarray(Y[:4])
+    model.train_step(xb, model.backend.asarray(np.array([0, 1, 9, 3])))
+    model.train_step(xb, yb)
+    model.layers[1].trainable = False
+    with pytest.raises(InputError, match="training stopped at step 1: labels in y must be in"):
+        model.train_step(xb, yb)
+    assert model.optimizer.iterations == 0
+
+
+def test_a_skipped_step_not_read_yet_is_named_by_a_move_to_another_device(model):
+    """(was: the move made the running totals afresh there, and the record of the skipped
+    step with them: the step and those after it were lost without a word)"""
+    xb = model._to_device(X[:4])
+    model.train_step(xb, model.backend.asarray(np.array([0, 1, 9, 3])))
+    with pytest.raises(InputError, match="training stopped at step 1: labels in y must be in"):
+        model.to(xs)
+    assert model.backend.xp.__name__ == "array_api_compat.numpy"  # (left where it was)
+    model.to(xs)
+    model.train_step(model._to_device(X[:4]), model.backend.asarray(Y[:4]))
+    assert model.optimizer.iterations == 1
+
+
+def test_an_epochs_loss_counts_every_batch_where_a_callback_freezes_a_layer_in_it():
+    """(was: the freeze made the running totals afresh mid-epoch, so the epoch's loss and
+    accuracy summed only the batches after it, divided by all of them)"""
+    class FreezeAtBatch2(xpcnn.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                self.model.layers[1].trainable = False
+
+    logs = []
+    for callbacks in ([], [FreezeAtBatch2()]):
+        model = xpcnn.Sequential(four_class_net(), seed=0, dtype="float64")
+        model.compile(optimizer=optim.SGD(1e-300))  # (the same model for every batch)
+        history = model.fit(X, Y, batch_size=5, shuffle=False, verbose=0, callbacks=callbacks)
+        logs.append(history.history["loss"][0])
+    assert logs[1] == pytest.approx(logs[0], rel=1e-12)
+    assert logs[0] == pytest.approx(model.evaluate(X, Y)["loss"], rel=1e-12)
+
+
 def test_train_step_never_trains_on_one_hot_rows_that_are_no_probabilities(model):
     xb, rows = model._to_device(X[:4]), np.eye(4)[Y[:4]]
     rows[2] *= 3.0

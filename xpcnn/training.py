@@ -113,6 +113,7 @@ class Trainer:
         self.stop_training = False
         self._scaling: Any = None  # float16 loss scaling on the device (see xpcnn.totals)
         self._totals: RunningTotals | None = None
+        self._owners: list[tuple[Layer, str]] = []  # (the parameters the totals' flags follow)
         self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
         self._resume_at: Any = None  # where BackupAndRestore restarts a run
         self._position = (0, 0)  # (epoch, batches done in it) during fit
@@ -210,11 +211,13 @@ class Trainer:
 
     def _move_training_state(self, backend: Backend) -> None:
         """The optimiser's state and the loss scale to ``backend`` (``Model.to``), all copied
-        before any is replaced (a copy that fails changes nothing); the running totals and
-        captured graphs are made afresh there."""
+        before any is replaced (a copy that fails changes nothing), after the running totals
+        are read (a skipped step is named); they and the captured graphs are made afresh
+        there."""
         def move(a: Any) -> Any:
             return backend.asarray(self.backend.to_numpy(a))
 
+        self._read_totals()  # (a step skipped and not read yet is named here, not lost)
         optimizer = self.optimizer
         slots = {k: [move(a) for a in v] for k, v in optimizer.slots.items()} if optimizer else {}
         scaling = None if self._scaling is None else move(self._scaling)
@@ -405,10 +408,14 @@ class Trainer:
 
     # -- the running totals the host reads behind the steps; deferred errors --------------------
     def _running_totals(self) -> RunningTotals:
-        n_grads = sum(len(la.params) for la in self.trainable_layers)
-        if self._totals is None or self._totals.n_grads != n_grads or \
-                self._totals.backend != self.backend:
-            self._totals = RunningTotals(self.backend, n_grads)
+        owners = [(la, k) for la in self.trainable_layers for k in la.params]
+        old = self._totals
+        if old is None or old.n_grads != len(owners) or old.backend != self.backend:
+            # (a layer frozen or unfrozen, the model moved: the steps not read yet are read
+            # first, so that a skipped one is named, not lost, and the epoch's sums go on)
+            sums = self._read_totals() if old is not None else (0.0, 0.0)
+            self._totals, self._owners = RunningTotals(self.backend, len(owners)), owners
+            self._totals.reset(*sums)
         return self._totals
 
     def _read_totals(self) -> tuple[float, float]:
@@ -431,8 +438,7 @@ class Trainer:
             xb, yb = batches[step]
             self._raise_for_labels(yb, step)
             self._raise_non_finite(f"the loss is {loss}", xb, step)
-        owners = [(la, k) for la in self.trainable_layers for k in la.params]
-        flags = list(zip(owners, host[BAD_GRADS:], strict=True))
+        flags = list(zip(self._owners, host[BAD_GRADS:], strict=True))
         bad = [la for (la, _), flag in flags if flag == 1]
         if bad:
             # Backpropagation runs from the last layer: the last one with a non-finite
