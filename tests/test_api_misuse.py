@@ -18,6 +18,7 @@ from xpcnn import optim
 from xpcnn.callbacks import BackupAndRestore, CSVLogger, EarlyStopping, ModelCheckpoint
 from xpcnn.errors import DataFormatError, InputError, NonFiniteError
 from xpcnn.layers import (
+    BatchNorm2D,
     Conv2D,
     Dense,
     Flatten,
@@ -306,6 +307,31 @@ def test_one_optimizer_cannot_train_two_models(model):
     assert same.optimizer is replaced  # had compiled another one since)
 
 
+@pytest.mark.parametrize("make", [lambda: optim.SGD(0.1, momentum=0.9),
+                                  lambda: optim.Adam(0.01)], ids=["sgd_momentum", "adam"])
+def test_a_released_optimizer_trains_its_next_model_as_a_new_one_would(make):
+    """(was: it brought the state of the model that released it: that model's momentum and
+    step count, silently, or a ValueError from deep inside where the weights' shapes differ)"""
+    first = xpcnn.Sequential(four_class_net(), seed=0)
+    optimizer = make()
+    first.compile(optimizer=optimizer)
+    first.fit(X, Y, epochs=2, verbose=0)
+    first.compile(optimizer=make())  # releases it
+    reused, fresh = (xpcnn.Sequential(four_class_net(), seed=1) for _ in range(2))
+    reused.compile(optimizer=optimizer)
+    fresh.compile(optimizer=make())
+    for model in (reused, fresh):
+        model.fit(X, Y, epochs=2, shuffle=False, verbose=0)
+    assert optimizer.iterations == 2
+    for a, b in zip(reused.get_weights(), fresh.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    reused.compile(optimizer=make())
+    wider = xpcnn.Sequential([Flatten(), Dense(7), Dense(4), Softmax()])
+    wider.compile(optimizer=optimizer)
+    wider.fit(X, Y, verbose=0)  # (was: operands could not be broadcast together)
+    assert optimizer.iterations == 1
+
+
 def test_a_failed_compile_leaves_the_model_and_the_optimizer_as_they_were(model):
     optimizer, other = optim.Adam(1e-3), xpcnn.Sequential(four_class_net(), seed=1)
     for wrong in (dict(metrics=["mse"]), dict(precision="float8"), dict(cuda_graphs="yes")):
@@ -455,6 +481,79 @@ def test_train_step_never_trains_on_labels_that_are_no_class(labels, on):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("on", ["numpy", "array_api_strict"])
+@pytest.mark.parametrize("bad", ["label", "nan image"])
+def test_a_skipped_step_moves_no_normalisation_statistics(bad, on):
+    """A step skipped on the device (a label that is no class, a NaN image) and the steps
+    after it until the host reads the totals change nothing, BatchNorm's moving statistics
+    included (was: they moved on every skipped step, and a NaN image made them NaN, so that
+    predict returned NaN ever after the error had said nothing was updated)."""
+    model = xpcnn.Sequential([Conv2D(3, 3), BatchNorm2D(), ReLU(), Flatten(), Dense(4),
+                              Softmax()], seed=0, device=np if on == "numpy" else xs)
+    model.compile(optimizer=optim.SGD(0.1, momentum=0.9))
+    model.build((6, 6, 3))
+    xb, yb = model._to_device(X[:4]), model.backend.asarray(Y[:4])
+    model.train_step(xb, yb)
+    before, predicted = model.get_weights(), model.predict(X[:4])
+    if bad == "label":
+        model.train_step(xb, model.backend.asarray(np.array([0, 1, 4, 3])))
+    else:
+        x = np.array(X[:4], np.float32)
+        x[1, 2, 3, 0] = np.nan
+        model.train_step(model._to_device(x), yb)
+    with pytest.raises(InputError if bad == "label" else NonFiniteError, match="step 2"):
+        for _ in range(READ_EVERY):
+            model.train_step(xb, yb)
+    assert model.optimizer.iterations == 1
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(model.predict(X[:4]), predicted)
+
+
+def test_a_skipped_step_is_named_even_where_a_layer_is_frozen_before_the_totals_are_read(
+        model):
+    """(was: freezing a layer made the running totals afresh, and the record of the skipped
+    step with them: it and the steps after it were lost without a word, and counted)"""
+    xb, yb = model._to_device(X[:4]), model.backend.asarray(Y[:4])
+    model.train_step(xb, model.backend.asarray(np.array([0, 1, 9, 3])))
+    model.train_step(xb, yb)
+    model.layers[1].trainable = False
+    with pytest.raises(InputError, match="training stopped at step 1: labels in y must be in"):
+        model.train_step(xb, yb)
+    assert model.optimizer.iterations == 0
+
+
+def test_a_skipped_step_not_read_yet_is_named_by_a_move_to_another_device(model):
+    """(was: the move made the running totals afresh there, and the record of the skipped
+    step with them: the step and those after it were lost without a word)"""
+    xb = model._to_device(X[:4])
+    model.train_step(xb, model.backend.asarray(np.array([0, 1, 9, 3])))
+    with pytest.raises(InputError, match="training stopped at step 1: labels in y must be in"):
+        model.to(xs)
+    assert model.backend.xp.__name__ == "array_api_compat.numpy"  # (left where it was)
+    model.to(xs)
+    model.train_step(model._to_device(X[:4]), model.backend.asarray(Y[:4]))
+    assert model.optimizer.iterations == 1
+
+
+def test_an_epochs_loss_counts_every_batch_where_a_callback_freezes_a_layer_in_it():
+    """(was: the freeze made the running totals afresh mid-epoch, so the epoch's loss and
+    accuracy summed only the batches after it, divided by all of them)"""
+    class FreezeAtBatch2(xpcnn.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                self.model.layers[1].trainable = False
+
+    logs = []
+    for callbacks in ([], [FreezeAtBatch2()]):
+        model = xpcnn.Sequential(four_class_net(), seed=0, dtype="float64")
+        model.compile(optimizer=optim.SGD(1e-300))  # (the same model for every batch)
+        history = model.fit(X, Y, batch_size=5, shuffle=False, verbose=0, callbacks=callbacks)
+        logs.append(history.history["loss"][0])
+    assert logs[1] == pytest.approx(logs[0], rel=1e-12)
+    assert logs[0] == pytest.approx(model.evaluate(X, Y)["loss"], rel=1e-12)
+
+
 def test_train_step_never_trains_on_one_hot_rows_that_are_no_probabilities(model):
     xb, rows = model._to_device(X[:4]), np.eye(4)[Y[:4]]
     rows[2] *= 3.0
@@ -490,6 +589,19 @@ def test_train_step_refuses_what_it_cannot_run_on(model):
     with pytest.raises(InputError, match=r"call compile\(loss=..., optimizer=...\) before "
                                          r"train_step"):
         uncompiled.train_step(model._to_device(X[:4]), Y[:4])
+
+
+@pytest.mark.parametrize("on", ["numpy", "array_api_strict"])
+def test_train_step_refuses_an_empty_batch_by_name(on):
+    """(was: a ValueError from a reshape deep inside the first Dense layer)"""
+    model = four_class_model() if on == "numpy" else _strict_model()
+    xb, yb = model._to_device(X[:4]), model.backend.asarray(Y[:4])
+    with pytest.raises(InputError, match=r"x is empty: a training step needs at least one "
+                                         r"sample; got x.shape = \(0, 6, 6, 3\)"):
+        model.train_step(xb[:0, ...], yb[:0])
+    assert model.optimizer.iterations == 0
+    model.train_step(xb, yb)
+    assert model.optimizer.iterations == 1
 
 
 # -- a refused call changes nothing: no batch drawn, no weight replaced -------------------------

@@ -290,6 +290,39 @@ def test_one_ranks_overflow_skips_the_step_on_every_rank():
             np.testing.assert_array_equal(a, b)
 
 
+def test_a_label_that_is_no_class_on_one_rank_is_named_there_and_blamed_on_it_elsewhere():
+    """Rank 1's label 9 makes the summed loss NaN on both ranks: both skip the step; rank 1
+    names its labels, rank 0 (whose batch is sound) says the NaN came from another rank (was:
+    'the first non-finite values appear in the loss', as if its own loss were)."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(4, 3, 3, 2)), rng.integers(0, 5, 4)
+    y[2] = 9
+    comm = ThreadSum(2)
+    models = [small_model() for _ in range(2)]
+    before = models[0].get_weights()
+    errors = {}
+
+    def step(rank, model):
+        model._parallel = distributed.DataParallel(model, distributed.World(rank, 2),
+                                                   comm.for_rank(rank))
+        model._parallel.use_slice(2 * rank, 2, 4)
+        model.train_step(model._to_device(x[2 * rank:2 * rank + 2]),
+                         model.backend.asarray(y[2 * rank:2 * rank + 2]))
+        with pytest.raises(xpcnn.XpcnnError) as error:
+            model._read_totals()
+        errors[rank] = error.value
+
+    run_ranks(models, step)
+    assert isinstance(errors[1], xpcnn.InputError)
+    assert re.search(r"step 1: labels in y must be in \[0, 4\] .* from \d to 9", str(errors[1]))
+    assert isinstance(errors[0], xpcnn.NonFiniteError)
+    assert re.search(r"step 1: the loss is nan; .* the loss summed over the ranks: this rank's "
+                     r"batch and outputs are finite, another rank's made it", str(errors[0]))
+    for model in models:
+        for a, b in zip(model.get_weights(), before, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_an_empty_rank_adds_zeros_even_after_a_non_finite_gradient():
     model = small_model()
     comm = ThreadSum(1)

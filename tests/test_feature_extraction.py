@@ -105,6 +105,25 @@ def test_an_extractor_shares_the_trained_layers_both_ways(images, rng):
                                rtol=1e-12)
 
 
+def test_a_float32_model_on_a_float64_models_layers_is_refused_and_rounds_nothing(images):
+    """(was: built, it rounded the trained float64 weights to float32 in place, so that the
+    original model predicted otherwise after a feature extractor was made, silently)"""
+    model = sequential_net()
+    weights, probabilities = model.get_weights(), model.predict(images)
+    with pytest.raises(InputError, match=r"layer 'conv' \(Conv2D\) holds float64 weights, "
+                                         r"trained or set in another model: a float32 model "
+                                         r"would round them, in that model too; give this "
+                                         r"model dtype='float64'"):
+        xpcnn.Model(model.input, model.get_layer("dense").output, dtype="float32")
+    for a, b in zip(model.get_weights(), weights, strict=True):
+        assert a.dtype == np.float64
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(model.predict(images), probabilities)
+    # the layers' own dtype, the default, runs on the very weights
+    logits = xpcnn.Model(model.input, model.get_layer("dense").output).predict(images)
+    assert logits.dtype == np.float64
+
+
 def test_an_extractor_of_features_cannot_fit_labels_but_shows_and_saves(images, tmp_path):
     model = sequential_net()
     features = xpcnn.Model(model.input, model.get_layer("relu").output, name="features")

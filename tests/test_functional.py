@@ -468,6 +468,56 @@ def test_a_convolution_run_on_small_images_then_used_on_larger_ones_computes_for
                                rtol=1e-12, atol=1e-12)
 
 
+def test_a_base_frozen_through_a_model_on_larger_images_trains_on_as_frozen_alone(data):
+    """A trained base whose convolution a new model on larger images freezes and builds for
+    them trains its head next as the same base frozen alone does: its optimiser starts its
+    slots afresh for the parameters it now trains (was: the rebuild for its own images
+    dropped the compiled plan, so the change went unseen and the old slots met the new
+    parameters: 'operands could not be broadcast together' from inside the Adam update)."""
+    x, y = data
+    bases = []
+    for _ in range(2):
+        base = xpcnn.Sequential([Conv2D(3, 3, name="conv"), GlobalAvgPool2D(), Dense(5),
+                                 Softmax()], input_shape=(8, 8, 3), dtype="float64")
+        base.compile(optimizer=xpcnn.optim.Adam(0.01))
+        base.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        bases.append(base)
+    shared, alone = bases
+    larger = xpcnn.Input((10, 10, 3))
+    features = xpcnn.Model(shared.input, shared.get_layer("globalavgpool2d").output)
+    features.trainable = False
+    head = xpcnn.Model(larger, Softmax()(Dense(5)(features(larger))))
+    head.compile(optimizer=xpcnn.optim.SGD(0.1))
+    head.fit(np.zeros((4, 10, 10, 3)), y[:4], verbose=0)
+    alone.get_layer("conv").trainable = False
+    for base in bases:
+        base.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+    for a, b in zip(shared.get_weights(), alone.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_train_step_runs_shared_layers_as_built_for_its_own_images(data):
+    """A raw train_step loop after another model built the shared layers for larger images
+    trains as if that model did not exist (was: a ValueError, 'strides is incompatible with
+    shape', from inside the convolution: only fit and train_on_batch built them again)."""
+    x, y = data
+    models = [xpcnn.Sequential([Conv2D(3, 3, name="conv"), BatchNorm2D(), ReLU(),
+                                GlobalAvgPool2D(name="pool"), Dense(5), Softmax()],
+                               input_shape=(8, 8, 3), dtype="float64") for _ in range(2)]
+    shared, alone = models
+    for model in models:
+        model.compile(optimizer=xpcnn.optim.SGD(0.1, momentum=0.9))
+    larger = xpcnn.Input((11, 11, 3))
+    features = xpcnn.Model(shared.input, shared.get_layer("pool").output)
+    xpcnn.Model(larger, Softmax()(Dense(5)(features(larger))))
+    assert shared.get_layer("conv").input_shape == (11, 11, 3)
+    for model in models:
+        for _ in range(3):
+            model.train_step(model._to_device(x), model.backend.asarray(y))
+    for a, b in zip(shared.get_weights(), alone.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_summary_and_output_shape_are_of_the_models_own_images_where_a_block_is_shared():
     block_in = xpcnn.Input((6, 6, 2))
     block = xpcnn.Model(block_in, Conv2D(3, 3, strides=2, padding="same")(block_in))

@@ -1,5 +1,6 @@
 """Figures (xpcnn.viz), the CLI's `visualize` and `train --plots`, and viz without matplotlib."""
 
+import json
 import os
 import subprocess
 import sys
@@ -271,6 +272,27 @@ def test_cli_train_plots_then_visualize(tmp_path, small_shapes, capsys):
         assert f"wrote {figs / name}" in out
         assert mpl_image.imread(figs / name).var() > 0
     assert "shapes test image 3: label" in out
+
+
+def test_cli_visualize_gives_a_probability_for_a_model_that_ends_in_logits(
+        tmp_path, small_shapes, capsys):
+    """A model without a final Softmax predicts logits (as in Keras): the probability shown is
+    their softmax's (was: the logit itself, shown as a percentage)."""
+    model = tiny_model(size=32, classes=10)
+    model.layers.pop()  # the Softmax: a model that ends in its logits
+    model.build((32, 32, 3))
+    dense = model.layers[-1]
+    dense.set_weights([w * 40.0 for w in dense.get_weights()])  # logits far from [0, 1]
+    model.save(tmp_path / "logits.npz")
+    assert main(["visualize", "--model", str(tmp_path / "logits.npz"), "--index", "2",
+                 "--out", str(tmp_path / "figs"), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    _, (x, _) = xpcnn.datasets.load_dataset("shapes")
+    logits = model.predict(x[2:3])[0].astype(np.float64)
+    assert not 0 <= logits.max() <= 1
+    probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    assert shown["predicted"] == int(np.argmax(logits))
+    np.testing.assert_allclose(shown["probability"], probabilities.max(), rtol=1e-6)
 
 
 def test_cli_visualize_errors(tmp_path, small_shapes, capsys):

@@ -28,7 +28,7 @@ from . import checks
 from .backend import Backend
 from .errors import InputError
 from .layers.activation import ReLU
-from .layers.base import DEFAULT, Layer, Node, Options, Shape, SymbolicTensor
+from .layers.base import DEFAULT, Layer, Node, Options, Shape, SymbolicTensor, dtype_name
 from .layers.dropout import RandomLayer
 
 Inbound = tuple[int, ...]
@@ -164,7 +164,19 @@ def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backe
     Keras: a trained model used inside another) and a random layer its stream, on another
     device, in another dtype and for inputs of another size where its weights keep their shapes
     (a convolution on larger images); where they would not, it is refused with its weights
-    untouched."""
+    untouched. Weights of float64 that float32 cannot hold exactly are never rounded to it
+    (the model that trained them would run on the rounded weights too): that build is refused
+    before any layer changes."""
+    if dtype != "float64":
+        for layer in layers:
+            if layer.built and dtype_name(layer.dtype) == "float64" and not all(
+                    np.array_equal(w, w.astype(np.float32), equal_nan=True)
+                    for w in layer.get_weights()):
+                raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) holds float64 "
+                                 f"weights, trained or set in another model: a {dtype} model "
+                                 "would round them, in that model too; give this model "
+                                 "dtype='float64' (a functional model of built layers takes "
+                                 "their dtype by default), or set_weights() into new layers")
     shapes: list[Any] = [input_shape]
     for k, (layer, ins) in enumerate(zip(layers, inbound, strict=True)):
         shape = read_by(layer, ins, shapes)

@@ -88,6 +88,7 @@ class Model(Trainer):
         self.built = False
         self._graph: list[graph.Inbound] = []
         self._plan_cache: tuple[tuple[bool, ...], graph.Plan] | None = None
+        self._planned_for: tuple[bool, ...] | None = None  # (which layers the last plan trained)
         self._symbolic: graph.Symbolic | None = None
         if traced is not None:
             layers, inbound, self._symbolic = traced
@@ -233,8 +234,11 @@ class Model(Trainer):
         optimiser's parameters (its state starts afresh, as after a compile in Keras)."""
         key = tuple(la.trainable for la in self.layers)
         if self._plan_cache is None or self._plan_cache[0] != key:
-            if self._plan_cache is not None and self.optimizer is not None:
+            # (against the last plan's, which a rebuild for this model's own inputs drops: a
+            # layer may have been frozen through another model meanwhile)
+            if self._planned_for not in (None, key) and self.optimizer is not None:
                 self.optimizer.slots = {}
+            self._planned_for = key
             self._plan_cache = (key, graph.compile_plan(self.layers, self._inbound(),
                                                         self._fused_softmax()))
         return self._plan_cache[1]
@@ -458,8 +462,9 @@ class Model(Trainer):
 
     def export(self, path: str | os.PathLike[str], input_dtype: str = "float32") -> None:
         """Write the model as ONNX to ``path``: (N, H, W, C) images of ``input_dtype``
-        ("float32" or "uint8") in, ``predict``'s probabilities out (:mod:`xpcnn.onnx_export`;
-        needs ``pip install "xpcnn[onnx]"``)."""
+        ("float32" or "uint8") in, what ``predict`` returns out (probabilities after a final
+        Softmax, else the logits or features; :mod:`xpcnn.onnx_export`; needs
+        ``pip install "xpcnn[onnx]"``)."""
         from .onnx_export import export_model
 
         if distributed.is_root():  # one writer on several ranks (all hold the same model)

@@ -113,6 +113,7 @@ class Trainer:
         self.stop_training = False
         self._scaling: Any = None  # float16 loss scaling on the device (see xpcnn.totals)
         self._totals: RunningTotals | None = None
+        self._owners: list[tuple[Layer, str]] = []  # (the parameters the totals' flags follow)
         self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
         self._resume_at: Any = None  # where BackupAndRestore restarts a run
         self._position = (0, 0)  # (epoch, batches done in it) during fit
@@ -163,7 +164,8 @@ class Trainer:
 
     def _own(self, optimizer: Optimizer) -> Optimizer:
         """``optimizer``, bound to this model: its slots and step count are one model's, and
-        another model's steps would silently mix into them (or fail deep inside)."""
+        another model's steps would silently mix into them (or fail deep inside). One new to
+        this model starts with none (one that another model released held that model's)."""
         owner = getattr(optimizer, "_model", lambda: None)()
         if owner is not None and owner is not self:
             raise InputError(f"this {type(optimizer).__name__} optimizer is already compiled into "
@@ -173,6 +175,8 @@ class Trainer:
         previous = self.optimizer
         if previous is not None and previous is not optimizer:
             del previous._model  # (replaced: free to be compiled into another model)
+        if owner is None:
+            optimizer.slots, optimizer.iterations = {}, 0
         optimizer._model = weakref.ref(self)
         return optimizer
 
@@ -207,11 +211,13 @@ class Trainer:
 
     def _move_training_state(self, backend: Backend) -> None:
         """The optimiser's state and the loss scale to ``backend`` (``Model.to``), all copied
-        before any is replaced (a copy that fails changes nothing); the running totals and
-        captured graphs are made afresh there."""
+        before any is replaced (a copy that fails changes nothing), after the running totals
+        are read (a skipped step is named); they and the captured graphs are made afresh
+        there."""
         def move(a: Any) -> Any:
             return backend.asarray(self.backend.to_numpy(a))
 
+        self._read_totals()  # (a step skipped and not read yet is named here, not lost)
         optimizer = self.optimizer
         slots = {k: [move(a) for a in v] for k, v in optimizer.slots.items()} if optimizer else {}
         scaling = None if self._scaling is None else move(self._scaling)
@@ -272,14 +278,19 @@ class Trainer:
 
     def _check_step_batch(self, xb: Any, yb: Any) -> None:
         """What :meth:`train_step` checks on the host, from the arrays' shapes and dtypes
-        alone: the model compiled and built, both arrays on its device, images of its sample
-        shape, labels of the batch's length (integers only: fit turns whole-number floats into
-        them on the host)."""
+        alone: the model compiled and built (its shared layers as it needs them, see
+        ``_rebuild_if_shared``), both arrays on its device, at least one image (on
+        one process) of its sample shape, labels of the batch's length (integers only: fit
+        turns whole-number floats into them on the host)."""
         self._require_compiled("train_step")
         self._require_built("train_step")
+        self._rebuild_if_shared()  # (another model may have built shared layers since)
         check_on_device(xb, self.backend, "x", instead="")
         check_on_device(yb, self.backend, "y", instead="")
         checks.check_sample_shape(xb, self.input_shape)  # type: ignore[arg-type]
+        if not xb.shape[0] and self._parallel is None:  # (a rank's part may be empty, not a batch)
+            raise InputError(f"x is empty: a training step needs at least one sample; got "
+                             f"x.shape = {tuple(xb.shape)}")
         xp = self.backend.xp
         check_real_images(xb, xp)
         checks.check_label_layout(tuple(yb.shape), xp.isdtype(yb.dtype, "integral"),
@@ -290,13 +301,17 @@ class Trainer:
                      ) -> Any:
         """Training step ``step`` on the device, with no host read: forward, loss, backward,
         the running totals and the update (skipped on the device where the step is not
-        finite). With ``scalars`` (a step captured in a CUDA graph), ``step`` and the
-        optimiser's per-step numbers are device scalars, and every array that outlives the
-        step is updated in place. Returns the batch's [loss, correct count]."""
+        finite, normalisation statistics included). With ``scalars`` (a step captured in a
+        CUDA graph), ``step`` and the optimiser's per-step numbers are device scalars, and
+        every array that outlives the step is updated in place. Returns the batch's [loss,
+        correct count]."""
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
         opt = self.optimizer
         assert opt is not None and self.loss is not None
+        # (normalisation statistics move in the forward pass: a skipped step puts them back)
+        moving = [(a, xp.asarray(a, copy=True)) for la in self.layers if la.trainable
+                  for a in la.state.values()]
         stats, grads = self._loss_and_grads(xb, yb, kernels)
         params = [p for la in self.trainable_layers for p in la.params.values()]
         if self._scaling is not None:
@@ -307,6 +322,8 @@ class Trainer:
                                                     opt.keeps_squares)
         if scaling is not None:
             self._scaling[...] = scaling
+        for a, before in moving:
+            a[...] = xp.where(apply, a, before)
         opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)
         return stats
 
@@ -391,10 +408,14 @@ class Trainer:
 
     # -- the running totals the host reads behind the steps; deferred errors --------------------
     def _running_totals(self) -> RunningTotals:
-        n_grads = sum(len(la.params) for la in self.trainable_layers)
-        if self._totals is None or self._totals.n_grads != n_grads or \
-                self._totals.backend != self.backend:
-            self._totals = RunningTotals(self.backend, n_grads)
+        owners = [(la, k) for la in self.trainable_layers for k in la.params]
+        old = self._totals
+        if old is None or old.n_grads != len(owners) or old.backend != self.backend:
+            # (a layer frozen or unfrozen, the model moved: the steps not read yet are read
+            # first, so that a skipped one is named, not lost, and the epoch's sums go on)
+            sums = self._read_totals() if old is not None else (0.0, 0.0)
+            self._totals, self._owners = RunningTotals(self.backend, len(owners)), owners
+            self._totals.reset(*sums)
         return self._totals
 
     def _read_totals(self) -> tuple[float, float]:
@@ -417,8 +438,7 @@ class Trainer:
             xb, yb = batches[step]
             self._raise_for_labels(yb, step)
             self._raise_non_finite(f"the loss is {loss}", xb, step)
-        owners = [(la, k) for la in self.trainable_layers for k in la.params]
-        flags = list(zip(owners, host[BAD_GRADS:], strict=True))
+        flags = list(zip(self._owners, host[BAD_GRADS:], strict=True))
         bad = [la for (la, _), flag in flags if flag == 1]
         if bad:
             # Backpropagation runs from the last layer: the last one with a non-finite
@@ -462,6 +482,9 @@ class Trainer:
                           if not finite(out)), None)
             if layer is not None:
                 where = f"the output of layer {layer.name!r}"
+            elif self._parallel is not None:
+                where = ("the loss summed over the ranks: this rank's batch and outputs are "
+                         "finite, another rank's made it (that rank's error names where)")
         raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
                              f"values appear in {where}")
 

@@ -29,6 +29,7 @@ from .errors import InputError, MissingDependencyError
 from .history import History
 from .layers import Conv2D, FeatureNorm, Layer, MaxPool2D, ReLU, Softmax
 from .model import Model, Sequential
+from .ops.softmax import softmax
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -589,6 +590,8 @@ def visualize_command(args: Any) -> dict[str, Any]:
                          f"{tuple(image.shape)}")
     names = _names_for(class_names(args.dataset), model.num_classes)
     probs = model.predict(image[None])[0]
+    if not isinstance(model.layers[-1], Softmax):  # (a model that ends in its logits)
+        probs = softmax(np, probs.astype(np.float64))
     label, guess = int(y[args.index]), int(np.argmax(probs))
     name = (lambda k: names[k] if names else str(k))  # noqa: E731
     title = (f"{args.dataset} {split} image {args.index}: label {name(label)}, predicted "
