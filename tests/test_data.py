@@ -212,6 +212,42 @@ def test_a_dataset_of_host_and_device_samples_mixed_is_refused(data):
     assert prefetch_threads() == []
 
 
+def test_arrays_of_another_library_on_the_cpu_train_as_numpy_arrays(data):
+    """A PyTorch DataLoader's tensors (its default collate), or array_api_strict arrays on the
+    CPU, given to a NumPy model: read on the host as Keras reads them, the same weights as the
+    NumPy arrays give (was: 'x is an array of array_api_compat.torch on cpu, but the model is
+    on cpu')."""
+    x, y = data
+    want = trained(x, y).get_weights()
+    batches = [(xps.asarray(x[i:i + BATCH]), xps.asarray(y[i:i + BATCH]))
+               for i in range(0, N, BATCH)]
+    for a, b in zip(trained(xps.asarray(x), xps.asarray(y)).get_weights(), want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    steps = len(batches)
+    model = make()
+    model.fit(iter(batches), epochs=1, steps_per_epoch=steps, verbose=0)
+    reference = make()
+    reference.fit(iter([(np.asarray(a), np.asarray(b)) for a, b in batches]), epochs=1,
+                  steps_per_epoch=steps, verbose=0)
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    torch = pytest.importorskip("torch")
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+        batch_size=BATCH)
+    model = make()
+    model.fit(loader, epochs=1, verbose=0)
+    reference = make()
+    reference.fit(iter([(a.numpy(), b.numpy()) for a, b in loader]), epochs=1,
+                  steps_per_epoch=len(loader), verbose=0)
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(model.predict(torch.from_numpy(x[:5])), model.predict(x[:5]))
+    with pytest.raises(InputError, match=r"x is an array of array_api_compat.torch on cpu, but "
+                                         r"the model is on cpu"):  # (autograd: no host view)
+        model.fit(torch.from_numpy(x.astype(np.float32)).requires_grad_(), y, verbose=0)
+
+
 def test_arrays_of_another_library_or_device_are_refused(data):
     x, y = data
     model = make((xps, xps.Device("device1")))

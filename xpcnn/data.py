@@ -81,6 +81,20 @@ def is_device_array(x: Any) -> bool:
     return array_api_compat.is_array_api_obj(x) and not isinstance(x, np.ndarray)
 
 
+def host_if_foreign(x: Any, backend: Any) -> Any:
+    """An array of another library than the model's that lives on the CPU (a PyTorch
+    DataLoader's tensors, for a model on NumPy or CuPy) as a NumPy array, read without a copy
+    (DLPack), as Keras takes them; anything else as it is (one on another device is refused by
+    name where it is checked)."""
+    if isinstance(x, np.generic) or not is_device_array(x) or \
+            array_api_compat.array_namespace(x).__name__ == backend.xp.__name__:
+        return x
+    try:
+        return np.from_dlpack(x)
+    except (BufferError, TypeError, ValueError, RuntimeError):  # (not on the CPU; autograd)
+        return x
+
+
 def to_device(backend: Any, a: Any) -> Any:
     """A host array copied to the backend's device; a device array (or None) as it is."""
     return a if a is None or is_device_array(a) else backend.asarray(a)
@@ -288,6 +302,7 @@ class DatasetBatches(ShardedBatches):
         """Samples stacked into a batch: on the device where they are arrays of the model's
         library (they stay there), else on the host."""
         xp = self.model.backend.xp
+        parts = [host_if_foreign(p, self.model.backend) for p in parts]
         mine = [is_device_array(p) and array_api_compat.array_namespace(p).__name__ ==
                 xp.__name__ for p in parts]
         if all(mine):
@@ -422,12 +437,14 @@ def split_item(item: Any, with_targets: bool, expected: str) -> tuple[Any, Any]:
 
 def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any = None
                  ) -> tuple[Any, Any]:
-    """Checked images (host NumPy, a memory map, or device arrays of the model's library) and
-    targets (integer labels or one-hot rows), returned on the host; builds the model if
-    needed. Device targets are read to the host to be checked (a label out of range would
-    otherwise silently match no class). A streamed batch is checked on the background
-    thread (:func:`prefetch`), beside the training loop rather than in it; ``index``: the
-    dataset samples that a streamed batch holds, which errors name."""
+    """Checked images (host NumPy, a memory map, arrays of another library on the CPU, or
+    device arrays of the model's library) and targets (integer labels or one-hot rows),
+    returned on the host; builds the model if needed. Device targets are read to the host to
+    be checked (a label out of range would otherwise silently match no class). A streamed
+    batch is checked on the background thread (:func:`prefetch`), beside the training loop
+    rather than in it; ``index``: the dataset samples that a streamed batch holds, which
+    errors name."""
+    x, y = host_if_foreign(x, model.backend), host_if_foreign(y, model.backend)
     if is_device_array(x):
         x = check_device_images(x, model.backend, what)
     elif isinstance(x, np.memmap):
