@@ -212,6 +212,19 @@ def test_a_dataset_of_host_and_device_samples_mixed_is_refused(data):
     assert prefetch_threads() == []
 
 
+def test_labels_of_shape_n_by_1_as_keras_datasets_gives_them(data):
+    """keras.datasets.cifar10 gives labels (N, 1): taken as (N,), the same weights (was:
+    'y must be integer labels of shape (N,) or one-hot rows of shape (N, 4)')."""
+    x, y = data
+    column = y[:, None].astype(np.uint8)
+    model = trained(x, column)
+    for a, b in zip(model.get_weights(), trained(x, y).get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert model.evaluate(x, column) == model.evaluate(x, y)
+    with pytest.raises(InputError, match=r"one-hot rows of shape \(\d+, 4\); got shape \(\d+, 1\)"):
+        model.fit(x, column.astype(np.float64), verbose=0)  # (not labels: one-hot rows)
+
+
 def test_arrays_of_another_library_on_the_cpu_train_as_numpy_arrays(data):
     """A PyTorch DataLoader's tensors (its default collate), or array_api_strict arrays on the
     CPU, given to a NumPy model: read on the host as Keras reads them, the same weights as the
