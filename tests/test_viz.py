@@ -209,6 +209,11 @@ def test_confusion_matrix_figure(tmp_path, rng):
     assert len(counts) == 9 and sum(counts) == 9
     with pytest.raises(InputError, match="2 names but the model has 3 outputs"):
         viz.plot_confusion_matrix(model, x, y, tmp_path / "bad.png", class_names=["a", "b"])
+    features = xpcnn.Model(inputs=model.input, outputs=model.layers[1].output)
+    with pytest.raises(InputError, match=r"a confusion matrix needs a classifier, .* this "
+                                         r"model's is \(\d+, \d+, \d+\) \(a feature extractor\?\)"):
+        viz.plot_confusion_matrix(features, x, y, tmp_path / "features.png")
+    assert not (tmp_path / "features.png").exists()
 
 
 # -- without matplotlib ---------------------------------------------------------------------

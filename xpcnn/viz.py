@@ -521,6 +521,10 @@ def plot_confusion_matrix(model: Model, x: Any, y: Any, path: str | os.PathLike[
     common classes read alike. Returns the Figure (the matrix axes and its colour bar).
     """
     probs = model.predict(x, batch_size=batch_size)
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise InputError(f"a confusion matrix needs a classifier, whose output is one vector of "
+                         f"class scores a sample; this model's is {probs.shape[1:]} (a feature "
+                         "extractor?)")
     k = probs.shape[1]
     _, labels = checks.as_labels(y, len(probs), k, "y")
     if class_names is not None and len(class_names) != k:
