@@ -261,6 +261,27 @@ def test_arrays_of_another_library_on_the_cpu_train_as_numpy_arrays(data):
         model.fit(torch.from_numpy(x.astype(np.float32)).requires_grad_(), y, verbose=0)
 
 
+def test_arrays_that_numpy_cannot_read_are_refused_by_name(data):
+    """Arrays that np.from_dlpack cannot read (a PyTorch tensor on its 'meta' device, as a CUDA
+    tensor or a CuPy array would be for a NumPy model), images or labels, refused naming their
+    library (was, for labels: 'BufferError: Cannot pack tensors on meta', and on a CuPy model
+    "'Tensor' object has no attribute 'get'")."""
+    torch = pytest.importorskip("torch")
+    x, y = data
+    model = make()
+    elsewhere = torch.from_numpy(y).to("meta")
+    for call in (lambda: model.fit(x, elsewhere, verbose=0),
+                 lambda: model.evaluate(x, elsewhere, verbose=0),
+                 lambda: model.train_on_batch(x[:BATCH], elsewhere[:BATCH]),
+                 lambda: model.fit(iter([(x[:BATCH], elsewhere[:BATCH])]), steps_per_epoch=1,
+                                   verbose=0)):
+        with pytest.raises(InputError, match=r"y is an array of array_api_compat.torch on meta, "
+                                             r"but the model is on cpu"):
+            call()
+    with pytest.raises(InputError, match=r"x is an array of array_api_compat.torch on meta"):
+        model.predict(torch.from_numpy(x).to("meta"))
+
+
 def test_arrays_of_another_library_or_device_are_refused(data):
     x, y = data
     model = make((xps, xps.Device("device1")))

@@ -778,13 +778,16 @@ def test_an_extractor_and_a_logits_model_on_the_gpu_predict_as_on_the_cpu(cp):
 
 def test_arrays_on_another_library_on_the_gpu_are_refused_by_name(cp):
     """np.from_dlpack cannot read a CUDA array: a CuPy array given to a NumPy model, and a
-    PyTorch CUDA tensor given to a CuPy one, are refused naming their library."""
+    PyTorch CUDA tensor given to a CuPy one, images or labels, are refused naming their
+    library (not read through DLPack: left for when someone asks)."""
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 8)
     on_cpu = xpcnn.Sequential(gap_net(), device="cpu", seed=0)
     on_cpu.compile()
     with pytest.raises(InputError, match="x is an array of array_api_compat.cupy on"):
         on_cpu.fit(cp.asarray(x), y, verbose=0)
+    with pytest.raises(InputError, match="y is an array of array_api_compat.cupy on"):
+        on_cpu.fit(x, cp.asarray(y), verbose=0)  # (labels are read on the host)
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("PyTorch has no CUDA here")
@@ -792,5 +795,7 @@ def test_arrays_on_another_library_on_the_gpu_are_refused_by_name(cp):
     on_gpu.compile()
     with pytest.raises(InputError, match="x is an array of array_api_compat.torch on cuda"):
         on_gpu.fit(torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda(), verbose=0)
+    with pytest.raises(InputError, match="y is an array of array_api_compat.torch on cuda"):
+        on_gpu.fit(x, torch.from_numpy(y).cuda(), verbose=0)
     with pytest.raises(InputError, match="array_api_compat.torch"):
         on_gpu.predict(torch.from_numpy(x).cuda())
