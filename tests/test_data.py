@@ -119,6 +119,9 @@ def test_a_memory_map_is_read_batch_by_batch_never_whole(tmp_path):
         m.compile(optimizer=xpcnn.optim.SGD(0.01))
         return m
 
+    # (a first step imports the NumPy kernels, compiling their source where no bytecode is
+    # cached, PYTHONDONTWRITEBYTECODE=1: megabytes traced that are no read of the file)
+    model().fit(np.array(mapped[:8]), y[:8], epochs=1, batch_size=4, verbose=0)
     streamed = model()
     tracemalloc.start()
     streamed.fit(mapped, y, epochs=1, batch_size=4, seed=SEED, verbose=0)
