@@ -9,6 +9,12 @@ seconds); on a machine without a GPU it says so.
 3. CuPy 14 refuses ``xp.vecdot`` (cuBLAS) inside a stream capture, and takes ``xp.sum``.
 4. ``cudnn.set_stream`` inside a capture: whether it invalidates it (xpcnn calls it before).
 5. NCCL as xpcnn.distributed.NcclSum calls it, on one rank (no MPI needed).
+6. The calls the training step added on 2026-12-05 run inside a capture and replay right:
+   Adam's overflow watch (``max(abs(g))``, CUB's reduction, NaN kept), the snapshot of the
+   normalisation statistics (``asarray(copy=True)``) and their restore (``where`` with a 0-d
+   flag), the labels' check (``all``, ``where(ok, stats, nan)``).
+7. ``np.from_dlpack`` of a CuPy array raises what xpcnn.data.host_if_foreign catches (NumPy's
+   dlpack.c: BufferError "Unsupported device in DLTensor."), so it is refused by name.
 """
 
 from __future__ import annotations
@@ -118,6 +124,55 @@ def nccl_one_rank(cp: Any, xc: Any, cudnn: Any) -> str:
     return f"NCCL {nccl_sum.nccl.get_version()}: " + ", ".join(parts)
 
 
+def step_calls_in_capture(cp: Any, xc: Any, cudnn: Any) -> str:
+    g = cp.ones(1000, cp.float32)
+    g[7], g[9] = cp.nan, 5.0  # a NaN before a larger value: the max must still be NaN
+    stats, labels = cp.asarray([0.5, 3.0], cp.float32), cp.asarray([1, 2, 9], cp.uint8)
+    moving, flag = cp.arange(4, dtype=cp.float32), cp.zeros((), bool)
+
+    def step() -> tuple[Any, Any, Any]:
+        peaks = xc.stack([xc.max(xc.abs(g)), xc.max(xc.abs(stats))])
+        before = xc.asarray(moving, copy=True)
+        moving[...] = moving + 1  # (a forward pass moves the statistics)
+        moving[...] = xc.where(flag, moving, before)
+        ok = xc.all(xc.logical_and(labels >= 0, labels < 5))
+        return peaks, xc.where(ok, stats, xc.nan), xc.isfinite(peaks)
+
+    step()  # (kernels compiled before the capture)
+    moving[...] = xc.arange(4, dtype=cp.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            peaks, checked, finite = step()
+        finally:
+            graph = stream.end_capture()
+        graph.launch(stream=stream)
+    stream.synchronize()
+    got = (peaks.get().tolist(), checked.get().tolist(), finite.get().tolist(),
+           moving.get().tolist(), str(checked.dtype))
+    want = ([float("nan"), 3.0], [float("nan")] * 2, [False, True], [0.0, 1.0, 2.0, 3.0],
+            "float32")
+    same = np.array_equal(np.asarray(got[0]), np.asarray(want[0]), equal_nan=True) and \
+        np.isnan(got[1]).all() and got[2:] == want[2:]
+    return f"captured and replayed: {got} ({'as wanted' if same else f'WRONG, want {want}'})"
+
+
+def foreign_cuda_arrays(cp: Any, xc: Any, cudnn: Any) -> str:
+    from xpcnn.backend import get_backend
+    from xpcnn.data import host_if_foreign
+
+    numpy_model = get_backend("cpu")
+    a = cp.ones(3, cp.float32)
+    try:
+        np.from_dlpack(a)
+        answer = "np.from_dlpack READ IT"
+    except Exception as e:
+        answer = f"{type(e).__name__}: {str(e)[:60]}"
+    answer += " -> kept" if host_if_foreign(a, numpy_model) is a else " -> CONVERTED"
+    return answer + " (want: BufferError, kept; PyTorch's CUDA tensors: tests/test_gpu.py)"
+
+
 def main() -> int:
     from xpcnn.backend import cuda_available
 
@@ -134,7 +189,7 @@ def main() -> int:
           f"{getattr(cudnn, '__version__', None)}, backend "
           f"{cudnn.backend_version() if cudnn is not None else None}")
     probes = [conv_tf32_switch, matmul_full_float32, vecdot_in_capture, set_stream_in_capture,
-              nccl_one_rank]
+              nccl_one_rank, step_calls_in_capture, foreign_cuda_arrays]
     for probe in probes:
         if cudnn is None and probe in (conv_tf32_switch, matmul_full_float32,
                                        set_stream_in_capture):

@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 
 C_TYPES = {np.dtype("float32"): "float", np.dtype("float64"): "double", np.dtype("bool"): "bool",
-           np.dtype("int32"): "int", np.dtype("int64"): "long long"}
+           np.dtype("int32"): "int", np.dtype("int64"): "long long",
+           np.dtype("uint8"): "unsigned char"}
 
 
 def compiler() -> str | None:

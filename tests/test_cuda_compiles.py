@@ -33,10 +33,15 @@ pytestmark = pytest.mark.skipif(NVRTC is None or FP16_HEADER is None,
 
 
 @pytest.fixture(scope="module")
-def cuda_conv():
+def fast_cupy():
     module, saved = load_emulated_fast_cupy()
-    yield module.cuda_conv
+    yield module
     restore(saved)
+
+
+@pytest.fixture(scope="module")
+def cuda_conv(fast_cupy):
+    return fast_cupy.cuda_conv
 
 
 def _compile(source: str, name: str, arch: int) -> tuple[int, str]:
@@ -81,3 +86,32 @@ def test_tiled_kernels_compile(cuda_conv, monkeypatch, name, dtype, tf32, arch):
     code, log = _compile(sources[0], name, arch)
     assert code == 0, log
     assert ("wmma" in sources[0]) == (dtype == "float16" or tf32)
+
+
+# The C types CuPy gives an ElementwiseKernel's scalars, and stand-ins for its placeholders:
+# CuPy's own float16 class converts to and from float as cuda_fp16.h's __half does.
+SCALAR_TYPES = {"int32": "int", "int64": "long long", "float64": "double", "bool": "bool"}
+
+
+def _elementwise_as_kernel(kernel, types: dict[str, str]) -> str:
+    """An emulated ``cupy.ElementwiseKernel`` (raw arguments and scalars only) as the CUDA
+    kernel CuPy would build: its body in a grid-stride loop over ``i``."""
+    params = [f"{types.get(ty, SCALAR_TYPES.get(ty))}{'*' if raw else ''} {name}"
+              for raw, ty, name in kernel.ins + kernel.outs]
+    typedefs = "".join(f"typedef {c} {k};\n" for k, c in types.items())
+    return ("#include <cuda_fp16.h>\n" + typedefs + kernel.preamble +
+            f'\nextern "C" __global__ void {kernel.name}({", ".join(params)}, long long n) {{\n'
+            "for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;"
+            " i += (long long)blockDim.x * gridDim.x) {\n" + kernel.body + "\n}\n}\n")
+
+
+@pytest.mark.parametrize("labels", ["unsigned char", "int", "long long"])
+@pytest.mark.parametrize("dtype, stats", [("__half", "float"), ("float", "float"),
+                                          ("double", "double")])
+def test_softmax_cross_entropy_kernel_compiles(fast_cupy, dtype, stats, labels):
+    """The loss kernel, with its NaN for a label that is no class (``nan("")`` in the
+    accumulator type, float for half logits), for every label dtype fit passes it."""
+    source = _elementwise_as_kernel(fast_cupy._SOFTMAX_CROSS_ENTROPY,
+                                    {"T": dtype, "L": labels, "S": stats})
+    code, log = _compile(source, "xpcnn_softmax_cross_entropy", 90)
+    assert code == 0, log

@@ -303,21 +303,29 @@ def test_a_non_finite_replayed_step_is_skipped_and_reported_as_eagerly():
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_replayed_step_on_labels_that_are_no_class_is_skipped_and_named_as_eagerly():
+@pytest.mark.parametrize("make_optimizer", [lambda: optim.SGD(0.01), lambda: optim.Adam(1e-3)],
+                         ids=["sgd", "adam"])
+def test_a_replayed_step_on_labels_that_are_no_class_is_skipped_and_named_as_eagerly(
+        make_optimizer):
     """train_step's check of the labels' values runs inside the captured step: a replay on a
-    label that is no class skips its update and is named as an eager step is."""
+    label that is no class skips its update (BatchNorm's statistics put back) and is named as
+    an eager step is; with Adam, whose overflow watch takes each gradient's largest
+    magnitude, as with SGD, which sums them."""
     x, y = _data(48)
     bad = y[:16].copy()
     bad[5] = 10  # (10 classes: 0 to 9)
     models = []
     for graphed in (False, True):
-        model = _model(gap_net(), optim.SGD(0.01))
+        model = _model(gap_net(), make_optimizer())
         if graphed:
             model.build((12, 12, 3))
             graphs, capture = _runner(model)
         model.fit(x, y, epochs=1, batch_size=16, verbose=0)  # graphed: warm-up 2, capture
-        for labels in (y[16:32], bad):  # graphed: replays
-            model.train_step(model.backend.asarray(x[:16]), model.backend.asarray(labels))
+        model.train_step(model.backend.asarray(x[:16]), model.backend.asarray(y[16:32]))
+        moving = [a.copy() for la in model.layers for a in la.state.values()]
+        model.train_step(model.backend.asarray(x[:16]), model.backend.asarray(bad))  # replays
+        assert moving and all(np.array_equal(a, b) for a, b in zip(
+            moving, [a for la in model.layers for a in la.state.values()], strict=True))
         with pytest.raises(InputError, match=r"training stopped at step 5: labels in y must be "
                                              r"in \[0, 9\] for a model with 10 outputs; found "
                                              r"values from 0 to 10"):

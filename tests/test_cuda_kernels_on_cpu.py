@@ -188,7 +188,7 @@ def test_convolution_kernels(fast, monkeypatch, rng, algorithm, kernel, strides,
 
 
 @pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
-@pytest.mark.parametrize("labels_dtype", [np.int64, np.int32])
+@pytest.mark.parametrize("labels_dtype", [np.int64, np.int32, np.uint8])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_cross_entropy(fast, rng, rows, classes, smoothing, levels, labels_dtype,
                                dtype):
@@ -202,7 +202,8 @@ def test_softmax_cross_entropy(fast, rng, rows, classes, smoothing, levels, labe
     np.testing.assert_allclose(stats[0], want_stats[0], rtol=tol, atol=tol)
     assert stats[1] == want_stats[1]
     np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol / rows)
-    for bad in (classes, -1):  # a label that is no class makes the loss NaN, in both versions
+    # a label that is no class makes the loss NaN, in both versions (uint8: none below 0)
+    for bad in (classes, -1 if np.issubdtype(labels_dtype, np.signedinteger) else 255):
         wrong = labels.copy()
         wrong[rows // 2] = bad
         for kernels in (fast, STD):

@@ -119,6 +119,9 @@ def test_a_memory_map_is_read_batch_by_batch_never_whole(tmp_path):
         m.compile(optimizer=xpcnn.optim.SGD(0.01))
         return m
 
+    # (a first step imports the NumPy kernels, compiling their source where no bytecode is
+    # cached, PYTHONDONTWRITEBYTECODE=1: megabytes traced that are no read of the file)
+    model().fit(np.array(mapped[:8]), y[:8], epochs=1, batch_size=4, verbose=0)
     streamed = model()
     tracemalloc.start()
     streamed.fit(mapped, y, epochs=1, batch_size=4, seed=SEED, verbose=0)
@@ -259,6 +262,27 @@ def test_arrays_of_another_library_on_the_cpu_train_as_numpy_arrays(data):
     with pytest.raises(InputError, match=r"x is an array of array_api_compat.torch on cpu, but "
                                          r"the model is on cpu"):  # (autograd: no host view)
         model.fit(torch.from_numpy(x.astype(np.float32)).requires_grad_(), y, verbose=0)
+
+
+def test_arrays_that_numpy_cannot_read_are_refused_by_name(data):
+    """Arrays that np.from_dlpack cannot read (a PyTorch tensor on its 'meta' device, as a CUDA
+    tensor or a CuPy array would be for a NumPy model), images or labels, refused naming their
+    library (was, for labels: 'BufferError: Cannot pack tensors on meta', and on a CuPy model
+    "'Tensor' object has no attribute 'get'")."""
+    torch = pytest.importorskip("torch")
+    x, y = data
+    model = make()
+    elsewhere = torch.from_numpy(y).to("meta")
+    for call in (lambda: model.fit(x, elsewhere, verbose=0),
+                 lambda: model.evaluate(x, elsewhere, verbose=0),
+                 lambda: model.train_on_batch(x[:BATCH], elsewhere[:BATCH]),
+                 lambda: model.fit(iter([(x[:BATCH], elsewhere[:BATCH])]), steps_per_epoch=1,
+                                   verbose=0)):
+        with pytest.raises(InputError, match=r"y is an array of array_api_compat.torch on meta, "
+                                             r"but the model is on cpu"):
+            call()
+    with pytest.raises(InputError, match=r"x is an array of array_api_compat.torch on meta"):
+        model.predict(torch.from_numpy(x).to("meta"))
 
 
 def test_arrays_of_another_library_or_device_are_refused(data):

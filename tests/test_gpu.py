@@ -22,7 +22,7 @@ from test_conv_seam import IDS as GEOMETRY_IDS
 
 import xpcnn
 from xpcnn.backend import cuda_available, get_backend, set_fast_path
-from xpcnn.errors import DeviceError
+from xpcnn.errors import DeviceError, InputError
 from xpcnn.ops import conv as ops
 from xpcnn.ops.kernels import StandardKernels
 
@@ -317,6 +317,26 @@ def test_softmax_cross_entropy(cp, kernels, rng, rows, classes, smoothing, level
     np.testing.assert_allclose(stats[0].get(), want_stats[0].get(), rtol=tol, atol=tol)
     assert float(stats[1]) == float(want_stats[1])
     np.testing.assert_allclose(grad.get(), want_grad.get(), rtol=tol, atol=tol / rows)
+
+
+@pytest.mark.parametrize("labels_dtype", ["uint8", "int32", "int64"])
+def test_softmax_cross_entropy_is_nan_for_a_label_that_is_no_class(cp, kernels, rng,
+                                                                   labels_dtype):
+    """The kernel's ``nan("")`` line for each label dtype fit passes it: NaN for a label past
+    the classes (and below 0 where the dtype has one), as in the standard version; a finite
+    loss, the standard one, for labels that are all classes."""
+    fast, std = kernels
+    z = _random(cp, rng, (33, 7), "float32")
+    labels = cp.asarray(rng.integers(0, 7, 33).astype(labels_dtype))
+    stats, _ = fast.softmax_cross_entropy(z, labels, 0.0)
+    assert float(stats[0]) == pytest.approx(float(std.softmax_cross_entropy(z, labels, 0.0)[0][0]),
+                                            rel=1e-5)
+    for bad in (7, 255) + ((-1,) if labels_dtype != "uint8" else ()):
+        wrong = labels.copy()
+        wrong[4] = bad
+        for k in (fast, std):
+            stats, grad = k.softmax_cross_entropy(z, wrong, 0.0)
+            assert np.isnan(float(stats[0])) and bool(cp.isfinite(grad).all())
 
 
 @OPTIMISERS
@@ -695,3 +715,87 @@ def test_random_crop_kernel_is_the_standard_crop(cp, kernels, rng, dtype):
     u = cp.asarray(rng.random((64, 2), dtype=np.float32))
     for padding in (1, 4):
         _equal(fast.random_crop(x, u, padding), std.random_crop(x, u, padding))
+
+
+@needs_cudnn
+def test_a_captured_adam_step_on_a_label_that_is_no_class_is_skipped_and_named(cudnn_module):
+    """Today's step inside a CUDA graph on the GPU (Adam's overflow watch, the snapshot and
+    restore of BatchNorm's statistics, the labels' check): a replay on a label that is no
+    class leaves the weights, the optimiser and the moving statistics as they were, and the
+    host names the labels when it reads the totals."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (48, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 48)
+    model = xpcnn.Sequential(gap_net(), device="cuda", seed=0)
+    model.compile(optimizer=xpcnn.optim.Adam(1e-3), cuda_graphs=True)
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)  # warm-up, then the capture
+    assert model.cuda_graphs_reason == "" and model._graphs.graph is not None
+    launches = []
+    launch = model._graphs.capture.launch
+    model._graphs.capture.launch = lambda graph: (launches.append(graph), launch(graph))
+    xb = model.backend.asarray(x[:16])
+    model.train_step(xb, model.backend.asarray(y[16:32]))  # a good replay
+    model._read_totals()
+    weights, iterations = model.get_weights(), model.optimizer.iterations
+    moving = [a.get() for la in model.layers for a in la.state.values()]
+    assert moving  # (BatchNorm2D's)
+    bad = y[:16].copy()
+    bad[5] = 10  # (10 classes: 0 to 9)
+    model.train_step(xb, model.backend.asarray(bad))
+    with pytest.raises(InputError, match=r"labels in y must be in \[0, 9\]"):
+        model._read_totals()
+    assert len(launches) == 2  # both steps were replays of the graph
+    assert model.optimizer.iterations == iterations
+    for a, b in zip(model.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip([a.get() for la in model.layers for a in la.state.values()], moving,
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_extractor_and_a_logits_model_on_the_gpu_predict_as_on_the_cpu(cp):
+    """A feature extractor of a CUDA model takes its device and dtype; a model without a final
+    Softmax predicts its logits (no softmax applied), as the same models on the CPU."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 12, 12, 3), dtype=np.uint8)
+    gpu = xpcnn.Sequential(gap_net(), device="cuda", seed=0)
+    cpu = xpcnn.Sequential(gap_net(), device="cpu", seed=0)
+    for m in (gpu, cpu):
+        m.build((12, 12, 3))
+    cpu.set_weights(gpu.get_weights())
+    feats = [xpcnn.Model(inputs=m.input, outputs=m.layers[3].output) for m in (gpu, cpu)]
+    assert feats[0].backend.label == gpu.backend.label and feats[0].layers[-1] is gpu.layers[3]
+    got, want = feats[0].predict(x), feats[1].predict(x)
+    assert isinstance(got, np.ndarray) and got.shape == (6, 12, 12, 8) and got.min() >= 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    logits = [xpcnn.Sequential(gap_net()[:-1], device=d, seed=0) for d in ("cuda", "cpu")]
+    for m in logits:
+        m.build((12, 12, 3))
+    logits[1].set_weights(logits[0].get_weights())
+    got, want = logits[0].predict(x), logits[1].predict(x)
+    assert not np.allclose(got.sum(axis=1), 1.0)  # logits, not probabilities
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_arrays_on_another_library_on_the_gpu_are_refused_by_name(cp):
+    """np.from_dlpack cannot read a CUDA array: a CuPy array given to a NumPy model, and a
+    PyTorch CUDA tensor given to a CuPy one, images or labels, are refused naming their
+    library (not read through DLPack: left for when someone asks)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 8)
+    on_cpu = xpcnn.Sequential(gap_net(), device="cpu", seed=0)
+    on_cpu.compile()
+    with pytest.raises(InputError, match="x is an array of array_api_compat.cupy on"):
+        on_cpu.fit(cp.asarray(x), y, verbose=0)
+    with pytest.raises(InputError, match="y is an array of array_api_compat.cupy on"):
+        on_cpu.fit(x, cp.asarray(y), verbose=0)  # (labels are read on the host)
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA here")
+    on_gpu = xpcnn.Sequential(gap_net(), device="cuda", seed=0)
+    on_gpu.compile()
+    with pytest.raises(InputError, match="x is an array of array_api_compat.torch on cuda"):
+        on_gpu.fit(torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda(), verbose=0)
+    with pytest.raises(InputError, match="y is an array of array_api_compat.torch on cuda"):
+        on_gpu.fit(x, torch.from_numpy(y).cuda(), verbose=0)
+    with pytest.raises(InputError, match="array_api_compat.torch"):
+        on_gpu.predict(torch.from_numpy(x).cuda())

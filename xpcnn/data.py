@@ -462,9 +462,12 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
         check_classifier(model.layers, [la.output_shape for la in model.layers])
     if y is None:
         return x, y
-    y = model.backend.to_numpy(y) if is_device_array(y) else y
-    targets, _ = checks.as_labels(y, int(x.shape[0]), model.num_classes,
-                                  "y" if what == "x" else what.replace("x", "y"))
+    y_what = "y" if what == "x" else what.replace("x", "y")
+    if is_device_array(y):  # (of another library: on another device, see host_if_foreign)
+        if array_api_compat.array_namespace(y).__name__ != model.backend.xp.__name__:
+            check_on_device(y, model.backend, y_what)  # refused, naming its library
+        y = model.backend.to_numpy(y)
+    targets, _ = checks.as_labels(y, int(x.shape[0]), model.num_classes, y_what)
     return x, targets
 
 
