@@ -128,6 +128,11 @@ def test_a_feature_extractor_exports_the_inner_layer_output(tmp_path):
     x = rng.integers(0, 256, (3, 6, 6, 3)).astype(np.float32)
     check_model(extractor, x, tmp_path)
     assert run_onnx(tmp_path / "model.onnx", x).shape == (3, 3, 3, 8)
+    onnx = pytest.importorskip("onnx")
+    names = lambda path: [o.name for o in onnx.load(str(path)).graph.output]  # noqa: E731
+    assert names(tmp_path / "model.onnx") == ["outputs"]  # (features, not probabilities)
+    model.export(tmp_path / "classifier.onnx")
+    assert names(tmp_path / "classifier.onnx") == ["probabilities"]
 
 
 def test_a_float64_model_exports_in_float32(tmp_path):

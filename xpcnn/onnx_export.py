@@ -38,7 +38,9 @@ from .ops.conv import resolve_padding
 OPSET = 17
 IR_VERSION = 8
 INPUT_DTYPES = ("float32", "uint8")
-INPUT_NAME, OUTPUT_NAME = "input", "probabilities"
+# The graph's output is named for what it holds: predict's probabilities after a final
+# Softmax, else the model's raw outputs (logits, an inner layer's features).
+INPUT_NAME, OUTPUT_NAME, RAW_OUTPUT_NAME = "input", "probabilities", "outputs"
 ONNX_EXTRA_HINT = 'pip install "xpcnn[onnx]" (or: pip install onnx)'
 NCHW, NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
 
@@ -61,7 +63,7 @@ class GraphBuilder:
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
         self.scope = ""
-        self._taken = {INPUT_NAME, OUTPUT_NAME}
+        self._taken = {INPUT_NAME, OUTPUT_NAME, RAW_OUTPUT_NAME}
 
     def name(self, hint: str) -> str:
         """A tensor name not used yet: ``scope/hint``, numbered if need be."""
@@ -130,11 +132,12 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
         tensors[node.output] = CONVERTERS[type(node.layer).__name__](
             node.layer, graph, [tensors[t] for t in node.inputs])
     graph.scope = ""
+    output = output_name(model)
     if model._fused_softmax():  # predict's last step: probabilities from the logits
-        graph.op("Softmax", [tensors[logits]], OUTPUT_NAME, axis=-1)
+        graph.op("Softmax", [tensors[logits]], output, axis=-1)
     else:
-        graph.op("Identity", [tensors[logits]], OUTPUT_NAME)
-    proto = _model_proto(onnx, model, graph, input_dtype)
+        graph.op("Identity", [tensors[logits]], output)
+    proto = _model_proto(onnx, model, graph, input_dtype, output)
     with atomic_file(path) as f:
         f.write(proto.SerializeToString())
 
@@ -151,11 +154,17 @@ def graph_nodes(model: Any) -> tuple[list[Node], int]:
     return nodes, len(nodes)
 
 
-def _model_proto(onnx: Any, model: Any, graph: GraphBuilder, input_dtype: str) -> Any:
+def output_name(model: Any) -> str:
+    """The exported graph's output: "probabilities" after a final Softmax, else "outputs"."""
+    return OUTPUT_NAME if model._fused_softmax() else RAW_OUTPUT_NAME
+
+
+def _model_proto(onnx: Any, model: Any, graph: GraphBuilder, input_dtype: str, output: str
+                 ) -> Any:
     helper = onnx.helper
     elem = onnx.TensorProto.UINT8 if input_dtype == "uint8" else onnx.TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info(INPUT_NAME, elem, ["N", *model.input_shape])]
-    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, onnx.TensorProto.FLOAT,
+    outputs = [helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT,
                                              ["N", *model.output_shape])]
     proto = helper.make_model(
         helper.make_graph(graph.nodes, model.name, inputs, outputs, graph.initializers),
