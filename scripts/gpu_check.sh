@@ -36,7 +36,7 @@ getattr(m, '__version__', None), 'backend', m.backend_version() if m else None)"
 } 2>&1 | tee "$out/gpu.txt"
 
 echo "== probes: cuDNN's float32 switch, capture rules, NCCL"
-timeout "${PROBE_TIMEOUT:-20}" $py scripts/gpu_probes.py 2>&1 | tee "$out/gpu_probes.log"
+timeout "${PROBE_TIMEOUT:-30}" $py scripts/gpu_probes.py 2>&1 | tee "$out/gpu_probes.log"
 
 echo "== GPU tests: cuDNN and CUDA graphs"
 timeout "${NEW_TEST_TIMEOUT:-120}" $py -m pytest -q -m gpu -p no:cacheprovider -x \
@@ -44,7 +44,7 @@ timeout "${NEW_TEST_TIMEOUT:-120}" $py -m pytest -q -m gpu -p no:cacheprovider -
   2>&1 | tee "$out/gpu_tests_new.log"
 
 echo "== GPU tests: the rest"
-timeout "${TEST_TIMEOUT:-130}" $py -m pytest -q -m gpu -p no:cacheprovider \
+timeout "${TEST_TIMEOUT:-120}" $py -m pytest -q -m gpu -p no:cacheprovider \
   -k "not (cudnn or captured or replayed or random_layers)" \
   tests/test_gpu.py tests/test_backends.py 2>&1 | tee "$out/gpu_tests.log"
 
