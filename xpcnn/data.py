@@ -81,13 +81,18 @@ def is_device_array(x: Any) -> bool:
     return array_api_compat.is_array_api_obj(x) and not isinstance(x, np.ndarray)
 
 
+def of_library(x: Any, backend: Any) -> bool:
+    """True for a device array of the backend's own library (on any of its devices)."""
+    return is_device_array(x) and array_api_compat.array_namespace(x).__name__ == \
+        backend.xp.__name__
+
+
 def host_if_foreign(x: Any, backend: Any) -> Any:
     """An array of another library than the model's that lives on the CPU (a PyTorch
     DataLoader's tensors, for a model on NumPy or CuPy) as a NumPy array, read without a copy
     (DLPack), as Keras takes them; anything else as it is (one on another device is refused by
     name where it is checked)."""
-    if isinstance(x, np.generic) or not is_device_array(x) or \
-            array_api_compat.array_namespace(x).__name__ == backend.xp.__name__:
+    if isinstance(x, np.generic) or not is_device_array(x) or of_library(x, backend):
         return x
     try:
         return np.from_dlpack(x)
@@ -301,10 +306,10 @@ class DatasetBatches(ShardedBatches):
     def _stack(self, parts: Sequence[Any], which: str) -> Any:
         """Samples stacked into a batch: on the device where they are arrays of the model's
         library (they stay there), else on the host."""
-        xp = self.model.backend.xp
-        parts = [host_if_foreign(p, self.model.backend) for p in parts]
-        mine = [is_device_array(p) and array_api_compat.array_namespace(p).__name__ ==
-                xp.__name__ for p in parts]
+        backend = self.model.backend
+        xp = backend.xp
+        parts = [host_if_foreign(p, backend) for p in parts]
+        mine = [of_library(p, backend) for p in parts]
         if all(mine):
             return xp.stack(parts)
         if any(mine):  # (NumPy or the device library would fail on the other kind)
@@ -463,8 +468,8 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
     if y is None:
         return x, y
     y_what = "y" if what == "x" else what.replace("x", "y")
-    if is_device_array(y):  # (of another library: on another device, see host_if_foreign)
-        if array_api_compat.array_namespace(y).__name__ != model.backend.xp.__name__:
+    if is_device_array(y):
+        if not of_library(y, model.backend):  # (one NumPy cannot read, see host_if_foreign)
             check_on_device(y, model.backend, y_what)  # refused, naming its library
         y = model.backend.to_numpy(y)
     targets, _ = checks.as_labels(y, int(x.shape[0]), model.num_classes, y_what)

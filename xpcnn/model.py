@@ -87,7 +87,7 @@ class Model(Trainer):
         self.input_shape = None
         self.built = False
         self._graph: list[graph.Inbound] = []
-        self._plan_cache: tuple[tuple[bool, ...], graph.Plan] | None = None
+        self._plan_cache: graph.Plan | None = None  # (dropped by a build)
         self._planned_for: tuple[bool, ...] | None = None  # (which layers the last plan trained)
         self._symbolic: graph.Symbolic | None = None
         if traced is not None:
@@ -233,15 +233,15 @@ class Model(Trainer):
         layer is frozen or unfrozen: which layers need gradients changes, and so do the
         optimiser's parameters (its state starts afresh, as after a compile in Keras)."""
         key = tuple(la.trainable for la in self.layers)
-        if self._plan_cache is None or self._plan_cache[0] != key:
-            # (against the last plan's, which a rebuild for this model's own inputs drops: a
-            # layer may have been frozen through another model meanwhile)
+        if self._plan_cache is None or self._planned_for != key:
+            # (the key outlives the plan, which a rebuild drops: a layer may have been frozen
+            # through another model meanwhile)
             if self._planned_for not in (None, key) and self.optimizer is not None:
                 self.optimizer.slots = {}
             self._planned_for = key
-            self._plan_cache = (key, graph.compile_plan(self.layers, self._inbound(),
-                                                        self._fused_softmax()))
-        return self._plan_cache[1]
+            self._plan_cache = graph.compile_plan(self.layers, self._inbound(),
+                                                  self._fused_softmax())
+        return self._plan_cache
 
     @property
     def _param_dtype(self) -> Any:
