@@ -1,10 +1,14 @@
 #!/usr/bin/env python
-"""Host time that fit's loop spends per step outside the layers: getting a batch to the device
-and the device-side bookkeeping of a step (xpcnn.totals: running sums, the non-finite flag).
+"""Host time that fit's loop spends per step outside the layers: getting a batch to the device,
+the device-side bookkeeping of a step (xpcnn.totals: running sums, the non-finite flag), and the
+rest of fit's loop around the step (callbacks, the step's dispatch, the checks it needs).
 
 On the CPU that is time the step takes; on a GPU it is time the host spends issuing work (the
 device runs behind it), which bounds the steps per second when the layers' kernels are short.
-The best of many repeats is reported, which a busy machine moves little.
+The best of many repeats is reported, which a busy machine moves little. The last row, "fit
+loop", is ``fit`` itself on unshuffled batches (slices: no gather) with the step's device work
+(``Trainer._device_step``) replaced by a constant: fits of two lengths, the difference per step,
+so that the set-up of a fit is not counted.
 
     python scripts/bench_loop.py                      # cifar, batch 128, on the CPU
     python scripts/bench_loop.py --device cuda --model mnist --optimizer adam
@@ -13,6 +17,7 @@ The best of many repeats is reported, which a busy machine moves little.
 from __future__ import annotations
 
 import argparse
+import time
 import timeit
 
 import numpy as np
@@ -75,6 +80,30 @@ def main() -> None:
                          ("step bookkeeping", bookkeeping)):
             best = min(timeit.repeat(fn, number=20, repeat=args.repeat)) / 20
             print(f"  {name:26s} {best * 1e3:8.3f} ms per step")
+    loop = fit_loop_seconds(model, x, y, args)
+    print(f"  {'fit loop, no device work':26s} {loop * 1e6:8.1f} us per step")
+
+
+def fit_loop_seconds(model: xpcnn.Model, x: np.ndarray, y: np.ndarray,
+                     args: argparse.Namespace) -> float:
+    """Host seconds per step of ``fit``'s loop with the step's device work stubbed out: the
+    best time of a long fit less that of a short one, over their difference in steps."""
+    stats = model.backend.asarray([2.3, 10.0], dtype="float32")
+    model._device_step = lambda xb, yb, step, scalars=None: stats  # (an instance attribute)
+    steps = -(-args.samples // args.batch_size)
+    short = max(1, steps // 4)
+
+    def best(n_steps: int) -> float:
+        n = min(args.samples, n_steps * args.batch_size)
+        times = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            model.fit(x[:n], y[:n], batch_size=args.batch_size, shuffle=False, verbose=0)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    best(short)  # (a first fit outside the timed ones)
+    return (best(steps) - best(short)) / max(1, steps - short)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,7 @@ def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backe
         shape = read_by(layer, ins, shapes)
         if _built_for(layer, shape, backend, dtype):
             layer.compute_dtype = backend.dtype(compute_dtype)
+            Layer.rebuilds += 1
             shapes.append(layer.output_shape)
             continue
         kept = _weights_that_fit(layer, shape) if layer.built else []

@@ -90,6 +90,9 @@ class Model(Trainer):
         self._plan_cache: graph.Plan | None = None  # (dropped by a build)
         self._planned_for: tuple[bool, ...] | None = None  # (which layers the last plan trained)
         self._symbolic: graph.Symbolic | None = None
+        # (Layer.rebuilds and the compute dtype when the layers were last found built as
+        # this model needs them)
+        self._built_as_at: tuple[int, str] | None = None
         if traced is not None:
             layers, inbound, self._symbolic = traced
             self._set_graph(layers, inbound)
@@ -187,11 +190,17 @@ class Model(Trainer):
         """Build again where a layer shared with another model was built since for that
         model's inputs or precision, or where this model was compiled since in another
         precision (a layer keeps its weights): each model runs its layers as built for it.
-        The optimiser's state stays, as the weights it follows do."""
-        if self.built and not graph.built_as(self.layers, self._inbound(), self.input_shape,
-                                             self.backend, self.dtype_name,
-                                             self._compute_dtype_name):
+        The optimiser's state stays, as the weights it follows do. The layers are looked at
+        only where a layer was built or moved since they were last (``Layer.rebuilds``), or
+        the precision changed: a training step asks each time."""
+        at = (Layer.rebuilds, self._compute_dtype_name)  # (read first: a build meanwhile counts)
+        if not self.built or at == self._built_as_at:
+            return
+        if not graph.built_as(self.layers, self._inbound(), self.input_shape, self.backend,
+                              self.dtype_name, self._compute_dtype_name):
             self._build_layers()
+            at = (Layer.rebuilds, self._compute_dtype_name)
+        self._built_as_at = at
 
     @contextlib.contextmanager
     def _unbuilt_if_refused(self) -> Iterator[None]:
@@ -537,6 +546,7 @@ def _attributes(layers: list[Layer]) -> list[tuple[Layer, dict[str, Any]]]:
 
 
 def _restore(attributes: list[tuple[Layer, dict[str, Any]]]) -> None:
+    Layer.rebuilds += 1  # (a restored layer is built as it was, or unbuilt)
     for layer, saved in attributes:
         vars(layer).clear()
         vars(layer).update(saved)

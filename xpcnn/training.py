@@ -233,7 +233,9 @@ class Trainer:
     def train_step(self, xb: Any, yb: Any) -> tuple[Any, Any]:
         """One forward, backward and update on a batch of device arrays, queued without waiting
         for the device: ``xb`` images (uint8 or float: cast on the device), ``yb`` integer
-        labels (N,) or one-hot rows (N, classes). ``fit`` runs each of its steps through here.
+        labels (N,) or one-hot rows (N, classes). ``fit`` runs each of its steps through a
+        ``train_step`` that a subclass or the model itself overrides, as Keras does; else it
+        runs the same step without these checks, which its batches passed when it made them.
 
         Returns the batch's mean loss and correct count as 0-d device arrays. A non-finite loss
         or gradient is recorded on the device and its update (and every later one) skipped;
@@ -248,6 +250,15 @@ class Trainer:
         next reads the totals. No step ever trains on labels that match no class.
         """
         self._check_step_batch(xb, yb)
+        stats = self._train_step(xb, yb, keep=True)
+        return stats[0], stats[1]
+
+    def _train_step(self, xb: Any, yb: Any, keep: bool) -> Any:
+        """:meth:`train_step` on a batch that passed its checks (or fit's, made and checked
+        by fit): the step, captured or replayed where it can be, and its record in the running
+        totals. Returns the batch's [loss, correct count]; after a replay they are the graph's
+        own outputs, which the next replay rewrites, unless ``keep`` asks for copies."""
+        self._rebuild_if_shared()  # (another model may have built shared layers since)
         with self.backend.compute_scope():
             # (a data-parallel step runs uncaptured: its allreduces are outside any graph)
             graphs = None if self._parallel is not None else self._step_graphs()
@@ -255,13 +266,13 @@ class Trainer:
             stats = None if graphs is None else graphs.run(xb, yb)
             if stats is None:
                 stats = self._device_step(xb, yb, step)
-            else:  # (a replay rewrites the graph's outputs: the caller gets copies)
+            elif keep:
                 stats = self.backend.xp.asarray(stats, copy=True)
             totals = self._running_totals()
             totals.pending.append((step, (xb, yb)))
             if len(totals.pending) >= READ_EVERY:
                 self._read_totals()
-            return stats[0], stats[1]
+            return stats
 
     def train_on_batch(self, x: Any, y: Any) -> dict[str, float]:
         """One training step on one batch of host or device arrays, checked at once (the host
@@ -278,13 +289,11 @@ class Trainer:
 
     def _check_step_batch(self, xb: Any, yb: Any) -> None:
         """What :meth:`train_step` checks on the host, from the arrays' shapes and dtypes
-        alone: the model compiled and built (its shared layers as it needs them, see
-        ``_rebuild_if_shared``), both arrays on its device, at least one image (on
+        alone: the model compiled and built, both arrays on its device, at least one image (on
         one process) of its sample shape, labels of the batch's length (integers only: fit
         turns whole-number floats into them on the host)."""
         self._require_compiled("train_step")
         self._require_built("train_step")
-        self._rebuild_if_shared()  # (another model may have built shared layers since)
         check_on_device(xb, self.backend, "x", instead="")
         check_on_device(yb, self.backend, "y", instead="")
         checks.check_sample_shape(xb, self.input_shape)  # type: ignore[arg-type]
@@ -650,7 +659,10 @@ class Trainer:
                         self._parallel.set_batch(int(xb.shape[0]))
                     else:
                         self._parallel.use_slice(*place)
-                self.train_step(xb, yb)
+                if self._train_step_overridden():
+                    self.train_step(xb, yb)
+                else:  # (fit made and checked this batch: train_step's checks would repeat)
+                    self._train_step(xb, yb, keep=False)
                 self._seen += int(xb.shape[0]) if self._parallel is None else \
                     self._parallel.total
                 step += 1
@@ -662,6 +674,11 @@ class Trainer:
             raise InputError(f"the training data gave no batches in epoch {epoch + 1}: an "
                              "iterator needs steps_per_epoch batches for every epoch")
         return self._batch_logs()
+
+    def _train_step_overridden(self) -> bool:
+        """True where ``train_step`` is a subclass's or set on the model itself: fit calls it
+        for each step, as Keras does."""
+        return type(self).train_step is not Trainer.train_step or "train_step" in vars(self)
 
     def _batch_logs(self) -> dict[str, float]:
         """The epoch's running loss and accuracy (waits for the device)."""

@@ -118,6 +118,10 @@ class Layer:
     #: True for a layer whose input is a list of batches (a merge layer): ``forward`` takes a
     #: list and ``backward`` returns one gradient per input, in the same order.
     multi_input: ClassVar[bool] = False
+    #: Builds, moves and compute-dtype changes of every layer so far, counted on this class
+    #: (``Layer.rebuilds += 1``, never on a subclass): a model looks again whether its layers
+    #: are built as it needs them only after this count moved (``Model._rebuild_if_shared``).
+    rebuilds: ClassVar[int] = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -168,6 +172,7 @@ class Layer:
         (lower for mixed precision). Initial values come from ``rng`` on the host, so one seed
         gives the same weights on every device.
         """
+        Layer.rebuilds += 1
         self.backend = get_backend(backend)
         self.xp = self.backend.xp
         self.dtype = self.backend.dtype(dtype)
@@ -348,6 +353,7 @@ class Layer:
 
     def to(self, backend: Backend) -> None:
         """Move parameters and state to another backend (used by ``Model.to``)."""
+        Layer.rebuilds += 1
         for store in (self.params, self.state):
             for n, a in store.items():
                 store[n] = backend.asarray(self.backend.to_numpy(a))
