@@ -275,6 +275,27 @@ def test_a_refused_capture_runs_the_step_eagerly_once_with_the_reason():
     assert graphs.decide(xb, yb) == "eager"
 
 
+def test_train_step_returns_a_replays_stats_as_copies_that_the_next_replay_leaves_alone():
+    """A replay writes its [loss, correct count] where the graph's outputs are, which the next
+    replay rewrites: train_step's caller gets copies (``keep``); fit, which reads none, takes
+    the graph's own. (Checked on the step train_step wraps: NumPy's indexing, unlike CuPy's,
+    copies train_step's two 0-d results anyway.)"""
+    model = _model(gap_net(), optim.SGD(0.01))
+    model.build((12, 12, 3))
+    graphs, capture = _runner(model)
+    x, y = _data(32)
+    batches = [(model.backend.asarray(x[i:i + 16]), model.backend.asarray(y[i:i + 16]))
+               for i in (0, 16)]
+    for _ in range(3):  # warm-up 2, capture
+        model.train_step(*batches[0])
+    kept = model._train_step(*batches[0], keep=True)  # a replay, as train_step runs it
+    values = np.array(kept, copy=True)
+    fits = model._train_step(*batches[1], keep=False)  # the next replay, as fit runs it
+    assert capture.launches == 3 and fits is graphs._outputs
+    np.testing.assert_array_equal(kept, values)
+    assert not np.array_equal(fits, values)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 def test_a_non_finite_replayed_step_is_skipped_and_reported_as_eagerly():
     """The same error as an eager step's, and the same model after it: the update skipped on

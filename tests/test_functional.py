@@ -518,6 +518,47 @@ def test_train_step_runs_shared_layers_as_built_for_its_own_images(data):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("meanwhile", ["builds", "trains", "moves"])
+def test_fit_runs_shared_layers_as_built_for_its_own_images_after_a_callback_used_them(
+        data, meanwhile):
+    """A callback, after fit's first step, builds a model of the shared layers for larger
+    images (and trains its own head on them), or moves a model of them to another
+    device: fit's next steps run them as built for its own images, on its own device, and
+    train as if that model did not exist (fit checks its own batches once, not each step:
+    this check stays in every step)."""
+    x, y = data
+
+    def make():
+        model = xpcnn.Sequential([Conv2D(3, 3, name="conv"), ReLU(), GlobalAvgPool2D(
+            name="pool"), Dense(5), Softmax()], input_shape=(8, 8, 3), dtype="float64")
+        model.compile(optimizer=xpcnn.optim.SGD(0.1, momentum=0.9))
+        return model
+
+    def use_shared_layers(batch, logs):
+        if batch:
+            return
+        if meanwhile == "moves":
+            features.to(xs)
+            return
+        larger = xpcnn.Input((11, 11, 3))
+        other = xpcnn.Model(larger, Softmax()(Dense(5)(features(larger))))
+        assert shared.get_layer("conv").input_shape == (11, 11, 3)
+        if meanwhile == "trains":  # (its own head: the shared layers frozen meanwhile)
+            features.trainable = False
+            other.compile(optimizer=xpcnn.optim.SGD(0.1))
+            other.fit(np.ones((4, 11, 11, 3)), y[:4], verbose=0)
+            features.trainable = True
+
+    shared, alone = make(), make()
+    features = xpcnn.Model(shared.input, shared.get_layer("pool").output)
+    callback = xpcnn.callbacks.LambdaCallback(on_train_batch_end=use_shared_layers)
+    shared.fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0, callbacks=[callback])
+    alone.fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0)
+    assert shared.get_layer("conv").input_shape == (8, 8, 3)
+    for a, b in zip(shared.get_weights(), alone.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_summary_and_output_shape_are_of_the_models_own_images_where_a_block_is_shared():
     block_in = xpcnn.Input((6, 6, 2))
     block = xpcnn.Model(block_in, Conv2D(3, 3, strides=2, padding="same")(block_in))

@@ -461,3 +461,35 @@ def test_train_on_batch_is_one_checked_step(data):
                       "accuracy": history.history["accuracy"][0]}
     for a, b in zip(model.get_weights(), twin.get_weights(), strict=True):
         assert np.array_equal(a, b)
+
+
+def test_fit_calls_a_train_step_that_a_subclass_or_the_model_overrides(data, monkeypatch):
+    """As in Keras, fit runs each step through an overridden train_step (a subclass's, or one
+    set on the model); its own step otherwise, without train_step's checks of each batch,
+    which fit's batches passed when it made them: the same weights either way."""
+    class Counted(xpcnn.Sequential):
+        calls = 0
+
+        def train_step(self, xb, yb):
+            Counted.calls += 1
+            return super().train_step(xb, yb)
+
+    def make(cls=xpcnn.Sequential):
+        model = cls(gap_net(), seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+        return model
+
+    checked = []
+    check = xpcnn.Sequential._check_step_batch
+    monkeypatch.setattr(xpcnn.Sequential, "_check_step_batch",
+                        lambda self, xb, yb: checked.append(self) or check(self, xb, yb))
+    plain, subclassed, patched = make(), make(Counted), make()
+    calls, step = [], patched.train_step
+    patched.train_step = lambda xb, yb: calls.append(1) or step(xb, yb)
+    for model in (plain, subclassed, patched):
+        model.fit(*data, epochs=2, batch_size=16, verbose=0)
+    assert Counted.calls == len(calls) == 6  # 2 epochs of 3 batches
+    assert checked.count(plain) == 0 and checked.count(subclassed) == checked.count(patched) == 6
+    for model in (subclassed, patched):
+        for a, b in zip(model.get_weights(), plain.get_weights(), strict=True):
+            assert np.array_equal(a, b)
