@@ -211,6 +211,7 @@ def test_training_and_prediction_run_with_openblas_pinned(rng):
     x = rng.random((6, 32, 32, 1)).astype(np.float32)
     y = np.arange(6) % 3
     model.fit(x, y, epochs=1, batch_size=3, verbose=0)
+    model.train_step(model.backend.asarray(x), model.backend.asarray(y))
     model.predict(x)
     model.evaluate(x, y)
     assert seen and set(seen) == {1}

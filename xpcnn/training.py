@@ -250,29 +250,30 @@ class Trainer:
         next reads the totals. No step ever trains on labels that match no class.
         """
         self._check_step_batch(xb, yb)
-        stats = self._train_step(xb, yb, keep=True)
+        with self.backend.compute_scope():
+            stats = self._train_step(xb, yb, keep=True)
         return stats[0], stats[1]
 
     def _train_step(self, xb: Any, yb: Any, keep: bool) -> Any:
         """:meth:`train_step` on a batch that passed its checks (or fit's, made and checked
-        by fit): the step, captured or replayed where it can be, and its record in the running
-        totals. Returns the batch's [loss, correct count]; after a replay they are the graph's
-        own outputs, which the next replay rewrites, unless ``keep`` asks for copies."""
+        by fit), inside the backend's ``compute_scope``: the step, captured or replayed where
+        it can be, and its record in the running totals. Returns the batch's [loss, correct
+        count]; after a replay they are the graph's own outputs, which the next replay
+        rewrites, unless ``keep`` asks for copies."""
         self._rebuild_if_shared()  # (another model may have built shared layers since)
-        with self.backend.compute_scope():
-            # (a data-parallel step runs uncaptured: its allreduces are outside any graph)
-            graphs = None if self._parallel is not None else self._step_graphs()
-            step = self.optimizer.iterations + 1  # type: ignore[union-attr]
-            stats = None if graphs is None else graphs.run(xb, yb)
-            if stats is None:
-                stats = self._device_step(xb, yb, step)
-            elif keep:
-                stats = self.backend.xp.asarray(stats, copy=True)
-            totals = self._running_totals()
-            totals.pending.append((step, (xb, yb)))
-            if len(totals.pending) >= READ_EVERY:
-                self._read_totals()
-            return stats
+        # (a data-parallel step runs uncaptured: its allreduces are outside any graph)
+        graphs = None if self._parallel is not None else self._step_graphs()
+        step = self.optimizer.iterations + 1  # type: ignore[union-attr]
+        stats = None if graphs is None else graphs.run(xb, yb)
+        if stats is None:
+            stats = self._device_step(xb, yb, step)
+        elif keep:
+            stats = self.backend.xp.asarray(stats, copy=True)
+        totals = self._running_totals()
+        totals.pending.append((step, (xb, yb)))
+        if len(totals.pending) >= READ_EVERY:
+            self._read_totals()
+        return stats
 
     def train_on_batch(self, x: Any, y: Any) -> dict[str, float]:
         """One training step on one batch of host or device arrays, checked at once (the host
@@ -650,7 +651,9 @@ class Trainer:
         self._seen = start.seen if start else 0.0
         self._running_totals().reset(*((start.loss_sum, start.correct) if start else ()))
         cbs.on_epoch_begin(epoch)
-        with contextlib.closing(data.epoch(epoch, step)) as batches:  # type: ignore[type-var]
+        # (one compute scope for the epoch's loop, its callbacks inside, as evaluate's are)
+        with self.backend.compute_scope(), contextlib.closing(
+                data.epoch(epoch, step)) as batches:  # type: ignore[type-var]
             for xb, yb in batches:
                 cbs.on_train_batch_begin(step)
                 if self._parallel is not None:  # this rank's place in the global batch
