@@ -195,6 +195,8 @@ def test_decisions_per_batch_shape_and_when_weights_are_replaced():
     for _ in range(3):
         graphs.run(xb, yb)
     assert graphs.decide(xb, yb) == "replay" and capture.captures == 2
+    assert graphs.decide(xb, yb.astype(np.int32)) == "eager"  # (same shapes, another dtype)
+    assert graphs.decide(xb.astype(np.float32), yb) == "eager"
 
 
 def test_the_update_tables_are_filled_after_the_capture_and_held_with_its_graph():
