@@ -5,10 +5,12 @@ rest of fit's loop around the step (callbacks, the step's dispatch, the checks i
 
 On the CPU that is time the step takes; on a GPU it is time the host spends issuing work (the
 device runs behind it), which bounds the steps per second when the layers' kernels are short.
-The best of many repeats is reported, which a busy machine moves little. The last row, "fit
-loop", is ``fit`` itself on unshuffled batches (slices: no gather) with the step's device work
-(``Trainer._device_step``) replaced by a constant: fits of two lengths, the difference per step,
-so that the set-up of a fit is not counted.
+The best of many repeats is reported, which a busy machine moves little. The last two rows,
+"fit loop", are ``fit`` itself on unshuffled batches (slices: no gather) with the step's device
+work (``Trainer._device_step``) replaced by a constant, from fits of two lengths (the difference
+per step: a fit's set-up is not counted): eager steps, and steps replayed from a CUDA graph (on
+the GPU a real capture of that stub step; elsewhere a stand-in that captures and launches
+nothing, as tests/test_cuda_graphs.py's does), which is how a GPU runs fit's full batches.
 
     python scripts/bench_loop.py                      # cifar, batch 128, on the CPU
     python scripts/bench_loop.py --device cuda --model mnist --optimizer adam
@@ -17,12 +19,17 @@ so that the set-up of a fit is not counted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 import timeit
+from collections.abc import Callable, Iterator
+from typing import Any
+from unittest import mock
 
 import numpy as np
 
 import xpcnn
+from xpcnn import training
 from xpcnn.data import ArrayBatches
 from xpcnn.models import INPUT_SHAPES, build_layers
 from xpcnn.totals import READ_EVERY, RunningTotals
@@ -80,16 +87,38 @@ def main() -> None:
                          ("step bookkeeping", bookkeeping)):
             best = min(timeit.repeat(fn, number=20, repeat=args.repeat)) / 20
             print(f"  {name:26s} {best * 1e3:8.3f} ms per step")
-    loop = fit_loop_seconds(model, x, y, args)
-    print(f"  {'fit loop, no device work':26s} {loop * 1e6:8.1f} us per step")
+    model.fit(x[:args.batch_size], y[:args.batch_size], verbose=0)  # (the optimiser's slots)
+    stats = backend.asarray([2.3, 10.0], dtype="float32")
+    model._device_step = lambda xb, yb, step, scalars=None: stats  # (an instance attribute)
+    for graphs in (False, True):
+        model.compile(optimizer=model.optimizer, cuda_graphs=graphs)
+        if graphs and backend.name != "cupy":
+            with mock.patch.object(training, "graph_blockers", lambda backend: []):
+                model._step_graphs().capture = NoCapture()
+        name = "fit loop, replayed steps" if graphs else "fit loop, eager steps"
+        print(f"  {name:26s} {fit_loop_seconds(model, x, y, args) * 1e6:8.1f} us per step")
+        if graphs and model.cuda_graphs_reason:
+            print(f"    (not replayed: {model.cuda_graphs_reason})")
+
+
+class NoCapture:
+    """A stand-in for CuPy's stream capture that records and launches nothing."""
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        yield
+
+    def capture(self, step: Callable[[], Any]) -> tuple[str, Any]:
+        return "graph", step()
+
+    def launch(self, graph: str) -> None:
+        pass
 
 
 def fit_loop_seconds(model: xpcnn.Model, x: np.ndarray, y: np.ndarray,
                      args: argparse.Namespace) -> float:
-    """Host seconds per step of ``fit``'s loop with the step's device work stubbed out: the
-    best time of a long fit less that of a short one, over their difference in steps."""
-    stats = model.backend.asarray([2.3, 10.0], dtype="float32")
-    model._device_step = lambda xb, yb, step, scalars=None: stats  # (an instance attribute)
+    """Host seconds per step of ``fit``'s loop: the best time of a long fit less that of a
+    short one, over their difference in steps."""
     steps = -(-args.samples // args.batch_size)
     short = max(1, steps // 4)
 
@@ -102,9 +131,8 @@ def fit_loop_seconds(model: xpcnn.Model, x: np.ndarray, y: np.ndarray,
             times.append(time.perf_counter() - start)
         return min(times)
 
-    best(short)  # (a first fit outside the timed ones)
+    best(short)  # (a first fit outside the timed ones: warm-up and capture)
     return (best(steps) - best(short)) / max(1, steps - short)
-
 
 if __name__ == "__main__":
     main()

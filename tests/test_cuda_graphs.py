@@ -239,6 +239,22 @@ def test_the_update_tables_are_filled_after_the_capture_and_held_with_its_graph(
     assert graphs._tables == ["table 2"]
 
 
+def test_a_replay_checks_the_models_arrays_unnamed_in_the_named_lists_order():
+    """What a replay checks (the arrays alone, no names formatted) is the named list of every
+    array that outlives a step, in its order: parameters, statistics, optimiser slots, random
+    states, the running totals, the float16 loss scale."""
+    model = xpcnn.Sequential([*_random_net()[:3], BatchNorm2D(), *_random_net()[3:]], seed=3)
+    model.compile(optimizer=optim.Adam(1e-3), precision="mixed_float16")
+    model.fit(*_data(8), verbose=0)
+    named, unnamed = model._graph_arrays(), model._graph_arrays(named=False)
+    kinds = [name.split(" ")[0] for name, _ in named]
+    assert kinds == sorted(kinds, key=["param", "state", "optimizer", "random", "the"].index)
+    assert {"param", "state", "optimizer", "random"} <= set(kinds)
+    assert [name for name, _ in named[-2:]] == ["the running totals", "the loss scale"]
+    assert len(unnamed) == len(named) and all(
+        a is b for (_, a), b in zip(named, unnamed, strict=True))
+
+
 def test_a_step_that_rebinds_its_state_stays_eager_with_the_reason():
     model = _model(_bn_net(), optim.SGD(0.01))
     model.build((12, 12, 3))

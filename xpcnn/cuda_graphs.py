@@ -40,11 +40,12 @@ shape (an epoch's last, smaller batch) runs eagerly, so a fit holds one graph.
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
 StepFn = Callable[[Any, Any, "dict[str, Any]"], Any]
-ArraysFn = Callable[[], "list[tuple[str, Any]]"]
+ArraysFn = Callable[..., "list[Any]"]
 
 
 def blockers(backend: Any) -> list[str]:
@@ -121,7 +122,8 @@ class StepGraphs:
     ``step(xb, yb, scalars)`` is one training step without host reads whose optimiser update
     takes the per-step numbers from ``scalars`` (0-d arrays); it returns device arrays, which
     after a replay hold that replay's values. ``arrays()`` lists every array that outlives a
-    step, by name ("param ..." first). ``scalars_for_next()`` gives the next step's numbers
+    step, by name ("param ..." first); ``arrays(named=False)`` the arrays alone, in the same
+    order (checked before each replay). ``scalars_for_next()`` gives the next step's numbers
     (host floats) and ``advance()`` counts a step done; ``capturable()`` is the kernels'
     context for matrix products that can be captured; ``capture_tables`` (None: nothing to
     defer) the kernels' context around the capture in which the fused updates defer filling
@@ -152,7 +154,7 @@ class StepGraphs:
         self._outputs: Any = None
         # the arrays the graph was captured with, and the device tables its update kernels
         # read, held so that their memory stays theirs
-        self._captured: list[tuple[str, Any]] = []
+        self._captured: list[Any] = []
         self._tables: list[Any] = []
 
     def decide(self, xb: Any, yb: Any) -> str:
@@ -165,7 +167,7 @@ class StepGraphs:
             self.shape = shape
         if shape != self.shape:
             return "eager"
-        if self.graph is not None and self._rebound(self._captured):
+        if self.graph is not None and self._replaced():
             self.graph, self.warm = None, 0  # weights replaced: warm up and capture again
         if self.graph is None:
             return "warmup" if self.warm < self.warmup else "capture"
@@ -225,10 +227,17 @@ class StepGraphs:
             raise RuntimeError(f"xpcnn: {rebound} was replaced while the training step was "
                                "captured in a CUDA graph; compile(cuda_graphs=False) avoids it")
         self.graph, self._static, self._outputs = graph, (static_x, static_y), out
-        self._captured, self._tables = before, tables
+        self._captured, self._tables = [a for _, a in before], tables
         self.capture.launch(graph)  # the capture only recorded the step: now run it
         self.advance()
         return out
+
+    def _replaced(self) -> bool:
+        """True where an array the graph was captured with is no longer the model's (weights
+        set or loaded since): each replay asks, so by identity alone, with no names."""
+        now = self.arrays(named=False)
+        return len(now) != len(self._captured) or not all(map(operator.is_, now,
+                                                               self._captured))
 
     def _rebound(self, before: list[tuple[str, Any]]) -> str:
         """The first array that is no longer the object it was in ``before`` ("" if none)."""

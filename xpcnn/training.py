@@ -403,18 +403,25 @@ class Trainer:
             capture_tables=getattr(kernels, "capture_tables", None))
         return self._graphs
 
-    def _graph_arrays(self) -> list[tuple[str, Any]]:
-        """Every array that outlives a training step, parameters first (see StepGraphs)."""
-        params = [(f"param {la.name}.{k}", a) for la in self.layers for k, a in la.params.items()]
-        state = [(f"state {la.name}.{k}", a) for la in self.layers for k, a in la.state.items()]
-        slots = [(f"optimizer slot {k}.{i}", a)
-                 for k, v in self.optimizer.slots.items()  # type: ignore[union-attr]
-                 for i, a in enumerate(v)]
-        randoms = [(f"random state {la.name}", la.random_state) for la in self.layers
-                   if isinstance(la, RandomLayer)]
-        totals = [("the running totals", self._running_totals().state)]
+    def _graph_arrays(self, named: bool = True) -> list[Any]:
+        """Every array that outlives a training step, parameters first (see StepGraphs), as
+        (name, array) pairs; the arrays alone, in the same order, where not ``named`` (what a
+        replay checks: no names formatted for it)."""
+        layers, opt = self.layers, self.optimizer
+        assert opt is not None
+        randoms = [la for la in layers if isinstance(la, RandomLayer)]
         scaling = [] if self._scaling is None else [("the loss scale", self._scaling)]
-        return params + state + slots + randoms + totals + scaling
+        totals = [("the running totals", self._running_totals().state), *scaling]
+        if not named:
+            return [*(a for la in layers for a in la.params.values()),
+                    *(a for la in layers for a in la.state.values()),
+                    *(a for v in opt.slots.values() for a in v),
+                    *(la.random_state for la in randoms), *(a for _, a in totals)]
+        return [*((f"param {la.name}.{k}", a) for la in layers for k, a in la.params.items()),
+                *((f"state {la.name}.{k}", a) for la in layers for k, a in la.state.items()),
+                *((f"optimizer slot {k}.{i}", a) for k, v in opt.slots.items()
+                  for i, a in enumerate(v)),
+                *((f"random state {la.name}", la.random_state) for la in randoms), *totals]
 
     # -- the running totals the host reads behind the steps; deferred errors --------------------
     def _running_totals(self) -> RunningTotals:
