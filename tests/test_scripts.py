@@ -125,7 +125,7 @@ def test_the_loop_overhead_benchmark_dry_runs():
                                                                         "us per step"))]
     assert [r.split("  ")[1].strip() for r in rows] == [
         "host batch -> device", "batch gathered on device", "step bookkeeping",
-        "fit loop, no device work"]
+        "fit loop, eager steps", "fit loop, replayed steps"]
 
 
 def test_the_model_table_dry_runs(tmp_path):
