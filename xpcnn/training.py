@@ -425,12 +425,14 @@ class Trainer:
 
     # -- the running totals the host reads behind the steps; deferred errors --------------------
     def _running_totals(self) -> RunningTotals:
-        owners = [(la, k) for la in self.trainable_layers for k in la.params]
         old = self._totals
-        if old is None or old.n_grads != len(owners) or old.backend != self.backend:
+        # (counted, not listed: each step asks)
+        n_grads = sum([len(la.params) for la in self.layers if la.trainable])
+        if old is None or old.n_grads != n_grads or old.backend != self.backend:
             # (a layer frozen or unfrozen, the model moved: the steps not read yet are read
             # first, so that a skipped one is named, not lost, and the epoch's sums go on)
             sums = self._read_totals() if old is not None else (0.0, 0.0)
+            owners = [(la, k) for la in self.trainable_layers for k in la.params]
             self._totals, self._owners = RunningTotals(self.backend, len(owners)), owners
             self._totals.reset(*sums)
         return self._totals
