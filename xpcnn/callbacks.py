@@ -119,6 +119,7 @@ class CallbackList:
             for cb in self.callbacks:
                 getattr(cb, hook)(*args)
 
+        setattr(self, hook, call)  # (found there from now on: fit calls two hooks a step)
         return call
 
     def interruptible(self) -> contextlib.ExitStack:
