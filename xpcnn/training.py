@@ -412,16 +412,16 @@ class Trainer:
         randoms = [la for la in layers if isinstance(la, RandomLayer)]
         scaling = [] if self._scaling is None else [("the loss scale", self._scaling)]
         totals = [("the running totals", self._running_totals().state), *scaling]
-        if not named:
-            return [*(a for la in layers for a in la.params.values()),
-                    *(a for la in layers for a in la.state.values()),
-                    *(a for v in opt.slots.values() for a in v),
-                    *(la.random_state for la in randoms), *(a for _, a in totals)]
-        return [*((f"param {la.name}.{k}", a) for la in layers for k, a in la.params.items()),
-                *((f"state {la.name}.{k}", a) for la in layers for k, a in la.state.items()),
-                *((f"optimizer slot {k}.{i}", a) for k, v in opt.slots.items()
-                  for i, a in enumerate(v)),
-                *((f"random state {la.name}", la.random_state) for la in randoms), *totals]
+        if not named:  # (list comprehensions: generators cost a call per item)
+            return ([a for la in layers for a in la.params.values()]
+                    + [a for la in layers for a in la.state.values()]
+                    + [a for v in opt.slots.values() for a in v]
+                    + [la.random_state for la in randoms] + [a for _, a in totals])
+        return ([(f"param {la.name}.{k}", a) for la in layers for k, a in la.params.items()]
+                + [(f"state {la.name}.{k}", a) for la in layers for k, a in la.state.items()]
+                + [(f"optimizer slot {k}.{i}", a) for k, v in opt.slots.items()
+                   for i, a in enumerate(v)]
+                + [(f"random state {la.name}", la.random_state) for la in randoms] + totals)
 
     # -- the running totals the host reads behind the steps; deferred errors --------------------
     def _running_totals(self) -> RunningTotals:
