@@ -10,7 +10,8 @@ seconds); on a machine without a GPU it says so.
 4. ``cudnn.set_stream`` inside a capture: whether it invalidates it (xpcnn calls it before).
 5. NCCL as xpcnn.distributed.NcclSum calls it, on one rank (no MPI needed).
 6. The calls the training step added on 2026-12-05 run inside a capture and replay right:
-   Adam's overflow watch (``max(abs(g))``, CUB's reduction, NaN kept), the snapshot of the
+   the standard finiteness watch (``max(abs(g))``, CUB's reduction, NaN kept; the CuPy
+   kernels' own record is tests/test_gpu.py's), the snapshot of the
    normalisation statistics (``asarray(copy=True)``) and their restore (``where`` with a 0-d
    flag), the labels' check (``all``, ``where(ok, stats, nan)``).
 7. ``np.from_dlpack`` of a CuPy array raises what xpcnn.data.host_if_foreign catches (NumPy's

@@ -50,6 +50,11 @@ def _params(text: str) -> list[tuple[bool, str, str]]:
     return out
 
 
+# CUDA's atomics, for a loop that is one thread (no other writer between the read and the write).
+_ONE_THREAD_ATOMICS = ("template <typename X> X atomicOr(X* a, X v) "
+                       "{ X old = *a; *a = old | v; return old; }\n")
+
+
 class ElementwiseKernel:
     """The subset of ``cupy.ElementwiseKernel`` that xpcnn uses, compiled for the CPU."""
 
@@ -102,7 +107,7 @@ class ElementwiseKernel:
                 per_element.append(f"{c}& {name} = {name}_p[i];")
         typedefs = "".join(f"typedef {C_TYPES[v]} {k};\n" for k, v in types_.items())
         source = ("#include <cmath>\n#define __device__\nusing namespace std;\n" + typedefs +
-                  self.preamble +
+                  self.preamble + _ONE_THREAD_ATOMICS +
                   "template <typename X> struct Raw { X* d; "
                   "X& operator[](long long k) const { return d[k]; } };\n"
                   'extern "C" void run(long long size, void** ptrs, double* scalars) {\n'
@@ -222,7 +227,7 @@ def fake_cupy() -> types.ModuleType:
         MemoryPool=lambda: types.SimpleNamespace(malloc=lambda nbytes: None),
         using_allocator=using_allocator, allocators=allocators)
     for name in ("matmul", "empty", "zeros", "ones", "reshape", "maximum", "ascontiguousarray",
-                 "asarray", "finfo", "bool_", "float16", "float32", "float64"):
+                 "asarray", "finfo", "bool_", "int32", "float16", "float32", "float64"):
         setattr(fake, name, getattr(np, name))
     return fake
 

@@ -108,3 +108,84 @@ def two_dtype_updates(xp, kernels, make, rng, dtypes, scalar_dtype=None):
         step_with(xp, opt_fused, fused, grads, kernels, scalar_dtype)
         step_with(xp, opt_std, standard, grads, None, scalar_dtype)
     return opt_fused, fused, opt_std, standard
+
+
+# The step-record cases (xpcnn.ops.step_record): gradients of these shapes (an empty one among
+# them) and dtypes, and six steps on one state. An element above the largest magnitude whose
+# square each dtype holds:
+SQUARE_OVERFLOWS = {"float16": 6e4, "float32": 1e30, "float64": 1e160}  # (/ 8 still are)
+RECORD_SHAPES = [(3, 3, 4, 8), (8,), (0,), (50, 10), (1,)]
+RECORD_DTYPES = [("float32",), ("float64",), ("float32", "float64")]  # (cycled over the shapes)
+# (initial [scale, good steps] or None, whether the optimiser keeps squares)
+RECORD_SCALING = [(None, False), (None, True), ((4.0, 1999.0), True), ((1.0, 0.0), False)]
+
+
+def recorded_steps(xp, record, dtypes, scaling, squares, step_on_device):
+    """Six steps recorded by ``record`` (a ``record_step``) on arrays of ``xp`` (NumPy or
+    CuPy), each step on the same arrays, changed in place: all
+    finite; a NaN in gradient 1; (after a read) an element whose square overflows in gradient
+    0; a NaN loss; (after a read) an infinity in the last gradient; all finite. Returns each
+    step's (state, scaling, apply) and the gradients at the end (divided by the loss scale at
+    each step where there is one), on the host."""
+    from xpcnn.ops.step_record import BAD_STEP, GROWTH_INTERVAL
+
+    assert GROWTH_INTERVAL == 2000  # (the first scaling case grows at its first step)
+    rng = np.random.default_rng(7)
+    grads = [xp.asarray(rng.standard_normal(shape).astype(dtypes[k % len(dtypes)]))
+             for k, shape in enumerate(RECORD_SHAPES)]
+    state = xp.asarray([0.0, 0.0, -1.0, 0.0] + [0.0] * len(grads))
+    scale = None if scaling is None else xp.asarray(scaling, dtype=xp.float32)
+    stats = xp.asarray([0.75, 3.0], dtype=xp.float32)
+    number = xp.asarray(0.0)  # (the step's number as a captured step reads it)
+    host = (lambda a: a.get()) if hasattr(xp, "cuda") else np.asarray
+    untouched = host(grads[3]).copy()  # (no step sets an element of it)
+    out = []
+    for step in range(1, 7):
+        if step == 2:  # (and an overflowing square in the same gradient: still flagged 1)
+            grads[1][5] = np.nan
+            grads[1][6] = SQUARE_OVERFLOWS[str(grads[1].dtype)]
+        if step in (3, 5):  # (what the host's read of the state resets)
+            state[BAD_STEP:] = xp.asarray([-1.0, 0.0] + [0.0] * len(grads))
+        if step == 3:
+            grads[1][5:7] = 0.5
+            grads[0][1, 2, 3, 4] = SQUARE_OVERFLOWS[str(grads[0].dtype)]
+        if step == 4:
+            stats[0] = np.nan
+        if step == 5:
+            grads[0][1, 2, 3, 4] = 0.25
+            stats[0] = 0.5
+            grads[-1][0] = -np.inf
+        if step == 6:
+            grads[-1][0] = 1.0
+        number[...] = step
+        if scale is not None:  # (the scales are powers of 2: the quotients are exact)
+            untouched = untouched / host(scale)[0]
+        apply = record(state, stats, grads, 128.0, number if step_on_device else step, scale,
+                       squares)
+        out.append((host(state).copy(), None if scale is None else host(scale).copy(),
+                    bool(host(apply))))
+    np.testing.assert_array_equal(host(grads[3]), untouched)
+    return out, [host(g) for g in grads]
+
+
+def check_recorded_steps(steps, scaling, squares):
+    """What :func:`recorded_steps` must give: the loss scale rescues the overflows it can,
+    else each bad step is recorded where none is yet (a square's overflow only with
+    ``squares``), and no update applies from a recorded one to the next read."""
+    from xpcnn.ops.step_record import BAD_GRADS, BAD_STEP
+
+    applied = [apply for _, _, apply in steps]
+    bad = [(float(state[BAD_STEP]), list(state[BAD_GRADS:])) for state, _, _ in steps]
+    if scaling == (4.0, 1999.0):  # grows at step 1; rescues steps 2, 3 and 5
+        assert [float(s[0]) for _, s, _ in steps] == [8.0, 4.0, 2.0, 2.0, 1.0, 1.0]
+        assert applied == [True, False, False, False, False, True]
+        assert bad[3] == (4.0, [2.0, 0.0, 0.0, 0.0, 0.0]) and bad[5][0] == -1.0
+        return
+    assert bad[1] == (2.0, [0.0, 1.0, 0.0, 0.0, 0.0])
+    assert bad[4] == (5.0, [0.0, 0.0, 0.0, 0.0, 1.0])
+    if squares:
+        assert applied == [True, False, False, False, False, False]
+        assert bad[3] == (3.0, [2.0, 0.0, 0.0, 0.0, 0.0])  # (the NaN loss after it: not kept)
+    else:
+        assert applied == [True, False, True, False, False, False]
+        assert bad[3] == (4.0, [0.0] * 5) and np.isnan(steps[3][0][3])

@@ -90,7 +90,8 @@ def test_tiled_kernels_compile(cuda_conv, monkeypatch, name, dtype, tf32, arch):
 
 # The C types CuPy gives an ElementwiseKernel's scalars, and stand-ins for its placeholders:
 # CuPy's own float16 class converts to and from float as cuda_fp16.h's __half does.
-SCALAR_TYPES = {"int32": "int", "int64": "long long", "float64": "double", "bool": "bool"}
+SCALAR_TYPES = {"int32": "int", "int64": "long long", "float32": "float", "float64": "double",
+                "bool": "bool"}
 
 
 def _elementwise_as_kernel(kernel, types: dict[str, str]) -> str:
@@ -114,4 +115,24 @@ def test_softmax_cross_entropy_kernel_compiles(fast_cupy, dtype, stats, labels):
     source = _elementwise_as_kernel(fast_cupy._SOFTMAX_CROSS_ENTROPY,
                                     {"T": dtype, "L": labels, "S": stats})
     code, log = _compile(source, "xpcnn_softmax_cross_entropy", 90)
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("dtype", ["__half", "float", "double"])
+def test_gradient_check_kernel_compiles(fast_cupy, dtype):
+    """The first kernel of a step's record: a gradient element of each dtype read in double,
+    an atomic OR where it is bad."""
+    source = _elementwise_as_kernel(fast_cupy._CHECK_GRADIENTS, {"T": dtype})
+    code, log = _compile(source, "xpcnn_check_gradients", 90)
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("stats", ["__half", "float", "double"])
+@pytest.mark.parametrize("name", ["_RECORD_STEP", "_RECORD_STEP_AT"])
+def test_record_step_kernels_compile(fast_cupy, name, stats):
+    """The second: the step's number by value or from a float64 device scalar, the batch's
+    [loss, correct] in each dtype the loss gives them."""
+    kernel = getattr(fast_cupy, name)
+    source = _elementwise_as_kernel(kernel, {"S": stats, "F": "double", "P": "double"})
+    code, log = _compile(source, kernel.name, 90)
     assert code == 0, log

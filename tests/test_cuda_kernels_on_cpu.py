@@ -15,11 +15,15 @@ from kernel_cases import (
     IM2COL,
     MAX_POOL,
     OPTIMISERS,
+    RECORD_DTYPES,
+    RECORD_SCALING,
     SOFTMAX_CROSS_ENTROPY,
     TILED_CONV,
     UPDATE_SHAPES,
+    check_recorded_steps,
     device_scalars,
     gated_updates,
+    recorded_steps,
     two_dtype_updates,
 )
 from nets import every_layer_net, gap_net
@@ -354,8 +358,8 @@ class EmulatedCapture:
     """A stream capture of the emulated kernels, as CUDA makes one: while ``recording``, kernel
     launches are recorded, not run; a copy to the device fails (CuPy's capture refuses it) and
     new device memory holds garbage (-1); ``allocators`` notes the allocator each new array
-    came from. ``replay`` runs the recorded launches on the arrays they were given, as a
-    replayed graph does."""
+    came from; a zeroed one is a recorded memset. ``replay`` runs the recorded launches on the
+    arrays they were given, as a replayed graph does."""
 
     def __init__(self, module, monkeypatch):
         self.module, self.monkeypatch, self.launches, self.allocators = (
@@ -364,6 +368,11 @@ class EmulatedCapture:
     def _garbage(self, shape, dtype):
         self.allocators.append((self.module.cupy.cuda.allocators or [None])[-1])
         return np.full(shape, -1, dtype)
+
+    def _memset(self, shape, dtype):
+        a = self._garbage(shape, dtype)
+        self.launches.append((lambda a, size=None: a.fill(0), (a,), None))
+        return a
 
     @contextlib.contextmanager
     def recording(self):
@@ -376,6 +385,7 @@ class EmulatedCapture:
             m.setattr(self.module.cupy, "asarray", refuse)
             m.setattr(self.module, "_upload", refuse)
             m.setattr(self.module.cupy, "empty", self._garbage)
+            m.setattr(self.module.cupy, "zeros", self._memset)
             yield
 
     def replay(self):
@@ -437,7 +447,43 @@ def test_a_capture_that_fails_fills_no_table(fast, monkeypatch, rng):
     filled = []
     monkeypatch.setattr(module, "_upload", lambda device, host: filled.append(device))
     p, g = [np.zeros(3, np.float32)], [np.ones(3, np.float32)]
+    capture = EmulatedCapture(module, monkeypatch)
     with pytest.raises(RuntimeError, match="refused"), fast.capture_tables() as tables:
-        fast.sgd_update(p, g, None, np.asarray(0.5, np.float32), 0.0, 0.0, False)
+        with capture.recording():
+            fast.sgd_update(p, g, None, np.asarray(0.5, np.float32), 0.0, 0.0, False)
         raise RuntimeError("the capture refused something")
     assert tables == filled == [] and fast._deferred is None
+
+
+@pytest.mark.parametrize("scaling, squares", RECORD_SCALING)
+@pytest.mark.parametrize("dtypes", RECORD_DTYPES)
+@pytest.mark.parametrize("how", ["eager", "step-on-device", "captured"])
+def test_recording_a_step(fast, monkeypatch, dtypes, scaling, squares, how):
+    """The kernels that record a step (a memset, its gradients unscaled and checked, then the
+    sums, the first bad step, the loss scale and the flag "apply") leave what the standard
+    version leaves, step by step: eager, with the step number on the device, and captured once (the
+    table filled after the capture) and replayed for every step."""
+    record = fast.record_step
+    if how == "captured":
+        capture, captured = EmulatedCapture(sys.modules[type(fast).__module__], monkeypatch), []
+
+        def record(*args):
+            if not captured:
+                with fast.capture_tables() as tables, capture.recording():
+                    captured.append(fast.record_step(*args))
+                # (a memset, a check per gradient dtype with its table, the record)
+                assert len(tables) == len(dtypes) and len(capture.launches) == 2 + len(dtypes)
+            capture.replay()
+            return captured[0]
+
+    want, want_grads = recorded_steps(np, STD.record_step, dtypes, scaling, squares,
+                                      how != "eager")
+    got, got_grads = recorded_steps(np, record, dtypes, scaling, squares, how != "eager")
+    for g, g_want in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_array_equal(g, g_want)
+    for step, ((state, scale, apply), (s_want, scale_want, apply_want)) in enumerate(
+            zip(got, want, strict=True), 1):
+        assert np.array_equal(state, s_want, equal_nan=True), (step, state, s_want)
+        assert np.array_equal(scale, scale_want), (step, scale, scale_want)
+        assert apply == apply_want, step
+    check_recorded_steps(want, scaling, squares)

@@ -12,9 +12,12 @@ from kernel_cases import (
     IM2COL,
     MAX_POOL,
     OPTIMISERS,
+    RECORD_SCALING,
     SOFTMAX_CROSS_ENTROPY,
     TILED_CONV,
     UPDATE_SHAPES,
+    check_recorded_steps,
+    recorded_steps,
 )
 from nets import every_layer_net, gap_net
 from test_conv_seam import GEOMETRIES
@@ -799,3 +802,44 @@ def test_arrays_on_another_library_on_the_gpu_are_refused_by_name(cp):
         on_gpu.fit(x, torch.from_numpy(y).cuda(), verbose=0)
     with pytest.raises(InputError, match="array_api_compat.torch"):
         on_gpu.predict(torch.from_numpy(x).cuda())
+
+
+# (last: scripts/gpu_check.sh runs the captured cases in its first stage, with -x, after the
+# cuDNN and CUDA-graph tests above)
+@pytest.mark.parametrize("scaling, squares", RECORD_SCALING)
+@pytest.mark.parametrize("dtypes", [("float32",), ("float16",), ("float16", "float32", "float64")])
+@pytest.mark.parametrize("how", ["eager", "step-on-device", "captured"])
+def test_recording_a_step_on_the_gpu(cp, kernels, dtypes, scaling, squares, how):
+    """A step's record on the GPU (a memset, a check launch per gradient dtype, the record
+    launch), eager, with the step number on the device, and captured in a CUDA graph once
+    and replayed for every step: what the standard version leaves on the host."""
+    import array_api_compat.numpy as xn
+
+    from xpcnn.cuda_graphs import CupyCapture
+
+    fast, _ = kernels
+    record = fast.record_step
+    if how == "captured":
+        capture, graphs, held = CupyCapture(), [], []
+
+        def record(*args):
+            if not graphs:
+                with capture.scope(), fast.capture_tables() as tables:
+                    graph, apply = capture.capture(lambda: fast.record_step(*args))
+                assert len(tables) == len(dtypes)
+                graphs.append(graph)
+                held.extend([apply, tables])
+            capture.launch(graphs[0])
+            return held[0]
+
+    want, want_grads = recorded_steps(np, StandardKernels(xn).record_step, dtypes, scaling,
+                                      squares, how != "eager")
+    got, got_grads = recorded_steps(cp, record, dtypes, scaling, squares, how != "eager")
+    for g, g_want in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_array_equal(g, g_want)  # (a product each: no multiply-add to fuse)
+    for step, ((state, scale, apply), (s_want, scale_want, apply_want)) in enumerate(
+            zip(got, want, strict=True), 1):
+        # (the loss sum to rounding: the GPU may fuse its multiply-add)
+        np.testing.assert_allclose(state, s_want, rtol=1e-12, equal_nan=True, err_msg=step)
+        assert np.array_equal(scale, scale_want) and apply == apply_want, step
+    check_recorded_steps(got, scaling, squares)

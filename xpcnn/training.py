@@ -59,17 +59,9 @@ from .layers.dropout import RandomLayer
 from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
 from .ops.softmax import softmax
+from .ops.step_record import BAD_GRADS, BAD_LOSS, BAD_STEP, CORRECT, LOSS_SUM
 from .optim import Optimizer, get_optimizer
-from .totals import (
-    BAD_GRADS,
-    BAD_LOSS,
-    BAD_STEP,
-    CORRECT,
-    LOSS_SUM,
-    READ_EVERY,
-    RunningTotals,
-    loss_scaling,
-)
+from .totals import READ_EVERY, RunningTotals, loss_scaling
 
 #: compile's precisions and the dtype of their heavy matmuls (None: the parameters' dtype).
 PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
@@ -324,14 +316,10 @@ class Trainer:
                   for a in la.state.values()]
         stats, grads = self._loss_and_grads(xb, yb, kernels)
         params = [p for la in self.trainable_layers for p in la.params.values()]
-        if self._scaling is not None:
-            inverse = 1.0 / self._scaling[0]
-            grads = [g * inverse for g in grads]
         n = int(xb.shape[0]) if self._parallel is None else self._parallel.total
-        apply, scaling = self._running_totals().add(stats, grads, n, step, self._scaling,
-                                                    opt.keeps_squares)
-        if scaling is not None:
-            self._scaling[...] = scaling
+        # (with float16 loss scaling, this divides the gradients by the scale, in place)
+        apply = self._running_totals().add(stats, grads, n, step, self._scaling,
+                                           opt.keeps_squares)
         for a, before in moving:
             a[...] = xp.where(apply, a, before)
         opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)

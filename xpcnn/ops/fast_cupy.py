@@ -31,6 +31,7 @@ import numpy as np
 from . import cuda_conv, random
 from .convolution import ConvEngine, ConvGeometry
 from .kernels import StandardKernels
+from .step_record import GROWTH_INTERVAL, square_limit
 
 # The patches of convolutions as im2col + cuBLAS (the hand-written ones' algorithms
 # "im2col" and "direct-forward"): out[n, oh, ow, (i*kw + j)*C + c] = x[n, oh*sh + i - top,
@@ -241,14 +242,15 @@ _SOFTMAX_CROSS_ENTROPY = cupy.ElementwiseKernel(
 # element offsets of the ``count`` arrays (count + 1 values), then per array the addresses of
 # the parameter, its gradient and its state arrays (``slots`` of them); a binary search finds
 # the array an element belongs to.
-_FIND_ARRAY = """
+_SEARCH = """
     int lo = 0, hi = count - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) / 2;
         if ((long long)i >= table[mid]) lo = mid; else hi = mid - 1;
     }
     const long long e = (long long)i - table[lo];
-    const long long row = count + 1 + (long long)lo * (2 + slots);
+"""
+_FIND_ARRAY = _SEARCH + """    const long long row = count + 1 + (long long)lo * (2 + slots);
     T& p = ((T*)table[row])[e];
     const T g = ((const T*)table[row + 1])[e];
 """
@@ -300,6 +302,69 @@ _ADAM, _ADAM_AT = _update_kernels(
     """)
 
 
+# A training step's record (xpcnn.ops.step_record) in three launches (a memset and two
+# kernels), where the standard one takes two per gradient and about thirty more on small
+# vectors (and one more per gradient to unscale float16 steps). First, one thread per element
+# of the gradients (found as the updates find theirs; ``table``: the running offsets, then the
+# addresses, then each array's entry in ``bits``), which it divides by the loss scale where
+# ``scaled``, then ORs into its array's entry only where the element is bad: 1 not finite, 2
+# (with ``squares``) finite but above ``limit``, the largest magnitude whose square the dtype
+# holds. Compared in double, as the standard compares in the state's float64.
+_CHECK_GRADIENTS = cupy.ElementwiseKernel(
+    "raw T dtype_of, int32 count, float64 limit, bool squares, bool scaled,"
+    " raw float32 scaling, raw int64 table",
+    "raw int32 bits",
+    _SEARCH + """
+    typedef XpcnnAcc<T>::type A;
+    T& g = ((T*)table[count + 1 + lo])[e];
+    if (scaled) g = (T)((A)g * (A)(1.0f / scaling[0]));
+    const double v = (double)(A)g;
+    const int bad = isfinite(v) ? (squares && fabs(v) > limit ? 2 : 0) : 1;
+    if (bad) atomicOr(&bits[table[2 * count + 1 + lo]], bad);
+    """,
+    "xpcnn_check_gradients",
+    preamble=_ACC,
+)
+# Then one thread records the step: the sums, the first non-finite step, the float16 loss
+# scale and the flag "apply the update", as record_step and _move_scale do (the same formulas
+# in the same order; ``state`` is F, ``scaling`` float32 and only read where ``scaled``).
+_RECORD = """
+    const F loss = (F)stats[0];
+    const bool bad_loss = !isfinite(loss);
+    bool any_bad = bad_loss;
+    for (int k = 0; k < grads; ++k) any_bad = any_bad || bits[k] != 0;
+    bool error = any_bad;
+    if (scaled) {
+        float scale = scaling[0], good = scaling[1];
+        const bool rescued = any_bad && !bad_loss && scale > 1.0f;
+        if (rescued) scale = scale / 2.0f;
+        good = any_bad ? 0.0f : good + 1.0f;
+        if (good >= (float)growth) { scale = scale * 2.0f; good = 0.0f; }
+        scaling[0] = scale;
+        scaling[1] = good;
+        error = any_bad && !rescued;
+    }
+    const bool fresh = error && state[2] < 0;
+    state[0] = state[0] + loss * (F)samples;
+    state[1] = state[1] + (F)stats[1];
+    if (fresh) {
+        state[2] = (F)step;
+        state[3] = loss;
+        for (int k = 0; k < grads; ++k) state[4 + k] = (bits[k] & 1) ? (F)1 : (F)bits[k];
+    }
+    apply[0] = !any_bad && state[2] < 0;
+"""
+_RECORD_PARAMS = ("raw int32 bits, int32 grads, raw S stats, float64 samples, bool scaled,"
+                  " int32 growth")
+_RECORD_OUT = "raw F state, raw float32 scaling, raw bool apply"
+# (the step number by value in an eager step, read from a device scalar in a captured one)
+_RECORD_STEP = cupy.ElementwiseKernel(_RECORD_PARAMS + ", float64 step", _RECORD_OUT, _RECORD,
+                                      "xpcnn_record_step")
+_RECORD_STEP_AT = cupy.ElementwiseKernel(_RECORD_PARAMS + ", raw P step_at", _RECORD_OUT,
+                                         "const double step = (double)step_at[0];" + _RECORD,
+                                         "xpcnn_record_step_at")
+
+
 def _address(a: Any) -> int:
     """Device address of a CuPy array's first element."""
     return a.data.ptr
@@ -318,16 +383,23 @@ def _update_table(params: list[Any], grads: list[Any], *slots: list[Any],
     (inside a stream capture), a table that it fills once the capture has ended."""
     offsets = np.cumsum([0] + [p.size for p in params])
     rows = [[_address(a) for a in arrays] for arrays in zip(params, grads, *slots, strict=True)]
-    table = np.concatenate([offsets, np.asarray(rows, np.int64).reshape(-1)]).astype(np.int64)
+    table = np.concatenate([offsets, np.asarray(rows, np.int64).reshape(-1)])
+    return _device_table(table, params[0].device, deferred), int(offsets[-1])
+
+
+def _device_table(table: Any, device: Any, deferred: _DeferredTables | None) -> Any:
+    """NumPy ``table`` as int64 on ``device``: from the recent tables, else copied there;
+    with ``deferred`` (inside a stream capture), filled once the capture has ended."""
+    table = table.astype(np.int64)
     if deferred is not None:
-        return deferred.table(table), int(offsets[-1])
-    key = (str(params[0].device), table.tobytes())
+        return deferred.table(table)
+    key = (str(device), table.tobytes())
     device_table = _TABLES.get(key)
     if device_table is None:
         if len(_TABLES) >= 16:  # tables of arrays long freed: drop them all
             _TABLES.clear()
         device_table = _TABLES[key] = cupy.asarray(table)
-    return device_table, int(offsets[-1])
+    return device_table
 
 
 def _upload(device: Any, host: Any) -> None:
@@ -555,6 +627,37 @@ class CupyKernels(StandardKernels):
         _SOFTMAX_CROSS_ENTROPY(z, labels, classes, 1.0 - smoothing, smoothing / classes,
                                1.0 / n, grad, rows, size=n)
         return rows.sum(axis=0), grad
+
+    def record_step(self, state: Any, stats: Any, grads: list[Any], n: float, step: Any,
+                    scaling: Any, squares: bool) -> Any:
+        if not _contiguous(*grads):  # (the check writes unscaled gradients in place)
+            return super().record_step(state, stats, grads, n, step, scaling, squares)
+        scaled = scaling is not None
+        if not scaled:
+            scaling = cupy.empty(2, cupy.float32)  # (not read)
+        bits = cupy.zeros(len(grads), cupy.int32)
+        by_dtype: dict[Any, list[tuple[int, Any]]] = {}
+        for k, g in enumerate(grads):
+            by_dtype.setdefault(g.dtype, []).append((k, g))
+        for dtype, group in by_dtype.items():
+            arrays = [g for _, g in group]
+            offsets = np.cumsum([0] + [g.size for g in arrays])
+            if not offsets[-1]:
+                continue
+            table = np.concatenate([offsets, [_address(g) for g in arrays],
+                                    [k for k, _ in group]])
+            _CHECK_GRADIENTS(arrays[0], len(arrays), square_limit(np, dtype), squares, scaled,
+                             scaling, _device_table(table, state.device, self._deferred), bits,
+                             size=int(offsets[-1]))
+        apply = cupy.empty(1, cupy.bool_)
+        stats = cupy.ascontiguousarray(stats)
+        if _by_value(step):
+            _RECORD_STEP(bits, len(grads), stats, n, scaled, GROWTH_INTERVAL, float(step),
+                         state, scaling, apply, size=1)
+        else:
+            _RECORD_STEP_AT(bits, len(grads), stats, n, scaled, GROWTH_INTERVAL,
+                            cupy.reshape(step, (1,)), state, scaling, apply, size=1)
+        return cupy.reshape(apply, ())
 
     # -- optimiser updates (``fused_updates``; see xpcnn.optim) -------------------------------
     # The per-step numbers are Python floats (an eager step: the kernels that take them by

@@ -20,6 +20,7 @@ from .convolution import ConvEngine, ConvGeometry, KernelsConv
 from .pool import max_pool, max_pool_backward
 from .random import uniform
 from .softmax import cross_entropy, loss_and_correct, nan_unless_classes, target_rows
+from .step_record import record_step
 
 
 def standardize_backward(xp: Any, dxhat: Any, xhat: Any, inv_std: Any,
@@ -192,6 +193,13 @@ class StandardKernels:
                                                       smoothing))
         stats = loss_and_correct(xp, loss, z, labels)
         return nan_unless_classes(xp, stats, labels, z.shape[1]), grad
+
+    def record_step(self, state: Any, stats: Any, grads: list[Any], n: float, step: Any,
+                    scaling: Any, squares: bool) -> Any:
+        """Training step ``step``'s sums and finiteness into ``state`` (and the float16 loss
+        scale into ``scaling``), in place; the 0-d boolean "apply its update" (see
+        :func:`xpcnn.ops.step_record.record_step`)."""
+        return record_step(self.xp, state, stats, grads, n, step, scaling, squares)
 
     def relu_with_mask(self, x: Any, max_value: float | None) -> tuple[Any, Any]:
         """:meth:`relu` and the boolean mask of where its gradient passes: strictly inside

@@ -1,0 +1,84 @@
+"""One training step recorded on the device: its loss and correct count added to running sums,
+its loss and gradients checked for values that are not finite, the float16 loss scale moved,
+and the flag "apply this step's update" set, with no read by the host (see
+:mod:`xpcnn.totals`, which owns the state and reads it).
+
+The state is one vector (float64; float32 where the namespace lacks it): [loss sum, correct
+count, number of the first non-finite step (-1: none), that step's loss, one entry per gradient
+(1: it had an element that is not finite; 2: all finite, but one whose square overflows its
+dtype, which would make an optimiser's squared-gradient state infinite)]. A step that is not
+finite is remembered only if it is the first; from it on no update applies.
+
+The float16 loss-scaling state is [scale, good steps in a row] (float32): a step whose
+gradients overflow while the scale is above 1 halves the scale and skips its update (not an
+error), and :data:`GROWTH_INTERVAL` good steps in a row double it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# Layout of the state vector.
+LOSS_SUM, CORRECT, BAD_STEP, BAD_LOSS, BAD_GRADS = 0, 1, 2, 3, 4
+GROWTH_INTERVAL = 2000  # good float16 steps before the loss scale doubles
+
+
+def square_limit(xp: Any, dtype: Any) -> float:
+    """The largest magnitude whose square ``dtype`` holds (about)."""
+    return math.sqrt(float(xp.finfo(dtype).max))
+
+
+def record_step(xp: Any, state: Any, stats: Any, grads: list[Any], n: float, step: Any,
+                scaling: Any, squares: bool) -> Any:
+    """Record training step ``step`` (1-based; a number, or a 0-d device array) on a batch of
+    ``n`` samples into ``state``, in place; ``stats`` is its [mean loss, correct count],
+    ``scaling`` the float16 loss-scaling state (moved in place) or None. With ``scaling``,
+    the gradients are of the scaled loss: they are divided by the scale first, in place. With
+    ``squares``, a gradient element whose square overflows is an error too. Returns the 0-d
+    boolean "apply this step's update"."""
+    f = state.dtype
+    if scaling is not None:
+        inverse = 1.0 / scaling[0]
+        for g in grads:
+            g *= inverse
+    stats = xp.astype(stats, f)
+    # Each gradient's largest magnitude, in the state's dtype: NaN where an element is (so is
+    # a max), infinite where one is, above its own dtype's limit where a square overflows.
+    peaks = xp.astype(xp.stack([_peak(xp, g) for g in grads]), f) if grads else \
+        xp.zeros((0,), dtype=f, device=state.device)
+    finite = xp.isfinite(peaks)
+    flags = xp.astype(xp.logical_not(finite), f)
+    if squares and grads:
+        limits = [square_limit(xp, g.dtype) for g in grads]
+        above = peaks > limits[0] if len(set(limits)) == 1 else \
+            xp.stack([peaks[k] > limit for k, limit in enumerate(limits)])
+        flags = flags + 2 * xp.astype(xp.logical_and(finite, above), f)
+    bad_loss = xp.logical_not(xp.isfinite(stats[0]))
+    any_bad = xp.logical_or(bad_loss, xp.any(flags > 0))
+    error = any_bad if scaling is None else _move_scale(xp, scaling, bad_loss, any_bad)
+    fresh = xp.logical_and(error, state[BAD_STEP] < 0)
+    first = xp.concat([state[BAD_STEP:BAD_LOSS] * 0 + step, stats[:1], flags])
+    batch = xp.concat([stats[:1] * n, stats[1:]])  # (the loss is a mean over n samples)
+    state[...] = xp.concat([state[:BAD_STEP] + batch, xp.where(fresh, first, state[BAD_STEP:])])
+    return xp.logical_and(xp.logical_not(any_bad), state[BAD_STEP] < 0)
+
+
+def _peak(xp: Any, g: Any) -> Any:
+    """The largest magnitude in ``g`` (0 for an empty ``g``)."""
+    if not math.prod(g.shape):
+        return xp.zeros((), dtype=g.dtype, device=g.device)
+    return xp.max(xp.abs(g))
+
+
+def _move_scale(xp: Any, scaling: Any, bad_loss: Any, any_bad: Any) -> Any:
+    """Halve the scale on a gradient overflow that it can still fix (the update is skipped; not
+    an error), count good steps and double the scale after GROWTH_INTERVAL of them, in place.
+    Returns the error flag."""
+    scale, good = scaling[0], scaling[1]
+    rescued = xp.logical_and(xp.logical_and(any_bad, xp.logical_not(bad_loss)), scale > 1)
+    scale = xp.where(rescued, scale / 2, scale)
+    good = xp.where(any_bad, good * 0, good + 1)
+    grow = good >= GROWTH_INTERVAL
+    scaling[...] = xp.stack([xp.where(grow, scale * 2, scale), xp.where(grow, good * 0, good)])
+    return xp.logical_and(any_bad, xp.logical_not(rescued))
