@@ -118,11 +118,8 @@ class Backend:
         On the NumPy fast path it keeps OpenBLAS to one thread meanwhile, since xpcnn's kernels
         bring their own threads (see :meth:`xpcnn.ops.fast_numpy.NumpyKernels.pinned`)."""
         fast = self.fast
-        with contextlib.ExitStack() as scope:
-            if self.name == "cupy":
-                scope.enter_context(self.device)
-            if fast is not None:
-                scope.enter_context(fast.pinned())
+        with self.device if self.name == "cupy" else contextlib.nullcontext(), \
+                contextlib.nullcontext() if fast is None else fast.pinned():
             yield
 
     @property
