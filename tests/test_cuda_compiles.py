@@ -94,16 +94,22 @@ SCALAR_TYPES = {"int32": "int", "int64": "long long", "float32": "float", "float
                 "bool": "bool"}
 
 
-def _elementwise_as_kernel(kernel, types: dict[str, str]) -> str:
-    """An emulated ``cupy.ElementwiseKernel`` (raw arguments and scalars only) as the CUDA
-    kernel CuPy would build: its body in a grid-stride loop over ``i``."""
-    params = [f"{types.get(ty, SCALAR_TYPES.get(ty))}{'*' if raw else ''} {name}"
-              for raw, ty, name in kernel.ins + kernel.outs]
+def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...] = ()) -> str:
+    """An emulated ``cupy.ElementwiseKernel`` as the CUDA kernel CuPy would build: its body in
+    a grid-stride loop over ``i``; raw arguments are pointers, the non-raw ones named in
+    ``arrays`` each thread's element of one (the others scalars)."""
+    def c_type(ty):
+        return types.get(ty, SCALAR_TYPES.get(ty))
+
+    params = [f"{c_type(ty)}{'*' if raw or name in arrays else ''} {name}"
+              f"{'_p' if name in arrays else ''}" for raw, ty, name in kernel.ins + kernel.outs]
+    elements = "".join(f"{c_type(ty)}& {name} = {name}_p[i];\n"
+                       for raw, ty, name in kernel.ins + kernel.outs if name in arrays)
     typedefs = "".join(f"typedef {c} {k};\n" for k, c in types.items())
     return ("#include <cuda_fp16.h>\n" + typedefs + kernel.preamble +
             f'\nextern "C" __global__ void {kernel.name}({", ".join(params)}, long long n) {{\n'
             "for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;"
-            " i += (long long)blockDim.x * gridDim.x) {\n" + kernel.body + "\n}\n}\n")
+            " i += (long long)blockDim.x * gridDim.x) {\n" + elements + kernel.body + "\n}\n}\n")
 
 
 @pytest.mark.parametrize("labels", ["unsigned char", "int", "long long"])
@@ -135,4 +141,13 @@ def test_record_step_kernels_compile(fast_cupy, name, stats):
     kernel = getattr(fast_cupy, name)
     source = _elementwise_as_kernel(kernel, {"S": stats, "F": "double", "P": "double"})
     code, log = _compile(source, kernel.name, 90)
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("dtype", ["__half", "float", "double"])
+def test_dropout_kernel_compiles(fast_cupy, dtype):
+    """Dropout in one launch: the random bits' device functions, the number compared in the
+    data's type (CuPy's float16 compares as ``__half`` does), the mask and the product."""
+    source = _elementwise_as_kernel(fast_cupy._DROPOUT, {"T": dtype}, arrays=("x", "y", "keep"))
+    code, log = _compile(source, "xpcnn_dropout", 90)
     assert code == 0, log

@@ -711,6 +711,19 @@ def test_random_numbers_kernel_is_the_definition(cp, kernels, dtype):
         _equal(fast.uniform(state, shape, dtype, first), std.uniform(state, shape, dtype, first))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_dropout_kernel_is_the_standard_dropout(cp, kernels, rng, dtype):
+    """One launch: the draw, the mask and the scaled output; and the gradient's scaled mask."""
+    fast, std = kernels
+    state = cp.asarray([2**40 + 17, 123], dtype=cp.int64)
+    for shape, first, rate in (((128, 9216), 0, 0.25), ((3, 5, 7), 2**33 + 1, 0.5)):
+        x = _random(cp, rng, shape, dtype)
+        (y, keep), (y_want, keep_want) = (k.dropout(state, x, rate, first) for k in (fast, std))
+        _equal(keep, keep_want)
+        _equal(y, y_want)
+        _equal(fast.mask_multiply(x, keep, 2.0), std.mask_multiply(x, keep, 2.0))
+
+
 @pytest.mark.parametrize("dtype", ["uint8", "float16", "float32"])
 def test_random_crop_kernel_is_the_standard_crop(cp, kernels, rng, dtype):
     fast, std = kernels

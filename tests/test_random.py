@@ -68,6 +68,44 @@ def test_the_numpy_kernel_is_the_definition(dtype, shape, first):
     np.testing.assert_array_equal(got, want)
 
 
+def _dropout_cases(kernels, dtype):
+    """What ``kernels.dropout`` and the gradient's scaled ``mask_multiply`` give, and the
+    standard versions' values, for a few shapes, offsets and rates."""
+    std, rng = StandardKernels(xpn), np.random.default_rng(3)
+    state = np.array([2**40 + 17, 123], np.int64)
+    for shape, first, rate in (((40, 37), 0, 0.25), ((3, 5, 7), 2**33 + 1, 0.5), ((6,), 4, 0.9)):
+        x = rng.standard_normal(shape).astype(dtype)
+        (y, keep), (y_want, keep_want) = (k.dropout(state, x, rate, first) for k in (kernels, std))
+        yield y, y_want
+        yield keep, keep_want
+        grads = (k.mask_multiply(x, keep_want, 1.0 / (1.0 - rate)) for k in (kernels, std))
+        yield tuple(grads)
+    keep = np.ones(1, bool)  # (a mask that broadcasts, as a ReLU's gradient has none)
+    yield tuple(k.mask_multiply(x, keep, 1.5) for k in (kernels, std))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_numpy_dropout_is_the_standard_dropout(dtype):
+    """Bit for bit: the draw (the definition's numbers), the mask and the scaled output."""
+    for got, want in _dropout_cases(NUMPY_KERNELS, dtype):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cuda_dropout_is_the_standard_dropout(dtype):
+    """fast_cupy's dropout in one launch (and the gradient's scaled mask), compiled for the
+    CPU, bit for bit (float16 on a GPU: tests/test_gpu.py)."""
+    module, saved = load_emulated_fast_cupy()
+    try:
+        for got, want in _dropout_cases(module.KERNELS, dtype):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+    finally:
+        restore(saved)
+
+
 @needs_compiler
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_cuda_kernel_is_the_definition(dtype):

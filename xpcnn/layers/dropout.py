@@ -52,12 +52,18 @@ class RandomLayer(Layer):
         self.random_state[1:2] += 1
 
     def _uniform(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        start = self.batch_slice[0] if self.batch_slice else 0
-        per_sample = math.prod(shape[1:])
         u = kernels_for(self.backend).uniform(self.random_state, shape, dtype,
-                                              first=start * per_sample)
-        self.random_state[1:2] += 1
+                                              first=self._first(shape))
+        self._count_draw()
         return u
+
+    def _first(self, shape: tuple[int, ...]) -> int:
+        """The draw's first element for a batch of ``shape`` (see ``batch_slice``)."""
+        start = self.batch_slice[0] if self.batch_slice else 0
+        return start * math.prod(shape[1:])
+
+    def _count_draw(self) -> None:
+        self.random_state[1:2] += 1
 
     def to(self, backend: Any) -> None:
         state = self.backend.to_numpy(self.random_state)
@@ -76,18 +82,14 @@ class Dropout(RandomLayer):
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         if not training or self.rate == 0.0:
             return x
-        # the mask kept as booleans (a quarter of a float mask's memory), applied as a product
-        self._cache_keep = self._uniform(tuple(x.shape), x.dtype) >= self.rate
-        return self._apply(x, self._cache_keep)
+        # (the mask kept as booleans: a quarter of a float mask's memory)
+        y, self._cache_keep = kernels_for(self.backend).dropout(
+            self.random_state, x, self.rate, first=self._first(tuple(x.shape)))
+        self._count_draw()
+        return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         if self.rate == 0.0:
             return dy
         keep, self._cache_keep = self._cache_keep, None
-        return self._apply(dy, keep)
-
-    def _apply(self, a: Any, keep: Any) -> Any:
-        """``a`` where ``keep``, scaled by 1 / (1 - rate), in the product's own new array."""
-        out = kernels_for(self.backend).mask_multiply(a, keep)
-        out *= 1.0 / (1.0 - self.rate)
-        return out
+        return kernels_for(self.backend).mask_multiply(dy, keep, 1.0 / (1.0 - self.rate))

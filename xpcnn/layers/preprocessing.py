@@ -29,7 +29,8 @@ class Rescaling(Layer):
         return {"name": self.name, "scale": self.scale, "offset": self.offset}
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        return x * self.scale + self.offset
+        y = x * self.scale
+        return y + self.offset if self.offset else y  # (no pass adding 0)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         return dy * self.scale

@@ -158,7 +158,8 @@ _RELU_BACKWARD = cupy.ElementwiseKernel(
     "T dy, Y y", "T dx", "dx = dy * (T)(y > (Y)0.0f ? 1.0f : 0.0f);", "xpcnn_relu_backward"
 )
 _MASK_MULTIPLY = cupy.ElementwiseKernel(
-    "T x, bool m", "T y", "y = x * (T)(m ? 1.0f : 0.0f);", "xpcnn_mask_multiply"
+    "T x, bool m, T scale", "T y", "y = x * (T)(m ? 1.0f : 0.0f) * scale;",
+    "xpcnn_mask_multiply"
 )
 
 # StandardKernels.random_crop in one launch: out[n, i, j, c] = x[n, i + dy - p, j + dx - p, c]
@@ -179,27 +180,44 @@ _RANDOM_CROP = cupy.ElementwiseKernel(
     """,
     "xpcnn_random_crop",
 )
-# xpcnn.ops.random's numbers in one launch: element ``first + i`` of the draw that ``state`` =
-# [seed, draw] names (the same SplitMix64 bits; unsigned arithmetic, which wraps as the
+# xpcnn.ops.random's numbers: the 64 random bits of element ``element`` of the draw ``draw``
+# of the stream ``seed`` (the same SplitMix64 bits; unsigned arithmetic, which wraps as the
 # definition's int64 does).
+_RANDOM_BITS = """
+__device__ unsigned long long xpcnn_mix(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+__device__ unsigned long long xpcnn_random_bits(long long seed, long long draw,
+                                                long long element) {
+    const unsigned long long gamma = 0x9E3779B97F4A7C15ULL;
+    const unsigned long long key = xpcnn_mix(
+        xpcnn_mix((unsigned long long)seed) + ((unsigned long long)draw + 1ULL) * gamma);
+    return xpcnn_mix(key + ((unsigned long long)element + 1ULL) * gamma);
+}
+"""
+# Numbers in [0, 1): element ``first + i`` of the draw that ``state`` = [seed, draw] names.
 _UNIFORM = cupy.ElementwiseKernel(
     "raw int64 state, int64 first, int32 bits, float64 scale",
     "T u",
-    """
-    const unsigned long long gamma = 0x9E3779B97F4A7C15ULL;
-    const unsigned long long key = xpcnn_mix(
-        xpcnn_mix((unsigned long long)state[0]) + ((unsigned long long)state[1] + 1ULL) * gamma);
-    const unsigned long long z = xpcnn_mix(key + ((unsigned long long)(first + i) + 1ULL) * gamma);
-    u = (T)((double)(z >> (64 - bits)) * scale);
-    """,
+    "u = (T)((double)(xpcnn_random_bits(state[0], state[1], first + i) >> (64 - bits)) * scale);",
     "xpcnn_uniform",
-    preamble="""
-    __device__ unsigned long long xpcnn_mix(unsigned long long z) {
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-        return z ^ (z >> 31);
-    }
+    preamble=_RANDOM_BITS,
+)
+# StandardKernels.dropout in one launch: the number (as _UNIFORM draws it, ``unit`` = 2**-bits),
+# the mask ``keep`` (number >= rate) and the output x * keep * scale, in the standard order.
+_DROPOUT = cupy.ElementwiseKernel(
+    "T x, raw int64 state, int64 first, int32 bits, float64 unit, T rate, T scale",
+    "T y, bool keep",
+    """
+    const T u = (T)((double)(xpcnn_random_bits(state[0], state[1], first + i) >> (64 - bits))
+                    * unit);
+    keep = u >= rate;
+    y = x * (T)(keep ? 1.0f : 0.0f) * scale;
     """,
+    "xpcnn_dropout",
+    preamble=_RANDOM_BITS,
 )
 # Softmax cross-entropy of one row of logits per thread (a few classes each): the row's loss
 # divided by N, whether its first maximum is at the label, and its gradient row, (softmax -
@@ -605,8 +623,13 @@ class CupyKernels(StandardKernels):
         return _RANDOM_CROP(cupy.ascontiguousarray(x), cupy.ascontiguousarray(u), h, w, c,
                             padding, cupy.empty(x.shape, x.dtype))
 
-    def mask_multiply(self, x: Any, mask: Any) -> Any:
-        return _MASK_MULTIPLY(x, mask)
+    def mask_multiply(self, x: Any, mask: Any, scale: float | None = None) -> Any:
+        return _MASK_MULTIPLY(x, mask, x.dtype.type(1.0 if scale is None else scale))
+
+    def dropout(self, state: Any, x: Any, rate: float, first: int = 0) -> tuple[Any, Any]:
+        bits = random.significant_bits(cupy, x.dtype)
+        t = x.dtype.type
+        return _DROPOUT(x, state, first, bits, 2.0**-bits, t(rate), t(1.0 / (1.0 - rate)))
 
     def relu(self, x: Any, max_value: float | None) -> Any:
         return _RELU(x, x.dtype.type(max_value or 0), max_value is not None)

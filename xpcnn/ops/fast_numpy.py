@@ -551,10 +551,20 @@ class NumpyKernels(StandardKernels):
             out[i] = xpad[i, dy:dy + h, dx:dx + w]
         return out
 
-    def mask_multiply(self, x: Any, mask: Any) -> Any:
+    def mask_multiply(self, x: Any, mask: Any, scale: float | None = None) -> Any:
+        factor = None if scale is None else x.dtype.type(scale)  # (as x *= scale rounds it)
+
+        def fn(a: Any, m: Any, o: Any) -> None:
+            np.multiply(a, m, out=o)
+            if factor is not None:  # (on the block while it is in cache)
+                o *= factor
+
         if mask.shape != x.shape:
-            return np.multiply(x, mask, dtype=x.dtype)
-        return self._elementwise(lambda a, m, o: np.multiply(a, m, out=o), x.dtype, x, mask)
+            out = np.multiply(x, mask, dtype=x.dtype)
+            if factor is not None:
+                out *= factor
+            return out
+        return self._elementwise(fn, x.dtype, x, mask)
 
     def relu_backward(self, dy: Any, y: Any) -> Any:
         if y.shape != dy.shape:

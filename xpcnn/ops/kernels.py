@@ -154,10 +154,21 @@ class StandardKernels:
             out = xp.where(dx == k, rows[:, :, k:k + w, :], out)
         return out
 
-    def mask_multiply(self, x: Any, mask: Any) -> Any:
+    def mask_multiply(self, x: Any, mask: Any, scale: float | None = None) -> Any:
         """``x`` where the boolean ``mask`` holds, 0 elsewhere (as a product, not ``where``:
-        several times faster)."""
-        return x * self.xp.astype(mask, x.dtype)
+        several times faster), then times ``scale`` where one is given."""
+        y = x * self.xp.astype(mask, x.dtype)
+        if scale is not None:
+            y *= scale
+        return y
+
+    def dropout(self, state: Any, x: Any, rate: float, first: int = 0) -> tuple[Any, Any]:
+        """Inverted dropout of ``x``: an element is kept where its number of the draw that
+        ``state`` names (:meth:`uniform`, elements ``first`` onwards) is at least ``rate``,
+        and scaled by 1 / (1 - rate). Returns the output and the boolean mask of what was kept
+        (its gradient is :meth:`mask_multiply` with the same mask and scale)."""
+        keep = self.uniform(state, tuple(x.shape), x.dtype, first) >= rate
+        return self.mask_multiply(x, keep, 1.0 / (1.0 - rate)), keep
 
     def relu(self, x: Any, max_value: float | None) -> Any:
         """``min(max(x, 0), max_value)``."""
