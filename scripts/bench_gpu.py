@@ -338,6 +338,31 @@ def bench_torch(model: xpcnn.Sequential, batch: int, precision: str,
     return {"train_img_s": batch / t_train, "infer_img_s": batch / t_infer, "peak_mib": peak}
 
 
+def issue_18_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each row against issue 18's targets: images/s through ``fit`` at least 1.0x PyTorch
+    eager's training step (at least 2.0x at batch 128), peak memory of a step at most 1.5x
+    PyTorch's. Returns the lines to print and, per target, the rows measured and missed."""
+    checks = {"fit >= 1.0x PyTorch eager": ("fit_img_s", "train_img_s", 1.0, None),
+              "fit >= 2.0x PyTorch eager at batch 128": ("fit_img_s", "train_img_s", 2.0, 128),
+              "peak memory <= 1.5x PyTorch's": ("peak_mib", "peak_mib", 1.5, None)}
+    out: dict[str, Any] = {"lines": []}
+    for label, (ours, theirs, bound, batch) in checks.items():
+        measured, missed = 0, []
+        for row in rows:
+            a, b = row["xpcnn"].get(ours), (row["torch"] or {}).get(theirs)
+            if not a or not b or (batch is not None and row["batch"] != batch):
+                continue
+            measured += 1
+            ratio = a / b
+            if (ratio < bound) if ours == "fit_img_s" else (ratio > bound):
+                missed.append(f"{row['model']} b{row['batch']} {row['precision']} "
+                              f"{ratio:.2f}x")
+        out[label] = {"measured": measured, "missed": missed}
+        out["lines"].append(f"{label}: {measured - len(missed)} of {measured} rows met"
+                            + (f"; missed: {', '.join(missed)}" if missed else ""))
+    return out
+
+
 def software(device: str) -> dict[str, Any]:
     """Versions and the settings that decide float32 matmul precision on each side."""
     info: dict[str, Any] = {"xpcnn": xpcnn.__version__, "numpy": np.__version__}
@@ -500,6 +525,10 @@ def main() -> int:
                       f"{ratio(ours['peak_mib'], get(theirs, 'peak_mib'))}"
                       f"  graphs: {ours.get('cuda_graphs', '-')}", flush=True)
                 save()
+    verdict = issue_18_targets(rows)
+    info["issue_18_targets"] = verdict
+    print("issue 18's targets:", *verdict["lines"], sep="\n  ", flush=True)
+    save()
     for spec in args.conv_layers:
         name, batch, precision = spec.split(":")
         conv_rows.append({"spec": spec,

@@ -77,6 +77,34 @@ def test_the_gpu_benchmark_dry_runs_on_the_cpu(layout, tmp_path):
     assert row["xpcnn"]["fit_img_s"] > 0 and row["xpcnn"]["fit_tflops"] > 0
     assert row["xpcnn"]["cuda_graphs"] == "CUDA graphs need the CuPy backend, not numpy"
     assert row["xpcnn"]["peak_tflops"] is None  # no datasheet peak for a CPU
+    targets = report["software"]["issue_18_targets"]  # (batch 4, no GPU memory: one check)
+    assert [targets[k]["measured"] for k in targets if k != "lines"] == [1, 0, 0]
+    assert "issue 18's targets:\n  fit >= 1.0x PyTorch eager: " in out.stdout
+
+
+def test_the_gpu_benchmark_holds_each_row_to_issue_18s_targets():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bench_gpu import issue_18_targets
+    finally:
+        sys.path.pop(0)
+
+    def row(model, batch, fit, torch, mib, torch_mib):
+        return {"model": model, "batch": batch, "precision": "float32",
+                "xpcnn": {"fit_img_s": fit, "peak_mib": mib},
+                "torch": {"train_img_s": torch, "peak_mib": torch_mib}}
+
+    verdict = issue_18_targets([row("mnist", 128, 90.0, 45.0, 300.0, 250.0),   # 2.0x, 1.2x
+                                row("cifar", 128, 60.0, 40.0, 500.0, 300.0),   # 1.5x, 1.67x
+                                row("cifar", 512, 80.0, 100.0, None, 900.0)])  # 0.8x, -
+    assert verdict["fit >= 1.0x PyTorch eager"] == {"measured": 3,
+                                                     "missed": ["cifar b512 float32 0.80x"]}
+    assert verdict["fit >= 2.0x PyTorch eager at batch 128"] == {
+        "measured": 2, "missed": ["cifar b128 float32 1.50x"]}
+    assert verdict["peak memory <= 1.5x PyTorch's"] == {"measured": 2,
+                                                        "missed": ["cifar b128 float32 1.67x"]}
+    assert verdict["lines"][0] == ("fit >= 1.0x PyTorch eager: 2 of 3 rows met; missed: "
+                                   "cifar b512 float32 0.80x")
 
 
 def test_the_per_layer_tables_dry_run(tmp_path):
