@@ -2,11 +2,12 @@
 on the CPU, for machines without a GPU.
 
 ``cupy.ElementwiseKernel`` wraps a C++ loop body in a loop over the output's elements. This
-module does the same with the host C++ compiler, for float32 and float64 data: ``i`` is the
-element's C-order index, a non-raw argument is the element at ``i`` (broadcast), a ``raw`` one
-an array indexed by one integer, a scalar a constant of its declared type. A fake ``cupy`` module
-routes the few other CuPy calls of those modules to NumPy. float16 is left to the GPU tests
-(CuPy's half type has no host twin here).
+module does the same with the host C++ compiler, for float16 (CuPy's float16 class on the
+compiler's ``_Float16``), float32 and float64 data: ``i`` is the element's C-order index, a
+non-raw argument is the element at ``i`` (broadcast), a ``raw`` one an array indexed by one
+integer, a scalar a constant of its declared type. A fake ``cupy`` module routes the few other
+CuPy calls of those modules to NumPy. The raw kernels (``RawKernel``) run in float32 and
+float64 only: their float16 versions use the tensor cores (tests/test_gpu.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-C_TYPES = {np.dtype("float32"): "float", np.dtype("float64"): "double", np.dtype("bool"): "bool",
+C_TYPES = {np.dtype("float16"): "float16", np.dtype("float32"): "float",
+           np.dtype("float64"): "double", np.dtype("bool"): "bool",
            np.dtype("int32"): "int", np.dtype("int64"): "long long",
            np.dtype("uint8"): "unsigned char"}
 
@@ -49,6 +51,27 @@ def _params(text: str) -> list[tuple[bool, str, str]]:
         out.append((raw, *p[raw:]))
     return out
 
+
+# CuPy's float16 (cupy/_core/include/cupy/float16.cuh) on the host's _Float16 (GCC 12 and
+# later, x86-64 and AArch64): stored as a half, converted to float implicitly and from float
+# rounding to nearest; no arithmetic of its own, so that an expression of float16 values is
+# computed in float and rounded once, where it is stored, as on the GPU.
+_FLOAT16 = """
+struct float16 {
+    _Float16 v;
+    float16() {}
+    float16(float f) : v((_Float16)f) {}
+    explicit float16(double d) : v((_Float16)(float)d) {}
+    explicit float16(int i) : v((_Float16)(float)i) {}
+    explicit float16(long long i) : v((_Float16)(float)i) {}
+    explicit float16(bool b) : v((_Float16)(float)b) {}
+    operator float() const { return (float)v; }
+    template <typename T> float16& operator=(const T& x) { *this = float16(x); return *this; }
+    float16& operator=(const float16&) = default;
+};
+inline int isfinite(float16 x) { return std::isfinite((float)x); }
+inline int isnan(float16 x) { return std::isnan((float)x); }
+"""
 
 # CUDA's atomics, for a loop that is one thread (no other writer between the read and the write).
 _ONE_THREAD_ATOMICS = ("template <typename X> X atomicOr(X* a, X v) "
@@ -106,8 +129,8 @@ class ElementwiseKernel:
                 decls.append(f"{c}* {name}_p = ({c}*)ptrs[{j}];")
                 per_element.append(f"{c}& {name} = {name}_p[i];")
         typedefs = "".join(f"typedef {C_TYPES[v]} {k};\n" for k, v in types_.items())
-        source = ("#include <cmath>\n#define __device__\nusing namespace std;\n" + typedefs +
-                  self.preamble + _ONE_THREAD_ATOMICS +
+        source = ("#include <cmath>\n#define __device__\nusing namespace std;\n" + _FLOAT16 +
+                  typedefs + self.preamble + _ONE_THREAD_ATOMICS +
                   "template <typename X> struct Raw { X* d; "
                   "X& operator[](long long k) const { return d[k]; } };\n"
                   'extern "C" void run(long long size, void** ptrs, double* scalars) {\n'

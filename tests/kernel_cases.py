@@ -115,7 +115,15 @@ def two_dtype_updates(xp, kernels, make, rng, dtypes, scalar_dtype=None):
 # square each dtype holds:
 SQUARE_OVERFLOWS = {"float16": 6e4, "float32": 1e30, "float64": 1e160}  # (/ 8 still are)
 RECORD_SHAPES = [(3, 3, 4, 8), (8,), (0,), (50, 10), (1,)]
-RECORD_DTYPES = [("float32",), ("float64",), ("float32", "float64")]  # (cycled over the shapes)
+# (cycled over the shapes)
+RECORD_DTYPES = [("float32",), ("float64",), ("float16",), ("float16", "float32", "float64")]
+def record_checks(dtypes):
+    """How many check launches (and tables) a step's record takes for these gradients: one
+    per dtype of a non-empty gradient."""
+    return len({dtypes[k % len(dtypes)] for k, shape in enumerate(RECORD_SHAPES)
+                if np.prod(shape)})
+
+
 # (initial [scale, good steps] or None, whether the optimiser keeps squares)
 RECORD_SCALING = [(None, False), (None, True), ((4.0, 1999.0), True), ((1.0, 0.0), False)]
 
@@ -158,8 +166,9 @@ def recorded_steps(xp, record, dtypes, scaling, squares, step_on_device):
         if step == 6:
             grads[-1][0] = 1.0
         number[...] = step
-        if scale is not None:  # (the scales are powers of 2: the quotients are exact)
-            untouched = untouched / host(scale)[0]
+        if scale is not None:  # (as the standard divides: by a product with the inverse)
+            inverse = np.float32(1.0) / host(scale)[0]
+            untouched = (untouched * inverse).astype(untouched.dtype)
         apply = record(state, stats, grads, 128.0, number if step_on_device else step, scale,
                        squares)
         out.append((host(state).copy(), None if scale is None else host(scale).copy(),

@@ -23,6 +23,7 @@ from kernel_cases import (
     check_recorded_steps,
     device_scalars,
     gated_updates,
+    record_checks,
     recorded_steps,
     two_dtype_updates,
 )
@@ -37,6 +38,7 @@ pytestmark = needs_compiler
 
 STD = StandardKernels(xpn)
 DTYPES = [np.float32, np.float64]
+WITH_HALF = [np.float16, *DTYPES]  # (the elementwise kernels: CuPy's float16 emulated too)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def test_tensor_core_kernels_that_do_not_compile_fall_back_with_a_warning(fast, 
 
 
 @pytest.mark.parametrize("kernel, strides, shape, pads", IM2COL)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", WITH_HALF)
 def test_im2col(fast, rng, kernel, strides, shape, pads, dtype):
     x = rng.standard_normal(shape).astype(dtype)
     out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
@@ -99,7 +101,7 @@ def test_im2col(fast, rng, kernel, strides, shape, pads, dtype):
 
 
 @pytest.mark.parametrize("kernel, strides, shape", MAX_POOL)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", WITH_HALF)
 def test_max_pool_and_its_gradient(fast, rng, kernel, strides, shape, dtype):
     x = rng.integers(0, 3, shape).astype(dtype)  # ties: the first maximum must win
     out_hw = ops.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
@@ -112,7 +114,7 @@ def test_max_pool_and_its_gradient(fast, rng, kernel, strides, shape, dtype):
             STD.max_pool_backward(x, y, dy, kernel, strides, out_hw, relu_grad))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", WITH_HALF)
 def test_elementwise_kernels(fast, rng, dtype):
     x = rng.standard_normal((4, 5, 6, 7)).astype(dtype) * 4
     x[0, 0, 0, :3] = [0.0, 6.0, np.nan]
@@ -193,7 +195,7 @@ def test_convolution_kernels(fast, monkeypatch, rng, algorithm, kernel, strides,
 
 @pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
 @pytest.mark.parametrize("labels_dtype", [np.int64, np.int32, np.uint8])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", WITH_HALF)
 def test_softmax_cross_entropy(fast, rng, rows, classes, smoothing, levels, labels_dtype,
                                dtype):
     z = (rng.integers(0, levels, (rows, classes)) if levels
@@ -202,7 +204,9 @@ def test_softmax_cross_entropy(fast, rng, rows, classes, smoothing, levels, labe
     stats, grad = fast.softmax_cross_entropy(z, labels, smoothing)
     want_stats, want_grad = STD.softmax_cross_entropy(z, labels, smoothing)
     assert stats.dtype == want_stats.dtype and stats.shape == (2,) and grad.dtype == dtype
-    tol = 1e-5 if dtype == np.float32 else 1e-12
+    # (float16 logits: the kernel computes in float and rounds once, the standard version
+    # rounds the logits' differences to float16 first)
+    tol = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-12}[dtype]
     np.testing.assert_allclose(stats[0], want_stats[0], rtol=tol, atol=tol)
     assert stats[1] == want_stats[1]
     np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol / rows)
@@ -288,6 +292,36 @@ def test_training_with_the_cuda_kernels(fast, monkeypatch, net, algorithm):
     assert loss_fast == pytest.approx(loss_std, rel=1e-5)
     for a, b in zip(w_fast, w_std, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("net", [gap_net, every_layer_net])
+def test_mixed_float16_training_with_the_cuda_kernels(fast, monkeypatch, net):
+    """Mixed precision on the CuPy kernels (CuPy's float16 emulated; the direct convolution
+    kernels, the tiled ones being the tensor cores' on a GPU): float16 layers, the loss scaled
+    and the gradients unscaled and checked by the step's record, the fused float32 updates.
+    Close to the standard path, which rounds every float16 operation where the kernels round
+    once: the same loss scale, losses to 2e-4, weights to 2% of the largest weight."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
+    conv = fast.conv_kernels
+    for flag in ("runs_forward", "runs_weight_grad", "tiled"):
+        monkeypatch.setattr(conv, flag, getattr(conv, flag))  # put back after the test
+    conv.set_algorithm("direct")
+
+    def fit(kernels):
+        monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+        model = xpcnn.Sequential(net(), seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), precision="mixed_float16")
+        history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+        return model.get_weights(), history.history["loss"], model.loss_scale
+
+    (w_fast, loss_fast, scale_fast), (w_std, loss_std, scale_std) = fit(fast), fit(None)
+    assert scale_fast == scale_std == 2.0**15
+    assert loss_fast == pytest.approx(loss_std, rel=2e-4)
+    largest = max(float(np.abs(b).max()) for b in w_std)
+    for a, b in zip(w_fast, w_std, strict=True):
+        assert a.dtype == b.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * largest)
 
 
 # -- the updates with device scalars (a step captured in a CUDA graph, xpcnn.cuda_graphs) ---------
@@ -471,8 +505,8 @@ def test_recording_a_step(fast, monkeypatch, dtypes, scaling, squares, how):
             if not captured:
                 with fast.capture_tables() as tables, capture.recording():
                     captured.append(fast.record_step(*args))
-                # (a memset, a check per gradient dtype with its table, the record)
-                assert len(tables) == len(dtypes) and len(capture.launches) == 2 + len(dtypes)
+                checks = record_checks(dtypes)  # (and a memset and the record)
+                assert len(tables) == checks and len(capture.launches) == 2 + checks
             capture.replay()
             return captured[0]
 

@@ -93,10 +93,10 @@ def test_numpy_dropout_is_the_standard_dropout(dtype):
 
 
 @needs_compiler
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_cuda_dropout_is_the_standard_dropout(dtype):
     """fast_cupy's dropout in one launch (and the gradient's scaled mask), compiled for the
-    CPU, bit for bit (float16 on a GPU: tests/test_gpu.py)."""
+    CPU (CuPy's float16 emulated), bit for bit."""
     module, saved = load_emulated_fast_cupy()
     try:
         for got, want in _dropout_cases(module.KERNELS, dtype):
@@ -107,9 +107,9 @@ def test_cuda_dropout_is_the_standard_dropout(dtype):
 
 
 @needs_compiler
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_the_cuda_kernel_is_the_definition(dtype):
-    """fast_cupy's kernel, compiled for the CPU (tests/cuda_emulator.py; float16 on a GPU)."""
+    """fast_cupy's kernel, compiled for the CPU (tests/cuda_emulator.py)."""
     module, saved = load_emulated_fast_cupy()
     try:
         state = np.array([2**40 + 17, 123], np.int64)

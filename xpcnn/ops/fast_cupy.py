@@ -653,14 +653,13 @@ class CupyKernels(StandardKernels):
 
     def record_step(self, state: Any, stats: Any, grads: list[Any], n: float, step: Any,
                     scaling: Any, squares: bool) -> Any:
-        if not _contiguous(*grads):  # (the check writes unscaled gradients in place)
-            return super().record_step(state, stats, grads, n, step, scaling, squares)
         scaled = scaling is not None
         if not scaled:
             scaling = cupy.empty(2, cupy.float32)  # (not read)
         bits = cupy.zeros(len(grads), cupy.int32)
         by_dtype: dict[Any, list[tuple[int, Any]]] = {}
-        for k, g in enumerate(grads):
+        flat = [cupy.ascontiguousarray(g) for g in grads]  # (the kernel reads them flat)
+        for k, g in enumerate(flat):
             by_dtype.setdefault(g.dtype, []).append((k, g))
         for dtype, group in by_dtype.items():
             arrays = [g for _, g in group]
@@ -672,6 +671,10 @@ class CupyKernels(StandardKernels):
             _CHECK_GRADIENTS(arrays[0], len(arrays), square_limit(np, dtype), squares, scaled,
                              scaling, _device_table(table, state.device, self._deferred), bits,
                              size=int(offsets[-1]))
+        if scaled:  # (unscaled in place: a copy's values go back where the caller reads)
+            for g, copy in zip(grads, flat, strict=True):
+                if copy is not g:
+                    g[...] = copy
         apply = cupy.empty(1, cupy.bool_)
         stats = cupy.ascontiguousarray(stats)
         if _by_value(step):
