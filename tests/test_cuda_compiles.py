@@ -151,3 +151,12 @@ def test_dropout_kernel_compiles(fast_cupy, dtype):
     source = _elementwise_as_kernel(fast_cupy._DROPOUT, {"T": dtype}, arrays=("x", "y", "keep"))
     code, log = _compile(source, "xpcnn_dropout", 90)
     assert code == 0, log
+
+
+@pytest.mark.parametrize("source, target", [("float", "__half"), ("double", "float"),
+                                            ("__half", "float")])
+def test_cast_all_kernel_compiles(fast_cupy, source, target):
+    """Many arrays cast in one launch (a mixed-precision forward pass's weights)."""
+    source_code = _elementwise_as_kernel(fast_cupy._CAST_ALL, {"S": source, "U": target})
+    code, log = _compile(source_code, "xpcnn_cast_all", 90)
+    assert code == 0, log

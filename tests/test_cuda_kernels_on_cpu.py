@@ -138,6 +138,23 @@ def test_elementwise_kernels(fast, rng, dtype):
             np.testing.assert_array_equal(got, want)
 
 
+def test_casting_many_arrays_in_one_launch(fast, rng):
+    """A mixed-precision forward pass's weights: one launch per source dtype, rounding as
+    NumPy's astype does (to nearest, ties to even), into views of one buffer; arrays of the
+    target dtype already, empty and non-contiguous ones too."""
+    arrays = [rng.standard_normal(s).astype(np.float32) * 10 for s in [(3, 3, 4, 8), (8,), (0,),
+                                                                       (50, 10), (1,)]]
+    arrays += [rng.standard_normal((7, 5)).T, np.float16([1.5, 2.5]),
+               np.float32([65519.0, 65520.0, 1e-8, np.nan, -np.inf])]  # (ties, overflow...)
+    for dtype in (np.float16, np.float32):
+        with np.errstate(over="ignore"):  # (65520 rounds to float16's infinity)
+            got, want = fast.cast_all(arrays, np.dtype(dtype)), STD.cast_all(arrays, dtype)
+        for a, g, w in zip(arrays, got, want, strict=True):
+            assert g.dtype == w.dtype == dtype and g.shape == w.shape == a.shape
+            np.testing.assert_array_equal(g, w)
+            assert (g is a) == (a.dtype == dtype)  # (as astype(copy=False) leaves it)
+
+
 @pytest.mark.parametrize("rows", [131072, 1000, 513, 100])
 @pytest.mark.parametrize("dtype", WITH_HALF)
 def test_blocked_sums(fast, rng, rows, dtype):

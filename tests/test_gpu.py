@@ -726,6 +726,16 @@ def test_dropout_kernel_is_the_standard_dropout(cp, kernels, rng, dtype):
         _equal(fast.mask_multiply(x, keep, 2.0), std.mask_multiply(x, keep, 2.0))
 
 
+def test_casting_many_arrays_in_one_launch_on_the_gpu(cp, kernels, rng):
+    fast, std = kernels
+    arrays = [_random(cp, rng, s, "float32") for s in [(3, 3, 4, 8), (8,), (0,), (9216, 128)]]
+    arrays.append(cp.asarray([65519.0, 65520.0, 1e-8, np.nan], dtype=cp.float32))
+    for got, want in zip(fast.cast_all(arrays, cp.dtype(cp.float16)),
+                         std.cast_all(arrays, cp.float16), strict=True):
+        assert got.dtype == want.dtype == cp.float16
+        _equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", ["uint8", "float16", "float32"])
 def test_random_crop_kernel_is_the_standard_crop(cp, kernels, rng, dtype):
     fast, std = kernels

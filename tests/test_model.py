@@ -284,6 +284,36 @@ def test_mixed_float16_trains_with_float32_master_weights(data):
         np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02)
 
 
+def test_mixed_precision_casts_the_weights_once_a_forward_pass(data, monkeypatch):
+    """One ``cast_all`` of every convolution's and Dense layer's weights before each forward
+    pass (one launch on CuPy, where each weight took one), read by the layers and dropped
+    after it; float32 needs none. The same weights as each layer casting its own."""
+    from xpcnn.layers.base import Layer
+    from xpcnn.ops.kernels import StandardKernels
+
+    calls = []
+    cast_all = StandardKernels.cast_all
+
+    def counted(self, arrays, dtype):
+        calls.append((len(arrays), dtype))
+        return cast_all(self, arrays, dtype)
+
+    monkeypatch.setattr(StandardKernels, "cast_all", counted)
+    model = trained(data, net=gap_net, precision="mixed_float16")  # (1 epoch, batches of 16)
+    steps = -(-len(data[0]) // 16)
+    n = sum(len(la.params) for la in model.layers if la.casts_weights)  # (3 layers, 5 arrays)
+    assert calls == [(n, np.float16)] * steps and n == 5
+    assert all(getattr(la, "_cache_weights", None) is None for la in model.layers)
+    model.predict(data[0][:4])
+    assert len(calls) == steps + 1
+    monkeypatch.setattr(Layer, "compute_weight", lambda self, name: (
+        self.xp.astype(self.params[name], self.compute_dtype)))  # (each layer its own cast)
+    own = trained(data, net=gap_net, precision="mixed_float16")
+    for a, b in zip(model.get_weights(), own.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert trained(data, net=gap_net) and len(calls) == 2 * steps + 1  # (float32: no call)
+
+
 def test_loss_scaling_skips_an_overflowing_step_and_lowers_the_scale(data):
     model = xpcnn.Sequential(gap_net(), seed=0)
     model.compile(optimizer=xpcnn.optim.SGD(0.01), precision="mixed_float16")

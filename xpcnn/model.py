@@ -22,6 +22,7 @@ from .backend import DeviceLike, get_backend
 from .errors import InputError
 from .layers.activation import Softmax
 from .layers.base import Layer, SymbolicTensor, dtype_name, refuse_training_in_graph
+from .ops.kernels import kernels_for
 from .saving import load_weights, register_model, save_model
 from .structure import check_structure
 from .training import Trainer
@@ -265,9 +266,32 @@ class Model(Trainer):
     def _logits(self, x: Any, training: bool) -> Any:
         """Forward pass up to the logits, by the plan, of a device batch (cast to the
         parameters' dtype first)."""
-        with self.backend.compute_scope():
+        with self.backend.compute_scope(), self._weights_cast():
             x = self.backend.xp.astype(x, self._param_dtype, copy=False)
             return graph.forward(self._plan(), x, training)
+
+    @contextlib.contextmanager
+    def _weights_cast(self) -> Iterator[None]:
+        """Under mixed precision, the weights of every layer that reads them in its compute
+        dtype (:attr:`~xpcnn.layers.base.Layer.casts_weights`) cast in one call for a forward
+        pass (one launch on CuPy, where each weight took one), and dropped after it."""
+        layers = [la for la in self.layers
+                  if la.casts_weights and la.params and la.compute_dtype != la.dtype]
+        if not layers:
+            yield
+            return
+        names = [(la, k) for la in layers for k in la.params]
+        casts = kernels_for(self.backend).cast_all([la.params[k] for la, k in names],
+                                                   layers[0].compute_dtype)
+        for la in layers:
+            la._cache_weights = {}
+        for (la, k), cast in zip(names, casts, strict=True):
+            la._cache_weights[k] = cast
+        try:
+            yield
+        finally:
+            for la in layers:
+                la._cache_weights = None
 
     def _backward(self, dz: Any, on_layer: Callable[[Layer], None] | None = None) -> None:
         """Backward pass from the logits' gradient, after ``_logits(x, training=True)``: fills

@@ -118,6 +118,9 @@ class Layer:
     #: True for a layer whose input is a list of batches (a merge layer): ``forward`` takes a
     #: list and ``backward`` returns one gradient per input, in the same order.
     multi_input: ClassVar[bool] = False
+    #: True for a layer whose forward pass reads its parameters in ``compute_dtype`` through
+    #: :meth:`compute_weight` (under mixed precision the model casts all of them in one call).
+    casts_weights: ClassVar[bool] = False
     #: Builds, moves and compute-dtype changes of every layer so far, counted on this class
     #: (``Layer.rebuilds += 1``, never on a subclass): a model looks again whether its layers
     #: are built as it needs them only after this count moved (``Model._rebuild_if_shared``).
@@ -362,6 +365,15 @@ class Layer:
         self.compute_dtype = backend.dtype(dtype_name(self.compute_dtype))
         self.grads = {}
         self._clear_cache()
+
+    def compute_weight(self, name: str) -> Any:
+        """Parameter ``name`` in ``compute_dtype`` (the parameter itself where that is its
+        dtype): the model's cast of it for this forward pass where it made one (``_logits``
+        casts every :attr:`casts_weights` layer's weights in one call), else one made here."""
+        cast = (getattr(self, "_cache_weights", None) or {}).get(name)
+        if cast is not None:
+            return cast
+        return self.xp.astype(self.params[name], self.compute_dtype, copy=False)
 
     def _clear_cache(self) -> None:
         """Drop what the last forward pass kept (arrays on the old device, a convolution's

@@ -36,6 +36,7 @@ class Conv2D(Layer):
 
     weight_names = ("kernel", "bias")
     can_fuse_relu = True
+    casts_weights = True
 
     def __init__(
         self,
@@ -106,9 +107,8 @@ class Conv2D(Layer):
         xp = self.xp
         self._cache_x_dtype = x.dtype
         x = xp.astype(x, self.compute_dtype, copy=False)
-        kernel = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
-        bias = (xp.astype(self.params["bias"], self.compute_dtype, copy=False)
-                if self.use_bias else None)
+        kernel = self.compute_weight("kernel")
+        bias = self.compute_weight("bias") if self.use_bias else None
         relu = self.relu_output or options.fused_relu
         y = self._engine().forward(x, kernel, bias, relu)
         if training:  # (under mixed precision the cast kernel is a copy: backward reuses it)

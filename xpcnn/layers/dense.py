@@ -35,6 +35,7 @@ class Dense(Layer):
 
     weight_names = ("kernel", "bias")
     can_fuse_relu = True
+    casts_weights = True
 
     def __init__(self, units: int, activation: str | None = None, use_bias: bool = True,
                  kernel_initializer: str = "glorot_uniform", name: str | None = None) -> None:
@@ -70,10 +71,9 @@ class Dense(Layer):
         xp = self.xp
         self._cache_x_dtype = x.dtype
         x = xp.astype(x, self.compute_dtype, copy=False)
-        w = xp.astype(self.params["kernel"], self.compute_dtype, copy=False)
+        w = self.compute_weight("kernel")
         kern = kernels_for(self.backend)
-        bias = (xp.astype(self.params["bias"], self.compute_dtype, copy=False)
-                if self.use_bias else None)
+        bias = self.compute_weight("bias") if self.use_bias else None
         relu = self.relu_output or options.fused_relu
         y = kern.bias_relu(kern.matmul(x, w), bias, relu)
         if training:

@@ -320,6 +320,14 @@ _ADAM, _ADAM_AT = _update_kernels(
     """)
 
 
+# Arrays of one dtype cast to another in one launch (a mixed-precision forward pass's weights,
+# Model._weights_cast), into one flat output: one thread per element of them all, found as the
+# updates find theirs (``table``: the running offsets, then the addresses).
+_CAST_ALL = cupy.ElementwiseKernel(
+    "raw S dtype_of, int32 count, raw int64 table", "raw U out",
+    _SEARCH + "out[i] = (U)((const S*)table[count + 1 + lo])[e];",
+    "xpcnn_cast_all",
+)
 # A training step's record (xpcnn.ops.step_record) in three launches (a memset and two
 # kernels), where the standard one takes two per gradient and about thirty more on small
 # vectors (and one more per gradient to unscale float16 steps). First, one thread per element
@@ -650,6 +658,25 @@ class CupyKernels(StandardKernels):
         _SOFTMAX_CROSS_ENTROPY(z, labels, classes, 1.0 - smoothing, smoothing / classes,
                                1.0 / n, grad, rows, size=n)
         return rows.sum(axis=0), grad
+
+    def cast_all(self, arrays: list[Any], dtype: Any) -> list[Any]:
+        out = list(arrays)  # (those of the dtype already stay themselves)
+        groups: dict[Any, list[int]] = {}
+        for k, a in enumerate(arrays):
+            if a.dtype != dtype:
+                groups.setdefault(a.dtype, []).append(k)
+        for ks in groups.values():
+            sources = [cupy.ascontiguousarray(arrays[k]) for k in ks]
+            offsets = np.cumsum([0] + [a.size for a in sources])
+            flat = cupy.empty(int(offsets[-1]), dtype)
+            if offsets[-1]:
+                table = np.concatenate([offsets, [_address(a) for a in sources]])
+                _CAST_ALL(sources[0], len(sources), _device_table(table, flat.device,
+                                                                  self._deferred),
+                          flat, size=int(offsets[-1]))
+            for k, a, start in zip(ks, sources, offsets, strict=False):
+                out[k] = flat[start:start + a.size].reshape(a.shape)
+        return out
 
     def record_step(self, state: Any, stats: Any, grads: list[Any], n: float, step: Any,
                     scaling: Any, squares: bool) -> Any:

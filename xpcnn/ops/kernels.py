@@ -205,6 +205,10 @@ class StandardKernels:
         stats = loss_and_correct(xp, loss, z, labels)
         return nan_unless_classes(xp, stats, labels, z.shape[1]), grad
 
+    def cast_all(self, arrays: list[Any], dtype: Any) -> list[Any]:
+        """Each array in ``dtype`` (itself where it is of that dtype already)."""
+        return [self.xp.astype(a, dtype, copy=False) for a in arrays]
+
     def record_step(self, state: Any, stats: Any, grads: list[Any], n: float, step: Any,
                     scaling: Any, squares: bool) -> Any:
         """Training step ``step``'s sums and finiteness into ``state`` (and the float16 loss
