@@ -685,8 +685,8 @@ class CupyKernels(StandardKernels):
             scaling = cupy.empty(2, cupy.float32)  # (not read)
         bits = cupy.zeros(len(grads), cupy.int32)
         by_dtype: dict[Any, list[tuple[int, Any]]] = {}
-        flat = [cupy.ascontiguousarray(g) for g in grads]  # (the kernel reads them flat)
-        for k, g in enumerate(flat):
+        contiguous = [cupy.ascontiguousarray(g) for g in grads]  # (read by flat index)
+        for k, g in enumerate(contiguous):
             by_dtype.setdefault(g.dtype, []).append((k, g))
         for dtype, group in by_dtype.items():
             arrays = [g for _, g in group]
@@ -699,7 +699,7 @@ class CupyKernels(StandardKernels):
                              scaling, _device_table(table, state.device, self._deferred), bits,
                              size=int(offsets[-1]))
         if scaled:  # (unscaled in place: a copy's values go back where the caller reads)
-            for g, copy in zip(grads, flat, strict=True):
+            for g, copy in zip(grads, contiguous, strict=True):
                 if copy is not g:
                     g[...] = copy
         apply = cupy.empty(1, cupy.bool_)
