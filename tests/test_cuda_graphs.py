@@ -177,6 +177,35 @@ def test_a_fit_through_captured_steps_equals_an_eager_fit(monkeypatch, kernels, 
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
 
 
+def test_a_replay_refills_only_the_numbers_that_changed():
+    """Before each replay the step's numbers go to the device scalars the graph reads, each
+    fill a launch on CuPy: a constant learning rate is put there once, the step count at every
+    step, a schedule's rate whenever it moves."""
+    fills = []
+
+    class Counted(np.ndarray):
+        def __setitem__(self, key, value):
+            fills.append(self.name)
+            super().__setitem__(key, value)
+
+    for lr, want_lr in ((0.01, 0), (optim.StepDecay(0.05, 2, 0.5), 2)):
+        model = _model(gap_net(), optim.SGD(lr, momentum=0.9))
+        model.build((12, 12, 3))
+        graphs, capture = _runner(model)
+        # (the device scalars made here, counting their fills, holding nothing yet)
+        graphs._scalars = {k: np.zeros((), np.float64).view(Counted) for k in ("lr",
+                                                                               "iteration")}
+        for k, a in graphs._scalars.items():
+            a.name = k
+        graphs._filled = {"lr": None, "iteration": None}
+        xb, yb = model._to_device(_data(8)[0]), np.zeros(8, np.int64)
+        for _ in range(6):  # warm-up 2, capture, 3 replays (the schedule: 0.05 x 2, 0.025 x 2,
+            graphs.run(xb, yb)  # 0.0125 x 2)
+        assert capture.launches == 4
+        assert fills.count("iteration") == 6 and fills.count("lr") == 1 + want_lr
+        fills.clear()
+
+
 def test_decisions_per_batch_shape_and_when_weights_are_replaced():
     model = _model(gap_net(), optim.SGD(0.01))
     model.build((12, 12, 3))

@@ -151,6 +151,7 @@ class StepGraphs:
         self.reason = ""  # why the step runs eagerly for good ("" while capture is possible)
         self._static: tuple[Any, Any] | None = None
         self._scalars: dict[str, Any] | None = None  # refilled before each step
+        self._filled: dict[str, float] = {}  # (the numbers they hold)
         self._outputs: Any = None
         # the arrays the graph was captured with, and the device tables its update kernels
         # read, held so that their memory stays theirs
@@ -248,15 +249,20 @@ class StepGraphs:
 
     def _fill_scalars(self) -> None:
         """Put the next step's numbers into the device scalars (made on first use), one 0-d
-        array each: the graph reads them where it was captured reading them."""
+        array each: the graph reads them where it was captured reading them. A number that
+        did not change since it was last put there (a constant learning rate) costs nothing:
+        on CuPy each fill is a launch."""
         values = self.scalars_for_next()
         if self._scalars is None or self._scalars.keys() != values.keys():
             dtype, wide = self._dtype(), getattr(self.backend.xp, "float64", None)
             self._scalars = {k: self.backend.asarray(v, dtype=wide if k in self.exact and wide
                                                      else dtype) for k, v in values.items()}
+            self._filled = dict(values)
             return
         for k, v in values.items():
-            self._scalars[k][...] = v
+            if self._filled[k] != v:
+                self._scalars[k][...] = v
+                self._filled[k] = v
 
     def _dtype(self) -> Any:
         """The parameters' dtype (the scalars meet them in the update)."""
