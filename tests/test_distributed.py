@@ -171,6 +171,7 @@ class ThreadSum:
         self.meet = threading.Barrier(ranks, timeout=30)  # (a failed rank must not hang all)
         self.posted: list[list] = [[] for _ in range(ranks)]
         self.launched: list[list[int]] = [[] for _ in range(ranks)]  # buffer sizes, in order
+        self.dtypes: list[list] = [[] for _ in range(ranks)]  # and their dtypes
 
     def for_rank(self, rank: int):
         comm = self
@@ -179,6 +180,7 @@ class ThreadSum:
             def start(self, buf):
                 comm.posted[rank].append(buf)
                 comm.launched[rank].append(buf.size)
+                comm.dtypes[rank].append(buf.dtype)
                 return len(comm.posted[rank]) - 1
 
             def progress(self, handles):
@@ -256,6 +258,39 @@ def test_bucketed_average_over_thread_ranks_equals_one_batch(frozen):
     for model in models:
         for a, b in zip(model.get_weights(), single.get_weights(), strict=True):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-14)
+
+
+def test_mixed_precision_gradients_are_summed_in_the_parameters_dtype():
+    """Under mixed float16 a Dense kernel's gradient comes from the layer in float16; the
+    ranks sum it in the parameters' dtype (float64 here), even in a bucket of float16
+    gradients alone (no bias to promote the bucket), and both ranks end with the weights of one
+    process."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(4, 3, 3, 2)), rng.integers(0, 5, 4)
+
+    def model():
+        m = xpcnn.Sequential([Flatten(), Dense(5, use_bias=False), Softmax()], seed=1,
+                             dtype="float64")
+        m.compile(optimizer=xpcnn.optim.SGD(0.1), precision="mixed_float16")
+        m.build((3, 3, 2))
+        return m
+
+    single, models, comm = model(), [model(), model()], ThreadSum(2)
+    single.train_step(single._to_device(x), single.backend.asarray(y))
+    assert single.layers[1].grads["kernel"].dtype == np.float16  # (as the layer leaves it)
+
+    def step(rank, m):
+        dp = distributed.DataParallel(m, distributed.World(rank, 2), comm.for_rank(rank))
+        m._parallel = dp
+        dp.use_slice(2 * rank, 2, 4)
+        m.train_step(m._to_device(x[2 * rank:2 * rank + 2]),
+                     m.backend.asarray(y[2 * rank:2 * rank + 2]))
+
+    run_ranks(models, step)
+    assert comm.dtypes[0][1:] == [np.float64]  # (after the [loss, correct] sums)
+    for m in models:
+        for a, b in zip(m.get_weights(), single.get_weights(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_one_ranks_overflow_skips_the_step_on_every_rank():

@@ -284,10 +284,11 @@ def test_mixed_float16_trains_with_float32_master_weights(data):
         np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02)
 
 
-def test_mixed_precision_casts_the_weights_once_a_forward_pass(data, monkeypatch):
-    """One ``cast_all`` of every convolution's and Dense layer's weights before each forward
-    pass (one launch on CuPy, where each weight took one), read by the layers and dropped
-    after it; float32 needs none. The same weights as each layer casting its own."""
+def test_mixed_precision_casts_weights_and_gradients_in_one_call_each(data, monkeypatch):
+    """One ``cast_all`` of every convolution's and Dense layer's weights to float16 before each
+    forward pass, read by the layers and dropped after it, and one of a step's gradients back
+    to float32 (each one launch on CuPy, where each array took one). The same weights as each
+    layer casting its own; float32 casts nothing."""
     from xpcnn.layers.base import Layer
     from xpcnn.ops.kernels import StandardKernels
 
@@ -295,23 +296,30 @@ def test_mixed_precision_casts_the_weights_once_a_forward_pass(data, monkeypatch
     cast_all = StandardKernels.cast_all
 
     def counted(self, arrays, dtype):
-        calls.append((len(arrays), dtype))
+        calls.append((len(arrays), dtype, sum(a.dtype != dtype for a in arrays)))
         return cast_all(self, arrays, dtype)
 
     monkeypatch.setattr(StandardKernels, "cast_all", counted)
     model = trained(data, net=gap_net, precision="mixed_float16")  # (1 epoch, batches of 16)
     steps = -(-len(data[0]) // 16)
-    n = sum(len(la.params) for la in model.layers if la.casts_weights)  # (3 layers, 5 arrays)
-    assert calls == [(n, np.float16)] * steps and n == 5
+    weights = sum(len(la.params) for la in model.layers if la.casts_weights)  # (3 layers)
+    grads = sum(len(la.params) for la in model.trainable_layers)  # (and a BatchNorm2D's)
+    # (the gradients to cast: those of the kernels that come in float16, the Dense layer's
+    # here; the biases' are float32 sums, BatchNorm's float32)
+    assert (weights, grads) == (5, 7)
+    assert calls == [(5, np.float16, 5), (7, np.float32, 1)] * steps
     assert all(getattr(la, "_cache_weights", None) is None for la in model.layers)
+    assert all(g.dtype == np.float32 for g in model.layers[2].grads.values())
     model.predict(data[0][:4])
-    assert len(calls) == steps + 1
+    assert calls[2 * steps:] == [(5, np.float16, 5)]
     monkeypatch.setattr(Layer, "compute_weight", lambda self, name: (
         self.xp.astype(self.params[name], self.compute_dtype)))  # (each layer its own cast)
     own = trained(data, net=gap_net, precision="mixed_float16")
     for a, b in zip(model.get_weights(), own.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert trained(data, net=gap_net) and len(calls) == 2 * steps + 1  # (float32: no call)
+    calls.clear()
+    trained(data, net=gap_net)
+    assert calls == [(7, np.float32, 0)] * steps
 
 
 def test_loss_scaling_skips_an_overflowing_step_and_lowers_the_scale(data):

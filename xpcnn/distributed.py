@@ -380,8 +380,11 @@ class GradientBuckets:
         parts = []
         for i in self.buckets[b]:
             layer, key = self.entries[i]
-            g = layer.grads.get(key)
-            parts.append(xp.zeros_like(self._param(i)) if g is None or self._weight == 0 else g)
+            g, p = layer.grads.get(key), self._param(i)
+            # (a mixed-precision layer's gradient in the compute dtype: summed in the
+            # parameter's)
+            parts.append(xp.zeros_like(p) if g is None or self._weight == 0 else
+                         xp.astype(g, p.dtype, copy=False))
         self.buffers[b] = xp.concat([xp.reshape(g, (-1,)) for g in parts])
         self._handles.append(self.comm.start(self.buffers[b]))
 

@@ -346,7 +346,9 @@ class Trainer:
             dz = dz * self._scaling[0]
         if dp is None:
             self._backward(dz)
-            return stats, [la.grads[k] for la in self.trainable_layers for k in la.params]
+            grads = [la.grads[k] for la in self.trainable_layers for k in la.params]
+            # (a mixed-precision step's float16 gradients back to float32 in one call)
+            return stats, kernels.cast_all(grads, self._param_dtype)
         dp.buckets.begin(dp.weight, stats)
         self._backward(dz, dp.buckets.layer_done)
         grads, stats = dp.buckets.finish()

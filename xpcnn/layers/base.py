@@ -142,6 +142,8 @@ class Layer:
             raise InputError(f"layer name must be a non-empty string or None, got {name!r}")
         self.name = name or type(self).__name__.lower()
         self.params: dict[str, Any] = {}
+        # (each in the parameter's dtype or, under mixed precision, the compute dtype: the
+        # model casts them all back in one call, see Trainer._loss_and_grads)
         self.grads: dict[str, Any] = {}
         self.state: dict[str, Any] = {}
         self.built = False

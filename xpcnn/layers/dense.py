@@ -90,8 +90,7 @@ class Dense(Layer):
             dy = kern.relu_backward(dy, self._cache_y)
             self._cache_y = None
         if self.trainable:
-            self.grads["kernel"] = xp.astype(kern.matmul_tn(self._cache_x, dy), self.dtype,
-                                             copy=False)
+            self.grads["kernel"] = kern.matmul_tn(self._cache_x, dy)  # (the compute dtype)
             if self.use_bias:
                 self.grads["bias"] = xp.astype(kern.sum_rows(dy), self.dtype, copy=False)
         self._cache_x = None
