@@ -207,6 +207,18 @@ def small_model(precision: str = "float32") -> xpcnn.Sequential:
     return model
 
 
+def half_batch_steps(comm, x, y):
+    """A training step of rank 0 or 1 of two on its half of the 4-sample batch (x, y)."""
+    def step(rank, model):
+        dp = distributed.DataParallel(model, distributed.World(rank, 2), comm.for_rank(rank))
+        model._parallel = dp
+        dp.use_slice(2 * rank, 2, 4)
+        model.train_step(model._to_device(x[2 * rank:2 * rank + 2]),
+                         model.backend.asarray(y[2 * rank:2 * rank + 2]))
+
+    return step
+
+
 def run_ranks(models, step):
     errors = []
 
@@ -279,14 +291,7 @@ def test_mixed_precision_gradients_are_summed_in_the_parameters_dtype():
     single.train_step(single._to_device(x), single.backend.asarray(y))
     assert single.layers[1].grads["kernel"].dtype == np.float16  # (as the layer leaves it)
 
-    def step(rank, m):
-        dp = distributed.DataParallel(m, distributed.World(rank, 2), comm.for_rank(rank))
-        m._parallel = dp
-        dp.use_slice(2 * rank, 2, 4)
-        m.train_step(m._to_device(x[2 * rank:2 * rank + 2]),
-                     m.backend.asarray(y[2 * rank:2 * rank + 2]))
-
-    run_ranks(models, step)
+    run_ranks(models, half_batch_steps(comm, x, y))
     assert comm.dtypes[0][1:] == [np.float64]  # (after the [loss, correct] sums)
     for m in models:
         for a, b in zip(m.get_weights(), single.get_weights(), strict=True):
@@ -311,14 +316,7 @@ def test_one_ranks_overflow_skips_the_step_on_every_rank():
 
     dense.backward = overflowing_backward
 
-    def step(rank, model):
-        dp = distributed.DataParallel(model, distributed.World(rank, 2), comm.for_rank(rank))
-        model._parallel = dp
-        dp.use_slice(2 * rank, 2, 4)
-        model.train_step(model._to_device(x[2 * rank:2 * rank + 2]),
-                         model.backend.asarray(y[2 * rank:2 * rank + 2]))
-
-    run_ranks(models, step)
+    run_ranks(models, half_batch_steps(comm, x, y))
     for model in models:
         assert model.loss_scale == 2.0**14
         for a, b in zip(model.get_weights(), before, strict=True):
