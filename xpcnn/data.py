@@ -283,7 +283,7 @@ class DatasetBatches(ShardedBatches):
             order = np.arange(self.samples)
         host = (self._batch(order[lo:hi])
                 for lo, hi in rank_slices(self.samples, self.batch_size, start, self.shard))
-        return upload(self.model.backend, prefetch(host))
+        return upload(self.model.backend, prefetch(host), owned=True)  # (stacked afresh)
 
     def _batch(self, idx: np.ndarray) -> tuple[np.ndarray, Any]:
         if not len(idx):  # this rank's empty part of a short last batch (several ranks)
@@ -347,8 +347,9 @@ class IterableBatches(Batches):
         self.steps = steps  # (checked by check_source)
         self.data = data
         self.iterator = data if isinstance(data, Iterator) else None
-        held = _GIVEN_BACK.pop(id(data), None)
-        first = self.first = held[1] if held is not None and held[0] is data else None
+        self._expected = f"{what} must yield (x, y) batches"
+        held = _GIVEN_BACK.pop() if _GIVEN_BACK and _GIVEN_BACK[0][0] is data else None
+        first = self.first = None if held is None else held[1]
         if not model.built:  # the first batch tells the input shape
             if first is None:
                 first = next(iter(data), None)
@@ -373,24 +374,23 @@ class IterableBatches(Batches):
             source = itertools.islice(source, self.steps)
         checked = (check_batch(self.model, *self._split(item), self.what, copy=True)
                    for item in source)
-        return upload(self.model.backend, prefetch(checked))
+        return upload(self.model.backend, prefetch(checked), owned=True)  # (copied)
 
     def give_back(self) -> None:
         """Keep the batch drawn from the iterator and not trained on (the call was refused
         before its first epoch) for the next source of that iterator, not lost to it."""
         if self.first is not None:
-            _GIVEN_BACK.clear()  # (only the last refused call's: a retry takes it)
-            _GIVEN_BACK[id(self.iterator)] = (self.iterator, self.first)
+            _GIVEN_BACK[:] = [(self.iterator, self.first)]  # (the last refused call's alone)
             self.first = None
 
     def _split(self, item: Any) -> tuple[Any, Any]:
         """(x, y) of one batch as given (y None without targets)."""
-        return split_item(item, self.with_targets, f"{self.what} must yield (x, y) batches")
+        return split_item(item, self.with_targets, self._expected)
 
 
-#: The batch given back by the last refused call, by the id of its iterator (held with it, so
-#: that the id stays its own): (iterator, batch). One at most: nothing piles up.
-_GIVEN_BACK: dict[int, tuple[Iterator[Any], Any]] = {}
+#: The batch given back by the last refused call, with its iterator: [(iterator, batch)], one
+#: at most (nothing piles up; a retry on that iterator takes it).
+_GIVEN_BACK: list[tuple[Iterator[Any], Any]] = []
 
 
 def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bool = True
@@ -488,12 +488,16 @@ def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None, copy: 
         None if y is None else np.array(y, copy=copy or None)
 
 
-def upload(backend: Any, batches: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+def upload(backend: Any, batches: Iterator[tuple[Any, Any]], owned: bool = False
+           ) -> Iterator[tuple[Any, Any]]:
     """Host batches to the device, one copy each (device batches pass as they are), on the
-    caller's thread: the device's current context and stream are the loop's."""
+    caller's thread: the device's current context and stream are the loop's. ``owned``: each
+    batch is in arrays of its own already, which on NumPy (the host is the device) pass as
+    they are."""
+    as_they_are = owned and backend.name == "numpy"
     with contextlib.closing(batches):  # type: ignore[type-var]
         for x, y in batches:
-            yield to_device(backend, x), to_device(backend, y)
+            yield (x, y) if as_they_are else (to_device(backend, x), to_device(backend, y))
 
 
 # -- the background thread --------------------------------------------------------------------

@@ -181,8 +181,7 @@ def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backe
     for k, (layer, ins) in enumerate(zip(layers, inbound, strict=True)):
         shape = read_by(layer, ins, shapes)
         if _built_for(layer, shape, backend, dtype):
-            layer.compute_dtype = backend.dtype(compute_dtype)
-            Layer.rebuilds += 1
+            layer.set_compute_dtype(backend.dtype(compute_dtype))
             shapes.append(layer.output_shape)
             continue
         kept = _weights_that_fit(layer, shape) if layer.built else []

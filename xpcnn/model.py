@@ -280,13 +280,10 @@ class Model(Trainer):
         if not layers:
             yield
             return
-        names = [(la, k) for la in layers for k in la.params]
-        casts = kernels_for(self.backend).cast_all([la.params[k] for la, k in names],
-                                                   layers[0].compute_dtype)
+        casts = iter(kernels_for(self.backend).cast_all(
+            [p for la in layers for p in la.params.values()], layers[0].compute_dtype))
         for la in layers:
-            la._cache_weights = {}
-        for (la, k), cast in zip(names, casts, strict=True):
-            la._cache_weights[k] = cast
+            la._cache_weights = {k: next(casts) for k in la.params}
         try:
             yield
         finally:

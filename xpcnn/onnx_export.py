@@ -132,10 +132,11 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
         tensors[node.output] = CONVERTERS[type(node.layer).__name__](
             node.layer, graph, [tensors[t] for t in node.inputs])
     graph.scope = ""
-    output = output_name(model)
     if model._fused_softmax():  # predict's last step: probabilities from the logits
+        output = OUTPUT_NAME
         graph.op("Softmax", [tensors[logits]], output, axis=-1)
     else:
+        output = RAW_OUTPUT_NAME
         graph.op("Identity", [tensors[logits]], output)
     proto = _model_proto(onnx, model, graph, input_dtype, output)
     with atomic_file(path) as f:
@@ -152,11 +153,6 @@ def graph_nodes(model: Any) -> tuple[list[Node], int]:
     if model._fused_softmax():
         return nodes[:-1], inbound[-1][0]
     return nodes, len(nodes)
-
-
-def output_name(model: Any) -> str:
-    """The exported graph's output: "probabilities" after a final Softmax, else "outputs"."""
-    return OUTPUT_NAME if model._fused_softmax() else RAW_OUTPUT_NAME
 
 
 def _model_proto(onnx: Any, model: Any, graph: GraphBuilder, input_dtype: str, output: str

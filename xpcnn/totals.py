@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .ops.kernels import kernels_for
-from .ops.step_record import BAD_STEP
+from .ops.step_record import BAD_STEP, batch_sums
 
 # The most steps between two reads by the host.
 READ_EVERY = 32
@@ -47,8 +47,7 @@ class RunningTotals:
     def add_stats(self, stats: Any, n: int) -> None:
         """Add a batch's [mean loss, correct count] of ``n`` samples to the sums (evaluation)."""
         xp = self.xp
-        stats = xp.astype(stats, self.dtype)
-        batch = xp.concat([stats[:1] * float(n), stats[1:]])  # (the loss is a mean over n)
+        batch = batch_sums(xp, xp.astype(stats, self.dtype), float(n))
         self.state[...] = xp.concat([self.state[:BAD_STEP] + batch, self.state[BAD_STEP:]])
 
     def add(self, stats: Any, grads: list[Any], n: int, step: Any,
@@ -79,4 +78,3 @@ def loss_scaling(backend: Any, scale: float, good_steps: int = 0) -> Any:
     """The float16 loss-scaling state on the device: [scale, good steps in a row], float32
     like the gradients it multiplies."""
     return backend.asarray([scale, good_steps], dtype="float32")
-

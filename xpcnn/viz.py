@@ -27,7 +27,7 @@ import numpy as np
 from . import checks
 from .errors import InputError, MissingDependencyError
 from .history import History
-from .layers import Conv2D, FeatureNorm, Layer, MaxPool2D, ReLU, Softmax
+from .layers import Conv2D, FeatureNorm, Layer, MaxPool2D, ReLU
 from .model import Model, Sequential
 from .ops.softmax import softmax
 
@@ -225,7 +225,7 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
 
     # Class names label the output and, under a final Softmax, the logits before it.
     last = len(outs) - 1
-    named = {last, last - 1} if isinstance(model.layers[-1], Softmax) else {last}
+    named = {last, last - 1} if model._fused_softmax() else {last}
     for i, (layer, out) in enumerate(zip(model.layers, outs, strict=True)):
         lab = fig.add_subplot(gs[i + 1, 0])
         lab.axis("off")
@@ -594,7 +594,7 @@ def visualize_command(args: Any) -> dict[str, Any]:
                          f"{tuple(image.shape)}")
     names = _names_for(class_names(args.dataset), model.num_classes)
     probs = model.predict(image[None])[0]
-    if not isinstance(model.layers[-1], Softmax):  # (a model that ends in its logits)
+    if not model._fused_softmax():  # (a model that ends in its logits)
         probs = softmax(np, probs.astype(np.float64))
     label, guess = int(y[args.index]), int(np.argmax(probs))
     name = (lambda k: names[k] if names else str(k))  # noqa: E731

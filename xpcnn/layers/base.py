@@ -142,8 +142,9 @@ class Layer:
             raise InputError(f"layer name must be a non-empty string or None, got {name!r}")
         self.name = name or type(self).__name__.lower()
         self.params: dict[str, Any] = {}
-        # (each in the parameter's dtype or, under mixed precision, the compute dtype: the
-        # model casts them all back in one call, see Trainer._loss_and_grads)
+        # (each in the parameter's dtype or, under mixed precision, as computed (float16
+        # products, float32 sums): the model casts them back in one call, see
+        # Trainer._loss_and_grads, and so do data parallelism's buckets)
         self.grads: dict[str, Any] = {}
         self.state: dict[str, Any] = {}
         self.built = False
@@ -155,6 +156,8 @@ class Layer:
         # Its calls on symbolic tensors (Keras' inbound nodes): the user's in a functional
         # graph, a built Sequential's own; ``output`` and ``input`` are those of the one call.
         self.inbound_nodes: list[Node] = []
+        # (the model's casts of the weights for one forward pass, see compute_weight)
+        self._cache_weights: dict[str, Any] | None = None
 
     @property
     def relu_output(self) -> bool:
@@ -368,13 +371,20 @@ class Layer:
         self.grads = {}
         self._clear_cache()
 
+    def set_compute_dtype(self, dtype: Any) -> None:
+        """Run in ``dtype`` from now on (a model of these layers compiled in another
+        precision), counted in :attr:`rebuilds` where that changes anything."""
+        if self.compute_dtype != dtype:
+            self.compute_dtype = dtype
+            Layer.rebuilds += 1
+
     def compute_weight(self, name: str) -> Any:
         """Parameter ``name`` in ``compute_dtype`` (the parameter itself where that is its
         dtype): the model's cast of it for this forward pass where it made one (``_logits``
         casts every :attr:`casts_weights` layer's weights in one call), else one made here."""
-        cast = (getattr(self, "_cache_weights", None) or {}).get(name)
-        if cast is not None:
-            return cast
+        cast = self._cache_weights
+        if cast is not None and name in cast:
+            return cast[name]
         return self.xp.astype(self.params[name], self.compute_dtype, copy=False)
 
     def _clear_cache(self) -> None:

@@ -135,9 +135,9 @@ class Conv2D(Layer):
             dx = engine.input_grad(dy, kernel) if need_dx else None
         else:
             dw, db, dx = engine.gradients(x, dy, kernel, self.use_bias, need_dx, relu_y)
-            self.grads["kernel"] = dw  # (in the compute dtype: see Layer.grads)
+            self.grads["kernel"] = dw  # (as computed: see Layer.grads)
             if self.use_bias:
-                self.grads["bias"] = xp.astype(db, self.dtype, copy=False)
+                self.grads["bias"] = db
         return None if dx is None else xp.astype(dx, self._cache_x_dtype, copy=False)
 
 

@@ -90,9 +90,9 @@ class Dense(Layer):
             dy = kern.relu_backward(dy, self._cache_y)
             self._cache_y = None
         if self.trainable:
-            self.grads["kernel"] = kern.matmul_tn(self._cache_x, dy)  # (the compute dtype)
+            self.grads["kernel"] = kern.matmul_tn(self._cache_x, dy)  # (see Layer.grads)
             if self.use_bias:
-                self.grads["bias"] = xp.astype(kern.sum_rows(dy), self.dtype, copy=False)
+                self.grads["bias"] = kern.sum_rows(dy)
         self._cache_x = None
         if not options.need_input_grad:
             return None

@@ -9,8 +9,8 @@ layer (:meth:`CupyKernels.conv_engine`): cuDNN (:mod:`xpcnn.ops.cudnn_conv`) whe
 with xpcnn's hand-written CUDA kernels (:mod:`xpcnn.ops.cuda_conv`) behind it. Every method
 matches its :class:`StandardKernels` twin: ``tests/test_gpu.py`` checks that on the GPU in
 float16 and float32, and ``tests/test_cuda_kernels_on_cpu.py`` compiles the same kernel source
-for the CPU and checks it on every machine in float32 and float64. The cases a kernel does not
-cover (overlapping pooling windows, non-contiguous outputs) go to that twin.
+for the CPU and checks it on every machine (the elementwise ones in float16 too). The cases a
+kernel does not cover (overlapping pooling windows, non-contiguous outputs) go to that twin.
 
 Kernels are compiled by CuPy on first use and cached on disk (``~/.cupy/kernel_cache``). In
 elementwise bodies ``i`` is the element's C-order index, and a ``raw`` array indexed by one
@@ -413,6 +413,19 @@ def _update_table(params: list[Any], grads: list[Any], *slots: list[Any],
     return _device_table(table, params[0].device, deferred), int(offsets[-1])
 
 
+def _search_table(arrays: list[Any], device: Any, deferred: _DeferredTables | None,
+                  *columns: list[int]) -> tuple[Any, int]:
+    """The ``table`` of the kernels that find an element's array by ``_SEARCH`` (the cast and
+    the gradient check): the running offsets of C-contiguous ``arrays``, their addresses, then
+    each of ``columns`` (a number per array); and their total element count (no table where
+    that is 0: nothing to launch)."""
+    offsets = np.cumsum([0] + [a.size for a in arrays])
+    if not offsets[-1]:
+        return None, 0
+    table = np.concatenate([offsets, [_address(a) for a in arrays], *columns])
+    return _device_table(table, device, deferred), int(offsets[-1])
+
+
 def _device_table(table: Any, device: Any, deferred: _DeferredTables | None) -> Any:
     """NumPy ``table`` as int64 on ``device``: from the recent tables, else copied there;
     with ``deferred`` (inside a stream capture), filled once the capture has ended."""
@@ -667,15 +680,14 @@ class CupyKernels(StandardKernels):
                 groups.setdefault(a.dtype, []).append(k)
         for ks in groups.values():
             sources = [cupy.ascontiguousarray(arrays[k]) for k in ks]
-            offsets = np.cumsum([0] + [a.size for a in sources])
-            flat = cupy.empty(int(offsets[-1]), dtype)
-            if offsets[-1]:
-                table = np.concatenate([offsets, [_address(a) for a in sources]])
-                _CAST_ALL(sources[0], len(sources), _device_table(table, flat.device,
-                                                                  self._deferred),
-                          flat, size=int(offsets[-1]))
-            for k, a, start in zip(ks, sources, offsets, strict=False):
+            table, size = _search_table(sources, sources[0].device, self._deferred)
+            flat = cupy.empty(size, dtype)
+            if size:
+                _CAST_ALL(sources[0], len(sources), table, flat, size=size)
+            start = 0
+            for k, a in zip(ks, sources, strict=True):
                 out[k] = flat[start:start + a.size].reshape(a.shape)
+                start += a.size
         return out
 
     def record_step(self, state: Any, stats: Any, grads: list[Any], n: float, step: Any,
@@ -690,14 +702,11 @@ class CupyKernels(StandardKernels):
             by_dtype.setdefault(g.dtype, []).append((k, g))
         for dtype, group in by_dtype.items():
             arrays = [g for _, g in group]
-            offsets = np.cumsum([0] + [g.size for g in arrays])
-            if not offsets[-1]:
-                continue
-            table = np.concatenate([offsets, [_address(g) for g in arrays],
-                                    [k for k, _ in group]])
-            _CHECK_GRADIENTS(arrays[0], len(arrays), square_limit(np, dtype), squares, scaled,
-                             scaling, _device_table(table, state.device, self._deferred), bits,
-                             size=int(offsets[-1]))
+            table, size = _search_table(arrays, state.device, self._deferred,
+                                        [k for k, _ in group])
+            if size:
+                _CHECK_GRADIENTS(arrays[0], len(arrays), square_limit(np, dtype), squares,
+                                 scaled, scaling, table, bits, size=size)
         if scaled:  # (unscaled in place: a copy's values go back where the caller reads)
             for g, copy in zip(grads, contiguous, strict=True):
                 if copy is not g:

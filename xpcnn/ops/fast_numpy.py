@@ -559,12 +559,7 @@ class NumpyKernels(StandardKernels):
             if factor is not None:  # (on the block while it is in cache)
                 o *= factor
 
-        if mask.shape != x.shape:
-            out = np.multiply(x, mask, dtype=x.dtype)
-            if factor is not None:
-                out *= factor
-            return out
-        return self._elementwise(fn, x.dtype, x, mask)
+        return self._elementwise(fn, x.dtype, x, mask)  # (a mask that broadcasts: at once)
 
     def relu_backward(self, dy: Any, y: Any) -> Any:
         if y.shape != dy.shape:

@@ -24,6 +24,12 @@ LOSS_SUM, CORRECT, BAD_STEP, BAD_LOSS, BAD_GRADS = 0, 1, 2, 3, 4
 GROWTH_INTERVAL = 2000  # good float16 steps before the loss scale doubles
 
 
+def batch_sums(xp: Any, stats: Any, n: float) -> Any:
+    """What a batch of ``n`` samples adds to [loss sum, correct count]: its [mean loss,
+    correct count] ``stats`` with the loss times ``n``."""
+    return xp.concat([stats[:1] * n, stats[1:]])
+
+
 def square_limit(xp: Any, dtype: Any) -> float:
     """The largest magnitude whose square ``dtype`` holds (about)."""
     return math.sqrt(float(xp.finfo(dtype).max))
@@ -59,8 +65,8 @@ def record_step(xp: Any, state: Any, stats: Any, grads: list[Any], n: float, ste
     error = any_bad if scaling is None else _move_scale(xp, scaling, bad_loss, any_bad)
     fresh = xp.logical_and(error, state[BAD_STEP] < 0)
     first = xp.concat([state[BAD_STEP:BAD_LOSS] * 0 + step, stats[:1], flags])
-    batch = xp.concat([stats[:1] * n, stats[1:]])  # (the loss is a mean over n samples)
-    state[...] = xp.concat([state[:BAD_STEP] + batch, xp.where(fresh, first, state[BAD_STEP:])])
+    state[...] = xp.concat([state[:BAD_STEP] + batch_sums(xp, stats, n),
+                            xp.where(fresh, first, state[BAD_STEP:])])
     return xp.logical_and(xp.logical_not(any_bad), state[BAD_STEP] < 0)
 
 
