@@ -195,3 +195,12 @@ def test_parity_checks_no_more_steps_than_a_short_training_set_holds():
                "20", "--epochs", "1", script="parity_torch.py")
     assert out.returncode == 0, out.stderr
     assert "first 4 steps in float64" in out.stdout
+
+
+def test_counting_a_step_records_device_operations():
+    """scripts/count_record_ops.py: one count per optimiser case, each a positive number."""
+    out = _run("--model", "notebook", script="count_record_ops.py")
+    assert out.returncode == 0, out.stderr
+    rows = out.stdout.splitlines()[1:]
+    assert [r.split()[0] for r in rows] == ["SGD", "Adam", "SGD,"]
+    assert all(int(r.split()[-1]) > 0 for r in rows)
