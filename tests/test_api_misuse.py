@@ -655,7 +655,8 @@ def _unbuilt():
     dict(checkpoint="ck.npz"),  # BackupAndRestore needs batches it can replay
     dict(callbacks=[EarlyStopping()]),  # val_loss, in a fit without validation data
     dict(validation_data=(X[:4, :5], Y[:4])),  # images of another size than x's
-], ids=["checkpoint", "early stopping", "validation images"])
+    dict(first_labels=Y[:5] + 4),  # labels out of range in the batch that builds the model
+], ids=["checkpoint", "early stopping", "validation images", "first labels"])
 def test_a_batch_drawn_to_build_the_model_is_given_back_when_fit_is_refused(
         refused, tmp_path, monkeypatch):
     """Refused after the first batch was drawn (to build the model from it), fit gives that
@@ -663,9 +664,11 @@ def test_a_batch_drawn_to_build_the_model_is_given_back_when_fit_is_refused(
     the batch was lost, and the model built for the refused call)."""
     monkeypatch.chdir(tmp_path)
     model, batches = _unbuilt(), _generator()
+    wrong = refused.pop("first_labels", None)
     with pytest.raises(InputError):
-        model.fit(batches, steps_per_epoch=4, verbose=0, **refused)
-    assert not model.built
+        model.fit(batches if wrong is None else iter([(X[:5], wrong)]), steps_per_epoch=4,
+                  verbose=0, **refused)
+    assert not model.built  # (was: built, for the labels' refusal came at the first step)
     model.fit(batches, steps_per_epoch=4, verbose=0)
     fresh = _unbuilt()
     fresh.fit(_generator(), steps_per_epoch=4, verbose=0)

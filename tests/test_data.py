@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import tracemalloc
+import types
 from collections.abc import Iterator
 
 import array_api_strict as xps
@@ -283,6 +284,40 @@ def test_arrays_that_numpy_cannot_read_are_refused_by_name(data):
             call()
     with pytest.raises(InputError, match=r"x is an array of array_api_compat.torch on meta"):
         model.predict(torch.from_numpy(x).to("meta"))
+
+
+class _OnTheGpu:
+    """An array of another library on a CUDA device as DLPack describes it (a PyTorch CUDA
+    tensor): NumPy cannot read it."""
+
+    device = "cuda:0"
+
+    def __array_namespace__(self, api_version=None):
+        return types.ModuleType("otherlib")
+
+    def __dlpack_device__(self):
+        return (2, 0)  # kDLCUDA, device 0
+
+    def __dlpack__(self, **kwargs):
+        raise BufferError("Unsupported device in DLTensor")  # (NumPy's words for a CUDA one)
+
+
+def test_arrays_of_another_library_on_the_gpu_are_read_by_the_models_library(data):
+    """A GPU array of another library goes to the model's library's from_dlpack (CuPy's reads
+    a PyTorch CUDA tensor where it is, no copy; tests/test_gpu.py), a CPU one to NumPy's;
+    NumPy, for a model on the CPU, cannot read a GPU array, which is refused by name."""
+    x, y = data
+    read = []
+    gpu_model = types.SimpleNamespace(backend=types.SimpleNamespace(xp=types.SimpleNamespace(
+        __name__="gpulib", from_dlpack=lambda a: read.append(a) or "read by gpulib")))
+    gpu = _OnTheGpu()
+    assert xpcnn.data.adopt_foreign(gpu, gpu_model.backend) == "read by gpulib"
+    assert read == [gpu]
+    model = make()
+    assert xpcnn.data.adopt_foreign(xps.asarray(x), model.backend).__class__ is np.ndarray
+    with pytest.raises(InputError, match=r"x is an array of otherlib on cuda:0, but the model "
+                                         r"is on cpu"):
+        model.fit(gpu, y, verbose=0)
 
 
 def test_arrays_of_another_library_or_device_are_refused(data):

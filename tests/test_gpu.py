@@ -804,10 +804,11 @@ def test_an_extractor_and_a_logits_model_on_the_gpu_predict_as_on_the_cpu(cp):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_arrays_on_another_library_on_the_gpu_are_refused_by_name(cp):
-    """np.from_dlpack cannot read a CUDA array: a CuPy array given to a NumPy model, and a
-    PyTorch CUDA tensor given to a CuPy one, images or labels, are refused naming their
-    library (not read through DLPack: left for when someone asks)."""
+def test_arrays_on_another_library_on_the_gpu(cp):
+    """np.from_dlpack cannot read a CUDA array: a CuPy array given to a NumPy model, images or
+    labels, is refused naming its library. A PyTorch CUDA tensor given to a CuPy model is read
+    where it is (cupy.from_dlpack, no copy) and trains as the same data from NumPy; one on
+    another GPU than the model's is refused naming its device."""
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 8)
     on_cpu = xpcnn.Sequential(gap_net(), device="cpu", seed=0)
@@ -819,14 +820,19 @@ def test_arrays_on_another_library_on_the_gpu_are_refused_by_name(cp):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("PyTorch has no CUDA here")
-    on_gpu = xpcnn.Sequential(gap_net(), device="cuda", seed=0)
-    on_gpu.compile()
-    with pytest.raises(InputError, match="x is an array of array_api_compat.torch on cuda"):
-        on_gpu.fit(torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda(), verbose=0)
-    with pytest.raises(InputError, match="y is an array of array_api_compat.torch on cuda"):
-        on_gpu.fit(x, torch.from_numpy(y).cuda(), verbose=0)
-    with pytest.raises(InputError, match="array_api_compat.torch"):
-        on_gpu.predict(torch.from_numpy(x).cuda())
+    models = []
+    for images, labels in ((x, y), (torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda())):
+        model = xpcnn.Sequential(gap_net(), device="cuda", seed=0)
+        model.compile(optimizer="sgd")
+        model.fit(images, labels, batch_size=4, shuffle=False, verbose=0)
+        models.append(model)
+    for a, b in zip(*(m.get_weights() for m in models), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(models[1].predict(torch.from_numpy(x).cuda()),
+                                  models[0].predict(x))
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(InputError, match="x is an array of array_api_compat.cupy on .*1"):
+            models[0].fit(torch.from_numpy(x).to("cuda:1"), y, verbose=0)
 
 
 # (last: scripts/gpu_check.sh runs the captured cases in its first stage, with -x, after the

@@ -87,17 +87,23 @@ def of_library(x: Any, backend: Any) -> bool:
         backend.xp.__name__
 
 
-def host_if_foreign(x: Any, backend: Any) -> Any:
-    """An array of another library than the model's that lives on the CPU (a PyTorch
-    DataLoader's tensors, for a model on NumPy or CuPy) as a NumPy array, read without a copy
-    (DLPack), as Keras takes them; anything else as it is (one on another device is refused by
-    name where it is checked)."""
+def adopt_foreign(x: Any, backend: Any) -> Any:
+    """An array of another library than the model's, read without a copy (DLPack): one on the
+    CPU (a PyTorch DataLoader's tensors) as a NumPy array, as Keras takes them; one on a device
+    (a PyTorch CUDA tensor, for a model on CuPy) as an array of the model's library there.
+    Anything else is returned as it is: one that neither can read (autograd, another kind of
+    device) is refused by name where it is checked, and one on another GPU than the model's
+    too."""
     if isinstance(x, np.generic) or not is_device_array(x) or of_library(x, backend):
         return x
     try:
-        return np.from_dlpack(x)
-    except (BufferError, TypeError, ValueError, RuntimeError):  # (not on the CPU; autograd)
+        on_cpu = x.__dlpack_device__()[0] == _DLPACK_CPU
+        return np.from_dlpack(x) if on_cpu else backend.xp.from_dlpack(x)
+    except (AttributeError, BufferError, TypeError, ValueError, RuntimeError):
         return x
+
+
+_DLPACK_CPU = 1  # (DLPack's device type kDLCPU; kDLCUDA is 2)
 
 
 def to_device(backend: Any, a: Any) -> Any:
@@ -308,7 +314,7 @@ class DatasetBatches(ShardedBatches):
         library (they stay there), else on the host."""
         backend = self.model.backend
         xp = backend.xp
-        parts = [host_if_foreign(p, backend) for p in parts]
+        parts = [adopt_foreign(p, backend) for p in parts]
         mine = [of_library(p, backend) for p in parts]
         if all(mine):
             return xp.stack(parts)
@@ -335,7 +341,7 @@ class IterableBatches(Batches):
     generator) gives ``steps`` batches an epoch, continuing where the last epoch stopped; a
     re-iterable that is not an array (a DataLoader; a list or tuple is read as one array) is
     iterated afresh each epoch, ``steps`` batches or to its end. Batches are checked on a
-    background thread; the first one builds the model.
+    background thread; the first one, checked here too, builds the model.
 
     An iterator's first batch, drawn to build the model, waits in :attr:`first` until the
     first epoch starts; a call refused before (see ``Trainer``) gives it back
@@ -357,10 +363,8 @@ class IterableBatches(Batches):
                     raise InputError(f"{what} gave no batches")
                 if self.iterator is not None:
                     self.first = first
-            try:
-                x = self._split(first)[0]
-                model.build(checks.shape_to_build(
-                    (x.shape if hasattr(x, "shape") else np.shape(x))[1:], what))
+            try:  # (checked whole: a call its labels refuse leaves the model unbuilt)
+                check_arrays(model, *self._split(first), what)
             except BaseException:
                 self.give_back()
                 raise
@@ -449,7 +453,7 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
     batch is checked on the background thread (:func:`prefetch`), beside the training loop
     rather than in it; ``index``: the dataset samples that a streamed batch holds, which
     errors name."""
-    x, y = host_if_foreign(x, model.backend), host_if_foreign(y, model.backend)
+    x, y = adopt_foreign(x, model.backend), adopt_foreign(y, model.backend)
     if is_device_array(x):
         x = check_device_images(x, model.backend, what)
     elif isinstance(x, np.memmap):
@@ -469,7 +473,7 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
         return x, y
     y_what = "y" if what == "x" else what.replace("x", "y")
     if is_device_array(y):
-        if not of_library(y, model.backend):  # (one NumPy cannot read, see host_if_foreign)
+        if not of_library(y, model.backend):  # (one unread by adopt_foreign)
             check_on_device(y, model.backend, y_what)  # refused, naming its library
         y = model.backend.to_numpy(y)
     targets, _ = checks.as_labels(y, int(x.shape[0]), model.num_classes, y_what)
