@@ -100,7 +100,7 @@ def main() -> None:
     t0 = time.perf_counter()
     history = model.fit(x, y, epochs=args.epochs, batch_size=knobs["batch_size"], seed=args.seed)
     seconds = time.perf_counter() - t0
-    result = model.evaluate(x_test, y_test)
+    result = model.evaluate(x_test, y_test, return_dict=True)
     print(f"CIFAR-10 {args.model}: accuracy {result['accuracy']:.4f} on the {where} "
           f"({len(x_test)} images) after {args.epochs} epochs, {seconds:.0f} s")
     if args.json:

@@ -96,7 +96,7 @@ def main() -> None:
     t0 = time.perf_counter()
     history = model.fit(x, y, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     seconds = time.perf_counter() - t0
-    result = model.evaluate(x_test, y_test)
+    result = model.evaluate(x_test, y_test, return_dict=True)
     print(f"MNIST {args.model}: test accuracy {result['accuracy']:.4f} after {args.epochs} "
           f"epochs, {seconds:.0f} s of training on {model.backend.label} ({args.precision})")
     if args.json:

@@ -48,8 +48,8 @@ def make_pair(model_name: str, input_shape, classes: int, dtype: str, optimizer:
 
 def xpcnn_step(model, xb: np.ndarray, yb: np.ndarray) -> tuple[float, float]:
     dtype = np.float64 if model.dtype_name == "float64" else np.float32
-    result = model.train_on_batch(xb.astype(dtype), yb)  # (checked at once, as PyTorch's .item())
-    return result["loss"], result["accuracy"] * len(xb)
+    loss, accuracy = model.train_on_batch(xb.astype(dtype), yb)  # (read at once, as .item())
+    return loss, accuracy * len(xb)
 
 
 def torch_step(twin, topt, xb: np.ndarray, yb: np.ndarray, dtype) -> tuple[float, float]:
@@ -103,7 +103,7 @@ def training_run(args: argparse.Namespace, name: str, x: np.ndarray, y: np.ndarr
         print(f"{epoch + 1:>5}  {row['xpcnn_loss']:>10.4f} {row['xpcnn_acc']:>7.4f} "
               f"{times[0]:>6.0f}   {row['torch_loss']:>10.4f} {row['torch_acc']:>7.4f} "
               f"{times[1]:>6.0f}")
-    acc_x = model.evaluate(x_test, y_test)["accuracy"]
+    acc_x = model.evaluate(x_test, y_test, return_dict=True)["accuracy"]
     acc_t = torch_accuracy(twin, x_test, y_test, dtype)
     print(f"test accuracy: xpcnn {acc_x:.4f}, PyTorch {acc_t:.4f}, difference "
           f"{100 * (acc_x - acc_t):+.2f} points on {len(x_test)} images", flush=True)

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     history = model.fit(train, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                         validation_data=held_out, callbacks=callbacks,
                         verbose=0 if args.quiet or args.json else 1)
-    result = model.evaluate(held_out)
+    result = model.evaluate(held_out, return_dict=True)
     if args.save:
         model.save(args.save)
     if args.json:

@@ -551,7 +551,7 @@ def test_an_epochs_loss_counts_every_batch_where_a_callback_freezes_a_layer_in_i
         history = model.fit(X, Y, batch_size=5, shuffle=False, verbose=0, callbacks=callbacks)
         logs.append(history.history["loss"][0])
     assert logs[1] == pytest.approx(logs[0], rel=1e-12)
-    assert logs[0] == pytest.approx(model.evaluate(X, Y)["loss"], rel=1e-12)
+    assert logs[0] == pytest.approx(model.evaluate(X, Y)[0], rel=1e-12)
 
 
 def test_train_step_never_trains_on_one_hot_rows_that_are_no_probabilities(model):
@@ -642,7 +642,7 @@ def test_a_refused_evaluate_leaves_an_uncompiled_model_uncompiled():
     with pytest.raises(InputError):
         unbuilt.evaluate(X, Y[:3])
     assert unbuilt.loss is None  # (was: the default loss, as if compiled)
-    assert unbuilt.evaluate(X, Y)["loss"] > 0 and unbuilt.loss is None
+    assert unbuilt.evaluate(X, Y)[0] > 0 and unbuilt.loss is None
 
 
 def _unbuilt():

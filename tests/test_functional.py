@@ -88,7 +88,7 @@ def test_training_steps_match_a_pytorch_twin_in_float64(device, optimizer, data)
     x, y = data
     for step in range(4):
         idx = slice(6 * step, 6 * step + 6)
-        ours = model.train_on_batch(x[idx], y[idx])["loss"]
+        ours = model.train_on_batch(x[idx], y[idx])[0]
         twin.train()
         loss = torch.nn.functional.cross_entropy(twin(torch.from_numpy(x[idx])),
                                                  torch.from_numpy(y[idx]))
@@ -123,7 +123,7 @@ def test_a_frozen_layer_and_a_frozen_batchnorm_match_pytorch(data):
     topt = mirror_optimizer(model.optimizer, [p for p in twin.parameters() if p.requires_grad])
     for step in range(2):
         idx = slice(12 + 6 * step, 18 + 6 * step)
-        ours = model.train_on_batch(x[idx], y[idx])["loss"]
+        ours = model.train_on_batch(x[idx], y[idx])[0]
         twin.train()
         twin.stages[1].eval()  # the frozen BatchNorm
         loss = torch.nn.functional.cross_entropy(twin(torch.from_numpy(x[idx])),

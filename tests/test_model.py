@@ -66,9 +66,11 @@ def test_predict_returns_probabilities_and_evaluate_matches(data):
     p = model.predict(x)
     assert p.shape == (48, 10) and p.dtype == np.float32
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
-    result = model.evaluate(x, y, batch_size=7)
+    result = model.evaluate(x, y, batch_size=7, return_dict=True)
     assert result["accuracy"] == pytest.approx(np.mean(p.argmax(1) == y))
     assert result["loss"] == pytest.approx(-np.mean(np.log(p[np.arange(48), y])), rel=1e-4)
+    assert model.evaluate(x, y, batch_size=7) == [result["loss"], result["accuracy"]]  # (Keras'
+    assert list(result) == list(model.metrics_names)  # order: loss, acc = model.evaluate(...))
 
 
 def test_predict_returns_the_logits_of_a_model_without_a_final_softmax(data):
@@ -495,8 +497,7 @@ def test_train_on_batch_is_one_checked_step(data):
     model, twin = make(), make()
     result = model.train_on_batch(x[:16], y[:16])
     history = twin.fit(x[:16], y[:16], batch_size=16, shuffle=False, verbose=0)
-    assert result == {"loss": history.history["loss"][0],
-                      "accuracy": history.history["accuracy"][0]}
+    assert result == [history.history["loss"][0], history.history["accuracy"][0]]
     for a, b in zip(model.get_weights(), twin.get_weights(), strict=True):
         assert np.array_equal(a, b)
 

@@ -322,8 +322,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                           "(--checkpoint PATH keeps the training state, and --resume "
                           "continues from it)") from None
     seconds = time.perf_counter() - t0
-    result = model.evaluate(x_test, y_test)
-    say(f"{evaluated_on} accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f}), "
+    loss, accuracy = model.evaluate(x_test, y_test)
+    say(f"{evaluated_on} accuracy: {accuracy:.4f} (loss {loss:.4f}), "
         f"{len(x_test)} images; training took {seconds:.1f} s")
     if args.save:
         model.save(args.save)
@@ -338,7 +338,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for path in write_training_plots(args.plots, history, model, x_test, y_test,
                                          class_names(args.dataset)):
             say(f"wrote {path}")
-    return {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
+    return {"test_accuracy": accuracy, "test_loss": loss,
             "evaluated_on": evaluated_on, "epochs": epochs, "seconds": round(seconds, 3),
             "device": model.backend.label, "dataset": args.dataset, "model": model_name,
             "train_samples": int(len(x)), "test_samples": int(len(x_test)),

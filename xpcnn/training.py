@@ -267,9 +267,15 @@ class Trainer:
             self._read_totals()
         return stats
 
-    def train_on_batch(self, x: Any, y: Any) -> dict[str, float]:
+    #: What :meth:`evaluate` and :meth:`train_on_batch` return, in order (as in Keras).
+    metrics_names = ("loss", "accuracy")
+
+    def train_on_batch(self, x: Any, y: Any, return_dict: bool = False
+                       ) -> list[float] | dict[str, float]:
         """One training step on one batch of host or device arrays, checked at once (the host
-        waits for the device): its ``loss`` and ``accuracy``, or :class:`NonFiniteError`."""
+        waits for the device): its ``[loss, accuracy]`` (a dict with ``return_dict``, as in
+        Keras), or :class:`NonFiniteError`."""
+        return_dict = checks.flag(return_dict, "return_dict")
         self._require_compiled("train_on_batch")
         self._rebuild_if_shared()
         with self._unbuilt_if_refused():
@@ -278,7 +284,8 @@ class Trainer:
             loss, correct = self.train_step(to_device(self.backend, x),
                                             to_device(self.backend, targets))
         self._read_totals()
-        return {"loss": float(loss), "accuracy": float(correct) / int(x.shape[0])}
+        return _as_returned({"loss": float(loss), "accuracy": float(correct) / int(x.shape[0])},
+                            return_dict)
 
     def _check_step_batch(self, xb: Any, yb: Any) -> None:
         """What :meth:`train_step` checks on the host, from the arrays' shapes and dtypes
@@ -706,11 +713,14 @@ class Trainer:
         return x[:-n_val, ...], targets[:-n_val], (x[-n_val:, ...], targets[-n_val:]), True
 
     def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int | str = 0,
-                 steps: int | None = None, callbacks: list[Callback] | None = None
-                 ) -> dict[str, float]:
-        """Mean loss and accuracy on (x, y) (or a dataset or iterable of batches), in inference
-        mode; an uncompiled model is evaluated with the default loss (and stays uncompiled)."""
+                 steps: int | None = None, callbacks: list[Callback] | None = None,
+                 return_dict: bool = False) -> list[float] | dict[str, float]:
+        """``[loss, accuracy]``, their means on (x, y) (or a dataset or iterable of batches), in
+        inference mode (a dict with ``return_dict``, as in Keras: ``loss, acc =
+        model.evaluate(x, y)``); an uncompiled model is evaluated with the default loss (and
+        stays uncompiled)."""
         batch_size = checks.positive_int(batch_size, "batch_size")
+        return_dict = checks.flag(return_dict, "return_dict")
         verbose = checks.verbosity(verbose)
         cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
         loss = self.loss if self.loss is not None else get_loss("cross_entropy")
@@ -718,7 +728,7 @@ class Trainer:
         with self._undone_if_refused() as made:
             data = self._batches(x, y, batch_size, steps)
             made.append(data)
-            return self._evaluate(data, cbs, loss, verbose)
+            return _as_returned(self._evaluate(data, cbs, loss, verbose), return_dict)
 
     def _evaluate(self, data: Batches, cbs: CallbackList, loss: SoftmaxCrossEntropy | None,
                   verbose: int = 0, epoch: int | None = None) -> dict[str, float]:
@@ -787,6 +797,12 @@ class Trainer:
                 outputs = self.backend.to_numpy(xp.concat(out))
         cbs.on_predict_end()
         return outputs
+
+
+def _as_returned(logs: dict[str, float], return_dict: bool) -> list[float] | dict[str, float]:
+    """``logs`` as evaluate and train_on_batch return them: the dict, or its values in the
+    order of ``metrics_names``."""
+    return logs if return_dict else [logs[name] for name in Trainer.metrics_names]
 
 
 def _progress(batches: Any, data: Batches, verbose: int, desc: str) -> Any:
