@@ -303,7 +303,7 @@ def _add(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
 
 @register_converter("Concatenate")
 def _concatenate(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
-    return graph.op("Concat", inputs, axis=layer.axis_index + 1)  # (the layout is xpcnn's)
+    return graph.op("Concat", inputs, axis=layer.batch_axis)  # (the layout is xpcnn's)
 
 
 @register_converter("Softmax")

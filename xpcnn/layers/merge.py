@@ -61,8 +61,8 @@ class Concatenate(Layer):
             raise InputError(f"layer {self.name!r} (Concatenate) has axis {self.axis}, but its "
                              f"inputs have {rank} axes with the batch: expected 1..{rank - 1} "
                              f"or -{rank - 1}..-1")
-        self.axis_index = self.axis % rank - 1  # in the per-sample shape
-        a = self.axis_index
+        self.batch_axis = self.axis % rank  # the axis joined, counted with the batch's
+        a = self.batch_axis - 1  # in the per-sample shape
         if any(len(s) != len(first) or s[:a] + s[a + 1:] != first[:a] + first[a + 1:]
                for s in input_shape):
             raise InputError(f"layer {self.name!r} (Concatenate) joins inputs along axis "
@@ -72,10 +72,10 @@ class Concatenate(Layer):
         return (*first[:a], sum(self.splits), *first[a + 1:])
 
     def forward(self, x: list[Any], training: bool = False, options: Options = DEFAULT) -> Any:
-        return self.xp.concat(list(x), axis=self.axis_index + 1)
+        return self.xp.concat(list(x), axis=self.batch_axis)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> list[Any]:
-        grads, start, lead = [], 0, (slice(None),) * (self.axis_index + 1)
+        grads, start, lead = [], 0, (slice(None),) * self.batch_axis
         for size in self.splits:
             grads.append(dy[(*lead, slice(start, start + size), ...)])
             start += size
