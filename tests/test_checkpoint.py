@@ -25,7 +25,12 @@ from xpcnn import files
 from xpcnn.cli import main as cli_main
 from xpcnn.errors import DataFormatError, InputError, NonFiniteError
 from xpcnn.layers import Dense, Flatten, Softmax
-from xpcnn.saving.checkpoint import Progress, load_checkpoint, save_checkpoint
+from xpcnn.saving.checkpoint import (
+    Progress,
+    load_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 
 SCRIPT = Path(__file__).with_name("ckpt_train.py")
 STEPS = ckpt_train.EPOCHS * 8
@@ -284,6 +289,14 @@ def test_resume_refuses_other_data_arguments_or_models(tmp_path):
                                               "RandomFlip"):
         small.fit(x, y, verbose=0, checkpoint=path, resume=True)
     assert not small.built  # (the refused fit leaves it as it was)
+    with pytest.raises(DataFormatError, match=r"layer 1 \(Dense\) needs \d+ weight values"):
+        restore_checkpoint(small, path)
+    assert not small.built  # (was: built for the file's input shape)
+    unbuilt = ckpt_train.make_model()  # the architecture, compiled otherwise
+    unbuilt.compile(optimizer=xpcnn.optim.SGD(0.1))
+    with pytest.raises(InputError, match="compiled otherwise"):
+        restore_checkpoint(unbuilt, path)
+    assert not unbuilt.built
     small.build((8, 8, 3))
     with pytest.raises(DataFormatError, match="another architecture"):
         small.load_weights(path)

@@ -193,17 +193,18 @@ def restore_checkpoint(model: Any, path: str | os.PathLike[str]) -> Checkpoint:
     """Put the training state of the checkpoint at ``path`` into ``model``.
 
     ``model`` must be compiled and have the checkpoint's architecture and compile settings
-    (optimiser, schedule, loss, precision); otherwise ``InputError`` says what differs.
+    (optimiser, schedule, loss, precision); otherwise ``InputError`` says what differs, and a
+    model that was not built is left unbuilt.
     """
-    with NpzArchive(path, "the checkpoint") as npz:
+    with NpzArchive(path, "the checkpoint") as npz, model._unbuilt_if_refused():
         config = _checkpoint_config(npz)
         _check_compatible(model, config, npz)
         return _restore(model, config, npz)
 
 
 def _check_compatible(model: Any, config: dict[str, Any], npz: NpzArchive) -> None:
-    """Refuse a checkpoint of another architecture or compile settings (``model`` unchanged,
-    but built for the file's input shape if it was not built yet)."""
+    """Refuse a checkpoint of another architecture or compile settings (``model`` built for
+    the file's input shape if it was not built yet: the caller undoes that)."""
     path = npz.path
     if model.loss is None or model.optimizer is None:
         raise InputError("restoring a checkpoint needs a compiled model (compile(...) first)")
