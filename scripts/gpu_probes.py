@@ -14,7 +14,7 @@ seconds); on a machine without a GPU it says so.
    kernels' own record is tests/test_gpu.py's), the snapshot of the
    normalisation statistics (``asarray(copy=True)``) and their restore (``where`` with a 0-d
    flag), the labels' check (``all``, ``where(ok, stats, nan)``).
-7. ``np.from_dlpack`` of a CuPy array raises what xpcnn.data.host_if_foreign catches (NumPy's
+7. ``np.from_dlpack`` of a CuPy array raises what xpcnn.data.adopt_foreign catches (NumPy's
    dlpack.c: BufferError "Unsupported device in DLTensor."), so it is refused by name.
 """
 
@@ -161,7 +161,7 @@ def step_calls_in_capture(cp: Any, xc: Any, cudnn: Any) -> str:
 
 def foreign_cuda_arrays(cp: Any, xc: Any, cudnn: Any) -> str:
     from xpcnn.backend import get_backend
-    from xpcnn.data import host_if_foreign
+    from xpcnn.data import adopt_foreign
 
     numpy_model = get_backend("cpu")
     a = cp.ones(3, cp.float32)
@@ -170,7 +170,7 @@ def foreign_cuda_arrays(cp: Any, xc: Any, cudnn: Any) -> str:
         answer = "np.from_dlpack READ IT"
     except Exception as e:
         answer = f"{type(e).__name__}: {str(e)[:60]}"
-    answer += " -> kept" if host_if_foreign(a, numpy_model) is a else " -> CONVERTED"
+    answer += " -> kept" if adopt_foreign(a, numpy_model) is a else " -> CONVERTED"
     return answer + " (want: BufferError, kept; PyTorch's CUDA tensors: tests/test_gpu.py)"
 
 

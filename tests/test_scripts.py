@@ -204,3 +204,62 @@ def test_counting_a_step_records_device_operations():
     rows = out.stdout.splitlines()[1:]
     assert [r.split()[0] for r in rows] == ["SGD", "Adam", "SGD,"]
     assert all(int(r.split()[-1]) > 0 for r in rows)
+
+
+# The files whose code runs only where a GPU is lent (scripts/gpu_check.sh runs them once):
+# a name they import from xpcnn, or read from an xpcnn module, that no longer exists would
+# only show there.
+GPU_ONLY = ["scripts/gpu_probes.py", "scripts/bench_gpu.py", "tests/test_gpu.py"]
+
+
+def _module_file(module: str) -> Path | None:
+    path = ROOT / module.replace(".", "/")
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """What a module defines at its top level (read from its source: the CuPy modules do not
+    import without CuPy)."""
+    import ast
+
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+@pytest.mark.parametrize("name", GPU_ONLY)
+def test_the_gpu_only_code_names_what_xpcnn_has(name):
+    """Every name such a file imports from xpcnn (at its top or inside a function), and every
+    attribute it reads of an xpcnn module it imported, is defined there."""
+    import ast
+
+    tree = ast.parse((ROOT / name).read_text())
+    modules: dict[str, Path] = {}  # local name -> the xpcnn module's file
+    missing = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("xpcnn"):
+            source = _module_file(node.module)
+            assert source is not None, f"{name}: no module {node.module}"
+            for alias in node.names:
+                submodule = _module_file(f"{node.module}.{alias.name}")
+                if submodule is not None:
+                    modules[alias.asname or alias.name] = submodule
+                elif alias.name not in _top_level_names(source):
+                    missing.append(f"{node.module}.{alias.name} (line {node.lineno})")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                node.value.id in modules and \
+                node.attr not in _top_level_names(modules[node.value.id]):
+            missing.append(f"{node.value.id}.{node.attr} (line {node.lineno})")
+    assert not missing, f"{name} names what xpcnn does not have: {missing}"
