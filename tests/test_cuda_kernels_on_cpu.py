@@ -12,6 +12,7 @@ import pytest
 from cuda_emulator import ElementwiseKernel, load_emulated_fast_cupy, needs_compiler, restore
 from kernel_cases import (
     DIRECT_CONV,
+    GAP_NET_STEP_TABLES,
     IM2COL,
     MAX_POOL,
     OPTIMISERS,
@@ -341,6 +342,31 @@ def test_mixed_float16_training_with_the_cuda_kernels(fast, monkeypatch, net):
     for a, b in zip(w_fast, w_std, strict=True):
         assert a.dtype == b.dtype == np.float32
         np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * largest)
+
+
+@pytest.mark.parametrize("precision", list(GAP_NET_STEP_TABLES))
+def test_the_tables_a_captured_training_step_defers(fast, monkeypatch, precision):
+    """Inside ``capture_tables`` every launch that finds its arrays through a table (the casts,
+    the gradients' check, the update) takes one that is filled after the capture: as many as
+    tests/test_gpu.py expects a captured gap_net step to hold. (Filled at once here, so that
+    the emulated kernels can run: nothing is captured on the CPU.)"""
+    module = sys.modules[type(fast).__module__]
+
+    def filled_at_once(deferred, host_table):
+        deferred.pending.append((host_table.copy(), host_table))
+        return deferred.pending[-1][0]
+
+    monkeypatch.setattr(module._DeferredTables, "table", filled_at_once)
+    monkeypatch.setattr(fast.conv_kernels, "tiled", False)  # (the direct kernels: faster here)
+    monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: fast))
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (16, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 16)
+    model = xpcnn.Sequential(gap_net(), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), precision=precision)
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)  # (built, the optimiser's slots made)
+    with fast.capture_tables() as tables:
+        model._device_step(x, y, model.optimizer.iterations + 1)
+    assert len(tables) == GAP_NET_STEP_TABLES[precision]
 
 
 # -- the updates with device scalars (a step captured in a CUDA graph, xpcnn.cuda_graphs) ---------
