@@ -838,7 +838,7 @@ def test_arrays_on_another_library_on_the_gpu(cp):
             models[0].fit(torch.from_numpy(x).to("cuda:1"), y, verbose=0)
 
 
-# (last: scripts/gpu_check.sh runs the captured cases in its first stage, with -x, after the
+# (last: scripts/gpu_check.sh runs the captured cases in its first stage, after the
 # cuDNN and CUDA-graph tests above)
 @pytest.mark.parametrize("scaling, squares", RECORD_SCALING)
 @pytest.mark.parametrize("dtypes", RECORD_DTYPES)
