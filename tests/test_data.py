@@ -4,6 +4,7 @@ Every source that gives the same batches must give the same weights, bit for bit
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import tracemalloc
 import types
@@ -609,3 +610,55 @@ def test_a_generator_may_refill_the_arrays_it_yielded(data):
     probabilities = expected.predict(refilled(False), steps=6)
     order = np.random.default_rng([SEED, 0]).permutation(N)
     np.testing.assert_array_equal(probabilities, expected.predict(x[order], batch_size=BATCH))
+
+
+def test_device_work_on_the_arrays_a_call_is_given_runs_on_the_models_device(data, monkeypatch):
+    """The finiteness check of device images (on the caller's thread, before any compute
+    scope) and the stacking of a dataset's device samples (on the prefetch thread) run with
+    the model's device made the current one (``Backend.on_device``): CuPy launches on the
+    current GPU, GPU 0 in a thread that chose none, and reads arrays on "cuda:1" from there
+    only through peer access. Here on array_api_strict's second device, the scope recorded."""
+    x, y = data
+    local = threading.local()
+
+    @contextlib.contextmanager
+    def on_device(backend):
+        local.inside = getattr(local, "inside", 0) + 1
+        try:
+            yield
+        finally:
+            local.inside -= 1
+
+    calls = []
+
+    def recorded(name, function):
+        def call(*args, **kwargs):
+            calls.append((name, getattr(local, "inside", 0)))
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(xpcnn.backend.Backend, "on_device", on_device)
+    for name in ("isfinite", "stack"):
+        monkeypatch.setattr(xps, name, recorded(name, getattr(xps, name)))
+    model = make((xps, xps.Device("device1")))
+    images = xps.asarray(x.astype(np.float32), device=xps.Device("device1"))
+    xpcnn.data.check_device_images(images, model.backend)
+    assert calls == [("isfinite", 1)]
+    samples = [(images[i, ...], int(y[i])) for i in range(N)]
+    calls.clear()
+    model.fit(SampleList(samples), epochs=1, batch_size=BATCH, verbose=0)
+    stacks = [inside for name, inside in calls if name == "stack"]
+    assert len(stacks) >= -(-N // BATCH) and all(stacks)
+
+
+class SampleList:
+    """A map-style dataset of (x_i, y_i) pairs, as users write them."""
+
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]

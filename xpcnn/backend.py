@@ -117,9 +117,16 @@ class Backend:
         On the NumPy fast path it keeps OpenBLAS to one thread meanwhile, since xpcnn's kernels
         bring their own threads (see :meth:`xpcnn.ops.fast_numpy.NumpyKernels.pinned`)."""
         fast = self.fast
-        with self.device if self.name == "cupy" else contextlib.nullcontext(), \
-                contextlib.nullcontext() if fast is None else fast.pinned():
+        with self.on_device(), contextlib.nullcontext() if fast is None else fast.pinned():
             yield
+
+    def on_device(self) -> contextlib.AbstractContextManager[Any]:
+        """The backend's GPU made the current one, for calls on its arrays outside
+        :meth:`compute_scope` (checks of the arrays a call is given, on the caller's thread or
+        the prefetch thread): CuPy allocates and launches on the current GPU, which is GPU 0 in
+        a thread that chose none, and reads a model's arrays on "cuda:1" from there only
+        through peer access (else a ValueError). Nothing elsewhere."""
+        return self.device if self.name == "cupy" else contextlib.nullcontext()
 
     @property
     def chunk_bytes(self) -> int | None:

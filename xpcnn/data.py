@@ -147,8 +147,11 @@ def check_device_images(x: Any, backend: Any, what: str = "x") -> Any:
         raise InputError(f"{what} must have a batch axis and per-sample axes, e.g. (N, H, W, C), "
                          f"and at least one sample; got shape {tuple(x.shape)}")
     check_real_images(x, xp, what)
-    if xp.isdtype(x.dtype, "real floating") and not bool(xp.all(xp.isfinite(x))):
-        checks.check_finite(backend.to_numpy(x), what)  # names the sample
+    if xp.isdtype(x.dtype, "real floating"):
+        with backend.on_device():  # (called outside the compute scope, or on the prefetch thread)
+            finite = bool(xp.all(xp.isfinite(x)))
+        if not finite:
+            checks.check_finite(backend.to_numpy(x), what)  # names the sample
     return x
 
 
@@ -317,7 +320,8 @@ class DatasetBatches(ShardedBatches):
         parts = [adopt_foreign(p, backend) for p in parts]
         mine = [of_library(p, backend) for p in parts]
         if all(mine):
-            return xp.stack(parts)
+            with backend.on_device():  # (on the prefetch thread)
+                return xp.stack(parts)
         if any(mine):  # (NumPy or the device library would fail on the other kind)
             raise InputError(f"the {which}_i that {self.what}[i] returns are arrays of "
                              f"{xp.__name__} on the device for some i and not for others: "
