@@ -190,6 +190,32 @@ def test_the_determinism_switch_excludes_nondeterministic_plans(cc, monkeypatch,
         assert flagged == [setting == "1"] * 3
 
 
+def test_the_switches_set_later_reach_the_graphs_already_built(cc, monkeypatch, rng):
+    """XPCNN_DETERMINISTIC, XPCNN_TF32 and CUPY_TF32 changed after a first use: the plans that
+    a layer's engine caches, and the one matmul engine (CupyKernels keeps it for the process),
+    are built again for the new setting, not reused; the others stay cached."""
+    g, cudnn, _ = _engines(cc, GEOMETRIES[0])
+    x, w, bias, dy = conv_data(g, rng, 2, np.float32)
+    matmul = cc.CudnnMatmul(cc.load())
+    rows = x.reshape(-1, g.channels)
+    # what each switch rebuilds: [convolution, matmul]
+    for variable, rebuilt in (("XPCNN_DETERMINISTIC", [True, True]),
+                              ("XPCNN_TF32", [True, False]), ("CUPY_TF32", [False, True])):
+        cudnn._plans.clear()
+        matmul._plans.clear()
+        for setting in ("0", "1"):
+            monkeypatch.setenv(variable, setting)
+            GRAPHS.clear()
+            cudnn.forward(x, w, bias, True)
+            conv_graphs = len(GRAPHS)
+            matmul(rows, rows, transpose_a=True)
+            built = [conv_graphs == 1, len(GRAPHS) - conv_graphs == 1]
+            assert built == ([True, True] if setting == "0" else rebuilt), variable
+        assert all(NumericalNote.NONDETERMINISTIC in graph.deselected for graph in GRAPHS) \
+            == (variable == "XPCNN_DETERMINISTIC")
+        monkeypatch.delenv(variable)
+
+
 def test_a_case_without_a_cudnn_plan_runs_on_the_fallback_with_one_warning(cc, monkeypatch,
                                                                            rng):
     monkeypatch.setattr(PyGraph, "refuse", lambda graph: graph.ops[0][0] == "conv_dgrad")

@@ -189,8 +189,10 @@ class CudnnConv(ConvEngine):
         self._plans: dict[tuple[Any, ...], Plan | None] = {}
 
     def _plan(self, key: tuple[Any, ...], dtype: Any, describe: Any, *args: Any) -> Plan | None:
-        """The plan of ``key``, built on its first use from the graph description
+        """The plan of ``key`` under the switches as they are now (:func:`tf32`,
+        :func:`deterministic`), built on its first use from the graph description
         ``describe(*args)`` gives; None where cuDNN has none (the fallback runs)."""
+        key = (*key, tf32(), deterministic())
         plan = self._plans.get(key, _NOT_BUILT)
         if plan is _NOT_BUILT:
             plan = self._plans[key] = self._build(key, dtype, describe(*args))
@@ -326,7 +328,8 @@ class CudnnMatmul:
         a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
         m, k = a.shape[::-1] if transpose_a else a.shape
         n = b.shape[0] if transpose_b else b.shape[1]
-        key = (cupy.cuda.Device().id, a.shape, b.shape, transpose_a, transpose_b, a.dtype.name)
+        key = (cupy.cuda.Device().id, a.shape, b.shape, transpose_a, transpose_b, a.dtype.name,
+               matmul_tf32(), deterministic())  # (the switches as they are now)
         plan = self._plans.get(key, _NOT_BUILT)
         if plan is _NOT_BUILT:
             plan = self._plans[key] = self._build(a.dtype, m, k, n, transpose_a, transpose_b)
