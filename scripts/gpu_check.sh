@@ -39,9 +39,9 @@ echo "== probes: cuDNN's float32 switch, capture rules, NCCL"
 timeout "${PROBE_TIMEOUT:-30}" $py scripts/gpu_probes.py 2>&1 | tee "$out/gpu_probes.log"
 
 echo "== GPU tests: cuDNN and CUDA graphs"
-# (--maxfail=3, not -x: one failing case would hide the verdicts of every case after it in
-# the one run a lent GPU gives; three in a row stop it, as a broken CUDA context fails all)
-timeout "${NEW_TEST_TIMEOUT:-120}" $py -m pytest -q -m gpu -p no:cacheprovider --maxfail=3 \
+# (no -x or --maxfail: the cuDNN geometry cases come first, and a few failing there would hide
+# the capture tests after them in the one run a lent GPU gives; the time limit bounds the stage)
+timeout "${NEW_TEST_TIMEOUT:-120}" $py -m pytest -q -m gpu -p no:cacheprovider \
   -k "cudnn or captured or replayed or random_layers" tests/test_gpu.py \
   2>&1 | tee "$out/gpu_tests_new.log"
 
