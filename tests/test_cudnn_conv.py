@@ -216,6 +216,45 @@ def test_the_switches_set_later_reach_the_graphs_already_built(cc, monkeypatch, 
         monkeypatch.delenv(variable)
 
 
+def _misaligned(a):
+    """A copy of ``a`` in a view that starts one element (2 bytes in float16) past a 16-byte
+    boundary, as a weight in a mixed-precision forward pass's one buffer of cast weights may."""
+    buf = np.empty(a.size + 16, a.dtype)
+    skip = (-buf.ctypes.data % 16) // a.itemsize + 1
+    view = buf[skip:skip + a.size].reshape(a.shape)
+    view[...] = a
+    assert view.ctypes.data % 16 and view.flags.c_contiguous
+    return view
+
+
+def test_every_graph_gets_16_byte_aligned_addresses(cc, monkeypatch, rng):
+    """The frontend declares each tensor 16-byte aligned (its Tensor_attributes'
+    default_alignment) and cuDNN picks engines by it: a contiguous view that starts elsewhere
+    (CupyKernels.cast_all's float16 weights are views into one buffer) reaches a graph as an
+    aligned copy, with the same results."""
+    given = []
+    execute = PyGraph.execute
+
+    def recorded(graph, tensor_dict, workspace=None, handle=None):
+        given.extend(tensor_dict.values())
+        return execute(graph, tensor_dict, workspace, handle)
+
+    monkeypatch.setattr(PyGraph, "execute", recorded)
+    g, cudnn, standard = _engines(cc, GEOMETRIES[0])
+    x, w, bias, dy = (a.astype(np.float16) for a in conv_data(g, rng, 2, np.float64))
+    odd = [_misaligned(a) for a in (x, w, bias, dy)]
+    np.testing.assert_array_equal(cudnn.forward(*odd[:3], True), cudnn.forward(x, w, bias, True))
+    np.testing.assert_array_equal(cudnn.input_grad(odd[3], odd[1]), cudnn.input_grad(dy, w))
+    for got, want in zip(cudnn.weight_grad(odd[0], odd[3], True),
+                         cudnn.weight_grad(x, dy, True), strict=True):
+        np.testing.assert_array_equal(got, want)
+    a, b = x.reshape(-1, g.channels), w.reshape(g.filters, -1)[:, :g.channels]
+    matmul = cc.CudnnMatmul(cc.load())
+    np.testing.assert_array_equal(matmul(_misaligned(a), _misaligned(b), transpose_b=True),
+                                  matmul(a, np.ascontiguousarray(b), transpose_b=True))
+    assert len(given) == 2 * (4 + 3 + 3 + 3) and all(p % cc.ALIGNMENT == 0 for p in given)
+
+
 def test_a_case_without_a_cudnn_plan_runs_on_the_fallback_with_one_warning(cc, monkeypatch,
                                                                            rng):
     monkeypatch.setattr(PyGraph, "refuse", lambda graph: graph.ops[0][0] == "conv_dgrad")

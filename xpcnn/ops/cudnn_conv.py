@@ -89,6 +89,20 @@ def _address(a: Any) -> int:
     return a.data.ptr
 
 
+# The frontend declares every tensor's address a multiple of this (cudnn_frontend's
+# Tensor_attributes::default_alignment, "pointer alignment assumed by the backend when selecting
+# engines"): CuPy's pool hands out 512-byte aligned blocks, but a view may start anywhere (a
+# mixed-precision forward pass's weights are views into one buffer, CupyKernels.cast_all).
+ALIGNMENT = 16
+
+
+def _operand(a: Any) -> Any:
+    """``a`` C-contiguous at an address that is a multiple of :data:`ALIGNMENT` (copied where
+    it is not), as a graph's input."""
+    a = cupy.ascontiguousarray(a)
+    return a if _address(a) % ALIGNMENT == 0 else a.copy()
+
+
 def matmul_tf32() -> bool:
     """Whether float32 matmul graphs may run in TF32: CuPy's own switch for its (cuBLAS)
     matmuls, ``CUPY_TF32`` (off unless "1"), so that a captured step's products are computed
@@ -282,9 +296,9 @@ class CudnnConv(ConvEngine):
         if plan is None:
             return self.fallback.forward(x, w, bias, relu)
         y = cupy.empty((n, *g.out_hw, g.filters), x.dtype)
-        arrays = {"x": cupy.ascontiguousarray(x), "w": cupy.ascontiguousarray(w), "y": y}
+        arrays = {"x": _operand(x), "w": _operand(w), "y": y}
         if bias is not None:
-            arrays["bias"] = cupy.ascontiguousarray(bias)
+            arrays["bias"] = _operand(bias)
         plan.run(**arrays)
         return y
 
@@ -294,7 +308,7 @@ class CudnnConv(ConvEngine):
         if plan is None:
             return self.fallback.input_grad(dy, w)
         dx = cupy.empty((n, *g.in_hw, g.channels), dy.dtype)
-        plan.run(dy=cupy.ascontiguousarray(dy), w=cupy.ascontiguousarray(w), dx=dx)
+        plan.run(dy=_operand(dy), w=_operand(w), dx=dx)
         return dx
 
     def weight_grad(self, x: Any, dy: Any, with_bias: bool, relu_y: Any = None
@@ -306,8 +320,8 @@ class CudnnConv(ConvEngine):
         if relu_y is not None:
             dy = self.kern.relu_backward(dy, relu_y)
         dw = cupy.empty((g.filters, *g.kernel, g.channels), x.dtype)
-        dy = cupy.ascontiguousarray(dy)
-        plan.run(x=cupy.ascontiguousarray(x), dy=dy, dw=dw)
+        dy = _operand(dy)
+        plan.run(x=_operand(x), dy=dy, dw=dw)
         db = self.kern.sum_rows(dy.reshape(-1, g.filters)) if with_bias else None
         return dw, db
 
@@ -325,7 +339,7 @@ class CudnnMatmul:
     def __call__(self, a: Any, b: Any, transpose_a: bool = False,
                  transpose_b: bool = False) -> Any:
         """``op(a) @ op(b)`` of C-contiguous 2-D ``a`` and ``b``, op a transpose where asked."""
-        a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
+        a, b = _operand(a), _operand(b)
         m, k = a.shape[::-1] if transpose_a else a.shape
         n = b.shape[0] if transpose_b else b.shape[1]
         key = (cupy.cuda.Device().id, a.shape, b.shape, transpose_a, transpose_b, a.dtype.name,
