@@ -280,16 +280,18 @@ def test_a_graph_model_resumes_exactly_from_a_checkpoint(data, tmp_path):
     path = str(tmp_path / "run.npz")
 
     def run(epochs, resume=False):
-        model = make_model(dtype="float32")
+        model, steps_run = make_model(dtype="float32"), []
         model.compile(optimizer="adam")
         model.fit(x, y, epochs=epochs, batch_size=8, verbose=0, checkpoint=path,
-                  checkpoint_every=1, resume=resume)
-        return model
+                  checkpoint_every=1, resume=resume, callbacks=[xpcnn.callbacks.LambdaCallback(
+                      on_train_batch_end=lambda batch, logs: steps_run.append(batch))])
+        return model, len(steps_run)
 
-    whole = run(3)
+    whole, _ = run(3)
     os.unlink(path)
     run(1)
-    resumed = run(3, resume=True)
+    resumed, ran = run(3, resume=True)
+    assert ran == 2 * 3  # epochs 2 and 3 of 3 steps, from the checkpoint (not afresh)
     for a, b in zip(whole.get_weights(), resumed.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 
