@@ -16,7 +16,9 @@ For each reference model (notebook, mnist, cifar), batch size (128, 512) and pre
   nothing; PyTorch: ``torch.cuda.max_memory_allocated``).
 
 ``--conv-layers MODEL:BATCH:PRECISION`` also times each convolution layer's three operations
-with cuDNN and with xpcnn's hand-written CUDA kernels.
+with cuDNN and with xpcnn's hand-written CUDA kernels; ``--kernels MODEL:BATCH:PRECISION``
+counts what the GPU runs in a training step (kernels, copies, memsets, the kernels' time and
+the costliest ones), for xpcnn eager and replayed and for PyTorch eager.
 
     python scripts/bench_gpu.py --json gpu.json              # on a machine with a CUDA GPU
     python scripts/bench_gpu.py --device cpu --steps 2 --batch-sizes 8   # dry run on the CPU
@@ -213,10 +215,12 @@ def compare_conv_engines(name: str, batch: int, precision: str, args: argparse.N
     return rows
 
 
-def build_xpcnn(name: str, batch: int, precision: str, device: str) -> tuple[Any, Any, Any]:
+def build_xpcnn(name: str, batch: int, precision: str, device: str,
+                cuda_graphs: bool | None = None) -> tuple[Any, Any, Any]:
     shape = INPUT_SHAPES[name]
     model = xpcnn.Sequential(build_layers(name), input_shape=shape, device=device, seed=0)
-    model.compile(optimizer=xpcnn.optim.SGD(0.01, momentum=0.9), precision=precision)
+    model.compile(optimizer=xpcnn.optim.SGD(0.01, momentum=0.9), precision=precision,
+                  cuda_graphs=cuda_graphs)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (batch, *shape), dtype=np.uint8)
     y = rng.integers(0, 10, batch)
@@ -286,16 +290,15 @@ def profile_layers(name: str, batch: int, precision: str, args: argparse.Namespa
     print(f"  {'total':<24}{total_f:>8.3f}{total_b:>8.3f}")
 
 
-def bench_torch(model: xpcnn.Sequential, batch: int, precision: str,
-                args: argparse.Namespace) -> dict[str, Any] | None:
+def torch_twin(model: xpcnn.Sequential, batch: int, precision: str, args: argparse.Namespace
+               ) -> tuple[Any, Any] | None:
+    """PyTorch's training step and inference on ``model``'s twin (None without PyTorch)."""
     try:
         import torch
         from torch_mirror import mirror
     except ImportError:
         return None
     dev = "cuda" if args.device.startswith("cuda") else "cpu"
-    gc.collect()
-    base = torch.cuda.memory_allocated() if dev == "cuda" else 0
     # The twin without its leading NHWC -> NCHW permute, fed NCHW with NCHW's own strides
     # (a permuted NHWC batch has channels-last strides, and cuDNN then runs channels-last),
     # or, with --torch-channels-last, PyTorch's channels-last layout throughout.
@@ -326,9 +329,24 @@ def bench_torch(model: xpcnn.Sequential, batch: int, precision: str,
         with torch.no_grad(), torch.autocast(dev, dtype=torch.float16, enabled=mixed):
             net(x)
 
+    return train, infer
+
+
+def bench_torch(model: xpcnn.Sequential, batch: int, precision: str,
+                args: argparse.Namespace) -> dict[str, Any] | None:
+    gc.collect()
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        import torch
+
+        base = torch.cuda.memory_allocated()
+    twin = torch_twin(model, batch, precision, args)
+    if twin is None:
+        return None
+    train, infer = twin
     t_train = timed(train, args.steps, args.warmup, args.device)
     peak = None
-    if dev == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
             train()
@@ -336,6 +354,68 @@ def bench_torch(model: xpcnn.Sequential, batch: int, precision: str,
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     t_infer = timed(infer, args.steps, args.warmup, args.device)
     return {"train_img_s": batch / t_train, "infer_img_s": batch / t_infer, "peak_mib": peak}
+
+
+def census(events: list[Any], steps: int, top: int = 8) -> dict[str, Any]:
+    """What the GPU ran per step, from a profile's device events (name, microseconds):
+    kernels, memory copies and memsets, the kernels' time, and the ``top`` kernels by time."""
+    kinds = {"kernels": 0, "memcpy": 0, "memset": 0}
+    per_kernel: dict[str, list[float]] = {}
+    for name, us in events:
+        kind = ("memcpy" if name.startswith("Memcpy") else
+                "memset" if name.startswith("Memset") else "kernels")
+        kinds[kind] += 1
+        if kind == "kernels":
+            per_kernel.setdefault(name, []).append(us)
+    ranked = sorted(per_kernel.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {**{k: v / steps for k, v in kinds.items()},
+            "kernel_us": sum(map(sum, per_kernel.values())) / steps,
+            "top": [{"kernel": name[:90], "per_step": len(t) / steps, "us": sum(t) / steps}
+                    for name, t in ranked]}
+
+
+def kernel_census(name: str, batch: int, precision: str, args: argparse.Namespace
+                  ) -> dict[str, Any]:
+    """Device work per training step as CUPTI records it through PyTorch's profiler, which
+    sees every kernel of the process (CuPy's, cuDNN's and cuBLAS's too): xpcnn eager (CUDA
+    graphs off), xpcnn replayed from its graph (a graph's kernels are recorded one by one),
+    and PyTorch eager. Batches on the device; ``args.steps`` steps after the warm-up."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    runs: dict[str, Any] = {}
+    for label, graphs in (("xpcnn eager", False), ("xpcnn graph", True)):
+        model, xb, yb = build_xpcnn(name, batch, precision, args.device, cuda_graphs=graphs)
+        runs[label] = partial(model.train_step, xb, yb)
+    graphed = model  # (the last one built)
+    twin = torch_twin(model, batch, precision, args)
+    runs["torch eager"] = twin[0] if twin else None
+    out: dict[str, Any] = {}
+    print(f"\ndevice work per training step, {name} batch {batch} {precision} (CUPTI, "
+          f"{args.steps} steps)")
+    for label, step in runs.items():
+        if step is None:
+            continue
+        for _ in range(max(args.warmup, 4)):  # (xpcnn captures its graph in the warm-up)
+            step()
+        sync(args.device)
+        with profile(activities=[ProfilerActivity.CUDA if args.device.startswith("cuda")
+                                 else ProfilerActivity.CPU]) as prof:  # (CPU: a dry run)
+            for _ in range(args.steps):
+                step()
+            sync(args.device)
+        events = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+                  if e.device_type == DeviceType.CUDA]
+        out[label] = row = census(events, args.steps)
+        if label == "xpcnn graph":
+            row["cuda_graphs"] = graphed.cuda_graphs_reason or (
+                "replayed" if getattr(graphed._graphs, "graph", None) is not None else "eager")
+        print(f"  {label:<12} {row['kernels']:>6.1f} kernels {row['memcpy']:>4.1f} copies "
+              f"{row['memset']:>4.1f} memsets {row['kernel_us']:>9.1f} us of kernels"
+              + (f"  ({row['cuda_graphs']})" if "cuda_graphs" in row else ""))
+        for k in row["top"]:
+            print(f"      {k['per_step']:>5.1f} x {k['us']:>8.1f} us  {k['kernel']}")
+    return out
 
 
 def issue_18_targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -422,6 +502,10 @@ def main() -> int:
     p.add_argument("--conv-layers", action="append", default=[], metavar="MODEL:BATCH:PRECISION",
                    help="also time each convolution layer with cuDNN and with the hand-written "
                    "kernels (repeatable; CUDA only)")
+    p.add_argument("--kernels", action="append", default=[], metavar="MODEL:BATCH:PRECISION",
+                   help="also count the kernels, copies and memsets of a training step, and "
+                   "the kernels' time, for xpcnn eager, xpcnn replayed and PyTorch eager "
+                   "(PyTorch's profiler; repeatable)")
     p.add_argument("--no-cudnn", action="store_true",
                    help="convolutions on the hand-written kernels alone (XPCNN_CUDNN=0)")
     p.add_argument("--json", default=None, metavar="PATH")
@@ -436,6 +520,7 @@ def main() -> int:
         backend_module.GPU_CHUNK_BYTES = int(args.gpu_chunk_mb * 2**20) or None
     rows: list[dict[str, Any]] = []
     conv_rows: list[dict[str, Any]] = []
+    kernel_rows: list[dict[str, Any]] = []
     header = (f"{'model':<9}{'batch':>6} {'precision':<14}{'fit':>8}{'ratio':>7}{'TFLOP/s':>8}"
               f"{'peak':>7}  {'train':>8}{'std':>8}{'torch':>8}"
               f"{'ratio':>7}  {'infer':>8}{'std':>8}{'torch':>8}{'ratio':>7}"
@@ -458,7 +543,8 @@ def main() -> int:
             with open(args.json, "w") as f:
                 json.dump({"device": card, "software": info,
                            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "rows": rows, "conv_layers": conv_rows}, f, indent=2)
+                           "rows": rows, "conv_layers": conv_rows, "kernels": kernel_rows},
+                          f, indent=2)
 
     print(f"device: {card}; {info}")
     print(f"xpcnn images/s: 'fit' through fit() on host uint8 images ({args.fit_batches} "
@@ -529,6 +615,14 @@ def main() -> int:
     info["issue_18_targets"] = verdict
     print("issue 18's targets:", *verdict["lines"], sep="\n  ", flush=True)
     save()
+    for spec in args.kernels:  # (on the CPU a dry run: CUPTI records nothing there)
+        name, batch, precision = spec.split(":")
+        try:
+            kernel_rows.append({"spec": spec,
+                                **kernel_census(name, int(batch), precision, args)})
+        except Exception as e:  # (reported; the profile below still runs)
+            print(f"kernel census {spec} failed: {type(e).__name__}: {str(e)[:300]}")
+        save()
     for spec in args.conv_layers:
         name, batch, precision = spec.split(":")
         conv_rows.append({"spec": spec,

@@ -3,9 +3,9 @@
 # comparison): short probes of the GPU APIs (scripts/gpu_probes.py), the GPU tests (cuDNN and
 # CUDA graphs first), the training command on the GPU,
 # the MNIST recipe on the GPU (where .gpudata/ holds MNIST), then scripts/bench_gpu.py
-# (through fit(), per-convolution cuDNN against the hand-written kernels, TFLOP/s, a per-layer
-# profile). Logs, mnist.json and gpu.json go to OUTDIR. The stages' limits add up to 9 minutes
-# 5 s, inside the device tool's 10-minute command.
+# (through fit(), what the GPU runs per step against PyTorch, per-convolution cuDNN against the
+# hand-written kernels, TFLOP/s, a per-layer profile). Logs, mnist.json and gpu.json go to
+# OUTDIR. The stages' limits add up to 9 minutes 5 s, inside the device tool's 10-minute command.
 #
 #   scripts/gpu_wheels.sh PY DATA    # first, where PyPI is reachable: wheels, and MNIST staged
 #   scripts/gpu_check.sh [OUTDIR]    # on the GPU machine (installs .whl/*.whl when present)
@@ -62,5 +62,6 @@ echo "== benchmark"
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT:-150}" $py scripts/bench_gpu.py --json "$out/gpu.json" \
   ${BENCH_ARGS:---steps 15 --warmup 3 --no-standard --torch-channels-last \
+  --kernels cifar:128:float32 \
   --conv-layers cifar:512:float32 --conv-layers cifar:512:mixed_float16 \
   --profile cifar:128:float32} 2>&1 | tee "$out/bench_gpu.log"

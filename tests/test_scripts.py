@@ -65,7 +65,7 @@ def test_the_gpu_benchmark_dry_runs_on_the_cpu(layout, tmp_path):
     out_json = tmp_path / "gpu.json"
     args = ["--device", "cpu", "--models", "mnist", "--batch-sizes", "4", "--steps", "1",
             "--warmup", "0", "--precisions", "float32", "--no-standard", "--fit-batches", "2",
-            "--json", str(out_json)]
+            "--kernels", "mnist:4:float32", "--json", str(out_json)]
     out = _run(*args, *(["--torch-channels-last"] if layout == "channels_last" else []),
                script="bench_gpu.py")
     assert out.returncode == 0, out.stderr
@@ -80,6 +80,9 @@ def test_the_gpu_benchmark_dry_runs_on_the_cpu(layout, tmp_path):
     targets = report["software"]["issue_18_targets"]  # (batch 4, no GPU memory: one check)
     assert [targets[k]["measured"] for k in targets if k != "lines"] == [1, 0, 0]
     assert "issue 18's targets:\n  fit >= 1.0x PyTorch eager: " in out.stdout
+    (census,) = report["kernels"]  # (a dry run: the CPU profile holds no device events)
+    assert census["spec"] == "mnist:4:float32" and census["torch eager"]["kernels"] == 0
+    assert census["xpcnn graph"]["cuda_graphs"] == row["xpcnn"]["cuda_graphs"]
 
 
 def test_the_gpu_benchmark_holds_each_row_to_issue_18s_targets():
@@ -105,6 +108,24 @@ def test_the_gpu_benchmark_holds_each_row_to_issue_18s_targets():
                                                         "missed": ["cifar b128 float32 1.67x"]}
     assert verdict["lines"][0] == ("fit >= 1.0x PyTorch eager: 2 of 3 rows met; missed: "
                                    "cifar b512 float32 0.80x")
+
+
+def test_the_gpu_benchmarks_kernel_census_counts_per_step():
+    """bench_gpu.py --kernels: the profile's device events of 2 steps, sorted into kernels,
+    copies and memsets per step, the kernels' time, and the costliest kernels first."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bench_gpu import census
+    finally:
+        sys.path.pop(0)
+    events = [("xpcnn_bias_relu", 3.0), ("Memset (Device)", 1.0), ("sm90_xmma_fprop", 20.0),
+              ("xpcnn_bias_relu", 5.0), ("Memcpy HtoD (Pageable -> Device)", 2.0),
+              ("sm90_xmma_fprop", 22.0), ("xpcnn_update", 4.0)]
+    got = census(events, steps=2, top=2)
+    assert (got["kernels"], got["memcpy"], got["memset"]) == (2.5, 0.5, 0.5)
+    assert got["kernel_us"] == 27.0  # (3 + 20 + 5 + 22 + 4) / 2: copies and memsets apart
+    assert got["top"] == [{"kernel": "sm90_xmma_fprop", "per_step": 1.0, "us": 21.0},
+                          {"kernel": "xpcnn_bias_relu", "per_step": 1.0, "us": 4.0}]
 
 
 def test_the_per_layer_tables_dry_run(tmp_path):
