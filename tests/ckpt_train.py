@@ -5,11 +5,11 @@ As a script (so that a test can kill it)::
     python tests/ckpt_train.py CHECKPOINT OUT.npz [--resume] [--step-delay S]
                                [--die-at-write N --die-how replace|savez]
 
-trains, writing CHECKPOINT every ``EVERY`` steps and at each epoch end, and saves the final weights
-and history to OUT.npz. ``--step-delay`` sleeps after each step so that a kill lands mid-run on any
-machine; ``--die-at-write N`` ends the process abruptly (``os._exit``) during the N-th checkpoint
-write, either after the temporary file is complete but before the rename (``replace``) or halfway
-through writing it (``savez``).
+trains, writing CHECKPOINT every ``EVERY`` steps and at each epoch end, and saves the final
+weights, the history and the number of steps this process ran to OUT.npz. ``--step-delay``
+sleeps after each step so that a kill lands mid-run on any machine; ``--die-at-write N`` ends the
+process abruptly (``os._exit``) during the N-th checkpoint write, either after the temporary file
+is complete but before the rename (``replace``) or halfway through writing it (``savez``).
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ def make_model(precision: str = "float32") -> xpcnn.Sequential:
 
 
 def train(checkpoint: str | None = None, resume: bool = False, every: int | str = EVERY,
-          step_delay: float = 0.0, model: xpcnn.Sequential | None = None
-          ) -> tuple[xpcnn.Sequential, xpcnn.History]:
+          step_delay: float = 0.0, model: xpcnn.Sequential | None = None,
+          steps_run: list[int] | None = None) -> tuple[xpcnn.Sequential, xpcnn.History]:
+    """``steps_run``, where given, gets one element per step this call runs (a resumed run
+    runs only the steps after its checkpoint)."""
     model = model or make_model()
     if step_delay:
         step = model.train_step
@@ -56,8 +58,10 @@ def train(checkpoint: str | None = None, resume: bool = False, every: int | str 
         model.train_step = slow_step
     x, y = data()
     every = {} if checkpoint is None else {"checkpoint_every": every}
+    counted = [] if steps_run is None else [xpcnn.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: steps_run.append(batch))]
     history = model.fit(x, y, epochs=EPOCHS, batch_size=BATCH, verbose=0, checkpoint=checkpoint,
-                        resume=resume, **every)
+                        resume=resume, callbacks=counted, **every)
     return model, history
 
 
@@ -101,10 +105,13 @@ def main() -> None:
     args = p.parse_args()
     if args.die_at_write:
         _die_at_write(args.die_at_write, args.die_how)
-    model, history = train(args.checkpoint, args.resume, step_delay=args.step_delay)
+    steps_run: list[int] = []
+    model, history = train(args.checkpoint, args.resume, step_delay=args.step_delay,
+                           steps_run=steps_run)
     weights = {f"w{i}": w for i, w in enumerate(model.get_weights())}
     history_json = json.dumps({"epoch": history.epoch, "history": history.history})
-    np.savez(args.out, history=np.array(history_json), **weights)
+    np.savez(args.out, history=np.array(history_json), steps_run=np.array(len(steps_run)),
+             **weights)
     sys.exit(0)
 
 

@@ -56,7 +56,8 @@ def train(out: str | None = None, batch: int = 4, samples: int = 50, epochs: int
           every: int = 2, resume: bool = False, fail_rank: int = -1, fail_step: int = 0,
           fail_how: str = "kill", batchnorm: bool = False, dataset: bool = False
           ) -> tuple[list[np.ndarray], dict[str, list[float]]]:
-    """Train; returns the final weights and history (and writes them to ``out.rank<R>.npz``)."""
+    """Train; returns the final weights and history (and writes them, and how many steps this
+    process ran, to ``out.rank<R>.npz``)."""
     here = distributed.world()
     x, y = data(samples)
     model = make_model(dtype, optimizer, batchnorm)
@@ -75,14 +76,17 @@ def train(out: str | None = None, batch: int = 4, samples: int = 50, epochs: int
         model.train_step = failing_step
     source = (Samples(x, y), None) if dataset else (x, y)
     every_step = {} if checkpoint is None else {"checkpoint_every": every}
+    steps_run: list[int] = []  # (a resumed run: only the steps after its checkpoint)
+    count = xpcnn.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: steps_run.append(b))
     history = model.fit(*source, epochs=epochs, batch_size=batch, verbose=0,
                         checkpoint=checkpoint, resume=resume, validation_data=(x[:20], y[:20]),
-                        **every_step)
+                        callbacks=[count], **every_step)
     weights = model.get_weights()
     logs = {k: v for k, v in history.history.items() if k != "seconds"}
     if out is not None:
         arrays = {f"w{i}": w for i, w in enumerate(weights)}
         arrays.update({f"h_{k}": np.array(v) for k, v in logs.items()})
+        arrays["steps_run"] = np.array(len(steps_run))
         np.savez(f"{out}.rank{here.rank}.npz", **arrays)
     return weights, logs
 

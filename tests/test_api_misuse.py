@@ -344,9 +344,23 @@ def test_a_failed_compile_leaves_the_model_and_the_optimizer_as_they_were(model)
 
 
 def test_validation_steps_with_validation_arrays_is_refused_as_steps_is(model):
-    with pytest.raises(InputError, match=r"steps_per_epoch / steps are for generators; arrays "
-                                         r"give ceil\(N / batch_size\) batches"):
+    with pytest.raises(InputError, match=r"^validation_steps is for generators; arrays give "
+                                         r"ceil\(N / batch_size\) batches$"):
         model.fit(X, Y, validation_data=(X, Y), validation_steps=2, verbose=0)  # was ignored
+    assert model.optimizer.iterations == 0
+
+
+def test_errors_about_validation_steps_name_validation_steps(model):
+    """(was: 'steps_per_epoch must be a positive integer, got 0' for validation_steps=0, and
+    'pass steps_per_epoch' for a validation generator, in a fit that had its steps_per_epoch)"""
+    with pytest.raises(InputError, match="^validation_steps must be a positive integer, got 0$"):
+        model.fit(X, Y, validation_data=_generator(), validation_steps=0, verbose=0)
+    with pytest.raises(InputError, match=r"^x_val is an iterator \(a generator\): pass "
+                                         r"validation_steps, the number of batches to draw "
+                                         r"from it$"):
+        model.fit(_generator(), steps_per_epoch=4, validation_data=_generator(), verbose=0)
+    with pytest.raises(InputError, match="^steps must be a positive integer, got 0$"):
+        model.evaluate(_generator(), steps=0)
     assert model.optimizer.iterations == 0
 
 

@@ -411,7 +411,8 @@ def test_backup_and_restore_resumes_bit_for_bit_after_a_kill_at_a_random_step(tm
                                                                                reference, seed):
     path = tmp_path / "backup.npz"
     x, y = ckpt_train.data()
-    stop_at = random.Random(seed).randrange(1, ckpt_train.EPOCHS * 8)
+    steps = ckpt_train.EPOCHS * 8
+    stop_at = random.Random(seed).randrange(4, steps)  # (after the first backup, at step 3)
     model = ckpt_train.make_model()
 
     def kill(batch, logs):
@@ -422,9 +423,13 @@ def test_backup_and_restore_resumes_bit_for_bit_after_a_kill_at_a_random_step(tm
         model.fit(x, y, epochs=ckpt_train.EPOCHS, batch_size=ckpt_train.BATCH, verbose=0,
                   callbacks=[LambdaCallback(on_train_batch_end=kill),
                              BackupAndRestore(path, save_freq=3)])
-    resumed = ckpt_train.make_model()
+    done = load_checkpoint(path).model.optimizer.iterations
+    assert 0 < done < stop_at
+    resumed, ran = ckpt_train.make_model(), []
     history = resumed.fit(x, y, epochs=ckpt_train.EPOCHS, batch_size=ckpt_train.BATCH, verbose=0,
-                          callbacks=[BackupAndRestore(path, save_freq=3)])
+                          callbacks=[BackupAndRestore(path, save_freq=3), LambdaCallback(
+                              on_train_batch_end=lambda batch, logs: ran.append(batch))])
+    assert len(ran) == steps - done  # (from the backup, not afresh)
     assert_same_run(resumed.get_weights(), as_dict(history), reference)
 
 

@@ -74,6 +74,15 @@ def interrupted(path, after_steps, every=ckpt_train.EVERY, model=None):
         ckpt_train.train(str(path), every=every, model=model)
 
 
+def resumed(path, **kwargs):
+    """``ckpt_train.train`` resuming from ``path``, and how many steps it ran itself: those
+    after the checkpoint only (the same weights from a run that ignored the checkpoint and
+    trained afresh would tell nothing)."""
+    steps_run = []
+    model, history = ckpt_train.train(str(path), resume=True, steps_run=steps_run, **kwargs)
+    return model, history, len(steps_run)
+
+
 def as_dict(history):
     return {"epoch": history.epoch, "history": history.history}
 
@@ -92,7 +101,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, reference, after_steps, 
     period = 8 if every == "epoch" else every
     assert done == max(k for k in range(after_steps + 1) if k % period == 0 or k % 8 == 0)
     assert ckpt.model.optimizer.iterations == done
-    model, history = ckpt_train.train(str(path), resume=True, every=every)
+    model, history, ran = resumed(path, every=every)
+    assert ran == STEPS - done
     assert_same_run(model.get_weights(), as_dict(history), reference)
     assert load_checkpoint(path).progress == Progress(ckpt_train.EPOCHS)
 
@@ -113,10 +123,12 @@ def test_resume_twice_and_after_the_end(tmp_path, reference):
     with pytest.raises(Interrupt):
         ckpt_train.train(str(path), resume=True, model=model)
     assert load_checkpoint(path).model.optimizer.iterations == 10  # 5 + 9 steps: last at 10
-    model, history = ckpt_train.train(str(path), resume=True)
+    model, history, ran = resumed(path)
+    assert ran == STEPS - 10
     assert_same_run(model.get_weights(), as_dict(history), reference)
     # Resuming a finished run trains nothing more and returns its whole history.
-    again, history = ckpt_train.train(str(path), resume=True)
+    again, history, ran = resumed(path)
+    assert ran == 0
     assert_same_run(again.get_weights(), as_dict(history), reference)
 
 
@@ -127,7 +139,7 @@ def test_resume_without_a_file_starts_afresh(tmp_path, reference):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_mixed_precision_loss_scale_is_restored(tmp_path):
-    def run(path=None, resume=False, stop=None):
+    def run(path=None, resume=False, stop=None, steps_run=None):
         model = ckpt_train.make_model("mixed_float16")
         model.loss_scale = 2.0**24  # float16 overflows: the first steps lower the scale
         if stop is not None:
@@ -141,7 +153,7 @@ def test_mixed_precision_loss_scale_is_restored(tmp_path):
 
             model.train_step = train_step
         with np.errstate(all="ignore"):
-            ckpt_train.train(path, resume=resume, every=1, model=model)
+            ckpt_train.train(path, resume=resume, every=1, model=model, steps_run=steps_run)
         return model
 
     ref = run()
@@ -151,9 +163,11 @@ def test_mixed_precision_loss_scale_is_restored(tmp_path):
         run(path, stop=3)
     ckpt = load_checkpoint(path)
     assert ckpt.model.loss_scale < 2.0**24 and ckpt.model.optimizer.iterations == 3
-    resumed = run(path, resume=True)
-    assert resumed.loss_scale == ref.loss_scale and resumed._good_steps == ref._good_steps
-    for a, b in zip(resumed.get_weights(), ref.get_weights(), strict=True):
+    steps_run = []
+    again = run(path, resume=True, steps_run=steps_run)
+    assert len(steps_run) == STEPS - 3
+    assert again.loss_scale == ref.loss_scale and again._good_steps == ref._good_steps
+    for a, b in zip(again.get_weights(), ref.get_weights(), strict=True):
         assert np.array_equal(a, b)
 
 
@@ -396,10 +410,11 @@ def run_script(*args, wait=True):
 
 
 def finished_run(out):
+    """The weights and history a script run saved, and how many steps that process ran."""
     with np.load(out) as f:
-        weights = [f[f"w{i}"] for i in range(len(f.files) - 1)]
+        weights = [f[f"w{i}"] for i in range(len(f.files) - 2)]
         history = json.loads(str(f["history"]))
-    return weights, history
+        return weights, history, int(f["steps_run"])
 
 
 def test_sigkill_at_a_random_moment_then_resume(tmp_path, reference):
@@ -427,7 +442,9 @@ def test_sigkill_at_a_random_moment_then_resume(tmp_path, reference):
     assert 0 < killed_at[0] <= killed_at[1] < STEPS
     done = run_script(path, out, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert_same_run(*finished_run(out), reference)
+    weights, history, ran = finished_run(out)
+    assert ran == STEPS - killed_at[1]
+    assert_same_run(weights, history, reference)
 
 
 def test_only_the_leftovers_of_writers_of_that_path_are_removed(tmp_path):
@@ -454,7 +471,9 @@ def test_dying_in_the_middle_of_a_checkpoint_write_keeps_the_previous_one(tmp_pa
     assert len(leftovers) == 1 and leftovers[0].startswith(".run.npz.")
     done = run_script(path, out, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert_same_run(*finished_run(out), reference)
+    weights, history, ran = finished_run(out)
+    assert ran == STEPS - 8
+    assert_same_run(weights, history, reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npz", "run.npz"]
 
 
@@ -469,8 +488,11 @@ def test_cli_checkpoint_and_resume(tmp_path, capsys):
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     ckpt = load_checkpoint(path)
     assert (ckpt.epoch, ckpt.step, ckpt.model.optimizer.iterations) == (2, 0, 8)
-    # Resuming the finished run changes nothing and reports the same.
+    # Resuming the finished run changes nothing (trains no step, so writes no checkpoint) and
+    # reports the same.
+    written = path.stat().st_mtime_ns
     assert cli_main([*args, "--resume"]) == 0
+    assert path.stat().st_mtime_ns == written
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["test_accuracy"] == first["test_accuracy"]
     assert again["history"]["loss"] == first["history"]["loss"]

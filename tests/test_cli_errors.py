@@ -279,7 +279,9 @@ def test_fit_interrupted_then_resumed_ends_with_the_same_weights(tmp_path):
         ckpt_train.train(path, model=model)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     assert load_checkpoint(path).model.optimizer.iterations == 11
-    resumed, _ = ckpt_train.train(path, resume=True)
+    steps_run = []  # (only those after the checkpoint: not a run that started afresh)
+    resumed, _ = ckpt_train.train(path, resume=True, steps_run=steps_run)
+    assert len(steps_run) == ckpt_train.EPOCHS * 8 - 11
     for a, b in zip(reference.get_weights(), resumed.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 

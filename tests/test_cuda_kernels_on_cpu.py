@@ -320,7 +320,9 @@ def test_mixed_float16_training_with_the_cuda_kernels(fast, monkeypatch, net):
     kernels, the tiled ones being the tensor cores' on a GPU): float16 layers, the loss scaled
     and the gradients unscaled and checked by the step's record, the fused float32 updates.
     Close to the standard path, which rounds every float16 operation where the kernels round
-    once: the same loss scale, losses to 2e-4, weights to 2% of the largest weight."""
+    once: the same loss scale, losses to 2e-4, weights to 2% of the largest weight where
+    dropout, flips and crops compound the roundings (0.1% without them: 2% let the first
+    kernel of gap_net pass untrained)."""
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
     conv = fast.conv_kernels
@@ -339,9 +341,10 @@ def test_mixed_float16_training_with_the_cuda_kernels(fast, monkeypatch, net):
     assert scale_fast == scale_std == 2.0**15
     assert loss_fast == pytest.approx(loss_std, rel=2e-4)
     largest = max(float(np.abs(b).max()) for b in w_std)
+    share = 0.02 if net is every_layer_net else 1e-3
     for a, b in zip(w_fast, w_std, strict=True):
         assert a.dtype == b.dtype == np.float32
-        np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * largest)
+        np.testing.assert_allclose(a, b, rtol=0, atol=share * largest)
 
 
 @pytest.mark.parametrize("precision", list(GAP_NET_STEP_TABLES))

@@ -136,6 +136,9 @@ def test_a_killed_rank_ends_the_job_and_the_checkpoint_resumes(tmp_path):
 
     proc, _ = mpirun(2, tmp_path / "resumed", *common, "--resume")
     assert proc.returncode == 0, proc.stderr
+    for rank in range(2):  # from the checkpoint after step 18 of 30, not afresh
+        with np.load(f"{tmp_path / 'resumed'}.rank{rank}.npz") as f:
+            assert int(f["steps_run"]) == 30 - 18
     reference = dist_train.train(batch=4, samples=60, epochs=2)
     assert_same_as_one_process(tmp_path / "resumed", 2, reference, rtol=0, atol=1e-12)
 

@@ -75,7 +75,10 @@ def test_checksum_mismatch_leaves_nothing(tmp_path):
 
 def test_bad_download_keeps_existing_file(tmp_path):
     (tmp_path / "f.bin").write_bytes(b"old")
-    with http_server({"/f.bin": Route(b"new")}) as srv, pytest.raises(DownloadError):
+    with (
+        http_server({"/f.bin": Route(b"new")}) as srv,
+        pytest.raises(DownloadError, match="checksum mismatch"),  # (not any failure)
+    ):
         download_file(srv.url + "f.bin", tmp_path / "f.bin", md5(b"other"))
     assert (tmp_path / "f.bin").read_bytes() == b"old"
     assert _files(tmp_path) == ["f.bin"]

@@ -280,16 +280,18 @@ def test_a_graph_model_resumes_exactly_from_a_checkpoint(data, tmp_path):
     path = str(tmp_path / "run.npz")
 
     def run(epochs, resume=False):
-        model = make_model(dtype="float32")
+        model, steps_run = make_model(dtype="float32"), []
         model.compile(optimizer="adam")
         model.fit(x, y, epochs=epochs, batch_size=8, verbose=0, checkpoint=path,
-                  checkpoint_every=1, resume=resume)
-        return model
+                  checkpoint_every=1, resume=resume, callbacks=[xpcnn.callbacks.LambdaCallback(
+                      on_train_batch_end=lambda batch, logs: steps_run.append(batch))])
+        return model, len(steps_run)
 
-    whole = run(3)
+    whole, _ = run(3)
     os.unlink(path)
     run(1)
-    resumed = run(3, resume=True)
+    resumed, ran = run(3, resume=True)
+    assert ran == 2 * 3  # epochs 2 and 3 of 3 steps, from the checkpoint (not afresh)
     for a, b in zip(whole.get_weights(), resumed.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -390,13 +392,15 @@ def test_a_layer_taken_out_of_a_model_does_its_own_work(data):
     model.compile(optimizer="sgd")
     model.fit(*data, epochs=1, batch_size=8, verbose=0)
     conv_a = next(la for la in model.layers if la.name == "conv_a")
-    x = np.random.default_rng(0).standard_normal((2, 8, 8, 4))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 4))
     y = conv_a.forward(x, training=True)
     assert float(np.min(y)) < 0  # no ReLU fused into it
-    assert conv_a.backward(np.ones_like(y)).shape == x.shape
+    # the input and kernel gradients of each layer by itself, against finite differences
+    check_layer(conv_a, (8, 8, 4), rng, x=x)
     stem = model.layers[0]
-    stem.forward(data[0][:2], training=True)
-    assert stem.backward(np.ones((2, 8, 8, 4))) is not None
+    assert stem.name == "stem"
+    check_layer(stem, (8, 8, 3), rng, x=data[0][:2].copy())
 
 
 def test_a_graph_trains_in_mixed_precision_and_shows_one_tour_row_per_layer(data, tmp_path):

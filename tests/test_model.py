@@ -282,8 +282,10 @@ def test_mixed_float16_trains_with_float32_master_weights(data):
     assert conv.compute_dtype == np.float16
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
     ref = trained(data, net=gap_net)
+    # float16 products differ from float32's by ~1e-4 here; one epoch moves every weight
+    # array by more than 1.7e-2 (so a tolerance of 2e-2 let untrained weights pass)
     for a, b in zip(model.get_weights(), ref.get_weights(), strict=True):
-        np.testing.assert_allclose(a, b, rtol=0.05, atol=0.02)
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-3)
 
 
 def test_mixed_precision_casts_weights_and_gradients_in_one_call_each(data, monkeypatch):

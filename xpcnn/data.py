@@ -401,11 +401,11 @@ class IterableBatches(Batches):
 _GIVEN_BACK: list[tuple[Iterator[Any], Any]] = []
 
 
-def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bool = True
-                 ) -> int | None:
-    """The arguments that name a batch source (``x`` and ``y``, ``steps`` batches an epoch),
-    checked before any source is made: a refused call draws no batch from an iterator.
-    Returns ``steps``, checked."""
+def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bool = True,
+                 steps_name: str = "steps_per_epoch") -> int | None:
+    """The arguments that name a batch source (``x`` and ``y``, ``steps`` batches an epoch,
+    the argument the caller calls ``steps_name``), checked before any source is made: a refused
+    call draws no batch from an iterator. Returns ``steps``, checked."""
     if isinstance(x, Mapping):
         raise InputError(f"{what} is a dict (keys {list(x)[:4]}): an xpcnn model has one "
                          "input; pass its images as one array (N, H, W, C), or a dataset "
@@ -416,16 +416,16 @@ def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bo
                              "batches (they hold the targets)")
         if is_map_dataset(x):
             if steps is not None:  # (it was ignored: every sample, each epoch)
-                raise InputError("steps_per_epoch / steps are for generators; a dataset "
-                                 "gives ceil(len(dataset) / batch_size) batches")
+                raise InputError(f"{steps_name} is for generators; a dataset gives "
+                                 "ceil(len(dataset) / batch_size) batches")
             return None
         if isinstance(x, Iterator) and steps is None:
-            raise InputError(f"{what} is an iterator (a generator): pass steps_per_epoch (steps "
-                             "for evaluate/predict), the number of batches an epoch")
-        return None if steps is None else checks.positive_int(steps, "steps_per_epoch")
+            raise InputError(f"{what} is an iterator (a generator): pass {steps_name}, the "
+                             "number of batches to draw from it")
+        return None if steps is None else checks.positive_int(steps, steps_name)
     if steps is not None:
-        raise InputError("steps_per_epoch / steps are for generators; arrays give "
-                         "ceil(N / batch_size) batches")
+        raise InputError(f"{steps_name} is for generators; arrays give ceil(N / batch_size) "
+                         "batches")
     if targets and y is None:
         pairs = isinstance(x, list | tuple) and bool(x) and isinstance(
             x[0], list | tuple) and len(x[0]) == 2

@@ -507,14 +507,15 @@ class Trainer:
     # -- batch sources, and a refused call undone -----------------------------------------------
     def _batches(self, x: Any, y: Any, batch_size: int, steps: int | None, what: str = "x", *,
                  shuffle: bool = False, seed: int = 0, targets: bool = True,
-                 checked: bool = False) -> Batches:
+                 checked: bool = False, steps_name: str = "steps_per_epoch") -> Batches:
         """The batch source for ``x`` (and ``y``): arrays, a map-style dataset or an iterable
         of batches (see :mod:`xpcnn.data`). On several ranks, arrays and datasets give each
         rank its slice of every global batch (of ``ranks * batch_size``), except for
         ``predict`` (no targets), where every rank predicts everything; an iterable is each
         rank's own. ``checked`` arrays are parts of arrays (targets and all) that
-        :func:`check_arrays` passed: they are not checked again."""
-        steps = check_source(x, y, steps, what, targets)
+        :func:`check_arrays` passed: they are not checked again. ``steps_name`` is what the
+        caller calls ``steps``, for its errors."""
+        steps = check_source(x, y, steps, what, targets, steps_name)
         here = distributed.world()
         shard = (here.rank, here.size) if targets else (0, 1)
         if is_stream(x):
@@ -603,7 +604,7 @@ class Trainer:
             made.append(data)
             validation = None if validation_data is None else self._batches(
                 *_pair(validation_data), max(batch_size, 256), validation_steps, "x_val",
-                checked=split)
+                checked=split, steps_name="validation_steps")
             self.history = history
             cbs = CallbackList(callbacks, self, {"epochs": epochs, "steps": data.steps,
                                                  "verbose": verbose, "data": data,
@@ -726,7 +727,7 @@ class Trainer:
         loss = self.loss if self.loss is not None else get_loss("cross_entropy")
         self._rebuild_if_shared()
         with self._undone_if_refused() as made:
-            data = self._batches(x, y, batch_size, steps)
+            data = self._batches(x, y, batch_size, steps, steps_name="steps")
             made.append(data)
             return _as_returned(self._evaluate(data, cbs, loss, verbose), return_dict)
 
@@ -784,7 +785,7 @@ class Trainer:
         xp = self.backend.xp
         out = []
         with self._undone_if_refused() as made:
-            data = self._batches(x, None, batch_size, steps, targets=False)
+            data = self._batches(x, None, batch_size, steps, targets=False, steps_name="steps")
             made.append(data)
             cbs.on_predict_begin()
             with self.backend.compute_scope(), contextlib.closing(
@@ -833,7 +834,8 @@ def _check_fit_data(x: Any, y: Any, validation_data: Any, validation_split: floa
                          "dataset or generator")
     check_source(x, y, steps)
     if validation_data is not None and not validation_split:
-        check_source(*_pair(validation_data), validation_steps, "x_val")
+        check_source(*_pair(validation_data), validation_steps, "x_val",
+                     steps_name="validation_steps")
 
 
 def _pair(validation_data: Any) -> tuple[Any, Any]:
