@@ -30,6 +30,7 @@ import numpy as np
 
 from . import cuda_conv, random
 from .convolution import ConvEngine, ConvGeometry
+from .cudnn_conv import ALIGNMENT
 from .kernels import StandardKernels
 from .step_record import GROWTH_INTERVAL, square_limit
 
@@ -323,9 +324,14 @@ _ADAM, _ADAM_AT = _update_kernels(
 # Arrays of one dtype cast to another in one launch (a mixed-precision forward pass's weights,
 # Model._weights_cast), into one flat output: one thread per element of them all, found as the
 # updates find theirs (``table``: the running offsets, then the addresses).
+# Each array starts its segment of ``out`` at an offset rounded up to 16 bytes (cuDNN assumes
+# inputs so aligned: ``ALIGNMENT``); the table's last column holds the sizes, and the
+# threads of a segment's padding write nothing.
 _CAST_ALL = cupy.ElementwiseKernel(
     "raw S dtype_of, int32 count, raw int64 table", "raw U out",
-    _SEARCH + "out[i] = (U)((const S*)table[count + 1 + lo])[e];",
+    _SEARCH + """
+    if (e < table[2 * count + 1 + lo]) out[i] = (U)((const S*)table[count + 1 + lo])[e];
+    """,
     "xpcnn_cast_all",
 )
 # A training step's record (xpcnn.ops.step_record) in three launches (a memset and two
@@ -414,12 +420,12 @@ def _update_table(params: list[Any], grads: list[Any], *slots: list[Any],
 
 
 def _search_table(arrays: list[Any], device: Any, deferred: _DeferredTables | None,
-                  *columns: list[int]) -> tuple[Any, int]:
+                  *columns: list[int], pad: int = 1) -> tuple[Any, int]:
     """The ``table`` of the kernels that find an element's array by ``_SEARCH`` (the cast and
-    the gradient check): the running offsets of C-contiguous ``arrays``, their addresses, then
-    each of ``columns`` (a number per array); and their total element count (no table where
-    that is 0: nothing to launch)."""
-    offsets = np.cumsum([0] + [a.size for a in arrays])
+    the gradient check): the running offsets of C-contiguous ``arrays`` (each size rounded up
+    to a multiple of ``pad``), their addresses, then each of ``columns`` (a number per array);
+    and the last offset, the threads to launch (no table where that is 0: nothing to launch)."""
+    offsets = np.cumsum([0] + [-(-a.size // pad) * pad for a in arrays])
     if not offsets[-1]:
         return None, 0
     table = np.concatenate([offsets, [_address(a) for a in arrays], *columns])
@@ -678,16 +684,18 @@ class CupyKernels(StandardKernels):
         for k, a in enumerate(arrays):
             if a.dtype != dtype:
                 groups.setdefault(a.dtype, []).append(k)
+        pad = max(1, ALIGNMENT // np.dtype(dtype).itemsize)
         for ks in groups.values():
             sources = [cupy.ascontiguousarray(arrays[k]) for k in ks]
-            table, size = _search_table(sources, sources[0].device, self._deferred)
-            flat = cupy.empty(size, dtype)
+            table, size = _search_table(sources, sources[0].device, self._deferred,
+                                        [a.size for a in sources], pad=pad)
+            flat = cupy.empty(size, dtype)  # (the pool's blocks are 512-byte aligned)
             if size:
                 _CAST_ALL(sources[0], len(sources), table, flat, size=size)
             start = 0
             for k, a in zip(ks, sources, strict=True):
                 out[k] = flat[start:start + a.size].reshape(a.shape)
-                start += a.size
+                start += -(-a.size // pad) * pad
         return out
 
     def record_step(self, state: Any, stats: Any, grads: list[Any], n: float, step: Any,
