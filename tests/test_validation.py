@@ -98,6 +98,10 @@ DATA_CASES = {
     "validation_split leaves nothing": (
         lambda m: m.fit(X[:3], Y[:3], validation_split=0.1, verbose=0),
         InputError, "leaves no training or no validation samples out of 3"),
+    "validation_split and validation_data": (  # (was: validation_data ignored, silently)
+        lambda m: m.fit(X, Y, validation_split=0.25, validation_data=(X[:4], Y[:4]), verbose=0),
+        InputError, r"pass validation_data or validation_split, not both: got "
+                    r"validation_split=0.25 and validation_data"),
     "validation_data an array": (lambda m: m.fit(X, Y, validation_data=X[:2], verbose=0),
                                  InputError, "validation_data must be a pair .* got ndarray"),
     "validation_data wrong shape": (lambda m: m.fit(X, Y, validation_data=(X[:, :4], Y),

@@ -829,11 +829,14 @@ def _check_fit_data(x: Any, y: Any, validation_data: Any, validation_split: floa
                     steps: int | None, validation_steps: int | None) -> None:
     """fit's data arguments, checked before any batch source is made (none draws a batch)."""
     checks.number(validation_split, "validation_split", 0.0, 1.0, high_open=True)
+    if validation_split and validation_data is not None:  # (one would be ignored, silently)
+        raise InputError(f"pass validation_data or validation_split, not both: got "
+                         f"validation_split={validation_split!r} and validation_data")
     if validation_split and is_stream(x):
         raise InputError("validation_split needs arrays; pass validation_data with a "
                          "dataset or generator")
     check_source(x, y, steps)
-    if validation_data is not None and not validation_split:
+    if validation_data is not None:
         check_source(*_pair(validation_data), validation_steps, "x_val",
                      steps_name="validation_steps")
 
