@@ -88,6 +88,26 @@ def test_a_path_that_cannot_be_written_is_refused_before_training(model, tmp_pat
     assert set(os.listdir(tmp_path)) <= {"file"}  # nothing written
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"epoch;loss\n0;1.5\n", r"its first line \['epoch;loss'\] is not a CSVLogger header "
+                              r"\('epoch', then the logs, separated by ','\)"),
+    (b"a,b\n1,2\n", r"its first line \['a', 'b'\] is not a CSVLogger header"),
+    (bytes(range(256)), "its header cannot be read \\(UnicodeDecodeError"),
+], ids=["another separator", "another file", "binary"])
+def test_a_csv_logger_appends_only_under_a_csv_loggers_header(model, tmp_path, content,
+                                                             message):
+    """(was: the rows went under that header with no log in them, as the header named none
+    of the logs, silently; or a UnicodeDecodeError)"""
+    path = tmp_path / "log.csv"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=f"CSVLogger cannot append to '{path}': {message}"):
+        model.fit(X, Y, callbacks=[CSVLogger(path, append=True)], verbose=0)
+    assert path.read_bytes() == content and model.optimizer.iterations == 0
+    if content.startswith(b"epoch;"):  # with its own separator, it appends under its columns
+        model.fit(X, Y, callbacks=[CSVLogger(path, separator=";", append=True)], verbose=0)
+        assert path.read_text().splitlines()[2].startswith("0;") and model.optimizer.iterations
+
+
 def test_missing_folders_are_still_created(model, tmp_path):
     path = tmp_path / "runs" / "a" / "ckpt.npz"
     model.fit(X, Y, epochs=1, checkpoint=path, callbacks=[
@@ -120,6 +140,11 @@ ARGUMENTS = {
                                          "resume must be True or False, got 'no'"),
     "CSVLogger append a string": (lambda m: CSVLogger("log.csv", append="yes"),
                                   "CSVLogger append must be True or False, got 'yes'"),
+    "CSVLogger separator of two characters": (  # (was: a TypeError from csv after epoch 1)
+        lambda m: CSVLogger("log.csv", separator=", "),
+        r"CSVLogger separator must be one character, such as ',' or '\\t', got ', '"),
+    "CSVLogger separator None": (lambda m: CSVLogger("log.csv", separator=None),
+                                 "CSVLogger separator must be one character"),
     "shuffle a string": (lambda m: m.fit(X, Y, shuffle="no", verbose=0),
                          "shuffle must be True or False, got 'no'"),
     "precision a list": (lambda m: m.compile(precision=["float32"]),

@@ -628,6 +628,9 @@ class CSVLogger(Callback):
                  append: bool = False) -> None:
         super().__init__()
         self.filename = checks.file_path(filename, "CSVLogger filename")
+        if not isinstance(separator, str) or len(separator) != 1:  # (csv takes one character)
+            raise InputError(f"CSVLogger separator must be one character, such as ',' or "
+                             f"'\\t', got {separator!r}")
         self.separator, self.append = separator, checks.flag(append, "CSVLogger append")
         self.file: Any = None
 
@@ -638,12 +641,25 @@ class CSVLogger(Callback):
         os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)
         exists = self.append and os.path.exists(self.filename) and os.path.getsize(
             self.filename) > 0
+        self.keys: list[str] | None = self._columns() if exists else None
         self.file = open(self.filename, "a" if self.append else "w", newline="")  # noqa: SIM115
         self.writer: Any = None
-        self.keys: list[str] | None = None
-        if exists:
+
+    def _columns(self) -> list[str]:
+        """The log columns of the CSVLogger file appended to, from its header (checked: rows
+        under another file's header, or split by another separator, would lose the logs)."""
+        try:
             with open(self.filename, newline="") as f:
-                self.keys = next(csv.reader(f, delimiter=self.separator))[1:]
+                header = next(csv.reader(f, delimiter=self.separator), [])
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise InputError(f"CSVLogger cannot append to {self.filename!r}: its header cannot "
+                             f"be read ({type(e).__name__}: {e})") from e
+        if header[:1] != ["epoch"]:
+            raise InputError(f"CSVLogger cannot append to {self.filename!r}: its first line "
+                             f"{header} is not a CSVLogger header ('epoch', then the logs, "
+                             f"separated by {self.separator!r}); append to a file that a "
+                             "CSVLogger with this separator wrote, or pass append=False")
+        return header[1:]
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         if self.file is None:
