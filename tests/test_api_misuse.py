@@ -457,6 +457,8 @@ def test_a_validation_metric_without_validation_data_is_refused_before_the_first
     ("m-{epoch:02d}-{val_loss:.3f}.npz", "'val_loss'"),
     ("m-{epoch:s}.npz", "Unknown format code 's'"),
     ("m-{0}.npz", "positional fields"),
+    ("m-{epoch.days}.npz", "'int' object has no attribute 'days'"),  # (was: AttributeError)
+    ("m-{loss[0]}.npz", "'float' object is not subscriptable"),  # (was: TypeError)
 ])
 def test_a_model_checkpoint_template_that_cannot_be_filled_fails_before_the_first_epoch(
         model, tmp_path, template, message):

@@ -432,7 +432,7 @@ class ModelCheckpoint(_Monitor):
     def _fill(self, fields: Mapping[str, Any]) -> str:
         try:
             return self.filepath.format_map(fields)
-        except (KeyError, IndexError, ValueError) as e:
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
             logs = sorted(k for k in fields if k not in ("epoch", "batch"))
             where = "epoch" if self.save_freq == "epoch" else "epoch, batch"
             raise InputError(f"ModelCheckpoint path {self.filepath!r} could not be filled from "
