@@ -38,6 +38,11 @@ def model():
     return four_class_model()
 
 
+def built(layer, input_shape):
+    layer.build(input_shape)
+    return layer
+
+
 # -- files written during or after training: checked before the first step ---------------------
 
 def unwritable(folder):
@@ -210,6 +215,27 @@ ARGUMENTS = {
         lambda m: Dense(3)(np.ones((2, 4), np.float32)),
         r"layer 'dense' \(Dense\) must be built before it runs on a batch: "
         r"layer.build\(input_shape\)"),
+    "a layer called on a batch of another shape": (  # (was: a ValueError from matmul)
+        lambda m: built(Dense(3), (4,))(np.ones((2, 5), np.float32)),
+        r"layer 'dense' \(Dense\) is built for batches \(N, \*per-sample shape\) of "
+        r"per-sample shape \(4,\), got shape \(2, 5\)"),
+    "a layer called on one sample": (lambda m: built(Conv2D(3), (6, 6, 3))(X[0]),
+                                     r"per-sample shape \(6, 6, 3\), got shape \(6, 6, 3\)"),
+    "a layer called on a list": (  # (was: AttributeError: 'list' object has no attribute)
+        lambda m: built(Dense(3), (4,))([[1.0, 2.0, 3.0, 4.0]]), "got list"),
+    "a merge layer called on batches of other shapes": (
+        lambda m: built(xpcnn.layers.Add(), [(4,), (4,)])([np.ones((2, 4)), np.ones((2, 5))]),
+        r"per-sample shape \(4,\), \(4,\), got shape \(2, 4\), shape \(2, 5\)"),
+    "a layer built for a number": (lambda m: Dense(3).build(10),  # (was: TypeError)
+                                   r"layer 'dense' \(Dense\) input_shape must be a per-sample "
+                                   r"shape of positive sizes such as \(32, 32, 3\) \(no batch "
+                                   r"axis\), got 10"),
+    "a layer built for a negative size": (  # (was: ValueError: negative dimensions)
+        lambda m: Conv2D(3).build((8, 8, -1)), r"input_shape must be .* got \(8, 8, -1\)"),
+    "a layer built for no size": (lambda m: Dense(3).build((0,)), r"got \(0,\)"),  # (was taken)
+    "a layer built in int8": (lambda m: Dense(3).build((4,), "cpu", "int8"),  # (was: int8
+                              "unsupported dtype 'int8'; expected float16, bfloat16, float32 "
+                              "or float64"),  # weights, all zeros, silently)
     "an unbuilt layer's forward": (lambda m: Conv2D(3).forward(X.astype(np.float32)),
                                    r"layer 'conv2d' \(Conv2D\) must be built before it runs"),
     "verbose a word": (lambda m: m.fit(X, Y, verbose="quiet"),

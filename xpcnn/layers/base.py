@@ -180,6 +180,7 @@ class Layer:
         (lower for mixed precision). Initial values come from ``rng`` on the host, so one seed
         gives the same weights on every device.
         """
+        dtype_name(dtype), dtype_name(compute_dtype or dtype)  # (an int8 weight: all zeros)
         Layer.rebuilds += 1
         self.backend = get_backend(backend)
         self.xp = self.backend.xp
@@ -219,6 +220,8 @@ class Layer:
                              f"({', '.join(type(t).__name__ for t in x)}): in a functional "
                              "model every input is a symbolic tensor (xpcnn.Input or a layer's "
                              "output)")
+        if self.built:
+            _check_batch(self, x)
         return self.forward(x, bool(training))
 
     def _call_symbolic(self, x: SymbolicTensor | list[SymbolicTensor], record: bool = True
@@ -404,10 +407,31 @@ class Layer:
 
 
 def _shape(shape: Any, layer: Layer) -> Shape | tuple[Shape, ...]:
-    """A per-sample shape as a tuple of ints; a merge layer's, a tuple of those."""
+    """A per-sample shape as a tuple of positive ints; a merge layer's, a tuple of those."""
+    shapes = shape if layer.multi_input and isinstance(shape, list | tuple) else [shape]
+    for s in shapes:
+        if not (isinstance(s, list | tuple) and s and all(
+                isinstance(d, int | np.integer) and not isinstance(d, bool) and d > 0 for d in s)):
+            what = "a list of per-sample shapes" if layer.multi_input else "a per-sample shape"
+            raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) input_shape must be "
+                             f"{what} of positive sizes such as (32, 32, 3) (no batch axis), got "
+                             f"{shape!r}")
     if layer.multi_input:
         return tuple(tuple(int(d) for d in s) for s in shape)
     return tuple(int(d) for d in shape)
+
+
+def _check_batch(layer: Layer, x: Any) -> None:
+    """``layer(x)`` on a batch: arrays of the per-sample shape the layer is built for (a
+    wrong one failed deep inside its kernels)."""
+    batch = list(x) if layer.multi_input and isinstance(x, list | tuple) else [x]
+    expected = list(layer.input_shape) if layer.multi_input else [layer.input_shape]
+    if [tuple(a.shape[1:]) if hasattr(a, "shape") else None for a in batch] != expected:
+        got = ", ".join(f"shape {tuple(a.shape)}" if hasattr(a, "shape") else type(a).__name__
+                        for a in batch)
+        raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) is built for batches "
+                         f"(N, *per-sample shape) of per-sample shape "
+                         f"{', '.join(map(str, expected))}, got {got}")
 
 
 def dtype_name(dtype: Any) -> str:
@@ -415,7 +439,8 @@ def dtype_name(dtype: Any) -> str:
     for name in ("float16", "bfloat16", "float32", "float64"):
         if name in str(dtype):
             return name
-    raise InputError(f"unsupported dtype {dtype!r}")
+    raise InputError(f"unsupported dtype {dtype!r}; expected float16, bfloat16, float32 or "
+                     "float64")
 
 
 def pair(v: int | tuple[int, int] | list[int], what: str) -> tuple[int, int]:
