@@ -211,6 +211,13 @@ ARGUMENTS = {
         "schedule must be a function of"),
     "LambdaCallback a number": (lambda m: xpcnn.callbacks.LambdaCallback(on_epoch_end=3),
                                 "LambdaCallback on_epoch_end must be a function, got 3"),
+    "LambdaCallback of too few arguments": (  # (was: a TypeError after the first epoch)
+        lambda m: xpcnn.callbacks.LambdaCallback(on_epoch_end=lambda logs: None),
+        r"LambdaCallback on_epoch_end is called as on_epoch_end\(epoch, logs\), which "
+        r"<function .*> cannot take"),
+    "LambdaCallback of too many arguments": (
+        lambda m: xpcnn.callbacks.LambdaCallback(on_train_begin=lambda epoch, logs: None),
+        r"on_train_begin is called as on_train_begin\(logs\)"),
     "an unbuilt layer called on a batch": (
         lambda m: Dense(3)(np.ones((2, 4), np.float32)),
         r"layer 'dense' \(Dense\) must be built before it runs on a batch: "

@@ -98,6 +98,12 @@ def callback_list(callbacks: Any) -> list[Callback]:
     return list(callbacks or [])
 
 
+def _indexed(hook: str) -> bool:
+    """Whether ``hook`` takes an epoch or batch index before its logs (every hook gets its
+    logs, as in Keras: empty where there are none yet)."""
+    return hook.startswith("on_epoch") or "_batch_" in hook
+
+
 class CallbackList:
     """Calls a hook on every callback in order: ``callbacks.on_epoch_end(epoch, logs)``."""
 
@@ -111,8 +117,7 @@ class CallbackList:
         if hook not in HOOKS:
             raise AttributeError(hook)
 
-        # Every hook gets its logs, as in Keras (empty where there are none yet).
-        indexed = hook.startswith("on_epoch") or "_batch_" in hook
+        indexed = _indexed(hook)
 
         def call(*args: Any) -> None:
             args = args + ({},) * (1 + indexed - len(args))
@@ -181,6 +186,11 @@ class LambdaCallback(Callback):
         for name, fn in hooks.items():
             if not callable(fn):
                 raise InputError(f"LambdaCallback {name} must be a function, got {fn!r}")
+            if not _binds(fn, *((0,) if _indexed(name) else ()), {}):  # (not after an epoch)
+                index = "epoch, " if name.startswith("on_epoch") else \
+                    "batch, " if _indexed(name) else ""
+                raise InputError(f"LambdaCallback {name} is called as {name}({index}logs), "
+                                 f"which {fn!r} cannot take")
             setattr(self, name, fn)
 
 
