@@ -23,6 +23,8 @@ from xpcnn.layers import (
     Dense,
     Flatten,
     GlobalAvgPool2D,
+    MaxPool2D,
+    RandomCrop,
     RandomFlip,
     ReLU,
     Rescaling,
@@ -252,6 +254,9 @@ ARGUMENTS = {
     "predict verbose True": (lambda m: m.predict(X, verbose=True), "got True"),
     "verbose an array": (lambda m: m.predict(X, verbose=np.array([0, 1])),
                          r"verbose must be 0 .* got array\(\[0, 1\]\)"),
+    "summary print_fn a string": (lambda m: m.summary(print_fn="print"),  # (was: TypeError:
+                                  "summary print_fn must be a function of one line, such as "
+                                  "print, or None, got 'print'"),  # 'str' object is not callable)
     "trainable a string": (lambda m: setattr(m, "trainable", "no"),
                            "trainable must be True or False, got 'no'"),
 }
@@ -278,6 +283,11 @@ def test_keras_spellings_that_mean_the_same_are_accepted(model):
     soft[np.arange(20), Y] = 0.7
     model.fit(X, soft, verbose=0)
     assert Dense(3, use_bias=np.bool_(False)).use_bias is False
+    # NumPy ints, as kernel_size takes them (was: 'padding must be ... a non-negative int, got
+    # np.int64(1)')
+    assert Conv2D(3, padding=np.int64(1)).get_config()["padding"] == 1
+    assert type(MaxPool2D(2, padding=np.int32(1)).padding) is int
+    assert type(RandomCrop(np.int64(2)).padding) is int
     # Keras' everyday predict(x, verbose=0) (it was TypeError: unexpected keyword 'verbose')
     np.testing.assert_array_equal(model.predict(X, verbose=0), model.predict(X))
     assert model.evaluate(X, Y, verbose="auto") == model.evaluate(X, Y)

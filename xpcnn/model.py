@@ -342,6 +342,9 @@ class Model(Trainer):
         """Print each layer's name, type, output shape and weight count (and, in a graph, the
         layers it reads), then the trainable and non-trainable counts, as Keras does; each
         line goes to ``print_fn`` (``print`` when None)."""
+        if print_fn is not None and not callable(print_fn):
+            raise InputError(f"summary print_fn must be a function of one line, such as print, "
+                             f"or None, got {print_fn!r}")
         self._require_built("summary")
         self._rebuild_if_shared()
         print_fn = print if print_fn is None else print_fn

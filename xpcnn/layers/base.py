@@ -463,8 +463,9 @@ def count(v: int, what: str) -> int:
 def check_padding(padding: str | int) -> str | int:
     if isinstance(padding, str) and padding.lower() in ("valid", "same"):
         return padding.lower()
-    if isinstance(padding, int) and not isinstance(padding, bool) and 0 <= padding < 2**31:
-        return padding
+    if isinstance(padding, int | np.integer) and not isinstance(padding, bool) and \
+            0 <= padding < 2**31:
+        return int(padding)  # (a NumPy int too, as kernel_size takes it)
     raise InputError(f"padding must be 'valid', 'same' or a non-negative int, got {padding!r}")
 
 

@@ -100,9 +100,10 @@ class RandomCrop(RandomLayer):
 
     def __init__(self, padding: int = 4, name: str | None = None) -> None:
         super().__init__(name)
-        if not isinstance(padding, int) or isinstance(padding, bool) or not 1 <= padding < 2**15:
+        if not isinstance(padding, int | np.integer) or isinstance(padding, bool) or \
+                not 1 <= padding < 2**15:
             raise InputError(f"RandomCrop padding must be a positive int, got {padding!r}")
-        self.padding = padding
+        self.padding = int(padding)
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "padding": self.padding}
