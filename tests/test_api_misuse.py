@@ -259,6 +259,9 @@ ARGUMENTS = {
                                   "print, or None, got 'print'"),  # 'str' object is not callable)
     "trainable a string": (lambda m: setattr(m, "trainable", "no"),
                            "trainable must be True or False, got 'no'"),
+    "a layer's trainable a string": (  # (was: taken, truthy: the layer went on training)
+        lambda m: setattr(m.layers[1], "trainable", "False"),
+        "layer 'conv2d' trainable must be True or False, got 'False'"),
 }
 
 

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..backend import Backend, get_backend
+from ..checks import flag
 from ..errors import InputError
 
 Shape = tuple[int, ...]
@@ -150,14 +151,22 @@ class Layer:
         self.built = False
         self.input_shape: Shape | None = None
         self.output_shape: Shape | None = None
-        # False freezes the layer (as in Keras): no gradients for its parameters, which the
-        # optimiser leaves alone; a BatchNorm2D also runs in inference mode.
         self.trainable = True
         # Its calls on symbolic tensors (Keras' inbound nodes): the user's in a functional
         # graph, a built Sequential's own; ``output`` and ``input`` are those of the one call.
         self.inbound_nodes: list[Node] = []
         # (the model's casts of the weights for one forward pass, see compute_weight)
         self._cache_weights: dict[str, Any] | None = None
+
+    @property
+    def trainable(self) -> bool:
+        """False freezes the layer (as in Keras): no gradients for its parameters, which the
+        optimiser leaves alone; a BatchNorm2D also runs in inference mode."""
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        self._trainable = flag(value, f"layer {self.name!r} trainable")  # ("no" is truthy)
 
     @property
     def relu_output(self) -> bool:
