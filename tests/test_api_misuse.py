@@ -169,6 +169,11 @@ ARGUMENTS = {
     "validation_data a dict": (lambda m: m.fit(X, Y, validation_data={"x": X, "y": Y},
                                                verbose=0),
                                r"x_val is a dict \(keys \['x', 'y'\]\)"),
+    "a generator's batch without labels": (  # (was: AttributeError: 'NoneType' object has
+        lambda m: m.fit(iter([(X, None)]), steps_per_epoch=1, verbose=0),  # no attribute 'ndim')
+        r"x must yield \(x, y\) batches, got a pair whose y is None"),
+    "a validation batch without labels": (
+        lambda m: m.evaluate(iter([(X, None)]), steps=1), "got a pair whose y is None"),
     "predict on a dict": (lambda m: m.predict({"x": X}), "x is a dict"),
     "one-hot rows not summing to 1": (
         lambda m: m.fit(X, 3 * np.eye(4)[Y], verbose=0),

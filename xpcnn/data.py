@@ -445,6 +445,8 @@ def split_item(item: Any, with_targets: bool, expected: str) -> tuple[Any, Any]:
     if not pair:
         length = f" of length {len(item)}" if isinstance(item, tuple | list) else ""
         raise InputError(f"{expected}, got {type(item).__name__}{length}")
+    if item[1] is None:  # (it was taken for no labels, and failed inside the loss)
+        raise InputError(f"{expected}, got a pair whose y is None")
     return item[0], item[1]
 
 
