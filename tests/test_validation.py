@@ -370,6 +370,10 @@ CONSTRUCTION = {
                         r"\(H, W, C\), got \(6, 6\)"),
     "Dense after images": (lambda: xpcnn.Sequential([Dense(3)], input_shape=(4, 4, 1)),
                            "add a Flatten"),
+    "RandomFlip after Flatten": (  # (was: an AxisError from its first training batch)
+        lambda: xpcnn.Sequential([Flatten(), RandomFlip(), Dense(4)], input_shape=(4, 4, 1)),
+        r"layer 'randomflip' \(RandomFlip\) expects per-sample inputs of shape \(H, W, C\), "
+        r"got \(16,\)"),
     "kernel too big": (lambda: xpcnn.Sequential([Conv2D(2, 7)], input_shape=(4, 4, 1)),
                        "a 7x7 kernel with padding 'valid' does not fit an input of 4x4"),
     "summary unbuilt": (lambda: xpcnn.Sequential(four_class_net()).summary(),

@@ -79,9 +79,13 @@ class RandomFlip(RandomLayer):
 
     def __init__(self, mode: str = "horizontal", name: str | None = None) -> None:
         super().__init__(name)
-        if mode != "horizontal":  # (Keras' first argument: not taken for a name)
+        if not (isinstance(mode, str) and mode == "horizontal"):  # (Keras' first argument:
             raise InputError(f"RandomFlip flips left-right only (mode 'horizontal'), got mode "
-                             f"{mode!r}")
+                             f"{mode!r}")  # not taken for a name)
+
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        require_rank(self, input_shape, 3)  # (it flips axis W: a vector failed in training)
+        return super()._build(input_shape, rng)
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         if not training:
