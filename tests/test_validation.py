@@ -12,7 +12,7 @@ from nets import every_layer_net, four_class_data, four_class_model, four_class_
 
 import xpcnn
 from xpcnn import optim
-from xpcnn.errors import DataFormatError, InputError, NonFiniteError
+from xpcnn.errors import DataFormatError, DeviceError, InputError, NonFiniteError
 from xpcnn.layers import (
     AvgPool2D,
     BatchNorm2D,
@@ -396,6 +396,16 @@ def test_model_construction_and_compile(case):
     call, message = CONSTRUCTION[case]
     with pytest.raises(InputError, match=message):
         call()
+
+
+def test_a_device_the_array_library_lacks_is_refused_when_the_model_is_made():
+    """(was: accepted, then a ValueError from array_api_strict when the model was built)"""
+    xs = pytest.importorskip("array_api_strict")
+    with pytest.raises(DeviceError, match=r"^array_api_strict has no device 'gpu0' "
+                                          r"\(ValueError: .*\); its default one is "):
+        xpcnn.Sequential(four_class_net(), device=(xs, "gpu0"))
+    model = xpcnn.Sequential(four_class_net(), device=(xs, xs.Device("device1")))
+    assert model.predict(X).shape == (20, 4)
 
 
 def test_a_single_metric_name_is_accepted():

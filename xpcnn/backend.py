@@ -218,6 +218,12 @@ def _namespace_backend(module: ModuleType, device: Any = None) -> Backend:
     if not hasattr(module, "asarray") or not hasattr(module, "matmul"):
         raise DeviceError(f"module {name!r} is not an Array API namespace")
     default = array_api_compat.device(module.empty(0))
+    if device is not None:  # (else the library's own error, from the model's first array)
+        try:
+            module.empty(0, device=device)
+        except Exception as e:
+            raise DeviceError(f"{name} has no device {device!r} ({type(e).__name__}: {e}); "
+                              f"its default one is {default!r}") from None
     short = name.split(".")[-1]
     return Backend(module, default if device is None else device, short)
 
