@@ -14,6 +14,7 @@ import pytest
 from nets import four_class_data, four_class_model, four_class_net
 
 import xpcnn
+import xpcnn.datasets
 from xpcnn import optim
 from xpcnn.callbacks import BackupAndRestore, CSVLogger, EarlyStopping, ModelCheckpoint
 from xpcnn.errors import DataFormatError, InputError, NonFiniteError
@@ -262,6 +263,12 @@ ARGUMENTS = {
     "summary print_fn a string": (lambda m: m.summary(print_fn="print"),  # (was: TypeError:
                                   "summary print_fn must be a function of one line, such as "
                                   "print, or None, got 'print'"),  # 'str' object is not callable)
+    "data_dir a number": (lambda m: xpcnn.datasets.load_mnist(3, download=False),  # (was:
+                          r"data_dir must be a folder path \(a str or a pathlib.Path\) or None, "
+                          "got 3"),  # TypeError from pathlib)
+    "base_url a number": (  # (was: AttributeError: 'int' object has no attribute 'endswith')
+        lambda m: xpcnn.datasets.load_cifar10(os.path.dirname(__file__), base_url=3),
+        "base_url must be a URL"),
     "trainable a string": (lambda m: setattr(m, "trainable", "no"),
                            "trainable must be True or False, got 'no'"),
     "a layer's trainable a string": (  # (was: taken, truthy: the layer went on training)

@@ -81,6 +81,9 @@ def default_data_dir() -> Path:
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """The folder to read datasets from: ``data_dir``, else ``$XPCNN_DATA_DIR``, else the cache."""
     if data_dir is not None:
+        if not isinstance(data_dir, str | os.PathLike) or not os.fspath(data_dir):
+            raise InputError(f"data_dir must be a folder path (a str or a pathlib.Path) or None, "
+                             f"got {data_dir!r}")
         return Path(data_dir).expanduser()
     env = os.environ.get(DATA_DIR_ENV, "")
     if env:
@@ -104,6 +107,8 @@ def data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
 
 def base_url_for(dataset: str, base_url: str | None = None) -> str:
     """The URL folder for ``dataset``: ``base_url``, else its environment variable, else default."""
+    if base_url is not None and not isinstance(base_url, str):
+        raise InputError(f"base_url must be a URL (a str) or None, got {base_url!r}")
     url = base_url or os.environ.get(URL_ENV_VARS[dataset], "") or BASE_URLS[dataset]
     return url if url.endswith("/") else url + "/"
 
