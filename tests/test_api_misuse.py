@@ -15,6 +15,7 @@ from nets import four_class_data, four_class_model, four_class_net
 
 import xpcnn
 import xpcnn.datasets
+import xpcnn.viz
 from xpcnn import optim
 from xpcnn.callbacks import BackupAndRestore, CSVLogger, EarlyStopping, ModelCheckpoint
 from xpcnn.errors import DataFormatError, InputError, NonFiniteError
@@ -269,6 +270,12 @@ ARGUMENTS = {
     "base_url a number": (  # (was: AttributeError: 'int' object has no attribute 'endswith')
         lambda m: xpcnn.datasets.load_cifar10(os.path.dirname(__file__), base_url=3),
         "base_url must be a URL"),
+    "confusion_matrix of class names": (  # (was: UFuncTypeError from numpy's minimum)
+        lambda m: xpcnn.viz.confusion_matrix(["cat", "dog"], ["dog", "dog"], ["cat", "dog"]),
+        r"^y_true must hold integer labels in \[0, 1\]; got dtype <U3$"),
+    "confusion_matrix classes a str": (  # (was: one class, named '3')
+        lambda m: xpcnn.viz.confusion_matrix([0, 1], [1, 2], "3"),
+        "classes must be the number of classes or a sequence of class names, got '3'"),
     "trainable a string": (lambda m: setattr(m, "trainable", "no"),
                            "trainable must be True or False, got 'no'"),
     "a layer's trainable a string": (  # (was: taken, truthy: the layer went on training)

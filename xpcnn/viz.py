@@ -496,6 +496,10 @@ def confusion_matrix(y_true: Any, y_pred: Any, classes: int | Sequence[Any]) -> 
 
     ``classes`` is the number of classes or a sequence of class names.
     """
+    if isinstance(classes, str | bool) or not isinstance(classes, int | np.integer | Sequence
+                                                                 | np.ndarray):
+        raise InputError(f"classes must be the number of classes or a sequence of class names, "
+                         f"got {classes!r}")  # (a str was taken for the names of its letters)
     k = len(classes) if not isinstance(classes, int | np.integer) else int(classes)
     if k < 1:
         raise InputError(f"classes must be at least 1, got {classes!r}")
@@ -505,8 +509,10 @@ def confusion_matrix(y_true: Any, y_pred: Any, classes: int | Sequence[Any]) -> 
                          f"shapes {t.shape} and {p.shape}")
     for what, a in (("y_true", t), ("y_pred", p)):
         if a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= k):
+            values = f", values {a.min()}..{a.max()}" if np.issubdtype(a.dtype, np.number) and \
+                a.dtype != bool else ""  # (class names have no min: a UFuncTypeError)
             raise InputError(f"{what} must hold integer labels in [0, {k - 1}]; got dtype "
-                             f"{a.dtype}, values {a.min()}..{a.max()}")
+                             f"{a.dtype}{values}")
     flat = t.astype(np.int64) * k + p.astype(np.int64)
     return np.bincount(flat, minlength=k * k).reshape(k, k)
 
