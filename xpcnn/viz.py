@@ -509,8 +509,8 @@ def confusion_matrix(y_true: Any, y_pred: Any, classes: int | Sequence[Any]) -> 
                          f"shapes {t.shape} and {p.shape}")
     for what, a in (("y_true", t), ("y_pred", p)):
         if a.size and (not np.issubdtype(a.dtype, np.integer) or a.min() < 0 or a.max() >= k):
-            values = f", values {a.min()}..{a.max()}" if np.issubdtype(a.dtype, np.number) and \
-                a.dtype != bool else ""  # (class names have no min: a UFuncTypeError)
+            # (class names have no min: that was a UFuncTypeError)
+            values = f", values {a.min()}..{a.max()}" if np.issubdtype(a.dtype, np.number) else ""
             raise InputError(f"{what} must hold integer labels in [0, {k - 1}]; got dtype "
                              f"{a.dtype}{values}")
     flat = t.astype(np.int64) * k + p.astype(np.int64)

@@ -189,7 +189,8 @@ class Layer:
         (lower for mixed precision). Initial values come from ``rng`` on the host, so one seed
         gives the same weights on every device.
         """
-        dtype_name(dtype), dtype_name(compute_dtype or dtype)  # (an int8 weight: all zeros)
+        for each in (dtype, compute_dtype or dtype):
+            dtype_name(each)  # a float dtype (int8 weights were taken: all zeros, silently)
         Layer.rebuilds += 1
         self.backend = get_backend(backend)
         self.xp = self.backend.xp

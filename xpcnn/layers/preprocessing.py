@@ -79,9 +79,10 @@ class RandomFlip(RandomLayer):
 
     def __init__(self, mode: str = "horizontal", name: str | None = None) -> None:
         super().__init__(name)
-        if not (isinstance(mode, str) and mode == "horizontal"):  # (Keras' first argument:
+        # (Keras' first argument: not taken for a name)
+        if not (isinstance(mode, str) and mode == "horizontal"):
             raise InputError(f"RandomFlip flips left-right only (mode 'horizontal'), got mode "
-                             f"{mode!r}")  # not taken for a name)
+                             f"{mode!r}")
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         require_rank(self, input_shape, 3)  # (it flips axis W: a vector failed in training)
