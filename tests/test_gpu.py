@@ -428,8 +428,13 @@ def test_mixed_float16_on_the_gpu(conv_algorithm):
     std, loss_std, _ = _fit("cuda", gap_net, fast=False, precision="mixed_float16", epochs=3)
     assert all(np.isfinite(loss_fast)) and loss_fast[-1] < loss_fast[0]
     assert loss_fast == pytest.approx(loss_std, rel=2e-2)
-    # float32 master weights
-    assert all(w.dtype == np.float32 for w in fast.get_weights())
+    # float32 master weights, close to the standard path's (which rounds every float16 op;
+    # the CPU's emulated kernels stay within 0.1% of the largest weight on gap_net:
+    # test_cuda_kernels_on_cpu.py), far closer than a skipped or stale update leaves them
+    largest = max(float(np.abs(w).max()) for w in std.get_weights())
+    for a, b in zip(fast.get_weights(), std.get_weights(), strict=True):
+        assert a.dtype == b.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=0, atol=0.01 * largest)
 
 
 def test_bfloat16_is_a_clear_error_on_cupy():
