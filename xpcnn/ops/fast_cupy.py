@@ -425,11 +425,15 @@ def _search_table(arrays: list[Any], device: Any, deferred: _DeferredTables | No
     the gradient check): the running offsets of C-contiguous ``arrays`` (each size rounded up
     to a multiple of ``pad``), their addresses, then each of ``columns`` (a number per array);
     and the last offset, the threads to launch (no table where that is 0: nothing to launch)."""
-    offsets = np.cumsum([0] + [-(-a.size // pad) * pad for a in arrays])
+    offsets = np.cumsum([0] + [_rounded_up(a.size, pad) for a in arrays])
     if not offsets[-1]:
         return None, 0
     table = np.concatenate([offsets, [_address(a) for a in arrays], *columns])
     return _device_table(table, device, deferred), int(offsets[-1])
+
+
+def _rounded_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _device_table(table: Any, device: Any, deferred: _DeferredTables | None) -> Any:
@@ -695,7 +699,7 @@ class CupyKernels(StandardKernels):
             start = 0
             for k, a in zip(ks, sources, strict=True):
                 out[k] = flat[start:start + a.size].reshape(a.shape)
-                start += -(-a.size // pad) * pad
+                start += _rounded_up(a.size, pad)  # (as _search_table's offsets)
         return out
 
     def record_step(self, state: Any, stats: Any, grads: list[Any], n: float, step: Any,
