@@ -100,31 +100,88 @@ def test_matmuls(m, k, n, rng):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("pool, strides, shape", [
-    ((2, 2), (2, 2), (2, 6, 6, 3)), ((2, 2), (2, 2), (2, 7, 5, 2)), ((3, 3), (2, 2), (2, 7, 7, 2)),
-    ((2, 3), (1, 1), (1, 4, 5, 1)), ((1, 3), (1, 2), (2, 5, 7, 3)), ((3, 1), (2, 1), (2, 7, 4, 2)),
+MAX_POOLS = [
+    ((2, 2), (2, 2), (2, 6, 6, 3)), ((2, 2), (2, 2), (2, 7, 5, 2)),  # odd: last row/col unused
+    ((3, 3), (2, 2), (2, 7, 7, 2)), ((2, 3), (1, 1), (1, 4, 5, 1)),  # overlapping windows
+    ((1, 3), (1, 2), (2, 5, 7, 3)), ((3, 1), (2, 1), (2, 7, 4, 2)),
+    ((2, 2), (3, 3), (2, 8, 8, 3)),  # gaps between windows
+    ((3, 3), (3, 3), (2, 10, 8, 2)), ((1, 1), (1, 1), (2, 3, 3, 2)),
+    ((16, 16), (16, 16), (2, 16, 17, 2)),  # 256 taps: indices wider than a byte
     ((2, 2), (2, 2), (64, 16, 16, 16)),  # last: threads
-])
-def test_max_pool_with_ties(pool, strides, shape, rng):
-    # integers in a small range (and ReLU-style zeros) make many tied maxima
-    x = np.maximum(rng.integers(-2, 3, shape), 0).astype(np.float32)
-    out_hw = ops.output_size(shape[1:3], pool, strides, (0, 0, 0, 0))
-    from xpcnn.ops.pool import max_pool
+]
 
-    y = max_pool(xpn, x, pool, strides, out_hw)
+
+@pytest.mark.parametrize("pool, strides, shape", MAX_POOLS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_pool_with_ties(pool, strides, shape, dtype, rng):
+    # integers in a small range (and ReLU-style zeros) make many tied maxima
+    x = np.maximum(rng.integers(-2, 3, shape), 0).astype(dtype)
+    out_hw = ops.output_size(shape[1:3], pool, strides, (0, 0, 0, 0))
+    y = STD.max_pool(x, pool, strides, out_hw)
     np.testing.assert_array_equal(FAST.max_pool(x, pool, strides, out_hw), y)
-    dy = rng.standard_normal(y.shape).astype(np.float32)
+    y_fast, routes = FAST.max_pool_train(x, pool, strides, out_hw)
+    np.testing.assert_array_equal(y_fast, y)
+    dy = rng.standard_normal(y.shape).astype(dtype)
     want = STD.max_pool_backward(x, y, dy, pool, strides, out_hw)
-    got = FAST.max_pool_backward(x, y, dy, pool, strides, out_hw)
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+    got = FAST.max_pool_backward(routes, y, dy, pool, strides, out_hw)
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == dtype
     # every window's gradient went to exactly one place
     np.testing.assert_allclose(got.sum(), dy.sum(), rtol=1e-5)
     # With the gradient of the ReLU before the pool: by definition, the pool's input gradient
     # where that input is > 0. Both versions must give exactly that.
     relu_too = want * (x > 0)
-    for kern in (STD, FAST):
-        got = kern.max_pool_backward(x, y, dy, pool, strides, out_hw, relu_grad=True)
+    for kern, saved in ((STD, x), (FAST, routes)):
+        got = kern.max_pool_backward(saved, y, dy, pool, strides, out_hw, relu_grad=True)
         np.testing.assert_array_equal(got, relu_too)
+
+
+def test_max_pool_first_maximum_nan_and_strided_input(rng):
+    """The gradient goes to each window's first maximum in row-major order, a window with a
+    NaN sends none (as the standard version: NaN equals nothing), and an input that is not
+    contiguous gives what its contiguous copy gives."""
+    x = np.zeros((1, 4, 4, 1), np.float32)
+    x[0, :2, :2, 0] = [[1, 5], [5, 0]]  # tie across rows: (0, 1) comes first
+    x[0, 2:, 2:, 0] = [[2, np.nan], [3, 3]]
+    y, routes = FAST.max_pool_train(x, (2, 2), (2, 2), (2, 2))
+    dx = FAST.max_pool_backward(routes, y, np.ones_like(y), (2, 2), (2, 2), (2, 2))
+    np.testing.assert_array_equal(dx[0, :, :, 0], [[0, 1, 1, 0], [0, 0, 0, 0],
+                                                   [1, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(dx, STD.max_pool_backward(x, y, np.ones_like(y), (2, 2),
+                                                            (2, 2), (2, 2)))
+    wide = np.maximum(rng.integers(-2, 3, (3, 7, 9, 10)), 0).astype(np.float32)
+    x = wide[:, 1:, ::-2, 2:7]  # every axis strided
+    y, routes = FAST.max_pool_train(x, (2, 2), (2, 2), (3, 2))
+    np.testing.assert_array_equal(y, STD.max_pool(x, (2, 2), (2, 2), (3, 2)))
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    np.testing.assert_array_equal(FAST.max_pool_backward(routes, y, dy, (2, 2), (2, 2), (3, 2)),
+                                  STD.max_pool_backward(x, y, dy, (2, 2), (2, 2), (3, 2)))
+
+
+@pytest.mark.parametrize("pool, strides, padding", [
+    (2, None, "valid"), (2, None, "same"), (3, 2, "same"), ((2, 3), 1, 1), (3, 1, "same"),
+])
+@pytest.mark.parametrize("relu_grad", [False, True])
+def test_max_pool_layer_fast_equals_standard(pool, strides, padding, relu_grad, rng):
+    """The layer (padding included) on both paths, with and without the input ReLU's
+    gradient applied by the pool."""
+    x = np.maximum(rng.integers(-2, 3, (3, 7, 6, 4)), 0).astype(np.float64)
+    dy = None
+    out = []
+    for fast in (True, False):
+        old = set_fast_path(fast)
+        try:
+            layer = MaxPool2D(pool, strides, padding)
+            layer.build(x.shape[1:], "cpu", dtype="float64")
+            options = Options(apply_input_relu_grad=relu_grad)
+            y = layer.forward(x, training=True, options=options)
+            dy = rng.standard_normal(y.shape) if dy is None else dy
+            out.append((y, layer.backward(dy, options)))
+        finally:
+            set_fast_path(old)
+    for got, want in zip(out[0], out[1], strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(out[0][1].sum(), (dy * (out[0][0] > 0) if relu_grad else dy).sum())
 
 
 @pytest.mark.parametrize("shape", [(64, 80, 60), (8, 7, 5), (3,), ()],

@@ -48,16 +48,18 @@ class MaxPool2D(_Pool2D):
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         xpad = conv_ops.pad(self.xp, x, self.pads, value=-math.inf)
-        y = kernels_for(self.backend).max_pool(xpad, self.pool_size, self.strides, self.out_hw)
-        if training:
-            self._cache_xy = (xpad, y)
+        kernels = kernels_for(self.backend)
+        if not training:
+            return kernels.max_pool(xpad, self.pool_size, self.strides, self.out_hw)
+        y, routes = kernels.max_pool_train(xpad, self.pool_size, self.strides, self.out_hw)
+        self._cache_routes = (kernels, routes, y)  # the kernels that can read these routes
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        xpad, y = self._cache_xy
-        dx = kernels_for(self.backend).max_pool_backward(
-            xpad, y, dy, self.pool_size, self.strides, self.out_hw, options.apply_input_relu_grad)
-        self._cache_xy = None
+        kernels, routes, y = self._cache_routes
+        dx = kernels.max_pool_backward(routes, y, dy, self.pool_size, self.strides, self.out_hw,
+                                       options.apply_input_relu_grad)
+        self._cache_routes = None
         return conv_ops.unpad(dx, self.pads)
 
 

@@ -26,13 +26,14 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import array_api_compat.numpy as compat_numpy
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import random
+from .conv import window
 from .kernels import StandardKernels
 
 
@@ -83,6 +84,15 @@ def _keep_freed_arrays_in_the_heap() -> None:
         if mallopt(m_mmap_threshold, threshold) == 1:
             mallopt(m_trim_threshold, 2 * threshold)
             return
+
+
+class _PoolRoutes(NamedTuple):
+    """Where a max pool's gradient goes, as the fast path keeps it: for each output, the index
+    (row-major) of its window's first maximum (kh*kw or more for none: a NaN's window); and
+    the padded input's shape."""
+
+    first: Any
+    shape: tuple[int, ...]
 
 
 class NumpyKernels(StandardKernels):
@@ -355,48 +365,82 @@ class NumpyKernels(StandardKernels):
             np.maximum(out, a, out=out)
         return out
 
-    def max_pool_backward(self, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
-                          strides: tuple[int, int], out_hw: tuple[int, int],
-                          relu_grad: bool = False) -> Any:
-        # The standard version's passes, in place: comparisons into reused boolean buffers,
-        # products written straight into the strided slices of dx; images split over threads.
-        # (A masked add or copyto writes fewer values but mispredicts on every ReLU-made tie:
-        # several times slower.) With relu_grad, windows whose maximum is <= 0 count as taken
-        # from the start: their taps all get 0, as a ReLU before the pool would give them.
-        kh, kw = kernel
-        sh, sw = strides
-        ho, wo = out_hw
-        overlap = sh < kh or sw < kw
-        covered = not overlap and x.shape[1] == ho * kh and x.shape[2] == wo * kw
-        dx = np.empty(x.shape, dy.dtype) if covered else np.zeros(x.shape, dy.dtype)
-        last = (kh - 1, kw - 1)
+    @staticmethod
+    def _window_taps(a: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                     out_hw: tuple[int, int]) -> Any:
+        """A (kh, kw, n, Ho, Wo) view of C-contiguous channels-last ``a``: tap (i, j) of every
+        window, each item the C values there as one void item (a copy then moves each as one
+        run: within 30% of a contiguous copy here, where a float view's loop stops every C
+        values and takes twice as long)."""
+        n, _, _, c = a.shape
+        s0, s1, s2, _ = a.strides
+        return np.ndarray((*kernel, n, *out_hw), np.dtype((np.void, c * a.itemsize)), buffer=a,
+                          strides=(s1, s2, s0, s1 * strides[0], s2 * strides[1]))
+
+    @staticmethod
+    def _as_taps(block: Any, kernel: tuple[int, int]) -> Any:
+        """The contiguous (kh*kw, n, Ho, Wo, C) ``block`` as (kh, kw, n, Ho, Wo) void items."""
+        item = np.dtype((np.void, block.shape[-1] * block.itemsize))
+        return block.view(item)[..., 0].reshape(*kernel, *block.shape[1:4])
+
+    def max_pool_train(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                       out_hw: tuple[int, int]) -> tuple[Any, Any]:
+        # A block of images at a time: its windows' taps copied, tap-major, into one contiguous
+        # buffer (one copy), then the maximum and the index of each window's first maximum in
+        # whole-block passes over it. That index is all backward needs: one byte per output
+        # instead of the input, and no channel-strided comparisons left for backward (before:
+        # 2.7 + 1.4 ms of backward for cifar's pools, 0.2-0.4x PyTorch's).
+        taps = kernel[0] * kernel[1]
+        x = np.ascontiguousarray(x)
+        n, c = x.shape[0], x.shape[3]
+        y = np.empty((n, *out_hw, c), x.dtype)
+        index = np.min_scalar_type(2 * taps - 1).type  # (for misses + taps, below)
+        first = np.empty(y.shape, index)
+        order = np.arange(taps, dtype=index).reshape(taps, 1, 1, 1, 1)
 
         def work(worker: int, n0: int, n1: int) -> None:
-            xs, ys, dys, dxs = x[n0:n1], y[n0:n1], dy[n0:n1], dx[n0:n1]
-            hit = np.empty(ys.shape, bool)
-            taken = np.empty(ys.shape, bool)
-            if relu_grad:
-                np.less_equal(ys, ys.dtype.type(0), out=taken)
-            prod = np.empty(ys.shape, dy.dtype) if overlap else None
-            for i in range(kh):
-                for j in range(kw):
-                    rows = slice(i, i + sh * (ho - 1) + 1, sh)
-                    cols = slice(j, j + sw * (wo - 1) + 1, sw)
-                    np.equal(xs[:, rows, cols, :], ys, out=hit)
-                    if i == 0 and j == 0 and not relu_grad:
-                        np.copyto(taken, hit)
-                    else:
-                        np.greater(hit, taken, out=hit)  # a maximum no earlier tap has taken
-                        if (i, j) != last:
-                            np.logical_or(taken, hit, out=taken)
-                    d = dxs[:, rows, cols, :]
-                    if overlap:
-                        np.multiply(dys, hit, out=prod)
-                        np.add(d, prod, out=d)
-                    else:
-                        np.multiply(dys, hit, out=d)
+            block = np.empty((taps, n1 - n0, *out_hw, c), x.dtype)
+            np.copyto(self._as_taps(block, kernel),
+                      self._window_taps(x[n0:n1], kernel, strides, out_hw))
+            ys = np.maximum.reduce(block, axis=0, out=y[n0:n1])  # in tap order, as the standard
+            # The first tap equal to the maximum: the least of t + taps * (tap t != maximum),
+            # so taps or more where none is (a NaN's window).
+            miss = np.not_equal(block, ys)
+            rank = np.multiply(miss.view(np.uint8), index(taps), dtype=index)
+            np.add(rank, order, out=rank)
+            np.minimum.reduce(rank, axis=0, out=first[n0:n1])
 
-        self.for_chunks(x.shape[0], self._image_blocks(x, 1 << 20), work)  # in cache
+        self.for_chunks(n, self._image_blocks(x), work)  # 2 MB: 1-1.2x faster than 1 MB here
+        return y, _PoolRoutes(first, x.shape)
+
+    def max_pool_backward(self, routes: Any, y: Any, dy: Any, kernel: tuple[int, int],
+                          strides: tuple[int, int], out_hw: tuple[int, int],
+                          relu_grad: bool = False) -> Any:
+        # A block of images at a time: each tap's share (dy where it is the window's first
+        # maximum) into a contiguous tap-major buffer, then all of them to their places in dx
+        # in one copy; added tap by tap where windows overlap, in the standard version's order.
+        first, shape = routes
+        overlap = strides[0] < kernel[0] or strides[1] < kernel[1]
+        covered = (not overlap and shape[1] == out_hw[0] * kernel[0]
+                   and shape[2] == out_hw[1] * kernel[1])
+        dx = np.empty(shape, dy.dtype) if covered else np.zeros(shape, dy.dtype)
+        zero = y.dtype.type(0)
+
+        def work(worker: int, n0: int, n1: int) -> None:
+            dys, fs, dxs = dy[n0:n1], first[n0:n1], dx[n0:n1]
+            if relu_grad:  # a ReLU before the pool: no gradient where the maximum is <= 0
+                dys = np.multiply(dys, y[n0:n1] > zero)
+            order = np.arange(kernel[0] * kernel[1], dtype=fs.dtype).reshape(-1, 1, 1, 1, 1)
+            shares = np.multiply(dys, np.equal(fs, order))  # (taps, ...): tap t's share
+            if not overlap:
+                np.copyto(self._window_taps(dxs, kernel, strides, out_hw),
+                          self._as_taps(shares, kernel))
+                return
+            for t, share in enumerate(shares):
+                d = window(dxs, *divmod(t, kernel[1]), out_hw, strides)
+                np.add(d, share, out=d)
+
+        self.for_chunks(shape[0], self._image_blocks(dx), work)
         return dx
 
     def _image_blocks(self, x: Any, budget: int = 1 << 21) -> int:

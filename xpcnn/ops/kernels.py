@@ -113,16 +113,23 @@ class StandardKernels:
         """Maximum of each window of a padded (N, H, W, C) input."""
         return max_pool(self.xp, x, kernel, strides, out_hw)
 
-    def max_pool_backward(self, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
+    def max_pool_train(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                       out_hw: tuple[int, int]) -> tuple[Any, Any]:
+        """:meth:`max_pool` of padded ``x`` and the ``routes`` that :meth:`max_pool_backward`
+        needs to send the gradient back: here ``x`` itself (a fast path may keep less)."""
+        return self.max_pool(x, kernel, strides, out_hw), x
+
+    def max_pool_backward(self, routes: Any, y: Any, dy: Any, kernel: tuple[int, int],
                           strides: tuple[int, int], out_hw: tuple[int, int],
                           relu_grad: bool = False) -> Any:
-        """Gradient of a max pool of padded ``x`` (see :func:`xpcnn.ops.pool.max_pool_backward`):
-        each window's gradient goes to its first maximum in row-major order. With
-        ``relu_grad``, only where that maximum is > 0: the gradient of a ReLU before the pool
-        (see ``Options.apply_input_relu_grad`` in :mod:`xpcnn.layers.base`)."""
+        """Gradient of a max pool (``routes`` and ``y`` from :meth:`max_pool_train`; see
+        :func:`xpcnn.ops.pool.max_pool_backward`): each window's gradient goes to its first
+        maximum in row-major order. With ``relu_grad``, only where that maximum is > 0: the
+        gradient of a ReLU before the pool (see ``Options.apply_input_relu_grad`` in
+        :mod:`xpcnn.layers.base`)."""
         if relu_grad:
             dy = self.relu_backward(dy, y)
-        return max_pool_backward(self.xp, x, y, dy, kernel, strides, out_hw)
+        return max_pool_backward(self.xp, routes, y, dy, kernel, strides, out_hw)
 
     def sum_rows(self, a: Any) -> Any:
         """Sum over the first axis (a bias gradient), accumulated in float32 at least (a float16
