@@ -427,8 +427,10 @@ def conv_grads(
     kernel, as in :func:`conv_input_grad`: patches P (rows over the input's positions, columns
     (kh, kw, K)) times the rotated kernel matrix. The kernel gradient is a product with the same
     P: for tap (i, j), dW[i, j, c, k] = sum over positions q of x[q, c] * dy[q - (i, j) +
-    (top, left), k], and that shifted dy is P's column block (kh-1-i, kw-1-j). So x^T @ P is the
-    kernel gradient with its taps rotated, and x needs no im2col.
+    (top, left), k], and that shifted dy is P's column block (kh-1-i, kw-1-j). So P^T @ x is the
+    kernel gradient, transposed, with its taps rotated, and x needs no im2col. (P^T @ x rather
+    than x^T @ P: the same sums, and OpenBLAS runs the (kh*kw*K, C) product 11-15% faster
+    for C = K = 32 on one thread, as fast for 64; the 32x32x32 -> 32 layer's backward 1.05-1.07x.)
 
     ``kernel`` is (K, kh, kw, C); ``x`` the unpadded input (N, H, W, C), ``dy`` (N, H, W, K).
     Returns (dW (K, kh, kw, C), db (K,) or None, dx (N, H, W, C)); dW and db are summed over
@@ -450,15 +452,15 @@ def conv_grads(
                         (h, w))
         r0, r1 = n0 * h * w, n1 * h * w
         kern.matmul_into(cols, wflip2, dx[r0:r1, :])
-        parts[n0] = kern.matmul_tn(xp.reshape(x[n0:n1, ...], (r1 - r0, c)), cols)
+        parts[n0] = kern.matmul_tn(cols, xp.reshape(x[n0:n1, ...], (r1 - r0, c)))
         if with_bias:  # the rows of dy this chunk just padded, still in cache
             bias_parts[n0] = kern.sum_rows(dy2[r0:r1, :])
 
     kern.for_chunks(n, m, work)
     g = _sum_in_chunk_order(xp, parts, n, m)
     db = _sum_in_chunk_order(xp, bias_parts, n, m) if with_bias else None
-    # (C, kh, kw, K) with rotated taps -> (K, kh, kw, C), contiguous (a reshape of the
+    # (kh, kw, K, C) with rotated taps -> (K, kh, kw, C), contiguous (a reshape of the
     # permuted view copies it)
-    dw = xp.permute_dims(xp.flip(xp.reshape(g, (c, kh, kw, k)), axis=(1, 2)), (3, 1, 2, 0))
+    dw = xp.permute_dims(xp.flip(xp.reshape(g, (kh, kw, k, c)), axis=(0, 1)), (2, 0, 1, 3))
     dw = xp.reshape(xp.reshape(dw, (k, kh * kw * c)), (k, kh, kw, c))
     return dw, db, xp.reshape(dx, (n, h, w, c))
