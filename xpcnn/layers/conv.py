@@ -124,9 +124,9 @@ class Conv2D(Layer):
         relu_y = None
         need_dx = options.need_input_grad
         if (self.relu_output or options.fused_relu) and not options.skip_relu_grad:
-            if not self.trainable:
+            if need_dx or not self.trainable:
                 dy = kernels_for(self.backend).relu_backward(dy, self._cache_y)
-            else:  # the engine masks dy where it pays (a chunk at a time, in its loops)
+            else:  # only the kernel gradient reads it: the engine masks it where it pays
                 relu_y = self._cache_y
         self._cache_y = None
         kernel, self._cache_kernel = self._cache_kernel, None

@@ -186,11 +186,9 @@ def im2col_into(
 
 def _patches(xp: Any, kern: Any, x: Any, n0: int, n1: int, pads: Pads, ws: Workspace, key: str,
              m: int, kernel: tuple[int, int], strides: tuple[int, int],
-             out_hw: tuple[int, int], ones: bool = False, chunk: Any = None) -> Any:
+             out_hw: tuple[int, int], ones: bool = False) -> Any:
     """The (rows, kh*kw*C) patch matrix of images n0:n1 of the unpadded input ``x`` (with
-    ``ones``, (rows, kh*kw*C + 1): a last column of ones, see ``bias_in_patches``); of
-    ``chunk`` instead where given, those images as they are to be read (masked by a ReLU's
-    gradient, say).
+    ``ones``, (rows, kh*kw*C + 1): a last column of ones, see ``bias_in_patches``).
 
     The chunk is padded into a small buffer of its own (zero border kept across calls), then
     copied into patches (im2col), or read as if padded where the kernels can
@@ -201,24 +199,23 @@ def _patches(xp: Any, kern: Any, x: Any, n0: int, n1: int, pads: Pads, ws: Works
     n, h, w, c = x.shape
     b = n1 - n0
     rows = b * out_hw[0] * out_hw[1]
-    src = x[n0:n1, ...] if chunk is None else chunk
     if kernel == (1, 1) and strides == (1, 1) and not any(pads) and not ones:
-        return xp.reshape(src, (rows, c))
+        return xp.reshape(x[n0:n1, ...], (rows, c))
     if any(pads) and not kern.pads_in_im2col and b == m and ws.keep:
         padded, interior, unfold = _plan(xp, kern, x, pads, ws, key, m, kernel, strides,
                                          out_hw, ones)
-        padded[interior] = src
+        padded[interior] = x[n0:n1, ...]
         return unfold()
+    src = x[n0:n1, ...]
     kk = kernel[0] * kernel[1] * c + int(ones)
     buf = ws.get(xp, key, (m, *out_hw, kk), x.dtype, x.device, fill=1.0 if ones else None)
     part = buf if b == m else buf[:b, ...]
     if any(pads) and kern.pads_in_im2col:
         return xp.reshape(kern.im2col_into(src, part, kernel, strides, out_hw, pads), (rows, kk))
     if any(pads):
-        padded = _padded(xp, ws, key, m, x, pads)
-        padded = padded if b == m else padded[:b, ...]
-        padded[:, pads[0] : pads[0] + h, pads[2] : pads[2] + w, :] = src
-        src = padded
+        src = _padded(xp, ws, key, m, x, pads)
+        src = src if b == m else src[:b, ...]
+        src[:, pads[0] : pads[0] + h, pads[2] : pads[2] + w, :] = x[n0:n1, ...]
     return xp.reshape(kern.im2col_into(src, part, kernel, strides, out_hw), (rows, kk))
 
 
@@ -267,11 +264,9 @@ def conv_forward(
     budget: int | None,
     relu: bool = False,
     min_chunks: int = 8,
-    relu_x: Any = None,
 ) -> Any:
     """Convolution of an (N, H, W, C) input, zero-padded by ``pads``, with a (kh*kw*C, K)
-    kernel matrix (then ReLU, with ``relu``). With ``relu_x`` (the input's shape), of the
-    input where ``relu_x > 0`` only: a ReLU's gradient applied a chunk at a time.
+    kernel matrix (then ReLU, with ``relu``).
 
     Returns the (N*Ho*Wo, K) output rows. Chunks of images may run on several threads
     (``kern.for_chunks``), each with scratch of its own.
@@ -287,9 +282,8 @@ def conv_forward(
         bias = None
 
     def work(worker: int, n0: int, n1: int) -> None:
-        chunk = None if relu_x is None else kern.relu_backward(x[n0:n1, ...], relu_x[n0:n1, ...])
         cols = _patches(xp, kern, x, n0, n1, pads, ws, f"{key}{worker}", m, kernel, strides,
-                        out_hw, ones, chunk)
+                        out_hw, ones)
         kern.matmul_into(cols, w2, y[n0 * ho * wo : n1 * ho * wo, :], bias, relu)
 
     kern.for_chunks(n, m, work)
@@ -385,18 +379,15 @@ def conv_input_grad(
     key: str,
     budget: int | None,
     min_chunks: int = 8,
-    relu_y: Any = None,
 ) -> Any:
     """Input gradient (N, H, W, C) of a stride-1 convolution (see :func:`input_grad_as_conv`):
     the output gradient, zero-padded by kh-1-top above (and so on), convolved with the rotated
-    kernel. No col2im scatter, and no temporary the size of the whole batch's patches. With
-    ``relu_y``, the output of a ReLU: the output gradient where ``relu_y > 0`` only (applied a
-    chunk at a time)."""
+    kernel. No col2im scatter, and no temporary the size of the whole batch's patches."""
     n = dy.shape[0]
     h, w = in_hw
     gpads = output_grad_pads(pads, kernel)
     dx = conv_forward(xp, kern, dy, wflip2, None, kernel, (1, 1), gpads, (h, w), ws, key,
-                      budget, min_chunks=min_chunks, relu_x=relu_y)
+                      budget, min_chunks=min_chunks)
     return xp.reshape(dx, (n, h, w, wflip2.shape[1]))
 
 
@@ -428,12 +419,9 @@ def conv_grads(
     budget: int | None,
     min_chunks: int = 8,
     with_bias: bool = False,
-    relu_y: Any = None,
 ) -> tuple[Any, Any | None, Any]:
     """Kernel, bias and input gradients of a stride-1 convolution (see
-    :func:`grads_share_patches`) in one chunk loop over one set of patches; with ``relu_y``,
-    the output of a ReLU, of the output gradient where ``relu_y > 0`` only (applied a chunk
-    at a time).
+    :func:`grads_share_patches`) in one chunk loop over one set of patches.
 
     The input gradient is the padded output gradient ``dy`` convolved with the rotated
     kernel, as in :func:`conv_input_grad`: patches P (rows over the input's positions, columns
@@ -460,16 +448,13 @@ def conv_grads(
     bias_parts: dict[int, Any] = {}
 
     def work(worker: int, n0: int, n1: int) -> None:
-        chunk = None if relu_y is None else kern.relu_backward(dy[n0:n1, ...],
-                                                               relu_y[n0:n1, ...])
         cols = _patches(xp, kern, dy, n0, n1, gpads, ws, f"{key}{worker}", m, (kh, kw), (1, 1),
-                        (h, w), chunk=chunk)
+                        (h, w))
         r0, r1 = n0 * h * w, n1 * h * w
         kern.matmul_into(cols, wflip2, dx[r0:r1, :])
         parts[n0] = kern.matmul_tn(cols, xp.reshape(x[n0:n1, ...], (r1 - r0, c)))
         if with_bias:  # the rows of dy this chunk just padded, still in cache
-            rows = dy2[r0:r1, :] if chunk is None else xp.reshape(chunk, (r1 - r0, k))
-            bias_parts[n0] = kern.sum_rows(rows)
+            bias_parts[n0] = kern.sum_rows(dy2[r0:r1, :])
 
     kern.for_chunks(n, m, work)
     g = _sum_in_chunk_order(xp, parts, n, m)

@@ -66,7 +66,6 @@ class ConvEngine:
     where the engine accumulates them so."""
 
     name = "engine"
-    kern: Any  # the backend's kernels (each engine sets them; their ReLU gradient serves here)
 
     def __init__(self, geometry: ConvGeometry) -> None:
         self.geometry = geometry
@@ -90,10 +89,10 @@ class ConvEngine:
                   relu_y: Any = None) -> tuple[Any, Any | None, Any | None]:
         """(kernel gradient, bias gradient or None, input gradient or None) of one backward
         pass: :meth:`weight_grad`, then :meth:`input_grad` where ``input_grad``. An engine may
-        compute them together where that pays. ``relu_y``: see :meth:`weight_grad` (here,
-        with the input gradient, applied to ``dy`` once for both)."""
-        if relu_y is not None and input_grad:
-            dy, relu_y = self.kern.relu_backward(dy, relu_y), None
+        compute them together where that pays. ``relu_y`` (see :meth:`weight_grad`) only
+        without the input gradient: with it, the caller applies the ReLU's gradient to ``dy``
+        once for both."""
+        assert relu_y is None or not input_grad, "apply the ReLU's gradient to dy first"
         dw, db = self.weight_grad(x, dy, with_bias, relu_y)
         return dw, db, self.input_grad(dy, w) if input_grad else None
 
@@ -144,18 +143,13 @@ class KernelsConv(ConvEngine):
             relu_y=None if relu_y is None else xp.reshape(relu_y, rows))
         return self._as_kernel_layout(dw), db
 
-    def _input_grad_as_conv(self, dy: Any, w: Any, relu_y: Any = None) -> Any:
-        """:func:`ops.conv_input_grad` (with ``relu_y``: of ``dy`` where ``relu_y > 0``)."""
-        g, xp = self.geometry, self.xp
-        return ops.conv_input_grad(xp, self.kern, dy, ops.flipped_kernel_matrix(xp, w),
-                                   g.kernel, g.pads, g.in_hw, self.workspace, "dcols",
-                                   self.budget, self.min_chunks, relu_y)
-
     def input_grad(self, dy: Any, w: Any) -> Any:
         g, xp = self.geometry, self.xp
         n = dy.shape[0]
         if ops.input_grad_as_conv(g.pads, g.kernel, g.strides):
-            return self._input_grad_as_conv(dy, w)
+            return ops.conv_input_grad(xp, self.kern, dy, ops.flipped_kernel_matrix(xp, w),
+                                       g.kernel, g.pads, g.in_hw, self.workspace, "dcols",
+                                       self.budget, self.min_chunks)
         # Strided (or over-padded) convolutions: patch gradients scattered back (col2im). The
         # (K, kh*kw*C) matrix is the stored kernel itself, contiguous (a matmul against a
         # transposed view is several times slower on OpenBLAS).
@@ -168,19 +162,10 @@ class KernelsConv(ConvEngine):
     def gradients(self, x: Any, dy: Any, w: Any, with_bias: bool, input_grad: bool,
                   relu_y: Any = None) -> tuple[Any, Any | None, Any | None]:
         # Both gradients from the output gradient's patches alone where that pays (see
-        # ops.grads_share_patches). A ReLU's gradient a chunk at a time in each loop, not as a
-        # pass over the whole batch's dy first (cifar's 16x16x32 -> 64 layer).
+        # ops.grads_share_patches).
         g = self.geometry
-        if not input_grad:
-            return (*self.weight_grad(x, dy, with_bias, relu_y), None)
-        if ops.grads_share_patches(g.pads, g.kernel, g.strides, g.in_hw, g.out_hw, g.channels,
-                                   g.filters):
+        if input_grad and ops.grads_share_patches(g.pads, g.kernel, g.strides, g.in_hw,
+                                                  g.out_hw, g.channels, g.filters):
             return ops.conv_grads(self.xp, self.kern, x, dy, w, g.pads, self.workspace,
-                                  "dcols", self.budget, self.min_chunks, with_bias=with_bias,
-                                  relu_y=relu_y)
-        if relu_y is not None and not ops.input_grad_as_conv(g.pads, g.kernel, g.strides):
-            dy, relu_y = self.kern.relu_backward(dy, relu_y), None  # (col2im reads it whole)
-        dw, db = self.weight_grad(x, dy, with_bias, relu_y)
-        if relu_y is not None:
-            return dw, db, self._input_grad_as_conv(dy, w, relu_y)
-        return dw, db, self.input_grad(dy, w)
+                                  "dcols", self.budget, self.min_chunks, with_bias=with_bias)
+        return super().gradients(x, dy, w, with_bias, input_grad, relu_y)
