@@ -160,3 +160,14 @@ def test_cast_all_kernel_compiles(fast_cupy, source, target):
     source_code = _elementwise_as_kernel(fast_cupy._CAST_ALL, {"S": source, "U": target})
     code, log = _compile(source_code, "xpcnn_cast_all", 90)
     assert code == 0, log
+
+
+@pytest.mark.parametrize("data, grad", [("__half", "__half"), ("__half", "float"),
+                                        ("float", "float"), ("double", "double")])
+def test_max_pool_backward_kernel_compiles(fast_cupy, data, grad):
+    """The pool's gradient, with the gradient of a ReLU before the pool in the same launch
+    (``relu``), for a gradient of the data's dtype or a wider one."""
+    source = _elementwise_as_kernel(fast_cupy._MAX_POOL_BACKWARD, {"T": data, "G": grad},
+                                    arrays=("yv", "g"))
+    code, log = _compile(source, "xpcnn_max_pool_backward", 90)
+    assert code == 0, log

@@ -98,19 +98,21 @@ _MAX_POOL = cupy.ElementwiseKernel(
 
 # Non-overlapping windows only (strides >= kernel): each output element owns its window, so
 # one thread writes every input position of it: the gradient at the first x == y in row-major
-# order, 0 at the others.
+# order, 0 at the others. With ``relu``, the gradient is first multiplied by (y > 0), as
+# _RELU_BACKWARD does it (the gradient of a ReLU before the pool, in the same launch).
 _MAX_POOL_BACKWARD = cupy.ElementwiseKernel(
     "T yv, G g, raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw,"
-    " int32 sh, int32 sw",
+    " int32 sh, int32 sw, bool relu",
     "raw G dx",
     """
     const long long base = xpcnn_window(i, H, W, C, Ho, Wo, sh, sw);
+    const G gv = relu ? (G)(g * (G)(yv > (T)0.0f ? 1.0f : 0.0f)) : g;
     bool found = false;
     for (int a = 0; a < kh; ++a) {
         for (int b = 0; b < kw; ++b) {
             const long long k = base + ((long long)a * W + b) * C;
             const bool take = !found && x[k] == yv;
-            dx[k] = take ? g : (G)0.0f;
+            dx[k] = take ? gv : (G)0.0f;
             found = found || take;
         }
     }
@@ -636,13 +638,12 @@ class CupyKernels(StandardKernels):
         (kh, kw), (sh, sw) = kernel, strides
         if sh < kh or sw < kw or not _contiguous(x, y, dy):
             return super().max_pool_backward(x, y, dy, kernel, strides, out_hw, relu_grad)
-        if relu_grad:
-            dy = self.relu_backward(dy, y)
         n, h, w, c = x.shape
         covered = sh == kh and sw == kw and h == out_hw[0] * sh and w == out_hw[1] * sw
         # positions outside every window keep a zero gradient
         dx = cupy.empty(x.shape, dy.dtype) if covered else cupy.zeros(x.shape, dy.dtype)
-        _MAX_POOL_BACKWARD(y, dy, x, h, w, c, out_hw[0], out_hw[1], kh, kw, sh, sw, dx)
+        _MAX_POOL_BACKWARD(y, dy, x, h, w, c, out_hw[0], out_hw[1], kh, kw, sh, sw, relu_grad,
+                           dx)
         return dx
 
     def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
