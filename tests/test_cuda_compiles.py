@@ -171,3 +171,13 @@ def test_max_pool_backward_kernel_compiles(fast_cupy, data, grad):
                                     arrays=("yv", "g"))
     code, log = _compile(source, "xpcnn_max_pool_backward", 90)
     assert code == 0, log
+
+
+@pytest.mark.parametrize("dtype, relu", [("__half", "__half"), ("float", "float"),
+                                         ("double", "double"), ("float", "__half")])
+def test_mask_multiply_relu_kernel_compiles(fast_cupy, dtype, relu):
+    """A dropout's gradient with the gradient of the ReLU before it, in one launch."""
+    source = _elementwise_as_kernel(fast_cupy._MASK_MULTIPLY_RELU, {"T": dtype, "Y": relu},
+                                    arrays=("x", "m", "r", "y"))
+    code, log = _compile(source, "xpcnn_mask_multiply_relu", 90)
+    assert code == 0, log

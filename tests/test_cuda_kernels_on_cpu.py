@@ -130,6 +130,9 @@ def test_elementwise_kernels(fast, rng, dtype):
     np.testing.assert_array_equal(fast.mask_multiply(dy, mask), STD.mask_multiply(dy, mask))
     np.testing.assert_array_equal(fast.mask_multiply(dy, mask[:1]),
                                   STD.mask_multiply(dy, mask[:1]))
+    # with the gradient of a ReLU before (a dropout's, apply_input_relu_grad): NaN * 0 is NaN
+    np.testing.assert_array_equal(fast.mask_multiply(dy, mask, 1.5, x),
+                                  STD.mask_multiply(dy, mask, 1.5, x))
     a, b = rng.standard_normal((50, 7)).astype(dtype), rng.standard_normal((7, 6)).astype(dtype)
     for bias in (None, rng.standard_normal(6).astype(dtype)):
         for relu in (False, True):

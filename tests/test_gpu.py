@@ -273,6 +273,7 @@ def test_elementwise_kernels(cp, kernels, rng, dtype):
     mask = x > 0.5
     _equal(fast.mask_multiply(dy, mask), std.mask_multiply(dy, mask))
     _equal(fast.mask_multiply(dy, mask[:1]), std.mask_multiply(dy, mask[:1]))  # broadcast
+    _equal(fast.mask_multiply(dy, mask, 1.5, x), std.mask_multiply(dy, mask, 1.5, x))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

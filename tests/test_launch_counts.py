@@ -18,7 +18,7 @@ pytestmark = [needs_compiler,
 # Launches of one step, SGD with momentum, uint8 images on the device, cuda_graphs=False.
 PINNED = {
     ("notebook", "float32"): 47, ("notebook", "mixed_float16"): 57,
-    ("mnist", "float32"): 37, ("mnist", "mixed_float16"): 43,
+    ("mnist", "float32"): 36, ("mnist", "mixed_float16"): 42,
     ("cifar", "float32"): 44, ("cifar", "mixed_float16"): 50,
 }
 

@@ -11,6 +11,7 @@ from xpcnn.layers import (
     BatchNorm2D,
     Conv2D,
     Dense,
+    Dropout,
     FeatureNorm,
     Flatten,
     MaxPool2D,
@@ -397,6 +398,36 @@ def test_a_relu_gradient_left_to_the_next_layer_changes_no_gradient(fast, rng):
         own = _gradients(model, x, y, planned=False)
     finally:
         set_fast_path(old)
+    for a, b in zip(handed_over, own, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
+def test_a_dropout_applies_the_gradient_of_the_relu_before_it(fast, rng):
+    """A Dropout reading a ReLU's output (a ReLU() layer, a Dense layer's or one fused into
+    it) applies that ReLU's gradient with its mask's (one launch on CuPy), also at rate 0:
+    the same gradients, exactly, as each layer applying its own, on the same draws."""
+    from xpcnn.backend import set_fast_path
+
+    layers = [Conv2D(3, 1), Flatten(), ReLU(), Dropout(0.3), Dense(8, activation="relu"),
+              Dropout(0.5), Dense(6), ReLU(), Dropout(0.0), Dense(3), Softmax()]
+    model = xpcnn.Sequential(layers, input_shape=(4, 3, 2), dtype="float64", seed=3)
+    model.compile(optimizer="sgd")
+    assert plan_of(model)[2] == [("relu", "dropout"), ("dense", "dropout_1"),
+                                 ("dense_1", "dropout_2")]
+    x = rng.integers(-3, 4, (10, 4, 3, 2)).astype(np.float64)  # ReLU zeros are common
+    y = rng.integers(0, 3, 10)
+    drops = [la for la in model.layers if isinstance(la, Dropout)]
+    start = [(d.seed, d.calls) for d in drops]
+    old = set_fast_path(fast)
+    try:
+        handed_over = _gradients(model, x, y)
+        for d, (seed, calls) in zip(drops, start, strict=True):
+            d.set_random_state(seed, calls)  # (the same draws again)
+        own = _gradients(model, x, y, planned=False)
+    finally:
+        set_fast_path(old)
+    assert all(np.any(g != 0) for g in own)
     for a, b in zip(handed_over, own, strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -164,6 +164,12 @@ _MASK_MULTIPLY = cupy.ElementwiseKernel(
     "T x, bool m, T scale", "T y", "y = x * (T)(m ? 1.0f : 0.0f) * scale;",
     "xpcnn_mask_multiply"
 )
+# The same, then the gradient of a ReLU whose output was r (a dropout after a ReLU, backward).
+_MASK_MULTIPLY_RELU = cupy.ElementwiseKernel(
+    "T x, bool m, T scale, Y r", "T y",
+    "y = x * (T)(m ? 1.0f : 0.0f) * scale * (T)(r > (Y)0.0f ? 1.0f : 0.0f);",
+    "xpcnn_mask_multiply_relu"
+)
 
 # StandardKernels.random_crop in one launch: out[n, i, j, c] = x[n, i + dy - p, j + dx - p, c]
 # (0 outside the image), the offsets floor(u * (2p + 1)) per image from the (N, 2) numbers u.
@@ -655,8 +661,12 @@ class CupyKernels(StandardKernels):
         return _RANDOM_CROP(cupy.ascontiguousarray(x), cupy.ascontiguousarray(u), h, w, c,
                             padding, cupy.empty(x.shape, x.dtype))
 
-    def mask_multiply(self, x: Any, mask: Any, scale: float | None = None) -> Any:
-        return _MASK_MULTIPLY(x, mask, x.dtype.type(1.0 if scale is None else scale))
+    def mask_multiply(self, x: Any, mask: Any, scale: float | None = None,
+                      relu_y: Any = None) -> Any:
+        factor = x.dtype.type(1.0 if scale is None else scale)
+        if relu_y is None:
+            return _MASK_MULTIPLY(x, mask, factor)
+        return _MASK_MULTIPLY_RELU(x, mask, factor, relu_y)
 
     def dropout(self, state: Any, x: Any, rate: float, first: int = 0) -> tuple[Any, Any]:
         bits = random.significant_bits(cupy, x.dtype)

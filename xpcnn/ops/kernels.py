@@ -154,13 +154,16 @@ class StandardKernels:
             out = xp.where(dx == k, rows[:, :, k:k + w, :], out)
         return out
 
-    def mask_multiply(self, x: Any, mask: Any, scale: float | None = None) -> Any:
+    def mask_multiply(self, x: Any, mask: Any, scale: float | None = None,
+                      relu_y: Any = None) -> Any:
         """``x`` where the boolean ``mask`` holds, 0 elsewhere (as a product, not ``where``:
-        several times faster), then times ``scale`` where one is given."""
+        several times faster), then times ``scale`` where one is given; then, with ``relu_y``
+        (of ``x``'s shape), only where ``relu_y > 0``: the gradient of a ReLU whose output was
+        ``relu_y`` (see ``Options.apply_input_relu_grad`` in :mod:`xpcnn.layers.base`)."""
         y = x * self.xp.astype(mask, x.dtype)
         if scale is not None:
             y *= scale
-        return y
+        return y if relu_y is None else self.relu_backward(y, relu_y)
 
     def dropout(self, state: Any, x: Any, rate: float, first: int = 0) -> tuple[Any, Any]:
         """Inverted dropout of ``x``: an element is kept where its number of the draw that
