@@ -206,6 +206,8 @@ nan, inf = math.nan, math.inf
 class TokenModel:
     """What the monitoring callbacks read; its weights are a token: the epoch they are from."""
 
+    metrics_names = ("loss", "accuracy")
+
     def __init__(self):
         self.stop_training, self.epoch, self.restored, self.saved = False, None, None, []
         self.optimizer = SimpleNamespace(lr=0.1)

@@ -270,6 +270,30 @@ def test_slots_are_written_in_the_weights_layout_and_older_files_still_load(tmp_
         load_checkpoint(stored)
 
 
+def test_checkpoints_written_before_metrics_were_a_choice_resume_with_accuracy(tmp_path):
+    """Files written before ``compile(metrics=...)`` had a choice hold no metrics: they meant
+    accuracy, so they resume in a model compiled as before, and one compiled without metrics
+    is refused by name."""
+    path, reference = tmp_path / "c.npz", tmp_path / "r.npz"
+    interrupted(path, 5)
+    reference.write_bytes(path.read_bytes())
+    _rewrite(path, lambda config: config["model"]["compile"].pop("metrics"))
+    assert load_checkpoint(path).model.metrics_names == ("loss", "accuracy")
+    model, history, steps_run = resumed(path)
+    again, history_again, _ = resumed(reference)
+    assert steps_run == 24 - 5
+    assert {k: v for k, v in history.history.items() if k != "seconds"} == {
+        k: v for k, v in history_again.history.items() if k != "seconds"}
+    for a, b in zip(model.get_weights(), again.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    x, y = ckpt_train.data()
+    without = ckpt_train.make_model()
+    without.compile(optimizer=without.optimizer, metrics=[])
+    with pytest.raises(InputError, match=r"compile\.metrics is \['accuracy'\] there and \[\] "
+                                         "here"):
+        without.fit(x, y, epochs=3, batch_size=8, verbose=0, checkpoint=path, resume=True)
+
+
 # -- what resuming refuses -----------------------------------------------------------------------
 
 

@@ -71,8 +71,8 @@ def test_the_logits_extracted_are_the_dense_layer_of_the_flattened_features(imag
 
 def test_symbolic_ends_of_sequential_and_functional_models():
     model = sequential_net()
-    assert model.input.shape == (8, 8, 3) and model.inputs == [model.input]
-    assert model.output.shape == (5,) and model.outputs == [model.output]
+    assert model.input.shape == (None, 8, 8, 3) and model.inputs == [model.input]
+    assert model.output.shape == (None, 5) and model.outputs == [model.output]
     assert model.output is model.layers[-1].output
     assert model.layers[1].input is model.layers[0].output  # a chain
     inputs, outputs = residual_net()
@@ -138,7 +138,8 @@ def test_an_extractor_of_features_cannot_fit_labels_but_shows_and_saves(images, 
     again = xpcnn.load_model(tmp_path / "features.npz")
     np.testing.assert_array_equal(again.predict(images), features.predict(images))
     assert again.layers[0] is not model.layers[0]  # a file's model has layers of its own
-    assert again.input.shape == (8, 8, 3) and again.get_layer("relu").output.shape == (6, 6, 4)
+    assert again.input.shape == (None, 8, 8, 3)  # (Keras' shapes: the batch axis None)
+    assert again.get_layer("relu").output.shape == (None, 6, 6, 4)
 
 
 def test_one_extractor_of_every_layer_is_refused_naming_forward():
@@ -161,7 +162,7 @@ def test_without_a_graph_there_is_no_symbolic_tensor():
                                          "is in no functional graph and no built Sequential"):
         _ = model.layers[0].output
     model.build((5, 5, 1))
-    assert model.layers[0].output.shape == (3, 3, 2)
+    assert model.layers[0].output.shape == (None, 3, 3, 2)
 
 
 def test_a_layer_called_at_two_places_asks_which(images):
@@ -194,10 +195,12 @@ def test_a_rebuilt_or_refused_sequential_keeps_one_graph(images):
     model = sequential_net()
     with pytest.raises(InputError, match="layer 'dense' .* holds weights for inputs of shape"):
         model.build((10, 10, 3))  # refused: the model stays built for its own images
-    assert model.input.shape == (8, 8, 3) and model.get_layer("relu").output.shape == (6, 6, 4)
+    assert model.input.shape == (None, 8, 8, 3)
+    assert model.get_layer("relu").output.shape == (None, 6, 6, 4)
     convolutions = xpcnn.Sequential([Conv2D(2, 3), ReLU()], input_shape=(8, 8, 3))
     convolutions.build((10, 10, 3))
-    assert convolutions.input.shape == (10, 10, 3) and convolutions.output.shape == (8, 8, 2)
+    assert convolutions.input.shape == (None, 10, 10, 3)
+    assert convolutions.output.shape == (None, 8, 8, 2)
     assert [len(la.inbound_nodes) for la in convolutions.layers] == [1, 1]
     fresh = xpcnn.Sequential([Conv2D(2, 3), Flatten(), Dense(3), Softmax()])
     fresh.compile()

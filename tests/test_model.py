@@ -74,6 +74,54 @@ def test_predict_returns_probabilities_and_evaluate_matches(data):
     assert list(result) == list(model.metrics_names)  # order: loss, acc = model.evaluate(...))
 
 
+def test_a_model_compiled_without_metrics_logs_and_returns_the_loss_alone(data, tmp_path):
+    # Keras' rule: no metrics, no accuracy in the logs, and evaluate returns a number.
+    x, y = data
+    with_acc = trained(data)
+    without = trained(data, metrics=[])
+    assert with_acc.metrics_names == ("loss", "accuracy") and without.metrics_names == ("loss",)
+    # (the same training: the metric changes only what is reported)
+    for a, b in zip(with_acc.get_weights(), without.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    loss = without.evaluate(x, y, batch_size=7)
+    assert isinstance(loss, float)
+    assert loss == with_acc.evaluate(x, y, batch_size=7, return_dict=True)["loss"]
+    assert without.evaluate(x, y, batch_size=7, return_dict=True) == {"loss": loss}
+    assert isinstance(without.train_on_batch(x[:8], y[:8]), float)
+    assert list(with_acc.train_on_batch(x[:8], y[:8], return_dict=True)) == ["loss", "accuracy"]
+    seen = []
+    h = without.fit(x, y, epochs=2, batch_size=16, verbose=0, validation_split=0.25,
+                    callbacks=[xpcnn.callbacks.LambdaCallback(
+                        on_train_batch_end=lambda batch, logs: seen.append(dict(logs)))])
+    assert set(h.history) == {"loss", "val_loss", "seconds"}
+    assert seen and all(list(logs) == ["loss"] for logs in seen)
+    # A model file keeps the choice; compiling again changes it.
+    without.save(tmp_path / "m.npz")
+    assert xpcnn.load_model(tmp_path / "m.npz").metrics_names == ("loss",)
+    without.compile(metrics="accuracy")
+    assert len(without.evaluate(x, y)) == 2
+
+
+@pytest.mark.parametrize("callback", [
+    lambda: xpcnn.callbacks.EarlyStopping(monitor="val_accuracy"),
+    lambda: xpcnn.callbacks.ReduceLROnPlateau(monitor="accuracy"),
+    lambda: xpcnn.callbacks.ModelCheckpoint("best.npz", monitor="accuracy",
+                                            save_best_only=True, save_freq=2),
+    lambda: xpcnn.callbacks.ModelCheckpoint("m-{accuracy:.2f}.npz")],
+    ids=["early stopping", "plateau", "best of batches", "path template"])
+def test_callbacks_that_need_accuracy_are_refused_before_training_without_it(
+        data, callback, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = trained(data, metrics=None)
+    before = model.get_weights()
+    with pytest.raises(InputError, match="accuracy"):
+        model.fit(*data, epochs=2, batch_size=16, verbose=0, validation_split=0.25,
+                  callbacks=[callback()])
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not list(tmp_path.iterdir())
+
+
 def test_predict_returns_the_logits_of_a_model_without_a_final_softmax(data):
     # As in Keras: predict returns the model's output; only a final Softmax makes it
     # probabilities.

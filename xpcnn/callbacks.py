@@ -14,7 +14,8 @@ The ``logs`` of each hook, as in Keras: empty for the ``*_begin`` hooks; the epo
 a callback may add names (:class:`ReduceLROnPlateau` adds ``learning_rate``) that the callbacks
 after it and the History see (``fit`` runs the History and the progress bar after the user's
 callbacks, as Keras does); the last epoch's for ``on_train_end``; ``{"outputs": ...}`` (the
-batch's part of what predict returns, on the device) for ``on_predict_batch_end``.
+batch's part of what predict returns, on the device) for ``on_predict_batch_end``. A model
+compiled without metrics (``metrics=[]``) logs no ``accuracy`` and no ``val_accuracy``.
 
 Batch logs are read lazily: the loss and correct count of the steps stay on the device, and the
 host waits for the device only when a callback actually reads a value from the batch ``logs``.
@@ -76,10 +77,11 @@ class Callback:
                              ) -> None: ...
 
 
-#: The metrics fit logs for its validation data.
+#: The metrics fit can log for its validation data (``val_accuracy`` where the model was
+#: compiled with ``metrics=["accuracy"]``, as by default).
 VALIDATION_LOGS = ("val_loss", "val_accuracy")
 
-#: The metrics of the batch logs (the epoch's running values).
+#: The metrics the batch logs can hold (the epoch's running values).
 BATCH_LOGS = ("loss", "accuracy")
 
 #: The hooks' names, in the order :class:`Callback` declares them.
@@ -227,7 +229,7 @@ class ProgbarLogger(Callback):
         now = time.monotonic()
         if logs is not None and now - self.last >= self.refresh:
             self.last = now
-            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['accuracy']:.4f}")
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         self.bar.set_postfix({k: f"{v:.4f}" for k, v in (logs or {}).items() if k != "seconds"})
@@ -286,9 +288,15 @@ class _Monitor(Callback):
         return float(logs[self.monitor])
 
     def check_monitor(self) -> None:
-        """Refuse fit's own validation metrics in a fit without validation data now, not at
-        the end of the first epoch (``fit`` says in ``params`` whether it has some; other
-        names may come from a user's callback, which can add them to the logs)."""
+        """Refuse fit's own metrics that its logs will lack now, not at the end of the first
+        epoch: a metric the model was not compiled with, or a validation metric in a fit
+        without validation data (``fit`` says in ``params`` whether it has some). Other names
+        may come from a user's callback, which can add them to the logs."""
+        metric = self.monitor.removeprefix("val_")
+        if metric in BATCH_LOGS and metric not in self.model.metrics_names:
+            raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, but the model "
+                             f"was compiled without the {metric!r} metric: compile it with "
+                             f"metrics=[{metric!r}], or monitor 'loss'")
         if self.monitor in VALIDATION_LOGS and self.params.get("validation") is False:
             raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, which the epoch "
                              "logs lack in a fit without validation data: pass validation_data "
@@ -376,11 +384,12 @@ def _is_save_freq(value: Any) -> bool:
 
 class _TrialLogs(dict):  # type: ignore[type-arg]
     """The logs of a trial fill of a path template: 0 for a name that a user's callback may
-    add to the logs, and no value for fit's validation metrics where it has no validation, nor
-    for ``batch`` where the saves are at the ends of epochs."""
+    add to the logs, and no value for fit's own metrics that its logs will lack (validation
+    ones without validation, accuracy without that metric), nor for ``batch`` where the saves
+    are at the ends of epochs."""
 
     def __missing__(self, key: str) -> float:
-        if key in (*VALIDATION_LOGS, "batch"):
+        if key in (*BATCH_LOGS, *VALIDATION_LOGS, "batch"):
             raise KeyError(key)
         return 0.0
 
@@ -424,14 +433,14 @@ class ModelCheckpoint(_Monitor):
         self.batches = 0  # since the last save, with save_freq=N (kept across fits, as in Keras)
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
-        if self.save_best_only and self.save_freq == "epoch":
+        if self.save_best_only:
             self.check_monitor()
         # (the template filled now, so that it fails before the first epoch rather than after)
-        names = list(BATCH_LOGS)
+        names = list(self.model.metrics_names)
         if self.save_freq == "epoch":
             names.append("seconds")
             if self.params.get("validation") is not False:
-                names += VALIDATION_LOGS
+                names += [f"val_{name}" for name in self.model.metrics_names]
         fields = _TrialLogs(dict.fromkeys(names, 0.0), epoch=1)
         if self.save_freq != "epoch":
             fields["batch"] = 1

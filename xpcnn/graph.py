@@ -58,7 +58,7 @@ def _one(t: Any, what: str) -> SymbolicTensor:
 
 
 def input_shape_of(inputs: Any) -> Shape:
-    return _one(inputs, "inputs").shape
+    return _one(inputs, "inputs").sample_shape
 
 
 def inbound_of(layer_specs: list[dict[str, Any]]) -> list[Inbound]:

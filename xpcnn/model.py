@@ -171,7 +171,7 @@ class Model(Trainer):
         ``output``): a traced model keeps the one it was traced from; a graph for another
         input shape or other layers is replaced, its calls dropped from the layers'."""
         old = self._symbolic
-        if old is None or old.input.shape != self.input_shape or \
+        if old is None or old.input.sample_shape != self.input_shape or \
                 [n.layer for n in old.nodes] != self.layers:
             self._use_symbolic(graph.symbolic(self.layers, self._inbound(), self.input_shape))
 

@@ -177,7 +177,7 @@ def fast_resnet(classes: int = 10, input_shape: tuple[int, ...] = (32, 32, 3),
     x = residual(MaxPool2D(2)(_conv_bn(x, 2 * width)), 2 * width)
     x = MaxPool2D(2)(_conv_bn(x, 4 * width))
     x = residual(MaxPool2D(2)(_conv_bn(x, 8 * width)), 8 * width)
-    x = Flatten()(MaxPool2D(x.shape[0])(x))  # global max pool (4x4 for 32x32 images)
+    x = Flatten()(MaxPool2D(x.shape[1])(x))  # global max pool (4x4 for 32x32 images)
     logits = Rescaling(1 / 8)(Dense(classes, use_bias=False)(x))
     return Model(inputs, Softmax()(logits), **{"name": "fast-resnet", **model_options})
 

@@ -101,6 +101,7 @@ class Trainer:
         self.loss: SoftmaxCrossEntropy | None = None
         self.optimizer: Optimizer | None = None
         self.precision = "float32"
+        self.metrics: tuple[str, ...] = ("accuracy",)  # (compile's default: evaluate's too)
         self.history = History()
         self.stop_training = False
         self._scaling: Any = None  # float16 loss scaling on the device (see xpcnn.totals)
@@ -119,7 +120,11 @@ class Trainer:
                 optimizer: str | Optimizer = "adam",
                 metrics: str | list[str] | tuple[str, ...] | None = ("accuracy",),
                 precision: str = "float32", cuda_graphs: bool | None = None) -> None:
-        """Choose the loss, the optimiser, the metrics (only ``"accuracy"``) and the precision.
+        """Choose the loss, the optimiser, the metrics and the precision.
+
+        ``metrics``: ``["accuracy"]`` (the default) or none (``[]`` or None): what ``fit`` logs
+        and ``evaluate`` returns besides the loss. Without metrics, ``evaluate`` and
+        ``train_on_batch`` return the loss alone, as in Keras.
 
         ``precision`` is ``"float32"``, ``"mixed_float16"`` or ``"mixed_bfloat16"``: matmuls in
         the low precision, float32 master weights, softmax, loss and normalisation statistics,
@@ -142,6 +147,7 @@ class Trainer:
         unknown = [m for m in metrics if m not in ("accuracy", "acc")]
         if unknown:
             raise InputError(f"unknown metrics {unknown}; xpcnn supports 'accuracy'")
+        metrics = ("accuracy",) if metrics else ()
         if not isinstance(precision, str) or precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{precision!r}")
@@ -149,7 +155,7 @@ class Trainer:
             self.backend.dtype(PRECISIONS[precision])  # a clear error where the backend lacks it
         self.loss, self.optimizer = loss, self._own(optimizer)
         self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
-        self.precision = precision
+        self.precision, self.metrics = precision, metrics
         self._scaling = loss_scaling(self.backend, 2.0**15) if precision == "mixed_float16" \
             else None
         self._rebuild_if_shared()  # (built layers compute in the new precision's dtype)
@@ -267,14 +273,29 @@ class Trainer:
             self._read_totals()
         return stats
 
-    #: What :meth:`evaluate` and :meth:`train_on_batch` return, in order (as in Keras).
-    metrics_names = ("loss", "accuracy")
+    @property
+    def metrics_names(self) -> tuple[str, ...]:
+        """What :meth:`evaluate` and :meth:`train_on_batch` return, in order (as in Keras):
+        ``("loss", "accuracy")``, or ``("loss",)`` for a model compiled without metrics."""
+        return ("loss", *self.metrics)
+
+    def _logs(self, loss: float, accuracy: float) -> dict[str, float]:
+        """The logs of a mean loss and accuracy: the accuracy only where it is a metric."""
+        return {"loss": loss, **({"accuracy": accuracy} if "accuracy" in self.metrics else {})}
+
+    def _returned(self, logs: dict[str, float], return_dict: bool
+                  ) -> float | list[float] | dict[str, float]:
+        """``logs`` as evaluate and train_on_batch return them (Keras' rule): the dict, the
+        loss alone where it has no metrics, or the values in the order of ``metrics_names``."""
+        if return_dict:
+            return logs
+        return logs["loss"] if len(logs) == 1 else list(logs.values())
 
     def train_on_batch(self, x: Any, y: Any, return_dict: bool = False
-                       ) -> list[float] | dict[str, float]:
+                       ) -> float | list[float] | dict[str, float]:
         """One training step on one batch of host or device arrays, checked at once (the host
-        waits for the device): its ``[loss, accuracy]`` (a dict with ``return_dict``, as in
-        Keras), or :class:`NonFiniteError`."""
+        waits for the device): its ``[loss, accuracy]`` (the loss alone without metrics, a dict
+        with ``return_dict``, as in Keras), or :class:`NonFiniteError`."""
         return_dict = checks.flag(return_dict, "return_dict")
         self._require_compiled("train_on_batch")
         self._rebuild_if_shared()
@@ -284,8 +305,8 @@ class Trainer:
             loss, correct = self.train_step(to_device(self.backend, x),
                                             to_device(self.backend, targets))
         self._read_totals()
-        return _as_returned({"loss": float(loss), "accuracy": float(correct) / int(x.shape[0])},
-                            return_dict)
+        return self._returned(self._logs(float(loss), float(correct) / int(x.shape[0])),
+                              return_dict)
 
     def _check_step_batch(self, xb: Any, yb: Any) -> None:
         """What :meth:`train_step` checks on the host, from the arrays' shapes and dtypes
@@ -629,7 +650,7 @@ class Trainer:
                         self._parallel.average_state()
                     if validation is not None:
                         val = self._evaluate(validation, cbs, self.loss, epoch=epoch)
-                        logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                        logs.update({f"val_{name}": value for name, value in val.items()})
                     logs["seconds"] = time.perf_counter() - self._epoch_t0
                     cbs.on_epoch_end(epoch, logs)
                     if self.stop_training:
@@ -651,7 +672,7 @@ class Trainer:
     def _fit_epoch(self, epoch: int, data: Batches, cbs: CallbackList, start: Any
                    ) -> dict[str, float]:
         """One pass of training steps (from ``start``, a checkpoint's position, when resuming
-        inside this epoch); returns the epoch's loss and accuracy."""
+        inside this epoch); returns the epoch's loss and metrics."""
         step = start.step if start else 0
         self._position = (epoch, step)
         self._epoch_t0 = time.perf_counter() - (start.seconds if start else 0.0)
@@ -691,9 +712,9 @@ class Trainer:
         return type(self).train_step is not Trainer.train_step or "train_step" in vars(self)
 
     def _batch_logs(self) -> dict[str, float]:
-        """The epoch's running loss and accuracy (waits for the device)."""
+        """The epoch's running loss and metrics (waits for the device)."""
         loss_sum, correct = self._read_totals()
-        return {"loss": loss_sum / self._seen, "accuracy": correct / self._seen}
+        return self._logs(loss_sum / self._seen, correct / self._seen)
 
     def _epoch_sums(self) -> tuple[float, float, float, float]:
         """(loss sum, correct count, samples seen, start time) of the epoch in progress, as a
@@ -715,11 +736,11 @@ class Trainer:
 
     def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int | str = 0,
                  steps: int | None = None, callbacks: list[Callback] | None = None,
-                 return_dict: bool = False) -> list[float] | dict[str, float]:
+                 return_dict: bool = False) -> float | list[float] | dict[str, float]:
         """``[loss, accuracy]``, their means on (x, y) (or a dataset or iterable of batches), in
-        inference mode (a dict with ``return_dict``, as in Keras: ``loss, acc =
-        model.evaluate(x, y)``); an uncompiled model is evaluated with the default loss (and
-        stays uncompiled)."""
+        inference mode (as in Keras: ``loss, acc = model.evaluate(x, y)``; the loss alone for a
+        model compiled without metrics, a dict with ``return_dict``); an uncompiled model is
+        evaluated with the default loss and metrics (and stays uncompiled)."""
         batch_size = checks.positive_int(batch_size, "batch_size")
         return_dict = checks.flag(return_dict, "return_dict")
         verbose = checks.verbosity(verbose)
@@ -729,11 +750,11 @@ class Trainer:
         with self._undone_if_refused() as made:
             data = self._batches(x, y, batch_size, steps, steps_name="steps")
             made.append(data)
-            return _as_returned(self._evaluate(data, cbs, loss, verbose), return_dict)
+            return self._returned(self._evaluate(data, cbs, loss, verbose), return_dict)
 
     def _evaluate(self, data: Batches, cbs: CallbackList, loss: SoftmaxCrossEntropy | None,
                   verbose: int = 0, epoch: int | None = None) -> dict[str, float]:
-        """Mean ``loss`` and accuracy of ``data``; ``epoch``: fit's, when it is the validation
+        """Mean ``loss`` and metrics of ``data``; ``epoch``: fit's, when it is the validation
         data."""
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
@@ -760,15 +781,15 @@ class Trainer:
             raise InputError("the evaluation data gave no batches" if epoch is None else
                              f"the validation data gave no batches in epoch {epoch + 1}: an "
                              "iterator needs validation_steps batches for every epoch")
-        logs = {"loss": loss_sum / seen, "accuracy": correct / seen}
+        logs = self._logs(loss_sum / seen, correct / seen)
         cbs.on_test_end(logs)
         return logs
 
     def _running_logs(self, totals: RunningTotals, seen: int) -> dict[str, float]:
-        """The running loss and accuracy of ``seen`` samples in ``totals`` (waits for the
+        """The running loss and metrics of ``seen`` samples in ``totals`` (waits for the
         device)."""
         host = self.backend.to_numpy(totals.state)
-        return {"loss": float(host[LOSS_SUM]) / seen, "accuracy": float(host[CORRECT]) / seen}
+        return self._logs(float(host[LOSS_SUM]) / seen, float(host[CORRECT]) / seen)
 
     def predict(self, x: Any, batch_size: int = 256, verbose: int | str = 0,
                 steps: int | None = None, callbacks: list[Callback] | None = None) -> np.ndarray:
@@ -798,12 +819,6 @@ class Trainer:
                 outputs = self.backend.to_numpy(xp.concat(out))
         cbs.on_predict_end()
         return outputs
-
-
-def _as_returned(logs: dict[str, float], return_dict: bool) -> list[float] | dict[str, float]:
-    """``logs`` as evaluate and train_on_batch return them: the dict, or its values in the
-    order of ``metrics_names``."""
-    return logs if return_dict else [logs[name] for name in Trainer.metrics_names]
 
 
 def _progress(batches: Any, data: Batches, verbose: int, desc: str) -> Any:

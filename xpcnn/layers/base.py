@@ -60,16 +60,22 @@ DEFAULT = Options()
 
 
 class SymbolicTensor:
-    """A placeholder for a batch in the functional API: per-sample ``shape`` (no batch axis)
-    and the :class:`Node` that makes it (None for an :func:`xpcnn.Input`)."""
+    """A placeholder for a batch in the functional API: its ``sample_shape`` (``shape`` with
+    the batch axis, None, as in Keras) and the :class:`Node` that makes it (None for an
+    :func:`xpcnn.Input`)."""
 
     def __init__(self, shape: Shape, node: Node | None = None, name: str = "input") -> None:
-        self.shape = tuple(int(d) for d in shape)
+        self.sample_shape = tuple(int(d) for d in shape)
         self.node = node
         self.name = name
 
+    @property
+    def shape(self) -> tuple[int | None, ...]:
+        """The batch's shape, as in Keras: ``(None, *sample_shape)``."""
+        return (None, *self.sample_shape)
+
     def __repr__(self) -> str:
-        return f"<SymbolicTensor {self.name!r} shape=(None, {', '.join(map(str, self.shape))})>"
+        return f"<SymbolicTensor {self.name!r} shape={self.shape}>"
 
 
 class Node:
@@ -245,7 +251,7 @@ class Layer:
             raise InputError(f"layer {self.name!r} ({type(self).__name__}) takes {want}, got "
                              f"{got}")
         inputs = tuple(x) if multi else (x,)
-        shapes = [t.shape for t in inputs]
+        shapes = [t.sample_shape for t in inputs]
         # The output shape from a trial build of a copy: this layer's own weights (perhaps
         # trained) stay as they are; the model builds the layer on its device.
         probe = self.unbuilt_copy()

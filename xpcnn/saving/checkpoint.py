@@ -51,6 +51,7 @@ from .model_file import (
     build_for,
     check_architecture,
     check_file_entries,
+    compile_settings,
     model_config,
     model_from_file,
     normal,
@@ -214,7 +215,8 @@ def _check_compatible(model: Any, config: dict[str, Any], npz: NpzArchive) -> No
     check_file_entries(npz, mconf, checkpoint=True)
     build_for(model, mconf, npz)
     check_architecture(model, mconf, path)
-    mine, theirs = normal(model_config(model).get("compile")), mconf.get("compile")
+    mine = normal(model_config(model).get("compile"))
+    theirs = compile_settings(mconf.get("compile"))
     if mine != theirs:
         diff = "; ".join(f"{k} is {a!r} there and {b!r} here"
                          for k, a, b in _differences(theirs, mine)[:4])

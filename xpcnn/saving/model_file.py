@@ -63,8 +63,14 @@ def model_config(model: Any) -> dict[str, Any]:
     if model.loss is not None and model.optimizer is not None:
         config["compile"] = {"loss": model.loss.get_config(),
                              "optimizer": model.optimizer.get_config(),
-                             "precision": model.precision}
+                             "precision": model.precision, "metrics": list(model.metrics)}
     return config
+
+
+def compile_settings(compiled: Any) -> Any:
+    """A file's compile settings; files written before models could be compiled without
+    metrics have none, and meant accuracy."""
+    return {"metrics": ["accuracy"], **compiled} if isinstance(compiled, dict) else compiled
 
 
 def weight_arrays(model: Any, refusal: Callable[[Layer, str], str]) -> dict[str, np.ndarray]:
@@ -126,7 +132,7 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
         cls = MODEL_TYPES.get(config.get("class", "Sequential"))
         if cls is None:
             raise DataFormatError(f"{path}: unknown model class {config.get('class')!r}")
-        compiled = config.get("compile")
+        compiled = compile_settings(config.get("compile"))
         loss = optimizer = None
         if compiled is not None:
             loss = SoftmaxCrossEntropy(**compiled["loss"])
@@ -137,7 +143,8 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
         model = cls.from_config(config, layers, device)
         model.build(input_shape)
         if compiled is not None:
-            model.compile(loss, optimizer, precision=compiled["precision"])
+            model.compile(loss, optimizer, metrics=compiled["metrics"],
+                          precision=compiled["precision"])
     except DataFormatError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
