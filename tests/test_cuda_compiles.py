@@ -117,9 +117,10 @@ def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...
                                           ("double", "double")])
 def test_softmax_cross_entropy_kernel_compiles(fast_cupy, dtype, stats, labels):
     """The loss kernel, with its NaN for a label that is no class (``nan("")`` in the
-    accumulator type, float for half logits), for every label dtype fit passes it."""
+    accumulator type, float for half logits), for every label dtype fit passes it, and the
+    float16 loss scale read from its float32 state."""
     source = _elementwise_as_kernel(fast_cupy._SOFTMAX_CROSS_ENTROPY,
-                                    {"T": dtype, "L": labels, "S": stats})
+                                    {"T": dtype, "L": labels, "S": stats, "U": "float"})
     code, log = _compile(source, "xpcnn_softmax_cross_entropy", 90)
     assert code == 0, log
 

@@ -235,6 +235,17 @@ def test_softmax_cross_entropy(fast, rng, rows, classes, smoothing, levels, labe
     np.testing.assert_allclose(stats[0], want_stats[0], rtol=tol, atol=tol)
     assert stats[1] == want_stats[1]
     np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol / rows)
+    # the float16 loss scale (its float32 state on the device) applied to the gradient in the
+    # same launch, as the standard version applies it after (float16 logits, whose gradient
+    # it would widen to float32: the standard version)
+    scaling = np.array([2.0**15, 7.0], np.float32)
+    for kernels in (fast, STD):
+        scaled_stats, scaled = kernels.softmax_cross_entropy(z, labels, smoothing, scaling)
+        unscaled_stats, unscaled = (STD if dtype == np.float16 else kernels
+                                    ).softmax_cross_entropy(z, labels, smoothing)
+        np.testing.assert_array_equal(scaled_stats, unscaled_stats)
+        np.testing.assert_array_equal(scaled, unscaled * scaling[0])
+        assert scaled.dtype == (unscaled * scaling[0]).dtype
     # a label that is no class makes the loss NaN, in both versions (uint8: none below 0)
     for bad in (classes, -1 if np.issubdtype(labels_dtype, np.signedinteger) else 255):
         wrong = labels.copy()

@@ -324,6 +324,9 @@ def test_softmax_cross_entropy(cp, kernels, rng, rows, classes, smoothing, level
     np.testing.assert_allclose(stats[0].get(), want_stats[0].get(), rtol=tol, atol=tol)
     assert float(stats[1]) == float(want_stats[1])
     np.testing.assert_allclose(grad.get(), want_grad.get(), rtol=tol, atol=tol / rows)
+    scaling = cp.asarray([2.0**15, 7.0], dtype=cp.float32)  # (the float16 loss scale's state)
+    _, scaled = fast.softmax_cross_entropy(z, labels, smoothing, scaling)
+    _equal(scaled, grad * scaling[0])
 
 
 @pytest.mark.parametrize("labels_dtype", ["uint8", "int32", "int64"])

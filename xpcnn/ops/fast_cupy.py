@@ -232,9 +232,11 @@ _DROPOUT = cupy.ElementwiseKernel(
 # divided by N, whether its first maximum is at the label, and its gradient row, (softmax -
 # target) / N, with the target mixed with the uniform distribution by ``spread`` = smoothing /
 # classes (``keep`` = 1 - smoothing). The same steps as xpcnn.ops.softmax, in the accumulator
-# type.
+# type. Where ``scaled``, the gradient (rounded to T) is then multiplied by the float16 loss
+# scale ``scale[0]``, read from the device, as the standard version does it after.
 _SOFTMAX_CROSS_ENTROPY = cupy.ElementwiseKernel(
-    "raw T z, raw L labels, int32 classes, float64 keep, float64 spread, float64 inv_n",
+    "raw T z, raw L labels, int32 classes, float64 keep, float64 spread, float64 inv_n,"
+    " raw U scale, bool scaled",
     "raw T grad, raw S stats",
     """
     typedef XpcnnAcc<T>::type A;
@@ -254,7 +256,8 @@ _SOFTMAX_CROSS_ENTROPY = cupy.ElementwiseKernel(
         const A logp = ((A)z[base + c] - top) - log_total;
         const A t = (c == label ? (A)keep : (A)0) + (A)spread;
         loss -= t * logp;
-        grad[base + c] = (T)((exp(logp) - t) * (A)inv_n);
+        const T g = (T)((exp(logp) - t) * (A)inv_n);
+        grad[base + c] = scaled ? (T)((A)g * (A)scale[0]) : g;
     }
     if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
     stats[2 * i] = (S)(loss * (A)inv_n);
@@ -682,15 +685,20 @@ class CupyKernels(StandardKernels):
     def relu_backward(self, dy: Any, y: Any) -> Any:
         return _RELU_BACKWARD(dy, y)
 
-    def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float) -> tuple[Any, Any]:
+    def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None
+                              ) -> tuple[Any, Any]:
         n, classes = z.shape
-        if not _contiguous(z, labels) or n == 0:
-            return super().softmax_cross_entropy(z, labels, smoothing)
+        # (a scale that would widen the gradient's dtype, float16 logits: the standard one)
+        if not _contiguous(z, labels) or n == 0 or not (
+                scale is None or (scale.flags.c_contiguous
+                                  and np.result_type(z.dtype, scale.dtype) == z.dtype)):
+            return super().softmax_cross_entropy(z, labels, smoothing, scale)
         acc = cupy.float64 if z.dtype == cupy.float64 else cupy.float32
         grad = cupy.empty(z.shape, z.dtype)
         rows = cupy.empty((n, 2), acc)  # per row: loss / N, 1 if predicted right
         _SOFTMAX_CROSS_ENTROPY(z, labels, classes, 1.0 - smoothing, smoothing / classes,
-                               1.0 / n, grad, rows, size=n)
+                               1.0 / n, z if scale is None else scale,  # (z: not read)
+                               scale is not None, grad, rows, size=n)
         return rows.sum(axis=0), grad
 
     def cast_all(self, arrays: list[Any], dtype: Any) -> list[Any]:
