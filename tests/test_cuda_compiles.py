@@ -182,3 +182,14 @@ def test_mask_multiply_relu_kernel_compiles(fast_cupy, dtype, relu):
                                     arrays=("x", "m", "r", "y"))
     code, log = _compile(source, "xpcnn_mask_multiply_relu", 90)
     assert code == 0, log
+
+
+@pytest.mark.parametrize("source, target", [("unsigned char", "float"), ("unsigned char", "__half"),
+                                            ("unsigned char", "double"), ("__half", "__half"),
+                                            ("float", "float")])
+def test_rescale_kernel_compiles(fast_cupy, source, target):
+    """A model's uint8 batch cast and scaled in one launch (a Rescaling first layer)."""
+    source_code = _elementwise_as_kernel(fast_cupy._RESCALE, {"S": source, "T": target},
+                                         arrays=("x", "y"))
+    code, log = _compile(source_code, "xpcnn_rescale", 90)
+    assert code == 0, log

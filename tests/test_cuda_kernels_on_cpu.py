@@ -130,6 +130,12 @@ def test_elementwise_kernels(fast, rng, dtype):
     np.testing.assert_array_equal(fast.mask_multiply(dy, mask), STD.mask_multiply(dy, mask))
     np.testing.assert_array_equal(fast.mask_multiply(dy, mask[:1]),
                                   STD.mask_multiply(dy, mask[:1]))
+    # a model's uint8 batch cast and scaled in one launch, and a batch already of the dtype
+    images = rng.integers(0, 256, x.shape).astype(np.uint8)
+    for source in (images, x):
+        np.testing.assert_array_equal(fast.rescale(source, 1 / 255, dtype),
+                                      STD.rescale(source, 1 / 255, dtype))
+        assert fast.rescale(source, 1 / 255, dtype).dtype == dtype
     # with the gradient of a ReLU before (a dropout's, apply_input_relu_grad): NaN * 0 is NaN
     np.testing.assert_array_equal(fast.mask_multiply(dy, mask, 1.5, x),
                                   STD.mask_multiply(dy, mask, 1.5, x))

@@ -15,7 +15,9 @@ from xpcnn.layers import (
     FeatureNorm,
     Flatten,
     MaxPool2D,
+    RandomFlip,
     ReLU,
+    Rescaling,
     Softmax,
 )
 from xpcnn.models import build_layers
@@ -448,6 +450,37 @@ def test_a_relu_gradient_left_to_the_next_layer_changes_no_gradient(fast, rng):
         set_fast_path(old)
     for a, b in zip(handed_over, own, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
+def test_a_first_rescaling_casts_the_models_batch_itself(fast, rng):
+    """Where the layers reading the model's batch are Rescaling layers, the model hands them
+    the batch as given (uint8 images) and they cast it in their own pass (one launch on CuPy):
+    the same values, exactly, as the batch cast to the parameters' dtype first. Elsewhere the
+    model casts it."""
+    from xpcnn.backend import set_fast_path
+
+    def net(first):
+        return xpcnn.Sequential([*first, Conv2D(3, 3), Flatten(), Dense(2), Softmax()],
+                                input_shape=(6, 6, 3), seed=0)
+
+    model = net([Rescaling(1 / 255)])
+    plan, rescale = model._plan(), model.layers[0]
+    assert plan.cast_input and plan.options(rescale).cast_input
+    assert not plan.options(model.layers[1]).cast_input
+    assert not net([RandomFlip(), Rescaling(1 / 255)])._plan().cast_input
+    old = set_fast_path(fast)
+    try:
+        for x in (rng.integers(0, 256, (4, 6, 6, 3), dtype=np.uint8),
+                  rng.standard_normal((4, 6, 6, 3))):  # (float64 into a float32 model)
+            got = rescale.forward(x, options=plan.options(rescale))
+            want = rescale.forward(x.astype(np.float32))  # (as the model cast it before)
+            assert got.dtype == want.dtype == np.float32
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(model._logits(x, False),
+                                          model._logits(x.astype(np.float32), False))
+    finally:
+        set_fast_path(old)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])

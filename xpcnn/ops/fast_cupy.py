@@ -171,6 +171,10 @@ _MASK_MULTIPLY_RELU = cupy.ElementwiseKernel(
     "xpcnn_mask_multiply_relu"
 )
 
+# StandardKernels.rescale in one launch: the cast (exact for uint8 images), then the product
+# rounded once to T, as the standard version's multiplication by a Python number rounds it.
+_RESCALE = cupy.ElementwiseKernel("S x, T scale", "T y", "y = (T)x * scale;", "xpcnn_rescale")
+
 # StandardKernels.random_crop in one launch: out[n, i, j, c] = x[n, i + dy - p, j + dx - p, c]
 # (0 outside the image), the offsets floor(u * (2p + 1)) per image from the (N, 2) numbers u.
 _RANDOM_CROP = cupy.ElementwiseKernel(
@@ -663,6 +667,12 @@ class CupyKernels(StandardKernels):
         n, h, w, c = x.shape
         return _RANDOM_CROP(cupy.ascontiguousarray(x), cupy.ascontiguousarray(u), h, w, c,
                             padding, cupy.empty(x.shape, x.dtype))
+
+    def rescale(self, x: Any, scale: float, dtype: Any) -> Any:
+        t = np.dtype(dtype)
+        if t.kind != "f":  # (the standard version's dtypes: an integer times a float)
+            return super().rescale(x, scale, dtype)
+        return _RESCALE(x, t.type(scale), cupy.empty(x.shape, t))
 
     def mask_multiply(self, x: Any, mask: Any, scale: float | None = None,
                       relu_y: Any = None) -> Any:

@@ -154,6 +154,11 @@ class StandardKernels:
             out = xp.where(dx == k, rows[:, :, k:k + w, :], out)
         return out
 
+    def rescale(self, x: Any, scale: float, dtype: Any) -> Any:
+        """``x`` (of any real dtype: a model's uint8 batch) cast to ``dtype``, times ``scale``
+        (a Python number)."""
+        return self.xp.astype(x, dtype, copy=False) * scale
+
     def mask_multiply(self, x: Any, mask: Any, scale: float | None = None,
                       relu_y: Any = None) -> Any:
         """``x`` where the boolean ``mask`` holds, 0 elsewhere (as a product, not ``where``:
