@@ -21,6 +21,11 @@ a GPU, as CuPy does it:
 - a device value read by the host (``float``, ``bool``, ``item``, ``to_numpy``): a host read
   (a step should have none).
 
+Not counted: allocations (CuPy's memory pool: no launch), kernel compilation (first use only),
+and what ``fit`` does around a step (the batch's upload or gather on the device, the progress
+bar's reads of the running totals). Every array that outlives the step is checked to be a
+DeviceArray, so that none of its operations goes uncounted.
+
 Views (slicing, ``reshape`` of contiguous data, transposes) launch nothing. Operations nested
 inside a counted one (NumPy's own implementation of a function, an emulated kernel's
 marshalling) are not counted again. Each launch is attributed to where it was issued: the

@@ -167,7 +167,7 @@ def test_casting_many_arrays_in_one_launch(fast, rng):
                 assert (g.ctypes.data - got[0].ctypes.data) % 16 == 0
 
 
-@pytest.mark.parametrize("rows", [131072, 1000, 513, 100])
+@pytest.mark.parametrize("rows", [131072, 1031, 1000, 513, 100])
 @pytest.mark.parametrize("dtype", WITH_HALF)
 def test_blocked_sums(fast, rng, rows, dtype):
     """Bias gradients (float32 sums of float16 rows) and long a^T @ b products, over blocks of

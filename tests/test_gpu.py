@@ -226,7 +226,7 @@ def test_tensor_core_kernels_compile_here(kernels, dtype):
         conv.tf32 = False
 
 
-@pytest.mark.parametrize("rows", [131072, 1000, 513, 100])
+@pytest.mark.parametrize("rows", [131072, 1031, 1000, 513, 100])
 @pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
 def test_sum_rows_in_blocks(cp, kernels, rng, rows, dtype):
     fast, std = kernels

@@ -39,7 +39,8 @@ def check_launches(model: str, precision: str, launches: list) -> None:
 
 @pytest.mark.parametrize(("model", "precision"), list(PINNED))
 def test_launches_of_a_training_step(fast_cupy, model, precision):
-    # (batch 128, whose row counts the bias gradients' two-pass sums divide evenly, as 512's)
+    # (batch 128: the convolutions' bias gradients take their two-pass sums, over row counts
+    # that divide evenly; the Dense layers' take one pass below 512 rows, see sum_rows)
     check_launches(model, precision, step_launches(model, precision, warmup=1))
 
 

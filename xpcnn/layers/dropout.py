@@ -72,15 +72,15 @@ class RandomLayer(Layer):
 
 
 class Dropout(RandomLayer):
+    # The gradient of a ReLU before it, in the same pass as the mask's (one launch on CuPy).
+    can_apply_input_relu_grad = True
+
     def __init__(self, rate: float, name: str | None = None) -> None:
         super().__init__(name)
         self.rate = number(rate, "Dropout rate", 0.0, 1.0, high_open=True)
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "rate": self.rate}
-
-    # The gradient of a ReLU before it, in the same pass as the mask's (one launch on CuPy).
-    can_apply_input_relu_grad = True
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         # (the output of that ReLU, where this layer applies its gradient)

@@ -501,6 +501,8 @@ class _DeferredTables:
 # was not measured apart from the bias-gradient change that came with it.)
 _SPLIT_K_ROWS = 2048
 _SPLIT_K_MAX = 128
+# The fewest rows CupyKernels.sum_rows sums over blocks of rows (in two launches).
+_BLOCKED_SUM_ROWS = 1024
 
 
 def _contiguous(*arrays: Any) -> bool:
@@ -623,10 +625,12 @@ class CupyKernels(StandardKernels):
 
     def sum_rows(self, a: Any) -> Any:
         # Over blocks of rows first: a reduction over the leading axis runs one thread block
-        # per column, only 32-64 of them for a bias gradient (measured: 12 ms at batch 512).
+        # per column, only 32-64 of them for a convolution's bias gradient (measured: 12 ms at
+        # batch 512). A few hundred rows (a Dense layer's, one a sample) take one pass: one
+        # launch, not two (not timed on a GPU).
         rows = a.shape[0]
         splits = min(rows // 256, 256)
-        if a.ndim != 2 or splits < 2 or not a.flags.c_contiguous:
+        if a.ndim != 2 or rows < _BLOCKED_SUM_ROWS or not a.flags.c_contiguous:
             return super().sum_rows(a)
         acc = cupy.float64 if a.dtype == cupy.float64 else cupy.float32
         blocks, rest = _in_row_blocks(a, splits)
