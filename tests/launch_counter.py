@@ -113,8 +113,9 @@ def _where() -> str:
     return f"{layer.name} {phase}" if layer is not None else fallback or "?"
 
 
-def _device(a: Any) -> Any:
-    """NumPy arrays (and scalars) as DeviceArrays, through tuples and lists."""
+def device_array(a: Any) -> Any:
+    """NumPy arrays (and scalars) as DeviceArrays (arrays on the counted device), through
+    tuples and lists."""
     if isinstance(a, DeviceArray):
         return a
     if isinstance(a, np.ndarray):
@@ -122,7 +123,7 @@ def _device(a: Any) -> Any:
     if isinstance(a, np.generic):
         return np.asarray(a).view(DeviceArray)
     if isinstance(a, tuple | list):
-        return type(a)(_device(b) for b in a)
+        return type(a)(device_array(b) for b in a)
     return a
 
 
@@ -178,7 +179,7 @@ class DeviceArray(np.ndarray):
             result = getattr(ufunc, method)(*_host(inputs), **kwargs)
         if out is not None:
             return out[0] if len(out) == 1 else out
-        return None if result is None else _device(result)
+        return None if result is None else device_array(result)
 
     def __array_function__(self, func: Any, types_: Any, args: Any, kwargs: Any) -> Any:
         with COUNTER.inside():
@@ -191,16 +192,16 @@ class DeviceArray(np.ndarray):
         if made:
             COUNTER.record("reduction" if func.__name__ in _REDUCTIONS else "copy",
                            func.__name__)
-        return _device(result)
+        return device_array(result)
 
     # -- methods that do not go through a ufunc or an array function ---------------------------
     def copy(self, order: str = "C") -> Any:
-        return _device(_counted("copy", "copy", super().copy, order))
+        return device_array(_counted("copy", "copy", super().copy, order))
 
     def astype(self, dtype: Any, *args: Any, copy: bool = True, **kwargs: Any) -> Any:
         if not copy and np.dtype(dtype) == self.dtype:
             return self
-        return _device(_counted("copy", "astype", super().astype, dtype, *args, copy=copy,
+        return device_array(_counted("copy", "astype", super().astype, dtype, *args, copy=copy,
                                 **kwargs))
 
     def fill(self, value: Any) -> None:
@@ -225,7 +226,7 @@ class DeviceArray(np.ndarray):
                                               Ellipsis))
         if not _is_view(result, [self]):
             COUNTER.record("copy", "getitem")  # (an index array or mask: a gather)
-        return _device(result)
+        return device_array(result)
 
     def reshape(self, *shape: Any, **kwargs: Any) -> Any:
         with COUNTER.inside():
@@ -236,7 +237,7 @@ class DeviceArray(np.ndarray):
 
     def _reduction(name: str) -> Any:  # noqa: N805 (a method maker, run in the class body)
         def method(self: DeviceArray, *args: Any, **kwargs: Any) -> Any:
-            return _device(_counted("reduction", name, getattr(np.ndarray, name), self, *args,
+            return device_array(_counted("reduction", name, getattr(np.ndarray, name), self, *args,
                                     **kwargs))
 
         method.__name__ = name
@@ -271,7 +272,7 @@ def _creation(kind: str | None, name: str, fn: Any) -> Any:
         if kind is not None:
             COUNTER.record(kind, name)
         with COUNTER.inside():
-            return _device(fn(*args, **kwargs))
+            return device_array(fn(*args, **kwargs))
 
     return make
 
@@ -285,7 +286,7 @@ def _asarray(fn: Any) -> Any:
                 result = fn(a.view(np.ndarray), *args, **kwargs)
             if not _is_view(result, [a]):
                 COUNTER.record("copy", "asarray")
-            return _device(result)
+            return device_array(result)
         return _creation("upload", "asarray", fn)(a, *args, **kwargs)
 
     return asarray
@@ -294,7 +295,7 @@ def _asarray(fn: Any) -> Any:
 def _ascontiguousarray(a: Any, *args: Any, **kwargs: Any) -> Any:
     if isinstance(a, DeviceArray) and a.flags.c_contiguous and not args and not kwargs:
         return a
-    return _device(_counted("copy", "ascontiguousarray", np.ascontiguousarray, _host(a), *args,
+    return device_array(_counted("copy", "ascontiguousarray", np.ascontiguousarray, _host(a), *args,
                             **kwargs))
 
 
@@ -316,7 +317,7 @@ def _launch(kind: str, call: Any, label: Any) -> Any:
     def launch(self: Any, *args: Any, **kwargs: Any) -> Any:
         COUNTER.record(kind, label(self))
         with COUNTER.inside():
-            return _device(call(self, *_host(args), **kwargs))
+            return device_array(call(self, *_host(args), **kwargs))
 
     return launch
 
@@ -400,8 +401,8 @@ def step_launches(model_name: str, precision: str = "float32", batch: int = 128,
         model = build_model(model_name, input_shape=shape, device=counting_backend(), seed=0)
         model.compile(optimizer=xpcnn.optim.SGD(0.01, momentum=0.9), precision=precision,
                       cuda_graphs=False)
-        x = _device(rng.integers(0, 256, (batch, *shape), dtype=np.uint8))
-        y = _device(rng.integers(0, 10, batch))
+        x = device_array(rng.integers(0, 256, (batch, *shape), dtype=np.uint8))
+        y = device_array(rng.integers(0, 10, batch))
         for _ in range(warmup):
             model.train_step(x, y)
         counter.active = True

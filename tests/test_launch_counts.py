@@ -7,9 +7,17 @@ a graph node: a change that adds launches must change the numbers pinned here, o
     PYTHONPATH=$PWD:tests python tests/launch_counter.py  # the breakdowns, batch 128
 """
 
+import numpy as np
 import pytest
 from cuda_emulator import needs_compiler
-from launch_counter import breakdown, emulated, launch_count, step_launches
+from launch_counter import (
+    breakdown,
+    counting,
+    device_array,
+    emulated,
+    launch_count,
+    step_launches,
+)
 
 pytestmark = [needs_compiler,
               # (float16 products of the first steps overflow at the initial loss scale)
@@ -40,7 +48,7 @@ def check_launches(model: str, precision: str, launches: list) -> None:
 @pytest.mark.parametrize(("model", "precision"), list(PINNED))
 def test_launches_of_a_training_step(fast_cupy, model, precision):
     # (batch 128: the convolutions' bias gradients take their two-pass sums, over row counts
-    # that divide evenly; the Dense layers' take one pass below 512 rows, see sum_rows)
+    # that divide evenly, as at 512; the Dense layers' one pass, below 1024 rows)
     check_launches(model, precision, step_launches(model, precision, warmup=1))
 
 
@@ -60,3 +68,17 @@ def test_an_extra_launch_fails_the_count(fast_cupy, monkeypatch):
     with pytest.raises(AssertionError, match=rf"{pinned + 1} launches a step, pinned {pinned}"
                                              r"(.|\n)*maxpool2d forward: kernel xpcnn_max_pool x2"):
         check_launches("mnist", "float32", launches)
+
+
+@pytest.mark.parametrize("rows, launches", [(128, 1), (512, 1), (1023, 1), (1024, 2),
+                                             (131072, 2), (1031, 4)])
+def test_a_bias_gradient_takes_one_launch_below_1024_rows(fast_cupy, rows, launches):
+    """CupyKernels.sum_rows: a Dense layer's bias gradient (one row a sample) in one pass, a
+    convolution's (one row a pixel) over blocks of rows, in two (four with rows left over)."""
+    a = np.ones((rows, 32), np.float32)
+    with counting(fast_cupy) as counter:
+        counter.active = True
+        total = fast_cupy.KERNELS.sum_rows(device_array(a))
+        counter.active = False
+    assert launch_count(counter.launches) == launches, breakdown(counter.launches)
+    np.testing.assert_array_equal(total, np.full(32, rows))
