@@ -193,3 +193,16 @@ def test_rescale_kernel_compiles(fast_cupy, source, target):
                                          arrays=("x", "y"))
     code, log = _compile(source_code, "xpcnn_rescale", 90)
     assert code == 0, log
+
+
+@pytest.mark.parametrize("dtype", ["__half", "float", "double"])
+@pytest.mark.parametrize("name", ["_CENTRED_SQUARES", "_STANDARDIZE", "_FEATURE_NORM_BACKWARD"])
+def test_feature_norm_kernels_compile(fast_cupy, name, dtype):
+    """FeatureNorm's kernels: the statistics read per (image, channel), the square root in the
+    accumulator type, 1 / sqrt written by one thread per (image, channel)."""
+    kernel = getattr(fast_cupy, name)
+    arrays = tuple(n for raw, _, n in kernel.ins + kernel.outs if not raw and n in
+                   ("x", "sq", "xhat", "dy", "r", "dx"))
+    source = _elementwise_as_kernel(kernel, {"T": dtype, "R": dtype}, arrays=arrays)
+    code, log = _compile(source, kernel.name, 90)
+    assert code == 0, log

@@ -167,6 +167,27 @@ def test_casting_many_arrays_in_one_launch(fast, rng):
                 assert (g.ctypes.data - got[0].ctypes.data) % 16 == 0
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 5, 2), (2, 7, 3, 9)])
+@pytest.mark.parametrize("dtype", WITH_HALF)
+def test_feature_norm_and_its_gradient(fast, rng, shape, dtype):
+    """After CuPy's own means, one launch each way (the ReLU gradient before it in the same
+    launch): the standard version's values exactly, each step stored in the dtype as the
+    standard version's separate operations store it."""
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    x[0, 0, 0, 0] = 0.0
+    got, want = fast.feature_norm(x, 1e-5), STD.feature_norm(x, 1e-5)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == dtype and g.shape == w.shape
+        np.testing.assert_array_equal(g, w)
+    xhat, inv_std = want
+    dy = rng.standard_normal(shape).astype(dtype)
+    relu_x = np.maximum(x, 0)  # (a ReLU's output: zeros where its gradient stops)
+    for r in (None, relu_x):
+        g = fast.feature_norm_backward(dy, xhat, inv_std, r)
+        assert g.dtype == dtype
+        np.testing.assert_array_equal(g, STD.feature_norm_backward(dy, xhat, inv_std, r))
+
+
 @pytest.mark.parametrize("rows", [131072, 1031, 1000, 513, 100])
 @pytest.mark.parametrize("dtype", WITH_HALF)
 def test_blocked_sums(fast, rng, rows, dtype):

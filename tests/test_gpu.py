@@ -226,6 +226,25 @@ def test_tensor_core_kernels_compile_here(kernels, dtype):
         conv.tf32 = False
 
 
+@pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
+def test_feature_norm_and_its_gradient(cp, kernels, rng, dtype):
+    """FeatureNorm's kernels against the standard version's CuPy calls (the same steps; the
+    GPU may fuse a product and a difference into one rounding, hence the tolerance)."""
+    fast, std = kernels
+    x = _random(cp, rng, (16, 9, 7, 24), dtype) * 3 + 1
+    got, want = fast.feature_norm(x, 1e-5), std.feature_norm(x, 1e-5)
+    tol = {"float16": 1e-3, "float32": 1e-6, "float64": 1e-13}[dtype]
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_allclose(g.get(), w.get(), rtol=tol, atol=tol)
+    xhat, inv_std = want
+    dy = _random(cp, rng, x.shape, dtype)
+    for r in (None, cp.maximum(x, 0)):
+        g, w = (k.feature_norm_backward(dy, xhat, inv_std, r) for k in (fast, std))
+        np.testing.assert_allclose(g.get(), w.get(), rtol=tol,
+                                   atol=tol * float(cp.abs(w).max()))
+
+
 @pytest.mark.parametrize("rows", [131072, 1031, 1000, 513, 100])
 @pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
 def test_sum_rows_in_blocks(cp, kernels, rng, rows, dtype):

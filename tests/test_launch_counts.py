@@ -25,7 +25,7 @@ pytestmark = [needs_compiler,
 
 # Launches of one step, SGD with momentum, uint8 images on the device, cuda_graphs=False.
 PINNED = {
-    ("notebook", "float32"): 46, ("notebook", "mixed_float16"): 55,
+    ("notebook", "float32"): 38, ("notebook", "mixed_float16"): 47,
     ("mnist", "float32"): 35, ("mnist", "mixed_float16"): 40,
     ("cifar", "float32"): 43, ("cifar", "mixed_float16"): 48,
 }

@@ -171,6 +171,39 @@ _MASK_MULTIPLY_RELU = cupy.ElementwiseKernel(
     "xpcnn_mask_multiply_relu"
 )
 
+# FeatureNorm per image and channel over H x W (the standard version's steps, each stored in T
+# as its separate operations store them: the same values): after CuPy's own mean, the squares
+# of the centred input; after their mean, the normalised output, and 1 / sqrt(var + eps) from
+# the threads at (h, w) = (0, 0). ``nc`` is an element's (image, channel) in the (N, 1, 1, C)
+# statistics; HWC = H * W * C.
+_NC = "const long long nc = (i / HWC) * C + i % C;"
+_CENTRED_SQUARES = cupy.ElementwiseKernel(
+    "T x, raw T mean, int32 HWC, int32 C", "T sq",
+    _NC + "const T c = x - mean[nc]; sq = c * c;", "xpcnn_centred_squares")
+_STANDARDIZE = cupy.ElementwiseKernel(
+    "T x, raw T mean, raw T var, T eps, int32 HWC, int32 C", "T xhat, raw T inv_std",
+    _NC + """
+    typedef XpcnnAcc<T>::type A;
+    const T c = x - mean[nc];
+    const T v = var[nc] + eps;
+    const T s = (T)sqrt((A)v);
+    const T inv = (T)1.0f / s;
+    xhat = c * inv;
+    if (i % HWC < C) inv_std[nc] = inv;
+    """, "xpcnn_standardize", preamble=_ACC)
+# Its gradient after CuPy's means of dy and dy * xhat: inv_std * ((dy - m1) - xhat * m2), then
+# with ``relu`` times (r > 0), the gradient of a ReLU before it (``r`` not read without).
+_FEATURE_NORM_BACKWARD = cupy.ElementwiseKernel(
+    "T dy, T xhat, raw T inv_std, raw T m1, raw T m2, R r, bool relu, int32 HWC, int32 C",
+    "T dx",
+    _NC + """
+    const T a = dy - m1[nc];
+    const T b = xhat * m2[nc];
+    const T d = a - b;
+    const T g = inv_std[nc] * d;
+    dx = relu ? (T)(g * (T)(r > (R)0.0f ? 1.0f : 0.0f)) : g;
+    """, "xpcnn_feature_norm_backward")
+
 # StandardKernels.rescale in one launch: the cast (exact for uint8 images), then the product
 # rounded once to T, as the standard version's multiplication by a Python number rounds it.
 _RESCALE = cupy.ElementwiseKernel("S x, T scale", "T y", "y = (T)x * scale;", "xpcnn_rescale")
@@ -671,6 +704,28 @@ class CupyKernels(StandardKernels):
         n, h, w, c = x.shape
         return _RANDOM_CROP(cupy.ascontiguousarray(x), cupy.ascontiguousarray(u), h, w, c,
                             padding, cupy.empty(x.shape, x.dtype))
+
+    def feature_norm(self, x: Any, eps: float) -> tuple[Any, Any]:
+        if not x.flags.c_contiguous:
+            return super().feature_norm(x, eps)
+        n, h, w, c = x.shape
+        mean = x.mean(axis=(1, 2), keepdims=True)
+        var = _CENTRED_SQUARES(x, mean, h * w * c, c).mean(axis=(1, 2), keepdims=True)
+        inv_std = cupy.empty((n, 1, 1, c), x.dtype)
+        xhat = _STANDARDIZE(x, mean, var, x.dtype.type(eps), h * w * c, c,
+                            cupy.empty(x.shape, x.dtype), inv_std)[0]
+        return xhat, inv_std
+
+    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any,
+                              relu_x: Any = None) -> Any:
+        if not _contiguous(dy, xhat, inv_std):
+            return super().feature_norm_backward(dy, xhat, inv_std, relu_x)
+        n, h, w, c = dy.shape
+        m1 = dy.mean(axis=(1, 2), keepdims=True)
+        m2 = (dy * xhat).mean(axis=(1, 2), keepdims=True)
+        return _FEATURE_NORM_BACKWARD(dy, xhat, inv_std, m1, m2,
+                                      dy if relu_x is None else relu_x,  # (dy: not read)
+                                      relu_x is not None, h * w * c, c)
 
     def rescale(self, x: Any, scale: float, dtype: Any) -> Any:
         t = np.dtype(dtype)
