@@ -113,14 +113,18 @@ def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...
 
 
 @pytest.mark.parametrize("labels", ["unsigned char", "int", "long long"])
-@pytest.mark.parametrize("dtype, stats", [("__half", "float"), ("float", "float"),
-                                          ("double", "double")])
-def test_softmax_cross_entropy_kernel_compiles(fast_cupy, dtype, stats, labels):
+@pytest.mark.parametrize("logits, dtype, stats", [("__half", "__half", "float"),
+                                                  ("float", "float", "float"),
+                                                  ("__half", "float", "float"),
+                                                  ("double", "double", "double")])
+def test_softmax_cross_entropy_kernel_compiles(fast_cupy, logits, dtype, stats, labels):
     """The loss kernel, with its NaN for a label that is no class (``nan("")`` in the
-    accumulator type, float for half logits), for every label dtype fit passes it, and the
-    float16 loss scale read from its float32 state."""
+    accumulator type, float for half logits), for every label dtype fit passes it, the
+    float16 loss scale read from its float32 state, and float16 logits read for a float32
+    loss (mixed precision)."""
     source = _elementwise_as_kernel(fast_cupy._SOFTMAX_CROSS_ENTROPY,
-                                    {"T": dtype, "L": labels, "S": stats, "U": "float"})
+                                    {"Z": logits, "T": dtype, "L": labels, "S": stats,
+                                     "U": "float"})
     code, log = _compile(source, "xpcnn_softmax_cross_entropy", 90)
     assert code == 0, log
 

@@ -273,6 +273,15 @@ def test_softmax_cross_entropy(fast, rng, rows, classes, smoothing, levels, labe
         np.testing.assert_array_equal(scaled_stats, unscaled_stats)
         np.testing.assert_array_equal(scaled, unscaled * scaling[0])
         assert scaled.dtype == (unscaled * scaling[0]).dtype
+    # logits of a narrower dtype (float16 under mixed precision) read as their cast gives them
+    for wide in (np.float32, np.float64):
+        if np.result_type(dtype, wide) == wide:
+            for kernels in (fast, STD):
+                got = kernels.softmax_cross_entropy(z, labels, smoothing, scaling, wide)
+                want = kernels.softmax_cross_entropy(z.astype(wide), labels, smoothing, scaling)
+                for g, w in zip(got, want, strict=True):
+                    assert g.dtype == w.dtype
+                    np.testing.assert_array_equal(g, w)
     # a label that is no class makes the loss NaN, in both versions (uint8: none below 0)
     for bad in (classes, -1 if np.issubdtype(labels_dtype, np.signedinteger) else 255):
         wrong = labels.copy()

@@ -270,9 +270,11 @@ _DROPOUT = cupy.ElementwiseKernel(
 # target) / N, with the target mixed with the uniform distribution by ``spread`` = smoothing /
 # classes (``keep`` = 1 - smoothing). The same steps as xpcnn.ops.softmax, in the accumulator
 # type. Where ``scaled``, the gradient (rounded to T) is then multiplied by the float16 loss
-# scale ``scale[0]``, read from the device, as the standard version does it after.
+# scale ``scale[0]``, read from the device, as the standard version does it after. Logits of a
+# narrower type Z (float16 under mixed precision) are read as the standard version's cast to T
+# would give them (exactly).
 _SOFTMAX_CROSS_ENTROPY = cupy.ElementwiseKernel(
-    "raw T z, raw L labels, int32 classes, float64 keep, float64 spread, float64 inv_n,"
+    "raw Z z, raw L labels, int32 classes, float64 keep, float64 spread, float64 inv_n,"
     " raw U scale, bool scaled",
     "raw T grad, raw S stats",
     """
@@ -754,16 +756,18 @@ class CupyKernels(StandardKernels):
     def relu_backward(self, dy: Any, y: Any) -> Any:
         return _RELU_BACKWARD(dy, y)
 
-    def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None
-                              ) -> tuple[Any, Any]:
+    def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None,
+                              dtype: Any = None) -> tuple[Any, Any]:
         n, classes = z.shape
-        # (a scale that would widen the gradient's dtype, float16 logits: the standard one)
-        if not _contiguous(z, labels) or n == 0 or not (
+        t = z.dtype if dtype is None else np.dtype(dtype)
+        # (logits wider than ``dtype``, or a scale that would widen the gradient's dtype, as
+        # for float16 logits: the standard version)
+        if not _contiguous(z, labels) or n == 0 or np.result_type(z.dtype, t) != t or not (
                 scale is None or (scale.flags.c_contiguous
-                                  and np.result_type(z.dtype, scale.dtype) == z.dtype)):
-            return super().softmax_cross_entropy(z, labels, smoothing, scale)
-        acc = cupy.float64 if z.dtype == cupy.float64 else cupy.float32
-        grad = cupy.empty(z.shape, z.dtype)
+                                  and np.result_type(t, scale.dtype) == t)):
+            return super().softmax_cross_entropy(z, labels, smoothing, scale, dtype)
+        acc = cupy.float64 if t == cupy.float64 else cupy.float32
+        grad = cupy.empty(z.shape, t)
         rows = cupy.empty((n, 2), acc)  # per row: loss / N, 1 if predicted right
         _SOFTMAX_CROSS_ENTROPY(z, labels, classes, 1.0 - smoothing, smoothing / classes,
                                1.0 / n, z if scale is None else scale,  # (z: not read)

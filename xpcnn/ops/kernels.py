@@ -202,14 +202,17 @@ class StandardKernels:
         dx = standardize_backward(self.xp, dy, xhat, inv_std, (1, 2))
         return dx if relu_x is None else self.relu_backward(dx, relu_x)
 
-    def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None
-                              ) -> tuple[Any, Any]:
+    def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None,
+                              dtype: Any = None) -> tuple[Any, Any]:
         """Mean cross-entropy of softmax(z) against integer ``labels`` (targets mixed with the
         uniform distribution by ``smoothing``) and the count of rows whose first maximum is at
         the label, as one (2,) float32 (float64 for float64 ``z``) array, the loss NaN where a
         label is no class; and the gradient with respect to ``z``, times ``scale[0]`` where
-        ``scale`` (the float16 loss-scaling state, on the device) is given."""
+        ``scale`` (the float16 loss-scaling state, on the device) is given. With ``dtype``, all
+        of it computed from ``z`` cast to ``dtype`` (float32 under mixed precision)."""
         xp = self.xp
+        if dtype is not None:
+            z = xp.astype(z, dtype, copy=False)
         loss, grad = cross_entropy(xp, z, target_rows(xp, labels, z.shape[1], z.dtype,
                                                       smoothing))
         stats = loss_and_correct(xp, loss, z, labels)
