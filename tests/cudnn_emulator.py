@@ -235,7 +235,7 @@ def _fprop(out: Tensor, x, w, pre, post, stride) -> np.ndarray:
         for b in range(w.shape[3]):
             win = xp[:, :, a:a + stride[0] * (ho - 1) + 1:stride[0],
                      b:b + stride[1] * (wo - 1) + 1:stride[1]]
-            y += np.einsum("nchw,kc->nkhw", win, w[:, :, a, b])
+            y += np.einsum("nchw,kc->nkhw", win, w[:, :, a, b], optimize=True)
     return y
 
 
@@ -247,7 +247,8 @@ def _dgrad(out: Tensor, dy, w, pre, post, stride) -> np.ndarray:
         for b in range(w.shape[3]):
             dxp[:, :, a:a + stride[0] * (ho - 1) + 1:stride[0],
                 b:b + stride[1] * (wo - 1) + 1:stride[1]] += np.einsum("nkhw,kc->nchw", dy,
-                                                                       w[:, :, a, b])
+                                                                       w[:, :, a, b],
+                                                                       optimize=True)
     return dxp[:, :, pre[0]:pre[0] + h, pre[1]:pre[1] + wd]
 
 
@@ -260,7 +261,7 @@ def _wgrad(out: Tensor, x, dy, pre, post, stride) -> np.ndarray:
         for b in range(kw):
             win = xp[:, :, a:a + stride[0] * (ho - 1) + 1:stride[0],
                      b:b + stride[1] * (wo - 1) + 1:stride[1]]
-            dw[:, :, a, b] = np.einsum("nchw,nkhw->kc", win, dy)
+            dw[:, :, a, b] = np.einsum("nchw,nkhw->kc", win, dy, optimize=True)
     return dw
 
 

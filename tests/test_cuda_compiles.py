@@ -113,13 +113,18 @@ def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...
 
 
 @pytest.mark.parametrize("labels", ["unsigned char", "int", "long long"])
-@pytest.mark.parametrize("dtype, stats", [("__half", "float"), ("float", "float"),
-                                          ("double", "double")])
-def test_softmax_cross_entropy_kernel_compiles(fast_cupy, dtype, stats, labels):
+@pytest.mark.parametrize("logits, dtype, stats", [("__half", "__half", "float"),
+                                                  ("float", "float", "float"),
+                                                  ("__half", "float", "float"),
+                                                  ("double", "double", "double")])
+def test_softmax_cross_entropy_kernel_compiles(fast_cupy, logits, dtype, stats, labels):
     """The loss kernel, with its NaN for a label that is no class (``nan("")`` in the
-    accumulator type, float for half logits), for every label dtype fit passes it."""
+    accumulator type, float for half logits), for every label dtype fit passes it, the
+    float16 loss scale read from its float32 state, and float16 logits read for a float32
+    loss (mixed precision)."""
     source = _elementwise_as_kernel(fast_cupy._SOFTMAX_CROSS_ENTROPY,
-                                    {"T": dtype, "L": labels, "S": stats})
+                                    {"Z": logits, "T": dtype, "L": labels, "S": stats,
+                                     "U": "float"})
     code, log = _compile(source, "xpcnn_softmax_cross_entropy", 90)
     assert code == 0, log
 
@@ -159,4 +164,49 @@ def test_cast_all_kernel_compiles(fast_cupy, source, target):
     """Many arrays cast in one launch (a mixed-precision forward pass's weights)."""
     source_code = _elementwise_as_kernel(fast_cupy._CAST_ALL, {"S": source, "U": target})
     code, log = _compile(source_code, "xpcnn_cast_all", 90)
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("data, grad", [("__half", "__half"), ("__half", "float"),
+                                        ("float", "float"), ("double", "double")])
+def test_max_pool_backward_kernel_compiles(fast_cupy, data, grad):
+    """The pool's gradient, with the gradient of a ReLU before the pool in the same launch
+    (``relu``), for a gradient of the data's dtype or a wider one."""
+    source = _elementwise_as_kernel(fast_cupy._MAX_POOL_BACKWARD, {"T": data, "G": grad},
+                                    arrays=("yv", "g"))
+    code, log = _compile(source, "xpcnn_max_pool_backward", 90)
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("dtype, relu", [("__half", "__half"), ("float", "float"),
+                                         ("double", "double"), ("float", "__half")])
+def test_mask_multiply_relu_kernel_compiles(fast_cupy, dtype, relu):
+    """A dropout's gradient with the gradient of the ReLU before it, in one launch."""
+    source = _elementwise_as_kernel(fast_cupy._MASK_MULTIPLY_RELU, {"T": dtype, "Y": relu},
+                                    arrays=("x", "m", "r", "y"))
+    code, log = _compile(source, "xpcnn_mask_multiply_relu", 90)
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("source, target", [("unsigned char", "float"), ("unsigned char", "__half"),
+                                            ("unsigned char", "double"), ("__half", "__half"),
+                                            ("float", "float")])
+def test_rescale_kernel_compiles(fast_cupy, source, target):
+    """A model's uint8 batch cast and scaled in one launch (a Rescaling first layer)."""
+    source_code = _elementwise_as_kernel(fast_cupy._RESCALE, {"S": source, "T": target},
+                                         arrays=("x", "y"))
+    code, log = _compile(source_code, "xpcnn_rescale", 90)
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("dtype", ["__half", "float", "double"])
+@pytest.mark.parametrize("name", ["_CENTRED_SQUARES", "_STANDARDIZE", "_FEATURE_NORM_BACKWARD"])
+def test_feature_norm_kernels_compile(fast_cupy, name, dtype):
+    """FeatureNorm's kernels: the statistics read per (image, channel), the square root in the
+    accumulator type, 1 / sqrt written by one thread per (image, channel)."""
+    kernel = getattr(fast_cupy, name)
+    arrays = tuple(n for raw, _, n in kernel.ins + kernel.outs if not raw and n in
+                   ("x", "sq", "xhat", "dy", "r", "dx"))
+    source = _elementwise_as_kernel(kernel, {"T": dtype, "R": dtype}, arrays=arrays)
+    code, log = _compile(source, kernel.name, 90)
     assert code == 0, log

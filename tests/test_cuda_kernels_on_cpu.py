@@ -130,6 +130,15 @@ def test_elementwise_kernels(fast, rng, dtype):
     np.testing.assert_array_equal(fast.mask_multiply(dy, mask), STD.mask_multiply(dy, mask))
     np.testing.assert_array_equal(fast.mask_multiply(dy, mask[:1]),
                                   STD.mask_multiply(dy, mask[:1]))
+    # a model's uint8 batch cast and scaled in one launch, and a batch already of the dtype
+    images = rng.integers(0, 256, x.shape).astype(np.uint8)
+    for source in (images, x):
+        np.testing.assert_array_equal(fast.rescale(source, 1 / 255, dtype),
+                                      STD.rescale(source, 1 / 255, dtype))
+        assert fast.rescale(source, 1 / 255, dtype).dtype == dtype
+    # with the gradient of a ReLU before (a dropout's, apply_input_relu_grad): NaN * 0 is NaN
+    np.testing.assert_array_equal(fast.mask_multiply(dy, mask, 1.5, x),
+                                  STD.mask_multiply(dy, mask, 1.5, x))
     a, b = rng.standard_normal((50, 7)).astype(dtype), rng.standard_normal((7, 6)).astype(dtype)
     for bias in (None, rng.standard_normal(6).astype(dtype)):
         for relu in (False, True):
@@ -158,7 +167,28 @@ def test_casting_many_arrays_in_one_launch(fast, rng):
                 assert (g.ctypes.data - got[0].ctypes.data) % 16 == 0
 
 
-@pytest.mark.parametrize("rows", [131072, 1000, 513, 100])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 2), (2, 7, 3, 9)])
+@pytest.mark.parametrize("dtype", WITH_HALF)
+def test_feature_norm_and_its_gradient(fast, rng, shape, dtype):
+    """After CuPy's own means, one launch each way (the ReLU gradient before it in the same
+    launch): the standard version's values exactly, each step stored in the dtype as the
+    standard version's separate operations store it."""
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    x[0, 0, 0, 0] = 0.0
+    got, want = fast.feature_norm(x, 1e-5), STD.feature_norm(x, 1e-5)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == dtype and g.shape == w.shape
+        np.testing.assert_array_equal(g, w)
+    xhat, inv_std = want
+    dy = rng.standard_normal(shape).astype(dtype)
+    relu_x = np.maximum(x, 0)  # (a ReLU's output: zeros where its gradient stops)
+    for r in (None, relu_x):
+        g = fast.feature_norm_backward(dy, xhat, inv_std, r)
+        assert g.dtype == dtype
+        np.testing.assert_array_equal(g, STD.feature_norm_backward(dy, xhat, inv_std, r))
+
+
+@pytest.mark.parametrize("rows", [131072, 1031, 1000, 513, 100])
 @pytest.mark.parametrize("dtype", WITH_HALF)
 def test_blocked_sums(fast, rng, rows, dtype):
     """Bias gradients (float32 sums of float16 rows) and long a^T @ b products, over blocks of
@@ -232,6 +262,26 @@ def test_softmax_cross_entropy(fast, rng, rows, classes, smoothing, levels, labe
     np.testing.assert_allclose(stats[0], want_stats[0], rtol=tol, atol=tol)
     assert stats[1] == want_stats[1]
     np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol / rows)
+    # the float16 loss scale (its float32 state on the device) applied to the gradient in the
+    # same launch, as the standard version applies it after (float16 logits, whose gradient
+    # it would widen to float32: the standard version)
+    scaling = np.array([2.0**15, 7.0], np.float32)
+    for kernels in (fast, STD):
+        scaled_stats, scaled = kernels.softmax_cross_entropy(z, labels, smoothing, scaling)
+        unscaled_stats, unscaled = (STD if dtype == np.float16 else kernels
+                                    ).softmax_cross_entropy(z, labels, smoothing)
+        np.testing.assert_array_equal(scaled_stats, unscaled_stats)
+        np.testing.assert_array_equal(scaled, unscaled * scaling[0])
+        assert scaled.dtype == (unscaled * scaling[0]).dtype
+    # logits of a narrower dtype (float16 under mixed precision) read as their cast gives them
+    for wide in (np.float32, np.float64):
+        if np.result_type(dtype, wide) == wide:
+            for kernels in (fast, STD):
+                got = kernels.softmax_cross_entropy(z, labels, smoothing, scaling, wide)
+                want = kernels.softmax_cross_entropy(z.astype(wide), labels, smoothing, scaling)
+                for g, w in zip(got, want, strict=True):
+                    assert g.dtype == w.dtype
+                    np.testing.assert_array_equal(g, w)
     # a label that is no class makes the loss NaN, in both versions (uint8: none below 0)
     for bad in (classes, -1 if np.issubdtype(labels_dtype, np.signedinteger) else 255):
         wrong = labels.copy()

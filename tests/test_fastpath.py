@@ -203,6 +203,11 @@ def test_relu_and_masks(rng, shape, dtype):
     dy = np.asarray(rng.standard_normal(shape), dtype=dtype)
     y = STD.relu(x, None)
     np.testing.assert_array_equal(FAST.relu_backward(dy, y), STD.relu_backward(dy, y))
+    # a dropout's gradient with the ReLU's before it (apply_input_relu_grad)
+    np.testing.assert_array_equal(FAST.mask_multiply(dy, mask, 1.5, y),
+                                  STD.mask_multiply(dy, mask, 1.5, y))
+    np.testing.assert_array_equal(STD.mask_multiply(dy, mask, 1.5, y),
+                                  STD.mask_multiply(dy, mask, 1.5) * (y > 0))
 
 
 @pytest.mark.parametrize("n, m", [(1, 1), (7, 2), (128, 3), (5, 10)])

@@ -226,7 +226,26 @@ def test_tensor_core_kernels_compile_here(kernels, dtype):
         conv.tf32 = False
 
 
-@pytest.mark.parametrize("rows", [131072, 1000, 513, 100])
+@pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
+def test_feature_norm_and_its_gradient(cp, kernels, rng, dtype):
+    """FeatureNorm's kernels against the standard version's CuPy calls (the same steps; the
+    GPU may fuse a product and a difference into one rounding, hence the tolerance)."""
+    fast, std = kernels
+    x = _random(cp, rng, (16, 9, 7, 24), dtype) * 3 + 1
+    got, want = fast.feature_norm(x, 1e-5), std.feature_norm(x, 1e-5)
+    tol = {"float16": 1e-3, "float32": 1e-6, "float64": 1e-13}[dtype]
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_allclose(g.get(), w.get(), rtol=tol, atol=tol)
+    xhat, inv_std = want
+    dy = _random(cp, rng, x.shape, dtype)
+    for r in (None, cp.maximum(x, 0)):
+        g, w = (k.feature_norm_backward(dy, xhat, inv_std, r) for k in (fast, std))
+        np.testing.assert_allclose(g.get(), w.get(), rtol=tol,
+                                   atol=tol * float(cp.abs(w).max()))
+
+
+@pytest.mark.parametrize("rows", [131072, 1031, 1000, 513, 100])
 @pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
 def test_sum_rows_in_blocks(cp, kernels, rng, rows, dtype):
     fast, std = kernels
@@ -273,6 +292,7 @@ def test_elementwise_kernels(cp, kernels, rng, dtype):
     mask = x > 0.5
     _equal(fast.mask_multiply(dy, mask), std.mask_multiply(dy, mask))
     _equal(fast.mask_multiply(dy, mask[:1]), std.mask_multiply(dy, mask[:1]))  # broadcast
+    _equal(fast.mask_multiply(dy, mask, 1.5, x), std.mask_multiply(dy, mask, 1.5, x))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -323,6 +343,9 @@ def test_softmax_cross_entropy(cp, kernels, rng, rows, classes, smoothing, level
     np.testing.assert_allclose(stats[0].get(), want_stats[0].get(), rtol=tol, atol=tol)
     assert float(stats[1]) == float(want_stats[1])
     np.testing.assert_allclose(grad.get(), want_grad.get(), rtol=tol, atol=tol / rows)
+    scaling = cp.asarray([2.0**15, 7.0], dtype=cp.float32)  # (the float16 loss scale's state)
+    _, scaled = fast.softmax_cross_entropy(z, labels, smoothing, scaling)
+    _equal(scaled, grad * scaling[0])
 
 
 @pytest.mark.parametrize("labels_dtype", ["uint8", "int32", "int64"])

@@ -11,10 +11,13 @@ from xpcnn.layers import (
     BatchNorm2D,
     Conv2D,
     Dense,
+    Dropout,
     FeatureNorm,
     Flatten,
     MaxPool2D,
+    RandomFlip,
     ReLU,
+    Rescaling,
     Softmax,
 )
 from xpcnn.models import build_layers
@@ -445,6 +448,67 @@ def test_a_relu_gradient_left_to_the_next_layer_changes_no_gradient(fast, rng):
         own = _gradients(model, x, y, planned=False)
     finally:
         set_fast_path(old)
+    for a, b in zip(handed_over, own, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
+def test_a_first_rescaling_casts_the_models_batch_itself(fast, rng):
+    """Where the layers reading the model's batch are Rescaling layers, the model hands them
+    the batch as given (uint8 images) and they cast it in their own pass (one launch on CuPy):
+    the same values, exactly, as the batch cast to the parameters' dtype first. Elsewhere the
+    model casts it."""
+    from xpcnn.backend import set_fast_path
+
+    def net(first):
+        return xpcnn.Sequential([*first, Conv2D(3, 3), Flatten(), Dense(2), Softmax()],
+                                input_shape=(6, 6, 3), seed=0)
+
+    model = net([Rescaling(1 / 255)])
+    plan, rescale = model._plan(), model.layers[0]
+    assert plan.cast_input and plan.options(rescale).cast_input
+    assert not plan.options(model.layers[1]).cast_input
+    assert not net([RandomFlip(), Rescaling(1 / 255)])._plan().cast_input
+    old = set_fast_path(fast)
+    try:
+        for x in (rng.integers(0, 256, (4, 6, 6, 3), dtype=np.uint8),
+                  rng.standard_normal((4, 6, 6, 3))):  # (float64 into a float32 model)
+            got = rescale.forward(x, options=plan.options(rescale))
+            want = rescale.forward(x.astype(np.float32))  # (as the model cast it before)
+            assert got.dtype == want.dtype == np.float32
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(model._logits(x, False),
+                                          model._logits(x.astype(np.float32), False))
+    finally:
+        set_fast_path(old)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
+def test_a_dropout_applies_the_gradient_of_the_relu_before_it(fast, rng):
+    """A Dropout reading a ReLU's output (a ReLU() layer, a Dense layer's or one fused into
+    it) applies that ReLU's gradient with its mask's (one launch on CuPy), also at rate 0:
+    the same gradients, exactly, as each layer applying its own, on the same draws."""
+    from xpcnn.backend import set_fast_path
+
+    layers = [Conv2D(3, 1), Flatten(), ReLU(), Dropout(0.3), Dense(8, activation="relu"),
+              Dropout(0.5), Dense(6), ReLU(), Dropout(0.0), Dense(3), Softmax()]
+    model = xpcnn.Sequential(layers, input_shape=(4, 3, 2), dtype="float64", seed=3)
+    model.compile(optimizer="sgd")
+    assert plan_of(model)[2] == [("relu", "dropout"), ("dense", "dropout_1"),
+                                 ("dense_1", "dropout_2")]
+    x = rng.integers(-3, 4, (10, 4, 3, 2)).astype(np.float64)  # ReLU zeros are common
+    y = rng.integers(0, 3, 10)
+    drops = [la for la in model.layers if isinstance(la, Dropout)]
+    start = [(d.seed, d.calls) for d in drops]
+    old = set_fast_path(fast)
+    try:
+        handed_over = _gradients(model, x, y)
+        for d, (seed, calls) in zip(drops, start, strict=True):
+            d.set_random_state(seed, calls)  # (the same draws again)
+        own = _gradients(model, x, y, planned=False)
+    finally:
+        set_fast_path(old)
+    assert all(np.any(g != 0) for g in own)
     for a, b in zip(handed_over, own, strict=True):
         np.testing.assert_array_equal(a, b)
 

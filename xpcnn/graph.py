@@ -260,6 +260,8 @@ class Plan:
     output: int
     slots: int
     needs_grad: frozenset[int]
+    #: the layers reading the model's batch cast it themselves (see Options.cast_input)
+    cast_input: bool = False
 
     def options(self, layer: Layer) -> Options:
         """The options the plan calls ``layer`` with (the defaults for one it skips)."""
@@ -310,15 +312,20 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool) -
                 and (kept[before][0].relu_output or before in fused)):
             skip.add(before)
             apply.add(j)
+    # The model's batch is cast by the layers reading it where every one can (Options.cast_input).
+    input_readers = [layer for layer, ins, _ in kept if 0 in ins]
+    cast_input = result != 0 and bool(input_readers) and all(la.casts_input
+                                                              for la in input_readers)
     last_read = {i: j for j, (_, ins, _) in enumerate(kept) for i in ins}
     steps = []
     for j, (layer, ins, out) in enumerate(kept):
         options = Options(fused_relu=j in fused, skip_relu_grad=j in skip,
-                          apply_input_relu_grad=j in apply, need_input_grad=need_dx[j])
+                          apply_input_relu_grad=j in apply, need_input_grad=need_dx[j],
+                          cast_input=cast_input and 0 in ins)
         release = tuple(sorted({i for i in ins if last_read[i] == j and i != result}))
         steps.append(Step(layer, ins, out, options,
                           need_dx[j] or bool(layer.trainable and layer.params), release))
-    return Plan(tuple(steps), result, len(layers) + 1, frozenset(needs))
+    return Plan(tuple(steps), result, len(layers) + 1, frozenset(needs), cast_input)
 
 
 def forward(plan: Plan, x: Any, training: bool) -> Any:

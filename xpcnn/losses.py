@@ -39,17 +39,20 @@ class SoftmaxCrossEntropy:
         return cross_entropy(xp, z, self.targets(xp, y, z.shape[1], z.dtype))
 
     def forward_with_accuracy(self, xp: Any, logits: Any, y: Any, dtype: Any,
-                              kernels: Any) -> tuple[Any, Any]:
+                              kernels: Any, scale: Any = None) -> tuple[Any, Any]:
         """:meth:`forward` with the count of rows predicted right (first maximum at the target's
         class): ([loss, count] as one (2,) float32 or float64 array, gradient). Integer labels
         go to ``kernels`` (on a GPU one launch instead of ~20). A target that names no class
         (a label out of range, a one-hot row that is no probabilities) makes the loss NaN, on
-        the device: the step is skipped as a non-finite one, never trained on a wrong loss."""
+        the device: the step is skipped as a non-finite one, never trained on a wrong loss.
+        With ``scale`` (the float16 loss-scaling state, on the device), the gradient is of the
+        loss times ``scale[0]`` (on a GPU in the same launch)."""
+        if y.ndim == 1:  # (the kernels cast the logits, on a GPU in the same launch)
+            return kernels.softmax_cross_entropy(logits, y, self.label_smoothing, scale, dtype)
         z = xp.astype(logits, dtype, copy=False)
-        if y.ndim == 1:
-            return kernels.softmax_cross_entropy(z, y, self.label_smoothing)
         loss, grad = self.forward(xp, z, y, dtype)
-        return nan_unless_classes(xp, loss_and_correct(xp, loss, z, y), y, z.shape[1]), grad
+        stats = nan_unless_classes(xp, loss_and_correct(xp, loss, z, y), y, z.shape[1])
+        return stats, grad if scale is None else grad * scale[0]
 
 
 LOSSES = {"cross_entropy": SoftmaxCrossEntropy,

@@ -265,10 +265,12 @@ class Model(Trainer):
 
     def _logits(self, x: Any, training: bool) -> Any:
         """Forward pass up to the logits, by the plan, of a device batch (cast to the
-        parameters' dtype first)."""
+        parameters' dtype first, by the model or by the layers reading it)."""
         with self.backend.compute_scope(), self._weights_cast():
-            x = self.backend.xp.astype(x, self._param_dtype, copy=False)
-            return graph.forward(self._plan(), x, training)
+            plan = self._plan()
+            if not plan.cast_input:
+                x = self.backend.xp.astype(x, self._param_dtype, copy=False)
+            return graph.forward(plan, x, training)
 
     @contextlib.contextmanager
     def _weights_cast(self) -> Iterator[None]:

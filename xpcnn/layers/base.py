@@ -53,6 +53,9 @@ class Options:
     #: False where nothing upstream needs a gradient: backward computes only the parameters'
     #: gradients and returns None.
     need_input_grad: bool = True
+    #: the input is the model's batch as given (e.g. uint8 images): forward casts it to the
+    #: layer's dtype in its own pass (``casts_input``) instead of the model casting it first.
+    cast_input: bool = False
 
 
 #: A layer called by itself: it does all its own work.
@@ -125,6 +128,9 @@ class Layer:
     #: True for a layer whose input is a list of batches (a merge layer): ``forward`` takes a
     #: list and ``backward`` returns one gradient per input, in the same order.
     multi_input: ClassVar[bool] = False
+    #: True where forward can take the model's batch as given and cast it itself (see
+    #: :attr:`Options.cast_input`).
+    casts_input: ClassVar[bool] = False
     #: True for a layer whose forward pass reads its parameters in ``compute_dtype`` through
     #: :meth:`compute_weight` (under mixed precision the model casts all of them in one call).
     casts_weights: ClassVar[bool] = False

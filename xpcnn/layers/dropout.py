@@ -72,6 +72,9 @@ class RandomLayer(Layer):
 
 
 class Dropout(RandomLayer):
+    # The gradient of a ReLU before it, in the same pass as the mask's (one launch on CuPy).
+    can_apply_input_relu_grad = True
+
     def __init__(self, rate: float, name: str | None = None) -> None:
         super().__init__(name)
         self.rate = number(rate, "Dropout rate", 0.0, 1.0, high_open=True)
@@ -80,6 +83,8 @@ class Dropout(RandomLayer):
         return {"name": self.name, "rate": self.rate}
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
+        # (the output of that ReLU, where this layer applies its gradient)
+        self._cache_relu_y = x if training and options.apply_input_relu_grad else None
         if not training or self.rate == 0.0:
             return x
         # (the mask kept as booleans: a quarter of a float mask's memory)
@@ -89,7 +94,9 @@ class Dropout(RandomLayer):
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
+        relu_y, self._cache_relu_y = self._cache_relu_y, None
+        kernels = kernels_for(self.backend)
         if self.rate == 0.0:
-            return dy
+            return dy if relu_y is None else kernels.relu_backward(dy, relu_y)
         keep, self._cache_keep = self._cache_keep, None
-        return kernels_for(self.backend).mask_multiply(dy, keep, 1.0 / (1.0 - self.rate))
+        return kernels.mask_multiply(dy, keep, 1.0 / (1.0 - self.rate), relu_y)

@@ -20,6 +20,9 @@ from .dropout import RandomLayer
 class Rescaling(Layer):
     """y = x * scale + offset, e.g. ``Rescaling(1 / 255)`` for uint8 images."""
 
+    # The model's uint8 batch cast and scaled in one pass (one launch on CuPy).
+    casts_input = True
+
     def __init__(self, scale: float, offset: float = 0.0, name: str | None = None) -> None:
         super().__init__(name)
         self.scale = number(scale, "Rescaling scale")
@@ -29,7 +32,8 @@ class Rescaling(Layer):
         return {"name": self.name, "scale": self.scale, "offset": self.offset}
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        y = x * self.scale
+        dtype = self.dtype if options.cast_input else x.dtype
+        y = kernels_for(self.backend).rescale(x, self.scale, dtype)
         return y + self.offset if self.offset else y  # (no pass adding 0)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:

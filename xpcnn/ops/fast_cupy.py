@@ -98,19 +98,21 @@ _MAX_POOL = cupy.ElementwiseKernel(
 
 # Non-overlapping windows only (strides >= kernel): each output element owns its window, so
 # one thread writes every input position of it: the gradient at the first x == y in row-major
-# order, 0 at the others.
+# order, 0 at the others. With ``relu``, the gradient is first multiplied by (y > 0), as
+# _RELU_BACKWARD does it (the gradient of a ReLU before the pool, in the same launch).
 _MAX_POOL_BACKWARD = cupy.ElementwiseKernel(
     "T yv, G g, raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw,"
-    " int32 sh, int32 sw",
+    " int32 sh, int32 sw, bool relu",
     "raw G dx",
     """
     const long long base = xpcnn_window(i, H, W, C, Ho, Wo, sh, sw);
+    const G gv = relu ? (G)(g * (G)(yv > (T)0.0f ? 1.0f : 0.0f)) : g;
     bool found = false;
     for (int a = 0; a < kh; ++a) {
         for (int b = 0; b < kw; ++b) {
             const long long k = base + ((long long)a * W + b) * C;
             const bool take = !found && x[k] == yv;
-            dx[k] = take ? g : (G)0.0f;
+            dx[k] = take ? gv : (G)0.0f;
             found = found || take;
         }
     }
@@ -162,6 +164,49 @@ _MASK_MULTIPLY = cupy.ElementwiseKernel(
     "T x, bool m, T scale", "T y", "y = x * (T)(m ? 1.0f : 0.0f) * scale;",
     "xpcnn_mask_multiply"
 )
+# The same, then the gradient of a ReLU whose output was r (a dropout after a ReLU, backward).
+_MASK_MULTIPLY_RELU = cupy.ElementwiseKernel(
+    "T x, bool m, T scale, Y r", "T y",
+    "y = x * (T)(m ? 1.0f : 0.0f) * scale * (T)(r > (Y)0.0f ? 1.0f : 0.0f);",
+    "xpcnn_mask_multiply_relu"
+)
+
+# FeatureNorm per image and channel over H x W (the standard version's steps, each stored in T
+# as its separate operations store them: the same values): after CuPy's own mean, the squares
+# of the centred input; after their mean, the normalised output, and 1 / sqrt(var + eps) from
+# the threads at (h, w) = (0, 0). ``nc`` is an element's (image, channel) in the (N, 1, 1, C)
+# statistics; HWC = H * W * C.
+_NC = "const long long nc = (i / HWC) * C + i % C;"
+_CENTRED_SQUARES = cupy.ElementwiseKernel(
+    "T x, raw T mean, int32 HWC, int32 C", "T sq",
+    _NC + "const T c = x - mean[nc]; sq = c * c;", "xpcnn_centred_squares")
+_STANDARDIZE = cupy.ElementwiseKernel(
+    "T x, raw T mean, raw T var, T eps, int32 HWC, int32 C", "T xhat, raw T inv_std",
+    _NC + """
+    typedef XpcnnAcc<T>::type A;
+    const T c = x - mean[nc];
+    const T v = var[nc] + eps;
+    const T s = (T)sqrt((A)v);
+    const T inv = (T)1.0f / s;
+    xhat = c * inv;
+    if (i % HWC < C) inv_std[nc] = inv;
+    """, "xpcnn_standardize", preamble=_ACC)
+# Its gradient after CuPy's means of dy and dy * xhat: inv_std * ((dy - m1) - xhat * m2), then
+# with ``relu`` times (r > 0), the gradient of a ReLU before it (``r`` not read without).
+_FEATURE_NORM_BACKWARD = cupy.ElementwiseKernel(
+    "T dy, T xhat, raw T inv_std, raw T m1, raw T m2, R r, bool relu, int32 HWC, int32 C",
+    "T dx",
+    _NC + """
+    const T a = dy - m1[nc];
+    const T b = xhat * m2[nc];
+    const T d = a - b;
+    const T g = inv_std[nc] * d;
+    dx = relu ? (T)(g * (T)(r > (R)0.0f ? 1.0f : 0.0f)) : g;
+    """, "xpcnn_feature_norm_backward")
+
+# StandardKernels.rescale in one launch: the cast (exact for uint8 images), then the product
+# rounded once to T, as the standard version's multiplication by a Python number rounds it.
+_RESCALE = cupy.ElementwiseKernel("S x, T scale", "T y", "y = (T)x * scale;", "xpcnn_rescale")
 
 # StandardKernels.random_crop in one launch: out[n, i, j, c] = x[n, i + dy - p, j + dx - p, c]
 # (0 outside the image), the offsets floor(u * (2p + 1)) per image from the (N, 2) numbers u.
@@ -224,9 +269,13 @@ _DROPOUT = cupy.ElementwiseKernel(
 # divided by N, whether its first maximum is at the label, and its gradient row, (softmax -
 # target) / N, with the target mixed with the uniform distribution by ``spread`` = smoothing /
 # classes (``keep`` = 1 - smoothing). The same steps as xpcnn.ops.softmax, in the accumulator
-# type.
+# type. Where ``scaled``, the gradient (rounded to T) is then multiplied by the float16 loss
+# scale ``scale[0]``, read from the device, as the standard version does it after. Logits of a
+# narrower type Z (float16 under mixed precision) are read as the standard version's cast to T
+# would give them (exactly).
 _SOFTMAX_CROSS_ENTROPY = cupy.ElementwiseKernel(
-    "raw T z, raw L labels, int32 classes, float64 keep, float64 spread, float64 inv_n",
+    "raw Z z, raw L labels, int32 classes, float64 keep, float64 spread, float64 inv_n,"
+    " raw U scale, bool scaled",
     "raw T grad, raw S stats",
     """
     typedef XpcnnAcc<T>::type A;
@@ -246,7 +295,8 @@ _SOFTMAX_CROSS_ENTROPY = cupy.ElementwiseKernel(
         const A logp = ((A)z[base + c] - top) - log_total;
         const A t = (c == label ? (A)keep : (A)0) + (A)spread;
         loss -= t * logp;
-        grad[base + c] = (T)((exp(logp) - t) * (A)inv_n);
+        const T g = (T)((exp(logp) - t) * (A)inv_n);
+        grad[base + c] = scaled ? (T)((A)g * (A)scale[0]) : g;
     }
     if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
     stats[2 * i] = (S)(loss * (A)inv_n);
@@ -486,6 +536,8 @@ class _DeferredTables:
 # was not measured apart from the bias-gradient change that came with it.)
 _SPLIT_K_ROWS = 2048
 _SPLIT_K_MAX = 128
+# The fewest rows CupyKernels.sum_rows sums over blocks of rows (in two launches).
+_BLOCKED_SUM_ROWS = 1024
 
 
 def _contiguous(*arrays: Any) -> bool:
@@ -608,10 +660,12 @@ class CupyKernels(StandardKernels):
 
     def sum_rows(self, a: Any) -> Any:
         # Over blocks of rows first: a reduction over the leading axis runs one thread block
-        # per column, only 32-64 of them for a bias gradient (measured: 12 ms at batch 512).
+        # per column, only 32-64 of them for a convolution's bias gradient (measured: 12 ms at
+        # batch 512). A few hundred rows (a Dense layer's, one a sample) take one pass: one
+        # launch, not two (not timed on a GPU).
         rows = a.shape[0]
         splits = min(rows // 256, 256)
-        if a.ndim != 2 or splits < 2 or not a.flags.c_contiguous:
+        if a.ndim != 2 or rows < _BLOCKED_SUM_ROWS or not a.flags.c_contiguous:
             return super().sum_rows(a)
         acc = cupy.float64 if a.dtype == cupy.float64 else cupy.float32
         blocks, rest = _in_row_blocks(a, splits)
@@ -636,13 +690,12 @@ class CupyKernels(StandardKernels):
         (kh, kw), (sh, sw) = kernel, strides
         if sh < kh or sw < kw or not _contiguous(x, y, dy):
             return super().max_pool_backward(x, y, dy, kernel, strides, out_hw, relu_grad)
-        if relu_grad:
-            dy = self.relu_backward(dy, y)
         n, h, w, c = x.shape
         covered = sh == kh and sw == kw and h == out_hw[0] * sh and w == out_hw[1] * sw
         # positions outside every window keep a zero gradient
         dx = cupy.empty(x.shape, dy.dtype) if covered else cupy.zeros(x.shape, dy.dtype)
-        _MAX_POOL_BACKWARD(y, dy, x, h, w, c, out_hw[0], out_hw[1], kh, kw, sh, sw, dx)
+        _MAX_POOL_BACKWARD(y, dy, x, h, w, c, out_hw[0], out_hw[1], kh, kw, sh, sw, relu_grad,
+                           dx)
         return dx
 
     def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
@@ -654,8 +707,40 @@ class CupyKernels(StandardKernels):
         return _RANDOM_CROP(cupy.ascontiguousarray(x), cupy.ascontiguousarray(u), h, w, c,
                             padding, cupy.empty(x.shape, x.dtype))
 
-    def mask_multiply(self, x: Any, mask: Any, scale: float | None = None) -> Any:
-        return _MASK_MULTIPLY(x, mask, x.dtype.type(1.0 if scale is None else scale))
+    def feature_norm(self, x: Any, eps: float) -> tuple[Any, Any]:
+        if not x.flags.c_contiguous:
+            return super().feature_norm(x, eps)
+        n, h, w, c = x.shape
+        mean = x.mean(axis=(1, 2), keepdims=True)
+        var = _CENTRED_SQUARES(x, mean, h * w * c, c).mean(axis=(1, 2), keepdims=True)
+        inv_std = cupy.empty((n, 1, 1, c), x.dtype)
+        xhat = _STANDARDIZE(x, mean, var, x.dtype.type(eps), h * w * c, c,
+                            cupy.empty(x.shape, x.dtype), inv_std)[0]
+        return xhat, inv_std
+
+    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any,
+                              relu_x: Any = None) -> Any:
+        if not _contiguous(dy, xhat, inv_std):
+            return super().feature_norm_backward(dy, xhat, inv_std, relu_x)
+        n, h, w, c = dy.shape
+        m1 = dy.mean(axis=(1, 2), keepdims=True)
+        m2 = (dy * xhat).mean(axis=(1, 2), keepdims=True)
+        return _FEATURE_NORM_BACKWARD(dy, xhat, inv_std, m1, m2,
+                                      dy if relu_x is None else relu_x,  # (dy: not read)
+                                      relu_x is not None, h * w * c, c)
+
+    def rescale(self, x: Any, scale: float, dtype: Any) -> Any:
+        t = np.dtype(dtype)
+        if t.kind != "f":  # (the standard version's dtypes: an integer times a float)
+            return super().rescale(x, scale, dtype)
+        return _RESCALE(x, t.type(scale), cupy.empty(x.shape, t))
+
+    def mask_multiply(self, x: Any, mask: Any, scale: float | None = None,
+                      relu_y: Any = None) -> Any:
+        factor = x.dtype.type(1.0 if scale is None else scale)
+        if relu_y is None:
+            return _MASK_MULTIPLY(x, mask, factor)
+        return _MASK_MULTIPLY_RELU(x, mask, factor, relu_y)
 
     def dropout(self, state: Any, x: Any, rate: float, first: int = 0) -> tuple[Any, Any]:
         bits = random.significant_bits(cupy, x.dtype)
@@ -671,15 +756,22 @@ class CupyKernels(StandardKernels):
     def relu_backward(self, dy: Any, y: Any) -> Any:
         return _RELU_BACKWARD(dy, y)
 
-    def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float) -> tuple[Any, Any]:
+    def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None,
+                              dtype: Any = None) -> tuple[Any, Any]:
         n, classes = z.shape
-        if not _contiguous(z, labels) or n == 0:
-            return super().softmax_cross_entropy(z, labels, smoothing)
-        acc = cupy.float64 if z.dtype == cupy.float64 else cupy.float32
-        grad = cupy.empty(z.shape, z.dtype)
+        t = z.dtype if dtype is None else np.dtype(dtype)
+        # (logits wider than ``dtype``, or a scale that would widen the gradient's dtype, as
+        # for float16 logits: the standard version)
+        if not _contiguous(z, labels) or n == 0 or np.result_type(z.dtype, t) != t or not (
+                scale is None or (scale.flags.c_contiguous
+                                  and np.result_type(t, scale.dtype) == t)):
+            return super().softmax_cross_entropy(z, labels, smoothing, scale, dtype)
+        acc = cupy.float64 if t == cupy.float64 else cupy.float32
+        grad = cupy.empty(z.shape, t)
         rows = cupy.empty((n, 2), acc)  # per row: loss / N, 1 if predicted right
         _SOFTMAX_CROSS_ENTROPY(z, labels, classes, 1.0 - smoothing, smoothing / classes,
-                               1.0 / n, grad, rows, size=n)
+                               1.0 / n, z if scale is None else scale,  # (z: not read)
+                               scale is not None, grad, rows, size=n)
         return rows.sum(axis=0), grad
 
     def cast_all(self, arrays: list[Any], dtype: Any) -> list[Any]:

@@ -595,15 +595,21 @@ class NumpyKernels(StandardKernels):
             out[i] = xpad[i, dy:dy + h, dx:dx + w]
         return out
 
-    def mask_multiply(self, x: Any, mask: Any, scale: float | None = None) -> Any:
+    def mask_multiply(self, x: Any, mask: Any, scale: float | None = None,
+                      relu_y: Any = None) -> Any:
         factor = None if scale is None else x.dtype.type(scale)  # (as x *= scale rounds it)
+        zero = None if relu_y is None else relu_y.dtype.type(0)
 
-        def fn(a: Any, m: Any, o: Any) -> None:
+        def fn(a: Any, m: Any, *rest: Any) -> None:
+            *r, o = rest
             np.multiply(a, m, out=o)
             if factor is not None:  # (on the block while it is in cache)
                 o *= factor
+            if r:
+                np.multiply(o, r[0] > zero, out=o)
 
-        return self._elementwise(fn, x.dtype, x, mask)  # (a mask that broadcasts: at once)
+        # (a mask that broadcasts: at once)
+        return self._elementwise(fn, x.dtype, x, mask, *(() if relu_y is None else (relu_y,)))
 
     def relu_backward(self, dy: Any, y: Any) -> Any:
         if y.shape != dy.shape:

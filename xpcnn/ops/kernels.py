@@ -161,13 +161,21 @@ class StandardKernels:
             out = xp.where(dx == k, rows[:, :, k:k + w, :], out)
         return out
 
-    def mask_multiply(self, x: Any, mask: Any, scale: float | None = None) -> Any:
+    def rescale(self, x: Any, scale: float, dtype: Any) -> Any:
+        """``x`` (of any real dtype: a model's uint8 batch) cast to ``dtype``, times ``scale``
+        (a Python number)."""
+        return self.xp.astype(x, dtype, copy=False) * scale
+
+    def mask_multiply(self, x: Any, mask: Any, scale: float | None = None,
+                      relu_y: Any = None) -> Any:
         """``x`` where the boolean ``mask`` holds, 0 elsewhere (as a product, not ``where``:
-        several times faster), then times ``scale`` where one is given."""
+        several times faster), then times ``scale`` where one is given; then, with ``relu_y``
+        (of ``x``'s shape), only where ``relu_y > 0``: the gradient of a ReLU whose output was
+        ``relu_y`` (see ``Options.apply_input_relu_grad`` in :mod:`xpcnn.layers.base`)."""
         y = x * self.xp.astype(mask, x.dtype)
         if scale is not None:
             y *= scale
-        return y
+        return y if relu_y is None else self.relu_backward(y, relu_y)
 
     def dropout(self, state: Any, x: Any, rate: float, first: int = 0) -> tuple[Any, Any]:
         """Inverted dropout of ``x``: an element is kept where its number of the draw that
@@ -201,16 +209,22 @@ class StandardKernels:
         dx = standardize_backward(self.xp, dy, xhat, inv_std, (1, 2))
         return dx if relu_x is None else self.relu_backward(dx, relu_x)
 
-    def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float) -> tuple[Any, Any]:
+    def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None,
+                              dtype: Any = None) -> tuple[Any, Any]:
         """Mean cross-entropy of softmax(z) against integer ``labels`` (targets mixed with the
         uniform distribution by ``smoothing``) and the count of rows whose first maximum is at
         the label, as one (2,) float32 (float64 for float64 ``z``) array, the loss NaN where a
-        label is no class; and the gradient with respect to ``z``."""
+        label is no class; and the gradient with respect to ``z``, times ``scale[0]`` where
+        ``scale`` (the float16 loss-scaling state, on the device) is given. With ``dtype``, all
+        of it computed from ``z`` cast to ``dtype`` (float32 under mixed precision)."""
         xp = self.xp
+        if dtype is not None:
+            z = xp.astype(z, dtype, copy=False)
         loss, grad = cross_entropy(xp, z, target_rows(xp, labels, z.shape[1], z.dtype,
                                                       smoothing))
         stats = loss_and_correct(xp, loss, z, labels)
-        return nan_unless_classes(xp, stats, labels, z.shape[1]), grad
+        return (nan_unless_classes(xp, stats, labels, z.shape[1]),
+                grad if scale is None else grad * scale[0])
 
     def cast_all(self, arrays: list[Any], dtype: Any) -> list[Any]:
         """Each array in ``dtype`` (itself where it is of that dtype already)."""
