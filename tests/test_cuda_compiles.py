@@ -123,13 +123,15 @@ public:
 def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...] = ()) -> str:
     """An emulated ``cupy.ElementwiseKernel`` as the CUDA kernel CuPy would build: its body in
     a grid-stride loop over ``i``; raw arguments are pointers, the non-raw ones named in
-    ``arrays`` each thread's element of one (the others scalars)."""
-    def c_type(ty):
-        return types.get(ty, SCALAR_TYPES.get(ty))
+    ``arrays`` each thread's element of one (the others scalars); the inputs const, as CuPy
+    declares them (a const CArray, a const reference, a const scalar)."""
+    def c_type(ty, name):
+        const = "const " if name in [n for _, _, n in kernel.ins] else ""
+        return const + types.get(ty, SCALAR_TYPES.get(ty))
 
-    params = [f"{c_type(ty)}{'*' if raw or name in arrays else ''} {name}"
+    params = [f"{c_type(ty, name)}{'*' if raw or name in arrays else ''} {name}"
               f"{'_p' if name in arrays else ''}" for raw, ty, name in kernel.ins + kernel.outs]
-    elements = "".join(f"{c_type(ty)}& {name} = {name}_p[i];\n"
+    elements = "".join(f"{c_type(ty, name)}& {name} = {name}_p[i];\n"
                        for raw, ty, name in kernel.ins + kernel.outs if name in arrays)
     typedefs = "".join(f"typedef {c} {k};\n" for k, c in types.items())
     return ("#include <cuda_fp16.h>\n" + CUPY_FLOAT16 + typedefs + kernel.preamble +
@@ -245,6 +247,8 @@ CUPY_FLOAT16_CASES = [
                                 "U": "float"}, ()),
     ("_SOFTMAX_CROSS_ENTROPY", {"Z": "float16", "T": "float16", "L": "int", "S": "float",
                                 "U": "float16"}, ()),
+    ("_SOFTMAX_CROSS_ENTROPY", {"Z": "float16", "T": "double", "L": "unsigned char",
+                                "S": "double", "U": "float"}, ()),
     ("_MAX_POOL_BACKWARD", {"T": "float16", "G": "float16"}, ("yv", "g")),
     ("_MAX_POOL_BACKWARD", {"T": "float16", "G": "float"}, ("yv", "g")),
     ("_MASK_MULTIPLY_RELU", {"T": "float16", "Y": "float16"}, ("x", "m", "r", "y")),
