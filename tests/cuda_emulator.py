@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -38,6 +39,19 @@ def compiler() -> str | None:
     """The host C++ compiler, or None."""
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
+
+def _host_fma() -> bool:
+    """Whether the host runs fused multiply-adds: AArch64 always, x86-64 with FMA."""
+    if platform.machine() in ("aarch64", "arm64"):
+        return True
+    with contextlib.suppress(OSError):
+        return " fma " in Path("/proc/cpuinfo").read_text() and platform.machine() == "x86_64"
+    return False
+
+
+_X86_64 = platform.machine() == "x86_64"
+#: Tests that build the emulator with fused multiply-adds (ElementwiseKernel.fused_multiply_add).
+needs_host_fma = pytest.mark.skipif(not _host_fma(), reason="the host has no fused multiply-add")
 
 #: Tests that build the emulator (CUDA kernels compiled as C++ for the host).
 needs_compiler = pytest.mark.skipif(compiler() is None, reason="needs a C++ compiler (CXX or c++)")
@@ -73,6 +87,12 @@ inline int isfinite(float16 x) { return std::isfinite((float)x); }
 inline int isnan(float16 x) { return std::isnan((float)x); }
 """
 
+# CUDA's products rounded on their own, never fused into a multiply-add (the volatile store
+# rounds it where the host compiler fuses, see ElementwiseKernel.fused_multiply_add).
+_ROUNDED_PRODUCTS = "".join(
+    f"inline {t} {name}({t} a, {t} b) {{ volatile {t} p = a * b; return p; }}\n"
+    for name, t in (("__fmul_rn", "float"), ("__dmul_rn", "double")))
+
 # CUDA's atomics, for a loop that is one thread (no other writer between the read and the write).
 _ONE_THREAD_ATOMICS = ("template <typename X> X atomicOr(X* a, X v) "
                        "{ X old = *a; *a = old | v; return old; }\n")
@@ -82,6 +102,10 @@ class ElementwiseKernel:
     """The subset of ``cupy.ElementwiseKernel`` that xpcnn uses, compiled for the CPU."""
 
     build_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "xpcnn-cuda-emulator"
+    #: True to fuse products and sums into multiply-adds as a GPU does (NVRTC's default
+    #: ``--fmad=true``, across statements), where the host has them (x86-64 with FMA, AArch64):
+    #: a kernel that must round a product on its own says so (``__fmul_rn``, ``__dmul_rn``).
+    fused_multiply_add = False
 
     def __init__(self, in_params: str, out_params: str, operation: str, name: str = "kernel",
                  preamble: str = "") -> None:
@@ -91,17 +115,14 @@ class ElementwiseKernel:
     def __call__(self, *args: Any, size: int | None = None) -> Any:
         params = self.ins + self.outs
         args = list(args)
-        # type placeholders (one-letter names) from the arrays first, then from scalars
-        types_: dict[str, np.dtype] = {}
-        for (_, ty, _), a in zip(params, args, strict=False):
-            if len(ty) == 1 and isinstance(a, np.ndarray):
-                types_.setdefault(ty, a.dtype)
-        for (_, ty, _), a in zip(params, args, strict=False):
-            if len(ty) == 1:
-                types_.setdefault(ty, np.asarray(a).dtype)
-        shape = (size,) if size is not None else np.broadcast_shapes(
-            *(a.shape for (raw, _, _), a in zip(params, args, strict=False)
-              if not raw and isinstance(a, np.ndarray)))
+        types_ = self._types(args)
+        nonraw = [a.shape for (raw, _, _), a in zip(params, args, strict=False)
+                  if not raw and isinstance(a, np.ndarray)]
+        # (CuPy's _broadcast: ``size`` if and only if every array is raw)
+        if (size is None) == (not nonraw):
+            raise ValueError(f"{self.name}: 'size' is given with a non-raw array, or no "
+                             "array decides the loop size")
+        shape = (size,) if size is not None else np.broadcast_shapes(*nonraw)
         for _raw, ty, _ in params[len(args):]:  # outputs not given
             args.append(np.empty(shape, types_[ty] if len(ty) == 1 else np.dtype(ty)))
         buffers, decls, per_element, scalars, copy_back = [], [], [], [], []
@@ -130,6 +151,7 @@ class ElementwiseKernel:
                 per_element.append(f"{c}& {name} = {name}_p[i];")
         typedefs = "".join(f"typedef {C_TYPES[v]} {k};\n" for k, v in types_.items())
         source = ("#include <cmath>\n#define __device__\nusing namespace std;\n" + _FLOAT16 +
+                  _ROUNDED_PRODUCTS +
                   typedefs + self.preamble + _ONE_THREAD_ATOMICS +
                   "template <typename X> struct Raw { X* d; "
                   "X& operator[](long long k) const { return d[k]; } };\n"
@@ -145,16 +167,42 @@ class ElementwiseKernel:
         outs = args[len(self.ins):]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    def _types(self, args: list[Any]) -> dict[str, np.dtype]:
+        """The placeholders' dtypes, as CuPy 14's ``_decide_params_type_core``
+        (cupy/_core/_kernel.pyx) decides them: only arrays bind them, the outputs first (all of
+        them given or none); an array of another dtype than its declared type or than its
+        placeholder's first array raises TypeError; a placeholder that no array binds (only
+        scalars) raises KeyError, as CuPy's lookup of it does."""
+        if len(args) not in (len(self.ins), len(self.ins) + len(self.outs)):
+            raise TypeError(f"{self.name}: {len(args)} arguments, not {len(self.ins)} or "
+                            f"{len(self.ins) + len(self.outs)} (with the outputs)")
+        outs = list(zip(self.outs, args[len(self.ins):], strict=False))
+        if not all(isinstance(a, np.ndarray) for _, a in outs):
+            raise TypeError("Output arguments must be cupy.ndarray")
+        types_: dict[str, np.dtype] = {}
+        for (_, ty, name), a in outs + list(zip(self.ins, args, strict=False)):
+            if not isinstance(a, np.ndarray):
+                continue
+            want = types_.setdefault(ty, a.dtype) if len(ty) == 1 else np.dtype(ty)
+            if a.dtype != want:
+                raise TypeError(f"Type is mismatched. {name} {a.dtype} {want} {ty}")
+        for _, ty, _ in self.ins + self.outs:
+            if len(ty) == 1 and ty not in types_:
+                raise KeyError(ty)
+        return types_
+
     def _build(self, source: str) -> Any:
-        digest = hashlib.sha1(source.encode()).hexdigest()[:16]
+        # (no fused multiply-adds unless asked for: the formulas are checked as written)
+        fp = (["-O2", "-ffp-contract=fast"] + (["-mfma"] if _X86_64 else [])
+              if getattr(self, "fused_multiply_add", False) else ["-O1", "-ffp-contract=off"])
+        digest = hashlib.sha1((source + " ".join(fp)).encode()).hexdigest()[:16]
         self.build_dir.mkdir(parents=True, exist_ok=True)
         lib = self.build_dir / f"{self.name}_{digest}.so"
         if not lib.exists():
             src = lib.with_suffix(".cpp")
             src.write_text(source)
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            # (no fused multiply-adds: the formulas are checked as written, bit for bit)
-            subprocess.run([compiler(), "-O1", "-ffp-contract=off", "-shared", "-fPIC",
+            subprocess.run([compiler(), *fp, "-shared", "-fPIC",
                             "-pthread", "-o", str(tmp), str(src)], check=True,
                            capture_output=True)
             tmp.replace(lib)

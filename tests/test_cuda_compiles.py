@@ -94,19 +94,47 @@ SCALAR_TYPES = {"int32": "int", "int64": "long long", "float32": "float", "float
                 "bool": "bool"}
 
 
+# A stand-in for CuPy's own float16 (cupy/_core/include/cupy/float16.cuh), where the kernels
+# name ``float16``: a half converted implicitly to and from float, explicitly from the other
+# numbers, with no arithmetic or comparison of its own (cuda_fp16.h's __half has both), so that
+# an expression of float16 values is computed in float as on the GPU.
+CUPY_FLOAT16 = """
+class float16 {
+    __half h_;
+public:
+    __device__ float16() {}
+    __device__ float16(float v) : h_(v) {}
+    explicit __device__ float16(bool v) : h_(float(v)) {}
+    explicit __device__ float16(double v) : h_(float(v)) {}
+    explicit __device__ float16(int v) : h_(float(v)) {}
+    explicit __device__ float16(unsigned int v) : h_(float(v)) {}
+    explicit __device__ float16(long long v) : h_(float(v)) {}
+    explicit __device__ float16(unsigned long long v) : h_(float(v)) {}
+    __device__ operator float() const { return __half2float(h_); }
+    float16& operator=(const float16&) = default;
+    template <typename X> __device__ float16& operator=(const X& x) {
+        *this = static_cast<float16>(x);
+        return *this;
+    }
+};
+"""
+
+
 def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...] = ()) -> str:
     """An emulated ``cupy.ElementwiseKernel`` as the CUDA kernel CuPy would build: its body in
     a grid-stride loop over ``i``; raw arguments are pointers, the non-raw ones named in
-    ``arrays`` each thread's element of one (the others scalars)."""
-    def c_type(ty):
-        return types.get(ty, SCALAR_TYPES.get(ty))
+    ``arrays`` each thread's element of one (the others scalars); the inputs const, as CuPy
+    declares them (a const CArray, a const reference, a const scalar)."""
+    def c_type(ty, name):
+        const = "const " if name in [n for _, _, n in kernel.ins] else ""
+        return const + types.get(ty, SCALAR_TYPES.get(ty))
 
-    params = [f"{c_type(ty)}{'*' if raw or name in arrays else ''} {name}"
+    params = [f"{c_type(ty, name)}{'*' if raw or name in arrays else ''} {name}"
               f"{'_p' if name in arrays else ''}" for raw, ty, name in kernel.ins + kernel.outs]
-    elements = "".join(f"{c_type(ty)}& {name} = {name}_p[i];\n"
+    elements = "".join(f"{c_type(ty, name)}& {name} = {name}_p[i];\n"
                        for raw, ty, name in kernel.ins + kernel.outs if name in arrays)
     typedefs = "".join(f"typedef {c} {k};\n" for k, c in types.items())
-    return ("#include <cuda_fp16.h>\n" + typedefs + kernel.preamble +
+    return ("#include <cuda_fp16.h>\n" + CUPY_FLOAT16 + typedefs + kernel.preamble +
             f'\nextern "C" __global__ void {kernel.name}({", ".join(params)}, long long n) {{\n'
             "for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;"
             " i += (long long)blockDim.x * gridDim.x) {\n" + elements + kernel.body + "\n}\n}\n")
@@ -208,5 +236,37 @@ def test_feature_norm_kernels_compile(fast_cupy, name, dtype):
     arrays = tuple(n for raw, _, n in kernel.ins + kernel.outs if not raw and n in
                    ("x", "sq", "xhat", "dy", "r", "dx"))
     source = _elementwise_as_kernel(kernel, {"T": dtype, "R": dtype}, arrays=arrays)
+    code, log = _compile(source, kernel.name, 90)
+    assert code == 0, log
+
+
+# Today's kernels with CuPy's float16 class where a placeholder is float16 at run time (mixed
+# precision: float16 logits for a float32 loss, float16 activations and gradients).
+CUPY_FLOAT16_CASES = [
+    ("_SOFTMAX_CROSS_ENTROPY", {"Z": "float16", "T": "float", "L": "long long", "S": "float",
+                                "U": "float"}, ()),
+    ("_SOFTMAX_CROSS_ENTROPY", {"Z": "float16", "T": "float16", "L": "int", "S": "float",
+                                "U": "float16"}, ()),
+    ("_SOFTMAX_CROSS_ENTROPY", {"Z": "float16", "T": "double", "L": "unsigned char",
+                                "S": "double", "U": "float"}, ()),
+    ("_MAX_POOL_BACKWARD", {"T": "float16", "G": "float16"}, ("yv", "g")),
+    ("_MAX_POOL_BACKWARD", {"T": "float16", "G": "float"}, ("yv", "g")),
+    ("_MASK_MULTIPLY_RELU", {"T": "float16", "Y": "float16"}, ("x", "m", "r", "y")),
+    ("_MASK_MULTIPLY_RELU", {"T": "float", "Y": "float16"}, ("x", "m", "r", "y")),
+    ("_RESCALE", {"S": "unsigned char", "T": "float16"}, ("x", "y")),
+    ("_RESCALE", {"S": "float16", "T": "float16"}, ("x", "y")),
+    ("_CENTRED_SQUARES", {"T": "float16"}, ("x", "sq")),
+    ("_STANDARDIZE", {"T": "float16"}, ("x", "xhat")),
+    ("_FEATURE_NORM_BACKWARD", {"T": "float16", "R": "float16"}, ("dy", "xhat", "r", "dx")),
+]
+
+
+@pytest.mark.parametrize("name, types, arrays", CUPY_FLOAT16_CASES)
+def test_kernels_compile_with_cupys_float16_class(fast_cupy, name, types, arrays):
+    """CuPy's float16 is no __half: its values meet in float (no half arithmetic, no half
+    comparisons, no overloads of their own), which a body written for __half may not build
+    with."""
+    kernel = getattr(fast_cupy, name)
+    source = _elementwise_as_kernel(kernel, types, arrays=arrays)
     code, log = _compile(source, kernel.name, 90)
     assert code == 0, log

@@ -9,7 +9,13 @@ import sys
 import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
-from cuda_emulator import ElementwiseKernel, load_emulated_fast_cupy, needs_compiler, restore
+from cuda_emulator import (
+    ElementwiseKernel,
+    load_emulated_fast_cupy,
+    needs_compiler,
+    needs_host_fma,
+    restore,
+)
 from kernel_cases import (
     DIRECT_CONV,
     GAP_NET_STEP_TABLES,
@@ -186,6 +192,45 @@ def test_feature_norm_and_its_gradient(fast, rng, shape, dtype):
         g = fast.feature_norm_backward(dy, xhat, inv_std, r)
         assert g.dtype == dtype
         np.testing.assert_array_equal(g, STD.feature_norm_backward(dy, xhat, inv_std, r))
+
+
+@needs_host_fma
+@pytest.mark.parametrize("dtype", WITH_HALF)
+def test_feature_norm_gradient_is_exact_where_products_and_sums_fuse(fast, rng, monkeypatch,
+                                                                     dtype):
+    """Built as NVRTC builds it by default (--fmad=true: a product and a sum fused into one
+    multiply-add, across statements), the gradient still rounds xhat * m2 before the
+    difference, as the standard version's separate operations do."""
+    monkeypatch.setattr(ElementwiseKernel, "fused_multiply_add", True)
+    x = (rng.standard_normal((4, 6, 5, 8)) * 3 + 1).astype(dtype)
+    xhat, inv_std = STD.feature_norm(x, 1e-5)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    np.testing.assert_array_equal(fast.feature_norm_backward(dy, xhat, inv_std),
+                                  STD.feature_norm_backward(dy, xhat, inv_std))
+
+
+@pytest.mark.parametrize("dtype", WITH_HALF)
+@pytest.mark.parametrize("mistake", ["two dtypes for T", "T from a scalar alone",
+                                     "an integer mask", "size with a non-raw array"])
+def test_the_emulator_refuses_the_calls_cupy_refuses(fast, dtype, mistake):
+    """Its placeholders bound as CuPy 14's _decide_params_type_core binds them (arrays only,
+    one dtype each, declared dtypes kept), its loop size as CuPy's _broadcast takes it: a call
+    that would raise on a GPU raises here."""
+    kernels = sys.modules[type(fast).__module__]  # (the emulated xpcnn.ops.fast_cupy)
+    x = np.ones((2, 3, 3, 4), dtype)
+    stats = np.ones((2, 1, 1, 4), dtype)
+    wide = np.float64 if dtype != np.float64 else np.float32
+    call, error = {
+        "two dtypes for T": (lambda: kernels._FEATURE_NORM_BACKWARD(
+            x, x.astype(wide), stats, stats, stats, x, False, 36, 4), TypeError),
+        "T from a scalar alone": (lambda: kernels._RESCALE(x.astype(np.uint8), dtype(2)), KeyError),
+        "an integer mask": (lambda: kernels._MASK_MULTIPLY(x, x.astype(np.int32), dtype(2)),
+                            TypeError),
+        "size with a non-raw array": (lambda: kernels._CENTRED_SQUARES(x, stats, 36, 4, size=72),
+                                      ValueError),
+    }[mistake]
+    with pytest.raises(error):
+        call()
 
 
 @pytest.mark.parametrize("rows", [131072, 1031, 1000, 513, 100])

@@ -293,6 +293,12 @@ def test_elementwise_kernels(cp, kernels, rng, dtype):
     _equal(fast.mask_multiply(dy, mask), std.mask_multiply(dy, mask))
     _equal(fast.mask_multiply(dy, mask[:1]), std.mask_multiply(dy, mask[:1]))  # broadcast
     _equal(fast.mask_multiply(dy, mask, 1.5, x), std.mask_multiply(dy, mask, 1.5, x))
+    # a uint8 batch cast and scaled in one launch (a Rescaling first layer), as CuPy's cast
+    # and its product by a Python number round it
+    images = cp.asarray(rng.integers(0, 256, x.shape).astype("uint8"))
+    got = fast.rescale(images, 1 / 255, cp.dtype(dtype))
+    assert got.dtype == dtype
+    _equal(got, std.rescale(images, 1 / 255, cp.dtype(dtype)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -346,6 +352,15 @@ def test_softmax_cross_entropy(cp, kernels, rng, rows, classes, smoothing, level
     scaling = cp.asarray([2.0**15, 7.0], dtype=cp.float32)  # (the float16 loss scale's state)
     _, scaled = fast.softmax_cross_entropy(z, labels, smoothing, scaling)
     _equal(scaled, grad * scaling[0])
+    # float16 logits (mixed precision) read by the kernel as their cast to ``dtype`` gives them
+    z16 = z.astype(cp.float16)
+    got_stats, got_grad = fast.softmax_cross_entropy(z16, labels, smoothing, scaling, z.dtype)
+    want_stats, want_grad = fast.softmax_cross_entropy(z16.astype(z.dtype), labels, smoothing,
+                                                       scaling)
+    assert got_grad.dtype == z.dtype and got_stats.dtype == want_stats.dtype
+    _equal(got_grad, want_grad)
+    np.testing.assert_allclose(got_stats[0].get(), want_stats[0].get(), rtol=tol, atol=tol)
+    assert float(got_stats[1]) == float(want_stats[1])
 
 
 @pytest.mark.parametrize("labels_dtype", ["uint8", "int32", "int64"])

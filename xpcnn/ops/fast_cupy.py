@@ -191,18 +191,29 @@ _STANDARDIZE = cupy.ElementwiseKernel(
     xhat = c * inv;
     if (i % HWC < C) inv_std[nc] = inv;
     """, "xpcnn_standardize", preamble=_ACC)
+# A product rounded to X on its own, never fused with a sum into one multiply-add (NVRTC fuses
+# by default, across statements): float16 through float, where the product is exact.
+_ROUNDED_PRODUCT = """
+template <typename X> __device__ X xpcnn_mul_rn(X a, X b) { return (X)((float)a * (float)b); }
+template <> __device__ float xpcnn_mul_rn<float>(float a, float b) { return __fmul_rn(a, b); }
+template <> __device__ double xpcnn_mul_rn<double>(double a, double b) {
+    return __dmul_rn(a, b);
+}
+"""
 # Its gradient after CuPy's means of dy and dy * xhat: inv_std * ((dy - m1) - xhat * m2), then
-# with ``relu`` times (r > 0), the gradient of a ReLU before it (``r`` not read without).
+# with ``relu`` times (r > 0), the gradient of a ReLU before it (``r`` not read without). The
+# product xhat * m2 rounded before the difference, as the standard version's separate
+# operations round it.
 _FEATURE_NORM_BACKWARD = cupy.ElementwiseKernel(
     "T dy, T xhat, raw T inv_std, raw T m1, raw T m2, R r, bool relu, int32 HWC, int32 C",
     "T dx",
     _NC + """
     const T a = dy - m1[nc];
-    const T b = xhat * m2[nc];
+    const T b = xpcnn_mul_rn<T>(xhat, m2[nc]);
     const T d = a - b;
     const T g = inv_std[nc] * d;
     dx = relu ? (T)(g * (T)(r > (R)0.0f ? 1.0f : 0.0f)) : g;
-    """, "xpcnn_feature_norm_backward")
+    """, "xpcnn_feature_norm_backward", preamble=_ROUNDED_PRODUCT)
 
 # StandardKernels.rescale in one launch: the cast (exact for uint8 images), then the product
 # rounded once to T, as the standard version's multiplication by a Python number rounds it.
