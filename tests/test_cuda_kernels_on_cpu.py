@@ -142,9 +142,16 @@ def test_elementwise_kernels(fast, rng, dtype):
         np.testing.assert_array_equal(fast.rescale(source, 1 / 255, dtype),
                                       STD.rescale(source, 1 / 255, dtype))
         assert fast.rescale(source, 1 / 255, dtype).dtype == dtype
-    # with the gradient of a ReLU before (a dropout's, apply_input_relu_grad): NaN * 0 is NaN
-    np.testing.assert_array_equal(fast.mask_multiply(dy, mask, 1.5, x),
-                                  STD.mask_multiply(dy, mask, 1.5, x))
+    # with the gradient of a ReLU before (a dropout's, apply_input_relu_grad), whose zeros are
+    # not the dropout's (x > 0.5 as the mask would hide an ignored ReLU output): NaN * 0 is NaN
+    keep = rng.random(x.shape) < 0.7
+    relu_y = STD.relu(rng.standard_normal(x.shape).astype(dtype), None)
+    dy[0, 0, 0, 0] = np.nan
+    want = STD.mask_multiply(dy, keep, 1.5, relu_y)
+    np.testing.assert_array_equal(fast.mask_multiply(dy, keep, 1.5, relu_y), want)
+    ref = dy * keep * dtype(1.5) * (relu_y > 0)
+    np.testing.assert_array_equal(want, ref)
+    assert np.count_nonzero(want) < np.count_nonzero(dy * keep)
     a, b = rng.standard_normal((50, 7)).astype(dtype), rng.standard_normal((7, 6)).astype(dtype)
     for bias in (None, rng.standard_normal(6).astype(dtype)):
         for relu in (False, True):

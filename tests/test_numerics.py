@@ -140,3 +140,26 @@ def test_cross_entropy_with_the_correct_count(rng, one_hot):
         assert stats[0] == pytest.approx(ref.item(), rel=1e-12)
         assert stats[1] == np.sum(first_max == y)
         np.testing.assert_allclose(grad, t.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["standard", "numpy"])
+def test_float16_logits_and_labels_give_a_float32_loss_and_scaled_gradient(rng, fast):
+    """Under mixed_float16 the logits come in float16, and the loss and its gradient are
+    computed from them cast to float32 (the kernels cast them: on a GPU in the same launch),
+    the gradient times the loss scale: PyTorch's float32 cross-entropy of the same logits."""
+    from xpcnn.ops.fast_numpy import NumpyKernels
+
+    kernels = NumpyKernels() if fast else StandardKernels(xpn)
+    z = (rng.standard_normal((12, 5)) * 4).astype(np.float16)
+    y = rng.integers(0, 5, 12)
+    scale = np.array([2.0**10, 3.0], np.float32)  # (the loss-scaling state: scale first)
+    for smoothing in (0.0, 0.1):
+        stats, grad = SoftmaxCrossEntropy(smoothing).forward_with_accuracy(
+            xpn, z, y, np.float32, kernels, scale)
+        assert stats.dtype == grad.dtype == np.float32
+        t = torch.from_numpy(z.astype(np.float32)).requires_grad_()
+        ref = F.cross_entropy(t, torch.from_numpy(y), label_smoothing=smoothing)
+        ref.backward()
+        assert stats[0] == pytest.approx(ref.item(), rel=1e-6)
+        assert stats[1] == np.sum(np.argmax(z, axis=1) == y)
+        np.testing.assert_allclose(grad, t.grad.numpy() * scale[0], rtol=1e-5, atol=1e-5)
