@@ -166,6 +166,24 @@ def test_the_progress_bar_shows_the_running_metrics(data, monkeypatch, capsys):
     assert f"loss={model.history.history['loss'][0]:.4f}" in err
 
 
+def test_the_progress_bar_of_a_model_without_metrics_shows_the_loss_alone(data, monkeypatch,
+                                                                           capsys):
+    import xpcnn.callbacks
+
+    real = xpcnn.callbacks.tqdm
+    monkeypatch.setattr(xpcnn.callbacks, "tqdm", lambda *a, **k: real(*a, **k, disable=False))
+    # (every batch's running logs shown, not one each refresh=0.5 seconds)
+    monkeypatch.setattr(xpcnn.callbacks.ProgbarLogger.__init__, "__defaults__", (0.0,))
+    model = small_model()
+    model.compile(optimizer=xpcnn.optim.SGD(0.1), metrics=[])
+    seen = []
+    model.fit(*data, epochs=1, batch_size=BATCH, verbose=1, callbacks=[LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append(logs["loss"]))])
+    err = capsys.readouterr().err
+    assert "4/4" in err and "acc" not in err
+    assert all(f"loss={loss:.4f}" in err for loss in seen)
+
+
 # -- EarlyStopping ---------------------------------------------------------------------------------
 
 

@@ -484,6 +484,30 @@ def test_a_first_rescaling_casts_the_models_batch_itself(fast, rng):
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
+def test_a_batch_also_read_by_a_layer_that_cannot_cast_it_is_cast_by_the_model(fast, rng):
+    """The model's batch read by a Rescaling and by a convolution (which cannot cast it): the
+    model casts it, for both, and neither layer casts it again."""
+    from xpcnn.backend import set_fast_path
+    from xpcnn.layers import Add
+
+    inputs = xpcnn.Input((6, 6, 3))
+    x = Add()([Conv2D(2, 3)(Rescaling(1 / 255)(inputs)), Conv2D(2, 3)(inputs)])
+    model = xpcnn.Model(inputs, Softmax()(Dense(2)(Flatten()(x))), seed=0)
+    plan = model._plan()
+    assert not plan.cast_input
+    assert not any(plan.options(la).cast_input for la in model.layers)
+    old = set_fast_path(fast)
+    try:
+        for x in (rng.integers(0, 256, (4, 6, 6, 3), dtype=np.uint8),
+                  rng.standard_normal((4, 6, 6, 3))):  # (float64 into a float32 model)
+            logits = model._logits(x, False)
+            assert logits.dtype == np.float32
+            np.testing.assert_array_equal(logits, model._logits(x.astype(np.float32), False))
+    finally:
+        set_fast_path(old)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
 def test_a_dropout_applies_the_gradient_of_the_relu_before_it(fast, rng):
     """A Dropout reading a ReLU's output (a ReLU() layer, a Dense layer's or one fused into
     it) applies that ReLU's gradient with its mask's (one launch on CuPy), also at rate 0:
