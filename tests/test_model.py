@@ -490,9 +490,12 @@ def test_a_batch_also_read_by_a_layer_that_cannot_cast_it_is_cast_by_the_model(f
     from xpcnn.backend import set_fast_path
     from xpcnn.layers import Add
 
-    inputs = xpcnn.Input((6, 6, 3))
-    x = Add()([Conv2D(2, 3)(Rescaling(1 / 255)(inputs)), Conv2D(2, 3)(inputs)])
-    model = xpcnn.Model(inputs, Softmax()(Dense(2)(Flatten()(x))), seed=0)
+    def net(device):
+        inputs = xpcnn.Input((6, 6, 3))
+        x = Add()([Conv2D(2, 3)(Rescaling(1 / 255)(inputs)), Conv2D(2, 3)(inputs)])
+        return xpcnn.Model(inputs, Softmax()(Dense(2)(Flatten()(x))), seed=0, device=device)
+
+    model = net("cpu")
     plan = model._plan()
     assert not plan.cast_input
     assert not any(plan.options(la).cast_input for la in model.layers)
@@ -505,6 +508,11 @@ def test_a_batch_also_read_by_a_layer_that_cannot_cast_it_is_cast_by_the_model(f
             np.testing.assert_array_equal(logits, model._logits(x.astype(np.float32), False))
     finally:
         set_fast_path(old)
+    # the same values under array_api_strict (no mixing of uint8 and float32 in a layer)
+    import array_api_strict as xs
+
+    images = rng.integers(0, 256, (4, 6, 6, 3), dtype=np.uint8)
+    np.testing.assert_allclose(net(xs).predict(images), model.predict(images), rtol=1e-5)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
