@@ -37,6 +37,7 @@ from xpcnn.layers import (
     (dict(filters=2, kernel_size=3, padding="same"), (5, 6, 3)),
     (dict(filters=3, kernel_size=2, padding="same", use_bias=False), (4, 5, 3)),
     (dict(filters=2, kernel_size=(5, 3), padding="same", activation="relu"), (6, 5, 2)),
+    (dict(filters=2, kernel_size=(2, 3), padding="same"), (4, 5, 3)),  # kh != kw, C != K
 ])
 def test_conv2d(kwargs, shape, rng):
     check_layer(Conv2D(**kwargs), shape, rng)

@@ -99,6 +99,7 @@ SHARED_PATCH_CASES = [  # (N, H, W, C, K, kernel, padding): stride 1, output as 
     (5, 6, 5, 3, 3, (3, 3), "same"),
     (4, 5, 7, 4, 2, (2, 2), "same"),  # asymmetric padding: (0, 1, 0, 1)
     (3, 7, 6, 2, 2, (5, 3), "same"),
+    (2, 5, 6, 5, 3, (2, 3), "same"),  # kh != kw and C != K together: P^T @ x's layout
     (3, 5, 5, 3, 1, (3, 3), 1),
 ]
 
