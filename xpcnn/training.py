@@ -365,16 +365,14 @@ class Trainer:
         logits = self._logits(xb, training=True)
         # (a label that is no class makes the loss NaN: the step is skipped as a non-finite one
         # and the host names the labels, _raise_deferred)
-        weighted = dp is not None and dp.weight != 1.0
-        # (the float16 loss scale applied by the loss, after any weighting: as written below)
+        # (the float16 loss scale applied by the loss, in its kernel on a GPU: before the
+        # weighting below, which for a power-of-two scale gives the same values as after)
         stats, dz = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype, kernels,
-                                                    None if weighted else self._scaling)
-        if weighted:
+                                                    self._scaling)
+        if dp is not None and dp.weight != 1.0:
             # weighted by this slice's share of the global batch, here, once: backward is
             # linear in dz, and the buckets then only copy and sum
             dz = dz * dp.weight
-            if self._scaling is not None:
-                dz = dz * self._scaling[0]
         if dp is None:
             self._backward(dz)
             grads = [la.grads[k] for la in self.trainable_layers for k in la.params]
