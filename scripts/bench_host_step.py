@@ -20,9 +20,10 @@ one), under cProfile, and only the frames of xpcnn's own files are summed:
 The step is the one ``fit`` runs for each batch (``_train_step`` inside the backend's compute
 scope; ``train_step`` adds its checks of the batch), SGD with momentum 0.9 as in
 scripts/bench_gpu.py, uint8 images already on the device, ``cuda_graphs=False``. Each step after
-the warm-up is profiled alone, with the cyclic garbage collector off, and the least of
-``--repeat`` steps is reported: on a busy machine a step that the scheduler interrupted counts
-the wait in whichever frame it was in. The profiler's own cost per call lands in the callers'
+the warm-up is profiled alone, with the cyclic garbage collector off and freed arrays kept in
+the heap (as CuPy's pool keeps them), and the least of ``--repeat`` steps is reported: on a
+busy machine a step that the scheduler interrupted counts the wait in whichever frame it was
+in. The profiler's own cost per call lands in the callers'
 self time, so the figures are above the interpreter's time without it; they compare revisions
 measured the same way.
 
@@ -58,6 +59,7 @@ from launch_counter import (  # noqa: E402
 
 import xpcnn  # noqa: E402
 from xpcnn.models import INPUT_SHAPES, build_model  # noqa: E402
+from xpcnn.ops.fast_numpy import _keep_freed_arrays_in_the_heap  # noqa: E402
 from xpcnn.totals import READ_EVERY  # noqa: E402
 
 XPCNN = Path(xpcnn.__file__).resolve().parent
@@ -152,6 +154,9 @@ def main() -> int:
     print(f"batch {args.batch}, per step, the least of {args.repeat} steps")
     print(f"{'model':9s} {'precision':14s} {'xpcnn us':>9s} {'+builtins us':>13s} "
           f"{'calls':>6s} {'launches':>9s}")
+    # Freed arrays kept for reuse, as CuPy's memory pool keeps them (the NumPy fast path's
+    # setting): else returning a large one to the system is counted in the frame that dropped it.
+    _keep_freed_arrays_in_the_heap()
     with emulated() as fast_cupy, np.errstate(over="ignore"):  # (float16's first steps)
         for name in args.models:
             for precision in args.precisions:
