@@ -9,11 +9,11 @@ measures the second part without a GPU: the step runs as in tests/launch_counter
 kernels and cuDNN graphs emulated on the CPU, every array a NumPy array standing for a CuPy
 one), under cProfile, and only the frames of xpcnn's own files are summed:
 
-- ``xpcnn us``: cProfile's self time (tottime) of the functions defined under xpcnn/, per step;
-  time inside the emulated kernels, NumPy, array-api-compat and the counter's wrappers is not
-  in it (on a GPU those are CuPy's calls, counted by the launches);
-- ``+builtins us``: that plus the C builtins xpcnn's functions call themselves (``isinstance``,
-  ``len``, dict and list methods ...; NumPy's own functions left out);
+- ``xpcnn us``: cProfile's self time (tottime) of the functions defined under xpcnn/, per step,
+  with the C builtins they call (``isinstance``, ``len``, dict and list methods ...) in it
+  (not timed apart: the profiler's own cost, about a microsecond per timed call, lands in the
+  caller's self time); time inside the emulated kernels, NumPy, array-api-compat and the
+  counter's wrappers is not in it (on a GPU those are CuPy's calls, counted by the launches);
 - ``calls``: the calls of xpcnn's Python functions per step;
 - ``launches``: the step's launches, as tests/launch_counter.py counts them.
 
@@ -23,9 +23,8 @@ scripts/bench_gpu.py, uint8 images already on the device, ``cuda_graphs=False``.
 the warm-up is profiled alone, with the cyclic garbage collector off and freed arrays kept in
 the heap (as CuPy's pool keeps them), and the least of ``--repeat`` steps is reported: on a
 busy machine a step that the scheduler interrupted counts the wait in whichever frame it was
-in. The profiler's own cost per call lands in the callers'
-self time, so the figures are above the interpreter's time without it; they compare revisions
-measured the same way.
+in. With the profiler's cost per call, the figures are above the interpreter's time without
+it; they compare revisions measured the same way.
 
     PYTHONPATH=$PWD python scripts/bench_host_step.py              # every model, both precisions
     PYTHONPATH=$PWD python scripts/bench_host_step.py --models cifar --top 25  # top functions
@@ -72,15 +71,10 @@ def ours(key: FunctionKey) -> bool:
     return key[0].startswith(str(XPCNN))
 
 
-def builtin_of_ours(key: FunctionKey) -> bool:
-    """A C builtin (pstats files them under "~"), not one of NumPy's."""
-    return key[0] == "~" and "numpy" not in key[2]
-
-
 def step_profile(model: Any, xb: Any, yb: Any) -> pstats.Stats:
     """cProfile's statistics of one training step as fit runs it (the cyclic garbage
     collector off meanwhile, as timeit has it)."""
-    profile = cProfile.Profile()
+    profile = cProfile.Profile(builtins=False)
     with model.backend.compute_scope():
         gc.disable()
         profile.enable()
@@ -92,16 +86,14 @@ def step_profile(model: Any, xb: Any, yb: Any) -> pstats.Stats:
     return pstats.Stats(profile)
 
 
-def host_times(stats: pstats.Stats) -> tuple[float, float, float]:
-    """(xpcnn self seconds, the same with the builtins xpcnn calls, xpcnn calls) of a step."""
-    own = calls = builtins = 0.0
-    for key, (_, n, tottime, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
+def host_times(stats: pstats.Stats) -> tuple[float, float]:
+    """(xpcnn self seconds, xpcnn calls) of a step."""
+    own = calls = 0.0
+    for key, (_, n, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
         if ours(key):
             own += tottime
             calls += n
-        elif builtin_of_ours(key):
-            builtins += sum(t for caller, (_, _, t, _) in callers.items() if ours(caller))
-    return own, own + builtins, calls
+    return own, calls
 
 
 def top_functions(profiles: list[pstats.Stats], top: int) -> list[str]:
@@ -118,7 +110,7 @@ def top_functions(profiles: list[pstats.Stats], top: int) -> list[str]:
 
 
 def measure(name: str, precision: str, args: argparse.Namespace, fast_cupy: Any
-            ) -> tuple[tuple[float, float, float], int, list[pstats.Stats]]:
+            ) -> tuple[tuple[float, float], int, list[pstats.Stats]]:
     """The least host times of a step (:func:`host_times`) over ``args.repeat`` steps, the
     launches of a step, and the steps' profiles."""
     rng = np.random.default_rng(0)
@@ -152,18 +144,16 @@ def main() -> int:
     p.add_argument("--top", type=int, default=0, help="also list the top N xpcnn functions")
     args = p.parse_args()
     print(f"batch {args.batch}, per step, the least of {args.repeat} steps")
-    print(f"{'model':9s} {'precision':14s} {'xpcnn us':>9s} {'+builtins us':>13s} "
-          f"{'calls':>6s} {'launches':>9s}")
+    print(f"{'model':9s} {'precision':14s} {'xpcnn us':>9s} {'calls':>6s} {'launches':>9s}")
     # Freed arrays kept for reuse, as CuPy's memory pool keeps them (the NumPy fast path's
     # setting): else returning a large one to the system is counted in the frame that dropped it.
     _keep_freed_arrays_in_the_heap()
     with emulated() as fast_cupy, np.errstate(over="ignore"):  # (float16's first steps)
         for name in args.models:
             for precision in args.precisions:
-                (own, with_builtins, calls), launches, profiles = measure(name, precision, args,
-                                                                          fast_cupy)
-                print(f"{name:9s} {precision:14s} {own * 1e6:9.1f} {with_builtins * 1e6:13.1f} "
-                      f"{calls:6.0f} {launches:9d}", flush=True)
+                (own, calls), launches, profiles = measure(name, precision, args, fast_cupy)
+                print(f"{name:9s} {precision:14s} {own * 1e6:9.1f} {calls:6.0f} {launches:9d}",
+                      flush=True)
                 if args.top:
                     print("\n".join(top_functions(profiles, args.top)), flush=True)
     return 0
