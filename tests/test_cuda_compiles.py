@@ -160,8 +160,8 @@ def test_softmax_cross_entropy_kernel_compiles(fast_cupy, logits, dtype, stats, 
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
 def test_gradient_check_kernel_compiles(fast_cupy, dtype):
     """The first kernel of a step's record: a gradient element of each dtype read in double,
-    an atomic OR where it is bad."""
-    source = _elementwise_as_kernel(fast_cupy._CHECK_GRADIENTS, {"T": dtype})
+    its array's mark in the float64 state set where it is bad."""
+    source = _elementwise_as_kernel(fast_cupy._CHECK_GRADIENTS, {"T": dtype, "F": "double"})
     code, log = _compile(source, "xpcnn_check_gradients", 90)
     assert code == 0, log
 

@@ -645,8 +645,8 @@ def test_a_capture_that_fails_fills_no_table(fast, monkeypatch, rng):
 @pytest.mark.parametrize("dtypes", RECORD_DTYPES)
 @pytest.mark.parametrize("how", ["eager", "step-on-device", "captured"])
 def test_recording_a_step(fast, monkeypatch, dtypes, scaling, squares, how):
-    """The kernels that record a step (a memset, its gradients unscaled and checked, then the
-    sums, the first bad step, the loss scale and the flag "apply") leave what the standard
+    """The kernels that record a step (its gradients unscaled and checked, then the sums,
+    the first bad step, the loss scale and the flag "apply") leave what the standard
     version leaves, step by step: eager, with the step number on the device, and captured once (the
     table filled after the capture) and replayed for every step."""
     record = fast.record_step
@@ -657,8 +657,8 @@ def test_recording_a_step(fast, monkeypatch, dtypes, scaling, squares, how):
             if not captured:
                 with fast.capture_tables() as tables, capture.recording():
                     captured.append(fast.record_step(*args))
-                checks = record_checks(dtypes)  # (and a memset and the record)
-                assert len(tables) == checks and len(capture.launches) == 2 + checks
+                checks = record_checks(dtypes)  # (and the record)
+                assert len(tables) == checks and len(capture.launches) == 1 + checks
             capture.replay()
             return captured[0]
 

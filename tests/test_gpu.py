@@ -891,8 +891,8 @@ def test_arrays_on_another_library_on_the_gpu(cp, monkeypatch):
 @pytest.mark.parametrize("dtypes", RECORD_DTYPES)
 @pytest.mark.parametrize("how", ["eager", "step-on-device", "captured"])
 def test_recording_a_step_on_the_gpu(cp, kernels, dtypes, scaling, squares, how):
-    """A step's record on the GPU (a memset, a check launch per gradient dtype, the record
-    launch), eager, with the step number on the device, and captured in a CUDA graph once
+    """A step's record on the GPU (a check launch per gradient dtype, the record launch),
+    eager, with the step number on the device, and captured in a CUDA graph once
     and replayed for every step: what the standard version leaves on the host."""
     import array_api_compat.numpy as xn
 

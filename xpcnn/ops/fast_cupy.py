@@ -32,7 +32,7 @@ from . import cuda_conv, random
 from .convolution import ConvEngine, ConvGeometry
 from .cudnn_conv import ALIGNMENT
 from .kernels import StandardKernels
-from .step_record import GROWTH_INTERVAL, square_limit
+from .step_record import BAD_GRADS, GROWTH_INTERVAL, square_limit
 
 # The patches of convolutions as im2col + cuBLAS (the hand-written ones' algorithms
 # "im2col" and "direct-forward"): out[n, oh, ow, (i*kw + j)*C + c] = x[n, oh*sh + i - top,
@@ -395,37 +395,41 @@ _CAST_ALL = cupy.ElementwiseKernel(
     """,
     "xpcnn_cast_all",
 )
-# A training step's record (xpcnn.ops.step_record) in three launches (a memset and two
-# kernels), where the standard one takes two per gradient and about thirty more on small
-# vectors (and one more per gradient to unscale float16 steps). First, one thread per element
-# of the gradients (found as the updates find theirs; ``table``: the running offsets, then the
-# addresses, then each array's entry in ``bits``), which it divides by the loss scale where
-# ``scaled``, then ORs into its array's entry only where the element is bad: 1 not finite, 2
-# (with ``squares``) finite but above ``limit``, the largest magnitude whose square the dtype
-# holds. Compared in double, as the standard compares in the state's float64.
+# A training step's record (xpcnn.ops.step_record) in two launches, where the standard one
+# takes two per gradient and about thirty more on small vectors (and one more per gradient to
+# unscale float16 steps). First, one thread per element of the gradients (found as the updates
+# find theirs; ``table``: the running offsets, then the addresses, then each array's index
+# among the step's gradients), which it divides by the loss scale where ``scaled``, then marks
+# in the state, only where the element is bad, its array's first mark (not finite) or second
+# (with ``squares``: finite but above ``limit``, the largest magnitude whose square the dtype
+# holds). Compared in double, as the standard compares in the state's float64. The marks, at
+# ``marks`` (the state's layout), are 0 before (the record kernel clears them): every thread
+# that marks one writes the same 1, and none reads them.
 _CHECK_GRADIENTS = cupy.ElementwiseKernel(
     "raw T dtype_of, int32 count, float64 limit, bool squares, bool scaled,"
-    " raw float32 scaling, raw int64 table",
-    "raw int32 bits",
+    " raw float32 scaling, raw int64 table, int32 marks",
+    "raw F state",
     _SEARCH + """
     typedef XpcnnAcc<T>::type A;
     T& g = ((T*)table[count + 1 + lo])[e];
     if (scaled) g = (T)((A)g * (A)(1.0f / scaling[0]));
     const double v = (double)(A)g;
     const int bad = isfinite(v) ? (squares && fabs(v) > limit ? 2 : 0) : 1;
-    if (bad) atomicOr(&bits[table[2 * count + 1 + lo]], bad);
+    if (bad) state[marks + 2 * table[2 * count + 1 + lo] + bad - 1] = (F)1;
     """,
     "xpcnn_check_gradients",
     preamble=_ACC,
 )
 # Then one thread records the step: the sums, the first non-finite step, the float16 loss
 # scale and the flag "apply the update", as record_step and _move_scale do (the same formulas
-# in the same order; ``state`` is F, ``scaling`` float32 and only read where ``scaled``).
+# in the same order; ``state`` is F, ``scaling`` float32 and only read where ``scaled``), and
+# clears the marks for the next step.
 _RECORD = """
+    const long long marks = 4 + grads;
     const F loss = (F)stats[0];
     const bool bad_loss = !isfinite(loss);
     bool any_bad = bad_loss;
-    for (int k = 0; k < grads; ++k) any_bad = any_bad || bits[k] != 0;
+    for (int k = 0; k < 2 * grads; ++k) any_bad = any_bad || state[marks + k] != (F)0;
     bool error = any_bad;
     if (scaled) {
         float scale = scaling[0], good = scaling[1];
@@ -443,12 +447,15 @@ _RECORD = """
     if (fresh) {
         state[2] = (F)step;
         state[3] = loss;
-        for (int k = 0; k < grads; ++k) state[4 + k] = (bits[k] & 1) ? (F)1 : (F)bits[k];
+        for (int k = 0; k < grads; ++k) {
+            state[4 + k] = state[marks + 2 * k] != (F)0 ? (F)1
+                           : state[marks + 2 * k + 1] != (F)0 ? (F)2 : (F)0;
+        }
     }
+    for (int k = 0; k < 2 * grads; ++k) state[marks + k] = (F)0;
     apply[0] = !any_bad && state[2] < 0;
 """
-_RECORD_PARAMS = ("raw int32 bits, int32 grads, raw S stats, float64 samples, bool scaled,"
-                  " int32 growth")
+_RECORD_PARAMS = ("int32 grads, raw S stats, float64 samples, bool scaled, int32 growth")
 _RECORD_OUT = "raw F state, raw float32 scaling, raw bool apply"
 # (the step number by value in an eager step, read from a device scalar in a captured one)
 _RECORD_STEP = cupy.ElementwiseKernel(_RECORD_PARAMS + ", float64 step", _RECORD_OUT, _RECORD,
@@ -810,7 +817,6 @@ class CupyKernels(StandardKernels):
         scaled = scaling is not None
         if not scaled:
             scaling = cupy.empty(2, cupy.float32)  # (not read)
-        bits = cupy.zeros(len(grads), cupy.int32)
         by_dtype: dict[Any, list[tuple[int, Any]]] = {}
         contiguous = [cupy.ascontiguousarray(g) for g in grads]  # (read by flat index)
         for k, g in enumerate(contiguous):
@@ -821,7 +827,8 @@ class CupyKernels(StandardKernels):
                                         [k for k, _ in group])
             if size:
                 _CHECK_GRADIENTS(arrays[0], len(arrays), square_limit(np, dtype), squares,
-                                 scaled, scaling, table, bits, size=size)
+                                 scaled, scaling, table, BAD_GRADS + len(grads), state,
+                                 size=size)
         if scaled:  # (unscaled in place: a copy's values go back where the caller reads)
             for g, copy in zip(grads, contiguous, strict=True):
                 if copy is not g:
@@ -829,10 +836,10 @@ class CupyKernels(StandardKernels):
         apply = cupy.empty(1, cupy.bool_)
         stats = cupy.ascontiguousarray(stats)
         if _by_value(step):
-            _RECORD_STEP(bits, len(grads), stats, n, scaled, GROWTH_INTERVAL, float(step),
+            _RECORD_STEP(len(grads), stats, n, scaled, GROWTH_INTERVAL, float(step),
                          state, scaling, apply, size=1)
         else:
-            _RECORD_STEP_AT(bits, len(grads), stats, n, scaled, GROWTH_INTERVAL,
+            _RECORD_STEP_AT(len(grads), stats, n, scaled, GROWTH_INTERVAL,
                             cupy.reshape(step, (1,)), state, scaling, apply, size=1)
         return cupy.reshape(apply, ())
 
