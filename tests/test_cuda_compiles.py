@@ -216,26 +216,32 @@ def test_mask_multiply_relu_kernel_compiles(fast_cupy, dtype, relu):
     assert code == 0, log
 
 
-@pytest.mark.parametrize("source, target", [("unsigned char", "float"), ("unsigned char", "__half"),
-                                            ("unsigned char", "double"), ("__half", "__half"),
-                                            ("float", "float")])
-def test_rescale_kernel_compiles(fast_cupy, source, target):
-    """A model's uint8 batch cast and scaled in one launch (a Rescaling first layer)."""
-    source_code = _elementwise_as_kernel(fast_cupy._RESCALE, {"S": source, "T": target},
+@pytest.mark.parametrize("source, compute, target", [
+    ("unsigned char", "float", "float"), ("unsigned char", "float", "__half"),
+    ("unsigned char", "__half", "__half"), ("unsigned char", "double", "double"),
+    ("__half", "__half", "__half"), ("float", "float", "float")])
+def test_rescale_kernel_compiles(fast_cupy, source, compute, target):
+    """A model's uint8 batch cast, scaled and shifted in one launch (a Rescaling first layer),
+    computed in one type and stored in another (mixed precision's compute dtype)."""
+    source_code = _elementwise_as_kernel(fast_cupy._RESCALE,
+                                         {"S": source, "T": compute, "U": target},
                                          arrays=("x", "y"))
     code, log = _compile(source_code, "xpcnn_rescale", 90)
     assert code == 0, log
 
 
-@pytest.mark.parametrize("dtype", ["__half", "float", "double"])
+@pytest.mark.parametrize("dtype, io", [("__half", "__half"), ("float", "float"),
+                                       ("double", "double"), ("float", "__half")])
 @pytest.mark.parametrize("name", ["_CENTRED_SQUARES", "_STANDARDIZE", "_FEATURE_NORM_BACKWARD"])
-def test_feature_norm_kernels_compile(fast_cupy, name, dtype):
+def test_feature_norm_kernels_compile(fast_cupy, name, dtype, io):
     """FeatureNorm's kernels: the statistics read per (image, channel), the square root in the
-    accumulator type, 1 / sqrt written by one thread per (image, channel)."""
+    accumulator type, 1 / sqrt written by one thread per (image, channel); the input, output
+    and gradients in ``io`` (float16 under mixed precision), computed in ``dtype``."""
     kernel = getattr(fast_cupy, name)
     arrays = tuple(n for raw, _, n in kernel.ins + kernel.outs if not raw and n in
                    ("x", "sq", "xhat", "dy", "r", "dx"))
-    source = _elementwise_as_kernel(kernel, {"T": dtype, "R": dtype}, arrays=arrays)
+    source = _elementwise_as_kernel(kernel, {"T": dtype, "R": io, "X": io, "Y": io, "D": io},
+                                    arrays=arrays)
     code, log = _compile(source, kernel.name, 90)
     assert code == 0, log
 
@@ -253,11 +259,17 @@ CUPY_FLOAT16_CASES = [
     ("_MAX_POOL_BACKWARD", {"T": "float16", "G": "float"}, ("yv", "g")),
     ("_MASK_MULTIPLY_RELU", {"T": "float16", "Y": "float16"}, ("x", "m", "r", "y")),
     ("_MASK_MULTIPLY_RELU", {"T": "float", "Y": "float16"}, ("x", "m", "r", "y")),
-    ("_RESCALE", {"S": "unsigned char", "T": "float16"}, ("x", "y")),
-    ("_RESCALE", {"S": "float16", "T": "float16"}, ("x", "y")),
-    ("_CENTRED_SQUARES", {"T": "float16"}, ("x", "sq")),
-    ("_STANDARDIZE", {"T": "float16"}, ("x", "xhat")),
-    ("_FEATURE_NORM_BACKWARD", {"T": "float16", "R": "float16"}, ("dy", "xhat", "r", "dx")),
+    ("_RESCALE", {"S": "unsigned char", "T": "float16", "U": "float16"}, ("x", "y")),
+    ("_RESCALE", {"S": "unsigned char", "T": "float", "U": "float16"}, ("x", "y")),
+    ("_RESCALE", {"S": "float16", "T": "float16", "U": "float16"}, ("x", "y")),
+    ("_CENTRED_SQUARES", {"T": "float16", "X": "float16"}, ("x", "sq")),
+    ("_CENTRED_SQUARES", {"T": "float", "X": "float16"}, ("x", "sq")),
+    ("_STANDARDIZE", {"T": "float16", "X": "float16", "Y": "float16"}, ("x", "xhat")),
+    ("_STANDARDIZE", {"T": "float", "X": "float16", "Y": "float16"}, ("x", "xhat")),
+    ("_FEATURE_NORM_BACKWARD", {"T": "float16", "R": "float16", "D": "float16", "X": "float16"},
+     ("dy", "xhat", "r", "dx")),
+    ("_FEATURE_NORM_BACKWARD", {"T": "float", "R": "float16", "D": "float16", "X": "float16"},
+     ("dy", "xhat", "r", "dx")),
 ]
 
 

@@ -231,18 +231,23 @@ def test_feature_norm_and_its_gradient(cp, kernels, rng, dtype):
     """FeatureNorm's kernels against the standard version's CuPy calls (the same steps; the
     GPU may fuse a product and a difference into one rounding, hence the tolerance)."""
     fast, std = kernels
-    x = _random(cp, rng, (16, 9, 7, 24), dtype) * 3 + 1
-    got, want = fast.feature_norm(x, 1e-5), std.feature_norm(x, 1e-5)
     tol = {"float16": 1e-3, "float32": 1e-6, "float64": 1e-13}[dtype]
-    for g, w in zip(got, want, strict=True):
-        assert g.dtype == w.dtype and g.shape == w.shape
-        np.testing.assert_allclose(g.get(), w.get(), rtol=tol, atol=tol)
-    xhat, inv_std = want
-    dy = _random(cp, rng, x.shape, dtype)
-    for r in (None, cp.maximum(x, 0)):
-        g, w = (k.feature_norm_backward(dy, xhat, inv_std, r) for k in (fast, std))
-        np.testing.assert_allclose(g.get(), w.get(), rtol=tol,
-                                   atol=tol * float(cp.abs(w).max()))
+    # (and mixed precision's: a float16 input and gradient, computed in float32, the output
+    # and the input's gradient in float16, to float16's rounding of the same values)
+    for io in {dtype, "float16"} if dtype == "float32" else {dtype}:
+        x = _random(cp, rng, (16, 9, 7, 24), io) * 3 + 1
+        got, want = (k.feature_norm(x, 1e-5, cp.dtype(dtype), cp.dtype(io)) for k in (fast, std))
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_allclose(g.get(), w.get(), rtol=tol, atol=tol)
+        _, xhat, inv_std = want
+        dy = _random(cp, rng, x.shape, io)
+        for r in (None, cp.maximum(x, 0)):
+            g, w = (k.feature_norm_backward(dy, xhat, inv_std, r, cp.dtype(io))
+                    for k in (fast, std))
+            assert g.dtype == w.dtype == io
+            np.testing.assert_allclose(g.get(), w.get(), rtol=max(tol, 1e-3) if io != dtype
+                                       else tol, atol=tol * float(cp.abs(w).max()))
 
 
 @pytest.mark.parametrize("rows", [131072, 1031, 1000, 513, 100])
@@ -295,10 +300,14 @@ def test_elementwise_kernels(cp, kernels, rng, dtype):
     _equal(fast.mask_multiply(dy, mask, 1.5, x), std.mask_multiply(dy, mask, 1.5, x))
     # a uint8 batch cast and scaled in one launch (a Rescaling first layer), as CuPy's cast
     # and its product by a Python number round it
+    # (with an offset: the product rounded before the sum; stored in float16 too, as the
+    # compute dtype of mixed precision)
     images = cp.asarray(rng.integers(0, 256, x.shape).astype("uint8"))
-    got = fast.rescale(images, 1 / 255, cp.dtype(dtype))
-    assert got.dtype == dtype
-    _equal(got, std.rescale(images, 1 / 255, cp.dtype(dtype)))
+    for offset in (0.0, -0.3):
+        for out in (cp.dtype(dtype), cp.dtype("float16")):
+            got = fast.rescale(images, 1 / 255, offset, cp.dtype(dtype), out)
+            assert got.dtype == out
+            _equal(got, std.rescale(images, 1 / 255, offset, cp.dtype(dtype), out))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -352,13 +361,14 @@ def test_softmax_cross_entropy(cp, kernels, rng, rows, classes, smoothing, level
     scaling = cp.asarray([2.0**15, 7.0], dtype=cp.float32)  # (the float16 loss scale's state)
     _, scaled = fast.softmax_cross_entropy(z, labels, smoothing, scaling)
     _equal(scaled, grad * scaling[0])
-    # float16 logits (mixed precision) read by the kernel as their cast to ``dtype`` gives them
+    # float16 logits (mixed precision) read by the kernel as their cast to ``dtype`` gives them,
+    # their gradient given in float16 as its cast rounds it
     z16 = z.astype(cp.float16)
     got_stats, got_grad = fast.softmax_cross_entropy(z16, labels, smoothing, scaling, z.dtype)
     want_stats, want_grad = fast.softmax_cross_entropy(z16.astype(z.dtype), labels, smoothing,
                                                        scaling)
-    assert got_grad.dtype == z.dtype and got_stats.dtype == want_stats.dtype
-    _equal(got_grad, want_grad)
+    assert got_grad.dtype == cp.float16 and got_stats.dtype == want_stats.dtype
+    _equal(got_grad, want_grad.astype(cp.float16))
     np.testing.assert_allclose(got_stats[0].get(), want_stats[0].get(), rtol=tol, atol=tol)
     assert float(got_stats[1]) == float(want_stats[1])
 

@@ -172,23 +172,27 @@ _MASK_MULTIPLY_RELU = cupy.ElementwiseKernel(
 )
 
 # FeatureNorm per image and channel over H x W (the standard version's steps, each stored in T
-# as its separate operations store them: the same values): after CuPy's own mean, the squares
-# of the centred input; after their mean, the normalised output, and 1 / sqrt(var + eps) from
-# the threads at (h, w) = (0, 0). ``nc`` is an element's (image, channel) in the (N, 1, 1, C)
-# statistics; HWC = H * W * C.
+# as its separate operations store them: the same values), from an input of type X (float16
+# under mixed precision) read as its cast to T would give it (exactly): after CuPy's own mean,
+# the squares of the centred input; after their mean, the normalised output, and 1 / sqrt(var +
+# eps) from the threads at (h, w) = (0, 0), and where ``cast`` the output rounded to Y too (the
+# compute dtype: the next layer's cast, done here). ``nc`` is an element's (image, channel) in
+# the (N, 1, 1, C) statistics; HWC = H * W * C.
 _NC = "const long long nc = (i / HWC) * C + i % C;"
 _CENTRED_SQUARES = cupy.ElementwiseKernel(
-    "T x, raw T mean, int32 HWC, int32 C", "T sq",
-    _NC + "const T c = x - mean[nc]; sq = c * c;", "xpcnn_centred_squares")
+    "X x, raw T mean, int32 HWC, int32 C", "T sq",
+    _NC + "const T c = (T)x - mean[nc]; sq = c * c;", "xpcnn_centred_squares")
 _STANDARDIZE = cupy.ElementwiseKernel(
-    "T x, raw T mean, raw T var, T eps, int32 HWC, int32 C", "T xhat, raw T inv_std",
+    "X x, raw T mean, raw T var, T eps, int32 HWC, int32 C, bool cast",
+    "T xhat, raw T inv_std, raw Y y",
     _NC + """
     typedef XpcnnAcc<T>::type A;
-    const T c = x - mean[nc];
+    const T c = (T)x - mean[nc];
     const T v = var[nc] + eps;
     const T s = (T)sqrt((A)v);
     const T inv = (T)1.0f / s;
     xhat = c * inv;
+    if (cast) y[i] = (Y)xhat;
     if (i % HWC < C) inv_std[nc] = inv;
     """, "xpcnn_standardize", preamble=_ACC)
 # A product rounded to X on its own, never fused with a sum into one multiply-add (NVRTC fuses
@@ -201,23 +205,29 @@ template <> __device__ double xpcnn_mul_rn<double>(double a, double b) {
 }
 """
 # Its gradient after CuPy's means of dy and dy * xhat: inv_std * ((dy - m1) - xhat * m2), then
-# with ``relu`` times (r > 0), the gradient of a ReLU before it (``r`` not read without). The
-# product xhat * m2 rounded before the difference, as the standard version's separate
-# operations round it.
+# with ``relu`` times (r > 0), the gradient of a ReLU before it (``r`` not read without), then
+# rounded to the input's type X. The product xhat * m2 rounded before the difference, as the
+# standard version's separate operations round it; dy of type D (float16 under mixed
+# precision) read as its cast to T would give it.
 _FEATURE_NORM_BACKWARD = cupy.ElementwiseKernel(
-    "T dy, T xhat, raw T inv_std, raw T m1, raw T m2, R r, bool relu, int32 HWC, int32 C",
-    "T dx",
+    "D dy, T xhat, raw T inv_std, raw T m1, raw T m2, R r, bool relu, int32 HWC, int32 C",
+    "X dx",
     _NC + """
-    const T a = dy - m1[nc];
+    const T a = (T)dy - m1[nc];
     const T b = xpcnn_mul_rn<T>(xhat, m2[nc]);
     const T d = a - b;
     const T g = inv_std[nc] * d;
-    dx = relu ? (T)(g * (T)(r > (R)0.0f ? 1.0f : 0.0f)) : g;
+    dx = (X)(relu ? (T)(g * (T)(r > (R)0.0f ? 1.0f : 0.0f)) : g);
     """, "xpcnn_feature_norm_backward", preamble=_ROUNDED_PRODUCT)
 
-# StandardKernels.rescale in one launch: the cast (exact for uint8 images), then the product
-# rounded once to T, as the standard version's multiplication by a Python number rounds it.
-_RESCALE = cupy.ElementwiseKernel("S x, T scale", "T y", "y = (T)x * scale;", "xpcnn_rescale")
+# StandardKernels.rescale in one launch: the cast (exact for uint8 images), the product rounded
+# once to T, as the standard version's multiplication by a Python number rounds it (never
+# fused with the sum), then where ``shift`` the sum with the offset rounded to T, then the
+# result rounded to U (``dtype_of``, never read, binds T).
+_RESCALE = cupy.ElementwiseKernel(
+    "S x, raw T dtype_of, T scale, T offset, bool shift", "U y",
+    "const T p = xpcnn_mul_rn<T>((T)x, scale); y = (U)(shift ? (T)(p + offset) : p);",
+    "xpcnn_rescale", preamble=_ROUNDED_PRODUCT)
 
 # StandardKernels.random_crop in one launch: out[n, i, j, c] = x[n, i + dy - p, j + dx - p, c]
 # (0 outside the image), the offsets floor(u * (2p + 1)) per image from the (N, 2) numbers u.
@@ -283,11 +293,12 @@ _DROPOUT = cupy.ElementwiseKernel(
 # type. Where ``scaled``, the gradient (rounded to T) is then multiplied by the float16 loss
 # scale ``scale[0]``, read from the device, as the standard version does it after. Logits of a
 # narrower type Z (float16 under mixed precision) are read as the standard version's cast to T
-# would give them (exactly).
+# would give them (exactly), and their gradient rounded to Z as its cast would round it
+# (``dtype_of``, never read, binds T).
 _SOFTMAX_CROSS_ENTROPY = cupy.ElementwiseKernel(
-    "raw Z z, raw L labels, int32 classes, float64 keep, float64 spread, float64 inv_n,"
-    " raw U scale, bool scaled",
-    "raw T grad, raw S stats",
+    "raw Z z, raw T dtype_of, raw L labels, int32 classes, float64 keep, float64 spread,"
+    " float64 inv_n, raw U scale, bool scaled",
+    "raw Z grad, raw S stats",
     """
     typedef XpcnnAcc<T>::type A;
     const long long base = (long long)i * classes;
@@ -307,7 +318,7 @@ _SOFTMAX_CROSS_ENTROPY = cupy.ElementwiseKernel(
         const A t = (c == label ? (A)keep : (A)0) + (A)spread;
         loss -= t * logp;
         const T g = (T)((exp(logp) - t) * (A)inv_n);
-        grad[base + c] = scaled ? (T)((A)g * (A)scale[0]) : g;
+        grad[base + c] = (Z)(scaled ? (T)((A)g * (A)scale[0]) : g);
     }
     if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
     stats[2 * i] = (S)(loss * (A)inv_n);
@@ -570,6 +581,14 @@ def _in_row_blocks(a: Any, splits: int) -> tuple[Any, Any]:
     return a[:used].reshape(splits, per, *a.shape[1:]), a[used:]
 
 
+def _mean_hw(a: Any, dtype: Any) -> Any:
+    """The mean over axes 1 and 2 of ``a`` cast to ``dtype`` (the cast read in the reduction:
+    no pass of its own), as the standard version computes it."""
+    if a.dtype == dtype:  # (float16's in float32, rounded to float16, as the standard's)
+        return a.mean(axis=(1, 2), keepdims=True)
+    return a.mean(axis=(1, 2), keepdims=True, dtype=dtype)
+
+
 class CupyKernels(StandardKernels):
     """One launch per job where the standard versions take several (see the module doc)."""
 
@@ -725,33 +744,40 @@ class CupyKernels(StandardKernels):
         return _RANDOM_CROP(cupy.ascontiguousarray(x), cupy.ascontiguousarray(u), h, w, c,
                             padding, cupy.empty(x.shape, x.dtype))
 
-    def feature_norm(self, x: Any, eps: float) -> tuple[Any, Any]:
-        if not x.flags.c_contiguous:
-            return super().feature_norm(x, eps)
+    def feature_norm(self, x: Any, eps: float, dtype: Any, out_dtype: Any
+                     ) -> tuple[Any, Any, Any]:
+        t, u = np.dtype(dtype), np.dtype(out_dtype)
+        if not x.flags.c_contiguous or not np.can_cast(x.dtype, t):  # (an exact cast only)
+            return super().feature_norm(x, eps, dtype, out_dtype)
         n, h, w, c = x.shape
-        mean = x.mean(axis=(1, 2), keepdims=True)
+        mean = _mean_hw(x, t)
         var = _CENTRED_SQUARES(x, mean, h * w * c, c).mean(axis=(1, 2), keepdims=True)
-        inv_std = cupy.empty((n, 1, 1, c), x.dtype)
-        xhat = _STANDARDIZE(x, mean, var, x.dtype.type(eps), h * w * c, c,
-                            cupy.empty(x.shape, x.dtype), inv_std)[0]
-        return xhat, inv_std
+        inv_std = cupy.empty((n, 1, 1, c), t)
+        cast = u != t
+        y = cupy.empty(x.shape if cast else 0, u)  # (not written where not cast)
+        xhat = _STANDARDIZE(x, mean, var, t.type(eps), h * w * c, c, cast,
+                            cupy.empty(x.shape, t), inv_std, y)[0]
+        return y if cast else xhat, xhat, inv_std
 
-    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any,
-                              relu_x: Any = None) -> Any:
-        if not _contiguous(dy, xhat, inv_std):
-            return super().feature_norm_backward(dy, xhat, inv_std, relu_x)
+    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any, relu_x: Any,
+                              out_dtype: Any) -> Any:
+        if not _contiguous(dy, xhat, inv_std) or not np.can_cast(dy.dtype, xhat.dtype):
+            return super().feature_norm_backward(dy, xhat, inv_std, relu_x, out_dtype)
         n, h, w, c = dy.shape
-        m1 = dy.mean(axis=(1, 2), keepdims=True)
+        t = xhat.dtype
+        m1 = _mean_hw(dy, t)
         m2 = (dy * xhat).mean(axis=(1, 2), keepdims=True)
         return _FEATURE_NORM_BACKWARD(dy, xhat, inv_std, m1, m2,
                                       dy if relu_x is None else relu_x,  # (dy: not read)
-                                      relu_x is not None, h * w * c, c)
+                                      relu_x is not None, h * w * c, c,
+                                      cupy.empty(dy.shape, out_dtype))
 
-    def rescale(self, x: Any, scale: float, dtype: Any) -> Any:
-        t = np.dtype(dtype)
+    def rescale(self, x: Any, scale: float, offset: float, dtype: Any, out_dtype: Any) -> Any:
+        t, u = np.dtype(dtype), np.dtype(out_dtype)
         if t.kind != "f":  # (the standard version's dtypes: an integer times a float)
-            return super().rescale(x, scale, dtype)
-        return _RESCALE(x, t.type(scale), cupy.empty(x.shape, t))
+            return super().rescale(x, scale, offset, dtype, out_dtype)
+        return _RESCALE(x, cupy.empty(0, t), t.type(scale), t.type(offset), bool(offset),
+                        cupy.empty(x.shape, u))
 
     def mask_multiply(self, x: Any, mask: Any, scale: float | None = None,
                       relu_y: Any = None) -> Any:
@@ -785,10 +811,11 @@ class CupyKernels(StandardKernels):
                                   and np.result_type(t, scale.dtype) == t)):
             return super().softmax_cross_entropy(z, labels, smoothing, scale, dtype)
         acc = cupy.float64 if t == cupy.float64 else cupy.float32
-        grad = cupy.empty(z.shape, t)
+        grad = cupy.empty(z.shape, z.dtype)
         rows = cupy.empty((n, 2), acc)  # per row: loss / N, 1 if predicted right
-        _SOFTMAX_CROSS_ENTROPY(z, labels, classes, 1.0 - smoothing, smoothing / classes,
-                               1.0 / n, z if scale is None else scale,  # (z: not read)
+        _SOFTMAX_CROSS_ENTROPY(z, cupy.empty(0, t), labels, classes, 1.0 - smoothing,
+                               smoothing / classes, 1.0 / n,
+                               z if scale is None else scale,  # (z: not read)
                                scale is not None, grad, rows, size=n)
         return rows.sum(axis=0), grad
 
