@@ -122,9 +122,10 @@ public:
 
 def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...] = ()) -> str:
     """An emulated ``cupy.ElementwiseKernel`` as the CUDA kernel CuPy would build: its body in
-    a grid-stride loop over ``i``; raw arguments are pointers, the non-raw ones named in
-    ``arrays`` each thread's element of one (the others scalars); the inputs const, as CuPy
-    declares them (a const CArray, a const reference, a const scalar)."""
+    a grid-stride loop over ``i``, between its ``loop_prep`` and ``after_loop``; raw arguments
+    are pointers, the non-raw ones named in ``arrays`` each thread's element of one (the others
+    scalars); the inputs const, as CuPy declares them (a const CArray, a const reference, a
+    const scalar)."""
     def c_type(ty, name):
         const = "const " if name in [n for _, _, n in kernel.ins] else ""
         return const + types.get(ty, SCALAR_TYPES.get(ty))
@@ -136,8 +137,10 @@ def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...
     typedefs = "".join(f"typedef {c} {k};\n" for k, c in types.items())
     return ("#include <cuda_fp16.h>\n" + CUPY_FLOAT16 + typedefs + kernel.preamble +
             f'\nextern "C" __global__ void {kernel.name}({", ".join(params)}, long long n) {{\n'
-            "for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;"
-            " i += (long long)blockDim.x * gridDim.x) {\n" + elements + kernel.body + "\n}\n}\n")
+            + kernel.loop_prep +
+            "\nfor (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;"
+            " i += (long long)blockDim.x * gridDim.x) {\n" + elements + kernel.body + "\n}\n"
+            + kernel.after_loop + "\n}\n")
 
 
 @pytest.mark.parametrize("labels", ["unsigned char", "int", "long long"])
@@ -180,7 +183,8 @@ def test_record_step_kernels_compile(fast_cupy, name, stats):
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
 def test_dropout_kernel_compiles(fast_cupy, dtype):
     """Dropout in one launch: the random bits' device functions, the number compared in the
-    data's type (CuPy's float16 compares as ``__half`` does), the mask and the product."""
+    data's type (CuPy's float16 compares as ``__half`` does), the mask and the product, and the
+    draw counted by the last block (a barrier, fences and a 64-bit atomic add)."""
     source = _elementwise_as_kernel(fast_cupy._DROPOUT, {"T": dtype}, arrays=("x", "y", "keep"))
     code, log = _compile(source, "xpcnn_dropout", 90)
     assert code == 0, log

@@ -771,15 +771,22 @@ def test_random_numbers_kernel_is_the_definition(cp, kernels, dtype):
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 def test_dropout_kernel_is_the_standard_dropout(cp, kernels, rng, dtype):
-    """One launch: the draw, the mask and the scaled output; and the gradient's scaled mask."""
+    """One launch: the draw, the mask and the scaled output, and the draw counted by the last
+    of its thousands of blocks (every block read the draw before it: the same numbers as the
+    standard version's, draw after draw); and the gradient's scaled mask."""
     fast, std = kernels
-    state = cp.asarray([2**40 + 17, 123], dtype=cp.int64)
-    for shape, first, rate in (((128, 9216), 0, 0.25), ((3, 5, 7), 2**33 + 1, 0.5)):
+    state = cp.asarray([2**40 + 17, 123, 0], dtype=cp.int64)
+    states = [state.copy(), state.copy()]
+    for shape, first, rate in (((128, 9216), 0, 0.25), ((3, 5, 7), 2**33 + 1, 0.5),
+                               ((128, 12, 12, 64), 0, 0.25), ((128, 12, 12, 64), 0, 0.25)):
         x = _random(cp, rng, shape, dtype)
-        (y, keep), (y_want, keep_want) = (k.dropout(state, x, rate, first) for k in (fast, std))
+        (y, keep), (y_want, keep_want) = (k.dropout(s, x, rate, first)
+                                          for k, s in zip((fast, std), states, strict=True))
         _equal(keep, keep_want)
         _equal(y, y_want)
+        _equal(states[0], states[1])
         _equal(fast.mask_multiply(x, keep, 2.0), std.mask_multiply(x, keep, 2.0))
+    assert states[0].get().tolist() == [2**40 + 17, 127, 0]
 
 
 def test_casting_many_arrays_in_one_launch_on_the_gpu(cp, kernels, rng):

@@ -70,18 +70,25 @@ def test_the_numpy_kernel_is_the_definition(dtype, shape, first):
 
 def _dropout_cases(kernels, dtype):
     """What ``kernels.dropout`` and the gradient's scaled ``mask_multiply`` give, and the
-    standard versions' values, for a few shapes, offsets and rates."""
+    standard versions' values, for a few shapes (an empty one too), offsets and rates, each
+    drawing from its own copy of a state and counting its draw there: the states after."""
     std, rng = StandardKernels(xpn), np.random.default_rng(3)
-    state = np.array([2**40 + 17, 123], np.int64)
-    for shape, first, rate in (((40, 37), 0, 0.25), ((3, 5, 7), 2**33 + 1, 0.5), ((6,), 4, 0.9)):
+    state = np.array([2**40 + 17, 123, 0], np.int64)
+    states = [state.copy(), state.copy()]
+    for shape, first, rate in (((40, 37), 0, 0.25), ((3, 5, 7), 2**33 + 1, 0.5), ((6,), 4, 0.9),
+                               ((0, 3), 0, 0.5)):
         x = rng.standard_normal(shape).astype(dtype)
-        (y, keep), (y_want, keep_want) = (k.dropout(state, x, rate, first) for k in (kernels, std))
+        (y, keep), (y_want, keep_want) = (k.dropout(s, x, rate, first)
+                                          for k, s in zip((kernels, std), states, strict=True))
         yield y, y_want
         yield keep, keep_want
+        yield tuple(states)
         grads = (k.mask_multiply(x, keep_want, 1.0 / (1.0 - rate)) for k in (kernels, std))
         yield tuple(grads)
     keep = np.ones(1, bool)  # (a mask that broadcasts, as a ReLU's gradient has none)
     yield tuple(k.mask_multiply(x, keep, 1.5) for k in (kernels, std))
+    # (one draw counted per call, the scratch entry left 0)
+    np.testing.assert_array_equal(states[0], [2**40 + 17, 127, 0])
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -95,13 +102,15 @@ def test_numpy_dropout_is_the_standard_dropout(dtype):
 @needs_compiler
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_cuda_dropout_is_the_standard_dropout(dtype):
-    """fast_cupy's dropout in one launch (and the gradient's scaled mask), compiled for the
-    CPU (CuPy's float16 emulated), bit for bit."""
+    """fast_cupy's dropout in one launch, the draw counted by the last of its blocks (and the
+    gradient's scaled mask), compiled for the CPU (CuPy's float16 emulated), bit for bit."""
     module, saved = load_emulated_fast_cupy()
     try:
         for got, want in _dropout_cases(module.KERNELS, dtype):
             assert got.dtype == want.dtype
             np.testing.assert_array_equal(got, want)
+        with pytest.raises(ValueError, match=r"\[seed, draws, 0\]"):  # (no scratch entry)
+            module.KERNELS.dropout(np.array([1, 2], np.int64), np.ones(4, dtype), 0.5)
     finally:
         restore(saved)
 

@@ -183,9 +183,11 @@ class StandardKernels:
     def dropout(self, state: Any, x: Any, rate: float, first: int = 0) -> tuple[Any, Any]:
         """Inverted dropout of ``x``: an element is kept where its number of the draw that
         ``state`` names (:meth:`uniform`, elements ``first`` onwards) is at least ``rate``,
-        and scaled by 1 / (1 - rate). Returns the output and the boolean mask of what was kept
-        (its gradient is :meth:`mask_multiply` with the same mask and scale)."""
+        and scaled by 1 / (1 - rate); the draw is counted in ``state`` (in place: its draws
+        so far plus one). Returns the output and the boolean mask of what was kept (its
+        gradient is :meth:`mask_multiply` with the same mask and scale)."""
         keep = self.uniform(state, tuple(x.shape), x.dtype, first) >= rate
+        state[1:2] += 1
         return self.mask_multiply(x, keep, 1.0 / (1.0 - rate)), keep
 
     def relu(self, x: Any, max_value: float | None) -> Any:
