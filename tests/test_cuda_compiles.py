@@ -181,6 +181,14 @@ def test_record_step_kernels_compile(fast_cupy, name, stats):
 
 
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
+def test_random_numbers_kernel_compiles(fast_cupy, dtype):
+    """Numbers in [0, 1) of the draw, counted by the last block (as dropout's)."""
+    source = _elementwise_as_kernel(fast_cupy._UNIFORM, {"T": dtype}, arrays=("u",))
+    code, log = _compile(source, "xpcnn_uniform", 90)
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("dtype", ["__half", "float", "double"])
 def test_dropout_kernel_compiles(fast_cupy, dtype):
     """Dropout in one launch: the random bits' device functions, the number compared in the
     data's type (CuPy's float16 compares as ``__half`` does), the mask and the product, and the

@@ -762,11 +762,14 @@ def test_models_with_random_layers_are_captured_and_replay_their_draws(cudnn_mod
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 def test_random_numbers_kernel_is_the_definition(cp, kernels, dtype):
+    """The numbers, and the draw counted by the last of the launch's blocks (as dropout's)."""
     fast, std = kernels
     dtype = getattr(cp, dtype)
-    state = cp.asarray([2**40 + 17, 123], dtype=cp.int64)
-    for shape, first in (((1000, 37), 0), ((3, 5), 2**33 + 1)):
-        _equal(fast.uniform(state, shape, dtype, first), std.uniform(state, shape, dtype, first))
+    states = [cp.asarray([2**40 + 17, 123, 0], dtype=cp.int64) for _ in range(2)]
+    for shape, first in (((1000, 37), 0), ((3, 5), 2**33 + 1), ((128, 12, 12, 64), 0)):
+        _equal(*(k.uniform(s, shape, dtype, first)
+                 for k, s in zip((fast, std), states, strict=True)))
+    assert [s.get().tolist() for s in states] == [[2**40 + 17, 126, 0]] * 2
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])

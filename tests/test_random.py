@@ -60,12 +60,14 @@ def test_the_definition_is_splitmix64(xp, dtype, bits):
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("shape, first", [((5,), 0), ((70000,), 3), ((3, 40000, 2), 2**36)])
 def test_the_numpy_kernel_is_the_definition(dtype, shape, first):
-    """Chunks of 32,768 on the threads, every chunk's offset right (shapes span several)."""
-    state = np.array([987654321, 41], np.int64)
-    got = NUMPY_KERNELS.uniform(state, shape, dtype, first)
+    """Chunks of 32,768 on the threads, every chunk's offset right (shapes span several); the
+    draw counted."""
+    state = np.array([987654321, 41, 0], np.int64)
     want = random.uniform(xpn, state, shape, dtype, first)
+    got = NUMPY_KERNELS.uniform(state, shape, dtype, first)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(state, [987654321, 42, 0])
 
 
 def _dropout_cases(kernels, dtype):
@@ -118,13 +120,17 @@ def test_cuda_dropout_is_the_standard_dropout(dtype):
 @needs_compiler
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_the_cuda_kernel_is_the_definition(dtype):
-    """fast_cupy's kernel, compiled for the CPU (tests/cuda_emulator.py)."""
+    """fast_cupy's kernel, compiled for the CPU (tests/cuda_emulator.py), the draw counted by
+    the last of its blocks (an empty draw: counted by the standard version)."""
     module, saved = load_emulated_fast_cupy()
     try:
-        state = np.array([2**40 + 17, 123], np.int64)
-        for shape, first in (((40, 37), 0), ((3, 5), 2**33 + 1)):
+        state = np.array([2**40 + 17, 123, 0], np.int64)
+        for shape, first in (((40, 37), 0), ((3, 5), 2**33 + 1), ((0, 2), 0)):
+            want = random.uniform(xpn, state, shape, dtype, first)
             got = module.KERNELS.uniform(state, shape, dtype, first)
-            np.testing.assert_array_equal(got, random.uniform(xpn, state, shape, dtype, first))
+            assert got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(state, [2**40 + 17, 126, 0])
     finally:
         restore(saved)
 
@@ -154,10 +160,10 @@ def test_float16_numbers_stay_below_one():
 def test_a_slice_of_a_draw_is_those_elements_of_the_whole_draw():
     """What a data-parallel rank holding samples 3:7 of a batch of 10 draws."""
     std = StandardKernels(xpn)
-    state = np.array([77, 9], np.int64)
-    whole = std.uniform(state, (10, 4, 5), np.float32)
-    np.testing.assert_array_equal(std.uniform(state, (4, 4, 5), np.float32, first=3 * 20),
-                                  whole[3:7])
+    whole = std.uniform(np.array([77, 9, 0], np.int64), (10, 4, 5), np.float32)
+    np.testing.assert_array_equal(
+        std.uniform(np.array([77, 9, 0], np.int64), (4, 4, 5), np.float32, first=3 * 20),
+        whole[3:7])
 
 
 def _layers():

@@ -20,6 +20,7 @@ integer is read at that C-order index; ``n`` and ``i`` are CuPy's own names.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from collections.abc import Iterator
 from typing import Any
@@ -264,33 +265,14 @@ __device__ unsigned long long xpcnn_random_bits(long long seed, long long draw,
     return xpcnn_mix(key + ((unsigned long long)element + 1ULL) * gamma);
 }
 """
-# Numbers in [0, 1): element ``first + i`` of the draw that ``state`` = [seed, draw] names.
-_UNIFORM = cupy.ElementwiseKernel(
-    "raw int64 state, int64 first, int32 bits, float64 scale",
-    "T u",
-    "u = (T)((double)(xpcnn_random_bits(state[0], state[1], first + i) >> (64 - bits)) * scale);",
-    "xpcnn_uniform",
-    preamble=_RANDOM_BITS,
-)
-# StandardKernels.dropout in one launch: the number (as _UNIFORM draws it, ``unit`` = 2**-bits),
-# the mask ``keep`` (number >= rate) and the output x * keep * scale, in the standard order; and
-# the draw counted in ``state`` (xpcnn.ops.random's [seed, draw, 0]). Every thread reads the draw
-# before its loop; after it, once each thread of its block has (the barrier), the block's first
-# thread counts the block in ``state[2]``, and the last block to arrive (every thread of the
-# launch has read the draw by then) writes draw + 1 and puts the count back to 0. One atomic a
-# block, a block of _DROPOUT_BLOCK threads (CuPy's default 128 would make 4 times as many).
-_DROPOUT = cupy.ElementwiseKernel(
-    "T x, int64 first, int32 bits, float64 unit, T rate, T scale",
-    "T y, bool keep, raw int64 state",
-    """
-    const T u = (T)((double)(xpcnn_random_bits(seed, draw, first + i) >> (64 - bits)) * unit);
-    keep = u >= rate;
-    y = x * (T)(keep ? 1.0f : 0.0f) * scale;
-    """,
-    "xpcnn_dropout",
-    preamble=_RANDOM_BITS,
-    loop_prep="const long long seed = state[0], draw = state[1];",
-    after_loop="""
+# A kernel that draws counts its draw in ``state`` (xpcnn.ops.random's [seed, draw, 0]) in the
+# same launch: every thread reads the draw before its loop (``_READ_DRAW``); after it, once each
+# thread of its block has (the barrier), the block's first thread counts the block in
+# ``state[2]``, and the last block to arrive (every thread of the launch has read the draw by
+# then) writes draw + 1 and puts the count back to 0 (``_COUNT_DRAW``). One atomic a block, of
+# _DRAW_BLOCK threads (CuPy's default 128 would make 4 times as many).
+_READ_DRAW = "const long long seed = state[0], draw = state[1];"
+_COUNT_DRAW = """
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence();
@@ -301,9 +283,30 @@ _DROPOUT = cupy.ElementwiseKernel(
             state[2] = 0;
         }
     }
-    """,
+"""
+_DRAW_BLOCK = 512
+# Numbers in [0, 1): element ``first + i`` of the draw that ``state`` names, counted there.
+_UNIFORM = cupy.ElementwiseKernel(
+    "int64 first, int32 bits, float64 scale",
+    "T u, raw int64 state",
+    "u = (T)((double)(xpcnn_random_bits(seed, draw, first + i) >> (64 - bits)) * scale);",
+    "xpcnn_uniform",
+    preamble=_RANDOM_BITS, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
 )
-_DROPOUT_BLOCK = 512
+# StandardKernels.dropout in one launch: the number (as _UNIFORM draws it, ``unit`` = 2**-bits),
+# the mask ``keep`` (number >= rate) and the output x * keep * scale, in the standard order, the
+# draw counted as _UNIFORM counts it.
+_DROPOUT = cupy.ElementwiseKernel(
+    "T x, int64 first, int32 bits, float64 unit, T rate, T scale",
+    "T y, bool keep, raw int64 state",
+    """
+    const T u = (T)((double)(xpcnn_random_bits(seed, draw, first + i) >> (64 - bits)) * unit);
+    keep = u >= rate;
+    y = x * (T)(keep ? 1.0f : 0.0f) * scale;
+    """,
+    "xpcnn_dropout",
+    preamble=_RANDOM_BITS, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
+)
 # Softmax cross-entropy of one row of logits per thread (a few classes each): the row's loss
 # divided by N, whether its first maximum is at the label, and its gradient row, (softmax -
 # target) / N, with the target mixed with the uniform distribution by ``spread`` = smoothing /
@@ -599,6 +602,13 @@ def _in_row_blocks(a: Any, splits: int) -> tuple[Any, Any]:
     return a[:used].reshape(splits, per, *a.shape[1:]), a[used:]
 
 
+def _check_state(state: Any) -> None:
+    """A random state as the drawing kernels write it (they count their draws in its last
+    entry)."""
+    if state.shape != (3,):
+        raise ValueError(f"a random state is [seed, draws, 0], got shape {state.shape}")
+
+
 def _mean_hw(a: Any, dtype: Any) -> Any:
     """The mean over axes 1 and 2 of ``a`` cast to ``dtype`` (the cast read in the reduction:
     no pass of its own), as the standard version computes it."""
@@ -754,8 +764,12 @@ class CupyKernels(StandardKernels):
         return dx
 
     def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
+        _check_state(state)
+        if not math.prod(shape):  # (no launch would count the draw)
+            return super().uniform(state, shape, dtype, first)
         bits = random.significant_bits(cupy, dtype)
-        return _UNIFORM(state, first, bits, 2.0**-bits, cupy.empty(shape, dtype))
+        return _UNIFORM(first, bits, 2.0**-bits, cupy.empty(shape, dtype), state,
+                        block_size=_DRAW_BLOCK)[0]
 
     def random_crop(self, x: Any, u: Any, padding: int) -> Any:
         n, h, w, c = x.shape
@@ -805,15 +819,14 @@ class CupyKernels(StandardKernels):
         return _MASK_MULTIPLY_RELU(x, mask, factor, relu_y)
 
     def dropout(self, state: Any, x: Any, rate: float, first: int = 0) -> tuple[Any, Any]:
-        if state.shape != (3,):  # (the kernel writes state[2])
-            raise ValueError(f"a random state is [seed, draws, 0], got shape {state.shape}")
+        _check_state(state)
         if x.size == 0:  # (no launch would count the draw)
             return super().dropout(state, x, rate, first)
         bits = random.significant_bits(cupy, x.dtype)
         t = x.dtype.type
         y, keep, _ = _DROPOUT(x, first, bits, 2.0**-bits, t(rate), t(1.0 / (1.0 - rate)),
                               cupy.empty(x.shape, x.dtype), cupy.empty(x.shape, cupy.bool_),
-                              state, block_size=_DROPOUT_BLOCK)
+                              state, block_size=_DRAW_BLOCK)
         return y, keep
 
     def relu(self, x: Any, max_value: float | None) -> Any:

@@ -139,8 +139,11 @@ class StandardKernels:
 
     def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
         """Random numbers in [0, 1) from a device-held random state (see
-        :mod:`xpcnn.ops.random`, the definition)."""
-        return uniform(self.xp, state, shape, dtype, first)
+        :mod:`xpcnn.ops.random`, the definition), the draw counted in ``state`` (in place: its
+        draws so far plus one)."""
+        u = uniform(self.xp, state, shape, dtype, first)
+        state[1:2] += 1
+        return u
 
     def random_crop(self, x: Any, u: Any, padding: int) -> Any:
         """Each image of ``x`` (N, H, W, C) padded by ``padding`` zeros on every side and cut
@@ -183,11 +186,10 @@ class StandardKernels:
     def dropout(self, state: Any, x: Any, rate: float, first: int = 0) -> tuple[Any, Any]:
         """Inverted dropout of ``x``: an element is kept where its number of the draw that
         ``state`` names (:meth:`uniform`, elements ``first`` onwards) is at least ``rate``,
-        and scaled by 1 / (1 - rate); the draw is counted in ``state`` (in place: its draws
-        so far plus one). Returns the output and the boolean mask of what was kept (its
-        gradient is :meth:`mask_multiply` with the same mask and scale)."""
+        and scaled by 1 / (1 - rate); the draw is counted in ``state``, as :meth:`uniform`
+        counts it. Returns the output and the boolean mask of what was kept (its gradient is
+        :meth:`mask_multiply` with the same mask and scale)."""
         keep = self.uniform(state, tuple(x.shape), x.dtype, first) >= rate
-        state[1:2] += 1
         return self.mask_multiply(x, keep, 1.0 / (1.0 - rate)), keep
 
     def relu(self, x: Any, max_value: float | None) -> Any:
