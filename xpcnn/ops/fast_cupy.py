@@ -547,8 +547,88 @@ class _DeferredTables:
 # was not measured apart from the bias-gradient change that came with it.)
 _SPLIT_K_ROWS = 2048
 _SPLIT_K_MAX = 128
-# The fewest rows CupyKernels.sum_rows sums over blocks of rows (in two launches).
-_BLOCKED_SUM_ROWS = 1024
+
+# A sum over the rows of a C-contiguous (rows, cols) array (a bias gradient) in one launch, the
+# "last block" way (CUDA's threadFenceReduction sample). Block (x, y) sums rows [x*per,
+# x*per + per) of the 32 columns [32y, 32y + 32): thread (c, lane) every LANES-th row from
+# ``lane`` on in order, then a tree over the lanes in shared memory; the block writes that row
+# of ``partials``, makes it visible to the other blocks (__threadfence) and counts itself done
+# on its columns' counter. The block that counts last sums the partials of its columns the same
+# way, in the same order whichever block it is: the result is the same bit for bit run to run.
+# atomicInc wraps the counter back to 0 on that last count, so it is ready for the next launch
+# with no memset (a CUDA graph replays it as captured). The partials are read through a
+# volatile pointer (from L2, never a stale L1 line). Sums in ACC: float32 for float16 data (a
+# float16 sum of a batch's rows would lose their low bits), else the data's own type.
+_SUM_ROWS_SOURCE = r"""
+#include <cuda_fp16.h>
+extern "C" __global__ void xpcnn_sum_rows(const TYPE* __restrict__ a, long long rows, int cols,
+                                          long long per, ACC* partials,
+                                          unsigned int* counters, ACC* __restrict__ out) {
+    __shared__ ACC lanes[LANES][32];
+    __shared__ bool last;
+    const int c = threadIdx.x, lane = threadIdx.y;
+    const int col = blockIdx.y * 32 + c;
+    const long long first = blockIdx.x * per;
+    const long long end = first + per < rows ? first + per : rows;
+    ACC s = (ACC)0;
+    if (col < cols) {
+        for (long long r = first + lane; r < end; r += LANES) s += (ACC)a[r * cols + col];
+    }
+    lanes[lane][c] = s;
+    __syncthreads();
+    for (int half = LANES / 2; half > 0; half /= 2) {
+        if (lane < half) lanes[lane][c] += lanes[lane + half][c];
+        __syncthreads();
+    }
+    if (lane == 0 && col < cols) {
+        partials[blockIdx.x * (long long)cols + col] = lanes[0][c];
+        __threadfence();
+    }
+    __syncthreads();
+    if (c == 0 && lane == 0) {
+        last = atomicInc(&counters[blockIdx.y], gridDim.x - 1) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    const volatile ACC* done = partials;
+    s = (ACC)0;
+    if (col < cols) {
+        for (unsigned b = lane; b < gridDim.x; b += LANES) s += done[b * (long long)cols + col];
+    }
+    lanes[lane][c] = s;
+    __syncthreads();
+    for (int half = LANES / 2; half > 0; half /= 2) {
+        if (lane < half) lanes[lane][c] += lanes[lane + half][c];
+        __syncthreads();
+    }
+    if (lane == 0 && col < cols) out[col] = lanes[0][c];
+}
+"""
+_SUM_ROWS_LANES = 8
+# Blocks along the rows: at most this many (a sum of 512 x 32 x 32 pixels, 524,288 rows: 512
+# blocks of 1024 rows, about 4 of 256 threads per multiprocessor of an H100 or H200), each of at
+# least this many rows (a Dense layer's 128 rows: one block). Not tuned on a GPU.
+_SUM_ROWS_BLOCKS = 512
+_SUM_ROWS_PER_BLOCK = 256
+# Column chunks of 32 (so counters) per device: wider arrays take the standard sum.
+_SUM_ROWS_CHUNKS = 1024
+_SUM_ROWS: dict[str, Any] = {}
+# Per device, its counters (zero between launches; made on first use, held for good: a
+# captured graph keeps their address). One sum at a time per device: the launches of a stream
+# run in order, and a training step's run on one stream.
+_SUM_ROWS_COUNTERS: dict[str, Any] = {}
+
+
+def _sum_rows_kernel(dtype: Any) -> Any:
+    """The column sum for float16, float32 or float64 data, made once (compiled on first use)."""
+    name = np.dtype(dtype).name
+    if name not in _SUM_ROWS:
+        ctype, acc = {"float16": ("__half", "float"), "float32": ("float", "float"),
+                      "float64": ("double", "double")}[name]
+        _SUM_ROWS[name] = cupy.RawKernel(
+            _SUM_ROWS_SOURCE.replace("TYPE", ctype).replace("ACC", acc)
+            .replace("LANES", str(_SUM_ROWS_LANES)), "xpcnn_sum_rows")
+    return _SUM_ROWS[name]
 
 
 def _contiguous(*arrays: Any) -> bool:
@@ -670,19 +750,28 @@ class CupyKernels(StandardKernels):
         return out
 
     def sum_rows(self, a: Any) -> Any:
-        # Over blocks of rows first: a reduction over the leading axis runs one thread block
-        # per column, only 32-64 of them for a convolution's bias gradient (measured: 12 ms at
-        # batch 512). A few hundred rows (a Dense layer's, one a sample) take one pass: one
-        # launch, not two (not timed on a GPU).
-        rows = a.shape[0]
-        splits = min(rows // 256, 256)
-        if a.ndim != 2 or rows < _BLOCKED_SUM_ROWS or not a.flags.c_contiguous:
+        # One launch whatever the rows (see _SUM_ROWS_SOURCE): CuPy's reduction over the
+        # leading axis runs one thread block per column, only 32-64 of them for a
+        # convolution's bias gradient (measured: 12 ms at batch 512).
+        if a.ndim != 2 or not a.flags.c_contiguous or a.dtype.name not in (
+                "float16", "float32", "float64"):
             return super().sum_rows(a)
+        rows, cols = a.shape
+        chunks = -(-cols // 32)
+        if not rows or not cols or chunks > _SUM_ROWS_CHUNKS:
+            return super().sum_rows(a)
+        per = max(_SUM_ROWS_PER_BLOCK, -(-rows // _SUM_ROWS_BLOCKS))
+        blocks = -(-rows // per)
         acc = cupy.float64 if a.dtype == cupy.float64 else cupy.float32
-        blocks, rest = _in_row_blocks(a, splits)
-        out = blocks.sum(axis=1, dtype=acc).sum(axis=0)
-        if rest.shape[0]:
-            out += rest.sum(axis=0, dtype=acc)
+        device = str(a.device)
+        counters = _SUM_ROWS_COUNTERS.get(device)
+        if counters is None:
+            counters = _SUM_ROWS_COUNTERS[device] = cupy.zeros(_SUM_ROWS_CHUNKS, cupy.uint32)
+        partials = cupy.empty((blocks, cols), acc)
+        out = cupy.empty(cols, acc)
+        _sum_rows_kernel(a.dtype)((blocks, chunks), (32, _SUM_ROWS_LANES),
+                                  (a, np.int64(rows), np.int32(cols), np.int64(per), partials,
+                                   counters, out))
         return out
 
     def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
