@@ -281,7 +281,7 @@ def test_column_sums_in_one_launch(fast, monkeypatch, rng, rows, cols, most, few
     assert np.all(np.abs(got - exact) <= tol)
     assert np.all(np.abs(want - exact) <= tol)
     np.testing.assert_array_equal(fast.sum_rows(a), got)
-    assert not kernels._SUM_ROWS_COUNTERS["cpu"].any()
+    assert not kernels._COUNTERS["cpu"].any()
 
 
 def test_a_column_sum_is_wrong_where_its_last_block_is_not_the_last(fast, monkeypatch, rng):
@@ -293,7 +293,7 @@ def test_a_column_sum_is_wrong_where_its_last_block_is_not_the_last(fast, monkey
     monkeypatch.setattr(kernels.cupy, "empty", _poisoned)
     a = rng.standard_normal((64, 8)).astype(np.float32)  # 4 blocks
     fast.sum_rows(a)  # (makes the counters)
-    counters = kernels._SUM_ROWS_COUNTERS["cpu"]
+    counters = kernels._COUNTERS["cpu"]
     counters[0] = 1
     try:
         assert np.isnan(fast.sum_rows(a)).all()
@@ -305,7 +305,7 @@ def test_a_column_sum_is_wrong_where_its_last_block_is_not_the_last(fast, monkey
 
 def test_columns_past_the_counters_take_the_standard_sum(fast, monkeypatch, rng):
     kernels = sys.modules[type(fast).__module__]
-    monkeypatch.setattr(kernels, "_SUM_ROWS_CHUNKS", 1)
+    monkeypatch.setattr(kernels, "_COUNTERS_PER_DEVICE", 1)
     a = rng.standard_normal((40, 33)).astype(np.float32)
     np.testing.assert_array_equal(fast.sum_rows(a), STD.sum_rows(a))
 
@@ -354,14 +354,22 @@ def test_convolution_kernels(fast, monkeypatch, rng, algorithm, kernel, strides,
 @pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
 @pytest.mark.parametrize("labels_dtype", [np.int64, np.int32, np.uint8])
 @pytest.mark.parametrize("dtype", WITH_HALF)
-def test_softmax_cross_entropy(fast, rng, rows, classes, smoothing, levels, labels_dtype,
-                               dtype):
+def test_softmax_cross_entropy(fast, monkeypatch, rng, rows, classes, smoothing, levels,
+                               labels_dtype, dtype):
+    """The loss, its gradient and the rows' sums in one launch (its last block summing the
+    others' partials: the same bits at a second call, the counter back at 0)."""
+    module = sys.modules[type(fast).__module__]  # (the emulated xpcnn.ops.fast_cupy)
+    monkeypatch.setattr(module.cupy, "empty", _poisoned)  # (what is not written stays NaN)
     z = (rng.integers(0, levels, (rows, classes)) if levels
          else rng.standard_normal((rows, classes)) * 30).astype(dtype)
     labels = rng.integers(0, classes, rows).astype(labels_dtype)
     stats, grad = fast.softmax_cross_entropy(z, labels, smoothing)
     want_stats, want_grad = STD.softmax_cross_entropy(z, labels, smoothing)
     assert stats.dtype == want_stats.dtype and stats.shape == (2,) and grad.dtype == dtype
+    for got, first in zip(fast.softmax_cross_entropy(z, labels, smoothing), (stats, grad),
+                          strict=True):
+        np.testing.assert_array_equal(got, first)
+    assert not module._COUNTERS["cpu"].any()
     # (float16 logits: the kernel computes in float and rounds once, the standard version
     # rounds the logits' differences to float16 first)
     tol = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-12}[dtype]
