@@ -32,17 +32,28 @@ marshalling) are not counted again. Each launch is attributed to where it was is
 layer and its method (``forward`` / ``backward``), else the innermost xpcnn function outside
 ``xpcnn.ops``.
 
-    PYTHONPATH=$PWD:tests python tests/launch_counter.py [MODEL ...]
+The device memory a step holds is tracked too (:class:`Memory`): each device array's buffer
+is charged, rounded up to CuPy's 512-byte blocks, from its creation until NumPy frees it, and
+the peak of a step is the high-water mark of what all of them hold (parameters, optimiser
+state, the batch, the layers' saved activations and every temporary), as CuPy's pool counts
+its bytes in use. Not included: cuDNN's and cuBLAS' workspaces, and the blocks CuPy's pool
+keeps cached without use.
 
-prints the breakdown of one eager step of each reference model, float32 and mixed float16.
+    PYTHONPATH=$PWD:tests python tests/launch_counter.py [--batch N] [MODEL ...]
+
+prints the breakdown of one eager step of each reference model, float32 and mixed float16:
+its launches, then its peak device memory and what held it at the peak.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
+import gc
 import sys
 import types
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +97,59 @@ class Counter:
 COUNTER = Counter()
 
 
+class Memory:
+    """Device bytes in use (see the module doc): ``in_use`` now; while ``active``, ``peak``
+    and, at the peak, the bytes held per place that allocated them (``held_at_peak``)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, tuple[int, str]] = {}  # id(buffer) -> (bytes, where)
+        self.in_use = 0
+        self.active = False
+        self.peak = 0
+        self.held_at_peak: dict[str, int] = {}
+
+    def start(self) -> None:
+        """Track the peak from now on: what is in use already counts as "before"."""
+        self.buffers = {k: (b, "before") for k, (b, _) in self.buffers.items()}
+        self.active, self.peak = True, self.in_use
+        self.held_at_peak = self._held()
+
+    def charge(self, a: np.ndarray) -> None:
+        """Charge the buffer that ``a`` views, once, until it is freed."""
+        buffer = a
+        while isinstance(buffer.base, np.ndarray):
+            buffer = buffer.base
+        key = id(buffer)
+        if key in self.buffers or not buffer.nbytes:
+            return
+        nbytes = -(-buffer.nbytes // 512) * 512
+        self.buffers[key] = (nbytes, _where() if self.active else "before")
+        self.in_use += nbytes
+        weakref.finalize(buffer, self._free, key)
+        if self.active and self.in_use > self.peak:
+            self.peak, self.held_at_peak = self.in_use, self._held()
+
+    def _free(self, key: int) -> None:
+        nbytes, _ = self.buffers.pop(key)
+        self.in_use -= nbytes
+
+    def _held(self) -> dict[str, int]:
+        held: dict[str, int] = collections.Counter()
+        for nbytes, where in self.buffers.values():
+            held[where] += nbytes
+        return dict(held)
+
+    def breakdown(self) -> str:
+        """The peak and what held it, largest first."""
+        lines = [f"  {self.peak / 2**20:7.2f} MiB at the step's peak:"]
+        lines += [f"  {nbytes / 2**20:7.2f}  {where}" for where, nbytes in
+                  sorted(self.held_at_peak.items(), key=lambda item: -item[1])]
+        return "\n".join(lines)
+
+
+MEMORY = Memory()
+
+
 _PHASES = ("forward", "backward")
 
 
@@ -116,12 +180,11 @@ def _where() -> str:
 def device_array(a: Any) -> Any:
     """NumPy arrays (and scalars) as DeviceArrays (arrays on the counted device), through
     tuples and lists."""
-    if isinstance(a, DeviceArray):
-        return a
-    if isinstance(a, np.ndarray):
-        return a.view(DeviceArray)
     if isinstance(a, np.generic):
-        return np.asarray(a).view(DeviceArray)
+        a = np.asarray(a)
+    if isinstance(a, np.ndarray):
+        MEMORY.charge(a)  # (a DeviceArray made by NumPy's own methods may hold a new buffer)
+        return a if isinstance(a, DeviceArray) else a.view(DeviceArray)
     if isinstance(a, tuple | list):
         return type(a)(device_array(b) for b in a)
     return a
@@ -233,7 +296,7 @@ class DeviceArray(np.ndarray):
             result = super().reshape(*shape, **kwargs)
         if not _is_view(result, [self]):
             COUNTER.record("copy", "reshape")
-        return result
+        return device_array(result)
 
     def _reduction(name: str) -> Any:  # noqa: N805 (a method maker, run in the class body)
         def method(self: DeviceArray, *args: Any, **kwargs: Any) -> Any:
@@ -390,7 +453,7 @@ def step_launches(model_name: str, precision: str = "float32", batch: int = 128,
     """The launches of one eager training step (after ``warmup`` steps) of reference model
     ``model_name`` on a batch of uint8 images already on the device, SGD with momentum 0.9
     as scripts/bench_gpu.py trains; the emulated CuPy and cuDNN must be loaded (see
-    :func:`emulated`)."""
+    :func:`emulated`). :data:`MEMORY` then holds that step's peak device memory."""
     import xpcnn
     from xpcnn.models import INPUT_SHAPES, build_model
 
@@ -405,9 +468,11 @@ def step_launches(model_name: str, precision: str = "float32", batch: int = 128,
         y = device_array(rng.integers(0, 10, batch))
         for _ in range(warmup):
             model.train_step(x, y)
+        gc.collect()  # (the warm-up's arrays in reference cycles are freed, as on CuPy)
+        MEMORY.start()
         counter.active = True
         model.train_step(x, y)
-        counter.active = False
+        counter.active = MEMORY.active = False
         launches = list(counter.launches)
         model._read_totals()
     # (an array that is no DeviceArray would have its operations go uncounted)
@@ -476,13 +541,19 @@ def breakdown(launches: list[Launch]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    names = argv or ["notebook", "mnist", "cifar"]
+    p = argparse.ArgumentParser(description="The launches and peak device memory of one eager "
+                                "training step on CuPy, counted on the CPU.")
+    p.add_argument("models", nargs="*", default=["notebook", "mnist", "cifar"])
+    p.add_argument("--batch", type=int, default=128)
+    args = p.parse_args(argv)
     with emulated():
-        for name in names:
+        for name in args.models:
             for precision in ("float32", "mixed_float16"):
-                launches = step_launches(name, precision)
-                print(f"{name}, {precision}, batch 128: {launch_count(launches)} launches")
+                launches = step_launches(name, precision, args.batch)
+                print(f"{name}, {precision}, batch {args.batch}: {launch_count(launches)} "
+                      "launches")
                 print(breakdown(launches))
+                print(MEMORY.breakdown())
     return 0
 
 
