@@ -317,6 +317,8 @@ def fake_cupy() -> types.ModuleType:
         finally:
             allocators.pop()
 
+    default_pool = types.SimpleNamespace(malloc=lambda nbytes: None)
+    fake.get_default_memory_pool = lambda: default_pool
     fake.cuda = types.SimpleNamespace(
         compiler=types.SimpleNamespace(
             CompileException=type("CompileException", (Exception,), {})),

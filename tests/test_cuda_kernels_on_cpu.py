@@ -303,6 +303,25 @@ def test_a_column_sum_is_wrong_where_its_last_block_is_not_the_last(fast, monkey
     np.testing.assert_allclose(fast.sum_rows(a), a.astype(np.float64).sum(axis=0), rtol=1e-5)
 
 
+def test_the_counters_come_from_the_default_memory_pool(fast, monkeypatch):
+    """Made at a first use inside a CUDA graph's warm-up (its own memory pool, freed with the
+    graph), the counters still come from CuPy's default pool: they outlive that graph."""
+    kernels = sys.modules[type(fast).__module__]
+    cupy = kernels.cupy
+    monkeypatch.setattr(kernels, "_COUNTERS", {})
+    allocators = []
+
+    def zeros(*args, **kwargs):
+        allocators.append(cupy.cuda.allocators[-1])
+        return np.zeros(*args, **kwargs)
+
+    monkeypatch.setattr(cupy, "zeros", zeros)
+    with cupy.cuda.using_allocator(cupy.cuda.MemoryPool().malloc):
+        fast.sum_rows(np.ones((3, 4), np.float32))
+        fast.softmax_cross_entropy(np.ones((3, 4), np.float32), np.zeros(3, np.int64), 0.0)
+    assert allocators == [cupy.get_default_memory_pool().malloc]
+
+
 def test_columns_past_the_counters_take_the_standard_sum(fast, monkeypatch, rng):
     kernels = sys.modules[type(fast).__module__]
     monkeypatch.setattr(kernels, "_COUNTERS_PER_DEVICE", 1)

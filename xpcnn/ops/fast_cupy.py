@@ -558,10 +558,13 @@ _COUNTERS_PER_DEVICE = 1024
 
 
 def _counters(a: Any) -> Any:
-    """The counters of ``a``'s device."""
+    """The counters of ``a``'s device, from CuPy's default memory pool, which lasts as long as
+    the process (a first use may come in a CUDA graph's warm-up, whose own pool frees its
+    memory with itself: xpcnn.cuda_graphs)."""
     device = str(a.device)
     if device not in _COUNTERS:
-        _COUNTERS[device] = cupy.zeros(_COUNTERS_PER_DEVICE, cupy.uint32)
+        with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
+            _COUNTERS[device] = cupy.zeros(_COUNTERS_PER_DEVICE, cupy.uint32)
     return _COUNTERS[device]
 
 
