@@ -527,9 +527,13 @@ __device__ bool xpcnn_last_block(unsigned int* counter, unsigned int blocks) {
     __syncthreads();
     return last;
 }
-__device__ float xpcnn_widen(__half x) { return __half2float(x); }
 __device__ float xpcnn_widen(float x) { return x; }
 __device__ double xpcnn_widen(double x) { return x; }
+"""
+# (only where a type is float16: CUDA's header, which NVRTC finds among CUDA's headers)
+_HALF = r"""
+#include <cuda_fp16.h>
+__device__ float xpcnn_widen(__half x) { return __half2float(x); }
 """
 _C_TYPES = {"float16": "__half", "float32": "float", "float64": "double", "int8": "signed char",
             "uint8": "unsigned char", "int16": "short", "uint16": "unsigned short",
@@ -541,12 +545,12 @@ _RAW_KERNELS: dict[tuple[str, ...], Any] = {}
 def _raw_kernel(name: str, source: str, **types: Any) -> Any:
     """Kernel ``name`` of ``source`` with each of ``types`` (a type name of the source: a
     dtype) typedef'd to its C type, made once (CuPy compiles it on first use)."""
-    key = (name, *(f"{k}={np.dtype(v).name}" for k, v in types.items()))
+    names = {k: np.dtype(v).name for k, v in types.items()}
+    key = (name, *(f"{k}={v}" for k, v in names.items()))
     if key not in _RAW_KERNELS:
-        typedefs = "".join(f"typedef {_C_TYPES[np.dtype(v).name]} {k};\n"
-                           for k, v in types.items())
-        _RAW_KERNELS[key] = cupy.RawKernel("#include <cuda_fp16.h>\n" + typedefs + _LAST_BLOCK
-                                           + source, name)
+        half = _HALF if "float16" in names.values() else ""
+        typedefs = "".join(f"typedef {_C_TYPES[v]} {k};\n" for k, v in names.items())
+        _RAW_KERNELS[key] = cupy.RawKernel(half + typedefs + _LAST_BLOCK + source, name)
     return _RAW_KERNELS[key]
 
 
