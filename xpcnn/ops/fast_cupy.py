@@ -617,6 +617,12 @@ extern "C" __global__ void xpcnn_sum_rows(const X* __restrict__ a, long long row
     if (lane == 0 && col < cols) out[col] = s;
 }
 """
+# Blocks along the rows: at most this many, each of at least this many rows (a sum over
+# 512 x 32 x 32 pixels, 524,288 rows: 512 blocks of 1024 rows, about 4 of 256 threads per
+# multiprocessor of an H100 or H200; a Dense layer's 128 rows: one block). Not tuned on a GPU.
+_SUM_ROWS_BLOCKS = 512
+_SUM_ROWS_PER_BLOCK = 1024
+
 # Softmax cross-entropy of one row of logits per thread (a few classes each): the row's loss
 # divided by N, whether its first maximum is at the label, and its gradient row, (softmax -
 # target) / N, with the target mixed with the uniform distribution by ``spread`` = smoothing /
@@ -688,11 +694,6 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy(
     if (t < 2) stats[t] = sums[t][0];
 }
 """
-# Blocks along the rows: at most this many, each of at least this many rows (a sum over
-# 512 x 32 x 32 pixels, 524,288 rows: 512 blocks of 1024 rows, about 4 of 256 threads per
-# multiprocessor of an H100 or H200; a Dense layer's 128 rows: one block). Not tuned on a GPU.
-_SUM_ROWS_BLOCKS = 512
-_SUM_ROWS_PER_BLOCK = 1024
 
 
 def _contiguous(*arrays: Any) -> bool:
