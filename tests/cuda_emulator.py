@@ -7,7 +7,8 @@ compiler's ``_Float16``), float32 and float64 data: ``i`` is the element's C-ord
 non-raw argument is the element at ``i`` (broadcast), a ``raw`` one an array indexed by one
 integer, a scalar a constant of its declared type. A fake ``cupy`` module routes the few other
 CuPy calls of those modules to NumPy. The raw kernels (``RawKernel``) run in float32 and
-float64 only: their float16 versions use the tensor cores (tests/test_gpu.py).
+float64, and in float16 where they only convert cuda_fp16.h's ``__half`` to and from float
+(``__half`` emulated on ``_Float16``); the tensor-core ones do not run here (tests/test_gpu.py).
 """
 
 from __future__ import annotations
@@ -229,6 +230,29 @@ class ElementwiseKernel:
         return ctypes.CDLL(str(lib))
 
 
+# What the raw kernels use of cuda_fp16.h (conversions only) and of CUDA's memory model: a
+# fence, and an atomicInc (old >= limit ? 0 : old + 1, returning old) that is atomic across the
+# block's threads, though blocks run one after the other here, so a "last block" is always the
+# last launched: a wrong count of them, or a counter left non-zero, still gives a wrong sum.
+_RAW_DEVICE = """
+struct __half {
+    _Float16 v;
+    __half() {}
+    __half(float f) : v((_Float16)f) {}
+    operator float() const { return (float)v; }
+};
+inline float __half2float(__half h) { return (float)h.v; }
+inline __half __float2half(float f) { return __half(f); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline unsigned atomicInc(unsigned* a, unsigned limit) {
+    unsigned old = __atomic_load_n(a, __ATOMIC_SEQ_CST);
+    while (!__atomic_compare_exchange_n(a, &old, old >= limit ? 0u : old + 1u, false,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {}
+    return old;
+}
+"""
+
+
 class RawKernel:
     """The subset of ``cupy.RawKernel`` that xpcnn uses, compiled for the CPU: a block's
     threads run as POSIX threads (so ``__syncthreads`` is a real barrier) that take the blocks
@@ -268,7 +292,8 @@ class RawKernel:
             "#define __restrict__\n"
             "#define __shared__ static\n#define __align__(n) __attribute__((aligned(n)))\n"
             "#define __syncthreads() pthread_barrier_wait(&xpcnn_barrier)\n"
-            "using namespace std;\n" + self.code +
+            "using namespace std;\n" + _RAW_DEVICE +
+            self.code.replace("#include <cuda_fp16.h>", "") +
             "\nstatic void* xpcnn_thread(void* arg) {\n"
             "  const unsigned t = (unsigned)(size_t)arg;\n"
             "  threadIdx = {t % blockDim.x, t / blockDim.x % blockDim.y,"
@@ -312,13 +337,16 @@ def fake_cupy() -> types.ModuleType:
         finally:
             allocators.pop()
 
+    default_pool = types.SimpleNamespace(malloc=lambda nbytes: None)
+    fake.get_default_memory_pool = lambda: default_pool
     fake.cuda = types.SimpleNamespace(
         compiler=types.SimpleNamespace(
             CompileException=type("CompileException", (Exception,), {})),
         MemoryPool=lambda: types.SimpleNamespace(malloc=lambda nbytes: None),
         using_allocator=using_allocator, allocators=allocators)
     for name in ("matmul", "empty", "zeros", "ones", "reshape", "maximum", "ascontiguousarray",
-                 "asarray", "finfo", "bool_", "int32", "float16", "float32", "float64"):
+                 "asarray", "finfo", "bool_", "int32", "uint32", "float16", "float32",
+                 "float64"):
         setattr(fake, name, getattr(np, name))
     return fake
 

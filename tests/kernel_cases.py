@@ -35,6 +35,7 @@ DIRECT_CONV = [
 # (rows, classes, label smoothing, integer logits below this (ties) or None: normal * 30)
 SOFTMAX_CROSS_ENTROPY = [
     (7, 10, 0.0, None), (128, 10, 0.1, None), (40, 4, 0.0, 3), (33, 37, 0.2, 4), (3, 1, 0.0, None),
+    (700, 10, 0.1, None),  # (three blocks of rows)
 ]
 
 # parameter shapes of one optimiser step (every one updated by the same launch)

@@ -143,21 +143,41 @@ def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...
             + kernel.after_loop + "\n}\n")
 
 
-@pytest.mark.parametrize("labels", ["unsigned char", "int", "long long"])
-@pytest.mark.parametrize("logits, dtype, stats", [("__half", "__half", "float"),
-                                                  ("float", "float", "float"),
-                                                  ("__half", "float", "float"),
-                                                  ("double", "double", "double")])
-def test_softmax_cross_entropy_kernel_compiles(fast_cupy, logits, dtype, stats, labels):
+def _raw_source(fast_cupy, monkeypatch, name: str, source: str, **types) -> str:
+    """The CUDA source of raw kernel ``name`` that xpcnn.ops.fast_cupy would compile for
+    ``types``."""
+    sources = []
+
+    class Capture:
+        def __init__(self, code: str, kernel_name: str) -> None:
+            sources.append(code)
+
+    monkeypatch.setattr(fast_cupy.cupy, "RawKernel", Capture)
+    monkeypatch.setattr(fast_cupy, "_RAW_KERNELS", {})
+    fast_cupy._raw_kernel(name, source, **types)
+    return sources[0]
+
+
+@pytest.mark.parametrize("labels", ["uint8", "int32", "int64"])
+@pytest.mark.parametrize("logits, dtype, scale", [("float16", "float16", "float16"),
+                                                  ("float16", "float16", "float32"),
+                                                  ("float32", "float32", "float32"),
+                                                  ("float16", "float32", "float32"),
+                                                  ("float16", "float64", "float32"),
+                                                  ("float64", "float64", "float64")])
+def test_softmax_cross_entropy_kernel_compiles(fast_cupy, monkeypatch, logits, dtype, scale,
+                                               labels):
     """The loss kernel, with its NaN for a label that is no class (``nan("")`` in the
     accumulator type, float for half logits), for every label dtype fit passes it, the
-    float16 loss scale read from its float32 state, and float16 logits read for a float32
-    loss (mixed precision)."""
-    source = _elementwise_as_kernel(fast_cupy._SOFTMAX_CROSS_ENTROPY,
-                                    {"Z": logits, "T": dtype, "L": labels, "S": stats,
-                                     "U": "float"})
+    float16 loss scale read from its float32 state, float16 logits read for a wider loss
+    (mixed precision), and the rows' sums by its last block."""
+    acc = "float64" if dtype == "float64" else "float32"
+    source = _raw_source(fast_cupy, monkeypatch, "xpcnn_softmax_cross_entropy",
+                         fast_cupy._SOFTMAX_CROSS_ENTROPY_SOURCE, Z=logits, L=labels, T=dtype,
+                         U=scale, A=acc)
     code, log = _compile(source, "xpcnn_softmax_cross_entropy", 90)
     assert code == 0, log
+    assert ("cuda_fp16.h" in source) == ("float16" in (logits, dtype, scale))
 
 
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
@@ -261,12 +281,6 @@ def test_feature_norm_kernels_compile(fast_cupy, name, dtype, io):
 # Today's kernels with CuPy's float16 class where a placeholder is float16 at run time (mixed
 # precision: float16 logits for a float32 loss, float16 activations and gradients).
 CUPY_FLOAT16_CASES = [
-    ("_SOFTMAX_CROSS_ENTROPY", {"Z": "float16", "T": "float", "L": "long long", "S": "float",
-                                "U": "float"}, ()),
-    ("_SOFTMAX_CROSS_ENTROPY", {"Z": "float16", "T": "float16", "L": "int", "S": "float",
-                                "U": "float16"}, ()),
-    ("_SOFTMAX_CROSS_ENTROPY", {"Z": "float16", "T": "double", "L": "unsigned char",
-                                "S": "double", "U": "float"}, ()),
     ("_MAX_POOL_BACKWARD", {"T": "float16", "G": "float16"}, ("yv", "g")),
     ("_MAX_POOL_BACKWARD", {"T": "float16", "G": "float"}, ("yv", "g")),
     ("_MASK_MULTIPLY_RELU", {"T": "float16", "Y": "float16"}, ("x", "m", "r", "y")),
@@ -294,3 +308,17 @@ def test_kernels_compile_with_cupys_float16_class(fast_cupy, name, types, arrays
     source = _elementwise_as_kernel(kernel, types, arrays=arrays)
     code, log = _compile(source, kernel.name, 90)
     assert code == 0, log
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("arch", [75, 90])
+def test_column_sum_kernel_compiles(fast_cupy, monkeypatch, dtype, arch):
+    """A bias gradient in one launch: cuda_fp16.h's __half read in float (the header only
+    then), the fence, the unsigned atomicInc on the counter, the partials read through a
+    volatile pointer."""
+    acc = "float64" if dtype == "float64" else "float32"
+    source = _raw_source(fast_cupy, monkeypatch, "xpcnn_sum_rows", fast_cupy._SUM_ROWS_SOURCE,
+                         X=dtype, A=acc)
+    code, log = _compile(source, "xpcnn_sum_rows", arch)
+    assert code == 0, log
+    assert ("cuda_fp16.h" in source) == (dtype == "float16")  # (CUDA's header where needed)

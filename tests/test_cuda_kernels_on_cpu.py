@@ -263,18 +263,91 @@ def test_the_emulator_refuses_the_calls_cupy_refuses(fast, dtype, mistake):
 
 @pytest.mark.parametrize("rows", [131072, 1031, 1000, 513, 100])
 @pytest.mark.parametrize("dtype", WITH_HALF)
-def test_blocked_sums(fast, rng, rows, dtype):
-    """Bias gradients (float32 sums of float16 rows) and long a^T @ b products, over blocks of
-    rows."""
+def test_blocked_products(fast, rng, rows, dtype):
+    """Long a^T @ b products (a convolution's kernel gradient), over blocks of rows."""
     a = rng.standard_normal((rows, 24)).astype(dtype)
     b = rng.standard_normal((rows, 8)).astype(dtype)
-    tol = {np.float16: 1e-5, np.float32: 1e-5, np.float64: 1e-12}[dtype]
-    np.testing.assert_allclose(fast.sum_rows(a), STD.sum_rows(a), rtol=tol, atol=tol * rows)
     want = a.astype(np.float64).T @ b.astype(np.float64)
     got = fast.matmul_tn(a, b)
     assert got.dtype == dtype
-    tol = 1e-2 if dtype == np.float16 else tol  # (a float16 product)
+    tol = 1e-2 if dtype == np.float16 else 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+# (rows, columns, blocks along the rows at most, rows a block at least): one block, one row,
+# rows and columns that are no multiple of a block's (8 lanes of 32 columns), several column
+# chunks, and grids of 2 to 64 blocks (the emulator runs them one after the other).
+COLUMN_SUMS = [(1, 5, 512, 256), (100, 24, 512, 256), (257, 33, 512, 256), (1031, 64, 4, 16),
+               (1000, 10, 64, 1), (4099, 96, 3, 8), (131072, 24, 512, 256)]
+
+
+@pytest.mark.parametrize("rows, cols, most, fewest", COLUMN_SUMS)
+@pytest.mark.parametrize("dtype", WITH_HALF)
+def test_column_sums_in_one_launch(fast, monkeypatch, rng, rows, cols, most, fewest, dtype):
+    """Bias gradients (float32 sums of float16 rows) in one launch, the last block summing the
+    others' partial sums: the standard sum's dtype and values, close to a float64 sum of the
+    same numbers, bit for bit the same at a second call that reuses the counters (which a
+    counter left at anything but 0 would break: the "last" block would not be the last)."""
+    kernels = sys.modules[type(fast).__module__]  # (the emulated xpcnn.ops.fast_cupy)
+    monkeypatch.setattr(kernels, "_SUM_ROWS_BLOCKS", most)
+    monkeypatch.setattr(kernels, "_SUM_ROWS_PER_BLOCK", fewest)
+    monkeypatch.setattr(kernels.cupy, "empty", _poisoned)  # (what is not written stays NaN)
+    a = rng.standard_normal((rows, cols)).astype(dtype)
+    got = fast.sum_rows(a)
+    want = STD.sum_rows(a)
+    assert got.dtype == want.dtype and got.shape == (cols,)
+    exact = a.astype(np.float64).sum(axis=0)
+    # (float32 sums: a few units in the last place of the sum of |a|, as the standard's)
+    tol = (1e-13 if dtype == np.float64 else 1e-6) * np.abs(a.astype(np.float64)).sum(axis=0)
+    assert np.all(np.abs(got - exact) <= tol)
+    assert np.all(np.abs(want - exact) <= tol)
+    np.testing.assert_array_equal(fast.sum_rows(a), got)
+    assert not kernels._COUNTERS["cpu"].any()
+
+
+def test_a_column_sum_is_wrong_where_its_last_block_is_not_the_last(fast, monkeypatch, rng):
+    """The emulated launch finds a miscounted "last block": a counter that does not start at 0
+    (as after a launch that failed to reset it) makes the third of four blocks sum the partials
+    before the fourth has written its own (NaN here, as everything the launch must write)."""
+    kernels = sys.modules[type(fast).__module__]
+    monkeypatch.setattr(kernels, "_SUM_ROWS_PER_BLOCK", 16)
+    monkeypatch.setattr(kernels.cupy, "empty", _poisoned)
+    a = rng.standard_normal((64, 8)).astype(np.float32)  # 4 blocks
+    fast.sum_rows(a)  # (makes the counters)
+    counters = kernels._COUNTERS["cpu"]
+    counters[0] = 1
+    try:
+        assert np.isnan(fast.sum_rows(a)).all()
+        assert counters[0] == 1  # (wrapped to 0 by the third block, counted 1 by the fourth)
+    finally:
+        counters[0] = 0
+    np.testing.assert_allclose(fast.sum_rows(a), a.astype(np.float64).sum(axis=0), rtol=1e-5)
+
+
+def test_the_counters_come_from_the_default_memory_pool(fast, monkeypatch):
+    """Made at a first use inside a CUDA graph's warm-up (its own memory pool, freed with the
+    graph), the counters still come from CuPy's default pool: they outlive that graph."""
+    kernels = sys.modules[type(fast).__module__]
+    cupy = kernels.cupy
+    monkeypatch.setattr(kernels, "_COUNTERS", {})
+    allocators = []
+
+    def zeros(*args, **kwargs):
+        allocators.append(cupy.cuda.allocators[-1])
+        return np.zeros(*args, **kwargs)
+
+    monkeypatch.setattr(cupy, "zeros", zeros)
+    with cupy.cuda.using_allocator(cupy.cuda.MemoryPool().malloc):
+        fast.sum_rows(np.ones((3, 4), np.float32))
+        fast.softmax_cross_entropy(np.ones((3, 4), np.float32), np.zeros(3, np.int64), 0.0)
+    assert allocators == [cupy.get_default_memory_pool().malloc]
+
+
+def test_columns_past_the_counters_take_the_standard_sum(fast, monkeypatch, rng):
+    kernels = sys.modules[type(fast).__module__]
+    monkeypatch.setattr(kernels, "_COUNTERS_PER_DEVICE", 1)
+    a = rng.standard_normal((40, 33)).astype(np.float32)
+    np.testing.assert_array_equal(fast.sum_rows(a), STD.sum_rows(a))
 
 
 # The tiled kernels' emulation runs a POSIX thread per CUDA thread: cases past 10,000 output
@@ -321,14 +394,22 @@ def test_convolution_kernels(fast, monkeypatch, rng, algorithm, kernel, strides,
 @pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
 @pytest.mark.parametrize("labels_dtype", [np.int64, np.int32, np.uint8])
 @pytest.mark.parametrize("dtype", WITH_HALF)
-def test_softmax_cross_entropy(fast, rng, rows, classes, smoothing, levels, labels_dtype,
-                               dtype):
+def test_softmax_cross_entropy(fast, monkeypatch, rng, rows, classes, smoothing, levels,
+                               labels_dtype, dtype):
+    """The loss, its gradient and the rows' sums in one launch (its last block summing the
+    others' partials: the same bits at a second call, the counter back at 0)."""
+    module = sys.modules[type(fast).__module__]  # (the emulated xpcnn.ops.fast_cupy)
+    monkeypatch.setattr(module.cupy, "empty", _poisoned)  # (what is not written stays NaN)
     z = (rng.integers(0, levels, (rows, classes)) if levels
          else rng.standard_normal((rows, classes)) * 30).astype(dtype)
     labels = rng.integers(0, classes, rows).astype(labels_dtype)
     stats, grad = fast.softmax_cross_entropy(z, labels, smoothing)
     want_stats, want_grad = STD.softmax_cross_entropy(z, labels, smoothing)
     assert stats.dtype == want_stats.dtype and stats.shape == (2,) and grad.dtype == dtype
+    for got, first in zip(fast.softmax_cross_entropy(z, labels, smoothing), (stats, grad),
+                          strict=True):
+        np.testing.assert_array_equal(got, first)
+    assert not module._COUNTERS["cpu"].any()
     # (float16 logits: the kernel computes in float and rounds once, the standard version
     # rounds the logits' differences to float16 first)
     tol = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-12}[dtype]

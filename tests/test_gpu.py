@@ -250,15 +250,37 @@ def test_feature_norm_and_its_gradient(cp, kernels, rng, dtype):
                                        atol=tol * float(cp.abs(w).max()))
 
 
-@pytest.mark.parametrize("rows", [131072, 1031, 1000, 513, 100])
+@pytest.mark.parametrize("rows, cols", [(524288, 32), (131072, 64), (1031, 33), (1000, 10),
+                                        (513, 128), (100, 32), (1, 5)])
 @pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
-def test_sum_rows_in_blocks(cp, kernels, rng, rows, dtype):
+def test_sum_rows_in_one_launch(cp, kernels, rng, rows, cols, dtype):
+    """Bias gradients in one launch (the last block sums the others' partials): the standard
+    sum's dtype, its values to the accumulator's precision, close to a float64 sum of the same
+    numbers, the same bits at every call (the counters back at 0 after each), and the same
+    bits again replayed from a CUDA graph."""
     fast, std = kernels
-    a = _random(cp, rng, (rows, 32), dtype)
+    a = _random(cp, rng, (rows, cols), dtype)
     got, want = fast.sum_rows(a), std.sum_rows(a)
-    assert got.dtype == want.dtype
-    np.testing.assert_allclose(got.get(), want.get(), rtol=1e-12 if dtype == "float64" else 1e-4,
-                               atol=1e-3)
+    assert got.dtype == want.dtype and got.shape == (cols,)
+    exact = a.astype(cp.float64).sum(axis=0).get()
+    scale = cp.abs(a.astype(cp.float64)).sum(axis=0).get()
+    tol = 1e-13 if dtype == "float64" else 1e-6
+    assert np.all(np.abs(got.get() - exact) <= tol * scale)
+    assert np.all(np.abs(want.get() - exact) <= tol * scale)
+    for _ in range(3):
+        _equal(fast.sum_rows(a), got)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        fast.sum_rows(a)  # (compiled, partials' blocks in the pool, outside the capture)
+        stream.begin_capture()
+        replayed = fast.sum_rows(a)
+        graph = stream.end_capture()
+    for _ in range(2):
+        with stream:
+            replayed[...] = cp.nan
+            graph.launch(stream=stream)
+        stream.synchronize()
+        _equal(replayed, got)
 
 
 @pytest.mark.parametrize("kernel, strides, shape", MAX_POOL)
@@ -371,6 +393,32 @@ def test_softmax_cross_entropy(cp, kernels, rng, rows, classes, smoothing, level
     _equal(got_grad, want_grad.astype(cp.float16))
     np.testing.assert_allclose(got_stats[0].get(), want_stats[0].get(), rtol=tol, atol=tol)
     assert float(got_stats[1]) == float(want_stats[1])
+
+
+@pytest.mark.parametrize("rows", [3, 700, 5000])
+def test_softmax_cross_entropy_sums_its_rows_the_same_way_every_time(cp, kernels, rng, rows):
+    """The rows' [loss, right] summed by the launch's last block: the same bits at every call
+    (its counter back at 0 after each) and replayed from a CUDA graph."""
+    fast, _ = kernels
+    z = _random(cp, rng, (rows, 10), "float32") * 30
+    labels = cp.asarray(rng.integers(0, 10, rows))
+    stats, grad = fast.softmax_cross_entropy(z, labels, 0.1)
+    for _ in range(3):
+        again = fast.softmax_cross_entropy(z, labels, 0.1)
+        _equal(again[0], stats)
+        _equal(again[1], grad)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        fast.softmax_cross_entropy(z, labels, 0.1)
+        stream.begin_capture()
+        replayed, _ = fast.softmax_cross_entropy(z, labels, 0.1)
+        graph = stream.end_capture()
+    for _ in range(2):
+        with stream:
+            replayed[...] = cp.nan
+            graph.launch(stream=stream)
+        stream.synchronize()
+        _equal(replayed, stats)
 
 
 @pytest.mark.parametrize("labels_dtype", ["uint8", "int32", "int64"])

@@ -284,3 +284,14 @@ def test_the_gpu_only_code_names_what_xpcnn_has(name):
                 node.attr not in _top_level_names(modules[node.value.id]):
             missing.append(f"{node.value.id}.{node.attr} (line {node.lineno})")
     assert not missing, f"{name} names what xpcnn does not have: {missing}"
+
+
+def test_the_column_sum_accuracy_script_runs():
+    from cuda_emulator import compiler
+
+    if compiler() is None:
+        pytest.skip("needs a C++ compiler (CXX or c++)")
+    out = _run("--rows", "300", script="column_sum_accuracy.py")
+    assert out.returncode == 0, out.stderr
+    assert [line.split()[:3] for line in out.stdout.splitlines()] == [
+        ["300", "rows,", "float32"], ["300", "rows,", "float16"]]

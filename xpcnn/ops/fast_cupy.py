@@ -307,48 +307,6 @@ _DROPOUT = cupy.ElementwiseKernel(
     "xpcnn_dropout",
     preamble=_RANDOM_BITS, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
 )
-# Softmax cross-entropy of one row of logits per thread (a few classes each): the row's loss
-# divided by N, whether its first maximum is at the label, and its gradient row, (softmax -
-# target) / N, with the target mixed with the uniform distribution by ``spread`` = smoothing /
-# classes (``keep`` = 1 - smoothing). The same steps as xpcnn.ops.softmax, in the accumulator
-# type. Where ``scaled``, the gradient (rounded to T) is then multiplied by the float16 loss
-# scale ``scale[0]``, read from the device, as the standard version does it after. Logits of a
-# narrower type Z (float16 under mixed precision) are read as the standard version's cast to T
-# would give them (exactly), and their gradient rounded to Z as its cast would round it
-# (``dtype_of``, never read, binds T).
-_SOFTMAX_CROSS_ENTROPY = cupy.ElementwiseKernel(
-    "raw Z z, raw T dtype_of, raw L labels, int32 classes, float64 keep, float64 spread,"
-    " float64 inv_n, raw U scale, bool scaled",
-    "raw Z grad, raw S stats",
-    """
-    typedef XpcnnAcc<T>::type A;
-    const long long base = (long long)i * classes;
-    const long long label = (long long)labels[i];
-    A top = (A)z[base];
-    int first = 0;
-    for (int c = 1; c < classes; ++c) {
-        const A v = (A)z[base + c];
-        if (v > top) { top = v; first = c; }
-    }
-    A total = (A)0;
-    for (int c = 0; c < classes; ++c) total += exp((A)z[base + c] - top);
-    const A log_total = log(total);
-    A loss = (A)0;
-    for (int c = 0; c < classes; ++c) {
-        const A logp = ((A)z[base + c] - top) - log_total;
-        const A t = (c == label ? (A)keep : (A)0) + (A)spread;
-        loss -= t * logp;
-        const T g = (T)((exp(logp) - t) * (A)inv_n);
-        grad[base + c] = (Z)(scaled ? (T)((A)g * (A)scale[0]) : g);
-    }
-    if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
-    stats[2 * i] = (S)(loss * (A)inv_n);
-    stats[2 * i + 1] = (S)(first == label ? 1 : 0);
-    """,
-    "xpcnn_softmax_cross_entropy",
-    preamble=_ACC,
-)
-
 # The optimisers' updates (the formulas of xpcnn.optim, in the same order) for every parameter
 # of a step in one launch: one thread per element of all of them. ``table`` holds the running
 # element offsets of the ``count`` arrays (count + 1 values), then per array the addresses of
@@ -586,8 +544,195 @@ class _DeferredTables:
 # was not measured apart from the bias-gradient change that came with it.)
 _SPLIT_K_ROWS = 2048
 _SPLIT_K_MAX = 128
-# The fewest rows CupyKernels.sum_rows sums over blocks of rows (in two launches).
-_BLOCKED_SUM_ROWS = 1024
+
+# Raw kernels (a block's threads working together through shared memory) are compiled from
+# their source with typedefs of their type names (``_raw_kernel``). The "last block" way of
+# summing in one launch (CUDA's threadFenceReduction sample): each block writes its partial sums,
+# makes them visible to every block (__threadfence), and counts itself done on a counter in
+# device memory; the block that counts last sums the partials, always in the same order, so the
+# result is the same bit for bit run to run whichever block is last. atomicInc wraps the counter
+# back to 0 at that last count: it is ready for the next launch with no memset, and a CUDA graph
+# replays the launch as captured. The last block reads the partials through a volatile pointer
+# (from L2, never a stale L1 line).
+_LAST_BLOCK = r"""
+__device__ bool xpcnn_last_block(unsigned int* counter, unsigned int blocks) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        last = atomicInc(counter, blocks - 1) == blocks - 1;
+    }
+    __syncthreads();
+    return last;
+}
+__device__ float xpcnn_widen(float x) { return x; }
+__device__ double xpcnn_widen(double x) { return x; }
+"""
+# (only where a type is float16: CUDA's header, which NVRTC finds among CUDA's headers)
+_HALF = r"""
+#include <cuda_fp16.h>
+__device__ float xpcnn_widen(__half x) { return __half2float(x); }
+"""
+_C_TYPES = {"float16": "__half", "float32": "float", "float64": "double", "int8": "signed char",
+            "uint8": "unsigned char", "int16": "short", "uint16": "unsigned short",
+            "int32": "int", "uint32": "unsigned int", "int64": "long long",
+            "uint64": "unsigned long long"}
+_RAW_KERNELS: dict[tuple[str, ...], Any] = {}
+
+
+def _raw_kernel(name: str, source: str, **types: Any) -> Any:
+    """Kernel ``name`` of ``source`` with each of ``types`` (a type name of the source: a
+    dtype) typedef'd to its C type, made once (CuPy compiles it on first use)."""
+    names = {k: np.dtype(v).name for k, v in types.items()}
+    key = (name, *(f"{k}={v}" for k, v in names.items()))
+    if key not in _RAW_KERNELS:
+        half = _HALF if "float16" in names.values() else ""
+        typedefs = "".join(f"typedef {_C_TYPES[v]} {k};\n" for k, v in names.items())
+        _RAW_KERNELS[key] = cupy.RawKernel(half + typedefs + _LAST_BLOCK + source, name)
+    return _RAW_KERNELS[key]
+
+
+# Per device, the counters of the "last block" launches (0 between launches; made on first use
+# and held for good: a captured graph keeps their address). One such launch at a time per
+# device: those of a stream run in order, and a training step's run on one stream.
+_COUNTERS: dict[str, Any] = {}
+_COUNTERS_PER_DEVICE = 1024
+
+
+def _counters(a: Any) -> Any:
+    """The counters of ``a``'s device, from CuPy's default memory pool, which lasts as long as
+    the process (a first use may come in a CUDA graph's warm-up, whose own pool frees its
+    memory with itself: xpcnn.cuda_graphs)."""
+    device = str(a.device)
+    if device not in _COUNTERS:
+        with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
+            _COUNTERS[device] = cupy.zeros(_COUNTERS_PER_DEVICE, cupy.uint32)
+    return _COUNTERS[device]
+
+
+# A sum over the rows of a C-contiguous (rows, cols) array of X (a bias gradient) in one
+# launch, in A: float32 for float16 data (a float16 sum of a batch's rows would lose their low
+# bits), else the data's own type. Block (x, y) sums rows [x*per, x*per + per) of the 32
+# columns [32y, 32y + 32): thread (c, lane) every LANES-th row from ``lane`` on, in order, then
+# a tree over the lanes in shared memory, into row x of ``partials``; the last block of each
+# column chunk y (counter y) sums that chunk's partials the same way.
+_SUM_ROWS_LANES = 8
+_SUM_ROWS_SOURCE = f"#define LANES {_SUM_ROWS_LANES}\n" + r"""
+__device__ A xpcnn_lanes_total(A (*lanes)[32], A s) {
+    const int c = threadIdx.x, lane = threadIdx.y;
+    lanes[lane][c] = s;
+    __syncthreads();
+    for (int half = LANES / 2; half > 0; half /= 2) {
+        if (lane < half) lanes[lane][c] += lanes[lane + half][c];
+        __syncthreads();
+    }
+    return lanes[0][c];
+}
+extern "C" __global__ void xpcnn_sum_rows(const X* __restrict__ a, long long rows, int cols,
+                                          long long per, A* partials, unsigned int* counters,
+                                          A* __restrict__ out) {
+    __shared__ A lanes[LANES][32];
+    const int lane = threadIdx.y;
+    const int col = blockIdx.y * 32 + threadIdx.x;
+    const long long first = blockIdx.x * per;
+    const long long end = first + per < rows ? first + per : rows;
+    A s = (A)0;
+    if (col < cols) {
+        #pragma unroll 8
+        for (long long r = first + lane; r < end; r += LANES) {
+            s += (A)xpcnn_widen(a[r * cols + col]);
+        }
+    }
+    s = xpcnn_lanes_total(lanes, s);
+    if (lane == 0 && col < cols) partials[blockIdx.x * (long long)cols + col] = s;
+    if (!xpcnn_last_block(&counters[blockIdx.y], gridDim.x)) return;
+    const volatile A* done = partials;
+    s = (A)0;
+    if (col < cols) {
+        for (unsigned b = lane; b < gridDim.x; b += LANES) s += done[b * (long long)cols + col];
+    }
+    s = xpcnn_lanes_total(lanes, s);
+    if (lane == 0 && col < cols) out[col] = s;
+}
+"""
+# Blocks along the rows: at most this many, each of at least this many rows (a sum over
+# 512 x 32 x 32 pixels, 524,288 rows: 512 blocks of 1024 rows, about 4 of 256 threads per
+# multiprocessor of an H100 or H200; a Dense layer's 128 rows: one block). Not tuned on a GPU.
+_SUM_ROWS_BLOCKS = 512
+_SUM_ROWS_PER_BLOCK = 1024
+
+# Softmax cross-entropy of one row of logits per thread (a few classes each): the row's loss
+# divided by N, whether its first maximum is at the label, and its gradient row, (softmax -
+# target) / N, with the target mixed with the uniform distribution by ``spread`` = smoothing /
+# classes (``keep`` = 1 - smoothing). The same steps as xpcnn.ops.softmax, in the accumulator
+# type A (float32 for float16 T). Where ``scaled``, the gradient (rounded to T) is then
+# multiplied by the float16 loss scale ``scale[0]``, read from the device, as the standard
+# version does it after. Logits of a narrower type Z (float16 under mixed precision) are read
+# as the standard version's cast to T would give them (exactly), and their gradient rounded to
+# Z as its cast would round it (the layer that made them reads it in Z). The rows' [loss, right]
+# summed into ``stats`` in the same launch: a tree per block, then the last block's tree over
+# the blocks' partials (see _LAST_BLOCK).
+_CROSS_ENTROPY_THREADS = 256
+_SOFTMAX_CROSS_ENTROPY_SOURCE = f"#define THREADS {_CROSS_ENTROPY_THREADS}\n" + r"""
+__device__ void xpcnn_pair_total(A (*sums)[THREADS], A loss, A right) {
+    const int t = threadIdx.x;
+    sums[0][t] = loss;
+    sums[1][t] = right;
+    __syncthreads();
+    for (int half = THREADS / 2; half > 0; half /= 2) {
+        if (t < half) {
+            sums[0][t] += sums[0][t + half];
+            sums[1][t] += sums[1][t + half];
+        }
+        __syncthreads();
+    }
+}
+extern "C" __global__ void xpcnn_softmax_cross_entropy(
+        const Z* __restrict__ z, const L* __restrict__ labels, long long n, int classes,
+        double keep, double spread, double inv_n, const U* scale, int scaled,
+        Z* __restrict__ grad, A* partials, unsigned int* counter, A* __restrict__ stats) {
+    __shared__ A sums[2][THREADS];
+    const int t = threadIdx.x;
+    const long long i = blockIdx.x * (long long)THREADS + t;
+    A row_loss = (A)0, right = (A)0;
+    if (i < n) {
+        const long long base = i * classes;
+        const long long label = (long long)labels[i];
+        A top = (A)xpcnn_widen(z[base]);
+        int first = 0;
+        for (int c = 1; c < classes; ++c) {
+            const A v = (A)xpcnn_widen(z[base + c]);
+            if (v > top) { top = v; first = c; }
+        }
+        A total = (A)0;
+        for (int c = 0; c < classes; ++c) total += exp((A)xpcnn_widen(z[base + c]) - top);
+        const A log_total = log(total);
+        A loss = (A)0;
+        for (int c = 0; c < classes; ++c) {
+            const A logp = ((A)xpcnn_widen(z[base + c]) - top) - log_total;
+            const A target = (c == label ? (A)keep : (A)0) + (A)spread;
+            loss -= target * logp;
+            const T g = (T)((exp(logp) - target) * (A)inv_n);
+            grad[base + c] = (Z)(scaled ? (T)((A)xpcnn_widen(g) * (A)xpcnn_widen(scale[0])) : g);
+        }
+        if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
+        row_loss = loss * (A)inv_n;
+        right = first == label ? (A)1 : (A)0;
+    }
+    xpcnn_pair_total(sums, row_loss, right);
+    if (t < 2) partials[2 * blockIdx.x + t] = sums[t][0];
+    if (!xpcnn_last_block(counter, gridDim.x)) return;
+    const volatile A* done = partials;
+    row_loss = (A)0;
+    right = (A)0;
+    for (unsigned b = t; b < gridDim.x; b += THREADS) {
+        row_loss += done[2 * b];
+        right += done[2 * b + 1];
+    }
+    xpcnn_pair_total(sums, row_loss, right);
+    if (t < 2) stats[t] = sums[t][0];
+}
+"""
 
 
 def _contiguous(*arrays: Any) -> bool:
@@ -724,19 +869,24 @@ class CupyKernels(StandardKernels):
         return out
 
     def sum_rows(self, a: Any) -> Any:
-        # Over blocks of rows first: a reduction over the leading axis runs one thread block
-        # per column, only 32-64 of them for a convolution's bias gradient (measured: 12 ms at
-        # batch 512). A few hundred rows (a Dense layer's, one a sample) take one pass: one
-        # launch, not two (not timed on a GPU).
-        rows = a.shape[0]
-        splits = min(rows // 256, 256)
-        if a.ndim != 2 or rows < _BLOCKED_SUM_ROWS or not a.flags.c_contiguous:
+        # One launch whatever the rows (see _SUM_ROWS_SOURCE): CuPy's reduction over the
+        # leading axis runs one thread block per column, only 32-64 of them for a
+        # convolution's bias gradient (measured: 12 ms at batch 512).
+        if a.ndim != 2 or not a.flags.c_contiguous or a.dtype.name not in (
+                "float16", "float32", "float64"):
             return super().sum_rows(a)
+        rows, cols = a.shape
+        chunks = -(-cols // 32)  # (a counter each)
+        if not rows or not cols or chunks > _COUNTERS_PER_DEVICE:
+            return super().sum_rows(a)
+        per = max(_SUM_ROWS_PER_BLOCK, -(-rows // _SUM_ROWS_BLOCKS))
+        blocks = -(-rows // per)
         acc = cupy.float64 if a.dtype == cupy.float64 else cupy.float32
-        blocks, rest = _in_row_blocks(a, splits)
-        out = blocks.sum(axis=1, dtype=acc).sum(axis=0)
-        if rest.shape[0]:
-            out += rest.sum(axis=0, dtype=acc)
+        partials = cupy.empty((blocks, cols), acc)
+        out = cupy.empty(cols, acc)
+        _raw_kernel("xpcnn_sum_rows", _SUM_ROWS_SOURCE, X=a.dtype, A=acc)(
+            (blocks, chunks), (32, _SUM_ROWS_LANES),
+            (a, np.int64(rows), np.int32(cols), np.int64(per), partials, _counters(a), out))
         return out
 
     def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
@@ -843,19 +993,27 @@ class CupyKernels(StandardKernels):
         n, classes = z.shape
         t = z.dtype if dtype is None else np.dtype(dtype)
         # (logits wider than ``dtype``, or a scale that would widen the gradient's dtype, as
-        # for float16 logits: the standard version)
+        # for float16 logits: the standard version; so do labels of no integer dtype)
         if not _contiguous(z, labels) or n == 0 or np.result_type(z.dtype, t) != t or not (
                 scale is None or (scale.flags.c_contiguous
-                                  and np.result_type(t, scale.dtype) == t)):
+                                  and np.result_type(t, scale.dtype) == t)) or (
+                labels.dtype.kind not in "iu"):
             return super().softmax_cross_entropy(z, labels, smoothing, scale, dtype)
         acc = cupy.float64 if t == cupy.float64 else cupy.float32
-        grad = cupy.empty(z.shape, z.dtype)
-        rows = cupy.empty((n, 2), acc)  # per row: loss / N, 1 if predicted right
-        _SOFTMAX_CROSS_ENTROPY(z, cupy.empty(0, t), labels, classes, 1.0 - smoothing,
-                               smoothing / classes, 1.0 / n,
-                               z if scale is None else scale,  # (z: not read)
-                               scale is not None, grad, rows, size=n)
-        return rows.sum(axis=0), grad
+        blocks = -(-n // _CROSS_ENTROPY_THREADS)
+        grad = cupy.empty(z.shape, z.dtype)  # (in the logits' dtype)
+        partials = cupy.empty((blocks, 2), acc)  # per block: its rows' loss / N, right ones
+        stats = cupy.empty(2, acc)
+        scaled = scale is not None
+        if not scaled:
+            scale = z  # (not read)
+        kernel = _raw_kernel("xpcnn_softmax_cross_entropy", _SOFTMAX_CROSS_ENTROPY_SOURCE,
+                             Z=z.dtype, L=labels.dtype, T=t, U=scale.dtype, A=acc)
+        kernel((blocks,), (_CROSS_ENTROPY_THREADS,),
+               (z, labels, np.int64(n), np.int32(classes), np.float64(1.0 - smoothing),
+                np.float64(smoothing / classes), np.float64(1.0 / n), scale,
+                np.int32(scaled), grad, partials, _counters(z), stats))
+        return stats, grad
 
     def cast_all(self, arrays: list[Any], dtype: Any) -> list[Any]:
         out = list(arrays)  # (those of the dtype already stay themselves)
