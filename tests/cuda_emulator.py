@@ -32,7 +32,8 @@ import pytest
 
 C_TYPES = {np.dtype("float16"): "float16", np.dtype("float32"): "float",
            np.dtype("float64"): "double", np.dtype("bool"): "bool",
-           np.dtype("int32"): "int", np.dtype("int64"): "long long",
+           np.dtype("int32"): "int", np.dtype("uint32"): "unsigned int",
+           np.dtype("int64"): "long long",
            np.dtype("uint8"): "unsigned char"}
 
 
@@ -94,12 +95,12 @@ _ROUNDED_PRODUCTS = "".join(
     f"inline {t} {name}({t} a, {t} b) {{ volatile {t} p = a * b; return p; }}\n"
     for name, t in (("__fmul_rn", "float"), ("__dmul_rn", "double")))
 
-# What a kernel's blocks of one thread, run one after the other, make of CUDA's atomics (no
-# other writer between the read and the write), fences and barriers (nothing to wait for).
-_ONE_THREAD_BLOCKS = ("template <typename X> X atomicAdd(X* a, X v) "
-                      "{ X old = *a; *a = old + v; return old; }\n"
-                      "#define __threadfence()\n#define __syncthreads()\n"
-                      "struct xpcnn_dim3 { unsigned x, y, z; };\n")
+# What a kernel's blocks of one thread, run one after the other, make of CUDA's built-ins: the
+# thread's and block's indices (set for each block), a barrier (nothing to wait for), shared
+# memory (the one thread's); the raw kernels' fence and atomicInc (_RAW_DEVICE) besides.
+_ONE_THREAD_BLOCKS = ("struct xpcnn_dim3 { unsigned x, y, z; };\n"
+                      "static xpcnn_dim3 threadIdx, blockIdx, blockDim, gridDim;\n"
+                      "#define __syncthreads()\n#define __shared__ static\n")
 
 
 class ElementwiseKernel:
@@ -160,7 +161,7 @@ class ElementwiseKernel:
                 per_element.append(f"{c}& {name} = {name}_p[i];")
         typedefs = "".join(f"typedef {C_TYPES[v]} {k};\n" for k, v in types_.items())
         source = ("#include <cmath>\n#define __device__\nusing namespace std;\n" + _FLOAT16 +
-                  _ROUNDED_PRODUCTS + _ONE_THREAD_BLOCKS +
+                  _ROUNDED_PRODUCTS + _ONE_THREAD_BLOCKS + _RAW_DEVICE +
                   typedefs + self.preamble +
                   "template <typename X> struct Raw { X* d; "
                   "X& operator[](long long k) const { return d[k]; } };\n"
@@ -168,10 +169,9 @@ class ElementwiseKernel:
                   " double* scalars) {\n"
                   + "\n".join(decls) + "\nfor (long long xpcnn_block = 0;"
                   " xpcnn_block < xpcnn_blocks; ++xpcnn_block) {\n"
-                  "const xpcnn_dim3 threadIdx = {0, 0, 0}, blockDim = {1, 1, 1},"
-                  " blockIdx = {(unsigned)xpcnn_block, 0, 0},"
-                  " gridDim = {(unsigned)xpcnn_blocks, 1, 1};\n"
-                  "(void)threadIdx; (void)blockDim; (void)blockIdx; (void)gridDim;\n{"
+                  "threadIdx = {0, 0, 0}; blockDim = {1, 1, 1};"
+                  " blockIdx = {(unsigned)xpcnn_block, 0, 0};"
+                  " gridDim = {(unsigned)xpcnn_blocks, 1, 1};\n{"
                   + self.loop_prep + "\nfor (long long i = xpcnn_block; i < size;"
                   " i += xpcnn_blocks) {\n"
                   + "\n".join(per_element) + "\n{" + self.body + "}\n}\n"

@@ -90,8 +90,8 @@ def test_tiled_kernels_compile(cuda_conv, monkeypatch, name, dtype, tf32, arch):
 
 # The C types CuPy gives an ElementwiseKernel's scalars, and stand-ins for its placeholders:
 # CuPy's own float16 class converts to and from float as cuda_fp16.h's __half does.
-SCALAR_TYPES = {"int32": "int", "int64": "long long", "float32": "float", "float64": "double",
-                "bool": "bool"}
+SCALAR_TYPES = {"int32": "int", "uint32": "unsigned int", "int64": "long long",
+                "float32": "float", "float64": "double", "bool": "bool"}
 
 
 # A stand-in for CuPy's own float16 (cupy/_core/include/cupy/float16.cuh), where the kernels

@@ -15,7 +15,7 @@ from .base import DEFAULT, Layer, Options, Shape
 class RandomLayer(Layer):
     """A layer that draws random numbers on the device.
 
-    Its whole random state is ``random_state``, a device array [seed, draws so far, 0] (see
+    Its whole random state is ``random_state``, a device array [seed, draws so far] (see
     :mod:`xpcnn.ops.random`): the seed is drawn at build from the model's generator, and each
     training batch's draw reads the state and counts itself there, on the device. No host
     value changes from one step to the next, so a step can be captured in a CUDA graph and
@@ -29,8 +29,7 @@ class RandomLayer(Layer):
     """
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
-        self.random_state = self.backend.asarray(np.array([rng.integers(2**31), 0, 0],
-                                                          np.int64))
+        self.random_state = self.backend.asarray(np.array([rng.integers(2**31), 0], np.int64))
         self.batch_slice: tuple[int, int] | None = None
         return input_shape
 
@@ -46,7 +45,7 @@ class RandomLayer(Layer):
     def set_random_state(self, seed: int, calls: int) -> None:
         """Resume the stream of ``seed`` after ``calls`` draws (written in place: a captured
         step goes on reading it)."""
-        self.random_state[...] = self.backend.asarray(np.array([seed, calls, 0], np.int64))
+        self.random_state[...] = self.backend.asarray(np.array([seed, calls], np.int64))
 
     def skip_draw(self) -> None:
         """Count a draw without drawing (a data-parallel rank with no sample in a batch)."""

@@ -265,48 +265,6 @@ __device__ unsigned long long xpcnn_random_bits(long long seed, long long draw,
     return xpcnn_mix(key + ((unsigned long long)element + 1ULL) * gamma);
 }
 """
-# A kernel that draws counts its draw in ``state`` (xpcnn.ops.random's [seed, draw, 0]) in the
-# same launch: every thread reads the draw before its loop (``_READ_DRAW``); after it, once each
-# thread of its block has (the barrier), the block's first thread counts the block in
-# ``state[2]``, and the last block to arrive (every thread of the launch has read the draw by
-# then) writes draw + 1 and puts the count back to 0 (``_COUNT_DRAW``). One atomic a block, of
-# _DRAW_BLOCK threads (CuPy's default 128 would make 4 times as many).
-_READ_DRAW = "const long long seed = state[0], draw = state[1];"
-_COUNT_DRAW = """
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        const unsigned long long before = atomicAdd((unsigned long long*)&state[2], 1ULL);
-        if (before == (unsigned long long)gridDim.x - 1ULL) {
-            __threadfence();
-            state[1] = draw + 1;
-            state[2] = 0;
-        }
-    }
-"""
-_DRAW_BLOCK = 512
-# Numbers in [0, 1): element ``first + i`` of the draw that ``state`` names, counted there.
-_UNIFORM = cupy.ElementwiseKernel(
-    "int64 first, int32 bits, float64 scale",
-    "T u, raw int64 state",
-    "u = (T)((double)(xpcnn_random_bits(seed, draw, first + i) >> (64 - bits)) * scale);",
-    "xpcnn_uniform",
-    preamble=_RANDOM_BITS, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
-)
-# StandardKernels.dropout in one launch: the number (as _UNIFORM draws it, ``unit`` = 2**-bits),
-# the mask ``keep`` (number >= rate) and the output x * keep * scale, in the standard order, the
-# draw counted as _UNIFORM counts it.
-_DROPOUT = cupy.ElementwiseKernel(
-    "T x, int64 first, int32 bits, float64 unit, T rate, T scale",
-    "T y, bool keep, raw int64 state",
-    """
-    const T u = (T)((double)(xpcnn_random_bits(seed, draw, first + i) >> (64 - bits)) * unit);
-    keep = u >= rate;
-    y = x * (T)(keep ? 1.0f : 0.0f) * scale;
-    """,
-    "xpcnn_dropout",
-    preamble=_RANDOM_BITS, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
-)
 # The optimisers' updates (the formulas of xpcnn.optim, in the same order) for every parameter
 # of a step in one launch: one thread per element of all of them. ``table`` holds the running
 # element offsets of the ``count`` arrays (count + 1 values), then per array the addresses of
@@ -573,6 +531,38 @@ _HALF = r"""
 #include <cuda_fp16.h>
 __device__ float xpcnn_widen(__half x) { return __half2float(x); }
 """
+# A kernel that draws counts its draw in ``state`` (xpcnn.ops.random's [seed, draw]) in the
+# same launch: every thread reads the draw before its loop (``_READ_DRAW``); after it, the
+# last block to finish (see _LAST_BLOCK: every thread of the launch has read the draw by then)
+# writes draw + 1 (``_COUNT_DRAW``). Blocks of _DRAW_BLOCK threads: one atomic each (CuPy's
+# default 128 would make 4 times as many).
+_READ_DRAW = "const long long seed = state[0], draw = state[1];"
+_COUNT_DRAW = """
+    if (xpcnn_last_block(&counter[0], gridDim.x) && threadIdx.x == 0) state[1] = draw + 1;
+"""
+_DRAW_BLOCK = 512
+# Numbers in [0, 1): element ``first + i`` of the draw that ``state`` names, counted there.
+_UNIFORM = cupy.ElementwiseKernel(
+    "int64 first, int32 bits, float64 scale",
+    "T u, raw int64 state, raw uint32 counter",
+    "u = (T)((double)(xpcnn_random_bits(seed, draw, first + i) >> (64 - bits)) * scale);",
+    "xpcnn_uniform",
+    preamble=_RANDOM_BITS + _LAST_BLOCK, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
+)
+# StandardKernels.dropout in one launch: the number (as _UNIFORM draws it, ``unit`` = 2**-bits),
+# the mask ``keep`` (number >= rate) and the output x * keep * scale, in the standard order, the
+# draw counted as _UNIFORM counts it.
+_DROPOUT = cupy.ElementwiseKernel(
+    "T x, int64 first, int32 bits, float64 unit, T rate, T scale",
+    "T y, bool keep, raw int64 state, raw uint32 counter",
+    """
+    const T u = (T)((double)(xpcnn_random_bits(seed, draw, first + i) >> (64 - bits)) * unit);
+    keep = u >= rate;
+    y = x * (T)(keep ? 1.0f : 0.0f) * scale;
+    """,
+    "xpcnn_dropout",
+    preamble=_RANDOM_BITS + _LAST_BLOCK, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
+)
 _C_TYPES = {"float16": "__half", "float32": "float", "float64": "double", "int8": "signed char",
             "uint8": "unsigned char", "int16": "short", "uint16": "unsigned short",
             "int32": "int", "uint32": "unsigned int", "int64": "long long",
@@ -747,13 +737,6 @@ def _in_row_blocks(a: Any, splits: int) -> tuple[Any, Any]:
     return a[:used].reshape(splits, per, *a.shape[1:]), a[used:]
 
 
-def _check_state(state: Any) -> None:
-    """A random state as the drawing kernels write it (they count their draws in its last
-    entry)."""
-    if state.shape != (3,):
-        raise ValueError(f"a random state is [seed, draws, 0], got shape {state.shape}")
-
-
 def _mean_hw(a: Any, dtype: Any) -> Any:
     """The mean over axes 1 and 2 of ``a`` cast to ``dtype`` (the cast read in the reduction:
     no pass of its own), as the standard version computes it."""
@@ -914,12 +897,11 @@ class CupyKernels(StandardKernels):
         return dx
 
     def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
-        _check_state(state)
         if not math.prod(shape):  # (no launch would count the draw)
             return super().uniform(state, shape, dtype, first)
         bits = random.significant_bits(cupy, dtype)
         return _UNIFORM(first, bits, 2.0**-bits, cupy.empty(shape, dtype), state,
-                        block_size=_DRAW_BLOCK)[0]
+                        _counters(state), block_size=_DRAW_BLOCK)[0]
 
     def random_crop(self, x: Any, u: Any, padding: int) -> Any:
         n, h, w, c = x.shape
@@ -969,14 +951,13 @@ class CupyKernels(StandardKernels):
         return _MASK_MULTIPLY_RELU(x, mask, factor, relu_y)
 
     def dropout(self, state: Any, x: Any, rate: float, first: int = 0) -> tuple[Any, Any]:
-        _check_state(state)
         if x.size == 0:  # (no launch would count the draw)
             return super().dropout(state, x, rate, first)
         bits = random.significant_bits(cupy, x.dtype)
         t = x.dtype.type
-        y, keep, _ = _DROPOUT(x, first, bits, 2.0**-bits, t(rate), t(1.0 / (1.0 - rate)),
-                              cupy.empty(x.shape, x.dtype), cupy.empty(x.shape, cupy.bool_),
-                              state, block_size=_DRAW_BLOCK)
+        y, keep, _, _ = _DROPOUT(x, first, bits, 2.0**-bits, t(rate), t(1.0 / (1.0 - rate)),
+                                 cupy.empty(x.shape, x.dtype), cupy.empty(x.shape, cupy.bool_),
+                                 state, _counters(state), block_size=_DRAW_BLOCK)
         return y, keep
 
     def relu(self, x: Any, max_value: float | None) -> Any:

@@ -1,10 +1,7 @@
 """Uniform random numbers computed on the device from a state held in device memory.
 
 A random layer keeps its whole random state in one small device array, ``state`` = [seed,
-draws so far, 0] (int64; the last entry is a fast kernel's scratch within a launch, 0 between
-launches: CuPy's dropout counts there the thread blocks that have read the draw, and the last
-of them counts the draw, in the same launch). Its numbers are a hash of (seed, draw, element
-index): nothing is
+draws so far] (int64). Its numbers are a hash of (seed, draw, element index): nothing is
 read by the host, so a training step that draws them can be captured in a CUDA graph and
 replayed (the graph reads the state where it was captured reading it, and the layer counts
 its draws on the device), and a checkpoint restores the stream exactly by restoring the two
@@ -60,8 +57,8 @@ def _mix(z: Any) -> Any:
 
 def uniform(xp: Any, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
     """Numbers in [0, 1) of ``shape`` and float ``dtype``: elements ``first`` onwards of the
-    draw that ``state`` ([seed, draw, ...], an int64 device array) names. The state is read,
-    not advanced (the caller counts its draws)."""
+    draw that ``state`` ([seed, draw], an int64 device array) names. The state is read, not
+    advanced (the caller counts its draws)."""
     seed, draw = state[0:1], state[1:2]  # (1-element arrays: never host scalars)
     key = _mix(_mix(seed) + (draw + 1) * GAMMA)
     count = math.prod(shape)
