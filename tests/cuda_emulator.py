@@ -32,7 +32,8 @@ import pytest
 
 C_TYPES = {np.dtype("float16"): "float16", np.dtype("float32"): "float",
            np.dtype("float64"): "double", np.dtype("bool"): "bool",
-           np.dtype("int32"): "int", np.dtype("int64"): "long long",
+           np.dtype("int32"): "int", np.dtype("uint32"): "unsigned int",
+           np.dtype("int64"): "long long",
            np.dtype("uint8"): "unsigned char"}
 
 
@@ -94,13 +95,20 @@ _ROUNDED_PRODUCTS = "".join(
     f"inline {t} {name}({t} a, {t} b) {{ volatile {t} p = a * b; return p; }}\n"
     for name, t in (("__fmul_rn", "float"), ("__dmul_rn", "double")))
 
-# CUDA's atomics, for a loop that is one thread (no other writer between the read and the write).
-_ONE_THREAD_ATOMICS = ("template <typename X> X atomicOr(X* a, X v) "
-                       "{ X old = *a; *a = old | v; return old; }\n")
+# What a kernel's blocks of one thread, run one after the other, make of CUDA's built-ins: the
+# thread's and block's indices (set for each block), a barrier (nothing to wait for), shared
+# memory (the one thread's); the raw kernels' fence and atomicInc (_RAW_DEVICE) besides.
+_ONE_THREAD_BLOCKS = ("struct xpcnn_dim3 { unsigned x, y, z; };\n"
+                      "static xpcnn_dim3 threadIdx, blockIdx, blockDim, gridDim;\n"
+                      "#define __syncthreads()\n#define __shared__ static\n")
 
 
 class ElementwiseKernel:
-    """The subset of ``cupy.ElementwiseKernel`` that xpcnn uses, compiled for the CPU."""
+    """The subset of ``cupy.ElementwiseKernel`` that xpcnn uses, compiled for the CPU. Its grid
+    is blocks of one thread, run one after the other, each the ``loop_prep`` code, its
+    grid-stride loop over ``i``, then the ``after_loop`` code; one block, the loop in order,
+    for a kernel without ``after_loop``, three for one with (the code that runs once a block,
+    run where earlier blocks have run theirs)."""
 
     build_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "xpcnn-cuda-emulator"
     #: True to fuse products and sums into multiply-adds as a GPU does (NVRTC's default
@@ -109,11 +117,12 @@ class ElementwiseKernel:
     fused_multiply_add = False
 
     def __init__(self, in_params: str, out_params: str, operation: str, name: str = "kernel",
-                 preamble: str = "") -> None:
+                 preamble: str = "", loop_prep: str = "", after_loop: str = "") -> None:
         self.ins, self.outs = _params(in_params), _params(out_params)
         self.body, self.name, self.preamble = operation, name, preamble
+        self.loop_prep, self.after_loop = loop_prep, after_loop
 
-    def __call__(self, *args: Any, size: int | None = None) -> Any:
+    def __call__(self, *args: Any, size: int | None = None, block_size: int = 128) -> Any:
         params = self.ins + self.outs
         args = list(args)
         types_ = self._types(args)
@@ -152,17 +161,28 @@ class ElementwiseKernel:
                 per_element.append(f"{c}& {name} = {name}_p[i];")
         typedefs = "".join(f"typedef {C_TYPES[v]} {k};\n" for k, v in types_.items())
         source = ("#include <cmath>\n#define __device__\nusing namespace std;\n" + _FLOAT16 +
-                  _ROUNDED_PRODUCTS +
-                  typedefs + self.preamble + _ONE_THREAD_ATOMICS +
+                  _ROUNDED_PRODUCTS + _ONE_THREAD_BLOCKS + _RAW_DEVICE +
+                  typedefs + self.preamble +
                   "template <typename X> struct Raw { X* d; "
                   "X& operator[](long long k) const { return d[k]; } };\n"
-                  'extern "C" void run(long long size, void** ptrs, double* scalars) {\n'
-                  + "\n".join(decls) + "\nfor (long long i = 0; i < size; ++i) {\n"
-                  + "\n".join(per_element) + "\n{" + self.body + "}\n}\n}\n")
+                  'extern "C" void run(long long size, long long xpcnn_blocks, void** ptrs,'
+                  " double* scalars) {\n"
+                  + "\n".join(decls) + "\nfor (long long xpcnn_block = 0;"
+                  " xpcnn_block < xpcnn_blocks; ++xpcnn_block) {\n"
+                  "threadIdx = {0, 0, 0}; blockDim = {1, 1, 1};"
+                  " blockIdx = {(unsigned)xpcnn_block, 0, 0};"
+                  " gridDim = {(unsigned)xpcnn_blocks, 1, 1};\n{"
+                  + self.loop_prep + "\nfor (long long i = xpcnn_block; i < size;"
+                  " i += xpcnn_blocks) {\n"
+                  + "\n".join(per_element) + "\n{" + self.body + "}\n}\n"
+                  + self.after_loop + "}\n}\n}\n")
         library = self._build(source)
         ptrs = (ctypes.c_void_p * max(1, len(buffers)))(*[b.ctypes.data for b in buffers])
         values = (ctypes.c_double * max(1, len(scalars)))(*scalars)
-        library.run(ctypes.c_longlong(int(np.prod(shape))), ptrs, values)
+        count = int(np.prod(shape))
+        # (none where there is no element: CuPy launches nothing)
+        blocks = min(count, 3) if self.after_loop else min(count, 1)
+        library.run(ctypes.c_longlong(count), ctypes.c_longlong(blocks), ptrs, values)
         for a, buf in copy_back:
             a[...] = buf
         outs = args[len(self.ins):]

@@ -90,8 +90,8 @@ def test_tiled_kernels_compile(cuda_conv, monkeypatch, name, dtype, tf32, arch):
 
 # The C types CuPy gives an ElementwiseKernel's scalars, and stand-ins for its placeholders:
 # CuPy's own float16 class converts to and from float as cuda_fp16.h's __half does.
-SCALAR_TYPES = {"int32": "int", "int64": "long long", "float32": "float", "float64": "double",
-                "bool": "bool"}
+SCALAR_TYPES = {"int32": "int", "uint32": "unsigned int", "int64": "long long",
+                "float32": "float", "float64": "double", "bool": "bool"}
 
 
 # A stand-in for CuPy's own float16 (cupy/_core/include/cupy/float16.cuh), where the kernels
@@ -122,9 +122,10 @@ public:
 
 def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...] = ()) -> str:
     """An emulated ``cupy.ElementwiseKernel`` as the CUDA kernel CuPy would build: its body in
-    a grid-stride loop over ``i``; raw arguments are pointers, the non-raw ones named in
-    ``arrays`` each thread's element of one (the others scalars); the inputs const, as CuPy
-    declares them (a const CArray, a const reference, a const scalar)."""
+    a grid-stride loop over ``i``, between its ``loop_prep`` and ``after_loop``; raw arguments
+    are pointers, the non-raw ones named in ``arrays`` each thread's element of one (the others
+    scalars); the inputs const, as CuPy declares them (a const CArray, a const reference, a
+    const scalar)."""
     def c_type(ty, name):
         const = "const " if name in [n for _, _, n in kernel.ins] else ""
         return const + types.get(ty, SCALAR_TYPES.get(ty))
@@ -136,8 +137,10 @@ def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...
     typedefs = "".join(f"typedef {c} {k};\n" for k, c in types.items())
     return ("#include <cuda_fp16.h>\n" + CUPY_FLOAT16 + typedefs + kernel.preamble +
             f'\nextern "C" __global__ void {kernel.name}({", ".join(params)}, long long n) {{\n'
-            "for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;"
-            " i += (long long)blockDim.x * gridDim.x) {\n" + elements + kernel.body + "\n}\n}\n")
+            + kernel.loop_prep +
+            "\nfor (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;"
+            " i += (long long)blockDim.x * gridDim.x) {\n" + elements + kernel.body + "\n}\n"
+            + kernel.after_loop + "\n}\n")
 
 
 def _raw_source(fast_cupy, monkeypatch, name: str, source: str, **types) -> str:
@@ -180,8 +183,8 @@ def test_softmax_cross_entropy_kernel_compiles(fast_cupy, monkeypatch, logits, d
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
 def test_gradient_check_kernel_compiles(fast_cupy, dtype):
     """The first kernel of a step's record: a gradient element of each dtype read in double,
-    an atomic OR where it is bad."""
-    source = _elementwise_as_kernel(fast_cupy._CHECK_GRADIENTS, {"T": dtype})
+    its array's mark in the float64 state set where it is bad."""
+    source = _elementwise_as_kernel(fast_cupy._CHECK_GRADIENTS, {"T": dtype, "F": "double"})
     code, log = _compile(source, "xpcnn_check_gradients", 90)
     assert code == 0, log
 
@@ -198,9 +201,18 @@ def test_record_step_kernels_compile(fast_cupy, name, stats):
 
 
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
+def test_random_numbers_kernel_compiles(fast_cupy, dtype):
+    """Numbers in [0, 1) of the draw, counted by the last block (as dropout's)."""
+    source = _elementwise_as_kernel(fast_cupy._UNIFORM, {"T": dtype}, arrays=("u",))
+    code, log = _compile(source, "xpcnn_uniform", 90)
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("dtype", ["__half", "float", "double"])
 def test_dropout_kernel_compiles(fast_cupy, dtype):
     """Dropout in one launch: the random bits' device functions, the number compared in the
-    data's type (CuPy's float16 compares as ``__half`` does), the mask and the product."""
+    data's type (CuPy's float16 compares as ``__half`` does), the mask and the product, and the
+    draw counted by the last block (a barrier, fences and a 64-bit atomic add)."""
     source = _elementwise_as_kernel(fast_cupy._DROPOUT, {"T": dtype}, arrays=("x", "y", "keep"))
     code, log = _compile(source, "xpcnn_dropout", 90)
     assert code == 0, log
@@ -236,26 +248,32 @@ def test_mask_multiply_relu_kernel_compiles(fast_cupy, dtype, relu):
     assert code == 0, log
 
 
-@pytest.mark.parametrize("source, target", [("unsigned char", "float"), ("unsigned char", "__half"),
-                                            ("unsigned char", "double"), ("__half", "__half"),
-                                            ("float", "float")])
-def test_rescale_kernel_compiles(fast_cupy, source, target):
-    """A model's uint8 batch cast and scaled in one launch (a Rescaling first layer)."""
-    source_code = _elementwise_as_kernel(fast_cupy._RESCALE, {"S": source, "T": target},
+@pytest.mark.parametrize("source, compute, target", [
+    ("unsigned char", "float", "float"), ("unsigned char", "float", "__half"),
+    ("unsigned char", "__half", "__half"), ("unsigned char", "double", "double"),
+    ("__half", "__half", "__half"), ("float", "float", "float")])
+def test_rescale_kernel_compiles(fast_cupy, source, compute, target):
+    """A model's uint8 batch cast, scaled and shifted in one launch (a Rescaling first layer),
+    computed in one type and stored in another (mixed precision's compute dtype)."""
+    source_code = _elementwise_as_kernel(fast_cupy._RESCALE,
+                                         {"S": source, "T": compute, "U": target},
                                          arrays=("x", "y"))
     code, log = _compile(source_code, "xpcnn_rescale", 90)
     assert code == 0, log
 
 
-@pytest.mark.parametrize("dtype", ["__half", "float", "double"])
+@pytest.mark.parametrize("dtype, io", [("__half", "__half"), ("float", "float"),
+                                       ("double", "double"), ("float", "__half")])
 @pytest.mark.parametrize("name", ["_CENTRED_SQUARES", "_STANDARDIZE", "_FEATURE_NORM_BACKWARD"])
-def test_feature_norm_kernels_compile(fast_cupy, name, dtype):
+def test_feature_norm_kernels_compile(fast_cupy, name, dtype, io):
     """FeatureNorm's kernels: the statistics read per (image, channel), the square root in the
-    accumulator type, 1 / sqrt written by one thread per (image, channel)."""
+    accumulator type, 1 / sqrt written by one thread per (image, channel); the input, output
+    and gradients in ``io`` (float16 under mixed precision), computed in ``dtype``."""
     kernel = getattr(fast_cupy, name)
     arrays = tuple(n for raw, _, n in kernel.ins + kernel.outs if not raw and n in
                    ("x", "sq", "xhat", "dy", "r", "dx"))
-    source = _elementwise_as_kernel(kernel, {"T": dtype, "R": dtype}, arrays=arrays)
+    source = _elementwise_as_kernel(kernel, {"T": dtype, "R": io, "X": io, "Y": io, "D": io},
+                                    arrays=arrays)
     code, log = _compile(source, kernel.name, 90)
     assert code == 0, log
 
@@ -267,11 +285,17 @@ CUPY_FLOAT16_CASES = [
     ("_MAX_POOL_BACKWARD", {"T": "float16", "G": "float"}, ("yv", "g")),
     ("_MASK_MULTIPLY_RELU", {"T": "float16", "Y": "float16"}, ("x", "m", "r", "y")),
     ("_MASK_MULTIPLY_RELU", {"T": "float", "Y": "float16"}, ("x", "m", "r", "y")),
-    ("_RESCALE", {"S": "unsigned char", "T": "float16"}, ("x", "y")),
-    ("_RESCALE", {"S": "float16", "T": "float16"}, ("x", "y")),
-    ("_CENTRED_SQUARES", {"T": "float16"}, ("x", "sq")),
-    ("_STANDARDIZE", {"T": "float16"}, ("x", "xhat")),
-    ("_FEATURE_NORM_BACKWARD", {"T": "float16", "R": "float16"}, ("dy", "xhat", "r", "dx")),
+    ("_RESCALE", {"S": "unsigned char", "T": "float16", "U": "float16"}, ("x", "y")),
+    ("_RESCALE", {"S": "unsigned char", "T": "float", "U": "float16"}, ("x", "y")),
+    ("_RESCALE", {"S": "float16", "T": "float16", "U": "float16"}, ("x", "y")),
+    ("_CENTRED_SQUARES", {"T": "float16", "X": "float16"}, ("x", "sq")),
+    ("_CENTRED_SQUARES", {"T": "float", "X": "float16"}, ("x", "sq")),
+    ("_STANDARDIZE", {"T": "float16", "X": "float16", "Y": "float16"}, ("x", "xhat")),
+    ("_STANDARDIZE", {"T": "float", "X": "float16", "Y": "float16"}, ("x", "xhat")),
+    ("_FEATURE_NORM_BACKWARD", {"T": "float16", "R": "float16", "D": "float16", "X": "float16"},
+     ("dy", "xhat", "r", "dx")),
+    ("_FEATURE_NORM_BACKWARD", {"T": "float", "R": "float16", "D": "float16", "X": "float16"},
+     ("dy", "xhat", "r", "dx")),
 ]
 
 

@@ -136,12 +136,16 @@ def test_elementwise_kernels(fast, rng, dtype):
     np.testing.assert_array_equal(fast.mask_multiply(dy, mask), STD.mask_multiply(dy, mask))
     np.testing.assert_array_equal(fast.mask_multiply(dy, mask[:1]),
                                   STD.mask_multiply(dy, mask[:1]))
-    # a model's uint8 batch cast and scaled in one launch, and a batch already of the dtype
+    # a model's uint8 batch cast, scaled and shifted in one launch, and a batch already of the
+    # dtype, given in the dtype or in another (a compute dtype)
     images = rng.integers(0, 256, x.shape).astype(np.uint8)
     for source in (images, x):
-        np.testing.assert_array_equal(fast.rescale(source, 1 / 255, dtype),
-                                      STD.rescale(source, 1 / 255, dtype))
-        assert fast.rescale(source, 1 / 255, dtype).dtype == dtype
+        for offset in (0.0, -0.75):
+            for out in (dtype, np.float16, np.float64):
+                got = fast.rescale(source, 1 / 255, offset, dtype, out)
+                assert got.dtype == out
+                np.testing.assert_array_equal(got, STD.rescale(source, 1 / 255, offset, dtype,
+                                                               out))
     # with the gradient of a ReLU before (a dropout's, apply_input_relu_grad), whose zeros are
     # not the dropout's (x > 0.5 as the mask would hide an ignored ReLU output): NaN * 0 is NaN
     keep = rng.random(x.shape) < 0.7
@@ -181,24 +185,28 @@ def test_casting_many_arrays_in_one_launch(fast, rng):
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 5, 2), (2, 7, 3, 9)])
-@pytest.mark.parametrize("dtype", WITH_HALF)
-def test_feature_norm_and_its_gradient(fast, rng, shape, dtype):
+@pytest.mark.parametrize("dtype, compute", [(np.float16, np.float16), (np.float32, np.float32),
+                                            (np.float64, np.float64), (np.float32, np.float16)])
+def test_feature_norm_and_its_gradient(fast, rng, shape, dtype, compute):
     """After CuPy's own means, one launch each way (the ReLU gradient before it in the same
     launch): the standard version's values exactly, each step stored in the dtype as the
-    standard version's separate operations store it."""
-    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    standard version's separate operations store it. Under mixed precision (``compute``
+    float16) it reads a float16 input and gradient and writes its output and the input's
+    gradient in float16 in the same launches, computing in float32."""
+    x = (rng.standard_normal(shape) * 3 + 1).astype(compute)
     x[0, 0, 0, 0] = 0.0
-    got, want = fast.feature_norm(x, 1e-5), STD.feature_norm(x, 1e-5)
-    for g, w in zip(got, want, strict=True):
-        assert g.dtype == w.dtype == dtype and g.shape == w.shape
+    got, want = (k.feature_norm(x, 1e-5, dtype, compute) for k in (fast, STD))
+    for g, w, t in zip(got, want, (compute, dtype, dtype), strict=True):
+        assert g.dtype == w.dtype == t and g.shape == w.shape
         np.testing.assert_array_equal(g, w)
-    xhat, inv_std = want
-    dy = rng.standard_normal(shape).astype(dtype)
+    _, xhat, inv_std = want
+    dy = rng.standard_normal(shape).astype(compute)
     relu_x = np.maximum(x, 0)  # (a ReLU's output: zeros where its gradient stops)
     for r in (None, relu_x):
-        g = fast.feature_norm_backward(dy, xhat, inv_std, r)
-        assert g.dtype == dtype
-        np.testing.assert_array_equal(g, STD.feature_norm_backward(dy, xhat, inv_std, r))
+        g = fast.feature_norm_backward(dy, xhat, inv_std, r, compute)
+        assert g.dtype == compute
+        np.testing.assert_array_equal(g, STD.feature_norm_backward(dy, xhat, inv_std, r,
+                                                                   compute))
 
 
 @needs_host_fma
@@ -210,14 +218,26 @@ def test_feature_norm_gradient_is_exact_where_products_and_sums_fuse(fast, rng, 
     difference, as the standard version's separate operations do."""
     monkeypatch.setattr(ElementwiseKernel, "fused_multiply_add", True)
     x = (rng.standard_normal((4, 6, 5, 8)) * 3 + 1).astype(dtype)
-    xhat, inv_std = STD.feature_norm(x, 1e-5)
+    _, xhat, inv_std = STD.feature_norm(x, 1e-5, dtype, dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
-    np.testing.assert_array_equal(fast.feature_norm_backward(dy, xhat, inv_std),
-                                  STD.feature_norm_backward(dy, xhat, inv_std))
+    np.testing.assert_array_equal(fast.feature_norm_backward(dy, xhat, inv_std, None, dtype),
+                                  STD.feature_norm_backward(dy, xhat, inv_std, None, dtype))
+
+
+@needs_host_fma
+@pytest.mark.parametrize("dtype", WITH_HALF)
+def test_rescale_rounds_its_product_where_products_and_sums_fuse(fast, rng, monkeypatch, dtype):
+    """Built with NVRTC's default multiply-adds, a Rescaling with an offset still rounds the
+    product before the sum, as the standard version's separate operations do."""
+    monkeypatch.setattr(ElementwiseKernel, "fused_multiply_add", True)
+    images = rng.integers(0, 256, (4, 6, 5, 3)).astype(np.uint8)
+    for out in (dtype, np.float16):
+        np.testing.assert_array_equal(fast.rescale(images, 1 / 255, -0.3, dtype, out),
+                                      STD.rescale(images, 1 / 255, -0.3, dtype, out))
 
 
 @pytest.mark.parametrize("dtype", WITH_HALF)
-@pytest.mark.parametrize("mistake", ["two dtypes for T", "T from a scalar alone",
+@pytest.mark.parametrize("mistake", ["two dtypes for T", "U from no array",
                                      "an integer mask", "size with a non-raw array"])
 def test_the_emulator_refuses_the_calls_cupy_refuses(fast, dtype, mistake):
     """Its placeholders bound as CuPy 14's _decide_params_type_core binds them (arrays only,
@@ -230,7 +250,8 @@ def test_the_emulator_refuses_the_calls_cupy_refuses(fast, dtype, mistake):
     call, error = {
         "two dtypes for T": (lambda: kernels._FEATURE_NORM_BACKWARD(
             x, x.astype(wide), stats, stats, stats, x, False, 36, 4), TypeError),
-        "T from a scalar alone": (lambda: kernels._RESCALE(x.astype(np.uint8), dtype(2)), KeyError),
+        "U from no array": (lambda: kernels._RESCALE(x.astype(np.uint8), x, dtype(2), dtype(0),
+                                                     False), KeyError),  # (an output not given)
         "an integer mask": (lambda: kernels._MASK_MULTIPLY(x, x.astype(np.int32), dtype(2)),
                             TypeError),
         "size with a non-raw array": (lambda: kernels._CENTRED_SQUARES(x, stats, 36, 4, size=72),
@@ -397,24 +418,25 @@ def test_softmax_cross_entropy(fast, monkeypatch, rng, rows, classes, smoothing,
     np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol / rows)
     # the float16 loss scale (its float32 state on the device) applied to the gradient in the
     # same launch, as the standard version applies it after (float16 logits, whose gradient
-    # it would widen to float32: the standard version)
+    # it would compute in float32: the standard version), the gradient in the logits' dtype
     scaling = np.array([2.0**15, 7.0], np.float32)
     for kernels in (fast, STD):
         scaled_stats, scaled = kernels.softmax_cross_entropy(z, labels, smoothing, scaling)
         unscaled_stats, unscaled = (STD if dtype == np.float16 else kernels
                                     ).softmax_cross_entropy(z, labels, smoothing)
         np.testing.assert_array_equal(scaled_stats, unscaled_stats)
-        np.testing.assert_array_equal(scaled, unscaled * scaling[0])
-        assert scaled.dtype == (unscaled * scaling[0]).dtype
-    # logits of a narrower dtype (float16 under mixed precision) read as their cast gives them
+        np.testing.assert_array_equal(scaled, (unscaled * scaling[0]).astype(dtype))
+        assert scaled.dtype == dtype
+    # logits of a narrower dtype (float16 under mixed precision) read as their cast gives them,
+    # their gradient rounded to their dtype as its cast rounds it
     for wide in (np.float32, np.float64):
         if np.result_type(dtype, wide) == wide:
             for kernels in (fast, STD):
                 got = kernels.softmax_cross_entropy(z, labels, smoothing, scaling, wide)
                 want = kernels.softmax_cross_entropy(z.astype(wide), labels, smoothing, scaling)
-                for g, w in zip(got, want, strict=True):
-                    assert g.dtype == w.dtype
-                    np.testing.assert_array_equal(g, w)
+                assert got[0].dtype == want[0].dtype and got[1].dtype == dtype
+                np.testing.assert_array_equal(got[0], want[0])
+                np.testing.assert_array_equal(got[1], want[1].astype(dtype))
     # a label that is no class makes the loss NaN, in both versions (uint8: none below 0)
     for bad in (classes, -1 if np.issubdtype(labels_dtype, np.signedinteger) else 255):
         wrong = labels.copy()
@@ -726,8 +748,8 @@ def test_a_capture_that_fails_fills_no_table(fast, monkeypatch, rng):
 @pytest.mark.parametrize("dtypes", RECORD_DTYPES)
 @pytest.mark.parametrize("how", ["eager", "step-on-device", "captured"])
 def test_recording_a_step(fast, monkeypatch, dtypes, scaling, squares, how):
-    """The kernels that record a step (a memset, its gradients unscaled and checked, then the
-    sums, the first bad step, the loss scale and the flag "apply") leave what the standard
+    """The kernels that record a step (its gradients unscaled and checked, then the sums,
+    the first bad step, the loss scale and the flag "apply") leave what the standard
     version leaves, step by step: eager, with the step number on the device, and captured once (the
     table filled after the capture) and replayed for every step."""
     record = fast.record_step
@@ -738,8 +760,8 @@ def test_recording_a_step(fast, monkeypatch, dtypes, scaling, squares, how):
             if not captured:
                 with fast.capture_tables() as tables, capture.recording():
                     captured.append(fast.record_step(*args))
-                checks = record_checks(dtypes)  # (and a memset and the record)
-                assert len(tables) == checks and len(capture.launches) == 2 + checks
+                checks = record_checks(dtypes)  # (and the record)
+                assert len(tables) == checks and len(capture.launches) == 1 + checks
             capture.replay()
             return captured[0]
 

@@ -25,9 +25,9 @@ pytestmark = [needs_compiler,
 
 # Launches of one step, SGD with momentum, uint8 images on the device, cuda_graphs=False.
 PINNED = {
-    ("notebook", "float32"): 35, ("notebook", "mixed_float16"): 43,
-    ("mnist", "float32"): 32, ("mnist", "mixed_float16"): 36,
-    ("cifar", "float32"): 38, ("cifar", "mixed_float16"): 42,
+    ("notebook", "float32"): 34, ("notebook", "mixed_float16"): 36,
+    ("mnist", "float32"): 29, ("mnist", "mixed_float16"): 31,
+    ("cifar", "float32"): 37, ("cifar", "mixed_float16"): 39,
 }
 
 
