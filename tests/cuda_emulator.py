@@ -7,7 +7,8 @@ compiler's ``_Float16``), float32 and float64 data: ``i`` is the element's C-ord
 non-raw argument is the element at ``i`` (broadcast), a ``raw`` one an array indexed by one
 integer, a scalar a constant of its declared type. A fake ``cupy`` module routes the few other
 CuPy calls of those modules to NumPy. The raw kernels (``RawKernel``) run in float32 and
-float64 only: their float16 versions use the tensor cores (tests/test_gpu.py).
+float64, and in float16 where they only convert cuda_fp16.h's ``__half`` to and from float
+(``__half`` emulated on ``_Float16``); the tensor-core ones do not run here (tests/test_gpu.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import pytest
 
 C_TYPES = {np.dtype("float16"): "float16", np.dtype("float32"): "float",
            np.dtype("float64"): "double", np.dtype("bool"): "bool",
-           np.dtype("int32"): "int", np.dtype("int64"): "long long",
+           np.dtype("int32"): "int", np.dtype("uint32"): "unsigned int",
+           np.dtype("int64"): "long long",
            np.dtype("uint8"): "unsigned char"}
 
 
@@ -93,13 +95,20 @@ _ROUNDED_PRODUCTS = "".join(
     f"inline {t} {name}({t} a, {t} b) {{ volatile {t} p = a * b; return p; }}\n"
     for name, t in (("__fmul_rn", "float"), ("__dmul_rn", "double")))
 
-# CUDA's atomics, for a loop that is one thread (no other writer between the read and the write).
-_ONE_THREAD_ATOMICS = ("template <typename X> X atomicOr(X* a, X v) "
-                       "{ X old = *a; *a = old | v; return old; }\n")
+# What a kernel's blocks of one thread, run one after the other, make of CUDA's built-ins: the
+# thread's and block's indices (set for each block), a barrier (nothing to wait for), shared
+# memory (the one thread's); the raw kernels' fence and atomicInc (_RAW_DEVICE) besides.
+_ONE_THREAD_BLOCKS = ("struct xpcnn_dim3 { unsigned x, y, z; };\n"
+                      "static xpcnn_dim3 threadIdx, blockIdx, blockDim, gridDim;\n"
+                      "#define __syncthreads()\n#define __shared__ static\n")
 
 
 class ElementwiseKernel:
-    """The subset of ``cupy.ElementwiseKernel`` that xpcnn uses, compiled for the CPU."""
+    """The subset of ``cupy.ElementwiseKernel`` that xpcnn uses, compiled for the CPU. Its grid
+    is blocks of one thread, run one after the other, each the ``loop_prep`` code, its
+    grid-stride loop over ``i``, then the ``after_loop`` code; one block, the loop in order,
+    for a kernel without ``after_loop``, three for one with (the code that runs once a block,
+    run where earlier blocks have run theirs)."""
 
     build_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "xpcnn-cuda-emulator"
     #: True to fuse products and sums into multiply-adds as a GPU does (NVRTC's default
@@ -108,11 +117,12 @@ class ElementwiseKernel:
     fused_multiply_add = False
 
     def __init__(self, in_params: str, out_params: str, operation: str, name: str = "kernel",
-                 preamble: str = "") -> None:
+                 preamble: str = "", loop_prep: str = "", after_loop: str = "") -> None:
         self.ins, self.outs = _params(in_params), _params(out_params)
         self.body, self.name, self.preamble = operation, name, preamble
+        self.loop_prep, self.after_loop = loop_prep, after_loop
 
-    def __call__(self, *args: Any, size: int | None = None) -> Any:
+    def __call__(self, *args: Any, size: int | None = None, block_size: int = 128) -> Any:
         params = self.ins + self.outs
         args = list(args)
         types_ = self._types(args)
@@ -151,17 +161,28 @@ class ElementwiseKernel:
                 per_element.append(f"{c}& {name} = {name}_p[i];")
         typedefs = "".join(f"typedef {C_TYPES[v]} {k};\n" for k, v in types_.items())
         source = ("#include <cmath>\n#define __device__\nusing namespace std;\n" + _FLOAT16 +
-                  _ROUNDED_PRODUCTS +
-                  typedefs + self.preamble + _ONE_THREAD_ATOMICS +
+                  _ROUNDED_PRODUCTS + _ONE_THREAD_BLOCKS + _RAW_DEVICE +
+                  typedefs + self.preamble +
                   "template <typename X> struct Raw { X* d; "
                   "X& operator[](long long k) const { return d[k]; } };\n"
-                  'extern "C" void run(long long size, void** ptrs, double* scalars) {\n'
-                  + "\n".join(decls) + "\nfor (long long i = 0; i < size; ++i) {\n"
-                  + "\n".join(per_element) + "\n{" + self.body + "}\n}\n}\n")
+                  'extern "C" void run(long long size, long long xpcnn_blocks, void** ptrs,'
+                  " double* scalars) {\n"
+                  + "\n".join(decls) + "\nfor (long long xpcnn_block = 0;"
+                  " xpcnn_block < xpcnn_blocks; ++xpcnn_block) {\n"
+                  "threadIdx = {0, 0, 0}; blockDim = {1, 1, 1};"
+                  " blockIdx = {(unsigned)xpcnn_block, 0, 0};"
+                  " gridDim = {(unsigned)xpcnn_blocks, 1, 1};\n{"
+                  + self.loop_prep + "\nfor (long long i = xpcnn_block; i < size;"
+                  " i += xpcnn_blocks) {\n"
+                  + "\n".join(per_element) + "\n{" + self.body + "}\n}\n"
+                  + self.after_loop + "}\n}\n}\n")
         library = self._build(source)
         ptrs = (ctypes.c_void_p * max(1, len(buffers)))(*[b.ctypes.data for b in buffers])
         values = (ctypes.c_double * max(1, len(scalars)))(*scalars)
-        library.run(ctypes.c_longlong(int(np.prod(shape))), ptrs, values)
+        count = int(np.prod(shape))
+        # (none where there is no element: CuPy launches nothing)
+        blocks = min(count, 3) if self.after_loop else min(count, 1)
+        library.run(ctypes.c_longlong(count), ctypes.c_longlong(blocks), ptrs, values)
         for a, buf in copy_back:
             a[...] = buf
         outs = args[len(self.ins):]
@@ -209,6 +230,29 @@ class ElementwiseKernel:
         return ctypes.CDLL(str(lib))
 
 
+# What the raw kernels use of cuda_fp16.h (conversions only) and of CUDA's memory model: a
+# fence, and an atomicInc (old >= limit ? 0 : old + 1, returning old) that is atomic across the
+# block's threads, though blocks run one after the other here, so a "last block" is always the
+# last launched: a wrong count of them, or a counter left non-zero, still gives a wrong sum.
+_RAW_DEVICE = """
+struct __half {
+    _Float16 v;
+    __half() {}
+    __half(float f) : v((_Float16)f) {}
+    operator float() const { return (float)v; }
+};
+inline float __half2float(__half h) { return (float)h.v; }
+inline __half __float2half(float f) { return __half(f); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline unsigned atomicInc(unsigned* a, unsigned limit) {
+    unsigned old = __atomic_load_n(a, __ATOMIC_SEQ_CST);
+    while (!__atomic_compare_exchange_n(a, &old, old >= limit ? 0u : old + 1u, false,
+                                        __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {}
+    return old;
+}
+"""
+
+
 class RawKernel:
     """The subset of ``cupy.RawKernel`` that xpcnn uses, compiled for the CPU: a block's
     threads run as POSIX threads (so ``__syncthreads`` is a real barrier) that take the blocks
@@ -248,7 +292,8 @@ class RawKernel:
             "#define __restrict__\n"
             "#define __shared__ static\n#define __align__(n) __attribute__((aligned(n)))\n"
             "#define __syncthreads() pthread_barrier_wait(&xpcnn_barrier)\n"
-            "using namespace std;\n" + self.code +
+            "using namespace std;\n" + _RAW_DEVICE +
+            self.code.replace("#include <cuda_fp16.h>", "") +
             "\nstatic void* xpcnn_thread(void* arg) {\n"
             "  const unsigned t = (unsigned)(size_t)arg;\n"
             "  threadIdx = {t % blockDim.x, t / blockDim.x % blockDim.y,"
@@ -292,13 +337,16 @@ def fake_cupy() -> types.ModuleType:
         finally:
             allocators.pop()
 
+    default_pool = types.SimpleNamespace(malloc=lambda nbytes: None)
+    fake.get_default_memory_pool = lambda: default_pool
     fake.cuda = types.SimpleNamespace(
         compiler=types.SimpleNamespace(
             CompileException=type("CompileException", (Exception,), {})),
         MemoryPool=lambda: types.SimpleNamespace(malloc=lambda nbytes: None),
         using_allocator=using_allocator, allocators=allocators)
     for name in ("matmul", "empty", "zeros", "ones", "reshape", "maximum", "ascontiguousarray",
-                 "asarray", "finfo", "bool_", "int32", "float16", "float32", "float64"):
+                 "asarray", "finfo", "bool_", "int32", "uint32", "float16", "float32",
+                 "float64"):
         setattr(fake, name, getattr(np, name))
     return fake
 

@@ -35,6 +35,7 @@ DIRECT_CONV = [
 # (rows, classes, label smoothing, integer logits below this (ties) or None: normal * 30)
 SOFTMAX_CROSS_ENTROPY = [
     (7, 10, 0.0, None), (128, 10, 0.1, None), (40, 4, 0.0, 3), (33, 37, 0.2, 4), (3, 1, 0.0, None),
+    (700, 10, 0.1, None),  # (three blocks of rows)
 ]
 
 # parameter shapes of one optimiser step (every one updated by the same launch)
@@ -135,13 +136,13 @@ def recorded_steps(xp, record, dtypes, scaling, squares, step_on_device):
     0; a NaN loss; (after a read) an infinity in the last gradient; all finite. Returns each
     step's (state, scaling, apply) and the gradients at the end (divided by the loss scale at
     each step where there is one), on the host."""
-    from xpcnn.ops.step_record import BAD_STEP, GROWTH_INTERVAL
+    from xpcnn.ops.step_record import BAD_STEP, GROWTH_INTERVAL, cleared
 
     assert GROWTH_INTERVAL == 2000  # (the first scaling case grows at its first step)
     rng = np.random.default_rng(7)
     grads = [xp.asarray(rng.standard_normal(shape).astype(dtypes[k % len(dtypes)]))
              for k, shape in enumerate(RECORD_SHAPES)]
-    state = xp.asarray([0.0, 0.0, -1.0, 0.0] + [0.0] * len(grads))
+    state = xp.asarray([0.0, 0.0, *cleared(len(grads))])
     scale = None if scaling is None else xp.asarray(scaling, dtype=xp.float32)
     stats = xp.asarray([0.75, 3.0], dtype=xp.float32)
     number = xp.asarray(0.0)  # (the step's number as a captured step reads it)
@@ -153,7 +154,7 @@ def recorded_steps(xp, record, dtypes, scaling, squares, step_on_device):
             grads[1][5] = np.nan
             grads[1][6] = SQUARE_OVERFLOWS[str(grads[1].dtype)]
         if step in (3, 5):  # (what the host's read of the state resets)
-            state[BAD_STEP:] = xp.asarray([-1.0, 0.0] + [0.0] * len(grads))
+            state[BAD_STEP:] = xp.asarray(cleared(len(grads)))
         if step == 3:
             grads[1][5:7] = 0.5
             grads[0][1, 2, 3, 4] = SQUARE_OVERFLOWS[str(grads[0].dtype)]
@@ -183,8 +184,12 @@ def check_recorded_steps(steps, scaling, squares):
     ``squares``), and no update applies from a recorded one to the next read."""
     from xpcnn.ops.step_record import BAD_GRADS, BAD_STEP
 
+    n = len(RECORD_SHAPES)
+    # (the marks, a fast version's scratch within a step, are 0 after every step)
+    assert all(not state[BAD_GRADS + n:].any() for state, _, _ in steps)
     applied = [apply for _, _, apply in steps]
-    bad = [(float(state[BAD_STEP]), list(state[BAD_GRADS:])) for state, _, _ in steps]
+    bad = [(float(state[BAD_STEP]), list(state[BAD_GRADS:BAD_GRADS + n]))
+           for state, _, _ in steps]
     if scaling == (4.0, 1999.0):  # grows at step 1; rescues steps 2, 3 and 5
         assert [float(s[0]) for _, s, _ in steps] == [8.0, 4.0, 2.0, 2.0, 1.0, 1.0]
         assert applied == [True, False, False, False, False, True]

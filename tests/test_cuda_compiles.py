@@ -90,8 +90,8 @@ def test_tiled_kernels_compile(cuda_conv, monkeypatch, name, dtype, tf32, arch):
 
 # The C types CuPy gives an ElementwiseKernel's scalars, and stand-ins for its placeholders:
 # CuPy's own float16 class converts to and from float as cuda_fp16.h's __half does.
-SCALAR_TYPES = {"int32": "int", "int64": "long long", "float32": "float", "float64": "double",
-                "bool": "bool"}
+SCALAR_TYPES = {"int32": "int", "uint32": "unsigned int", "int64": "long long",
+                "float32": "float", "float64": "double", "bool": "bool"}
 
 
 # A stand-in for CuPy's own float16 (cupy/_core/include/cupy/float16.cuh), where the kernels
@@ -122,9 +122,10 @@ public:
 
 def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...] = ()) -> str:
     """An emulated ``cupy.ElementwiseKernel`` as the CUDA kernel CuPy would build: its body in
-    a grid-stride loop over ``i``; raw arguments are pointers, the non-raw ones named in
-    ``arrays`` each thread's element of one (the others scalars); the inputs const, as CuPy
-    declares them (a const CArray, a const reference, a const scalar)."""
+    a grid-stride loop over ``i``, between its ``loop_prep`` and ``after_loop``; raw arguments
+    are pointers, the non-raw ones named in ``arrays`` each thread's element of one (the others
+    scalars); the inputs const, as CuPy declares them (a const CArray, a const reference, a
+    const scalar)."""
     def c_type(ty, name):
         const = "const " if name in [n for _, _, n in kernel.ins] else ""
         return const + types.get(ty, SCALAR_TYPES.get(ty))
@@ -136,32 +137,54 @@ def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...
     typedefs = "".join(f"typedef {c} {k};\n" for k, c in types.items())
     return ("#include <cuda_fp16.h>\n" + CUPY_FLOAT16 + typedefs + kernel.preamble +
             f'\nextern "C" __global__ void {kernel.name}({", ".join(params)}, long long n) {{\n'
-            "for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;"
-            " i += (long long)blockDim.x * gridDim.x) {\n" + elements + kernel.body + "\n}\n}\n")
+            + kernel.loop_prep +
+            "\nfor (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;"
+            " i += (long long)blockDim.x * gridDim.x) {\n" + elements + kernel.body + "\n}\n"
+            + kernel.after_loop + "\n}\n")
 
 
-@pytest.mark.parametrize("labels", ["unsigned char", "int", "long long"])
-@pytest.mark.parametrize("logits, dtype, stats", [("__half", "__half", "float"),
-                                                  ("float", "float", "float"),
-                                                  ("__half", "float", "float"),
-                                                  ("double", "double", "double")])
-def test_softmax_cross_entropy_kernel_compiles(fast_cupy, logits, dtype, stats, labels):
+def _raw_source(fast_cupy, monkeypatch, name: str, source: str, **types) -> str:
+    """The CUDA source of raw kernel ``name`` that xpcnn.ops.fast_cupy would compile for
+    ``types``."""
+    sources = []
+
+    class Capture:
+        def __init__(self, code: str, kernel_name: str) -> None:
+            sources.append(code)
+
+    monkeypatch.setattr(fast_cupy.cupy, "RawKernel", Capture)
+    monkeypatch.setattr(fast_cupy, "_RAW_KERNELS", {})
+    fast_cupy._raw_kernel(name, source, **types)
+    return sources[0]
+
+
+@pytest.mark.parametrize("labels", ["uint8", "int32", "int64"])
+@pytest.mark.parametrize("logits, dtype, scale", [("float16", "float16", "float16"),
+                                                  ("float16", "float16", "float32"),
+                                                  ("float32", "float32", "float32"),
+                                                  ("float16", "float32", "float32"),
+                                                  ("float16", "float64", "float32"),
+                                                  ("float64", "float64", "float64")])
+def test_softmax_cross_entropy_kernel_compiles(fast_cupy, monkeypatch, logits, dtype, scale,
+                                               labels):
     """The loss kernel, with its NaN for a label that is no class (``nan("")`` in the
     accumulator type, float for half logits), for every label dtype fit passes it, the
-    float16 loss scale read from its float32 state, and float16 logits read for a float32
-    loss (mixed precision)."""
-    source = _elementwise_as_kernel(fast_cupy._SOFTMAX_CROSS_ENTROPY,
-                                    {"Z": logits, "T": dtype, "L": labels, "S": stats,
-                                     "U": "float"})
+    float16 loss scale read from its float32 state, float16 logits read for a wider loss
+    (mixed precision), and the rows' sums by its last block."""
+    acc = "float64" if dtype == "float64" else "float32"
+    source = _raw_source(fast_cupy, monkeypatch, "xpcnn_softmax_cross_entropy",
+                         fast_cupy._SOFTMAX_CROSS_ENTROPY_SOURCE, Z=logits, L=labels, T=dtype,
+                         U=scale, A=acc)
     code, log = _compile(source, "xpcnn_softmax_cross_entropy", 90)
     assert code == 0, log
+    assert ("cuda_fp16.h" in source) == ("float16" in (logits, dtype, scale))
 
 
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
 def test_gradient_check_kernel_compiles(fast_cupy, dtype):
     """The first kernel of a step's record: a gradient element of each dtype read in double,
-    an atomic OR where it is bad."""
-    source = _elementwise_as_kernel(fast_cupy._CHECK_GRADIENTS, {"T": dtype})
+    its array's mark in the float64 state set where it is bad."""
+    source = _elementwise_as_kernel(fast_cupy._CHECK_GRADIENTS, {"T": dtype, "F": "double"})
     code, log = _compile(source, "xpcnn_check_gradients", 90)
     assert code == 0, log
 
@@ -178,9 +201,18 @@ def test_record_step_kernels_compile(fast_cupy, name, stats):
 
 
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
+def test_random_numbers_kernel_compiles(fast_cupy, dtype):
+    """Numbers in [0, 1) of the draw, counted by the last block (as dropout's)."""
+    source = _elementwise_as_kernel(fast_cupy._UNIFORM, {"T": dtype}, arrays=("u",))
+    code, log = _compile(source, "xpcnn_uniform", 90)
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("dtype", ["__half", "float", "double"])
 def test_dropout_kernel_compiles(fast_cupy, dtype):
     """Dropout in one launch: the random bits' device functions, the number compared in the
-    data's type (CuPy's float16 compares as ``__half`` does), the mask and the product."""
+    data's type (CuPy's float16 compares as ``__half`` does), the mask and the product, and the
+    draw counted by the last block (a barrier, fences and a 64-bit atomic add)."""
     source = _elementwise_as_kernel(fast_cupy._DROPOUT, {"T": dtype}, arrays=("x", "y", "keep"))
     code, log = _compile(source, "xpcnn_dropout", 90)
     assert code == 0, log
@@ -216,26 +248,32 @@ def test_mask_multiply_relu_kernel_compiles(fast_cupy, dtype, relu):
     assert code == 0, log
 
 
-@pytest.mark.parametrize("source, target", [("unsigned char", "float"), ("unsigned char", "__half"),
-                                            ("unsigned char", "double"), ("__half", "__half"),
-                                            ("float", "float")])
-def test_rescale_kernel_compiles(fast_cupy, source, target):
-    """A model's uint8 batch cast and scaled in one launch (a Rescaling first layer)."""
-    source_code = _elementwise_as_kernel(fast_cupy._RESCALE, {"S": source, "T": target},
+@pytest.mark.parametrize("source, compute, target", [
+    ("unsigned char", "float", "float"), ("unsigned char", "float", "__half"),
+    ("unsigned char", "__half", "__half"), ("unsigned char", "double", "double"),
+    ("__half", "__half", "__half"), ("float", "float", "float")])
+def test_rescale_kernel_compiles(fast_cupy, source, compute, target):
+    """A model's uint8 batch cast, scaled and shifted in one launch (a Rescaling first layer),
+    computed in one type and stored in another (mixed precision's compute dtype)."""
+    source_code = _elementwise_as_kernel(fast_cupy._RESCALE,
+                                         {"S": source, "T": compute, "U": target},
                                          arrays=("x", "y"))
     code, log = _compile(source_code, "xpcnn_rescale", 90)
     assert code == 0, log
 
 
-@pytest.mark.parametrize("dtype", ["__half", "float", "double"])
+@pytest.mark.parametrize("dtype, io", [("__half", "__half"), ("float", "float"),
+                                       ("double", "double"), ("float", "__half")])
 @pytest.mark.parametrize("name", ["_CENTRED_SQUARES", "_STANDARDIZE", "_FEATURE_NORM_BACKWARD"])
-def test_feature_norm_kernels_compile(fast_cupy, name, dtype):
+def test_feature_norm_kernels_compile(fast_cupy, name, dtype, io):
     """FeatureNorm's kernels: the statistics read per (image, channel), the square root in the
-    accumulator type, 1 / sqrt written by one thread per (image, channel)."""
+    accumulator type, 1 / sqrt written by one thread per (image, channel); the input, output
+    and gradients in ``io`` (float16 under mixed precision), computed in ``dtype``."""
     kernel = getattr(fast_cupy, name)
     arrays = tuple(n for raw, _, n in kernel.ins + kernel.outs if not raw and n in
                    ("x", "sq", "xhat", "dy", "r", "dx"))
-    source = _elementwise_as_kernel(kernel, {"T": dtype, "R": dtype}, arrays=arrays)
+    source = _elementwise_as_kernel(kernel, {"T": dtype, "R": io, "X": io, "Y": io, "D": io},
+                                    arrays=arrays)
     code, log = _compile(source, kernel.name, 90)
     assert code == 0, log
 
@@ -243,21 +281,21 @@ def test_feature_norm_kernels_compile(fast_cupy, name, dtype):
 # Today's kernels with CuPy's float16 class where a placeholder is float16 at run time (mixed
 # precision: float16 logits for a float32 loss, float16 activations and gradients).
 CUPY_FLOAT16_CASES = [
-    ("_SOFTMAX_CROSS_ENTROPY", {"Z": "float16", "T": "float", "L": "long long", "S": "float",
-                                "U": "float"}, ()),
-    ("_SOFTMAX_CROSS_ENTROPY", {"Z": "float16", "T": "float16", "L": "int", "S": "float",
-                                "U": "float16"}, ()),
-    ("_SOFTMAX_CROSS_ENTROPY", {"Z": "float16", "T": "double", "L": "unsigned char",
-                                "S": "double", "U": "float"}, ()),
     ("_MAX_POOL_BACKWARD", {"T": "float16", "G": "float16"}, ("yv", "g")),
     ("_MAX_POOL_BACKWARD", {"T": "float16", "G": "float"}, ("yv", "g")),
     ("_MASK_MULTIPLY_RELU", {"T": "float16", "Y": "float16"}, ("x", "m", "r", "y")),
     ("_MASK_MULTIPLY_RELU", {"T": "float", "Y": "float16"}, ("x", "m", "r", "y")),
-    ("_RESCALE", {"S": "unsigned char", "T": "float16"}, ("x", "y")),
-    ("_RESCALE", {"S": "float16", "T": "float16"}, ("x", "y")),
-    ("_CENTRED_SQUARES", {"T": "float16"}, ("x", "sq")),
-    ("_STANDARDIZE", {"T": "float16"}, ("x", "xhat")),
-    ("_FEATURE_NORM_BACKWARD", {"T": "float16", "R": "float16"}, ("dy", "xhat", "r", "dx")),
+    ("_RESCALE", {"S": "unsigned char", "T": "float16", "U": "float16"}, ("x", "y")),
+    ("_RESCALE", {"S": "unsigned char", "T": "float", "U": "float16"}, ("x", "y")),
+    ("_RESCALE", {"S": "float16", "T": "float16", "U": "float16"}, ("x", "y")),
+    ("_CENTRED_SQUARES", {"T": "float16", "X": "float16"}, ("x", "sq")),
+    ("_CENTRED_SQUARES", {"T": "float", "X": "float16"}, ("x", "sq")),
+    ("_STANDARDIZE", {"T": "float16", "X": "float16", "Y": "float16"}, ("x", "xhat")),
+    ("_STANDARDIZE", {"T": "float", "X": "float16", "Y": "float16"}, ("x", "xhat")),
+    ("_FEATURE_NORM_BACKWARD", {"T": "float16", "R": "float16", "D": "float16", "X": "float16"},
+     ("dy", "xhat", "r", "dx")),
+    ("_FEATURE_NORM_BACKWARD", {"T": "float", "R": "float16", "D": "float16", "X": "float16"},
+     ("dy", "xhat", "r", "dx")),
 ]
 
 
@@ -270,3 +308,17 @@ def test_kernels_compile_with_cupys_float16_class(fast_cupy, name, types, arrays
     source = _elementwise_as_kernel(kernel, types, arrays=arrays)
     code, log = _compile(source, kernel.name, 90)
     assert code == 0, log
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("arch", [75, 90])
+def test_column_sum_kernel_compiles(fast_cupy, monkeypatch, dtype, arch):
+    """A bias gradient in one launch: cuda_fp16.h's __half read in float (the header only
+    then), the fence, the unsigned atomicInc on the counter, the partials read through a
+    volatile pointer."""
+    acc = "float64" if dtype == "float64" else "float32"
+    source = _raw_source(fast_cupy, monkeypatch, "xpcnn_sum_rows", fast_cupy._SUM_ROWS_SOURCE,
+                         X=dtype, A=acc)
+    code, log = _compile(source, "xpcnn_sum_rows", arch)
+    assert code == 0, log
+    assert ("cuda_fp16.h" in source) == (dtype == "float16")  # (CUDA's header where needed)

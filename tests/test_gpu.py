@@ -231,29 +231,56 @@ def test_feature_norm_and_its_gradient(cp, kernels, rng, dtype):
     """FeatureNorm's kernels against the standard version's CuPy calls (the same steps; the
     GPU may fuse a product and a difference into one rounding, hence the tolerance)."""
     fast, std = kernels
-    x = _random(cp, rng, (16, 9, 7, 24), dtype) * 3 + 1
-    got, want = fast.feature_norm(x, 1e-5), std.feature_norm(x, 1e-5)
-    tol = {"float16": 1e-3, "float32": 1e-6, "float64": 1e-13}[dtype]
-    for g, w in zip(got, want, strict=True):
-        assert g.dtype == w.dtype and g.shape == w.shape
-        np.testing.assert_allclose(g.get(), w.get(), rtol=tol, atol=tol)
-    xhat, inv_std = want
-    dy = _random(cp, rng, x.shape, dtype)
-    for r in (None, cp.maximum(x, 0)):
-        g, w = (k.feature_norm_backward(dy, xhat, inv_std, r) for k in (fast, std))
-        np.testing.assert_allclose(g.get(), w.get(), rtol=tol,
-                                   atol=tol * float(cp.abs(w).max()))
+    # (and mixed precision's: a float16 input and gradient, computed in float32, the output
+    # and the input's gradient in float16, to float16's rounding of the same values)
+    for io in [dtype, "float16"] if dtype == "float32" else [dtype]:
+        tol = {"float16": 1e-3, "float32": 1e-6, "float64": 1e-13}[io]
+        x = _random(cp, rng, (16, 9, 7, 24), io) * 3 + 1
+        got, want = (k.feature_norm(x, 1e-5, cp.dtype(dtype), cp.dtype(io)) for k in (fast, std))
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            np.testing.assert_allclose(g.get(), w.get(), rtol=tol, atol=tol)
+        _, xhat, inv_std = want
+        dy = _random(cp, rng, x.shape, io)
+        for r in (None, cp.maximum(x, 0)):
+            g, w = (k.feature_norm_backward(dy, xhat, inv_std, r, cp.dtype(io))
+                    for k in (fast, std))
+            assert g.dtype == w.dtype == io
+            np.testing.assert_allclose(g.get(), w.get(), rtol=tol,
+                                       atol=tol * float(cp.abs(w).max()))
 
 
-@pytest.mark.parametrize("rows", [131072, 1031, 1000, 513, 100])
+@pytest.mark.parametrize("rows, cols", [(524288, 32), (131072, 64), (1031, 33), (1000, 10),
+                                        (513, 128), (100, 32), (1, 5)])
 @pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
-def test_sum_rows_in_blocks(cp, kernels, rng, rows, dtype):
+def test_sum_rows_in_one_launch(cp, kernels, rng, rows, cols, dtype):
+    """Bias gradients in one launch (the last block sums the others' partials): the standard
+    sum's dtype, its values to the accumulator's precision, close to a float64 sum of the same
+    numbers, the same bits at every call (the counters back at 0 after each), and the same
+    bits again replayed from a CUDA graph."""
     fast, std = kernels
-    a = _random(cp, rng, (rows, 32), dtype)
+    a = _random(cp, rng, (rows, cols), dtype)
     got, want = fast.sum_rows(a), std.sum_rows(a)
-    assert got.dtype == want.dtype
-    np.testing.assert_allclose(got.get(), want.get(), rtol=1e-12 if dtype == "float64" else 1e-4,
-                               atol=1e-3)
+    assert got.dtype == want.dtype and got.shape == (cols,)
+    exact = a.astype(cp.float64).sum(axis=0).get()
+    scale = cp.abs(a.astype(cp.float64)).sum(axis=0).get()
+    tol = 1e-13 if dtype == "float64" else 1e-6
+    assert np.all(np.abs(got.get() - exact) <= tol * scale)
+    assert np.all(np.abs(want.get() - exact) <= tol * scale)
+    for _ in range(3):
+        _equal(fast.sum_rows(a), got)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        fast.sum_rows(a)  # (compiled, partials' blocks in the pool, outside the capture)
+        stream.begin_capture()
+        replayed = fast.sum_rows(a)
+        graph = stream.end_capture()
+    for _ in range(2):
+        with stream:
+            replayed[...] = cp.nan
+            graph.launch(stream=stream)
+        stream.synchronize()
+        _equal(replayed, got)
 
 
 @pytest.mark.parametrize("kernel, strides, shape", MAX_POOL)
@@ -295,10 +322,14 @@ def test_elementwise_kernels(cp, kernels, rng, dtype):
     _equal(fast.mask_multiply(dy, mask, 1.5, x), std.mask_multiply(dy, mask, 1.5, x))
     # a uint8 batch cast and scaled in one launch (a Rescaling first layer), as CuPy's cast
     # and its product by a Python number round it
+    # (with an offset: the product rounded before the sum; stored in float16 too, as the
+    # compute dtype of mixed precision)
     images = cp.asarray(rng.integers(0, 256, x.shape).astype("uint8"))
-    got = fast.rescale(images, 1 / 255, cp.dtype(dtype))
-    assert got.dtype == dtype
-    _equal(got, std.rescale(images, 1 / 255, cp.dtype(dtype)))
+    for offset in (0.0, -0.3):
+        for out in (cp.dtype(dtype), cp.dtype("float16")):
+            got = fast.rescale(images, 1 / 255, offset, cp.dtype(dtype), out)
+            assert got.dtype == out
+            _equal(got, std.rescale(images, 1 / 255, offset, cp.dtype(dtype), out))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -352,15 +383,42 @@ def test_softmax_cross_entropy(cp, kernels, rng, rows, classes, smoothing, level
     scaling = cp.asarray([2.0**15, 7.0], dtype=cp.float32)  # (the float16 loss scale's state)
     _, scaled = fast.softmax_cross_entropy(z, labels, smoothing, scaling)
     _equal(scaled, grad * scaling[0])
-    # float16 logits (mixed precision) read by the kernel as their cast to ``dtype`` gives them
+    # float16 logits (mixed precision) read by the kernel as their cast to ``dtype`` gives them,
+    # their gradient given in float16 as its cast rounds it
     z16 = z.astype(cp.float16)
     got_stats, got_grad = fast.softmax_cross_entropy(z16, labels, smoothing, scaling, z.dtype)
     want_stats, want_grad = fast.softmax_cross_entropy(z16.astype(z.dtype), labels, smoothing,
                                                        scaling)
-    assert got_grad.dtype == z.dtype and got_stats.dtype == want_stats.dtype
-    _equal(got_grad, want_grad)
+    assert got_grad.dtype == cp.float16 and got_stats.dtype == want_stats.dtype
+    _equal(got_grad, want_grad.astype(cp.float16))
     np.testing.assert_allclose(got_stats[0].get(), want_stats[0].get(), rtol=tol, atol=tol)
     assert float(got_stats[1]) == float(want_stats[1])
+
+
+@pytest.mark.parametrize("rows", [3, 700, 5000])
+def test_softmax_cross_entropy_sums_its_rows_the_same_way_every_time(cp, kernels, rng, rows):
+    """The rows' [loss, right] summed by the launch's last block: the same bits at every call
+    (its counter back at 0 after each) and replayed from a CUDA graph."""
+    fast, _ = kernels
+    z = _random(cp, rng, (rows, 10), "float32") * 30
+    labels = cp.asarray(rng.integers(0, 10, rows))
+    stats, grad = fast.softmax_cross_entropy(z, labels, 0.1)
+    for _ in range(3):
+        again = fast.softmax_cross_entropy(z, labels, 0.1)
+        _equal(again[0], stats)
+        _equal(again[1], grad)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        fast.softmax_cross_entropy(z, labels, 0.1)
+        stream.begin_capture()
+        replayed, _ = fast.softmax_cross_entropy(z, labels, 0.1)
+        graph = stream.end_capture()
+    for _ in range(2):
+        with stream:
+            replayed[...] = cp.nan
+            graph.launch(stream=stream)
+        stream.synchronize()
+        _equal(replayed, stats)
 
 
 @pytest.mark.parametrize("labels_dtype", ["uint8", "int32", "int64"])
@@ -752,24 +810,34 @@ def test_models_with_random_layers_are_captured_and_replay_their_draws(cudnn_mod
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 def test_random_numbers_kernel_is_the_definition(cp, kernels, dtype):
+    """The numbers, and the draw counted by the last of the launch's blocks (as dropout's)."""
     fast, std = kernels
     dtype = getattr(cp, dtype)
-    state = cp.asarray([2**40 + 17, 123], dtype=cp.int64)
-    for shape, first in (((1000, 37), 0), ((3, 5), 2**33 + 1)):
-        _equal(fast.uniform(state, shape, dtype, first), std.uniform(state, shape, dtype, first))
+    states = [cp.asarray([2**40 + 17, 123], dtype=cp.int64) for _ in range(2)]
+    for shape, first in (((1000, 37), 0), ((3, 5), 2**33 + 1), ((128, 12, 12, 64), 0)):
+        _equal(*(k.uniform(s, shape, dtype, first)
+                 for k, s in zip((fast, std), states, strict=True)))
+    assert [s.get().tolist() for s in states] == [[2**40 + 17, 126]] * 2
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 def test_dropout_kernel_is_the_standard_dropout(cp, kernels, rng, dtype):
-    """One launch: the draw, the mask and the scaled output; and the gradient's scaled mask."""
+    """One launch: the draw, the mask and the scaled output, and the draw counted by the last
+    of its thousands of blocks (every block read the draw before it: the same numbers as the
+    standard version's, draw after draw); and the gradient's scaled mask."""
     fast, std = kernels
     state = cp.asarray([2**40 + 17, 123], dtype=cp.int64)
-    for shape, first, rate in (((128, 9216), 0, 0.25), ((3, 5, 7), 2**33 + 1, 0.5)):
+    states = [state.copy(), state.copy()]
+    for shape, first, rate in (((128, 9216), 0, 0.25), ((3, 5, 7), 2**33 + 1, 0.5),
+                               ((128, 12, 12, 64), 0, 0.25), ((128, 12, 12, 64), 0, 0.25)):
         x = _random(cp, rng, shape, dtype)
-        (y, keep), (y_want, keep_want) = (k.dropout(state, x, rate, first) for k in (fast, std))
+        (y, keep), (y_want, keep_want) = (k.dropout(s, x, rate, first)
+                                          for k, s in zip((fast, std), states, strict=True))
         _equal(keep, keep_want)
         _equal(y, y_want)
+        _equal(states[0], states[1])
         _equal(fast.mask_multiply(x, keep, 2.0), std.mask_multiply(x, keep, 2.0))
+    assert states[0].get().tolist() == [2**40 + 17, 127]
 
 
 def test_casting_many_arrays_in_one_launch_on_the_gpu(cp, kernels, rng):
@@ -891,8 +959,8 @@ def test_arrays_on_another_library_on_the_gpu(cp, monkeypatch):
 @pytest.mark.parametrize("dtypes", RECORD_DTYPES)
 @pytest.mark.parametrize("how", ["eager", "step-on-device", "captured"])
 def test_recording_a_step_on_the_gpu(cp, kernels, dtypes, scaling, squares, how):
-    """A step's record on the GPU (a memset, a check launch per gradient dtype, the record
-    launch), eager, with the step number on the device, and captured in a CUDA graph once
+    """A step's record on the GPU (a check launch per gradient dtype, the record launch),
+    eager, with the step number on the device, and captured in a CUDA graph once
     and replayed for every step: what the standard version leaves on the host."""
     import array_api_compat.numpy as xn
 

@@ -484,6 +484,53 @@ def test_a_first_rescaling_casts_the_models_batch_itself(fast, rng):
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
+def test_mixed_precision_layers_give_the_compute_dtype_with_the_values_of_their_casts(fast, rng):
+    """Under mixed float16 a Rescaling reading the model's batch and a FeatureNorm compute in
+    float32 and give float16 (as a Keras mixed policy's layers do), the FeatureNorm's input
+    gradient in its input's float16, the loss the logits' gradient in their float16: exactly
+    the float32 results cast, as the next layer cast them before (one pass fewer each, on a
+    GPU no pass of its own; tests/test_cuda_kernels_on_cpu.py holds CuPy's to these)."""
+    from xpcnn.backend import set_fast_path
+    from xpcnn.losses import SoftmaxCrossEntropy
+    from xpcnn.ops.kernels import kernels_for
+
+    model = xpcnn.Sequential([Rescaling(1 / 255, offset=-0.25), Conv2D(4, 3), ReLU(),
+                              FeatureNorm(), Flatten(), Dense(3), Softmax()],
+                             input_shape=(7, 7, 2), seed=0)
+    model.compile(optimizer="sgd", precision="mixed_float16")
+    xp = model.backend.xp
+    rescale, norm = model.layers[0], model.layers[3]
+    images = model.backend.asarray(rng.integers(0, 256, (5, 7, 7, 2), dtype=np.uint8))
+    x16 = model.backend.asarray(rng.standard_normal((5, 5, 5, 4)).astype(np.float16))
+    dy16 = model.backend.asarray(rng.standard_normal((5, 5, 5, 4)).astype(np.float16))
+    z16 = model.backend.asarray(rng.standard_normal((5, 3)).astype(np.float16))
+    labels = model.backend.asarray(rng.integers(0, 3, 5))
+    old = set_fast_path(fast)
+    try:
+        y = rescale.forward(images, options=model._plan().options(rescale))
+        norm_y = norm.forward(x16, training=True)
+        dx = norm.backward(dy16)
+        norm_y32 = norm.forward(xp.astype(x16, xp.float32), training=True)  # (float32 in)
+        dx32 = norm.backward(xp.astype(dy16, xp.float32))
+        loss = SoftmaxCrossEntropy()
+        kernels = kernels_for(model.backend)
+        stats, dz = loss.forward_with_accuracy(xp, z16, labels, xp.float32, kernels)
+        stats32, dz32 = loss.forward_with_accuracy(xp, xp.astype(z16, xp.float32), labels,
+                                                   xp.float32, kernels)
+    finally:
+        set_fast_path(old)
+    host = model.backend.to_numpy
+    want = (host(images).astype(np.float32) * np.float32(1 / 255) + np.float32(-0.25))
+    assert y.dtype == norm_y.dtype == dx.dtype == dz.dtype == xp.float16
+    assert norm_y32.dtype == xp.float16 and dx32.dtype == dz32.dtype == xp.float32
+    np.testing.assert_array_equal(host(y), want.astype(np.float16))
+    np.testing.assert_array_equal(host(norm_y), host(norm_y32))  # (float16 input: exact)
+    np.testing.assert_array_equal(host(dx), host(dx32).astype(np.float16))
+    np.testing.assert_array_equal(host(stats), host(stats32))
+    np.testing.assert_array_equal(host(dz), host(dz32).astype(np.float16))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
 def test_a_batch_also_read_by_a_layer_that_cannot_cast_it_is_cast_by_the_model(fast, rng):
     """The model's batch read by a Rescaling and by a convolution (which cannot cast it): the
     model casts it, for both, and neither layer casts it again."""

@@ -60,28 +60,36 @@ def test_the_definition_is_splitmix64(xp, dtype, bits):
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("shape, first", [((5,), 0), ((70000,), 3), ((3, 40000, 2), 2**36)])
 def test_the_numpy_kernel_is_the_definition(dtype, shape, first):
-    """Chunks of 32,768 on the threads, every chunk's offset right (shapes span several)."""
+    """Chunks of 32,768 on the threads, every chunk's offset right (shapes span several); the
+    draw counted."""
     state = np.array([987654321, 41], np.int64)
-    got = NUMPY_KERNELS.uniform(state, shape, dtype, first)
     want = random.uniform(xpn, state, shape, dtype, first)
+    got = NUMPY_KERNELS.uniform(state, shape, dtype, first)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(state, [987654321, 42])
 
 
 def _dropout_cases(kernels, dtype):
     """What ``kernels.dropout`` and the gradient's scaled ``mask_multiply`` give, and the
-    standard versions' values, for a few shapes, offsets and rates."""
+    standard versions' values, for a few shapes (an empty one too), offsets and rates, each
+    drawing from its own copy of a state and counting its draw there: the states after."""
     std, rng = StandardKernels(xpn), np.random.default_rng(3)
     state = np.array([2**40 + 17, 123], np.int64)
-    for shape, first, rate in (((40, 37), 0, 0.25), ((3, 5, 7), 2**33 + 1, 0.5), ((6,), 4, 0.9)):
+    states = [state.copy(), state.copy()]
+    for shape, first, rate in (((40, 37), 0, 0.25), ((3, 5, 7), 2**33 + 1, 0.5), ((6,), 4, 0.9),
+                               ((0, 3), 0, 0.5)):
         x = rng.standard_normal(shape).astype(dtype)
-        (y, keep), (y_want, keep_want) = (k.dropout(state, x, rate, first) for k in (kernels, std))
+        (y, keep), (y_want, keep_want) = (k.dropout(s, x, rate, first)
+                                          for k, s in zip((kernels, std), states, strict=True))
         yield y, y_want
         yield keep, keep_want
+        yield tuple(states)
         grads = (k.mask_multiply(x, keep_want, 1.0 / (1.0 - rate)) for k in (kernels, std))
         yield tuple(grads)
     keep = np.ones(1, bool)  # (a mask that broadcasts, as a ReLU's gradient has none)
     yield tuple(k.mask_multiply(x, keep, 1.5) for k in (kernels, std))
+    np.testing.assert_array_equal(states[0], [2**40 + 17, 127])  # (one draw counted a call)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -95,13 +103,14 @@ def test_numpy_dropout_is_the_standard_dropout(dtype):
 @needs_compiler
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_cuda_dropout_is_the_standard_dropout(dtype):
-    """fast_cupy's dropout in one launch (and the gradient's scaled mask), compiled for the
-    CPU (CuPy's float16 emulated), bit for bit."""
+    """fast_cupy's dropout in one launch, the draw counted by the last of its blocks (and the
+    gradient's scaled mask), compiled for the CPU (CuPy's float16 emulated), bit for bit."""
     module, saved = load_emulated_fast_cupy()
     try:
         for got, want in _dropout_cases(module.KERNELS, dtype):
             assert got.dtype == want.dtype
             np.testing.assert_array_equal(got, want)
+        assert not any(c.any() for c in module._COUNTERS.values())  # (back to 0 for the next)
     finally:
         restore(saved)
 
@@ -109,13 +118,18 @@ def test_cuda_dropout_is_the_standard_dropout(dtype):
 @needs_compiler
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_the_cuda_kernel_is_the_definition(dtype):
-    """fast_cupy's kernel, compiled for the CPU (tests/cuda_emulator.py)."""
+    """fast_cupy's kernel, compiled for the CPU (tests/cuda_emulator.py), the draw counted by
+    the last of its blocks (an empty draw: counted by the standard version)."""
     module, saved = load_emulated_fast_cupy()
     try:
         state = np.array([2**40 + 17, 123], np.int64)
-        for shape, first in (((40, 37), 0), ((3, 5), 2**33 + 1)):
+        for shape, first in (((40, 37), 0), ((3, 5), 2**33 + 1), ((0, 2), 0)):
+            want = random.uniform(xpn, state, shape, dtype, first)
             got = module.KERNELS.uniform(state, shape, dtype, first)
-            np.testing.assert_array_equal(got, random.uniform(xpn, state, shape, dtype, first))
+            assert got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(state, [2**40 + 17, 126])
+        assert not any(c.any() for c in module._COUNTERS.values())
     finally:
         restore(saved)
 
@@ -145,10 +159,10 @@ def test_float16_numbers_stay_below_one():
 def test_a_slice_of_a_draw_is_those_elements_of_the_whole_draw():
     """What a data-parallel rank holding samples 3:7 of a batch of 10 draws."""
     std = StandardKernels(xpn)
-    state = np.array([77, 9], np.int64)
-    whole = std.uniform(state, (10, 4, 5), np.float32)
-    np.testing.assert_array_equal(std.uniform(state, (4, 4, 5), np.float32, first=3 * 20),
-                                  whole[3:7])
+    whole = std.uniform(np.array([77, 9], np.int64), (10, 4, 5), np.float32)
+    np.testing.assert_array_equal(
+        std.uniform(np.array([77, 9], np.int64), (4, 4, 5), np.float32, first=3 * 20),
+        whole[3:7])
 
 
 def _layers():

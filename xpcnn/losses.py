@@ -46,13 +46,15 @@ class SoftmaxCrossEntropy:
         (a label out of range, a one-hot row that is no probabilities) makes the loss NaN, on
         the device: the step is skipped as a non-finite one, never trained on a wrong loss.
         With ``scale`` (the float16 loss-scaling state, on the device), the gradient is of the
-        loss times ``scale[0]`` (on a GPU in the same launch)."""
+        loss times ``scale[0]`` (on a GPU in the same launch). The gradient is given in the
+        logits' dtype (float16 under mixed precision, cast on a GPU in the same launch)."""
         if y.ndim == 1:  # (the kernels cast the logits, on a GPU in the same launch)
             return kernels.softmax_cross_entropy(logits, y, self.label_smoothing, scale, dtype)
         z = xp.astype(logits, dtype, copy=False)
         loss, grad = self.forward(xp, z, y, dtype)
         stats = nan_unless_classes(xp, loss_and_correct(xp, loss, z, y), y, z.shape[1])
-        return stats, grad if scale is None else grad * scale[0]
+        grad = grad if scale is None else grad * scale[0]
+        return stats, xp.astype(grad, logits.dtype, copy=False)
 
 
 LOSSES = {"cross_entropy": SoftmaxCrossEntropy,

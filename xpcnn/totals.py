@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .ops.kernels import kernels_for
-from .ops.step_record import BAD_STEP, batch_sums
+from .ops.step_record import BAD_STEP, batch_sums, cleared
 
 # The most steps between two reads by the host.
 READ_EVERY = 32
@@ -31,7 +31,7 @@ class RunningTotals:
         self.backend = backend
         self.dtype = getattr(xp, "float64", None) or xp.float32
         self.n_grads = n_grads
-        self.state = self._vector([0.0, 0.0, -1.0, 0.0] + [0.0] * n_grads)
+        self.state = self._vector([0.0, 0.0, *cleared(n_grads)])
         self.pending: list[tuple[int, Any]] = []  # (step, input batch) since the last read
 
     def _vector(self, values: list[float]) -> Any:
@@ -70,7 +70,7 @@ class RunningTotals:
         pending, self.pending = self.pending, []
         if host[BAD_STEP] >= 0:
             self.state[...] = self.xp.concat([self.state[:BAD_STEP],
-                                              self._vector([-1.0, 0.0] + [0.0] * self.n_grads)])
+                                              self._vector(cleared(self.n_grads))])
         return host, pending
 
 

@@ -478,7 +478,8 @@ class Trainer:
             xb, yb = batches[step]
             self._raise_for_labels(yb, step)
             self._raise_non_finite(f"the loss is {loss}", xb, step)
-        flags = list(zip(self._owners, host[BAD_GRADS:], strict=True))
+        flags = list(zip(self._owners, host[BAD_GRADS:BAD_GRADS + len(self._owners)],
+                         strict=True))
         bad = [la for (la, _), flag in flags if flag == 1]
         if bad:
             # Backpropagation runs from the last layer: the last one with a non-finite

@@ -52,18 +52,14 @@ class RandomLayer(Layer):
         self.random_state[1:2] += 1
 
     def _uniform(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        u = kernels_for(self.backend).uniform(self.random_state, shape, dtype,
-                                              first=self._first(shape))
-        self._count_draw()
-        return u
+        # (the draw counted by the kernels, on CuPy in the same launch)
+        return kernels_for(self.backend).uniform(self.random_state, shape, dtype,
+                                                 first=self._first(shape))
 
     def _first(self, shape: tuple[int, ...]) -> int:
         """The draw's first element for a batch of ``shape`` (see ``batch_slice``)."""
         start = self.batch_slice[0] if self.batch_slice else 0
         return start * math.prod(shape[1:])
-
-    def _count_draw(self) -> None:
-        self.random_state[1:2] += 1
 
     def to(self, backend: Any) -> None:
         state = self.backend.to_numpy(self.random_state)
@@ -87,10 +83,10 @@ class Dropout(RandomLayer):
         self._cache_relu_y = x if training and options.apply_input_relu_grad else None
         if not training or self.rate == 0.0:
             return x
-        # (the mask kept as booleans: a quarter of a float mask's memory)
+        # (the mask kept as booleans: a quarter of a float mask's memory; the draw counted by
+        # the kernels, on CuPy in the same launch)
         y, self._cache_keep = kernels_for(self.backend).dropout(
             self.random_state, x, self.rate, first=self._first(tuple(x.shape)))
-        self._count_draw()
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:

@@ -1,6 +1,7 @@
 """FeatureNorm (the notebook's per-feature-map normalisation) and BatchNorm2D.
 
-Statistics are always computed in the parameter dtype (float32 under mixed precision).
+Statistics are always computed in the parameter dtype (float32 under mixed precision); FeatureNorm
+gives its output in the compute dtype (float16 there, as a Keras mixed policy's layer does).
 """
 
 from __future__ import annotations
@@ -44,18 +45,21 @@ class FeatureNorm(Layer):
         return input_shape
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        xp = self.xp
-        x = xp.astype(x, self.dtype, copy=False)
-        xhat, inv_std = kernels_for(self.backend).feature_norm(x, self.eps)
+        # Computed in the parameters' dtype (float32 under mixed precision, as Keras computes
+        # its normalisation layers), given in the compute dtype; the kernels cast as they read
+        # and write (on CuPy no pass of its own).
+        y, xhat, inv_std = kernels_for(self.backend).feature_norm(x, self.eps, self.dtype,
+                                                                  self.compute_dtype)
         if training:
-            self._cache = (xhat, inv_std, x if options.apply_input_relu_grad else None)
-        return xhat
+            self._cache = (xhat, inv_std, x if options.apply_input_relu_grad else None, x.dtype)
+        return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        xhat, inv_std, relu_x = self._cache
+        xhat, inv_std, relu_x, x_dtype = self._cache
         self._cache = None
-        dy = self.xp.astype(dy, self.dtype, copy=False)
-        return kernels_for(self.backend).feature_norm_backward(dy, xhat, inv_std, relu_x)
+        # (the input's gradient in the input's dtype, as Conv2D and Dense give theirs)
+        return kernels_for(self.backend).feature_norm_backward(dy, xhat, inv_std, relu_x,
+                                                               x_dtype)
 
 
 class BatchNorm2D(Layer):

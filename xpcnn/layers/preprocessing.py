@@ -32,9 +32,12 @@ class Rescaling(Layer):
         return {"name": self.name, "scale": self.scale, "offset": self.offset}
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
+        # The model's batch: computed in the parameters' dtype and stored in the compute dtype
+        # (float16 under mixed precision, as a Keras mixed policy's layer gives it), which the
+        # next layer would cast it to in a pass of its own.
         dtype = self.dtype if options.cast_input else x.dtype
-        y = kernels_for(self.backend).rescale(x, self.scale, dtype)
-        return y + self.offset if self.offset else y  # (no pass adding 0)
+        out = self.compute_dtype if options.cast_input else dtype
+        return kernels_for(self.backend).rescale(x, self.scale, self.offset, dtype, out)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         return dy * self.scale

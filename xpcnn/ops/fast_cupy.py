@@ -20,6 +20,7 @@ integer is read at that C-order index; ``n`` and ``i`` are CuPy's own names.
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 from collections.abc import Iterator
 from typing import Any
@@ -32,7 +33,7 @@ from . import cuda_conv, random
 from .convolution import ConvEngine, ConvGeometry
 from .cudnn_conv import ALIGNMENT
 from .kernels import StandardKernels
-from .step_record import GROWTH_INTERVAL, square_limit
+from .step_record import BAD_GRADS, GROWTH_INTERVAL, square_limit
 
 # The patches of convolutions as im2col + cuBLAS (the hand-written ones' algorithms
 # "im2col" and "direct-forward"): out[n, oh, ow, (i*kw + j)*C + c] = x[n, oh*sh + i - top,
@@ -172,23 +173,27 @@ _MASK_MULTIPLY_RELU = cupy.ElementwiseKernel(
 )
 
 # FeatureNorm per image and channel over H x W (the standard version's steps, each stored in T
-# as its separate operations store them: the same values): after CuPy's own mean, the squares
-# of the centred input; after their mean, the normalised output, and 1 / sqrt(var + eps) from
-# the threads at (h, w) = (0, 0). ``nc`` is an element's (image, channel) in the (N, 1, 1, C)
-# statistics; HWC = H * W * C.
+# as its separate operations store them: the same values), from an input of type X (float16
+# under mixed precision) read as its cast to T would give it (exactly): after CuPy's own mean,
+# the squares of the centred input; after their mean, the normalised output, and 1 / sqrt(var +
+# eps) from the threads at (h, w) = (0, 0), and where ``cast`` the output rounded to Y too (the
+# compute dtype: the next layer's cast, done here). ``nc`` is an element's (image, channel) in
+# the (N, 1, 1, C) statistics; HWC = H * W * C.
 _NC = "const long long nc = (i / HWC) * C + i % C;"
 _CENTRED_SQUARES = cupy.ElementwiseKernel(
-    "T x, raw T mean, int32 HWC, int32 C", "T sq",
-    _NC + "const T c = x - mean[nc]; sq = c * c;", "xpcnn_centred_squares")
+    "X x, raw T mean, int32 HWC, int32 C", "T sq",
+    _NC + "const T c = (T)x - mean[nc]; sq = c * c;", "xpcnn_centred_squares")
 _STANDARDIZE = cupy.ElementwiseKernel(
-    "T x, raw T mean, raw T var, T eps, int32 HWC, int32 C", "T xhat, raw T inv_std",
+    "X x, raw T mean, raw T var, T eps, int32 HWC, int32 C, bool cast",
+    "T xhat, raw T inv_std, raw Y y",
     _NC + """
     typedef XpcnnAcc<T>::type A;
-    const T c = x - mean[nc];
+    const T c = (T)x - mean[nc];
     const T v = var[nc] + eps;
     const T s = (T)sqrt((A)v);
     const T inv = (T)1.0f / s;
     xhat = c * inv;
+    if (cast) y[i] = (Y)xhat;
     if (i % HWC < C) inv_std[nc] = inv;
     """, "xpcnn_standardize", preamble=_ACC)
 # A product rounded to X on its own, never fused with a sum into one multiply-add (NVRTC fuses
@@ -201,23 +206,29 @@ template <> __device__ double xpcnn_mul_rn<double>(double a, double b) {
 }
 """
 # Its gradient after CuPy's means of dy and dy * xhat: inv_std * ((dy - m1) - xhat * m2), then
-# with ``relu`` times (r > 0), the gradient of a ReLU before it (``r`` not read without). The
-# product xhat * m2 rounded before the difference, as the standard version's separate
-# operations round it.
+# with ``relu`` times (r > 0), the gradient of a ReLU before it (``r`` not read without), then
+# rounded to the input's type X. The product xhat * m2 rounded before the difference, as the
+# standard version's separate operations round it; dy of type D (float16 under mixed
+# precision) read as its cast to T would give it.
 _FEATURE_NORM_BACKWARD = cupy.ElementwiseKernel(
-    "T dy, T xhat, raw T inv_std, raw T m1, raw T m2, R r, bool relu, int32 HWC, int32 C",
-    "T dx",
+    "D dy, T xhat, raw T inv_std, raw T m1, raw T m2, R r, bool relu, int32 HWC, int32 C",
+    "X dx",
     _NC + """
-    const T a = dy - m1[nc];
+    const T a = (T)dy - m1[nc];
     const T b = xpcnn_mul_rn<T>(xhat, m2[nc]);
     const T d = a - b;
     const T g = inv_std[nc] * d;
-    dx = relu ? (T)(g * (T)(r > (R)0.0f ? 1.0f : 0.0f)) : g;
+    dx = (X)(relu ? (T)(g * (T)(r > (R)0.0f ? 1.0f : 0.0f)) : g);
     """, "xpcnn_feature_norm_backward", preamble=_ROUNDED_PRODUCT)
 
-# StandardKernels.rescale in one launch: the cast (exact for uint8 images), then the product
-# rounded once to T, as the standard version's multiplication by a Python number rounds it.
-_RESCALE = cupy.ElementwiseKernel("S x, T scale", "T y", "y = (T)x * scale;", "xpcnn_rescale")
+# StandardKernels.rescale in one launch: the cast (exact for uint8 images), the product rounded
+# once to T, as the standard version's multiplication by a Python number rounds it (never
+# fused with the sum), then where ``shift`` the sum with the offset rounded to T, then the
+# result rounded to U (``dtype_of``, never read, binds T).
+_RESCALE = cupy.ElementwiseKernel(
+    "S x, raw T dtype_of, T scale, T offset, bool shift", "U y",
+    "const T p = xpcnn_mul_rn<T>((T)x, scale); y = (U)(shift ? (T)(p + offset) : p);",
+    "xpcnn_rescale", preamble=_ROUNDED_PRODUCT)
 
 # StandardKernels.random_crop in one launch: out[n, i, j, c] = x[n, i + dy - p, j + dx - p, c]
 # (0 outside the image), the offsets floor(u * (2p + 1)) per image from the (N, 2) numbers u.
@@ -254,69 +265,6 @@ __device__ unsigned long long xpcnn_random_bits(long long seed, long long draw,
     return xpcnn_mix(key + ((unsigned long long)element + 1ULL) * gamma);
 }
 """
-# Numbers in [0, 1): element ``first + i`` of the draw that ``state`` = [seed, draw] names.
-_UNIFORM = cupy.ElementwiseKernel(
-    "raw int64 state, int64 first, int32 bits, float64 scale",
-    "T u",
-    "u = (T)((double)(xpcnn_random_bits(state[0], state[1], first + i) >> (64 - bits)) * scale);",
-    "xpcnn_uniform",
-    preamble=_RANDOM_BITS,
-)
-# StandardKernels.dropout in one launch: the number (as _UNIFORM draws it, ``unit`` = 2**-bits),
-# the mask ``keep`` (number >= rate) and the output x * keep * scale, in the standard order.
-_DROPOUT = cupy.ElementwiseKernel(
-    "T x, raw int64 state, int64 first, int32 bits, float64 unit, T rate, T scale",
-    "T y, bool keep",
-    """
-    const T u = (T)((double)(xpcnn_random_bits(state[0], state[1], first + i) >> (64 - bits))
-                    * unit);
-    keep = u >= rate;
-    y = x * (T)(keep ? 1.0f : 0.0f) * scale;
-    """,
-    "xpcnn_dropout",
-    preamble=_RANDOM_BITS,
-)
-# Softmax cross-entropy of one row of logits per thread (a few classes each): the row's loss
-# divided by N, whether its first maximum is at the label, and its gradient row, (softmax -
-# target) / N, with the target mixed with the uniform distribution by ``spread`` = smoothing /
-# classes (``keep`` = 1 - smoothing). The same steps as xpcnn.ops.softmax, in the accumulator
-# type. Where ``scaled``, the gradient (rounded to T) is then multiplied by the float16 loss
-# scale ``scale[0]``, read from the device, as the standard version does it after. Logits of a
-# narrower type Z (float16 under mixed precision) are read as the standard version's cast to T
-# would give them (exactly).
-_SOFTMAX_CROSS_ENTROPY = cupy.ElementwiseKernel(
-    "raw Z z, raw L labels, int32 classes, float64 keep, float64 spread, float64 inv_n,"
-    " raw U scale, bool scaled",
-    "raw T grad, raw S stats",
-    """
-    typedef XpcnnAcc<T>::type A;
-    const long long base = (long long)i * classes;
-    const long long label = (long long)labels[i];
-    A top = (A)z[base];
-    int first = 0;
-    for (int c = 1; c < classes; ++c) {
-        const A v = (A)z[base + c];
-        if (v > top) { top = v; first = c; }
-    }
-    A total = (A)0;
-    for (int c = 0; c < classes; ++c) total += exp((A)z[base + c] - top);
-    const A log_total = log(total);
-    A loss = (A)0;
-    for (int c = 0; c < classes; ++c) {
-        const A logp = ((A)z[base + c] - top) - log_total;
-        const A t = (c == label ? (A)keep : (A)0) + (A)spread;
-        loss -= t * logp;
-        const T g = (T)((exp(logp) - t) * (A)inv_n);
-        grad[base + c] = scaled ? (T)((A)g * (A)scale[0]) : g;
-    }
-    if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
-    stats[2 * i] = (S)(loss * (A)inv_n);
-    stats[2 * i + 1] = (S)(first == label ? 1 : 0);
-    """,
-    "xpcnn_softmax_cross_entropy",
-    preamble=_ACC,
-)
-
 # The optimisers' updates (the formulas of xpcnn.optim, in the same order) for every parameter
 # of a step in one launch: one thread per element of all of them. ``table`` holds the running
 # element offsets of the ``count`` arrays (count + 1 values), then per array the addresses of
@@ -395,37 +343,41 @@ _CAST_ALL = cupy.ElementwiseKernel(
     """,
     "xpcnn_cast_all",
 )
-# A training step's record (xpcnn.ops.step_record) in three launches (a memset and two
-# kernels), where the standard one takes two per gradient and about thirty more on small
-# vectors (and one more per gradient to unscale float16 steps). First, one thread per element
-# of the gradients (found as the updates find theirs; ``table``: the running offsets, then the
-# addresses, then each array's entry in ``bits``), which it divides by the loss scale where
-# ``scaled``, then ORs into its array's entry only where the element is bad: 1 not finite, 2
-# (with ``squares``) finite but above ``limit``, the largest magnitude whose square the dtype
-# holds. Compared in double, as the standard compares in the state's float64.
+# A training step's record (xpcnn.ops.step_record) in two launches, where the standard one
+# takes two per gradient and about thirty more on small vectors (and one more per gradient to
+# unscale float16 steps). First, one thread per element of the gradients (found as the updates
+# find theirs; ``table``: the running offsets, then the addresses, then each array's index
+# among the step's gradients), which it divides by the loss scale where ``scaled``, then marks
+# in the state, only where the element is bad, its array's first mark (not finite) or second
+# (with ``squares``: finite but above ``limit``, the largest magnitude whose square the dtype
+# holds). Compared in double, as the standard compares in the state's float64. The marks, at
+# ``marks`` (the state's layout), are 0 before (the record kernel clears them): every thread
+# that marks one writes the same 1, and none reads them.
 _CHECK_GRADIENTS = cupy.ElementwiseKernel(
     "raw T dtype_of, int32 count, float64 limit, bool squares, bool scaled,"
-    " raw float32 scaling, raw int64 table",
-    "raw int32 bits",
+    " raw float32 scaling, raw int64 table, int32 marks",
+    "raw F state",
     _SEARCH + """
     typedef XpcnnAcc<T>::type A;
     T& g = ((T*)table[count + 1 + lo])[e];
     if (scaled) g = (T)((A)g * (A)(1.0f / scaling[0]));
     const double v = (double)(A)g;
     const int bad = isfinite(v) ? (squares && fabs(v) > limit ? 2 : 0) : 1;
-    if (bad) atomicOr(&bits[table[2 * count + 1 + lo]], bad);
+    if (bad) state[marks + 2 * table[2 * count + 1 + lo] + bad - 1] = (F)1;
     """,
     "xpcnn_check_gradients",
     preamble=_ACC,
 )
 # Then one thread records the step: the sums, the first non-finite step, the float16 loss
 # scale and the flag "apply the update", as record_step and _move_scale do (the same formulas
-# in the same order; ``state`` is F, ``scaling`` float32 and only read where ``scaled``).
+# in the same order; ``state`` is F, ``scaling`` float32 and only read where ``scaled``), and
+# clears the marks for the next step.
 _RECORD = """
+    const long long marks = 4 + grads;
     const F loss = (F)stats[0];
     const bool bad_loss = !isfinite(loss);
     bool any_bad = bad_loss;
-    for (int k = 0; k < grads; ++k) any_bad = any_bad || bits[k] != 0;
+    for (int k = 0; k < 2 * grads; ++k) any_bad = any_bad || state[marks + k] != (F)0;
     bool error = any_bad;
     if (scaled) {
         float scale = scaling[0], good = scaling[1];
@@ -443,12 +395,15 @@ _RECORD = """
     if (fresh) {
         state[2] = (F)step;
         state[3] = loss;
-        for (int k = 0; k < grads; ++k) state[4 + k] = (bits[k] & 1) ? (F)1 : (F)bits[k];
+        for (int k = 0; k < grads; ++k) {
+            state[4 + k] = state[marks + 2 * k] != (F)0 ? (F)1
+                           : state[marks + 2 * k + 1] != (F)0 ? (F)2 : (F)0;
+        }
     }
+    for (int k = 0; k < 2 * grads; ++k) state[marks + k] = (F)0;
     apply[0] = !any_bad && state[2] < 0;
 """
-_RECORD_PARAMS = ("raw int32 bits, int32 grads, raw S stats, float64 samples, bool scaled,"
-                  " int32 growth")
+_RECORD_PARAMS = ("int32 grads, raw S stats, float64 samples, bool scaled, int32 growth")
 _RECORD_OUT = "raw F state, raw float32 scaling, raw bool apply"
 # (the step number by value in an eager step, read from a device scalar in a captured one)
 _RECORD_STEP = cupy.ElementwiseKernel(_RECORD_PARAMS + ", float64 step", _RECORD_OUT, _RECORD,
@@ -547,8 +502,227 @@ class _DeferredTables:
 # was not measured apart from the bias-gradient change that came with it.)
 _SPLIT_K_ROWS = 2048
 _SPLIT_K_MAX = 128
-# The fewest rows CupyKernels.sum_rows sums over blocks of rows (in two launches).
-_BLOCKED_SUM_ROWS = 1024
+
+# Raw kernels (a block's threads working together through shared memory) are compiled from
+# their source with typedefs of their type names (``_raw_kernel``). The "last block" way of
+# summing in one launch (CUDA's threadFenceReduction sample): each block writes its partial sums,
+# makes them visible to every block (__threadfence), and counts itself done on a counter in
+# device memory; the block that counts last sums the partials, always in the same order, so the
+# result is the same bit for bit run to run whichever block is last. atomicInc wraps the counter
+# back to 0 at that last count: it is ready for the next launch with no memset, and a CUDA graph
+# replays the launch as captured. The last block reads the partials through a volatile pointer
+# (from L2, never a stale L1 line).
+_LAST_BLOCK = r"""
+__device__ bool xpcnn_last_block(unsigned int* counter, unsigned int blocks) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        last = atomicInc(counter, blocks - 1) == blocks - 1;
+    }
+    __syncthreads();
+    return last;
+}
+__device__ float xpcnn_widen(float x) { return x; }
+__device__ double xpcnn_widen(double x) { return x; }
+"""
+# (only where a type is float16: CUDA's header, which NVRTC finds among CUDA's headers)
+_HALF = r"""
+#include <cuda_fp16.h>
+__device__ float xpcnn_widen(__half x) { return __half2float(x); }
+"""
+# A kernel that draws counts its draw in ``state`` (xpcnn.ops.random's [seed, draw]) in the
+# same launch: every thread reads the draw before its loop (``_READ_DRAW``); after it, the
+# last block to finish (see _LAST_BLOCK: every thread of the launch has read the draw by then)
+# writes draw + 1 (``_COUNT_DRAW``). Blocks of _DRAW_BLOCK threads: one atomic each (CuPy's
+# default 128 would make 4 times as many).
+_READ_DRAW = "const long long seed = state[0], draw = state[1];"
+_COUNT_DRAW = """
+    if (xpcnn_last_block(&counter[0], gridDim.x) && threadIdx.x == 0) state[1] = draw + 1;
+"""
+_DRAW_BLOCK = 512
+# Numbers in [0, 1): element ``first + i`` of the draw that ``state`` names, counted there.
+_UNIFORM = cupy.ElementwiseKernel(
+    "int64 first, int32 bits, float64 scale",
+    "T u, raw int64 state, raw uint32 counter",
+    "u = (T)((double)(xpcnn_random_bits(seed, draw, first + i) >> (64 - bits)) * scale);",
+    "xpcnn_uniform",
+    preamble=_RANDOM_BITS + _LAST_BLOCK, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
+)
+# StandardKernels.dropout in one launch: the number (as _UNIFORM draws it, ``unit`` = 2**-bits),
+# the mask ``keep`` (number >= rate) and the output x * keep * scale, in the standard order, the
+# draw counted as _UNIFORM counts it.
+_DROPOUT = cupy.ElementwiseKernel(
+    "T x, int64 first, int32 bits, float64 unit, T rate, T scale",
+    "T y, bool keep, raw int64 state, raw uint32 counter",
+    """
+    const T u = (T)((double)(xpcnn_random_bits(seed, draw, first + i) >> (64 - bits)) * unit);
+    keep = u >= rate;
+    y = x * (T)(keep ? 1.0f : 0.0f) * scale;
+    """,
+    "xpcnn_dropout",
+    preamble=_RANDOM_BITS + _LAST_BLOCK, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
+)
+_C_TYPES = {"float16": "__half", "float32": "float", "float64": "double", "int8": "signed char",
+            "uint8": "unsigned char", "int16": "short", "uint16": "unsigned short",
+            "int32": "int", "uint32": "unsigned int", "int64": "long long",
+            "uint64": "unsigned long long"}
+_RAW_KERNELS: dict[tuple[str, ...], Any] = {}
+
+
+def _raw_kernel(name: str, source: str, **types: Any) -> Any:
+    """Kernel ``name`` of ``source`` with each of ``types`` (a type name of the source: a
+    dtype) typedef'd to its C type, made once (CuPy compiles it on first use)."""
+    names = {k: np.dtype(v).name for k, v in types.items()}
+    key = (name, *(f"{k}={v}" for k, v in names.items()))
+    if key not in _RAW_KERNELS:
+        half = _HALF if "float16" in names.values() else ""
+        typedefs = "".join(f"typedef {_C_TYPES[v]} {k};\n" for k, v in names.items())
+        _RAW_KERNELS[key] = cupy.RawKernel(half + typedefs + _LAST_BLOCK + source, name)
+    return _RAW_KERNELS[key]
+
+
+# Per device, the counters of the "last block" launches (0 between launches; made on first use
+# and held for good: a captured graph keeps their address). One such launch at a time per
+# device: those of a stream run in order, and a training step's run on one stream.
+_COUNTERS: dict[str, Any] = {}
+_COUNTERS_PER_DEVICE = 1024
+
+
+def _counters(a: Any) -> Any:
+    """The counters of ``a``'s device, from CuPy's default memory pool, which lasts as long as
+    the process (a first use may come in a CUDA graph's warm-up, whose own pool frees its
+    memory with itself: xpcnn.cuda_graphs)."""
+    device = str(a.device)
+    if device not in _COUNTERS:
+        with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
+            _COUNTERS[device] = cupy.zeros(_COUNTERS_PER_DEVICE, cupy.uint32)
+    return _COUNTERS[device]
+
+
+# A sum over the rows of a C-contiguous (rows, cols) array of X (a bias gradient) in one
+# launch, in A: float32 for float16 data (a float16 sum of a batch's rows would lose their low
+# bits), else the data's own type. Block (x, y) sums rows [x*per, x*per + per) of the 32
+# columns [32y, 32y + 32): thread (c, lane) every LANES-th row from ``lane`` on, in order, then
+# a tree over the lanes in shared memory, into row x of ``partials``; the last block of each
+# column chunk y (counter y) sums that chunk's partials the same way.
+_SUM_ROWS_LANES = 8
+_SUM_ROWS_SOURCE = f"#define LANES {_SUM_ROWS_LANES}\n" + r"""
+__device__ A xpcnn_lanes_total(A (*lanes)[32], A s) {
+    const int c = threadIdx.x, lane = threadIdx.y;
+    lanes[lane][c] = s;
+    __syncthreads();
+    for (int half = LANES / 2; half > 0; half /= 2) {
+        if (lane < half) lanes[lane][c] += lanes[lane + half][c];
+        __syncthreads();
+    }
+    return lanes[0][c];
+}
+extern "C" __global__ void xpcnn_sum_rows(const X* __restrict__ a, long long rows, int cols,
+                                          long long per, A* partials, unsigned int* counters,
+                                          A* __restrict__ out) {
+    __shared__ A lanes[LANES][32];
+    const int lane = threadIdx.y;
+    const int col = blockIdx.y * 32 + threadIdx.x;
+    const long long first = blockIdx.x * per;
+    const long long end = first + per < rows ? first + per : rows;
+    A s = (A)0;
+    if (col < cols) {
+        #pragma unroll 8
+        for (long long r = first + lane; r < end; r += LANES) {
+            s += (A)xpcnn_widen(a[r * cols + col]);
+        }
+    }
+    s = xpcnn_lanes_total(lanes, s);
+    if (lane == 0 && col < cols) partials[blockIdx.x * (long long)cols + col] = s;
+    if (!xpcnn_last_block(&counters[blockIdx.y], gridDim.x)) return;
+    const volatile A* done = partials;
+    s = (A)0;
+    if (col < cols) {
+        for (unsigned b = lane; b < gridDim.x; b += LANES) s += done[b * (long long)cols + col];
+    }
+    s = xpcnn_lanes_total(lanes, s);
+    if (lane == 0 && col < cols) out[col] = s;
+}
+"""
+# Blocks along the rows: at most this many, each of at least this many rows (a sum over
+# 512 x 32 x 32 pixels, 524,288 rows: 512 blocks of 1024 rows, about 4 of 256 threads per
+# multiprocessor of an H100 or H200; a Dense layer's 128 rows: one block). Not tuned on a GPU.
+_SUM_ROWS_BLOCKS = 512
+_SUM_ROWS_PER_BLOCK = 1024
+
+# Softmax cross-entropy of one row of logits per thread (a few classes each): the row's loss
+# divided by N, whether its first maximum is at the label, and its gradient row, (softmax -
+# target) / N, with the target mixed with the uniform distribution by ``spread`` = smoothing /
+# classes (``keep`` = 1 - smoothing). The same steps as xpcnn.ops.softmax, in the accumulator
+# type A (float32 for float16 T). Where ``scaled``, the gradient (rounded to T) is then
+# multiplied by the float16 loss scale ``scale[0]``, read from the device, as the standard
+# version does it after. Logits of a narrower type Z (float16 under mixed precision) are read
+# as the standard version's cast to T would give them (exactly), and their gradient rounded to
+# Z as its cast would round it (the layer that made them reads it in Z). The rows' [loss, right]
+# summed into ``stats`` in the same launch: a tree per block, then the last block's tree over
+# the blocks' partials (see _LAST_BLOCK).
+_CROSS_ENTROPY_THREADS = 256
+_SOFTMAX_CROSS_ENTROPY_SOURCE = f"#define THREADS {_CROSS_ENTROPY_THREADS}\n" + r"""
+__device__ void xpcnn_pair_total(A (*sums)[THREADS], A loss, A right) {
+    const int t = threadIdx.x;
+    sums[0][t] = loss;
+    sums[1][t] = right;
+    __syncthreads();
+    for (int half = THREADS / 2; half > 0; half /= 2) {
+        if (t < half) {
+            sums[0][t] += sums[0][t + half];
+            sums[1][t] += sums[1][t + half];
+        }
+        __syncthreads();
+    }
+}
+extern "C" __global__ void xpcnn_softmax_cross_entropy(
+        const Z* __restrict__ z, const L* __restrict__ labels, long long n, int classes,
+        double keep, double spread, double inv_n, const U* scale, int scaled,
+        Z* __restrict__ grad, A* partials, unsigned int* counter, A* __restrict__ stats) {
+    __shared__ A sums[2][THREADS];
+    const int t = threadIdx.x;
+    const long long i = blockIdx.x * (long long)THREADS + t;
+    A row_loss = (A)0, right = (A)0;
+    if (i < n) {
+        const long long base = i * classes;
+        const long long label = (long long)labels[i];
+        A top = (A)xpcnn_widen(z[base]);
+        int first = 0;
+        for (int c = 1; c < classes; ++c) {
+            const A v = (A)xpcnn_widen(z[base + c]);
+            if (v > top) { top = v; first = c; }
+        }
+        A total = (A)0;
+        for (int c = 0; c < classes; ++c) total += exp((A)xpcnn_widen(z[base + c]) - top);
+        const A log_total = log(total);
+        A loss = (A)0;
+        for (int c = 0; c < classes; ++c) {
+            const A logp = ((A)xpcnn_widen(z[base + c]) - top) - log_total;
+            const A target = (c == label ? (A)keep : (A)0) + (A)spread;
+            loss -= target * logp;
+            const T g = (T)((exp(logp) - target) * (A)inv_n);
+            grad[base + c] = (Z)(scaled ? (T)((A)xpcnn_widen(g) * (A)xpcnn_widen(scale[0])) : g);
+        }
+        if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
+        row_loss = loss * (A)inv_n;
+        right = first == label ? (A)1 : (A)0;
+    }
+    xpcnn_pair_total(sums, row_loss, right);
+    if (t < 2) partials[2 * blockIdx.x + t] = sums[t][0];
+    if (!xpcnn_last_block(counter, gridDim.x)) return;
+    const volatile A* done = partials;
+    row_loss = (A)0;
+    right = (A)0;
+    for (unsigned b = t; b < gridDim.x; b += THREADS) {
+        row_loss += done[2 * b];
+        right += done[2 * b + 1];
+    }
+    xpcnn_pair_total(sums, row_loss, right);
+    if (t < 2) stats[t] = sums[t][0];
+}
+"""
 
 
 def _contiguous(*arrays: Any) -> bool:
@@ -561,6 +735,14 @@ def _in_row_blocks(a: Any, splits: int) -> tuple[Any, Any]:
     per = a.shape[0] // splits
     used = per * splits
     return a[:used].reshape(splits, per, *a.shape[1:]), a[used:]
+
+
+def _mean_hw(a: Any, dtype: Any) -> Any:
+    """The mean over axes 1 and 2 of ``a`` cast to ``dtype`` (the cast read in the reduction:
+    no pass of its own), as the standard version computes it."""
+    if a.dtype == dtype:  # (float16's in float32, rounded to float16, as the standard's)
+        return a.mean(axis=(1, 2), keepdims=True)
+    return a.mean(axis=(1, 2), keepdims=True, dtype=dtype)
 
 
 class CupyKernels(StandardKernels):
@@ -670,19 +852,24 @@ class CupyKernels(StandardKernels):
         return out
 
     def sum_rows(self, a: Any) -> Any:
-        # Over blocks of rows first: a reduction over the leading axis runs one thread block
-        # per column, only 32-64 of them for a convolution's bias gradient (measured: 12 ms at
-        # batch 512). A few hundred rows (a Dense layer's, one a sample) take one pass: one
-        # launch, not two (not timed on a GPU).
-        rows = a.shape[0]
-        splits = min(rows // 256, 256)
-        if a.ndim != 2 or rows < _BLOCKED_SUM_ROWS or not a.flags.c_contiguous:
+        # One launch whatever the rows (see _SUM_ROWS_SOURCE): CuPy's reduction over the
+        # leading axis runs one thread block per column, only 32-64 of them for a
+        # convolution's bias gradient (measured: 12 ms at batch 512).
+        if a.ndim != 2 or not a.flags.c_contiguous or a.dtype.name not in (
+                "float16", "float32", "float64"):
             return super().sum_rows(a)
+        rows, cols = a.shape
+        chunks = -(-cols // 32)  # (a counter each)
+        if not rows or not cols or chunks > _COUNTERS_PER_DEVICE:
+            return super().sum_rows(a)
+        per = max(_SUM_ROWS_PER_BLOCK, -(-rows // _SUM_ROWS_BLOCKS))
+        blocks = -(-rows // per)
         acc = cupy.float64 if a.dtype == cupy.float64 else cupy.float32
-        blocks, rest = _in_row_blocks(a, splits)
-        out = blocks.sum(axis=1, dtype=acc).sum(axis=0)
-        if rest.shape[0]:
-            out += rest.sum(axis=0, dtype=acc)
+        partials = cupy.empty((blocks, cols), acc)
+        out = cupy.empty(cols, acc)
+        _raw_kernel("xpcnn_sum_rows", _SUM_ROWS_SOURCE, X=a.dtype, A=acc)(
+            (blocks, chunks), (32, _SUM_ROWS_LANES),
+            (a, np.int64(rows), np.int32(cols), np.int64(per), partials, _counters(a), out))
         return out
 
     def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
@@ -710,41 +897,51 @@ class CupyKernels(StandardKernels):
         return dx
 
     def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
+        if not math.prod(shape):  # (no launch would count the draw)
+            return super().uniform(state, shape, dtype, first)
         bits = random.significant_bits(cupy, dtype)
-        return _UNIFORM(state, first, bits, 2.0**-bits, cupy.empty(shape, dtype))
+        return _UNIFORM(first, bits, 2.0**-bits, cupy.empty(shape, dtype), state,
+                        _counters(state), block_size=_DRAW_BLOCK)[0]
 
     def random_crop(self, x: Any, u: Any, padding: int) -> Any:
         n, h, w, c = x.shape
         return _RANDOM_CROP(cupy.ascontiguousarray(x), cupy.ascontiguousarray(u), h, w, c,
                             padding, cupy.empty(x.shape, x.dtype))
 
-    def feature_norm(self, x: Any, eps: float) -> tuple[Any, Any]:
-        if not x.flags.c_contiguous:
-            return super().feature_norm(x, eps)
+    def feature_norm(self, x: Any, eps: float, dtype: Any, out_dtype: Any
+                     ) -> tuple[Any, Any, Any]:
+        t, u = np.dtype(dtype), np.dtype(out_dtype)
+        if not x.flags.c_contiguous or not np.can_cast(x.dtype, t):  # (an exact cast only)
+            return super().feature_norm(x, eps, dtype, out_dtype)
         n, h, w, c = x.shape
-        mean = x.mean(axis=(1, 2), keepdims=True)
+        mean = _mean_hw(x, t)
         var = _CENTRED_SQUARES(x, mean, h * w * c, c).mean(axis=(1, 2), keepdims=True)
-        inv_std = cupy.empty((n, 1, 1, c), x.dtype)
-        xhat = _STANDARDIZE(x, mean, var, x.dtype.type(eps), h * w * c, c,
-                            cupy.empty(x.shape, x.dtype), inv_std)[0]
-        return xhat, inv_std
+        inv_std = cupy.empty((n, 1, 1, c), t)
+        cast = u != t
+        y = cupy.empty(x.shape if cast else 0, u)  # (not written where not cast)
+        xhat = _STANDARDIZE(x, mean, var, t.type(eps), h * w * c, c, cast,
+                            cupy.empty(x.shape, t), inv_std, y)[0]
+        return y if cast else xhat, xhat, inv_std
 
-    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any,
-                              relu_x: Any = None) -> Any:
-        if not _contiguous(dy, xhat, inv_std):
-            return super().feature_norm_backward(dy, xhat, inv_std, relu_x)
+    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any, relu_x: Any,
+                              out_dtype: Any) -> Any:
+        if not _contiguous(dy, xhat, inv_std) or not np.can_cast(dy.dtype, xhat.dtype):
+            return super().feature_norm_backward(dy, xhat, inv_std, relu_x, out_dtype)
         n, h, w, c = dy.shape
-        m1 = dy.mean(axis=(1, 2), keepdims=True)
+        t = xhat.dtype
+        m1 = _mean_hw(dy, t)
         m2 = (dy * xhat).mean(axis=(1, 2), keepdims=True)
         return _FEATURE_NORM_BACKWARD(dy, xhat, inv_std, m1, m2,
                                       dy if relu_x is None else relu_x,  # (dy: not read)
-                                      relu_x is not None, h * w * c, c)
+                                      relu_x is not None, h * w * c, c,
+                                      cupy.empty(dy.shape, out_dtype))
 
-    def rescale(self, x: Any, scale: float, dtype: Any) -> Any:
-        t = np.dtype(dtype)
+    def rescale(self, x: Any, scale: float, offset: float, dtype: Any, out_dtype: Any) -> Any:
+        t, u = np.dtype(dtype), np.dtype(out_dtype)
         if t.kind != "f":  # (the standard version's dtypes: an integer times a float)
-            return super().rescale(x, scale, dtype)
-        return _RESCALE(x, t.type(scale), cupy.empty(x.shape, t))
+            return super().rescale(x, scale, offset, dtype, out_dtype)
+        return _RESCALE(x, cupy.empty(0, t), t.type(scale), t.type(offset), bool(offset),
+                        cupy.empty(x.shape, u))
 
     def mask_multiply(self, x: Any, mask: Any, scale: float | None = None,
                       relu_y: Any = None) -> Any:
@@ -754,9 +951,14 @@ class CupyKernels(StandardKernels):
         return _MASK_MULTIPLY_RELU(x, mask, factor, relu_y)
 
     def dropout(self, state: Any, x: Any, rate: float, first: int = 0) -> tuple[Any, Any]:
+        if x.size == 0:  # (no launch would count the draw)
+            return super().dropout(state, x, rate, first)
         bits = random.significant_bits(cupy, x.dtype)
         t = x.dtype.type
-        return _DROPOUT(x, state, first, bits, 2.0**-bits, t(rate), t(1.0 / (1.0 - rate)))
+        y, keep, _, _ = _DROPOUT(x, first, bits, 2.0**-bits, t(rate), t(1.0 / (1.0 - rate)),
+                                 cupy.empty(x.shape, x.dtype), cupy.empty(x.shape, cupy.bool_),
+                                 state, _counters(state), block_size=_DRAW_BLOCK)
+        return y, keep
 
     def relu(self, x: Any, max_value: float | None) -> Any:
         return _RELU(x, x.dtype.type(max_value or 0), max_value is not None)
@@ -772,18 +974,27 @@ class CupyKernels(StandardKernels):
         n, classes = z.shape
         t = z.dtype if dtype is None else np.dtype(dtype)
         # (logits wider than ``dtype``, or a scale that would widen the gradient's dtype, as
-        # for float16 logits: the standard version)
+        # for float16 logits: the standard version; so do labels of no integer dtype)
         if not _contiguous(z, labels) or n == 0 or np.result_type(z.dtype, t) != t or not (
                 scale is None or (scale.flags.c_contiguous
-                                  and np.result_type(t, scale.dtype) == t)):
+                                  and np.result_type(t, scale.dtype) == t)) or (
+                labels.dtype.kind not in "iu"):
             return super().softmax_cross_entropy(z, labels, smoothing, scale, dtype)
         acc = cupy.float64 if t == cupy.float64 else cupy.float32
-        grad = cupy.empty(z.shape, t)
-        rows = cupy.empty((n, 2), acc)  # per row: loss / N, 1 if predicted right
-        _SOFTMAX_CROSS_ENTROPY(z, labels, classes, 1.0 - smoothing, smoothing / classes,
-                               1.0 / n, z if scale is None else scale,  # (z: not read)
-                               scale is not None, grad, rows, size=n)
-        return rows.sum(axis=0), grad
+        blocks = -(-n // _CROSS_ENTROPY_THREADS)
+        grad = cupy.empty(z.shape, z.dtype)  # (in the logits' dtype)
+        partials = cupy.empty((blocks, 2), acc)  # per block: its rows' loss / N, right ones
+        stats = cupy.empty(2, acc)
+        scaled = scale is not None
+        if not scaled:
+            scale = z  # (not read)
+        kernel = _raw_kernel("xpcnn_softmax_cross_entropy", _SOFTMAX_CROSS_ENTROPY_SOURCE,
+                             Z=z.dtype, L=labels.dtype, T=t, U=scale.dtype, A=acc)
+        kernel((blocks,), (_CROSS_ENTROPY_THREADS,),
+               (z, labels, np.int64(n), np.int32(classes), np.float64(1.0 - smoothing),
+                np.float64(smoothing / classes), np.float64(1.0 / n), scale,
+                np.int32(scaled), grad, partials, _counters(z), stats))
+        return stats, grad
 
     def cast_all(self, arrays: list[Any], dtype: Any) -> list[Any]:
         out = list(arrays)  # (those of the dtype already stay themselves)
@@ -810,7 +1021,6 @@ class CupyKernels(StandardKernels):
         scaled = scaling is not None
         if not scaled:
             scaling = cupy.empty(2, cupy.float32)  # (not read)
-        bits = cupy.zeros(len(grads), cupy.int32)
         by_dtype: dict[Any, list[tuple[int, Any]]] = {}
         contiguous = [cupy.ascontiguousarray(g) for g in grads]  # (read by flat index)
         for k, g in enumerate(contiguous):
@@ -821,7 +1031,8 @@ class CupyKernels(StandardKernels):
                                         [k for k, _ in group])
             if size:
                 _CHECK_GRADIENTS(arrays[0], len(arrays), square_limit(np, dtype), squares,
-                                 scaled, scaling, table, bits, size=size)
+                                 scaled, scaling, table, BAD_GRADS + len(grads), state,
+                                 size=size)
         if scaled:  # (unscaled in place: a copy's values go back where the caller reads)
             for g, copy in zip(grads, contiguous, strict=True):
                 if copy is not g:
@@ -829,10 +1040,10 @@ class CupyKernels(StandardKernels):
         apply = cupy.empty(1, cupy.bool_)
         stats = cupy.ascontiguousarray(stats)
         if _by_value(step):
-            _RECORD_STEP(bits, len(grads), stats, n, scaled, GROWTH_INTERVAL, float(step),
+            _RECORD_STEP(len(grads), stats, n, scaled, GROWTH_INTERVAL, float(step),
                          state, scaling, apply, size=1)
         else:
-            _RECORD_STEP_AT(bits, len(grads), stats, n, scaled, GROWTH_INTERVAL,
+            _RECORD_STEP_AT(len(grads), stats, n, scaled, GROWTH_INTERVAL,
                             cupy.reshape(step, (1,)), state, scaling, apply, size=1)
         return cupy.reshape(apply, ())
 

@@ -491,10 +491,12 @@ class NumpyKernels(StandardKernels):
             a = a.astype(np.float32)
         return np.matmul(self._ones(a.shape[0], a.dtype), a)
 
-    def feature_norm(self, x: Any, eps: float) -> tuple[Any, Any]:
+    def feature_norm(self, x: Any, eps: float, dtype: Any, out_dtype: Any
+                     ) -> tuple[Any, Any, Any]:
         """FeatureNorm's forward: (x - mean_hw) / sqrt(var_hw + eps) and that 1/sqrt, per image
         and channel; each block of images makes all its passes while it is in cache, sums
         as products with ones, broadcasts over widened rows."""
+        x = x.astype(dtype, copy=False)
         n, h, w, c = x.shape
         k = self._widen(h * w, c)
         xhat = np.empty(x.shape, x.dtype)
@@ -515,12 +517,13 @@ class NumpyKernels(StandardKernels):
             np.multiply(o, np.tile(inv, k)[:, None, :], out=o)
 
         self.for_chunks(n, self._image_blocks(x), work)
-        return xhat, inv_std
+        return xhat.astype(out_dtype, copy=False), xhat, inv_std
 
-    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any,
-                              relu_x: Any = None) -> Any:
+    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any, relu_x: Any,
+                              out_dtype: Any) -> Any:
         """inv_std * (dy - mean_hw(dy) - xhat * mean_hw(dy * xhat)), a block of images at a
         time (then times ``relu_x > 0`` on the block while it is in cache)."""
+        dy = dy.astype(xhat.dtype, copy=False)
         n, h, w, c = dy.shape
         k = self._widen(h * w, c)
         dx = np.empty(dy.shape, dy.dtype)
@@ -543,7 +546,7 @@ class NumpyKernels(StandardKernels):
                 np.multiply(o, relu_x[n0:n1].reshape(shape) > zero, out=o)
 
         self.for_chunks(n, self._image_blocks(dy), work)
-        return dx
+        return dx.astype(out_dtype, copy=False)
 
     def _elementwise(self, fn: Callable[..., None], dtype: Any, *arrays: Any) -> Any:
         """``fn(*row_blocks_of_arrays, out_block)`` over row blocks on threads; the arrays all
@@ -581,6 +584,7 @@ class NumpyKernels(StandardKernels):
             np.multiply(z, 2.0**-bits, out=out[a:b], casting="unsafe")
 
         self.for_chunks(out.size, self._UNIFORM_CHUNK, fill)
+        state[1:2] += 1  # (the draw counted, as the standard version counts it)
         return out.reshape(shape)
 
     _UNIFORM_CHUNK = 1 << 16  # (measured best of 2**12-2**18 for a 1.2M-number mask)

@@ -139,8 +139,11 @@ class StandardKernels:
 
     def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
         """Random numbers in [0, 1) from a device-held random state (see
-        :mod:`xpcnn.ops.random`, the definition)."""
-        return uniform(self.xp, state, shape, dtype, first)
+        :mod:`xpcnn.ops.random`, the definition), the draw counted in ``state`` (in place: its
+        draws so far plus one)."""
+        u = uniform(self.xp, state, shape, dtype, first)
+        state[1:2] += 1
+        return u
 
     def random_crop(self, x: Any, u: Any, padding: int) -> Any:
         """Each image of ``x`` (N, H, W, C) padded by ``padding`` zeros on every side and cut
@@ -161,10 +164,13 @@ class StandardKernels:
             out = xp.where(dx == k, rows[:, :, k:k + w, :], out)
         return out
 
-    def rescale(self, x: Any, scale: float, dtype: Any) -> Any:
-        """``x`` (of any real dtype: a model's uint8 batch) cast to ``dtype``, times ``scale``
-        (a Python number)."""
-        return self.xp.astype(x, dtype, copy=False) * scale
+    def rescale(self, x: Any, scale: float, offset: float, dtype: Any, out_dtype: Any) -> Any:
+        """``x`` (of any real dtype: a model's uint8 batch) cast to ``dtype``, times ``scale``,
+        plus ``offset`` (Python numbers; no addition of 0), computed in ``dtype`` and returned
+        in ``out_dtype``."""
+        xp = self.xp
+        y = xp.astype(x, dtype, copy=False) * scale
+        return xp.astype(y + offset if offset else y, out_dtype, copy=False)
 
     def mask_multiply(self, x: Any, mask: Any, scale: float | None = None,
                       relu_y: Any = None) -> Any:
@@ -180,8 +186,9 @@ class StandardKernels:
     def dropout(self, state: Any, x: Any, rate: float, first: int = 0) -> tuple[Any, Any]:
         """Inverted dropout of ``x``: an element is kept where its number of the draw that
         ``state`` names (:meth:`uniform`, elements ``first`` onwards) is at least ``rate``,
-        and scaled by 1 / (1 - rate). Returns the output and the boolean mask of what was kept
-        (its gradient is :meth:`mask_multiply` with the same mask and scale)."""
+        and scaled by 1 / (1 - rate); the draw is counted in ``state``, as :meth:`uniform`
+        counts it. Returns the output and the boolean mask of what was kept (its gradient is
+        :meth:`mask_multiply` with the same mask and scale)."""
         keep = self.uniform(state, tuple(x.shape), x.dtype, first) >= rate
         return self.mask_multiply(x, keep, 1.0 / (1.0 - rate)), keep
 
@@ -193,21 +200,29 @@ class StandardKernels:
         """Gradient through a ReLU (no ceiling) whose output was ``y``: ``dy`` where y > 0."""
         return self.mask_multiply(dy, y > 0)
 
-    def feature_norm(self, x: Any, eps: float) -> tuple[Any, Any]:
-        """(x - mean) / sqrt(var + eps) over each image's and channel's H x W positions, and
-        that 1 / sqrt (N, 1, 1, C)."""
+    def feature_norm(self, x: Any, eps: float, dtype: Any, out_dtype: Any
+                     ) -> tuple[Any, Any, Any]:
+        """``x`` cast to ``dtype``, then xhat = (x - mean) / sqrt(var + eps) over each image's
+        and channel's H x W positions: (xhat in ``out_dtype``, xhat, that 1 / sqrt (N, 1, 1,
+        C)), the last two in ``dtype``, for :meth:`feature_norm_backward`."""
         xp = self.xp
+        x = xp.astype(x, dtype, copy=False)
         centred = x - xp.mean(x, axis=(1, 2), keepdims=True)
         inv_std = 1.0 / xp.sqrt(xp.mean(centred * centred, axis=(1, 2), keepdims=True) + eps)
-        return centred * inv_std, inv_std
+        xhat = centred * inv_std
+        return xp.astype(xhat, out_dtype, copy=False), xhat, inv_std
 
-    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any,
-                              relu_x: Any = None) -> Any:
-        """Gradient of :meth:`feature_norm` through its mean and variance; with ``relu_x``,
-        the input of a feature norm after a ReLU, only where ``relu_x > 0``: the gradient of
-        that ReLU too (see ``Options.apply_input_relu_grad`` in :mod:`xpcnn.layers.base`)."""
-        dx = standardize_backward(self.xp, dy, xhat, inv_std, (1, 2))
-        return dx if relu_x is None else self.relu_backward(dx, relu_x)
+    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any, relu_x: Any,
+                              out_dtype: Any) -> Any:
+        """Gradient of :meth:`feature_norm` through its mean and variance, ``dy`` cast to
+        xhat's dtype, given in ``out_dtype``; with ``relu_x`` (not None), the input of a
+        feature norm after a ReLU, only where ``relu_x > 0``: the gradient of that ReLU too
+        (see ``Options.apply_input_relu_grad`` in :mod:`xpcnn.layers.base`)."""
+        xp = self.xp
+        dy = xp.astype(dy, xhat.dtype, copy=False)
+        dx = standardize_backward(xp, dy, xhat, inv_std, (1, 2))
+        dx = dx if relu_x is None else self.relu_backward(dx, relu_x)
+        return xp.astype(dx, out_dtype, copy=False)
 
     def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None,
                               dtype: Any = None) -> tuple[Any, Any]:
@@ -216,15 +231,19 @@ class StandardKernels:
         the label, as one (2,) float32 (float64 for float64 ``z``) array, the loss NaN where a
         label is no class; and the gradient with respect to ``z``, times ``scale[0]`` where
         ``scale`` (the float16 loss-scaling state, on the device) is given. With ``dtype``, all
-        of it computed from ``z`` cast to ``dtype`` (float32 under mixed precision)."""
+        of it computed from ``z`` cast to ``dtype`` (float32 under mixed precision), the
+        gradient then given in ``z``'s dtype (float16 there: what the layer that made the
+        logits reads)."""
         xp = self.xp
+        given = z.dtype
         if dtype is not None:
             z = xp.astype(z, dtype, copy=False)
         loss, grad = cross_entropy(xp, z, target_rows(xp, labels, z.shape[1], z.dtype,
                                                       smoothing))
         stats = loss_and_correct(xp, loss, z, labels)
+        grad = grad if scale is None else grad * scale[0]
         return (nan_unless_classes(xp, stats, labels, z.shape[1]),
-                grad if scale is None else grad * scale[0])
+                xp.astype(grad, given, copy=False))
 
     def cast_all(self, arrays: list[Any], dtype: Any) -> list[Any]:
         """Each array in ``dtype`` (itself where it is of that dtype already)."""

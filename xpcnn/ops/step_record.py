@@ -6,8 +6,11 @@ and the flag "apply this step's update" set, with no read by the host (see
 The state is one vector (float64; float32 where the namespace lacks it): [loss sum, correct
 count, number of the first non-finite step (-1: none), that step's loss, one entry per gradient
 (1: it had an element that is not finite; 2: all finite, but one whose square overflows its
-dtype, which would make an optimiser's squared-gradient state infinite)]. A step that is not
-finite is remembered only if it is the first; from it on no update applies.
+dtype, which would make an optimiser's squared-gradient state infinite), then two marks per
+gradient, 0 between steps (a fast version's scratch within a step: CuPy's marks there each
+gradient that has a non-finite element / an overflowing square, and clears them as it records
+the step, so that no launch zeroes them first)]. A step that is not finite is remembered only
+if it is the first; from it on no update applies.
 
 The float16 loss-scaling state is [scale, good steps in a row] (float32): a step whose
 gradients overflow while the scale is above 1 halves the scale and skips its update (not an
@@ -22,6 +25,11 @@ from typing import Any
 # Layout of the state vector.
 LOSS_SUM, CORRECT, BAD_STEP, BAD_LOSS, BAD_GRADS = 0, 1, 2, 3, 4
 GROWTH_INTERVAL = 2000  # good float16 steps before the loss scale doubles
+
+
+def cleared(n_grads: int) -> list[float]:
+    """The state from ``BAD_STEP`` on with no bad step recorded, for ``n_grads`` gradients."""
+    return [-1.0, 0.0] + [0.0] * (3 * n_grads)
 
 
 def batch_sums(xp: Any, stats: Any, n: float) -> Any:
@@ -65,8 +73,9 @@ def record_step(xp: Any, state: Any, stats: Any, grads: list[Any], n: float, ste
     error = any_bad if scaling is None else _move_scale(xp, scaling, bad_loss, any_bad)
     fresh = xp.logical_and(error, state[BAD_STEP] < 0)
     first = xp.concat([state[BAD_STEP:BAD_LOSS] * 0 + step, stats[:1], flags])
+    marks = BAD_GRADS + len(grads)
     state[...] = xp.concat([state[:BAD_STEP] + batch_sums(xp, stats, n),
-                            xp.where(fresh, first, state[BAD_STEP:])])
+                            xp.where(fresh, first, state[BAD_STEP:marks]), state[marks:]])
     return xp.logical_and(xp.logical_not(any_bad), state[BAD_STEP] < 0)
 
 
