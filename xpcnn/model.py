@@ -444,7 +444,7 @@ class Model(Trainer):
     def trainable_layers(self) -> list[Layer]:
         """The layers the optimiser updates: those with parameters not frozen
         (``layer.trainable = False``), in weight order."""
-        return [la for la in self.layers if la.params and la.trainable]
+        return [la for la in self.layers if la.trainable and la.params]
 
     # -- weights, devices and files -------------------------------------------------------------
     def get_weights(self) -> list[np.ndarray]:

@@ -340,7 +340,7 @@ class Trainer:
         opt = self.optimizer
         assert opt is not None and self.loss is not None
         # (normalisation statistics move in the forward pass: a skipped step puts them back)
-        moving = [(a, xp.asarray(a, copy=True)) for la in self.layers if la.state and la.trainable
+        moving = [(a, xp.asarray(a, copy=True)) for la in self.layers if la.trainable
                   for a in la.state.values()]
         trained = self.trainable_layers
         stats, grads = self._loss_and_grads(xb, yb, kernels, trained)
@@ -448,7 +448,7 @@ class Trainer:
     def _running_totals(self) -> RunningTotals:
         old = self._totals
         # (counted, not listed: each step asks)
-        n_grads = sum([len(la.params) for la in self.layers if la.params and la.trainable])
+        n_grads = sum([len(la.params) for la in self.layers if la.trainable])
         if old is None or old.n_grads != n_grads or old.backend != self.backend:
             # (a layer frozen or unfrozen, the model moved: the steps not read yet are read
             # first, so that a skipped one is named, not lost, and the epoch's sums go on)
