@@ -253,11 +253,33 @@ inline unsigned atomicInc(unsigned* a, unsigned limit) {
 """
 
 
+# The scalar parameters' C types and the NumPy dtype whose bytes a launch must be given for
+# each: CuPy passes a scalar's own bytes (cupy/_core/_scalar.pyx CScalar: a NumPy scalar's
+# dtype, int64 for a Python int, float64 for a Python float) and the driver copies as many as
+# the parameter declares, so a narrower scalar or one of another kind reads garbage on a GPU.
+_RAW_SCALARS = {"int": "int32", "unsigned int": "uint32", "long long": "int64",
+                "unsigned long long": "uint64", "float": "float32", "double": "float64",
+                "bool": "bool"}
+
+
+def _raw_scalar_dtype(value: Any) -> np.dtype:
+    """The dtype of the bytes CuPy passes for a raw kernel's scalar argument."""
+    if isinstance(value, np.generic):
+        return value.dtype
+    if type(value) is bool:
+        return np.dtype(bool)
+    if type(value) is float:
+        return np.dtype(np.float64)
+    if type(value) is int:
+        return np.dtype(np.uint64 if value >= 2**63 else np.int64)
+    raise TypeError(f"CuPy passes no {type(value).__name__} to a kernel")
+
+
 class RawKernel:
     """The subset of ``cupy.RawKernel`` that xpcnn uses, compiled for the CPU: a block's
     threads run as POSIX threads (so ``__syncthreads`` is a real barrier) that take the blocks
     one after the other, ``__shared__`` arrays shared by them. Pointer arguments are NumPy
-    arrays, the others numbers of the kernel's declared types."""
+    arrays, the others scalars of exactly the kernel's declared types (as a GPU needs them)."""
 
     build_dir = ElementwiseKernel.build_dir
 
@@ -279,6 +301,10 @@ class RawKernel:
                 buffers.append(a)
                 call.append(f"({ctype})xpcnn_ptrs[{len(buffers) - 1}]")
             else:
+                declared = ctype.replace("const", "").strip()
+                if _raw_scalar_dtype(a) != np.dtype(_RAW_SCALARS[declared]):
+                    raise TypeError(f"{self.name}: {decl} given a {_raw_scalar_dtype(a)} "
+                                    f"scalar (CuPy passes its bytes as they are)")
                 scalars.append(float(a))
                 call.append(f"({ctype.replace('const', '')})xpcnn_scalars[{len(scalars) - 1}]")
         source = (

@@ -296,6 +296,8 @@ CUPY_FLOAT16_CASES = [
      ("dy", "xhat", "r", "dx")),
     ("_FEATURE_NORM_BACKWARD", {"T": "float", "R": "float16", "D": "float16", "X": "float16"},
      ("dy", "xhat", "r", "dx")),
+    ("_DROPOUT", {"T": "float16"}, ("x", "y", "keep")),
+    ("_UNIFORM", {"T": "float16"}, ("u",)),
 ]
 
 

@@ -261,6 +261,27 @@ def test_the_emulator_refuses_the_calls_cupy_refuses(fast, dtype, mistake):
         call()
 
 
+@pytest.mark.parametrize("rows, cols, per", [(np.int64(5), np.int64(3), np.int64(5)),
+                                             (5, 3, 5),
+                                             (np.int32(5), np.int32(3), np.int64(5))])
+def test_the_emulator_passes_raw_kernels_scalars_as_cupy_does(fast, rows, cols, per):
+    """CuPy passes a raw kernel's scalar as its own bytes (a NumPy scalar's dtype, int64 for a
+    Python int) and the driver reads as many as the parameter declares: an int64 for ``int``
+    or an int32 for ``long long`` reads the wrong bytes on a GPU, so the emulator refuses it."""
+    kernels = sys.modules[type(fast).__module__]
+    kernel = kernels._raw_kernel("xpcnn_sum_rows", kernels._SUM_ROWS_SOURCE, X=np.float32,
+                                 A=np.float32)
+    a = np.ones((5, 3), np.float32)
+    out = np.empty(3, np.float32)
+    with pytest.raises(TypeError, match="long long rows|int cols|long long per"):
+        kernel((1, 1), (32, kernels._SUM_ROWS_LANES),
+               (a, rows, cols, per, np.empty((1, 3), np.float32), kernels._counters(a), out))
+    kernel((1, 1), (32, kernels._SUM_ROWS_LANES),
+           (a, np.int64(5), np.int32(3), np.int64(5), np.empty((1, 3), np.float32),
+            kernels._counters(a), out))
+    np.testing.assert_array_equal(out, [5, 5, 5])
+
+
 @pytest.mark.parametrize("rows", [131072, 1031, 1000, 513, 100])
 @pytest.mark.parametrize("dtype", WITH_HALF)
 def test_blocked_products(fast, rng, rows, dtype):

@@ -421,6 +421,42 @@ def test_softmax_cross_entropy_sums_its_rows_the_same_way_every_time(cp, kernels
         _equal(replayed, stats)
 
 
+def test_last_block_launches_of_different_grids_share_their_counters(cp, kernels, rng):
+    """Back to back on one stream, no memset between: dropout (2,304 blocks), a draw (one
+    block), a bias gradient (512 x 2 blocks: counters 0 and 1) and a loss (20 blocks), three
+    times over. Each launch wraps its counters back to 0 for the next one whatever its grid:
+    every result is the first round's (the draws the standard version's), and the counters
+    are all 0 after each launch."""
+    from xpcnn.ops import fast_cupy
+
+    fast, std = kernels
+    x = _random(cp, rng, (128, 12, 12, 64), "float32")
+    a = _random(cp, rng, (524288, 40), "float32")
+    z = _random(cp, rng, (5000, 10), "float32")
+    labels = cp.asarray(rng.integers(0, 10, 5000))
+    states = [cp.asarray([2**40 + 17, 5], dtype=cp.int64) for _ in range(2)]
+    first = None
+    for _ in range(3):
+        results = []
+        for launch in (lambda k, s: k.dropout(s, x, 0.25)[1],
+                       lambda k, s: k.uniform(s, (3, 5), cp.float32),
+                       lambda k, s: k.sum_rows(a) if k is fast else None,
+                       lambda k, s: k.softmax_cross_entropy(z, labels, 0.1)[0]
+                       if k is fast else None):
+            got, want = (launch(k, s) for k, s in zip((fast, std), states, strict=True))
+            cp.cuda.get_current_stream().synchronize()
+            assert not fast_cupy._counters(x).any()
+            if want is not None:
+                _equal(got, want)
+            results.append(got)
+        if first is None:
+            first = results
+        for got, want in zip(results[2:], first[2:], strict=True):
+            _equal(got, want)
+    _equal(states[0], states[1])
+    assert int(states[0][1]) == 5 + 6
+
+
 @pytest.mark.parametrize("labels_dtype", ["uint8", "int32", "int64"])
 def test_softmax_cross_entropy_is_nan_for_a_label_that_is_no_class(cp, kernels, rng,
                                                                    labels_dtype):

@@ -1,8 +1,11 @@
-"""The device launches of one eager training step of the reference models on CuPy, counted on
-the CPU (tests/launch_counter.py: the CuPy kernels and cuDNN graphs emulated, every CuPy array
-operation counted as the launches CuPy makes of it). An eager step at small batches is bound by
-the host's cost per launch (20-50 us each on CuPy), and a captured step replays each launch as
-a graph node: a change that adds launches must change the numbers pinned here, on purpose.
+"""The device launches and the peak device memory of one eager training step of the reference
+models on CuPy, counted on the CPU (tests/launch_counter.py: the CuPy kernels and cuDNN graphs
+emulated, every CuPy array operation counted as the launches CuPy makes of it, every device
+buffer charged while it lives). An eager step at small batches is bound by the host's cost per
+launch (20-50 us each on CuPy), and a captured step replays each launch as a graph node: a
+change that adds launches must change the numbers pinned here, on purpose. So must a change
+that holds more device memory at the step's peak (issue 18: at most 1.5x PyTorch's), or less,
+by a MiB or more.
 
     PYTHONPATH=$PWD:tests python tests/launch_counter.py  # the breakdowns, batch 128
 """
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 from cuda_emulator import needs_compiler
 from launch_counter import (
+    MEMORY,
     breakdown,
     counting,
     device_array,
@@ -29,6 +33,13 @@ PINNED = {
     ("mnist", "float32"): 29, ("mnist", "mixed_float16"): 31,
     ("cifar", "float32"): 37, ("cifar", "mixed_float16"): 39,
 }
+# The peak device memory of that step in MiB (parameters, optimiser state, batch, saved
+# activations and temporaries; not cuDNN's workspaces), to within 1 MiB.
+PINNED_MIB = {
+    ("notebook", "float32"): 74.3, ("notebook", "mixed_float16"): 54.3,
+    ("mnist", "float32"): 69.8, ("mnist", "mixed_float16"): 41.8,
+    ("cifar", "float32"): 72.7, ("cifar", "mixed_float16"): 39.9,
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +56,19 @@ def check_launches(model: str, precision: str, launches: list) -> None:
         f"(change PINNED where that is meant):\n{breakdown(launches)}")
 
 
+def check_memory(model: str, precision: str) -> None:
+    """Fail, with what held it, where the last counted step's peak memory is not the pinned
+    one (to within 1 MiB)."""
+    pinned, peak = PINNED_MIB[model, precision], MEMORY.peak / 2**20
+    assert abs(peak - pinned) < 1.0, (
+        f"{model}, {precision}: {peak:.2f} MiB at a step's peak, pinned {pinned} (change "
+        f"PINNED_MIB where that is meant):\n{MEMORY.breakdown()}")
+
+
 @pytest.mark.parametrize(("model", "precision"), list(PINNED))
-def test_launches_of_a_training_step(fast_cupy, model, precision):
+def test_launches_and_memory_of_a_training_step(fast_cupy, model, precision):
     check_launches(model, precision, step_launches(model, precision, warmup=1))
+    check_memory(model, precision)
 
 
 def test_an_extra_launch_fails_the_count(fast_cupy, monkeypatch):
@@ -67,6 +88,28 @@ def test_an_extra_launch_fails_the_count(fast_cupy, monkeypatch):
                                              r"(.|\n)*maxpool2d forward: kernel xpcnn_max_pool x2"):
         check_launches("mnist", "float32", launches)
 
+
+
+def test_an_activation_kept_longer_fails_the_memory_pin(fast_cupy, monkeypatch):
+    """A max pooling that keeps a copy of its input until the next step holds 4.5 MiB more
+    at the peak (batch 128 of 24 x 24 x 64 float32 values, halved by the pool: 128 x 12 x 12
+    x 64 x 4 bytes after it), found and named by the layer and method that allocated it."""
+    from xpcnn.layers.pooling import MaxPool2D
+
+    forward = MaxPool2D.forward
+
+    def keeping(self, x, *args, **kwargs):
+        y = forward(self, x, *args, **kwargs)
+        self.kept = y.copy()
+        return y
+
+    monkeypatch.setattr(MaxPool2D, "forward", keeping)
+    step_launches("mnist", "float32", warmup=1)
+    pinned = PINNED_MIB["mnist", "float32"]
+    assert MEMORY.peak / 2**20 == pytest.approx(pinned + 4.5, abs=1.0)
+    with pytest.raises(AssertionError, match=r"MiB at a step's peak, pinned (.|\n)*"
+                                             r"4\.50  maxpool2d keeping"):
+        check_memory("mnist", "float32")
 
 @pytest.mark.parametrize("rows", [1, 128, 1023, 1024, 1031, 131072])
 def test_a_bias_gradient_takes_one_launch(fast_cupy, rows):

@@ -510,7 +510,11 @@ _SPLIT_K_MAX = 128
 # device memory; the block that counts last sums the partials, always in the same order, so the
 # result is the same bit for bit run to run whichever block is last. atomicInc wraps the counter
 # back to 0 at that last count: it is ready for the next launch with no memset, and a CUDA graph
-# replays the launch as captured. The last block reads the partials through a volatile pointer
+# replays the launch as captured. The last block's counting thread fences again after its
+# atomic (PTX's acquire pattern, to the writers' release pattern of a fence then the atomic:
+# every block's writes and reads before it counted then happen before the last block's
+# reads and writes after; the CUDA Programming Guide's __threadfence example leaves this
+# fence out, relying on the hardware), and reads the partials through a volatile pointer
 # (from L2, never a stale L1 line).
 _LAST_BLOCK = r"""
 __device__ bool xpcnn_last_block(unsigned int* counter, unsigned int blocks) {
@@ -519,6 +523,7 @@ __device__ bool xpcnn_last_block(unsigned int* counter, unsigned int blocks) {
     __syncthreads();
     if (threadIdx.x == 0 && threadIdx.y == 0) {
         last = atomicInc(counter, blocks - 1) == blocks - 1;
+        if (last) __threadfence();
     }
     __syncthreads();
     return last;
