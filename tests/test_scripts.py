@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cuda_emulator import needs_compiler
+from test_launch_counts import PINNED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -284,6 +286,22 @@ def test_the_gpu_only_code_names_what_xpcnn_has(name):
                 node.attr not in _top_level_names(modules[node.value.id]):
             missing.append(f"{node.value.id}.{node.attr} (line {node.lineno})")
     assert not missing, f"{name} names what xpcnn does not have: {missing}"
+
+
+@needs_compiler
+def test_the_host_step_profile_dry_runs():
+    """scripts/bench_host_step.py: xpcnn's own time and calls in one eager step on the
+    emulated CuPy path, its launches as tests/test_launch_counts.py pins them, and its top
+    functions xpcnn's own."""
+    out = _run("--models", "mnist", "--precisions", "float32", "--warmup", "1", "--repeat", "1",
+               "--top", "3", script="bench_host_step.py")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    name, precision, us, calls, launches = next(r for r in lines if r.startswith("mnist")).split()
+    assert (name, precision) == ("mnist", "float32") and float(us) > 0 and int(calls) > 0
+    assert int(launches) == PINNED["mnist", "float32"]
+    top = [r for r in lines if r.startswith("    ")]
+    assert len(top) == 3 and all(" xpcnn/" in r for r in top)
 
 
 def test_the_column_sum_accuracy_script_runs():

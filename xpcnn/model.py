@@ -89,7 +89,7 @@ class Model(Trainer):
         self.built = False
         self._graph: list[graph.Inbound] = []
         self._plan_cache: graph.Plan | None = None  # (dropped by a build)
-        self._planned_for: tuple[bool, ...] | None = None  # (which layers the last plan trained)
+        self._planned_for: list[Layer] | None = None  # (the layers the last plan trained)
         self._symbolic: graph.Symbolic | None = None
         # (Layer.rebuilds and the compute dtype when the layers were last found built as
         # this model needs them)
@@ -240,9 +240,10 @@ class Model(Trainer):
 
     def _plan(self) -> graph.Plan:
         """The compiled plan of the graph (see :mod:`xpcnn.graph`), compiled again when a
-        layer is frozen or unfrozen: which layers need gradients changes, and so do the
-        optimiser's parameters (its state starts afresh, as after a compile in Keras)."""
-        key = tuple(la.trainable for la in self.layers)
+        layer with parameters is frozen or unfrozen: which layers need gradients changes, and
+        so do the optimiser's parameters (its state starts afresh, as after a compile in
+        Keras)."""
+        key = self.trainable_layers
         if self._plan_cache is None or self._planned_for != key:
             # (the key outlives the plan, which a rebuild drops: a layer may have been frozen
             # through another model meanwhile)

@@ -342,8 +342,9 @@ class Trainer:
         # (normalisation statistics move in the forward pass: a skipped step puts them back)
         moving = [(a, xp.asarray(a, copy=True)) for la in self.layers if la.trainable
                   for a in la.state.values()]
-        stats, grads = self._loss_and_grads(xb, yb, kernels)
-        params = [p for la in self.trainable_layers for p in la.params.values()]
+        trained = self.trainable_layers
+        stats, grads = self._loss_and_grads(xb, yb, kernels, trained)
+        params = [p for la in trained for p in la.params.values()]
         n = int(xb.shape[0]) if self._parallel is None else self._parallel.total
         # (with float16 loss scaling, this divides the gradients by the scale, in place)
         apply = self._running_totals().add(stats, grads, n, step, self._scaling,
@@ -353,11 +354,12 @@ class Trainer:
         opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)
         return stats
 
-    def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any) -> tuple[Any, list[Any]]:
-        """[loss, correct count] of a batch and the gradients of its (scaled) loss, in parameter
-        order. On several ranks (``fit`` sets ``_parallel``), the batch is this rank's slice of
-        the global batch: the stats come back for the global batch, and the gradients averaged
-        over it."""
+    def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any, trained: list[Layer]
+                        ) -> tuple[Any, list[Any]]:
+        """[loss, correct count] of a batch and the gradients of its (scaled) loss, in the
+        order of the parameters of ``trained`` (the trainable layers). On several ranks
+        (``fit`` sets ``_parallel``), the batch is this rank's slice of the global batch: the
+        stats come back for the global batch, and the gradients averaged over it."""
         xp, dp = self.backend.xp, self._parallel
         assert self.loss is not None
         if dp is not None and xb.shape[0] == 0:  # no sample of a short last batch here
@@ -375,7 +377,7 @@ class Trainer:
             dz = dz * dp.weight
         if dp is None:
             self._backward(dz)
-            grads = [la.grads[k] for la in self.trainable_layers for k in la.params]
+            grads = [la.grads[k] for la in trained for k in la.params]
             # (a mixed-precision step's float16 gradients back to float32 in one call)
             return stats, kernels.cast_all(grads, self._param_dtype)
         dp.buckets.begin(dp.weight, stats)

@@ -114,6 +114,18 @@ def refuse_training_in_graph(what: str, training: bool | None) -> None:
                          "keeps a BatchNorm2D in inference mode while training)")
 
 
+class CheckedFlag:
+    """A True/False attribute checked where it is set (a truthy stand-in such as "no" is
+    refused) and read as a plain attribute: a training step reads ``trainable`` dozens of
+    times. (A descriptor without ``__get__``: the instance's own value is found first.)"""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __set__(self, layer: Layer, value: bool) -> None:
+        vars(layer)[self.name] = flag(value, f"layer {layer.name!r} {self.name}")
+
+
 class Layer:
     """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``."""
 
@@ -134,6 +146,9 @@ class Layer:
     #: True for a layer whose forward pass reads its parameters in ``compute_dtype`` through
     #: :meth:`compute_weight` (under mixed precision the model casts all of them in one call).
     casts_weights: ClassVar[bool] = False
+    #: False freezes the layer (as in Keras): no gradients for its parameters, which the
+    #: optimiser leaves alone; a BatchNorm2D also runs in inference mode.
+    trainable = CheckedFlag()
     #: Builds, moves and compute-dtype changes of every layer so far, counted on this class
     #: (``Layer.rebuilds += 1``, never on a subclass): a model looks again whether its layers
     #: are built as it needs them only after this count moved (``Model._rebuild_if_shared``).
@@ -169,16 +184,6 @@ class Layer:
         self.inbound_nodes: list[Node] = []
         # (the model's casts of the weights for one forward pass, see compute_weight)
         self._cache_weights: dict[str, Any] | None = None
-
-    @property
-    def trainable(self) -> bool:
-        """False freezes the layer (as in Keras): no gradients for its parameters, which the
-        optimiser leaves alone; a BatchNorm2D also runs in inference mode."""
-        return self._trainable
-
-    @trainable.setter
-    def trainable(self, value: bool) -> None:
-        self._trainable = flag(value, f"layer {self.name!r} trainable")  # ("no" is truthy)
 
     @property
     def relu_output(self) -> bool:
@@ -410,7 +415,9 @@ class Layer:
         cast = self._cache_weights
         if cast is not None and name in cast:
             return cast[name]
-        return self.xp.astype(self.params[name], self.compute_dtype, copy=False)
+        weight = self.params[name]
+        return weight if weight.dtype == self.compute_dtype else self.xp.astype(
+            weight, self.compute_dtype)
 
     def _clear_cache(self) -> None:
         """Drop what the last forward pass kept (arrays on the old device, a convolution's

@@ -123,12 +123,12 @@ class Conv2D(Layer):
         dy = xp.astype(dy, self.compute_dtype, copy=False)
         relu_y = None
         need_dx = options.need_input_grad
-        if (self.relu_output or options.fused_relu) and not options.skip_relu_grad:
+        y, self._cache_y = self._cache_y, None
+        if y is not None:  # (kept by forward where this layer applies its ReLU's gradient)
             if need_dx or not self.trainable:
-                dy = kernels_for(self.backend).relu_backward(dy, self._cache_y)
+                dy = kernels_for(self.backend).relu_backward(dy, y)
             else:  # only the kernel gradient reads it: the engine masks it where it pays
-                relu_y = self._cache_y
-        self._cache_y = None
+                relu_y = y
         kernel, self._cache_kernel = self._cache_kernel, None
         engine = self._engine()
         if not self.trainable:  # frozen: the input gradient alone

@@ -86,9 +86,9 @@ class Dense(Layer):
         xp = self.xp
         kern = kernels_for(self.backend)
         dy = xp.astype(dy, self.compute_dtype, copy=False)
-        if (self.relu_output or options.fused_relu) and not options.skip_relu_grad:
-            dy = kern.relu_backward(dy, self._cache_y)
-            self._cache_y = None
+        y, self._cache_y = self._cache_y, None
+        if y is not None:  # (kept by forward where this layer applies its ReLU's gradient)
+            dy = kern.relu_backward(dy, y)
         if self.trainable:
             self.grads["kernel"] = kern.matmul_tn(self._cache_x, dy)  # (see Layer.grads)
             if self.use_bias:

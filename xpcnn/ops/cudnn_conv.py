@@ -291,7 +291,7 @@ class CudnnConv(ConvEngine):
     # -- the seam ------------------------------------------------------------------------------
     def forward(self, x: Any, w: Any, bias: Any | None, relu: bool) -> Any:
         g, n = self.geometry, x.shape[0]
-        key = ("forward", n, x.dtype.name, bias is not None, relu)
+        key = ("forward", n, x.dtype, bias is not None, relu)
         plan = self._plan(key, x.dtype, self._fprop, n, bias is not None, relu)
         if plan is None:
             return self.fallback.forward(x, w, bias, relu)
@@ -304,7 +304,7 @@ class CudnnConv(ConvEngine):
 
     def input_grad(self, dy: Any, w: Any) -> Any:
         g, n = self.geometry, dy.shape[0]
-        plan = self._plan(("input gradient", n, dy.dtype.name), dy.dtype, self._dgrad, n)
+        plan = self._plan(("input gradient", n, dy.dtype), dy.dtype, self._dgrad, n)
         if plan is None:
             return self.fallback.input_grad(dy, w)
         dx = cupy.empty((n, *g.in_hw, g.channels), dy.dtype)
@@ -314,7 +314,7 @@ class CudnnConv(ConvEngine):
     def weight_grad(self, x: Any, dy: Any, with_bias: bool, relu_y: Any = None
                     ) -> tuple[Any, Any | None]:
         g, n = self.geometry, x.shape[0]
-        plan = self._plan(("kernel gradient", n, x.dtype.name), x.dtype, self._wgrad, n)
+        plan = self._plan(("kernel gradient", n, x.dtype), x.dtype, self._wgrad, n)
         if plan is None:
             return self.fallback.weight_grad(x, dy, with_bias, relu_y)
         if relu_y is not None:
@@ -342,7 +342,7 @@ class CudnnMatmul:
         a, b = _operand(a), _operand(b)
         m, k = a.shape[::-1] if transpose_a else a.shape
         n = b.shape[0] if transpose_b else b.shape[1]
-        key = (cupy.cuda.Device().id, a.shape, b.shape, transpose_a, transpose_b, a.dtype.name,
+        key = (cupy.cuda.Device().id, a.shape, b.shape, transpose_a, transpose_b, a.dtype,
                matmul_tf32(), deterministic())  # (the switches as they are now)
         plan = self._plans.get(key, _NOT_BUILT)
         if plan is _NOT_BUILT:
