@@ -48,16 +48,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # (the CuPy emulator and the launch counter)
 
-from launch_counter import (  # noqa: E402
-    counting,
-    counting_backend,
-    device_array,
-    emulated,
-    launch_count,
-)
+from launch_counter import counted_model, counting, emulated, launch_count  # noqa: E402
 
 import xpcnn  # noqa: E402
-from xpcnn.models import INPUT_SHAPES, build_model  # noqa: E402
+from xpcnn.models import INPUT_SHAPES  # noqa: E402
 from xpcnn.ops.fast_numpy import _keep_freed_arrays_in_the_heap  # noqa: E402
 from xpcnn.totals import READ_EVERY  # noqa: E402
 
@@ -113,14 +107,8 @@ def measure(name: str, precision: str, args: argparse.Namespace, fast_cupy: Any
             ) -> tuple[tuple[float, float], int, list[pstats.Stats]]:
     """The least host times of a step (:func:`host_times`) over ``args.repeat`` steps, the
     launches of a step, and the steps' profiles."""
-    rng = np.random.default_rng(0)
-    shape = INPUT_SHAPES[name]
     with counting(fast_cupy) as counter:
-        model = build_model(name, input_shape=shape, device=counting_backend(), seed=0)
-        model.compile(optimizer=xpcnn.optim.SGD(0.01, momentum=0.9), precision=precision,
-                      cuda_graphs=False)
-        xb = device_array(rng.integers(0, 256, (args.batch, *shape), dtype=np.uint8))
-        yb = device_array(rng.integers(0, 10, args.batch))
+        model, xb, yb = counted_model(name, precision, args.batch)
         for _ in range(args.warmup):
             step_profile(model, xb, yb)
         counter.active = True

@@ -448,24 +448,32 @@ def counting_backend() -> Any:
     return CountingBackend(compat_numpy, "cpu", "numpy")
 
 
+def counted_model(model_name: str, precision: str, batch: int) -> tuple[Any, Any, Any]:
+    """Reference model ``model_name`` on the counting backend, compiled with SGD with
+    momentum 0.9 as scripts/bench_gpu.py trains it (eager steps), and a batch of ``batch``
+    uint8 images and their labels already on the device; inside :func:`counting`."""
+    import xpcnn
+    from xpcnn.models import INPUT_SHAPES, build_model
+
+    rng = np.random.default_rng(0)
+    shape = INPUT_SHAPES[model_name]
+    model = build_model(model_name, input_shape=shape, device=counting_backend(), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.01, momentum=0.9), precision=precision,
+                  cuda_graphs=False)
+    x = device_array(rng.integers(0, 256, (batch, *shape), dtype=np.uint8))
+    y = device_array(rng.integers(0, 10, batch))
+    return model, x, y
+
+
 def step_launches(model_name: str, precision: str = "float32", batch: int = 128,
                   warmup: int = 2) -> list[Launch]:
     """The launches of one eager training step (after ``warmup`` steps) of reference model
     ``model_name`` on a batch of uint8 images already on the device, SGD with momentum 0.9
     as scripts/bench_gpu.py trains; the emulated CuPy and cuDNN must be loaded (see
     :func:`emulated`). :data:`MEMORY` then holds that step's peak device memory."""
-    import xpcnn
-    from xpcnn.models import INPUT_SHAPES, build_model
-
     fast_cupy = sys.modules["xpcnn.ops.fast_cupy"]
-    rng = np.random.default_rng(0)
-    shape = INPUT_SHAPES[model_name]
     with counting(fast_cupy) as counter:
-        model = build_model(model_name, input_shape=shape, device=counting_backend(), seed=0)
-        model.compile(optimizer=xpcnn.optim.SGD(0.01, momentum=0.9), precision=precision,
-                      cuda_graphs=False)
-        x = device_array(rng.integers(0, 256, (batch, *shape), dtype=np.uint8))
-        y = device_array(rng.integers(0, 10, batch))
+        model, x, y = counted_model(model_name, precision, batch)
         for _ in range(warmup):
             model.train_step(x, y)
         gc.collect()  # (the warm-up's arrays in reference cycles are freed, as on CuPy)

@@ -85,6 +85,23 @@ def _equal(got, want):
     np.testing.assert_array_equal(got.get(), want.get())
 
 
+def _replays_give(cp, launch, want):
+    """``launch()`` (a last-block launch) captured in a CUDA graph and replayed twice, on an
+    output first filled with NaN: the bits ``want`` both times (its counters back at 0)."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        launch()  # (compiled, its temporaries' blocks in the pool, outside the capture)
+        stream.begin_capture()
+        replayed = launch()
+        graph = stream.end_capture()
+    for _ in range(2):
+        with stream:
+            replayed[...] = cp.nan
+            graph.launch(stream=stream)
+        stream.synchronize()
+        _equal(replayed, want)
+
+
 def test_the_seam_gives_cupy_kernels_to_cupy():
     from xpcnn.ops.fast_cupy import KERNELS
 
@@ -269,18 +286,7 @@ def test_sum_rows_in_one_launch(cp, kernels, rng, rows, cols, dtype):
     assert np.all(np.abs(want.get() - exact) <= tol * scale)
     for _ in range(3):
         _equal(fast.sum_rows(a), got)
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        fast.sum_rows(a)  # (compiled, partials' blocks in the pool, outside the capture)
-        stream.begin_capture()
-        replayed = fast.sum_rows(a)
-        graph = stream.end_capture()
-    for _ in range(2):
-        with stream:
-            replayed[...] = cp.nan
-            graph.launch(stream=stream)
-        stream.synchronize()
-        _equal(replayed, got)
+    _replays_give(cp, lambda: fast.sum_rows(a), got)
 
 
 @pytest.mark.parametrize("kernel, strides, shape", MAX_POOL)
@@ -407,18 +413,7 @@ def test_softmax_cross_entropy_sums_its_rows_the_same_way_every_time(cp, kernels
         again = fast.softmax_cross_entropy(z, labels, 0.1)
         _equal(again[0], stats)
         _equal(again[1], grad)
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        fast.softmax_cross_entropy(z, labels, 0.1)
-        stream.begin_capture()
-        replayed, _ = fast.softmax_cross_entropy(z, labels, 0.1)
-        graph = stream.end_capture()
-    for _ in range(2):
-        with stream:
-            replayed[...] = cp.nan
-            graph.launch(stream=stream)
-        stream.synchronize()
-        _equal(replayed, stats)
+    _replays_give(cp, lambda: fast.softmax_cross_entropy(z, labels, 0.1)[0], stats)
 
 
 def test_last_block_launches_of_different_grids_share_their_counters(cp, kernels, rng):
