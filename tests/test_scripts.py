@@ -304,11 +304,8 @@ def test_the_host_step_profile_dry_runs():
     assert len(top) == 3 and all(" xpcnn/" in r for r in top)
 
 
+@needs_compiler
 def test_the_column_sum_accuracy_script_runs():
-    from cuda_emulator import compiler
-
-    if compiler() is None:
-        pytest.skip("needs a C++ compiler (CXX or c++)")
     out = _run("--rows", "300", script="column_sum_accuracy.py")
     assert out.returncode == 0, out.stderr
     assert [line.split()[:3] for line in out.stdout.splitlines()] == [
