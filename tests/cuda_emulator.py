@@ -224,7 +224,7 @@ class ElementwiseKernel:
             src.write_text(source)
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
             subprocess.run([compiler(), *fp, "-shared", "-fPIC",
-                            "-pthread", "-o", str(tmp), str(src)], check=True,
+                            "-o", str(tmp), str(src)], check=True,
                            capture_output=True)
             tmp.replace(lib)
         return ctypes.CDLL(str(lib))
@@ -275,11 +275,23 @@ def _raw_scalar_dtype(value: Any) -> np.dtype:
     raise TypeError(f"CuPy passes no {type(value).__name__} to a kernel")
 
 
+# The stack of each emulated thread of a raw kernel's block (its registers and local arrays):
+# only the pages a thread touches are ever mapped.
+_THREAD_STACK = 256 * 1024
+
+
 class RawKernel:
-    """The subset of ``cupy.RawKernel`` that xpcnn uses, compiled for the CPU: a block's
-    threads run as POSIX threads (so ``__syncthreads`` is a real barrier) that take the blocks
-    one after the other, ``__shared__`` arrays shared by them. Pointer arguments are NumPy
-    arrays, the others scalars of exactly the kernel's declared types (as a GPU needs them)."""
+    """The subset of ``cupy.RawKernel`` that xpcnn uses, compiled for the CPU. The blocks run
+    one after the other; a block's threads are coroutines (``ucontext``) on one host thread,
+    ``__shared__`` arrays shared by them: each runs in turn, in thread order, up to its next
+    ``__syncthreads`` (a real barrier: no thread passes it before every thread still running
+    has reached it) or its return, and a block ends when all have returned. The order is the
+    same at every run, and a missing barrier shows every time: the first thread runs on to the
+    next barrier before the others have written what it reads, or overwrites what they have
+    still to read. (A POSIX thread per CUDA thread was several times slower, and far slower
+    on a loaded machine: each barrier a round of the host's scheduler for every thread of the
+    block.) Pointer arguments are NumPy arrays, the others scalars of exactly the kernel's
+    declared types (as a GPU needs them)."""
 
     build_dir = ElementwiseKernel.build_dir
 
@@ -308,39 +320,57 @@ class RawKernel:
                 scalars.append(float(a))
                 call.append(f"({ctype.replace('const', '')})xpcnn_scalars[{len(scalars) - 1}]")
         source = (
-            "#include <cmath>\n#include <pthread.h>\n#include <vector>\n"
+            "#include <cmath>\n#include <cstdlib>\n#include <ucontext.h>\n#include <vector>\n"
             "struct xpcnn_dim3 { unsigned x, y, z; };\n"
-            "static thread_local xpcnn_dim3 threadIdx, blockIdx;\n"
-            "static xpcnn_dim3 blockDim, gridDim;\n"
-            "static pthread_barrier_t xpcnn_barrier;\n"
+            "static xpcnn_dim3 threadIdx, blockIdx, blockDim, gridDim;\n"
             "static void** xpcnn_ptrs; static double* xpcnn_scalars;\n"
+            "static ucontext_t xpcnn_scheduler;\n"
+            "static std::vector<ucontext_t> xpcnn_threads;\n"
+            "static unsigned xpcnn_running;\n"
+            "static bool xpcnn_returned;\n"
+            "static void xpcnn_barrier() {\n"
+            "  swapcontext(&xpcnn_threads[xpcnn_running], &xpcnn_scheduler);\n}\n"
             "#define __global__\n#define __device__\n#define __forceinline__ inline\n"
             "#define __restrict__\n"
             "#define __shared__ static\n#define __align__(n) __attribute__((aligned(n)))\n"
-            "#define __syncthreads() pthread_barrier_wait(&xpcnn_barrier)\n"
+            "#define __syncthreads() xpcnn_barrier()\n"
             "using namespace std;\n" + _RAW_DEVICE +
             self.code.replace("#include <cuda_fp16.h>", "") +
-            "\nstatic void* xpcnn_thread(void* arg) {\n"
-            "  const unsigned t = (unsigned)(size_t)arg;\n"
-            "  threadIdx = {t % blockDim.x, t / blockDim.x % blockDim.y,"
-            " t / (blockDim.x * blockDim.y)};\n"
-            "  for (unsigned z = 0; z < gridDim.z; ++z)\n"
-            "  for (unsigned y = 0; y < gridDim.y; ++y)\n"
-            "  for (unsigned x = 0; x < gridDim.x; ++x) {\n"
-            "    blockIdx = {x, y, z};\n"
-            f"    {self.name}({', '.join(call)});\n"
-            "    pthread_barrier_wait(&xpcnn_barrier);  // the block's shared memory is free\n"
-            "  }\n  return nullptr;\n}\n"
+            "\nstatic void xpcnn_thread() {\n"
+            f"  {self.name}({', '.join(call)});\n"
+            "  xpcnn_returned = true;\n}\n"
             'extern "C" void run(unsigned* dims, void** ptrs, double* scalars) {\n'
             "  xpcnn_ptrs = ptrs; xpcnn_scalars = scalars;\n"
             "  gridDim = {dims[0], dims[1], dims[2]}; blockDim = {dims[3], dims[4], dims[5]};\n"
             "  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;\n"
-            "  pthread_barrier_init(&xpcnn_barrier, nullptr, threads);\n"
-            "  std::vector<pthread_t> ids(threads);\n"
-            "  for (unsigned t = 0; t < threads; ++t)\n"
-            "    pthread_create(&ids[t], nullptr, xpcnn_thread, (void*)(size_t)t);\n"
-            "  for (unsigned t = 0; t < threads; ++t) pthread_join(ids[t], nullptr);\n"
-            "  pthread_barrier_destroy(&xpcnn_barrier);\n}\n")
+            f"  const size_t stack = {_THREAD_STACK};\n"
+            "  char* stacks = (char*)malloc(threads * stack);\n"
+            "  xpcnn_threads.assign(threads, ucontext_t());\n"
+            "  std::vector<char> running(threads);\n"
+            "  for (unsigned z = 0; z < gridDim.z; ++z)\n"
+            "  for (unsigned y = 0; y < gridDim.y; ++y)\n"
+            "  for (unsigned x = 0; x < gridDim.x; ++x) {\n"
+            "    blockIdx = {x, y, z};\n"
+            "    for (unsigned t = 0; t < threads; ++t) {\n"
+            "      ucontext_t& c = xpcnn_threads[t];\n"
+            "      getcontext(&c);\n"
+            "      c.uc_stack.ss_sp = stacks + t * stack; c.uc_stack.ss_size = stack;\n"
+            "      c.uc_link = &xpcnn_scheduler;\n"
+            "      makecontext(&c, xpcnn_thread, 0);\n"
+            "      running[t] = 1;\n"
+            "    }\n"
+            "    // each running thread in turn, up to its next barrier or its return\n"
+            "    for (unsigned left = threads; left > 0;)\n"
+            "      for (unsigned t = 0; t < threads; ++t) {\n"
+            "        if (!running[t]) continue;\n"
+            "        threadIdx = {t % blockDim.x, t / blockDim.x % blockDim.y,"
+            " t / (blockDim.x * blockDim.y)};\n"
+            "        xpcnn_running = t; xpcnn_returned = false;\n"
+            "        swapcontext(&xpcnn_scheduler, &xpcnn_threads[t]);\n"
+            "        if (xpcnn_returned) { running[t] = 0; --left; }\n"
+            "      }\n"
+            "  }\n"
+            "  free(stacks);\n}\n")
         library = ElementwiseKernel._build(self, source)  # type: ignore[arg-type]
         dims = (ctypes.c_uint * 6)(*grid, *block)
         ptrs = (ctypes.c_void_p * max(1, len(buffers)))(*[b.ctypes.data for b in buffers])

@@ -374,8 +374,8 @@ def test_columns_past_the_counters_take_the_standard_sum(fast, monkeypatch, rng)
     np.testing.assert_array_equal(fast.sum_rows(a), STD.sum_rows(a))
 
 
-# The tiled kernels' emulation runs a POSIX thread per CUDA thread: cases past 10,000 output
-# pixels are left to the GPU tests, which run every case.
+# The tiled kernels' emulation runs each CUDA thread in turn: cases past 10,000 output pixels
+# are left to the GPU tests, which run every case.
 EMULATED_TILED_CONV = [case for case in TILED_CONV if np.prod(case[2][:3]) <= 10_000]
 
 
