@@ -239,7 +239,15 @@ class DeviceArray(np.ndarray):
         with COUNTER.inside():
             if out is not None:
                 kwargs["out"] = _host(tuple(out))
-            result = getattr(ufunc, method)(*_host(inputs), **kwargs)
+            inputs = _host(inputs)
+            if ufunc is np.matmul and out is None and all(
+                    getattr(a, "dtype", None) == np.float16 for a in inputs):
+                # (as cuBLAS multiplies float16 matrices: in float32, rounded once; NumPy's own
+                # float16 matmul, a loop without BLAS, took 4 s of a 6 s step)
+                result = np.matmul(*(a.astype(np.float32) for a in inputs),
+                                   **kwargs).astype(np.float16)
+            else:
+                result = getattr(ufunc, method)(*inputs, **kwargs)
         if out is not None:
             return out[0] if len(out) == 1 else out
         return None if result is None else device_array(result)
@@ -492,11 +500,15 @@ def step_launches(model_name: str, precision: str = "float32", batch: int = 128,
 @contextlib.contextmanager
 def emulated() -> Iterator[types.ModuleType]:
     """``xpcnn.ops.fast_cupy`` on the CUDA emulator with the stand-in cuDNN frontend loaded
-    (as tests/test_cudnn_conv.py's ``emulated_cupy`` fixture), put back on leaving."""
+    (as tests/test_cudnn_conv.py's ``emulated_cupy`` fixture), put back on leaving. OpenBLAS
+    is held to one thread inside: the emulated cuDNN's products are NumPy's, and OpenBLAS's
+    workers spin-wait for a core whenever another process holds one (a cifar mixed_float16
+    step took 64 s instead of 5 on a machine with 2 cores and 27 runnable processes)."""
     from cuda_emulator import load_emulated_fast_cupy, restore
     from cudnn_emulator import PyGraph, add_cupy_calls, fake_cudnn, import_cudnn_conv
 
     import xpcnn
+    from xpcnn.ops.fast_numpy import NumpyKernels
 
     fast_cupy, saved = load_emulated_fast_cupy()
     saved_cudnn = sys.modules.get("cudnn")
@@ -504,7 +516,7 @@ def emulated() -> Iterator[types.ModuleType]:
         add_cupy_calls(sys.modules["cupy"])
         sys.modules["cudnn"] = fake_cudnn()
         with mock.patch.object(PyGraph, "refuse", None), \
-                mock.patch.dict("os.environ", {"XPCNN_CUDNN": "1"}):
+                mock.patch.dict("os.environ", {"XPCNN_CUDNN": "1"}), NumpyKernels().pinned():
             import_cudnn_conv()
             yield fast_cupy
     finally:
