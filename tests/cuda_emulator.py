@@ -103,6 +103,11 @@ _ONE_THREAD_BLOCKS = ("struct xpcnn_dim3 { unsigned x, y, z; };\n"
                       "#define __syncthreads()\n#define __shared__ static\n")
 
 
+# The libraries this process has loaded, by source and compiler flags: a kernel launched again
+# is neither hashed nor looked up on disk again.
+_LOADED: dict[str, Any] = {}
+
+
 class ElementwiseKernel:
     """The subset of ``cupy.ElementwiseKernel`` that xpcnn uses, compiled for the CPU. Its grid
     is blocks of one thread, run one after the other, each the ``loop_prep`` code, its
@@ -216,7 +221,10 @@ class ElementwiseKernel:
         # (no fused multiply-adds unless asked for: the formulas are checked as written)
         fp = (["-O2", "-ffp-contract=fast"] + (["-mfma"] if _X86_64 else [])
               if getattr(self, "fused_multiply_add", False) else ["-O1", "-ffp-contract=off"])
-        digest = hashlib.sha1((source + " ".join(fp)).encode()).hexdigest()[:16]
+        key = source + " ".join(fp)
+        if key in _LOADED:
+            return _LOADED[key]
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         self.build_dir.mkdir(parents=True, exist_ok=True)
         lib = self.build_dir / f"{self.name}_{digest}.so"
         if not lib.exists():
@@ -227,7 +235,8 @@ class ElementwiseKernel:
                             "-o", str(tmp), str(src)], check=True,
                            capture_output=True)
             tmp.replace(lib)
-        return ctypes.CDLL(str(lib))
+        _LOADED[key] = ctypes.CDLL(str(lib))
+        return _LOADED[key]
 
 
 # What the raw kernels use of cuda_fp16.h (conversions only) and of CUDA's memory model: a
