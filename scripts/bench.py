@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead: each model as a Sequential and as the same stack built as a "
                    "functional Model (same weights), training and inference block-timed side "
                    "by side (the functional path's cost)")
+    p.add_argument("--peak-size", type=int, default=2048, metavar="N",
+                   help="the machine's float32 peak is timed on N x N matmuls (default 2048; "
+                   "a few seconds; a dry run may take a small N)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     # internal: one side's training steps in a subprocess, for peak memory; PyTorch's timing
     p.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
@@ -592,7 +595,8 @@ def bench_model(name: str, peak: float) -> dict[str, Any]:
 def print_table(result: dict[str, Any]) -> None:
     m = result["machine"]
     print(f"\n{m['cpu']}, {m['cores']} cores, {result['threads']} threads; "
-          f"float32 matmul peak {m['matmul_peak_gflop_s']:.1f} GFLOP/s (2048^3 NumPy)")
+          f"float32 matmul peak {m['matmul_peak_gflop_s']:.1f} GFLOP/s ({ARGS.peak_size}^3 "
+          "NumPy)")
     print(f"BLAS: {m['blas']}")
     if result.get("torch_version"):
         print(f"PyTorch {result['torch_version']}, NumPy {result['numpy_version']}")
@@ -646,8 +650,10 @@ def main() -> None:
         return
     if torch is not None:
         torch.set_num_threads(THREADS)
-    if ARGS.steps < 1 or ARGS.blocks < 1 or ARGS.warmup < 0 or ARGS.batch_size < 1:
-        raise SystemExit("--steps, --blocks and --batch-size must be >= 1, --warmup >= 0")
+    if (ARGS.steps < 1 or ARGS.blocks < 1 or ARGS.warmup < 0 or ARGS.batch_size < 1
+            or ARGS.peak_size < 1):
+        raise SystemExit("--steps, --blocks, --batch-size and --peak-size must be >= 1, "
+                         "--warmup >= 0")
     names = [n.strip() for n in ARGS.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -663,7 +669,7 @@ def main() -> None:
         write_json({"torch_memory_format": "channels_last" if ARGS.torch_channels_last
                     else "NCHW", "layers": rows})
         return
-    peak = matmul_peak()
+    peak = matmul_peak(ARGS.peak_size)
     result: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
@@ -688,7 +694,7 @@ def main() -> None:
               file=sys.stderr)
     # The peak again at the end (another process may have held a core at the start): the best
     # of the two is the machine's, and every share is recomputed against it.
-    best = max(peak, matmul_peak())
+    best = max(peak, matmul_peak(ARGS.peak_size))
     result["machine"]["matmul_peak_gflop_s"] = best
     for row in result["models"]:
         for lib in ("xpcnn", "torch"):

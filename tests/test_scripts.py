@@ -186,8 +186,8 @@ def test_the_model_table_dry_runs(tmp_path):
     then Dense 6272 -> 128 -> 10."""
     out_json = tmp_path / "models.json"
     out = _run("--models", "notebook", "--batch-size", "4", "--steps", "1", "--blocks", "1",
-               "--warmup", "0", "--no-torch", "--no-memory", "--json", str(out_json),
-               script="bench.py")
+               "--warmup", "0", "--no-torch", "--no-memory", "--peak-size", "64", "--json",
+               str(out_json), script="bench.py")
     assert out.returncode == 0, out.stderr
     (row,) = json.loads(out_json.read_text())["models"]
     per_image = 2 * (30 * 30 * 32 * 27 + 28 * 28 * 32 * 288 + 6272 * 128 + 128 * 10)
