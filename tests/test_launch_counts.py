@@ -72,7 +72,8 @@ def test_launches_and_memory_of_a_training_step(fast_cupy, model, precision):
 
 
 def test_an_extra_launch_fails_the_count(fast_cupy, monkeypatch):
-    """A max pooling launched twice is one launch more, found and named."""
+    """A max pooling launched twice is one launch more, found and named (at batch 16, a
+    seventh of the time: a step's launches are the same at any batch)."""
     kernels = fast_cupy.KERNELS
     max_pool = kernels.max_pool
 
@@ -81,7 +82,7 @@ def test_an_extra_launch_fails_the_count(fast_cupy, monkeypatch):
         return max_pool(*args)
 
     monkeypatch.setattr(kernels, "max_pool", twice)
-    launches = step_launches("mnist", "float32", warmup=1)
+    launches = step_launches("mnist", "float32", batch=16, warmup=1)
     pinned = PINNED["mnist", "float32"]
     assert launch_count(launches) == pinned + 1
     with pytest.raises(AssertionError, match=rf"{pinned + 1} launches a step, pinned {pinned}"
