@@ -705,6 +705,9 @@ def test_cudnn_matches_the_standard_path(cp, cudnn_module, monkeypatch, rng, cas
 
     cudnn_conv, cudnn = cudnn_module
     monkeypatch.setenv("XPCNN_TF32", "1" if tf32 else "0")
+    # The heuristics' first plans (timing up to ten plans for each of 216 graphs would take
+    # minutes of a lent GPU): the next test checks every plan the timing may choose.
+    monkeypatch.setenv("XPCNN_CUDNN_AUTOTUNE", "0")
     g = ConvGeometry.of(*case)
     engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc)))
     standard = KernelsConv(g, StandardKernels(xc))
@@ -734,6 +737,62 @@ def test_cudnn_matches_the_standard_path(cp, cudnn_module, monkeypatch, rng, cas
                                want_db.get() / float(cp.abs(want_db).max()), atol=tol)
     # cuDNN ran them all, not the fallback (float64 channels-last may have no cuDNN engine)
     assert dtype == "float64" or all(p is not None for p in engine._plans.values())
+
+
+@needs_cudnn
+@pytest.mark.parametrize("case", [GEOMETRIES[0], GEOMETRIES[2]], ids=[GEOMETRY_IDS[0],
+                                                                     GEOMETRY_IDS[2]])
+@pytest.mark.parametrize("dtype, tf32", [("float32", True), ("float32", False),
+                                         ("float16", False)])
+def test_every_cudnn_plan_autotuning_may_choose_gives_the_standard_numbers(
+        cp, cudnn_module, monkeypatch, rng, case, dtype, tf32):
+    """Each candidate plan of the forward (+ bias and ReLU), input-gradient and kernel-gradient
+    graphs, run by index as the timing runs them, against the standard engine in float64; then
+    the graph's first run (which times them and keeps one) gives the same numbers."""
+    import array_api_compat.cupy as xc
+
+    from xpcnn.ops.convolution import ConvGeometry, KernelsConv
+
+    cudnn_conv, cudnn = cudnn_module
+    monkeypatch.setenv("XPCNN_TF32", "1" if tf32 else "0")
+    monkeypatch.setenv("XPCNN_CUDNN_AUTOTUNE", "1")
+    monkeypatch.delenv("XPCNN_DETERMINISTIC", raising=False)
+    g = ConvGeometry.of(*case)
+    engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc)))
+    standard = KernelsConv(g, StandardKernels(xc))
+    n = 6
+    x = _random(cp, rng, (n, *g.in_hw, g.channels), dtype)
+    w = _random(cp, rng, (g.filters, *g.kernel, g.channels), dtype)
+    bias = _random(cp, rng, (g.filters,), dtype)
+    dy = _random(cp, rng, (n, *g.out_hw, g.filters), dtype)
+    f64 = [a.astype(cp.float64) for a in (x, w, bias, dy)]
+    tol = {("float32", False): 1e-5, ("float32", True): 3e-3, ("float16", False): 2e-2}[
+        dtype, tf32]
+    cases = [
+        (engine._fprop(n, True, True), {"x": x, "w": w, "bias": bias}, "y",
+         (n, *g.out_hw, g.filters), standard.forward(f64[0], f64[1], f64[2], True)),
+        (engine._dgrad(n), {"dy": dy, "w": w}, "dx", (n, *g.in_hw, g.channels),
+         standard.input_grad(f64[3], f64[1])),
+        (engine._wgrad(n), {"x": x, "dy": dy}, "dw", (g.filters, *g.kernel, g.channels),
+         standard.weight_grad(f64[0], f64[3], False)[0])]
+    for make, inputs, output, shape, want in cases:
+        plan = cudnn_conv.build_plan(cudnn, x.dtype, make, tf32)
+        out = cp.empty(shape, x.dtype)
+        pack = {plan.tensors[k]: a.data.ptr for k, a in {**inputs, output: out}.items()}
+        scale = max(float(cp.abs(want).max()), 1e-30)
+        for index, size in plan.candidates:
+            out.fill(cp.nan)
+            workspace = cp.empty(size, cp.uint8)
+            plan.graph.execute_plan_at_index(pack, workspace.data.ptr, index=index,
+                                             handle=cudnn_conv._handle(cudnn))
+            np.testing.assert_allclose(out.get().astype(np.float64) / scale,
+                                       want.get() / scale, atol=tol,
+                                       err_msg=f"{output}, plan {index}")
+        out.fill(cp.nan)
+        plan.run(**inputs, **{output: out})
+        assert plan.candidates == []  # (timed, and one kept)
+        np.testing.assert_allclose(out.get().astype(np.float64) / scale, want.get() / scale,
+                                   atol=tol, err_msg=f"{output}, the plan kept")
 
 
 @needs_cudnn

@@ -200,17 +200,25 @@ class Plan:
         """Time each candidate on the arrays of ``pack`` (a graph writes only its outputs,
         which the run after this writes again) and select the fastest: once, on the first
         run. Inside a CUDA-graph capture nothing can be timed, and the heuristics' choice
-        stays; a candidate that fails to run (its workspace does not fit in memory, say) is
-        passed over."""
+        stays; so it does where the workspace cannot be had. A candidate that fails to run is
+        passed over.
+
+        The candidates share one workspace from CuPy's default pool, not from the allocator
+        in use: a CUDA graph's warm-up runs with a pool of the graph's own, which keeps every
+        byte it ever held for the graph's life (xpcnn.cuda_graphs)."""
         candidates, self.candidates = self.candidates, []
         if cupy.cuda.get_current_stream().is_capturing():
             return
         fits = [c for c in candidates if c[1] <= TUNE_WORKSPACE] or candidates
+        try:
+            with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
+                workspace = cupy.empty(max(size for _, size in fits), cupy.uint8)
+        except cupy.cuda.memory.OutOfMemoryError:
+            return
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
         times: dict[int, float] = {}
-        for index, size in fits:
+        for index, _ in fits:
             try:
-                workspace = cupy.empty(size, cupy.uint8)
                 for run in range(1 + TUNE_RUNS):
                     if run == 1:
                         start.record()
@@ -250,10 +258,9 @@ def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool) -> Pl
         graph.deselect_numeric_notes(notes)
     graph.check_support()
     candidates = _build_candidates(graph) if autotune() else []
-    if len(candidates) < 2:
+    if not candidates:
         graph.build_plans()  # the heuristics' first plan that builds (raises where none does)
-        candidates = []
-    return Plan(cudnn, graph, tensors, candidates)
+    return Plan(cudnn, graph, tensors, candidates if len(candidates) > 1 else None)
 
 
 def _build_candidates(graph: Any) -> list[tuple[int, int]]:
