@@ -822,7 +822,8 @@ def _in_row_blocks(a: Any, splits: int) -> tuple[Any, Any]:
 
 
 def _accumulator(dtype: Any) -> Any:
-    """The raw kernels' accumulator type: float32 for float16 data, else the data's own."""
+    """The type sums of ``dtype`` data accumulate in: float64 for float64, else float32 (for
+    float16 data too: a float16 sum would lose the low bits)."""
     return cupy.float64 if dtype == cupy.float64 else cupy.float32
 
 
@@ -913,7 +914,7 @@ class CupyKernels(StandardKernels):
             return super().matmul_tn(a, b)
         (a3, a_rest), (b3, b_rest) = _in_row_blocks(a, splits), _in_row_blocks(b, splits)
         parts = cupy.matmul(a3.transpose(0, 2, 1), b3)
-        acc = cupy.float64 if parts.dtype == cupy.float64 else cupy.float32
+        acc = _accumulator(parts.dtype)
         out = parts.sum(axis=0, dtype=acc)
         if a_rest.shape[0]:
             out += cupy.matmul(a_rest.T, b_rest).astype(acc, copy=False)
@@ -952,7 +953,7 @@ class CupyKernels(StandardKernels):
             return super().sum_rows(a)
         per = max(_SUM_ROWS_PER_BLOCK, -(-rows // _SUM_ROWS_BLOCKS))
         blocks = -(-rows // per)
-        acc = cupy.float64 if a.dtype == cupy.float64 else cupy.float32
+        acc = _accumulator(a.dtype)
         partials = cupy.empty((blocks, cols), acc)
         out = cupy.empty(cols, acc)
         _raw_kernel("xpcnn_sum_rows", _SUM_ROWS_SOURCE, X=a.dtype, A=acc)(
@@ -1072,7 +1073,7 @@ class CupyKernels(StandardKernels):
                                   and np.result_type(t, scale.dtype) == t)) or (
                 labels.dtype.kind not in "iu"):
             return super().softmax_cross_entropy(z, labels, smoothing, scale, dtype)
-        acc = cupy.float64 if t == cupy.float64 else cupy.float32
+        acc = _accumulator(t)
         blocks = -(-n // _CROSS_ENTROPY_THREADS)
         grad = cupy.empty(z.shape, z.dtype)  # (in the logits' dtype)
         partials = cupy.empty((blocks, 2), acc)  # per block: its rows' loss / N, right ones
