@@ -257,19 +257,24 @@ def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool) -> Pl
     if notes:
         graph.deselect_numeric_notes(notes)
     graph.check_support()
-    candidates = _build_candidates(graph) if autotune() else []
+    candidates = _build_candidates(cudnn, graph) if autotune() else []
     if not candidates:
         graph.build_plans()  # the heuristics' first plan that builds (raises where none does)
     return Plan(cudnn, graph, tensors, candidates if len(candidates) > 1 else None)
 
 
-def _build_candidates(graph: Any) -> list[tuple[int, int]]:
+def _build_candidates(cudnn: ModuleType, graph: Any) -> list[tuple[int, int]]:
     """(index, workspace bytes) of the first :data:`TUNE_LIMIT` plans of ``graph`` that
     build, in the heuristics' order (one a note filter excludes raises, as one cuDNN cannot
-    build does); the first of them selected."""
-    built = []
+    build does); the first of them selected. A plan compiled as it is built (cuDNN's runtime
+    fusion engines, through NVRTC: up to a second or so each) is a candidate only as the
+    first, so that timing compiles no more than building without it does."""
+    compiled = cudnn.behavior_note.RUNTIME_COMPILATION
+    built: list[tuple[int, int]] = []
     for index in range(graph.get_execution_plan_count()):
         try:
+            if built and compiled in graph.get_behavior_notes_for_plan_at_index(index):
+                continue
             graph.build_plan_at_index(index)
             built.append((index, int(graph.get_workspace_size_plan_at_index(index))))
         except Exception:  # the frontend's errors have no common base
