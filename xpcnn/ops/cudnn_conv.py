@@ -423,6 +423,17 @@ class CudnnConv(ConvEngine):
         db = self.kern.sum_rows(dy.reshape(-1, g.filters)) if with_bias else None
         return dw, db
 
+    def gradients(self, x: Any, dy: Any, w: Any, with_bias: bool, input_grad: bool,
+                  relu_y: Any = None) -> tuple[Any, Any | None, Any | None]:
+        if relu_y is None or not with_bias:
+            return super().gradients(x, dy, w, with_bias, input_grad, relu_y)
+        # the ReLU's gradient and the bias gradient in one pass over dy, then the graphs
+        rows = (-1, self.geometry.filters)
+        masked, db = self.kern.relu_backward_sum_rows(dy.reshape(rows), relu_y.reshape(rows))
+        dy = masked.reshape(dy.shape)
+        dw, _ = self.weight_grad(x, dy, False)
+        return dw, db, self.input_grad(dy, w) if input_grad else None
+
 
 class CudnnMatmul:
     """2-D matrix products as cuDNN graphs (one per device, shapes, transposes and dtype): a
