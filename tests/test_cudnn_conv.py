@@ -98,6 +98,13 @@ def test_cudnn_graphs_give_the_standard_engines_results(cc, case, dtype, rng):
             np.testing.assert_allclose(got_db, want_db, rtol=tol, atol=tol * 10)
         else:
             assert got_db is None
+    # the ReLU's and the bias's gradients in one pass, read by both graphs
+    for input_grad in (True, False):
+        got = cudnn.gradients(x, dy, w, True, input_grad, relu_y)
+        want = standard.gradients(x, dy, w, True, input_grad, relu_y)
+        assert (got[2] is None) == (want[2] is None) == (not input_grad)
+        for a, b in zip(got[:2 + input_grad], want[:2 + input_grad], strict=True):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 10)
     assert all(graph.executions for graph in GRAPHS)  # cuDNN ran, not the fallback
 
 
