@@ -503,6 +503,9 @@ def software(device: str) -> dict[str, Any]:
         info["cupy"] = cupy.__version__
         info["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
         info["cupy_tf32"] = os.environ.get("CUPY_TF32", "0")
+        from xpcnn.ops import cudnn_conv
+
+        info["xpcnn_tf32"], info["xpcnn_cudnn_autotune"] = cudnn_conv.tf32(), cudnn_conv.autotune()
     try:
         import torch
 

@@ -51,6 +51,11 @@ class NumericalNote(enum.Enum):
     NONDETERMINISTIC = 3
 
 
+class BehaviorNote(enum.Enum):
+    RUNTIME_COMPILATION = 1
+    SUPPORTS_CUDA_GRAPH_NATIVE_API = 2
+
+
 @dataclass(frozen=True)
 class FakePlan:
     """One entry of a graph's ranked plan list."""
@@ -58,6 +63,7 @@ class FakePlan:
     ms: float  # the time of one run, added to CLOCK by a run by index
     workspace: int = 256
     notes: tuple[NumericalNote, ...] = ()
+    behavior: tuple[BehaviorNote, ...] = ()
     builds: bool = True
     runs: bool = True
 
@@ -236,6 +242,10 @@ class PyGraph:
         self.selected = index
         return self
 
+    def get_behavior_notes_for_plan_at_index(self, index: int) -> list[BehaviorNote]:
+        assert "create_execution_plans" in self.steps
+        return list(self.plans[index].behavior)
+
     def get_workspace_size_plan_at_index(self, index: int) -> int:
         assert index in self.built, f"plan {index} is not built"
         return self.plans[index].workspace
@@ -369,6 +379,7 @@ def fake_cudnn() -> types.ModuleType:
     m = types.ModuleType("cudnn")
     m.pygraph = PyGraph
     m.data_type, m.heur_mode, m.numerical_note = DataType, HeurMode, NumericalNote
+    m.behavior_note = BehaviorNote
     m.backend_version = lambda: 91900
     m.create_handle = Handle
 

@@ -308,13 +308,14 @@ def test_kernels_compile_with_cupys_float16_class(fast_cupy, name, types, arrays
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("arch", [75, 90])
-def test_column_sum_kernel_compiles(fast_cupy, monkeypatch, dtype, arch):
-    """A bias gradient in one launch: cuda_fp16.h's __half read in float (the header only
-    then), the fence, the unsigned atomicInc on the counter, the partials read through a
-    volatile pointer."""
+@pytest.mark.parametrize("name", ["xpcnn_sum_rows", "xpcnn_relu_sum_rows"])
+def test_column_sum_kernel_compiles(fast_cupy, monkeypatch, dtype, arch, name):
+    """A bias gradient in one launch (and a ReLU's gradient with it): cuda_fp16.h's __half
+    read in float (the header only then) and written back from float, the fence, the
+    unsigned atomicInc on the counter, the partials read through a volatile pointer."""
     acc = "float64" if dtype == "float64" else "float32"
-    source = _raw_source(fast_cupy, monkeypatch, "xpcnn_sum_rows", fast_cupy._SUM_ROWS_SOURCE,
-                         X=dtype, A=acc)
-    code, log = _compile(source, "xpcnn_sum_rows", arch)
+    source = _raw_source(fast_cupy, monkeypatch, name, fast_cupy._SUM_ROWS_SOURCE,
+                         X=dtype, Y=dtype, A=acc)
+    code, log = _compile(source, name, arch)
     assert code == 0, log
     assert ("cuda_fp16.h" in source) == (dtype == "float16")  # (CUDA's header where needed)

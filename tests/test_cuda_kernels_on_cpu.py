@@ -289,7 +289,7 @@ def test_the_emulator_passes_raw_kernels_scalars_as_cupy_does(fast, rows, cols, 
     or an int32 for ``long long`` reads the wrong bytes on a GPU, so the emulator refuses it."""
     kernels = sys.modules[type(fast).__module__]
     kernel = kernels._raw_kernel("xpcnn_sum_rows", kernels._SUM_ROWS_SOURCE, X=np.float32,
-                                 A=np.float32)
+                                 Y=np.float32, A=np.float32)
     a = np.ones((5, 3), np.float32)
     out = np.empty(3, np.float32)
     with pytest.raises(TypeError, match="long long rows|int cols|long long per"):
@@ -346,6 +346,51 @@ def test_column_sums_in_one_launch(fast, monkeypatch, rng, rows, cols, most, few
     assert np.all(np.abs(want - exact) <= tol)
     np.testing.assert_array_equal(fast.sum_rows(a), got)
     assert not kernels._COUNTERS["cpu"].any()
+
+
+@pytest.mark.parametrize(("dtype", "rows", "cols", "most", "fewest"),
+                         [(dtype, *case) for case in COLUMN_SUMS[1:4] for dtype in WITH_HALF])
+def test_a_relu_gradient_and_its_column_sums_in_one_launch(fast, monkeypatch, rng, rows, cols,
+                                                            most, fewest, dtype):
+    """A ReLU's gradient (dy times y > 0, NaN and infinities kept where y > 0 and made NaN
+    where not, as the standard multiply does) and its bias gradient in one launch: the
+    standard relu_backward bit for bit, and the standard sum of it to a float32 sum's
+    rounding."""
+    kernels = sys.modules[type(fast).__module__]
+    monkeypatch.setattr(kernels, "_SUM_ROWS_BLOCKS", most)
+    monkeypatch.setattr(kernels, "_SUM_ROWS_PER_BLOCK", fewest)
+    monkeypatch.setattr(kernels.cupy, "empty", _poisoned)
+    monkeypatch.setattr(kernels.cupy, "empty_like", lambda a: _poisoned(a.shape, a.dtype))
+    dy = rng.standard_normal((rows, cols)).astype(dtype)
+    y = np.maximum(rng.standard_normal((rows, cols)), 0).astype(dtype)
+    dy[0, 0], y[0, 0] = np.inf, 0  # (an infinity where the ReLU was off: NaN, as 0 * inf)
+    if rows > 1:
+        dy[1, 0], y[1, 0] = np.nan, 1  # (a NaN where it was on: kept)
+    masked, sums = fast.relu_backward_sum_rows(dy, y)
+    with np.errstate(invalid="ignore"):  # (0 * inf)
+        want_masked, want_sums = STD.relu_backward_sum_rows(dy, y)
+    np.testing.assert_array_equal(masked, want_masked)
+    assert masked.dtype == dy.dtype and sums.dtype == want_sums.dtype
+    np.testing.assert_array_equal(np.isnan(sums), np.isnan(want_sums))
+    finite = want_masked[:, 1:].astype(np.float64)
+    tol = (1e-13 if dtype == np.float64 else 1e-6) * np.abs(finite).sum(axis=0)
+    assert np.all(np.abs(sums[1:] - finite.sum(axis=0)) <= tol)
+    again = fast.relu_backward_sum_rows(dy, y)
+    np.testing.assert_array_equal(again[1], sums)
+    assert not kernels._COUNTERS["cpu"].any()
+
+
+def test_a_relu_gradient_of_another_shape_or_layout_takes_the_standard_path(fast, rng):
+    dy = rng.standard_normal((6, 4)).astype(np.float32)
+    y = np.maximum(rng.standard_normal((6, 4)), 0).astype(np.float32)
+    for other in (y.T.copy().T, y[:, :3], y.astype(np.int32)):
+        if other.shape != dy.shape:
+            with pytest.raises(ValueError):
+                fast.relu_backward_sum_rows(dy, other)
+            continue
+        masked, sums = fast.relu_backward_sum_rows(dy, other)
+        np.testing.assert_array_equal(masked, STD.relu_backward(dy, other))
+        np.testing.assert_allclose(sums, STD.sum_rows(masked), rtol=1e-6)
 
 
 def test_a_column_sum_is_wrong_where_its_last_block_is_not_the_last(fast, monkeypatch, rng):

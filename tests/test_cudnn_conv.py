@@ -14,6 +14,7 @@ from cuda_emulator import needs_compiler, restore
 from cudnn_emulator import (
     CURRENT_STREAM,
     GRAPHS,
+    BehaviorNote,
     DataType,
     FakePlan,
     NumericalNote,
@@ -97,6 +98,13 @@ def test_cudnn_graphs_give_the_standard_engines_results(cc, case, dtype, rng):
             np.testing.assert_allclose(got_db, want_db, rtol=tol, atol=tol * 10)
         else:
             assert got_db is None
+    # the ReLU's and the bias's gradients in one pass, read by both graphs
+    for input_grad in (True, False):
+        got = cudnn.gradients(x, dy, w, True, input_grad, relu_y)
+        want = standard.gradients(x, dy, w, True, input_grad, relu_y)
+        assert (got[2] is None) == (want[2] is None) == (not input_grad)
+        for a, b in zip(got[:2 + input_grad], want[:2 + input_grad], strict=True):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 10)
     assert all(graph.executions for graph in GRAPHS)  # cuDNN ran, not the fallback
 
 
@@ -473,12 +481,14 @@ def test_the_real_frontend_has_the_build_and_run_calls_as_xpcnn_makes_them():
     inspect.signature(graph.execute).bind(None, {}, 0, handle=None)
     # (the autotuning: Plan._choose and _build_candidates)
     inspect.signature(graph.get_execution_plan_count).bind(None)
-    for at_index in (graph.build_plan_at_index, graph.get_workspace_size_plan_at_index):
+    for at_index in (graph.build_plan_at_index, graph.get_workspace_size_plan_at_index,
+                     graph.get_behavior_notes_for_plan_at_index):
         inspect.signature(at_index).bind(None, 0)
     inspect.signature(graph.execute_plan_at_index).bind(None, {}, 0, index=0, handle=None)
     inspect.signature(cudnn.set_stream).bind(handle=None, stream=0)
     inspect.signature(cudnn.create_handle).bind()
     assert {"HALF", "BFLOAT16", "FLOAT", "DOUBLE"} <= set(cudnn.data_type.__members__)
+    assert "RUNTIME_COMPILATION" in cudnn.behavior_note.__members__
     # A plan the note filter excludes, by index: refused with an exception, which
     # _build_candidates passes over as it does a plan cuDNN cannot build.
     source = inspect.getsource(graph.build_plan_at_index)
@@ -583,6 +593,20 @@ def test_the_plans_are_timed_with_one_workspace_from_cupys_default_pool(cc, monk
     GRAPHS.clear()
     graph, right = _tuned_forward(cc, rng, plans)
     assert graph.timed == [] and graph.selected == 0 and all(right)
+
+
+def test_plans_compiled_as_they_are_built_are_candidates_only_as_the_first(cc, rng):
+    """cuDNN's runtime fusion engines compile with NVRTC when built: timing builds one only
+    where it is the heuristics' first plan, which is built without timing too."""
+    compiled, native = ((BehaviorNote.RUNTIME_COMPILATION,),
+                        (BehaviorNote.SUPPORTS_CUDA_GRAPH_NATIVE_API,))
+    plans = [FakePlan(ms=3.0, behavior=compiled), FakePlan(ms=1.0, behavior=compiled),
+             FakePlan(ms=2.0), FakePlan(ms=2.5, behavior=native)]
+    graph, right = _tuned_forward(cc, rng, plans)
+    assert graph.built == {0, 2, 3} and graph.selected == 2 and all(right)
+    GRAPHS.clear()
+    graph, _ = _tuned_forward(cc, rng, [FakePlan(ms=3.0, builds=False), *plans])
+    assert graph.built == {1, 3, 4}  # (the first that builds is the heuristics' first)
 
 
 @pytest.mark.parametrize("how", ["autotune off", "deterministic", "capturing", "one plan"])

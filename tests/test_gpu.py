@@ -313,6 +313,26 @@ def test_sum_rows_in_one_launch(cp, kernels, rng, rows, cols, dtype):
     _replays_give(cp, lambda: fast.sum_rows(a), got)
 
 
+@pytest.mark.parametrize("rows, cols", [(524288, 32), (1031, 33), (100, 32)])
+@pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
+def test_a_relu_gradient_and_its_bias_gradient_in_one_launch(cp, kernels, rng, rows, cols,
+                                                             dtype):
+    """relu_backward_sum_rows: the standard ReLU gradient bit for bit, and its column sums
+    close to a float64 sum, the same bits at every call."""
+    fast, std = kernels
+    dy = _random(cp, rng, (rows, cols), dtype)
+    y = cp.maximum(_random(cp, rng, (rows, cols), dtype), 0)
+    masked, sums = fast.relu_backward_sum_rows(dy, y)
+    want_masked, want_sums = std.relu_backward_sum_rows(dy, y)
+    _equal(masked, want_masked)
+    assert sums.dtype == want_sums.dtype and sums.shape == (cols,)
+    exact = want_masked.astype(cp.float64).sum(axis=0).get()
+    scale = cp.abs(want_masked.astype(cp.float64)).sum(axis=0).get()
+    tol = 1e-13 if dtype == "float64" else 1e-6
+    assert np.all(np.abs(sums.get() - exact) <= tol * scale)
+    _equal(fast.relu_backward_sum_rows(dy, y)[1], sums)
+
+
 @pytest.mark.parametrize("kernel, strides, shape", MAX_POOL)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_max_pool_and_its_gradient(cp, kernels, rng, kernel, strides, shape, dtype):

@@ -257,19 +257,24 @@ def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool) -> Pl
     if notes:
         graph.deselect_numeric_notes(notes)
     graph.check_support()
-    candidates = _build_candidates(graph) if autotune() else []
+    candidates = _build_candidates(cudnn, graph) if autotune() else []
     if not candidates:
         graph.build_plans()  # the heuristics' first plan that builds (raises where none does)
     return Plan(cudnn, graph, tensors, candidates if len(candidates) > 1 else None)
 
 
-def _build_candidates(graph: Any) -> list[tuple[int, int]]:
+def _build_candidates(cudnn: ModuleType, graph: Any) -> list[tuple[int, int]]:
     """(index, workspace bytes) of the first :data:`TUNE_LIMIT` plans of ``graph`` that
     build, in the heuristics' order (one a note filter excludes raises, as one cuDNN cannot
-    build does); the first of them selected."""
-    built = []
+    build does); the first of them selected. A plan compiled as it is built (cuDNN's runtime
+    fusion engines, through NVRTC: up to a second or so each) is a candidate only as the
+    first, so that timing compiles no more than building without it does."""
+    compiled = cudnn.behavior_note.RUNTIME_COMPILATION
+    built: list[tuple[int, int]] = []
     for index in range(graph.get_execution_plan_count()):
         try:
+            if built and compiled in graph.get_behavior_notes_for_plan_at_index(index):
+                continue
             graph.build_plan_at_index(index)
             built.append((index, int(graph.get_workspace_size_plan_at_index(index))))
         except Exception:  # the frontend's errors have no common base
@@ -417,6 +422,17 @@ class CudnnConv(ConvEngine):
         plan.run(x=_operand(x), dy=dy, dw=dw)
         db = self.kern.sum_rows(dy.reshape(-1, g.filters)) if with_bias else None
         return dw, db
+
+    def gradients(self, x: Any, dy: Any, w: Any, with_bias: bool, input_grad: bool,
+                  relu_y: Any = None) -> tuple[Any, Any | None, Any | None]:
+        if relu_y is None or not with_bias:
+            return super().gradients(x, dy, w, with_bias, input_grad, relu_y)
+        # the ReLU's gradient and the bias gradient in one pass over dy, then the graphs
+        rows = (-1, self.geometry.filters)
+        masked, db = self.kern.relu_backward_sum_rows(dy.reshape(rows), relu_y.reshape(rows))
+        dy = masked.reshape(dy.shape)
+        dw, _ = self.weight_grad(x, dy, False)
+        return dw, db, self.input_grad(dy, w) if input_grad else None
 
 
 class CudnnMatmul:

@@ -570,7 +570,9 @@ def _counters(a: Any) -> Any:
 # bits), else the data's own type. Block (x, y) sums rows [x*per, x*per + per) of the 32
 # columns [32y, 32y + 32): thread (c, lane) every LANES-th row from ``lane`` on, in order, then
 # a tree over the lanes in shared memory, into row x of ``partials``; the last block of each
-# column chunk y (counter y) sums that chunk's partials the same way.
+# column chunk y (counter y) sums that chunk's partials the same way. xpcnn_relu_sum_rows
+# first multiplies each value by (relu_y > 0), as StandardKernels.relu_backward does, writes
+# that product to ``masked`` and sums it: a ReLU's gradient and its bias gradient in one pass.
 _SUM_ROWS_LANES = 8
 _SUM_ROWS_SOURCE = f"#define LANES {_SUM_ROWS_LANES}\n" + r"""
 __device__ A xpcnn_lanes_total(A (*lanes)[32], A s) {
@@ -583,9 +585,10 @@ __device__ A xpcnn_lanes_total(A (*lanes)[32], A s) {
     }
     return lanes[0][c];
 }
-extern "C" __global__ void xpcnn_sum_rows(const X* __restrict__ a, long long rows, int cols,
-                                          long long per, A* partials, unsigned int* counters,
-                                          A* __restrict__ out) {
+__device__ void xpcnn_column_sums(const X* __restrict__ a, const Y* __restrict__ relu_y,
+                                  X* __restrict__ masked, long long rows, int cols,
+                                  long long per, A* partials, unsigned int* counters,
+                                  A* __restrict__ out) {
     __shared__ A lanes[LANES][32];
     const int lane = threadIdx.y;
     const int col = blockIdx.y * 32 + threadIdx.x;
@@ -595,7 +598,14 @@ extern "C" __global__ void xpcnn_sum_rows(const X* __restrict__ a, long long row
     if (col < cols) {
         #pragma unroll 8
         for (long long r = first + lane; r < end; r += LANES) {
-            s += (A)xpcnn_widen(a[r * cols + col]);
+            const long long i = r * cols + col;
+            if (relu_y) {  // (the same branch for every thread of the launch)
+                const A v = (A)xpcnn_widen(a[i]) * (xpcnn_widen(relu_y[i]) > 0 ? (A)1 : (A)0);
+                masked[i] = (X)v;  // (exact: the value itself, or a zero)
+                s += v;
+            } else {
+                s += (A)xpcnn_widen(a[i]);
+            }
         }
     }
     s = xpcnn_lanes_total(lanes, s);
@@ -608,6 +618,18 @@ extern "C" __global__ void xpcnn_sum_rows(const X* __restrict__ a, long long row
     }
     s = xpcnn_lanes_total(lanes, s);
     if (lane == 0 && col < cols) out[col] = s;
+}
+extern "C" __global__ void xpcnn_sum_rows(const X* __restrict__ a, long long rows, int cols,
+                                          long long per, A* partials, unsigned int* counters,
+                                          A* __restrict__ out) {
+    xpcnn_column_sums(a, (const Y*)0, (X*)0, rows, cols, per, partials, counters, out);
+}
+extern "C" __global__ void xpcnn_relu_sum_rows(const X* __restrict__ a,
+                                               const Y* __restrict__ relu_y,
+                                               X* __restrict__ masked, long long rows,
+                                               int cols, long long per, A* partials,
+                                               unsigned int* counters, A* __restrict__ out) {
+    xpcnn_column_sums(a, relu_y, masked, rows, cols, per, partials, counters, out);
 }
 """
 # Blocks along the rows: at most this many, each of at least this many rows (a sum over
@@ -809,6 +831,9 @@ extern "C" __global__ void xpcnn_feature_norm_backward(
 """
 
 
+_FLOATS = ("float16", "float32", "float64")
+
+
 def _contiguous(*arrays: Any) -> bool:
     return all(a.flags.c_contiguous for a in arrays)
 
@@ -830,8 +855,8 @@ def _accumulator(dtype: Any) -> Any:
 def _fits_feature_norm(a: Any) -> bool:
     """Whether the FeatureNorm kernels take ``a``: C-contiguous float data, something to
     launch over, and at most 65535 chunks of 32 channels (a grid's y)."""
-    return (a.flags.c_contiguous and a.dtype.name in ("float16", "float32", "float64")
-            and a.size > 0 and a.shape[-1] <= 65535 * 32)
+    return (a.flags.c_contiguous and a.dtype.name in _FLOATS and a.size > 0
+            and a.shape[-1] <= 65535 * 32)
 
 
 class CupyKernels(StandardKernels):
@@ -944,21 +969,38 @@ class CupyKernels(StandardKernels):
         # One launch whatever the rows (see _SUM_ROWS_SOURCE): CuPy's reduction over the
         # leading axis runs one thread block per column, only 32-64 of them for a
         # convolution's bias gradient (measured: 12 ms at batch 512).
-        if a.ndim != 2 or not a.flags.c_contiguous or a.dtype.name not in (
-                "float16", "float32", "float64"):
+        if not self._sums_rows(a):
             return super().sum_rows(a)
+        return self._sum_rows(a)
+
+    def relu_backward_sum_rows(self, dy: Any, y: Any) -> tuple[Any, Any]:
+        if not self._sums_rows(dy) or y.shape != dy.shape or not y.flags.c_contiguous \
+                or y.dtype.name not in _FLOATS:
+            return super().relu_backward_sum_rows(dy, y)
+        masked = cupy.empty_like(dy)
+        return masked, self._sum_rows(dy, y, masked)
+
+    @staticmethod
+    def _sums_rows(a: Any) -> bool:
+        """Whether :meth:`_sum_rows` takes ``a``."""
+        return (a.ndim == 2 and a.flags.c_contiguous and a.dtype.name in _FLOATS
+                and a.size > 0 and -(-a.shape[1] // 32) <= _COUNTERS_PER_DEVICE)
+
+    @staticmethod
+    def _sum_rows(a: Any, relu_y: Any = None, masked: Any = None) -> Any:
+        """xpcnn_sum_rows of ``a`` (xpcnn_relu_sum_rows with ``relu_y``, writing ``masked``)."""
         rows, cols = a.shape
-        chunks = -(-cols // 32)  # (a counter each)
-        if not rows or not cols or chunks > _COUNTERS_PER_DEVICE:
-            return super().sum_rows(a)
         per = max(_SUM_ROWS_PER_BLOCK, -(-rows // _SUM_ROWS_BLOCKS))
-        blocks = -(-rows // per)
+        blocks, chunks = -(-rows // per), -(-cols // 32)  # (a counter per column chunk)
         acc = _accumulator(a.dtype)
         partials = cupy.empty((blocks, cols), acc)
         out = cupy.empty(cols, acc)
-        _raw_kernel("xpcnn_sum_rows", _SUM_ROWS_SOURCE, X=a.dtype, A=acc)(
-            (blocks, chunks), (32, _SUM_ROWS_LANES),
-            (a, np.int64(rows), np.int32(cols), np.int64(per), partials, _counters(a), out))
+        tail = (np.int64(rows), np.int32(cols), np.int64(per), partials, _counters(a), out)
+        y = a if relu_y is None else relu_y
+        name = "xpcnn_sum_rows" if relu_y is None else "xpcnn_relu_sum_rows"
+        args = (a, *tail) if relu_y is None else (a, relu_y, masked, *tail)
+        _raw_kernel(name, _SUM_ROWS_SOURCE, X=a.dtype, Y=y.dtype, A=acc)(
+            (blocks, chunks), (32, _SUM_ROWS_LANES), args)
         return out
 
     def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
