@@ -251,12 +251,13 @@ def test_tensor_core_kernels_compile_here(kernels, dtype):
 def test_feature_norm_and_its_gradient(cp, kernels, rng, shape, dtype):
     """FeatureNorm in one launch each way (a block per image and 32 channels): the standard
     version's dtypes, at least as close to the exact values as its CuPy reductions are (or
-    within two units of the last place), the same bits at a second call."""
+    within four units of the last place: twice the emulator's bound, for NVRTC's multiply-adds),
+    the same bits at a second call."""
     fast, std = kernels
     # (and mixed precision's: a float16 input and gradient, computed in float32, the output
     # and the input's gradient in float16)
     for io in [dtype, "float16"] if dtype == "float32" else [dtype]:
-        eps = 2 * np.finfo(dtype).eps
+        eps = 4 * np.finfo(dtype).eps
         x = _random(cp, rng, shape, io) * 3 + 1
         got, want = (k.feature_norm(x, 1e-5, cp.dtype(dtype), cp.dtype(io)) for k in (fast, std))
         for g, again in zip(got, fast.feature_norm(x, 1e-5, cp.dtype(dtype), cp.dtype(io)),
