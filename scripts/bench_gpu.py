@@ -16,7 +16,8 @@ For each reference model (notebook, mnist, cifar), batch size (128, 512) and pre
   nothing; PyTorch: ``torch.cuda.max_memory_allocated``).
 
 ``--conv-layers MODEL:BATCH:PRECISION`` also times each convolution layer's three operations
-with cuDNN and with xpcnn's hand-written CUDA kernels; ``--kernels MODEL:BATCH:PRECISION``
+with cuDNN (its plans chosen by timing, as by default, and the heuristics' first plans), with
+xpcnn's hand-written CUDA kernels and with PyTorch; ``--kernels MODEL:BATCH:PRECISION``
 counts what the GPU runs in a training step (kernels, copies, memsets, the kernels' time and
 the costliest ones), for xpcnn eager and replayed and for PyTorch eager.
 
@@ -30,6 +31,7 @@ the standard recipe.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -37,6 +39,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any
@@ -167,10 +170,50 @@ def bench_fit(name: str, batch: int, precision: str, args: argparse.Namespace
             "cuda_graphs": model.cuda_graphs_reason or "captured"}
 
 
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """``os.environ`` with ``values`` set while inside, put back after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def torch_conv_ops(g: Any, x: Any, w: Any, b: Any, dy: Any) -> list[Any] | None:
+    """PyTorch's forward (+ bias and ReLU), input gradient and kernel + bias gradient of
+    geometry ``g`` on the same CuPy arrays, channels-last (NHWC memory read as NCHW tensors),
+    ``cudnn.benchmark`` on; None without PyTorch or where the padding is uneven (no one
+    ``conv2d`` takes it)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    top, bottom, left, right = g.pads
+    if (top, left) != (bottom, right):
+        return None
+    torch.backends.cudnn.benchmark = True
+    xt, wt, dyt = (torch.as_tensor(a, device="cuda").permute(0, 3, 1, 2) for a in (x, w, dy))
+    bt = torch.as_tensor(b, device="cuda")
+    conv = [list(g.strides), [top, left], [1, 1], False, [0, 0], 1]
+    backward = torch.ops.aten.convolution_backward
+    return [lambda: torch.relu(torch.nn.functional.conv2d(xt, wt, bt, g.strides, (top, left))),
+            lambda: backward(dyt, xt, wt, None, *conv, [True, False, False]),
+            lambda: backward(dyt, xt, wt, [g.filters], *conv, [False, True, True])]
+
+
 def compare_conv_engines(name: str, batch: int, precision: str, args: argparse.Namespace
                          ) -> list[dict[str, Any]]:
-    """Each convolution layer's forward, input gradient and kernel gradient with cuDNN and
-    with the hand-written kernels (ms, median of ``args.steps``), and cuDNN's TFLOP/s."""
+    """Each convolution layer's forward (+ bias and ReLU), input gradient and kernel (+ bias)
+    gradient (ms, median of ``args.steps``) with cuDNN's plans chosen by timing (xpcnn's
+    default), with the heuristics' first plans (``XPCNN_CUDNN_AUTOTUNE=0``), with the
+    hand-written kernels, and with PyTorch on the same arrays; TFLOP/s of the three
+    operations together."""
     import cupy
 
     from xpcnn.ops import cuda_conv, cudnn_conv
@@ -180,38 +223,46 @@ def compare_conv_engines(name: str, batch: int, precision: str, args: argparse.N
     model, xb, _ = build_xpcnn(name, batch, precision, args.device)
     dtype = model.layers[0].compute_dtype
     rows = []
-    print(f"\nconvolutions of {name}, batch {batch}, {precision}: ms per operation, cuDNN "
-          f"against the hand-written kernels (TF32 {'on' if cudnn_conv.tf32() else 'off'})")
-    print(f"  {'layer':<14}{'geometry':<34}{'forward':>16}{'input grad':>16}{'kernel grad':>16}"
-          f"{'cuDNN TFLOP/s':>15}")
+    print(f"\nconvolutions of {name}, batch {batch}, {precision}: ms per operation "
+          f"(TF32 {'on' if cudnn_conv.tf32() else 'off'})")
+    print(f"  {'engine':<22}{'forward':>10}{'input grad':>12}{'kernel grad':>13}{'TFLOP/s':>10}")
     rng = np.random.default_rng(0)
     for layer in model.layers:
         if not isinstance(layer, xpcnn.layers.Conv2D):
             continue
         g = layer.geometry
-        own = cuda_conv.HandWrittenConv.for_backend(g, KERNELS, model.backend)
-        engines = {"hand-written": own}
-        if cudnn is not None:
-            engines["cudnn"] = cudnn_conv.CudnnConv(g, cudnn, own)
         x = cupy.asarray(rng.standard_normal((batch, *g.in_hw, g.channels)), dtype=dtype)
         w = cupy.asarray(rng.standard_normal((g.filters, *g.kernel, g.channels)) * 0.1,
                          dtype=dtype)
         b = cupy.zeros(g.filters, dtype)
         dy = cupy.asarray(rng.standard_normal((batch, *g.out_hw, g.filters)), dtype=dtype)
+        own = cuda_conv.HandWrittenConv.for_backend(g, KERNELS, model.backend)
+        engines: dict[str, tuple[Any, dict[str, str]]] = {}
+        if cudnn is not None:
+            engines["cudnn"] = (cudnn_conv.CudnnConv(g, cudnn, own), {})
+            engines["cudnn heuristic"] = (cudnn_conv.CudnnConv(g, cudnn, own),
+                                          {"XPCNN_CUDNN_AUTOTUNE": "0"})
+        engines["hand-written"] = (own, {})
         times: dict[str, list[float]] = {}
-        for label, e in engines.items():
+        for label, (e, env) in engines.items():
             ops = [partial(e.forward, x, w, b, True), partial(e.input_grad, dy, w),
                    partial(e.weight_grad, x, dy, True)]
-            times[label] = [timed(op, args.steps, args.warmup, args.device) * 1e3 for op in ops]
-        theirs, mine = times.get("cudnn"), times["hand-written"]
-        cells = "".join((f"{theirs[i]:>8.3f}" if theirs else f"{'-':>8}") + f" /{mine[i]:>6.3f}"
-                        for i in range(3))
-        rate = 3 * g.flops(batch) / (sum(theirs) * 1e-3) / 1e12 if theirs else None
+            with environment(**env):  # (read when a graph is built: at its first run)
+                times[label] = [timed(op, args.steps, args.warmup, args.device) * 1e3
+                                for op in ops]
+        torch_ops = torch_conv_ops(g, x, w, b, dy)
+        if torch_ops is not None:
+            times["torch"] = [timed(op, args.steps, args.warmup, args.device) * 1e3
+                              for op in torch_ops]
         geometry = f"{g.in_hw}x{g.channels}->{g.filters} k{g.kernel} s{g.strides}"
-        print(f"  {layer.name:<14}{geometry:<34}{cells}"
-              + (f"{rate:>15.1f}" if rate else f"{'-':>15}"))
+        print(f"  {layer.name}: {geometry}")
+        rates = {}
+        for label, ms in times.items():
+            rates[label] = 3 * g.flops(batch) / (sum(ms) * 1e-3) / 1e12
+            print(f"    {label:<20}{ms[0]:>10.3f}{ms[1]:>12.3f}{ms[2]:>13.3f}"
+                  f"{rates[label]:>10.1f}")
         rows.append({"layer": layer.name, "geometry": geometry, "ms": times,
-                     "cudnn_tflops": rate})
+                     "tflops": rates})
     return rows
 
 
@@ -452,6 +503,9 @@ def software(device: str) -> dict[str, Any]:
         info["cupy"] = cupy.__version__
         info["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
         info["cupy_tf32"] = os.environ.get("CUPY_TF32", "0")
+        from xpcnn.ops import cudnn_conv
+
+        info["xpcnn_tf32"], info["xpcnn_cudnn_autotune"] = cudnn_conv.tf32(), cudnn_conv.autotune()
     try:
         import torch
 

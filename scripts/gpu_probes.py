@@ -16,6 +16,9 @@ seconds); on a machine without a GPU it says so.
    flag), the labels' check (``all``, ``where(ok, stats, nan)``).
 7. ``np.from_dlpack`` of a CuPy array raises what xpcnn.data.adopt_foreign catches (NumPy's
    dlpack.c: BufferError "Unsupported device in DLTensor."), so it is refused by name.
+8. The plan timing (``XPCNN_CUDNN_AUTOTUNE``, on by default) on the forward graph (+ bias and
+   ReLU) of ``cifar``'s second convolution at batch 512 in TF32: the plans listed and built,
+   the seconds building and timing took, and the kept plan against the heuristics' first.
 """
 
 from __future__ import annotations
@@ -174,6 +177,53 @@ def foreign_cuda_arrays(cp: Any, xc: Any, cudnn: Any) -> str:
     return answer + " (want: BufferError, kept; PyTorch's CUDA tensors: tests/test_gpu.py)"
 
 
+def plan_timing(cp: Any, xc: Any, cudnn: Any) -> str:
+    import time
+
+    from xpcnn.ops import cudnn_conv
+    from xpcnn.ops.convolution import ConvGeometry, KernelsConv
+    from xpcnn.ops.kernels import StandardKernels
+
+    os.environ.pop("XPCNN_TF32", None)
+    os.environ.pop("XPCNN_DETERMINISTIC", None)
+    os.environ["XPCNN_CUDNN_AUTOTUNE"] = "1"
+    g = ConvGeometry.of((32, 32, 32), 32, (3, 3), (1, 1), "same")
+    engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc)))
+    n = 512
+    start = time.perf_counter()
+    plan = cudnn_conv.build_plan(cudnn, cp.float32, engine._fprop(n, True, True), True)
+    built = time.perf_counter() - start
+    candidates = list(plan.candidates)
+    first = plan.graph._plan_index
+    rng = np.random.default_rng(0)
+    arrays = {"x": cp.asarray(rng.standard_normal((n, 32, 32, 32)), cp.float32),
+              "w": cp.asarray(rng.standard_normal((32, 3, 3, 32)) * 0.1, cp.float32),
+              "bias": cp.zeros(32, cp.float32), "y": cp.empty((n, 32, 32, 32), cp.float32)}
+    start = time.perf_counter()
+    plan.run(**arrays)
+    cp.cuda.Device().synchronize()
+    tuned = time.perf_counter() - start
+    kept = plan.graph._plan_index
+    pack = {plan.tensors[k]: a.data.ptr for k, a in arrays.items()}
+    workspace = cp.empty(max([size for _, size in candidates] or [plan.workspace]), cp.uint8)
+    begin, end = cp.cuda.Event(), cp.cuda.Event()
+    ms = {}
+    for index in {first, kept}:
+        begin.record()
+        for _ in range(20):
+            plan.graph.execute_plan_at_index(pack, workspace.data.ptr, index=index,
+                                             handle=cudnn_conv._handle(cudnn))
+        end.record()
+        end.synchronize()
+        ms[index] = cp.cuda.get_elapsed_time(begin, end) / 20
+    os.environ.pop("XPCNN_CUDNN_AUTOTUNE")
+    names = {i: plan.graph.get_plan_name_at_index(i) for i in ms}
+    return (f"{plan.graph.get_execution_plan_count()} plans listed, {len(candidates)} built in "
+            f"{built:.2f} s, timed in {tuned:.2f} s; kept plan {kept} [{names[kept]}] "
+            f"{ms[kept]:.3f} ms, heuristics' first {first} [{names[first]}] {ms[first]:.3f} ms "
+            "(PyTorch channels-last TF32: 0.115 ms, ../shared/gpu-notes.md)")
+
+
 def main() -> int:
     from xpcnn.backend import cuda_available
 
@@ -190,10 +240,10 @@ def main() -> int:
           f"{getattr(cudnn, '__version__', None)}, backend "
           f"{cudnn.backend_version() if cudnn is not None else None}")
     probes = [conv_tf32_switch, matmul_full_float32, vecdot_in_capture, set_stream_in_capture,
-              nccl_one_rank, step_calls_in_capture, foreign_cuda_arrays]
+              nccl_one_rank, step_calls_in_capture, foreign_cuda_arrays, plan_timing]
     for probe in probes:
         if cudnn is None and probe in (conv_tf32_switch, matmul_full_float32,
-                                       set_stream_in_capture):
+                                       set_stream_in_capture, plan_timing):
             print(f"  {probe.__name__}: skipped (cuDNN's frontend does not load)")
             continue
         try:

@@ -409,7 +409,8 @@ def fake_cupy() -> types.ModuleType:
             CompileException=type("CompileException", (Exception,), {})),
         MemoryPool=lambda: types.SimpleNamespace(malloc=lambda nbytes: None),
         using_allocator=using_allocator, allocators=allocators)
-    for name in ("matmul", "empty", "zeros", "ones", "reshape", "maximum", "ascontiguousarray",
+    for name in ("matmul", "empty", "empty_like", "zeros", "ones", "reshape", "maximum",
+                 "ascontiguousarray",
                  "asarray", "finfo", "bool_", "int32", "uint32", "float16", "float32",
                  "float64"):
         setattr(fake, name, getattr(np, name))

@@ -8,15 +8,24 @@ from the raw addresses it is given, reading and writing memory exactly where eac
 layout in xpcnn's descriptors therefore gives wrong numbers here, as it would on a GPU. The
 arithmetic (NCHW loops over kernel taps) shares nothing with xpcnn's.
 
+Each graph has the ranked plans of :data:`PyGraph.PLANS` (a cost in milliseconds, a workspace,
+numerical notes, whether it builds and runs), all computing the same numbers: building and
+running one by index, and the note filter, act on them as on the frontend's list, and a run by
+index advances the emulated device's clock (:data:`CLOCK`) by its cost, which the fake CUDA
+events read. So a choice made by timing plans can be checked here.
+
 The fake ``cupy`` hands out NumPy arrays, whose host addresses stand for device ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import sys
 import types
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,6 +49,27 @@ class NumericalNote(enum.Enum):
     TENSOR_CORE = 1
     DOWN_CONVERT_INPUTS = 2
     NONDETERMINISTIC = 3
+
+
+class BehaviorNote(enum.Enum):
+    RUNTIME_COMPILATION = 1
+    SUPPORTS_CUDA_GRAPH_NATIVE_API = 2
+
+
+@dataclass(frozen=True)
+class FakePlan:
+    """One entry of a graph's ranked plan list."""
+
+    ms: float  # the time of one run, added to CLOCK by a run by index
+    workspace: int = 256
+    notes: tuple[NumericalNote, ...] = ()
+    behavior: tuple[BehaviorNote, ...] = ()
+    builds: bool = True
+    runs: bool = True
+
+
+#: The emulated device's time in milliseconds.
+CLOCK = [0.0]
 
 
 class Tensor:
@@ -80,6 +110,12 @@ class PyGraph:
     STEPS = ("validate", "build_operation_graph", "create_execution_plans", "check_support",
              "build_plans")
     refuse: Any = None  # a predicate on the graph: raise at check_support where it holds
+    # Every graph's ranked plans: the heuristics' first is not the fastest, and the fastest
+    # is a TF32 one (excluded with XPCNN_TF32=0).
+    PLANS: tuple[FakePlan, ...] = (
+        FakePlan(ms=2.0, workspace=256),
+        FakePlan(ms=1.5, workspace=1024),
+        FakePlan(ms=1.0, workspace=512, notes=(NumericalNote.TENSOR_CORE,)))
 
     def __init__(self, io_data_type: DataType, intermediate_data_type: DataType,
                  compute_data_type: DataType, handle: Any) -> None:
@@ -91,7 +127,11 @@ class PyGraph:
         self.steps: list[str] = []
         self.deselected: list[NumericalNote] = []
         self.heuristics: list[HeurMode] = []
-        self.executions = 0
+        self.plans = PyGraph.PLANS
+        self.built: set[int] = set()
+        self.selected: int | None = None
+        self.timed: list[int] = []  # the plan of each run by index, in order
+        self.executions = 0  # runs of the selected plan
         GRAPHS.append(self)
 
     def tensor(self, name: str, dim: list[int], stride: list[int], data_type: DataType) -> Tensor:
@@ -173,26 +213,72 @@ class PyGraph:
             raise RuntimeError("No valid engine configs for this graph\nmore")
 
     def build_plans(self) -> None:
-        self._step("build_plans")
+        """The heuristics' choice: the first plan the note filter leaves that builds."""
+        if "build_plans" not in self.steps:  # (build_plan_at_index may have come first)
+            self._step("build_plans")
+        for index, plan in enumerate(self.plans):
+            if plan.builds and not self._barred(index):
+                self.built.add(index)
+                self.selected = index
+                return
+        raise RuntimeError("[cudnn_frontend] Error: No execution plans built successfully.")
+
+    def _barred(self, index: int) -> bool:
+        return bool(set(self.plans[index].notes) & set(self.deselected))
+
+    def get_execution_plan_count(self) -> int:
+        assert "create_execution_plans" in self.steps
+        return len(self.plans)
+
+    def build_plan_at_index(self, index: int) -> PyGraph:
+        """Build the plan at ``index`` and select it (as the frontend's pygraph does)."""
+        if "build_plans" not in self.steps:
+            self._step("build_plans")
+        if self._barred(index):
+            raise ValueError(f"plan {index} is excluded by a note filter")
+        if not self.plans[index].builds:
+            raise RuntimeError(f"plan {index}: CUDNN_STATUS_NOT_SUPPORTED")
+        self.built.add(index)
+        self.selected = index
+        return self
+
+    def get_behavior_notes_for_plan_at_index(self, index: int) -> list[BehaviorNote]:
+        assert "create_execution_plans" in self.steps
+        return list(self.plans[index].behavior)
+
+    def get_workspace_size_plan_at_index(self, index: int) -> int:
+        assert index in self.built, f"plan {index} is not built"
+        return self.plans[index].workspace
 
     def get_workspace_size(self) -> int:
-        assert self.steps[-1] == "build_plans"
-        return 256
+        assert self.selected is not None, "no plan built"
+        return self.plans[self.selected].workspace
 
     # -- running -------------------------------------------------------------------------------
     def execute(self, tensor_dict: dict[Tensor, int], workspace: Any = None,
                 handle: Any = None) -> None:
-        """The frontend's ``execute(tensor_dict, workspace=None, handle=None, ...)``. Without
-        ``handle`` the frontend runs on the graph's own handle and its stream, not CuPy's
-        current one: refused here."""
-        assert self.steps[-1] == "build_plans"
-        assert isinstance(workspace, int), "the workspace's address"
-        assert isinstance(handle, Handle), "execute with handle= (a cudnn.Handle)"
-        assert handle.stream == CURRENT_STREAM.ptr, "run on CuPy's current stream"
-        given = set(tensor_dict)
-        wanted = {t for t in self.tensors if not t.virtual}
-        assert given == wanted, f"variant pack {[t.name for t in given]} != {wanted}"
-        assert all(isinstance(p, int) for p in tensor_dict.values())
+        """The frontend's ``execute(tensor_dict, workspace=None, handle=None, ...)``: the
+        selected plan. Without ``handle`` the frontend runs on the graph's own handle and its
+        stream, not CuPy's current one: refused here."""
+        assert self.selected is not None, "no plan built"
+        self._run(tensor_dict, workspace, handle)
+        self.executions += 1
+
+    def execute_plan_at_index(self, tensor_dict: dict[Tensor, int], workspace: Any = None,
+                              index: int = 0, handle: Any = None) -> None:
+        """The frontend's ``execute_plan_at_index(tensor_dict, workspace, index, handle)``: a
+        built plan, selected or not; the device's clock advances by its cost. Its variant pack
+        is checked as ``execute``'s, and nothing is computed (every plan gives the numbers of
+        the selected one, and the emulated convolutions are slow)."""
+        assert index in self.built, f"plan {index} is not built"
+        if not self.plans[index].runs:
+            raise RuntimeError(f"plan {index}: CUDNN_STATUS_EXECUTION_FAILED")
+        self._check(tensor_dict, workspace, handle)
+        CLOCK[0] += self.plans[index].ms
+        self.timed.append(index)
+
+    def _run(self, tensor_dict: dict[Tensor, int], workspace: Any, handle: Any) -> None:
+        self._check(tensor_dict, workspace, handle)
         values: dict[Tensor, np.ndarray] = {t: _read(t, p) for t, p in tensor_dict.items()
                                             if not t.output}
         for kind, args, out in self.ops:
@@ -201,7 +287,15 @@ class PyGraph:
         for t, p in tensor_dict.items():
             if t.output:
                 _write(t, p, values[t])
-        self.executions += 1
+
+    def _check(self, tensor_dict: dict[Tensor, int], workspace: Any, handle: Any) -> None:
+        assert isinstance(workspace, int), "the workspace's address"
+        assert isinstance(handle, Handle), "execute with handle= (a cudnn.Handle)"
+        assert handle.stream == CURRENT_STREAM.ptr, "run on CuPy's current stream"
+        given = set(tensor_dict)
+        wanted = {t for t in self.tensors if not t.virtual}
+        assert given == wanted, f"variant pack {[t.name for t in given]} != {wanted}"
+        assert all(isinstance(p, int) for p in tensor_dict.values())
 
 
 def _view(t: Tensor, address: int) -> np.ndarray:
@@ -285,6 +379,7 @@ def fake_cudnn() -> types.ModuleType:
     m = types.ModuleType("cudnn")
     m.pygraph = PyGraph
     m.data_type, m.heur_mode, m.numerical_note = DataType, HeurMode, NumericalNote
+    m.behavior_note = BehaviorNote
     m.backend_version = lambda: 91900
     m.create_handle = Handle
 
@@ -300,17 +395,64 @@ def fake_cudnn() -> types.ModuleType:
 
 
 # -- the CuPy calls of xpcnn.ops.cudnn_conv ---------------------------------------------------
-CURRENT_STREAM = types.SimpleNamespace(ptr=0x5EED)
+class FakeStream:
+    def __init__(self, ptr: int) -> None:
+        self.ptr, self.capturing = ptr, False
+
+    def is_capturing(self) -> bool:
+        return self.capturing
+
+
+class Event:
+    """A CUDA event on the emulated device: ``record`` reads :data:`CLOCK`."""
+
+    def __init__(self) -> None:
+        self.time: float | None = None
+
+    def record(self) -> None:
+        self.time = CLOCK[0]
+
+    def synchronize(self) -> None:
+        assert self.time is not None, "an event never recorded"
+
+
+def get_elapsed_time(start: Event, end: Event) -> float:
+    assert start.time is not None and end.time is not None, "an event never recorded"
+    return end.time - start.time
+
+
+CURRENT_STREAM = FakeStream(0x5EED)
+
+
+DEFAULT_POOL = types.SimpleNamespace(malloc=lambda nbytes: None)
 
 
 def add_cupy_calls(m: types.ModuleType) -> types.ModuleType:
-    """Give a fake ``cupy`` (NumPy underneath) what xpcnn.ops.cudnn_conv calls."""
+    """Give a fake ``cupy`` (NumPy underneath) what xpcnn.ops.cudnn_conv calls; an allocator
+    given to ``cuda.using_allocator`` is recorded in ``cuda.allocators`` while in use."""
     m.empty = np.empty
     m.ascontiguousarray = np.ascontiguousarray
     m.uint8 = np.uint8
+    if not hasattr(m, "get_default_memory_pool"):  # (the CUDA emulator's cupy has its own)
+        m.get_default_memory_pool = lambda: DEFAULT_POOL
     cuda = getattr(m, "cuda", None) or types.SimpleNamespace()
     cuda.Device = lambda: types.SimpleNamespace(id=0)
     cuda.get_current_stream = lambda: CURRENT_STREAM
+    cuda.Event, cuda.get_elapsed_time = Event, get_elapsed_time
+    cuda.memory = types.SimpleNamespace(
+        OutOfMemoryError=type("OutOfMemoryError", (MemoryError,), {}))
+    if not hasattr(cuda, "using_allocator"):
+        cuda.allocators = []
+
+        @contextlib.contextmanager
+        def using_allocator(allocator: Any = None) -> Iterator[None]:
+            cuda.allocators.append(allocator)
+            try:
+                yield
+            finally:
+                cuda.allocators.pop()
+
+        cuda.using_allocator = using_allocator
     m.cuda = cuda
     return m
 

@@ -65,7 +65,8 @@ def _all_results(engine, x, w, bias, dy, to=np.asarray, xp_in=np.asarray):
     dw_masked, _ = engine.weight_grad(x, dy, False, relu_y=y_relu)
     dx = engine.input_grad(dy, w)
     both = engine.gradients(x, dy, w, True, True)
-    return [to(a) for a in (y, y_relu, y_plain, dw, db, dw_masked, dx, *both)]
+    both_masked = engine.gradients(x, dy, w, True, True, relu_y=y_relu)
+    return [to(a) for a in (y, y_relu, y_plain, dw, db, dw_masked, dx, *both, *both_masked)]
 
 
 def test_geometry_is_frozen_and_independent_of_the_batch():
@@ -107,6 +108,10 @@ def test_relu_is_applied_and_masks_the_kernel_gradient(case, rng):
     masked, _ = engine.weight_grad(x, dy, False, relu_y=np.maximum(y, 0))
     want, _ = engine.weight_grad(x, dy * (y > 0), False)
     np.testing.assert_allclose(masked, want, rtol=1e-12, atol=1e-12)
+    # both gradients (and the bias's) read the masked output gradient
+    got = engine.gradients(x, dy, w, True, True, relu_y=np.maximum(y, 0))
+    for a, b in zip(got, engine.gradients(x, dy * (y > 0), w, True, True), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)

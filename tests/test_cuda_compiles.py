@@ -262,20 +262,22 @@ def test_rescale_kernel_compiles(fast_cupy, source, compute, target):
     assert code == 0, log
 
 
-@pytest.mark.parametrize("dtype, io", [("__half", "__half"), ("float", "float"),
-                                       ("double", "double"), ("float", "__half")])
-@pytest.mark.parametrize("name", ["_CENTRED_SQUARES", "_STANDARDIZE", "_FEATURE_NORM_BACKWARD"])
-def test_feature_norm_kernels_compile(fast_cupy, name, dtype, io):
-    """FeatureNorm's kernels: the statistics read per (image, channel), the square root in the
-    accumulator type, 1 / sqrt written by one thread per (image, channel); the input, output
-    and gradients in ``io`` (float16 under mixed precision), computed in ``dtype``."""
-    kernel = getattr(fast_cupy, name)
-    arrays = tuple(n for raw, _, n in kernel.ins + kernel.outs if not raw and n in
-                   ("x", "sq", "xhat", "dy", "r", "dx"))
-    source = _elementwise_as_kernel(kernel, {"T": dtype, "R": io, "X": io, "Y": io, "D": io},
-                                    arrays=arrays)
-    code, log = _compile(source, kernel.name, 90)
-    assert code == 0, log
+# (the statistics' dtype, the data's: float16 under mixed precision)
+@pytest.mark.parametrize("dtype, io", [("float16", "float16"), ("float32", "float32"),
+                                       ("float64", "float64"), ("float32", "float16")])
+@pytest.mark.parametrize("arch", [75, 90])
+def test_feature_norm_kernels_compile(fast_cupy, monkeypatch, dtype, io, arch):
+    """FeatureNorm in one launch each way: a block's chunk of channels, its tree over groups
+    of rows in shared memory, the square root and the sums in the accumulator type (float for
+    __half), the input, output and gradients read and written in ``io``."""
+    acc = "float64" if dtype == "float64" else "float32"
+    for name, source, types in [
+            ("xpcnn_feature_norm", fast_cupy._FEATURE_NORM_SOURCE, {"X": io, "Y": io}),
+            ("xpcnn_feature_norm_backward", fast_cupy._FEATURE_NORM_BACKWARD_SOURCE,
+             {"D": io, "R": io, "X": io})]:
+        code, log = _compile(_raw_source(fast_cupy, monkeypatch, name, source, T=dtype, A=acc,
+                                         **types), name, arch)
+        assert code == 0, log
 
 
 # Today's kernels with CuPy's float16 class where a placeholder is float16 at run time (mixed
@@ -288,14 +290,6 @@ CUPY_FLOAT16_CASES = [
     ("_RESCALE", {"S": "unsigned char", "T": "float16", "U": "float16"}, ("x", "y")),
     ("_RESCALE", {"S": "unsigned char", "T": "float", "U": "float16"}, ("x", "y")),
     ("_RESCALE", {"S": "float16", "T": "float16", "U": "float16"}, ("x", "y")),
-    ("_CENTRED_SQUARES", {"T": "float16", "X": "float16"}, ("x", "sq")),
-    ("_CENTRED_SQUARES", {"T": "float", "X": "float16"}, ("x", "sq")),
-    ("_STANDARDIZE", {"T": "float16", "X": "float16", "Y": "float16"}, ("x", "xhat")),
-    ("_STANDARDIZE", {"T": "float", "X": "float16", "Y": "float16"}, ("x", "xhat")),
-    ("_FEATURE_NORM_BACKWARD", {"T": "float16", "R": "float16", "D": "float16", "X": "float16"},
-     ("dy", "xhat", "r", "dx")),
-    ("_FEATURE_NORM_BACKWARD", {"T": "float", "R": "float16", "D": "float16", "X": "float16"},
-     ("dy", "xhat", "r", "dx")),
     ("_DROPOUT", {"T": "float16"}, ("x", "y", "keep")),
     ("_UNIFORM", {"T": "float16"}, ("u",)),
 ]
@@ -314,13 +308,14 @@ def test_kernels_compile_with_cupys_float16_class(fast_cupy, name, types, arrays
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("arch", [75, 90])
-def test_column_sum_kernel_compiles(fast_cupy, monkeypatch, dtype, arch):
-    """A bias gradient in one launch: cuda_fp16.h's __half read in float (the header only
-    then), the fence, the unsigned atomicInc on the counter, the partials read through a
-    volatile pointer."""
+@pytest.mark.parametrize("name", ["xpcnn_sum_rows", "xpcnn_relu_sum_rows"])
+def test_column_sum_kernel_compiles(fast_cupy, monkeypatch, dtype, arch, name):
+    """A bias gradient in one launch (and a ReLU's gradient with it): cuda_fp16.h's __half
+    read in float (the header only then) and written back from float, the fence, the
+    unsigned atomicInc on the counter, the partials read through a volatile pointer."""
     acc = "float64" if dtype == "float64" else "float32"
-    source = _raw_source(fast_cupy, monkeypatch, "xpcnn_sum_rows", fast_cupy._SUM_ROWS_SOURCE,
-                         X=dtype, A=acc)
-    code, log = _compile(source, "xpcnn_sum_rows", arch)
+    source = _raw_source(fast_cupy, monkeypatch, name, fast_cupy._SUM_ROWS_SOURCE,
+                         X=dtype, Y=dtype, A=acc)
+    code, log = _compile(source, name, arch)
     assert code == 0, log
     assert ("cuda_fp16.h" in source) == (dtype == "float16")  # (CUDA's header where needed)

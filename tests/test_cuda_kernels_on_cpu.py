@@ -184,44 +184,63 @@ def test_casting_many_arrays_in_one_launch(fast, rng):
                 assert (g.ctypes.data - got[0].ctypes.data) % 16 == 0
 
 
-@pytest.mark.parametrize("shape", [(3, 4, 5, 2), (2, 7, 3, 9)])
+def _feature_norm_exact(x):
+    """FeatureNorm's xhat and 1 / sqrt(var + eps) in long double (64 bits of mantissa on
+    x86-64, 53 elsewhere): the values the kernels round."""
+    x = x.astype(np.longdouble)
+    centred = x - x.mean(axis=(1, 2), keepdims=True)
+    inv_std = 1 / np.sqrt((centred * centred).mean(axis=(1, 2), keepdims=True) + 1e-5)
+    return centred * inv_std, inv_std
+
+
+def _error(got, exact, scale):
+    return float(np.max(np.abs(got.astype(np.longdouble) - exact)) / scale)
+
+
+# (N, H, W, C): H*W = 1, 7, 900 and 4096 rows, C = 64 (two chunks of 32 channels), 1, 33 (one
+# more than a chunk) and 3 (170 groups of 3 threads, 2 threads idle).
+FEATURE_NORM_SHAPES = [(3, 1, 1, 64), (2, 7, 1, 1), (2, 30, 30, 33), (1, 64, 64, 3)]
+
+
+@pytest.mark.parametrize("shape", FEATURE_NORM_SHAPES)
 @pytest.mark.parametrize("dtype, compute", [(np.float16, np.float16), (np.float32, np.float32),
                                             (np.float64, np.float64), (np.float32, np.float16)])
-def test_feature_norm_and_its_gradient(fast, rng, shape, dtype, compute):
-    """After CuPy's own means, one launch each way (the ReLU gradient before it in the same
-    launch): the standard version's values exactly, each step stored in the dtype as the
-    standard version's separate operations store it. Under mixed precision (``compute``
-    float16) it reads a float16 input and gradient and writes its output and the input's
-    gradient in float16 in the same launches, computing in float32."""
+def test_feature_norm_and_its_gradient(fast, monkeypatch, rng, shape, dtype, compute):
+    """One launch each way (the ReLU gradient before it in the same launch), every output
+    written: the standard version's dtypes, its values to within a few roundings, at least as
+    close as they are to the exact values (or within two units of the last place), and the
+    same bits at a second call. Under mixed precision (``compute`` float16) it reads a float16
+    input and gradient and writes its output and the input's gradient in float16 in the same
+    launches, computing in float32."""
+    kernels = sys.modules[type(fast).__module__]  # (the emulated xpcnn.ops.fast_cupy)
+    monkeypatch.setattr(kernels.cupy, "empty", _poisoned)  # (what is not written stays NaN)
+    eps = 2 * np.finfo(dtype).eps  # (relative to the largest value)
     x = (rng.standard_normal(shape) * 3 + 1).astype(compute)
-    x[0, 0, 0, 0] = 0.0
     got, want = (k.feature_norm(x, 1e-5, dtype, compute) for k in (fast, STD))
     for g, w, t in zip(got, want, (compute, dtype, dtype), strict=True):
         assert g.dtype == w.dtype == t and g.shape == w.shape
-        np.testing.assert_array_equal(g, w)
-    _, xhat, inv_std = want
+    y, xhat, inv_std = got
+    np.testing.assert_array_equal(y, xhat.astype(compute))
+    for g, w, exact in zip(got[1:], want[1:], _feature_norm_exact(x), strict=True):
+        scale = max(1.0, float(np.max(np.abs(exact))))
+        assert _error(g, exact, scale) <= max(_error(w, exact, scale), eps)
+    for g, again in zip(got, fast.feature_norm(x, 1e-5, dtype, compute), strict=True):
+        np.testing.assert_array_equal(g, again)
+
     dy = rng.standard_normal(shape).astype(compute)
     relu_x = np.maximum(x, 0)  # (a ReLU's output: zeros where its gradient stops)
+    g64, xhat64, inv64 = (a.astype(np.longdouble) for a in (dy, xhat, inv_std))
+    exact = inv64 * (g64 - g64.mean(axis=(1, 2), keepdims=True)
+                     - xhat64 * (g64 * xhat64).mean(axis=(1, 2), keepdims=True))
+    scale = float(np.max(np.abs(inv64)) * np.max(np.abs(g64)))
     for r in (None, relu_x):
         g = fast.feature_norm_backward(dy, xhat, inv_std, r, compute)
-        assert g.dtype == compute
-        np.testing.assert_array_equal(g, STD.feature_norm_backward(dy, xhat, inv_std, r,
-                                                                   compute))
-
-
-@needs_host_fma
-@pytest.mark.parametrize("dtype", WITH_HALF)
-def test_feature_norm_gradient_is_exact_where_products_and_sums_fuse(fast, rng, monkeypatch,
-                                                                     dtype):
-    """Built as NVRTC builds it by default (--fmad=true: a product and a sum fused into one
-    multiply-add, across statements), the gradient still rounds xhat * m2 before the
-    difference, as the standard version's separate operations do."""
-    monkeypatch.setattr(ElementwiseKernel, "fused_multiply_add", True)
-    x = (rng.standard_normal((4, 6, 5, 8)) * 3 + 1).astype(dtype)
-    _, xhat, inv_std = STD.feature_norm(x, 1e-5, dtype, dtype)
-    dy = rng.standard_normal(x.shape).astype(dtype)
-    np.testing.assert_array_equal(fast.feature_norm_backward(dy, xhat, inv_std, None, dtype),
-                                  STD.feature_norm_backward(dy, xhat, inv_std, None, dtype))
+        w = STD.feature_norm_backward(dy, xhat, inv_std, r, compute)
+        assert g.dtype == w.dtype == compute and g.shape == shape
+        e = exact if r is None else exact * (r > 0)
+        assert _error(g, e, scale) <= max(_error(w, e, scale), eps, np.finfo(compute).eps)
+        np.testing.assert_array_equal(g, fast.feature_norm_backward(dy, xhat, inv_std, r,
+                                                                    compute))
 
 
 @needs_host_fma
@@ -248,13 +267,13 @@ def test_the_emulator_refuses_the_calls_cupy_refuses(fast, dtype, mistake):
     stats = np.ones((2, 1, 1, 4), dtype)
     wide = np.float64 if dtype != np.float64 else np.float32
     call, error = {
-        "two dtypes for T": (lambda: kernels._FEATURE_NORM_BACKWARD(
-            x, x.astype(wide), stats, stats, stats, x, False, 36, 4), TypeError),
+        "two dtypes for T": (lambda: kernels._BIAS_RELU(stats.astype(wide), 4, False, x),
+                             TypeError),
         "U from no array": (lambda: kernels._RESCALE(x.astype(np.uint8), x, dtype(2), dtype(0),
                                                      False), KeyError),  # (an output not given)
         "an integer mask": (lambda: kernels._MASK_MULTIPLY(x, x.astype(np.int32), dtype(2)),
                             TypeError),
-        "size with a non-raw array": (lambda: kernels._CENTRED_SQUARES(x, stats, 36, 4, size=72),
+        "size with a non-raw array": (lambda: kernels._RELU_BACKWARD(x, x, size=72),
                                       ValueError),
     }[mistake]
     with pytest.raises(error):
@@ -270,7 +289,7 @@ def test_the_emulator_passes_raw_kernels_scalars_as_cupy_does(fast, rows, cols, 
     or an int32 for ``long long`` reads the wrong bytes on a GPU, so the emulator refuses it."""
     kernels = sys.modules[type(fast).__module__]
     kernel = kernels._raw_kernel("xpcnn_sum_rows", kernels._SUM_ROWS_SOURCE, X=np.float32,
-                                 A=np.float32)
+                                 Y=np.float32, A=np.float32)
     a = np.ones((5, 3), np.float32)
     out = np.empty(3, np.float32)
     with pytest.raises(TypeError, match="long long rows|int cols|long long per"):
@@ -327,6 +346,51 @@ def test_column_sums_in_one_launch(fast, monkeypatch, rng, rows, cols, most, few
     assert np.all(np.abs(want - exact) <= tol)
     np.testing.assert_array_equal(fast.sum_rows(a), got)
     assert not kernels._COUNTERS["cpu"].any()
+
+
+@pytest.mark.parametrize(("dtype", "rows", "cols", "most", "fewest"),
+                         [(dtype, *case) for case in COLUMN_SUMS[1:4] for dtype in WITH_HALF])
+def test_a_relu_gradient_and_its_column_sums_in_one_launch(fast, monkeypatch, rng, rows, cols,
+                                                            most, fewest, dtype):
+    """A ReLU's gradient (dy times y > 0, NaN and infinities kept where y > 0 and made NaN
+    where not, as the standard multiply does) and its bias gradient in one launch: the
+    standard relu_backward bit for bit, and the standard sum of it to a float32 sum's
+    rounding."""
+    kernels = sys.modules[type(fast).__module__]
+    monkeypatch.setattr(kernels, "_SUM_ROWS_BLOCKS", most)
+    monkeypatch.setattr(kernels, "_SUM_ROWS_PER_BLOCK", fewest)
+    monkeypatch.setattr(kernels.cupy, "empty", _poisoned)
+    monkeypatch.setattr(kernels.cupy, "empty_like", lambda a: _poisoned(a.shape, a.dtype))
+    dy = rng.standard_normal((rows, cols)).astype(dtype)
+    y = np.maximum(rng.standard_normal((rows, cols)), 0).astype(dtype)
+    dy[0, 0], y[0, 0] = np.inf, 0  # (an infinity where the ReLU was off: NaN, as 0 * inf)
+    if rows > 1:
+        dy[1, 0], y[1, 0] = np.nan, 1  # (a NaN where it was on: kept)
+    masked, sums = fast.relu_backward_sum_rows(dy, y)
+    with np.errstate(invalid="ignore"):  # (0 * inf)
+        want_masked, want_sums = STD.relu_backward_sum_rows(dy, y)
+    np.testing.assert_array_equal(masked, want_masked)
+    assert masked.dtype == dy.dtype and sums.dtype == want_sums.dtype
+    np.testing.assert_array_equal(np.isnan(sums), np.isnan(want_sums))
+    finite = want_masked[:, 1:].astype(np.float64)
+    tol = (1e-13 if dtype == np.float64 else 1e-6) * np.abs(finite).sum(axis=0)
+    assert np.all(np.abs(sums[1:] - finite.sum(axis=0)) <= tol)
+    again = fast.relu_backward_sum_rows(dy, y)
+    np.testing.assert_array_equal(again[1], sums)
+    assert not kernels._COUNTERS["cpu"].any()
+
+
+def test_a_relu_gradient_of_another_shape_or_layout_takes_the_standard_path(fast, rng):
+    dy = rng.standard_normal((6, 4)).astype(np.float32)
+    y = np.maximum(rng.standard_normal((6, 4)), 0).astype(np.float32)
+    for other in (y.T.copy().T, y[:, :3], y.astype(np.int32)):
+        if other.shape != dy.shape:
+            with pytest.raises(ValueError):
+                fast.relu_backward_sum_rows(dy, other)
+            continue
+        masked, sums = fast.relu_backward_sum_rows(dy, other)
+        np.testing.assert_array_equal(masked, STD.relu_backward(dy, other))
+        np.testing.assert_allclose(sums, STD.sum_rows(masked), rtol=1e-6)
 
 
 def test_a_column_sum_is_wrong_where_its_last_block_is_not_the_last(fast, monkeypatch, rng):

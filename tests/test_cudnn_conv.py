@@ -14,7 +14,9 @@ from cuda_emulator import needs_compiler, restore
 from cudnn_emulator import (
     CURRENT_STREAM,
     GRAPHS,
+    BehaviorNote,
     DataType,
+    FakePlan,
     NumericalNote,
     PyGraph,
     load_emulated_cudnn_conv,
@@ -33,6 +35,8 @@ def cc(monkeypatch):
     monkeypatch.delenv("XPCNN_TF32", raising=False)
     monkeypatch.delenv("XPCNN_CUDNN", raising=False)
     monkeypatch.delenv("CUPY_TF32", raising=False)
+    monkeypatch.delenv("XPCNN_CUDNN_AUTOTUNE", raising=False)
+    monkeypatch.delenv("XPCNN_DETERMINISTIC", raising=False)
     monkeypatch.setattr(PyGraph, "refuse", None)
     yield module
     restore(saved)
@@ -94,6 +98,13 @@ def test_cudnn_graphs_give_the_standard_engines_results(cc, case, dtype, rng):
             np.testing.assert_allclose(got_db, want_db, rtol=tol, atol=tol * 10)
         else:
             assert got_db is None
+    # the ReLU's and the bias's gradients in one pass, read by both graphs
+    for input_grad in (True, False):
+        got = cudnn.gradients(x, dy, w, True, input_grad, relu_y)
+        want = standard.gradients(x, dy, w, True, input_grad, relu_y)
+        assert (got[2] is None) == (want[2] is None) == (not input_grad)
+        for a, b in zip(got[:2 + input_grad], want[:2 + input_grad], strict=True):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 10)
     assert all(graph.executions for graph in GRAPHS)  # cuDNN ran, not the fallback
 
 
@@ -468,11 +479,189 @@ def test_the_real_frontend_has_the_build_and_run_calls_as_xpcnn_makes_them():
     notes = [cudnn.numerical_note.DOWN_CONVERT_INPUTS, cudnn.numerical_note.TENSOR_CORE]
     inspect.signature(graph.deselect_numeric_notes).bind(None, notes)
     inspect.signature(graph.execute).bind(None, {}, 0, handle=None)
+    # (the autotuning: Plan._choose and _build_candidates)
+    inspect.signature(graph.get_execution_plan_count).bind(None)
+    for at_index in (graph.build_plan_at_index, graph.get_workspace_size_plan_at_index,
+                     graph.get_behavior_notes_for_plan_at_index):
+        inspect.signature(at_index).bind(None, 0)
+    inspect.signature(graph.execute_plan_at_index).bind(None, {}, 0, index=0, handle=None)
     inspect.signature(cudnn.set_stream).bind(handle=None, stream=0)
     inspect.signature(cudnn.create_handle).bind()
     assert {"HALF", "BFLOAT16", "FLOAT", "DOUBLE"} <= set(cudnn.data_type.__members__)
+    assert "RUNTIME_COMPILATION" in cudnn.behavior_note.__members__
+    # A plan the note filter excludes, by index: refused with an exception, which
+    # _build_candidates passes over as it does a plan cuDNN cannot build.
+    source = inspect.getsource(graph.build_plan_at_index)
+    assert "_reject_if_barred(index)" in source
     with pytest.raises(TypeError, match="cudnn.Handle"):  # (what the stand-in refuses too)
         cudnn.set_stream(handle=object(), stream=0)
+
+
+def _tuned_forward(cc, rng, plans, dtype=np.float32, runs=2):
+    """A forward graph of GEOMETRIES[0] built over ``plans`` and run ``runs`` times: the graph,
+    and whether each run gave the standard engine's result."""
+    import unittest.mock
+
+    with unittest.mock.patch.object(PyGraph, "PLANS", tuple(plans)):
+        g, cudnn, standard = _engines(cc, GEOMETRIES[0])
+        x, w, bias, _ = conv_data(g, rng, 2, dtype)
+        want = standard.forward(x, w, bias, True)
+        tol = 2e-5 if dtype == np.float32 else 1e-12
+        right = [np.allclose(cudnn.forward(x, w, bias, True), want, rtol=tol, atol=tol)
+                 for _ in range(runs)]
+    (graph,) = GRAPHS
+    return graph, right
+
+
+def test_autotuning_times_the_plans_once_and_keeps_the_fastest(cc, rng):
+    """As PyTorch's cudnn.benchmark: on the first call every plan that builds runs once
+    untimed and TUNE_RUNS times timed, on that call's own arrays; the fastest is selected and
+    runs that call and every later one, untimed."""
+    plans = [FakePlan(ms=3.0), FakePlan(ms=1.0), FakePlan(ms=2.0)]
+    graph, right = _tuned_forward(cc, rng, plans, runs=3)
+    per_plan = 1 + cc.TUNE_RUNS
+    assert graph.timed == [0] * per_plan + [1] * per_plan + [2] * per_plan
+    assert graph.selected == 1 and graph.executions == 3 and all(right)
+
+
+def test_autotuning_keeps_the_smallest_workspace_among_plans_as_fast(cc, rng):
+    """Within TUNE_TOLERANCE of the fastest is as fast: the smallest workspace wins; a plan
+    needing more than TUNE_WORKSPACE is passed over, unless every plan does."""
+    near = cc.TUNE_TOLERANCE - 0.01
+    big = cc.TUNE_WORKSPACE + 1
+    graph, _ = _tuned_forward(cc, rng, [FakePlan(ms=1.0, workspace=4096),
+                                        FakePlan(ms=near, workspace=512),
+                                        FakePlan(ms=near, workspace=1024)])
+    assert graph.selected == 1
+    GRAPHS.clear()
+    graph, right = _tuned_forward(cc, rng, [FakePlan(ms=2.0), FakePlan(ms=0.5, workspace=big),
+                                            FakePlan(ms=1.0, workspace=1 << 20)])
+    assert graph.selected == 2 and 1 not in graph.timed and all(right)
+    GRAPHS.clear()
+    graph, _ = _tuned_forward(cc, rng, [FakePlan(ms=2.0, workspace=big),
+                                        FakePlan(ms=1.0, workspace=big + 1)])
+    assert graph.selected == 1
+
+
+def test_autotuning_passes_over_plans_that_are_filtered_fail_to_build_or_fail_to_run(
+        cc, monkeypatch, rng):
+    """Only plans the note filter leaves (here TF32 is off: no TENSOR_CORE plan), that build
+    and that run are candidates; at most TUNE_LIMIT of them, in the heuristics' order."""
+    monkeypatch.setenv("XPCNN_TF32", "0")
+    tf32 = (NumericalNote.TENSOR_CORE,)
+    plans = [FakePlan(ms=0.1, notes=tf32), FakePlan(ms=0.2, builds=False),
+             FakePlan(ms=0.3, runs=False), FakePlan(ms=2.0), FakePlan(ms=1.0)]
+    graph, right = _tuned_forward(cc, rng, plans)
+    assert graph.built == {2, 3, 4} and set(graph.timed) == {3, 4}  # (2 failed to run)
+    assert graph.selected == 4 and all(right)
+    GRAPHS.clear()
+    many = [FakePlan(ms=10.0 / (1 + i)) for i in range(cc.TUNE_LIMIT + 3)]
+    graph, right = _tuned_forward(cc, rng, many)
+    assert set(graph.timed) == set(range(cc.TUNE_LIMIT))
+    assert graph.selected == cc.TUNE_LIMIT - 1 and all(right)
+
+
+def test_the_plans_are_timed_with_one_workspace_from_cupys_default_pool(cc, monkeypatch,
+                                                                       rng):
+    """One workspace, as large as the largest candidate's, allocated with CuPy's default pool
+    (a CUDA graph's warm-up runs under a pool of the graph's own, which would keep it for the
+    graph's life); where it cannot be had, no timing: the heuristics' first plan runs."""
+    import sys
+
+    cupy = sys.modules["cupy"]
+    allocations = []
+
+    def empty(shape, dtype):
+        allocations.append((shape, cupy.cuda.allocators[-1] if cupy.cuda.allocators else None))
+        return np.empty(shape, dtype)
+
+    monkeypatch.setattr(cupy, "empty", empty)
+    plans = [FakePlan(ms=2.0, workspace=300), FakePlan(ms=1.0, workspace=700),
+             FakePlan(ms=3.0, workspace=cc.TUNE_WORKSPACE + 1)]
+    graph, right = _tuned_forward(cc, rng, plans, runs=1)
+    default = cupy.get_default_memory_pool().malloc
+    # (the plan over TUNE_WORKSPACE is no candidate; the run after the timing has its own)
+    assert [a for a in allocations if a[1] is default] == [(700, default)]
+    assert graph.selected == 1 and all(right)
+
+    def no_memory(shape, dtype):
+        if shape == 700:
+            raise cupy.cuda.memory.OutOfMemoryError("out of memory allocating 700 bytes")
+        return np.empty(shape, dtype)
+
+    monkeypatch.setattr(cupy, "empty", no_memory)
+    GRAPHS.clear()
+    graph, right = _tuned_forward(cc, rng, plans)
+    assert graph.timed == [] and graph.selected == 0 and all(right)
+
+
+def test_plans_compiled_as_they_are_built_are_candidates_only_as_the_first(cc, rng):
+    """cuDNN's runtime fusion engines compile with NVRTC when built: timing builds one only
+    where it is the heuristics' first plan, which is built without timing too."""
+    compiled, native = ((BehaviorNote.RUNTIME_COMPILATION,),
+                        (BehaviorNote.SUPPORTS_CUDA_GRAPH_NATIVE_API,))
+    plans = [FakePlan(ms=3.0, behavior=compiled), FakePlan(ms=1.0, behavior=compiled),
+             FakePlan(ms=2.0), FakePlan(ms=2.5, behavior=native)]
+    graph, right = _tuned_forward(cc, rng, plans)
+    assert graph.built == {0, 2, 3} and graph.selected == 2 and all(right)
+    GRAPHS.clear()
+    graph, _ = _tuned_forward(cc, rng, [FakePlan(ms=3.0, builds=False), *plans])
+    assert graph.built == {1, 3, 4}  # (the first that builds is the heuristics' first)
+
+
+def test_timing_that_goes_wrong_leaves_the_heuristics_plan(cc, monkeypatch, rng):
+    """A plan list that cannot be read, or a kept plan that cannot be selected, ends the
+    timing, not the training step: the heuristics' first plan runs."""
+    plans = [FakePlan(ms=2.0), FakePlan(ms=1.0)]
+
+    def unreadable(graph):
+        raise RuntimeError("CUDNN_STATUS_INTERNAL_ERROR")
+
+    with monkeypatch.context() as m:
+        m.setattr(PyGraph, "get_execution_plan_count", unreadable)
+        graph, right = _tuned_forward(cc, rng, plans)
+    assert graph.timed == [] and graph.selected == 0 and all(right)
+    GRAPHS.clear()
+    select = PyGraph.build_plan_at_index
+
+    def refusing_after_timing(graph, index):
+        if graph.timed and index != 0:
+            raise RuntimeError("CUDNN_STATUS_BAD_PARAM")
+        return select(graph, index)
+
+    monkeypatch.setattr(PyGraph, "build_plan_at_index", refusing_after_timing)
+    graph, right = _tuned_forward(cc, rng, plans)
+    assert graph.timed and graph.selected == 0 and graph.executions == 2 and all(right)
+
+
+@pytest.mark.parametrize("how", ["autotune off", "deterministic", "capturing", "one plan"])
+def test_without_autotuning_the_heuristics_first_plan_runs(cc, monkeypatch, rng, how):
+    """XPCNN_CUDNN_AUTOTUNE=0; XPCNN_DETERMINISTIC=1 (timings, and so the plan, would differ
+    from run to run); a first call inside a CUDA-graph capture (nothing can be timed there);
+    or a single plan: nothing is timed, the heuristics' first plan that builds runs."""
+    if how == "autotune off":
+        monkeypatch.setenv("XPCNN_CUDNN_AUTOTUNE", "0")
+    elif how == "deterministic":
+        monkeypatch.setenv("XPCNN_DETERMINISTIC", "1")
+    elif how == "capturing":
+        monkeypatch.setattr(CURRENT_STREAM, "capturing", True)
+    plans = [FakePlan(ms=1.0, builds=False), FakePlan(ms=3.0), FakePlan(ms=1.0)]
+    graph, right = _tuned_forward(cc, rng, plans[:2] if how == "one plan" else plans)
+    assert graph.timed == [] and graph.selected == 1 and graph.executions == 2 and all(right)
+    assert graph.built == ({1, 2} if how == "capturing" else {1})
+
+
+def test_the_matmul_graphs_are_tuned_too(cc, rng):
+    import unittest.mock
+
+    a, b = rng.standard_normal((5, 7)), rng.standard_normal((7, 4))
+    with unittest.mock.patch.object(PyGraph, "PLANS", (FakePlan(ms=2.0), FakePlan(ms=1.0))):
+        matmul = cc.CudnnMatmul(cc.load())
+        for _ in range(2):
+            np.testing.assert_allclose(matmul(a, b), a @ b, rtol=1e-12)
+    (graph,) = GRAPHS
+    assert graph.selected == 1 and graph.executions == 2
+    assert graph.timed == [0] * (1 + cc.TUNE_RUNS) + [1] * (1 + cc.TUNE_RUNS)
 
 
 @needs_compiler

@@ -243,28 +243,53 @@ def test_tensor_core_kernels_compile_here(kernels, dtype):
         conv.tf32 = False
 
 
+# (N, H, W, C): the notebook's first FeatureNorm at batch 128; 224 x 224 rows (a loop of 98
+# over them a thread); one channel, 65 (three chunks of 32, the last of one), 1 row.
+@pytest.mark.parametrize("shape", [(128, 30, 30, 32), (2, 224, 224, 3), (16, 9, 7, 1),
+                                   (4, 7, 7, 65), (3, 1, 1, 64)])
 @pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
-def test_feature_norm_and_its_gradient(cp, kernels, rng, dtype):
-    """FeatureNorm's kernels against the standard version's CuPy calls (the same steps; the
-    GPU may fuse a product and a difference into one rounding, hence the tolerance)."""
+def test_feature_norm_and_its_gradient(cp, kernels, rng, shape, dtype):
+    """FeatureNorm in one launch each way (a block per image and 32 channels): the standard
+    version's dtypes, at least as close to the exact values as its CuPy reductions are (or
+    within four units of the last place: twice the emulator's bound, for NVRTC's multiply-adds),
+    the same bits at a second call."""
     fast, std = kernels
     # (and mixed precision's: a float16 input and gradient, computed in float32, the output
-    # and the input's gradient in float16, to float16's rounding of the same values)
+    # and the input's gradient in float16)
     for io in [dtype, "float16"] if dtype == "float32" else [dtype]:
-        tol = {"float16": 1e-3, "float32": 1e-6, "float64": 1e-13}[io]
-        x = _random(cp, rng, (16, 9, 7, 24), io) * 3 + 1
+        eps = 4 * np.finfo(dtype).eps
+        x = _random(cp, rng, shape, io) * 3 + 1
         got, want = (k.feature_norm(x, 1e-5, cp.dtype(dtype), cp.dtype(io)) for k in (fast, std))
-        for g, w in zip(got, want, strict=True):
+        for g, again in zip(got, fast.feature_norm(x, 1e-5, cp.dtype(dtype), cp.dtype(io)),
+                            strict=True):
+            cp.testing.assert_array_equal(g, again)
+        x64 = x.get().astype(np.longdouble)
+        centred = x64 - x64.mean(axis=(1, 2), keepdims=True)
+        inv64 = 1 / np.sqrt((centred * centred).mean(axis=(1, 2), keepdims=True) + 1e-5)
+        for g, w, exact in zip(got, want, (centred * inv64, centred * inv64, inv64),
+                               strict=True):
             assert g.dtype == w.dtype and g.shape == w.shape
-            np.testing.assert_allclose(g.get(), w.get(), rtol=tol, atol=tol)
-        _, xhat, inv_std = want
+            scale = max(1.0, float(np.max(np.abs(exact))))
+            error_fast, error_std = (float(np.max(np.abs(a.get() - exact))) / scale
+                                     for a in (g, w))
+            assert error_fast <= max(error_std, eps, np.finfo(g.dtype).eps)
+        _, xhat, inv_std = got
         dy = _random(cp, rng, x.shape, io)
         for r in (None, cp.maximum(x, 0)):
             g, w = (k.feature_norm_backward(dy, xhat, inv_std, r, cp.dtype(io))
                     for k in (fast, std))
             assert g.dtype == w.dtype == io
-            np.testing.assert_allclose(g.get(), w.get(), rtol=tol,
-                                       atol=tol * float(cp.abs(w).max()))
+            cp.testing.assert_array_equal(
+                g, fast.feature_norm_backward(dy, xhat, inv_std, r, cp.dtype(io)))
+            g64, xhat64, i64 = (a.get().astype(np.longdouble) for a in (dy, xhat, inv_std))
+            exact = i64 * (g64 - g64.mean(axis=(1, 2), keepdims=True)
+                           - xhat64 * (g64 * xhat64).mean(axis=(1, 2), keepdims=True))
+            if r is not None:
+                exact = exact * (r.get() > 0)
+            scale = float(np.max(np.abs(i64)) * np.max(np.abs(g64)))
+            error_fast, error_std = (float(np.max(np.abs(a.get() - exact))) / scale
+                                     for a in (g, w))
+            assert error_fast <= max(error_std, eps, np.finfo(io).eps)
 
 
 @pytest.mark.parametrize("rows, cols", [(524288, 32), (131072, 64), (1031, 33), (1000, 10),
@@ -287,6 +312,26 @@ def test_sum_rows_in_one_launch(cp, kernels, rng, rows, cols, dtype):
     for _ in range(3):
         _equal(fast.sum_rows(a), got)
     _replays_give(cp, lambda: fast.sum_rows(a), got)
+
+
+@pytest.mark.parametrize("rows, cols", [(524288, 32), (1031, 33), (100, 32)])
+@pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
+def test_a_relu_gradient_and_its_bias_gradient_in_one_launch(cp, kernels, rng, rows, cols,
+                                                             dtype):
+    """relu_backward_sum_rows: the standard ReLU gradient bit for bit, and its column sums
+    close to a float64 sum, the same bits at every call."""
+    fast, std = kernels
+    dy = _random(cp, rng, (rows, cols), dtype)
+    y = cp.maximum(_random(cp, rng, (rows, cols), dtype), 0)
+    masked, sums = fast.relu_backward_sum_rows(dy, y)
+    want_masked, want_sums = std.relu_backward_sum_rows(dy, y)
+    _equal(masked, want_masked)
+    assert sums.dtype == want_sums.dtype and sums.shape == (cols,)
+    exact = want_masked.astype(cp.float64).sum(axis=0).get()
+    scale = cp.abs(want_masked.astype(cp.float64)).sum(axis=0).get()
+    tol = 1e-13 if dtype == "float64" else 1e-6
+    assert np.all(np.abs(sums.get() - exact) <= tol * scale)
+    _equal(fast.relu_backward_sum_rows(dy, y)[1], sums)
 
 
 @pytest.mark.parametrize("kernel, strides, shape", MAX_POOL)
@@ -705,6 +750,9 @@ def test_cudnn_matches_the_standard_path(cp, cudnn_module, monkeypatch, rng, cas
 
     cudnn_conv, cudnn = cudnn_module
     monkeypatch.setenv("XPCNN_TF32", "1" if tf32 else "0")
+    # The heuristics' first plans (timing up to ten plans for each of 216 graphs would take
+    # minutes of a lent GPU): the next test checks every plan the timing may choose.
+    monkeypatch.setenv("XPCNN_CUDNN_AUTOTUNE", "0")
     g = ConvGeometry.of(*case)
     engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc)))
     standard = KernelsConv(g, StandardKernels(xc))
@@ -734,6 +782,62 @@ def test_cudnn_matches_the_standard_path(cp, cudnn_module, monkeypatch, rng, cas
                                want_db.get() / float(cp.abs(want_db).max()), atol=tol)
     # cuDNN ran them all, not the fallback (float64 channels-last may have no cuDNN engine)
     assert dtype == "float64" or all(p is not None for p in engine._plans.values())
+
+
+@needs_cudnn
+@pytest.mark.parametrize("case", [GEOMETRIES[0], GEOMETRIES[2]], ids=[GEOMETRY_IDS[0],
+                                                                     GEOMETRY_IDS[2]])
+@pytest.mark.parametrize("dtype, tf32", [("float32", True), ("float32", False),
+                                         ("float16", False)])
+def test_every_cudnn_plan_autotuning_may_choose_gives_the_standard_numbers(
+        cp, cudnn_module, monkeypatch, rng, case, dtype, tf32):
+    """Each candidate plan of the forward (+ bias and ReLU), input-gradient and kernel-gradient
+    graphs, run by index as the timing runs them, against the standard engine in float64; then
+    the graph's first run (which times them and keeps one) gives the same numbers."""
+    import array_api_compat.cupy as xc
+
+    from xpcnn.ops.convolution import ConvGeometry, KernelsConv
+
+    cudnn_conv, cudnn = cudnn_module
+    monkeypatch.setenv("XPCNN_TF32", "1" if tf32 else "0")
+    monkeypatch.setenv("XPCNN_CUDNN_AUTOTUNE", "1")
+    monkeypatch.delenv("XPCNN_DETERMINISTIC", raising=False)
+    g = ConvGeometry.of(*case)
+    engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc)))
+    standard = KernelsConv(g, StandardKernels(xc))
+    n = 6
+    x = _random(cp, rng, (n, *g.in_hw, g.channels), dtype)
+    w = _random(cp, rng, (g.filters, *g.kernel, g.channels), dtype)
+    bias = _random(cp, rng, (g.filters,), dtype)
+    dy = _random(cp, rng, (n, *g.out_hw, g.filters), dtype)
+    f64 = [a.astype(cp.float64) for a in (x, w, bias, dy)]
+    tol = {("float32", False): 1e-5, ("float32", True): 3e-3, ("float16", False): 2e-2}[
+        dtype, tf32]
+    cases = [
+        (engine._fprop(n, True, True), {"x": x, "w": w, "bias": bias}, "y",
+         (n, *g.out_hw, g.filters), standard.forward(f64[0], f64[1], f64[2], True)),
+        (engine._dgrad(n), {"dy": dy, "w": w}, "dx", (n, *g.in_hw, g.channels),
+         standard.input_grad(f64[3], f64[1])),
+        (engine._wgrad(n), {"x": x, "dy": dy}, "dw", (g.filters, *g.kernel, g.channels),
+         standard.weight_grad(f64[0], f64[3], False)[0])]
+    for make, inputs, output, shape, want in cases:
+        plan = cudnn_conv.build_plan(cudnn, x.dtype, make, tf32)
+        out = cp.empty(shape, x.dtype)
+        pack = {plan.tensors[k]: a.data.ptr for k, a in {**inputs, output: out}.items()}
+        scale = max(float(cp.abs(want).max()), 1e-30)
+        for index, size in plan.candidates:
+            out.fill(cp.nan)
+            workspace = cp.empty(size, cp.uint8)
+            plan.graph.execute_plan_at_index(pack, workspace.data.ptr, index=index,
+                                             handle=cudnn_conv._handle(cudnn))
+            np.testing.assert_allclose(out.get().astype(np.float64) / scale,
+                                       want.get() / scale, atol=tol,
+                                       err_msg=f"{output}, plan {index}")
+        out.fill(cp.nan)
+        plan.run(**inputs, **{output: out})
+        assert plan.candidates == []  # (timed, and one kept)
+        np.testing.assert_allclose(out.get().astype(np.float64) / scale, want.get() / scale,
+                                   atol=tol, err_msg=f"{output}, the plan kept")
 
 
 @needs_cudnn

@@ -125,10 +125,10 @@ class Conv2D(Layer):
         need_dx = options.need_input_grad
         y, self._cache_y = self._cache_y, None
         if y is not None:  # (kept by forward where this layer applies its ReLU's gradient)
-            if need_dx or not self.trainable:
-                dy = kernels_for(self.backend).relu_backward(dy, y)
-            else:  # only the kernel gradient reads it: the engine masks it where it pays
+            if self.trainable:  # the engine masks dy (with the bias gradient where it pays)
                 relu_y = y
+            else:
+                dy = kernels_for(self.backend).relu_backward(dy, y)
         kernel, self._cache_kernel = self._cache_kernel, None
         engine = self._engine()
         if not self.trainable:  # frozen: the input gradient alone

@@ -87,12 +87,16 @@ class Dense(Layer):
         kern = kernels_for(self.backend)
         dy = xp.astype(dy, self.compute_dtype, copy=False)
         y, self._cache_y = self._cache_y, None
+        bias_grad = None
         if y is not None:  # (kept by forward where this layer applies its ReLU's gradient)
-            dy = kern.relu_backward(dy, y)
+            if self.trainable and self.use_bias:  # (the bias gradient in the same pass)
+                dy, bias_grad = kern.relu_backward_sum_rows(dy, y)
+            else:
+                dy = kern.relu_backward(dy, y)
         if self.trainable:
             self.grads["kernel"] = kern.matmul_tn(self._cache_x, dy)  # (see Layer.grads)
             if self.use_bias:
-                self.grads["bias"] = kern.sum_rows(dy)
+                self.grads["bias"] = kern.sum_rows(dy) if bias_grad is None else bias_grad
         self._cache_x = None
         if not options.need_input_grad:
             return None

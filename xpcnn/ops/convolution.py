@@ -66,6 +66,7 @@ class ConvEngine:
     where the engine accumulates them so."""
 
     name = "engine"
+    kern: Any  # the kernels object whose primitives the engine's helpers use
 
     def __init__(self, geometry: ConvGeometry) -> None:
         self.geometry = geometry
@@ -89,10 +90,10 @@ class ConvEngine:
                   relu_y: Any = None) -> tuple[Any, Any | None, Any | None]:
         """(kernel gradient, bias gradient or None, input gradient or None) of one backward
         pass: :meth:`weight_grad`, then :meth:`input_grad` where ``input_grad``. An engine may
-        compute them together where that pays. ``relu_y`` (see :meth:`weight_grad`) only
-        without the input gradient: with it, the caller applies the ReLU's gradient to ``dy``
-        once for both."""
-        assert relu_y is None or not input_grad, "apply the ReLU's gradient to dy first"
+        compute them together where that pays. With ``relu_y`` (see :meth:`weight_grad`) both
+        read the output gradient where ``relu_y > 0``."""
+        if relu_y is not None and input_grad:  # (masked once for both)
+            dy, relu_y = self.kern.relu_backward(dy, relu_y), None
         dw, db = self.weight_grad(x, dy, with_bias, relu_y)
         return dw, db, self.input_grad(dy, w) if input_grad else None
 
@@ -166,6 +167,8 @@ class KernelsConv(ConvEngine):
         g = self.geometry
         if input_grad and ops.grads_share_patches(g.pads, g.kernel, g.strides, g.in_hw,
                                                   g.out_hw, g.channels, g.filters):
+            if relu_y is not None:
+                dy = self.kern.relu_backward(dy, relu_y)
             return ops.conv_grads(self.xp, self.kern, x, dy, w, g.pads, self.workspace,
                                   "dcols", self.budget, self.min_chunks, with_bias=with_bias)
         return super().gradients(x, dy, w, with_bias, input_grad, relu_y)

@@ -24,6 +24,13 @@ by default), as a captured step's products must match an eager step's. ``XPCNN_D
 excludes plans with the note NONDETERMINISTIC from every graph (PyTorch's
 ``cudnn.deterministic``; PyTorch's v8 path filters the same note).
 
+Each graph's plan is chosen by timing, as PyTorch's ``cudnn.benchmark`` and TensorFlow's
+autotuning do: the first :data:`TUNE_LIMIT` plans that build, in the heuristics' order, run on
+the graph's first call's own arrays, and the fastest is kept (see :meth:`Plan.run`). On an
+H200 the heuristics' first plan for a 3x3 convolution ran 1.6x slower than PyTorch's timed
+choice (../shared/gpu-notes.md). ``XPCNN_CUDNN_AUTOTUNE=0``, or ``XPCNN_DETERMINISTIC=1``
+(timings differ from run to run, and so would the plan), keeps the heuristics' first plan.
+
 Where cuDNN cannot be loaded, or has no plan for a case, the hand-written CUDA kernels
 (:mod:`xpcnn.ops.cuda_conv`) run instead, after a one-line warning (once per reason).
 """
@@ -82,6 +89,25 @@ def deterministic() -> bool:
     (atomic adds in a weight gradient, say) are then excluded, as PyTorch's
     ``cudnn.deterministic = True`` does. Read when a graph is built."""
     return os.environ.get("XPCNN_DETERMINISTIC", "0") != "0"
+
+
+def autotune() -> bool:
+    """Whether a graph's plan is chosen by timing its candidates (``XPCNN_CUDNN_AUTOTUNE``, on
+    unless "0"; off where :func:`deterministic`); read when a graph is built."""
+    return os.environ.get("XPCNN_CUDNN_AUTOTUNE", "1") != "0" and not deterministic()
+
+
+#: Plans timed per graph: the first ten that build, in the heuristics' order (the default of
+#: PyTorch's ``torch.backends.cudnn.benchmark_limit``).
+TUNE_LIMIT = 10
+#: The workspace a timed plan may need; a plan needing more is kept only where every candidate
+#: does (a workspace is allocated at each run, and counts in a step's peak memory).
+TUNE_WORKSPACE = 64 << 20
+#: Runs timed per candidate, after one untimed run (which loads its kernels).
+TUNE_RUNS = 3
+#: A candidate this much slower than the fastest, or less, is as fast: the one of them with the
+#: smallest workspace is kept.
+TUNE_TOLERANCE = 1.05
 
 
 def _address(a: Any) -> int:
@@ -150,25 +176,78 @@ def _data_type(cudnn: ModuleType, dtype: Any) -> Any:
 
 
 class Plan:
-    """A built cuDNN graph, its named tensors and workspace size: ``run`` executes it."""
+    """A built cuDNN graph, its named tensors and workspace size: ``run`` executes it. With
+    ``candidates`` ((plan index, workspace bytes) of the plans built, the heuristics' first
+    selected), the first run times them and keeps the fastest."""
 
-    def __init__(self, cudnn: ModuleType, graph: Any, tensors: dict[str, Any]) -> None:
+    def __init__(self, cudnn: ModuleType, graph: Any, tensors: dict[str, Any],
+                 candidates: list[tuple[int, int]] | None = None) -> None:
         self.cudnn, self.graph, self.tensors = cudnn, graph, tensors
+        self.candidates = candidates or []
         self.workspace = int(graph.get_workspace_size())
 
     def run(self, **arrays: Any) -> None:
         """Execute on CuPy's current stream; ``arrays`` are the named tensors' CuPy arrays
         (C-contiguous, in the layouts the graph was built for)."""
+        pack = {self.tensors[k]: _address(a) for k, a in arrays.items()}
+        handle = _handle(self.cudnn)
+        if self.candidates:
+            self._choose(pack, handle)
         workspace = cupy.empty(self.workspace, cupy.uint8)
-        self.graph.execute({self.tensors[k]: _address(a) for k, a in arrays.items()},
-                           _address(workspace), handle=_handle(self.cudnn))
+        self.graph.execute(pack, _address(workspace), handle=handle)
+
+    def _choose(self, pack: dict[Any, int], handle: Any) -> None:
+        """Time each candidate on the arrays of ``pack`` (a graph writes only its outputs,
+        which the run after this writes again) and select the fastest: once, on the first
+        run. Inside a CUDA-graph capture nothing can be timed, and the heuristics' choice
+        stays; so it does where the workspace cannot be had. A candidate that fails to run is
+        passed over.
+
+        The candidates share one workspace from CuPy's default pool, not from the allocator
+        in use: a CUDA graph's warm-up runs with a pool of the graph's own, which keeps every
+        byte it ever held for the graph's life (xpcnn.cuda_graphs)."""
+        candidates, self.candidates = self.candidates, []
+        if cupy.cuda.get_current_stream().is_capturing():
+            return
+        fits = [c for c in candidates if c[1] <= TUNE_WORKSPACE] or candidates
+        try:
+            with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
+                workspace = cupy.empty(max(size for _, size in fits), cupy.uint8)
+        except cupy.cuda.memory.OutOfMemoryError:
+            return
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        times: dict[int, float] = {}
+        for index, _ in fits:
+            try:
+                for run in range(1 + TUNE_RUNS):
+                    if run == 1:
+                        start.record()
+                    self.graph.execute_plan_at_index(pack, _address(workspace), index=index,
+                                                     handle=handle)
+                end.record()
+                end.synchronize()
+            except Exception:  # the frontend's errors have no common base
+                continue
+            times[index] = cupy.cuda.get_elapsed_time(start, end)
+        if not times:
+            return
+        fast = min(times.values()) * TUNE_TOLERANCE
+        _, index = min((size, i) for i, size in fits if i in times and times[i] <= fast)
+        for choice in (index, candidates[0][0]):  # (the heuristics' first, should that fail)
+            try:
+                self.graph.build_plan_at_index(choice)  # (built already: this selects it)
+                self.workspace = int(self.graph.get_workspace_size())
+                return
+            except Exception:  # the frontend's errors have no common base
+                continue
 
 
 def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool) -> Plan:
     """Build a graph of ``dtype`` data (float32 accumulators; float64 for float64): ``make(g,
     io)`` adds its tensors and operations and returns the named tensors; float32 products in
     TF32 only with ``allow_tf32``; only deterministic plans where :func:`deterministic`.
-    Raises where cuDNN has no plan for it."""
+    With :func:`autotune`, up to :data:`TUNE_LIMIT` plans are built, for the first run to
+    time. Raises where cuDNN has no plan for it."""
     io = _data_type(cudnn, dtype)
     compute = cudnn.data_type.DOUBLE if io == cudnn.data_type.DOUBLE else cudnn.data_type.FLOAT
     graph = cudnn.pygraph(io_data_type=io, intermediate_data_type=compute,
@@ -184,8 +263,37 @@ def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool) -> Pl
     if notes:
         graph.deselect_numeric_notes(notes)
     graph.check_support()
-    graph.build_plans()
-    return Plan(cudnn, graph, tensors)
+    candidates = _build_candidates(cudnn, graph) if autotune() else []
+    if not candidates:
+        graph.build_plans()  # the heuristics' first plan that builds (raises where none does)
+    return Plan(cudnn, graph, tensors, candidates if len(candidates) > 1 else None)
+
+
+def _build_candidates(cudnn: ModuleType, graph: Any) -> list[tuple[int, int]]:
+    """(index, workspace bytes) of the first :data:`TUNE_LIMIT` plans of ``graph`` that
+    build, in the heuristics' order (one a note filter excludes raises, as one cuDNN cannot
+    build does); the first of them selected. A plan compiled as it is built (cuDNN's runtime
+    fusion engines, through NVRTC: up to a second or so each) is a candidate only as the
+    first, so that timing compiles no more than building without it does."""
+    built: list[tuple[int, int]] = []
+    try:  # (where the plan list cannot be read, no timing: the heuristics' plan)
+        compiled = cudnn.behavior_note.RUNTIME_COMPILATION
+        count = graph.get_execution_plan_count()
+    except Exception:  # the frontend's errors have no common base
+        return built
+    for index in range(count):
+        try:
+            if built and compiled in graph.get_behavior_notes_for_plan_at_index(index):
+                continue
+            graph.build_plan_at_index(index)
+            built.append((index, int(graph.get_workspace_size_plan_at_index(index))))
+        except Exception:  # the frontend's errors have no common base
+            continue
+        if len(built) == TUNE_LIMIT:
+            break
+    if built:
+        graph.build_plan_at_index(built[0][0])  # (built already: this selects it)
+    return built
 
 
 class CudnnConv(ConvEngine):
@@ -324,6 +432,17 @@ class CudnnConv(ConvEngine):
         plan.run(x=_operand(x), dy=dy, dw=dw)
         db = self.kern.sum_rows(dy.reshape(-1, g.filters)) if with_bias else None
         return dw, db
+
+    def gradients(self, x: Any, dy: Any, w: Any, with_bias: bool, input_grad: bool,
+                  relu_y: Any = None) -> tuple[Any, Any | None, Any | None]:
+        if relu_y is None or not with_bias:
+            return super().gradients(x, dy, w, with_bias, input_grad, relu_y)
+        # the ReLU's gradient and the bias gradient in one pass over dy, then the graphs
+        rows = (-1, self.geometry.filters)
+        masked, db = self.kern.relu_backward_sum_rows(dy.reshape(rows), relu_y.reshape(rows))
+        dy = masked.reshape(dy.shape)
+        dw, _ = self.weight_grad(x, dy, False)
+        return dw, db, self.input_grad(dy, w) if input_grad else None
 
 
 class CudnnMatmul:

@@ -172,30 +172,6 @@ _MASK_MULTIPLY_RELU = cupy.ElementwiseKernel(
     "xpcnn_mask_multiply_relu"
 )
 
-# FeatureNorm per image and channel over H x W (the standard version's steps, each stored in T
-# as its separate operations store them: the same values), from an input of type X (float16
-# under mixed precision) read as its cast to T would give it (exactly): after CuPy's own mean,
-# the squares of the centred input; after their mean, the normalised output, and 1 / sqrt(var +
-# eps) from the threads at (h, w) = (0, 0), and where ``cast`` the output rounded to Y too (the
-# compute dtype: the next layer's cast, done here). ``nc`` is an element's (image, channel) in
-# the (N, 1, 1, C) statistics; HWC = H * W * C.
-_NC = "const long long nc = (i / HWC) * C + i % C;"
-_CENTRED_SQUARES = cupy.ElementwiseKernel(
-    "X x, raw T mean, int32 HWC, int32 C", "T sq",
-    _NC + "const T c = (T)x - mean[nc]; sq = c * c;", "xpcnn_centred_squares")
-_STANDARDIZE = cupy.ElementwiseKernel(
-    "X x, raw T mean, raw T var, T eps, int32 HWC, int32 C, bool cast",
-    "T xhat, raw T inv_std, raw Y y",
-    _NC + """
-    typedef XpcnnAcc<T>::type A;
-    const T c = (T)x - mean[nc];
-    const T v = var[nc] + eps;
-    const T s = (T)sqrt((A)v);
-    const T inv = (T)1.0f / s;
-    xhat = c * inv;
-    if (cast) y[i] = (Y)xhat;
-    if (i % HWC < C) inv_std[nc] = inv;
-    """, "xpcnn_standardize", preamble=_ACC)
 # A product rounded to X on its own, never fused with a sum into one multiply-add (NVRTC fuses
 # by default, across statements): float16 through float, where the product is exact.
 _ROUNDED_PRODUCT = """
@@ -205,22 +181,6 @@ template <> __device__ double xpcnn_mul_rn<double>(double a, double b) {
     return __dmul_rn(a, b);
 }
 """
-# Its gradient after CuPy's means of dy and dy * xhat: inv_std * ((dy - m1) - xhat * m2), then
-# with ``relu`` times (r > 0), the gradient of a ReLU before it (``r`` not read without), then
-# rounded to the input's type X. The product xhat * m2 rounded before the difference, as the
-# standard version's separate operations round it; dy of type D (float16 under mixed
-# precision) read as its cast to T would give it.
-_FEATURE_NORM_BACKWARD = cupy.ElementwiseKernel(
-    "D dy, T xhat, raw T inv_std, raw T m1, raw T m2, R r, bool relu, int32 HWC, int32 C",
-    "X dx",
-    _NC + """
-    const T a = (T)dy - m1[nc];
-    const T b = xpcnn_mul_rn<T>(xhat, m2[nc]);
-    const T d = a - b;
-    const T g = inv_std[nc] * d;
-    dx = (X)(relu ? (T)(g * (T)(r > (R)0.0f ? 1.0f : 0.0f)) : g);
-    """, "xpcnn_feature_norm_backward", preamble=_ROUNDED_PRODUCT)
-
 # StandardKernels.rescale in one launch: the cast (exact for uint8 images), the product rounded
 # once to T, as the standard version's multiplication by a Python number rounds it (never
 # fused with the sum), then where ``shift`` the sum with the offset rounded to T, then the
@@ -610,7 +570,9 @@ def _counters(a: Any) -> Any:
 # bits), else the data's own type. Block (x, y) sums rows [x*per, x*per + per) of the 32
 # columns [32y, 32y + 32): thread (c, lane) every LANES-th row from ``lane`` on, in order, then
 # a tree over the lanes in shared memory, into row x of ``partials``; the last block of each
-# column chunk y (counter y) sums that chunk's partials the same way.
+# column chunk y (counter y) sums that chunk's partials the same way. xpcnn_relu_sum_rows
+# first multiplies each value by (relu_y > 0), as StandardKernels.relu_backward does, writes
+# that product to ``masked`` and sums it: a ReLU's gradient and its bias gradient in one pass.
 _SUM_ROWS_LANES = 8
 _SUM_ROWS_SOURCE = f"#define LANES {_SUM_ROWS_LANES}\n" + r"""
 __device__ A xpcnn_lanes_total(A (*lanes)[32], A s) {
@@ -623,9 +585,10 @@ __device__ A xpcnn_lanes_total(A (*lanes)[32], A s) {
     }
     return lanes[0][c];
 }
-extern "C" __global__ void xpcnn_sum_rows(const X* __restrict__ a, long long rows, int cols,
-                                          long long per, A* partials, unsigned int* counters,
-                                          A* __restrict__ out) {
+__device__ void xpcnn_column_sums(const X* __restrict__ a, const Y* __restrict__ relu_y,
+                                  X* __restrict__ masked, long long rows, int cols,
+                                  long long per, A* partials, unsigned int* counters,
+                                  A* __restrict__ out) {
     __shared__ A lanes[LANES][32];
     const int lane = threadIdx.y;
     const int col = blockIdx.y * 32 + threadIdx.x;
@@ -635,7 +598,14 @@ extern "C" __global__ void xpcnn_sum_rows(const X* __restrict__ a, long long row
     if (col < cols) {
         #pragma unroll 8
         for (long long r = first + lane; r < end; r += LANES) {
-            s += (A)xpcnn_widen(a[r * cols + col]);
+            const long long i = r * cols + col;
+            if (relu_y) {  // (the same branch for every thread of the launch)
+                const A v = (A)xpcnn_widen(a[i]) * (xpcnn_widen(relu_y[i]) > 0 ? (A)1 : (A)0);
+                masked[i] = (X)v;  // (exact: the value itself, or a zero)
+                s += v;
+            } else {
+                s += (A)xpcnn_widen(a[i]);
+            }
         }
     }
     s = xpcnn_lanes_total(lanes, s);
@@ -648,6 +618,18 @@ extern "C" __global__ void xpcnn_sum_rows(const X* __restrict__ a, long long row
     }
     s = xpcnn_lanes_total(lanes, s);
     if (lane == 0 && col < cols) out[col] = s;
+}
+extern "C" __global__ void xpcnn_sum_rows(const X* __restrict__ a, long long rows, int cols,
+                                          long long per, A* partials, unsigned int* counters,
+                                          A* __restrict__ out) {
+    xpcnn_column_sums(a, (const Y*)0, (X*)0, rows, cols, per, partials, counters, out);
+}
+extern "C" __global__ void xpcnn_relu_sum_rows(const X* __restrict__ a,
+                                               const Y* __restrict__ relu_y,
+                                               X* __restrict__ masked, long long rows,
+                                               int cols, long long per, A* partials,
+                                               unsigned int* counters, A* __restrict__ out) {
+    xpcnn_column_sums(a, relu_y, masked, rows, cols, per, partials, counters, out);
 }
 """
 # Blocks along the rows: at most this many, each of at least this many rows (a sum over
@@ -730,6 +712,128 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy(
 """
 
 
+# FeatureNorm in one launch each way. The data is NHWC: an image is an (H*W, C) row-major
+# matrix, and its statistics are the column means, which a block computes alone: block (n, y)
+# owns channels [32y, 32y + w) of image n (w = min(32, C - 32y)), so it needs no other block
+# (no atomics, no partials in device memory) and passes over its chunk as often as it likes,
+# the later passes mostly from L2. Its THREADS threads are groups of w on consecutive
+# channels, group g reading rows g, g + G, g + 2G, ... (G groups; for C <= 32 consecutive
+# threads read consecutive addresses, rows after rows), each thread summing its rows in order,
+# then a tree over the groups in shared memory: a fixed order, the same bits at every run.
+# Computed in A (float32 for float16 data); the input of type X (float16 under mixed
+# precision) read as its cast to T (exact), the results rounded to T where stored, as the
+# standard version stores them, and the output where ``cast`` rounded from that to Y (the
+# compute dtype: the next layer's cast, done here). 512 threads: 16 warps of loads in flight on
+# a multiprocessor holding one image's block (128 images on 132 multiprocessors); not tuned
+# on a GPU.
+_FEATURE_NORM_THREADS = 512
+_FEATURE_NORM_COMMON = f"#define THREADS {_FEATURE_NORM_THREADS}\n" + r"""
+// This thread's part of block (n, y): elements first, first + step, ... below end, of one
+// channel (``stat``: its index in the (N, 1, 1, C) statistics), in group ``group`` of
+// ``groups`` groups of ``w`` threads; the THREADS % w threads left over read nothing.
+struct xpcnn_chunk {
+    int w, groups, group;
+    long long first, step, end, stat;
+};
+__device__ xpcnn_chunk xpcnn_chunk_of(long long hw, int channels) {
+    xpcnn_chunk k;
+    const int c0 = blockIdx.y * 32;
+    k.w = channels - c0 < 32 ? channels - c0 : 32;
+    k.groups = THREADS / k.w;
+    k.group = threadIdx.x / k.w;
+    const int c = c0 + threadIdx.x % k.w;
+    k.stat = (long long)blockIdx.x * channels + c;
+    k.end = ((long long)blockIdx.x + 1) * hw * channels;
+    k.first = k.group < k.groups ? ((long long)blockIdx.x * hw + k.group) * channels + c
+                                 : k.end;
+    k.step = (long long)k.groups * channels;
+    return k;
+}
+// The sums of s1 and s2 over the block's groups, per channel, for every thread of the channel
+// (a tree over the groups, of the largest power of two below their count first). The barrier
+// first: the threads may still be reading the last totals from ``part``.
+__device__ void xpcnn_channel_totals(A (*part)[THREADS], const xpcnn_chunk& k, A& s1, A& s2) {
+    const int t = threadIdx.x;
+    __syncthreads();
+    part[0][t] = s1;
+    part[1][t] = s2;
+    __syncthreads();
+    int half = 1;
+    while (2 * half < k.groups) half *= 2;
+    for (; half > 0; half /= 2) {
+        if (k.group < half && k.group + half < k.groups) {
+            part[0][t] += part[0][t + half * k.w];
+            part[1][t] += part[1][t + half * k.w];
+        }
+        __syncthreads();
+    }
+    s1 = part[0][t % k.w];
+    s2 = part[1][t % k.w];
+}
+"""
+# Forward: the mean, the mean of the centred squares (two passes, as the standard version's,
+# for accuracy), then xhat = (x - mean) / sqrt(var + eps), and that 1 / sqrt for backward.
+_FEATURE_NORM_SOURCE = _FEATURE_NORM_COMMON + r"""
+extern "C" __global__ void xpcnn_feature_norm(const X* __restrict__ x, long long hw,
+                                              int channels, double eps, int cast,
+                                              T* __restrict__ xhat, T* __restrict__ inv_std,
+                                              Y* __restrict__ y) {
+    __shared__ A part[2][THREADS];
+    const xpcnn_chunk k = xpcnn_chunk_of(hw, channels);
+    A s = (A)0, unused = (A)0;
+    #pragma unroll 4
+    for (long long e = k.first; e < k.end; e += k.step) s += (A)xpcnn_widen(x[e]);
+    xpcnn_channel_totals(part, k, s, unused);
+    const A mean = s / (A)hw;
+    s = (A)0;
+    #pragma unroll 4
+    for (long long e = k.first; e < k.end; e += k.step) {
+        const A d = (A)xpcnn_widen(x[e]) - mean;
+        s += d * d;
+    }
+    xpcnn_channel_totals(part, k, s, unused);
+    const A inv = (A)1 / sqrt(s / (A)hw + (A)eps);
+    if (k.group == 0) inv_std[k.stat] = (T)inv;
+    #pragma unroll 4
+    for (long long e = k.first; e < k.end; e += k.step) {
+        const T v = (T)(((A)xpcnn_widen(x[e]) - mean) * inv);
+        xhat[e] = v;
+        if (cast) y[e] = (Y)xpcnn_widen(v);
+    }
+}
+"""
+# Backward: the means of dy and dy * xhat in one pass, then dx = inv_std * ((dy - mean(dy)) -
+# xhat * mean(dy * xhat)), with ``relu`` times (r > 0), the gradient of a ReLU before it (``r``
+# not read without), rounded to T as the standard version computes it, then to X (the input's
+# dtype); dy of type D (float16 under mixed precision) read as its cast to T (exact).
+_FEATURE_NORM_BACKWARD_SOURCE = _FEATURE_NORM_COMMON + r"""
+extern "C" __global__ void xpcnn_feature_norm_backward(
+        const D* __restrict__ dy, const T* __restrict__ xhat, const T* __restrict__ inv_std,
+        const R* __restrict__ r, int relu, long long hw, int channels, X* __restrict__ dx) {
+    __shared__ A part[2][THREADS];
+    const xpcnn_chunk k = xpcnn_chunk_of(hw, channels);
+    A s1 = (A)0, s2 = (A)0;
+    #pragma unroll 4
+    for (long long e = k.first; e < k.end; e += k.step) {
+        const A g = (A)xpcnn_widen(dy[e]);
+        s1 += g;
+        s2 += g * (A)xpcnn_widen(xhat[e]);
+    }
+    xpcnn_channel_totals(part, k, s1, s2);
+    const A m1 = s1 / (A)hw, m2 = s2 / (A)hw, inv = (A)xpcnn_widen(inv_std[k.stat]);
+    #pragma unroll 4
+    for (long long e = k.first; e < k.end; e += k.step) {
+        A g = inv * (((A)xpcnn_widen(dy[e]) - m1) - (A)xpcnn_widen(xhat[e]) * m2);
+        if (relu) g = g * (xpcnn_widen(r[e]) > 0 ? (A)1 : (A)0);
+        dx[e] = (X)xpcnn_widen((T)g);
+    }
+}
+"""
+
+
+_FLOATS = ("float16", "float32", "float64")
+
+
 def _contiguous(*arrays: Any) -> bool:
     return all(a.flags.c_contiguous for a in arrays)
 
@@ -742,12 +846,17 @@ def _in_row_blocks(a: Any, splits: int) -> tuple[Any, Any]:
     return a[:used].reshape(splits, per, *a.shape[1:]), a[used:]
 
 
-def _mean_hw(a: Any, dtype: Any) -> Any:
-    """The mean over axes 1 and 2 of ``a`` cast to ``dtype`` (the cast read in the reduction:
-    no pass of its own), as the standard version computes it."""
-    if a.dtype == dtype:  # (float16's in float32, rounded to float16, as the standard's)
-        return a.mean(axis=(1, 2), keepdims=True)
-    return a.mean(axis=(1, 2), keepdims=True, dtype=dtype)
+def _accumulator(dtype: Any) -> Any:
+    """The type sums of ``dtype`` data accumulate in: float64 for float64, else float32 (for
+    float16 data too: a float16 sum would lose the low bits)."""
+    return cupy.float64 if dtype == cupy.float64 else cupy.float32
+
+
+def _fits_feature_norm(a: Any) -> bool:
+    """Whether the FeatureNorm kernels take ``a``: C-contiguous float data, something to
+    launch over, and at most 65535 chunks of 32 channels (a grid's y)."""
+    return (a.flags.c_contiguous and a.dtype.name in _FLOATS and a.size > 0
+            and a.shape[-1] <= 65535 * 32)
 
 
 class CupyKernels(StandardKernels):
@@ -830,7 +939,7 @@ class CupyKernels(StandardKernels):
             return super().matmul_tn(a, b)
         (a3, a_rest), (b3, b_rest) = _in_row_blocks(a, splits), _in_row_blocks(b, splits)
         parts = cupy.matmul(a3.transpose(0, 2, 1), b3)
-        acc = cupy.float64 if parts.dtype == cupy.float64 else cupy.float32
+        acc = _accumulator(parts.dtype)
         out = parts.sum(axis=0, dtype=acc)
         if a_rest.shape[0]:
             out += cupy.matmul(a_rest.T, b_rest).astype(acc, copy=False)
@@ -860,21 +969,38 @@ class CupyKernels(StandardKernels):
         # One launch whatever the rows (see _SUM_ROWS_SOURCE): CuPy's reduction over the
         # leading axis runs one thread block per column, only 32-64 of them for a
         # convolution's bias gradient (measured: 12 ms at batch 512).
-        if a.ndim != 2 or not a.flags.c_contiguous or a.dtype.name not in (
-                "float16", "float32", "float64"):
+        if not self._sums_rows(a):
             return super().sum_rows(a)
+        return self._sum_rows(a)
+
+    def relu_backward_sum_rows(self, dy: Any, y: Any) -> tuple[Any, Any]:
+        if not self._sums_rows(dy) or y.shape != dy.shape or not y.flags.c_contiguous \
+                or y.dtype.name not in _FLOATS:
+            return super().relu_backward_sum_rows(dy, y)
+        masked = cupy.empty_like(dy)
+        return masked, self._sum_rows(dy, y, masked)
+
+    @staticmethod
+    def _sums_rows(a: Any) -> bool:
+        """Whether :meth:`_sum_rows` takes ``a``."""
+        return (a.ndim == 2 and a.flags.c_contiguous and a.dtype.name in _FLOATS
+                and a.size > 0 and -(-a.shape[1] // 32) <= _COUNTERS_PER_DEVICE)
+
+    @staticmethod
+    def _sum_rows(a: Any, relu_y: Any = None, masked: Any = None) -> Any:
+        """xpcnn_sum_rows of ``a`` (xpcnn_relu_sum_rows with ``relu_y``, writing ``masked``)."""
         rows, cols = a.shape
-        chunks = -(-cols // 32)  # (a counter each)
-        if not rows or not cols or chunks > _COUNTERS_PER_DEVICE:
-            return super().sum_rows(a)
         per = max(_SUM_ROWS_PER_BLOCK, -(-rows // _SUM_ROWS_BLOCKS))
-        blocks = -(-rows // per)
-        acc = cupy.float64 if a.dtype == cupy.float64 else cupy.float32
+        blocks, chunks = -(-rows // per), -(-cols // 32)  # (a counter per column chunk)
+        acc = _accumulator(a.dtype)
         partials = cupy.empty((blocks, cols), acc)
         out = cupy.empty(cols, acc)
-        _raw_kernel("xpcnn_sum_rows", _SUM_ROWS_SOURCE, X=a.dtype, A=acc)(
-            (blocks, chunks), (32, _SUM_ROWS_LANES),
-            (a, np.int64(rows), np.int32(cols), np.int64(per), partials, _counters(a), out))
+        tail = (np.int64(rows), np.int32(cols), np.int64(per), partials, _counters(a), out)
+        y = a if relu_y is None else relu_y
+        name = "xpcnn_sum_rows" if relu_y is None else "xpcnn_relu_sum_rows"
+        args = (a, *tail) if relu_y is None else (a, relu_y, masked, *tail)
+        _raw_kernel(name, _SUM_ROWS_SOURCE, X=a.dtype, Y=y.dtype, A=acc)(
+            (blocks, chunks), (32, _SUM_ROWS_LANES), args)
         return out
 
     def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
@@ -916,30 +1042,34 @@ class CupyKernels(StandardKernels):
     def feature_norm(self, x: Any, eps: float, dtype: Any, out_dtype: Any
                      ) -> tuple[Any, Any, Any]:
         t, u = np.dtype(dtype), np.dtype(out_dtype)
-        if not x.flags.c_contiguous or not np.can_cast(x.dtype, t):  # (an exact cast only)
+        # (an exact cast of float data only; no empty grid)
+        if not _fits_feature_norm(x) or not np.can_cast(x.dtype, t) or t.kind != "f":
             return super().feature_norm(x, eps, dtype, out_dtype)
         n, h, w, c = x.shape
-        mean = _mean_hw(x, t)
-        var = _CENTRED_SQUARES(x, mean, h * w * c, c).mean(axis=(1, 2), keepdims=True)
-        inv_std = cupy.empty((n, 1, 1, c), t)
         cast = u != t
+        xhat, inv_std = cupy.empty(x.shape, t), cupy.empty((n, 1, 1, c), t)
         y = cupy.empty(x.shape if cast else 0, u)  # (not written where not cast)
-        xhat = _STANDARDIZE(x, mean, var, t.type(eps), h * w * c, c, cast,
-                            cupy.empty(x.shape, t), inv_std, y)[0]
+        _raw_kernel("xpcnn_feature_norm", _FEATURE_NORM_SOURCE, X=x.dtype, T=t, Y=u,
+                    A=_accumulator(t))(
+            (n, -(-c // 32)), (_FEATURE_NORM_THREADS,),
+            (x, np.int64(h * w), np.int32(c), np.float64(eps), np.int32(cast), xhat, inv_std,
+             y))
         return y if cast else xhat, xhat, inv_std
 
     def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any, relu_x: Any,
                               out_dtype: Any) -> Any:
-        if not _contiguous(dy, xhat, inv_std) or not np.can_cast(dy.dtype, xhat.dtype):
+        t, relu = xhat.dtype, relu_x is not None
+        if not (_fits_feature_norm(dy) and _contiguous(xhat, inv_std)
+                and np.can_cast(dy.dtype, t) and (not relu or _fits_feature_norm(relu_x))):
             return super().feature_norm_backward(dy, xhat, inv_std, relu_x, out_dtype)
         n, h, w, c = dy.shape
-        t = xhat.dtype
-        m1 = _mean_hw(dy, t)
-        m2 = (dy * xhat).mean(axis=(1, 2), keepdims=True)
-        return _FEATURE_NORM_BACKWARD(dy, xhat, inv_std, m1, m2,
-                                      dy if relu_x is None else relu_x,  # (dy: not read)
-                                      relu_x is not None, h * w * c, c,
-                                      cupy.empty(dy.shape, out_dtype))
+        dx = cupy.empty(dy.shape, out_dtype)
+        r = relu_x if relu else dy  # (not read)
+        _raw_kernel("xpcnn_feature_norm_backward", _FEATURE_NORM_BACKWARD_SOURCE, D=dy.dtype,
+                    T=t, R=r.dtype, X=dx.dtype, A=_accumulator(t))(
+            (n, -(-c // 32)), (_FEATURE_NORM_THREADS,),
+            (dy, xhat, inv_std, r, np.int32(relu), np.int64(h * w), np.int32(c), dx))
+        return dx
 
     def rescale(self, x: Any, scale: float, offset: float, dtype: Any, out_dtype: Any) -> Any:
         t, u = np.dtype(dtype), np.dtype(out_dtype)
@@ -985,7 +1115,7 @@ class CupyKernels(StandardKernels):
                                   and np.result_type(t, scale.dtype) == t)) or (
                 labels.dtype.kind not in "iu"):
             return super().softmax_cross_entropy(z, labels, smoothing, scale, dtype)
-        acc = cupy.float64 if t == cupy.float64 else cupy.float32
+        acc = _accumulator(t)
         blocks = -(-n // _CROSS_ENTROPY_THREADS)
         grad = cupy.empty(z.shape, z.dtype)  # (in the logits' dtype)
         partials = cupy.empty((blocks, 2), acc)  # per block: its rows' loss / N, right ones

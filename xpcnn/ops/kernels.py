@@ -200,6 +200,13 @@ class StandardKernels:
         """Gradient through a ReLU (no ceiling) whose output was ``y``: ``dy`` where y > 0."""
         return self.mask_multiply(dy, y > 0)
 
+    def relu_backward_sum_rows(self, dy: Any, y: Any) -> tuple[Any, Any]:
+        """:meth:`relu_backward` of 2-D ``dy`` and the :meth:`sum_rows` of the result (the
+        gradient a layer's ReLU passes to its bias): one pass over ``dy`` where a fast path
+        fuses them."""
+        dx = self.relu_backward(dy, y)
+        return dx, self.sum_rows(dx)
+
     def feature_norm(self, x: Any, eps: float, dtype: Any, out_dtype: Any
                      ) -> tuple[Any, Any, Any]:
         """``x`` cast to ``dtype``, then xhat = (x - mean) / sqrt(var + eps) over each image's
