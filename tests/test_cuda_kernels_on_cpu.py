@@ -879,7 +879,7 @@ def test_statistics_kept_and_put_back_in_one_launch_each(fast, monkeypatch, rng,
             with capture.recording():
                 fast.restore_state(fast_arrays, fast.snapshot_state(fast_arrays), apply)
             assert tables == []  # (filled on leaving)
-        (snapshot, *args), (restore, *after) = capture.launches
+        (snapshot, snapshot_args, size), (restore, restore_args, _) = capture.launches
         assert [snapshot.name, restore.name] == ["xpcnn_snapshot", "xpcnn_restore"]
         offsets = np.cumsum([0] + [a.nbytes for a in fast_arrays])
         np.testing.assert_array_equal(
@@ -889,7 +889,7 @@ def test_statistics_kept_and_put_back_in_one_launch_each(fast, monkeypatch, rng,
         if how == "eager":
             kept = fast.snapshot_state(fast_arrays)
         else:
-            snapshot(*args[0], size=args[1])
+            snapshot(*snapshot_args, size=size)
         std_kept = STD.snapshot_state(std_arrays)
         before = _bits(std_arrays)
         for f, s in zip(fast_arrays, std_arrays, strict=True):  # the forward pass
@@ -899,7 +899,7 @@ def test_statistics_kept_and_put_back_in_one_launch_each(fast, monkeypatch, rng,
         if how == "eager":
             fast.restore_state(fast_arrays, kept, apply)
         else:
-            restore(*after[0], size=after[1])
+            restore(*restore_args, size=size)
         STD.restore_state(std_arrays, std_kept, xpn.asarray(gate))
         assert _bits(fast_arrays) == _bits(std_arrays) == (moved if gate else before)
     assert launched == ["xpcnn_snapshot", "xpcnn_restore"] * 5
