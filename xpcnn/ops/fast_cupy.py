@@ -831,48 +831,24 @@ extern "C" __global__ void xpcnn_feature_norm_backward(
 """
 
 
+
 # BatchNorm2D in two launches each way, on the (rows, C) matrix of a C-contiguous input (rows =
-# N*H*W): its statistics are column statistics, summed as _SUM_ROWS_SOURCE sums columns. Block
+# N*H*W): its statistics are column statistics, taken as _SUM_ROWS_SOURCE sums columns. Block
 # (x, y) takes rows [x*per, x*per + per) of the 32 columns [32y, 32y + 32), thread (c, lane)
 # every LANES-th row from ``lane`` on, in order, then a tree over the lanes in shared memory;
 # the last block of each column chunk y (counter y, see _LAST_BLOCK) merges the chunk's
 # partials, always in the same order: the same bits at every run. All in A (float32 for
 # float16 data), the input of type X (float16 under mixed precision) read as its cast to T
-# (exact), the results rounded to T where stored, as the standard version stores them.
-# Forward, first launch: each block's mean and sum of centred squares (M2) of its rows (two
-# passes over them, the second mostly from cache, for accuracy), merged by the last block with
-# Chan et al.'s formula for (count, mean, M2); it writes the mean and 1 / sqrt(var + eps) (var
-# biased) to ``stats`` (A, for the second launch) and ``inv_std`` (T), and updates the running
-# statistics in place (keep = 1 - momentum; ``unbias`` = count / (count - 1), at least 1).
-# Second launch: xhat = (x - mean) * inv_std and y = xhat * gamma + beta, a grid-stride loop.
-_BATCH_NORM_COMMON = f"#define LANES {_SUM_ROWS_LANES}\n" + r"""
-// The sum of s over the block's lanes, per column, for every lane. The barrier first: the
-// lanes may still be reading the last total from ``lanes``.
-__device__ A xpcnn_bn_total(A (*lanes)[32], A s) {
-    const int c = threadIdx.x, lane = threadIdx.y;
-    __syncthreads();
-    lanes[lane][c] = s;
-    __syncthreads();
-    for (int half = LANES / 2; half > 0; half /= 2) {
-        if (lane < half) lanes[lane][c] += lanes[lane + half][c];
-        __syncthreads();
-    }
-    return lanes[0][c];
-}
-// The block's rows [first, end) and column ``col`` (cols or more: a thread with no column).
-struct xpcnn_bn_rows {
-    long long first, end;
-    int col;
-};
-__device__ xpcnn_bn_rows xpcnn_bn_rows_of(long long rows, int cols, long long per) {
-    xpcnn_bn_rows k;
-    k.first = blockIdx.x * per;
-    k.end = k.first + per < rows ? k.first + per : rows;
-    k.col = blockIdx.y * 32 + threadIdx.x;
-    return k;
-}
-"""
-_BATCH_NORM_SOURCE = _BATCH_NORM_COMMON + r"""
+# (exact), the results rounded to T where stored, as the standard version stores them. (A tree
+# needs no barrier before its first writes: before the first, nothing has been read; before
+# the second, the lanes have passed xpcnn_last_block's barriers.)
+# Forward, first launch: each thread's count, mean and sum of centred squares (M2) of its rows
+# (two passes over them, the second mostly from cache, for accuracy), merged over the lanes
+# and then over the blocks with Chan et al.'s formula; the last block writes the mean and 1 /
+# sqrt(var + eps) (var biased) to ``stats`` (A, for the second launch) and ``inv_std`` (T),
+# and updates the running statistics in place (keep = 1 - momentum; ``unbias`` = count /
+# (count - 1), at least 1). The second launch is _BATCH_NORM_APPLY.
+_BATCH_NORM_SOURCE = f"#define LANES {_SUM_ROWS_LANES}\n" + r"""
 // (count, mean, M2) b merged into a (Chan, Golub and LeVeque); a count of 0 leaves a as it is.
 __device__ void xpcnn_bn_merge(long long& n, A& mean, A& m2, long long nb, A mean_b, A m2_b) {
     if (nb == 0) return;
@@ -882,127 +858,145 @@ __device__ void xpcnn_bn_merge(long long& n, A& mean, A& m2, long long nb, A mea
     m2 = m2 + m2_b + delta * delta * ((A)n * share);
     n = total;
 }
+struct xpcnn_bn_lanes {
+    long long n[LANES][32];
+    A mean[LANES][32], m2[LANES][32];
+};
+// The lanes' (count, mean, M2) merged, per column, for every lane.
+__device__ void xpcnn_bn_merge_lanes(xpcnn_bn_lanes& s, long long& n, A& mean, A& m2) {
+    const int c = threadIdx.x, lane = threadIdx.y;
+    s.n[lane][c] = n;
+    s.mean[lane][c] = mean;
+    s.m2[lane][c] = m2;
+    __syncthreads();
+    for (int half = LANES / 2; half > 0; half /= 2) {
+        if (lane < half) {
+            xpcnn_bn_merge(s.n[lane][c], s.mean[lane][c], s.m2[lane][c], s.n[lane + half][c],
+                           s.mean[lane + half][c], s.m2[lane + half][c]);
+        }
+        __syncthreads();
+    }
+    n = s.n[0][c];
+    mean = s.mean[0][c];
+    m2 = s.m2[0][c];
+}
 extern "C" __global__ void xpcnn_batch_norm_stats(
         const X* __restrict__ x, long long rows, int cols, long long per, double eps,
         double keep, double momentum, double unbias, A* partials, unsigned int* counters,
         A* __restrict__ stats, T* __restrict__ inv_std, T* __restrict__ moving_mean,
         T* __restrict__ moving_var) {
-    __shared__ A lanes[LANES][32];
-    __shared__ long long counts[LANES][32];
-    __shared__ A means[LANES][32], m2s[LANES][32];
-    const int c = threadIdx.x, lane = threadIdx.y;
-    const xpcnn_bn_rows k = xpcnn_bn_rows_of(rows, cols, per);
-    const bool own = k.col < cols;
-    A s = (A)0;
-    if (own) {
-        for (long long r = k.first + lane; r < k.end; r += LANES)
-            s += (A)xpcnn_widen(x[r * cols + k.col]);
-    }
-    const A mean = xpcnn_bn_total(lanes, s) / (A)(k.end - k.first);
-    s = (A)0;
-    if (own) {
-        for (long long r = k.first + lane; r < k.end; r += LANES) {
-            const A d = (A)xpcnn_widen(x[r * cols + k.col]) - mean;
-            s += d * d;
+    __shared__ xpcnn_bn_lanes lanes;
+    const int lane = threadIdx.y, col = blockIdx.y * 32 + threadIdx.x;
+    const long long first = blockIdx.x * per, end = first + per < rows ? first + per : rows;
+    long long n = 0;
+    A mean = (A)0, m2 = (A)0;
+    if (col < cols && first + lane < end) {
+        A s = (A)0;
+        for (long long r = first + lane; r < end; r += LANES, ++n)
+            s += (A)xpcnn_widen(x[r * cols + col]);
+        mean = s / (A)n;
+        for (long long r = first + lane; r < end; r += LANES) {
+            const A d = (A)xpcnn_widen(x[r * cols + col]) - mean;
+            m2 += d * d;
         }
     }
-    s = xpcnn_bn_total(lanes, s);
-    if (lane == 0 && own) {
-        partials[2 * (blockIdx.x * (long long)cols + k.col)] = mean;
-        partials[2 * (blockIdx.x * (long long)cols + k.col) + 1] = s;
+    xpcnn_bn_merge_lanes(lanes, n, mean, m2);
+    const long long at = 2 * (blockIdx.x * (long long)cols + col);
+    if (lane == 0 && col < cols) {
+        partials[at] = mean;
+        partials[at + 1] = m2;
     }
     if (!xpcnn_last_block(&counters[blockIdx.y], gridDim.x)) return;
     const volatile A* done = partials;
-    long long n = 0;
-    A m = (A)0, m2 = (A)0;
-    if (own) {
+    n = 0;
+    mean = m2 = (A)0;
+    if (col < cols) {
         for (unsigned b = lane; b < gridDim.x; b += LANES) {
-            const long long first = b * per, left = rows - first;
-            xpcnn_bn_merge(n, m, m2, left < per ? left : per,
-                           done[2 * (b * (long long)cols + k.col)],
-                           done[2 * (b * (long long)cols + k.col) + 1]);
+            const long long left = rows - b * per, from = 2 * (b * (long long)cols + col);
+            xpcnn_bn_merge(n, mean, m2, left < per ? left : per, done[from], done[from + 1]);
         }
     }
-    counts[lane][c] = n;
-    means[lane][c] = m;
-    m2s[lane][c] = m2;
-    __syncthreads();
-    for (int half = LANES / 2; half > 0; half /= 2) {
-        if (lane < half) {
-            xpcnn_bn_merge(counts[lane][c], means[lane][c], m2s[lane][c],
-                           counts[lane + half][c], means[lane + half][c], m2s[lane + half][c]);
-        }
-        __syncthreads();
-    }
-    if (lane == 0 && own) {
-        const int col = k.col;
-        const A var = m2s[0][c] / (A)rows, inv = (A)1 / sqrt(var + (A)eps);
-        m = means[0][c];
-        stats[col] = m;
+    xpcnn_bn_merge_lanes(lanes, n, mean, m2);
+    if (lane == 0 && col < cols) {
+        const A var = m2 / (A)rows, inv = (A)1 / sqrt(var + (A)eps);
+        stats[col] = mean;
         stats[cols + col] = inv;
         inv_std[col] = (T)inv;
-        moving_mean[col] = (T)((A)keep * (A)xpcnn_widen(moving_mean[col]) + (A)momentum * m);
+        moving_mean[col] = (T)((A)keep * (A)xpcnn_widen(moving_mean[col])
+                               + (A)momentum * mean);
         moving_var[col] = (T)((A)keep * (A)xpcnn_widen(moving_var[col])
                               + (A)momentum * (var * (A)unbias));
     }
 }
-extern "C" __global__ void xpcnn_batch_norm_apply(
-        const X* __restrict__ x, const A* __restrict__ stats, const T* __restrict__ gamma,
-        const T* __restrict__ beta, long long size, int cols, T* __restrict__ xhat,
-        T* __restrict__ y) {
-    const long long step = (long long)gridDim.x * blockDim.x;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < size; i += step) {
-        const int col = i % cols;
-        const T h = (T)(((A)xpcnn_widen(x[i]) - stats[col]) * stats[cols + col]);
-        xhat[i] = h;
-        y[i] = (T)((A)xpcnn_widen(h) * (A)xpcnn_widen(gamma[col]) + (A)xpcnn_widen(beta[col]));
-    }
-}
 """
+# Forward, second launch: xhat = (x - mean) * inv_std and y = xhat * gamma + beta (``stats``:
+# the first launch's means and inverse deviations, in A).
+_BATCH_NORM_APPLY = cupy.ElementwiseKernel(
+    "X x, raw A stats, raw T gamma, raw T beta, int32 cols",
+    "T xhat, T y",
+    """
+    const int c = i % cols;
+    const T h = (T)(((A)x - stats[c]) * stats[cols + c]);
+    xhat = h;
+    y = (T)((A)h * (A)gamma[c] + (A)beta[c]);
+    """,
+    "xpcnn_batch_norm_apply",
+)
 # Backward, first launch: the column sums of dy and dy * xhat (dy of type D, float16 under
 # mixed precision, read as its cast to T: exact), the last block writing them as beta's and
 # gamma's gradients (T) and, for the second launch, per column (A): gamma * inv_std and the
-# two sums' means. Second launch: dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy *
-# xhat)), the standard version's gradient through the mean and variance, rounded to T.
-_BATCH_NORM_BACKWARD_SOURCE = _BATCH_NORM_COMMON + r"""
+# two sums' means.
+_BATCH_NORM_BACKWARD_SOURCE = f"#define LANES {_SUM_ROWS_LANES}\n" + r"""
+// The lanes' sums of s1 and s2, per column, for every lane.
+__device__ void xpcnn_bn_sum_lanes(A (*sums)[LANES][32], A& s1, A& s2) {
+    const int c = threadIdx.x, lane = threadIdx.y;
+    sums[0][lane][c] = s1;
+    sums[1][lane][c] = s2;
+    __syncthreads();
+    for (int half = LANES / 2; half > 0; half /= 2) {
+        if (lane < half) {
+            sums[0][lane][c] += sums[0][lane + half][c];
+            sums[1][lane][c] += sums[1][lane + half][c];
+        }
+        __syncthreads();
+    }
+    s1 = sums[0][0][c];
+    s2 = sums[1][0][c];
+}
 extern "C" __global__ void xpcnn_batch_norm_sums(
         const D* __restrict__ dy, const T* __restrict__ xhat, const T* __restrict__ inv_std,
         const T* __restrict__ gamma, long long rows, int cols, long long per, A* partials,
         unsigned int* counters, T* __restrict__ dgamma, T* __restrict__ dbeta,
         A* __restrict__ coefs) {
-    __shared__ A lanes[LANES][32];
-    const int lane = threadIdx.y;
-    const xpcnn_bn_rows k = xpcnn_bn_rows_of(rows, cols, per);
-    const bool own = k.col < cols;
+    __shared__ A sums[2][LANES][32];
+    const int lane = threadIdx.y, col = blockIdx.y * 32 + threadIdx.x;
+    const long long first = blockIdx.x * per, end = first + per < rows ? first + per : rows;
     A s1 = (A)0, s2 = (A)0;
-    if (own) {
-        for (long long r = k.first + lane; r < k.end; r += LANES) {
-            const long long i = r * cols + k.col;
+    if (col < cols) {
+        for (long long r = first + lane; r < end; r += LANES) {
+            const long long i = r * cols + col;
             const A g = (A)xpcnn_widen(dy[i]);
             s1 += g;
             s2 += g * (A)xpcnn_widen(xhat[i]);
         }
     }
-    s1 = xpcnn_bn_total(lanes, s1);
-    s2 = xpcnn_bn_total(lanes, s2);
-    if (lane == 0 && own) {
-        partials[2 * (blockIdx.x * (long long)cols + k.col)] = s1;
-        partials[2 * (blockIdx.x * (long long)cols + k.col) + 1] = s2;
+    xpcnn_bn_sum_lanes(sums, s1, s2);
+    const long long at = 2 * (blockIdx.x * (long long)cols + col);
+    if (lane == 0 && col < cols) {
+        partials[at] = s1;
+        partials[at + 1] = s2;
     }
     if (!xpcnn_last_block(&counters[blockIdx.y], gridDim.x)) return;
     const volatile A* done = partials;
-    s1 = (A)0;
-    s2 = (A)0;
-    if (own) {
+    s1 = s2 = (A)0;
+    if (col < cols) {
         for (unsigned b = lane; b < gridDim.x; b += LANES) {
-            s1 += done[2 * (b * (long long)cols + k.col)];
-            s2 += done[2 * (b * (long long)cols + k.col) + 1];
+            s1 += done[2 * (b * (long long)cols + col)];
+            s2 += done[2 * (b * (long long)cols + col) + 1];
         }
     }
-    s1 = xpcnn_bn_total(lanes, s1);
-    s2 = xpcnn_bn_total(lanes, s2);
-    if (lane == 0 && own) {
-        const int col = k.col;
+    xpcnn_bn_sum_lanes(sums, s1, s2);
+    if (lane == 0 && col < cols) {
         dbeta[col] = (T)s1;
         dgamma[col] = (T)s2;
         coefs[col] = (A)xpcnn_widen(gamma[col]) * (A)xpcnn_widen(inv_std[col]);
@@ -1010,22 +1004,18 @@ extern "C" __global__ void xpcnn_batch_norm_sums(
         coefs[2 * cols + col] = s2 / (A)rows;
     }
 }
-extern "C" __global__ void xpcnn_batch_norm_dx(
-        const D* __restrict__ dy, const T* __restrict__ xhat, const A* __restrict__ coefs,
-        long long size, int cols, T* __restrict__ dx) {
-    const long long step = (long long)gridDim.x * blockDim.x;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < size; i += step) {
-        const int col = i % cols;
-        dx[i] = (T)(coefs[col] * (((A)xpcnn_widen(dy[i]) - coefs[cols + col])
-                                  - (A)xpcnn_widen(xhat[i]) * coefs[2 * cols + col]));
-    }
-}
 """
-# The elementwise launches of BatchNorm: blocks of this many threads, at most this many blocks
-# (a grid-stride loop beyond: about 8 blocks per multiprocessor of an H100). Not tuned on a GPU.
-_BATCH_NORM_THREADS = 256
-_BATCH_NORM_BLOCKS = 1024
-
+# Backward, second launch: dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat)),
+# the standard version's gradient through the mean and variance, rounded to T.
+_BATCH_NORM_DX = cupy.ElementwiseKernel(
+    "D dy, T xhat, raw A coefs, int32 cols",
+    "T dx",
+    """
+    const int c = i % cols;
+    dx = (T)(coefs[c] * (((A)dy - coefs[cols + c]) - (A)xhat * coefs[2 * cols + c]));
+    """,
+    "xpcnn_batch_norm_dx",
+)
 
 _FLOATS = ("float16", "float32", "float64")
 
@@ -1074,10 +1064,6 @@ def _row_blocks(rows: int) -> tuple[int, int]:
     _SUM_ROWS_BLOCKS)."""
     per = max(_SUM_ROWS_PER_BLOCK, -(-rows // _SUM_ROWS_BLOCKS))
     return per, -(-rows // per)
-
-
-def _elementwise_grid(size: int) -> tuple[int]:
-    return (min(_BATCH_NORM_BLOCKS, -(-size // _BATCH_NORM_THREADS)),)
 
 
 class CupyKernels(StandardKernels):
@@ -1311,10 +1297,8 @@ class CupyKernels(StandardKernels):
              np.float64(1 - momentum), np.float64(momentum),
              np.float64(rows / max(rows - 1, 1)), partials, _counters(x), stats, inv_std,
              moving_mean, moving_var))
-        xhat, y = cupy.empty(x.shape, t), cupy.empty(x.shape, t)
-        _raw_kernel("xpcnn_batch_norm_apply", _BATCH_NORM_SOURCE, X=x.dtype, T=t, A=acc)(
-            _elementwise_grid(x.size), (_BATCH_NORM_THREADS,),
-            (x, stats, gamma, beta, np.int64(x.size), np.int32(cols), xhat, y))
+        xhat, y = _BATCH_NORM_APPLY(x, stats, gamma, beta, cols, cupy.empty(x.shape, t),
+                                    cupy.empty(x.shape, t))
         return y, xhat, inv_std
 
     def batch_norm_backward(self, dy: Any, xhat: Any, inv_std: Any, gamma: Any,
@@ -1336,12 +1320,7 @@ class CupyKernels(StandardKernels):
              partials, _counters(dy), dgamma, dbeta, coefs))
         if not input_grad:
             return None, dgamma, dbeta
-        dx = cupy.empty(dy.shape, t)
-        _raw_kernel("xpcnn_batch_norm_dx", _BATCH_NORM_BACKWARD_SOURCE, D=dy.dtype, T=t,
-                    A=acc)(
-            _elementwise_grid(dy.size), (_BATCH_NORM_THREADS,),
-            (dy, xhat, coefs, np.int64(dy.size), np.int32(cols), dx))
-        return dx, dgamma, dbeta
+        return _BATCH_NORM_DX(dy, xhat, coefs, cols, cupy.empty(dy.shape, t)), dgamma, dbeta
 
     def rescale(self, x: Any, scale: float, offset: float, dtype: Any, out_dtype: Any) -> Any:
         t, u = np.dtype(dtype), np.dtype(out_dtype)
