@@ -11,9 +11,10 @@ seconds); on a machine without a GPU it says so.
 5. NCCL as xpcnn.distributed.NcclSum calls it, on one rank (no MPI needed).
 6. The calls the training step added on 2026-12-05 run inside a capture and replay right:
    the standard finiteness watch (``max(abs(g))``, CUB's reduction, NaN kept; the CuPy
-   kernels' own record is tests/test_gpu.py's), the snapshot of the
+   kernels' own record is tests/test_gpu.py's), the standard snapshot of the
    normalisation statistics (``asarray(copy=True)``) and their restore (``where`` with a 0-d
-   flag), the labels' check (``all``, ``where(ok, stats, nan)``).
+   flag; the CuPy kernels' own are tests/test_gpu.py's), the labels' check (``all``,
+   ``where(ok, stats, nan)``).
 7. ``np.from_dlpack`` of a CuPy array raises what xpcnn.data.adopt_foreign catches (NumPy's
    dlpack.c: BufferError "Unsupported device in DLTensor."), so it is refused by name.
 8. The plan timing (``XPCNN_CUDNN_AUTOTUNE``, on by default) on the forward graph (+ bias and

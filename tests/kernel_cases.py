@@ -205,7 +205,8 @@ def check_recorded_steps(steps, scaling, squares):
         assert bad[3] == (4.0, [0.0] * 5) and np.isnan(steps[3][0][3])
 
 # The device tables that one training step of nets.gap_net leaves to fill after its capture
-# (CupyKernels.capture_tables), by precision: the gradients' check (record_step) and the
-# fused update; under mixed float16 also the casts of the weights to float16 and of the
-# gradients back to float32 (cast_all), one launch and one table each.
-GAP_NET_STEP_TABLES = {"float32": 2, "mixed_float16": 4}
+# (CupyKernels.capture_tables), by precision: BatchNorm2D's statistics kept and put back
+# (snapshot_state and restore_state: two launches, one table), the gradients' check
+# (record_step) and the fused update; under mixed float16 also the casts of the weights to
+# float16 and of the gradients back to float32 (cast_all), one launch and one table each.
+GAP_NET_STEP_TABLES = {"float32": 3, "mixed_float16": 5}

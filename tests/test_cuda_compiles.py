@@ -227,6 +227,16 @@ def test_cast_all_kernel_compiles(fast_cupy, source, target):
     assert code == 0, log
 
 
+@pytest.mark.parametrize("name", ["_SNAPSHOT", "_RESTORE"])
+def test_statistics_kernels_compile(fast_cupy, name):
+    """A training step's normalisation statistics kept, then put back where it is skipped:
+    their bytes found through a table of addresses, in one launch each."""
+    kernel = getattr(fast_cupy, name)
+    source = _elementwise_as_kernel(kernel, {"uint8": "unsigned char"})
+    code, log = _compile(source, kernel.name, 90)
+    assert code == 0, log
+
+
 @pytest.mark.parametrize("data, grad", [("__half", "__half"), ("__half", "float"),
                                         ("float", "float"), ("double", "double")])
 def test_max_pool_backward_kernel_compiles(fast_cupy, data, grad):

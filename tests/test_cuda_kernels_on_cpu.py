@@ -38,6 +38,7 @@ from nets import every_layer_net, gap_net
 
 import xpcnn
 from xpcnn import backend as backend_module
+from xpcnn.layers import BatchNorm2D, Conv2D, Dense, Flatten, ReLU, Softmax
 from xpcnn.ops import conv as ops
 from xpcnn.ops.kernels import StandardKernels
 
@@ -853,7 +854,7 @@ class EmulatedCapture:
 
     def _garbage(self, shape, dtype):
         self.allocators.append((self.module.cupy.cuda.allocators or [None])[-1])
-        return np.full(shape, -1, dtype)
+        return np.full(shape, -1).astype(dtype)  # (all ones bits in an unsigned type)
 
     def _memset(self, shape, dtype):
         a = self._garbage(shape, dtype)
@@ -939,6 +940,136 @@ def test_a_capture_that_fails_fills_no_table(fast, monkeypatch, rng):
             fast.sgd_update(p, g, None, np.asarray(0.5, np.float32), 0.0, 0.0, False)
         raise RuntimeError("the capture refused something")
     assert tables == filled == [] and fast._deferred is None
+
+
+# -- a training step's normalisation statistics kept and put back (Trainer._device_step) --------
+
+
+def _statistics(rng):
+    """State arrays of every float dtype, of byte sizes that are no multiple of 4 or 8, a 0-d
+    one, and bits that a conversion could change (NaN, -0.0, infinity)."""
+    arrays = [rng.standard_normal(shape).astype(dtype) for shape, dtype in
+              [((16,), np.float32), ((3,), np.float16), ((), np.float64), ((2, 7), np.float64),
+               ((5,), np.float32), ((1,), np.float16)]]
+    arrays[0][:3] = [np.nan, -0.0, np.inf]
+    return arrays
+
+
+def _bits(arrays):
+    return [a.tobytes() for a in arrays]
+
+
+def _launched(monkeypatch):
+    """The names of the emulated kernels launched from now on."""
+    names, call = [], ElementwiseKernel.__call__
+
+    def counted(kernel, *args, size=None):
+        names.append(kernel.name)
+        return call(kernel, *args, size=size)
+
+    monkeypatch.setattr(ElementwiseKernel, "__call__", counted)
+    return names
+
+
+@pytest.mark.parametrize("how", ["eager", "captured"])
+def test_statistics_kept_and_put_back_in_one_launch_each(fast, monkeypatch, rng, how):
+    """snapshot_state and restore_state in one launch each for arrays of every dtype together,
+    step after step: the standard version's arrays bit for bit, put back where ``apply`` is
+    False, as the "forward pass" between them left them where it is True. Captured: the one
+    table (the arrays' byte offsets and addresses) filled after the capture, the recorded
+    launches replayed with the forward pass between them and the flag in the same array."""
+    module = sys.modules[type(fast).__module__]
+    arrays = _statistics(rng)
+    fast_arrays, std_arrays = [a.copy() for a in arrays], [a.copy() for a in arrays]
+    apply = np.asarray(True)
+    if how == "captured":
+        capture = EmulatedCapture(module, monkeypatch)
+        with fast.capture_tables() as tables:
+            with capture.recording():
+                fast.restore_state(fast_arrays, fast.snapshot_state(fast_arrays), apply)
+            assert tables == []  # (filled on leaving)
+        (snapshot, snapshot_args, size), (restore, restore_args, _) = capture.launches
+        assert [snapshot.name, restore.name] == ["xpcnn_snapshot", "xpcnn_restore"]
+        offsets = np.cumsum([0] + [a.nbytes for a in fast_arrays])
+        np.testing.assert_array_equal(
+            tables[0], np.concatenate([offsets, [a.ctypes.data for a in fast_arrays]]))
+    launched = _launched(monkeypatch)
+    for gate in [True, False, False, True, False]:
+        if how == "eager":
+            kept = fast.snapshot_state(fast_arrays)
+        else:
+            snapshot(*snapshot_args, size=size)
+        std_kept = STD.snapshot_state(std_arrays)
+        before = _bits(std_arrays)
+        for f, s in zip(fast_arrays, std_arrays, strict=True):  # the forward pass
+            f[...] = s[...] = rng.standard_normal(s.shape)
+        moved = _bits(std_arrays)
+        apply[...] = gate
+        if how == "eager":
+            fast.restore_state(fast_arrays, kept, apply)
+        else:
+            restore(*restore_args, size=size)
+        STD.restore_state(std_arrays, std_kept, xpn.asarray(gate))
+        assert _bits(fast_arrays) == _bits(std_arrays) == (moved if gate else before)
+    assert launched == ["xpcnn_snapshot", "xpcnn_restore"] * 5
+
+
+def test_statistics_that_the_kernels_do_not_take_are_kept_by_the_standard_version(fast,
+                                                                                  monkeypatch):
+    """No array: nothing launched. A non-contiguous one (the kernels find bytes by their
+    flat index): the standard copies, with the same result."""
+    launched = _launched(monkeypatch)
+    fast.restore_state([], fast.snapshot_state([]), np.asarray(False))
+    strided = np.arange(12.0, dtype=np.float32).reshape(3, 4)[:, ::2]
+    kept = fast.snapshot_state([strided])
+    strided[...] = -1.0
+    fast.restore_state([strided], kept, np.asarray(False))
+    np.testing.assert_array_equal(strided, [[0.0, 2.0], [4.0, 6.0], [8.0, 10.0]])
+    assert launched == []
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16", "float64"])
+def test_a_skipped_step_puts_the_statistics_back_with_the_cuda_kernels(fast, monkeypatch,
+                                                                       precision):
+    """Training on the emulated CuPy kernels: a step the device skips (a label that is no class)
+    leaves every BatchNorm2D's statistics as they were, bit for bit, through one launch that
+    keeps them and one that puts them back; an applied step leaves those its forward pass
+    computed (the standard path's); a frozen BatchNorm2D's are never touched."""
+    monkeypatch.setattr(fast.conv_kernels, "tiled", False)  # (the direct kernels: faster here)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (8, 6, 6, 3), dtype=np.uint8), rng.integers(0, 4, 8)
+
+    def statistics(model):
+        return [np.array(a, copy=True) for la in model.layers for a in la.state.values()]
+
+    def two_steps(kernels):
+        monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+        frozen = BatchNorm2D()
+        frozen.trainable = False
+        model = xpcnn.Sequential(
+            [Conv2D(4, 3), BatchNorm2D(), ReLU(), frozen, Conv2D(4, 3, padding="same"),
+             BatchNorm2D(), Flatten(), Dense(4), Softmax()],
+            seed=0, dtype="float64" if precision == "float64" else "float32")
+        model.compile(optimizer=xpcnn.optim.SGD(0.1, momentum=0.9),
+                      precision="mixed_float16" if precision == "mixed_float16" else "float32")
+        model.build((6, 6, 3))
+        first = statistics(model)
+        xb = model._to_device(x)
+        model.train_step(xb, model.backend.asarray(y))
+        applied = statistics(model)
+        model.train_step(xb, model.backend.asarray(np.where(np.arange(8) == 5, 4, y)))
+        return first, applied, statistics(model)
+
+    launched = _launched(monkeypatch)
+    first, applied, skipped = two_steps(fast)
+    assert launched.count("xpcnn_snapshot") == launched.count("xpcnn_restore") == 2
+    _, std_applied, std_skipped = two_steps(None)
+    assert _bits(skipped) == _bits(applied) and _bits(std_skipped) == _bits(std_applied)
+    assert _bits(applied[2:4]) == _bits(first[2:4])  # (the frozen layer's)
+    tol = 1e-3 if precision == "mixed_float16" else 1e-5
+    for k in (0, 1, 4, 5):
+        assert not np.array_equal(applied[k], first[k])
+        np.testing.assert_allclose(applied[k], std_applied[k], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("scaling, squares", RECORD_SCALING)

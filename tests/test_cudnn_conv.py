@@ -609,6 +609,31 @@ def test_plans_compiled_as_they_are_built_are_candidates_only_as_the_first(cc, r
     assert graph.built == {1, 3, 4}  # (the first that builds is the heuristics' first)
 
 
+def test_timing_that_goes_wrong_leaves_the_heuristics_plan(cc, monkeypatch, rng):
+    """A plan list that cannot be read, or a kept plan that cannot be selected, ends the
+    timing, not the training step: the heuristics' first plan runs."""
+    plans = [FakePlan(ms=2.0), FakePlan(ms=1.0)]
+
+    def unreadable(graph):
+        raise RuntimeError("CUDNN_STATUS_INTERNAL_ERROR")
+
+    with monkeypatch.context() as m:
+        m.setattr(PyGraph, "get_execution_plan_count", unreadable)
+        graph, right = _tuned_forward(cc, rng, plans)
+    assert graph.timed == [] and graph.selected == 0 and all(right)
+    GRAPHS.clear()
+    select = PyGraph.build_plan_at_index
+
+    def refusing_after_timing(graph, index):
+        if graph.timed and index != 0:
+            raise RuntimeError("CUDNN_STATUS_BAD_PARAM")
+        return select(graph, index)
+
+    monkeypatch.setattr(PyGraph, "build_plan_at_index", refusing_after_timing)
+    graph, right = _tuned_forward(cc, rng, plans)
+    assert graph.timed and graph.selected == 0 and graph.executions == 2 and all(right)
+
+
 @pytest.mark.parametrize("how", ["autotune off", "deterministic", "capturing", "one plan"])
 def test_without_autotuning_the_heuristics_first_plan_runs(cc, monkeypatch, rng, how):
     """XPCNN_CUDNN_AUTOTUNE=0; XPCNN_DETERMINISTIC=1 (timings, and so the plan, would differ

@@ -993,8 +993,9 @@ def test_replayed_steps_give_the_weights_of_eager_steps(cudnn_module, monkeypatc
     (eager, loss_eager), (graphed, loss_graphed) = _eager_and_graphed_fits(
         monkeypatch, gap_net, make_optimizer, precision)
     assert graphed.cuda_graphs_reason == "" and graphed._graphs.graph is not None
-    # (the update and the gradients' check, and under mixed float16 the two casts: one launch
-    # each, reading a table filled after the capture; test_cuda_kernels_on_cpu counts them)
+    # (BatchNorm2D's statistics kept and put back, the update and the gradients' check, and
+    # under mixed float16 the two casts: each reading a table filled after the capture;
+    # test_cuda_kernels_on_cpu counts them)
     assert len(graphed._graphs._tables) == GAP_NET_STEP_TABLES[precision]
     assert graphed.optimizer.iterations == eager.optimizer.iterations == 15
     assert loss_graphed == pytest.approx(loss_eager, rel=tol / 10)
@@ -1056,6 +1057,29 @@ def test_casting_many_arrays_in_one_launch_on_the_gpu(cp, kernels, rng):
                          std.cast_all(arrays, cp.float16), strict=True):
         assert got.dtype == want.dtype == cp.float16
         _equal(got, want)
+
+
+def test_statistics_kept_and_put_back_on_the_gpu(cp, kernels, rng):
+    """Normalisation statistics of every float dtype (a 0-d one, bytes no multiple of 8,
+    NaN and -0.0 among them) kept, moved and put back where the step is skipped: the standard
+    version's bits, the flag read from the device."""
+    fast, std = kernels
+    shapes = [((64,), cp.float32), ((3,), cp.float16), ((), cp.float64), ((2, 7), cp.float64)]
+    arrays = [cp.asarray(rng.standard_normal(s)).astype(t) for s, t in shapes]
+    arrays[0][:2] = cp.asarray([np.nan, -0.0])
+    pair = [[a.copy() for a in arrays], [a.copy() for a in arrays]]
+    for gate in (True, False):
+        kept = [k.snapshot_state(a) for k, a in zip(kernels, pair, strict=True)]
+        before = [a.get().tobytes() for a in pair[1]]
+        moved = [cp.asarray(rng.standard_normal(a.shape)).astype(a.dtype) for a in arrays]
+        for ours in pair:
+            for a, m in zip(ours, moved, strict=True):
+                a[...] = m
+        apply = cp.asarray(gate)
+        fast.restore_state(pair[0], kept[0], apply)
+        std.restore_state(pair[1], kept[1], apply)
+        got, want = ([a.get().tobytes() for a in ours] for ours in pair)
+        assert got == want == (before if not gate else [m.get().tobytes() for m in moved])
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "float16", "float32"])

@@ -24,10 +24,11 @@ replayed graph is one launch. What a captured step needs, and how it gets it:
 - No host reads inside the step, and no copies from the host. The optimiser update is CuPy's
   fused one (:meth:`xpcnn.optim.Optimizer.step` given the device ``scalars``: one launch per
   parameter dtype, reading the per-step numbers above from their device arrays); it finds
-  the parameters, gradients and slots through a device table of their addresses. A capture
-  allocates that table (from a memory pool that none of the step's temporaries share) and
-  fills it once the capture has ended, before the graph's first launch
-  (``CupyKernels.capture_tables``): the addresses in a graph never change, and the table is
+  the parameters, gradients and slots through a device table of their addresses (as the
+  gradients' check, the casts and the normalisation statistics' snapshot and restore find
+  theirs). A capture allocates each table (from a memory pool that none of the step's
+  temporaries share) and fills it once the capture has ended, before the graph's first launch
+  (``CupyKernels.capture_tables``): the addresses in a graph never change, and the tables are
   held with the graph, as the captured arrays are.
 - Memory: the steps run from warm-up on with a memory pool of their own, so the blocks the
   graph's temporaries use are never handed to anything else.

@@ -340,8 +340,8 @@ class Trainer:
         opt = self.optimizer
         assert opt is not None and self.loss is not None
         # (normalisation statistics move in the forward pass: a skipped step puts them back)
-        moving = [(a, xp.asarray(a, copy=True)) for la in self.layers if la.trainable
-                  for a in la.state.values()]
+        moving = [a for la in self.layers if la.trainable for a in la.state.values()]
+        before = kernels.snapshot_state(moving)
         trained = self.trainable_layers
         stats, grads = self._loss_and_grads(xb, yb, kernels, trained)
         params = [p for la in trained for p in la.params.values()]
@@ -349,8 +349,7 @@ class Trainer:
         # (with float16 loss scaling, this divides the gradients by the scale, in place)
         apply = self._running_totals().add(stats, grads, n, step, self._scaling,
                                            opt.keeps_squares)
-        for a, before in moving:
-            a[...] = xp.where(apply, a, before)
+        kernels.restore_state(moving, before, apply)
         opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)
         return stats
 

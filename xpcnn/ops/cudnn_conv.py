@@ -229,11 +229,17 @@ class Plan:
             except Exception:  # the frontend's errors have no common base
                 continue
             times[index] = cupy.cuda.get_elapsed_time(start, end)
-        if times:
-            fast = min(times.values()) * TUNE_TOLERANCE
-            _, index = min((size, i) for i, size in fits if i in times and times[i] <= fast)
-            self.graph.build_plan_at_index(index)  # (built already: this selects it)
-            self.workspace = int(self.graph.get_workspace_size())
+        if not times:
+            return
+        fast = min(times.values()) * TUNE_TOLERANCE
+        _, index = min((size, i) for i, size in fits if i in times and times[i] <= fast)
+        for choice in (index, candidates[0][0]):  # (the heuristics' first, should that fail)
+            try:
+                self.graph.build_plan_at_index(choice)  # (built already: this selects it)
+                self.workspace = int(self.graph.get_workspace_size())
+                return
+            except Exception:  # the frontend's errors have no common base
+                continue
 
 
 def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool) -> Plan:
@@ -269,9 +275,13 @@ def _build_candidates(cudnn: ModuleType, graph: Any) -> list[tuple[int, int]]:
     build does); the first of them selected. A plan compiled as it is built (cuDNN's runtime
     fusion engines, through NVRTC: up to a second or so each) is a candidate only as the
     first, so that timing compiles no more than building without it does."""
-    compiled = cudnn.behavior_note.RUNTIME_COMPILATION
     built: list[tuple[int, int]] = []
-    for index in range(graph.get_execution_plan_count()):
+    try:  # (where the plan list cannot be read, no timing: the heuristics' plan)
+        compiled = cudnn.behavior_note.RUNTIME_COMPILATION
+        count = graph.get_execution_plan_count()
+    except Exception:  # the frontend's errors have no common base
+        return built
+    for index in range(count):
         try:
             if built and compiled in graph.get_behavior_notes_for_plan_at_index(index):
                 continue

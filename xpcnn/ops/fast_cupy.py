@@ -23,6 +23,7 @@ import contextlib
 import math
 import numbers
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat.cupy as compat_cupy
@@ -303,6 +304,23 @@ _CAST_ALL = cupy.ElementwiseKernel(
     """,
     "xpcnn_cast_all",
 )
+# A training step's normalisation statistics kept before its forward pass, and put back where
+# the device skips the step, each in one launch for all of them (the standard version takes
+# three per array): one thread per byte of the arrays (found as the casts find theirs;
+# ``table``: the running byte offsets, then the addresses), so that any dtype is copied bit for
+# bit, and arrays of several dtypes in the same launch.
+_SNAPSHOT = cupy.ElementwiseKernel(
+    "int32 count, raw int64 table", "raw uint8 kept",
+    _SEARCH + "kept[i] = ((const unsigned char*)table[count + 1 + lo])[e];",
+    "xpcnn_snapshot",
+)
+# (the arrays it writes are found through ``table``, its output as in the update kernels)
+_RESTORE = cupy.ElementwiseKernel(
+    "int32 count, raw uint8 kept, raw bool apply", "raw int64 table",
+    "if (apply[0]) continue;" + _SEARCH
+    + "((unsigned char*)table[count + 1 + lo])[e] = kept[i];",
+    "xpcnn_restore",
+)
 # A training step's record (xpcnn.ops.step_record) in two launches, where the standard one
 # takes two per gradient and about thirty more on small vectors (and one more per gradient to
 # unscale float16 steps). First, one thread per element of the gradients (found as the updates
@@ -453,6 +471,16 @@ class _DeferredTables:
         for device_table, host_table in self.pending:
             _upload(device_table, host_table)
         return [device_table for device_table, _ in self.pending]
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """:meth:`CupyKernels.snapshot_state`'s copy: the bytes of ``count`` arrays, one after the
+    other in ``kept``, and the table that finds them (None where they hold no byte)."""
+
+    count: int
+    table: Any
+    kept: Any
 
 
 # a^T @ b with a long inner dimension (a convolution's weight gradient: one row per output
@@ -1401,6 +1429,23 @@ class CupyKernels(StandardKernels):
                 out[k] = flat[start:start + a.size].reshape(a.shape)
                 start += _rounded_up(a.size, pad)  # (as _search_table's offsets)
         return out
+
+    def snapshot_state(self, arrays: list[Any]) -> Any:
+        if not arrays or not _contiguous(*arrays):  # (found by their bytes' flat index)
+            return super().snapshot_state(arrays)
+        as_bytes = [cupy.reshape(a, (-1,)).view(np.uint8) for a in arrays]
+        table, size = _search_table(as_bytes, arrays[0].device, self._deferred)
+        kept = cupy.empty(size, np.uint8)
+        if size:
+            _SNAPSHOT(len(arrays), table, kept, size=size)
+        return _Kept(len(arrays), table, kept)
+
+    def restore_state(self, arrays: list[Any], snapshot: Any, apply: Any) -> None:
+        if not isinstance(snapshot, _Kept):  # (the standard copies)
+            super().restore_state(arrays, snapshot, apply)
+        elif snapshot.kept.size:
+            _RESTORE(snapshot.count, snapshot.kept, self._apply_flag(apply), snapshot.table,
+                     size=snapshot.kept.size)
 
     def record_step(self, state: Any, stats: Any, grads: list[Any], n: float, step: Any,
                     scaling: Any, squares: bool) -> Any:

@@ -293,6 +293,18 @@ class StandardKernels:
         """Each array in ``dtype`` (itself where it is of that dtype already)."""
         return [self.xp.astype(a, dtype, copy=False) for a in arrays]
 
+    def snapshot_state(self, arrays: list[Any]) -> Any:
+        """A copy of ``arrays`` (a training step's normalisation statistics, before its
+        forward pass moves them), for :meth:`restore_state`."""
+        return [self.xp.asarray(a, copy=True) for a in arrays]
+
+    def restore_state(self, arrays: list[Any], snapshot: Any, apply: Any) -> None:
+        """``arrays`` back to ``snapshot`` (:meth:`snapshot_state`'s, of the same arrays), in
+        place, where the 0-d boolean ``apply`` is false (a step skipped on the device); left
+        as they are where it is true."""
+        for a, before in zip(arrays, snapshot, strict=True):
+            a[...] = self.xp.where(apply, a, before)
+
     def record_step(self, state: Any, stats: Any, grads: list[Any], n: float, step: Any,
                     scaling: Any, squares: bool) -> Any:
         """Training step ``step``'s sums and finiteness into ``state`` (and the float16 loss
