@@ -809,6 +809,31 @@ def cudnn_module():
     return cudnn_conv, cudnn
 
 
+# The error of a cuDNN result against the standard engine in float64, relative to the largest
+# value, per (dtype, TF32): full float32, TF32 (PyTorch's default for convolutions), float16.
+CUDNN_TOL = {("float32", False): 1e-5, ("float32", True): 3e-3, ("float16", False): 2e-2,
+             ("float64", False): 1e-12}
+
+
+def _cudnn_case(cp, cudnn_module, rng, case, dtype, n):
+    """Geometry ``case`` with the cuDNN engine and the standard one on CuPy: (geometry, cuDNN
+    engine, standard engine, random (x, w, bias, dy) for ``n`` images in ``dtype``, the same
+    in float64)."""
+    import array_api_compat.cupy as xc
+
+    from xpcnn.ops.convolution import ConvGeometry, KernelsConv
+
+    cudnn_conv, cudnn = cudnn_module
+    g = ConvGeometry.of(*case)
+    engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc)))
+    data = (_random(cp, rng, (n, *g.in_hw, g.channels), dtype),
+            _random(cp, rng, (g.filters, *g.kernel, g.channels), dtype),
+            _random(cp, rng, (g.filters,), dtype),
+            _random(cp, rng, (n, *g.out_hw, g.filters), dtype))
+    return (g, engine, KernelsConv(g, StandardKernels(xc)), data,
+            [a.astype(cp.float64) for a in data])
+
+
 @needs_cudnn
 @pytest.mark.parametrize("case", GEOMETRIES, ids=GEOMETRY_IDS)
 @pytest.mark.parametrize("dtype, tf32", [("float32", False), ("float32", True),
@@ -817,26 +842,13 @@ def test_cudnn_matches_the_standard_path(cp, cudnn_module, monkeypatch, rng, cas
     """cuDNN's forward (with and without bias and ReLU), input gradient and kernel gradient
     against the standard Array API engine in float64, in every dtype: full float32, TF32
     (PyTorch's default for convolutions), float16 and float64; and it ran (no fallback)."""
-    import array_api_compat.cupy as xc
-
-    from xpcnn.ops.convolution import ConvGeometry, KernelsConv
-
-    cudnn_conv, cudnn = cudnn_module
     monkeypatch.setenv("XPCNN_TF32", "1" if tf32 else "0")
     # The heuristics' first plans (timing up to ten plans for each of 216 graphs would take
     # minutes of a lent GPU): the next test checks every plan the timing may choose.
     monkeypatch.setenv("XPCNN_CUDNN_AUTOTUNE", "0")
-    g = ConvGeometry.of(*case)
-    engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc)))
-    standard = KernelsConv(g, StandardKernels(xc))
-    n = 5
-    x = _random(cp, rng, (n, *g.in_hw, g.channels), dtype)
-    w = _random(cp, rng, (g.filters, *g.kernel, g.channels), dtype)
-    bias = _random(cp, rng, (g.filters,), dtype)
-    dy = _random(cp, rng, (n, *g.out_hw, g.filters), dtype)
-    f64 = [a.astype(cp.float64) for a in (x, w, bias, dy)]
-    tol = {("float32", False): 1e-5, ("float32", True): 3e-3, ("float16", False): 2e-2,
-           ("float64", False): 1e-12}[dtype, tf32]
+    g, engine, standard, (x, w, bias, dy), f64 = _cudnn_case(cp, cudnn_module, rng, case, dtype,
+                                                             5)
+    tol = CUDNN_TOL[dtype, tf32]
 
     def close(got, want):
         assert got.dtype == x.dtype
@@ -867,25 +879,14 @@ def test_every_cudnn_plan_autotuning_may_choose_gives_the_standard_numbers(
     """Each candidate plan of the forward (+ bias and ReLU), input-gradient and kernel-gradient
     graphs, run by index as the timing runs them, against the standard engine in float64; then
     the graph's first run (which times them and keeps one) gives the same numbers."""
-    import array_api_compat.cupy as xc
-
-    from xpcnn.ops.convolution import ConvGeometry, KernelsConv
-
     cudnn_conv, cudnn = cudnn_module
     monkeypatch.setenv("XPCNN_TF32", "1" if tf32 else "0")
     monkeypatch.setenv("XPCNN_CUDNN_AUTOTUNE", "1")
     monkeypatch.delenv("XPCNN_DETERMINISTIC", raising=False)
-    g = ConvGeometry.of(*case)
-    engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc)))
-    standard = KernelsConv(g, StandardKernels(xc))
     n = 6
-    x = _random(cp, rng, (n, *g.in_hw, g.channels), dtype)
-    w = _random(cp, rng, (g.filters, *g.kernel, g.channels), dtype)
-    bias = _random(cp, rng, (g.filters,), dtype)
-    dy = _random(cp, rng, (n, *g.out_hw, g.filters), dtype)
-    f64 = [a.astype(cp.float64) for a in (x, w, bias, dy)]
-    tol = {("float32", False): 1e-5, ("float32", True): 3e-3, ("float16", False): 2e-2}[
-        dtype, tf32]
+    g, engine, standard, (x, w, bias, dy), f64 = _cudnn_case(cp, cudnn_module, rng, case, dtype,
+                                                             n)
+    tol = CUDNN_TOL[dtype, tf32]
     cases = [
         (engine._fprop(n, True, True), {"x": x, "w": w, "bias": bias}, "y",
          (n, *g.out_hw, g.filters), standard.forward(f64[0], f64[1], f64[2], True)),
