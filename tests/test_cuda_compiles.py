@@ -329,3 +329,30 @@ def test_column_sum_kernel_compiles(fast_cupy, monkeypatch, dtype, arch, name):
     code, log = _compile(source, name, arch)
     assert code == 0, log
     assert ("cuda_fp16.h" in source) == (dtype == "float16")  # (CUDA's header where needed)
+
+
+
+# (the statistics' dtype, the data's: float16 under mixed precision)
+@pytest.mark.parametrize("dtype, io", [("float16", "float16"), ("float32", "float32"),
+                                       ("float64", "float64"), ("float32", "float16")])
+@pytest.mark.parametrize("arch", [75, 90])
+def test_batch_norm_kernels_compile(fast_cupy, monkeypatch, dtype, io, arch):
+    """BatchNorm in two launches each way: the last-block statistics (the trees over lanes,
+    Chan's merge of counts, means and sums of squares, the running statistics written in
+    place) and the column sums of the gradient, in the accumulator type (float for __half);
+    then the elementwise launches, with CuPy's float16 class where a type is float16."""
+    acc = "float64" if dtype == "float64" else "float32"
+    for name, source, types in [
+            ("xpcnn_batch_norm_stats", fast_cupy._BATCH_NORM_SOURCE, {"X": io}),
+            ("xpcnn_batch_norm_sums", fast_cupy._BATCH_NORM_BACKWARD_SOURCE, {"D": io})]:
+        code, log = _compile(_raw_source(fast_cupy, monkeypatch, name, source, T=dtype, A=acc,
+                                         **types), name, arch)
+        assert code == 0, log
+    c_types = {"float16": "float16", "float32": "float", "float64": "double"}
+    t, x, a = c_types[dtype], c_types[io], c_types[acc]
+    for kernel, types, arrays in [
+            (fast_cupy._BATCH_NORM_APPLY, {"X": x, "T": t, "A": a}, ("x", "xhat", "y")),
+            (fast_cupy._BATCH_NORM_DX, {"D": x, "T": t, "A": a}, ("dy", "xhat", "dx"))]:
+        code, log = _compile(_elementwise_as_kernel(kernel, types, arrays=arrays), kernel.name,
+                             arch)
+        assert code == 0, log

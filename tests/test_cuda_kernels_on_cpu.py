@@ -244,6 +244,115 @@ def test_feature_norm_and_its_gradient(fast, monkeypatch, rng, shape, dtype, com
                                                                     compute))
 
 
+def _batch_norm_exact(x, gamma, beta, moving_mean, moving_var, momentum):
+    """BatchNorm2D's training forward in long double: (y, xhat, inv_std, the running mean and
+    variance after it)."""
+    x, gamma, beta, moving_mean, moving_var = (a.astype(np.longdouble) for a in (
+        x, gamma, beta, moving_mean, moving_var))
+    axes, count = tuple(range(x.ndim - 1)), x.size // x.shape[-1]
+    mean = x.mean(axis=axes)
+    var = ((x - mean) ** 2).mean(axis=axes)
+    inv_std = 1 / np.sqrt(var + 1e-5)
+    xhat = (x - mean) * inv_std
+    return (xhat * gamma + beta, xhat, inv_std, (1 - momentum) * moving_mean + momentum * mean,
+            (1 - momentum) * moving_var + momentum * var * (count / max(count - 1, 1)))
+
+
+# (shape, blocks along the rows at most, rows a block at least): one row; 7 rows of one channel;
+# 2-D (N, features) input of 33 features over 5 blocks of 2 rows; 300 rows of 3 channels over 8
+# blocks, the last one short; 64 channels (two chunks) over 3 blocks; and 128 x 30 x 30 rows as
+# a batch of 128 gives them (113 blocks), float32 alone (a few seconds on the emulator).
+BATCH_NORM_SHAPES = [((1, 1, 1, 64), 512, 1024), ((7, 1), 512, 1024), ((9, 33), 5, 2),
+                     ((3, 10, 10, 3), 8, 16), ((2, 5, 7, 64), 3, 1)]
+BATCH_NORM_DTYPES = [(np.float16, np.float16), (np.float32, np.float32),
+                     (np.float64, np.float64), (np.float16, np.float32)]
+
+
+@pytest.mark.parametrize(("shape", "most", "fewest", "dtype", "compute"),
+                         [(*case, *dtypes) for case in BATCH_NORM_SHAPES
+                          for dtypes in BATCH_NORM_DTYPES]
+                         + [((128, 30, 30, 3), 512, 1024, np.float32, np.float32)])
+def test_batch_norm_in_two_launches_each_way(fast, monkeypatch, rng, shape, most, fewest, dtype,
+                                             compute):
+    """Training forward and backward of BatchNorm2D, two launches each way (one backward
+    without the input's gradient), every output written: the standard version's dtypes, its
+    values and running statistics to within a few roundings, at least as close as they are to
+    the exact ones (or within two units of the last place), the same bits at a second call
+    (which a "last block" counter left at anything but 0 would break). ``compute`` is the
+    parameters' dtype; a float16 input with float32 parameters is mixed precision."""
+    kernels = sys.modules[type(fast).__module__]  # (the emulated xpcnn.ops.fast_cupy)
+    monkeypatch.setattr(kernels, "_SUM_ROWS_BLOCKS", most)
+    monkeypatch.setattr(kernels, "_SUM_ROWS_PER_BLOCK", fewest)
+    monkeypatch.setattr(kernels.cupy, "empty", _poisoned)  # (what is not written stays NaN)
+    launches = []
+    raw_kernel = kernels._raw_kernel
+    monkeypatch.setattr(kernels, "_raw_kernel",
+                        lambda name, *a, **k: launches.append(name) or raw_kernel(name, *a, **k))
+    for name in ("_BATCH_NORM_APPLY", "_BATCH_NORM_DX"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, kernel=kernel: launches.append(kernel.name) or kernel(*a))
+    eps = 2 * np.finfo(compute).eps  # (relative to the largest value)
+    c = shape[-1]
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    gamma, beta, moving_mean = (rng.standard_normal(c).astype(compute) for _ in range(3))
+    moving_var = (rng.random(c) + 0.5).astype(compute)
+    running = [(moving_mean.copy(), moving_var.copy()) for _ in range(3)]
+    got = fast.batch_norm_train(x, gamma, beta, *running[0], 0.1, 1e-5, compute)
+    assert len(launches) == 2
+    want = STD.batch_norm_train(x, gamma, beta, *running[1], 0.1, 1e-5, compute)
+    exact = _batch_norm_exact(x, gamma, beta, moving_mean, moving_var, 0.1)
+    for g, w, e in zip([*got, *running[0]], [*want, *running[1]], exact, strict=True):
+        assert g.dtype == w.dtype == compute and g.shape == w.shape == e.shape
+        scale = max(1.0, float(np.max(np.abs(e))))
+        assert _error(g, e, scale) <= max(_error(w, e, scale), eps)
+    again = fast.batch_norm_train(x, gamma, beta, *running[2], 0.1, 1e-5, compute)
+    for g, a in zip([*got, *running[0]], [*again, *running[2]], strict=True):
+        np.testing.assert_array_equal(g, a)
+
+    launches.clear()
+    _, xhat, inv_std = got
+    dy = rng.standard_normal(shape).astype(dtype)
+    g64, xhat64, inv64, gamma64 = (a.astype(np.longdouble) for a in (dy, xhat, inv_std, gamma))
+    axes = tuple(range(len(shape) - 1))
+    exact = (gamma64 * inv64 * (g64 - g64.mean(axis=axes)
+                                - xhat64 * (g64 * xhat64).mean(axis=axes)),
+             (g64 * xhat64).sum(axis=axes), g64.sum(axis=axes))
+    got = fast.batch_norm_backward(dy, xhat, inv_std, gamma, True)
+    assert len(launches) == 2
+    want = STD.batch_norm_backward(dy, xhat, inv_std, gamma, True)
+    for g, w, e in zip(got, want, exact, strict=True):
+        assert g.dtype == w.dtype == compute and g.shape == w.shape == e.shape
+        scale = max(1.0, float(np.max(np.abs(e))))
+        assert _error(g, e, scale) <= max(_error(w, e, scale), eps)
+    without = fast.batch_norm_backward(dy, xhat, inv_std, gamma, False)
+    assert len(launches) == 3 and without[0] is None
+    for g, a in zip(got, (*fast.batch_norm_backward(dy, xhat, inv_std, gamma, True),), strict=True):
+        np.testing.assert_array_equal(g, a)
+    for g, a in zip(got[1:], without[1:], strict=True):
+        np.testing.assert_array_equal(g, a)
+    assert not kernels._COUNTERS["cpu"].any()
+
+
+def test_batch_norm_of_what_its_kernels_do_not_take_is_the_standard_one(fast, rng):
+    """A non-contiguous input or gradient, parameters of another dtype than the statistics',
+    or an input wider than them: the standard version, bit for bit."""
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    gamma, beta = rng.standard_normal(5).astype(np.float32), np.zeros(5, np.float32)
+    cases = [(x.transpose(1, 0, 2), gamma, np.float32),
+             (x, gamma.astype(np.float64), np.float32), (x.astype(np.float64), gamma, np.float32)]
+    for data, g, dtype in cases:
+        stats = [(np.zeros(5, np.float32), np.ones(5, np.float32)) for _ in range(2)]
+        got = fast.batch_norm_train(data, g, beta, *stats[0], 0.1, 1e-5, dtype)
+        want = STD.batch_norm_train(data, g, beta, *stats[1], 0.1, 1e-5, dtype)
+        for a, b in zip([*got, *stats[0]], [*want, *stats[1]], strict=True):
+            np.testing.assert_array_equal(a, b)
+        dy = np.ones_like(data)
+        for a, b in zip(fast.batch_norm_backward(dy, got[1], got[2], g, True),
+                        STD.batch_norm_backward(dy, got[1], got[2], g, True), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 @needs_host_fma
 @pytest.mark.parametrize("dtype", WITH_HALF)
 def test_rescale_rounds_its_product_where_products_and_sums_fuse(fast, rng, monkeypatch, dtype):

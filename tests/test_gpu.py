@@ -292,6 +292,79 @@ def test_feature_norm_and_its_gradient(cp, kernels, rng, shape, dtype):
             assert error_fast <= max(error_std, eps, np.finfo(io).eps)
 
 
+def _batch_norm_errors(got, want, exact, eps):
+    """Each pair's largest error from ``exact`` (long double, on the host), relative to the
+    larger of 1 and its largest value: [(the fast kernels', the standard version's)]."""
+    errors = []
+    for g, w, e in zip(got, want, exact, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape == e.shape
+        scale = max(1.0, float(np.max(np.abs(e))))
+        errors.append(tuple(float(np.max(np.abs(a.get().astype(np.longdouble) - e))) / scale
+                            for a in (g, w)))
+    return errors
+
+
+# (N, H, W, C) and (N, features): a ResNet's first BatchNorm at batch 128 (32 x 32 x 16);
+# 524,288 rows (512 blocks); one channel; 65 (three chunks of 32); one row; a Dense's 33.
+@pytest.mark.parametrize("shape", [(128, 32, 32, 16), (512, 32, 32, 8), (16, 9, 7, 1),
+                                   (4, 7, 7, 65), (1, 1, 1, 64), (64, 33)])
+# (the parameters' and statistics' dtype, the input's and its gradient's: float16 under mixed
+# precision)
+@pytest.mark.parametrize("dtype, io", [("float32", "float32"), ("float16", "float16"),
+                                       ("float64", "float64"), ("float32", "float16")])
+def test_batch_norm_in_two_launches_each_way(cp, kernels, rng, shape, dtype, io):
+    """BatchNorm2D's training step (the batch's statistics, the running ones updated in place,
+    the gradients through the statistics): the standard version's dtypes, at least as close to
+    the exact values as its CuPy reductions are (or within four units of the last place), the
+    same bits at a second call and replayed from a CUDA graph."""
+    fast, std = kernels
+    c, axes = shape[-1], tuple(range(len(shape) - 1))
+    eps = 4 * np.finfo(dtype).eps
+    x = _random(cp, rng, shape, io) * 3 + 1
+    gamma, beta, mean0 = (_random(cp, rng, (c,), dtype) for _ in range(3))
+    var0 = cp.abs(_random(cp, rng, (c,), dtype)) + 0.5
+    running = [(mean0.copy(), var0.copy()) for _ in range(3)]
+    got = fast.batch_norm_train(x, gamma, beta, *running[0], 0.1, 1e-5, cp.dtype(dtype))
+    want = std.batch_norm_train(x, gamma, beta, *running[1], 0.1, 1e-5, cp.dtype(dtype))
+    again = fast.batch_norm_train(x, gamma, beta, *running[2], 0.1, 1e-5, cp.dtype(dtype))
+    for g, a in zip([*got, *running[0]], [*again, *running[2]], strict=True):
+        _equal(g, a)
+    x64, g64, b64, m64, v64 = (a.get().astype(np.longdouble)
+                               for a in (x, gamma, beta, mean0, var0))
+    count = x64.size // c
+    mean = x64.mean(axis=axes)
+    var = ((x64 - mean) ** 2).mean(axis=axes)
+    inv64 = 1 / np.sqrt(var + 1e-5)
+    xhat64 = (x64 - mean) * inv64
+    exact = (xhat64 * g64 + b64, xhat64, inv64, 0.9 * m64 + 0.1 * mean,
+             0.9 * v64 + 0.1 * var * (count / max(count - 1, 1)))
+    for error_fast, error_std in _batch_norm_errors([*got, *running[0]],
+                                                    [*want, *running[1]], exact, eps):
+        assert error_fast <= max(error_std, eps)
+
+    _, xhat, inv_std = got
+    dy = _random(cp, rng, shape, io)
+    got = fast.batch_norm_backward(dy, xhat, inv_std, gamma, True)
+    want = std.batch_norm_backward(dy, xhat, inv_std, gamma, True)
+    for g, a in zip(got, fast.batch_norm_backward(dy, xhat, inv_std, gamma, True),
+                    strict=True):
+        _equal(g, a)
+    dy64, xh64, i64 = (a.get().astype(np.longdouble) for a in (dy, xhat, inv_std))
+    exact = (g64 * i64 * (dy64 - dy64.mean(axis=axes)
+                          - xh64 * (dy64 * xh64).mean(axis=axes)),
+             (dy64 * xh64).sum(axis=axes), dy64.sum(axis=axes))
+    for error_fast, error_std in _batch_norm_errors(got, want, exact, eps):
+        assert error_fast <= max(error_std, eps)
+    _replays_give(cp, lambda: fast.batch_norm_backward(dy, xhat, inv_std, gamma, True)[0],
+                  got[0])
+
+    def forward():  # (from the same running statistics at every replay)
+        return fast.batch_norm_train(x, gamma, beta, cp.zeros(c, dtype), cp.ones(c, dtype),
+                                     0.1, 1e-5, cp.dtype(dtype))[0]
+
+    _replays_give(cp, forward, forward())
+
+
 @pytest.mark.parametrize("rows, cols", [(524288, 32), (131072, 64), (1031, 33), (1000, 10),
                                         (513, 128), (100, 32), (1, 5)])
 @pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
@@ -736,6 +809,31 @@ def cudnn_module():
     return cudnn_conv, cudnn
 
 
+# The error of a cuDNN result against the standard engine in float64, relative to the largest
+# value, per (dtype, TF32): full float32, TF32 (PyTorch's default for convolutions), float16.
+CUDNN_TOL = {("float32", False): 1e-5, ("float32", True): 3e-3, ("float16", False): 2e-2,
+             ("float64", False): 1e-12}
+
+
+def _cudnn_case(cp, cudnn_module, rng, case, dtype, n):
+    """Geometry ``case`` with the cuDNN engine and the standard one on CuPy: (geometry, cuDNN
+    engine, standard engine, random (x, w, bias, dy) for ``n`` images in ``dtype``, the same
+    in float64)."""
+    import array_api_compat.cupy as xc
+
+    from xpcnn.ops.convolution import ConvGeometry, KernelsConv
+
+    cudnn_conv, cudnn = cudnn_module
+    g = ConvGeometry.of(*case)
+    engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc)))
+    data = (_random(cp, rng, (n, *g.in_hw, g.channels), dtype),
+            _random(cp, rng, (g.filters, *g.kernel, g.channels), dtype),
+            _random(cp, rng, (g.filters,), dtype),
+            _random(cp, rng, (n, *g.out_hw, g.filters), dtype))
+    return (g, engine, KernelsConv(g, StandardKernels(xc)), data,
+            [a.astype(cp.float64) for a in data])
+
+
 @needs_cudnn
 @pytest.mark.parametrize("case", GEOMETRIES, ids=GEOMETRY_IDS)
 @pytest.mark.parametrize("dtype, tf32", [("float32", False), ("float32", True),
@@ -744,26 +842,13 @@ def test_cudnn_matches_the_standard_path(cp, cudnn_module, monkeypatch, rng, cas
     """cuDNN's forward (with and without bias and ReLU), input gradient and kernel gradient
     against the standard Array API engine in float64, in every dtype: full float32, TF32
     (PyTorch's default for convolutions), float16 and float64; and it ran (no fallback)."""
-    import array_api_compat.cupy as xc
-
-    from xpcnn.ops.convolution import ConvGeometry, KernelsConv
-
-    cudnn_conv, cudnn = cudnn_module
     monkeypatch.setenv("XPCNN_TF32", "1" if tf32 else "0")
     # The heuristics' first plans (timing up to ten plans for each of 216 graphs would take
     # minutes of a lent GPU): the next test checks every plan the timing may choose.
     monkeypatch.setenv("XPCNN_CUDNN_AUTOTUNE", "0")
-    g = ConvGeometry.of(*case)
-    engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc)))
-    standard = KernelsConv(g, StandardKernels(xc))
-    n = 5
-    x = _random(cp, rng, (n, *g.in_hw, g.channels), dtype)
-    w = _random(cp, rng, (g.filters, *g.kernel, g.channels), dtype)
-    bias = _random(cp, rng, (g.filters,), dtype)
-    dy = _random(cp, rng, (n, *g.out_hw, g.filters), dtype)
-    f64 = [a.astype(cp.float64) for a in (x, w, bias, dy)]
-    tol = {("float32", False): 1e-5, ("float32", True): 3e-3, ("float16", False): 2e-2,
-           ("float64", False): 1e-12}[dtype, tf32]
+    g, engine, standard, (x, w, bias, dy), f64 = _cudnn_case(cp, cudnn_module, rng, case, dtype,
+                                                             5)
+    tol = CUDNN_TOL[dtype, tf32]
 
     def close(got, want):
         assert got.dtype == x.dtype
@@ -794,25 +879,14 @@ def test_every_cudnn_plan_autotuning_may_choose_gives_the_standard_numbers(
     """Each candidate plan of the forward (+ bias and ReLU), input-gradient and kernel-gradient
     graphs, run by index as the timing runs them, against the standard engine in float64; then
     the graph's first run (which times them and keeps one) gives the same numbers."""
-    import array_api_compat.cupy as xc
-
-    from xpcnn.ops.convolution import ConvGeometry, KernelsConv
-
     cudnn_conv, cudnn = cudnn_module
     monkeypatch.setenv("XPCNN_TF32", "1" if tf32 else "0")
     monkeypatch.setenv("XPCNN_CUDNN_AUTOTUNE", "1")
     monkeypatch.delenv("XPCNN_DETERMINISTIC", raising=False)
-    g = ConvGeometry.of(*case)
-    engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc)))
-    standard = KernelsConv(g, StandardKernels(xc))
     n = 6
-    x = _random(cp, rng, (n, *g.in_hw, g.channels), dtype)
-    w = _random(cp, rng, (g.filters, *g.kernel, g.channels), dtype)
-    bias = _random(cp, rng, (g.filters,), dtype)
-    dy = _random(cp, rng, (n, *g.out_hw, g.filters), dtype)
-    f64 = [a.astype(cp.float64) for a in (x, w, bias, dy)]
-    tol = {("float32", False): 1e-5, ("float32", True): 3e-3, ("float16", False): 2e-2}[
-        dtype, tf32]
+    g, engine, standard, (x, w, bias, dy), f64 = _cudnn_case(cp, cudnn_module, rng, case, dtype,
+                                                             n)
+    tol = CUDNN_TOL[dtype, tf32]
     cases = [
         (engine._fprop(n, True, True), {"x": x, "w": w, "bias": bias}, "y",
          (n, *g.out_hw, g.filters), standard.forward(f64[0], f64[1], f64[2], True)),

@@ -20,8 +20,8 @@ from xpcnn.layers import (
     ReLU,
     Rescaling,
     Softmax,
-    normalization,
 )
+from xpcnn.ops import kernels
 
 
 @pytest.mark.parametrize("kwargs, shape", [
@@ -132,7 +132,7 @@ def test_batchnorm_first_in_a_model_computes_only_its_parameter_gradients(rng, m
     assert bn.backward(dy).shape == x.shape  # (by itself: the input gradient too)
     want = {k: np.array(g) for k, g in bn.grads.items()}
     calls = []
-    monkeypatch.setattr(normalization, "standardize_backward", lambda *a: calls.append(a))
+    monkeypatch.setattr(kernels, "standardize_backward", lambda *a: calls.append(a))
     bn.forward(x, training=True, options=options)
     assert bn.backward(dy, options) is None and not calls
     assert set(bn.grads) == set(want) == {"gamma", "beta"}

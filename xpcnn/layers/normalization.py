@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..ops.kernels import kernels_for, standardize_backward
+from ..ops.kernels import kernels_for
 from .base import DEFAULT, Layer, Options, Shape, require_rank
 
 
@@ -93,41 +93,33 @@ class BatchNorm2D(Layer):
         return input_shape
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        xp = self.xp
-        x = xp.astype(x, self.dtype, copy=False)
-        axes = tuple(range(x.ndim - 1))
+        gamma, beta = self.params["gamma"], self.params["beta"]
         # A frozen BatchNorm (trainable=False) runs in inference mode in training too, as in
         # Keras: running statistics, left as they are.
         batch_stats = training and self.trainable
         if batch_stats:
-            mean = xp.mean(x, axis=axes)
-            centred = x - mean
-            var = xp.mean(centred * centred, axis=axes)
-            count = math.prod(x.shape[:-1])
-            m = self.momentum
-            # in place: a step replayed from a CUDA graph reads and writes the same arrays
-            moving_mean, moving_var = self.state["moving_mean"], self.state["moving_variance"]
-            moving_mean[...] = (1 - m) * moving_mean + m * mean
-            unbiased = var * (count / max(count - 1, 1))
-            moving_var[...] = (1 - m) * moving_var + m * unbiased
+            y, xhat, inv_std = kernels_for(self.backend).batch_norm_train(
+                x, gamma, beta, self.state["moving_mean"], self.state["moving_variance"],
+                self.momentum, self.eps, self.dtype)
         else:
-            centred = x - self.state["moving_mean"]
-            var = self.state["moving_variance"]
-        inv_std = 1.0 / xp.sqrt(var + self.eps)
-        xhat = centred * inv_std
+            xp = self.xp
+            centred = xp.astype(x, self.dtype, copy=False) - self.state["moving_mean"]
+            inv_std = 1.0 / xp.sqrt(self.state["moving_variance"] + self.eps)
+            xhat = centred * inv_std
+            y = xhat * gamma + beta
         if training:
-            self._cache = (xhat, inv_std, axes, batch_stats)
-        return xhat * self.params["gamma"] + self.params["beta"]
+            self._cache = (xhat, inv_std, batch_stats)
+        return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        xp = self.xp
-        xhat, inv_std, axes, batch_stats = self._cache
-        dy = xp.astype(dy, self.dtype, copy=False)
-        if self.trainable:
-            self.grads["gamma"] = xp.sum(dy * xhat, axis=axes)
-            self.grads["beta"] = xp.sum(dy, axis=axes)
-        if not options.need_input_grad:
+        xhat, inv_std, batch_stats = self._cache
+        gamma = self.params["gamma"]
+        if batch_stats:
+            dx, self.grads["gamma"], self.grads["beta"] = kernels_for(
+                self.backend).batch_norm_backward(dy, xhat, inv_std, gamma,
+                                                  options.need_input_grad)
+            return dx
+        if not options.need_input_grad:  # (frozen: no parameter gradients)
             return None
-        if not batch_stats:  # fixed statistics: an affine map per channel
-            return dy * (self.params["gamma"] * inv_std)
-        return standardize_backward(xp, dy * self.params["gamma"], xhat, inv_std, axes)
+        # fixed statistics: an affine map per channel
+        return self.xp.astype(dy, self.dtype, copy=False) * (gamma * inv_std)

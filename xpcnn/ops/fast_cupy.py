@@ -859,6 +859,192 @@ extern "C" __global__ void xpcnn_feature_norm_backward(
 """
 
 
+
+# BatchNorm2D in two launches each way, on the (rows, C) matrix of a C-contiguous input (rows =
+# N*H*W): its statistics are column statistics, taken as _SUM_ROWS_SOURCE sums columns. Block
+# (x, y) takes rows [x*per, x*per + per) of the 32 columns [32y, 32y + 32), thread (c, lane)
+# every LANES-th row from ``lane`` on, in order, then a tree over the lanes in shared memory;
+# the last block of each column chunk y (counter y, see _LAST_BLOCK) merges the chunk's
+# partials, always in the same order: the same bits at every run. All in A (float32 for
+# float16 data), the input of type X (float16 under mixed precision) read as its cast to T
+# (exact), the results rounded to T where stored, as the standard version stores them. (A tree
+# needs no barrier before its first writes: before the first, nothing has been read; before
+# the second, the lanes have passed xpcnn_last_block's barriers.)
+# Forward, first launch: each thread's count, mean and sum of centred squares (M2) of its rows
+# (two passes over them, the second mostly from cache, for accuracy), merged over the lanes
+# and then over the blocks with Chan et al.'s formula; the last block writes the mean and 1 /
+# sqrt(var + eps) (var biased) to ``stats`` (A, for the second launch) and ``inv_std`` (T),
+# and updates the running statistics in place (keep = 1 - momentum; ``unbias`` = count /
+# (count - 1), at least 1). The second launch is _BATCH_NORM_APPLY.
+_BATCH_NORM_SOURCE = f"#define LANES {_SUM_ROWS_LANES}\n" + r"""
+// (count, mean, M2) b merged into a (Chan, Golub and LeVeque); a count of 0 leaves a as it is.
+__device__ void xpcnn_bn_merge(long long& n, A& mean, A& m2, long long nb, A mean_b, A m2_b) {
+    if (nb == 0) return;
+    const long long total = n + nb;
+    const A delta = mean_b - mean, share = (A)nb / (A)total;
+    mean = mean + delta * share;
+    m2 = m2 + m2_b + delta * delta * ((A)n * share);
+    n = total;
+}
+struct xpcnn_bn_lanes {
+    long long n[LANES][32];
+    A mean[LANES][32], m2[LANES][32];
+};
+// The lanes' (count, mean, M2) merged, per column, for every lane.
+__device__ void xpcnn_bn_merge_lanes(xpcnn_bn_lanes& s, long long& n, A& mean, A& m2) {
+    const int c = threadIdx.x, lane = threadIdx.y;
+    s.n[lane][c] = n;
+    s.mean[lane][c] = mean;
+    s.m2[lane][c] = m2;
+    __syncthreads();
+    for (int half = LANES / 2; half > 0; half /= 2) {
+        if (lane < half) {
+            xpcnn_bn_merge(s.n[lane][c], s.mean[lane][c], s.m2[lane][c], s.n[lane + half][c],
+                           s.mean[lane + half][c], s.m2[lane + half][c]);
+        }
+        __syncthreads();
+    }
+    n = s.n[0][c];
+    mean = s.mean[0][c];
+    m2 = s.m2[0][c];
+}
+extern "C" __global__ void xpcnn_batch_norm_stats(
+        const X* __restrict__ x, long long rows, int cols, long long per, double eps,
+        double keep, double momentum, double unbias, A* partials, unsigned int* counters,
+        A* __restrict__ stats, T* __restrict__ inv_std, T* __restrict__ moving_mean,
+        T* __restrict__ moving_var) {
+    __shared__ xpcnn_bn_lanes lanes;
+    const int lane = threadIdx.y, col = blockIdx.y * 32 + threadIdx.x;
+    const long long first = blockIdx.x * per, end = first + per < rows ? first + per : rows;
+    long long n = 0;
+    A mean = (A)0, m2 = (A)0;
+    if (col < cols && first + lane < end) {
+        A s = (A)0;
+        for (long long r = first + lane; r < end; r += LANES, ++n)
+            s += (A)xpcnn_widen(x[r * cols + col]);
+        mean = s / (A)n;
+        for (long long r = first + lane; r < end; r += LANES) {
+            const A d = (A)xpcnn_widen(x[r * cols + col]) - mean;
+            m2 += d * d;
+        }
+    }
+    xpcnn_bn_merge_lanes(lanes, n, mean, m2);
+    const long long at = 2 * (blockIdx.x * (long long)cols + col);
+    if (lane == 0 && col < cols) {
+        partials[at] = mean;
+        partials[at + 1] = m2;
+    }
+    if (!xpcnn_last_block(&counters[blockIdx.y], gridDim.x)) return;
+    const volatile A* done = partials;
+    n = 0;
+    mean = m2 = (A)0;
+    if (col < cols) {
+        for (unsigned b = lane; b < gridDim.x; b += LANES) {
+            const long long left = rows - b * per, from = 2 * (b * (long long)cols + col);
+            xpcnn_bn_merge(n, mean, m2, left < per ? left : per, done[from], done[from + 1]);
+        }
+    }
+    xpcnn_bn_merge_lanes(lanes, n, mean, m2);
+    if (lane == 0 && col < cols) {
+        const A var = m2 / (A)rows, inv = (A)1 / sqrt(var + (A)eps);
+        stats[col] = mean;
+        stats[cols + col] = inv;
+        inv_std[col] = (T)inv;
+        moving_mean[col] = (T)((A)keep * (A)xpcnn_widen(moving_mean[col])
+                               + (A)momentum * mean);
+        moving_var[col] = (T)((A)keep * (A)xpcnn_widen(moving_var[col])
+                              + (A)momentum * (var * (A)unbias));
+    }
+}
+"""
+# Forward, second launch: xhat = (x - mean) * inv_std and y = xhat * gamma + beta (``stats``:
+# the first launch's means and inverse deviations, in A).
+_BATCH_NORM_APPLY = cupy.ElementwiseKernel(
+    "X x, raw A stats, raw T gamma, raw T beta, int32 cols",
+    "T xhat, T y",
+    """
+    const int c = i % cols;
+    const T h = (T)(((A)x - stats[c]) * stats[cols + c]);
+    xhat = h;
+    y = (T)((A)h * (A)gamma[c] + (A)beta[c]);
+    """,
+    "xpcnn_batch_norm_apply",
+)
+# Backward, first launch: the column sums of dy and dy * xhat (dy of type D, float16 under
+# mixed precision, read as its cast to T: exact), the last block writing them as beta's and
+# gamma's gradients (T) and, for the second launch, per column (A): gamma * inv_std and the
+# two sums' means.
+_BATCH_NORM_BACKWARD_SOURCE = f"#define LANES {_SUM_ROWS_LANES}\n" + r"""
+// The lanes' sums of s1 and s2, per column, for every lane.
+__device__ void xpcnn_bn_sum_lanes(A (*sums)[LANES][32], A& s1, A& s2) {
+    const int c = threadIdx.x, lane = threadIdx.y;
+    sums[0][lane][c] = s1;
+    sums[1][lane][c] = s2;
+    __syncthreads();
+    for (int half = LANES / 2; half > 0; half /= 2) {
+        if (lane < half) {
+            sums[0][lane][c] += sums[0][lane + half][c];
+            sums[1][lane][c] += sums[1][lane + half][c];
+        }
+        __syncthreads();
+    }
+    s1 = sums[0][0][c];
+    s2 = sums[1][0][c];
+}
+extern "C" __global__ void xpcnn_batch_norm_sums(
+        const D* __restrict__ dy, const T* __restrict__ xhat, const T* __restrict__ inv_std,
+        const T* __restrict__ gamma, long long rows, int cols, long long per, A* partials,
+        unsigned int* counters, T* __restrict__ dgamma, T* __restrict__ dbeta,
+        A* __restrict__ coefs) {
+    __shared__ A sums[2][LANES][32];
+    const int lane = threadIdx.y, col = blockIdx.y * 32 + threadIdx.x;
+    const long long first = blockIdx.x * per, end = first + per < rows ? first + per : rows;
+    A s1 = (A)0, s2 = (A)0;
+    if (col < cols) {
+        for (long long r = first + lane; r < end; r += LANES) {
+            const long long i = r * cols + col;
+            const A g = (A)xpcnn_widen(dy[i]);
+            s1 += g;
+            s2 += g * (A)xpcnn_widen(xhat[i]);
+        }
+    }
+    xpcnn_bn_sum_lanes(sums, s1, s2);
+    const long long at = 2 * (blockIdx.x * (long long)cols + col);
+    if (lane == 0 && col < cols) {
+        partials[at] = s1;
+        partials[at + 1] = s2;
+    }
+    if (!xpcnn_last_block(&counters[blockIdx.y], gridDim.x)) return;
+    const volatile A* done = partials;
+    s1 = s2 = (A)0;
+    if (col < cols) {
+        for (unsigned b = lane; b < gridDim.x; b += LANES) {
+            s1 += done[2 * (b * (long long)cols + col)];
+            s2 += done[2 * (b * (long long)cols + col) + 1];
+        }
+    }
+    xpcnn_bn_sum_lanes(sums, s1, s2);
+    if (lane == 0 && col < cols) {
+        dbeta[col] = (T)s1;
+        dgamma[col] = (T)s2;
+        coefs[col] = (A)xpcnn_widen(gamma[col]) * (A)xpcnn_widen(inv_std[col]);
+        coefs[cols + col] = s1 / (A)rows;
+        coefs[2 * cols + col] = s2 / (A)rows;
+    }
+}
+"""
+# Backward, second launch: dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat)),
+# the standard version's gradient through the mean and variance, rounded to T.
+_BATCH_NORM_DX = cupy.ElementwiseKernel(
+    "D dy, T xhat, raw A coefs, int32 cols",
+    "T dx",
+    """
+    const int c = i % cols;
+    dx = (T)(coefs[c] * (((A)dy - coefs[cols + c]) - (A)xhat * coefs[2 * cols + c]));
+    """,
+    "xpcnn_batch_norm_dx",
+)
+
 _FLOATS = ("float16", "float32", "float64")
 
 
@@ -885,6 +1071,27 @@ def _fits_feature_norm(a: Any) -> bool:
     launch over, and at most 65535 chunks of 32 channels (a grid's y)."""
     return (a.flags.c_contiguous and a.dtype.name in _FLOATS and a.size > 0
             and a.shape[-1] <= 65535 * 32)
+
+
+
+def _fits_batch_norm(a: Any, dtype: Any, *channels: Any) -> bool:
+    """Whether the BatchNorm kernels take data ``a`` (C-contiguous float data of at least two
+    dimensions, something to launch over, a counter per chunk of 32 channels) computed in
+    ``dtype`` (a float type ``a`` casts to exactly), with the per-channel arrays ``channels``
+    (C-contiguous vectors of ``dtype``, one value per channel)."""
+    t = np.dtype(dtype)
+    return (a.ndim >= 2 and a.flags.c_contiguous and a.dtype.name in _FLOATS and a.size > 0
+            and t.name in _FLOATS and np.can_cast(a.dtype, t)
+            and -(-a.shape[-1] // 32) <= _COUNTERS_PER_DEVICE
+            and all(v.shape == a.shape[-1:] and v.dtype == t and v.flags.c_contiguous
+                    for v in channels))
+
+
+def _row_blocks(rows: int) -> tuple[int, int]:
+    """Rows per block and blocks of a launch that sums columns over ``rows`` rows (see
+    _SUM_ROWS_BLOCKS)."""
+    per = max(_SUM_ROWS_PER_BLOCK, -(-rows // _SUM_ROWS_BLOCKS))
+    return per, -(-rows // per)
 
 
 class CupyKernels(StandardKernels):
@@ -1018,8 +1225,8 @@ class CupyKernels(StandardKernels):
     def _sum_rows(a: Any, relu_y: Any = None, masked: Any = None) -> Any:
         """xpcnn_sum_rows of ``a`` (xpcnn_relu_sum_rows with ``relu_y``, writing ``masked``)."""
         rows, cols = a.shape
-        per = max(_SUM_ROWS_PER_BLOCK, -(-rows // _SUM_ROWS_BLOCKS))
-        blocks, chunks = -(-rows // per), -(-cols // 32)  # (a counter per column chunk)
+        per, blocks = _row_blocks(rows)
+        chunks = -(-cols // 32)  # (a counter per column chunk)
         acc = _accumulator(a.dtype)
         partials = cupy.empty((blocks, cols), acc)
         out = cupy.empty(cols, acc)
@@ -1098,6 +1305,50 @@ class CupyKernels(StandardKernels):
             (n, -(-c // 32)), (_FEATURE_NORM_THREADS,),
             (dy, xhat, inv_std, r, np.int32(relu), np.int64(h * w), np.int32(c), dx))
         return dx
+
+    def batch_norm_train(self, x: Any, gamma: Any, beta: Any, moving_mean: Any,
+                         moving_var: Any, momentum: float, eps: float, dtype: Any
+                         ) -> tuple[Any, Any, Any]:
+        t = np.dtype(dtype)
+        if not _fits_batch_norm(x, t, gamma, beta, moving_mean, moving_var):
+            return super().batch_norm_train(x, gamma, beta, moving_mean, moving_var, momentum,
+                                            eps, dtype)
+        cols = x.shape[-1]
+        rows = x.size // cols
+        per, blocks = _row_blocks(rows)
+        acc = _accumulator(t)
+        partials, stats = cupy.empty((blocks, cols, 2), acc), cupy.empty((2, cols), acc)
+        inv_std = cupy.empty(cols, t)
+        _raw_kernel("xpcnn_batch_norm_stats", _BATCH_NORM_SOURCE, X=x.dtype, T=t, A=acc)(
+            (blocks, -(-cols // 32)), (32, _SUM_ROWS_LANES),
+            (x, np.int64(rows), np.int32(cols), np.int64(per), np.float64(eps),
+             np.float64(1 - momentum), np.float64(momentum),
+             np.float64(rows / max(rows - 1, 1)), partials, _counters(x), stats, inv_std,
+             moving_mean, moving_var))
+        xhat, y = _BATCH_NORM_APPLY(x, stats, gamma, beta, cols, cupy.empty(x.shape, t),
+                                    cupy.empty(x.shape, t))
+        return y, xhat, inv_std
+
+    def batch_norm_backward(self, dy: Any, xhat: Any, inv_std: Any, gamma: Any,
+                            input_grad: bool) -> tuple[Any, Any, Any]:
+        t = xhat.dtype
+        if not (_fits_batch_norm(dy, t, inv_std, gamma) and xhat.shape == dy.shape
+                and xhat.flags.c_contiguous):
+            return super().batch_norm_backward(dy, xhat, inv_std, gamma, input_grad)
+        cols = dy.shape[-1]
+        rows = dy.size // cols
+        per, blocks = _row_blocks(rows)
+        acc = _accumulator(t)
+        partials, coefs = cupy.empty((blocks, cols, 2), acc), cupy.empty((3, cols), acc)
+        dgamma, dbeta = cupy.empty(cols, t), cupy.empty(cols, t)
+        _raw_kernel("xpcnn_batch_norm_sums", _BATCH_NORM_BACKWARD_SOURCE, D=dy.dtype, T=t,
+                    A=acc)(
+            (blocks, -(-cols // 32)), (32, _SUM_ROWS_LANES),
+            (dy, xhat, inv_std, gamma, np.int64(rows), np.int32(cols), np.int64(per),
+             partials, _counters(dy), dgamma, dbeta, coefs))
+        if not input_grad:
+            return None, dgamma, dbeta
+        return _BATCH_NORM_DX(dy, xhat, coefs, cols, cupy.empty(dy.shape, t)), dgamma, dbeta
 
     def rescale(self, x: Any, scale: float, offset: float, dtype: Any, out_dtype: Any) -> Any:
         t, u = np.dtype(dtype), np.dtype(out_dtype)

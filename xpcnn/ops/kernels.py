@@ -231,6 +231,43 @@ class StandardKernels:
         dx = dx if relu_x is None else self.relu_backward(dx, relu_x)
         return xp.astype(dx, out_dtype, copy=False)
 
+    def batch_norm_train(self, x: Any, gamma: Any, beta: Any, moving_mean: Any,
+                         moving_var: Any, momentum: float, eps: float, dtype: Any
+                         ) -> tuple[Any, Any, Any]:
+        """Batch normalisation of ``x`` cast to ``dtype`` with its batch's statistics over
+        every axis but the last (channels): (y = xhat * gamma + beta, xhat = (x - mean) *
+        inv_std, inv_std = 1 / sqrt(var + eps) per channel), all in ``dtype``, the variance
+        biased. Updates the running statistics in place (``a[...] =``: a step replayed from a
+        CUDA graph reads and writes the same arrays) as PyTorch does: running = (1 - momentum)
+        * running + momentum * batch, the variance there unbiased (count / (count - 1))."""
+        xp = self.xp
+        x = xp.astype(x, dtype, copy=False)
+        axes = tuple(range(x.ndim - 1))
+        mean = xp.mean(x, axis=axes)
+        centred = x - mean
+        var = xp.mean(centred * centred, axis=axes)
+        count = math.prod(x.shape[:-1])
+        m = momentum
+        moving_mean[...] = (1 - m) * moving_mean + m * mean
+        unbiased = var * (count / max(count - 1, 1))
+        moving_var[...] = (1 - m) * moving_var + m * unbiased
+        inv_std = 1.0 / xp.sqrt(var + eps)
+        xhat = centred * inv_std
+        return xhat * gamma + beta, xhat, inv_std
+
+    def batch_norm_backward(self, dy: Any, xhat: Any, inv_std: Any, gamma: Any,
+                            input_grad: bool) -> tuple[Any, Any, Any]:
+        """Gradients of :meth:`batch_norm_train` through its batch's statistics, ``dy`` cast
+        to xhat's dtype: (the input's, None without ``input_grad``; gamma's; beta's), all in
+        that dtype."""
+        xp = self.xp
+        dy = xp.astype(dy, xhat.dtype, copy=False)
+        axes = tuple(range(dy.ndim - 1))
+        dgamma, dbeta = xp.sum(dy * xhat, axis=axes), xp.sum(dy, axis=axes)
+        if not input_grad:
+            return None, dgamma, dbeta
+        return standardize_backward(xp, dy * gamma, xhat, inv_std, axes), dgamma, dbeta
+
     def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None,
                               dtype: Any = None) -> tuple[Any, Any]:
         """Mean cross-entropy of softmax(z) against integer ``labels`` (targets mixed with the
