@@ -31,7 +31,6 @@ the standard recipe.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -39,10 +38,10 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from functools import partial
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -170,21 +169,6 @@ def bench_fit(name: str, batch: int, precision: str, args: argparse.Namespace
             "cuda_graphs": model.cuda_graphs_reason or "captured"}
 
 
-@contextlib.contextmanager
-def environment(**values: str) -> Iterator[None]:
-    """``os.environ`` with ``values`` set while inside, put back after."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def torch_conv_ops(g: Any, x: Any, w: Any, b: Any, dy: Any) -> list[Any] | None:
     """PyTorch's forward (+ bias and ReLU), input gradient and kernel + bias gradient of
     geometry ``g`` on the same CuPy arrays, channels-last (NHWC memory read as NCHW tensors),
@@ -247,7 +231,7 @@ def compare_conv_engines(name: str, batch: int, precision: str, args: argparse.N
         for label, (e, env) in engines.items():
             ops = [partial(e.forward, x, w, b, True), partial(e.input_grad, dy, w),
                    partial(e.weight_grad, x, dy, True)]
-            with environment(**env):  # (read when a graph is built: at its first run)
+            with mock.patch.dict(os.environ, env):  # (read when a graph is built)
                 times[label] = [timed(op, args.steps, args.warmup, args.device) * 1e3
                                 for op in ops]
         torch_ops = torch_conv_ops(g, x, w, b, dy)
