@@ -89,7 +89,10 @@ class Model(Trainer):
         self.built = False
         self._graph: list[graph.Inbound] = []
         self._plan_cache: graph.Plan | None = None  # (dropped by a build)
-        self._planned_for: list[Layer] | None = None  # (the layers the last plan trained)
+        self._planned_for: tuple[Layer, ...] | None = None  # (the layers the last plan trained)
+        # (trainable_layers, and Layer.rebuilds when they were listed: see _trained)
+        self._trained_list: tuple[Layer, ...] = ()
+        self._trained_at: int | None = None
         self._symbolic: graph.Symbolic | None = None
         # (Layer.rebuilds and the compute dtype when the layers were last found built as
         # this model needs them)
@@ -160,7 +163,7 @@ class Model(Trainer):
     def _build_layers(self) -> None:
         graph.build(self.layers, self._inbound(), self.input_shape, self.backend,
                     self.dtype_name, self._compute_dtype_name, self.seed)
-        self._plan_cache = None
+        self._plan_cache, self._trained_at = None, None
         # (its own, whatever a layer it shares with another model is built for since)
         self._output_shape: tuple[int, ...] = self.layers[-1].output_shape
         self.built = True
@@ -243,7 +246,7 @@ class Model(Trainer):
         layer with parameters is frozen or unfrozen: which layers need gradients changes, and
         so do the optimiser's parameters (its state starts afresh, as after a compile in
         Keras)."""
-        key = self.trainable_layers
+        key = self._trained()
         if self._plan_cache is None or self._planned_for != key:
             # (the key outlives the plan, which a rebuild drops: a layer may have been frozen
             # through another model meanwhile)
@@ -445,6 +448,15 @@ class Model(Trainer):
         """The layers the optimiser updates: those with parameters not frozen
         (``layer.trainable = False``), in weight order."""
         return [la for la in self.layers if la.trainable and la.params]
+
+    def _trained(self) -> tuple[Layer, ...]:
+        """:attr:`trainable_layers`, listed again only after a layer was built, moved, frozen
+        or unfrozen since (``Layer.rebuilds``), or this model built: a training step asks
+        several times."""
+        if self._trained_at != Layer.rebuilds:
+            self._trained_list = tuple(self.trainable_layers)
+            self._trained_at = Layer.rebuilds
+        return self._trained_list
 
     # -- weights, devices and files -------------------------------------------------------------
     def get_weights(self) -> list[np.ndarray]:

@@ -73,7 +73,8 @@ class Trainer:
 
     * ``backend``, ``name``, ``seed``, ``dtype_name`` (the parameters' dtype) and
       ``_param_dtype`` (that dtype on the backend);
-    * ``layers`` and ``trainable_layers`` (those the optimiser updates), ``built``,
+    * ``layers`` and ``trainable_layers`` (those the optimiser updates; ``_trained()``, the
+      same as a tuple, kept between steps), ``built``,
       ``input_shape``, ``num_classes``, ``build(input_shape)``, ``_require_built(what)``,
       ``_rebuild_if_shared()`` (layers another model shares are built as this one needs) and
       ``_unbuilt_if_refused()`` (a context: a call refused inside it leaves an unbuilt model
@@ -107,6 +108,7 @@ class Trainer:
         self._scaling: Any = None  # float16 loss scaling on the device (see xpcnn.totals)
         self._totals: RunningTotals | None = None
         self._owners: list[tuple[Layer, str]] = []  # (the parameters the totals' flags follow)
+        self._totals_for: tuple[Layer, ...] = ()  # (the trainable layers they were made for)
         self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
         self._resume_at: Any = None  # where BackupAndRestore restarts a run
         self._position = (0, 0)  # (epoch, batches done in it) during fit
@@ -342,7 +344,7 @@ class Trainer:
         # (normalisation statistics move in the forward pass: a skipped step puts them back)
         moving = [a for la in self.layers if la.trainable for a in la.state.values()]
         before = kernels.snapshot_state(moving)
-        trained = self.trainable_layers
+        trained = self._trained()
         stats, grads = self._loss_and_grads(xb, yb, kernels, trained)
         params = [p for la in trained for p in la.params.values()]
         n = int(xb.shape[0]) if self._parallel is None else self._parallel.total
@@ -353,7 +355,7 @@ class Trainer:
         opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)
         return stats
 
-    def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any, trained: list[Layer]
+    def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any, trained: tuple[Layer, ...]
                         ) -> tuple[Any, list[Any]]:
         """[loss, correct count] of a batch and the gradients of its (scaled) loss, in the
         order of the parameters of ``trained`` (the trainable layers). On several ranks
@@ -445,15 +447,14 @@ class Trainer:
 
     # -- the running totals the host reads behind the steps; deferred errors --------------------
     def _running_totals(self) -> RunningTotals:
-        old = self._totals
-        # (counted, not listed: each step asks)
-        n_grads = sum([len(la.params) for la in self.layers if la.trainable])
-        if old is None or old.n_grads != n_grads or old.backend != self.backend:
+        old, trained = self._totals, self._trained()
+        if old is None or self._totals_for != trained or old.backend != self.backend:
             # (a layer frozen or unfrozen, the model moved: the steps not read yet are read
             # first, so that a skipped one is named, not lost, and the epoch's sums go on)
             sums = self._read_totals() if old is not None else (0.0, 0.0)
-            owners = [(la, k) for la in self.trainable_layers for k in la.params]
+            owners = [(la, k) for la in trained for k in la.params]
             self._totals, self._owners = RunningTotals(self.backend, len(owners)), owners
+            self._totals_for = trained
             self._totals.reset(*sums)
         return self._totals
 

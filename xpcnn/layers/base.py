@@ -117,13 +117,17 @@ def refuse_training_in_graph(what: str, training: bool | None) -> None:
 class CheckedFlag:
     """A True/False attribute checked where it is set (a truthy stand-in such as "no" is
     refused) and read as a plain attribute: a training step reads ``trainable`` dozens of
-    times. (A descriptor without ``__get__``: the instance's own value is found first.)"""
+    times. (A descriptor without ``__get__``: the instance's own value is found first.) A
+    change counts in :attr:`Layer.rebuilds`: a model lists the layers it trains again then."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
     def __set__(self, layer: Layer, value: bool) -> None:
-        vars(layer)[self.name] = flag(value, f"layer {layer.name!r} {self.name}")
+        value = flag(value, f"layer {layer.name!r} {self.name}")
+        if vars(layer).get(self.name) is not value:
+            Layer.rebuilds += 1
+        vars(layer)[self.name] = value
 
 
 class Layer:
@@ -149,9 +153,10 @@ class Layer:
     #: False freezes the layer (as in Keras): no gradients for its parameters, which the
     #: optimiser leaves alone; a BatchNorm2D also runs in inference mode.
     trainable = CheckedFlag()
-    #: Builds, moves and compute-dtype changes of every layer so far, counted on this class
-    #: (``Layer.rebuilds += 1``, never on a subclass): a model looks again whether its layers
-    #: are built as it needs them only after this count moved (``Model._rebuild_if_shared``).
+    #: Builds, moves, compute-dtype and ``trainable`` changes of every layer so far, counted on
+    #: this class (``Layer.rebuilds += 1``, never on a subclass): a model looks again whether
+    #: its layers are built as it needs them (``Model._rebuild_if_shared``), and which of them
+    #: it trains (``Model._trained``), only after this count moved.
     rebuilds: ClassVar[int] = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

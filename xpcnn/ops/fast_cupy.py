@@ -408,8 +408,8 @@ def _update_table(params: list[Any], grads: list[Any], *slots: list[Any],
     count. Every array must be C-contiguous and of the parameters' dtype. With ``deferred``
     (inside a stream capture), a table that it fills once the capture has ended."""
     offsets = np.cumsum([0] + [p.size for p in params])
-    rows = [[_address(a) for a in arrays] for arrays in zip(params, grads, *slots, strict=True)]
-    table = np.concatenate([offsets, np.asarray(rows, np.int64).reshape(-1)])
+    rows = [_address(a) for arrays in zip(params, grads, *slots, strict=True) for a in arrays]
+    table = np.concatenate([offsets, np.asarray(rows, np.int64)])
     return _device_table(table, params[0].device, deferred), int(offsets[-1])
 
 
@@ -419,7 +419,7 @@ def _search_table(arrays: list[Any], device: Any, deferred: _DeferredTables | No
     the gradient check): the running offsets of C-contiguous ``arrays`` (each size rounded up
     to a multiple of ``pad``), their addresses, then each of ``columns`` (a number per array);
     and the last offset, the threads to launch (no table where that is 0: nothing to launch)."""
-    offsets = np.cumsum([0] + [_rounded_up(a.size, pad) for a in arrays])
+    offsets = np.cumsum(_rounded_up(np.asarray([0] + [a.size for a in arrays], np.int64), pad))
     if not offsets[-1]:
         return None, 0
     table = np.concatenate([offsets, [_address(a) for a in arrays], *columns])
@@ -560,15 +560,17 @@ _C_TYPES = {"float16": "__half", "float32": "float", "float64": "double", "int8"
             "uint8": "unsigned char", "int16": "short", "uint16": "unsigned short",
             "int32": "int", "uint32": "unsigned int", "int64": "long long",
             "uint64": "unsigned long long"}
-_RAW_KERNELS: dict[tuple[str, ...], Any] = {}
+# (by the kernel's name and its types as a launch gives them, dtypes or scalar types: found
+# without naming the types, as a training step asks for a few kernels every time)
+_RAW_KERNELS: dict[tuple[Any, ...], Any] = {}
 
 
 def _raw_kernel(name: str, source: str, **types: Any) -> Any:
     """Kernel ``name`` of ``source`` with each of ``types`` (a type name of the source: a
     dtype) typedef'd to its C type, made once (CuPy compiles it on first use)."""
-    names = {k: np.dtype(v).name for k, v in types.items()}
-    key = (name, *(f"{k}={v}" for k, v in names.items()))
+    key = (name, *types.items())
     if key not in _RAW_KERNELS:
+        names = {k: np.dtype(v).name for k, v in types.items()}
         half = _HALF if "float16" in names.values() else ""
         typedefs = "".join(f"typedef {_C_TYPES[v]} {k};\n" for k, v in names.items())
         _RAW_KERNELS[key] = cupy.RawKernel(half + typedefs + _LAST_BLOCK + source, name)
@@ -1046,6 +1048,9 @@ _BATCH_NORM_DX = cupy.ElementwiseKernel(
 )
 
 _FLOATS = ("float16", "float32", "float64")
+# (the same as dtypes: a training step checks a dozen arrays, without naming their dtypes)
+_FLOAT_DTYPES = frozenset(map(np.dtype, _FLOATS))
+_FLOAT64 = np.dtype(np.float64)
 
 
 def _contiguous(*arrays: Any) -> bool:
@@ -1063,13 +1068,13 @@ def _in_row_blocks(a: Any, splits: int) -> tuple[Any, Any]:
 def _accumulator(dtype: Any) -> Any:
     """The type sums of ``dtype`` data accumulate in: float64 for float64, else float32 (for
     float16 data too: a float16 sum would lose the low bits)."""
-    return cupy.float64 if dtype == cupy.float64 else cupy.float32
+    return cupy.float64 if dtype == _FLOAT64 else cupy.float32
 
 
 def _fits_feature_norm(a: Any) -> bool:
     """Whether the FeatureNorm kernels take ``a``: C-contiguous float data, something to
     launch over, and at most 65535 chunks of 32 channels (a grid's y)."""
-    return (a.flags.c_contiguous and a.dtype.name in _FLOATS and a.size > 0
+    return (a.flags.c_contiguous and a.dtype in _FLOAT_DTYPES and a.size > 0
             and a.shape[-1] <= 65535 * 32)
 
 
@@ -1210,7 +1215,7 @@ class CupyKernels(StandardKernels):
 
     def relu_backward_sum_rows(self, dy: Any, y: Any) -> tuple[Any, Any]:
         if not self._sums_rows(dy) or y.shape != dy.shape or not y.flags.c_contiguous \
-                or y.dtype.name not in _FLOATS:
+                or y.dtype not in _FLOAT_DTYPES:
             return super().relu_backward_sum_rows(dy, y)
         masked = cupy.empty_like(dy)
         return masked, self._sum_rows(dy, y, masked)
@@ -1218,7 +1223,7 @@ class CupyKernels(StandardKernels):
     @staticmethod
     def _sums_rows(a: Any) -> bool:
         """Whether :meth:`_sum_rows` takes ``a``."""
-        return (a.ndim == 2 and a.flags.c_contiguous and a.dtype.name in _FLOATS
+        return (a.ndim == 2 and a.flags.c_contiguous and a.dtype in _FLOAT_DTYPES
                 and a.size > 0 and -(-a.shape[1] // 32) <= _COUNTERS_PER_DEVICE)
 
     @staticmethod
@@ -1489,9 +1494,10 @@ class CupyKernels(StandardKernels):
         array made C-contiguous (parameters and state arrays always are: they are updated in
         place)."""
         groups: dict[Any, list[tuple[Any, ...]]] = {}
-        for i, p in enumerate(params):
-            g = cupy.ascontiguousarray(grads[i].astype(p.dtype, copy=False))
-            groups.setdefault(p.dtype, []).append((p, g, *(s[i] for s in slots if s is not None)))
+        present = [s for s in slots if s is not None]
+        for p, g, *kept in zip(params, grads, *present, strict=True):
+            g = cupy.ascontiguousarray(g.astype(p.dtype, copy=False))
+            groups.setdefault(p.dtype, []).append((p, g, *kept))
         return [tuple(list(column) for column in zip(*rows, strict=True))
                 for rows in groups.values()]
 

@@ -19,6 +19,7 @@ error), and :data:`GROWTH_INTERVAL` good steps in a row double it.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -38,6 +39,7 @@ def batch_sums(xp: Any, stats: Any, n: float) -> Any:
     return xp.concat([stats[:1] * n, stats[1:]])
 
 
+@functools.cache  # (asked at every training step)
 def square_limit(xp: Any, dtype: Any) -> float:
     """The largest magnitude whose square ``dtype`` holds (about)."""
     return math.sqrt(float(xp.finfo(dtype).max))
