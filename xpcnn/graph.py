@@ -333,7 +333,8 @@ def forward(plan: Plan, x: Any, training: bool) -> Any:
     values: list[Any] = [None] * plan.slots
     values[0] = x
     for step in plan.steps:
-        a = read_by(step.layer, step.inputs, values)
+        ins = step.inputs  # (what read_by reads, without a call per step)
+        a = [values[i] for i in ins] if step.layer.multi_input else values[ins[0]]
         values[step.output] = step.layer.forward(a, training, step.options)
         for i in step.release:
             values[i] = None

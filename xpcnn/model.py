@@ -267,34 +267,38 @@ class Model(Trainer):
         xb = self.backend.asarray(np.ascontiguousarray(x))
         return self.backend.xp.astype(xb, self._param_dtype)
 
-    def _logits(self, x: Any, training: bool) -> Any:
+    def _logits(self, x: Any, training: bool, in_scope: bool = False) -> Any:
         """Forward pass up to the logits, by the plan, of a device batch (cast to the
-        parameters' dtype first, by the model or by the layers reading it)."""
-        with self.backend.compute_scope(), self._weights_cast():
-            plan = self._plan()
-            if not plan.cast_input:
-                x = self.backend.xp.astype(x, self._param_dtype, copy=False)
+        parameters' dtype first, by the model or by the layers reading it), inside the
+        backend's compute scope: the caller's with ``in_scope`` (a training step, an
+        evaluation or prediction loop), else one entered here."""
+        if not in_scope:
+            with self.backend.compute_scope():
+                return self._logits(x, training, in_scope=True)
+        plan = self._plan()
+        if not plan.cast_input:
+            x = self.backend.xp.astype(x, self._param_dtype, copy=False)
+        cast = self._cast_weights()
+        try:
             return graph.forward(plan, x, training)
+        finally:
+            for la in cast:
+                la._cache_weights = None
 
-    @contextlib.contextmanager
-    def _weights_cast(self) -> Iterator[None]:
+    def _cast_weights(self) -> list[Layer]:
         """Under mixed precision, the weights of every layer that reads them in its compute
         dtype (:attr:`~xpcnn.layers.base.Layer.casts_weights`) cast in one call for a forward
-        pass (one launch on CuPy, where each weight took one), and dropped after it."""
+        pass (one launch on CuPy, where each weight took one), into each one's
+        ``_cache_weights``; returns those layers, whose casts the caller drops after the pass."""
         layers = [la for la in self.layers
                   if la.casts_weights and la.params and la.compute_dtype != la.dtype]
         if not layers:
-            yield
-            return
+            return layers
         casts = iter(kernels_for(self.backend).cast_all(
             [p for la in layers for p in la.params.values()], layers[0].compute_dtype))
         for la in layers:
             la._cache_weights = {k: next(casts) for k in la.params}
-        try:
-            yield
-        finally:
-            for la in layers:
-                la._cache_weights = None
+        return layers
 
     def _backward(self, dz: Any, on_layer: Callable[[Layer], None] | None = None) -> None:
         """Backward pass from the logits' gradient, after ``_logits(x, training=True)``: fills

@@ -79,8 +79,9 @@ class Trainer:
       ``_rebuild_if_shared()`` (layers another model shares are built as this one needs) and
       ``_unbuilt_if_refused()`` (a context: a call refused inside it leaves an unbuilt model
       unbuilt);
-    * ``_logits(x, training)``, the forward pass to the logits (a final Softmax is left to the
-      loss), ``_backward(dz, on_layer)``, which fills each trainable layer's ``grads``, and
+    * ``_logits(x, training, in_scope)``, the forward pass to the logits (a final Softmax is
+      left to the loss; ``in_scope``: inside the backend's ``compute_scope`` already),
+      ``_backward(dz, on_layer)``, which fills each trainable layer's ``grads``, and
       ``_layer_outputs(x, training)``, every layer's output (to name where a value stopped
       being finite).
 
@@ -343,7 +344,7 @@ class Trainer:
         assert opt is not None and self.loss is not None
         # (normalisation statistics move in the forward pass: a skipped step puts them back)
         moving = [a for la in self.layers if la.trainable for a in la.state.values()]
-        before = kernels.snapshot_state(moving)
+        before = kernels.snapshot_state(moving) if moving else None
         trained = self._trained()
         stats, grads = self._loss_and_grads(xb, yb, kernels, trained)
         params = [p for la in trained for p in la.params.values()]
@@ -351,7 +352,8 @@ class Trainer:
         # (with float16 loss scaling, this divides the gradients by the scale, in place)
         apply = self._running_totals().add(stats, grads, n, step, self._scaling,
                                            opt.keeps_squares)
-        kernels.restore_state(moving, before, apply)
+        if moving:
+            kernels.restore_state(moving, before, apply)
         opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)
         return stats
 
@@ -365,7 +367,7 @@ class Trainer:
         assert self.loss is not None
         if dp is not None and xb.shape[0] == 0:  # no sample of a short last batch here
             return dp.empty_step(xp.zeros((2,), dtype=self._param_dtype))
-        logits = self._logits(xb, training=True)
+        logits = self._logits(xb, training=True, in_scope=True)
         # (a label that is no class makes the loss NaN: the step is skipped as a non-finite one
         # and the host names the labels, _raise_deferred)
         # (the float16 loss scale applied by the loss, in its kernel on a GPU: before the
@@ -448,7 +450,7 @@ class Trainer:
     # -- the running totals the host reads behind the steps; deferred errors --------------------
     def _running_totals(self) -> RunningTotals:
         old, trained = self._totals, self._trained()
-        if old is None or self._totals_for != trained or old.backend != self.backend:
+        if old is None or self._totals_for != trained or old.backend is not self.backend:
             # (a layer frozen or unfrozen, the model moved: the steps not read yet are read
             # first, so that a skipped one is named, not lost, and the epoch's sums go on)
             sums = self._read_totals() if old is not None else (0.0, 0.0)
@@ -770,7 +772,7 @@ class Trainer:
                 if not xb.shape[0]:  # this rank's empty part of a short batch
                     continue
                 cbs.on_test_batch_begin(step)
-                logits = self._logits(xb, False)
+                logits = self._logits(xb, False, in_scope=True)
                 stats, _ = loss.forward_with_accuracy(  # type: ignore[union-attr]
                     xp, logits, yb, self._param_dtype, kernels)
                 totals.add_stats(stats, int(xb.shape[0]))
@@ -817,7 +819,8 @@ class Trainer:
                     data.epoch(0)) as batches:  # type: ignore[type-var]
                 for step, (xb, _) in enumerate(_progress(batches, data, verbose, "predict")):
                     cbs.on_predict_batch_begin(step)
-                    z = xp.astype(self._logits(xb, training=False), self._param_dtype)
+                    z = xp.astype(self._logits(xb, training=False, in_scope=True),
+                                  self._param_dtype)
                     out.append(softmax(xp, z) if self._fused_softmax() else z)
                     cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
                 outputs = self.backend.to_numpy(xp.concat(out))

@@ -104,9 +104,10 @@ class Conv2D(Layer):
         return engine
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        xp = self.xp
+        xp, t = self.xp, self.compute_dtype
         self._cache_x_dtype = x.dtype
-        x = xp.astype(x, self.compute_dtype, copy=False)
+        # (here and below, no call where the array is of its dtype already: the usual case)
+        x = x if x.dtype == t else xp.astype(x, t)
         kernel = self.compute_weight("kernel")
         bias = self.compute_weight("bias") if self.use_bias else None
         relu = self.relu_output or options.fused_relu
@@ -118,9 +119,9 @@ class Conv2D(Layer):
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        xp = self.xp
+        xp, t = self.xp, self.compute_dtype
         x, self._cache_x = self._cache_x, None
-        dy = xp.astype(dy, self.compute_dtype, copy=False)
+        dy = dy if dy.dtype == t else xp.astype(dy, t)
         relu_y = None
         need_dx = options.need_input_grad
         y, self._cache_y = self._cache_y, None
@@ -138,7 +139,9 @@ class Conv2D(Layer):
             self.grads["kernel"] = dw  # (as computed: see Layer.grads)
             if self.use_bias:
                 self.grads["bias"] = db
-        return None if dx is None else xp.astype(dx, self._cache_x_dtype, copy=False)
+        if dx is None or dx.dtype == self._cache_x_dtype:
+            return dx
+        return xp.astype(dx, self._cache_x_dtype)
 
 
 # Keras' kernel (kh, kw, C, K) <-> the stored (K, kh, kw, C)

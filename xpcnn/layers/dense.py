@@ -68,9 +68,10 @@ class Dense(Layer):
         return (self.units,)
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        xp = self.xp
+        xp, t = self.xp, self.compute_dtype
         self._cache_x_dtype = x.dtype
-        x = xp.astype(x, self.compute_dtype, copy=False)
+        # (here and below, no call where the array is of its dtype already: the usual case)
+        x = x if x.dtype == t else xp.astype(x, t)
         w = self.compute_weight("kernel")
         kern = kernels_for(self.backend)
         bias = self.compute_weight("bias") if self.use_bias else None
@@ -83,9 +84,9 @@ class Dense(Layer):
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        xp = self.xp
+        xp, t = self.xp, self.compute_dtype
         kern = kernels_for(self.backend)
-        dy = xp.astype(dy, self.compute_dtype, copy=False)
+        dy = dy if dy.dtype == t else xp.astype(dy, t)
         y, self._cache_y = self._cache_y, None
         bias_grad = None
         if y is not None:  # (kept by forward where this layer applies its ReLU's gradient)
@@ -101,4 +102,4 @@ class Dense(Layer):
         if not options.need_input_grad:
             return None
         dx = kern.matmul_nt(dy, self._cache_w)
-        return xp.astype(dx, self._cache_x_dtype, copy=False)
+        return dx if dx.dtype == self._cache_x_dtype else xp.astype(dx, self._cache_x_dtype)

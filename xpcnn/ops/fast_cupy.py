@@ -247,7 +247,8 @@ _FIND_ARRAY = _SEARCH + """    const long long row = count + 1 + (long long)lo *
 
 def _by_value(value: Any) -> bool:
     """Whether a per-step number is a Python float (an eager step), not a 0-d device array."""
-    return isinstance(value, numbers.Real)
+    # (float and int checked first: numbers.Real's check is a call into Python's abc module)
+    return isinstance(value, float | int | numbers.Real)
 
 
 def _update_kernels(name: str, constants: str, per_step: tuple[str, ...], body: str
@@ -419,7 +420,8 @@ def _search_table(arrays: list[Any], device: Any, deferred: _DeferredTables | No
     the gradient check): the running offsets of C-contiguous ``arrays`` (each size rounded up
     to a multiple of ``pad``), their addresses, then each of ``columns`` (a number per array);
     and the last offset, the threads to launch (no table where that is 0: nothing to launch)."""
-    offsets = np.cumsum(_rounded_up(np.asarray([0] + [a.size for a in arrays], np.int64), pad))
+    sizes = [a.size for a in arrays]
+    offsets = np.cumsum([0] + (sizes if pad == 1 else [_rounded_up(n, pad) for n in sizes]))
     if not offsets[-1]:
         return None, 0
     table = np.concatenate([offsets, [_address(a) for a in arrays], *columns])
