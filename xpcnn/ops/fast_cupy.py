@@ -20,6 +20,7 @@ integer is read at that C-order index; ``n`` and ``i`` are CuPy's own names.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import numbers
 from collections.abc import Iterator
@@ -399,8 +400,10 @@ def _address(a: Any) -> int:
 
 # Device copies of recent update tables, by content: the parameters and their state keep their
 # addresses, and the memory pool tends to hand a step's gradients the same blocks as the last
-# step's, so a step usually finds its table here instead of copying one to the device.
-_TABLES: dict[tuple[str, bytes], Any] = {}
+# step's, so a step usually finds its table here instead of copying one to the device. (The
+# tables are lists of Python ints until then: a step makes a few, and NumPy's calls on tiny
+# arrays cost more than the lists.)
+_TABLES: dict[tuple[str, tuple[int, ...]], Any] = {}
 
 
 def _update_table(params: list[Any], grads: list[Any], *slots: list[Any],
@@ -408,10 +411,9 @@ def _update_table(params: list[Any], grads: list[Any], *slots: list[Any],
     """The ``table`` of the update kernels on the parameters' device and the total element
     count. Every array must be C-contiguous and of the parameters' dtype. With ``deferred``
     (inside a stream capture), a table that it fills once the capture has ended."""
-    offsets = np.cumsum([0] + [p.size for p in params])
+    offsets = _offsets(params)
     rows = [_address(a) for arrays in zip(params, grads, *slots, strict=True) for a in arrays]
-    table = np.concatenate([offsets, np.asarray(rows, np.int64)])
-    return _device_table(table, params[0].device, deferred), int(offsets[-1])
+    return _device_table(offsets + rows, params[0].device, deferred), offsets[-1]
 
 
 def _search_table(arrays: list[Any], device: Any, deferred: _DeferredTables | None,
@@ -420,30 +422,30 @@ def _search_table(arrays: list[Any], device: Any, deferred: _DeferredTables | No
     the gradient check): the running offsets of C-contiguous ``arrays`` (each size rounded up
     to a multiple of ``pad``), their addresses, then each of ``columns`` (a number per array);
     and the last offset, the threads to launch (no table where that is 0: nothing to launch)."""
-    sizes = [a.size for a in arrays]
-    offsets = np.cumsum([0] + (sizes if pad == 1 else [_rounded_up(n, pad) for n in sizes]))
+    offsets = _offsets(arrays, pad)
     if not offsets[-1]:
         return None, 0
-    table = np.concatenate([offsets, [_address(a) for a in arrays], *columns])
-    return _device_table(table, device, deferred), int(offsets[-1])
+    table = offsets + [_address(a) for a in arrays] + [n for column in columns for n in column]
+    return _device_table(table, device, deferred), offsets[-1]
 
 
-def _rounded_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+def _offsets(arrays: list[Any], pad: int = 1) -> list[int]:
+    """Where each of ``arrays`` starts, laid one after the other, each size rounded up to a
+    multiple of ``pad``, and where the last ends: [0, ..., total]."""
+    return list(itertools.accumulate([-(-a.size // pad) * pad for a in arrays], initial=0))
 
 
-def _device_table(table: Any, device: Any, deferred: _DeferredTables | None) -> Any:
-    """NumPy ``table`` as int64 on ``device``: from the recent tables, else copied there;
-    with ``deferred`` (inside a stream capture), filled once the capture has ended."""
-    table = table.astype(np.int64)
+def _device_table(table: list[int], device: Any, deferred: _DeferredTables | None) -> Any:
+    """``table`` as int64 on ``device``: from the recent tables, else copied there; with
+    ``deferred`` (inside a stream capture), filled once the capture has ended."""
     if deferred is not None:
-        return deferred.table(table)
-    key = (str(device), table.tobytes())
+        return deferred.table(np.asarray(table, np.int64))
+    key = (str(device), tuple(table))
     device_table = _TABLES.get(key)
     if device_table is None:
         if len(_TABLES) >= 16:  # tables of arrays long freed: drop them all
             _TABLES.clear()
-        device_table = _TABLES[key] = cupy.asarray(table)
+        device_table = _TABLES[key] = cupy.asarray(np.asarray(table, np.int64))
     return device_table
 
 
@@ -1150,15 +1152,17 @@ class CupyKernels(StandardKernels):
         finally:
             self._graph_matmul = old
 
+    # (the standard products written with CuPy's ``.T``, the matrix transpose of 2-D arrays:
+    # no call through the namespace's wrappers, as every Dense layer asks twice a step)
     def matmul(self, a: Any, b: Any) -> Any:
         if self._graph_matmul is not None:
             return self._graph_matmul(a, b)
-        return super().matmul(a, b)
+        return a @ b
 
     def matmul_nt(self, a: Any, b: Any) -> Any:
         if self._graph_matmul is not None:
             return self._graph_matmul(a, b, transpose_b=True)
-        return super().matmul_nt(a, b)
+        return a @ b.T
 
     def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None,
                     relu: bool = False) -> None:
@@ -1178,7 +1182,7 @@ class CupyKernels(StandardKernels):
         n = b.shape[1]
         splits = min(rows // _SPLIT_K_ROWS, _SPLIT_K_MAX, max(1, (1 << 22) // (m * n)))
         if splits < 2 or not _contiguous(a, b):
-            return super().matmul_tn(a, b)
+            return a.T @ b
         (a3, a_rest), (b3, b_rest) = _in_row_blocks(a, splits), _in_row_blocks(b, splits)
         parts = cupy.matmul(a3.transpose(0, 2, 1), b3)
         acc = _accumulator(parts.dtype)
@@ -1431,10 +1435,9 @@ class CupyKernels(StandardKernels):
             flat = cupy.empty(size, dtype)  # (the pool's blocks are 512-byte aligned)
             if size:
                 _CAST_ALL(sources[0], len(sources), table, flat, size=size)
-            start = 0
-            for k, a in zip(ks, sources, strict=True):
+            starts = _offsets(sources, pad)[:-1]  # (as _search_table's)
+            for k, a, start in zip(ks, sources, starts, strict=True):
                 out[k] = flat[start:start + a.size].reshape(a.shape)
-                start += _rounded_up(a.size, pad)  # (as _search_table's offsets)
         return out
 
     def snapshot_state(self, arrays: list[Any]) -> Any:
@@ -1500,8 +1503,7 @@ class CupyKernels(StandardKernels):
         for p, g, *kept in zip(params, grads, *present, strict=True):
             g = cupy.ascontiguousarray(g.astype(p.dtype, copy=False))
             groups.setdefault(p.dtype, []).append((p, g, *kept))
-        return [tuple(list(column) for column in zip(*rows, strict=True))
-                for rows in groups.values()]
+        return [tuple(map(list, zip(*rows, strict=True))) for rows in groups.values()]
 
     @staticmethod
     def _apply_flag(apply: Any) -> Any:
@@ -1546,7 +1548,7 @@ class CupyKernels(StandardKernels):
             table, size = _update_table(p, g, *slots, deferred=self._deferred)
             t = p[0].dtype.type
             fixed = [c if isinstance(c, bool) else t(c) for c in constants]
-            kernel(p[0], len(p), len(slots), *fixed, *(self._per_step(v, t) for v in per_step),
+            kernel(p[0], len(p), len(slots), *fixed, *[self._per_step(v, t) for v in per_step],
                    flag, table, size=size)
 
     def sgd_update(self, params: list[Any], grads: list[Any], bufs: list[Any] | None,
