@@ -185,6 +185,28 @@ def test_casting_many_arrays_in_one_launch(fast, rng):
                 assert (g.ctypes.data - got[0].ctypes.data) % 16 == 0
 
 
+def test_a_raw_kernel_is_made_once_for_its_name_and_types(fast, monkeypatch):
+    """Found again for the same types, made anew for other types or another name, each with
+    its own typedefs; a type given as a scalar type or as a dtype is the same kernel."""
+    module = sys.modules[type(fast).__module__]
+    made = []
+
+    class Capture:
+        def __init__(self, code: str, kernel_name: str) -> None:
+            made.append((kernel_name, code))
+
+    monkeypatch.setattr(module.cupy, "RawKernel", Capture)
+    monkeypatch.setattr(module, "_RAW_KERNELS", {})
+    single = module._raw_kernel("k", "", X=np.float32, A=np.float32)
+    assert module._raw_kernel("k", "", X=np.float32, A=np.float32) is single and len(made) == 1
+    half = module._raw_kernel("k", "", X=np.dtype("float16"), A=np.float32)
+    other = module._raw_kernel("other", "", X=np.float32, A=np.float32)
+    module._raw_kernel("k", "", X=np.dtype("float32"), A=np.dtype("float32"))
+    assert len({id(single), id(half), id(other)}) == 3
+    assert "typedef float X;" in made[0][1] and "typedef __half X;" in made[1][1]
+    assert made[2][0] == "other" and made[-1] == made[0]
+
+
 def _feature_norm_exact(x):
     """FeatureNorm's xhat and 1 / sqrt(var + eps) in long double (64 bits of mantissa on
     x86-64, 53 elsewhere): the values the kernels round."""

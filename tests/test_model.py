@@ -666,6 +666,101 @@ def test_a_deferred_non_finite_gradient_names_its_step_and_layer(data, monkeypat
         assert np.array_equal(a, b)  # statistics, not parameters, saw the later batches)
 
 
+def _freeze_thaw_run(data, listed_afresh: bool) -> tuple[list[np.ndarray], list[tuple]]:
+    """every_layer_net trained through freezes, a model-wide freeze, other batch sizes, a
+    precision change, a layer added, a layer built and frozen by another model; returns its
+    weights and, at each stage, (the layers a step trains, trainable_layers).
+    ``listed_afresh``: the steps find the layers they train listed anew each time (no cache,
+    see Model._trained)."""
+    x, y = data
+    model = xpcnn.Sequential(every_layer_net(), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+    forget = xpcnn.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda b, logs: setattr(model, "_trained_at", None))
+    callbacks = [forget] if listed_afresh else []
+    seen = []
+
+    def fit(x, y, batch_size):
+        model.fit(x, y, epochs=1, batch_size=batch_size, verbose=0, callbacks=callbacks)
+        seen.append((model._trained(), tuple(model.trainable_layers)))
+
+    fit(x, y, 16)
+    conv = model.layers[3]
+    conv.trainable = False
+    frozen = conv.get_weights()
+    fit(x, y, 20)  # (a smaller last batch)
+    assert all(np.array_equal(a, b) for a, b in zip(frozen, conv.get_weights(), strict=True))
+    conv.trainable = True
+    model.layers[-3].trainable = False
+    fit(x, y, 12)
+    model.trainable = False
+    model.trainable = True
+    model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), precision="mixed_float16")
+    fit(x, y, 16)
+    extra = xpcnn.Sequential([Dense(10)], seed=1)
+    extra.build((10,))  # (built elsewhere: it keeps its weights in this model)
+    model.layers.pop()  # (the Softmax: added back after the new layer)
+    model.add(extra.layers[0])
+    model.add(Softmax())
+    fit(x, y, 16)
+    other = xpcnn.Sequential([model.layers[3]])  # (shared: built there in float32)
+    other.build((8, 8, 3))
+    other.trainable = False  # (frozen through the other model)
+    fit(x, y, 16)
+    return model.get_weights(), seen
+
+
+def test_the_layers_a_step_trains_follow_freezes_additions_and_rebuilds(data):
+    """The layers a training step trains are listed again only after a layer was built,
+    moved, frozen or unfrozen, or the model built: at every stage they are trainable_layers,
+    and the weights are bit for bit those of the same run listing them at every step."""
+    weights, seen = _freeze_thaw_run(data, listed_afresh=False)
+    for trained, expected in seen:
+        assert list(trained) == list(expected)
+    counts = [len(trained) for trained, _ in seen]
+    assert counts[1] == counts[0] - 1 and counts[4] == counts[3] + 1 == counts[5] + 1
+    reference, _ = _freeze_thaw_run(data, listed_afresh=True)
+    for a, b in zip(weights, reference, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_changing_trainable_counts_as_a_rebuild_only_when_it_changes():
+    layer = Dense(3)
+    before = xpcnn.layers.Layer.rebuilds
+    layer.trainable = True  # (as it was)
+    assert xpcnn.layers.Layer.rebuilds == before
+    layer.trainable = False
+    assert xpcnn.layers.Layer.rebuilds == before + 1
+    with pytest.raises(InputError, match="trainable must be True or False"):
+        layer.trainable = "no"
+    assert xpcnn.layers.Layer.rebuilds == before + 1 and layer.trainable is False
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_non_finite_gradient_names_its_layer_after_swapping_frozen_layers_alike(monkeypatch):
+    """Two layers with as many parameters: one frozen, then the other instead. The running
+    totals follow the layers trained, not their count: the error names the layer whose
+    gradient was not finite."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (8, 2, 2, 1), dtype=np.uint8), rng.integers(0, 4, 8)
+    first, second = Dense(4, name="first"), Dense(4, name="second")
+    model = xpcnn.Sequential([Flatten(), first, second, Softmax()], seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.05))
+    second.trainable = False
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    second.trainable, first.trainable = True, False
+    real = second.backward
+
+    def backward(dy, options):
+        out = real(dy, options)
+        second.grads["bias"][0] = np.nan
+        return out
+
+    monkeypatch.setattr(second, "backward", backward)
+    with pytest.raises(NonFiniteError, match="in layer 'second'"):
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+
+
 def test_the_host_reads_the_device_once_an_epoch_and_every_read_every_steps(monkeypatch):
     from xpcnn.totals import READ_EVERY
 
