@@ -50,6 +50,14 @@ def fused_relu_net(classes: int = 10) -> list:
             Dense(8), ReLU(), Dense(classes), Softmax()]
 
 
+def bn_relu_net(classes: int = 10) -> list:
+    """BatchNorm2D -> ReLU() twice, fused by the plan: the first BatchNorm2D applies its ReLU's
+    gradient itself, the second leaves it to the max pool after it."""
+    return [Rescaling(1 / 255), Conv2D(6, 3, padding="same", use_bias=False), BatchNorm2D(),
+            ReLU(), Conv2D(6, 3, padding="same", use_bias=False), BatchNorm2D(), ReLU(),
+            MaxPool2D(2), Flatten(), Dense(classes), Softmax()]
+
+
 def plan_of(model) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """A built model's plan by layer names: the layers it runs (up to the logits), those that
     apply the ReLU() after them, and the (layer, reader) pairs where the reader applies the
