@@ -187,12 +187,12 @@ def test_the_determinism_switch_excludes_nondeterministic_plans(cc, monkeypatch,
     """XPCNN_DETERMINISTIC=1: no plan with the NONDETERMINISTIC note, for every graph (the
     convolutions' and the matmuls'), in every dtype; off (the default, as in PyTorch): the
     notes of the TF32 switch alone."""
-    g, cudnn, _ = _engines(cc, GEOMETRIES[0])
-    x, w, bias, dy = conv_data(g, rng, 2, dtype)
     for setting in ("1", "0"):
         monkeypatch.setenv("XPCNN_DETERMINISTIC", setting)
         GRAPHS.clear()
-        cudnn._plans.clear()
+        cc.clear_plans()
+        g, cudnn, _ = _engines(cc, GEOMETRIES[0])
+        x, w, bias, dy = conv_data(g, rng, 2, dtype)
         cudnn.forward(x, w, bias, True)
         cudnn.weight_grad(x, dy, True)
         rows = x.reshape(-1, g.channels)
@@ -203,17 +203,17 @@ def test_the_determinism_switch_excludes_nondeterministic_plans(cc, monkeypatch,
 
 def test_the_switches_set_later_reach_the_graphs_already_built(cc, monkeypatch, rng):
     """XPCNN_DETERMINISTIC, XPCNN_TF32 and CUPY_TF32 changed after a first use: the plans that
-    a layer's engine caches, and the one matmul engine (CupyKernels keeps it for the process),
-    are built again for the new setting, not reused; the others stay cached."""
-    g, cudnn, _ = _engines(cc, GEOMETRIES[0])
-    x, w, bias, dy = conv_data(g, rng, 2, np.float32)
-    matmul = cc.CudnnMatmul(cc.load())
-    rows = x.reshape(-1, g.channels)
+    a layer's engine and the process cache, and the one matmul engine (CupyKernels keeps it
+    for the process), are built again for the new setting, not reused; the others stay
+    cached."""
     # what each switch rebuilds: [convolution, matmul]
     for variable, rebuilt in (("XPCNN_DETERMINISTIC", [True, True]),
                               ("XPCNN_TF32", [True, False]), ("CUPY_TF32", [False, True])):
-        cudnn._plans.clear()
-        matmul._plans.clear()
+        cc.clear_plans()
+        g, cudnn, _ = _engines(cc, GEOMETRIES[0])
+        x, w, bias, dy = conv_data(g, rng, 2, np.float32)
+        matmul = cc.CudnnMatmul(cc.load())
+        rows = x.reshape(-1, g.channels)
         for setting in ("0", "1"):
             monkeypatch.setenv(variable, setting)
             GRAPHS.clear()
@@ -502,6 +502,7 @@ def _tuned_forward(cc, rng, plans, dtype=np.float32, runs=2):
     and whether each run gave the standard engine's result."""
     import unittest.mock
 
+    cc.clear_plans()  # (a cuDNN with other plans than the last call's)
     with unittest.mock.patch.object(PyGraph, "PLANS", tuple(plans)):
         g, cudnn, standard = _engines(cc, GEOMETRIES[0])
         x, w, bias, _ = conv_data(g, rng, 2, dtype)
