@@ -925,3 +925,43 @@ def test_a_plan_first_run_by_two_threads_at_once_is_timed_once(cc, monkeypatch, 
     per_plan = 1 + cc.TUNE_RUNS
     assert graph.timed == [0] * per_plan + [1] * per_plan + [2] * per_plan
     assert ran_with == [2, 2]  # (the fastest: the TF32 plan of PyGraph.PLANS)
+
+
+@needs_compiler
+def test_a_second_model_trains_on_the_plans_the_first_built_and_timed(emulated_cupy,
+                                                                      monkeypatch):
+    """A user's next experiment (a fresh model of the same architecture) builds and times no
+    cuDNN graph; evaluating at another batch size builds only that batch's forward graphs,
+    once for both models."""
+    import nets
+
+    import xpcnn
+    from xpcnn import backend as backend_module
+
+    kernels = emulated_cupy.KERNELS
+    monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
+
+    def experiment(seed):
+        model = xpcnn.Sequential(nets.gap_net(), seed=seed)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+        return model
+
+    def built_and_timed():
+        return len(GRAPHS), sum(len(graph.timed) for graph in GRAPHS)
+
+    first = experiment(0)
+    # two convolutions: forward and kernel gradient each, the input gradient of the second
+    assert sorted(graph.ops[0][0] for graph in GRAPHS) == [
+        "conv_dgrad", "conv_fprop", "conv_fprop", "conv_wgrad", "conv_wgrad"]
+    assert all(graph.timed for graph in GRAPHS)
+    once = built_and_timed()
+    second = experiment(1)
+    assert built_and_timed() == once
+    for model in (second, first):
+        model.evaluate(x, y, batch_size=8, verbose=0)
+    new = GRAPHS[once[0]:]
+    assert [graph.ops[0][0] for graph in new] == ["conv_fprop", "conv_fprop"]
+    assert all(graph.executions == 2 * len(x) // 8 for graph in new)
