@@ -897,7 +897,7 @@ def test_a_plan_first_run_by_two_threads_at_once_is_timed_once(cc, monkeypatch, 
     g, layer, standard = _engines(cc, SHARED_CASE)
     x, w, bias, _ = conv_data(g, rng, 2, np.float32)
     make = layer._fprop(2, True, True)
-    plan = cc.shared_plan("the plan", lambda: cc.build_plan(cc.load(), np.float32, make, True))
+    plan = cc.build_plan(cc.load(), np.float32, make, True)  # (as shared_plan builds it)
     arrivals = _Arrivals(plan._timing)
     plan._timing = arrivals
     timed, execute = PyGraph.execute_plan_at_index, PyGraph.execute
