@@ -510,6 +510,40 @@ def test_the_emulator_passes_raw_kernels_scalars_as_cupy_does(fast, rows, cols, 
     np.testing.assert_array_equal(out, [5, 5, 5])
 
 
+# Thread t writes s[t]; thread t then reads the value of its neighbour, the thread before it
+# or after it, with or without a barrier between.
+_NEIGHBOUR = r"""
+__global__ void neighbour(float* out) {
+    __shared__ float s[8];
+    const unsigned t = threadIdx.x;
+    s[t] = blockIdx.x * 8.0f + t + 1.0f;
+    BARRIER
+    out[blockIdx.x * 8 + t] = s[(t + SHIFT) % 8];
+}
+"""
+
+
+@pytest.mark.parametrize("shift", [7, 1], ids=["the thread before", "the thread after"])
+def test_the_emulator_finds_a_missing_barrier_whichever_thread_reads(shift):
+    """The emulator runs a block's threads one after another between barriers, so in order
+    alone it misses a thread reading what an earlier thread wrote without a barrier; every
+    launch runs in reverse order too and the two must agree, which finds both cases."""
+    from cuda_emulator import RawKernel
+
+    def launch(barrier):
+        code = _NEIGHBOUR.replace("BARRIER", barrier).replace("SHIFT", str(shift))
+        out = np.zeros(16, np.float32)
+        RawKernel(code, "neighbour")((2,), (8,), (out,))
+        return out
+
+    expected = np.arange(16, dtype=np.float32).reshape(2, 8)
+    expected = (np.roll(expected, -shift, axis=1) + 1).reshape(-1)
+    np.testing.assert_array_equal(launch("__syncthreads();"), expected)
+    with pytest.raises(AssertionError, match="float\\* out differ when its threads and blocks "
+                                             "run in reverse order"):
+        launch("")
+
+
 @pytest.mark.parametrize("rows", [131072, 1031, 1000, 513, 100])
 @pytest.mark.parametrize("dtype", WITH_HALF)
 def test_blocked_products(fast, rng, rows, dtype):
