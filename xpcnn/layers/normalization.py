@@ -68,7 +68,8 @@ class BatchNorm2D(Layer):
     Training uses the batch's statistics and updates running ones
     (running = (1 - momentum) * running + momentum * batch, unbiased variance, as PyTorch);
     inference uses the running statistics, and so does a frozen layer (``trainable = False``)
-    in training, as in Keras. Works on (N, H, W, C) and on (N, features).
+    in training, as in Keras. Works on (N, H, W, C) and on (N, features). A model's plan fuses
+    a plain ``ReLU()`` after it (``can_fuse_relu``).
     """
 
     weight_names = ("gamma", "beta", "moving_mean", "moving_variance")

@@ -959,10 +959,12 @@ extern "C" __global__ void xpcnn_batch_norm_stats(
 """
 # The pre-ReLU output z = xhat * gamma + beta of channel c, xhat = (x - mean) * inv_std, in A:
 # written the same in every kernel, forward and backward, so that backward's recomputed z has
-# forward's bits and its ReLU mask is forward's.
+# forward's bits and its ReLU mask is forward's. The gradient dy through a ReLU whose input was
+# z: times (z > 0), NaN staying NaN as in _MASK_MULTIPLY.
 _BATCH_NORM_Z = """
 #define XPCNN_BN_XHAT(x, c) (((A)(x) - mean[c]) * inv_std[c])
 #define XPCNN_BN_Z(xhat, c) ((xhat) * (A)gamma[c] + (A)beta[c])
+#define XPCNN_BN_RELU_GRAD(dy, z) ((dy) * ((z) > (A)0 ? (A)1 : (A)0))
 """
 # Forward, second launch: y = z (max(z, 0) with ``relu``, NaN staying NaN as _RELU's), rounded
 # to Y (the compute dtype: float16 under mixed precision) as it is written.
@@ -999,8 +1001,6 @@ __device__ void xpcnn_bn_sum_lanes(A (*sums)[LANES][32], A& s1, A& s2) {
     s1 = sums[0][0][c];
     s2 = sums[1][0][c];
 }
-// dy, as a ReLU whose input was z passes it: times (z > 0), NaN staying NaN as in _MASK_MULTIPLY.
-__device__ A xpcnn_bn_relu_grad(A dy, A z) { return dy * (z > (A)0 ? (A)1 : (A)0); }
 extern "C" __global__ void xpcnn_batch_norm_sums(
         const D* __restrict__ dy, const X* __restrict__ x, const A* __restrict__ mean,
         const A* __restrict__ inv_std, const T* __restrict__ gamma, const T* __restrict__ beta,
@@ -1015,7 +1015,7 @@ extern "C" __global__ void xpcnn_batch_norm_sums(
             const long long i = r * cols + col;
             const A xhat = XPCNN_BN_XHAT(xpcnn_widen(x[i]), col);
             A g = (A)xpcnn_widen(dy[i]);
-            if (relu) g = xpcnn_bn_relu_grad(g, XPCNN_BN_Z(xhat, col));
+            if (relu) g = XPCNN_BN_RELU_GRAD(g, XPCNN_BN_Z(xhat, col));
             s1 += g;
             s2 += g * xhat;
         }
@@ -1055,8 +1055,7 @@ _BATCH_NORM_DX = cupy.ElementwiseKernel(
     """
     const int c = i % cols;
     const A xhat = XPCNN_BN_XHAT(x, c);
-    const A z = XPCNN_BN_Z(xhat, c);
-    const A g = relu ? (A)dy * (z > (A)0 ? (A)1 : (A)0) : (A)dy;
+    const A g = relu ? XPCNN_BN_RELU_GRAD((A)dy, XPCNN_BN_Z(xhat, c)) : (A)dy;
     dx = (X)(coefs[c] * ((g - coefs[cols + c]) - xhat * coefs[2 * cols + c]));
     """,
     "xpcnn_batch_norm_dx",
@@ -1065,7 +1064,7 @@ _BATCH_NORM_DX = cupy.ElementwiseKernel(
 # With the running statistics (inference, a frozen layer in training), one launch each way:
 # z as above, inv_std = 1 / sqrt(var + eps) per element (cheaper than a launch), all in A;
 # y = z (max(z, 0) with ``relu``) rounded to Y; dx = dz * gamma * inv_std rounded to X.
-_BATCH_NORM_RUNNING_Z = _ACC + """
+_BATCH_NORM_RUNNING_Z = _ACC + _BATCH_NORM_Z + """
 #define XPCNN_BN_RUNNING_Z(x, c) \\
     ((((A)(x) - (A)mean[c]) * ((A)1 / sqrt((A)var[c] + (A)eps))) * (A)gamma[c] + (A)beta[c])
 """
@@ -1088,7 +1087,7 @@ _BATCH_NORM_RUNNING_DX = cupy.ElementwiseKernel(
     """
     typedef XpcnnAcc<T>::type A;
     const int c = i % cols;
-    const A g = relu ? (A)dy * (XPCNN_BN_RUNNING_Z(x, c) > (A)0 ? (A)1 : (A)0) : (A)dy;
+    const A g = relu ? XPCNN_BN_RELU_GRAD((A)dy, XPCNN_BN_RUNNING_Z(x, c)) : (A)dy;
     dx = (X)(g * ((A)gamma[c] * ((A)1 / sqrt((A)var[c] + (A)eps))));
     """,
     "xpcnn_batch_norm_running_dx",
