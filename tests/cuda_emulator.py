@@ -300,9 +300,18 @@ class RawKernel:
     still to read. (A POSIX thread per CUDA thread was several times slower, and far slower
     on a loaded machine: each barrier a round of the host's scheduler for every thread of the
     block.) Pointer arguments are NumPy arrays, the others scalars of exactly the kernel's
-    declared types (as a GPU needs them)."""
+    declared types (as a GPU needs them).
+
+    That order shows a thread reading what a later thread writes in the same stretch between
+    barriers, not one reading what an earlier thread writes. So each launch runs twice, from
+    the same arguments: threads and blocks in order, then both in reverse, and must leave the
+    same bits in every array (:data:`check_schedules`); a race, a read of shared memory before
+    the block has written it (it holds the last block's values here), or a result that
+    depends on which block finishes last differs between the two."""
 
     build_dir = ElementwiseKernel.build_dir
+    #: Run every launch in both schedules and compare (see the class doc).
+    check_schedules = True
 
     def __init__(self, code: str, name: str, options: tuple[str, ...] = ()) -> None:
         self.code, self.name = code, name
@@ -348,7 +357,7 @@ class RawKernel:
             "\nstatic void xpcnn_thread() {\n"
             f"  {self.name}({', '.join(call)});\n"
             "  xpcnn_returned = true;\n}\n"
-            'extern "C" void run(unsigned* dims, void** ptrs, double* scalars) {\n'
+            'extern "C" void run(unsigned* dims, void** ptrs, double* scalars, bool reverse) {\n'
             "  xpcnn_ptrs = ptrs; xpcnn_scalars = scalars;\n"
             "  gridDim = {dims[0], dims[1], dims[2]}; blockDim = {dims[3], dims[4], dims[5]};\n"
             "  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;\n"
@@ -356,10 +365,11 @@ class RawKernel:
             "  char* stacks = (char*)malloc(threads * stack);\n"
             "  xpcnn_threads.assign(threads, ucontext_t());\n"
             "  std::vector<char> running(threads);\n"
-            "  for (unsigned z = 0; z < gridDim.z; ++z)\n"
-            "  for (unsigned y = 0; y < gridDim.y; ++y)\n"
-            "  for (unsigned x = 0; x < gridDim.x; ++x) {\n"
-            "    blockIdx = {x, y, z};\n"
+            "  const unsigned blocks = gridDim.x * gridDim.y * gridDim.z;\n"
+            "  for (unsigned k = 0; k < blocks; ++k) {\n"
+            "    const unsigned b = reverse ? blocks - 1 - k : k;\n"
+            "    blockIdx = {b % gridDim.x, b / gridDim.x % gridDim.y,"
+            " b / (gridDim.x * gridDim.y)};\n"
             "    for (unsigned t = 0; t < threads; ++t) {\n"
             "      ucontext_t& c = xpcnn_threads[t];\n"
             "      getcontext(&c);\n"
@@ -370,7 +380,8 @@ class RawKernel:
             "    }\n"
             "    // each running thread in turn, up to its next barrier or its return\n"
             "    for (unsigned left = threads; left > 0;)\n"
-            "      for (unsigned t = 0; t < threads; ++t) {\n"
+            "      for (unsigned k = 0; k < threads; ++k) {\n"
+            "        const unsigned t = reverse ? threads - 1 - k : k;\n"
             "        if (!running[t]) continue;\n"
             "        threadIdx = {t % blockDim.x, t / blockDim.x % blockDim.y,"
             " t / (blockDim.x * blockDim.y)};\n"
@@ -384,7 +395,27 @@ class RawKernel:
         dims = (ctypes.c_uint * 6)(*grid, *block)
         ptrs = (ctypes.c_void_p * max(1, len(buffers)))(*[b.ctypes.data for b in buffers])
         values = (ctypes.c_double * max(1, len(scalars)))(*scalars)
-        library.run(dims, ptrs, values)
+        if not self.check_schedules:
+            library.run(dims, ptrs, values, ctypes.c_bool(False))
+            return
+        before = [b.copy() for b in buffers]
+        library.run(dims, ptrs, values, ctypes.c_bool(False))
+        in_order = [b.copy() for b in buffers]
+        for b, saved in zip(buffers, before, strict=True):
+            b[...] = saved
+        library.run(dims, ptrs, values, ctypes.c_bool(True))
+        pointers = [decl for decl in self.params if "*" in decl]
+        for decl, b, expected in zip(pointers, buffers, in_order, strict=True):
+            differ = np.count_nonzero(_bytes(b) != _bytes(expected))
+            assert not differ, (
+                f"{self.name}: {differ} bytes of {decl} differ when "
+                "its threads and blocks run in reverse order: a race between threads, shared "
+                "memory read before it is written, or a result that depends on the last block")
+
+
+def _bytes(a: np.ndarray) -> np.ndarray:
+    """The bytes of C-contiguous ``a``, as a flat uint8 view."""
+    return a.reshape(-1).view(np.uint8)
 
 
 def fake_cupy() -> types.ModuleType:

@@ -459,7 +459,9 @@ def add_cupy_calls(m: types.ModuleType) -> types.ModuleType:
 
 def import_cudnn_conv() -> types.ModuleType:
     """``xpcnn.ops.cudnn_conv`` imported afresh against whatever ``cupy`` and ``cudnn``
-    sys.modules holds, reading host addresses for device ones."""
+    sys.modules holds, reading host addresses for device ones. Its cache of plans (the
+    process's, ``shared_plan``) starts empty: each fixture that imports it sees graphs built
+    by its own tests only, whatever ran before."""
     sys.modules.pop("xpcnn.ops.cudnn_conv", None)
     import xpcnn.ops.cudnn_conv as module
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from xpcnn.layers.base import DEFAULT
+
 
 def numeric_grad(f, x: np.ndarray, index: tuple, eps: float = 1e-6) -> float:
     """Central difference of scalar f() with respect to x[index] (x is modified and restored)."""
@@ -31,11 +33,12 @@ def assert_close(analytic: float, numeric: float, what: str, rtol: float = 1e-5,
 
 
 def check_layer(layer, input_shape, rng, batch=2, count=40, training=True, reset=None,
-                x=None):
+                x=None, options=DEFAULT):
     """Check dx and every parameter gradient of a float64 layer against finite differences.
 
     The scalar is sum(forward(x) * r) for a fixed random r, so backward(r) is its gradient.
-    ``reset`` is called before every forward (e.g. to replay a dropout mask).
+    ``reset`` is called before every forward (e.g. to replay a dropout mask); ``options``
+    are the plan's (e.g. a ReLU fused into the layer).
     """
     if not layer.built:
         layer.build(input_shape, "cpu", dtype="float64", rng=rng)
@@ -43,16 +46,16 @@ def check_layer(layer, input_shape, rng, batch=2, count=40, training=True, reset
         x = rng.standard_normal((batch, *input_shape))
     reset = reset or (lambda: None)
     reset()
-    y = layer.forward(x, training=training)
+    y = layer.forward(x, training=training, options=options)
     r = rng.standard_normal(y.shape)
 
     def f():
         reset()
-        return float(np.sum(layer.forward(x, training=training) * r))
+        return float(np.sum(layer.forward(x, training=training, options=options) * r))
 
     reset()
-    layer.forward(x, training=training)
-    dx = layer.backward(r)
+    layer.forward(x, training=training, options=options)
+    dx = layer.backward(r, options)
     grads = {k: np.array(v) for k, v in layer.grads.items()}
     for idx in sample_indices(x.shape, count, rng):
         assert_close(dx[idx], numeric_grad(f, x, idx), f"{layer!r} dx{idx}")

@@ -50,6 +50,14 @@ def fused_relu_net(classes: int = 10) -> list:
             Dense(8), ReLU(), Dense(classes), Softmax()]
 
 
+def bn_relu_net(classes: int = 10) -> list:
+    """BatchNorm2D -> ReLU() twice, fused by the plan: the first BatchNorm2D applies its ReLU's
+    gradient itself, the second leaves it to the max pool after it."""
+    return [Rescaling(1 / 255), Conv2D(6, 3, padding="same", use_bias=False), BatchNorm2D(),
+            ReLU(), Conv2D(6, 3, padding="same", use_bias=False), BatchNorm2D(), ReLU(),
+            MaxPool2D(2), Flatten(), Dense(classes), Softmax()]
+
+
 def plan_of(model) -> tuple[list[str], list[str], list[tuple[str, str]]]:
     """A built model's plan by layer names: the layers it runs (up to the logits), those that
     apply the ReLU() after them, and the (layer, reader) pairs where the reader applies the
@@ -100,11 +108,12 @@ def four_class_model():
 
 def residual_net(shape=(8, 8, 3), classes=5):
     """A residual block with BatchNorm, a Concatenate branch, tensors read two and three times,
-    a Conv2D -> ReLU the plan can fuse and one it must not (the convolution's output has a
-    second reader), and a ReLU whose gradient the max pool after it applies."""
+    a Conv2D -> ReLU and a BatchNorm2D -> ReLU the plan can fuse and a Conv2D -> ReLU it must
+    not (the convolution's output has a second reader), and a ReLU whose gradient the max
+    pool after it applies."""
     inputs = xpcnn.Input(shape)
     x = Conv2D(4, 3, padding="same", use_bias=False, name="stem")(inputs)
-    x = ReLU(name="stem_relu")(BatchNorm2D(name="stem_bn")(x))  # read three times below
+    x = ReLU(name="stem_relu")(BatchNorm2D(name="stem_bn")(x))  # fused; read three times
     y = Conv2D(4, 3, padding="same", name="conv_a")(x)
     y = ReLU(name="relu_a")(y)  # fused into conv_a: its only reader
     # (no bias before a BatchNorm: its gradient is rounding noise, which Adam would amplify)

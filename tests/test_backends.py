@@ -3,7 +3,7 @@
 import array_api_strict as xs
 import numpy as np
 import pytest
-from nets import every_layer_net, fused_relu_net, gap_net, plan_of
+from nets import bn_relu_net, every_layer_net, fused_relu_net, gap_net, plan_of
 
 import xpcnn
 from xpcnn.backend import get_backend
@@ -72,6 +72,22 @@ def test_strict_fused_relu_paths(data):
     assert fused == [conv.name, dense.name] and model.layers[3].name not in ran
     assert handed == [(conv.name, fnorm.name), (conv_relu.name, pool.name)]
     assert_same_weights(model.get_weights(), ref.get_weights(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu", xs], ids=["numpy", "strict"])
+def test_batchnorm_with_its_relu_fused_trains_as_with_relu_layers(device, data, monkeypatch):
+    """BatchNorm2D with the ReLU() after it fused (its mask recomputed in backward, or left
+    to a max pool) ends training with the weights, bit for bit, of the same model whose ReLU
+    layers run on their own: on NumPy's fast path and in the standard spelling."""
+    fused, _ = _train(device, data, _sgd(), net=bn_relu_net)
+    ran, fused_layers, handed = plan_of(fused)
+    assert fused_layers == ["batchnorm2d", "batchnorm2d_1"] and "relu" not in ran
+    assert handed == [("batchnorm2d_1", "maxpool2d")]
+    monkeypatch.setattr(xpcnn.layers.BatchNorm2D, "can_fuse_relu", False)
+    apart, _ = _train(device, data, _sgd(), net=bn_relu_net)
+    assert plan_of(apart)[1] == []
+    for u, v in zip(fused.get_weights(), apart.get_weights(), strict=True):
+        np.testing.assert_array_equal(u, v)
 
 
 def test_pytorch_cpu_ends_with_the_same_weights_as_numpy(data):

@@ -339,20 +339,24 @@ def test_column_sum_kernel_compiles(fast_cupy, monkeypatch, dtype, arch, name):
 def test_batch_norm_kernels_compile(fast_cupy, monkeypatch, dtype, io, arch):
     """BatchNorm in two launches each way: the last-block statistics (the trees over lanes,
     Chan's merge of counts, means and sums of squares, the running statistics written in
-    place) and the column sums of the gradient, in the accumulator type (float for __half);
-    then the elementwise launches, with CuPy's float16 class where a type is float16."""
+    place) and the column sums of the gradient with xhat and the ReLU's mask recomputed from
+    the input, in the accumulator type (float for __half); then the elementwise launches, and
+    those with the running statistics, with CuPy's float16 class where a type is float16."""
     acc = "float64" if dtype == "float64" else "float32"
     for name, source, types in [
             ("xpcnn_batch_norm_stats", fast_cupy._BATCH_NORM_SOURCE, {"X": io}),
-            ("xpcnn_batch_norm_sums", fast_cupy._BATCH_NORM_BACKWARD_SOURCE, {"D": io})]:
+            ("xpcnn_batch_norm_sums", fast_cupy._BATCH_NORM_BACKWARD_SOURCE,
+             {"D": io, "X": io})]:
         code, log = _compile(_raw_source(fast_cupy, monkeypatch, name, source, T=dtype, A=acc,
                                          **types), name, arch)
         assert code == 0, log
     c_types = {"float16": "float16", "float32": "float", "float64": "double"}
     t, x, a = c_types[dtype], c_types[io], c_types[acc]
     for kernel, types, arrays in [
-            (fast_cupy._BATCH_NORM_APPLY, {"X": x, "T": t, "A": a}, ("x", "xhat", "y")),
-            (fast_cupy._BATCH_NORM_DX, {"D": x, "T": t, "A": a}, ("dy", "xhat", "dx"))]:
+            (fast_cupy._BATCH_NORM_APPLY, {"X": x, "T": t, "A": a, "Y": x}, ("x", "y")),
+            (fast_cupy._BATCH_NORM_DX, {"D": x, "X": x, "T": t, "A": a}, ("dy", "x", "dx")),
+            (fast_cupy._BATCH_NORM_RUNNING, {"X": x, "T": t, "Y": x}, ("x", "y")),
+            (fast_cupy._BATCH_NORM_RUNNING_DX, {"D": x, "X": x, "T": t}, ("dy", "x", "dx"))]:
         code, log = _compile(_elementwise_as_kernel(kernel, types, arrays=arrays), kernel.name,
                              arch)
         assert code == 0, log

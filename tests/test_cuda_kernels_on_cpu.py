@@ -266,9 +266,9 @@ def test_feature_norm_and_its_gradient(fast, monkeypatch, rng, shape, dtype, com
                                                                     compute))
 
 
-def _batch_norm_exact(x, gamma, beta, moving_mean, moving_var, momentum):
-    """BatchNorm2D's training forward in long double: (y, xhat, inv_std, the running mean and
-    variance after it)."""
+def _batch_norm_exact(x, gamma, beta, moving_mean, moving_var, momentum, relu):
+    """BatchNorm2D's training forward in long double: (y, mean, inv_std, the running mean and
+    variance after it), and its z = xhat * gamma + beta and xhat."""
     x, gamma, beta, moving_mean, moving_var = (a.astype(np.longdouble) for a in (
         x, gamma, beta, moving_mean, moving_var))
     axes, count = tuple(range(x.ndim - 1)), x.size // x.shape[-1]
@@ -276,8 +276,34 @@ def _batch_norm_exact(x, gamma, beta, moving_mean, moving_var, momentum):
     var = ((x - mean) ** 2).mean(axis=axes)
     inv_std = 1 / np.sqrt(var + 1e-5)
     xhat = (x - mean) * inv_std
-    return (xhat * gamma + beta, xhat, inv_std, (1 - momentum) * moving_mean + momentum * mean,
-            (1 - momentum) * moving_var + momentum * var * (count / max(count - 1, 1)))
+    z = xhat * gamma + beta
+    return ((np.maximum(z, 0) if relu else z, mean, inv_std,
+             (1 - momentum) * moving_mean + momentum * mean,
+             (1 - momentum) * moving_var + momentum * var * (count / max(count - 1, 1))),
+            z, xhat)
+
+
+def _batch_norm_backward_exact(dy, xhat, z, inv_std, gamma, relu):
+    """The gradients of BatchNorm2D's training forward in long double: (dx, dgamma, dbeta)."""
+    dz = dy.astype(np.longdouble) * (z > 0) if relu else dy.astype(np.longdouble)
+    axes = tuple(range(dy.ndim - 1))
+    return (gamma.astype(np.longdouble) * inv_std * (
+                dz - dz.mean(axis=axes) - xhat * (dz * xhat).mean(axis=axes)),
+            (dz * xhat).sum(axis=axes), dz.sum(axis=axes))
+
+
+def _counting_batch_norm_launches(kernels, monkeypatch):
+    """The names of the BatchNorm kernels launched from now on, in order."""
+    launches = []
+    raw_kernel = kernels._raw_kernel
+    monkeypatch.setattr(kernels, "_raw_kernel",
+                        lambda name, *a, **k: launches.append(name) or raw_kernel(name, *a, **k))
+    for name in ("_BATCH_NORM_APPLY", "_BATCH_NORM_DX", "_BATCH_NORM_RUNNING",
+                 "_BATCH_NORM_RUNNING_DX"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, kernel=kernel: launches.append(kernel.name) or kernel(*a))
+    return launches
 
 
 # (shape, blocks along the rows at most, rows a block at least): one row; 7 rows of one channel;
@@ -286,93 +312,170 @@ def _batch_norm_exact(x, gamma, beta, moving_mean, moving_var, momentum):
 # a batch of 128 gives them (113 blocks), float32 alone (a few seconds on the emulator).
 BATCH_NORM_SHAPES = [((1, 1, 1, 64), 512, 1024), ((7, 1), 512, 1024), ((9, 33), 5, 2),
                      ((3, 10, 10, 3), 8, 16), ((2, 5, 7, 64), 3, 1)]
+# (the input's and output's dtype, the parameters' and statistics': float16 with float32 is
+# mixed precision)
 BATCH_NORM_DTYPES = [(np.float16, np.float16), (np.float32, np.float32),
                      (np.float64, np.float64), (np.float16, np.float32)]
 
 
-@pytest.mark.parametrize(("shape", "most", "fewest", "dtype", "compute"),
-                         [(*case, *dtypes) for case in BATCH_NORM_SHAPES
-                          for dtypes in BATCH_NORM_DTYPES]
-                         + [((128, 30, 30, 3), 512, 1024, np.float32, np.float32)])
+@pytest.mark.parametrize(("shape", "most", "fewest", "dtype", "compute", "relu"),
+                         [(*case, *dtypes, relu) for case in BATCH_NORM_SHAPES
+                          for dtypes in BATCH_NORM_DTYPES for relu in (False, True)]
+                         + [((128, 30, 30, 3), 512, 1024, np.float32, np.float32, True)])
 def test_batch_norm_in_two_launches_each_way(fast, monkeypatch, rng, shape, most, fewest, dtype,
-                                             compute):
-    """Training forward and backward of BatchNorm2D, two launches each way (one backward
-    without the input's gradient), every output written: the standard version's dtypes, its
-    values and running statistics to within a few roundings, at least as close as they are to
-    the exact ones (or within two units of the last place), the same bits at a second call
-    (which a "last block" counter left at anything but 0 would break). ``compute`` is the
-    parameters' dtype; a float16 input with float32 parameters is mixed precision."""
+                                             compute, relu):
+    """Training forward and backward of BatchNorm2D, with the ReLU after it fused or not, two
+    launches each way (one backward without the input's gradient), every output written: the
+    output in the input's dtype (the compute dtype), the gradients in the input's and the
+    parameters' dtypes, the values and running statistics at least as close to the exact
+    ones as the standard version's (or within two units of the last place), the same bits at
+    a second call (which a "last block" counter left at anything but 0 would break). Backward
+    recomputes xhat and the ReLU's mask from the input: its fused ReLU gradient is, bit for
+    bit, that of the gradient masked where forward's z is > 0 (z in the accumulator type,
+    before the output's rounding to float16 could make a tiny positive z 0)."""
     kernels = sys.modules[type(fast).__module__]  # (the emulated xpcnn.ops.fast_cupy)
     monkeypatch.setattr(kernels, "_SUM_ROWS_BLOCKS", most)
     monkeypatch.setattr(kernels, "_SUM_ROWS_PER_BLOCK", fewest)
     monkeypatch.setattr(kernels.cupy, "empty", _poisoned)  # (what is not written stays NaN)
-    launches = []
-    raw_kernel = kernels._raw_kernel
-    monkeypatch.setattr(kernels, "_raw_kernel",
-                        lambda name, *a, **k: launches.append(name) or raw_kernel(name, *a, **k))
-    for name in ("_BATCH_NORM_APPLY", "_BATCH_NORM_DX"):
-        kernel = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name,
-                            lambda *a, kernel=kernel: launches.append(kernel.name) or kernel(*a))
+    launches = _counting_batch_norm_launches(kernels, monkeypatch)
     eps = 2 * np.finfo(compute).eps  # (relative to the largest value)
     c = shape[-1]
     x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
     gamma, beta, moving_mean = (rng.standard_normal(c).astype(compute) for _ in range(3))
     moving_var = (rng.random(c) + 0.5).astype(compute)
     running = [(moving_mean.copy(), moving_var.copy()) for _ in range(3)]
-    got = fast.batch_norm_train(x, gamma, beta, *running[0], 0.1, 1e-5, compute)
-    assert len(launches) == 2
-    want = STD.batch_norm_train(x, gamma, beta, *running[1], 0.1, 1e-5, compute)
-    exact = _batch_norm_exact(x, gamma, beta, moving_mean, moving_var, 0.1)
-    for g, w, e in zip([*got, *running[0]], [*want, *running[1]], exact, strict=True):
-        assert g.dtype == w.dtype == compute and g.shape == w.shape == e.shape
+    got = fast.batch_norm_train(x, gamma, beta, *running[0], 0.1, 1e-5, dtype, relu)
+    assert launches == ["xpcnn_batch_norm_stats", "xpcnn_batch_norm_apply"]
+    want = STD.batch_norm_train(x, gamma, beta, *running[1], 0.1, 1e-5, dtype, relu)
+    exact, z, xhat = _batch_norm_exact(x, gamma, beta, moving_mean, moving_var, 0.1, relu)
+    acc = np.float64 if compute == np.float64 else np.float32
+    for k, (g, w, e) in enumerate(zip([*got, *running[0]], [*want, *running[1]], exact,
+                                      strict=True)):
+        assert g.dtype == (dtype, acc, acc, compute, compute)[k]
+        assert w.dtype == (dtype, compute, compute, compute, compute)[k]
+        assert g.shape == w.shape == e.shape
         scale = max(1.0, float(np.max(np.abs(e))))
-        assert _error(g, e, scale) <= max(_error(w, e, scale), eps)
-    again = fast.batch_norm_train(x, gamma, beta, *running[2], 0.1, 1e-5, compute)
+        assert _error(g, e, scale) <= max(_error(w, e, scale), eps, np.finfo(g.dtype).eps)
+    if relu:
+        assert (got[0] >= 0).all()
+    again = fast.batch_norm_train(x, gamma, beta, *running[2], 0.1, 1e-5, dtype, relu)
     for g, a in zip([*got, *running[0]], [*again, *running[2]], strict=True):
         np.testing.assert_array_equal(g, a)
 
     launches.clear()
-    _, xhat, inv_std = got
+    y, mean, inv_std = got
     dy = rng.standard_normal(shape).astype(dtype)
-    g64, xhat64, inv64, gamma64 = (a.astype(np.longdouble) for a in (dy, xhat, inv_std, gamma))
-    axes = tuple(range(len(shape) - 1))
-    exact = (gamma64 * inv64 * (g64 - g64.mean(axis=axes)
-                                - xhat64 * (g64 * xhat64).mean(axis=axes)),
-             (g64 * xhat64).sum(axis=axes), g64.sum(axis=axes))
-    got = fast.batch_norm_backward(dy, xhat, inv_std, gamma, True)
-    assert len(launches) == 2
-    want = STD.batch_norm_backward(dy, xhat, inv_std, gamma, True)
-    for g, w, e in zip(got, want, exact, strict=True):
-        assert g.dtype == w.dtype == compute and g.shape == w.shape == e.shape
+    exact = _batch_norm_backward_exact(dy, xhat, z, exact[2], gamma, relu)
+    got = fast.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu, True)
+    assert launches == ["xpcnn_batch_norm_sums", "xpcnn_batch_norm_dx"]
+    want = STD.batch_norm_backward(dy, x, want[1], want[2], gamma, beta, relu, True)
+    for g, w, e, t in zip(got, want, exact, (dtype, compute, compute), strict=True):
+        assert g.dtype == w.dtype == t and g.shape == w.shape == e.shape
         scale = max(1.0, float(np.max(np.abs(e))))
-        assert _error(g, e, scale) <= max(_error(w, e, scale), eps)
-    without = fast.batch_norm_backward(dy, xhat, inv_std, gamma, False)
+        assert _error(g, e, scale) <= max(_error(w, e, scale), eps, np.finfo(t).eps)
+    without = fast.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu, False)
     assert len(launches) == 3 and without[0] is None
-    for g, a in zip(got, (*fast.batch_norm_backward(dy, xhat, inv_std, gamma, True),), strict=True):
+    for g, a in zip(got, fast.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu, True),
+                    strict=True):
         np.testing.assert_array_equal(g, a)
     for g, a in zip(got[1:], without[1:], strict=True):
         np.testing.assert_array_equal(g, a)
+    if relu:
+        z = fast.batch_norm_train(x, gamma, beta, moving_mean.copy(), moving_var.copy(), 0.1,
+                                  1e-5, acc, False)[0]
+        assert ((z > 0) == (y > 0)).all()  # (no z rounds to 0 here)
+        masked = fast.batch_norm_backward(dy * (z > 0), x, mean, inv_std, gamma, beta, False,
+                                          True)
+        for g, a in zip(got, masked, strict=True):
+            np.testing.assert_array_equal(g, a)
     assert not kernels._COUNTERS["cpu"].any()
 
 
+@pytest.mark.parametrize(("dtype", "compute"), BATCH_NORM_DTYPES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_with_the_running_statistics_in_one_launch_each_way(
+        fast, monkeypatch, rng, dtype, compute, relu):
+    """Inference and a frozen layer's training step, with the ReLU after it fused or not: one
+    launch each way, the output in the input's dtype (the compute dtype), the input's gradient
+    in its own, at least as close to the exact values as the standard version's (or within
+    two units of the last place), nothing moved in the running statistics."""
+    kernels = sys.modules[type(fast).__module__]
+    monkeypatch.setattr(kernels.cupy, "empty", _poisoned)
+    launches = _counting_batch_norm_launches(kernels, monkeypatch)
+    shape, c = (3, 5, 4, 37), 37
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    gamma, beta, mean = (rng.standard_normal(c).astype(compute) for _ in range(3))
+    var = (rng.random(c) + 0.5).astype(compute)
+    before = mean.copy(), var.copy()
+    got = fast.batch_norm_running(x, gamma, beta, mean, var, 1e-5, dtype, relu)
+    assert launches == ["xpcnn_batch_norm_running"]
+    want = STD.batch_norm_running(x, gamma, beta, mean, var, 1e-5, dtype, relu)
+    g64, b64, m64, v64 = (a.astype(np.longdouble) for a in (gamma, beta, mean, var))
+    scale64 = g64 / np.sqrt(v64 + 1e-5)
+    z = (x.astype(np.longdouble) - m64) * scale64 + b64
+    dy = rng.standard_normal(shape).astype(dtype)
+    dx = fast.batch_norm_running_backward(dy, x, gamma, beta, mean, var, 1e-5, relu)
+    assert launches == ["xpcnn_batch_norm_running", "xpcnn_batch_norm_running_dx"]
+    dx_want = STD.batch_norm_running_backward(dy, x, gamma, beta, mean, var, 1e-5, relu)
+    exact_dx = dy.astype(np.longdouble) * scale64 * ((z > 0) if relu else 1)
+    eps = 2 * np.finfo(compute).eps
+    for g, w, e in [(got, want, np.maximum(z, 0) if relu else z), (dx, dx_want, exact_dx)]:
+        assert g.dtype == w.dtype == dtype and g.shape == w.shape == shape
+        scale = max(1.0, float(np.max(np.abs(e))))
+        assert _error(g, e, scale) <= max(_error(w, e, scale), eps, np.finfo(dtype).eps)
+    if relu:
+        np.testing.assert_array_equal(
+            dx, fast.batch_norm_running_backward(dy * (got > 0), x, gamma, beta, mean, var, 1e-5,
+                                                 False))
+    for a, b in zip((mean, var), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_batch_norm_of_a_broadcast_gradient_is_that_of_the_gradient_made_whole(
+        fast, monkeypatch, rng):
+    """GlobalAvgPool2D's gradient (a broadcast view) after a BatchNorm2D: made contiguous, the
+    same bits as from the contiguous gradient, still through the kernels."""
+    launches = _counting_batch_norm_launches(sys.modules[type(fast).__module__], monkeypatch)
+    x = rng.standard_normal((4, 3, 3, 5)).astype(np.float32)
+    gamma, beta = rng.standard_normal(5).astype(np.float32), np.zeros(5, np.float32)
+    _, mean, inv_std = fast.batch_norm_train(x, gamma, beta, np.zeros(5, np.float32),
+                                             np.ones(5, np.float32), 0.1, 1e-5, np.float32,
+                                             True)
+    dy = np.broadcast_to(rng.standard_normal((4, 1, 1, 5)).astype(np.float32), x.shape)
+    for g, w in zip(fast.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, True, True),
+                    fast.batch_norm_backward(np.ascontiguousarray(dy), x, mean, inv_std, gamma,
+                                             beta, True, True), strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert launches == ["xpcnn_batch_norm_stats", "xpcnn_batch_norm_apply",
+                        *["xpcnn_batch_norm_sums", "xpcnn_batch_norm_dx"] * 2]
+
+
 def test_batch_norm_of_what_its_kernels_do_not_take_is_the_standard_one(fast, rng):
-    """A non-contiguous input or gradient, parameters of another dtype than the statistics',
-    or an input wider than them: the standard version, bit for bit."""
+    """A non-contiguous input, parameters of another dtype than the statistics', or an input
+    wider than them: the standard version, bit for bit."""
     x = rng.standard_normal((4, 3, 5)).astype(np.float32)
     gamma, beta = rng.standard_normal(5).astype(np.float32), np.zeros(5, np.float32)
-    cases = [(x.transpose(1, 0, 2), gamma, np.float32),
-             (x, gamma.astype(np.float64), np.float32), (x.astype(np.float64), gamma, np.float32)]
-    for data, g, dtype in cases:
+    cases = [(x.transpose(1, 0, 2), gamma, beta), (x, gamma.astype(np.float64), beta),
+             (x.astype(np.float64), gamma, beta)]
+    for data, g, b in cases:
         stats = [(np.zeros(5, np.float32), np.ones(5, np.float32)) for _ in range(2)]
-        got = fast.batch_norm_train(data, g, beta, *stats[0], 0.1, 1e-5, dtype)
-        want = STD.batch_norm_train(data, g, beta, *stats[1], 0.1, 1e-5, dtype)
-        for a, b in zip([*got, *stats[0]], [*want, *stats[1]], strict=True):
-            np.testing.assert_array_equal(a, b)
-        dy = np.ones_like(data)
-        for a, b in zip(fast.batch_norm_backward(dy, got[1], got[2], g, True),
-                        STD.batch_norm_backward(dy, got[1], got[2], g, True), strict=True):
-            np.testing.assert_array_equal(a, b)
+        for relu in (False, True):
+            got = fast.batch_norm_train(data, g, b, *stats[0], 0.1, 1e-5, np.float32, relu)
+            want = STD.batch_norm_train(data, g, b, *stats[1], 0.1, 1e-5, np.float32, relu)
+            for a, w in zip([*got, *stats[0]], [*want, *stats[1]], strict=True):
+                np.testing.assert_array_equal(a, w)
+            dy = np.ones(data.shape, np.float32)
+            for a, w in zip(
+                    fast.batch_norm_backward(dy, data, got[1], got[2], g, b, relu, True),
+                    STD.batch_norm_backward(dy, data, got[1], got[2], g, b, relu, True),
+                    strict=True):
+                np.testing.assert_array_equal(a, w)
+            np.testing.assert_array_equal(
+                fast.batch_norm_running(data, g, b, *stats[0], 1e-5, np.float32, relu),
+                STD.batch_norm_running(data, g, b, *stats[0], 1e-5, np.float32, relu))
+            np.testing.assert_array_equal(
+                fast.batch_norm_running_backward(dy, data, g, b, *stats[0], 1e-5, relu),
+                STD.batch_norm_running_backward(dy, data, g, b, *stats[0], 1e-5, relu))
 
 
 @needs_host_fma
@@ -431,6 +534,40 @@ def test_the_emulator_passes_raw_kernels_scalars_as_cupy_does(fast, rows, cols, 
            (a, np.int64(5), np.int32(3), np.int64(5), np.empty((1, 3), np.float32),
             kernels._counters(a), out))
     np.testing.assert_array_equal(out, [5, 5, 5])
+
+
+# Thread t writes s[t]; thread t then reads the value of its neighbour, the thread before it
+# or after it, with or without a barrier between.
+_NEIGHBOUR = r"""
+__global__ void neighbour(float* out) {
+    __shared__ float s[8];
+    const unsigned t = threadIdx.x;
+    s[t] = blockIdx.x * 8.0f + t + 1.0f;
+    BARRIER
+    out[blockIdx.x * 8 + t] = s[(t + SHIFT) % 8];
+}
+"""
+
+
+@pytest.mark.parametrize("shift", [7, 1], ids=["the thread before", "the thread after"])
+def test_the_emulator_finds_a_missing_barrier_whichever_thread_reads(shift):
+    """The emulator runs a block's threads one after another between barriers, so in order
+    alone it misses a thread reading what an earlier thread wrote without a barrier; every
+    launch runs in reverse order too and the two must agree, which finds both cases."""
+    from cuda_emulator import RawKernel
+
+    def launch(barrier):
+        code = _NEIGHBOUR.replace("BARRIER", barrier).replace("SHIFT", str(shift))
+        out = np.zeros(16, np.float32)
+        RawKernel(code, "neighbour")((2,), (8,), (out,))
+        return out
+
+    expected = np.arange(16, dtype=np.float32).reshape(2, 8)
+    expected = (np.roll(expected, -shift, axis=1) + 1).reshape(-1)
+    np.testing.assert_array_equal(launch("__syncthreads();"), expected)
+    with pytest.raises(AssertionError, match="float\\* out differ when its threads and blocks "
+                                             "run in reverse order"):
+        launch("")
 
 
 @pytest.mark.parametrize("rows", [131072, 1031, 1000, 513, 100])

@@ -5,6 +5,7 @@ and ReLU fused into the forward graph) are checked here by the numbers they give
 standard engine, and the graph caching, the TF32 switch and the fallbacks by what was called.
 tests/test_gpu.py runs the same engine against real cuDNN where a GPU is lent."""
 
+import threading
 import types
 
 import array_api_compat.numpy as xpn
@@ -187,12 +188,12 @@ def test_the_determinism_switch_excludes_nondeterministic_plans(cc, monkeypatch,
     """XPCNN_DETERMINISTIC=1: no plan with the NONDETERMINISTIC note, for every graph (the
     convolutions' and the matmuls'), in every dtype; off (the default, as in PyTorch): the
     notes of the TF32 switch alone."""
-    g, cudnn, _ = _engines(cc, GEOMETRIES[0])
-    x, w, bias, dy = conv_data(g, rng, 2, dtype)
     for setting in ("1", "0"):
         monkeypatch.setenv("XPCNN_DETERMINISTIC", setting)
         GRAPHS.clear()
-        cudnn._plans.clear()
+        cc.clear_plans()
+        g, cudnn, _ = _engines(cc, GEOMETRIES[0])
+        x, w, bias, dy = conv_data(g, rng, 2, dtype)
         cudnn.forward(x, w, bias, True)
         cudnn.weight_grad(x, dy, True)
         rows = x.reshape(-1, g.channels)
@@ -203,17 +204,17 @@ def test_the_determinism_switch_excludes_nondeterministic_plans(cc, monkeypatch,
 
 def test_the_switches_set_later_reach_the_graphs_already_built(cc, monkeypatch, rng):
     """XPCNN_DETERMINISTIC, XPCNN_TF32 and CUPY_TF32 changed after a first use: the plans that
-    a layer's engine caches, and the one matmul engine (CupyKernels keeps it for the process),
-    are built again for the new setting, not reused; the others stay cached."""
-    g, cudnn, _ = _engines(cc, GEOMETRIES[0])
-    x, w, bias, dy = conv_data(g, rng, 2, np.float32)
-    matmul = cc.CudnnMatmul(cc.load())
-    rows = x.reshape(-1, g.channels)
+    a layer's engine and the process cache, and the one matmul engine (CupyKernels keeps it
+    for the process), are built again for the new setting, not reused; the others stay
+    cached."""
     # what each switch rebuilds: [convolution, matmul]
     for variable, rebuilt in (("XPCNN_DETERMINISTIC", [True, True]),
                               ("XPCNN_TF32", [True, False]), ("CUPY_TF32", [False, True])):
-        cudnn._plans.clear()
-        matmul._plans.clear()
+        cc.clear_plans()
+        g, cudnn, _ = _engines(cc, GEOMETRIES[0])
+        x, w, bias, dy = conv_data(g, rng, 2, np.float32)
+        matmul = cc.CudnnMatmul(cc.load())
+        rows = x.reshape(-1, g.channels)
         for setting in ("0", "1"):
             monkeypatch.setenv(variable, setting)
             GRAPHS.clear()
@@ -502,6 +503,7 @@ def _tuned_forward(cc, rng, plans, dtype=np.float32, runs=2):
     and whether each run gave the standard engine's result."""
     import unittest.mock
 
+    cc.clear_plans()  # (a cuDNN with other plans than the last call's)
     with unittest.mock.patch.object(PyGraph, "PLANS", tuple(plans)):
         g, cudnn, standard = _engines(cc, GEOMETRIES[0])
         x, w, bias, _ = conv_data(g, rng, 2, dtype)
@@ -696,3 +698,270 @@ def test_training_with_cudnn_convolutions(emulated_cupy, monkeypatch, net):
     assert loss_cudnn == pytest.approx(loss_std, rel=1e-5)
     for a, b in zip(cudnn_model.get_weights(), std_model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# -- the process's plans (shared_plan, clear_plans) ----------------------------------------------
+# a strided "same" convolution: pads (0, 1, 0, 1), which padding=1 changes and nothing else
+SHARED_CASE = ((6, 6, 3), 4, (3, 3), (2, 2), "same")
+
+
+def _layer(cc, case=SHARED_CASE):
+    """A layer's engine, as each Conv2D makes its own: its geometry an equal, separate object."""
+    return _engines(cc, case)[1]
+
+
+def _all_results(engine, x, w, bias, dy):
+    """Forward (+ bias and ReLU), input gradient, kernel and bias gradients."""
+    return (engine.forward(x, w, bias, True), engine.input_grad(dy, w),
+            *engine.weight_grad(x, dy, True))
+
+
+def test_layers_with_the_same_convolution_share_its_plans_built_and_timed_once(cc, rng):
+    """Two layers (or two models) with one convolution: each of its graphs is built and timed
+    once in the process, and every layer runs the plan that timing chose."""
+    import unittest.mock
+
+    with unittest.mock.patch.object(PyGraph, "PLANS", (FakePlan(ms=2.0), FakePlan(ms=1.0))):
+        first, second = _layer(cc), _layer(cc)
+        g, _, standard = _engines(cc, SHARED_CASE)
+        x, w, bias, dy = conv_data(g, rng, 2, np.float32)
+        want = _all_results(standard, x, w, bias, dy)
+        for engine in (first, second, first):
+            for got, expected in zip(_all_results(engine, x, w, bias, dy), want, strict=True):
+                np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-4)
+    assert first.geometry is not second.geometry
+    assert [graph.ops[0][0] for graph in GRAPHS] == ["conv_fprop", "conv_dgrad", "conv_wgrad"]
+    per_plan = 1 + cc.TUNE_RUNS
+    assert all(graph.timed == [0] * per_plan + [1] * per_plan for graph in GRAPHS)
+    assert all(graph.selected == 1 and graph.executions == 3 for graph in GRAPHS)
+    assert list(first._plans.values()) == list(second._plans.values())
+    assert all(a is b for a, b in zip(first._plans.values(), second._plans.values(), strict=True))
+
+
+def _device(monkeypatch, index):
+    import sys
+
+    monkeypatch.setattr(sys.modules["cupy"].cuda, "Device",
+                        lambda: types.SimpleNamespace(id=index))
+
+
+# Each change of what decides a forward graph or its plan, from BASE: the arguments of
+# _forward, the environment, the device.
+BASE = {"case": SHARED_CASE, "n": 2, "dtype": np.float32, "bias": True, "relu": True}
+OTHER_CONVOLUTIONS = {
+    "input size": {"case": ((7, 6, 3), 4, (3, 3), (2, 2), "same")},
+    "channels": {"case": ((6, 6, 2), 4, (3, 3), (2, 2), "same")},
+    "filters": {"case": ((6, 6, 3), 5, (3, 3), (2, 2), "same")},
+    "kernel": {"case": ((6, 6, 3), 4, (3, 1), (2, 2), "same")},
+    "strides": {"case": ((6, 6, 3), 4, (3, 3), (2, 1), "same")},
+    "pads alone": {"case": ((6, 6, 3), 4, (3, 3), (2, 2), 1)},
+    "batch": {"n": 3},
+    "dtype": {"dtype": np.float64},
+    "no bias": {"bias": False},
+    "no relu": {"relu": False},
+    "tf32 off": {"env": {"XPCNN_TF32": "0"}},
+    "deterministic": {"env": {"XPCNN_DETERMINISTIC": "1"}},
+    "autotune off": {"env": {"XPCNN_CUDNN_AUTOTUNE": "0"}},
+    "device": {"device": 1},
+}
+
+
+def _forward(cc, rng, case, n, dtype, bias, relu):
+    """A new layer's forward pass, checked against the standard engine."""
+    g, engine, standard = _engines(cc, case)
+    x, w, b, _ = conv_data(g, rng, n, dtype)
+    b = b if bias else None
+    tol = 2e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(engine.forward(x, w, b, relu), standard.forward(x, w, b, relu),
+                               rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("change", list(OTHER_CONVOLUTIONS))
+def test_convolutions_that_differ_in_anything_have_plans_of_their_own(cc, monkeypatch, rng,
+                                                                      change):
+    """A plan is shared only where all that decides its graph and its choice is the same: a
+    layer that differs in any of it builds its own, with its own (right) numbers; the first
+    configuration's plan is still there for a third layer."""
+    other = {**BASE, **OTHER_CONVOLUTIONS[change]}
+    env, device = other.pop("env", {}), other.pop("device", 0)
+    _forward(cc, rng, **BASE)
+    with monkeypatch.context() as m:
+        for name, value in env.items():
+            m.setenv(name, value)
+        _device(m, device)
+        _forward(cc, rng, **other)
+    assert len(GRAPHS) == 2
+    _forward(cc, rng, **BASE)
+    assert len(GRAPHS) == 2
+
+
+def test_a_convolution_cudnn_has_no_plan_for_is_tried_once_and_warned_about_once(
+        cc, monkeypatch, rng):
+    """cuDNN's refusal is kept as the plan: a second layer with that convolution neither builds
+    the graph again nor warns again, and runs it on the fallback, right."""
+    monkeypatch.setattr(PyGraph, "refuse", lambda graph: graph.ops[0][0] == "conv_dgrad")
+    g, _, standard = _engines(cc, SHARED_CASE)
+    _, w, _, dy = conv_data(g, rng, 2, np.float64)
+    with pytest.warns(RuntimeWarning, match="no plan for input gradient") as record:
+        got = [_layer(cc).input_grad(dy, w) for _ in range(2)]
+    assert len(record) == 1 and len(GRAPHS) == 1
+    for dx in got:
+        np.testing.assert_allclose(dx, standard.input_grad(dy, w), rtol=1e-12)
+
+
+def test_clear_plans_makes_new_layers_build_afresh_and_leaves_a_layers_own(cc, rng):
+    """clear_plans(): the next layer builds (and times) its graph again; a layer that ran a
+    plan before keeps it (CUDA graphs captured from it replay that plan)."""
+    g, _, standard = _engines(cc, SHARED_CASE)
+    x, w, bias, _ = conv_data(g, rng, 2, np.float32)
+    want = standard.forward(x, w, bias, True)
+    before = _layer(cc)
+    before.forward(x, w, bias, True)
+    cc.clear_plans()
+    after = _layer(cc)
+    for engine in (after, before, _layer(cc)):
+        np.testing.assert_allclose(engine.forward(x, w, bias, True), want, rtol=2e-5, atol=2e-5)
+    assert len(GRAPHS) == 2 and [graph.executions for graph in GRAPHS] == [2, 2]
+    assert all(graph.timed for graph in GRAPHS)
+    (old,), (new,) = before._plans.values(), after._plans.values()
+    assert old is not new and (old.graph, new.graph) == tuple(GRAPHS)
+
+
+def test_matmul_engines_share_the_processs_matmul_plans(cc, rng):
+    """Every CudnnMatmul (the CuPy kernels keep one; scripts make their own) runs the one plan
+    of a product, built and timed once; another product, or another transpose, gets its own."""
+    a, b = rng.standard_normal((5, 7)), rng.standard_normal((7, 4))
+    for _ in range(2):
+        np.testing.assert_allclose(cc.CudnnMatmul(cc.load())(a, b), a @ b, rtol=1e-12)
+    assert len(GRAPHS) == 1 and GRAPHS[0].executions == 2 and GRAPHS[0].timed
+    np.testing.assert_allclose(cc.CudnnMatmul(cc.load())(a, a, transpose_b=True), a @ a.T,
+                               rtol=1e-12)
+    np.testing.assert_allclose(cc.CudnnMatmul(cc.load())(a.T.copy(), b, transpose_a=True), a @ b,
+                               rtol=1e-12)
+    assert len(GRAPHS) == 3
+
+
+class _Arrivals:
+    """A lock that counts the threads that come to it: ``both`` is set when the second does
+    (before it waits for the lock)."""
+
+    def __init__(self, lock):
+        self.lock, self.count, self.both = lock, 0, threading.Event()
+
+    def __enter__(self):
+        self.count += 1
+        if self.count == 2:
+            self.both.set()
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def _in_two_threads(first, second):
+    """``first()`` and ``second()`` started in two threads, in that order: their results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(first), pool.submit(second)]
+        return [f.result(timeout=30) for f in futures]
+
+
+def test_a_plan_asked_for_by_two_threads_at_once_is_built_once(cc, monkeypatch, rng):
+    """The second thread waits for the first's build (held inside it here until the second
+    has come to the lock), then runs the same plan."""
+    arrivals = _Arrivals(cc._PLANS_LOCK)
+    monkeypatch.setattr(cc, "_PLANS_LOCK", arrivals)
+    check = PyGraph.check_support
+
+    def held(graph):
+        assert arrivals.both.wait(10), "the second thread never came to the lock"
+        return check(graph)
+
+    monkeypatch.setattr(PyGraph, "check_support", held)
+    g, _, standard = _engines(cc, SHARED_CASE)
+    x, w, bias, _ = conv_data(g, rng, 2, np.float32)
+    layers = [_layer(cc), _layer(cc)]
+    got = _in_two_threads(*(lambda e=e: e.forward(x, w, bias, True) for e in layers))
+    for y in got:
+        np.testing.assert_allclose(y, standard.forward(x, w, bias, True), rtol=2e-5, atol=2e-5)
+    (graph,) = GRAPHS
+    assert graph.executions == 2 and graph.timed
+    (first,), (second,) = (e._plans.values() for e in layers)
+    assert first is second
+
+
+def test_a_plan_first_run_by_two_threads_at_once_is_timed_once(cc, monkeypatch, rng):
+    """The second thread's run waits for the first's timing (held inside it here until the
+    second has come to the plan's lock) and runs the plan it chose."""
+    g, layer, standard = _engines(cc, SHARED_CASE)
+    x, w, bias, _ = conv_data(g, rng, 2, np.float32)
+    make = layer._fprop(2, True, True)
+    plan = cc.build_plan(cc.load(), np.float32, make, True)  # (as shared_plan builds it)
+    arrivals = _Arrivals(plan._timing)
+    plan._timing = arrivals
+    timed, execute = PyGraph.execute_plan_at_index, PyGraph.execute
+    ran_with = []
+
+    def held(graph, *args, **kwargs):
+        assert arrivals.both.wait(10), "the second thread never came to the lock"
+        return timed(graph, *args, **kwargs)
+
+    def recorded(graph, *args, **kwargs):
+        ran_with.append(graph.selected)
+        return execute(graph, *args, **kwargs)
+
+    monkeypatch.setattr(PyGraph, "execute_plan_at_index", held)
+    monkeypatch.setattr(PyGraph, "execute", recorded)
+
+    def run():
+        y = np.empty((2, *g.out_hw, g.filters), np.float32)
+        plan.run(x=x, w=w, bias=bias, y=y)
+        return y
+
+    for y in _in_two_threads(run, run):
+        np.testing.assert_allclose(y, standard.forward(x, w, bias, True), rtol=2e-5, atol=2e-5)
+    (graph,) = GRAPHS
+    per_plan = 1 + cc.TUNE_RUNS
+    assert graph.timed == [0] * per_plan + [1] * per_plan + [2] * per_plan
+    assert ran_with == [2, 2]  # (the fastest: the TF32 plan of PyGraph.PLANS)
+
+
+@needs_compiler
+def test_a_second_model_trains_on_the_plans_the_first_built_and_timed(emulated_cupy,
+                                                                      monkeypatch):
+    """A user's next experiment (a fresh model of the same architecture) builds and times no
+    cuDNN graph; evaluating at another batch size builds only that batch's forward graphs,
+    once for both models."""
+    import nets
+
+    import xpcnn
+    from xpcnn import backend as backend_module
+
+    kernels = emulated_cupy.KERNELS
+    monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
+
+    def experiment(seed):
+        model = xpcnn.Sequential(nets.gap_net(), seed=seed)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+        return model
+
+    def built_and_timed():
+        return len(GRAPHS), sum(len(graph.timed) for graph in GRAPHS)
+
+    first = experiment(0)
+    # two convolutions: forward and kernel gradient each, the input gradient of the second
+    assert sorted(graph.ops[0][0] for graph in GRAPHS) == [
+        "conv_dgrad", "conv_fprop", "conv_fprop", "conv_wgrad", "conv_wgrad"]
+    assert all(graph.timed for graph in GRAPHS)
+    once = built_and_timed()
+    second = experiment(1)
+    assert built_and_timed() == once
+    for model in (second, first):
+        model.evaluate(x, y, batch_size=8, verbose=0)
+    new = GRAPHS[once[0]:]
+    assert [graph.ops[0][0] for graph in new] == ["conv_fprop", "conv_fprop"]
+    assert all(graph.executions == 2 * len(x) // 8 for graph in new)

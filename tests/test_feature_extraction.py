@@ -23,8 +23,9 @@ def functional_net():
     return xpcnn.Model(inputs, outputs, dtype="float64", seed=0)
 
 
-ORIGINALS = {"sequential": (sequential_net, "conv", "relu"),
-             "functional": (functional_net, "conv_a", "relu_a")}
+# (the model, the layers with a ReLU the plan fuses and those ReLUs)
+ORIGINALS = {"sequential": (sequential_net, ["conv"], ["relu"]),
+             "functional": (functional_net, ["conv_a", "stem_bn"], ["relu_a", "stem_relu"])}
 
 
 @pytest.fixture
@@ -42,20 +43,21 @@ def randomize_biases(model, rng):
 
 @pytest.mark.parametrize("kind", ORIGINALS)
 def test_an_extractor_predicts_exactly_the_layer_it_ends_at(kind, images, rng):
-    make, conv, relu = ORIGINALS[kind]
+    make, fused, relus = ORIGINALS[kind]
     model = make()
     randomize_biases(model, rng)
-    assert (conv, [conv]) == (plan_of(model)[1][0], plan_of(model)[1][:1])  # the ReLU is fused
+    assert set(fused) <= set(plan_of(model)[1])  # their ReLUs are fused
     outputs = {la.name: np.asarray(y) for la, y in zip(model.layers, model.forward(images),
                                                        strict=True)}
-    for name in (conv, relu, "dense"):
+    for name in (*fused, *relus, "dense"):
         extractor = xpcnn.Model(inputs=model.inputs, outputs=model.get_layer(name).output)
         assert extractor.layers[-1] is model.get_layer(name)
         np.testing.assert_allclose(extractor.predict(images), outputs[name], rtol=1e-12,
                                    atol=1e-12)
-    # (not vacuous: the convolution's output has negatives, the ReLU's none, and the logits
-    # are no probabilities)
-    assert outputs[conv].min() < 0 <= outputs[relu].min()
+    # (not vacuous: the fused layers' outputs have negatives, the ReLUs' none, and the
+    # logits are no probabilities)
+    for name, relu in zip(fused, relus, strict=True):
+        assert outputs[name].min() < 0 <= outputs[relu].min()
     assert not np.allclose(outputs["dense"].sum(axis=1), 1.0)
     # the whole model still ends in probabilities
     np.testing.assert_allclose(model.predict(images).sum(axis=1), 1.0, rtol=1e-12)

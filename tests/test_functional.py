@@ -41,8 +41,9 @@ def data():
 def test_the_plan_fuses_a_relu_only_where_the_convolution_has_one_reader():
     model = make_model()
     ran, fused, handed = plan_of(model)
-    assert fused == ["conv_a"]
-    assert "relu_a" not in ran and "branch_relu" in ran and "softmax" not in ran
+    assert fused == ["stem_bn", "conv_a"]
+    assert "relu_a" not in ran and "stem_relu" not in ran and "branch_relu" in ran
+    assert "softmax" not in ran
     assert handed == [("pool_relu", "pool")]
     assert not model._plan().options(model.layers[0]).need_input_grad
     assert model._plan().options(model.layers[2]).need_input_grad

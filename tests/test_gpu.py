@@ -297,7 +297,7 @@ def _batch_norm_errors(got, want, exact, eps):
     larger of 1 and its largest value: [(the fast kernels', the standard version's)]."""
     errors = []
     for g, w, e in zip(got, want, exact, strict=True):
-        assert g.dtype == w.dtype and g.shape == w.shape == e.shape
+        assert g.shape == w.shape == e.shape
         scale = max(1.0, float(np.max(np.abs(e))))
         errors.append(tuple(float(np.max(np.abs(a.get().astype(np.longdouble) - e))) / scale
                             for a in (g, w)))
@@ -308,15 +308,19 @@ def _batch_norm_errors(got, want, exact, eps):
 # 524,288 rows (512 blocks); one channel; 65 (three chunks of 32); one row; a Dense's 33.
 @pytest.mark.parametrize("shape", [(128, 32, 32, 16), (512, 32, 32, 8), (16, 9, 7, 1),
                                    (4, 7, 7, 65), (1, 1, 1, 64), (64, 33)])
-# (the parameters' and statistics' dtype, the input's and its gradient's: float16 under mixed
-# precision)
+# (the parameters' and statistics' dtype, the input's, output's and input gradient's: float16
+# under mixed precision)
 @pytest.mark.parametrize("dtype, io", [("float32", "float32"), ("float16", "float16"),
                                        ("float64", "float64"), ("float32", "float16")])
-def test_batch_norm_in_two_launches_each_way(cp, kernels, rng, shape, dtype, io):
+@pytest.mark.parametrize("relu", [False, True], ids=["alone", "relu-fused"])
+def test_batch_norm_in_two_launches_each_way(cp, kernels, rng, shape, dtype, io, relu):
     """BatchNorm2D's training step (the batch's statistics, the running ones updated in place,
-    the gradients through the statistics): the standard version's dtypes, at least as close to
-    the exact values as its CuPy reductions are (or within four units of the last place), the
-    same bits at a second call and replayed from a CUDA graph."""
+    the gradients through the statistics, with the ReLU after it fused or not): the output
+    and input gradient in ``io``, at least as close to the exact values as the standard
+    version's CuPy reductions are (or within four units of the last place), the same bits at
+    a second call and replayed from a CUDA graph; the fused ReLU's gradient that of the
+    gradient masked where z is > 0, bit for bit (z in the accumulator type: rounded to float16,
+    a tiny positive z may become 0)."""
     fast, std = kernels
     c, axes = shape[-1], tuple(range(len(shape) - 1))
     eps = 4 * np.finfo(dtype).eps
@@ -324,9 +328,10 @@ def test_batch_norm_in_two_launches_each_way(cp, kernels, rng, shape, dtype, io)
     gamma, beta, mean0 = (_random(cp, rng, (c,), dtype) for _ in range(3))
     var0 = cp.abs(_random(cp, rng, (c,), dtype)) + 0.5
     running = [(mean0.copy(), var0.copy()) for _ in range(3)]
-    got = fast.batch_norm_train(x, gamma, beta, *running[0], 0.1, 1e-5, cp.dtype(dtype))
-    want = std.batch_norm_train(x, gamma, beta, *running[1], 0.1, 1e-5, cp.dtype(dtype))
-    again = fast.batch_norm_train(x, gamma, beta, *running[2], 0.1, 1e-5, cp.dtype(dtype))
+    got = fast.batch_norm_train(x, gamma, beta, *running[0], 0.1, 1e-5, io, relu)
+    want = std.batch_norm_train(x, gamma, beta, *running[1], 0.1, 1e-5, io, relu)
+    again = fast.batch_norm_train(x, gamma, beta, *running[2], 0.1, 1e-5, io, relu)
+    assert got[0].dtype == want[0].dtype == io
     for g, a in zip([*got, *running[0]], [*again, *running[2]], strict=True):
         _equal(g, a)
     x64, g64, b64, m64, v64 = (a.get().astype(np.longdouble)
@@ -336,31 +341,41 @@ def test_batch_norm_in_two_launches_each_way(cp, kernels, rng, shape, dtype, io)
     var = ((x64 - mean) ** 2).mean(axis=axes)
     inv64 = 1 / np.sqrt(var + 1e-5)
     xhat64 = (x64 - mean) * inv64
-    exact = (xhat64 * g64 + b64, xhat64, inv64, 0.9 * m64 + 0.1 * mean,
+    z64 = xhat64 * g64 + b64
+    exact = (np.maximum(z64, 0) if relu else z64, mean, inv64, 0.9 * m64 + 0.1 * mean,
              0.9 * v64 + 0.1 * var * (count / max(count - 1, 1)))
     for error_fast, error_std in _batch_norm_errors([*got, *running[0]],
                                                     [*want, *running[1]], exact, eps):
         assert error_fast <= max(error_std, eps)
 
-    _, xhat, inv_std = got
+    _, mean, inv_std = got
     dy = _random(cp, rng, shape, io)
-    got = fast.batch_norm_backward(dy, xhat, inv_std, gamma, True)
-    want = std.batch_norm_backward(dy, xhat, inv_std, gamma, True)
-    for g, a in zip(got, fast.batch_norm_backward(dy, xhat, inv_std, gamma, True),
+    got = fast.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu, True)
+    want = std.batch_norm_backward(dy, x, want[1], want[2], gamma, beta, relu, True)
+    assert got[0].dtype == want[0].dtype == io
+    for g, a in zip(got, fast.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu, True),
                     strict=True):
         _equal(g, a)
-    dy64, xh64, i64 = (a.get().astype(np.longdouble) for a in (dy, xhat, inv_std))
-    exact = (g64 * i64 * (dy64 - dy64.mean(axis=axes)
-                          - xh64 * (dy64 * xh64).mean(axis=axes)),
-             (dy64 * xh64).sum(axis=axes), dy64.sum(axis=axes))
+    if relu:
+        acc = "float64" if dtype == "float64" else "float32"
+        z = fast.batch_norm_train(x, gamma, beta, cp.zeros(c, dtype), cp.ones(c, dtype), 0.1,
+                                  1e-5, acc, False)[0]
+        masked = fast.batch_norm_backward(dy * (z > 0), x, mean, inv_std, gamma, beta, False,
+                                          True)
+        for g, a in zip(got, masked, strict=True):
+            _equal(g, a)
+    dz64 = dy.get().astype(np.longdouble) * ((z64 > 0) if relu else 1)
+    exact = (g64 * inv64 * (dz64 - dz64.mean(axis=axes)
+                            - xhat64 * (dz64 * xhat64).mean(axis=axes)),
+             (dz64 * xhat64).sum(axis=axes), dz64.sum(axis=axes))
     for error_fast, error_std in _batch_norm_errors(got, want, exact, eps):
         assert error_fast <= max(error_std, eps)
-    _replays_give(cp, lambda: fast.batch_norm_backward(dy, xhat, inv_std, gamma, True)[0],
-                  got[0])
+    _replays_give(cp, lambda: fast.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu,
+                                                       True)[0], got[0])
 
     def forward():  # (from the same running statistics at every replay)
         return fast.batch_norm_train(x, gamma, beta, cp.zeros(c, dtype), cp.ones(c, dtype),
-                                     0.1, 1e-5, cp.dtype(dtype))[0]
+                                     0.1, 1e-5, io, relu)[0]
 
     _replays_give(cp, forward, forward())
 

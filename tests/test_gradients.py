@@ -21,6 +21,7 @@ from xpcnn.layers import (
     Rescaling,
     Softmax,
 )
+from xpcnn.layers.base import Options
 from xpcnn.ops import kernels
 
 
@@ -114,6 +115,26 @@ def test_batchnorm_eval_uses_running_statistics(rng):
     y = layer.forward(x, training=False)
     expected = (x - 0.5 * mean) / np.sqrt(0.5 + 0.5 * var + 1e-5)
     np.testing.assert_allclose(y, expected)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 2), (6,)])
+@pytest.mark.parametrize("trainable", [True, False], ids=["batch-statistics", "frozen"])
+@pytest.mark.parametrize("relu", [False, True], ids=["alone", "relu-fused"])
+def test_batchnorm_with_and_without_its_relu_fused(shape, trainable, relu, rng):
+    """BatchNorm2D's gradients with its batch's statistics and frozen (the running ones, as in
+    Keras), alone and with the ReLU() after it fused (the plan's fused_relu: backward
+    recomputes where the ReLU passed from the input): against finite differences."""
+    layer = BatchNorm2D()
+    layer.build(shape, "cpu", dtype="float64", rng=rng)
+    c = shape[-1]
+    layer.params["beta"][...] = rng.standard_normal(c)  # (ReLU cuts some, not all)
+    layer.state["moving_mean"][...] = rng.standard_normal(c)
+    layer.state["moving_variance"][...] = rng.random(c) + 0.5
+    layer.trainable = trainable
+    check_layer(layer, shape, rng, batch=5, options=Options(fused_relu=relu))
+    y = layer.forward(rng.standard_normal((5, *shape)), training=False,
+                      options=Options(fused_relu=relu))
+    assert (np.min(y) == 0.0) == relu  # (the ReLU cut some outputs: some gradients too)
 
 
 def test_batchnorm_first_in_a_model_computes_only_its_parameter_gradients(rng, monkeypatch):

@@ -421,10 +421,10 @@ def _gradients(model, x, y, planned=True):
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
 def test_a_relu_gradient_left_to_the_next_layer_changes_no_gradient(fast, rng):
-    """The model's plan: ReLU() layers fused into the convolution before them, and where a
-    ReLU's output feeds a max pool or a FeatureNorm, that layer applying the ReLU's gradient
-    (the ReLU layer or fused convolution skipping its own pass): the same gradients, exactly,
-    as the layers as written, each applying its own."""
+    """The model's plan: ReLU() layers fused into the convolution or BatchNorm2D before them,
+    and where a ReLU's output feeds a max pool or a FeatureNorm, that layer applying the
+    ReLU's gradient (the ReLU layer or fused layer skipping its own pass): the same gradients,
+    exactly, as the layers as written, each applying its own."""
     from xpcnn.backend import set_fast_path
 
     layers = [Conv2D(4, 3, padding="same", activation="relu"), MaxPool2D(2),
@@ -435,9 +435,9 @@ def test_a_relu_gradient_left_to_the_next_layer_changes_no_gradient(fast, rng):
     model = xpcnn.Sequential(layers, input_shape=(14, 14, 2), dtype="float64", seed=1)
     model.compile(optimizer="sgd")
     _, fused, handed = plan_of(model)
-    assert fused == ["conv2d_1"]  # its ReLU() fused into it
+    assert fused == ["conv2d_1", "batchnorm2d"]  # their ReLU() fused into them
     assert handed == [
-        ("conv2d", "maxpool2d"), ("conv2d_1", "maxpool2d_1"), ("relu_1", "featurenorm")
+        ("conv2d", "maxpool2d"), ("conv2d_1", "maxpool2d_1"), ("batchnorm2d", "featurenorm")
     ]  # not after a convolution nor after a capped ReLU
     # integer-valued inputs make ReLU zeros and tied maxima common
     x = rng.integers(-3, 4, (6, 14, 14, 2)).astype(np.float64)
@@ -528,6 +528,49 @@ def test_mixed_precision_layers_give_the_compute_dtype_with_the_values_of_their_
     np.testing.assert_array_equal(host(dx), host(dx32).astype(np.float16))
     np.testing.assert_array_equal(host(stats), host(stats32))
     np.testing.assert_array_equal(host(dz), host(dz32).astype(np.float16))
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
+@pytest.mark.parametrize("relu", [False, True], ids=["alone", "relu-fused"])
+def test_mixed_precision_batchnorm_gives_the_compute_dtype(fast, relu, rng):
+    """Under mixed float16 a BatchNorm2D (with the ReLU after it fused or not) computes in its
+    parameters' float32 and gives float16, as a Keras mixed policy's layer does: exactly the
+    float32 layer's output from the same input, cast; its input gradient in its input's
+    float16 (the float32 layer's, cast), gamma's and beta's in float32 (the float32 layer's);
+    the same running statistics; in inference too."""
+    from xpcnn.backend import set_fast_path
+    from xpcnn.layers.base import Options
+
+    options = Options(fused_relu=relu)
+    layers, beta = [], rng.standard_normal(5).astype(np.float32)  # (ReLU cuts some)
+    for compute in ("float16", "float32"):
+        layer = BatchNorm2D()
+        layer.build((4, 3, 5), "cpu", dtype="float32", compute_dtype=compute)
+        layer.params["beta"][...] = beta
+        layers.append(layer)
+    x16 = rng.standard_normal((6, 4, 3, 5)).astype(np.float16)
+    dy16 = rng.standard_normal(x16.shape).astype(np.float16)
+    old = set_fast_path(fast)
+    try:
+        results = []
+        for layer in layers:
+            x, dy = (x16, dy16) if layer.compute_dtype == np.float16 else (
+                x16.astype(np.float32), dy16.astype(np.float32))
+            y = layer.forward(x, training=True, options=options)
+            dx = layer.backward(dy, options)
+            results.append((y, dx, *layer.grads.values(), *layer.state.values(),
+                            layer.forward(x, training=False, options=options)))
+    finally:
+        set_fast_path(old)
+    (y, dx, *rest, inference), (y32, dx32, *rest32, inference32) = results
+    assert y.dtype == dx.dtype == inference.dtype == np.float16
+    assert all(a.dtype == np.float32 for a in rest) and len(rest) == 4
+    np.testing.assert_array_equal(y, y32.astype(np.float16))
+    assert (float(y.min()) == 0.0) == relu
+    np.testing.assert_array_equal(dx, dx32.astype(np.float16))
+    np.testing.assert_array_equal(inference, inference32.astype(np.float16))
+    for a, b in zip(rest, rest32, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])

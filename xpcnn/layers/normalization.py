@@ -1,7 +1,7 @@
 """FeatureNorm (the notebook's per-feature-map normalisation) and BatchNorm2D.
 
-Statistics are always computed in the parameter dtype (float32 under mixed precision); FeatureNorm
-gives its output in the compute dtype (float16 there, as a Keras mixed policy's layer does).
+Statistics are always computed in the parameter dtype (float32 under mixed precision); both give
+their output in the compute dtype (float16 there, as a Keras mixed policy's layers do).
 """
 
 from __future__ import annotations
@@ -68,10 +68,12 @@ class BatchNorm2D(Layer):
     Training uses the batch's statistics and updates running ones
     (running = (1 - momentum) * running + momentum * batch, unbiased variance, as PyTorch);
     inference uses the running statistics, and so does a frozen layer (``trainable = False``)
-    in training, as in Keras. Works on (N, H, W, C) and on (N, features).
+    in training, as in Keras. Works on (N, H, W, C) and on (N, features). A model's plan fuses
+    a plain ``ReLU()`` after it (``can_fuse_relu``).
     """
 
     weight_names = ("gamma", "beta", "moving_mean", "moving_variance")
+    can_fuse_relu = True
 
     def __init__(self, momentum: float = 0.1, eps: float = 1e-5, name: str | None = None) -> None:
         super().__init__(name)
@@ -93,33 +95,41 @@ class BatchNorm2D(Layer):
         return input_shape
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
+        kernels = kernels_for(self.backend)
         gamma, beta = self.params["gamma"], self.params["beta"]
+        moving_mean, moving_var = self.state["moving_mean"], self.state["moving_variance"]
+        # Computed in the parameters' dtype (float32 under mixed precision), given in the
+        # compute dtype (float16 there, as a Keras mixed policy's layer gives it), with the
+        # ReLU after it where the plan fuses it (options.fused_relu).
+        relu = options.fused_relu
         # A frozen BatchNorm (trainable=False) runs in inference mode in training too, as in
         # Keras: running statistics, left as they are.
-        batch_stats = training and self.trainable
-        if batch_stats:
-            y, xhat, inv_std = kernels_for(self.backend).batch_norm_train(
-                x, gamma, beta, self.state["moving_mean"], self.state["moving_variance"],
-                self.momentum, self.eps, self.dtype)
+        if training and self.trainable:
+            y, mean, inv_std = kernels.batch_norm_train(x, gamma, beta, moving_mean, moving_var,
+                                                        self.momentum, self.eps,
+                                                        self.compute_dtype, relu)
         else:
-            xp = self.xp
-            centred = xp.astype(x, self.dtype, copy=False) - self.state["moving_mean"]
-            inv_std = 1.0 / xp.sqrt(self.state["moving_variance"] + self.eps)
-            xhat = centred * inv_std
-            y = xhat * gamma + beta
+            y = kernels.batch_norm_running(x, gamma, beta, moving_mean, moving_var, self.eps,
+                                           self.compute_dtype, relu)
+            mean = inv_std = None
         if training:
-            self._cache = (xhat, inv_std, batch_stats)
+            # Backward recomputes xhat (and the ReLU's mask) from the input, as cuDNN's does:
+            # an input the size of the output's, not a float32 xhat beside it. (The ReLU's
+            # gradient is left to the next layer where it takes it: skip_relu_grad.)
+            self._cache = (x, mean, inv_std, relu and not options.skip_relu_grad)
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        xhat, inv_std, batch_stats = self._cache
-        gamma = self.params["gamma"]
-        if batch_stats:
-            dx, self.grads["gamma"], self.grads["beta"] = kernels_for(
-                self.backend).batch_norm_backward(dy, xhat, inv_std, gamma,
-                                                  options.need_input_grad)
+        x, mean, inv_std, relu = self._cache
+        self._cache = None
+        kernels = kernels_for(self.backend)
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        if mean is not None:  # (the dtypes: see forward, and x's for the input's gradient)
+            dx, self.grads["gamma"], self.grads["beta"] = kernels.batch_norm_backward(
+                dy, x, mean, inv_std, gamma, beta, relu, options.need_input_grad)
             return dx
         if not options.need_input_grad:  # (frozen: no parameter gradients)
             return None
-        # fixed statistics: an affine map per channel
-        return self.xp.astype(dy, self.dtype, copy=False) * (gamma * inv_std)
+        return kernels.batch_norm_running_backward(dy, x, gamma, beta, self.state["moving_mean"],
+                                                   self.state["moving_variance"], self.eps,
+                                                   relu)

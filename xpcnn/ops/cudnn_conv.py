@@ -2,9 +2,11 @@
 ``nvidia-cudnn-frontend`` wheel), on CuPy arrays: imported by :mod:`xpcnn.ops.fast_cupy` (and
 :mod:`xpcnn.cuda_graphs`, which puts the handle on a capture's stream) only.
 
-Each operation is a cuDNN graph built once per (operation, batch size, dtype, bias, ReLU) and
-cached on the layer's engine: forward (``conv_fprop``, with the bias and ReLU in the same
+Each operation is a cuDNN graph: forward (``conv_fprop``, with the bias and ReLU in the same
 graph), input gradient (``conv_dgrad``) and kernel gradient (``conv_wgrad``), channels-last.
+A graph is built once per process for each (device, operation, geometry, batch size, dtype,
+bias, ReLU, switches) and shared by every layer and model that asks for it, as PyTorch's
+``cudnn.benchmark`` cache is (see :func:`shared_plan`, :func:`clear_plans`).
 A tensor's ``dim`` is always in cuDNN's logical order (N, C, H, W); its ``stride`` says where the
 values lie: an (N, H, W, C) image is dim [N, C, H, W] with strides [H*W*C, 1, W*C, C], and a
 (K, kh, kw, C) kernel (cuDNN's "KRSC" filter) dim [K, C, kh, kw], strides [kh*kw*C, 1, kw*C, C].
@@ -39,7 +41,9 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -178,13 +182,15 @@ def _data_type(cudnn: ModuleType, dtype: Any) -> Any:
 class Plan:
     """A built cuDNN graph, its named tensors and workspace size: ``run`` executes it. With
     ``candidates`` ((plan index, workspace bytes) of the plans built, the heuristics' first
-    selected), the first run times them and keeps the fastest."""
+    selected), the first run times them and keeps the fastest. One plan may serve several
+    layers, and threads: the timing is done once, and a run waits for it to end."""
 
     def __init__(self, cudnn: ModuleType, graph: Any, tensors: dict[str, Any],
                  candidates: list[tuple[int, int]] | None = None) -> None:
         self.cudnn, self.graph, self.tensors = cudnn, graph, tensors
         self.candidates = candidates or []
         self.workspace = int(graph.get_workspace_size())
+        self._timing = threading.Lock()
 
     def run(self, **arrays: Any) -> None:
         """Execute on CuPy's current stream; ``arrays`` are the named tensors' CuPy arrays
@@ -192,7 +198,12 @@ class Plan:
         pack = {self.tensors[k]: _address(a) for k, a in arrays.items()}
         handle = _handle(self.cudnn)
         if self.candidates:
-            self._choose(pack, handle)
+            with self._timing:  # (one thread times; a run in another waits for the choice)
+                if self.candidates:
+                    try:
+                        self._choose(pack, handle)
+                    finally:
+                        self.candidates = []  # (only now: the check above sees the timing)
         workspace = cupy.empty(self.workspace, cupy.uint8)
         self.graph.execute(pack, _address(workspace), handle=handle)
 
@@ -200,13 +211,13 @@ class Plan:
         """Time each candidate on the arrays of ``pack`` (a graph writes only its outputs,
         which the run after this writes again) and select the fastest: once, on the first
         run. Inside a CUDA-graph capture nothing can be timed, and the heuristics' choice
-        stays; so it does where the workspace cannot be had. A candidate that fails to run is
-        passed over.
+        stays (for every layer that shares the plan); so it does where the workspace cannot
+        be had. A candidate that fails to run is passed over.
 
         The candidates share one workspace from CuPy's default pool, not from the allocator
         in use: a CUDA graph's warm-up runs with a pool of the graph's own, which keeps every
         byte it ever held for the graph's life (xpcnn.cuda_graphs)."""
-        candidates, self.candidates = self.candidates, []
+        candidates = self.candidates
         if cupy.cuda.get_current_stream().is_capturing():
             return
         fits = [c for c in candidates if c[1] <= TUNE_WORKSPACE] or candidates
@@ -296,6 +307,47 @@ def _build_candidates(cudnn: ModuleType, graph: Any) -> list[tuple[int, int]]:
     return built
 
 
+# -- the process's plans -------------------------------------------------------------------------
+# Every plan built in the process (None where cuDNN had none), by all that decides its graph and
+# its choice (see shared_plan): kept for the process's life, as PyTorch's cudnn.benchmark cache
+# is, or until clear_plans().
+_PLANS: dict[tuple[Any, ...], Plan | None] = {}
+_PLANS_LOCK = threading.Lock()  # held while a plan is built: each is built once
+
+
+def shared_plan(key: tuple[Any, ...], build: Callable[[], Plan | None]) -> Plan | None:
+    """The process's plan of ``key``: ``build()``'s on the first ask, from any layer or model;
+    a thread asking while another builds it waits for that one rather than building it again.
+    A None (cuDNN had no plan) is kept too: not tried, nor warned about, again.
+
+    ``key`` holds all that the graph and its plan depend on: the device (a plan is built with
+    its handle), the operation (a convolution's direction, epilogue and
+    :class:`~xpcnn.ops.convolution.ConvGeometry`; a matmul's shapes and transposes), the batch
+    size, the dtype, and the switches read at build: :func:`tf32` (or :func:`matmul_tf32`),
+    :func:`deterministic` and :func:`autotune`. The last keeps a plan chosen by timing from
+    being served with autotuning off, and the heuristics' plan with it on (both can be wanted
+    in one process: scripts/bench_gpu.py times one against the other). A plan's timing, done
+    on its first run (:meth:`Plan.run`), is done once for every layer that shares it; a plan
+    first run inside a CUDA-graph capture keeps the heuristics' choice, for them all."""
+    plan = _PLANS.get(key, _NOT_BUILT)
+    if plan is _NOT_BUILT:
+        with _PLANS_LOCK:
+            plan = _PLANS.get(key, _NOT_BUILT)
+            if plan is _NOT_BUILT:
+                plan = _PLANS[key] = build()
+    return plan
+
+
+def clear_plans() -> None:
+    """Forget every cuDNN plan built so far in the process, so that the next use of each
+    builds (and times) it afresh: to give back the graphs kept for models no longer used, or
+    to time again (after a change of the GPU's clocks, say). A layer keeps the plans it has
+    run (CUDA graphs captured from its steps replay them), as the CuPy kernels' matmul engine
+    does: those go with it, not with this."""
+    with _PLANS_LOCK:
+        _PLANS.clear()
+
+
 class CudnnConv(ConvEngine):
     """A layer's convolutions as cuDNN graphs; ``fallback`` (the hand-written kernels' engine)
     runs what cuDNN cannot build, after a one-line warning, and lends its kernels' ReLU
@@ -308,16 +360,21 @@ class CudnnConv(ConvEngine):
         super().__init__(geometry)
         self.cudnn, self.fallback = cudnn, fallback
         self.kern = fallback.kern
+        # the plans this engine has run, from the process's (kept: see clear_plans)
         self._plans: dict[tuple[Any, ...], Plan | None] = {}
 
     def _plan(self, key: tuple[Any, ...], dtype: Any, describe: Any, *args: Any) -> Plan | None:
-        """The plan of ``key`` under the switches as they are now (:func:`tf32`,
-        :func:`deterministic`), built on its first use from the graph description
-        ``describe(*args)`` gives; None where cuDNN has none (the fallback runs)."""
-        key = (*key, tf32(), deterministic())
+        """The plan of ``key`` (operation, batch size, dtype, epilogue) under the switches as
+        they are now (:func:`tf32`, :func:`deterministic`, :func:`autotune`): the process's
+        (:func:`shared_plan`), built on its first use by any layer from the graph description
+        ``describe(*args)`` gives; None where cuDNN has none (the fallback runs). An engine
+        serves one device (a layer makes a new one when it moves)."""
+        key = (*key, tf32(), deterministic(), autotune())
         plan = self._plans.get(key, _NOT_BUILT)
         if plan is _NOT_BUILT:
-            plan = self._plans[key] = self._build(key, dtype, describe(*args))
+            shared = ("convolution", cupy.cuda.Device().id, self.geometry, *key)
+            plan = self._plans[key] = shared_plan(
+                shared, lambda: self._build(key, dtype, describe(*args)))
         return plan
 
     def _build(self, key: tuple[Any, ...], dtype: Any, make: Any) -> Plan | None:
@@ -446,13 +503,15 @@ class CudnnConv(ConvEngine):
 
 
 class CudnnMatmul:
-    """2-D matrix products as cuDNN graphs (one per device, shapes, transposes and dtype): a
-    CUDA graph can capture them, where CuPy 14 refuses to capture cuBLAS. A product cuDNN has
-    no plan for runs on cuBLAS after a one-line warning: eagerly it is the same product, and a
-    capture of it fails, so the training step stays eager (with that reason)."""
+    """2-D matrix products as cuDNN graphs (one per device, shapes, transposes, dtype and
+    switches, in the process's plans: :func:`shared_plan`): a CUDA graph can capture them,
+    where CuPy 14 refuses to capture cuBLAS. A product cuDNN has no plan for runs on cuBLAS
+    after a one-line warning: eagerly it is the same product, and a capture of it fails, so
+    the training step stays eager (with that reason)."""
 
     def __init__(self, cudnn: ModuleType) -> None:
         self.cudnn = cudnn
+        # the plans this engine has run, from the process's (kept: see clear_plans)
         self._plans: dict[tuple[Any, ...], Plan | None] = {}
 
     def __call__(self, a: Any, b: Any, transpose_a: bool = False,
@@ -462,10 +521,12 @@ class CudnnMatmul:
         m, k = a.shape[::-1] if transpose_a else a.shape
         n = b.shape[0] if transpose_b else b.shape[1]
         key = (cupy.cuda.Device().id, a.shape, b.shape, transpose_a, transpose_b, a.dtype,
-               matmul_tf32(), deterministic())  # (the switches as they are now)
+               matmul_tf32(), deterministic(), autotune())  # (the switches as they are now)
         plan = self._plans.get(key, _NOT_BUILT)
         if plan is _NOT_BUILT:
-            plan = self._plans[key] = self._build(a.dtype, m, k, n, transpose_a, transpose_b)
+            plan = self._plans[key] = shared_plan(
+                ("matmul", *key),
+                lambda: self._build(a.dtype, m, k, n, transpose_a, transpose_b))
         if plan is None:
             return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
         c = cupy.empty((m, n), a.dtype)

@@ -873,15 +873,16 @@ extern "C" __global__ void xpcnn_feature_norm_backward(
 # the last block of each column chunk y (counter y, see _LAST_BLOCK) merges the chunk's
 # partials, always in the same order: the same bits at every run. All in A (float32 for
 # float16 data), the input of type X (float16 under mixed precision) read as its cast to T
-# (exact), the results rounded to T where stored, as the standard version stores them. (A tree
+# (exact), the running statistics rounded to T where stored. (A tree
 # needs no barrier before its first writes: before the first, nothing has been read; before
 # the second, the lanes have passed xpcnn_last_block's barriers.)
 # Forward, first launch: each thread's count, mean and sum of centred squares (M2) of its rows
 # (two passes over them, the second mostly from cache, for accuracy), merged over the lanes
 # and then over the blocks with Chan et al.'s formula; the last block writes the mean and 1 /
-# sqrt(var + eps) (var biased) to ``stats`` (A, for the second launch) and ``inv_std`` (T),
-# and updates the running statistics in place (keep = 1 - momentum; ``unbias`` = count /
-# (count - 1), at least 1). The second launch is _BATCH_NORM_APPLY.
+# sqrt(var + eps) (var biased) to ``mean`` and ``inv_std`` (A: for the second launch and for
+# backward, which recomputes xhat from them and x), and updates the running statistics in
+# place (keep = 1 - momentum; ``unbias`` = count / (count - 1), at least 1). The second launch
+# is _BATCH_NORM_APPLY.
 _BATCH_NORM_SOURCE = f"#define LANES {_SUM_ROWS_LANES}\n" + r"""
 // (count, mean, M2) b merged into a (Chan, Golub and LeVeque); a count of 0 leaves a as it is.
 __device__ void xpcnn_bn_merge(long long& n, A& mean, A& m2, long long nb, A mean_b, A m2_b) {
@@ -917,7 +918,7 @@ __device__ void xpcnn_bn_merge_lanes(xpcnn_bn_lanes& s, long long& n, A& mean, A
 extern "C" __global__ void xpcnn_batch_norm_stats(
         const X* __restrict__ x, long long rows, int cols, long long per, double eps,
         double keep, double momentum, double unbias, A* partials, unsigned int* counters,
-        A* __restrict__ stats, T* __restrict__ inv_std, T* __restrict__ moving_mean,
+        A* __restrict__ mean_out, A* __restrict__ inv_std, T* __restrict__ moving_mean,
         T* __restrict__ moving_var) {
     __shared__ xpcnn_bn_lanes lanes;
     const int lane = threadIdx.y, col = blockIdx.y * 32 + threadIdx.x;
@@ -953,9 +954,8 @@ extern "C" __global__ void xpcnn_batch_norm_stats(
     xpcnn_bn_merge_lanes(lanes, n, mean, m2);
     if (lane == 0 && col < cols) {
         const A var = m2 / (A)rows, inv = (A)1 / sqrt(var + (A)eps);
-        stats[col] = mean;
-        stats[cols + col] = inv;
-        inv_std[col] = (T)inv;
+        mean_out[col] = mean;
+        inv_std[col] = inv;
         moving_mean[col] = (T)((A)keep * (A)xpcnn_widen(moving_mean[col])
                                + (A)momentum * mean);
         moving_var[col] = (T)((A)keep * (A)xpcnn_widen(moving_var[col])
@@ -963,24 +963,34 @@ extern "C" __global__ void xpcnn_batch_norm_stats(
     }
 }
 """
-# Forward, second launch: xhat = (x - mean) * inv_std and y = xhat * gamma + beta (``stats``:
-# the first launch's means and inverse deviations, in A).
+# The pre-ReLU output z = xhat * gamma + beta of channel c, xhat = (x - mean) * inv_std, in A:
+# written the same in every kernel, forward and backward, so that backward's recomputed z has
+# forward's bits and its ReLU mask is forward's. The gradient dy through a ReLU whose input was
+# z: times (z > 0), NaN staying NaN as in _MASK_MULTIPLY.
+_BATCH_NORM_Z = """
+#define XPCNN_BN_XHAT(x, c) (((A)(x) - mean[c]) * inv_std[c])
+#define XPCNN_BN_Z(xhat, c) ((xhat) * (A)gamma[c] + (A)beta[c])
+#define XPCNN_BN_RELU_GRAD(dy, z) ((dy) * ((z) > (A)0 ? (A)1 : (A)0))
+"""
+# Forward, second launch: y = z (max(z, 0) with ``relu``, NaN staying NaN as _RELU's), rounded
+# to Y (the compute dtype: float16 under mixed precision) as it is written.
 _BATCH_NORM_APPLY = cupy.ElementwiseKernel(
-    "X x, raw A stats, raw T gamma, raw T beta, int32 cols",
-    "T xhat, T y",
+    "X x, raw A mean, raw A inv_std, raw T gamma, raw T beta, int32 cols, bool relu",
+    "Y y",
     """
     const int c = i % cols;
-    const T h = (T)(((A)x - stats[c]) * stats[cols + c]);
-    xhat = h;
-    y = (T)((A)h * (A)gamma[c] + (A)beta[c]);
+    const A z = XPCNN_BN_Z(XPCNN_BN_XHAT(x, c), c);
+    y = (Y)(relu && z < (A)0 ? (A)0 : z);
     """,
     "xpcnn_batch_norm_apply",
+    preamble=_BATCH_NORM_Z,
 )
-# Backward, first launch: the column sums of dy and dy * xhat (dy of type D, float16 under
-# mixed precision, read as its cast to T: exact), the last block writing them as beta's and
-# gamma's gradients (T) and, for the second launch, per column (A): gamma * inv_std and the
-# two sums' means.
-_BATCH_NORM_BACKWARD_SOURCE = f"#define LANES {_SUM_ROWS_LANES}\n" + r"""
+# Backward, first launch: the column sums of dz and dz * xhat, dz = dy (times z > 0 with
+# ``relu``: the fused ReLU's gradient), xhat and z recomputed from x (of type X) and the
+# statistics as forward computed them, dy (of type D) read as its cast to T (exact: float16
+# under mixed precision), the last block writing them as beta's and gamma's gradients (T)
+# and, for the second launch, per column (A): gamma * inv_std and the two sums' means.
+_BATCH_NORM_BACKWARD_SOURCE = f"#define LANES {_SUM_ROWS_LANES}\n" + _BATCH_NORM_Z + r"""
 // The lanes' sums of s1 and s2, per column, for every lane.
 __device__ void xpcnn_bn_sum_lanes(A (*sums)[LANES][32], A& s1, A& s2) {
     const int c = threadIdx.x, lane = threadIdx.y;
@@ -998,10 +1008,10 @@ __device__ void xpcnn_bn_sum_lanes(A (*sums)[LANES][32], A& s1, A& s2) {
     s2 = sums[1][0][c];
 }
 extern "C" __global__ void xpcnn_batch_norm_sums(
-        const D* __restrict__ dy, const T* __restrict__ xhat, const T* __restrict__ inv_std,
-        const T* __restrict__ gamma, long long rows, int cols, long long per, A* partials,
-        unsigned int* counters, T* __restrict__ dgamma, T* __restrict__ dbeta,
-        A* __restrict__ coefs) {
+        const D* __restrict__ dy, const X* __restrict__ x, const A* __restrict__ mean,
+        const A* __restrict__ inv_std, const T* __restrict__ gamma, const T* __restrict__ beta,
+        int relu, long long rows, int cols, long long per, A* partials, unsigned int* counters,
+        T* __restrict__ dgamma, T* __restrict__ dbeta, A* __restrict__ coefs) {
     __shared__ A sums[2][LANES][32];
     const int lane = threadIdx.y, col = blockIdx.y * 32 + threadIdx.x;
     const long long first = blockIdx.x * per, end = first + per < rows ? first + per : rows;
@@ -1009,9 +1019,11 @@ extern "C" __global__ void xpcnn_batch_norm_sums(
     if (col < cols) {
         for (long long r = first + lane; r < end; r += LANES) {
             const long long i = r * cols + col;
-            const A g = (A)xpcnn_widen(dy[i]);
+            const A xhat = XPCNN_BN_XHAT(xpcnn_widen(x[i]), col);
+            A g = (A)xpcnn_widen(dy[i]);
+            if (relu) g = XPCNN_BN_RELU_GRAD(g, XPCNN_BN_Z(xhat, col));
             s1 += g;
-            s2 += g * (A)xpcnn_widen(xhat[i]);
+            s2 += g * xhat;
         }
     }
     xpcnn_bn_sum_lanes(sums, s1, s2);
@@ -1033,22 +1045,59 @@ extern "C" __global__ void xpcnn_batch_norm_sums(
     if (lane == 0 && col < cols) {
         dbeta[col] = (T)s1;
         dgamma[col] = (T)s2;
-        coefs[col] = (A)xpcnn_widen(gamma[col]) * (A)xpcnn_widen(inv_std[col]);
+        coefs[col] = (A)xpcnn_widen(gamma[col]) * inv_std[col];
         coefs[cols + col] = s1 / (A)rows;
         coefs[2 * cols + col] = s2 / (A)rows;
     }
 }
 """
-# Backward, second launch: dx = gamma * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat)),
-# the standard version's gradient through the mean and variance, rounded to T.
+# Backward, second launch: dx = gamma * inv_std * (dz - mean(dz) - xhat * mean(dz * xhat)),
+# the standard version's gradient through the mean and variance, rounded to X (the input's
+# type), dz and xhat recomputed as the first launch does.
 _BATCH_NORM_DX = cupy.ElementwiseKernel(
-    "D dy, T xhat, raw A coefs, int32 cols",
-    "T dx",
+    "D dy, X x, raw A mean, raw A inv_std, raw T gamma, raw T beta, raw A coefs, int32 cols,"
+    " bool relu",
+    "X dx",
     """
     const int c = i % cols;
-    dx = (T)(coefs[c] * (((A)dy - coefs[cols + c]) - (A)xhat * coefs[2 * cols + c]));
+    const A xhat = XPCNN_BN_XHAT(x, c);
+    const A g = relu ? XPCNN_BN_RELU_GRAD((A)dy, XPCNN_BN_Z(xhat, c)) : (A)dy;
+    dx = (X)(coefs[c] * ((g - coefs[cols + c]) - xhat * coefs[2 * cols + c]));
     """,
     "xpcnn_batch_norm_dx",
+    preamble=_BATCH_NORM_Z,
+)
+# With the running statistics (inference, a frozen layer in training), one launch each way:
+# z as above, inv_std = 1 / sqrt(var + eps) per element (cheaper than a launch), all in A;
+# y = z (max(z, 0) with ``relu``) rounded to Y; dx = dz * gamma * inv_std rounded to X.
+_BATCH_NORM_RUNNING_Z = _ACC + _BATCH_NORM_Z + """
+#define XPCNN_BN_RUNNING_Z(x, c) \\
+    ((((A)(x) - (A)mean[c]) * ((A)1 / sqrt((A)var[c] + (A)eps))) * (A)gamma[c] + (A)beta[c])
+"""
+_BATCH_NORM_RUNNING = cupy.ElementwiseKernel(
+    "X x, raw T mean, raw T var, raw T gamma, raw T beta, float64 eps, int32 cols, bool relu",
+    "Y y",
+    """
+    typedef XpcnnAcc<T>::type A;
+    const int c = i % cols;
+    const A z = XPCNN_BN_RUNNING_Z(x, c);
+    y = (Y)(relu && z < (A)0 ? (A)0 : z);
+    """,
+    "xpcnn_batch_norm_running",
+    preamble=_BATCH_NORM_RUNNING_Z,
+)
+_BATCH_NORM_RUNNING_DX = cupy.ElementwiseKernel(
+    "D dy, X x, raw T mean, raw T var, raw T gamma, raw T beta, float64 eps, int32 cols,"
+    " bool relu",
+    "X dx",
+    """
+    typedef XpcnnAcc<T>::type A;
+    const int c = i % cols;
+    const A g = relu ? XPCNN_BN_RELU_GRAD((A)dy, XPCNN_BN_RUNNING_Z(x, c)) : (A)dy;
+    dx = (X)(g * ((A)gamma[c] * ((A)1 / sqrt((A)var[c] + (A)eps))));
+    """,
+    "xpcnn_batch_norm_running_dx",
+    preamble=_BATCH_NORM_RUNNING_Z,
 )
 
 _FLOATS = ("float16", "float32", "float64")
@@ -1318,48 +1367,74 @@ class CupyKernels(StandardKernels):
         return dx
 
     def batch_norm_train(self, x: Any, gamma: Any, beta: Any, moving_mean: Any,
-                         moving_var: Any, momentum: float, eps: float, dtype: Any
-                         ) -> tuple[Any, Any, Any]:
-        t = np.dtype(dtype)
-        if not _fits_batch_norm(x, t, gamma, beta, moving_mean, moving_var):
+                         moving_var: Any, momentum: float, eps: float, out_dtype: Any,
+                         relu: bool) -> tuple[Any, Any, Any]:
+        t = gamma.dtype
+        if not (_fits_batch_norm(x, t, gamma, beta, moving_mean, moving_var)
+                and np.dtype(out_dtype).name in _FLOATS):
             return super().batch_norm_train(x, gamma, beta, moving_mean, moving_var, momentum,
-                                            eps, dtype)
+                                            eps, out_dtype, relu)
         cols = x.shape[-1]
         rows = x.size // cols
         per, blocks = _row_blocks(rows)
         acc = _accumulator(t)
-        partials, stats = cupy.empty((blocks, cols, 2), acc), cupy.empty((2, cols), acc)
-        inv_std = cupy.empty(cols, t)
+        partials = cupy.empty((blocks, cols, 2), acc)
+        mean, inv_std = cupy.empty(cols, acc), cupy.empty(cols, acc)
         _raw_kernel("xpcnn_batch_norm_stats", _BATCH_NORM_SOURCE, X=x.dtype, T=t, A=acc)(
             (blocks, -(-cols // 32)), (32, _SUM_ROWS_LANES),
             (x, np.int64(rows), np.int32(cols), np.int64(per), np.float64(eps),
              np.float64(1 - momentum), np.float64(momentum),
-             np.float64(rows / max(rows - 1, 1)), partials, _counters(x), stats, inv_std,
+             np.float64(rows / max(rows - 1, 1)), partials, _counters(x), mean, inv_std,
              moving_mean, moving_var))
-        xhat, y = _BATCH_NORM_APPLY(x, stats, gamma, beta, cols, cupy.empty(x.shape, t),
-                                    cupy.empty(x.shape, t))
-        return y, xhat, inv_std
+        y = _BATCH_NORM_APPLY(x, mean, inv_std, gamma, beta, cols, relu,
+                              cupy.empty(x.shape, out_dtype))
+        return y, mean, inv_std
 
-    def batch_norm_backward(self, dy: Any, xhat: Any, inv_std: Any, gamma: Any,
-                            input_grad: bool) -> tuple[Any, Any, Any]:
-        t = xhat.dtype
-        if not (_fits_batch_norm(dy, t, inv_std, gamma) and xhat.shape == dy.shape
-                and xhat.flags.c_contiguous):
-            return super().batch_norm_backward(dy, xhat, inv_std, gamma, input_grad)
+    def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
+                            beta: Any, relu: bool, input_grad: bool) -> tuple[Any, Any, Any]:
+        t = gamma.dtype
+        acc = _accumulator(t)
+        # (a broadcast gradient, GlobalAvgPool2D's, made whole: one copy, no more passes)
+        dy = cupy.ascontiguousarray(dy)
+        if not (_fits_batch_norm(dy, t, gamma, beta) and _fits_batch_norm(x, acc, mean, inv_std)
+                and np.can_cast(x.dtype, t) and x.shape == dy.shape):
+            return super().batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu,
+                                               input_grad)
         cols = dy.shape[-1]
         rows = dy.size // cols
         per, blocks = _row_blocks(rows)
-        acc = _accumulator(t)
         partials, coefs = cupy.empty((blocks, cols, 2), acc), cupy.empty((3, cols), acc)
         dgamma, dbeta = cupy.empty(cols, t), cupy.empty(cols, t)
-        _raw_kernel("xpcnn_batch_norm_sums", _BATCH_NORM_BACKWARD_SOURCE, D=dy.dtype, T=t,
-                    A=acc)(
+        _raw_kernel("xpcnn_batch_norm_sums", _BATCH_NORM_BACKWARD_SOURCE, D=dy.dtype,
+                    X=x.dtype, T=t, A=acc)(
             (blocks, -(-cols // 32)), (32, _SUM_ROWS_LANES),
-            (dy, xhat, inv_std, gamma, np.int64(rows), np.int32(cols), np.int64(per),
-             partials, _counters(dy), dgamma, dbeta, coefs))
+            (dy, x, mean, inv_std, gamma, beta, np.int32(relu), np.int64(rows),
+             np.int32(cols), np.int64(per), partials, _counters(dy), dgamma, dbeta, coefs))
         if not input_grad:
             return None, dgamma, dbeta
-        return _BATCH_NORM_DX(dy, xhat, coefs, cols, cupy.empty(dy.shape, t)), dgamma, dbeta
+        dx = _BATCH_NORM_DX(dy, x, mean, inv_std, gamma, beta, coefs, cols, relu,
+                            cupy.empty(x.shape, x.dtype))
+        return dx, dgamma, dbeta
+
+    def batch_norm_running(self, x: Any, gamma: Any, beta: Any, moving_mean: Any,
+                           moving_var: Any, eps: float, out_dtype: Any, relu: bool) -> Any:
+        if not (_fits_batch_norm(x, gamma.dtype, gamma, beta, moving_mean, moving_var)
+                and np.dtype(out_dtype).name in _FLOATS):
+            return super().batch_norm_running(x, gamma, beta, moving_mean, moving_var, eps,
+                                              out_dtype, relu)
+        return _BATCH_NORM_RUNNING(x, moving_mean, moving_var, gamma, beta, eps, x.shape[-1],
+                                   relu, cupy.empty(x.shape, out_dtype))
+
+    def batch_norm_running_backward(self, dy: Any, x: Any, gamma: Any, beta: Any,
+                                    moving_mean: Any, moving_var: Any, eps: float,
+                                    relu: bool) -> Any:
+        t = gamma.dtype
+        if not (_fits_batch_norm(dy, t, gamma, beta, moving_mean, moving_var)
+                and _fits_batch_norm(x, t) and x.shape == dy.shape):
+            return super().batch_norm_running_backward(dy, x, gamma, beta, moving_mean,
+                                                       moving_var, eps, relu)
+        return _BATCH_NORM_RUNNING_DX(dy, x, moving_mean, moving_var, gamma, beta, eps,
+                                      x.shape[-1], relu, cupy.empty(x.shape, x.dtype))
 
     def rescale(self, x: Any, scale: float, offset: float, dtype: Any, out_dtype: Any) -> Any:
         t, u = np.dtype(dtype), np.dtype(out_dtype)

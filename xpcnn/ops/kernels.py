@@ -232,16 +232,19 @@ class StandardKernels:
         return xp.astype(dx, out_dtype, copy=False)
 
     def batch_norm_train(self, x: Any, gamma: Any, beta: Any, moving_mean: Any,
-                         moving_var: Any, momentum: float, eps: float, dtype: Any
-                         ) -> tuple[Any, Any, Any]:
-        """Batch normalisation of ``x`` cast to ``dtype`` with its batch's statistics over
-        every axis but the last (channels): (y = xhat * gamma + beta, xhat = (x - mean) *
-        inv_std, inv_std = 1 / sqrt(var + eps) per channel), all in ``dtype``, the variance
-        biased. Updates the running statistics in place (``a[...] =``: a step replayed from a
-        CUDA graph reads and writes the same arrays) as PyTorch does: running = (1 - momentum)
-        * running + momentum * batch, the variance there unbiased (count / (count - 1))."""
+                         moving_var: Any, momentum: float, eps: float, out_dtype: Any,
+                         relu: bool) -> tuple[Any, Any, Any]:
+        """Batch normalisation of ``x`` with its batch's statistics over every axis but the
+        last (channels), computed in the parameters' dtype (gamma's; float32 under mixed
+        precision): z = xhat * gamma + beta, xhat = (x - mean) * inv_std, inv_std = 1 /
+        sqrt(var + eps) (var biased), then max(z, 0) with ``relu``, given in ``out_dtype``;
+        and the per-channel (mean, inv_std) that :meth:`batch_norm_backward` takes with ``x``
+        (in gamma's dtype here, in the fast versions' accumulator type there). Updates the
+        running statistics in place (``a[...] =``: a step replayed from a CUDA graph reads
+        and writes the same arrays) as PyTorch does: running = (1 - momentum) * running +
+        momentum * batch, the variance there unbiased (count / (count - 1))."""
         xp = self.xp
-        x = xp.astype(x, dtype, copy=False)
+        x = xp.astype(x, gamma.dtype, copy=False)
         axes = tuple(range(x.ndim - 1))
         mean = xp.mean(x, axis=axes)
         centred = x - mean
@@ -252,21 +255,59 @@ class StandardKernels:
         unbiased = var * (count / max(count - 1, 1))
         moving_var[...] = (1 - m) * moving_var + m * unbiased
         inv_std = 1.0 / xp.sqrt(var + eps)
-        xhat = centred * inv_std
-        return xhat * gamma + beta, xhat, inv_std
+        # (xhat as batch_norm_backward recomputes it: (x - mean) * inv_std, the same bits)
+        z = centred * inv_std * gamma + beta
+        return self._relu_cast(z, relu, out_dtype), mean, inv_std
 
-    def batch_norm_backward(self, dy: Any, xhat: Any, inv_std: Any, gamma: Any,
-                            input_grad: bool) -> tuple[Any, Any, Any]:
-        """Gradients of :meth:`batch_norm_train` through its batch's statistics, ``dy`` cast
-        to xhat's dtype: (the input's, None without ``input_grad``; gamma's; beta's), all in
-        that dtype."""
+    def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
+                            beta: Any, relu: bool, input_grad: bool) -> tuple[Any, Any, Any]:
+        """Gradients of :meth:`batch_norm_train` through its batch's statistics (``x`` its
+        input, ``mean`` and ``inv_std`` its statistics), ``dy`` cast to gamma's dtype; with
+        ``relu``, through the ReLU too, where z > 0, z recomputed as forward computed it:
+        (the input's in ``x``'s dtype, None without ``input_grad``; gamma's; beta's, in
+        gamma's dtype)."""
         xp = self.xp
-        dy = xp.astype(dy, xhat.dtype, copy=False)
+        xhat = (xp.astype(x, mean.dtype, copy=False) - mean) * inv_std
+        dy = xp.astype(dy, gamma.dtype, copy=False)
+        if relu:
+            dy = self.relu_backward(dy, xhat * gamma + beta)
         axes = tuple(range(dy.ndim - 1))
         dgamma, dbeta = xp.sum(dy * xhat, axis=axes), xp.sum(dy, axis=axes)
         if not input_grad:
             return None, dgamma, dbeta
-        return standardize_backward(xp, dy * gamma, xhat, inv_std, axes), dgamma, dbeta
+        dx = standardize_backward(xp, dy * gamma, xhat, inv_std, axes)
+        return xp.astype(dx, x.dtype, copy=False), dgamma, dbeta
+
+    def batch_norm_running(self, x: Any, gamma: Any, beta: Any, moving_mean: Any,
+                           moving_var: Any, eps: float, out_dtype: Any, relu: bool) -> Any:
+        """Batch normalisation of ``x`` with the running statistics (inference, and a frozen
+        layer in training), computed in gamma's dtype: z = (x - moving_mean) / sqrt(moving_var
+        + eps) * gamma + beta, then max(z, 0) with ``relu``, given in ``out_dtype``."""
+        return self._relu_cast(self._running_affine(x, gamma, beta, moving_mean, moving_var,
+                                                    eps), relu, out_dtype)
+
+    def batch_norm_running_backward(self, dy: Any, x: Any, gamma: Any, beta: Any,
+                                    moving_mean: Any, moving_var: Any, eps: float,
+                                    relu: bool) -> Any:
+        """Input gradient of :meth:`batch_norm_running` (an affine map per channel; with
+        ``relu``, only where z > 0, z recomputed from ``x``), in ``x``'s dtype."""
+        xp = self.xp
+        dy = xp.astype(dy, gamma.dtype, copy=False)
+        if relu:
+            dy = self.relu_backward(dy, self._running_affine(x, gamma, beta, moving_mean,
+                                                             moving_var, eps))
+        dx = dy * (gamma / xp.sqrt(moving_var + eps))
+        return xp.astype(dx, x.dtype, copy=False)
+
+    def _running_affine(self, x: Any, gamma: Any, beta: Any, moving_mean: Any,
+                        moving_var: Any, eps: float) -> Any:
+        xp = self.xp
+        inv_std = 1.0 / xp.sqrt(moving_var + eps)
+        return (xp.astype(x, gamma.dtype, copy=False) - moving_mean) * inv_std * gamma + beta
+
+    def _relu_cast(self, z: Any, relu: bool, out_dtype: Any) -> Any:
+        """max(z, 0) with ``relu``, in ``out_dtype``."""
+        return self.xp.astype(self.relu(z, None) if relu else z, out_dtype, copy=False)
 
     def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None,
                               dtype: Any = None) -> tuple[Any, Any]:
