@@ -20,6 +20,7 @@ hold them to it.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -37,6 +38,7 @@ MIX_1 = _signed(0xBF58476D1CE4E5B9)
 MIX_2 = _signed(0x94D049BB133111EB)
 
 
+@functools.cache  # (asked at every draw)
 def significant_bits(xp: Any, dtype: Any) -> int:
     """How many random bits make a number of float ``dtype`` in [0, 1): its significand's width
     (11 for float16, 24 for float32, 53 for float64), so that every value is exact and below 1."""
