@@ -22,8 +22,10 @@ batch 128 (``--batch 512`` too), float32 and mixed float16:
   high-water mark inside the measured step (after 2 warm-up steps, as for xpcnn) stands for
   ``max_memory_allocated() - base``. It counts the parameters, the last step's gradients (alive
   until ``zero_grad``), the momentum buffers, the batch, autocast's float16 weight copies, the
-  tensors autograd saves, oneDNN's reorders and scratch (through PyTorch's allocator) and every
-  temporary.
+  tensors autograd saves and every temporary. Column ``torch`` leaves out the scratch of a few
+  operations (bytes allocated and freed inside one call, :data:`SCRATCH_OPS`): the
+  convolutions' and matrix products' stand for cuDNN's and cuBLAS' workspaces, which xpcnn's
+  count leaves out too; column ``+scratch`` keeps them (all the CPU allocated).
   Besides, ``torch.autograd.graph.saved_tensors_hooks`` lists what autograd saves for the
   backward pass per module (parameters apart: they cost nothing more), a cross-check of the
   profile that does not depend on the allocator.
@@ -35,13 +37,16 @@ Where the CPU is not the GPU, and which way each moves the ratio xpcnn / PyTorch
 - CPU autocast float16 casts convolutions and matrix products as CUDA's does; BatchNorm,
   InstanceNorm, ReLU and max pooling run in their input's dtype on both, cross-entropy in
   float32 on both. GradScaler unscales in place on both.
-- cuDNN's workspaces (``cudnn.benchmark`` picks the fastest algorithm within the free memory;
-  a few MiB to tens of MiB at batch 512) are in PyTorch's ``max_memory_allocated`` and in
-  bench_gpu's CuPy pool, in neither side here; oneDNN's scratch on the CPU is on PyTorch's side
-  only. A workspace of W MiB on both sides moves a ratio r toward 1 (down where r > 1).
-- cuDNN and oneDNN save the same tensors for a convolution's backward (input and weight); CPU
-  oneDNN may reorder weights to blocked layouts (counted here, none on a GPU: the ratio is a
-  little lower here than on a GPU). Max pooling keeps int64 indices on both.
+- cuDNN's workspaces (``cudnn.benchmark`` picks the fastest algorithm that fits the free
+  memory) are in PyTorch's ``max_memory_allocated`` and in bench_gpu's CuPy pool, in neither
+  side here: a workspace of W MiB on both sides moves a ratio r toward 1 (down where r > 1).
+- The CPU's convolutions are oneDNN's in float32 (weights reordered to blocked layouts: scratch)
+  and, in float16, ATen's im2col fallback (its columns, up to 9x the input: scratch). Both
+  save what cuDNN's do for the backward pass, input and weight. Max pooling keeps int64 indices
+  on both. Its backward on the CPU copies its gradient and indices to channels-last when the
+  incoming gradient is so laid out (Flatten's permute gives it so), where CUDA's copies the
+  incoming gradient alone to NCHW: column ``torch`` leaves all of these copies out, a little
+  below what CUDA holds there (the ratio errs high, against xpcnn).
 - The optimiser: SGD's foreach path, as CUDA's default (``foreach=True`` here).
 - xpcnn with CUDA graphs (bench_gpu's default) also holds its graph's pool, whose blocks stay
   reserved between replays: its peak on a GPU is above this eager count.
@@ -191,14 +196,7 @@ def torch_peak(model: xpcnn.Sequential, batch: int, precision: str, channels_las
 
         for _ in range(warmup):
             train()
-        kept = {"parameters": list(net.parameters()),
-                "gradients (last step's)": [p.grad for p in net.parameters()],
-                "optimiser slots": [s for state in opt.state.values() for s in state.values()
-                                    if isinstance(s, torch.Tensor)],
-                "buffers (BatchNorm statistics)": list(net.buffers()),
-                "batch (float32 images, int64 labels)": [x, y]}
-        before = {k: sum(rounded(t.untyped_storage().nbytes()) for t in ts if t is not None)
-                  for k, ts in kept.items()}
+        before = kept_between_steps_torch(net, opt, x, y)
         with record_function("measured step"):
             train()
         saved = saved_per_module(train, scopes, set(p.data_ptr() for p in net.parameters()))
@@ -207,9 +205,24 @@ def torch_peak(model: xpcnn.Sequential, batch: int, precision: str, channels_las
     events, window = allocations(prof, "measured step")
     peak, held = allocation_peak(events, window, scratch=False)
     with_scratch, _ = allocation_peak(events, window, scratch=True)
-    before["other"] = held.get("before", 0) - sum(before.values())
+    before["other"] = in_use_at(events, window[0]) - sum(before.values())
     return Peak(peak, held, before, before["batch (float32 images, int64 labels)"], saved,
                 with_scratch)
+
+
+def kept_between_steps_torch(net: Any, opt: Any, x: Any, y: Any) -> dict[str, int]:
+    """The bytes the twin holds between steps, by kind (no reference kept: the last step's
+    gradients must be freed by ``zero_grad`` as they are without this)."""
+    import torch
+
+    kept = {"parameters": list(net.parameters()),
+            "gradients (last step's)": [p.grad for p in net.parameters()],
+            "optimiser slots": [s for state in opt.state.values() for s in state.values()
+                                if isinstance(s, torch.Tensor)],
+            "buffers (BatchNorm statistics)": list(net.buffers()),
+            "batch (float32 images, int64 labels)": [x, y]}
+    return {k: sum(rounded(t.untyped_storage().nbytes()) for t in ts if t is not None)
+            for k, ts in kept.items()}
 
 
 class ModuleScope:
@@ -267,13 +280,9 @@ def saved_per_module(train: Any, scopes: dict[int, ModuleScope], params: set[int
     return dict(saved)
 
 
-#: The operations whose scratch (bytes allocated and freed inside one call) the "torch"
-#: column leaves out: the convolutions' and products' (oneDNN's reorders, the im2col columns
-#: of the CPU's float16 convolutions, which has no oneDNN kernel for them) stand for the
-#: workspaces cuDNN and cuBLAS take on a GPU, which xpcnn's count leaves out too; max pooling's
-#: backward on the CPU copies its gradient and indices to channels-last when the incoming
-#: gradient is so laid out (as Flatten's permute gives it), where CUDA's copies the incoming
-#: gradient alone to NCHW: leaving all of them out errs on PyTorch's side (a lower peak).
+#: The operations whose scratch (bytes allocated and freed inside one call) column ``torch``
+#: leaves out (see the module doc): convolutions and matrix products (standing for cuDNN's and
+#: cuBLAS' workspaces), max pooling's backward (the CPU's channels-last copies).
 SCRATCH_OPS = ("aten::conv2d", "aten::convolution", "aten::_convolution",
                "aten::convolution_backward", "aten::linear", "aten::addmm", "aten::mm",
                "aten::matmul", "aten::max_pool2d_with_indices_backward")
@@ -349,6 +358,19 @@ def allocations(prof: Any, step: str) -> tuple[list[Allocation], tuple[int, int]
     return events, window
 
 
+def in_use_at(events: list[Allocation], time: int) -> int:
+    """The bytes allocated since the profile began and not freed by ``time``."""
+    live: dict[int, int] = {}
+    for a in events:
+        if a.start >= time:
+            break
+        if a.nbytes > 0:
+            live[a.ptr] = a.nbytes
+        else:
+            live.pop(a.ptr, None)
+    return sum(live.values())
+
+
 def allocation_peak(events: list[Allocation], window: tuple[int, int], scratch: bool
                     ) -> tuple[int, dict[str, int]]:
     """The high-water mark inside ``window`` of the bytes allocated since the profile began
@@ -377,7 +399,7 @@ def allocation_peak(events: list[Allocation], window: tuple[int, int], scratch: 
 def print_row_detail(name: str, ours: Peak, theirs: Peak) -> None:
     """Per xpcnn layer: what each side held at its peak (forward: mostly what is kept for the
     backward pass; backward: gradients in flight) and what autograd saved; then the bytes
-    held from before the step, by kind."""
+    in use at the step's start, by kind, and how many of them were still held at the peak."""
     layers: dict[str, dict[str, float]] = collections.defaultdict(dict)
     for side, peak in (("xpcnn", ours), ("torch", theirs)):
         for where, nbytes in peak.held.items():
@@ -398,8 +420,9 @@ def print_row_detail(name: str, ours: Peak, theirs: Peak) -> None:
             print(f"      {layer:<48}" + "".join(
                 f"{row[c]:>15.2f}" if c in row else f"{'':>15}" for c in columns))
     for side, peak in (("xpcnn", ours), ("torch", theirs)):
-        print(f"    {side} before the step: " + ", ".join(
-            f"{k} {v / MIB:.2f}" for k, v in peak.before.items()))
+        print(f"    {side} at the step's start: " + ", ".join(
+            f"{k} {v / MIB:.2f}" for k, v in peak.before.items())
+            + f"; {peak.held.get('before', 0) / MIB:.2f} of it held at the peak")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -426,9 +449,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{'as on the CPU' if args.cpu_dropout else 'as on CUDA'}")
     print("MiB at a training step's peak. xpcnn: counted by tests/launch_counter.py (uint8 "
           "batch); 'as bench_gpu': with the batch in float32, as bench_gpu feeds it. torch: "
-          "without the convolutions' and products' scratch (as xpcnn, no workspaces); '+scratch':"
-          " with the CPU's (oneDNN reorders, float16 im2col). ratio: 'as bench_gpu' / torch. "
-          "saved: what autograd saves, parameters apart")
+          "the twin's, without the convolutions', products' and max-pool backward's scratch "
+          "(as xpcnn's, no workspaces); '+scratch': with them (oneDNN reorders, float16 im2col, "
+          "channels-last copies). ratio: 'as bench_gpu' / torch. saved: what autograd saves, "
+          "parameters apart")
     print(f"{'model':<10}{'precision':<15}{'xpcnn':>8}{'as bench_gpu':>14}{'torch':>8}"
           f"{'+scratch':>10}{'ratio':>8}{'saved':>8}")
     with emulated():

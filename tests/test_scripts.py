@@ -329,8 +329,8 @@ def test_the_memory_comparison_with_pytorch_dry_runs():
     assert 2 * params_mib < float(xpcnn) < float(as_bench)
     assert 3 * params_mib < float(torch) <= float(with_scratch)
     assert ratio == f"{float(as_bench) / float(torch):.2f}x" and float(saved) > 0
-    assert "xpcnn before the step: parameters 4.58, optimiser slots 4.58" in out.stdout
-    assert "torch before the step: parameters 4.58, gradients (last step's) 4.58" in out.stdout
+    assert "xpcnn at the step's start: parameters 4.58, optimiser slots 4.58" in out.stdout
+    assert "torch at the step's start: parameters 4.58, gradients (last step's) 4.58" in out.stdout
 
 
 def test_the_memory_comparisons_peak_follows_the_allocations():
