@@ -53,6 +53,8 @@ Where the CPU is not the GPU, and which way each moves the ratio xpcnn / PyTorch
 
     PYTHONPATH=$PWD python scripts/memory_vs_torch.py                   # batch 128
     PYTHONPATH=$PWD python scripts/memory_vs_torch.py --batch 512 --models cifar
+    PYTHONPATH=$PWD python scripts/memory_vs_torch.py --details \
+        --gpu-json docs/bench/gpu-h200-2026-11-26-1311-final-nchw.json   # + PyTorch on a GPU
 
 Needs PyTorch (a reference only, imported here) and a C++ compiler (the emulated CUDA kernels,
 as tests/test_launch_counts.py).
@@ -63,6 +65,7 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -92,27 +95,28 @@ def rounded(nbytes: int) -> int:
 
 @dataclass
 class Peak:
-    """A step's peak bytes and what held them (label -> bytes); ``before`` splits the bytes
-    held from before the step; ``saved``: bytes autograd saved per label (PyTorch only)."""
+    """A step's peak bytes and what held them (label -> bytes; "before": allocated before the
+    step); ``before``: the bytes in use at the step's start, by kind; ``saved``: the bytes
+    autograd saved, per layer (PyTorch only)."""
     peak: int
     held: dict[str, int]
     before: dict[str, int]
-    batch: int  # the batch's bytes (images and labels) in ``before``
     saved: dict[str, int] = field(default_factory=dict)
     with_scratch: int = 0  # the peak with the convolutions' and products' scratch (PyTorch)
 
 
 # -- xpcnn: tests/launch_counter.py's count ----------------------------------------------------
 def xpcnn_peak(name: str, precision: str, batch: int) -> Peak:
-    """The peak of one eager step as tests/launch_counter.py counts it (inside ``emulated``),
-    its "before" split into what the model keeps between steps and the batch."""
+    """The peak of one eager step as tests/launch_counter.py counts it (inside ``emulated``);
+    its bytes from before the step (the counter records those held at the peak) split into what
+    the model keeps between steps, the batch, and the rest."""
     step_launches(name, precision, batch)
     held = dict(MEMORY.held_at_peak)
     kept = kept_between_steps(name, precision)
     images = batch * int(np.prod(INPUT_SHAPES[name]))  # uint8
     kept["batch (uint8 images, int64 labels)"] = rounded(images) + rounded(8 * batch)
     kept["other"] = held.get("before", 0) - sum(kept.values())
-    return Peak(MEMORY.peak, held, kept, kept["batch (uint8 images, int64 labels)"])
+    return Peak(MEMORY.peak, held, kept)
 
 
 def kept_between_steps(name: str, precision: str) -> dict[str, int]:
@@ -134,19 +138,16 @@ def kept_between_steps(name: str, precision: str) -> dict[str, int]:
 
 
 # -- PyTorch: the twin's allocations, profiled on the CPU --------------------------------------
-class CudaDropout:
+def native_dropout(rate: float) -> Any:
     """``nn.Dropout`` as CUDA runs it: ``native_dropout``, which saves a bool mask (the CPU's
     ``dropout`` saves a mask in the input's dtype)."""
+    import torch
 
-    @staticmethod
-    def module(rate: float) -> Any:
-        import torch
+    class Dropout(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.native_dropout(x, rate, self.training)[0]
 
-        class Dropout(torch.nn.Module):
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return torch.native_dropout(x, rate, self.training)[0]
-
-        return Dropout()
+    return Dropout()
 
 
 def build_twin(model: xpcnn.Sequential, cuda_dropout: bool) -> tuple[Any, list[str]]:
@@ -161,7 +162,7 @@ def build_twin(model: xpcnn.Sequential, cuda_dropout: bool) -> tuple[Any, list[s
     if cuda_dropout:
         for i, module in enumerate(net):
             if isinstance(module, torch.nn.Dropout):
-                net[i] = CudaDropout.module(module.p)
+                net[i] = native_dropout(module.p)
     return net, owners
 
 
@@ -206,8 +207,7 @@ def torch_peak(model: xpcnn.Sequential, batch: int, precision: str, channels_las
     peak, held = allocation_peak(events, window, scratch=False)
     with_scratch, _ = allocation_peak(events, window, scratch=True)
     before["other"] = in_use_at(events, window[0]) - sum(before.values())
-    return Peak(peak, held, before, before["batch (float32 images, int64 labels)"], saved,
-                with_scratch)
+    return Peak(peak, held, before, saved, with_scratch)
 
 
 def kept_between_steps_torch(net: Any, opt: Any, x: Any, y: Any) -> dict[str, int]:
@@ -425,6 +425,20 @@ def print_row_detail(name: str, ours: Peak, theirs: Peak) -> None:
             + f"; {peak.held.get('before', 0) / MIB:.2f} of it held at the peak")
 
 
+def gpu_peaks(path: str) -> dict[tuple[str, int, str], float]:
+    """PyTorch's peak MiB per (model, batch, precision) in a JSON report of bench_gpu.py."""
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    return {(r["model"], r["batch"], r["precision"]): r["torch"]["peak_mib"] for r in rows
+            if (r.get("torch") or {}).get("peak_mib")}
+
+
+def gpu_columns(torch_mib: float | None, ours: int) -> str:
+    if torch_mib is None:
+        return f"{'-':>18}{'-':>8}"
+    return f"{torch_mib:>18.2f}{ours / MIB / torch_mib:>7.2f}x"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="notebook,mnist,cifar,mnist-bn")
@@ -434,9 +448,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="the twin in PyTorch's channels-last layout (bench_gpu's option)")
     p.add_argument("--cpu-dropout", action="store_true",
                    help="the twin's dropouts as the CPU runs them (a float mask, not CUDA's bool)")
+    p.add_argument("--gpu-json", default=None, metavar="PATH",
+                   help="a JSON report of scripts/bench_gpu.py: its PyTorch peaks (measured on a "
+                   "GPU) in a column beside this estimate")
     p.add_argument("--details", action="store_true",
                    help="also print, per row, what each side held at its peak by layer")
     args = p.parse_args(argv)
+    measured = gpu_peaks(args.gpu_json) if args.gpu_json else {}
     try:
         import torch
     except ImportError:
@@ -454,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
           "channels-last copies). ratio: 'as bench_gpu' / torch. saved: what autograd saves, "
           "parameters apart")
     print(f"{'model':<10}{'precision':<15}{'xpcnn':>8}{'as bench_gpu':>14}{'torch':>8}"
-          f"{'+scratch':>10}{'ratio':>8}{'saved':>8}")
+          f"{'+scratch':>10}{'ratio':>8}{'saved':>8}"
+          + (f"{'torch on the GPU':>18}{'ratio':>8}" if measured else ""))
     with emulated():
         for name in args.models.split(","):
             for precision in args.precisions.split(","):
@@ -467,7 +486,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<10}{precision:<15}{ours.peak / MIB:>8.2f}{as_bench / MIB:>14.2f}"
                       f"{theirs.peak / MIB:>8.2f}{theirs.with_scratch / MIB:>10.2f}"
                       f"{as_bench / theirs.peak:>7.2f}x"
-                      f"{sum(theirs.saved.values()) / MIB:>8.2f}", flush=True)
+                      f"{sum(theirs.saved.values()) / MIB:>8.2f}"
+                      + (gpu_columns(measured.get((name, args.batch, precision)), as_bench)
+                         if measured else ""),
+                      flush=True)
                 if args.details:
                     print_row_detail(name, ours, theirs)
     return 0

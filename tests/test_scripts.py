@@ -315,20 +315,25 @@ def test_the_column_sum_accuracy_script_runs():
 
 
 @needs_compiler
-def test_the_memory_comparison_with_pytorch_dry_runs():
+def test_the_memory_comparison_with_pytorch_dry_runs(tmp_path):
     """scripts/memory_vs_torch.py at a tiny batch: a row of peaks whose ratio is the two
     printed, each side's peak above what it holds between steps (PyTorch: parameters, last
-    gradients and momentum; xpcnn: parameters and momentum), and the per-layer breakdown."""
+    gradients and momentum; xpcnn: parameters and momentum), the per-layer breakdown, and
+    PyTorch's peak read from a bench_gpu.py report beside it."""
     pytest.importorskip("torch")
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"rows": [{"model": "mnist", "batch": 4, "precision": "float32",
+                                         "torch": {"peak_mib": 20.0}}]}))
     out = _run("--models", "mnist", "--batch", "4", "--precisions", "float32", "--details",
-               script="memory_vs_torch.py")
+               "--gpu-json", str(gpu), script="memory_vs_torch.py")
     assert out.returncode == 0, out.stderr
     row = next(line for line in out.stdout.splitlines() if line.startswith("mnist "))
-    xpcnn, as_bench, torch, with_scratch, ratio, saved = row.split()[2:]
+    xpcnn, as_bench, torch, with_scratch, ratio, saved, on_gpu, gpu_ratio = row.split()[2:]
     params_mib = 1_199_882 * 4 / 2**20  # (mnist's parameters, float32)
     assert 2 * params_mib < float(xpcnn) < float(as_bench)
     assert 3 * params_mib < float(torch) <= float(with_scratch)
     assert ratio == f"{float(as_bench) / float(torch):.2f}x" and float(saved) > 0
+    assert on_gpu == "20.00" and gpu_ratio == f"{float(as_bench) / 20:.2f}x"
     assert "xpcnn at the step's start: parameters 4.58, optimiser slots 4.58" in out.stdout
     assert "torch at the step's start: parameters 4.58, gradients (last step's) 4.58" in out.stdout
 
