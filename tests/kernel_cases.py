@@ -210,3 +210,40 @@ def check_recorded_steps(steps, scaling, squares):
 # (record_step) and the fused update; under mixed float16 also the casts of the weights to
 # float16 and of the gradients back to float32 (cast_all), one launch and one table each.
 GAP_NET_STEP_TABLES = {"float32": 3, "mixed_float16": 5}
+
+
+def check_add_relu(fast, standard, rng, shape, dtype):
+    """An Add layer's kernels with the ReLU after it fused, each way (backward summing the
+    gradients of an output read two and three times), of two and three inputs, with a NaN and
+    sums of exactly 0: the fast version gives the standard one's bits, which are the sums
+    and masks written out in NumPy; inputs of two dtypes (the standard version promotes them)
+    the standard version's result."""
+    def arrays(k):
+        out = [np.asarray(rng.standard_normal(shape), dtype) for _ in range(k)]
+        if out[0].size > 3:
+            flat = [a.reshape(-1) for a in out]
+            flat[0][:3] = [np.nan, 1.0, 0.5]
+            flat[1][1:3] = [-1.0, -0.5]  # (sums of exactly 0: the ReLU blocks their gradient)
+        return out
+
+    for k in (2, 3):
+        xs = arrays(k)
+        total = xs[0] + xs[1] if k == 2 else xs[0] + xs[1] + xs[2]
+        y = standard.add_relu(xs, True)
+        np.testing.assert_array_equal(y, np.maximum(total, dtype(0)))
+        np.testing.assert_array_equal(fast.add_relu(xs, True), y)
+        np.testing.assert_array_equal(fast.add_relu(xs, False), total)
+        dys = arrays(k)
+        dsum = dys[0] + dys[1] if k == 2 else dys[0] + dys[1] + dys[2]
+        want = standard.add_relu_backward(dys, y)
+        np.testing.assert_array_equal(want, dsum * (y > 0))
+        np.testing.assert_array_equal(fast.add_relu_backward(dys, y), want)
+        np.testing.assert_array_equal(fast.add_relu_backward(dys, None), dsum)
+        np.testing.assert_array_equal(fast.add_relu_backward(dys[:1], y),
+                                      standard.relu_backward(dys[0], y))
+        assert 0 < np.count_nonzero(want) < want.size
+    wide = np.asarray(rng.standard_normal(shape), np.float64)
+    mixed = [np.asarray(rng.standard_normal(shape), dtype), wide]
+    np.testing.assert_array_equal(fast.add_relu(mixed, True), standard.add_relu(mixed, True))
+    np.testing.assert_array_equal(fast.add_relu_backward(mixed, wide),
+                                  standard.add_relu_backward(mixed, wide))
