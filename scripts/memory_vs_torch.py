@@ -83,7 +83,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from launch_counter import MEMORY, emulated, step_launches  # noqa: E402
 
 import xpcnn  # noqa: E402
-from xpcnn.models import INPUT_SHAPES, build_model  # noqa: E402
+from xpcnn.models import INPUT_SHAPES, MODELS, build_model  # noqa: E402
 
 MIB = 2**20
 BLOCK = 512  # CuPy's and PyTorch's CUDA allocators round every block up to this
@@ -454,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--details", action="store_true",
                    help="also print, per row, what each side held at its peak by layer")
     args = p.parse_args(argv)
+    for name in args.models.split(","):
+        if name not in MODELS:  # (the graph networks' twins do not start with a permute)
+            p.error(f"no twin for {name!r} here; expected some of {', '.join(MODELS)}")
     measured = gpu_peaks(args.gpu_json) if args.gpu_json else {}
     try:
         import torch

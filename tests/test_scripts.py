@@ -359,3 +359,8 @@ def test_the_memory_comparisons_peak_follows_the_allocations():
         1024 + 2048 + 8192, {"before": 1024, "conv forward": 2048, "conv backward": 8192})
     assert allocation_peak(events, (10, 20), scratch=False) == (
         1024 + 2048 + 1536, {"before": 1024, "conv forward": 2048, "conv backward": 1536})
+
+
+def test_the_memory_comparison_names_the_models_it_has_no_twin_for():
+    out = _run("--models", "mnist,resnet20", script="memory_vs_torch.py")
+    assert out.returncode == 2 and "no twin for 'resnet20' here; expected some of" in out.stderr
