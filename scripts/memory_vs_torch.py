@@ -185,7 +185,7 @@ def torch_peak(model: xpcnn.Sequential, batch: int, precision: str, channels_las
         scaler = torch.amp.GradScaler("cpu", enabled=mixed)
         x = torch.from_numpy(images.transpose(0, 3, 1, 2)).clone(memory_format=layout)
         y = torch.from_numpy(rng.integers(0, 10, batch)).clone()
-        scopes = label_modules(net, owners)
+        scopes = [ModuleScope(module, owner) for module, owner in zip(net, owners, strict=True)]
 
         def train() -> None:
             with torch.autocast("cpu", dtype=torch.float16, enabled=mixed):
@@ -200,8 +200,8 @@ def torch_peak(model: xpcnn.Sequential, batch: int, precision: str, channels_las
         before = kept_between_steps_torch(net, opt, x, y)
         with record_function("measured step"):
             train()
-        saved = saved_per_module(train, scopes, set(p.data_ptr() for p in net.parameters()))
-        for scope in scopes.values():
+        saved = saved_per_module(train, {p.data_ptr() for p in net.parameters()})
+        for scope in scopes:
             scope.remove()
     events, window = allocations(prof, "measured step")
     peak, held = allocation_peak(events, window, scratch=False)
@@ -234,7 +234,7 @@ class ModuleScope:
     def __init__(self, module: Any, owner: str) -> None:
         from torch.profiler import record_function
 
-        self.owner, self.open = owner, []
+        self.open: list[Any] = []
 
         def enter(*_: Any) -> None:
             scope = record_function(f"layer {owner}")
@@ -253,13 +253,7 @@ class ModuleScope:
             hook.remove()
 
 
-def label_modules(net: Any, owners: list[str]) -> dict[int, ModuleScope]:
-    return {i: ModuleScope(module, owner) for i, (module, owner) in enumerate(zip(net, owners,
-                                                                                  strict=True))}
-
-
-def saved_per_module(train: Any, scopes: dict[int, ModuleScope], params: set[int]
-                     ) -> dict[str, int]:
+def saved_per_module(train: Any, params: set[int]) -> dict[str, int]:
     """The bytes autograd saves for the backward pass in one more step, per xpcnn layer (the
     loss's: "loss"), each storage once and parameters left out (they are held anyway)."""
     import torch
@@ -292,7 +286,7 @@ SCRATCH_OPS = ("aten::conv2d", "aten::convolution", "aten::_convolution",
 class Allocation:
     start: int  # ns
     ptr: int
-    nbytes: int  # rounded up to BLOCK
+    nbytes: int  # rounded up to BLOCK; a free: minus the bytes it gave back
     label: str  # the layer and phase that allocated it
     scratch_until: int  # the end of the outermost SCRATCH_OPS call it was made in (0: none)
     scratch: bool = False  # freed before that call returned
@@ -396,7 +390,7 @@ def allocation_peak(events: list[Allocation], window: tuple[int, int], scratch: 
 
 
 # -- the report ----------------------------------------------------------------------------------
-def print_row_detail(name: str, ours: Peak, theirs: Peak) -> None:
+def print_row_detail(ours: Peak, theirs: Peak) -> None:
     """Per xpcnn layer: what each side held at its peak (forward: mostly what is kept for the
     backward pass; backward: gradients in flight) and what autograd saved; then the bytes
     in use at the step's start, by kind, and how many of them were still held at the peak."""
@@ -414,7 +408,7 @@ def print_row_detail(name: str, ours: Peak, theirs: Peak) -> None:
     columns = ["xpcnn forward", "xpcnn backward", "xpcnn other", "torch forward",
                "torch backward", "torch other", "torch saved"]
     print(f"    MiB held at each side's peak, by layer{'':<13}"
-          + "".join(f"{c.replace(' ', ' '):>15}" for c in columns))
+          + "".join(f"{c:>15}" for c in columns))
     for layer, row in layers.items():
         if sum(row.values()) >= 0.01:
             print(f"      {layer:<48}" + "".join(
@@ -494,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                          if measured else ""),
                       flush=True)
                 if args.details:
-                    print_row_detail(name, ours, theirs)
+                    print_row_detail(ours, theirs)
     return 0
 
 
