@@ -210,3 +210,44 @@ def check_recorded_steps(steps, scaling, squares):
 # (record_step) and the fused update; under mixed float16 also the casts of the weights to
 # float16 and of the gradients back to float32 (cast_all), one launch and one table each.
 GAP_NET_STEP_TABLES = {"float32": 3, "mixed_float16": 5}
+
+
+
+def check_add_relu(fast, standard, rng, shape, dtype, device=np.asarray, host=np.asarray):
+    """An Add layer's kernels with the ReLU after it fused, each way (backward summing the
+    gradients of an output read two and three times), of two and three inputs, with a NaN and
+    sums of exactly 0: the fast version gives the standard one's bits, which are the sums
+    and masks written out in NumPy; inputs of two dtypes (the standard version promotes them)
+    the standard version's result. ``device`` puts a NumPy array where the kernels run,
+    ``host`` brings a result back."""
+    def arrays(k):
+        out = [np.asarray(rng.standard_normal(shape), dtype) for _ in range(k)]
+        flat = [a.reshape(-1) for a in out]
+        flat[0][:3] = [np.nan, 1.0, 0.5]
+        flat[1][1:3] = [-1.0, -0.5]  # (sums of exactly 0: the ReLU blocks their gradient)
+        return out
+
+    def equal(got, want):
+        np.testing.assert_array_equal(host(got), want)
+
+    for k in (2, 3):
+        xs = arrays(k)
+        total = xs[0] + xs[1] if k == 2 else xs[0] + xs[1] + xs[2]
+        on = [device(a) for a in xs]
+        y = host(standard.add_relu(on, True))
+        np.testing.assert_array_equal(y, np.maximum(total, np.dtype(dtype).type(0)))
+        equal(fast.add_relu(on, True), y)
+        equal(fast.add_relu(on, False), total)
+        dys = arrays(k)
+        dsum = dys[0] + dys[1] if k == 2 else dys[0] + dys[1] + dys[2]
+        on, y_on = [device(a) for a in dys], device(y)
+        want = host(standard.add_relu_backward(on, y_on))
+        np.testing.assert_array_equal(want, dsum * (y > 0))
+        assert 0 < np.count_nonzero(want) < want.size
+        equal(fast.add_relu_backward(on, y_on), want)
+        equal(fast.add_relu_backward(on, None), dsum)
+        equal(fast.add_relu_backward(on[:1], y_on), host(standard.relu_backward(on[0], y_on)))
+    wide = device(np.asarray(rng.standard_normal(shape), np.float64))
+    mixed = [device(np.asarray(rng.standard_normal(shape), dtype)), wide]
+    equal(fast.add_relu(mixed, True), host(standard.add_relu(mixed, True)))
+    equal(fast.add_relu_backward(mixed, wide), host(standard.add_relu_backward(mixed, wide)))

@@ -127,3 +127,22 @@ def residual_net(shape=(8, 8, 3), classes=5):
     g = GlobalAvgPool2D(name="gap")(p)
     outputs = Softmax(name="softmax")(Dense(classes, name="dense")(g))
     return inputs, outputs
+
+
+def add_relu_net(shape=(8, 8, 3), classes=10):
+    """Residual blocks whose Add -> ReLU() the plan fuses: the first block's output read by
+    two layers, the second's (an Add of three inputs) by three, whose gradients the Adds sum
+    as they apply their ReLU's; the last Add's ReLU gradient left to the max pool after it."""
+    inputs = xpcnn.Input(shape)
+    x = Rescaling(1 / 255)(inputs)
+    x = ReLU(name="stem_relu")(BatchNorm2D(name="stem_bn")(
+        Conv2D(4, 3, padding="same", use_bias=False, name="stem")(x)))
+    y = BatchNorm2D(name="bn_a")(Conv2D(4, 3, padding="same", use_bias=False, name="conv_a")(x))
+    z = ReLU(name="relu_1")(Add(name="add_1")([x, y]))  # read twice
+    w = Conv2D(4, 3, padding="same", name="conv_b")(z)
+    z = ReLU(name="relu_2")(Add(name="add_2")([z, w, Conv2D(4, 1, name="proj")(x)]))
+    z = ReLU(name="relu_3")(Add(name="add_3")([z, Conv2D(4, 1, name="conv_c")(z),
+                                                Conv2D(4, 3, padding="same", name="conv_d")(z)]))
+    p = MaxPool2D(2, name="pool")(ReLU(name="relu_4")(Add(name="add_4")([z, x])))
+    outputs = Softmax()(Dense(classes, name="dense")(GlobalAvgPool2D()(p)))
+    return inputs, outputs

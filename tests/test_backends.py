@@ -3,7 +3,7 @@
 import array_api_strict as xs
 import numpy as np
 import pytest
-from nets import bn_relu_net, every_layer_net, fused_relu_net, gap_net, plan_of
+from nets import add_relu_net, bn_relu_net, every_layer_net, fused_relu_net, gap_net, plan_of
 
 import xpcnn
 from xpcnn.backend import get_backend
@@ -88,6 +88,44 @@ def test_batchnorm_with_its_relu_fused_trains_as_with_relu_layers(device, data, 
     assert plan_of(apart)[1] == []
     for u, v in zip(fused.get_weights(), apart.get_weights(), strict=True):
         np.testing.assert_array_equal(u, v)
+
+
+def _train_add_relu_net(device, data, precision):
+    model = xpcnn.Model(*add_relu_net(), device=device, seed=0)
+    model.compile(optimizer=_sgd(), precision=precision)
+    model.fit(*data, epochs=2, batch_size=16, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("device, precision", [("cpu", "float32"), ("cpu", "mixed_float16"),
+                                               (xs, "float32")],
+                         ids=["numpy", "numpy-mixed", "strict"])
+def test_adds_with_their_relu_fused_train_as_with_relu_layers(device, precision, data,
+                                                              monkeypatch):
+    """Add layers with the ReLU() after them fused, summing the gradients of an output read
+    two and three times as they apply their ReLU's (or leaving it to a max pool), end training
+    with the weights, bit for bit, of the same model with those gradients summed by the model
+    first, and with its ReLU layers run on their own: on NumPy's fast path (float16
+    activations and gradients too) and in the standard spelling."""
+    train = lambda: _train_add_relu_net(device, data, precision)  # noqa: E731
+    fused = train()
+    plan = fused._plan()
+    ran, fused_layers, handed = plan_of(fused)
+    assert fused_layers == ["stem_bn", "add_1", "add_2", "add_3", "add_4"]
+    assert not any(name.startswith("relu_") for name in ran)
+    assert handed == [("add_4", "pool")]
+    writer = {s.output: s.layer.name for s in plan.steps}
+    assert sorted(writer[i] for i in plan.gathered) == ["add_1", "add_2"]
+    assert [s.layer.name for s in plan.steps if s.options.sum_output_grads] == ["add_1", "add_2"]
+    monkeypatch.setattr(xpcnn.layers.Add, "can_sum_output_grads", False)
+    summed_first = train()
+    assert not summed_first._plan().gathered
+    monkeypatch.setattr(xpcnn.layers.Add, "can_fuse_relu", False)
+    apart = train()
+    assert plan_of(apart)[1] == ["stem_bn"]
+    for other in (summed_first, apart):
+        for u, v in zip(fused.get_weights(), other.get_weights(), strict=True):
+            np.testing.assert_array_equal(u, v)
 
 
 def test_pytorch_cpu_ends_with_the_same_weights_as_numpy(data):

@@ -272,6 +272,18 @@ def test_rescale_kernel_compiles(fast_cupy, source, compute, target):
     assert code == 0, log
 
 
+@pytest.mark.parametrize("dtype", ["float", "double"])
+@pytest.mark.parametrize("name, arrays", [("_ADD_RELU", ("a", "b", "y")),
+                                          ("_ADD_RELU_BACKWARD", ("a", "b", "y", "dx"))])
+def test_add_relu_kernels_compile(fast_cupy, name, arrays, dtype):
+    """An Add layer with the ReLU after it fused, each way in one launch (backward summing
+    the gradients of an output read twice); CuPy's float16 class below."""
+    kernel = getattr(fast_cupy, name)
+    code, log = _compile(_elementwise_as_kernel(kernel, {"T": dtype}, arrays=arrays),
+                         kernel.name, 90)
+    assert code == 0, log
+
+
 # (the statistics' dtype, the data's: float16 under mixed precision)
 @pytest.mark.parametrize("dtype, io", [("float16", "float16"), ("float32", "float32"),
                                        ("float64", "float64"), ("float32", "float16")])
@@ -302,6 +314,8 @@ CUPY_FLOAT16_CASES = [
     ("_RESCALE", {"S": "float16", "T": "float16", "U": "float16"}, ("x", "y")),
     ("_DROPOUT", {"T": "float16"}, ("x", "y", "keep")),
     ("_UNIFORM", {"T": "float16"}, ("u",)),
+    ("_ADD_RELU", {"T": "float16"}, ("a", "b", "y")),
+    ("_ADD_RELU_BACKWARD", {"T": "float16"}, ("a", "b", "y", "dx")),
 ]
 
 

@@ -27,6 +27,7 @@ from kernel_cases import (
     SOFTMAX_CROSS_ENTROPY,
     TILED_CONV,
     UPDATE_SHAPES,
+    check_add_relu,
     check_recorded_steps,
     device_scalars,
     gated_updates,
@@ -164,6 +165,11 @@ def test_elementwise_kernels(fast, rng, dtype):
             fast.matmul_into(a, b, got, bias, relu)
             STD.matmul_into(a, b, want, bias, relu)
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", WITH_HALF)
+def test_add_relu_kernels(fast, rng, dtype):
+    check_add_relu(fast, STD, rng, (4, 5, 6, 7), dtype)
 
 
 def test_casting_many_arrays_in_one_launch(fast, rng):

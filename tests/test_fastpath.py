@@ -6,7 +6,14 @@ import array_api_compat.numpy as xpn
 import array_api_strict as xs
 import numpy as np
 import pytest
-from kernel_cases import OPTIMISERS, UPDATE_SHAPES, gated_updates, step_with, two_dtype_updates
+from kernel_cases import (
+    OPTIMISERS,
+    UPDATE_SHAPES,
+    check_add_relu,
+    gated_updates,
+    step_with,
+    two_dtype_updates,
+)
 from nets import every_layer_net, gap_net, plan_of
 
 import xpcnn
@@ -209,6 +216,12 @@ def test_relu_and_masks(rng, shape, dtype):
     want = np.where(keep & (y > 0), dy * dtype(1.5), dtype(0))
     for kern in (FAST, STD):
         np.testing.assert_array_equal(kern.mask_multiply(dy, keep, 1.5, y), want)
+
+
+@pytest.mark.parametrize("shape", [(64, 80, 60), (8, 7, 5)], ids=["threads", "odd-size"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_add_relu_and_its_gradient(rng, shape, dtype):
+    check_add_relu(FAST, STD, rng, shape, dtype)
 
 
 @pytest.mark.parametrize("n, m", [(1, 1), (7, 2), (128, 3), (5, 10)])

@@ -25,7 +25,8 @@ def functional_net():
 
 # (the model, the layers with a ReLU the plan fuses and those ReLUs)
 ORIGINALS = {"sequential": (sequential_net, ["conv"], ["relu"]),
-             "functional": (functional_net, ["conv_a", "stem_bn"], ["relu_a", "stem_relu"])}
+             "functional": (functional_net, ["conv_a", "stem_bn", "add"],
+                            ["relu_a", "stem_relu", "res_relu"])}
 
 
 @pytest.fixture

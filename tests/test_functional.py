@@ -8,7 +8,7 @@ import array_api_strict as xs
 import numpy as np
 import pytest
 from gradcheck import assert_close, check_layer, numeric_grad, sample_indices
-from nets import plan_of, residual_net
+from nets import add_relu_net, plan_of, residual_net
 
 import xpcnn
 from xpcnn.errors import DataFormatError, InputError
@@ -25,6 +25,7 @@ from xpcnn.layers import (
     ReLU,
     Softmax,
 )
+from xpcnn.layers.base import Options
 
 
 def make_model(device="cpu", dtype="float64", seed=0):
@@ -41,10 +42,15 @@ def data():
 def test_the_plan_fuses_a_relu_only_where_the_convolution_has_one_reader():
     model = make_model()
     ran, fused, handed = plan_of(model)
-    assert fused == ["stem_bn", "conv_a"]
+    assert fused == ["stem_bn", "conv_a", "add"]
     assert "relu_a" not in ran and "stem_relu" not in ran and "branch_relu" in ran
-    assert "softmax" not in ran
+    assert "res_relu" not in ran and "softmax" not in ran
     assert handed == [("pool_relu", "pool")]
+    # the residual Add sums the gradients of its output (read by branch and concat) as it
+    # applies its ReLU's; the stem's BatchNorm2D gets the sum of its output's from the model
+    plan = model._plan()
+    assert [s.layer.name for s in plan.steps if s.options.sum_output_grads] == ["add"]
+    assert plan.gathered == {plan.steps[ran.index("add")].output}
     assert not model._plan().options(model.layers[0]).need_input_grad
     assert model._plan().options(model.layers[2]).need_input_grad
 
@@ -161,6 +167,51 @@ def test_merge_layer_gradients_match_finite_differences(layer, shapes, rng):
         assert dx.shape == x.shape
         for idx in sample_indices(x.shape, 20, rng):
             assert_close(dx[idx], numeric_grad(f, x, idx), f"{layer!r} input {k} {idx}")
+
+
+@pytest.mark.parametrize("inputs", [2, 3])
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_an_add_with_its_relu_fused_has_the_gradient_of_both(inputs, parts, rng):
+    """An Add with the ReLU() after it fused (the plan's fused_relu), its output's gradient
+    given whole or as the parts its readers sent back (sum_output_grads): the gradient of
+    sum(relu(x0 + x1 (+ x2)) * (r0 + r1 + ...)) for each input, against finite differences."""
+    layer = Add()
+    layer.build([(3, 4, 2)] * inputs, "cpu", dtype="float64")
+    options = Options(fused_relu=True, sum_output_grads=parts > 1)
+    xs_ = [rng.standard_normal((2, 3, 4, 2)) for _ in range(inputs)]
+    rs = [rng.standard_normal((2, 3, 4, 2)) for _ in range(parts)]
+    y = layer.forward(xs_, training=True, options=options)
+    assert y.min() == 0 < y.max()  # (the ReLU cut some outputs: some gradients too)
+    dxs = layer.backward(rs if parts > 1 else rs[0], options)
+    assert len(dxs) == inputs
+    r = sum(rs)
+    f = lambda: float(np.sum(layer.forward(xs_, options=options) * r))  # noqa: E731
+    for k, (x, dx) in enumerate(zip(xs_, dxs, strict=True)):
+        for idx in sample_indices(x.shape, 20, rng):
+            assert_close(dx[idx], numeric_grad(f, x, idx), f"input {k} {idx}")
+
+
+def test_a_model_of_adds_with_their_relu_fused_has_its_loss_gradients(rng):
+    """Adds with their ReLU fused, outputs read two and three times (their gradients summed
+    by the Adds), a tensor read four times (summed by the model) and a ReLU gradient left to
+    a max pool: every parameter's gradient against finite differences of the loss."""
+    model = xpcnn.Model(*add_relu_net(classes=3), dtype="float64", seed=3)
+    model.compile(optimizer="sgd")
+    assert model._plan().gathered
+    xp = model.backend.xp
+    x = rng.uniform(0, 255, (4, 8, 8, 3))
+    y = rng.integers(0, 3, 4)
+
+    def loss():  # (in training: the BatchNorms normalise with the batch's statistics)
+        return float(model.loss.forward(xp, model._logits(x, True), y, xp.float64)[0])
+
+    _, dz = model.loss.forward(xp, model._logits(x, True), y, xp.float64)
+    model._backward(dz)
+    for layer in model.layers:
+        for name, p in layer.params.items():
+            for idx in sample_indices(p.shape, 4, rng):
+                assert_close(layer.grads[name][idx], numeric_grad(loss, p, idx),
+                             f"{layer.name}.{name}{idx}")
 
 
 def test_a_tensor_read_twice_gets_the_sum_of_both_gradients(rng):

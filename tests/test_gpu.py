@@ -18,6 +18,7 @@ from kernel_cases import (
     SOFTMAX_CROSS_ENTROPY,
     TILED_CONV,
     UPDATE_SHAPES,
+    check_add_relu,
     check_recorded_steps,
     record_checks,
     recorded_steps,
@@ -469,6 +470,11 @@ def test_elementwise_kernels(cp, kernels, rng, dtype):
             got = fast.rescale(images, 1 / 255, offset, cp.dtype(dtype), out)
             assert got.dtype == out
             _equal(got, std.rescale(images, 1 / 255, offset, cp.dtype(dtype), out))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_relu_kernels(cp, kernels, rng, dtype):
+    check_add_relu(*kernels, rng, (64, 16, 16, 32), dtype, cp.asarray, lambda a: a.get())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

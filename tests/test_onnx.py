@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from nets import every_layer_net, gap_net
+from nets import add_relu_net, every_layer_net, gap_net, plan_of
 
 import xpcnn
 from xpcnn.cli import main as cli_main
@@ -252,6 +252,21 @@ def test_a_functional_model_with_merges_and_a_reused_tensor_matches_predict(tmp_
     randomize(model, rng)
     check_model(model, rng.integers(0, 256, (4, 9, 11, 3), dtype=np.uint8).astype(np.float32),
                 tmp_path)
+
+
+def test_adds_with_their_relu_fused_export_as_a_sum_then_a_relu(tmp_path):
+    """The plan runs an Add and the ReLU() after it as one; the file keeps both layers."""
+    rng = np.random.default_rng(12)
+    model = xpcnn.Model(*add_relu_net(), seed=0)
+    randomize(model, rng)
+    assert {"add_1", "add_2", "add_3", "add_4"} <= set(plan_of(model)[1])
+    check_model(model, rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8).astype(np.float32),
+                tmp_path)
+    nodes = onnx.load(os.fspath(tmp_path / "model.onnx")).graph.node
+    sums = [n for n in nodes if n.op_type == "Sum"]
+    assert [len(n.input) for n in sums] == [2, 3, 3, 2]
+    for n in sums:
+        assert [r.op_type for r in nodes if n.output[0] in r.input] == ["Relu"]
 
 
 def test_a_model_with_a_nested_sequential_matches_predict(tmp_path):

@@ -312,3 +312,55 @@ def test_the_column_sum_accuracy_script_runs():
     assert out.returncode == 0, out.stderr
     assert [line.split()[:3] for line in out.stdout.splitlines()] == [
         ["300", "rows,", "float32"], ["300", "rows,", "float16"]]
+
+
+@needs_compiler
+def test_the_memory_comparison_with_pytorch_dry_runs(tmp_path):
+    """scripts/memory_vs_torch.py at a tiny batch: a row of peaks whose ratio is the two
+    printed, each side's peak above what it holds between steps (PyTorch: parameters, last
+    gradients and momentum; xpcnn: parameters and momentum), the per-layer breakdown, and
+    PyTorch's peak read from a bench_gpu.py report beside it."""
+    pytest.importorskip("torch")
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"rows": [{"model": "mnist", "batch": 4, "precision": "float32",
+                                         "torch": {"peak_mib": 20.0}}]}))
+    out = _run("--models", "mnist", "--batch", "4", "--precisions", "float32", "--details",
+               "--gpu-json", str(gpu), script="memory_vs_torch.py")
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if line.startswith("mnist "))
+    xpcnn, as_bench, torch, with_scratch, ratio, saved, on_gpu, gpu_ratio = row.split()[2:]
+    params_mib = 1_199_882 * 4 / 2**20  # (mnist's parameters, float32)
+    assert 2 * params_mib < float(xpcnn) < float(as_bench)
+    assert 3 * params_mib < float(torch) <= float(with_scratch)
+    assert ratio == f"{float(as_bench) / float(torch):.2f}x" and float(saved) > 0
+    assert on_gpu == "20.00" and gpu_ratio == f"{float(as_bench) / 20:.2f}x"
+    assert "xpcnn at the step's start: parameters 4.58, optimiser slots 4.58" in out.stdout
+    assert "torch at the step's start: parameters 4.58, gradients (last step's) 4.58" in out.stdout
+
+
+def test_the_memory_comparisons_peak_follows_the_allocations():
+    """memory_vs_torch.allocation_peak: the high-water mark inside the step's window of what
+    was allocated since the start, with or without the operations' scratch, and what held it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from memory_vs_torch import Allocation, allocation_peak
+    finally:
+        sys.path.pop(0)
+
+    def alloc(t, ptr, nbytes, label="conv forward", scratch=False):
+        return Allocation(t, ptr, nbytes, label, 0, scratch)
+
+    events = [alloc(0, 1, 1024, "parameters"), alloc(1, 2, 4096, "last step"),
+              alloc(2, 2, -4096),  # freed before the window opens
+              alloc(10, 3, 2048), alloc(11, 4, 8192, "conv backward", scratch=True),
+              alloc(12, 4, -8192, scratch=True), alloc(13, 5, 1536, "conv backward"),
+              alloc(14, 3, -2048), alloc(30, 6, 100_000, "after the step")]
+    assert allocation_peak(events, (10, 20), scratch=True) == (
+        1024 + 2048 + 8192, {"before": 1024, "conv forward": 2048, "conv backward": 8192})
+    assert allocation_peak(events, (10, 20), scratch=False) == (
+        1024 + 2048 + 1536, {"before": 1024, "conv forward": 2048, "conv backward": 1536})
+
+
+def test_the_memory_comparison_names_the_models_it_has_no_twin_for():
+    out = _run("--models", "mnist,resnet20", script="memory_vs_torch.py")
+    assert out.returncode == 2 and "no twin for 'resnet20' here; expected some of" in out.stderr

@@ -8,11 +8,12 @@ functional ``Model`` is traced from symbolic tensors (:func:`Input`, :func:`trac
 :func:`compile_plan` turns a graph into immutable :class:`Step` records (a layer, the slots it
 reads and writes, the :class:`~xpcnn.layers.base.Options` it is called with), and
 :func:`forward` and :func:`backward` run a plan: the only copy of the forward and backward code.
-The plan fuses a plain ``ReLU()`` into the ``Conv2D`` or ``Dense`` before it when that layer's
-output has no other consumer, and hands a ReLU's gradient to a max pool or FeatureNorm reading
-it alone (one pass over a batch fewer each time). Nothing is set on the layers or switched on
-and off around a pass: a layer called by itself always gets the default options and does all
-its own work.
+The plan fuses a plain ``ReLU()`` into the ``Conv2D``, ``Dense``, ``BatchNorm2D`` or ``Add``
+before it when that layer's output has no other consumer, hands a ReLU's gradient to a max pool
+or FeatureNorm reading it alone, and lets an ``Add`` with its ReLU fused sum the gradients of
+an output read twice as it applies the ReLU's (one pass over a batch fewer each time).
+Nothing is set on the layers or switched on and off around a pass: a layer called by itself
+always gets the default options and does all its own work.
 """
 
 from __future__ import annotations
@@ -260,6 +261,8 @@ class Plan:
     output: int
     slots: int
     needs_grad: frozenset[int]
+    #: the slots whose writer sums their gradients itself (see Options.sum_output_grads)
+    gathered: frozenset[int] = frozenset()
     #: the layers reading the model's batch cast it themselves (see Options.cast_input)
     cast_input: bool = False
 
@@ -312,6 +315,12 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool) -
                 and (kept[before][0].relu_output or before in fused)):
             skip.add(before)
             apply.add(j)
+    # A layer applying its fused ReLU's gradient to an output read by several layers sums
+    # their gradients in that pass where it can (Options.sum_output_grads): the model keeps
+    # them as they come instead of adding them (one pass over a batch fewer).
+    gathered = frozenset(out for j, (layer, _, out) in enumerate(kept)
+                         if layer.can_sum_output_grads and j in fused and readers[out] > 1
+                         and out in needs)
     # The model's batch is cast by the layers reading it where every one can (Options.cast_input).
     input_readers = [layer for layer, ins, _ in kept if 0 in ins]
     cast_input = result != 0 and bool(input_readers) and all(la.casts_input
@@ -320,12 +329,12 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool) -
     steps = []
     for j, (layer, ins, out) in enumerate(kept):
         options = Options(fused_relu=j in fused, skip_relu_grad=j in skip,
-                          apply_input_relu_grad=j in apply, need_input_grad=need_dx[j],
-                          cast_input=cast_input and 0 in ins)
+                          apply_input_relu_grad=j in apply, sum_output_grads=out in gathered,
+                          need_input_grad=need_dx[j], cast_input=cast_input and 0 in ins)
         release = tuple(sorted({i for i in ins if last_read[i] == j and i != result}))
         steps.append(Step(layer, ins, out, options,
                           need_dx[j] or bool(layer.trainable and layer.params), release))
-    return Plan(tuple(steps), result, len(layers) + 1, frozenset(needs), cast_input)
+    return Plan(tuple(steps), result, len(layers) + 1, frozenset(needs), gathered, cast_input)
 
 
 def forward(plan: Plan, x: Any, training: bool) -> Any:
@@ -345,7 +354,8 @@ def backward(plan: Plan, dz: Any, on_layer: Callable[[Layer], None] | None = Non
     """Backward pass from the result's gradient ``dz``, after ``forward(plan, x, True)``:
     fills every trainable layer's ``grads``, calling ``on_layer(layer)`` after each layer's
     backward (data parallelism starts the allreduce of its gradients then). A tensor read by
-    several layers receives the sum of their gradients."""
+    several layers receives the sum of their gradients, added in the order they come (by the
+    layer that made it, where it is one of the plan's ``gathered`` slots)."""
     grads = {plan.output: dz}
     for step in reversed(plan.steps):
         if not step.backward:
@@ -356,7 +366,9 @@ def backward(plan: Plan, dz: Any, on_layer: Callable[[Layer], None] | None = Non
         if not step.options.need_input_grad:
             continue
         for i, g in zip(step.inputs, dx if step.layer.multi_input else (dx,), strict=True):
-            if i in plan.needs_grad:
+            if i in plan.gathered:
+                grads.setdefault(i, []).append(g)
+            elif i in plan.needs_grad:
                 grads[i] = grads[i] + g if i in grads else g
 
 

@@ -50,6 +50,10 @@ class Options:
     #: backward returns dx * (input > 0): the ReLU before it skipped its own pass
     #: (``can_apply_input_relu_grad``).
     apply_input_relu_grad: bool = False
+    #: backward's ``dy`` is the list of the gradients that the layers reading this layer's
+    #: output sent back, in the order they came, which it sums in its own pass
+    #: (``can_sum_output_grads``) instead of the model summing them first.
+    sum_output_grads: bool = False
     #: False where nothing upstream needs a gradient: backward computes only the parameters'
     #: gradients and returns None.
     need_input_grad: bool = True
@@ -141,6 +145,9 @@ class Layer:
     #: True where the layer can apply a plain ReLU to its output as it computes it (see
     #: :attr:`Options.fused_relu`).
     can_fuse_relu: ClassVar[bool] = False
+    #: True where backward can take its output's gradient as the parts its readers sent back
+    #: and sum them in its own pass (see :attr:`Options.sum_output_grads`).
+    can_sum_output_grads: ClassVar[bool] = False
     #: True for a layer whose input is a list of batches (a merge layer): ``forward`` takes a
     #: list and ``backward`` returns one gradient per input, in the same order.
     multi_input: ClassVar[bool] = False

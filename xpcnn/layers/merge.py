@@ -9,13 +9,19 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..ops.kernels import kernels_for
 from .base import DEFAULT, Layer, Options, Shape
 
 
 class Add(Layer):
-    """The elementwise sum of two or more batches of one shape (a residual connection)."""
+    """The elementwise sum of two or more batches of one shape (a residual connection). A
+    model's plan fuses a plain ``ReLU()`` after it (``can_fuse_relu``), and where the output
+    is read by several layers and the ReLU fused, lets backward sum their gradients in the
+    pass that applies the ReLU's (``can_sum_output_grads``)."""
 
     multi_input = True
+    can_fuse_relu = True
+    can_sum_output_grads = True
 
     def _build(self, input_shape: tuple[Shape, ...], rng: np.random.Generator) -> Shape:
         _require_inputs(self, input_shape)
@@ -25,15 +31,21 @@ class Add(Layer):
         return input_shape[0]
 
     def forward(self, x: list[Any], training: bool = False, options: Options = DEFAULT) -> Any:
-        y = x[0] + x[1]
-        for a in x[2:]:
-            y = y + a
+        relu = options.fused_relu
+        y = kernels_for(self.backend).add_relu(list(x), relu)
         if training:
             self._cache_count = len(x)
+            # where y > 0 the ReLU's gradient passes (unless the next layer applies it)
+            self._cache_y = y if relu and not options.skip_relu_grad else None
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> list[Any]:
-        return [dy] * self._cache_count  # (the model sums what reaches one tensor twice)
+        y, self._cache_y = self._cache_y, None
+        parts = dy if options.sum_output_grads else [dy]
+        if y is not None or len(parts) > 1:
+            dy = kernels_for(self.backend).add_relu_backward(parts, y)
+        # every input gets the same gradient (the model sums what reaches one tensor twice)
+        return [dy] * self._cache_count
 
 
 class Concatenate(Layer):

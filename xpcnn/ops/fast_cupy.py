@@ -34,7 +34,7 @@ import numpy as np
 from . import cuda_conv, random
 from .convolution import ConvEngine, ConvGeometry
 from .cudnn_conv import ALIGNMENT
-from .kernels import StandardKernels
+from .kernels import StandardKernels, alike
 from .step_record import BAD_GRADS, GROWTH_INTERVAL, square_limit
 
 # The patches of convolutions as im2col + cuBLAS (the hand-written ones' algorithms
@@ -157,6 +157,16 @@ _RELU_WITH_MASK = cupy.ElementwiseKernel(
     m = x > (T)0.0f && (!capped || x < cap);
     """,
     "xpcnn_relu_with_mask",
+)
+
+# a + b, then max(., 0) as _RELU takes it (an Add layer with the ReLU after it fused); and its
+# gradient: the sum of the gradients of its output (a tensor read twice) where y > 0.
+_ADD_RELU = cupy.ElementwiseKernel(
+    "T a, T b", "T y", "T v = a + b; y = v < (T)0.0f ? (T)0.0f : v;", "xpcnn_add_relu"
+)
+_ADD_RELU_BACKWARD = cupy.ElementwiseKernel(
+    "T a, T b, T y", "T dx", "T s = a + b; dx = s * (T)(y > (T)0.0f ? 1.0f : 0.0f);",
+    "xpcnn_add_relu_backward"
 )
 
 # dy * (y > 0) and dy * mask, as products (NaN * 0 is NaN, as in the standard versions).
@@ -1468,6 +1478,20 @@ class CupyKernels(StandardKernels):
 
     def relu_backward(self, dy: Any, y: Any) -> Any:
         return _RELU_BACKWARD(dy, y)
+
+    def add_relu(self, arrays: list[Any], relu: bool) -> Any:
+        if not relu or not alike(arrays):
+            return super().add_relu(arrays, relu)
+        *first, last = arrays  # (all but the last summed as the standard version sums them)
+        head = first[0] if len(first) == 1 else super().add_relu(first, False)
+        return _ADD_RELU(head, last)
+
+    def add_relu_backward(self, dys: list[Any], relu_y: Any) -> Any:
+        if relu_y is None or len(dys) < 2 or not alike([*dys, relu_y]):
+            return super().add_relu_backward(dys, relu_y)
+        *first, last = dys
+        head = first[0] if len(first) == 1 else super().add_relu_backward(first, None)
+        return _ADD_RELU_BACKWARD(head, last, relu_y)
 
     def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None,
                               dtype: Any = None) -> tuple[Any, Any]:

@@ -200,6 +200,24 @@ class StandardKernels:
         """Gradient through a ReLU (no ceiling) whose output was ``y``: ``dy`` where y > 0."""
         return self.mask_multiply(dy, y > 0)
 
+    def add_relu(self, arrays: list[Any], relu: bool) -> Any:
+        """The sum of ``arrays`` (two or more of one shape), added left to right, then
+        max(sum, 0) with ``relu``: an ``Add`` layer's output, with the ReLU after it fused."""
+        total = arrays[0] + arrays[1]
+        for a in arrays[2:]:
+            total = total + a
+        return self.relu(total, None) if relu else total
+
+    def add_relu_backward(self, dys: list[Any], relu_y: Any) -> Any:
+        """The sum of ``dys`` (one or more gradients of one tensor, as its readers sent them
+        back), added left to right as the model adds them; then, with ``relu_y`` (not None),
+        :meth:`relu_backward` of it: the gradient of a fused ``Add`` and ReLU whose output was
+        ``relu_y``."""
+        total = dys[0]
+        for d in dys[1:]:
+            total = total + d
+        return total if relu_y is None else self.relu_backward(total, relu_y)
+
     def relu_backward_sum_rows(self, dy: Any, y: Any) -> tuple[Any, Any]:
         """:meth:`relu_backward` of 2-D ``dy`` and the :meth:`sum_rows` of the result (the
         gradient a layer's ReLU passes to its bias): one pass over ``dy`` where a fast path
@@ -358,6 +376,12 @@ class StandardKernels:
         (0, max_value)."""
         inside = x > 0 if max_value is None else (x > 0) & (x < max_value)
         return self.relu(x, max_value), inside
+
+
+def alike(arrays: list[Any]) -> bool:
+    """Whether ``arrays`` all have one shape and one dtype (what a fast elementwise kernel over
+    them takes; the standard versions also broadcast and promote)."""
+    return all(a.shape == arrays[0].shape and a.dtype == arrays[0].dtype for a in arrays)
 
 
 def kernels_for(backend: Any) -> Any:
