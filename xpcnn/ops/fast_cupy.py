@@ -762,9 +762,8 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy(
 # precision) read as its cast to A (exact), the statistics stored in A (for backward, which
 # recomputes xhat from them and the input, as cuDNN's BatchNorm does), the output rounded to
 # T as the standard version computes it, then to Y (the compute dtype: the next layer's cast,
-# done here). 512 threads: 16 warps of loads in flight on
-# a multiprocessor holding one image's block (128 images on 132 multiprocessors); not tuned
-# on a GPU.
+# done here). 512 threads: 16 warps of loads in flight on a multiprocessor holding one image's
+# block (128 images on 132 multiprocessors); not tuned on a GPU.
 _FEATURE_NORM_THREADS = 512
 _FEATURE_NORM_COMMON = f"#define THREADS {_FEATURE_NORM_THREADS}\n" + r"""
 // This thread's part of block (n, y): elements first, first + step, ... below end, of one
