@@ -8,9 +8,11 @@ rounding where the emulator rounds twice, so its figures should be the GPU's to 
 
     PYTHONPATH=$PWD python scripts/feature_norm_accuracy.py
 
-prints, per shape and dtypes (computed in, read and given in), the largest error of xhat, of
-1 / sqrt(var + eps) and of the input's gradient, relative to the largest exact value (long
-double; for the gradient, relative to max |inv_std| * max |dy|).
+prints, per shape and dtypes (computed in, read and given in), the largest error of the output
+xhat (in the dtype given in), of 1 / sqrt(var + eps) and of the input's gradient (backward
+recomputing xhat from the input and forward's statistics), relative to the largest exact value
+(long double, from the input and dy alone; for the gradient, relative to max |inv_std| *
+max |dy|).
 """
 
 from __future__ import annotations
@@ -23,15 +25,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # (cuda_emulator)
 
 
-def exact(x: np.ndarray, dy: np.ndarray, xhat: np.ndarray, inv_std: np.ndarray
-          ) -> tuple[np.ndarray, ...]:
-    """xhat, 1 / sqrt and the gradient (from the given xhat and inv_std) in long double."""
-    x, dy, xh, inv = (a.astype(np.longdouble) for a in (x, dy, xhat, inv_std))
+def exact(x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, ...]:
+    """xhat, 1 / sqrt(var + eps) and the input's gradient in long double."""
+    x, dy = (a.astype(np.longdouble) for a in (x, dy))
     centred = x - x.mean(axis=(1, 2), keepdims=True)
-    inv_exact = 1 / np.sqrt((centred * centred).mean(axis=(1, 2), keepdims=True) + 1e-5)
+    inv = 1 / np.sqrt((centred * centred).mean(axis=(1, 2), keepdims=True) + 1e-5)
+    xh = centred * inv
     grad = inv * (dy - dy.mean(axis=(1, 2), keepdims=True)
                   - xh * (dy * xh).mean(axis=(1, 2), keepdims=True))
-    return centred * inv_exact, inv_exact, grad
+    return xh, inv, grad
 
 
 def main() -> int:
@@ -49,9 +51,9 @@ def main() -> int:
                 dy = rng.standard_normal(shape).astype(io)
                 line = []
                 for name, k in (("one launch", module.KERNELS), ("numpy", StandardKernels(xpn))):
-                    _, xhat, inv_std = k.feature_norm(x, 1e-5, dtype, io)
-                    dx = k.feature_norm_backward(dy, xhat, inv_std, None, io)
-                    xhat_e, inv_e, dx_e = exact(x, dy, xhat, inv_std)
+                    xhat, mean, inv_std = k.feature_norm(x, 1e-5, dtype, io)
+                    dx = k.feature_norm_backward(dy, x, mean, inv_std, False)
+                    xhat_e, inv_e, dx_e = exact(x, dy)
                     grad_scale = np.abs(inv_e).max() * np.abs(dy).max()
                     errors = [np.abs(a - e).max() / s for a, e, s in
                               ((xhat, xhat_e, np.abs(xhat_e).max()),

@@ -290,15 +290,17 @@ def test_add_relu_kernels_compile(fast_cupy, name, arrays, dtype):
 @pytest.mark.parametrize("arch", [75, 90])
 def test_feature_norm_kernels_compile(fast_cupy, monkeypatch, dtype, io, arch):
     """FeatureNorm in one launch each way: a block's chunk of channels, its tree over groups
-    of rows in shared memory, the square root and the sums in the accumulator type (float for
-    __half), the input, output and gradients read and written in ``io``."""
+    of rows in shared memory, the square root, the sums and the statistics in the accumulator
+    type (float for __half), xhat recomputed from them backward, the input, output and
+    gradients read and written in ``io``."""
     acc = "float64" if dtype == "float64" else "float32"
     for name, source, types in [
-            ("xpcnn_feature_norm", fast_cupy._FEATURE_NORM_SOURCE, {"X": io, "Y": io}),
+            ("xpcnn_feature_norm", fast_cupy._FEATURE_NORM_SOURCE, {"X": io, "T": dtype,
+                                                                   "Y": io}),
             ("xpcnn_feature_norm_backward", fast_cupy._FEATURE_NORM_BACKWARD_SOURCE,
-             {"D": io, "R": io, "X": io})]:
-        code, log = _compile(_raw_source(fast_cupy, monkeypatch, name, source, T=dtype, A=acc,
-                                         **types), name, arch)
+             {"D": io, "X": io})]:
+        code, log = _compile(_raw_source(fast_cupy, monkeypatch, name, source, A=acc, **types),
+                             name, arch)
         assert code == 0, log
 
 

@@ -214,12 +214,12 @@ def test_a_raw_kernel_is_made_once_for_its_name_and_types(fast, monkeypatch):
 
 
 def _feature_norm_exact(x):
-    """FeatureNorm's xhat and 1 / sqrt(var + eps) in long double (64 bits of mantissa on
+    """FeatureNorm's xhat, mean and 1 / sqrt(var + eps) in long double (64 bits of mantissa on
     x86-64, 53 elsewhere): the values the kernels round."""
     x = x.astype(np.longdouble)
-    centred = x - x.mean(axis=(1, 2), keepdims=True)
-    inv_std = 1 / np.sqrt((centred * centred).mean(axis=(1, 2), keepdims=True) + 1e-5)
-    return centred * inv_std, inv_std
+    mean = x.mean(axis=(1, 2), keepdims=True)
+    inv_std = 1 / np.sqrt(((x - mean) ** 2).mean(axis=(1, 2), keepdims=True) + 1e-5)
+    return (x - mean) * inv_std, mean, inv_std
 
 
 def _error(got, exact, scale):
@@ -236,40 +236,47 @@ FEATURE_NORM_SHAPES = [(3, 1, 1, 64), (2, 7, 1, 1), (2, 30, 30, 33), (1, 64, 64,
                                             (np.float64, np.float64), (np.float32, np.float16)])
 def test_feature_norm_and_its_gradient(fast, monkeypatch, rng, shape, dtype, compute):
     """One launch each way (the ReLU gradient before it in the same launch), every output
-    written: the standard version's dtypes, its values to within a few roundings, at least as
+    written: the output in the compute dtype, the statistics (for backward, with the input) in
+    the accumulator's; the standard version's values to within a few roundings, at least as
     close as they are to the exact values (or within two units of the last place), and the
     same bits at a second call. Under mixed precision (``compute`` float16) it reads a float16
     input and gradient and writes its output and the input's gradient in float16 in the same
     launches, computing in float32."""
     kernels = sys.modules[type(fast).__module__]  # (the emulated xpcnn.ops.fast_cupy)
     monkeypatch.setattr(kernels.cupy, "empty", _poisoned)  # (what is not written stays NaN)
+    launches = _counting_launches(kernels, monkeypatch)
     eps = 2 * np.finfo(dtype).eps  # (relative to the largest value)
+    acc = np.float64 if dtype == np.float64 else np.float32
     x = (rng.standard_normal(shape) * 3 + 1).astype(compute)
+    x[0, 0, 0, 0] = 0  # (a ReLU's zero: its gradient stops there)
     got, want = (k.feature_norm(x, 1e-5, dtype, compute) for k in (fast, STD))
-    for g, w, t in zip(got, want, (compute, dtype, dtype), strict=True):
-        assert g.dtype == w.dtype == t and g.shape == w.shape
-    y, xhat, inv_std = got
-    np.testing.assert_array_equal(y, xhat.astype(compute))
-    for g, w, exact in zip(got[1:], want[1:], _feature_norm_exact(x), strict=True):
+    assert launches == ["xpcnn_feature_norm"]
+    for g, w, t, wt, exact in zip(got, want, (compute, acc, acc), (compute, dtype, dtype),
+                                  _feature_norm_exact(x), strict=True):
+        assert g.dtype == t and w.dtype == wt and w.shape == g.shape == exact.shape
         scale = max(1.0, float(np.max(np.abs(exact))))
-        assert _error(g, exact, scale) <= max(_error(w, exact, scale), eps)
+        assert _error(g, exact, scale) <= max(_error(w, exact, scale), eps, np.finfo(t).eps)
     for g, again in zip(got, fast.feature_norm(x, 1e-5, dtype, compute), strict=True):
         np.testing.assert_array_equal(g, again)
 
+    y, mean, inv_std = got
     dy = rng.standard_normal(shape).astype(compute)
-    relu_x = np.maximum(x, 0)  # (a ReLU's output: zeros where its gradient stops)
-    g64, xhat64, inv64 = (a.astype(np.longdouble) for a in (dy, xhat, inv_std))
+    xhat, _, inv64 = _feature_norm_exact(x)
+    g64 = dy.astype(np.longdouble)
     exact = inv64 * (g64 - g64.mean(axis=(1, 2), keepdims=True)
-                     - xhat64 * (g64 * xhat64).mean(axis=(1, 2), keepdims=True))
+                     - xhat * (g64 * xhat).mean(axis=(1, 2), keepdims=True))
     scale = float(np.max(np.abs(inv64)) * np.max(np.abs(g64)))
-    for r in (None, relu_x):
-        g = fast.feature_norm_backward(dy, xhat, inv_std, r, compute)
-        w = STD.feature_norm_backward(dy, xhat, inv_std, r, compute)
+    for relu in (False, True):
+        launches.clear()
+        g = fast.feature_norm_backward(dy, x, mean, inv_std, relu)
+        assert launches == ["xpcnn_feature_norm_backward"]
+        w = STD.feature_norm_backward(dy, x, *want[1:], relu)
         assert g.dtype == w.dtype == compute and g.shape == shape
-        e = exact if r is None else exact * (r > 0)
+        e = exact * (x > 0) if relu else exact
         assert _error(g, e, scale) <= max(_error(w, e, scale), eps, np.finfo(compute).eps)
-        np.testing.assert_array_equal(g, fast.feature_norm_backward(dy, xhat, inv_std, r,
-                                                                    compute))
+        np.testing.assert_array_equal(g, fast.feature_norm_backward(dy, x, mean, inv_std, relu))
+        if relu:
+            assert (g[x <= 0] == 0).all()
 
 
 def _batch_norm_exact(x, gamma, beta, moving_mean, moving_var, momentum, relu):
@@ -298,8 +305,9 @@ def _batch_norm_backward_exact(dy, xhat, z, inv_std, gamma, relu):
             (dz * xhat).sum(axis=axes), dz.sum(axis=axes))
 
 
-def _counting_batch_norm_launches(kernels, monkeypatch):
-    """The names of the BatchNorm kernels launched from now on, in order."""
+def _counting_launches(kernels, monkeypatch):
+    """The names of the raw kernels and BatchNorm's elementwise ones launched from now on,
+    in order."""
     launches = []
     raw_kernel = kernels._raw_kernel
     monkeypatch.setattr(kernels, "_raw_kernel",
@@ -343,7 +351,7 @@ def test_batch_norm_in_two_launches_each_way(fast, monkeypatch, rng, shape, most
     monkeypatch.setattr(kernels, "_SUM_ROWS_BLOCKS", most)
     monkeypatch.setattr(kernels, "_SUM_ROWS_PER_BLOCK", fewest)
     monkeypatch.setattr(kernels.cupy, "empty", _poisoned)  # (what is not written stays NaN)
-    launches = _counting_batch_norm_launches(kernels, monkeypatch)
+    launches = _counting_launches(kernels, monkeypatch)
     eps = 2 * np.finfo(compute).eps  # (relative to the largest value)
     c = shape[-1]
     x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
@@ -407,7 +415,7 @@ def test_batch_norm_with_the_running_statistics_in_one_launch_each_way(
     two units of the last place), nothing moved in the running statistics."""
     kernels = sys.modules[type(fast).__module__]
     monkeypatch.setattr(kernels.cupy, "empty", _poisoned)
-    launches = _counting_batch_norm_launches(kernels, monkeypatch)
+    launches = _counting_launches(kernels, monkeypatch)
     shape, c = (3, 5, 4, 37), 37
     x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
     gamma, beta, mean = (rng.standard_normal(c).astype(compute) for _ in range(3))
@@ -441,7 +449,7 @@ def test_batch_norm_of_a_broadcast_gradient_is_that_of_the_gradient_made_whole(
         fast, monkeypatch, rng):
     """GlobalAvgPool2D's gradient (a broadcast view) after a BatchNorm2D: made contiguous, the
     same bits as from the contiguous gradient, still through the kernels."""
-    launches = _counting_batch_norm_launches(sys.modules[type(fast).__module__], monkeypatch)
+    launches = _counting_launches(sys.modules[type(fast).__module__], monkeypatch)
     x = rng.standard_normal((4, 3, 3, 5)).astype(np.float32)
     gamma, beta = rng.standard_normal(5).astype(np.float32), np.zeros(5, np.float32)
     _, mean, inv_std = fast.batch_norm_train(x, gamma, beta, np.zeros(5, np.float32),

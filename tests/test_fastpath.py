@@ -505,6 +505,32 @@ def test_feature_norm_fast_equals_standard(shape, dtype, relu_grad, rng):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 5, 2), (64, 12, 10, 8)])
+def test_feature_norm_kernels_under_mixed_precision(shape, rng):
+    """A float16 input computed in float32 (the fast path casting as it reads): the standard
+    version's statistics (float32, N x C, for backward, which recomputes xhat from them and the
+    input), its float16 output and input gradient, that gradient only where the input is > 0
+    with the ReLU's."""
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float16)
+    x[0, 0, 0, 0] = 0
+    dy = rng.standard_normal(shape).astype(np.float16)
+    f32, f16 = np.dtype(np.float32), np.dtype(np.float16)
+    got, want = (k.feature_norm(x, 1e-5, f32, f16) for k in (FAST, STD))
+    for g, w, t in zip(got, want, (f16, f32, f32), strict=True):
+        assert g.dtype == w.dtype == t and g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-3 if t == f16 else 1e-5, atol=1e-3)
+    assert got[1].shape == (shape[0], 1, 1, shape[-1])
+    for relu in (False, True):
+        g, w = (k.feature_norm_backward(dy, x, *stats[1:], relu)
+                for k, stats in ((FAST, got), (STD, want)))
+        assert g.dtype == w.dtype == f16
+        np.testing.assert_allclose(g, w, rtol=1e-2, atol=2e-3)
+        if relu:
+            assert (g[x <= 0] == 0).all()
+            np.testing.assert_array_equal(g, FAST.feature_norm_backward(dy, x, *got[1:], False)
+                                          * (x > 0))
+
+
 def _train(net, data, shape, fast):
     old = set_fast_path(fast)
     try:

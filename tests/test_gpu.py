@@ -250,11 +250,13 @@ def test_tensor_core_kernels_compile_here(kernels, dtype):
                                    (4, 7, 7, 65), (3, 1, 1, 64)])
 @pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
 def test_feature_norm_and_its_gradient(cp, kernels, rng, shape, dtype):
-    """FeatureNorm in one launch each way (a block per image and 32 channels): the standard
-    version's dtypes, at least as close to the exact values as its CuPy reductions are (or
-    within four units of the last place: twice the emulator's bound, for NVRTC's multiply-adds),
-    the same bits at a second call."""
+    """FeatureNorm in one launch each way (a block per image and 32 channels), backward
+    recomputing xhat from the input and forward's statistics (in the accumulator type): at
+    least as close to the exact values as the standard version's CuPy reductions are (or
+    within four units of the last place: twice the emulator's bound, for NVRTC's
+    multiply-adds), the same bits at a second call."""
     fast, std = kernels
+    acc = "float64" if dtype == "float64" else "float32"
     # (and mixed precision's: a float16 input and gradient, computed in float32, the output
     # and the input's gradient in float16)
     for io in [dtype, "float16"] if dtype == "float32" else [dtype]:
@@ -265,30 +267,29 @@ def test_feature_norm_and_its_gradient(cp, kernels, rng, shape, dtype):
                             strict=True):
             cp.testing.assert_array_equal(g, again)
         x64 = x.get().astype(np.longdouble)
-        centred = x64 - x64.mean(axis=(1, 2), keepdims=True)
+        mean64 = x64.mean(axis=(1, 2), keepdims=True)
+        centred = x64 - mean64
         inv64 = 1 / np.sqrt((centred * centred).mean(axis=(1, 2), keepdims=True) + 1e-5)
-        for g, w, exact in zip(got, want, (centred * inv64, centred * inv64, inv64),
-                               strict=True):
-            assert g.dtype == w.dtype and g.shape == w.shape
+        xhat64 = centred * inv64
+        for g, w, t, exact in zip(got, want, (io, acc, acc), (xhat64, mean64, inv64),
+                                  strict=True):
+            assert g.dtype == t and g.shape == w.shape
             scale = max(1.0, float(np.max(np.abs(exact))))
             error_fast, error_std = (float(np.max(np.abs(a.get() - exact))) / scale
                                      for a in (g, w))
             assert error_fast <= max(error_std, eps, np.finfo(g.dtype).eps)
-        _, xhat, inv_std = got
         dy = _random(cp, rng, x.shape, io)
-        for r in (None, cp.maximum(x, 0)):
-            g, w = (k.feature_norm_backward(dy, xhat, inv_std, r, cp.dtype(io))
-                    for k in (fast, std))
+        g64 = dy.get().astype(np.longdouble)
+        exact = inv64 * (g64 - g64.mean(axis=(1, 2), keepdims=True)
+                         - xhat64 * (g64 * xhat64).mean(axis=(1, 2), keepdims=True))
+        scale = float(np.max(np.abs(inv64)) * np.max(np.abs(g64)))
+        for relu in (False, True):  # (with it, the gradient only where x > 0)
+            g, w = (k.feature_norm_backward(dy, x, *stats[1:], relu)
+                    for k, stats in ((fast, got), (std, want)))
             assert g.dtype == w.dtype == io
-            cp.testing.assert_array_equal(
-                g, fast.feature_norm_backward(dy, xhat, inv_std, r, cp.dtype(io)))
-            g64, xhat64, i64 = (a.get().astype(np.longdouble) for a in (dy, xhat, inv_std))
-            exact = i64 * (g64 - g64.mean(axis=(1, 2), keepdims=True)
-                           - xhat64 * (g64 * xhat64).mean(axis=(1, 2), keepdims=True))
-            if r is not None:
-                exact = exact * (r.get() > 0)
-            scale = float(np.max(np.abs(i64)) * np.max(np.abs(g64)))
-            error_fast, error_std = (float(np.max(np.abs(a.get() - exact))) / scale
+            cp.testing.assert_array_equal(g, fast.feature_norm_backward(dy, x, *got[1:], relu))
+            e = exact * (x.get() > 0) if relu else exact
+            error_fast, error_std = (float(np.max(np.abs(a.get() - e))) / scale
                                      for a in (g, w))
             assert error_fast <= max(error_std, eps, np.finfo(io).eps)
 

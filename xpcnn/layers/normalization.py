@@ -48,18 +48,20 @@ class FeatureNorm(Layer):
         # Computed in the parameters' dtype (float32 under mixed precision, as Keras computes
         # its normalisation layers), given in the compute dtype; the kernels cast as they read
         # and write (on CuPy no pass of its own).
-        y, xhat, inv_std = kernels_for(self.backend).feature_norm(x, self.eps, self.dtype,
+        y, mean, inv_std = kernels_for(self.backend).feature_norm(x, self.eps, self.dtype,
                                                                   self.compute_dtype)
         if training:
-            self._cache = (xhat, inv_std, x if options.apply_input_relu_grad else None, x.dtype)
+            # Backward recomputes xhat from the input and the per-map statistics, as
+            # BatchNorm2D does: the input as given (float16 under mixed precision), not a
+            # float32 xhat; the ReLU's mask, where backward applies it, comes from it too.
+            self._cache = (x, mean, inv_std, options.apply_input_relu_grad)
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        xhat, inv_std, relu_x, x_dtype = self._cache
+        x, mean, inv_std, relu = self._cache
         self._cache = None
         # (the input's gradient in the input's dtype, as Conv2D and Dense give theirs)
-        return kernels_for(self.backend).feature_norm_backward(dy, xhat, inv_std, relu_x,
-                                                               x_dtype)
+        return kernels_for(self.backend).feature_norm_backward(dy, x, mean, inv_std, relu)
 
 
 class BatchNorm2D(Layer):

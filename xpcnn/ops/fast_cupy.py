@@ -765,11 +765,11 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy(
 # threads read consecutive addresses, rows after rows), each thread summing its rows in order,
 # then a tree over the groups in shared memory: a fixed order, the same bits at every run.
 # Computed in A (float32 for float16 data); the input of type X (float16 under mixed
-# precision) read as its cast to T (exact), the results rounded to T where stored, as the
-# standard version stores them, and the output where ``cast`` rounded from that to Y (the
-# compute dtype: the next layer's cast, done here). 512 threads: 16 warps of loads in flight on
-# a multiprocessor holding one image's block (128 images on 132 multiprocessors); not tuned
-# on a GPU.
+# precision) read as its cast to A (exact), the statistics stored in A (for backward, which
+# recomputes xhat from them and the input, as cuDNN's BatchNorm does), the output rounded to
+# T as the standard version computes it, then to Y (the compute dtype: the next layer's cast,
+# done here). 512 threads: 16 warps of loads in flight on a multiprocessor holding one image's
+# block (128 images on 132 multiprocessors); not tuned on a GPU.
 _FEATURE_NORM_THREADS = 512
 _FEATURE_NORM_COMMON = f"#define THREADS {_FEATURE_NORM_THREADS}\n" + r"""
 // This thread's part of block (n, y): elements first, first + step, ... below end, of one
@@ -814,13 +814,17 @@ __device__ void xpcnn_channel_totals(A (*part)[THREADS], const xpcnn_chunk& k, A
     s1 = part[0][t % k.w];
     s2 = part[1][t % k.w];
 }
+// xhat = (x - mean) * inv_std in A, written the same forward and backward, so that backward's
+// xhat (recomputed from the input and the statistics forward wrote) has forward's bits.
+#define XPCNN_FN_XHAT(v) (((A)xpcnn_widen(v) - mean) * inv)
 """
 # Forward: the mean, the mean of the centred squares (two passes, as the standard version's,
-# for accuracy), then xhat = (x - mean) / sqrt(var + eps), and that 1 / sqrt for backward.
+# for accuracy), then xhat = (x - mean) * inv_std, inv_std = 1 / sqrt(var + eps), written as
+# the output (rounded to T, then to Y); the mean and inv_std (A) for backward.
 _FEATURE_NORM_SOURCE = _FEATURE_NORM_COMMON + r"""
 extern "C" __global__ void xpcnn_feature_norm(const X* __restrict__ x, long long hw,
-                                              int channels, double eps, int cast,
-                                              T* __restrict__ xhat, T* __restrict__ inv_std,
+                                              int channels, double eps,
+                                              A* __restrict__ mean_out, A* __restrict__ inv_std,
                                               Y* __restrict__ y) {
     __shared__ A part[2][THREADS];
     const xpcnn_chunk k = xpcnn_chunk_of(hw, channels);
@@ -837,39 +841,42 @@ extern "C" __global__ void xpcnn_feature_norm(const X* __restrict__ x, long long
     }
     xpcnn_channel_totals(part, k, s, unused);
     const A inv = (A)1 / sqrt(s / (A)hw + (A)eps);
-    if (k.group == 0) inv_std[k.stat] = (T)inv;
+    if (k.group == 0) {
+        mean_out[k.stat] = mean;
+        inv_std[k.stat] = inv;
+    }
     #pragma unroll 4
     for (long long e = k.first; e < k.end; e += k.step) {
-        const T v = (T)(((A)xpcnn_widen(x[e]) - mean) * inv);
-        xhat[e] = v;
-        if (cast) y[e] = (Y)xpcnn_widen(v);
+        y[e] = (Y)xpcnn_widen((T)XPCNN_FN_XHAT(x[e]));
     }
 }
 """
-# Backward: the means of dy and dy * xhat in one pass, then dx = inv_std * ((dy - mean(dy)) -
-# xhat * mean(dy * xhat)), with ``relu`` times (r > 0), the gradient of a ReLU before it (``r``
-# not read without), rounded to T as the standard version computes it, then to X (the input's
-# dtype); dy of type D (float16 under mixed precision) read as its cast to T (exact).
+# Backward: xhat recomputed from x (of type X) and forward's statistics, the means of dy and dy
+# * xhat in one pass, then dx = inv_std * ((dy - mean(dy)) - xhat * mean(dy * xhat)), with
+# ``relu`` times (x > 0), the gradient of a ReLU before it (x its output), rounded to X (the
+# input's dtype); dy of type D (float16 under mixed precision) read as its cast to A (exact).
 _FEATURE_NORM_BACKWARD_SOURCE = _FEATURE_NORM_COMMON + r"""
 extern "C" __global__ void xpcnn_feature_norm_backward(
-        const D* __restrict__ dy, const T* __restrict__ xhat, const T* __restrict__ inv_std,
-        const R* __restrict__ r, int relu, long long hw, int channels, X* __restrict__ dx) {
+        const D* __restrict__ dy, const X* __restrict__ x, const A* __restrict__ mean_in,
+        const A* __restrict__ inv_std, int relu, long long hw, int channels,
+        X* __restrict__ dx) {
     __shared__ A part[2][THREADS];
     const xpcnn_chunk k = xpcnn_chunk_of(hw, channels);
+    const A mean = mean_in[k.stat], inv = inv_std[k.stat];
     A s1 = (A)0, s2 = (A)0;
     #pragma unroll 4
     for (long long e = k.first; e < k.end; e += k.step) {
         const A g = (A)xpcnn_widen(dy[e]);
         s1 += g;
-        s2 += g * (A)xpcnn_widen(xhat[e]);
+        s2 += g * XPCNN_FN_XHAT(x[e]);
     }
     xpcnn_channel_totals(part, k, s1, s2);
-    const A m1 = s1 / (A)hw, m2 = s2 / (A)hw, inv = (A)xpcnn_widen(inv_std[k.stat]);
+    const A m1 = s1 / (A)hw, m2 = s2 / (A)hw;
     #pragma unroll 4
     for (long long e = k.first; e < k.end; e += k.step) {
-        A g = inv * (((A)xpcnn_widen(dy[e]) - m1) - (A)xpcnn_widen(xhat[e]) * m2);
-        if (relu) g = g * (xpcnn_widen(r[e]) > 0 ? (A)1 : (A)0);
-        dx[e] = (X)xpcnn_widen((T)g);
+        A g = inv * (((A)xpcnn_widen(dy[e]) - m1) - XPCNN_FN_XHAT(x[e]) * m2);
+        if (relu) g = g * (xpcnn_widen(x[e]) > 0 ? (A)1 : (A)0);
+        dx[e] = (X)g;
     }
 }
 """
@@ -1348,32 +1355,32 @@ class CupyKernels(StandardKernels):
                      ) -> tuple[Any, Any, Any]:
         t, u = np.dtype(dtype), np.dtype(out_dtype)
         # (an exact cast of float data only; no empty grid)
-        if not _fits_feature_norm(x) or not np.can_cast(x.dtype, t) or t.kind != "f":
+        if not (_fits_feature_norm(x) and np.can_cast(x.dtype, t) and t.kind == "f"
+                and u.name in _FLOATS):
             return super().feature_norm(x, eps, dtype, out_dtype)
         n, h, w, c = x.shape
-        cast = u != t
-        xhat, inv_std = cupy.empty(x.shape, t), cupy.empty((n, 1, 1, c), t)
-        y = cupy.empty(x.shape if cast else 0, u)  # (not written where not cast)
-        _raw_kernel("xpcnn_feature_norm", _FEATURE_NORM_SOURCE, X=x.dtype, T=t, Y=u,
-                    A=_accumulator(t))(
+        acc = _accumulator(t)
+        mean, inv_std = cupy.empty((n, 1, 1, c), acc), cupy.empty((n, 1, 1, c), acc)
+        y = cupy.empty(x.shape, u)
+        _raw_kernel("xpcnn_feature_norm", _FEATURE_NORM_SOURCE, X=x.dtype, T=t, Y=u, A=acc)(
             (n, -(-c // 32)), (_FEATURE_NORM_THREADS,),
-            (x, np.int64(h * w), np.int32(c), np.float64(eps), np.int32(cast), xhat, inv_std,
-             y))
-        return y if cast else xhat, xhat, inv_std
+            (x, np.int64(h * w), np.int32(c), np.float64(eps), mean, inv_std, y))
+        return y, mean, inv_std
 
-    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any, relu_x: Any,
-                              out_dtype: Any) -> Any:
-        t, relu = xhat.dtype, relu_x is not None
-        if not (_fits_feature_norm(dy) and _contiguous(xhat, inv_std)
-                and np.can_cast(dy.dtype, t) and (not relu or _fits_feature_norm(relu_x))):
-            return super().feature_norm_backward(dy, xhat, inv_std, relu_x, out_dtype)
+    def feature_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any,
+                              relu: bool) -> Any:
+        acc = mean.dtype
+        if not (_fits_feature_norm(dy) and _fits_feature_norm(x) and x.shape == dy.shape
+                and _contiguous(mean, inv_std) and inv_std.dtype == acc
+                and acc == _accumulator(acc) and np.can_cast(dy.dtype, acc)
+                and np.can_cast(x.dtype, acc)):
+            return super().feature_norm_backward(dy, x, mean, inv_std, relu)
         n, h, w, c = dy.shape
-        dx = cupy.empty(dy.shape, out_dtype)
-        r = relu_x if relu else dy  # (not read)
+        dx = cupy.empty(x.shape, x.dtype)
         _raw_kernel("xpcnn_feature_norm_backward", _FEATURE_NORM_BACKWARD_SOURCE, D=dy.dtype,
-                    T=t, R=r.dtype, X=dx.dtype, A=_accumulator(t))(
+                    X=x.dtype, A=acc)(
             (n, -(-c // 32)), (_FEATURE_NORM_THREADS,),
-            (dy, xhat, inv_std, r, np.int32(relu), np.int64(h * w), np.int32(c), dx))
+            (dy, x, mean, inv_std, np.int32(relu), np.int64(h * w), np.int32(c), dx))
         return dx
 
     def batch_norm_train(self, x: Any, gamma: Any, beta: Any, moving_mean: Any,

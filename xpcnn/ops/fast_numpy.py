@@ -493,14 +493,14 @@ class NumpyKernels(StandardKernels):
 
     def feature_norm(self, x: Any, eps: float, dtype: Any, out_dtype: Any
                      ) -> tuple[Any, Any, Any]:
-        """FeatureNorm's forward: (x - mean_hw) / sqrt(var_hw + eps) and that 1/sqrt, per image
-        and channel; each block of images makes all its passes while it is in cache, sums
-        as products with ones, broadcasts over widened rows."""
+        """FeatureNorm's forward: (x - mean_hw) * inv_std, inv_std = 1 / sqrt(var_hw + eps),
+        and those two per image and channel; each block of images makes all its passes while
+        it is in cache, sums as products with ones, broadcasts over widened rows."""
         x = x.astype(dtype, copy=False)
         n, h, w, c = x.shape
         k = self._widen(h * w, c)
         xhat = np.empty(x.shape, x.dtype)
-        inv_std = np.empty((n, 1, 1, c), x.dtype)
+        mean, inv_std = np.empty((n, 1, 1, c), x.dtype), np.empty((n, 1, 1, c), x.dtype)
         ones = self._ones(h * w, x.dtype)
         scale = x.dtype.type(1.0 / (h * w))
 
@@ -508,45 +508,48 @@ class NumpyKernels(StandardKernels):
             b = n1 - n0
             xs = x[n0:n1].reshape(b, h * w, c)
             o = xhat[n0:n1].reshape(b, h * w // k, k * c)
-            mean = np.matmul(ones, xs) * scale  # (b, c)
-            np.subtract(xs.reshape(o.shape), np.tile(mean, k)[:, None, :], out=o)
+            m = mean[n0:n1, 0, 0, :] = np.matmul(ones, xs) * scale  # (b, c)
+            np.subtract(xs.reshape(o.shape), np.tile(m, k)[:, None, :], out=o)
             o3 = o.reshape(b, h * w, c)
             var = np.matmul(ones, np.square(o3)) * scale
-            inv = np.divide(x.dtype.type(1), np.sqrt(var + x.dtype.type(eps)))
-            inv_std[n0:n1, 0, 0, :] = inv
+            inv = inv_std[n0:n1, 0, 0, :] = np.divide(x.dtype.type(1),
+                                                      np.sqrt(var + x.dtype.type(eps)))
             np.multiply(o, np.tile(inv, k)[:, None, :], out=o)
 
         self.for_chunks(n, self._image_blocks(x), work)
-        return xhat.astype(out_dtype, copy=False), xhat, inv_std
+        return xhat.astype(out_dtype, copy=False), mean, inv_std
 
-    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any, relu_x: Any,
-                              out_dtype: Any) -> Any:
-        """inv_std * (dy - mean_hw(dy) - xhat * mean_hw(dy * xhat)), a block of images at a
-        time (then times ``relu_x > 0`` on the block while it is in cache)."""
-        dy = dy.astype(xhat.dtype, copy=False)
+    def feature_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any,
+                              relu: bool) -> Any:
+        """inv_std * (dy - mean_hw(dy) - xhat * mean_hw(dy * xhat)), xhat = (x - mean) *
+        inv_std recomputed as forward computes it, a block of images at a time (then times
+        ``x > 0`` with ``relu`` on the block while it is in cache)."""
+        dy = dy.astype(mean.dtype, copy=False)
         n, h, w, c = dy.shape
         k = self._widen(h * w, c)
         dx = np.empty(dy.shape, dy.dtype)
         ones = self._ones(h * w, dy.dtype)
         scale = dy.dtype.type(1.0 / (h * w))
-        zero = dy.dtype.type(0)
 
         def work(worker: int, n0: int, n1: int) -> None:
             b = n1 - n0
             shape = (b, h * w // k, k * c)
-            d, xh, o = (a[n0:n1].reshape(shape) for a in (dy, xhat, dx))
+            d, xs, o = (a[n0:n1].reshape(shape) for a in (dy, x, dx))
+            inv = np.tile(inv_std[n0:n1, 0, 0, :], k)[:, None, :]
+            xh = np.subtract(xs, np.tile(mean[n0:n1, 0, 0, :], k)[:, None, :], dtype=dy.dtype)
+            np.multiply(xh, inv, out=xh)
             m1 = np.matmul(ones, d.reshape(b, h * w, c)) * scale
             np.multiply(d, xh, out=o)
             m2 = np.matmul(ones, o.reshape(b, h * w, c)) * scale
             np.multiply(xh, np.tile(m2, k)[:, None, :], out=o)
             np.subtract(d, o, out=o)
             np.subtract(o, np.tile(m1, k)[:, None, :], out=o)
-            np.multiply(o, np.tile(inv_std[n0:n1, 0, 0, :], k)[:, None, :], out=o)
-            if relu_x is not None:
-                np.multiply(o, relu_x[n0:n1].reshape(shape) > zero, out=o)
+            np.multiply(o, inv, out=o)
+            if relu:
+                np.multiply(o, xs > 0, out=o)
 
         self.for_chunks(n, self._image_blocks(dy), work)
-        return dx.astype(out_dtype, copy=False)
+        return dx.astype(x.dtype, copy=False)
 
     def _elementwise(self, fn: Callable[..., None], dtype: Any, *arrays: Any) -> Any:
         """``fn(*row_blocks_of_arrays, out_block)`` over row blocks on threads; the arrays all

@@ -227,27 +227,32 @@ class StandardKernels:
 
     def feature_norm(self, x: Any, eps: float, dtype: Any, out_dtype: Any
                      ) -> tuple[Any, Any, Any]:
-        """``x`` cast to ``dtype``, then xhat = (x - mean) / sqrt(var + eps) over each image's
-        and channel's H x W positions: (xhat in ``out_dtype``, xhat, that 1 / sqrt (N, 1, 1,
-        C)), the last two in ``dtype``, for :meth:`feature_norm_backward`."""
+        """``x`` cast to ``dtype``, then xhat = (x - mean) * inv_std, inv_std = 1 / sqrt(var +
+        eps), over each image's and channel's H x W positions: (xhat in ``out_dtype``, mean,
+        inv_std), the last two (N, 1, 1, C) in ``dtype`` (in the fast versions' accumulator
+        type there), which :meth:`feature_norm_backward` takes with ``x``."""
         xp = self.xp
         x = xp.astype(x, dtype, copy=False)
-        centred = x - xp.mean(x, axis=(1, 2), keepdims=True)
+        mean = xp.mean(x, axis=(1, 2), keepdims=True)
+        centred = x - mean
         inv_std = 1.0 / xp.sqrt(xp.mean(centred * centred, axis=(1, 2), keepdims=True) + eps)
+        # (xhat as feature_norm_backward recomputes it: (x - mean) * inv_std, the same bits)
         xhat = centred * inv_std
-        return xp.astype(xhat, out_dtype, copy=False), xhat, inv_std
+        return xp.astype(xhat, out_dtype, copy=False), mean, inv_std
 
-    def feature_norm_backward(self, dy: Any, xhat: Any, inv_std: Any, relu_x: Any,
-                              out_dtype: Any) -> Any:
-        """Gradient of :meth:`feature_norm` through its mean and variance, ``dy`` cast to
-        xhat's dtype, given in ``out_dtype``; with ``relu_x`` (not None), the input of a
-        feature norm after a ReLU, only where ``relu_x > 0``: the gradient of that ReLU too
-        (see ``Options.apply_input_relu_grad`` in :mod:`xpcnn.layers.base`)."""
+    def feature_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any,
+                              relu: bool) -> Any:
+        """Gradient of :meth:`feature_norm` through its mean and variance (``x`` its input,
+        ``mean`` and ``inv_std`` its statistics; xhat recomputed from them as forward computed
+        it), ``dy`` cast to the statistics' dtype, given in ``x``'s dtype; with ``relu``, only
+        where ``x > 0``: the gradient of a ReLU before it too (see
+        ``Options.apply_input_relu_grad`` in :mod:`xpcnn.layers.base`)."""
         xp = self.xp
-        dy = xp.astype(dy, xhat.dtype, copy=False)
+        xhat = (xp.astype(x, mean.dtype, copy=False) - mean) * inv_std
+        dy = xp.astype(dy, mean.dtype, copy=False)
         dx = standardize_backward(xp, dy, xhat, inv_std, (1, 2))
-        dx = dx if relu_x is None else self.relu_backward(dx, relu_x)
-        return xp.astype(dx, out_dtype, copy=False)
+        dx = self.relu_backward(dx, x) if relu else dx
+        return xp.astype(dx, x.dtype, copy=False)
 
     def batch_norm_train(self, x: Any, gamma: Any, beta: Any, moving_mean: Any,
                          moving_var: Any, momentum: float, eps: float, out_dtype: Any,
