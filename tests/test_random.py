@@ -228,33 +228,44 @@ def test_flips_and_crops_are_drawn_in_float32_whatever_the_images_dtype(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("padding", [1, 4])
 def test_the_crop_kernels_are_the_standard_crop(dtype, padding):
-    """NumPy's (a slice copy per image) and CuPy's (one launch, compiled for the CPU here)
-    random crops against the standard where() version, with every offset drawn."""
+    """NumPy's (a slice copy per image) and CuPy's (one launch, the draw included, compiled for
+    the CPU here) random crops against the standard where() version, each counting its draws on
+    its own copy of a state, from images of the dtype and uint8 images cast as they are read,
+    at an offset ``first`` (a data-parallel slice)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 7, 9, 3)).astype(dtype)
-    u = rng.random((40, 2), dtype=np.float32)
-    u[:2] = [[0.0, 0.999999], [0.5, 0.0]]  # (the edges: offsets 0 and 2p)
-    want = StandardKernels(xpn).random_crop(x, u, padding, dtype)
-    assert want.shape == x.shape and want.dtype == x.dtype
-    images = (rng.random(x.shape) * 256).astype(np.uint8)  # (a model's batch, cast as read)
-    cast = StandardKernels(xpn).random_crop(images, u, padding, dtype)
-    np.testing.assert_array_equal(cast, StandardKernels(xpn).random_crop(images.astype(dtype),
-                                                                         u, padding, dtype))
-    assert cast.dtype == dtype
+    images = (rng.random(x.shape) * 256).astype(np.uint8)  # (a model's batch)
+    std = StandardKernels(xpn)
     module, saved = load_emulated_fast_cupy()
     try:
-        for kernels in (NUMPY_KERNELS, module.KERNELS):
-            np.testing.assert_array_equal(kernels.random_crop(x, u, padding, dtype), want)
-            got = kernels.random_crop(images, u, padding, dtype)
-            assert got.dtype == dtype
-            np.testing.assert_array_equal(got, cast)
+        states = [np.array([2**40 + 17, 123], np.int64) for _ in range(3)]
+        for source, first in ((x, 0), (images, 2**33 + 1), (images[:0], 0)):
+            want = std.random_crop(states[0], source, padding, dtype, first)
+            assert want.shape == source.shape and want.dtype == dtype
+            for kernels, state in zip((NUMPY_KERNELS, module.KERNELS), states[1:], strict=True):
+                got = kernels.random_crop(state, source, padding, dtype, first)
+                assert got.dtype == dtype
+                np.testing.assert_array_equal(got, want)
+        for state in states:  # (one draw counted a call)
+            np.testing.assert_array_equal(state, [2**40 + 17, 126])
+        assert not any(c.any() for c in module._COUNTERS.values())
     finally:
         restore(saved)
-    # the standard crop itself: image 0 (offsets 0 and 2p) takes its rows from p above and its
-    # columns from p to the right
-    p = padding
-    np.testing.assert_array_equal(want[0, p:, :-p or None], x[0, :-p or None, p:])
 
+
+def test_the_standard_crop_is_the_drawn_crop():
+    """Offsets floor(u * (2p + 1)) from the draw's float32 numbers (rows, then columns; the
+    definition), each among all 2p + 1: image n shifted by p - offset, zeros coming in."""
+    p, state = 2, np.array([5, 9], np.int64)
+    x = (np.arange(300 * 6 * 7) % 251 + 1).reshape(300, 6, 7, 1).astype(np.uint8)
+    u = random.uniform(xpn, state, (300, 2), np.float32, 4)
+    offsets = np.floor(u * np.float32(2 * p + 1)).astype(int)
+    got = StandardKernels(xpn).random_crop(state, x, p, np.float64, 4)
+    assert got.dtype == np.float64 and {*offsets.ravel()} == set(range(2 * p + 1))
+    xpad = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    for n, (dy, dx) in enumerate(offsets):
+        np.testing.assert_array_equal(got[n], xpad[n, dy:dy + 6, dx:dx + 7])
+    np.testing.assert_array_equal(state, [5, 10])
 
 def _flip_cases(kernels):
     """What ``kernels.random_flip`` and the standard version give, each counting its draws on
@@ -323,9 +334,9 @@ def test_augmented_models_cast_their_uint8_batch_in_the_random_layers(device, pr
     # the definition, by hand, on the batch cast to float32 first
     std = StandardKernels(xpn)
     flips = random.uniform(xpn, np.array([flip.seed, 3]), (16, 1, 1, 1), np.float32) < 0.5
-    u = random.uniform(xpn, np.array([crop.seed, 4]), (16, 2), np.float32)
     xf = x.astype(np.float32)
-    want = std.random_crop(np.where(flips, xf[:, :, ::-1], xf), u, 1, np.float32)
+    want = std.random_crop(np.array([crop.seed, 4]), np.where(flips, xf[:, :, ::-1], xf), 1,
+                           np.float32)
     want = (want * np.float32(1 / 255)).astype(y.dtype)
     np.testing.assert_array_equal(y, want)
     assert (flip.calls, crop.calls) == (4, 5)

@@ -128,7 +128,7 @@ class RandomFlip(RandomLayer):
 class RandomCrop(RandomLayer):
     """Pad each training image by ``padding`` zeros and crop it back at a random offset."""
 
-    # The model's uint8 batch cast as it is cropped (in the crop's launch on CuPy).
+    # The model's uint8 batch cast as it is cropped (one launch on CuPy, the draw included).
     casts_input = True
 
     def __init__(self, padding: int = 4, name: str | None = None) -> None:
@@ -149,9 +149,11 @@ class RandomCrop(RandomLayer):
         dtype = _images_dtype(self, x, options)
         if not training:
             return self.xp.astype(x, dtype, copy=False)
-        # offsets drawn in float32 whatever the images' dtype (uint8 has no [0, 1)), as flips
-        u = self._uniform((x.shape[0], 2), self.xp.float32)
-        return kernels_for(self.backend).random_crop(x, u, self.padding, dtype)
+        # (offsets drawn in float32 whatever the images' dtype, as flips; the draw counted by
+        # the kernels, on CuPy in the crop's launch)
+        first = self._first((x.shape[0], 2))
+        return kernels_for(self.backend).random_crop(self.random_state, x, self.padding, dtype,
+                                                     first)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         raise InputError("RandomCrop must be the first layers of a model (it has no gradient)")

@@ -154,14 +154,20 @@ class StandardKernels:
         flip = self.uniform(state, (x.shape[0], 1, 1, 1), xp.float32, first) < 0.5
         return xp.astype(xp.where(flip, xp.flip(x, axis=2), x), out_dtype, copy=False)
 
-    def random_crop(self, x: Any, u: Any, padding: int, out_dtype: Any) -> Any:
+    def random_crop(self, state: Any, x: Any, padding: int, out_dtype: Any,
+                    first: int = 0) -> Any:
         """Each image of ``x`` (N, H, W, C; any real dtype) padded by ``padding`` zeros on every
-        side and cut back to H x W at row and column offsets ``floor(u * (2 * padding + 1))``
-        (``u``: (N, 2) numbers in [0, 1), rows then columns), returned in ``out_dtype``.
-        Standard-only: each offset among the 2p + 1 candidates chosen per image with where(),
-        no per-image indexing."""
+        side and cut back to H x W at row and column offsets ``floor(u * (2 * padding + 1))``,
+        ``u`` the (N, 2) numbers (rows then columns) of the draw that ``state`` names
+        (:meth:`uniform` in float32, elements ``first`` onwards), the draw counted in
+        ``state``; returned in ``out_dtype``."""
+        u = self.uniform(state, (x.shape[0], 2), self.xp.float32, first)
+        return self._crop(self.xp.astype(x, out_dtype, copy=False), u, padding)
+
+    def _crop(self, x: Any, u: Any, padding: int) -> Any:
+        """:meth:`random_crop` at the numbers ``u``. Standard-only: each offset among the 2p + 1
+        candidates chosen per image with where(), no per-image indexing."""
         xp, p = self.xp, padding
-        x = xp.astype(x, out_dtype, copy=False)
         n, h, w, c = x.shape
         offsets = xp.floor(u * (2 * p + 1))
         dy, dx = (xp.reshape(offsets[:, k], (n, 1, 1, 1)) for k in (0, 1))
