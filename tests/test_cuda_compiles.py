@@ -218,6 +218,31 @@ def test_dropout_kernel_compiles(fast_cupy, dtype):
     assert code == 0, log
 
 
+@pytest.mark.parametrize("source, target", [("unsigned char", "float"),
+                                            ("unsigned char", "__half"), ("float", "float"),
+                                            ("double", "double")])
+@pytest.mark.parametrize("name", ["_RANDOM_FLIP", "_RANDOM_CROP"])
+def test_random_flip_and_crop_kernels_compile(fast_cupy, name, source, target):
+    """A flip or a crop in one launch: the draw's random bits for each element's image, the
+    model's uint8 batch cast as it is read, the draw counted by the last block."""
+    kernel = getattr(fast_cupy, name)
+    source_code = _elementwise_as_kernel(kernel, {"S": source, "T": target}, arrays=("out",))
+    code, log = _compile(source_code, kernel.name, 90)
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("source, compute, target", [
+    ("unsigned char", "float", "float"), ("unsigned char", "float", "__half"),
+    ("float", "double", "double"), ("__half", "float", "__half")])
+def test_normalize_kernel_compiles(fast_cupy, source, compute, target):
+    """A Normalization layer in one launch: the cast, the channel's shift and scale."""
+    source_code = _elementwise_as_kernel(fast_cupy._NORMALIZE,
+                                         {"S": source, "T": compute, "U": target},
+                                         arrays=("x", "y"))
+    code, log = _compile(source_code, "xpcnn_normalize", 90)
+    assert code == 0, log
+
+
 @pytest.mark.parametrize("source, target", [("float", "__half"), ("double", "float"),
                                             ("__half", "float")])
 def test_cast_all_kernel_compiles(fast_cupy, source, target):
@@ -316,6 +341,9 @@ CUPY_FLOAT16_CASES = [
     ("_RESCALE", {"S": "float16", "T": "float16", "U": "float16"}, ("x", "y")),
     ("_DROPOUT", {"T": "float16"}, ("x", "y", "keep")),
     ("_UNIFORM", {"T": "float16"}, ("u",)),
+    ("_RANDOM_FLIP", {"S": "unsigned char", "T": "float16"}, ("out",)),
+    ("_RANDOM_CROP", {"S": "unsigned char", "T": "float16"}, ("out",)),
+    ("_NORMALIZE", {"S": "unsigned char", "T": "float", "U": "float16"}, ("x", "y")),
     ("_ADD_RELU", {"T": "float16"}, ("a", "b", "y")),
     ("_ADD_RELU_BACKWARD", {"T": "float16"}, ("a", "b", "y", "dx")),
 ]

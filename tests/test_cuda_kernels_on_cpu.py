@@ -148,6 +148,17 @@ def test_elementwise_kernels(fast, rng, dtype):
                 assert got.dtype == out
                 np.testing.assert_array_equal(got, STD.rescale(source, 1 / 255, offset, dtype,
                                                                out))
+    # and normalised per channel in one launch (computed in the dtype, given in another)
+    shift = rng.standard_normal(x.shape[-1]).astype(dtype) * 100
+    scale = rng.random(x.shape[-1]).astype(dtype) * 3
+    for source in (images, x):
+        for out in (dtype, np.float16, np.float64):
+            got = fast.normalize(source, shift, scale, dtype, out)
+            want = STD.normalize(source, shift, scale, dtype, out)
+            assert got.dtype == want.dtype == out
+            np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(STD.normalize(images, shift, scale, dtype, dtype),
+                                  (images.astype(dtype) - shift) * scale)
     # with the gradient of a ReLU before (a dropout's, apply_input_relu_grad), whose zeros are
     # not the dropout's (x > 0.5 as the mask would hide an ignored ReLU output): NaN * 0 is NaN
     keep = rng.random(x.shape) < 0.7

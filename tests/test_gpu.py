@@ -1106,12 +1106,29 @@ def test_statistics_kept_and_put_back_on_the_gpu(cp, kernels, rng):
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "float16", "float32"])
-def test_random_crop_kernel_is_the_standard_crop(cp, kernels, rng, dtype):
+def test_random_crop_and_flip_kernels_are_the_standard_ones(cp, kernels, rng, dtype):
+    """Each in one launch, the draw included (counted in its own copy of a state), the images
+    cast as they are read."""
     fast, std = kernels
     x = cp.asarray(rng.integers(0, 200, (64, 9, 7, 3)).astype(dtype))
-    u = cp.asarray(rng.random((64, 2), dtype=np.float32))
-    for padding in (1, 4):
-        _equal(fast.random_crop(x, u, padding), std.random_crop(x, u, padding))
+    states = [cp.asarray([2**40 + 17, 123]) for _ in range(2)]
+    for out in (cp.float16, cp.float32):
+        for padding in (1, 4):
+            _equal(*(k.random_crop(s, x, padding, out, 3)
+                     for k, s in zip((fast, std), states, strict=True)))
+        _equal(*(k.random_flip(s, x, out, 3) for k, s in zip((fast, std), states, strict=True)))
+    _equal(*states)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_normalize_kernel_is_the_standard_one(cp, kernels, rng, dtype):
+    fast, std = kernels
+    x = cp.asarray(rng.integers(0, 200, (4, 9, 7, 3)).astype(dtype))
+    shift, scale = cp.asarray([0.5, 100.0, 3.0], cp.float32), cp.asarray([0.1, 3.0, 0.7],
+                                                                        cp.float32)
+    for out in (cp.float16, cp.float32):
+        _equal(fast.normalize(x, shift, scale, cp.float32, out),
+               std.normalize(x, shift, scale, cp.float32, out))
 
 
 @needs_cudnn

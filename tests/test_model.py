@@ -454,10 +454,10 @@ def test_a_relu_gradient_left_to_the_next_layer_changes_no_gradient(fast, rng):
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
 def test_a_first_rescaling_casts_the_models_batch_itself(fast, rng):
-    """Where the layers reading the model's batch are Rescaling layers, the model hands them
-    the batch as given (uint8 images) and they cast it in their own pass (one launch on CuPy):
-    the same values, exactly, as the batch cast to the parameters' dtype first. Elsewhere the
-    model casts it."""
+    """Where the layers reading the model's batch cast it (Rescaling, Normalization and the
+    random layers), the model hands them the batch as given (uint8 images) and they cast it in
+    their own pass (one launch on CuPy): the same values, exactly, as the batch cast to the
+    parameters' dtype first. Elsewhere the model casts it."""
     from xpcnn.backend import set_fast_path
 
     def net(first):
@@ -468,7 +468,9 @@ def test_a_first_rescaling_casts_the_models_batch_itself(fast, rng):
     plan, rescale = model._plan(), model.layers[0]
     assert plan.cast_input and plan.options(rescale).cast_input
     assert not plan.options(model.layers[1]).cast_input
-    assert not net([RandomFlip(), Rescaling(1 / 255)])._plan().cast_input
+    assert not net([])._plan().cast_input  # (a convolution first: the model casts)
+    flipped = net([RandomFlip(), Rescaling(1 / 255)])._plan()  # (flips cast too: test_random)
+    assert flipped.cast_input and not flipped.options(flipped.steps[1].layer).cast_input
     old = set_fast_path(fast)
     try:
         for x in (rng.integers(0, 256, (4, 6, 6, 3), dtype=np.uint8),
@@ -481,6 +483,28 @@ def test_a_first_rescaling_casts_the_models_batch_itself(fast, rng):
                                           model._logits(x.astype(np.float32), False))
     finally:
         set_fast_path(old)
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
+def test_a_first_normalization_casts_the_models_batch_and_gives_the_compute_dtype(precision,
+                                                                                  rng):
+    """A Normalization reading the model's uint8 batch casts it itself and computes in float32,
+    giving the compute dtype (float16 under mixed precision): exactly (x - mean) / std of the
+    batch cast first, as the model and the next layer cast it before; after a layer, the same
+    in float32."""
+    mean, std = [120.0, 3.5], [60.0, 0.7]
+    model = xpcnn.Sequential([xpcnn.layers.Normalization(mean, std), Conv2D(3, 3), Flatten()],
+                             input_shape=(5, 5, 2), seed=0)
+    model.compile(optimizer="sgd", precision=precision)
+    norm = model.layers[0]
+    assert model._plan().cast_input
+    x = rng.integers(0, 256, (3, 5, 5, 2), dtype=np.uint8)
+    want = (x.astype(np.float32) - np.float32(mean)) * (1 / np.array(std)).astype(np.float32)
+    compute = np.float32 if precision == "float32" else np.float16
+    for given in (x, x.astype(np.float32)):
+        got = norm.forward(given, options=model._plan().options(norm))
+        assert got.dtype == compute
+        np.testing.assert_array_equal(got, want.astype(compute))
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])

@@ -228,21 +228,118 @@ def test_flips_and_crops_are_drawn_in_float32_whatever_the_images_dtype(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("padding", [1, 4])
 def test_the_crop_kernels_are_the_standard_crop(dtype, padding):
-    """NumPy's (a slice copy per image) and CuPy's (one launch, compiled for the CPU here)
-    random crops against the standard where() version, with every offset drawn."""
+    """NumPy's (a slice copy per image) and CuPy's (one launch, the draw included, compiled for
+    the CPU here) random crops against the standard where() version, each counting its draws on
+    its own copy of a state, from images of the dtype and uint8 images cast as they are read,
+    at an offset ``first`` (a data-parallel slice)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 7, 9, 3)).astype(dtype)
-    u = rng.random((40, 2), dtype=np.float32)
-    u[:2] = [[0.0, 0.999999], [0.5, 0.0]]  # (the edges: offsets 0 and 2p)
-    want = StandardKernels(xpn).random_crop(x, u, padding)
-    assert want.shape == x.shape and want.dtype == x.dtype
-    np.testing.assert_array_equal(NUMPY_KERNELS.random_crop(x, u, padding), want)
+    images = (rng.random(x.shape) * 256).astype(np.uint8)  # (a model's batch)
+    std = StandardKernels(xpn)
     module, saved = load_emulated_fast_cupy()
     try:
-        np.testing.assert_array_equal(module.KERNELS.random_crop(x, u, padding), want)
+        states = [np.array([2**40 + 17, 123], np.int64) for _ in range(3)]
+        for source, first in ((x, 0), (images, 2**33 + 1), (images[:0], 0)):
+            want = std.random_crop(states[0], source, padding, dtype, first)
+            assert want.shape == source.shape and want.dtype == dtype
+            for kernels, state in zip((NUMPY_KERNELS, module.KERNELS), states[1:], strict=True):
+                got = kernels.random_crop(state, source, padding, dtype, first)
+                assert got.dtype == dtype
+                np.testing.assert_array_equal(got, want)
+        for state in states:  # (one draw counted a call)
+            np.testing.assert_array_equal(state, [2**40 + 17, 126])
+        assert not any(c.any() for c in module._COUNTERS.values())
     finally:
         restore(saved)
-    # the standard crop itself: image 0 (offsets 0 and 2p) takes its rows from p above and its
-    # columns from p to the right
-    p = padding
-    np.testing.assert_array_equal(want[0, p:, :-p or None], x[0, :-p or None, p:])
+
+
+def test_the_standard_crop_is_the_drawn_crop():
+    """Offsets floor(u * (2p + 1)) from the draw's float32 numbers (rows, then columns; the
+    definition), each among all 2p + 1: image n shifted by p - offset, zeros coming in."""
+    p, state = 2, np.array([5, 9], np.int64)
+    x = (np.arange(300 * 6 * 7) % 251 + 1).reshape(300, 6, 7, 1).astype(np.uint8)
+    u = random.uniform(xpn, state, (300, 2), np.float32, 4)
+    offsets = np.floor(u * np.float32(2 * p + 1)).astype(int)
+    got = StandardKernels(xpn).random_crop(state, x, p, np.float64, 4)
+    assert got.dtype == np.float64 and {*offsets.ravel()} == set(range(2 * p + 1))
+    xpad = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    for n, (dy, dx) in enumerate(offsets):
+        np.testing.assert_array_equal(got[n], xpad[n, dy:dy + 6, dx:dx + 7])
+    np.testing.assert_array_equal(state, [5, 10])
+
+def _flip_cases(kernels):
+    """What ``kernels.random_flip`` and the standard version give, each counting its draws on
+    its own copy of a state: uint8 images cast to float32 and float16, float64 ones kept, at
+    offsets ``first`` (a data-parallel slice) and an empty batch."""
+    std, rng = StandardKernels(xpn), np.random.default_rng(5)
+    state = np.array([2**40 + 17, 123], np.int64)
+    states = [state.copy(), state.copy()]
+    for shape, first, source, out in (((64, 3, 5, 2), 0, np.uint8, np.float32),
+                                      ((9, 4, 4, 3), 2**33 + 1, np.uint8, np.float16),
+                                      ((7, 2, 6, 1), 3, np.float64, np.float64),
+                                      ((0, 3, 3, 1), 0, np.uint8, np.float32)):
+        x = (rng.random(shape) * 256).astype(source)
+        got, want = (k.random_flip(s, x, out, first)
+                     for k, s in zip((kernels, std), states, strict=True))
+        yield got, want
+        yield tuple(states)
+    np.testing.assert_array_equal(states[0], [2**40 + 17, 127])  # (one draw counted a call)
+
+
+def test_the_standard_flip_is_the_drawn_flip():
+    """Image n mirrored where number first + n of the draw (float32, the definition) is below
+    1/2: the flips a layer drew before it cast its input itself."""
+    state = np.array([99, 7], np.int64)
+    x = np.arange(40 * 2 * 3 * 1).reshape(40, 2, 3, 1).astype(np.uint8)
+    flips = random.uniform(xpn, state, (40, 1, 1, 1), np.float32, 5) < 0.5
+    got = StandardKernels(xpn).random_flip(state, x, np.float32, 5)
+    assert got.dtype == np.float32 and 10 < flips.sum() < 30
+    np.testing.assert_array_equal(got, np.where(flips, x[:, :, ::-1], x).astype(np.float32))
+    np.testing.assert_array_equal(state, [99, 8])
+
+
+@needs_compiler
+def test_the_cuda_flip_is_the_standard_flip():
+    """fast_cupy's flip in one launch (the draw, the flip and the cast), compiled for the CPU,
+    bit for bit, the draw counted by the last of its blocks."""
+    module, saved = load_emulated_fast_cupy()
+    try:
+        for got, want in _flip_cases(module.KERNELS):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+        assert not any(c.any() for c in module._COUNTERS.values())
+    finally:
+        restore(saved)
+
+
+@pytest.mark.parametrize("device, precision", [(xps, "float32"), ("cpu", "float32"),
+                                               ("cpu", "mixed_float16")])
+def test_augmented_models_cast_their_uint8_batch_in_the_random_layers(device, precision):
+    """The flips and crops that fixed seeds give are those of the draws' definition applied to
+    the batch cast first (what the model did before its random layers cast it as they read
+    it); under mixed precision the uint8 images are given in float16 (exact), and the
+    Rescaling after them computes in float32 and gives float16."""
+    model = xpcnn.Sequential([RandomFlip(), RandomCrop(1), xpcnn.layers.Rescaling(1 / 255)],
+                             seed=11, device=device)
+    model.compile(optimizer="sgd", precision=precision)
+    model.build((5, 6, 2))
+    flip, crop, rescale = model.layers
+    assert model._plan().cast_input
+    x = np.random.default_rng(2).integers(0, 256, (16, 5, 6, 2), dtype=np.uint8)
+    flip.set_random_state(flip.seed, 3)
+    crop.set_random_state(crop.seed, 4)
+    host = model.backend.to_numpy
+    y = host(model._logits(model.backend.asarray(x), training=True))
+    assert y.dtype == (np.float32 if precision == "float32" else np.float16)
+    # the definition, by hand, on the batch cast to float32 first
+    std = StandardKernels(xpn)
+    flips = random.uniform(xpn, np.array([flip.seed, 3]), (16, 1, 1, 1), np.float32) < 0.5
+    xf = x.astype(np.float32)
+    want = std.random_crop(np.array([crop.seed, 4]), np.where(flips, xf[:, :, ::-1], xf), 1,
+                           np.float32)
+    want = (want * np.float32(1 / 255)).astype(y.dtype)
+    np.testing.assert_array_equal(y, want)
+    assert (flip.calls, crop.calls) == (4, 5)
+    # inference: the batch cast, untouched
+    y = host(model._logits(model.backend.asarray(x), training=False))
+    np.testing.assert_array_equal(y, (xf * np.float32(1 / 255)).astype(want.dtype))

@@ -57,8 +57,9 @@ class Options:
     #: False where nothing upstream needs a gradient: backward computes only the parameters'
     #: gradients and returns None.
     need_input_grad: bool = True
-    #: the input is the model's batch as given (e.g. uint8 images): forward casts it to the
-    #: layer's dtype in its own pass (``casts_input``) instead of the model casting it first.
+    #: the input is the model's batch as given (e.g. uint8 images): forward casts it in its own
+    #: pass (``casts_input``; to the layer's dtype, or to its compute dtype where that holds the
+    #: values exactly) instead of the model casting it first.
     cast_input: bool = False
 
 

@@ -51,11 +51,6 @@ class RandomLayer(Layer):
         """Count a draw without drawing (a data-parallel rank with no sample in a batch)."""
         self.random_state[1:2] += 1
 
-    def _uniform(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        # (the draw counted by the kernels, on CuPy in the same launch)
-        return kernels_for(self.backend).uniform(self.random_state, shape, dtype,
-                                                 first=self._first(shape))
-
     def _first(self, shape: tuple[int, ...]) -> int:
         """The draw's first element for a batch of ``shape`` (see ``batch_slice``)."""
         start = self.batch_slice[0] if self.batch_slice else 0

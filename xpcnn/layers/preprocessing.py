@@ -32,12 +32,11 @@ class Rescaling(Layer):
         return {"name": self.name, "scale": self.scale, "offset": self.offset}
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        # The model's batch: computed in the parameters' dtype and stored in the compute dtype
-        # (float16 under mixed precision, as a Keras mixed policy's layer gives it), which the
-        # next layer would cast it to in a pass of its own.
-        dtype = self.dtype if options.cast_input else x.dtype
-        out = self.compute_dtype if options.cast_input else dtype
-        return kernels_for(self.backend).rescale(x, self.scale, self.offset, dtype, out)
+        # Computed in the parameters' dtype (the model's batch cast as it is read) and stored
+        # in the compute dtype (float16 under mixed precision, as a Keras mixed policy's layer
+        # gives it), which the next layer would cast it to in a pass of its own.
+        return kernels_for(self.backend).rescale(x, self.scale, self.offset, self.dtype,
+                                                 self.compute_dtype)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         return dy * self.scale
@@ -45,6 +44,9 @@ class Rescaling(Layer):
 
 class Normalization(Layer):
     """Per-channel normalisation y = (x - mean) / std with fixed ``mean`` and ``std``."""
+
+    # The model's uint8 batch cast and normalised in one pass (one launch on CuPy).
+    casts_input = True
 
     def __init__(self, mean: list[float] | float, std: list[float] | float,
                  name: str | None = None) -> None:
@@ -70,7 +72,9 @@ class Normalization(Layer):
         return input_shape
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        return (x - self._shift) * self._scale
+        # (computed and stored as Rescaling's output)
+        return kernels_for(self.backend).normalize(x, self._shift, self._scale, self.dtype,
+                                                   self.compute_dtype)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         return dy * self._scale
@@ -80,9 +84,22 @@ class Normalization(Layer):
         self._build(self.input_shape, np.random.default_rng(0))
 
 
+def _images_dtype(layer: Layer, x: Any, options: Options) -> Any:
+    """The dtype a random layer gives its images in: their own, or for the model's batch
+    (``Options.cast_input``) the layer's compute dtype where that holds each of its values
+    (uint8 images in float16 under mixed precision: half float32's bytes), else its dtype."""
+    if not options.cast_input:
+        return x.dtype
+    xp = layer.xp
+    return layer.compute_dtype if x.dtype in (xp.uint8, xp.int8) else layer.dtype
+
+
 class RandomFlip(RandomLayer):
     """Mirror each training image left-right with probability 1/2 (Keras' ``"horizontal"``
     mode, the only one)."""
+
+    # The model's uint8 batch cast as it is flipped (one launch on CuPy, the draw included).
+    casts_input = True
 
     def __init__(self, mode: str = "horizontal", name: str | None = None) -> None:
         super().__init__(name)
@@ -96,12 +113,13 @@ class RandomFlip(RandomLayer):
         return super()._build(input_shape, rng)
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
+        dtype = _images_dtype(self, x, options)
         if not training:
-            return x
-        xp = self.xp
-        # (decisions, drawn in float32 whatever the images' dtype: uint8 has no [0, 1))
-        flip = self._uniform((x.shape[0], 1, 1, 1), xp.float32) < 0.5
-        return xp.where(flip, xp.flip(x, axis=2), x)
+            return self.xp.astype(x, dtype, copy=False)
+        # (decisions drawn in float32 whatever the images' dtype: uint8 has no [0, 1); the draw
+        # counted by the kernels, on CuPy in the flip's launch)
+        first = self._first((x.shape[0], 1, 1, 1))
+        return kernels_for(self.backend).random_flip(self.random_state, x, dtype, first)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         raise InputError("RandomFlip must be the first layers of a model (it has no gradient)")
@@ -109,6 +127,9 @@ class RandomFlip(RandomLayer):
 
 class RandomCrop(RandomLayer):
     """Pad each training image by ``padding`` zeros and crop it back at a random offset."""
+
+    # The model's uint8 batch cast as it is cropped (one launch on CuPy, the draw included).
+    casts_input = True
 
     def __init__(self, padding: int = 4, name: str | None = None) -> None:
         super().__init__(name)
@@ -125,11 +146,14 @@ class RandomCrop(RandomLayer):
         return super()._build(input_shape, rng)
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
+        dtype = _images_dtype(self, x, options)
         if not training:
-            return x
-        # offsets drawn in float32 whatever the images' dtype (uint8 has no [0, 1)), as flips
-        u = self._uniform((x.shape[0], 2), self.xp.float32)
-        return kernels_for(self.backend).random_crop(x, u, self.padding)
+            return self.xp.astype(x, dtype, copy=False)
+        # (offsets drawn in float32 whatever the images' dtype, as flips; the draw counted by
+        # the kernels, on CuPy in the crop's launch)
+        first = self._first((x.shape[0], 2))
+        return kernels_for(self.backend).random_crop(self.random_state, x, self.padding, dtype,
+                                                     first)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         raise InputError("RandomCrop must be the first layers of a model (it has no gradient)")

@@ -202,24 +202,6 @@ _RESCALE = cupy.ElementwiseKernel(
     "const T p = xpcnn_mul_rn<T>((T)x, scale); y = (U)(shift ? (T)(p + offset) : p);",
     "xpcnn_rescale", preamble=_ROUNDED_PRODUCT)
 
-# StandardKernels.random_crop in one launch: out[n, i, j, c] = x[n, i + dy - p, j + dx - p, c]
-# (0 outside the image), the offsets floor(u * (2p + 1)) per image from the (N, 2) numbers u.
-_RANDOM_CROP = cupy.ElementwiseKernel(
-    "raw T x, raw float32 u, int32 H, int32 W, int32 C, int32 p",
-    "T out",
-    """
-    long long r = i;
-    const int c = r % C; r /= C;
-    const int j = r % W; r /= W;
-    const int row = r % H;
-    const long long img = r / H;
-    const int hh = row + (int)floorf(u[2 * img] * (float)(2 * p + 1)) - p;
-    const int ww = j + (int)floorf(u[2 * img + 1] * (float)(2 * p + 1)) - p;
-    out = (hh >= 0 && hh < H && ww >= 0 && ww < W) ? x[((img * H + hh) * W + ww) * C + c]
-                                                    : (T)0;
-    """,
-    "xpcnn_random_crop",
-)
 # xpcnn.ops.random's numbers: the 64 random bits of element ``element`` of the draw ``draw``
 # of the stream ``seed`` (the same SplitMix64 bits; unsigned arithmetic, which wraps as the
 # definition's int64 does).
@@ -237,6 +219,13 @@ __device__ unsigned long long xpcnn_random_bits(long long seed, long long draw,
     return xpcnn_mix(key + ((unsigned long long)element + 1ULL) * gamma);
 }
 """
+# StandardKernels.normalize in one launch: the cast, the difference with the channel's shift
+# and its product with the channel's scale rounded once to T (as the standard version's), the
+# result rounded to U.
+_NORMALIZE = cupy.ElementwiseKernel(
+    "S x, raw T shift, raw T scale, int32 C", "U y",
+    "const T d = (T)x - shift[i % C]; y = (U)xpcnn_mul_rn<T>(d, scale[i % C]);",
+    "xpcnn_normalize", preamble=_ROUNDED_PRODUCT)
 # The optimisers' updates (the formulas of xpcnn.optim, in the same order) for every parameter
 # of a step in one launch: one thread per element of all of them. ``table`` holds the running
 # element offsets of the ``count`` arrays (count + 1 values), then per array the addresses of
@@ -568,6 +557,49 @@ _DROPOUT = cupy.ElementwiseKernel(
     y = x * (T)(keep ? 1.0f : 0.0f) * scale;
     """,
     "xpcnn_dropout",
+    preamble=_RANDOM_BITS + _LAST_BLOCK, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
+)
+# StandardKernels.random_crop in one launch: out[n, i, j, c] = x[n, i + dy - p, j + dx - p, c]
+# (0 outside the image) cast to T, the offsets floor(u * (2p + 1)) per image from its numbers
+# u (elements first + 2n, rows, and first + 2n + 1, columns, of the draw, in float32 as
+# _UNIFORM draws them), the draw counted as _UNIFORM counts it.
+_RANDOM_CROP = cupy.ElementwiseKernel(
+    "raw S x, int64 first, int32 H, int32 W, int32 C, int32 p",
+    "T out, raw int64 state, raw uint32 counter",
+    """
+    long long r = i;
+    const int c = r % C; r /= C;
+    const int j = r % W; r /= W;
+    const int row = r % H;
+    const long long img = r / H;
+    const float rows = (float)((double)(xpcnn_random_bits(seed, draw, first + 2 * img) >> 40)
+                               * 5.9604644775390625e-08);
+    const float cols = (float)((double)(xpcnn_random_bits(seed, draw, first + 2 * img + 1)
+                                        >> 40) * 5.9604644775390625e-08);
+    const int hh = row + (int)floorf(rows * (float)(2 * p + 1)) - p;
+    const int ww = j + (int)floorf(cols * (float)(2 * p + 1)) - p;
+    out = (hh >= 0 && hh < H && ww >= 0 && ww < W) ? (T)x[((img * H + hh) * W + ww) * C + c]
+                                                    : (T)0;
+    """,
+    "xpcnn_random_crop",
+    preamble=_RANDOM_BITS + _LAST_BLOCK, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
+)
+# StandardKernels.random_flip in one launch: out[n, i, j, c] = x[n, i, W - 1 - j, c] cast to T
+# where image n's number (element first + n of the draw, in float32 as _UNIFORM draws it: 24
+# bits times 2**-24) is below 1/2, that is where the top bit of its random bits is 0; the draw
+# counted as _UNIFORM counts it.
+_RANDOM_FLIP = cupy.ElementwiseKernel(
+    "raw S x, int64 first, int32 H, int32 W, int32 C",
+    "T out, raw int64 state, raw uint32 counter",
+    """
+    long long r = i;
+    const int c = r % C; r /= C;
+    const int j = r % W; r /= W;
+    const long long img = r / H;
+    const bool flip = (xpcnn_random_bits(seed, draw, first + img) >> 63) == 0;
+    out = (T)x[(r * W + (flip ? W - 1 - j : j)) * C + c];
+    """,
+    "xpcnn_random_flip",
     preamble=_RANDOM_BITS + _LAST_BLOCK, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
 )
 _C_TYPES = {"float16": "__half", "float32": "float", "float64": "double", "int8": "signed char",
@@ -1346,10 +1378,22 @@ class CupyKernels(StandardKernels):
         return _UNIFORM(first, bits, 2.0**-bits, cupy.empty(shape, dtype), state,
                         _counters(state), block_size=_DRAW_BLOCK)[0]
 
-    def random_crop(self, x: Any, u: Any, padding: int) -> Any:
+    def random_flip(self, state: Any, x: Any, out_dtype: Any, first: int = 0) -> Any:
+        if x.size == 0:  # (no launch would count the draw)
+            return super().random_flip(state, x, out_dtype, first)
         n, h, w, c = x.shape
-        return _RANDOM_CROP(cupy.ascontiguousarray(x), cupy.ascontiguousarray(u), h, w, c,
-                            padding, cupy.empty(x.shape, x.dtype))
+        return _RANDOM_FLIP(cupy.ascontiguousarray(x), first, h, w, c,
+                            cupy.empty(x.shape, out_dtype), state, _counters(state),
+                            block_size=_DRAW_BLOCK)[0]
+
+    def random_crop(self, state: Any, x: Any, padding: int, out_dtype: Any,
+                    first: int = 0) -> Any:
+        if x.size == 0:  # (no launch would count the draw)
+            return super().random_crop(state, x, padding, out_dtype, first)
+        n, h, w, c = x.shape
+        return _RANDOM_CROP(cupy.ascontiguousarray(x), first, h, w, c, padding,
+                            cupy.empty(x.shape, out_dtype), state, _counters(state),
+                            block_size=_DRAW_BLOCK)[0]
 
     def feature_norm(self, x: Any, eps: float, dtype: Any, out_dtype: Any
                      ) -> tuple[Any, Any, Any]:
@@ -1459,6 +1503,12 @@ class CupyKernels(StandardKernels):
             return super().rescale(x, scale, offset, dtype, out_dtype)
         return _RESCALE(x, cupy.empty(0, t), t.type(scale), t.type(offset), bool(offset),
                         cupy.empty(x.shape, u))
+
+    def normalize(self, x: Any, shift: Any, scale: Any, dtype: Any, out_dtype: Any) -> Any:
+        t = np.dtype(dtype)
+        if t.kind != "f" or x.ndim == 0 or shift.dtype != t or scale.dtype != t:
+            return super().normalize(x, shift, scale, dtype, out_dtype)
+        return _NORMALIZE(x, shift, scale, x.shape[-1], cupy.empty(x.shape, out_dtype))
 
     def mask_multiply(self, x: Any, mask: Any, scale: float | None = None,
                       relu_y: Any = None) -> Any:

@@ -145,10 +145,27 @@ class StandardKernels:
         state[1:2] += 1
         return u
 
-    def random_crop(self, x: Any, u: Any, padding: int) -> Any:
-        """Each image of ``x`` (N, H, W, C) padded by ``padding`` zeros on every side and cut
-        back to H x W at row and column offsets ``floor(u * (2 * padding + 1))`` (``u``: (N, 2)
-        numbers in [0, 1), rows then columns). Standard-only: each offset among the 2p + 1
+    def random_flip(self, state: Any, x: Any, out_dtype: Any, first: int = 0) -> Any:
+        """Each image of ``x`` (N, H, W, C; any real dtype: a model's uint8 batch) mirrored
+        left-right where its number of the draw that ``state`` names (:meth:`uniform` of
+        shape (N, 1, 1, 1) in float32, elements ``first`` onwards) is below 1/2, the draw
+        counted in ``state``; returned in ``out_dtype``."""
+        xp = self.xp
+        flip = self.uniform(state, (x.shape[0], 1, 1, 1), xp.float32, first) < 0.5
+        return xp.astype(xp.where(flip, xp.flip(x, axis=2), x), out_dtype, copy=False)
+
+    def random_crop(self, state: Any, x: Any, padding: int, out_dtype: Any,
+                    first: int = 0) -> Any:
+        """Each image of ``x`` (N, H, W, C; any real dtype) padded by ``padding`` zeros on every
+        side and cut back to H x W at row and column offsets ``floor(u * (2 * padding + 1))``,
+        ``u`` the (N, 2) numbers (rows then columns) of the draw that ``state`` names
+        (:meth:`uniform` in float32, elements ``first`` onwards), the draw counted in
+        ``state``; returned in ``out_dtype``."""
+        u = self.uniform(state, (x.shape[0], 2), self.xp.float32, first)
+        return self._crop(self.xp.astype(x, out_dtype, copy=False), u, padding)
+
+    def _crop(self, x: Any, u: Any, padding: int) -> Any:
+        """:meth:`random_crop` at the numbers ``u``. Standard-only: each offset among the 2p + 1
         candidates chosen per image with where(), no per-image indexing."""
         xp, p = self.xp, padding
         n, h, w, c = x.shape
@@ -171,6 +188,14 @@ class StandardKernels:
         xp = self.xp
         y = xp.astype(x, dtype, copy=False) * scale
         return xp.astype(y + offset if offset else y, out_dtype, copy=False)
+
+    def normalize(self, x: Any, shift: Any, scale: Any, dtype: Any, out_dtype: Any) -> Any:
+        """``(x - shift) * scale`` per channel (``shift``, ``scale``: (C,) arrays of ``dtype``)
+        of ``x`` (N, ..., C; any real dtype: a model's uint8 batch) cast to ``dtype``, computed
+        in ``dtype`` and returned in ``out_dtype``."""
+        xp = self.xp
+        y = (xp.astype(x, dtype, copy=False) - shift) * scale
+        return xp.astype(y, out_dtype, copy=False)
 
     def mask_multiply(self, x: Any, mask: Any, scale: float | None = None,
                       relu_y: Any = None) -> Any:
