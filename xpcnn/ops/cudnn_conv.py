@@ -81,10 +81,22 @@ def load() -> ModuleType | None:
     return cudnn
 
 
+def switches(matmul: bool = False) -> tuple[bool, bool, bool]:
+    """The switches a graph is built under, as the environment sets them now, read together
+    (once per graph run, where they key its plan): (:func:`tf32`, or :func:`matmul_tf32` for a
+    ``matmul``; :func:`deterministic`; :func:`autotune`)."""
+    environ = os.environ
+    deterministic = environ.get("XPCNN_DETERMINISTIC", "0") != "0"
+    tf32 = (environ.get("CUPY_TF32", "0") != "0" if matmul
+            else environ.get("XPCNN_TF32", "1") != "0")
+    return tf32, deterministic, (environ.get("XPCNN_CUDNN_AUTOTUNE", "1") != "0"
+                                 and not deterministic)
+
+
 def tf32() -> bool:
     """Whether float32 graphs may run in TF32 (``XPCNN_TF32``, on unless "0"); read when a
     graph is built."""
-    return os.environ.get("XPCNN_TF32", "1") != "0"
+    return switches()[0]
 
 
 def deterministic() -> bool:
@@ -92,13 +104,13 @@ def deterministic() -> bool:
     "1", or any value but "0"; off when unset): plans with the numerical note NONDETERMINISTIC
     (atomic adds in a weight gradient, say) are then excluded, as PyTorch's
     ``cudnn.deterministic = True`` does. Read when a graph is built."""
-    return os.environ.get("XPCNN_DETERMINISTIC", "0") != "0"
+    return switches()[1]
 
 
 def autotune() -> bool:
     """Whether a graph's plan is chosen by timing its candidates (``XPCNN_CUDNN_AUTOTUNE``, on
     unless "0"; off where :func:`deterministic`); read when a graph is built."""
-    return os.environ.get("XPCNN_CUDNN_AUTOTUNE", "1") != "0" and not deterministic()
+    return switches()[2]
 
 
 #: Plans timed per graph: the first ten that build, in the heuristics' order (the default of
@@ -129,6 +141,8 @@ ALIGNMENT = 16
 def _operand(a: Any) -> Any:
     """``a`` C-contiguous at an address that is a multiple of :data:`ALIGNMENT` (copied where
     it is not), as a graph's input."""
+    if a.flags.c_contiguous and _address(a) % ALIGNMENT == 0:
+        return a  # (as nearly every operand is: no call into CuPy)
     a = cupy.ascontiguousarray(a)
     return a if _address(a) % ALIGNMENT == 0 else a.copy()
 
@@ -137,18 +151,19 @@ def matmul_tf32() -> bool:
     """Whether float32 matmul graphs may run in TF32: CuPy's own switch for its (cuBLAS)
     matmuls, ``CUPY_TF32`` (off unless "1"), so that a captured step's products are computed
     as an eager step's are (and as PyTorch's matmuls are by default: in full float32)."""
-    return os.environ.get("CUPY_TF32", "0") != "0"
+    return switches(matmul=True)[0]
 
 
 _HANDLES: dict[int, Any] = {}
 _STREAMS: dict[int, int] = {}  # the stream each device's handle was last put on
 
 
-def _handle(cudnn: ModuleType) -> Any:
-    """The cuDNN handle of the current device (one per device), on CuPy's current stream: put
-    on it only when the stream has changed, so a capture finds it there already (see
-    :func:`use_current_stream`)."""
-    device = cupy.cuda.Device().id
+def _handle(cudnn: ModuleType, device: int | None = None) -> Any:
+    """The cuDNN handle of ``device`` (one per device; the current one where None: a plan
+    knows its own), on CuPy's current stream: put on it only when the stream has changed, so
+    a capture finds it there already (see :func:`use_current_stream`)."""
+    if device is None:
+        device = cupy.cuda.Device().id
     handle = _HANDLES.get(device)
     if handle is None:
         handle = _HANDLES[device] = cudnn.create_handle()
@@ -190,13 +205,16 @@ class Plan:
         self.cudnn, self.graph, self.tensors = cudnn, graph, tensors
         self.candidates = candidates or []
         self.workspace = int(graph.get_workspace_size())
+        self.device = cupy.cuda.Device().id  # (built on the current one, with its handle)
         self._timing = threading.Lock()
 
     def run(self, **arrays: Any) -> None:
         """Execute on CuPy's current stream; ``arrays`` are the named tensors' CuPy arrays
         (C-contiguous, in the layouts the graph was built for)."""
-        pack = {self.tensors[k]: _address(a) for k, a in arrays.items()}
-        handle = _handle(self.cudnn)
+        pack = {}
+        for name, a in arrays.items():
+            pack[self.tensors[name]] = _address(a)
+        handle = _handle(self.cudnn, self.device)
         if self.candidates:
             with self._timing:  # (one thread times; a run in another waits for the choice)
                 if self.candidates:
@@ -365,15 +383,15 @@ class CudnnConv(ConvEngine):
 
     def _plan(self, key: tuple[Any, ...], dtype: Any, describe: Any, *args: Any) -> Plan | None:
         """The plan of ``key`` (operation, batch size, dtype, epilogue) under the switches as
-        they are now (:func:`tf32`, :func:`deterministic`, :func:`autotune`): the process's
-        (:func:`shared_plan`), built on its first use by any layer from the graph description
-        ``describe(*args)`` gives; None where cuDNN has none (the fallback runs). An engine
-        serves one device (a layer makes a new one when it moves)."""
-        key = (*key, tf32(), deterministic(), autotune())
-        plan = self._plans.get(key, _NOT_BUILT)
+        they are now (:func:`switches`): the process's (:func:`shared_plan`), built on its
+        first use by any layer from the graph description ``describe(*args)`` gives; None
+        where cuDNN has none (the fallback runs). An engine serves one device (a layer makes a
+        new one when it moves)."""
+        own = (key, switches())  # (read at every run: a switch changed gives another plan)
+        plan = self._plans.get(own, _NOT_BUILT)
         if plan is _NOT_BUILT:
-            shared = ("convolution", cupy.cuda.Device().id, self.geometry, *key)
-            plan = self._plans[key] = shared_plan(
+            shared = ("convolution", cupy.cuda.Device().id, self.geometry, *own)
+            plan = self._plans[own] = shared_plan(
                 shared, lambda: self._build(key, dtype, describe(*args)))
         return plan
 
@@ -521,7 +539,7 @@ class CudnnMatmul:
         m, k = a.shape[::-1] if transpose_a else a.shape
         n = b.shape[0] if transpose_b else b.shape[1]
         key = (cupy.cuda.Device().id, a.shape, b.shape, transpose_a, transpose_b, a.dtype,
-               matmul_tf32(), deterministic(), autotune())  # (the switches as they are now)
+               switches(matmul=True))  # (as they are now)
         plan = self._plans.get(key, _NOT_BUILT)
         if plan is _NOT_BUILT:
             plan = self._plans[key] = shared_plan(
