@@ -228,6 +228,57 @@ def test_the_switches_set_later_reach_the_graphs_already_built(cc, monkeypatch, 
         monkeypatch.delenv(variable)
 
 
+@pytest.mark.parametrize("variable, setting", [
+    ("XPCNN_TF32", "0"), ("XPCNN_DETERMINISTIC", "1"), ("XPCNN_CUDNN_AUTOTUNE", "0")])
+def test_one_layer_follows_a_switch_changed_between_two_runs_and_back(cc, monkeypatch, rng,
+                                                                      variable, setting):
+    """The switches are read at every run (all at once: cudnn_conv.switches), so the same
+    layer, a switch changed between two of its runs, runs a plan built under the new setting,
+    never the one built before it; the switch set back, the first plan runs again, not built
+    again."""
+    import unittest.mock
+
+    with unittest.mock.patch.object(PyGraph, "PLANS", (FakePlan(ms=2.0), FakePlan(ms=1.0))):
+        g, cudnn, standard = _engines(cc, GEOMETRIES[0])
+        x, w, bias, _ = conv_data(g, rng, 2, np.float32)
+        want = standard.forward(x, w, bias, True)
+        for step in ("first", "changed", "back"):
+            if step == "changed":
+                monkeypatch.setenv(variable, setting)
+            elif step == "back":
+                monkeypatch.delenv(variable)
+            np.testing.assert_allclose(cudnn.forward(x, w, bias, True), want, rtol=2e-5,
+                                       atol=2e-5)
+    first, changed = GRAPHS
+    assert (first.executions, changed.executions) == (2, 1)
+    excluded = {"XPCNN_TF32": NumericalNote.TENSOR_CORE,
+                "XPCNN_DETERMINISTIC": NumericalNote.NONDETERMINISTIC}.get(variable)
+    assert excluded is None or (excluded in changed.deselected
+                                and excluded not in first.deselected)
+    assert first.timed and bool(changed.timed) == (variable == "XPCNN_TF32")  # (autotuning)
+
+
+def test_operands_reach_a_graph_as_themselves_or_as_a_contiguous_copy(cc, monkeypatch, rng):
+    """A C-contiguous, aligned operand is given to the graph as it is (its own address, no
+    copy); a strided view as a C-contiguous copy of its values."""
+    given = []
+    execute = PyGraph.execute
+
+    def recorded(graph, tensor_dict, workspace=None, handle=None):
+        given.append(sorted(tensor_dict.values()))
+        return execute(graph, tensor_dict, workspace, handle)
+
+    monkeypatch.setattr(PyGraph, "execute", recorded)
+    matmul = cc.CudnnMatmul(cc.load())
+    a, b = rng.standard_normal((5, 7)), rng.standard_normal((4, 7))
+    strided = np.empty((7, 8))[:, ::2]  # (a view with b.T's values, not C-contiguous)
+    strided[...] = b.T
+    c = matmul(a, b, transpose_b=True)
+    assert {a.ctypes.data, b.ctypes.data} <= set(given[0])
+    np.testing.assert_array_equal(matmul(a, strided), c)
+    assert strided.ctypes.data not in given[1] and a.ctypes.data in given[1]
+
+
 def _misaligned(a):
     """A copy of ``a`` in a view that starts one element (2 bytes in float16) past a 16-byte
     boundary, as a weight in a mixed-precision forward pass's one buffer of cast weights may."""
