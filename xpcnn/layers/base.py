@@ -476,6 +476,12 @@ def _check_batch(layer: Layer, x: Any) -> None:
                          f"{', '.join(map(str, expected))}, got {got}")
 
 
+def in_dtype(xp: Any, a: Any, dtype: Any) -> Any:
+    """``a`` in ``dtype``: ``a`` itself where it is in it already (the usual case: no call, a
+    training step asks a dozen times), else its cast."""
+    return a if a.dtype == dtype else xp.astype(a, dtype)
+
+
 def dtype_name(dtype: Any) -> str:
     """The name of a backend dtype: "float16", "bfloat16", "float32" or "float64"."""
     for name in ("float16", "bfloat16", "float32", "float64"):

@@ -19,6 +19,7 @@ from .base import (
     check_activation,
     check_padding,
     count,
+    in_dtype,
     pair,
     require_rank,
 )
@@ -104,10 +105,8 @@ class Conv2D(Layer):
         return engine
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        xp, t = self.xp, self.compute_dtype
         self._cache_x_dtype = x.dtype
-        # (here and below, no call where the array is of its dtype already: the usual case)
-        x = x if x.dtype == t else xp.astype(x, t)
+        x = in_dtype(self.xp, x, self.compute_dtype)
         kernel = self.compute_weight("kernel")
         bias = self.compute_weight("bias") if self.use_bias else None
         relu = self.relu_output or options.fused_relu
@@ -119,9 +118,8 @@ class Conv2D(Layer):
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        xp, t = self.xp, self.compute_dtype
         x, self._cache_x = self._cache_x, None
-        dy = dy if dy.dtype == t else xp.astype(dy, t)
+        dy = in_dtype(self.xp, dy, self.compute_dtype)
         relu_y = None
         need_dx = options.need_input_grad
         y, self._cache_y = self._cache_y, None
@@ -139,9 +137,7 @@ class Conv2D(Layer):
             self.grads["kernel"] = dw  # (as computed: see Layer.grads)
             if self.use_bias:
                 self.grads["bias"] = db
-        if dx is None or dx.dtype == self._cache_x_dtype:
-            return dx
-        return xp.astype(dx, self._cache_x_dtype)
+        return None if dx is None else in_dtype(self.xp, dx, self._cache_x_dtype)
 
 
 # Keras' kernel (kh, kw, C, K) <-> the stored (K, kh, kw, C)

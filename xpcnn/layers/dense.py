@@ -10,7 +10,7 @@ import numpy as np
 from ..checks import flag
 from ..errors import InputError
 from ..ops.kernels import kernels_for
-from .base import DEFAULT, Layer, Options, Shape, check_activation, count
+from .base import DEFAULT, Layer, Options, Shape, check_activation, count, in_dtype
 from .initializers import check_initializer, initialize
 
 
@@ -68,10 +68,8 @@ class Dense(Layer):
         return (self.units,)
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        xp, t = self.xp, self.compute_dtype
         self._cache_x_dtype = x.dtype
-        # (here and below, no call where the array is of its dtype already: the usual case)
-        x = x if x.dtype == t else xp.astype(x, t)
+        x = in_dtype(self.xp, x, self.compute_dtype)
         w = self.compute_weight("kernel")
         kern = kernels_for(self.backend)
         bias = self.compute_weight("bias") if self.use_bias else None
@@ -84,9 +82,8 @@ class Dense(Layer):
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        xp, t = self.xp, self.compute_dtype
         kern = kernels_for(self.backend)
-        dy = dy if dy.dtype == t else xp.astype(dy, t)
+        dy = in_dtype(self.xp, dy, self.compute_dtype)
         y, self._cache_y = self._cache_y, None
         bias_grad = None
         if y is not None:  # (kept by forward where this layer applies its ReLU's gradient)
@@ -102,4 +99,4 @@ class Dense(Layer):
         if not options.need_input_grad:
             return None
         dx = kern.matmul_nt(dy, self._cache_w)
-        return dx if dx.dtype == self._cache_x_dtype else xp.astype(dx, self._cache_x_dtype)
+        return in_dtype(self.xp, dx, self._cache_x_dtype)
