@@ -55,6 +55,13 @@ needs_cudnn = pytest.mark.skipif(
 DTYPES = ["float32", "float16"]
 
 
+def needs_capability(least: int, what: str) -> pytest.MarkDecorator:
+    """Skip below compute capability ``least`` (70 is 7.0); without a GPU, say that instead."""
+    reason = (f"this GPU has no {what} (compute capability < {least / 10:.1f})" if CAPABILITY
+              else "needs CuPy and a CUDA GPU")
+    return pytest.mark.skipif(least > CAPABILITY, reason=reason)
+
+
 @pytest.fixture
 def cp():
     import cupy
@@ -145,7 +152,9 @@ def test_im2col_reads_the_padding_without_storing_it(cp, kernels, rng, kernel, s
                          [("direct", case, dt) for case in DIRECT_CONV for dt in DTYPES]
                          + [("tiled", case, dt) for case in TILED_CONV
                             for dt in ("float16", "float32", "float64")]
-                         + [("tiled-tf32", case, "float32") for case in TILED_CONV])
+                         + [pytest.param("tiled-tf32", case, "float32",
+                                         marks=needs_capability(80, "TF32 tensor cores"))
+                            for case in TILED_CONV])
 def test_convolution_kernels_match_im2col(cp, kernels, rng, algorithm, case, dtype):
     """Forward (with and without bias and ReLU) and kernel gradient (with and without the
     bias's) of the direct kernels (one element per thread), the tiled ones (float16 on the
@@ -210,13 +219,6 @@ def fast_float32(conv, *args):
         return conv.conv2d(*args)
     finally:
         conv.tf32 = old
-
-
-def needs_capability(least: int, what: str) -> pytest.MarkDecorator:
-    """Skip below compute capability ``least`` (70 is 7.0); without a GPU, say that instead."""
-    reason = (f"this GPU has no {what} (compute capability < {least / 10:.1f})" if CAPABILITY
-              else "needs CuPy and a CUDA GPU")
-    return pytest.mark.skipif(least > CAPABILITY, reason=reason)
 
 
 @pytest.mark.parametrize("dtype", [
