@@ -559,6 +559,14 @@ _DROPOUT = cupy.ElementwiseKernel(
     "xpcnn_dropout",
     preamble=_RANDOM_BITS + _LAST_BLOCK, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
 )
+# Output element i of an (N, H, W, C) image batch as its image, row, column and channel.
+_NHWC_INDEX = """
+#define XPCNN_NHWC_INDEX \\
+    const int c = i % C; \\
+    const int j = i / C % W; \\
+    const int row = i / ((long long)C * W) % H; \\
+    const long long img = i / ((long long)C * W * H);
+"""
 # StandardKernels.random_crop in one launch: out[n, i, j, c] = x[n, i + dy - p, j + dx - p, c]
 # (0 outside the image) cast to T, the offsets floor(u * (2p + 1)) per image from its numbers
 # u (elements first + 2n, rows, and first + 2n + 1, columns, of the draw, in float32 as
@@ -567,11 +575,7 @@ _RANDOM_CROP = cupy.ElementwiseKernel(
     "raw S x, int64 first, int32 H, int32 W, int32 C, int32 p",
     "T out, raw int64 state, raw uint32 counter",
     """
-    long long r = i;
-    const int c = r % C; r /= C;
-    const int j = r % W; r /= W;
-    const int row = r % H;
-    const long long img = r / H;
+    XPCNN_NHWC_INDEX
     const float rows = (float)((double)(xpcnn_random_bits(seed, draw, first + 2 * img) >> 40)
                                * 5.9604644775390625e-08);
     const float cols = (float)((double)(xpcnn_random_bits(seed, draw, first + 2 * img + 1)
@@ -582,7 +586,8 @@ _RANDOM_CROP = cupy.ElementwiseKernel(
                                                     : (T)0;
     """,
     "xpcnn_random_crop",
-    preamble=_RANDOM_BITS + _LAST_BLOCK, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
+    preamble=_RANDOM_BITS + _LAST_BLOCK + _NHWC_INDEX, loop_prep=_READ_DRAW,
+    after_loop=_COUNT_DRAW,
 )
 # StandardKernels.random_flip in one launch: out[n, i, j, c] = x[n, i, W - 1 - j, c] cast to T
 # where image n's number (element first + n of the draw, in float32 as _UNIFORM draws it: 24
@@ -592,15 +597,13 @@ _RANDOM_FLIP = cupy.ElementwiseKernel(
     "raw S x, int64 first, int32 H, int32 W, int32 C",
     "T out, raw int64 state, raw uint32 counter",
     """
-    long long r = i;
-    const int c = r % C; r /= C;
-    const int j = r % W; r /= W;
-    const long long img = r / H;
+    XPCNN_NHWC_INDEX
     const bool flip = (xpcnn_random_bits(seed, draw, first + img) >> 63) == 0;
-    out = (T)x[(r * W + (flip ? W - 1 - j : j)) * C + c];
+    out = (T)x[((img * H + row) * W + (flip ? W - 1 - j : j)) * C + c];
     """,
     "xpcnn_random_flip",
-    preamble=_RANDOM_BITS + _LAST_BLOCK, loop_prep=_READ_DRAW, after_loop=_COUNT_DRAW,
+    preamble=_RANDOM_BITS + _LAST_BLOCK + _NHWC_INDEX, loop_prep=_READ_DRAW,
+    after_loop=_COUNT_DRAW,
 )
 _C_TYPES = {"float16": "__half", "float32": "float", "float64": "double", "int8": "signed char",
             "uint8": "unsigned char", "int16": "short", "uint16": "unsigned short",
@@ -1187,8 +1190,8 @@ def _fits_batch_norm(a: Any, dtype: Any, *channels: Any) -> bool:
     ``dtype`` (a float type ``a`` casts to exactly), with the per-channel arrays ``channels``
     (C-contiguous vectors of ``dtype``, one value per channel)."""
     t = np.dtype(dtype)
-    return (a.ndim >= 2 and a.flags.c_contiguous and a.dtype.name in _FLOATS and a.size > 0
-            and t.name in _FLOATS and np.can_cast(a.dtype, t)
+    return (a.ndim >= 2 and a.flags.c_contiguous and a.dtype in _FLOAT_DTYPES and a.size > 0
+            and t in _FLOAT_DTYPES and np.can_cast(a.dtype, t)
             and -(-a.shape[-1] // 32) <= _COUNTERS_PER_DEVICE
             and all(v.shape == a.shape[-1:] and v.dtype == t and v.flags.c_contiguous
                     for v in channels))
@@ -1400,7 +1403,7 @@ class CupyKernels(StandardKernels):
         t, u = np.dtype(dtype), np.dtype(out_dtype)
         # (an exact cast of float data only; no empty grid)
         if not (_fits_feature_norm(x) and np.can_cast(x.dtype, t) and t.kind == "f"
-                and u.name in _FLOATS):
+                and u in _FLOAT_DTYPES):
             return super().feature_norm(x, eps, dtype, out_dtype)
         n, h, w, c = x.shape
         acc = _accumulator(t)
@@ -1432,7 +1435,7 @@ class CupyKernels(StandardKernels):
                          relu: bool) -> tuple[Any, Any, Any]:
         t = gamma.dtype
         if not (_fits_batch_norm(x, t, gamma, beta, moving_mean, moving_var)
-                and np.dtype(out_dtype).name in _FLOATS):
+                and np.dtype(out_dtype) in _FLOAT_DTYPES):
             return super().batch_norm_train(x, gamma, beta, moving_mean, moving_var, momentum,
                                             eps, out_dtype, relu)
         cols = x.shape[-1]
@@ -1480,7 +1483,7 @@ class CupyKernels(StandardKernels):
     def batch_norm_running(self, x: Any, gamma: Any, beta: Any, moving_mean: Any,
                            moving_var: Any, eps: float, out_dtype: Any, relu: bool) -> Any:
         if not (_fits_batch_norm(x, gamma.dtype, gamma, beta, moving_mean, moving_var)
-                and np.dtype(out_dtype).name in _FLOATS):
+                and np.dtype(out_dtype) in _FLOAT_DTYPES):
             return super().batch_norm_running(x, gamma, beta, moving_mean, moving_var, eps,
                                               out_dtype, relu)
         return _BATCH_NORM_RUNNING(x, moving_mean, moving_var, gamma, beta, eps, x.shape[-1],
