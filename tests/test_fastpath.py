@@ -1,6 +1,7 @@
 """The NumPy fast path (``Backend.fast``) gives the results of the standard (Array API) path."""
 
 import platform
+import tracemalloc
 
 import array_api_compat.numpy as xpn
 import array_api_strict as xs
@@ -530,6 +531,29 @@ def test_feature_norm_kernels_under_mixed_precision(shape, rng):
             np.testing.assert_array_equal(g, FAST.feature_norm_backward(dy, x, *got[1:], False)
                                           * (x > 0))
 
+
+
+def test_feature_norm_under_mixed_precision_casts_a_block_at_a_time(rng):
+    """A float16 batch far larger than a block (2 MB of float32 a block): forward and backward
+    each hold a few float32 blocks per thread, never a whole float32 copy of the batch."""
+    x = rng.standard_normal((1024, 16, 16, 32), dtype=np.float32).astype(np.float16)
+    dy = rng.standard_normal(x.shape, dtype=np.float32).astype(np.float16)
+    f32, f16 = np.dtype(np.float32), np.dtype(np.float16)
+    whole = x.size * f32.itemsize  # 32 MiB
+    bound = FAST.threads() * 4 * (2 << 20) + (1 << 20)
+    assert bound < whole  # (else this test could not tell the two apart)
+    tracemalloc.start()
+    try:
+        y, mean, inv_std = FAST.feature_norm(x, 1e-5, f32, f16)
+        forward = tracemalloc.get_traced_memory()[1] - y.nbytes - mean.nbytes - inv_std.nbytes
+        tracemalloc.reset_peak()
+        held = tracemalloc.get_traced_memory()[0]
+        dx = FAST.feature_norm_backward(dy, x, mean, inv_std, True)
+        backward = tracemalloc.get_traced_memory()[1] - held - dx.nbytes
+    finally:
+        tracemalloc.stop()
+    assert y.dtype == dx.dtype == f16
+    assert forward < bound and backward < bound, (forward, backward, bound)
 
 def _train(net, data, shape, fast):
     old = set_fast_path(fast)

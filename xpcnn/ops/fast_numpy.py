@@ -495,48 +495,57 @@ class NumpyKernels(StandardKernels):
                      ) -> tuple[Any, Any, Any]:
         """FeatureNorm's forward: (x - mean_hw) * inv_std, inv_std = 1 / sqrt(var_hw + eps),
         and those two per image and channel; each block of images makes all its passes while
-        it is in cache, sums as products with ones, broadcasts over widened rows."""
-        x = x.astype(dtype, copy=False)
+        it is in cache, sums as products with ones, broadcasts over widened rows. Where the
+        input or the output is in another dtype than ``dtype`` (mixed precision), each block
+        is cast in and out on its own: no whole-batch copy in ``dtype``."""
+        dtype = np.dtype(dtype)
         n, h, w, c = x.shape
         k = self._widen(h * w, c)
-        xhat = np.empty(x.shape, x.dtype)
-        mean, inv_std = np.empty((n, 1, 1, c), x.dtype), np.empty((n, 1, 1, c), x.dtype)
-        ones = self._ones(h * w, x.dtype)
-        scale = x.dtype.type(1.0 / (h * w))
+        y = np.empty(x.shape, out_dtype)
+        mean, inv_std = np.empty((n, 1, 1, c), dtype), np.empty((n, 1, 1, c), dtype)
+        ones = self._ones(h * w, dtype)
+        scale = dtype.type(1.0 / (h * w))
 
         def work(worker: int, n0: int, n1: int) -> None:
             b = n1 - n0
-            xs = x[n0:n1].reshape(b, h * w, c)
-            o = xhat[n0:n1].reshape(b, h * w // k, k * c)
+            xs = x[n0:n1].reshape(b, h * w, c).astype(dtype, copy=False)
+            out = y[n0:n1].reshape(b, h * w // k, k * c)
+            o = out if out.dtype == dtype else np.empty(out.shape, dtype)
             m = mean[n0:n1, 0, 0, :] = np.matmul(ones, xs) * scale  # (b, c)
             np.subtract(xs.reshape(o.shape), np.tile(m, k)[:, None, :], out=o)
             o3 = o.reshape(b, h * w, c)
             var = np.matmul(ones, np.square(o3)) * scale
-            inv = inv_std[n0:n1, 0, 0, :] = np.divide(x.dtype.type(1),
-                                                      np.sqrt(var + x.dtype.type(eps)))
+            inv = inv_std[n0:n1, 0, 0, :] = np.divide(dtype.type(1),
+                                                      np.sqrt(var + dtype.type(eps)))
             np.multiply(o, np.tile(inv, k)[:, None, :], out=o)
+            if o is not out:
+                out[...] = o
 
-        self.for_chunks(n, self._image_blocks(x), work)
-        return xhat.astype(out_dtype, copy=False), mean, inv_std
+        # blocks of 2 MB in ``dtype``, as where x is in it already
+        self.for_chunks(n, self._image_blocks(x, (1 << 21) * x.itemsize // dtype.itemsize), work)
+        return y, mean, inv_std
 
     def feature_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any,
                               relu: bool) -> Any:
         """inv_std * (dy - mean_hw(dy) - xhat * mean_hw(dy * xhat)), xhat = (x - mean) *
         inv_std recomputed as forward computes it, a block of images at a time (then times
-        ``x > 0`` with ``relu`` on the block while it is in cache)."""
-        dy = dy.astype(mean.dtype, copy=False)
+        ``x > 0`` with ``relu`` on the block while it is in cache); cast in and out per block,
+        as forward."""
+        dtype = mean.dtype
         n, h, w, c = dy.shape
         k = self._widen(h * w, c)
-        dx = np.empty(dy.shape, dy.dtype)
-        ones = self._ones(h * w, dy.dtype)
-        scale = dy.dtype.type(1.0 / (h * w))
+        dx = np.empty(dy.shape, x.dtype)
+        ones = self._ones(h * w, dtype)
+        scale = dtype.type(1.0 / (h * w))
 
         def work(worker: int, n0: int, n1: int) -> None:
             b = n1 - n0
             shape = (b, h * w // k, k * c)
-            d, xs, o = (a[n0:n1].reshape(shape) for a in (dy, x, dx))
+            d = dy[n0:n1].reshape(shape).astype(dtype, copy=False)
+            xs, out = x[n0:n1].reshape(shape), dx[n0:n1].reshape(shape)
+            o = out if out.dtype == dtype else np.empty(shape, dtype)
             inv = np.tile(inv_std[n0:n1, 0, 0, :], k)[:, None, :]
-            xh = np.subtract(xs, np.tile(mean[n0:n1, 0, 0, :], k)[:, None, :], dtype=dy.dtype)
+            xh = np.subtract(xs, np.tile(mean[n0:n1, 0, 0, :], k)[:, None, :], dtype=dtype)
             np.multiply(xh, inv, out=xh)
             m1 = np.matmul(ones, d.reshape(b, h * w, c)) * scale
             np.multiply(d, xh, out=o)
@@ -547,9 +556,12 @@ class NumpyKernels(StandardKernels):
             np.multiply(o, inv, out=o)
             if relu:
                 np.multiply(o, xs > 0, out=o)
+            if o is not out:
+                out[...] = o
 
-        self.for_chunks(n, self._image_blocks(dy), work)
-        return dx.astype(x.dtype, copy=False)
+        self.for_chunks(n, self._image_blocks(dy, (1 << 21) * dy.itemsize // dtype.itemsize),
+                        work)
+        return dx
 
     def _elementwise(self, fn: Callable[..., None], dtype: Any, *arrays: Any) -> Any:
         """``fn(*row_blocks_of_arrays, out_block)`` over row blocks on threads; the arrays all
