@@ -1,0 +1,150 @@
+"""The global-memory tracer of the emulated kernels (tests/kernel_trace.py) on small kernels whose
+sectors per request are known: 32 threads reading 32 consecutive float32 values touch 4
+sectors of 32 bytes, a stride of 32 elements one sector per thread, one address one sector."""
+
+import numpy as np
+import pytest
+from cuda_emulator import ElementwiseKernel, RawKernel, needs_compiler
+from kernel_trace import tracing
+
+pytestmark = needs_compiler
+
+THREADS = 64  # (two warps a block)
+BLOCKS = 2
+
+
+def _raw(body: str, params: str = "const float* a, float* out, int n") -> RawKernel:
+    return RawKernel('extern "C" __global__ void k(' + params + ") {\n"
+                     "const int i = blockIdx.x * blockDim.x + threadIdx.x;\n" + body + "\n}",
+                     "k")
+
+
+def _launch(kernel: RawKernel, *args):
+    with tracing() as trace:
+        kernel((BLOCKS,), (THREADS,), args)
+    (launch,) = trace.launches
+    return launch.traffic
+
+
+WARPS = BLOCKS * THREADS // 32
+
+
+@pytest.mark.parametrize(("dtype", "ctype", "sectors"), [(np.float32, "float", 4),
+                                                         (np.float64, "double", 8),
+                                                         (np.float16, "__half", 2)])
+def test_a_coalesced_copy_moves_each_sector_once(dtype, ctype, sectors):
+    n = BLOCKS * THREADS
+    a = np.arange(n).astype(dtype)
+    out = np.zeros(n, dtype)
+    kernel = _raw("out[i] = a[i];", f"const {ctype}* a, {ctype}* out, int n")
+    t = _launch(kernel, a, out, np.int32(n))
+    np.testing.assert_array_equal(out, a)
+    assert (t.load_requests, t.store_requests) == (WARPS, WARPS)
+    assert t.load_sectors_per_request == t.store_sectors_per_request == sectors
+    assert t.excess == t.scatter == 1.0
+    assert t.one_address_loads == 0
+    assert t.bytes_requested == t.unique_bytes == 2 * a.nbytes
+
+
+def test_a_stride_of_32_elements_moves_a_sector_per_thread():
+    n = BLOCKS * THREADS
+    a = np.arange(32 * n, dtype=np.float32)
+    out = np.zeros(n, np.float32)
+    t = _launch(_raw("out[i] = a[32 * i];"), a, out, np.int32(n))
+    np.testing.assert_array_equal(out, a[::32])
+    assert t.load_sectors_per_request == 32
+    assert t.store_sectors_per_request == 4
+    assert t.scatter == (32 + 4) / (4 + 4)
+    # (each sector loaded is used for 4 of its 32 bytes, but moved once)
+    assert t.excess == 1.0
+
+
+def test_a_broadcast_read_moves_one_sector():
+    n = BLOCKS * THREADS
+    a = np.array([3.0, 4.0], np.float32)
+    out = np.zeros(n, np.float32)
+    t = _launch(_raw("out[i] = a[0];"), a, out, np.int32(n))
+    assert (out == 3).all()
+    assert t.load_sectors_per_request == 1
+    assert t.load_requests == t.one_address_loads == WARPS
+    assert t.scatter == 1.0
+    # every warp loads the same sector: BLOCKS * THREADS / 32 times the one needed
+    assert t.excess == (WARPS + n * 4 // 32) / (1 + n * 4 // 32)
+
+
+def test_a_second_read_of_the_same_data_counts_twice():
+    n = BLOCKS * THREADS
+    a = np.arange(n, dtype=np.float32)
+    out = np.zeros(n, np.float32)
+    t = _launch(_raw("out[i] = a[i] + a[(i + 32) % n];"), a, out, np.int32(n))
+    np.testing.assert_array_equal(out, a + np.roll(a, -32))
+    assert t.load_requests == 2 * WARPS
+    # a's sectors loaded twice, out's stored once: 3 moves for 2 needed
+    assert t.excess == 1.5
+
+
+def test_shared_memory_is_not_counted():
+    n = BLOCKS * THREADS
+    a = np.arange(n, dtype=np.float32)
+    out = np.zeros(n, np.float32)
+    kernel = _raw(f"__shared__ float s[{THREADS}];\n"
+                  "s[threadIdx.x] = a[i];\n__syncthreads();\n"
+                  f"out[i] = s[{THREADS} - 1 - threadIdx.x] + s[threadIdx.x];")
+    t = _launch(kernel, a, out, np.int32(n))
+    np.testing.assert_array_equal(out, a.reshape(BLOCKS, THREADS)[:, ::-1].ravel() + a)
+    assert (t.load_requests, t.store_requests) == (WARPS, WARPS)
+    assert t.bytes_requested == 2 * a.nbytes
+
+
+def test_atomics_still_add_under_tracing():
+    n = BLOCKS * THREADS
+    a = np.arange(n, dtype=np.float32)  # (integers: their float32 sum is exact in any order)
+    total = np.zeros(1, np.float32)
+    count = np.zeros(1, np.uint32)
+    kernel = _raw("atomicAdd(&total[0], a[i]); atomicAdd(&count[0], 2u);",
+                  "const float* a, float* total, unsigned int* count")
+    kernel.check_schedules = False  # (the sum is the same whichever order; no reversed rerun)
+    with tracing() as trace:
+        kernel((BLOCKS,), (THREADS,), (a, total, count))
+    assert total[0] == a.sum()
+    assert count[0] == 2 * n
+    t = trace.launches[0].traffic
+    assert t.atomic_requests >= 2 * WARPS
+    assert t.load_requests == WARPS
+
+
+def test_an_elementwise_kernel_reads_a_broadcast_input_as_one_address():
+    kernel = ElementwiseKernel("T x, T b", "T y", "y = x + b;", "add")
+    x = np.arange(4 * 32, dtype=np.float32)
+    b = np.array([2.0], np.float32)  # (the emulator copies it out to 128 elements)
+    with tracing() as trace:
+        y = kernel(x, b)
+    np.testing.assert_array_equal(y, x + 2)
+    (launch,) = trace.launches
+    sites = sorted((s.kind, s.sectors / s.requests) for s in launch.sites)
+    assert sites == [(0, 1.0), (0, 4.0), (1, 4.0)]  # (b, x loaded; y stored)
+
+
+def test_tracing_is_off_outside_its_block():
+    kernel = _raw("out[i] = a[i];")
+    n = BLOCKS * THREADS
+    a, out = np.ones(n, np.float32), np.zeros(n, np.float32)
+    with tracing() as trace:
+        pass
+    kernel((BLOCKS,), (THREADS,), (a, out, np.int32(n)))
+    assert trace.launches == []
+    assert (out == 1).all()
+
+
+def test_a_half_passed_by_value_is_a_load():
+    n = BLOCKS * THREADS
+    a = np.arange(n).astype(np.float16)
+    out = np.zeros(n, np.float32)
+    # (a function of its own, as fast_cupy's xpcnn_widen: the struct read into its argument)
+    kernel = RawKernel("__device__ float widen(__half h) { return __half2float(h); }\n"
+                       'extern "C" __global__ void k(const __half* a, float* out) {\n'
+                       "out[blockIdx.x * blockDim.x + threadIdx.x] ="
+                       " widen(a[blockIdx.x * blockDim.x + threadIdx.x]);\n}", "k")
+    t = _launch(kernel, a, out)
+    np.testing.assert_array_equal(out, a)
+    assert (t.load_requests, t.load_sectors_per_request) == (WARPS, 2)
