@@ -4,7 +4,13 @@ sectors of 32 bytes, a stride of 32 elements one sector per thread, one address 
 
 import numpy as np
 import pytest
-from cuda_emulator import ElementwiseKernel, RawKernel, needs_compiler
+from cuda_emulator import (
+    ElementwiseKernel,
+    RawKernel,
+    load_emulated_fast_cupy,
+    needs_compiler,
+    restore,
+)
 from kernel_trace import tracing
 
 pytestmark = needs_compiler
@@ -148,3 +154,52 @@ def test_a_half_passed_by_value_is_a_load():
     t = _launch(kernel, a, out)
     np.testing.assert_array_equal(out, a)
     assert (t.load_requests, t.load_sectors_per_request) == (WARPS, 2)
+
+
+# -- xpcnn's kernels: what scripts/kernel_traffic.py found them reading twice, read once ------
+@pytest.fixture(scope="module")
+def fast():
+    module, saved = load_emulated_fast_cupy()
+    yield module.KERNELS
+    restore(saved)
+
+
+def _traced(call):
+    with tracing() as trace:
+        call()
+    return [launch.traffic for launch in trace.launches]
+
+
+def test_max_pool_and_its_gradient_read_each_element_once(fast, rng):
+    x = rng.standard_normal((2, 8, 8, 32)).astype(np.float32)
+    (forward,) = _traced(lambda: fast.max_pool(x, (2, 2), (2, 2), (4, 4)))
+    y = fast.max_pool(x, (2, 2), (2, 2), (4, 4))
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    (backward,) = _traced(lambda: fast.max_pool_backward(x, y, dy, (2, 2), (2, 2), (4, 4),
+                                                         True))
+    assert forward.excess == backward.excess == 1.0
+    assert forward.load_requests == 4 * y.size // 32  # (each window's 4 elements, a warp's 32)
+
+
+def test_an_sgd_update_reads_each_parameter_and_state_once(fast, rng):
+    params = [rng.standard_normal(n).astype(np.float32) for n in (64, 320)]
+    grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+    bufs = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+    (t,) = _traced(lambda: fast.sgd_update(params, grads, bufs, 0.1, 0.0, 0.9, True))
+    warps = sum(p.size for p in params) // 32
+    # (the table's entries, one address a warp, and the parameter, gradient and momentum)
+    assert t.load_requests - t.one_address_loads == 3 * warps
+    assert t.store_requests == 2 * warps
+
+
+def test_batch_norm_sums_read_the_per_channel_values_once_a_thread(fast, rng):
+    x = rng.standard_normal((4, 8, 8, 32)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    gamma, beta = rng.standard_normal(32).astype(np.float32), np.zeros(32, np.float32)
+    mean, inv_std = np.zeros(32, np.float32), np.ones(32, np.float32)
+    sums, dx = _traced(lambda: fast.batch_norm_backward(dy, x, mean, inv_std, gamma, beta,
+                                                        True, True))
+    rows = x.size // 32  # (a warp a row of 32 channels)
+    # dy and x at every row; gamma, beta, mean, inv_std once a thread (8 lanes a block), and
+    # the last block's sums
+    assert 2 * rows < sums.load_requests < 2 * rows + 64

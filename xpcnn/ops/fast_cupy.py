@@ -79,18 +79,20 @@ __device__ long long xpcnn_window(long long r, int H, int W, int C, int Ho, int 
 }
 """
 
-# Maximum of each window, NaN propagating as xp.maximum does.
+# Maximum of each window, NaN propagating as xp.maximum does; the window's first element
+# starts the maximum as it is read (each element read once: tests/kernel_trace.py counted
+# a second read of it, 1.2x the loads).
 _MAX_POOL = cupy.ElementwiseKernel(
     "raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw, int32 sh,"
     " int32 sw",
     "T y",
     """
     const long long base = xpcnn_window(i, H, W, C, Ho, Wo, sh, sw);
-    T best = x[base];
+    T best;
     for (int a = 0; a < kh; ++a) {
         for (int b = 0; b < kw; ++b) {
             const T v = x[base + ((long long)a * W + b) * C];
-            if (v > best || v != v) best = v;
+            if ((a == 0 && b == 0) || v > best || v != v) best = v;
         }
     }
     y = best;
@@ -102,19 +104,22 @@ _MAX_POOL = cupy.ElementwiseKernel(
 # Non-overlapping windows only (strides >= kernel): each output element owns its window, so
 # one thread writes every input position of it: the gradient at the first x == y in row-major
 # order, 0 at the others. With ``relu``, the gradient is first multiplied by (y > 0), as
-# _RELU_BACKWARD does it (the gradient of a ReLU before the pool, in the same launch).
+# _RELU_BACKWARD does it (the gradient of a ReLU before the pool, in the same launch). The
+# window's maximum is read once into ``top``: read through ``yv`` it was read again after
+# every store to dx (which may alias it, for the compiler).
 _MAX_POOL_BACKWARD = cupy.ElementwiseKernel(
     "T yv, G g, raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw,"
     " int32 sh, int32 sw, bool relu",
     "raw G dx",
     """
     const long long base = xpcnn_window(i, H, W, C, Ho, Wo, sh, sw);
-    const G gv = relu ? (G)(g * (G)(yv > (T)0.0f ? 1.0f : 0.0f)) : g;
+    const T top = yv;
+    const G gv = relu ? (G)(g * (G)(top > (T)0.0f ? 1.0f : 0.0f)) : g;
     bool found = false;
     for (int a = 0; a < kh; ++a) {
         for (int b = 0; b < kw; ++b) {
             const long long k = base + ((long long)a * W + b) * C;
-            const bool take = !found && x[k] == yv;
+            const bool take = !found && x[k] == top;
             dx[k] = take ? gv : (G)0.0f;
             found = found || take;
         }
@@ -269,14 +274,18 @@ def _update_kernels(name: str, constants: str, per_step: tuple[str, ...], body: 
                                    gate + read + _FIND_ARRAY + body, f"xpcnn_{name}_at"))
 
 
+# (the parameter and the momentum read once each, into w and m: read through the references,
+# each was read again after the store to the other, which may alias it for the compiler)
 _SGD, _SGD_AT = _update_kernels("sgd", "T wd, T mom, bool nesterov", ("lr",), """
-    const T grad = g + wd * p;
+    const T w = p;
+    const T grad = g + wd * w;
     if (slots == 0) {
-        p = p - lr * grad;
+        p = w - lr * grad;
     } else {
         T& buf = ((T*)table[row + 2])[e];
-        buf = mom * buf + grad;
-        p = p - lr * (nesterov ? grad + mom * buf : buf);
+        const T m = mom * buf + grad;
+        buf = m;
+        p = w - lr * (nesterov ? grad + mom * m : m);
     }
     """)
 _ADAM, _ADAM_AT = _update_kernels(
@@ -1017,11 +1026,12 @@ extern "C" __global__ void xpcnn_batch_norm_stats(
 """
 # The pre-ReLU output z = xhat * gamma + beta of channel c, xhat = (x - mean) * inv_std, in A:
 # written the same in every kernel, forward and backward, so that backward's recomputed z has
-# forward's bits and its ReLU mask is forward's. The gradient dy through a ReLU whose input was
-# z: times (z > 0), NaN staying NaN as in _MASK_MULTIPLY.
+# forward's bits and its ReLU mask is forward's (XPCNN_BN_Z takes gamma[c] and beta[c] as
+# values of A, which a kernel that loops over rows reads once). The gradient dy through a
+# ReLU whose input was z: times (z > 0), NaN staying NaN as in _MASK_MULTIPLY.
 _BATCH_NORM_Z = """
 #define XPCNN_BN_XHAT(x, c) (((A)(x) - mean[c]) * inv_std[c])
-#define XPCNN_BN_Z(xhat, c) ((xhat) * (A)gamma[c] + (A)beta[c])
+#define XPCNN_BN_Z(xhat, gamma_c, beta_c) ((xhat) * (gamma_c) + (beta_c))
 #define XPCNN_BN_RELU_GRAD(dy, z) ((dy) * ((z) > (A)0 ? (A)1 : (A)0))
 """
 # Forward, second launch: y = z (max(z, 0) with ``relu``, NaN staying NaN as _RELU's), rounded
@@ -1031,7 +1041,7 @@ _BATCH_NORM_APPLY = cupy.ElementwiseKernel(
     "Y y",
     """
     const int c = i % cols;
-    const A z = XPCNN_BN_Z(XPCNN_BN_XHAT(x, c), c);
+    const A z = XPCNN_BN_Z(XPCNN_BN_XHAT(x, c), (A)gamma[c], (A)beta[c]);
     y = (Y)(relu && z < (A)0 ? (A)0 : z);
     """,
     "xpcnn_batch_norm_apply",
@@ -1069,11 +1079,13 @@ extern "C" __global__ void xpcnn_batch_norm_sums(
     const long long first = blockIdx.x * per, end = first + per < rows ? first + per : rows;
     A s1 = (A)0, s2 = (A)0;
     if (col < cols) {
+        // (read before the loop: inside, under ``if (relu)``, they were read at every row)
+        const A gamma_c = (A)gamma[col], beta_c = (A)beta[col];
         for (long long r = first + lane; r < end; r += LANES) {
             const long long i = r * cols + col;
             const A xhat = XPCNN_BN_XHAT(xpcnn_widen(x[i]), col);
             A g = (A)xpcnn_widen(dy[i]);
-            if (relu) g = XPCNN_BN_RELU_GRAD(g, XPCNN_BN_Z(xhat, col));
+            if (relu) g = XPCNN_BN_RELU_GRAD(g, XPCNN_BN_Z(xhat, gamma_c, beta_c));
             s1 += g;
             s2 += g * xhat;
         }
@@ -1113,7 +1125,8 @@ _BATCH_NORM_DX = cupy.ElementwiseKernel(
     """
     const int c = i % cols;
     const A xhat = XPCNN_BN_XHAT(x, c);
-    const A g = relu ? XPCNN_BN_RELU_GRAD((A)dy, XPCNN_BN_Z(xhat, c)) : (A)dy;
+    const A g = relu ? XPCNN_BN_RELU_GRAD((A)dy, XPCNN_BN_Z(xhat, (A)gamma[c], (A)beta[c]))
+                     : (A)dy;
     dx = (X)(coefs[c] * ((g - coefs[cols + c]) - xhat * coefs[2 * cols + c]));
     """,
     "xpcnn_batch_norm_dx",
