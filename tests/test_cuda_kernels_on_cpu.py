@@ -336,8 +336,8 @@ def _counting_launches(kernels, monkeypatch):
     for name in ("_BATCH_NORM_APPLY", "_BATCH_NORM_DX", "_BATCH_NORM_RUNNING",
                  "_BATCH_NORM_RUNNING_DX"):
         kernel = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name,
-                            lambda *a, kernel=kernel: launches.append(kernel.name) or kernel(*a))
+        monkeypatch.setattr(kernels, name, lambda *a, kernel=kernel, **k:
+                            launches.append(kernel.name) or kernel(*a, **k))
     return launches
 
 

@@ -203,3 +203,23 @@ def test_batch_norm_sums_read_the_per_channel_values_once_a_thread(fast, rng):
     # dy and x at every row; gamma, beta, mean, inv_std once a thread (8 lanes a block), and
     # the last block's sums
     assert 2 * rows < sums.load_requests < 2 * rows + 64
+
+
+@pytest.mark.parametrize("channels", [32, 10])
+def test_batch_norm_applies_its_channels_reading_their_values_once_a_thread(fast, rng,
+                                                                            channels):
+    x = rng.standard_normal((4, 8, 8, channels)).astype(np.float32)
+    gamma = rng.standard_normal(channels).astype(np.float32)
+    beta = np.zeros(channels, np.float32)
+    running = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    _, apply = _traced(lambda: fast.batch_norm_train(x, gamma, beta, *running, 0.1, 1e-5,
+                                                     np.float32, True))
+    y, mean, inv_std = fast.batch_norm_train(x, gamma, beta, *running, 0.1, 1e-5, np.float32,
+                                             True)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    _, dx = _traced(lambda: fast.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, True,
+                                                     True))
+    # (x, and dy, coalesced at every row; the channel's values once a thread of 16 elements:
+    # 1/8 more than x and y, 1/7 more than dy, x and dx; every element, 2x and 3x more)
+    assert apply.scatter == dx.scatter == 1.0
+    assert apply.excess < 1.2 and dx.excess < 1.2
