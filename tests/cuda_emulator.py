@@ -9,6 +9,8 @@ integer, a scalar a constant of its declared type. A fake ``cupy`` module routes
 CuPy calls of those modules to NumPy. The raw kernels (``RawKernel``) run in float32 and
 float64, and in float16 where they only convert cuda_fp16.h's ``__half`` to and from float
 (``__half`` emulated on ``_Float16``); the tensor-core ones do not run here (tests/test_gpu.py).
+Inside ``kernel_trace.tracing()`` (tests/kernel_trace.py) every launch is also built with
+GCC's ThreadSanitizer instrumentation and its global-memory accesses recorded.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ _FLOAT16 = """
 struct float16 {
     _Float16 v;
     float16() {}
+    XPCNN_TRACED_COPY(float16)
     float16(float f) : v((_Float16)f) {}
     explicit float16(double d) : v((_Float16)(float)d) {}
     explicit float16(int i) : v((_Float16)(float)i) {}
@@ -95,6 +98,24 @@ _ROUNDED_PRODUCTS = "".join(
     f"inline {t} {name}({t} a, {t} b) {{ volatile {t} p = a * b; return p; }}\n"
     for name, t in (("__fmul_rn", "float"), ("__dmul_rn", "double")))
 
+# Where a launch is traced (tests/kernel_trace.py, built with -DXPCNN_TRACING), the emulated
+# thread that runs from here on: the block, and the thread's linear index in it (an
+# elementwise kernel's ``i``; -1 for its code outside the loop over ``i``). And the half
+# types copied by a copy constructor of their own: GCC's instrumentation misses a struct read
+# from memory straight into an argument passed by value (``xpcnn_widen(x[e])``), not one read
+# by a constructor.
+_TRACE_AT = """
+#ifdef XPCNN_TRACING
+extern "C" void xpcnn_trace_at(long long block, long long thread);
+#define XPCNN_TRACE_AT(block, thread) xpcnn_trace_at(block, thread)
+#define XPCNN_TRACED_COPY(type) \\
+    __attribute__((always_inline)) type(const type& other) : v(other.v) {}
+#else
+#define XPCNN_TRACE_AT(block, thread)
+#define XPCNN_TRACED_COPY(type)
+#endif
+"""
+
 # What a kernel's blocks of one thread, run one after the other, make of CUDA's built-ins: the
 # thread's and block's indices (set for each block), a barrier (nothing to wait for), shared
 # memory (the one thread's); the raw kernels' fence and atomicInc (_RAW_DEVICE) besides.
@@ -106,6 +127,10 @@ _ONE_THREAD_BLOCKS = ("struct xpcnn_dim3 { unsigned x, y, z; };\n"
 # The libraries this process has loaded, by source and compiler flags: a kernel launched again
 # is neither hashed nor looked up on disk again.
 _LOADED: dict[str, Any] = {}
+
+#: The trace that records every launch's global-memory accesses, while one is on
+#: (``kernel_trace.tracing``): it builds the kernels instrumented and runs them.
+TRACE: Any = None
 
 
 class ElementwiseKernel:
@@ -165,8 +190,8 @@ class ElementwiseKernel:
                 decls.append(f"{c}* {name}_p = ({c}*)ptrs[{j}];")
                 per_element.append(f"{c}& {name} = {name}_p[i];")
         typedefs = "".join(f"typedef {C_TYPES[v]} {k};\n" for k, v in types_.items())
-        source = ("#include <cmath>\n#define __device__\nusing namespace std;\n" + _FLOAT16 +
-                  _ROUNDED_PRODUCTS + _ONE_THREAD_BLOCKS + _RAW_DEVICE +
+        source = ("#include <cmath>\n#define __device__\nusing namespace std;\n" + _TRACE_AT
+                  + _FLOAT16 + _ROUNDED_PRODUCTS + _ONE_THREAD_BLOCKS + _RAW_DEVICE +
                   typedefs + self.preamble +
                   "template <typename X> struct Raw { X* d; "
                   "X& operator[](long long k) const { return d[k]; } };\n"
@@ -177,9 +202,11 @@ class ElementwiseKernel:
                   "threadIdx = {0, 0, 0}; blockDim = {1, 1, 1};"
                   " blockIdx = {(unsigned)xpcnn_block, 0, 0};"
                   " gridDim = {(unsigned)xpcnn_blocks, 1, 1};\n{"
+                  "XPCNN_TRACE_AT(xpcnn_block, -1);\n"
                   + self.loop_prep + "\nfor (long long i = xpcnn_block; i < size;"
-                  " i += xpcnn_blocks) {\n"
+                  " i += xpcnn_blocks) {\nXPCNN_TRACE_AT(xpcnn_block, i);\n"
                   + "\n".join(per_element) + "\n{" + self.body + "}\n}\n"
+                  "XPCNN_TRACE_AT(xpcnn_block, -1);\n"
                   + self.after_loop + "}\n}\n}\n")
         library = self._build(source)
         ptrs = (ctypes.c_void_p * max(1, len(buffers)))(*[b.ctypes.data for b in buffers])
@@ -187,7 +214,13 @@ class ElementwiseKernel:
         count = int(np.prod(shape))
         # (none where there is no element: CuPy launches nothing)
         blocks = min(count, 3) if self.after_loop else min(count, 1)
-        library.run(ctypes.c_longlong(count), ctypes.c_longlong(blocks), ptrs, values)
+        run = (library.run, ctypes.c_longlong(count), ctypes.c_longlong(blocks), ptrs, values)
+        if TRACE is None:
+            run[0](*run[1:])
+        else:  # (each buffer the kernel reads for the array it stands for: a broadcast input's
+            # or a strided output's contiguous copy is traced as that array's elements)
+            stands_for = [a for a in args if isinstance(a, np.ndarray)]
+            TRACE.run(self.name, run, list(zip(buffers, stands_for, strict=True)), None)
         for a, buf in copy_back:
             a[...] = buf
         outs = args[len(self.ins):]
@@ -221,7 +254,8 @@ class ElementwiseKernel:
         # (no fused multiply-adds unless asked for: the formulas are checked as written)
         fp = (["-O2", "-ffp-contract=fast"] + (["-mfma"] if _X86_64 else [])
               if getattr(self, "fused_multiply_add", False) else ["-O1", "-ffp-contract=off"])
-        key = source + " ".join(fp)
+        traced = TRACE is not None
+        key = source + " ".join(fp) + (TRACE.build_key if traced else "")
         if key in _LOADED:
             return _LOADED[key]
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
@@ -231,28 +265,49 @@ class ElementwiseKernel:
             src = lib.with_suffix(".cpp")
             src.write_text(source)
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            subprocess.run([compiler(), *fp, "-shared", "-fPIC",
-                            "-o", str(tmp), str(src)], check=True,
-                           capture_output=True)
+            if traced:
+                TRACE.build(src, tmp, fp)
+            else:
+                subprocess.run([compiler(), *fp, "-shared", "-fPIC",
+                                "-o", str(tmp), str(src)], check=True,
+                               capture_output=True)
             tmp.replace(lib)
         _LOADED[key] = ctypes.CDLL(str(lib))
         return _LOADED[key]
 
 
 # What the raw kernels use of cuda_fp16.h (conversions only) and of CUDA's memory model: a
-# fence, and an atomicInc (old >= limit ? 0 : old + 1, returning old) that is atomic across the
-# block's threads, though blocks run one after the other here, so a "last block" is always the
-# last launched: a wrong count of them, or a counter left non-zero, still gives a wrong sum.
+# fence, atomicAdd (unsigned and float), and an atomicInc (old >= limit ? 0 : old + 1,
+# returning old) that is atomic across the block's threads, though blocks run one after the
+# other here, so a "last block" is always the last launched: a wrong count of them, or a
+# counter left non-zero, still gives a wrong sum.
 _RAW_DEVICE = """
 struct __half {
     _Float16 v;
     __half() {}
+    XPCNN_TRACED_COPY(__half)
     __half(float f) : v((_Float16)f) {}
     operator float() const { return (float)v; }
 };
 inline float __half2float(__half h) { return (float)h.v; }
 inline __half __float2half(float f) { return __half(f); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline unsigned atomicAdd(unsigned* a, unsigned v) {
+    return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);
+}
+inline float atomicAdd(float* a, float v) {
+    unsigned* bits = (unsigned*)a;
+    unsigned old = __atomic_load_n(bits, __ATOMIC_SEQ_CST), sum;
+    float f;
+    do {
+        __builtin_memcpy(&f, &old, 4);
+        f += v;
+        __builtin_memcpy(&sum, &f, 4);
+    } while (!__atomic_compare_exchange_n(bits, &old, sum, false, __ATOMIC_SEQ_CST,
+                                          __ATOMIC_SEQ_CST));
+    __builtin_memcpy(&f, &old, 4);
+    return f;
+}
 inline unsigned atomicInc(unsigned* a, unsigned limit) {
     unsigned old = __atomic_load_n(a, __ATOMIC_SEQ_CST);
     while (!__atomic_compare_exchange_n(a, &old, old >= limit ? 0u : old + 1u, false,
@@ -352,7 +407,7 @@ class RawKernel:
             "#define __restrict__\n"
             "#define __shared__ static\n#define __align__(n) __attribute__((aligned(n)))\n"
             "#define __syncthreads() xpcnn_barrier()\n"
-            "using namespace std;\n" + _RAW_DEVICE +
+            "using namespace std;\n" + _TRACE_AT + _RAW_DEVICE +
             self.code.replace("#include <cuda_fp16.h>", "") +
             "\nstatic void xpcnn_thread() {\n"
             f"  {self.name}({', '.join(call)});\n"
@@ -386,6 +441,7 @@ class RawKernel:
             "        threadIdx = {t % blockDim.x, t / blockDim.x % blockDim.y,"
             " t / (blockDim.x * blockDim.y)};\n"
             "        xpcnn_running = t; xpcnn_returned = false;\n"
+            "        XPCNN_TRACE_AT(b, t);\n"
             "        swapcontext(&xpcnn_scheduler, &xpcnn_threads[t]);\n"
             "        if (xpcnn_returned) { running[t] = 0; --left; }\n"
             "      }\n"
@@ -395,11 +451,14 @@ class RawKernel:
         dims = (ctypes.c_uint * 6)(*grid, *block)
         ptrs = (ctypes.c_void_p * max(1, len(buffers)))(*[b.ctypes.data for b in buffers])
         values = (ctypes.c_double * max(1, len(scalars)))(*scalars)
+        first_run = (library.run, dims, ptrs, values, ctypes.c_bool(False))
+        before = [b.copy() for b in buffers] if self.check_schedules else []
+        if TRACE is None:
+            first_run[0](*first_run[1:])
+        else:  # (the first schedule only: the threads in order, as a warp issues them)
+            TRACE.run(self.name, first_run, [(b, b) for b in buffers], block)
         if not self.check_schedules:
-            library.run(dims, ptrs, values, ctypes.c_bool(False))
             return
-        before = [b.copy() for b in buffers]
-        library.run(dims, ptrs, values, ctypes.c_bool(False))
         in_order = [b.copy() for b in buffers]
         for b, saved in zip(buffers, before, strict=True):
             b[...] = saved
@@ -467,9 +526,17 @@ def load_emulated_fast_cupy() -> tuple[types.ModuleType, dict[str, Any]]:
     # test of cuDNN imports cudnn_conv afresh with the fake frontend of cudnn_emulator).
     cudnn_conv.load = lambda: None
 
-    module._address = lambda a: a.ctypes.data  # host addresses for the update kernels' tables
+    module._address = _table_address  # host addresses for the update kernels' tables
     module._upload = np.copyto  # (the device arrays are NumPy's)
     return module, saved
+
+
+def _table_address(a: np.ndarray) -> int:
+    """The address of ``a``'s first element, for a kernel's table of arrays; a trace on
+    (``TRACE``) counts ``a``'s memory as the device's from then on."""
+    if TRACE is not None:
+        TRACE.reached_through_table(a)
+    return a.ctypes.data
 
 
 def restore(saved: dict[str, Any]) -> None:

@@ -124,6 +124,16 @@ def test_max_pool_and_its_gradient(fast, rng, kernel, strides, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", WITH_HALF)
+def test_max_pool_of_negative_windows_and_nans(fast, rng, dtype):
+    # (the kernel starts each maximum at the window's first element, as it reads it)
+    x = -rng.integers(1, 4, (2, 6, 6, 3)).astype(dtype)
+    x[0, 0, 0, 0] = x[0, 2, 3, 1] = x[1, 5, 5, 2] = np.nan  # first, inner and last of a window
+    y = fast.max_pool(x, (2, 2), (2, 2), (3, 3))
+    np.testing.assert_array_equal(y, STD.max_pool(x, (2, 2), (2, 2), (3, 3)))
+    assert np.isnan(y).sum() == 3 and (y[~np.isnan(y)] < 0).all()
+
+
+@pytest.mark.parametrize("dtype", WITH_HALF)
 def test_elementwise_kernels(fast, rng, dtype):
     x = rng.standard_normal((4, 5, 6, 7)).astype(dtype) * 4
     x[0, 0, 0, :3] = [0.0, 6.0, np.nan]
@@ -326,8 +336,8 @@ def _counting_launches(kernels, monkeypatch):
     for name in ("_BATCH_NORM_APPLY", "_BATCH_NORM_DX", "_BATCH_NORM_RUNNING",
                  "_BATCH_NORM_RUNNING_DX"):
         kernel = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name,
-                            lambda *a, kernel=kernel: launches.append(kernel.name) or kernel(*a))
+        monkeypatch.setattr(kernels, name, lambda *a, kernel=kernel, **k:
+                            launches.append(kernel.name) or kernel(*a, **k))
     return launches
 
 

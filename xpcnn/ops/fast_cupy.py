@@ -79,18 +79,20 @@ __device__ long long xpcnn_window(long long r, int H, int W, int C, int Ho, int 
 }
 """
 
-# Maximum of each window, NaN propagating as xp.maximum does.
+# Maximum of each window, NaN propagating as xp.maximum does; the window's first element
+# starts the maximum as it is read (each element read once: tests/kernel_trace.py counted
+# a second read of it, 1.2x the loads).
 _MAX_POOL = cupy.ElementwiseKernel(
     "raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw, int32 sh,"
     " int32 sw",
     "T y",
     """
     const long long base = xpcnn_window(i, H, W, C, Ho, Wo, sh, sw);
-    T best = x[base];
+    T best;
     for (int a = 0; a < kh; ++a) {
         for (int b = 0; b < kw; ++b) {
             const T v = x[base + ((long long)a * W + b) * C];
-            if (v > best || v != v) best = v;
+            if ((a == 0 && b == 0) || v > best || v != v) best = v;
         }
     }
     y = best;
@@ -102,19 +104,22 @@ _MAX_POOL = cupy.ElementwiseKernel(
 # Non-overlapping windows only (strides >= kernel): each output element owns its window, so
 # one thread writes every input position of it: the gradient at the first x == y in row-major
 # order, 0 at the others. With ``relu``, the gradient is first multiplied by (y > 0), as
-# _RELU_BACKWARD does it (the gradient of a ReLU before the pool, in the same launch).
+# _RELU_BACKWARD does it (the gradient of a ReLU before the pool, in the same launch). The
+# window's maximum is read once into ``top``: read through ``yv`` it was read again after
+# every store to dx (which may alias it, for the compiler).
 _MAX_POOL_BACKWARD = cupy.ElementwiseKernel(
     "T yv, G g, raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw,"
     " int32 sh, int32 sw, bool relu",
     "raw G dx",
     """
     const long long base = xpcnn_window(i, H, W, C, Ho, Wo, sh, sw);
-    const G gv = relu ? (G)(g * (G)(yv > (T)0.0f ? 1.0f : 0.0f)) : g;
+    const T top = yv;
+    const G gv = relu ? (G)(g * (G)(top > (T)0.0f ? 1.0f : 0.0f)) : g;
     bool found = false;
     for (int a = 0; a < kh; ++a) {
         for (int b = 0; b < kw; ++b) {
             const long long k = base + ((long long)a * W + b) * C;
-            const bool take = !found && x[k] == yv;
+            const bool take = !found && x[k] == top;
             dx[k] = take ? gv : (G)0.0f;
             found = found || take;
         }
@@ -269,14 +274,18 @@ def _update_kernels(name: str, constants: str, per_step: tuple[str, ...], body: 
                                    gate + read + _FIND_ARRAY + body, f"xpcnn_{name}_at"))
 
 
+# (the parameter and the momentum read once each, into w and m: read through the references,
+# each was read again after the store to the other, which may alias it for the compiler)
 _SGD, _SGD_AT = _update_kernels("sgd", "T wd, T mom, bool nesterov", ("lr",), """
-    const T grad = g + wd * p;
+    const T w = p;
+    const T grad = g + wd * w;
     if (slots == 0) {
-        p = p - lr * grad;
+        p = w - lr * grad;
     } else {
         T& buf = ((T*)table[row + 2])[e];
-        buf = mom * buf + grad;
-        p = p - lr * (nesterov ? grad + mom * buf : buf);
+        const T m = mom * buf + grad;
+        buf = m;
+        p = w - lr * (nesterov ? grad + mom * m : m);
     }
     """)
 _ADAM, _ADAM_AT = _update_kernels(
@@ -1017,22 +1026,36 @@ extern "C" __global__ void xpcnn_batch_norm_stats(
 """
 # The pre-ReLU output z = xhat * gamma + beta of channel c, xhat = (x - mean) * inv_std, in A:
 # written the same in every kernel, forward and backward, so that backward's recomputed z has
-# forward's bits and its ReLU mask is forward's. The gradient dy through a ReLU whose input was
-# z: times (z > 0), NaN staying NaN as in _MASK_MULTIPLY.
+# forward's bits and its ReLU mask is forward's. The macros take channel c's values (of A),
+# which each kernel reads once a thread (``XPCNN_BN_CHANNEL``). The gradient dy through a ReLU
+# whose input was z: times (z > 0), NaN staying NaN as in _MASK_MULTIPLY.
 _BATCH_NORM_Z = """
-#define XPCNN_BN_XHAT(x, c) (((A)(x) - mean[c]) * inv_std[c])
-#define XPCNN_BN_Z(xhat, c) ((xhat) * (A)gamma[c] + (A)beta[c])
+#define XPCNN_BN_CHANNEL(c) \\
+    const A mean_c = mean[c], inv_c = inv_std[c], gamma_c = (A)gamma[c], beta_c = (A)beta[c];
+#define XPCNN_BN_XHAT(x) (((A)(x) - mean_c) * inv_c)
+#define XPCNN_BN_Z(xhat) ((xhat) * gamma_c + beta_c)
 #define XPCNN_BN_RELU_GRAD(dy, z) ((dy) * ((z) > (A)0 ? (A)1 : (A)0))
 """
+# The elementwise launches over the (rows, cols) data: thread i takes elements i, i + stride,
+# i + 2 * stride ... below ``total``, ``stride`` (the threads launched) a multiple of cols, so
+# that its channel never changes and it reads the channel's values once: one element a
+# thread, every thread read them again (tests/kernel_trace.py: 3x the minimum sectors in
+# float32, 5x for float16 data). A warp's 32 threads still take 32 consecutive elements,
+# aligned as before (``stride`` a multiple of 32 too).
+_BATCH_NORM_ROWS_PER_THREAD = 16
 # Forward, second launch: y = z (max(z, 0) with ``relu``, NaN staying NaN as _RELU's), rounded
 # to Y (the compute dtype: float16 under mixed precision) as it is written.
 _BATCH_NORM_APPLY = cupy.ElementwiseKernel(
-    "X x, raw A mean, raw A inv_std, raw T gamma, raw T beta, int32 cols, bool relu",
-    "Y y",
+    "raw X x, raw A mean, raw A inv_std, raw T gamma, raw T beta, int64 total, int64 stride,"
+    " int32 cols, bool relu",
+    "raw Y y",
     """
     const int c = i % cols;
-    const A z = XPCNN_BN_Z(XPCNN_BN_XHAT(x, c), c);
-    y = (Y)(relu && z < (A)0 ? (A)0 : z);
+    XPCNN_BN_CHANNEL(c)
+    for (long long e = i; e < total; e += stride) {
+        const A z = XPCNN_BN_Z(XPCNN_BN_XHAT(x[e]));
+        y[e] = (Y)(relu && z < (A)0 ? (A)0 : z);
+    }
     """,
     "xpcnn_batch_norm_apply",
     preamble=_BATCH_NORM_Z,
@@ -1069,11 +1092,13 @@ extern "C" __global__ void xpcnn_batch_norm_sums(
     const long long first = blockIdx.x * per, end = first + per < rows ? first + per : rows;
     A s1 = (A)0, s2 = (A)0;
     if (col < cols) {
+        // (read before the loop: gamma and beta, under ``if (relu)``, were read at every row)
+        XPCNN_BN_CHANNEL(col)
         for (long long r = first + lane; r < end; r += LANES) {
             const long long i = r * cols + col;
-            const A xhat = XPCNN_BN_XHAT(xpcnn_widen(x[i]), col);
+            const A xhat = XPCNN_BN_XHAT(xpcnn_widen(x[i]));
             A g = (A)xpcnn_widen(dy[i]);
-            if (relu) g = XPCNN_BN_RELU_GRAD(g, XPCNN_BN_Z(xhat, col));
+            if (relu) g = XPCNN_BN_RELU_GRAD(g, XPCNN_BN_Z(xhat));
             s1 += g;
             s2 += g * xhat;
         }
@@ -1105,16 +1130,20 @@ extern "C" __global__ void xpcnn_batch_norm_sums(
 """
 # Backward, second launch: dx = gamma * inv_std * (dz - mean(dz) - xhat * mean(dz * xhat)),
 # the standard version's gradient through the mean and variance, rounded to X (the input's
-# type), dz and xhat recomputed as the first launch does.
+# type), dz and xhat recomputed as the first launch does; the threads as _BATCH_NORM_APPLY's.
 _BATCH_NORM_DX = cupy.ElementwiseKernel(
-    "D dy, X x, raw A mean, raw A inv_std, raw T gamma, raw T beta, raw A coefs, int32 cols,"
-    " bool relu",
-    "X dx",
+    "raw D dy, raw X x, raw A mean, raw A inv_std, raw T gamma, raw T beta, raw A coefs,"
+    " int64 total, int64 stride, int32 cols, bool relu",
+    "raw X dx",
     """
     const int c = i % cols;
-    const A xhat = XPCNN_BN_XHAT(x, c);
-    const A g = relu ? XPCNN_BN_RELU_GRAD((A)dy, XPCNN_BN_Z(xhat, c)) : (A)dy;
-    dx = (X)(coefs[c] * ((g - coefs[cols + c]) - xhat * coefs[2 * cols + c]));
+    XPCNN_BN_CHANNEL(c)
+    const A scale = coefs[c], mean_dz = coefs[cols + c], mean_dz_xhat = coefs[2 * cols + c];
+    for (long long e = i; e < total; e += stride) {
+        const A xhat = XPCNN_BN_XHAT(x[e]);
+        const A g = relu ? XPCNN_BN_RELU_GRAD((A)dy[e], XPCNN_BN_Z(xhat)) : (A)dy[e];
+        dx[e] = (X)(scale * ((g - mean_dz) - xhat * mean_dz_xhat));
+    }
     """,
     "xpcnn_batch_norm_dx",
     preamble=_BATCH_NORM_Z,
@@ -1195,6 +1224,13 @@ def _fits_batch_norm(a: Any, dtype: Any, *channels: Any) -> bool:
             and -(-a.shape[-1] // 32) <= _COUNTERS_PER_DEVICE
             and all(v.shape == a.shape[-1:] and v.dtype == t and v.flags.c_contiguous
                     for v in channels))
+
+
+def _batch_norm_threads(rows: int, cols: int) -> int:
+    """The threads of _BATCH_NORM_APPLY and _BATCH_NORM_DX over (rows, cols) data: a multiple
+    of cols and of 32, about _BATCH_NORM_ROWS_PER_THREAD elements each (at most)."""
+    unit = math.lcm(cols, 32)
+    return unit * -(-rows * cols // (unit * _BATCH_NORM_ROWS_PER_THREAD))
 
 
 def _row_blocks(rows: int) -> tuple[int, int]:
@@ -1450,8 +1486,10 @@ class CupyKernels(StandardKernels):
              np.float64(1 - momentum), np.float64(momentum),
              np.float64(rows / max(rows - 1, 1)), partials, _counters(x), mean, inv_std,
              moving_mean, moving_var))
-        y = _BATCH_NORM_APPLY(x, mean, inv_std, gamma, beta, cols, relu,
-                              cupy.empty(x.shape, out_dtype))
+        y = cupy.empty(x.shape, out_dtype)
+        threads = _batch_norm_threads(rows, cols)
+        _BATCH_NORM_APPLY(x, mean, inv_std, gamma, beta, x.size, threads, cols, relu, y,
+                          size=threads)
         return y, mean, inv_std
 
     def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
@@ -1476,8 +1514,10 @@ class CupyKernels(StandardKernels):
              np.int32(cols), np.int64(per), partials, _counters(dy), dgamma, dbeta, coefs))
         if not input_grad:
             return None, dgamma, dbeta
-        dx = _BATCH_NORM_DX(dy, x, mean, inv_std, gamma, beta, coefs, cols, relu,
-                            cupy.empty(x.shape, x.dtype))
+        dx = cupy.empty(x.shape, x.dtype)
+        threads = _batch_norm_threads(rows, cols)
+        _BATCH_NORM_DX(dy, x, mean, inv_std, gamma, beta, coefs, x.size, threads, cols, relu, dx,
+                       size=threads)
         return dx, dgamma, dbeta
 
     def batch_norm_running(self, x: Any, gamma: Any, beta: Any, moving_mean: Any,
