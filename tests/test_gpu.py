@@ -195,8 +195,8 @@ FAIL_ON_THE_EMULATOR: dict[str, tuple[Callable[[dict[str, Any]], bool] | None, s
 
 #: The cases that the everyday suite runs on the emulator (None: every case): some of each test
 #: that the emulator can run, the cheaper ones (small shapes, a dtype or two), so that a test
-#: broken against today's xpcnn fails there, in about 10 s (XPCNN_EMULATE_GPU=all runs them all
-#: in about ten minutes on two cores).
+#: broken against today's xpcnn fails there, in about 13 s (XPCNN_EMULATE_GPU=all runs them all
+#: in about eleven minutes, on two cores).
 EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_the_seam_gives_cupy_kernels_to_cupy": None,
     "test_im2col": None,
