@@ -402,6 +402,9 @@ class FakeStream:
     def is_capturing(self) -> bool:
         return self.capturing
 
+    def synchronize(self) -> None:
+        """Nothing to wait for: the emulated device runs each launch as it is made."""
+
 
 class Event:
     """A CUDA event on the emulated device: ``record`` reads :data:`CLOCK`."""

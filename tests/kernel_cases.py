@@ -129,13 +129,13 @@ def record_checks(dtypes):
 RECORD_SCALING = [(None, False), (None, True), ((4.0, 1999.0), True), ((1.0, 0.0), False)]
 
 
-def recorded_steps(xp, record, dtypes, scaling, squares, step_on_device):
+def recorded_steps(xp, record, dtypes, scaling, squares, step_on_device, host=np.asarray):
     """Six steps recorded by ``record`` (a ``record_step``) on arrays of ``xp`` (NumPy or
     CuPy), each step on the same arrays, changed in place: all
     finite; a NaN in gradient 1; (after a read) an element whose square overflows in gradient
     0; a NaN loss; (after a read) an infinity in the last gradient; all finite. Returns each
     step's (state, scaling, apply) and the gradients at the end (divided by the loss scale at
-    each step where there is one), on the host."""
+    each step where there is one), on the host (``host`` brings an array of ``xp`` there)."""
     from xpcnn.ops.step_record import BAD_STEP, GROWTH_INTERVAL, cleared
 
     assert GROWTH_INTERVAL == 2000  # (the first scaling case grows at its first step)
@@ -146,7 +146,6 @@ def recorded_steps(xp, record, dtypes, scaling, squares, step_on_device):
     scale = None if scaling is None else xp.asarray(scaling, dtype=xp.float32)
     stats = xp.asarray([0.75, 3.0], dtype=xp.float32)
     number = xp.asarray(0.0)  # (the step's number as a captured step reads it)
-    host = (lambda a: a.get()) if hasattr(xp, "cuda") else np.asarray
     untouched = host(grads[3]).copy()  # (no step sets an element of it)
     out = []
     for step in range(1, 7):

@@ -231,9 +231,9 @@ def test_counting_a_step_records_device_operations():
     assert all(int(r.split()[-1]) > 0 for r in rows)
 
 
-# The files whose code runs only where a GPU is lent (scripts/gpu_check.sh runs them once):
-# a name they import from xpcnn, or read from an xpcnn module, that no longer exists would
-# only show there.
+# The files whose code runs only where a GPU is lent (scripts/gpu_check.sh runs them once;
+# tests/test_gpu.py in part on the CUDA emulator too, not its captured cases): a name they
+# import from xpcnn, or read from an xpcnn module, that no longer exists would only show there.
 GPU_ONLY = ["scripts/gpu_probes.py", "scripts/bench_gpu.py", "tests/test_gpu.py"]
 
 
