@@ -185,14 +185,12 @@ def plan_timing(cp: Any, xc: Any, cudnn: Any) -> str:
     from xpcnn.ops.convolution import ConvGeometry, KernelsConv
     from xpcnn.ops.kernels import StandardKernels
 
-    os.environ.pop("XPCNN_TF32", None)
-    os.environ.pop("XPCNN_DETERMINISTIC", None)
-    os.environ["XPCNN_CUDNN_AUTOTUNE"] = "1"
     g = ConvGeometry.of((32, 32, 32), 32, (3, 3), (1, 1), "same")
     engine = cudnn_conv.CudnnConv(g, cudnn, KernelsConv(g, StandardKernels(xc)))
     n = 512
     start = time.perf_counter()
-    plan = cudnn_conv.build_plan(cudnn, cp.float32, engine._fprop(n, True, True), True)
+    plan = cudnn_conv.build_plan(cudnn, cp.float32, engine._fprop(n, True, True), True,
+                                 deterministic=False, autotune=True)
     built = time.perf_counter() - start
     candidates = list(plan.candidates)
     first = plan.graph._plan_index
@@ -217,7 +215,6 @@ def plan_timing(cp: Any, xc: Any, cudnn: Any) -> str:
         end.record()
         end.synchronize()
         ms[index] = cp.cuda.get_elapsed_time(begin, end) / 20
-    os.environ.pop("XPCNN_CUDNN_AUTOTUNE")
     names = {i: plan.graph.get_plan_name_at_index(i) for i in ms}
     return (f"{plan.graph.get_execution_plan_count()} plans listed, {len(candidates)} built in "
             f"{built:.2f} s, timed in {tuned:.2f} s; kept plan {kept} [{names[kept]}] "

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import enum
 import sys
+import threading
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -132,6 +133,8 @@ class PyGraph:
         self.selected: int | None = None
         self.timed: list[int] = []  # the plan of each run by index, in order
         self.executions = 0  # runs of the selected plan
+        # every run, by index or not: (handle, the stream it ran on, the workspace's address)
+        self.runs: list[tuple[Handle, int, int]] = []
         GRAPHS.append(self)
 
     def tensor(self, name: str, dim: list[int], stride: list[int], data_type: DataType) -> Tensor:
@@ -273,12 +276,12 @@ class PyGraph:
         assert index in self.built, f"plan {index} is not built"
         if not self.plans[index].runs:
             raise RuntimeError(f"plan {index}: CUDNN_STATUS_EXECUTION_FAILED")
-        self._check(tensor_dict, workspace, handle)
+        self._check(tensor_dict, workspace, handle, index)
         CLOCK[0] += self.plans[index].ms
         self.timed.append(index)
 
     def _run(self, tensor_dict: dict[Tensor, int], workspace: Any, handle: Any) -> None:
-        self._check(tensor_dict, workspace, handle)
+        self._check(tensor_dict, workspace, handle, self.selected)
         values: dict[Tensor, np.ndarray] = {t: _read(t, p) for t, p in tensor_dict.items()
                                             if not t.output}
         for kind, args, out in self.ops:
@@ -288,10 +291,13 @@ class PyGraph:
             if t.output:
                 _write(t, p, values[t])
 
-    def _check(self, tensor_dict: dict[Tensor, int], workspace: Any, handle: Any) -> None:
+    def _check(self, tensor_dict: dict[Tensor, int], workspace: Any, handle: Any,
+               index: int) -> None:
         assert isinstance(workspace, int), "the workspace's address"
+        assert workspace or not self.plans[index].workspace, f"plan {index} has no workspace"
         assert isinstance(handle, Handle), "execute with handle= (a cudnn.Handle)"
-        assert handle.stream == CURRENT_STREAM.ptr, "run on CuPy's current stream"
+        self.runs.append((handle, handle.stream, workspace))
+        assert handle.stream == current_stream().ptr, "run on CuPy's current stream"
         given = set(tensor_dict)
         wanted = {t for t in self.tensors if not t.virtual}
         assert given == wanted, f"variant pack {[t.name for t in given]} != {wanted}"
@@ -424,7 +430,23 @@ def get_elapsed_time(start: Event, end: Event) -> float:
     return end.time - start.time
 
 
-CURRENT_STREAM = FakeStream(0x5EED)
+CURRENT_STREAM = FakeStream(0x5EED)  # every thread's, but one inside on_stream
+_THREAD = threading.local()
+
+
+def current_stream() -> FakeStream:
+    """CuPy's current stream, which is the calling thread's own (``cuda.get_current_stream``)."""
+    return _THREAD.__dict__.get("stream", CURRENT_STREAM)  # (no AttributeError: cheap)
+
+
+@contextlib.contextmanager
+def on_stream(stream: FakeStream) -> Iterator[None]:
+    """``stream`` the calling thread's current one meanwhile (CuPy's ``with stream:``)."""
+    _THREAD.stream = stream
+    try:
+        yield
+    finally:
+        del _THREAD.stream
 
 
 DEFAULT_POOL = types.SimpleNamespace(malloc=lambda nbytes: None)
@@ -440,7 +462,7 @@ def add_cupy_calls(m: types.ModuleType) -> types.ModuleType:
         m.get_default_memory_pool = lambda: DEFAULT_POOL
     cuda = getattr(m, "cuda", None) or types.SimpleNamespace()
     cuda.Device = lambda: types.SimpleNamespace(id=0)
-    cuda.get_current_stream = lambda: CURRENT_STREAM
+    cuda.get_current_stream = current_stream
     cuda.Event, cuda.get_elapsed_time = Event, get_elapsed_time
     cuda.memory = types.SimpleNamespace(
         OutOfMemoryError=type("OutOfMemoryError", (MemoryError,), {}))

@@ -5,6 +5,7 @@ and ReLU fused into the forward graph) are checked here by the numbers they give
 standard engine, and the graph caching, the TF32 switch and the fallbacks by what was called.
 tests/test_gpu.py runs the same engine against real cuDNN where a GPU is lent."""
 
+import os
 import threading
 import types
 
@@ -18,9 +19,12 @@ from cudnn_emulator import (
     BehaviorNote,
     DataType,
     FakePlan,
+    FakeStream,
+    Handle,
     NumericalNote,
     PyGraph,
     load_emulated_cudnn_conv,
+    on_stream,
 )
 from test_conv_seam import GEOMETRIES, IDS, conv_data
 
@@ -258,6 +262,44 @@ def test_one_layer_follows_a_switch_changed_between_two_runs_and_back(cc, monkey
     assert first.timed and bool(changed.timed) == (variable == "XPCNN_TF32")  # (autotuning)
 
 
+@pytest.mark.parametrize("variable, values", [
+    ("XPCNN_DETERMINISTIC", ("1", "0")), ("XPCNN_TF32", ("0", "1")),
+    ("XPCNN_CUDNN_AUTOTUNE", ("0", "1")), ("CUPY_TF32", ("1", "0"))])
+def test_a_plan_is_built_under_the_switches_it_is_kept_under(cc, monkeypatch, rng, variable,
+                                                            values):
+    """The switches read at a run key the plan and are the ones it is built under: the
+    environment changed while a graph builds (here as each build starts, after the run read
+    it) leaves no plan of one setting in the cache under another's key."""
+    import unittest.mock
+
+    monkeypatch.setenv(variable, values[0])
+    shared_plan = cc.shared_plan
+
+    def flipping(key, build):
+        def flipped_then_built():
+            monkeypatch.setenv(variable, values[os.environ[variable] == values[0]])
+            return build()
+
+        return shared_plan(key, flipped_then_built)
+
+    monkeypatch.setattr(cc, "shared_plan", flipping)
+    with unittest.mock.patch.object(PyGraph, "PLANS", (FakePlan(ms=2.0), FakePlan(ms=1.0))):
+        g, cudnn, standard = _engines(cc, GEOMETRIES[0])
+        x, w, bias, _ = conv_data(g, rng, 2, np.float32)
+        np.testing.assert_allclose(cudnn.forward(x, w, bias, True),
+                                   standard.forward(x, w, bias, True), rtol=2e-5, atol=2e-5)
+        rows = x.reshape(-1, g.channels)
+        np.testing.assert_allclose(cc.CudnnMatmul(cc.load())(rows, rows, transpose_a=True),
+                                   rows.T @ rows, rtol=2e-5, atol=2e-5)
+    assert [key[0] for key in cc._PLANS] == ["convolution", "matmul"] and len(GRAPHS) == 2
+    for key, plan in cc._PLANS.items():
+        tf32, deterministic, autotune = key[-1]  # (each key ends with its switches)
+        notes = plan.graph.deselected
+        assert (NumericalNote.TENSOR_CORE not in notes) == tf32, key
+        assert (NumericalNote.NONDETERMINISTIC in notes) == deterministic, key
+        assert bool(plan.graph.timed) == autotune, key
+
+
 def test_operands_reach_a_graph_as_themselves_or_as_a_contiguous_copy(cc, monkeypatch, rng):
     """A C-contiguous, aligned operand is given to the graph as it is (its own address, no
     copy); a strided view as a C-contiguous copy of its values."""
@@ -406,7 +448,7 @@ def test_matmul_graphs_are_built_per_device(cc, monkeypatch, rng):
     monkeypatch.setattr(sys.modules["cupy"].cuda, "Device", lambda: types.SimpleNamespace(id=1))
     np.testing.assert_allclose(matmul(a, b), a @ b, rtol=1e-12)
     assert [graph.executions for graph in GRAPHS] == [1, 1]
-    assert set(cc._HANDLES) == {0, 1}
+    assert set(cc._THREAD.handles) == {0, 1}
 
 
 def test_the_handle_is_put_on_a_stream_only_when_the_stream_changes(cc, monkeypatch, rng):
@@ -419,7 +461,7 @@ def test_the_handle_is_put_on_a_stream_only_when_the_stream_changes(cc, monkeypa
         cudnn.forward(x, w, bias, True)
         cudnn.input_grad(dy, w)
         matmul(dy.reshape(-1, g.filters), dy.reshape(-1, g.filters), transpose_a=True)
-    (handle,) = cc._HANDLES.values()
+    ((handle, _),) = cc._THREAD.handles.values()
     assert handle.streams_set == [CURRENT_STREAM.ptr]
     first = CURRENT_STREAM.ptr
     monkeypatch.setattr(CURRENT_STREAM, "ptr", first + 16)
@@ -646,6 +688,33 @@ def test_the_plans_are_timed_with_one_workspace_from_cupys_default_pool(cc, monk
     GRAPHS.clear()
     graph, right = _tuned_forward(cc, rng, plans)
     assert graph.timed == [] and graph.selected == 0 and all(right)
+
+
+@pytest.mark.parametrize("size", [0, 300])
+def test_a_run_asks_cupy_for_a_workspace_only_where_its_plan_needs_one(cc, monkeypatch, rng,
+                                                                       size):
+    """Plan.run: a plan needing no workspace gets address 0, with no call into CuPy's pool (as
+    the frontend's own default, None, gives); one needing some gets a block of at least its
+    size, once per run (the stand-in refuses address 0 to a plan that needs a workspace)."""
+    import sys
+
+    cupy = sys.modules["cupy"]
+    workspaces = []
+
+    def empty(shape, dtype):
+        a = np.empty(shape, dtype)
+        if dtype is cupy.uint8:
+            workspaces.append((shape, a.ctypes.data))
+        return a
+
+    monkeypatch.setattr(cupy, "empty", empty)
+    graph, right = _tuned_forward(cc, rng, [FakePlan(ms=1.0, workspace=size)], runs=3)
+    assert all(right) and graph.executions == 3 and graph.timed == []  # (one plan: no timing)
+    if size == 0:
+        assert workspaces == [] and [ws for _, _, ws in graph.runs] == [0] * 3
+    else:
+        assert [shape >= size for shape, _ in workspaces] == [True] * 3
+        assert [ws for _, _, ws in graph.runs] == [address for _, address in workspaces]
 
 
 def test_plans_compiled_as_they_are_built_are_candidates_only_as_the_first(cc, rng):
@@ -948,7 +1017,7 @@ def test_a_plan_first_run_by_two_threads_at_once_is_timed_once(cc, monkeypatch, 
     g, layer, standard = _engines(cc, SHARED_CASE)
     x, w, bias, _ = conv_data(g, rng, 2, np.float32)
     make = layer._fprop(2, True, True)
-    plan = cc.build_plan(cc.load(), np.float32, make, True)  # (as shared_plan builds it)
+    plan = cc.build_plan(cc.load(), np.float32, make, *cc.switches())  # (as shared_plan does)
     arrivals = _Arrivals(plan._timing)
     plan._timing = arrivals
     timed, execute = PyGraph.execute_plan_at_index, PyGraph.execute
@@ -976,6 +1045,68 @@ def test_a_plan_first_run_by_two_threads_at_once_is_timed_once(cc, monkeypatch, 
     per_plan = 1 + cc.TUNE_RUNS
     assert graph.timed == [0] * per_plan + [1] * per_plan + [2] * per_plan
     assert ran_with == [2, 2]  # (the fastest: the TF32 plan of PyGraph.PLANS)
+
+
+def test_threads_on_streams_of_their_own_run_a_plan_with_handles_of_their_own(cc, monkeypatch,
+                                                                             rng):
+    """cuDNN's handle is one per thread: two threads, each on its own stream, run one plan (built
+    by a third) at once, both having put their handle on their stream before either executes
+    (held here), and each runs on its own stream; with one handle for all, the first would run
+    on the second's stream."""
+    g, layer, standard = _engines(cc, SHARED_CASE)
+    x, w, bias, _ = conv_data(g, rng, 2, np.float32)
+    want = standard.forward(x, w, bias, True)
+    layer.forward(x, w, bias, True)  # (built and timed here, with this thread's handle)
+    (graph,) = GRAPHS
+    ours = {handle for handle, _, _ in graph.runs}
+    both = threading.Barrier(2, timeout=10)
+    execute = PyGraph.execute
+
+    def held(graph, *args, **kwargs):
+        both.wait()
+        return execute(graph, *args, **kwargs)
+
+    monkeypatch.setattr(PyGraph, "execute", held)
+    streams = [FakeStream(0x1000), FakeStream(0x2000)]
+
+    def run(stream):
+        with on_stream(stream):
+            return layer.forward(x, w, bias, True)
+
+    for y in _in_two_threads(*(lambda s=s: run(s) for s in streams)):
+        np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
+    (first, first_on, _), (second, second_on, _) = graph.runs[-2:]
+    assert {first_on, second_on} == {s.ptr for s in streams}
+    assert first is not second and not {first, second} & ours
+
+
+def test_the_handles_of_ended_threads_serve_threads_started_later(cc, monkeypatch, rng):
+    """A thread's handle outlives it (destroying one synchronises the device): a thread
+    started after it ended takes it, and puts it on its own stream, rather than creating one."""
+    cudnn = cc.load()
+    created = []
+    monkeypatch.setattr(cudnn, "create_handle", lambda: created.append(Handle()) or created[-1])
+    g, layer, standard = _engines(cc, SHARED_CASE)
+    x, w, bias, _ = conv_data(g, rng, 2, np.float32)
+    want = standard.forward(x, w, bias, True)
+
+    def in_a_thread(stream):
+        ran = []
+        thread = threading.Thread(target=lambda: ran.append(run(stream)))
+        thread.start()
+        thread.join(30)
+        np.testing.assert_allclose(ran.pop(), want, rtol=2e-5, atol=2e-5)
+
+    def run(stream):
+        with on_stream(stream):
+            return layer.forward(x, w, bias, True)
+
+    in_a_thread(FakeStream(0x1000))
+    assert len(created) == 1
+    in_a_thread(FakeStream(0x2000))
+    (graph,) = GRAPHS
+    assert len(created) == 1 and {handle for handle, _, _ in graph.runs} == set(created)
+    assert created[0].streams_set == [0x1000, 0x2000] and graph.runs[-1][1] == 0x2000
 
 
 @needs_compiler

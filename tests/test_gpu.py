@@ -1149,14 +1149,11 @@ def test_cudnn_matches_the_standard_path(cp, cudnn_module, monkeypatch, rng, cas
 @pytest.mark.parametrize("dtype, tf32", [("float32", True), ("float32", False),
                                          ("float16", False)])
 def test_every_cudnn_plan_autotuning_may_choose_gives_the_standard_numbers(
-        cp, cudnn_module, monkeypatch, rng, case, dtype, tf32):
+        cp, cudnn_module, rng, case, dtype, tf32):
     """Each candidate plan of the forward (+ bias and ReLU), input-gradient and kernel-gradient
     graphs, run by index as the timing runs them, against the standard engine in float64; then
     the graph's first run (which times them and keeps one) gives the same numbers."""
     cudnn_conv, cudnn = cudnn_module
-    monkeypatch.setenv("XPCNN_TF32", "1" if tf32 else "0")
-    monkeypatch.setenv("XPCNN_CUDNN_AUTOTUNE", "1")
-    monkeypatch.delenv("XPCNN_DETERMINISTIC", raising=False)
     n = 6
     g, engine, standard, (x, w, bias, dy), f64 = _cudnn_case(cp, cudnn_module, rng, case, dtype,
                                                              n)
@@ -1169,7 +1166,8 @@ def test_every_cudnn_plan_autotuning_may_choose_gives_the_standard_numbers(
         (engine._wgrad(n), {"x": x, "dy": dy}, "dw", (g.filters, *g.kernel, g.channels),
          standard.weight_grad(f64[0], f64[3], False)[0])]
     for make, inputs, output, shape, want in cases:
-        plan = cudnn_conv.build_plan(cudnn, x.dtype, make, tf32)
+        plan = cudnn_conv.build_plan(cudnn, x.dtype, make, tf32, deterministic=False,
+                                     autotune=True)
         out = cp.empty(shape, x.dtype)
         pack = {plan.tensors[k]: a.data.ptr for k, a in {**inputs, output: out}.items()}
         scale = max(float(cp.abs(want).max()), 1e-30)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
 import threading
 import warnings
 from collections.abc import Callable
@@ -83,8 +84,9 @@ def load() -> ModuleType | None:
 
 def switches(matmul: bool = False) -> tuple[bool, bool, bool]:
     """The switches a graph is built under, as the environment sets them now, read together
-    (once per graph run, where they key its plan): (:func:`tf32`, or :func:`matmul_tf32` for a
-    ``matmul``; :func:`deterministic`; :func:`autotune`)."""
+    (once per graph run, where they key its plan, and are handed to :func:`build_plan` where
+    that builds it): (:func:`tf32`, or :func:`matmul_tf32` for a ``matmul``;
+    :func:`deterministic`; :func:`autotune`)."""
     environ = os.environ
     deterministic = environ.get("XPCNN_DETERMINISTIC", "0") != "0"
     tf32 = (environ.get("CUPY_TF32", "0") != "0" if matmul
@@ -94,8 +96,8 @@ def switches(matmul: bool = False) -> tuple[bool, bool, bool]:
 
 
 def tf32() -> bool:
-    """Whether float32 graphs may run in TF32 (``XPCNN_TF32``, on unless "0"); read when a
-    graph is built."""
+    """Whether float32 graphs may run in TF32 (``XPCNN_TF32``, on unless "0"); read with the
+    other switches at each graph run (:func:`switches`)."""
     return switches()[0]
 
 
@@ -103,13 +105,14 @@ def deterministic() -> bool:
     """Whether graphs must give the same bits at every run (``XPCNN_DETERMINISTIC``: on for
     "1", or any value but "0"; off when unset): plans with the numerical note NONDETERMINISTIC
     (atomic adds in a weight gradient, say) are then excluded, as PyTorch's
-    ``cudnn.deterministic = True`` does. Read when a graph is built."""
+    ``cudnn.deterministic = True`` does. Read at each graph run (:func:`switches`)."""
     return switches()[1]
 
 
 def autotune() -> bool:
     """Whether a graph's plan is chosen by timing its candidates (``XPCNN_CUDNN_AUTOTUNE``, on
-    unless "0"; off where :func:`deterministic`); read when a graph is built."""
+    unless "0"; off where :func:`deterministic`); read at each graph run
+    (:func:`switches`)."""
     return switches()[2]
 
 
@@ -117,7 +120,7 @@ def autotune() -> bool:
 #: PyTorch's ``torch.backends.cudnn.benchmark_limit``).
 TUNE_LIMIT = 10
 #: The workspace a timed plan may need; a plan needing more is kept only where every candidate
-#: does (a workspace is allocated at each run, and counts in a step's peak memory).
+#: does (a plan's workspace is allocated at each run, and counts in a step's peak memory).
 TUNE_WORKSPACE = 64 << 20
 #: Runs timed per candidate, after one untimed run (which loads its kernels).
 TUNE_RUNS = 3
@@ -154,29 +157,62 @@ def matmul_tf32() -> bool:
     return switches(matmul=True)[0]
 
 
-_HANDLES: dict[int, Any] = {}
-_STREAMS: dict[int, int] = {}  # the stream each device's handle was last put on
+class _GiveBack:
+    """Gives a thread's cuDNN handles (device id -> (handle, the stream it was last put on)) to
+    :data:`_SPARE` when the thread ends, for threads started later: a handle is never destroyed
+    (cudnnDestroy synchronises the device, which a capture in another thread would not
+    survive), as PyTorch's handle pool keeps them."""
+
+    def __init__(self, handles: dict[int, tuple[Any, Any]]) -> None:
+        self.handles = handles
+
+    def __del__(self) -> None:
+        for device, entry in self.handles.items():
+            _SPARE.setdefault(device, queue.SimpleQueue()).put(entry)  # (safe in __del__)
+
+
+# One handle per thread and device, as cuDNN asks ("threads do not share the same cuDNN handle
+# simultaneously"): two threads sharing one, each putting it on its own stream, would run a
+# graph on the other's stream. Plans are shared, and run with the caller's handle.
+_THREAD = threading.local()
+_SPARE: dict[int, queue.SimpleQueue[tuple[Any, Any]]] = {}  # device -> ended threads' handles
 
 
 def _handle(cudnn: ModuleType, device: int | None = None) -> Any:
-    """The cuDNN handle of ``device`` (one per device; the current one where None: a plan
-    knows its own), on CuPy's current stream: put on it only when the stream has changed, so
-    a capture finds it there already (see :func:`use_current_stream`)."""
+    """This thread's cuDNN handle of ``device`` (the current one where None: a plan knows its
+    own), on CuPy's current stream: put on it only when the stream has changed, so a capture
+    finds it there already (see :func:`use_current_stream`)."""
     if device is None:
         device = cupy.cuda.Device().id
-    handle = _HANDLES.get(device)
-    if handle is None:
-        handle = _HANDLES[device] = cudnn.create_handle()
+    try:
+        handle, on = _THREAD.handles[device]  # (one thread-local look-up per run)
+    except (AttributeError, KeyError):  # (this thread's first graph on the device)
+        handle, on = _spare_or_new_handle(cudnn, device)
     stream = cupy.cuda.get_current_stream().ptr
-    if _STREAMS.get(device) != stream:
+    if on != stream:
         cudnn.set_stream(handle=handle, stream=stream)
-        _STREAMS[device] = stream
+        _THREAD.handles[device] = handle, stream
     return handle
 
 
+def _spare_or_new_handle(cudnn: ModuleType, device: int) -> tuple[Any, Any]:
+    """(handle, stream) of ``device`` for this thread: an ended thread's, else a new one."""
+    if "handles" not in _THREAD.__dict__:  # (a plain dict, the fastest to look up; the
+        _THREAD.handles = {}                 # _GiveBack beside it hands it on at the end)
+        _THREAD.give_back = _GiveBack(_THREAD.handles)
+    handles = _THREAD.handles
+    try:
+        entry = _SPARE[device].get_nowait()
+    except (KeyError, queue.Empty):
+        entry = cudnn.create_handle(), None
+    handles[device] = entry
+    return entry
+
+
 def use_current_stream() -> None:
-    """Put the current device's cuDNN handle (where cuDNN loads) on CuPy's current stream now:
-    before a CUDA-graph capture begins, rather than inside it."""
+    """Put this thread's cuDNN handle of the current device (where cuDNN loads) on CuPy's
+    current stream now: before a CUDA-graph capture begins, rather than inside it (the capture
+    runs on this thread, with this handle)."""
     cudnn = load()
     if cudnn is not None:
         _handle(cudnn)
@@ -209,7 +245,8 @@ class Plan:
         self._timing = threading.Lock()
 
     def run(self, **arrays: Any) -> None:
-        """Execute on CuPy's current stream; ``arrays`` are the named tensors' CuPy arrays
+        """Execute on CuPy's current stream, with this thread's handle and a workspace from
+        CuPy's pool where the plan needs one; ``arrays`` are the named tensors' CuPy arrays
         (C-contiguous, in the layouts the graph was built for)."""
         pack = {}
         for name, a in arrays.items():
@@ -222,7 +259,10 @@ class Plan:
                         self._choose(pack, handle)
                     finally:
                         self.candidates = []  # (only now: the check above sees the timing)
-        workspace = cupy.empty(self.workspace, cupy.uint8)
+        if not self.workspace:  # (address 0, as the frontend's workspace=None: no CuPy call)
+            self.graph.execute(pack, 0, handle=handle)
+            return
+        workspace = cupy.empty(self.workspace, cupy.uint8)  # (the pool's, back after the run)
         self.graph.execute(pack, _address(workspace), handle=handle)
 
     def _choose(self, pack: dict[Any, int], handle: Any) -> None:
@@ -271,12 +311,14 @@ class Plan:
                 continue
 
 
-def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool) -> Plan:
+def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool, deterministic: bool,
+               autotune: bool) -> Plan:
     """Build a graph of ``dtype`` data (float32 accumulators; float64 for float64): ``make(g,
     io)`` adds its tensors and operations and returns the named tensors; float32 products in
-    TF32 only with ``allow_tf32``; only deterministic plans where :func:`deterministic`.
-    With :func:`autotune`, up to :data:`TUNE_LIMIT` plans are built, for the first run to
-    time. Raises where cuDNN has no plan for it."""
+    TF32 only with ``allow_tf32``; only deterministic plans with ``deterministic``. With
+    ``autotune``, up to :data:`TUNE_LIMIT` plans are built, for the first run to time. The
+    switches are those the plan is kept under (:func:`switches`, read once: the environment
+    changed meanwhile would give a plan another key's). Raises where cuDNN has no plan."""
     io = _data_type(cudnn, dtype)
     compute = cudnn.data_type.DOUBLE if io == cudnn.data_type.DOUBLE else cudnn.data_type.FLOAT
     graph = cudnn.pygraph(io_data_type=io, intermediate_data_type=compute,
@@ -285,14 +327,14 @@ def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool) -> Pl
     graph.validate()
     graph.build_operation_graph()
     graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    notes = [cudnn.numerical_note.NONDETERMINISTIC] if deterministic() else []
+    notes = [cudnn.numerical_note.NONDETERMINISTIC] if deterministic else []
     if io == cudnn.data_type.FLOAT:  # no float16 products inside; TF32 only where allowed
         notes += [cudnn.numerical_note.DOWN_CONVERT_INPUTS] + (
             [] if allow_tf32 else [cudnn.numerical_note.TENSOR_CORE])
     if notes:
         graph.deselect_numeric_notes(notes)
     graph.check_support()
-    candidates = _build_candidates(cudnn, graph) if autotune() else []
+    candidates = _build_candidates(cudnn, graph) if autotune else []
     if not candidates:
         graph.build_plans()  # the heuristics' first plan that builds (raises where none does)
     return Plan(cudnn, graph, tensors, candidates if len(candidates) > 1 else None)
@@ -387,18 +429,21 @@ class CudnnConv(ConvEngine):
         first use by any layer from the graph description ``describe(*args)`` gives; None
         where cuDNN has none (the fallback runs). An engine serves one device (a layer makes a
         new one when it moves)."""
-        own = (key, switches())  # (read at every run: a switch changed gives another plan)
+        on = switches()  # (read at every run: a switch changed gives another plan)
+        own = (key, on)
         plan = self._plans.get(own, _NOT_BUILT)
         if plan is _NOT_BUILT:
             shared = ("convolution", cupy.cuda.Device().id, self.geometry, *own)
             plan = self._plans[own] = shared_plan(
-                shared, lambda: self._build(key, dtype, describe(*args)))
+                shared, lambda: self._build(key, dtype, describe(*args), on))
         return plan
 
-    def _build(self, key: tuple[Any, ...], dtype: Any, make: Any) -> Plan | None:
-        """``make``'s graph built; None, after a one-line warning, where cuDNN has no plan."""
+    def _build(self, key: tuple[Any, ...], dtype: Any, make: Any,
+               on: tuple[bool, bool, bool]) -> Plan | None:
+        """``make``'s graph built under the switches ``on`` (its key's); None, after a
+        one-line warning, where cuDNN has no plan."""
         try:
-            return build_plan(self.cudnn, dtype, make, tf32())
+            return build_plan(self.cudnn, dtype, make, *on)
         except Exception as e:  # the frontend's errors have no common base
             reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
             warn_once(f"xpcnn: cuDNN has no plan for {key[0]} of {self.geometry} in "
@@ -538,24 +583,26 @@ class CudnnMatmul:
         a, b = _operand(a), _operand(b)
         m, k = a.shape[::-1] if transpose_a else a.shape
         n = b.shape[0] if transpose_b else b.shape[1]
-        key = (cupy.cuda.Device().id, a.shape, b.shape, transpose_a, transpose_b, a.dtype,
-               switches(matmul=True))  # (as they are now)
+        on = switches(matmul=True)  # (as they are now)
+        key = (cupy.cuda.Device().id, a.shape, b.shape, transpose_a, transpose_b, a.dtype, on)
         plan = self._plans.get(key, _NOT_BUILT)
         if plan is _NOT_BUILT:
             plan = self._plans[key] = shared_plan(
                 ("matmul", *key),
-                lambda: self._build(a.dtype, m, k, n, transpose_a, transpose_b))
+                lambda: self._build(a.dtype, m, k, n, transpose_a, transpose_b, on))
         if plan is None:
             return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
         c = cupy.empty((m, n), a.dtype)
         plan.run(a=a, b=b, c=c)
         return c
 
-    def _build(self, dtype: Any, m: int, k: int, n: int, transpose_a: bool,
-               transpose_b: bool) -> Plan | None:
+    def _build(self, dtype: Any, m: int, k: int, n: int, transpose_a: bool, transpose_b: bool,
+               on: tuple[bool, bool, bool]) -> Plan | None:
+        """The product's graph built under the switches ``on`` (its key's); None, after a
+        one-line warning, where cuDNN has no plan."""
         try:
             return build_plan(self.cudnn, dtype, self._make(m, k, n, transpose_a, transpose_b),
-                              matmul_tf32())
+                              *on)
         except Exception as e:  # the frontend's errors have no common base
             reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
             warn_once(f"xpcnn: cuDNN has no plan for the matrix product ({m}, {k}) @ ({k}, "
