@@ -7,6 +7,7 @@ tests/test_gpu.py runs the same engine against real cuDNN where a GPU is lent.""
 
 import os
 import threading
+import time
 import types
 
 import array_api_compat.numpy as xpn
@@ -1018,8 +1019,8 @@ def test_a_plan_first_run_by_two_threads_at_once_is_timed_once(cc, monkeypatch, 
     x, w, bias, _ = conv_data(g, rng, 2, np.float32)
     make = layer._fprop(2, True, True)
     plan = cc.build_plan(cc.load(), np.float32, make, *cc.switches())  # (as shared_plan does)
-    arrivals = _Arrivals(plan._timing)
-    plan._timing = arrivals
+    arrivals = _Arrivals(plan._lock)
+    plan._lock = arrivals
     timed, execute = PyGraph.execute_plan_at_index, PyGraph.execute
     ran_with = []
 
@@ -1050,9 +1051,10 @@ def test_a_plan_first_run_by_two_threads_at_once_is_timed_once(cc, monkeypatch, 
 def test_threads_on_streams_of_their_own_run_a_plan_with_handles_of_their_own(cc, monkeypatch,
                                                                              rng):
     """cuDNN's handle is one per thread: two threads, each on its own stream, run one plan (built
-    by a third) at once, both having put their handle on their stream before either executes
-    (held here), and each runs on its own stream; with one handle for all, the first would run
-    on the second's stream."""
+    by a third), both having put their handle on their stream before either executes (held
+    here), and each runs on its own stream; with one handle for all, the first would run on
+    the second's stream. They run it one at a time (cuDNN's plans are not safe to run from two
+    threads at once)."""
     g, layer, standard = _engines(cc, SHARED_CASE)
     x, w, bias, _ = conv_data(g, rng, 2, np.float32)
     want = standard.forward(x, w, bias, True)
@@ -1060,13 +1062,25 @@ def test_threads_on_streams_of_their_own_run_a_plan_with_handles_of_their_own(cc
     (graph,) = GRAPHS
     ours = {handle for handle, _, _ in graph.runs}
     both = threading.Barrier(2, timeout=10)
-    execute = PyGraph.execute
+    handle, execute = cc._handle, PyGraph.execute
+    inside, most = [], []
 
-    def held(graph, *args, **kwargs):
+    def held(*args, **kwargs):
+        h = handle(*args, **kwargs)
         both.wait()
-        return execute(graph, *args, **kwargs)
+        return h
 
-    monkeypatch.setattr(PyGraph, "execute", held)
+    def alone(graph, *args, **kwargs):
+        inside.append(1)
+        most.append(len(inside))
+        time.sleep(0.05)  # (long enough for the other thread to come in, were it let)
+        try:
+            return execute(graph, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(cc, "_handle", held)
+    monkeypatch.setattr(PyGraph, "execute", alone)
     streams = [FakeStream(0x1000), FakeStream(0x2000)]
 
     def run(stream):
@@ -1078,6 +1092,7 @@ def test_threads_on_streams_of_their_own_run_a_plan_with_handles_of_their_own(cc
     (first, first_on, _), (second, second_on, _) = graph.runs[-2:]
     assert {first_on, second_on} == {s.ptr for s in streams}
     assert first is not second and not {first, second} & ours
+    assert most == [1, 1]
 
 
 def test_the_handles_of_ended_threads_serve_threads_started_later(cc, monkeypatch, rng):

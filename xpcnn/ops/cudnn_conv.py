@@ -234,7 +234,8 @@ class Plan:
     """A built cuDNN graph, its named tensors and workspace size: ``run`` executes it. With
     ``candidates`` ((plan index, workspace bytes) of the plans built, the heuristics' first
     selected), the first run times them and keeps the fastest. One plan may serve several
-    layers, and threads: the timing is done once, and a run waits for it to end."""
+    layers, and threads, one run at a time: the timing is done once, and a run waits for it
+    to end."""
 
     def __init__(self, cudnn: ModuleType, graph: Any, tensors: dict[str, Any],
                  candidates: list[tuple[int, int]] | None = None) -> None:
@@ -242,7 +243,11 @@ class Plan:
         self.candidates = candidates or []
         self.workspace = int(graph.get_workspace_size())
         self.device = cupy.cuda.Device().id  # (built on the current one, with its handle)
-        self._timing = threading.Lock()
+        # Held around each run (the first one's timing included): cuDNN's execution plans are
+        # not safe to run from two threads at once, though each has its own handle (NVIDIA in
+        # pytorch#103939; PyTorch keeps its plan caches per thread). Uncontended, it costs
+        # about as much as a dict look-up.
+        self._lock = threading.Lock()
 
     def run(self, **arrays: Any) -> None:
         """Execute on CuPy's current stream, with this thread's handle and a workspace from
@@ -252,18 +257,17 @@ class Plan:
         for name, a in arrays.items():
             pack[self.tensors[name]] = _address(a)
         handle = _handle(self.cudnn, self.device)
-        if self.candidates:
-            with self._timing:  # (one thread times; a run in another waits for the choice)
-                if self.candidates:
-                    try:
-                        self._choose(pack, handle)
-                    finally:
-                        self.candidates = []  # (only now: the check above sees the timing)
-        if not self.workspace:  # (address 0, as the frontend's workspace=None: no CuPy call)
-            self.graph.execute(pack, 0, handle=handle)
-            return
-        workspace = cupy.empty(self.workspace, cupy.uint8)  # (the pool's, back after the run)
-        self.graph.execute(pack, _address(workspace), handle=handle)
+        with self._lock:
+            if self.candidates:  # (one thread times; a run in another waits for the choice)
+                try:
+                    self._choose(pack, handle)
+                finally:
+                    self.candidates = []
+            if not self.workspace:  # (address 0, as the frontend's workspace=None: no CuPy call)
+                self.graph.execute(pack, 0, handle=handle)
+                return
+            workspace = cupy.empty(self.workspace, cupy.uint8)  # (the pool's, back after it)
+            self.graph.execute(pack, _address(workspace), handle=handle)
 
     def _choose(self, pack: dict[Any, int], handle: Any) -> None:
         """Time each candidate on the arrays of ``pack`` (a graph writes only its outputs,
