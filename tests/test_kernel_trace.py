@@ -192,6 +192,20 @@ def test_an_sgd_update_reads_each_parameter_and_state_once(fast, rng):
     assert t.store_requests == 2 * warps
 
 
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_an_adam_update_reads_each_parameter_and_state_once(fast, rng, decoupled):
+    params = [rng.standard_normal(n).astype(np.float32) for n in (64, 320)]
+    grads, ms = ([rng.standard_normal(p.shape).astype(np.float32) for p in params]
+                 for _ in range(2))
+    vs = [np.abs(rng.standard_normal(p.shape)).astype(np.float32) for p in params]
+    (t,) = _traced(lambda: fast.adam_update(params, grads, ms, vs, 0.99, 1e-3, 0.5, 0.01,
+                                            decoupled, 0.9, 0.999, 1e-7))
+    warps = sum(p.size for p in params) // 32
+    # (the table's entries, one address a warp, and the parameter, gradient and two moments)
+    assert t.load_requests - t.one_address_loads == 4 * warps
+    assert t.store_requests == 3 * warps
+
 def test_batch_norm_sums_read_the_per_channel_values_once_a_thread(fast, rng):
     x = rng.standard_normal((4, 8, 8, 32)).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
