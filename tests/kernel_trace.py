@@ -120,44 +120,28 @@ void __tsan_vptr_update(void**, void*) {}
 void __tsan_vptr_read(void**) {}
 void __tsan_read_range(void* p, size_t n) { note(p, n, 0, SITE); }
 void __tsan_write_range(void* p, size_t n) { note(p, n, 1, SITE); }
-#define ACCESS(N) \
-    void __tsan_read##N(void* p) { note(p, N, 0, SITE); } \
-    void __tsan_write##N(void* p) { note(p, N, 1, SITE); } \
-    void __tsan_unaligned_read##N(void* p) { note(p, N, 0, SITE); } \
-    void __tsan_unaligned_write##N(void* p) { note(p, N, 1, SITE); } \
-    void __tsan_volatile_read##N(void* p) { note(p, N, 0, SITE); } \
-    void __tsan_volatile_write##N(void* p) { note(p, N, 1, SITE); } \
-    void __tsan_unaligned_volatile_read##N(void* p) { note(p, N, 0, SITE); } \
-    void __tsan_unaligned_volatile_write##N(void* p) { note(p, N, 1, SITE); }
+// (a plain access: kind 0 a load, 1 a store; every atomic is kind 2 and performs itself)
+#define ONE(name, N, kind) void __tsan_##name##N(void* p) { note(p, N, kind, SITE); }
+#define ACCESS(N) ONE(read, N, 0) ONE(write, N, 1) ONE(unaligned_read, N, 0) \
+    ONE(unaligned_write, N, 1) ONE(volatile_read, N, 0) ONE(volatile_write, N, 1) \
+    ONE(unaligned_volatile_read, N, 0) ONE(unaligned_volatile_write, N, 1)
 ACCESS(1) ACCESS(2) ACCESS(4) ACCESS(8) ACCESS(16)
+#define AT(N) note(a, N / 8, 2, SITE)
+#define FETCH(N, T, op) T __tsan_atomic##N##_##op(volatile T* a, T v, int) { \
+    AT(N); return __atomic_##op(a, v, SEQ); }
+#define CAS(N, T, how) int __tsan_atomic##N##_compare_exchange_##how( \
+    volatile T* a, T* c, T v, int, int) { \
+    AT(N); return __atomic_compare_exchange_n(a, c, v, false, SEQ, SEQ); }
 #define ATOMICS(N, T) \
-    T __tsan_atomic##N##_load(const volatile T* a, int) { \
-        note(a, N / 8, 2, SITE); return __atomic_load_n(a, SEQ); } \
-    void __tsan_atomic##N##_store(volatile T* a, T v, int) { \
-        note(a, N / 8, 2, SITE); __atomic_store_n(a, v, SEQ); } \
+    T __tsan_atomic##N##_load(const volatile T* a, int) { AT(N); return __atomic_load_n(a, SEQ); } \
+    void __tsan_atomic##N##_store(volatile T* a, T v, int) { AT(N); __atomic_store_n(a, v, SEQ); } \
     T __tsan_atomic##N##_exchange(volatile T* a, T v, int) { \
-        note(a, N / 8, 2, SITE); return __atomic_exchange_n(a, v, SEQ); } \
-    T __tsan_atomic##N##_fetch_add(volatile T* a, T v, int) { \
-        note(a, N / 8, 2, SITE); return __atomic_fetch_add(a, v, SEQ); } \
-    T __tsan_atomic##N##_fetch_sub(volatile T* a, T v, int) { \
-        note(a, N / 8, 2, SITE); return __atomic_fetch_sub(a, v, SEQ); } \
-    T __tsan_atomic##N##_fetch_and(volatile T* a, T v, int) { \
-        note(a, N / 8, 2, SITE); return __atomic_fetch_and(a, v, SEQ); } \
-    T __tsan_atomic##N##_fetch_or(volatile T* a, T v, int) { \
-        note(a, N / 8, 2, SITE); return __atomic_fetch_or(a, v, SEQ); } \
-    T __tsan_atomic##N##_fetch_xor(volatile T* a, T v, int) { \
-        note(a, N / 8, 2, SITE); return __atomic_fetch_xor(a, v, SEQ); } \
-    T __tsan_atomic##N##_fetch_nand(volatile T* a, T v, int) { \
-        note(a, N / 8, 2, SITE); return __atomic_fetch_nand(a, v, SEQ); } \
-    int __tsan_atomic##N##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) { \
-        note(a, N / 8, 2, SITE); \
-        return __atomic_compare_exchange_n(a, c, v, false, SEQ, SEQ); } \
-    int __tsan_atomic##N##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) { \
-        note(a, N / 8, 2, SITE); \
-        return __atomic_compare_exchange_n(a, c, v, false, SEQ, SEQ); } \
+        AT(N); return __atomic_exchange_n(a, v, SEQ); } \
+    FETCH(N, T, fetch_add) FETCH(N, T, fetch_sub) FETCH(N, T, fetch_and) \
+    FETCH(N, T, fetch_or) FETCH(N, T, fetch_xor) FETCH(N, T, fetch_nand) \
+    CAS(N, T, strong) CAS(N, T, weak) \
     T __tsan_atomic##N##_compare_exchange_val(volatile T* a, T c, T v, int, int) { \
-        note(a, N / 8, 2, SITE); \
-        __atomic_compare_exchange_n(a, &c, v, false, SEQ, SEQ); return c; }
+        AT(N); __atomic_compare_exchange_n(a, &c, v, false, SEQ, SEQ); return c; }
 ATOMICS(8, uint8_t) ATOMICS(16, uint16_t) ATOMICS(32, uint32_t) ATOMICS(64, uint64_t)
 void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(SEQ); }
 void __tsan_atomic_signal_fence(int) {}
