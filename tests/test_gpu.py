@@ -247,28 +247,35 @@ def _the_gpu() -> Iterator[None]:
         yield
 
 
+def collection_marks(item: pytest.Item) -> list[pytest.MarkDecorator]:
+    """This case's marks on the emulator, given at collection (tests/conftest.py asks each
+    module): a skip, with its reason, for a case of EMULATOR_CANNOT or outside EVERYDAY; with
+    XPCNN_EMULATE_GPU=all, a strict expected failure for EMULATOR_CANNOT's and none else. On
+    a GPU none: every case runs there."""
+    if not EMULATED:
+        return []
+    name, params = item.originalname, _params(item)
+    reason = _emulator_cannot(name, params)
+    if reason is not None:
+        return [(pytest.mark.xfail(strict=True, reason=f"on the emulator: {reason}")
+                 if EMULATE_ALL else pytest.mark.skip(reason=f"on the emulator: {reason}"))]
+    if not EMULATE_ALL and not _everyday(name, params):
+        return [pytest.mark.skip(reason="not among the cases the everyday suite runs on the "
+                                 "emulator (EVERYDAY; XPCNN_EMULATE_GPU=all runs them)")]
+    return []
+
+
 @pytest.fixture(autouse=True)
-def _on_the_emulator(request: pytest.FixtureRequest, _the_gpu: None) -> None:
-    """On the emulator, the cases of EVERYDAY (all with XPCNN_EMULATE_GPU=all), none of
-    EMULATOR_CANNOT's (run as strict expected failures with XPCNN_EMULATE_GPU=all)."""
+def _on_the_emulator(_the_gpu: None) -> None:
+    """On the emulator, the warnings that are its own, not the code's, filtered (pytest puts
+    the filters back after each test)."""
     if not EMULATED:
         return
     # (NumPy warns where a cast overflows to an infinity, as some tests mean it to; CuPy does not)
-    # (pytest puts the filters back after each test)
     warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
     # (fits run eagerly there, as emulated_gpu makes them, and xpcnn says so)
     warnings.filterwarnings("ignore", "xpcnn: training steps run without CUDA graphs",
                             RuntimeWarning)
-    name, params = request.node.originalname, _params(request.node)
-    reason = _emulator_cannot(name, params)
-    if reason is not None:
-        if not EMULATE_ALL:
-            pytest.skip(f"on the emulator: {reason}")
-        request.node.add_marker(pytest.mark.xfail(reason=f"on the emulator: {reason}",
-                                                  strict=True))
-    elif not EMULATE_ALL and not _everyday(name, params):
-        pytest.skip("not among the cases the everyday suite runs on the emulator (EVERYDAY; "
-                    "XPCNN_EMULATE_GPU=all runs them)")
 
 
 def _params(item: pytest.Item) -> dict[str, Any]:
