@@ -375,8 +375,26 @@ _COMPUTE = {
 GRAPHS: list[PyGraph] = []
 
 
+class Device:
+    """``cupy.cuda.Device``: ``Device()`` is the current device, ``with Device(k):`` makes
+    device k current for the block."""
+
+    current = 0
+
+    def __init__(self, device: int | None = None) -> None:
+        self.id = Device.current if device is None else int(device)
+
+    def __enter__(self) -> Device:
+        self._before, Device.current = Device.current, self.id
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        Device.current = self._before
+
+
 class Handle:
     def __init__(self) -> None:
+        self.device = Device.current  # (cudnnCreate binds the handle to the current device)
         self.stream: int | None = None
         self.streams_set: list[int] = []  # every set_stream, in order
 
@@ -461,7 +479,7 @@ def add_cupy_calls(m: types.ModuleType) -> types.ModuleType:
     if not hasattr(m, "get_default_memory_pool"):  # (the CUDA emulator's cupy has its own)
         m.get_default_memory_pool = lambda: DEFAULT_POOL
     cuda = getattr(m, "cuda", None) or types.SimpleNamespace()
-    cuda.Device = lambda: types.SimpleNamespace(id=0)
+    cuda.Device = Device
     cuda.get_current_stream = current_stream
     cuda.Event, cuda.get_elapsed_time = Event, get_elapsed_time
     cuda.memory = types.SimpleNamespace(

@@ -19,6 +19,7 @@ from cudnn_emulator import (
     GRAPHS,
     BehaviorNote,
     DataType,
+    Device,
     FakePlan,
     FakeStream,
     Handle,
@@ -440,16 +441,21 @@ def test_a_matmul_without_a_cudnn_plan_runs_on_cublas_with_one_warning(cc, monke
 
 
 def test_matmul_graphs_are_built_per_device(cc, monkeypatch, rng):
-    """A plan is built with its device's handle: the same product on another GPU gets its own."""
-    import sys
-
-    matmul = cc.CudnnMatmul(cc.load())
+    """A plan is built with its device's handle: the same product on another GPU gets its own,
+    and each device's handle is created on that device, whichever is current when it is first
+    asked for."""
+    cudnn = cc.load()
+    matmul = cc.CudnnMatmul(cudnn)
     a, b = rng.standard_normal((5, 7)), rng.standard_normal((7, 4))
     matmul(a, b)
-    monkeypatch.setattr(sys.modules["cupy"].cuda, "Device", lambda: types.SimpleNamespace(id=1))
+    monkeypatch.setattr(Device, "current", 1)
     np.testing.assert_allclose(matmul(a, b), a @ b, rtol=1e-12)
     assert [graph.executions for graph in GRAPHS] == [1, 1]
-    assert set(cc._THREAD.handles) == {0, 1}
+    monkeypatch.setattr(Device, "current", 0)
+    cc._handle(cudnn, 2)  # (as a plan of device 2 asks, run where device 0 is current)
+    assert {k: handle.device for k, (handle, _) in cc._THREAD.handles.items()} == {
+        0: 0, 1: 1, 2: 2}
+    assert Device.current == 0
 
 
 def test_the_handle_is_put_on_a_stream_only_when_the_stream_changes(cc, monkeypatch, rng):
@@ -530,7 +536,6 @@ def test_the_real_frontend_takes_these_graph_descriptions(monkeypatch):
     extra; its Python graph is built on a machine without a GPU, up to validate): the calls,
     argument names and resulting dims and strides are the ones the stand-in checks."""
     import sys
-    import types
 
     from cudnn_emulator import add_cupy_calls, import_cudnn_conv
 
@@ -860,10 +865,7 @@ def test_layers_with_the_same_convolution_share_its_plans_built_and_timed_once(c
 
 
 def _device(monkeypatch, index):
-    import sys
-
-    monkeypatch.setattr(sys.modules["cupy"].cuda, "Device",
-                        lambda: types.SimpleNamespace(id=index))
+    monkeypatch.setattr(Device, "current", index)
 
 
 # Each change of what decides a forward graph or its plan, from BASE: the arguments of

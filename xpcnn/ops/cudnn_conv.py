@@ -204,7 +204,8 @@ def _spare_or_new_handle(cudnn: ModuleType, device: int) -> tuple[Any, Any]:
     try:
         entry = _SPARE[device].get_nowait()
     except (KeyError, queue.Empty):
-        entry = cudnn.create_handle(), None
+        with cupy.cuda.Device(device):  # (cudnnCreate binds a handle to the current device)
+            entry = cudnn.create_handle(), None
     handles[device] = entry
     return entry
 
