@@ -211,11 +211,27 @@ def test_no_traceback_from_the_real_entry_point(tmp_path):
 TRAIN = ["train", "--limit", "64", "--batch-size", "8", "--schedule", "constant", "--quiet"]
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """SIGINT's default action in the child, as a shell gives a command it runs in the
+    foreground (Python then turns it into KeyboardInterrupt): a suite run in the background,
+    or by a runner that ignores SIGINT, would otherwise hand its children that ignoring."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler (KeyboardInterrupt) in this process for the test, as at a
+    terminal, whatever the runner left there (SIG_IGN in a background job); put back after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _ctrl_c(*args: str, wait) -> str:
     """Run ``xpcnn *args``, press Ctrl-C once training has started and ``wait(proc)`` returned;
     check that it ends with status 130 and one line on stderr, no traceback; that line."""
     proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env())
+                            text=True, env=_env(), preexec_fn=_sigint_as_at_a_terminal)
     try:
         assert proc.stdout.readline().startswith("training shapes")
         wait(proc)
@@ -258,7 +274,7 @@ def test_ctrl_c_without_a_checkpoint_says_where_it_stopped(tmp_path):
                         r"continues from it\)", err), err
 
 
-def test_fit_interrupted_then_resumed_ends_with_the_same_weights(tmp_path):
+def test_fit_interrupted_then_resumed_ends_with_the_same_weights(tmp_path, ctrl_c_raises):
     """Ctrl-C inside fit(checkpoint=...): the step in progress finishes, the checkpoint is
     written there, and resuming gives the uninterrupted run's weights, bit for bit."""
     reference, _ = ckpt_train.train()
