@@ -6,6 +6,15 @@ import pytest
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+def pytest_configure(config):
+    # Under pytest-xdist (-n), one BLAS thread a worker: the workers keep every core busy, and
+    # OpenBLAS's threads spin-wait for cores other workers hold. Set here, before the workers
+    # start, so that they have it before they load NumPy.
+    if config.getoption("numprocesses", None):
+        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+            os.environ.setdefault(name, "1")
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
