@@ -192,7 +192,6 @@ def test_an_sgd_update_reads_each_parameter_and_state_once(fast, rng):
     assert t.store_requests == 2 * warps
 
 
-
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_an_adam_update_reads_each_parameter_and_state_once(fast, rng, decoupled):
     params = [rng.standard_normal(n).astype(np.float32) for n in (64, 320)]
@@ -205,6 +204,21 @@ def test_an_adam_update_reads_each_parameter_and_state_once(fast, rng, decoupled
     # (the table's entries, one address a warp, and the parameter, gradient and two moments)
     assert t.load_requests - t.one_address_loads == 4 * warps
     assert t.store_requests == 3 * warps
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_softmax_cross_entropy_moves_its_rows_coalesced_and_once(fast, rng, dtype):
+    """Rows of 10 classes pass through shared memory: a warp's loads and stores of logits and
+    gradient fall in consecutive sectors, each moved once (a thread per row reading its row in
+    place: 31 sectors a request, 14x the minimum, float32)."""
+    z = rng.standard_normal((512, 10)).astype(dtype)
+    labels = rng.integers(0, 10, 512).astype(np.int32)
+    (t,) = _traced(lambda: fast.softmax_cross_entropy(z, labels, 0.1, None, np.float32))
+    assert t.scatter == 1.0 and t.excess < 1.01
+    # each logit loaded once and each gradient element stored once, 32 a request (besides: the
+    # labels; the 2 blocks' partial sums, stored, then loaded by the last; the 2 statistics)
+    assert t.load_requests == z.size // 32 + 512 // 32 + 2
+    assert t.store_requests == z.size // 32 + 2 + 1
+
 
 def test_batch_norm_sums_read_the_per_channel_values_once_a_thread(fast, rng):
     x = rng.standard_normal((4, 8, 8, 32)).astype(np.float32)

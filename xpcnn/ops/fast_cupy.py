@@ -740,9 +740,16 @@ _SUM_ROWS_PER_BLOCK = 1024
 # as the standard version's cast to T would give them (exactly), and their gradient rounded to
 # Z as its cast would round it (the layer that made them reads it in Z). The rows' [loss, right]
 # summed into ``stats`` in the same launch: a tree per block, then the last block's tree over
-# the blocks' partials (see _LAST_BLOCK).
+# the blocks' partials (see _LAST_BLOCK). A block's rows that fit in STAGED bytes (up to 32
+# classes of float32, 64 of float16, 16 of float64) pass through shared memory: its logits
+# loaded, and its gradient stored, by consecutive threads at consecutive addresses (4 sectors
+# a warp's request for float32), where a thread reading its own row in place puts the warp's
+# reads a row apart (31 sectors a request at 10 classes, and each row read three times:
+# tests/kernel_trace.py). The arithmetic is the same either way.
 _CROSS_ENTROPY_THREADS = 256
-_SOFTMAX_CROSS_ENTROPY_SOURCE = f"#define THREADS {_CROSS_ENTROPY_THREADS}\n" + r"""
+_CROSS_ENTROPY_STAGED = 32768
+_SOFTMAX_CROSS_ENTROPY_SOURCE = (f"#define THREADS {_CROSS_ENTROPY_THREADS}\n"
+                                 f"#define STAGED {_CROSS_ENTROPY_STAGED}\n") + r"""
 __device__ void xpcnn_pair_total(A (*sums)[THREADS], A loss, A right) {
     const int t = threadIdx.x;
     sums[0][t] = loss;
@@ -761,32 +768,46 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy(
         double keep, double spread, double inv_n, const U* scale, int scaled,
         Z* __restrict__ grad, A* partials, unsigned int* counter, A* __restrict__ stats) {
     __shared__ A sums[2][THREADS];
+    __shared__ __align__(16) unsigned char staging[STAGED];
+    Z* tile = (Z*)staging;  // (the block's rows, then their gradient rows)
     const int t = threadIdx.x;
-    const long long i = blockIdx.x * (long long)THREADS + t;
+    const long long start = blockIdx.x * (long long)THREADS;  // (the block's first row)
+    const long long i = start + t;
+    const bool staged = (long long)classes * THREADS * sizeof(Z) <= STAGED;  // (the block's)
+    const long long count = (n - start < THREADS ? n - start : THREADS) * classes;
+    if (staged) {
+        for (long long k = t; k < count; k += THREADS) tile[k] = z[start * classes + k];
+        __syncthreads();
+    }
     A row_loss = (A)0, right = (A)0;
     if (i < n) {
-        const long long base = i * classes;
+        const Z* row = staged ? tile + t * classes : z + i * classes;
+        Z* out = staged ? tile + t * classes : grad + i * classes;  // (row[c] read before)
         const long long label = (long long)labels[i];
-        A top = (A)xpcnn_widen(z[base]);
+        A top = (A)xpcnn_widen(row[0]);
         int first = 0;
         for (int c = 1; c < classes; ++c) {
-            const A v = (A)xpcnn_widen(z[base + c]);
+            const A v = (A)xpcnn_widen(row[c]);
             if (v > top) { top = v; first = c; }
         }
         A total = (A)0;
-        for (int c = 0; c < classes; ++c) total += exp((A)xpcnn_widen(z[base + c]) - top);
+        for (int c = 0; c < classes; ++c) total += exp((A)xpcnn_widen(row[c]) - top);
         const A log_total = log(total);
         A loss = (A)0;
         for (int c = 0; c < classes; ++c) {
-            const A logp = ((A)xpcnn_widen(z[base + c]) - top) - log_total;
+            const A logp = ((A)xpcnn_widen(row[c]) - top) - log_total;
             const A target = (c == label ? (A)keep : (A)0) + (A)spread;
             loss -= target * logp;
             const T g = (T)((exp(logp) - target) * (A)inv_n);
-            grad[base + c] = (Z)(scaled ? (T)((A)xpcnn_widen(g) * (A)xpcnn_widen(scale[0])) : g);
+            out[c] = (Z)(scaled ? (T)((A)xpcnn_widen(g) * (A)xpcnn_widen(scale[0])) : g);
         }
         if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
         row_loss = loss * (A)inv_n;
         right = first == label ? (A)1 : (A)0;
+    }
+    if (staged) {
+        __syncthreads();
+        for (long long k = t; k < count; k += THREADS) grad[start * classes + k] = tile[k];
     }
     xpcnn_pair_total(sums, row_loss, right);
     if (t < 2) partials[2 * blockIdx.x + t] = sums[t][0];
