@@ -206,17 +206,20 @@ def test_an_adam_update_reads_each_parameter_and_state_once(fast, rng, decoupled
     assert t.store_requests == 3 * warps
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_softmax_cross_entropy_moves_its_rows_coalesced_and_once(fast, rng, dtype):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_softmax_cross_entropy_moves_its_rows_coalesced_and_once(fast, rng, dtype, scaled):
     """Rows of 10 classes pass through shared memory: a warp's loads and stores of logits and
     gradient fall in consecutive sectors, each moved once (a thread per row reading its row in
-    place: 31 sectors a request, 14x the minimum, float32)."""
+    place: 31 sectors a request, 14x the minimum, float32); the loss scale read once a row."""
     z = rng.standard_normal((512, 10)).astype(dtype)
     labels = rng.integers(0, 10, 512).astype(np.int32)
-    (t,) = _traced(lambda: fast.softmax_cross_entropy(z, labels, 0.1, None, np.float32))
-    assert t.scatter == 1.0 and t.excess < 1.01
+    scale = np.array([8.0, 0.0], np.float32) if scaled else None
+    (t,) = _traced(lambda: fast.softmax_cross_entropy(z, labels, 0.1, scale, np.float32))
+    assert t.scatter == 1.0 and t.excess < 1.03
     # each logit loaded once and each gradient element stored once, 32 a request (besides: the
-    # labels; the 2 blocks' partial sums, stored, then loaded by the last; the 2 statistics)
-    assert t.load_requests == z.size // 32 + 512 // 32 + 2
+    # labels and the scale; the 2 blocks' partial sums, stored, then loaded by the last; the 2
+    # statistics)
+    assert t.load_requests == z.size // 32 + (2 if scaled else 1) * 512 // 32 + 2
     assert t.store_requests == z.size // 32 + 2 + 1
 
 

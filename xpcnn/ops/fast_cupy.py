@@ -784,6 +784,7 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy(
         const Z* row = staged ? tile + t * classes : z + i * classes;
         Z* out = staged ? tile + t * classes : grad + i * classes;  // (row[c] read before)
         const long long label = (long long)labels[i];
+        const A scaling = scaled ? (A)xpcnn_widen(scale[0]) : (A)1;  // (read once, not per class)
         A top = (A)xpcnn_widen(row[0]);
         int first = 0;
         for (int c = 1; c < classes; ++c) {
@@ -799,7 +800,7 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy(
             const A target = (c == label ? (A)keep : (A)0) + (A)spread;
             loss -= target * logp;
             const T g = (T)((exp(logp) - target) * (A)inv_n);
-            out[c] = (Z)(scaled ? (T)((A)xpcnn_widen(g) * (A)xpcnn_widen(scale[0])) : g);
+            out[c] = (Z)(scaled ? (T)((A)xpcnn_widen(g) * scaling) : g);
         }
         if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
         row_loss = loss * (A)inv_n;
