@@ -28,3 +28,6 @@ def pytest_collection_modifyitems(config, items):
         # the marks a module gives its own cases (test_gpu.py's on the CUDA emulator)
         for mark in getattr(getattr(item, "module", None), "collection_marks", lambda i: [])(item):
             item.add_marker(mark)
+    # The slow (real-data) tests first, the rest in their order: under -n, workers start the
+    # longest at once rather than one of them ending the run alone with an MNIST epoch.
+    items.sort(key=lambda item: "slow" not in item.keywords)
