@@ -167,10 +167,11 @@ def _raw_source(fast_cupy, monkeypatch, name: str, source: str, **types) -> str:
                                                   ("float64", "float64", "float64")])
 def test_softmax_cross_entropy_kernel_compiles(fast_cupy, monkeypatch, logits, dtype, scale,
                                                labels):
-    """The loss kernel, with its NaN for a label that is no class (``nan("")`` in the
-    accumulator type, float for half logits), for every label dtype fit passes it, the
-    float16 loss scale read from its float32 state, float16 logits read for a wider loss
-    (mixed precision), and the rows' sums by its last block."""
+    """The loss kernels of the source (a row a thread, a row a warp), with their NaN for a
+    label that is no class (``nan("")`` in the accumulator type, float for half logits), for
+    every label dtype fit passes them, the float16 loss scale read from its float32 state,
+    float16 logits read for a wider loss (mixed precision), and the rows' sums by the last
+    block; their shared memory within a block's 48 KB (machine code, ptxas's check)."""
     acc = "float64" if dtype == "float64" else "float32"
     source = _raw_source(fast_cupy, monkeypatch, "xpcnn_softmax_cross_entropy",
                          fast_cupy._SOFTMAX_CROSS_ENTROPY_SOURCE, Z=logits, L=labels, T=dtype,

@@ -829,8 +829,11 @@ def test_softmax_cross_entropy(fast, monkeypatch, rng, rows, classes, smoothing,
                 assert got[0].dtype == want[0].dtype and got[1].dtype == dtype
                 np.testing.assert_array_equal(got[0], want[0])
                 np.testing.assert_array_equal(got[1], want[1].astype(dtype))
-    # a label that is no class makes the loss NaN, in both versions (uint8: none below 0)
-    for bad in (classes, -1 if np.issubdtype(labels_dtype, np.signedinteger) else 255):
+    # a label that is no class makes the loss NaN, in both versions (those the labels' dtype
+    # holds: uint8 none below 0, and none at all for 300 classes)
+    info = np.iinfo(labels_dtype)
+    for bad in [b for b in (classes, -1, 255)
+                if info.min <= b <= info.max and not 0 <= b < classes]:
         wrong = labels.copy()
         wrong[rows // 2] = bad
         for kernels in (fast, STD):

@@ -223,6 +223,22 @@ def test_softmax_cross_entropy_moves_its_rows_coalesced_and_once(fast, rng, dtyp
     assert t.store_requests == z.size // 32 + 2 + 1
 
 
+def test_softmax_cross_entropy_of_many_classes_reads_a_row_a_warp(fast, rng):
+    """Rows whose block would not fit in shared memory (128 classes of float32) are a warp's
+    each, the lanes on consecutive classes: every request packed (a thread a row: 24 sectors a
+    request, 7.6x packed, at 100 classes)."""
+    z = rng.standard_normal((512, 128)).astype(np.float32)
+    labels = rng.integers(0, 128, 512).astype(np.int32)
+    scale = np.array([8.0, 0.0], np.float32)
+    (t,) = _traced(lambda: fast.softmax_cross_entropy(z, labels, 0.1, scale, np.float32))
+    assert t.scatter < 1.01  # (NumPy aligns the rows to 16 bytes, not a sector's 32)
+    # the row read three times (its maximum, its sum, its loss and gradient: L1's to absorb),
+    # the gradient stored once; a warp's label and scale one address each; 64 blocks of 8 rows,
+    # their partial sums stored, then read by the last block in 4 requests; the 2 statistics
+    assert t.load_requests == 3 * z.size // 32 + 2 * 512 + 4
+    assert t.store_requests == z.size // 32 + 64 + 1
+
+
 def test_batch_norm_sums_read_the_per_channel_values_once_a_thread(fast, rng):
     x = rng.standard_normal((4, 8, 8, 32)).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)

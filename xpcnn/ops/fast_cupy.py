@@ -730,22 +730,28 @@ extern "C" __global__ void xpcnn_relu_sum_rows(const X* __restrict__ a,
 _SUM_ROWS_BLOCKS = 512
 _SUM_ROWS_PER_BLOCK = 1024
 
-# Softmax cross-entropy of one row of logits per thread (a few classes each): the row's loss
-# divided by N, whether its first maximum is at the label, and its gradient row, (softmax -
-# target) / N, with the target mixed with the uniform distribution by ``spread`` = smoothing /
-# classes (``keep`` = 1 - smoothing). The same steps as xpcnn.ops.softmax, in the accumulator
-# type A (float32 for float16 T). Where ``scaled``, the gradient (rounded to T) is then
-# multiplied by the float16 loss scale ``scale[0]``, read from the device, as the standard
-# version does it after. Logits of a narrower type Z (float16 under mixed precision) are read
-# as the standard version's cast to T would give them (exactly), and their gradient rounded to
-# Z as its cast would round it (the layer that made them reads it in Z). The rows' [loss, right]
-# summed into ``stats`` in the same launch: a tree per block, then the last block's tree over
-# the blocks' partials (see _LAST_BLOCK). A block's rows that fit in STAGED bytes (up to 32
-# classes of float32, 64 of float16, 16 of float64) pass through shared memory: its logits
-# loaded, and its gradient stored, by consecutive threads at consecutive addresses (4 sectors
-# a warp's request for float32), where a thread reading its own row in place puts the warp's
-# reads a row apart (31 sectors a request at 10 classes, and each row read three times:
-# tests/kernel_trace.py). The arithmetic is the same either way.
+# Softmax cross-entropy in one launch: each row's loss divided by N, whether its first maximum
+# is at the label, and its gradient row, (softmax - target) / N, with the target mixed with the
+# uniform distribution by ``spread`` = smoothing / classes (``keep`` = 1 - smoothing). The same
+# steps as xpcnn.ops.softmax, in the accumulator type A (float32 for float16 T). Where
+# ``scaled``, the gradient (rounded to T) is then multiplied by the float16 loss scale
+# ``scale[0]``, read from the device, as the standard version does it after. Logits of a
+# narrower type Z (float16 under mixed precision) are read as the standard version's cast to T
+# would give them (exactly), and their gradient rounded to Z as its cast would round it (the
+# layer that made them reads it in Z). The rows' [loss, right] summed into ``stats`` in the
+# same launch: a tree per block, then the last block's tree over the blocks' partials (see
+# _LAST_BLOCK). Two kernels, by the rows' size:
+# - xpcnn_softmax_cross_entropy: a row a thread, where a block's THREADS rows fit in STAGED
+#   bytes of shared memory in T (up to 32 classes of a float32 loss, mixed precision's too; 64
+#   of float16, 16 of float64: 10 for MNIST and CIFAR-10). They pass through it: the logits
+#   loaded, and the gradient stored, by consecutive threads at consecutive addresses (4
+#   sectors a warp's request for float32), where a thread reading its own row in place would
+#   put the warp's reads a row apart (31 sectors a request at 10 classes, and each row read
+#   three times: tests/kernel_trace.py).
+# - xpcnn_softmax_cross_entropy_rows: a row a warp, for more classes (CIFAR-100's 100), its
+#   lanes on consecutive classes; the row's maximum, sum and loss each a tree over the lanes.
+#   (A thread a row would put a whole batch of 512 rows on 2 blocks of the GPU's 132
+#   multiprocessors, each thread walking its row alone.)
 _CROSS_ENTROPY_THREADS = 256
 _CROSS_ENTROPY_STAGED = 32768
 _SOFTMAX_CROSS_ENTROPY_SOURCE = (f"#define THREADS {_CROSS_ENTROPY_THREADS}\n"
@@ -763,6 +769,23 @@ __device__ void xpcnn_pair_total(A (*sums)[THREADS], A loss, A right) {
         __syncthreads();
     }
 }
+// The rows' [loss / N, right] of the block summed, then the blocks' by the last block.
+__device__ void xpcnn_block_totals(A (*sums)[THREADS], A row_loss, A right, A* partials,
+                                   unsigned int* counter, A* __restrict__ stats) {
+    const int t = threadIdx.x;
+    xpcnn_pair_total(sums, row_loss, right);
+    if (t < 2) partials[2 * blockIdx.x + t] = sums[t][0];
+    if (!xpcnn_last_block(counter, gridDim.x)) return;
+    const volatile A* done = partials;
+    row_loss = (A)0;
+    right = (A)0;
+    for (unsigned b = t; b < gridDim.x; b += THREADS) {
+        row_loss += done[2 * b];
+        right += done[2 * b + 1];
+    }
+    xpcnn_pair_total(sums, row_loss, right);
+    if (t < 2) stats[t] = sums[t][0];
+}
 extern "C" __global__ void xpcnn_softmax_cross_entropy(
         const Z* __restrict__ z, const L* __restrict__ labels, long long n, int classes,
         double keep, double spread, double inv_n, const U* scale, int scaled,
@@ -773,16 +796,12 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy(
     const int t = threadIdx.x;
     const long long start = blockIdx.x * (long long)THREADS;  // (the block's first row)
     const long long i = start + t;
-    const bool staged = (long long)classes * THREADS * sizeof(Z) <= STAGED;  // (the block's)
     const long long count = (n - start < THREADS ? n - start : THREADS) * classes;
-    if (staged) {
-        for (long long k = t; k < count; k += THREADS) tile[k] = z[start * classes + k];
-        __syncthreads();
-    }
+    for (long long k = t; k < count; k += THREADS) tile[k] = z[start * classes + k];
+    __syncthreads();
     A row_loss = (A)0, right = (A)0;
     if (i < n) {
-        const Z* row = staged ? tile + t * classes : z + i * classes;
-        Z* out = staged ? tile + t * classes : grad + i * classes;  // (row[c] read before)
+        Z* row = tile + t * classes;  // (each row[c] read before its gradient replaces it)
         const long long label = (long long)labels[i];
         const A scaling = scaled ? (A)xpcnn_widen(scale[0]) : (A)1;  // (read once, not per class)
         A top = (A)xpcnn_widen(row[0]);
@@ -800,28 +819,84 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy(
             const A target = (c == label ? (A)keep : (A)0) + (A)spread;
             loss -= target * logp;
             const T g = (T)((exp(logp) - target) * (A)inv_n);
-            out[c] = (Z)(scaled ? (T)((A)xpcnn_widen(g) * scaling) : g);
+            row[c] = (Z)(scaled ? (T)((A)xpcnn_widen(g) * scaling) : g);
         }
         if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
         row_loss = loss * (A)inv_n;
         right = first == label ? (A)1 : (A)0;
     }
-    if (staged) {
+    __syncthreads();
+    for (long long k = t; k < count; k += THREADS) grad[start * classes + k] = tile[k];
+    xpcnn_block_totals(sums, row_loss, right, partials, counter, stats);
+}
+// The sum of the 32 values of a warp's lanes, for each lane of it: a tree in ``s`` (THREADS
+// entries, the block's; every thread of the block takes part).
+__device__ A xpcnn_lanes_sum(A* s, A v) {
+    const int t = threadIdx.x, lane = t % 32;
+    s[t] = v;
+    __syncthreads();
+    for (int half = 16; half > 0; half /= 2) {
+        if (lane < half) s[t] += s[t + half];
         __syncthreads();
-        for (long long k = t; k < count; k += THREADS) grad[start * classes + k] = tile[k];
     }
-    xpcnn_pair_total(sums, row_loss, right);
-    if (t < 2) partials[2 * blockIdx.x + t] = sums[t][0];
-    if (!xpcnn_last_block(counter, gridDim.x)) return;
-    const volatile A* done = partials;
-    row_loss = (A)0;
-    right = (A)0;
-    for (unsigned b = t; b < gridDim.x; b += THREADS) {
-        row_loss += done[2 * b];
-        right += done[2 * b + 1];
+    const A total = s[t - lane];
+    __syncthreads();  // (s is the next tree's)
+    return total;
+}
+extern "C" __global__ void xpcnn_softmax_cross_entropy_rows(
+        const Z* __restrict__ z, const L* __restrict__ labels, long long n, int classes,
+        double keep, double spread, double inv_n, const U* scale, int scaled,
+        Z* __restrict__ grad, A* partials, unsigned int* counter, A* __restrict__ stats) {
+    __shared__ A sums[2][THREADS];
+    __shared__ A values[THREADS];
+    __shared__ int places[THREADS];
+    const int t = threadIdx.x, lane = t % 32;
+    const long long i = blockIdx.x * (long long)(THREADS / 32) + t / 32;  // (the warp's row)
+    const bool live = i < n;  // (a warp past the last row still takes part in the trees)
+    const Z* row = z + (live ? i : 0) * classes;
+    // the row's first maximum: each lane's, then the larger of two, the earlier of equals
+    A top = (A)0;
+    int first = classes;  // (none)
+    for (int c = lane; live && c < classes; c += 32) {
+        const A v = (A)xpcnn_widen(row[c]);
+        if (first == classes || v > top) { top = v; first = c; }
     }
-    xpcnn_pair_total(sums, row_loss, right);
-    if (t < 2) stats[t] = sums[t][0];
+    values[t] = top;
+    places[t] = first;
+    __syncthreads();
+    for (int half = 16; half > 0; half /= 2) {
+        if (lane < half) {
+            const A v = values[t + half];
+            const int c = places[t + half];
+            if (c < classes && (places[t] == classes || v > values[t]
+                                || (v == values[t] && c < places[t]))) {
+                values[t] = v;
+                places[t] = c;
+            }
+        }
+        __syncthreads();
+    }
+    top = values[t - lane];
+    first = places[t - lane];
+    __syncthreads();
+    A part = (A)0;
+    for (int c = lane; live && c < classes; c += 32) part += exp((A)xpcnn_widen(row[c]) - top);
+    const A log_total = log(xpcnn_lanes_sum(values, part));
+    const long long label = live ? (long long)labels[i] : 0;
+    const A scaling = live && scaled ? (A)xpcnn_widen(scale[0]) : (A)1;
+    part = (A)0;
+    for (int c = lane; live && c < classes; c += 32) {
+        const A logp = ((A)xpcnn_widen(row[c]) - top) - log_total;
+        const A target = (c == label ? (A)keep : (A)0) + (A)spread;
+        part -= target * logp;
+        const T g = (T)((exp(logp) - target) * (A)inv_n);
+        grad[i * classes + c] = (Z)(scaled ? (T)((A)xpcnn_widen(g) * scaling) : g);
+    }
+    A loss = xpcnn_lanes_sum(values, part);
+    if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
+    const bool mine = live && lane == 0;  // (the row's totals, once)
+    xpcnn_block_totals(sums, mine ? loss * (A)inv_n : (A)0,
+                       mine && first == label ? (A)1 : (A)0, partials, counter, stats);
 }
 """
 
@@ -1631,14 +1706,20 @@ class CupyKernels(StandardKernels):
                 labels.dtype.kind not in "iu"):
             return super().softmax_cross_entropy(z, labels, smoothing, scale, dtype)
         acc = _accumulator(t)
-        blocks = -(-n // _CROSS_ENTROPY_THREADS)
+        # (chosen by the rows' size in the loss's dtype, not the logits': narrower logits
+        # give the bits their cast would, by the same kernel)
+        if classes * _CROSS_ENTROPY_THREADS * t.itemsize <= _CROSS_ENTROPY_STAGED:
+            name, rows_per_block = "xpcnn_softmax_cross_entropy", _CROSS_ENTROPY_THREADS
+        else:  # (a row a warp)
+            name, rows_per_block = "xpcnn_softmax_cross_entropy_rows", _CROSS_ENTROPY_THREADS // 32
+        blocks = -(-n // rows_per_block)
         grad = cupy.empty(z.shape, z.dtype)  # (in the logits' dtype)
         partials = cupy.empty((blocks, 2), acc)  # per block: its rows' loss / N, right ones
         stats = cupy.empty(2, acc)
         scaled = scale is not None
         if not scaled:
             scale = z  # (not read)
-        kernel = _raw_kernel("xpcnn_softmax_cross_entropy", _SOFTMAX_CROSS_ENTROPY_SOURCE,
+        kernel = _raw_kernel(name, _SOFTMAX_CROSS_ENTROPY_SOURCE,
                              Z=z.dtype, L=labels.dtype, T=t, U=scale.dtype, A=acc)
         kernel((blocks,), (_CROSS_ENTROPY_THREADS,),
                (z, labels, np.int64(n), np.int32(classes), np.float64(1.0 - smoothing),
