@@ -19,7 +19,9 @@ For each reference model (notebook, mnist, cifar), batch size (128, 512) and pre
 with cuDNN (its plans chosen by timing, as by default, and the heuristics' first plans), with
 xpcnn's hand-written CUDA kernels and with PyTorch; ``--kernels MODEL:BATCH:PRECISION``
 counts what the GPU runs in a training step (kernels, copies, memsets, the kernels' time and
-the costliest ones), for xpcnn eager and replayed and for PyTorch eager.
+the costliest ones), for xpcnn eager and replayed and for PyTorch eager; ``--loss-kernels
+BATCH`` times the softmax cross-entropy's kernel at 10, 100 and 1000 classes against the
+standard version and PyTorch.
 
     python scripts/bench_gpu.py --json gpu.json              # on a machine with a CUDA GPU
     python scripts/bench_gpu.py --device cpu --steps 2 --batch-sizes 8   # dry run on the CPU
@@ -247,6 +249,44 @@ def compare_conv_engines(name: str, batch: int, precision: str, args: argparse.N
                   f"{rates[label]:>10.1f}")
         rows.append({"layer": layer.name, "geometry": geometry, "ms": times,
                      "tflops": rates})
+    return rows
+
+
+def compare_loss_kernels(batch: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The softmax cross-entropy, loss and gradient together (ms, median of ``args.steps``),
+    on ``batch`` rows of float32 logits of 10, 100 and 1000 classes: xpcnn's kernel (a row a
+    thread where a block's rows fit in shared memory, else a row a warp), the standard Array
+    API version on the same arrays, and PyTorch's cross_entropy forward and backward."""
+    import cupy
+
+    from xpcnn.ops import fast_cupy
+    from xpcnn.ops.kernels import StandardKernels
+
+    kernels, rng, rows = fast_cupy.KERNELS, np.random.default_rng(0), []
+    print(f"\nsoftmax cross-entropy, batch {batch}, float32: ms for the loss and its gradient")
+    print(f"  {'classes':>7}  {'kernel':<34}{'xpcnn':>8}{'standard':>10}{'torch':>8}")
+    for classes in (10, 100, 1000):
+        z = cupy.asarray(rng.standard_normal((batch, classes)), dtype=cupy.float32)
+        labels = cupy.asarray(rng.integers(0, classes, batch))
+        ops = {"xpcnn": partial(kernels.softmax_cross_entropy, z, labels, 0.0),
+               "standard": partial(StandardKernels.softmax_cross_entropy, kernels, z, labels,
+                                   0.0)}
+        try:
+            import torch
+
+            zt = torch.as_tensor(z, device=args.device).requires_grad_(True)
+            lt = torch.as_tensor(labels, device=args.device)
+            ops["torch"] = lambda zt=zt, lt=lt: torch.autograd.grad(
+                torch.nn.functional.cross_entropy(zt, lt), zt)
+        except ImportError:
+            pass
+        ms = {label: timed(op, args.steps, args.warmup, args.device) * 1e3
+              for label, op in ops.items()}
+        kernel = fast_cupy.cross_entropy_kernel(classes, np.float32)[0]
+        print(f"  {classes:>7}  {kernel:<34}" + "".join(
+            f"{ms[k]:>{w}.3f}" if k in ms else f"{'-':>{w}}"
+            for k, w in (("xpcnn", 8), ("standard", 10), ("torch", 8))))
+        rows.append({"classes": classes, "kernel": kernel, "ms": ms})
     return rows
 
 
@@ -544,6 +584,9 @@ def main() -> int:
                    help="also count the kernels, copies and memsets of a training step, and "
                    "the kernels' time, for xpcnn eager, xpcnn replayed and PyTorch eager "
                    "(PyTorch's profiler; repeatable)")
+    p.add_argument("--loss-kernels", action="append", default=[], type=int, metavar="BATCH",
+                   help="also time the softmax cross-entropy of 10, 100 and 1000 classes "
+                   "against the standard version and PyTorch (repeatable; CUDA only)")
     p.add_argument("--no-cudnn", action="store_true",
                    help="convolutions on the hand-written kernels alone (XPCNN_CUDNN=0)")
     p.add_argument("--json", default=None, metavar="PATH")
@@ -559,6 +602,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     conv_rows: list[dict[str, Any]] = []
     kernel_rows: list[dict[str, Any]] = []
+    loss_rows: list[dict[str, Any]] = []
     header = (f"{'model':<9}{'batch':>6} {'precision':<14}{'fit':>8}{'ratio':>7}{'TFLOP/s':>8}"
               f"{'peak':>7}  {'train':>8}{'std':>8}{'torch':>8}"
               f"{'ratio':>7}  {'infer':>8}{'std':>8}{'torch':>8}{'ratio':>7}"
@@ -581,7 +625,8 @@ def main() -> int:
             with open(args.json, "w") as f:
                 json.dump({"device": card, "software": info,
                            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           "rows": rows, "conv_layers": conv_rows, "kernels": kernel_rows},
+                           "rows": rows, "conv_layers": conv_rows, "kernels": kernel_rows,
+                           "loss_kernels": loss_rows},
                           f, indent=2)
 
     print(f"device: {card}; {info}")
@@ -665,6 +710,9 @@ def main() -> int:
         name, batch, precision = spec.split(":")
         conv_rows.append({"spec": spec,
                           "layers": compare_conv_engines(name, int(batch), precision, args)})
+        save()
+    for batch in args.loss_kernels:
+        loss_rows.append({"batch": batch, "classes": compare_loss_kernels(batch, args)})
         save()
     for spec in args.profile:
         name, batch, precision = spec.split(":")

@@ -66,4 +66,4 @@ timeout "${BENCH_TIMEOUT:-150}" $py scripts/bench_gpu.py --json "$out/gpu.json" 
   ${BENCH_ARGS:---steps 15 --warmup 3 --no-standard --torch-channels-last \
   --kernels cifar:128:float32 \
   --conv-layers cifar:512:float32 --conv-layers cifar:512:mixed_float16 \
-  --profile cifar:128:float32} 2>&1 | tee "$out/bench_gpu.log"
+  --loss-kernels 512 --profile cifar:128:float32} 2>&1 | tee "$out/bench_gpu.log"

@@ -361,6 +361,41 @@ def test_the_memory_comparisons_peak_follows_the_allocations():
         1024 + 2048 + 1536, {"before": 1024, "conv forward": 2048, "conv backward": 1536})
 
 
+@needs_compiler
+def test_the_loss_kernel_comparison_runs_on_the_emulated_kernels():
+    """bench_gpu.compare_loss_kernels (--loss-kernels) on the CUDA emulator, timed as on the
+    CPU: a row per class count, naming the kernel xpcnn chose, with the standard version's
+    and PyTorch's times beside xpcnn's."""
+    import argparse
+
+    from cuda_emulator import load_emulated_fast_cupy, restore
+
+    path = list(sys.path)  # (bench_gpu puts scripts/ first too)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    _, saved = load_emulated_fast_cupy()
+    try:
+        import bench_gpu
+
+        rows = bench_gpu.compare_loss_kernels(
+            64, argparse.Namespace(device="cpu", steps=1, warmup=0))
+    finally:
+        restore(saved)
+        sys.path[:] = path
+    assert [(r["classes"], r["kernel"]) for r in rows] == [
+        (10, "xpcnn_softmax_cross_entropy"), (100, "xpcnn_softmax_cross_entropy_rows"),
+        (1000, "xpcnn_softmax_cross_entropy_rows")]
+    want = {"xpcnn", "standard"} | ({"torch"} if _has("torch") else set())
+    assert all(set(r["ms"]) == want and min(r["ms"].values()) > 0 for r in rows)
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
 def test_the_memory_comparison_names_the_models_it_has_no_twin_for():
     out = _run("--models", "mnist,resnet20", script="memory_vs_torch.py")
     assert out.returncode == 2 and "no twin for 'resnet20' here; expected some of" in out.stderr

@@ -901,6 +901,15 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy_rows(
 """
 
 
+def cross_entropy_kernel(classes: int, dtype: Any) -> tuple[str, int]:
+    """The softmax cross-entropy kernel for rows of ``classes`` logits whose loss is computed
+    in ``dtype``, and its rows a block. (By the rows' size in the loss's dtype, not the
+    logits': narrower logits give the bits their cast would, by the same kernel.)"""
+    if classes * _CROSS_ENTROPY_THREADS * np.dtype(dtype).itemsize <= _CROSS_ENTROPY_STAGED:
+        return "xpcnn_softmax_cross_entropy", _CROSS_ENTROPY_THREADS
+    return "xpcnn_softmax_cross_entropy_rows", _CROSS_ENTROPY_THREADS // 32  # (a row a warp)
+
+
 # FeatureNorm in one launch each way. The data is NHWC: an image is an (H*W, C) row-major
 # matrix, and its statistics are the column means, which a block computes alone: block (n, y)
 # owns channels [32y, 32y + w) of image n (w = min(32, C - 32y)), so it needs no other block
@@ -1706,12 +1715,7 @@ class CupyKernels(StandardKernels):
                 labels.dtype.kind not in "iu"):
             return super().softmax_cross_entropy(z, labels, smoothing, scale, dtype)
         acc = _accumulator(t)
-        # (chosen by the rows' size in the loss's dtype, not the logits': narrower logits
-        # give the bits their cast would, by the same kernel)
-        if classes * _CROSS_ENTROPY_THREADS * t.itemsize <= _CROSS_ENTROPY_STAGED:
-            name, rows_per_block = "xpcnn_softmax_cross_entropy", _CROSS_ENTROPY_THREADS
-        else:  # (a row a warp)
-            name, rows_per_block = "xpcnn_softmax_cross_entropy_rows", _CROSS_ENTROPY_THREADS // 32
+        name, rows_per_block = cross_entropy_kernel(classes, t)
         blocks = -(-n // rows_per_block)
         grad = cupy.empty(z.shape, z.dtype)  # (in the logits' dtype)
         partials = cupy.empty((blocks, 2), acc)  # per block: its rows' loss / N, right ones
