@@ -517,6 +517,55 @@ def test_the_cupy_kernels_choose_cudnn_per_layer_where_it_loads(monkeypatch):
         restore(saved)
 
 
+def test_a_products_bias_and_relu_are_its_graphs_epilogue(cc, rng):
+    """CudnnMatmul.with_bias_relu: a @ b + bias, then ReLU, in one graph (one execution, no
+    kernel of their own), for a bias alone, a ReLU alone and both; each graph built once."""
+    matmul = cc.CudnnMatmul(cc.load())
+    a, b, bias = rng.standard_normal((5, 7)), rng.standard_normal((7, 4)), rng.standard_normal(4)
+    cases = [(True, False), (False, True), (True, True)]
+    for _ in range(2):
+        for with_bias, relu in cases:
+            got = matmul.with_bias_relu(a, b, bias if with_bias else None, relu)
+            want = a @ b + (bias if with_bias else 0.0)
+            np.testing.assert_allclose(got, np.maximum(want, 0.0) if relu else want,
+                                       rtol=1e-12, atol=1e-12)
+    assert [[op[0] for op in graph.ops] for graph in GRAPHS] == [
+        ["matmul", "bias"], ["matmul", "relu"], ["matmul", "bias", "relu"]]
+    assert [graph.executions for graph in GRAPHS] == [2, 2, 2]
+
+
+def test_a_product_whose_epilogue_cudnn_refuses_adds_them_after(emulated_cupy, monkeypatch,
+                                                                 rng):
+    """Where cuDNN has no plan for the product with its bias and ReLU, a one-line warning,
+    then the plain product's graph and the bias and ReLU after it, as outside a capture."""
+    kernels = emulated_cupy.KERNELS
+    monkeypatch.setattr(PyGraph, "refuse", lambda graph: len(graph.ops) > 1)
+    a, b, bias = rng.standard_normal((5, 7)), rng.standard_normal((7, 4)), rng.standard_normal(4)
+    with pytest.warns(RuntimeWarning, match=r"cuDNN has no plan for the matrix product \(5, "
+                      r"7\) @ \(7, 4\) in float64 with its bias \+ ReLU in the same graph "
+                      r"\(.+\); they run after it") as record, kernels.capturable():
+        got = [kernels.matmul_bias_relu(a, b, bias, True) for _ in range(2)]
+    assert len(record) == 1
+    for y in got:
+        np.testing.assert_allclose(y, np.maximum(a @ b + bias, 0.0), rtol=1e-12)
+    assert [graph.executions for graph in GRAPHS] == [0, 2]  # (the refused, the plain one)
+
+
+def test_a_dense_layer_under_capture_runs_one_graph_forward(emulated_cupy, rng):
+    """Inside capturable(), a Dense layer's forward (bias and ReLU) is one cuDNN graph and no
+    kernel besides; outside it, cuBLAS's product and the bias + ReLU kernel, as before."""
+    kernels = emulated_cupy.KERNELS
+    a, b, bias = rng.standard_normal((6, 5)), rng.standard_normal((5, 3)), rng.standard_normal(3)
+    want = np.maximum(a @ b + bias, 0.0)
+    with kernels.capturable():
+        np.testing.assert_allclose(kernels.matmul_bias_relu(a, b, bias, True), want,
+                                   rtol=1e-12)
+    ((graph,),) = [GRAPHS]
+    assert [op[0] for op in graph.ops] == ["matmul", "bias", "relu"] and graph.executions == 1
+    np.testing.assert_allclose(kernels.matmul_bias_relu(a, b, bias, True), want, rtol=1e-12)
+    assert graph.executions == 1 and len(GRAPHS) == 1
+
+
 def test_the_cupy_kernels_keep_their_matmul_graphs_across_captures(emulated_cupy, rng):
     """CupyKernels.capturable: inside, matrix products are cuDNN graphs (built once, on the
     first warm-up step, and kept while a captured graph replays them); outside, not."""
@@ -554,7 +603,10 @@ def test_the_real_frontend_takes_these_graph_descriptions(monkeypatch):
              (engine._wgrad(4), {"x": image, "dy": output, "dw": kernel}, 1),
              (cc.CudnnMatmul._make(5, 7, 4, True, False),
               {"a": ([1, 5, 7], [35, 1, 5]), "b": ([1, 7, 4], [28, 4, 1]),
-               "c": ([1, 5, 4], [20, 4, 1])}, 1)]
+               "c": ([1, 5, 4], [20, 4, 1])}, 1),
+             (cc.CudnnMatmul._make(5, 7, 4, False, False, True, True),
+              {"a": ([1, 5, 7], [35, 7, 1]), "b": ([1, 7, 4], [28, 4, 1]),
+               "bias": ([1, 1, 4], [4, 4, 1]), "c": ([1, 5, 4], [20, 4, 1])}, 3)]
     for make, want, nodes in cases:
         io = cudnn.data_type.FLOAT
         graph = cudnn.pygraph(io_data_type=io, intermediate_data_type=io, compute_data_type=io)

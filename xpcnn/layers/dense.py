@@ -74,7 +74,7 @@ class Dense(Layer):
         kern = kernels_for(self.backend)
         bias = self.compute_weight("bias") if self.use_bias else None
         relu = self.relu_output or options.fused_relu
-        y = kern.bias_relu(kern.matmul(x, w), bias, relu)
+        y = kern.matmul_bias_relu(x, w, bias, relu)
         if training:
             self._cache_x, self._cache_w = x, w
             # where y > 0 the ReLU's gradient passes (unless the next layer applies it)

@@ -586,47 +586,83 @@ class CudnnMatmul:
                  transpose_b: bool = False) -> Any:
         """``op(a) @ op(b)`` of C-contiguous 2-D ``a`` and ``b``, op a transpose where asked."""
         a, b = _operand(a), _operand(b)
+        c = self._run(a, b, transpose_a, transpose_b, None, False)
+        if c is None:  # (no plan: cuBLAS, after the warning)
+            return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
+        return c
+
+    def with_bias_relu(self, a: Any, b: Any, bias: Any | None, relu: bool) -> Any | None:
+        """``a @ b + bias`` (where there is one), then ReLU with ``relu``, as one graph: the
+        bias and ReLU the product's epilogue, not a kernel of their own (a node fewer in a
+        captured step, and a pass fewer over the output). None where cuDNN has no plan for
+        that graph, after a one-line warning: the caller then adds them after the product."""
+        bias = None if bias is None else _operand(bias)
+        return self._run(_operand(a), _operand(b), False, False, bias, relu)
+
+    def _run(self, a: Any, b: Any, transpose_a: bool, transpose_b: bool, bias: Any | None,
+             relu: bool) -> Any | None:
         m, k = a.shape[::-1] if transpose_a else a.shape
         n = b.shape[0] if transpose_b else b.shape[1]
         on = switches(matmul=True)  # (as they are now)
-        key = (cupy.cuda.Device().id, a.shape, b.shape, transpose_a, transpose_b, a.dtype, on)
+        key = (cupy.cuda.Device().id, a.shape, b.shape, transpose_a, transpose_b, a.dtype,
+               bias is not None, relu, on)  # (the switches last, as in every plan's key)
         plan = self._plans.get(key, _NOT_BUILT)
         if plan is _NOT_BUILT:
             plan = self._plans[key] = shared_plan(
                 ("matmul", *key),
-                lambda: self._build(a.dtype, m, k, n, transpose_a, transpose_b, on))
+                lambda: self._build(a.dtype, (m, k, n, transpose_a, transpose_b,
+                                              bias is not None, relu), on))
         if plan is None:
-            return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
+            return None
         c = cupy.empty((m, n), a.dtype)
-        plan.run(a=a, b=b, c=c)
+        arrays = {"a": a, "b": b, "c": c}
+        if bias is not None:
+            arrays["bias"] = bias
+        plan.run(**arrays)
         return c
 
-    def _build(self, dtype: Any, m: int, k: int, n: int, transpose_a: bool, transpose_b: bool,
-               on: tuple[bool, bool, bool]) -> Plan | None:
-        """The product's graph built under the switches ``on`` (its key's); None, after a
-        one-line warning, where cuDNN has no plan."""
+    def _build(self, dtype: Any, shape: tuple[Any, ...], on: tuple[bool, bool, bool]
+               ) -> Plan | None:
+        """The graph of ``shape`` (see :meth:`_make`) built under the switches ``on`` (its
+        key's); None, after a one-line warning, where cuDNN has no plan."""
+        m, k, n, _, _, bias, relu = shape
         try:
-            return build_plan(self.cudnn, dtype, self._make(m, k, n, transpose_a, transpose_b),
-                              *on)
+            return build_plan(self.cudnn, dtype, self._make(*shape), *on)
         except Exception as e:  # the frontend's errors have no common base
             reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            warn_once(f"xpcnn: cuDNN has no plan for the matrix product ({m}, {k}) @ ({k}, "
-                      f"{n}) in {np.dtype(dtype).name} ({reason}); cuBLAS runs it, which a "
-                      "CUDA graph cannot capture: training steps with it run eagerly")
+            product = f"the matrix product ({m}, {k}) @ ({k}, {n}) in {np.dtype(dtype).name}"
+            if bias or relu:
+                epilogue = " + ".join(["bias"] * bias + ["ReLU"] * relu)
+                warn_once(f"xpcnn: cuDNN has no plan for {product} with its {epilogue} in the "
+                          f"same graph ({reason}); they run after it")
+            else:
+                warn_once(f"xpcnn: cuDNN has no plan for {product} ({reason}); cuBLAS runs "
+                          "it, which a CUDA graph cannot capture: training steps with it run "
+                          "eagerly")
             return None
 
     @staticmethod
-    def _make(m: int, k: int, n: int, transpose_a: bool, transpose_b: bool) -> Any:
-        """Batch-of-one (1, m, k) @ (1, k, n) tensors; a transposed operand is the same memory
-        read with swapped strides."""
+    def _make(m: int, k: int, n: int, transpose_a: bool, transpose_b: bool,
+              bias: bool = False, relu: bool = False) -> Any:
+        """Batch-of-one (1, m, k) @ (1, k, n) tensors (a transposed operand is the same memory
+        read with swapped strides), then a (1, 1, n) bias and a ReLU where asked."""
 
         def make(graph: Any, io: Any) -> dict[str, Any]:
             a = graph.tensor(name="a", dim=[1, m, k],
                              stride=[m * k, 1, m] if transpose_a else [m * k, k, 1], data_type=io)
             b = graph.tensor(name="b", dim=[1, k, n],
                              stride=[k * n, 1, k] if transpose_b else [k * n, n, 1], data_type=io)
+            tensors = {"a": a, "b": b}
             c = graph.matmul(A=a, B=b, name="matmul")
+            if bias:
+                c.set_dim([1, m, n]).set_stride([m * n, n, 1])
+                tensors["bias"] = graph.tensor(name="bias", dim=[1, 1, n], stride=[n, n, 1],
+                                               data_type=io)
+                c = graph.bias(input=c, bias=tensors["bias"], name="add_bias")
+            if relu:
+                c.set_dim([1, m, n]).set_stride([m * n, n, 1])
+                c = graph.relu(input=c, name="relu")
             c.set_output(True).set_dim([1, m, n]).set_stride([m * n, n, 1]).set_data_type(io)
-            return {"a": a, "b": b, "c": c}
+            return {**tensors, "c": c}
 
         return make

@@ -1406,6 +1406,13 @@ class CupyKernels(StandardKernels):
             return self._graph_matmul(a, b)
         return a @ b
 
+    def matmul_bias_relu(self, a: Any, b: Any, bias: Any, relu: bool) -> Any:
+        if self._graph_matmul is not None and (bias is not None or relu):
+            y = self._graph_matmul.with_bias_relu(a, b, bias, relu)
+            if y is not None:  # (else cuDNN has no plan for the fused graph)
+                return y
+        return self.bias_relu(self.matmul(a, b), bias, relu)
+
     def matmul_nt(self, a: Any, b: Any) -> Any:
         if self._graph_matmul is not None:
             return self._graph_matmul(a, b, transpose_b=True)

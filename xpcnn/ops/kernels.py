@@ -75,6 +75,10 @@ class StandardKernels:
         2-D slice ``out``."""
         out[...] = self.bias_relu(a @ b, bias, relu)
 
+    def matmul_bias_relu(self, a: Any, b: Any, bias: Any, relu: bool) -> Any:
+        """``a @ b (+ bias)``, then ReLU with ``relu``: a Dense layer's forward."""
+        return self.bias_relu(self.matmul(a, b), bias, relu)
+
     def bias_relu(self, y: Any, bias: Any, relu: bool) -> Any:
         """``y + bias`` (when there is one), then ReLU with ``relu`` (may reuse ``y``)."""
         if bias is not None:
