@@ -20,6 +20,9 @@ seconds); on a machine without a GPU it says so.
 8. The plan timing (``XPCNN_CUDNN_AUTOTUNE``, on by default) on the forward graph (+ bias and
    ReLU) of ``cifar``'s second convolution at batch 512 in TF32: the plans listed and built,
    the seconds building and timing took, and the kept plan against the heuristics' first.
+9. A Dense layer's product with its bias and ReLU in one graph (``CudnnMatmul.with_bias_relu``,
+   what a captured step runs): whether cuDNN has a plan for it in full float32 and in float16,
+   and its error.
 """
 
 from __future__ import annotations
@@ -80,6 +83,28 @@ def matmul_full_float32(cp: Any, xc: Any, cudnn: Any) -> str:
     want = a.astype(cp.float64) @ b.astype(cp.float64)
     name = "no plan: cuBLAS ran it, steps stay eager" if plan is None else _plan_name(plan)
     return f"error {_relative_error(got, want):.1e} [{name}] (want < 1e-5 and a plan)"
+
+
+def matmul_epilogue(cp: Any, xc: Any, cudnn: Any) -> str:
+    from xpcnn.ops import cudnn_conv
+
+    os.environ.pop("CUPY_TF32", None)
+    rng = np.random.default_rng(0)
+    said = []
+    for dtype, tol in ((cp.float32, 1e-5), (cp.float16, 2e-3)):
+        a = cp.asarray(rng.standard_normal((512, 256)) / 16, dtype=dtype)
+        b = cp.asarray(rng.standard_normal((256, 128)) / 16, dtype=dtype)
+        bias = cp.asarray(rng.standard_normal(128) / 16, dtype=dtype)
+        matmul = cudnn_conv.CudnnMatmul(cudnn)
+        got = matmul.with_bias_relu(a, b, bias, True)
+        if got is None:
+            said.append(f"{cp.dtype(dtype).name}: no plan (the bias + ReLU kernel runs after)")
+            continue
+        want = cp.maximum(a.astype(cp.float64) @ b.astype(cp.float64) + bias, 0)
+        plan = next(iter(matmul._plans.values()))
+        said.append(f"{cp.dtype(dtype).name}: error {_relative_error(got, want):.1e} "
+                    f"[{_plan_name(plan)}] (want < {tol:g})")
+    return "; ".join(said)
 
 
 def vecdot_in_capture(cp: Any, xc: Any, cudnn: Any) -> str:
@@ -238,10 +263,11 @@ def main() -> int:
           f"{getattr(cudnn, '__version__', None)}, backend "
           f"{cudnn.backend_version() if cudnn is not None else None}")
     probes = [conv_tf32_switch, matmul_full_float32, vecdot_in_capture, set_stream_in_capture,
-              nccl_one_rank, step_calls_in_capture, foreign_cuda_arrays, plan_timing]
+              nccl_one_rank, step_calls_in_capture, foreign_cuda_arrays, plan_timing,
+              matmul_epilogue]
     for probe in probes:
         if cudnn is None and probe in (conv_tf32_switch, matmul_full_float32,
-                                       set_stream_in_capture, plan_timing):
+                                       set_stream_in_capture, plan_timing, matmul_epilogue):
             print(f"  {probe.__name__}: skipped (cuDNN's frontend does not load)")
             continue
         try:
