@@ -220,6 +220,7 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_an_extractor_and_a_logits_model_on_the_gpu_predict_as_on_the_cpu": None,
     "test_cudnn_matches_the_standard_path": None,
     "test_cudnn_matmul_graphs": None,
+    "test_cudnn_matmul_with_its_bias_and_relu": None,
     "test_recording_a_step_on_the_gpu": None,
     "test_every_test_runs_on_the_emulator_or_says_why": None,
 }
@@ -1208,6 +1209,37 @@ def test_cudnn_matmul_graphs(cp, cudnn_module, monkeypatch, rng, dtype):
         want = a.astype(cp.float64) @ b.astype(cp.float64)
         np.testing.assert_allclose(host(got) / float(abs(want).max()),
                                    host(want) / float(abs(want).max()), atol=tol)
+@needs_cudnn
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cudnn_matmul_with_its_bias_and_relu(cp, cudnn_module, monkeypatch, rng, dtype):
+    """A Dense forward's graph under capture: the product, its bias and its ReLU in one graph,
+    right to the dtype's rounding; or, where cuDNN has no plan for that graph, None with the
+    one-line warning (the kernels then add them after the product)."""
+    import warnings
+
+    cudnn_conv, cudnn = cudnn_module
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    monkeypatch.setattr(cudnn_conv, "_WARNED", set())  # (each warning said here again)
+    matmul = cudnn_conv.CudnnMatmul(cudnn)
+    a, b = _random(cp, rng, (300, 40), dtype), _random(cp, rng, (40, 24), dtype)
+    bias = _random(cp, rng, (24,), dtype)
+    for with_bias, relu in ((True, True), (True, False), (False, True)):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            got = matmul.with_bias_relu(a, b, bias if with_bias else None, relu)
+        want = a.astype(cp.float64) @ b.astype(cp.float64)
+        if with_bias:
+            want += bias.astype(cp.float64)
+        if relu:
+            want = cp.maximum(want, 0.0)
+        if got is None:
+            assert any("in the same graph" in str(w.message) for w in said), said
+            continue
+        scale = float(abs(want).max())
+        np.testing.assert_allclose(host(got) / scale, host(want) / scale,
+                                   atol=1e-5 if dtype == "float32" else 1e-2)
+
+
 @needs_cudnn
 def test_a_cudnn_graph_is_captured_and_replayed(cp, cudnn_module, rng):
     """A frontend graph executed inside CuPy's stream capture, replayed on new data."""
