@@ -1,6 +1,7 @@
 """The benchmark helpers under scripts/ run (their figures are not checked: timings belong to the
 benchmarks, not the tests)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -50,8 +51,6 @@ def test_the_gpu_probes_say_so_where_there_is_no_gpu():
 
 def test_the_keras_callbacks_check_says_it_skipped_without_keras():
     """scripts/keras_callbacks_check.py compares the callbacks with Keras 3, not a dependency."""
-    import importlib.util
-
     if importlib.util.find_spec("keras") is not None:
         pytest.skip("Keras is here: the script compares (python scripts/keras_callbacks_check.py)")
     out = _run(script="keras_callbacks_check.py")
@@ -384,16 +383,8 @@ def test_the_loss_kernel_comparison_runs_on_the_emulated_kernels():
     assert [(r["classes"], r["kernel"]) for r in rows] == [
         (10, "xpcnn_softmax_cross_entropy"), (100, "xpcnn_softmax_cross_entropy_rows"),
         (1000, "xpcnn_softmax_cross_entropy_rows")]
-    want = {"xpcnn", "standard"} | ({"torch"} if _has("torch") else set())
+    want = {"xpcnn", "standard"} | ({"torch"} if importlib.util.find_spec("torch") else set())
     assert all(set(r["ms"]) == want and min(r["ms"].values()) > 0 for r in rows)
-
-
-def _has(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 def test_the_memory_comparison_names_the_models_it_has_no_twin_for():
