@@ -413,6 +413,19 @@ def clear_plans() -> None:
         _PLANS.clear()
 
 
+def _epilogue(graph: Any, y: Any, bias: Any | None, relu: bool, dim: list[int],
+              stride: list[int]) -> Any:
+    """``y`` (+ the ``bias`` tensor), then ReLU with ``relu``, as the graph's pointwise ops
+    after the convolution or product that made it, each result of ``dim`` and ``stride``."""
+    if bias is not None:
+        y = graph.bias(input=y, bias=bias, name="add_bias")
+        y.set_dim(dim).set_stride(stride)
+    if relu:
+        y = graph.relu(input=y, name="relu")
+        y.set_dim(dim).set_stride(stride)
+    return y
+
+
 class CudnnConv(ConvEngine):
     """A layer's convolutions as cuDNN graphs; ``fallback`` (the hand-written kernels' engine)
     runs what cuDNN cannot build, after a one-line warning, and lends its kernels' ReLU
@@ -482,14 +495,10 @@ class CudnnConv(ConvEngine):
             y.set_dim(dim).set_stride(stride)
             tensors = {"x": x, "w": w}
             if bias:
-                b = graph.tensor(name="bias", dim=[1, g.filters, 1, 1],
-                                 stride=[g.filters, 1, g.filters, g.filters], data_type=io)
-                y = graph.bias(input=y, bias=b, name="add_bias")
-                y.set_dim(dim).set_stride(stride)
-                tensors["bias"] = b
-            if relu:
-                y = graph.relu(input=y, name="relu")
-                y.set_dim(dim).set_stride(stride)
+                tensors["bias"] = graph.tensor(name="bias", dim=[1, g.filters, 1, 1],
+                                               stride=[g.filters, 1, g.filters, g.filters],
+                                               data_type=io)
+            y = _epilogue(graph, y, tensors.get("bias"), relu, dim, stride)
             y.set_output(True).set_data_type(io)
             return {**tensors, "y": y}
 
@@ -653,16 +662,14 @@ class CudnnMatmul:
             b = graph.tensor(name="b", dim=[1, k, n],
                              stride=[k * n, 1, k] if transpose_b else [k * n, n, 1], data_type=io)
             tensors = {"a": a, "b": b}
+            dim, stride = [1, m, n], [m * n, n, 1]
             c = graph.matmul(A=a, B=b, name="matmul")
+            c.set_dim(dim).set_stride(stride)
             if bias:
-                c.set_dim([1, m, n]).set_stride([m * n, n, 1])
                 tensors["bias"] = graph.tensor(name="bias", dim=[1, 1, n], stride=[n, n, 1],
                                                data_type=io)
-                c = graph.bias(input=c, bias=tensors["bias"], name="add_bias")
-            if relu:
-                c.set_dim([1, m, n]).set_stride([m * n, n, 1])
-                c = graph.relu(input=c, name="relu")
-            c.set_output(True).set_dim([1, m, n]).set_stride([m * n, n, 1]).set_data_type(io)
+            c = _epilogue(graph, c, tensors.get("bias"), relu, dim, stride)
+            c.set_output(True).set_data_type(io)
             return {**tensors, "c": c}
 
         return make
