@@ -769,6 +769,16 @@ __device__ void xpcnn_pair_total(A (*sums)[THREADS], A loss, A right) {
         __syncthreads();
     }
 }
+// Class c of a row, logit z, given the row's maximum and log-sum of exponentials: its
+// gradient, stored at ``out`` (which may be where z was read), and its target x log-softmax.
+__device__ A xpcnn_class_term(Z z, int c, A top, A log_total, long long label, double keep,
+                              double spread, double inv_n, int scaled, A scaling, Z* out) {
+    const A logp = ((A)xpcnn_widen(z) - top) - log_total;
+    const A target = (c == label ? (A)keep : (A)0) + (A)spread;
+    const T g = (T)((exp(logp) - target) * (A)inv_n);
+    *out = (Z)(scaled ? (T)((A)xpcnn_widen(g) * scaling) : g);
+    return target * logp;
+}
 // The rows' [loss / N, right] of the block summed, then the blocks' by the last block.
 __device__ void xpcnn_block_totals(A (*sums)[THREADS], A row_loss, A right, A* partials,
                                    unsigned int* counter, A* __restrict__ stats) {
@@ -814,13 +824,9 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy(
         for (int c = 0; c < classes; ++c) total += exp((A)xpcnn_widen(row[c]) - top);
         const A log_total = log(total);
         A loss = (A)0;
-        for (int c = 0; c < classes; ++c) {
-            const A logp = ((A)xpcnn_widen(row[c]) - top) - log_total;
-            const A target = (c == label ? (A)keep : (A)0) + (A)spread;
-            loss -= target * logp;
-            const T g = (T)((exp(logp) - target) * (A)inv_n);
-            row[c] = (Z)(scaled ? (T)((A)xpcnn_widen(g) * scaling) : g);
-        }
+        for (int c = 0; c < classes; ++c)
+            loss -= xpcnn_class_term(row[c], c, top, log_total, label, keep, spread, inv_n,
+                                     scaled, scaling, &row[c]);
         if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
         row_loss = loss * (A)inv_n;
         right = first == label ? (A)1 : (A)0;
@@ -885,13 +891,9 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy_rows(
     const long long label = live ? (long long)labels[i] : 0;
     const A scaling = live && scaled ? (A)xpcnn_widen(scale[0]) : (A)1;
     part = (A)0;
-    for (int c = lane; live && c < classes; c += 32) {
-        const A logp = ((A)xpcnn_widen(row[c]) - top) - log_total;
-        const A target = (c == label ? (A)keep : (A)0) + (A)spread;
-        part -= target * logp;
-        const T g = (T)((exp(logp) - target) * (A)inv_n);
-        grad[i * classes + c] = (Z)(scaled ? (T)((A)xpcnn_widen(g) * scaling) : g);
-    }
+    for (int c = lane; live && c < classes; c += 32)
+        part -= xpcnn_class_term(row[c], c, top, log_total, label, keep, spread, inv_n, scaled,
+                                 scaling, &grad[i * classes + c]);
     A loss = xpcnn_lanes_sum(values, part);
     if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
     const bool mine = live && lane == 0;  // (the row's totals, once)
