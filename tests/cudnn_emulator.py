@@ -429,6 +429,20 @@ class FakeStream:
     def synchronize(self) -> None:
         """Nothing to wait for: the emulated device runs each launch as it is made."""
 
+    def __enter__(self) -> FakeStream:
+        """This stream the calling thread's current one until ``__exit__`` (CuPy's ``with
+        stream:``; nested ones give back the one before)."""
+        _THREAD.__dict__.setdefault("before", []).append(_THREAD.__dict__.get("stream"))
+        _THREAD.stream = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        before = _THREAD.before.pop()
+        if before is None:
+            del _THREAD.stream
+        else:
+            _THREAD.stream = before
+
 
 class Event:
     """A CUDA event on the emulated device: ``record`` reads :data:`CLOCK`."""
@@ -448,23 +462,13 @@ def get_elapsed_time(start: Event, end: Event) -> float:
     return end.time - start.time
 
 
-CURRENT_STREAM = FakeStream(0x5EED)  # every thread's, but one inside on_stream
+CURRENT_STREAM = FakeStream(0x5EED)  # every thread's, but one inside ``with stream:``
 _THREAD = threading.local()
 
 
 def current_stream() -> FakeStream:
     """CuPy's current stream, which is the calling thread's own (``cuda.get_current_stream``)."""
     return _THREAD.__dict__.get("stream", CURRENT_STREAM)  # (no AttributeError: cheap)
-
-
-@contextlib.contextmanager
-def on_stream(stream: FakeStream) -> Iterator[None]:
-    """``stream`` the calling thread's current one meanwhile (CuPy's ``with stream:``)."""
-    _THREAD.stream = stream
-    try:
-        yield
-    finally:
-        del _THREAD.stream
 
 
 DEFAULT_POOL = types.SimpleNamespace(malloc=lambda nbytes: None)

@@ -26,7 +26,6 @@ from cudnn_emulator import (
     NumericalNote,
     PyGraph,
     load_emulated_cudnn_conv,
-    on_stream,
 )
 from test_conv_seam import GEOMETRIES, IDS, conv_data
 
@@ -1138,7 +1137,7 @@ def test_threads_on_streams_of_their_own_run_a_plan_with_handles_of_their_own(cc
     streams = [FakeStream(0x1000), FakeStream(0x2000)]
 
     def run(stream):
-        with on_stream(stream):
+        with stream:
             return layer.forward(x, w, bias, True)
 
     for y in _in_two_threads(*(lambda s=s: run(s) for s in streams)):
@@ -1167,7 +1166,7 @@ def test_the_handles_of_ended_threads_serve_threads_started_later(cc, monkeypatc
         np.testing.assert_allclose(ran.pop(), want, rtol=2e-5, atol=2e-5)
 
     def run(stream):
-        with on_stream(stream):
+        with stream:
             return layer.forward(x, w, bias, True)
 
     in_a_thread(FakeStream(0x1000))

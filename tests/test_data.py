@@ -651,6 +651,56 @@ def test_device_work_on_the_arrays_a_call_is_given_runs_on_the_models_device(dat
     assert len(stacks) >= -(-N // BATCH) and all(stacks)
 
 
+def test_the_prefetch_thread_works_on_the_callers_stream(data, monkeypatch):
+    """A streamed batch of device arrays, stacked from a dataset's samples or yielded by a
+    generator (perhaps adopted from another library), is made on the prefetch thread. The
+    loop reads it on its own thread, whose stream another thread's default stream need not
+    precede (a non-blocking stream, CuPy's per-thread default), and CuPy's pool gives freed
+    memory back per stream. So the prefetch thread works inside the scope of the caller's
+    device and stream (``Backend.current_stream_scope``, taken on the caller's thread): here
+    the scope is recorded, and every stack and adoption on that thread runs inside it (the
+    first batch is also checked on the caller's thread, to build the model)."""
+    x, y = data
+    local = threading.local()
+    made, entered, calls = [], [], []
+
+    def current_stream_scope(backend):
+        made.append(threading.current_thread().name)
+
+        @contextlib.contextmanager
+        def scope():
+            entered.append(threading.current_thread().name)
+            local.inside = True
+            try:
+                yield
+            finally:
+                local.inside = False
+        return scope()
+
+    def recorded(name, function):
+        def call(*args, **kwargs):
+            calls.append((name, threading.current_thread().name,
+                          getattr(local, "inside", False)))
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(xpcnn.backend.Backend, "current_stream_scope", current_stream_scope)
+    monkeypatch.setattr(xps, "stack", recorded("stack", xps.stack))
+    monkeypatch.setattr(xpcnn.data, "adopt_foreign",
+                        recorded("adopt", xpcnn.data.adopt_foreign))
+    images = xps.asarray(x.astype(np.float32))
+    batches = -(-N // BATCH)
+    model = make(xps)
+    model.fit(SampleList([(images[i, ...], int(y[i])) for i in range(N)]), epochs=1,
+              batch_size=BATCH, verbose=0)
+    model.fit(((images[i:min(i + BATCH, N), ...], y[i:i + BATCH]) for i in range(0, N, BATCH)),
+              steps_per_epoch=batches, epochs=1, verbose=0)
+    assert made == ["MainThread"] * 2 and entered == ["xpcnn-prefetch"] * 2
+    there = [(name, inside) for name, thread, inside in calls if thread == "xpcnn-prefetch"]
+    assert {name for name, _ in there} == {"stack", "adopt"}
+    assert all(inside for _, inside in there)
+
+
 class SampleList:
     """A map-style dataset of (x_i, y_i) pairs, as users write them."""
 

@@ -1485,7 +1485,8 @@ def test_arrays_on_another_library_on_the_gpu(cp, monkeypatch):
     """np.from_dlpack cannot read a CUDA array: a CuPy array given to a NumPy model, images or
     labels, is refused naming its library. A PyTorch CUDA tensor given to a CuPy model is read
     where it is (cupy.from_dlpack, no copy) and trains as the same data from NumPy (the same
-    bits: cuDNN's deterministic plans only); one on another GPU than the model's is refused
+    bits: cuDNN's deterministic plans only), and so does a dataset of CUDA samples trained on
+    a non-blocking stream of the caller's; one on another GPU than the model's is refused
     naming its device."""
     monkeypatch.setenv("XPCNN_DETERMINISTIC", "1")
     rng = np.random.default_rng(0)
@@ -1509,6 +1510,21 @@ def test_arrays_on_another_library_on_the_gpu(cp, monkeypatch):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(models[1].predict(torch.from_numpy(x).cuda()),
                                   models[0].predict(x))
+    # A dataset of CUDA samples, stacked on the prefetch thread's stream, trained on a
+    # non-blocking stream of the caller's, which does not follow that one by itself.
+    class Samples:  # (a map-style dataset: a plain list is read as one array)
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return torch.from_numpy(x[i]).cuda(), int(y[i])
+
+    model = xpcnn.Sequential(gap_net(), device="cuda", seed=0)
+    model.compile(optimizer="sgd")
+    with cp.cuda.Stream(non_blocking=True):
+        model.fit(Samples(), batch_size=4, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), models[0].get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
     if torch.cuda.device_count() > 1:
         with pytest.raises(InputError, match="x is an array of array_api_compat.cupy on .*1"):
             models[0].fit(torch.from_numpy(x).to("cuda:1"), y, verbose=0)

@@ -126,7 +126,27 @@ class Backend:
         the prefetch thread): CuPy allocates and launches on the current GPU, which is GPU 0 in
         a thread that chose none, and reads a model's arrays on "cuda:1" from there only
         through peer access (else a ValueError). Nothing elsewhere."""
-        return self.device if self.name == "cupy" else contextlib.nullcontext()
+        if self.name != "cupy":
+            return contextlib.nullcontext()
+        # A Device object of its own: CuPy's keeps the devices to go back to in a list on the
+        # object, not per thread, and the prefetch thread enters one while the loop is inside.
+        return type(self.device)(self.device.id)
+
+    def current_stream_scope(self) -> contextlib.AbstractContextManager[Any]:
+        """The backend's GPU and this thread's current stream on it, as a context for another
+        thread (the prefetch thread) to enter: device work done there for this one (a
+        dataset's samples stacked, arrays adopted from another library) is then queued in
+        order before this thread's reads of it, whatever stream this thread uses (another
+        thread's default stream is a different one wherever this one's is non-blocking or
+        per-thread), and CuPy's pool, which keeps freed memory per stream, reuses a batch's
+        memory only after this stream's work on it. Nothing elsewhere."""
+        if self.name != "cupy":
+            return contextlib.nullcontext()
+        import cupy
+
+        with self.on_device():
+            stream = cupy.cuda.get_current_stream()
+        return _on_stream(self.on_device(), stream)
 
     @property
     def chunk_bytes(self) -> int | None:
@@ -166,6 +186,12 @@ class Backend:
         if self.name == "cupy":
             return f"cuda:{self.device.id}"
         return f"{self.name}:{self.device}"
+
+
+@contextlib.contextmanager
+def _on_stream(device: Any, stream: Any) -> Iterator[None]:
+    with device, stream:
+        yield
 
 
 def cuda_available() -> bool:

@@ -232,7 +232,7 @@ class ArrayBatches(ShardedBatches):
         if self.on_device:
             return self._gather_on_device(order, bounds)
         host = (self._host_batch(order, lo, hi) for lo, hi in bounds)
-        return upload(self.backend, prefetch(host))
+        return upload(self.backend, prefetch(host, self.backend))
 
     def _gather_on_device(self, order: np.ndarray | None, bounds: Iterator[tuple[int, int]]
                           ) -> Iterator[tuple[Any, Any]]:
@@ -292,7 +292,8 @@ class DatasetBatches(ShardedBatches):
             order = np.arange(self.samples)
         host = (self._batch(order[lo:hi])
                 for lo, hi in rank_slices(self.samples, self.batch_size, start, self.shard))
-        return upload(self.model.backend, prefetch(host), owned=True)  # (stacked afresh)
+        backend = self.model.backend
+        return upload(backend, prefetch(host, backend), owned=True)  # (stacked afresh)
 
     def _batch(self, idx: np.ndarray) -> tuple[np.ndarray, Any]:
         if not len(idx):  # this rank's empty part of a short last batch (several ranks)
@@ -382,7 +383,8 @@ class IterableBatches(Batches):
             source = itertools.islice(source, self.steps)
         checked = (check_batch(self.model, *self._split(item), self.what, copy=True)
                    for item in source)
-        return upload(self.model.backend, prefetch(checked), owned=True)  # (copied)
+        backend = self.model.backend
+        return upload(backend, prefetch(checked, backend), owned=True)  # (copied)
 
     def give_back(self) -> None:
         """Keep the batch drawn from the iterator and not trained on (the call was refused
@@ -521,11 +523,14 @@ class _Failure:
         self.error = error
 
 
-def prefetch(items: Iterator[Any], depth: int = PREFETCH) -> Iterator[Any]:
-    """``items`` computed on a background thread, up to ``depth`` ahead. An exception in the
-    thread is raised here; closing this generator (a loop that ends early) stops the thread."""
+def prefetch(items: Iterator[Any], backend: Any, depth: int = PREFETCH) -> Iterator[Any]:
+    """``items`` computed on a background thread, up to ``depth`` ahead, on the device and
+    stream current where this generator is first iterated (``backend.current_stream_scope``).
+    An exception in the thread is raised here; closing this generator (a loop that ends early)
+    stops the thread."""
     ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
+    scope = backend.current_stream_scope()
 
     def put(item: Any) -> bool:
         while not stop.is_set():
@@ -538,9 +543,10 @@ def prefetch(items: Iterator[Any], depth: int = PREFETCH) -> Iterator[Any]:
 
     def work() -> None:
         try:
-            for item in items:
-                if not put(item):
-                    return
+            with scope:
+                for item in items:
+                    if not put(item):
+                        return
             put(_DONE)
         except BaseException as e:  # noqa: BLE001 (handed to the consumer)
             put(_Failure(e))
