@@ -15,6 +15,20 @@ def pytest_configure(config):
             os.environ.setdefault(name, "1")
 
 
+# The most workers `-n auto` starts: past this the longest tests, not the cores, bound the run,
+# and each worker imports NumPy and PyTorch and collects the suite (memory, start-up).
+# PYTEST_XDIST_AUTO_NUM_WORKERS, when set, is taken as it is.
+MOST_WORKERS = 8
+
+
+@pytest.hookimpl(optionalhook=True, wrapper=True)
+def pytest_xdist_auto_num_workers(config):
+    workers = yield
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return workers
+    return min(workers, MOST_WORKERS)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
