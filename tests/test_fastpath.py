@@ -1,6 +1,7 @@
 """The NumPy fast path (``Backend.fast``) gives the results of the standard (Array API) path."""
 
 import platform
+import time
 import tracemalloc
 
 import array_api_compat.numpy as xpn
@@ -241,6 +242,22 @@ def test_products_inside_a_chunk_loop_are_not_split_again():
     assert split_inside == [1000] * 6
     assert FAST._split_rows(1000, big) == (1000 if FAST.threads() == 1
                                            else -(-1000 // FAST.threads()))
+
+
+def test_for_chunks_runs_every_chunk_under_the_callers_floating_point_errors(monkeypatch):
+    """NumPy's error state is per thread: the pool's threads take the caller's (in a training
+    step, compute_scope's, which lets the overflow loss scaling looks for pass silently)."""
+    monkeypatch.setattr(FAST, "threads", lambda: 2)
+    seen = []
+
+    def chunk(worker, a, b):
+        time.sleep(0.01)  # (both threads take chunks)
+        seen.append((worker, np.geterr()["over"], np.geterr()["invalid"]))
+
+    with np.errstate(over="ignore", invalid="raise"):
+        FAST.for_chunks(8, 1, chunk)
+    assert {w for w, _, _ in seen} == {0, 1}
+    assert {(over, invalid) for _, over, invalid in seen} == {("ignore", "raise")}
 
 
 def test_for_chunks_propagates_errors_and_restores_blas_threads():

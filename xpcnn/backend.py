@@ -115,9 +115,16 @@ class Backend:
         backend's GPU the current one, where CuPy allocates and launches (the CuPy kernels
         allocate their outputs there: a model on "cuda:1" would otherwise get them on GPU 0).
         On the NumPy fast path it keeps OpenBLAS to one thread meanwhile, since xpcnn's kernels
-        bring their own threads (see :meth:`xpcnn.ops.fast_numpy.NumpyKernels.pinned`)."""
+        bring their own threads (see :meth:`xpcnn.ops.fast_numpy.NumpyKernels.pinned`). On
+        NumPy an overflow, or the NaN an inf makes, warns nothing: a float16 step's scaled
+        gradients overflow by design (the loss scaling looks for them, skips the step and
+        lowers the scale), and xpcnn checks every step's loss and gradients itself
+        (``NonFiniteError`` names the step and the layer)."""
         fast = self.fast
-        with self.on_device(), contextlib.nullcontext() if fast is None else fast.pinned():
+        quiet = self.name == "numpy"
+        with (self.on_device(), contextlib.nullcontext() if fast is None else fast.pinned(),
+              np.errstate(over="ignore", invalid="ignore") if quiet else
+              contextlib.nullcontext()):
             yield
 
     def on_device(self) -> contextlib.AbstractContextManager[Any]:

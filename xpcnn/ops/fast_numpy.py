@@ -178,8 +178,11 @@ class NumpyKernels(StandardKernels):
                     return
                 fn(worker, starts[i], min(n, starts[i] + m))
 
+        errors = np.geterr()  # the caller's (compute_scope's), for the pool's threads too
+
         def run(worker: int) -> None:
-            self._in_a_loop(lambda: chunks(worker))
+            with np.errstate(**errors):
+                self._in_a_loop(lambda: chunks(worker))
 
         try:
             with self.pinned():
