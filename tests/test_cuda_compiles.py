@@ -10,6 +10,7 @@ nvidia-cuda-nvrtc nvidia-cuda-runtime``, the ``nvidia`` namespace package); CI h
 
 import ctypes
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,8 @@ def _compile(source: str, name: str, arch: int) -> tuple[int, str]:
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None,
                                   None) == 0
-    options = [f"--gpu-architecture=sm_{arch}".encode(), f"-I{FP16_HEADER.parent}".encode()]
+    options = [f"--gpu-architecture=sm_{arch}".encode(), f"-I{FP16_HEADER.parent}".encode(),
+               b"--ptxas-options=-v"]  # (each kernel's registers and shared memory, logged)
     try:
         code = lib.nvrtcCompileProgram(prog, len(options),
                                        (ctypes.c_char_p * len(options))(*options))
@@ -61,6 +63,24 @@ def _compile(source: str, name: str, arch: int) -> tuple[int, str]:
         return code, log.value.decode(errors="replace")
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+# A block's registers, on every generation from 7.5 on: a launch whose threads need more fails
+# ("too many resources requested for launch"), and nothing before a GPU would say so.
+REGISTERS_PER_BLOCK = 65536
+
+
+def assert_launchable(log: str, name: str, threads: int) -> None:
+    """Kernel ``name`` as ptxas built it (its -v lines in ``log``) launches in blocks of
+    ``threads`` threads: its registers a thread times ``threads`` within a block's, and no
+    spills to local memory (each would be a memory round trip in the kernel's loops)."""
+    entry = re.search(r"Compiling entry function '" + re.escape(name) + r"'.*?"
+                      r"(\d+) bytes spill stores, (\d+) bytes spill loads.*?"
+                      r"Used (\d+) registers", log, re.S)
+    assert entry, f"no ptxas lines for {name} in the log:\n{log}"
+    stores, loads, registers = map(int, entry.groups())
+    assert registers * threads <= REGISTERS_PER_BLOCK, (name, registers, threads)
+    assert stores == loads == 0, (name, stores, loads)
 
 
 # The oldest generations that CUDA 13's NVRTC builds for (7.5), Ampere (TF32) and Hopper.
@@ -85,6 +105,7 @@ def test_tiled_kernels_compile(cuda_conv, monkeypatch, name, dtype, tf32, arch):
     cuda_conv._tiled_kernel(name, source, np.dtype(dtype), tf32)
     code, log = _compile(sources[0], name, arch)
     assert code == 0, log
+    assert_launchable(log, name, cuda_conv._TILE_THREADS)
     assert ("wmma" in sources[0]) == (dtype == "float16" or tf32)
 
 
@@ -178,6 +199,8 @@ def test_softmax_cross_entropy_kernel_compiles(fast_cupy, monkeypatch, logits, d
                          U=scale, A=acc)
     code, log = _compile(source, "xpcnn_softmax_cross_entropy", 90)
     assert code == 0, log
+    for name in ("xpcnn_softmax_cross_entropy", "xpcnn_softmax_cross_entropy_rows"):
+        assert_launchable(log, name, fast_cupy._CROSS_ENTROPY_THREADS)
     assert ("cuda_fp16.h" in source) == ("float16" in (logits, dtype, scale))
 
 
@@ -328,6 +351,7 @@ def test_feature_norm_kernels_compile(fast_cupy, monkeypatch, dtype, io, arch):
         code, log = _compile(_raw_source(fast_cupy, monkeypatch, name, source, A=acc, **types),
                              name, arch)
         assert code == 0, log
+        assert_launchable(log, name, fast_cupy._FEATURE_NORM_THREADS)
 
 
 # Today's kernels with CuPy's float16 class where a placeholder is float16 at run time (mixed
@@ -373,6 +397,7 @@ def test_column_sum_kernel_compiles(fast_cupy, monkeypatch, dtype, arch, name):
                          X=dtype, Y=dtype, A=acc)
     code, log = _compile(source, name, arch)
     assert code == 0, log
+    assert_launchable(log, name, 32 * fast_cupy._SUM_ROWS_LANES)
     assert ("cuda_fp16.h" in source) == (dtype == "float16")  # (CUDA's header where needed)
 
 
@@ -395,6 +420,7 @@ def test_batch_norm_kernels_compile(fast_cupy, monkeypatch, dtype, io, arch):
         code, log = _compile(_raw_source(fast_cupy, monkeypatch, name, source, T=dtype, A=acc,
                                          **types), name, arch)
         assert code == 0, log
+        assert_launchable(log, name, 32 * fast_cupy._SUM_ROWS_LANES)
     c_types = {"float16": "float16", "float32": "float", "float64": "double"}
     t, x, a = c_types[dtype], c_types[io], c_types[acc]
     for kernel, types, arrays in [
