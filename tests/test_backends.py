@@ -172,23 +172,25 @@ def test_compute_scope_makes_a_cupy_backends_gpu_current():
 
     from xpcnn.backend import Backend, set_fast_path
 
+    current = []  # the stand-in runtime's devices made current (CuPy's setDevice), in order
+
     class Device:
-        depth = 0
+        def __init__(self, index):
+            self.id = index
 
         def __enter__(self):
-            self.depth += 1
+            current.append(self.id)
 
         def __exit__(self, *exc):
-            self.depth -= 1
+            current.pop()
 
-    device = Device()
     old = set_fast_path(False)  # (the CuPy kernels need CuPy)
     try:
-        with Backend(xpn, device, "cupy").compute_scope():
-            assert device.depth == 1
-        assert device.depth == 0
+        with Backend(xpn, Device(1), "cupy").compute_scope():
+            assert current == [1]
+        assert current == []
         with get_backend("cpu").compute_scope():
-            assert device.depth == 0
+            assert current == []
     finally:
         set_fast_path(old)
 
