@@ -5,15 +5,18 @@
 # the MNIST recipe on the GPU (where .gpudata/ holds MNIST), then scripts/bench_gpu.py
 # (through fit(), what the GPU runs per step against PyTorch, per-convolution cuDNN against the
 # hand-written kernels, TFLOP/s, a per-layer profile). Logs, mnist.json and gpu.json go to
-# OUTDIR. The stages' limits add up to 9 minutes 5 s, inside the device tool's 10-minute command.
+# OUTDIR. The stages' limits add up to 9 minutes 5 s (20 s more if both test stages need their
+# KILL), inside the device tool's 10-minute command.
 #
 #   scripts/gpu_wheels.sh PY DATA    # first, where PyPI is reachable: wheels, and MNIST staged
 #   scripts/gpu_check.sh [OUTDIR]    # on the GPU machine (installs .whl/*.whl when present)
 #
 # Each stage has a time limit (PROBE_TIMEOUT, NEW_TEST_TIMEOUT, TEST_TIMEOUT, TRAIN_TIMEOUT,
-# MNIST_TIMEOUT, BENCH_TIMEOUT seconds) so that a lent machine's time is never lost to one stage; BENCH_ARGS
-# replaces the benchmark's arguments. On the device tool: carry [".whl", ".gpudata"],
-# timeout_s 600, and OUTDIR "$OUT".
+# MNIST_TIMEOUT, BENCH_TIMEOUT seconds) so that a lent machine's time is never lost to one stage;
+# BENCH_ARGS replaces the benchmark's arguments. A test stage at its limit gets SIGINT (and a
+# KILL 10 s later): pytest then still prints the failures so far, with their tracebacks, where a
+# TERM would lose them (`timeout` gives its child SIGINT's default action even where the shell
+# ignores it). On the device tool: carry [".whl", ".gpudata"], timeout_s 600, and OUTDIR "$OUT".
 set -u
 out=${1:-gpu-check}
 mkdir -p "$out"
@@ -41,12 +44,12 @@ timeout "${PROBE_TIMEOUT:-30}" $py scripts/gpu_probes.py 2>&1 | tee "$out/gpu_pr
 echo "== GPU tests: cuDNN and CUDA graphs"
 # (no -x or --maxfail: the cuDNN geometry cases come first, and a few failing there would hide
 # the capture tests after them in the one run a lent GPU gives; the time limit bounds the stage)
-timeout "${NEW_TEST_TIMEOUT:-120}" $py -m pytest -q -m gpu -p no:cacheprovider \
+timeout -s INT -k 10 "${NEW_TEST_TIMEOUT:-120}" $py -m pytest -q -m gpu -p no:cacheprovider \
   -k "cudnn or captured or replayed or random_layers" tests/test_gpu.py \
   2>&1 | tee "$out/gpu_tests_new.log"
 
 echo "== GPU tests: the rest"
-timeout "${TEST_TIMEOUT:-120}" $py -m pytest -q -m gpu -p no:cacheprovider \
+timeout -s INT -k 10 "${TEST_TIMEOUT:-120}" $py -m pytest -q -m gpu -p no:cacheprovider \
   -k "not (cudnn or captured or replayed or random_layers)" \
   tests/test_gpu.py tests/test_backends.py 2>&1 | tee "$out/gpu_tests.log"
 
