@@ -178,15 +178,19 @@ class NumpyKernels(StandardKernels):
                     return
                 fn(worker, starts[i], min(n, starts[i] + m))
 
+        def run(worker: int) -> None:
+            self._in_a_loop(lambda: chunks(worker))
+
         errors = np.geterr()  # the caller's (compute_scope's), for the pool's threads too
 
-        def run(worker: int) -> None:
+        def run_in_pool(worker: int) -> None:
             with np.errstate(**errors):
-                self._in_a_loop(lambda: chunks(worker))
+                run(worker)
 
         try:
             with self.pinned():
-                futures = [self._executor(workers).submit(run, w) for w in range(1, workers)]
+                futures = [self._executor(workers).submit(run_in_pool, w)
+                           for w in range(1, workers)]
                 try:
                     run(0)
                 finally:
