@@ -115,16 +115,14 @@ class Backend:
         backend's GPU the current one, where CuPy allocates and launches (the CuPy kernels
         allocate their outputs there: a model on "cuda:1" would otherwise get them on GPU 0).
         On the NumPy fast path it keeps OpenBLAS to one thread meanwhile, since xpcnn's kernels
-        bring their own threads (see :meth:`xpcnn.ops.fast_numpy.NumpyKernels.pinned`). On
-        NumPy an overflow, or the NaN an inf makes, warns nothing: a float16 step's scaled
-        gradients overflow by design (the loss scaling looks for them, skips the step and
-        lowers the scale), and xpcnn checks every step's loss and gradients itself
-        (``NonFiniteError`` names the step and the layer)."""
+        bring their own threads (see :meth:`xpcnn.ops.fast_numpy.NumpyKernels.pinned`).
+        NumPy (and ``array_api_strict``, which computes with it) warns nothing of an overflow,
+        or of the NaN an inf makes: a float16 step's scaled gradients overflow by design (the
+        loss scaling looks for them, skips the step and lowers the scale), and xpcnn checks
+        every step's loss and gradients itself (``NonFiniteError`` names the step and layer)."""
         fast = self.fast
-        quiet = self.name == "numpy"
         with (self.on_device(), contextlib.nullcontext() if fast is None else fast.pinned(),
-              np.errstate(over="ignore", invalid="ignore") if quiet else
-              contextlib.nullcontext()):
+              np.errstate(over="ignore", invalid="ignore")):
             yield
 
     def on_device(self) -> contextlib.AbstractContextManager[Any]:
@@ -140,19 +138,19 @@ class Backend:
         return type(self.device)(self.device.id)
 
     def current_stream_scope(self) -> contextlib.AbstractContextManager[Any]:
-        """The backend's GPU and this thread's current stream on it, as a context for another
-        thread (the prefetch thread) to enter: device work done there for this one (a
-        dataset's samples stacked, arrays adopted from another library) is then queued in
-        order before this thread's reads of it, whatever stream this thread uses (another
-        thread's default stream is a different one wherever this one's is non-blocking or
-        per-thread), and CuPy's pool, which keeps freed memory per stream, reuses a batch's
-        memory only after this stream's work on it. Nothing elsewhere."""
-        if self.name != "cupy":
-            return contextlib.nullcontext()
-        import cupy
+        """:meth:`on_device` and, on CuPy, this thread's current stream, as a context for
+        another thread (the prefetch thread) to enter: device work done there for this one (a
+        dataset's samples stacked, arrays adopted from another library) runs on the model's
+        GPU and is queued in order before this thread's reads of it, whatever stream this
+        thread uses (another thread's default stream is a different one wherever this one's is
+        non-blocking or per-thread); and CuPy's pool, which keeps freed memory per stream,
+        reuses a batch's memory only after this stream's work on it."""
+        stream: Any = contextlib.nullcontext()
+        if self.name == "cupy":
+            import cupy
 
-        with self.on_device():
-            stream = cupy.cuda.get_current_stream()
+            with self.on_device():
+                stream = cupy.cuda.get_current_stream()
         return _on_stream(self.on_device(), stream)
 
     @property

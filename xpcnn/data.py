@@ -320,9 +320,8 @@ class DatasetBatches(ShardedBatches):
         xp = backend.xp
         parts = [adopt_foreign(p, backend) for p in parts]
         mine = [of_library(p, backend) for p in parts]
-        if all(mine):
-            with backend.on_device():  # (on the prefetch thread)
-                return xp.stack(parts)
+        if all(mine):  # (on the prefetch thread, on the caller's device and stream: prefetch)
+            return xp.stack(parts)
         if any(mine):  # (NumPy or the device library would fail on the other kind)
             raise InputError(f"the {which}_i that {self.what}[i] returns are arrays of "
                              f"{xp.__name__} on the device for some i and not for others: "
