@@ -305,6 +305,19 @@ def test_the_host_step_profile_dry_runs():
     assert len(top) == 3 and all(" xpcnn/" in r for r in top)
 
 
+def test_the_openblas_threading_table_runs():
+    """scripts/openblas_threads.py on a small product: both states, each with its four rows."""
+    out = _run("--shape", "16,64,8", "--repeat", "2", script="openblas_threads.py")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("float32 (16, 64) @ (64, 8)")
+    states = [i for i, line in enumerate(lines) if not line.startswith(" ")][1:]
+    assert [lines[i].split(" (")[0] for i in states] == [
+        "before OpenBLAS's thread server ever ran", "after OpenBLAS's thread server ran once"]
+    rows = [line for line in lines if line.startswith("  ")]
+    assert len(rows) == 8 and all(float(row.split()[-1]) >= 0 for row in rows)
+
+
 @needs_compiler
 def test_the_column_sum_accuracy_script_runs():
     out = _run("--rows", "300", script="column_sum_accuracy.py")
