@@ -1,7 +1,7 @@
 """The NumPy fast path (``Backend.fast``) gives the results of the standard (Array API) path."""
 
 import platform
-import time
+import threading
 import tracemalloc
 
 import array_api_compat.numpy as xpn
@@ -249,9 +249,11 @@ def test_for_chunks_runs_every_chunk_under_the_callers_floating_point_errors(mon
     step, compute_scope's, which lets the overflow loss scaling looks for pass silently)."""
     monkeypatch.setattr(FAST, "threads", lambda: 2)
     seen = []
+    both = threading.Barrier(2, timeout=30)  # (each thread's first chunk waits for the other's)
 
     def chunk(worker, a, b):
-        time.sleep(0.01)  # (both threads take chunks)
+        if worker not in {w for w, _, _ in seen}:
+            both.wait()
         seen.append((worker, np.geterr()["over"], np.geterr()["invalid"]))
 
     with np.errstate(over="ignore", invalid="raise"):
