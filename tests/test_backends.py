@@ -186,9 +186,15 @@ def test_compute_scope_makes_a_cupy_backends_gpu_current():
 
     old = set_fast_path(False)  # (the CuPy kernels need CuPy)
     try:
-        with Backend(xpn, Device(1), "cupy").compute_scope():
+        backend = Backend(xpn, Device(1), "cupy")
+        with backend.compute_scope():
             assert current == [1]
         assert current == []
+        # a Device of its own each time: CuPy keeps the ids to go back to on the object, and
+        # the loop's scope and the prefetch thread's are entered at once
+        scopes = [backend.on_device() for _ in range(2)]
+        assert scopes[0] is not scopes[1] and {s.id for s in scopes} == {1}
+        assert backend.device not in scopes
         with get_backend("cpu").compute_scope():
             assert current == []
     finally:

@@ -210,6 +210,7 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_bfloat16_is_a_clear_error_on_cupy": None,
     "test_a_missing_gpu_index_is_a_clear_error": None,
     "test_data_on_the_gpu_gives_the_weights_of_host_batches": None,
+    "test_a_datasets_samples_are_read_on_the_callers_stream": None,
     "test_a_gated_update_on_the_gpu_changes_nothing_where_the_flag_is_false": None,
     "test_random_numbers_kernel_is_the_definition": _cases(dtype=["float32"]),
     "test_dropout_kernel_is_the_standard_dropout": _cases(dtype=["float32"]),
@@ -1528,6 +1529,36 @@ def test_arrays_on_another_library_on_the_gpu(cp, monkeypatch):
     if torch.cuda.device_count() > 1:
         with pytest.raises(InputError, match="x is an array of array_api_compat.cupy on .*1"):
             models[0].fit(torch.from_numpy(x).to("cuda:1"), y, verbose=0)
+
+
+def test_a_datasets_samples_are_read_on_the_callers_stream(cp):
+    """The prefetch thread reads and stacks a dataset's device samples with the caller's
+    current stream current there (``Backend.current_stream_scope``), here a non-blocking one,
+    so that its work is queued where the loop reads the batches (the real scope: CuPy's stream,
+    or the emulator's stand-in of it)."""
+    if REAL_GPU:
+        stream = cp.cuda.Stream(non_blocking=True)
+    else:
+        from cudnn_emulator import FakeStream
+
+        stream = FakeStream(0x57AE)
+    seen = []
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
+
+    class Samples:
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            seen.append(cp.cuda.get_current_stream().ptr)
+            return cp.asarray(images[i]), i % 3
+
+    model = xpcnn.Sequential(gap_net(), device="cuda", seed=0)
+    model.compile(optimizer="sgd")
+    with stream:
+        model.fit(Samples(), batch_size=4, verbose=0)
+    assert len(seen) >= len(images) and set(seen) == {stream.ptr}
 
 
 # (last: scripts/gpu_check.sh runs the captured cases in its first stage, after the

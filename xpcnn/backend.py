@@ -141,10 +141,11 @@ class Backend:
         """:meth:`on_device` and, on CuPy, this thread's current stream, as a context for
         another thread (the prefetch thread) to enter: device work done there for this one (a
         dataset's samples stacked, arrays adopted from another library) runs on the model's
-        GPU and is queued in order before this thread's reads of it, whatever stream this
-        thread uses (another thread's default stream is a different one wherever this one's is
-        non-blocking or per-thread); and CuPy's pool, which keeps freed memory per stream,
-        reuses a batch's memory only after this stream's work on it."""
+        GPU and is queued in order before this thread's reads of it, on whatever stream this
+        thread uses (another thread's default stream does not precede a non-blocking one); and
+        CuPy's pool, which keeps freed memory per stream, reuses a batch's memory only after
+        this stream's work on it. (Not so for CuPy's per-thread default stream,
+        ``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``: its handle names each thread's own.)"""
         stream: Any = contextlib.nullcontext()
         if self.name == "cupy":
             import cupy

@@ -543,16 +543,17 @@ def prefetch(items: Iterator[Any], backend: Any, depth: int = PREFETCH) -> Itera
     def work() -> None:
         try:
             with scope:
-                for item in items:
-                    if not put(item):
-                        return
+                try:
+                    for item in items:
+                        if not put(item):
+                            return
+                finally:  # a generator's own clean-up: on the thread that iterated it, in scope
+                    close = getattr(items, "close", None)
+                    if close is not None:
+                        close()
             put(_DONE)
         except BaseException as e:  # noqa: BLE001 (handed to the consumer)
             put(_Failure(e))
-        finally:  # a generator's own clean-up runs here, on the thread that iterated it
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
 
     thread = threading.Thread(target=work, name="xpcnn-prefetch", daemon=True)
     thread.start()

@@ -181,10 +181,11 @@ class NumpyKernels(StandardKernels):
         def run(worker: int) -> None:
             self._in_a_loop(lambda: chunks(worker))
 
-        errors = np.geterr()  # the caller's (compute_scope's), for the pool's threads too
+        # the caller's floating-point error handling (compute_scope's), for the pool's threads
+        errors, call = np.geterr(), np.geterrcall()
 
         def run_in_pool(worker: int) -> None:
-            with np.errstate(**errors):
+            with np.errstate(call=call, **errors):
                 run(worker)
 
         try:
