@@ -63,6 +63,12 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=10)
     args = p.parse_args()
     m, k, n = (int(v) for v in args.shape.split(","))
+    from xpcnn.ops.fast_numpy import KERNELS
+
+    if KERNELS._blas.set is None:
+        print("OpenBLAS's thread control was not found in this NumPy: nothing to measure",
+              file=sys.stderr)
+        return 2
     print(f"float32 ({m}, {k}) @ ({k}, {n}), median ms of {args.repeat} calls "
           f"({2 * m * k * n / 1e9:.2f} GFLOP a product)")
     for warm in (False, True):

@@ -53,6 +53,10 @@ def _compile(source: str, name: str, arch: int) -> tuple[int, str]:
                                   None) == 0
     options = [f"--gpu-architecture=sm_{arch}".encode(), f"-I{FP16_HEADER.parent}".encode(),
                b"--ptxas-options=-v"]  # (each kernel's registers and shared memory, logged)
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    if (major.value, minor.value) >= (12, 9):  # (a cached build would log no ptxas lines)
+        options.append(b"--no-cache")
     try:
         code = lib.nvrtcCompileProgram(prog, len(options),
                                        (ctypes.c_char_p * len(options))(*options))
