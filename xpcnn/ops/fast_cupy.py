@@ -1413,7 +1413,7 @@ class CupyKernels(StandardKernels):
             y = self._graph_matmul.with_bias_relu(a, b, bias, relu)
             if y is not None:  # (else cuDNN has no plan for the fused graph)
                 return y
-        return self.bias_relu(self.matmul(a, b), bias, relu)
+        return super().matmul_bias_relu(a, b, bias, relu)
 
     def matmul_nt(self, a: Any, b: Any) -> Any:
         if self._graph_matmul is not None:
