@@ -89,7 +89,8 @@ def main() -> None:
             print(f"  {name:26s} {best * 1e3:8.3f} ms per step")
     model.fit(x[:args.batch_size], y[:args.batch_size], verbose=0)  # (the optimiser's slots)
     stats = backend.asarray([2.3, 10.0], dtype="float32")
-    model._device_step = lambda xb, yb, step, scalars=None: stats  # (an instance attribute)
+    # (an instance attribute)
+    model._device_step = lambda xb, yb, step, scalars=None, weights=None: stats
     for graphs in (False, True):
         model.compile(optimizer=model.optimizer, cuda_graphs=graphs)
         if graphs and backend.name != "cupy":

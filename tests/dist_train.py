@@ -54,10 +54,11 @@ def make_model(dtype: str = "float64", optimizer: str = "sgd", batchnorm: bool =
 def train(out: str | None = None, batch: int = 4, samples: int = 50, epochs: int = 1,
           dtype: str = "float64", optimizer: str = "sgd", checkpoint: str | None = None,
           every: int = 2, resume: bool = False, fail_rank: int = -1, fail_step: int = 0,
-          fail_how: str = "kill", batchnorm: bool = False, dataset: bool = False
-          ) -> tuple[list[np.ndarray], dict[str, list[float]]]:
+          fail_how: str = "kill", batchnorm: bool = False, dataset: bool = False,
+          weighted: bool = False) -> tuple[list[np.ndarray], dict[str, list[float]]]:
     """Train; returns the final weights and history (and writes them, and how many steps this
-    process ran, to ``out.rank<R>.npz``)."""
+    process ran, to ``out.rank<R>.npz``). ``weighted``: with sample weights (the validation
+    data's too) and class weights."""
     here = distributed.world()
     x, y = data(samples)
     model = make_model(dtype, optimizer, batchnorm)
@@ -76,11 +77,14 @@ def train(out: str | None = None, batch: int = 4, samples: int = 50, epochs: int
         model.train_step = failing_step
     source = (Samples(x, y), None) if dataset else (x, y)
     every_step = {} if checkpoint is None else {"checkpoint_every": every}
+    w = np.linspace(0.2, 2.0, samples)
+    weights = {"sample_weight": w, "class_weight": {1: 3.0, 4: 0.5}} if weighted else {}
+    validation = (x[:20], y[:20], *((w[:20],) if weighted else ()))
     steps_run: list[int] = []  # (a resumed run: only the steps after its checkpoint)
     count = xpcnn.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: steps_run.append(b))
     history = model.fit(*source, epochs=epochs, batch_size=batch, verbose=0,
-                        checkpoint=checkpoint, resume=resume, validation_data=(x[:20], y[:20]),
-                        callbacks=[count], **every_step)
+                        checkpoint=checkpoint, resume=resume, validation_data=validation,
+                        callbacks=[count], **every_step, **weights)
     weights = model.get_weights()
     logs = {k: v for k, v in history.history.items() if k != "seconds"}
     if out is not None:
@@ -107,6 +111,7 @@ def main() -> None:
     p.add_argument("--fail-how", default="kill")
     p.add_argument("--batchnorm", action="store_true")
     p.add_argument("--dataset", action="store_true", help="a map-style dataset, not arrays")
+    p.add_argument("--weighted", action="store_true", help="sample and class weights")
     train(**vars(p.parse_args()))
 
 

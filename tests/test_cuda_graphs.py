@@ -177,6 +177,41 @@ def test_a_fit_through_captured_steps_equals_an_eager_fit(monkeypatch, kernels, 
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
 
 
+def test_weighted_fits_through_captured_steps_equal_eager_fits(monkeypatch, kernels):
+    """fit's sample weights reach a replay through a static buffer as the batch does, its
+    class weights as an array the graph was captured with: a later fit without them (one
+    array fewer) or with other batches (a new batch size, sample weights where there were
+    none: two steps in a row of another shape) captures again. Same weights as eager fits."""
+    if kernels is not None:
+        monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+    x, y = _data()
+    w = np.random.default_rng(5).uniform(0.0, 2.0, 40)
+    fits = [dict(batch_size=16, sample_weight=w, class_weight={3: 4.0}),
+            dict(batch_size=16, sample_weight=w),  # the class weights gone
+            dict(batch_size=8),  # the sample weights gone, another batch size
+            dict(batch_size=8, class_weight={1: 0.5})]
+    eager = _model(gap_net(), optim.SGD(0.05, momentum=0.9))
+    graphed = _model(gap_net(), optim.SGD(0.05, momentum=0.9))
+    graphed.build((12, 12, 3))
+    graphs, capture = _runner(graphed)
+    if kernels is not None:
+        graphs.capturable, graphs.capture_tables = contextlib.nullcontext, lambda: (
+            contextlib.nullcontext([]))
+    captures = []
+    for kwargs in fits:
+        h_eager = eager.fit(x, y, epochs=3, verbose=0, **kwargs)
+        h_graphed = graphed.fit(x, y, epochs=3, verbose=0, **kwargs)
+        captures.append((capture.captures, capture.launches))
+        np.testing.assert_allclose(h_graphed.history["loss"], h_eager.history["loss"],
+                                   rtol=1e-12)
+        for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+    # 16: 2 warm-up, capture, 3 replays (tails eager); the class weights gone: warmed up
+    # again; batch 8 (5 a epoch): the first step eager, then 2 warm-up, capture, 11 replays;
+    # class weights added: 2 warm-up, capture, 12 replays
+    assert captures == [(1, 4), (2, 8), (3, 20), (4, 33)]
+
+
 def test_a_replay_refills_only_the_numbers_that_changed():
     """Before each replay the step's numbers go to the device scalars the graph reads, each
     fill a launch on CuPy: a constant learning rate is put there once, the step count at every

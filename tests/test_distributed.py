@@ -78,17 +78,17 @@ def assert_same_as_one_process(out: Path, ranks: int, reference, rtol: float, at
 
 @needs_mpi
 @pytest.mark.parametrize("ranks,samples,source", [(2, 48, "arrays"), (3, 50, "arrays"),
-                                                  (3, 50, "dataset")])
+                                                  (3, 50, "dataset"), (3, 50, "weighted")])
 def test_ranks_train_as_one_process_on_the_combined_batch_float64(tmp_path, ranks, samples,
                                                                    source):
     """A whole epoch with flips, crops and dropout; with 3 ranks and 50 samples the last global
     batch has 2 samples, so one rank has none. The ranks read arrays, or a map-style dataset;
-    the single process, arrays."""
+    the single process, arrays; "weighted": arrays with sample and class weights."""
     batch = 12 // ranks
     proc, _ = mpirun(ranks, tmp_path / "run", "--batch", str(batch), "--samples", str(samples),
-                     *(["--dataset"] if source == "dataset" else []))
+                     *({"dataset": ["--dataset"], "weighted": ["--weighted"]}.get(source, [])))
     assert proc.returncode == 0, proc.stderr
-    reference = dist_train.train(batch=12, samples=samples)
+    reference = dist_train.train(batch=12, samples=samples, weighted=source == "weighted")
     assert_same_as_one_process(tmp_path / "run", ranks, reference, rtol=0, atol=1e-12)
 
 

@@ -207,6 +207,7 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_training_on_the_gpu_matches_the_standard_path_and_numpy":
         _cases(conv_algorithm=["cudnn"]),
     "test_mixed_float16_on_the_gpu": _cases(conv_algorithm=["direct"]),
+    "test_weighted_training_on_the_gpu_matches_numpy": None,
     "test_bfloat16_is_a_clear_error_on_cupy": None,
     "test_a_missing_gpu_index_is_a_clear_error": None,
     "test_data_on_the_gpu_gives_the_weights_of_host_batches": None,
@@ -894,7 +895,7 @@ def test_fused_optimiser_updates(cp, kernels, rng, make, dtype):
             np.testing.assert_allclose(host(f), host(s), rtol=rtol, atol=rtol)
 
 
-def _fit(device, net, fast=True, precision="float32", epochs=2):
+def _fit(device, net, fast=True, precision="float32", epochs=2, **fit_kwargs):
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (64, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 64)
     old = set_fast_path(fast)
@@ -902,7 +903,7 @@ def _fit(device, net, fast=True, precision="float32", epochs=2):
         model = xpcnn.Sequential(net(), device=device, seed=0)
         # SGD: Adam would turn float rounding in near-zero gradients into whole steps
         model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), precision=precision)
-        history = model.fit(x, y, epochs=epochs, batch_size=16, verbose=0)
+        history = model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, **fit_kwargs)
         probs = model.predict(x[:8])
     finally:
         set_fast_path(old)
@@ -938,6 +939,24 @@ def test_training_on_the_gpu_matches_the_standard_path_and_numpy(conv_algorithm)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(p_fast, p_ref, rtol=1e-4, atol=1e-6)
     assert isinstance(p_fast, np.ndarray)  # results come back to the host
+
+
+def test_weighted_training_on_the_gpu_matches_numpy(cp, monkeypatch):
+    """fit's sample weights (gathered on the device with each batch) and class weights (looked
+    up on the device from the labels), in steps captured and replayed where a GPU can, and
+    evaluate's sample weights, against NumPy; in full float32."""
+    monkeypatch.setenv("XPCNN_TF32", "0")
+    w = np.random.default_rng(3).uniform(0.0, 2.0, 64)
+    kwargs = dict(sample_weight=w, class_weight={3: 4.0, 7: 0.25},
+                  validation_data=(np.zeros((8, 12, 12, 3), np.uint8), np.arange(8), w[:8]))
+    gpu, loss_gpu, _ = _fit("cuda", gap_net, epochs=3, **kwargs)
+    ref, loss_ref, _ = _fit("cpu", gap_net, epochs=3, **kwargs)
+    assert loss_gpu == pytest.approx(loss_ref, rel=1e-5)
+    assert gpu.history.history["val_loss"] == pytest.approx(ref.history.history["val_loss"],
+                                                            rel=1e-5)
+    for a, b in zip(gpu.get_weights(), ref.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert gpu._class_weights is None
 
 
 def test_every_layer_trains_on_the_gpu_and_stays_there(cp):

@@ -534,9 +534,12 @@ class BackupAndRestore(Callback):
                              "batches (a DataLoader: its batches are its own to order)")
         if distributed.is_root():  # (the one writer)
             checks.output_file(self.path, "the checkpoint")
-        self.saver = FitCheckpoints(self.model, self.path, self.save_freq, self.resume,
-                                    data.fingerprint(), self.params["steps"],
-                                    self.params["verbose"])
+        # (fit's class_weight changes what each step trains: a resumed run must have it too)
+        weights = self.params.get("class_weight")
+        run = {**data.fingerprint(),
+               **({} if weights is None else {"class_weight": [float(w) for w in weights]})}
+        self.saver = FitCheckpoints(self.model, self.path, self.save_freq, self.resume, run,
+                                    self.params["steps"], self.params["verbose"])
         history, start = self.saver.start()
         if start is not None:
             self.model.history.epoch, self.model.history.history = history.epoch, history.history

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -98,6 +100,46 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray
                          f"to 1; row {i} sums to {sums[i]:.6g} with a least value of "
                          f"{arr[i].min():.6g} ({bad.size} such rows)")
     return arr, np.argmax(arr, axis=1).astype(np.int64)
+
+
+def as_sample_weights(w: Any, n: int, what: str = "sample_weight") -> np.ndarray:
+    """Per-sample weights of the loss: N finite numbers >= 0, shape (N,) or (N, 1) (Keras
+    takes both), as a float64 host array (N,)."""
+    try:
+        arr = np.asarray(w)
+    except Exception as e:
+        raise InputError(f"{what} must be an array of one weight a sample: {e}") from e
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer)
+                                 or np.issubdtype(arr.dtype, np.floating)):
+        raise InputError(f"{what} must hold real numbers, one weight a sample, got dtype "
+                         f"{arr.dtype}")
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.shape != (n,):
+        raise InputError(f"{what} must have one weight for each of the {n} samples, shape "
+                         f"({n},); got shape {arr.shape}")
+    arr = arr.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0))
+    if bad.size:
+        raise InputError(f"{what} must be finite and >= 0; sample {int(bad[0])} has weight "
+                         f"{float(arr[bad[0]])!r} ({bad.size} such samples)")
+    return arr
+
+
+def as_class_weights(class_weight: Any, classes: int) -> np.ndarray:
+    """Keras' ``class_weight``, a dict {class index: weight}, as a float64 host table
+    (classes,) of weights finite and >= 0; a class it leaves out weighs 1, as in Keras."""
+    if not isinstance(class_weight, Mapping):
+        raise InputError("class_weight must be a dict mapping class indices to weights, e.g. "
+                         f"{{0: 1.0, 1: 5.0}}, got {type(class_weight).__name__}")
+    table = np.ones(classes, np.float64)
+    for key, value in class_weight.items():
+        if isinstance(key, bool | np.bool_) or not isinstance(key, numbers.Integral) or \
+                not 0 <= int(key) < classes:
+            raise InputError(f"class_weight's keys must be class indices in [0, {classes - 1}] "
+                             f"for a model with {classes} outputs, got {key!r}")
+        table[int(key)] = number(value, f"class_weight[{int(key)}]", 0.0)
+    return table
 
 
 def check_label_layout(shape: tuple[int, ...], integral: bool, floating: bool, dtype: Any,

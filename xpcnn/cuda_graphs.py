@@ -34,8 +34,10 @@ replayed graph is one launch. What a captured step needs, and how it gets it:
   graph's temporaries use are never handed to anything else.
 
 Shapes: the first batch shape is captured after ``warmup`` eager steps on the capture stream
-(they compile kernels, build the cuDNN plans and fill the memory pool); a batch of any other
-shape (an epoch's last, smaller batch) runs eagerly, so a fit holds one graph.
+(they compile kernels, build the cuDNN plans and fill the memory pool); a batch of another
+shape (an epoch's last, smaller batch) runs eagerly, so a fit holds one graph. Two steps in a
+row of another shape (a later ``fit`` with another ``batch_size``) replace the graph by one of
+that shape.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import operator
 from collections.abc import Callable, Iterator
 from typing import Any
 
-StepFn = Callable[[Any, Any, "dict[str, Any]"], Any]
+StepFn = Callable[[Any, Any, Any, "dict[str, Any]"], Any]
 ArraysFn = Callable[..., "list[Any]"]
 
 
@@ -120,7 +122,8 @@ def _nothing_deferred() -> Iterator[list[Any]]:
 class StepGraphs:
     """A training step run eagerly, warmed up, captured, then replayed (see the module doc).
 
-    ``step(xb, yb, scalars)`` is one training step without host reads whose optimiser update
+    ``step(xb, yb, wb, scalars)`` is one training step on images ``xb``, targets ``yb`` and
+    sample weights ``wb`` (None: none) without host reads whose optimiser update
     takes the per-step numbers from ``scalars`` (0-d arrays); it returns device arrays, which
     after a replay hold that replay's values. ``arrays()`` lists every array that outlives a
     step, by name ("param ..." first); ``arrays(named=False)`` the arrays alone, in the same
@@ -150,7 +153,9 @@ class StepGraphs:
         self.warm = 0
         self.graph: Any = None
         self.reason = ""  # why the step runs eagerly for good ("" while capture is possible)
-        self._static: tuple[Any, Any] | None = None
+        self._static: tuple[Any, ...] = ()  # the captured step's input buffers
+        # (a batch shape other than the captured one, and how many steps in a row had it)
+        self._other: tuple[Any, int] = (None, 0)
         self._scalars: dict[str, Any] | None = None  # refilled before each step
         self._filled: dict[str, float] = {}  # (the numbers they hold)
         self._outputs: Any = None
@@ -159,76 +164,87 @@ class StepGraphs:
         self._captured: list[Any] = []
         self._tables: list[Any] = []
 
-    def decide(self, xb: Any, yb: Any) -> str:
+    def decide(self, xb: Any, yb: Any, wb: Any = None) -> str:
         """What the next step on this batch does: "eager" (for good, or another shape than
-        the captured one), "warmup", "capture" or "replay"."""
-        shape = (tuple(xb.shape), xb.dtype, tuple(yb.shape), yb.dtype)  # (str(dtype): ~2 us)
+        the captured one), "warmup", "capture" or "replay". A batch shape other than the
+        captured one runs eagerly once (an epoch's last, smaller batch); on a second step in
+        a row (a new ``batch_size``, sample weights where there were none) the graph is
+        dropped and that shape warmed up and captured instead."""
+        # (str(dtype): ~2 us)
+        shape = (tuple(xb.shape), xb.dtype, tuple(yb.shape), yb.dtype,
+                 None if wb is None else (tuple(wb.shape), wb.dtype))
         if self.reason:
             return "eager"
         if self.shape is None:
             self.shape = shape
         if shape != self.shape:
-            return "eager"
+            self._other = (shape, self._other[1] + 1 if self._other[0] == shape else 1)
+            if self._other[1] < 2:
+                return "eager"
+            # (the old graph, its buffers and tables go: their memory returns to the pool)
+            self.shape, self.graph, self.warm, self._static = shape, None, 0, ()
+            self._outputs, self._captured, self._tables = None, [], []
+        self._other = (None, 0)
         if self.graph is not None and self._replaced():
             self.graph, self.warm = None, 0  # weights replaced: warm up and capture again
         if self.graph is None:
             return "warmup" if self.warm < self.warmup else "capture"
         return "replay"
 
-    def run(self, xb: Any, yb: Any) -> Any | None:
-        """One training step on (xb, yb) warmed up, captured or replayed: its outputs; None
-        where this step runs eagerly instead (the caller runs it)."""
-        action = self.decide(xb, yb)
+    def run(self, xb: Any, yb: Any, wb: Any = None) -> Any | None:
+        """One training step on (xb, yb, wb) warmed up, captured or replayed: its outputs;
+        None where this step runs eagerly instead (the caller runs it)."""
+        action = self.decide(xb, yb, wb)
         if action == "eager":
             return None
         self._fill_scalars()
         if self.capture is None:
             self.capture = CupyCapture()
+        batch = (xb, yb, wb)
         if action == "replay":
-            static_x, static_y = self._static  # type: ignore[misc]
-            static_x[...] = xb
-            static_y[...] = yb
+            for static, a in zip(self._static, batch, strict=True):
+                if static is not None:
+                    static[...] = a
             self.capture.launch(self.graph)
             self.advance()
             return self._outputs
         with self.capture.scope(), self.capturable():
-            return self._warm_up(xb, yb) if action == "warmup" else self._capture(xb, yb)
+            return self._warm_up(batch) if action == "warmup" else self._capture(batch)
 
-    def _run(self, xb: Any, yb: Any) -> Any:
-        out = self.step(xb, yb, self._scalars)
+    def _run(self, batch: tuple[Any, Any, Any]) -> Any:
+        out = self.step(*batch, self._scalars)
         self.advance()
         return out
 
-    def _warm_up(self, xb: Any, yb: Any) -> Any:
+    def _warm_up(self, batch: tuple[Any, Any, Any]) -> Any:
         """An eager step on the capture stream and pool; the last one also checks that the
         step rebinds none of the arrays that outlive it (the first may create some, such as
         the optimiser's slots)."""
         before = self.arrays()
-        out = self._run(xb, yb)
+        out = self._run(batch)
         self.warm += 1
         rebound = self._rebound(before)
         if self.warm == self.warmup and rebound:
             self.reason = f"{rebound} is replaced by each step rather than updated in place"
         return out
 
-    def _capture(self, xb: Any, yb: Any) -> Any:
+    def _capture(self, batch: tuple[Any, Any, Any]) -> Any:
         xp = self.backend.xp
-        static_x, static_y = xp.asarray(xb, copy=True), xp.asarray(yb, copy=True)
+        static = tuple(None if a is None else xp.asarray(a, copy=True) for a in batch)
         before = self.arrays()
         try:
             # (the tables are filled on leaving, after the capture ended, before any launch)
             with self.capture_tables() as tables:
-                graph, out = self.capture.capture(
-                    lambda: self.step(static_x, static_y, self._scalars))
+                graph, out = self.capture.capture(lambda: self.step(*static, self._scalars))
         except Exception as e:  # what the capture refused, e.g. a read from the host
             first = (str(e).splitlines() or [type(e).__name__])[0][:200]
             self.reason = f"capturing the step failed: {first}"
-            return self._run(xb, yb)  # (a capture only records: nothing ran)
+            return self._run(batch)  # (a capture only records: nothing ran)
         rebound = self._rebound(before)
         if rebound:  # the warm-up steps rebound nothing: the step changed between them
             raise RuntimeError(f"xpcnn: {rebound} was replaced while the training step was "
                                "captured in a CUDA graph; compile(cuda_graphs=False) avoids it")
-        self.graph, self._static, self._outputs = graph, (static_x, static_y), out
+        self.graph, self._static, self._outputs = graph, static, out
         self._captured, self._tables = [a for _, a in before], tables
         self.capture.launch(graph)  # the capture only recorded the step: now run it
         self.advance()

@@ -2,7 +2,7 @@
 
 ``fit``, ``evaluate`` and ``predict`` turn what they are given into a :class:`Batches` source,
 which yields device batches ``(xb, yb)`` (``xb`` as stored, e.g. uint8: the model casts it on
-the device):
+the device), or ``(xb, yb, wb)`` where arrays come with sample weights:
 
 * arrays of the model's own namespace on its device (CuPy, PyTorch, ``array_api_strict``) stay
   there; each batch is gathered on the device (``xp.take``);
@@ -56,9 +56,9 @@ class Batches:
     steps: int | None = None
     resumable = False
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
         """The batches of ``epoch`` from batch ``start`` on: (xb, yb) on the device (yb None
-        without targets)."""
+        without targets), (xb, yb, wb) with sample weights (see :func:`unpack`)."""
         raise NotImplementedError
 
     def fingerprint(self) -> dict[str, Any]:
@@ -71,6 +71,11 @@ class Batches:
         tell without asking the others; None where only the batches tell (an iterable: the
         ranks then exchange their batches' sizes each step)."""
         return None
+
+
+def unpack(batch: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+    """(xb, yb, wb) of a batch that :meth:`Batches.epoch` yields; wb None without weights."""
+    return batch[0], batch[1], batch[2] if len(batch) > 2 else None
 
 
 # -- arrays -----------------------------------------------------------------------------------
@@ -204,19 +209,21 @@ class ShardedBatches(Batches):
 
 
 class ArrayBatches(ShardedBatches):
-    """Batches of arrays ``x`` and ``targets`` (validated already), in :func:`epoch_order`; on
-    several ranks, this rank's slices of the global batches (see :func:`rank_slices`)."""
+    """Batches of arrays ``x`` and ``targets`` (validated already), with ``weights`` (N,) (host,
+    checked) where given, in :func:`epoch_order`; on several ranks, this rank's slices of the
+    global batches (see :func:`rank_slices`)."""
 
     resumable = True
 
     def __init__(self, backend: Any, x: Any, targets: np.ndarray | None, batch_size: int,
-                 shuffle: bool = False, seed: int = 0, shard: tuple[int, int] = (0, 1)) -> None:
+                 shuffle: bool = False, seed: int = 0, shard: tuple[int, int] = (0, 1),
+                 weights: np.ndarray | None = None) -> None:
         self.backend, self.batch_size, self.shuffle, self.seed = backend, batch_size, shuffle, seed
         self.shard = shard
         self.samples = int(x.shape[0])
         self.steps = -(-self.samples // (batch_size * shard[1]))
         self.host_x = x if isinstance(x, np.ndarray) else None
-        self.host_targets = targets
+        self.host_targets, self.host_weights = targets, weights
         # Memory-mapped files are read batch by batch; other arrays live on the device (on the
         # CPU they are there already) unless they are too large for the budget.
         self.on_device = self.host_x is None or not isinstance(x, np.memmap) and (
@@ -224,9 +231,10 @@ class ArrayBatches(ShardedBatches):
             <= DEVICE_BUDGET_BYTES)
         if self.on_device and backend.name != "numpy":  # (on NumPy: there already)
             x, targets = to_device(backend, x), to_device(backend, targets)
-        self.x, self.targets = x, targets
+            weights = to_device(backend, weights)
+        self.x, self.targets, self.weights = x, targets, weights
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
         order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
         bounds = rank_slices(self.samples, self.batch_size, start, self.shard)
         if self.on_device:
@@ -235,28 +243,28 @@ class ArrayBatches(ShardedBatches):
         return upload(self.backend, prefetch(host, self.backend))
 
     def _gather_on_device(self, order: np.ndarray | None, bounds: Iterator[tuple[int, int]]
-                          ) -> Iterator[tuple[Any, Any]]:
+                          ) -> Iterator[tuple[Any, ...]]:
         xp = self.backend.xp
         dev_order = None if order is None else (order if self.backend.name == "numpy" else
                                                 self.backend.asarray(order))
+        arrays = [self.x, self.targets] + ([] if self.weights is None else [self.weights])
         for lo, hi in bounds:  # (hi <= samples: slices past the end are not standard)
             if dev_order is None:
-                yield self.x[lo:hi, ...], None if self.targets is None else \
-                    self.targets[lo:hi, ...]
+                yield tuple(None if a is None else a[lo:hi, ...] for a in arrays)
                 continue
             idx = dev_order[lo:hi]
-            yield (xp.take(self.x, idx, axis=0),
-                   None if self.targets is None else xp.take(self.targets, idx, axis=0))
+            yield tuple(None if a is None else xp.take(a, idx, axis=0) for a in arrays)
 
-    def _host_batch(self, order: np.ndarray | None, lo: int, hi: int) -> tuple[np.ndarray, Any]:
+    def _host_batch(self, order: np.ndarray | None, lo: int, hi: int) -> tuple[Any, ...]:
         idx = slice(lo, hi) if order is None else order[lo:hi]
         x = np.ascontiguousarray(self.host_x[idx])  # type: ignore[index]
-        return x, None if self.host_targets is None else self.host_targets[idx]
+        y = None if self.host_targets is None else self.host_targets[idx]
+        return (x, y) if self.host_weights is None else (x, y, self.host_weights[idx])
 
     def fingerprint(self) -> dict[str, Any]:
         x = self.host_x if self.host_x is not None else self.backend.to_numpy(self.x)
         return fingerprint(x, self.host_targets, self.batch_size, self.seed, self.shuffle,
-                           self.shard[1])
+                           self.shard[1], self.host_weights)
 
 
 # -- map-style datasets and iterables ---------------------------------------------------------
@@ -487,6 +495,18 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
     return x, targets
 
 
+def check_sample_weights(model: Any, w: Any, n: int, what: str = "sample_weight"
+                         ) -> np.ndarray:
+    """Sample weights for ``n`` samples (host or device arrays, as targets are; read to the
+    host to be checked), returned on the host in the model's parameter dtype."""
+    w = adopt_foreign(w, model.backend)
+    if is_device_array(w):
+        if not of_library(w, model.backend):
+            check_on_device(w, model.backend, what)  # refused, naming its library
+        w = model.backend.to_numpy(w)
+    return checks.as_sample_weights(w, n, what).astype(model.dtype_name)
+
+
 def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None, copy: bool = False
                 ) -> tuple[Any, Any]:
     """One streamed batch, checked as whole arrays are, contiguous on the host; ``copy``: host
@@ -499,16 +519,16 @@ def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None, copy: 
         None if y is None else np.array(y, copy=copy or None)
 
 
-def upload(backend: Any, batches: Iterator[tuple[Any, Any]], owned: bool = False
-           ) -> Iterator[tuple[Any, Any]]:
+def upload(backend: Any, batches: Iterator[tuple[Any, ...]], owned: bool = False
+           ) -> Iterator[tuple[Any, ...]]:
     """Host batches to the device, one copy each (device batches pass as they are), on the
     caller's thread: the device's current context and stream are the loop's. ``owned``: each
     batch is in arrays of its own already, which on NumPy (the host is the device) pass as
     they are."""
     as_they_are = owned and backend.name == "numpy"
     with contextlib.closing(batches):  # type: ignore[type-var]
-        for x, y in batches:
-            yield (x, y) if as_they_are else (to_device(backend, x), to_device(backend, y))
+        for batch in batches:
+            yield batch if as_they_are else tuple(to_device(backend, a) for a in batch)
 
 
 # -- the background thread --------------------------------------------------------------------

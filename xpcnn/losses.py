@@ -32,14 +32,17 @@ class SoftmaxCrossEntropy:
         """Integer labels (N,) or one-hot rows (N, classes) -> smoothed probability rows."""
         return target_rows(xp, y, classes, dtype, self.label_smoothing)
 
-    def forward(self, xp: Any, logits: Any, y: Any, dtype: Any) -> tuple[Any, Any]:
+    def forward(self, xp: Any, logits: Any, y: Any, dtype: Any, weights: Any = None
+                ) -> tuple[Any, Any]:
         """Returns (loss as a 0-d array, gradient with respect to ``logits``), both computed in
-        ``dtype`` (float32 under mixed precision)."""
+        ``dtype`` (float32 under mixed precision). ``weights`` (N,): each sample's share of
+        the loss, as Keras' ``sample_weight`` (the weighted sum divided by N)."""
         z = xp.astype(logits, dtype, copy=False)
-        return cross_entropy(xp, z, self.targets(xp, y, z.shape[1], z.dtype))
+        return cross_entropy(xp, z, self.targets(xp, y, z.shape[1], z.dtype), weights)
 
     def forward_with_accuracy(self, xp: Any, logits: Any, y: Any, dtype: Any,
-                              kernels: Any, scale: Any = None) -> tuple[Any, Any]:
+                              kernels: Any, scale: Any = None, weights: Any = None
+                              ) -> tuple[Any, Any]:
         """:meth:`forward` with the count of rows predicted right (first maximum at the target's
         class): ([loss, count] as one (2,) float32 or float64 array, gradient). Integer labels
         go to ``kernels`` (on a GPU one launch instead of ~20). A target that names no class
@@ -47,11 +50,14 @@ class SoftmaxCrossEntropy:
         the device: the step is skipped as a non-finite one, never trained on a wrong loss.
         With ``scale`` (the float16 loss-scaling state, on the device), the gradient is of the
         loss times ``scale[0]`` (on a GPU in the same launch). The gradient is given in the
-        logits' dtype (float16 under mixed precision, cast on a GPU in the same launch)."""
-        if y.ndim == 1:  # (the kernels cast the logits, on a GPU in the same launch)
+        logits' dtype (float16 under mixed precision, cast on a GPU in the same launch).
+        ``weights`` (N,) weigh the loss (:meth:`forward`), not the count: accuracy stays the
+        share of samples predicted right, as Keras' ``metrics`` (not ``weighted_metrics``)."""
+        if y.ndim == 1 and weights is None:  # (the kernels cast the logits, on a GPU in the
+            # same launch)
             return kernels.softmax_cross_entropy(logits, y, self.label_smoothing, scale, dtype)
         z = xp.astype(logits, dtype, copy=False)
-        loss, grad = self.forward(xp, z, y, dtype)
+        loss, grad = self.forward(xp, z, y, dtype, weights)
         stats = nan_unless_classes(xp, loss_and_correct(xp, loss, z, y), y, z.shape[1])
         grad = grad if scale is None else grad * scale[0]
         return stats, xp.astype(grad, logits.dtype, copy=False)

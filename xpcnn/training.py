@@ -16,12 +16,13 @@ stable softmax cross-entropy; ``predict`` still returns probabilities.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -48,10 +49,12 @@ from .data import (
     check_arrays,
     check_on_device,
     check_real_images,
+    check_sample_weights,
     check_source,
     is_map_dataset,
     is_stream,
     to_device,
+    unpack,
 )
 from .errors import InputError, NonFiniteError
 from .layers.base import Layer
@@ -117,6 +120,8 @@ class Trainer:
         #: Why training steps run without CUDA graphs ("" while they are captured, or will be).
         self.cuda_graphs_reason = ""
         self._graphs: StepGraphs | None = None
+        # fit's class_weight, a device table (classes,) in the parameters' dtype (None: none)
+        self._class_weights: Any = None
 
     # -- compile: the loss, the optimiser and the precision -------------------------------------
     def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
@@ -231,10 +236,12 @@ class Trainer:
             raise InputError(f"call compile(loss=..., optimizer=...) before {what}")
 
     # -- one training step ----------------------------------------------------------------------
-    def train_step(self, xb: Any, yb: Any) -> tuple[Any, Any]:
+    def train_step(self, xb: Any, yb: Any, sample_weight: Any = None) -> tuple[Any, Any]:
         """One forward, backward and update on a batch of device arrays, queued without waiting
         for the device: ``xb`` images (uint8 or float: cast on the device), ``yb`` integer
-        labels (N,) or one-hot rows (N, classes). ``fit`` runs each of its steps through a
+        labels (N,) or one-hot rows (N, classes), ``sample_weight`` None or each sample's
+        weight in the loss (N,) (inside ``fit``, its ``class_weight`` weighs the loss too).
+        ``fit`` runs each of its steps through a
         ``train_step`` that a subclass or the model itself overrides, as Keras does; else it
         runs the same step without these checks, which its batches passed when it made them.
 
@@ -251,23 +258,26 @@ class Trainer:
         next reads the totals. No step ever trains on labels that match no class.
         """
         self._check_step_batch(xb, yb)
+        if sample_weight is not None:
+            self._check_step_weights(xb, sample_weight)
         with self.backend.compute_scope():
-            stats = self._train_step(xb, yb, keep=True)
+            stats = self._train_step(xb, yb, keep=True, weights=sample_weight)
         return stats[0], stats[1]
 
-    def _train_step(self, xb: Any, yb: Any, keep: bool) -> Any:
+    def _train_step(self, xb: Any, yb: Any, keep: bool, weights: Any = None) -> Any:
         """:meth:`train_step` on a batch that passed its checks (or fit's, made and checked
         by fit), inside the backend's ``compute_scope``: the step, captured or replayed where
         it can be, and its record in the running totals. Returns the batch's [loss, correct
         count]; after a replay they are the graph's own outputs, which the next replay
-        rewrites, unless ``keep`` asks for copies."""
+        rewrites, unless ``keep`` asks for copies. ``weights``: the samples' weights (N,) or
+        None."""
         self._rebuild_if_shared()  # (another model may have built shared layers since)
         # (a data-parallel step runs uncaptured: its allreduces are outside any graph)
         graphs = None if self._parallel is not None else self._step_graphs()
         step = self.optimizer.iterations + 1  # type: ignore[union-attr]
-        stats = None if graphs is None else graphs.run(xb, yb)
+        stats = None if graphs is None else graphs.run(xb, yb, weights)
         if stats is None:
-            stats = self._device_step(xb, yb, step)
+            stats = self._device_step(xb, yb, step, weights=weights)
         elif keep:
             stats = self.backend.xp.asarray(stats, copy=True)
         totals = self._running_totals()
@@ -294,19 +304,35 @@ class Trainer:
             return logs
         return logs["loss"] if len(logs) == 1 else list(logs.values())
 
-    def train_on_batch(self, x: Any, y: Any, return_dict: bool = False
-                       ) -> float | list[float] | dict[str, float]:
+    def train_on_batch(self, x: Any, y: Any, sample_weight: Any = None,
+                       class_weight: Mapping[int, float] | None = None,
+                       return_dict: bool = False) -> float | list[float] | dict[str, float]:
         """One training step on one batch of host or device arrays, checked at once (the host
         waits for the device): its ``[loss, accuracy]`` (the loss alone without metrics, a dict
-        with ``return_dict``, as in Keras), or :class:`NonFiniteError`."""
+        with ``return_dict``, as in Keras), or :class:`NonFiniteError`. ``sample_weight`` and
+        ``class_weight`` weigh the loss as :meth:`fit`'s do."""
         return_dict = checks.flag(return_dict, "return_dict")
         self._require_compiled("train_on_batch")
+        _check_class_weight_type(class_weight)
         self._rebuild_if_shared()
         with self._unbuilt_if_refused():
             x, targets = check_arrays(self, x, y)
-        with self.backend.compute_scope():
-            loss, correct = self.train_step(to_device(self.backend, x),
-                                            to_device(self.backend, targets))
+            n = int(x.shape[0])
+            weights = None if sample_weight is None else check_sample_weights(
+                self, sample_weight, n)
+            table = None if class_weight is None else self.backend.asarray(
+                checks.as_class_weights(class_weight, self.num_classes),
+                dtype=self._param_dtype)
+        if weights is not None and self._train_step_overridden():
+            _check_takes_sample_weight(self.train_step)
+        self._class_weights = table
+        try:
+            with self.backend.compute_scope():
+                batch = [to_device(self.backend, a) for a in (x, targets, weights)]
+                loss, correct = self.train_step(*batch[:2]) if weights is None else \
+                    self.train_step(*batch[:2], sample_weight=batch[2])
+        finally:
+            self._class_weights = None
         self._read_totals()
         return self._returned(self._logs(float(loss), float(correct) / int(x.shape[0])),
                               return_dict)
@@ -330,14 +356,24 @@ class Trainer:
                                   yb.ndim == 2 and xp.isdtype(yb.dtype, "real floating"),
                                   yb.dtype, int(xb.shape[0]), self.num_classes)
 
-    def _device_step(self, xb: Any, yb: Any, step: Any, scalars: dict[str, Any] | None = None
-                     ) -> Any:
+    def _check_step_weights(self, xb: Any, weights: Any) -> None:
+        """:meth:`train_step`'s ``sample_weight``, from its shape and dtype: floats on the
+        model's device, one a sample (their values are fit's and train_on_batch's to check)."""
+        check_on_device(weights, self.backend, "sample_weight", instead="")
+        if tuple(weights.shape) != (xb.shape[0],) or not self.backend.xp.isdtype(
+                weights.dtype, "real floating"):
+            raise InputError(f"sample_weight must be a floating-point array of one weight a "
+                             f"sample, shape ({xb.shape[0]},); got shape "
+                             f"{tuple(weights.shape)} and dtype {weights.dtype}")
+
+    def _device_step(self, xb: Any, yb: Any, step: Any, scalars: dict[str, Any] | None = None,
+                     weights: Any = None) -> Any:
         """Training step ``step`` on the device, with no host read: forward, loss, backward,
         the running totals and the update (skipped on the device where the step is not
         finite, normalisation statistics included). With ``scalars`` (a step captured in a
         CUDA graph), ``step`` and the optimiser's per-step numbers are device scalars, and
-        every array that outlives the step is updated in place. Returns the batch's [loss,
-        correct count]."""
+        every array that outlives the step is updated in place. ``weights``: the samples'
+        weights (N,) or None. Returns the batch's [loss, correct count]."""
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
         opt = self.optimizer
@@ -346,7 +382,7 @@ class Trainer:
         moving = [a for la in self.layers if la.trainable for a in la.state.values()]
         before = kernels.snapshot_state(moving) if moving else None
         trained = self._trained()
-        stats, grads = self._loss_and_grads(xb, yb, kernels, trained)
+        stats, grads = self._loss_and_grads(xb, yb, kernels, trained, weights)
         params = [p for la in trained for p in la.params.values()]
         n = int(xb.shape[0]) if self._parallel is None else self._parallel.total
         # (with float16 loss scaling, this divides the gradients by the scale, in place)
@@ -357,10 +393,11 @@ class Trainer:
         opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)
         return stats
 
-    def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any, trained: tuple[Layer, ...]
-                        ) -> tuple[Any, list[Any]]:
+    def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any, trained: tuple[Layer, ...],
+                        weights: Any = None) -> tuple[Any, list[Any]]:
         """[loss, correct count] of a batch and the gradients of its (scaled) loss, in the
-        order of the parameters of ``trained`` (the trainable layers). On several ranks
+        order of the parameters of ``trained`` (the trainable layers); the loss weighted by
+        ``weights`` (N,) and fit's ``class_weight`` where given. On several ranks
         (``fit`` sets ``_parallel``), the batch is this rank's slice of the global batch: the
         stats come back for the global batch, and the gradients averaged over it."""
         xp, dp = self.backend.xp, self._parallel
@@ -373,7 +410,7 @@ class Trainer:
         # (the float16 loss scale applied by the loss, in its kernel on a GPU: before the
         # weighting below, which for a power-of-two scale gives the same values as after)
         stats, dz = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype, kernels,
-                                                    self._scaling)
+                                                    self._scaling, self._weights(yb, weights))
         if dp is not None and dp.weight != 1.0:
             # weighted by this slice's share of the global batch, here, once: backward is
             # linear in dz, and the buckets then only copy and sum
@@ -387,6 +424,22 @@ class Trainer:
         self._backward(dz, dp.buckets.layer_done)
         grads, stats = dp.buckets.finish()
         return stats, grads
+
+    def _weights(self, yb: Any, weights: Any) -> Any:
+        """Each sample's weight in the loss: ``weights`` (N,) times its class's weight in
+        fit's ``class_weight`` (looked up on the device); None where neither is given."""
+        table = self._class_weights
+        if table is None:
+            return weights
+        xp = self.backend.xp
+        labels = yb if yb.ndim == 1 else xp.argmax(yb, axis=1)
+        # (a label that is no class reads some class's weight: the loss makes that step NaN;
+        # a bound beyond the labels' dtype is not clipped to, the dtype cannot reach it)
+        last = table.shape[0] - 1
+        labels = xp.clip(labels, 0, last if xp.iinfo(labels.dtype).max > last else None)
+        per_class = xp.take(table, labels, axis=0)
+        return per_class if weights is None else \
+            per_class * xp.astype(weights, table.dtype, copy=False)
 
     # -- the step captured in a CUDA graph (xpcnn.cuda_graphs) ----------------------------------
     def _step_graphs(self) -> StepGraphs | None:
@@ -422,7 +475,8 @@ class Trainer:
         capturable = getattr(kernels, "capturable", contextlib.nullcontext)
         self._running_totals()  # (made before the warm-up: its state is captured)
         self._graphs = StepGraphs(
-            lambda xb, yb, s: self._device_step(xb, yb, s["iteration"], s), self._graph_arrays,
+            lambda xb, yb, wb, s: self._device_step(xb, yb, s["iteration"], s, wb),
+            self._graph_arrays,
             scalars, advance, self.backend, capturable, exact=("iteration",),
             capture_tables=getattr(kernels, "capture_tables", None))
         return self._graphs
@@ -435,7 +489,9 @@ class Trainer:
         assert opt is not None
         randoms = [la for la in layers if isinstance(la, RandomLayer)]
         scaling = [] if self._scaling is None else [("the loss scale", self._scaling)]
-        totals = [("the running totals", self._running_totals().state), *scaling]
+        classes = [] if self._class_weights is None else [("the class weights",
+                                                            self._class_weights)]
+        totals = [("the running totals", self._running_totals().state), *scaling, *classes]
         if not named:  # (list comprehensions: generators cost a call per item)
             return ([a for la in layers for a in la.params.values()]
                     + [a for la in layers for a in la.state.values()]
@@ -534,14 +590,16 @@ class Trainer:
     # -- batch sources, and a refused call undone -----------------------------------------------
     def _batches(self, x: Any, y: Any, batch_size: int, steps: int | None, what: str = "x", *,
                  shuffle: bool = False, seed: int = 0, targets: bool = True,
-                 checked: bool = False, steps_name: str = "steps_per_epoch") -> Batches:
+                 checked: bool = False, steps_name: str = "steps_per_epoch",
+                 weights: Any = None) -> Batches:
         """The batch source for ``x`` (and ``y``): arrays, a map-style dataset or an iterable
         of batches (see :mod:`xpcnn.data`). On several ranks, arrays and datasets give each
         rank its slice of every global batch (of ``ranks * batch_size``), except for
         ``predict`` (no targets), where every rank predicts everything; an iterable is each
         rank's own. ``checked`` arrays are parts of arrays (targets and all) that
         :func:`check_arrays` passed: they are not checked again. ``steps_name`` is what the
-        caller calls ``steps``, for its errors."""
+        caller calls ``steps``, for its errors. ``weights``: the arrays' sample weights (or
+        None), checked unless ``checked``."""
         steps = check_source(x, y, steps, what, targets, steps_name)
         here = distributed.world()
         shard = (here.rank, here.size) if targets else (0, 1)
@@ -550,7 +608,10 @@ class Trainer:
                 return DatasetBatches(self, x, batch_size, shuffle, seed, targets, what, shard)
             return IterableBatches(self, x, steps, targets, what)
         x, t = (x, y) if checked else check_arrays(self, x, y, what)
-        return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed, shard)
+        if weights is not None and not checked:
+            weights = check_sample_weights(self, weights, int(x.shape[0]),
+                                           _weights_name(what))
+        return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed, shard, weights)
 
     @contextlib.contextmanager
     def _undone_if_refused(self) -> Iterator[list[Batches]]:
@@ -578,15 +639,21 @@ class Trainer:
             callbacks: list[Callback] | None = None,
             steps_per_epoch: int | None = None, validation_steps: int | None = None,
             checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int | str = "epoch",
-            resume: bool = False) -> History:
+            resume: bool = False, class_weight: Mapping[int, float] | None = None,
+            sample_weight: Any = None) -> History:
         """Train for ``epochs`` passes over the data; returns the :class:`History`.
 
         ``x`` is images (N, H, W, C) (uint8 or float; NumPy, a memory map, or arrays of the
         model's library on its device) with ``y`` integer labels (N,) or one-hot rows (N, K);
         or a map-style dataset, or an iterable of ``(x, y)`` batches with ``steps_per_epoch``
         (:mod:`xpcnn.data`). ``validation_data`` is a pair of arrays or such a source
-        (``validation_steps`` batches). ``seed`` fixes the shuffling order (default: the
-        model's seed). ``verbose=0`` silences the progress bar. ``callbacks``: see
+        (``validation_steps`` batches), or a triple (x_val, y_val, sample weights).
+        ``sample_weight`` (N,) (arrays only) and ``class_weight`` ({class index: weight}; a
+        class left out weighs 1) weigh each sample's term of the training loss, which stays
+        divided by the batch's size (Keras' "sum over batch size"); given both, a sample
+        weighs their product, as in tf.keras 2. Accuracy is not weighted, and the validation
+        loss only by the validation data's own weights. ``seed`` fixes the shuffling order
+        (default: the model's seed). ``verbose=0`` silences the progress bar. ``callbacks``: see
         :mod:`xpcnn.callbacks`.
 
         Launched on several processes (``mpiexec -n N``, :mod:`xpcnn.distributed`), each step
@@ -621,29 +688,38 @@ class Trainer:
         callbacks = [*(cb for cb in callbacks if cb not in backups), history,
                      *([ProgbarLogger()] if verbose else []), *backups]
         _check_fit_data(x, y, validation_data, validation_split, steps_per_epoch,
-                        validation_steps)
+                        validation_steps, class_weight, sample_weight)
+        if sample_weight is not None and self._train_step_overridden():
+            _check_takes_sample_weight(self.train_step)
         self._rebuild_if_shared()
         with self._undone_if_refused() as made:
-            x, y, validation_data, split = self._split_validation(x, y, validation_data,
-                                                                  validation_split)
+            x, y, sample_weight, validation_data, split = self._split_validation(
+                x, y, sample_weight, validation_data, validation_split)
             data = self._batches(x, y, batch_size, steps_per_epoch, shuffle=shuffle, seed=seed,
-                                 checked=split)
+                                 checked=split, weights=sample_weight)
             made.append(data)
+            x_val, y_val, w_val = (None, None, None) if validation_data is None else \
+                _triple(validation_data)
             validation = None if validation_data is None else self._batches(
-                *_pair(validation_data), max(batch_size, 256), validation_steps, "x_val",
-                checked=split, steps_name="validation_steps")
+                x_val, y_val, max(batch_size, 256), validation_steps, "x_val",
+                checked=split, steps_name="validation_steps", weights=w_val)
+            class_weights = None if class_weight is None else checks.as_class_weights(
+                class_weight, self.num_classes)
             self.history = history
             cbs = CallbackList(callbacks, self, {"epochs": epochs, "steps": data.steps,
                                                  "verbose": verbose, "data": data,
-                                                 "validation": validation is not None})
+                                                 "validation": validation is not None,
+                                                 "class_weight": class_weights})
             self.stop_training, self._resume_at = False, None
             self._parallel = distributed.data_parallel(self)
+            self._class_weights = None if class_weights is None else self.backend.asarray(
+                class_weights, dtype=self._param_dtype)
             try:
                 if self._parallel is not None:
                     self._parallel.broadcast_weights()
                 cbs.on_train_begin()
             except BaseException:
-                self._leave_parallel()
+                self._end_fit()
                 raise
         start = self._resume_at
         logs: dict[str, float] = {}  # (the last epoch's, for on_train_end, as in Keras)
@@ -665,12 +741,14 @@ class Trainer:
             if not cbs.on_non_finite(error):
                 raise
         finally:
-            self._leave_parallel()
+            self._end_fit()
         cbs.on_train_end(logs)
         return self.history
 
-    def _leave_parallel(self) -> None:
-        """End fit's data-parallel mode, if it is in it (see :mod:`xpcnn.distributed`)."""
+    def _end_fit(self) -> None:
+        """What fit set up for its steps ends with it: its class weights (steps outside fit
+        take none) and the data-parallel mode (:mod:`xpcnn.distributed`), if it is in it."""
+        self._class_weights = None
         if self._parallel is not None:
             self._parallel.end_fit()
             self._parallel = None
@@ -688,7 +766,8 @@ class Trainer:
         # (one compute scope for the epoch's loop, its callbacks inside, as evaluate's are)
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(epoch, step)) as batches:  # type: ignore[type-var]
-            for xb, yb in batches:
+            for batch in batches:
+                xb, yb, wb = unpack(batch)
                 cbs.on_train_batch_begin(step)
                 if self._parallel is not None:  # this rank's place in the global batch
                     place = data.place(step)
@@ -697,9 +776,10 @@ class Trainer:
                     else:
                         self._parallel.use_slice(*place)
                 if self._train_step_overridden():
-                    self.train_step(xb, yb)
+                    self.train_step(xb, yb) if wb is None else \
+                        self.train_step(xb, yb, sample_weight=wb)
                 else:  # (fit made and checked this batch: train_step's checks would repeat)
-                    self._train_step(xb, yb, keep=False)
+                    self._train_step(xb, yb, keep=False, weights=wb)
                 self._seen += int(xb.shape[0]) if self._parallel is None else \
                     self._parallel.total
                 step += 1
@@ -727,34 +807,45 @@ class Trainer:
         checkpoint stores them (waits for the device)."""
         return (*self._read_totals(), self._seen, self._epoch_t0)
 
-    def _split_validation(self, x: Any, y: Any, validation_data: Any,
-                          validation_split: float) -> tuple[Any, Any, Any, bool]:
-        """(x, y, validation data, split): with a ``validation_split``, the arrays x and y are
-        checked as a whole, then their last part is the validation data; else as given."""
+    def _split_validation(self, x: Any, y: Any, w: Any, validation_data: Any,
+                          validation_split: float) -> tuple[Any, Any, Any, Any, bool]:
+        """(x, y, sample weights, validation data, split): with a ``validation_split``, the
+        arrays x and y (and weights w) are checked as a whole, then their last part is the
+        validation data; else as given."""
         if not validation_split:
-            return x, y, validation_data, False
+            return x, y, w, validation_data, False
         x, targets = check_arrays(self, x, y)
-        n_val = int(round(int(x.shape[0]) * validation_split))
-        if n_val < 1 or n_val >= x.shape[0]:
+        n = int(x.shape[0])
+        w = None if w is None else check_sample_weights(self, w, n)
+        n_val = int(round(n * validation_split))
+        if n_val < 1 or n_val >= n:
             raise InputError(f"validation_split={validation_split} leaves no training or no "
-                             f"validation samples out of {x.shape[0]}")
-        return x[:-n_val, ...], targets[:-n_val], (x[-n_val:, ...], targets[-n_val:]), True
+                             f"validation samples out of {n}")
+        head, tail = (None, None) if w is None else (w[:-n_val], w[-n_val:])
+        return (x[:-n_val, ...], targets[:-n_val], head,
+                (x[-n_val:, ...], targets[-n_val:], tail), True)
 
     def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int | str = 0,
                  steps: int | None = None, callbacks: list[Callback] | None = None,
-                 return_dict: bool = False) -> float | list[float] | dict[str, float]:
+                 return_dict: bool = False, sample_weight: Any = None
+                 ) -> float | list[float] | dict[str, float]:
         """``[loss, accuracy]``, their means on (x, y) (or a dataset or iterable of batches), in
         inference mode (as in Keras: ``loss, acc = model.evaluate(x, y)``; the loss alone for a
         model compiled without metrics, a dict with ``return_dict``); an uncompiled model is
-        evaluated with the default loss and metrics (and stays uncompiled)."""
+        evaluated with the default loss and metrics (and stays uncompiled).
+        ``sample_weight`` (N,) (arrays only) weighs each sample's term of the loss (the sum
+        still divided by N), not the accuracy, as fit's does."""
         batch_size = checks.positive_int(batch_size, "batch_size")
         return_dict = checks.flag(return_dict, "return_dict")
         verbose = checks.verbosity(verbose)
         cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
         loss = self.loss if self.loss is not None else get_loss("cross_entropy")
         self._rebuild_if_shared()
+        if sample_weight is not None and is_stream(x):
+            raise InputError(_STREAM_WEIGHTS)
         with self._undone_if_refused() as made:
-            data = self._batches(x, y, batch_size, steps, steps_name="steps")
+            data = self._batches(x, y, batch_size, steps, steps_name="steps",
+                                 weights=sample_weight)
             made.append(data)
             return self._returned(self._evaluate(data, cbs, loss, verbose), return_dict)
 
@@ -768,13 +859,14 @@ class Trainer:
         cbs.on_test_begin()
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(0)) as batches:  # type: ignore[type-var]
-            for step, (xb, yb) in enumerate(_progress(batches, data, verbose, "evaluate")):
+            for step, batch in enumerate(_progress(batches, data, verbose, "evaluate")):
+                xb, yb, wb = unpack(batch)
                 if not xb.shape[0]:  # this rank's empty part of a short batch
                     continue
                 cbs.on_test_batch_begin(step)
                 logits = self._logits(xb, False, in_scope=True)
                 stats, _ = loss.forward_with_accuracy(  # type: ignore[union-attr]
-                    xp, logits, yb, self._param_dtype, kernels)
+                    xp, logits, yb, self._param_dtype, kernels, weights=wb)
                 totals.add_stats(stats, int(xb.shape[0]))
                 seen += int(xb.shape[0])
                 cbs.on_test_batch_end(step, LazyLogs(lambda seen=seen: self._running_logs(
@@ -848,9 +940,13 @@ def _checkpoint_callback(checkpoint: str | os.PathLike[str] | None, every: int |
 
 
 def _check_fit_data(x: Any, y: Any, validation_data: Any, validation_split: float,
-                    steps: int | None, validation_steps: int | None) -> None:
+                    steps: int | None, validation_steps: int | None,
+                    class_weight: Any = None, sample_weight: Any = None) -> None:
     """fit's data arguments, checked before any batch source is made (none draws a batch)."""
     checks.number(validation_split, "validation_split", 0.0, 1.0, high_open=True)
+    _check_class_weight_type(class_weight)
+    if sample_weight is not None and is_stream(x):
+        raise InputError(_STREAM_WEIGHTS)
     if validation_split and validation_data is not None:  # (one would be ignored, silently)
         raise InputError(f"pass validation_data or validation_split, not both: got "
                          f"validation_split={validation_split!r} and validation_data")
@@ -859,16 +955,52 @@ def _check_fit_data(x: Any, y: Any, validation_data: Any, validation_split: floa
                          "dataset or generator")
     check_source(x, y, steps)
     if validation_data is not None:
-        check_source(*_pair(validation_data), validation_steps, "x_val",
+        check_source(*_triple(validation_data)[:2], validation_steps, "x_val",
                      steps_name="validation_steps")
 
 
-def _pair(validation_data: Any) -> tuple[Any, Any]:
-    """``validation_data`` as (x_val, y_val); a dataset or an iterable of batches holds its
-    targets (y_val None)."""
+def _triple(validation_data: Any) -> tuple[Any, Any, Any]:
+    """``validation_data`` as (x_val, y_val, sample weights or None); a dataset or an iterable
+    of batches holds its targets (y_val None)."""
     if is_stream(validation_data):
-        return validation_data, None
-    if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
-        raise InputError("validation_data must be a pair (x_val, y_val), a dataset or an "
-                         f"iterable of batches, got {type(validation_data).__name__}")
-    return validation_data[0], validation_data[1]
+        return validation_data, None, None
+    if not isinstance(validation_data, tuple | list) or len(validation_data) not in (2, 3):
+        raise InputError("validation_data must be a pair (x_val, y_val), a triple (x_val, "
+                         "y_val, sample weights), a dataset or an iterable of batches, got "
+                         f"{type(validation_data).__name__}")
+    x, y, *w = validation_data
+    if w and w[0] is not None and is_stream(x):
+        raise InputError(_STREAM_WEIGHTS)
+    return x, y, w[0] if w else None
+
+
+#: Why sample weights are refused with a dataset or an iterable of batches.
+_STREAM_WEIGHTS = ("sample_weight needs arrays x and y; a dataset or an iterable of batches "
+                   "gives no per-sample weights in xpcnn (class_weight works with every source)")
+
+
+def _weights_name(what: str) -> str:
+    """How the sample weights of the data called ``what`` are named in errors."""
+    return "sample_weight" if what == "x" else f"the sample weights of {what}"
+
+
+def _check_class_weight_type(class_weight: Any) -> None:
+    """``class_weight`` None or a dict (its keys and values are checked against the model
+    once it is built, :func:`xpcnn.checks.as_class_weights`)."""
+    if class_weight is not None and not isinstance(class_weight, Mapping):
+        raise InputError("class_weight must be a dict mapping class indices to weights, e.g. "
+                         f"{{0: 1.0, 1: 5.0}}, got {type(class_weight).__name__}")
+
+
+def _check_takes_sample_weight(train_step: Callable[..., Any]) -> None:
+    """A ``train_step`` that a subclass overrides gets fit's sample weights as
+    ``sample_weight=``: refused before training where it cannot take them (they would be
+    lost)."""
+    try:
+        params = inspect.signature(train_step).parameters.values()
+    except (TypeError, ValueError):  # (no signature to read: it is called and may fail)
+        return
+    if not any(p.name == "sample_weight" or p.kind is p.VAR_KEYWORD for p in params):
+        raise InputError("this model's train_step(xb, yb) takes no sample_weight: give it a "
+                         "sample_weight=None parameter (and pass it on to "
+                         "super().train_step) to train with sample_weight")

@@ -51,11 +51,15 @@ def nan_unless_classes(xp: Any, stats: Any, y: Any, classes: int) -> Any:
     return xp.where(targets_are_classes(xp, y, classes), stats, xp.nan)
 
 
-def cross_entropy(xp: Any, z: Any, t: Any) -> tuple[Any, Any]:
+def cross_entropy(xp: Any, z: Any, t: Any, weights: Any = None) -> tuple[Any, Any]:
     """Mean cross-entropy of softmax(z) against probability rows ``t`` (a 0-d array) and its
-    gradient with respect to ``z``, (softmax(z) - t) / N."""
+    gradient with respect to ``z``, (softmax(z) - t) / N. With ``weights`` (N,), row i's term
+    is multiplied by weights[i], still divided by N (Keras' "sum over batch size")."""
     n = z.shape[0]
     logp = log_softmax(xp, z)
+    if weights is not None:
+        w = xp.reshape(xp.astype(weights, z.dtype, copy=False), (-1, 1))
+        return -xp.sum(w * (t * logp)) / n, w * ((xp.exp(logp) - t) / n)
     return -xp.sum(t * logp) / n, (xp.exp(logp) - t) / n
 
 

@@ -360,10 +360,12 @@ def _history(h: Any, path: str) -> History:
 
 
 def fingerprint(x: np.ndarray, targets: np.ndarray, batch_size: int, seed: int,
-                shuffle: bool, ranks: int = 1) -> dict[str, Any]:
-    """What a resumed run must share with the original: the data (sizes and CRC-32 checksums),
-    the ``fit`` arguments that fix the order of the batches, and the number of processes
-    (:mod:`xpcnn.distributed`; recorded only when there are several)."""
+                shuffle: bool, ranks: int = 1, weights: np.ndarray | None = None
+                ) -> dict[str, Any]:
+    """What a resumed run must share with the original: the data (sizes and CRC-32 checksums;
+    the sample weights' where there are some), the ``fit`` arguments that fix the order of the
+    batches, and the number of processes (:mod:`xpcnn.distributed`; recorded only when there
+    are several)."""
     crc = 0
     rows = max(1, (1 << 24) // max(1, x[0].nbytes))
     for start in range(0, len(x), rows):
@@ -371,7 +373,9 @@ def fingerprint(x: np.ndarray, targets: np.ndarray, batch_size: int, seed: int,
     return {"samples": int(len(x)), "sample_shape": list(x.shape[1:]), "x_dtype": str(x.dtype),
             "x_crc32": crc, "y_crc32": zlib.crc32(np.ascontiguousarray(targets).data),
             "batch_size": int(batch_size), "seed": int(seed), "shuffle": bool(shuffle),
-            **({"ranks": int(ranks)} if ranks > 1 else {})}
+            **({"ranks": int(ranks)} if ranks > 1 else {}),
+            **({} if weights is None else
+               {"sample_weight_crc32": zlib.crc32(np.ascontiguousarray(weights).data)})}
 
 
 class FitCheckpoints:

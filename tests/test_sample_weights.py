@@ -1,0 +1,305 @@
+"""Keras' ``sample_weight`` and ``class_weight``: each sample's term of the loss weighted, the sum
+still divided by the batch's size; accuracy unweighted. Checked against finite differences,
+PyTorch, and what weights mean (a weight of 0 drops a sample, a class's weight is the weight
+of each of its samples), through fit, evaluate, train_on_batch and train_step, on NumPy's fast
+path, under array_api_strict and through captured steps."""
+
+import array_api_compat.numpy as xpn
+import array_api_strict as xs
+import numpy as np
+import pytest
+from gradcheck import assert_close, numeric_grad, sample_indices
+from nets import gap_net
+
+import xpcnn
+from xpcnn import optim
+from xpcnn.errors import InputError
+from xpcnn.layers import Conv2D, Dense, Flatten, GlobalAvgPool2D, ReLU, Rescaling, Softmax
+from xpcnn.losses import SoftmaxCrossEntropy
+from xpcnn.models import build_layers
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    return (rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), rng.integers(0, 4, 40),
+            rng.uniform(0.0, 3.0, 40))
+
+
+def _net():
+    """No layer that mixes the samples of a batch (BatchNorm would): a sample's weight is
+    then all that decides its share of a step."""
+    return [Rescaling(1 / 255), Conv2D(5, 3, padding="same"), ReLU(), GlobalAvgPool2D(),
+            Dense(4), Softmax()]
+
+
+def _model(device="cpu", dtype="float64", net=_net, lr=0.1):
+    model = xpcnn.Sequential(net(), device=device, seed=2, dtype=dtype)
+    model.compile(optimizer=optim.SGD(lr, momentum=0.9))
+    return model
+
+
+def _same(a, b, rtol=1e-12, atol=1e-14):
+    for i, (u, v) in enumerate(zip(a.get_weights(), b.get_weights(), strict=True)):
+        np.testing.assert_allclose(u, v, rtol=rtol, atol=atol, err_msg=f"weight array {i}")
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_the_weighted_loss_and_its_gradient(smoothing, one_hot, rng):
+    """sum(w_i * l_i) / N, and its gradient against finite differences, in float64."""
+    loss = SoftmaxCrossEntropy(label_smoothing=smoothing)
+    z = rng.standard_normal((6, 4)) * 3
+    labels = rng.integers(0, 4, 6)
+    y = np.eye(4)[labels] if one_hot else labels
+    w = rng.uniform(0.0, 2.0, 6)
+    value, grad = loss.forward(xpn, z, y, np.float64, w)
+    t = np.eye(4)[labels] * (1 - smoothing) + smoothing / 4
+    logp = z - z.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    assert float(value) == pytest.approx(-(w[:, None] * t * logp).sum() / 6, rel=1e-12)
+
+    def f():
+        return float(loss.forward(xpn, z, y, np.float64, w)[0])
+
+    for idx in sample_indices(z.shape, 24, rng):
+        assert_close(grad[idx], numeric_grad(f, z, idx), f"dloss/dz{idx}")
+
+
+def test_weighted_steps_match_pytorch_in_float64():
+    """train_step's sample_weight and train_on_batch's class_weight and sample_weight against
+    PyTorch: the per-sample cross-entropy times the weights, summed, over N (PyTorch's own
+    ``weight=`` divides by the weights' sum instead, so it is not the reference)."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    from torch_mirror import mirror, mirror_optimizer
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (12, 28, 28, 1), dtype=np.uint8)
+    y = rng.integers(0, 10, 12)
+    w = rng.uniform(0.0, 2.0, 12)
+    table = rng.uniform(0.5, 3.0, 10)
+    model = xpcnn.Sequential(build_layers("mnist"), input_shape=(28, 28, 1),
+                             seed=0, dtype="float64")
+    opt = optim.SGD(0.02, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    model.compile(optimizer=opt)
+    twin = mirror(model, torch.float64)
+    topt = mirror_optimizer(opt, twin.parameters())
+    for step in range(3):
+        idx = slice(4 * step, 4 * step + 4)
+        weights = w[idx] * (table[y[idx]] if step else 1.0)
+        if step:  # class weights by train_on_batch, the step's weights their product
+            ours = model.train_on_batch(x[idx], y[idx], sample_weight=w[idx],
+                                        class_weight=dict(enumerate(table)))[0]
+        else:
+            ours, _ = model.train_step(model.backend.asarray(x[idx].astype(np.float64)),
+                                       model.backend.asarray(y[idx]),
+                                       sample_weight=model.backend.asarray(w[idx]))
+        logits = twin(torch.from_numpy(x[idx].astype(np.float64)))
+        each = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y[idx]),
+                                                 reduction="none")
+        loss = (each * torch.from_numpy(weights)).sum() / 4
+        topt.zero_grad()
+        loss.backward()
+        topt.step()
+        assert float(ours) == pytest.approx(loss.item(), rel=1e-10), f"step {step}"
+    first = next(m for m in twin if isinstance(m, torch.nn.Conv2d))
+    np.testing.assert_allclose(model.get_weights()[0],
+                               first.weight.detach().numpy().transpose(2, 3, 1, 0), rtol=1e-9,
+                               atol=1e-12)
+    assert model._class_weights is None  # (train_on_batch's class weights end with it)
+
+
+def test_a_weight_of_zero_drops_a_sample(data):
+    """A whole-batch SGD step weighing half the samples 0 and the rest 2 is the step on that
+    rest alone (the sum over N of twice their losses is the mean of theirs)."""
+    x, y, _ = data
+    keep = np.arange(40) % 2 == 0
+    weighted, alone = _model(), _model()
+    weighted.fit(x, y, epochs=3, batch_size=40, verbose=0, shuffle=False,
+                 sample_weight=np.where(keep, 2.0, 0.0))
+    alone.fit(x[keep], y[keep], epochs=3, batch_size=20, verbose=0, shuffle=False)
+    _same(weighted, alone, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_a_class_weight_is_the_sample_weight_of_each_of_its_samples(data, one_hot):
+    """class_weight (classes left out weigh 1) trains as the sample weights it gives each
+    label, shuffled alike, bit for bit; unit weights as none (the standard loss instead of the
+    fused kernel: to rounding)."""
+    x, y, _ = data
+    targets = np.eye(4)[y] if one_hot else y
+    table = np.array([2.0, 0.5, 1.0, 3.0])
+    by_class, by_sample, unit, plain = (_model() for _ in range(4))
+    h_class = by_class.fit(x, targets, epochs=2, batch_size=16, verbose=0,
+                           class_weight={0: 2.0, 1: 0.5, 3: 3.0})
+    h_sample = by_sample.fit(x, targets, epochs=2, batch_size=16, verbose=0,
+                             sample_weight=table[y])
+    assert h_class.history["loss"] == h_sample.history["loss"]
+    _same(by_class, by_sample, rtol=0, atol=0)
+    unit.fit(x, targets, epochs=2, batch_size=16, verbose=0, sample_weight=np.ones(40))
+    plain.fit(x, targets, epochs=2, batch_size=16, verbose=0)
+    _same(unit, plain)
+
+
+def test_class_weight_and_sample_weight_multiply(data):
+    x, y, w = data
+    both, product = _model(), _model()
+    both.fit(x, y, epochs=2, batch_size=16, verbose=0, sample_weight=w,
+             class_weight={2: 4.0})
+    product.fit(x, y, epochs=2, batch_size=16, verbose=0,
+                sample_weight=w * np.where(y == 2, 4.0, 1.0))
+    _same(both, product, rtol=1e-13, atol=1e-15)
+
+
+def test_evaluate_weighs_the_loss_not_the_accuracy(data):
+    """Against the model's own probabilities: sum(w * -log p[y]) / N, and the unweighted share
+    of samples whose highest probability is their class."""
+    x, y, w = data
+    model = _model()
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    p = model.predict(x)
+    loss, accuracy = model.evaluate(x, y, sample_weight=w, batch_size=16)
+    assert loss == pytest.approx(np.sum(w * -np.log(p[np.arange(40), y])) / 40, rel=1e-10)
+    assert accuracy == pytest.approx(np.mean(np.argmax(p, axis=1) == y))
+    assert model.evaluate(x, y)[1] == accuracy
+
+
+def test_validation_data_and_validation_split_carry_their_weights(data):
+    """A triple's weights weigh the validation loss; validation_split splits the weights as
+    it splits x and y; fit's class_weight weighs training alone (as in Keras)."""
+    x, y, w = data
+    split = _model()
+    history = split.fit(x, y, epochs=1, batch_size=16, verbose=0, sample_weight=w,
+                        validation_split=0.25, class_weight={0: 5.0})
+    assert history.history["val_loss"][0] == pytest.approx(
+        split.evaluate(x[30:], y[30:], sample_weight=w[30:])[0], rel=1e-12)
+    same = _model()
+    same.fit(x[:30], y[:30], epochs=1, batch_size=16, verbose=0, sample_weight=w[:30],
+             class_weight={0: 5.0})
+    _same(split, same, rtol=0, atol=0)
+    history = _model().fit(x, y, epochs=1, batch_size=16, verbose=0,
+                           validation_data=(x[:8], y[:8], np.zeros(8)))
+    assert history.history["val_loss"] == [0.0]
+
+
+def test_under_array_api_strict_as_on_numpy(data):
+    """The weighted loss and the class-weight lookup in the standard alone, on the model's
+    device, against NumPy's fast path."""
+    x, y, w = data
+    runs = []
+    for device in (xs, "cpu"):
+        model = _model(device, net=gap_net, lr=0.05)
+        history = model.fit(x, y, epochs=2, batch_size=16, verbose=0, sample_weight=w,
+                            class_weight={1: 2.0}, validation_data=(x[:8], y[:8], w[:8]))
+        runs.append((model, history))
+    (strict, h_strict), (numpy, h_numpy) = runs
+    assert h_strict.history["loss"] == pytest.approx(h_numpy.history["loss"], rel=1e-10)
+    assert h_strict.history["val_loss"] == pytest.approx(h_numpy.history["val_loss"],
+                                                         rel=1e-10)
+    _same(strict, numpy, rtol=1e-9, atol=1e-12)
+
+
+def test_sample_weights_on_the_device_and_a_train_step_that_takes_them(data):
+    """Weights given as arrays of the model's library; a train_step override gets them as
+    ``sample_weight=`` (one without that parameter is refused before training: its weights
+    would be lost)."""
+    x, y, w = data
+    seen = []
+
+    class Logged(xpcnn.Sequential):
+        def train_step(self, xb, yb, sample_weight=None):
+            seen.append(sample_weight.shape)
+            return super().train_step(xb, yb, sample_weight=sample_weight)
+
+    class Deaf(xpcnn.Sequential):
+        def train_step(self, xb, yb):
+            return super().train_step(xb, yb)
+
+    logged = Logged(_net(), device=xs, seed=2, dtype="float64")
+    logged.compile(optimizer=optim.SGD(0.1, momentum=0.9))
+    logged.fit(x, y, epochs=1, batch_size=16, verbose=0, sample_weight=xs.asarray(w))
+    assert seen == [(16,), (16,), (8,)]
+    reference = _model(xs)
+    reference.fit(x, y, epochs=1, batch_size=16, verbose=0, sample_weight=w)
+    _same(logged, reference, rtol=0, atol=0)
+    deaf = Deaf(_net(), seed=2)
+    deaf.compile()
+    with pytest.raises(InputError, match=r"train_step\(xb, yb\) takes no sample_weight"):
+        deaf.fit(x, y, verbose=0, sample_weight=w)
+    deaf.fit(x, y, verbose=0, class_weight={0: 2.0})  # (applied inside super().train_step)
+    assert not deaf.built or deaf.optimizer.iterations == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sample_weight": np.ones(39)}, r"one weight for each of the 40 samples, shape \(40,\); "
+                                     r"got shape \(39,\)"),
+    ({"sample_weight": np.ones((40, 2))}, r"shape \(40,\); got shape \(40, 2\)"),
+    ({"sample_weight": np.r_[np.ones(39), -1.0]}, r"finite and >= 0; sample 39 has weight "
+                                                 r"-1\.0"),
+    ({"sample_weight": np.r_[np.nan, np.ones(39)]}, r"finite and >= 0; sample 0 has weight"),
+    ({"sample_weight": np.ones(40, bool)}, "must hold real numbers, one weight a sample"),
+    ({"class_weight": [1.0, 2.0]}, "class_weight must be a dict mapping class indices"),
+    ({"class_weight": {4: 1.0}}, r"keys must be class indices in \[0, 3\] for a model with "
+                                 r"4 outputs, got 4"),
+    ({"class_weight": {True: 1.0}}, "keys must be class indices"),
+    ({"class_weight": {0: -2.0}}, r"class_weight\[0\] must be a number >= 0, got -2\.0"),
+    ({"class_weight": {0: float("inf")}}, r"class_weight\[0\] must be a number >= 0"),
+])
+def test_bad_weights_are_named_and_change_nothing(data, kwargs, message):
+    x, y, _ = data
+    model = _model()
+    with pytest.raises(InputError, match=message):
+        model.fit(x, y, verbose=0, **kwargs)
+    assert not model.built and model.optimizer.iterations == 0 and model._class_weights is None
+
+
+def test_weights_are_refused_with_streams_and_named_for_validation_data(data):
+    x, y, w = data
+    model = _model()
+    batches = iter([(x[:8], y[:8])])
+    with pytest.raises(InputError, match="sample_weight needs arrays x and y"):
+        model.fit(batches, steps_per_epoch=1, verbose=0, sample_weight=w)
+    assert next(batches)[0] is not None  # (no batch was drawn)
+    with pytest.raises(InputError, match="sample_weight needs arrays x and y"):
+        model.fit(x, y, verbose=0, validation_data=(iter([(x, y)]), None, w[:8]))
+    with pytest.raises(InputError, match="sample_weight needs arrays x and y"):
+        model.evaluate(iter([(x, y)]), steps=1, sample_weight=w)
+    with pytest.raises(InputError, match=r"the sample weights of x_val must have one weight "
+                                         r"for each of the 8 samples"):
+        model.fit(x, y, verbose=0, validation_data=(x[:8], y[:8], w[:7]))
+    with pytest.raises(InputError, match=r"a triple \(x_val, y_val, sample weights\)"):
+        model.fit(x, y, verbose=0, validation_data=(x, y, w, w))
+
+
+def test_resuming_needs_the_same_sample_and_class_weights(data, tmp_path):
+    x, y, w = data
+    path = tmp_path / "run.npz"
+    _model().fit(x, y, epochs=1, batch_size=16, verbose=0, sample_weight=w,
+                 class_weight={1: 2.0}, checkpoint=path)
+    with pytest.raises(InputError, match="they differ in sample_weight_crc32"):
+        _model().fit(x, y, epochs=2, batch_size=16, verbose=0, sample_weight=w[::-1],
+                     class_weight={1: 2.0}, checkpoint=path, resume=True)
+    with pytest.raises(InputError, match="they differ in class_weight"):
+        _model().fit(x, y, epochs=2, batch_size=16, verbose=0, sample_weight=w,
+                     checkpoint=path, resume=True)
+    resumed = _model()
+    resumed.fit(x, y, epochs=2, batch_size=16, verbose=0, sample_weight=w,
+                class_weight={1: 2.0}, checkpoint=path, resume=True)
+    straight = _model()
+    straight.fit(x, y, epochs=2, batch_size=16, verbose=0, sample_weight=w,
+                 class_weight={1: 2.0})
+    _same(resumed, straight, rtol=0, atol=0)
+
+
+def test_a_dense_only_model_takes_weights_with_one_hot_targets(data):
+    """No convolution: the weights reach the loss whatever the layers."""
+    x, y, w = data
+    model = xpcnn.Sequential([Rescaling(1 / 255), Flatten(), Dense(4)], seed=0,
+                             dtype="float64")
+    model.compile(optimizer=optim.SGD(0.01))
+    before = model.evaluate(x, np.eye(4)[y], sample_weight=w)[0]
+    model.fit(x, np.eye(4)[y], epochs=3, batch_size=8, verbose=0, sample_weight=w)
+    assert model.evaluate(x, np.eye(4)[y], sample_weight=w)[0] < before
