@@ -173,7 +173,8 @@ ARGUMENTS = {
                                r"x_val is a dict \(keys \['x', 'y'\]\)"),
     "a generator's batch without labels": (  # (was: AttributeError: 'NoneType' object has
         lambda m: m.fit(iter([(X, None)]), steps_per_epoch=1, verbose=0),  # no attribute 'ndim')
-        r"x must yield \(x, y\) batches, got a pair whose y is None"),
+        r"x must yield \(x, y\) or \(x, y, sample_weight\) batches, got a pair whose y is "
+        r"None"),
     "a validation batch without labels": (
         lambda m: m.evaluate(iter([(X, None)]), steps=1), "got a pair whose y is None"),
     "predict on a dict": (lambda m: m.predict({"x": X}), "x is a dict"),

@@ -425,7 +425,8 @@ def test_streamed_inputs_are_checked(data):
         model.fit(MapDataset(x, y), y, verbose=0)
     with pytest.raises(InputError, match="^steps_per_epoch is for generators; arrays give"):
         model.fit(x, y, steps_per_epoch=3, verbose=0)
-    with pytest.raises(InputError, match="x must yield \\(x, y\\) batches, got ndarray"):
+    with pytest.raises(InputError, match=r"x must yield \(x, y\) or \(x, y, sample_weight\) "
+                                         r"batches, got ndarray"):
         model.fit(Loader([x]), verbose=0)
     with pytest.raises(InputError, match="gave no batches in epoch 2"):
         model.fit(iter([(x, y)]), steps_per_epoch=1, epochs=2, verbose=0)
@@ -518,16 +519,16 @@ def test_a_dataset_item_that_is_not_a_pair_is_named(data):
         def __getitem__(self, i):
             return {"image": self.x[i], "label": self.y[i]}
 
-    class Triples(MapDataset):
+    class Quadruples(MapDataset):
         def __getitem__(self, i):
-            return self.x[i], self.y[i], 1.0
+            return self.x[i], self.y[i], 1.0, 0
 
+    expected = r"x\[i\] must return a pair \(x_i, y_i\) or a triple \(x_i, y_i, w_i\), got "
     # (a dict built the model from shape (): 'input_shape must be positive sizes ... got ()')
-    with pytest.raises(InputError, match=r"x\[i\] must return a pair \(x_i, y_i\), got dict$"):
+    with pytest.raises(InputError, match=expected + "dict$"):
         trained(Records(x, y))
-    with pytest.raises(InputError, match=r"x\[i\] must return a pair \(x_i, y_i\), got tuple of "
-                                         r"length 3$"):
-        trained(Triples(x, y))
+    with pytest.raises(InputError, match=expected + "tuple of length 4$"):
+        trained(Quadruples(x, y))
 
 
 def test_a_dataset_whose_len_is_not_a_count_is_named(data):

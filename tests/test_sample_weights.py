@@ -260,12 +260,12 @@ def test_weights_are_refused_with_streams_and_named_for_validation_data(data):
     x, y, w = data
     model = _model()
     batches = iter([(x[:8], y[:8])])
-    with pytest.raises(InputError, match="sample_weight needs arrays x and y"):
+    with pytest.raises(InputError, match="sample_weight= needs arrays x and y"):
         model.fit(batches, steps_per_epoch=1, verbose=0, sample_weight=w)
     assert next(batches)[0] is not None  # (no batch was drawn)
-    with pytest.raises(InputError, match="sample_weight needs arrays x and y"):
+    with pytest.raises(InputError, match="sample_weight= needs arrays x and y"):
         model.fit(x, y, verbose=0, validation_data=(iter([(x, y)]), None, w[:8]))
-    with pytest.raises(InputError, match="sample_weight needs arrays x and y"):
+    with pytest.raises(InputError, match="sample_weight= needs arrays x and y"):
         model.evaluate(iter([(x, y)]), steps=1, sample_weight=w)
     with pytest.raises(InputError, match=r"the sample weights of x_val must have one weight "
                                          r"for each of the 8 samples"):
@@ -303,3 +303,53 @@ def test_a_dense_only_model_takes_weights_with_one_hot_targets(data):
     before = model.evaluate(x, np.eye(4)[y], sample_weight=w)[0]
     model.fit(x, np.eye(4)[y], epochs=3, batch_size=8, verbose=0, sample_weight=w)
     assert model.evaluate(x, np.eye(4)[y], sample_weight=w)[0] < before
+
+
+class _Samples:
+    """A map-style dataset of (x_i, y_i, w_i) (w_i None for the samples ``unweighted`` names)."""
+
+    def __init__(self, x, y, w, unweighted=()):
+        self.x, self.y, self.w, self.unweighted = x, y, w, set(unweighted)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], None if i in self.unweighted else self.w[i]
+
+
+def test_datasets_and_generators_give_their_weights_as_a_third_item(data):
+    """(x, y, sample_weight) batches from a generator and (x_i, y_i, w_i) samples from a
+    dataset (shuffled as arrays are) train as arrays given sample_weight, bit for bit; the
+    validation data and evaluate take them too."""
+    x, y, w = data
+    arrays = _model()
+    h_arrays = arrays.fit(x, y, epochs=2, batch_size=16, verbose=0, sample_weight=w,
+                          validation_data=(x[:8], y[:8], w[:8]))
+    dataset = _model()
+    h_dataset = dataset.fit(_Samples(x, y, w), epochs=2, batch_size=16, verbose=0,
+                            validation_data=_Samples(x[:8], y[:8], w[:8]))
+    assert h_dataset.history == {**h_arrays.history, "seconds": h_dataset.history["seconds"]}
+    _same(dataset, arrays, rtol=0, atol=0)
+    unshuffled, generated = _model(), _model()
+    unshuffled.fit(x, y, epochs=1, batch_size=16, verbose=0, shuffle=False, sample_weight=w)
+    generated.fit(((x[i:i + 16], y[i:i + 16], w[i:i + 16]) for i in range(0, 40, 16)),
+                  steps_per_epoch=3, verbose=0)
+    _same(generated, unshuffled, rtol=0, atol=0)
+    batches = [(x[i:i + 16], y[i:i + 16], w[i:i + 16]) for i in range(0, 40, 16)]
+    assert generated.evaluate(iter(batches), steps=3) == \
+        generated.evaluate(x, y, sample_weight=w)
+
+
+def test_a_streams_bad_or_missing_weights_are_named(data):
+    x, y, w = data
+    with pytest.raises(InputError, match=r"x\[i\] returns a sample weight w_i for some i and "
+                                         r"not for others"):
+        _model().fit(_Samples(x, y, w, unweighted=[3]), batch_size=8, shuffle=False, verbose=0)
+    with pytest.raises(InputError, match=r"the sample weights w_i of x must be finite and >= 0; "
+                                         r"sample 1 has weight -1\.0"):
+        _model().fit(_Samples(x, y, np.r_[1.0, -1.0, w[2:]]), batch_size=8, verbose=0,
+                     shuffle=False)
+    with pytest.raises(InputError, match=r"the sample weights that x yields must have one "
+                                         r"weight for each of the 8 samples"):
+        _model().fit(iter([(x[:8], y[:8], w[:3])]), steps_per_epoch=1, verbose=0)

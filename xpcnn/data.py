@@ -12,11 +12,12 @@ the device), or ``(xb, yb, wb)`` where arrays come with sample weights:
   the host is the device: nothing is copied;
 * larger NumPy arrays, and ``np.memmap`` arrays always, stay on the host and are read batch by
   batch (a memory-mapped file is never read whole), on a background thread;
-* an iterable of ``(x, y)`` batches (a generator, a list, a PyTorch ``DataLoader``): ``steps``
+* an iterable of ``(x, y)`` or ``(x, y, sample_weight)`` batches (a generator, a list, a
+  PyTorch ``DataLoader``): ``steps``
   batches an epoch (for an iterator: drawn from it, epoch after epoch), or one pass an epoch
   over a re-iterable when ``steps`` is None;
-* a map-style dataset (``__len__`` and ``__getitem__(i) -> (x_i, y_i)``, PyTorch's habit),
-  batched and shuffled by xpcnn exactly as arrays are.
+* a map-style dataset (``__len__`` and ``__getitem__(i) -> (x_i, y_i)`` or ``(x_i, y_i,
+  w_i)``, PyTorch's habit), batched and shuffled by xpcnn exactly as arrays are.
 
 Host work (reading files, stacking samples, checking values) runs on a background thread that
 keeps up to :data:`PREFETCH` batches ready while the device computes; an exception there is
@@ -271,8 +272,9 @@ class ArrayBatches(ShardedBatches):
 
 
 class DatasetBatches(ShardedBatches):
-    """A map-style dataset: ``dataset[i] -> (x_i, y_i)`` (or ``x_i`` alone for ``predict``),
-    batched and shuffled as arrays are; samples are read and stacked on a background thread."""
+    """A map-style dataset: ``dataset[i] -> (x_i, y_i)``, ``(x_i, y_i, w_i)`` with a sample
+    weight (or ``x_i`` alone for ``predict``), batched and shuffled as arrays are; samples are
+    read and stacked on a background thread."""
 
     resumable = True
 
@@ -286,7 +288,7 @@ class DatasetBatches(ShardedBatches):
             self.samples = len(dataset)
         except (TypeError, ValueError) as e:  # (a __len__ that is negative or not an int)
             raise InputError(f"len({what}) must be its number of samples, an int >= 1: {e}") from e
-        self._expected = f"{what}[i] must return a pair (x_i, y_i)"
+        self._expected = f"{what}[i] must return a pair (x_i, y_i) or a triple (x_i, y_i, w_i)"
         if self.samples < 1:
             raise InputError(f"{what} is an empty dataset (len() is {self.samples})")
         self.steps = -(-self.samples // (batch_size * shard[1]))
@@ -294,7 +296,7 @@ class DatasetBatches(ShardedBatches):
             x = split_item(self._item(0), with_targets, self._expected)[0]
             model.build(checks.shape_to_build(np.shape(x), what))
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
         order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
         if order is None:
             order = np.arange(self.samples)
@@ -303,14 +305,23 @@ class DatasetBatches(ShardedBatches):
         backend = self.model.backend
         return upload(backend, prefetch(host, backend), owned=True)  # (stacked afresh)
 
-    def _batch(self, idx: np.ndarray) -> tuple[np.ndarray, Any]:
+    def _batch(self, idx: np.ndarray) -> tuple[Any, ...]:
         if not len(idx):  # this rank's empty part of a short last batch (several ranks)
             return (np.zeros((0, *self.model.input_shape), np.float32),
                     np.zeros((0,), np.int64) if self.with_targets else None)
-        pairs = [split_item(self._item(int(i)), self.with_targets, self._expected) for i in idx]
-        xs, ys = zip(*pairs, strict=True)
-        return check_batch(self.model, self._stack(xs, "x"),
-                           self._stack(ys, "y") if self.with_targets else None, self.what, idx)
+        items = [split_item(self._item(int(i)), self.with_targets, self._expected) for i in idx]
+        xs, ys, ws = zip(*items, strict=True)
+        batch = check_batch(self.model, self._stack(xs, "x"),
+                            self._stack(ys, "y") if self.with_targets else None, self.what, idx)
+        weighted = [w is not None for w in ws]
+        if not any(weighted):
+            return batch
+        if not all(weighted):
+            raise InputError(f"{self.what}[i] returns a sample weight w_i for some i and not for "
+                             f"others (samples {[int(i) for i in idx[:8]]}...): give every "
+                             "sample one, or none")
+        return (*batch, check_sample_weights(self.model, self._stack(ws, "w"), len(idx),
+                                             f"the sample weights w_i of {self.what}"))
 
     def _item(self, i: int) -> Any:
         """``dataset[i]``; an index below len() that the dataset refuses is named as such."""
@@ -365,7 +376,7 @@ class IterableBatches(Batches):
         self.steps = steps  # (checked by check_source)
         self.data = data
         self.iterator = data if isinstance(data, Iterator) else None
-        self._expected = f"{what} must yield (x, y) batches"
+        self._expected = f"{what} must yield (x, y) or (x, y, sample_weight) batches"
         held = _GIVEN_BACK.pop() if _GIVEN_BACK and _GIVEN_BACK[0][0] is data else None
         first = self.first = None if held is None else held[1]
         if not model.built:  # the first batch tells the input shape
@@ -376,20 +387,19 @@ class IterableBatches(Batches):
                 if self.iterator is not None:
                     self.first = first
             try:  # (checked whole: a call its labels refuse leaves the model unbuilt)
-                check_arrays(model, *self._split(first), what)
+                check_arrays(model, *self._split(first)[:2], what)
             except BaseException:
                 self.give_back()
                 raise
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Any]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
         source = self.iterator if self.iterator is not None else iter(self.data)
         if self.first is not None:
             source = itertools.chain([self.first], source)
             self.first = None
         if self.steps is not None:
             source = itertools.islice(source, self.steps)
-        checked = (check_batch(self.model, *self._split(item), self.what, copy=True)
-                   for item in source)
+        checked = (self._checked(item) for item in source)
         backend = self.model.backend
         return upload(backend, prefetch(checked, backend), owned=True)  # (copied)
 
@@ -400,9 +410,20 @@ class IterableBatches(Batches):
             _GIVEN_BACK[:] = [(self.iterator, self.first)]  # (the last refused call's alone)
             self.first = None
 
-    def _split(self, item: Any) -> tuple[Any, Any]:
-        """(x, y) of one batch as given (y None without targets)."""
+    def _split(self, item: Any) -> tuple[Any, Any, Any]:
+        """(x, y, sample weights) of one batch as given (y None without targets, the weights
+        None without them)."""
         return split_item(item, self.with_targets, self._expected)
+
+    def _checked(self, item: Any) -> tuple[Any, ...]:
+        """One batch checked (on the background thread), in arrays of its own: (x, y), or
+        (x, y, sample weights)."""
+        x, y, w = self._split(item)
+        x, y = check_batch(self.model, x, y, self.what, copy=True)
+        if w is None:
+            return x, y
+        return x, y, check_sample_weights(self.model, w, int(x.shape[0]),
+                                          f"the sample weights that {self.what} yields")
 
 
 #: The batch given back by the last refused call, with its iterator: [(iterator, batch)], one
@@ -444,19 +465,20 @@ def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bo
     return None
 
 
-def split_item(item: Any, with_targets: bool, expected: str) -> tuple[Any, Any]:
-    """(x, y) of a batch or a sample: a pair, a tuple or list of two; without targets
-    (``predict``), a pair's y is ignored and anything else is x itself (a list of samples or of
-    rows is an array, not a pair); else ``expected``, the error."""
-    pair = isinstance(item, tuple | list) and len(item) == 2
+def split_item(item: Any, with_targets: bool, expected: str) -> tuple[Any, Any, Any]:
+    """(x, y, w) of a batch or a sample: a pair (x, y) or a triple (x, y, sample weight), as a
+    tuple or a list (w None for a pair, or given as None); without targets (``predict``), a
+    pair's y is ignored and anything else is x itself (a list of samples or of rows is an
+    array, not a pair); else ``expected``, the error."""
+    size = len(item) if isinstance(item, tuple | list) else 0
     if not with_targets:
-        return (item[0] if pair else item), None
-    if not pair:
-        length = f" of length {len(item)}" if isinstance(item, tuple | list) else ""
+        return (item[0] if size == 2 else item), None, None
+    if size not in (2, 3):
+        length = f" of length {size}" if isinstance(item, tuple | list) else ""
         raise InputError(f"{expected}, got {type(item).__name__}{length}")
     if item[1] is None:  # (it was taken for no labels, and failed inside the loss)
         raise InputError(f"{expected}, got a pair whose y is None")
-    return item[0], item[1]
+    return item[0], item[1], item[2] if size == 3 else None
 
 
 def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any = None

@@ -648,13 +648,13 @@ class Trainer:
         or a map-style dataset, or an iterable of ``(x, y)`` batches with ``steps_per_epoch``
         (:mod:`xpcnn.data`). ``validation_data`` is a pair of arrays or such a source
         (``validation_steps`` batches), or a triple (x_val, y_val, sample weights).
-        ``sample_weight`` (N,) (arrays only) and ``class_weight`` ({class index: weight}; a
-        class left out weighs 1) weigh each sample's term of the training loss, which stays
-        divided by the batch's size (Keras' "sum over batch size"); given both, a sample
-        weighs their product, as in tf.keras 2. Accuracy is not weighted, and the validation
-        loss only by the validation data's own weights. ``seed`` fixes the shuffling order
-        (default: the model's seed). ``verbose=0`` silences the progress bar. ``callbacks``: see
-        :mod:`xpcnn.callbacks`.
+        ``sample_weight`` (N,) (with arrays; a dataset or an iterable gives (x, y, w) items
+        instead) and ``class_weight`` ({class index: weight}; a class left out weighs 1) weigh
+        each sample's term of the training loss, which stays divided by the batch's size
+        (Keras' "sum over batch size"); given both, a sample weighs their product, as in
+        tf.keras 2. Accuracy is not weighted, and the validation loss only by the validation
+        data's own weights. ``seed`` fixes the shuffling order (default: the model's seed).
+        ``verbose=0`` silences the progress bar. ``callbacks``: see :mod:`xpcnn.callbacks`.
 
         Launched on several processes (``mpiexec -n N``, :mod:`xpcnn.distributed`), each step
         takes a global batch of ``N * batch_size`` samples, the very batch one process would take
@@ -833,8 +833,9 @@ class Trainer:
         inference mode (as in Keras: ``loss, acc = model.evaluate(x, y)``; the loss alone for a
         model compiled without metrics, a dict with ``return_dict``); an uncompiled model is
         evaluated with the default loss and metrics (and stays uncompiled).
-        ``sample_weight`` (N,) (arrays only) weighs each sample's term of the loss (the sum
-        still divided by N), not the accuracy, as fit's does."""
+        ``sample_weight`` (N,) (with arrays; a dataset or an iterable gives (x, y, w) items
+        instead) weighs each sample's term of the loss (the sum still divided by N), not the
+        accuracy, as fit's does."""
         batch_size = checks.positive_int(batch_size, "batch_size")
         return_dict = checks.flag(return_dict, "return_dict")
         verbose = checks.verbosity(verbose)
@@ -975,8 +976,9 @@ def _triple(validation_data: Any) -> tuple[Any, Any, Any]:
 
 
 #: Why sample weights are refused with a dataset or an iterable of batches.
-_STREAM_WEIGHTS = ("sample_weight needs arrays x and y; a dataset or an iterable of batches "
-                   "gives no per-sample weights in xpcnn (class_weight works with every source)")
+_STREAM_WEIGHTS = ("sample_weight= needs arrays x and y; a dataset or an iterable of batches "
+                   "gives its sample weights itself, as (x, y, sample_weight) batches or "
+                   "(x_i, y_i, w_i) samples")
 
 
 def _weights_name(what: str) -> str:
