@@ -864,6 +864,54 @@ def test_train_on_batch_is_one_checked_step(data):
         assert np.array_equal(a, b)
 
 
+def test_test_and_predict_on_batch_are_evaluate_and_predict_of_one_batch(data):
+    x, y = data
+    model = trained(data, net=gap_net)
+    assert model.test_on_batch(x[:10], y[:10]) == model.evaluate(x[:10], y[:10])
+    w = np.linspace(0.0, 1.0, 10)
+    assert model.test_on_batch(x[:10], y[:10], sample_weight=w, return_dict=True) == \
+        model.evaluate(x[:10], y[:10], sample_weight=w, return_dict=True)
+    assert np.array_equal(model.predict_on_batch(x[:10]), model.predict(x[:10]))
+    with pytest.raises(InputError, match="takes one batch of arrays, not a dataset or an "
+                                         "iterable of batches"):
+        model.test_on_batch(iter([(x, y)]), None)
+
+
+def test_initial_epoch_continues_a_run_as_if_it_never_stopped(data):
+    """fit(epochs=1) then fit(epochs=3, initial_epoch=1): the same weights, bit for bit, as
+    fit(epochs=3) (each epoch shuffled by its number), and the later epochs' History."""
+    x, y = data
+
+    def make():
+        model = xpcnn.Sequential(gap_net(), seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+        return model
+
+    straight, split = make(), make()
+    whole = straight.fit(x, y, epochs=3, batch_size=16, verbose=0)
+    split.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    rest = split.fit(x, y, epochs=3, batch_size=16, verbose=0, initial_epoch=1)
+    assert rest.epoch == [1, 2] and rest.history["loss"] == whole.history["loss"][1:]
+    for a, b in zip(straight.get_weights(), split.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+    assert split.fit(x, y, epochs=3, initial_epoch=3, verbose=0).epoch == []
+    with pytest.raises(InputError, match="initial_epoch must be a non-negative integer, got -1"):
+        split.fit(x, y, epochs=3, initial_epoch=-1, verbose=0)
+
+
+def test_validation_batch_size_sets_the_validation_batches(data):
+    x, y = data
+    model = xpcnn.Sequential(gap_net(), seed=0)
+    model.compile()
+    batches = []
+    count = xpcnn.callbacks.LambdaCallback(on_test_batch_end=lambda b, logs: batches.append(b))
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, validation_data=(x, y),
+              validation_batch_size=5, callbacks=[count])
+    assert len(batches) == -(-len(x) // 5)
+    with pytest.raises(InputError, match="validation_batch_size must be"):
+        model.fit(x, y, validation_data=(x, y), validation_batch_size=0, verbose=0)
+
+
 def test_fit_calls_a_train_step_that_a_subclass_or_the_model_overrides(data, monkeypatch):
     """As in Keras, fit runs each step through an overridden train_step (a subclass's, or one
     set on the model); its own step otherwise, without train_step's checks of each batch,

@@ -337,6 +337,16 @@ class Trainer:
         return self._returned(self._logs(float(loss), float(correct) / int(x.shape[0])),
                               return_dict)
 
+    def test_on_batch(self, x: Any, y: Any, sample_weight: Any = None,
+                      return_dict: bool = False) -> float | list[float] | dict[str, float]:
+        """:meth:`evaluate` of one batch of arrays, as Keras' ``test_on_batch``."""
+        return self.evaluate(x, y, batch_size=_batch_length(x), sample_weight=sample_weight,
+                             return_dict=return_dict)
+
+    def predict_on_batch(self, x: Any) -> np.ndarray:
+        """:meth:`predict` of one batch of arrays, as Keras' ``predict_on_batch``."""
+        return self.predict(x, batch_size=_batch_length(x))
+
     def _check_step_batch(self, xb: Any, yb: Any) -> None:
         """What :meth:`train_step` checks on the host, from the arrays' shapes and dtypes
         alone: the model compiled and built, both arrays on its device, at least one image (on
@@ -640,7 +650,8 @@ class Trainer:
             steps_per_epoch: int | None = None, validation_steps: int | None = None,
             checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int | str = "epoch",
             resume: bool = False, class_weight: Mapping[int, float] | None = None,
-            sample_weight: Any = None) -> History:
+            sample_weight: Any = None, initial_epoch: int = 0,
+            validation_batch_size: int | None = None) -> History:
         """Train for ``epochs`` passes over the data; returns the :class:`History`.
 
         ``x`` is images (N, H, W, C) (uint8 or float; NumPy, a memory map, or arrays of the
@@ -655,6 +666,11 @@ class Trainer:
         tf.keras 2. Accuracy is not weighted, and the validation loss only by the validation
         data's own weights. ``seed`` fixes the shuffling order (default: the model's seed).
         ``verbose=0`` silences the progress bar. ``callbacks``: see :mod:`xpcnn.callbacks`.
+        ``initial_epoch`` (as in Keras): the epoch to start at, numbered from 0, so that
+        ``fit(epochs=5, initial_epoch=2)`` runs epochs 2, 3 and 4, each shuffled as it is in
+        a run from 0 (a checkpoint resumed by ``resume=True`` starts where it stopped
+        instead). ``validation_batch_size``: the validation data's batch size (default: the
+        larger of ``batch_size`` and 256; inference needs no small batches).
 
         Launched on several processes (``mpiexec -n N``, :mod:`xpcnn.distributed`), each step
         takes a global batch of ``N * batch_size`` samples, the very batch one process would take
@@ -672,7 +688,10 @@ class Trainer:
         """
         self._require_compiled("fit")
         epochs = checks.non_negative_int(epochs, "epochs")
+        initial_epoch = checks.non_negative_int(initial_epoch, "initial_epoch")
         batch_size = checks.positive_int(batch_size, "batch_size")
+        validation_batch_size = max(batch_size, 256) if validation_batch_size is None else \
+            checks.positive_int(validation_batch_size, "validation_batch_size")
         seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
         shuffle = checks.flag(shuffle, "shuffle")
         verbose = checks.verbosity(verbose)
@@ -701,7 +720,7 @@ class Trainer:
             x_val, y_val, w_val = (None, None, None) if validation_data is None else \
                 _triple(validation_data)
             validation = None if validation_data is None else self._batches(
-                x_val, y_val, max(batch_size, 256), validation_steps, "x_val",
+                x_val, y_val, validation_batch_size, validation_steps, "x_val",
                 checked=split, steps_name="validation_steps", weights=w_val)
             class_weights = None if class_weight is None else checks.as_class_weights(
                 class_weight, self.num_classes)
@@ -725,7 +744,7 @@ class Trainer:
         logs: dict[str, float] = {}  # (the last epoch's, for on_train_end, as in Keras)
         try:
             with cbs.interruptible():
-                for epoch in range(start.epoch if start else 0, epochs):
+                for epoch in range(start.epoch if start else initial_epoch, epochs):
                     logs = self._fit_epoch(epoch, data, cbs, start if start and
                                            start.epoch == epoch else None)
                     if self._parallel is not None:
@@ -919,6 +938,18 @@ class Trainer:
                 outputs = self.backend.to_numpy(xp.concat(out))
         cbs.on_predict_end()
         return outputs
+
+
+def _batch_length(x: Any) -> int:
+    """The number of samples in ``x``, one batch of arrays (the ``*_on_batch`` methods): at
+    least 1, so that an empty one reaches the checks that name it."""
+    if is_stream(x):
+        raise InputError("a *_on_batch method takes one batch of arrays, not a dataset or an "
+                         "iterable of batches (fit, evaluate and predict take those)")
+    try:
+        return max(1, len(x))
+    except TypeError:  # (a 0-d array, a number: refused by the checks, by name)
+        return 1
 
 
 def _progress(batches: Any, data: Batches, verbose: int, desc: str) -> Any:
