@@ -89,8 +89,8 @@ class PeakMemory:
     CuPy's pool keeps no high-water mark, so its allocator is wrapped while measuring (not
     while timing) and reads the bytes in use after every allocation; PyTorch has
     ``max_memory_allocated``. A step replayed from a CUDA graph allocates nothing: its
-    temporaries live in the graph's own pool (:class:`xpcnn.cuda_graphs.CupyCapture`), all of
-    whose bytes count, in use or cached (the graph addresses them at every replay).
+    temporaries live in the graphs' own pool (:class:`xpcnn.cuda_graphs.CupyCapture`), all of
+    whose bytes count, in use or cached (the graphs address them at every replay).
     """
 
     def __init__(self, device: str) -> None:
@@ -484,7 +484,7 @@ def kernel_census(name: str, batch: int, precision: str, args: argparse.Namespac
         out[label] = row = census(events, args.steps)
         if label == "xpcnn graph":
             row["cuda_graphs"] = graphed.cuda_graphs_reason or (
-                "replayed" if getattr(graphed._graphs, "graph", None) is not None else "eager")
+                "replayed" if getattr(graphed._graphs, "graphs", None) else "eager")
         print(f"  {label:<12} {row['kernels']:>6.1f} kernels {row['memcpy']:>4.1f} copies "
               f"{row['memset']:>4.1f} memsets {row['kernel_us']:>9.1f} us of kernels"
               + (f"  ({row['cuda_graphs']})" if "cuda_graphs" in row else ""))

@@ -142,7 +142,8 @@ def kernels(request):
 def test_a_fit_through_captured_steps_equals_an_eager_fit(monkeypatch, kernels, net,
                                                           make_optimizer):
     """Batches of 16 of 40: per epoch two full batches (warmed up, then captured and
-    replayed) and a tail of 8 (eager): the same weights, losses and step count as a fit
+    replayed) and a tail of 8 (a shape of its own: warmed up in the first two epochs, captured
+    in the third, replayed in the fourth): the same weights, losses and step count as a fit
     without graphs, the learning-rate schedule reaching every replay. With CuPy's kernels the
     captured steps' updates are the fused ones reading the device scalars (the stand-in's
     replays re-run the step, so their update tables are made as in eager steps)."""
@@ -166,10 +167,11 @@ def test_a_fit_through_captured_steps_equals_an_eager_fit(monkeypatch, kernels, 
             contextlib.nullcontext([]))
         launched.clear()
     history = graphed.fit(x, y, epochs=4, batch_size=16, verbose=0)
-    assert (capture.captures, capture.launches) == (1, 6)  # warm-up 2, captured 1, replayed 5
-    if kernels is not None:  # 2 warm-up, 1 captured, 6 launched steps, 4 eager tails
+    # 16: warm-up 2, captured 1, replayed 5; 8: warm-up 2, captured 1, replayed 1
+    assert (capture.captures, capture.launches) == (2, 8)
+    if kernels is not None:  # 4 warm-up, 2 captured, 8 launched steps: none eager
         kind = "sgd" if isinstance(graphed.optimizer, optim.SGD) else "adam"
-        assert sorted(launched) == sorted([f"xpcnn_{kind}_at"] * 9 + [f"xpcnn_{kind}"] * 4)
+        assert sorted(launched) == [f"xpcnn_{kind}_at"] * 14
     assert graphed.optimizer.iterations == eager.optimizer.iterations == 12
     np.testing.assert_allclose(history.history["loss"], eager_history.history["loss"],
                                rtol=1e-12)
@@ -179,9 +181,9 @@ def test_a_fit_through_captured_steps_equals_an_eager_fit(monkeypatch, kernels, 
 
 def test_weighted_fits_through_captured_steps_equal_eager_fits(monkeypatch, kernels):
     """fit's sample weights reach a replay through a static buffer as the batch does, its
-    class weights as an array the graph was captured with: a later fit without them (one
-    array fewer) or with other batches (a new batch size, sample weights where there were
-    none: two steps in a row of another shape) captures again. Same weights as eager fits."""
+    class weights as an array the graphs were captured with: a later fit without them (one
+    array fewer) captures every shape again; one with other batches (a new batch size, no
+    sample weights) captures its own shape beside the others. Same weights as eager fits."""
     if kernels is not None:
         monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
     x, y = _data()
@@ -206,10 +208,11 @@ def test_weighted_fits_through_captured_steps_equal_eager_fits(monkeypatch, kern
                                    rtol=1e-12)
         for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
-    # 16: 2 warm-up, capture, 3 replays (tails eager); the class weights gone: warmed up
-    # again; batch 8 (5 a epoch): the first step eager, then 2 warm-up, capture, 11 replays;
-    # class weights added: 2 warm-up, capture, 12 replays
-    assert captures == [(1, 4), (2, 8), (3, 20), (4, 33)]
+    # 16 and the tails of 8: each 2 warm-up, a capture, replays (4 launches and 1); the
+    # class weights gone: the same again; batch 8 (5 an epoch): 2 warm-up, capture, 12
+    # replays; class weights added: all again
+    assert captures == [(2, 5), (4, 10), (5, 23), (6, 36)]
+    assert len(graphed._graphs.graphs) == 1
 
 
 def test_a_replay_refills_only_the_numbers_that_changed():
@@ -242,25 +245,37 @@ def test_a_replay_refills_only_the_numbers_that_changed():
 
 
 def test_decisions_per_batch_shape_and_when_weights_are_replaced():
+    """Each batch shape (and dtype, and sample weights or none) is warmed up and captured on
+    its own, an epoch's tail as any other; new weights drop every graph; past ``max_graphs``
+    the least recently replayed goes."""
     model = _model(gap_net(), optim.SGD(0.01))
     model.build((12, 12, 3))
     graphs, capture = _runner(model)
     xb = model._to_device(_data(8)[0])
     yb = np.zeros(8, np.int64)
-    tail = (xb[:3], yb[:3])
+    full, tail = (xb, yb), (xb[:3], yb[:3])
     done = []
-    for batch in [(xb, yb), tail, (xb, yb), (xb, yb), (xb, yb), tail, (xb, yb)]:
+    for batch in [full, tail, full, full, full, tail, full, tail, full]:
         done.append(graphs.decide(*batch))
-        if done[-1] != "eager":
-            graphs.run(*batch)
-    assert done == ["warmup", "eager", "warmup", "capture", "replay", "eager", "replay"]
-    model.set_weights(model.get_weights())  # new arrays: the graph would read the old ones
-    assert [graphs.decide(xb, yb) for _ in range(1)] == ["warmup"]
+        graphs.run(*batch)
+    assert done == ["warmup", "warmup", "warmup", "capture", "replay", "warmup", "replay",
+                    "capture", "replay"]
+    assert len(graphs.graphs) == 2 and capture.captures == 2
+    model.set_weights(model.get_weights())  # new arrays: the graphs would read the old ones
+    assert [graphs.decide(*batch) for batch in (full, tail)] == ["warmup", "warmup"]
+    assert graphs.graphs == {}
     for _ in range(3):
-        graphs.run(xb, yb)
-    assert graphs.decide(xb, yb) == "replay" and capture.captures == 2
-    assert graphs.decide(xb, yb.astype(np.int32)) == "eager"  # (same shapes, another dtype)
-    assert graphs.decide(xb.astype(np.float32), yb) == "eager"
+        graphs.run(*full)
+    assert graphs.decide(*full) == "replay" and capture.captures == 3
+    weighted = (xb, yb, np.ones(8))
+    others = [weighted, (xb, yb.astype(np.int32)), (xb.astype(np.float32), yb)]
+    assert [graphs.decide(*batch) for batch in others] == ["warmup"] * 3
+    graphs.max_graphs = 2
+    for batch in [weighted] * 3 + [full] + [others[1]] * 3:
+        graphs.run(*batch)
+    # (the weighted batches' graph was the least recently replayed: it went for the int32's)
+    assert [shape[3] for shape in graphs.graphs] == [np.int64, np.int32]
+    assert graphs.decide(*weighted) == "warmup"
 
 
 def test_the_update_tables_are_filled_after_the_capture_and_held_with_its_graph():
@@ -295,12 +310,12 @@ def test_the_update_tables_are_filled_after_the_capture_and_held_with_its_graph(
     for _ in range(4):  # warm-up 2, capture, replay
         graphs.run(xb, yb)
     assert events == ["capture_tables", "capture", "filled", "launch", "launch"]
-    assert graphs._tables == ["table 1"]
+    assert [g.tables for g in graphs.graphs.values()] == [["table 1"]]
     model.set_weights(model.get_weights())  # new arrays: warmed up and captured again
     for _ in range(3):
         graphs.run(xb, yb)
     assert events[5:] == ["capture_tables", "capture", "filled", "launch"]
-    assert graphs._tables == ["table 2"]
+    assert [g.tables for g in graphs.graphs.values()] == [["table 2"]]
 
 
 def test_a_replay_checks_the_models_arrays_unnamed_in_the_named_lists_order():
@@ -373,7 +388,7 @@ def test_train_step_returns_a_replays_stats_as_copies_that_the_next_replay_leave
     kept = model._train_step(*batches[0], keep=True)  # a replay, as train_step runs it
     values = np.array(kept, copy=True)
     fits = model._train_step(*batches[1], keep=False)  # the next replay, as fit runs it
-    assert capture.launches == 3 and fits is graphs._outputs
+    assert capture.launches == 3 and fits is next(iter(graphs.graphs.values())).outputs
     np.testing.assert_array_equal(kept, values)
     assert not np.array_equal(fits, values)
 

@@ -1293,9 +1293,10 @@ def xc_namespace():
 
 
 def _eager_and_graphed_fits(monkeypatch, net, make_optimizer, precision="float32"):
-    """The same 3-epoch fit of 72 images in batches of 16 (the last of each epoch short, so
-    eager) without and with CUDA graphs, all in full float32 (cuDNN's matmuls in the graph
-    and cuBLAS's outside): [(model, its losses)] for each."""
+    """The same 4-epoch fit of 72 images in batches of 16 (the last of each epoch short: a
+    shape of its own, warmed up in the first two epochs, captured in the third and replayed
+    in the fourth) without and with CUDA graphs, all in full float32 (cuDNN's matmuls in the
+    graphs and cuBLAS's outside): [(model, its losses)] for each."""
     monkeypatch.setenv("XPCNN_TF32", "0")
     monkeypatch.delenv("CUPY_TF32", raising=False)
     rng = np.random.default_rng(0)
@@ -1304,7 +1305,7 @@ def _eager_and_graphed_fits(monkeypatch, net, make_optimizer, precision="float32
     for graphs in (False, True):
         model = xpcnn.Sequential(net(), device="cuda", seed=0)
         model.compile(optimizer=make_optimizer(), precision=precision, cuda_graphs=graphs)
-        history = model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+        history = model.fit(x, y, epochs=4, batch_size=16, verbose=0)
         results.append((model, history.history["loss"]))
     return results
 
@@ -1318,18 +1319,20 @@ def _eager_and_graphed_fits(monkeypatch, net, make_optimizer, precision="float32
 @needs_cudnn
 def test_replayed_steps_give_the_weights_of_eager_steps(cudnn_module, monkeypatch,
                                                         make_optimizer, precision, tol):
-    """A fit whose steps are captured and replayed (and whose last, smaller batch of each
-    epoch runs eagerly) against the same fit without graphs: the same weights, to rounding
-    (cuDNN's matmuls in the graph and cuBLAS's outside both in full float32; mixed float16
-    with its loss scale on the device)."""
+    """A fit whose steps are captured and replayed (the last, smaller batch of each epoch in a
+    graph of its own, sharing the first graph's memory pool) against the same fit without
+    graphs: the same weights, to rounding (cuDNN's matmuls in the graphs and cuBLAS's
+    outside both in full float32; mixed float16 with its loss scale on the device)."""
     (eager, loss_eager), (graphed, loss_graphed) = _eager_and_graphed_fits(
         monkeypatch, gap_net, make_optimizer, precision)
-    assert graphed.cuda_graphs_reason == "" and graphed._graphs.graph is not None
+    assert graphed.cuda_graphs_reason == ""
+    assert [shape[0][0] for shape in graphed._graphs.graphs] == [16, 8]
     # (BatchNorm2D's statistics kept and put back, the update and the gradients' check, and
     # under mixed float16 the two casts: each reading a table filled after the capture;
     # test_cuda_kernels_on_cpu counts them)
-    assert len(graphed._graphs._tables) == GAP_NET_STEP_TABLES[precision]
-    assert graphed.optimizer.iterations == eager.optimizer.iterations == 15
+    assert [len(g.tables) for g in graphed._graphs.graphs.values()] == \
+        [GAP_NET_STEP_TABLES[precision]] * 2
+    assert graphed.optimizer.iterations == eager.optimizer.iterations == 20
     assert loss_graphed == pytest.approx(loss_eager, rel=tol / 10)
     for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol / 100)
@@ -1342,9 +1345,9 @@ def test_models_with_random_layers_are_captured_and_replay_their_draws(cudnn_mod
     the device give each replay the masks, flips and crops an eager step gets."""
     (eager, _), (graphed, _) = _eager_and_graphed_fits(
         monkeypatch, every_layer_net, lambda: xpcnn.optim.SGD(0.05, momentum=0.9))
-    assert graphed.cuda_graphs_reason == "" and graphed._graphs.graph is not None
+    assert graphed.cuda_graphs_reason == "" and len(graphed._graphs.graphs) == 2
     assert [la.calls for la in graphed.layers if hasattr(la, "random_state")] == \
-        [la.calls for la in eager.layers if hasattr(la, "random_state")] == [15, 15, 15]
+        [la.calls for la in eager.layers if hasattr(la, "random_state")] == [20, 20, 20]
     for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
@@ -1451,7 +1454,7 @@ def test_a_captured_adam_step_on_a_label_that_is_no_class_is_skipped_and_named(c
     model = xpcnn.Sequential(gap_net(), device="cuda", seed=0)
     model.compile(optimizer=xpcnn.optim.Adam(1e-3), cuda_graphs=True)
     model.fit(x, y, epochs=1, batch_size=16, verbose=0)  # warm-up, then the capture
-    assert model.cuda_graphs_reason == "" and model._graphs.graph is not None
+    assert model.cuda_graphs_reason == "" and len(model._graphs.graphs) == 1
     launches = []
     launch = model._graphs.capture.launch
     model._graphs.capture.launch = lambda graph: (launches.append(graph), launch(graph))

@@ -30,14 +30,23 @@ replayed graph is one launch. What a captured step needs, and how it gets it:
   temporaries share) and fills it once the capture has ended, before the graph's first launch
   (``CupyKernels.capture_tables``): the addresses in a graph never change, and the tables are
   held with the graph, as the captured arrays are.
-- Memory: the steps run from warm-up on with a memory pool of their own, so the blocks the
-  graph's temporaries use are never handed to anything else.
+- Memory: the steps run from warm-up on with a memory pool of their own, so the blocks a
+  graph's temporaries use are never handed to anything else: eager steps (and everything
+  outside the steps) take CuPy's default pool. The graphs of several batch shapes share the
+  pool, and their temporaries the same blocks, which is what lets an epoch's last, smaller
+  batch replay its own graph without a second set of activations. That is safe because they
+  run one after another on one stream, and a step reads nothing it did not write before in
+  that step but the arrays that outlive it (allocated before the graphs, or held since, so
+  never handed out again), the static buffers its batch was just copied into, and the device
+  constants the kernels make once and keep (the counters, the eager update tables), which
+  come from CuPy's default pool for this reason. A graph's outputs hold its replay's values
+  until the next replay of any graph: the caller reads them at once.
 
-Shapes: the first batch shape is captured after ``warmup`` eager steps on the capture stream
-(they compile kernels, build the cuDNN plans and fill the memory pool); a batch of another
-shape (an epoch's last, smaller batch) runs eagerly, so a fit holds one graph. Two steps in a
-row of another shape (a later ``fit`` with another ``batch_size``) replace the graph by one of
-that shape.
+Shapes: each batch shape is captured after ``warmup`` eager steps of it on the capture stream
+(they compile kernels, build the cuDNN plans and fill the memory pool); an epoch's last,
+smaller batch is one more shape (warmed up in the first two epochs, replayed from the third),
+and so is a later ``fit``'s other ``batch_size``. At most ``max_graphs`` graphs are kept; the
+least recently replayed goes for a new one.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 StepFn = Callable[[Any, Any, Any, "dict[str, Any]"], Any]
@@ -119,8 +129,22 @@ def _nothing_deferred() -> Iterator[list[Any]]:
     yield []
 
 
+@dataclass
+class _Graph:
+    """One batch shape's captured step: the graph, the static buffers its batch is copied
+    into (None where the step has no sample weights), its outputs (a replay rewrites them) and
+    the device tables its update kernels read (held so that their memory stays theirs)."""
+
+    graph: Any
+    static: tuple[Any, ...]
+    outputs: Any
+    tables: list[Any]
+
+
 class StepGraphs:
-    """A training step run eagerly, warmed up, captured, then replayed (see the module doc).
+    """A training step run eagerly, warmed up, captured, then replayed (see the module doc),
+    with a graph for each batch shape (at most ``max_graphs``, the least recently used
+    dropped for a new one).
 
     ``step(xb, yb, wb, scalars)`` is one training step on images ``xb``, targets ``yb`` and
     sample weights ``wb`` (None: none) without host reads whose optimiser update
@@ -139,7 +163,7 @@ class StepGraphs:
     def __init__(self, step: StepFn, arrays: ArraysFn, scalars_for_next: Callable[[], dict],
                  advance: Callable[[], None], backend: Any, capturable: Any,
                  capture: Any = None, warmup: int = 2, exact: tuple[str, ...] = (),
-                 capture_tables: Callable[[], Any] | None = None) -> None:
+                 capture_tables: Callable[[], Any] | None = None, max_graphs: int = 4) -> None:
         if warmup < 2:
             raise ValueError("at least two warm-up steps: the first may create arrays (the "
                              "optimiser's slots), the last checks that none is rebound")
@@ -148,48 +172,31 @@ class StepGraphs:
         self.backend, self.capturable = backend, capturable
         self.capture_tables = capture_tables or _nothing_deferred
         self.capture = capture  # (made on first use: CuPy is imported only then)
-        self.warmup, self.exact = warmup, exact
-        self.shape: tuple[Any, ...] | None = None  # the batch shape that is captured
-        self.warm = 0
-        self.graph: Any = None
+        self.warmup, self.exact, self.max_graphs = warmup, exact, max_graphs
         self.reason = ""  # why the step runs eagerly for good ("" while capture is possible)
-        self._static: tuple[Any, ...] = ()  # the captured step's input buffers
-        # (a batch shape other than the captured one, and how many steps in a row had it)
-        self._other: tuple[Any, int] = (None, 0)
+        #: The captured steps by batch shape, the most recently replayed last.
+        self.graphs: dict[tuple[Any, ...], _Graph] = {}
+        self.warm: dict[tuple[Any, ...], int] = {}  # warm-up steps run, by shape not captured
+        self._shape: tuple[Any, ...] = ()  # the batch shape of the step being decided
         self._scalars: dict[str, Any] | None = None  # refilled before each step
         self._filled: dict[str, float] = {}  # (the numbers they hold)
-        self._outputs: Any = None
-        # the arrays the graph was captured with, and the device tables its update kernels
-        # read, held so that their memory stays theirs
+        # the arrays the graphs were captured with (held so that their memory stays theirs)
         self._captured: list[Any] = []
-        self._tables: list[Any] = []
 
     def decide(self, xb: Any, yb: Any, wb: Any = None) -> str:
-        """What the next step on this batch does: "eager" (for good, or another shape than
-        the captured one), "warmup", "capture" or "replay". A batch shape other than the
-        captured one runs eagerly once (an epoch's last, smaller batch); on a second step in
-        a row (a new ``batch_size``, sample weights where there were none) the graph is
-        dropped and that shape warmed up and captured instead."""
-        # (str(dtype): ~2 us)
-        shape = (tuple(xb.shape), xb.dtype, tuple(yb.shape), yb.dtype,
-                 None if wb is None else (tuple(wb.shape), wb.dtype))
+        """What the next step on this batch does: "eager" (for good), "warmup", "capture" or
+        "replay", for this batch's shape (an epoch's last, smaller batch is a shape of its
+        own: warmed up and captured as the others)."""
         if self.reason:
             return "eager"
-        if self.shape is None:
-            self.shape = shape
-        if shape != self.shape:
-            self._other = (shape, self._other[1] + 1 if self._other[0] == shape else 1)
-            if self._other[1] < 2:
-                return "eager"
-            # (the old graph, its buffers and tables go: their memory returns to the pool)
-            self.shape, self.graph, self.warm, self._static = shape, None, 0, ()
-            self._outputs, self._captured, self._tables = None, [], []
-        self._other = (None, 0)
-        if self.graph is not None and self._replaced():
-            self.graph, self.warm = None, 0  # weights replaced: warm up and capture again
-        if self.graph is None:
-            return "warmup" if self.warm < self.warmup else "capture"
-        return "replay"
+        # (str(dtype): ~2 us)
+        self._shape = shape = (tuple(xb.shape), xb.dtype, tuple(yb.shape), yb.dtype,
+                               None if wb is None else (tuple(wb.shape), wb.dtype))
+        if self.graphs and self._replaced():  # weights replaced: warm up and capture again
+            self.graphs, self.warm, self._captured = {}, {}, []
+        if shape in self.graphs:
+            return "replay"
+        return "warmup" if self.warm.get(shape, 0) < self.warmup else "capture"
 
     def run(self, xb: Any, yb: Any, wb: Any = None) -> Any | None:
         """One training step on (xb, yb, wb) warmed up, captured or replayed: its outputs;
@@ -202,12 +209,14 @@ class StepGraphs:
             self.capture = CupyCapture()
         batch = (xb, yb, wb)
         if action == "replay":
-            for static, a in zip(self._static, batch, strict=True):
+            shape = self._shape
+            entry = self.graphs[shape] = self.graphs.pop(shape)  # (the most recent, last)
+            for static, a in zip(entry.static, batch, strict=True):
                 if static is not None:
                     static[...] = a
-            self.capture.launch(self.graph)
+            self.capture.launch(entry.graph)
             self.advance()
-            return self._outputs
+            return entry.outputs
         with self.capture.scope(), self.capturable():
             return self._warm_up(batch) if action == "warmup" else self._capture(batch)
 
@@ -222,13 +231,17 @@ class StepGraphs:
         the optimiser's slots)."""
         before = self.arrays()
         out = self._run(batch)
-        self.warm += 1
+        if len(self.warm) >= 4 * self.max_graphs:  # (a stream of ever new shapes)
+            self.warm.clear()
+        warm = self.warm[self._shape] = self.warm.get(self._shape, 0) + 1
         rebound = self._rebound(before)
-        if self.warm == self.warmup and rebound:
+        if warm == self.warmup and rebound:
             self.reason = f"{rebound} is replaced by each step rather than updated in place"
         return out
 
     def _capture(self, batch: tuple[Any, Any, Any]) -> Any:
+        if len(self.graphs) >= self.max_graphs:  # the least recently replayed shape's goes
+            del self.graphs[next(iter(self.graphs))]
         xp = self.backend.xp
         static = tuple(None if a is None else xp.asarray(a, copy=True) for a in batch)
         before = self.arrays()
@@ -244,14 +257,15 @@ class StepGraphs:
         if rebound:  # the warm-up steps rebound nothing: the step changed between them
             raise RuntimeError(f"xpcnn: {rebound} was replaced while the training step was "
                                "captured in a CUDA graph; compile(cuda_graphs=False) avoids it")
-        self.graph, self._static, self._outputs = graph, static, out
-        self._captured, self._tables = [a for _, a in before], tables
+        self.graphs[self._shape] = _Graph(graph, static, out, tables)
+        self.warm.pop(self._shape, None)
+        self._captured = [a for _, a in before]
         self.capture.launch(graph)  # the capture only recorded the step: now run it
         self.advance()
         return out
 
     def _replaced(self) -> bool:
-        """True where an array the graph was captured with is no longer the model's (weights
+        """True where an array the graphs were captured with is no longer the model's (weights
         set or loaded since): each replay asks, so by identity alone, with no names."""
         now = self.arrays(named=False)
         return len(now) != len(self._captured) or not all(map(operator.is_, now,

@@ -457,7 +457,11 @@ def _device_table(table: list[int], device: Any, deferred: _DeferredTables | Non
     if device_table is None:
         if len(_TABLES) >= 16:  # tables of arrays long freed: drop them all
             _TABLES.clear()
-        device_table = _TABLES[key] = cupy.asarray(np.asarray(table, np.int64))
+        # (from CuPy's default pool: a table kept here and made in a CUDA graph's warm-up
+        # would otherwise sit in the graphs' pool, where another graph's temporaries may be,
+        # and be overwritten by its replays: xpcnn.cuda_graphs)
+        with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
+            device_table = _TABLES[key] = cupy.asarray(np.asarray(table, np.int64))
     return device_table
 
 
@@ -649,7 +653,8 @@ _COUNTERS_PER_DEVICE = 1024
 def _counters(a: Any) -> Any:
     """The counters of ``a``'s device, from CuPy's default memory pool, which lasts as long as
     the process (a first use may come in a CUDA graph's warm-up, whose own pool frees its
-    memory with itself: xpcnn.cuda_graphs)."""
+    memory with itself, and whose blocks other graphs' temporaries may share:
+    xpcnn.cuda_graphs)."""
     device = str(a.device)
     if device not in _COUNTERS:
         with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
