@@ -215,6 +215,42 @@ def test_weighted_fits_through_captured_steps_equal_eager_fits(monkeypatch, kern
     assert len(graphed._graphs.graphs) == 1
 
 
+def test_train_on_batch_with_class_weights_keeps_its_graphs():
+    """Each train_on_batch with class weights writes them into the one device table the graph
+    was captured with: later calls replay it, with their own weights (not a capture each)."""
+    x, y = _data(16)
+    eager = _model(gap_net(), optim.SGD(0.05, momentum=0.9))
+    graphed = _model(gap_net(), optim.SGD(0.05, momentum=0.9))
+    graphed.build((12, 12, 3))
+    graphs, capture = _runner(graphed)
+    for i in range(6):
+        for model in (eager, graphed):
+            model.train_on_batch(x, y, class_weight={1: 2.0 + i, 7: 0.5 * i})
+    assert (capture.captures, capture.launches) == (1, 4)  # warm-up 2, capture, 3 replays
+    for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_a_shape_whose_capture_fails_runs_eagerly_beside_the_others():
+    """A capture refused for one batch shape while another's graph works: that shape runs
+    eagerly, the other's graph stays (a first capture refused turns graphs off, as before)."""
+    model = _model(gap_net(), optim.SGD(0.01))
+    model.build((12, 12, 3))
+    graphs, capture = _runner(model)
+    xb, yb = model._to_device(_data(8)[0]), np.zeros(8, np.int64)
+    for _ in range(4):  # warm-up 2, capture, replay
+        graphs.run(xb, yb)
+    capture.fail = RuntimeError("out of memory allocating 1024 bytes")
+    tail = (xb[:3], yb[:3])
+    assert [graphs.decide(*tail) for _ in range(1)] == ["warmup"]
+    for _ in range(3):
+        graphs.run(*tail)
+    assert graphs.decide(*tail) == "eager" and graphs.run(*tail) is None
+    assert graphs.refused == {graphs._shape: "capturing the step failed: out of memory "
+                                             "allocating 1024 bytes"}
+    assert graphs.reason == "" and graphs.decide(xb, yb) == "replay"
+
+
 def test_a_replay_refills_only_the_numbers_that_changed():
     """Before each replay the step's numbers go to the device scalars the graph reads, each
     fill a launch on CuPy: a constant learning rate is put there once, the step count at every

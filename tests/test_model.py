@@ -864,14 +864,21 @@ def test_train_on_batch_is_one_checked_step(data):
         assert np.array_equal(a, b)
 
 
-def test_test_and_predict_on_batch_are_evaluate_and_predict_of_one_batch(data):
+def test_test_and_predict_on_batch_are_evaluate_and_predict_of_one_batch(data, monkeypatch):
     x, y = data
     model = trained(data, net=gap_net)
+    big = np.concatenate([x] * 7)  # (336 images: more than evaluate's batch of 256)
+    labels = np.concatenate([y] * 7)
+    w = np.linspace(0.0, 1.0, len(big))
+    forwards = []
+    logits = type(model)._logits
+    monkeypatch.setattr(type(model), "_logits",
+                        lambda self, *a, **k: forwards.append(1) or logits(self, *a, **k))
+    assert model.test_on_batch(big, labels, sample_weight=w, return_dict=True) == \
+        model.evaluate(big, labels, sample_weight=w, return_dict=True, batch_size=len(big))
+    assert np.array_equal(model.predict_on_batch(big), model.predict(big, batch_size=len(big)))
+    assert len(forwards) == 4  # one forward pass each
     assert model.test_on_batch(x[:10], y[:10]) == model.evaluate(x[:10], y[:10])
-    w = np.linspace(0.0, 1.0, 10)
-    assert model.test_on_batch(x[:10], y[:10], sample_weight=w, return_dict=True) == \
-        model.evaluate(x[:10], y[:10], sample_weight=w, return_dict=True)
-    assert np.array_equal(model.predict_on_batch(x[:10]), model.predict(x[:10]))
     with pytest.raises(InputError, match="takes one batch of arrays, not a dataset or an "
                                          "iterable of batches"):
         model.test_on_batch(iter([(x, y)]), None)

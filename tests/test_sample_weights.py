@@ -225,21 +225,29 @@ def test_sample_weights_on_the_device_and_a_train_step_that_takes_them(data):
     reference = _model(xs)
     reference.fit(x, y, epochs=1, batch_size=16, verbose=0, sample_weight=w)
     _same(logged, reference, rtol=0, atol=0)
-    deaf = Deaf(_net(), seed=2)
-    deaf.compile()
-    with pytest.raises(InputError, match=r"train_step\(xb, yb\) takes no sample_weight"):
+    deaf = Deaf(_net(), seed=2, dtype="float64")
+    deaf.compile(optimizer=optim.SGD(0.1, momentum=0.9))
+    refused = r"train_step\(xb, yb\) takes no sample_weight"
+    with pytest.raises(InputError, match=refused):
         deaf.fit(x, y, verbose=0, sample_weight=w)
-    deaf.fit(x, y, verbose=0, class_weight={0: 2.0})  # (applied inside super().train_step)
-    assert not deaf.built or deaf.optimizer.iterations == 2
+    with pytest.raises(InputError, match=refused):  # (weights from a dataset: at its first)
+        deaf.fit(_Samples(x, y, w), verbose=0)
+    assert deaf.optimizer.iterations == 0
+    # class weights are applied inside super().train_step, which this one calls
+    deaf.fit(x, y, batch_size=16, verbose=0, class_weight={0: 2.0})
+    reference = _model()
+    reference.fit(x, y, batch_size=16, verbose=0, sample_weight=np.where(y == 0, 2.0, 1.0))
+    _same(deaf, reference, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"sample_weight": np.ones(39)}, r"one weight for each of the 40 samples, shape \(40,\); "
                                      r"got shape \(39,\)"),
     ({"sample_weight": np.ones((40, 2))}, r"shape \(40,\); got shape \(40, 2\)"),
-    ({"sample_weight": np.r_[np.ones(39), -1.0]}, r"finite and >= 0; sample 39 has weight "
-                                                 r"-1\.0"),
-    ({"sample_weight": np.r_[np.nan, np.ones(39)]}, r"finite and >= 0; sample 0 has weight"),
+    ({"sample_weight": np.r_[np.ones(39), -1.0]}, r"finite \(in float64\) and >= 0; sample "
+                                                 r"39 has weight -1\.0"),
+    ({"sample_weight": np.r_[np.nan, np.ones(39)]}, r"finite \(in float64\) and >= 0; "
+                                                   r"sample 0 has weight"),
     ({"sample_weight": np.ones(40, bool)}, "must hold real numbers, one weight a sample"),
     ({"class_weight": [1.0, 2.0]}, "class_weight must be a dict mapping class indices"),
     ({"class_weight": {4: 1.0}}, r"keys must be class indices in \[0, 3\] for a model with "
@@ -346,10 +354,57 @@ def test_a_streams_bad_or_missing_weights_are_named(data):
     with pytest.raises(InputError, match=r"x\[i\] returns a sample weight w_i for some i and "
                                          r"not for others"):
         _model().fit(_Samples(x, y, w, unweighted=[3]), batch_size=8, shuffle=False, verbose=0)
-    with pytest.raises(InputError, match=r"the sample weights w_i of x must be finite and >= 0; "
-                                         r"sample 1 has weight -1\.0"):
-        _model().fit(_Samples(x, y, np.r_[1.0, -1.0, w[2:]]), batch_size=8, verbose=0,
-                     shuffle=False)
+    with pytest.raises(InputError, match=r"the sample weights w_i of x must be finite \(in "
+                                         r"float64\) and >= 0; sample 25 has weight -1\.0"):
+        _model().fit(_Samples(x, y, np.where(np.arange(40) == 25, -1.0, w)), batch_size=8,
+                     verbose=0)  # (shuffled: the dataset's index is named, not the batch's)
+    with pytest.raises(InputError, match=r"sample_weight must be finite \(in float32\) and "
+                                         r">= 0; sample 2 has weight 1e\+39"):
+        _model(dtype="float32").fit(x, y, verbose=0, sample_weight=np.where(
+            np.arange(40) == 2, 1e39, 1.0))  # (finite in float64, not in float32)
+    later = _Samples(x, y, w, unweighted=range(16, 40))  # weighted first, then not
+    with pytest.raises(InputError, match=r"x\[i\] returns a sample weight w_i for some i and "
+                                         r"not for others \(samples \[16, "):
+        _model().fit(later, batch_size=8, shuffle=False, verbose=0)
+    batches = iter([(x[:8], y[:8], w[:8]), (x[8:16], y[8:16])])
+    with pytest.raises(InputError, match="x yields sample weights with some batches and not "
+                                         "with others: give every sample a weight, or none"):
+        _model().fit(batches, steps_per_epoch=2, verbose=0)
     with pytest.raises(InputError, match=r"the sample weights that x yields must have one "
                                          r"weight for each of the 8 samples"):
         _model().fit(iter([(x[:8], y[:8], w[:3])]), steps_per_epoch=1, verbose=0)
+
+
+def test_predict_takes_the_training_datasets_triples(data):
+    """predict ignores y and the weights of (x, y, w) items, as Keras does."""
+    x, y, w = data
+    model = _model()
+    model.fit(_Samples(x, y, w), batch_size=16, verbose=0)
+    np.testing.assert_array_equal(model.predict(_Samples(x, y, w)), model.predict(x))
+    batches = [(x[i:i + 16], y[i:i + 16], w[i:i + 16]) for i in range(0, 40, 16)]
+    np.testing.assert_array_equal(model.predict(iter(batches), steps=3), model.predict(x))
+
+
+def test_a_callbacks_train_on_batch_leaves_fits_class_weights(data):
+    """train_on_batch from a callback during fit, with class weights of its own: its step is
+    weighted by them, and every later step of the fit by the fit's again (as when the callback
+    gives the same weights as sample weights)."""
+    x, y, _ = data
+    other = np.array([0.5, 3.0, 1.0, 2.0])
+    runs, after = [], []
+    for by_class in (True, False):
+        model = _model()
+        extra = {"class_weight": dict(enumerate(other))} if by_class else {
+            "sample_weight": other[y[:8]]}
+
+        def step(batch, logs, model=model, extra=extra):
+            if batch == 0:
+                model.train_on_batch(x[:8], y[:8], **extra)
+                after.append(np.array(model._class_weights))  # (fit's, back in place)
+
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0, class_weight={2: 4.0},
+                  callbacks=[xpcnn.callbacks.LambdaCallback(on_train_batch_end=step)])
+        runs.append(model)
+    _same(*runs, rtol=0, atol=0)
+    np.testing.assert_array_equal(after, [[1.0, 1.0, 4.0, 1.0]] * 4)
+    assert runs[0]._class_weights is None and runs[0].optimizer.iterations == 8

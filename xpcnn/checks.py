@@ -102,9 +102,12 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray
     return arr, np.argmax(arr, axis=1).astype(np.int64)
 
 
-def as_sample_weights(w: Any, n: int, what: str = "sample_weight") -> np.ndarray:
+def as_sample_weights(w: Any, n: int, what: str = "sample_weight", dtype: Any = np.float64,
+                      index: Any = None) -> np.ndarray:
     """Per-sample weights of the loss: N finite numbers >= 0, shape (N,) or (N, 1) (Keras
-    takes both), as a float64 host array (N,)."""
+    takes both), as a host array (N,) of ``dtype`` (checked after the cast: a weight too
+    large for it is refused, not made infinite). ``index``: the samples' numbers in a dataset,
+    which errors name (their positions in ``w`` otherwise)."""
     try:
         arr = np.asarray(w)
     except Exception as e:
@@ -118,20 +121,29 @@ def as_sample_weights(w: Any, n: int, what: str = "sample_weight") -> np.ndarray
     if arr.shape != (n,):
         raise InputError(f"{what} must have one weight for each of the {n} samples, shape "
                          f"({n},); got shape {arr.shape}")
-    arr = arr.astype(np.float64)
-    bad = np.flatnonzero(~np.isfinite(arr) | (arr < 0))
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = arr.astype(dtype)
+    bad = np.flatnonzero(~np.isfinite(cast) | (cast < 0))
     if bad.size:
-        raise InputError(f"{what} must be finite and >= 0; sample {int(bad[0])} has weight "
-                         f"{float(arr[bad[0]])!r} ({bad.size} such samples)")
-    return arr
+        i = int(bad[0])
+        raise InputError(f"{what} must be finite (in {np.dtype(dtype)}) and >= 0; sample "
+                         f"{i if index is None else int(index[i])} has weight "
+                         f"{arr[i].item()!r} ({bad.size} such samples)")
+    return cast
+
+
+def check_class_weight_type(class_weight: Any) -> None:
+    """Keras' ``class_weight``: None or a dict (its keys and values are checked against the
+    model once it is built, :func:`as_class_weights`)."""
+    if class_weight is not None and not isinstance(class_weight, Mapping):
+        raise InputError("class_weight must be a dict mapping class indices to weights, e.g. "
+                         f"{{0: 1.0, 1: 5.0}}, got {type(class_weight).__name__}")
 
 
 def as_class_weights(class_weight: Any, classes: int) -> np.ndarray:
     """Keras' ``class_weight``, a dict {class index: weight}, as a float64 host table
     (classes,) of weights finite and >= 0; a class it leaves out weighs 1, as in Keras."""
-    if not isinstance(class_weight, Mapping):
-        raise InputError("class_weight must be a dict mapping class indices to weights, e.g. "
-                         f"{{0: 1.0, 1: 5.0}}, got {type(class_weight).__name__}")
+    check_class_weight_type(class_weight)
     table = np.ones(classes, np.float64)
     for key, value in class_weight.items():
         if isinstance(key, bool | np.bool_) or not isinstance(key, numbers.Integral) or \

@@ -174,6 +174,9 @@ class StepGraphs:
         self.capture = capture  # (made on first use: CuPy is imported only then)
         self.warmup, self.exact, self.max_graphs = warmup, exact, max_graphs
         self.reason = ""  # why the step runs eagerly for good ("" while capture is possible)
+        #: Why a batch shape runs eagerly for good while others are replayed (its capture
+        #: failed after another shape's had succeeded), by shape.
+        self.refused: dict[tuple[Any, ...], str] = {}
         #: The captured steps by batch shape, the most recently replayed last.
         self.graphs: dict[tuple[Any, ...], _Graph] = {}
         self.warm: dict[tuple[Any, ...], int] = {}  # warm-up steps run, by shape not captured
@@ -196,6 +199,8 @@ class StepGraphs:
             self.graphs, self.warm, self._captured = {}, {}, []
         if shape in self.graphs:
             return "replay"
+        if shape in self.refused:
+            return "eager"
         return "warmup" if self.warm.get(shape, 0) < self.warmup else "capture"
 
     def run(self, xb: Any, yb: Any, wb: Any = None) -> Any | None:
@@ -251,7 +256,11 @@ class StepGraphs:
                 graph, out = self.capture.capture(lambda: self.step(*static, self._scalars))
         except Exception as e:  # what the capture refused, e.g. a read from the host
             first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            self.reason = f"capturing the step failed: {first}"
+            # (where another shape's graph works, this shape alone runs eagerly)
+            if self.graphs:
+                self.refused[self._shape] = f"capturing the step failed: {first}"
+            else:
+                self.reason = f"capturing the step failed: {first}"
             return self._run(batch)  # (a capture only records: nothing ran)
         rebound = self._rebound(before)
         if rebound:  # the warm-up steps rebound nothing: the step changed between them

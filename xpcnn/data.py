@@ -289,6 +289,8 @@ class DatasetBatches(ShardedBatches):
         except (TypeError, ValueError) as e:  # (a __len__ that is negative or not an int)
             raise InputError(f"len({what}) must be its number of samples, an int >= 1: {e}") from e
         self._expected = f"{what}[i] must return a pair (x_i, y_i) or a triple (x_i, y_i, w_i)"
+        self._weighted = _Weighted(f"{what}[i] returns a sample weight w_i for some i and not "
+                                   "for others")
         if self.samples < 1:
             raise InputError(f"{what} is an empty dataset (len() is {self.samples})")
         self.steps = -(-self.samples // (batch_size * shard[1]))
@@ -313,15 +315,11 @@ class DatasetBatches(ShardedBatches):
         xs, ys, ws = zip(*items, strict=True)
         batch = check_batch(self.model, self._stack(xs, "x"),
                             self._stack(ys, "y") if self.with_targets else None, self.what, idx)
-        weighted = [w is not None for w in ws]
-        if not any(weighted):
+        weighted = self._weighted.same([w is not None for w in ws], idx)
+        if not weighted:
             return batch
-        if not all(weighted):
-            raise InputError(f"{self.what}[i] returns a sample weight w_i for some i and not for "
-                             f"others (samples {[int(i) for i in idx[:8]]}...): give every "
-                             "sample one, or none")
         return (*batch, check_sample_weights(self.model, self._stack(ws, "w"), len(idx),
-                                             f"the sample weights w_i of {self.what}"))
+                                             f"the sample weights w_i of {self.what}", idx))
 
     def _item(self, i: int) -> Any:
         """``dataset[i]``; an index below len() that the dataset refuses is named as such."""
@@ -377,6 +375,8 @@ class IterableBatches(Batches):
         self.data = data
         self.iterator = data if isinstance(data, Iterator) else None
         self._expected = f"{what} must yield (x, y) or (x, y, sample_weight) batches"
+        self._weighted = _Weighted(f"{what} yields sample weights with some batches and not "
+                                   "with others")
         held = _GIVEN_BACK.pop() if _GIVEN_BACK and _GIVEN_BACK[0][0] is data else None
         first = self.first = None if held is None else held[1]
         if not model.built:  # the first batch tells the input shape
@@ -420,10 +420,30 @@ class IterableBatches(Batches):
         (x, y, sample weights)."""
         x, y, w = self._split(item)
         x, y = check_batch(self.model, x, y, self.what, copy=True)
-        if w is None:
+        if not self._weighted.same([w is not None]):
             return x, y
         return x, y, check_sample_weights(self.model, w, int(x.shape[0]),
                                           f"the sample weights that {self.what} yields")
+
+
+class _Weighted:
+    """Whether a stream's items carry sample weights, fixed by the first batch read: every
+    later item must agree (a batch weighted and the next not would train the second at
+    weight 1 unnoticed); ``error`` is the refusal's text."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+        self.weighted: bool | None = None
+
+    def same(self, flags: list[bool], index: Any = None) -> bool:
+        """Whether the items of one batch (``flags``: each has a weight) carry weights, as
+        every item before them did; ``index``: their numbers, which the error names."""
+        if self.weighted is None:
+            self.weighted = flags[0]
+        if any(flag != self.weighted for flag in flags):
+            where = "" if index is None else f" (samples {[int(i) for i in index[:8]]}...)"
+            raise InputError(f"{self.error}{where}: give every sample a weight, or none")
+        return self.weighted
 
 
 #: The batch given back by the last refused call, with its iterator: [(iterator, batch)], one
@@ -471,8 +491,9 @@ def split_item(item: Any, with_targets: bool, expected: str) -> tuple[Any, Any, 
     pair's y is ignored and anything else is x itself (a list of samples or of rows is an
     array, not a pair); else ``expected``, the error."""
     size = len(item) if isinstance(item, tuple | list) else 0
-    if not with_targets:
-        return (item[0] if size == 2 else item), None, None
+    if not with_targets:  # (a list of three is three samples; a tuple of three, a triple)
+        split = size == 2 or size == 3 and isinstance(item, tuple)
+        return (item[0] if split else item), None, None
     if size not in (2, 3):
         length = f" of length {size}" if isinstance(item, tuple | list) else ""
         raise InputError(f"{expected}, got {type(item).__name__}{length}")
@@ -517,16 +538,17 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
     return x, targets
 
 
-def check_sample_weights(model: Any, w: Any, n: int, what: str = "sample_weight"
-                         ) -> np.ndarray:
+def check_sample_weights(model: Any, w: Any, n: int, what: str = "sample_weight",
+                         index: Any = None) -> np.ndarray:
     """Sample weights for ``n`` samples (host or device arrays, as targets are; read to the
-    host to be checked), returned on the host in the model's parameter dtype."""
+    host to be checked), returned on the host in the model's parameter dtype; ``index``: the
+    dataset samples they weigh, which errors name."""
     w = adopt_foreign(w, model.backend)
     if is_device_array(w):
         if not of_library(w, model.backend):
             check_on_device(w, model.backend, what)  # refused, naming its library
         w = model.backend.to_numpy(w)
-    return checks.as_sample_weights(w, n, what).astype(model.dtype_name)
+    return checks.as_sample_weights(w, n, what, model.dtype_name, index)
 
 
 def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None, copy: bool = False

@@ -120,8 +120,10 @@ class Trainer:
         #: Why training steps run without CUDA graphs ("" while they are captured, or will be).
         self.cuda_graphs_reason = ""
         self._graphs: StepGraphs | None = None
-        # fit's class_weight, a device table (classes,) in the parameters' dtype (None: none)
+        # the class weights training steps use now, a device table (classes,) in the
+        # parameters' dtype (None: none; see _use_class_weights), and the table kept for reuse
         self._class_weights: Any = None
+        self._class_table: Any = None
 
     # -- compile: the loss, the optimiser and the precision -------------------------------------
     def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
@@ -230,6 +232,7 @@ class Trainer:
         if optimizer is not None:
             optimizer.slots = slots
         self._scaling, self._graphs, self.cuda_graphs_reason = scaling, None, ""
+        self._class_table = None  # (made again on the new device when next used)
 
     def _require_compiled(self, what: str) -> None:
         if self.loss is None or self.optimizer is None:
@@ -313,26 +316,22 @@ class Trainer:
         ``class_weight`` weigh the loss as :meth:`fit`'s do."""
         return_dict = checks.flag(return_dict, "return_dict")
         self._require_compiled("train_on_batch")
-        _check_class_weight_type(class_weight)
+        checks.check_class_weight_type(class_weight)
         self._rebuild_if_shared()
         with self._unbuilt_if_refused():
             x, targets = check_arrays(self, x, y)
-            n = int(x.shape[0])
             weights = None if sample_weight is None else check_sample_weights(
-                self, sample_weight, n)
-            table = None if class_weight is None else self.backend.asarray(
-                checks.as_class_weights(class_weight, self.num_classes),
-                dtype=self._param_dtype)
-        if weights is not None and self._train_step_overridden():
-            _check_takes_sample_weight(self.train_step)
-        self._class_weights = table
+                self, sample_weight, int(x.shape[0]))
+            table = None if class_weight is None else checks.as_class_weights(
+                class_weight, self.num_classes)
+        # (inside a fit, from a callback: fit's class weights are put back after the step)
+        previous = self._use_class_weights(table)
         try:
             with self.backend.compute_scope():
-                batch = [to_device(self.backend, a) for a in (x, targets, weights)]
-                loss, correct = self.train_step(*batch[:2]) if weights is None else \
-                    self.train_step(*batch[:2], sample_weight=batch[2])
+                xb, yb, wb = (to_device(self.backend, a) for a in (x, targets, weights))
+                loss, correct = self._call_train_step(xb, yb, wb)
         finally:
-            self._class_weights = None
+            self._class_weights = previous
         self._read_totals()
         return self._returned(self._logs(float(loss), float(correct) / int(x.shape[0])),
                               return_dict)
@@ -450,6 +449,34 @@ class Trainer:
         per_class = xp.take(table, labels, axis=0)
         return per_class if weights is None else \
             per_class * xp.astype(weights, table.dtype, copy=False)
+
+    def _use_class_weights(self, table: np.ndarray | None) -> Any:
+        """Training steps weigh each class as ``table`` (classes,) says (None: they do not);
+        returns the class weights in use before, for the caller to put back. The device table
+        is kept and written in place by the next call that finds none in use: a CUDA graph
+        captured with it reads the new weights (a new array would make every graph capture
+        again). One in use (a fit's, when its callback runs train_on_batch) is left as it is."""
+        previous, kept = self._class_weights, self._class_table
+        if table is None:
+            self._class_weights = None
+        elif previous is None and kept is not None and kept.shape[0] == table.shape[0]:
+            kept[...] = self.backend.asarray(table, dtype=self._param_dtype)
+            self._class_weights = kept
+        else:
+            self._class_weights = self.backend.asarray(table, dtype=self._param_dtype)
+            if previous is None:
+                self._class_table = self._class_weights
+        return previous
+
+    def _call_train_step(self, xb: Any, yb: Any, wb: Any) -> tuple[Any, Any]:
+        """``train_step`` on a batch, given its sample weights ``wb`` (if any) as
+        ``sample_weight=``; a subclass's that cannot take them is refused by name, not left to
+        fail inside, or to lose them."""
+        if wb is None:
+            return self.train_step(xb, yb)
+        if self._train_step_overridden():
+            _check_takes_sample_weight(self.train_step)
+        return self.train_step(xb, yb, sample_weight=wb)
 
     # -- the step captured in a CUDA graph (xpcnn.cuda_graphs) ----------------------------------
     def _step_graphs(self) -> StepGraphs | None:
@@ -709,7 +736,7 @@ class Trainer:
         _check_fit_data(x, y, validation_data, validation_split, steps_per_epoch,
                         validation_steps, class_weight, sample_weight)
         if sample_weight is not None and self._train_step_overridden():
-            _check_takes_sample_weight(self.train_step)
+            _check_takes_sample_weight(self.train_step)  # (before training: see _call_train_step)
         self._rebuild_if_shared()
         with self._undone_if_refused() as made:
             x, y, sample_weight, validation_data, split = self._split_validation(
@@ -731,8 +758,7 @@ class Trainer:
                                                  "class_weight": class_weights})
             self.stop_training, self._resume_at = False, None
             self._parallel = distributed.data_parallel(self)
-            self._class_weights = None if class_weights is None else self.backend.asarray(
-                class_weights, dtype=self._param_dtype)
+            self._use_class_weights(class_weights)
             try:
                 if self._parallel is not None:
                     self._parallel.broadcast_weights()
@@ -795,8 +821,7 @@ class Trainer:
                     else:
                         self._parallel.use_slice(*place)
                 if self._train_step_overridden():
-                    self.train_step(xb, yb) if wb is None else \
-                        self.train_step(xb, yb, sample_weight=wb)
+                    self._call_train_step(xb, yb, wb)
                 else:  # (fit made and checked this batch: train_step's checks would repeat)
                     self._train_step(xb, yb, keep=False, weights=wb)
                 self._seen += int(xb.shape[0]) if self._parallel is None else \
@@ -861,8 +886,7 @@ class Trainer:
         cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
         loss = self.loss if self.loss is not None else get_loss("cross_entropy")
         self._rebuild_if_shared()
-        if sample_weight is not None and is_stream(x):
-            raise InputError(_STREAM_WEIGHTS)
+        _refuse_stream_weights(x, sample_weight)
         with self._undone_if_refused() as made:
             data = self._batches(x, y, batch_size, steps, steps_name="steps",
                                  weights=sample_weight)
@@ -976,9 +1000,8 @@ def _check_fit_data(x: Any, y: Any, validation_data: Any, validation_split: floa
                     class_weight: Any = None, sample_weight: Any = None) -> None:
     """fit's data arguments, checked before any batch source is made (none draws a batch)."""
     checks.number(validation_split, "validation_split", 0.0, 1.0, high_open=True)
-    _check_class_weight_type(class_weight)
-    if sample_weight is not None and is_stream(x):
-        raise InputError(_STREAM_WEIGHTS)
+    checks.check_class_weight_type(class_weight)
+    _refuse_stream_weights(x, sample_weight)
     if validation_split and validation_data is not None:  # (one would be ignored, silently)
         raise InputError(f"pass validation_data or validation_split, not both: got "
                          f"validation_split={validation_split!r} and validation_data")
@@ -1001,28 +1024,22 @@ def _triple(validation_data: Any) -> tuple[Any, Any, Any]:
                          "y_val, sample weights), a dataset or an iterable of batches, got "
                          f"{type(validation_data).__name__}")
     x, y, *w = validation_data
-    if w and w[0] is not None and is_stream(x):
-        raise InputError(_STREAM_WEIGHTS)
+    _refuse_stream_weights(x, w[0] if w else None)
     return x, y, w[0] if w else None
 
 
-#: Why sample weights are refused with a dataset or an iterable of batches.
-_STREAM_WEIGHTS = ("sample_weight= needs arrays x and y; a dataset or an iterable of batches "
-                   "gives its sample weights itself, as (x, y, sample_weight) batches or "
-                   "(x_i, y_i, w_i) samples")
+def _refuse_stream_weights(x: Any, weights: Any) -> None:
+    """Sample weights given beside a dataset or an iterable of batches: refused (they give
+    their own)."""
+    if weights is not None and is_stream(x):
+        raise InputError("sample_weight= needs arrays x and y; a dataset or an iterable of "
+                         "batches gives its sample weights itself, as (x, y, sample_weight) "
+                         "batches or (x_i, y_i, w_i) samples")
 
 
 def _weights_name(what: str) -> str:
     """How the sample weights of the data called ``what`` are named in errors."""
     return "sample_weight" if what == "x" else f"the sample weights of {what}"
-
-
-def _check_class_weight_type(class_weight: Any) -> None:
-    """``class_weight`` None or a dict (its keys and values are checked against the model
-    once it is built, :func:`xpcnn.checks.as_class_weights`)."""
-    if class_weight is not None and not isinstance(class_weight, Mapping):
-        raise InputError("class_weight must be a dict mapping class indices to weights, e.g. "
-                         f"{{0: 1.0, 1: 5.0}}, got {type(class_weight).__name__}")
 
 
 def _check_takes_sample_weight(train_step: Callable[..., Any]) -> None:
@@ -1036,4 +1053,4 @@ def _check_takes_sample_weight(train_step: Callable[..., Any]) -> None:
     if not any(p.name == "sample_weight" or p.kind is p.VAR_KEYWORD for p in params):
         raise InputError("this model's train_step(xb, yb) takes no sample_weight: give it a "
                          "sample_weight=None parameter (and pass it on to "
-                         "super().train_step) to train with sample_weight")
+                         "super().train_step) to train with sample weights")
