@@ -906,6 +906,29 @@ def test_initial_epoch_continues_a_run_as_if_it_never_stopped(data):
         split.fit(x, y, epochs=3, initial_epoch=-1, verbose=0)
 
 
+def test_a_resumed_checkpoint_starts_where_it_stopped_whatever_initial_epoch_says(data,
+                                                                                   tmp_path):
+    x, y = data
+
+    def make():
+        model = xpcnn.Sequential(gap_net(), seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+        return model
+
+    path = tmp_path / "run.npz"
+    straight, resumed = make(), make()
+    straight.fit(x, y, epochs=3, batch_size=16, verbose=0)
+    make().fit(x, y, epochs=2, batch_size=16, verbose=0, checkpoint=path)
+    history = resumed.fit(x, y, epochs=3, batch_size=16, verbose=0, checkpoint=path,
+                          resume=True, initial_epoch=0)
+    assert history.epoch == [0, 1, 2] and resumed.optimizer.iterations == 9
+    for a, b in zip(straight.get_weights(), resumed.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+    fresh = make()  # (no file yet: initial_epoch counts)
+    assert fresh.fit(x, y, epochs=3, batch_size=16, verbose=0, checkpoint=tmp_path / "new.npz",
+                     resume=True, initial_epoch=2).epoch == [2]
+
+
 def test_validation_batch_size_sets_the_validation_batches(data):
     x, y = data
     model = xpcnn.Sequential(gap_net(), seed=0)
