@@ -75,15 +75,24 @@ class FakeCapture:
 def _cublas_refused():
     """The namespace's matrix products raise, as CuPy 14 refuses cuBLAS calls during a stream
     capture ("calling cuBLAS API during stream capture is currently unsupported"): a captured
-    step's products must go through the kernels (cuDNN graphs on CuPy, ``capturable``)."""
+    step's products must go through the kernels (cuDNN graphs on CuPy, ``capturable``). So do
+    the functions whose array_api_compat spelling on CuPy reads the host (boolean-mask
+    indexing: ``clip``; an output sized by the data: ``nonzero``, ``unique_*``), which a
+    capture refuses too ("operation not permitted when stream is capturing")."""
 
     def refused(*args, **kwargs):
         raise RuntimeError("calling cuBLAS API during stream capture is currently unsupported")
+
+    def reads_the_host(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
 
     with pytest.MonkeyPatch.context() as mp:
         for module in (xpn, xpn.linalg):
             for name in ("matmul", "tensordot", "vecdot"):
                 mp.setattr(module, name, refused)
+        for name in ("clip", "nonzero", "unique_all", "unique_counts", "unique_inverse",
+                     "unique_values"):
+            mp.setattr(xpn, name, reads_the_host)
         yield
 
 

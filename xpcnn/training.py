@@ -436,17 +436,19 @@ class Trainer:
 
     def _weights(self, yb: Any, weights: Any) -> Any:
         """Each sample's weight in the loss: ``weights`` (N,) times its class's weight in
-        fit's ``class_weight`` (looked up on the device); None where neither is given."""
+        fit's ``class_weight``; None where neither is given."""
         table = self._class_weights
         if table is None:
             return weights
         xp = self.backend.xp
         labels = yb if yb.ndim == 1 else xp.argmax(yb, axis=1)
-        # (a label that is no class reads some class's weight: the loss makes that step NaN;
-        # a bound beyond the labels' dtype is not clipped to, the dtype cannot reach it)
-        last = table.shape[0] - 1
-        labels = xp.clip(labels, 0, last if xp.iinfo(labels.dtype).max > last else None)
-        per_class = xp.take(table, labels, axis=0)
+        # the class's weight as the sum of its one-hot row times the table: elementwise
+        # kernels and a sum, which a CUDA graph captures (array_api_compat's clip, which a
+        # lookup with take would need to stay in the table, makes boolean-mask copies: a host
+        # read each step on CuPy); a label that is no class weighs 0, and the loss makes that
+        # step NaN (its error names the labels)
+        rows = xp.reshape(labels, (-1, 1)) == xp.arange(table.shape[0], device=labels.device)
+        per_class = xp.sum(xp.astype(rows, table.dtype) * table, axis=1)
         return per_class if weights is None else \
             per_class * xp.astype(weights, table.dtype, copy=False)
 
