@@ -248,13 +248,15 @@ class ArrayBatches(ShardedBatches):
         xp = self.backend.xp
         dev_order = None if order is None else (order if self.backend.name == "numpy" else
                                                 self.backend.asarray(order))
-        arrays = [self.x, self.targets] + ([] if self.weights is None else [self.weights])
+        x, t, w = self.x, self.targets, self.weights
         for lo, hi in bounds:  # (hi <= samples: slices past the end are not standard)
             if dev_order is None:
-                yield tuple(None if a is None else a[lo:hi, ...] for a in arrays)
+                batch = x[lo:hi, ...], None if t is None else t[lo:hi, ...]
+                yield batch if w is None else (*batch, w[lo:hi])
                 continue
             idx = dev_order[lo:hi]
-            yield tuple(None if a is None else xp.take(a, idx, axis=0) for a in arrays)
+            batch = xp.take(x, idx, axis=0), None if t is None else xp.take(t, idx, axis=0)
+            yield batch if w is None else (*batch, xp.take(w, idx, axis=0))
 
     def _host_batch(self, order: np.ndarray | None, lo: int, hi: int) -> tuple[Any, ...]:
         idx = slice(lo, hi) if order is None else order[lo:hi]
