@@ -163,22 +163,28 @@ def test_batchnorm_first_in_a_model_computes_only_its_parameter_gradients(rng, m
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("one_hot", [False, True])
-def test_softmax_cross_entropy(smoothing, one_hot, rng):
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "sample-weights"])
+def test_softmax_cross_entropy(smoothing, one_hot, weighted, rng):
+    """The mean cross-entropy, or with sample weights sum(w_i * l_i) / N (Keras' sum over
+    batch size), and its gradient against finite differences, in float64."""
     loss = SoftmaxCrossEntropy(label_smoothing=smoothing)
-    z = rng.standard_normal((5, 4)) * 3
-    labels = rng.integers(0, 4, 5)
+    n = 6 if weighted else 5
+    z = rng.standard_normal((n, 4)) * 3
+    labels = rng.integers(0, 4, n)
     y = np.eye(4)[labels] if one_hot else labels
-    value, grad = loss.forward(xpn, z, y, np.float64)
+    w = rng.uniform(0.0, 2.0, n) if weighted else None
+    value, grad = loss.forward(xpn, z, y, np.float64, w)
 
     t = np.eye(4)[labels] * (1 - smoothing) + smoothing / 4
     logp = z - z.max(1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
-    assert float(value) == pytest.approx(-(t * logp).sum() / 5, rel=1e-12)
+    rows = 1.0 if w is None else w[:, None]
+    assert float(value) == pytest.approx(-(rows * t * logp).sum() / n, rel=1e-12)
 
     def f():
-        return float(loss.forward(xpn, z, y, np.float64)[0])
+        return float(loss.forward(xpn, z, y, np.float64, w)[0])
 
-    for idx in sample_indices(z.shape, 20, rng):
+    for idx in sample_indices(z.shape, 24 if weighted else 20, rng):
         assert_close(grad[idx], numeric_grad(f, z, idx), f"dloss/dz{idx}")
 
 

@@ -1,21 +1,19 @@
 """Keras' ``sample_weight`` and ``class_weight``: each sample's term of the loss weighted, the sum
-still divided by the batch's size; accuracy unweighted. Checked against finite differences,
-PyTorch, and what weights mean (a weight of 0 drops a sample, a class's weight is the weight
-of each of its samples), through fit, evaluate, train_on_batch and train_step, on NumPy's fast
-path, under array_api_strict and through captured steps."""
+still divided by the batch's size; accuracy unweighted. Checked against PyTorch (the weighted
+loss's gradient against finite differences: tests/test_gradients.py) and against what weights
+mean (a weight of 0 drops a sample, a class's weight is the weight of each of its samples),
+through fit, evaluate, train_on_batch and train_step, on NumPy's fast path, under
+array_api_strict and through captured steps."""
 
-import array_api_compat.numpy as xpn
 import array_api_strict as xs
 import numpy as np
 import pytest
-from gradcheck import assert_close, numeric_grad, sample_indices
 from nets import gap_net
 
 import xpcnn
 from xpcnn import optim
 from xpcnn.errors import InputError
 from xpcnn.layers import Conv2D, Dense, Flatten, GlobalAvgPool2D, ReLU, Rescaling, Softmax
-from xpcnn.losses import SoftmaxCrossEntropy
 from xpcnn.models import build_layers
 
 
@@ -42,28 +40,6 @@ def _model(device="cpu", dtype="float64", net=_net, lr=0.1):
 def _same(a, b, rtol=1e-12, atol=1e-14):
     for i, (u, v) in enumerate(zip(a.get_weights(), b.get_weights(), strict=True)):
         np.testing.assert_allclose(u, v, rtol=rtol, atol=atol, err_msg=f"weight array {i}")
-
-
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("one_hot", [False, True])
-def test_the_weighted_loss_and_its_gradient(smoothing, one_hot, rng):
-    """sum(w_i * l_i) / N, and its gradient against finite differences, in float64."""
-    loss = SoftmaxCrossEntropy(label_smoothing=smoothing)
-    z = rng.standard_normal((6, 4)) * 3
-    labels = rng.integers(0, 4, 6)
-    y = np.eye(4)[labels] if one_hot else labels
-    w = rng.uniform(0.0, 2.0, 6)
-    value, grad = loss.forward(xpn, z, y, np.float64, w)
-    t = np.eye(4)[labels] * (1 - smoothing) + smoothing / 4
-    logp = z - z.max(1, keepdims=True)
-    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
-    assert float(value) == pytest.approx(-(w[:, None] * t * logp).sum() / 6, rel=1e-12)
-
-    def f():
-        return float(loss.forward(xpn, z, y, np.float64, w)[0])
-
-    for idx in sample_indices(z.shape, 24, rng):
-        assert_close(grad[idx], numeric_grad(f, z, idx), f"dloss/dz{idx}")
 
 
 def test_weighted_steps_match_pytorch_in_float64():

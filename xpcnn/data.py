@@ -532,11 +532,8 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
     if y is None:
         return x, y
     y_what = "y" if what == "x" else what.replace("x", "y")
-    if is_device_array(y):
-        if not of_library(y, model.backend):  # (one unread by adopt_foreign)
-            check_on_device(y, model.backend, y_what)  # refused, naming its library
-        y = model.backend.to_numpy(y)
-    targets, _ = checks.as_labels(y, int(x.shape[0]), model.num_classes, y_what)
+    targets, _ = checks.as_labels(_on_host(y, model.backend, y_what), int(x.shape[0]),
+                                  model.num_classes, y_what)
     return x, targets
 
 
@@ -545,12 +542,18 @@ def check_sample_weights(model: Any, w: Any, n: int, what: str = "sample_weight"
     """Sample weights for ``n`` samples (host or device arrays, as targets are; read to the
     host to be checked), returned on the host in the model's parameter dtype; ``index``: the
     dataset samples they weigh, which errors name."""
-    w = adopt_foreign(w, model.backend)
-    if is_device_array(w):
-        if not of_library(w, model.backend):
-            check_on_device(w, model.backend, what)  # refused, naming its library
-        w = model.backend.to_numpy(w)
-    return checks.as_sample_weights(w, n, what, model.dtype_name, index)
+    return checks.as_sample_weights(_on_host(adopt_foreign(w, model.backend), model.backend,
+                                             what), n, what, model.dtype_name, index)
+
+
+def _on_host(a: Any, backend: Any, what: str) -> Any:
+    """Targets or weights read to the host to be checked (a device array of the model's
+    library; one of another, which ``adopt_foreign`` could not read, refused by name)."""
+    if not is_device_array(a):
+        return a
+    if not of_library(a, backend):
+        check_on_device(a, backend, what)  # refused, naming its library
+    return backend.to_numpy(a)
 
 
 def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None, copy: bool = False

@@ -16,6 +16,7 @@ stable softmax cross-entropy; ``predict`` still returns probabilities.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import os
@@ -1048,11 +1049,19 @@ def _check_takes_sample_weight(train_step: Callable[..., Any]) -> None:
     """A ``train_step`` that a subclass overrides gets fit's sample weights as
     ``sample_weight=``: refused before training where it cannot take them (they would be
     lost)."""
-    try:
-        params = inspect.signature(train_step).parameters.values()
-    except (TypeError, ValueError):  # (no signature to read: it is called and may fail)
-        return
-    if not any(p.name == "sample_weight" or p.kind is p.VAR_KEYWORD for p in params):
+    # (a method's function, whose signature is read once, not at every weighted step)
+    if not _takes_sample_weight(getattr(train_step, "__func__", train_step)):
         raise InputError("this model's train_step(xb, yb) takes no sample_weight: give it a "
                          "sample_weight=None parameter (and pass it on to "
                          "super().train_step) to train with sample weights")
+
+
+@functools.lru_cache(maxsize=16)
+def _takes_sample_weight(train_step: Callable[..., Any]) -> bool:
+    """Whether ``train_step`` has a ``sample_weight`` parameter (or takes any keyword); True
+    where no signature can be read (it is called, and may fail)."""
+    try:
+        params = inspect.signature(train_step).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "sample_weight" or p.kind is p.VAR_KEYWORD for p in params)
