@@ -1,5 +1,7 @@
 """One code path on every Array API backend: strict, PyTorch CPU, CuPy (where a GPU exists)."""
 
+import types
+
 import array_api_strict as xs
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from nets import add_relu_net, bn_relu_net, every_layer_net, fused_relu_net, gap
 import xpcnn
 from xpcnn.backend import get_backend
 from xpcnn.errors import DeviceError
+from xpcnn.ops.kernels import StandardKernels
 
 
 @pytest.fixture
@@ -38,8 +41,12 @@ def assert_same_weights(a, b, rtol=1e-4, atol=1e-5):
 @pytest.mark.parametrize("device", [xs, (xs, xs.Device("device1"))],
                          ids=["strict-default-device", "strict-device1"])
 def test_training_runs_standard_only_under_array_api_strict(device, data):
-    """array_api_strict rejects anything outside the standard and any mixing of devices."""
-    model, history = _train(device, data, _sgd())
+    """array_api_strict rejects anything outside the standard and any mixing of devices; with
+    its flags off, also boolean indexing and every function whose output's shape depends on
+    the data (nonzero, unique_*): on a GPU each of those reads the host, and a CUDA graph's
+    capture refuses them."""
+    with xs.ArrayAPIStrictFlags(boolean_indexing=False, data_dependent_shapes=False):
+        model, history = _train(device, data, _sgd())
     ref, ref_history = _train("cpu", data, _sgd())
     assert history.history["loss"] == pytest.approx(ref_history.history["loss"], rel=1e-5)
     assert_same_weights(model.get_weights(), ref.get_weights())
@@ -53,6 +60,42 @@ def test_training_runs_standard_only_under_array_api_strict(device, data):
             assert a.device == dev
     for slot in model.optimizer.slots.values():
         assert all(a.device == dev for a in slot)
+
+
+# array_api_compat's aliases (1.16) that assign through boolean masks where the library is
+# CuPy, reading the host: ``clip``, and ``sign`` (which sets NaN's sign by mask there). The
+# standard spells them otherwise (``where``); array_api_strict's own are clean, so the test
+# below takes them away.
+HOST_READING_ALIASES = ("clip", "sign")
+
+
+def test_training_takes_none_of_compats_host_reading_aliases(data):
+    """A full training step in the standard spelling (every layer, weighted, Adam, with
+    validation) under array_api_strict without ``clip`` and ``sign``: it must not reach
+    them."""
+    without = types.ModuleType("array_api_strict_without_host_reads")
+    without.__dict__.update({k: v for k, v in vars(xs).items()
+                             if k not in HOST_READING_ALIASES and not k.startswith("__")})
+    model = xpcnn.Sequential(every_layer_net(), device=without, seed=0)
+    model.compile(optimizer="adam")
+    x, y = data
+    with xs.ArrayAPIStrictFlags(boolean_indexing=False, data_dependent_shapes=False):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, class_weight={1: 2.0},
+                  validation_data=(x[:8], y[:8]))
+        model.predict(x[:4])
+    assert model.backend.xp is without and not hasattr(without, "clip")
+
+
+def test_standard_relu_against_numpy():
+    """The standard ReLU (``where``, not ``clip``): NaN, infinities, zeros and the ceiling as
+    NumPy's clip has them (a zero's sign aside: -0.0 stays -0.0, as in the CUDA kernel)."""
+    x = np.array([np.nan, -np.inf, -2.5, -0.0, 0.0, 0.5, 2.0, 3.0, np.inf], np.float32)
+    std = StandardKernels(xs)
+    for cap in (None, 2.0):
+        got = np.asarray(std.relu(xs.asarray(x), cap))
+        want = np.clip(x, 0.0, cap)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
 
 
 def test_strict_adam_and_float64(data):

@@ -222,8 +222,11 @@ class StandardKernels:
         return self.mask_multiply(x, keep, 1.0 / (1.0 - rate)), keep
 
     def relu(self, x: Any, max_value: float | None) -> Any:
-        """``min(max(x, 0), max_value)``."""
-        return self.xp.clip(x, min=0.0, max=max_value)
+        """``min(max(x, 0), max_value)``; NaN stays NaN. Spelled with ``where``, not
+        ``xp.clip``: array_api_compat's clip for CuPy (and PyTorch) assigns through boolean
+        masks, which read the host (and which a CUDA graph's capture refuses)."""
+        y = self.xp.where(x < 0, 0.0, x)
+        return y if max_value is None else self.xp.where(y > max_value, max_value, y)
 
     def relu_backward(self, dy: Any, y: Any) -> Any:
         """Gradient through a ReLU (no ceiling) whose output was ``y``: ``dy`` where y > 0."""
