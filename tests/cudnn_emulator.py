@@ -463,6 +463,7 @@ def get_elapsed_time(start: Event, end: Event) -> float:
 
 
 CURRENT_STREAM = FakeStream(0x5EED)  # every thread's, but one inside ``with stream:``
+LEGACY_STREAM, PER_THREAD_STREAM = FakeStream(0), FakeStream(2)
 _THREAD = threading.local()
 
 
@@ -485,6 +486,9 @@ def add_cupy_calls(m: types.ModuleType) -> types.ModuleType:
     cuda = getattr(m, "cuda", None) or types.SimpleNamespace()
     cuda.Device = Device
     cuda.get_current_stream = current_stream
+    # CuPy's class attributes: the legacy default stream (handle 0) and the per-thread default
+    # stream (cudaStreamPerThread, handle 2)
+    cuda.Stream = types.SimpleNamespace(null=LEGACY_STREAM, ptds=PER_THREAD_STREAM)
     cuda.Event, cuda.get_elapsed_time = Event, get_elapsed_time
     cuda.memory = types.SimpleNamespace(
         OutOfMemoryError=type("OutOfMemoryError", (MemoryError,), {}))

@@ -14,6 +14,7 @@ expected failures (a case that passes there fails the run: its entry should go).
 import contextlib
 import os
 import sys
+import threading
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -1556,17 +1557,23 @@ def test_arrays_on_another_library_on_the_gpu(cp, monkeypatch):
             models[0].fit(torch.from_numpy(x).to("cuda:1"), y, verbose=0)
 
 
-def test_a_datasets_samples_are_read_on_the_callers_stream(cp):
+@pytest.mark.parametrize("callers", ["non-blocking", "per-thread-default"])
+def test_a_datasets_samples_are_read_on_the_callers_stream(cp, callers):
     """The prefetch thread reads and stacks a dataset's device samples with the caller's
     current stream current there (``Backend.current_stream_scope``), here a non-blocking one,
     so that its work is queued where the loop reads the batches (the real scope: CuPy's stream,
-    or the emulator's stand-in of it)."""
-    if REAL_GPU:
-        stream = cp.cuda.Stream(non_blocking=True)
+    or the emulator's stand-in of it). Where the caller's is CuPy's per-thread default stream
+    (``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``), whose handle would name the prefetch
+    thread's own, it works on the legacy default stream, which is ordered against it."""
+    if callers == "per-thread-default":
+        stream, expected = cp.cuda.Stream.ptds, cp.cuda.Stream.null
+        assert (stream.ptr, expected.ptr) == (2, 0)  # (cudaStreamPerThread, the legacy one)
+    elif REAL_GPU:
+        stream = expected = cp.cuda.Stream(non_blocking=True)
     else:
         from cudnn_emulator import FakeStream
 
-        stream = FakeStream(0x57AE)
+        stream = expected = FakeStream(0x57AE)
     seen = []
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)
@@ -1576,14 +1583,17 @@ def test_a_datasets_samples_are_read_on_the_callers_stream(cp):
             return len(images)
 
         def __getitem__(self, i):
-            seen.append(cp.cuda.get_current_stream().ptr)
+            seen.append((threading.current_thread().name, cp.cuda.get_current_stream().ptr))
             return cp.asarray(images[i]), i % 3
 
     model = xpcnn.Sequential(gap_net(), device="cuda", seed=0)
     model.compile(optimizer="sgd")
     with stream:
         model.fit(Samples(), batch_size=4, verbose=0)
-    assert len(seen) >= len(images) and set(seen) == {stream.ptr}
+    prefetched = [ptr for thread, ptr in seen if thread == "xpcnn-prefetch"]
+    assert len(prefetched) >= len(images) - 4  # (the first batch: read here, to build the model)
+    assert set(prefetched) == {expected.ptr}
+    assert {ptr for thread, ptr in seen if thread != "xpcnn-prefetch"} == {stream.ptr}
 
 
 # (last: scripts/gpu_check.sh runs the captured cases in its first stage, after the

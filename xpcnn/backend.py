@@ -144,14 +144,22 @@ class Backend:
         GPU and is queued in order before this thread's reads of it, on whatever stream this
         thread uses (another thread's default stream does not precede a non-blocking one); and
         CuPy's pool, which keeps freed memory per stream, reuses a batch's memory only after
-        this stream's work on it. (Not so for CuPy's per-thread default stream,
-        ``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``: its handle names each thread's own.)"""
+        this stream's work on it.
+
+        Where this thread's stream is CuPy's per-thread default stream
+        (``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1``, or ``Stream.ptds`` entered), whose handle
+        names each thread's own, the other thread gets the legacy default stream instead: CUDA
+        orders that one against every blocking stream, per-thread ones included, both ways
+        (its work waits for theirs before it, theirs after it waits for it), so the batches
+        are made before this thread reads them and their memory is reused only after."""
         stream: Any = contextlib.nullcontext()
         if self.name == "cupy":
             import cupy
 
             with self.on_device():
                 stream = cupy.cuda.get_current_stream()
+            if stream.ptr == cupy.cuda.Stream.ptds.ptr:
+                stream = cupy.cuda.Stream.null
         return _on_stream(self.on_device(), stream)
 
     @property
