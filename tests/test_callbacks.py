@@ -240,17 +240,19 @@ class TokenModel:
         self.saved.append(self.epoch)
 
 
-def drive(callback, scores, monitor="score", model=None):
-    """Call ``callback`` as fit does over epochs whose logs hold ``monitor``: ``scores``.
-    Returns the model, the number of epochs run, the logs of each after the callback."""
+def drive(callback, scores, monitor="score", model=None, validation_freq=1):
+    """Call ``callback`` as fit does over epochs whose logs hold ``monitor``: ``scores`` (None:
+    an epoch whose logs lack it, one that ``validation_freq`` does not validate). Returns the
+    model, the number of epochs run, the logs of each after the callback."""
     model, seen = model or TokenModel(), []
     callback.set_model(model)
-    callback.set_params({"epochs": len(scores), "validation": True})
+    callback.set_params({"epochs": len(scores), "validation": True,
+                         "validation_freq": validation_freq})
     callback.on_train_begin({})
     for epoch, score in enumerate(scores):
         model.epoch = epoch
         callback.on_epoch_begin(epoch, {})
-        seen.append({monitor: score})
+        seen.append({} if score is None else {monitor: score})
         callback.on_epoch_end(epoch, seen[-1])
         if model.stop_training:
             break
@@ -309,6 +311,56 @@ def test_reduce_lr_on_plateau_lowers_the_rate_on_keras_epochs_and_logs_it(settin
     assert model.optimizer.lr == pytest.approx(rates[-1])
     logged = [logs["learning_rate"] for logs in seen]  # the epoch's rate, before a reduction
     assert logged == pytest.approx([0.1, *rates[:-1]])
+
+
+def _gapped(scores, gap=1):
+    """``scores`` as a fit with ``validation_freq=gap + 1`` logs them: ``gap`` epochs without
+    the validation metric before each one that has it."""
+    return [s for score in scores for s in [*[None] * gap, score]]
+
+
+def _epochs_in(gapped_epochs, gap=1):
+    """The epochs of the ungapped run that gapped run's epochs are (None: a gap)."""
+    return [None if (e + 1) % (gap + 1) else (e + 1) // (gap + 1) - 1 for e in gapped_epochs]
+
+
+@pytest.mark.parametrize("settings, scores, epochs_run, restored",
+                         [case for case in EARLY_STOPPING if not math.isnan(case[1][0])])
+def test_early_stopping_skips_epochs_without_validation(settings, scores, epochs_run, restored):
+    """fit(validation_freq=2): the monitoring callbacks skip the epochs whose logs have no
+    val_loss (as Keras does) and decide on the others as on a run that validates every
+    epoch. (Not a first value that is NaN: as in Keras, only epoch 0 never stops training,
+    and the first validated epoch is 1 here.)"""
+    settings = {k: 2 * v if k == "start_from_epoch" else v for k, v in settings.items()}
+    stop = EarlyStopping("val_loss", mode="min", restore_best_weights=True, **settings)
+    model, ran, _ = drive(stop, _gapped(scores), "val_loss", validation_freq=2)
+    assert (ran, _epochs_in([model.restored])[0]) == (2 * epochs_run, restored)
+
+
+@pytest.mark.parametrize("settings, scores, rates", REDUCE_LR)
+def test_reduce_lr_on_plateau_skips_epochs_without_validation(settings, scores, rates):
+    reduce = ReduceLROnPlateau("val_loss", mode="min", factor=0.5, **settings)
+    model, _, seen = drive(reduce, _gapped(scores, gap=2), "val_loss", validation_freq=3)
+    assert model.optimizer.lr == pytest.approx(rates[-1])
+    logged = [logs["learning_rate"] for logs in seen]  # logged every epoch, validated or not
+    assert logged[2::3] == pytest.approx([0.1, *rates[:-1]])
+    assert logged[::3] == logged[1::3] == logged[2::3]  # (changed only where validated)
+
+
+def test_model_checkpoint_best_only_skips_epochs_without_validation(tmp_path):
+    save = ModelCheckpoint(tmp_path / "m.npz", "val_loss", save_best_only=True,
+                           save_weights_only=True)
+    assert _epochs_in(drive(save, _gapped([inf, 1.0, 1.0, 0.5]), "val_loss",
+                            validation_freq=2)[0].saved) == [0, 1, 3]
+
+
+def test_only_validation_freq_excuses_a_missing_validation_metric():
+    """The epochs that validation_freq skips, and nothing else: a missing val_loss with
+    validation every epoch, or a missing other name, is still an error."""
+    for monitor, freq in (("val_loss", 1), ("score", 2), ("val_score", 2)):
+        stop = EarlyStopping(monitor, mode="min")
+        with pytest.raises(InputError, match=f"monitors '{monitor}', which the epoch logs"):
+            drive(stop, [None], monitor, validation_freq=freq)
 
 
 def test_reduce_lr_on_plateau_stops_at_min_lr_though_the_rate_reads_back_above_it(capsys):
@@ -516,6 +568,21 @@ def test_csv_logger_writes_a_row_per_epoch_and_appends(data, tmp_path):
     logger.on_epoch_end(1, {"loss": 0.5, "score": 3.0})
     logger.on_train_end()
     assert path.read_text().splitlines() == ["epoch,learning_rate,loss", "0,0.1,1.0", "1,NA,0.5"]
+
+
+def test_csv_logger_of_a_fit_validating_every_few_epochs(data, tmp_path):
+    """validation_freq=2: the val_* columns from the first row on (NA where an epoch was not
+    validated), the columns of a fit that validates every epoch."""
+    logs = {}
+    for freq in (1, 2):
+        model = small_model()
+        model.fit(*data, epochs=3, batch_size=BATCH, verbose=0, validation_data=data,
+                  validation_freq=freq, callbacks=[CSVLogger(tmp_path / f"{freq}.csv")])
+        with open(tmp_path / f"{freq}.csv", newline="") as f:
+            logs[freq] = list(csv.DictReader(f))
+    assert list(logs[2][0]) == list(logs[1][0])
+    assert [r["val_loss"] for r in logs[2]][::2] == ["NA", "NA"]
+    assert float(logs[2][1]["val_loss"]) == float(logs[1][1]["val_loss"])
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -942,6 +942,60 @@ def test_validation_batch_size_sets_the_validation_batches(data):
         model.fit(x, y, validation_data=(x, y), validation_batch_size=0, verbose=0)
 
 
+def test_validation_freq_validates_after_every_kth_epoch(data, tmp_path):
+    """fit(validation_freq=2) (Keras 3): validation after epochs 2 and 4 of 5 (counted from 1),
+    each the loss and accuracy that evaluate gives for that epoch's weights; training as with
+    validation every epoch, bit for bit; and a run resumed from its checkpoint has the same
+    history."""
+    x, y = data
+    xv, yv = x[:20], y[:20]
+
+    def run(freq, callbacks=(), **kwargs):
+        model = xpcnn.Sequential(gap_net(), seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+        seen = []
+        keep = xpcnn.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(
+            (sorted(k for k in logs if k.startswith("val_")), model.get_weights())))
+        history = model.fit(x, y, epochs=5, batch_size=16, verbose=0, validation_data=(xv, yv),
+                            validation_freq=freq, callbacks=[keep, *callbacks], **kwargs)
+        return model, history, seen
+
+    every, h_every, seen_every = run(1)
+    model, history, seen = run(2)
+    assert [keys for keys, _ in seen] == [[], ["val_accuracy", "val_loss"]] * 2 + [[]]
+    assert len(history.history["loss"]) == 5 and len(history.history["val_loss"]) == 2
+    probe = xpcnn.Sequential(gap_net(), seed=0)
+    probe.compile()
+    probe.build(x.shape[1:])
+    for i, epoch in enumerate((1, 3)):
+        probe.set_weights(seen[epoch][1])
+        loss, accuracy = probe.evaluate(xv, yv, verbose=0)
+        assert history.history["val_loss"][i] == pytest.approx(loss, rel=1e-6)
+        assert history.history["val_accuracy"][i] == pytest.approx(accuracy)
+        assert history.history["val_loss"][i] == h_every.history["val_loss"][epoch]
+    for u, v in zip(model.get_weights(), every.get_weights(), strict=True):
+        np.testing.assert_array_equal(u, v)
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):  # stopped at the end of epoch 3, then resumed
+        run(2, checkpoint=path, callbacks=[xpcnn.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: epoch == 2 and _raise(KeyboardInterrupt))])
+    _, resumed, _ = run(2, checkpoint=path, resume=True)
+    del resumed.history["seconds"], history.history["seconds"]
+    assert resumed.history == history.history and resumed.epoch == history.epoch
+
+
+def _raise(error):
+    raise error
+
+
+@pytest.mark.parametrize("freq", [0, -1, True, 1.5, "2", [1, 2]])
+def test_validation_freq_is_checked(data, freq):
+    model = xpcnn.Sequential(gap_net(), seed=0)
+    model.compile()
+    with pytest.raises(InputError, match="validation_freq must be a positive integer"):
+        model.fit(*data, validation_data=data, validation_freq=freq, verbose=0)
+
+
 def test_fit_calls_a_train_step_that_a_subclass_or_the_model_overrides(data, monkeypatch):
     """As in Keras, fit runs each step through an overridden train_step (a subclass's, or one
     set on the model); its own step otherwise, without train_step's checks of each batch,

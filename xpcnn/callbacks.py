@@ -261,9 +261,11 @@ class _Monitor(Callback):
     is refused at once where the monitor decides something (``watched``: a ModelCheckpoint's
     only with ``save_best_only``), where Keras raises at the end of the first epoch; a monitor
     missing from the logs is an error (Keras warns and skips the epoch, so a typo silently
-    disables the callback); a NaN value never improves, not even as the first one (in Keras a
-    NaN first value becomes the best, which nothing can then beat: training stops after
-    ``patience`` epochs and restores the NaN epoch's weights).
+    disables the callback), but for a validation metric in an epoch that
+    ``fit(validation_freq=...)`` does not validate, which is skipped, as there; a NaN value
+    never improves, not even as the first one (in Keras a NaN first value becomes the best,
+    which nothing can then beat: training stops after ``patience`` epochs and restores the
+    NaN epoch's weights).
     """
 
     def __init__(self, monitor: str, mode: str, min_delta: float = 0.0,
@@ -280,12 +282,18 @@ class _Monitor(Callback):
         self.monitor, self.mode = monitor, mode
         self.min_delta = abs(checks.number(min_delta, f"{type(self).__name__} min_delta"))
 
-    def current(self, logs: Mapping[str, float] | None) -> float:
-        if not logs or self.monitor not in logs:
-            raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, which the epoch "
-                             f"logs lack (they have {sorted(logs or {})}); pass "
-                             "validation_data for 'val_*' metrics")
-        return float(logs[self.monitor])
+    def current(self, logs: Mapping[str, float] | None) -> float | None:
+        """The monitored value of an epoch's logs; None for a validation metric in an epoch
+        that ``fit(validation_freq=...)`` does not validate (the epoch is then skipped, as in
+        Keras); any other missing name is an error."""
+        if logs and self.monitor in logs:
+            return float(logs[self.monitor])
+        if self.monitor in VALIDATION_LOGS and self.params.get("validation") and \
+                self.params.get("validation_freq", 1) > 1:
+            return None
+        raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, which the epoch "
+                         f"logs lack (they have {sorted(logs or {})}); pass "
+                         "validation_data for 'val_*' metrics")
 
     def check_monitor(self) -> None:
         """Refuse fit's own metrics that its logs will lack now, not at the end of the first
@@ -351,7 +359,7 @@ class EarlyStopping(_Monitor):
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         value = self.current(logs)
-        if epoch < self.start_from_epoch:
+        if value is None or epoch < self.start_from_epoch:
             return
         if self.restore_best_weights and self.best_weights is None:  # (until one is better)
             self.best_weights, self.best_epoch = self.model.get_weights(), epoch
@@ -473,7 +481,7 @@ class ModelCheckpoint(_Monitor):
         """Save after ``batch`` (0-based) of ``epoch``, or at its end (None)."""
         if self.save_best_only:
             value = self.current(logs)
-            if not self.improves(value, self.best):
+            if value is None or not self.improves(value, self.best):
                 return
             self.best = value
         fields = {**logs, "epoch": epoch + 1, **({} if batch is None else {"batch": batch + 1})}
@@ -583,6 +591,8 @@ class ReduceLROnPlateau(_Monitor):
         value = self.current(logs)
         optimizer = self.model.optimizer
         _log(logs, "learning_rate", optimizer.lr)  # (the epoch's rate, as Keras logs it)
+        if value is None:  # (an epoch without validation: nothing counts, as in Keras)
+            return
         if self.cooling:
             self.cooling -= 1
             self.wait = 0
@@ -642,9 +652,10 @@ class CSVLogger(Callback):
     """One CSV row per epoch: ``epoch`` (0-based) and every log, to ``filename``
     (``append=True`` continues an existing file). The columns are the first epoch's logs, sorted;
     a log missing in a later epoch is written ``NA``, as in Keras. Unlike Keras, ``append=True``
-    keeps the existing file's columns (Keras writes the new run's columns under the old header),
-    and no ``val_*`` columns are added for a fit without validation data (Keras adds one, all
-    ``NA``, per log, for fits that validate only every few epochs, which ``fit`` does not do)."""
+    keeps the existing file's columns (Keras writes the new run's columns under the old header).
+    A fit that validates every few epochs (``validation_freq``) gets its ``val_*`` columns from
+    the first epoch on, ``NA`` where an epoch was not validated, as in Keras; one without
+    validation data gets none (Keras adds a ``val_`` column, all ``NA``, for every log)."""
 
     def __init__(self, filename: str | os.PathLike[str], separator: str = ",",
                  append: bool = False) -> None:
@@ -688,11 +699,17 @@ class CSVLogger(Callback):
             return
         logs = dict(logs or {})
         if self.keys is None:
-            self.keys = sorted(logs)
+            self.keys = sorted({*logs, *self._validation_columns()})
             csv.writer(self.file, delimiter=self.separator).writerow(["epoch", *self.keys])
         row = [epoch] + [logs.get(k, "NA") for k in self.keys]
         csv.writer(self.file, delimiter=self.separator).writerow(row)
         self.file.flush()
+
+    def _validation_columns(self) -> list[str]:
+        """The ``val_*`` logs of a fit that validates, whether or not its first epoch did."""
+        if not self.params.get("validation"):
+            return []
+        return [f"val_{name}" for name in self.model.metrics_names]
 
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
         if self.file is not None:

@@ -681,7 +681,7 @@ class Trainer:
             checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int | str = "epoch",
             resume: bool = False, class_weight: Mapping[int, float] | None = None,
             sample_weight: Any = None, initial_epoch: int = 0,
-            validation_batch_size: int | None = None) -> History:
+            validation_batch_size: int | None = None, validation_freq: int = 1) -> History:
         """Train for ``epochs`` passes over the data; returns the :class:`History`.
 
         ``x`` is images (N, H, W, C) (uint8 or float; NumPy, a memory map, or arrays of the
@@ -701,6 +701,9 @@ class Trainer:
         a run from 0 (a checkpoint resumed by ``resume=True`` starts where it stopped
         instead). ``validation_batch_size``: the validation data's batch size (default: the
         larger of ``batch_size`` and 256; inference needs no small batches).
+        ``validation_freq=k`` (as in Keras 3): validate only after every k-th epoch (epochs k,
+        2k, ... counted from 1); the other epochs' logs have no ``val_*`` metrics, and callbacks
+        that monitor one skip those epochs.
 
         Launched on several processes (``mpiexec -n N``, :mod:`xpcnn.distributed`), each step
         takes a global batch of ``N * batch_size`` samples, the very batch one process would take
@@ -722,6 +725,11 @@ class Trainer:
         batch_size = checks.positive_int(batch_size, "batch_size")
         validation_batch_size = max(batch_size, 256) if validation_batch_size is None else \
             checks.positive_int(validation_batch_size, "validation_batch_size")
+        if isinstance(validation_freq, list | tuple | set | range):
+            raise InputError(f"validation_freq must be a positive integer k (validate after "
+                             f"every k-th epoch, as in Keras 3), got {validation_freq!r}: a "
+                             "collection of epochs was Keras 2's form")
+        validation_freq = checks.positive_int(validation_freq, "validation_freq")
         seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
         shuffle = checks.flag(shuffle, "shuffle")
         verbose = checks.verbosity(verbose)
@@ -758,6 +766,7 @@ class Trainer:
             cbs = CallbackList(callbacks, self, {"epochs": epochs, "steps": data.steps,
                                                  "verbose": verbose, "data": data,
                                                  "validation": validation is not None,
+                                                 "validation_freq": validation_freq,
                                                  "class_weight": class_weights})
             self.stop_training, self._resume_at = False, None
             self._parallel = distributed.data_parallel(self)
@@ -778,7 +787,7 @@ class Trainer:
                                            start.epoch == epoch else None)
                     if self._parallel is not None:
                         self._parallel.average_state()
-                    if validation is not None:
+                    if validation is not None and (epoch + 1) % validation_freq == 0:
                         val = self._evaluate(validation, cbs, self.loss, epoch=epoch)
                         logs.update({f"val_{name}": value for name, value in val.items()})
                     logs["seconds"] = time.perf_counter() - self._epoch_t0

@@ -345,7 +345,8 @@ def _history(h: Any, path: str) -> History:
     ok = (isinstance(h, dict) and isinstance(h.get("epoch"), list)
           and isinstance(h.get("history"), dict)
           and all(type(e) is int for e in h["epoch"])
-          and all(isinstance(k, str) and isinstance(v, list) and len(v) == len(h["epoch"])
+          # (a log may be missing from some epochs: val_* under validation_freq, a callback's)
+          and all(isinstance(k, str) and isinstance(v, list) and len(v) <= len(h["epoch"])
                   and all(isinstance(f, int | float) and not isinstance(f, bool) for f in v)
                   for k, v in h["history"].items()))
     if not ok:
