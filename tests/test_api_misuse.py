@@ -256,8 +256,8 @@ ARGUMENTS = {
     "an unbuilt layer's forward": (lambda m: Conv2D(3).forward(X.astype(np.float32)),
                                    r"layer 'conv2d' \(Conv2D\) must be built before it runs"),
     "verbose a word": (lambda m: m.fit(X, Y, verbose="quiet"),
-                       r"verbose must be 0 \(silent\), 1 \(a progress bar\), 2 or 'auto', got "
-                       "'quiet'"),
+                       r"verbose must be 0 \(silent\), 1 \(a progress bar\), 2 \(a line an "
+                       r"epoch\) or 'auto', got 'quiet'"),
     "evaluate verbose 3": (lambda m: m.evaluate(X, Y, verbose=3), "verbose must be 0"),
     "predict verbose True": (lambda m: m.predict(X, verbose=True), "got True"),
     "verbose an array": (lambda m: m.predict(X, verbose=np.array([0, 1])),

@@ -173,7 +173,7 @@ def test_the_progress_bar_of_a_model_without_metrics_shows_the_loss_alone(data, 
     real = xpcnn.callbacks.tqdm
     monkeypatch.setattr(xpcnn.callbacks, "tqdm", lambda *a, **k: real(*a, **k, disable=False))
     # (every batch's running logs shown, not one each refresh=0.5 seconds)
-    monkeypatch.setattr(xpcnn.callbacks.ProgbarLogger.__init__, "__defaults__", (0.0,))
+    monkeypatch.setattr(xpcnn.callbacks.ProgbarLogger.__init__, "__defaults__", (0.0, 1))
     model = small_model()
     model.compile(optimizer=xpcnn.optim.SGD(0.1), metrics=[])
     seen = []
@@ -182,6 +182,40 @@ def test_the_progress_bar_of_a_model_without_metrics_shows_the_loss_alone(data, 
     err = capsys.readouterr().err
     assert "4/4" in err and "acc" not in err
     assert all(f"loss={loss:.4f}" in err for loss in seen)
+
+
+def test_verbose_2_prints_a_line_an_epoch_as_keras_3_does(data, monkeypatch, capsys):
+    """fit(verbose=2): ``Epoch k/N``, then ``steps/steps - Ns - Nms/step - name: value ...``
+    with the epoch's logs; evaluate and predict one such line each; no progress bar."""
+    import xpcnn.callbacks
+
+    real = xpcnn.callbacks.tqdm  # (a bar, were one made, would show: TQDM_DISABLE=1 here)
+    monkeypatch.setattr(xpcnn.callbacks, "tqdm", lambda *a, **k: real(*a, **k, disable=False))
+    model = small_model()
+    history = model.fit(*data, epochs=2, batch_size=BATCH, verbose=2, validation_data=data)
+    loss, accuracy = model.evaluate(*data, verbose=2)
+    model.predict(data[0], batch_size=BATCH, verbose=2)
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert err == "" and len(lines) == 6
+    h = history.history
+    for epoch in range(2):
+        assert lines[2 * epoch] == f"Epoch {epoch + 1}/2"
+        steps, seconds, pace, *values = lines[2 * epoch + 1].split(" - ")
+        assert (steps, seconds[-1], pace[-6:]) == ("4/4", "s", "s/step")
+        assert values == [f"{k}: {h[k][epoch]:.4f}" for k in
+                          ("loss", "accuracy", "val_loss", "val_accuracy")]
+    assert lines[4].startswith("1/1 - ") and lines[4].endswith(
+        f" - loss: {loss:.4f} - accuracy: {accuracy:.4f}")
+    assert lines[5].startswith("4/4 - ") and lines[5].endswith("s/step")
+
+
+def test_summary_line_formats_as_keras_3():
+    assert xpcnn.callbacks.summary_line(10, 25.0, {"loss": 0.5, "seconds": 25.0}) == \
+        "10/10 - 25s - 2s/step - loss: 0.5000"
+    assert xpcnn.callbacks.summary_line(1875, 5.4, {"loss": 0.0001}) == \
+        "1875/1875 - 5s - 3ms/step - loss: 1.0000e-04"
+    assert xpcnn.callbacks.summary_line(1000, 0.05) == "1000/1000 - 0s - 50us/step"
 
 
 # -- EarlyStopping ---------------------------------------------------------------------------------

@@ -208,23 +208,45 @@ class History(Callback, history.History):
         self.append(epoch, dict(logs or {}))
 
 
-class ProgbarLogger(Callback):
-    """A tqdm progress bar per epoch. The running loss and accuracy shown are read from the
-    device at most every ``refresh`` seconds (each read waits for the device)."""
+def summary_line(steps: int, seconds: float, logs: Mapping[str, float] | None = None) -> str:
+    """Keras 3's line for a pass at ``verbose=2``: ``"1875/1875 - 5s - 3ms/step - loss: 0.2784
+    - accuracy: 0.9191"`` (a value under 1e-3 in exponent form, as there)."""
+    per_step = seconds / max(steps, 1)
+    pace = (f"{per_step:.0f}s" if per_step >= 1 else f"{per_step * 1e3:.0f}ms"
+            if per_step >= 1e-3 else f"{per_step * 1e6:.0f}us")
+    values = "".join(f" - {k}: {v:.4f}" if abs(v) > 1e-3 else f" - {k}: {v:.4e}"
+                     for k, v in (logs or {}).items() if k != "seconds")
+    return f"{steps}/{steps} - {seconds:.0f}s - {pace}/step{values}"
 
-    def __init__(self, refresh: float = 0.5) -> None:
+
+class ProgbarLogger(Callback):
+    """``verbose=1``: a tqdm progress bar per epoch; the running loss and accuracy shown are
+    read from the device at most every ``refresh`` seconds (each read waits for the device).
+    ``verbose=2`` (for log files, as in Keras 3): ``Epoch k/N`` as an epoch begins (where there
+    are several) and :func:`summary_line` as it ends, nothing in between."""
+
+    def __init__(self, refresh: float = 0.5, verbose: int = 1) -> None:
         super().__init__()
-        self.refresh = refresh
+        self.refresh, self.verbose = refresh, verbose
         self.bar: Any = None
         self.last = 0.0
+        self.steps = 0
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         steps, start = self.params.get("steps"), self.model._position[1]  # (resumed inside)
+        self.steps = start
+        if self.verbose == 2:
+            if self.params["epochs"] > 1:
+                _say(f"Epoch {epoch + 1}/{self.params['epochs']}")
+            return
         self.bar = tqdm(total=steps, initial=start, desc=f"Epoch {epoch + 1}/"
                         f"{self.params['epochs']}", unit="batch", leave=True, dynamic_ncols=True)
         self.last = time.monotonic()
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
+        self.steps += 1
+        if self.bar is None:
+            return
         self.bar.update(1)
         now = time.monotonic()
         if logs is not None and now - self.last >= self.refresh:
@@ -232,7 +254,11 @@ class ProgbarLogger(Callback):
             self.bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        self.bar.set_postfix({k: f"{v:.4f}" for k, v in (logs or {}).items() if k != "seconds"})
+        logs = logs or {}
+        if self.bar is None:
+            _say(summary_line(self.steps, logs.get("seconds", 0.0), logs))
+            return
+        self.bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "seconds"})
         self.bar.close()
 
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:

@@ -192,13 +192,13 @@ def flag(value: Any, what: str) -> bool:
 
 
 def verbosity(value: Any) -> int:
-    """Keras' ``verbose``: 0 (silent), 1 (a progress bar), 2 (a progress bar too: Keras prints
-    a line an epoch instead) or "auto" (1)."""
+    """Keras' ``verbose``: 0 (silent), 1 (a progress bar), 2 (a line an epoch, or one after
+    evaluate or predict, for log files) or "auto" (1)."""
     if isinstance(value, str) and value == "auto":
         return 1
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value not in (0, 1, 2):
-        raise InputError(f"verbose must be 0 (silent), 1 (a progress bar), 2 or 'auto', got "
-                         f"{value!r}")
+        raise InputError(f"verbose must be 0 (silent), 1 (a progress bar), 2 (a line an epoch) "
+                         f"or 'auto', got {value!r}")
     return int(value)
 
 

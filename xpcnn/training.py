@@ -39,6 +39,7 @@ from .callbacks import (
     LazyLogs,
     ProgbarLogger,
     callback_list,
+    summary_line,
 )
 from .cuda_graphs import StepGraphs
 from .cuda_graphs import blockers as graph_blockers
@@ -743,7 +744,7 @@ class Trainer:
         backups = [cb for cb in callbacks if isinstance(cb, BackupAndRestore)]
         history = History()
         callbacks = [*(cb for cb in callbacks if cb not in backups), history,
-                     *([ProgbarLogger()] if verbose else []), *backups]
+                     *([ProgbarLogger(verbose=verbose)] if verbose else []), *backups]
         _check_fit_data(x, y, validation_data, validation_split, steps_per_epoch,
                         validation_steps, class_weight, sample_weight)
         if sample_weight is not None and self._train_step_overridden():
@@ -911,11 +912,12 @@ class Trainer:
         data."""
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
-        totals, seen = RunningTotals(self.backend, 0), 0
+        totals, seen, steps, t0 = RunningTotals(self.backend, 0), 0, 0, time.perf_counter()
         cbs.on_test_begin()
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(0)) as batches:  # type: ignore[type-var]
             for step, batch in enumerate(_progress(batches, data, verbose, "evaluate")):
+                steps = step + 1
                 xb, yb, wb = unpack(batch)
                 if not xb.shape[0]:  # this rank's empty part of a short batch
                     continue
@@ -936,6 +938,7 @@ class Trainer:
                              f"the validation data gave no batches in epoch {epoch + 1}: an "
                              "iterator needs validation_steps batches for every epoch")
         logs = self._logs(loss_sum / seen, correct / seen)
+        _summarise(verbose, steps, t0, logs)
         cbs.on_test_end(logs)
         return logs
 
@@ -963,6 +966,7 @@ class Trainer:
             data = self._batches(x, None, batch_size, steps, targets=False, steps_name="steps")
             made.append(data)
             cbs.on_predict_begin()
+            t0 = time.perf_counter()
             with self.backend.compute_scope(), contextlib.closing(
                     data.epoch(0)) as batches:  # type: ignore[type-var]
                 for step, (xb, _) in enumerate(_progress(batches, data, verbose, "predict")):
@@ -972,6 +976,7 @@ class Trainer:
                     out.append(softmax(xp, z) if self._fused_softmax() else z)
                     cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
                 outputs = self.backend.to_numpy(xp.concat(out))
+        _summarise(verbose, len(out), t0)
         cbs.on_predict_end()
         return outputs
 
@@ -989,9 +994,16 @@ def _batch_length(x: Any) -> int:
 
 
 def _progress(batches: Any, data: Batches, verbose: int, desc: str) -> Any:
-    """``batches`` behind a progress bar where ``verbose`` asks for one (on rank 0 only)."""
-    return tqdm(batches, total=data.steps, disable=verbose == 0 or not distributed.is_root(),
+    """``batches`` behind a progress bar where ``verbose`` is 1 (on rank 0 only)."""
+    return tqdm(batches, total=data.steps, disable=verbose != 1 or not distributed.is_root(),
                 desc=desc, unit="batch")
+
+
+def _summarise(verbose: int, steps: int, t0: float, logs: dict[str, float] | None = None
+               ) -> None:
+    """At ``verbose=2``, the one line Keras 3 prints after evaluate or predict (rank 0)."""
+    if verbose == 2 and distributed.is_root():
+        print(summary_line(steps, time.perf_counter() - t0, logs))
 
 
 def _checkpoint_callback(checkpoint: str | os.PathLike[str] | None, every: int | str,
