@@ -61,6 +61,13 @@ OPTIMISERS = pytest.mark.parametrize("make", [
     lambda: xpcnn.optim.AdamW(1e-2),
 ], ids=["sgd", "sgd-wd", "momentum", "nesterov-wd", "adam", "adam-l2", "adamw"])
 
+#: OPTIMISERS (those with fused kernels) and those that run the standard update everywhere.
+EVERY_OPTIMISER = pytest.mark.parametrize("make", [
+    *OPTIMISERS.args[1],
+    lambda: xpcnn.optim.RMSprop(1e-2),
+    lambda: xpcnn.optim.RMSprop(1e-2, momentum=0.9, centered=True, weight_decay=1e-3),
+], ids=[*OPTIMISERS.kwargs["ids"], "rmsprop", "rmsprop-centered-momentum-wd"])
+
 
 def gated_updates(xp, kernels, make, rng, dtype=np.float32):
     """Three steps of a fused and a standard optimiser, the middle one with NaN gradients and

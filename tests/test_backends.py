@@ -98,9 +98,13 @@ def test_standard_relu_against_numpy():
         np.testing.assert_array_equal(got, want)
 
 
-def test_strict_adam_and_float64(data):
-    model, h = _train(xs, data, xpcnn.optim.Adam(1e-3), net=gap_net, dtype="float64")
-    ref, h_ref = _train("cpu", data, xpcnn.optim.Adam(1e-3), net=gap_net, dtype="float64")
+@pytest.mark.parametrize("make", [
+    lambda: xpcnn.optim.Adam(1e-3),
+    lambda: xpcnn.optim.RMSprop(1e-3, momentum=0.9, centered=True, weight_decay=1e-4)],
+    ids=["adam", "rmsprop"])
+def test_strict_optimizers_and_float64(data, make):
+    model, h = _train(xs, data, make(), net=gap_net, dtype="float64")
+    ref, h_ref = _train("cpu", data, make(), net=gap_net, dtype="float64")
     assert_same_weights(model.get_weights(), ref.get_weights(), rtol=1e-10, atol=1e-12)
 
 

@@ -211,6 +211,38 @@ def test_a_model_with_a_frozen_layer_resumes_bit_for_bit(tmp_path):
         assert np.array_equal(a, b)
 
 
+def test_rmsprop_with_all_its_slots_resumes_bit_for_bit(tmp_path):
+    """RMSprop's slots (mean square, mean gradient, momentum) and settings go into the
+    checkpoint: a run stopped after epoch 2 and resumed ends with the weights, bit for bit, of
+    the run never stopped."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (32, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 32)
+
+    def run(callbacks=(), **kwargs):
+        model = ckpt_train.make_model()  # (random layers, BatchNorm: every kind of state)
+        model.compile(optimizer=xpcnn.optim.RMSprop(1e-3, momentum=0.9, centered=True,
+                                                    weight_decay=1e-4))
+        model.fit(x, y, epochs=4, batch_size=8, verbose=0, callbacks=list(callbacks), **kwargs)
+        return model
+
+    reference = run()
+    path = tmp_path / "rms.ckpt"
+
+    class Stop(xpcnn.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run([Stop()], checkpoint=path)
+    ckpt = load_checkpoint(path)
+    assert set(ckpt.model.optimizer.slots) == {"v", "mean_grad", "momentum"}
+    assert ckpt.model.optimizer.get_config() == reference.optimizer.get_config()
+    resumed = run(checkpoint=path, resume=True)
+    for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def _rewrite(path, edit_config, edit_arrays=lambda arrays: None):
     """Rewrite checkpoint ``path`` as an older xpcnn would have written it."""
     from xpcnn.saving.npz import CONFIG_KEY, decode_json, encode_json, write_npz_atomic

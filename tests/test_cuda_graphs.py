@@ -12,7 +12,7 @@ import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
 from cuda_emulator import load_emulated_fast_cupy, needs_compiler, restore
-from kernel_cases import OPTIMISERS
+from kernel_cases import EVERY_OPTIMISER
 from nets import gap_net
 
 import xpcnn
@@ -500,7 +500,7 @@ def test_a_replayed_step_on_labels_that_are_no_class_is_skipped_and_named_as_eag
         np.testing.assert_array_equal(a, b)
 
 
-@OPTIMISERS
+@EVERY_OPTIMISER
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_update_with_device_scalars_is_the_standard_one_bit_for_bit(make, dtype):
     rng = np.random.default_rng(5)

@@ -6,7 +6,7 @@ import array_api_compat.numpy as xpn
 import array_api_strict as xs
 import numpy as np
 import pytest
-from kernel_cases import OPTIMISERS
+from kernel_cases import EVERY_OPTIMISER
 
 from xpcnn import optim
 from xpcnn.errors import InputError
@@ -28,6 +28,11 @@ CASES = [
     ("Adam", dict(lr=0.01, beta_1=0.8, beta_2=0.99, epsilon=1e-6, weight_decay=0.1),
      dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
     ("AdamW", dict(lr=0.01, weight_decay=0.05), dict(lr=0.01, weight_decay=0.05)),
+    ("RMSprop", dict(lr=0.01), dict(lr=0.01, alpha=0.9, eps=1e-7)),
+    ("RMSprop", dict(lr=0.01, rho=0.8, momentum=0.9, epsilon=1e-6, centered=True,
+                     weight_decay=0.1),
+     dict(lr=0.01, alpha=0.8, momentum=0.9, eps=1e-6, centered=True, weight_decay=0.1)),
+    ("RMSprop", dict(lr=0.02, momentum=0.5), dict(lr=0.02, alpha=0.9, eps=1e-7, momentum=0.5)),
 ]
 
 
@@ -124,14 +129,17 @@ def test_schedule_drives_the_optimizer():
     (lambda: optim.CosineDecay(0.1, 0), "decay_steps must be >= 1"),
     (lambda: optim.OneCycle(0.1, 1), "total_steps must be >= 2"),
     (lambda: optim.OneCycle(0.1, 10, pct_start=1.0), r"pct_start must be in \(0, 1\)"),
-    (lambda: optim.get_optimizer("rmsprop"), "unknown optimizer 'rmsprop'"),
+    (lambda: optim.RMSprop(0.1, rho=1.0), "RMSprop needs 0 <= rho < 1"),
+    (lambda: optim.RMSprop(0.1, epsilon=0), "RMSprop needs .* epsilon > 0"),
+    (lambda: optim.RMSprop(0.1, centered="yes"), "RMSprop centered must be"),
+    (lambda: optim.get_optimizer("adagrad"), "unknown optimizer 'adagrad'"),
 ])
 def test_bad_optimizer_arguments(make, message):
     with pytest.raises(InputError, match=message):
         make()
 
 
-@OPTIMISERS
+@EVERY_OPTIMISER
 @pytest.mark.parametrize("device_scalars", [False, True], ids=["floats", "device-scalars"])
 def test_a_step_whose_apply_flag_is_false_changes_nothing(make, device_scalars, rng):
     """Under array_api_strict, gated steps (``apply`` a 0-d device bool, folded into each
@@ -169,7 +177,9 @@ def test_a_step_whose_apply_flag_is_false_changes_nothing(make, device_scalars, 
 
 @pytest.mark.parametrize("make, updated", [
     (lambda: optim.SGD(0.1), 1), (lambda: optim.SGD(0.1, momentum=0.9), 2),
-    (lambda: optim.Adam(1e-3), 3), (lambda: optim.AdamW(1e-3), 3)])
+    (lambda: optim.Adam(1e-3), 3), (lambda: optim.AdamW(1e-3), 3),
+    (lambda: optim.RMSprop(1e-3), 2), (lambda: optim.RMSprop(1e-3, momentum=0.9), 3),
+    (lambda: optim.RMSprop(1e-3, momentum=0.9, centered=True), 4)])
 def test_a_gated_update_costs_one_where_per_updated_array_and_no_copies(make, updated):
     """``apply`` is folded into each update: one ``where`` per parameter and slot, no copies
     of them kept to put back."""
@@ -250,6 +260,7 @@ def test_only_an_element_whose_square_overflows_stops_adam():
     assert host[BAD_STEP] == 4 and list(host[BAD_GRADS:BAD_GRADS + 2]) == [0.0, 1.0]
 
 
-def test_only_adam_watches_its_squares():
+def test_only_adam_and_rmsprop_watch_their_squares():
     assert optim.Adam().keeps_squares and optim.AdamW().keeps_squares
+    assert optim.RMSprop().keeps_squares
     assert not optim.SGD(0.1, momentum=0.9).keeps_squares

@@ -169,7 +169,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--batch-size", type=POSITIVE, default=64,
                    help="samples per step (under mpiexec -n N: per process, N times this in all)")
     p.add_argument("--lr", type=LEARNING_RATE, default=None, help="peak learning rate")
-    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
+    p.add_argument("--optimizer", choices=("adam", "adamw", "rmsprop", "sgd"), default="adam")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="cosine",
                    help="learning-rate schedule over the whole run")
     p.add_argument("--precision", choices=("float32", "mixed_float16", "mixed_bfloat16"),
@@ -289,6 +289,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     schedule = optim.CosineDecay(lr, epochs * steps_per_epoch, min_lr=lr * 0.01) \
         if args.schedule == "cosine" else optim.Constant(lr)
     optimizer = {"adam": lambda: optim.Adam(schedule), "adamw": lambda: optim.AdamW(schedule),
+                 "rmsprop": lambda: optim.RMSprop(schedule),
                  "sgd": lambda: optim.SGD(schedule, momentum=0.9, nesterov=True,
                                           weight_decay=5e-4)}[args.optimizer]()
     model.compile(optimizer=optimizer, precision=args.precision)

@@ -1,4 +1,4 @@
-"""Optimisers (SGD, Adam, AdamW) and learning-rate schedules.
+"""Optimisers (SGD, Adam, AdamW, RMSprop) and learning-rate schedules.
 
 Optimisers update parameters in place (``p[...] = ...``), so a layer's arrays stay the same
 objects. Semantics follow PyTorch's, so that runs can be compared step for step. Schedules map the
@@ -359,7 +359,54 @@ class AdamW(Adam):
         super().__init__(lr, beta_1, beta_2, epsilon, weight_decay)
 
 
-OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+class RMSprop(Optimizer):
+    """RMSprop (Hinton's lecture 6e) as PyTorch's ``RMSprop(lr, alpha=rho, eps=epsilon,
+    weight_decay, momentum, centered)`` computes it, with Keras' names and defaults (``lr``
+    0.001, ``rho`` 0.9): g += wd * p; v = rho * v + (1 - rho) * g^2; with ``centered``, also
+    the mean gradient a = rho * a + (1 - rho) * g, and v - a^2 for v below; u = g / (sqrt(v)
+    + epsilon) (Keras adds epsilon under the root instead); with ``momentum``, b = momentum *
+    b + u, and p -= lr * b, else p -= lr * u."""
+
+    keeps_squares = True
+
+    def __init__(self, lr: float | Schedule = 1e-3, rho: float = 0.9, momentum: float = 0.0,
+                 epsilon: float = 1e-7, centered: bool = False,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(lr, weight_decay)
+        if not (_real(rho) and _real(momentum) and _real(epsilon)) or not (
+                0.0 <= rho < 1.0 and 0.0 <= momentum < 1.0) or epsilon <= 0:
+            raise InputError("RMSprop needs 0 <= rho < 1, 0 <= momentum < 1 and epsilon > 0, "
+                             f"got rho={rho!r}, momentum={momentum!r}, epsilon={epsilon!r}")
+        self.rho, self.momentum, self.epsilon = float(rho), float(momentum), float(epsilon)
+        self.centered = flag(centered, "RMSprop centered")
+        self.slot_names = ("v", *(("mean_grad",) if self.centered else ()),
+                           *(("momentum",) if momentum else ()))
+
+    def _update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
+                apply: Any) -> None:
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        rho, v = self.rho, self.slots["v"][i]
+        self._assign(xp, v, rho * v + (1.0 - rho) * (g * g), apply)
+        # (where apply is False, the slots keep their values, and so does p below)
+        var = v
+        if self.centered:
+            a = self.slots["mean_grad"][i]
+            self._assign(xp, a, rho * a + (1.0 - rho) * g, apply)
+            var = v - a * a
+        u = g / (xp.sqrt(var) + self.epsilon)
+        if self.momentum:
+            b = self.slots["momentum"][i]
+            self._assign(xp, b, self.momentum * b + u, apply)
+            u = b
+        self._assign(xp, p, p - scalars["lr"] * u, apply)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "rho": self.rho, "momentum": self.momentum,
+                "epsilon": self.epsilon, "centered": self.centered}
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
 
 
 def get_optimizer(optimizer: str | Optimizer) -> Optimizer:
@@ -373,6 +420,6 @@ def get_optimizer(optimizer: str | Optimizer) -> Optimizer:
 
 def optimizer_from_config(config: dict[str, Any]) -> Optimizer:
     config = dict(config)
-    cls = {c.__name__: c for c in (SGD, Adam, AdamW)}[config.pop("class")]
+    cls = {c.__name__: c for c in OPTIMIZERS.values()}[config.pop("class")]
     config["lr"] = schedule_from_config(config["lr"])
     return cls(**config)
