@@ -61,12 +61,22 @@ OPTIMISERS = pytest.mark.parametrize("make", [
     lambda: xpcnn.optim.AdamW(1e-2),
 ], ids=["sgd", "sgd-wd", "momentum", "nesterov-wd", "adam", "adam-l2", "adamw"])
 
-#: OPTIMISERS (those with fused kernels) and those that run the standard update everywhere.
+#: Gradient clipping (before any update, fused or standard), one of each kind.
+CLIPPED = [
+    lambda: xpcnn.optim.SGD(0.05, momentum=0.9, global_clipnorm=0.5),
+    lambda: xpcnn.optim.Adam(1e-2, clipvalue=0.3),
+    lambda: xpcnn.optim.RMSprop(1e-2, momentum=0.9, clipnorm=0.4),
+]
+CLIPPED_IDS = ["momentum-global-clipnorm", "adam-clipvalue", "rmsprop-clipnorm"]
+
+#: OPTIMISERS (those with fused kernels), those that run the standard update everywhere, and
+#: clipped ones.
 EVERY_OPTIMISER = pytest.mark.parametrize("make", [
     *OPTIMISERS.args[1],
     lambda: xpcnn.optim.RMSprop(1e-2),
     lambda: xpcnn.optim.RMSprop(1e-2, momentum=0.9, centered=True, weight_decay=1e-3),
-], ids=[*OPTIMISERS.kwargs["ids"], "rmsprop", "rmsprop-centered-momentum-wd"])
+    *CLIPPED,
+], ids=[*OPTIMISERS.kwargs["ids"], "rmsprop", "rmsprop-centered-momentum-wd", *CLIPPED_IDS])
 
 
 def gated_updates(xp, kernels, make, rng, dtype=np.float32):

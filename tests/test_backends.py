@@ -100,8 +100,9 @@ def test_standard_relu_against_numpy():
 
 @pytest.mark.parametrize("make", [
     lambda: xpcnn.optim.Adam(1e-3),
-    lambda: xpcnn.optim.RMSprop(1e-3, momentum=0.9, centered=True, weight_decay=1e-4)],
-    ids=["adam", "rmsprop"])
+    lambda: xpcnn.optim.RMSprop(1e-3, momentum=0.9, centered=True, weight_decay=1e-4),
+    lambda: xpcnn.optim.SGD(0.05, momentum=0.9, global_clipnorm=0.05)],
+    ids=["adam", "rmsprop", "sgd-global-clipnorm"])
 def test_strict_optimizers_and_float64(data, make):
     model, h = _train(xs, data, make(), net=gap_net, dtype="float64")
     ref, h_ref = _train("cpu", data, make(), net=gap_net, dtype="float64")

@@ -9,6 +9,8 @@ import array_api_strict as xs
 import numpy as np
 import pytest
 from kernel_cases import (
+    CLIPPED,
+    CLIPPED_IDS,
     OPTIMISERS,
     UPDATE_SHAPES,
     check_add_relu,
@@ -612,7 +614,8 @@ def _assert_same_bits(opt_fused, fused, opt_std, standard):
             np.testing.assert_array_equal(f, s)
 
 
-@OPTIMISERS
+@pytest.mark.parametrize("make", [*OPTIMISERS.args[1], *CLIPPED[:2]],
+                         ids=[*OPTIMISERS.kwargs["ids"], *CLIPPED_IDS[:2]])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("device_scalars", [False, True], ids=["floats", "device-scalars"])
 def test_fused_optimiser_updates_give_the_standard_bits(rng, make, dtype, device_scalars):

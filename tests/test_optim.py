@@ -52,6 +52,64 @@ def test_optimizer_matches_pytorch(name, ours, theirs, rng):
         np.testing.assert_allclose(a, t.detach().numpy(), rtol=1e-10, atol=1e-12)
 
 
+def _clip_by_hand(kind, c, grads):
+    """Keras 3's clipping, in float64 NumPy."""
+    if kind == "clipvalue":
+        return [np.clip(g, -c, c) for g in grads]
+    if kind == "clipnorm":
+        return [g * c / max(np.linalg.norm(g), c) for g in grads]
+    total = np.sqrt(sum(np.sum(g * g) for g in grads))
+    return [g * c / max(total, c) for g in grads]
+
+
+@pytest.mark.parametrize("kind", ["clipnorm", "clipvalue", "global_clipnorm"])
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
+def test_clipped_gradients_against_pytorch_and_by_hand(name, kind, rng):
+    """Each step's gradients clipped (Keras 3's formulas, by hand in float64: the same bits
+    within rounding), then the update: as PyTorch's ``clip_grad_value_`` /
+    ``clip_grad_norm_`` (per parameter, or over all) before its optimiser's step, to PyTorch's
+    1e-6 in its norm's denominator. Gradients large enough that most steps clip."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    c = 0.7
+    ours = dict(lr=0.05, weight_decay=0.01, **{kind: c})
+    theirs = {"SGD": dict(lr=0.05, momentum=0.9, weight_decay=0.01),
+              "Adam": dict(lr=0.05, weight_decay=0.01),
+              "RMSprop": dict(lr=0.05, alpha=0.9, eps=1e-7, weight_decay=0.01)}[name]
+    if name == "SGD":
+        ours["momentum"] = 0.9
+    params = [rng.standard_normal((3, 4)), rng.standard_normal(5)]
+    grads_seq = [[rng.standard_normal(p.shape) * s for p in params] for s in (0.1, 1, 3, 10)]
+    mine = run_xpcnn(getattr(optim, name)(**ours), params, grads_seq)
+    by_hand = run_xpcnn(getattr(optim, name)(**{k: v for k, v in ours.items() if k != kind}),
+                        params, [_clip_by_hand(kind, c, g) for g in grads_seq])
+    for a, b in zip(mine, by_hand, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+    tp = [torch.tensor(p, requires_grad=True) for p in params]
+    topt = getattr(torch.optim, name)(tp, **theirs)
+    for grads in grads_seq:
+        for t, g in zip(tp, grads, strict=True):
+            t.grad = torch.from_numpy(g.copy())
+        if kind == "clipvalue":
+            torch.nn.utils.clip_grad_value_(tp, c)
+        elif kind == "clipnorm":
+            for t in tp:
+                torch.nn.utils.clip_grad_norm_([t], c)
+        else:
+            torch.nn.utils.clip_grad_norm_(tp, c)
+        topt.step()
+    for a, t in zip(mine, tp, strict=True):
+        np.testing.assert_allclose(a, t.detach().numpy(), rtol=1e-5, atol=1e-8)
+
+
+def test_clipping_settings_are_kept_in_the_config():
+    for opt in (optim.SGD(0.1, clipnorm=1.0), optim.AdamW(clipvalue=0.5),
+                optim.RMSprop(global_clipnorm=2.0), optim.Adam()):
+        again = optim.optimizer_from_config(opt.get_config())
+        assert again.get_config() == opt.get_config()
+        assert (again.clipnorm, again.clipvalue, again.global_clipnorm) == (
+            opt.clipnorm, opt.clipvalue, opt.global_clipnorm)
+
+
 def test_plain_sgd_by_hand():
     p = [np.array([1.0, -2.0])]
     optim.SGD(0.5).step(xpn, p, [np.array([0.2, 0.4])])
@@ -133,6 +191,11 @@ def test_schedule_drives_the_optimizer():
     (lambda: optim.RMSprop(0.1, epsilon=0), "RMSprop needs .* epsilon > 0"),
     (lambda: optim.RMSprop(0.1, centered="yes"), "RMSprop centered must be"),
     (lambda: optim.get_optimizer("adagrad"), "unknown optimizer 'adagrad'"),
+    (lambda: optim.SGD(0.1, clipnorm=0), r"clipnorm must be a finite number > 0 \(or None\)"),
+    (lambda: optim.Adam(clipvalue=float("nan")), "clipvalue must be a finite number > 0"),
+    (lambda: optim.RMSprop(global_clipnorm=True), "global_clipnorm must be a finite number"),
+    (lambda: optim.AdamW(clipnorm=1.0, global_clipnorm=1.0),
+     "only one of clipnorm, clipvalue and global_clipnorm can be set"),
 ])
 def test_bad_optimizer_arguments(make, message):
     with pytest.raises(InputError, match=message):

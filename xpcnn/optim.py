@@ -172,6 +172,10 @@ class Optimizer:
     parameters' device; ``iterations`` counts steps and drives the schedule (a step whose update
     the device skipped, see :mod:`xpcnn.totals`, counts too). ``lr_factor`` multiplies the
     schedule (callbacks such as ``ReduceLROnPlateau`` change it; checkpoints keep it).
+
+    Every optimiser takes Keras' gradient clipping, at most one of: ``clipnorm`` (each
+    gradient to that norm), ``global_clipnorm`` (all of them to that joint norm) or
+    ``clipvalue`` (each element to [-clipvalue, clipvalue]); see :meth:`_clipped`.
     """
 
     slot_names: tuple[str, ...] = ()
@@ -180,11 +184,23 @@ class Optimizer:
     #: infinity (see :meth:`xpcnn.totals.RunningTotals.add`).
     keeps_squares: bool = False
 
-    def __init__(self, lr: float | Schedule, weight_decay: float = 0.0) -> None:
+    def __init__(self, lr: float | Schedule, weight_decay: float = 0.0,
+                 clipnorm: float | None = None, clipvalue: float | None = None,
+                 global_clipnorm: float | None = None) -> None:
         self.schedule = as_schedule(lr)
         if not _real(weight_decay) or weight_decay < 0:
             raise InputError(f"weight_decay must be >= 0 and finite, got {weight_decay!r}")
         self.weight_decay = float(weight_decay)
+        clips = {"clipnorm": clipnorm, "clipvalue": clipvalue, "global_clipnorm": global_clipnorm}
+        for name, value in clips.items():
+            if value is not None and (not _real(value) or value <= 0):
+                raise InputError(f"{name} must be a finite number > 0 (or None), got {value!r}")
+        if sum(v is not None for v in clips.values()) > 1:
+            raise InputError("only one of clipnorm, clipvalue and global_clipnorm can be set "
+                             "(as in Keras), got " + ", ".join(
+                                 f"{k}={v!r}" for k, v in clips.items() if v is not None))
+        self.clipnorm, self.clipvalue, self.global_clipnorm = (
+            None if v is None else float(v) for v in clips.values())
         self.iterations = 0
         self.lr_factor = 1.0
         self.slots: dict[str, list[Any]] = {}
@@ -233,11 +249,35 @@ class Optimizer:
         if scalars is None:
             scalars = self.step_scalars()
             self.iterations += 1
+        grads = self._clipped(xp, grads)
         fused = kernels is not None and kernels.fused_updates and params
         if fused and self._fused_update(kernels, params, grads, scalars, apply):
             return
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             self._update(xp, i, p, g, scalars, apply)
+
+    def _clipped(self, xp: Any, grads: list[Any]) -> list[Any]:
+        """The gradients clipped as Keras 3 clips them (before weight decay, as PyTorch's
+        ``clip_grad_*_`` before ``step``): each to the norm ``clipnorm`` (g * c / max(|g|, c)),
+        all together to ``global_clipnorm`` (the same over their joint norm), or each element
+        to [-clipvalue, clipvalue]; on the device (``where``, not compat's ``clip``, which reads
+        the host on CuPy), so a captured step clips too. A NaN gradient stays NaN (its step is
+        skipped)."""
+        if self.clipvalue is not None:
+            c = self.clipvalue
+            return [xp.where(g > c, c, xp.where(g < -c, -c, g)) for g in grads]
+        if self.clipnorm is not None:
+            return [g * self._shrink(xp, xp.sum(g * g), self.clipnorm) for g in grads]
+        if self.global_clipnorm is not None and grads:
+            total = sum((xp.sum(g * g) for g in grads[1:]), start=xp.sum(grads[0] * grads[0]))
+            return [g * self._shrink(xp, total, self.global_clipnorm) for g in grads]
+        return grads
+
+    @staticmethod
+    def _shrink(xp: Any, squares: Any, c: float) -> Any:
+        """c / max(norm, c) for a norm whose square is ``squares`` (0-d): 1 up to c."""
+        norm = xp.sqrt(squares)
+        return xp.where(norm > c, c / norm, 1.0)
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
                 apply: Any) -> None:
@@ -257,8 +297,10 @@ class Optimizer:
         a[...] = new if apply is None else xp.where(apply, new, a)
 
     def get_config(self) -> dict[str, Any]:
+        clips = {k: v for k, v in (("clipnorm", self.clipnorm), ("clipvalue", self.clipvalue),
+                                   ("global_clipnorm", self.global_clipnorm)) if v is not None}
         return {"class": type(self).__name__, "lr": self.schedule.get_config(),
-                "weight_decay": self.weight_decay}
+                "weight_decay": self.weight_decay, **clips}
 
 
 class SGD(Optimizer):
@@ -266,8 +308,10 @@ class SGD(Optimizer):
     g += wd * p; b = momentum * b + g; step along b, or g + momentum * b with Nesterov)."""
 
     def __init__(self, lr: float | Schedule = 0.01, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(lr, weight_decay)
+                 weight_decay: float = 0.0, *, clipnorm: float | None = None,
+                 clipvalue: float | None = None, global_clipnorm: float | None = None) -> None:
+        super().__init__(lr, weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
+                         global_clipnorm=global_clipnorm)
         if not _real(momentum) or not 0.0 <= momentum < 1.0:
             raise InputError(f"SGD momentum must be in [0, 1), got {momentum!r}")
         if flag(nesterov, "SGD nesterov") and momentum == 0.0:
@@ -306,8 +350,11 @@ class Adam(Optimizer):
     decoupled = False
 
     def __init__(self, lr: float | Schedule = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,
-                 epsilon: float = 1e-8, weight_decay: float = 0.0) -> None:
-        super().__init__(lr, weight_decay)
+                 epsilon: float = 1e-8, weight_decay: float = 0.0, *,
+                 clipnorm: float | None = None, clipvalue: float | None = None,
+                 global_clipnorm: float | None = None) -> None:
+        super().__init__(lr, weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
+                         global_clipnorm=global_clipnorm)
         if not (_real(beta_1) and _real(beta_2) and _real(epsilon)) or not (
                 0.0 <= beta_1 < 1.0 and 0.0 <= beta_2 < 1.0) or epsilon <= 0:
             raise InputError("Adam needs 0 <= beta_1, beta_2 < 1 and epsilon > 0, got "
@@ -355,8 +402,11 @@ class AdamW(Adam):
     decoupled = True
 
     def __init__(self, lr: float | Schedule = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,
-                 epsilon: float = 1e-8, weight_decay: float = 0.01) -> None:
-        super().__init__(lr, beta_1, beta_2, epsilon, weight_decay)
+                 epsilon: float = 1e-8, weight_decay: float = 0.01, *,
+                 clipnorm: float | None = None, clipvalue: float | None = None,
+                 global_clipnorm: float | None = None) -> None:
+        super().__init__(lr, beta_1, beta_2, epsilon, weight_decay, clipnorm=clipnorm,
+                         clipvalue=clipvalue, global_clipnorm=global_clipnorm)
 
 
 class RMSprop(Optimizer):
@@ -370,9 +420,11 @@ class RMSprop(Optimizer):
     keeps_squares = True
 
     def __init__(self, lr: float | Schedule = 1e-3, rho: float = 0.9, momentum: float = 0.0,
-                 epsilon: float = 1e-7, centered: bool = False,
-                 weight_decay: float = 0.0) -> None:
-        super().__init__(lr, weight_decay)
+                 epsilon: float = 1e-7, centered: bool = False, weight_decay: float = 0.0,
+                 *, clipnorm: float | None = None, clipvalue: float | None = None,
+                 global_clipnorm: float | None = None) -> None:
+        super().__init__(lr, weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
+                         global_clipnorm=global_clipnorm)
         if not (_real(rho) and _real(momentum) and _real(epsilon)) or not (
                 0.0 <= rho < 1.0 and 0.0 <= momentum < 1.0) or epsilon <= 0:
             raise InputError("RMSprop needs 0 <= rho < 1, 0 <= momentum < 1 and epsilon > 0, "
