@@ -487,7 +487,8 @@ def add_cupy_calls(m: types.ModuleType) -> types.ModuleType:
     cuda.Device = Device
     cuda.get_current_stream = current_stream
     # CuPy's class attributes: the legacy default stream (handle 0) and the per-thread default
-    # stream (cudaStreamPerThread, handle 2)
+    # stream (cudaStreamPerThread, handle 2); not a class: nothing emulated makes streams
+    # (tests/test_distributed.py puts its own in for NCCL's)
     cuda.Stream = types.SimpleNamespace(null=LEGACY_STREAM, ptds=PER_THREAD_STREAM)
     cuda.Event, cuda.get_elapsed_time = Event, get_elapsed_time
     cuda.memory = types.SimpleNamespace(

@@ -62,10 +62,10 @@ def test_training_runs_standard_only_under_array_api_strict(device, data):
         assert all(a.device == dev for a in slot)
 
 
-# array_api_compat's aliases (1.16) that assign through boolean masks where the library is
-# CuPy, reading the host: ``clip``, and ``sign`` (which sets NaN's sign by mask there). The
-# standard spells them otherwise (``where``); array_api_strict's own are clean, so the test
-# below takes them away.
+# array_api_compat's aliases (1.16) that assign through boolean masks, reading the host: on
+# CuPy ``clip`` and ``sign`` (which sets NaN's by mask there), on PyTorch ``sign``. xpcnn
+# spells them otherwise (``where``); array_api_strict's own are clean, so the test below takes
+# them away.
 HOST_READING_ALIASES = ("clip", "sign")
 
 
@@ -82,20 +82,37 @@ def test_training_takes_none_of_compats_host_reading_aliases(data):
     with xs.ArrayAPIStrictFlags(boolean_indexing=False, data_dependent_shapes=False):
         model.fit(x, y, epochs=1, batch_size=16, verbose=0, class_weight={1: 2.0},
                   validation_data=(x[:8], y[:8]))
-        model.predict(x[:4])
-    assert model.backend.xp is without and not hasattr(without, "clip")
+        probabilities = model.predict(x[:4])
+    assert model.backend.xp is without  # (the step ran in it)
+    assert np.isfinite(model.history.history["val_loss"][0])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_standard_relu_against_numpy():
-    """The standard ReLU (``where``, not ``clip``): NaN, infinities, zeros and the ceiling as
-    NumPy's clip has them (a zero's sign aside: -0.0 stays -0.0, as in the CUDA kernel)."""
-    x = np.array([np.nan, -np.inf, -2.5, -0.0, 0.0, 0.5, 2.0, 3.0, np.inf], np.float32)
-    std = StandardKernels(xs)
-    for cap in (None, 2.0):
-        got = np.asarray(std.relu(xs.asarray(x), cap))
-        want = np.clip(x, 0.0, cap)
-        assert got.dtype == want.dtype
-        np.testing.assert_array_equal(got, want)
+def _compat(name):
+    import importlib
+
+    return importlib.import_module(f"array_api_compat.{name}")
+
+
+@pytest.mark.parametrize("namespace", ["strict", "numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_standard_relu_against_numpy(namespace, dtype):
+    """The standard ReLU (``where``, not ``clip``) in each namespace and dtype: NaN,
+    infinities, zeros and the ceiling as NumPy's clip has them, in the input's dtype (a zero's
+    sign aside: -0.0 stays -0.0, as in the CUDA kernel)."""
+    if namespace == "torch":
+        pytest.importorskip("torch", reason="PyTorch is not installed")
+    xp = xs if namespace == "strict" else _compat(namespace)
+    if not hasattr(xp, dtype):
+        pytest.skip(f"{namespace} has no {dtype}")
+    x = np.array([np.nan, -np.inf, -2.5, -0.0, 0.0, 0.5, 2.0, 3.0, np.inf], dtype)
+    std = StandardKernels(xp)
+    for cap in (None, 2.0, 6):
+        y = std.relu(xp.asarray(x), cap)
+        assert y.dtype == getattr(xp, dtype)
+        got = np.asarray(y.cpu()) if namespace == "torch" else np.asarray(y)
+        np.testing.assert_array_equal(got, np.clip(x, 0.0, cap))
+        assert np.signbit(got[3]) and not np.signbit(got[4])
 
 
 @pytest.mark.parametrize("make", [

@@ -256,6 +256,32 @@ def _rewrite(path, edit_config, edit_arrays=lambda arrays: None):
     write_npz_atomic(path, arrays)
 
 
+def test_a_history_with_logs_of_some_epochs_only_round_trips_and_is_checked(tmp_path):
+    """A history whose val_* (and a callback's log) are missing from some epochs names their
+    epochs in the checkpoint; a list shorter than the epochs without them, or epochs that do
+    not match, is refused by name."""
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1))
+    model.build((4,))
+    history = xpcnn.History()
+    for epoch, logs in enumerate([{"loss": 1.0}, {"loss": 0.9, "val_loss": 1.2},
+                                  {"loss": 0.8, "lr": 0.1}, {"loss": 0.7, "val_loss": 1.1}]):
+        history.append(epoch, logs)
+    path = tmp_path / "h.npz"
+    save_checkpoint(model, path, Progress(4), history)
+    loaded = load_checkpoint(path).history
+    assert loaded.history == history.history and loaded.sparse == history.sparse
+    assert loaded.epochs_of("val_loss") == [1, 3] and loaded.epochs_of("lr") == [2]
+    for edit in (lambda h: h["history"]["loss"].pop(),  # one value short, no epochs named
+                 lambda h: h["sparse"]["val_loss"].pop(),  # epochs and values disagree
+                 lambda h: h["sparse"].update(val_loss=[3, 1]),  # out of order
+                 lambda h: h["sparse"].update(val_loss=[1, 7])):  # an epoch not run
+        save_checkpoint(model, path, Progress(4), history)
+        _rewrite(path, lambda config, edit=edit: edit(config["history"]))
+        with pytest.raises(DataFormatError, match="invalid checkpoint: bad history entry"):
+            load_checkpoint(path)
+
+
 def test_slots_are_written_in_the_weights_layout_and_older_files_still_load(tmp_path):
     """Version 2 holds the convolution kernel's slots in Keras' layout, as its weights. Version
     1 files load too: those of xpcnn before the kernel's layout change (no ``lr_factor``) in

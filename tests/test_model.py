@@ -1,5 +1,6 @@
 """Sequential: the Keras-like API, model files, weights layouts, precision, errors."""
 
+import functools
 import warnings
 
 import numpy as np
@@ -964,6 +965,7 @@ def test_validation_freq_validates_after_every_kth_epoch(data, tmp_path):
     model, history, seen = run(2)
     assert [keys for keys, _ in seen] == [[], ["val_accuracy", "val_loss"]] * 2 + [[]]
     assert len(history.history["loss"]) == 5 and len(history.history["val_loss"]) == 2
+    assert history.epochs_of("val_loss") == [1, 3] and history.epochs_of("loss") == list(range(5))
     probe = xpcnn.Sequential(gap_net(), seed=0)
     probe.compile()
     probe.build(x.shape[1:])
@@ -982,18 +984,49 @@ def test_validation_freq_validates_after_every_kth_epoch(data, tmp_path):
     _, resumed, _ = run(2, checkpoint=path, resume=True)
     del resumed.history["seconds"], history.history["seconds"]
     assert resumed.history == history.history and resumed.epoch == history.epoch
+    assert resumed.epochs_of("val_accuracy") == [1, 3]
+    # a collection of epochs (1-based), as Keras 3 takes it too
+    _, listed, seen = run([1, 4])
+    assert listed.epochs_of("val_loss") == [0, 3] and [bool(k) for k, _ in seen] == [
+        True, False, False, True, False]
 
 
 def _raise(error):
     raise error
 
 
-@pytest.mark.parametrize("freq", [0, -1, True, 1.5, "2", [1, 2]])
+@pytest.mark.parametrize("freq", [0, -1, True, 1.5, "2", [], [0, 2], [1, True], [1.0]])
 def test_validation_freq_is_checked(data, freq):
     model = xpcnn.Sequential(gap_net(), seed=0)
     model.compile()
-    with pytest.raises(InputError, match="validation_freq must be a positive integer"):
+    with pytest.raises(InputError, match="validation_freq must be a positive integer k "
+                       r"\(validate after every k-th epoch\) or a collection of epoch numbers"):
         model.fit(*data, validation_data=data, validation_freq=freq, verbose=0)
+
+
+def test_callbacks_refuse_what_validation_freq_makes_impossible(data, tmp_path):
+    """Before any step: a val_* monitor in a fit that validates after none of its epochs (it
+    would never decide anything), and a ModelCheckpoint path that names a val_* log in a fit
+    whose saves include epochs without validation. A path that names it is fine where the
+    saves are only at a better val_* value (validated epochs only)."""
+    model = xpcnn.Sequential(gap_net(), seed=0)
+    model.compile()
+    model.build(data[0].shape[1:])
+    before = model.get_weights()
+    fit = functools.partial(model.fit, *data, epochs=3, validation_data=data, verbose=0)
+    with pytest.raises(InputError, match=r"EarlyStopping monitors 'val_loss', but "
+                       r"validation_freq=5 validates after none of epochs 1 to 3"):
+        fit(validation_freq=5, callbacks=[xpcnn.callbacks.EarlyStopping()])
+    with pytest.raises(InputError, match="ModelCheckpoint path .* could not be filled"):
+        fit(validation_freq=2, callbacks=[xpcnn.callbacks.ModelCheckpoint(
+            tmp_path / "c-{epoch}-{val_loss:.3f}.npz", save_weights_only=True)])
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    fit(epochs=4, validation_freq=2, callbacks=[xpcnn.callbacks.ModelCheckpoint(
+        tmp_path / "b-{epoch}-{val_loss:.3f}.npz", save_best_only=True, save_weights_only=True,
+        initial_value_threshold=1e9)])
+    saved = sorted(p.name.split("-")[1] for p in tmp_path.glob("b-*.npz"))
+    assert saved[0] == "2" and set(saved) <= {"2", "4"}  # (4 only if it improved on 2)
 
 
 def test_fit_calls_a_train_step_that_a_subclass_or_the_model_overrides(data, monkeypatch):

@@ -180,6 +180,12 @@ def test_history_train_against_validation(tmp_path, image):
     check_png(tmp_path / "h.png", 300, 150)
     assert [ax.get_title() for ax in fig.axes] == ["loss per epoch", "accuracy per epoch"]
     assert all(len(ax.lines) == 2 for ax in fig.axes)  # train and validation
+    history = model.fit(x, y, epochs=4, batch_size=2, validation_data=(x, y), verbose=0,
+                        validation_freq=2)  # (validated after epochs 2 and 4)
+    fig = viz.plot_history(history, tmp_path / "h4.png", dpi=30)
+    train, val = fig.axes[0].lines
+    assert list(train.get_xdata()) == [1, 2, 3, 4] and list(val.get_xdata()) == [2, 4]
+    assert list(val.get_ydata()) == history.history["val_loss"]
     fig = viz.plot_history({"loss": [1.0, 0.5, 0.4]}, tmp_path / "h2.png", dpi=30)
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 1
     with pytest.raises(InputError, match="no loss or accuracy"):

@@ -2,10 +2,12 @@
 
 ``model.fit(x, y, callbacks=[EarlyStopping(patience=3), CSVLogger("log.csv")])``. A callback
 subclasses :class:`Callback` and overrides the hooks it needs; ``self.model`` is the model being
-trained and ``self.params`` holds ``epochs``, ``steps`` (per epoch, None when unknown), ``verbose``
-and ``data`` (the batch source). Setting ``model.stop_training = True`` in any hook ends training
-after the current batch (or epoch): ``on_epoch_end`` and ``on_train_end`` still run and ``fit``
-returns the :class:`History`.
+trained and ``self.params`` holds ``epochs``, ``initial_epoch``, ``steps`` (per epoch, None when
+unknown), ``verbose``, ``data`` (the batch source), ``validation`` (whether the fit has validation
+data), ``validation_freq`` (see :func:`validates`) and ``class_weight`` (the table, or None).
+Setting ``model.stop_training = True`` in any hook ends training after the current batch (or
+epoch): ``on_epoch_end`` and ``on_train_end`` still run and ``fit`` returns the
+:class:`History`.
 
 The ``logs`` of each hook, as in Keras: empty for the ``*_begin`` hooks; the epoch's running
 ``loss`` and ``accuracy`` for ``on_train_batch_end`` (of the evaluation for
@@ -266,6 +268,26 @@ class ProgbarLogger(Callback):
             self.bar.close()  # (a no-op when the epoch ended normally)
 
 
+def validates(params: Mapping[str, Any], epoch: int) -> bool:
+    """Whether the fit of ``params`` validates after ``epoch`` (0-based): it has validation
+    data, and its ``validation_freq`` (k: every k-th epoch; a set: those epochs, 1-based, as
+    in Keras) names the epoch."""
+    if not params.get("validation"):
+        return False
+    freq = params.get("validation_freq", 1)
+    return (epoch + 1) % freq == 0 if isinstance(freq, int) else epoch + 1 in freq
+
+
+def _validates_some_epochs(params: Mapping[str, Any]) -> bool:
+    """A fit with validation data that validates after some epochs but not all."""
+    return bool(params.get("validation")) and params.get("validation_freq", 1) != 1
+
+
+def _validation_names(model: Any) -> list[str]:
+    """The ``val_*`` logs of a validated epoch."""
+    return [f"val_{name}" for name in model.metrics_names]
+
+
 #: The direction of the metrics ``fit`` logs (``val_`` ones alike), for ``mode="auto"``.
 AUTO_MODES = {"loss": "min", "accuracy": "max"}
 
@@ -314,8 +336,7 @@ class _Monitor(Callback):
         Keras); any other missing name is an error."""
         if logs and self.monitor in logs:
             return float(logs[self.monitor])
-        if self.monitor in VALIDATION_LOGS and self.params.get("validation") and \
-                self.params.get("validation_freq", 1) > 1:
+        if self.monitor in VALIDATION_LOGS and _validates_some_epochs(self.params):
             return None
         raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, which the epoch "
                          f"logs lack (they have {sorted(logs or {})}); pass "
@@ -335,6 +356,13 @@ class _Monitor(Callback):
             raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, which the epoch "
                              "logs lack in a fit without validation data: pass validation_data "
                              "(or validation_split), or monitor 'loss'")
+        first, epochs = self.params.get("initial_epoch", 0), self.params.get("epochs", 0)
+        if self.monitor in VALIDATION_LOGS and _validates_some_epochs(self.params) and not any(
+                validates(self.params, e) for e in range(first, epochs)):
+            raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, but "
+                             f"validation_freq={self.params['validation_freq']!r} validates "
+                             f"after none of epochs {first + 1} to {epochs}: it would never "
+                             "decide anything")
 
     def improves(self, value: float, best: float | None) -> bool:
         """Whether ``value`` beats ``best`` (None: nothing yet) by more than ``min_delta``."""
@@ -430,7 +458,9 @@ class _TrialLogs(dict):  # type: ignore[type-arg]
 
 class ModelCheckpoint(_Monitor):
     """Save the model at the end of each epoch to ``filepath``, a template filled with the
-    1-based ``epoch`` and the epoch logs: ``"ckpt-{epoch:02d}-{val_loss:.3f}.npz"``.
+    1-based ``epoch`` and the epoch logs: ``"ckpt-{epoch:02d}-{val_loss:.3f}.npz"`` (a
+    ``val_*`` log where every epoch it saves in validates: with ``fit(validation_freq=k)``,
+    only with ``save_best_only`` on a ``val_*`` monitor; refused before training otherwise).
 
     ``save_best_only``: only when ``monitor`` improved (the path may then be fixed); the first
     value saves unless ``initial_value_threshold`` is given: then only a value beating it.
@@ -473,8 +503,12 @@ class ModelCheckpoint(_Monitor):
         names = list(self.model.metrics_names)
         if self.save_freq == "epoch":
             names.append("seconds")
-            if self.params.get("validation") is not False:
-                names += [f"val_{name}" for name in self.model.metrics_names]
+            # (the val_* logs in every epoch it saves in: a fit that validates every epoch, or
+            # one that saves only at a better val_* value)
+            if self.params.get("validation") is not False and (
+                    not _validates_some_epochs(self.params)
+                    or self.save_best_only and self.monitor in VALIDATION_LOGS):
+                names += _validation_names(self.model)
         fields = _TrialLogs(dict.fromkeys(names, 0.0), epoch=1)
         if self.save_freq != "epoch":
             fields["batch"] = 1
@@ -533,6 +567,7 @@ def _history_through(done: history.History, epoch: int, logs: dict[str, float]
         return done
     record = history.History()
     record.epoch, record.history = list(done.epoch), {k: list(v) for k, v in done.history.items()}
+    record.sparse = {k: list(v) for k, v in done.sparse.items()}
     record.append(epoch, logs)
     return record
 
@@ -548,7 +583,8 @@ class BackupAndRestore(Callback):
     for this callback (:mod:`xpcnn.saving.checkpoint` describes the file). The learning-rate
     factor that :class:`ReduceLROnPlateau` or :class:`LearningRateScheduler` set is optimiser
     state and comes back; other callbacks' own counters (patience, best value) start afresh,
-    as in Keras."""
+    as in Keras. What only decides when to validate (``validation_freq``,
+    ``validation_batch_size``) may differ in the resumed run: the weights come out the same."""
 
     def __init__(self, path: str | os.PathLike[str], save_freq: int | str = "epoch",
                  resume: bool = True) -> None:
@@ -576,7 +612,9 @@ class BackupAndRestore(Callback):
                                     self.params["steps"], self.params["verbose"])
         history, start = self.saver.start()
         if start is not None:
-            self.model.history.epoch, self.model.history.history = history.epoch, history.history
+            record = self.model.history
+            record.epoch, record.history, record.sparse = (history.epoch, history.history,
+                                                           history.sparse)
             self.model._resume_at = start
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
@@ -733,9 +771,7 @@ class CSVLogger(Callback):
 
     def _validation_columns(self) -> list[str]:
         """The ``val_*`` logs of a fit that validates, whether or not its first epoch did."""
-        if not self.params.get("validation"):
-            return []
-        return [f"val_{name}" for name in self.model.metrics_names]
+        return _validation_names(self.model) if self.params.get("validation") else []
 
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
         if self.file is not None:

@@ -4,16 +4,31 @@ from __future__ import annotations
 
 
 class History:
-    """Per-epoch metrics of a ``fit`` call: ``history["loss"]``, ``["val_accuracy"]``, ..."""
+    """The logs of a ``fit`` call's epochs: ``history["loss"]``, ``["val_accuracy"]``, ...,
+    one value for each epoch that logged it. As in Keras, a list may be shorter than
+    ``epoch``: ``val_*`` with ``fit(validation_freq=k)``, a callback's log in some epochs;
+    :meth:`epochs_of` says which epochs its values are from."""
 
     def __init__(self) -> None:
         self.history: dict[str, list[float]] = {}
         self.epoch: list[int] = []
+        #: the epochs of the keys logged in only some of them (others: every one in ``epoch``)
+        self.sparse: dict[str, list[int]] = {}
 
     def append(self, epoch: int, logs: dict[str, float]) -> None:
-        self.epoch.append(epoch)
+        for k in self.history.keys() - logs.keys():  # (a key this epoch lacks)
+            self.sparse.setdefault(k, list(self.epoch))
         for k, v in logs.items():
+            if k not in self.history and self.epoch:  # (a key earlier epochs lacked)
+                self.sparse[k] = []
             self.history.setdefault(k, []).append(float(v))
+            if k in self.sparse:
+                self.sparse[k].append(epoch)
+        self.epoch.append(epoch)
+
+    def epochs_of(self, key: str) -> list[int]:
+        """The epochs (0-based, as in ``epoch``) that ``history[key]``'s values are from."""
+        return list(self.sparse.get(key, self.epoch))
 
     def __repr__(self) -> str:
         return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"

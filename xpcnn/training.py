@@ -40,6 +40,7 @@ from .callbacks import (
     ProgbarLogger,
     callback_list,
     summary_line,
+    validates,
 )
 from .cuda_graphs import StepGraphs
 from .cuda_graphs import blockers as graph_blockers
@@ -702,9 +703,10 @@ class Trainer:
         a run from 0 (a checkpoint resumed by ``resume=True`` starts where it stopped
         instead). ``validation_batch_size``: the validation data's batch size (default: the
         larger of ``batch_size`` and 256; inference needs no small batches).
-        ``validation_freq=k`` (as in Keras 3): validate only after every k-th epoch (epochs k,
-        2k, ... counted from 1); the other epochs' logs have no ``val_*`` metrics, and callbacks
-        that monitor one skip those epochs.
+        ``validation_freq`` (as in Keras 3): k validates only after every k-th epoch (epochs
+        k, 2k, ... counted from 1), a collection such as ``[1, 5, 10]`` after those epochs; the
+        other epochs' logs have no ``val_*`` metrics (their History lists are shorter:
+        ``History.epochs_of``), and callbacks that monitor one skip those epochs.
 
         Launched on several processes (``mpiexec -n N``, :mod:`xpcnn.distributed`), each step
         takes a global batch of ``N * batch_size`` samples, the very batch one process would take
@@ -726,11 +728,7 @@ class Trainer:
         batch_size = checks.positive_int(batch_size, "batch_size")
         validation_batch_size = max(batch_size, 256) if validation_batch_size is None else \
             checks.positive_int(validation_batch_size, "validation_batch_size")
-        if isinstance(validation_freq, list | tuple | set | range):
-            raise InputError(f"validation_freq must be a positive integer k (validate after "
-                             f"every k-th epoch, as in Keras 3), got {validation_freq!r}: a "
-                             "collection of epochs was Keras 2's form")
-        validation_freq = checks.positive_int(validation_freq, "validation_freq")
+        validation_freq = _validation_freq(validation_freq)
         seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
         shuffle = checks.flag(shuffle, "shuffle")
         verbose = checks.verbosity(verbose)
@@ -764,11 +762,10 @@ class Trainer:
             class_weights = None if class_weight is None else checks.as_class_weights(
                 class_weight, self.num_classes)
             self.history = history
-            cbs = CallbackList(callbacks, self, {"epochs": epochs, "steps": data.steps,
-                                                 "verbose": verbose, "data": data,
-                                                 "validation": validation is not None,
-                                                 "validation_freq": validation_freq,
-                                                 "class_weight": class_weights})
+            params = {"epochs": epochs, "initial_epoch": initial_epoch, "steps": data.steps,
+                      "verbose": verbose, "data": data, "validation": validation is not None,
+                      "validation_freq": validation_freq, "class_weight": class_weights}
+            cbs = CallbackList(callbacks, self, params)
             self.stop_training, self._resume_at = False, None
             self._parallel = distributed.data_parallel(self)
             self._use_class_weights(class_weights)
@@ -788,7 +785,7 @@ class Trainer:
                                            start.epoch == epoch else None)
                     if self._parallel is not None:
                         self._parallel.average_state()
-                    if validation is not None and (epoch + 1) % validation_freq == 0:
+                    if validates(params, epoch):
                         val = self._evaluate(validation, cbs, self.loss, epoch=epoch)
                         logs.update({f"val_{name}": value for name, value in val.items()})
                     logs["seconds"] = time.perf_counter() - self._epoch_t0
@@ -991,6 +988,23 @@ def _batch_length(x: Any) -> int:
         return max(1, len(x))
     except TypeError:  # (a 0-d array, a number: refused by the checks, by name)
         return 1
+
+
+def _validation_freq(value: Any) -> int | frozenset[int]:
+    """fit's ``validation_freq``, as Keras 3 takes it: k (validate after every k-th epoch) or
+    a collection of the 1-based epochs to validate after."""
+    if isinstance(value, list | tuple | set | frozenset | range):
+        epochs = list(value)
+        if not epochs or not all(isinstance(e, int | np.integer) and not isinstance(e, bool)
+                                 and e >= 1 for e in epochs):
+            raise InputError(f"validation_freq must be a positive integer k (validate after "
+                             f"every k-th epoch) or a collection of epoch numbers from 1, got "
+                             f"{value!r}")
+        return frozenset(int(e) for e in epochs)
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise InputError(f"validation_freq must be a positive integer k (validate after every "
+                         f"k-th epoch) or a collection of epoch numbers from 1, got {value!r}")
+    return int(value)
 
 
 def _progress(batches: Any, data: Batches, verbose: int, desc: str) -> Any:

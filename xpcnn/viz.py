@@ -456,10 +456,12 @@ def plot_history(history: History | Mapping[str, Sequence[float]],
     """Loss and accuracy per epoch, train against validation (``val_*``) where recorded.
 
     ``history`` is what ``fit`` returns or its ``.history`` dict. One panel per metric
-    (``loss``, ``accuracy``) that the history holds. Returns the Figure.
+    (``loss``, ``accuracy``) that the history holds; each curve at the epochs it was logged in
+    (``fit(validation_freq=k)`` validates every k-th). Returns the Figure.
     """
     logs = getattr(history, "history", history)
     numbers = list(getattr(history, "epoch", []))  # 0-based; a resumed run may not start at 0
+    epochs_of = getattr(history, "epochs_of", None)  # (a History: each key's own epochs)
     if not isinstance(logs, Mapping):
         raise InputError(f"plot_history expects a History or its .history dict, got "
                          f"{type(history).__name__}")
@@ -474,8 +476,11 @@ def plot_history(history: History | Mapping[str, Sequence[float]],
             values = np.asarray(logs.get(key) or [], dtype=np.float64)
             if values.size == 0:
                 continue
-            epochs = np.asarray(numbers) + 1 if len(numbers) == values.size else \
-                np.arange(1, values.size + 1)
+            if epochs_of is not None:
+                epochs = np.asarray(epochs_of(key)) + 1
+            else:  # (a bare dict: a list as long as the epochs, else counted from 1)
+                epochs = np.asarray(numbers) + 1 if len(numbers) == values.size else \
+                    np.arange(1, values.size + 1)
             ax.plot(epochs, values, style, label=f"{label} (last {values[-1]:.4g})",
                     markersize=4)
         ax.set_title(f"{metric} per epoch", fontsize=11)

@@ -151,7 +151,7 @@ _RELU = cupy.ElementwiseKernel(
 )
 
 # min(max(x, 0), cap) and where the gradient passes (strictly inside (0, cap)); NaN stays NaN,
-# as with xp.clip.
+# as in the standard version.
 _RELU_WITH_MASK = cupy.ElementwiseKernel(
     "T x, T cap, bool capped",
     "T y, bool m",

@@ -223,8 +223,8 @@ class StandardKernels:
 
     def relu(self, x: Any, max_value: float | None) -> Any:
         """``min(max(x, 0), max_value)``; NaN stays NaN. Spelled with ``where``, not
-        ``xp.clip``: array_api_compat's clip for CuPy (and PyTorch) assigns through boolean
-        masks, which read the host (and which a CUDA graph's capture refuses)."""
+        ``xp.clip``: array_api_compat's clip for CuPy assigns through boolean masks, which read
+        the host (and which a CUDA graph's capture refuses)."""
         y = self.xp.where(x < 0, 0.0, x)
         return y if max_value is None else self.xp.where(y > max_value, max_value, y)
 

@@ -130,7 +130,8 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
         "random_layers": [{"index": i, "seed": int(la.seed), "calls": int(la.calls)}
                           for i, la in enumerate(model.layers) if isinstance(la, RandomLayer)],
         "progress": vars(progress),
-        "history": {"epoch": list(history.epoch), "history": history.history},
+        "history": {"epoch": list(history.epoch), "history": history.history,
+                    "sparse": history.sparse},
         "run": run or {},
     }
     # Each weight and slot is checked on the host copy that is written (one transfer each).
@@ -342,18 +343,26 @@ def progress_within(model: Any, epoch: int, step: int) -> Progress:
 
 
 def _history(h: Any, path: str) -> History:
+    sparse = h.get("sparse", {}) if isinstance(h, dict) else None  # (none before validation_freq)
     ok = (isinstance(h, dict) and isinstance(h.get("epoch"), list)
-          and isinstance(h.get("history"), dict)
+          and isinstance(h.get("history"), dict) and isinstance(sparse, dict)
           and all(type(e) is int for e in h["epoch"])
-          # (a log may be missing from some epochs: val_* under validation_freq, a callback's)
-          and all(isinstance(k, str) and isinstance(v, list) and len(v) <= len(h["epoch"])
+          and all(isinstance(k, str) and isinstance(v, list)
                   and all(isinstance(f, int | float) and not isinstance(f, bool) for f in v)
-                  for k, v in h["history"].items()))
+                  for k, v in h["history"].items())
+          # a log missing from some epochs (val_* under validation_freq, a callback's) names
+          # the epochs it has; any other has one value an epoch
+          and all(k in h["history"] and isinstance(e, list) and len(e) == len(h["history"][k])
+                  and e == sorted(set(e)) and set(e) <= set(h["epoch"])
+                  for k, e in sparse.items())
+          and all(len(v) == len(h["epoch"]) for k, v in h["history"].items()
+                  if k not in sparse))
     if not ok:
         raise DataFormatError(f"{path}: invalid checkpoint: bad history entry")
     history = History()
     history.epoch = list(h["epoch"])
     history.history = {k: [float(f) for f in v] for k, v in h["history"].items()}
+    history.sparse = {k: list(e) for k, e in sparse.items()}
     return history
 
 
