@@ -209,6 +209,7 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
         _cases(conv_algorithm=["cudnn"]),
     "test_mixed_float16_on_the_gpu": _cases(conv_algorithm=["direct"]),
     "test_weighted_training_on_the_gpu_matches_numpy": None,
+    "test_optimisers_without_a_fused_kernel_and_clipping_on_the_gpu": None,
     "test_bfloat16_is_a_clear_error_on_cupy": None,
     "test_a_missing_gpu_index_is_a_clear_error": None,
     "test_data_on_the_gpu_gives_the_weights_of_host_batches": None,
@@ -896,14 +897,16 @@ def test_fused_optimiser_updates(cp, kernels, rng, make, dtype):
             np.testing.assert_allclose(host(f), host(s), rtol=rtol, atol=rtol)
 
 
-def _fit(device, net, fast=True, precision="float32", epochs=2, **fit_kwargs):
+def _fit(device, net, fast=True, precision="float32", epochs=2, optimizer=None,
+         **fit_kwargs):
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (64, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 64)
     old = set_fast_path(fast)
     try:
         model = xpcnn.Sequential(net(), device=device, seed=0)
         # SGD: Adam would turn float rounding in near-zero gradients into whole steps
-        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), precision=precision)
+        model.compile(optimizer=optimizer or xpcnn.optim.SGD(0.05, momentum=0.9),
+                      precision=precision)
         history = model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, **fit_kwargs)
         probs = model.predict(x[:8])
     finally:
@@ -958,6 +961,24 @@ def test_weighted_training_on_the_gpu_matches_numpy(cp, monkeypatch):
     for a, b in zip(gpu.get_weights(), ref.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert gpu._class_weights is None
+    if not EMULATED:  # (the emulator has no streams to capture on)
+        assert gpu.cuda_graphs_reason == "" and len(gpu._graphs.graphs) == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda: xpcnn.optim.RMSprop(1e-3, momentum=0.9, centered=True),
+    lambda: xpcnn.optim.SGD(0.05, momentum=0.9, global_clipnorm=0.05),
+    lambda: xpcnn.optim.SGD(0.05, momentum=0.9, clipvalue=0.01)],  # (SGD: see _fit)
+    ids=["rmsprop", "sgd-global-clipnorm", "sgd-clipvalue"])
+def test_optimisers_without_a_fused_kernel_and_clipping_on_the_gpu(cp, make, monkeypatch):
+    """RMSprop (the standard update) and gradient clipping (before the fused updates), in
+    steps captured and replayed where a GPU can, against NumPy; in full float32."""
+    monkeypatch.setenv("XPCNN_TF32", "0")
+    gpu, loss_gpu, _ = _fit("cuda", gap_net, epochs=3, optimizer=make())
+    ref, loss_ref, _ = _fit("cpu", gap_net, epochs=3, optimizer=make())
+    assert loss_gpu == pytest.approx(loss_ref, rel=1e-5)
+    for a, b in zip(gpu.get_weights(), ref.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     if not EMULATED:  # (the emulator has no streams to capture on)
         assert gpu.cuda_graphs_reason == "" and len(gpu._graphs.graphs) == 1
 
