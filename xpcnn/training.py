@@ -23,7 +23,7 @@ import os
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -683,7 +683,8 @@ class Trainer:
             checkpoint: str | os.PathLike[str] | None = None, checkpoint_every: int | str = "epoch",
             resume: bool = False, class_weight: Mapping[int, float] | None = None,
             sample_weight: Any = None, initial_epoch: int = 0,
-            validation_batch_size: int | None = None, validation_freq: int = 1) -> History:
+            validation_batch_size: int | None = None,
+            validation_freq: int | Collection[int] = 1) -> History:
         """Train for ``epochs`` passes over the data; returns the :class:`History`.
 
         ``x`` is images (N, H, W, C) (uint8 or float; NumPy, a memory map, or arrays of the
@@ -993,18 +994,14 @@ def _batch_length(x: Any) -> int:
 def _validation_freq(value: Any) -> int | frozenset[int]:
     """fit's ``validation_freq``, as Keras 3 takes it: k (validate after every k-th epoch) or
     a collection of the 1-based epochs to validate after."""
-    if isinstance(value, list | tuple | set | frozenset | range):
-        epochs = list(value)
-        if not epochs or not all(isinstance(e, int | np.integer) and not isinstance(e, bool)
-                                 and e >= 1 for e in epochs):
-            raise InputError(f"validation_freq must be a positive integer k (validate after "
-                             f"every k-th epoch) or a collection of epoch numbers from 1, got "
-                             f"{value!r}")
-        return frozenset(int(e) for e in epochs)
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+    def epoch_number(e: Any) -> bool:
+        return isinstance(e, int | np.integer) and not isinstance(e, bool) and e >= 1
+
+    many = isinstance(value, list | tuple | set | frozenset | range)
+    if not (all(map(epoch_number, value)) and len(value) > 0 if many else epoch_number(value)):
         raise InputError(f"validation_freq must be a positive integer k (validate after every "
                          f"k-th epoch) or a collection of epoch numbers from 1, got {value!r}")
-    return int(value)
+    return frozenset(int(e) for e in value) if many else int(value)
 
 
 def _progress(batches: Any, data: Batches, verbose: int, desc: str) -> Any:
