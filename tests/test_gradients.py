@@ -48,6 +48,7 @@ def test_conv2d(kwargs, shape, rng):
     (Dense(5), (7,)),
     (Dense(3, use_bias=False), (4,)),
     (Dense(6, activation="relu"), (5,)),
+    (Dense(4, activation="softmax"), (5,)),  # (alone: probabilities, as Dense then Softmax)
     (Flatten(), (3, 2, 4)),
     (ReLU(), (4, 5, 3)),
     (ReLU(max_value=0.5), (4, 5, 3)),

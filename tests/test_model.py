@@ -943,6 +943,66 @@ def test_validation_batch_size_sets_the_validation_batches(data):
         model.fit(x, y, validation_data=(x, y), validation_batch_size=0, verbose=0)
 
 
+@pytest.mark.parametrize("device", ["cpu", "strict"])
+def test_a_dense_softmax_activation_trains_as_dense_then_softmax(data, device, tmp_path):
+    """Keras' Dense(classes, activation="softmax") at the end of a Sequential or a functional
+    Model: training (the softmax left to the loss, as a final Softmax layer's), evaluate and
+    predict give, bit for bit, what Dense(classes) then Softmax() give; on NumPy's fast path
+    and in the standard spelling; saved and loaded, it predicts the same."""
+    import array_api_strict as xs
+
+    x, y = data
+    runs = []
+    for softmax_last in (False, True):
+        for functional in (False, True):
+            head = [Dense(10, activation="softmax")] if softmax_last else [Dense(10), Softmax()]
+            layers = [Conv2D(4, 3, activation="relu"), MaxPool2D(2), Flatten(), *head]
+            dev = xs if device == "strict" else "cpu"
+            if functional:
+                t = inputs = xpcnn.Input((8, 8, 3))
+                for layer in layers:
+                    t = layer(t)
+                model = xpcnn.Model(inputs, t, device=dev, seed=0)
+            else:
+                model = xpcnn.Sequential(layers, device=dev, seed=0)
+            model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
+            history = model.fit(x, y, epochs=2, batch_size=16, verbose=0,
+                                validation_data=(x[:8], y[:8]))
+            runs.append((model, history.history, model.evaluate(x, y),
+                         model.predict(x[:6])))
+    def logs(history):
+        return {k: v for k, v in history.items() if k != "seconds"}
+
+    for model, history, evaluated, predicted in runs[1:]:
+        assert logs(history) == logs(runs[0][1])
+        assert evaluated == runs[0][2]
+        np.testing.assert_array_equal(predicted, runs[0][3])
+        for a, b in zip(model.get_weights(), runs[0][0].get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+    model, probabilities = runs[-1][0], runs[-1][3]
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    if device == "cpu":
+        model.save(tmp_path / "m.npz")
+        again = xpcnn.load_model(tmp_path / "m.npz")
+        assert again.layers[-1].activation == "softmax"
+        np.testing.assert_array_equal(again.predict(x[:6]), probabilities)
+
+
+def test_a_softmax_activation_belongs_at_the_end_and_only_on_dense(data):
+    with pytest.raises(InputError, match=r"layer 'hidden' \(Dense, 2 of 4\) is not the last "
+                       "layer: its softmax activation turns the output scores into "
+                       "probabilities"):
+        xpcnn.Sequential([Flatten(), Dense(8, activation="softmax", name="hidden"), Dense(10),
+                          Softmax()], input_shape=(8, 8, 3))
+    with pytest.raises(InputError, match="activation must be None or 'relu', got 'softmax' "
+                       r"\(use a ReLU layer for a ceiling, a Softmax layer or "
+                       r"Dense\(activation='softmax'\) for probabilities\)"):
+        Conv2D(4, 3, activation="softmax")
+    with pytest.raises(InputError, match="activation must be None or 'relu' or 'softmax', got "
+                       "'tanh'"):
+        Dense(4, activation="tanh")
+
+
 def test_validation_freq_validates_after_every_kth_epoch(data, tmp_path):
     """fit(validation_freq=2) (Keras 3): validation after epochs 2 and 4 of 5 (counted from 1),
     each the loss and accuracy that evaluate gives for that epoch's weights; training as with

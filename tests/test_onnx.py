@@ -120,6 +120,23 @@ def test_a_model_without_a_final_softmax_exports_its_logits_as_predict_returns_t
                                x.reshape(6, -1) @ kernel + bias, rtol=1e-5, atol=1e-5)
 
 
+def test_a_dense_softmax_activation_exports_as_a_final_softmax_layer(tmp_path):
+    """Dense(activation="softmax") at the end: the export's logits, then predict's softmax
+    (one Softmax node, not two), the same probabilities as Dense then Softmax()."""
+    rng = np.random.default_rng(12)
+    x = rng.integers(0, 256, (4, 6, 6, 3), dtype=np.uint8)
+    probabilities = []
+    for last in ([Dense(5, activation="softmax")], [Dense(5), Softmax()]):
+        model = xpcnn.Sequential([Conv2D(3, 3, activation="relu"), Flatten(), *last],
+                                 input_shape=(6, 6, 3), seed=0)
+        randomize(model, rng := np.random.default_rng(13))
+        check_model(model, x, tmp_path)
+        proto = onnx.load(os.fspath(tmp_path / "model.onnx"))
+        assert [n.op_type for n in proto.graph.node].count("Softmax") == 1
+        probabilities.append(run_onnx(tmp_path / "model.onnx", x.astype(np.float32)))
+    np.testing.assert_array_equal(*probabilities)
+
+
 def test_a_feature_extractor_exports_the_inner_layer_output(tmp_path):
     rng = np.random.default_rng(11)
     model = xpcnn.Sequential(gap_net(4), input_shape=(6, 6, 3), seed=0)

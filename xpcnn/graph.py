@@ -271,9 +271,11 @@ class Plan:
         return next((s.options for s in self.steps if s.layer is layer), DEFAULT)
 
 
-def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool) -> Plan:
+def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool,
+                 logits: bool = False) -> Plan:
     """The plan of a graph; ``drop_last`` leaves out the final layer (a Softmax left to the
-    loss): the plan's result is then that layer's input."""
+    loss): the plan's result is then that layer's input; else ``logits`` has the final layer
+    leave out its softmax activation (``Options.logits``)."""
     count = len(layers) - 1 if drop_last else len(layers)
     result = inbound[-1][0] if drop_last else len(layers)
     uses = Counter(i for ins in inbound[:count] for i in ins)
@@ -330,7 +332,8 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool) -
     for j, (layer, ins, out) in enumerate(kept):
         options = Options(fused_relu=j in fused, skip_relu_grad=j in skip,
                           apply_input_relu_grad=j in apply, sum_output_grads=out in gathered,
-                          need_input_grad=need_dx[j], cast_input=cast_input and 0 in ins)
+                          need_input_grad=need_dx[j], cast_input=cast_input and 0 in ins,
+                          logits=logits and not drop_last and out == result)
         release = tuple(sorted({i for i in ins if last_read[i] == j and i != result}))
         steps.append(Step(layer, ins, out, options,
                           need_dx[j] or bool(layer.trainable and layer.params), release))

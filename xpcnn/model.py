@@ -237,8 +237,15 @@ class Model(Trainer):
 
     # -- the executor: forward and backward through the graph's plan ----------------------------
     def _fused_softmax(self) -> bool:
-        """True when the network ends in a Softmax that is left to the loss (the plan stops
-        at the logits)."""
+        """True when the network ends in a softmax that is left to the loss (predict applies
+        it to the logits): a final Softmax layer, which the plan leaves out, or a final layer's
+        softmax activation (``Dense(activation="softmax")``), which the plan has it leave
+        out."""
+        last = self.layers[-1]
+        return isinstance(last, Softmax) or getattr(last, "activation", None) == "softmax"
+
+    def _ends_in_a_softmax_layer(self) -> bool:
+        """A final Softmax layer: the plan (and an ONNX export's nodes) end before it."""
         return isinstance(self.layers[-1], Softmax)
 
     def _plan(self) -> graph.Plan:
@@ -254,6 +261,7 @@ class Model(Trainer):
                 self.optimizer.slots = {}
             self._planned_for = key
             self._plan_cache = graph.compile_plan(self.layers, self._inbound(),
+                                                  self._ends_in_a_softmax_layer(),
                                                   self._fused_softmax())
         return self._plan_cache
 

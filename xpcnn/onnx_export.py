@@ -150,7 +150,7 @@ def graph_nodes(model: Any) -> tuple[list[Node], int]:
     inbound = model._inbound()
     nodes = [Node(layer, ins, k + 1)
              for k, (layer, ins) in enumerate(zip(model.layers, inbound, strict=True))]
-    if model._fused_softmax():
+    if model._ends_in_a_softmax_layer():
         return nodes[:-1], inbound[-1][0]
     return nodes, len(nodes)
 
@@ -190,7 +190,8 @@ def _weights(layer: Layer) -> dict[str, np.ndarray]:
 
 
 def _relu_if(layer: Layer, graph: GraphBuilder, y: str) -> str:
-    """``y`` through the layer's fused activation (None or "relu")."""
+    """``y`` through the layer's fused activation: "relu"; none, or a last Dense layer's
+    "softmax", which the export ends with (as predict applies it to the logits)."""
     return graph.op("Relu", [y]) if layer.get_config()["activation"] == "relu" else y
 
 

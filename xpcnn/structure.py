@@ -17,7 +17,8 @@ def check_structure(layers: Sequence[Layer]) -> None:
     - a layer instance used twice (a layer holds one set of weights and keeps one forward pass
       for its backward);
     - a Softmax before the end (it turns the output scores into probabilities; the loss applies
-      it in training, so it belongs only at the output).
+      it in training, so it belongs only at the output), or a layer with a softmax activation
+      there (``Dense(activation="softmax")``), for the same reason.
     """
     seen: dict[int, int] = {}
     for i, layer in enumerate(layers):
@@ -27,8 +28,9 @@ def check_structure(layers: Sequence[Layer]) -> None:
                              f"create another {type(layer).__name__}(...) for the second place")
         seen[id(layer)] = i
     for i, layer in enumerate(layers[:-1]):
-        if isinstance(layer, Softmax):
-            raise InputError(f"{_where(layer, i, layers)} is not the last layer: a Softmax "
+        if isinstance(layer, Softmax) or getattr(layer, "activation", None) == "softmax":
+            what = "a Softmax" if isinstance(layer, Softmax) else "its softmax activation"
+            raise InputError(f"{_where(layer, i, layers)} is not the last layer: {what} "
                              "turns the output scores into probabilities and belongs only at the "
                              "end of the model (training applies it inside the loss)")
 

@@ -225,7 +225,7 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
 
     # Class names label the output and, under a final Softmax, the logits before it.
     last = len(outs) - 1
-    named = {last, last - 1} if model._fused_softmax() else {last}
+    named = {last, last - 1} if model._ends_in_a_softmax_layer() else {last}
     for i, (layer, out) in enumerate(zip(model.layers, outs, strict=True)):
         lab = fig.add_subplot(gs[i + 1, 0])
         lab.axis("off")

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..ops.kernels import kernels_for
-from ..ops.softmax import softmax
+from ..ops.softmax import softmax, softmax_backward
 from .base import DEFAULT, Layer, Options
 
 
@@ -55,6 +55,4 @@ class Softmax(Layer):
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        xp = self.xp
-        y = self._cache_y
-        return y * (dy - xp.sum(dy * y, axis=-1, keepdims=True))
+        return softmax_backward(self.xp, self._cache_y, dy)

@@ -61,6 +61,9 @@ class Options:
     #: pass (``casts_input``; to the layer's dtype, or to its compute dtype where that holds the
     #: values exactly) instead of the model casting it first.
     cast_input: bool = False
+    #: this layer's softmax activation (the model's last layer) is left to the loss, as a
+    #: final Softmax layer is: forward returns the logits, backward takes their gradient.
+    logits: bool = False
 
 
 #: A layer called by itself: it does all its own work.
@@ -517,12 +520,19 @@ def check_padding(padding: str | int) -> str | int:
     raise InputError(f"padding must be 'valid', 'same' or a non-negative int, got {padding!r}")
 
 
-def check_activation(activation: str | None) -> str | None:
-    """A layer's fused activation: None or "relu" (applied while the output is in cache)."""
-    if activation is None or (isinstance(activation, str) and activation.lower() == "relu"):
-        return None if activation is None else "relu"
-    raise InputError(f"activation must be None or 'relu', got {activation!r} (use a ReLU layer "
-                     "for a ceiling, a Softmax layer for probabilities)")
+def check_activation(activation: str | None, allowed: tuple[str, ...] = ("relu",)
+                     ) -> str | None:
+    """A layer's fused activation: None or one of ``allowed`` ("relu": applied while the output
+    is in cache; "softmax", a Dense layer's: probabilities, left to the loss at a model's end)."""
+    if activation is None:
+        return None
+    if isinstance(activation, str) and activation.lower() in allowed:
+        return activation.lower()
+    names = " or ".join(repr(a) for a in (None, *allowed))
+    raise InputError(f"activation must be {names}, got {activation!r} (use a ReLU layer for a "
+                     "ceiling" + ("" if "softmax" in allowed else
+                                  ", a Softmax layer or Dense(activation='softmax') for "
+                                  "probabilities") + ")")
 
 
 def require_rank(layer: Layer, input_shape: Shape, rank: int) -> None:

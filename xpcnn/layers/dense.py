@@ -10,6 +10,7 @@ import numpy as np
 from ..checks import flag
 from ..errors import InputError
 from ..ops.kernels import kernels_for
+from ..ops.softmax import softmax, softmax_backward
 from .base import DEFAULT, Layer, Options, Shape, check_activation, count, in_dtype
 from .initializers import check_initializer, initialize
 
@@ -31,7 +32,8 @@ class Flatten(Layer):
 
 class Dense(Layer):
     """y = x @ kernel + bias, kernel of shape (in, out) as in Keras; ``activation="relu"``
-    applies ReLU to y (as a ReLU layer after it would)."""
+    applies ReLU to y (as a ReLU layer after it would), ``"softmax"`` a softmax (as a Softmax
+    layer after it would: at a model's end only, where the loss applies it to the logits)."""
 
     weight_names = ("kernel", "bias")
     can_fuse_relu = True
@@ -41,7 +43,7 @@ class Dense(Layer):
                  kernel_initializer: str = "glorot_uniform", name: str | None = None) -> None:
         super().__init__(name)
         self.units = count(units, "units")
-        self.activation = check_activation(activation)
+        self.activation = check_activation(activation, ("relu", "softmax"))
         self.use_bias = flag(use_bias, "use_bias")
         self.kernel_initializer = check_initializer(kernel_initializer)
 
@@ -75,14 +77,21 @@ class Dense(Layer):
         bias = self.compute_weight("bias") if self.use_bias else None
         relu = self.relu_output or options.fused_relu
         y = kern.matmul_bias_relu(x, w, bias, relu)
+        probabilities = self.activation == "softmax" and not options.logits
+        if probabilities:  # (in the parameters' dtype, as a Softmax layer computes it)
+            y = softmax(self.xp, self.xp.astype(y, self.dtype, copy=False))
         if training:
             self._cache_x, self._cache_w = x, w
             # where y > 0 the ReLU's gradient passes (unless the next layer applies it)
             self._cache_y = y if relu and not options.skip_relu_grad else None
+            self._cache_probabilities = y if probabilities else None
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         kern = kernels_for(self.backend)
+        probabilities, self._cache_probabilities = self._cache_probabilities, None
+        if probabilities is not None:
+            dy = softmax_backward(self.xp, probabilities, dy)
         dy = in_dtype(self.xp, dy, self.compute_dtype)
         y, self._cache_y = self._cache_y, None
         bias_grad = None

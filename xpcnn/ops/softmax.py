@@ -18,6 +18,11 @@ def softmax(xp: Any, z: Any) -> Any:
     return e / xp.sum(e, axis=-1, keepdims=True)
 
 
+def softmax_backward(xp: Any, y: Any, dy: Any) -> Any:
+    """The gradient through a softmax whose output was ``y``: y * (dy - sum(dy * y))."""
+    return y * (dy - xp.sum(dy * y, axis=-1, keepdims=True))
+
+
 def target_rows(xp: Any, y: Any, classes: int, dtype: Any, smoothing: float = 0.0) -> Any:
     """Integer labels (N,) or one-hot rows (N, classes) -> probability rows, mixed with the
     uniform distribution by ``smoothing``: target * (1 - smoothing) + smoothing / classes."""
