@@ -473,11 +473,13 @@ def test_fused_relu_equals_a_relu_layer(fast, small_chunks, rng):
 
 
 def test_activation_names_are_checked():
-    for make in (lambda a: Conv2D(2, 3, activation=a), lambda a: Dense(2, activation=a)):
-        with pytest.raises(xpcnn.errors.InputError, match=r"activation must be None or 'relu', "
-                           r"got 'tanh' \(use a ReLU layer for a ceiling"):
+    for make, names in ((lambda a: Conv2D(2, 3, activation=a), "None or 'relu'"),
+                        (lambda a: Dense(2, activation=a), "None or 'relu' or 'softmax'")):
+        with pytest.raises(xpcnn.errors.InputError, match=f"activation must be {names}, got "
+                           r"'tanh' \(use a ReLU layer for a ceiling"):
             make("tanh")
         assert make("ReLU").activation == "relu" and make(None).activation is None
+    assert Dense(2, activation="Softmax").activation == "softmax"
 
 
 def test_pool_relu_dense_layers_fast_equals_standard(rng):
