@@ -698,7 +698,8 @@ class Trainer:
         (Keras' "sum over batch size"); given both, a sample weighs their product, as in
         tf.keras 2. Accuracy is not weighted, and the validation loss only by the validation
         data's own weights. ``seed`` fixes the shuffling order (default: the model's seed).
-        ``verbose=0`` silences the progress bar. ``callbacks``: see :mod:`xpcnn.callbacks`.
+        ``verbose=0`` silences the progress bar; ``verbose=2`` prints a line an epoch instead.
+        ``callbacks``: see :mod:`xpcnn.callbacks`.
         ``initial_epoch`` (as in Keras): the epoch to start at, numbered from 0, so that
         ``fit(epochs=5, initial_epoch=2)`` runs epochs 2, 3 and 4, each shuffled as it is in
         a run from 0 (a checkpoint resumed by ``resume=True`` starts where it stopped
