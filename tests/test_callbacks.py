@@ -216,6 +216,18 @@ def test_summary_line_formats_as_keras_3():
     assert xpcnn.callbacks.summary_line(1875, 5.4, {"loss": 0.0001}) == \
         "1875/1875 - 5s - 3ms/step - loss: 1.0000e-04"
     assert xpcnn.callbacks.summary_line(1000, 0.05) == "1000/1000 - 0s - 50us/step"
+    assert xpcnn.callbacks.summary_line(3, 0.0, target=8) == "3/8 - 0s - 0s/step"
+
+
+def test_verbose_2_of_one_epoch_and_of_an_epoch_stopped_early(data, capsys):
+    """One epoch: no ``Epoch 1/1`` line (as Keras); an epoch a callback stops after its
+    second batch: ``2/4``."""
+    model = small_model()
+    model.fit(*data, epochs=1, batch_size=BATCH, verbose=2, callbacks=[LambdaCallback(
+        on_train_batch_end=lambda batch, logs: batch == 1 and setattr(
+            model, "stop_training", True))])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("2/4 - ")
 
 
 # -- EarlyStopping ---------------------------------------------------------------------------------

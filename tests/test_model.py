@@ -988,6 +988,48 @@ def test_a_dense_softmax_activation_trains_as_dense_then_softmax(data, device, t
         np.testing.assert_array_equal(again.predict(x[:6]), probabilities)
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_dense_softmax_activation_in_mixed_precision_and_frozen(data, frozen):
+    """mixed_float16 (float16 logits to the loss), and the Dense frozen: still bit for bit
+    as Dense then Softmax()."""
+    x, y = data
+    runs = []
+    for head in ([Dense(10, activation="softmax")], [Dense(10), Softmax()]):
+        model = xpcnn.Sequential([Conv2D(4, 3, activation="relu"), Flatten(), *head], seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), precision="mixed_float16")
+        model.build(x.shape[1:])
+        model.layers[2].trainable = not frozen
+        history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+        runs.append((model.get_weights(), history.history["loss"], model.predict(x[:4])))
+    for a, b in zip(*runs, strict=True):
+        for u, v in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b],
+                        strict=True):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_only_a_layer_that_says_so_has_its_softmax_left_to_the_loss(data):
+    """A user's layer with an attribute ``activation = "softmax"`` that applies its own softmax
+    is not taken for Dense(activation="softmax"): only ``softmax_output`` says so."""
+    class Scaled(Dense):
+        def __init__(self, units):
+            super().__init__(units)
+            self.activation = "softmax"  # (its own meaning: it softmaxes in forward below)
+
+        @property
+        def softmax_output(self):
+            return False
+
+        def forward(self, x, training=False, options=None):
+            z = super().forward(x, training) if options is None else \
+                super().forward(x, training, options)
+            return xpcnn.ops.softmax.softmax(self.xp, z)
+
+    model = xpcnn.Sequential([Flatten(), Scaled(5)], input_shape=(8, 8, 3), seed=0)
+    assert not model._fused_softmax()
+    out = model.predict(data[0][:3])
+    np.testing.assert_allclose(out, model.forward(data[0][:3])[-1], rtol=1e-6)  # (once)
+
+
 def test_a_softmax_activation_belongs_at_the_end_and_only_on_dense(data):
     with pytest.raises(InputError, match=r"layer 'hidden' \(Dense, 2 of 4\) is not the last "
                        "layer: its softmax activation turns the output scores into "
@@ -1085,6 +1127,11 @@ def test_callbacks_refuse_what_validation_freq_makes_impossible(data, tmp_path):
     fit(epochs=4, validation_freq=2, callbacks=[xpcnn.callbacks.ModelCheckpoint(
         tmp_path / "b-{epoch}-{val_loss:.3f}.npz", save_best_only=True, save_weights_only=True,
         initial_value_threshold=1e9)])
+    fit(validation_freq=[1, 2, 3], callbacks=[xpcnn.callbacks.ModelCheckpoint(  # (every one)
+        tmp_path / "e-{epoch}-{val_loss:.3f}.npz", save_weights_only=True)])
+    assert len(list(tmp_path.glob("e-*.npz"))) == 3
+    with pytest.raises(InputError, match=r"validation_freq=\[4, 7\] validates after none"):
+        fit(validation_freq={7, 4}, callbacks=[xpcnn.callbacks.EarlyStopping()])
     saved = sorted(p.name.split("-")[1] for p in tmp_path.glob("b-*.npz"))
     assert saved[0] == "2" and set(saved) <= {"2", "4"}  # (4 only if it improved on 2)
 

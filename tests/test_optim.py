@@ -101,6 +101,44 @@ def test_clipped_gradients_against_pytorch_and_by_hand(name, kind, rng):
         np.testing.assert_allclose(a, t.detach().numpy(), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("kind", ["clipnorm", "global_clipnorm"])
+def test_clipping_zero_gradients_divides_by_nothing(kind):
+    """All-zero gradients (a dead layer): the factor is 1, with no division by zero (NumPy
+    would warn; a GPU would make NaN of 0 / 0)."""
+    params = [np.ones((3, 2), np.float32), np.ones(2, np.float32)]
+    opt = optim.SGD(0.1, **{kind: 1.0})
+    with np.errstate(all="raise"):
+        opt.step(xpn, params, [np.zeros_like(p) for p in params])
+    assert all(np.array_equal(p, np.ones_like(p)) for p in params)
+
+
+def test_centered_rmsprop_stays_finite_where_its_variance_rounds_below_zero(rng):
+    """Steady gradients make v - a^2 round below 0 (PyTorch's weights go NaN there): held at
+    0, the update stays finite; elsewhere the same as PyTorch's."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    for dtype in (np.float32, np.float64):
+        params = [np.zeros(2000, dtype)]
+        opt = optim.RMSprop(1e-2, centered=True)
+        g = [np.random.default_rng(1).uniform(0.01, 10, 2000).astype(dtype)]
+        below = 0
+        for _ in range(400):
+            opt.step(xpn, params, g)
+            v, a = opt.slots["v"][0], opt.slots["mean_grad"][0]
+            below += int(np.sum(v - a * a < 0))
+        assert below > 0  # (the case this is about: it happened)
+        assert np.isfinite(params[0]).all()
+        assert (params[0] < 0).all()  # (every step moved against the gradient)
+    start, grads = rng.standard_normal(6), [rng.standard_normal(6) for _ in range(8)]
+    mine = run_xpcnn(optim.RMSprop(0.01, centered=True, momentum=0.5), [start],
+                     [[g] for g in grads])
+    tp = [torch.tensor(start, requires_grad=True)]
+    topt = torch.optim.RMSprop(tp, lr=0.01, alpha=0.9, eps=1e-7, momentum=0.5, centered=True)
+    for g in grads:
+        tp[0].grad = torch.from_numpy(g)
+        topt.step()
+    np.testing.assert_allclose(mine[0], tp[0].detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
 def test_clipping_settings_are_kept_in_the_config():
     for opt in (optim.SGD(0.1, clipnorm=1.0), optim.AdamW(clipvalue=0.5),
                 optim.RMSprop(global_clipnorm=2.0), optim.Adam()):
@@ -242,7 +280,7 @@ def test_a_step_whose_apply_flag_is_false_changes_nothing(make, device_scalars, 
     (lambda: optim.SGD(0.1), 1), (lambda: optim.SGD(0.1, momentum=0.9), 2),
     (lambda: optim.Adam(1e-3), 3), (lambda: optim.AdamW(1e-3), 3),
     (lambda: optim.RMSprop(1e-3), 2), (lambda: optim.RMSprop(1e-3, momentum=0.9), 3),
-    (lambda: optim.RMSprop(1e-3, momentum=0.9, centered=True), 4)])
+    (lambda: optim.RMSprop(1e-3, momentum=0.9, centered=True), 4 + 1)])  # (+ v - a^2 >= 0)
 def test_a_gated_update_costs_one_where_per_updated_array_and_no_copies(make, updated):
     """``apply`` is folded into each update: one ``where`` per parameter and slot, no copies
     of them kept to put back."""
@@ -295,6 +333,26 @@ def test_adam_state_overflowing_to_infinity_is_caught_at_its_step(rng):
     assert all(np.isfinite(model.backend.to_numpy(v)).all() for v in model.optimizer.slots["v"])
     after = model.get_weights()
     assert not all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))  # step 3
+
+
+@pytest.mark.parametrize("clip", [dict(clipvalue=1.0), dict(clipnorm=1.0)])
+def test_clipped_gradients_whose_raw_squares_overflow_train_on(rng, clip):
+    """The same batch with clipping: the update's gradients are clipped first, so their squares
+    cannot overflow the optimiser's state, and training goes on (as in Keras and PyTorch)
+    with finite weights and state. (A norm whose sum of squares overflows clips to 0: a zero
+    update, as PyTorch's clip_grad_norm_ gives in float32.)"""
+    import xpcnn
+    from xpcnn.layers import Dense, Flatten, Softmax
+
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=0)
+    model.compile(optimizer=optim.Adam(1e-3, **clip))
+    x = rng.random((8, 4, 4, 1)).astype(np.float32)
+    x[4:] = 1e30
+    with np.errstate(over="ignore"):
+        model.fit(x, np.arange(8) % 3, batch_size=4, verbose=0, shuffle=False)
+    assert model.optimizer.iterations == 2
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert all(np.isfinite(model.backend.to_numpy(v)).all() for v in model.optimizer.slots["v"])
 
 
 def test_only_an_element_whose_square_overflows_stops_adam():

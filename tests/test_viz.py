@@ -186,6 +186,13 @@ def test_history_train_against_validation(tmp_path, image):
     train, val = fig.axes[0].lines
     assert list(train.get_xdata()) == [1, 2, 3, 4] and list(val.get_xdata()) == [2, 4]
     assert list(val.get_ydata()) == history.history["val_loss"]
+    by_hand = xpcnn.History()  # (a shorter list whose epochs are not known: counted from 1)
+    by_hand.epoch, by_hand.history = [0, 1, 2, 3], {"loss": [4.0, 3, 2, 1], "val_loss": [3.0, 2]}
+    assert by_hand.epochs_of("val_loss") is None
+    by_hand.append(4, {"loss": 0.5})
+    assert by_hand.epochs_of("val_loss") is None and by_hand.epochs_of("loss") == [0, 1, 2, 3, 4]
+    val = viz.plot_history(by_hand, tmp_path / "h5.png", dpi=30).axes[0].lines[1]
+    assert list(val.get_xdata()) == [1, 2]
     fig = viz.plot_history({"loss": [1.0, 0.5, 0.4]}, tmp_path / "h2.png", dpi=30)
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 1
     with pytest.raises(InputError, match="no loss or accuracy"):

@@ -210,15 +210,17 @@ class History(Callback, history.History):
         self.append(epoch, dict(logs or {}))
 
 
-def summary_line(steps: int, seconds: float, logs: Mapping[str, float] | None = None) -> str:
+def summary_line(steps: int, seconds: float, logs: Mapping[str, float] | None = None,
+                 target: int | None = None) -> str:
     """Keras 3's line for a pass at ``verbose=2``: ``"1875/1875 - 5s - 3ms/step - loss: 0.2784
-    - accuracy: 0.9191"`` (a value under 1e-3 in exponent form, as there)."""
+    - accuracy: 0.9191"`` (``steps`` of ``target``, where a pass stopped early; a value under
+    1e-3 in exponent form, as there)."""
     per_step = seconds / max(steps, 1)
-    pace = (f"{per_step:.0f}s" if per_step >= 1 else f"{per_step * 1e3:.0f}ms"
-            if per_step >= 1e-3 else f"{per_step * 1e6:.0f}us")
+    pace = (f"{per_step:.0f}s" if per_step >= 1 or per_step == 0 else
+            f"{per_step * 1e3:.0f}ms" if per_step >= 1e-3 else f"{per_step * 1e6:.0f}us")
     values = "".join(f" - {k}: {v:.4f}" if abs(v) > 1e-3 else f" - {k}: {v:.4e}"
                      for k, v in (logs or {}).items() if k != "seconds")
-    return f"{steps}/{steps} - {seconds:.0f}s - {pace}/step{values}"
+    return f"{steps}/{target or steps} - {seconds:.0f}s - {pace}/step{values}"
 
 
 class ProgbarLogger(Callback):
@@ -258,7 +260,7 @@ class ProgbarLogger(Callback):
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         logs = logs or {}
         if self.bar is None:
-            _say(summary_line(self.steps, logs.get("seconds", 0.0), logs))
+            _say(summary_line(self.steps, logs.get("seconds", 0.0), logs, self.params["steps"]))
             return
         self.bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "seconds"})
         self.bar.close()
@@ -279,8 +281,15 @@ def validates(params: Mapping[str, Any], epoch: int) -> bool:
 
 
 def _validates_some_epochs(params: Mapping[str, Any]) -> bool:
-    """A fit with validation data that validates after some epochs but not all."""
-    return bool(params.get("validation")) and params.get("validation_freq", 1) != 1
+    """A fit with validation data that validates after some of its epochs but not all."""
+    epochs = range(params.get("initial_epoch", 0), params.get("epochs", 0))
+    return bool(params.get("validation")) and not all(validates(params, e) for e in epochs)
+
+
+def _freq(params: Mapping[str, Any]) -> Any:
+    """``validation_freq`` as the user wrote it (a collection as a sorted list)."""
+    freq = params["validation_freq"]
+    return freq if isinstance(freq, int) else sorted(freq)
 
 
 def _validation_names(model: Any) -> list[str]:
@@ -360,7 +369,7 @@ class _Monitor(Callback):
         if self.monitor in VALIDATION_LOGS and _validates_some_epochs(self.params) and not any(
                 validates(self.params, e) for e in range(first, epochs)):
             raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, but "
-                             f"validation_freq={self.params['validation_freq']!r} validates "
+                             f"validation_freq={_freq(self.params)!r} validates "
                              f"after none of epochs {first + 1} to {epochs}: it would never "
                              "decide anything")
 

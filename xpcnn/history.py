@@ -16,8 +16,9 @@ class History:
         self.sparse: dict[str, list[int]] = {}
 
     def append(self, epoch: int, logs: dict[str, float]) -> None:
-        for k in self.history.keys() - logs.keys():  # (a key this epoch lacks)
-            self.sparse.setdefault(k, list(self.epoch))
+        for k in self.history.keys() - logs.keys():  # (a key this epoch lacks, had by all before)
+            if k not in self.sparse and len(self.history[k]) == len(self.epoch):
+                self.sparse[k] = list(self.epoch)
         for k, v in logs.items():
             if k not in self.history and self.epoch:  # (a key earlier epochs lacked)
                 self.sparse[k] = []
@@ -26,9 +27,12 @@ class History:
                 self.sparse[k].append(epoch)
         self.epoch.append(epoch)
 
-    def epochs_of(self, key: str) -> list[int]:
-        """The epochs (0-based, as in ``epoch``) that ``history[key]``'s values are from."""
-        return list(self.sparse.get(key, self.epoch))
+    def epochs_of(self, key: str) -> list[int] | None:
+        """The epochs (0-based, as in ``epoch``) that ``history[key]``'s values are from; None
+        where that is not known (a History filled by hand with a shorter list)."""
+        if key in self.sparse:
+            return list(self.sparse[key])
+        return list(self.epoch) if len(self.history.get(key, ())) == len(self.epoch) else None
 
     def __repr__(self) -> str:
         return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"

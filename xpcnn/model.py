@@ -242,7 +242,7 @@ class Model(Trainer):
         softmax activation (``Dense(activation="softmax")``), which the plan has it leave
         out."""
         last = self.layers[-1]
-        return isinstance(last, Softmax) or getattr(last, "activation", None) == "softmax"
+        return isinstance(last, Softmax) or last.softmax_output
 
     def _ends_in_a_softmax_layer(self) -> bool:
         """A final Softmax layer: the plan (and an ONNX export's nodes) end before it."""
@@ -523,7 +523,7 @@ class Model(Trainer):
     def export(self, path: str | os.PathLike[str], input_dtype: str = "float32") -> None:
         """Write the model as ONNX to ``path``: (N, H, W, C) images of ``input_dtype``
         ("float32" or "uint8") in, what ``predict`` returns out (probabilities after a final
-        Softmax, else the logits or features; :mod:`xpcnn.onnx_export`; needs
+        Softmax or softmax activation, else the logits or features; :mod:`xpcnn.onnx_export`; needs
         ``pip install "xpcnn[onnx]"``)."""
         from .onnx_export import export_model
 

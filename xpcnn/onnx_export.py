@@ -2,7 +2,8 @@
 
 ``model.export("model.onnx")`` writes a graph that takes what ``predict`` takes, images
 (N, H, W, C) with any batch size N, and returns what ``predict`` returns: class probabilities
-(N, classes) for a model that ends in a Softmax (its layers up to the logits, then a softmax),
+(N, classes) for a model that ends in a Softmax layer or a ``Dense(activation="softmax")``
+(its layers up to the logits, then a softmax),
 any other model's output as it is (logits, features). Layers that act only in
 training (RandomFlip, RandomCrop, Dropout) are identities, BatchNorm2D uses its running
 statistics. The graph computes in float32 whatever the model's dtype or precision, with the

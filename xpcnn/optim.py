@@ -275,9 +275,17 @@ class Optimizer:
 
     @staticmethod
     def _shrink(xp: Any, squares: Any, c: float) -> Any:
-        """c / max(norm, c) for a norm whose square is ``squares`` (0-d): 1 up to c."""
+        """c / max(norm, c) for a norm whose square is ``squares`` (0-d): 1 up to c (and for
+        a NaN norm); never a division by zero."""
         norm = xp.sqrt(squares)
-        return xp.where(norm > c, c / norm, 1.0)
+        return c / xp.where(norm > c, norm, c)
+
+    @property
+    def clipping(self) -> bool:
+        """Whether gradients are clipped (then each element of the update's gradient is at
+        most the clip value or norm: its square cannot overflow)."""
+        return not (self.clipnorm is None and self.clipvalue is None
+                    and self.global_clipnorm is None)
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
                 apply: Any) -> None:
@@ -414,8 +422,9 @@ class RMSprop(Optimizer):
     weight_decay, momentum, centered)`` computes it, with Keras' names and defaults (``lr``
     0.001, ``rho`` 0.9): g += wd * p; v = rho * v + (1 - rho) * g^2; with ``centered``, also
     the mean gradient a = rho * a + (1 - rho) * g, and v - a^2 for v below; u = g / (sqrt(v)
-    + epsilon) (Keras adds epsilon under the root instead); with ``momentum``, b = momentum *
-    b + u, and p -= lr * b, else p -= lr * u."""
+    + epsilon) (Keras adds epsilon under the root instead; a centered v - a^2 that rounds
+    below 0 counts as 0, where PyTorch's goes NaN); with ``momentum``, b = momentum * b + u, and
+    p -= lr * b, else p -= lr * u."""
 
     keeps_squares = True
 
@@ -445,7 +454,9 @@ class RMSprop(Optimizer):
         if self.centered:
             a = self.slots["mean_grad"][i]
             self._assign(xp, a, rho * a + (1.0 - rho) * g, apply)
-            var = v - a * a
+            # v >= a^2 exactly, but the difference can round below 0 (steady gradients): held
+            # at 0 there, where PyTorch's square root makes NaN weights
+            var = xp.where(v > a * a, v - a * a, 0.0)
         u = g / (xp.sqrt(var) + self.epsilon)
         if self.momentum:
             b = self.slots["momentum"][i]

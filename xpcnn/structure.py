@@ -28,7 +28,7 @@ def check_structure(layers: Sequence[Layer]) -> None:
                              f"create another {type(layer).__name__}(...) for the second place")
         seen[id(layer)] = i
     for i, layer in enumerate(layers[:-1]):
-        if isinstance(layer, Softmax) or getattr(layer, "activation", None) == "softmax":
+        if isinstance(layer, Softmax) or layer.softmax_output:
             what = "a Softmax" if isinstance(layer, Softmax) else "its softmax activation"
             raise InputError(f"{_where(layer, i, layers)} is not the last layer: {what} "
                              "turns the output scores into probabilities and belongs only at the "

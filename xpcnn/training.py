@@ -9,8 +9,8 @@ Data enters as arrays in (N, H, W, C) (or datasets, see :mod:`xpcnn.data`); each
 to the device once (a training set that fits :data:`xpcnn.data.DEVICE_BUDGET_BYTES` crosses once
 in all), is cast there and runs forward and backward through the layers; the loss and correct
 count stay on the device until the host reads them (:mod:`xpcnn.totals`). With a cross-entropy
-loss and a final Softmax layer, training feeds the Softmax's input (the logits) to the fused,
-stable softmax cross-entropy; ``predict`` still returns probabilities.
+loss and a final Softmax layer (or a last layer's softmax activation), training feeds the
+logits to the fused, stable softmax cross-entropy; ``predict`` still returns probabilities.
 """
 
 from __future__ import annotations
@@ -398,8 +398,9 @@ class Trainer:
         params = [p for la in trained for p in la.params.values()]
         n = int(xb.shape[0]) if self._parallel is None else self._parallel.total
         # (with float16 loss scaling, this divides the gradients by the scale, in place)
+        # (squares of clipped gradients cannot overflow an optimiser's state)
         apply = self._running_totals().add(stats, grads, n, step, self._scaling,
-                                           opt.keeps_squares)
+                                           opt.keeps_squares and not opt.clipping)
         if moving:
             kernels.restore_state(moving, before, apply)
         opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)
@@ -950,11 +951,11 @@ class Trainer:
     def predict(self, x: Any, batch_size: int = 256, verbose: int | str = 0,
                 steps: int | None = None, callbacks: list[Callback] | None = None) -> np.ndarray:
         """The model's output for ``x`` as a host NumPy array, as in Keras: class
-        probabilities (N, classes) for a model that ends in a Softmax (applied to the logits
-        the plan stops at), any other model's output as it is (logits, an inner layer's
-        features); ``x`` as for :meth:`evaluate` (targets, if any, are ignored);
-        ``verbose=1`` shows a progress bar (Keras' ``predict(x, verbose=0)`` works as it
-        is)."""
+        probabilities (N, classes) for a model that ends in a Softmax or a softmax activation
+        (applied to the logits the plan stops at), any other model's output as it is
+        (logits, an inner layer's features); ``x`` as for :meth:`evaluate` (targets, if any,
+        are ignored); ``verbose=1`` shows a progress bar (Keras' ``predict(x, verbose=0)``
+        works as it is)."""
         batch_size = checks.positive_int(batch_size, "batch_size")
         verbose = checks.verbosity(verbose)
         cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})

@@ -194,7 +194,7 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
     Row 0 is the original image beside its channels; row ``i + 1`` is layer ``i``'s output:
     its first ``max_maps`` feature maps on one colour scale per row (diverging, blue-white-red,
     where the row has negative values; viridis otherwise), or a bar chart for flat outputs
-    (``class_names`` label the output vector, and the logits under a final Softmax). The text
+    (``class_names`` label the output vector, and the logits under a final Softmax layer). The text
     at the left of each row names the layer, its type, output shape and value range. Returns
     the Figure: two axes per row (label or original, then maps), ``len(model.layers) + 1``
     rows.
@@ -476,8 +476,9 @@ def plot_history(history: History | Mapping[str, Sequence[float]],
             values = np.asarray(logs.get(key) or [], dtype=np.float64)
             if values.size == 0:
                 continue
-            if epochs_of is not None:
-                epochs = np.asarray(epochs_of(key)) + 1
+            known = None if epochs_of is None else epochs_of(key)
+            if known is not None:
+                epochs = np.asarray(known) + 1
             else:  # (a bare dict: a list as long as the epochs, else counted from 1)
                 epochs = np.asarray(numbers) + 1 if len(numbers) == values.size else \
                     np.arange(1, values.size + 1)

@@ -207,6 +207,13 @@ class Layer:
         where the output is > 0 (see :attr:`Options.skip_relu_grad`)."""
         return False
 
+    @property
+    def softmax_output(self) -> bool:
+        """True where the output is a softmax of the layer's own logits that it leaves out
+        under :attr:`Options.logits` (``Dense(activation="softmax")``): a model ending in it
+        hands those logits to the loss, as it does a final Softmax layer's input."""
+        return False
+
     # -- building ------------------------------------------------------------------------
     def build(
         self,

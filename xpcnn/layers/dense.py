@@ -56,6 +56,10 @@ class Dense(Layer):
     def relu_output(self) -> bool:
         return self.activation == "relu"
 
+    @property
+    def softmax_output(self) -> bool:
+        return self.activation == "softmax"
+
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         if len(input_shape) != 1:
             raise InputError(
@@ -77,7 +81,7 @@ class Dense(Layer):
         bias = self.compute_weight("bias") if self.use_bias else None
         relu = self.relu_output or options.fused_relu
         y = kern.matmul_bias_relu(x, w, bias, relu)
-        probabilities = self.activation == "softmax" and not options.logits
+        probabilities = self.softmax_output and not options.logits
         if probabilities:  # (in the parameters' dtype, as a Softmax layer computes it)
             y = softmax(self.xp, self.xp.astype(y, self.dtype, copy=False))
         if training:

@@ -343,7 +343,7 @@ def progress_within(model: Any, epoch: int, step: int) -> Progress:
 
 
 def _history(h: Any, path: str) -> History:
-    sparse = h.get("sparse", {}) if isinstance(h, dict) else None  # (none before validation_freq)
+    sparse = h.get("sparse", {}) if isinstance(h, dict) else None  # (none in older files)
     ok = (isinstance(h, dict) and isinstance(h.get("epoch"), list)
           and isinstance(h.get("history"), dict) and isinstance(sparse, dict)
           and all(type(e) is int for e in h["epoch"])
