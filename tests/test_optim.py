@@ -355,6 +355,25 @@ def test_clipped_gradients_whose_raw_squares_overflow_train_on(rng, clip):
     assert all(np.isfinite(model.backend.to_numpy(v)).all() for v in model.optimizer.slots["v"])
 
 
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
+def test_clipping_sees_the_unscaled_gradients_in_mixed_precision(rng, precision):
+    """One step of SGD(lr=1, global_clipnorm=0.01) moves the weights by exactly 0.01 in all,
+    in float32 and under float16 loss scaling (whose gradients are divided by the scale,
+    2^15, before the clipping): the clipping sees the true gradients."""
+    import xpcnn
+    from xpcnn.layers import Dense, Flatten, Softmax
+
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=0)
+    model.compile(optimizer=optim.SGD(1.0, global_clipnorm=0.01), precision=precision)
+    x = rng.random((8, 4, 4, 1)).astype(np.float32)
+    model.build(x.shape[1:])
+    before = model.get_weights()
+    model.fit(x, np.arange(8) % 3, batch_size=8, verbose=0)
+    moved = np.sqrt(sum(np.sum((a - b) ** 2.0) for a, b in zip(model.get_weights(), before,
+                                                                 strict=True)))
+    assert moved == pytest.approx(0.01, rel=1e-4)
+
+
 def test_only_an_element_whose_square_overflows_stops_adam():
     """What would make Adam's state infinite is an element's square, not their sum: 10^5
     elements of 1e17 (each square 1e34, their sum past float32's 3.4e38) train on; one element
