@@ -94,8 +94,10 @@ def _compat(name):
     return importlib.import_module(f"array_api_compat.{name}")
 
 
-@pytest.mark.parametrize("namespace", ["strict", "numpy", "torch"])
-@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("namespace, dtype", [
+    (namespace, dtype) for namespace in ("strict", "numpy", "torch")
+    for dtype in ("float16", "float32", "float64")
+    if (namespace, dtype) != ("strict", "float16")])  # (array_api_strict has no float16)
 def test_standard_relu_against_numpy(namespace, dtype):
     """The standard ReLU (``where``, not ``clip``) in each namespace and dtype: NaN,
     infinities, zeros and the ceiling as NumPy's clip has them, in the input's dtype (a zero's
@@ -103,8 +105,6 @@ def test_standard_relu_against_numpy(namespace, dtype):
     if namespace == "torch":
         pytest.importorskip("torch", reason="PyTorch is not installed")
     xp = xs if namespace == "strict" else _compat(namespace)
-    if not hasattr(xp, dtype):
-        pytest.skip(f"{namespace} has no {dtype}")
     x = np.array([np.nan, -np.inf, -2.5, -0.0, 0.0, 0.5, 2.0, 3.0, np.inf], dtype)
     std = StandardKernels(xp)
     for cap in (None, 2.0, 6):
