@@ -54,7 +54,7 @@ timeout -s INT -k 10 "${TEST_TIMEOUT:-120}" $py -m pytest -q -m gpu -p no:cachep
   tests/test_gpu.py tests/test_backends.py 2>&1 | tee "$out/gpu_tests.log"
 
 echo "== xpcnn train --device cuda"
-timeout "${TRAIN_TIMEOUT:-45}" $py -c "import xpcnn.cli as c; c.main(['train', '--device', 'cuda', '--quiet'])" \
+timeout "${TRAIN_TIMEOUT:-45}" $py -c "import xpcnn.cli as c; c.main(['train', '--device', 'cuda', '--epoch-lines'])" \
   2>&1 | tee "$out/train_cuda.log"
 
 if [ -d .gpudata ]; then

@@ -65,6 +65,21 @@ def test_train_with_early_stopping_and_a_csv_log(tmp_path, capsys):
     assert "argument --early-stopping: expected a whole number >= 0" in capsys.readouterr().err
 
 
+def test_train_with_epoch_lines_for_log_files(tmp_path, capsys):
+    """--epoch-lines: fit's verbose=2, one line an epoch with its loss and accuracy (those the
+    CSV log holds)."""
+    log = tmp_path / "log.csv"
+    assert main(["train", "--limit", "64", "--epochs", "2", "--batch-size", "16",
+                 "--epoch-lines", "--log", str(log)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [r.split(",") for r in log.read_text().splitlines()[1:]]  # epoch,accuracy,loss,...
+    for epoch, row in enumerate(rows):
+        at = lines.index(f"Epoch {epoch + 1}/2")
+        assert lines[at + 1].startswith("4/4 - ")
+        assert lines[at + 1].endswith(f" - loss: {float(row[2]):.4f} - accuracy: "
+                                      f"{float(row[1]):.4f}")
+
+
 def test_the_held_out_split_is_seeded_and_shared_by_the_scripts():
     from xpcnn.cli import _split, split_indices
 

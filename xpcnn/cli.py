@@ -206,6 +206,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout: the results, or the error")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--epoch-lines", action="store_true",
+                   help="one line an epoch instead of progress bars (Keras' verbose=2: for "
+                   "log files)")
 
 
 def _check_train(args: argparse.Namespace) -> None:
@@ -306,7 +309,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         history = model.fit(x, y, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
-                            verbose=0 if args.quiet or args.json else 1,
+                            verbose=0 if args.quiet or args.json else
+                            2 if args.epoch_lines else 1,
                             checkpoint=args.checkpoint,
                             checkpoint_every=args.checkpoint_every or "epoch",
                             resume=args.resume, callbacks=callbacks,
