@@ -171,9 +171,10 @@ class LazyLogs(Mapping[str, float]):
         return len(self._get())
 
 
-def _say(message: str) -> None:
-    """A callback's message: printed on rank 0 only when several processes train together
-    (:mod:`xpcnn.distributed`; they all hold the same logs)."""
+def say_on_root(message: str) -> None:
+    """A message of training (a callback's, a ``verbose=2`` line): printed on rank 0 only when
+    several processes train together (:mod:`xpcnn.distributed`; they all hold the same
+    logs)."""
     if distributed.is_root():
         print(message)
 
@@ -241,7 +242,7 @@ class ProgbarLogger(Callback):
         self.steps = start
         if self.verbose == 2:
             if self.params["epochs"] > 1:
-                _say(f"Epoch {epoch + 1}/{self.params['epochs']}")
+                say_on_root(f"Epoch {epoch + 1}/{self.params['epochs']}")
             return
         self.bar = tqdm(total=steps, initial=start, desc=f"Epoch {epoch + 1}/"
                         f"{self.params['epochs']}", unit="batch", leave=True, dynamic_ncols=True)
@@ -260,7 +261,8 @@ class ProgbarLogger(Callback):
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         logs = logs or {}
         if self.bar is None:
-            _say(summary_line(self.steps, logs.get("seconds", 0.0), logs, self.params["steps"]))
+            say_on_root(summary_line(self.steps, logs.get("seconds", 0.0), logs,
+                                     self.params["steps"]))
             return
         self.bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "seconds"})
         self.bar.close()
@@ -440,7 +442,7 @@ class EarlyStopping(_Monitor):
 
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
         if self.stopped_epoch and self.verbose:
-            _say(f"early stopping at epoch {self.stopped_epoch + 1}: {self.monitor} has not "
+            say_on_root(f"early stopping at epoch {self.stopped_epoch + 1}: {self.monitor} has not "
                  f"improved since epoch {self.best_epoch + 1}")
         if self.restore_best_weights and self.best_weights is not None:
             self.model.set_weights(self.best_weights)
@@ -564,7 +566,7 @@ class ModelCheckpoint(_Monitor):
             save_checkpoint(self.model, path, progress_within(self.model, epoch, batch + 1),
                             self.model.history)
         if self.verbose:
-            _say(f"epoch {epoch + 1}" + ("" if batch is None else f", batch {batch + 1}") +
+            say_on_root(f"epoch {epoch + 1}" + ("" if batch is None else f", batch {batch + 1}") +
                  f": saved {path}")
 
 
@@ -680,7 +682,7 @@ class ReduceLROnPlateau(_Monitor):
             optimizer.lr = max(optimizer.lr * self.factor, self.min_lr)
             self.cooling, self.wait = self.cooldown, 0
             if self.verbose:
-                _say(f"epoch {epoch + 1}: learning rate reduced to {optimizer.lr:.3g}")
+                say_on_root(f"epoch {epoch + 1}: learning rate reduced to {optimizer.lr:.3g}")
 
 
 class LearningRateScheduler(Callback):
@@ -703,7 +705,7 @@ class LearningRateScheduler(Callback):
         optimizer.lr = self.schedule(epoch, optimizer.lr) if self.takes_lr else \
             self.schedule(epoch)
         if self.verbose:
-            _say(f"epoch {epoch + 1}: learning rate {optimizer.lr:.3g}")
+            say_on_root(f"epoch {epoch + 1}: learning rate {optimizer.lr:.3g}")
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         _log(logs, "learning_rate", self.model.optimizer.lr)
@@ -795,5 +797,5 @@ class TerminateOnNaN(Callback):
     next read, not by a wait for the device every step)."""
 
     def on_non_finite(self, error: NonFiniteError) -> None:
-        _say(f"TerminateOnNaN: {error}")
+        say_on_root(f"TerminateOnNaN: {error}")
         self.model.stop_training = True

@@ -39,6 +39,7 @@ from .callbacks import (
     LazyLogs,
     ProgbarLogger,
     callback_list,
+    say_on_root,
     summary_line,
     validates,
 )
@@ -64,7 +65,7 @@ from .layers.base import Layer
 from .layers.dropout import RandomLayer
 from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
-from .ops.softmax import softmax
+from .ops.softmax import softmax, target_rows
 from .ops.step_record import BAD_GRADS, BAD_LOSS, BAD_STEP, CORRECT, LOSS_SUM
 from .optim import Optimizer, get_optimizer
 from .totals import READ_EVERY, RunningTotals, loss_scaling
@@ -451,8 +452,8 @@ class Trainer:
         # lookup with take would need to stay in the table, makes boolean-mask copies: a host
         # read each step on CuPy); a label that is no class weighs 0, and the loss makes that
         # step NaN (its error names the labels)
-        rows = xp.reshape(labels, (-1, 1)) == xp.arange(table.shape[0], device=labels.device)
-        per_class = xp.sum(xp.astype(rows, table.dtype) * table, axis=1)
+        rows = target_rows(xp, labels, table.shape[0], table.dtype)
+        per_class = xp.sum(rows * table, axis=1)
         return per_class if weights is None else \
             per_class * xp.astype(weights, table.dtype, copy=False)
 
@@ -1015,8 +1016,8 @@ def _progress(batches: Any, data: Batches, verbose: int, desc: str) -> Any:
 def _summarise(verbose: int, steps: int, t0: float, logs: dict[str, float] | None = None
                ) -> None:
     """At ``verbose=2``, the one line Keras 3 prints after evaluate or predict (rank 0)."""
-    if verbose == 2 and distributed.is_root():
-        print(summary_line(steps, time.perf_counter() - t0, logs))
+    if verbose == 2:
+        say_on_root(summary_line(steps, time.perf_counter() - t0, logs))
 
 
 def _checkpoint_callback(checkpoint: str | os.PathLike[str] | None, every: int | str,
