@@ -27,7 +27,8 @@ standard version and PyTorch.
     python scripts/bench_gpu.py --device cpu --steps 2 --batch-sizes 8   # dry run on the CPU
 
 Mixed precision on the PyTorch side is ``torch.autocast(dtype=float16)`` with a GradScaler,
-the standard recipe.
+the standard recipe; ``--precisions mixed_bfloat16`` compares with ``torch.autocast(
+dtype=bfloat16)``, which needs no scaler.
 """
 
 from __future__ import annotations
@@ -128,14 +129,14 @@ class PeakMemory:
 
 
 # Datasheet peaks, dense, in TFLOP/s (H100 / H200 SXM: the same compute): the CUDA cores'
-# float32, the tensor cores' TF32 and float16. Not measured here.
+# float32, the tensor cores' TF32 and float16 (bfloat16's is the same). Not measured here.
 PEAK_TFLOPS = {"H200": {"float32": 67.0, "tf32": 494.7, "float16": 989.4},
                "H100": {"float32": 67.0, "tf32": 494.7, "float16": 989.4}}
 
 
 def peak_tflops(card: str, precision: str) -> float | None:
     """The datasheet peak of the product xpcnn runs for ``precision`` on ``card``."""
-    kind = ("float16" if precision == "mixed_float16"
+    kind = ("float16" if precision.startswith("mixed_")
             else "tf32" if os.environ.get("XPCNN_TF32", "1") != "0" else "float32")
     return next((peaks[kind] for key, peaks in PEAK_TFLOPS.items() if key in card), None)
 
@@ -385,14 +386,15 @@ def torch_twin(model: xpcnn.Sequential, batch: int, precision: str, args: argpar
     images = rng.integers(0, 256, (batch, *shape)).astype(np.float32).transpose(0, 3, 1, 2)
     x = torch.from_numpy(images).to(dev).clone(memory_format=layout)
     y = torch.from_numpy(rng.integers(0, 10, batch)).to(dev)
-    mixed = precision == "mixed_float16" and dev == "cuda"
-    scaler = torch.amp.GradScaler(enabled=mixed)
+    mixed = precision.startswith("mixed_") and dev == "cuda"
+    half = torch.bfloat16 if precision == "mixed_bfloat16" else torch.float16
+    scaler = torch.amp.GradScaler(enabled=mixed and half == torch.float16)
     if dev == "cuda":
         torch.backends.cudnn.benchmark = True
 
     def train() -> None:
         net.train()
-        with torch.autocast(dev, dtype=torch.float16, enabled=mixed):
+        with torch.autocast(dev, dtype=half, enabled=mixed):
             loss = torch.nn.functional.cross_entropy(net(x), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -401,7 +403,7 @@ def torch_twin(model: xpcnn.Sequential, batch: int, precision: str, args: argpar
 
     def infer() -> None:
         net.eval()
-        with torch.no_grad(), torch.autocast(dev, dtype=torch.float16, enabled=mixed):
+        with torch.no_grad(), torch.autocast(dev, dtype=half, enabled=mixed):
             net(x)
 
     return train, infer

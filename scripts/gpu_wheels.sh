@@ -20,11 +20,12 @@ platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
   platforms+=(--platform "$p")
 done
-# The versions this session tested with (array-api-*) and the frontend that pyproject's
-# [cuda12]/[cuda13] extras pin.
+# The versions this session tested with (array-api-*, ml_dtypes: CuPy's bfloat16) and the
+# frontend that pyproject's [cuda12]/[cuda13] extras pin.
 $py -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d .whl \
-  "array-api-compat==1.16.0" "array-api-strict==2.6.1" "nvidia-cudnn-frontend==1.28.0"
+  "array-api-compat==1.16.0" "array-api-strict==2.6.1" "nvidia-cudnn-frontend==1.28.0" \
+  "ml_dtypes==0.7.0"
 ls -la .whl
 if [ -n "$data" ]; then
   rm -rf .gpudata && mkdir .gpudata

@@ -3,12 +3,14 @@ on the CPU, for machines without a GPU.
 
 ``cupy.ElementwiseKernel`` wraps a C++ loop body in a loop over the output's elements. This
 module does the same with the host C++ compiler, for float16 (CuPy's float16 class on the
-compiler's ``_Float16``), float32 and float64 data: ``i`` is the element's C-order index, a
+compiler's ``_Float16``), bfloat16 (CuPy's class for ml_dtypes' dtype, on integers), float32
+and float64 data: ``i`` is the element's C-order index, a
 non-raw argument is the element at ``i`` (broadcast), a ``raw`` one an array indexed by one
 integer, a scalar a constant of its declared type. A fake ``cupy`` module routes the few other
 CuPy calls of those modules to NumPy. The raw kernels (``RawKernel``) run in float32 and
-float64, and in float16 where they only convert cuda_fp16.h's ``__half`` to and from float
-(``__half`` emulated on ``_Float16``); the tensor-core ones do not run here (tests/test_gpu.py).
+float64, and in float16 and bfloat16 where they only convert cuda_fp16.h's ``__half`` and
+cuda_bf16.h's ``__nv_bfloat16`` to and from float (emulated on ``_Float16`` and integers);
+the tensor-core ones do not run here (tests/test_gpu.py).
 Inside ``kernel_trace.tracing()`` (tests/kernel_trace.py) every launch is also built with
 GCC's ThreadSanitizer instrumentation and its global-memory accesses recorded.
 """
@@ -29,13 +31,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 
-C_TYPES = {np.dtype("float16"): "float16", np.dtype("float32"): "float",
-           np.dtype("float64"): "double", np.dtype("bool"): "bool",
-           np.dtype("int32"): "int", np.dtype("uint32"): "unsigned int",
-           np.dtype("int64"): "long long",
+C_TYPES = {np.dtype("float16"): "float16", np.dtype(ml_dtypes.bfloat16): "bfloat16",
+           np.dtype("float32"): "float", np.dtype("float64"): "double",
+           np.dtype("bool"): "bool", np.dtype("int32"): "int",
+           np.dtype("uint32"): "unsigned int", np.dtype("int64"): "long long",
            np.dtype("uint8"): "unsigned char"}
 
 
@@ -90,6 +93,41 @@ struct float16 {
 };
 inline int isfinite(float16 x) { return std::isfinite((float)x); }
 inline int isnan(float16 x) { return std::isnan((float)x); }
+"""
+
+# bfloat16 as CUDA rounds it (cuda_bf16.hpp's __float2bfloat16: to nearest, ties to even; a NaN
+# becomes 0x7fff) and widens it (the 16 bits as a float's top half), on the host's integers:
+# the base of CuPy's bfloat16 class (cupy/_core/include/cupy/bfloat16.cuh, the elementwise
+# kernels' type) and of cuda_bf16.h's __nv_bfloat16 (the raw kernels'), both converted to and
+# from float only, as _FLOAT16's float16 is.
+_BFLOAT16 = """
+inline float xpcnn_bf16_widen(unsigned short b) {
+    unsigned u = (unsigned)b << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned short xpcnn_bf16_round(float f) {
+    unsigned u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+struct bfloat16 {
+    unsigned short v;
+    bfloat16() {}
+    XPCNN_TRACED_COPY(bfloat16)
+    bfloat16(float f) : v(xpcnn_bf16_round(f)) {}
+    explicit bfloat16(double d) : v(xpcnn_bf16_round((float)d)) {}
+    explicit bfloat16(int i) : v(xpcnn_bf16_round((float)i)) {}
+    explicit bfloat16(long long i) : v(xpcnn_bf16_round((float)i)) {}
+    explicit bfloat16(bool b) : v(xpcnn_bf16_round((float)b)) {}
+    operator float() const { return xpcnn_bf16_widen(v); }
+    template <typename T> bfloat16& operator=(const T& x) { *this = bfloat16(x); return *this; }
+    bfloat16& operator=(const bfloat16&) = default;
+};
+inline int isfinite(bfloat16 x) { return std::isfinite((float)x); }
+inline int isnan(bfloat16 x) { return std::isnan((float)x); }
 """
 
 # CUDA's products rounded on their own, never fused into a multiply-add (the volatile store
@@ -191,7 +229,7 @@ class ElementwiseKernel:
                 per_element.append(f"{c}& {name} = {name}_p[i];")
         typedefs = "".join(f"typedef {C_TYPES[v]} {k};\n" for k, v in types_.items())
         source = ("#include <cmath>\n#define __device__\nusing namespace std;\n" + _TRACE_AT
-                  + _FLOAT16 + _ROUNDED_PRODUCTS + _ONE_THREAD_BLOCKS + _RAW_DEVICE +
+                  + _FLOAT16 + _BFLOAT16 + _ROUNDED_PRODUCTS + _ONE_THREAD_BLOCKS + _RAW_DEVICE +
                   typedefs + self.preamble +
                   "template <typename X> struct Raw { X* d; "
                   "X& operator[](long long k) const { return d[k]; } };\n"
@@ -291,6 +329,15 @@ struct __half {
 };
 inline float __half2float(__half h) { return (float)h.v; }
 inline __half __float2half(float f) { return __half(f); }
+struct __nv_bfloat16 {
+    unsigned short v;
+    __nv_bfloat16() {}
+    XPCNN_TRACED_COPY(__nv_bfloat16)
+    __nv_bfloat16(float f) : v(xpcnn_bf16_round(f)) {}
+    operator float() const { return xpcnn_bf16_widen(v); }
+};
+inline float __bfloat162float(__nv_bfloat16 h) { return xpcnn_bf16_widen(h.v); }
+inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline unsigned atomicAdd(unsigned* a, unsigned v) {
     return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);
@@ -407,8 +454,9 @@ class RawKernel:
             "#define __restrict__\n"
             "#define __shared__ static\n#define __align__(n) __attribute__((aligned(n)))\n"
             "#define __syncthreads() xpcnn_barrier()\n"
-            "using namespace std;\n" + _TRACE_AT + _RAW_DEVICE +
-            self.code.replace("#include <cuda_fp16.h>", "") +
+            "using namespace std;\n" + _TRACE_AT + _BFLOAT16 + _RAW_DEVICE +
+            self.code.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_bf16.h>",
+                                                                     "") +
             "\nstatic void xpcnn_thread() {\n"
             f"  {self.name}({', '.join(call)});\n"
             "  xpcnn_returned = true;\n}\n"

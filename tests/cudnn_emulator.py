@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
@@ -37,7 +38,7 @@ class DataType(enum.Enum):
     HALF = np.float16
     FLOAT = np.float32
     DOUBLE = np.float64
-    BFLOAT16 = "bfloat16"
+    BFLOAT16 = ml_dtypes.bfloat16
 
 
 class HeurMode(enum.Enum):

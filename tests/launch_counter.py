@@ -60,9 +60,12 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import ml_dtypes
 import numpy as np
 
 HERE = Path(__file__).resolve()
+#: The 2-byte floats of mixed precision, whose products cuBLAS computes in float32.
+HALVES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 XPCNN = HERE.parents[1] / "xpcnn"
 
 
@@ -240,12 +243,14 @@ class DeviceArray(np.ndarray):
             if out is not None:
                 kwargs["out"] = _host(tuple(out))
             inputs = _host(inputs)
-            if ufunc is np.matmul and out is None and all(
-                    getattr(a, "dtype", None) == np.float16 for a in inputs):
-                # (as cuBLAS multiplies float16 matrices: in float32, rounded once; NumPy's own
-                # float16 matmul, a loop without BLAS, took 4 s of a 6 s step)
+            half = getattr(inputs[0], "dtype", None)
+            if ufunc is np.matmul and out is None and half in HALVES and all(
+                    getattr(a, "dtype", None) == half for a in inputs):
+                # (as cuBLAS multiplies float16 and bfloat16 matrices: in float32, rounded
+                # once, in their dtype; NumPy's own float16 matmul, a loop without BLAS, took
+                # 4 s of a 6 s step, and its bfloat16 one, ml_dtypes', gives float32)
                 result = np.matmul(*(a.astype(np.float32) for a in inputs),
-                                   **kwargs).astype(np.float16)
+                                   **kwargs).astype(half)
             else:
                 result = getattr(ufunc, method)(*inputs, **kwargs)
         if out is not None:
@@ -568,7 +573,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     with emulated():
         for name in args.models:
-            for precision in ("float32", "mixed_float16"):
+            for precision in ("float32", "mixed_float16", "mixed_bfloat16"):
                 launches = step_launches(name, precision, args.batch)
                 print(f"{name}, {precision}, batch {args.batch}: {launch_count(launches)} "
                       "launches")

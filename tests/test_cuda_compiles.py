@@ -144,6 +144,35 @@ public:
 };
 """
 
+# And for CuPy's bfloat16 (cupy/_core/include/cupy/bfloat16.cuh, CuPy 14 with ml_dtypes): the
+# same shape on cuda_bf16.h's __nv_bfloat16, with the header's free functions the kernels may
+# meet (isnan, isfinite).
+CUPY_BFLOAT16 = """
+class bfloat16 {
+    __nv_bfloat16 data_;
+public:
+    __device__ bfloat16() : data_() {}
+    __device__ bfloat16(const __nv_bfloat16& v) : data_(v) {}
+    __device__ bfloat16(float v) : data_(v) {}
+    explicit __device__ bfloat16(bool v) : data_(float(v)) {}
+    explicit __device__ bfloat16(double v) : data_(float(v)) {}
+    explicit __device__ bfloat16(int v) : data_(float(v)) {}
+    explicit __device__ bfloat16(unsigned int v) : data_(float(v)) {}
+    explicit __device__ bfloat16(long long v) : data_(float(v)) {}
+    explicit __device__ bfloat16(unsigned long long v) : data_(float(v)) {}
+    __device__ operator float() const { return float(data_); }
+    bfloat16& operator=(const bfloat16&) = default;
+    template <typename T> __device__ bfloat16& operator=(const T& rhs) {
+        *this = static_cast<bfloat16>(rhs);
+        return *this;
+    }
+    __device__ int isnan() const { return __hisnan(data_); }
+    __device__ int isinf() const { return __hisinf(data_); }
+};
+__device__ int isnan(bfloat16 x) { return x.isnan(); }
+__device__ int isfinite(bfloat16 x) { return !x.isnan() && !x.isinf(); }
+"""
+
 
 def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...] = ()) -> str:
     """An emulated ``cupy.ElementwiseKernel`` as the CUDA kernel CuPy would build: its body in
@@ -160,7 +189,8 @@ def _elementwise_as_kernel(kernel, types: dict[str, str], arrays: tuple[str, ...
     elements = "".join(f"{c_type(ty, name)}& {name} = {name}_p[i];\n"
                        for raw, ty, name in kernel.ins + kernel.outs if name in arrays)
     typedefs = "".join(f"typedef {c} {k};\n" for k, c in types.items())
-    return ("#include <cuda_fp16.h>\n" + CUPY_FLOAT16 + typedefs + kernel.preamble +
+    return ("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n" + CUPY_FLOAT16 + CUPY_BFLOAT16
+            + typedefs + kernel.preamble +
             f'\nextern "C" __global__ void {kernel.name}({", ".join(params)}, long long n) {{\n'
             + kernel.loop_prep +
             "\nfor (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;"
@@ -189,6 +219,7 @@ def _raw_source(fast_cupy, monkeypatch, name: str, source: str, **types) -> str:
                                                   ("float32", "float32", "float32"),
                                                   ("float16", "float32", "float32"),
                                                   ("float16", "float64", "float32"),
+                                                  ("bfloat16", "float32", "float32"),
                                                   ("float64", "float64", "float64")])
 def test_softmax_cross_entropy_kernel_compiles(fast_cupy, monkeypatch, logits, dtype, scale,
                                                labels):
@@ -206,6 +237,7 @@ def test_softmax_cross_entropy_kernel_compiles(fast_cupy, monkeypatch, logits, d
     for name in ("xpcnn_softmax_cross_entropy", "xpcnn_softmax_cross_entropy_rows"):
         assert_launchable(log, name, fast_cupy._CROSS_ENTROPY_THREADS)
     assert ("cuda_fp16.h" in source) == ("float16" in (logits, dtype, scale))
+    assert ("cuda_bf16.h" in source) == ("bfloat16" in (logits, dtype, scale))
 
 
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
@@ -337,9 +369,10 @@ def test_add_relu_kernels_compile(fast_cupy, name, arrays, dtype):
     assert code == 0, log
 
 
-# (the statistics' dtype, the data's: float16 under mixed precision)
+# (the statistics' dtype, the data's: float16 or bfloat16 under mixed precision)
 @pytest.mark.parametrize("dtype, io", [("float16", "float16"), ("float32", "float32"),
-                                       ("float64", "float64"), ("float32", "float16")])
+                                       ("float64", "float64"), ("float32", "float16"),
+                                       ("float32", "bfloat16")])
 @pytest.mark.parametrize("arch", [75, 90])
 def test_feature_norm_kernels_compile(fast_cupy, monkeypatch, dtype, io, arch):
     """FeatureNorm in one launch each way: a block's chunk of channels, its tree over groups
@@ -389,7 +422,39 @@ def test_kernels_compile_with_cupys_float16_class(fast_cupy, name, types, arrays
     assert code == 0, log
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+# The same kernels under mixed bfloat16, and those that meet it there besides: the weights'
+# casts, and the hand-written convolutions where cuDNN has no plan (the tiled ones take no
+# bfloat16: the direct ones run).
+CUPY_BFLOAT16_CASES = [
+    (name, {k: "bfloat16" if v == "float16" else v for k, v in types.items()}, arrays)
+    for name, types, arrays in CUPY_FLOAT16_CASES] + [
+    ("_CAST_ALL", {"S": "float", "U": "bfloat16"}, ()),
+    ("_CAST_ALL", {"S": "bfloat16", "U": "float"}, ()),
+    ("_CONV", {"T": "bfloat16"}, ("y",)),
+]
+
+
+@pytest.mark.parametrize("name, types, arrays", CUPY_BFLOAT16_CASES)
+@pytest.mark.parametrize("arch", [75, 90])
+def test_kernels_compile_with_cupys_bfloat16_class(fast_cupy, name, types, arrays, arch):
+    """CuPy's bfloat16 as its float16: values that meet in float. On compute capability 7.5
+    too, where cuda_bf16.h has no bfloat16 arithmetic of the GPU's own."""
+    kernel = getattr(fast_cupy, name, None) or getattr(fast_cupy.cuda_conv, name)
+    source = _elementwise_as_kernel(kernel, types, arrays=arrays)
+    code, log = _compile(source, kernel.name, arch)
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("arch", [75, 90])
+def test_direct_convolution_weight_gradient_compiles_for_bfloat16(fast_cupy, arch):
+    """The direct kernel gradient, bfloat16 data and gradients, its float partial sums."""
+    kernel = fast_cupy.cuda_conv._conv_weight_grad_kernel(4)
+    source = _elementwise_as_kernel(kernel, {"T": "bfloat16", "G": "bfloat16", "P": "float"})
+    code, log = _compile(source, kernel.name, arch)
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("arch", [75, 90])
 @pytest.mark.parametrize("name", ["xpcnn_sum_rows", "xpcnn_relu_sum_rows"])
 def test_column_sum_kernel_compiles(fast_cupy, monkeypatch, dtype, arch, name):
@@ -403,12 +468,14 @@ def test_column_sum_kernel_compiles(fast_cupy, monkeypatch, dtype, arch, name):
     assert code == 0, log
     assert_launchable(log, name, 32 * fast_cupy._SUM_ROWS_LANES)
     assert ("cuda_fp16.h" in source) == (dtype == "float16")  # (CUDA's header where needed)
+    assert ("cuda_bf16.h" in source) == (dtype == "bfloat16")
 
 
 
-# (the statistics' dtype, the data's: float16 under mixed precision)
+# (the statistics' dtype, the data's: float16 or bfloat16 under mixed precision)
 @pytest.mark.parametrize("dtype, io", [("float16", "float16"), ("float32", "float32"),
-                                       ("float64", "float64"), ("float32", "float16")])
+                                       ("float64", "float64"), ("float32", "float16"),
+                                       ("float32", "bfloat16")])
 @pytest.mark.parametrize("arch", [75, 90])
 def test_batch_norm_kernels_compile(fast_cupy, monkeypatch, dtype, io, arch):
     """BatchNorm in two launches each way: the last-block statistics (the trees over lanes,
@@ -425,7 +492,8 @@ def test_batch_norm_kernels_compile(fast_cupy, monkeypatch, dtype, io, arch):
                                          **types), name, arch)
         assert code == 0, log
         assert_launchable(log, name, 32 * fast_cupy._SUM_ROWS_LANES)
-    c_types = {"float16": "float16", "float32": "float", "float64": "double"}
+    c_types = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float",
+               "float64": "double"}
     t, x, a = c_types[dtype], c_types[io], c_types[acc]
     for kernel, types, arrays in [
             # (these two loop over their elements: raw arrays only)

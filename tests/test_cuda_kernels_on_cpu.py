@@ -7,6 +7,7 @@ import contextlib
 import sys
 
 import array_api_compat.numpy as xpn
+import ml_dtypes
 import numpy as np
 import pytest
 from cuda_emulator import (
@@ -47,7 +48,9 @@ pytestmark = needs_compiler
 
 STD = StandardKernels(xpn)
 DTYPES = [np.float32, np.float64]
-WITH_HALF = [np.float16, *DTYPES]  # (the elementwise kernels: CuPy's float16 emulated too)
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+# (the elementwise kernels: CuPy's float16 and bfloat16 emulated too)
+WITH_HALF = [np.float16, BFLOAT16, *DTYPES]
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +179,7 @@ def test_elementwise_kernels(fast, rng, dtype):
     dy[0, 0, 0, 0] = np.nan
     want = STD.mask_multiply(dy, keep, 1.5, relu_y)
     np.testing.assert_array_equal(fast.mask_multiply(dy, keep, 1.5, relu_y), want)
-    ref = dy * keep * dtype(1.5) * (relu_y > 0)
+    ref = dy * keep * np.dtype(dtype).type(1.5) * (relu_y > 0)
     np.testing.assert_array_equal(want, ref)
     assert np.count_nonzero(want) < np.count_nonzero(dy * keep)
     a, b = rng.standard_normal((50, 7)).astype(dtype), rng.standard_normal((7, 6)).astype(dtype)
@@ -536,12 +539,13 @@ def test_the_emulator_refuses_the_calls_cupy_refuses(fast, dtype, mistake):
     x = np.ones((2, 3, 3, 4), dtype)
     stats = np.ones((2, 1, 1, 4), dtype)
     wide = np.float64 if dtype != np.float64 else np.float32
+    one = np.dtype(dtype).type  # (a scalar of the dtype)
     call, error = {
         "two dtypes for T": (lambda: kernels._BIAS_RELU(stats.astype(wide), 4, False, x),
                              TypeError),
-        "U from no array": (lambda: kernels._RESCALE(x.astype(np.uint8), x, dtype(2), dtype(0),
+        "U from no array": (lambda: kernels._RESCALE(x.astype(np.uint8), x, one(2), one(0),
                                                      False), KeyError),  # (an output not given)
-        "an integer mask": (lambda: kernels._MASK_MULTIPLY(x, x.astype(np.int32), dtype(2)),
+        "an integer mask": (lambda: kernels._MASK_MULTIPLY(x, x.astype(np.int32), one(2)),
                             TypeError),
         "size with a non-raw array": (lambda: kernels._RELU_BACKWARD(x, x, size=72),
                                       ValueError),
@@ -614,7 +618,7 @@ def test_blocked_products(fast, rng, rows, dtype):
     want = a.astype(np.float64).T @ b.astype(np.float64)
     got = fast.matmul_tn(a, b)
     assert got.dtype == dtype
-    tol = 1e-2 if dtype == np.float16 else 1e-5 if dtype == np.float32 else 1e-12
+    tol = {2: 1e-2, 4: 1e-5, 8: 1e-12}[np.dtype(dtype).itemsize]
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
@@ -796,15 +800,18 @@ def test_softmax_cross_entropy(fast, monkeypatch, rng, rows, classes, smoothing,
          else rng.standard_normal((rows, classes)) * 30).astype(dtype)
     labels = rng.integers(0, classes, rows).astype(labels_dtype)
     stats, grad = fast.softmax_cross_entropy(z, labels, smoothing)
-    want_stats, want_grad = STD.softmax_cross_entropy(z, labels, smoothing)
+    # (bfloat16 logits against the standard version in float32, as the kernel computes: the
+    # standard version's own bfloat16 sums, as NumPy makes them, are far rougher)
+    want_stats, want_grad = STD.softmax_cross_entropy(
+        z.astype(np.float32) if dtype == BFLOAT16 else z, labels, smoothing)
     assert stats.dtype == want_stats.dtype and stats.shape == (2,) and grad.dtype == dtype
     for got, first in zip(fast.softmax_cross_entropy(z, labels, smoothing), (stats, grad),
                           strict=True):
         np.testing.assert_array_equal(got, first)
     assert not module._COUNTERS["cpu"].any()
     # (float16 logits: the kernel computes in float and rounds once, the standard version
-    # rounds the logits' differences to float16 first)
-    tol = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-12}[dtype]
+    # rounds the logits' differences to float16 first; bfloat16's gradient is rounded once)
+    tol = {np.float16: 2e-3, BFLOAT16: 4e-3, np.float32: 1e-5, np.float64: 1e-12}[dtype]
     np.testing.assert_allclose(stats[0], want_stats[0], rtol=tol, atol=tol)
     assert stats[1] == want_stats[1]
     np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol / rows)
@@ -814,7 +821,7 @@ def test_softmax_cross_entropy(fast, monkeypatch, rng, rows, classes, smoothing,
     scaling = np.array([2.0**15, 7.0], np.float32)
     for kernels in (fast, STD):
         scaled_stats, scaled = kernels.softmax_cross_entropy(z, labels, smoothing, scaling)
-        unscaled_stats, unscaled = (STD if dtype == np.float16 else kernels
+        unscaled_stats, unscaled = (STD if np.dtype(dtype).itemsize == 2 else kernels
                                     ).softmax_cross_entropy(z, labels, smoothing)
         np.testing.assert_array_equal(scaled_stats, unscaled_stats)
         np.testing.assert_array_equal(scaled, (unscaled * scaling[0]).astype(dtype))
@@ -916,15 +923,17 @@ def test_training_with_the_cuda_kernels(fast, monkeypatch, net, algorithm):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("net", [gap_net, every_layer_net])
-def test_mixed_float16_training_with_the_cuda_kernels(fast, monkeypatch, net):
-    """Mixed precision on the CuPy kernels (CuPy's float16 emulated; the direct convolution
-    kernels, the tiled ones being the tensor cores' on a GPU): float16 layers, the loss scaled
-    and the gradients unscaled and checked by the step's record, the fused float32 updates.
-    Close to the standard path, which rounds every float16 operation where the kernels round
-    once: the same loss scale, losses to 2e-4, weights to 2% of the largest weight where
-    dropout, flips and crops compound the roundings (0.1% without them: 2% let the first
-    kernel of gap_net pass untrained)."""
+def test_mixed_precision_training_with_the_cuda_kernels(fast, monkeypatch, net, precision):
+    """Mixed precision on the CuPy kernels (CuPy's float16 and bfloat16 emulated; the direct
+    convolution kernels, the tiled ones being the tensor cores' on a GPU): float16 or bfloat16
+    layers, the float16 loss scaled and the gradients unscaled and checked by the step's
+    record, the fused float32 updates. Close to the standard path, which rounds every
+    half-precision operation where the kernels round once: the same loss scale (none for
+    bfloat16), losses to 2e-4, weights to 2% of the largest weight where dropout, flips and
+    crops compound the roundings (0.1% without them: 2% let the first kernel of gap_net pass
+    untrained)."""
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
     conv = fast.conv_kernels
@@ -935,12 +944,12 @@ def test_mixed_float16_training_with_the_cuda_kernels(fast, monkeypatch, net):
     def fit(kernels):
         monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
         model = xpcnn.Sequential(net(), seed=0)
-        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), precision="mixed_float16")
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), precision=precision)
         history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
         return model.get_weights(), history.history["loss"], model.loss_scale
 
     (w_fast, loss_fast, scale_fast), (w_std, loss_std, scale_std) = fit(fast), fit(None)
-    assert scale_fast == scale_std == 2.0**15
+    assert scale_fast == scale_std == (2.0**15 if precision == "mixed_float16" else 1.0)
     assert loss_fast == pytest.approx(loss_std, rel=2e-4)
     largest = max(float(np.abs(b).max()) for b in w_std)
     share = 0.02 if net is every_layer_net else 1e-3

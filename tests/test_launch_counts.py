@@ -32,6 +32,9 @@ PINNED = {
     ("notebook", "float32"): 26, ("notebook", "mixed_float16"): 28,
     ("mnist", "float32"): 28, ("mnist", "mixed_float16"): 30,
     ("cifar", "float32"): 34, ("cifar", "mixed_float16"): 36,
+    # (mixed bfloat16: the same kernels as mixed float16, whose loss scale costs no launch)
+    ("notebook", "mixed_bfloat16"): 28, ("mnist", "mixed_bfloat16"): 30,
+    ("cifar", "mixed_bfloat16"): 36,
     ("mnist-bn", "float32"): 56, ("mnist-bn", "mixed_float16"): 58,
     ("resnet20", "float32"): 181, ("resnet20", "mixed_float16"): 183,
 }
@@ -41,6 +44,8 @@ PINNED_MIB = {
     ("notebook", "float32"): 68.2, ("notebook", "mixed_float16"): 39.0,
     ("mnist", "float32"): 69.8, ("mnist", "mixed_float16"): 41.8,
     ("cifar", "float32"): 72.7, ("cifar", "mixed_float16"): 39.9,
+    ("notebook", "mixed_bfloat16"): 39.0, ("mnist", "mixed_bfloat16"): 41.8,
+    ("cifar", "mixed_bfloat16"): 40.0,
     ("mnist-bn", "float32"): 89.5, ("mnist-bn", "mixed_float16"): 45.6,
     ("resnet20", "float32"): 15.5, ("resnet20", "mixed_float16"): 9.8,
 }

@@ -1,8 +1,10 @@
 """Sequential: the Keras-like API, model files, weights layouts, precision, errors."""
 
 import functools
+import sys
 import warnings
 
+import ml_dtypes
 import numpy as np
 import pytest
 from nets import every_layer_net, gap_net, plan_of
@@ -24,6 +26,7 @@ from xpcnn.layers import (
     Softmax,
 )
 from xpcnn.models import build_layers
+from xpcnn.training import PRECISIONS
 
 
 @pytest.fixture
@@ -403,10 +406,80 @@ def test_loss_scaling_skips_an_overflowing_step_and_lowers_the_scale(data, fast,
         assert np.array_equal(a, b)
 
 
-def test_bfloat16_is_a_clear_error_where_the_backend_lacks_it():
-    model = xpcnn.Sequential(gap_net())
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
+def test_mixed_bfloat16_trains_with_float32_master_weights(data, fast, monkeypatch):
+    """bfloat16 on NumPy is ml_dtypes': the layers compute in it (the products in float32 on
+    its values, rounded once, as a GPU's), the weights stay float32, no loss scale; close to
+    float32 training, and to PyTorch's own bfloat16 (an independent one) where it is
+    installed."""
+    monkeypatch.setattr(xpcnn.backend, "_FAST_PATH", {"enabled": fast})
+    model = trained(data, net=gap_net, precision="mixed_bfloat16")
+    assert model.layers[1].compute_dtype == np.dtype(ml_dtypes.bfloat16)
+    assert model.loss_scale == 1.0
+    assert all(w.dtype == np.float32 and np.all(np.isfinite(w)) for w in model.get_weights())
+    probs = model.predict(data[0][:5])
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+    # bfloat16 keeps 8 bits (float16 11): one epoch stays within 2% of the largest weight of
+    # float32 training, and moves every weight array by more than that
+    ref, start = trained(data, net=gap_net), xpcnn.Sequential(gap_net(), seed=0)
+    start.build(data[0].shape[1:])
+    for a, b, b0 in zip(model.get_weights(), ref.get_weights(), start.get_weights(),
+                        strict=True):
+        largest = float(np.abs(b).max())
+        np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * largest)
+        assert float(np.abs(b - b0).max()) > 0.02 * largest
+
+
+def test_mixed_bfloat16_on_numpy_matches_pytorch(data):
+    """The same model in mixed bfloat16 on NumPy (ml_dtypes) and on PyTorch (its own bfloat16
+    convolutions and products): the same weights to bfloat16's precision after an epoch."""
+    pytest.importorskip("torch", reason="PyTorch is not installed")
+    import array_api_compat.torch as xt
+
+    def run(device):
+        model = xpcnn.Sequential(gap_net(), device=device, seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), precision="mixed_bfloat16")
+        history = model.fit(*data, epochs=1, batch_size=16, verbose=0)
+        return model.get_weights(), history.history["loss"]
+
+    (w_np, loss_np), (w_torch, loss_torch) = run("cpu"), run(xt)
+    assert loss_np == pytest.approx(loss_torch, rel=1e-2)
+    for a, b in zip(w_np, w_torch, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * float(np.abs(b).max()))
+
+
+def test_bfloat16_is_a_clear_error_where_the_backend_lacks_it(monkeypatch):
+    """array_api_strict has no bfloat16; NumPy has ml_dtypes' where that is installed."""
+    import array_api_strict
+
+    model = xpcnn.Sequential(gap_net(), device=array_api_strict)
     with pytest.raises(DeviceError, match="no dtype 'bfloat16'"):
         model.compile(precision="mixed_bfloat16")
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # (its import fails)
+    model = xpcnn.Sequential(gap_net())
+    with pytest.raises(DeviceError, match=r"needs ml_dtypes \(pip install ml_dtypes"):
+        model.compile(precision="mixed_bfloat16")
+    assert model.precision == "float32"  # (the refused compile changed nothing)
+
+
+def test_cupys_bfloat16_is_ml_dtypes_where_cupy_ships_its_header(monkeypatch, tmp_path):
+    """CuPy takes ml_dtypes' bfloat16 from version 14 on, which ships
+    cupy/_core/include/cupy/bfloat16.cuh: found by that file, no GPU asked."""
+    import types
+
+    from xpcnn.backend import _ml_dtypes_bfloat16
+
+    fake = types.ModuleType("cupy")
+    fake.__file__ = str(tmp_path / "cupy" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    assert _ml_dtypes_bfloat16("cupy") is None  # (CuPy 13)
+    header = tmp_path / "cupy" / "_core" / "include" / "cupy" / "bfloat16.cuh"
+    header.parent.mkdir(parents=True)
+    header.write_text("")
+    assert _ml_dtypes_bfloat16("cupy") == np.dtype(ml_dtypes.bfloat16)
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    assert _ml_dtypes_bfloat16("cupy") is None
 
 
 def _gradients(model, x, y, planned=True):
@@ -516,12 +589,15 @@ def test_a_first_normalization_casts_the_models_batch_and_gives_the_compute_dtyp
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
-def test_mixed_precision_layers_give_the_compute_dtype_with_the_values_of_their_casts(fast, rng):
-    """Under mixed float16 a Rescaling reading the model's batch and a FeatureNorm compute in
-    float32 and give float16 (as a Keras mixed policy's layers do), the FeatureNorm's input
-    gradient in its input's float16, the loss the logits' gradient in their float16: exactly
-    the float32 results cast, as the next layer cast them before (one pass fewer each, on a
-    GPU no pass of its own; tests/test_cuda_kernels_on_cpu.py holds CuPy's to these)."""
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_layers_give_the_compute_dtype_with_the_values_of_their_casts(
+        fast, precision, rng):
+    """Under mixed float16 (and bfloat16 in its place) a Rescaling reading the model's batch
+    and a FeatureNorm compute in float32 and give float16 (as a Keras mixed policy's layers
+    do), the FeatureNorm's input gradient in its input's float16, the loss the logits'
+    gradient in their float16: exactly the float32 results cast, as the next layer cast them
+    before (one pass fewer each, on a GPU no pass of its own; tests/test_cuda_kernels_on_cpu.py
+    holds CuPy's to these)."""
     from xpcnn.backend import set_fast_path
     from xpcnn.losses import SoftmaxCrossEntropy
     from xpcnn.ops.kernels import kernels_for
@@ -529,13 +605,14 @@ def test_mixed_precision_layers_give_the_compute_dtype_with_the_values_of_their_
     model = xpcnn.Sequential([Rescaling(1 / 255, offset=-0.25), Conv2D(4, 3), ReLU(),
                               FeatureNorm(), Flatten(), Dense(3), Softmax()],
                              input_shape=(7, 7, 2), seed=0)
-    model.compile(optimizer="sgd", precision="mixed_float16")
+    model.compile(optimizer="sgd", precision=precision)
     xp = model.backend.xp
+    half = model.backend.dtype(PRECISIONS[precision])
     rescale, norm = model.layers[0], model.layers[3]
     images = model.backend.asarray(rng.integers(0, 256, (5, 7, 7, 2), dtype=np.uint8))
-    x16 = model.backend.asarray(rng.standard_normal((5, 5, 5, 4)).astype(np.float16))
-    dy16 = model.backend.asarray(rng.standard_normal((5, 5, 5, 4)).astype(np.float16))
-    z16 = model.backend.asarray(rng.standard_normal((5, 3)).astype(np.float16))
+    x16 = model.backend.asarray(rng.standard_normal((5, 5, 5, 4)).astype(half))
+    dy16 = model.backend.asarray(rng.standard_normal((5, 5, 5, 4)).astype(half))
+    z16 = model.backend.asarray(rng.standard_normal((5, 3)).astype(half))
     labels = model.backend.asarray(rng.integers(0, 3, 5))
     old = set_fast_path(fast)
     try:
@@ -553,13 +630,13 @@ def test_mixed_precision_layers_give_the_compute_dtype_with_the_values_of_their_
         set_fast_path(old)
     host = model.backend.to_numpy
     want = (host(images).astype(np.float32) * np.float32(1 / 255) + np.float32(-0.25))
-    assert y.dtype == norm_y.dtype == dx.dtype == dz.dtype == xp.float16
-    assert norm_y32.dtype == xp.float16 and dx32.dtype == dz32.dtype == xp.float32
-    np.testing.assert_array_equal(host(y), want.astype(np.float16))
-    np.testing.assert_array_equal(host(norm_y), host(norm_y32))  # (float16 input: exact)
-    np.testing.assert_array_equal(host(dx), host(dx32).astype(np.float16))
+    assert y.dtype == norm_y.dtype == dx.dtype == dz.dtype == half
+    assert norm_y32.dtype == half and dx32.dtype == dz32.dtype == xp.float32
+    np.testing.assert_array_equal(host(y), want.astype(half))
+    np.testing.assert_array_equal(host(norm_y), host(norm_y32))  # (a half input: exact)
+    np.testing.assert_array_equal(host(dx), host(dx32).astype(half))
     np.testing.assert_array_equal(host(stats), host(stats32))
-    np.testing.assert_array_equal(host(dz), host(dz32).astype(np.float16))
+    np.testing.assert_array_equal(host(dz), host(dz32).astype(half))
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])

@@ -40,6 +40,24 @@ CPU_CHUNK_BYTES = 3 << 20
 GPU_CHUNK_BYTES = 32 << 20
 
 
+def _ml_dtypes_bfloat16(library: str) -> Any:
+    """bfloat16 on NumPy and CuPy: ml_dtypes' dtype, which NumPy takes as any registered dtype
+    and CuPy from version 14 on (where it ships its CUDA header for it); None where ml_dtypes
+    or that header is missing."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    if library == "cupy":
+        import cupy
+
+        header = os.path.join(os.path.dirname(cupy.__file__), "_core", "include", "cupy",
+                              "bfloat16.cuh")
+        if not os.path.exists(header):
+            return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def set_fast_path(enabled: bool) -> bool:
     """Turn the NumPy and CuPy fast paths on or off (for tests and comparisons); returns the old
     setting."""
@@ -85,6 +103,14 @@ class Backend:
         if not isinstance(name, str):
             return name
         dt = getattr(self.xp, name, None)
+        if dt is None and name == "bfloat16" and self.name in ("numpy", "cupy"):
+            dt = _ml_dtypes_bfloat16(self.name)
+            if dt is None:
+                raise DeviceError(
+                    f"the {self.name} backend has no dtype 'bfloat16' here: it is ml_dtypes' "
+                    "bfloat16, which needs ml_dtypes (pip install ml_dtypes; the [cuda12] and "
+                    "[cuda13] extras install it)"
+                    + (" and CuPy 14 or later" if self.name == "cupy" else ""))
         if dt is None:
             raise DeviceError(
                 f"the {self.name} backend has no dtype {name!r}; "

@@ -517,9 +517,10 @@ class ConvKernels:
 
     def _tiled_for(self, name: str, source: str, dtype: Any) -> Any:
         """The tiled kernel for ``dtype`` data, or None where the direct kernels run: another
-        algorithm chosen, or float16 without tensor cores (compute capability below 7.0) or
-        whose tensor-core kernel did not compile. TF32 needs 8.0; without it, or where its
-        kernel did not compile, float32 runs on the CUDA cores."""
+        algorithm chosen, bfloat16 (cuDNN is its engine), or float16 without tensor cores
+        (compute capability below 7.0) or whose tensor-core kernel did not compile. TF32
+        needs 8.0; without it, or where its kernel did not compile, float32 runs on the CUDA
+        cores."""
         if not self.tiled or dtype not in (cupy.float16, cupy.float32, cupy.float64):
             return None
         if dtype == cupy.float16:

@@ -539,10 +539,15 @@ __device__ bool xpcnn_last_block(unsigned int* counter, unsigned int blocks) {
 __device__ float xpcnn_widen(float x) { return x; }
 __device__ double xpcnn_widen(double x) { return x; }
 """
-# (only where a type is float16: CUDA's header, which NVRTC finds among CUDA's headers)
+# (only where a type is float16 or bfloat16: CUDA's header, which NVRTC finds among CUDA's
+# headers)
 _HALF = r"""
 #include <cuda_fp16.h>
 __device__ float xpcnn_widen(__half x) { return __half2float(x); }
+"""
+_BFLOAT16 = r"""
+#include <cuda_bf16.h>
+__device__ float xpcnn_widen(__nv_bfloat16 x) { return __bfloat162float(x); }
 """
 # A kernel that draws counts its draw in ``state`` (xpcnn.ops.random's [seed, draw]) in the
 # same launch: every thread reads the draw before its loop (``_READ_DRAW``); after it, the
@@ -622,10 +627,10 @@ _RANDOM_FLIP = cupy.ElementwiseKernel(
     preamble=_RANDOM_BITS + _LAST_BLOCK + _NHWC_INDEX, loop_prep=_READ_DRAW,
     after_loop=_COUNT_DRAW,
 )
-_C_TYPES = {"float16": "__half", "float32": "float", "float64": "double", "int8": "signed char",
-            "uint8": "unsigned char", "int16": "short", "uint16": "unsigned short",
-            "int32": "int", "uint32": "unsigned int", "int64": "long long",
-            "uint64": "unsigned long long"}
+_C_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float",
+            "float64": "double", "int8": "signed char", "uint8": "unsigned char",
+            "int16": "short", "uint16": "unsigned short", "int32": "int",
+            "uint32": "unsigned int", "int64": "long long", "uint64": "unsigned long long"}
 # (by the kernel's name and its types as a launch gives them, dtypes or scalar types: found
 # without naming the types, as a training step asks for a few kernels every time)
 _RAW_KERNELS: dict[tuple[Any, ...], Any] = {}
@@ -637,7 +642,8 @@ def _raw_kernel(name: str, source: str, **types: Any) -> Any:
     key = (name, *types.items())
     if key not in _RAW_KERNELS:
         names = {k: np.dtype(v).name for k, v in types.items()}
-        half = _HALF if "float16" in names.values() else ""
+        half = ((_HALF if "float16" in names.values() else "")
+                + (_BFLOAT16 if "bfloat16" in names.values() else ""))
         typedefs = "".join(f"typedef {_C_TYPES[v]} {k};\n" for k, v in names.items())
         _RAW_KERNELS[key] = cupy.RawKernel(half + typedefs + _LAST_BLOCK + source, name)
     return _RAW_KERNELS[key]
@@ -1298,9 +1304,15 @@ _BATCH_NORM_RUNNING_DX = cupy.ElementwiseKernel(
     preamble=_BATCH_NORM_RUNNING_Z,
 )
 
-_FLOATS = ("float16", "float32", "float64")
-# (the same as dtypes: a training step checks a dozen arrays, without naming their dtypes)
-_FLOAT_DTYPES = frozenset(map(np.dtype, _FLOATS))
+# bfloat16 is ml_dtypes' dtype, which CuPy takes from version 14 on (and then imports itself);
+# xpcnn.backend gives it only where CuPy does.
+try:
+    import ml_dtypes
+except ImportError:
+    ml_dtypes = None
+# (as dtypes: a training step checks a dozen arrays, without naming their dtypes)
+_FLOAT_DTYPES = frozenset([np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)]
+                          + ([np.dtype(ml_dtypes.bfloat16)] if ml_dtypes else []))
 _FLOAT64 = np.dtype(np.float64)
 
 
@@ -1407,11 +1419,13 @@ class CupyKernels(StandardKernels):
             self._graph_matmul = old
 
     # (the standard products written with CuPy's ``.T``, the matrix transpose of 2-D arrays:
-    # no call through the namespace's wrappers, as every Dense layer asks twice a step)
+    # no call through the namespace's wrappers, as every Dense layer asks twice a step; in
+    # their operands' dtype: CuPy gives bfloat16 products in bfloat16 already, the NumPy
+    # arrays that stand for CuPy's in the tests in float32, which this check casts back)
     def matmul(self, a: Any, b: Any) -> Any:
         if self._graph_matmul is not None:
             return self._graph_matmul(a, b)
-        return a @ b
+        return self._in_dtype_of(a @ b, a)
 
     def matmul_bias_relu(self, a: Any, b: Any, bias: Any, relu: bool) -> Any:
         if self._graph_matmul is not None and (bias is not None or relu):
@@ -1423,7 +1437,7 @@ class CupyKernels(StandardKernels):
     def matmul_nt(self, a: Any, b: Any) -> Any:
         if self._graph_matmul is not None:
             return self._graph_matmul(a, b, transpose_b=True)
-        return a @ b.T
+        return self._in_dtype_of(a @ b.T, a)
 
     def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None,
                     relu: bool = False) -> None:
@@ -1443,14 +1457,14 @@ class CupyKernels(StandardKernels):
         n = b.shape[1]
         splits = min(rows // _SPLIT_K_ROWS, _SPLIT_K_MAX, max(1, (1 << 22) // (m * n)))
         if splits < 2 or not _contiguous(a, b):
-            return a.T @ b
+            return self._in_dtype_of(a.T @ b, a)
         (a3, a_rest), (b3, b_rest) = _in_row_blocks(a, splits), _in_row_blocks(b, splits)
         parts = cupy.matmul(a3.transpose(0, 2, 1), b3)
-        acc = _accumulator(parts.dtype)
+        acc = _accumulator(a.dtype)
         out = parts.sum(axis=0, dtype=acc)
         if a_rest.shape[0]:
             out += cupy.matmul(a_rest.T, b_rest).astype(acc, copy=False)
-        return out.astype(parts.dtype, copy=False)
+        return out.astype(a.dtype, copy=False)
 
     def bias_relu(self, y: Any, bias: Any, relu: bool) -> Any:
         if not y.flags.c_contiguous or (bias is not None and not bias.flags.c_contiguous):
@@ -1562,7 +1576,7 @@ class CupyKernels(StandardKernels):
                      ) -> tuple[Any, Any, Any]:
         t, u = np.dtype(dtype), np.dtype(out_dtype)
         # (an exact cast of float data only; no empty grid)
-        if not (_fits_feature_norm(x) and np.can_cast(x.dtype, t) and t.kind == "f"
+        if not (_fits_feature_norm(x) and np.can_cast(x.dtype, t) and t in _FLOAT_DTYPES
                 and u in _FLOAT_DTYPES):
             return super().feature_norm(x, eps, dtype, out_dtype)
         n, h, w, c = x.shape
@@ -1666,14 +1680,14 @@ class CupyKernels(StandardKernels):
 
     def rescale(self, x: Any, scale: float, offset: float, dtype: Any, out_dtype: Any) -> Any:
         t, u = np.dtype(dtype), np.dtype(out_dtype)
-        if t.kind != "f":  # (the standard version's dtypes: an integer times a float)
+        if t not in _FLOAT_DTYPES:  # (the standard version's dtypes: an integer times a float)
             return super().rescale(x, scale, offset, dtype, out_dtype)
         return _RESCALE(x, cupy.empty(0, t), t.type(scale), t.type(offset), bool(offset),
                         cupy.empty(x.shape, u))
 
     def normalize(self, x: Any, shift: Any, scale: Any, dtype: Any, out_dtype: Any) -> Any:
         t = np.dtype(dtype)
-        if t.kind != "f" or x.ndim == 0 or shift.dtype != t or scale.dtype != t:
+        if t not in _FLOAT_DTYPES or x.ndim == 0 or shift.dtype != t or scale.dtype != t:
             return super().normalize(x, shift, scale, dtype, out_dtype)
         return _NORMALIZE(x, shift, scale, x.shape[-1], cupy.empty(x.shape, out_dtype))
 

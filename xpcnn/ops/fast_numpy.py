@@ -226,17 +226,18 @@ class NumpyKernels(StandardKernels):
             return rows
         return -(-rows // workers)
 
-    # NumPy has no half-precision BLAS (its float16 matmul is a plain loop, ~40x slower): for
-    # mixed precision the products run in float32 on float16 inputs, rounded once to float16,
-    # as tensor cores do. The standard path's float16 matmul accumulates in float32 too.
+    # NumPy has no half-precision BLAS (its float16 matmul is a plain loop, ~40x slower, and
+    # ml_dtypes' bfloat16 one too): for mixed precision the products run in float32 on the
+    # float16 or bfloat16 inputs, rounded once to that dtype, as tensor cores do. The standard
+    # path's products accumulate in float32 too. (A float of 2 bytes is one of those two.)
     @staticmethod
     def _single(*arrays: Any) -> list[Any]:
-        return [a.astype(np.float32) if a.dtype == np.float16 else a for a in arrays]
+        return [a.astype(np.float32) if a.dtype.itemsize == 2 else a for a in arrays]
 
     @staticmethod
-    def _half(a: Any) -> Any:
+    def _half(a: Any, dtype: Any) -> Any:
         with np.errstate(over="ignore"):  # inf is what loss scaling looks for
-            return a.astype(np.float16)
+            return a.astype(dtype)
 
     def _product(self, a: Any, b: Any, rows: int, cols: int, inner: int,
                  part: Callable[[Any, Any, int, int, Any], None]) -> Any:
@@ -248,12 +249,12 @@ class NumpyKernels(StandardKernels):
             out = np.empty((rows, cols), np.float32)
             part(a, b, 0, rows, out)
             return out
-        half = np.result_type(a, b) == np.float16
+        given = np.result_type(a, b)
         a, b = self._single(a, b)
         out = np.empty((rows, cols), np.result_type(a, b))
         self.for_chunks(rows, self._split_rows(rows, rows * inner * cols),
                         lambda w, r0, r1: part(a, b, r0, r1, out[r0:r1]))
-        return self._half(out) if half else out
+        return self._half(out, given) if given.itemsize == 2 else out
 
     def matmul(self, a: Any, b: Any) -> Any:
         return self._product(a, b, a.shape[0], b.shape[1], a.shape[1],
@@ -269,10 +270,10 @@ class NumpyKernels(StandardKernels):
 
     def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None,
                     relu: bool = False) -> None:
-        if out.dtype == np.float16:
+        if out.dtype.itemsize == 2:
             a, b = self._single(a, b)
             with np.errstate(over="ignore"):  # inf is what loss scaling looks for
-                np.copyto(out, np.matmul(a, b), casting="same_kind")  # rounded once
+                np.copyto(out, np.matmul(a, b), casting="unsafe")  # rounded once
         else:
             np.matmul(a, b, out=out)
         if bias is not None:  # (convolutions carry theirs in the product: bias_in_patches)
@@ -495,7 +496,7 @@ class NumpyKernels(StandardKernels):
         # a matrix-vector product with ones: 5x faster than a reduction over axis 0
         if a.ndim != 2 or a.shape[0] < 2:
             return super().sum_rows(a)
-        if a.dtype == np.float16:  # in float32, as the standard version (and no half BLAS)
+        if a.dtype.itemsize == 2:  # in float32, as the standard version (and no half BLAS)
             a = a.astype(np.float32)
         return np.matmul(self._ones(a.shape[0], a.dtype), a)
 

@@ -73,7 +73,7 @@ class StandardKernels:
                     relu: bool = False) -> None:
         """``out[...] = a @ b (+ bias)``, then ReLU with ``relu``, for 2-D ``a``, ``b`` and a
         2-D slice ``out``."""
-        out[...] = self.bias_relu(a @ b, bias, relu)
+        out[...] = self.bias_relu(self.matmul(a, b), bias, relu)
 
     def matmul_bias_relu(self, a: Any, b: Any, bias: Any, relu: bool) -> Any:
         """``a @ b (+ bias)``, then ReLU with ``relu``: a Dense layer's forward."""
@@ -102,15 +102,20 @@ class StandardKernels:
 
     def matmul(self, a: Any, b: Any) -> Any:
         """``a @ b`` for 2-D ``a`` and ``b``."""
-        return a @ b
+        return self._in_dtype_of(a @ b, a)
 
     def matmul_tn(self, a: Any, b: Any) -> Any:
         """``a^T @ b`` for 2-D ``a`` and ``b`` with the same number of rows."""
-        return self.xp.matrix_transpose(a) @ b
+        return self._in_dtype_of(self.xp.matrix_transpose(a) @ b, a)
 
     def matmul_nt(self, a: Any, b: Any) -> Any:
         """``a @ b^T`` for 2-D ``a`` and ``b`` with the same number of columns."""
-        return a @ self.xp.matrix_transpose(b)
+        return self._in_dtype_of(a @ self.xp.matrix_transpose(b), a)
+
+    def _in_dtype_of(self, product: Any, a: Any) -> Any:
+        """A product in its operands' dtype: NumPy gives ml_dtypes' bfloat16 products in
+        float32 (accumulated there), rounded here once, as a GPU's products are."""
+        return product if product.dtype == a.dtype else self.xp.astype(product, a.dtype)
 
     def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
                  out_hw: tuple[int, int]) -> Any:
@@ -224,9 +229,12 @@ class StandardKernels:
     def relu(self, x: Any, max_value: float | None) -> Any:
         """``min(max(x, 0), max_value)``; NaN stays NaN. Spelled with ``where``, not
         ``xp.clip``: array_api_compat's clip for CuPy assigns through boolean masks, which read
-        the host (and which a CUDA graph's capture refuses)."""
+        the host (and which a CUDA graph's capture refuses). In ``x``'s dtype: NumPy's
+        ``where`` gives ml_dtypes' bfloat16 beside a Python float in float32."""
         y = self.xp.where(x < 0, 0.0, x)
-        return y if max_value is None else self.xp.where(y > max_value, max_value, y)
+        if max_value is not None:
+            y = self.xp.where(y > max_value, max_value, y)
+        return y if y.dtype == x.dtype else self.xp.astype(y, x.dtype)
 
     def relu_backward(self, dy: Any, y: Any) -> Any:
         """Gradient through a ReLU (no ceiling) whose output was ``y``: ``dy`` where y > 0."""
