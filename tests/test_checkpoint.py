@@ -174,28 +174,14 @@ def test_mixed_precision_loss_scale_is_restored(tmp_path):
 def test_a_mixed_bfloat16_run_resumes_bit_for_bit(tmp_path):
     """bfloat16 activations (ml_dtypes' on NumPy) and no loss scale: a run stopped after 3
     steps and resumed from its checkpoint ends with the weights of one that never stopped."""
-    def run(path=None, resume=False, stop=None):
-        model = ckpt_train.make_model("mixed_bfloat16")
-        if stop is not None:
-            step, count = model.train_step, [0]
-
-            def train_step(xb, yb):
-                if count[0] == stop:
-                    raise Interrupt
-                count[0] += 1
-                return step(xb, yb)
-
-            model.train_step = train_step
-        ckpt_train.train(path, resume=resume, every=1, model=model)
-        return model
-
-    ref = run()
+    ref, _ = ckpt_train.train(model=ckpt_train.make_model("mixed_bfloat16"))
     assert ref.loss_scale == 1.0 and str(ref.layers[2].compute_dtype) == "bfloat16"
-    path = str(tmp_path / "bf.npz")
-    with pytest.raises(Interrupt):
-        run(path, stop=3)
-    assert load_checkpoint(path).model.precision == "mixed_bfloat16"
-    for a, b in zip(run(path, resume=True).get_weights(), ref.get_weights(), strict=True):
+    path = tmp_path / "bf.npz"
+    interrupted(path, 3, every=1, model=ckpt_train.make_model("mixed_bfloat16"))
+    assert load_checkpoint(str(path)).model.precision == "mixed_bfloat16"
+    again, _ = ckpt_train.train(str(path), resume=True, every=1,
+                                model=ckpt_train.make_model("mixed_bfloat16"))
+    for a, b in zip(again.get_weights(), ref.get_weights(), strict=True):
         assert np.array_equal(a, b)
 
 
