@@ -4,6 +4,7 @@ import json
 import sys
 import types
 
+import ml_dtypes
 import numpy as np
 
 import xpcnn
@@ -27,6 +28,7 @@ def test_info_json_is_the_json_alone(monkeypatch, capsys):
     assert info["xpcnn"] == xpcnn.__version__
     assert info["auto_device"] == "cpu" and info["gpus"] == []
     assert "ImportError" in info["cupy_note"] or "ModuleNotFoundError" in info["cupy_note"]
+    assert info["ml_dtypes"] == ml_dtypes.__version__  # (bfloat16: the test extra has it)
 
 
 def test_info_names_each_gpu_with_its_compute_capability(monkeypatch, capsys):

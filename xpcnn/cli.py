@@ -11,6 +11,7 @@ or ``{"error": ..., "exit_status": ...}``.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -397,6 +398,10 @@ def info(args: argparse.Namespace) -> dict[str, Any]:
         out["numpy_blas"] = cfg.get("Build Dependencies", {}).get("blas", {}).get("name")
     except Exception:  # older NumPy: no dict mode
         out["numpy_blas"] = None
+    try:  # (bfloat16 on NumPy and CuPy, for mixed_bfloat16; its version read, not imported)
+        out["ml_dtypes"] = importlib.metadata.version("ml_dtypes")
+    except importlib.metadata.PackageNotFoundError:
+        out["ml_dtypes"] = None
     try:
         import cupy
 
