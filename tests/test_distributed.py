@@ -25,6 +25,7 @@ import pytest
 import xpcnn
 from xpcnn import distributed
 from xpcnn.layers import Dense, Flatten, ReLU, Softmax
+from xpcnn.training import PRECISIONS
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_train  # noqa: E402
@@ -275,24 +276,26 @@ def test_bucketed_average_over_thread_ranks_equals_one_batch(frozen):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-14)
 
 
-def test_mixed_precision_gradients_are_summed_in_the_parameters_dtype():
-    """Under mixed float16 a Dense kernel's gradient comes from the layer in float16; the
-    ranks sum it in the parameters' dtype (float64 here), even in a bucket of float16
-    gradients alone (no bias to promote the bucket), and both ranks end with the weights of one
-    process."""
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_gradients_are_summed_in_the_parameters_dtype(precision):
+    """Under mixed float16 (or bfloat16) a Dense kernel's gradient comes from the layer in
+    float16; the ranks sum it in the parameters' dtype (float64 here), even in a bucket of
+    float16 gradients alone (no bias to promote the bucket), and both ranks end with the
+    weights of one process."""
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(4, 3, 3, 2)), rng.integers(0, 5, 4)
 
     def model():
         m = xpcnn.Sequential([Flatten(), Dense(5, use_bias=False), Softmax()], seed=1,
                              dtype="float64")
-        m.compile(optimizer=xpcnn.optim.SGD(0.1), precision="mixed_float16")
+        m.compile(optimizer=xpcnn.optim.SGD(0.1), precision=precision)
         m.build((3, 3, 2))
         return m
 
     single, models, comm = model(), [model(), model()], ThreadSum(2)
     single.train_step(single._to_device(x), single.backend.asarray(y))
-    assert single.layers[1].grads["kernel"].dtype == np.float16  # (as the layer leaves it)
+    half = single.backend.dtype(PRECISIONS[precision])
+    assert single.layers[1].grads["kernel"].dtype == half  # (as the layer leaves it)
 
     run_ranks(models, half_batch_steps(comm, x, y))
     assert comm.dtypes[0][1:] == [np.float64]  # (after the [loss, correct] sums)
