@@ -120,7 +120,9 @@ struct bfloat16 {
     bfloat16(float f) : v(xpcnn_bf16_round(f)) {}
     explicit bfloat16(double d) : v(xpcnn_bf16_round((float)d)) {}
     explicit bfloat16(int i) : v(xpcnn_bf16_round((float)i)) {}
+    explicit bfloat16(unsigned int i) : v(xpcnn_bf16_round((float)i)) {}
     explicit bfloat16(long long i) : v(xpcnn_bf16_round((float)i)) {}
+    explicit bfloat16(unsigned long long i) : v(xpcnn_bf16_round((float)i)) {}
     explicit bfloat16(bool b) : v(xpcnn_bf16_round((float)b)) {}
     operator float() const { return xpcnn_bf16_widen(v); }
     template <typename T> bfloat16& operator=(const T& x) { *this = bfloat16(x); return *this; }

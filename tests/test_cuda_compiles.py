@@ -408,6 +408,7 @@ CUPY_FLOAT16_CASES = [
     ("_NORMALIZE", {"S": "unsigned char", "T": "float", "U": "float16"}, ("x", "y")),
     ("_ADD_RELU", {"T": "float16"}, ("a", "b", "y")),
     ("_ADD_RELU_BACKWARD", {"T": "float16"}, ("a", "b", "y", "dx")),
+    ("_GLOBAL_AVG_POOL", {"T": "float16"}, ("y",)),
 ]
 
 

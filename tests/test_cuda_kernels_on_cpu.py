@@ -136,6 +136,24 @@ def test_max_pool_of_negative_windows_and_nans(fast, rng, dtype):
     assert np.isnan(y).sum() == 3 and (y[~np.isnan(y)] < 0).all()
 
 
+@pytest.mark.parametrize("shape", [(2, 64, 64, 3), (3, 7, 5, 33), (1, 1, 1, 2)])
+@pytest.mark.parametrize("dtype", WITH_HALF)
+def test_global_average_pooling(fast, rng, shape, dtype):
+    """GlobalAvgPool2D's mean in one launch, summed in float32 (float64 for float64) and
+    rounded once: float16 and bfloat16 means within one rounding of the exact mean (the
+    standard version's too), float32 and float64 ones within their sums' rounding: 4,096 ones
+    average to 1 in bfloat16, whose own sums stop at 256."""
+    x = (rng.standard_normal(shape) + 1).astype(dtype)
+    exact = x.astype(np.float64).mean(axis=(1, 2))
+    got, want = fast.global_avg_pool(x), STD.global_avg_pool(x)
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape == exact.shape
+    tol = {2: float(np.finfo(dtype).eps), 4: 1e-5, 8: 1e-12}[np.dtype(dtype).itemsize]
+    for a in (got, want):
+        np.testing.assert_allclose(a.astype(np.float64), exact, rtol=tol, atol=tol)
+    ones = np.ones((1, 64, 64, 1), dtype)
+    assert fast.global_avg_pool(ones)[0, 0] == STD.global_avg_pool(ones)[0, 0] == 1
+
+
 @pytest.mark.parametrize("dtype", WITH_HALF)
 def test_elementwise_kernels(fast, rng, dtype):
     x = rng.standard_normal((4, 5, 6, 7)).astype(dtype) * 4
@@ -213,6 +231,26 @@ def test_casting_many_arrays_in_one_launch(fast, rng):
             assert (g is a) == (a.dtype == dtype)  # (as astype(copy=False) leaves it)
             if g is not a:  # each view starts 16 bytes on, as cuDNN wants its inputs
                 assert (g.ctypes.data - got[0].ctypes.data) % 16 == 0
+
+
+def test_the_emulators_bfloat16_rounds_as_cuda_and_ml_dtypes_do(fast, rng):
+    """The emulator's bfloat16 (CuPy's class, as cuda_bf16.h's __float2bfloat16 rounds: to
+    nearest, ties to even) against ml_dtypes' cast, through the cast kernel: every float32
+    pattern of 200,000 random ones, each tie between two bfloat16 values, subnormals, the
+    largest finite values and the infinities, bit for bit; NaN stays NaN (CUDA makes it 0x7fff,
+    ml_dtypes keeps its sign and payload). And every bfloat16 pattern widens exactly."""
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    ties = np.arange(2**16, dtype=np.uint32) << 16 | 0x8000  # (halfway between neighbours)
+    edges = np.float32([0.0, -0.0, 1e-40, -1e-45, 3.3895e38, 3.4e38, np.inf, -np.inf, np.nan])
+    x = np.concatenate([bits.view(np.float32), ties.view(np.float32), edges])
+    with np.errstate(over="ignore", invalid="ignore"):
+        got, want = fast.cast_all([x], BFLOAT16)[0], x.astype(BFLOAT16)
+    nan = np.isnan(x)
+    assert np.isnan(got.astype(np.float32)[nan]).all()
+    np.testing.assert_array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
+    every = np.arange(2**16, dtype=np.uint16).view(BFLOAT16)
+    widened = fast.cast_all([every], np.dtype(np.float32))[0]
+    np.testing.assert_array_equal(widened.view(np.uint32), every.astype(np.float32).view(np.uint32))
 
 
 def test_a_raw_kernel_is_made_once_for_its_name_and_types(fast, monkeypatch):

@@ -83,7 +83,12 @@ needs_cudnn = pytest.mark.skipif(
     not CUDNN_LOADS, reason="cuDNN's frontend (nvidia-cudnn-frontend, the [cuda12] / [cuda13] "
     "extra) does not load here" if CAPABILITY else "needs CuPy and a CUDA GPU")
 
-DTYPES = ["float32", "float16", "bfloat16"]  # (bfloat16: ml_dtypes', as CuPy 14 takes it)
+#: Whether CuPy here takes bfloat16 (ml_dtypes', with CuPy 14 and NumPy 2.1.2 or later); the
+#: emulator stands for a CuPy that does.
+HAS_BFLOAT16 = EMULATED or (REAL_GPU and xpcnn.backend._ml_dtypes_bfloat16("cupy") is not None)
+needs_bfloat16 = pytest.mark.skipif(not HAS_BFLOAT16, reason="CuPy here takes no bfloat16 "
+                                    "(it needs ml_dtypes, CuPy 14 and NumPy 2.1.2 or later)")
+DTYPES = ["float32", "float16", pytest.param("bfloat16", marks=needs_bfloat16)]
 HALVES = ("float16", "bfloat16")
 
 
@@ -201,6 +206,7 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_sum_rows_in_one_launch": _cases(rows=[1, 1031]),
     "test_a_relu_gradient_and_its_bias_gradient_in_one_launch": _cases(rows=[100, 1031]),
     "test_max_pool_and_its_gradient": None,
+    "test_global_average_pooling": _cases(shape=[(2, 64, 64, 3)]),
     "test_elementwise_kernels": _cases(dtype=["float32"]),
     "test_add_relu_kernels": _cases(dtype=["float16"]),
     "test_matmul_with_bias_and_relu": None,
@@ -406,7 +412,9 @@ def test_im2col_reads_the_padding_without_storing_it(cp, kernels, rng, kernel, s
 
 
 @pytest.mark.parametrize("algorithm, case, dtype",
-                         [("direct", case, dt) for case in DIRECT_CONV for dt in DTYPES]
+                         [pytest.param("direct", case, dt,
+                                       marks=[needs_bfloat16] if dt == "bfloat16" else [])
+                          for case in DIRECT_CONV for dt in ("float32", "float16", "bfloat16")]
                          + [("tiled", case, dt) for case in TILED_CONV
                             for dt in ("float16", "float32", "float64")]
                          + [pytest.param("tiled-tf32", case, "float32",
@@ -427,7 +435,7 @@ def test_convolution_kernels_match_im2col(cp, kernels, rng, algorithm, case, dty
     bias = _random(cp, rng, (filters,), dtype)
     tf32 = algorithm == "tiled-tf32"
     # TF32 keeps 10 bits of each factor's mantissa: errors of ~1e-3 of the largest value
-    tol = 3e-3 if tf32 else {"float16": 2e-2, "bfloat16": 2e-2, "float32": 1e-4,
+    tol = 3e-3 if tf32 else {"float16": 2e-2, "bfloat16": 8e-3, "float32": 1e-4,
                              "float64": 1e-12}[dtype]
     grad_tol = 3e-3 if tf32 else {"float16": 1e-3, "bfloat16": 1e-3, "float32": 1e-5,
                                   "float64": 1e-12}[dtype]
@@ -713,6 +721,22 @@ def test_max_pool_and_its_gradient(cp, kernels, rng, kernel, strides, shape, dty
            std.max_pool_backward(x, y, dy, kernel, strides, out_hw, True))
 
 
+@pytest.mark.parametrize("shape", [(128, 7, 7, 128), (2, 64, 64, 3)])
+@pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
+def test_global_average_pooling(cp, kernels, rng, shape, dtype):
+    """GlobalAvgPool2D's mean in one launch, summed in float32 (float64 for float64): within
+    one rounding of the exact mean in float16 and bfloat16 (CuPy's own mean of bfloat16 is
+    not relied on), within its sum's rounding in float32 and float64, as the standard
+    version's."""
+    fast, std = kernels
+    x = _random(cp, rng, shape, dtype) + 1
+    exact = host(x.astype(cp.float64)).mean(axis=(1, 2))
+    tol = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-5, "float64": 1e-12}[dtype]
+    for got in (fast.global_avg_pool(x), std.global_avg_pool(x)):
+        assert got.dtype == x.dtype and got.shape == exact.shape
+        np.testing.assert_allclose(host(got).astype(np.float64), exact, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_elementwise_kernels(cp, kernels, rng, dtype):
     fast, std = kernels
@@ -776,7 +800,7 @@ def test_long_transposed_product_split_into_blocks(cp, kernels, rng, rows, m, n,
     want = a.astype(cp.float64).T @ b.astype(cp.float64)
     assert got.dtype == a.dtype
     err = float(cp.abs(got.astype(cp.float64) - want).max() / cp.abs(want).max())
-    assert err < {"float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}[dtype]
+    assert err < {"float32": 1e-5, "float16": 3e-3, "bfloat16": 5e-3}[dtype]
 
 
 @pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
@@ -1001,7 +1025,8 @@ def test_every_layer_trains_on_the_gpu_and_stays_there(cp):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("precision", ["mixed_float16",
+                                       pytest.param("mixed_bfloat16", marks=needs_bfloat16)])
 def test_mixed_precision_on_the_gpu(conv_algorithm, precision):
     fast, loss_fast, _ = _fit("cuda", gap_net, precision=precision, epochs=3)
     std, loss_std, _ = _fit("cuda", gap_net, fast=False, precision=precision, epochs=3)
@@ -1202,7 +1227,8 @@ def test_cudnn_matches_the_standard_path(cp, cudnn_module, monkeypatch, rng, cas
 @pytest.mark.parametrize("case", [GEOMETRIES[0], GEOMETRIES[2]], ids=[GEOMETRY_IDS[0],
                                                                      GEOMETRY_IDS[2]])
 @pytest.mark.parametrize("dtype, tf32", [("float32", True), ("float32", False),
-                                         ("float16", False), ("bfloat16", False)])
+                                         ("float16", False),
+                                         pytest.param("bfloat16", False, marks=needs_bfloat16)])
 def test_every_cudnn_plan_autotuning_may_choose_gives_the_standard_numbers(
         cp, cudnn_module, rng, case, dtype, tf32):
     """Each candidate plan of the forward (+ bias and ReLU), input-gradient and kernel-gradient

@@ -19,6 +19,7 @@ from xpcnn.layers import (
     Dropout,
     FeatureNorm,
     Flatten,
+    GlobalAvgPool2D,
     MaxPool2D,
     RandomFlip,
     ReLU,
@@ -431,6 +432,25 @@ def test_mixed_bfloat16_trains_with_float32_master_weights(data, fast, monkeypat
         assert float(np.abs(b - b0).max()) > 0.02 * largest
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
+def test_mixed_bfloat16_averages_a_large_map_in_float32(fast, monkeypatch, rng):
+    """A global average over 64 x 64 positions under mixed bfloat16 gives float32's logits to
+    within bfloat16's roundings along the way (2% of the largest here; NumPy's own bfloat16
+    mean, summed in bfloat16, gave them 58% off at 32 x 32)."""
+    monkeypatch.setattr(xpcnn.backend, "_FAST_PATH", {"enabled": fast})
+    x = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    logits = {}
+    for precision in ("float32", "mixed_bfloat16"):
+        model = xpcnn.Sequential([Rescaling(1 / 255), Conv2D(4, 3, activation="relu"),
+                                  GlobalAvgPool2D(), Dense(3)], input_shape=(64, 64, 3),
+                                 seed=0)
+        model.compile(optimizer="sgd", precision=precision)
+        logits[precision] = model.predict(x, verbose=0).astype(np.float64)
+    scale = float(np.abs(logits["float32"]).max())
+    np.testing.assert_allclose(logits["mixed_bfloat16"], logits["float32"], rtol=0,
+                               atol=0.05 * scale)
+
+
 def test_mixed_bfloat16_on_numpy_matches_pytorch(data):
     """The same model in mixed bfloat16 on NumPy (ml_dtypes) and on PyTorch (its own bfloat16
     convolutions and products): the same weights to bfloat16's precision after an epoch."""
@@ -463,21 +483,29 @@ def test_bfloat16_is_a_clear_error_where_the_backend_lacks_it(monkeypatch):
     assert model.precision == "float32"  # (the refused compile changed nothing)
 
 
-def test_cupys_bfloat16_is_ml_dtypes_where_cupy_ships_its_header(monkeypatch, tmp_path):
-    """CuPy takes ml_dtypes' bfloat16 from version 14 on, which ships
-    cupy/_core/include/cupy/bfloat16.cuh: found by that file, no GPU asked."""
+def test_cupys_bfloat16_is_ml_dtypes_where_cupy_has_a_c_type_for_it(monkeypatch):
+    """CuPy takes ml_dtypes' bfloat16 where its kernels have a C type for it (CuPy 14 with
+    NumPy 2.1.2 or later): asked of CuPy's type table, no GPU asked."""
     import types
 
     from xpcnn.backend import _ml_dtypes_bfloat16
 
-    fake = types.ModuleType("cupy")
-    fake.__file__ = str(tmp_path / "cupy" / "__init__.py")
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    assert _ml_dtypes_bfloat16("cupy") is None  # (CuPy 13)
-    header = tmp_path / "cupy" / "_core" / "include" / "cupy" / "bfloat16.cuh"
-    header.parent.mkdir(parents=True)
-    header.write_text("")
+    names = {}
+
+    def get_typename(dtype):
+        return names[np.dtype(dtype)]  # (CuPy's lookup: KeyError for a type it lacks)
+
+    scalar = types.ModuleType("cupy._core._scalar")
+    scalar.get_typename = get_typename
+    for name in ("cupy", "cupy._core"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "cupy._core._scalar", scalar)
+    assert _ml_dtypes_bfloat16("cupy") is None  # (CuPy 13, or NumPy before 2.1.2)
+    names[np.dtype(ml_dtypes.bfloat16)] = "bfloat16"
     assert _ml_dtypes_bfloat16("cupy") == np.dtype(ml_dtypes.bfloat16)
+    monkeypatch.setitem(sys.modules, "cupy._core._scalar", None)  # (a CuPy without it)
+    assert _ml_dtypes_bfloat16("cupy") is None
+    monkeypatch.setitem(sys.modules, "cupy._core._scalar", scalar)
     monkeypatch.setitem(sys.modules, "ml_dtypes", None)
     assert _ml_dtypes_bfloat16("cupy") is None
 

@@ -42,20 +42,21 @@ GPU_CHUNK_BYTES = 32 << 20
 
 def _ml_dtypes_bfloat16(library: str) -> Any:
     """bfloat16 on NumPy and CuPy: ml_dtypes' dtype, which NumPy takes as any registered dtype
-    and CuPy from version 14 on (where it ships its CUDA header for it); None where ml_dtypes
-    or that header is missing."""
+    and CuPy from version 14 on, where it has a C type for it (CuPy 14.2 registers one only
+    with NumPy 2.1.2 or later); None where ml_dtypes is missing or CuPy has no C type."""
     try:
         import ml_dtypes
     except ImportError:
         return None
+    dtype = np.dtype(ml_dtypes.bfloat16)
     if library == "cupy":
-        import cupy
+        try:  # (the name CuPy's kernels give the dtype; it raises for one CuPy does not take)
+            from cupy._core._scalar import get_typename
 
-        header = os.path.join(os.path.dirname(cupy.__file__), "_core", "include", "cupy",
-                              "bfloat16.cuh")
-        if not os.path.exists(header):
+            get_typename(dtype)
+        except (ImportError, AttributeError, KeyError, TypeError, ValueError):
             return None
-    return np.dtype(ml_dtypes.bfloat16)
+    return dtype
 
 
 def set_fast_path(enabled: bool) -> bool:
@@ -110,7 +111,8 @@ class Backend:
                     f"the {self.name} backend has no dtype 'bfloat16' here: it is ml_dtypes' "
                     "bfloat16, which needs ml_dtypes (pip install ml_dtypes; the [cuda12] and "
                     "[cuda13] extras install it)"
-                    + (" and CuPy 14 or later" if self.name == "cupy" else ""))
+                    + (" and CuPy 14 or later with NumPy 2.1.2 or later" if self.name == "cupy"
+                       else ""))
         if dt is None:
             raise DeviceError(
                 f"the {self.name} backend has no dtype {name!r}; "

@@ -154,7 +154,8 @@ class KernelsConv(ConvEngine):
         # Strided (or over-padded) convolutions: patch gradients scattered back (col2im). The
         # (K, kh*kw*C) matrix is the stored kernel itself, contiguous (a matmul against a
         # transposed view is several times slower on OpenBLAS).
-        dcols = xp.reshape(xp.reshape(dy, (-1, g.filters)) @ xp.reshape(w, (g.filters, -1)),
+        dcols = xp.reshape(self.kern.matmul(xp.reshape(dy, (-1, g.filters)),
+                                            xp.reshape(w, (g.filters, -1))),
                            (n, *g.out_hw, g.taps))
         (h, w_), (pt, pb, pl, pr) = g.in_hw, g.pads
         padded = (n, h + pt + pb, w_ + pl + pr, g.channels)

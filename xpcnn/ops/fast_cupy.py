@@ -101,6 +101,23 @@ _MAX_POOL = cupy.ElementwiseKernel(
     preamble=_WINDOW,
 )
 
+# The mean of each image's channel over its H x W positions (``hw``), a thread an output
+# element, its sum in the accumulator type in row-major order (a warp's threads read
+# consecutive channels of one position), divided and rounded to T once.
+_GLOBAL_AVG_POOL = cupy.ElementwiseKernel(
+    "raw T x, int64 hw, int32 C",
+    "T y",
+    """
+    typedef XpcnnAcc<T>::type A;
+    const long long base = (i / C) * hw * C + i % C;
+    A total = (A)0;
+    for (long long p = 0; p < hw; ++p) total += (A)x[base + p * C];
+    y = (T)(total / (A)hw);
+    """,
+    "xpcnn_global_avg_pool",
+    preamble=_ACC,
+)
+
 # Non-overlapping windows only (strides >= kernel): each output element owns its window, so
 # one thread writes every input position of it: the gradient at the first x == y in row-major
 # order, 0 at the others. With ``relu``, the gradient is first multiplied by (y > 0), as
@@ -1425,7 +1442,7 @@ class CupyKernels(StandardKernels):
     def matmul(self, a: Any, b: Any) -> Any:
         if self._graph_matmul is not None:
             return self._graph_matmul(a, b)
-        return self._in_dtype_of(a @ b, a)
+        return self._in_dtype_of(a @ b, a, b)
 
     def matmul_bias_relu(self, a: Any, b: Any, bias: Any, relu: bool) -> Any:
         if self._graph_matmul is not None and (bias is not None or relu):
@@ -1437,7 +1454,7 @@ class CupyKernels(StandardKernels):
     def matmul_nt(self, a: Any, b: Any) -> Any:
         if self._graph_matmul is not None:
             return self._graph_matmul(a, b, transpose_b=True)
-        return self._in_dtype_of(a @ b.T, a)
+        return self._in_dtype_of(a @ b.T, a, b)
 
     def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None,
                     relu: bool = False) -> None:
@@ -1457,14 +1474,15 @@ class CupyKernels(StandardKernels):
         n = b.shape[1]
         splits = min(rows // _SPLIT_K_ROWS, _SPLIT_K_MAX, max(1, (1 << 22) // (m * n)))
         if splits < 2 or not _contiguous(a, b):
-            return self._in_dtype_of(a.T @ b, a)
+            return self._in_dtype_of(a.T @ b, a, b)
         (a3, a_rest), (b3, b_rest) = _in_row_blocks(a, splits), _in_row_blocks(b, splits)
         parts = cupy.matmul(a3.transpose(0, 2, 1), b3)
-        acc = _accumulator(a.dtype)
+        dtype = a.dtype if a.dtype == b.dtype else parts.dtype  # (as _in_dtype_of's)
+        acc = _accumulator(dtype)
         out = parts.sum(axis=0, dtype=acc)
         if a_rest.shape[0]:
             out += cupy.matmul(a_rest.T, b_rest).astype(acc, copy=False)
-        return out.astype(a.dtype, copy=False)
+        return out.astype(dtype, copy=False)
 
     def bias_relu(self, y: Any, bias: Any, relu: bool) -> Any:
         if not y.flags.c_contiguous or (bias is not None and not bias.flags.c_contiguous):
@@ -1533,6 +1551,12 @@ class CupyKernels(StandardKernels):
         _MAX_POOL(x, h, w, c, out_hw[0], out_hw[1], kernel[0], kernel[1], strides[0],
                   strides[1], y)
         return y
+
+    def global_avg_pool(self, x: Any) -> Any:
+        if not (x.flags.c_contiguous and x.dtype in _FLOAT_DTYPES):
+            return super().global_avg_pool(x)
+        n, h, w, c = x.shape
+        return _GLOBAL_AVG_POOL(x, h * w, c, cupy.empty((n, c), x.dtype))
 
     def max_pool_backward(self, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
                           strides: tuple[int, int], out_hw: tuple[int, int],

@@ -95,6 +95,12 @@ class _PoolRoutes(NamedTuple):
     shape: tuple[int, ...]
 
 
+def _half_float(dtype: Any) -> bool:
+    """float16, or ml_dtypes' bfloat16 (a dtype of kind "V" to NumPy): the 2-byte floats of
+    mixed precision, without importing ml_dtypes (a second of start-up here)."""
+    return dtype.itemsize == 2 and dtype.kind in "fV"
+
+
 class NumpyKernels(StandardKernels):
     """The NumPy versions: ``out=`` writes, in-place ufuncs and threaded chunk loops."""
 
@@ -229,13 +235,13 @@ class NumpyKernels(StandardKernels):
     # NumPy has no half-precision BLAS (its float16 matmul is a plain loop, ~40x slower, and
     # ml_dtypes' bfloat16 one too): for mixed precision the products run in float32 on the
     # float16 or bfloat16 inputs, rounded once to that dtype, as tensor cores do. The standard
-    # path's products accumulate in float32 too. (A float of 2 bytes is one of those two.)
+    # path's products accumulate in float32 too.
     @staticmethod
     def _single(*arrays: Any) -> list[Any]:
-        return [a.astype(np.float32) if a.dtype.itemsize == 2 else a for a in arrays]
+        return [a.astype(np.float32) if _half_float(a.dtype) else a for a in arrays]
 
     @staticmethod
-    def _half(a: Any, dtype: Any) -> Any:
+    def _rounded_to(a: Any, dtype: Any) -> Any:
         with np.errstate(over="ignore"):  # inf is what loss scaling looks for
             return a.astype(dtype)
 
@@ -254,7 +260,7 @@ class NumpyKernels(StandardKernels):
         out = np.empty((rows, cols), np.result_type(a, b))
         self.for_chunks(rows, self._split_rows(rows, rows * inner * cols),
                         lambda w, r0, r1: part(a, b, r0, r1, out[r0:r1]))
-        return self._half(out, given) if given.itemsize == 2 else out
+        return self._rounded_to(out, given) if _half_float(given) else out
 
     def matmul(self, a: Any, b: Any) -> Any:
         return self._product(a, b, a.shape[0], b.shape[1], a.shape[1],
@@ -270,7 +276,7 @@ class NumpyKernels(StandardKernels):
 
     def matmul_into(self, a: Any, b: Any, out: Any, bias: Any = None,
                     relu: bool = False) -> None:
-        if out.dtype.itemsize == 2:
+        if _half_float(out.dtype):
             a, b = self._single(a, b)
             with np.errstate(over="ignore"):  # inf is what loss scaling looks for
                 np.copyto(out, np.matmul(a, b), casting="unsafe")  # rounded once
@@ -496,7 +502,7 @@ class NumpyKernels(StandardKernels):
         # a matrix-vector product with ones: 5x faster than a reduction over axis 0
         if a.ndim != 2 or a.shape[0] < 2:
             return super().sum_rows(a)
-        if a.dtype.itemsize == 2:  # in float32, as the standard version (and no half BLAS)
+        if _half_float(a.dtype):  # in float32, as the standard version (and no half BLAS)
             a = a.astype(np.float32)
         return np.matmul(self._ones(a.shape[0], a.dtype), a)
 

@@ -102,20 +102,23 @@ class StandardKernels:
 
     def matmul(self, a: Any, b: Any) -> Any:
         """``a @ b`` for 2-D ``a`` and ``b``."""
-        return self._in_dtype_of(a @ b, a)
+        return self._in_dtype_of(a @ b, a, b)
 
     def matmul_tn(self, a: Any, b: Any) -> Any:
         """``a^T @ b`` for 2-D ``a`` and ``b`` with the same number of rows."""
-        return self._in_dtype_of(self.xp.matrix_transpose(a) @ b, a)
+        return self._in_dtype_of(self.xp.matrix_transpose(a) @ b, a, b)
 
     def matmul_nt(self, a: Any, b: Any) -> Any:
         """``a @ b^T`` for 2-D ``a`` and ``b`` with the same number of columns."""
-        return self._in_dtype_of(a @ self.xp.matrix_transpose(b), a)
+        return self._in_dtype_of(a @ self.xp.matrix_transpose(b), a, b)
 
-    def _in_dtype_of(self, product: Any, a: Any) -> Any:
-        """A product in its operands' dtype: NumPy gives ml_dtypes' bfloat16 products in
-        float32 (accumulated there), rounded here once, as a GPU's products are."""
-        return product if product.dtype == a.dtype else self.xp.astype(product, a.dtype)
+    def _in_dtype_of(self, product: Any, a: Any, b: Any) -> Any:
+        """A product of operands of one dtype in that dtype: NumPy gives ml_dtypes' bfloat16
+        products in float32 (accumulated there), rounded here once, as a GPU's products are.
+        (Operands of two dtypes keep the product's promoted one.)"""
+        if product.dtype == a.dtype or a.dtype != b.dtype:
+            return product
+        return self.xp.astype(product, a.dtype)
 
     def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
                  out_hw: tuple[int, int]) -> Any:
@@ -139,6 +142,15 @@ class StandardKernels:
         if relu_grad:
             dy = self.relu_backward(dy, y)
         return max_pool_backward(self.xp, routes, y, dy, kernel, strides, out_hw)
+
+    def global_avg_pool(self, x: Any) -> Any:
+        """The mean of (N, H, W, C) ``x`` over H and W, (N, C) in ``x``'s dtype: summed in
+        float32 at least (NumPy sums ml_dtypes' bfloat16 in bfloat16: 4,096 ones make 256),
+        then divided and rounded once."""
+        xp = self.xp
+        n, h, w, c = x.shape
+        total = xp.sum(x, axis=(1, 2), dtype=xp.float64 if x.dtype == xp.float64 else xp.float32)
+        return xp.astype(total / (h * w), x.dtype, copy=False)
 
     def sum_rows(self, a: Any) -> Any:
         """Sum over the first axis (a bias gradient), accumulated in float32 at least (a float16
