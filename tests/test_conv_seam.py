@@ -9,6 +9,7 @@ import sys
 
 import array_api_compat.numpy as xpn
 import array_api_strict as xs
+import ml_dtypes
 import numpy as np
 import pytest
 from cuda_emulator import load_emulated_fast_cupy, needs_compiler, restore
@@ -127,6 +128,30 @@ def test_numpy_and_strict_engines_match_the_standard_one(case, budget, rng):
         for a, b in zip(got, want, strict=True):
             assert a.shape == b.shape
             np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("case", GEOMETRIES, ids=IDS)
+@pytest.mark.parametrize("half", [np.float16, ml_dtypes.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("kernels", [StandardKernels(xpn), NUMPY_KERNELS],
+                         ids=["standard", "numpy"])
+def test_half_precision_outputs_and_input_gradients_keep_their_dtype(case, half, kernels, rng):
+    """Under mixed precision a convolution's output and input gradient are in its half dtype
+    (float16, or ml_dtypes' bfloat16, whose NumPy products come in float32), on every route:
+    a strided input gradient's col2im product included; and close to float64's."""
+    g = _geometry(case)
+    data = conv_data(g, rng, dtype=half)
+    engine = KernelsConv(g, kernels, None, min_chunks=1)
+    x, w, bias, dy = data
+    got = [engine.forward(x, w, bias, False), engine.input_grad(dy, w),
+           engine.gradients(x, dy, w, True, True)[2]]  # (dw, db, dx)
+    exact = _standard(g)
+    x64, w64, bias64, dy64 = (a.astype(np.float64) for a in data)
+    dx64 = exact.input_grad(dy64, w64)
+    want = [exact.forward(x64, w64, bias64, False), dx64, dx64]
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == np.dtype(half)
+        scale = float(np.abs(b).max())
+        np.testing.assert_allclose(a.astype(np.float64), b, rtol=0, atol=2e-2 * scale)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import tracemalloc
 
 import array_api_compat.numpy as xpn
 import array_api_strict as xs
+import ml_dtypes
 import numpy as np
 import pytest
 from kernel_cases import (
@@ -368,26 +369,31 @@ def test_conv2d_layer_fast_equals_standard(kwargs, dtype, small_chunks, rng):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("half, tol", [("float16", 4e-3), ("bfloat16", 3e-2)])
 @pytest.mark.parametrize("kwargs", [CONV_CASES[0], CONV_CASES[2]])
-def test_mixed_float16_conv_and_dense_fast_equal_standard(kwargs, small_chunks, rng):
-    """Half-precision compute: the fast path multiplies float16 inputs in float32 (NumPy has no
-    half BLAS) and rounds once; NumPy's own float16 matmul, the standard path, also accumulates
-    in float32. Both must agree to float16 rounding."""
-    x = rng.standard_normal((6, 9, 8, 3)).astype(np.float16)
+def test_mixed_precision_conv_and_dense_fast_equal_standard(kwargs, half, tol, small_chunks,
+                                                            rng):
+    """Half-precision compute: the fast path multiplies float16 (or ml_dtypes' bfloat16)
+    inputs in float32 (NumPy has no half BLAS) and rounds once; NumPy's own float16 matmul, the
+    standard path, also accumulates in float32 (bfloat16's gives float32, rounded after).
+    Both must agree to the dtype's rounding, every output and gradient in it (a strided
+    convolution's input gradient too)."""
+    half = np.dtype(ml_dtypes.bfloat16) if half == "bfloat16" else np.dtype(half)
+    x = rng.standard_normal((6, 9, 8, 3)).astype(half)
     results = []
     for fast in (True, False):
         old = set_fast_path(fast)
         try:
             conv, dense = Conv2D(**kwargs), Dense(5)
-            shape = conv.build((9, 8, 3), "cpu", dtype="float32", compute_dtype="float16",
+            shape = conv.build((9, 8, 3), "cpu", dtype="float32", compute_dtype=half.name,
                                rng=np.random.default_rng(0))
-            dense.build((int(np.prod(shape)),), "cpu", dtype="float32", compute_dtype="float16",
+            dense.build((int(np.prod(shape)),), "cpu", dtype="float32", compute_dtype=half.name,
                         rng=np.random.default_rng(1))
             y = conv.forward(x, training=True)
             z = dense.forward(np.reshape(y, (6, -1)), training=True)
             dy = np.reshape(dense.backward(np.ones_like(z)), y.shape)
             dx = conv.backward(dy)
-            assert y.dtype == z.dtype == dx.dtype == np.float16
+            assert y.dtype == z.dtype == dx.dtype == half
             results.append((y, z, dx, conv.grads["kernel"], conv.grads["bias"],
                             dense.grads["kernel"], dense.grads["bias"]))
         finally:
@@ -395,7 +401,7 @@ def test_mixed_float16_conv_and_dense_fast_equal_standard(kwargs, small_chunks, 
     for got, want in zip(results[0], results[1], strict=True):
         scale = float(np.max(np.abs(np.asarray(want, np.float64))))
         np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
-                                   rtol=0, atol=4e-3 * scale)
+                                   rtol=0, atol=tol * scale)
 
 
 @pytest.mark.parametrize("trainable", [True, False])
