@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import math
 import numbers
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -1321,12 +1322,10 @@ _BATCH_NORM_RUNNING_DX = cupy.ElementwiseKernel(
     preamble=_BATCH_NORM_RUNNING_Z,
 )
 
-# bfloat16 is ml_dtypes' dtype, which CuPy takes from version 14 on (and then imports itself);
-# xpcnn.backend gives it only where CuPy does.
-try:
-    import ml_dtypes
-except ImportError:
-    ml_dtypes = None
+# bfloat16 is ml_dtypes' dtype, which CuPy takes from version 14 on, importing ml_dtypes as it
+# is imported itself (with NumPy 2.1.2 or later); xpcnn.backend gives it only where CuPy takes
+# it. (Found among the imported modules: importing ml_dtypes takes a second on a slow CPU.)
+ml_dtypes = sys.modules.get("ml_dtypes")
 # (as dtypes: a training step checks a dozen arrays, without naming their dtypes)
 _FLOAT_DTYPES = frozenset([np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)]
                           + ([np.dtype(ml_dtypes.bfloat16)] if ml_dtypes else []))
