@@ -59,7 +59,11 @@ OPTIMISERS = pytest.mark.parametrize("make", [
     lambda: xpcnn.optim.Adam(1e-2),
     lambda: xpcnn.optim.Adam(1e-2, weight_decay=1e-2),
     lambda: xpcnn.optim.AdamW(1e-2),
-], ids=["sgd", "sgd-wd", "momentum", "nesterov-wd", "adam", "adam-l2", "adamw"])
+    lambda: xpcnn.optim.RMSprop(1e-2),
+    lambda: xpcnn.optim.RMSprop(1e-2, momentum=0.9, centered=True, weight_decay=1e-3),
+    lambda: xpcnn.optim.RMSprop(1e-2, centered=True),
+], ids=["sgd", "sgd-wd", "momentum", "nesterov-wd", "adam", "adam-l2", "adamw", "rmsprop",
+        "rmsprop-centered-momentum-wd", "rmsprop-centered"])
 
 #: Gradient clipping (before any update, fused or standard), one of each kind.
 CLIPPED = [
@@ -69,14 +73,9 @@ CLIPPED = [
 ]
 CLIPPED_IDS = ["momentum-global-clipnorm", "adam-clipvalue", "rmsprop-clipnorm"]
 
-#: OPTIMISERS (those with fused kernels), those that run the standard update everywhere, and
-#: clipped ones.
-EVERY_OPTIMISER = pytest.mark.parametrize("make", [
-    *OPTIMISERS.args[1],
-    lambda: xpcnn.optim.RMSprop(1e-2),
-    lambda: xpcnn.optim.RMSprop(1e-2, momentum=0.9, centered=True, weight_decay=1e-3),
-    *CLIPPED,
-], ids=[*OPTIMISERS.kwargs["ids"], "rmsprop", "rmsprop-centered-momentum-wd", *CLIPPED_IDS])
+#: OPTIMISERS (each with fused kernels) and clipped ones.
+EVERY_OPTIMISER = pytest.mark.parametrize("make", [*OPTIMISERS.args[1], *CLIPPED],
+                                          ids=[*OPTIMISERS.kwargs["ids"], *CLIPPED_IDS])
 
 
 def gated_updates(xp, kernels, make, rng, dtype=np.float32):

@@ -260,6 +260,17 @@ def test_record_step_kernels_compile(fast_cupy, name, stats):
     assert code == 0, log
 
 
+@pytest.mark.parametrize("dtype", ["float", "double"])
+@pytest.mark.parametrize("name", ["_SGD", "_SGD_AT", "_ADAM", "_ADAM_AT", "_RMSPROP",
+                                  "_RMSPROP_AT"])
+def test_update_kernels_compile(fast_cupy, name, dtype):
+    """The optimisers' fused updates (the parameters' dtypes), the step's numbers by value or
+    read from device scalars, every parameter found through the table, gated by ``apply``."""
+    kernel = getattr(fast_cupy, name)
+    code, log = _compile(_elementwise_as_kernel(kernel, {"T": dtype}), kernel.name, 90)
+    assert code == 0, log
+
+
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
 def test_random_numbers_kernel_compiles(fast_cupy, dtype):
     """Numbers in [0, 1) of the draw, counted by the last block (as dropout's)."""

@@ -1045,7 +1045,7 @@ def test_fused_updates_with_device_scalars_are_the_standard_ones_bit_for_bit(
 
         return launch
 
-    for name in ("_SGD_AT", "_ADAM_AT"):
+    for name in ("_SGD_AT", "_ADAM_AT", "_RMSPROP_AT"):
         monkeypatch.setattr(module, name, counted(getattr(module, name)))
     params = [rng.standard_normal(s).astype(dtype) for s in UPDATE_SHAPES]
     fused, standard = [p.copy() for p in params], [p.copy() for p in params]

@@ -221,7 +221,7 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
         _cases(conv_algorithm=["cudnn"]),
     "test_mixed_precision_on_the_gpu": _cases(conv_algorithm=["direct"]),
     "test_weighted_training_on_the_gpu_matches_numpy": None,
-    "test_optimisers_without_a_fused_kernel_and_clipping_on_the_gpu": None,
+    "test_rmsprop_and_clipping_on_the_gpu": None,
     "test_a_missing_gpu_index_is_a_clear_error": None,
     "test_data_on_the_gpu_gives_the_weights_of_host_batches": None,
     "test_a_datasets_samples_are_read_on_the_callers_stream": None,
@@ -1001,9 +1001,9 @@ def test_weighted_training_on_the_gpu_matches_numpy(cp, monkeypatch):
     lambda: xpcnn.optim.SGD(0.05, momentum=0.9, global_clipnorm=0.05),
     lambda: xpcnn.optim.SGD(0.05, momentum=0.9, clipvalue=0.01)],  # (SGD: see _fit)
     ids=["rmsprop", "sgd-global-clipnorm", "sgd-clipvalue"])
-def test_optimisers_without_a_fused_kernel_and_clipping_on_the_gpu(cp, make, monkeypatch):
-    """RMSprop (the standard update) and gradient clipping (before the fused updates), in
-    steps captured and replayed where a GPU can, against NumPy; in full float32."""
+def test_rmsprop_and_clipping_on_the_gpu(cp, make, monkeypatch):
+    """RMSprop (its fused update) and gradient clipping (before the fused updates), in steps
+    captured and replayed where a GPU can, against NumPy; in full float32."""
     monkeypatch.setenv("XPCNN_TF32", "0")
     gpu, loss_gpu, _ = _fit("cuda", gap_net, epochs=3, optimizer=make())
     ref, loss_ref, _ = _fit("cpu", gap_net, epochs=3, optimizer=make())

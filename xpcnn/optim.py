@@ -464,6 +464,15 @@ class RMSprop(Optimizer):
             u = b
         self._assign(xp, p, p - scalars["lr"] * u, apply)
 
+    def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
+                      scalars: dict[str, Any], apply: Any) -> bool:
+        kernels.rmsprop_update(params, grads, self.slots["v"],
+                               self.slots["mean_grad"] if self.centered else None,
+                               self.slots["momentum"] if self.momentum else None,
+                               scalars["lr"], self.weight_decay, self.rho, self.momentum,
+                               self.epsilon, apply)
+        return True
+
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "rho": self.rho, "momentum": self.momentum,
                 "epsilon": self.epsilon, "centered": self.centered}

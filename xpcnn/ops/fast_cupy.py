@@ -322,6 +322,32 @@ _ADAM, _ADAM_AT = _update_kernels(
     p = w - step * m / (sqrt(v / bc2) + eps);
     """)
 
+# (slot 0 the mean square v, then the mean gradient a where ``centered``, then the momentum
+# buffer where ``slots`` counts one more; each read once and written once, as _ADAM's)
+_RMSPROP, _RMSPROP_AT = _update_kernels(
+    "rmsprop", "T wd, T rho, T c, bool centered, T mom, T eps", ("lr",), """
+    T& v_at = ((T*)table[row + 2])[e];
+    const T w = p;
+    const T grad = g + wd * w;
+    const T v = rho * v_at + c * (grad * grad);
+    v_at = v;
+    T var = v;
+    if (centered) {
+        T& a_at = ((T*)table[row + 3])[e];
+        const T a = rho * a_at + c * grad;
+        a_at = a;
+        var = v > a * a ? v - a * a : (T)0;
+    }
+    T u = grad / (sqrt(var) + eps);
+    if (slots > (centered ? 2 : 1)) {
+        T& b_at = ((T*)table[row + (centered ? 4 : 3)])[e];
+        const T b = mom * b_at + u;
+        b_at = b;
+        u = b;
+    }
+    p = w - lr * u;
+    """)
+
 
 # Arrays of one dtype cast to another in one launch (a mixed-precision forward pass's weights,
 # Model._weights_cast), into one flat output: one thread per element of them all, found as the
@@ -1927,6 +1953,17 @@ class CupyKernels(StandardKernels):
             _ADAM if _by_value(decay) else _ADAM_AT, self._by_dtype(params, grads, ms, vs),
             (weight_decay, decoupled, beta_1, 1.0 - beta_1, beta_2, 1.0 - beta_2, epsilon),
             (decay, step, bc2), apply)
+
+    def rmsprop_update(self, params: list[Any], grads: list[Any], vs: list[Any],
+                       means: list[Any] | None, bufs: list[Any] | None, lr: Any,
+                       weight_decay: float, rho: float, momentum: float, epsilon: float,
+                       apply: Any = None) -> None:
+        """``means``: the centered variant's mean gradients (None where not centered);
+        ``bufs``: the momentum buffers (None without momentum)."""
+        self._launch_updates(
+            _RMSPROP if _by_value(lr) else _RMSPROP_AT,
+            self._by_dtype(params, grads, vs, means, bufs),
+            (weight_decay, rho, 1.0 - rho, means is not None, momentum, epsilon), (lr,), apply)
 
 
 KERNELS = CupyKernels()

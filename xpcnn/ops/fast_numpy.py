@@ -104,7 +104,7 @@ def _half_float(dtype: Any) -> bool:
 class NumpyKernels(StandardKernels):
     """The NumPy versions: ``out=`` writes, in-place ufuncs and threaded chunk loops."""
 
-    fused_updates = True  # sgd_update / adam_update, in place
+    fused_updates = True  # sgd_update / adam_update / rmsprop_update, in place
 
     def __init__(self) -> None:
         super().__init__(compat_numpy)
@@ -768,6 +768,39 @@ class NumpyKernels(StandardKernels):
                 np.subtract(p, change, out=p)
 
         self._update_blocks(update, params, grads, ms, vs)
+
+    def rmsprop_update(self, params: list[Any], grads: list[Any], vs: list[Any],
+                       means: list[Any] | None, bufs: list[Any] | None, lr: Any,
+                       weight_decay: float, rho: float, momentum: float, epsilon: float,
+                       apply: Any = None) -> None:
+        """``means``: the centered variant's mean gradients (None where not centered);
+        ``bufs``: the momentum buffers (None without momentum)."""
+        if apply is not None and not apply:
+            return
+
+        def update(p: Any, g: Any, v: Any, *rest: Any) -> None:
+            a = rest[0] if means is not None else None
+            buf = rest[-1] if bufs is not None else None
+            if weight_decay:
+                g = g + weight_decay * p
+            np.multiply(v, rho, out=v)
+            np.add(v, (1.0 - rho) * (g * g), out=v)
+            var = v
+            if a is not None:
+                np.multiply(a, rho, out=a)
+                np.add(a, (1.0 - rho) * g, out=a)
+                squared = a * a
+                var = np.where(v > squared, v - squared, 0.0)
+            u = np.sqrt(var)
+            np.add(u, epsilon, out=u)
+            np.divide(g, u, out=u)
+            if buf is not None:
+                np.multiply(buf, momentum, out=buf)
+                np.add(buf, u, out=buf)
+                u = buf
+            np.subtract(p, np.multiply(lr, u), out=p)
+
+        self._update_blocks(update, params, grads, vs, means, bufs)
 
 
 KERNELS = NumpyKernels()
