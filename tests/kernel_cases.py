@@ -60,10 +60,11 @@ OPTIMISERS = pytest.mark.parametrize("make", [
     lambda: xpcnn.optim.Adam(1e-2, weight_decay=1e-2),
     lambda: xpcnn.optim.AdamW(1e-2),
     lambda: xpcnn.optim.RMSprop(1e-2),
-    lambda: xpcnn.optim.RMSprop(1e-2, momentum=0.9, centered=True, weight_decay=1e-3),
+    lambda: xpcnn.optim.RMSprop(1e-2, momentum=0.9),
     lambda: xpcnn.optim.RMSprop(1e-2, centered=True),
+    lambda: xpcnn.optim.RMSprop(1e-2, momentum=0.9, centered=True, weight_decay=1e-3),
 ], ids=["sgd", "sgd-wd", "momentum", "nesterov-wd", "adam", "adam-l2", "adamw", "rmsprop",
-        "rmsprop-centered-momentum-wd", "rmsprop-centered"])
+        "rmsprop-momentum", "rmsprop-centered", "rmsprop-centered-momentum-wd"])
 
 #: Gradient clipping (before any update, fused or standard), one of each kind.
 CLIPPED = [

@@ -904,6 +904,25 @@ def test_fused_optimiser_updates(fast, rng, make, dtype):
 
 
 @OPTIMISERS
+def test_fused_updates_leave_an_infinite_weight_as_the_standard_ones_do(fast, rng, make):
+    """Without weight decay the kernels add no decay term: 0 times an infinite weight would be
+    NaN, where the standard formulas (which skip a zero decay) keep the weight infinite and the
+    state finite."""
+    params = [rng.standard_normal(s).astype(np.float32) for s in UPDATE_SHAPES]
+    params[0][0] = np.inf
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+    with np.errstate(invalid="ignore"):
+        opt_fused.step(xpn, fused, grads, fast)
+        opt_std.step(xpn, standard, grads)
+    for f, s_ in zip([*fused, *(a for v in opt_fused.slots.values() for a in v)],
+                     [*standard, *(a for v in opt_std.slots.values() for a in v)], strict=True):
+        assert np.array_equal(np.isnan(f), np.isnan(s_)) and np.array_equal(np.isinf(f),
+                                                                             np.isinf(s_))
+
+
+@OPTIMISERS
 def test_fused_updates_of_parameters_of_two_dtypes(fast, rng, make):
     """One step over float32 and float64 parameters: a launch per dtype, each right."""
     _, fused, _, standard = two_dtype_updates(xpn, fast, make, rng, (np.float32, np.float64))

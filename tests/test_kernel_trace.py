@@ -205,6 +205,24 @@ def test_an_adam_update_reads_each_parameter_and_state_once(fast, rng, decoupled
     assert t.load_requests - t.one_address_loads == 4 * warps
     assert t.store_requests == 3 * warps
 
+
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_an_rmsprop_update_reads_each_parameter_and_state_once(fast, rng, centered, momentum):
+    params = [rng.standard_normal(n).astype(np.float32) for n in (64, 320)]
+    slots = 1 + centered + bool(momentum)
+    grads, vs, means, bufs = ([rng.standard_normal(p.shape).astype(np.float32) for p in params]
+                              for _ in range(4))
+    vs = [np.abs(v) for v in vs]
+    (t,) = _traced(lambda: fast.rmsprop_update(params, grads, vs, means if centered else None,
+                                               bufs if momentum else None, 1e-3, 0.01, 0.9,
+                                               momentum, 1e-7))
+    warps = sum(p.size for p in params) // 32
+    # (the table's entries, one address a warp, and the parameter, gradient and each slot)
+    assert t.load_requests - t.one_address_loads == (2 + slots) * warps
+    assert t.store_requests == (1 + slots) * warps
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("scaled", [False, True])
 def test_softmax_cross_entropy_moves_its_rows_coalesced_and_once(fast, rng, dtype, scaled):

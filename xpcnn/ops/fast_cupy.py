@@ -293,10 +293,11 @@ def _update_kernels(name: str, constants: str, per_step: tuple[str, ...], body: 
 
 
 # (the parameter and the momentum read once each, into w and m: read through the references,
-# each was read again after the store to the other, which may alias it for the compiler)
+# each was read again after the store to the other, which may alias it for the compiler; no
+# weight-decay term where it is 0, as in xpcnn.optim: 0 * an infinite weight would be NaN)
 _SGD, _SGD_AT = _update_kernels("sgd", "T wd, T mom, bool nesterov", ("lr",), """
     const T w = p;
-    const T grad = g + wd * w;
+    const T grad = wd != (T)0 ? g + wd * w : g;
     if (slots == 0) {
         p = w - lr * grad;
     } else {
@@ -314,7 +315,7 @@ _ADAM, _ADAM_AT = _update_kernels(
     T& v_at = ((T*)table[row + 3])[e];
     T w = p, grad = g;
     if (decoupled) w = w * decay;
-    else grad = grad + wd * w;
+    else if (wd != (T)0) grad = grad + wd * w;
     const T m = b1 * m_at + c1 * grad;
     const T v = b2 * v_at + c2 * (grad * grad);
     m_at = m;
@@ -328,7 +329,7 @@ _RMSPROP, _RMSPROP_AT = _update_kernels(
     "rmsprop", "T wd, T rho, T c, bool centered, T mom, T eps", ("lr",), """
     T& v_at = ((T*)table[row + 2])[e];
     const T w = p;
-    const T grad = g + wd * w;
+    const T grad = wd != (T)0 ? g + wd * w : g;
     const T v = rho * v_at + c * (grad * grad);
     v_at = v;
     T var = v;

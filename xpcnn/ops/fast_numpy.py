@@ -793,7 +793,9 @@ class NumpyKernels(StandardKernels):
                 var = np.where(v > squared, v - squared, 0.0)
             u = np.sqrt(var)
             np.add(u, epsilon, out=u)
-            np.divide(g, u, out=u)
+            # (into u only where the quotient has u's dtype: a wider gradient's stays wider,
+            # as in the standard formula)
+            u = np.divide(g, u, out=u if np.result_type(g, u) == u.dtype else None)
             if buf is not None:
                 np.multiply(buf, momentum, out=buf)
                 np.add(buf, u, out=buf)

@@ -33,10 +33,10 @@ def standardize_backward(xp: Any, dxhat: Any, xhat: Any, inv_std: Any,
 class StandardKernels:
     """The Array API versions (any namespace, any device)."""
 
-    # True where the kernels offer sgd_update / adam_update (CuPy: every parameter of a step in
-    # one launch; NumPy: in place, without temporaries), which take the per-step numbers as
-    # Python floats or 0-d device arrays (a step captured in a CUDA graph, see
-    # xpcnn.cuda_graphs); Optimizer.step then uses them instead of the standard formulas.
+    # True where the kernels offer sgd_update / adam_update / rmsprop_update (CuPy: every
+    # parameter of a step in one launch; NumPy: in place, without temporaries), which take the
+    # per-step numbers as Python floats or 0-d device arrays (a step captured in a CUDA graph,
+    # see xpcnn.cuda_graphs); Optimizer.step then uses them instead of the standard formulas.
     fused_updates = False
     # True where im2col_into takes ``pads`` and reads the input as if zero-padded (CuPy's):
     # convolutions then skip the padded copy of each chunk.
