@@ -270,6 +270,25 @@ def _rewrite(path, edit_config, edit_arrays=lambda arrays: None):
     write_npz_atomic(path, arrays)
 
 
+def test_slots_stored_in_another_float_dtype_load_in_the_parameters(tmp_path):
+    """A checkpoint whose optimizer slots are float64 (or float16) for a float32 model: they
+    load as float32, the dtype the fused updates read them in, and the run resumes."""
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=0)
+    model.compile(optimizer=xpcnn.optim.RMSprop(0.01, momentum=0.9))
+    x, y = np.random.default_rng(0).normal(size=(8, 4)), np.arange(8) % 3
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    for dtype in (np.float64, np.float16):
+        path = tmp_path / f"s-{np.dtype(dtype).name}.npz"
+        save_checkpoint(model, path, Progress(1), model.history)
+        _rewrite(path, lambda config: None, lambda arrays, dtype=dtype: arrays.update(
+            {k: a.astype(dtype) for k, a in arrays.items() if k.startswith("slot.")}))
+        loaded = load_checkpoint(path).model
+        assert {a.dtype for v in loaded.optimizer.slots.values() for a in v} == {
+            np.dtype(np.float32)}
+        loaded.fit(x, y, epochs=1, batch_size=4, verbose=0)
+        assert all(np.all(np.isfinite(w)) for w in loaded.get_weights())
+
+
 def test_a_history_with_logs_of_some_epochs_only_round_trips_and_is_checked(tmp_path):
     """A history whose val_* (and a callback's log) are missing from some epochs names their
     epochs in the checkpoint; a list shorter than the epochs without them, or epochs that do

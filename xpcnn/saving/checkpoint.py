@@ -306,7 +306,10 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
 
     set_weights_from_file(model, npz)  # checks shapes before replacing anything
     opt.iterations, opt.lr_factor = iterations, lr_factor
-    opt.slots = {name: [model.backend.asarray(a) for a in v] for name, v in slots.items()}
+    # (in the parameters' dtype, whatever float type the file holds: the fused updates read a
+    # parameter's slots as its own dtype)
+    opt.slots = {name: [model.backend.asarray(a, dtype=model.dtype_name) for a in v]
+                 for name, v in slots.items()}
     model.loss_scale, model._good_steps = float(loss_scale), good_steps
     for i, (seed, calls) in counters.items():
         model.layers[i].set_random_state(seed, calls)  # type: ignore[attr-defined]
