@@ -461,32 +461,48 @@ def counting_backend() -> Any:
     return CountingBackend(compat_numpy, "cpu", "numpy")
 
 
-def counted_model(model_name: str, precision: str, batch: int) -> tuple[Any, Any, Any]:
-    """Reference model ``model_name`` on the counting backend, compiled with SGD with
-    momentum 0.9 as scripts/bench_gpu.py trains it (eager steps), and a batch of ``batch``
-    uint8 images and their labels already on the device; inside :func:`counting`."""
-    import xpcnn
+#: The optimisers the counts can be made with (``--optimizer``): SGD with momentum 0.9 as
+#: scripts/bench_gpu.py trains, and the others' fused updates.
+OPTIMIZERS = {
+    "sgd": lambda: _optim().SGD(0.01, momentum=0.9),
+    "adam": lambda: _optim().Adam(1e-3),
+    "rmsprop": lambda: _optim().RMSprop(1e-3),
+    "rmsprop-centered-momentum": lambda: _optim().RMSprop(1e-3, momentum=0.9, centered=True),
+}
+
+
+def _optim() -> Any:
+    import xpcnn.optim
+
+    return xpcnn.optim
+
+
+def counted_model(model_name: str, precision: str, batch: int, optimizer: str = "sgd"
+                  ) -> tuple[Any, Any, Any]:
+    """Reference model ``model_name`` on the counting backend, compiled with ``optimizer``
+    (:data:`OPTIMIZERS`; eager steps), and a batch of ``batch`` uint8 images and their labels
+    already on the device; inside :func:`counting`."""
     from xpcnn.models import INPUT_SHAPES, build_model
 
     rng = np.random.default_rng(0)
     shape = INPUT_SHAPES[model_name]
     model = build_model(model_name, input_shape=shape, device=counting_backend(), seed=0)
-    model.compile(optimizer=xpcnn.optim.SGD(0.01, momentum=0.9), precision=precision,
-                  cuda_graphs=False)
+    model.compile(optimizer=OPTIMIZERS[optimizer](), precision=precision, cuda_graphs=False)
     x = device_array(rng.integers(0, 256, (batch, *shape), dtype=np.uint8))
     y = device_array(rng.integers(0, 10, batch))
     return model, x, y
 
 
 def step_launches(model_name: str, precision: str = "float32", batch: int = 128,
-                  warmup: int = 2) -> list[Launch]:
+                  warmup: int = 2, optimizer: str = "sgd") -> list[Launch]:
     """The launches of one eager training step (after ``warmup`` steps) of reference model
-    ``model_name`` on a batch of uint8 images already on the device, SGD with momentum 0.9
-    as scripts/bench_gpu.py trains; the emulated CuPy and cuDNN must be loaded (see
-    :func:`emulated`). :data:`MEMORY` then holds that step's peak device memory."""
+    ``model_name`` on a batch of uint8 images already on the device, with ``optimizer`` (SGD
+    with momentum 0.9 as scripts/bench_gpu.py trains, by default); the emulated CuPy and
+    cuDNN must be loaded (see :func:`emulated`). :data:`MEMORY` then holds that step's peak
+    device memory."""
     fast_cupy = sys.modules["xpcnn.ops.fast_cupy"]
     with counting(fast_cupy) as counter:
-        model, x, y = counted_model(model_name, precision, batch)
+        model, x, y = counted_model(model_name, precision, batch, optimizer)
         for _ in range(warmup):
             model.train_step(x, y)
         gc.collect()  # (the warm-up's arrays in reference cycles are freed, as on CuPy)
@@ -570,11 +586,12 @@ def main(argv: list[str]) -> int:
                                 "training step on CuPy, counted on the CPU.")
     p.add_argument("models", nargs="*", default=["notebook", "mnist", "cifar"])
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sgd")
     args = p.parse_args(argv)
     with emulated():
         for name in args.models:
             for precision in ("float32", "mixed_float16", "mixed_bfloat16"):
-                launches = step_launches(name, precision, args.batch)
+                launches = step_launches(name, precision, args.batch, optimizer=args.optimizer)
                 print(f"{name}, {precision}, batch {args.batch}: {launch_count(launches)} "
                       "launches")
                 print(breakdown(launches))
