@@ -988,9 +988,10 @@ def test_mixed_precision_training_with_the_cuda_kernels(fast, monkeypatch, net, 
     layers, the float16 loss scaled and the gradients unscaled and checked by the step's
     record, the fused float32 updates. Close to the standard path, which rounds every
     half-precision operation where the kernels round once: the same loss scale (none for
-    bfloat16), losses to 2e-4, weights to 2% of the largest weight where dropout, flips and
-    crops compound the roundings (0.1% without them: 2% let the first kernel of gap_net pass
-    untrained)."""
+    bfloat16), losses to 2e-4 in float16 and 8 times that in bfloat16 (its unit roundoff,
+    2**-8 against 2**-11: its losses differ from float32's by ~1e-3), weights to 2% of the
+    largest weight where dropout, flips and crops compound the roundings (0.1% without them:
+    2% let the first kernel of gap_net pass untrained)."""
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
     conv = fast.conv_kernels
@@ -1007,7 +1008,8 @@ def test_mixed_precision_training_with_the_cuda_kernels(fast, monkeypatch, net, 
 
     (w_fast, loss_fast, scale_fast), (w_std, loss_std, scale_std) = fit(fast), fit(None)
     assert scale_fast == scale_std == (2.0**15 if precision == "mixed_float16" else 1.0)
-    assert loss_fast == pytest.approx(loss_std, rel=2e-4)
+    assert loss_fast == pytest.approx(loss_std, rel=2e-4 if precision == "mixed_float16"
+                                      else 1.6e-3)
     largest = max(float(np.abs(b).max()) for b in w_std)
     share = 0.02 if net is every_layer_net else 1e-3
     for a, b in zip(w_fast, w_std, strict=True):

@@ -41,6 +41,51 @@ def test_conv2d_matches_direct_definition(kwargs, shape, pads, rng):
     np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-10, atol=1e-12)
 
 
+def _half(name):
+    """NumPy's float16, or ml_dtypes' bfloat16 (skipped without ml_dtypes)."""
+    if name == "float16":
+        return np.dtype(np.float16)
+    return np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+
+
+def _ulps(got, want):
+    """|got - want| in units in the last place of ``got``'s dtype at ``want`` (subnormals' unit
+    below the smallest normal number)."""
+    info = (np.finfo if got.dtype == np.float16 else _bfloat16_info)(got.dtype)
+    _, e = np.frexp(np.abs(want))
+    exponent = np.maximum(e - 1, np.log2(float(info.smallest_normal)))
+    return np.abs(got.astype(np.float64) - want) / np.ldexp(1.0, exponent.astype(int) - info.nmant)
+
+
+def _bfloat16_info(dtype):
+    return pytest.importorskip("ml_dtypes").finfo(dtype)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("size, stride, pad", [(2, 2, 0), (3, 2, "same"), (3, 1, 1)])
+def test_avg_pool_in_half_precision_rounds_once(half, size, stride, pad, rng):
+    """Mixed precision's float16 (or bfloat16) windows are summed and divided in float32, then
+    rounded once: within half a unit in the last place of the exact mean (and float32's
+    rounding, 2**-13 of a float16 unit at most), forward and backward (overlapping windows'
+    shares too). Summed in the half type, values of mixed magnitudes (positive: a ReLU's
+    output) were up to 5 units off."""
+    dtype = _half(half)
+    layer, exact = AvgPool2D(size, stride, padding=pad), AvgPool2D(size, stride, padding=pad)
+    layer.build((9, 8, 3), "cpu", dtype="float32")
+    exact.build((9, 8, 3), "cpu", dtype="float64")
+    x = (np.abs(rng.standard_normal((4, 9, 8, 3))) * 10.0 ** rng.uniform(-2, 2, (4, 9, 8, 3))
+         ).astype(dtype)
+    y = layer.forward(x, training=True)
+    want = exact.forward(x.astype(np.float64), training=True)
+    assert y.dtype == dtype
+    assert _ulps(y, want).max() <= 0.501
+    dy = (np.abs(rng.standard_normal(y.shape)) * 10.0 ** rng.uniform(-2, 2, y.shape)
+          ).astype(dtype)
+    dx, want = layer.backward(dy), exact.backward(dy.astype(np.float64))
+    assert dx.dtype == dtype
+    assert _ulps(dx, want).max() <= 0.501
+
+
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 F = torch.nn.functional
 

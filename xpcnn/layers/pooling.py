@@ -80,14 +80,19 @@ class AvgPool2D(_Pool2D):
         xpad = conv_ops.pad(self.xp, x, self.pads)
         if training:
             self._cache_shape = xpad.shape
-        s = ops.sum_pool(self.xp, xpad, self.pool_size, self.strides, self.out_hw)
-        return s * self.xp.astype(self._inv_counts, s.dtype, copy=False)
+        # (float16 and bfloat16 windows summed, and divided, in float32: rounded once)
+        xp = self.xp
+        s = ops.sum_pool(xp, xpad, self.pool_size, self.strides, self.out_hw)
+        return xp.astype(s * xp.astype(self._inv_counts, s.dtype, copy=False), x.dtype,
+                         copy=False)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        g = dy * self.xp.astype(self._inv_counts, dy.dtype, copy=False)
-        dx = ops.sum_pool_backward(self.xp, g, self._cache_shape, self.pool_size, self.strides,
+        xp = self.xp
+        acc = ops.accumulator(xp, dy.dtype)  # (as forward: a window's shares summed there)
+        g = xp.astype(dy, acc, copy=False) * xp.astype(self._inv_counts, acc, copy=False)
+        dx = ops.sum_pool_backward(xp, g, self._cache_shape, self.pool_size, self.strides,
                                    self.out_hw)
-        return conv_ops.unpad(dx, self.pads)
+        return xp.astype(conv_ops.unpad(dx, self.pads), dy.dtype, copy=False)
 
     def to(self, backend: Any) -> None:
         inv = self.backend.to_numpy(self._inv_counts)

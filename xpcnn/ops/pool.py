@@ -49,13 +49,20 @@ def max_pool_backward(xp: Any, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
     return dx
 
 
+def accumulator(xp: Any, dtype: Any) -> Any:
+    """The dtype sums of ``dtype`` values are taken in: float64 for float64, else float32 (a
+    float16 or bfloat16 sum of a few values loses their low bits)."""
+    return xp.float64 if dtype == xp.float64 else xp.float32
+
+
 def sum_pool(xp: Any, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
              out_hw: tuple[int, int]) -> Any:
-    """Sum over each window of a padded (N, H, W, C) input."""
+    """Sum over each window of a padded (N, H, W, C) input, in :func:`accumulator`'s dtype."""
+    acc = accumulator(xp, x.dtype)
     out = None
     for i in range(kernel[0]):
         for j in range(kernel[1]):
-            w = window(x, i, j, out_hw, strides)
+            w = xp.astype(window(x, i, j, out_hw, strides), acc, copy=False)
             out = w if out is None else out + w
     return out
 
