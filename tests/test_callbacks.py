@@ -141,9 +141,146 @@ def test_batch_logs_are_read_from_the_device_only_when_looked_at(data, monkeypat
     assert len(reads) == 4 + 1 and losses[-1] == model.history.history["loss"][0]
 
 
+def test_batch_logs_a_callback_keeps_hold_that_batchs_values(data):
+    """Logs stored by a callback (``self.logs.append(logs)``) and read after fit or evaluate
+    hold their own batch's running values (read before the next step changes the sums), as
+    Keras' dicts do; they take writes, seen by the callbacks after; logs no callback keeps
+    cost no read."""
+    kept, copied = [], []
+
+    def keep(batch, logs):
+        logs["batch"] = batch  # (writable, as Keras' dict)
+        kept.append(logs)
+
+    small_model().fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[
+        LambdaCallback(on_train_batch_end=keep),
+        LambdaCallback(on_train_batch_end=lambda batch, logs: copied.append(dict(logs)))])
+    assert [dict(logs) for logs in kept] == copied and len(copied) == 8
+    assert [logs["batch"] for logs in copied] == [0, 1, 2, 3] * 2
+    assert len({logs["loss"] for logs in copied}) == 8
+    model, kept, copied = small_model(), [], []
+    model.evaluate(*data, batch_size=BATCH, callbacks=[
+        LambdaCallback(on_test_batch_end=lambda batch, logs: kept.append(logs)),
+        LambdaCallback(on_test_batch_end=lambda batch, logs: copied.append(dict(logs)))])
+    assert [dict(logs) for logs in kept] == copied and len({d["loss"] for d in copied}) == 4
+
+
+def test_train_on_batch_from_a_callback_counts_in_the_epochs_logs(data):
+    """A callback's train_on_batch inside fit is a step of the epoch, as in Keras: the epoch's
+    loss and accuracy are the means over every step's samples (an accuracy above 1 before)."""
+    steps = []
+
+    class Recorded(xpcnn.Sequential):
+        def train_step(self, xb, yb):
+            loss, correct = super().train_step(xb, yb)
+            steps.append((float(loss) * xb.shape[0], float(correct), xb.shape[0]))
+            return loss, correct
+
+    model = Recorded([Rescaling(1 / 255), Flatten(), Dense(3), Softmax()], seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1, momentum=0.9))
+    extra = LambdaCallback(on_train_batch_end=lambda batch, logs: [
+        model.train_on_batch(data[0][:7], data[1][:7]) for _ in range(3)])
+    history = model.fit(*data, epochs=1, batch_size=BATCH, verbose=0, callbacks=[extra])
+    assert len(steps) == 4 * 4
+    loss, correct, seen = (sum(column) for column in zip(*steps, strict=True))
+    assert history.history["loss"][0] == pytest.approx(loss / seen, rel=1e-12)
+    assert history.history["accuracy"][0] == pytest.approx(correct / seen, rel=1e-12)
+
+
+def test_a_run_resumed_inside_an_epoch_applies_its_schedule_once(data, tmp_path):
+    """Resumed inside an epoch, the checkpoint's learning rate is the one that epoch's
+    on_epoch_begin set: a schedule of the current rate (Keras' ``lr * 0.5`` example) is not
+    applied to it again, and the run ends as the uninterrupted one, bit for bit."""
+    path = tmp_path / "backup.npz"
+    halve = lambda epoch, lr: lr * 0.5  # noqa: E731
+    reference = small_model()
+    expected = reference.fit(*data, epochs=3, batch_size=BATCH, verbose=0,
+                             callbacks=[LearningRateScheduler(halve)])
+    model = small_model()
+
+    def kill(batch, logs):
+        if model.optimizer.iterations == 7:  # (epoch 1's step 3; the backup at its step 2)
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        model.fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=[
+            LearningRateScheduler(halve), LambdaCallback(on_train_batch_end=kill),
+            BackupAndRestore(path, save_freq=3)])
+    assert (load_checkpoint(path).epoch, load_checkpoint(path).step) == (1, 2)
+    resumed = small_model()
+    history = resumed.fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=[
+        LearningRateScheduler(halve), BackupAndRestore(path, save_freq=3)])
+    assert history.history["learning_rate"] == expected.history["learning_rate"]
+    assert same_weights(resumed.get_weights(), reference.get_weights())
+
+
+def test_backup_and_restore_deletes_its_file_when_training_ends(data, tmp_path):
+    """As in Keras (delete_checkpoint=True): the script run again trains afresh; a fit that
+    is interrupted keeps the file, and fit(checkpoint=PATH) keeps it (its finished run,
+    resumed, trains nothing)."""
+    path = tmp_path / "backup.npz"
+    for _ in range(2):  # (the script run twice)
+        model = small_model()
+        model.fit(*data, epochs=2, batch_size=BATCH, verbose=0,
+                  callbacks=[BackupAndRestore(path)])
+        assert model.optimizer.iterations == 8 and not path.exists()
+    model.fit(*data, epochs=2, batch_size=BATCH, verbose=0,
+              callbacks=[BackupAndRestore(path, delete_checkpoint=False)])
+    assert path.exists()
+    path.unlink()
+    small_model().fit(*data, epochs=1, batch_size=BATCH, verbose=0, checkpoint=path)
+    assert load_checkpoint(path).epoch == 1
+
+
+def test_the_older_batch_hook_names_are_called_as_in_keras(data):
+    """A callback written for ``on_batch_begin`` / ``on_batch_end`` (Keras' older names of the
+    training batch hooks) is called at each training batch."""
+    calls = []
+
+    class Old(Callback):
+        def on_batch_begin(self, batch, logs=None):
+            calls.append(("begin", batch))
+
+        def on_batch_end(self, batch, logs=None):
+            calls.append(("end", batch, logs["loss"] > 0))
+
+    small_model().fit(*data, epochs=1, batch_size=BATCH, verbose=0, callbacks=[
+        Old(), LambdaCallback(on_batch_end=lambda batch, logs: calls.append(("lambda", batch)))])
+    assert calls == [c for b in range(4) for c in (("begin", b), ("end", b, True),
+                                                   ("lambda", b))]
+
+
+def test_a_log_that_is_no_number_is_shown_not_recorded(data, capsys):
+    """A callback's epoch log that is text or an array: the progress line shows it, the
+    History leaves it out with a warning; the epoch's training is not lost to a crash."""
+    tag = LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(note="warm", v=[1, 2]))
+    model = small_model()
+    with pytest.warns(RuntimeWarning, match="is not one and is left out") as warned:
+        history = model.fit(*data, epochs=2, batch_size=BATCH, verbose=2, callbacks=[tag])
+    said = " ".join(str(w.message) for w in warned)
+    assert "the log 'note' = 'warm'" in said and "the log 'v' = [1, 2]" in said
+    assert history.epoch == [0, 1] and not {"note", "v"} & history.history.keys()
+    assert "- note: warm - v: [1, 2]" in capsys.readouterr().out
+
+
+def test_validation_split_holds_out_what_keras_does(data):
+    """Keras' split point, floor(n * (1 - split)): the last 10 of 40 at 0.25, 3 of 10 (2
+    rounded), 1 of 3 at 0.1 (none rounded): the run of the arrays split so by hand."""
+    def logs(model):
+        return {k: v for k, v in model.history.history.items() if k != "seconds"}
+
+    for n, split, held in ((40, 0.25, 10), (10, 0.25, 3), (3, 0.1, 1)):
+        x, y = data[0][:n], data[1][:n]
+        by_hand, split_model = small_model(), small_model()
+        by_hand.fit(x[:n - held], y[:n - held], batch_size=64, verbose=0,
+                    validation_data=(x[n - held:], y[n - held:]))
+        split_model.fit(x, y, batch_size=64, verbose=0, validation_split=split)
+        assert logs(split_model) == logs(by_hand)
+
+
 def test_callbacks_and_hooks_are_checked():
-    with pytest.raises(InputError, match="LambdaCallback got unknown hooks \\['on_batch_end'\\]"):
-        LambdaCallback(on_batch_end=print)
+    with pytest.raises(InputError, match="LambdaCallback got unknown hooks \\['on_step_end'\\]"):
+        LambdaCallback(on_step_end=print)
     model = small_model()
     with pytest.raises(InputError, match="callbacks must be xpcnn.callbacks.Callback instances, "
                                          "got builtin_function_or_method"):
@@ -611,7 +748,8 @@ def test_csv_logger_writes_a_row_per_epoch_and_appends(data, tmp_path):
     logger = CSVLogger(path)  # the columns are the first epoch's; a missing log is NA (Keras)
     logger.on_train_begin()
     logger.on_epoch_end(0, {"loss": 1.0, "learning_rate": 0.1})
-    logger.on_epoch_end(1, {"loss": 0.5, "score": 3.0})
+    with pytest.warns(RuntimeWarning, match=r"has no columns for the logs \['score'\]"):
+        logger.on_epoch_end(1, {"loss": 0.5, "score": 3.0})
     logger.on_train_end()
     assert path.read_text().splitlines() == ["epoch,learning_rate,loss", "0,0.1,1.0", "1,NA,0.5"]
 

@@ -95,9 +95,9 @@ DATA_CASES = {
                            InputError, r"validation_split must be a number in \[0, 1\), got 1.0"),
     "validation_split str": (lambda m: m.fit(X, Y, validation_split="0.1", verbose=0),
                              InputError, r"validation_split must be a number .* got '0.1'"),
-    "validation_split leaves nothing": (
-        lambda m: m.fit(X[:3], Y[:3], validation_split=0.1, verbose=0),
-        InputError, "leaves no training or no validation samples out of 3"),
+    "validation_split leaves nothing": (  # (Keras' split: the first floor(2 * 0.4) train)
+        lambda m: m.fit(X[:2], Y[:2], validation_split=0.6, verbose=0),
+        InputError, "leaves no training or no validation samples out of 2"),
     "validation_split and validation_data": (  # (was: validation_data ignored, silently)
         lambda m: m.fit(X, Y, validation_split=0.25, validation_data=(X[:4], Y[:4]), verbose=0),
         InputError, r"pass validation_data or validation_split, not both: got "

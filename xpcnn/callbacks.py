@@ -31,8 +31,11 @@ import contextlib
 import csv
 import inspect
 import math
+import numbers
 import os
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -62,9 +65,15 @@ class Callback:
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None: ...
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None: ...
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, float] | None = None
-                             ) -> None: ...
-    def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None
-                           ) -> None: ...
+                             ) -> None:
+        self.on_batch_begin(batch, logs)
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
+        self.on_batch_end(batch, logs)
+
+    # Keras' older names for the two above, which call them unless overridden, as in Keras
+    def on_batch_begin(self, batch: int, logs: Mapping[str, float] | None = None) -> None: ...
+    def on_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None: ...
     def on_test_begin(self, logs: Mapping[str, float] | None = None) -> None: ...
     def on_test_end(self, logs: Mapping[str, float] | None = None) -> None: ...
     def on_test_batch_begin(self, batch: int, logs: Mapping[str, float] | None = None
@@ -149,8 +158,11 @@ class CallbackList:
         return handler is not None
 
 
-class LazyLogs(Mapping[str, float]):
-    """Batch logs read from the device only when a callback first looks at a value."""
+class LazyLogs(MutableMapping[str, float]):
+    """A batch's logs, read from the device only when a callback first looks at them (or
+    writes to them: they are a dict to the callbacks, as in Keras). One that a callback keeps
+    past its hook is read before the next step changes the sums it reads
+    (:class:`BatchLogs`)."""
 
     def __init__(self, read: Callable[[], dict[str, float]]) -> None:
         self._read = read
@@ -164,11 +176,37 @@ class LazyLogs(Mapping[str, float]):
     def __getitem__(self, key: str) -> float:
         return self._get()[key]
 
+    def __setitem__(self, key: str, value: float) -> None:
+        self._get()[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._get()[key]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._get())
 
     def __len__(self) -> int:
         return len(self._get())
+
+
+class BatchLogs:
+    """Makes each batch's :class:`LazyLogs` and keeps the last one weakly. :meth:`settle`,
+    called before the next step changes the device sums they read, reads them where a
+    callback still holds them (one that stores each batch's logs gets each batch's values);
+    where none does, they are gone, and nothing waits for the device."""
+
+    def __init__(self) -> None:
+        self._last: Callable[[], LazyLogs | None] = lambda: None
+
+    def make(self, read: Callable[[], dict[str, float]]) -> LazyLogs:
+        logs = LazyLogs(read)
+        self._last = weakref.ref(logs)
+        return logs
+
+    def settle(self) -> None:
+        logs, self._last = self._last(), lambda: None
+        if logs is not None:
+            logs._get()
 
 
 def say_on_root(message: str) -> None:
@@ -219,9 +257,17 @@ def summary_line(steps: int, seconds: float, logs: Mapping[str, float] | None = 
     per_step = seconds / max(steps, 1)
     pace = (f"{per_step:.0f}s" if per_step >= 1 or per_step == 0 else
             f"{per_step * 1e3:.0f}ms" if per_step >= 1e-3 else f"{per_step * 1e6:.0f}us")
-    values = "".join(f" - {k}: {v:.4f}" if abs(v) > 1e-3 else f" - {k}: {v:.4e}"
-                     for k, v in (logs or {}).items() if k != "seconds")
+    values = "".join(f" - {k}: {_shown(v, short=True)}" for k, v in (logs or {}).items()
+                     if k != "seconds")
     return f"{steps}/{target or steps} - {seconds:.0f}s - {pace}/step{values}"
+
+
+def _shown(value: Any, short: bool = False) -> str:
+    """A log's value on a progress line: 4 decimals (``short``: under 1e-3 in exponent form);
+    a callback's log that is no number, as it is."""
+    if not isinstance(value, numbers.Real | np.floating | np.integer):
+        return str(value)
+    return f"{value:.4f}" if not short or abs(value) > 1e-3 else f"{value:.4e}"
 
 
 class ProgbarLogger(Callback):
@@ -256,7 +302,7 @@ class ProgbarLogger(Callback):
         now = time.monotonic()
         if logs is not None and now - self.last >= self.refresh:
             self.last = now
-            self.bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+            self.bar.set_postfix({k: _shown(v) for k, v in logs.items()})
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         logs = logs or {}
@@ -264,7 +310,7 @@ class ProgbarLogger(Callback):
             say_on_root(summary_line(self.steps, logs.get("seconds", 0.0), logs,
                                      self.params["steps"]))
             return
-        self.bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items() if k != "seconds"})
+        self.bar.set_postfix({k: _shown(v) for k, v in logs.items() if k != "seconds"})
         self.bar.close()
 
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
@@ -335,9 +381,11 @@ class _Monitor(Callback):
         if mode == "auto":
             mode = AUTO_MODES.get(str(monitor).removeprefix("val_"), "auto")
             if mode == "auto" and watched:
+                hint = " (the accuracy is logged as 'accuracy' and 'val_accuracy', whatever " \
+                    "name compile's metrics gave it)" if str(monitor).endswith("acc") else ""
                 raise InputError(f"{type(self).__name__} cannot tell whether {monitor!r} should "
                                  "go down or up: pass mode='min' or mode='max' (mode='auto' "
-                                 "knows loss and accuracy)")
+                                 f"knows loss and accuracy){hint}")
         self.monitor, self.mode = monitor, mode
         self.min_delta = abs(checks.number(min_delta, f"{type(self).__name__} min_delta"))
 
@@ -595,10 +643,13 @@ class BackupAndRestore(Callback):
     factor that :class:`ReduceLROnPlateau` or :class:`LearningRateScheduler` set is optimiser
     state and comes back; other callbacks' own counters (patience, best value) start afresh,
     as in Keras. What only decides when to validate (``validation_freq``,
-    ``validation_batch_size``) may differ in the resumed run: the weights come out the same."""
+    ``validation_batch_size``) may differ in the resumed run: the weights come out the same.
+    ``delete_checkpoint`` (as in Keras): the file is deleted when ``fit`` ends without being
+    interrupted, so that the script run again trains afresh; False keeps it (a finished run
+    resumed then trains nothing and returns its history), as ``fit(checkpoint=PATH)`` does."""
 
     def __init__(self, path: str | os.PathLike[str], save_freq: int | str = "epoch",
-                 resume: bool = True) -> None:
+                 resume: bool = True, delete_checkpoint: bool = True) -> None:
         super().__init__()
         path = checks.file_path(path, "checkpoint")
         if not _is_save_freq(save_freq):
@@ -606,6 +657,7 @@ class BackupAndRestore(Callback):
                              f"got {save_freq!r}")
         self.path, self.save_freq = path, save_freq
         self.resume = checks.flag(resume, "resume")
+        self.delete_checkpoint = checks.flag(delete_checkpoint, "delete_checkpoint")
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         data = self.params["data"]
@@ -637,6 +689,12 @@ class BackupAndRestore(Callback):
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         self.saver.after_epoch(epoch, self.model.history)
+
+    def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
+        # (not called where fit was interrupted or failed: the file is kept to resume from)
+        if self.delete_checkpoint and distributed.is_root():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
 
 
 class ReduceLROnPlateau(_Monitor):
@@ -751,7 +809,7 @@ class CSVLogger(Callback):
             self.filename) > 0
         self.keys: list[str] | None = self._columns() if exists else None
         self.file = open(self.filename, "a" if self.append else "w", newline="")  # noqa: SIM115
-        self.writer: Any = None
+        self._left: set[str] = set()  # logs the appended file has no column for, warned of
 
     def _columns(self) -> list[str]:
         """The log columns of the CSVLogger file appended to, from its header (checked: rows
@@ -776,6 +834,13 @@ class CSVLogger(Callback):
         if self.keys is None:
             self.keys = sorted({*logs, *self._validation_columns()})
             csv.writer(self.file, delimiter=self.separator).writerow(["epoch", *self.keys])
+        left = sorted(logs.keys() - {*self.keys, *self._left})
+        if left:  # (once a log: the file's columns are its header's)
+            self._left.update(left)
+            warnings.warn(f"xpcnn: CSVLogger's file {self.filename!r} has no columns for the "
+                          f"logs {left}, which are not written: its columns are its header's "
+                          "(the first epoch's logs, or those of the file appended to)",
+                          RuntimeWarning, stacklevel=2)
         row = [epoch] + [logs.get(k, "NA") for k in self.keys]
         csv.writer(self.file, delimiter=self.separator).writerow(row)
         self.file.flush()

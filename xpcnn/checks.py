@@ -159,7 +159,8 @@ def check_label_layout(shape: tuple[int, ...], integral: bool, floating: bool, d
     """The shape and dtype of labels, before their values (which may wait on a device, see
     ``Trainer.train_step``): integer or float class labels (n,), or float rows (n, classes)."""
     if tuple(shape[:1]) != (n,):
-        raise InputError(f"{what} has {shape[0] if shape else 0} labels but x has {n} "
+        images = "x" + what[1:] if what.startswith("y") else "x"  # (y_val's are x_val)
+        raise InputError(f"{what} has {shape[0] if shape else 0} labels but {images} has {n} "
                          f"samples; they must match (got {what}.shape = {tuple(shape)})")
     if len(shape) == 1 and not (integral or floating):
         raise InputError(f"{what} must be integer class labels, got dtype {dtype}")

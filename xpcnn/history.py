@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 
 class History:
     """The logs of a ``fit`` call's epochs: ``history["loss"]``, ``["val_accuracy"]``, ...,
@@ -16,13 +19,15 @@ class History:
         self.sparse: dict[str, list[int]] = {}
 
     def append(self, epoch: int, logs: dict[str, float]) -> None:
+        numbers = {k: _number(k, v) for k, v in logs.items()}
+        logs = {k: v for k, v in numbers.items() if v is not None}
         for k in self.history.keys() - logs.keys():  # (a key this epoch lacks, had by all before)
             if k not in self.sparse and len(self.history[k]) == len(self.epoch):
                 self.sparse[k] = list(self.epoch)
         for k, v in logs.items():
             if k not in self.history and self.epoch:  # (a key earlier epochs lacked)
                 self.sparse[k] = []
-            self.history.setdefault(k, []).append(float(v))
+            self.history.setdefault(k, []).append(v)
             if k in self.sparse:
                 self.sparse[k].append(epoch)
         self.epoch.append(epoch)
@@ -36,3 +41,14 @@ class History:
 
     def __repr__(self) -> str:
         return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
+
+
+def _number(key: str, value: Any) -> float | None:
+    """``value`` as a float; None, with a warning, for a log that is no number (a callback's
+    text or array): the record holds numbers, and a checkpoint stores it."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        warnings.warn(f"xpcnn: the History records numbers; the log {key!r} = {value!r:.60} is "
+                      "not one and is left out", RuntimeWarning, stacklevel=3)
+        return None

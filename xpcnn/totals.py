@@ -33,16 +33,19 @@ class RunningTotals:
         self.n_grads = n_grads
         self.state = self._vector([0.0, 0.0, *cleared(n_grads)])
         self.pending: list[tuple[int, Any]] = []  # (step, input batch) since the last read
+        self.seen = 0.0  # samples the sums are of (on the host: the steps' sizes are known there)
 
     def _vector(self, values: list[float]) -> Any:
         return self.backend.asarray(values, dtype=self.dtype)
 
     # ``state`` is always written in place: a training step captured in a CUDA graph
     # (xpcnn.cuda_graphs) reads and writes the array it was captured with.
-    def reset(self, loss_sum: float = 0.0, correct: float = 0.0) -> None:
-        """Start an epoch's sums (from a checkpoint's, when resuming inside one)."""
+    def reset(self, loss_sum: float = 0.0, correct: float = 0.0, seen: float = 0.0) -> None:
+        """Start an epoch's sums of ``seen`` samples (from a checkpoint's, when resuming
+        inside one)."""
         self.state[...] = self.xp.concat([self._vector([loss_sum, correct]),
                                           self.state[BAD_STEP:]])
+        self.seen = seen
 
     def add_stats(self, stats: Any, n: int) -> None:
         """Add a batch's [mean loss, correct count] of ``n`` samples to the sums (evaluation)."""

@@ -33,10 +33,10 @@ from . import checks, distributed
 from .backend import Backend
 from .callbacks import (
     BackupAndRestore,
+    BatchLogs,
     Callback,
     CallbackList,
     History,
-    LazyLogs,
     ProgbarLogger,
     callback_list,
     say_on_root,
@@ -289,6 +289,7 @@ class Trainer:
             stats = self.backend.xp.asarray(stats, copy=True)
         totals = self._running_totals()
         totals.pending.append((step, (xb, yb)))
+        totals.seen += int(xb.shape[0]) if self._parallel is None else self._parallel.total
         if len(totals.pending) >= READ_EVERY:
             self._read_totals()
         return stats
@@ -553,7 +554,7 @@ class Trainer:
         if old is None or self._totals_for != trained or old.backend is not self.backend:
             # (a layer frozen or unfrozen, the model moved: the steps not read yet are read
             # first, so that a skipped one is named, not lost, and the epoch's sums go on)
-            sums = self._read_totals() if old is not None else (0.0, 0.0)
+            sums = (*self._read_totals(), old.seen) if old is not None else ()
             owners = [(la, k) for la in trained for k in la.params]
             self._totals, self._owners = RunningTotals(self.backend, len(owners)), owners
             self._totals_for = trained
@@ -717,9 +718,10 @@ class Trainer:
         at that size, and each rank computes on its own slice; only rank 0 prints and writes.
 
         ``checkpoint=PATH`` is short for ``callbacks=[BackupAndRestore(PATH, checkpoint_every,
-        resume)]``: the whole training state at the end of every epoch (and every
-        ``checkpoint_every`` steps when that is an int); with ``resume=True`` a run continues
-        from that file, exactly, and returns the history of every epoch.
+        resume, delete_checkpoint=False)]``: the whole training state at the end of every epoch
+        (and every ``checkpoint_every`` steps when that is an int), kept when training ends;
+        with ``resume=True`` a run continues from that file, exactly, and returns the history
+        of every epoch.
 
         A refused fit leaves the model as it was, and loses no batch of an iterator: the
         arguments are checked before any batch is drawn, and where the model is built from
@@ -816,16 +818,24 @@ class Trainer:
                    ) -> dict[str, float]:
         """One pass of training steps (from ``start``, a checkpoint's position, when resuming
         inside this epoch); returns the epoch's loss and metrics."""
-        step = start.step if start else 0
+        step = first = start.step if start else 0
         self._position = (epoch, step)
         self._epoch_t0 = time.perf_counter() - (start.seconds if start else 0.0)
-        self._seen = start.seen if start else 0.0
-        self._running_totals().reset(*((start.loss_sum, start.correct) if start else ()))
-        cbs.on_epoch_begin(epoch)
+        self._running_totals().reset(*((start.loss_sum, start.correct, start.seen) if start
+                                       else ()))
+        if start:  # (resumed inside this epoch: the checkpoint's learning rate is the one
+            # this epoch's on_epoch_begin set; a schedule of the rate must not apply it twice)
+            factor = self.optimizer.lr_factor  # type: ignore[union-attr]
+            cbs.on_epoch_begin(epoch)
+            self.optimizer.lr_factor = factor  # type: ignore[union-attr]
+        else:
+            cbs.on_epoch_begin(epoch)
+        logs = BatchLogs()
         # (one compute scope for the epoch's loop, its callbacks inside, as evaluate's are)
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(epoch, step)) as batches:  # type: ignore[type-var]
             for batch in batches:
+                logs.settle()  # (last batch's logs, if a callback kept them: before this step)
                 xb, yb, wb = unpack(batch)
                 cbs.on_train_batch_begin(step)
                 if self._parallel is not None:  # this rank's place in the global batch
@@ -838,14 +848,13 @@ class Trainer:
                     self._call_train_step(xb, yb, wb)
                 else:  # (fit made and checked this batch: train_step's checks would repeat)
                     self._train_step(xb, yb, keep=False, weights=wb)
-                self._seen += int(xb.shape[0]) if self._parallel is None else \
-                    self._parallel.total
                 step += 1
                 self._position = (epoch, step)
-                cbs.on_train_batch_end(step - 1, LazyLogs(self._batch_logs))
+                cbs.on_train_batch_end(step - 1, logs.make(self._batch_logs))
                 if self.stop_training:
                     break
-        if not self._seen:
+            logs.settle()
+        if step == first:
             raise InputError(f"the training data gave no batches in epoch {epoch + 1}: an "
                              "iterator needs steps_per_epoch batches for every epoch")
         return self._batch_logs()
@@ -856,14 +865,17 @@ class Trainer:
         return type(self).train_step is not Trainer.train_step or "train_step" in vars(self)
 
     def _batch_logs(self) -> dict[str, float]:
-        """The epoch's running loss and metrics (waits for the device)."""
+        """The epoch's running loss and metrics (waits for the device): over every training
+        step since the epoch began, those of a callback's ``train_on_batch`` too, as in Keras
+        (0 where a ``train_step`` of a subclass recorded none)."""
         loss_sum, correct = self._read_totals()
-        return self._logs(loss_sum / self._seen, correct / self._seen)
+        seen = self._running_totals().seen or 1.0
+        return self._logs(loss_sum / seen, correct / seen)
 
     def _epoch_sums(self) -> tuple[float, float, float, float]:
         """(loss sum, correct count, samples seen, start time) of the epoch in progress, as a
         checkpoint stores them (waits for the device)."""
-        return (*self._read_totals(), self._seen, self._epoch_t0)
+        return (*self._read_totals(), self._running_totals().seen, self._epoch_t0)
 
     def _split_validation(self, x: Any, y: Any, w: Any, validation_data: Any,
                           validation_split: float) -> tuple[Any, Any, Any, Any, bool]:
@@ -875,7 +887,7 @@ class Trainer:
         x, targets = check_arrays(self, x, y)
         n = int(x.shape[0])
         w = None if w is None else check_sample_weights(self, w, n)
-        n_val = int(round(n * validation_split))
+        n_val = n - math.floor(n * (1.0 - validation_split))  # (Keras' split point)
         if n_val < 1 or n_val >= n:
             raise InputError(f"validation_split={validation_split} leaves no training or no "
                              f"validation samples out of {n}")
@@ -914,10 +926,12 @@ class Trainer:
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
         totals, seen, steps, t0 = RunningTotals(self.backend, 0), 0, 0, time.perf_counter()
+        logs = BatchLogs()
         cbs.on_test_begin()
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(0)) as batches:  # type: ignore[type-var]
             for step, batch in enumerate(_progress(batches, data, verbose, "evaluate")):
+                logs.settle()  # (last batch's logs, if a callback kept them: before this one)
                 steps = step + 1
                 xb, yb, wb = unpack(batch)
                 if not xb.shape[0]:  # this rank's empty part of a short batch
@@ -928,8 +942,9 @@ class Trainer:
                     xp, logits, yb, self._param_dtype, kernels, weights=wb)
                 totals.add_stats(stats, int(xb.shape[0]))
                 seen += int(xb.shape[0])
-                cbs.on_test_batch_end(step, LazyLogs(lambda seen=seen: self._running_logs(
+                cbs.on_test_batch_end(step, logs.make(lambda seen=seen: self._running_logs(
                     totals, seen)))  # (this rank's running means, as Keras' batch logs)
+            logs.settle()
         host, _ = totals.read()
         # on several ranks, each evaluated its slices: the sums are added up over the ranks
         loss_sum, correct, seen = distributed.host_sum(
@@ -1024,7 +1039,7 @@ def _checkpoint_callback(checkpoint: str | os.PathLike[str] | None, every: int |
                          resume: bool) -> list[Callback]:
     """fit's ``checkpoint=PATH``, as the :class:`BackupAndRestore` it is short for."""
     if checkpoint is not None:
-        return [BackupAndRestore(checkpoint, every, resume)]
+        return [BackupAndRestore(checkpoint, every, resume, delete_checkpoint=False)]
     if resume:
         raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
     if not (isinstance(every, str) and every == "epoch"):
