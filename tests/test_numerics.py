@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from xpcnn import SoftmaxCrossEntropy
-from xpcnn.layers import AvgPool2D, BatchNorm2D, Conv2D, FeatureNorm, MaxPool2D
+from xpcnn.backend import set_fast_path
+from xpcnn.layers import AvgPool2D, BatchNorm2D, Conv2D, FeatureNorm, GlobalAvgPool2D, MaxPool2D
 from xpcnn.ops.kernels import StandardKernels
 
 
@@ -84,6 +85,60 @@ def test_avg_pool_in_half_precision_rounds_once(half, size, stride, pad, rng):
     dx, want = layer.backward(dy), exact.backward(dy.astype(np.float64))
     assert dx.dtype == dtype
     assert _ulps(dx, want).max() <= 0.501
+
+
+@pytest.fixture(params=[False, True], ids=["standard", "numpy"])
+def fast(request):
+    """The standard path, then the NumPy fast path (for layers built after the switch)."""
+    old = set_fast_path(request.param)
+    yield request.param
+    set_fast_path(old)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("make", [
+    lambda: MaxPool2D(3, 1, padding="same"), lambda: MaxPool2D((2, 3), (1, 2)),
+    lambda: Conv2D(4, 3, 2, padding="same"), lambda: Conv2D(4, (3, 2), (1, 2), padding=2),
+], ids=["maxpool_3_1_same", "maxpool_2x3_1x2", "conv_3_2_same", "conv_3x2_1x2_pad2"])
+def test_overlapping_input_gradients_in_half_precision_round_once(half, make, fast, rng):
+    """Mixed precision's input gradient where windows overlap: a max pool's shares of each
+    input, a strided convolution's taps (their products too) summed in float32, then rounded
+    once: within half a unit in the last place of the exact gradient of the same float16 (or
+    bfloat16) inputs and weights (positive values: float32's rounding stays far below that
+    unit). Summed in the half type (the taps' products rounded to it first), up to 1.7 units
+    off here (hundreds with values of both signs)."""
+    dtype = _half(half)
+    layer, exact = make(), make()
+    layer.build((9, 8, 3), "cpu", dtype="float32", compute_dtype=half, rng=rng)
+    exact.build((9, 8, 3), "cpu", dtype="float64", rng=rng)
+    weights = [np.abs(w).astype(dtype).astype(np.float32) for w in layer.get_weights()]
+    layer.set_weights(weights)
+    exact.set_weights(weights)
+    x = (np.abs(rng.standard_normal((4, 9, 8, 3))) * 10.0 ** rng.uniform(-2, 2, (4, 9, 8, 3))
+         ).astype(dtype)
+    y = layer.forward(x, training=True)
+    exact.forward(x.astype(np.float64), training=True)
+    dy = (np.abs(rng.standard_normal(y.shape)) * 10.0 ** rng.uniform(-2, 2, y.shape)
+          ).astype(dtype)
+    dx, want = layer.backward(dy), exact.backward(dy.astype(np.float64))
+    assert dx.dtype == dtype
+    assert _ulps(dx, want).max() <= 0.501
+
+
+def test_big_endian_float64_is_pooled_in_float64(fast, rng):
+    """A big-endian float64 batch pools as its native copy does: averaged in float64 (its
+    dtype is not equal to float64: the accumulator was float32, 3e-8 off), a max pool's
+    gradient in native bytes (the fast path's was allocated big-endian, then written with a
+    copy of native bytes: values like 6e285)."""
+    x = rng.standard_normal((2, 4, 4, 3))
+    big = x.astype(">f8")
+    for layer in (MaxPool2D(2), MaxPool2D(3, 1, "same"), AvgPool2D(2), GlobalAvgPool2D()):
+        layer.build((4, 4, 3), "cpu", dtype="float64")
+        y = layer.forward(x, training=True)
+        dy = rng.standard_normal(y.shape)
+        dx = layer.backward(dy)
+        np.testing.assert_array_equal(layer.forward(big, training=True), y)
+        np.testing.assert_array_equal(layer.backward(dy.astype(">f8")), dx)
 
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")

@@ -376,6 +376,13 @@ CONSTRUCTION = {
         r"got \(16,\)"),
     "kernel too big": (lambda: xpcnn.Sequential([Conv2D(2, 7)], input_shape=(4, 4, 1)),
                        "a 7x7 kernel with padding 'valid' does not fit an input of 4x4"),
+    # (were: windows of padding alone, -inf maxima and 0/0 means)
+    "pool padding alone": (lambda: xpcnn.Sequential([MaxPool2D(1, padding=1)],
+                                                    input_shape=(4, 4, 1)),
+                           "layer 'maxpool2d': padding 1 is not less than the 1x1 pool"),
+    "avg pool padding alone": (
+        lambda: xpcnn.Sequential([AvgPool2D((3, 2), 2, padding=2)], input_shape=(4, 4, 1)),
+        "layer 'avgpool2d': padding 2 is not less than the 3x2 pool"),
     "summary unbuilt": (lambda: xpcnn.Sequential(four_class_net()).summary(),
                         "must be built before summary"),
     "fit uncompiled": (lambda: xpcnn.Sequential(four_class_net()).fit(X, Y),

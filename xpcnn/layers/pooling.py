@@ -31,6 +31,14 @@ class _Pool2D(Layer):
         require_rank(self, input_shape, 3)
         h, w, c = input_shape
         self.pads = conv_ops.resolve_padding(self.padding, (h, w), self.pool_size, self.strides)
+        (ph, pw), (top, bottom, left, right) = self.pool_size, self.pads
+        # A side's padding as wide as the pool makes windows of padding alone: no maximum
+        # (-inf), no mean (0/0). "same" pads pool_size - 1 in all at most.
+        if max(top, bottom) >= ph or max(left, right) >= pw:
+            raise InputError(
+                f"layer {self.name!r}: padding {self.padding!r} is not less than the {ph}x{pw} "
+                "pool: windows made only of padding would have no value"
+            )
         self.out_hw = conv_ops.output_size((h, w), self.pool_size, self.strides, self.pads)
         if min(self.out_hw) < 1:
             raise InputError(
@@ -88,7 +96,7 @@ class AvgPool2D(_Pool2D):
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         xp = self.xp
-        acc = ops.accumulator(xp, dy.dtype)  # (as forward: a window's shares summed there)
+        acc = conv_ops.accumulator(xp, dy.dtype)  # (as forward: a window's shares summed there)
         g = xp.astype(dy, acc, copy=False) * xp.astype(self._inv_counts, acc, copy=False)
         dx = ops.sum_pool_backward(xp, g, self._cache_shape, self.pool_size, self.strides,
                                    self.out_hw)

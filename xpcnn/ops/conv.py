@@ -60,6 +60,13 @@ def unpad(x: Any, pads: Pads) -> Any:
     return x[:, top : x.shape[1] - bottom, left : x.shape[2] - right, :]
 
 
+def accumulator(xp: Any, dtype: Any) -> Any:
+    """The dtype sums of ``dtype`` values are taken in: float64 for float64, else float32 (a
+    float16 or bfloat16 sum of a few values loses their low bits). Told by the bits, not by
+    ``dtype == xp.float64``: NumPy's big-endian float64 is not equal to its native one."""
+    return xp.float64 if xp.finfo(dtype).bits == 64 else xp.float32
+
+
 def window(x: Any, i: int, j: int, out_hw: tuple[int, int], strides: tuple[int, int]) -> Any:
     """The strided slice that kernel offset (i, j) sees for every output position."""
     sh, sw = strides
@@ -338,7 +345,7 @@ def _sum_in_chunk_order(xp: Any, parts: dict[int, Any], n: int, m: int) -> Any:
     """The sum of per-chunk parts (keyed by first image, chunks of ``m`` of ``n`` images) in
     chunk order, so the same bits whichever threads ran the chunks; in float32 at least: in
     float16 (mixed precision) the sum of many chunks' parts would lose the low bits of each."""
-    acc = xp.float64 if parts[0].dtype == xp.float64 else xp.float32
+    acc = accumulator(xp, parts[0].dtype)
     total = xp.astype(parts[0], acc, copy=True)
     for n0 in range(m, n, m):
         total += xp.astype(parts[n0], acc, copy=False)

@@ -153,13 +153,18 @@ class KernelsConv(ConvEngine):
                                        self.budget, self.min_chunks)
         # Strided (or over-padded) convolutions: patch gradients scattered back (col2im). The
         # (K, kh*kw*C) matrix is the stored kernel itself, contiguous (a matmul against a
-        # transposed view is several times slower on OpenBLAS).
-        dcols = xp.reshape(self.kern.matmul(xp.reshape(dy, (-1, g.filters)),
-                                            xp.reshape(w, (g.filters, -1))),
+        # transposed view is several times slower on OpenBLAS). Where patches overlap, an
+        # input's taps are multiplied and summed in the accumulator's dtype, rounded once.
+        overlap = g.strides[0] < g.kernel[0] or g.strides[1] < g.kernel[1]
+        acc = ops.accumulator(xp, dy.dtype) if overlap else dy.dtype
+        dy2, w2 = xp.reshape(dy, (-1, g.filters)), xp.reshape(w, (g.filters, -1))
+        dcols = xp.reshape(self.kern.matmul(xp.astype(dy2, acc, copy=False),
+                                            xp.astype(w2, acc, copy=False)),
                            (n, *g.out_hw, g.taps))
         (h, w_), (pt, pb, pl, pr) = g.in_hw, g.pads
         padded = (n, h + pt + pb, w_ + pl + pr, g.channels)
-        return ops.unpad(ops.col2im(xp, dcols, padded, g.kernel, g.strides, g.out_hw), g.pads)
+        dx = ops.col2im(xp, dcols, padded, g.kernel, g.strides, g.out_hw)
+        return xp.astype(ops.unpad(dx, g.pads), dy.dtype, copy=False)
 
     def gradients(self, x: Any, dy: Any, w: Any, with_bias: bool, input_grad: bool,
                   relu_y: Any = None) -> tuple[Any, Any | None, Any | None]:

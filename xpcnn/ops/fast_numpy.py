@@ -33,7 +33,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import random
-from .conv import window
+from .conv import accumulator, window
 from .kernels import StandardKernels, alike
 
 
@@ -433,16 +433,19 @@ class NumpyKernels(StandardKernels):
                           relu_grad: bool = False) -> Any:
         # A block of images at a time: each tap's share (dy where it is the window's first
         # maximum) into a contiguous tap-major buffer, then all of them to their places in dx
-        # in one copy; added tap by tap where windows overlap, in the standard version's order.
+        # in one copy; added tap by tap where windows overlap, in the standard version's order
+        # and in its accumulator's dtype, rounded once.
         first, shape = routes
         overlap = strides[0] < kernel[0] or strides[1] < kernel[1]
         covered = (not overlap and shape[1] == out_hw[0] * kernel[0]
                    and shape[2] == out_hw[1] * kernel[1])
-        dx = np.empty(shape, dy.dtype) if covered else np.zeros(shape, dy.dtype)
+        dtype = dy.dtype.newbyteorder("=")  # (the void copy moves a big-endian dy's bytes as is)
+        acc = np.dtype(accumulator(np, dtype)) if overlap else dtype
+        dx = np.empty(shape, acc) if covered else np.zeros(shape, acc)
         zero = y.dtype.type(0)
 
         def work(worker: int, n0: int, n1: int) -> None:
-            dys, fs, dxs = dy[n0:n1], first[n0:n1], dx[n0:n1]
+            dys, fs, dxs = dy[n0:n1].astype(acc, copy=False), first[n0:n1], dx[n0:n1]
             if relu_grad:  # a ReLU before the pool: no gradient where the maximum is <= 0
                 dys = np.multiply(dys, y[n0:n1] > zero)
             order = np.arange(kernel[0] * kernel[1], dtype=fs.dtype).reshape(-1, 1, 1, 1, 1)
@@ -456,7 +459,7 @@ class NumpyKernels(StandardKernels):
                 np.add(d, share, out=d)
 
         self.for_chunks(shape[0], self._image_blocks(dx), work)
-        return dx
+        return dx.astype(dtype, copy=False)
 
     def _image_blocks(self, x: Any, budget: int = 1 << 21) -> int:
         """Images per block for per-image passes: about ``budget`` bytes, two blocks at least.

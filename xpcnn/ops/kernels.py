@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from .conv import im2col_into
+from .conv import accumulator, im2col_into
 from .convolution import ConvEngine, ConvGeometry, KernelsConv
 from .pool import max_pool, max_pool_backward
 from .random import uniform
@@ -149,14 +149,14 @@ class StandardKernels:
         then divided and rounded once."""
         xp = self.xp
         n, h, w, c = x.shape
-        total = xp.sum(x, axis=(1, 2), dtype=xp.float64 if x.dtype == xp.float64 else xp.float32)
+        total = xp.sum(x, axis=(1, 2), dtype=accumulator(xp, x.dtype))
         return xp.astype(total / (h * w), x.dtype, copy=False)
 
     def sum_rows(self, a: Any) -> Any:
         """Sum over the first axis (a bias gradient), accumulated in float32 at least (a float16
         sum of a batch's rows would lose their low bits)."""
         xp = self.xp
-        return xp.sum(a, axis=0, dtype=xp.float64 if a.dtype == xp.float64 else xp.float32)
+        return xp.sum(a, axis=0, dtype=accumulator(xp, a.dtype))
 
     def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
         """Random numbers in [0, 1) from a device-held random state (see

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .conv import window
+from .conv import accumulator, window
 
 
 def max_pool(xp: Any, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
@@ -25,9 +25,12 @@ def max_pool(xp: Any, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
 def max_pool_backward(xp: Any, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
                       strides: tuple[int, int], out_hw: tuple[int, int]) -> Any:
     """Route each output gradient to one input per window: the first maximum in row-major order,
-    as PyTorch does, so that ties never duplicate gradient."""
-    dx = xp.zeros(x.shape, dtype=dy.dtype, device=dy.device)
+    as PyTorch does, so that ties never duplicate gradient. Where windows overlap, an input's
+    shares are summed in :func:`accumulator`'s dtype and rounded once."""
     overlap = strides[0] < kernel[0] or strides[1] < kernel[1]
+    acc = accumulator(xp, dy.dtype) if overlap else dy.dtype
+    d = xp.astype(dy, acc, copy=False)
+    dx = xp.zeros(x.shape, dtype=acc, device=dy.device)
     taken = None
     sh, sw = strides
     ho, wo = out_hw
@@ -39,20 +42,14 @@ def max_pool_backward(xp: Any, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
             else:
                 hit = xp.logical_and(hit, xp.logical_not(taken))
                 taken = xp.logical_or(taken, hit)
-            g = dy * xp.astype(hit, dy.dtype)
+            g = d * xp.astype(hit, acc)
             rows = slice(i, i + sh * (ho - 1) + 1, sh)
             cols = slice(j, j + sw * (wo - 1) + 1, sw)
             if overlap:
                 dx[:, rows, cols, :] = dx[:, rows, cols, :] + g
             else:
                 dx[:, rows, cols, :] = g
-    return dx
-
-
-def accumulator(xp: Any, dtype: Any) -> Any:
-    """The dtype sums of ``dtype`` values are taken in: float64 for float64, else float32 (a
-    float16 or bfloat16 sum of a few values loses their low bits)."""
-    return xp.float64 if dtype == xp.float64 else xp.float32
+    return xp.astype(dx, dy.dtype, copy=False)
 
 
 def sum_pool(xp: Any, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
