@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -171,6 +172,22 @@ def test_mixed_precision_loss_scale_is_restored(tmp_path):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("scale", [1e300, 1e-300])
+def test_a_loss_scale_beyond_float32_is_refused(tmp_path, scale):
+    """The loss scale is held in float32: a finite 1e300 would become infinity (every later
+    step skipped, silently) and 1e-300 zero, so a checkpoint holding one is refused."""
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], input_shape=(4,), seed=0)
+    model.compile(optimizer="adam", precision="mixed_float16")
+    path = tmp_path / "ls.npz"
+    save_checkpoint(model, path)
+    _rewrite(path, lambda config: config.update(loss_scale=scale))
+    with pytest.raises(DataFormatError, match=rf"invalid checkpoint: loss_scale "
+                                              rf"{re.escape(repr(scale))}, expected a number "
+                                              r"from 1.175e-38 to 3.403e\+38 \(it is held in "
+                                              "float32"):
+        load_checkpoint(path)
+
+
 def test_a_mixed_bfloat16_run_resumes_bit_for_bit(tmp_path):
     """bfloat16 activations (ml_dtypes' on NumPy) and no loss scale: a run stopped after 3
     steps and resumed from its checkpoint ends with the weights of one that never stopped."""
@@ -223,6 +240,100 @@ def test_a_model_with_a_frozen_layer_resumes_bit_for_bit(tmp_path):
     resumed, _ = ckpt_train.train(str(path), resume=True, model=ckpt.model)
     for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True):
         assert np.array_equal(a, b)
+
+
+class FreezeAfterEpoch1(xpcnn.callbacks.Callback):
+    """Fine-tuning: the first Dense layer is frozen at the end of epoch 1."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            self.model.layers[1].trainable = False
+
+
+class StopAtBatch(xpcnn.callbacks.Callback):
+    """A crash before the batch that follows ``at`` batches."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.done = at, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.done == self.at:
+            raise Interrupt
+        self.done += 1
+
+
+@pytest.mark.parametrize("stop", [3, 5])  # at the end of epoch 1; two steps into epoch 2
+def test_a_layer_frozen_mid_run_checkpoints_and_resumes_bit_for_bit(tmp_path, stop):
+    """The checkpoint written after a callback froze a layer holds the slots the next step
+    uses: none at the end of that epoch (the step starts them afresh; was: IndexError, the old
+    slots paired with the new trainable parameters), the frozen layer's others later. The
+    freeze comes back with it (a resumed run never calls the callback's epoch 1 again), and the
+    resumed run ends bit for bit where the uninterrupted one does."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(24, 6)).astype(np.float32), np.arange(24) % 3
+
+    def run(callbacks=(), **kwargs):
+        model = xpcnn.Sequential([Flatten(), Dense(8, activation="relu"), Dense(3), Softmax()],
+                                 seed=0)
+        model.compile(optimizer="adam")
+        model.fit(x, y, epochs=3, batch_size=8, verbose=0,
+                  callbacks=[FreezeAfterEpoch1(), *callbacks], **kwargs)
+        return model
+
+    reference = run()
+    path = tmp_path / "freeze.npz"
+    with pytest.raises(Interrupt):
+        run([StopAtBatch(stop)], checkpoint=path, checkpoint_every=1)
+    ckpt = load_checkpoint(path)
+    assert ckpt.model.optimizer.iterations == stop
+    assert ckpt.model.layers[1].trainable is False
+    assert len(ckpt.model.optimizer.slots.get("m", [])) == (0 if stop == 3 else 2)
+    resumed = run(checkpoint=path, resume=True)
+    assert resumed.layers[1].trainable is False
+    for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_slots_go_with_the_layers_they_belong_to_when_which_are_trained_changes(tmp_path):
+    """Two Dense layers of one shape swap which is trained: until the next step the optimiser
+    still holds the first one's moments, which a checkpoint wrote as the second one's. It holds
+    none, as the next step sees them; and slots restored into a model whose last step trained
+    other layers are kept (that step's plan dropped them)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 4)).astype(np.float32), np.arange(16) % 4
+
+    def make(frozen):
+        model = xpcnn.Sequential([Dense(4, name="a"), Dense(4, name="b")], input_shape=(4,),
+                                 seed=0)
+        model.layers[frozen].trainable = False
+        model.compile(optimizer="adam")
+        return model
+
+    def same(m1, m2):
+        return all(np.array_equal(a, b)
+                   for a, b in zip(m1.get_weights(), m2.get_weights(), strict=True))
+
+    model = make(frozen=0)
+    for _ in range(3):
+        model.train_on_batch(x, y)
+    model.layers[0].trainable, model.layers[1].trainable = True, False
+    path = tmp_path / "swap.npz"
+    save_checkpoint(model, path)
+    loaded = load_checkpoint(path).model
+    assert loaded.optimizer.slots == {}
+    model.train_on_batch(x, y)
+    loaded.train_on_batch(x, y)
+    assert same(model, loaded)
+    save_checkpoint(model, path)  # slots of "a" only
+    other = make(frozen=0)
+    other.train_on_batch(x, y)  # its slots are "b"'s
+    other.layers[0].trainable = True
+    restore_checkpoint(other, path)
+    assert other.layers[1].trainable is False
+    model.train_on_batch(x, y)
+    other.train_on_batch(x, y)
+    assert same(model, other)
 
 
 def test_rmsprop_with_all_its_slots_resumes_bit_for_bit(tmp_path):

@@ -22,10 +22,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xpcnn
-from xpcnn.errors import DataFormatError, NonFiniteError
-from xpcnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Rescaling, Softmax
+from xpcnn.errors import DataFormatError, InputError, NonFiniteError
+from xpcnn.layers import (
+    Add,
+    Conv2D,
+    Dense,
+    Flatten,
+    MaxPool2D,
+    Normalization,
+    ReLU,
+    Rescaling,
+    Softmax,
+)
+from xpcnn.layers.base import LAYER_TYPES
 from xpcnn.saving import load_checkpoint, save_checkpoint
-from xpcnn.saving.npz import MAX_CONFIG_BYTES
+from xpcnn.saving.model_file import MAX_SAMPLE_VALUES, model_config
+from xpcnn.saving.npz import CONFIG_KEY, MAX_CONFIG_BYTES, decode_json, encode_json
 
 
 def small_model() -> xpcnn.Sequential:
@@ -217,6 +229,116 @@ def test_a_checkpoint_with_non_finite_optimizer_state_is_refused(tmp_path):
     with pytest.raises(DataFormatError, match=r"array 'slot.v.0' \(the optimizer's 'v' state\) "
                                               "holds NaN or infinite values"):
         load_checkpoint(tmp_path / "c.npz")
+
+
+def test_finite_values_beyond_the_models_float_range_are_refused(saved, tmp_path):
+    """A float64 1e300 is finite, but infinity once cast to the float32 model: as a weight or an
+    optimiser slot it is refused (was: checked in the file's dtype, loaded as inf)."""
+    model, data = saved
+    entries = {k: (v, zipfile.ZIP_STORED) for k, v in members(data).items()}
+    entries["layer6.1.npy"] = (npy(np.full(5, 1e300)), zipfile.ZIP_STORED)
+    (tmp_path / "m.npz").write_bytes(pack(entries))
+    with pytest.raises(DataFormatError, match=r"array 'layer6.1' \(bias of layer 'dense_1'\) "
+                                              r"holds values beyond the range of float32 "
+                                              r"\(up to 1e\+300\)"):
+        xpcnn.load_model(tmp_path / "m.npz")
+    trained = small_model()
+    rng = np.random.default_rng(0)
+    trained.fit(rng.integers(0, 256, (4, 10, 10, 3), np.uint8), np.arange(4), verbose=0)
+    save_checkpoint(trained, tmp_path / "c.npz")
+    entries = {k: (v, zipfile.ZIP_STORED) for k, v in members((tmp_path / "c.npz").read_bytes()
+                                                               ).items()}
+    with np.load(tmp_path / "c.npz") as f:
+        v = f["slot.v.0"].astype(np.float64)
+    v.flat[0] = -1e300
+    entries["slot.v.0.npy"] = (npy(v), zipfile.ZIP_STORED)
+    (tmp_path / "c.npz").write_bytes(pack(entries))
+    with pytest.raises(DataFormatError, match=r"array 'slot.v.0' \(the optimizer's 'v' state\) "
+                                              "holds values beyond the range of float32"):
+        load_checkpoint(tmp_path / "c.npz")
+
+
+def test_a_configuration_too_big_to_load_is_not_written(tmp_path):
+    """A Normalization over 120k features holds 4.8 MB of settings, more JSON than loading a
+    file accepts (MAX_CONFIG_BYTES): save and save_checkpoint refuse it before writing (was: a
+    file that load_model then refused) and keep the file there. Writers and reader draw the
+    line at the same byte."""
+    n = 120_000
+    rng = np.random.default_rng(0)
+    model = xpcnn.Sequential([Normalization(rng.random(n), rng.random(n) + 0.5), Dense(2)],
+                             input_shape=(n,))
+    model.compile()
+    (tmp_path / "m.npz").write_bytes(b"old")
+    refused = r"its configuration takes \d+ bytes as JSON, more than the 4194304 that loading " \
+              r"a file accepts; the largest part is layer 0 \(Normalization\)'s settings"
+    with pytest.raises(InputError, match=r"m.npz was not written: " + refused):
+        model.save(tmp_path / "m.npz")
+    with pytest.raises(InputError, match=r"the checkpoint .*c.npz was not written: " + refused):
+        save_checkpoint(model, tmp_path / "c.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
+    assert (tmp_path / "m.npz").read_bytes() == b"old"
+    # A configuration of exactly MAX_CONFIG_BYTES loads; a byte more is not written.
+    small = xpcnn.Sequential([Flatten(), Dense(2)], input_shape=(3,), name="m")
+    pad = MAX_CONFIG_BYTES - encode_json(model_config(small)).size
+    small.name = "m" * (1 + pad)
+    small.save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as f:
+        assert f[CONFIG_KEY].size == MAX_CONFIG_BYTES
+        assert decode_json(f[CONFIG_KEY], "m.npz")["name"] == small.name
+    assert xpcnn.load_model(tmp_path / "m.npz").name == small.name
+    small.name += "m"
+    with pytest.raises(InputError, match="4194305 bytes as JSON"):
+        small.save(tmp_path / "m.npz")
+
+
+def test_an_unbuilt_functional_model_loads_the_weights_of_its_own_file(tmp_path):
+    """load_weights checks an unbuilt model's weight counts along its graph before building it
+    (was: along a chain, which gave the second branch the first one's output and refused the
+    model's own file)."""
+    inputs = xpcnn.Input((6, 6, 3))
+    branches = [Conv2D(4, 3, padding="same")(inputs), Conv2D(4, 1)(inputs)]
+    model = xpcnn.Model(inputs, Dense(3)(Flatten()(Add()(branches))))
+    model.save(tmp_path / "m.npz")
+    config = model.get_config()
+    unbuilt = xpcnn.Model.from_config(config, [LAYER_TYPES[spec["class"]](**spec["config"])
+                                               for spec in config["layers"]])
+    assert not unbuilt.built
+    unbuilt.load_weights(tmp_path / "m.npz")
+    for a, b in zip(unbuilt.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_size_cap_applies_to_the_outputs_of_merge_layers(saved, tmp_path):
+    """A chain of Concatenates at the end of a graph doubles the output at each: the per-sample
+    cap refuses the first one past it (was: merge layers were skipped, and the file loaded a
+    model of 3e9 values per sample)."""
+    _, data = saved
+    entries = members(data)
+    config = decode_json(np.load(io.BytesIO(entries["__config__.npy"])), "m.npz")
+    config["layers"] = [{"class": "Flatten", "config": {"name": "f"}}] + [
+        {"class": "Concatenate", "config": {"name": f"c{k}", "axis": -1}, "inbound": [k + 1, k + 1]}
+        for k in range(20)]
+    config.pop("compile")
+    blob = pack({"__config__.npy": (npy(encode_json(config)), zipfile.ZIP_STORED)})
+    (tmp_path / "m.npz").write_bytes(blob)
+    k = next(k for k in range(20) if 300 * 2 ** (k + 1) > MAX_SAMPLE_VALUES)
+    with pytest.raises(DataFormatError, match=rf"layer {k + 1} \(Concatenate\) would give "
+                                              rf"outputs of shape \({300 * 2 ** (k + 1)},\)"):
+        xpcnn.load_model(tmp_path / "m.npz")
+
+
+def test_only_concrete_layers_can_be_named_in_a_file(saved, tmp_path):
+    """A base class such as RandomLayer (no forward pass) is no layer type a file may name (was:
+    it loaded, then failed at the first batch with a bare NotImplementedError)."""
+    assert "RandomLayer" not in LAYER_TYPES and "Dropout" in LAYER_TYPES
+    _, data = saved
+    entries = {k: (v, zipfile.ZIP_STORED) for k, v in members(data).items()}
+    config = decode_json(np.load(io.BytesIO(entries["__config__.npy"][0])), "m.npz")
+    config["layers"][2] = {"class": "RandomLayer", "config": {"name": "r"}}  # (the ReLU)
+    entries["__config__.npy"] = (npy(encode_json(config)), zipfile.ZIP_STORED)
+    (tmp_path / "m.npz").write_bytes(pack(entries))
+    with pytest.raises(DataFormatError, match="unknown layer type 'RandomLayer'"):
+        xpcnn.load_model(tmp_path / "m.npz")
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])

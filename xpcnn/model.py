@@ -257,13 +257,27 @@ class Model(Trainer):
         if self._plan_cache is None or self._planned_for != key:
             # (the key outlives the plan, which a rebuild drops: a layer may have been frozen
             # through another model meanwhile)
-            if self._planned_for not in (None, key) and self.optimizer is not None:
+            if self._slots_outdated() and self.optimizer is not None:
                 self.optimizer.slots = {}
             self._planned_for = key
             self._plan_cache = graph.compile_plan(self.layers, self._inbound(),
                                                   self._ends_in_a_softmax_layer(),
                                                   self._fused_softmax())
         return self._plan_cache
+
+    def _slots_outdated(self) -> bool:
+        """Whether the optimiser's slots are those of other layers than the next step trains
+        (one with parameters was frozen or unfrozen since the last step): that step starts them
+        afresh, and a checkpoint written before it holds none."""
+        return self._planned_for not in (None, self._trained())
+
+    def _slots_restored(self) -> None:
+        """The optimiser's slots were just set for the layers trained now (from a checkpoint):
+        the next step keeps them, even where the last step trained other layers, and a layer
+        frozen or unfrozen later starts them afresh."""
+        key = self._trained()
+        if self._planned_for != key:
+            self._planned_for, self._plan_cache = key, None
 
     @property
     def _param_dtype(self) -> Any:

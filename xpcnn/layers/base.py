@@ -31,7 +31,8 @@ from ..errors import InputError
 
 Shape = tuple[int, ...]
 
-# name -> class, filled by Layer.__init_subclass__, used to rebuild models from files.
+# name -> class, filled by Layer.__init_subclass__, used to rebuild models from files: the
+# concrete layers (those with a forward pass), not their base classes.
 LAYER_TYPES: dict[str, type[Layer]] = {}
 
 
@@ -172,7 +173,10 @@ class Layer:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        LAYER_TYPES[cls.__name__] = cls
+        # Only a layer with a forward pass of its own or inherited can be named in a file: a
+        # base class (RandomLayer) would load, then fail at the first batch.
+        if cls.forward is not Layer.forward:
+            LAYER_TYPES[cls.__name__] = cls
         # Every layer keeps what its gradient needs only in a training forward pass, and
         # backward consumes it: a backward without one gets a clear error, not a missing
         # attribute from deep inside.

@@ -11,8 +11,10 @@ A checkpoint is an ``.npz`` of plain arrays, read without pickle
 
 * the weights, as a model file does (``layer{i}.{j}``), so :func:`xpcnn.load_model` reads it too;
 * the optimiser's slots (``slot.{name}.{k}``: momentum, Adam moments), one per trainable
-  parameter, in the weights' (Keras') layout;
-* a JSON entry with everything else: the architecture and compile settings (optimiser, schedule and
+  parameter, in the weights' (Keras') layout, as the next step will use them (none where a layer
+  was frozen or unfrozen since the last step: that step starts them afresh);
+* a JSON entry with everything else: the architecture (which layers are frozen too: restored,
+  since a callback may freeze some mid-run) and compile settings (optimiser, schedule and
   loss configuration), the optimiser's step count (which drives the schedule and Adam's bias
   correction), the loss-scaling state, each random layer's ``seed`` and ``calls`` counter, the
   position (epoch, and batches done in it: the shuffling order is a function of the seed and the
@@ -48,20 +50,25 @@ from ..history import History
 from ..layers.dropout import RandomLayer
 from .model_file import (
     CHECKPOINT_FORMAT,
+    bad_values,
     build_for,
     check_architecture,
     check_file_entries,
     compile_settings,
+    config_entry,
     model_config,
     model_from_file,
     normal,
     set_weights_from_file,
     weight_arrays,
 )
-from .npz import CONFIG_KEY, NpzArchive, array_bytes, encode_json, write_npz_atomic
+from .npz import CONFIG_KEY, NpzArchive, array_bytes, write_npz_atomic
 
 FORMAT = CHECKPOINT_FORMAT
 VERSION = 2  # 2: optimiser slots in Keras' layout, one per trainable parameter
+# The loss scales a float32 holds (its dtype on the device), as Python floats: compared with
+# NumPy's, a value out of range would be cast first.
+_SCALES = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
 
 
 @dataclass
@@ -121,11 +128,14 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
     opt = model.optimizer
     progress = progress or Progress()
     history = history or History()
+    # The slots as the next step sees them: none where a layer was frozen or unfrozen since the
+    # last step (that step starts them afresh; until then they are the other layers').
+    slots = {} if model._slots_outdated() else opt.slots
     config = {
         "format": FORMAT, "version": VERSION,
         "model": model_config(model),
         "optimizer": {"iterations": int(opt.iterations), "lr_factor": float(opt.lr_factor),
-                      "slots": {k: len(v) for k, v in opt.slots.items()}},
+                      "slots": {k: len(v) for k, v in slots.items()}},
         "loss_scale": float(model.loss_scale), "good_steps": int(model._good_steps),
         "random_layers": [{"index": i, "seed": int(la.seed), "calls": int(la.calls)}
                           for i, la in enumerate(model.layers) if isinstance(la, RandomLayer)],
@@ -142,11 +152,11 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
         return (f"{stopped}: the weights of layer {layer.name!r} ({weight}) hold NaN or "
                 f"infinity; {kept} and still holds the last good state")
 
-    arrays = {CONFIG_KEY: encode_json(config), **weight_arrays(model, refusal)}
+    arrays = {CONFIG_KEY: config_entry(config, f"the checkpoint {path} was not written"),
+              **weight_arrays(model, refusal)}
     owners = _slot_owners(model)
-    for name, slot in opt.slots.items():
-        for k, a in enumerate(slot):
-            layer, weight = owners[k]
+    for name, slot in slots.items():
+        for k, (a, (layer, weight)) in enumerate(zip(slot, owners, strict=True)):
             host = layer.to_keras_layout(weight, model.backend.to_numpy(a))
             if not np.all(np.isfinite(host)):
                 raise NonFiniteError(f"{stopped}: the optimiser's {name!r} state holds NaN or "
@@ -156,9 +166,13 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
     remove_leftovers(path)
 
 
-def _slot_owners(model: Any) -> list[tuple[Any, str]]:
-    """(layer, weight name) of each optimiser slot, in slot order: the trainable parameters."""
-    return [(la, k) for la in model.trainable_layers for k in la.params]
+def _slot_owners(model: Any, trainable: list[bool] | None = None) -> list[tuple[Any, str]]:
+    """(layer, weight name) of each optimiser slot, in slot order: the trainable parameters
+    (of the layers ``trainable`` names, one flag a layer, where given)."""
+    if trainable is None:
+        trainable = [la.trainable for la in model.layers]
+    return [(la, k) for la, t in zip(model.layers, trainable, strict=True) if t and la.params
+            for k in la.params]
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -192,7 +206,8 @@ def load_checkpoint(path: str | os.PathLike[str], device: DeviceLike = "cpu") ->
 
 
 def restore_checkpoint(model: Any, path: str | os.PathLike[str]) -> Checkpoint:
-    """Put the training state of the checkpoint at ``path`` into ``model``.
+    """Put the training state of the checkpoint at ``path`` into ``model`` (which of its
+    layers are frozen too).
 
     ``model`` must be compiled and have the checkpoint's architecture and compile settings
     (optimiser, schedule, loss, precision); otherwise ``InputError`` says what differs, and a
@@ -248,7 +263,11 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         raise bad("no optimizer state")
     iterations = _int(ostate.get("iterations"), "optimizer iterations", path)
     lr_factor = _float(ostate.get("lr_factor", 1.0), "optimizer lr_factor", path)
-    owners = _slot_owners(model)
+    # Which layers the run trained then (a callback may freeze or unfreeze some mid-run): they
+    # come back with the slots, which are theirs, so that the run goes on as it would have.
+    # (The layers were checked against the model's already.)
+    trainable = [spec.get("trainable", True) is not False for spec in config["model"]["layers"]]
+    owners = _slot_owners(model, trainable)
     # Slots are in Keras' layout, as the weights are, except in version 1 files that have an
     # lr_factor (written between the convolution kernel's change of layout and version 2),
     # which hold them as the layers stored them then: as they are stored now.
@@ -273,13 +292,16 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
                 if a is None or tuple(a.shape) != shape or a.dtype.kind != "f":
                     raise bad(f"optimizer slot {name}.{k} is missing or not a float array of "
                               f"shape {shape}")
-                if not np.all(np.isfinite(a)):
-                    raise bad(f"array {key!r} (the optimizer's {name!r} state) holds NaN or "
-                              "infinite values")
+                wrong = bad_values(a, model.dtype_name)  # (the dtype the slots are held in)
+                if wrong:
+                    raise bad(f"array {key!r} (the optimizer's {name!r} state) {wrong}")
                 slots[name].append(a if stored_layout else layer.from_keras_layout(weight, a))
     loss_scale = config.get("loss_scale")
-    if not isinstance(loss_scale, int | float) or not 0 < loss_scale < math.inf:
-        raise bad(f"loss_scale {loss_scale!r}")
+    if (isinstance(loss_scale, bool) or not isinstance(loss_scale, int | float)
+            or not _SCALES[0] <= loss_scale <= _SCALES[1]):
+        raise bad(f"loss_scale {loss_scale!r}, expected a number from {_SCALES[0]:.4g} to "
+                  f"{_SCALES[1]:.4g} (it is held in float32: beyond, it would become infinity "
+                  "or 0)")
     good_steps = _int(config.get("good_steps"), "good_steps", path)
     randoms = config.get("random_layers")
     if not isinstance(randoms, list):
@@ -305,11 +327,14 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         raise bad("no run description")
 
     set_weights_from_file(model, npz)  # checks shapes before replacing anything
+    for la, t in zip(model.layers, trainable, strict=True):
+        la.trainable = t
     opt.iterations, opt.lr_factor = iterations, lr_factor
     # (in the parameters' dtype, whatever float type the file holds: the fused updates read a
     # parameter's slots as its own dtype)
     opt.slots = {name: [model.backend.asarray(a, dtype=model.dtype_name) for a in v]
                  for name, v in slots.items()}
+    model._slots_restored()
     model.loss_scale, model._good_steps = float(loss_scale), good_steps
     for i, (seed, calls) in counters.items():
         model.layers[i].set_random_state(seed, calls)  # type: ignore[attr-defined]

@@ -30,7 +30,14 @@ from ..layers import BatchNorm2D, Conv2D, Dense
 from ..layers.base import LAYER_TYPES, Layer
 from ..losses import SoftmaxCrossEntropy
 from ..optim import optimizer_from_config
-from .npz import CONFIG_KEY, NpzArchive, array_bytes, encode_json, write_npz_atomic
+from .npz import (
+    CONFIG_KEY,
+    MAX_CONFIG_BYTES,
+    NpzArchive,
+    array_bytes,
+    encode_json,
+    write_npz_atomic,
+)
 
 FORMAT = "xpcnn-model"
 VERSION = 1
@@ -99,8 +106,30 @@ def save_model(model: Any, path: str | os.PathLike[str]) -> None:
         return (f"the weights of layer {layer.name!r} ({weight}) hold NaN or infinity: {path} "
                 "was not written")
 
-    arrays = {CONFIG_KEY: encode_json(model_config(model)), **weight_arrays(model, refusal)}
+    arrays = {CONFIG_KEY: config_entry(model_config(model), f"{path} was not written"),
+              **weight_arrays(model, refusal)}
     write_npz_atomic(path, arrays)
+
+
+def config_entry(config: dict[str, Any], refused: str) -> np.ndarray:
+    """``config`` (a model file's, or a checkpoint's with its model under ``"model"``) as the
+    JSON entry of the file; InputError, starting with ``refused``, where it is longer than the
+    reader takes (:data:`~xpcnn.saving.npz.MAX_CONFIG_BYTES`): written, the file would not
+    load. The error names the largest part (a layer's settings, or a checkpoint's history)."""
+    entry = encode_json(config)
+    if entry.size <= MAX_CONFIG_BYTES:
+        return entry
+    model = config.get("model", config)
+    parts = {f"layer {i} ({spec['class']})'s settings": len(json.dumps(spec))
+             for i, spec in enumerate(model["layers"])}
+    if "history" in config:
+        parts["the history"] = len(json.dumps(config["history"]))
+    part = max(parts, key=parts.__getitem__)
+    hint = (" (a Normalization holds its mean and std there, a value per feature)"
+            if "(Normalization)" in part else "")
+    raise InputError(f"{refused}: its configuration takes {entry.size} bytes as JSON, more than "
+                     f"the {MAX_CONFIG_BYTES} that loading a file accepts; the largest part is "
+                     f"{part}, {parts[part]} bytes{hint}")
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -221,8 +250,9 @@ def check_sizes(layers: list[Layer], shape: tuple[int, ...], npz: NpzArchive,
     """Refuse, before building it, a layer that would allocate more than the file accounts for.
 
     Walks the layers on the host with trial builds, along the graph ``inbound`` (a chain by
-    default): each layer's input (with its padding or window) must stay under
-    :data:`MAX_SAMPLE_VALUES` values, and the weights a Dense, Conv2D or BatchNorm2D layer would
+    default): each layer's input (with its padding or window) and output must stay under
+    :data:`MAX_SAMPLE_VALUES` values (a merge layer's output too: a chain of Concatenates at the
+    end of a graph doubles it at each), and the weights a Dense, Conv2D or BatchNorm2D layer would
     create must number exactly the values its entries claim (read from their headers alone).
     """
     path = npz.path
@@ -230,26 +260,38 @@ def check_sizes(layers: list[Layer], shape: tuple[int, ...], npz: NpzArchive,
     for i, layer in enumerate(layers):
         ins = inbound[i] if inbound is not None else (i,)
         if layer.multi_input:  # (a merge layer: no window, no weights)
-            shapes.append(layer.build([shapes[j] for j in ins], "cpu", "float32"))
-            continue
-        shape = shapes[ins[0]]
-        window = max([*getattr(layer, "kernel_size", ()), *getattr(layer, "pool_size", ()), 0])
-        pad = getattr(layer, "padding", 0)
-        extra = 2 * max(window, pad if isinstance(pad, int) else 0)
-        padded = (shape[0] + extra, shape[1] + extra, *shape[2:]) if len(shape) == 3 else shape
-        if math.prod(padded) > MAX_SAMPLE_VALUES:
-            raise DataFormatError(f"{path}: layer {i} ({type(layer).__name__}) would take inputs "
-                                  f"of shape {shape}, more than {MAX_SAMPLE_VALUES} values per "
-                                  "sample with its padding: the file is corrupt or not a model")
-        need = _weight_count(layer, shape)
-        if need is not None:
-            have = sum(math.prod(npz.header(k)[0]) for k in npz.entries
-                       if k.startswith(f"layer{i}."))
-            if need != have:
-                raise DataFormatError(f"{path}: layer {i} ({type(layer).__name__}) needs {need} "
-                                      f"weight values for inputs of shape {shape}, but the file "
-                                      f"holds {have}")
-        shapes.append(layer.build(shape, "cpu", "float32", None, np.random.default_rng(0)))
+            out = layer.build([shapes[j] for j in ins], "cpu", "float32")
+        else:
+            out = _checked_single_input(layer, i, shapes[ins[0]], npz)
+        if math.prod(out) > MAX_SAMPLE_VALUES:
+            raise DataFormatError(f"{path}: layer {i} ({type(layer).__name__}) would give outputs "
+                                  f"of shape {tuple(out)}, more than {MAX_SAMPLE_VALUES} values "
+                                  "per sample: the file is corrupt or not a model")
+        shapes.append(out)
+
+
+def _checked_single_input(layer: Layer, i: int, shape: tuple[int, ...], npz: NpzArchive
+                          ) -> tuple[int, ...]:
+    """:func:`check_sizes` for layer ``i``, which reads one input of ``shape``: its output
+    shape, from a trial build once its input and weight count are checked."""
+    path = npz.path
+    window = max([*getattr(layer, "kernel_size", ()), *getattr(layer, "pool_size", ()), 0])
+    pad = getattr(layer, "padding", 0)
+    extra = 2 * max(window, pad if isinstance(pad, int) else 0)
+    padded = (shape[0] + extra, shape[1] + extra, *shape[2:]) if len(shape) == 3 else shape
+    if math.prod(padded) > MAX_SAMPLE_VALUES:
+        raise DataFormatError(f"{path}: layer {i} ({type(layer).__name__}) would take inputs "
+                              f"of shape {shape}, more than {MAX_SAMPLE_VALUES} values per "
+                              "sample with its padding: the file is corrupt or not a model")
+    need = _weight_count(layer, shape)
+    if need is not None:
+        have = sum(math.prod(npz.header(k)[0]) for k in npz.entries
+                   if k.startswith(f"layer{i}."))
+        if need != have:
+            raise DataFormatError(f"{path}: layer {i} ({type(layer).__name__}) needs {need} "
+                                  f"weight values for inputs of shape {shape}, but the file "
+                                  f"holds {have}")
+    return layer.build(shape, "cpu", "float32", None, np.random.default_rng(0))
 
 
 def _weight_count(layer: Layer, shape: tuple[int, ...]) -> int | None:
@@ -279,15 +321,31 @@ def set_weights_from_file(model: Any, npz: NpzArchive) -> None:
             if key not in npz.entries:
                 raise DataFormatError(f"{path}: weight {key} of layer {la.name!r} is missing")
             w = npz.read(key, array_bytes(math.prod(arrays[name].shape)))
-            if w.dtype.kind == "f" and not np.all(np.isfinite(w)):
+            wrong = bad_values(w, model.dtype_name)
+            if wrong:
                 raise DataFormatError(f"{path}: array {key!r} ({name} of layer {la.name!r}) "
-                                      "holds NaN or infinite values: the file is corrupt or was "
-                                      "written from a model that diverged")
+                                      f"{wrong}: the file is corrupt or was written from a model "
+                                      "that diverged")
             weights.append(w)
     try:
         model.set_weights(weights)
     except InputError as e:
         raise DataFormatError(f"{path}: weights do not fit the architecture: {e}") from e
+
+
+def bad_values(a: np.ndarray, dtype: str) -> str | None:
+    """What is wrong with the values of array ``a`` from a file, to be held as ``dtype`` (the
+    model's): NaN or infinity, or finite values beyond ``dtype``'s range, which the cast would
+    turn into infinity (a float64 1e300 for a float32 model); None where nothing is."""
+    if a.dtype.kind != "f":
+        return None
+    if not np.all(np.isfinite(a)):
+        return "holds NaN or infinite values"
+    with np.errstate(over="ignore"):
+        if np.all(np.isfinite(a.astype(dtype, copy=False))):
+            return None
+    return (f"holds values beyond the range of {dtype} (up to {np.max(np.abs(a)):.3g}), the "
+            "model's dtype, which would load as infinity")
 
 
 def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
@@ -328,7 +386,7 @@ def build_for(model: Any, config: dict[str, Any], npz: NpzArchive) -> None:
         return
     shape = input_shape_of(config, npz.path)
     try:
-        check_sizes(model.layers, shape, npz)
+        check_sizes(model.layers, shape, npz, model._inbound())  # (along its graph)
     except InputError as e:  # the model's layers do not take that shape
         raise DataFormatError(f"{npz.path} holds a model for inputs of shape {shape}, which "
                               f"this model cannot take: {e}") from e

@@ -32,8 +32,8 @@ from ..errors import DataFormatError
 from ..files import atomic_file
 
 CONFIG_KEY = "__config__"
-#: The most bytes the JSON configuration entry may inflate to (a model's is a few kB; a
-#: checkpoint's grows by about 150 bytes an epoch of history).
+#: The most bytes of JSON the configuration entry may hold, which the writers check too (a
+#: model's is a few kB; a checkpoint's grows by about 150 bytes an epoch of history).
 MAX_CONFIG_BYTES = 1 << 22
 #: Room for an .npy preamble and header (numpy writes 128 bytes for the arrays saved here).
 NPY_HEADER_BYTES = 4096
@@ -147,7 +147,8 @@ class NpzArchive:
         shape, dtype = self.header(CONFIG_KEY)
         if dtype != np.uint8 or len(shape) != 1:  # refused before it is inflated
             raise DataFormatError(f"{self.path}: the configuration entry is not JSON bytes")
-        return decode_json(self.read(CONFIG_KEY, MAX_CONFIG_BYTES), self.path)
+        return decode_json(self.read(CONFIG_KEY, NPY_HEADER_BYTES + MAX_CONFIG_BYTES),
+                           self.path)
 
 
 def _entry_key(info: zipfile.ZipInfo, archive_size: int, path: str) -> str:
