@@ -278,6 +278,38 @@ def test_validation_split_holds_out_what_keras_does(data):
         assert logs(split_model) == logs(by_hand)
 
 
+def test_fit_called_again_shuffles_on_as_one_longer_fit(data, tmp_path):
+    """fit(epochs=1) three times trains as fit(epochs=3), bit for bit: each call's epochs are
+    numbered on from the model's earlier ones, so each shuffles anew (each call shuffled as
+    epoch 0 before); fit(epochs=3, initial_epoch=1) after one epoch goes on the same way; a
+    checkpoint of a later call resumes with its numbering in a fresh process."""
+    def fitted(*calls, **kwargs):
+        model = small_model()
+        for epochs, first in calls:
+            model.fit(*data, epochs=epochs, initial_epoch=first, batch_size=BATCH, verbose=0,
+                      **kwargs)
+        return model.get_weights()
+
+    reference = fitted((3, 0))
+    assert same_weights(fitted((1, 0), (1, 0), (1, 0)), reference)
+    assert same_weights(fitted((1, 0), (3, 1)), reference)
+    assert not same_weights(fitted((1, 0)), fitted((1, 0), (1, 0)))
+    path = tmp_path / "backup.npz"
+    model = small_model()
+    model.fit(*data, epochs=1, batch_size=BATCH, verbose=0)
+
+    def kill(batch, logs):
+        if model.optimizer.iterations == 10:  # (the second call's epoch 1, step 2)
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, checkpoint=path,
+                  checkpoint_every=1, callbacks=[LambdaCallback(on_train_batch_end=kill)])
+    fresh = small_model()  # (its first call not run again: the checkpoint's numbering)
+    fresh.fit(*data, epochs=2, batch_size=BATCH, verbose=0, checkpoint=path, resume=True)
+    assert same_weights(fresh.get_weights(), reference)
+
+
 def test_callbacks_and_hooks_are_checked():
     with pytest.raises(InputError, match="LambdaCallback got unknown hooks \\['on_step_end'\\]"):
         LambdaCallback(on_step_end=print)

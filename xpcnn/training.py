@@ -120,6 +120,10 @@ class Trainer:
         self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
         self._resume_at: Any = None  # where BackupAndRestore restarts a run
         self._position = (0, 0)  # (epoch, batches done in it) during fit
+        # Epochs are numbered on across fit calls, for their shuffling orders: a fit's epoch e
+        # shuffles as number e + _epoch_offset; _epochs_begun counts the numbers used so far
+        # (by epochs that trained a step at least).
+        self._epochs_begun, self._epoch_offset = 0, 0
         self.cuda_graphs: bool | None = None
         #: Why training steps run without CUDA graphs ("" while they are captured, or will be).
         self.cuda_graphs_reason = ""
@@ -700,7 +704,9 @@ class Trainer:
         each sample's term of the training loss, which stays divided by the batch's size
         (Keras' "sum over batch size"); given both, a sample weighs their product, as in
         tf.keras 2. Accuracy is not weighted, and the validation loss only by the validation
-        data's own weights. ``seed`` fixes the shuffling order (default: the model's seed).
+        data's own weights. ``seed`` fixes the shuffling order (default: the model's seed);
+        epochs are numbered on from the model's earlier fit calls, so that ``fit(epochs=1)``
+        called three times shuffles (and trains) as ``fit(epochs=3)``, not in one order thrice.
         ``verbose=0`` silences the progress bar; ``verbose=2`` prints a line an epoch instead.
         ``callbacks``: see :mod:`xpcnn.callbacks`.
         ``initial_epoch`` (as in Keras): the epoch to start at, numbered from 0, so that
@@ -773,6 +779,8 @@ class Trainer:
                       "validation_freq": validation_freq, "class_weight": class_weights}
             cbs = CallbackList(callbacks, self, params)
             self.stop_training, self._resume_at = False, None
+            # (a checkpoint resumed by on_train_begin puts back its run's offset instead)
+            self._epoch_offset = max(0, self._epochs_begun - initial_epoch)
             self._parallel = distributed.data_parallel(self)
             self._use_class_weights(class_weights)
             try:
@@ -831,9 +839,10 @@ class Trainer:
         else:
             cbs.on_epoch_begin(epoch)
         logs = BatchLogs()
+        number = self._epoch_offset + epoch  # (its shuffling order's)
         # (one compute scope for the epoch's loop, its callbacks inside, as evaluate's are)
         with self.backend.compute_scope(), contextlib.closing(
-                data.epoch(epoch, step)) as batches:  # type: ignore[type-var]
+                data.epoch(number, step)) as batches:  # type: ignore[type-var]
             for batch in batches:
                 logs.settle()  # (last batch's logs, if a callback kept them: before this step)
                 xb, yb, wb = unpack(batch)
@@ -850,6 +859,7 @@ class Trainer:
                     self._train_step(xb, yb, keep=False, weights=wb)
                 step += 1
                 self._position = (epoch, step)
+                self._epochs_begun = number + 1  # (one that trained no step, refused, is not)
                 cbs.on_train_batch_end(step - 1, logs.make(self._batch_logs))
                 if self.stop_training:
                     break

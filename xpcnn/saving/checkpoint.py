@@ -18,8 +18,9 @@ A checkpoint is an ``.npz`` of plain arrays, read without pickle
   loss configuration), the optimiser's step count (which drives the schedule and Adam's bias
   correction), the loss-scaling state, each random layer's ``seed`` and ``calls`` counter, the
   position (epoch, and batches done in it: the shuffling order is a function of the seed and the
-  epoch), the running sums of the epoch in progress, the history of the epochs done, and a
-  fingerprint of the training data and ``fit`` arguments, which a resumed run must match.
+  epoch's number, which the fit's ``epoch_offset`` continues from earlier fits), the running
+  sums of the epoch in progress, the history of the epochs done, and a fingerprint of the
+  training data and ``fit`` arguments, which a resumed run must match.
 
 Files are written atomically (temporary file, fsync, rename), so the path always holds the last
 complete checkpoint, whatever moment the process dies. Before writing, every weight and slot is
@@ -134,6 +135,7 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
     config = {
         "format": FORMAT, "version": VERSION,
         "model": model_config(model),
+        "epoch_offset": int(model._epoch_offset),  # (fit's epochs' shuffling numbers)
         "optimizer": {"iterations": int(opt.iterations), "lr_factor": float(opt.lr_factor),
                       "slots": {k: len(v) for k, v in slots.items()}},
         "loss_scale": float(model.loss_scale), "good_steps": int(model._good_steps),
@@ -321,6 +323,7 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     if missing:
         raise bad(f"no random state for layers {missing}")
     progress = _progress(config.get("progress"), path)
+    offset = _int(config.get("epoch_offset", 0), "epoch_offset", path)  # (0: older files')
     history = _history(config.get("history"), path)
     run = config.get("run")
     if not isinstance(run, dict):
@@ -338,6 +341,9 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     model.loss_scale, model._good_steps = float(loss_scale), good_steps
     for i, (seed, calls) in counters.items():
         model.layers[i].set_random_state(seed, calls)  # type: ignore[attr-defined]
+    # the run's epoch numbering (the epoch in progress begun, where it is inside one)
+    model._epoch_offset = offset
+    model._epochs_begun = offset + progress.epoch + (progress.step > 0)
     return Checkpoint(model, progress, history, run, path)
 
 
