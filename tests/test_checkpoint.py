@@ -188,6 +188,23 @@ def test_a_loss_scale_beyond_float32_is_refused(tmp_path, scale):
         load_checkpoint(path)
 
 
+def test_a_loss_scale_in_a_float32_models_checkpoint_is_refused_before_restoring(tmp_path):
+    """A float32 model has no loss scale: a checkpoint of one that says 8 is refused before
+    anything is restored (the model's setter refused it after the weights were replaced)."""
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], input_shape=(4,), seed=0)
+    model.compile(optimizer="adam")
+    path = tmp_path / "ls.npz"
+    save_checkpoint(model, path)
+    _rewrite(path, lambda config: config.update(loss_scale=8.0))
+    before = model.get_weights()
+    model.set_weights([w + 1 for w in before])
+    changed = model.get_weights()
+    with pytest.raises(DataFormatError, match="loss_scale 8.0 in a checkpoint of a model "
+                                              "without float16 loss scaling"):
+        restore_checkpoint(model, path)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), changed, strict=True))
+
+
 def test_a_mixed_bfloat16_run_resumes_bit_for_bit(tmp_path):
     """bfloat16 activations (ml_dtypes' on NumPy) and no loss scale: a run stopped after 3
     steps and resumed from its checkpoint ends with the weights of one that never stopped."""

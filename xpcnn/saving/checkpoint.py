@@ -304,6 +304,9 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         raise bad(f"loss_scale {loss_scale!r}, expected a number from {_SCALES[0]:.4g} to "
                   f"{_SCALES[1]:.4g} (it is held in float32: beyond, it would become infinity "
                   "or 0)")
+    if model._scaling is None and loss_scale != 1:  # (checked before anything is restored)
+        raise bad(f"loss_scale {loss_scale!r} in a checkpoint of a model without float16 loss "
+                  "scaling (its precision is not mixed_float16): expected 1")
     good_steps = _int(config.get("good_steps"), "good_steps", path)
     randoms = config.get("random_layers")
     if not isinstance(randoms, list):
