@@ -214,7 +214,9 @@ def test_a_checkpoint_is_not_written_from_non_finite_optimizer_state(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]
 
 
-def test_a_checkpoint_with_non_finite_optimizer_state_is_refused(tmp_path):
+def _checkpoint_with_slot_value(tmp_path, value, dtype=None):
+    """tmp_path / "c.npz", a trained model's checkpoint whose first 'v' slot's first value is
+    ``value`` (the slot in ``dtype`` where given)."""
     model = small_model()
     rng = np.random.default_rng(0)
     model.fit(rng.integers(0, 256, (4, 10, 10, 3), np.uint8), np.arange(4), verbose=0)
@@ -222,10 +224,14 @@ def test_a_checkpoint_with_non_finite_optimizer_state_is_refused(tmp_path):
     entries = {k: (v, zipfile.ZIP_STORED) for k, v in members((tmp_path / "c.npz").read_bytes()
                                                                ).items()}
     with np.load(tmp_path / "c.npz") as f:
-        v = f["slot.v.0"].copy()
-    v.flat[0] = np.inf
+        v = f["slot.v.0"].astype(dtype or f["slot.v.0"].dtype)
+    v.flat[0] = value
     entries["slot.v.0.npy"] = (npy(v), zipfile.ZIP_STORED)
     (tmp_path / "c.npz").write_bytes(pack(entries))
+
+
+def test_a_checkpoint_with_non_finite_optimizer_state_is_refused(tmp_path):
+    _checkpoint_with_slot_value(tmp_path, np.inf)
     with pytest.raises(DataFormatError, match=r"array 'slot.v.0' \(the optimizer's 'v' state\) "
                                               "holds NaN or infinite values"):
         load_checkpoint(tmp_path / "c.npz")
@@ -242,17 +248,7 @@ def test_finite_values_beyond_the_models_float_range_are_refused(saved, tmp_path
                                               r"holds values beyond the range of float32 "
                                               r"\(up to 1e\+300\)"):
         xpcnn.load_model(tmp_path / "m.npz")
-    trained = small_model()
-    rng = np.random.default_rng(0)
-    trained.fit(rng.integers(0, 256, (4, 10, 10, 3), np.uint8), np.arange(4), verbose=0)
-    save_checkpoint(trained, tmp_path / "c.npz")
-    entries = {k: (v, zipfile.ZIP_STORED) for k, v in members((tmp_path / "c.npz").read_bytes()
-                                                               ).items()}
-    with np.load(tmp_path / "c.npz") as f:
-        v = f["slot.v.0"].astype(np.float64)
-    v.flat[0] = -1e300
-    entries["slot.v.0.npy"] = (npy(v), zipfile.ZIP_STORED)
-    (tmp_path / "c.npz").write_bytes(pack(entries))
+    _checkpoint_with_slot_value(tmp_path, -1e300, np.float64)
     with pytest.raises(DataFormatError, match=r"array 'slot.v.0' \(the optimizer's 'v' state\) "
                                               "holds values beyond the range of float32"):
         load_checkpoint(tmp_path / "c.npz")
