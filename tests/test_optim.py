@@ -404,3 +404,35 @@ def test_only_adam_and_rmsprop_watch_their_squares():
     assert optim.Adam().keeps_squares and optim.AdamW().keeps_squares
     assert optim.RMSprop().keeps_squares
     assert not optim.SGD(0.1, momentum=0.9).keeps_squares
+
+
+@pytest.mark.parametrize("make", [lambda: optim.Adam(0.01), lambda: optim.AdamW(0.01)],
+                         ids=["Adam", "AdamW"])
+def test_moments_made_afresh_after_a_freeze_are_corrected_as_new(make):
+    """A layer frozen after 20 steps: the moments start afresh, and their bias correction
+    counts their own steps (PyTorch's per-parameter step count), so the next steps are those
+    of a new optimiser's; corrected as 20 steps old, the first updates were up to ~3x larger.
+    The schedule still counts every step."""
+    import xpcnn
+    from xpcnn.layers import Dense, Flatten, ReLU
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 6)), rng.integers(0, 3, 16)
+
+    def trained(fresh):
+        model = xpcnn.Sequential([Flatten(), Dense(8), ReLU(), Dense(3)], input_shape=(6,),
+                                 seed=0, dtype="float64")
+        model.compile(optimizer=make())
+        for _ in range(20):
+            model.train_on_batch(x, y)
+        model.layers[1].trainable = False
+        if fresh:
+            model.compile(optimizer=make())
+        for _ in range(5):
+            model.train_on_batch(x, y)
+        return model
+
+    kept, fresh = trained(False), trained(True)
+    assert kept.optimizer.iterations == 25 and kept.optimizer.slots_from == 20
+    for a, b in zip(kept.get_weights(), fresh.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)

@@ -169,7 +169,8 @@ class Optimizer:
     nothing); and, optionally, ``_fused_update`` for kernels that update every parameter at once.
 
     ``slots`` holds per-parameter state arrays (momentum, moments), created lazily on the
-    parameters' device; ``iterations`` counts steps and drives the schedule (a step whose update
+    parameters' device (afresh where the model empties them: a layer frozen or unfrozen), at
+    step ``slots_from``; ``iterations`` counts steps and drives the schedule (a step whose update
     the device skipped, see :mod:`xpcnn.totals`, counts too). ``lr_factor`` multiplies the
     schedule (callbacks such as ``ReduceLROnPlateau`` change it; checkpoints keep it).
 
@@ -204,6 +205,7 @@ class Optimizer:
         self.iterations = 0
         self.lr_factor = 1.0
         self.slots: dict[str, list[Any]] = {}
+        self.slots_from = 0  # (the iterations before the slots' first step)
 
     @property
     def lr(self) -> float:
@@ -246,6 +248,7 @@ class Optimizer:
         keep their values (decided on the device, without the host waiting for it)."""
         if not self.slots:
             self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
+            self.slots_from = self.iterations
         if scalars is None:
             scalars = self.step_scalars()
             self.iterations += 1
@@ -370,9 +373,12 @@ class Adam(Optimizer):
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
 
     def step_scalars(self) -> dict[str, float]:
-        """The next step's (t, counted from 1) decoupled decay factor, step size with the first
-        moment's bias correction, and second moment's bias correction."""
-        lr, t = super().step_scalars()["lr"], self.iterations + 1
+        """The next step's decoupled decay factor, step size with the first moment's bias
+        correction, and second moment's bias correction, at t, the moments' steps counted from
+        1 (from their making: moments made afresh after a layer was frozen are corrected as new
+        ones, as PyTorch's per-parameter step counts do, not as ones ``iterations`` old)."""
+        lr = super().step_scalars()["lr"]
+        t = (self.iterations - self.slots_from if self.slots else 0) + 1
         return {"decay": 1.0 - lr * self.weight_decay, "step": lr / (1.0 - self.beta_1**t),
                 "bc2": 1.0 - self.beta_2**t}
 

@@ -192,7 +192,7 @@ class Trainer:
         if previous is not None and previous is not optimizer:
             del previous._model  # (replaced: free to be compiled into another model)
         if owner is None:
-            optimizer.slots, optimizer.iterations = {}, 0
+            optimizer.slots, optimizer.iterations, optimizer.lr_factor = {}, 0, 1.0
         optimizer._model = weakref.ref(self)
         return optimizer
 

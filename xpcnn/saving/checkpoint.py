@@ -137,6 +137,7 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
         "model": model_config(model),
         "epoch_offset": int(model._epoch_offset),  # (fit's epochs' shuffling numbers)
         "optimizer": {"iterations": int(opt.iterations), "lr_factor": float(opt.lr_factor),
+                      "slots_from": int(opt.slots_from),
                       "slots": {k: len(v) for k, v in slots.items()}},
         "loss_scale": float(model.loss_scale), "good_steps": int(model._good_steps),
         "random_layers": [{"index": i, "seed": int(la.seed), "calls": int(la.calls)}
@@ -264,6 +265,9 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     if not isinstance(ostate, dict):
         raise bad("no optimizer state")
     iterations = _int(ostate.get("iterations"), "optimizer iterations", path)
+    slots_from = _int(ostate.get("slots_from", 0), "optimizer slots_from", path)  # (0: older)
+    if slots_from > iterations:
+        raise bad(f"optimizer slots_from {slots_from} is beyond its iterations {iterations}")
     lr_factor = _float(ostate.get("lr_factor", 1.0), "optimizer lr_factor", path)
     # Which layers the run trained then (a callback may freeze or unfreeze some mid-run): they
     # come back with the slots, which are theirs, so that the run goes on as it would have.
@@ -335,7 +339,7 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     set_weights_from_file(model, npz)  # checks shapes before replacing anything
     for la, t in zip(model.layers, trainable, strict=True):
         la.trainable = t
-    opt.iterations, opt.lr_factor = iterations, lr_factor
+    opt.iterations, opt.lr_factor, opt.slots_from = iterations, lr_factor, slots_from
     # (in the parameters' dtype, whatever float type the file holds: the fused updates read a
     # parameter's slots as its own dtype)
     opt.slots = {name: [model.backend.asarray(a, dtype=model.dtype_name) for a in v]
