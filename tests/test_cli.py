@@ -114,3 +114,33 @@ def test_importing_xpcnn_main_runs_no_command():
     import importlib
 
     importlib.import_module("xpcnn.__main__")  # (was SystemExit: the command ran on import)
+
+
+def test_a_resumed_run_adds_to_its_log_and_a_refused_one_leaves_it(tmp_path, capsys):
+    """--log with --resume appends the resumed epochs (was: the file started afresh, the
+    epochs before the interruption lost); a resume refused before training (another
+    --epochs, hence another schedule) leaves the log as it was (was: emptied)."""
+    log, ck = tmp_path / "log.csv", tmp_path / "run.npz"
+    run = ["train", "--limit", "32", "--batch-size", "16", "--quiet", "--schedule", "constant",
+           "--checkpoint", str(ck), "--log", str(log)]
+    assert main([*run, "--epochs", "1"]) == 0
+    first = log.read_text()
+    assert main([*run, "--epochs", "2", "--resume"]) == 0  # (a constant rate: it goes on)
+    rows = log.read_text().splitlines()
+    assert log.read_text().startswith(first) and [r.split(",")[0] for r in rows[1:]] == ["0", "1"]
+    capsys.readouterr()
+    before = log.read_bytes()
+    assert main([*run, "--epochs", "3", "--resume", "--schedule", "cosine"]) == 2
+    assert "compiled otherwise" in capsys.readouterr().err and log.read_bytes() == before
+
+
+def test_paths_with_a_tilde_are_the_home_folders(tmp_path, monkeypatch, capsys):
+    """--save=~/m.npz (a shell leaves ~ as it is after '='): written in the home folder, where
+    it was checked (was: checked there, written to a folder named '~' here)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--limit", "16", "--epochs", "1", "--quiet", "--save=~/m.npz",
+                 "--log=~/log.csv"]) == 0
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["log.csv", "m.npz"]
+    assert not (tmp_path / "~").exists()

@@ -79,6 +79,10 @@ def bad_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["train", "--save", str(tmp / "x.npz"), "--checkpoint", str(tmp / "x.npz")], "--save"),
         (["train", "--checkpoint", str(tmp / "x.npz"), "--log", str(tmp / "x.npz")],
          "--checkpoint"),
+        # (the same file through a link to its folder, and through ~: were written both)
+        (["train", "--save", str(tmp / "link" / "x.csv"), "--log", str(tmp / "x.csv")],
+         "--save"),
+        (["train", "--save", "~/x.npz", "--checkpoint", str(Path.home() / "x.npz")], "--save"),
         (["train", "--unknown-flag"], "--unknown-flag"),
         (["visualize"], "--model"),
     ]
@@ -99,6 +103,8 @@ def _files(tmp: Path) -> None:
     (tmp / "folder").mkdir(exist_ok=True)
     (tmp / "a-file").write_text("not a folder")
     (tmp / "model.npz").write_bytes(b"")  # (visualize checks it exists before reading it)
+    if not (tmp / "link").exists():
+        (tmp / "link").symlink_to(tmp)
 
 
 def test_every_bad_flag_value_is_one_line_naming_the_flag(tmp_path, traps, capsys):

@@ -261,9 +261,14 @@ def test_arrays_of_another_library_on_the_cpu_train_as_numpy_arrays(data):
     for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(model.predict(torch.from_numpy(x[:5])), model.predict(x[:5]))
-    with pytest.raises(InputError, match=r"x is an array of array_api_compat.torch on cpu, but "
-                                         r"the model is on cpu"):  # (autograd: no host view)
-        model.fit(torch.from_numpy(x.astype(np.float32)).requires_grad_(), y, verbose=0)
+    # (autograd, or a dtype NumPy lacks: no host view; was "on cpu, but the model is on cpu")
+    for tensor in (torch.from_numpy(x.astype(np.float32)).requires_grad_(),
+                   torch.from_numpy(x).to(torch.bfloat16)):
+        with pytest.raises(InputError, match=r"an array of array_api_compat.torch on the CPU "
+                                             r"\(dtype torch.\w+\) that NumPy cannot read "
+                                             r"\((BufferError|RuntimeError): .*\): pass one that "
+                                             r"needs no gradient \(PyTorch: .detach\(\)\)"):
+            model.fit(tensor, y, verbose=0)
 
 
 def test_arrays_that_numpy_cannot_read_are_refused_by_name(data):
@@ -442,6 +447,9 @@ def test_streamed_inputs_are_checked(data):
                                          r"epoch$"):
         model.fit(x, y, epochs=3, validation_data=two_epochs, validation_steps=2, verbose=0)
     assert model.history.epoch == [0, 1]  # (the epochs before it are kept)
+    for call, what in ((model.evaluate, "evaluation"), (model.predict, "prediction")):
+        with pytest.raises(InputError, match=f"^the {what} data gave no batches$"):  # (predict:
+            call(iter([]), steps=2)  # a bare ValueError from concat)
 
 
 def test_validation_split_and_validation_data_on_the_device(data):

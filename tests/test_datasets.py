@@ -234,6 +234,18 @@ def _mnist_with(tmp_path, rng, key, content: bytes) -> Path:
     return paths[key]
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_split_of_no_image_is_refused(tmp_path, rng, split):
+    """IDX files of 0 items are valid IDX, but MNIST's split of none is refused as it is read
+    (was: loaded, then a bare traceback from the training command's label checks)."""
+    arrays = random_mnist(rng)
+    arrays[f"{split}_images"] = arrays[f"{split}_images"][:0]
+    arrays[f"{split}_labels"] = arrays[f"{split}_labels"][:0]
+    write_mnist(tmp_path, arrays)
+    with pytest.raises(DataFormatError, match=f"MNIST {split} split: .* holds no images"):
+        load_mnist(tmp_path, download=False)
+
+
 @pytest.mark.parametrize("gzipped", [True, False])
 def test_truncated_idx_file(tmp_path, rng, gzipped):
     data = idx_bytes(rng.integers(0, 256, (30, 28, 28), dtype=np.uint8))[:-100]

@@ -799,16 +799,18 @@ class CSVLogger(Callback):
                              f"'\\t', got {separator!r}")
         self.separator, self.append = separator, checks.flag(append, "CSVLogger append")
         self.file: Any = None
+        self.writing = False
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
-        if not distributed.is_root():  # one writer on several ranks (same logs on all)
+        # (checked now, opened at the first epoch's end: a fit refused after this hook, by a
+        # checkpoint that does not match, leaves the file as it was)
+        self.writing = distributed.is_root()  # one writer on several ranks (same logs on all)
+        if not self.writing:
             return
         checks.output_file(self.filename, "the CSVLogger file")
-        os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)
         exists = self.append and os.path.exists(self.filename) and os.path.getsize(
             self.filename) > 0
         self.keys: list[str] | None = self._columns() if exists else None
-        self.file = open(self.filename, "a" if self.append else "w", newline="")  # noqa: SIM115
         self._left: set[str] = set()  # logs the appended file has no column for, warned of
 
     def _columns(self) -> list[str]:
@@ -828,8 +830,12 @@ class CSVLogger(Callback):
         return header[1:]
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        if self.file is None:
+        if not self.writing:
             return
+        if self.file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)
+            self.file = open(self.filename, "a" if self.append else "w",  # noqa: SIM115
+                             newline="")
         logs = dict(logs or {})
         if self.keys is None:
             self.keys = sorted({*logs, *self._validation_columns()})
@@ -850,6 +856,7 @@ class CSVLogger(Callback):
         return _validation_names(self.model) if self.params.get("validation") else []
 
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
+        self.writing = False
         if self.file is not None:
             self.file.close()
             self.file = None

@@ -94,6 +94,12 @@ DPI = _flag(float, partial(checks.number, low=10.0, high=300.0),
 # -- paths, checked before any work ------------------------------------------------------------
 
 
+def _user_path(path: str) -> str:
+    """A path argument with ``~`` expanded, once, for its checks and its use alike (a shell
+    leaves ``--save=~/m.npz`` as it is)."""
+    return os.path.expanduser(path)
+
+
 def _writable_folder(flag: str, path: str, folder: Path) -> None:
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
@@ -160,7 +166,7 @@ def _add_train(sub: Any) -> None:
                        description="Train a reference model; by default the built-in shapes "
                        "dataset on the CPU (no download).")
     p.add_argument("--dataset", choices=DATASETS, default="shapes")
-    p.add_argument("--data-dir", default=None,
+    p.add_argument("--data-dir", default=None, type=_user_path,
                    help="an existing folder with the dataset files (default: $XPCNN_DATA_DIR, "
                    "else the per-user cache, downloading there if needed)")
     p.add_argument("--model", choices=sorted(NAMES), default=None,
@@ -181,15 +187,16 @@ def _add_train(sub: Any) -> None:
                    "reported on it (the default for a dataset without a test split: 0.1)")
     p.add_argument("--limit", type=POSITIVE, default=None,
                    help="train on the first N training samples only")
-    p.add_argument("--save", default=None, metavar="PATH", help="write the trained model here")
-    p.add_argument("--export", default=None, metavar="PATH.onnx",
+    p.add_argument("--save", default=None, type=_user_path, metavar="PATH",
+                   help="write the trained model here")
+    p.add_argument("--export", default=None, type=_user_path, metavar="PATH.onnx",
                    help="write the trained model as ONNX here (needs onnx: pip install "
                    "\"xpcnn[onnx]\")")
-    p.add_argument("--plots", default=None, metavar="DIR",
+    p.add_argument("--plots", default=None, type=_user_path, metavar="DIR",
                    help="write training curves (train against the evaluation split, which is "
                    "then evaluated every epoch) and the confusion matrix as PNGs to DIR "
                    "(needs matplotlib: pip install \"xpcnn[viz]\")")
-    p.add_argument("--checkpoint", default=None, metavar="PATH",
+    p.add_argument("--checkpoint", default=None, type=_user_path, metavar="PATH",
                    help="keep the whole training state in this file (written atomically at the "
                    "end of every epoch, every --checkpoint-every steps, and where Ctrl-C stops "
                    "the run)")
@@ -202,7 +209,7 @@ def _add_train(sub: Any) -> None:
                    help="stop when the evaluation split's loss (evaluated every epoch) has not "
                    "improved for PATIENCE epochs, and keep the best epoch's weights (with "
                    "--val-split the test set plays no part in that choice)")
-    p.add_argument("--log", default=None, metavar="CSV",
+    p.add_argument("--log", default=None, type=_user_path, metavar="CSV",
                    help="write each epoch's metrics to this CSV file")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout: the results, or the error")
@@ -228,7 +235,7 @@ def _check_train(args: argparse.Namespace) -> None:
             _output_file(flag, path)
     for flag, path in outputs.items():
         others = [f for f, p in outputs.items() if f != flag and p is not None and path
-                  is not None and Path(p).absolute() == Path(path).absolute()]
+                  is not None and Path(p).resolve() == Path(path).resolve()]  # (links too)
         if others:
             raise UsageError(f"argument {flag}: the same file as {others[0]}; each output "
                              "needs a file of its own")
@@ -306,7 +313,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         callbacks.append(EarlyStopping("val_loss", patience=args.early_stopping,
                                        restore_best_weights=True, verbose=not args.json))
     if args.log:  # (callbacks print and write on rank 0 only)
-        callbacks.append(CSVLogger(args.log))
+        callbacks.append(CSVLogger(args.log, append=args.resume))  # (resumed: its epochs on)
     t0 = time.perf_counter()
     try:
         history = model.fit(x, y, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
@@ -359,13 +366,16 @@ def _add_visualize(sub: Any) -> None:
                        description="Write the feature maps after every layer for one dataset "
                        "image (the stage tour) and the filters of every Conv2D layer as PNGs; "
                        'needs matplotlib (pip install "xpcnn[viz]").')
-    p.add_argument("--model", required=True, metavar="PATH", help="a model file from --save")
+    p.add_argument("--model", required=True, type=_user_path, metavar="PATH",
+                   help="a model file from --save")
     p.add_argument("--dataset", choices=DATASETS, default="shapes")
-    p.add_argument("--data-dir", default=None, help="folder with the dataset files (as train)")
+    p.add_argument("--data-dir", default=None, type=_user_path,
+                   help="folder with the dataset files (as train)")
     p.add_argument("--split", choices=("train", "test"), default=None,
                    help="where --index points (default: test, else train)")
     p.add_argument("--index", type=NON_NEGATIVE, default=0, help="which image of the split")
-    p.add_argument("--out", default="figures", metavar="DIR", help="folder for the PNGs")
+    p.add_argument("--out", default="figures", type=_user_path, metavar="DIR",
+                   help="folder for the PNGs")
     p.add_argument("--max-maps", type=MAX_MAPS, default=8, help="feature maps shown per layer")
     p.add_argument("--dpi", type=DPI, default=100, help="PNG pixels per inch")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")

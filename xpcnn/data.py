@@ -97,16 +97,26 @@ def adopt_foreign(x: Any, backend: Any) -> Any:
     """An array of another library than the model's, read without a copy (DLPack): one on the
     CPU (a PyTorch DataLoader's tensors) as a NumPy array, as Keras takes them; one on a device
     (a PyTorch CUDA tensor, for a model on CuPy) as an array of the model's library there.
-    Anything else is returned as it is: one that neither can read (autograd, another kind of
-    device) is refused by name where it is checked, and one on another GPU than the model's
-    too."""
+    One on the CPU that NumPy cannot read (a PyTorch tensor that requires grad, a dtype NumPy
+    lacks) is refused with DLPack's reason; anything else is returned as it is: one on a device
+    the model's library cannot read is refused by name where it is checked, and one on another
+    GPU than the model's too."""
     if isinstance(x, np.generic) or not is_device_array(x) or of_library(x, backend):
         return x
     try:
         on_cpu = x.__dlpack_device__()[0] == _DLPACK_CPU
-        return np.from_dlpack(x) if on_cpu else backend.xp.from_dlpack(x)
-    except (AttributeError, BufferError, TypeError, ValueError, RuntimeError):
+    except (AttributeError, TypeError, ValueError, RuntimeError):
         return x
+    try:
+        return np.from_dlpack(x) if on_cpu else backend.xp.from_dlpack(x)
+    except (AttributeError, BufferError, TypeError, ValueError, RuntimeError) as e:
+        if not on_cpu:
+            return x
+        library = array_api_compat.array_namespace(x).__name__
+        raise InputError(f"an array of {library} on the CPU (dtype {x.dtype}) that NumPy cannot "
+                         f"read ({type(e).__name__}: {e}): pass one that needs no gradient "
+                         "(PyTorch: .detach()) in a dtype NumPy has (float32, uint8, ...), or a "
+                         "NumPy array") from e
 
 
 _DLPACK_CPU = 1  # (DLPack's device type kDLCPU; kDLCUDA is 2)

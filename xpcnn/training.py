@@ -1001,6 +1001,8 @@ class Trainer:
                                   self._param_dtype)
                     out.append(softmax(xp, z) if self._fused_softmax() else z)
                     cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
+                if not out:  # (as evaluate says)
+                    raise InputError("the prediction data gave no batches")
                 outputs = self.backend.to_numpy(xp.concat(out))
         _summarise(verbose, len(out), t0)
         cbs.on_predict_end()

@@ -344,5 +344,7 @@ def _load(
                 f"{title} {split} split: {xp} holds {len(x)} images but {yp} holds "
                 f"{len(y)} labels"
             )
+        if not len(x):  # (a valid IDX file, but a split of no image fails far from its cause)
+            raise DataFormatError(f"{title} {split} split: {xp} holds no images")
         out.append((x[..., None], y))
     return out[0], out[1]
