@@ -435,6 +435,11 @@ def test_streamed_inputs_are_checked(data):
         model.fit(Loader([x]), verbose=0)
     with pytest.raises(InputError, match="gave no batches in epoch 2"):
         model.fit(iter([(x, y)]), steps_per_epoch=1, epochs=2, verbose=0)
+    # out inside an epoch: a warning, and training stops there, as in Keras (was: silent)
+    with pytest.warns(RuntimeWarning, match=r"ran out after 2 of its 3 batches \(steps_per_"
+                                            r"epoch\) in epoch 2: training stops here"):
+        history = model.fit(iter([(x, y)] * 5), steps_per_epoch=3, epochs=4, verbose=0)
+    assert history.epoch == [0, 1]
     nan = x.astype(np.float32)
     nan[2, 1, 1, 0] = np.nan
     with pytest.raises(NonFiniteError, match="x holds NaN or infinite values: sample 2"):

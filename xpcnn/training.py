@@ -867,6 +867,13 @@ class Trainer:
         if step == first:
             raise InputError(f"the training data gave no batches in epoch {epoch + 1}: an "
                              "iterator needs steps_per_epoch batches for every epoch")
+        if data.steps and step < data.steps and not self.stop_training:
+            # (ran out inside the epoch: the next would give none; as Keras, training stops)
+            warnings.warn(f"xpcnn: the training data ran out after {step} of its "
+                          f"{data.steps} batches (steps_per_epoch) in epoch {epoch + 1}: "
+                          "training stops here; an iterator needs steps_per_epoch batches "
+                          "for every epoch", RuntimeWarning, stacklevel=3)
+            self.stop_training = True
         return self._batch_logs()
 
     def _train_step_overridden(self) -> bool:
