@@ -187,10 +187,13 @@ def test_train_on_batch_from_a_callback_counts_in_the_epochs_logs(data):
     assert history.history["accuracy"][0] == pytest.approx(correct / seen, rel=1e-12)
 
 
-def test_a_run_resumed_inside_an_epoch_applies_its_schedule_once(data, tmp_path):
+@pytest.mark.parametrize("stop_at, position", [(7, (1, 2)), (5, (1, 0))],
+                         ids=["inside an epoch", "at an epoch's start"])
+def test_a_resumed_run_applies_its_schedule_once(data, tmp_path, stop_at, position):
     """Resumed inside an epoch, the checkpoint's learning rate is the one that epoch's
     on_epoch_begin set: a schedule of the current rate (Keras' ``lr * 0.5`` example) is not
-    applied to it again, and the run ends as the uninterrupted one, bit for bit."""
+    applied to it again; resumed at an epoch's start, it is applied, as in a run that never
+    stopped. Either way the run ends as the uninterrupted one, bit for bit."""
     path = tmp_path / "backup.npz"
     halve = lambda epoch, lr: lr * 0.5  # noqa: E731
     reference = small_model()
@@ -198,15 +201,15 @@ def test_a_run_resumed_inside_an_epoch_applies_its_schedule_once(data, tmp_path)
                              callbacks=[LearningRateScheduler(halve)])
     model = small_model()
 
-    def kill(batch, logs):
-        if model.optimizer.iterations == 7:  # (epoch 1's step 3; the backup at its step 2)
+    def kill(batch, logs):  # (backups every 3 steps and at each epoch's end)
+        if model.optimizer.iterations == stop_at:
             raise Interrupt
 
     with pytest.raises(Interrupt):
         model.fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=[
             LearningRateScheduler(halve), LambdaCallback(on_train_batch_end=kill),
             BackupAndRestore(path, save_freq=3)])
-    assert (load_checkpoint(path).epoch, load_checkpoint(path).step) == (1, 2)
+    assert (load_checkpoint(path).epoch, load_checkpoint(path).step) == position
     resumed = small_model()
     history = resumed.fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=[
         LearningRateScheduler(halve), BackupAndRestore(path, save_freq=3)])
@@ -230,6 +233,17 @@ def test_backup_and_restore_deletes_its_file_when_training_ends(data, tmp_path):
     path.unlink()
     small_model().fit(*data, epochs=1, batch_size=BATCH, verbose=0, checkpoint=path)
     assert load_checkpoint(path).epoch == 1
+    path.unlink()  # a run that TerminateOnNaN stops keeps its file: the last good state
+    model = small_model()
+
+    def overflow(batch, logs):  # (finite weights whose logits overflow at the next step)
+        if model.optimizer.iterations == 2:
+            model.layers[2].params["kernel"][...] = 3e38
+
+    model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[
+        TerminateOnNaN(), LambdaCallback(on_train_batch_end=overflow),
+        BackupAndRestore(path, save_freq=1)])
+    assert load_checkpoint(path).model.optimizer.iterations == 2
 
 
 def test_the_older_batch_hook_names_are_called_as_in_keras(data):
@@ -308,6 +322,12 @@ def test_fit_called_again_shuffles_on_as_one_longer_fit(data, tmp_path):
     fresh = small_model()  # (its first call not run again: the checkpoint's numbering)
     fresh.fit(*data, epochs=2, batch_size=BATCH, verbose=0, checkpoint=path, resume=True)
     assert same_weights(fresh.get_weights(), reference)
+    model = small_model()  # a checkpoint written outside fit keeps the numbering too
+    model.fit(*data, epochs=2, batch_size=BATCH, verbose=0)
+    save_checkpoint(model, path)
+    again = load_checkpoint(path).model
+    again.fit(*data, epochs=1, batch_size=BATCH, verbose=0)
+    assert same_weights(again.get_weights(), reference)
 
 
 def test_callbacks_and_hooks_are_checked():

@@ -752,3 +752,31 @@ def test_save_checkpoint_needs_a_compiled_built_model(tmp_path):
     model.build((3,))
     with pytest.raises(InputError, match="needs a compiled model"):
         save_checkpoint(model, tmp_path / "x.npz")
+
+
+def test_a_train_step_that_records_nothing_still_resumes(tmp_path):
+    """A subclass's train_step that trains without the base step records no sums (its
+    epoch's logs are 0): a checkpoint inside an epoch holds 0 samples seen and 0 sums, and
+    resumes (was refused as corrupt, 'step 2 ... 0.0 samples seen')."""
+    class Idle(xpcnn.Sequential):
+        calls = 0
+
+        def train_step(self, xb, yb):
+            Idle.calls += 1
+            self.optimizer.iterations += 1  # (a step of its own, outside the running sums)
+            return 0.0, 0.0
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 4)).astype(np.float32), np.arange(32) % 3
+    model = Idle([Flatten(), Dense(3), Softmax()], input_shape=(4,), seed=0)
+    model.compile(optimizer="sgd")
+    with pytest.raises(Interrupt):
+        model.fit(x, y, epochs=2, batch_size=8, verbose=0, checkpoint=tmp_path / "c.npz",
+                  checkpoint_every=1, callbacks=[StopAtBatch(2)])
+    Idle.calls = 0
+    again = Idle([Flatten(), Dense(3), Softmax()], input_shape=(4,), seed=0)
+    again.compile(optimizer="sgd")
+    history = again.fit(x, y, epochs=2, batch_size=8, verbose=0,
+                        checkpoint=tmp_path / "c.npz", resume=True)
+    assert Idle.calls == 6 and again.optimizer.iterations == 8  # (from step 2 of 8)
+    assert history.history["loss"] == [0.0, 0.0]

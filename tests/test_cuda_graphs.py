@@ -648,3 +648,27 @@ def test_the_cupy_side_orders_warm_up_and_capture_by_events_and_replays_on_the_c
     graph = types.SimpleNamespace(launch=lambda stream: calls.append(("launch", stream.name)))
     capture.launch(graph)
     assert calls == [("launch", "caller")]
+
+
+def test_adams_fresh_moments_after_a_freeze_are_corrected_as_new_in_captured_steps():
+    """A layer frozen between epochs: the step's numbers, taken before it runs, already count
+    Adam's moments as made afresh (the old ones are dropped first), as an eager step's do
+    (was: the first step after the freeze corrected them as iterations old, ~3x its update)."""
+    from xpcnn.callbacks import LambdaCallback
+
+    x, y = _data()
+
+    def fitted(graphs):
+        model = _model(gap_net(), optim.Adam(3e-3))
+        model.build((12, 12, 3))
+        if graphs:
+            _runner(model)
+        freeze = LambdaCallback(on_epoch_begin=lambda epoch, logs: setattr(
+            model.layers[1], "trainable", epoch < 2))
+        model.fit(x, y, epochs=4, batch_size=16, verbose=0, callbacks=[freeze])
+        return model
+
+    eager, graphed = fitted(False), fitted(True)
+    assert graphed.optimizer.slots_from == eager.optimizer.slots_from == 6
+    for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)

@@ -151,10 +151,13 @@ class CallbackList:
 
     def on_non_finite(self, error: NonFiniteError) -> bool:
         """Hand a deferred :class:`NonFiniteError` to a :class:`TerminateOnNaN`, if there is
-        one (True: training ends cleanly), else False (``fit`` raises it)."""
+        one (True: training ends cleanly), else False (``fit`` raises it); a
+        :class:`BackupAndRestore` learns of it too (it keeps its file, the last good state)."""
         handler = next((cb for cb in self.callbacks if isinstance(cb, TerminateOnNaN)), None)
         if handler is not None:
-            handler.on_non_finite(error)
+            for cb in (handler, *(cb for cb in self.callbacks
+                                  if isinstance(cb, BackupAndRestore))):
+                cb.on_non_finite(error)
         return handler is not None
 
 
@@ -645,7 +648,8 @@ class BackupAndRestore(Callback):
     as in Keras. What only decides when to validate (``validation_freq``,
     ``validation_batch_size``) may differ in the resumed run: the weights come out the same.
     ``delete_checkpoint`` (as in Keras): the file is deleted when ``fit`` ends without being
-    interrupted, so that the script run again trains afresh; False keeps it (a finished run
+    interrupted (or stopped by :class:`TerminateOnNaN`: the file holds the last good state), so
+    that the script run again trains afresh; False keeps it (a finished run
     resumed then trains nothing and returns its history), as ``fit(checkpoint=PATH)`` does."""
 
     def __init__(self, path: str | os.PathLike[str], save_freq: int | str = "epoch",
@@ -660,6 +664,7 @@ class BackupAndRestore(Callback):
         self.delete_checkpoint = checks.flag(delete_checkpoint, "delete_checkpoint")
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        self.ended_non_finite = False
         data = self.params["data"]
         if not data.resumable:
             raise InputError("BackupAndRestore needs data whose batches can be replayed: arrays "
@@ -690,9 +695,12 @@ class BackupAndRestore(Callback):
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         self.saver.after_epoch(epoch, self.model.history)
 
+    def on_non_finite(self, error: NonFiniteError) -> None:
+        self.ended_non_finite = True  # (its file holds the last good state: kept)
+
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
         # (not called where fit was interrupted or failed: the file is kept to resume from)
-        if self.delete_checkpoint and distributed.is_root():
+        if self.delete_checkpoint and not self.ended_non_finite and distributed.is_root():
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)
 

@@ -114,7 +114,7 @@ def _writable_folder(flag: str, path: str, folder: Path) -> None:
 def _output_file(flag: str, path: str) -> None:
     """A file to write (atomically, by a rename): an existing folder, writable, where the
     name is not taken by a folder or anything but a regular file."""
-    p = Path(path).expanduser()
+    p = Path(path)
     if not path or p.is_dir():
         example = p / ("model.onnx" if flag == "--export" else "model.npz")
         raise UsageError(f"argument {flag}: {path!r} is a folder; give a file path such as "
@@ -126,20 +126,20 @@ def _output_file(flag: str, path: str) -> None:
 
 def _output_folder(flag: str, path: str) -> None:
     """A folder to write into: it exists, or its parent does (it is created then)."""
-    p = Path(path).expanduser()
+    p = Path(path)
     if p.exists() and not p.is_dir():
         raise UsageError(f"argument {flag}: {path!r} exists and is not a folder")
     _writable_folder(flag, path, p if p.is_dir() else p.absolute().parent)
 
 
 def _input_folder(flag: str, path: str) -> None:
-    if not Path(path).expanduser().is_dir():
-        what = "is not a folder" if Path(path).expanduser().exists() else "does not exist"
+    if not Path(path).is_dir():
+        what = "is not a folder" if Path(path).exists() else "does not exist"
         raise UsageError(f"argument {flag}: the folder {path!r} {what}")
 
 
 def _input_file(flag: str, path: str) -> None:
-    p = Path(path).expanduser()
+    p = Path(path)
     if not p.is_file():
         what = "is a folder" if p.is_dir() else "is not a file" if p.exists() else \
             "does not exist"
@@ -313,7 +313,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         callbacks.append(EarlyStopping("val_loss", patience=args.early_stopping,
                                        restore_best_weights=True, verbose=not args.json))
     if args.log:  # (callbacks print and write on rank 0 only)
-        callbacks.append(CSVLogger(args.log, append=args.resume))  # (resumed: its epochs on)
+        # (a resumed run's epochs go on in its log; one with no checkpoint yet starts both)
+        resumed = args.resume and os.path.exists(args.checkpoint)
+        callbacks.append(CSVLogger(args.log, append=resumed))
     t0 = time.perf_counter()
     try:
         history = model.fit(x, y, epochs=epochs, batch_size=args.batch_size, seed=args.seed,

@@ -283,6 +283,11 @@ class Trainer:
         rewrites, unless ``keep`` asks for copies. ``weights``: the samples' weights (N,) or
         None."""
         self._rebuild_if_shared()  # (another model may have built shared layers since)
+        opt = self.optimizer
+        if opt.slots and self._slots_outdated():  # type: ignore[union-attr]
+            # (dropped before the step's numbers are taken, a captured step's too: Adam's
+            # bias correction then counts from its fresh moments)
+            opt.slots = {}  # type: ignore[union-attr]
         # (a data-parallel step runs uncaptured: its allreduces are outside any graph)
         graphs = None if self._parallel is not None else self._step_graphs()
         step = self.optimizer.iterations + 1  # type: ignore[union-attr]
@@ -579,7 +584,9 @@ class Trainer:
     def _raise_deferred(self, host: np.ndarray, batches: dict[int, Any]) -> None:
         step = int(host[BAD_STEP])
         # Every update from that step on was skipped: the model is as after the step before.
-        self.optimizer.iterations = step - 1  # type: ignore[union-attr]
+        opt = self.optimizer
+        opt.iterations = step - 1  # type: ignore[union-attr]
+        opt.slots_from = min(opt.slots_from, step - 1)  # type: ignore[union-attr]
         loss = float(host[BAD_LOSS])
         if not math.isfinite(loss):
             xb, yb = batches[step]
@@ -831,13 +838,11 @@ class Trainer:
         self._epoch_t0 = time.perf_counter() - (start.seconds if start else 0.0)
         self._running_totals().reset(*((start.loss_sum, start.correct, start.seen) if start
                                        else ()))
-        if start:  # (resumed inside this epoch: the checkpoint's learning rate is the one
-            # this epoch's on_epoch_begin set; a schedule of the rate must not apply it twice)
-            factor = self.optimizer.lr_factor  # type: ignore[union-attr]
-            cbs.on_epoch_begin(epoch)
+        factor = self.optimizer.lr_factor  # type: ignore[union-attr]
+        cbs.on_epoch_begin(epoch)
+        if step:  # (resumed inside this epoch: the checkpoint's learning rate is the one this
+            # epoch's on_epoch_begin set; a schedule of the rate must not apply it twice)
             self.optimizer.lr_factor = factor  # type: ignore[union-attr]
-        else:
-            cbs.on_epoch_begin(epoch)
         logs = BatchLogs()
         number = self._epoch_offset + epoch  # (its shuffling order's)
         # (one compute scope for the epoch's loop, its callbacks inside, as evaluate's are)

@@ -55,11 +55,11 @@ def max_pool_backward(xp: Any, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
 def sum_pool(xp: Any, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
              out_hw: tuple[int, int]) -> Any:
     """Sum over each window of a padded (N, H, W, C) input, in :func:`accumulator`'s dtype."""
-    acc = accumulator(xp, x.dtype)
+    x = xp.astype(x, accumulator(xp, x.dtype), copy=False)  # (once, not window by window)
     out = None
     for i in range(kernel[0]):
         for j in range(kernel[1]):
-            w = xp.astype(window(x, i, j, out_hw, strides), acc, copy=False)
+            w = window(x, i, j, out_hw, strides)
             out = w if out is None else out + w
     return out
 

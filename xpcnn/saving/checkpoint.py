@@ -135,7 +135,8 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
     config = {
         "format": FORMAT, "version": VERSION,
         "model": model_config(model),
-        "epoch_offset": int(model._epoch_offset),  # (fit's epochs' shuffling numbers)
+        # (the epochs' shuffling numbers: the fit's offset, and the numbers used so far)
+        "epoch_offset": int(model._epoch_offset), "epochs_begun": int(model._epochs_begun),
         "optimizer": {"iterations": int(opt.iterations), "lr_factor": float(opt.lr_factor),
                       "slots_from": int(opt.slots_from),
                       "slots": {k: len(v) for k, v in slots.items()}},
@@ -331,6 +332,9 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         raise bad(f"no random state for layers {missing}")
     progress = _progress(config.get("progress"), path)
     offset = _int(config.get("epoch_offset", 0), "epoch_offset", path)  # (0: older files')
+    # (older files: the epochs up to the one in progress, begun where it is inside one)
+    begun = _int(config.get("epochs_begun", offset + progress.epoch + (progress.step > 0)),
+                 "epochs_begun", path)
     history = _history(config.get("history"), path)
     run = config.get("run")
     if not isinstance(run, dict):
@@ -348,9 +352,7 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     model.loss_scale, model._good_steps = float(loss_scale), good_steps
     for i, (seed, calls) in counters.items():
         model.layers[i].set_random_state(seed, calls)  # type: ignore[attr-defined]
-    # the run's epoch numbering (the epoch in progress begun, where it is inside one)
-    model._epoch_offset = offset
-    model._epochs_begun = offset + progress.epoch + (progress.step > 0)
+    model._epoch_offset, model._epochs_begun = offset, begun
     return Checkpoint(model, progress, history, run, path)
 
 
@@ -492,7 +494,10 @@ class FitCheckpoints:
                 f"in {', '.join(diff)}): resume with the same x, y, batch_size, seed and shuffle, "
                 "or start afresh with resume=False")
         progress = _progress(config.get("progress"), self.path)
-        if progress.step > self.steps or (progress.step and not progress.seen):
+        # (no sample seen inside an epoch, but sums: corrupt; none of either is a train_step
+        # of the user's that records nothing)
+        if progress.step > self.steps or (progress.step and not progress.seen
+                                          and (progress.loss_sum or progress.correct)):
             raise DataFormatError(f"{self.path}: invalid checkpoint: step {progress.step} of an "
                                   f"epoch of {self.steps} steps, {progress.seen} samples seen")
         ckpt = _restore(self.model, config, npz)
