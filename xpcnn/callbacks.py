@@ -268,7 +268,7 @@ def summary_line(steps: int, seconds: float, logs: Mapping[str, float] | None = 
 def _shown(value: Any, short: bool = False) -> str:
     """A log's value on a progress line: 4 decimals (``short``: under 1e-3 in exponent form);
     a callback's log that is no number, as it is."""
-    if not isinstance(value, numbers.Real | np.floating | np.integer):
+    if not isinstance(value, numbers.Real):  # (NumPy's floats and ints are, its bool is not)
         return str(value)
     return f"{value:.4f}" if not short or abs(value) > 1e-3 else f"{value:.4e}"
 

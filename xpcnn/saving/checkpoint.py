@@ -175,7 +175,7 @@ def _slot_owners(model: Any, trainable: list[bool] | None = None) -> list[tuple[
     (of the layers ``trainable`` names, one flag a layer, where given)."""
     if trainable is None:
         trainable = [la.trainable for la in model.layers]
-    return [(la, k) for la, t in zip(model.layers, trainable, strict=True) if t and la.params
+    return [(la, k) for la, t in zip(model.layers, trainable, strict=True) if t
             for k in la.params]
 
 
