@@ -144,3 +144,16 @@ def test_paths_with_a_tilde_are_the_home_folders(tmp_path, monkeypatch, capsys):
                  "--log=~/log.csv"]) == 0
     assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["log.csv", "m.npz"]
     assert not (tmp_path / "~").exists()
+
+
+def test_a_model_made_for_other_images_is_refused_naming_the_flag(tmp_path, capsys):
+    """resnet20 normalises CIFAR's three channels: on MNIST, a usage error naming --model
+    (was: exit 2 with the layer's message alone, which named no flag)."""
+    from datasets_helpers import random_mnist, write_mnist
+
+    write_mnist(tmp_path, random_mnist(np.random.default_rng(0)))
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--model",
+                 "resnet20", "--limit", "16", "--epochs", "1", "--quiet"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("xpcnn train: error: argument --model: resnet20 does not take "
+                           "mnist's 28x28x1 images: Normalization has 3 channel statistics")

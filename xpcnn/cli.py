@@ -27,7 +27,7 @@ import numpy as np
 from . import __version__, checks, distributed, optim
 from .backend import get_backend
 from .callbacks import Callback, CSVLogger, EarlyStopping
-from .errors import TrainingInterrupted, XpcnnError
+from .errors import InputError, TrainingInterrupted, XpcnnError
 from .files import try_writing_in
 from .models import NAMES, build_model
 from .onnx_export import ONNX_EXTRA_HINT
@@ -293,7 +293,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model_name = args.model or DEFAULT_MODEL[args.dataset]
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.dataset]
     classes = int(max(y.max(), y_test.max())) + 1
-    model = build_model(model_name, classes, x.shape[1:], device=args.device, seed=args.seed)
+    try:
+        model = build_model(model_name, classes, x.shape[1:], device=args.device,
+                            seed=args.seed)
+    except InputError as e:  # (a network made for other images: resnet20's are CIFAR's)
+        raise UsageError(f"argument --model: {model_name} does not take {args.dataset}'s "
+                         f"{'x'.join(map(str, x.shape[1:]))} images: {e}") from e
     # (on several ranks, steps of the global batch: N x --batch-size)
     steps_per_epoch = -(-len(x) // (args.batch_size * distributed.world().size))
     lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 3e-3)
