@@ -52,6 +52,7 @@ class RunningTotals:
         xp = self.xp
         batch = batch_sums(xp, xp.astype(stats, self.dtype), float(n))
         self.state[...] = xp.concat([self.state[:BAD_STEP] + batch, self.state[BAD_STEP:]])
+        self.seen += n
 
     def add(self, stats: Any, grads: list[Any], n: int, step: Any,
             scaling: Any = None, squares: bool = False) -> Any:

@@ -298,7 +298,7 @@ class Trainer:
             stats = self.backend.xp.asarray(stats, copy=True)
         totals = self._running_totals()
         totals.pending.append((step, (xb, yb)))
-        totals.seen += int(xb.shape[0]) if self._parallel is None else self._parallel.total
+        totals.seen += self._global_batch(xb)
         if len(totals.pending) >= READ_EVERY:
             self._read_totals()
         return stats
@@ -407,7 +407,7 @@ class Trainer:
         trained = self._trained()
         stats, grads = self._loss_and_grads(xb, yb, kernels, trained, weights)
         params = [p for la in trained for p in la.params.values()]
-        n = int(xb.shape[0]) if self._parallel is None else self._parallel.total
+        n = self._global_batch(xb)
         # (with float16 loss scaling, this divides the gradients by the scale, in place)
         # (squares of clipped gradients cannot overflow an optimiser's state)
         apply = self._running_totals().add(stats, grads, n, step, self._scaling,
@@ -416,6 +416,10 @@ class Trainer:
             kernels.restore_state(moving, before, apply)
         opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)
         return stats
+
+    def _global_batch(self, xb: Any) -> int:
+        """The samples of a step on ``xb``: its own, or on several ranks the global batch's."""
+        return int(xb.shape[0]) if self._parallel is None else self._parallel.total
 
     def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any, trained: tuple[Layer, ...],
                         weights: Any = None) -> tuple[Any, list[Any]]:
@@ -947,7 +951,7 @@ class Trainer:
         data."""
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
-        totals, seen, steps, t0 = RunningTotals(self.backend, 0), 0, 0, time.perf_counter()
+        totals, steps, t0 = RunningTotals(self.backend, 0), 0, time.perf_counter()
         logs = BatchLogs()
         cbs.on_test_begin()
         with self.backend.compute_scope(), contextlib.closing(
@@ -963,14 +967,13 @@ class Trainer:
                 stats, _ = loss.forward_with_accuracy(  # type: ignore[union-attr]
                     xp, logits, yb, self._param_dtype, kernels, weights=wb)
                 totals.add_stats(stats, int(xb.shape[0]))
-                seen += int(xb.shape[0])
-                cbs.on_test_batch_end(step, logs.make(lambda seen=seen: self._running_logs(
+                cbs.on_test_batch_end(step, logs.make(lambda seen=totals.seen: self._running_logs(
                     totals, seen)))  # (this rank's running means, as Keras' batch logs)
             logs.settle()
         host, _ = totals.read()
         # on several ranks, each evaluated its slices: the sums are added up over the ranks
         loss_sum, correct, seen = distributed.host_sum(
-            distributed.world(), [host[LOSS_SUM], host[CORRECT], seen], "evaluate")
+            distributed.world(), [host[LOSS_SUM], host[CORRECT], totals.seen], "evaluate")
         if not seen:
             raise InputError("the evaluation data gave no batches" if epoch is None else
                              f"the validation data gave no batches in epoch {epoch + 1}: an "
@@ -980,7 +983,7 @@ class Trainer:
         cbs.on_test_end(logs)
         return logs
 
-    def _running_logs(self, totals: RunningTotals, seen: int) -> dict[str, float]:
+    def _running_logs(self, totals: RunningTotals, seen: float) -> dict[str, float]:
         """The running loss and metrics of ``seen`` samples in ``totals`` (waits for the
         device)."""
         host = self.backend.to_numpy(totals.state)

@@ -67,6 +67,12 @@ def accumulator(xp: Any, dtype: Any) -> Any:
     return xp.float64 if xp.finfo(dtype).bits == 64 else xp.float32
 
 
+def overlapping(kernel: tuple[int, int], strides: tuple[int, int]) -> bool:
+    """Whether windows of ``kernel`` at ``strides`` overlap: an input then receives several
+    shares of a gradient, summed (in :func:`accumulator`'s dtype)."""
+    return strides[0] < kernel[0] or strides[1] < kernel[1]
+
+
 def window(x: Any, i: int, j: int, out_hw: tuple[int, int], strides: tuple[int, int]) -> Any:
     """The strided slice that kernel offset (i, j) sees for every output position."""
     sh, sw = strides

@@ -155,8 +155,7 @@ class KernelsConv(ConvEngine):
         # (K, kh*kw*C) matrix is the stored kernel itself, contiguous (a matmul against a
         # transposed view is several times slower on OpenBLAS). Where patches overlap, an
         # input's taps are multiplied and summed in the accumulator's dtype, rounded once.
-        overlap = g.strides[0] < g.kernel[0] or g.strides[1] < g.kernel[1]
-        acc = ops.accumulator(xp, dy.dtype) if overlap else dy.dtype
+        acc = ops.accumulator(xp, dy.dtype) if ops.overlapping(g.kernel, g.strides) else dy.dtype
         dy2, w2 = xp.reshape(dy, (-1, g.filters)), xp.reshape(w, (g.filters, -1))
         dcols = xp.reshape(self.kern.matmul(xp.astype(dy2, acc, copy=False),
                                             xp.astype(w2, acc, copy=False)),

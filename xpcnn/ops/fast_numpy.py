@@ -33,7 +33,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import random
-from .conv import accumulator, window
+from .conv import accumulator, overlapping, window
 from .kernels import StandardKernels, alike
 
 
@@ -436,7 +436,7 @@ class NumpyKernels(StandardKernels):
         # in one copy; added tap by tap where windows overlap, in the standard version's order
         # and in its accumulator's dtype, rounded once.
         first, shape = routes
-        overlap = strides[0] < kernel[0] or strides[1] < kernel[1]
+        overlap = overlapping(kernel, strides)
         covered = (not overlap and shape[1] == out_hw[0] * kernel[0]
                    and shape[2] == out_hw[1] * kernel[1])
         dtype = dy.dtype.newbyteorder("=")  # (the void copy moves a big-endian dy's bytes as is)

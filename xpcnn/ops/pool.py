@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .conv import accumulator, window
+from .conv import accumulator, overlapping, window
 
 
 def max_pool(xp: Any, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
@@ -27,7 +27,7 @@ def max_pool_backward(xp: Any, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
     """Route each output gradient to one input per window: the first maximum in row-major order,
     as PyTorch does, so that ties never duplicate gradient. Where windows overlap, an input's
     shares are summed in :func:`accumulator`'s dtype and rounded once."""
-    overlap = strides[0] < kernel[0] or strides[1] < kernel[1]
+    overlap = overlapping(kernel, strides)
     acc = accumulator(xp, dy.dtype) if overlap else dy.dtype
     d = xp.astype(dy, acc, copy=False)
     dx = xp.zeros(x.shape, dtype=acc, device=dy.device)
