@@ -746,6 +746,33 @@ def test_a_refused_set_weights_replaces_no_weight(model):
         np.testing.assert_array_equal(a, b)
 
 
+INTEGER_BATCHES = {  # (layer, input shape, batch, what a float batch of it gives)
+    "AvgPool2D on uint8": (xpcnn.layers.AvgPool2D(2), (4, 4, 1),  # (was: AttributeError)
+                           np.full((1, 4, 4, 1), 200, np.uint8), np.full((1, 2, 2, 1), 200.0)),
+    "GlobalAvgPool2D on uint8": (GlobalAvgPool2D(), (4, 4, 1),
+                                 np.full((1, 4, 4, 1), 200, np.uint8), np.full((1, 1), 200.0)),
+    "AvgPool2D on bool": (xpcnn.layers.AvgPool2D(2), (2, 2, 1), np.ones((1, 2, 2, 1), bool),
+                          np.ones((1, 1, 1, 1))),
+    "Add on uint8": (xpcnn.layers.Add(), [(2,), (2,)],  # (was: 144, wrapped around)
+                     [np.full((1, 2), 200, np.uint8)] * 2, np.full((1, 2), 400.0)),
+    "a same MaxPool2D on int8": (MaxPool2D(2, padding="same"), (3, 3, 1),  # (was: 0, padding)
+                                 np.full((1, 3, 3, 1), -5, np.int8), np.full((1, 2, 2, 1), -5.0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INTEGER_BATCHES))
+def test_a_layer_called_on_an_integer_or_bool_batch_runs_in_its_float_dtype(case):
+    layer, shape, batch, expected = INTEGER_BATCHES[case]
+    y = built(layer, shape)(batch)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_dropout_on_an_integer_batch_drops_and_scales_as_on_floats():
+    y = built(xpcnn.layers.Dropout(0.5), (64,))(np.ones((4, 64), np.int64), training=True)
+    assert y.dtype == np.float32 and set(np.unique(y)) == {0.0, 2.0}  # (was: ValueError)
+
+
 def test_a_refused_evaluate_leaves_an_uncompiled_model_uncompiled():
     unbuilt = xpcnn.Sequential(four_class_net(), seed=0)
     with pytest.raises(InputError):

@@ -709,3 +709,49 @@ def test_a_sequential_renames_its_new_layers_not_those_other_models_hold():
     assert [la.name for la in both.layers][1:] == ["conv2d", "conv2d_1"]
     assert len({la.name for la in both.layers}) == 3
     assert [la.name for la in base.layers] == ["conv2d", "conv2d_1"]
+
+
+def test_two_built_layers_of_one_name_are_refused_not_renamed():
+    """Two trained models each with a layer 'dense', combined: renaming either broke its own
+    model's get_layer('dense'); the clash is an error, by Sequential and graph alike, until
+    the user gives one another name."""
+    a = xpcnn.Sequential([Dense(3)], input_shape=(4,), name="a")
+    b = xpcnn.Sequential([Dense(2)], input_shape=(3,), name="b")
+    clash = (r"^two layers of the model are named 'dense': a Dense \(built, so other models "
+             r"may hold it and show its name\), and a Dense \(built, .*\); names in a model "
+             r"are unique, so give one of them another name first \(layer.name = 'dense_2'")
+    with pytest.raises(InputError, match=clash):
+        xpcnn.Sequential([a.layers[0], b.layers[0]])
+    inputs = xpcnn.Input((4,))
+    with pytest.raises(InputError, match=clash):
+        xpcnn.Model(inputs, b(a(inputs)))
+    assert a.get_layer("dense") is a.layers[0] and b.get_layer("dense") is b.layers[0]
+    b.layers[0].name = "head"
+    both = xpcnn.Model(inputs, b(a(inputs)))
+    assert [la.name for la in both.layers] == ["dense", "head"]
+    assert b.get_layer("head") is both.layers[1]
+
+
+def test_a_name_the_user_gave_is_never_moved_or_taken(tmp_path):
+    """An automatic name gives way to the user's (the layer named 'conv2d_1' was renamed
+    'conv2d_1_1' and the automatic one took its name); two names given alike are refused, as
+    in Keras; the names come back alike from a file."""
+    seq = xpcnn.Sequential([Conv2D(8, 3), Conv2D(16, 3), Conv2D(32, 3, name="conv2d_1")],
+                           input_shape=(9, 9, 1))
+    assert [la.name for la in seq.layers] == ["conv2d", "conv2d_2", "conv2d_1"]
+    assert seq.get_layer("conv2d_1").filters == 32
+    inputs = xpcnn.Input((9, 9, 1))
+    named = Conv2D(32, 3)
+    named.name = "conv2d"  # (set later, it is the user's too)
+    graph = xpcnn.Model(inputs, named(Conv2D(16, 3)(inputs)))
+    assert [la.name for la in graph.layers] == ["conv2d_1", "conv2d"]
+    assert graph.get_layer("conv2d") is named
+    seq.save(tmp_path / "seq.npz")
+    assert [la.name for la in xpcnn.load_model(tmp_path / "seq.npz").layers] == \
+        ["conv2d", "conv2d_2", "conv2d_1"]
+    given = (r"^two layers of the model are named 'x': a Dense \(a name given by the user\), "
+             r"and a Dense \(a name given by the user\)")
+    with pytest.raises(InputError, match=given):
+        xpcnn.Sequential([Dense(3, name="x"), Dense(2, name="x")])
+    with pytest.raises(InputError, match=given):
+        xpcnn.Model(inputs, Dense(2, name="x")(Dense(3, name="x")(Flatten()(inputs))))

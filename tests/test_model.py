@@ -877,7 +877,7 @@ def _freeze_thaw_run(data, listed_afresh: bool) -> tuple[list[np.ndarray], list[
     model.trainable = True
     model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), precision="mixed_float16")
     fit(x, y, 16)
-    extra = xpcnn.Sequential([Dense(10)], seed=1)
+    extra = xpcnn.Sequential([Dense(10, name="extra")], seed=1)  # (two built 'dense' clash)
     extra.build((10,))  # (built elsewhere: it keeps its weights in this model)
     model.layers.pop()  # (the Softmax: added back after the new layer)
     model.add(extra.layers[0])

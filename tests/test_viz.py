@@ -96,6 +96,53 @@ def test_stage_tour_rejects_an_image_of_the_wrong_shape(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_stage_tour_is_as_wide_as_the_maps_it_shows(tmp_path, image):
+    """max_maps=200 made the figure 202 inches wide for at most 4 maps a row."""
+    fig = viz.plot_stage_tour(tiny_model(), image, tmp_path / "t.png", max_maps=200, dpi=10)
+    assert fig.get_size_inches()[0] == pytest.approx(4 + 2.2)
+    assert [len(ax.get_xticks()) for ax in image_axes(fig)[1:]] == [3, 3, 3, 3, 3, 4]
+
+
+@pytest.mark.parametrize("names", [["a", "b"], ["a", "b", "c", "d"], "abc"])
+def test_stage_tour_refuses_class_names_that_do_not_name_the_outputs(tmp_path, image, names):
+    with pytest.raises(InputError, match=r"^class_names must be one name for each of the "
+                                         r"model's outputs, whose shape is \(3,\), got "):
+        viz.plot_stage_tour(tiny_model(), image, tmp_path / "t.png", class_names=names)
+    assert not (tmp_path / "t.png").exists()
+
+
+@pytest.mark.parametrize("figsize, dpi, message", [
+    (5, 100, r"figsize must be \(width, height\) in inches, got 5"),
+    ((3, 4, 5), 100, r"figsize must be \(width, height\) in inches, got \(3, 4, 5\)"),
+    (("a", 5), 100, r"figsize width and height must be a number > 0, got 'a'"),
+    ((3, 0), 100, r"figsize width and height must be a number > 0, got 0"),
+    ((3, 3), "100", r"dpi must be a number > 0, got '100'"),
+    ((3, 3), None, r"dpi must be a number > 0, got None"),
+    ((3, 3), 1e6, r"the figure would be 3000000 x 3000000 pixels \(figsize \(3, 3\) at dpi "
+                  r"1e\+06\); xpcnn draws at most 32768 pixels a side and 100 million in all: "
+                  r"give a smaller figsize or dpi, or more columns"),
+])
+def test_figsize_and_dpi_are_checked_before_drawing(tmp_path, figsize, dpi, message):
+    """(were: a bare TypeError or ValueError, or a MemoryError inside Agg for dpi=1e6)"""
+    with pytest.raises(InputError, match="^" + message):
+        viz.plot_filters(tiny_model(), tmp_path / "f.png", figsize=figsize, dpi=dpi)
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_a_figure_too_large_to_draw_is_refused_saying_what_makes_it_smaller(tmp_path):
+    """20000 filters in 8 columns were written as a PNG of 520 x 125100 pixels."""
+    model = xpcnn.Sequential([Conv2D(20000, 1)], input_shape=(1, 1, 1))
+    with pytest.raises(InputError, match=r"^the figure would be 520 x 125100 pixels .*: give a "
+                                         r"smaller figsize or dpi, or more columns \(the filters "
+                                         r"are drawn in a grid of 8 columns and 2500 rows\)"):
+        viz.plot_filters(model, tmp_path / "f.png")
+    assert not (tmp_path / "f.png").exists()
+    with pytest.raises(InputError, match=r"^the figure would be 20000 x 20000 pixels .* or a "
+                                         r"smaller max_maps$"):
+        viz.plot_stage_tour(tiny_model(), np.zeros((12, 12, 3)), tmp_path / "t.png",
+                            figsize=(200, 200), dpi=100)
+
+
 # -- the notebook's demonstration -----------------------------------------------------------
 def test_edge_filters_are_the_named_constants_on_every_channel():
     model = viz.notebook_demo_model((8, 8, 3), ceiling=0.5)

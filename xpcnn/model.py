@@ -104,12 +104,7 @@ class Model(Trainer):
 
     def _set_graph(self, layers: list[Layer], inbound: list[graph.Inbound]) -> None:
         graph.check_graph(layers, inbound)
-        # Built layers may be held by other models, which show their names: they keep them
-        # (the first of two alike does), and new layers are renamed where a name is taken.
-        taken: set[str] = set()
-        for layer in sorted(layers, key=lambda la: not la.built):
-            _give_unique_name(layer, taken)
-            taken.add(layer.name)
+        _name_apart(layers)
         self.layers = list(layers)
         self._graph = list(inbound)
 
@@ -583,12 +578,7 @@ class Sequential(Model):
             raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) is already in the "
                              "model: the same layer instance cannot be added twice; create "
                              f"another {type(layer).__name__}(...)")
-        clash = next((la for la in self.layers if la.name == layer.name), None)
-        if clash is not None:
-            # A built layer may be held by other models, which show its name: it keeps it, and
-            # this model's new layer gives way (as a functional Model renames).
-            give_way = clash if layer.built and not clash.built else layer
-            _give_unique_name(give_way, {la.name for la in self.layers})
+        _name_apart([*self.layers, layer])  # (as a functional Model names its layers)
         self.layers.append(layer)
         self.built = False
 
@@ -617,10 +607,28 @@ def _restore(attributes: list[tuple[Layer, dict[str, Any]]]) -> None:
         vars(layer).update(saved)
 
 
-def _give_unique_name(layer: Layer, taken: set[str]) -> None:
-    """Rename ``layer`` to ``name_1``, ``name_2``... where its name is taken."""
-    if layer.name in taken:
-        base, k = layer.name, 1
-        while f"{base}_{k}" in taken:
-            k += 1
-        layer.name = f"{base}_{k}"
+def _name_apart(layers: list[Layer]) -> None:
+    """Make the names of a model's ``layers`` unique. A name the user gave is kept, and so is
+    a built layer's, which the models holding it show (renaming it there broke their
+    ``get_layer``): two such alike are refused, as Keras refuses a name twice in a model. A
+    layer named automatically gives way to them, and to the layers before it."""
+    kept: dict[str, Layer] = {}
+    for layer in layers:
+        if layer.name_given or layer.built:
+            other = kept.setdefault(layer.name, layer)
+            if other is not layer:
+                raise InputError(f"two layers of the model are named {layer.name!r}: "
+                                 f"{_why_kept(other)}, and {_why_kept(layer)}; names in a model "
+                                 "are unique, so give one of them another name first "
+                                 f"(layer.name = '{layer.name}_2', say)")
+    taken = set(kept)
+    for layer in layers:
+        if not (layer.name_given or layer.built):
+            layer.give_way(taken)
+            taken.add(layer.name)
+
+
+def _why_kept(layer: Layer) -> str:
+    why = "a name given by the user" if layer.name_given else \
+        "built, so other models may hold it and show its name"
+    return f"a {type(layer).__name__} ({why})"

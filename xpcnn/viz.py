@@ -50,20 +50,34 @@ NOTEBOOK_CEILING = 1.0
 _SIGNED_CMAP = "RdBu_r"
 _POSITIVE_CMAP = "viridis"
 _GAP_COLOUR = "0.8"  # between filter tiles: light grey, so near-white kernels keep an edge
+# A figure larger than this is refused rather than drawn (or cut down): Agg stops at 65536
+# pixels a side, and well before that one figure takes gigabytes of memory and a PNG no viewer
+# shows whole; the error says which figsize, dpi or setting made it so large.
+_MAX_SIDE = 2**15
+_MAX_PIXELS = 10**8  # (400 MB of RGBA in Agg's buffer)
 
 
 # -- matplotlib, imported on first use ------------------------------------------------------
-def _new_figure(figsize: tuple[float, float], dpi: float) -> Figure:
-    """A Figure on the Agg canvas, with constrained layout (no overlapping labels)."""
+def _new_figure(figsize: tuple[float, float], dpi: float, smaller: str = "") -> Figure:
+    """A Figure on the Agg canvas, with constrained layout (no overlapping labels); one of more
+    than ``_MAX_SIDE`` pixels a side or ``_MAX_PIXELS`` in all is refused, ``smaller`` saying
+    what else than figsize and dpi makes it smaller."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
         raise MissingDependencyError(
             f"xpcnn's figures need matplotlib, which is not installed: {VIZ_EXTRA_HINT}") from e
-    w, h = (float(v) for v in figsize)
-    if not (w > 0 and h > 0 and dpi > 0):
-        raise InputError(f"figsize and dpi must be positive, got figsize={figsize!r}, dpi={dpi!r}")
+    if not (isinstance(figsize, tuple | list) and len(figsize) == 2):
+        raise InputError(f"figsize must be (width, height) in inches, got {figsize!r}")
+    w, h = (checks.number(v, "figsize width and height", low=0, low_open=True) for v in figsize)
+    dpi = checks.number(dpi, "dpi", low=0, low_open=True)
+    pixels = (round(w * dpi), round(h * dpi))
+    if max(pixels) > _MAX_SIDE or pixels[0] * pixels[1] > _MAX_PIXELS:
+        raise InputError(f"the figure would be {pixels[0]} x {pixels[1]} pixels (figsize "
+                         f"{figsize!r} at dpi {dpi:g}); xpcnn draws at most {_MAX_SIDE} pixels "
+                         f"a side and {_MAX_PIXELS // 10**6} million in all: give a smaller "
+                         "figsize or dpi" + (f", or {smaller}" if smaller else ""))
     fig = Figure(figsize=(w, h), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -194,22 +208,29 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
     Row 0 is the original image beside its channels; row ``i + 1`` is layer ``i``'s output:
     its first ``max_maps`` feature maps on one colour scale per row (diverging, blue-white-red,
     where the row has negative values; viridis otherwise), or a bar chart for flat outputs
-    (``class_names`` label the output vector, and the logits under a final Softmax layer). The text
-    at the left of each row names the layer, its type, output shape and value range. Returns
-    the Figure: two axes per row (label or original, then maps), ``len(model.layers) + 1``
-    rows.
+    (``class_names``, one per output, label the output vector, and the logits under a final
+    Softmax layer). The text at the left of each row names the layer, its type, output shape
+    and value range. Returns the Figure: two axes per row (label or original, then maps),
+    ``len(model.layers) + 1`` rows.
     """
     max_maps = checks.positive_int(max_maps, "max_maps")
     img = _as_image(image)
     model = _ready_model(model, img.shape)
+    if class_names is not None and (isinstance(class_names, str) or not hasattr(
+            class_names, "__len__") or model.output_shape != (len(class_names),)):
+        raise InputError(f"class_names must be one name for each of the model's outputs, "
+                         f"whose shape is {model.output_shape}, got {class_names!r}")
     outs = [model.backend.to_numpy(o)[0].astype(np.float64) for o in model.forward(img[None])]
     nrows = len(outs) + 1
+    # Each row of maps as wide as the most maps a row shows, not max_maps (2000 made the
+    # figure 2000 inches wide for 4 maps).
+    slots = max(min(a.shape[2], max_maps) for a in [img, *outs] if a.ndim == 3)
     if figsize is None:
-        figsize = (1.0 * max_maps + 2.2, 1.15 * nrows + (0.4 if title else 0.0))
-    fig = _new_figure(figsize, dpi)
+        figsize = (1.0 * slots + 2.2, 1.15 * nrows + (0.4 if title else 0.0))
+    fig = _new_figure(figsize, dpi, "a smaller max_maps")
     if title:
         fig.suptitle(title, fontsize=11)
-    gs = fig.add_gridspec(nrows, 2, width_ratios=[1.5, max(max_maps, 2)])
+    gs = fig.add_gridspec(nrows, 2, width_ratios=[1.5, max(slots, 2)])
 
     # Row 0: the original image, then its channels.
     ax = fig.add_subplot(gs[0, 0])
@@ -220,7 +241,7 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
     k = min(img.shape[2], max_maps)
     names = ["R", "G", "B"] if img.shape[2] == 3 else [f"channel {c}" for c in range(k)]
     chan = img.astype(np.float64)[:, :, :k]
-    _show_mosaic(fig.add_subplot(gs[0, 1]), chan, max_maps, float(chan.min()),
+    _show_mosaic(fig.add_subplot(gs[0, 1]), chan, slots, float(chan.min()),
                  float(chan.max()), "gray", names[:k])
 
     # Class names label the output and, under a final Softmax, the logits before it.
@@ -235,7 +256,7 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
         if out.ndim == 3:
             k = min(out.shape[2], max_maps)
             vmin, vmax, cmap = _limits(out[:, :, :k])
-            _show_mosaic(ax, out[:, :, :k], max_maps, vmin, vmax, cmap,
+            _show_mosaic(ax, out[:, :, :k], slots, vmin, vmax, cmap,
                          [str(c) for c in range(k)])
             continue
         flat = out.reshape(-1)
@@ -247,7 +268,7 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xlim(-0.6, flat.size - 0.4)
         ax.tick_params(labelsize=6)
-        if i in named and class_names is not None and len(class_names) == flat.size:
+        if i in named and class_names is not None:
             ax.set_xticks(np.arange(flat.size), [str(n) for n in class_names], fontsize=6)
             top = int(np.argmax(flat))
             ax.set_title(f"largest: {class_names[top]} ({flat[top]:.3f})", fontsize=7)
@@ -399,7 +420,8 @@ def plot_filters(model_or_layer: Model | Conv2D, path: str | os.PathLike[str],
     rgb = c_in == 3 and first
     if figsize is None:
         figsize = (max(4.0, 0.5 * ncols + (0.4 if rgb else 1.2)), 0.5 * nrows + 1.0)
-    fig = _new_figure(figsize, dpi)
+    fig = _new_figure(figsize, dpi, "more columns (the filters are drawn in a grid of "
+                      f"{ncols} columns and {nrows} rows)")
     ax = fig.subplots()
     if rgb:
         how = "RGB, each filter scaled to [0, 1]"

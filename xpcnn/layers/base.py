@@ -186,9 +186,7 @@ class Layer:
             cls.backward = _needs_training_pass(cls.__dict__["backward"])
 
     def __init__(self, name: str | None = None) -> None:
-        if name is not None and (not isinstance(name, str) or not name.strip()):
-            raise InputError(f"layer name must be a non-empty string or None, got {name!r}")
-        self.name = name or type(self).__name__.lower()
+        self.name = name
         self.params: dict[str, Any] = {}
         # (each in the parameter's dtype or, under mixed precision, as computed (float16
         # products, float32 sums): the model casts them back in one call, see
@@ -204,6 +202,28 @@ class Layer:
         self.inbound_nodes: list[Node] = []
         # (the model's casts of the weights for one forward pass, see compute_weight)
         self._cache_weights: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        """The layer's name, unique in a model. A name the user gives (to the constructor, or
+        by setting it) is theirs (``name_given``): no model changes it. None gives the type's
+        name (``conv2d``), which a model makes unique (``conv2d_1``, see :meth:`give_way`)."""
+        return self._name
+
+    @name.setter
+    def name(self, value: str | None) -> None:
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise InputError(f"layer name must be a non-empty string or None, got {value!r}")
+        self._name = value or type(self).__name__.lower()
+        self.name_given = value is not None
+
+    def give_way(self, taken: set[str]) -> None:
+        """Where the automatic name of this layer (not ``name_given``) is in ``taken``, take
+        the first of ``conv2d``, ``conv2d_1``, ``conv2d_2``... (its type's) that is not."""
+        if self._name in taken:
+            base = type(self).__name__.lower()
+            names = (f"{base}_{k}" if k else base for k in itertools.count())
+            self._name = next(n for n in names if n not in taken)
 
     @property
     def relu_output(self) -> bool:
@@ -262,7 +282,9 @@ class Layer:
         raise NotImplementedError
 
     def __call__(self, x: Any, training: bool | None = None) -> Any:
-        """On a batch: ``forward(x, training)``. On a symbolic tensor (or, for a merge layer,
+        """On a batch: ``forward(x, training)``, an integer or bool batch (uint8 images) cast
+        to the layer's dtype first, as a model casts its batches (and Keras a layer's
+        inputs). On a symbolic tensor (or, for a merge layer,
         a list of them): records the call in a graph and returns the output's symbolic
         tensor, for ``xpcnn.Model(inputs, outputs)``."""
         if _symbolic(x):
@@ -276,7 +298,14 @@ class Layer:
                              "output)")
         if self.built:
             _check_batch(self, x)
+            # (in its own dtype uint8 200 + 200 wrapped to 144, a "same" max pool padded int8
+            # with 0, and average pools and Dropout failed deep inside)
+            x = [self._as_float(a) for a in x] if self.multi_input else self._as_float(x)
         return self.forward(x, bool(training))
+
+    def _as_float(self, a: Any) -> Any:
+        return self.xp.astype(a, self.dtype) if self.xp.isdtype(a.dtype, ("bool", "integral")) \
+            else a
 
     def _call_symbolic(self, x: SymbolicTensor | list[SymbolicTensor], record: bool = True
                        ) -> SymbolicTensor:
@@ -386,6 +415,7 @@ class Layer:
                 f"got {len(weights)}"
             )
         checked = []
+        largest = float(self.xp.finfo(self.dtype).max)
         for n, w in zip(names, weights, strict=True):
             w = np.asarray(w)
             shape = self.keras_shape(n)
@@ -394,6 +424,15 @@ class Layer:
                                  f"got {tuple(w.shape)}")
             if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
                 raise InputError(f"layer {self.name!r} weight {n!r} must be real, got {w.dtype}")
+            # Finite values the cast would turn into infinity are refused, as a model's build
+            # refuses to round float64 weights (NaN and infinity given stay, as in Keras).
+            finite = w[np.isfinite(w)]
+            peak = max(float(finite.max()), -float(finite.min())) if finite.size else 0.0
+            if peak > largest:
+                dtype = dtype_name(self.dtype)
+                raise InputError(f"layer {self.name!r} weight {n!r} holds values beyond the "
+                                 f"range of {dtype}, the layer's dtype (up to {peak:.3g}; "
+                                 f"{dtype} ends at {largest:.3g}), which would become infinity")
             checked.append((n, self.from_keras_layout(n, w)))
         return checked
 
