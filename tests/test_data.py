@@ -538,7 +538,7 @@ def test_a_dataset_item_that_is_not_a_pair_is_named(data):
 
     expected = r"x\[i\] must return a pair \(x_i, y_i\) or a triple \(x_i, y_i, w_i\), got "
     # (a dict built the model from shape (): 'input_shape must be positive sizes ... got ()')
-    with pytest.raises(InputError, match=expected + "dict$"):
+    with pytest.raises(InputError, match=expected + r"a dict with keys \['image', 'label'\]$"):
         trained(Records(x, y))
     with pytest.raises(InputError, match=expected + "tuple of length 4$"):
         trained(Quadruples(x, y))

@@ -82,7 +82,12 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray
                        np.issubdtype(arr.dtype, np.floating), arr.dtype, n, classes, what)
     if arr.ndim == 1:
         if np.issubdtype(arr.dtype, np.floating) and not np.all(arr == np.round(arr)):
-            raise InputError(f"{what} must be integer class labels, got dtype {arr.dtype}")
+            bad = np.flatnonzero(arr != np.round(arr))  # (NaN compares unequal)
+            nans = int(np.isnan(arr[bad]).sum())
+            holding = f" holding NaN ({nans} labels)" if nans else ""
+            raise InputError(f"{what} must be integer class labels, got dtype {arr.dtype}"
+                             f"{holding}: label {int(bad[0])} is {arr[bad[0]]}, one of "
+                             f"{bad.size} that are not whole numbers")
         lo, hi = arr.min(), arr.max()
         if lo < 0 or hi >= classes:
             raise InputError(f"labels in {what} must be in [0, {classes - 1}] for a model with "
@@ -158,10 +163,13 @@ def check_label_layout(shape: tuple[int, ...], integral: bool, floating: bool, d
                        n: int, classes: int, what: str = "y") -> None:
     """The shape and dtype of labels, before their values (which may wait on a device, see
     ``Trainer.train_step``): integer or float class labels (n,), or float rows (n, classes)."""
-    if tuple(shape[:1]) != (n,):
+    if not shape:  # (a number, a string: not "0 labels")
+        raise InputError(f"{what} must be an array of labels, one for each of the {n} "
+                         f"samples, got a single value (shape (), dtype {dtype})")
+    if shape[0] != n:
         images = "x" + what[1:] if what.startswith("y") else "x"  # (y_val's are x_val)
-        raise InputError(f"{what} has {shape[0] if shape else 0} labels but {images} has {n} "
-                         f"samples; they must match (got {what}.shape = {tuple(shape)})")
+        raise InputError(f"{what} has {shape[0]} labels but {images} has {n} samples; they "
+                         f"must match (got {what}.shape = {tuple(shape)})")
     if len(shape) == 1 and not (integral or floating):
         raise InputError(f"{what} must be integer class labels, got dtype {dtype}")
     if len(shape) == 2 and shape[1] == classes and not floating:
@@ -237,26 +245,41 @@ def name(value: Any, what: str = "name") -> str:
     return value
 
 
-def check_finite(x: np.ndarray, what: str = "x", index: Any = None) -> None:
+def check_finite(x: np.ndarray, what: str = "x", index: Any = None,
+                 limit: tuple[str, float] | None = None) -> None:
     """Refuse NaN or infinite values in float data, naming the first sample that holds one
-    (``what[index[i]]`` where ``x`` is a batch of a dataset's samples ``index``).
+    (``what[index[i]]`` where ``x`` is a batch of a dataset's samples ``index``); ``limit``:
+    (a dtype the model computes in, its largest value), beyond which finite values are
+    refused too (they would become infinite in it).
 
     Runs in chunks of samples, so it needs no temporary as large as ``x``.
     """
     if not np.issubdtype(x.dtype, np.floating):
         return  # integer images cannot hold NaN or infinity
+    dtype, largest = limit or (str(x.dtype), np.inf)
+    if largest >= np.finfo(x.dtype).max:
+        within = np.isfinite
+    else:  # (one test for both: NaN compares False)
+        def within(a: np.ndarray) -> np.ndarray:
+            return np.abs(a) <= largest
     rows = max(1, (1 << 22) // max(1, x[0].size))
     for start in range(0, len(x), rows):
-        finite = np.isfinite(x[start:start + rows]).reshape(min(rows, len(x) - start), -1)
-        bad = np.flatnonzero(~finite.all(axis=1))
+        good = within(x[start:start + rows]).reshape(min(rows, len(x) - start), -1)
+        bad = np.flatnonzero(~good.all(axis=1))
         if bad.size:
             i = start + int(bad[0])
-            where = np.argwhere(~np.isfinite(x[i]))
+            where = np.argwhere(~within(x[i]))
             first = tuple(int(k) for k in where[0])
+            value = x[i][first]
+            if np.isfinite(value):
+                problem = (f"values too large for {dtype}, the dtype the model computes in (at "
+                           f"most {largest:.5g}), where they would be infinite")
+                fix = "rescale the data or remove those samples"
+            else:
+                problem, fix = "NaN or infinite values", "remove or repair those samples"
             sample = f"sample {i}" if index is None else f"{what}[{int(index[i])}]"
-            raise NonFiniteError(f"{what} holds NaN or infinite values: {sample}, the first "
-                                 f"such sample, has {len(where)} (the first is {x[i][first]} at "
-                                 f"{first}); remove or repair those samples"
+            raise NonFiniteError(f"{what} holds {problem}: {sample}, the first such sample, "
+                                 f"has {len(where)} (the first is {value} at {first}); {fix}"
                                  + (" (nothing was run)" if index is None else ""))
 
 

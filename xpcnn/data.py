@@ -13,7 +13,7 @@ the device), or ``(xb, yb, wb)`` where arrays come with sample weights:
 * larger NumPy arrays, and ``np.memmap`` arrays always, stay on the host and are read batch by
   batch (a memory-mapped file is never read whole), on a background thread;
 * an iterable of ``(x, y)`` or ``(x, y, sample_weight)`` batches (a generator, a list, a
-  PyTorch ``DataLoader``): ``steps``
+  PyTorch ``DataLoader`` or ``IterableDataset``): ``steps``
   batches an epoch (for an iterator: drawn from it, epoch after epoch), or one pass an epoch
   over a re-iterable when ``steps`` is None;
 * a map-style dataset (``__len__`` and ``__getitem__(i) -> (x_i, y_i)`` or ``(x_i, y_i,
@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import queue
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -135,8 +137,18 @@ def is_stream(x: Any) -> bool:
 
 
 def is_map_dataset(x: Any) -> bool:
-    """``__len__`` and ``__getitem__``: batched and shuffled by xpcnn (not an iterator)."""
-    return hasattr(x, "__len__") and hasattr(x, "__getitem__") and not isinstance(x, Iterator)
+    """``__len__`` and ``__getitem__``: batched and shuffled by xpcnn (not an iterator, nor a
+    PyTorch ``IterableDataset``)."""
+    return hasattr(x, "__len__") and hasattr(x, "__getitem__") and not isinstance(x, Iterator) \
+        and not is_iterable_dataset(x)
+
+
+def is_iterable_dataset(x: Any) -> bool:
+    """A PyTorch ``IterableDataset``: an iterable of batches, even where it defines ``__len__``
+    (it inherits a ``__getitem__`` that raises). PyTorch is not imported for it: an instance
+    means it is loaded."""
+    torch_data = sys.modules.get("torch.utils.data")
+    return torch_data is not None and isinstance(x, torch_data.IterableDataset)
 
 
 def check_on_device(x: Any, backend: Any, what: str = "x", instead: str = "a NumPy array, or "
@@ -155,8 +167,10 @@ def check_on_device(x: Any, backend: Any, what: str = "x", instead: str = "a Num
                          "on its device")
 
 
-def check_device_images(x: Any, backend: Any, what: str = "x") -> Any:
-    """A device array of the model's namespace and device with a batch axis, real values."""
+def check_device_images(x: Any, backend: Any, what: str = "x",
+                        limit: tuple[str, float] | None = None) -> Any:
+    """A device array of the model's namespace and device with a batch axis, real values
+    (finite, and within ``limit`` where given: see :func:`checks.check_finite`)."""
     xp = backend.xp
     check_on_device(x, backend, what)
     if x.ndim < 2 or x.shape[0] == 0:
@@ -164,11 +178,27 @@ def check_device_images(x: Any, backend: Any, what: str = "x") -> Any:
                          f"and at least one sample; got shape {tuple(x.shape)}")
     check_real_images(x, xp, what)
     if xp.isdtype(x.dtype, "real floating"):
+        largest = math.inf if limit is None else limit[1]
         with backend.on_device():  # (called outside the compute scope, or on the prefetch thread)
-            finite = bool(xp.all(xp.isfinite(x)))
-        if not finite:
-            checks.check_finite(backend.to_numpy(x), what)  # names the sample
+            good = bool(xp.all(xp.isfinite(x)) if largest >= xp.finfo(x.dtype).max else
+                        xp.all(xp.abs(x) <= largest))  # (one test for both: NaN compares False)
+        if not good:
+            checks.check_finite(backend.to_numpy(x), what, limit=limit)  # names the sample
     return x
+
+
+def input_limit(model: Any) -> tuple[str, float]:
+    """The narrowest dtype the model's batch is computed in, and its largest value: the
+    parameters' dtype (the model casts the batch to it, and preprocessing layers that cast it
+    themselves compute in it), and under mixed precision the compute dtype (float16) where
+    another layer reads the batch: it casts the batch to that dtype."""
+    readers = [la for la, ins in zip(model.layers, model._inbound(), strict=True) if 0 in ins]
+    names = {model.dtype_name}
+    if not all(la.casts_input for la in readers):
+        names.add(model._compute_dtype_name)
+    backend = model.backend
+    return min(((name, float(backend.xp.finfo(backend.dtype(name)).max)) for name in names),
+               key=lambda limit: limit[1])
 
 
 def check_real_images(x: Any, xp: Any, what: str = "x") -> None:
@@ -307,7 +337,8 @@ class DatasetBatches(ShardedBatches):
             raise InputError(f"{what} is an empty dataset (len() is {self.samples})")
         self.steps = -(-self.samples // (batch_size * shard[1]))
         if not model.built:  # the first sample tells the input shape
-            x = split_item(self._item(0), with_targets, self._expected)[0]
+            x, y, _ = split_item(self._item(0), with_targets, self._expected)
+            self._refuse_a_batch(0, x, y)
             model.build(checks.shape_to_build(np.shape(x), what))
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
@@ -324,6 +355,7 @@ class DatasetBatches(ShardedBatches):
             return (np.zeros((0, *self.model.input_shape), np.float32),
                     np.zeros((0,), np.int64) if self.with_targets else None)
         items = [split_item(self._item(int(i)), self.with_targets, self._expected) for i in idx]
+        self._refuse_a_batch(int(idx[0]), *items[0][:2])
         xs, ys, ws = zip(*items, strict=True)
         batch = check_batch(self.model, self._stack(xs, "x"),
                             self._stack(ys, "y") if self.with_targets else None, self.what, idx)
@@ -341,6 +373,24 @@ class DatasetBatches(ShardedBatches):
             raise InputError(f"{self.what}[{i}] raised {e!r}, but len("
                              f"{self.what}) is {self.samples}: a dataset must return a sample for "
                              f"every index in range(len({self.what}))") from e
+
+    def _refuse_a_batch(self, i: int, x: Any, y: Any) -> None:
+        """Refuse ``dataset[i]`` where it is a whole batch (a Keras Sequence's or PyDataset's
+        habit, whose len() counts batches): its x is a batch of the model's samples, or before
+        the model is built, a batch of images (H, W, C) with as many labels."""
+        shape = tuple(np.shape(x))
+        if self.model.built:
+            batch = shape[1:] == tuple(self.model.input_shape)
+        else:
+            batch = len(shape) == 4 and np.ndim(y) in (1, 2) and np.shape(y)[0] == shape[0]
+        if batch:
+            raise InputError(
+                f"{self.what}[{i}] is a batch of {shape[0]} samples (x of shape {shape}), not "
+                f"one sample: xpcnn reads a map-style dataset (len() and [i]) one sample an "
+                f"index, and batches it itself. Pass a source of whole batches (a Keras "
+                f"Sequence or PyDataset) as an iterator of them, with steps_per_epoch="
+                f"len(ds) (steps= for evaluate and predict): (ds[i % len(ds)] for i in "
+                f"itertools.count())")
 
     def _stack(self, parts: Sequence[Any], which: str) -> Any:
         """Samples stacked into a batch: on the device where they are arrays of the model's
@@ -376,9 +426,11 @@ class IterableBatches(Batches):
     iterated afresh each epoch, ``steps`` batches or to its end. Batches are checked on a
     background thread; the first one, checked here too, builds the model.
 
-    An iterator's first batch, drawn to build the model, waits in :attr:`first` until the
-    first epoch starts; a call refused before (see ``Trainer``) gives it back
-    (:meth:`give_back`), and the next source of that iterator starts with it."""
+    The first batch, drawn to build the model, waits in :attr:`first` until the first epoch
+    starts, which goes on with the pass that drew it (:attr:`started`, for a re-iterable: a
+    second pass would draw again from a shuffling DataLoader's random numbers, and start its
+    workers again); a call refused before (see ``Trainer``) gives an iterator's first batch
+    back (:meth:`give_back`), and the next source of that iterator starts with it."""
 
     def __init__(self, model: Any, data: Iterable[Any], steps: int | None,
                  with_targets: bool = True, what: str = "x") -> None:
@@ -389,15 +441,17 @@ class IterableBatches(Batches):
         self._expected = f"{what} must yield (x, y) or (x, y, sample_weight) batches"
         self._weighted = _Weighted(f"{what} yields sample weights with some batches and not "
                                    "with others")
+        self.started: Iterator[Any] | None = None
         held = _GIVEN_BACK.pop() if _GIVEN_BACK and _GIVEN_BACK[0][0] is data else None
         first = self.first = None if held is None else held[1]
         if not model.built:  # the first batch tells the input shape
             if first is None:
-                first = next(iter(data), None)
+                source = iter(data)
+                first = self.first = next(source, None)
                 if first is None:
                     raise InputError(f"{what} gave no batches")
-                if self.iterator is not None:
-                    self.first = first
+                if self.iterator is None:
+                    self.started = source
             try:  # (checked whole: a call its labels refuse leaves the model unbuilt)
                 check_arrays(model, *self._split(first)[:2], what)
             except BaseException:
@@ -405,7 +459,9 @@ class IterableBatches(Batches):
                 raise
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
-        source = self.iterator if self.iterator is not None else iter(self.data)
+        source, self.started = self.started, None
+        if source is None:
+            source = self.iterator if self.iterator is not None else iter(self.data)
         if self.first is not None:
             source = itertools.chain([self.first], source)
             self.first = None
@@ -417,10 +473,11 @@ class IterableBatches(Batches):
 
     def give_back(self) -> None:
         """Keep the batch drawn from the iterator and not trained on (the call was refused
-        before its first epoch) for the next source of that iterator, not lost to it."""
-        if self.first is not None:
+        before its first epoch) for the next source of that iterator, not lost to it (a
+        re-iterable's next source starts a pass of its own)."""
+        if self.first is not None and self.iterator is not None:
             _GIVEN_BACK[:] = [(self.iterator, self.first)]  # (the last refused call's alone)
-            self.first = None
+        self.first = self.started = None
 
     def _split(self, item: Any) -> tuple[Any, Any, Any]:
         """(x, y, sample weights) of one batch as given (y None without targets, the weights
@@ -502,6 +559,11 @@ def split_item(item: Any, with_targets: bool, expected: str) -> tuple[Any, Any, 
     tuple or a list (w None for a pair, or given as None); without targets (``predict``), a
     pair's y is ignored and anything else is x itself (a list of samples or of rows is an
     array, not a pair); else ``expected``, the error."""
+    if isinstance(item, Mapping):
+        raise InputError(f"{expected}, got a dict with keys {list(item)[:4]}")
+    if isinstance(item, tuple | list) and item and isinstance(item[0], Mapping):
+        raise InputError(f"{expected}, got one whose x is a dict with keys {list(item[0])[:4]}"
+                         ": an xpcnn model has one input, its images as one array")
     size = len(item) if isinstance(item, tuple | list) else 0
     if not with_targets:  # (a list of three is three samples; a tuple of three, a triple)
         split = size == 2 or size == 3 and isinstance(item, tuple)
@@ -524,8 +586,9 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
     rather than in it; ``index``: the dataset samples that a streamed batch holds, which
     errors name."""
     x, y = adopt_foreign(x, model.backend), adopt_foreign(y, model.backend)
+    limit = input_limit(model)
     if is_device_array(x):
-        x = check_device_images(x, model.backend, what)
+        x = check_device_images(x, model.backend, what, limit)
     elif isinstance(x, np.memmap):
         checks.as_images(x, what)  # (checked; the memory map stays one, read batch by batch)
     else:
@@ -534,7 +597,7 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
         model.build(checks.shape_to_build(x.shape[1:], what))
     checks.check_sample_shape(x, model.input_shape, what)
     if isinstance(x, np.ndarray):
-        checks.check_finite(x, what, index)
+        checks.check_finite(x, what, index, limit)
     if y is not None or model._fused_softmax():
         # (labels, or a final Softmax, need class scores; predict returns any other model's
         # output as it is: an inner layer's features, say)
@@ -568,12 +631,14 @@ def _on_host(a: Any, backend: Any, what: str) -> Any:
 
 def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None, copy: bool = False
                 ) -> tuple[Any, Any]:
-    """One streamed batch, checked as whole arrays are, contiguous on the host; ``copy``: host
-    arrays in memory of their own (a generator may refill the arrays it yielded, as a plain
-    loop allows, while this batch waits in the queue)."""
+    """One streamed batch, checked as whole arrays are, contiguous on the host; ``copy``: in
+    memory of their own, on the host or the device (a generator may refill the arrays it
+    yielded, as a plain loop allows, while this batch waits in the queue)."""
     x, y = check_arrays(model, x, y, what, index)
     if is_device_array(x):
-        return x, y
+        xp = model.backend.xp
+        return (xp.asarray(x, copy=True) if copy else x), \
+            (xp.asarray(y, copy=True) if copy and is_device_array(y) else y)
     return np.array(x, order="C", copy=copy or None), \
         None if y is None else np.array(y, copy=copy or None)
 

@@ -1,0 +1,270 @@
+"""Batch sources as users write them: buffers refilled on the device, shuffling loaders,
+PyTorch's IterableDataset, data beyond the model's dtype, and the errors of near misses."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import array_api_strict as xps
+import numpy as np
+import pytest
+from nets import gap_net
+
+import xpcnn
+from xpcnn.errors import InputError, NonFiniteError
+from xpcnn.layers import Conv2D, Dense, Flatten, ReLU, Rescaling
+
+N, BATCH = 24, 8  # 3 steps an epoch
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (N, 6, 6, 3), dtype=np.uint8), rng.integers(0, 4, N)
+
+
+def make(device="cpu", layers=None, **compile):
+    model = xpcnn.Sequential(layers or gap_net(classes=4), seed=0, device=device)
+    model.compile(optimizer=xpcnn.optim.Adam(1e-2), **compile)
+    return model
+
+
+def assert_same_weights(a, b):
+    for u, v in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+def refilled(buffer_x, buffer_y, fill, x, y, epochs):
+    """One pair of device buffers, refilled in place for each batch and yielded (a plain
+    training loop may do it: each batch is used before the next is made)."""
+    for _ in range(epochs):
+        for a in range(0, N, BATCH):
+            fill(buffer_x, x[a:a + BATCH])
+            fill(buffer_y, y[a:a + BATCH])
+            yield buffer_x, buffer_y
+
+
+def strict_fill(buffer, values):
+    buffer[...] = xps.asarray(values)
+
+
+def torch_fill(buffer, values):
+    import torch
+
+    buffer.copy_(torch.from_numpy(values))
+
+
+@pytest.mark.parametrize("library", ["array_api_strict", "torch"])
+def test_a_generator_may_refill_device_arrays_it_yielded(data, library):
+    """A batch read ahead is copied, on the device too: the queued batches were the refilled
+    buffer, so every batch but the last of a prefetch window trained on the next one's data."""
+    x, y = data
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        import array_api_compat.torch as device
+
+        def buffers():
+            return (torch.empty(x[:BATCH].shape, dtype=torch.uint8),
+                    torch.empty(BATCH, dtype=torch.int64))
+        fill = torch_fill
+    else:
+        device, fill = xps, strict_fill
+
+        def buffers():
+            return xps.zeros(x[:BATCH].shape, dtype=xps.uint8), xps.zeros(BATCH, dtype=xps.int64)
+
+    def stream(epochs=2):
+        return refilled(*buffers(), fill, x, y, epochs)
+
+    expected = make(device)
+    expected.fit(x, y, epochs=2, batch_size=BATCH, shuffle=False, verbose=0,
+                 validation_data=(x, y))
+    model = make(device)
+    history = model.fit(stream(), steps_per_epoch=3, epochs=2, verbose=0,
+                        validation_data=stream(), validation_steps=3)
+    assert_same_weights(model, expected)
+    np.testing.assert_allclose(history.history["val_loss"], expected.history.history["val_loss"],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(model.predict(stream(1), steps=3),
+                                  model.predict(x, batch_size=BATCH))
+    assert model.evaluate(stream(1), steps=3, verbose=0) == pytest.approx(
+        model.evaluate(x, y, batch_size=BATCH, verbose=0), rel=1e-6)
+
+
+class ShufflingLoader:
+    """A re-iterable that shuffles each pass from a global random state, as a PyTorch
+    DataLoader with shuffle=True does (torch's global RNG), counting its passes."""
+
+    state = np.random.default_rng(0)
+
+    def __init__(self, x, y):
+        self.x, self.y, self.passes = x, y, 0
+
+    def __iter__(self):
+        self.passes += 1
+        order = self.state.permutation(len(self.y))
+        return ((self.x[order[a:a + BATCH]], self.y[order[a:a + BATCH]])
+                for a in range(0, len(self.y), BATCH))
+
+
+def test_building_from_a_reiterable_trains_on_the_pass_that_built_it(data):
+    """The first batch, read to build the model, is the first epoch's: no pass drawn and
+    thrown away (it drew from a shuffling DataLoader's random numbers and started its
+    workers), so an unbuilt model trains as a built one does on the same draws."""
+    x, y = data
+    models = []
+    for built in (False, True):
+        ShufflingLoader.state = np.random.default_rng(7)
+        loader = ShufflingLoader(x, y)
+        model = make()
+        if built:
+            model.build(x.shape[1:])
+        model.fit(loader, epochs=2, verbose=0)
+        assert loader.passes == 2
+        models.append(model)
+    assert_same_weights(*models)
+
+
+def test_an_unbuilt_model_trains_on_a_shuffling_dataloader_as_a_built_one(data):
+    torch = pytest.importorskip("torch")
+    x, y = data
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.from_numpy(x), torch.from_numpy(y)), batch_size=BATCH, shuffle=True)
+    models = []
+    for built in (False, True):
+        torch.manual_seed(0)
+        model = make()
+        if built:
+            model.build(x.shape[1:])
+        model.fit(loader, epochs=2, verbose=0)
+        models.append(model)
+    assert_same_weights(*models)
+
+
+def test_a_torch_iterable_dataset_with_a_len_is_an_iterable(data):
+    """PyTorch lets an IterableDataset define __len__; it inherits Dataset's __getitem__,
+    which raises NotImplementedError: it was read as a map-style dataset."""
+    torch = pytest.importorskip("torch")
+    x, y = data
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return ((x[a:a + BATCH], y[a:a + BATCH]) for a in range(0, N, BATCH))
+
+        def __len__(self):
+            return N // BATCH
+
+    expected = make()
+    expected.fit(x, y, epochs=2, batch_size=BATCH, shuffle=False, verbose=0)
+    model = make()
+    model.fit(Stream(), epochs=2, verbose=0)
+    assert_same_weights(model, expected)
+    np.testing.assert_array_equal(model.predict(Stream()), model.predict(x, batch_size=BATCH))
+
+
+def test_telling_an_iterable_dataset_imports_no_torch():
+    code = ("import sys, xpcnn.data\n"
+            "class D:\n    def __len__(self): return 1\n    def __getitem__(self, i): return i\n"
+            "assert xpcnn.data.is_map_dataset(D()) and 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_finite_data_beyond_the_models_dtype_is_refused_up_front(data):
+    """1e39 is finite in float64 and infinite in float32: fit failed at its first step
+    blaming layer 'rescaling', and predict and evaluate returned NaN."""
+    x, y = data
+    x = x.astype(np.float64)
+    x[5, 1, 2, 0] = -1e39
+    model = make()
+    too_large = (r"x holds values too large for float32, the dtype the model computes in "
+                 r"\(at most 3.4028e\+38\), where they would be infinite: sample 5, the first "
+                 r"such sample, has 1 \(the first is -1e\+39 at \(1, 2, 0\)\)")
+    for call in (lambda: model.fit(x, y, verbose=0), lambda: model.predict(x),
+                 lambda: model.evaluate(x, y, verbose=0),
+                 lambda: model.fit(iter([(x, y)]), steps_per_epoch=1, verbose=0)):
+        with pytest.raises(NonFiniteError, match=too_large):
+            call()
+    device = make(xps)
+    with pytest.raises(NonFiniteError, match=too_large):
+        device.predict(xps.asarray(x))
+    assert model.optimizer.iterations == device.optimizer.iterations == 0
+
+
+def test_float32_data_beyond_float16_is_refused_where_the_first_layer_computes_in_it(data):
+    """Under mixed_float16 a Conv2D reads the batch in float16 (65504 at most); a Rescaling
+    first computes in float32, where the same data is fine."""
+    x, y = data
+    x = x.astype(np.float32)
+    x[2, 0, 0, 1] = 1e5
+    model = make(layers=[Conv2D(4, 3), ReLU(), Flatten(), Dense(4)], precision="mixed_float16")
+    with pytest.raises(NonFiniteError, match=r"x holds values too large for float16, the dtype "
+                                             r"the model computes in \(at most 65504\).*sample 2"):
+        model.fit(x, y, verbose=0)
+    rescaled = make(layers=[Rescaling(1e-5), Conv2D(4, 3), ReLU(), Flatten(), Dense(4)],
+                    precision="mixed_float16")
+    rescaled.fit(x, y, verbose=0)
+    assert rescaled.optimizer.iterations == 1
+
+
+@pytest.mark.parametrize("labels", ["abc", 3])
+def test_a_single_value_for_labels_is_not_called_zero_labels(data, labels):
+    x, _ = data
+    with pytest.raises(InputError, match=rf"y must be an array of labels, one for each of the "
+                                         rf"{N} samples, got a single value \(shape \(\)"):
+        make().fit(x, labels, verbose=0)
+
+
+def test_nan_in_float_labels_is_named(data):
+    x, y = data
+    labels = y.astype(np.float64)
+    labels[[4, 9]] = np.nan
+    with pytest.raises(InputError, match=r"y must be integer class labels, got dtype float64 "
+                                         r"holding NaN \(2 labels\): label 4 is nan"):
+        make().fit(x, labels, verbose=0)
+
+
+def test_dict_batches_are_named_as_dicts(data):
+    x, y = data
+    with pytest.raises(InputError, match=r"x must yield \(x, y\) or \(x, y, sample_weight\) "
+                                         r"batches, got one whose x is a dict with keys "
+                                         r"\['image'\]: an xpcnn model has one input"):
+        make().fit(iter([({"image": x}, y)]), steps_per_epoch=1, verbose=0)
+    with pytest.raises(InputError, match=r"batches, got a dict with keys \['image', 'label'\]"):
+        make().fit(iter([{"image": x, "label": y}]), steps_per_epoch=1, verbose=0)
+
+
+class BatchSequence:
+    """A Keras Sequence or PyDataset: len() counts batches, [i] is a whole batch."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return N // BATCH
+
+    def __getitem__(self, i):
+        return self.x[i * BATCH:(i + 1) * BATCH], self.y[i * BATCH:(i + 1) * BATCH]
+
+
+def test_a_dataset_of_whole_batches_is_named_with_the_way_to_pass_one(data):
+    """It was read as a dataset of samples: the model was built for (8, 6, 6, 3) samples and
+    the Conv2D refused them; a built model named a per-sample shape instead."""
+    x, y = data
+    batches = BatchSequence(x, y)
+    hint = (r"x\[0\] is a batch of 8 samples \(x of shape \(8, 6, 6, 3\)\), not one sample: "
+            r"xpcnn reads a map-style dataset \(len\(\) and \[i\]\) one sample an index")
+    with pytest.raises(InputError, match=hint):
+        make().fit(batches, verbose=0)
+    built = make()
+    built.build(x.shape[1:])
+    with pytest.raises(InputError, match=hint):
+        built.predict(batches)
+    # (what the error says to pass instead)
+    model = make()
+    model.fit((batches[i % len(batches)] for i in itertools.count()),
+              steps_per_epoch=len(batches), epochs=2, verbose=0)
+    expected = make()
+    expected.fit(x, y, epochs=2, batch_size=BATCH, shuffle=False, verbose=0)
+    assert_same_weights(model, expected)
