@@ -102,8 +102,10 @@ def gated_updates(xp, kernels, make, rng, dtype=np.float32):
 
 
 def device_scalars(opt, dtype):
-    """The next step's numbers as 0-d arrays of ``dtype`` (as a captured step has them)."""
-    return {k: np.asarray(v, dtype) for k, v in opt.step_scalars().items()}
+    """The next step's numbers as 0-d arrays of ``dtype``, or float64 for those the
+    optimiser reads exactly (as a captured step has them)."""
+    return {k: np.asarray(v, np.float64 if k in opt.exact_scalars else dtype)
+            for k, v in opt.step_scalars().items()}
 
 
 def step_with(xp, opt, params, grads, kernels, scalar_dtype=None):
@@ -222,6 +224,11 @@ def check_recorded_steps(steps, scaling, squares):
     else:
         assert applied == [True, False, True, False, False, False]
         assert bad[3] == (4.0, [0.0] * 5) and np.isnan(steps[3][0][3])
+    if scaling == (1.0, 0.0):  # (a scale of 1 rescues nothing: every bad step is an error)
+        # good steps counted, and the scale kept, neither on an error nor after one (step 6,
+        # before a read): training stops there, as before it (was: 1, 0, 1, 0, 0, 1)
+        assert [float(s[1]) for _, s, _ in steps] == [1.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+        assert all(float(s[0]) == 1.0 for _, s, _ in steps)
 
 # The device tables that one training step of nets.gap_net leaves to fill after its capture
 # (CupyKernels.capture_tables), by precision: BatchNorm2D's statistics kept and put back

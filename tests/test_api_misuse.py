@@ -868,3 +868,41 @@ def test_a_refused_build_leaves_a_built_model_as_it_was(model):
     assert model.input_shape == (6, 6, 3)  # (was: (5, 5, 3), with the convolution built for it
     np.testing.assert_array_equal(model.predict(X), before)  # and predict failing deep inside)
     model.fit(X, Y, verbose=0)
+
+
+def test_batch_size_none_is_the_default_as_in_keras():
+    """Keras code passes ``batch_size=None`` (its default, 32; required with generators): the
+    same run as the default (was: refused); evaluate's and predict's default is 256."""
+    x, y = four_class_data()
+
+    def fitted(**kwargs):
+        model = four_class_model()
+        model.fit(x, y, epochs=2, verbose=0, **kwargs)
+        return model
+
+    for a, b in zip(fitted(batch_size=None).get_weights(), fitted().get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    model = fitted()
+    assert model.evaluate(x, y, batch_size=None) == model.evaluate(x, y)
+    np.testing.assert_array_equal(model.predict(x, batch_size=None), model.predict(x))
+
+
+def test_the_on_batch_methods_take_a_strict_array_as_one_batch(monkeypatch):
+    """``len()`` is no standard function: a batch of array_api_strict arrays is one batch of
+    its first axis' length (was: len() failed, and the fallback ran one sample a batch)."""
+    import array_api_strict as xs
+
+    from xpcnn.training import Trainer
+
+    model = xpcnn.Sequential(four_class_net(), seed=0, device=xs)
+    model.compile(optimizer=xpcnn.optim.SGD(0.01))
+    model.build((6, 6, 3))
+    sizes = []
+    for method in ("evaluate", "predict"):
+        inner = getattr(Trainer, method)
+        monkeypatch.setattr(Trainer, method, lambda self, *a, inner=inner, **k: (
+            sizes.append(k.get("batch_size")), inner(self, *a, **k))[1])
+    x, y = xs.asarray(X), xs.asarray(Y)
+    model.test_on_batch(x, y)
+    model.predict_on_batch(x)
+    assert sizes == [20, 20]

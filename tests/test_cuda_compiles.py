@@ -271,6 +271,16 @@ def test_update_kernels_compile(fast_cupy, name, dtype):
     assert code == 0, log
 
 
+@pytest.mark.parametrize("dtype", ["float", "double"])
+@pytest.mark.parametrize("name", ["_ADAM_SCALARS", "_ADAM_SCALARS_AT"])
+def test_adam_scalars_kernels_compile(fast_cupy, name, dtype):
+    """Adam's numbers from its count of applied updates, the learning rate by value or read
+    from a float64 device scalar, written in the parameters' dtype."""
+    kernel = getattr(fast_cupy, name)
+    code, log = _compile(_elementwise_as_kernel(kernel, {"T": dtype}), kernel.name, 90)
+    assert code == 0, log
+
+
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
 def test_random_numbers_kernel_compiles(fast_cupy, dtype):
     """Numbers in [0, 1) of the draw, counted by the last block (as dropout's)."""

@@ -510,7 +510,8 @@ def test_the_update_with_device_scalars_is_the_standard_one_bit_for_bit(make, dt
     for _ in range(4):
         grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
         values = opt_scalar.step_scalars()
-        device = {k: np.asarray(v, dtype) for k, v in values.items()}  # 0-d arrays
+        device = {k: np.asarray(v, np.float64 if k in opt_scalar.exact_scalars else dtype)
+                  for k, v in values.items()}  # (0-d arrays, as StepGraphs fills them)
         opt_scalar.step(xpn, scalar, grads, scalars=device)
         opt_scalar.iterations += 1
         opt_standard.step(xpn, standard, grads)
@@ -669,6 +670,66 @@ def test_adams_fresh_moments_after_a_freeze_are_corrected_as_new_in_captured_ste
         return model
 
     eager, graphed = fitted(False), fitted(True)
-    assert graphed.optimizer.slots_from == eager.optimizer.slots_from == 6
+    assert graphed.optimizer.iterations == eager.optimizer.iterations == 12
+    assert int(np.asarray(graphed.optimizer.applied)) == 6
+    assert int(np.asarray(eager.optimizer.applied)) == 6
     for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("change", ["freeze", "rebuild"])
+@pytest.mark.parametrize("after_warmups", [1, 2])
+def test_slots_dropped_before_a_capture_warm_the_step_up_again(change, after_warmups):
+    """Slots dropped by a freeze or a rebuild after one or both warm-up steps, before any
+    capture: the step warms up again (its first step makes the slots afresh, outside a
+    capture), then is captured and replayed, with the weights of eager steps (was: the capture
+    made the slots and raised "the list of the model's arrays was replaced", or the step ran
+    eagerly for good with a false reason)."""
+    x, y = _data(16)
+
+    def trained(graphed):
+        model = _model(gap_net(), optim.Adam(3e-3))
+        model.build((12, 12, 3))
+        capture = _runner(model)[1] if graphed else None
+        for _ in range(after_warmups):
+            model.train_on_batch(x, y)
+        if change == "freeze":
+            model.layers[1].trainable = False
+        else:
+            model.build((12, 12, 3))
+        for _ in range(4):  # two warm-up steps, the capture (launched once), a replay
+            model.train_on_batch(x, y)
+        return model, capture
+
+    (eager, _), (graphed, capture) = trained(False), trained(True)
+    assert (capture.captures, capture.launches) == (1, 2)
+    assert graphed.cuda_graphs_reason == ""
+    for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_a_change_of_the_cudnn_switches_captures_the_step_again(kernels, monkeypatch):
+    """A replay runs the cuDNN plans of its capture: where the switches that choose them
+    change (``XPCNN_TF32=0`` for full float32, ``XPCNN_DETERMINISTIC=1``), the step warms up
+    and is captured again under the new ones (was: the replays went on with the old plans).
+    CuPy's kernels read the switches from the environment, as cuDNN's graphs do."""
+    x, y = _data(16)
+    model = _model(gap_net(), optim.SGD(0.01))
+    model.build((12, 12, 3))
+    graphs, capture = _runner(model)
+    if kernels is None:
+        switched = {"XPCNN_TF32": "1"}
+        graphs.switches = lambda: dict(switched)
+    else:  # (the emulated CuPy kernels' own reading of the environment)
+        graphs.switches = kernels.graph_switches
+        monkeypatch.delenv("XPCNN_TF32", raising=False)
+    for _ in range(4):  # two warm-up steps, the capture, a replay
+        model.train_on_batch(x, y)
+    assert (capture.captures, capture.launches) == (1, 2)
+    if kernels is None:
+        switched["XPCNN_TF32"] = "0"
+    else:
+        monkeypatch.setenv("XPCNN_TF32", "0")
+    for _ in range(4):
+        model.train_on_batch(x, y)
+    assert (capture.captures, capture.launches) == (2, 4)

@@ -1109,8 +1109,9 @@ def test_a_captured_fused_update_replays_as_the_standard_one(cp, kernels, make, 
     grads = [_random(cp, rng, p.shape, dtype) for p in params]  # the graph's static buffers
     apply = cp.asarray(True)
 
-    def device_scalars(opt):
-        return {k: cp.asarray(v, dtype=dtype) for k, v in opt.step_scalars().items()}
+    def device_scalars(opt):  # (as StepGraphs fills them)
+        return {k: cp.asarray(v, dtype=cp.float64 if k in opt.exact_scalars else dtype)
+                for k, v in opt.step_scalars().items()}
 
     scalars = device_scalars(opt_fused)
     for opt, ps, fast_or_none in ((opt_fused, fused, fast), (opt_std, standard, None)):

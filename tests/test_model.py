@@ -1271,3 +1271,18 @@ def test_fit_calls_a_train_step_that_a_subclass_or_the_model_overrides(data, mon
     for model in (subclassed, patched):
         for a, b in zip(model.get_weights(), plain.get_weights(), strict=True):
             assert np.array_equal(a, b)
+
+
+def test_a_keras_style_train_step_of_one_argument_is_refused_before_training(data):
+    """Keras 3's ``train_step(self, data)`` cannot take fit's ``(xb, yb)``: refused before
+    any step, saying how xpcnn calls it (was: a bare TypeError from inside fit)."""
+    class KerasStyle(xpcnn.Sequential):
+        def train_step(self, data):
+            return super().train_step(*data)
+
+    model = KerasStyle(gap_net(), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.05))
+    with pytest.raises(InputError, match=r"train_step takes 1 argument\(s\) \(data\); fit calls "
+                                         r"it as train_step\(xb, yb\)"):
+        model.fit(*data, epochs=1, batch_size=16, verbose=0)
+    assert model.optimizer.iterations == 0

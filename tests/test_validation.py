@@ -80,7 +80,9 @@ DATA_CASES = {
                          InputError, "one-hot y holds NaN"),
     "fewer labels": (lambda m: m.fit(X, Y[:-2], verbose=0),
                      InputError, "y has 18 labels but x has 20 samples"),
-    "scalar labels": (lambda m: m.fit(X, 3, verbose=0), InputError, "y has 0 labels but x has 20"),
+    "scalar labels": (lambda m: m.fit(X, 3, verbose=0), InputError,
+                      "y must be an array of labels, one for each of the 20 samples, got a "
+                      "single value"),
     "batch size 0": (lambda m: m.fit(X, Y, batch_size=0, verbose=0),
                      InputError, "batch_size must be a positive integer, got 0"),
     "batch size float": (lambda m: m.fit(X, Y, batch_size=8.0, verbose=0),
@@ -240,6 +242,77 @@ def test_a_learning_rate_that_overflows_stops_training(model):
     assert model.optimizer.iterations == 2
 
 
+def _bn_dropout_model(optimizer, precision="float32"):
+    model = xpcnn.Sequential([Conv2D(4, 3), BatchNorm2D(), ReLU(), Flatten(), Dropout(0.2),
+                              Dense(4), Softmax()], seed=0)
+    model.compile(optimizer=optimizer, precision=precision)
+    model.build((6, 6, 3))
+    return model
+
+
+def _everything(model):
+    """Weights (BatchNorm's moving statistics included), Dropout's draws, the loss scale and
+    its count of good steps, the step count."""
+    return (model.get_weights(), model.layers[4].calls, model.loss_scale, model._good_steps,
+            model.optimizer.iterations)
+
+
+def _assert_same(a, b):
+    for x, y in zip(a[0], b[0], strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert a[1:] == b[1:]
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
+def test_a_step_refused_before_it_runs_moves_nothing(precision):
+    """A learning rate that overflowed, and an earlier step's deferred error found because a
+    layer was frozen since: both refused before the step's forward pass, which would move
+    BatchNorm's statistics, Dropout's draws and the loss scale's count (was: moved, though the
+    errors said nothing was updated, and the model was to be as before)."""
+    model = _bn_dropout_model(optim.SGD(optim.StepDecay(1e-300, step_size=1, gamma=1e300)),
+                              precision)
+    for i in range(2):
+        model.train_on_batch(X[5 * i:5 * i + 5], Y[5 * i:5 * i + 5])
+    before = _everything(model)
+    with pytest.raises(NonFiniteError, match="the learning rate for step 3 is inf"):
+        model.train_on_batch(X[10:15], Y[10:15])
+    _assert_same(_everything(model), before)
+
+    model = _bn_dropout_model(optim.Adam(0.01), precision)
+    model.train_step(model._to_device(X[:5]), model.backend.asarray(Y[:5]))
+    model.train_step(model._to_device(nan_at(X[5:10], (0, 0, 0, 0))),
+                     model.backend.asarray(Y[5:10]))  # (not read yet)
+    before = _everything(model)
+    model.layers[0].trainable = False
+    with pytest.raises(NonFiniteError, match="step 2"):
+        model.train_step(model._to_device(X[10:15]), model.backend.asarray(Y[10:15]))
+    after = _everything(model)
+    assert after[4] == 1  # (the bad step undone)
+    _assert_same(after[:4], before[:4])
+    # (Adam's moments of the step before, not dropped for the frozen layer's step: the
+    # error came first)
+    assert [m.shape for m in model.optimizer.slots["m"]] == [
+        p.shape for la in model.layers for p in la.params.values()]
+
+
+def test_the_loss_scale_after_an_error_is_the_one_before_that_step():
+    """Training stops at a step whose float16 loss is NaN: the loss scale and its count of
+    good steps are those before it, not moved by it or by the steps run behind it before the
+    host read the error (was: the count reset by it, then counting the later, undone steps)."""
+    x, y = np.concatenate([X] * 3).astype(np.float32)[:50], np.concatenate([Y] * 3)[:50]
+    x[20:30] = 6e4  # (the third batch of five: finite in float16, its convolution's sums not)
+    model = _bn_dropout_model(optim.SGD(0.01), "mixed_float16")
+    reference = _bn_dropout_model(optim.SGD(0.01), "mixed_float16")
+    for i in range(2):
+        reference.train_on_batch(x[10 * i:10 * i + 10], y[10 * i:10 * i + 10])
+    with pytest.raises(NonFiniteError, match="step 3"), np.errstate(over="ignore"):
+        model.fit(x, y, epochs=1, batch_size=10, shuffle=False, verbose=0)  # (read at its end)
+    assert (model.loss_scale, model._good_steps, model.optimizer.iterations) == (
+        reference.loss_scale, reference._good_steps, 2) == (2.0**15, 2, 2)
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 # -- weights --------------------------------------------------------------------------------
 
 
@@ -300,6 +373,29 @@ def test_set_weights_checks_everything(model):
     unbuilt = xpcnn.Sequential(four_class_net())
     with pytest.raises(InputError, match="must be built before set_weights"):
         unbuilt.set_weights(w)
+
+
+def test_set_weights_refuses_values_its_dtype_would_turn_into_infinity(model):
+    """A float64 1e39 became infinity in a float32 model (a NumPy warning alone); values up
+    to the dtype's largest, NaN and infinity as given are taken."""
+    w = model.get_weights()
+    kernel = w[2].astype(np.float64)
+    kernel[0, 0] = -1e39
+    with pytest.raises(InputError, match=r"^layer 'dense' weight 'kernel' holds values beyond "
+                                         r"the range of float32, the layer's dtype \(up to "
+                                         r"1e\+39; float32 ends at 3.4e\+38\), which would "
+                                         r"become infinity"):
+        model.set_weights([*w[:2], kernel, *w[3:]])
+    np.testing.assert_array_equal(model.get_weights()[2], w[2])
+    kernel[0, 0], kernel[0, 1], kernel[0, 2] = 3.4e38, np.nan, -np.inf
+    model.set_weights([*w[:2], kernel, *w[3:]])
+    np.testing.assert_array_equal(model.get_weights()[2][0, :3],
+                                  np.array([3.4e38, np.nan, -np.inf], np.float32))
+    half = Dense(2)
+    half.build((3,), dtype="float16")
+    with pytest.raises(InputError, match=r"beyond the range of float16, .*\(up to 7e\+04; "
+                                         r"float16 ends at 6.55e\+04\)"):
+        half.set_weights([np.full((3, 2), 7e4, np.float32), np.zeros(2)])
 
 
 def test_load_weights_refuses_another_architecture(model, tmp_path):

@@ -129,6 +129,10 @@ def _nothing_deferred() -> Iterator[list[Any]]:
     yield []
 
 
+def _no_switches() -> None:
+    return None
+
+
 @dataclass
 class _Graph:
     """One batch shape's captured step: the shape, the graph, the static buffers its batch is
@@ -156,15 +160,19 @@ class StepGraphs:
     (host floats) and ``advance()`` counts a step done; ``capturable()`` is the kernels'
     context for matrix products that can be captured; ``capture_tables`` (None: nothing to
     defer) the kernels' context around the capture in which the fused updates defer filling
-    their device tables until it has ended (:meth:`CupyKernels.capture_tables`); ``capture``
-    the CUDA side (:class:`CupyCapture` by default; tests give a stand-in). The scalars are in
-    the parameters' dtype, those named in ``exact`` (a step count) in float64.
+    their device tables until it has ended (:meth:`CupyKernels.capture_tables`); ``switches``
+    (None: none) what else chose the captured work, read before each step: the kernels'
+    cuDNN switches (:meth:`CupyKernels.graph_switches`); ``capture`` the CUDA side
+    (:class:`CupyCapture` by default; tests give a stand-in). The scalars are in the
+    parameters' dtype, those named in ``exact`` (a step count, Adam's learning rate) in
+    float64.
     """
 
     def __init__(self, step: StepFn, arrays: ArraysFn, scalars_for_next: Callable[[], dict],
                  advance: Callable[[], None], backend: Any, capturable: Any,
                  capture: Any = None, warmup: int = 2, exact: tuple[str, ...] = (),
-                 capture_tables: Callable[[], Any] | None = None, max_graphs: int = 4) -> None:
+                 capture_tables: Callable[[], Any] | None = None, max_graphs: int = 4,
+                 switches: Callable[[], Any] | None = None) -> None:
         if warmup < 2:
             raise ValueError("at least two warm-up steps: the first may create arrays (the "
                              "optimiser's slots), the last checks that none is rebound")
@@ -172,6 +180,8 @@ class StepGraphs:
         self.scalars_for_next, self.advance = scalars_for_next, advance
         self.backend, self.capturable = backend, capturable
         self.capture_tables = capture_tables or _nothing_deferred
+        self.switches = switches or _no_switches
+        self._switched: Any = None  # (the switches the graphs were captured under)
         self.capture = capture  # (made on first use: CuPy is imported only then)
         self.warmup, self.exact, self.max_graphs = warmup, exact, max_graphs
         self.reason = ""  # why the step runs eagerly for good ("" while capture is possible)
@@ -185,7 +195,8 @@ class StepGraphs:
         self._last: _Graph | None = None  # the graph replayed last (the most recent in graphs)
         self._scalars: dict[str, Any] | None = None  # refilled before each step
         self._filled: dict[str, float] = {}  # (the numbers they hold)
-        # the arrays the graphs were captured with (held so that their memory stays theirs)
+        # the arrays the graphs were captured with (held so that their memory stays theirs),
+        # or before any graph, those the warm-up steps left: changed, both start again
         self._captured: list[Any] = []
 
     def decide(self, xb: Any, yb: Any, wb: Any = None) -> str:
@@ -197,9 +208,13 @@ class StepGraphs:
         # (str(dtype): ~2 us)
         self._shape = shape = (tuple(xb.shape), xb.dtype, tuple(yb.shape), yb.dtype,
                                None if wb is None else (tuple(wb.shape), wb.dtype))
-        if self.graphs and self._replaced():  # weights replaced: warm up and capture again
+        switched = self.switches()
+        if (self.graphs or self.warm) and (self._replaced() or switched != self._switched):
+            # weights replaced, slots dropped (a layer frozen), cuDNN's switches changed (the
+            # graphs replay their capture's plans): warm up and capture again
             self.graphs, self.warm, self._captured = {}, {}, []
             self._last = None
+        self._switched = switched
         last = self._last
         if last is not None and shape == last.shape:  # (the shape of the step before: ~1 us
             return "replay"  # less than the table's lookup and reordering)
@@ -251,6 +266,8 @@ class StepGraphs:
         rebound = self._rebound(before)
         if warm == self.warmup and rebound:
             self.reason = f"{rebound} is replaced by each step rather than updated in place"
+        if not self.graphs:  # (the arrays the next warm-up steps and capture must find)
+            self._captured = self.arrays(named=False)
         return out
 
     def _capture(self, batch: tuple[Any, Any, Any]) -> Any:

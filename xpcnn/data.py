@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import queue
 import sys
 import threading
@@ -178,10 +177,12 @@ def check_device_images(x: Any, backend: Any, what: str = "x",
                          f"and at least one sample; got shape {tuple(x.shape)}")
     check_real_images(x, xp, what)
     if xp.isdtype(x.dtype, "real floating"):
-        largest = math.inf if limit is None else limit[1]
+        largest = float(xp.finfo(x.dtype).max)
+        largest = largest if limit is None else min(largest, limit[1])
         with backend.on_device():  # (called outside the compute scope, or on the prefetch thread)
-            good = bool(xp.all(xp.isfinite(x)) if largest >= xp.finfo(x.dtype).max else
-                        xp.all(xp.abs(x) <= largest))  # (one test for both: NaN compares False)
+            # (two reductions, no temporary as large as x: NaN propagates through both, and
+            # compares False; infinity is beyond the largest finite value)
+            good = bool(xp.logical_and(xp.min(x) >= -largest, xp.max(x) <= largest))
         if not good:
             checks.check_finite(backend.to_numpy(x), what, limit=limit)  # names the sample
     return x
@@ -635,10 +636,9 @@ def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None, copy: 
     memory of their own, on the host or the device (a generator may refill the arrays it
     yielded, as a plain loop allows, while this batch waits in the queue)."""
     x, y = check_arrays(model, x, y, what, index)
-    if is_device_array(x):
-        xp = model.backend.xp
-        return (xp.asarray(x, copy=True) if copy else x), \
-            (xp.asarray(y, copy=True) if copy and is_device_array(y) else y)
+    if is_device_array(x):  # (the labels are on the host: check_arrays brought them there)
+        return (model.backend.xp.asarray(x, copy=True) if copy else x), \
+            None if y is None else np.array(y, copy=copy or None)
     return np.array(x, order="C", copy=copy or None), \
         None if y is None else np.array(y, copy=copy or None)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from .checks import flag
 from .errors import InputError, NonFiniteError
+from .ops.kernels import StandardKernels
 
 
 def _real(v: Any) -> bool:
@@ -169,10 +170,13 @@ class Optimizer:
     nothing); and, optionally, ``_fused_update`` for kernels that update every parameter at once.
 
     ``slots`` holds per-parameter state arrays (momentum, moments), created lazily on the
-    parameters' device (afresh where the model empties them: a layer frozen or unfrozen), at
-    step ``slots_from``; ``iterations`` counts steps and drives the schedule (a step whose update
-    the device skipped, see :mod:`xpcnn.totals`, counts too). ``lr_factor`` multiplies the
-    schedule (callbacks such as ``ReduceLROnPlateau`` change it; checkpoints keep it).
+    parameters' device (afresh where the model empties them: a layer frozen or unfrozen);
+    ``applied``, made with them where ``counts_updates`` (Adam's t), counts on the device the
+    updates applied to them (a step whose update the device skipped, see :mod:`xpcnn.totals`,
+    does not count there, as in PyTorch's per-parameter step). ``iterations`` counts steps and
+    drives the schedule (a skipped step counts there, as PyTorch's scheduler counts it).
+    ``lr_factor`` multiplies the schedule (callbacks such as ``ReduceLROnPlateau`` change it;
+    checkpoints keep it).
 
     Every optimiser takes Keras' gradient clipping, at most one of: ``clipnorm`` (each
     gradient to that norm), ``global_clipnorm`` (all of them to that joint norm) or
@@ -184,6 +188,11 @@ class Optimizer:
     #: then also stops at a gradient whose square overflows, before it turns that state into
     #: infinity (see :meth:`xpcnn.totals.RunningTotals.add`).
     keeps_squares: bool = False
+    #: True where the update needs ``applied``, the count of updates its slots have had.
+    counts_updates: bool = False
+    #: The numbers of :meth:`step_scalars` that a captured step reads in float64, not in the
+    #: parameters' dtype (those that the device computes others from, as eager steps do).
+    exact_scalars: tuple[str, ...] = ()
 
     def __init__(self, lr: float | Schedule, weight_decay: float = 0.0,
                  clipnorm: float | None = None, clipvalue: float | None = None,
@@ -205,7 +214,7 @@ class Optimizer:
         self.iterations = 0
         self.lr_factor = 1.0
         self.slots: dict[str, list[Any]] = {}
-        self.slots_from = 0  # (the iterations before the slots' first step)
+        self.applied: Any = None  # (0-d float64, on the device: see the class's doc)
 
     @property
     def lr(self) -> float:
@@ -235,12 +244,13 @@ class Optimizer:
              apply: Any = None, scalars: dict[str, Any] | None = None) -> None:
         """Apply one update to every parameter, in place.
 
-        ``scalars``: the step's numbers. None (an eager step): those of :meth:`step_scalars`,
-        as Python floats, and the step is counted in ``iterations``. Given (a step captured in
-        a CUDA graph, :mod:`xpcnn.cuda_graphs`): 0-d device arrays in the parameters' dtype,
-        refilled before each replay (baked into the graph, numbers would stay those of the
-        captured step); ``iterations`` is left to the caller, which counts replays. Either
-        way the same values come out.
+        ``scalars``: the step's numbers. None: those of :meth:`step_scalars`, as Python floats,
+        and the step is counted in ``iterations``. Given, the caller took them and counts the
+        step: Python floats (the training loop's eager step, which takes them before the step
+        moves anything), or 0-d device arrays in the parameters' dtype (a step captured in a
+        CUDA graph, :mod:`xpcnn.cuda_graphs`, refilled before each replay: baked into the
+        graph, numbers would stay those of the captured step; those of ``exact_scalars`` in
+        float64). Either way the same values come out.
 
         ``kernels`` with :attr:`StandardKernels.fused_updates` (CuPy's: one launch per
         parameter dtype; NumPy's: in place, without temporaries) run instead of the standard
@@ -248,16 +258,27 @@ class Optimizer:
         keep their values (decided on the device, without the host waiting for it)."""
         if not self.slots:
             self.slots = {name: [xp.zeros_like(p) for p in params] for name in self.slot_names}
-            self.slots_from = self.iterations
+            if self.counts_updates:  # (float64 where the namespace has it: an exact count)
+                self.applied = xp.zeros((), dtype=getattr(xp, "float64", xp.float32),
+                                        device=params[0].device if params else None)
         if scalars is None:
             scalars = self.step_scalars()
             self.iterations += 1
+        if self.counts_updates and params:  # (in the widest of the parameters' dtypes)
+            scalars = self._counted(kernels or StandardKernels(xp), scalars, apply,
+                                    xp.result_type(*(p.dtype for p in params)))
         grads = self._clipped(xp, grads)
         fused = kernels is not None and kernels.fused_updates and params
         if fused and self._fused_update(kernels, params, grads, scalars, apply):
             return
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             self._update(xp, i, p, g, scalars, apply)
+
+    def _counted(self, kernels: Any, scalars: dict[str, Any], apply: Any, dtype: Any
+                 ) -> dict[str, Any]:
+        """Count this update in ``applied`` (where ``apply``) and give the step's numbers that
+        depend on that count, on the device (where ``counts_updates``)."""
+        raise NotImplementedError
 
     def _clipped(self, xp: Any, grads: list[Any]) -> list[Any]:
         """The gradients clipped as Keras 3 clips them (before weight decay, as PyTorch's
@@ -358,6 +379,8 @@ class Adam(Optimizer):
 
     slot_names = ("m", "v")
     keeps_squares = True
+    counts_updates = True
+    exact_scalars = ("lr",)
     decoupled = False
 
     def __init__(self, lr: float | Schedule = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,
@@ -372,22 +395,27 @@ class Adam(Optimizer):
                              f"beta_1={beta_1!r}, beta_2={beta_2!r}, epsilon={epsilon!r}")
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
 
-    def step_scalars(self) -> dict[str, float]:
-        """The next step's decoupled decay factor, step size with the first moment's bias
-        correction, and second moment's bias correction, at t, the moments' steps counted from
-        1 (from their making: moments made afresh after a layer was frozen are corrected as new
-        ones, as PyTorch's per-parameter step counts do, not as ones ``iterations`` old)."""
-        lr = super().step_scalars()["lr"]
-        t = (self.iterations - self.slots_from if self.slots else 0) + 1
-        return {"decay": 1.0 - lr * self.weight_decay, "step": lr / (1.0 - self.beta_1**t),
-                "bc2": 1.0 - self.beta_2**t}
+    def _counted(self, kernels: Any, scalars: dict[str, Any], apply: Any, dtype: Any
+                 ) -> dict[str, Any]:
+        """The decoupled decay factor, the step size with the first moment's bias correction
+        and the second moment's bias correction at t, the updates applied to the moments, this
+        one included, counted on the device where a step is skipped: as PyTorch's
+        per-parameter step counts, a skipped float16 step does not count, and moments made
+        afresh after a layer was frozen are corrected as new ones (not as ones ``iterations``
+        old)."""
+        decay, step, bc2 = kernels.adam_scalars(self.applied, scalars["lr"], apply,
+                                                self.weight_decay, self.beta_1, self.beta_2,
+                                                dtype)
+        return {"decay": decay, "step": step, "bc2": bc2}
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
                 apply: Any) -> None:
+        if scalars["step"].dtype != p.dtype:  # (parameters of several dtypes: p's numbers)
+            scalars = {k: xp.astype(a, p.dtype) for k, a in scalars.items()}
         new_p = p
         if self.weight_decay:
             if self.decoupled:
-                new_p = p * scalars["decay"]  # (a float or a device scalar: p's dtype)
+                new_p = p * scalars["decay"]  # (a device scalar of p's dtype)
             else:
                 g = g + self.weight_decay * p
         m, v = self.slots["m"][i], self.slots["v"][i]

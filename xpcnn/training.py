@@ -193,6 +193,7 @@ class Trainer:
             del previous._model  # (replaced: free to be compiled into another model)
         if owner is None:
             optimizer.slots, optimizer.iterations, optimizer.lr_factor = {}, 0, 1.0
+            optimizer.applied = None
         optimizer._model = weakref.ref(self)
         return optimizer
 
@@ -236,9 +237,11 @@ class Trainer:
         self._read_totals()  # (a step skipped and not read yet is named here, not lost)
         optimizer = self.optimizer
         slots = {k: [move(a) for a in v] for k, v in optimizer.slots.items()} if optimizer else {}
+        applied = None if optimizer is None or optimizer.applied is None \
+            else move(optimizer.applied)
         scaling = None if self._scaling is None else move(self._scaling)
         if optimizer is not None:
-            optimizer.slots = slots
+            optimizer.slots, optimizer.applied = slots, applied
         self._scaling, self._graphs, self.cuda_graphs_reason = scaling, None, ""
         self._class_table = None  # (made again on the new device when next used)
 
@@ -282,11 +285,13 @@ class Trainer:
         count]; after a replay they are the graph's own outputs, which the next replay
         rewrites, unless ``keep`` asks for copies. ``weights``: the samples' weights (N,) or
         None."""
+        # (first: an earlier step's deferred error, read here where a layer was frozen since,
+        # is raised before anything of this step changes the model, its optimiser's slots too)
+        self._running_totals()
         self._rebuild_if_shared()  # (another model may have built shared layers since)
         opt = self.optimizer
         if opt.slots and self._slots_outdated():  # type: ignore[union-attr]
-            # (dropped before the step's numbers are taken, a captured step's too: Adam's
-            # bias correction then counts from its fresh moments)
+            # (dropped before the step is captured: a capture would record their making)
             opt.slots = {}  # type: ignore[union-attr]
         # (a data-parallel step runs uncaptured: its allreduces are outside any graph)
         graphs = None if self._parallel is not None else self._step_graphs()
@@ -401,6 +406,11 @@ class Trainer:
         kernels = kernels_for(self.backend)
         opt = self.optimizer
         assert opt is not None and self.loss is not None
+        # (raised before this step moves anything: a learning rate that overflowed)
+        totals = self._running_totals()
+        eager = scalars is None
+        if eager:
+            scalars = opt.step_scalars()
         # (normalisation statistics move in the forward pass: a skipped step puts them back)
         moving = [a for la in self.layers if la.trainable for a in la.state.values()]
         before = kernels.snapshot_state(moving) if moving else None
@@ -410,11 +420,13 @@ class Trainer:
         n = self._global_batch(xb)
         # (with float16 loss scaling, this divides the gradients by the scale, in place)
         # (squares of clipped gradients cannot overflow an optimiser's state)
-        apply = self._running_totals().add(stats, grads, n, step, self._scaling,
-                                           opt.keeps_squares and not opt.clipping)
+        apply = totals.add(stats, grads, n, step, self._scaling,
+                           opt.keeps_squares and not opt.clipping)
         if moving:
             kernels.restore_state(moving, before, apply)
         opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)
+        if eager:
+            opt.iterations += 1
         return stats
 
     def _global_batch(self, xb: Any) -> int:
@@ -535,8 +547,10 @@ class Trainer:
         self._graphs = StepGraphs(
             lambda xb, yb, wb, s: self._device_step(xb, yb, s["iteration"], s, wb),
             self._graph_arrays,
-            scalars, advance, self.backend, capturable, exact=("iteration",),
-            capture_tables=getattr(kernels, "capture_tables", None))
+            scalars, advance, self.backend, capturable,
+            exact=("iteration", *opt.exact_scalars),
+            capture_tables=getattr(kernels, "capture_tables", None),
+            switches=getattr(kernels, "graph_switches", None))
         return self._graphs
 
     def _graph_arrays(self, named: bool = True) -> list[Any]:
@@ -549,16 +563,17 @@ class Trainer:
         scaling = [] if self._scaling is None else [("the loss scale", self._scaling)]
         classes = [] if self._class_weights is None else [("the class weights",
                                                             self._class_weights)]
+        counted = [] if opt.applied is None else [("optimizer applied updates", opt.applied)]
         totals = [("the running totals", self._running_totals().state), *scaling, *classes]
         if not named:  # (list comprehensions: generators cost a call per item)
             return ([a for la in layers for a in la.params.values()]
                     + [a for la in layers for a in la.state.values()]
-                    + [a for v in opt.slots.values() for a in v]
+                    + [a for v in opt.slots.values() for a in v] + [a for _, a in counted]
                     + [la.random_state for la in randoms] + [a for _, a in totals])
         return ([(f"param {la.name}.{k}", a) for la in layers for k, a in la.params.items()]
                 + [(f"state {la.name}.{k}", a) for la in layers for k, a in la.state.items()]
                 + [(f"optimizer slot {k}.{i}", a) for k, v in opt.slots.items()
-                   for i, a in enumerate(v)]
+                   for i, a in enumerate(v)] + counted
                 + [(f"random state {la.name}", la.random_state) for la in randoms] + totals)
 
     # -- the running totals the host reads behind the steps; deferred errors --------------------
@@ -590,7 +605,6 @@ class Trainer:
         # Every update from that step on was skipped: the model is as after the step before.
         opt = self.optimizer
         opt.iterations = step - 1  # type: ignore[union-attr]
-        opt.slots_from = min(opt.slots_from, step - 1)  # type: ignore[union-attr]
         loss = float(host[BAD_LOSS])
         if not math.isfinite(loss):
             xb, yb = batches[step]
@@ -693,7 +707,7 @@ class Trainer:
                 raise
 
     # -- fit, evaluate, predict -----------------------------------------------------------------
-    def fit(self, x: Any, y: Any = None, epochs: int = 1, batch_size: int = 32,
+    def fit(self, x: Any, y: Any = None, epochs: int = 1, batch_size: int | None = 32,
             validation_data: Any = None, validation_split: float = 0.0, shuffle: bool = True,
             seed: int | None = None, verbose: int | str = 1,
             callbacks: list[Callback] | None = None,
@@ -718,6 +732,7 @@ class Trainer:
         data's own weights. ``seed`` fixes the shuffling order (default: the model's seed);
         epochs are numbered on from the model's earlier fit calls, so that ``fit(epochs=1)``
         called three times shuffles (and trains) as ``fit(epochs=3)``, not in one order thrice.
+        ``batch_size`` None is the default, 32 (as in Keras; evaluate's and predict's, 256).
         ``verbose=0`` silences the progress bar; ``verbose=2`` prints a line an epoch instead.
         ``callbacks``: see :mod:`xpcnn.callbacks`.
         ``initial_epoch`` (as in Keras): the epoch to start at, numbered from 0, so that
@@ -748,7 +763,8 @@ class Trainer:
         self._require_compiled("fit")
         epochs = checks.non_negative_int(epochs, "epochs")
         initial_epoch = checks.non_negative_int(initial_epoch, "initial_epoch")
-        batch_size = checks.positive_int(batch_size, "batch_size")
+        # (None, as Keras takes it: the default)
+        batch_size = checks.positive_int(32 if batch_size is None else batch_size, "batch_size")
         validation_batch_size = max(batch_size, 256) if validation_batch_size is None else \
             checks.positive_int(validation_batch_size, "validation_batch_size")
         validation_freq = _validation_freq(validation_freq)
@@ -768,8 +784,10 @@ class Trainer:
                      *([ProgbarLogger(verbose=verbose)] if verbose else []), *backups]
         _check_fit_data(x, y, validation_data, validation_split, steps_per_epoch,
                         validation_steps, class_weight, sample_weight)
-        if sample_weight is not None and self._train_step_overridden():
-            _check_takes_sample_weight(self.train_step)  # (before training: see _call_train_step)
+        if self._train_step_overridden():  # (before training: see _call_train_step)
+            _check_takes_a_batch(self.train_step)
+            if sample_weight is not None:
+                _check_takes_sample_weight(self.train_step)
         self._rebuild_if_shared()
         with self._undone_if_refused() as made:
             x, y, sample_weight, validation_data, split = self._split_validation(
@@ -921,7 +939,8 @@ class Trainer:
         return (x[:-n_val, ...], targets[:-n_val], head,
                 (x[-n_val:, ...], targets[-n_val:], tail), True)
 
-    def evaluate(self, x: Any, y: Any = None, batch_size: int = 256, verbose: int | str = 0,
+    def evaluate(self, x: Any, y: Any = None, batch_size: int | None = 256,
+                 verbose: int | str = 0,
                  steps: int | None = None, callbacks: list[Callback] | None = None,
                  return_dict: bool = False, sample_weight: Any = None
                  ) -> float | list[float] | dict[str, float]:
@@ -932,7 +951,8 @@ class Trainer:
         ``sample_weight`` (N,) (with arrays; a dataset or an iterable gives (x, y, w) items
         instead) weighs each sample's term of the loss (the sum still divided by N), not the
         accuracy, as fit's does."""
-        batch_size = checks.positive_int(batch_size, "batch_size")
+        batch_size = checks.positive_int(256 if batch_size is None else batch_size,
+                                         "batch_size")
         return_dict = checks.flag(return_dict, "return_dict")
         verbose = checks.verbosity(verbose)
         cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
@@ -989,7 +1009,7 @@ class Trainer:
         host = self.backend.to_numpy(totals.state)
         return self._logs(float(host[LOSS_SUM]) / seen, float(host[CORRECT]) / seen)
 
-    def predict(self, x: Any, batch_size: int = 256, verbose: int | str = 0,
+    def predict(self, x: Any, batch_size: int | None = 256, verbose: int | str = 0,
                 steps: int | None = None, callbacks: list[Callback] | None = None) -> np.ndarray:
         """The model's output for ``x`` as a host NumPy array, as in Keras: class
         probabilities (N, classes) for a model that ends in a Softmax or a softmax activation
@@ -997,7 +1017,8 @@ class Trainer:
         (logits, an inner layer's features); ``x`` as for :meth:`evaluate` (targets, if any,
         are ignored); ``verbose=1`` shows a progress bar (Keras' ``predict(x, verbose=0)``
         works as it is)."""
-        batch_size = checks.positive_int(batch_size, "batch_size")
+        batch_size = checks.positive_int(256 if batch_size is None else batch_size,
+                                         "batch_size")
         verbose = checks.verbosity(verbose)
         cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
         self._rebuild_if_shared()
@@ -1030,10 +1051,14 @@ def _batch_length(x: Any) -> int:
     if is_stream(x):
         raise InputError("a *_on_batch method takes one batch of arrays, not a dataset or an "
                          "iterable of batches (fit, evaluate and predict take those)")
-    try:
-        return max(1, len(x))
-    except TypeError:  # (a 0-d array, a number: refused by the checks, by name)
-        return 1
+    shape = getattr(x, "shape", None)
+    if shape is None:  # (a list of samples)
+        try:
+            return max(1, len(x))
+        except TypeError:  # (a number: refused by the checks, by name)
+            return 1
+    # (shape, not len(): the standard has no len() of an array, array_api_strict none at all)
+    return max(1, int(shape[0])) if len(shape) else 1
 
 
 def _validation_freq(value: Any) -> int | frozenset[int]:
@@ -1131,6 +1156,25 @@ def _check_takes_sample_weight(train_step: Callable[..., Any]) -> None:
         raise InputError("this model's train_step(xb, yb) takes no sample_weight: give it a "
                          "sample_weight=None parameter (and pass it on to "
                          "super().train_step) to train with sample weights")
+
+
+def _check_takes_a_batch(train_step: Callable[..., Any]) -> None:
+    """A ``train_step`` that a subclass overrides is called as ``train_step(xb, yb)``: refused
+    before training where it takes one argument, as Keras 3's ``train_step(self, data)``
+    does (was: a bare TypeError from the first step)."""
+    try:
+        params = inspect.signature(train_step).parameters.values()
+    except (TypeError, ValueError):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        raise InputError(
+            f"this model's train_step takes {len(positional)} argument(s) "
+            f"({', '.join(p.name for p in positional) or 'none'}); fit calls it as "
+            "train_step(xb, yb), and with sample weights train_step(xb, yb, sample_weight=wb) "
+            "(Keras' train_step(self, data) gets data = (xb, yb) instead): define "
+            "train_step(self, xb, yb, sample_weight=None) and return super().train_step(xb, "
+            "yb, sample_weight=sample_weight) or your own (loss, correct count)")
 
 
 @functools.lru_cache(maxsize=16)

@@ -82,6 +82,10 @@ def load() -> ModuleType | None:
     return cudnn
 
 
+# The environment variables that choose a graph's plan (see switches).
+SWITCH_VARIABLES = ("XPCNN_TF32", "CUPY_TF32", "XPCNN_DETERMINISTIC", "XPCNN_CUDNN_AUTOTUNE")
+
+
 def switches(matmul: bool = False) -> tuple[bool, bool, bool]:
     """The switches a graph is built under, as the environment sets them now, read together
     (once per graph run, where they key its plan, and are handed to :func:`build_plan` where

@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import math
 import numbers
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import numpy as np
 
 from . import cuda_conv, random
 from .convolution import ConvEngine, ConvGeometry
-from .cudnn_conv import ALIGNMENT
+from .cudnn_conv import ALIGNMENT, SWITCH_VARIABLES
 from .kernels import StandardKernels, alike
 from .step_record import BAD_GRADS, GROWTH_INTERVAL, square_limit
 
@@ -323,6 +324,26 @@ _ADAM, _ADAM_AT = _update_kernels(
     p = w - step * m / (sqrt(v / bc2) + eps);
     """)
 
+# Adam's numbers of an update from its count of applied updates, on the device where a skipped
+# step is decided, as StandardKernels.adam_scalars computes them (in double, rounded once; the
+# numbers of a skipped update are unused): one thread.
+_ADAM_SCALARS_BODY = """
+    const double t = applied[0] + (apply[0] ? 1.0 : 0.0);
+    applied[0] = t;
+    const double at = t > 0.0 ? t : 1.0;
+    out[0] = (T)(1.0 - lr * wd);
+    out[1] = (T)(lr / (1.0 - pow(b1, at)));
+    out[2] = (T)(1.0 - pow(b2, at));
+"""
+_ADAM_SCALARS_PARAMS = "raw bool apply, float64 wd, float64 b1, float64 b2"
+_ADAM_SCALARS_OUT = "raw float64 applied, raw T out"
+_ADAM_SCALARS = cupy.ElementwiseKernel(_ADAM_SCALARS_PARAMS + ", float64 lr", _ADAM_SCALARS_OUT,
+                                       _ADAM_SCALARS_BODY, "xpcnn_adam_scalars")
+_ADAM_SCALARS_AT = cupy.ElementwiseKernel(_ADAM_SCALARS_PARAMS + ", raw float64 lr_at",
+                                          _ADAM_SCALARS_OUT,
+                                          "const double lr = lr_at[0];" + _ADAM_SCALARS_BODY,
+                                          "xpcnn_adam_scalars_at")
+
 # (slot 0 the mean square v, then the mean gradient a where ``centered``, then the momentum
 # buffer where ``slots`` counts one more; each read once and written once, as _ADAM's)
 _RMSPROP, _RMSPROP_AT = _update_kernels(
@@ -419,12 +440,14 @@ _RECORD = """
     if (scaled) {
         float scale = scaling[0], good = scaling[1];
         const bool rescued = any_bad && !bad_loss && scale > 1.0f;
+        error = any_bad && !rescued;
         if (rescued) scale = scale / 2.0f;
         good = any_bad ? 0.0f : good + 1.0f;
         if (good >= (float)growth) { scale = scale * 2.0f; good = 0.0f; }
-        scaling[0] = scale;
-        scaling[1] = good;
-        error = any_bad && !rescued;
+        if (!error && state[2] < 0) {  // (training stops at an error: the scale as before)
+            scaling[0] = scale;
+            scaling[1] = good;
+        }
     }
     const bool fresh = error && state[2] < 0;
     state[0] = state[0] + loss * (F)samples;
@@ -1461,6 +1484,14 @@ class CupyKernels(StandardKernels):
         finally:
             self._graph_matmul = old
 
+    @staticmethod
+    def graph_switches() -> tuple[str | None, ...]:
+        """The environment variables that cuDNN graphs are planned under, as set now
+        (:func:`xpcnn.ops.cudnn_conv.switches`): a captured step replays the plans of its
+        capture, so :class:`xpcnn.cuda_graphs.StepGraphs` captures again where they change
+        (read before each replay: four lookups)."""
+        return tuple(map(os.environ.get, SWITCH_VARIABLES))
+
     # (the standard products written with CuPy's ``.T``, the matrix transpose of 2-D arrays:
     # no call through the namespace's wrappers, as every Dense layer asks twice a step; in
     # their operands' dtype: CuPy gives bfloat16 products in bfloat16 already, the NumPy
@@ -1949,11 +1980,23 @@ class CupyKernels(StandardKernels):
     def adam_update(self, params: list[Any], grads: list[Any], ms: list[Any], vs: list[Any],
                     decay: Any, step: Any, bc2: Any, weight_decay: float, decoupled: bool,
                     beta_1: float, beta_2: float, epsilon: float, apply: Any = None) -> None:
-        """``decay``, ``step``, ``bc2``: as :meth:`xpcnn.optim.Adam.step_scalars` names them."""
+        """``decay``, ``step``, ``bc2``: as :meth:`adam_scalars` gives them (or Python floats)."""
         self._launch_updates(
             _ADAM if _by_value(decay) else _ADAM_AT, self._by_dtype(params, grads, ms, vs),
             (weight_decay, decoupled, beta_1, 1.0 - beta_1, beta_2, 1.0 - beta_2, epsilon),
             (decay, step, bc2), apply)
+
+    def adam_scalars(self, applied: Any, lr: Any, apply: Any, weight_decay: float,
+                     beta_1: float, beta_2: float, dtype: Any) -> tuple[Any, Any, Any]:
+        out = cupy.empty(3, dtype)
+        if _by_value(lr):
+            _ADAM_SCALARS(self._apply_flag(apply), weight_decay, beta_1, beta_2, float(lr),
+                          cupy.reshape(applied, (1,)), out, size=1)
+        else:
+            _ADAM_SCALARS_AT(self._apply_flag(apply), weight_decay, beta_1, beta_2,
+                             cupy.reshape(lr.astype(cupy.float64, copy=False), (1,)),
+                             cupy.reshape(applied, (1,)), out, size=1)
+        return out[0, ...], out[1, ...], out[2, ...]  # (0-d arrays, not numbers)
 
     def rmsprop_update(self, params: list[Any], grads: list[Any], vs: list[Any],
                        means: list[Any] | None, bufs: list[Any] | None, lr: Any,

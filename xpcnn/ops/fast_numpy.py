@@ -748,9 +748,11 @@ class NumpyKernels(StandardKernels):
     def adam_update(self, params: list[Any], grads: list[Any], ms: list[Any], vs: list[Any],
                     decay: Any, step: Any, bc2: Any, weight_decay: float, decoupled: bool,
                     beta_1: float, beta_2: float, epsilon: float, apply: Any = None) -> None:
-        """``decay``, ``step``, ``bc2``: as :meth:`xpcnn.optim.Adam.step_scalars` names them."""
+        """``decay``, ``step``, ``bc2``: as :meth:`StandardKernels.adam_scalars` gives them (as
+        Python floats here: they meet each parameter in its own dtype)."""
         if apply is not None and not apply:
             return
+        decay, step, bc2 = float(decay), float(step), float(bc2)
 
         def update(p: Any, g: Any, m: Any, v: Any) -> None:
             if weight_decay and not decoupled:

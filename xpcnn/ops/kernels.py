@@ -428,6 +428,25 @@ class StandardKernels:
         :func:`xpcnn.ops.step_record.record_step`)."""
         return record_step(self.xp, state, stats, grads, n, step, scaling, squares)
 
+    def adam_scalars(self, applied: Any, lr: Any, apply: Any, weight_decay: float,
+                     beta_1: float, beta_2: float, dtype: Any) -> tuple[Any, Any, Any]:
+        """Count an Adam update in ``applied`` (a 0-d float64 device array, in place) where
+        the 0-d boolean ``apply`` is true (None: always), and give that update's numbers as
+        0-d device arrays of ``dtype``, at t = ``applied`` after it: the decoupled decay factor
+        1 - lr * weight_decay, the step size lr / (1 - beta_1**t) and the second moment's
+        correction 1 - beta_2**t, computed in float64 and rounded once (as the Python floats
+        they once were). ``lr``: a Python float or a 0-d float64 device array. Where the
+        update is skipped the numbers are unused (those of the count so far, of t = 1 before
+        any update: never a division by zero)."""
+        xp = self.xp
+        applied[...] = applied + (1.0 if apply is None else xp.astype(apply, applied.dtype))
+        t = xp.maximum(applied, xp.ones_like(applied))
+        decay = 1.0 - lr * weight_decay
+        if isinstance(decay, float):
+            decay = xp.full_like(t, decay)
+        return tuple(xp.astype(v, dtype) for v in (decay, lr / (1.0 - beta_1**t),
+                                                    1.0 - beta_2**t))
+
     def relu_with_mask(self, x: Any, max_value: float | None) -> tuple[Any, Any]:
         """:meth:`relu` and the boolean mask of where its gradient passes: strictly inside
         (0, max_value)."""

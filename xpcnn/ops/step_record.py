@@ -72,7 +72,8 @@ def record_step(xp: Any, state: Any, stats: Any, grads: list[Any], n: float, ste
         flags = flags + 2 * xp.astype(xp.logical_and(finite, above), f)
     bad_loss = xp.logical_not(xp.isfinite(stats[0]))
     any_bad = xp.logical_or(bad_loss, xp.any(flags > 0))
-    error = any_bad if scaling is None else _move_scale(xp, scaling, bad_loss, any_bad)
+    error = any_bad if scaling is None else _move_scale(xp, scaling, bad_loss, any_bad,
+                                                         state[BAD_STEP] < 0)
     fresh = xp.logical_and(error, state[BAD_STEP] < 0)
     first = xp.concat([state[BAD_STEP:BAD_LOSS] * 0 + step, stats[:1], flags])
     marks = BAD_GRADS + len(grads)
@@ -88,14 +89,18 @@ def _peak(xp: Any, g: Any) -> Any:
     return xp.max(xp.abs(g))
 
 
-def _move_scale(xp: Any, scaling: Any, bad_loss: Any, any_bad: Any) -> Any:
+def _move_scale(xp: Any, scaling: Any, bad_loss: Any, any_bad: Any, live: Any) -> Any:
     """Halve the scale on a gradient overflow that it can still fix (the update is skipped; not
-    an error), count good steps and double the scale after GROWTH_INTERVAL of them, in place.
-    Returns the error flag."""
+    an error), count good steps and double the scale after GROWTH_INTERVAL of them, in place;
+    not on an error, nor while ``live`` is False (an error recorded already): training stops
+    there and the model is left as before that step, its scale too. Returns the error flag."""
     scale, good = scaling[0], scaling[1]
     rescued = xp.logical_and(xp.logical_and(any_bad, xp.logical_not(bad_loss)), scale > 1)
-    scale = xp.where(rescued, scale / 2, scale)
-    good = xp.where(any_bad, good * 0, good + 1)
-    grow = good >= GROWTH_INTERVAL
-    scaling[...] = xp.stack([xp.where(grow, scale * 2, scale), xp.where(grow, good * 0, good)])
-    return xp.logical_and(any_bad, xp.logical_not(rescued))
+    error = xp.logical_and(any_bad, xp.logical_not(rescued))
+    moved = xp.where(rescued, scale / 2, scale)
+    counted = xp.where(any_bad, good * 0, good + 1)
+    grow = counted >= GROWTH_INTERVAL
+    keep = xp.logical_or(error, xp.logical_not(live))
+    scaling[...] = xp.stack([xp.where(keep, scale, xp.where(grow, moved * 2, moved)),
+                             xp.where(keep, good, xp.where(grow, counted * 0, counted))])
+    return error

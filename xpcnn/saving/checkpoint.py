@@ -138,7 +138,9 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
         # (the epochs' shuffling numbers: the fit's offset, and the numbers used so far)
         "epoch_offset": int(model._epoch_offset), "epochs_begun": int(model._epochs_begun),
         "optimizer": {"iterations": int(opt.iterations), "lr_factor": float(opt.lr_factor),
-                      "slots_from": int(opt.slots_from),
+                      # (the updates its slots have had, where it counts them: Adam's t)
+                      "applied": int(model.backend.to_numpy(opt.applied))
+                      if slots and opt.applied is not None else 0,
                       "slots": {k: len(v) for k, v in slots.items()}},
         "loss_scale": float(model.loss_scale), "good_steps": int(model._good_steps),
         "random_layers": [{"index": i, "seed": int(la.seed), "calls": int(la.calls)}
@@ -266,9 +268,12 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     if not isinstance(ostate, dict):
         raise bad("no optimizer state")
     iterations = _int(ostate.get("iterations"), "optimizer iterations", path)
-    slots_from = _int(ostate.get("slots_from", 0), "optimizer slots_from", path)  # (0: older)
-    if slots_from > iterations:
-        raise bad(f"optimizer slots_from {slots_from} is beyond its iterations {iterations}")
+    if "applied" in ostate:
+        applied = _int(ostate["applied"], "optimizer applied", path)
+    else:  # (older files: the steps since the slots were made, skipped ones included)
+        applied = iterations - _int(ostate.get("slots_from", 0), "optimizer slots_from", path)
+    if not 0 <= applied <= iterations:
+        raise bad(f"optimizer applied {applied}, expected 0 to its iterations {iterations}")
     lr_factor = _float(ostate.get("lr_factor", 1.0), "optimizer lr_factor", path)
     # Which layers the run trained then (a callback may freeze or unfreeze some mid-run): they
     # come back with the slots, which are theirs, so that the run goes on as it would have.
@@ -343,11 +348,13 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     set_weights_from_file(model, npz)  # checks shapes before replacing anything
     for la, t in zip(model.layers, trainable, strict=True):
         la.trainable = t
-    opt.iterations, opt.lr_factor, opt.slots_from = iterations, lr_factor, slots_from
+    opt.iterations, opt.lr_factor = iterations, lr_factor
     # (in the parameters' dtype, whatever float type the file holds: the fused updates read a
     # parameter's slots as its own dtype)
     opt.slots = {name: [model.backend.asarray(a, dtype=model.dtype_name) for a in v]
                  for name, v in slots.items()}
+    opt.applied = model.backend.asarray(np.float64(applied)) \
+        if slots and opt.counts_updates else None
     model._slots_restored()
     model.loss_scale, model._good_steps = float(loss_scale), good_steps
     for i, (seed, calls) in counters.items():
