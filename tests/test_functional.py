@@ -711,25 +711,37 @@ def test_a_sequential_renames_its_new_layers_not_those_other_models_hold():
     assert [la.name for la in base.layers] == ["conv2d", "conv2d_1"]
 
 
-def test_two_built_layers_of_one_name_are_refused_not_renamed():
-    """Two trained models each with a layer 'dense', combined: renaming either broke its own
-    model's get_layer('dense'); the clash is an error, by Sequential and graph alike, until
-    the user gives one another name."""
-    a = xpcnn.Sequential([Dense(3)], input_shape=(4,), name="a")
-    b = xpcnn.Sequential([Dense(2)], input_shape=(3,), name="b")
-    clash = (r"^two layers of the model are named 'dense': a Dense \(built, so other models "
-             r"may hold it and show its name\), and a Dense \(built, .*\); names in a model "
-             r"are unique, so give one of them another name first \(layer.name = 'dense_2'")
-    with pytest.raises(InputError, match=clash):
-        xpcnn.Sequential([a.layers[0], b.layers[0]])
-    inputs = xpcnn.Input((4,))
-    with pytest.raises(InputError, match=clash):
-        xpcnn.Model(inputs, b(a(inputs)))
-    assert a.get_layer("dense") is a.layers[0] and b.get_layer("dense") is b.layers[0]
-    b.layers[0].name = "head"
-    both = xpcnn.Model(inputs, b(a(inputs)))
-    assert [la.name for la in both.layers] == ["dense", "head"]
-    assert b.get_layer("head") is both.layers[1]
+def test_built_layers_of_one_automatic_name_are_joined_the_later_renamed(tmp_path):
+    """Two towers made by one function, or two trained models, each with its automatic
+    'conv2d' or 'dense', joined in one model (Keras' multi-branch pattern): they are (the
+    later one renamed, as Keras' session-wide names would have it), not refused; a new layer
+    gives way to both. Names given in code are never moved (next test)."""
+    inputs = xpcnn.Input((6, 6, 1))
+
+    def tower():
+        return xpcnn.Model(inputs, Flatten()(Conv2D(2, 3)(inputs)))
+
+    a, b = tower(), tower()
+    joined = xpcnn.Model(inputs, Dense(3)(Concatenate()([a(inputs), b(inputs)])))
+    assert [la.name for la in joined.layers] == ["conv2d", "flatten", "conv2d_1", "flatten_1",
+                                                 "concatenate", "dense"]
+    assert a.get_layer("conv2d") is joined.layers[0]
+    assert b.layers[0].name == "conv2d_1"  # (b's own name of it now: one layer, one name)
+    one = xpcnn.Sequential([Dense(3)], input_shape=(4,))
+    two = xpcnn.Sequential([Dense(2)], input_shape=(3,))
+    both = xpcnn.Sequential([one.layers[0], two.layers[0], Dense(2)])
+    assert [la.name for la in both.layers] == ["dense", "dense_1", "dense_2"]
+    # names read from files give way too: two pretrained models joined, and a file that holds
+    # one name twice (a name set alike after building) loads
+    one.save(tmp_path / "one.npz")
+    two.save(tmp_path / "two.npz")
+    loaded = [xpcnn.load_model(tmp_path / f"{k}.npz").layers[0] for k in ("one", "two")]
+    assert [la.name for la in xpcnn.Sequential(loaded).layers] == ["dense", "dense_1"]
+    both.build((4,))
+    both.layers[1].name = "dense"
+    both.save(tmp_path / "both.npz")
+    assert [la.name for la in xpcnn.load_model(tmp_path / "both.npz").layers] == [
+        "dense", "dense_1", "dense_2"]
 
 
 def test_a_name_the_user_gave_is_never_moved_or_taken(tmp_path):
@@ -749,8 +761,8 @@ def test_a_name_the_user_gave_is_never_moved_or_taken(tmp_path):
     seq.save(tmp_path / "seq.npz")
     assert [la.name for la in xpcnn.load_model(tmp_path / "seq.npz").layers] == \
         ["conv2d", "conv2d_2", "conv2d_1"]
-    given = (r"^two layers of the model are named 'x': a Dense \(a name given by the user\), "
-             r"and a Dense \(a name given by the user\)")
+    given = (r"^two layers of the model are named 'x', a name given to both \(a Dense and a "
+             r"Dense\); names in a model are unique")
     with pytest.raises(InputError, match=given):
         xpcnn.Sequential([Dense(3, name="x"), Dense(2, name="x")])
     with pytest.raises(InputError, match=given):

@@ -118,6 +118,7 @@ def test_stage_tour_refuses_class_names_that_do_not_name_the_outputs(tmp_path, i
     ((3, 0), 100, r"figsize width and height must be a number > 0, got 0"),
     ((3, 3), "100", r"dpi must be a number > 0, got '100'"),
     ((3, 3), None, r"dpi must be a number > 0, got None"),
+    ([1, [2, 3]], 100, r"figsize must be \(width, height\) in inches, got \[1, \[2, 3\]\]"),
     ((3, 3), 1e6, r"the figure would be 3000000 x 3000000 pixels \(figsize \(3, 3\) at dpi "
                   r"1e\+06\); xpcnn draws at most 32768 pixels a side and 100 million in all: "
                   r"give a smaller figsize or dpi, or more columns"),
@@ -127,6 +128,12 @@ def test_figsize_and_dpi_are_checked_before_drawing(tmp_path, figsize, dpi, mess
     with pytest.raises(InputError, match="^" + message):
         viz.plot_filters(tiny_model(), tmp_path / "f.png", figsize=figsize, dpi=dpi)
     assert not (tmp_path / "f.png").exists()
+
+
+def test_figsize_may_be_an_array_of_two(tmp_path):
+    """As matplotlib takes it (was refused, for a moment, by the check above)."""
+    viz.plot_filters(tiny_model(), tmp_path / "f.png", figsize=np.array([4.0, 3.0]))
+    assert (tmp_path / "f.png").stat().st_size > 0
 
 
 def test_a_figure_too_large_to_draw_is_refused_saying_what_makes_it_smaller(tmp_path):

@@ -254,14 +254,16 @@ def check_finite(x: np.ndarray, what: str = "x", index: Any = None,
 
     Runs in chunks of samples, so it needs no temporary as large as ``x``.
     """
-    if not np.issubdtype(x.dtype, np.floating):
-        return  # integer images cannot hold NaN or infinity
     dtype, largest = limit or (str(x.dtype), np.inf)
-    if largest >= np.finfo(x.dtype).max:
+    floating = np.issubdtype(x.dtype, np.floating)
+    # (in Python floats: a comparison in x's dtype would warn of its own overflow)
+    if largest >= float((np.finfo if floating else np.iinfo)(x.dtype).max):
+        if not floating:
+            return  # integer images cannot hold NaN or infinity, nor values beyond the limit
         within = np.isfinite
-    else:  # (one test for both: NaN compares False)
+    else:  # (one test for both: NaN compares False; no abs(), which overflows int8's -128)
         def within(a: np.ndarray) -> np.ndarray:
-            return np.abs(a) <= largest
+            return (a >= -largest) & (a <= largest)
     rows = max(1, (1 << 22) // max(1, x[0].size))
     for start in range(0, len(x), rows):
         good = within(x[start:start + rows]).reshape(min(rows, len(x) - start), -1)

@@ -176,13 +176,17 @@ def check_device_images(x: Any, backend: Any, what: str = "x",
         raise InputError(f"{what} must have a batch axis and per-sample axes, e.g. (N, H, W, C), "
                          f"and at least one sample; got shape {tuple(x.shape)}")
     check_real_images(x, xp, what)
-    if xp.isdtype(x.dtype, "real floating"):
-        largest = float(xp.finfo(x.dtype).max)
+    floating = xp.isdtype(x.dtype, "real floating")
+    largest = (xp.finfo if floating else xp.iinfo)(x.dtype).max
+    if floating or limit is not None and largest > limit[1]:  # (uint16 under float16, say)
         largest = largest if limit is None else min(largest, limit[1])
+        # (bounds of x's own kind, within its range: a standard comparison takes no other)
+        high = float(largest) if floating else int(largest)
+        low = -high if floating or xp.iinfo(x.dtype).min < 0 else 0
         with backend.on_device():  # (called outside the compute scope, or on the prefetch thread)
             # (two reductions, no temporary as large as x: NaN propagates through both, and
             # compares False; infinity is beyond the largest finite value)
-            good = bool(xp.logical_and(xp.min(x) >= -largest, xp.max(x) <= largest))
+            good = bool(xp.logical_and(xp.min(x) >= low, xp.max(x) <= high))
         if not good:
             checks.check_finite(backend.to_numpy(x), what, limit=limit)  # names the sample
     return x
@@ -382,8 +386,9 @@ class DatasetBatches(ShardedBatches):
         shape = tuple(np.shape(x))
         if self.model.built:
             batch = shape[1:] == tuple(self.model.input_shape)
-        else:
-            batch = len(shape) == 4 and np.ndim(y) in (1, 2) and np.shape(y)[0] == shape[0]
+        else:  # (of more than one sample: a sample may well be (1, H, W, C) with label (1,))
+            batch = len(shape) == 4 and shape[0] > 1 and np.ndim(y) in (1, 2) and \
+                np.shape(y)[0] == shape[0]
         if batch:
             raise InputError(
                 f"{self.what}[{i}] is a batch of {shape[0]} samples (x of shape {shape}), not "

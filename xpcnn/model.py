@@ -608,27 +608,20 @@ def _restore(attributes: list[tuple[Layer, dict[str, Any]]]) -> None:
 
 
 def _name_apart(layers: list[Layer]) -> None:
-    """Make the names of a model's ``layers`` unique. A name the user gave is kept, and so is
-    a built layer's, which the models holding it show (renaming it there broke their
-    ``get_layer``): two such alike are refused, as Keras refuses a name twice in a model. A
-    layer named automatically gives way to them, and to the layers before it."""
-    kept: dict[str, Layer] = {}
+    """Make the names of a model's ``layers`` unique. A name the user gave in code is kept:
+    two such alike are refused, as Keras refuses a name twice in a model. Other names (made
+    automatically, or read from a file) give way to them and to those kept before them, a
+    built layer's first (other models may hold it and show its name: it is renamed only where
+    another built one has its name too, as when two trained models are joined; Keras avoids
+    that with names unique in the whole session, which xpcnn's per-model names are not)."""
+    given: dict[str, Layer] = {}
     for layer in layers:
-        if layer.name_given or layer.built:
-            other = kept.setdefault(layer.name, layer)
-            if other is not layer:
-                raise InputError(f"two layers of the model are named {layer.name!r}: "
-                                 f"{_why_kept(other)}, and {_why_kept(layer)}; names in a model "
-                                 "are unique, so give one of them another name first "
-                                 f"(layer.name = '{layer.name}_2', say)")
-    taken = set(kept)
-    for layer in layers:
-        if not (layer.name_given or layer.built):
-            layer.give_way(taken)
-            taken.add(layer.name)
-
-
-def _why_kept(layer: Layer) -> str:
-    why = "a name given by the user" if layer.name_given else \
-        "built, so other models may hold it and show its name"
-    return f"a {type(layer).__name__} ({why})"
+        if layer.name_given and given.setdefault(layer.name, layer) is not layer:
+            raise InputError(f"two layers of the model are named {layer.name!r}, a name given "
+                             f"to both (a {type(given[layer.name]).__name__} and a "
+                             f"{type(layer).__name__}); names in a model are unique, so give "
+                             f"one of them another name (layer.name = '{layer.name}_2', say)")
+    taken = set(given)
+    for layer in sorted((la for la in layers if not la.name_given), key=lambda la: not la.built):
+        layer.give_way(taken)
+        taken.add(layer.name)

@@ -68,7 +68,11 @@ def _new_figure(figsize: tuple[float, float], dpi: float, smaller: str = "") -> 
     except ImportError as e:
         raise MissingDependencyError(
             f"xpcnn's figures need matplotlib, which is not installed: {VIZ_EXTRA_HINT}") from e
-    if not (isinstance(figsize, tuple | list) and len(figsize) == 2):
+    try:  # (a pair, or an array of two)
+        pair = not isinstance(figsize, str) and np.shape(figsize) == (2,)
+    except ValueError:  # (a ragged sequence)
+        pair = False
+    if not pair:
         raise InputError(f"figsize must be (width, height) in inches, got {figsize!r}")
     w, h = (checks.number(v, "figsize width and height", low=0, low_open=True) for v in figsize)
     dpi = checks.number(dpi, "dpi", low=0, low_open=True)

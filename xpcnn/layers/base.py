@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -207,7 +208,8 @@ class Layer:
     def name(self) -> str:
         """The layer's name, unique in a model. A name the user gives (to the constructor, or
         by setting it) is theirs (``name_given``): no model changes it. None gives the type's
-        name (``conv2d``), which a model makes unique (``conv2d_1``, see :meth:`give_way`)."""
+        name (``conv2d``), which a model makes unique (``conv2d_1``, see :meth:`give_way`), as
+        it does a name read from a file."""
         return self._name
 
     @name.setter
@@ -218,10 +220,12 @@ class Layer:
         self.name_given = value is not None
 
     def give_way(self, taken: set[str]) -> None:
-        """Where the automatic name of this layer (not ``name_given``) is in ``taken``, take
-        the first of ``conv2d``, ``conv2d_1``, ``conv2d_2``... (its type's) that is not."""
+        """Where this layer's name (not ``name_given``) is in ``taken``, take the first of
+        ``conv2d``, ``conv2d_1``, ``conv2d_2``... that is not (its type's, for a name made
+        from it; else ``name_1``, ``name_2``...)."""
         if self._name in taken:
-            base = type(self).__name__.lower()
+            kind = type(self).__name__.lower()
+            base = kind if re.fullmatch(rf"{kind}(_\d+)?", self._name) else self._name
             names = (f"{base}_{k}" if k else base for k in itertools.count())
             self._name = next(n for n in names if n not in taken)
 
@@ -425,8 +429,10 @@ class Layer:
             if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
                 raise InputError(f"layer {self.name!r} weight {n!r} must be real, got {w.dtype}")
             # Finite values the cast would turn into infinity are refused, as a model's build
-            # refuses to round float64 weights (NaN and infinity given stay, as in Keras).
-            finite = w[np.isfinite(w)]
+            # refuses to round float64 weights (NaN and infinity given stay, as in Keras);
+            # looked for only where w's dtype can hold them (no pass over float32 weights).
+            wide = float((np.finfo if w.dtype.kind == "f" else np.iinfo)(w.dtype).max)
+            finite = w[np.isfinite(w)] if wide > largest else w[:0]
             peak = max(float(finite.max()), -float(finite.min())) if finite.size else 0.0
             if peak > largest:
                 dtype = dtype_name(self.dtype)

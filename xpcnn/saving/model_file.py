@@ -198,6 +198,9 @@ def layers_from_config(config: Any, path: str) -> tuple[list[Layer], tuple[int, 
                 raise DataFormatError(f"{path}: unknown layer type {spec['class']!r}")
             layers.append(cls(**spec["config"]))
             layers[-1].trainable = spec.get("trainable", True) is not False
+            # (the file's names are kept as they are where they can be, but give way as
+            # automatic ones do: two trained models, each with its 'dense', can be joined)
+            layers[-1].name_given = False
     except DataFormatError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
