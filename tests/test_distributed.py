@@ -25,6 +25,7 @@ import pytest
 import xpcnn
 from xpcnn import distributed
 from xpcnn.layers import Dense, Flatten, ReLU, Softmax
+from xpcnn.saving import FitCheckpoints, save_checkpoint
 from xpcnn.training import PRECISIONS
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -105,6 +106,19 @@ def test_ranks_train_as_one_process_float32_adam(tmp_path):
 
 
 @needs_mpi
+def test_a_layer_frozen_and_unfrozen_mid_run_trains_as_one_process(tmp_path):
+    """A callback freezes the convolution before step 5 (the last of epoch 1, where rank 2 has
+    no sample) and unfreezes it before step 8: the gradient buckets follow (was: a ValueError
+    from the update, the buckets' gradients being those of the layers trained at the start),
+    and rank 2, whose step 5 runs no forward pass, starts the optimiser's slots afresh there as
+    the others do, not again at step 6."""
+    proc, _ = mpirun(3, tmp_path / "run", "--epochs", "2", "--freeze", "5", "8")
+    assert proc.returncode == 0, proc.stderr
+    reference = dist_train.train(batch=12, epochs=2, freeze=(5, 8))
+    assert_same_as_one_process(tmp_path / "run", 3, reference, rtol=0, atol=1e-12)
+
+
+@needs_mpi
 def test_batchnorm_statistics_are_averaged_so_every_rank_holds_the_same_model(tmp_path):
     proc, _ = mpirun(2, tmp_path / "run", "--batchnorm", "--checkpoint",
                      str(tmp_path / "c.npz"), "--every", "3")
@@ -142,6 +156,59 @@ def test_a_killed_rank_ends_the_job_and_the_checkpoint_resumes(tmp_path):
             assert int(f["steps_run"]) == 30 - 18
     reference = dist_train.train(batch=4, samples=60, epochs=2)
     assert_same_as_one_process(tmp_path / "resumed", 2, reference, rtol=0, atol=1e-12)
+
+
+def test_a_checkpoint_of_another_rank_count_is_refused_for_that_first(tmp_path):
+    """A schedule spanning the run has as many steps as the rank count allows (`xpcnn train`'s
+    cosine decay): the refusal names the rank counts, not the schedule (was: 'compiled
+    otherwise')."""
+    def model(steps: int) -> xpcnn.Sequential:
+        m = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=1)
+        m.compile(optimizer=xpcnn.optim.SGD(xpcnn.optim.CosineDecay(0.1, steps)))
+        m.build((2, 2, 1))
+        return m
+
+    path = tmp_path / "c.npz"
+    save_checkpoint(model(20), path, run={"ranks": 2})
+    saver = FitCheckpoints(model(14), path, "epoch", True, {"ranks": 3}, 7, 0)
+    with pytest.raises(xpcnn.InputError, match=r"written by a run on 2 process\(es\) and this "
+                                               r"run has 3: resume it on 2"):
+        saver.start()
+
+
+@needs_mpi
+def test_a_ctrl_c_reaching_the_ranks_at_different_steps_stops_them_at_one_checkpoint(tmp_path):
+    """mpiexec forwards a Ctrl-C to every rank, each at its own point of the loop: here rank 0
+    gets it before step 4 and rank 1 would get it before step 5. Both finish step 4, write the
+    checkpoint there, with the ranks' average BatchNorm statistics, and stop; rank 1, which
+    writes nothing, ends the job only once rank 0 has written it (was: rank 0 alone averaged
+    them, its allreduce meeting rank 1's gradient allreduce, and the job failed)."""
+    ckpt = tmp_path / "c.npz"
+    proc, _ = mpirun(2, tmp_path / "run", "--batchnorm", "--checkpoint", str(ckpt), "--every",
+                     "100", "--interrupt", "4")
+    assert "TrainingInterrupted: interrupted at epoch 1, step 4/7" in proc.stderr, proc.stderr
+    saved = xpcnn.load_checkpoint(ckpt)
+    assert (saved.epoch, saved.step) == (0, 4)
+    for rank in range(2):
+        with np.load(f"{tmp_path / 'run'}.rank{rank}.npz") as f:
+            assert (str(f["interrupted"]), int(f["steps_run"])) == ("epoch 1, step 4/7", 4)
+        for a, b in zip(load_rank(tmp_path / "run", rank)[0], saved.model.get_weights(),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@needs_mpi
+def test_model_checkpoint_inside_an_epoch_saves_the_ranks_average_batchnorm_statistics(
+        tmp_path):
+    """ModelCheckpoint(save_freq=7) saves after the epoch's last step, before fit's own average
+    at the end of the epoch: the file holds the model every rank ends with (was: rank 0's own
+    BatchNorm statistics)."""
+    proc, _ = mpirun(2, tmp_path / "run", "--batchnorm", "--save-freq", "7")
+    assert proc.returncode == 0, proc.stderr
+    saved = xpcnn.load_model(f"{tmp_path / 'run'}.b7.npz").get_weights()
+    for rank in range(2):
+        for a, b in zip(load_rank(tmp_path / "run", rank)[0], saved, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 @needs_mpi
@@ -369,7 +436,7 @@ def test_an_empty_rank_adds_zeros_even_after_a_non_finite_gradient():
     for layer in model.layers:
         for k, p in layer.params.items():
             layer.grads[k] = p * np.nan  # stale gradients of an earlier step
-    stats, grads = dp.empty_step(model.backend.xp.zeros((2,)))
+    stats, grads = dp.empty_step(model.backend.xp.zeros((2,)), model._trained())
     assert all(not np.any(g) for g in grads) and not np.any(stats)
 
 
@@ -402,6 +469,23 @@ def test_xpcnn_train_under_mpiexec_speaks_and_writes_once(tmp_path):
     xpcnn.load_model(tmp_path / "m.npz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "m.npz"]
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 3  # header, 2 epochs
+
+
+@needs_mpi
+def test_xpcnn_train_under_mpiexec_fails_with_one_json_object(tmp_path):
+    """Every rank refuses the checkpoint's missing folder; stdout holds rank 0's JSON alone
+    (was: one per rank)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
+    cli = "import sys; from xpcnn.cli import main; sys.exit(main())"
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", cli, "train", "--dataset",
+                           "shapes", "--limit", "64", "--json", "--checkpoint",
+                           str(tmp_path / "nodir" / "ck.npz")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stdout.strip().splitlines()
+    error = json.loads(line)
+    assert error["exit_status"] == 2 and "(rank 0 of 2): error: argument --checkpoint" in \
+        error["error"] and "does not exist" in error["error"]
 
 
 def test_nccl_sum_calls_cupy_nccl_as_documented(monkeypatch):

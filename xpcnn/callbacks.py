@@ -608,6 +608,10 @@ class ModelCheckpoint(_Monitor):
             self.best = value
         fields = {**logs, "epoch": epoch + 1, **({} if batch is None else {"batch": batch + 1})}
         path = self._fill(fields)
+        # (every rank saves alike, from the same count and logs; the ranks' BatchNorm
+        # statistics, averaged by fit at the end of each epoch, are averaged here inside one)
+        if batch is not None and self.model._parallel is not None:
+            self.model._parallel.average_state()
         if self.save_weights_only:
             self.model.save(path)
         elif batch is None:

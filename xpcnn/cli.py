@@ -482,12 +482,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(prog: str, message: str, status: int, as_json: bool) -> int:
     """One line on stderr; with --json, also one JSON object on stdout. On several ranks
-    (mpiexec) the line names the rank, and every rank ends (they would wait for this one)."""
+    (mpiexec) the line names the rank, the JSON is rank 0's alone (stdout holds one object,
+    as in a run that succeeds), and every rank ends (they would wait for this one)."""
     here = distributed.world()
     rank = f" (rank {here.rank} of {here.size})" if here.size > 1 else ""
     line = f"{prog}{rank}: {' '.join(message.split())}"
     print(line, file=sys.stderr)
-    if as_json:
+    if as_json and here.is_root:
         print(json.dumps({"error": line, "exit_status": status}))
     distributed.abort(status)
     return status

@@ -12,7 +12,8 @@ on four ranks; ``fit`` needs no change. As in ChainerMN, Horovod and PyTorch DDP
   sizes, in one small host allreduce);
 * after the backward pass the gradients are averaged, weighted by each rank's share of the
   samples, so that a step equals the single-process step on the whole global batch. They are
-  packed into a few flat buckets (1 MiB for the first, then 25 MiB, as DDP), each reduced as
+  packed into a few flat buckets (1 MiB for the first, then 25 MiB, as DDP; made again when a
+  callback freezes or unfreezes a layer, on every rank at the same step), each reduced as
   soon as backward has produced all of its gradients, while backward goes on: NCCL on CuPy
   arrays for GPU ranks (on its own stream), MPI ``Iallreduce`` on host arrays for CPU ranks;
 * random layers (Dropout, RandomFlip, RandomCrop) draw the numbers of the global batch and
@@ -302,7 +303,7 @@ class GradientBuckets:
     def __init__(self, comm: Any, xp: Any, layers: Sequence[Any],
                  bucket_bytes: int = BUCKET_BYTES,
                  first_bucket_bytes: int = FIRST_BUCKET_BYTES) -> None:
-        self.comm, self.xp = comm, xp
+        self.comm, self.xp, self.layers = comm, xp, tuple(layers)
         self.entries = [(layer, key) for layer in layers for key in layer.params]
         # Backward order; a bucket closes once it holds its cap (DDP's rule): in the reference
         # models the first holds the big Dense kernel, whose allreduce then runs while backward
@@ -423,13 +424,23 @@ class DataParallel:
             layer.batch_slice = (start, total)
         self.total, self.weight = total, local / total
 
-    def empty_step(self, zeros: Any) -> tuple[Any, list[Any]]:
+    def buckets_for(self, trained: tuple[Any, ...]) -> GradientBuckets:
+        """The buckets of ``trained``, the layers this step updates: made again after a layer
+        was frozen or unfrozen (by a callback, which runs on every rank, so every rank makes
+        the same buckets at the same step)."""
+        if self.buckets.layers != trained:
+            self.buckets = GradientBuckets(self.comm, self.model.backend.xp, trained)
+        return self.buckets
+
+    def empty_step(self, zeros: Any, trained: tuple[Any, ...]) -> tuple[Any, list[Any]]:
         """The step of a rank without a sample in this batch: its random layers still count
-        the batch (to draw as the others do afterwards), it adds zeros to the sums."""
+        the batch (to draw as the others do afterwards), it adds zeros to the sums of the
+        gradients of ``trained``."""
         for layer in self.random_layers:
             layer.skip_draw()
-        self.buckets.begin(0.0, zeros)
-        grads, stats = self.buckets.finish()
+        buckets = self.buckets_for(trained)
+        buckets.begin(0.0, zeros)
+        grads, stats = buckets.finish()
         return stats, grads
 
     def end_fit(self) -> None:

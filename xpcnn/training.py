@@ -443,7 +443,10 @@ class Trainer:
         xp, dp = self.backend.xp, self._parallel
         assert self.loss is not None
         if dp is not None and xb.shape[0] == 0:  # no sample of a short last batch here
-            return dp.empty_step(xp.zeros((2,), dtype=self._param_dtype))
+            # (the plan the other ranks' forward passes make: after a freeze or an unfreeze,
+            # the next step must not find the optimiser's slots outdated here alone)
+            self._plan()
+            return dp.empty_step(xp.zeros((2,), dtype=self._param_dtype), trained)
         logits = self._logits(xb, training=True, in_scope=True)
         # (a label that is no class makes the loss NaN: the step is skipped as a non-finite one
         # and the host names the labels, _raise_deferred)
@@ -460,9 +463,10 @@ class Trainer:
             grads = [la.grads[k] for la in trained for k in la.params]
             # (a mixed-precision step's float16 gradients back to float32 in one call)
             return stats, kernels.cast_all(grads, self._param_dtype)
-        dp.buckets.begin(dp.weight, stats)
-        self._backward(dz, dp.buckets.layer_done)
-        grads, stats = dp.buckets.finish()
+        buckets = dp.buckets_for(trained)  # (new ones where a layer was frozen since)
+        buckets.begin(dp.weight, stats)
+        self._backward(dz, buckets.layer_done)
+        grads, stats = buckets.finish()
         return stats, grads
 
     def _weights(self, yb: Any, weights: Any) -> Any:

@@ -448,12 +448,14 @@ class FitCheckpoints:
         self.model, self.path, self.every = model, os.fspath(path), every
         self.resume, self.run, self.steps = resume, run, steps_per_epoch
         self.verbose = verbose
-        self.interrupted = False
+        self.interrupted = False  # a Ctrl-C reached this process
+        self.stopping = False  # one reached this process or another rank: checkpoint, stop
 
     @contextlib.contextmanager
     def interruptible(self) -> Iterator[None]:
         """Inside, a Ctrl-C (SIGINT) lets the step in progress finish, writes a checkpoint at
-        that step and raises :class:`~xpcnn.errors.TrainingInterrupted`; a second Ctrl-C
+        that step and raises :class:`~xpcnn.errors.TrainingInterrupted` (on several ranks, all
+        of them at the first step to end after any rank got it); a second Ctrl-C
         interrupts at once (the last checkpoint written stays). Only where Ctrl-C has Python's
         own meaning (KeyboardInterrupt, in the main thread): a SIGINT handler of the
         program's own, or SIGINT ignored, is left alone."""
@@ -484,16 +486,18 @@ class FitCheckpoints:
 
     def _resume(self, npz: NpzArchive) -> tuple[History, Progress | None]:
         config = _checkpoint_config(npz)
-        _check_compatible(self.model, config, npz)
         run, mine = config.get("run"), normal(self.run)
         if not isinstance(run, dict):
             raise DataFormatError(f"{self.path}: invalid checkpoint: no run description")
+        # (first: what the rank count changes, such as a schedule's length in steps, would
+        # otherwise be blamed instead)
         theirs, ours = run.get("ranks", 1), mine.get("ranks", 1)
         if theirs != ours:
             raise InputError(f"{self.path} was written by a run on {theirs} process(es) and this "
                              f"run has {ours}: resume it on {theirs} (mpiexec -n {theirs} ...), "
                              "since the global batch, and so every later step, depends on the "
                              "number of processes")
+        _check_compatible(self.model, config, npz)
         if run != mine:  # checked before the model is touched
             diff = sorted(k for k in set(run) | set(mine) if run.get(k) != mine.get(k))
             raise InputError(
@@ -517,7 +521,7 @@ class FitCheckpoints:
         """Whether batch ``step`` (1-based) of ``epoch`` ends with a checkpoint: every
         ``every`` steps, or at once after a Ctrl-C. (Not at an epoch's last step: the
         end-of-epoch checkpoint follows at once.)"""
-        return self.interrupted or self.every != "epoch" and not (
+        return self._stopping() or self.every != "epoch" and not (
             epoch * self.steps + step) % self.every and step != self.steps  # type: ignore
 
     def after_step(self, epoch: int, step: int, history: History) -> None:
@@ -529,9 +533,23 @@ class FitCheckpoints:
         self._stop_if_interrupted(epoch, step)
 
     def after_epoch(self, epoch: int, history: History) -> None:
+        self._stopping()  # (a Ctrl-C since the last step, during validation say)
         save_checkpoint(self.model, self.path, Progress(epoch + 1), history, self.run)
         self._stop_if_interrupted(epoch, self.steps)
 
+    def _stopping(self) -> bool:
+        """Whether to checkpoint and stop after this step: a Ctrl-C reached this process or,
+        on several ranks, any rank. The signal reaches each rank at its own point of the loop,
+        and the checkpoint is collective (the BatchNorm average), so the ranks agree on it
+        first: one host allreduce of one number a step."""
+        parallel = self.model._parallel
+        if not self.stopping:
+            self.stopping = self.interrupted if parallel is None else distributed.host_sum(
+                parallel.world, [self.interrupted], "the agreement on a Ctrl-C")[0] > 0
+        return self.stopping
+
     def _stop_if_interrupted(self, epoch: int, step: int) -> None:
-        if self.interrupted:
+        if self.stopping:
+            if self.model._parallel is not None:  # (rank 0 writes: no rank ends the job before)
+                distributed.host_sum(self.model._parallel.world, [], "the checkpoint's write")
             raise TrainingInterrupted(f"epoch {epoch + 1}, step {step}/{self.steps}", self.path)
