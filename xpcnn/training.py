@@ -287,7 +287,7 @@ class Trainer:
         None."""
         # (first: an earlier step's deferred error, read here where a layer was frozen since,
         # is raised before anything of this step changes the model, its optimiser's slots too)
-        self._running_totals()
+        totals = self._running_totals()
         self._rebuild_if_shared()  # (another model may have built shared layers since)
         opt = self.optimizer
         if opt.slots and self._slots_outdated():  # type: ignore[union-attr]
@@ -301,7 +301,6 @@ class Trainer:
             stats = self._device_step(xb, yb, step, weights=weights)
         elif keep:
             stats = self.backend.xp.asarray(stats, copy=True)
-        totals = self._running_totals()
         totals.pending.append((step, (xb, yb)))
         totals.seen += self._global_batch(xb)
         if len(totals.pending) >= READ_EVERY:
@@ -406,10 +405,9 @@ class Trainer:
         kernels = kernels_for(self.backend)
         opt = self.optimizer
         assert opt is not None and self.loss is not None
-        # (raised before this step moves anything: a learning rate that overflowed)
         totals = self._running_totals()
         eager = scalars is None
-        if eager:
+        if eager:  # (taken before this step moves anything: a rate that overflowed raises here)
             scalars = opt.step_scalars()
         # (normalisation statistics move in the forward pass: a skipped step puts them back)
         moving = [a for la in self.layers if la.trainable for a in la.state.values()]
