@@ -280,9 +280,13 @@ def test_ctrl_c_without_a_checkpoint_says_where_it_stopped(tmp_path):
                         r"continues from it\)", err), err
 
 
-def test_fit_interrupted_then_resumed_ends_with_the_same_weights(tmp_path, ctrl_c_raises):
+@pytest.mark.parametrize("stop, where", [(11, "epoch 2, step 3/8"), (16, "epoch 2, step 8/8")])
+def test_fit_interrupted_then_resumed_ends_with_the_same_weights(tmp_path, ctrl_c_raises, stop,
+                                                                 where):
     """Ctrl-C inside fit(checkpoint=...): the step in progress finishes, the checkpoint is
-    written there, and resuming gives the uninterrupted run's weights, bit for bit."""
+    written there, and resuming gives the uninterrupted run's weights, bit for bit; at an
+    epoch's last step too, whose checkpoint is the epoch's end (was: one at step 8/8 of the
+    epoch, which resumed into "the training data gave no batches")."""
     reference, _ = ckpt_train.train()
     model = ckpt_train.make_model()
     step = model.train_step
@@ -291,19 +295,19 @@ def test_fit_interrupted_then_resumed_ends_with_the_same_weights(tmp_path, ctrl_
     def step_then_ctrl_c(xb, yb):
         out = step(xb, yb)
         count[0] += 1
-        if count[0] == 11:
+        if count[0] == stop:
             os.kill(os.getpid(), signal.SIGINT)  # arrives while the step's bookkeeping runs
         return out
 
     model.train_step = step_then_ctrl_c
     path = tmp_path / "c.npz"
-    with pytest.raises(xpcnn.errors.TrainingInterrupted, match="epoch 2, step 3/8"):
+    with pytest.raises(xpcnn.errors.TrainingInterrupted, match=where):
         ckpt_train.train(path, model=model)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
-    assert load_checkpoint(path).model.optimizer.iterations == 11
+    assert load_checkpoint(path).model.optimizer.iterations == stop
     steps_run = []  # (only those after the checkpoint: not a run that started afresh)
     resumed, _ = ckpt_train.train(path, resume=True, steps_run=steps_run)
-    assert len(steps_run) == ckpt_train.EPOCHS * 8 - 11
+    assert len(steps_run) == ckpt_train.EPOCHS * 8 - stop
     for a, b in zip(reference.get_weights(), resumed.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -767,3 +767,17 @@ def test_a_name_the_user_gave_is_never_moved_or_taken(tmp_path):
         xpcnn.Sequential([Dense(3, name="x"), Dense(2, name="x")])
     with pytest.raises(InputError, match=given):
         xpcnn.Model(inputs, Dense(2, name="x")(Dense(3, name="x")(Flatten()(inputs))))
+
+
+def test_a_refused_model_gives_its_layers_their_names_back():
+    """A Sequential or graph that renamed a built layer for itself, then was refused at its
+    build: the layer has its name again, and its own model's get_layer finds it (was: left
+    renamed)."""
+    a = xpcnn.Sequential([Dense(3)], input_shape=(4,))
+    b = xpcnn.Sequential([Dense(2)], input_shape=(3,))
+    with pytest.raises(InputError):  # (a's Dense takes 4 features, b's gives 2)
+        xpcnn.Sequential([b.layers[0], a.layers[0]], input_shape=(3,))
+    inputs = xpcnn.Input((3,))
+    with pytest.raises(InputError):
+        xpcnn.Model(inputs, a.layers[0](b.layers[0](inputs)))
+    assert a.get_layer("dense") is a.layers[0] and b.get_layer("dense") is b.layers[0]

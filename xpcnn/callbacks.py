@@ -523,6 +523,8 @@ class ModelCheckpoint(_Monitor):
     1-based ``epoch`` and the epoch logs: ``"ckpt-{epoch:02d}-{val_loss:.3f}.npz"`` (a
     ``val_*`` log where every epoch it saves in validates: with ``fit(validation_freq=k)``,
     only with ``save_best_only`` on a ``val_*`` monitor; refused before training otherwise).
+    Under ``mpiexec`` every rank must have it (rank 0 writes): saving averages the ranks'
+    BatchNorm statistics, a collective.
 
     ``save_best_only``: only when ``monitor`` improved (the path may then be fixed); the first
     value saves unless ``initial_value_threshold`` is given: then only a value beating it.

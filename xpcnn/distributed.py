@@ -428,7 +428,7 @@ class DataParallel:
         """The buckets of ``trained``, the layers this step updates: made again after a layer
         was frozen or unfrozen (by a callback, which runs on every rank, so every rank makes
         the same buckets at the same step)."""
-        if self.buckets.layers != trained:
+        if self.buckets.layers is not trained and self.buckets.layers != trained:
             self.buckets = GradientBuckets(self.comm, self.model.backend.xp, trained)
         return self.buckets
 

@@ -99,8 +99,9 @@ class Model(Trainer):
         self._built_as_at: tuple[int, str] | None = None
         if traced is not None:
             layers, inbound, self._symbolic = traced
-            self._set_graph(layers, inbound)
-            self.build(graph.input_shape_of(inputs))
+            with _names_back_if_refused(layers):
+                self._set_graph(layers, inbound)
+                self.build(graph.input_shape_of(inputs))
 
     def _set_graph(self, layers: list[Layer], inbound: list[graph.Inbound]) -> None:
         graph.check_graph(layers, inbound)
@@ -564,10 +565,11 @@ class Sequential(Model):
         super().__init__(device=device, seed=seed, dtype=dtype, name=name)
         if layers is not None and not isinstance(layers, list | tuple):
             raise InputError(f"layers must be a list of xpcnn layers, got {type(layers).__name__}")
-        for layer in layers or []:
-            self.add(layer)
-        if input_shape is not None:
-            self.build(input_shape)
+        with _names_back_if_refused(list(layers or [])):
+            for layer in layers or []:
+                self.add(layer)
+            if input_shape is not None:
+                self.build(input_shape)
 
     # -- construction ------------------------------------------------------------------------
     def add(self, layer: Layer) -> None:
@@ -593,6 +595,19 @@ class Sequential(Model):
                    name=str(config["name"]))
 
 
+@contextlib.contextmanager
+def _names_back_if_refused(layers: list[Layer]) -> Iterator[None]:
+    """Around a model's construction: where it is refused, the layers get back the names it
+    gave them (a built layer renamed for it is another model's, whose get_layer would fail)."""
+    names = [(layer, layer.name) for layer in layers if isinstance(layer, Layer)]
+    try:
+        yield
+    except BaseException:
+        for layer, name in names:
+            layer._name = name
+        raise
+
+
 def _attributes(layers: list[Layer]) -> list[tuple[Layer, dict[str, Any]]]:
     """Each layer's attributes, its dicts (of weights, gradients) copied: :func:`_restore`
     puts them back after a call that rebinds (never writes into) them has failed."""
@@ -610,10 +625,11 @@ def _restore(attributes: list[tuple[Layer, dict[str, Any]]]) -> None:
 def _name_apart(layers: list[Layer]) -> None:
     """Make the names of a model's ``layers`` unique. A name the user gave in code is kept:
     two such alike are refused, as Keras refuses a name twice in a model. Other names (made
-    automatically, or read from a file) give way to them and to those kept before them, a
-    built layer's first (other models may hold it and show its name: it is renamed only where
-    another built one has its name too, as when two trained models are joined; Keras avoids
-    that with names unique in the whole session, which xpcnn's per-model names are not)."""
+    automatically, or read from a file) give way to them and to those kept before them, built
+    layers' kept first (other models may hold them and show their names: one is renamed only
+    where another built one has its name too, as when two trained models are joined; Keras
+    avoids that with names unique in the whole session, which xpcnn's per-model names are
+    not)."""
     given: dict[str, Layer] = {}
     for layer in layers:
         if layer.name_given and given.setdefault(layer.name, layer) is not layer:

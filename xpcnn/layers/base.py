@@ -225,7 +225,8 @@ class Layer:
         from it; else ``name_1``, ``name_2``...)."""
         if self._name in taken:
             kind = type(self).__name__.lower()
-            base = kind if re.fullmatch(rf"{kind}(_\d+)?", self._name) else self._name
+            base = kind if re.fullmatch(rf"{re.escape(kind)}(_[0-9]+)?", self._name) \
+                else self._name
             names = (f"{base}_{k}" if k else base for k in itertools.count())
             self._name = next(n for n in names if n not in taken)
 

@@ -521,8 +521,9 @@ class FitCheckpoints:
         """Whether batch ``step`` (1-based) of ``epoch`` ends with a checkpoint: every
         ``every`` steps, or at once after a Ctrl-C. (Not at an epoch's last step: the
         end-of-epoch checkpoint follows at once.)"""
-        return self._stopping() or self.every != "epoch" and not (
-            epoch * self.steps + step) % self.every and step != self.steps  # type: ignore
+        stopping = self._stopping()  # (asked at every step: on several ranks, a collective)
+        return step != self.steps and (stopping or self.every != "epoch" and not (
+            epoch * self.steps + step) % self.every)  # type: ignore
 
     def after_step(self, epoch: int, step: int, history: History) -> None:
         """The checkpoint after batch ``step`` of ``epoch`` where :meth:`due`."""
@@ -551,5 +552,7 @@ class FitCheckpoints:
     def _stop_if_interrupted(self, epoch: int, step: int) -> None:
         if self.stopping:
             if self.model._parallel is not None:  # (rank 0 writes: no rank ends the job before)
-                distributed.host_sum(self.model._parallel.world, [], "the checkpoint's write")
+                # (one number: Open MPI completes an allreduce of none at once, not waiting)
+                distributed.host_sum(self.model._parallel.world, [0.0],
+                                     "the checkpoint's write")
             raise TrainingInterrupted(f"epoch {epoch + 1}, step {step}/{self.steps}", self.path)
