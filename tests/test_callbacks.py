@@ -806,6 +806,51 @@ def test_csv_logger_writes_a_row_per_epoch_and_appends(data, tmp_path):
     assert path.read_text().splitlines() == ["epoch,learning_rate,loss", "0,0.1,1.0", "1,NA,0.5"]
 
 
+def test_a_csv_logger_reused_after_a_failed_fit_starts_its_file_afresh(data, tmp_path):
+    """A fit that raised in its second epoch left the logger's file open (on_train_end does
+    not run on an error, as in Keras); the next fit with that logger writes its own file, one
+    header and its rows (was: a second header and rows under the first)."""
+    path = tmp_path / "log.csv"
+    logger, model = CSVLogger(path), small_model()
+
+    def fail(epoch, logs):
+        if epoch == 1:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        model.fit(*data, epochs=3, batch_size=BATCH, verbose=0,
+                  callbacks=[logger, LambdaCallback(on_epoch_end=fail)])
+    model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[logger])
+    assert logger.file is None
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("epoch,") and [r.split(",")[0] for r in lines[1:]] == ["0", "1"]
+
+
+def test_fit_and_to_from_a_callback_of_fit_are_refused(data):
+    """fit inside fit took over the outer one's History and class weights (its epochs 2-3
+    trained unweighted, and it returned the inner History); to() moved the model under fit's
+    batches (a bare AttributeError at the next step). Both are refused, by name."""
+    model, inner = small_model(), []
+
+    def nested(epoch, logs):
+        try:
+            model.fit(*data, epochs=1, verbose=0)
+        except InputError as e:
+            inner.append(str(e))
+        try:
+            model.to("cpu")
+        except InputError as e:
+            inner.append(str(e))
+
+    history = model.fit(*data, epochs=2, batch_size=BATCH, verbose=0,
+                        callbacks=[LambdaCallback(on_epoch_end=nested)])
+    assert history.epoch == [0, 1] and len(inner) == 4
+    assert inner[0].startswith("fit was called while this model's fit runs")
+    assert inner[1].startswith("to() was called while this model's fit runs")
+    model.fit(*data, epochs=1, verbose=0)  # (after it, as ever)
+    model.to("cpu")
+
+
 def test_csv_logger_of_a_fit_validating_every_few_epochs(data, tmp_path):
     """validation_freq=2: the val_* columns from the first row on (NA where an epoch was not
     validated), the columns of a fit that validates every epoch."""

@@ -727,3 +727,36 @@ class SampleList:
 
     def __getitem__(self, i):
         return self.samples[i]
+
+
+def test_an_error_is_not_held_up_by_a_generator_blocked_in_next(monkeypatch):
+    """A callback's error while the prefetch thread waits inside the caller's generator (a
+    socket read that never returns): raised at once, the thread left to end with the
+    generator (was: held until the generator moved, forever for a read that never returns)."""
+    import time
+
+    from xpcnn.callbacks import LambdaCallback
+
+    monkeypatch.setattr(xpcnn.data, "STOP_WAIT_SECONDS", 0.2, raising=False)
+    model = make()
+    model.build((6, 6, 3))
+    x = np.zeros((4, 6, 6, 3), np.uint8)
+    never = threading.Event()
+
+    def blocked():
+        yield x
+        yield x
+        never.wait(30)  # (released below, so that the test leaves no thread behind)
+        yield x
+
+    def refuse(batch, logs):
+        raise ValueError("refused")
+
+    start = time.monotonic()
+    try:
+        with pytest.raises(ValueError, match="refused"):
+            model.predict(blocked(), steps=3,
+                          callbacks=[LambdaCallback(on_predict_batch_end=refuse)])
+        assert time.monotonic() - start < 10
+    finally:
+        never.set()

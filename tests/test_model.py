@@ -236,6 +236,50 @@ def test_the_logits_of_a_uint8_batch_are_those_of_the_batch_in_the_parameters_dt
         np.testing.assert_array_equal(got, want)
 
 
+def test_threads_predicting_with_one_model_get_their_own_results():
+    """A server's threads calling predict on one model at once: each gets the single-threaded
+    result (was: 3 to 22 of 40 wrong, the convolutions' kept scratch shared between them); a
+    chunk loop's pool threads still use their caller's scratch."""
+    import threading
+
+    rng = np.random.default_rng(0)
+    model = xpcnn.Sequential(gap_net(), seed=0)
+    model.build((16, 16, 3))
+    xs = [rng.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8) for _ in range(2)]
+    expected = [model.predict(x, batch_size=16) for x in xs]
+    wrong = [0, 0]
+
+    def predicting(k):
+        for _ in range(12):
+            wrong[k] += not np.array_equal(model.predict(xs[k], batch_size=16), expected[k])
+
+    threads = [threading.Thread(target=predicting, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [0, 0]
+    from xpcnn.ops.conv import Workspace, owner, working_for
+
+    ws, xp = Workspace(), model.backend.xp
+    mine = ws.get(xp, "k", (2, 3), np.float32, "cpu")
+    other = []
+    thread = threading.Thread(target=lambda: other.append(ws.get(xp, "k", (2, 3), np.float32,
+                                                                 "cpu")))
+    thread.start()
+    thread.join()
+    on_behalf, caller = [], owner()
+
+    def pool_worker():
+        with working_for(caller):
+            on_behalf.append(ws.get(xp, "k", (2, 3), np.float32, "cpu"))
+
+    pool = threading.Thread(target=pool_worker)
+    pool.start()
+    pool.join()
+    assert other[0] is not mine and on_behalf[0] is mine
+
+
 def test_set_weights_checks_count_and_shapes(data):
     model = trained(data)
     weights = model.get_weights()

@@ -818,6 +818,7 @@ class CSVLogger(Callback):
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         # (checked now, opened at the first epoch's end: a fit refused after this hook, by a
         # checkpoint that does not match, leaves the file as it was)
+        self.on_train_end()  # (a file a failed fit left open: not written into by this one)
         self.writing = distributed.is_root()  # one writer on several ranks (same logs on all)
         if not self.writing:
             return

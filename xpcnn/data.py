@@ -671,6 +671,9 @@ class _Failure:
         self.error = error
 
 
+STOP_WAIT_SECONDS = 2.0  # how long a prefetch closed early waits for its thread
+
+
 def prefetch(items: Iterator[Any], backend: Any, depth: int = PREFETCH) -> Iterator[Any]:
     """``items`` computed on a background thread, up to ``depth`` ahead, on the device and
     stream current where this generator is first iterated (``backend.current_stream_scope``).
@@ -706,14 +709,19 @@ def prefetch(items: Iterator[Any], backend: Any, depth: int = PREFETCH) -> Itera
 
     thread = threading.Thread(target=work, name="xpcnn-prefetch", daemon=True)
     thread.start()
+    done = False
     try:
         while True:
             item = ready.get()
             if item is _DONE:
+                done = True
                 return
             if isinstance(item, _Failure):
                 raise item.error
             yield item
     finally:
         stop.set()
-        thread.join()
+        # (closed early, by an error or a Ctrl-C too: the thread ends at its next put, but one
+        # blocked inside the caller's iterator cannot be interrupted; a daemon, it is left to
+        # end with it rather than holding up the error)
+        thread.join(None if done else STOP_WAIT_SECONDS)

@@ -511,7 +511,12 @@ class Model(Trainer):
             load_weights(self, path)
 
     def to(self, device: DeviceLike) -> Model:
-        """Move the model (weights, optimiser state) to another device; returns self."""
+        """Move the model (weights, optimiser state) to another device; returns self. Not
+        while its fit runs (from a callback): fit's batches are on the device it started on."""
+        if self._fitting:
+            raise InputError("to() was called while this model's fit runs (from one of its "
+                             "callbacks): fit's batches and steps are on the device it started "
+                             "on; move the model before fit, or after it returns")
         backend = get_backend(distributed.device_for_rank(device))
         # A move that fails partway (out of device memory) leaves the model whole where it was.
         layers = _attributes(self.layers)

@@ -74,6 +74,25 @@ from .totals import READ_EVERY, RunningTotals, loss_scaling
 PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 
 
+def _one_fit_at_a_time(fit: Callable[..., Any]) -> Callable[..., Any]:
+    """``fit``, refused where it is called while the model's fit runs (from one of its
+    callbacks): the inner fit would replace the outer one's History, position and class
+    weights, and end its data-parallel mode (Keras does not support it either)."""
+    @functools.wraps(fit)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._fitting:
+            raise InputError("fit was called while this model's fit runs (from one of its "
+                             "callbacks): a fit inside a fit would take over the outer one's "
+                             "History, position and class weights; train_on_batch trains a "
+                             "batch there, or fit again once the outer fit has returned")
+        self._fitting = True
+        try:
+            return fit(self, *args, **kwargs)
+        finally:
+            self._fitting = False
+    return guarded
+
+
 class Trainer:
     """Training, evaluation and prediction of a network: the base class of
     :class:`xpcnn.Model`, which supplies the network through these hooks:
@@ -120,6 +139,7 @@ class Trainer:
         self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
         self._resume_at: Any = None  # where BackupAndRestore restarts a run
         self._position = (0, 0)  # (epoch, batches done in it) during fit
+        self._fitting = False  # (a fit runs: its callbacks may not start another, nor move it)
         # Epochs are numbered on across fit calls, for their shuffling orders: a fit's epoch e
         # shuffles as number e + _epoch_offset; _epochs_begun counts the numbers used so far
         # (by epochs that trained a step at least).
@@ -709,6 +729,7 @@ class Trainer:
                 raise
 
     # -- fit, evaluate, predict -----------------------------------------------------------------
+    @_one_fit_at_a_time
     def fit(self, x: Any, y: Any = None, epochs: int = 1, batch_size: int | None = 32,
             validation_data: Any = None, validation_split: float = 0.0, shuffle: bool = True,
             seed: int | None = None, verbose: int | str = 1,

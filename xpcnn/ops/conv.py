@@ -8,8 +8,12 @@ seam over these loops (one engine per backend) is :mod:`xpcnn.ops.convolution`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 Pads = tuple[int, int, int, int]  # top, bottom, left, right
@@ -126,14 +130,53 @@ def col2im(
 # returns a view); reshapes are only read.
 
 
+# The thread a chunk loop's pool thread works for (see :func:`working_for`); otherwise a thread
+# works for itself.
+_OWNER = threading.local()
+
+
+@contextlib.contextmanager
+def working_for(thread: threading.Thread) -> Iterator[None]:
+    """Inside, this (pool) thread's scratch is ``thread``'s: a chunk loop's workers use the
+    scratch of the thread that runs the loop."""
+    _OWNER.thread = thread
+    try:
+        yield
+    finally:
+        _OWNER.thread = None
+
+
+def owner() -> threading.Thread:
+    """The thread whose scratch this thread uses."""
+    return getattr(_OWNER, "thread", None) or threading.current_thread()
+
+
 class Workspace:
     """Scratch arrays kept across steps, one per key, reallocated when the shape grows (with
-    ``keep`` False, fresh arrays every time: see :attr:`Backend.keeps_scratch`)."""
+    ``keep`` False, fresh arrays every time: see :attr:`Backend.keeps_scratch`). Each thread
+    that runs a layer has its own (two threads predicting with one model wrote into each
+    other's), dropped with the thread; a chunk loop's pool threads use their caller's."""
 
     def __init__(self, keep: bool = True) -> None:
         self.keep = keep
-        self._arrays: dict[str, Any] = {}
-        self.plans: dict[str, tuple[Any, ...]] = {}  # per key: (signature, views...), see _plan
+        self._by_thread: weakref.WeakKeyDictionary[threading.Thread, tuple[dict, dict]] = (
+            weakref.WeakKeyDictionary())
+
+    def _mine(self) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]]]:
+        thread = owner()
+        mine = self._by_thread.get(thread)
+        if mine is None:
+            mine = self._by_thread[thread] = ({}, {})
+        return mine
+
+    @property
+    def _arrays(self) -> dict[str, Any]:
+        return self._mine()[0]
+
+    @property
+    def plans(self) -> dict[str, tuple[Any, ...]]:
+        """Per key: (signature, views...), see _plan."""
+        return self._mine()[1]
 
     def get(self, xp: Any, key: str, shape: tuple[int, ...], dtype: Any, device: Any,
             fill: float | None = None) -> Any:

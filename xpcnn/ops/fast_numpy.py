@@ -33,7 +33,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import random
-from .conv import accumulator, overlapping, window
+from .conv import accumulator, overlapping, owner, window, working_for
 from .kernels import StandardKernels, alike
 
 
@@ -187,11 +187,12 @@ class NumpyKernels(StandardKernels):
         def run(worker: int) -> None:
             self._in_a_loop(lambda: chunks(worker))
 
-        # the caller's floating-point error handling (compute_scope's), for the pool's threads
-        errors, call = np.geterr(), np.geterrcall()
+        # the caller's floating-point error handling (compute_scope's) and scratch (its
+        # layers' workspaces), for the pool's threads
+        errors, call, caller = np.geterr(), np.geterrcall(), owner()
 
         def run_in_pool(worker: int) -> None:
-            with np.errstate(call=call, **errors):
+            with np.errstate(call=call, **errors), working_for(caller):
                 run(worker)
 
         try:
