@@ -824,6 +824,18 @@ def test_only_the_last_refused_calls_batch_is_kept(tmp_path, monkeypatch):
             _unbuilt().fit(_generator(), steps_per_epoch=4, verbose=0,
                            callbacks=[EarlyStopping()])
     assert len(data._GIVEN_BACK) == 1
+    # (the generator is held weakly: dropped by the caller, it goes, with what it holds open;
+    # was: kept alive until another refused call)
+    import gc
+    import weakref
+
+    batches = _generator()
+    with pytest.raises(InputError):
+        _unbuilt().fit(batches, steps_per_epoch=4, verbose=0, callbacks=[EarlyStopping()])
+    gone = weakref.ref(batches)
+    del batches
+    gc.collect()
+    assert gone() is None
     data._GIVEN_BACK.clear()
 
 

@@ -27,11 +27,13 @@ raised in the caller, and the thread stops when the loop ends early.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import queue
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import array_api_compat
@@ -448,7 +450,7 @@ class IterableBatches(Batches):
         self._weighted = _Weighted(f"{what} yields sample weights with some batches and not "
                                    "with others")
         self.started: Iterator[Any] | None = None
-        held = _GIVEN_BACK.pop() if _GIVEN_BACK and _GIVEN_BACK[0][0] is data else None
+        held = _GIVEN_BACK.pop() if _GIVEN_BACK and _GIVEN_BACK[0][0]() is data else None
         first = self.first = None if held is None else held[1]
         if not model.built:  # the first batch tells the input shape
             if first is None:
@@ -482,7 +484,13 @@ class IterableBatches(Batches):
         before its first epoch) for the next source of that iterator, not lost to it (a
         re-iterable's next source starts a pass of its own)."""
         if self.first is not None and self.iterator is not None:
-            _GIVEN_BACK[:] = [(self.iterator, self.first)]  # (the last refused call's alone)
+            # (the last refused call's alone; the iterator weakly held, so that one the caller
+            # drops, and what it holds open, goes; one that takes no weak reference, strongly)
+            try:
+                ref = weakref.ref(self.iterator)
+            except TypeError:
+                ref = functools.partial(lambda it: it, self.iterator)
+            _GIVEN_BACK[:] = [(ref, self.first)]
         self.first = self.started = None
 
     def _split(self, item: Any) -> tuple[Any, Any, Any]:
@@ -523,7 +531,7 @@ class _Weighted:
 
 #: The batch given back by the last refused call, with its iterator: [(iterator, batch)], one
 #: at most (nothing piles up; a retry on that iterator takes it).
-_GIVEN_BACK: list[tuple[Iterator[Any], Any]] = []
+_GIVEN_BACK: list[tuple[Callable[[], Iterator[Any] | None], Any]] = []
 
 
 def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bool = True,
