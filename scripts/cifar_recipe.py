@@ -68,7 +68,7 @@ def compiled(name: str, knobs: dict[str, Any], steps: int, device: str = "cpu",
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model", default="cifar-augmented", choices=sorted(RECIPES))
     p.add_argument("--epochs", type=POSITIVE, default=20)

@@ -34,7 +34,7 @@ def pairwise(a: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--rows", type=int, nargs="+", default=[131072, 524288],
                    help="row counts (128 and 512 images of 32 x 32 pixels by default)")
     args = p.parse_args(argv)

@@ -32,7 +32,7 @@ OPERATORS = ["__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__mul__"
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--model", default="mnist")
     p.add_argument("--tree", default=str(Path(__file__).resolve().parents[1]))
     args = p.parse_args()

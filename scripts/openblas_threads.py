@@ -58,7 +58,7 @@ print(json.dumps(result))
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--shape", default="128,6272,128", help="M,K,N of (M, K) @ (K, N)")
     p.add_argument("--repeat", type=int, default=10)
     args = p.parse_args()
