@@ -679,7 +679,10 @@ class _Failure:
         self.error = error
 
 
-STOP_WAIT_SECONDS = 2.0  # how long a prefetch closed early waits for its thread
+# How long a prefetch closed early waits for its thread: longer than a slow iterator takes for
+# a batch (a thread left inside it would meet the next call's thread there: "generator already
+# executing"), short beside a read that never returns.
+STOP_WAIT_SECONDS = 10.0
 
 
 def prefetch(items: Iterator[Any], backend: Any, depth: int = PREFETCH) -> Iterator[Any]:
