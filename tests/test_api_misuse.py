@@ -918,3 +918,119 @@ def test_the_on_batch_methods_take_a_strict_array_as_one_batch(monkeypatch):
     model.test_on_batch(x, y)
     model.predict_on_batch(x)
     assert sizes == [20, 20]
+
+
+# -- a user's own classes ------------------------------------------------------------------------
+
+
+def test_a_users_optimizer_and_schedule_load_back_from_their_files(tmp_path):
+    """A user's Optimizer subclass (only ``_update``, as documented) and Schedule subclass,
+    defined before loading: a checkpoint of them loads and resumes (was: every file naming
+    them failed, "KeyError: 'MySGD'"); one not defined is named as such."""
+    from xpcnn import load_checkpoint, load_model
+    from xpcnn.optim import Optimizer, Schedule
+
+    class Halving(Schedule):
+        def __init__(self, lr):
+            self.lr = lr
+
+        def __call__(self, step):
+            return self.lr / 2 ** step
+
+    class MySGD(Optimizer):
+        slot_names = ("buf",)
+
+        def _update(self, xp, i, p, g, scalars, apply):
+            buf = self.slots["buf"][i]
+            self._assign(xp, buf, 0.9 * buf + g, apply)
+            self._assign(xp, p, p - scalars["lr"] * buf, apply)
+
+    model = four_class_model()
+    model.compile(optimizer=MySGD(Halving(0.1)))
+    model.fit(X, Y, epochs=1, batch_size=5, verbose=0, checkpoint=tmp_path / "c.npz")
+    ckpt = load_checkpoint(tmp_path / "c.npz")
+    assert type(ckpt.model.optimizer) is MySGD and ckpt.model.optimizer.schedule(1) == 0.05
+    model.save(tmp_path / "m.npz")
+    assert type(load_model(tmp_path / "m.npz").optimizer.schedule) is Halving
+    from xpcnn import optim
+
+    del optim.OPTIMIZER_CLASSES["MySGD"]  # (as in a process that never defined it)
+    with pytest.raises(DataFormatError, match=r"unknown optimizer class 'MySGD': define \(or "
+                                              r"import\) a user's optimizer class"):
+        load_model(tmp_path / "m.npz")
+
+
+def test_a_users_layer_must_name_its_weights_and_its_settings():
+    """A user's layer that makes arrays without naming them in weight_names (they trained, and
+    were never saved: a loaded model predicted with the initial weights), or takes settings
+    without a get_config (a loaded one had the defaults), or has no backward where gradients
+    pass, or fills no gradient: each is refused by name, not lost or left to a bare error."""
+    from xpcnn.layers import Layer
+
+    class Scale(Layer):
+        def _build(self, input_shape, rng):
+            self.params["w"] = self.backend.asarray(np.ones(input_shape[-1]), dtype=self.dtype)
+            return input_shape
+
+        def forward(self, x, training=False, options=None):
+            return x * self.params["w"]
+
+    with pytest.raises(InputError, match=r"layer class Scale makes the arrays \['w'\] but "
+                                         r"does not name them in weight_names"):
+        Scale().build((4,))
+
+    class Leaky(Layer):
+        def __init__(self, alpha=0.01, name=None):
+            super().__init__(name)
+            self.alpha = alpha
+
+        def forward(self, x, training=False, options=None):
+            return x
+
+    with pytest.raises(InputError, match=r"layer class Leaky takes \['alpha'\] but defines no "
+                                         r"get_config\(\)"):
+        Leaky(0.9).get_config()
+
+    class Named(Scale):
+        weight_names = ("w",)
+
+    model = xpcnn.Sequential([Dense(4), Leaky(), Flatten(), Dense(4), Softmax()], seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1))
+    with pytest.raises(InputError, match=r"layer 'leaky' \(Leaky\) defines no backward"):
+        model.fit(np.ones((4, 3)), np.arange(4), verbose=0)
+    model = xpcnn.Sequential([Named(), Dense(4), Softmax()], seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1))
+    Named.backward = lambda self, dy, options=None: dy  # (fills no gradient)
+    with pytest.raises(InputError, match=r"layer 'named' \(Named\)'s backward gave no gradient "
+                                         r"for its parameter 'w'"):
+        model.fit(np.ones((4, 3)), np.arange(4), verbose=0)
+
+
+def test_a_users_layer_class_may_not_take_a_built_in_name():
+    """A user's ``class Dense(xpcnn.layers.Dense)`` took the name files load layers by: every
+    file then loaded the user's class in place of xpcnn's, silently. Refused; a user's class
+    defined again (a notebook cell run twice) is not."""
+    with pytest.raises(InputError, match=r"a layer class named 'Dense' exists already "
+                                         r"\(xpcnn.layers.dense.Dense\)"):
+        class Dense(xpcnn.layers.Dense):  # noqa: F811 (the point)
+            pass
+
+    for _ in range(2):
+        class Mine(xpcnn.layers.Dense):
+            pass
+    from xpcnn.layers.base import LAYER_TYPES
+
+    assert LAYER_TYPES["Mine"] is Mine and LAYER_TYPES["Dense"] is xpcnn.layers.Dense
+
+
+def test_train_on_batch_names_a_train_step_that_returns_no_pair():
+    class KerasLike(xpcnn.Sequential):
+        def train_step(self, xb, yb):
+            loss, _ = super().train_step(xb, yb)
+            return {"loss": loss}
+
+    model = KerasLike(four_class_net(), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.01))
+    with pytest.raises(InputError, match=r"train_on_batch needs train_step to return \(loss, "
+                                         r"correct count\)"):
+        model.train_on_batch(X[:5], Y[:5])

@@ -310,3 +310,18 @@ def output_file(path: Any, what: str) -> str:
     except OSError as e:
         raise InputError(f"cannot write {what} {path!r} in {folder!r}: {e.strerror or e}") from e
     return path
+
+
+def register(registry: dict[str, Any], cls: type, kind: str) -> None:
+    """Name ``cls`` in ``registry`` by its ``__name__``, as files name classes. Refused where
+    one of xpcnn's own classes has that name: a user's ``Dense`` would otherwise load in place
+    of xpcnn's from every file. A user's class replaces a user's class of its name (a
+    notebook cell run again defines it again)."""
+    taken = registry.get(cls.__name__)
+    if taken is not None and taken.__module__.split(".")[0] == "xpcnn" and (
+            taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise InputError(f"a {kind} class named {cls.__name__!r} exists already "
+                         f"({taken.__module__}.{taken.__qualname__}): files name {kind}s by "
+                         f"their class, so give {cls.__module__}.{cls.__qualname__} another "
+                         "name")
+    registry[cls.__name__] = cls

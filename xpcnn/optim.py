@@ -17,7 +17,7 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-from .checks import flag
+from .checks import flag, register
 from .errors import InputError, NonFiniteError
 from .ops.kernels import StandardKernels
 
@@ -46,8 +46,18 @@ def _cosine(start: float, end: float, t: float) -> float:
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
 
 
+#: Schedules and optimisers by class name, as files name them: xpcnn's and a user's subclasses
+#: (defined, or imported, before a file that names them is loaded).
+SCHEDULES: dict[str, type[Schedule]] = {}
+OPTIMIZER_CLASSES: dict[str, type[Optimizer]] = {}
+
+
 class Schedule:
     """A learning rate as a function of the step count (0 for the first step)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        register(SCHEDULES, cls, "schedule")
 
     def __call__(self, step: int) -> float:
         raise NotImplementedError
@@ -141,12 +151,10 @@ class Constant(Schedule):
         return self.lr
 
 
-SCHEDULES = {c.__name__: c for c in (StepDecay, CosineDecay, LinearWarmup, OneCycle, Constant)}
-
 
 def schedule_from_config(config: dict[str, Any]) -> Schedule:
     config = dict(config)
-    cls = SCHEDULES[config.pop("class")]
+    cls = _registered(SCHEDULES, config.pop("class"), "schedule")
     if "after" in config:
         config["after"] = schedule_from_config(config["after"])
     return cls(**config)
@@ -182,6 +190,10 @@ class Optimizer:
     gradient to that norm), ``global_clipnorm`` (all of them to that joint norm) or
     ``clipvalue`` (each element to [-clipvalue, clipvalue]); see :meth:`_clipped`.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        register(OPTIMIZER_CLASSES, cls, "optimizer")
 
     slot_names: tuple[str, ...] = ()
     #: True where the state holds squared gradients (Adam's second moment): the training loop
@@ -524,8 +536,17 @@ def get_optimizer(optimizer: str | Optimizer) -> Optimizer:
                      "or an Optimizer instance")
 
 
+def _registered(registry: dict[str, Any], name: Any, kind: str) -> Any:
+    """The class a file names, or a clear error: a user's class is known once defined."""
+    if not isinstance(name, str) or name not in registry:
+        raise InputError(f"unknown {kind} class {name!r}: define (or import) a user's "
+                         f"{kind} class before loading a file that names it; known: "
+                         f"{sorted(registry)}")
+    return registry[name]
+
+
 def optimizer_from_config(config: dict[str, Any]) -> Optimizer:
     config = dict(config)
-    cls = {c.__name__: c for c in OPTIMIZERS.values()}[config.pop("class")]
+    cls = _registered(OPTIMIZER_CLASSES, config.pop("class"), "optimizer")
     config["lr"] = schedule_from_config(config["lr"])
     return cls(**config)

@@ -367,7 +367,12 @@ class Trainer:
         try:
             with self.backend.compute_scope():
                 xb, yb, wb = (to_device(self.backend, a) for a in (x, targets, weights))
-                loss, correct = self._call_train_step(xb, yb, wb)
+                out = self._call_train_step(xb, yb, wb)
+                if not (isinstance(out, tuple | list) and len(out) == 2):
+                    raise InputError("train_on_batch needs train_step to return (loss, correct "
+                                     f"count), as Model.train_step does; this model's returned "
+                                     f"{type(out).__name__} {out!r:.80}")
+                loss, correct = out
         finally:
             self._class_weights = previous
         self._read_totals()
@@ -478,7 +483,14 @@ class Trainer:
             dz = dz * dp.weight
         if dp is None:
             self._backward(dz)
-            grads = [la.grads[k] for la in trained for k in la.params]
+            try:
+                grads = [la.grads[k] for la in trained for k in la.params]
+            except KeyError as e:  # (a user's layer whose backward filled no gradient)
+                layer = next(la for la in trained if e.args[0] in la.params
+                             and e.args[0] not in la.grads)
+                raise InputError(f"layer {layer.name!r} ({type(layer).__name__})'s backward "
+                                 f"gave no gradient for its parameter {e.args[0]!r}: backward "
+                                 "must fill grads[name] for every one of its params") from None
             # (a mixed-precision step's float16 gradients back to float32 in one call)
             return stats, kernels.cast_all(grads, self._param_dtype)
         buckets = dp.buckets_for(trained)  # (new ones where a layer was frozen since)

@@ -18,6 +18,7 @@ Keras layouts.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import re
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..backend import Backend, get_backend
-from ..checks import flag
+from ..checks import flag, register
 from ..errors import InputError
 
 Shape = tuple[int, ...]
@@ -143,7 +144,8 @@ class CheckedFlag:
 class Layer:
     """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``."""
 
-    #: Keras-layout order of ``get_weights``: names in ``params`` then ``state``.
+    #: Keras-layout order of ``get_weights``: names in ``params`` then ``state``, every one a
+    #: layer makes (a file is checked against them before any layer is built).
     weight_names: ClassVar[tuple[str, ...]] = ()
     #: True where backward can multiply its input gradient by ``input > 0`` inside its own
     #: passes (see :attr:`Options.apply_input_relu_grad`).
@@ -177,7 +179,7 @@ class Layer:
         # Only a layer with a forward pass of its own or inherited can be named in a file: a
         # base class (RandomLayer) would load, then fail at the first batch.
         if cls.forward is not Layer.forward:
-            LAYER_TYPES[cls.__name__] = cls
+            register(LAYER_TYPES, cls, "layer")
         # Every layer keeps what its gradient needs only in a training forward pass, and
         # backward consumes it: a backward without one gets a clear error, not a missing
         # attribute from deep inside.
@@ -269,6 +271,12 @@ class Layer:
         self._clear_cache()  # (a convolution's engine was for the old shape, say)
         rng = rng if rng is not None else np.random.default_rng(0)
         self.output_shape = tuple(self._build(self.input_shape, rng))
+        unnamed = [k for k in self._arrays() if k not in self.weight_names]
+        if unnamed:  # (a user's layer: its weights would be trained, and never saved)
+            raise InputError(f"layer class {type(self).__name__} makes the arrays {unnamed} "
+                             "but does not name them in weight_names: set the class "
+                             f"attribute weight_names = {tuple(self._arrays())!r} (params, "
+                             "then state), so that get_weights, save and checkpoints hold them")
         self.built = True
         return self.output_shape
 
@@ -284,7 +292,10 @@ class Layer:
         raise NotImplementedError
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        raise NotImplementedError
+        raise InputError(f"layer {self.name!r} ({type(self).__name__}) defines no backward(dy, "
+                         "options): a layer that gradients pass through (one after a trainable "
+                         "layer, or trainable itself) must define it, returning the gradient "
+                         "of its input and filling grads[name] for each of its params")
 
     def __call__(self, x: Any, training: bool | None = None) -> Any:
         """On a batch: ``forward(x, training)``, an integer or bool batch (uint8 images) cast
@@ -364,7 +375,16 @@ class Layer:
 
     # -- weights and configuration ---------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
-        """Constructor arguments that rebuild this layer (JSON-serialisable)."""
+        """Constructor arguments that rebuild this layer (JSON-serialisable). A subclass whose
+        constructor takes more than ``name`` must give them (its file would load with their
+        defaults otherwise)."""
+        if type(self).get_config is Layer.get_config:
+            taken = [p for p in inspect.signature(type(self).__init__).parameters
+                     if p not in ("self", "name")]
+            if taken:
+                raise InputError(f"layer class {type(self).__name__} takes {taken} but defines "
+                                 "no get_config(): define get_config() returning them (with "
+                                 "super().get_config()), so that a saved model rebuilds it")
         return {"name": self.name}
 
     def unbuilt_copy(self) -> Layer:

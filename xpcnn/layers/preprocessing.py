@@ -108,6 +108,9 @@ class RandomFlip(RandomLayer):
             raise InputError(f"RandomFlip flips left-right only (mode 'horizontal'), got mode "
                              f"{mode!r}")
 
+    def get_config(self) -> dict[str, Any]:
+        return super().get_config()  # (its mode is its only one, the default: not written)
+
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         require_rank(self, input_shape, 3)  # (it flips axis W: a vector failed in training)
         return super()._build(input_shape, rng)
