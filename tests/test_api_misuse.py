@@ -1034,3 +1034,22 @@ def test_train_on_batch_names_a_train_step_that_returns_no_pair():
     with pytest.raises(InputError, match=r"train_on_batch needs train_step to return \(loss, "
                                          r"correct count\)"):
         model.train_on_batch(X[:5], Y[:5])
+
+
+def test_a_users_schedule_holding_an_array_is_refused_at_save_by_name(tmp_path):
+    """(was: a bare "TypeError: Object of type ndarray is not JSON serializable")"""
+    from xpcnn.optim import Schedule
+
+    class Table(Schedule):
+        def __init__(self, rates):
+            self.rates = np.asarray(rates)
+
+        def __call__(self, step):
+            return float(self.rates[min(step, len(self.rates) - 1)])
+
+    model = four_class_model()
+    model.compile(optimizer=xpcnn.optim.SGD(Table([0.1, 0.05])))
+    with pytest.raises(InputError, match=r"its configuration cannot be written as JSON \(.*"
+                                         r"ndarray.*\): the settings of a user's layer"):
+        model.save(tmp_path / "m.npz")
+    assert not (tmp_path / "m.npz").exists()

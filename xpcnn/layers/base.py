@@ -142,7 +142,9 @@ class CheckedFlag:
 
 
 class Layer:
-    """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``."""
+    """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``,
+    name the arrays they make in :attr:`weight_names`, and update the arrays in ``state`` in
+    place (``a[...] = new``: a step skipped on the device puts back the arrays it snapshot)."""
 
     #: Keras-layout order of ``get_weights``: names in ``params`` then ``state``, every one a
     #: layer makes (a file is checked against them before any layer is built).

@@ -116,7 +116,12 @@ def config_entry(config: dict[str, Any], refused: str) -> np.ndarray:
     JSON entry of the file; InputError, starting with ``refused``, where it is longer than the
     reader takes (:data:`~xpcnn.saving.npz.MAX_CONFIG_BYTES`): written, the file would not
     load. The error names the largest part (a layer's settings, or a checkpoint's history)."""
-    entry = encode_json(config)
+    try:
+        entry = encode_json(config)
+    except (TypeError, ValueError) as e:  # (a user's class holding an array in its settings)
+        raise InputError(f"{refused}: its configuration cannot be written as JSON ({e}): the "
+                         "settings of a user's layer (get_config), optimiser or schedule must "
+                         "be numbers, strings, lists and dicts") from e
     if entry.size <= MAX_CONFIG_BYTES:
         return entry
     model = config.get("model", config)
