@@ -960,7 +960,7 @@ def test_a_users_optimizer_and_schedule_load_back_from_their_files(tmp_path):
         load_model(tmp_path / "m.npz")
 
 
-def test_a_users_layer_must_name_its_weights_and_its_settings():
+def test_a_users_layer_must_name_its_weights_and_its_settings(tmp_path):
     """A user's layer that makes arrays without naming them in weight_names (they trained, and
     were never saved: a loaded model predicted with the initial weights), or takes settings
     without a get_config (a loaded one had the defaults), or has no backward where gradients
@@ -987,9 +987,20 @@ def test_a_users_layer_must_name_its_weights_and_its_settings():
         def forward(self, x, training=False, options=None):
             return x
 
+    leaky = xpcnn.Sequential([Leaky(0.9), Dense(2)], input_shape=(4,))
+    assert "Leaky" in repr(leaky.layers[0])  # (only saving needs the settings)
     with pytest.raises(InputError, match=r"layer class Leaky takes \['alpha'\] but defines no "
                                          r"get_config\(\)"):
-        Leaky(0.9).get_config()
+        leaky.save(tmp_path / "leaky.npz")
+
+    class Keyworded(Layer):  # (the Keras way: every setting passed on, none of its own)
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+
+        def forward(self, x, training=False, options=None):
+            return x
+
+    xpcnn.Sequential([Keyworded(), Dense(2)], input_shape=(4,)).save(tmp_path / "kw.npz")
 
     class Named(Scale):
         weight_names = ("w",)

@@ -378,16 +378,22 @@ class Layer:
     # -- weights and configuration ---------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this layer (JSON-serialisable). A subclass whose
-        constructor takes more than ``name`` must give them (its file would load with their
-        defaults otherwise)."""
-        if type(self).get_config is Layer.get_config:
-            taken = [p for p in inspect.signature(type(self).__init__).parameters
-                     if p not in ("self", "name")]
-            if taken:
-                raise InputError(f"layer class {type(self).__name__} takes {taken} but defines "
-                                 "no get_config(): define get_config() returning them (with "
-                                 "super().get_config()), so that a saved model rebuilds it")
+        constructor takes more than ``name`` must give them: its file would load with their
+        defaults otherwise (:meth:`check_config`, at save)."""
         return {"name": self.name}
+
+    def check_config(self) -> None:
+        """Refuse to save a layer whose class takes settings (named parameters beyond ``name``)
+        but defines no ``get_config`` to give them."""
+        if type(self).get_config is not Layer.get_config:
+            return
+        params = inspect.signature(type(self).__init__).parameters.values()
+        taken = [p.name for p in params if p.name not in ("self", "name")
+                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if taken:
+            raise InputError(f"layer class {type(self).__name__} takes {taken} but defines no "
+                             "get_config(): define get_config() returning them (with "
+                             "super().get_config()), so that a saved model rebuilds it")
 
     def unbuilt_copy(self) -> Layer:
         """A new layer made from :meth:`get_config` (to build aside, leaving this one as it

@@ -66,6 +66,8 @@ def register_model(cls: type) -> type:
 
 def model_config(model: Any) -> dict[str, Any]:
     """Everything but the weights: enough to rebuild the same model."""
+    for layer in model.layers:
+        layer.check_config()
     config: dict[str, Any] = {"format": FORMAT, "version": VERSION, **model.get_config()}
     if model.loss is not None and model.optimizer is not None:
         config["compile"] = {"loss": model.loss.get_config(),
