@@ -430,7 +430,8 @@ class Trainer:
         kernels = kernels_for(self.backend)
         opt = self.optimizer
         assert opt is not None and self.loss is not None
-        totals = self._running_totals()
+        totals = self._totals  # (made current by _train_step, whose step this is)
+        assert totals is not None
         eager = scalars is None
         if eager:  # (taken before this step moves anything: a rate that overflowed raises here)
             scalars = opt.step_scalars()

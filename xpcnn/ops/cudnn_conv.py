@@ -82,8 +82,9 @@ def load() -> ModuleType | None:
     return cudnn
 
 
-# The environment variables that choose a graph's plan (see switches).
-SWITCH_VARIABLES = ("XPCNN_TF32", "CUPY_TF32", "XPCNN_DETERMINISTIC", "XPCNN_CUDNN_AUTOTUNE")
+# The environment variables that choose a graph's plan, with their defaults (see switches).
+SWITCHES = {"XPCNN_TF32": "1", "CUPY_TF32": "0", "XPCNN_DETERMINISTIC": "0",
+            "XPCNN_CUDNN_AUTOTUNE": "1"}
 
 
 def switches(matmul: bool = False) -> tuple[bool, bool, bool]:
@@ -91,12 +92,9 @@ def switches(matmul: bool = False) -> tuple[bool, bool, bool]:
     (once per graph run, where they key its plan, and are handed to :func:`build_plan` where
     that builds it): (:func:`tf32`, or :func:`matmul_tf32` for a ``matmul``;
     :func:`deterministic`; :func:`autotune`)."""
-    environ = os.environ
-    deterministic = environ.get("XPCNN_DETERMINISTIC", "0") != "0"
-    tf32 = (environ.get("CUPY_TF32", "0") != "0" if matmul
-            else environ.get("XPCNN_TF32", "1") != "0")
-    return tf32, deterministic, (environ.get("XPCNN_CUDNN_AUTOTUNE", "1") != "0"
-                                 and not deterministic)
+    tf32, cupy_tf32, deterministic, autotune = (os.environ.get(k, default) != "0"
+                                                for k, default in SWITCHES.items())
+    return (cupy_tf32 if matmul else tf32), deterministic, autotune and not deterministic
 
 
 def tf32() -> bool:

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import cuda_conv, random
 from .convolution import ConvEngine, ConvGeometry
-from .cudnn_conv import ALIGNMENT, SWITCH_VARIABLES
+from .cudnn_conv import ALIGNMENT, SWITCHES
 from .kernels import StandardKernels, alike
 from .step_record import BAD_GRADS, GROWTH_INTERVAL, square_limit
 
@@ -1490,7 +1490,7 @@ class CupyKernels(StandardKernels):
         (:func:`xpcnn.ops.cudnn_conv.switches`): a captured step replays the plans of its
         capture, so :class:`xpcnn.cuda_graphs.StepGraphs` captures again where they change
         (read before each replay: four lookups)."""
-        return tuple(map(os.environ.get, SWITCH_VARIABLES))
+        return tuple(map(os.environ.get, SWITCHES))
 
     # (the standard products written with CuPy's ``.T``, the matrix transpose of 2-D arrays:
     # no call through the namespace's wrappers, as every Dense layer asks twice a step; in
