@@ -22,11 +22,13 @@ from pathlib import Path
 import ckpt_train
 import numpy as np
 import pytest
+from datasets_helpers import http_server
 
 import xpcnn
 import xpcnn.datasets
 import xpcnn.viz
 from xpcnn.cli import main
+from xpcnn.errors import DownloadError
 from xpcnn.saving import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +68,8 @@ def bad_cases(tmp: Path) -> list[tuple[list[str], str]]:
     for flag in ("--dataset", "--model", "--optimizer", "--schedule", "--precision"):
         cases.append((["train", flag, "bogus"], flag))
     cases += [(["train", "--device", d], "--device") for d in ("tpu", "cuda:x", "")]
-    cases += [(["train", "--data-dir", str(p)], "--data-dir") for p in (missing, a_file)]
+    # ("": the loaders' error about their data_dir argument, after checks that let it through)
+    cases += [(["train", "--data-dir", str(p)], "--data-dir") for p in (missing, a_file, "")]
     for flag in ("--save", "--checkpoint", "--log"):
         cases += [(["train", flag, str(p)], flag) for p in
                   (folder, missing / "m.npz", UNWRITABLE / "m.npz", a_file / "m.npz",
@@ -94,6 +97,7 @@ def bad_cases(tmp: Path) -> list[tuple[list[str], str]]:
     cases += [([*vis, "--out", str(p)], "--out") for p in
               (a_file, missing / "figs", UNWRITABLE / "figs")]
     cases += [([*vis, "--data-dir", str(missing)], "--data-dir"),
+              ([*vis, "--data-dir", ""], "--data-dir"),
               ([*vis, "--device", "tpu"], "--device"),
               (["info", "--device", "tpu"], "--device")]
     return cases
@@ -139,6 +143,29 @@ def test_messages_speak_of_flags_not_internals(tmp_path, traps, capsys):
         err = capsys.readouterr().err
         assert err.startswith("xpcnn train: error: ") and expected in err, err
         assert "CosineDecay" not in err and "checkpoint_every" not in err
+
+
+@pytest.mark.parametrize("give_folder", [True, False], ids=["data-dir", "cache"])
+def test_a_failed_download_tells_how_to_give_a_folder_on_the_command_line(
+        tmp_path, monkeypatch, capsys, give_folder):
+    """``xpcnn train --dataset mnist`` without the files, and the download fails: the one line
+    names the flag (was: "pass data_dir=...", the loaders' Python argument); the loaders
+    still name their argument to a Python caller, after the command as before it."""
+    monkeypatch.delenv("XPCNN_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with http_server({}) as srv:  # (every file: HTTP 404)
+        monkeypatch.setenv("XPCNN_MNIST_URL", srv.url)
+        argv = ["train", "--dataset", "mnist", "--quiet"]
+        assert main([*argv, "--data-dir", str(folder)] if give_folder else argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("xpcnn train: error: Could not download MNIST: ")
+        assert len(err.splitlines()) == 1 and "HTTP 404" in err
+        assert ("To read them from another folder, pass --data-dir DIR or set the environment "
+                "variable XPCNN_DATA_DIR.") in err and "data_dir" not in err
+        with pytest.raises(DownloadError, match=r"pass data_dir=\.\.\. or set the environment"):
+            xpcnn.datasets.load_mnist(folder)
 
 
 @pytest.fixture

@@ -729,6 +729,41 @@ class SampleList:
         return self.samples[i]
 
 
+def test_a_retry_on_a_generator_waits_for_the_reader_a_stopped_call_left(monkeypatch):
+    """A call stopped while its reader thread was inside the generator's next() left the
+    thread there; the next call on that generator waits for it (was: a bare "generator
+    already executing" from xpcnn's thread), or, where it does not return in time, is refused
+    by name."""
+    from xpcnn.callbacks import LambdaCallback
+
+    monkeypatch.setattr(xpcnn.data, "STOP_WAIT_SECONDS", 0.2, raising=False)
+    model = make()
+    model.build((6, 6, 3))
+    x = np.zeros((4, 6, 6, 3), np.uint8)
+    release = threading.Event()
+
+    def batches():
+        yield x
+        yield x
+        release.wait(30)  # (a slow read, released by the test)
+        while True:
+            yield x
+
+    def stop(batch, logs):
+        raise ValueError("stopped")
+
+    source = batches()
+    try:
+        with pytest.raises(ValueError, match="stopped"):
+            model.predict(source, steps=5,
+                          callbacks=[LambdaCallback(on_predict_batch_end=stop)])
+        with pytest.raises(InputError, match="still inside next"):
+            model.predict(source, steps=2)
+    finally:
+        release.set()
+    assert model.predict(source, steps=2).shape[0] == 8  # (waits for the reader to leave)
+
+
 def test_an_error_is_not_held_up_by_a_generator_blocked_in_next(monkeypatch):
     """A callback's error while the prefetch thread waits inside the caller's generator (a
     socket read that never returns): raised at once, the thread left to end with the

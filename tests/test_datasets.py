@@ -353,6 +353,32 @@ def test_parse_batch_styles(rng, style):
     np.testing.assert_array_equal(yi, y)
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+@pytest.mark.parametrize("style", ["bytes-keys", "str-keys", "array-labels", "fortran-data"])
+def test_a_batch_saved_again_by_python_3_loads_as_the_original(tmp_path, rng, protocol, style):
+    """The dict of a batch (as read with encoding="bytes" or "latin1") written again with
+    pickle.dump at protocols 2 to 5, which write an array in other ways (from 5: a
+    _frombuffer of its bytes, which was refused as possibly unsafe), read as the original is,
+    by parse_batch and from a folder."""
+    x, y = random_cifar(rng, 5)
+    data = {"fortran-data": np.asfortranarray(rows(x)), "array-labels": None}.get(style)
+    labels = np.asarray(y, np.int64) if style == "array-labels" else None
+    original = cifar_pickle(x, y, str_keys=style == "str-keys", data=data, label_list=labels)
+    again = pickle.dumps(pickle.loads(original, encoding="bytes"), protocol=protocol)
+    for xi, yi in (parse_batch(again), load_cifar10(_saved_batch(tmp_path, again),
+                                                    download=False)[0]):
+        assert xi.dtype == np.uint8 and yi.dtype == np.int64 and type(yi) is np.ndarray
+        np.testing.assert_array_equal(xi, x)
+        np.testing.assert_array_equal(yi, y)
+
+
+def _saved_batch(root: Path, data: bytes) -> Path:
+    """``root`` with ``data`` as its extracted folder's data_batch_1."""
+    (root / "cifar-10-batches-py").mkdir(exist_ok=True)
+    (root / "cifar-10-batches-py" / "data_batch_1").write_bytes(data)
+    return root
+
+
 def test_load_cifar10_official_archive(tmp_path, rng):
     parts = [random_cifar(rng, n) for n in (5, 6, 7)]
     test = random_cifar(rng, 4)
@@ -446,6 +472,84 @@ def test_malicious_pickle_is_not_run(tmp_path, rng, where):
 def test_restricted_unpickler_hardening(payload, match):
     with pytest.raises(DataFormatError, match=match):
         parse_batch(payload, source="batch")
+
+
+class _Reduced:
+    """Pickles as ``function(*args)``, then ``__setstate__(state)`` where a state is given:
+    what numpy writes for an array or a dtype, with other arguments."""
+
+    def __init__(self, function, args, state=None) -> None:
+        self.reduced = (function, args) if state is None else (function, args, state)
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def _tampered_uint8():
+    """numpy.dtype("u1") whose state the pickle sets to "holds Python objects" (numpy takes
+    any flags)."""
+    return _Reduced(np.dtype, ("u1", False, True), (3, "|", None, None, None, -1, -1, 63))
+
+
+def _array(shape, dtype, raw):
+    from numpy._core.multiarray import _reconstruct
+
+    return _Reduced(_reconstruct, (np.ndarray, (0,), b"b"), (1, shape, dtype, False, raw))
+
+
+def _frombuffer(*args):
+    from numpy._core.numeric import _frombuffer
+
+    return _Reduced(_frombuffer, args)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        # An array of a dtype marked as holding objects, from a list: was made (numpy wrote
+        # each item's uint8 into it), then read as references to objects: internal errors,
+        # or worse, at its first copy and when freed. And from bytes, from a _frombuffer.
+        (lambda: _array((1, 3072), _tampered_uint8(), [7] * 3072),
+         "pickle sets the flags of numpy dtype '|u1' to 63, which numpy writes as 0"),
+        (lambda: _array((1, 3072), _tampered_uint8(), b"\x00" * 3072), "flags .* to 63"),
+        (lambda: _frombuffer(b"\x00" * 3072, _tampered_uint8(), (1, 3072), "C"),
+         "flags .* to 63"),
+        (lambda: _array((1, 3072), np.dtype("u1"), [7] * 3072), "as a list, expected bytes"),
+        # (protocol 5) an allocation of the file's choosing, an object dtype, not bytes
+        (lambda: _frombuffer(b"\x00" * 3072, np.dtype("u1"), (10**12, 3072), "C"),
+         r"3072 bytes for shape \(1000000000000, 3072\)"),
+        (lambda: _frombuffer(b"\x00" * 3072, np.dtype("O"), (1, 3072), "C"), "numpy dtype 'O8'"),
+        (lambda: _frombuffer([0] * 3072, np.dtype("u1"), (1, 3072), "C"), "with a list"),
+        (lambda: _frombuffer(b"\x00" * 3072, np.dtype("u1"), (1, 3072), "A"), "order 'A'"),
+        (lambda: _frombuffer(b"\x00" * 3072, np.dtype("u1"), (1, 3072), "K", (0, 0)),
+         r"order 'K', axes \(0, 0\)"),
+    ],
+)
+def test_arrays_are_made_only_as_numpy_writes_them(rng, data, match):
+    _, y = random_cifar(rng, 1)
+    with pytest.raises(DataFormatError, match=match):
+        parse_batch(pickle.dumps({b"data": data(), b"labels": [int(y[0])]}, protocol=2))
+
+
+def test_an_array_stored_with_its_axes_in_another_order_is_read(rng):
+    """(what newer numpy writes at protocol 5 for an array contiguous only so: its bytes in the
+    order of the axes given, transposed back)"""
+    x, y = random_cifar(rng, 3)
+    data = _frombuffer(rows(x).T.tobytes(), np.dtype("u1"), (3072, 3), "K", (1, 0))
+    xi, yi = parse_batch(pickle.dumps({b"data": data, b"labels": y.tolist()}, protocol=5))
+    np.testing.assert_array_equal(xi, x)
+    np.testing.assert_array_equal(yi, y)
+
+
+def test_a_batch_saved_at_protocol_5_with_its_arrays_out_of_band_is_refused(rng):
+    """(pickle.dump writes them in the file; a buffer_callback leaves them out of it)"""
+    x, y = random_cifar(rng, 2)
+    batch = pickle.loads(cifar_pickle(x, y), encoding="bytes")
+    with pytest.raises(DataFormatError, match="not a valid pickle .*out-of-band"):
+        parse_batch(pickle.dumps(batch, protocol=5, buffer_callback=lambda b: False))
+    batch[b"data"] = _Evil(Path("unused"))
+    with pytest.raises(DataFormatError, match=r"refers to (posix|nt|os)\.system"):
+        parse_batch(pickle.dumps(batch, protocol=5))
 
 
 @pytest.mark.parametrize(
@@ -648,3 +752,26 @@ def test_real_cifar10():
     # Spot values from the data's README: first three R of image 0, last three B of image 9999.
     assert x[0, 0, :3, 0].tolist() == [61, 48, 56]
     assert x[9999, 31, -3:, 2].tolist() == [136, 141, 134]
+
+
+@pytest.mark.slow
+def test_real_cifar10_batch_saved_again_at_protocols_2_to_5(tmp_path):
+    """The real data_batch_1, its dict read with bytes keys and with str keys (as torchvision
+    reads it), saved by pickle.dump at each protocol: read as the original is."""
+    import tarfile
+
+    folder = _real_data_dir()
+    (x, y), _ = load_cifar10(folder, download=False)
+    with tarfile.open(folder / "cifar-10-subset-python.tar.gz") as tar:
+        raw = tar.extractfile("cifar-10-batches-py/data_batch_1").read()
+    for encoding in ("bytes", "latin1"):
+        batch = pickle.loads(raw, encoding=encoding)
+        assert (b"data" in batch) == (encoding == "bytes")
+        for protocol in (2, 3, 4, 5):
+            root = tmp_path / f"{encoding}-{protocol}"
+            root.mkdir()
+            (xi, yi), test = load_cifar10(
+                _saved_batch(root, pickle.dumps(batch, protocol=protocol)), download=False)
+            assert test is None
+            np.testing.assert_array_equal(xi, x)
+            np.testing.assert_array_equal(yi, y)

@@ -726,3 +726,24 @@ def test_chunk_plans_follow_shapes_and_partial_chunks(rng):
                                     with_bias=True)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_a_finished_threads_scratch_goes_when_another_thread_comes():
+    """Each thread's kept scratch (Workspace) goes once that thread has ended and another
+    comes, even while its Thread object is still referenced (a pool shut down, a thread kept
+    in a variable: was kept until that object went)."""
+    import threading
+
+    ws = ops.Workspace()
+
+    def use():
+        ws.get(xpn, "k", (64, 8), np.float32, None)
+
+    first = threading.Thread(target=use)
+    first.start()
+    first.join()
+    assert first in ws._by_thread  # (kept while nothing else comes)
+    second = threading.Thread(target=use)
+    second.start()
+    second.join()
+    assert list(ws._by_thread) == [second]

@@ -188,6 +188,38 @@ def test_random_layers_count_their_draws_on_the_device():
     assert [la.calls for la in randoms] == [6, 6, 6]
 
 
+@pytest.mark.parametrize("dtype, rate", [
+    ("float16", 0.5), ("float16", 0.3), ("float16", 0.99), ("float16", 0.9997),
+    ("float16", 0.9997558), ("bfloat16", 0.5), ("bfloat16", 0.99), ("float32", 0.5)])
+def test_dropout_scales_by_the_share_its_draw_keeps(dtype, rate):
+    """Kept where the definition's number is at least the rate as the dtype holds it (the
+    draws as they were), times the inverse of the share of the draw's numbers that are (every
+    multiple of 2**-bits below 1 is one): the expected output is the input, and at 1/2 the
+    output is as before, bit for bit. Was times 1 / (1 - rate): at 0.9997 in float16, where
+    the draw keeps 2**-11 of the elements, not 0.0003, a mean 1.6 times the input (twice, just
+    below 1 - 2**-12, the highest rate float16 does not round to 1); at 0.99 in bfloat16,
+    which draws 0.98828125, 0.85 times."""
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    layer = Dropout(rate)
+    layer.build((16, 32), "cpu", dtype=dtype, rng=np.random.default_rng(5))
+    t = layer.dtype
+    x = np.random.default_rng(0).standard_normal((128, 16, 32)).astype(t)
+    state = np.array([layer.seed, 0], np.int64)
+    keep = random.uniform(xpn, state, x.shape, t) >= np.asarray(rate, t)
+    bits = random.significant_bits(xpn, t)
+    if bits < 24:  # (the draw's 2**bits numbers, counted)
+        share = np.mean(np.arange(2**bits) / 2**bits >= float(np.asarray(rate, t)))
+    else:
+        share = 1 - rate  # (0.5: exact)
+    scale = np.asarray(1 / share, t)
+    y = layer.forward(x, training=True)
+    dx = layer.backward(np.flip(x, 0))
+    assert keep.any() and y.dtype == dx.dtype == t and np.isfinite(scale)
+    np.testing.assert_array_equal(y, np.where(keep, x * scale, 0))
+    np.testing.assert_array_equal(dx, np.where(keep, np.flip(x, 0) * scale, 0))
+
+
 def test_a_draw_depends_on_the_state_alone():
     """Set back to the same (seed, calls), a layer draws the same mask; moved to another
     backend it keeps its state."""

@@ -27,6 +27,7 @@ import numpy as np
 from . import __version__, checks, distributed, optim
 from .backend import get_backend
 from .callbacks import Callback, CSVLogger, EarlyStopping
+from .datasets.download import Spelling, data_dir_spelled
 from .errors import InputError, TrainingInterrupted, XpcnnError
 from .files import try_writing_in
 from .models import NAMES, build_model
@@ -38,6 +39,8 @@ DEFAULT_MODEL = {"shapes": "shapes", "mnist": "mnist", "fashion-mnist": "mnist",
                  "cifar10": "cifar"}
 DEFAULT_EPOCHS = {"shapes": 4, "mnist": 3, "fashion-mnist": 5, "cifar10": 10}
 VIZ_HINT = f"needs matplotlib, which is not installed: {VIZ_EXTRA_HINT}"
+#: How the dataset loaders' messages name the data folder to a command-line user.
+DATA_DIR_FLAG = Spelling("--data-dir", "--data-dir DIR")
 
 
 class UsageError(XpcnnError):
@@ -133,6 +136,8 @@ def _output_folder(flag: str, path: str) -> None:
 
 
 def _input_folder(flag: str, path: str) -> None:
+    if not path:  # (Path("") is the current folder; the loaders refuse it as data_dir="")
+        raise UsageError(f"argument {flag}: an empty path; give a folder")
     if not Path(path).is_dir():
         what = "is not a folder" if Path(path).exists() else "does not exist"
         raise UsageError(f"argument {flag}: the folder {path!r} {what}")
@@ -463,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     as_json = "--json" in argv
     try:
         args = _parser().parse_args(argv)
-        result = COMMANDS[args.command](args)
+        with data_dir_spelled(DATA_DIR_FLAG):
+            result = COMMANDS[args.command](args)
     except Interrupted as e:
         return _fail(prog, str(e), 130, as_json)
     except KeyboardInterrupt:

@@ -450,6 +450,7 @@ class IterableBatches(Batches):
         self._weighted = _Weighted(f"{what} yields sample weights with some batches and not "
                                    "with others")
         self.started: Iterator[Any] | None = None
+        self._wait_for_reader()
         held = _GIVEN_BACK.pop() if _GIVEN_BACK and _GIVEN_BACK[0][0]() is data else None
         first = self.first = None if held is None else held[1]
         if not model.built:  # the first batch tells the input shape
@@ -469,6 +470,7 @@ class IterableBatches(Batches):
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
         source, self.started = self.started, None
         if source is None:
+            self._wait_for_reader()
             source = self.iterator if self.iterator is not None else iter(self.data)
         if self.first is not None:
             source = itertools.chain([self.first], source)
@@ -477,7 +479,34 @@ class IterableBatches(Batches):
             source = itertools.islice(source, self.steps)
         checked = (self._checked(item) for item in source)
         backend = self.model.backend
-        return upload(backend, prefetch(checked, backend), owned=True)  # (copied)
+        return upload(backend, prefetch(checked, backend, self._reader_left),
+                      owned=True)  # (copied)
+
+    def _reader_left(self, thread: threading.Thread) -> None:
+        """Remember the reader thread a stopped call left inside the iterator's ``next()``,
+        for the next call on that iterator to wait for."""
+        if self.iterator is not None:
+            with contextlib.suppress(TypeError):  # (an iterator neither hashed nor weakly held)
+                _READERS_LEFT[self.iterator] = thread
+
+    def _wait_for_reader(self) -> None:
+        """Wait for the reader a stopped call left inside this iterator's ``next()`` (two
+        threads in one generator: "generator already executing"); refuse if it is still
+        there after :data:`STOP_WAIT_SECONDS`."""
+        try:
+            thread = _READERS_LEFT.pop(self.iterator, None) if self.iterator is not None \
+                else None
+        except TypeError:
+            return
+        if thread is None:
+            return
+        thread.join(STOP_WAIT_SECONDS)
+        if thread.is_alive():
+            _READERS_LEFT[self.iterator] = thread
+            raise InputError(f"{self.what} is an iterator still inside next() for the call "
+                             f"stopped before this one (it has not returned for "
+                             f"{STOP_WAIT_SECONDS:.0f} s more): call again when it returns, "
+                             "or pass a fresh iterator")
 
     def give_back(self) -> None:
         """Keep the batch drawn from the iterator and not trained on (the call was refused
@@ -486,8 +515,8 @@ class IterableBatches(Batches):
         if self.first is not None and self.iterator is not None:
             # (the last refused call's alone; the iterator weakly held, so that one the caller
             # drops, and what it holds open, goes; one that takes no weak reference, strongly)
-            try:
-                ref = weakref.ref(self.iterator)
+            try:  # (the batch goes with the iterator)
+                ref = weakref.ref(self.iterator, _forget_given_back)
             except TypeError:
                 ref = functools.partial(lambda it: it, self.iterator)
             _GIVEN_BACK[:] = [(ref, self.first)]
@@ -532,6 +561,16 @@ class _Weighted:
 #: The batch given back by the last refused call, with its iterator: [(iterator, batch)], one
 #: at most (nothing piles up; a retry on that iterator takes it).
 _GIVEN_BACK: list[tuple[Callable[[], Iterator[Any] | None], Any]] = []
+
+#: The reader thread a stopped call left inside each iterator's ``next()`` (see ``prefetch``).
+_READERS_LEFT: weakref.WeakKeyDictionary[Iterator[Any], threading.Thread] = \
+    weakref.WeakKeyDictionary()
+
+
+def _forget_given_back(ref: Any) -> None:
+    """Drop the batch given back with an iterator the caller dropped."""
+    if _GIVEN_BACK and _GIVEN_BACK[0][0] is ref:
+        _GIVEN_BACK.clear()
 
 
 def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bool = True,
@@ -685,11 +724,14 @@ class _Failure:
 STOP_WAIT_SECONDS = 10.0
 
 
-def prefetch(items: Iterator[Any], backend: Any, depth: int = PREFETCH) -> Iterator[Any]:
+def prefetch(items: Iterator[Any], backend: Any,
+             left: Callable[[threading.Thread], None] | None = None,
+             depth: int = PREFETCH) -> Iterator[Any]:
     """``items`` computed on a background thread, up to ``depth`` ahead, on the device and
     stream current where this generator is first iterated (``backend.current_stream_scope``).
     An exception in the thread is raised here; closing this generator (a loop that ends early)
-    stops the thread."""
+    stops the thread; one that does not stop within :data:`STOP_WAIT_SECONDS` (inside an
+    iterator's ``next()``) is left, and handed to ``left``."""
     ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
     scope = backend.current_stream_scope()
@@ -736,3 +778,5 @@ def prefetch(items: Iterator[Any], backend: Any, depth: int = PREFETCH) -> Itera
         # blocked inside the caller's iterator cannot be interrupted; a daemon, it is left to
         # end with it rather than holding up the error)
         thread.join(None if done else STOP_WAIT_SECONDS)
+        if thread.is_alive() and left is not None:
+            left(thread)

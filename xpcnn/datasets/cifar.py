@@ -3,18 +3,20 @@
 The official archive ``cifar-10-python.tar.gz`` holds ``cifar-10-batches-py/data_batch_1`` to
 ``data_batch_5``, ``test_batch`` and ``batches.meta``: protocol-2 pickles of dicts whose ``data`` is
 a uint8 array of shape (N, 3072) (per row: the red plane, then green, then blue, each 32x32
-row-major) and whose ``labels`` is a list of ints.
+row-major) and whose ``labels`` is a list of ints. A batch saved again by Python 3 (``pickle.dump``
+at protocols 2 to 5) loads as the original does.
 
 Unpickling can run arbitrary code, so these untrusted files are loaded by an unpickler that admits
 only the few globals that a numpy array needs, each wrapped so that it accepts only the arguments
-numpy itself writes. Members are read straight out of the tar, never extracted, and only regular
-files at the expected names are used.
+(and the states) numpy itself writes. Members are read straight out of the tar, never extracted,
+and only regular files at the expected names are used.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import pickle
 import pickletools
@@ -67,12 +69,41 @@ _NDARRAY = _NdarrayToken()
 _DTYPES = frozenset(f"{k}{n}" for k in "iu" for n in (1, 2, 4, 8))
 
 
+def _clean_dtype(spec: Any) -> np.dtype:
+    """A new dtype equal to ``spec``, a plain integer dtype the pickle made (:func:`_dtype`)
+    and then set the state of, which must be as numpy writes it: numpy takes any flags there,
+    "holds Python objects" too, and an array of such a dtype takes its bytes for references."""
+    text = spec.str if isinstance(spec, np.dtype) else ""
+    if text[:1] not in ("<", ">", "|") or text[1:] not in _DTYPES:
+        raise DataFormatError(f"pickle makes an array of {spec!r}; only integer types allowed")
+    clean = np.dtype(text)
+    if spec.flags != clean.flags:
+        raise DataFormatError(f"pickle sets the flags of numpy dtype {text!r} to {spec.flags}, "
+                              f"which numpy writes as {clean.flags}")
+    return clean
+
+
+class _CheckedArray(np.ndarray):
+    """What :func:`_reconstruct` makes: its ``__setstate__`` (the pickle's next step) takes raw
+    bytes only, and a dtype of its own equal to the pickle's (see :func:`_clean_dtype`)."""
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise DataFormatError("pickle sets an array's state to something numpy never writes")
+        *head, dtype, fortran, raw = state
+        dtype = _clean_dtype(dtype)
+        if type(raw) not in (bytes, bytearray):  # (a list: the object arrays' form)
+            raise DataFormatError(f"pickle gives an array's data as a {type(raw).__name__}, "
+                                  "expected bytes")
+        super().__setstate__((*head, dtype, fortran, raw))
+
+
 def _reconstruct(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
     """The checked stand-in for ``numpy.core.multiarray._reconstruct``.
 
     numpy pickles an array as ``_reconstruct(ndarray, (0,), b'b')`` followed by ``__setstate__``
     with the real shape, dtype and bytes (where numpy checks that they agree); so an empty array
-    is all this ever needs to make.
+    (a :class:`_CheckedArray`, which checks that state) is all this ever needs to make.
     """
     if subtype is not _NDARRAY:
         raise DataFormatError(f"pickle calls _reconstruct with {type(subtype).__name__}")
@@ -84,7 +115,30 @@ def _reconstruct(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
         raise DataFormatError(f"pickle calls _reconstruct with shape {shape!r}, expected (0,)")
     if typecode not in (b"b", "b"):
         raise DataFormatError(f"pickle calls _reconstruct with type code {typecode!r}")
-    return np.empty(shape, dtype=np.int8)
+    return _CheckedArray(shape, dtype=np.int8)
+
+
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any, axis_order: Any = None
+                ) -> np.ndarray:
+    """The checked stand-in for ``numpy._core.numeric._frombuffer``: numpy pickles a contiguous
+    array so from protocol 5 on, its bytes in the pickle (a view of them, no allocation)."""
+    if type(buf) not in (bytes, bytearray):  # (in the pickle: an out-of-band one is refused)
+        raise DataFormatError(f"pickle calls _frombuffer with a {type(buf).__name__}, expected "
+                              "bytes")
+    if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
+        raise DataFormatError(f"pickle calls _frombuffer with shape {shape!r}")
+    dtype = _clean_dtype(dtype)
+    if len(buf) != math.prod(shape) * dtype.itemsize:
+        raise DataFormatError(f"pickle calls _frombuffer with {len(buf)} bytes for shape "
+                              f"{shape} of {dtype}")
+    flat = np.frombuffer(buf, dtype=dtype)
+    if order in ("C", "F") and axis_order is None:
+        return flat.reshape(shape, order=order)
+    # (newer numpy: an array contiguous with its axes in another order, ``shape`` theirs)
+    if order == "K" and isinstance(axis_order, tuple) and all(
+            type(a) is int for a in axis_order) and sorted(axis_order) == [*range(len(shape))]:
+        return flat.reshape(shape).transpose(axis_order)
+    raise DataFormatError(f"pickle calls _frombuffer with order {order!r}, axes {axis_order!r}")
 
 
 def _dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
@@ -107,6 +161,8 @@ def _encode(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
     ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): _dtype,
     ("_codecs", "encode"): _encode,
@@ -218,7 +274,7 @@ def _labels(raw: Any, source: str) -> np.ndarray:
                 f"{source}: labels are a {raw.dtype} array of shape {raw.shape}, expected 1-D "
                 "integers"
             )
-        labels = raw.astype(np.int64)
+        labels = np.array(raw, dtype=np.int64)  # (a plain array: not _CheckedArray)
         bad = np.flatnonzero((labels < 0) | (labels > 9))
         if bad.size:
             i = int(bad[0])

@@ -12,6 +12,7 @@ leaves a file that a later run would take for good.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import http.client
 import logging
@@ -19,7 +20,8 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -70,6 +72,32 @@ _CHUNK = 1 << 20
 DEFAULT_MAX_BYTES = 512 << 20
 
 
+@dataclass(frozen=True)
+class Spelling:
+    """How the loaders' messages name the data folder option to the one who gives it:
+    ``name`` where they say which setting named a folder, ``usage`` where they say how to
+    give another."""
+
+    name: str
+    usage: str
+
+
+#: A Python caller's: the loaders' ``data_dir`` argument.
+PYTHON_SPELLING = Spelling("data_dir", "data_dir=...")
+_SPELLING = contextvars.ContextVar("xpcnn_data_dir_spelling", default=PYTHON_SPELLING)
+
+
+@contextlib.contextmanager
+def data_dir_spelled(spelling: Spelling) -> Iterator[None]:
+    """Within it, the loaders' messages name the data folder option as ``spelling`` (the
+    command line's ``--data-dir``, which its user gives rather than ``data_dir=``)."""
+    token = _SPELLING.set(spelling)
+    try:
+        yield
+    finally:
+        _SPELLING.reset(token)
+
+
 def default_data_dir() -> Path:
     """The per-user cache folder: ``$XDG_CACHE_HOME/xpcnn``, else ``~/.cache/xpcnn``."""
     xdg = os.environ.get("XDG_CACHE_HOME", "")
@@ -97,7 +125,7 @@ def data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
     default cache is created when a download needs it."""
     root = resolve_data_dir(data_dir)
     if root != default_data_dir() and not root.is_dir():
-        named = "data_dir" if data_dir is not None else f"${DATA_DIR_ENV}"
+        named = _SPELLING.get().name if data_dir is not None else f"${DATA_DIR_ENV}"
         what = "is not a folder" if root.exists() else "does not exist"
         raise InputError(f"the data folder {root} ({named}) {what}: check the path (xpcnn "
                          "creates only its default cache folder; create the folder yourself to "
@@ -223,7 +251,7 @@ def missing_files_message(
         parts.append(f"{title} is not complete in {folder}{also}: missing {listed}.")
     parts.append(
         f"Put {these} in {folder}: {listed} (from {url}). To read them from another folder, "
-        f"pass data_dir=... or set the environment variable {DATA_DIR_ENV}."
+        f"pass {_SPELLING.get().usage} or set the environment variable {DATA_DIR_ENV}."
     )
     if not cause:
         parts.append("Or load with download=True to fetch them into that folder.")

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 
 from ..checks import number
+from ..errors import InputError
+from ..ops import random
 from ..ops.kernels import kernels_for
 from .base import DEFAULT, Layer, Options, Shape
 
@@ -63,25 +65,85 @@ class RandomLayer(Layer):
 
 
 class Dropout(RandomLayer):
+    """Inverted dropout: in training, each element is dropped (zeroed) with probability
+    ``rate`` and the others are scaled so that the expected output is the input.
+
+    The numbers drawn in a dtype are the multiples of 2**-bits below 1 (bits: the dtype's
+    significand's, 11 in float16: :mod:`xpcnn.ops.random`) and an element is kept where its
+    number is at least the rate as the dtype holds it; the share dropped is therefore the rate
+    rounded to that dtype, then up to a multiple of 2**-bits (:meth:`_drawn_rate`), and the
+    kept elements are scaled by the inverse of the share kept, so that the expected value is
+    exact in every dtype. A rate that a dtype rounds to 1 (above 1 - 2**-12 in float16) would
+    keep nothing: building or computing the layer in that dtype is refused.
+    """
+
     # The gradient of a ReLU before it, in the same pass as the mask's (one launch on CuPy).
     can_apply_input_relu_grad = True
 
     def __init__(self, rate: float, name: str | None = None) -> None:
         super().__init__(name)
-        self.rate = number(rate, "Dropout rate", 0.0, 1.0, high_open=True)
+        self.rate = rate
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    @rate.setter
+    def rate(self, value: float) -> None:
+        self._rate = number(value, "Dropout rate", 0.0, 1.0, high_open=True)
+        # (_drawn_rate's, by dtype object: for this rate only)
+        self._drawn_rates: dict[Any, float] = {}
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "rate": self.rate}
+
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        shape = super()._build(input_shape, rng)
+        # (a model hands the layer either dtype: its first layer gets the batch in ``dtype``)
+        for dtype in (self.dtype, self.compute_dtype):
+            self._drawn_rate(dtype)
+        return shape
+
+    def set_compute_dtype(self, dtype: Any) -> None:
+        self._drawn_rate(dtype)  # (a rate this dtype cannot draw: refused, nothing changed)
+        super().set_compute_dtype(dtype)
+
+    def to(self, backend: Any) -> None:
+        super().to(backend)
+        self._drawn_rates = {}  # (keyed by the other library's dtype objects)
+
+    def _drawn_rate(self, dtype: Any) -> float:
+        """The share of elements dropped in ``dtype`` at :attr:`rate` (see the class), a
+        multiple of 2**-bits below 1; an :class:`InputError` where ``dtype`` rounds the rate to
+        1. Worked out on the host, once a dtype object (a dict lookup after that)."""
+        drawn = self._drawn_rates.get(dtype)
+        if drawn is None:
+            bits = random.significant_bits(self.xp, dtype)
+            drawn = math.ceil(_rounded(self.rate, bits) * 2**bits) / 2**bits  # (all exact)
+            if drawn == 1.0:
+                name = _FORMATS[bits]
+                raise InputError(
+                    f"layer {self.name!r} (Dropout): rate {self.rate!r} cannot be drawn in "
+                    f"{name}: its random numbers there are multiples of 2**-{bits} and the "
+                    "rate rounds to 1, so every element would be dropped and none left to "
+                    f"carry the expected value. The highest rate {name} draws is 1 - "
+                    f"2**-{bits} = {1 - 2.0**-bits!r}: give at most that, or compute this "
+                    "layer in a dtype of more bits (float32, float64)")
+            self._drawn_rates[dtype] = drawn
+        return drawn
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         # (the output of that ReLU, where this layer applies its gradient)
         self._cache_relu_y = x if training and options.apply_input_relu_grad else None
         if not training or self.rate == 0.0:
             return x
+        # The rate drawn, not the rate asked: the same mask (its threshold is exact in the
+        # dtype), scaled by the inverse of the share kept (finite: the share is >= 2**-bits).
+        self._cache_drawn = self._drawn_rate(x.dtype)
         # (the mask kept as booleans: a quarter of a float mask's memory; the draw counted by
         # the kernels, on CuPy in the same launch)
         y, self._cache_keep = kernels_for(self.backend).dropout(
-            self.random_state, x, self.rate, first=self._first(tuple(x.shape)))
+            self.random_state, x, self._cache_drawn, first=self._first(tuple(x.shape)))
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
@@ -90,4 +152,19 @@ class Dropout(RandomLayer):
         if self.rate == 0.0:
             return dy if relu_y is None else kernels.relu_backward(dy, relu_y)
         keep, self._cache_keep = self._cache_keep, None
-        return kernels.mask_multiply(dy, keep, 1.0 / (1.0 - self.rate), relu_y)
+        return kernels.mask_multiply(dy, keep, 1.0 / (1.0 - self._cache_drawn), relu_y)
+
+
+#: The float formats by their significand's bits (:func:`xpcnn.ops.random.significant_bits`).
+_FORMATS = {11: "float16", 8: "bfloat16", 24: "float32", 53: "float64"}
+
+
+def _rounded(rate: float, bits: int) -> float:
+    """``rate`` as the float format of ``bits`` significand bits holds it, as NumPy and CuPy
+    round a Python number that they compare with an array of it (bfloat16, which NumPy has
+    only through ml_dtypes: through float32, as ml_dtypes and PyTorch convert it)."""
+    if bits == 8:  # (float32's bits, rounded to the nearest, ties to even, at bfloat16's 16)
+        f32 = int(np.float32(rate).view(np.uint32))
+        f32 = (f32 + 0x7FFF + (f32 >> 16 & 1)) & 0xFFFF0000
+        return float(np.uint32(f32).view(np.float32))
+    return float(np.dtype(_FORMATS[bits]).type(rate))

@@ -155,7 +155,8 @@ class Workspace:
     """Scratch arrays kept across steps, one per key, reallocated when the shape grows (with
     ``keep`` False, fresh arrays every time: see :attr:`Backend.keeps_scratch`). Each thread
     that runs a layer has its own (two threads predicting with one model wrote into each
-    other's), dropped with the thread; a chunk loop's pool threads use their caller's."""
+    other's), dropped when the thread has ended and another thread comes (or its Thread
+    object goes); a chunk loop's pool threads use their caller's."""
 
     def __init__(self, keep: bool = True) -> None:
         self.keep = keep
@@ -166,6 +167,9 @@ class Workspace:
         thread = owner()
         mine = self._by_thread.get(thread)
         if mine is None:
+            # (a pool shut down, or a finished Thread still referenced, keeps its object)
+            for ended in [t for t in self._by_thread if not t.is_alive()]:
+                del self._by_thread[ended]
             mine = self._by_thread[thread] = ({}, {})
         return mine
 
