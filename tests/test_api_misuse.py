@@ -836,7 +836,7 @@ def test_only_the_last_refused_calls_batch_is_kept(tmp_path, monkeypatch):
     del batches
     gc.collect()
     assert gone() is None
-    data._GIVEN_BACK.clear()
+    assert data._GIVEN_BACK == []  # (its batch with it: was kept until another refused call)
 
 
 def test_a_refused_call_leaves_an_unbuilt_model_unbuilt():
@@ -1060,7 +1060,25 @@ def test_a_users_schedule_holding_an_array_is_refused_at_save_by_name(tmp_path):
 
     model = four_class_model()
     model.compile(optimizer=xpcnn.optim.SGD(Table([0.1, 0.05])))
-    with pytest.raises(InputError, match=r"its configuration cannot be written as JSON \(.*"
-                                         r"ndarray.*\): the settings of a user's layer"):
+    with pytest.raises(InputError, match=r"the optimizer's settings \(SGD\) cannot be written "
+                                         r"as JSON \(.*ndarray.*\): the settings of a user's "
+                                         r"layer"):
         model.save(tmp_path / "m.npz")
     assert not (tmp_path / "m.npz").exists()
+    from xpcnn.layers import Layer
+
+    class Gain(Layer):
+        def __init__(self, g=2.0, name=None):
+            super().__init__(name)
+            self.g = g
+
+        def get_config(self):
+            return {**super().get_config(), "g": self.g}
+
+        def forward(self, x, training=False, options=None):
+            return x * self.g
+
+    model = xpcnn.Sequential([Gain(1.0), Gain(np.float32(2.0)), Dense(3)], input_shape=(4,))
+    with pytest.raises(InputError, match=r"layer 1 \(Gain\)'s settings cannot be written as "
+                                         r"JSON \(.*float32.*\).*float\(x\) for a NumPy one"):
+        model.save(tmp_path / "m.npz")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import ckpt_train
@@ -460,10 +461,14 @@ class TokenModel:
     """What the monitoring callbacks read; its weights are a token: the epoch they are from."""
 
     metrics_names = ("loss", "accuracy")
+    layers, loss = (), None  # (what a checkpoint's check before training reads)
 
     def __init__(self):
         self.stop_training, self.epoch, self.restored, self.saved = False, None, None, []
         self.optimizer = SimpleNamespace(lr=0.1)
+
+    def get_config(self):
+        return {}
 
     def get_weights(self):
         return [self.epoch]
@@ -824,6 +829,50 @@ def test_a_csv_logger_reused_after_a_failed_fit_starts_its_file_afresh(data, tmp
     assert logger.file is None
     lines = path.read_text().splitlines()
     assert lines[0].startswith("epoch,") and [r.split(",")[0] for r in lines[1:]] == ["0", "1"]
+
+
+def test_a_csv_logger_subclass_hears_of_the_end_once_at_the_end(data, tmp_path):
+    """A Keras-style subclass summing up its log in on_train_end hears of it once, at the
+    end, with the last epoch's logs and the file written (was: also at the fit's beginning,
+    with logs=None, which failed the fit)."""
+    heard = []
+
+    class Summing(CSVLogger):
+        def on_train_end(self, logs=None):
+            super().on_train_end(logs)
+            heard.append((logs["loss"], len(Path(self.filename).read_text().splitlines())))
+
+    model = small_model()
+    model.fit(*data, epochs=2, batch_size=BATCH, verbose=0,
+              callbacks=[Summing(tmp_path / "log.csv")])
+    assert heard == [(model.history.history["loss"][-1], 3)]
+
+
+def test_a_model_its_checkpoints_cannot_hold_is_refused_before_training(data, tmp_path):
+    """A user's layer taking a setting without a get_config: ModelCheckpoint and fit's
+    checkpoint refuse it before the first step (was: at the first save, an epoch of training
+    lost to the error)."""
+    from xpcnn.layers import Layer
+
+    class Gain(Layer):
+        def __init__(self, g=2.0, name=None):
+            super().__init__(name)
+            self.g = g
+
+        def forward(self, x, training=False, options=None):
+            return x * self.g
+
+        def backward(self, dy, options=None):
+            return dy * self.g
+
+    for given in ({"callbacks": [ModelCheckpoint(tmp_path / "m.npz")]},
+                  {"checkpoint": tmp_path / "ck.npz"}):
+        model = xpcnn.Sequential([Rescaling(1 / 255), Flatten(), Gain(0.5), Dense(3),
+                                  Softmax()], seed=0)
+        model.compile(optimizer="sgd")
+        with pytest.raises(InputError, match=r"layer class Gain takes \['g'\] but defines no"):
+            model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, **given)
+        assert model.optimizer.iterations == 0
 
 
 def test_fit_and_to_from_a_callback_of_fit_are_refused(data):

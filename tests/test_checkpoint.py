@@ -703,6 +703,22 @@ def test_only_the_leftovers_of_writers_of_that_path_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
 
 
+def test_a_checkpoint_written_through_a_symlink_removes_its_targets_leftovers(tmp_path):
+    """A checkpoint path that is a link is written at its target, whose folder holds a killed
+    writer's temporary file: that one is removed (was: those next to the link were looked
+    for, and the link replaced by a regular file)."""
+    (tmp_path / "real").mkdir()
+    target, link = tmp_path / "real" / "run.npz", tmp_path / "run.npz"
+    link.symlink_to(target)
+    fd, leftover = files._new_temporary(str(tmp_path / "real"), "run.npz", ".tmp")
+    os.close(fd)
+    ckpt_train.train(str(link), every=5)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert not os.path.exists(leftover)
+    assert [p.name for p in (tmp_path / "real").iterdir()] == ["run.npz"]
+    assert load_checkpoint(target).model.optimizer.iterations == STEPS
+
+
 @pytest.mark.parametrize("how", ["replace", "savez"])
 def test_dying_in_the_middle_of_a_checkpoint_write_keeps_the_previous_one(tmp_path, reference,
                                                                            how):

@@ -217,7 +217,8 @@ def _leaves(obj, prefix=()):
     else:
         yield prefix
         return
-    yield prefix + ("__new__",) if isinstance(obj, dict) else prefix + (0,)
+    if isinstance(obj, dict) or obj:  # (a new key; a list's first item, where it has one)
+        yield prefix + ("__new__",) if isinstance(obj, dict) else prefix + (0,)
     for k, v in items:
         yield from _leaves(v, (*prefix, k))
 
@@ -328,8 +329,8 @@ def test_a_lying_header_allocates_nothing_big(files, name):
     run_loader(load, data)
 
 
-def _config_lie(files, edit) -> bytes:
-    members = npz_members(files["model"])
+def _config_lie(files, edit, name="model") -> bytes:
+    members = npz_members(files[name])
     config = json.loads(bytes(np.load(io.BytesIO(members["__config__.npy"]))))
     edit(config)
     buf = io.BytesIO()
@@ -352,6 +353,63 @@ def test_a_configuration_that_lies_about_sizes_is_refused_before_building(files,
     with pytest.raises(DataFormatError, match=message):
         load(data)
     run_loader(load, data)
+
+
+def _set(path, value):
+    def edit(config):
+        for k in path[:-1]:
+            config = config[k]
+        config[path[-1]] = value
+    return edit
+
+
+def _sparse_true(config):  # (True == 1: {True} <= {0, 1} passed)
+    config["history"] = {"epoch": [0, 1], "history": {"loss": [1.0, 0.9], "val_loss": [1.2]},
+                         "sparse": {"val_loss": [True]}}
+
+
+LOOSE_FIELDS = [  # (file, loader, edit, message): each loaded before, converted or as if right
+    ("model", "model", _set(["seed"], 1.5), r"seed is 1\.5, expected an int >= 0"),
+    ("model", "weights", _set(["seed"], True), r"seed is True, expected an int >= 0"),
+    ("model", "model", _set(["seed"], "3"), r"seed is '3', expected an int >= 0"),
+    ("model", "model", _set(["name"], 5), r"name is 5, expected a string"),
+    ("model", "model", _set(["name"], None), r"name is None, expected a string"),
+    ("model", "weights", _set(["version"], 1.0), r"model format version 1\.0 is not supported"),
+    ("model", "model", _set(["version"], True), r"model format version True is not supported"),
+    ("model", "model", _set(["layers", 2, "trainable"], 0),
+     r"layer 2's trainable is 0, expected true or false"),
+    ("model", "weights", _set(["layers", 7, "trainable"], "no"),
+     r"layer 7's trainable is 'no', expected true or false"),
+    ("model", "model", _set(["compile", "metrics"], "accuracy"),
+     r"compile metrics is 'accuracy', expected a list of names"),
+    ("model", "model", _set(["layers"], {"0": {}}), r"layers is a dict, expected a list"),
+    ("model", "weights", _set(["layers", 3, "config"], ["batchnorm2d"]),
+     r"layer 3 is not a dict of its 'class' \(a name\) and 'config' \(a dict\)"),
+    ("ckpt", "checkpoint", _set(["version"], 2.0), r"checkpoint version 2\.0 is not supported"),
+    ("ckpt", "model", _set(["version"], 99), r"checkpoint version 99 is not supported"),
+    ("ckpt", "weights", _set(["version"], "2"), r"checkpoint version '2' is not supported"),
+    ("ckpt", "checkpoint", _set(["model", "seed"], 2.0), r"seed is 2\.0, expected an int"),
+    ("ckpt", "checkpoint", _set(["optimizer", "slots", "m"], 6.0),
+     r"optimizer slots 'm' is 6\.0, expected 6, one for each trainable parameter"),
+    ("ckpt", "checkpoint", _set(["history", "epoch"], [-1]),
+     r"bad history entry: epoch is \[-1\], expected epoch numbers, ints >= 0"),
+    ("ckpt", "checkpoint", _sparse_true,
+     r"bad history entry: the epochs of 'val_loss' is \[True\], expected epoch numbers"),
+]
+
+
+@pytest.mark.parametrize("name, loader, edit, message", LOOSE_FIELDS)
+def test_a_field_of_the_wrong_type_or_range_is_refused_by_name(files, name, loader, edit,
+                                                               message):
+    """A field that only loosely has its type is refused as strictly as the others, naming it,
+    its value and what was expected (was: a seed of 1.5 loaded as 1, a name of 5 as '5', a
+    trainable of "no" as true, version 1.0 or true as 1, a checkpoint's slot count 6.0 as 6,
+    negative or boolean epoch numbers, any version of a checkpoint read by load_model; a
+    layers entry of another shape was a bare TypeError's message)."""
+    load = via_file(files["dir"], {"model": xpcnn.load_model, "checkpoint": load_checkpoint,
+                                   "weights": load_weights_into_tiny}[loader])
+    with pytest.raises(DataFormatError, match=message):
+        load(_config_lie(files, edit, name))
 
 
 def test_a_zip_entry_claiming_a_huge_size_is_refused(files):

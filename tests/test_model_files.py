@@ -352,6 +352,60 @@ def test_files_are_created_as_the_umask_says(tmp_path, umask):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "m.npz"]  # no leftovers
 
 
+@pytest.mark.parametrize("write", [xpcnn.Model.save, save_checkpoint],
+                         ids=["model file", "checkpoint"])
+def test_saving_to_a_symlink_writes_its_target_and_keeps_the_link(tmp_path, monkeypatch, write):
+    """As ``open(path, "w")`` does: the link's target is written (made where the link dangles),
+    atomically, with the temporary file in the target's folder; the link stays a link (was:
+    the rename replaced it with a regular file). A loop of links is refused by name."""
+    from xpcnn import files
+
+    model = small_model()
+    links, real = tmp_path / "links", tmp_path / "real"
+    links.mkdir()
+    real.mkdir()
+    link, target = links / "m.npz", real / "m.npz"
+    link.symlink_to(os.path.join("..", "real", "m.npz"))  # (relative, dangling at first)
+    folders = []
+    temporary = files._new_temporary
+    monkeypatch.setattr(files, "_new_temporary",
+                        lambda folder, *rest: folders.append(folder) or temporary(folder, *rest))
+    for _ in range(2):  # made, then replaced
+        write(model, link)
+        assert link.is_symlink() and os.readlink(link) == os.path.join("..", "real", "m.npz")
+        assert target.is_file() and not target.is_symlink()
+        for a, b in zip(xpcnn.load_model(link).get_weights(), model.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert folders == [os.path.realpath(real)] * 2
+    assert [p.name for p in links.iterdir()] == ["m.npz"]
+    assert [p.name for p in real.iterdir()] == ["m.npz"]  # no leftovers
+    (links / "a.npz").symlink_to("b.npz")
+    (links / "b.npz").symlink_to("a.npz")
+    with pytest.raises(InputError, match=r"cannot write the (model file|checkpoint) .*a\.npz': "
+                                         "Too many levels of symbolic links"):
+        write(model, links / "a.npz")
+    assert (links / "a.npz").is_symlink()
+
+
+def test_every_atomic_writer_and_the_check_before_it_follow_a_symlink(tmp_path):
+    """files.atomic_file (ONNX exports and downloads too) writes a link's target and keeps the
+    link; checks.output_file, run before any work, checks the target's folder (was: the
+    link's, so that a run failed at its first save)."""
+    from xpcnn import checks, files
+
+    link, target = tmp_path / "out.onnx", tmp_path / "real" / "out.onnx"
+    (tmp_path / "real").mkdir()
+    link.symlink_to(target)
+    with files.atomic_file(link) as f:
+        f.write(b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    (tmp_path / "plain").write_text("a file, not a folder")
+    (tmp_path / "bad.onnx").symlink_to(tmp_path / "plain" / "sub" / "out.onnx")
+    with pytest.raises(InputError, match=r"cannot write the export .*bad\.onnx' in "
+                                         r".*plain'.*not a folder"):
+        checks.output_file(tmp_path / "bad.onnx", "the export")
+
+
 # -- the property ------------------------------------------------------------------------------
 
 SIZES = st.sampled_from([0, 1, 7, 100, 5000, 2**21])

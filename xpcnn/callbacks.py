@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from . import checks, distributed, history
 from .errors import InputError, NonFiniteError
 from .saving import FitCheckpoints, Progress, progress_within, save_checkpoint
+from .saving.model_file import config_entry, model_config
 
 
 class Callback:
@@ -579,6 +580,7 @@ class ModelCheckpoint(_Monitor):
         path = self._fill(fields)
         if distributed.is_root():  # (the one writer)
             checks.output_file(path, "the ModelCheckpoint file")
+        _check_savable(self.model, "the ModelCheckpoint file")
 
     def _fill(self, fields: Mapping[str, Any]) -> str:
         try:
@@ -625,6 +627,12 @@ class ModelCheckpoint(_Monitor):
         if self.verbose:
             say_on_root(f"epoch {epoch + 1}" + ("" if batch is None else f", batch {batch + 1}") +
                  f": saved {path}")
+
+
+def _check_savable(model: Any, file: str) -> None:
+    """Refuse, before training, what the first save would refuse after an epoch of it: a
+    user's layer, optimiser or schedule whose settings its file cannot hold."""
+    config_entry(model_config(model), f"{file} could not be written")
 
 
 def _history_through(done: history.History, epoch: int, logs: dict[str, float]
@@ -678,6 +686,7 @@ class BackupAndRestore(Callback):
                              "batches (a DataLoader: its batches are its own to order)")
         if distributed.is_root():  # (the one writer)
             checks.output_file(self.path, "the checkpoint")
+        _check_savable(self.model, "the checkpoint")
         # (fit's class_weight changes what each step trains: a resumed run must have it too)
         weights = self.params.get("class_weight")
         run = {**data.fingerprint(),
@@ -818,7 +827,7 @@ class CSVLogger(Callback):
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         # (checked now, opened at the first epoch's end: a fit refused after this hook, by a
         # checkpoint that does not match, leaves the file as it was)
-        self.on_train_end()  # (a file a failed fit left open: not written into by this one)
+        self._close()  # (a file a failed fit left open: not written into by this one)
         self.writing = distributed.is_root()  # one writer on several ranks (same logs on all)
         if not self.writing:
             return
@@ -871,6 +880,11 @@ class CSVLogger(Callback):
         return _validation_names(self.model) if self.params.get("validation") else []
 
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        # (not on_train_end itself at a fit's beginning: a subclass's on_train_end expects
+        # the fit's end and its logs)
         self.writing = False
         if self.file is not None:
             self.file.close()

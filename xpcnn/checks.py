@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, NonFiniteError
-from .files import try_writing_in
+from .files import try_writing_in, written_file
 
 
 def as_images(x: Any, what: str = "x") -> np.ndarray:
@@ -294,13 +294,18 @@ def file_path(path: Any, what: str) -> str:
 
 
 def output_file(path: Any, what: str) -> str:
-    """A path a file can be written at: not a folder, and its nearest existing folder takes a
-    new file (the writers create the missing folders below it). Checked before any work, so
-    that a long run does not fail at its first save."""
+    """A path a file can be written at (a symbolic link's target, which is what gets written):
+    not a folder, and its nearest existing folder takes a new file (the writers create the
+    missing folders below it). Checked before any work, so that a long run does not fail at
+    its first save."""
     path = file_path(path, what)
-    if os.path.isdir(path):
+    try:
+        target = written_file(path)  # (a link's target is what gets written)
+    except OSError as e:  # (links in a loop)
+        raise InputError(f"cannot write {what} {path!r}: {e.strerror or e}") from e
+    if os.path.isdir(target):
         raise InputError(f"{what} {path!r} is a folder; give the path of a file (in it, say)")
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = os.path.dirname(target)
     while not os.path.exists(folder):  # (created when the file is written)
         folder = os.path.dirname(folder)
     try:

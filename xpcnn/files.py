@@ -1,6 +1,7 @@
 """Files written atomically: a temporary file next to the destination, fsynced and renamed over
 it, so the destination is always either the old file or the complete new one. Model files,
-checkpoints, ONNX exports and downloads are all written through :func:`atomic_file`."""
+checkpoints, ONNX exports and downloads are all written through :func:`atomic_file`; a symbolic
+link's target is written, as ``open(path, "w")`` writes it, and the link kept."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
     creates files (mode 0666 less the umask), so it can be shared where the umask allows. If
     the block raises (Ctrl-C included), the temporary file is removed.
     """
-    path = os.fspath(path)
-    folder, base = os.path.split(os.path.abspath(path))
+    path = written_file(path)
+    folder, base = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = _new_temporary(folder, base, suffix)
     try:
@@ -37,6 +38,17 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+def written_file(path: str | os.PathLike[str]) -> str:
+    """The file that writing ``path`` replaces, as an absolute path: a symbolic link's target
+    (a dangling link's too), as ``open(path, "w")`` writes it, so that the atomic rename, made
+    in the target's folder, replaces the target and leaves the link. OSError where the links
+    loop (:func:`xpcnn.checks.output_file` says so before any work)."""
+    try:
+        return os.path.realpath(path, strict=True)
+    except (FileNotFoundError, NotADirectoryError):  # (a new file, or a link to one: its
+        return os.path.realpath(path)  # path, links followed; the writer says what is wrong)
 
 
 def try_writing_in(folder: str | os.PathLike[str]) -> None:

@@ -12,9 +12,11 @@ arrays in a step captured in a CUDA graph) and hands them to the optimiser's one
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from .checks import flag, register
@@ -29,6 +31,33 @@ def _real(v: Any) -> bool:
 
 def _count(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _unsaved(obj: Any, config: dict[str, Any], unwritten: Collection[str] = ()) -> list[str]:
+    """The settings that ``obj``'s constructor takes (its named parameters; *args and **kwargs
+    are not counted) and ``config``, its ``get_config()``, does not give, but for those in
+    ``unwritten``: a file written from it would load them with their defaults."""
+    params = list(inspect.signature(type(obj).__init__).parameters.values())[1:]  # (not self)
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and p.name not in config and p.name not in unwritten]
+
+
+def _untaken(obj: Any, config: dict[str, Any]) -> list[str]:
+    """The settings ``config``, ``obj``'s ``get_config()``, gives that its constructor does not
+    take (but for "class"; none where it takes **kwargs): a file written from it would not
+    load."""
+    params = inspect.signature(type(obj).__init__).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return []
+    return [k for k in config if k != "class" and k not in params]
+
+
+@functools.cache
+def _settings(cls: type) -> frozenset[str]:
+    """The settings ``cls``'s constructor takes by name, but the learning rate."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return frozenset(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                     and p.name not in ("self", "lr"))
 
 
 def _rate(v: Any, what: str, zero: bool = False) -> float:
@@ -63,7 +92,29 @@ class Schedule:
         raise NotImplementedError
 
     def get_config(self) -> dict[str, Any]:
+        """The constructor's arguments, by name, with the class (by default: the attributes,
+        which are the settings where each is kept under its own name)."""
         return {"class": type(self).__name__, **vars(self)}
+
+    def check_config(self) -> None:
+        """Refuse to save a schedule whose constructor takes settings that its ``get_config()``
+        does not give (run at save: get_config itself is also called elsewhere), and the
+        schedules it wraps (LinearWarmup's ``after``)."""
+        config = self.get_config()
+        missing, untaken = _unsaved(self, config), _untaken(self, config)
+        if missing:
+            raise InputError(f"schedule class {type(self).__name__} takes {missing} but its "
+                             "get_config() does not return them (the default returns the "
+                             "attributes, so keep each setting under its own name, or define "
+                             "get_config()), so that a saved model rebuilds it")
+        if untaken:
+            raise InputError(f"schedule class {type(self).__name__}'s get_config() gives "
+                             f"{untaken}, which its constructor does not take, so that a saved "
+                             "model could not rebuild it (the default returns the attributes: "
+                             "define get_config() returning the constructor's arguments)")
+        for value in getattr(self, "__dict__", {}).values():
+            if isinstance(value, Schedule):
+                value.check_config()
 
 
 class StepDecay(Schedule):
@@ -228,10 +279,31 @@ class Optimizer:
         self.slots: dict[str, list[Any]] = {}
         self.applied: Any = None  # (0-d float64, on the device: see the class's doc)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A setting of the constructor is fixed once the optimiser has stepped: its slots were
+        # made for it, and a captured CUDA graph bakes it in (the rate alone goes through
+        # device memory). Refused rather than applied in one place and not the other.
+        if self.__dict__.get("iterations", 0) and name in _settings(type(self)):
+            raise InputError(f"{type(self).__name__}'s {name} cannot change once it has trained "
+                             "(its state and a captured step are made for it): create another "
+                             f"{type(self).__name__}(...) and compile with it; the learning "
+                             "rate can change (optimizer.lr, or optimizer.learning_rate)")
+        super().__setattr__(name, value)
+
     @property
     def lr(self) -> float:
         """The learning rate the next step will use."""
         return self.schedule(self.iterations) * self.lr_factor
+
+    @property
+    def learning_rate(self) -> float:
+        """Keras' name of :attr:`lr`: the learning rate the next step will use, to read and
+        to set."""
+        return self.lr
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        self.lr = value
 
     @lr.setter
     def lr(self, value: float) -> None:
@@ -341,10 +413,37 @@ class Optimizer:
         a[...] = new if apply is None else xp.where(apply, new, a)
 
     def get_config(self) -> dict[str, Any]:
-        clips = {k: v for k, v in (("clipnorm", self.clipnorm), ("clipvalue", self.clipvalue),
-                                   ("global_clipnorm", self.global_clipnorm)) if v is not None}
+        """The constructor's arguments, by name, with the class (the clipping settings only
+        where set); a subclass whose constructor takes more must give them too
+        (:meth:`check_config`, at save)."""
+        clips = {k: v for k, v in self._clips() if v is not None}
         return {"class": type(self).__name__, "lr": self.schedule.get_config(),
                 "weight_decay": self.weight_decay, **clips}
+
+    def _clips(self) -> tuple[tuple[str, float | None], ...]:
+        return (("clipnorm", self.clipnorm), ("clipvalue", self.clipvalue),
+                ("global_clipnorm", self.global_clipnorm))
+
+    def check_config(self) -> None:
+        """Refuse to save an optimiser whose constructor takes settings that its
+        ``get_config()`` does not give (but the clipping settings left unset, which the base
+        class writes only where set), and its schedule likewise. Run at save, not in
+        get_config, which is also called elsewhere."""
+        config = self.get_config()
+        missing = _unsaved(self, config, [k for k, v in self._clips() if v is None])
+        untaken = _untaken(self, config)
+        if missing:
+            raise InputError(f"optimizer class {type(self).__name__} takes {missing} but its "
+                             "get_config() does not return them: define get_config() returning "
+                             "them (with super().get_config()), so that a saved model rebuilds "
+                             "it")
+        if untaken:
+            raise InputError(f"optimizer class {type(self).__name__}'s get_config() gives "
+                             f"{untaken}, which its constructor does not take, so that a saved "
+                             "model could not rebuild it: take them in __init__ and pass them "
+                             "on to super().__init__ (the base class writes its own settings: "
+                             "weight_decay and the clipping ones set), or define get_config()")
+        self.schedule.check_config()
 
 
 class SGD(Optimizer):
@@ -361,7 +460,10 @@ class SGD(Optimizer):
         if flag(nesterov, "SGD nesterov") and momentum == 0.0:
             raise InputError("Nesterov momentum needs momentum > 0")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
-        self.slot_names = ("momentum",) if momentum else ()
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("momentum",) if self.momentum else ()
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
                 apply: Any) -> None:
@@ -486,8 +588,11 @@ class RMSprop(Optimizer):
                              f"got rho={rho!r}, momentum={momentum!r}, epsilon={epsilon!r}")
         self.rho, self.momentum, self.epsilon = float(rho), float(momentum), float(epsilon)
         self.centered = flag(centered, "RMSprop centered")
-        self.slot_names = ("v", *(("mean_grad",) if self.centered else ()),
-                           *(("momentum",) if momentum else ()))
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("v", *(("mean_grad",) if self.centered else ()),
+                *(("momentum",) if self.momentum else ()))
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
                 apply: Any) -> None:

@@ -201,7 +201,8 @@ class Trainer:
     def _own(self, optimizer: Optimizer) -> Optimizer:
         """``optimizer``, bound to this model: its slots and step count are one model's, and
         another model's steps would silently mix into them (or fail deep inside). One new to
-        this model starts with none (one that another model released held that model's)."""
+        this model starts with none (one that another model released held that model's; one
+        never stepped keeps the learning rate set on it, as in Keras)."""
         owner = getattr(optimizer, "_model", lambda: None)()
         if owner is not None and owner is not self:
             raise InputError(f"this {type(optimizer).__name__} optimizer is already compiled into "
@@ -211,7 +212,8 @@ class Trainer:
         previous = self.optimizer
         if previous is not None and previous is not optimizer:
             del previous._model  # (replaced: free to be compiled into another model)
-        if owner is None:
+        if owner is None and (optimizer.iterations or optimizer.slots):
+            # (another model's state; one never stepped keeps the rate its user set)
             optimizer.slots, optimizer.iterations, optimizer.lr_factor = {}, 0, 1.0
             optimizer.applied = None
         optimizer._model = weakref.ref(self)

@@ -46,14 +46,16 @@ import numpy as np
 from .. import checks, distributed
 from ..backend import DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterrupted
-from ..files import remove_leftovers
+from ..files import remove_leftovers, written_file
 from ..history import History
 from ..layers.dropout import RandomLayer
 from .model_file import (
     CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSIONS,
     bad_values,
     build_for,
     check_architecture,
+    check_checkpoint_version,
     check_file_entries,
     compile_settings,
     config_entry,
@@ -66,7 +68,7 @@ from .model_file import (
 from .npz import CONFIG_KEY, NpzArchive, array_bytes, write_npz_atomic
 
 FORMAT = CHECKPOINT_FORMAT
-VERSION = 2  # 2: optimiser slots in Keras' layout, one per trainable parameter
+VERSION = CHECKPOINT_VERSIONS[-1]
 # The loss scales a float32 holds (its dtype on the device), as Python floats: compared with
 # NumPy's, a value out of range would be cast first.
 _SCALES = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
@@ -123,7 +125,7 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
     model._require_built("save_checkpoint")
     if not distributed.is_root():  # one writer: rank 0 (all ranks hold the same state)
         return
-    checks.output_file(path, "the checkpoint")
+    target = written_file(checks.output_file(path, "the checkpoint"))
     if model.loss is None or model.optimizer is None:
         raise InputError("save_checkpoint needs a compiled model (compile(...) first)")
     opt = model.optimizer
@@ -168,8 +170,8 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
                 raise NonFiniteError(f"{stopped}: the optimiser's {name!r} state holds NaN or "
                                      f"infinity; {kept}")
             arrays[f"slot.{name}.{k}"] = host
-    write_npz_atomic(path, arrays)
-    remove_leftovers(path)
+    write_npz_atomic(target, arrays)
+    remove_leftovers(target)
 
 
 def _slot_owners(model: Any, trainable: list[bool] | None = None) -> list[tuple[Any, str]]:
@@ -190,9 +192,7 @@ def _checkpoint_config(npz: NpzArchive) -> dict[str, Any]:
         kind = config.get("format") if isinstance(config, dict) else None
         hint = " (a model file: load it with xpcnn.load_model)" if kind == "xpcnn-model" else ""
         raise DataFormatError(f"{npz.path}: not an xpcnn checkpoint{hint}")
-    if config.get("version") not in (1, VERSION):
-        raise DataFormatError(f"{npz.path}: checkpoint version {config.get('version')!r} is not "
-                              f"supported (this xpcnn reads versions 1 and {VERSION})")
+    check_checkpoint_version(config, npz.path)
     return config
 
 
@@ -292,9 +292,9 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         if set(slot_counts) != set(opt.slot_names):
             raise bad(f"optimizer slots {sorted(slot_counts)}, expected {list(opt.slot_names)}")
         for name in opt.slot_names:
-            if slot_counts[name] != len(owners):
-                raise bad(f"{slot_counts[name]!r} {name!r} slots for {len(owners)} trainable "
-                          "parameters")
+            if type(slot_counts[name]) is not int or slot_counts[name] != len(owners):
+                raise bad(f"optimizer slots {name!r} is {slot_counts[name]!r}, expected "
+                          f"{len(owners)}, one for each trainable parameter")
             slots[name] = []
             for k, (layer, weight) in enumerate(owners):
                 key = f"slot.{name}.{k}"
@@ -328,7 +328,8 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         i = _int(r.get("index"), "random layer index", path)
         if i >= len(model.layers) or not isinstance(model.layers[i], RandomLayer):
             raise bad(f"layer {i} is not a random layer")
-        counters[i] = (_int(r.get("seed"), "seed", path), _int(r.get("calls"), "calls", path))
+        counters[i] = (_int(r.get("seed"), f"random layer {i}'s seed", path),
+                       _int(r.get("calls"), f"random layer {i}'s calls", path))
         if max(counters[i]) >= 2**63:  # (held in an int64 device array)
             raise bad(f"random state of layer {i} beyond 2**63")
     missing = [la.name for i, la in enumerate(model.layers)
@@ -372,7 +373,8 @@ def _int(v: Any, what: str, path: str) -> int:
 
 def _float(v: Any, what: str, path: str) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-        raise DataFormatError(f"{path}: invalid checkpoint: {what} is {v!r}")
+        raise DataFormatError(f"{path}: invalid checkpoint: {what} is {v!r}, expected a finite "
+                              "number >= 0")
     return float(v)
 
 
@@ -394,9 +396,17 @@ def progress_within(model: Any, epoch: int, step: int) -> Progress:
 
 def _history(h: Any, path: str) -> History:
     sparse = h.get("sparse", {}) if isinstance(h, dict) else None  # (none in older files)
+    # Epoch numbers, the history's and those of the logs missing from some (bool is no int:
+    # {True} == {1}, and 1.0 == 1, would pass the comparisons below).
+    numbers = [("epoch", h.get("epoch"))] if isinstance(h, dict) else []
+    if isinstance(sparse, dict):
+        numbers += [(f"the epochs of {k!r}", e) for k, e in sparse.items()]
+    for what, epochs in numbers:
+        if isinstance(epochs, list) and not all(type(e) is int and e >= 0 for e in epochs):
+            raise DataFormatError(f"{path}: invalid checkpoint: bad history entry: {what} is "
+                                  f"{epochs!r}, expected epoch numbers, ints >= 0")
     ok = (isinstance(h, dict) and isinstance(h.get("epoch"), list)
           and isinstance(h.get("history"), dict) and isinstance(sparse, dict)
-          and all(type(e) is int for e in h["epoch"])
           and all(isinstance(k, str) and isinstance(v, list)
                   and all(isinstance(f, int | float) and not isinstance(f, bool) for f in v)
                   for k, v in h["history"].items())

@@ -25,6 +25,7 @@ import numpy as np
 from .. import checks, distributed
 from ..backend import DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError
+from ..files import written_file
 from ..graph import Inbound, check_graph, inbound_of
 from ..layers import BatchNorm2D, Conv2D, Dense
 from ..layers.base import LAYER_TYPES, Layer
@@ -42,6 +43,8 @@ from .npz import (
 FORMAT = "xpcnn-model"
 VERSION = 1
 CHECKPOINT_FORMAT = "xpcnn-checkpoint"
+#: The checkpoint versions this xpcnn reads (:mod:`.checkpoint` writes the last).
+CHECKPOINT_VERSIONS = (1, 2)  # 2: optimiser slots in Keras' layout, one per trainable parameter
 
 #: Model classes a file may name, by class name (see :func:`register_model`).
 MODEL_TYPES: dict[str, type] = {}
@@ -64,12 +67,15 @@ def register_model(cls: type) -> type:
 # -- writing ----------------------------------------------------------------------------------
 
 
-def model_config(model: Any) -> dict[str, Any]:
-    """Everything but the weights: enough to rebuild the same model."""
+def model_config(model: Any, compiled: bool = True) -> dict[str, Any]:
+    """Everything but the weights: enough to rebuild the same model (without its compile
+    settings where ``compiled`` is False: comparing architectures). InputError where a user's
+    layer, optimiser or schedule takes settings its get_config() does not give."""
     for layer in model.layers:
         layer.check_config()
     config: dict[str, Any] = {"format": FORMAT, "version": VERSION, **model.get_config()}
-    if model.loss is not None and model.optimizer is not None:
+    if compiled and model.loss is not None and model.optimizer is not None:
+        model.optimizer.check_config()
         config["compile"] = {"loss": model.loss.get_config(),
                              "optimizer": model.optimizer.get_config(),
                              "precision": model.precision, "metrics": list(model.metrics)}
@@ -102,15 +108,20 @@ def save_model(model: Any, path: str | os.PathLike[str]) -> None:
     model._require_built("save")
     if not distributed.is_root():  # one writer: rank 0 (all ranks hold the same weights)
         return
-    checks.output_file(path, "the model file")
+    target = written_file(checks.output_file(path, "the model file"))
 
     def refusal(layer: Layer, weight: str) -> str:
         return (f"the weights of layer {layer.name!r} ({weight}) hold NaN or infinity: {path} "
                 "was not written")
 
-    arrays = {CONFIG_KEY: config_entry(model_config(model), f"{path} was not written"),
+    config = model_config(model)
+    if "compile" in config and model.optimizer.lr_factor != 1.0:
+        # (the rate a callback or the user set, as Keras' file keeps the optimiser's learning
+        # rate; a checkpoint keeps it with the rest of the optimiser's state)
+        config["compile"]["lr_factor"] = float(model.optimizer.lr_factor)
+    arrays = {CONFIG_KEY: config_entry(config, f"{path} was not written"),
               **weight_arrays(model, refusal)}
-    write_npz_atomic(path, arrays)
+    write_npz_atomic(target, arrays)
 
 
 def config_entry(config: dict[str, Any], refused: str) -> np.ndarray:
@@ -121,9 +132,10 @@ def config_entry(config: dict[str, Any], refused: str) -> np.ndarray:
     try:
         entry = encode_json(config)
     except (TypeError, ValueError) as e:  # (a user's class holding an array in its settings)
-        raise InputError(f"{refused}: its configuration cannot be written as JSON ({e}): the "
-                         "settings of a user's layer (get_config), optimiser or schedule must "
-                         "be numbers, strings, lists and dicts") from e
+        raise InputError(f"{refused}: {_unwritable_part(config)} cannot be written as JSON "
+                         f"({e}): the settings of a user's layer (get_config), optimiser or "
+                         "schedule must be Python numbers (float(x) for a NumPy one), strings, "
+                         "lists and dicts") from e
     if entry.size <= MAX_CONFIG_BYTES:
         return entry
     model = config.get("model", config)
@@ -139,6 +151,23 @@ def config_entry(config: dict[str, Any], refused: str) -> np.ndarray:
                      f"{part}, {parts[part]} bytes{hint}")
 
 
+def _unwritable_part(config: dict[str, Any]) -> str:
+    """The first part of ``config`` that JSON cannot hold: a layer's settings, or the
+    optimiser's (its schedule's included)."""
+    model = config.get("model", config)
+    parts = [(f"layer {i} ({spec['class']})'s settings", spec)
+             for i, spec in enumerate(model.get("layers", []))]
+    optimizer = (model.get("compile") or {}).get("optimizer")
+    if optimizer is not None:
+        parts.append((f"the optimizer's settings ({optimizer.get('class')})", optimizer))
+    for what, part in parts:
+        try:
+            json.dumps(part)
+        except (TypeError, ValueError):
+            return what
+    return "its configuration"
+
+
 # -- reading ----------------------------------------------------------------------------------
 
 
@@ -148,10 +177,25 @@ def load_model(path: str | os.PathLike[str], device: DeviceLike = "cpu") -> Any:
     A checkpoint (:mod:`xpcnn.saving.checkpoint`) loads too: its model, with the weights it holds.
     """
     with NpzArchive(path, "the model file") as npz:
-        config = npz.read_config()
-        checkpoint = isinstance(config, dict) and config.get("format") == CHECKPOINT_FORMAT
-        return model_from_file(config.get("model") if checkpoint else config, npz, device,
-                               with_slots=checkpoint)
+        config, checkpoint = model_of_file(npz.read_config(), npz.path)
+        return model_from_file(config, npz, device, with_slots=checkpoint)
+
+
+def model_of_file(config: Any, path: str) -> tuple[Any, bool]:
+    """The model configuration of a model file's or checkpoint's JSON ``config``, and whether
+    the file is a checkpoint (its version checked: the model is read from it too)."""
+    if not (isinstance(config, dict) and config.get("format") == CHECKPOINT_FORMAT):
+        return config, False
+    check_checkpoint_version(config, path)
+    return config.get("model"), True
+
+
+def check_checkpoint_version(config: dict[str, Any], path: str) -> None:
+    version = config.get("version")
+    if type(version) is not int or version not in CHECKPOINT_VERSIONS:
+        known = " and ".join(map(str, CHECKPOINT_VERSIONS))
+        raise DataFormatError(f"{path}: checkpoint version {version!r} is not supported (this "
+                              f"xpcnn reads versions {known})")
 
 
 def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
@@ -171,6 +215,10 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
         compiled = compile_settings(config.get("compile"))
         loss = optimizer = None
         if compiled is not None:
+            if not isinstance(compiled["metrics"], list):  # (compile takes a name too)
+                raise DataFormatError(f"{path}: invalid model configuration: compile metrics is "
+                                      f"{compiled['metrics']!r}, expected a list of names such "
+                                      "as ['accuracy']")
             loss = SoftmaxCrossEntropy(**compiled["loss"])
             optimizer = optimizer_from_config(compiled["optimizer"])
         slots = optimizer.slot_names if with_slots and optimizer is not None else ()
@@ -181,6 +229,12 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
         if compiled is not None:
             model.compile(loss, optimizer, metrics=compiled["metrics"],
                           precision=compiled["precision"])
+            factor = compiled.get("lr_factor", 1.0)  # (written where it is not 1)
+            if isinstance(factor, bool) or not isinstance(factor, int | float) or not (
+                    0 <= factor < math.inf):
+                raise DataFormatError(f"{path}: invalid model configuration: compile lr_factor "
+                                      f"is {factor!r}, expected a finite number >= 0")
+            model.optimizer.lr_factor = float(factor)
     except DataFormatError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
@@ -194,17 +248,31 @@ def layers_from_config(config: Any, path: str) -> tuple[list[Layer], tuple[int, 
     """The (unbuilt) layers and the input shape of a model configuration, every field checked."""
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise DataFormatError(f"{path}: not an xpcnn model file (format is not {FORMAT!r})")
-    if config.get("version") != VERSION:
-        raise DataFormatError(f"{path}: model format version {config.get('version')!r} is not "
-                              f"supported (this xpcnn reads version {VERSION})")
+    version = config.get("version")
+    if type(version) is not int or version != VERSION:  # (not 1.0, nor true)
+        raise DataFormatError(f"{path}: model format version {version!r} is not supported "
+                              f"(this xpcnn reads version {VERSION})")
+    check_model_fields(config, path)
+    specs = config.get("layers")
+    if not isinstance(specs, list):
+        raise DataFormatError(f"{path}: invalid model configuration: layers is a "
+                              f"{type(specs).__name__}, expected a list of layers")
     try:
         layers = []
-        for spec in config["layers"]:
+        for i, spec in enumerate(specs):
+            if not (isinstance(spec, dict) and isinstance(spec.get("class"), str)
+                    and isinstance(spec.get("config"), dict)):
+                raise DataFormatError(f"{path}: invalid model configuration: layer {i} is not "
+                                      "a dict of its 'class' (a name) and 'config' (a dict)")
             cls = LAYER_TYPES.get(spec["class"])
             if cls is None or spec["class"].startswith("_"):
                 raise DataFormatError(f"{path}: unknown layer type {spec['class']!r}")
+            trainable = spec.get("trainable", True)  # (written only where False)
+            if not isinstance(trainable, bool):
+                raise DataFormatError(f"{path}: invalid model configuration: layer {i}'s "
+                                      f"trainable is {trainable!r}, expected true or false")
             layers.append(cls(**spec["config"]))
-            layers[-1].trainable = spec.get("trainable", True) is not False
+            layers[-1].trainable = trainable
             # (the file's names are kept as they are where they can be, but give way as
             # automatic ones do: two trained models, each with its 'dense', can be joined)
             layers[-1].name_given = False
@@ -214,6 +282,18 @@ def layers_from_config(config: Any, path: str) -> tuple[list[Layer], tuple[int, 
         raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
                               ) from e
     return layers, input_shape_of(config, path)
+
+
+def check_model_fields(config: dict[str, Any], path: str) -> None:
+    """The model's own fields that its class's ``from_config`` reads, where the file has them
+    (a user's model class may not write them), as its constructor would take them (they were
+    converted on their way there: a seed of 1.5 built as 1, a name of 5 as '5')."""
+    if "seed" in config and (type(config["seed"]) is not int or config["seed"] < 0):
+        raise DataFormatError(f"{path}: invalid model configuration: seed is "
+                              f"{config['seed']!r}, expected an int >= 0")
+    if "name" in config and not isinstance(config["name"], str):
+        raise DataFormatError(f"{path}: invalid model configuration: name is "
+                              f"{config['name']!r}, expected a string")
 
 
 def input_shape_of(config: dict[str, Any], path: str) -> tuple[int, ...]:
@@ -362,10 +442,7 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
     """Load the weights of a model file or checkpoint into ``model``, checking that the file
     holds the same architecture; otherwise ``DataFormatError`` names the first difference."""
     with NpzArchive(path, "the model file") as npz:
-        config = npz.read_config()
-        checkpoint = isinstance(config, dict) and config.get("format") == CHECKPOINT_FORMAT
-        if checkpoint:
-            config = config.get("model")
+        config, checkpoint = model_of_file(npz.read_config(), npz.path)
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise DataFormatError(f"{npz.path}: not an xpcnn model file or checkpoint")
         check_file_entries(npz, config, checkpoint)
@@ -424,7 +501,7 @@ def check_architecture(model: Any, config: dict[str, Any], path: str, layers: bo
                        ) -> None:
     """Refuse a file whose model differs from ``model`` in input shape, dtype or (unless the
     caller compared them already, ``layers`` False) layers."""
-    mine = normal(model_config(model))
+    mine = normal(model_config(model, compiled=False))
     try:
         shape, dtype = config["input_shape"], config["dtype"]
     except (KeyError, TypeError) as e:
@@ -443,7 +520,8 @@ def check_layers(model: Any, config: dict[str, Any], path: str) -> None:
     """Refuse a file whose model has other layers (classes, settings, graph) than ``model``,
     built or not, naming the first difference."""
     try:
-        theirs, ours = _architecture(config), _architecture(normal(model_config(model)))
+        theirs = _architecture(config)
+        ours = _architecture(normal(model_config(model, compiled=False)))
     except (KeyError, TypeError, AttributeError) as e:
         raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
                               ) from e

@@ -204,6 +204,7 @@ def _parse_npy(data: bytes, where: str) -> np.ndarray:
 
 
 def write_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, np.ndarray]) -> None:
-    """Write an .npz so that ``path`` is always either the old file or the complete new one."""
+    """Write an .npz so that ``path`` is always either the old file or the complete new one
+    (a symbolic link's target, the link kept: see :func:`~xpcnn.files.atomic_file`)."""
     with atomic_file(path) as f:
         np.savez(f, **arrays)
