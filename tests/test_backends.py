@@ -396,3 +396,22 @@ def test_a_training_step_never_waits_for_the_device(data, optimizer, monkeypatch
         assert not set(seen) - {"upload", "__dlpack__"}, seen
         counts.append(len(seen))
     assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.parametrize("device", ["cpu", "torch"])
+def test_a_layer_moved_keeps_its_bfloat16_compute_dtype(device):
+    """Layer.to named a bfloat16 dtype "float16" ("float16" is in "bfloat16"), so a
+    mixed_bfloat16 model moved to another backend computed in float16."""
+    from xpcnn.layers.base import dtype_name
+
+    if device == "torch":
+        torch = pytest.importorskip("torch")
+        device = torch
+    model = xpcnn.Sequential([xpcnn.layers.Dense(3)], input_shape=(4,), seed=0)
+    model.compile(optimizer="sgd", precision="mixed_bfloat16")
+    model.to(device)
+    layer = model.layers[0]
+    assert dtype_name(layer.compute_dtype) == "bfloat16"
+    assert dtype_name(layer.dtype) == "float32"
+    for name in ("float16", "bfloat16", "float32", "float64"):
+        assert dtype_name(model.backend.dtype(name)) == name

@@ -156,4 +156,4 @@ def test_a_model_made_for_other_images_is_refused_naming_the_flag(tmp_path, caps
                  "resnet20", "--limit", "16", "--epochs", "1", "--quiet"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("xpcnn train: error: argument --model: resnet20 does not take "
-                           "mnist's 28x28x1 images: Normalization has 3 channel statistics")
+                           "mnist's 28x28x1 images: the residual networks normalise RGB images")

@@ -127,6 +127,28 @@ def test_a_float32_model_on_a_float64_models_layers_is_refused_and_rounds_nothin
     assert logits.dtype == np.float64
 
 
+def test_a_float32_model_whose_layers_a_float64_model_trained_saves_and_gives_no_weights(
+        images, tmp_path):
+    """A float32 Sequential used inside a float64 model that trained its layers: save wrote the
+    float64 arrays under a float32 configuration (load rounded them, silently) and get_weights
+    returned float64 arrays. Both build the model as it runs first, as predict does: refused,
+    naming the weights it would round."""
+    base = xpcnn.Sequential([Conv2D(4, 3, name="conv"), ReLU(), Flatten()],
+                            input_shape=(8, 8, 3), seed=0)
+    inputs = xpcnn.Input((8, 8, 3))
+    trainer = xpcnn.Model(inputs, Softmax()(Dense(3)(base(inputs))), dtype="float64")
+    trainer.compile(optimizer=xpcnn.optim.SGD(0.1))
+    trainer.fit(images, np.arange(6) % 3, epochs=1, verbose=0)
+    refusal = (r"layer 'conv' \(Conv2D\) holds float64 weights, trained or set in another "
+               r"model: a float32 model would round them")
+    with pytest.raises(InputError, match=refusal):
+        base.save(tmp_path / "base.npz")
+    assert not (tmp_path / "base.npz").exists()
+    with pytest.raises(InputError, match=refusal):
+        base.get_weights()
+    assert trainer.get_weights()[0].dtype == np.float64  # (its own, as it runs them)
+
+
 def test_an_extractor_of_features_cannot_fit_labels_but_shows_and_saves(images, tmp_path):
     model = sequential_net()
     features = xpcnn.Model(model.input, model.get_layer("relu").output, name="features")
@@ -190,8 +212,30 @@ def test_a_block_inside_a_model_keeps_its_own_symbolic_graph(images):
     assert conv in head.layers and conv.output.node.inputs == (base.input,)
     np.testing.assert_allclose(xpcnn.Model(base.input, conv.output).predict(images),
                                np.asarray(base.forward(images)[0]), rtol=1e-12)
-    with pytest.raises(InputError, match="disconnected"):
+    # (was: "disconnected", from input 'input', which is not this model's input 'input')
+    with pytest.raises(InputError, match=r"computed from input 'input' of shape \(None, 8, 8, "
+                                         r"3\), the input of model 'sequential', which is not "
+                                         r"this model's input \(another tensor of the same "
+                                         r"name\): the layers of a built model have their "
+                                         r"output in its own graph, .* use xpcnn.Model\(m.input, "
+                                         r"layer.output\), m that model"):
         xpcnn.Model(head.input, conv.output)
+
+
+def test_a_layer_of_an_unbuilt_block_inside_a_model_says_how_to_get_its_output(images):
+    """(was: "it is in no functional graph", of a layer the model holds)"""
+    base = xpcnn.Sequential([Conv2D(4, 3, name="conv"), ReLU(), Flatten()], name="base")
+    inputs = xpcnn.Input((8, 8, 3))
+    head = xpcnn.Model(inputs, Softmax()(Dense(2)(base(inputs))))
+    conv = head.get_layer("conv")
+    with pytest.raises(InputError, match=r"layer 'conv' \(Conv2D\) has no symbolic output: it "
+                                         r"was called only through model 'base' called on a "
+                                         r"tensor, .* and 'base' is not built, so it has none: "
+                                         r"build it .* xpcnn.Model\(m.input, layer.output\)"):
+        _ = conv.output
+    base.build((8, 8, 3))  # (as the error says: the trained weights stay)
+    np.testing.assert_array_equal(xpcnn.Model(base.input, conv.output).predict(images),
+                                  np.asarray(head.forward(images)[0]))
 
 
 def test_a_rebuilt_or_refused_sequential_keeps_one_graph(images):

@@ -315,6 +315,31 @@ def test_save_and_load_a_graph_round_trip(data, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_inputs_name_is_kept_by_summary_files_and_a_new_build(data, tmp_path):
+    """(was: summary named every model's input "input", and a file lost the name)"""
+    images = xpcnn.Input((8, 8, 3), name="images")
+    x = Conv2D(4, 3, padding="same")(images)
+    both = Concatenate()([x, images])  # (the input is read by two layers: a graph, no chain)
+    model = xpcnn.Model(images, Softmax()(Dense(5)(GlobalAvgPool2D()(both))), seed=0)
+    model.save(tmp_path / "named.npz")
+    loaded = xpcnn.load_model(tmp_path / "named.npz")
+    for m in (model, loaded):
+        lines = []
+        m.summary(print_fn=lines.append)
+        assert lines[0] == 'Model "model" on cpu, input "images" (8, 8, 3)'
+        rows = [line.split() for line in lines]
+        assert rows[4][-1] == "images" and rows[5][-2:] == ["conv2d,", "images"]
+        assert m.input.name == "images" and m.get_config()["input_name"] == "images"
+    loaded.build((10, 10, 3))  # (a new symbolic graph, for these images)
+    assert loaded.input.name == "images" and loaded.input.shape == (None, 10, 10, 3)
+    plain = xpcnn.Input((8, 8, 3))
+    unnamed = xpcnn.Model(plain, Dense(2)(GlobalAvgPool2D()(plain)))
+    assert "input_name" not in unnamed.get_config()  # (its file as it was)
+    lines = []
+    unnamed.summary(print_fn=lines.append)
+    assert lines[0] == 'Model "model" on cpu, input (8, 8, 3)'
+
+
 def test_a_concatenation_along_the_height_saves_and_loads(data, tmp_path):
     inputs = xpcnn.Input((8, 8, 3))
     x = Conv2D(4, 3, padding="same")(inputs)
@@ -385,7 +410,8 @@ def test_bad_graphs_get_clear_errors():
         ReLU()([x, x])
     with pytest.raises(InputError, match="computed from input 'input' of shape "
                                          "\\(None, 8, 8, 3\\), which is not this model's "
-                                         "input: the graph .* is disconnected"):
+                                         "input \\(another tensor of the same name\\): the "
+                                         "graph .* is disconnected"):
         xpcnn.Model(xpcnn.Input((8, 8, 3)), x)
     with pytest.raises(InputError, match="the model has no layers"):
         xpcnn.Model(inputs, inputs)

@@ -236,6 +236,41 @@ def test_the_logits_of_a_uint8_batch_are_those_of_the_batch_in_the_parameters_dt
         np.testing.assert_array_equal(got, want)
 
 
+def test_fit_or_to_from_another_thread_while_fit_runs_is_refused_naming_the_thread(data):
+    """A second thread's fit was told it came "from one of its callbacks"; and the check and
+    the mark of a running fit were two steps, which two threads could both pass. Refused,
+    naming the other thread; once the first fit returns, both run."""
+    import threading
+
+    model = xpcnn.Sequential(gap_net(), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.01))
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(epoch, logs):
+        inside.set()
+        assert release.wait(60)
+
+    first = threading.Thread(target=model.fit, args=data, kwargs=dict(
+        epochs=1, batch_size=16, verbose=0,
+        callbacks=[xpcnn.callbacks.LambdaCallback(on_epoch_end=hold)]))
+    first.start()
+    try:
+        assert inside.wait(60)
+        for call, what in ((lambda: model.fit(*data, epochs=1, verbose=0), "fit"),
+                           (lambda: model.to("cpu"), r"to\(\)")):
+            with pytest.raises(InputError, match=rf"^{what} was called while this model's fit "
+                                                 r"runs in another thread: a model runs one "
+                                                 r"fit or move at a time"):
+                call()
+    finally:
+        release.set()
+        first.join()
+    assert model.optimizer.iterations == 3  # (the first fit's steps alone)
+    model.to("cpu")
+    model.fit(*data, epochs=1, batch_size=16, verbose=0)
+    assert model.optimizer.iterations == 6
+
+
 def test_threads_predicting_with_one_model_get_their_own_results():
     """A server's threads calling predict on one model at once: each gets the single-threaded
     result (was: 3 to 22 of 40 wrong, the convolutions' kept scratch shared between them); a
@@ -311,6 +346,27 @@ def test_summary_lists_layers_shapes_and_parameters(data):
     total = 3 * 3 * 3 * 32 + 32 + 3 * 3 * 32 * 32 + 32 + 6272 * 128 + 128 + 128 * 10 + 10
     assert f"Total params: {total:,}" in text
     assert model.count_params() == total
+
+
+def test_counting_the_weights_of_an_unbuilt_layer_or_model_is_refused_as_in_keras():
+    """(was: 0, as if the layer or model had no weights, where they are not made yet)"""
+    with pytest.raises(InputError, match=r"layer 'dense' \(Dense\) must be built before "
+                                         r"count_params: .*layer.build\(input_shape\)"):
+        Dense(3).count_params()
+    with pytest.raises(InputError, match=r"layer 'batchnorm2d' \(BatchNorm2D\) must be built "
+                                         r"before count_state"):
+        BatchNorm2D().count_state()
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()])
+    with pytest.raises(InputError, match=r"the model must be built before count_params: call "
+                                         r"build\(input_shape\)"):
+        model.count_params()
+    with pytest.raises(InputError, match="must be built before summary"):
+        model.summary(print_fn=print)
+    model.build((2, 2))
+    lines = []
+    model.summary(print_fn=lines.append)  # (which counts every layer's, built now)
+    assert model.count_params() == model.layers[1].count_params() == 4 * 3 + 3
+    assert "Total params: 15" in lines and "Non-trainable params: 0" in lines
 
 
 def test_get_layer_by_name_or_index():
@@ -1330,3 +1386,55 @@ def test_a_keras_style_train_step_of_one_argument_is_refused_before_training(dat
                                          r"it as train_step\(xb, yb\)"):
         model.fit(*data, epochs=1, batch_size=16, verbose=0)
     assert model.optimizer.iterations == 0
+
+
+def test_a_sequential_takes_keras_3s_input_first_and_keeps_its_name(tmp_path):
+    """Sequential([xpcnn.Input(shape, name=...), ...]), Keras 3's way of giving the input:
+    built for that shape, its name in the summary and the file (was: "add() expects an xpcnn
+    layer, got SymbolicTensor"); add(Input(...)) says how to give the input instead."""
+    model = xpcnn.Sequential([xpcnn.Input((6, 6, 1), name="digits"), Flatten(), Dense(3)])
+    assert model.built and model.input_shape == (6, 6, 1)
+    lines = []
+    model.summary(print_fn=lines.append)
+    assert '"digits" (6, 6, 1)' in lines[0]
+    model.save(tmp_path / "m.npz")
+    back = xpcnn.load_model(tmp_path / "m.npz")
+    assert back._input_name == "digits" and back.input_shape == (6, 6, 1)
+    with pytest.raises(InputError, match=r"and input_shape=\(5, 5, 1\): give one of them"):
+        xpcnn.Sequential([xpcnn.Input((6, 6, 1)), Dense(3)], input_shape=(5, 5, 1))
+    with pytest.raises(InputError, match=r"got a symbolic tensor: give the input as "
+                                         r"Sequential\(\[xpcnn.Input\(shape\), ...\]\)"):
+        xpcnn.Sequential().add(xpcnn.Input((6, 6, 1)))
+
+
+def test_a_changed_layer_list_is_the_model_that_runs_and_saves(tmp_path):
+    """model.layers.pop() (Keras 2's habit) left a model that predicted, trained and saved
+    with different layers: predict and fit ran on the layers it was built with, get_weights
+    and save had the others. Now a Sequential changed so builds again at its next use, as
+    after add(); Sequential.pop() (Keras') builds again at once; a functional model's list
+    is its graph's, refused."""
+    x = np.random.default_rng(0).random((6, 4, 4, 2)).astype(np.float32)
+    y = np.arange(6) % 3
+
+    def trained():
+        model = xpcnn.Sequential([Flatten(), Dense(8), ReLU(), Dense(3), Softmax()], seed=0)
+        model.compile(optimizer="sgd")
+        model.fit(x, y, epochs=1, batch_size=3, verbose=0)
+        return model
+
+    model = trained()
+    model.layers.pop()
+    model.layers.pop()
+    features = model.predict(x)
+    assert features.shape == (6, 8) and model.output_shape == (8,)
+    model.save(tmp_path / "m.npz")
+    np.testing.assert_array_equal(xpcnn.load_model(tmp_path / "m.npz").predict(x), features)
+    model = trained()
+    last = model.pop()
+    assert isinstance(last, Softmax) and model.built and model.output_shape == (3,)
+    assert len(model.get_weights()) == 4
+    inputs = xpcnn.Input((4, 4, 2))
+    graph_model = xpcnn.Model(inputs, Dense(3)(Flatten()(inputs)))
+    with pytest.raises(InputError, match="layers are its graph's, not to change"):
+        graph_model.layers.append(ReLU())
+    assert len(graph_model.layers) == 2

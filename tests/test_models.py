@@ -2,6 +2,7 @@
 networks have the layout their papers give, train a step, and the CLI knows them."""
 
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -12,7 +13,7 @@ import xpcnn.datasets
 from xpcnn.cli import main
 from xpcnn.errors import InputError
 from xpcnn.layers import Add, Conv2D, Dense, MaxPool2D
-from xpcnn.models import INPUT_SHAPES, MODELS, NAMES, NETWORKS, build_model
+from xpcnn.models import INPUT_SHAPES, MODELS, NAMES, NETWORKS, build_layers, build_model
 
 # Small inputs keep the builds and steps fast; every model accepts these.
 SHAPES = {"mnist": (12, 12, 1), "mnist-bn": (12, 12, 1), "notebook": (12, 12, 3)}
@@ -32,8 +33,33 @@ def test_every_model_builds_with_its_output_shape(name):
 
 def test_names_are_the_stacks_and_the_networks():
     assert set(NAMES) == set(MODELS) | set(NETWORKS) and len(NAMES) == len(MODELS) + len(NETWORKS)
-    with pytest.raises(InputError, match="unknown model 'resnet21'"):
+    # (the networks were left out of the names listed)
+    with pytest.raises(InputError, match=f"^unknown model 'resnet21'; expected one of "
+                                         f"{', '.join(NAMES)}$"):
         build_model("resnet21")
+    with pytest.raises(InputError, match=r"model 'resnet20' is a graph network, not a stack of "
+                                         r"layers: build_model\('resnet20'\) builds it"):
+        build_layers("resnet20")
+
+
+@pytest.mark.parametrize("name", ["resnet20", "cifar"])
+@pytest.mark.parametrize("shape", [32, (32, 32), (32, 32, 0), [32.0, 32, 3], "32x32"])
+def test_an_input_shape_that_is_no_image_shape_is_refused_by_name(name, shape):
+    """(was, for a network: a bare "TypeError: 'int' object is not iterable")"""
+    with pytest.raises(InputError, match=r"input_shape must be the per-sample shape \(H, W, C\) "
+                                         r"of images, three positive ints \(the model is made "
+                                         rf"for \(32, 32, 3\)\), got {re.escape(repr(shape))}$"):
+        build_model(name, input_shape=shape)
+
+
+def test_a_network_for_images_of_other_than_3_channels_is_refused_by_name():
+    """(was: "Normalization has 3 channel statistics but the input has 1 channels", of a
+    layer the user never made)"""
+    for network in NETWORKS:
+        with pytest.raises(InputError, match=r"the residual networks normalise RGB images by "
+                                             r"CIFAR-10's channel statistics: their input_shape "
+                                             r"is \(H, W, 3\), got \(28, 28, 1\)"):
+            build_model(network, input_shape=(28, 28, 1))
 
 
 def test_every_model_has_the_input_shape_of_its_dataset():

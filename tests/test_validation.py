@@ -5,6 +5,7 @@ weights, gradients or the learning rate stop training with NonFiniteError naming
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -337,6 +338,36 @@ def test_backward_needs_a_training_forward_before_it(layer, rng):
         layer.backward(dy)  # a second time
 
 
+@pytest.mark.parametrize("augment", [RandomFlip, lambda: RandomCrop(1)],
+                         ids=["RandomFlip", "RandomCrop"])
+def test_an_augmentation_after_a_trained_layer_is_refused_before_any_pass(augment):
+    """An augmentation has no gradient (Layer.has_gradient): after a trained layer it was
+    taken at build, then failed in the first backward, after the forward pass had moved
+    BatchNorm's statistics, with an error naming neither the layer nor its place. Refused
+    when the plan is compiled, before any pass; after frozen layers only it trains, and
+    unfrozen again it is refused again (the plan is compiled again)."""
+    layers = [Conv2D(4, 3), BatchNorm2D(), augment(), Flatten(), Dense(4), Softmax()]
+    model = xpcnn.Sequential(layers, input_shape=(6, 6, 3), seed=0)
+    model.compile(optimizer=optim.SGD(0.1))
+    name = type(layers[2]).__name__
+    refusal = (rf"layer '{name.lower()}' \({name}, 3 of 6\) has no gradient, and the trained "
+               r"layer 'batchnorm2d' \(BatchNorm2D\) before it needs one to pass through it: "
+               rf"put the {name} before every trained layer \(at the model's start, where "
+               r"augmentations go\), or freeze the layers before it")
+    weights = model.get_weights()
+    with pytest.raises(InputError, match=refusal):
+        model.fit(X, Y, epochs=1, batch_size=10, verbose=0)
+    assert model.optimizer.iterations == 0
+    for a, b in zip(model.get_weights(), weights, strict=True):  # (statistics included)
+        np.testing.assert_array_equal(a, b)
+    layers[0].trainable = layers[1].trainable = False
+    model.fit(X, Y, epochs=1, batch_size=10, verbose=0)  # (no gradient needed through it)
+    assert model.optimizer.iterations > 0
+    layers[1].trainable = True
+    with pytest.raises(InputError, match=refusal):
+        model.fit(X, Y, epochs=1, batch_size=10, verbose=0)
+
+
 def test_a_users_layer_keeps_its_own_forward_arguments_and_gets_the_same_check():
     from xpcnn.layers.base import Layer
 
@@ -566,6 +597,29 @@ def test_layer_constructors(case):
     call, message = LAYERS[case]
     with pytest.raises(InputError, match=message):
         call()
+
+
+@pytest.mark.parametrize("dtype, rate, highest", [
+    ("float16", 0.99999, "1 - 2**-11 = 0.99951171875"),
+    ("float16", 1 - 2**-12, "1 - 2**-11 = 0.99951171875"),  # (a tie, rounded to even: 1)
+    ("bfloat16", 0.999, "1 - 2**-8 = 0.99609375"),
+    ("float32", 1 - 2**-26, "1 - 2**-24 = 0.9999999403953552")])
+def test_a_dropout_rate_that_its_dtype_rounds_to_1_is_refused_at_build(dtype, rate, highest):
+    """Its draw would keep nothing (1 / (1 - rate) is inf in float16 above 1 - 1/65504: the
+    outputs were NaN; all zeros elsewhere). Refused naming the dtype, on a layer built in it
+    and on a model compiled to compute in it; a rate it draws is built."""
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    message = (rf"layer 'dropout' \(Dropout\): rate {rate!r} cannot be drawn in {dtype}: .* "
+               rf"The highest rate {dtype} draws is {re.escape(highest)}: give at most that")
+    with pytest.raises(InputError, match=message):
+        Dropout(rate).build((8,), "cpu", dtype=dtype)
+    Dropout(rate).build((8,), "cpu", dtype="float64")
+    if dtype != "float32":  # (a float32 model's own dtype)
+        model = xpcnn.Sequential([Dense(4), Dropout(rate), Dense(2)], input_shape=(8,))
+        with pytest.raises(InputError, match=message):
+            model.compile(precision=f"mixed_{dtype}")
+            model.fit(X[:8, 0, 0], Y[:8], verbose=0)
 
 
 OPTIMIZERS = {

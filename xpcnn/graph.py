@@ -31,6 +31,7 @@ from .errors import InputError
 from .layers.activation import ReLU
 from .layers.base import DEFAULT, Layer, Node, Options, Shape, SymbolicTensor, dtype_name
 from .layers.dropout import RandomLayer
+from .structure import where
 
 Inbound = tuple[int, ...]
 
@@ -96,10 +97,7 @@ def trace(inputs: Any, outputs: Any) -> tuple[list[Layer], list[Inbound], Symbol
     while stack:
         t = stack.pop()
         if t.node is None and t is not inputs:
-            raise InputError(f"the outputs are computed from input {t.name!r} of shape "
-                             f"{t.shape}, which is not this model's input: the graph from the "
-                             "model's input to its outputs is disconnected (xpcnn models have "
-                             "one input)")
+            _refuse_other_input(t, inputs)
         if t.node is not None and id(t) not in tensors:
             tensors[id(t)] = t
             stack.extend(t.node.inputs)
@@ -122,9 +120,29 @@ def trace(inputs: Any, outputs: Any) -> tuple[list[Layer], list[Inbound], Symbol
             Symbolic(inputs, outputs, nodes))  # type: ignore[arg-type]
 
 
-def symbolic(layers: list[Layer], inbound: list[Inbound], input_shape: Shape) -> Symbolic:
-    """The symbolic graph of built ``layers`` (a Sequential's, a loaded model's)."""
-    tensors, nodes = [Input(input_shape)], []
+def _refuse_other_input(t: SymbolicTensor, inputs: SymbolicTensor) -> None:
+    """Refuse outputs computed from input ``t``, not the model's ``inputs``; where ``t`` is a
+    built model's own input (its layers' ``output`` are in that graph, also where the model is
+    called on a tensor inside another), the error names that model and says what to do
+    instead."""
+    same = " (another tensor of the same name)" if t.name == inputs.name else ""
+    if t.model is None:
+        raise InputError(f"the outputs are computed from input {t.name!r} of shape {t.shape}, "
+                         f"which is not this model's input{same}: the graph from the model's "
+                         "input to its outputs is disconnected (xpcnn models have one input)")
+    raise InputError(f"the outputs are computed from input {t.name!r} of shape {t.shape}, the "
+                     f"input of model {t.model!r}, which is not this model's input{same}: the "
+                     "layers of a built model have their output in its own graph, from its own "
+                     "input, also where the model is called on a tensor inside another (as in "
+                     "Keras); use xpcnn.Model(m.input, layer.output), m that model, for a model "
+                     "sharing its weights, or the tensors your own layer calls returned")
+
+
+def symbolic(layers: list[Layer], inbound: list[Inbound], input_shape: Shape,
+             input_name: str = "input") -> Symbolic:
+    """The symbolic graph of built ``layers`` (a Sequential's, a loaded model's), from an
+    input named ``input_name``."""
+    tensors, nodes = [Input(input_shape, input_name)], []
     for layer, ins in zip(layers, inbound, strict=True):
         nodes.append(Node(layer, tuple(tensors[i] for i in ins), layer.multi_input,
                           layer.output_shape))  # type: ignore[arg-type]
@@ -250,6 +268,12 @@ class Step:
     options: Options
     backward: bool
     release: tuple[int, ...]
+    #: the layer's class is a user's, not xpcnn's own: the executor checks that its training
+    #: passes keep its state arrays and that its backward returns gradients shaped as its
+    #: inputs, and empties its grads before its backward (a gradient it fills on some steps
+    #: only is named as missing on the others); xpcnn's own layers are tested for all three,
+    #: and pay nothing for the checks
+    checked: bool = False
 
 
 @dataclass(frozen=True)
@@ -302,6 +326,8 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool,
     need_dx = []
     for layer, ins, out in kept:
         need_dx.append(any(i in needs for i in ins))
+        if need_dx[-1] and not layer.has_gradient:
+            _refuse_no_gradient(layers, kept, producer, len(need_dx) - 1)
         if need_dx[-1] or (layer.trainable and layer.params):
             needs.add(out)
     # A ReLU's gradient is applied by the one layer reading its output where that layer can
@@ -336,8 +362,31 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool,
                           logits=logits and not drop_last and out == result)
         release = tuple(sorted({i for i in ins if last_read[i] == j and i != result}))
         steps.append(Step(layer, ins, out, options,
-                          need_dx[j] or bool(layer.trainable and layer.params), release))
+                          need_dx[j] or bool(layer.trainable and layer.params), release,
+                          type(layer).__module__.split(".")[0] != "xpcnn"))
     return Plan(tuple(steps), result, len(layers) + 1, frozenset(needs), gathered, cast_input)
+
+
+def _refuse_no_gradient(layers: list[Layer], kept: list[tuple[Layer, Inbound, int]],
+                        producer: dict[int, int], j: int) -> None:
+    """Refuse step ``j`` of ``kept``, a layer with no gradient (``Layer.has_gradient``) that a
+    layer trained before it needs one from: found when the plan is compiled, before a forward
+    pass moves any statistic (its backward failed only after one, in the first step)."""
+    layer, ins, out = kept[j]
+    stack = list(ins)
+    while True:  # (a trained layer is upstream: that is why the gradient is needed)
+        slot = stack.pop()
+        if slot not in producer:  # (the model's input)
+            continue
+        trained, reads, _ = kept[producer[slot]]
+        if trained.trainable and trained.params:
+            break
+        stack.extend(reads)
+    raise InputError(f"{where(layer, out - 1, layers)} has no gradient, and the trained layer "
+                     f"{trained.name!r} ({type(trained).__name__}) before it needs one to "
+                     f"pass through it: put the {type(layer).__name__} before every trained "
+                     "layer (at the model's start, where augmentations go), or freeze the "
+                     "layers before it (layer.trainable = False)")
 
 
 def forward(plan: Plan, x: Any, training: bool) -> Any:
@@ -347,7 +396,12 @@ def forward(plan: Plan, x: Any, training: bool) -> Any:
     for step in plan.steps:
         ins = step.inputs  # (what read_by reads, without a call per step)
         a = [values[i] for i in ins] if step.layer.multi_input else values[ins[0]]
-        values[step.output] = step.layer.forward(a, training, step.options)
+        if step.checked and training:
+            held = tuple(step.layer.state.items())
+            values[step.output] = step.layer.forward(a, training, step.options)
+            _check_state_kept(step.layer, held, "forward")
+        else:
+            values[step.output] = step.layer.forward(a, training, step.options)
         for i in step.release:
             values[i] = None
     return values[plan.output]
@@ -363,7 +417,17 @@ def backward(plan: Plan, dz: Any, on_layer: Callable[[Layer], None] | None = Non
     for step in reversed(plan.steps):
         if not step.backward:
             continue
-        dx = step.layer.backward(grads.pop(step.output), step.options)
+        if step.checked:
+            held = tuple(step.layer.state.items())
+            # (a gradient this backward does not fill is then named as missing, not the last
+            # step's reused)
+            step.layer.grads.clear()
+            dx = step.layer.backward(grads.pop(step.output), step.options)
+            _check_state_kept(step.layer, held, "backward")
+            if step.options.need_input_grad:
+                _check_input_grads(step.layer, dx, int(dz.shape[0]))
+        else:
+            dx = step.layer.backward(grads.pop(step.output), step.options)
         if on_layer is not None:
             on_layer(step.layer)
         if not step.options.need_input_grad:
@@ -373,6 +437,55 @@ def backward(plan: Plan, dz: Any, on_layer: Callable[[Layer], None] | None = Non
                 grads.setdefault(i, []).append(g)
             elif i in plan.needs_grad:
                 grads[i] = grads[i] + g if i in grads else g
+
+
+def _check_state_kept(layer: Layer, held: tuple[tuple[str, Any], ...], what: str) -> None:
+    """A user's layer's training pass left the arrays of its ``state`` (``held`` before it)
+    the same objects, updated in place: a step skipped on the device puts back the arrays it
+    snapshot before the step, and a CUDA graph writes the arrays it was captured with, so a
+    new array put in their place would keep a skipped step's statistics (NaN, say) while the
+    error says nothing was updated. Refused by name, with the arrays put back."""
+    state = layer.state
+    if len(state) == len(held) and all(state.get(k) is a for k, a in held):
+        return
+    kept = dict(held)
+    replaced = next((k for k in kept if k in state and state[k] is not kept[k]), None)
+    changed = sorted(state.keys() ^ kept.keys())
+    state.clear()
+    state.update(kept)
+    name = f"layer {layer.name!r} ({type(layer).__name__})"
+    if replaced is None:
+        raise InputError(f"{name}'s {what} pass added or removed the state arrays {changed}: "
+                         "a layer makes each of its state arrays in _build (self._param(name, "
+                         "value, trainable=False)) and then updates it in place")
+    raise InputError(f"{name}'s {what} pass replaced its state array {replaced!r} with a new "
+                     f"one instead of updating it in place: write self.state[{replaced!r}][...] "
+                     "= new_value (a step skipped for a non-finite loss puts back the arrays "
+                     "it snapshot, and a CUDA graph writes the arrays it was captured with: "
+                     "a new one is neither)")
+
+
+def _check_input_grads(layer: Layer, dx: Any, batch: int) -> None:
+    """A user's layer's backward returned one gradient for each of its inputs (a list for a
+    merge layer), each a float array shaped as that input, (batch, *its per-sample shape): a
+    wrong one failed deep inside the next layer's backward or the sum of two gradients."""
+    shapes = layer.input_shape if layer.multi_input else (layer.input_shape,)
+    what = f"layer {layer.name!r} ({type(layer).__name__})'s backward"
+    if layer.multi_input and (not isinstance(dx, list | tuple) or len(dx) != len(shapes)):
+        got = f"a list of {len(dx)}" if isinstance(dx, list | tuple) else f"one {type(dx).__name__}"
+        raise InputError(f"{what} returned {got}: a merge layer returns a list of the "
+                         f"gradients of its {len(shapes)} inputs, in their order")
+    for k, (g, shape) in enumerate(zip(dx if layer.multi_input else (dx,), shapes,
+                                       strict=True)):
+        want = (batch, *shape)
+        got_shape = tuple(g.shape) if hasattr(g, "shape") and hasattr(g, "dtype") else None
+        if got_shape != want or not layer.xp.isdtype(g.dtype, "real floating"):
+            got = ("None" if g is None else f"a {type(g).__name__}" if got_shape is None
+                   else f"a gradient of shape {got_shape} and dtype {g.dtype}")
+            input_ = f"its input {k}" if layer.multi_input else "its input"
+            raise InputError(f"{what} returned {got} for {input_}, of shape {want}: backward "
+                             "returns the gradient of the loss with respect to the input, a "
+                             "float array of the input's shape")
 
 
 def each_output(layers: list[Layer], inbound: list[Inbound], x: Any, training: bool = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -84,7 +85,7 @@ class Model(Trainer):
         self.dtype_name = dtype
         self.seed = checks.non_negative_int(seed, "seed")
         self.name = checks.name(name, "model name")
-        self.layers: list[Layer] = []
+        self.layers: list[Layer] = LayerList(self)
         self.input_shape = None
         self.built = False
         self._graph: list[graph.Inbound] = []
@@ -94,6 +95,8 @@ class Model(Trainer):
         self._trained_list: tuple[Layer, ...] = ()
         self._trained_at: int | None = None
         self._symbolic: graph.Symbolic | None = None
+        # (Input(name=...)'s: the summary, the configuration and a rebuilt symbolic graph keep it)
+        self._input_name = traced[2].input.name if traced else "input"
         # (Layer.rebuilds and the compute dtype when the layers were last found built as
         # this model needs them)
         self._built_as_at: tuple[int, str] | None = None
@@ -106,12 +109,20 @@ class Model(Trainer):
     def _set_graph(self, layers: list[Layer], inbound: list[graph.Inbound]) -> None:
         graph.check_graph(layers, inbound)
         _name_apart(layers)
-        self.layers = list(layers)
+        self.layers = LayerList(self, layers)
         self._graph = list(inbound)
 
     def _inbound(self) -> list[graph.Inbound]:
         """What each layer reads (see :mod:`xpcnn.graph`)."""
         return self._graph
+
+    def _changing_layers(self) -> None:
+        """Before ``layers`` changes: a functional model's are its graph's."""
+        raise InputError(f"model {self.name!r}'s layers are its graph's, not to change: build "
+                         "another xpcnn.Model(inputs, outputs) from the layers' outputs")
+
+    def _layers_changed(self) -> None:
+        self.built = False  # (built again, and planned again, at its next use)
 
     def __call__(self, x: Any, training: bool | None = None) -> Any:
         """On a symbolic tensor: calls every layer of this model on it, so that the model
@@ -126,6 +137,7 @@ class Model(Trainer):
         for layer, ins in zip(self.layers, self._inbound(), strict=True):
             # (not one of the layer's inbound nodes: its output stays this model's, as in Keras)
             values.append(layer._call_symbolic(graph.read_by(layer, ins, values), record=False))
+            layer.called_through = self.name
         return values[-1]
 
     # -- building: every layer's weights for an input shape -------------------------------------
@@ -172,7 +184,10 @@ class Model(Trainer):
         old = self._symbolic
         if old is None or old.input.sample_shape != self.input_shape or \
                 [n.layer for n in old.nodes] != self.layers:
-            self._use_symbolic(graph.symbolic(self.layers, self._inbound(), self.input_shape))
+            new = graph.symbolic(self.layers, self._inbound(), self.input_shape,
+                                 self._input_name)
+            new.input.model = self.name
+            self._use_symbolic(new)
 
     def _use_symbolic(self, new: graph.Symbolic | None) -> None:
         """Make ``new`` this model's symbolic graph: the old one's calls leave its layers'
@@ -342,7 +357,8 @@ class Model(Trainer):
         """The architecture as JSON-ready data, enough with the weights to rebuild the model:
         its class, name, seed, dtype, input shape, and each layer's class and constructor
         arguments, with the tensors it reads (``inbound``, see :mod:`xpcnn.graph`) unless it
-        reads the layer before it, and ``trainable: false`` if frozen."""
+        reads the layer before it, and ``trainable: false`` if frozen; ``input_name``, where
+        ``Input(name=...)`` gave the input another name than "input"."""
         layers = []
         for k, (la, ins) in enumerate(zip(self.layers, self._inbound(), strict=True)):
             spec: dict[str, Any] = {"class": type(la).__name__, "config": la.get_config()}
@@ -351,9 +367,13 @@ class Model(Trainer):
             if not la.trainable:
                 spec["trainable"] = False
             layers.append(spec)
-        return {"class": type(self).__name__, "name": self.name, "seed": self.seed,
-                "dtype": self.dtype_name, "input_shape": list(self.input_shape or []),
-                "layers": layers}
+        config: dict[str, Any] = {
+            "class": type(self).__name__, "name": self.name, "seed": self.seed,
+            "dtype": self.dtype_name, "input_shape": list(self.input_shape or []),
+            "layers": layers}
+        if self._input_name != "input":  # (files of models with the default stay as they were)
+            config["input_name"] = self._input_name
+        return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any], layers: list[Layer],
@@ -362,6 +382,7 @@ class Model(Trainer):
         the configuration's, see :mod:`xpcnn.saving.model_file`)."""
         model = cls(device=device, seed=int(config["seed"]), dtype=config["dtype"],
                     name=str(config["name"]))
+        model._input_name = checks.name(config.get("input_name", "input"), "input name")
         model._set_graph(layers, graph.inbound_of(config["layers"]))
         return model
 
@@ -377,7 +398,7 @@ class Model(Trainer):
         self._rebuild_if_shared()
         print_fn = print if print_fn is None else print_fn
         inbound = self._inbound()
-        names = ["input", *(la.name for la in self.layers)]
+        names = [self._input_name, *(la.name for la in self.layers)]
         chain = all(ins == (k,) for k, ins in enumerate(inbound))
         heads = ("Layer (type)", "Output shape", "Params") + (() if chain else ("Inputs",))
         rows = [(f"{la.name} ({type(la).__name__}){'' if la.trainable else ' frozen'}",
@@ -387,7 +408,8 @@ class Model(Trainer):
         widths = [max(len(r[i]) for r in [heads, *rows]) + 2 for i in range(len(heads))]
         line = "-" * sum(widths)
         fmt = lambda r: "".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
-        print_fn(f'Model "{self.name}" on {self.backend.label}, input {self.input_shape}')
+        named = "" if self._input_name == "input" else f'"{self._input_name}" '
+        print_fn(f'Model "{self.name}" on {self.backend.label}, input {named}{self.input_shape}')
         print_fn(line)
         print_fn(fmt(heads))
         print_fn(line)
@@ -449,7 +471,9 @@ class Model(Trainer):
                          f"{', '.join(repr(la.name) for la in self.layers) or 'none'}")
 
     def count_params(self) -> int:
-        """Every weight, trainable or not (BatchNorm's statistics, frozen layers'), as Keras."""
+        """Every weight, trainable or not (BatchNorm's statistics, frozen layers'), as Keras;
+        refused before the model is built (its weights do not exist yet), as in Keras."""
+        self._require_built("count_params")
         return sum(la.count_params() for la in self.layers)
 
     @property
@@ -482,8 +506,10 @@ class Model(Trainer):
 
     # -- weights, devices and files -------------------------------------------------------------
     def get_weights(self) -> list[np.ndarray]:
-        """All layers' weights, in order, as host arrays in Keras layouts."""
+        """All layers' weights, in order, as host arrays in Keras layouts (as this model runs
+        them: layers shared with another model are built for this one first, as for predict)."""
         self._require_built("get_weights")
+        self._rebuild_if_shared()
         return [w for la in self.layers for w in la.get_weights()]
 
     def set_weights(self, weights: list[Any]) -> None:
@@ -512,27 +538,31 @@ class Model(Trainer):
 
     def to(self, device: DeviceLike) -> Model:
         """Move the model (weights, optimiser state) to another device; returns self. Not
-        while its fit runs (from a callback): fit's batches are on the device it started on."""
-        if self._fitting:
-            raise InputError("to() was called while this model's fit runs (from one of its "
-                             "callbacks): fit's batches and steps are on the device it started "
-                             "on; move the model before fit, or after it returns")
-        backend = get_backend(distributed.device_for_rank(device))
-        # A move that fails partway (out of device memory) leaves the model whole where it was.
-        layers = _attributes(self.layers)
+        while its fit runs (from a callback, or another thread): fit's batches are on the
+        device it started on."""
+        self._begin("to()")
         try:
-            for la in self.layers:
-                if la.built:
-                    la.to(backend)
-            self._move_training_state(backend)  # (last: it changes nothing where it fails)
-        except BaseException:
-            _restore(layers)
-            raise
-        self.backend = backend
+            backend = get_backend(distributed.device_for_rank(device))
+            # A move that fails partway (out of device memory) leaves the model whole where it
+            # was.
+            layers = _attributes(self.layers)
+            try:
+                for la in self.layers:
+                    if la.built:
+                        la.to(backend)
+                self._move_training_state(backend)  # (last: it changes nothing where it fails)
+            except BaseException:
+                _restore(layers)
+                raise
+            self.backend = backend
+        finally:
+            self._running = None
         return self
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write architecture and weights to ``path`` (an .npz that loads without pickle)."""
+        """Write architecture and weights to ``path`` (an .npz that loads without pickle), the
+        weights as this model runs them (see :meth:`get_weights`)."""
+        self._rebuild_if_shared()
         save_model(self, path)
 
     def export(self, path: str | os.PathLike[str], input_dtype: str = "float32") -> None:
@@ -570,6 +600,13 @@ class Sequential(Model):
         super().__init__(device=device, seed=seed, dtype=dtype, name=name)
         if layers is not None and not isinstance(layers, list | tuple):
             raise InputError(f"layers must be a list of xpcnn layers, got {type(layers).__name__}")
+        if layers and isinstance(layers[0], SymbolicTensor) and layers[0].node is None:
+            # Keras 3's Sequential([keras.Input(shape), ...]): the input's shape and name
+            given, layers = layers[0], layers[1:]
+            if input_shape is not None and tuple(input_shape) != given.sample_shape:
+                raise InputError(f"Sequential was given Input(shape={given.sample_shape}) and "
+                                 f"input_shape={tuple(input_shape)}: give one of them")
+            input_shape, self._input_name = given.sample_shape, given.name
         with _names_back_if_refused(list(layers or [])):
             for layer in layers or []:
                 self.add(layer)
@@ -579,6 +616,10 @@ class Sequential(Model):
     # -- construction ------------------------------------------------------------------------
     def add(self, layer: Layer) -> None:
         """Append a layer (the model is rebuilt on its next use)."""
+        if isinstance(layer, SymbolicTensor):
+            raise InputError("add() expects an xpcnn layer, got a symbolic tensor: give the "
+                             "input as Sequential([xpcnn.Input(shape), ...]), "
+                             "Sequential(..., input_shape=shape), or model.build(shape)")
         if not isinstance(layer, Layer):
             raise InputError(f"add() expects an xpcnn layer, got {type(layer).__name__}")
         if any(layer is la for la in self.layers):
@@ -589,6 +630,20 @@ class Sequential(Model):
         self.layers.append(layer)
         self.built = False
 
+    def pop(self) -> Layer:
+        """Remove the last layer and return it, as Keras' ``Sequential.pop``: a built model is
+        built again at once (its other layers keep their weights)."""
+        if not self.layers:
+            raise InputError(f"pop() on model {self.name!r}, which has no layers")
+        built, shape = self.built, self.input_shape
+        layer = self.layers.pop()
+        if built and self.layers:
+            self.build(shape)
+        return layer
+
+    def _changing_layers(self) -> None:
+        pass  # (a chain: any list of layers is one)
+
     def _inbound(self) -> list[graph.Inbound]:
         """A chain: each layer reads the one before it."""
         return [(k,) for k in range(len(self.layers))]
@@ -596,8 +651,43 @@ class Sequential(Model):
     @classmethod
     def from_config(cls, config: dict[str, Any], layers: list[Layer],
                     device: DeviceLike = "cpu") -> Sequential:
-        return cls(layers, device=device, seed=int(config["seed"]), dtype=config["dtype"],
-                   name=str(config["name"]))
+        model = cls(layers, device=device, seed=int(config["seed"]), dtype=config["dtype"],
+                    name=str(config["name"]))
+        model._input_name = checks.name(config.get("input_name", "input"), "input name")
+        return model
+
+
+class LayerList(list):  # type: ignore[type-arg]
+    """A model's ``layers``: a list whose change (Keras 2's ``model.layers.pop()``, say) makes
+    a Sequential build again at its next use, as ``add`` does (it ran on with the layers it
+    was built with, and saved the others), and is refused for a functional model."""
+
+    def __init__(self, model: Model, layers: Any = ()) -> None:
+        super().__init__(layers)
+        self._model = weakref.ref(model)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # (copied or pickled: a plain list)
+        return list, (list(self),)
+
+
+def _changes(name: str) -> Callable[..., Any]:
+    change = getattr(list, name)
+
+    def changed(self: LayerList, *args: Any) -> Any:
+        model = self._model()
+        if model is not None:
+            model._changing_layers()
+        result = change(self, *args)
+        if model is not None:
+            model._layers_changed()
+        return self if name.startswith("__i") else result
+    changed.__name__ = name
+    return changed
+
+
+for _name in ("append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
+              "__setitem__", "__delitem__", "__iadd__", "__imul__"):
+    setattr(LayerList, _name, _changes(_name))
 
 
 @contextlib.contextmanager

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from .errors import InputError
 from .graph import Input
 from .layers import (
@@ -105,9 +107,17 @@ MODELS: dict[str, Callable[[int], list[Layer]]] = {
 
 def build_layers(name: str, classes: int = 10) -> list[Layer]:
     """The layers of reference stack ``name`` (see :data:`MODELS`)."""
+    if name in NETWORKS:
+        raise InputError(f"model {name!r} is a graph network, not a stack of layers: "
+                         f"build_model({name!r}) builds it; build_layers takes one of "
+                         f"{', '.join(MODELS)}")
     if name not in MODELS:
-        raise InputError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+        raise InputError(_unknown(name))
     return MODELS[name](classes)
+
+
+def _unknown(name: Any) -> str:
+    return f"unknown model {name!r}; expected one of {', '.join(NAMES)}"
 
 
 # -- residual networks (graph models) ---------------------------------------------------------
@@ -119,6 +129,10 @@ CIFAR_MEAN, CIFAR_STD = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]
 def _augmented_input(input_shape: tuple[int, ...]) -> tuple[SymbolicTensor, SymbolicTensor]:
     """The input, then (in training only) a random flip and a crop of 4-pixel padding, then the
     per-channel normalisation."""
+    input_shape = _image_shape(input_shape, (32, 32, 3))
+    if input_shape[-1] != 3:  # (a 1-channel image failed in a layer, Normalization)
+        raise InputError(f"the residual networks normalise RGB images by CIFAR-10's channel "
+                         f"statistics: their input_shape is (H, W, 3), got {input_shape!r}")
     inputs = Input(input_shape)
     x = RandomCrop(4)(RandomFlip()(inputs))
     return inputs, Normalization(CIFAR_MEAN, CIFAR_STD)(x)
@@ -211,8 +225,22 @@ def build_model(name: str, classes: int = 10, input_shape: tuple[int, ...] | Non
     :class:`~xpcnn.Model` (``input_shape`` defaults to CIFAR's (32, 32, 3), its
     :data:`INPUT_SHAPES`). ``model_options`` go to the model: ``device``, ``seed``, ``dtype``,
     ``name``."""
+    if name not in NAMES:
+        raise InputError(_unknown(name))
+    if input_shape is not None:
+        input_shape = _image_shape(input_shape, INPUT_SHAPES[name])
     options = {"name": name, **model_options}
     if name in NETWORKS:
-        shape = INPUT_SHAPES[name] if input_shape is None else tuple(input_shape)
-        return NETWORKS[name](classes, shape, **options)
+        return NETWORKS[name](classes, input_shape or INPUT_SHAPES[name], **options)
     return Sequential(build_layers(name, classes), input_shape=input_shape, **options)
+
+
+def _image_shape(shape: Any, made_for: tuple[int, int, int]) -> tuple[int, int, int]:
+    """``shape`` as the per-sample shape (H, W, C) of images, which every reference model
+    takes (the model is ``made_for`` one)."""
+    ok = isinstance(shape, tuple | list) and len(shape) == 3 and all(
+        isinstance(d, int | np.integer) and not isinstance(d, bool) and d > 0 for d in shape)
+    if not ok:
+        raise InputError(f"input_shape must be the per-sample shape (H, W, C) of images, three "
+                         f"positive ints (the model is made for {made_for}), got {shape!r}")
+    return tuple(int(d) for d in shape)  # type: ignore[return-value]

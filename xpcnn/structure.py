@@ -23,14 +23,14 @@ def check_structure(layers: Sequence[Layer]) -> None:
     seen: dict[int, int] = {}
     for i, layer in enumerate(layers):
         if id(layer) in seen:
-            raise InputError(f"{_where(layer, i, layers)} is also the model's layer "
+            raise InputError(f"{where(layer, i, layers)} is also the model's layer "
                              f"{seen[id(layer)] + 1}: the same layer instance is used twice; "
                              f"create another {type(layer).__name__}(...) for the second place")
         seen[id(layer)] = i
     for i, layer in enumerate(layers[:-1]):
         if isinstance(layer, Softmax) or layer.softmax_output:
             what = "a Softmax" if isinstance(layer, Softmax) else "its softmax activation"
-            raise InputError(f"{_where(layer, i, layers)} is not the last layer: {what} "
+            raise InputError(f"{where(layer, i, layers)} is not the last layer: {what} "
                              "turns the output scores into probabilities and belongs only at the "
                              "end of the model (training applies it inside the loss)")
 
@@ -43,14 +43,16 @@ def check_classifier(layers: Sequence[Layer], output_shapes: Sequence[Shape]) ->
     last, shape = layers[-1], tuple(output_shapes[-1])
     if len(shape) != 1:
         raise InputError(f"the model's output has per-sample shape {shape}, from "
-                         f"{_where(last, len(layers) - 1, layers)}: a classifier ends in one "
+                         f"{where(last, len(layers) - 1, layers)}: a classifier ends in one "
                          "vector of class scores, (classes,): add Flatten() or "
                          "GlobalAvgPool2D(), then Dense(classes), after it")
     if shape[0] < 2:
         raise InputError(f"the model's output has {shape[0]} class score per sample, from "
-                         f"{_where(last, len(layers) - 1, layers)}: a classifier needs at least "
+                         f"{where(last, len(layers) - 1, layers)}: a classifier needs at least "
                          "2 classes (Dense(classes) with classes >= 2)")
 
 
-def _where(layer: Layer, i: int, layers: Sequence[Layer]) -> str:
+def where(layer: Layer, i: int, layers: Sequence[Layer]) -> str:
+    """How an error names ``layer``, the model's layer ``i`` of ``layers``: by its name, its
+    class and its place."""
     return f"layer {layer.name!r} ({type(layer).__name__}, {i + 1} of {len(layers)})"

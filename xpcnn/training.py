@@ -20,6 +20,7 @@ import functools
 import inspect
 import math
 import os
+import threading
 import time
 import warnings
 import weakref
@@ -74,22 +75,22 @@ from .totals import READ_EVERY, RunningTotals, loss_scaling
 PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 
 
+#: Guards every model's check-and-set of what it runs (see Trainer._begin): held only for that.
+_RUNNING = threading.Lock()
+
+
 def _one_fit_at_a_time(fit: Callable[..., Any]) -> Callable[..., Any]:
-    """``fit``, refused where it is called while the model's fit runs (from one of its
-    callbacks): the inner fit would replace the outer one's History, position and class
-    weights, and end its data-parallel mode (Keras does not support it either)."""
+    """``fit``, refused where it is called while the model's fit (or move) runs, from one of
+    its callbacks or from another thread: the second fit would replace the first one's
+    History, position and class weights, and end its data-parallel mode (Keras does not
+    support it either)."""
     @functools.wraps(fit)
     def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._fitting:
-            raise InputError("fit was called while this model's fit runs (from one of its "
-                             "callbacks): a fit inside a fit would take over the outer one's "
-                             "History, position and class weights; train_on_batch trains a "
-                             "batch there, or fit again once the outer fit has returned")
-        self._fitting = True
+        self._begin("fit")
         try:
             return fit(self, *args, **kwargs)
         finally:
-            self._fitting = False
+            self._running = None
     return guarded
 
 
@@ -139,7 +140,9 @@ class Trainer:
         self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
         self._resume_at: Any = None  # where BackupAndRestore restarts a run
         self._position = (0, 0)  # (epoch, batches done in it) during fit
-        self._fitting = False  # (a fit runs: its callbacks may not start another, nor move it)
+        # (the thread and what it runs, "fit" or "to()": nothing else may start another, nor
+        # move the model, meanwhile; see _begin)
+        self._running: tuple[int, str] | None = None
         # Epochs are numbered on across fit calls, for their shuffling orders: a fit's epoch e
         # shuffles as number e + _epoch_offset; _epochs_begun counts the numbers used so far
         # (by epochs that trained a step at least).
@@ -152,6 +155,32 @@ class Trainer:
         # parameters' dtype (None: none; see _use_class_weights), and the table kept for reuse
         self._class_weights: Any = None
         self._class_table: Any = None
+
+    def _begin(self, what: str) -> None:
+        """Mark this model as running ``what`` ("fit" or "to()") in this thread, until the
+        caller sets ``_running`` back to None; refused where it runs either already, from this
+        thread (a callback of its fit) or another one. (The check and the mark are one step:
+        two threads cannot both pass.)"""
+        here = threading.get_ident()
+        with _RUNNING:
+            running = self._running
+            if running is None:
+                self._running = (here, what)
+                return
+        thread, doing = running
+        if thread != here:
+            raise InputError(f"{what} was called while this model's {doing} runs in another "
+                             "thread: a model runs one fit or move at a time (each changes its "
+                             "weights, optimiser state, History and device); wait for that "
+                             "call to return (thread.join()), or use a second model")
+        if what == "fit":
+            raise InputError("fit was called while this model's fit runs (from one of its "
+                             "callbacks): a fit inside a fit would take over the outer one's "
+                             "History, position and class weights; train_on_batch trains a "
+                             "batch there, or fit again once the outer fit has returned")
+        raise InputError(f"{what} was called while this model's fit runs (from one of its "
+                         "callbacks): fit's batches and steps are on the device it started "
+                         "on; move the model before fit, or after it returns")
 
     # -- compile: the loss, the optimiser and the precision -------------------------------------
     def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
@@ -370,11 +399,14 @@ class Trainer:
             with self.backend.compute_scope():
                 xb, yb, wb = (to_device(self.backend, a) for a in (x, targets, weights))
                 out = self._call_train_step(xb, yb, wb)
-                if not (isinstance(out, tuple | list) and len(out) == 2):
+                try:  # (a pair, or any two numbers that unpack: an array of 2, say)
+                    if isinstance(out, Mapping | str):  # (Keras' dict of logs: its keys)
+                        raise TypeError
+                    loss, correct = out
+                except (TypeError, ValueError):
                     raise InputError("train_on_batch needs train_step to return (loss, correct "
                                      f"count), as Model.train_step does; this model's returned "
-                                     f"{type(out).__name__} {out!r:.80}")
-                loss, correct = out
+                                     f"{type(out).__name__} {out!r:.80}") from None
         finally:
             self._class_weights = previous
         self._read_totals()

@@ -82,6 +82,9 @@ class SymbolicTensor:
         self.sample_shape = tuple(int(d) for d in shape)
         self.node = node
         self.name = name
+        #: for the input of a built model's own graph (a Sequential's, a loaded model's), that
+        #: model's name: an error names it where its layers' outputs meet another input
+        self.model: str | None = None
 
     @property
     def shape(self) -> tuple[int | None, ...]:
@@ -144,7 +147,10 @@ class CheckedFlag:
 class Layer:
     """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``,
     name the arrays they make in :attr:`weight_names`, and update the arrays in ``state`` in
-    place (``a[...] = new``: a step skipped on the device puts back the arrays it snapshot)."""
+    place (``a[...] = new``: a step skipped on the device puts back the arrays it snapshot).
+    A model checks a user's layer (a class not xpcnn's own) in its training steps: a state
+    array replaced rather than updated, or a ``backward`` returning a gradient not shaped as
+    the input, is refused by name (:mod:`xpcnn.graph`)."""
 
     #: Keras-layout order of ``get_weights``: names in ``params`` then ``state``, every one a
     #: layer makes (a file is checked against them before any layer is built).
@@ -167,6 +173,10 @@ class Layer:
     #: True for a layer whose forward pass reads its parameters in ``compute_dtype`` through
     #: :meth:`compute_weight` (under mixed precision the model casts all of them in one call).
     casts_weights: ClassVar[bool] = False
+    #: False for a layer with no gradient, whose backward cannot pass one to its input (an
+    #: augmentation: RandomFlip, RandomCrop): a model refuses it where a layer it trains comes
+    #: before it (:func:`xpcnn.graph.compile_plan`), before any pass runs.
+    has_gradient: ClassVar[bool] = True
     #: False freezes the layer (as in Keras): no gradients for its parameters, which the
     #: optimiser leaves alone; a BatchNorm2D also runs in inference mode.
     trainable = CheckedFlag()
@@ -205,6 +215,9 @@ class Layer:
         # Its calls on symbolic tensors (Keras' inbound nodes): the user's in a functional
         # graph, a built Sequential's own; ``output`` and ``input`` are those of the one call.
         self.inbound_nodes: list[Node] = []
+        # (the model called on a tensor that called it last, without a node of its own: an
+        # error about its missing output names that model)
+        self.called_through: str | None = None
         # (the model's casts of the weights for one forward pass, see compute_weight)
         self._cache_weights: dict[str, Any] | None = None
 
@@ -314,8 +327,8 @@ class Layer:
                              f"({', '.join(type(t).__name__ for t in x)}): in a functional "
                              "model every input is a symbolic tensor (xpcnn.Input or a layer's "
                              "output)")
+        _check_batch(self, x)
         if self.built:
-            _check_batch(self, x)
             # (in its own dtype uint8 200 + 200 wrapped to 144, a "same" max pool padded int8
             # with 0, and average pools and Dropout failed deep inside)
             x = [self._as_float(a) for a in x] if self.multi_input else self._as_float(x)
@@ -361,6 +374,15 @@ class Layer:
         return list(node.inputs) if node.multi else node.inputs[0]
 
     def _only_node(self, what: str) -> Node:
+        if not self.inbound_nodes and self.called_through is not None:
+            model = self.called_through
+            raise InputError(f"layer {self.name!r} ({type(self).__name__}) has no symbolic "
+                             f"{what}: it was called only through model {model!r} called on a "
+                             f"tensor, whose layers' {what}s are in that model's own graph (as "
+                             f"in Keras), and {model!r} is not built, so it has none: build it "
+                             "(m.build(input_shape), m that model, keeps the weights) and use "
+                             "xpcnn.Model(m.input, layer.output) for a model sharing these "
+                             "weights")
         if not self.inbound_nodes:
             raise InputError(f"layer {self.name!r} ({type(self).__name__}) has no symbolic "
                              f"{what}: it is in no functional graph and no built Sequential "
@@ -383,17 +405,21 @@ class Layer:
         return {"name": self.name}
 
     def check_config(self) -> None:
-        """Refuse to save a layer whose class takes settings (named parameters beyond ``name``)
-        but defines no ``get_config`` to give them."""
-        if type(self).get_config is not Layer.get_config:
+        """Refuse to save a layer whose class takes settings (named parameters) that the class
+        defining its ``get_config`` does not take: that get_config cannot give them (a
+        subclass of Dense with a setting of its own inherits Dense's)."""
+        cls = type(self)
+        definer = next(c for c in cls.__mro__ if "get_config" in vars(c))
+        if not issubclass(definer, Layer):  # (a mixin's get_config: its constructor says nothing)
             return
-        params = inspect.signature(type(self).__init__).parameters.values()
-        taken = [p.name for p in params if p.name not in ("self", "name")
-                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        known = _named_parameters(definer.__init__)
+        taken = [p for p in _named_parameters(cls.__init__) if p not in known]
         if taken:
-            raise InputError(f"layer class {type(self).__name__} takes {taken} but defines no "
-                             "get_config(): define get_config() returning them (with "
-                             "super().get_config()), so that a saved model rebuilds it")
+            why = "defines no get_config()" if definer is Layer else \
+                f"the get_config() it inherits from {definer.__name__} does not give them"
+            raise InputError(f"layer class {cls.__name__} takes {taken} but {why}: define "
+                             "get_config() returning them (with super().get_config()), so that "
+                             "a saved model rebuilds it")
 
     def unbuilt_copy(self) -> Layer:
         """A new layer made from :meth:`get_config` (to build aside, leaving this one as it
@@ -483,11 +509,15 @@ class Layer:
         return self.to_keras_layout(name, np.empty(stored, np.int8)).shape
 
     def count_params(self) -> int:
-        """How many weights: parameters and state (BatchNorm's statistics), as Keras counts."""
+        """How many weights: parameters and state (BatchNorm's statistics), as Keras counts;
+        refused before the layer is built (it has no weights yet: 0 would be wrong), as in
+        Keras."""
+        self._require_built("count_params")
         return int(sum(int(np.prod(a.shape)) for a in self._arrays().values()))
 
     def count_state(self) -> int:
-        """How many of those weights are state, never trained."""
+        """How many of those weights are state, never trained (refused before a build)."""
+        self._require_built("count_state")
         return int(sum(int(np.prod(a.shape)) for a in self.state.values()))
 
     def to(self, backend: Backend) -> None:
@@ -529,11 +559,21 @@ class Layer:
 
     def _require_built(self, what: str) -> None:
         if not self.built:
-            raise InputError(f"layer {self.name!r} must be built before {what}")
+            raise InputError(f"layer {self.name!r} ({type(self).__name__}) must be built before "
+                             f"{what}: its weights are made for its input shape; "
+                             "layer.build(input_shape), per sample (e.g. (32, 32, 3)), or a "
+                             "model built with it, builds it")
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
         return f"{type(self).__name__}({args})"
+
+
+def _named_parameters(init: Callable[..., Any]) -> list[str]:
+    """The parameters of ``init`` given by name, beyond ``self`` (no ``*args`` or
+    ``**kwargs``: a Keras-style ``__init__(**kwargs)`` passes them on)."""
+    return [p.name for p in inspect.signature(init).parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def _shape(shape: Any, layer: Layer) -> Shape | tuple[Shape, ...]:
@@ -552,16 +592,27 @@ def _shape(shape: Any, layer: Layer) -> Shape | tuple[Shape, ...]:
 
 
 def _check_batch(layer: Layer, x: Any) -> None:
-    """``layer(x)`` on a batch: arrays of the per-sample shape the layer is built for (a
-    wrong one failed deep inside its kernels)."""
-    batch = list(x) if layer.multi_input and isinstance(x, list | tuple) else [x]
+    """``layer(x)`` on a batch: for a merge layer, a list of two or more batches (built or
+    not); for a built layer, arrays of the per-sample shape it is built for, and for a merge
+    layer all of one batch size (a wrong one failed deep inside its kernels, or in NumPy)."""
+    name = f"layer {layer.name!r} ({type(layer).__name__})"
+    if layer.multi_input and not (isinstance(x, list | tuple) and len(x) >= 2):
+        got = f"a list of {len(x)}" if isinstance(x, list | tuple) else f"one {type(x).__name__}"
+        raise InputError(f"{name} merges a list of two or more batches (or of symbolic "
+                         f"tensors, in a functional model), got {got}")
+    if not layer.built:
+        return  # (forward asks for a build)
+    batch = list(x) if layer.multi_input else [x]
     expected = list(layer.input_shape) if layer.multi_input else [layer.input_shape]
     if [tuple(a.shape[1:]) if hasattr(a, "shape") else None for a in batch] != expected:
         got = ", ".join(f"shape {tuple(a.shape)}" if hasattr(a, "shape") else type(a).__name__
                         for a in batch)
-        raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) is built for batches "
-                         f"(N, *per-sample shape) of per-sample shape "
-                         f"{', '.join(map(str, expected))}, got {got}")
+        raise InputError(f"{name} is built for batches (N, *per-sample shape) of per-sample "
+                         f"shape {', '.join(map(str, expected))}, got {got}")
+    sizes = [int(a.shape[0]) for a in batch]
+    if len(set(sizes)) > 1:
+        raise InputError(f"{name} merges batches of sizes {sizes}: its inputs are batches of "
+                         "the same samples, of one size N each")
 
 
 def in_dtype(xp: Any, a: Any, dtype: Any) -> Any:
@@ -572,7 +623,7 @@ def in_dtype(xp: Any, a: Any, dtype: Any) -> Any:
 
 def dtype_name(dtype: Any) -> str:
     """The name of a backend dtype: "float16", "bfloat16", "float32" or "float64"."""
-    for name in ("float16", "bfloat16", "float32", "float64"):
+    for name in ("bfloat16", "float16", "float32", "float64"):  # ("float16" is in "bfloat16")
         if name in str(dtype):
             return name
     raise InputError(f"unsupported dtype {dtype!r}; expected float16, bfloat16, float32 or "

@@ -94,12 +94,21 @@ def _images_dtype(layer: Layer, x: Any, options: Options) -> Any:
     return layer.compute_dtype if x.dtype in (xp.uint8, xp.int8) else layer.dtype
 
 
+def _no_gradient(layer: Layer) -> None:
+    """An augmentation's backward, called by itself (a model never calls it: see
+    :attr:`Layer.has_gradient`)."""
+    raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) runs no backward: it "
+                     "has no gradient, and goes where none passes through it, before every "
+                     "layer that is trained (at the model's start), as augmentations do")
+
+
 class RandomFlip(RandomLayer):
     """Mirror each training image left-right with probability 1/2 (Keras' ``"horizontal"``
     mode, the only one)."""
 
     # The model's uint8 batch cast as it is flipped (one launch on CuPy, the draw included).
     casts_input = True
+    has_gradient = False
 
     def __init__(self, mode: str = "horizontal", name: str | None = None) -> None:
         super().__init__(name)
@@ -125,7 +134,7 @@ class RandomFlip(RandomLayer):
         return kernels_for(self.backend).random_flip(self.random_state, x, dtype, first)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        raise InputError("RandomFlip must be the first layers of a model (it has no gradient)")
+        _no_gradient(self)
 
 
 class RandomCrop(RandomLayer):
@@ -133,6 +142,7 @@ class RandomCrop(RandomLayer):
 
     # The model's uint8 batch cast as it is cropped (one launch on CuPy, the draw included).
     casts_input = True
+    has_gradient = False
 
     def __init__(self, padding: int = 4, name: str | None = None) -> None:
         super().__init__(name)
@@ -159,4 +169,4 @@ class RandomCrop(RandomLayer):
                                                      first)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        raise InputError("RandomCrop must be the first layers of a model (it has no gradient)")
+        _no_gradient(self)
