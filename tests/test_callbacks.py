@@ -228,6 +228,12 @@ def test_backup_and_restore_deletes_its_file_when_training_ends(data, tmp_path):
         model.fit(*data, epochs=2, batch_size=BATCH, verbose=0,
                   callbacks=[BackupAndRestore(path)])
         assert model.optimizer.iterations == 8 and not path.exists()
+    link, target = tmp_path / "link.npz", tmp_path / "kept" / "backup.npz"
+    link.symlink_to(target)  # (its target deleted, the link kept: was the link deleted, and
+    # the whole file left behind)
+    small_model().fit(*data, epochs=1, batch_size=BATCH, verbose=0,
+                      callbacks=[BackupAndRestore(link)])
+    assert link.is_symlink() and not target.exists() and (tmp_path / "kept").is_dir()
     model.fit(*data, epochs=2, batch_size=BATCH, verbose=0,
               callbacks=[BackupAndRestore(path, delete_checkpoint=False)])
     assert path.exists()

@@ -440,6 +440,41 @@ def test_an_empty_rank_adds_zeros_even_after_a_non_finite_gradient():
     assert all(not np.any(g) for g in grads) and not np.any(stats)
 
 
+def test_a_users_layer_giving_no_gradient_is_named_on_several_ranks_too():
+    """As in one process (was: summed as zeros, silently, once its grads were cleared)."""
+    from xpcnn.layers import Layer
+
+    class Scale(Layer):
+        weight_names = ("w",)
+
+        def _build(self, input_shape, rng):
+            self.params["w"] = self.backend.asarray(np.ones(input_shape[-1]), dtype=self.dtype)
+            return input_shape
+
+        def forward(self, x, training=False, options=None):
+            return x * self.params["w"]
+
+        def backward(self, dy, options=None):
+            return dy * self.params["w"]  # (grads["w"] never filled)
+
+    model = xpcnn.Sequential([Flatten(), Scale(), Dense(5), Softmax()], seed=1,
+                             dtype="float64")
+    model.compile(optimizer="sgd")
+    model.build((3, 3, 2))
+    x, y = np.ones((4, 3, 3, 2)), np.arange(4)
+    comm = ThreadSum(1)
+
+    def step(rank, model):
+        dp = distributed.DataParallel(model, distributed.World(0, 1), comm.for_rank(0))
+        model._parallel = dp
+        dp.use_slice(0, 4, 4)
+        with pytest.raises(xpcnn.InputError, match=r"layer 'scale' \(Scale\)'s backward gave no "
+                                             r"gradient for its parameter 'w'"):
+            model.train_step(model._to_device(x), model.backend.asarray(y))
+
+    run_ranks([model], step)
+
+
 def test_one_process_is_a_no_op_without_mpi(monkeypatch):
     for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         monkeypatch.delenv(var, raising=False)

@@ -747,3 +747,40 @@ def test_a_finished_threads_scratch_goes_when_another_thread_comes():
     second.start()
     second.join()
     assert list(ws._by_thread) == [second]
+
+
+def test_threads_new_to_a_workspace_at_once_are_taken_one_at_a_time():
+    """Threads reaching a Workspace for the first time together each dropped the ended
+    threads' scratch from one dictionary: KeyError, or "dictionary changed size during
+    iteration" (seen with a short switch interval, as a busy machine has)."""
+    import sys
+    import threading
+
+    errors = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for _ in range(60):
+            ws = ops.Workspace()
+            ended = [threading.Thread(target=ws._mine) for _ in range(20)]
+            for t in ended:
+                t.start()
+            for t in ended:
+                t.join()
+            meet = threading.Barrier(8)
+
+            def new(ws=ws, meet=meet):
+                meet.wait()
+                try:
+                    ws._mine()
+                except Exception as e:  # noqa: BLE001 (collected, asserted below)
+                    errors.append(e)
+
+            threads = [threading.Thread(target=new) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []

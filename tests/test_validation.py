@@ -344,8 +344,9 @@ def test_an_augmentation_after_a_trained_layer_is_refused_before_any_pass(augmen
     """An augmentation has no gradient (Layer.has_gradient): after a trained layer it was
     taken at build, then failed in the first backward, after the forward pass had moved
     BatchNorm's statistics, with an error naming neither the layer nor its place. Refused
-    when the plan is compiled, before any pass; after frozen layers only it trains, and
-    unfrozen again it is refused again (the plan is compiled again)."""
+    by a training pass before it moves anything (predict and evaluate run); after frozen
+    layers only it trains, and unfrozen again it is refused again (the plan is compiled
+    again)."""
     layers = [Conv2D(4, 3), BatchNorm2D(), augment(), Flatten(), Dense(4), Softmax()]
     model = xpcnn.Sequential(layers, input_shape=(6, 6, 3), seed=0)
     model.compile(optimizer=optim.SGD(0.1))
@@ -355,6 +356,8 @@ def test_an_augmentation_after_a_trained_layer_is_refused_before_any_pass(augmen
                rf"put the {name} before every trained layer \(at the model's start, where "
                r"augmentations go\), or freeze the layers before it")
     weights = model.get_weights()
+    assert model.predict(X, verbose=0).shape == (len(X), 4)  # (inference passes no gradient)
+    model.evaluate(X, Y, verbose=0)
     with pytest.raises(InputError, match=refusal):
         model.fit(X, Y, epochs=1, batch_size=10, verbose=0)
     assert model.optimizer.iterations == 0
@@ -617,9 +620,13 @@ def test_a_dropout_rate_that_its_dtype_rounds_to_1_is_refused_at_build(dtype, ra
     Dropout(rate).build((8,), "cpu", dtype="float64")
     if dtype != "float32":  # (a float32 model's own dtype)
         model = xpcnn.Sequential([Dense(4), Dropout(rate), Dense(2)], input_shape=(8,))
+        model.compile()
         with pytest.raises(InputError, match=message):
             model.compile(precision=f"mixed_{dtype}")
-            model.fit(X[:8, 0, 0], Y[:8], verbose=0)
+        # (refused before anything changed: was left half in the new precision, every call
+        # then refused)
+        assert model.precision == "float32"
+        model.fit(np.ones((8, 8), np.float32), Y[:8] % 2, verbose=0)
 
 
 OPTIMIZERS = {

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from . import checks, distributed, history
 from .errors import InputError, NonFiniteError
+from .files import written_file
 from .saving import FitCheckpoints, Progress, progress_within, save_checkpoint
 from .saving.model_file import config_entry, model_config
 
@@ -716,8 +717,8 @@ class BackupAndRestore(Callback):
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
         # (not called where fit was interrupted or failed: the file is kept to resume from)
         if self.delete_checkpoint and not self.ended_non_finite and distributed.is_root():
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
+            with contextlib.suppress(FileNotFoundError):  # (a link's target: the link kept)
+                os.remove(written_file(self.path))
 
 
 class ReduceLROnPlateau(_Monitor):

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from . import checks
-from .errors import DeviceError, MissingDependencyError, XpcnnError
+from .errors import DeviceError, InputError, MissingDependencyError, XpcnnError
 
 #: Bytes of gradients per bucket, as PyTorch DDP: 1 MiB for the first (the last layers': it
 #: goes out early in backward), 25 MiB for the others.
@@ -382,9 +382,13 @@ class GradientBuckets:
         for i in self.buckets[b]:
             layer, key = self.entries[i]
             g, p = layer.grads.get(key), self._param(i)
+            if g is None and self._weight != 0:  # (as one process names it: not summed as 0)
+                raise InputError(f"layer {layer.name!r} ({type(layer).__name__})'s backward "
+                                 f"gave no gradient for its parameter {key!r}: backward must "
+                                 "fill grads[name] for every one of its params")
             # (a mixed-precision layer's gradient in the compute dtype: summed in the
             # parameter's)
-            parts.append(xp.zeros_like(p) if g is None or self._weight == 0 else
+            parts.append(xp.zeros_like(p) if self._weight == 0 else
                          xp.astype(g, p.dtype, copy=False))
         self.buffers[b] = xp.concat([xp.reshape(g, (-1,)) for g in parts])
         self._handles.append(self.comm.start(self.buffers[b]))

@@ -18,6 +18,7 @@ always gets the default options and does all its own work.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -289,6 +290,9 @@ class Plan:
     gathered: frozenset[int] = frozenset()
     #: the layers reading the model's batch cast it themselves (see Options.cast_input)
     cast_input: bool = False
+    #: why the plan cannot train (a layer with no gradient where one is needed), refused by a
+    #: training forward pass before it moves anything; inference runs
+    untrainable: str | None = None
 
     def options(self, layer: Layer) -> Options:
         """The options the plan calls ``layer`` with (the defaults for one it skips)."""
@@ -324,10 +328,11 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool,
     # Which slots need a gradient: those computed from a trainable parameter.
     needs: set[int] = set()
     need_dx = []
+    untrainable = None
     for layer, ins, out in kept:
         need_dx.append(any(i in needs for i in ins))
-        if need_dx[-1] and not layer.has_gradient:
-            _refuse_no_gradient(layers, kept, producer, len(need_dx) - 1)
+        if need_dx[-1] and not layer.has_gradient and untrainable is None:
+            untrainable = _no_gradient(layers, kept, producer, len(need_dx) - 1)
         if need_dx[-1] or (layer.trainable and layer.params):
             needs.add(out)
     # A ReLU's gradient is applied by the one layer reading its output where that layer can
@@ -364,14 +369,16 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool,
         steps.append(Step(layer, ins, out, options,
                           need_dx[j] or bool(layer.trainable and layer.params), release,
                           type(layer).__module__.split(".")[0] != "xpcnn"))
-    return Plan(tuple(steps), result, len(layers) + 1, frozenset(needs), gathered, cast_input)
+    return Plan(tuple(steps), result, len(layers) + 1, frozenset(needs), gathered, cast_input,
+                untrainable)
 
 
-def _refuse_no_gradient(layers: list[Layer], kept: list[tuple[Layer, Inbound, int]],
-                        producer: dict[int, int], j: int) -> None:
-    """Refuse step ``j`` of ``kept``, a layer with no gradient (``Layer.has_gradient``) that a
-    layer trained before it needs one from: found when the plan is compiled, before a forward
-    pass moves any statistic (its backward failed only after one, in the first step)."""
+def _no_gradient(layers: list[Layer], kept: list[tuple[Layer, Inbound, int]],
+                 producer: dict[int, int], j: int) -> str:
+    """Why step ``j`` of ``kept``, a layer with no gradient (``Layer.has_gradient``) that a
+    layer trained before it needs one from, cannot train: found when the plan is compiled,
+    refused before a training forward pass moves any statistic (its backward failed only
+    after one, in the first step)."""
     layer, ins, out = kept[j]
     stack = list(ins)
     while True:  # (a trained layer is upstream: that is why the gradient is needed)
@@ -382,15 +389,17 @@ def _refuse_no_gradient(layers: list[Layer], kept: list[tuple[Layer, Inbound, in
         if trained.trainable and trained.params:
             break
         stack.extend(reads)
-    raise InputError(f"{where(layer, out - 1, layers)} has no gradient, and the trained layer "
-                     f"{trained.name!r} ({type(trained).__name__}) before it needs one to "
-                     f"pass through it: put the {type(layer).__name__} before every trained "
-                     "layer (at the model's start, where augmentations go), or freeze the "
-                     "layers before it (layer.trainable = False)")
+    return (f"{where(layer, out - 1, layers)} has no gradient, and the trained layer "
+            f"{trained.name!r} ({type(trained).__name__}) before it needs one to pass through "
+            f"it: put the {type(layer).__name__} before every trained layer (at the model's "
+            "start, where augmentations go), or freeze the layers before it "
+            "(layer.trainable = False)")
 
 
 def forward(plan: Plan, x: Any, training: bool) -> Any:
     """Run the plan's steps on batch ``x``; returns the plan's result."""
+    if training and plan.untrainable is not None:
+        raise InputError(plan.untrainable)
     values: list[Any] = [None] * plan.slots
     values[0] = x
     for step in plan.steps:
@@ -419,13 +428,11 @@ def backward(plan: Plan, dz: Any, on_layer: Callable[[Layer], None] | None = Non
             continue
         if step.checked:
             held = tuple(step.layer.state.items())
-            # (a gradient this backward does not fill is then named as missing, not the last
-            # step's reused)
-            step.layer.grads.clear()
             dx = step.layer.backward(grads.pop(step.output), step.options)
             _check_state_kept(step.layer, held, "backward")
             if step.options.need_input_grad:
-                _check_input_grads(step.layer, dx, int(dz.shape[0]))
+                _check_input_grads(step.layer, dx, int(dz.shape[0]),
+                                   [i in plan.needs_grad for i in step.inputs])
         else:
             dx = step.layer.backward(grads.pop(step.output), step.options)
         if on_layer is not None:
@@ -465,27 +472,40 @@ def _check_state_kept(layer: Layer, held: tuple[tuple[str, Any], ...], what: str
                      "a new one is neither)")
 
 
-def _check_input_grads(layer: Layer, dx: Any, batch: int) -> None:
+def _check_input_grads(layer: Layer, dx: Any, batch: int, needed: list[bool]) -> None:
     """A user's layer's backward returned one gradient for each of its inputs (a list for a
-    merge layer), each a float array shaped as that input, (batch, *its per-sample shape): a
-    wrong one failed deep inside the next layer's backward or the sum of two gradients."""
+    merge layer), each that is ``needed`` a float array shaped as that input, (batch, *its
+    per-sample shape): a wrong one failed deep inside the next layer's backward or the sum of
+    two gradients (one not needed, None say, is not read)."""
     shapes = layer.input_shape if layer.multi_input else (layer.input_shape,)
-    what = f"layer {layer.name!r} ({type(layer).__name__})'s backward"
     if layer.multi_input and (not isinstance(dx, list | tuple) or len(dx) != len(shapes)):
         got = f"a list of {len(dx)}" if isinstance(dx, list | tuple) else f"one {type(dx).__name__}"
-        raise InputError(f"{what} returned {got}: a merge layer returns a list of the "
-                         f"gradients of its {len(shapes)} inputs, in their order")
-    for k, (g, shape) in enumerate(zip(dx if layer.multi_input else (dx,), shapes,
-                                       strict=True)):
-        want = (batch, *shape)
+        raise InputError(f"layer {layer.name!r} ({type(layer).__name__})'s backward returned "
+                         f"{got}: a merge layer returns a list of the gradients of its "
+                         f"{len(shapes)} inputs, in their order")
+    for k, (g, shape, need) in enumerate(zip(dx if layer.multi_input else (dx,), shapes, needed,
+                                             strict=True)):
+        if not need:
+            continue
         got_shape = tuple(g.shape) if hasattr(g, "shape") and hasattr(g, "dtype") else None
-        if got_shape != want or not layer.xp.isdtype(g.dtype, "real floating"):
+        if got_shape is None or got_shape[0] != batch or got_shape[1:] != shape \
+                or not _real_floating(layer.xp, g.dtype):
+            want = (batch, *shape)
             got = ("None" if g is None else f"a {type(g).__name__}" if got_shape is None
                    else f"a gradient of shape {got_shape} and dtype {g.dtype}")
             input_ = f"its input {k}" if layer.multi_input else "its input"
-            raise InputError(f"{what} returned {got} for {input_}, of shape {want}: backward "
-                             "returns the gradient of the loss with respect to the input, a "
-                             "float array of the input's shape")
+            raise InputError(f"layer {layer.name!r} ({type(layer).__name__})'s backward "
+                             f"returned {got} for {input_}, of shape {want}: backward returns "
+                             "the gradient of the loss with respect to the input, a float "
+                             "array of the input's shape")
+
+
+@functools.cache
+def _real_floating(xp: Any, dtype: Any) -> bool:
+    try:
+        return bool(xp.isdtype(dtype, "real floating"))
+    except TypeError:  # (NumPy's isdtype refuses ml_dtypes' bfloat16)
+        return dtype_name(dtype) == "bfloat16"
 
 
 def each_output(layers: list[Layer], inbound: list[Inbound], x: Any, training: bool = False

@@ -627,7 +627,7 @@ class Sequential(Model):
                              "model: the same layer instance cannot be added twice; create "
                              f"another {type(layer).__name__}(...)")
         _name_apart([*self.layers, layer])  # (as a functional Model names its layers)
-        self.layers.append(layer)
+        list.append(self.layers, layer)  # (built at the next use, not at once)
         self.built = False
 
     def pop(self) -> Layer:
@@ -635,14 +635,19 @@ class Sequential(Model):
         built again at once (its other layers keep their weights)."""
         if not self.layers:
             raise InputError(f"pop() on model {self.name!r}, which has no layers")
-        built, shape = self.built, self.input_shape
-        layer = self.layers.pop()
-        if built and self.layers:
-            self.build(shape)
-        return layer
+        return self.layers.pop()  # (built again at once: _layers_changed)
 
     def _changing_layers(self) -> None:
         pass  # (a chain: any list of layers is one)
+
+    def _layers_changed(self) -> None:
+        # (built again at once where it was built, as pop() and Keras' Sequential: its input,
+        # weights and summary are the new chain's; an error is raised here, and again at the
+        # next use)
+        built, shape = self.built, self.input_shape
+        self.built = False
+        if built and shape is not None and self.layers:
+            self.build(shape)
 
     def _inbound(self) -> list[graph.Inbound]:
         """A chain: each layer reads the one before it."""
@@ -659,8 +664,8 @@ class Sequential(Model):
 
 class LayerList(list):  # type: ignore[type-arg]
     """A model's ``layers``: a list whose change (Keras 2's ``model.layers.pop()``, say) makes
-    a Sequential build again at its next use, as ``add`` does (it ran on with the layers it
-    was built with, and saved the others), and is refused for a functional model."""
+    a built Sequential build again at once (it ran on with the layers it was built with, and
+    saved the others), and is refused for a functional model."""
 
     def __init__(self, model: Model, layers: Any = ()) -> None:
         super().__init__(layers)
@@ -673,11 +678,11 @@ class LayerList(list):  # type: ignore[type-arg]
 def _changes(name: str) -> Callable[..., Any]:
     change = getattr(list, name)
 
-    def changed(self: LayerList, *args: Any) -> Any:
+    def changed(self: LayerList, *args: Any, **kwargs: Any) -> Any:
         model = self._model()
         if model is not None:
             model._changing_layers()
-        result = change(self, *args)
+        result = change(self, *args, **kwargs)
         if model is not None:
             model._layers_changed()
         return self if name.startswith("__i") else result

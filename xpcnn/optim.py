@@ -57,7 +57,8 @@ def _settings(cls: type) -> frozenset[str]:
     """The settings ``cls``'s constructor takes by name, but the learning rate."""
     params = inspect.signature(cls.__init__).parameters.values()
     return frozenset(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-                     and p.name not in ("self", "lr"))
+                     and p.name != "self" and not isinstance(getattr(cls, p.name, None),
+                                                             property))  # (lr, learning_rate)
 
 
 def _rate(v: Any, what: str, zero: bool = False) -> float:
@@ -246,7 +247,6 @@ class Optimizer:
         super().__init_subclass__(**kwargs)
         register(OPTIMIZER_CLASSES, cls, "optimizer")
 
-    slot_names: tuple[str, ...] = ()
     #: True where the state holds squared gradients (Adam's second moment): the training loop
     #: then also stops at a gradient whose square overflows, before it turns that state into
     #: infinity (see :meth:`xpcnn.totals.RunningTotals.add`).
@@ -291,6 +291,20 @@ class Optimizer:
         super().__setattr__(name, value)
 
     @property
+    def slot_names(self) -> tuple[str, ...]:
+        """The names of the per-parameter state arrays (:attr:`slots`), as the settings ask
+        (SGD's momentum buffer only with momentum), or as a subclass set them."""
+        names = self.__dict__.get("_slot_names")
+        return self._slot_names_for_settings() if names is None else names
+
+    @slot_names.setter
+    def slot_names(self, names: tuple[str, ...]) -> None:
+        self.__dict__["_slot_names"] = tuple(names)
+
+    def _slot_names_for_settings(self) -> tuple[str, ...]:
+        return ()
+
+    @property
     def lr(self) -> float:
         """The learning rate the next step will use."""
         return self.schedule(self.iterations) * self.lr_factor
@@ -302,8 +316,13 @@ class Optimizer:
         return self.lr
 
     @learning_rate.setter
-    def learning_rate(self, value: float) -> None:
-        self.lr = value
+    def learning_rate(self, value: float | Schedule) -> None:
+        # (a schedule, or a rate set before the base class's __init__ ran, as a Keras-style
+        # subclass may: the schedule itself, from the next step on)
+        if isinstance(value, Schedule) or "schedule" not in self.__dict__:
+            self.schedule, self.lr_factor = as_schedule(value), 1.0
+        else:
+            self.lr = value
 
     @lr.setter
     def lr(self, value: float) -> None:
@@ -461,8 +480,7 @@ class SGD(Optimizer):
             raise InputError("Nesterov momentum needs momentum > 0")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
 
-    @property
-    def slot_names(self) -> tuple[str, ...]:  # type: ignore[override]
+    def _slot_names_for_settings(self) -> tuple[str, ...]:
         return ("momentum",) if self.momentum else ()
 
     def _update(self, xp: Any, i: int, p: Any, g: Any, scalars: dict[str, Any],
@@ -589,8 +607,7 @@ class RMSprop(Optimizer):
         self.rho, self.momentum, self.epsilon = float(rho), float(momentum), float(epsilon)
         self.centered = flag(centered, "RMSprop centered")
 
-    @property
-    def slot_names(self) -> tuple[str, ...]:  # type: ignore[override]
+    def _slot_names_for_settings(self) -> tuple[str, ...]:
         return ("v", *(("mean_grad",) if self.centered else ()),
                 *(("momentum",) if self.momentum else ()))
 

@@ -219,7 +219,9 @@ class Trainer:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{precision!r}")
         if PRECISIONS[precision] is not None:
-            self.backend.dtype(PRECISIONS[precision])  # a clear error where the backend lacks it
+            compute = self.backend.dtype(PRECISIONS[precision])  # (refused where it lacks it)
+            for layer in self.layers:
+                layer.check_compute_dtype(self.backend.xp, compute)
         self.loss, self.optimizer = loss, self._own(optimizer)
         self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
         self.precision, self.metrics = precision, metrics

@@ -532,6 +532,11 @@ class Layer:
         self.grads = {}
         self._clear_cache()
 
+    def check_compute_dtype(self, xp: Any, dtype: Any) -> None:
+        """Refuse computing in ``dtype`` (of namespace ``xp``), before a model compiled in
+        another precision changes anything: here nothing is refused (Dropout refuses a rate
+        the dtype rounds to 1)."""
+
     def set_compute_dtype(self, dtype: Any) -> None:
         """Run in ``dtype`` from now on (a model of these layers compiled in another
         precision), counted in :attr:`rebuilds` where that changes anything."""

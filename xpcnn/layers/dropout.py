@@ -71,10 +71,12 @@ class Dropout(RandomLayer):
     The numbers drawn in a dtype are the multiples of 2**-bits below 1 (bits: the dtype's
     significand's, 11 in float16: :mod:`xpcnn.ops.random`) and an element is kept where its
     number is at least the rate as the dtype holds it; the share dropped is therefore the rate
-    rounded to that dtype, then up to a multiple of 2**-bits (:meth:`_drawn_rate`), and the
-    kept elements are scaled by the inverse of the share kept, so that the expected value is
-    exact in every dtype. A rate that a dtype rounds to 1 (above 1 - 2**-12 in float16) would
-    keep nothing: building or computing the layer in that dtype is refused.
+    rounded to that dtype, then up to a multiple of 2**-bits (:meth:`_drawn_rate`), and in
+    float16 and bfloat16 the kept elements are scaled by the inverse of the share kept, so that
+    the expected value is exact (in float32 and float64, by 1 / (1 - rate), as PyTorch and
+    Keras scale: there the two differ by 2**-24 at most). A rate that a dtype rounds to 1
+    (above 1 - 2**-12 in float16) would keep nothing: building or computing the layer in that
+    dtype is refused.
     """
 
     # The gradient of a ReLU before it, in the same pass as the mask's (one launch on CuPy).
@@ -108,17 +110,20 @@ class Dropout(RandomLayer):
         self._drawn_rate(dtype)  # (a rate this dtype cannot draw: refused, nothing changed)
         super().set_compute_dtype(dtype)
 
+    def check_compute_dtype(self, xp: Any, dtype: Any) -> None:
+        self._drawn_rate(dtype, xp)
+
     def to(self, backend: Any) -> None:
         super().to(backend)
         self._drawn_rates = {}  # (keyed by the other library's dtype objects)
 
-    def _drawn_rate(self, dtype: Any) -> float:
+    def _drawn_rate(self, dtype: Any, xp: Any = None) -> float:
         """The share of elements dropped in ``dtype`` at :attr:`rate` (see the class), a
         multiple of 2**-bits below 1; an :class:`InputError` where ``dtype`` rounds the rate to
         1. Worked out on the host, once a dtype object (a dict lookup after that)."""
         drawn = self._drawn_rates.get(dtype)
         if drawn is None:
-            bits = random.significant_bits(self.xp, dtype)
+            bits = random.significant_bits(self.xp if xp is None else xp, dtype)
             drawn = math.ceil(_rounded(self.rate, bits) * 2**bits) / 2**bits  # (all exact)
             if drawn == 1.0:
                 name = _FORMATS[bits]
@@ -129,6 +134,10 @@ class Dropout(RandomLayer):
                     f"carry the expected value. The highest rate {name} draws is 1 - "
                     f"2**-{bits} = {1 - 2.0**-bits!r}: give at most that, or compute this "
                     "layer in a dtype of more bits (float32, float64)")
+            if bits >= 24:
+                # (float32 and float64: the scale 1 / (1 - rate), as PyTorch's and Keras'; the
+                # rounding moves the expected value by 2**-24 at most)
+                drawn = self.rate
             self._drawn_rates[dtype] = drawn
         return drawn
 

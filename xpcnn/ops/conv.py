@@ -151,6 +151,9 @@ def owner() -> threading.Thread:
     return getattr(_OWNER, "thread", None) or threading.current_thread()
 
 
+_NEW_THREAD = threading.Lock()
+
+
 class Workspace:
     """Scratch arrays kept across steps, one per key, reallocated when the shape grows (with
     ``keep`` False, fresh arrays every time: see :attr:`Backend.keeps_scratch`). Each thread
@@ -167,10 +170,11 @@ class Workspace:
         thread = owner()
         mine = self._by_thread.get(thread)
         if mine is None:
-            # (a pool shut down, or a finished Thread still referenced, keeps its object)
-            for ended in [t for t in self._by_thread if not t.is_alive()]:
-                del self._by_thread[ended]
-            mine = self._by_thread[thread] = ({}, {})
+            with _NEW_THREAD:  # (two threads new at once: one at a time)
+                # (a pool shut down, or a finished Thread still referenced, keeps its object)
+                for ended in [t for t in list(self._by_thread) if not t.is_alive()]:
+                    self._by_thread.pop(ended, None)
+                mine = self._by_thread[thread] = ({}, {})
         return mine
 
     @property

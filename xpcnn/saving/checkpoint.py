@@ -237,7 +237,7 @@ def _check_compatible(model: Any, config: dict[str, Any], npz: NpzArchive) -> No
     check_file_entries(npz, mconf, checkpoint=True)
     build_for(model, mconf, npz)
     check_architecture(model, mconf, path)
-    mine = normal(model_config(model).get("compile"))
+    mine = normal(model_config(model, checked=False).get("compile"))
     theirs = compile_settings(mconf.get("compile"))
     if mine != theirs:
         diff = "; ".join(f"{k} is {a!r} there and {b!r} here"

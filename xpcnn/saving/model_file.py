@@ -67,15 +67,18 @@ def register_model(cls: type) -> type:
 # -- writing ----------------------------------------------------------------------------------
 
 
-def model_config(model: Any, compiled: bool = True) -> dict[str, Any]:
+def model_config(model: Any, compiled: bool = True, checked: bool = True) -> dict[str, Any]:
     """Everything but the weights: enough to rebuild the same model (without its compile
-    settings where ``compiled`` is False: comparing architectures). InputError where a user's
-    layer, optimiser or schedule takes settings its get_config() does not give."""
-    for layer in model.layers:
-        layer.check_config()
+    settings where ``compiled`` is False). ``checked`` (to write it; not to compare it with a
+    file's): InputError where a user's layer, optimiser or schedule takes settings its
+    get_config() does not give."""
+    if checked:
+        for layer in model.layers:
+            layer.check_config()
     config: dict[str, Any] = {"format": FORMAT, "version": VERSION, **model.get_config()}
     if compiled and model.loss is not None and model.optimizer is not None:
-        model.optimizer.check_config()
+        if checked:
+            model.optimizer.check_config()
         config["compile"] = {"loss": model.loss.get_config(),
                              "optimizer": model.optimizer.get_config(),
                              "precision": model.precision, "metrics": list(model.metrics)}
@@ -501,7 +504,7 @@ def check_architecture(model: Any, config: dict[str, Any], path: str, layers: bo
                        ) -> None:
     """Refuse a file whose model differs from ``model`` in input shape, dtype or (unless the
     caller compared them already, ``layers`` False) layers."""
-    mine = normal(model_config(model, compiled=False))
+    mine = normal(model_config(model, compiled=False, checked=False))
     try:
         shape, dtype = config["input_shape"], config["dtype"]
     except (KeyError, TypeError) as e:
@@ -521,7 +524,7 @@ def check_layers(model: Any, config: dict[str, Any], path: str) -> None:
     built or not, naming the first difference."""
     try:
         theirs = _architecture(config)
-        ours = _architecture(normal(model_config(model, compiled=False)))
+        ours = _architecture(normal(model_config(model, compiled=False, checked=False)))
     except (KeyError, TypeError, AttributeError) as e:
         raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
                               ) from e
