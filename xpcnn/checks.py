@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -315,6 +316,18 @@ def output_file(path: Any, what: str) -> str:
     except OSError as e:
         raise InputError(f"cannot write {what} {path!r} in {folder!r}: {e.strerror or e}") from e
     return path
+
+
+def named_parameters(init: Callable[..., Any]) -> list[str]:
+    """The parameters of ``init`` given by name, beyond ``self`` (no ``*args`` or
+    ``**kwargs``: a Keras-style ``__init__(**kwargs)`` passes them on)."""
+    return [p.name for p in inspect.signature(init).parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def takes_keywords(init: Callable[..., Any]) -> bool:
+    """Whether ``init`` takes ``**kwargs``."""
+    return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(init).parameters.values())
 
 
 def register(registry: dict[str, Any], cls: type, kind: str) -> None:

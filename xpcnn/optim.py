@@ -13,13 +13,12 @@ arrays in a step captured in a CUDA graph) and hands them to the optimiser's one
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import numbers
 from collections.abc import Callable, Collection
 from typing import Any
 
-from .checks import flag, register
+from .checks import flag, named_parameters, register, takes_keywords
 from .errors import InputError, NonFiniteError
 from .ops.kernels import StandardKernels
 
@@ -34,31 +33,30 @@ def _count(v: Any) -> bool:
 
 
 def _unsaved(obj: Any, config: dict[str, Any], unwritten: Collection[str] = ()) -> list[str]:
-    """The settings that ``obj``'s constructor takes (its named parameters; *args and **kwargs
-    are not counted) and ``config``, its ``get_config()``, does not give, but for those in
-    ``unwritten``: a file written from it would load them with their defaults."""
-    params = list(inspect.signature(type(obj).__init__).parameters.values())[1:]  # (not self)
-    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-            and p.name not in config and p.name not in unwritten]
+    """The settings that ``obj``'s constructor takes (by name) and ``config``, its
+    ``get_config()``, does not give, but for those in ``unwritten``: a file written from it
+    would load them with their defaults."""
+    return [name for name in named_parameters(type(obj).__init__)
+            if name not in config and name not in unwritten]
 
 
 def _untaken(obj: Any, config: dict[str, Any]) -> list[str]:
     """The settings ``config``, ``obj``'s ``get_config()``, gives that its constructor does not
     take (but for "class"; none where it takes **kwargs): a file written from it would not
     load."""
-    params = inspect.signature(type(obj).__init__).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    init = type(obj).__init__
+    if takes_keywords(init):
         return []
-    return [k for k in config if k != "class" and k not in params]
+    names = named_parameters(init)
+    return [k for k in config if k != "class" and k not in names]
 
 
 @functools.cache
 def _settings(cls: type) -> frozenset[str]:
-    """The settings ``cls``'s constructor takes by name, but the learning rate."""
-    params = inspect.signature(cls.__init__).parameters.values()
-    return frozenset(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-                     and p.name != "self" and not isinstance(getattr(cls, p.name, None),
-                                                             property))  # (lr, learning_rate)
+    """The settings ``cls``'s constructor takes by name, but the learning rate (a property:
+    ``lr``, ``learning_rate``)."""
+    return frozenset(name for name in named_parameters(cls.__init__)
+                     if not isinstance(getattr(cls, name, None), property))
 
 
 def _rate(v: Any, what: str, zero: bool = False) -> float:

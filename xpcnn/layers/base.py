@@ -18,7 +18,6 @@ Keras layouts.
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import re
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..backend import Backend, get_backend
-from ..checks import flag, register
+from ..checks import flag, named_parameters, register
 from ..errors import InputError
 
 Shape = tuple[int, ...]
@@ -412,8 +411,8 @@ class Layer:
         definer = next(c for c in cls.__mro__ if "get_config" in vars(c))
         if not issubclass(definer, Layer):  # (a mixin's get_config: its constructor says nothing)
             return
-        known = _named_parameters(definer.__init__)
-        taken = [p for p in _named_parameters(cls.__init__) if p not in known]
+        known = named_parameters(definer.__init__)
+        taken = [p for p in named_parameters(cls.__init__) if p not in known]
         if taken:
             why = "defines no get_config()" if definer is Layer else \
                 f"the get_config() it inherits from {definer.__name__} does not give them"
@@ -572,13 +571,6 @@ class Layer:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
         return f"{type(self).__name__}({args})"
-
-
-def _named_parameters(init: Callable[..., Any]) -> list[str]:
-    """The parameters of ``init`` given by name, beyond ``self`` (no ``*args`` or
-    ``**kwargs``: a Keras-style ``__init__(**kwargs)`` passes them on)."""
-    return [p.name for p in inspect.signature(init).parameters.values()
-            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def _shape(shape: Any, layer: Layer) -> Shape | tuple[Shape, ...]:
