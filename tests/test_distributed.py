@@ -475,6 +475,34 @@ def test_a_users_layer_giving_no_gradient_is_named_on_several_ranks_too():
     run_ranks([model], step)
 
 
+def test_an_untrainable_model_is_refused_on_a_rank_with_no_sample_too():
+    """An augmentation after a trained layer: refused by every rank at the same step, the one
+    whose slice of a short batch is empty included (was: it waited in the allreduce)."""
+    from xpcnn.layers import Conv2D, RandomFlip
+
+    def model():
+        m = xpcnn.Sequential([Conv2D(2, 1), RandomFlip(), Flatten(), Dense(5), Softmax()],
+                             seed=1, dtype="float64")
+        m.compile(optimizer="sgd")
+        m.build((3, 3, 2))
+        return m
+
+    x, y = np.ones((3, 3, 3, 2)), np.arange(3)
+    comm, refused = ThreadSum(2), []
+
+    def step(rank, model):
+        dp = distributed.DataParallel(model, distributed.World(rank, 2), comm.for_rank(rank))
+        model._parallel = dp
+        local = 3 if rank == 0 else 0
+        dp.use_slice(0 if rank == 0 else 3, local, 3)
+        with pytest.raises(xpcnn.InputError, match="'randomflip' .* has no gradient"):
+            model.train_step(model._to_device(x[:local]), model.backend.asarray(y[:local]))
+        refused.append(rank)
+
+    run_ranks([model(), model()], step)
+    assert sorted(refused) == [0, 1]
+
+
 def test_one_process_is_a_no_op_without_mpi(monkeypatch):
     for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         monkeypatch.delenv(var, raising=False)

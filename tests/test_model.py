@@ -1437,6 +1437,13 @@ def test_a_changed_layer_list_is_the_model_that_runs_and_saves(tmp_path):
     last = model.pop()
     assert isinstance(last, Softmax) and model.built and model.output_shape == (3,)
     assert len(model.get_weights()) == 4
+    with pytest.raises(InputError, match="expects per-sample inputs of shape"):
+        model.layers.insert(1, Conv2D(2, 3))  # (after the Flatten: refused)
+    del model.layers[1]  # (mended by hand: built again, for the shape it had)
+    assert model.built and model.input_shape == (4, 4, 2) and model.output_shape == (3,)
+    model.layers.clear()
+    model.layers.extend([Flatten(), Dense(2)])  # (emptied, then filled: built again)
+    assert model.built and model.output_shape == (2,)
     inputs = xpcnn.Input((4, 4, 2))
     graph_model = xpcnn.Model(inputs, Dense(3)(Flatten()(inputs)))
     with pytest.raises(InputError, match="layers are its graph's, not to change"):

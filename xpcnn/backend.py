@@ -134,8 +134,10 @@ class Backend:
         if module is None or not _FAST_PATH["enabled"]:
             return None
         # (the module as imported now, found without an import statement's ~1 us: a training
-        # step asks a dozen times; imported on first use, as CuPy's imports CuPy)
-        return (sys.modules.get(module) or importlib.import_module(module)).KERNELS
+        # step asks a dozen times; imported on first use, as CuPy's imports CuPy; one that
+        # another thread is importing still has no KERNELS: import_module waits for it)
+        kernels = getattr(sys.modules.get(module), "KERNELS", None)
+        return kernels if kernels is not None else importlib.import_module(module).KERNELS
 
     @contextlib.contextmanager
     def compute_scope(self) -> Iterator[None]:

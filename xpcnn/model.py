@@ -598,6 +598,7 @@ class Sequential(Model):
                  = None, device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
                  name: str = "sequential") -> None:
         super().__init__(device=device, seed=seed, dtype=dtype, name=name)
+        self._shape_to_build: tuple[int, ...] | None = None  # (see _layers_changed)
         if layers is not None and not isinstance(layers, list | tuple):
             raise InputError(f"layers must be a list of xpcnn layers, got {type(layers).__name__}")
         if layers and isinstance(layers[0], SymbolicTensor) and layers[0].node is None:
@@ -642,12 +643,15 @@ class Sequential(Model):
 
     def _layers_changed(self) -> None:
         # (built again at once where it was built, as pop() and Keras' Sequential: its input,
-        # weights and summary are the new chain's; an error is raised here, and again at the
-        # next use)
-        built, shape = self.built, self.input_shape
-        self.built = False
-        if built and shape is not None and self.layers:
+        # weights and summary are the new chain's. Where the new chain is refused, or empty,
+        # its shape waits for the next change: a list mended by hand builds again then.)
+        if len({id(la) for la in self.layers}) == len(self.layers):  # (else refused below)
+            _name_apart(list(self.layers))  # (as add() names them)
+        shape = self.input_shape if self.built else self._shape_to_build
+        self.built, self._shape_to_build = False, shape
+        if shape is not None and self.layers:
             self.build(shape)
+            self._shape_to_build = None
 
     def _inbound(self) -> list[graph.Inbound]:
         """A chain: each layer reads the one before it."""
@@ -682,9 +686,11 @@ def _changes(name: str) -> Callable[..., Any]:
         model = self._model()
         if model is not None:
             model._changing_layers()
-        result = change(self, *args, **kwargs)
-        if model is not None:
-            model._layers_changed()
+        try:
+            result = change(self, *args, **kwargs)
+        finally:  # (a change that failed part-way, extend's iterable say, changed some)
+            if model is not None:
+                model._layers_changed()
         return self if name.startswith("__i") else result
     changed.__name__ = name
     return changed

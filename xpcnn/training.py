@@ -505,7 +505,9 @@ class Trainer:
         if dp is not None and xb.shape[0] == 0:  # no sample of a short last batch here
             # (the plan the other ranks' forward passes make: after a freeze or an unfreeze,
             # the next step must not find the optimiser's slots outdated here alone)
-            self._plan()
+            untrainable = self._plan().untrainable  # (refused here too, as by the others)
+            if untrainable is not None:
+                raise InputError(untrainable)
             return dp.empty_step(xp.zeros((2,), dtype=self._param_dtype), trained)
         logits = self._logits(xb, training=True, in_scope=True)
         # (a label that is no class makes the loss NaN: the step is skipped as a non-finite one

@@ -71,12 +71,12 @@ class Dropout(RandomLayer):
     The numbers drawn in a dtype are the multiples of 2**-bits below 1 (bits: the dtype's
     significand's, 11 in float16: :mod:`xpcnn.ops.random`) and an element is kept where its
     number is at least the rate as the dtype holds it; the share dropped is therefore the rate
-    rounded to that dtype, then up to a multiple of 2**-bits (:meth:`_drawn_rate`), and in
-    float16 and bfloat16 the kept elements are scaled by the inverse of the share kept, so that
-    the expected value is exact (in float32 and float64, by 1 / (1 - rate), as PyTorch and
-    Keras scale: there the two differ by 2**-24 at most). A rate that a dtype rounds to 1
-    (above 1 - 2**-12 in float16) would keep nothing: building or computing the layer in that
-    dtype is refused.
+    rounded to that dtype, then up to a multiple of 2**-bits (:meth:`_drawn_rate`), and the
+    kept elements are scaled by the inverse of the share kept, so that the expected value is
+    exact; in float32 and float64, by 1 / (1 - rate), as PyTorch and Keras scale, wherever the
+    two differ by 2**-16 of the output at most (at every rate below about 1 - 2**-8). A rate
+    that a dtype rounds to 1 (above 1 - 2**-12 in float16) would keep nothing: building or
+    computing the layer in that dtype is refused.
     """
 
     # The gradient of a ReLU before it, in the same pass as the mask's (one launch on CuPy).
@@ -134,9 +134,10 @@ class Dropout(RandomLayer):
                     f"carry the expected value. The highest rate {name} draws is 1 - "
                     f"2**-{bits} = {1 - 2.0**-bits!r}: give at most that, or compute this "
                     "layer in a dtype of more bits (float32, float64)")
-            if bits >= 24:
-                # (float32 and float64: the scale 1 / (1 - rate), as PyTorch's and Keras'; the
-                # rounding moves the expected value by 2**-24 at most)
+            if bits >= 24 and abs(drawn - self.rate) <= 2**-16 * (1 - self.rate):
+                # (float32 and float64: the scale 1 / (1 - rate), as PyTorch's and Keras', but
+                # where the draw's rounding of the rate would bias the expected output by more
+                # than 2**-16 of it: at rates within about 2**-8 of 1 in float32)
                 drawn = self.rate
             self._drawn_rates[dtype] = drawn
         return drawn

@@ -171,10 +171,13 @@ class Workspace:
         mine = self._by_thread.get(thread)
         if mine is None:
             with _NEW_THREAD:  # (two threads new at once: one at a time)
-                # (a pool shut down, or a finished Thread still referenced, keeps its object)
-                for ended in [t for t in list(self._by_thread) if not t.is_alive()]:
-                    self._by_thread.pop(ended, None)
-                mine = self._by_thread[thread] = ({}, {})
+                mine = self._by_thread.get(thread)  # (pool workers of one new owner)
+                if mine is None:
+                    # (a pool shut down, or a finished Thread still referenced, keeps its
+                    # object)
+                    for ended in [t for t in list(self._by_thread) if not t.is_alive()]:
+                        self._by_thread.pop(ended, None)
+                    mine = self._by_thread[thread] = ({}, {})
         return mine
 
     @property
