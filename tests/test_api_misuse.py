@@ -1174,52 +1174,6 @@ def test_a_users_layers_right_gradients_train_in_bfloat16_and_an_unneeded_one_is
     assert good.optimizer.iterations == model.optimizer.iterations == 1
 
 
-def test_a_users_layer_that_fills_its_gradient_on_some_steps_only_is_named():
-    """The missing-gradient check held for the first step only: a backward that filled no
-    gradient on a later step had the last step's reused, silently. A gradient filled in place,
-    into a buffer the layer keeps, trains (it is read, not assigned)."""
-    from xpcnn.layers import Layer
-
-    class Gate(Layer):  # x * g; its backward fills the gradient of g on its first call only
-        weight_names = ("g",)
-
-        def _build(self, input_shape, rng):
-            self._param("g", np.ones(input_shape))
-            self.calls = 0
-            return input_shape
-
-        def forward(self, x, training=False, options=None):
-            self._x = x
-            return x * self.params["g"]
-
-        def backward(self, dy, options=None):
-            self.calls += 1
-            if self.calls == 1:
-                self.grads["g"] = self.xp.sum(dy * self._x, axis=0)
-            return dy * self.params["g"]
-
-    model = xpcnn.Sequential([Flatten(), Dense(5), Gate(), Dense(4), Softmax()], seed=0)
-    model.compile(optimizer=optim.SGD(0.01))
-    model.train_on_batch(X[:5], Y[:5])  # (filled)
-    with pytest.raises(InputError, match=r"layer 'gate' \(Gate\)'s backward gave no gradient "
-                                         r"for its parameter 'g' this step"):
-        model.train_on_batch(X[:5], Y[:5])  # (not filled)
-    assert model.optimizer.iterations == 1
-
-    class InPlaceGate(Gate):  # (its own buffer, filled in place at every step)
-        def backward(self, dy, options=None):
-            if "g" not in self.grads:
-                self.grads["g"] = self.xp.zeros_like(self.params["g"])
-            self.grads["g"][...] = self.xp.sum(dy * self._x, axis=0)
-            return dy * self.params["g"]
-
-    model = xpcnn.Sequential([Flatten(), Dense(5), InPlaceGate(), Dense(4), Softmax()], seed=0)
-    model.compile(optimizer=optim.SGD(0.01))
-    for _ in range(3):
-        model.train_on_batch(X[:5], Y[:5])
-    assert model.optimizer.iterations == 3
-
-
 @pytest.mark.parametrize("returned, got", [("one", "one ndarray"), ("short", "a list of 1")])
 def test_a_users_merge_layer_whose_backward_returns_no_gradient_per_input_is_named(returned,
                                                                                     got):

@@ -1418,7 +1418,7 @@ def test_a_changed_layer_list_is_the_model_that_runs_and_saves(tmp_path):
 
     def trained():
         model = xpcnn.Sequential([Flatten(), Dense(8), ReLU(), Dense(3), Softmax()], seed=0)
-        model.compile(optimizer="sgd")
+        model.compile(optimizer="adam")
         model.fit(x, y, epochs=1, batch_size=3, verbose=0)
         return model
 
@@ -1437,13 +1437,17 @@ def test_a_changed_layer_list_is_the_model_that_runs_and_saves(tmp_path):
     last = model.pop()
     assert isinstance(last, Softmax) and model.built and model.output_shape == (3,)
     assert len(model.get_weights()) == 4
+    assert len(model.optimizer.slots["m"]) == 4  # (the same layers trained: Adam's state kept)
+    slots = {k: [np.array(a) for a in v] for k, v in model.optimizer.slots.items()}
+    with pytest.raises(ValueError):
+        model.layers.remove(Softmax())  # (a change that changes nothing: no build)
+    assert model.optimizer.slots.keys() == slots.keys() and all(
+        np.array_equal(a, b) for k in slots for a, b in zip(slots[k], model.optimizer.slots[k],
+                                                            strict=True))
     with pytest.raises(InputError, match="expects per-sample inputs of shape"):
         model.layers.insert(1, Conv2D(2, 3))  # (after the Flatten: refused)
-    del model.layers[1]  # (mended by hand: built again, for the shape it had)
-    assert model.built and model.input_shape == (4, 4, 2) and model.output_shape == (3,)
-    model.layers.clear()
-    model.layers.extend([Flatten(), Dense(2)])  # (emptied, then filled: built again)
-    assert model.built and model.output_shape == (2,)
+    del model.layers[1]  # (mended by hand: built at its next use, as after add())
+    assert model.predict(x).shape == (6, 3) and model.built
     inputs = xpcnn.Input((4, 4, 2))
     graph_model = xpcnn.Model(inputs, Dense(3)(Flatten()(inputs)))
     with pytest.raises(InputError, match="layers are its graph's, not to change"):

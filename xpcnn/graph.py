@@ -271,9 +271,7 @@ class Step:
     release: tuple[int, ...]
     #: the layer's class is a user's, not xpcnn's own: the executor checks that its training
     #: passes keep its state arrays and that its backward returns gradients shaped as its
-    #: inputs, and empties its grads before its backward (a gradient it fills on some steps
-    #: only is named as missing on the others); xpcnn's own layers are tested for all three,
-    #: and pay nothing for the checks
+    #: inputs (xpcnn's own layers are tested for both, and pay nothing for the checks)
     checked: bool = False
 
 
@@ -428,7 +426,7 @@ def backward(plan: Plan, dz: Any, on_layer: Callable[[Layer], None] | None = Non
             continue
         if step.checked:
             held = tuple(step.layer.state.items())
-            dx = _backward_tracked(step, grads.pop(step.output))
+            dx = step.layer.backward(grads.pop(step.output), step.options)
             _check_state_kept(step.layer, held, "backward")
             if step.options.need_input_grad:
                 _check_input_grads(step.layer, dx, int(dz.shape[0]),
@@ -444,52 +442,6 @@ def backward(plan: Plan, dz: Any, on_layer: Callable[[Layer], None] | None = Non
                 grads.setdefault(i, []).append(g)
             elif i in plan.needs_grad:
                 grads[i] = grads[i] + g if i in grads else g
-
-
-class _Touched(dict):  # type: ignore[type-arg]
-    """A user's layer's ``grads`` during its backward: the keys it wrote, or read (a gradient
-    filled in place, into a buffer of its own)."""
-
-    def __init__(self, grads: dict[str, Any]) -> None:
-        super().__init__(grads)
-        self.touched: set[str] = set()
-
-    def __getitem__(self, key: str) -> Any:
-        self.touched.add(key)
-        return super().__getitem__(key)
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.touched.add(key)
-        super().__setitem__(key, value)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self.touched.add(key)
-        return super().get(key, default)
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        new = dict(*args, **kwargs)
-        self.touched.update(new)
-        super().update(new)
-
-
-def _backward_tracked(step: Step, dy: Any) -> Any:
-    """A user's layer's backward, refused where it gives a trained parameter no gradient this
-    step (the last step's would be reused, silently; one never given fails later anyway)."""
-    layer = step.layer
-    grads = layer.grads
-    layer.grads = tracked = _Touched(grads)
-    try:
-        dx = layer.backward(dy, step.options)
-    finally:
-        layer.grads = grads
-        grads.update(tracked)
-    missing = [k for k in layer.params if k in grads and k not in tracked.touched]
-    if layer.trainable and missing:
-        raise InputError(f"layer {layer.name!r} ({type(layer).__name__})'s backward gave no "
-                         f"gradient for its parameter {missing[0]!r} this step (the last "
-                         "step's would be used again): backward must fill grads[name] for "
-                         "every one of its params at every step")
-    return dx
 
 
 def _check_state_kept(layer: Layer, held: tuple[tuple[str, Any], ...], what: str) -> None:

@@ -598,7 +598,6 @@ class Sequential(Model):
                  = None, device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
                  name: str = "sequential") -> None:
         super().__init__(device=device, seed=seed, dtype=dtype, name=name)
-        self._shape_to_build: tuple[int, ...] | None = None  # (see _layers_changed)
         if layers is not None and not isinstance(layers, list | tuple):
             raise InputError(f"layers must be a list of xpcnn layers, got {type(layers).__name__}")
         if layers and isinstance(layers[0], SymbolicTensor) and layers[0].node is None:
@@ -643,15 +642,20 @@ class Sequential(Model):
 
     def _layers_changed(self) -> None:
         # (built again at once where it was built, as pop() and Keras' Sequential: its input,
-        # weights and summary are the new chain's. Where the new chain is refused, or empty,
-        # its shape waits for the next change: a list mended by hand builds again then.)
+        # weights and summary are the new chain's; else, or where that is refused, built at
+        # its next use, as after add())
+        built, shape = self.built, self.input_shape
+        self.built = False
         if len({id(la) for la in self.layers}) == len(self.layers):  # (else refused below)
             _name_apart(list(self.layers))  # (as add() names them)
-        shape = self.input_shape if self.built else self._shape_to_build
-        self.built, self._shape_to_build = False, shape
-        if shape is not None and self.layers:
+        if built and shape is not None and self.layers:
+            # (the optimiser's state kept: the next step's plan starts it afresh only where the
+            # trained layers changed, as after a freeze; build() itself would drop it)
+            optimizer = self.optimizer
+            kept = None if optimizer is None else (optimizer.slots, optimizer.applied)
             self.build(shape)
-            self._shape_to_build = None
+            if kept is not None:
+                optimizer.slots, optimizer.applied = kept
 
     def _inbound(self) -> list[graph.Inbound]:
         """A chain: each layer reads the one before it."""
@@ -686,10 +690,11 @@ def _changes(name: str) -> Callable[..., Any]:
         model = self._model()
         if model is not None:
             model._changing_layers()
+        before = [id(la) for la in self]
         try:
             result = change(self, *args, **kwargs)
-        finally:  # (a change that failed part-way, extend's iterable say, changed some)
-            if model is not None:
+        finally:  # (one that failed part-way, extend's iterable say, may have changed some)
+            if model is not None and [id(la) for la in self] != before:
                 model._layers_changed()
         return self if name.startswith("__i") else result
     changed.__name__ = name

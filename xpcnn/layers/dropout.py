@@ -74,7 +74,7 @@ class Dropout(RandomLayer):
     rounded to that dtype, then up to a multiple of 2**-bits (:meth:`_drawn_rate`), and the
     kept elements are scaled by the inverse of the share kept, so that the expected value is
     exact; in float32 and float64, by 1 / (1 - rate), as PyTorch and Keras scale, wherever the
-    two differ by 2**-16 of the output at most (at every rate below about 1 - 2**-8). A rate
+    two differ by 2**-16 of the output at most (at every rate below about 1 - 2**-9). A rate
     that a dtype rounds to 1 (above 1 - 2**-12 in float16) would keep nothing: building or
     computing the layer in that dtype is refused.
     """
@@ -137,7 +137,7 @@ class Dropout(RandomLayer):
             if bits >= 24 and abs(drawn - self.rate) <= 2**-16 * (1 - self.rate):
                 # (float32 and float64: the scale 1 / (1 - rate), as PyTorch's and Keras', but
                 # where the draw's rounding of the rate would bias the expected output by more
-                # than 2**-16 of it: at rates within about 2**-8 of 1 in float32)
+                # than 2**-16 of it: at rates within about 2**-9 of 1 in float32)
                 drawn = self.rate
             self._drawn_rates[dtype] = drawn
         return drawn
