@@ -26,6 +26,7 @@ from typing import Any
 
 import xpcnn
 from xpcnn.cli import (
+    DATA_DIR_FLAG,
     FRACTION,
     LEARNING_RATE,
     NON_NEGATIVE,
@@ -36,6 +37,7 @@ from xpcnn.cli import (
     _split,
 )
 from xpcnn.datasets import load_cifar10
+from xpcnn.datasets.download import data_dir_spelled
 from xpcnn.models import build_model
 
 ADAM = dict(optimizer="adam", lr=1e-3, schedule="cosine", weight_decay=0.0, label_smoothing=0.0,
@@ -89,7 +91,8 @@ def main() -> None:
         knobs.update(OPTIMIZER_DEFAULTS[args.optimizer])
     knobs.update({k: v for k in knobs if (v := getattr(args, k)) is not None})
 
-    (x, y), test = load_cifar10(args.data_dir)
+    with data_dir_spelled(DATA_DIR_FLAG):  # (a missing file's message names --data-dir)
+        (x, y), test = load_cifar10(args.data_dir)
     where = "test set"
     if test is None:
         (x, y), test = _split(x, y, args.val_split, args.seed)

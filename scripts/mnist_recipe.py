@@ -26,8 +26,16 @@ import time
 from typing import Any
 
 import xpcnn
-from xpcnn.cli import LEARNING_RATE, NON_NEGATIVE, POSITIVE, SMOOTHING, WEIGHT_DECAY
+from xpcnn.cli import (
+    DATA_DIR_FLAG,
+    LEARNING_RATE,
+    NON_NEGATIVE,
+    POSITIVE,
+    SMOOTHING,
+    WEIGHT_DECAY,
+)
 from xpcnn.datasets import load_mnist
+from xpcnn.datasets.download import data_dir_spelled
 from xpcnn.models import build_model
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -86,7 +94,8 @@ def main() -> None:
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
 
-    (x, y), (x_test, y_test) = load_mnist(args.data_dir)
+    with data_dir_spelled(DATA_DIR_FLAG):  # (a missing file's message names --data-dir)
+        (x, y), (x_test, y_test) = load_mnist(args.data_dir)
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]
     model = recipe(args.epochs, math.ceil(len(x) / args.batch_size), args.lr, args.device,

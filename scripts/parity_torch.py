@@ -30,8 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_mirror import mirror, mirror_optimizer  # noqa: E402
 
 import xpcnn  # noqa: E402
-from xpcnn.cli import DEFAULT_MODEL, _split  # noqa: E402
+from xpcnn.cli import DATA_DIR_FLAG, DEFAULT_MODEL, _split  # noqa: E402
 from xpcnn.datasets import load_dataset  # noqa: E402
+from xpcnn.datasets.download import data_dir_spelled  # noqa: E402
 from xpcnn.models import build_layers  # noqa: E402
 
 
@@ -137,7 +138,8 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    (x, y), test = load_dataset(args.dataset, data_dir=args.data_dir)
+    with data_dir_spelled(DATA_DIR_FLAG):  # (a missing file's message names --data-dir)
+        (x, y), test = load_dataset(args.dataset, data_dir=args.data_dir)
     if test is None:
         (x, y), test = _split(x, y, args.val_split, args.seed)
         print(f"no test split: evaluating on a held-out {args.val_split:.0%} of the training set")

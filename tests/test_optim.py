@@ -597,6 +597,10 @@ def test_keras_learning_rate_reads_and_sets_the_rate_and_a_model_file_keeps_it(t
     loaded = xpcnn.load_model(tmp_path / "m.npz").optimizer
     assert (loaded.learning_rate, loaded.lr_factor) == (0.025, 0.25)
     assert loaded.get_config() == opt.get_config()  # (the schedule as constructed)
+    from xpcnn.saving import save_checkpoint
+
+    save_checkpoint(model, tmp_path / "c.npz")  # (load_model of a checkpoint: the same)
+    assert xpcnn.load_model(tmp_path / "c.npz").optimizer.learning_rate == 0.025
 
 
 def test_an_optimizer_setting_cannot_change_once_it_has_trained():

@@ -177,10 +177,17 @@ def _unwritable_part(config: dict[str, Any]) -> str:
 def load_model(path: str | os.PathLike[str], device: DeviceLike = "cpu") -> Any:
     """Load a model written by ``Model.save`` onto ``device``.
 
-    A checkpoint (:mod:`xpcnn.saving.checkpoint`) loads too: its model, with the weights it holds.
+    A checkpoint (:mod:`xpcnn.saving.checkpoint`) loads too: its model, with the weights it
+    holds and the learning rate it was at (as a model file keeps it).
     """
     with NpzArchive(path, "the model file") as npz:
-        config, checkpoint = model_of_file(npz.read_config(), npz.path)
+        raw = npz.read_config()
+        config, checkpoint = model_of_file(raw, npz.path)
+        state = raw.get("optimizer") if checkpoint else None
+        factor = state.get("lr_factor") if isinstance(state, dict) else None
+        if factor is not None and isinstance(config, dict) and isinstance(
+                config.get("compile"), dict):  # (checked there as a model file's)
+            config = {**config, "compile": {**config["compile"], "lr_factor": factor}}
         return model_from_file(config, npz, device, with_slots=checkpoint)
 
 
