@@ -729,34 +729,41 @@ class SampleList:
         return self.samples[i]
 
 
-def test_a_retry_on_a_generator_waits_for_the_reader_a_stopped_call_left(monkeypatch):
-    """A call stopped while its reader thread was inside the generator's next() left the
-    thread there; the next call on that generator waits for it (was: a bare "generator
-    already executing" from xpcnn's thread), or, where it does not return in time, is refused
-    by name."""
+def _reader_held_in_next(monkeypatch, release, message):
+    """A built model; a generator whose third batch waits for ``release`` (a slow read, or one
+    that never returns), then goes on; a callback raising ValueError(``message``) at the first
+    batch of a predict, while the reader thread is inside that third next() (it is left there
+    after 0.2 s)."""
     from xpcnn.callbacks import LambdaCallback
 
     monkeypatch.setattr(xpcnn.data, "STOP_WAIT_SECONDS", 0.2, raising=False)
     model = make()
     model.build((6, 6, 3))
     x = np.zeros((4, 6, 6, 3), np.uint8)
-    release = threading.Event()
 
     def batches():
         yield x
         yield x
-        release.wait(30)  # (a slow read, released by the test)
+        release.wait(30)  # (released by the test, so that it leaves no thread behind)
         while True:
             yield x
 
     def stop(batch, logs):
-        raise ValueError("stopped")
+        raise ValueError(message)
 
-    source = batches()
+    return model, batches(), LambdaCallback(on_predict_batch_end=stop)
+
+
+def test_a_retry_on_a_generator_waits_for_the_reader_a_stopped_call_left(monkeypatch):
+    """A call stopped while its reader thread was inside the generator's next() left the
+    thread there; the next call on that generator waits for it (was: a bare "generator
+    already executing" from xpcnn's thread), or, where it does not return in time, is refused
+    by name."""
+    release = threading.Event()
+    model, source, stop = _reader_held_in_next(monkeypatch, release, "stopped")
     try:
         with pytest.raises(ValueError, match="stopped"):
-            model.predict(source, steps=5,
-                          callbacks=[LambdaCallback(on_predict_batch_end=stop)])
+            model.predict(source, steps=5, callbacks=[stop])
         with pytest.raises(InputError, match="still inside next"):
             model.predict(source, steps=2)
     finally:
@@ -770,28 +777,12 @@ def test_an_error_is_not_held_up_by_a_generator_blocked_in_next(monkeypatch):
     generator (was: held until the generator moved, forever for a read that never returns)."""
     import time
 
-    from xpcnn.callbacks import LambdaCallback
-
-    monkeypatch.setattr(xpcnn.data, "STOP_WAIT_SECONDS", 0.2, raising=False)
-    model = make()
-    model.build((6, 6, 3))
-    x = np.zeros((4, 6, 6, 3), np.uint8)
     never = threading.Event()
-
-    def blocked():
-        yield x
-        yield x
-        never.wait(30)  # (released below, so that the test leaves no thread behind)
-        yield x
-
-    def refuse(batch, logs):
-        raise ValueError("refused")
-
+    model, blocked, refuse = _reader_held_in_next(monkeypatch, never, "refused")
     start = time.monotonic()
     try:
         with pytest.raises(ValueError, match="refused"):
-            model.predict(blocked(), steps=3,
-                          callbacks=[LambdaCallback(on_predict_batch_end=refuse)])
+            model.predict(blocked, steps=3, callbacks=[refuse])
         assert time.monotonic() - start < 10
     finally:
         never.set()

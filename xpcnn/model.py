@@ -117,12 +117,10 @@ class Model(Trainer):
         return self._graph
 
     def _changing_layers(self) -> None:
-        """Before ``layers`` changes: a functional model's are its graph's."""
+        """Before ``layers`` changes: a functional model's are its graph's (a Sequential takes
+        the change, then ``_layers_changed``)."""
         raise InputError(f"model {self.name!r}'s layers are its graph's, not to change: build "
                          "another xpcnn.Model(inputs, outputs) from the layers' outputs")
-
-    def _layers_changed(self) -> None:
-        self.built = False  # (built again, and planned again, at its next use)
 
     def __call__(self, x: Any, training: bool | None = None) -> Any:
         """On a symbolic tensor: calls every layer of this model on it, so that the model
@@ -540,8 +538,7 @@ class Model(Trainer):
         """Move the model (weights, optimiser state) to another device; returns self. Not
         while its fit runs (from a callback, or another thread): fit's batches are on the
         device it started on."""
-        self._begin("to()")
-        try:
+        with self._running_alone("to()"):
             backend = get_backend(distributed.device_for_rank(device))
             # A move that fails partway (out of device memory) leaves the model whole where it
             # was.
@@ -555,8 +552,6 @@ class Model(Trainer):
                 _restore(layers)
                 raise
             self.backend = backend
-        finally:
-            self._running = None
         return self
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -75,7 +75,8 @@ from .totals import READ_EVERY, RunningTotals, loss_scaling
 PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 
 
-#: Guards every model's check-and-set of what it runs (see Trainer._begin): held only for that.
+#: Guards every model's check-and-set of what it runs (see Trainer._running_alone): held only
+#: for that.
 _RUNNING = threading.Lock()
 
 
@@ -86,11 +87,8 @@ def _one_fit_at_a_time(fit: Callable[..., Any]) -> Callable[..., Any]:
     support it either)."""
     @functools.wraps(fit)
     def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        self._begin("fit")
-        try:
+        with self._running_alone("fit"):
             return fit(self, *args, **kwargs)
-        finally:
-            self._running = None
     return guarded
 
 
@@ -141,7 +139,7 @@ class Trainer:
         self._resume_at: Any = None  # where BackupAndRestore restarts a run
         self._position = (0, 0)  # (epoch, batches done in it) during fit
         # (the thread and what it runs, "fit" or "to()": nothing else may start another, nor
-        # move the model, meanwhile; see _begin)
+        # move the model, meanwhile; see _running_alone)
         self._running: tuple[int, str] | None = None
         # Epochs are numbered on across fit calls, for their shuffling orders: a fit's epoch e
         # shuffles as number e + _epoch_offset; _epochs_begun counts the numbers used so far
@@ -156,17 +154,22 @@ class Trainer:
         self._class_weights: Any = None
         self._class_table: Any = None
 
-    def _begin(self, what: str) -> None:
-        """Mark this model as running ``what`` ("fit" or "to()") in this thread, until the
-        caller sets ``_running`` back to None; refused where it runs either already, from this
-        thread (a callback of its fit) or another one. (The check and the mark are one step:
-        two threads cannot both pass.)"""
+    @contextlib.contextmanager
+    def _running_alone(self, what: str) -> Iterator[None]:
+        """Inside, this model runs ``what`` ("fit" or "to()") in this thread; refused where it
+        runs either already, from this thread (a callback of its fit) or another one. (The
+        check and the mark are one step: two threads cannot both pass.)"""
         here = threading.get_ident()
         with _RUNNING:
             running = self._running
             if running is None:
                 self._running = (here, what)
-                return
+        if running is None:
+            try:
+                yield
+            finally:
+                self._running = None
+            return
         thread, doing = running
         if thread != here:
             raise InputError(f"{what} was called while this model's {doing} runs in another "

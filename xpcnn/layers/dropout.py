@@ -11,7 +11,7 @@ from ..checks import number
 from ..errors import InputError
 from ..ops import random
 from ..ops.kernels import kernels_for
-from .base import DEFAULT, Layer, Options, Shape
+from .base import DEFAULT, Layer, Options, Shape, dtype_name
 
 
 class RandomLayer(Layer):
@@ -124,9 +124,9 @@ class Dropout(RandomLayer):
         drawn = self._drawn_rates.get(dtype)
         if drawn is None:
             bits = random.significant_bits(self.xp if xp is None else xp, dtype)
-            drawn = math.ceil(_rounded(self.rate, bits) * 2**bits) / 2**bits  # (all exact)
+            name = dtype_name(dtype)
+            drawn = math.ceil(_rounded(self.rate, name) * 2**bits) / 2**bits  # (all exact)
             if drawn == 1.0:
-                name = _FORMATS[bits]
                 raise InputError(
                     f"layer {self.name!r} (Dropout): rate {self.rate!r} cannot be drawn in "
                     f"{name}: its random numbers there are multiples of 2**-{bits} and the "
@@ -165,16 +165,12 @@ class Dropout(RandomLayer):
         return kernels.mask_multiply(dy, keep, 1.0 / (1.0 - self._cache_drawn), relu_y)
 
 
-#: The float formats by their significand's bits (:func:`xpcnn.ops.random.significant_bits`).
-_FORMATS = {11: "float16", 8: "bfloat16", 24: "float32", 53: "float64"}
-
-
-def _rounded(rate: float, bits: int) -> float:
-    """``rate`` as the float format of ``bits`` significand bits holds it, as NumPy and CuPy
-    round a Python number that they compare with an array of it (bfloat16, which NumPy has
-    only through ml_dtypes: through float32, as ml_dtypes and PyTorch convert it)."""
-    if bits == 8:  # (float32's bits, rounded to the nearest, ties to even, at bfloat16's 16)
+def _rounded(rate: float, name: str) -> float:
+    """``rate`` as the float format ``name`` holds it, as NumPy and CuPy round a Python number
+    that they compare with an array of it (bfloat16, which NumPy has only through ml_dtypes:
+    through float32, as ml_dtypes and PyTorch convert it)."""
+    if name == "bfloat16":  # (float32's bits, rounded to the nearest, ties to even, at 16)
         f32 = int(np.float32(rate).view(np.uint32))
         f32 = (f32 + 0x7FFF + (f32 >> 16 & 1)) & 0xFFFF0000
         return float(np.uint32(f32).view(np.float32))
-    return float(np.dtype(_FORMATS[bits]).type(rate))
+    return float(np.dtype(name).type(rate))
