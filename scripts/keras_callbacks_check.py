@@ -51,6 +51,8 @@ class FakeModel:
     def save(self, path, overwrite=True):
         self.saved.append(self.epoch if self._position[1] is None else self._position)
 
+    save_weights = save  # (what both libraries' save_weights_only=True call)
+
 
 def run(make, kw, seq, monitor, steps=1):
     """The decisions of a callback over one scripted sequence (or the error it raised)."""

@@ -59,20 +59,26 @@ OPTIMISERS = pytest.mark.parametrize("make", [
     lambda: xpcnn.optim.Adam(1e-2),
     lambda: xpcnn.optim.Adam(1e-2, weight_decay=1e-2),
     lambda: xpcnn.optim.AdamW(1e-2),
+    # (AMSGrad's largest second moment; beta_2 0.9, so that v falls below it within steps)
+    lambda: xpcnn.optim.Adam(1e-2, beta_2=0.9, weight_decay=1e-2, amsgrad=True),
+    lambda: xpcnn.optim.AdamW(1e-2, beta_2=0.9, amsgrad=True),
     lambda: xpcnn.optim.RMSprop(1e-2),
     lambda: xpcnn.optim.RMSprop(1e-2, momentum=0.9),
     lambda: xpcnn.optim.RMSprop(1e-2, centered=True),
     lambda: xpcnn.optim.RMSprop(1e-2, momentum=0.9, centered=True, weight_decay=1e-3),
-], ids=["sgd", "sgd-wd", "momentum", "nesterov-wd", "adam", "adam-l2", "adamw", "rmsprop",
-        "rmsprop-momentum", "rmsprop-centered", "rmsprop-centered-momentum-wd"])
+], ids=["sgd", "sgd-wd", "momentum", "nesterov-wd", "adam", "adam-l2", "adamw",
+        "adam-amsgrad-l2", "adamw-amsgrad", "rmsprop", "rmsprop-momentum", "rmsprop-centered",
+        "rmsprop-centered-momentum-wd"])
 
 #: Gradient clipping (before any update, fused or standard), one of each kind.
 CLIPPED = [
     lambda: xpcnn.optim.SGD(0.05, momentum=0.9, global_clipnorm=0.5),
     lambda: xpcnn.optim.Adam(1e-2, clipvalue=0.3),
     lambda: xpcnn.optim.RMSprop(1e-2, momentum=0.9, clipnorm=0.4),
+    lambda: xpcnn.optim.AdamW(1e-2, beta_2=0.9, amsgrad=True, global_clipnorm=0.5),
 ]
-CLIPPED_IDS = ["momentum-global-clipnorm", "adam-clipvalue", "rmsprop-clipnorm"]
+CLIPPED_IDS = ["momentum-global-clipnorm", "adam-clipvalue", "rmsprop-clipnorm",
+               "adamw-amsgrad-global-clipnorm"]
 
 #: OPTIMISERS (each with fused kernels) and clipped ones.
 EVERY_OPTIMISER = pytest.mark.parametrize("make", [*OPTIMISERS.args[1], *CLIPPED],

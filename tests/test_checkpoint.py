@@ -387,6 +387,43 @@ def test_rmsprop_with_all_its_slots_resumes_bit_for_bit(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_an_amsgrad_run_resumes_bit_for_bit_with_its_third_slot(tmp_path):
+    """AdamW with amsgrad: the checkpoint holds the largest second moments with m and v, and
+    the setting; a run stopped after epoch 1 and resumed ends bit for bit where the run never
+    stopped does; a model compiled without amsgrad refuses the checkpoint, naming it."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(24, 6)).astype(np.float32), np.arange(24) % 3
+
+    def model(amsgrad=True):
+        out = xpcnn.Sequential([Flatten(), Dense(8, activation="relu"), Dense(3), Softmax()],
+                               seed=0)
+        out.compile(optimizer=xpcnn.optim.AdamW(1e-2, beta_2=0.9, amsgrad=amsgrad))
+        return out
+
+    def run(callbacks=(), **kwargs):
+        out = model()
+        out.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=list(callbacks), **kwargs)
+        return out
+
+    class Stop(xpcnn.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:  # (the checkpoint of epoch 1 is not written yet: epoch 0's is)
+                raise KeyboardInterrupt
+
+    reference = run()
+    path = tmp_path / "amsgrad.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        run([Stop()], checkpoint=path)
+    opt = load_checkpoint(path).model.optimizer
+    assert opt.amsgrad is True and set(opt.slots) == {"m", "v", "vhat"}
+    assert any((h > v).any() for h, v in zip(opt.slots["vhat"], opt.slots["v"], strict=True))
+    resumed = run(checkpoint=path, resume=True)
+    for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InputError, match=r"compile\.optimizer\.amsgrad is True there"):
+        restore_checkpoint(model(amsgrad=False), path)
+
+
 def _rewrite(path, edit_config, edit_arrays=lambda arrays: None):
     """Rewrite checkpoint ``path`` as an older xpcnn would have written it."""
     from xpcnn.saving.npz import CONFIG_KEY, decode_json, encode_json, write_npz_atomic

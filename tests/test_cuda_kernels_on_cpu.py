@@ -1106,6 +1106,33 @@ def test_fused_updates_with_device_scalars_over_two_dtypes(fast, rng, make):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_amsgrad_kernel_keeps_the_larger_moment_or_a_nan_of_either(fast, rng, dtype):
+    """AMSGrad's largest second moment in the CUDA kernel is xp.maximum's, bit for bit: the
+    larger of the two, and a NaN of either (a NaN gradient's v, a NaN kept from before)."""
+    params = [rng.standard_normal(s).astype(dtype) for s in UPDATE_SHAPES]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = (xpcnn.optim.Adam(1e-2, beta_2=0.5, amsgrad=True) for _ in range(2))
+    for step in range(3):
+        grads = [rng.standard_normal(p.shape).astype(dtype) * (0.1 if step else 1.0)
+                 for p in params]
+        if step == 1:
+            grads[0][0, 0, 0, 0] = np.nan
+            for opt in (opt_fused, opt_std):
+                opt.slots["vhat"][3][0, 0] = np.nan
+        for opt, ps, kernels in ((opt_fused, fused, fast), (opt_std, standard, None)):
+            opt.step(xpn, ps, grads, kernels, scalars=device_scalars(opt, dtype))
+            opt.iterations += 1
+    vhat, v = opt_fused.slots["vhat"], opt_fused.slots["v"]
+    assert np.isnan(vhat[0][0, 0, 0, 0]) and np.isnan(vhat[3][0, 0])
+    assert (vhat[1] > v[1]).any()  # (v below its largest: the maximum was taken)
+    for a, b in zip(fused, standard, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for name, slots in opt_std.slots.items():
+        for a, b in zip(opt_fused.slots[name], slots, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 class EmulatedCapture:
     """A stream capture of the emulated kernels, as CUDA makes one: while ``recording``, kernel
     launches are recorded, not run; a copy to the device fails (CuPy's capture refuses it) and

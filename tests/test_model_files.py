@@ -461,3 +461,29 @@ def test_edited_model_files_load_correctly_or_are_refused_within_memory(saved, t
         for a, b in zip(model.get_weights(), result.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
         assert [type(la) for la in result.layers] == [type(la) for la in model.layers]
+
+
+def test_a_device_or_a_pipe_is_never_replaced_by_a_file(tmp_path):
+    """Model files, weights, exports and checkpoints are written by an atomic rename, which put
+    a regular file in the place of a FIFO (or, run as root, of /dev/null): refused by name
+    before any work, the pipe left as it was; a figure, written in place, may go there."""
+    import stat
+
+    from xpcnn.files import atomic_file
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    model = xpcnn.Sequential([Dense(2)], input_shape=(3,), seed=0)
+    model.compile()
+    x, y = np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1])
+    writes = {"save": lambda: model.save(pipe), "save_weights": lambda: model.save_weights(pipe),
+              "checkpoint": lambda: model.fit(x, y, epochs=1, verbose=0, checkpoint=pipe)}
+    for name, write in writes.items():
+        with pytest.raises(InputError, match=r"exists and is not a regular file \(a device or "
+                                             r"a pipe\)"):
+            write()
+        assert stat.S_ISFIFO(os.lstat(pipe).st_mode), name
+    with pytest.raises(FileExistsError, match="is not a regular file: not replaced"), \
+            atomic_file(pipe):
+        pass
+    assert stat.S_ISFIFO(os.lstat(pipe).st_mode) and model.optimizer.iterations == 0

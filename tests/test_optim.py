@@ -28,6 +28,14 @@ CASES = [
     ("Adam", dict(lr=0.01, beta_1=0.8, beta_2=0.99, epsilon=1e-6, weight_decay=0.1),
      dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)),
     ("AdamW", dict(lr=0.01, weight_decay=0.05), dict(lr=0.01, weight_decay=0.05)),
+    # (AMSGrad: beta_2 below the default, so that v falls below its largest within 6 steps)
+    ("Adam", dict(lr=0.01, beta_2=0.9, amsgrad=True), dict(lr=0.01, betas=(0.9, 0.9),
+                                                           amsgrad=True)),
+    ("Adam", dict(lr=0.01, beta_1=0.8, beta_2=0.95, epsilon=1e-6, weight_decay=0.1,
+                  amsgrad=True),
+     dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, amsgrad=True)),
+    ("AdamW", dict(lr=0.01, beta_2=0.9, weight_decay=0.05, amsgrad=True),
+     dict(lr=0.01, betas=(0.9, 0.9), weight_decay=0.05, amsgrad=True)),
     ("RMSprop", dict(lr=0.01), dict(lr=0.01, alpha=0.9, eps=1e-7)),
     ("RMSprop", dict(lr=0.01, rho=0.8, momentum=0.9, epsilon=1e-6, centered=True,
                      weight_decay=0.1),
@@ -251,6 +259,13 @@ def test_schedule_drives_the_optimizer():
     (lambda: optim.SGD(0.1, momentum=1.5), "momentum must be in"),
     (lambda: optim.SGD(0.1, nesterov=True), "Nesterov momentum needs momentum > 0"),
     (lambda: optim.Adam(0.1, beta_1=1.0), "beta_1"),
+    (lambda: optim.Adam(amsgrad=1), "Adam amsgrad must be True or False, got 1"),
+    (lambda: optim.AdamW(amsgrad="yes"), "AdamW amsgrad must be True or False, got 'yes'"),
+    (lambda: optim.StepDecay(-0.1, 2), "StepDecay lr must be a finite number >= 0, got -0.1"),
+    (lambda: optim.OneCycle(math.nan, 10), "OneCycle lr must be a finite number >= 0, got nan"),
+    (lambda: optim.OneCycle(0.1, 10, div_factor=0.0),
+     "OneCycle div_factor must be a finite number > 0, got 0.0"),
+    (lambda: optim.RMSprop(-1e-3), "learning rate must be a positive number, 0 or a Schedule"),
     (lambda: optim.AdamW(0.1, weight_decay=-1), "weight_decay must be >= 0"),
     (lambda: optim.CosineDecay(0.1, 0), "decay_steps must be >= 1"),
     (lambda: optim.OneCycle(0.1, 1), "total_steps must be >= 2"),
@@ -309,6 +324,7 @@ def test_a_step_whose_apply_flag_is_false_changes_nothing(make, device_scalars, 
 @pytest.mark.parametrize("make, updated", [
     (lambda: optim.SGD(0.1), 1), (lambda: optim.SGD(0.1, momentum=0.9), 2),
     (lambda: optim.Adam(1e-3), 3), (lambda: optim.AdamW(1e-3), 3),
+    (lambda: optim.AdamW(1e-3, amsgrad=True), 4),
     (lambda: optim.RMSprop(1e-3), 2), (lambda: optim.RMSprop(1e-3, momentum=0.9), 3),
     (lambda: optim.RMSprop(1e-3, momentum=0.9, centered=True), 4 + 1)])  # (+ v - a^2 >= 0)
 def test_a_gated_update_costs_one_where_per_updated_array_and_no_copies(make, updated):
@@ -485,10 +501,10 @@ def test_a_users_optimizer_or_schedule_must_give_its_settings_to_be_saved(tmp_pa
         def _update(self, xp, i, p, g, scalars, apply):
             self._assign(xp, p, p - scalars["lr"] * self.damping * g, apply)
 
-    class Amsgrad(optim.Adam):  # a setting more than Adam's get_config gives
-        def __init__(self, lr=1e-3, amsgrad=True, **kwargs):
+    class Nadam(optim.Adam):  # a setting more than Adam's get_config gives
+        def __init__(self, lr=1e-3, momentum_decay=4e-3, **kwargs):
             super().__init__(lr, **kwargs)
-            self.amsgrad = amsgrad
+            self.momentum_decay = momentum_decay
 
     class Scaled(optim.Schedule):  # the default get_config (the attributes) misses "scale"
         def __init__(self, lr, scale=10.0):
@@ -505,7 +521,8 @@ def test_a_users_optimizer_or_schedule_must_give_its_settings_to_be_saved(tmp_pa
     path = tmp_path / "m.npz"
     for opt, name, missing in [
             (Damped(0.1, 0.25), "optimizer class Damped", "'damping'"),
-            (Amsgrad(amsgrad=False, clipnorm=1.0), "optimizer class Amsgrad", "'amsgrad'"),
+            (Nadam(momentum_decay=0.0, clipnorm=1.0), "optimizer class Nadam",
+             "'momentum_decay'"),
             (optim.SGD(Scaled(0.1, 2.0)), "schedule class Scaled", "'scale'"),
             (optim.Adam(optim.LinearWarmup(Scaled(0.1, 2.0), 5)), "schedule class Scaled",
              "'scale'")]:
@@ -615,6 +632,7 @@ def test_an_optimizer_setting_cannot_change_once_it_has_trained():
     y = np.arange(8) % 3
     for opt, setting, value in [(optim.SGD(0.1), "momentum", 0.9),
                                 (optim.Adam(1e-3), "beta_1", 0.5),
+                                (optim.AdamW(1e-3), "amsgrad", True),
                                 (optim.RMSprop(1e-3), "centered", True)]:
         setattr(opt, setting, value)  # (before any step: taken)
         model = xpcnn.Sequential([Dense(3), Softmax()], input_shape=(4,), seed=0)
@@ -648,3 +666,103 @@ def test_a_rate_set_before_compile_is_kept_and_another_models_state_is_not():
     first.compile(optimizer="sgd")  # (releases opt, trained by first)
     model().compile(optimizer=opt)
     assert (opt.lr, opt.iterations, opt.slots) == (0.1, 0, {})
+
+
+def test_amsgrad_keeps_the_largest_second_moment_in_a_third_slot(rng):
+    """With amsgrad, and only then (the slots follow the settings), a third slot holds the
+    elementwise largest second moment so far, which the denominator takes; gradients that
+    shrink leave v below it."""
+    assert optim.Adam().slot_names == optim.AdamW(amsgrad=False).slot_names == ("m", "v")
+    assert optim.Adam(amsgrad=True).slot_names == ("m", "v", "vhat")
+    assert optim.AdamW(amsgrad=True).slot_names == ("m", "v", "vhat")
+    opt = optim.AdamW(0.01, beta_2=0.5, amsgrad=True)
+    params, largest = [rng.standard_normal(6)], np.zeros(6)
+    for scale in (1.0, 4.0, 0.1, 0.1, 2.0):
+        opt.step(xpn, params, [rng.standard_normal(6) * scale])
+        largest = np.maximum(largest, opt.slots["v"][0])
+        np.testing.assert_array_equal(opt.slots["vhat"][0], largest)
+    assert (opt.slots["vhat"][0] > opt.slots["v"][0]).any()
+
+
+def test_amsgrad_is_kept_in_the_config_and_files_without_it_are_plain_adam():
+    """amsgrad is written where set, as the clipping settings are (a plain Adam's config, and
+    so its files and checkpoints, as before it), and read back; a config without it (every
+    file written before it) loads amsgrad=False."""
+    for opt in (optim.Adam(amsgrad=True), optim.AdamW(0.01, amsgrad=True, clipnorm=1.0)):
+        assert opt.get_config()["amsgrad"] is True
+        again = optim.optimizer_from_config(opt.get_config())
+        assert again.amsgrad is True and again.get_config() == opt.get_config()
+        opt.check_config()
+    for opt in (optim.Adam(), optim.AdamW(amsgrad=False)):
+        assert "amsgrad" not in opt.get_config()
+        assert optim.optimizer_from_config(opt.get_config()).amsgrad is False
+        opt.check_config()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optim.SGD(0.0, momentum=0.9), lambda: optim.Adam(0.0, weight_decay=0.1),
+    lambda: optim.AdamW(0, amsgrad=True), lambda: optim.RMSprop(0.0, centered=True),
+    lambda: optim.SGD(optim.StepDecay(0.0, 2)), lambda: optim.Adam(optim.CosineDecay(0.0, 4)),
+    lambda: optim.SGD(optim.OneCycle(0.0, 10)), lambda: optim.RMSprop(optim.LinearWarmup(0, 2)),
+], ids=["sgd", "adam", "adamw", "rmsprop", "step", "cosine", "one-cycle", "warm-up"])
+def test_a_zero_learning_rate_is_taken_and_moves_nothing(make, rng):
+    """A rate of 0, in an optimiser or a schedule, is taken as PyTorch takes it (was: refused
+    by the constructors, while optimizer.lr = 0 was taken): the steps move no parameter, and
+    the settings save and load."""
+    opt = make()
+    params = [rng.standard_normal((3, 4))]
+    start = params[0].copy()
+    for _ in range(3):
+        opt.step(xpn, params, [rng.standard_normal((3, 4))])
+    np.testing.assert_array_equal(params[0], start)
+    assert opt.lr == 0.0 and opt.iterations == 3
+    opt.check_config()
+    assert optim.optimizer_from_config(opt.get_config()).get_config() == opt.get_config()
+
+
+def test_a_rate_is_set_by_scaling_the_schedule_and_refused_where_it_gives_zero():
+    """optimizer.lr = x scales the schedule (the factor is state, which checkpoints keep). Where
+    the schedule gives 0 at this step, a constant 0 included, no factor scales it: refused by
+    name (replacing a constant 0 by the rate set changed the compile settings, and then the
+    run's own checkpoint no longer resumed), as are rates below 0 or not finite."""
+    opt = optim.SGD(0.5)
+    opt.learning_rate = 0.25
+    assert (opt.lr, opt.lr_factor) == (0.25, 0.5)
+    assert opt.get_config()["lr"] == {"class": "Constant", "lr": 0.5}
+    for bad in (-0.1, math.inf, math.nan, "0.1"):
+        with pytest.raises(InputError, match=rf"^cannot set the learning rate to {bad!r}: "
+                                             "expected a finite number >= 0$"):
+            opt.lr = bad
+    p = [np.array([1.0, -2.0])]
+    decayed = optim.SGD(optim.CosineDecay(0.1, 2))
+    for _ in range(2):
+        decayed.step(xpn, p, [np.ones(2)])
+    zero = optim.SGD(0.0)
+    for opt, step in ((decayed, 3), (zero, 1)):
+        with pytest.raises(InputError, match=r"^cannot set the learning rate to 0.01: the "
+                                             rf"schedule gives 0.0 at step {step}, which no "
+                                             r"factor scales to it; make the optimiser with"):
+            opt.lr = 0.01
+        assert opt.lr == 0.0 and opt.lr_factor == 1.0
+
+
+def test_a_model_compiled_with_a_zero_rate_trains_once_given_a_schedule(tmp_path):
+    """A model compiled with SGD(0.0) fits without moving (a warm-up of its statistics), then
+    trains at the schedule set afterwards, which its file keeps."""
+    import xpcnn
+    from xpcnn.layers import Dense, Softmax
+
+    model = xpcnn.Sequential([Dense(3), Softmax()], input_shape=(4,), seed=0)
+    model.compile(optimizer=optim.SGD(0.0, momentum=0.9))
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    y = np.arange(8) % 3
+    model.build(x.shape[1:])
+    before = model.get_weights()
+    model.fit(x, y, batch_size=4, verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+    model.optimizer.learning_rate = optim.Constant(0.05)
+    model.fit(x, y, batch_size=4, verbose=0)
+    assert not any(np.array_equal(a, b)
+                   for a, b in zip(before, model.get_weights(), strict=True))
+    model.save(tmp_path / "m.npz")
+    assert xpcnn.load_model(tmp_path / "m.npz").optimizer.lr == 0.05

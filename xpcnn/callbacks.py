@@ -19,16 +19,27 @@ callbacks, as Keras does); the last epoch's for ``on_train_end``; ``{"outputs": 
 batch's part of what predict returns, on the device) for ``on_predict_batch_end``. A model
 compiled without metrics (``metrics=[]``) logs no ``accuracy`` and no ``val_accuracy``.
 
-Batch logs are read lazily: the loss and correct count of the steps stay on the device, and the
-host waits for the device only when a callback actually reads a value from the batch ``logs``.
-A callback that only counts batches costs no synchronisation; the progress bar reads at most
-every ``refresh`` seconds.
+Batch logs are read lazily where every callback allows it (Keras 3's rule): a callback that sets
+``async_safe = True`` or overrides none of the hooks ``on_train_batch_end``, ``on_batch_end``
+(``on_test_batch_end`` for the evaluation's logs), as xpcnn's own callbacks do. The loss and
+correct count of the steps then stay on the device, and the host waits for the device only when
+a callback actually reads a value from the batch ``logs`` (a mapping, read once looked at; one
+kept past its hook is read before the next step); the progress bar reads at most every
+``refresh`` seconds. Where a callback is not async-safe (a :class:`LambdaCallback` given a batch
+hook), each batch's ``logs`` are a plain dict of Python floats, which waits for the device every
+step.
+
+Resuming a run (:class:`BackupAndRestore`, ``fit(checkpoint=..., resume=True)``) restores the
+state of the callbacks that keep one: :class:`EarlyStopping`, :class:`ReduceLROnPlateau` and
+:class:`ModelCheckpoint`, and a user's callback that defines :meth:`Callback.get_state` and
+:meth:`Callback.set_state`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import inspect
 import math
 import numbers
@@ -46,15 +57,33 @@ from . import checks, distributed, history
 from .errors import InputError, NonFiniteError
 from .files import written_file
 from .saving import FitCheckpoints, Progress, progress_within, save_checkpoint
+from .saving.checkpoint import callback_states
 from .saving.model_file import config_entry, model_config
 
 
 class Callback:
-    """Base class: every hook does nothing. ``logs`` is a mapping of metric names to floats."""
+    """Base class: every hook does nothing. ``logs`` is a mapping of metric names to floats.
+
+    ``async_safe = True`` (Keras 3's flag) lets the batch hooks get lazy logs (see the module's
+    documentation): set it where those hooks keep no ``logs`` past the hook other than through
+    ``dict(logs)`` or ``copy.copy(logs)``."""
+
+    async_safe: bool = False
 
     def __init__(self) -> None:
         self.model: Any = None
         self.params: dict[str, Any] = {}
+
+    def get_state(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps of this callback, so that a resumed run goes on exactly:
+        a subclass that keeps a state across epochs returns a dict of JSON values (numbers,
+        strings, None, lists, dicts) and lists of NumPy arrays, which :meth:`set_state` gets
+        back in the resumed run after its ``on_train_begin``. The base class keeps none."""
+        return None
+
+    def set_state(self, state: dict[str, Any] | None) -> None:
+        """Take back what :meth:`get_state` returned (raising ValueError for a state it cannot
+        take: the checkpoint is then refused)."""
 
     def set_model(self, model: Any) -> None:
         self.model = model
@@ -90,12 +119,10 @@ class Callback:
                              ) -> None: ...
 
 
-#: The metrics fit can log for its validation data (``val_accuracy`` where the model was
-#: compiled with ``metrics=["accuracy"]``, as by default).
-VALIDATION_LOGS = ("val_loss", "val_accuracy")
-
-#: The metrics the batch logs can hold (the epoch's running values).
-BATCH_LOGS = ("loss", "accuracy")
+#: The names fit's own logs can have (the batch logs and an epoch's, without ``val_``): the loss
+#: and the names compile takes for the accuracy; a model logs the loss and its
+#: ``metrics_names``, ``val_`` ones for its validation data.
+FIT_LOGS = ("loss", "accuracy", "acc")
 
 #: The hooks' names, in the order :class:`Callback` declares them.
 HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
@@ -113,6 +140,31 @@ def callback_list(callbacks: Any) -> list[Callback]:
     return list(callbacks or [])
 
 
+def _overrides(cb: Callback, hook: str) -> bool:
+    """Whether ``cb`` has a ``hook`` of its own (its class's, or set on it)."""
+    mine = getattr(cb, hook)
+    return getattr(mine, "__func__", mine) is not getattr(Callback, hook)
+
+
+def _async_safe(cb: Callback, hooks: tuple[str, ...]) -> bool:
+    return cb.async_safe or not any(_overrides(cb, hook) for hook in hooks)
+
+
+def stateful(callbacks: Iterable[Callback]) -> list[Callback]:
+    """Those of ``callbacks`` that keep a state a checkpoint saves (they define
+    ``get_state``), in order."""
+    return [cb for cb in callbacks if type(cb).get_state is not Callback.get_state]
+
+
+def run_description(params: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run resumed from a checkpoint must share with the run that wrote it: its data's
+    fingerprint and the ``fit`` arguments that change what each step trains (``class_weight``
+    too)."""
+    weights = params.get("class_weight")
+    return {**params["data"].fingerprint(),
+            **({} if weights is None else {"class_weight": [float(w) for w in weights]})}
+
+
 def _indexed(hook: str) -> bool:
     """Whether ``hook`` takes an epoch or batch index before its logs (every hook gets its
     logs, as in Keras: empty where there are none yet)."""
@@ -127,6 +179,10 @@ class CallbackList:
         for cb in self.callbacks:
             cb.set_model(model)
             cb.set_params(params)
+        # (whether the training and the evaluation batch logs may stay lazy: Keras 3's rule)
+        self.lazy_train = all(_async_safe(cb, ("on_train_batch_end", "on_batch_end"))
+                              for cb in self.callbacks)
+        self.lazy_test = all(_async_safe(cb, ("on_test_batch_end",)) for cb in self.callbacks)
 
     def __getattr__(self, hook: str) -> Callable[..., None]:
         if hook not in HOOKS:
@@ -164,10 +220,10 @@ class CallbackList:
 
 
 class LazyLogs(MutableMapping[str, float]):
-    """A batch's logs, read from the device only when a callback first looks at them (or
-    writes to them: they are a dict to the callbacks, as in Keras). One that a callback keeps
-    past its hook is read before the next step changes the sums it reads
-    (:class:`BatchLogs`)."""
+    """A batch's logs for async-safe callbacks, read from the device only when a callback first
+    looks at them (or writes to them). One that a callback keeps past its hook is read before
+    the next step changes the sums it reads (:class:`BatchLogs`); a copy is a dict of the
+    values."""
 
     def __init__(self, read: Callable[[], dict[str, float]]) -> None:
         self._read = read
@@ -193,17 +249,27 @@ class LazyLogs(MutableMapping[str, float]):
     def __len__(self) -> int:
         return len(self._get())
 
+    def __copy__(self) -> dict[str, float]:
+        return dict(self._get())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, float]:
+        return dict(self._get())  # (floats)
+
 
 class BatchLogs:
-    """Makes each batch's :class:`LazyLogs` and keeps the last one weakly. :meth:`settle`,
-    called before the next step changes the device sums they read, reads them where a
-    callback still holds them (one that stores each batch's logs gets each batch's values);
-    where none does, they are gone, and nothing waits for the device."""
+    """Makes each batch's logs: where ``lazy`` (every callback async-safe, see
+    :class:`CallbackList`), a :class:`LazyLogs`, the last one kept weakly, which
+    :meth:`settle`, called before the next step changes the device sums they read, reads where
+    a callback still holds them (where none does, they are gone, and nothing waits for the
+    device); otherwise a dict, read at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, lazy: bool = True) -> None:
+        self.lazy = lazy
         self._last: Callable[[], LazyLogs | None] = lambda: None
 
-    def make(self, read: Callable[[], dict[str, float]]) -> LazyLogs:
+    def make(self, read: Callable[[], dict[str, float]]) -> MutableMapping[str, float]:
+        if not self.lazy:
+            return read()
         logs = LazyLogs(read)
         self._last = weakref.ref(logs)
         return logs
@@ -281,6 +347,8 @@ class ProgbarLogger(Callback):
     ``verbose=2`` (for log files, as in Keras 3): ``Epoch k/N`` as an epoch begins (where there
     are several) and :func:`summary_line` as it ends, nothing in between."""
 
+    async_safe = True
+
     def __init__(self, refresh: float = 0.5, verbose: int = 1) -> None:
         super().__init__()
         self.refresh, self.verbose = refresh, verbose
@@ -351,7 +419,7 @@ def _validation_names(model: Any) -> list[str]:
 
 
 #: The direction of the metrics ``fit`` logs (``val_`` ones alike), for ``mode="auto"``.
-AUTO_MODES = {"loss": "min", "accuracy": "max"}
+AUTO_MODES = {"loss": "min", "accuracy": "max", "acc": "max"}
 
 
 def _log(logs: Mapping[str, float] | None, name: str, value: float) -> None:
@@ -360,12 +428,29 @@ def _log(logs: Mapping[str, float] | None, name: str, value: float) -> None:
         logs[name] = value
 
 
+def _counts(state: Mapping[str, Any], *keys: str) -> list[int]:
+    """The ints >= 0 of a checkpoint's callback ``state`` under ``keys`` (ValueError else)."""
+    values = [state.get(k) for k in keys]
+    for k, v in zip(keys, values, strict=True):
+        if type(v) is not int or v < 0:
+            raise ValueError(f"{k} is {v!r}, expected an int >= 0")
+    return values  # type: ignore[return-value]
+
+
+def _best(state: Mapping[str, Any]) -> float | None:
+    """The best value of a checkpoint's callback ``state``: a number or None."""
+    best = state.get("best")
+    if best is not None and (isinstance(best, bool) or not isinstance(best, int | float)):
+        raise ValueError(f"best is {best!r}, expected a number or null")
+    return None if best is None else float(best)
+
+
 class _Monitor(Callback):
     """Shared by the callbacks that watch one metric for improvement, with Keras' rules: the
     first value is the first best; a later one improves on ``best`` when it is lower (mode
     "min") or higher ("max") by more than ``min_delta`` (in float32, as Keras compares: a change
     of exactly ``min_delta`` is decided by rounding, as there); ``mode="auto"`` is "min" for
-    ``loss`` and ``val_loss``, "max" for ``accuracy`` and ``val_accuracy``.
+    ``loss`` and ``val_loss``, "max" for ``accuracy``, ``acc`` and their ``val_`` ones.
 
     Deliberate differences from Keras: a name whose direction is unknown with ``mode="auto"``
     is refused at once where the monitor decides something (``watched``: a ModelCheckpoint's
@@ -386,11 +471,10 @@ class _Monitor(Callback):
         if mode == "auto":
             mode = AUTO_MODES.get(str(monitor).removeprefix("val_"), "auto")
             if mode == "auto" and watched:
-                hint = " (the accuracy is logged as 'accuracy' and 'val_accuracy', whatever " \
-                    "name compile's metrics gave it)" if str(monitor).endswith("acc") else ""
                 raise InputError(f"{type(self).__name__} cannot tell whether {monitor!r} should "
                                  "go down or up: pass mode='min' or mode='max' (mode='auto' "
-                                 f"knows loss and accuracy){hint}")
+                                 "knows loss, accuracy and acc, and their val_ names: the "
+                                 "accuracy is logged under the name compile's metrics gave it)")
         self.monitor, self.mode = monitor, mode
         self.min_delta = abs(checks.number(min_delta, f"{type(self).__name__} min_delta"))
 
@@ -400,28 +484,38 @@ class _Monitor(Callback):
         Keras); any other missing name is an error."""
         if logs and self.monitor in logs:
             return float(logs[self.monitor])
-        if self.monitor in VALIDATION_LOGS and _validates_some_epochs(self.params):
+        if self._validation_metric() and _validates_some_epochs(self.params):
             return None
         raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, which the epoch "
                          f"logs lack (they have {sorted(logs or {})}); pass "
                          "validation_data for 'val_*' metrics")
 
+    def _validation_metric(self) -> bool:
+        """Whether the monitor is one of the ``val_*`` logs of the model's validation."""
+        return self.monitor in _validation_names(self.model)
+
     def check_monitor(self) -> None:
         """Refuse fit's own metrics that its logs will lack now, not at the end of the first
-        epoch: a metric the model was not compiled with, or a validation metric in a fit
-        without validation data (``fit`` says in ``params`` whether it has some). Other names
-        may come from a user's callback, which can add them to the logs."""
+        epoch: a metric the model was not compiled with (or under another name: ``acc`` for
+        ``accuracy``), or a validation metric in a fit without validation data (``fit`` says in
+        ``params`` whether it has some). Other names may come from a user's callback, which can
+        add them to the logs."""
         metric = self.monitor.removeprefix("val_")
-        if metric in BATCH_LOGS and metric not in self.model.metrics_names:
+        names = self.model.metrics_names
+        if metric in FIT_LOGS and metric not in names:
+            logged = [n for n in names if n != "loss"]
+            how = f"it logs the accuracy as {logged[0]!r}: monitor " \
+                f"{self.monitor.replace(metric, logged[0])!r}, or compile it with " \
+                f"metrics=[{metric!r}]" if logged else \
+                f"compile it with metrics=[{metric!r}], or monitor 'loss'"
             raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, but the model "
-                             f"was compiled without the {metric!r} metric: compile it with "
-                             f"metrics=[{metric!r}], or monitor 'loss'")
-        if self.monitor in VALIDATION_LOGS and self.params.get("validation") is False:
+                             f"was compiled without the {metric!r} metric: {how}")
+        if self._validation_metric() and self.params.get("validation") is False:
             raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, which the epoch "
                              "logs lack in a fit without validation data: pass validation_data "
                              "(or validation_split), or monitor 'loss'")
         first, epochs = self.params.get("initial_epoch", 0), self.params.get("epochs", 0)
-        if self.monitor in VALIDATION_LOGS and _validates_some_epochs(self.params) and not any(
+        if self._validation_metric() and _validates_some_epochs(self.params) and not any(
                 validates(self.params, e) for e in range(first, epochs)):
             raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, but "
                              f"validation_freq={_freq(self.params)!r} validates "
@@ -500,6 +594,24 @@ class EarlyStopping(_Monitor):
         if self.restore_best_weights and self.best_weights is not None:
             self.model.set_weights(self.best_weights)
 
+    def get_state(self) -> dict[str, Any]:
+        return {"best": self.best, "wait": self.wait, "best_epoch": self.best_epoch,
+                "stopped_epoch": self.stopped_epoch, "best_weights": self.best_weights}
+
+    def set_state(self, state: dict[str, Any] | None) -> None:
+        state = state or {}
+        wait, best_epoch, stopped_epoch = _counts(state, "wait", "best_epoch", "stopped_epoch")
+        best, weights = _best(state), state.get("best_weights")
+        if weights is not None:
+            # (those the model would take back at the end, checked now: their shapes and dtypes)
+            expected = [(w.shape, w.dtype) for w in self.model.get_weights()]
+            if not isinstance(weights, list) or [(getattr(w, "shape", None), getattr(
+                    w, "dtype", None)) for w in weights] != expected:
+                raise ValueError("best_weights do not match the model's weights")
+        self.best, self.wait, self.best_epoch, self.stopped_epoch = (best, wait, best_epoch,
+                                                                    stopped_epoch)
+        self.best_weights = weights
+
 
 def _is_save_freq(value: Any) -> bool:
     """Keras' ``save_freq``: "epoch", or a positive number of batches."""
@@ -515,7 +627,7 @@ class _TrialLogs(dict):  # type: ignore[type-arg]
     are at the ends of epochs."""
 
     def __missing__(self, key: str) -> float:
-        if key in (*BATCH_LOGS, *VALIDATION_LOGS, "batch"):
+        if key.removeprefix("val_") in FIT_LOGS or key == "batch":
             raise KeyError(key)
         return 0.0
 
@@ -530,17 +642,24 @@ class ModelCheckpoint(_Monitor):
 
     ``save_best_only``: only when ``monitor`` improved (the path may then be fixed); the first
     value saves unless ``initial_value_threshold`` is given: then only a value beating it.
-    The best value is kept across ``fit`` calls, as in Keras. ``save_weights_only``: a model
-    file (architecture and weights, :meth:`Model.save`) instead of a whole training checkpoint
-    (optimiser state too, :func:`xpcnn.load_checkpoint`). Both load with
-    :func:`xpcnn.load_model` and :meth:`Model.load_weights`.
+    The best value is kept across ``fit`` calls, as in Keras. ``save_weights_only``: the
+    weights (:meth:`Model.save_weights`) instead of a whole training checkpoint (optimiser
+    state too, :func:`xpcnn.load_checkpoint`). Both load with :meth:`Model.load_weights` and
+    :func:`xpcnn.load_model` (a weights file's model uncompiled). A whole checkpoint also
+    describes its run and holds the callbacks' states, as :class:`BackupAndRestore`'s does, so
+    that ``fit(checkpoint=that_file, resume=True)`` goes on from it (from its batch, with
+    ``save_freq=N``), exactly; where a callback that keeps a state comes after this one in
+    ``callbacks``, its state at that point is not known yet, and resuming the file is refused.
 
     ``save_freq=N`` (Keras' batch-level saving): instead of at the end of each epoch, save
     after every ``N`` batches, counted across epochs; the template may use the 1-based
     ``batch`` in its epoch, and the logs are the batch logs (the epoch's running ``loss`` and
-    ``accuracy``), which ``save_best_only`` then compares. Unlike Keras, which then saves anyway
-    with a warning, a monitor the batch logs lack is refused.
+    accuracy, named as compile's metrics name it), which ``save_best_only`` then compares.
+    Unlike Keras, which then saves anyway with a warning, a monitor the batch logs lack is
+    refused.
     """
+
+    async_safe = True
 
     def __init__(self, filepath: str | os.PathLike[str], monitor: str = "val_loss",
                  save_best_only: bool = False, save_weights_only: bool = False,
@@ -553,14 +672,24 @@ class ModelCheckpoint(_Monitor):
         if not _is_save_freq(save_freq):
             raise InputError(f"ModelCheckpoint save_freq must be 'epoch' or a positive number "
                              f"of batches, got {save_freq!r}")
-        if save_freq != "epoch" and save_best_only and monitor not in BATCH_LOGS:
+        if save_freq != "epoch" and save_best_only and monitor not in FIT_LOGS:
             raise InputError(f"ModelCheckpoint with save_freq={save_freq} compares the batch "
-                             f"logs, which hold {' and '.join(BATCH_LOGS)} only: monitor one of "
-                             f"them, not {monitor!r}")
+                             "logs, which hold loss and accuracy only: monitor one of them, not "
+                             f"{monitor!r} (the accuracy by the name compile's metrics gave it: "
+                             "'accuracy' or 'acc')")
         self.save_freq, self.verbose = save_freq, verbose
         self.best = None if initial_value_threshold is None else checks.number(
             initial_value_threshold, "initial_value_threshold")
         self.batches = 0  # since the last save, with save_freq=N (kept across fits, as in Keras)
+        self.run: dict[str, Any] = {}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"best": self.best, "batches": self.batches}
+
+    def set_state(self, state: dict[str, Any] | None) -> None:
+        state = state or {}
+        (batches,) = _counts(state, "batches")
+        self.best, self.batches = _best(state), batches
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         if self.save_best_only:
@@ -573,7 +702,7 @@ class ModelCheckpoint(_Monitor):
             # one that saves only at a better val_* value)
             if self.params.get("validation") is not False and (
                     not _validates_some_epochs(self.params)
-                    or self.save_best_only and self.monitor in VALIDATION_LOGS):
+                    or self.save_best_only and self._validation_metric()):
                 names += _validation_names(self.model)
         fields = _TrialLogs(dict.fromkeys(names, 0.0), epoch=1)
         if self.save_freq != "epoch":
@@ -582,6 +711,8 @@ class ModelCheckpoint(_Monitor):
         if distributed.is_root():  # (the one writer)
             checks.output_file(path, "the ModelCheckpoint file")
         _check_savable(self.model, "the ModelCheckpoint file")
+        if not self.save_weights_only:  # (a generator's run cannot be resumed: none)
+            self.run = run_description(self.params) if self.params["data"].resumable else {}
 
     def _fill(self, fields: Mapping[str, Any]) -> str:
         try:
@@ -618,13 +749,16 @@ class ModelCheckpoint(_Monitor):
         if batch is not None and self.model._parallel is not None:
             self.model._parallel.average_state()
         if self.save_weights_only:
-            self.model.save(path)
-        elif batch is None:
-            save_checkpoint(self.model, path, Progress(epoch + 1),
-                            _history_through(self.model.history, epoch, logs))
-        else:  # (inside the epoch: where it stands, so that it resumes there)
-            save_checkpoint(self.model, path, progress_within(self.model, epoch, batch + 1),
-                            self.model.history)
+            self.model.save_weights(path)
+        else:
+            states = callback_states(stateful(self.model._callbacks), written_by=self)
+            if batch is None:
+                save_checkpoint(self.model, path, Progress(epoch + 1),
+                                _history_through(self.model.history, epoch, logs), self.run,
+                                states, self.model.stop_training)
+            else:  # (inside the epoch: where it stands, so that it resumes there)
+                save_checkpoint(self.model, path, progress_within(self.model, epoch, batch + 1),
+                                self.model.history, self.run, states)
         if self.verbose:
             say_on_root(f"epoch {epoch + 1}" + ("" if batch is None else f", batch {batch + 1}") +
                  f": saved {path}")
@@ -657,15 +791,23 @@ class BackupAndRestore(Callback):
     ``resume=False`` ignores an existing file. While training, a Ctrl-C lets the step in
     progress finish, writes the checkpoint there and stops with
     :class:`~xpcnn.errors.TrainingInterrupted`. ``fit(checkpoint=PATH, resume=True)`` is short
-    for this callback (:mod:`xpcnn.saving.checkpoint` describes the file). The learning-rate
-    factor that :class:`ReduceLROnPlateau` or :class:`LearningRateScheduler` set is optimiser
-    state and comes back; other callbacks' own counters (patience, best value) start afresh,
-    as in Keras. What only decides when to validate (``validation_freq``,
+    for this callback (:mod:`xpcnn.saving.checkpoint` describes the file); a ``fit`` takes one
+    (``checkpoint=`` counts as one). The learning-rate factor that :class:`ReduceLROnPlateau` or
+    :class:`LearningRateScheduler` set is optimiser state and comes back; so do, unlike in
+    Keras, the states of the callbacks that keep one (:class:`EarlyStopping`'s best value,
+    patience count and best weights, :class:`ReduceLROnPlateau`'s, :class:`ModelCheckpoint`'s
+    best value, a user's callback's :meth:`Callback.get_state`): the resumed run must have the
+    same such callbacks, of the same classes in the same order (their settings may differ),
+    else it is refused (a file of an earlier version, which holds none, starts them afresh with
+    a warning). A run that a callback stopped (early stopping) trains no more when resumed.
+    What only decides when to validate (``validation_freq``,
     ``validation_batch_size``) may differ in the resumed run: the weights come out the same.
     ``delete_checkpoint`` (as in Keras): the file is deleted when ``fit`` ends without being
     interrupted (or stopped by :class:`TerminateOnNaN`: the file holds the last good state), so
     that the script run again trains afresh; False keeps it (a finished run
     resumed then trains nothing and returns its history), as ``fit(checkpoint=PATH)`` does."""
+
+    async_safe = True
 
     def __init__(self, path: str | os.PathLike[str], save_freq: int | str = "epoch",
                  resume: bool = True, delete_checkpoint: bool = True) -> None:
@@ -688,17 +830,17 @@ class BackupAndRestore(Callback):
         if distributed.is_root():  # (the one writer)
             checks.output_file(self.path, "the checkpoint")
         _check_savable(self.model, "the checkpoint")
-        # (fit's class_weight changes what each step trains: a resumed run must have it too)
-        weights = self.params.get("class_weight")
-        run = {**data.fingerprint(),
-               **({} if weights is None else {"class_weight": [float(w) for w in weights]})}
-        self.saver = FitCheckpoints(self.model, self.path, self.save_freq, self.resume, run,
-                                    self.params["steps"], self.params["verbose"])
+        # (run last, after the other callbacks' on_train_begin: their states go on from the file)
+        self.saver = FitCheckpoints(self.model, self.path, self.save_freq, self.resume,
+                                    run_description(self.params), self.params["steps"],
+                                    self.params["verbose"], stateful(self.model._callbacks))
         history, start = self.saver.start()
         if start is not None:
             record = self.model.history
             record.epoch, record.history, record.sparse = (history.epoch, history.history,
                                                            history.sparse)
+            if self.saver.stopped:  # (a callback ended that run: it trains no more)
+                start = dataclasses.replace(start, epoch=max(start.epoch, self.params["epochs"]))
             self.model._resume_at = start
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
@@ -766,6 +908,14 @@ class ReduceLROnPlateau(_Monitor):
             if self.verbose:
                 say_on_root(f"epoch {epoch + 1}: learning rate reduced to {optimizer.lr:.3g}")
 
+    def get_state(self) -> dict[str, Any]:
+        return {"best": self.best, "wait": self.wait, "cooling": self.cooling}
+
+    def set_state(self, state: dict[str, Any] | None) -> None:
+        state = state or {}
+        wait, cooling = _counts(state, "wait", "cooling")
+        self.best, self.wait, self.cooling = _best(state), wait, cooling
+
 
 class LearningRateScheduler(Callback):
     """Set the learning rate at the start of each epoch to ``schedule(epoch, lr)`` (0-based
@@ -832,7 +982,7 @@ class CSVLogger(Callback):
         self.writing = distributed.is_root()  # one writer on several ranks (same logs on all)
         if not self.writing:
             return
-        checks.output_file(self.filename, "the CSVLogger file")
+        checks.output_file(self.filename, "the CSVLogger file", replaced=False)
         exists = self.append and os.path.exists(self.filename) and os.path.getsize(
             self.filename) > 0
         self.keys: list[str] | None = self._columns() if exists else None

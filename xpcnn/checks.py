@@ -7,7 +7,7 @@ import math
 import numbers
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -294,11 +294,13 @@ def file_path(path: Any, what: str) -> str:
     return os.fspath(path)
 
 
-def output_file(path: Any, what: str) -> str:
+def output_file(path: Any, what: str, replaced: bool = True) -> str:
     """A path a file can be written at (a symbolic link's target, which is what gets written):
-    not a folder, and its nearest existing folder takes a new file (the writers create the
-    missing folders below it). Checked before any work, so that a long run does not fail at
-    its first save."""
+    not a folder, nor, where the file is ``replaced`` by an atomic rename (model files,
+    checkpoints, exports), anything but a regular file (a device such as /dev/null, a pipe:
+    the rename would put a file in its place); and its nearest existing folder takes a new
+    file (the writers create the missing folders below it). Checked before any work, so that
+    a long run does not fail at its first save."""
     path = file_path(path, what)
     try:
         target = written_file(path)  # (a link's target is what gets written)
@@ -306,6 +308,10 @@ def output_file(path: Any, what: str) -> str:
         raise InputError(f"cannot write {what} {path!r}: {e.strerror or e}") from e
     if os.path.isdir(target):
         raise InputError(f"{what} {path!r} is a folder; give the path of a file (in it, say)")
+    if replaced and os.path.exists(target) and not os.path.isfile(target):
+        raise InputError(f"{what} {path!r} exists and is not a regular file (a device or a "
+                         "pipe): xpcnn writes a new file and renames it over the old one, so "
+                         "give the path of a file")
     folder = os.path.dirname(target)
     while not os.path.exists(folder):  # (created when the file is written)
         folder = os.path.dirname(folder)
@@ -328,6 +334,26 @@ def named_parameters(init: Callable[..., Any]) -> list[str]:
 def takes_keywords(init: Callable[..., Any]) -> bool:
     """Whether ``init`` takes ``**kwargs``."""
     return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(init).parameters.values())
+
+
+def unsaved_settings(obj: Any, config: dict[str, Any], unwritten: Collection[str] = ()
+                     ) -> list[str]:
+    """The settings that ``obj``'s constructor takes (by name) and ``config``, its
+    ``get_config()``, does not give, but for those in ``unwritten``: a file written from it
+    would load them with their defaults."""
+    return [name for name in named_parameters(type(obj).__init__)
+            if name not in config and name not in unwritten]
+
+
+def untaken_settings(obj: Any, config: dict[str, Any]) -> list[str]:
+    """The settings ``config``, ``obj``'s ``get_config()``, gives that its constructor does not
+    take (but for "class"; none where it takes **kwargs): a file written from it would not
+    load."""
+    init = type(obj).__init__
+    if takes_keywords(init):
+        return []
+    names = named_parameters(init)
+    return [k for k in config if k != "class" and k not in names]
 
 
 def register(registry: dict[str, Any], cls: type, kind: str) -> None:

@@ -24,6 +24,9 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
     the block raises (Ctrl-C included), the temporary file is removed.
     """
     path = written_file(path)
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        # (the rename would put a file in the place of a device such as /dev/null, or a pipe)
+        raise FileExistsError(f"{path!r} exists and is not a regular file: not replaced")
     folder, base = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
     fd, tmp = _new_temporary(folder, base, suffix)

@@ -5,8 +5,13 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+from .checks import register, unsaved_settings, untaken_settings
 from .errors import InputError
 from .ops.softmax import cross_entropy, loss_and_correct, nan_unless_classes, target_rows
+
+#: Loss classes by name, as files name them: xpcnn's and a user's subclasses (registered when
+#: defined).
+LOSS_CLASSES: dict[str, type[SoftmaxCrossEntropy]] = {}
 
 
 class SoftmaxCrossEntropy:
@@ -15,18 +20,81 @@ class SoftmaxCrossEntropy:
     Computed from log-softmax (log-sum-exp), so it never overflows; the gradient with respect to
     the logits is (softmax - target) / N. ``label_smoothing`` = e mixes the targets with the
     uniform distribution: target * (1 - e) + e / classes.
+
+    ``from_logits`` says, in Keras' words, what the model's outputs are, and is checked (the
+    loss is the same fused one either way: on the logits before a model's final softmax, else
+    on its outputs): True, logits (a model that ends in a softmax is refused, as Keras would
+    apply the softmax twice); False, probabilities (a model that does not end in a softmax
+    is refused, as Keras would take the log of logits); None (the default), either.
+
+    A subclass that overrides :meth:`forward` (or :meth:`targets`) is trained by it: its
+    steps take the standard path, not the fused kernels of integer labels.
     """
 
     name = "cross_entropy"
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        register(LOSS_CLASSES, cls, "loss")
+
+    def __init__(self, label_smoothing: float = 0.0, from_logits: bool | None = None) -> None:
         if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
                 or not 0.0 <= label_smoothing < 1.0):
             raise InputError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        if from_logits is not None and not isinstance(from_logits, bool):
+            raise InputError(f"from_logits must be True, False or None, got {from_logits!r}")
         self.label_smoothing = float(label_smoothing)
+        self.from_logits = from_logits
 
     def get_config(self) -> dict[str, Any]:
-        return {"label_smoothing": self.label_smoothing}
+        """The constructor's arguments, by name, with a subclass's class name (a subclass whose
+        constructor takes more must give them too: :meth:`check_config`)."""
+        # (from_logits only where set, the class only for a subclass: files and checkpoints of
+        # the default stay as they were, and one written before resumes under the same compile)
+        own = type(self) is SoftmaxCrossEntropy
+        return {**({} if own else {"class": type(self).__name__}),
+                "label_smoothing": self.label_smoothing,
+                **({} if self.from_logits is None else {"from_logits": self.from_logits})}
+
+    def check_config(self) -> None:
+        """Refuse to save a subclass whose constructor takes settings that its ``get_config()``
+        does not give, or that gives settings the constructor does not take (run at save)."""
+        config = self.get_config()
+        missing = unsaved_settings(self, config,
+                                   () if self.from_logits is not None else ("from_logits",))
+        untaken = untaken_settings(self, config)
+        if missing or untaken:
+            raise InputError(
+                f"loss class {type(self).__name__}'s get_config() " + (
+                    f"does not return {missing}, which its constructor takes" if missing else
+                    f"gives {untaken}, which its constructor does not take") +
+                ": define get_config() returning the constructor's arguments (with "
+                "super().get_config()), so that a saved model rebuilds it")
+
+    def check_outputs(self, ends_in_softmax: bool, last: str) -> None:
+        """Refuse a model whose outputs are not what ``from_logits`` says they are:
+        ``ends_in_softmax``, whether the model ends in a softmax; ``last``, its last layer as
+        an error names it."""
+        if self.from_logits is True and ends_in_softmax:
+            raise InputError(
+                f"{type(self).__name__}(from_logits=True) takes the model's outputs as logits, "
+                f"but its last {last} turns them into probabilities (Keras would apply the "
+                "softmax twice): remove that softmax (predict then returns logits), or pass "
+                "from_logits=False (or None) to train on the logits before it")
+        if self.from_logits is False and not ends_in_softmax:
+            raise InputError(
+                f"{type(self).__name__}(from_logits=False) takes the model's outputs as "
+                f"probabilities, but its last {last} gives logits, with no softmax after it "
+                "(Keras would take the log of logits): end the model in Softmax() (or a "
+                "softmax activation), or pass from_logits=True (or None)")
+
+    def _fused(self) -> bool:
+        """Whether integer labels may take the fused kernels: not where a subclass (or the
+        instance) replaces :meth:`forward` or :meth:`targets`, which those would bypass."""
+        cls = type(self)
+        return (cls.forward is SoftmaxCrossEntropy.forward
+                and cls.targets is SoftmaxCrossEntropy.targets
+                and "forward" not in vars(self) and "targets" not in vars(self))
 
     def targets(self, xp: Any, y: Any, classes: int, dtype: Any) -> Any:
         """Integer labels (N,) or one-hot rows (N, classes) -> smoothed probability rows."""
@@ -52,15 +120,36 @@ class SoftmaxCrossEntropy:
         loss times ``scale[0]`` (on a GPU in the same launch). The gradient is given in the
         logits' dtype (float16 under mixed precision, cast on a GPU in the same launch).
         ``weights`` (N,) weigh the loss (:meth:`forward`), not the count: accuracy stays the
-        share of samples predicted right, as Keras' ``metrics`` (not ``weighted_metrics``)."""
-        if y.ndim == 1 and weights is None:  # (the kernels cast the logits, on a GPU in the
-            # same launch)
+        share of samples predicted right, as Keras' ``metrics`` (not ``weighted_metrics``).
+        A subclass's own :meth:`forward` computes the loss and gradient on every path."""
+        if y.ndim == 1 and weights is None and self._fused():  # (the kernels cast the
+            # logits, on a GPU in the same launch)
             return kernels.softmax_cross_entropy(logits, y, self.label_smoothing, scale, dtype)
         z = xp.astype(logits, dtype, copy=False)
         loss, grad = self.forward(xp, z, y, dtype, weights)
+        shapes = [getattr(a, "shape", None) for a in (loss, grad)]
+        if shapes != [(), z.shape]:  # (a subclass's forward: refused here, not deep inside)
+            raise InputError(f"{type(self).__name__}.forward must return (the loss as a 0-d "
+                             f"array, its gradient shaped as the logits {tuple(z.shape)}); it "
+                             f"returned arrays of shapes {shapes[0]} and {shapes[1]}")
         stats = nan_unless_classes(xp, loss_and_correct(xp, loss, z, y), y, z.shape[1])
         grad = grad if scale is None else grad * scale[0]
         return stats, xp.astype(grad, logits.dtype, copy=False)
+
+
+LOSS_CLASSES["SoftmaxCrossEntropy"] = SoftmaxCrossEntropy
+
+
+def loss_from_config(config: dict[str, Any]) -> SoftmaxCrossEntropy:
+    """The loss a file's compile settings describe: xpcnn's, or a user's subclass, known once
+    defined (a clear error otherwise)."""
+    config = dict(config)
+    name = config.pop("class", "SoftmaxCrossEntropy")
+    if not isinstance(name, str) or name not in LOSS_CLASSES:
+        raise InputError(f"unknown loss class {name!r}: define (or import) a user's loss class "
+                         "before loading a file that names it; known: "
+                         f"{sorted(LOSS_CLASSES)}")
+    return LOSS_CLASSES[name](**config)
 
 
 LOSSES = {"cross_entropy": SoftmaxCrossEntropy,

@@ -22,7 +22,7 @@ from . import checks, distributed, graph
 from .backend import DeviceLike, get_backend
 from .errors import InputError
 from .layers.activation import Softmax
-from .layers.base import Layer, SymbolicTensor, dtype_name, refuse_training_in_graph
+from .layers.base import Layer, SymbolicTensor, Weight, dtype_name, refuse_training_in_graph
 from .ops.kernels import kernels_for
 from .saving import load_weights, register_model, save_model
 from .structure import check_structure
@@ -510,6 +510,27 @@ class Model(Trainer):
         self._rebuild_if_shared()
         return [w for la in self.layers for w in la.get_weights()]
 
+    @property
+    def weights(self) -> list[Weight]:
+        """Every layer's weights as :class:`~xpcnn.layers.base.Weight` handles (``name``,
+        ``shape``, ``dtype``, ``trainable``, ``numpy()``, ``assign(value)``), in
+        :meth:`get_weights`' order; none before the model is built, as in Keras."""
+        if not self.built:
+            return []
+        self._rebuild_if_shared()  # (as get_weights: the layers as this model runs them)
+        return [w for la in self.layers for w in la.weights]
+
+    @property
+    def trainable_weights(self) -> list[Weight]:
+        """The weights the optimiser updates: parameters of the layers not frozen."""
+        return [w for w in self.weights if w.trainable]
+
+    @property
+    def non_trainable_weights(self) -> list[Weight]:
+        """The other weights: frozen layers' parameters, and state (BatchNorm's moving
+        statistics)."""
+        return [w for w in self.weights if not w.trainable]
+
     def set_weights(self, weights: list[Any]) -> None:
         """Replace all weights; the list must match :meth:`get_weights` in length and shapes."""
         self._require_built("set_weights")
@@ -527,10 +548,18 @@ class Model(Trainer):
         for la, pairs in zip(self.layers, checked, strict=True):
             la.assign_weights(pairs)
 
+    def save_weights(self, path: str | os.PathLike[str]) -> None:
+        """Write the weights alone to ``path`` (an .npz, as :meth:`save` writes, without the
+        optimiser and compile settings), as this model runs them: :meth:`load_weights` reads
+        them back, checking the architecture the file also holds (and
+        :func:`~xpcnn.saving.load_model` rebuilds the model from it, uncompiled)."""
+        self._rebuild_if_shared()
+        save_model(self, path, weights_only=True)
+
     def load_weights(self, path: str | os.PathLike[str]) -> None:
-        """Load the weights of a model file or checkpoint written for this same architecture
-        (``DataFormatError`` names the first difference otherwise); an unbuilt model is built
-        for the file's input shape."""
+        """Load the weights of a weights file, model file or checkpoint written for this same
+        architecture (``DataFormatError`` names the first difference otherwise); an unbuilt
+        model is built for the file's input shape."""
         with self._unbuilt_if_refused():
             load_weights(self, path)
 

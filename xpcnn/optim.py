@@ -15,10 +15,10 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any
 
-from .checks import flag, named_parameters, register, takes_keywords
+from .checks import flag, named_parameters, register, unsaved_settings, untaken_settings
 from .errors import InputError, NonFiniteError
 from .ops.kernels import StandardKernels
 
@@ -32,25 +32,6 @@ def _count(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _unsaved(obj: Any, config: dict[str, Any], unwritten: Collection[str] = ()) -> list[str]:
-    """The settings that ``obj``'s constructor takes (by name) and ``config``, its
-    ``get_config()``, does not give, but for those in ``unwritten``: a file written from it
-    would load them with their defaults."""
-    return [name for name in named_parameters(type(obj).__init__)
-            if name not in config and name not in unwritten]
-
-
-def _untaken(obj: Any, config: dict[str, Any]) -> list[str]:
-    """The settings ``config``, ``obj``'s ``get_config()``, gives that its constructor does not
-    take (but for "class"; none where it takes **kwargs): a file written from it would not
-    load."""
-    init = type(obj).__init__
-    if takes_keywords(init):
-        return []
-    names = named_parameters(init)
-    return [k for k in config if k != "class" and k not in names]
-
-
 @functools.cache
 def _settings(cls: type) -> frozenset[str]:
     """The settings ``cls``'s constructor takes by name, but the learning rate (a property:
@@ -59,8 +40,9 @@ def _settings(cls: type) -> frozenset[str]:
                      if not isinstance(getattr(cls, name, None), property))
 
 
-def _rate(v: Any, what: str, zero: bool = False) -> float:
-    """A learning rate: finite and positive (or zero for a floor such as min_lr)."""
+def _rate(v: Any, what: str, zero: bool = True) -> float:
+    """A learning rate, finite and >= 0 (0 trains nothing, as PyTorch accepts it); with
+    ``zero`` False, > 0 (a divisor such as OneCycle's div_factor)."""
     if not _real(v) or not (v >= 0 if zero else v > 0):
         raise InputError(f"{what} must be a finite number {'>=' if zero else '>'} 0, got {v!r}")
     return float(v)
@@ -100,7 +82,7 @@ class Schedule:
         does not give (run at save: get_config itself is also called elsewhere), and the
         schedules it wraps (LinearWarmup's ``after``)."""
         config = self.get_config()
-        missing, untaken = _unsaved(self, config), _untaken(self, config)
+        missing, untaken = unsaved_settings(self, config), untaken_settings(self, config)
         if missing:
             raise InputError(f"schedule class {type(self).__name__} takes {missing} but its "
                              "get_config() does not return them (the default returns the "
@@ -123,7 +105,7 @@ class StepDecay(Schedule):
         if not _count(step_size) or step_size < 1:
             raise InputError(f"StepDecay step_size must be >= 1, got {step_size!r}")
         self.lr, self.step_size = _rate(lr, "StepDecay lr"), int(step_size)
-        self.gamma = _rate(gamma, "StepDecay gamma", zero=True)
+        self.gamma = _rate(gamma, "StepDecay gamma")
 
     def __call__(self, step: int) -> float:
         try:
@@ -139,7 +121,7 @@ class CosineDecay(Schedule):
         if not _count(decay_steps) or decay_steps < 1:
             raise InputError(f"CosineDecay decay_steps must be >= 1, got {decay_steps!r}")
         self.lr, self.decay_steps = _rate(lr, "CosineDecay lr"), int(decay_steps)
-        self.min_lr = _rate(min_lr, "CosineDecay min_lr", zero=True)
+        self.min_lr = _rate(min_lr, "CosineDecay min_lr")
 
     def __call__(self, step: int) -> float:
         return _cosine(self.lr, self.min_lr, min(step, self.decay_steps) / self.decay_steps)
@@ -178,8 +160,8 @@ class OneCycle(Schedule):
             raise InputError(f"OneCycle pct_start must be in (0, 1), got {pct_start!r}")
         self.lr, self.total_steps = _rate(lr, "OneCycle lr"), int(total_steps)
         self.pct_start = float(pct_start)
-        self.div_factor = _rate(div_factor, "OneCycle div_factor")
-        self.final_div_factor = _rate(final_div_factor, "OneCycle final_div_factor")
+        self.div_factor = _rate(div_factor, "OneCycle div_factor", zero=False)
+        self.final_div_factor = _rate(final_div_factor, "OneCycle final_div_factor", zero=False)
 
     def __call__(self, step: int) -> float:
         start_lr = self.lr / self.div_factor
@@ -213,9 +195,9 @@ def schedule_from_config(config: dict[str, Any]) -> Schedule:
 def as_schedule(lr: float | Schedule | Callable[[int], float]) -> Schedule:
     if isinstance(lr, Schedule):
         return lr
-    if _real(lr) and lr > 0:
+    if _real(lr) and lr >= 0:
         return Constant(lr)
-    raise InputError(f"learning rate must be a positive number or a Schedule, got {lr!r}")
+    raise InputError(f"learning rate must be a positive number, 0 or a Schedule, got {lr!r}")
 
 
 # -- optimisers -------------------------------------------------------------------------------
@@ -324,11 +306,20 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        """Make the next step's rate ``value``: the schedule goes on, scaled to it."""
+        """Make the next step's rate ``value``: the schedule goes on, scaled to it (the factor
+        is optimiser state, which checkpoints keep). Refused where the schedule gives 0 at this
+        step (a constant rate of 0 included), which no factor scales: replacing the schedule
+        there would change the compile settings a checkpoint resumes under."""
         base = self.schedule(self.iterations)
-        if not _real(value) or value < 0 or base <= 0:
-            raise InputError(f"cannot set the learning rate to {value!r} (the schedule gives "
-                             f"{base} at step {self.iterations + 1})")
+        if not _real(value) or value < 0:
+            raise InputError(f"cannot set the learning rate to {value!r}: expected a finite "
+                             "number >= 0")
+        if base <= 0:
+            raise InputError(f"cannot set the learning rate to {value!r}: the schedule gives "
+                             f"{base} at step {self.iterations + 1}, which no factor scales to "
+                             "it; make the optimiser with the rate to start from (a "
+                             "LearningRateScheduler then sets each epoch's), or set another "
+                             "schedule (optimizer.learning_rate = xpcnn.optim.Constant(rate))")
         self.lr_factor = float(value) / base
 
     def step_scalars(self) -> dict[str, float]:
@@ -441,14 +432,19 @@ class Optimizer:
         return (("clipnorm", self.clipnorm), ("clipvalue", self.clipvalue),
                 ("global_clipnorm", self.global_clipnorm))
 
+    def _left_out(self) -> list[str]:
+        """The settings that :meth:`get_config` gives only where they are not at their
+        defaults (the clipping settings unset): a file without them loads those defaults."""
+        return [k for k, v in self._clips() if v is None]
+
     def check_config(self) -> None:
         """Refuse to save an optimiser whose constructor takes settings that its
-        ``get_config()`` does not give (but the clipping settings left unset, which the base
-        class writes only where set), and its schedule likewise. Run at save, not in
-        get_config, which is also called elsewhere."""
+        ``get_config()`` does not give (but those it leaves out at their defaults,
+        :meth:`_left_out`), and its schedule likewise. Run at save, not in get_config, which is
+        also called elsewhere."""
         config = self.get_config()
-        missing = _unsaved(self, config, [k for k, v in self._clips() if v is None])
-        untaken = _untaken(self, config)
+        missing = unsaved_settings(self, config, self._left_out())
+        untaken = untaken_settings(self, config)
         if missing:
             raise InputError(f"optimizer class {type(self).__name__} takes {missing} but its "
                              "get_config() does not return them: define get_config() returning "
@@ -505,16 +501,17 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam (Kingma and Ba) with bias correction; ``weight_decay`` adds L2 to the gradient."""
+    """Adam (Kingma and Ba) with bias correction; ``weight_decay`` adds L2 to the gradient.
+    ``amsgrad`` (Reddi et al., as PyTorch's): the denominator takes the largest second moment
+    so far, vhat = max(vhat, v), a third slot."""
 
-    slot_names = ("m", "v")
     keeps_squares = True
     counts_updates = True
     exact_scalars = ("lr",)
     decoupled = False
 
     def __init__(self, lr: float | Schedule = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,
-                 epsilon: float = 1e-8, weight_decay: float = 0.0, *,
+                 epsilon: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
                  clipnorm: float | None = None, clipvalue: float | None = None,
                  global_clipnorm: float | None = None) -> None:
         super().__init__(lr, weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
@@ -524,6 +521,10 @@ class Adam(Optimizer):
             raise InputError("Adam needs 0 <= beta_1, beta_2 < 1 and epsilon > 0, got "
                              f"beta_1={beta_1!r}, beta_2={beta_2!r}, epsilon={epsilon!r}")
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+        self.amsgrad = flag(amsgrad, f"{type(self).__name__} amsgrad")
+
+    def _slot_names_for_settings(self) -> tuple[str, ...]:
+        return ("m", "v", *(("vhat",) if self.amsgrad else ()))
 
     def _counted(self, kernels: Any, scalars: dict[str, Any], apply: Any, dtype: Any
                  ) -> dict[str, Any]:
@@ -552,6 +553,10 @@ class Adam(Optimizer):
         b1, b2 = self.beta_1, self.beta_2
         self._assign(xp, m, b1 * m + (1.0 - b1) * g, apply)
         self._assign(xp, v, b2 * v + (1.0 - b2) * (g * g), apply)
+        if self.amsgrad:
+            vhat = self.slots["vhat"][i]
+            self._assign(xp, vhat, xp.maximum(vhat, v), apply)
+            v = vhat
         # (where apply is False, m and v are the old ones here, and p keeps its value)
         denom = xp.sqrt(v / scalars["bc2"]) + self.epsilon
         self._assign(xp, p, new_p - scalars["step"] * m / denom, apply)
@@ -560,12 +565,18 @@ class Adam(Optimizer):
                       scalars: dict[str, Any], apply: Any) -> bool:
         kernels.adam_update(params, grads, self.slots["m"], self.slots["v"], scalars["decay"],
                             scalars["step"], scalars["bc2"], self.weight_decay, self.decoupled,
-                            self.beta_1, self.beta_2, self.epsilon, apply)
+                            self.beta_1, self.beta_2, self.epsilon, apply,
+                            self.slots["vhat"] if self.amsgrad else None)
         return True
 
     def get_config(self) -> dict[str, Any]:
+        # (amsgrad only where set, as the clipping settings: a file without it, one written
+        # before it included, is plain Adam's, and its checkpoint resumes into Adam(...))
         return {**super().get_config(), "beta_1": self.beta_1, "beta_2": self.beta_2,
-                "epsilon": self.epsilon}
+                "epsilon": self.epsilon, **({"amsgrad": True} if self.amsgrad else {})}
+
+    def _left_out(self) -> list[str]:
+        return [*super()._left_out(), *(() if self.amsgrad else ("amsgrad",))]
 
 
 class AdamW(Adam):
@@ -574,10 +585,10 @@ class AdamW(Adam):
     decoupled = True
 
     def __init__(self, lr: float | Schedule = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,
-                 epsilon: float = 1e-8, weight_decay: float = 0.01, *,
+                 epsilon: float = 1e-8, weight_decay: float = 0.01, amsgrad: bool = False, *,
                  clipnorm: float | None = None, clipvalue: float | None = None,
                  global_clipnorm: float | None = None) -> None:
-        super().__init__(lr, beta_1, beta_2, epsilon, weight_decay, clipnorm=clipnorm,
+        super().__init__(lr, beta_1, beta_2, epsilon, weight_decay, amsgrad, clipnorm=clipnorm,
                          clipvalue=clipvalue, global_clipnorm=global_clipnorm)
 
 

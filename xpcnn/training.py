@@ -69,6 +69,7 @@ from .ops.kernels import kernels_for
 from .ops.softmax import softmax, target_rows
 from .ops.step_record import BAD_GRADS, BAD_LOSS, BAD_STEP, CORRECT, LOSS_SUM
 from .optim import Optimizer, get_optimizer
+from .structure import where
 from .totals import READ_EVERY, RunningTotals, loss_scaling
 
 #: compile's precisions and the dtype of their heavy matmuls (None: the parameters' dtype).
@@ -104,6 +105,7 @@ class Trainer:
       ``_rebuild_if_shared()`` (layers another model shares are built as this one needs) and
       ``_unbuilt_if_refused()`` (a context: a call refused inside it leaves an unbuilt model
       unbuilt);
+    * ``_fused_softmax()``, whether the network ends in a softmax (which the loss applies);
     * ``_logits(x, training, in_scope)``, the forward pass to the logits (a final Softmax is
       left to the loss; ``in_scope``: inside the backend's ``compute_scope`` already),
       ``_backward(dz, on_layer)``, which fills each trainable layer's ``grads``, and
@@ -137,6 +139,7 @@ class Trainer:
         self._totals_for: tuple[Layer, ...] = ()  # (the trainable layers they were made for)
         self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
         self._resume_at: Any = None  # where BackupAndRestore restarts a run
+        self._callbacks: list[Callback] = []  # fit's, while it runs (a checkpoint saves states)
         self._position = (0, 0)  # (epoch, batches done in it) during fit
         # (the thread and what it runs, "fit" or "to()": nothing else may start another, nor
         # move the model, meanwhile; see _running_alone)
@@ -192,9 +195,13 @@ class Trainer:
                 precision: str = "float32", cuda_graphs: bool | None = None) -> None:
         """Choose the loss, the optimiser, the metrics and the precision.
 
-        ``metrics``: ``["accuracy"]`` (the default) or none (``[]`` or None): what ``fit`` logs
-        and ``evaluate`` returns besides the loss. Without metrics, ``evaluate`` and
+        ``metrics``: ``["accuracy"]`` (the default), ``["acc"]``, or none (``[]`` or None): what
+        ``fit`` logs and ``evaluate`` returns besides the loss, named as given, as in Keras 3
+        (``"acc"`` logs ``acc`` and ``val_acc``). Without metrics, ``evaluate`` and
         ``train_on_batch`` return the loss alone, as in Keras.
+
+        ``loss``'s ``from_logits`` (:class:`SoftmaxCrossEntropy`) is checked against the model's
+        last layer here where the model is built, else when a call builds it.
 
         ``precision`` is ``"float32"``, ``"mixed_float16"`` or ``"mixed_bfloat16"``: matmuls in
         the low precision, float32 master weights, softmax, loss and normalisation statistics,
@@ -216,8 +223,8 @@ class Trainer:
         metrics = [metrics] if isinstance(metrics, str) else list(metrics or [])  # None: Keras'
         unknown = [m for m in metrics if m not in ("accuracy", "acc")]
         if unknown:
-            raise InputError(f"unknown metrics {unknown}; xpcnn supports 'accuracy'")
-        metrics = ("accuracy",) if metrics else ()
+            raise InputError(f"unknown metrics {unknown}; xpcnn supports 'accuracy' (or 'acc')")
+        metrics = tuple(dict.fromkeys(metrics))  # (each name once, as given: the logs' keys)
         if not isinstance(precision, str) or precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{precision!r}")
@@ -225,6 +232,8 @@ class Trainer:
             compute = self.backend.dtype(PRECISIONS[precision])  # (refused where it lacks it)
             for layer in self.layers:
                 layer.check_compute_dtype(self.backend.xp, compute)
+        if self.built:
+            self._check_loss_outputs(loss)
         self.loss, self.optimizer = loss, self._own(optimizer)
         self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
         self.precision, self.metrics = precision, metrics
@@ -305,6 +314,14 @@ class Trainer:
         if self.loss is None or self.optimizer is None:
             raise InputError(f"call compile(loss=..., optimizer=...) before {what}")
 
+    def _check_loss_outputs(self, loss: SoftmaxCrossEntropy) -> None:
+        """Refuse, on a built model, a loss whose ``from_logits`` says its outputs are what they
+        are not (:meth:`SoftmaxCrossEntropy.check_outputs`)."""
+        if loss.from_logits is not None:  # (None takes either: nothing to name, each step)
+            last = len(self.layers) - 1
+            loss.check_outputs(self._fused_softmax(),
+                               where(self.layers[last], last, self.layers))
+
     # -- one training step ----------------------------------------------------------------------
     def train_step(self, xb: Any, yb: Any, sample_weight: Any = None) -> tuple[Any, Any]:
         """One forward, backward and update on a batch of device arrays, queued without waiting
@@ -366,12 +383,13 @@ class Trainer:
     @property
     def metrics_names(self) -> tuple[str, ...]:
         """What :meth:`evaluate` and :meth:`train_on_batch` return, in order (as in Keras):
-        ``("loss", "accuracy")``, or ``("loss",)`` for a model compiled without metrics."""
+        ``("loss", "accuracy")`` (``("loss", "acc")`` for ``metrics=["acc"]``), or
+        ``("loss",)`` for a model compiled without metrics."""
         return ("loss", *self.metrics)
 
     def _logs(self, loss: float, accuracy: float) -> dict[str, float]:
-        """The logs of a mean loss and accuracy: the accuracy only where it is a metric."""
-        return {"loss": loss, **({"accuracy": accuracy} if "accuracy" in self.metrics else {})}
+        """The logs of a mean loss and accuracy: the accuracy under each metric's name."""
+        return {"loss": loss, **dict.fromkeys(self.metrics, accuracy)}
 
     def _returned(self, logs: dict[str, float], return_dict: bool
                   ) -> float | list[float] | dict[str, float]:
@@ -394,6 +412,7 @@ class Trainer:
         self._rebuild_if_shared()
         with self._unbuilt_if_refused():
             x, targets = check_arrays(self, x, y)
+            self._check_loss_outputs(self.loss)  # type: ignore[arg-type]
             weights = None if sample_weight is None else check_sample_weights(
                 self, sample_weight, int(x.shape[0]))
             table = None if class_weight is None else checks.as_class_weights(
@@ -435,6 +454,7 @@ class Trainer:
         turns whole-number floats into them on the host)."""
         self._require_compiled("train_step")
         self._require_built("train_step")
+        self._check_loss_outputs(self.loss)  # type: ignore[arg-type]
         check_on_device(xb, self.backend, "x", instead="")
         check_on_device(yb, self.backend, "y", instead="")
         checks.check_sample_shape(xb, self.input_shape)  # type: ignore[arg-type]
@@ -856,6 +876,10 @@ class Trainer:
         callbacks = [*callback_list(callbacks),
                      *_checkpoint_callback(checkpoint, checkpoint_every, resume)]
         backups = [cb for cb in callbacks if isinstance(cb, BackupAndRestore)]
+        if len(backups) > 1:  # (refused before any restores its file into the model)
+            raise InputError(f"fit takes one BackupAndRestore (checkpoint=PATH counts as one), "
+                             f"got {len(backups)}: for "
+                             f"{', '.join(repr(os.fspath(cb.path)) for cb in backups)}")
         history = History()
         callbacks = [*(cb for cb in callbacks if cb not in backups), history,
                      *([ProgbarLogger(verbose=verbose)] if verbose else []), *backups]
@@ -872,6 +896,7 @@ class Trainer:
             data = self._batches(x, y, batch_size, steps_per_epoch, shuffle=shuffle, seed=seed,
                                  checked=split, weights=sample_weight)
             made.append(data)
+            self._check_loss_outputs(self.loss)  # type: ignore[arg-type]  # (built by now)
             x_val, y_val, w_val = (None, None, None) if validation_data is None else \
                 _triple(validation_data)
             validation = None if validation_data is None else self._batches(
@@ -884,7 +909,7 @@ class Trainer:
                       "verbose": verbose, "data": data, "validation": validation is not None,
                       "validation_freq": validation_freq, "class_weight": class_weights}
             cbs = CallbackList(callbacks, self, params)
-            self.stop_training, self._resume_at = False, None
+            self.stop_training, self._resume_at, self._callbacks = False, None, callbacks
             # (a checkpoint resumed by on_train_begin puts back its run's offset instead)
             self._epoch_offset = max(0, self._epochs_begun - initial_epoch)
             self._parallel = distributed.data_parallel(self)
@@ -923,7 +948,7 @@ class Trainer:
     def _end_fit(self) -> None:
         """What fit set up for its steps ends with it: its class weights (steps outside fit
         take none) and the data-parallel mode (:mod:`xpcnn.distributed`), if it is in it."""
-        self._class_weights = None
+        self._class_weights, self._callbacks = None, []
         if self._parallel is not None:
             self._parallel.end_fit()
             self._parallel = None
@@ -942,7 +967,7 @@ class Trainer:
         if step:  # (resumed inside this epoch: the checkpoint's learning rate is the one this
             # epoch's on_epoch_begin set; a schedule of the rate must not apply it twice)
             self.optimizer.lr_factor = factor  # type: ignore[union-attr]
-        logs = BatchLogs()
+        logs = BatchLogs(cbs.lazy_train)
         number = self._epoch_offset + epoch  # (its shuffling order's)
         # (one compute scope for the epoch's loop, its callbacks inside, as evaluate's are)
         with self.backend.compute_scope(), contextlib.closing(
@@ -1032,7 +1057,7 @@ class Trainer:
                                          "batch_size")
         return_dict = checks.flag(return_dict, "return_dict")
         verbose = checks.verbosity(verbose)
-        cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
+        callbacks = callback_list(callbacks)
         loss = self.loss if self.loss is not None else get_loss("cross_entropy")
         self._rebuild_if_shared()
         _refuse_stream_weights(x, sample_weight)
@@ -1040,6 +1065,8 @@ class Trainer:
             data = self._batches(x, y, batch_size, steps, steps_name="steps",
                                  weights=sample_weight)
             made.append(data)
+            cbs = CallbackList(callbacks, self, _inference_params(verbose, data))
+            self._check_loss_outputs(loss)
             return self._returned(self._evaluate(data, cbs, loss, verbose), return_dict)
 
     def _evaluate(self, data: Batches, cbs: CallbackList, loss: SoftmaxCrossEntropy | None,
@@ -1049,7 +1076,7 @@ class Trainer:
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
         totals, steps, t0 = RunningTotals(self.backend, 0), 0, time.perf_counter()
-        logs = BatchLogs()
+        logs = BatchLogs(cbs.lazy_test)
         cbs.on_test_begin()
         with self.backend.compute_scope(), contextlib.closing(
                 data.epoch(0)) as batches:  # type: ignore[type-var]
@@ -1097,13 +1124,14 @@ class Trainer:
         batch_size = checks.positive_int(256 if batch_size is None else batch_size,
                                          "batch_size")
         verbose = checks.verbosity(verbose)
-        cbs = CallbackList(callback_list(callbacks), self, {"verbose": verbose})
+        callbacks = callback_list(callbacks)
         self._rebuild_if_shared()
         xp = self.backend.xp
         out = []
         with self._undone_if_refused() as made:
             data = self._batches(x, None, batch_size, steps, targets=False, steps_name="steps")
             made.append(data)
+            cbs = CallbackList(callbacks, self, _inference_params(verbose, data))
             cbs.on_predict_begin()
             t0 = time.perf_counter()
             with self.backend.compute_scope(), contextlib.closing(
@@ -1149,6 +1177,12 @@ def _validation_freq(value: Any) -> int | frozenset[int]:
         raise InputError(f"validation_freq must be a positive integer k (validate after every "
                          f"k-th epoch) or a collection of epoch numbers from 1, got {value!r}")
     return frozenset(int(e) for e in value) if many else int(value)
+
+
+def _inference_params(verbose: int, data: Batches) -> dict[str, Any]:
+    """The ``params`` of evaluate's and predict's callbacks, as Keras 3 sets them: one epoch
+    of ``steps`` batches (None where unknown before the data ends)."""
+    return {"verbose": verbose, "epochs": 1, "steps": data.steps}
 
 
 def _progress(batches: Any, data: Batches, verbose: int, desc: str) -> Any:

@@ -11,8 +11,8 @@ API), a layer records a :class:`Node` and returns the output's :class:`SymbolicT
 Trainable arrays live in ``params`` (their gradients in ``grads`` after ``backward``, unless the
 layer is frozen: ``trainable = False``); non-trainable arrays that are part of the model
 (BatchNorm's running statistics) live in ``state``. Everything is an array of
-``self.backend``; weights cross to the host only through ``get_weights`` / ``set_weights``, in
-Keras layouts.
+``self.backend``; weights cross to the host only through ``get_weights`` / ``set_weights`` and
+the :class:`Weight` handles of ``weights``, in Keras layouts.
 """
 
 from __future__ import annotations
@@ -443,9 +443,28 @@ class Layer:
 
     def get_weights(self) -> list[np.ndarray]:
         """Weights as host arrays in Keras order and layout."""
-        arrays = self._arrays()
-        return [self.to_keras_layout(n, self.backend.to_numpy(arrays[n])).copy()
-                for n in self.present_weight_names()]
+        return [self.host_weight(n) for n in self.present_weight_names()]
+
+    def host_weight(self, name: str) -> np.ndarray:
+        """Weight ``name`` as a host copy in Keras' layout."""
+        return self.to_keras_layout(name, self.backend.to_numpy(self._arrays()[name])).copy()
+
+    @property
+    def weights(self) -> list[Weight]:
+        """Every weight as a :class:`Weight`, in :meth:`get_weights`' order; none before the
+        layer is built, as in Keras."""
+        return [Weight(self, n) for n in self.present_weight_names()] if self.built else []
+
+    @property
+    def trainable_weights(self) -> list[Weight]:
+        """The weights the optimiser updates: the parameters, unless the layer is frozen."""
+        return [w for w in self.weights if w.trainable]
+
+    @property
+    def non_trainable_weights(self) -> list[Weight]:
+        """The other weights: state (BatchNorm's moving statistics), and a frozen layer's
+        parameters."""
+        return [w for w in self.weights if not w.trainable]
 
     def to_keras_layout(self, name: str, a: np.ndarray) -> np.ndarray:
         """A host array shaped like weight ``name`` as stored (its optimiser slots too), in
@@ -472,29 +491,32 @@ class Layer:
                 f"layer {self.name!r} expects {len(names)} weight arrays ({', '.join(names)}), "
                 f"got {len(weights)}"
             )
-        checked = []
+        return [(n, self.checked_weight(n, w)) for n, w in zip(names, weights, strict=True)]
+
+    def checked_weight(self, name: str, w: Any) -> np.ndarray:
+        """Weight ``name``'s new value ``w``, in Keras' layout, checked (its shape, a real
+        dtype, no finite values the layer's dtype would turn into infinity), as a host array in
+        the layer's own layout."""
+        w = np.asarray(w)
+        shape = self.keras_shape(name)
+        if tuple(w.shape) != shape:
+            raise InputError(f"layer {self.name!r} weight {name!r} must have shape {shape}, "
+                             f"got {tuple(w.shape)}")
+        if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
+            raise InputError(f"layer {self.name!r} weight {name!r} must be real, got {w.dtype}")
+        # Finite values the cast would turn into infinity are refused, as a model's build
+        # refuses to round float64 weights (NaN and infinity given stay, as in Keras);
+        # looked for only where w's dtype can hold them (no pass over float32 weights).
         largest = float(self.xp.finfo(self.dtype).max)
-        for n, w in zip(names, weights, strict=True):
-            w = np.asarray(w)
-            shape = self.keras_shape(n)
-            if tuple(w.shape) != shape:
-                raise InputError(f"layer {self.name!r} weight {n!r} must have shape {shape}, "
-                                 f"got {tuple(w.shape)}")
-            if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
-                raise InputError(f"layer {self.name!r} weight {n!r} must be real, got {w.dtype}")
-            # Finite values the cast would turn into infinity are refused, as a model's build
-            # refuses to round float64 weights (NaN and infinity given stay, as in Keras);
-            # looked for only where w's dtype can hold them (no pass over float32 weights).
-            wide = float((np.finfo if w.dtype.kind == "f" else np.iinfo)(w.dtype).max)
-            finite = w[np.isfinite(w)] if wide > largest else w[:0]
-            peak = max(float(finite.max()), -float(finite.min())) if finite.size else 0.0
-            if peak > largest:
-                dtype = dtype_name(self.dtype)
-                raise InputError(f"layer {self.name!r} weight {n!r} holds values beyond the "
-                                 f"range of {dtype}, the layer's dtype (up to {peak:.3g}; "
-                                 f"{dtype} ends at {largest:.3g}), which would become infinity")
-            checked.append((n, self.from_keras_layout(n, w)))
-        return checked
+        wide = float((np.finfo if w.dtype.kind == "f" else np.iinfo)(w.dtype).max)
+        finite = w[np.isfinite(w)] if wide > largest else w[:0]
+        peak = max(float(finite.max()), -float(finite.min())) if finite.size else 0.0
+        if peak > largest:
+            dtype = dtype_name(self.dtype)
+            raise InputError(f"layer {self.name!r} weight {name!r} holds values beyond the "
+                             f"range of {dtype}, the layer's dtype (up to {peak:.3g}; "
+                             f"{dtype} ends at {largest:.3g}), which would become infinity")
+        return self.from_keras_layout(name, w)
 
     def assign_weights(self, checked: list[tuple[str, np.ndarray]]) -> None:
         """Replace the weights by :meth:`checked_weights`' pairs."""
@@ -571,6 +593,59 @@ class Layer:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "name")
         return f"{type(self).__name__}({args})"
+
+
+@dataclass(frozen=True, repr=False)
+class Weight:
+    """One weight of a built layer, as Keras shows its variables (``model.weights``,
+    ``layer.trainable_weights``): a handle on the layer's array, read when asked (nothing
+    leaves the device before :meth:`numpy`), equal to any other handle on the same weight."""
+
+    layer: Layer
+    name: str  # (the layer's own name for it, as Keras 3 names a variable: "kernel")
+
+    @property
+    def path(self) -> str:
+        """Unique in a model, as Keras 3's: the layer's name and the weight's,
+        ``"conv2d/kernel"``."""
+        return f"{self.layer.name}/{self.name}"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """In Keras' layout, as :meth:`numpy` gives it."""
+        return self.layer.keras_shape(self.name)
+
+    @property
+    def dtype(self) -> str:
+        """The name of the dtype it is held in (float32 under mixed precision too)."""
+        return dtype_name(self.layer.dtype)
+
+    @property
+    def trainable(self) -> bool:
+        """As in Keras: a parameter of a layer that is not frozen (state never is)."""
+        return self.layer.trainable and self.name in self.layer.params
+
+    def numpy(self) -> np.ndarray:
+        """A host copy in Keras' layout, as :meth:`Layer.get_weights` gives it."""
+        return self.layer.host_weight(self.name)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        if copy is False:  # (NumPy 2's protocol: a copy is all there is)
+            raise ValueError(f"weight {self.path!r} is read as a NumPy array only by copying "
+                             "it to the host")
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def assign(self, value: Any) -> None:
+        """Replace the weight by ``value`` (a host array in Keras' layout), checked as
+        :meth:`Layer.set_weights` checks it, in the layer on its device: the optimiser's state
+        stays, as after ``set_weights``."""
+        self.layer._require_built("assign")
+        self.layer.assign_weights([(self.name, self.layer.checked_weight(self.name, value))])
+
+    def __repr__(self) -> str:
+        return (f"<Weight {self.path!r} shape={self.shape} dtype={self.dtype} "
+                f"trainable={self.trainable}>")
 
 
 def _shape(shape: Any, layer: Layer) -> Shape | tuple[Shape, ...]:

@@ -309,7 +309,9 @@ _SGD, _SGD_AT = _update_kernels("sgd", "T wd, T mom, bool nesterov", ("lr",), ""
     }
     """)
 # (each array read once and written once, through locals, as _SGD: tests/kernel_trace.py
-# counted the parameter read three times and, decoupled, written twice)
+# counted the parameter read three times and, decoupled, written twice; a third slot where
+# ``slots`` counts one, AMSGrad's largest second moment, which the denominator then takes: the
+# larger, or a NaN of either, as xp.maximum keeps it)
 _ADAM, _ADAM_AT = _update_kernels(
     "adam", "T wd, bool decoupled, T b1, T c1, T b2, T c2, T eps", ("decay", "step", "bc2"), """
     T& m_at = ((T*)table[row + 2])[e];
@@ -318,9 +320,15 @@ _ADAM, _ADAM_AT = _update_kernels(
     if (decoupled) w = w * decay;
     else if (wd != (T)0) grad = grad + wd * w;
     const T m = b1 * m_at + c1 * grad;
-    const T v = b2 * v_at + c2 * (grad * grad);
+    T v = b2 * v_at + c2 * (grad * grad);
     m_at = m;
     v_at = v;
+    if (slots > 2) {
+        T& vhat_at = ((T*)table[row + 4])[e];
+        const T vhat = vhat_at;
+        if (!(v > vhat || v != v)) v = vhat;
+        vhat_at = v;
+    }
     p = w - step * m / (sqrt(v / bc2) + eps);
     """)
 
@@ -1979,10 +1987,12 @@ class CupyKernels(StandardKernels):
 
     def adam_update(self, params: list[Any], grads: list[Any], ms: list[Any], vs: list[Any],
                     decay: Any, step: Any, bc2: Any, weight_decay: float, decoupled: bool,
-                    beta_1: float, beta_2: float, epsilon: float, apply: Any = None) -> None:
-        """``decay``, ``step``, ``bc2``: as :meth:`adam_scalars` gives them (or Python floats)."""
+                    beta_1: float, beta_2: float, epsilon: float, apply: Any = None,
+                    vhats: list[Any] | None = None) -> None:
+        """``decay``, ``step``, ``bc2``: as :meth:`adam_scalars` gives them (or Python floats);
+        ``vhats``: AMSGrad's largest second moments (None without it)."""
         self._launch_updates(
-            _ADAM if _by_value(decay) else _ADAM_AT, self._by_dtype(params, grads, ms, vs),
+            _ADAM if _by_value(decay) else _ADAM_AT, self._by_dtype(params, grads, ms, vs, vhats),
             (weight_decay, decoupled, beta_1, 1.0 - beta_1, beta_2, 1.0 - beta_2, epsilon),
             (decay, step, bc2), apply)
 

@@ -748,20 +748,24 @@ class NumpyKernels(StandardKernels):
 
     def adam_update(self, params: list[Any], grads: list[Any], ms: list[Any], vs: list[Any],
                     decay: Any, step: Any, bc2: Any, weight_decay: float, decoupled: bool,
-                    beta_1: float, beta_2: float, epsilon: float, apply: Any = None) -> None:
+                    beta_1: float, beta_2: float, epsilon: float, apply: Any = None,
+                    vhats: list[Any] | None = None) -> None:
         """``decay``, ``step``, ``bc2``: as :meth:`StandardKernels.adam_scalars` gives them (as
-        Python floats here: they meet each parameter in its own dtype)."""
+        Python floats here: they meet each parameter in its own dtype); ``vhats``: AMSGrad's
+        largest second moments (None without it)."""
         if apply is not None and not apply:
             return
         decay, step, bc2 = float(decay), float(step), float(bc2)
 
-        def update(p: Any, g: Any, m: Any, v: Any) -> None:
+        def update(p: Any, g: Any, m: Any, v: Any, vhat: Any = None) -> None:
             if weight_decay and not decoupled:
                 g = g + weight_decay * p
             np.multiply(m, beta_1, out=m)
             np.add(m, (1.0 - beta_1) * g, out=m)
             np.multiply(v, beta_2, out=v)
             np.add(v, (1.0 - beta_2) * (g * g), out=v)
+            if vhat is not None:
+                v = np.maximum(vhat, v, out=vhat)
             denom = np.sqrt(v / bc2)
             np.add(denom, epsilon, out=denom)
             change = np.multiply(step, m)
@@ -773,7 +777,7 @@ class NumpyKernels(StandardKernels):
             else:
                 np.subtract(p, change, out=p)
 
-        self._update_blocks(update, params, grads, ms, vs)
+        self._update_blocks(update, params, grads, ms, vs, vhats)
 
     def rmsprop_update(self, params: list[Any], grads: list[Any], vs: list[Any],
                        means: list[Any] | None, bufs: list[Any] | None, lr: Any,

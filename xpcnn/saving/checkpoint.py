@@ -19,8 +19,12 @@ A checkpoint is an ``.npz`` of plain arrays, read without pickle
   correction), the loss-scaling state, each random layer's ``seed`` and ``calls`` counter, the
   position (epoch, and batches done in it: the shuffling order is a function of the seed and the
   epoch's number, which the fit's ``epoch_offset`` continues from earlier fits), the running
-  sums of the epoch in progress, the history of the epochs done, and a fingerprint of the
-  training data and ``fit`` arguments, which a resumed run must match.
+  sums of the epoch in progress, the history of the epochs done, a fingerprint of the
+  training data and ``fit`` arguments, which a resumed run must match, whether a callback
+  stopped the run (``stopped``: resumed, it trains no more), and the state of the run's
+  callbacks that keep one (``callbacks``: class name and ``get_state()`` of each, in order; the
+  lists of NumPy arrays in a state, such as ``EarlyStopping``'s best weights, are the entries
+  ``callback.{i}.{name}.{k}``).
 
 Files are written atomically (temporary file, fsync, rename), so the path always holds the last
 complete checkpoint, whatever moment the process dies. Before writing, every weight and slot is
@@ -36,6 +40,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -115,8 +120,12 @@ class Checkpoint:
 
 def save_checkpoint(model: Any, path: str | os.PathLike[str],
                     progress: Progress | None = None, history: History | None = None,
-                    run: dict[str, Any] | None = None) -> None:
-    """Write ``model``'s whole training state to ``path``, atomically.
+                    run: dict[str, Any] | None = None,
+                    callbacks: list[tuple[str, dict[str, Any] | None]] | None = None,
+                    stopped: bool = False) -> None:
+    """Write ``model``'s whole training state to ``path``, atomically; ``callbacks``, the
+    class name and state of each callback that keeps one (:func:`callback_states`), and
+    ``stopped``, whether a callback ended the run, where ``fit`` writes it.
 
     Raises :class:`NonFiniteError`, and leaves ``path`` untouched, when a weight or an optimiser
     slot holds NaN or infinity.
@@ -151,7 +160,11 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
         "history": {"epoch": list(history.epoch), "history": history.history,
                     "sparse": history.sparse},
         "run": run or {},
+        "stopped": bool(stopped),
     }
+    states, state_arrays = _states_entry(callbacks or [])
+    if callbacks is not None:
+        config["callbacks"] = states
     # Each weight and slot is checked on the host copy that is written (one transfer each).
     stopped = f"training stopped after step {opt.iterations}"
     kept = f"the checkpoint {path} was not overwritten"
@@ -161,7 +174,7 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
                 f"infinity; {kept} and still holds the last good state")
 
     arrays = {CONFIG_KEY: config_entry(config, f"the checkpoint {path} was not written"),
-              **weight_arrays(model, refusal)}
+              **weight_arrays(model, refusal), **state_arrays}
     owners = _slot_owners(model)
     for name, slot in slots.items():
         for k, (a, (layer, weight)) in enumerate(zip(slot, owners, strict=True)):
@@ -172,6 +185,42 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
             arrays[f"slot.{name}.{k}"] = host
     write_npz_atomic(target, arrays)
     remove_leftovers(target)
+
+
+def callback_states(callbacks: list[Any], written_by: Any = None
+                    ) -> list[tuple[str, dict[str, Any] | None]]:
+    """(class name, ``get_state()``) of each of ``callbacks`` (those that keep a state, in
+    order), for :func:`save_checkpoint`; written from inside ``written_by``'s hook (a
+    ModelCheckpoint's), the callbacks after it have not run that hook yet: their state is not
+    known (None), and such a file is not resumed while they are there."""
+    states: list[tuple[str, dict[str, Any] | None]] = []
+    after = False
+    for cb in callbacks:
+        states.append((type(cb).__name__, None if after else cb.get_state()))
+        after = after or cb is written_by
+    return states
+
+
+def _states_entry(states: list[tuple[str, dict[str, Any] | None]]
+                  ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """The JSON entry of callback ``states`` and their arrays: a value that is a list of NumPy
+    arrays goes to the entries ``callback.{i}.{name}.{k}``, its length to ``arrays``."""
+    entry, arrays = [], {}
+    for i, (name, state) in enumerate(states):
+        plain, counts = {}, {}
+        for key, value in (state or {}).items():
+            if isinstance(value, list | tuple) and value and all(
+                    isinstance(a, np.ndarray) for a in value):
+                if not key.isidentifier():  # (part of the entries' names)
+                    raise InputError(f"the state of callback {name} holds arrays under "
+                                     f"{key!r}: name them with letters, digits and '_'")
+                counts[key] = len(value)
+                arrays.update({f"callback.{i}.{key}.{k}": a for k, a in enumerate(value)})
+            else:
+                plain[key] = value
+        entry.append({"class": name, "state": None if state is None else plain,
+                      "arrays": counts})
+    return entry, arrays
 
 
 def _slot_owners(model: Any, trainable: list[bool] | None = None) -> list[tuple[Any, str]]:
@@ -228,6 +277,12 @@ def restore_checkpoint(model: Any, path: str | os.PathLike[str]) -> Checkpoint:
 def _check_compatible(model: Any, config: dict[str, Any], npz: NpzArchive) -> None:
     """Refuse a checkpoint of another architecture or compile settings (``model`` built for
     the file's input shape if it was not built yet: the caller undoes that)."""
+    _check_architecture(model, config, npz)
+    _check_compile(model, config, npz.path)
+
+
+def _check_architecture(model: Any, config: dict[str, Any], npz: NpzArchive) -> None:
+    """Refuse a checkpoint of another architecture (or an uncompiled ``model``)."""
     path = npz.path
     if model.loss is None or model.optimizer is None:
         raise InputError("restoring a checkpoint needs a compiled model (compile(...) first)")
@@ -237,15 +292,29 @@ def _check_compatible(model: Any, config: dict[str, Any], npz: NpzArchive) -> No
     check_file_entries(npz, mconf, checkpoint=True)
     build_for(model, mconf, npz)
     check_architecture(model, mconf, path)
+
+
+def _check_compile(model: Any, config: dict[str, Any], path: str) -> None:
+    """Refuse a checkpoint of other compile settings (its architecture checked already)."""
+    mconf = config["model"]
     mine = normal(model_config(model, checked=False).get("compile"))
     theirs = compile_settings(mconf.get("compile"))
+    if _acc_logged_as_accuracy(model, theirs):
+        theirs = {**theirs, "metrics": ["acc"]}
     if mine != theirs:
         diff = "; ".join(f"{k} is {a!r} there and {b!r} here"
                          for k, a, b in _differences(theirs, mine)[:4])
         raise InputError(f"{path} was written by a model compiled otherwise ({diff}): compile it "
-                         "the same way to resume (with `xpcnn train`: the same --epochs, "
-                         "--optimizer, --lr, --schedule and --precision, since the schedule "
-                         "spans the whole run)")
+                         "the same way to resume (a schedule spans the whole run: its length "
+                         "counts the steps of all its epochs)")
+
+
+def _acc_logged_as_accuracy(model: Any, theirs: Any) -> bool:
+    """Whether the file may be one that xpcnn wrote before it logged ``metrics=["acc"]`` under
+    that name (it logged and saved "accuracy" then), for a model compiled with it: the same run,
+    to resume (its history's keys renamed)."""
+    return list(model.metrics) == ["acc"] and isinstance(theirs, dict) and theirs.get(
+        "metrics") == ["accuracy"]
 
 
 def _differences(a: Any, b: Any, where: str = "compile") -> list[tuple[str, Any, Any]]:
@@ -342,6 +411,12 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     begun = _int(config.get("epochs_begun", offset + progress.epoch + (progress.step > 0)),
                  "epochs_begun", path)
     history = _history(config.get("history"), path)
+    if _acc_logged_as_accuracy(model, compile_settings(config["model"].get("compile"))):
+        for old, new in (("accuracy", "acc"), ("val_accuracy", "val_acc")):
+            if old in history.history:
+                history.history[new] = history.history.pop(old)
+            if old in history.sparse:
+                history.sparse[new] = history.sparse.pop(old)
     run = config.get("run")
     if not isinstance(run, dict):
         raise bad("no run description")
@@ -392,6 +467,34 @@ def progress_within(model: Any, epoch: int, step: int) -> Progress:
     device), so that a run resumed from it continues there."""
     loss_sum, correct, seen, t0 = model._epoch_sums()
     return Progress(epoch, step, loss_sum, correct, seen, time.perf_counter() - t0)
+
+
+def _callback_states(config: dict[str, Any], npz: NpzArchive, model: Any
+                     ) -> list[tuple[str, dict[str, Any] | None]] | None:
+    """The callback states of a checkpoint (None: a file written before they were kept), their
+    arrays read back into them (each at most as large as the model's weights together)."""
+    entry = config.get("callbacks")
+    if entry is None:
+        return None
+    bad = DataFormatError(f"{npz.path}: invalid checkpoint: bad callbacks entry")
+    if not isinstance(entry, list):
+        raise bad
+    limit = array_bytes(model.count_params())
+    states: list[tuple[str, dict[str, Any] | None]] = []
+    for i, e in enumerate(entry):
+        if not (isinstance(e, dict) and isinstance(e.get("class"), str)
+                and isinstance(e.get("state"), dict | None) and isinstance(e.get("arrays"), dict)
+                and all(type(n) is int and n >= 0 for n in e["arrays"].values())):
+            raise bad
+        state = None if e["state"] is None else dict(e["state"])
+        for key, n in e["arrays"].items():
+            names = [f"callback.{i}.{key}.{k}" for k in range(n)]
+            if state is None or any(name not in npz.entries for name in names):
+                raise DataFormatError(f"{npz.path}: invalid checkpoint: the arrays {key!r} of "
+                                      f"callback {e['class']} are missing")
+            state[key] = [npz.read(name, limit) for name in names]
+        states.append((e["class"], state))
+    return states
 
 
 def _history(h: Any, path: str) -> History:
@@ -448,16 +551,39 @@ def fingerprint(x: np.ndarray, targets: np.ndarray, batch_size: int, seed: int,
                {"sample_weight_crc32": zlib.crc32(np.ascontiguousarray(weights).data)})}
 
 
+def check_run(path: str, theirs: Any, ours: dict[str, Any]) -> None:
+    """Refuse to resume the checkpoint at ``path``, whose run description is ``theirs``, in a
+    run described by ``ours`` (:func:`fingerprint`, ``class_weight``), naming what differs."""
+    ours = normal(ours)
+    if theirs == ours:
+        return
+    if not theirs:
+        raise InputError(f"{path} holds no description of the data and fit arguments of its run "
+                         "(written by save_checkpoint, or by a ModelCheckpoint of an earlier "
+                         "version), so resuming it cannot be checked: resume from a file of "
+                         "fit(checkpoint=...), BackupAndRestore or ModelCheckpoint, or start "
+                         "afresh with resume=False")
+    keys = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    values = "; ".join(f"{k} is {theirs.get(k)!r} there and {ours.get(k)!r} here"
+                       for k in keys[:4])
+    raise InputError(f"{path} was written by a run with other data or fit arguments (they differ "
+                     f"in {', '.join(keys)}): {values}; resume with the same data, batch_size, "
+                     "seed, shuffle and class_weight, or start afresh with resume=False")
+
+
 class FitCheckpoints:
     """The checkpoints of one ``fit`` (run by :class:`~xpcnn.callbacks.BackupAndRestore`, which
     checked the arguments): restores at the start, writes after every ``every`` steps (an int)
-    and at the end of every epoch."""
+    and at the end of every epoch. ``callbacks``: those of the run that keep a state
+    (``get_state``/``set_state``), saved with it and restored into the resumed run's."""
 
     def __init__(self, model: Any, path: str | os.PathLike[str], every: int | str,
-                 resume: bool, run: dict[str, Any], steps_per_epoch: int, verbose: int) -> None:
+                 resume: bool, run: dict[str, Any], steps_per_epoch: int, verbose: int,
+                 callbacks: list[Any] | None = None) -> None:
         self.model, self.path, self.every = model, os.fspath(path), every
         self.resume, self.run, self.steps = resume, run, steps_per_epoch
-        self.verbose = verbose
+        self.verbose, self.callbacks = verbose, list(callbacks or [])
+        self.stopped = False  # the checkpoint resumed from was of a run a callback stopped
         self.interrupted = False  # a Ctrl-C reached this process
         self.stopping = False  # one reached this process or another rank: checkpoint, stop
 
@@ -507,13 +633,11 @@ class FitCheckpoints:
                              f"run has {ours}: resume it on {theirs} (mpiexec -n {theirs} ...), "
                              "since the global batch, and so every later step, depends on the "
                              "number of processes")
-        _check_compatible(self.model, config, npz)
-        if run != mine:  # checked before the model is touched
-            diff = sorted(k for k in set(run) | set(mine) if run.get(k) != mine.get(k))
-            raise InputError(
-                f"{self.path} was written by a run with other data or fit arguments (they differ "
-                f"in {', '.join(diff)}): resume with the same x, y, batch_size, seed and shuffle, "
-                "or start afresh with resume=False")
+        # (the data and fit arguments before the compile settings: they change a schedule's
+        # length, which those would otherwise be blamed for; all before the model is touched)
+        _check_architecture(self.model, config, npz)
+        check_run(self.path, run, mine)
+        _check_compile(self.model, config, self.path)
         progress = _progress(config.get("progress"), self.path)
         # (no sample seen inside an epoch, but sums: corrupt; none of either is a train_step
         # of the user's that records nothing)
@@ -521,11 +645,55 @@ class FitCheckpoints:
                                           and (progress.loss_sum or progress.correct)):
             raise DataFormatError(f"{self.path}: invalid checkpoint: step {progress.step} of an "
                                   f"epoch of {self.steps} steps, {progress.seen} samples seen")
-        ckpt = _restore(self.model, config, npz)
+        states = self._checked_states(_callback_states(config, npz, self.model))
+        stopped = config.get("stopped", False)
+        if not isinstance(stopped, bool):
+            raise DataFormatError(f"{self.path}: invalid checkpoint: stopped is {stopped!r}, "
+                                  "expected true or false")
+        fresh = [cb.get_state() for cb in self.callbacks]
+        try:  # (a refused resume leaves the callbacks as they were too)
+            for cb, state in zip(self.callbacks, states or fresh, strict=True):
+                try:
+                    cb.set_state(state)
+                except (TypeError, ValueError, KeyError) as e:
+                    raise DataFormatError(f"{self.path}: invalid checkpoint: the state of "
+                                          f"callback {type(cb).__name__}: {e}") from e
+            ckpt = _restore(self.model, config, npz)
+        except BaseException:
+            for cb, state in zip(self.callbacks, fresh, strict=True):
+                cb.set_state(state)
+            raise
+        self.stopped = stopped
         if self.verbose:
             print(f"resuming from {self.path}: epoch {ckpt.epoch + 1}, {ckpt.step}/"
                   f"{self.steps} steps done")
         return ckpt.history, ckpt.progress
+
+    def _checked_states(self, states: list[tuple[str, dict[str, Any] | None]] | None
+                        ) -> list[dict[str, Any]] | None:
+        """The file's callback states, for this run's callbacks; None where they start afresh,
+        with a one-line warning: a file written before states were kept, or one of a run whose
+        callbacks that keep a state differ from this run's (class and order). Refused where
+        one's state is unknown (a ModelCheckpoint's file written before it ran)."""
+        ours = [type(cb).__name__ for cb in self.callbacks]
+        theirs = None if states is None else [name for name, _ in states]
+        if states is None or theirs != ours:
+            if ours or theirs:
+                held = "no callback states (an earlier version's file)" if theirs is None else \
+                    f"the states of the callbacks {theirs}"
+                warnings.warn(f"xpcnn: {self.path} holds {held}, and this run's callbacks that "
+                              f"keep one are {ours}: they start afresh (the same callbacks, in "
+                              "the same order, go on from the file)", RuntimeWarning,
+                              stacklevel=2)
+            return None
+        unknown = [name for name, state in states if state is None]
+        if unknown:
+            raise InputError(f"{self.path} was written by a ModelCheckpoint before "
+                             f"{', '.join(unknown)} (after it in callbacks) had run for that "
+                             "point, so their state is not in the file and the run cannot go "
+                             "on exactly: resume from fit(checkpoint=...)'s or BackupAndRestore's "
+                             "file, or list the ModelCheckpoint after them")
+        return [state for _, state in states]  # type: ignore[misc]
 
     def due(self, epoch: int, step: int) -> bool:
         """Whether batch ``step`` (1-based) of ``epoch`` ends with a checkpoint: every
@@ -540,12 +708,13 @@ class FitCheckpoints:
         if self.model._parallel is not None:  # every rank saves the same BatchNorm statistics
             self.model._parallel.average_state()
         save_checkpoint(self.model, self.path, progress_within(self.model, epoch, step),
-                        history, self.run)
+                        history, self.run, callback_states(self.callbacks))
         self._stop_if_interrupted(epoch, step)
 
     def after_epoch(self, epoch: int, history: History) -> None:
         self._stopping()  # (a Ctrl-C since the last step, during validation say)
-        save_checkpoint(self.model, self.path, Progress(epoch + 1), history, self.run)
+        save_checkpoint(self.model, self.path, Progress(epoch + 1), history, self.run,
+                        callback_states(self.callbacks), self.model.stop_training)
         self._stop_if_interrupted(epoch, self.steps)
 
     def _stopping(self) -> bool:

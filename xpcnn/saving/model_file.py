@@ -29,7 +29,7 @@ from ..files import written_file
 from ..graph import Inbound, check_graph, inbound_of
 from ..layers import BatchNorm2D, Conv2D, Dense
 from ..layers.base import LAYER_TYPES, Layer
-from ..losses import SoftmaxCrossEntropy
+from ..losses import loss_from_config
 from ..optim import optimizer_from_config
 from .npz import (
     CONFIG_KEY,
@@ -78,6 +78,7 @@ def model_config(model: Any, compiled: bool = True, checked: bool = True) -> dic
     config: dict[str, Any] = {"format": FORMAT, "version": VERSION, **model.get_config()}
     if compiled and model.loss is not None and model.optimizer is not None:
         if checked:
+            model.loss.check_config()
             model.optimizer.check_config()
         config["compile"] = {"loss": model.loss.get_config(),
                              "optimizer": model.optimizer.get_config(),
@@ -105,19 +106,22 @@ def weight_arrays(model: Any, refusal: Callable[[Layer, str], str]) -> dict[str,
     return arrays
 
 
-def save_model(model: Any, path: str | os.PathLike[str]) -> None:
-    """Write ``model``'s architecture, compile settings and weights to ``path``, atomically."""
-    path = checks.file_path(path, "the model file")
-    model._require_built("save")
+def save_model(model: Any, path: str | os.PathLike[str], weights_only: bool = False) -> None:
+    """Write ``model``'s architecture, compile settings and weights to ``path``, atomically;
+    ``weights_only`` (``Model.save_weights``): without the compile settings, the file of an
+    uncompiled model (the architecture stays: ``load_weights`` checks it)."""
+    what = "the weights file" if weights_only else "the model file"
+    path = checks.file_path(path, what)
+    model._require_built("save_weights" if weights_only else "save")
     if not distributed.is_root():  # one writer: rank 0 (all ranks hold the same weights)
         return
-    target = written_file(checks.output_file(path, "the model file"))
+    target = written_file(checks.output_file(path, what))
 
     def refusal(layer: Layer, weight: str) -> str:
         return (f"the weights of layer {layer.name!r} ({weight}) hold NaN or infinity: {path} "
                 "was not written")
 
-    config = model_config(model)
+    config = model_config(model, compiled=not weights_only)
     if "compile" in config and model.optimizer.lr_factor != 1.0:
         # (the rate a callback or the user set, as Keras' file keeps the optimiser's learning
         # rate; a checkpoint keeps it with the rest of the optimiser's state)
@@ -174,15 +178,23 @@ def _unwritable_part(config: dict[str, Any]) -> str:
 # -- reading ----------------------------------------------------------------------------------
 
 
-def load_model(path: str | os.PathLike[str], device: DeviceLike = "cpu") -> Any:
+def load_model(path: str | os.PathLike[str], device: DeviceLike = "cpu",
+               compile: bool = True) -> Any:
     """Load a model written by ``Model.save`` onto ``device``.
 
     A checkpoint (:mod:`xpcnn.saving.checkpoint`) loads too: its model, with the weights it
-    holds and the learning rate it was at (as a model file keeps it).
+    holds and the learning rate it was at (as a model file keeps it); so does a file of
+    ``Model.save_weights``, which holds the architecture: its model uncompiled.
+    ``compile=False`` (as in Keras) leaves the model uncompiled whatever the file holds: its
+    compile settings and optimiser state are not read (a user's optimiser or schedule class
+    need not be defined), and ``fit`` asks for ``compile`` first.
     """
+    compile = checks.flag(compile, "compile")
     with NpzArchive(path, "the model file") as npz:
         raw = npz.read_config()
         config, checkpoint = model_of_file(raw, npz.path)
+        if not compile and isinstance(config, dict):
+            config = {k: v for k, v in config.items() if k != "compile"}
         state = raw.get("optimizer") if checkpoint else None
         factor = state.get("lr_factor") if isinstance(state, dict) else None
         if factor is not None and isinstance(config, dict) and isinstance(
@@ -229,10 +241,11 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
                 raise DataFormatError(f"{path}: invalid model configuration: compile metrics is "
                                       f"{compiled['metrics']!r}, expected a list of names such "
                                       "as ['accuracy']")
-            loss = SoftmaxCrossEntropy(**compiled["loss"])
+            loss = loss_from_config(compiled["loss"])
             optimizer = optimizer_from_config(compiled["optimizer"])
-        slots = optimizer.slot_names if with_slots and optimizer is not None else ()
-        check_entries(npz, layers, slots)
+        # (a checkpoint loaded uncompiled: its optimiser is not read, nor are its slots)
+        slots = None if optimizer is None else optimizer.slot_names
+        check_entries(npz, layers, slots if with_slots else ())
         check_sizes(layers, input_shape, npz, graph_of(config, layers, path))
         model = cls.from_config(config, layers, device)
         model.build(input_shape)
@@ -324,13 +337,16 @@ def graph_of(config: dict[str, Any], layers: list[Layer], path: str) -> list[Inb
     return inbound
 
 
-_ENTRY = re.compile(r"layer(\d+)\.(\d+)|slot\.(\w+)\.(\d+)")
+# (``callback.{i}.{name}.{k}``: a checkpoint's callback states, which only a resumed fit reads)
+_ENTRY = re.compile(r"layer(\d+)\.(\d+)|slot\.(\w+)\.(\d+)|callback\.\d+\.\w+\.\d+")
 
 
-def check_entries(npz: NpzArchive, layers: list[Layer], slot_names: Collection[str]) -> None:
+def check_entries(npz: NpzArchive, layers: list[Layer], slot_names: Collection[str] | None
+                  ) -> None:
     """Refuse, before inflating anything, an entry that the architecture has no place for:
     weight ``j`` of layer ``i`` exists only where that layer has a ``j``-th weight, and optimiser
-    slots (``slot.{name}.{k}``) only in a checkpoint, under its optimiser's slot names."""
+    slots (``slot.{name}.{k}``) only in a checkpoint, under its optimiser's slot names (any,
+    where ``slot_names`` is None: an optimiser not read, whose slots are not either)."""
     params = sum(len(la.weight_names) for la in layers)
     for key in npz.entries:
         if key == CONFIG_KEY:
@@ -338,7 +354,8 @@ def check_entries(npz: NpzArchive, layers: list[Layer], slot_names: Collection[s
         m = _ENTRY.fullmatch(key)
         ok = m is not None and (
             (int(m[1]) < len(layers) and int(m[2]) < len(layers[int(m[1])].weight_names))
-            if m[1] is not None else (m[3] in slot_names and int(m[4]) < params))
+            if m[1] is not None else ((slot_names is None or m[3] in slot_names)
+                                      and int(m[4]) < params) if m[3] is not None else True)
         if not ok:
             raise DataFormatError(f"{npz.path}: unexpected entry {key!r}: this model has no "
                                   "place for it (the file is corrupt or not an xpcnn file); "

@@ -1,0 +1,379 @@
+"""The loss as Keras and PyTorch users write it: ``from_logits`` checked against the model's last
+layer, the metrics logged under the names compile was given, and a SoftmaxCrossEntropy
+subclass's own ``forward`` trained on (xpcnn's own class keeping its fused kernels)."""
+
+import numpy as np
+import pytest
+
+import xpcnn
+from xpcnn import SoftmaxCrossEntropy
+from xpcnn.callbacks import EarlyStopping, ModelCheckpoint
+from xpcnn.errors import DataFormatError, InputError
+from xpcnn.layers import Dense, Flatten, Softmax
+from xpcnn.ops.kernels import kernels_for
+from xpcnn.saving import Progress, load_checkpoint, save_checkpoint
+from xpcnn.saving.npz import CONFIG_KEY, decode_json
+
+RNG = np.random.default_rng(7)
+X = RNG.integers(0, 256, (12, 2, 2, 1)).astype(np.float32) / 255
+Y = np.arange(12) % 3
+
+
+def net(last: str, input_shape=(2, 2, 1), **kwargs) -> xpcnn.Sequential:
+    """A tiny classifier ending in a Softmax layer ("layer"), a Dense softmax activation
+    ("activation") or logits ("logits"); built where ``input_shape`` is given."""
+    layers = {"layer": [Flatten(), Dense(3), Softmax()],
+              "activation": [Flatten(), Dense(3, activation="softmax")],
+              "logits": [Flatten(), Dense(3)]}[last]
+    return xpcnn.Sequential(layers, input_shape=input_shape, seed=0, **kwargs)
+
+
+# -- from_logits ----------------------------------------------------------------------------------
+
+TWICE = (r"SoftmaxCrossEntropy\(from_logits=True\) takes the model's outputs as logits, but its "
+         r"last layer '{name}' \({cls}, {n} of {n}\) turns them into probabilities \(Keras would "
+         r"apply the softmax twice\): remove that softmax \(predict then returns logits\), or pass "
+         r"from_logits=False \(or None\)")
+LOG_OF_LOGITS = (r"SoftmaxCrossEntropy\(from_logits=False\) takes the model's outputs as "
+                 r"probabilities, but its last layer 'dense' \(Dense, 2 of 2\) gives logits, with "
+                 r"no softmax after it \(Keras would take the log of logits\): end the model in "
+                 r"Softmax\(\) \(or a softmax activation\), or pass from_logits=True \(or None\)")
+
+
+def refusal(last: str, from_logits: bool) -> str:
+    if not from_logits:
+        return LOG_OF_LOGITS
+    return TWICE.format(**({"name": "softmax", "cls": "Softmax", "n": 3} if last == "layer"
+                           else {"name": "dense", "cls": "Dense", "n": 2}))
+
+
+MISMATCHES = [("layer", True), ("activation", True), ("logits", False)]
+
+
+@pytest.mark.parametrize(("last", "from_logits"), MISMATCHES)
+def test_from_logits_that_contradicts_a_built_model_is_refused_at_compile(last, from_logits):
+    model = net(last)
+    with pytest.raises(InputError, match=refusal(last, from_logits)):
+        model.compile(SoftmaxCrossEntropy(from_logits=from_logits), "sgd")
+    assert model.loss is None and model.optimizer is None  # (a refused compile changes nothing)
+
+
+@pytest.mark.parametrize(("last", "from_logits"), MISMATCHES)
+def test_from_logits_that_contradicts_an_unbuilt_model_is_refused_when_a_call_builds_it(
+        last, from_logits):
+    """Compiled before it is built: fit, evaluate and train_on_batch refuse it once they have
+    built it from the data, and leave it unbuilt."""
+    model = net(last, input_shape=None)
+    model.compile(SoftmaxCrossEntropy(from_logits=from_logits), xpcnn.optim.SGD(0.1))
+    for call in (lambda: model.fit(X, Y, epochs=1, verbose=0),
+                 lambda: model.evaluate(X, Y),
+                 lambda: model.train_on_batch(X, Y)):
+        with pytest.raises(InputError, match=refusal(last, from_logits)):
+            call()
+        assert not model.built and model.optimizer.iterations == 0
+
+
+def test_a_train_step_on_a_model_changed_since_compile_is_refused():
+    model = net("logits")
+    model.compile(SoftmaxCrossEntropy(from_logits=True), xpcnn.optim.SGD(0.1))
+    model.add(Softmax())
+    model.build((2, 2, 1))  # (its new end not seen by compile)
+    xb, yb = model.backend.asarray(X), model.backend.asarray(Y)
+    with pytest.raises(InputError, match=TWICE.format(name="softmax", cls="Softmax", n=3)):
+        model.train_step(xb, yb)
+    assert model.optimizer.iterations == 0
+
+
+@pytest.mark.parametrize(("last", "from_logits"), [("layer", False), ("activation", False),
+                                                   ("logits", True)])
+def test_from_logits_that_fits_the_model_trains_as_the_default(last, from_logits):
+    """The loss is the same fused one whatever from_logits says: bit for bit the default's."""
+    runs = []
+    for setting in (None, from_logits):
+        model = net(last, input_shape=None)
+        model.compile(SoftmaxCrossEntropy(from_logits=setting), xpcnn.optim.SGD(0.1))
+        history = model.fit(X, Y, epochs=2, batch_size=4, verbose=0)
+        runs.append((model.get_weights(), history.history["loss"], model.evaluate(X, Y)))
+    (w0, h0, e0), (w1, h1, e1) = runs
+    for a, b in zip(w0, w1, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert h0 == h1 and e0 == e1
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0.0])
+def test_from_logits_must_be_a_bool_or_none(value):
+    with pytest.raises(InputError, match=rf"from_logits must be True, False or None, got "
+                                         rf"{value!r}"):
+        SoftmaxCrossEntropy(from_logits=value)
+
+
+def test_from_logits_round_trips_through_get_config_model_files_and_checkpoints(tmp_path):
+    assert SoftmaxCrossEntropy(0.1, from_logits=True).get_config() == {
+        "label_smoothing": 0.1, "from_logits": True}
+    for setting, last in ((True, "logits"), (False, "layer"), (None, "layer")):
+        config = SoftmaxCrossEntropy(from_logits=setting).get_config()
+        assert SoftmaxCrossEntropy(**config).from_logits is setting
+        model = net(last)
+        model.compile(SoftmaxCrossEntropy(from_logits=setting), xpcnn.optim.SGD(0.1))
+        model.fit(X, Y, epochs=1, batch_size=4, verbose=0)
+        model.save(tmp_path / "m.npz")
+        save_checkpoint(model, tmp_path / "c.npz", Progress(1), model.history)
+        assert xpcnn.load_model(tmp_path / "m.npz").loss.from_logits is setting
+        assert load_checkpoint(tmp_path / "c.npz").model.loss.from_logits is setting
+    # (the default writes the loss as files did before from_logits: they load as None)
+    with np.load(tmp_path / "m.npz") as f:
+        assert decode_json(f[CONFIG_KEY], "m.npz")["compile"]["loss"] == {
+            "label_smoothing": 0.0}
+
+
+def test_a_checkpoint_resumes_only_under_its_from_logits(tmp_path):
+    model = net("logits")
+    model.compile(SoftmaxCrossEntropy(from_logits=True), xpcnn.optim.SGD(0.1))
+    model.fit(X, Y, epochs=1, batch_size=4, verbose=0, checkpoint=tmp_path / "c.npz")
+    other = net("logits")
+    other.compile(SoftmaxCrossEntropy(), xpcnn.optim.SGD(0.1))
+    with pytest.raises(InputError, match=r"compile\.loss\.from_logits is True there and None "
+                                         "here"):
+        other.fit(X, Y, epochs=2, batch_size=4, verbose=0, checkpoint=tmp_path / "c.npz",
+                  resume=True)
+
+
+# -- the metrics' names ---------------------------------------------------------------------------
+
+def trained(metrics, callbacks=None):
+    model = net("layer", input_shape=None)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1), metrics=metrics)
+    history = model.fit(X, Y, epochs=2, batch_size=4, verbose=0, validation_data=(X, Y),
+                        callbacks=callbacks)
+    return model, history
+
+
+def test_acc_is_logged_as_acc_as_in_keras_3(tmp_path):
+    """compile(metrics=["acc"]) names the metric "acc" wherever it shows (Keras 3), with the
+    values "accuracy" has; "accuracy" stays the default."""
+    reference, ref_history = trained(["accuracy"])
+    stop = EarlyStopping(monitor="val_acc", mode="max", patience=5)
+    keep = ModelCheckpoint(str(tmp_path / "m-{epoch}-{val_acc:.3f}.npz"), monitor="val_acc",
+                           mode="max", save_best_only=True)
+    model, history = trained(["acc"], callbacks=[stop, keep])
+    assert model.metrics_names == ("loss", "acc")
+    assert set(history.history) == {"loss", "acc", "val_loss", "val_acc", "seconds"}
+    for key in ("loss", "acc", "val_loss", "val_acc"):
+        assert history.history[key] == ref_history.history[key.replace("acc", "accuracy")]
+    assert model.evaluate(X, Y, return_dict=True) == {
+        "loss": ref_history.history["val_loss"][-1], "acc": ref_history.history["val_accuracy"][-1]}
+    assert set(model.train_on_batch(X, Y, return_dict=True)) == {"loss", "acc"}
+    assert stop.best == max(history.history["val_acc"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"m-1-{history.history['val_acc'][0]:.3f}.npz"]
+    assert xpcnn.Sequential([Flatten(), Dense(3), Softmax()]).metrics_names == (
+        "loss", "accuracy")
+
+
+def test_both_names_log_the_accuracy_under_each_once():
+    model, history = trained(["acc", "accuracy", "acc"])
+    assert model.metrics_names == ("loss", "acc", "accuracy")
+    assert history.history["acc"] == history.history["accuracy"]
+    loss, acc, accuracy = model.evaluate(X, Y)
+    assert acc == accuracy
+
+
+def test_metric_names_round_trip_through_model_files_and_checkpoints(tmp_path):
+    model, _ = trained(["acc"])
+    model.save(tmp_path / "m.npz")
+    assert xpcnn.load_model(tmp_path / "m.npz").metrics_names == ("loss", "acc")
+    again = net("layer", input_shape=None)
+    again.compile(optimizer=xpcnn.optim.SGD(0.1), metrics=["acc"])
+    again.fit(X, Y, epochs=1, batch_size=4, verbose=0, validation_data=(X, Y),
+              checkpoint=tmp_path / "c.npz")
+    ckpt = load_checkpoint(tmp_path / "c.npz")
+    assert ckpt.model.metrics_names == ("loss", "acc")
+    assert set(ckpt.history.history) == {"loss", "acc", "val_loss", "val_acc", "seconds"}
+    resumed = again.fit(X, Y, epochs=2, batch_size=4, verbose=0, validation_data=(X, Y),
+                        checkpoint=tmp_path / "c.npz", resume=True)
+    assert len(resumed.history["val_acc"]) == 2
+
+
+def test_a_checkpoint_of_accuracy_resumes_under_acc_with_its_history_renamed(tmp_path):
+    """Files written before the names were kept hold "accuracy" (what "acc" logged then): they
+    load as that, and a model compiled with "acc" resumes them as the run it was (was:
+    refused, so that an unchanged script could not resume its own run), its History's keys
+    renamed, as a run never interrupted logs them. A file of "acc" is not resumed under
+    "accuracy" (no older xpcnn wrote one)."""
+    def run(metrics, path, epochs, resume):
+        model = net("layer", input_shape=None)
+        model.compile(optimizer=xpcnn.optim.SGD(0.1), metrics=metrics)
+        history = model.fit(X, Y, epochs=epochs, batch_size=4, verbose=0, checkpoint=path,
+                            resume=resume, validation_data=(X, Y))
+        return model, history
+
+    run(["accuracy"], tmp_path / "c.npz", 1, False)
+    assert load_checkpoint(tmp_path / "c.npz").model.metrics_names == ("loss", "accuracy")
+    resumed, history = run(["acc"], tmp_path / "c.npz", 2, True)
+    whole, expected = run(["acc"], tmp_path / "w.npz", 2, False)
+    assert {"acc", "val_acc"} <= set(history.history) and "accuracy" not in history.history
+    for key in ("loss", "acc", "val_loss", "val_acc"):
+        assert history.history[key] == expected.history[key]
+    assert history.epoch == [0, 1] and set(history.history) == set(expected.history)
+    for a, b in zip(resumed.get_weights(), whole.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InputError, match=r"compile\.metrics is \['acc'\] there and "
+                                         r"\['accuracy'\] here"):
+        run(["accuracy"], tmp_path / "w.npz", 3, True)
+
+
+def test_an_unknown_metric_names_both_names_xpcnn_knows():
+    with pytest.raises(InputError, match=r"unknown metrics \['f1'\]; xpcnn supports 'accuracy' "
+                                         r"\(or 'acc'\)"):
+        net("layer").compile(metrics=["acc", "f1"])
+
+
+# -- a subclass's forward -------------------------------------------------------------------------
+
+class Doubled(SoftmaxCrossEntropy):
+    """Twice the cross-entropy (a PyTorch user's ``forward`` override)."""
+
+    def forward(self, xp, logits, y, dtype, weights=None):
+        loss, grad = super().forward(xp, logits, y, dtype, weights)
+        return 2 * loss, 2 * grad
+
+
+class Named(SoftmaxCrossEntropy):
+    """A subclass that changes nothing the loss computes."""
+
+    def get_config(self):
+        return super().get_config()
+
+
+def sgd_reference(x, y, kernel, bias, factor, lr=0.1):
+    """One SGD step of ``factor`` times the mean cross-entropy of softmax(x @ kernel + bias),
+    by hand in float64: (loss, kernel, bias) after it."""
+    x = x.reshape(len(x), -1)
+    z = x @ kernel + bias
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    onehot = np.eye(kernel.shape[1])[y]
+    loss = -factor * np.mean(np.sum(onehot * np.log(p), axis=1))
+    dz = factor * (p - onehot) / len(x)
+    return loss, kernel - lr * x.T @ dz, bias - lr * dz.sum(axis=0)
+
+
+@pytest.fixture
+def spied(monkeypatch):
+    """Counts the calls of the fused softmax cross-entropy kernel of the NumPy backend."""
+    calls = []
+    kernels = type(kernels_for(net("layer").backend))
+    real = kernels.softmax_cross_entropy
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "softmax_cross_entropy", counted)
+    return calls
+
+
+@pytest.mark.parametrize(("loss", "factor", "fused"), [
+    (SoftmaxCrossEntropy(), 1.0, True), (Named(), 1.0, True), (Doubled(), 2.0, False)],
+    ids=["own class", "subclass keeping forward", "subclass doubling forward"])
+@pytest.mark.parametrize("how", ["train_on_batch", "fit"])
+def test_a_subclass_forward_is_what_training_and_evaluation_compute(spied, loss, factor, fused,
+                                                                    how):
+    """Integer labels take the fused kernel with xpcnn's own forward only: a subclass's
+    forward (twice the loss) trains as a hand-computed float64 SGD step of twice the loss,
+    and evaluate reports it (was: bypassed, trained as the plain cross-entropy)."""
+    model = net("layer", dtype="float64")
+    model.compile(loss, xpcnn.optim.SGD(0.1))
+    x, y = X.astype(np.float64), Y
+    kernel, bias = model.get_weights()
+    before, kernel_after, bias_after = sgd_reference(x, y, kernel, bias, factor)
+    if how == "fit":
+        model.fit(x, y, epochs=1, batch_size=len(x), shuffle=False, verbose=0)
+    else:
+        assert model.train_on_batch(x, y, return_dict=True)["loss"] == pytest.approx(
+            before, rel=1e-12)
+    got_kernel, got_bias = model.get_weights()
+    np.testing.assert_allclose(got_kernel, kernel_after, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got_bias, bias_after, rtol=1e-12, atol=1e-15)
+    after, _, _ = sgd_reference(x, y, kernel_after, bias_after, factor)
+    assert model.evaluate(x, y)[0] == pytest.approx(after, rel=1e-12)
+    assert len(spied) == (2 if fused else 0)
+
+
+def test_a_forward_set_on_the_instance_takes_effect_too(spied):
+    loss = SoftmaxCrossEntropy()
+    loss.forward = lambda *args, **kwargs: tuple(2 * a for a in SoftmaxCrossEntropy.forward(
+        loss, *args, **kwargs))
+    model = net("layer", dtype="float64")
+    model.compile(loss, xpcnn.optim.SGD(0.1))
+    x = X.astype(np.float64)
+    kernel, bias = model.get_weights()
+    want, _, _ = sgd_reference(x, Y, kernel, bias, 2.0)
+    assert model.evaluate(x, Y)[0] == pytest.approx(want, rel=1e-12)
+    assert not spied
+
+
+def test_a_subclass_targets_takes_effect_too(spied):
+    """A subclass's ``targets`` (which ``forward`` reads) is not bypassed either: targets
+    smoothed by 0.5 there give the loss of label_smoothing=0.5 (by the fused kernel)."""
+    class Smoothed(SoftmaxCrossEntropy):
+        def targets(self, xp, y, classes, dtype):
+            return super().targets(xp, y, classes, dtype) * 0.5 + 0.5 / classes
+
+    x = X.astype(np.float64)
+    losses = []
+    for loss in (Smoothed(), SoftmaxCrossEntropy(label_smoothing=0.5)):
+        model = net("layer", dtype="float64")
+        model.compile(loss, xpcnn.optim.SGD(0.1))
+        losses.append(model.evaluate(x, Y)[0])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+    assert len(spied) == 1  # (the second model's)
+
+
+def test_a_subclass_forward_that_returns_other_shapes_is_refused_by_name():
+    class PerSample(SoftmaxCrossEntropy):
+        def forward(self, xp, logits, y, dtype, weights=None):
+            _, grad = super().forward(xp, logits, y, dtype, weights)
+            return xp.sum(grad, axis=1), grad
+
+    model = net("layer")
+    model.compile(PerSample(), xpcnn.optim.SGD(0.1))
+    with pytest.raises(InputError, match=r"PerSample\.forward must return \(the loss as a 0-d "
+                                         r"array, its gradient shaped as the logits \(12, 3\)\); "
+                                         r"it returned arrays of shapes \(12,\) and \(12, 3\)"):
+        model.train_on_batch(X, Y)
+    assert model.optimizer.iterations == 0
+
+
+def test_a_loss_subclass_is_saved_by_its_class_and_loads_as_it(tmp_path, monkeypatch):
+    """A model file names a subclass's class, so load_model rebuilds it and trains with its
+    forward (was: loaded as SoftmaxCrossEntropy, its forward silently lost); xpcnn's own loss
+    is written as before (no class). A subclass whose get_config misses a setting of its
+    constructor is refused at save; a file naming a class not defined is refused by name."""
+    from xpcnn.losses import LOSS_CLASSES
+
+    model = net("layer")
+    model.compile(loss=Doubled(label_smoothing=0.1), optimizer=xpcnn.optim.SGD(0.1))
+    model.save(tmp_path / "d.npz")
+    loaded = xpcnn.load_model(tmp_path / "d.npz")
+    assert type(loaded.loss) is Doubled and loaded.loss.label_smoothing == 0.1
+    assert loaded.loss.get_config() == {"class": "Doubled", "label_smoothing": 0.1}
+    assert loaded.evaluate(X, Y, verbose=0)[0] == model.evaluate(X, Y, verbose=0)[0]
+    own = net("layer")
+    own.compile()
+    assert own.loss.get_config() == {"label_smoothing": 0.0}
+
+    class Weighted(SoftmaxCrossEntropy):
+        def __init__(self, factor: float = 2.0) -> None:
+            super().__init__()
+            self.factor = factor
+
+    model.compile(loss=Weighted(3.0))
+    with pytest.raises(InputError, match=r"loss class Weighted's get_config\(\) does not return "
+                                         r"\['factor'\], which its constructor takes"):
+        model.save(tmp_path / "w.npz")
+    assert not (tmp_path / "w.npz").exists()
+    monkeypatch.delitem(LOSS_CLASSES, "Doubled")
+    with pytest.raises(DataFormatError, match=r"unknown loss class 'Doubled': define \(or "
+                                              r"import\) a user's loss class before loading"):
+        xpcnn.load_model(tmp_path / "d.npz")

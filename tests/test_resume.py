@@ -1,0 +1,422 @@
+"""Resuming runs with callbacks: their states in the checkpoint, ModelCheckpoint's files, the
+checks of a resumed run's data; batch logs as dicts or lazy (Keras 3's async-safe rule);
+evaluate's and predict's callback params; accuracy logged as ``acc``."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+from nets import random_layers_net, tiny_images
+
+import xpcnn
+from xpcnn.callbacks import (
+    BackupAndRestore,
+    Callback,
+    EarlyStopping,
+    LambdaCallback,
+    ModelCheckpoint,
+    ReduceLROnPlateau,
+)
+from xpcnn.errors import InputError
+from xpcnn.layers import Dense, Flatten, Rescaling, Softmax
+from xpcnn.saving.npz import NpzArchive
+
+FIT = {"epochs": 8, "batch_size": 8, "verbose": 0}  # 60 samples: 8 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = tiny_images(60)
+    xv, yv = tiny_images(20)
+    # (validation unlike the training data: its loss falls, then rises, and training stops)
+    return x, y, (xv[::-1].copy(), (yv * 7 + 3) % 10)
+
+
+def make_model():
+    model = xpcnn.Sequential(random_layers_net(), seed=3)
+    model.compile(optimizer=xpcnn.optim.Adam(3e-2))
+    return model
+
+
+def watchers():
+    return [EarlyStopping(patience=2, restore_best_weights=True),
+            ReduceLROnPlateau(factor=0.5, patience=1)]
+
+
+class InterruptAfter(Callback):
+    """Raises KeyboardInterrupt after ``steps`` training steps, as a crash would."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps -= 1
+        if not self.steps:
+            raise KeyboardInterrupt
+
+
+def state(model, callbacks=()):
+    """Everything a resumed run must end with as an uninterrupted one does."""
+    opt = model.optimizer
+    history = {k: v for k, v in model.history.history.items() if k != "seconds"}
+    kept = [(type(cb).__name__, {k: v for k, v in vars(cb).items()
+                                 if k in ("best", "wait", "cooling", "best_epoch",
+                                          "stopped_epoch", "best_weights", "batches")})
+            for cb in callbacks]
+    return {"weights": model.get_weights(), "iterations": opt.iterations,
+            "lr_factor": opt.lr_factor, "history": (model.history.epoch, history),
+            "slots": {k: [model.backend.to_numpy(a) for a in v] for k, v in opt.slots.items()},
+            "callbacks": kept}
+
+
+def assert_same(a, b):
+    """Equal, bit for bit, arrays included (at any depth)."""
+    assert type(a) is type(b)
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for u, v in zip(a, b, strict=True):
+            assert_same(u, v)
+    else:
+        assert a == b
+
+
+# -- 1. callbacks' states in the checkpoint ---------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [36, 44], ids=["inside an epoch", "later, at another step"])
+def test_early_stopping_and_reduce_lr_resume_bit_for_bit(data, tmp_path, steps):
+    x, y, val = data
+    reference_callbacks = watchers()
+    reference = make_model()
+    reference.fit(x, y, validation_data=val, callbacks=reference_callbacks, **FIT)
+    assert reference_callbacks[0].stopped_epoch  # (it stops early, after an improvement)
+    path = tmp_path / "run.npz"
+    with pytest.raises(KeyboardInterrupt):
+        make_model().fit(x, y, validation_data=val, checkpoint=path, checkpoint_every=3,
+                         callbacks=[*watchers(), InterruptAfter(steps)], **FIT)
+    callbacks = watchers()
+    model = make_model()
+    model.fit(x, y, validation_data=val, checkpoint=path, checkpoint_every=3, resume=True,
+              callbacks=callbacks, **FIT)
+    assert_same(state(model, callbacks), state(reference, reference_callbacks))
+
+
+def test_a_finished_run_resumed_trains_nothing_and_ends_with_the_best_weights(data, tmp_path):
+    x, y, val = data
+    path, fits = tmp_path / "run.npz", []
+    for _ in range(2):
+        stopping = EarlyStopping(patience=10, restore_best_weights=True)
+        model = make_model()
+        model.fit(x, y, validation_data=val, checkpoint=path, resume=True,
+                  callbacks=[stopping], **{**FIT, "epochs": 6})
+        fits.append(state(model, [stopping]))
+    assert fits[0]["callbacks"][0][1]["best_epoch"] < 5  # (the best weights are not the last)
+    assert_same(fits[1], fits[0])
+
+
+def test_a_run_that_stopped_early_trains_no_more_when_resumed(data, tmp_path):
+    x, y, val = data
+    path = tmp_path / "run.npz"
+    first = make_model()
+    first.fit(x, y, validation_data=val, checkpoint=path, callbacks=watchers(), **FIT)
+    assert len(first.history.epoch) < FIT["epochs"]
+    again = make_model()
+    again.fit(x, y, validation_data=val, checkpoint=path, resume=True, callbacks=watchers(),
+              **FIT)
+    assert_same(state(again), state(first))
+
+
+def test_resumed_with_other_stateful_callbacks_they_start_afresh_with_a_warning(data, tmp_path):
+    x, y, val = data
+    path = tmp_path / "run.npz"
+    make_model().fit(x, y, validation_data=val, checkpoint=path, callbacks=watchers(),
+                     **{**FIT, "epochs": 2})
+    stopping = EarlyStopping(patience=2)
+    with pytest.warns(RuntimeWarning, match=r"\['EarlyStopping', 'ReduceLROnPlateau'\], and "
+                      r"this run's callbacks that keep one are \['EarlyStopping'\]: they start "
+                      "afresh"):
+        make_model().fit(x, y, validation_data=val, checkpoint=path, resume=True,
+                         callbacks=[stopping], **{**FIT, "epochs": 3})
+    assert stopping.best_epoch == 2  # (its first epoch: afresh)
+
+
+class Counter(Callback):
+    """A user's callback that keeps a state (epochs seen, and an array) by the protocol."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs, self.total = 0, [np.zeros(3)]
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs += 1
+        self.total = [self.total[0] + logs["loss"]]
+
+    def get_state(self):
+        return {"epochs": self.epochs, "total": self.total}
+
+    def set_state(self, state):
+        self.epochs, self.total = state["epochs"], state["total"]
+
+
+def test_best_weights_and_a_users_state_are_arrays_of_the_npz(data, tmp_path):
+    x, y, val = data
+    path = tmp_path / "run.npz"
+    model = make_model()
+    model.fit(x, y, validation_data=val, checkpoint=path, callbacks=[
+        EarlyStopping(patience=10, restore_best_weights=True), Counter()], **{**FIT, "epochs": 2})
+    with NpzArchive(path) as npz:
+        entries = set(npz.entries)
+        config = npz.read_config()
+    weights = len(model.get_weights())
+    assert {f"callback.0.best_weights.{k}" for k in range(weights)} | {
+        "callback.1.total.0"} <= entries
+    assert config["callbacks"][1] == {"class": "Counter", "state": {"epochs": 2},
+                                      "arrays": {"total": 1}}
+    counter = Counter()
+    make_model().fit(x, y, validation_data=val, checkpoint=path, resume=True, callbacks=[
+        EarlyStopping(patience=10, restore_best_weights=True), counter], **{**FIT, "epochs": 3})
+    assert counter.epochs == 3
+    np.testing.assert_array_equal(counter.total[0], np.full(3, sum(model.history.history[
+        "loss"]) + counter.model.history.history["loss"][2]))
+    xpcnn.load_model(path)  # (model files' readers take the entries)
+    make_model().load_weights(path)
+
+
+def test_a_corrupt_callback_state_is_refused_and_leaves_the_model_as_it_was(data, tmp_path):
+    x, y, val = data
+    path = tmp_path / "run.npz"
+    make_model().fit(x, y, validation_data=val, checkpoint=path, callbacks=watchers(),
+                     **{**FIT, "epochs": 2})
+    with NpzArchive(path) as npz:
+        arrays = {k: npz.read(k, 1 << 20) for k in npz.entries if k != "__config__"}
+        config = npz.read_config()
+    config["callbacks"][0]["state"]["wait"] = -1
+    from xpcnn.saving.npz import CONFIG_KEY, encode_json, write_npz_atomic
+    write_npz_atomic(path, {CONFIG_KEY: encode_json(config), **arrays})
+    model = make_model()
+    model.fit(x, y, **{**FIT, "epochs": 1})
+    before = state(model)
+    with pytest.raises(xpcnn.errors.DataFormatError, match="state of callback EarlyStopping: "
+                       "wait is -1"):
+        model.fit(x, y, validation_data=val, checkpoint=path, resume=True,
+                  callbacks=watchers(), **FIT)
+    assert_same(state(model), before)
+
+
+# -- 5. ModelCheckpoint's files resume -------------------------------------------------------
+
+
+@pytest.mark.parametrize("save_freq, name", [("epoch", "e2.npz"), (5, "e2b7.npz")],
+                         ids=["at an epoch's end", "inside an epoch"])
+def test_a_model_checkpoint_file_resumes_exactly(data, tmp_path, save_freq, name):
+    x, y, _ = data
+    fit = {**FIT, "epochs": 3}
+    reference = make_model()
+    reference.fit(x, y, **fit)
+    make_model().fit(x, y, callbacks=[ModelCheckpoint(tmp_path / "e{epoch}.npz"
+                                                      if save_freq == "epoch" else
+                                                      tmp_path / "e{epoch}b{batch}.npz",
+                                                      save_freq=save_freq)], **fit)
+    model, steps = make_model(), []
+    model.fit(x, y, checkpoint=tmp_path / name, resume=True, callbacks=[
+        ModelCheckpoint(tmp_path / "again" / "m.npz", save_freq=save_freq),
+        LambdaCallback(on_train_batch_end=lambda batch, logs: steps.append(batch))], **fit)
+    assert len(steps) == (8 if save_freq == "epoch" else 8 + 1)  # (only those after the file)
+    assert_same(state(model), state(reference))
+
+
+def test_a_model_checkpoint_file_before_a_later_stateful_callback_is_refused(data, tmp_path):
+    x, y, val = data
+    make_model().fit(x, y, validation_data=val, callbacks=[
+        ModelCheckpoint(tmp_path / "m.npz"), EarlyStopping(patience=5)], **{**FIT, "epochs": 1})
+    model = make_model()
+    with pytest.raises(InputError, match="written by a ModelCheckpoint before EarlyStopping"):
+        model.fit(x, y, validation_data=val, checkpoint=tmp_path / "m.npz", resume=True,
+                  callbacks=[ModelCheckpoint(tmp_path / "n.npz"), EarlyStopping(patience=5)],
+                  **FIT)
+    assert not model.built
+
+
+def test_a_resume_refusal_names_what_differs(tmp_path):
+    """A schedule as long as the run (as ``xpcnn train`` makes it) changes with the batch size:
+    the batch size is named, not the compile settings."""
+    x, y = tiny_images(60)
+
+    def model(batch_size):
+        m = xpcnn.Sequential([Rescaling(1 / 255), Flatten(), Dense(10), Softmax()], seed=0)
+        m.compile(optimizer=xpcnn.optim.Adam(xpcnn.optim.CosineDecay(
+            1e-2, 2 * -(-60 // batch_size))))
+        return m
+
+    model(8).fit(x, y, epochs=1, batch_size=8, verbose=0, checkpoint=tmp_path / "c.npz")
+    with pytest.raises(InputError, match="batch_size is 8 there and 16 here") as e:
+        model(16).fit(x, y, epochs=2, batch_size=16, verbose=0, checkpoint=tmp_path / "c.npz",
+                      resume=True)
+    assert "--epochs" not in str(e.value)
+
+
+# -- 6. one BackupAndRestore -------------------------------------------------------------------
+
+
+def test_two_backup_and_restores_are_refused_before_either_restores(data, tmp_path):
+    x, y, _ = data
+    for name in ("a.npz", "b.npz"):
+        make_model().fit(x, y, checkpoint=tmp_path / name, **{**FIT, "epochs": 1})
+    model = make_model()
+    model.fit(x, y, **{**FIT, "epochs": 2})
+    before = state(model)
+    with pytest.raises(InputError, match="fit takes one BackupAndRestore"):
+        model.fit(x, y, checkpoint=tmp_path / "b.npz", resume=True,
+                  callbacks=[BackupAndRestore(tmp_path / "a.npz")], **FIT)
+    assert_same(state(model), before)
+
+
+# -- 3. a map-style dataset's content ------------------------------------------------------------
+
+
+class Items:
+    def __init__(self, x, y, w=None):
+        self.x, self.y, self.w = x, y, w
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        item = self.x[i], self.y[i]
+        return item if self.w is None else (*item, self.w[i])
+
+
+@pytest.mark.parametrize("change", ["labels", "images", "weights dropped", "weights changed"])
+def test_a_dataset_with_other_items_is_refused_on_resume(data, tmp_path, change):
+    x, y, _ = data
+    w = np.linspace(0.5, 2.0, len(x))
+    make_model().fit(Items(x, y, w), checkpoint=tmp_path / "c.npz", **{**FIT, "epochs": 1})
+    other = {"labels": Items(x, (y + 1) % 10, w), "images": Items(255 - x, y, w),
+             "weights dropped": Items(x, y), "weights changed": Items(x, y, w[::-1])}[change]
+    with pytest.raises(InputError, match="items_crc32 is"):
+        make_model().fit(other, checkpoint=tmp_path / "c.npz", resume=True, **FIT)
+    make_model().fit(Items(x, y, w), checkpoint=tmp_path / "c.npz", resume=True,
+                     **{**FIT, "epochs": 2})  # (the same items resume)
+
+
+# -- 2. batch logs: a dict for callbacks that are not async-safe ----------------------------
+
+
+def test_a_callback_with_a_batch_hook_gets_a_dict_of_floats_each_batch(data):
+    x, y, _ = data
+    kept, read = [], []
+
+    def hook(batch, logs):
+        assert isinstance(logs, dict) and json.loads(json.dumps(logs)) == logs
+        assert logs | {"a": 1} == {**logs.copy(), "a": 1}
+        kept.append((logs, copy.copy(logs), copy.deepcopy(logs)))
+        read.append(logs["loss"])
+
+    test_kept = []
+    model = make_model()
+    model.fit(x, y, validation_data=(x[:16], y[:16]), validation_batch_size=8, callbacks=[
+        LambdaCallback(on_train_batch_end=hook,
+                       on_test_batch_end=lambda batch, logs: test_kept.append(logs))],
+              **{**FIT, "epochs": 1})
+    assert [[logs["loss"] for logs in copies] for copies in kept] == [[v] * 3 for v in read]
+    assert len(set(read)) == 8 and all(type(v) is float for v in read)
+    assert all(isinstance(logs, dict) for logs in test_kept) and len(test_kept) == 2
+    assert test_kept[0]["loss"] != test_kept[1]["loss"]
+
+
+def test_xpcnns_own_callbacks_and_async_safe_ones_keep_batch_logs_lazy(data, tmp_path,
+                                                                      monkeypatch):
+    x, y, _ = data
+    reads = []
+    real = xpcnn.training.Trainer._read_totals
+    monkeypatch.setattr(xpcnn.training.Trainer, "_read_totals",
+                        lambda self: reads.append(1) or real(self))
+
+    class Counting(Callback):
+        async_safe = True
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.batches = batch + 1  # (logs not kept: a kept one is read before the next step)
+
+    make_model().fit(x, y, callbacks=[
+        EarlyStopping("loss"), ReduceLROnPlateau("loss"), ModelCheckpoint(tmp_path / "m.npz"),
+        BackupAndRestore(tmp_path / "b.npz"), Counting()], **{**FIT, "epochs": 2})
+    assert len(reads) <= 2 * 2  # (each epoch's end, and its checkpoint's sums: none a step)
+    reads.clear()
+    make_model().fit(x, y, callbacks=[LambdaCallback(on_batch_end=lambda batch, logs: None)],
+                     **{**FIT, "epochs": 2})
+    assert len(reads) >= 2 * 8
+
+
+# -- 4. evaluate's and predict's params ------------------------------------------------------
+
+
+def test_evaluate_and_predict_give_callbacks_keras_params(data):
+    x, y, _ = data
+    seen = {}
+    spy = LambdaCallback(on_test_begin=lambda logs: seen.setdefault("test", dict(spy.params)),
+                         on_predict_begin=lambda logs: seen.setdefault("predict",
+                                                                       dict(spy.params)))
+    model = make_model()
+    model.evaluate(x, y, batch_size=16, callbacks=[spy])
+    model.predict(x, batch_size=32, verbose=0, callbacks=[spy])
+    assert seen == {"test": {"verbose": 0, "epochs": 1, "steps": 4},
+                    "predict": {"verbose": 0, "epochs": 1, "steps": 2}}
+
+
+# -- 7. accuracy logged as "acc" ---------------------------------------------------------------
+
+
+def acc_model(metrics=("acc",)):
+    model = xpcnn.Sequential([Rescaling(1 / 255), Flatten(), Dense(10), Softmax()], seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1), metrics=list(metrics))
+    return model
+
+
+def test_auto_mode_knows_acc():
+    assert EarlyStopping("val_acc").mode == "max" and ReduceLROnPlateau("acc").mode == "max"
+    with pytest.raises(InputError, match="accuracy is logged under the name compile's metrics "
+                       "gave it") as e:
+        EarlyStopping("val_top1")
+    assert "logged as 'accuracy'" not in str(e.value)
+
+
+def test_a_val_acc_monitor_skips_the_epochs_validation_freq_skips(data):
+    x, y, _ = data
+    stopping = EarlyStopping("val_acc", mode="max", patience=5)
+    history = acc_model().fit(x, y, validation_data=(x[:16], y[:16]), validation_freq=2,
+                              callbacks=[stopping], **{**FIT, "epochs": 4})
+    assert history.epochs_of("val_acc") == [1, 3] and stopping.best is not None
+
+
+@pytest.mark.parametrize("compiled, monitor, hint", [
+    (["accuracy"], "val_acc", "monitor 'val_accuracy'"),
+    (["acc"], "accuracy", "monitor 'acc'"),
+    ([], "val_acc", "compile it with metrics=['acc']")])
+def test_an_accuracy_monitor_under_a_name_not_logged_is_refused_before_training(
+        data, compiled, monitor, hint):
+    x, y, _ = data
+    model = acc_model(compiled)
+    with pytest.raises(InputError, match=re.escape(hint)):
+        model.fit(x, y, validation_data=(x[:16], y[:16]),
+                  callbacks=[EarlyStopping(monitor, mode="max")], **FIT)
+    assert model.optimizer.iterations == 0
+
+
+def test_a_batch_level_model_checkpoint_monitors_acc(data, tmp_path):
+    x, y, _ = data
+    saver = ModelCheckpoint(tmp_path / "e{epoch}b{batch}.npz", monitor="acc",
+                            save_best_only=True, save_freq=2)
+    acc_model().fit(x, y, callbacks=[saver], **{**FIT, "epochs": 1})
+    assert saver.best is not None and list(tmp_path.glob("e1b*.npz"))
