@@ -18,7 +18,6 @@ accuracy on that held-out part.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -33,8 +32,12 @@ from xpcnn.cli import (
     POSITIVE,
     SMOOTHING,
     WEIGHT_DECAY,
+    ScriptParser,
     _percent,
     _split,
+    check_device,
+    input_folder,
+    output_file,
 )
 from xpcnn.datasets import load_cifar10
 from xpcnn.datasets.download import data_dir_spelled
@@ -70,7 +73,7 @@ def compiled(name: str, knobs: dict[str, Any], steps: int, device: str = "cpu",
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p = ScriptParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model", default="cifar-augmented", choices=sorted(RECIPES))
     p.add_argument("--epochs", type=POSITIVE, default=20)
@@ -86,13 +89,16 @@ def main() -> None:
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
+    p.check(input_folder, "--data-dir", args.data_dir)  # (before the data and the training)
+    p.check(output_file, "--json", args.json, False)  # (written in place: /dev/stdout too)
+    p.check(check_device, "--device", args.device)
     knobs = dict(RECIPES[args.model])
     if args.optimizer not in (None, knobs["optimizer"]):
         knobs.update(OPTIMIZER_DEFAULTS[args.optimizer])
     knobs.update({k: v for k in knobs if (v := getattr(args, k)) is not None})
 
     with data_dir_spelled(DATA_DIR_FLAG):  # (a missing file's message names --data-dir)
-        (x, y), test = load_cifar10(args.data_dir)
+        (x, y), test = p.data(load_cifar10, args.data_dir)
     where = "test set"
     if test is None:
         (x, y), test = _split(x, y, args.val_split, args.seed)

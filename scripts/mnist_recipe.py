@@ -19,7 +19,6 @@ Every knob below overrides the model's recipe (``RECIPES``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -31,8 +30,13 @@ from xpcnn.cli import (
     LEARNING_RATE,
     NON_NEGATIVE,
     POSITIVE,
+    PRECISIONS,
     SMOOTHING,
     WEIGHT_DECAY,
+    ScriptParser,
+    check_device,
+    input_folder,
+    output_file,
 )
 from xpcnn.datasets import load_mnist
 from xpcnn.datasets.download import data_dir_spelled
@@ -76,7 +80,7 @@ def recipe(epochs: int, steps_per_epoch: int, lr: float | None = None, device: s
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ScriptParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model", choices=sorted(RECIPES), default="mnist")
     p.add_argument("--epochs", type=POSITIVE, default=10)
@@ -88,14 +92,17 @@ def main() -> None:
     p.add_argument("--weight-decay", type=WEIGHT_DECAY, default=None)
     p.add_argument("--label-smoothing", type=SMOOTHING, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="float32")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--limit", type=POSITIVE, default=None, help="first N training images only")
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
+    p.check(input_folder, "--data-dir", args.data_dir)  # (before the data and the training)
+    p.check(output_file, "--json", args.json, False)  # (written in place: /dev/stdout too)
+    p.check(check_device, "--device", args.device)
 
     with data_dir_spelled(DATA_DIR_FLAG):  # (a missing file's message names --data-dir)
-        (x, y), (x_test, y_test) = load_mnist(args.data_dir)
+        (x, y), (x_test, y_test) = p.data(load_mnist, args.data_dir)
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]
     model = recipe(args.epochs, math.ceil(len(x) / args.batch_size), args.lr, args.device,

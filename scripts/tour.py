@@ -23,6 +23,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import xpcnn  # noqa: E402
 from xpcnn import viz  # noqa: E402
+from xpcnn.cli import (  # noqa: E402
+    CEILING,
+    NON_NEGATIVE,
+    POSITIVE,
+    ScriptParser,
+    input_folder,
+    needs_matplotlib,
+    output_folder,
+)
 from xpcnn.datasets import class_names, load_cifar10, load_shapes  # noqa: E402
 from xpcnn.errors import DownloadError  # noqa: E402
 from xpcnn.models import build_layers  # noqa: E402
@@ -42,18 +51,22 @@ def load_images(data_dir: str | None, say: bool = True
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ScriptParser(description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None,
                    help="folder with cifar-10-*.tar.gz (default: $XPCNN_DATA_DIR)")
-    p.add_argument("--index", type=int, default=7, help="which image to follow")
+    p.add_argument("--index", type=NON_NEGATIVE, default=7, help="which image to follow")
     p.add_argument("--out", default="tour", help="folder for the PNGs")
-    p.add_argument("--epochs", type=int, default=2, help="training epochs (0: untrained)")
-    p.add_argument("--limit", type=int, default=4000, help="training images")
-    p.add_argument("--ceiling", type=float, default=viz.NOTEBOOK_CEILING,
+    p.add_argument("--epochs", type=NON_NEGATIVE, default=2,
+                   help="training epochs (0: untrained)")
+    p.add_argument("--limit", type=POSITIVE, default=4000, help="training images")
+    p.add_argument("--ceiling", type=CEILING, default=viz.NOTEBOOK_CEILING,
                    help="the demonstration's ReLU max_value")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     args = p.parse_args(argv)
+    p.check(input_folder, "--data-dir", args.data_dir)  # (before the data and the training)
+    p.check(output_folder, "--out", args.out)
+    p.check(needs_matplotlib, "--out")
 
     name, (x, y) = load_images(args.data_dir)
     names = class_names(name)

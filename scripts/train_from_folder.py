@@ -15,7 +15,6 @@ installs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,18 @@ import numpy as np
 
 import xpcnn
 from xpcnn.callbacks import Callback, CSVLogger, EarlyStopping
-from xpcnn.cli import FRACTION, LEARNING_RATE, NON_NEGATIVE, POSITIVE, split_indices
+from xpcnn.cli import (
+    FRACTION,
+    LEARNING_RATE,
+    NON_NEGATIVE,
+    POSITIVE,
+    ScriptParser,
+    check_device,
+    distinct_outputs,
+    input_folder,
+    output_file,
+    split_indices,
+)
 from xpcnn.datasets import class_names, load_shapes
 from xpcnn.models import MODELS, build_model
 
@@ -79,7 +89,7 @@ def make_demo(root: Path, count: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ScriptParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", type=Path, help="ROOT with one subfolder of images per class")
     p.add_argument("--make-demo", action="store_true",
                    help="write shapes images into FOLDER as PNG files instead of training")
@@ -100,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.make_demo:
         make_demo(args.folder, args.count)
         return 0
+    p.check(input_folder, "FOLDER", str(args.folder))  # (before the training)
+    p.check(output_file, "--save", args.save)
+    p.check(output_file, "--log", args.log)
+    p.check(distinct_outputs, {"--save": args.save, "--log": args.log})
+    p.check(check_device, "--device", args.device)
     train, held_out = ImageFolder(args.folder).split(args.val_split, args.seed)
     model = build_model(args.model, len(train.classes), device=args.device, seed=args.seed)
     model.compile(optimizer=xpcnn.optim.Adam(args.lr))

@@ -87,6 +87,9 @@ def bad_cases(tmp: Path) -> list[tuple[list[str], str]]:
          "--save"),
         (["train", "--save", "~/x.npz", "--checkpoint", str(Path.home() / "x.npz")], "--save"),
         (["train", "--unknown-flag"], "--unknown-flag"),
+        # (abbreviations: argparse took --jso for --json, main() printed no JSON then)
+        (["train", "--jso"], "--jso"), (["train", "--epoch", "1"], "--epoch"),
+        (["visualize", "--model", str(model), "--max-map", "4"], "--max-map"),
         (["visualize"], "--model"),
     ]
     vis = ["visualize", "--model", str(model)]
@@ -373,3 +376,32 @@ def test_flag_values_at_and_beyond_their_bounds():
         with pytest.raises(argparse.ArgumentTypeError) as e:
             parse(text)
         assert str(e.value) == f"expected {want}, got {text!r}"
+
+
+def test_an_output_written_in_place_may_be_a_pipe_one_written_by_a_rename_may_not(tmp_path):
+    """The recipes write --json with a plain open(): a FIFO (or /dev/stdout) is taken there
+    (was refused, "not a regular file", where the scripts used to write it); a file written by
+    a rename (atomically, as model files) is refused such a name."""
+    from xpcnn.cli import UsageError, output_file
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    output_file("--json", str(fifo), False)
+    with pytest.raises(UsageError, match="exists and is not a regular file"):
+        output_file("--save", str(fifo))
+
+
+def test_json_to_a_reader_that_has_gone_ends_quietly():
+    """`xpcnn train --json | head -c 20`: a reader that closed the pipe before the JSON was
+    printed ends the command with status 141, as Unix tools end, and no traceback (was: a
+    BrokenPipeError traceback, and Python's "Exception ignored" on exit)."""
+    read, write = os.pipe()
+    os.close(read)  # (no reader: the print meets a broken pipe)
+    try:
+        run = subprocess.run(_cli("train", "--limit", "64", "--epochs", "1", "--json"),
+                             stdout=write, stderr=subprocess.PIPE, text=True, env=_env(),
+                             timeout=300)
+    finally:
+        os.close(write)
+    assert run.returncode == 141, run.stderr
+    assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr

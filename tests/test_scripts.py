@@ -3,10 +3,12 @@ benchmarks, not the tests)."""
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cuda_emulator import needs_compiler
 from test_launch_counts import PINNED
@@ -14,9 +16,11 @@ from test_launch_counts import PINNED
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str, script: str = "compare_revisions.py") -> subprocess.CompletedProcess:
+def _run(*args: str, script: str = "compare_revisions.py",
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
 
 
 def test_compare_revisions_times_two_checkouts():
@@ -166,7 +170,8 @@ def test_training_from_a_folder_of_png_files(tmp_path):
     assert 0.0 <= result["accuracy"] <= 1.0 and len(result["history"]["val_loss"]) >= 1
     assert log.read_text().splitlines()[0].startswith("epoch,")
     out = _run(str(tmp_path / "missing"), script="train_from_folder.py")
-    assert out.returncode != 0 and "missing: not a folder" in out.stderr
+    assert out.returncode == 2 and "argument FOLDER: the folder" in out.stderr
+    assert "missing' does not exist" in out.stderr
 
 
 def test_the_loop_overhead_benchmark_dry_runs():
@@ -209,6 +214,77 @@ def test_the_recipe_scripts_refuse_bad_flags_as_the_cli_does(tmp_path, script, f
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"error: argument {flag}: expected " in last and last.endswith(f"got '{value}'")
+
+
+def _no_cuda() -> bool:
+    from xpcnn.backend import cuda_available
+
+    return not cuda_available()
+
+
+# (script, its arguments: DATA is an empty folder, DEMO a folder of PNG images, SPOT a folder
+# for outputs; the flag the error names; what it says)
+SCRIPT_USAGE_ERRORS = [
+    ("mnist_recipe.py", ["--json", "SPOT"], "--json", "is a folder; give a file path such as"),
+    ("cifar_recipe.py", ["--json", "SPOT"], "--json", "is a folder; give a file path such as"),
+    ("mnist_recipe.py", ["--json", "SPOT/missing/r.json"], "--json", "does not exist"),
+    ("mnist_recipe.py", ["--precision", "float64"], "--precision", "invalid choice: 'float64'"),
+    ("mnist_recipe.py", ["--device", "tpu"], "--device", "unknown device 'tpu'"),
+    pytest.param("mnist_recipe.py", ["--device", "cuda"], "--device", "device 'cuda:0'",
+                 marks=pytest.mark.skipif(not _no_cuda(), reason="a GPU is here")),
+    pytest.param("cifar_recipe.py", ["--device", "cuda"], "--device", "device 'cuda:0'",
+                 marks=pytest.mark.skipif(not _no_cuda(), reason="a GPU is here")),
+    ("mnist_recipe.py", ["--jso", "SPOT/r.json"], "", "unrecognized arguments: --jso"),
+    ("train_from_folder.py", ["DEMO", "--save", "SPOT"], "--save", "is a folder"),
+    ("train_from_folder.py", ["DEMO", "--log", "SPOT"], "--log", "is a folder"),
+    ("train_from_folder.py", ["DEMO", "--save", "SPOT/m", "--log", "SPOT/m"], "--save",
+     "the same file as --log"),
+    ("tour.py", ["--epochs", "-3"], "--epochs", "expected a whole number >= 0, got '-3'"),
+    ("tour.py", ["--epochs", "1", "--limit", "-100"], "--limit", "expected a whole number >= 1"),
+    ("tour.py", ["--epochs", "1", "--limit", "0"], "--limit", "expected a whole number >= 1"),
+    ("tour.py", ["--ceiling", "0"], "--ceiling", "expected a ReLU ceiling > 0"),
+    ("tour.py", ["--data-dir", "DATA/missing"], "--data-dir", "does not exist"),
+    ("tour.py", ["--out", "SPOT/x/tour"], "--out", "does not exist"),
+    ("mnist_recipe.py", ["--json", ""], "--json", "an empty path; give a file path such as"),
+    ("train_from_folder.py", ["DATA/nothere"], "FOLDER", "the folder"),
+    # (a download refused: one line naming --data-dir, as xpcnn train's; was a traceback)
+    ("mnist_recipe.py", [], "", "Could not download MNIST"),
+    ("cifar_recipe.py", [], "", "Could not download CIFAR-10"),
+]
+
+
+@pytest.mark.parametrize("script, args, flag, says", SCRIPT_USAGE_ERRORS)
+def test_the_scripts_refuse_what_cannot_work_before_any_work(tmp_path, script, args, flag,
+                                                             says):
+    """One line (no traceback), exit status 2, before the data is loaded (a download would
+    fail at once here) or anything trained or drawn; was: a path to write checked only after
+    training (IsADirectoryError, an InputError's traceback), negative --epochs and --limit
+    taken (an untrained network, images sliced from the end), tracebacks for the others."""
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    data, demo, spot = tmp_path / "data", tmp_path / "demo", tmp_path / "spot"
+    for folder in (data, spot, demo / "a", demo / "b"):
+        folder.mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(np.full((32, 32, 3), 30 * i, np.uint8)).save(
+            demo / "ab"[i % 2] / f"{i}.png")
+    args = [a.replace("DATA", str(data)).replace("DEMO", str(demo)).replace("SPOT", str(spot))
+            for a in args]
+    if script != "train_from_folder.py" and "--data-dir" not in args:
+        args += ["--data-dir", str(data)]
+    if script == "tour.py" and "--out" not in args:
+        args += ["--out", str(spot / "tour")]
+    if "--epochs" not in args:  # (short runs where the old scripts went on to train)
+        args += ["--epochs", "0" if script == "tour.py" else "1"]
+    refused = "http://127.0.0.1:9/"  # (nothing listens: a download fails at once)
+    out = _run(*args, script=script,
+               env={"XPCNN_MNIST_URL": refused, "XPCNN_CIFAR10_URL": refused})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"{script}: error: {f'argument {flag}: ' if flag else ''}"), line
+    assert says in line
+    assert not list(spot.iterdir()) and out.stdout == ""
 
 
 def test_parity_checks_no_more_steps_than_a_short_training_set_holds():

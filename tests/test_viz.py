@@ -1,5 +1,6 @@
 """Figures (xpcnn.viz), the CLI's `visualize` and `train --plots`, and viz without matplotlib."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -240,18 +241,56 @@ def test_history_train_against_validation(tmp_path, image):
     train, val = fig.axes[0].lines
     assert list(train.get_xdata()) == [1, 2, 3, 4] and list(val.get_xdata()) == [2, 4]
     assert list(val.get_ydata()) == history.history["val_loss"]
-    by_hand = xpcnn.History()  # (a shorter list whose epochs are not known: counted from 1)
+    # Its dict does not say after which epochs val_loss was logged: drawn at epochs 1 and 2
+    # (was), the curve would be wrong; refused, naming the History as the way.
+    with pytest.raises(InputError, match=r"'val_loss' is 2 long and 'loss' 4, and a dict does "
+                       r"not say .* pass the History that fit returned"):
+        viz.plot_history(history.history, tmp_path / "h6.png", dpi=30)
+    by_hand = xpcnn.History()  # (a shorter list whose epochs are not known either)
     by_hand.epoch, by_hand.history = [0, 1, 2, 3], {"loss": [4.0, 3, 2, 1], "val_loss": [3.0, 2]}
     assert by_hand.epochs_of("val_loss") is None
     by_hand.append(4, {"loss": 0.5})
     assert by_hand.epochs_of("val_loss") is None and by_hand.epochs_of("loss") == [0, 1, 2, 3, 4]
-    val = viz.plot_history(by_hand, tmp_path / "h5.png", dpi=30).axes[0].lines[1]
-    assert list(val.get_xdata()) == [1, 2]
+    with pytest.raises(InputError, match="this History does not record after which epochs"):
+        viz.plot_history(by_hand, tmp_path / "h5.png", dpi=30)
+    hand = xpcnn.History()  # (filled by hand, no epochs, lists of one length: as a dict)
+    hand.history = {"loss": [1.0, 0.5, 0.4], "val_loss": [1.1, 0.6, 0.5]}
+    fig = viz.plot_history(hand, tmp_path / "h7.png", dpi=30)
+    assert [list(line.get_xdata()) for line in fig.axes[0].lines] == [[1, 2, 3]] * 2
     fig = viz.plot_history({"loss": [1.0, 0.5, 0.4]}, tmp_path / "h2.png", dpi=30)
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 1
     with pytest.raises(InputError, match="no loss or accuracy"):
         viz.plot_history({"seconds": [1.0]}, tmp_path / "h3.png")
+    assert not (tmp_path / "h5.png").exists() and not (tmp_path / "h6.png").exists()
 
+
+def test_history_dicts_of_arrays_and_what_is_not_a_curve(tmp_path):
+    """A dict of NumPy arrays (or tuples) is drawn as its lists are (was: "The truth value of
+    an array is ambiguous"); a value that is no sequence of numbers is refused, named."""
+    fig = viz.plot_history({"loss": np.array([1.0, 0.5, 0.25]), "val_loss": (0.9, 0.6, 0.5),
+                            "accuracy": np.array([0.5, 0.75, 0.875], dtype=np.float32),
+                            "lr": "not drawn"}, tmp_path / "h.png", dpi=30)
+    assert [ax.get_title() for ax in fig.axes] == ["loss per epoch", "accuracy per epoch"]
+    train, val = fig.axes[0].lines
+    assert list(train.get_xdata()) == list(val.get_xdata()) == [1, 2, 3]
+    assert list(train.get_ydata()) == [1.0, 0.5, 0.25] and list(val.get_ydata()) == [0.9, 0.6,
+                                                                                     0.5]
+    for bad in (3.0, np.ones((2, 2)), ["a", "b"], [1.0, None]):
+        with pytest.raises(InputError, match=r"the history's 'loss' must be a sequence of "
+                           r"numbers, one for each epoch it was logged in; got "):
+            viz.plot_history({"loss": bad}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+
+def test_history_of_a_model_compiled_with_acc_draws_its_accuracy(tmp_path):
+    """metrics=["acc"] logs acc and val_acc (Keras' naming): drawn as accuracy is (was: no
+    accuracy panel at all)."""
+    fig = viz.plot_history({"loss": [1.0, 0.5], "acc": [0.5, 0.75], "val_acc": [0.4, 0.7]},
+                           tmp_path / "h.png", dpi=30)
+    assert [ax.get_title() for ax in fig.axes] == ["loss per epoch", "acc per epoch"]
+    train, val = fig.axes[1].lines
+    assert list(train.get_ydata()) == [0.5, 0.75] and list(val.get_ydata()) == [0.4, 0.7]
 
 # -- confusion matrix -----------------------------------------------------------------------
 def test_confusion_matrix_counts():
@@ -388,6 +427,82 @@ def test_cli_visualize_errors(tmp_path, small_shapes, capsys):
     assert "expects images of shape (12, 12, 3) but shapes images are (32, 32, 3)" in \
         capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_cli_visualize_names_labels_beyond_the_models_outputs(tmp_path, small_shapes, capsys):
+    """A model with 4 outputs on shapes (10 classes), an image labelled beyond them: the title
+    names the label and the guess from the dataset's names (was: IndexError, no JSON)."""
+    from xpcnn.datasets import class_names
+    from xpcnn.models import build_layers
+
+    model = xpcnn.Sequential(build_layers("shapes", 4), seed=0)
+    model.build((32, 32, 3))
+    model.save(tmp_path / "four.npz")
+    _, (_, y) = xpcnn.datasets.load_dataset("shapes")
+    index = int(np.flatnonzero(y >= 4)[0])
+    assert main(["visualize", "--model", str(tmp_path / "four.npz"), "--index", str(index),
+                 "--out", str(tmp_path / "figs"), "--max-maps", "2", "--dpi", "20",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    shown = json.loads(out)
+    names = class_names("shapes")
+    assert shown["label"] == y[index] and 0 <= shown["predicted"] < 4
+    assert f"label {names[y[index]]}, predicted {names[shown['predicted']]} (" in err
+    assert len(shown["written"]) == 4 and all(Path(p).exists() for p in shown["written"])
+
+
+def test_cli_visualize_refuses_a_figure_too_large_before_loading_the_data(
+        tmp_path, monkeypatch, capsys):
+    """A deep model's stage tour at --max-maps 32 and --dpi 300 (each in its range) is too
+    large to draw: refused naming the flags and the largest --dpi that fits, before the
+    dataset is loaded (was: after it, naming figsize, no CLI option)."""
+    model = xpcnn.Sequential([Conv2D(32, 1), *(ReLU() for _ in range(40)), Flatten(),
+                              Dense(10)], seed=0)
+    model.build((32, 32, 3))
+    model.save(tmp_path / "deep.npz")
+
+    def trap(*args, **kwargs):
+        raise AssertionError("the dataset was loaded before the figure size was checked")
+
+    monkeypatch.setattr(xpcnn.datasets, "load_dataset", trap)
+    assert main(["visualize", "--model", str(tmp_path / "deep.npz"), "--out", str(tmp_path),
+                 "--max-maps", "32", "--dpi", "300"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("xpcnn visualize: error: argument --dpi: the stage tour (44 rows of "
+                           "up to 32 maps) would be 10260 x 15299 pixels at --dpi 300 with "
+                           "--max-maps 32, more than xpcnn draws") and "figsize" not in line
+    dpi = int(line.split("give --dpi ")[1].split()[0])
+    assert line.endswith(f"give --dpi {dpi} or less, or a smaller --max-maps")
+
+    def pixels(d):  # (34.2 x 51 inches: 32 maps + 2.2, and 1.15 x 44 rows + 0.4 for the title;
+        # whole pixels as Agg sizes its canvas)
+        return int(34.2 * d) * int(51 * d)
+
+    assert pixels(dpi) <= 10**8 < pixels(dpi + 1)
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_cli_visualize_suggests_a_dpi_that_fits_every_figure_and_fewer_maps_only_if_they_help():
+    """The --dpi suggested fits every figure too large, not only the first (was: the tour's,
+    then refused again for a grid of filters); fewer maps are suggested only where they make
+    the figure fit (they shorten no tour, and no grid of filters)."""
+    wide = xpcnn.Sequential([Conv2D(4096, 1), *(ReLU() for _ in range(60)), Flatten(),
+                             Dense(10)], seed=0)
+    wide.build((4, 4, 3))
+    args = argparse.Namespace(max_maps=32, dpi=300)
+    with pytest.raises(InputError, match=r"give --dpi \d+ or less$") as refused:
+        viz._check_sizes(wide, args)
+    dpi = int(str(refused.value).split("give --dpi ")[1].split()[0])
+    viz._check_sizes(wide, argparse.Namespace(max_maps=32, dpi=dpi))  # (fits every figure)
+    with pytest.raises(InputError):
+        viz._check_sizes(wide, argparse.Namespace(max_maps=32, dpi=dpi + 1))
+    tall = xpcnn.Sequential([Conv2D(2, 1), *(ReLU() for _ in range(110)), Flatten(),
+                             Dense(10)], seed=0)
+    tall.build((4, 4, 3))
+    with pytest.raises(InputError, match=r"the stage tour \(114 rows of up to 2 maps\) would be "
+                                         r"\d+ x \d+ pixels at --dpi 300 with --max-maps 2, "
+                                         r".* or less$"):
+        viz._check_sizes(tall, argparse.Namespace(max_maps=2, dpi=300))
 
 
 # -- the tour script on the real data -----------------------------------------------------

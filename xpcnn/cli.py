@@ -28,7 +28,7 @@ from . import __version__, checks, distributed, optim
 from .backend import get_backend
 from .callbacks import Callback, CSVLogger, EarlyStopping
 from .datasets.download import Spelling, data_dir_spelled
-from .errors import InputError, TrainingInterrupted, XpcnnError
+from .errors import DataFormatError, DownloadError, InputError, TrainingInterrupted, XpcnnError
 from .files import try_writing_in
 from .models import NAMES, build_model
 from .onnx_export import ONNX_EXTRA_HINT
@@ -53,10 +53,41 @@ class Interrupted(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """argparse, whose usage errors become one line (see :func:`main`) rather than a usage
-    block and an exit from inside the parser."""
+    block and an exit from inside the parser; an abbreviated flag is refused (``--jso`` was
+    taken for ``--json`` by argparse, not by main(), which printed no JSON then)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # (the subcommands' parsers too)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """The scripts' parser, as the command's: abbreviated flags refused, and a usage error one
+    line on stderr with exit status 2 (:meth:`check` for this module's checks of paths and
+    devices, run before any data is loaded)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+    def check(self, check: Callable[..., None], *args: Any) -> None:
+        """``check(*args)`` (``output_file``, ``input_folder``, ...), a UsageError its one
+        line."""
+        try:
+            check(*args)
+        except UsageError as e:
+            self.error(str(e))
+
+    def data(self, load: Callable[..., Any], *args: Any) -> Any:
+        """``load(*args)`` (a dataset's loader), a download or file it refuses its one line."""
+        try:
+            return load(*args)
+        except (DownloadError, DataFormatError) as e:
+            self.error(str(e))
 
 
 # -- values the flags take ---------------------------------------------------------------------
@@ -88,10 +119,14 @@ FRACTION = _flag(float, partial(checks.number, low=0.0, high=1.0, low_open=True,
 WEIGHT_DECAY = _flag(float, partial(checks.number, low=0.0), "a weight decay >= 0, such as 5e-4")
 SMOOTHING = _flag(float, partial(checks.number, low=0.0, high=1.0, high_open=True),
                   "a label smoothing from 0 to 1 (1 excluded), such as 0.1")
-# A figure is about (max maps + 2) x (layers + 1) inches: these bounds keep one to ~200 MB.
+CEILING = _flag(float, partial(checks.number, low=0.0, low_open=True),
+                "a ReLU ceiling > 0, such as 1")
+# A stage tour is about (max maps + 2) x 1.15 (layers + 1) inches: a deep model's may be too
+# large at the top of both ranges (visualize then names the largest --dpi that fits).
 MAX_MAPS = _flag(int, partial(checks.number, low=1, high=32), "a whole number from 1 to 32")
 DPI = _flag(float, partial(checks.number, low=10.0, high=300.0),
             "a resolution from 10 to 300 pixels per inch")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 # -- paths, checked before any work ------------------------------------------------------------
@@ -114,20 +149,30 @@ def _writable_folder(flag: str, path: str, folder: Path) -> None:
                          f"({e.strerror or e})") from e
 
 
-def _output_file(flag: str, path: str) -> None:
-    """A file to write (atomically, by a rename): an existing folder, writable, where the
-    name is not taken by a folder or anything but a regular file."""
+#: The file a folder given to an output flag might have been meant to hold.
+_EXAMPLE_FILE = {"--export": "model.onnx", "--log": "log.csv", "--json": "results.json"}
+
+
+def output_file(flag: str, path: str | None, renamed: bool = True) -> None:
+    """A file to write for ``flag``, unless None: an existing folder, writable, where the name
+    is not taken by a folder, nor, where the file is written by a rename (``renamed``, atomic),
+    by anything but a regular file (a script's plain write may go to /dev/stdout)."""
+    if path is None:
+        return
     p = Path(path)
-    if not path or p.is_dir():
-        example = p / ("model.onnx" if flag == "--export" else "model.npz")
+    example = str(p / _EXAMPLE_FILE.get(flag, "model.npz"))
+    if not path:
+        raise UsageError(f"argument {flag}: an empty path; give a file path such as "
+                         f"{_EXAMPLE_FILE.get(flag, 'model.npz')!r}")
+    if p.is_dir():
         raise UsageError(f"argument {flag}: {path!r} is a folder; give a file path such as "
-                         f"{str(example)!r}")
-    if p.exists() and not p.is_file():
+                         f"{example!r}")
+    if renamed and p.exists() and not p.is_file():
         raise UsageError(f"argument {flag}: {path!r} exists and is not a regular file")
     _writable_folder(flag, path, p.absolute().parent)
 
 
-def _output_folder(flag: str, path: str) -> None:
+def output_folder(flag: str, path: str) -> None:
     """A folder to write into: it exists, or its parent does (it is created then)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -135,7 +180,20 @@ def _output_folder(flag: str, path: str) -> None:
     _writable_folder(flag, path, p if p.is_dir() else p.absolute().parent)
 
 
-def _input_folder(flag: str, path: str) -> None:
+def distinct_outputs(outputs: dict[str, str | None]) -> None:
+    """Each output flag given (not None) a file of its own."""
+    for flag, path in outputs.items():
+        others = [f for f, p in outputs.items() if f != flag and p is not None and path
+                  is not None and Path(p).resolve() == Path(path).resolve()]  # (links too)
+        if others:
+            raise UsageError(f"argument {flag}: the same file as {others[0]}; each output "
+                             "needs a file of its own")
+
+
+def input_folder(flag: str, path: str | None) -> None:
+    """A folder to read, unless None."""
+    if path is None:
+        return
     if not path:  # (Path("") is the current folder; the loaders refuse it as data_dir="")
         raise UsageError(f"argument {flag}: an empty path; give a folder")
     if not Path(path).is_dir():
@@ -151,14 +209,15 @@ def _input_file(flag: str, path: str) -> None:
         raise UsageError(f"argument {flag}: {path!r} {what}")
 
 
-def _check_device(args: argparse.Namespace) -> None:
+def check_device(flag: str, name: str) -> None:
+    """A device flag's value that works here."""
     try:
-        get_backend(args.device)
+        get_backend(name)
     except XpcnnError as e:
-        raise UsageError(f"argument --device: {e}") from e
+        raise UsageError(f"argument {flag}: {e}") from e
 
 
-def _needs_matplotlib(flag: str) -> None:
+def needs_matplotlib(flag: str) -> None:
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError(f"argument {flag}: {VIZ_HINT}")
 
@@ -184,8 +243,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--optimizer", choices=("adam", "adamw", "rmsprop", "sgd"), default="adam")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="cosine",
                    help="learning-rate schedule over the whole run")
-    p.add_argument("--precision", choices=("float32", "mixed_float16", "mixed_bfloat16"),
-                   default="float32")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--val-split", type=FRACTION, default=None,
                    help="hold out this fraction of the training set; accuracy is then "
@@ -231,25 +289,18 @@ def _check_train(args: argparse.Namespace) -> None:
         if needs and not args.checkpoint:
             raise UsageError(f"argument {flag}: needs --checkpoint PATH, the file "
                              f"{'to resume from' if flag == '--resume' else 'to write'}")
-    if args.data_dir is not None:
-        _input_folder("--data-dir", args.data_dir)
+    input_folder("--data-dir", args.data_dir)
     outputs = {"--save": args.save, "--checkpoint": args.checkpoint, "--log": args.log,
                "--export": args.export}
     for flag, path in outputs.items():
-        if path is not None:
-            _output_file(flag, path)
-    for flag, path in outputs.items():
-        others = [f for f, p in outputs.items() if f != flag and p is not None and path
-                  is not None and Path(p).resolve() == Path(path).resolve()]  # (links too)
-        if others:
-            raise UsageError(f"argument {flag}: the same file as {others[0]}; each output "
-                             "needs a file of its own")
+        output_file(flag, path)
+    distinct_outputs(outputs)
     if args.plots is not None:
-        _output_folder("--plots", args.plots)
-        _needs_matplotlib("--plots")
+        output_folder("--plots", args.plots)
+        needs_matplotlib("--plots")
     if args.export is not None and importlib.util.find_spec("onnx") is None:
         raise UsageError(f"argument --export: {ONNX_EXTRA_HINT}")
-    _check_device(args)
+    check_device("--device", args.device)
 
 
 def _percent(fraction: float) -> str:
@@ -388,8 +439,12 @@ def _add_visualize(sub: Any) -> None:
     p.add_argument("--index", type=NON_NEGATIVE, default=0, help="which image of the split")
     p.add_argument("--out", default="figures", type=_user_path, metavar="DIR",
                    help="folder for the PNGs")
-    p.add_argument("--max-maps", type=MAX_MAPS, default=8, help="feature maps shown per layer")
-    p.add_argument("--dpi", type=DPI, default=100, help="PNG pixels per inch")
+    p.add_argument("--max-maps", type=MAX_MAPS, default=8,
+                   help="feature maps shown per layer, 1 to 32")
+    p.add_argument("--dpi", type=DPI, default=100,
+                   help="PNG pixels per inch, 10 to 300; a figure has at most 100 million pixels "
+                   "(a deep model's stage tour at many maps may need less: the error says how "
+                   "much), checked before the dataset is loaded")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout: what was written, or the error")
@@ -399,11 +454,10 @@ def visualize(args: argparse.Namespace) -> dict[str, Any]:
     from .viz import visualize_command
 
     _input_file("--model", args.model)
-    if args.data_dir is not None:
-        _input_folder("--data-dir", args.data_dir)
-    _output_folder("--out", args.out)
-    _needs_matplotlib("visualize")
-    _check_device(args)
+    input_folder("--data-dir", args.data_dir)
+    output_folder("--out", args.out)
+    needs_matplotlib("visualize")
+    check_device("--device", args.device)
     return visualize_command(args)
 
 
@@ -411,7 +465,7 @@ def info(args: argparse.Namespace) -> dict[str, Any]:
     """Versions, devices and the BLAS in use."""
     import array_api_compat
 
-    _check_device(args)
+    check_device("--device", args.device)
     out: dict[str, Any] = {"xpcnn": __version__, "python": sys.version.split()[0],
                            "numpy": np.__version__,
                            "array_api_compat": array_api_compat.__version__}
@@ -465,9 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if a in COMMANDS), None)
     prog = f"xpcnn {command}" if command else "xpcnn"
-    as_json = "--json" in argv
+    as_json = "--json" in argv  # (until the arguments are parsed: a usage error)
     try:
         args = _parser().parse_args(argv)
+        as_json = args.json
         with data_dir_spelled(DATA_DIR_FLAG):
             result = COMMANDS[args.command](args)
     except Interrupted as e:
@@ -482,7 +537,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the disk filled up, a file vanished: no traceback, the reason
         return _fail(prog, f"error: {e}", 1, as_json)
     if as_json and distributed.is_root():
-        print(json.dumps(result))
+        try:
+            print(json.dumps(result), flush=True)
+        except BrokenPipeError:  # (a reader that stopped early, `| head`: as Unix tools, quiet)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
     return 0
 
 

@@ -76,8 +76,8 @@ def _new_figure(figsize: tuple[float, float], dpi: float, smaller: str = "") -> 
         raise InputError(f"figsize must be (width, height) in inches, got {figsize!r}")
     w, h = (checks.number(v, "figsize width and height", low=0, low_open=True) for v in figsize)
     dpi = checks.number(dpi, "dpi", low=0, low_open=True)
-    pixels = (round(w * dpi), round(h * dpi))
-    if max(pixels) > _MAX_SIDE or pixels[0] * pixels[1] > _MAX_PIXELS:
+    pixels = _pixels((w, h), dpi)
+    if not _fits(pixels):
         raise InputError(f"the figure would be {pixels[0]} x {pixels[1]} pixels (figsize "
                          f"{figsize!r} at dpi {dpi:g}); xpcnn draws at most {_MAX_SIDE} pixels "
                          f"a side and {_MAX_PIXELS // 10**6} million in all: give a smaller "
@@ -87,9 +87,25 @@ def _new_figure(figsize: tuple[float, float], dpi: float, smaller: str = "") -> 
     return fig
 
 
+def _pixels(figsize: tuple[float, float], dpi: float) -> tuple[int, int]:
+    return int(figsize[0] * dpi), int(figsize[1] * dpi)  # (as Agg sizes its canvas)
+
+
+def _fits(pixels: tuple[int, int]) -> bool:
+    return max(pixels) <= _MAX_SIDE and pixels[0] * pixels[1] <= _MAX_PIXELS
+
+
+def _largest_dpi(figsize: tuple[float, float]) -> int:
+    """The largest whole dpi at which a figure of ``figsize`` inches is drawn (0: none)."""
+    dpi = math.floor(min(_MAX_SIDE / max(figsize), math.sqrt(_MAX_PIXELS / math.prod(figsize))))
+    while dpi > 0 and not _fits(_pixels(figsize, dpi)):  # (rounding to whole pixels)
+        dpi -= 1
+    return dpi
+
+
 def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
     """Write ``fig`` as a PNG of exactly figsize * dpi pixels, creating the folder."""
-    path = checks.output_file(path, "the figure")
+    path = checks.output_file(path, "the figure", replaced=False)  # (savefig writes in place)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, format="png", dpi=fig.dpi)
 
@@ -203,6 +219,16 @@ def _show_mosaic(ax: Axes, maps: np.ndarray, slots: int, vmin: float, vmax: floa
         side.set_visible(False)
 
 
+def _tour_layout(shapes: Sequence[tuple[int, ...]], max_maps: int, titled: bool
+                 ) -> tuple[int, tuple[float, float]]:
+    """The stage tour's map slots a row and its figsize, from the per-sample shapes of the
+    input and of every layer's output."""
+    # Each row of maps as wide as the most maps a row shows, not max_maps (2000 made the
+    # figure 2000 inches wide for 4 maps).
+    slots = max(min(s[2], max_maps) for s in shapes if len(s) == 3)
+    return slots, (1.0 * slots + 2.2, 1.15 * len(shapes) + (0.4 if titled else 0.0))
+
+
 def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
                     max_maps: int = 8, class_names: Sequence[str] | None = None,
                     title: str | None = None, figsize: tuple[float, float] | None = None,
@@ -226,11 +252,9 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
                          f"whose shape is {model.output_shape}, got {class_names!r}")
     outs = [model.backend.to_numpy(o)[0].astype(np.float64) for o in model.forward(img[None])]
     nrows = len(outs) + 1
-    # Each row of maps as wide as the most maps a row shows, not max_maps (2000 made the
-    # figure 2000 inches wide for 4 maps).
-    slots = max(min(a.shape[2], max_maps) for a in [img, *outs] if a.ndim == 3)
+    slots, fitted = _tour_layout([a.shape for a in [img, *outs]], max_maps, bool(title))
     if figsize is None:
-        figsize = (1.0 * slots + 2.2, 1.15 * nrows + (0.4 if title else 0.0))
+        figsize = fitted
     fig = _new_figure(figsize, dpi, "a smaller max_maps")
     if title:
         fig.suptitle(title, fontsize=11)
@@ -399,6 +423,14 @@ def _pick_conv(model_or_layer: Any, layer: int | str | None) -> Conv2D:
     return conv
 
 
+def _filters_layout(filters: int, columns: int, rgb: bool
+                    ) -> tuple[int, int, tuple[float, float]]:
+    """Columns, rows and figsize of :func:`plot_filters`' grid of ``filters`` tiles."""
+    ncols = min(columns, filters)
+    nrows = math.ceil(filters / ncols)
+    return ncols, nrows, (max(4.0, 0.5 * ncols + (0.4 if rgb else 1.2)), 0.5 * nrows + 1.0)
+
+
 def plot_filters(model_or_layer: Model | Conv2D, path: str | os.PathLike[str],
                  layer: int | str | None = None, reduce: str = "mean", columns: int = 8,
                  figsize: tuple[float, float] | None = None, dpi: float = 100) -> Figure:
@@ -417,13 +449,12 @@ def plot_filters(model_or_layer: Model | Conv2D, path: str | os.PathLike[str],
     conv = _pick_conv(model_or_layer, layer)
     kernel = conv.get_weights()[0].astype(np.float64)  # (kh, kw, C_in, C_out)
     kh, kw, c_in, c_out = kernel.shape
-    ncols = min(columns, c_out)
-    nrows = math.ceil(c_out / ncols)
     first = not isinstance(model_or_layer, Model) or \
         conv is model_or_layer.layers[conv_layer_indices(model_or_layer)[0]]
     rgb = c_in == 3 and first
+    ncols, nrows, fitted = _filters_layout(c_out, columns, rgb)
     if figsize is None:
-        figsize = (max(4.0, 0.5 * ncols + (0.4 if rgb else 1.2)), 0.5 * nrows + 1.0)
+        figsize = fitted
     fig = _new_figure(figsize, dpi, "more columns (the filters are drawn in a grid of "
                       f"{ncols} columns and {nrows} rows)")
     ax = fig.subplots()
@@ -476,39 +507,72 @@ def plot_filters(model_or_layer: Model | Conv2D, path: str | os.PathLike[str],
 
 
 # -- training curves ------------------------------------------------------------------------
+def _logged(logs: Mapping[str, Any], key: str) -> np.ndarray:
+    """``logs[key]`` as a float64 vector (empty where absent): a list or array of numbers."""
+    values = logs.get(key)
+    if values is None:
+        return np.empty(0)
+    arr = np.asarray(values)
+    if arr.ndim != 1 or arr.dtype.kind not in "iuf":
+        raise InputError(f"the history's {key!r} must be a sequence of numbers, one for each "
+                         f"epoch it was logged in; got {values!r:.80}")
+    return arr.astype(np.float64)
+
+
+#: What :func:`plot_history` draws, a panel each: the loss and the accuracy (under either of
+#: the names compile's metrics give it).
+_CURVES = ("loss", "accuracy", "acc")
+
+
 def plot_history(history: History | Mapping[str, Sequence[float]],
                  path: str | os.PathLike[str], figsize: tuple[float, float] = (10.0, 4.0),
                  dpi: float = 100) -> Figure:
     """Loss and accuracy per epoch, train against validation (``val_*``) where recorded.
 
-    ``history`` is what ``fit`` returns or its ``.history`` dict. One panel per metric
-    (``loss``, ``accuracy``) that the history holds; each curve at the epochs it was logged in
-    (``fit(validation_freq=k)`` validates every k-th). Returns the Figure.
+    ``history`` is what ``fit`` returns or its ``.history`` dict (lists or arrays of numbers).
+    One panel per metric (``loss``, ``accuracy``, or ``acc`` as compile named it) that the
+    history holds; each curve at the epochs it was logged in (``fit(validation_freq=k)``
+    validates every k-th). A dict (or a History filled by hand) does not say which epochs
+    those are, so one whose lists differ in length is refused: pass the History that ``fit``
+    returned. Returns the Figure.
     """
     logs = getattr(history, "history", history)
-    numbers = list(getattr(history, "epoch", []))  # 0-based; a resumed run may not start at 0
     epochs_of = getattr(history, "epochs_of", None)  # (a History: each key's own epochs)
     if not isinstance(logs, Mapping):
         raise InputError(f"plot_history expects a History or its .history dict, got "
                          f"{type(history).__name__}")
-    metrics = [m for m in ("loss", "accuracy") if logs.get(m) or logs.get(f"val_{m}")]
+    keys = [k for m in _CURVES for k in (m, f"val_{m}")]
+    curves = {k: v for k in keys if (v := _logged(logs, k)).size}
+    metrics = [m for m in _CURVES if m in curves or f"val_{m}" in curves]
     if not metrics:
         raise InputError(f"the history has no loss or accuracy to plot (keys: "
                          f"{', '.join(map(str, logs)) or 'none'}); train for at least one epoch")
+    longest = max(curves, key=lambda k: curves[k].size)
+    epochs: dict[str, np.ndarray] = {}
+    for key, values in curves.items():
+        # (0-based; a resumed run may not start at 0)
+        known = None if epochs_of is None else epochs_of(key)
+        if known is None:  # (a dict, or a History filled by hand: one value an epoch where
+            # every list has as many)
+            known = range(values.size) if values.size == curves[longest].size else None
+        if known is None:  # (drawn from epoch 1 on, they would be at the wrong epochs)
+            raise InputError(
+                f"the history's {key!r} is {values.size} long and {longest!r} "
+                f"{curves[longest].size}, and " + (
+                    "a dict does not say after which epochs they were logged (fit("
+                    "validation_freq=k) validates after every k-th): pass the History that fit "
+                    "returned, which records them" if epochs_of is None else
+                    "this History does not record after which epochs they were logged (a "
+                    "History filled by hand, or read from an older checkpoint)"))
+        epochs[key] = np.asarray(known) + 1
     fig = _new_figure(figsize, dpi)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics, strict=True):
         for key, label, style in ((metric, "train", "o-"), (f"val_{metric}", "validation", "s--")):
-            values = np.asarray(logs.get(key) or [], dtype=np.float64)
-            if values.size == 0:
+            if key not in curves:
                 continue
-            known = None if epochs_of is None else epochs_of(key)
-            if known is not None:
-                epochs = np.asarray(known) + 1
-            else:  # (a bare dict: a list as long as the epochs, else counted from 1)
-                epochs = np.asarray(numbers) + 1 if len(numbers) == values.size else \
-                    np.arange(1, values.size + 1)
-            ax.plot(epochs, values, style, label=f"{label} (last {values[-1]:.4g})",
+            values = curves[key]
+            ax.plot(epochs[key], values, style, label=f"{label} (last {values[-1]:.4g})",
                     markersize=4)
         ax.set_title(f"{metric} per epoch", fontsize=11)
         ax.set_xlabel("epoch")
@@ -611,12 +675,46 @@ def write_training_plots(out_dir: str | os.PathLike[str], history: History, mode
     return paths
 
 
+_FILTER_COLUMNS = 8  # (xpcnn visualize's grids of filters)
+
+
+def _check_sizes(model: Model, args: Any) -> None:
+    """Refuse ``xpcnn visualize``'s figures that would be too large at ``--max-maps`` and
+    ``--dpi``, sized from the model's shapes alone (each flag in its range, a deep model's tour
+    may still be too large), naming those flags and the largest ``--dpi`` that fits."""
+    shapes = [tuple(model.input_shape or ()), *(tuple(la.output_shape) for la in model.layers)]
+    slots, tour = _tour_layout(shapes, args.max_maps, titled=True)
+    sizes = [(f"the stage tour ({len(shapes)} rows of up to {slots} maps)", tour)]
+    convs = conv_layer_indices(model)
+    for i in convs:
+        conv = model.layers[i]
+        rgb = conv.input_shape[-1] == 3 and i == convs[0]
+        sizes.append((f"the filters of layer {i}", _filters_layout(
+            conv.output_shape[-1], _FILTER_COLUMNS, rgb)[2]))
+    too_large = [(what, figsize) for what, figsize in sizes
+                 if not _fits(_pixels(figsize, args.dpi))]
+    if too_large:
+        what, figsize = too_large[0]
+        pixels = _pixels(figsize, args.dpi)
+        # (a --dpi that fits every figure; fewer maps only where they make the tour fit)
+        dpi = min(_largest_dpi(size) for _, size in too_large)
+        fewer = too_large == sizes[:1] and _fits(_pixels(
+            _tour_layout(shapes, 1, titled=True)[1], args.dpi))
+        raise InputError(
+            f"argument --dpi: {what} would be {pixels[0]} x {pixels[1]} pixels at --dpi "
+            f"{args.dpi:g}" + (f" with --max-maps {args.max_maps}" if figsize is tour else "")
+            + f", more than xpcnn draws ({_MAX_SIDE} a side, "
+            f"{_MAX_PIXELS // 10**6} million in all): give --dpi {dpi} or less"
+            + (", or a smaller --max-maps" if fewer else ""))
+
+
 def visualize_command(args: Any) -> dict[str, Any]:
     """``xpcnn visualize``: the stage tour of one dataset image and every Conv2D's filters."""
     from .datasets import class_names, load_dataset
     from .saving import load_model
 
     model = load_model(args.model, device=args.device)
+    _check_sizes(model, args)  # (before loading the dataset)
     train, test = load_dataset(args.dataset, data_dir=args.data_dir)
     split = args.split or ("test" if test is not None else "train")
     if split == "test" and test is None:
@@ -630,12 +728,15 @@ def visualize_command(args: Any) -> dict[str, Any]:
         raise InputError(f"the model {args.model} expects images of shape "
                          f"{tuple(model.input_shape or ())} but {args.dataset} images are "
                          f"{tuple(image.shape)}")
-    names = _names_for(class_names(args.dataset), model.num_classes)
+    every_name = class_names(args.dataset)
+    names = _names_for(every_name, model.num_classes)
     probs = model.predict(image[None])[0]
     if not model._fused_softmax():  # (a model that ends in its logits)
         probs = softmax(np, probs.astype(np.float64))
     label, guess = int(y[args.index]), int(np.argmax(probs))
-    name = (lambda k: names[k] if names else str(k))  # noqa: E731
+    # (the dataset names the label and the guess; a model with fewer outputs than it has
+    # classes gets a label beyond them, one with more a guess beyond its names: numbers)
+    name = (lambda k: str(every_name[k]) if k < len(every_name) else str(k))  # noqa: E731
     title = (f"{args.dataset} {split} image {args.index}: label {name(label)}, predicted "
              f"{name(guess)} ({probs[guess]:.0%})")
     out = os.fspath(args.out)
@@ -644,7 +745,7 @@ def visualize_command(args: Any) -> dict[str, Any]:
                     title=title, dpi=args.dpi)
     for i in conv_layer_indices(model):
         paths.append(os.path.join(out, f"filters_{i}_{model.layers[i].name}.png"))
-        plot_filters(model, paths[-1], layer=i, dpi=args.dpi)
+        plot_filters(model, paths[-1], layer=i, columns=_FILTER_COLUMNS, dpi=args.dpi)
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print  # --json: JSON alone
     say(title)
     for p in paths:
