@@ -377,3 +377,22 @@ def test_a_loss_subclass_is_saved_by_its_class_and_loads_as_it(tmp_path, monkeyp
     with pytest.raises(DataFormatError, match=r"unknown loss class 'Doubled': define \(or "
                                               r"import\) a user's loss class before loading"):
         xpcnn.load_model(tmp_path / "d.npz")
+
+
+class SetsItsOwn(SoftmaxCrossEntropy):
+    """A subclass that sets the base class's settings itself and takes none."""
+
+    def __init__(self):
+        super().__init__(label_smoothing=0.1)
+
+
+def test_a_loss_subclass_that_sets_the_settings_itself_saves_and_loads(tmp_path):
+    """Its config holds the settings its constructor takes, none here (was refused at save:
+    "gives ['label_smoothing'], which its constructor does not take"), and it loads as itself,
+    with the settings it sets."""
+    model = net("layer")
+    model.compile(loss=SetsItsOwn(), optimizer=xpcnn.optim.SGD(0.1))
+    assert model.loss.get_config() == {"class": "SetsItsOwn"}
+    model.save(tmp_path / "s.npz")
+    loaded = xpcnn.load_model(tmp_path / "s.npz")
+    assert type(loaded.loss) is SetsItsOwn and loaded.loss.label_smoothing == 0.1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -135,6 +136,30 @@ def test_a_run_that_stopped_early_trains_no_more_when_resumed(data, tmp_path):
     again.fit(x, y, validation_data=val, checkpoint=path, resume=True, callbacks=watchers(),
               **FIT)
     assert_same(state(again), state(first))
+    # Without the callbacks that stopped it (they start afresh), the run goes on (was: it
+    # trained nothing, while the warning said they started afresh).
+    on = make_model()
+    with pytest.warns(RuntimeWarning, match="start afresh"):
+        on.fit(x, y, validation_data=val, checkpoint=path, resume=True, **FIT)
+    assert len(on.history.epoch) == FIT["epochs"]
+    assert on.optimizer.iterations > first.optimizer.iterations
+
+
+def test_callbacks_kept_under_another_monitor_start_afresh_with_a_warning(data, tmp_path):
+    """A state is restored only into a callback watching the same monitor in the same mode
+    (was: EarlyStopping("val_accuracy") took the best val_loss as its best accuracy, which
+    nothing then beat)."""
+    x, y, val = data
+    path = tmp_path / "run.npz"
+    make_model().fit(x, y, validation_data=val, checkpoint=path,
+                     callbacks=[EarlyStopping("val_loss", patience=9)], **{**FIT, "epochs": 2})
+    accuracy = EarlyStopping("val_accuracy", patience=9)
+    with pytest.warns(RuntimeWarning, match=r"kept under other settings for \['EarlyStopping'\] "
+                                            r"\(another monitor or mode\)") as warned:
+        make_model().fit(x, y, validation_data=val, checkpoint=path, resume=True,
+                         callbacks=[accuracy], **{**FIT, "epochs": 3})
+    assert accuracy.best is not None and 0 <= accuracy.best <= 1
+    assert warned[0].filename == __file__  # (the user's fit call, not xpcnn's inside)
 
 
 def test_resumed_with_other_stateful_callbacks_they_start_afresh_with_a_warning(data, tmp_path):
@@ -217,8 +242,9 @@ def test_a_corrupt_callback_state_is_refused_and_leaves_the_model_as_it_was(data
 # -- 5. ModelCheckpoint's files resume -------------------------------------------------------
 
 
-@pytest.mark.parametrize("save_freq, name", [("epoch", "e2.npz"), (5, "e2b7.npz")],
-                         ids=["at an epoch's end", "inside an epoch"])
+@pytest.mark.parametrize("save_freq, name", [("epoch", "e2.npz"), (5, "e2b7.npz"),
+                                             (8, "e2b8.npz")],
+                         ids=["at an epoch's end", "inside an epoch", "at its last batch"])
 def test_a_model_checkpoint_file_resumes_exactly(data, tmp_path, save_freq, name):
     x, y, _ = data
     fit = {**FIT, "epochs": 3}
@@ -232,8 +258,35 @@ def test_a_model_checkpoint_file_resumes_exactly(data, tmp_path, save_freq, name
     model.fit(x, y, checkpoint=tmp_path / name, resume=True, callbacks=[
         ModelCheckpoint(tmp_path / "again" / "m.npz", save_freq=save_freq),
         LambdaCallback(on_train_batch_end=lambda batch, logs: steps.append(batch))], **fit)
-    assert len(steps) == (8 if save_freq == "epoch" else 8 + 1)  # (only those after the file)
+    # (only those after the file; one saved after an epoch's last batch, before its end's
+    # validation and callbacks, resumes there: was refused, "the training data gave no batches")
+    assert len(steps) == (8 + 1 if save_freq == 5 else 8)
     assert_same(state(model), state(reference))
+
+
+def test_a_model_checkpoint_file_inside_an_epoch_resumes_with_epoch_callbacks_after_it(
+        data, tmp_path):
+    """Callbacks after the ModelCheckpoint that change their state only at an epoch's end
+    (EarlyStopping, ReduceLROnPlateau) are in a known state inside an epoch: its files
+    resume, exactly (was refused, "written by a ModelCheckpoint before EarlyStopping")."""
+    x, y, val = data
+    fit = {**FIT, "validation_data": val}
+
+    def callbacks(name):
+        return [ModelCheckpoint(tmp_path / name, save_freq=5), *watchers()]
+
+    reference_callbacks = callbacks("r{epoch}b{batch}.npz")
+    reference = make_model()
+    reference.fit(x, y, callbacks=reference_callbacks, **fit)
+    assert reference_callbacks[1].stopped_epoch  # (EarlyStopping's state decides the run)
+    assert (tmp_path / "r3b4.npz").exists()  # (after 20 steps: 4 into epoch 3)
+    resumed_callbacks = callbacks("again.npz")
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no callback starts afresh)
+        model.fit(x, y, checkpoint=tmp_path / "r3b4.npz", resume=True,
+                  callbacks=resumed_callbacks, **fit)
+    assert_same(state(model, resumed_callbacks[1:]), state(reference, reference_callbacks[1:]))
 
 
 def test_a_model_checkpoint_file_before_a_later_stateful_callback_is_refused(data, tmp_path):
@@ -282,7 +335,7 @@ def test_two_backup_and_restores_are_refused_before_either_restores(data, tmp_pa
     assert_same(state(model), before)
 
 
-# -- 3. a map-style dataset's content ------------------------------------------------------------
+# -- 3. a map-style dataset's random transforms ---------------------------------------------
 
 
 class Items:
@@ -297,17 +350,40 @@ class Items:
         return item if self.w is None else (*item, self.w[i])
 
 
-@pytest.mark.parametrize("change", ["labels", "images", "weights dropped", "weights changed"])
-def test_a_dataset_with_other_items_is_refused_on_resume(data, tmp_path, change):
+class Flipped(Items):
+    """A dataset that draws a random flip in ``[i]``, from NumPy's global random state, as
+    torchvision-style transforms do."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        Flipped.reads += 1
+        x, y = self.x[i], self.y[i]
+        return (x[:, ::-1] if np.random.random() < 0.5 else x), y
+
+
+def test_a_dataset_with_random_transforms_resumes_and_is_not_read_for_its_fingerprint(
+        data, tmp_path):
+    """A checkpoint reads no item of a map-style dataset (a fingerprint of 16 items drew from
+    its transforms' random state, so the run's draws changed and the resume was refused as
+    "other data"): the items a run with a checkpoint reads are those of a run without one."""
     x, y, _ = data
-    w = np.linspace(0.5, 2.0, len(x))
-    make_model().fit(Items(x, y, w), checkpoint=tmp_path / "c.npz", **{**FIT, "epochs": 1})
-    other = {"labels": Items(x, (y + 1) % 10, w), "images": Items(255 - x, y, w),
-             "weights dropped": Items(x, y), "weights changed": Items(x, y, w[::-1])}[change]
-    with pytest.raises(InputError, match="items_crc32 is"):
-        make_model().fit(other, checkpoint=tmp_path / "c.npz", resume=True, **FIT)
-    make_model().fit(Items(x, y, w), checkpoint=tmp_path / "c.npz", resume=True,
-                     **{**FIT, "epochs": 2})  # (the same items resume)
+    fit = {**FIT, "epochs": 2}
+    np.random.seed(0)
+    plain = make_model()
+    plain.fit(Flipped(x, y), **fit)
+    reads, Flipped.reads = Flipped.reads, 0
+    np.random.seed(0)
+    checkpointed = make_model()
+    checkpointed.fit(Flipped(x, y), checkpoint=tmp_path / "c.npz", **fit)
+    assert Flipped.reads == reads
+    assert_same(state(checkpointed), state(plain))
+    np.random.seed(0)
+    first = make_model()
+    first.fit(Flipped(x, y), checkpoint=tmp_path / "d.npz", **{**FIT, "epochs": 1})
+    resumed = make_model()
+    resumed.fit(Flipped(x, y), checkpoint=tmp_path / "d.npz", resume=True, **fit)
+    assert resumed.optimizer.iterations == plain.optimizer.iterations
 
 
 # -- 2. batch logs: a dict for callbacks that are not async-safe ----------------------------

@@ -335,3 +335,21 @@ def test_load_model_compile_false_of_a_checkpoint(data, tmp_path):
     assert loaded.optimizer is None
     assert_same(loaded.get_weights(), model.get_weights())
     assert xpcnn.load_model(tmp_path / "c.npz").optimizer is not None  # (compile=True)
+
+
+def test_a_user_layer_keeping_arrays_under_the_weights_names_is_told_why():
+    """weights, trainable_weights and non_trainable_weights are read-only lists, as in Keras: a
+    user's layer that set one of its own gets an InputError saying so (was a bare
+    AttributeError, "property 'weights' of 'Mix' object has no setter")."""
+    from xpcnn.layers.base import Layer
+
+    for name in ("weights", "trainable_weights", "non_trainable_weights"):
+        class Mix(Layer):
+            def __init__(self, kept=name):
+                super().__init__()
+                setattr(self, kept, [np.ones(3)])
+
+        with pytest.raises(InputError, match=rf"^layer 'mix' \(Mix\): {name} is the list of its "
+                                             r"weights that xpcnn makes from params and state, "
+                                             r"read-only as in Keras"):
+            Mix()

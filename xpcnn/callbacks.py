@@ -85,6 +85,12 @@ class Callback:
         """Take back what :meth:`get_state` returned (raising ValueError for a state it cannot
         take: the checkpoint is then refused)."""
 
+    def state_fits(self, state: dict[str, Any] | None) -> bool:
+        """Whether a state of this callback's class is this callback's to go on from: False
+        where it was kept under other settings (another monitor: it then starts afresh, with
+        a warning)."""
+        return True
+
     def set_model(self, model: Any) -> None:
         self.model = model
 
@@ -478,6 +484,14 @@ class _Monitor(Callback):
         self.monitor, self.mode = monitor, mode
         self.min_delta = abs(checks.number(min_delta, f"{type(self).__name__} min_delta"))
 
+    def get_state(self) -> dict[str, Any]:
+        """What it watches, which its best value is of (:meth:`state_fits`)."""
+        return {"monitor": self.monitor, "mode": self.mode}
+
+    def state_fits(self, state: dict[str, Any] | None) -> bool:
+        return isinstance(state, dict) and (state.get("monitor"), state.get("mode")) == (
+            self.monitor, self.mode)
+
     def current(self, logs: Mapping[str, float] | None) -> float | None:
         """The monitored value of an epoch's logs; None for a validation metric in an epoch
         that ``fit(validation_freq=...)`` does not validate (the epoch is then skipped, as in
@@ -595,8 +609,9 @@ class EarlyStopping(_Monitor):
             self.model.set_weights(self.best_weights)
 
     def get_state(self) -> dict[str, Any]:
-        return {"best": self.best, "wait": self.wait, "best_epoch": self.best_epoch,
-                "stopped_epoch": self.stopped_epoch, "best_weights": self.best_weights}
+        return {**super().get_state(), "best": self.best, "wait": self.wait,
+                "best_epoch": self.best_epoch, "stopped_epoch": self.stopped_epoch,
+                "best_weights": self.best_weights}
 
     def set_state(self, state: dict[str, Any] | None) -> None:
         state = state or {}
@@ -684,7 +699,7 @@ class ModelCheckpoint(_Monitor):
         self.run: dict[str, Any] = {}
 
     def get_state(self) -> dict[str, Any]:
-        return {"best": self.best, "batches": self.batches}
+        return {**super().get_state(), "best": self.best, "batches": self.batches}
 
     def set_state(self, state: dict[str, Any] | None) -> None:
         state = state or {}
@@ -751,7 +766,12 @@ class ModelCheckpoint(_Monitor):
         if self.save_weights_only:
             self.model.save_weights(path)
         else:
-            states = callback_states(stateful(self.model._callbacks), written_by=self)
+            # (the callbacks after this one that have a hook of their own for this point have
+            # not run it yet)
+            hooks = ("on_epoch_end",) if batch is None else ("on_train_batch_end",
+                                                             "on_batch_end")
+            states = callback_states(stateful(self.model._callbacks), written_by=self,
+                                     pending=lambda cb: any(_overrides(cb, h) for h in hooks))
             if batch is None:
                 save_checkpoint(self.model, path, Progress(epoch + 1),
                                 _history_through(self.model.history, epoch, logs), self.run,
@@ -909,7 +929,8 @@ class ReduceLROnPlateau(_Monitor):
                 say_on_root(f"epoch {epoch + 1}: learning rate reduced to {optimizer.lr:.3g}")
 
     def get_state(self) -> dict[str, Any]:
-        return {"best": self.best, "wait": self.wait, "cooling": self.cooling}
+        return {**super().get_state(), "best": self.best, "wait": self.wait,
+                "cooling": self.cooling}
 
     def set_state(self, state: dict[str, Any] | None) -> None:
         state = state or {}

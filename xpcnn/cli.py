@@ -32,6 +32,7 @@ from .errors import DataFormatError, DownloadError, InputError, TrainingInterrup
 from .files import try_writing_in
 from .models import NAMES, build_model
 from .onnx_export import ONNX_EXTRA_HINT
+from .saving.checkpoint import ResumeAdvice, resume_advised
 from .viz import VIZ_EXTRA_HINT
 
 DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10")
@@ -379,14 +380,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         callbacks.append(CSVLogger(args.log, append=resumed))
     t0 = time.perf_counter()
     try:
-        history = model.fit(x, y, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
-                            verbose=0 if args.quiet or args.json else
-                            2 if args.epoch_lines else 1,
-                            checkpoint=args.checkpoint,
-                            checkpoint_every=args.checkpoint_every or "epoch",
-                            resume=args.resume, callbacks=callbacks,
-                            validation_data=(x_test, y_test) if args.plots or
-                            args.early_stopping is not None else None)
+        with resume_advised(RESUME_ADVICE):  # (a refused --resume names the flags to keep)
+            history = model.fit(
+                x, y, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
+                verbose=0 if args.quiet or args.json else 2 if args.epoch_lines else 1,
+                checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every or "epoch",
+                resume=args.resume, callbacks=callbacks,
+                validation_data=(x_test, y_test) if args.plots or
+                args.early_stopping is not None else None)
     except TrainingInterrupted as e:
         raise Interrupted(f"interrupted at {e.where}; the checkpoint {e.checkpoint} holds the "
                           "training state there: run the same command with --resume to "
@@ -543,6 +544,14 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 141
     return 0
+
+
+#: What a refused ``--resume`` says to keep the same: the flags that decide the run's data,
+#: batches and compile settings.
+RESUME_ADVICE = ResumeAdvice(
+    run="the same --dataset, --limit, --batch-size, --seed and --data-dir files",
+    compile="give the same --model, --epochs, --optimizer, --lr, --schedule and --precision",
+    fresh="no --resume (or another --checkpoint)")
 
 
 def _fail(prog: str, message: str, status: int, as_json: bool) -> int:

@@ -33,7 +33,6 @@ import queue
 import sys
 import threading
 import weakref
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -321,10 +320,6 @@ class ArrayBatches(ShardedBatches):
 # -- map-style datasets and iterables ---------------------------------------------------------
 
 
-#: How many items of a map-style dataset a checkpoint's fingerprint reads (spread evenly).
-FINGERPRINT_ITEMS = 16
-
-
 class DatasetBatches(ShardedBatches):
     """A map-style dataset: ``dataset[i] -> (x_i, y_i)``, ``(x_i, y_i, w_i)`` with a sample
     weight (or ``x_i`` alone for ``predict``), batched and shuffled as arrays are; samples are
@@ -427,22 +422,12 @@ class DatasetBatches(ShardedBatches):
                              "device") from e
 
     def fingerprint(self) -> dict[str, Any]:
-        """As arrays' (:func:`xpcnn.saving.fingerprint`), but the content is checked on a
-        sample: the CRC-32 of the x, y and w of :data:`FINGERPRINT_ITEMS` items spread evenly
-        over the dataset (their dtypes and shapes too), since reading every item would take
-        a pass over the data."""
-        backend, crc = self.model.backend, 0
-        for i in np.unique(np.linspace(0, self.samples - 1, FINGERPRINT_ITEMS).round()):
-            item = split_item(self._item(int(i)), self.with_targets, self._expected)
-            for part in (p for p in item if p is not None):
-                part = adopt_foreign(part, backend)
-                host = np.ascontiguousarray(backend.to_numpy(part) if of_library(part, backend)
-                                            else np.asarray(part))
-                crc = zlib.crc32(f"{host.dtype}{host.shape}".encode(), crc)
-                crc = zlib.crc32(host.data, crc)
+        """As arrays' (:func:`xpcnn.saving.fingerprint`) but for the content, which is not
+        read: a dataset's ``[i]`` may draw random transforms (reading items here would change
+        the draws of the run, and its resume's), and reading it all would take a pass over
+        the data."""
         return {"samples": self.samples, "dataset": type(self.dataset).__name__,
-                "items_crc32": crc, "batch_size": self.batch_size, "seed": self.seed,
-                "shuffle": self.shuffle,
+                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
                 **({"ranks": self.shard[1]} if self.shard[1] > 1 else {})}
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from .checks import register, unsaved_settings, untaken_settings
+from .checks import (
+    named_parameters,
+    register,
+    takes_keywords,
+    unsaved_settings,
+    untaken_settings,
+)
 from .errors import InputError
 from .ops.softmax import cross_entropy, loss_and_correct, nan_unless_classes, target_rows
 
@@ -51,10 +57,14 @@ class SoftmaxCrossEntropy:
         constructor takes more must give them too: :meth:`check_config`)."""
         # (from_logits only where set, the class only for a subclass: files and checkpoints of
         # the default stay as they were, and one written before resumes under the same compile)
-        own = type(self) is SoftmaxCrossEntropy
-        return {**({} if own else {"class": type(self).__name__}),
-                "label_smoothing": self.label_smoothing,
-                **({} if self.from_logits is None else {"from_logits": self.from_logits})}
+        config = {"label_smoothing": self.label_smoothing,
+                  **({} if self.from_logits is None else {"from_logits": self.from_logits})}
+        if type(self) is SoftmaxCrossEntropy:
+            return config
+        init = type(self).__init__  # (a subclass's: those of the settings it takes, as it
+        if not takes_keywords(init):  # sets the others itself, super().__init__(0.1))
+            config = {k: v for k, v in config.items() if k in named_parameters(init)}
+        return {"class": type(self).__name__, **config}
 
     def check_config(self) -> None:
         """Refuse to save a subclass whose constructor takes settings that its ``get_config()``

@@ -993,7 +993,9 @@ class Trainer:
                 if self.stop_training:
                     break
             logs.settle()
-        if step == first:
+        # (a checkpoint written after the epoch's last step, as ModelCheckpoint's save_freq
+        # may write it, resumes at the epoch's end: no step is left)
+        if step == first and not (first and first == data.steps):
             raise InputError(f"the training data gave no batches in epoch {epoch + 1}: an "
                              "iterator needs steps_per_epoch batches for every epoch")
         if data.steps and step < data.steps and not self.stop_training:

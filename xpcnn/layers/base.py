@@ -22,7 +22,7 @@ import itertools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import numpy as np
 
@@ -466,6 +466,20 @@ class Layer:
         parameters."""
         return [w for w in self.weights if not w.trainable]
 
+    # (a user's layer that kept its own arrays under these names: told why, not a bare
+    # "property has no setter")
+    @weights.setter
+    def weights(self, value: Any) -> None:
+        _weights_are_read_only(self, "weights")
+
+    @trainable_weights.setter
+    def trainable_weights(self, value: Any) -> None:
+        _weights_are_read_only(self, "trainable_weights")
+
+    @non_trainable_weights.setter
+    def non_trainable_weights(self, value: Any) -> None:
+        _weights_are_read_only(self, "non_trainable_weights")
+
     def to_keras_layout(self, name: str, a: np.ndarray) -> np.ndarray:
         """A host array shaped like weight ``name`` as stored (its optimiser slots too), in
         Keras' layout, as files hold it: the layout a layer keeps inside may change between
@@ -646,6 +660,13 @@ class Weight:
     def __repr__(self) -> str:
         return (f"<Weight {self.path!r} shape={self.shape} dtype={self.dtype} "
                 f"trainable={self.trainable}>")
+
+
+def _weights_are_read_only(layer: Layer, name: str) -> NoReturn:
+    raise InputError(f"layer {layer.name!r} ({type(layer).__name__}): {name} is the list of its "
+                     "weights that xpcnn makes from params and state, read-only as in Keras; "
+                     "keep arrays of your own under another name (the trained ones in "
+                     "self.params, named in weight_names)")
 
 
 def _shape(shape: Any, layer: Layer) -> Shape | tuple[Shape, ...]:

@@ -35,6 +35,7 @@ leaves the last good checkpoint in place.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import signal
@@ -42,7 +43,7 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,16 +188,19 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
     remove_leftovers(target)
 
 
-def callback_states(callbacks: list[Any], written_by: Any = None
+def callback_states(callbacks: list[Any], written_by: Any = None,
+                    pending: Callable[[Any], bool] | None = None
                     ) -> list[tuple[str, dict[str, Any] | None]]:
     """(class name, ``get_state()``) of each of ``callbacks`` (those that keep a state, in
     order), for :func:`save_checkpoint`; written from inside ``written_by``'s hook (a
-    ModelCheckpoint's), the callbacks after it have not run that hook yet: their state is not
-    known (None), and such a file is not resumed while they are there."""
+    ModelCheckpoint's), the callbacks after it for which that hook is ``pending`` (they have
+    one of their own, not run yet) are in a state not known (None), and such a file is not
+    resumed while they are there."""
     states: list[tuple[str, dict[str, Any] | None]] = []
     after = False
     for cb in callbacks:
-        states.append((type(cb).__name__, None if after else cb.get_state()))
+        unknown = after and (pending is None or pending(cb))
+        states.append((type(cb).__name__, None if unknown else cb.get_state()))
         after = after or cb is written_by
     return states
 
@@ -304,9 +308,35 @@ def _check_compile(model: Any, config: dict[str, Any], path: str) -> None:
     if mine != theirs:
         diff = "; ".join(f"{k} is {a!r} there and {b!r} here"
                          for k, a, b in _differences(theirs, mine)[:4])
-        raise InputError(f"{path} was written by a model compiled otherwise ({diff}): compile it "
-                         "the same way to resume (a schedule spans the whole run: its length "
-                         "counts the steps of all its epochs)")
+        raise InputError(f"{path} was written by a model compiled otherwise ({diff}): "
+                         f"{_ADVICE.get().compile} to resume (a schedule spans the whole run: "
+                         "its length counts the steps of all its epochs)")
+
+
+@dataclass(frozen=True)
+class ResumeAdvice:
+    """What a refused resume tells its caller to keep the same (``run``: the data and fit's
+    arguments; ``compile``: the compile settings) and how to start afresh instead: a Python
+    caller's by default; the command line names its flags (:func:`resume_advised`)."""
+
+    run: str = "the same data, batch_size, seed, shuffle and class_weight"
+    compile: str = "compile it the same way"
+    fresh: str = "resume=False"
+
+
+#: A Python caller's.
+PYTHON_ADVICE = ResumeAdvice()
+_ADVICE = contextvars.ContextVar("xpcnn_resume_advice", default=PYTHON_ADVICE)
+
+
+@contextlib.contextmanager
+def resume_advised(advice: ResumeAdvice) -> Iterator[None]:
+    """Within it, a refused resume gives ``advice`` (the command line's flags)."""
+    token = _ADVICE.set(advice)
+    try:
+        yield
+    finally:
+        _ADVICE.reset(token)
 
 
 def _acc_logged_as_accuracy(model: Any, theirs: Any) -> bool:
@@ -562,13 +592,13 @@ def check_run(path: str, theirs: Any, ours: dict[str, Any]) -> None:
                          "(written by save_checkpoint, or by a ModelCheckpoint of an earlier "
                          "version), so resuming it cannot be checked: resume from a file of "
                          "fit(checkpoint=...), BackupAndRestore or ModelCheckpoint, or start "
-                         "afresh with resume=False")
+                         f"afresh with {_ADVICE.get().fresh}")
     keys = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
     values = "; ".join(f"{k} is {theirs.get(k)!r} there and {ours.get(k)!r} here"
                        for k in keys[:4])
     raise InputError(f"{path} was written by a run with other data or fit arguments (they differ "
-                     f"in {', '.join(keys)}): {values}; resume with the same data, batch_size, "
-                     "seed, shuffle and class_weight, or start afresh with resume=False")
+                     f"in {', '.join(keys)}): {values}; resume with {_ADVICE.get().run}, or "
+                     f"start afresh with {_ADVICE.get().fresh}")
 
 
 class FitCheckpoints:
@@ -663,10 +693,13 @@ class FitCheckpoints:
             for cb, state in zip(self.callbacks, fresh, strict=True):
                 cb.set_state(state)
             raise
-        self.stopped = stopped
+        # (a run its callbacks stopped trains no more, but where they start afresh: they
+        # decide anew)
+        self.stopped = stopped and states is not None
         if self.verbose:
             print(f"resuming from {self.path}: epoch {ckpt.epoch + 1}, {ckpt.step}/"
-                  f"{self.steps} steps done")
+                  f"{self.steps} steps done" + (": a callback stopped that run, which trains "
+                                                "no more" if self.stopped else ""))
         return ckpt.history, ckpt.progress
 
     def _checked_states(self, states: list[tuple[str, dict[str, Any] | None]] | None
@@ -681,10 +714,15 @@ class FitCheckpoints:
             if ours or theirs:
                 held = "no callback states (an earlier version's file)" if theirs is None else \
                     f"the states of the callbacks {theirs}"
-                warnings.warn(f"xpcnn: {self.path} holds {held}, and this run's callbacks that "
-                              f"keep one are {ours}: they start afresh (the same callbacks, in "
-                              "the same order, go on from the file)", RuntimeWarning,
-                              stacklevel=2)
+                _warn(f"{self.path} holds {held}, and this run's callbacks that keep one are "
+                      f"{ours}: they start afresh (the same callbacks, in the same order, go on "
+                      "from the file)")
+            return None
+        other = [name for cb, (name, state) in zip(self.callbacks, states, strict=True)
+                 if state is not None and not cb.state_fits(state)]
+        if other:
+            _warn(f"{self.path} holds the states of the callbacks {theirs}, kept under other "
+                  f"settings for {other} (another monitor or mode): this run's start afresh")
             return None
         unknown = [name for name, state in states if state is None]
         if unknown:
@@ -735,3 +773,20 @@ class FitCheckpoints:
                 distributed.host_sum(self.model._parallel.world, [0.0],
                                      "the checkpoint's write")
             raise TrainingInterrupted(f"epoch {epoch + 1}, step {step}/{self.steps}", self.path)
+
+
+def _warn(message: str) -> None:
+    """A resume's one-line warning, pointed at the user's fit call (the frames between are
+    xpcnn's)."""
+    warnings.warn(f"xpcnn: {message}", RuntimeWarning, stacklevel=_user_frame())
+
+
+def _user_frame() -> int:
+    """The stacklevel of the first frame outside xpcnn."""
+    import sys
+
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("xpcnn"):
+        frame, level = frame.f_back, level + 1
+    return level
+
