@@ -487,3 +487,23 @@ def test_a_device_or_a_pipe_is_never_replaced_by_a_file(tmp_path):
             atomic_file(pipe):
         pass
     assert stat.S_ISFIFO(os.lstat(pipe).st_mode) and model.optimizer.iterations == 0
+
+
+def test_a_path_ending_in_a_separator_names_a_folder_and_writes_no_file(tmp_path):
+    """``save("runs/")`` wrote a file named ``runs``, and ``export("notes.txt/")`` replaced that
+    file (the trailing "/" dropped by realpath): refused, as open() refuses it, nothing
+    written or replaced."""
+    from xpcnn.files import atomic_file
+
+    model = xpcnn.Sequential([Dense(2)], input_shape=(3,), seed=0)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep")
+    for path in (f"{tmp_path}/runs/", f"{notes}/"):
+        for write in (model.save, model.save_weights):
+            with pytest.raises(InputError, match=r"ends in '/', so it names a folder"):
+                write(path)
+        with pytest.raises(IsADirectoryError, match="names a folder: not written"), \
+                atomic_file(path):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert notes.read_text() == "keep"

@@ -302,6 +302,9 @@ def output_file(path: Any, what: str, replaced: bool = True) -> str:
     file (the writers create the missing folders below it). Checked before any work, so that
     a long run does not fail at its first save."""
     path = file_path(path, what)
+    if path.endswith(tuple(filter(None, (os.sep, os.altsep)))):  # (which realpath drops)
+        raise InputError(f"{what} {path!r} ends in {path[-1]!r}, so it names a folder; give the "
+                         "path of a file (in it, say)")
     try:
         target = written_file(path)  # (a link's target is what gets written)
     except OSError as e:  # (links in a loop)

@@ -23,7 +23,9 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
     creates files (mode 0666 less the umask), so it can be shared where the umask allows. If
     the block raises (Ctrl-C included), the temporary file is removed.
     """
-    path = written_file(path)
+    if os.fspath(path).endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise IsADirectoryError(f"{os.fspath(path)!r} names a folder: not written")
+    path = written_file(path)  # (its trailing separator dropped: checked above)
     if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
         # (the rename would put a file in the place of a device such as /dev/null, or a pipe)
         raise FileExistsError(f"{path!r} exists and is not a regular file: not replaced")
