@@ -396,3 +396,30 @@ def test_a_loss_subclass_that_sets_the_settings_itself_saves_and_loads(tmp_path)
     model.save(tmp_path / "s.npz")
     loaded = xpcnn.load_model(tmp_path / "s.npz")
     assert type(loaded.loss) is SetsItsOwn and loaded.loss.label_smoothing == 0.1
+
+
+class FromLogits(SoftmaxCrossEntropy):
+    def __init__(self, label_smoothing=0.0):
+        super().__init__(label_smoothing, from_logits=True)
+
+
+class PassesOn(FromLogits):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+
+
+def test_a_loss_subclass_its_config_cannot_rebuild_is_refused_at_save(tmp_path):
+    """A constructor taking **kwargs passes from_logits on to one that does not take it: the
+    file saved, then load_model failed (TypeError); refused at save, nothing written. Its
+    parent, which sets from_logits itself, saves and loads."""
+    model = net("logits")
+    model.compile(loss=PassesOn(label_smoothing=0.1), optimizer=xpcnn.optim.SGD(0.1))
+    with pytest.raises(InputError, match=r"loss class PassesOn cannot be rebuilt from its "
+                                         r"get_config\(\) \{'label_smoothing': 0.1, "
+                                         r"'from_logits': True\} \(.*unexpected keyword"):
+        model.save(tmp_path / "p.npz")
+    assert not (tmp_path / "p.npz").exists()
+    model.compile(loss=FromLogits(0.1), optimizer=xpcnn.optim.SGD(0.1))
+    model.save(tmp_path / "f.npz")
+    loaded = xpcnn.load_model(tmp_path / "f.npz").loss
+    assert type(loaded) is FromLogits and loaded.get_config() == model.loss.get_config()

@@ -54,6 +54,19 @@ def test_chunks_and_iterables_give_the_whole_arrays_statistics(rng):
     np.testing.assert_allclose(whole[1], reference(x)[1], rtol=1e-12)
 
 
+@pytest.mark.parametrize("batch_size", [None, 7, 1])
+def test_data_far_from_zero_keeps_its_precision_in_small_chunks(rng, batch_size):
+    """1e9 + N(0, 1): the chunks' means, near 1e9 each, were subtracted in the combination,
+    so the std lost ~1e-9 of itself in chunks of 7 samples; shifted by the first sample's
+    values, it is as exact as the whole array's. (x - 1e9 is exact: the reference.)"""
+    x = 1e9 + rng.standard_normal((300, 8, 8, 2))
+    layer = Normalization()
+    layer.adapt(x, batch_size=batch_size)
+    near = (x - 1e9).reshape(-1, 2)
+    np.testing.assert_allclose(np.array(layer.mean) - 1e9, near.mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(layer.std, near.std(axis=0), rtol=1e-13)
+
+
 def test_a_large_uint8_dataset_gets_no_float64_copy(rng):
     """The float64 work is bounded by a chunk: peak allocations stay far below the 12 MB
     that a float64 copy of the 1.5 M values would take."""

@@ -148,18 +148,26 @@ def test_a_run_that_stopped_early_trains_no_more_when_resumed(data, tmp_path):
 def test_callbacks_kept_under_another_monitor_start_afresh_with_a_warning(data, tmp_path):
     """A state is restored only into a callback watching the same monitor in the same mode
     (was: EarlyStopping("val_accuracy") took the best val_loss as its best accuracy, which
-    nothing then beat)."""
+    nothing then beat); that callback alone starts afresh, the others go on (a ModelCheckpoint
+    that saves every epoch watches nothing: its monitor may differ)."""
     x, y, val = data
     path = tmp_path / "run.npz"
-    make_model().fit(x, y, validation_data=val, checkpoint=path,
-                     callbacks=[EarlyStopping("val_loss", patience=9)], **{**FIT, "epochs": 2})
-    accuracy = EarlyStopping("val_accuracy", patience=9)
+    first = [EarlyStopping("val_loss", patience=9), ReduceLROnPlateau(patience=9),
+             ModelCheckpoint(tmp_path / "m.npz")]
+    make_model().fit(x, y, validation_data=val, checkpoint=path, callbacks=first,
+                     **{**FIT, "epochs": 2})
+    accuracy, plateau = EarlyStopping("val_accuracy", patience=9), ReduceLROnPlateau(patience=9)
+    restored = []
     with pytest.warns(RuntimeWarning, match=r"kept under other settings for \['EarlyStopping'\] "
-                                            r"\(another monitor or mode\)") as warned:
-        make_model().fit(x, y, validation_data=val, checkpoint=path, resume=True,
-                         callbacks=[accuracy], **{**FIT, "epochs": 3})
+                                            r"\(another monitor or mode\): it starts afresh, "
+                                            "the others go on from the file") as warned:
+        make_model().fit(x, y, validation_data=val, checkpoint=path, resume=True, callbacks=[
+            accuracy, plateau, ModelCheckpoint(tmp_path / "n.npz", monitor="loss"),
+            LambdaCallback(on_epoch_begin=lambda epoch, logs: restored.append(
+                (plateau.best, plateau.wait)))], **{**FIT, "epochs": 3})
     assert accuracy.best is not None and 0 <= accuracy.best <= 1
-    assert warned[0].filename == __file__  # (the user's fit call, not xpcnn's inside)
+    assert restored[0] == (first[1].best, first[1].wait)  # (went on from the file)
+    assert len(warned) == 1 and warned[0].filename == __file__  # (the user's fit call)
 
 
 def test_resumed_with_other_stateful_callbacks_they_start_afresh_with_a_warning(data, tmp_path):
@@ -496,3 +504,23 @@ def test_a_batch_level_model_checkpoint_monitors_acc(data, tmp_path):
                             save_best_only=True, save_freq=2)
     acc_model().fit(x, y, callbacks=[saver], **{**FIT, "epochs": 1})
     assert saver.best is not None and list(tmp_path.glob("e1b*.npz"))
+
+
+def test_a_resume_warning_points_at_a_library_named_like_xpcnn_that_calls_fit(
+        data, tmp_path, monkeypatch):
+    """The warning is pointed at the first frame outside the package xpcnn: a module of
+    another library whose name only starts with "xpcnn" is not xpcnn's (was skipped too)."""
+    x, y, val = data
+    make_model().fit(x, y, validation_data=val, checkpoint=tmp_path / "run.npz",
+                     callbacks=watchers(), **{**FIT, "epochs": 1})
+    helper = tmp_path / "xpcnn_helpers.py"
+    helper.write_text("def resume(model, *args, **kwargs):\n"
+                      "    return model.fit(*args, **kwargs)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import xpcnn_helpers
+
+    with pytest.warns(RuntimeWarning, match="start afresh") as warned:
+        xpcnn_helpers.resume(make_model(), x, y, validation_data=val,
+                             checkpoint=tmp_path / "run.npz", resume=True,
+                             **{**FIT, "epochs": 2})
+    assert warned[0].filename == str(helper)

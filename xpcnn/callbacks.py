@@ -489,8 +489,10 @@ class _Monitor(Callback):
         return {"monitor": self.monitor, "mode": self.mode}
 
     def state_fits(self, state: dict[str, Any] | None) -> bool:
-        return isinstance(state, dict) and (state.get("monitor"), state.get("mode")) == (
-            self.monitor, self.mode)
+        # (a state without them: kept before they were, of the same callbacks)
+        return isinstance(state, dict) and (state.get("monitor", self.monitor),
+                                            state.get("mode", self.mode)) == (self.monitor,
+                                                                              self.mode)
 
     def current(self, logs: Mapping[str, float] | None) -> float | None:
         """The monitored value of an epoch's logs; None for a validation metric in an epoch
@@ -700,6 +702,10 @@ class ModelCheckpoint(_Monitor):
 
     def get_state(self) -> dict[str, Any]:
         return {**super().get_state(), "best": self.best, "batches": self.batches}
+
+    def state_fits(self, state: dict[str, Any] | None) -> bool:
+        # (its monitor matters only where it saves the best: its best is None otherwise)
+        return not self.save_best_only or super().state_fits(state)
 
     def set_state(self, state: dict[str, Any] | None) -> None:
         state = state or {}

@@ -80,6 +80,14 @@ class SoftmaxCrossEntropy:
                     f"gives {untaken}, which its constructor does not take") +
                 ": define get_config() returning the constructor's arguments (with "
                 "super().get_config()), so that a saved model rebuilds it")
+        settings = {k: v for k, v in config.items() if k != "class"}
+        try:  # (as a file rebuilds it: a constructor that passes **kwargs on may refuse them)
+            type(self)(**settings)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"loss class {type(self).__name__} cannot be rebuilt from its "
+                             f"get_config() {settings} ({e}): define get_config() returning "
+                             "the constructor's arguments, so that a saved model rebuilds "
+                             "it") from e
 
     def check_outputs(self, ends_in_softmax: bool, last: str) -> None:
         """Refuse a model whose outputs are not what ``from_logits`` says they are:

@@ -120,8 +120,9 @@ class Normalization(Layer):
         a NumPy array or memory map, or an array of an Array API namespace (CuPy, the layer's
         backend), or an iterable of such batches (a list, a generator; images alone, no
         labels). The statistics are summed in float64, ``batch_size`` samples at a time
-        (None: at most 4 M values, 64 K a channel), and the chunks combined exactly (Chan et
-        al.), so no float64 copy of the whole data is made. A built layer keeps its input's
+        (None: at most 4 M values, 64 K a channel), less the first sample's values (data far
+        from 0 keeps its precision), and the chunks combined (Chan et al.), so no float64 copy
+        of the whole data is made. A built layer keeps its input's
         channel count, and ``predict`` (a model holding it, compiled or not) uses the new
         statistics at once. Refused: no values, NaN or infinity, a constant channel (std 0); a
         failed call leaves the statistics as they were."""
@@ -133,7 +134,7 @@ class Normalization(Layer):
             raise InputError(f"Normalization.adapt takes images (N, H, W, C) as an array or "
                              f"an iterable of such batches, got {type(data).__name__}") from None
         count, mean, m2 = 0, np.zeros(0), np.zeros(0)
-        lo, hi = np.zeros(0), np.zeros(0)
+        lo, hi, shift = np.zeros(0), np.zeros(0), None  # (of the values less shift)
         channels = self.input_shape[-1] if self.built else None
         for i, batch in enumerate(batches):
             where = "the data" if single else f"batch {i}"
@@ -148,10 +149,11 @@ class Normalization(Layer):
             n = batch.shape[0]
             for start in range(0, n, step):
                 # (a stop within the axis: the standard leaves one beyond it unspecified)
-                chunk = _chunk_moments(batch[start:min(start + step, n), ...], where, start)
+                chunk = _chunk_moments(batch[start:min(start + step, n), ...], where, start,
+                                       shift)
                 if chunk is None:
                     continue
-                k, chunk_mean, chunk_m2, chunk_lo, chunk_hi = chunk
+                k, chunk_mean, chunk_m2, chunk_lo, chunk_hi, shift = chunk
                 # Chan, Golub and LeVeque's pairwise update: exact in real arithmetic, and
                 # no cancellation of large sums of squares.
                 total = count + k
@@ -163,6 +165,7 @@ class Normalization(Layer):
         if count == 0:
             raise InputError("Normalization.adapt got no values: the data is empty (no "
                              "samples, or an axis of size 0); give it the training images")
+        mean, lo, hi = mean + shift, lo + shift, hi + shift
         std = np.sqrt(m2 / count)
         if not (np.isfinite(mean).all() and np.isfinite(std).all()):
             raise InputError("Normalization.adapt: the data's mean or std overflows float64 "
@@ -209,17 +212,21 @@ class Normalization(Layer):
         return c
 
 
-def _chunk_moments(x: Any, where: str, first: int
-                   ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+def _chunk_moments(x: Any, where: str, first: int, shift: np.ndarray | None
+                   ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                              np.ndarray] | None:
     """A part of a batch for :meth:`Normalization.adapt` (samples ``first`` onwards of
-    ``where``), computed in float64 in its own namespace (on its device): its count of values
-    per channel, their mean, sum of squared deviations from it, least and largest, as (C,)
-    host arrays; None where it holds no values."""
+    ``where``), computed in float64 in its own namespace (on its device), less ``shift`` per
+    channel (None: its first values, returned last): its count of values per channel, their
+    mean, sum of squared deviations from it, least and largest, as (C,) host arrays; None
+    where it holds no values. (Shifted, data far from 0, 1e9 + noise, keeps its precision:
+    the chunks' means are combined near 0.)"""
     xp = array_api_compat.array_namespace(x)
     c = int(x.shape[-1])
     if math.prod(x.shape) == 0:
         return None
     values = xp.reshape(xp.astype(x, xp.float64), (-1, c))
+    host = get_backend((xp, array_api_compat.device(x))).to_numpy
     if xp.isdtype(x.dtype, "real floating"):  # (integers cannot hold NaN or infinity)
         finite = xp.all(xp.isfinite(values), axis=1)
         if not bool(xp.all(finite)):
@@ -228,12 +235,14 @@ def _chunk_moments(x: Any, where: str, first: int
             raise InputError(f"Normalization.adapt: {where} holds NaN or infinite values "
                              f"(sample {first + bad} is the first); remove or repair those "
                              "samples")
+    if shift is None:
+        shift = host(values[0, :])
+    values = values - xp.asarray(shift, device=array_api_compat.device(x))
     n = values.shape[0]
     mean = xp.sum(values, axis=0) / n
     deviations = values - mean
-    host = get_backend((xp, array_api_compat.device(x))).to_numpy
     return (n, host(mean), host(xp.sum(deviations * deviations, axis=0)),
-            host(xp.min(values, axis=0)), host(xp.max(values, axis=0)))
+            host(xp.min(values, axis=0)), host(xp.max(values, axis=0)), shift)
 
 
 def _images_dtype(layer: Layer, x: Any, options: Options) -> Any:

@@ -675,7 +675,7 @@ class FitCheckpoints:
                                           and (progress.loss_sum or progress.correct)):
             raise DataFormatError(f"{self.path}: invalid checkpoint: step {progress.step} of an "
                                   f"epoch of {self.steps} steps, {progress.seen} samples seen")
-        states = self._checked_states(_callback_states(config, npz, self.model))
+        states, kept = self._checked_states(_callback_states(config, npz, self.model))
         stopped = config.get("stopped", False)
         if not isinstance(stopped, bool):
             raise DataFormatError(f"{self.path}: invalid checkpoint: stopped is {stopped!r}, "
@@ -695,7 +695,7 @@ class FitCheckpoints:
             raise
         # (a run its callbacks stopped trains no more, but where they start afresh: they
         # decide anew)
-        self.stopped = stopped and states is not None
+        self.stopped = stopped and kept
         if self.verbose:
             print(f"resuming from {self.path}: epoch {ckpt.epoch + 1}, {ckpt.step}/"
                   f"{self.steps} steps done" + (": a callback stopped that run, which trains "
@@ -703,10 +703,12 @@ class FitCheckpoints:
         return ckpt.history, ckpt.progress
 
     def _checked_states(self, states: list[tuple[str, dict[str, Any] | None]] | None
-                        ) -> list[dict[str, Any]] | None:
-        """The file's callback states, for this run's callbacks; None where they start afresh,
-        with a one-line warning: a file written before states were kept, or one of a run whose
-        callbacks that keep a state differ from this run's (class and order). Refused where
+                        ) -> tuple[list[dict[str, Any] | None] | None, bool]:
+        """The file's callback states, for this run's callbacks, and whether every one goes on
+        from the file. None where they all start afresh, with a one-line warning: a file
+        written before states were kept, or one of a run whose callbacks that keep a state
+        differ from this run's (class and order); a callback whose state was kept under other
+        settings (another monitor) starts afresh alone, also with a warning. Refused where
         one's state is unknown (a ModelCheckpoint's file written before it ran)."""
         ours = [type(cb).__name__ for cb in self.callbacks]
         theirs = None if states is None else [name for name, _ in states]
@@ -717,21 +719,25 @@ class FitCheckpoints:
                 _warn(f"{self.path} holds {held}, and this run's callbacks that keep one are "
                       f"{ours}: they start afresh (the same callbacks, in the same order, go on "
                       "from the file)")
-            return None
-        other = [name for cb, (name, state) in zip(self.callbacks, states, strict=True)
-                 if state is not None and not cb.state_fits(state)]
-        if other:
+            return None, not (ours or theirs)
+        fits = [state is None or cb.state_fits(state)
+                for cb, (_, state) in zip(self.callbacks, states, strict=True)]
+        if not all(fits):
+            other = [name for (name, _), fit in zip(states, fits, strict=True) if not fit]
             _warn(f"{self.path} holds the states of the callbacks {theirs}, kept under other "
-                  f"settings for {other} (another monitor or mode): this run's start afresh")
-            return None
-        unknown = [name for name, state in states if state is None]
+                  f"settings for {other} (another monitor or mode): "
+                  f"{'it starts' if len(other) == 1 else 'they start'} afresh, the others go on "
+                  "from the file")
+        unknown = [name for (name, state), fit in zip(states, fits, strict=True)
+                   if state is None and fit]
         if unknown:
             raise InputError(f"{self.path} was written by a ModelCheckpoint before "
                              f"{', '.join(unknown)} (after it in callbacks) had run for that "
                              "point, so their state is not in the file and the run cannot go "
                              "on exactly: resume from fit(checkpoint=...)'s or BackupAndRestore's "
                              "file, or list the ModelCheckpoint after them")
-        return [state for _, state in states]  # type: ignore[misc]
+        return [state if fit else cb.get_state() for cb, (_, state), fit
+                in zip(self.callbacks, states, fits, strict=True)], all(fits)
 
     def due(self, epoch: int, step: int) -> bool:
         """Whether batch ``step`` (1-based) of ``epoch`` ends with a checkpoint: every
@@ -786,7 +792,7 @@ def _user_frame() -> int:
     import sys
 
     frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("xpcnn"):
+    while frame is not None and (frame.f_globals.get("__name__", "") + ".").startswith("xpcnn."):
         frame, level = frame.f_back, level + 1
     return level
 
