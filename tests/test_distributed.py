@@ -653,3 +653,60 @@ def test_the_scaling_benchmark_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     steps = json.loads(out.read_text())["step_s"]
     assert [len(v) for v in steps.values()] == [2, 2, 50]
+
+
+_REFUSED_ON_EVERY_RANK = '''
+import os
+import sys
+import numpy as np
+import xpcnn
+from xpcnn import distributed
+from xpcnn.callbacks import ModelCheckpoint
+from xpcnn.errors import XpcnnError
+from xpcnn.layers import Dense, Flatten, Normalization, Softmax
+
+rank = distributed.world().rank
+x = np.random.default_rng(0).random((16, 4, 4, 3)).astype(np.float32)
+y = np.arange(16) % 3
+norm = Normalization()
+norm.adapt(x[rank::2] if sys.argv[1] == "shards" else x)
+model = xpcnn.Sequential([norm, Flatten(), Dense(3), Softmax()], seed=0)
+model.compile()
+# (a path only rank 0 checks, inside a regular file: refused there alone)
+callbacks = [ModelCheckpoint(__file__ + "/m.npz")] if sys.argv[1] == "path" else []
+try:
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0, callbacks=callbacks)
+except XpcnnError as e:
+    said = f"rank {rank} refused: {type(e).__name__}: {e}"
+else:
+    said = f"rank {rank} trained"
+os.write(1, (said + "\\n").encode())  # (one write: the ranks' lines do not interleave)
+'''
+
+
+@needs_mpi
+@pytest.mark.parametrize("case", ["shards", "path", "same"])
+def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp_path, case):
+    """A Normalization adapted on each rank's own shard (their models predicted apart, rank 0's
+    alone saved), and a refusal of one rank's own (a path rank 0 alone checks; the others
+    waited in the first allreduce for the whole timeout, then blamed a stuck rank): every
+    rank refuses, at once, saying why. The same data on every rank trains."""
+    script = tmp_path / "refused.py"
+    script.write_text(_REFUSED_ON_EVERY_RANK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
+           "XPCNN_DIST_TIMEOUT": "60"}
+    t0 = time.monotonic()
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script), case], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and time.monotonic() - t0 < 50, proc.stderr
+    lines = sorted(proc.stdout.splitlines())
+    if case == "same":
+        assert lines == ["rank 0 trained", "rank 1 trained"], proc.stdout
+    elif case == "shards":
+        assert all("DistributedError: layer 'normalization' (Normalization) has other "
+                   "settings on rank(s) [1] than on rank 0" in line for line in lines), lines
+        assert len(lines) == 2
+    else:
+        assert lines[0].startswith("rank 0 refused: InputError: ") and "m.npz" in lines[0]
+        assert lines[1] == ("rank 1 refused: DistributedError: the callbacks' on_train_begin "
+                            "failed on 1 other rank(s): their error says why"), lines

@@ -36,10 +36,12 @@ imports mpi4py.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -451,7 +453,41 @@ class DataParallel:
         for layer in self.random_layers:
             layer.batch_slice = None
 
-    # the model's arrays
+    # the model
+    def check_same_layers(self) -> None:
+        """Refuse, on every rank alike, a model whose layers' settings differ between the ranks
+        (a Normalization adapted on each rank's own shard: their models would predict
+        differently, and rank 0's alone would be saved). One host allreduce of a checksum a
+        layer."""
+        layers = self.model.layers
+        sums = np.zeros((self.world.size, len(layers)))
+        sums[self.world.rank] = [zlib.crc32(json.dumps(la.get_config(), sort_keys=True,
+                                                       default=repr).encode())
+                                 for la in layers]
+        sums = np.asarray(host_sum(self.world, sums.ravel(), "the layers' settings")
+                          ).reshape(sums.shape)
+        differ = np.flatnonzero((sums != sums[0]).any(axis=0))
+        if differ.size:
+            i = int(differ[0])
+            ranks = [r for r in range(self.world.size) if sums[r, i] != sums[0, i]]
+            raise DistributedError(
+                f"layer {layers[i].name!r} ({type(layers[i]).__name__}) has other settings on "
+                f"rank(s) {ranks} than on rank 0: every rank must build the same model (rank "
+                "0's weights go to all, its settings do not); a Normalization adapted on each "
+                "rank's own shard, say: adapt it on the same data on every rank, or give mean "
+                "and std")
+
+    def agree(self, error: BaseException | None, what: str) -> None:
+        """Raise, on every rank, where ``what`` failed on any (``error``: this rank's): a
+        refusal on one rank alone (a path only rank 0 checks) otherwise left the others
+        waiting in the first allreduce until the timeout."""
+        failed = host_sum(self.world, [float(error is not None)], what)[0]
+        if error is not None:
+            raise error
+        if failed:
+            raise DistributedError(f"{what} failed on {int(failed)} other rank(s): their "
+                                   "error says why")
+
     def broadcast_weights(self) -> None:
         """Every rank takes rank 0's weights (its parameters and BatchNorm statistics)."""
         weights = [np.ascontiguousarray(w) for w in self.model.get_weights()]

@@ -916,8 +916,9 @@ class Trainer:
             self._use_class_weights(class_weights)
             try:
                 if self._parallel is not None:
+                    self._parallel.check_same_layers()
                     self._parallel.broadcast_weights()
-                cbs.on_train_begin()
+                self._callbacks_begin(cbs)
             except BaseException:
                 self._end_fit()
                 raise
@@ -944,6 +945,19 @@ class Trainer:
             self._end_fit()
         cbs.on_train_end(logs)
         return self.history
+
+    def _callbacks_begin(self, cbs: CallbackList) -> None:
+        """``on_train_begin``; on several ranks, each learns whether it failed on any (one
+        refusing a path that only rank 0 checks then fails on all, at once)."""
+        if self._parallel is None:
+            cbs.on_train_begin()
+            return
+        error = None
+        try:
+            cbs.on_train_begin()
+        except Exception as e:  # (raised again on this rank, after the others learn of it)
+            error = e
+        self._parallel.agree(error, "the callbacks' on_train_begin")
 
     def _end_fit(self) -> None:
         """What fit set up for its steps ends with it: its class weights (steps outside fit
