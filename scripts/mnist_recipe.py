@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
     p.check(input_folder, "--data-dir", args.data_dir)  # (before the data and the training)
-    p.check(output_file, "--json", args.json, False)  # (written in place: /dev/stdout too)
+    p.check(output_file, "--json", args.json, replaced=False)  # (written in place: /dev/stdout too)
     p.check(check_device, "--device", args.device)
 
     with data_dir_spelled(DATA_DIR_FLAG):  # (a missing file's message names --data-dir)

@@ -91,6 +91,8 @@ def bad_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["train", "--jso"], "--jso"), (["train", "--epoch", "1"], "--epoch"),
         (["visualize", "--model", str(model), "--max-map", "4"], "--max-map"),
         (["visualize"], "--model"),
+        # (a trailing "/" names a folder: it trained, then failed at the save)
+        (["train", "--save", str(tmp / "nosuchdir") + "/"], "--save"),
     ]
     vis = ["visualize", "--model", str(model)]
     cases += [(["visualize", "--model", str(p)], "--model") for p in (missing, folder)]

@@ -64,9 +64,11 @@ from .saving.model_file import config_entry, model_config
 class Callback:
     """Base class: every hook does nothing. ``logs`` is a mapping of metric names to floats.
 
-    ``async_safe = True`` (Keras 3's flag) lets the batch hooks get lazy logs (see the module's
-    documentation): set it where those hooks keep no ``logs`` past the hook other than through
-    ``dict(logs)`` or ``copy.copy(logs)``."""
+    ``async_safe = True`` (Keras 3's flag) gives the batch hooks lazy logs, read from the device
+    only when looked at (one kept past its hook is read before the next step): set it where
+    those hooks take ``logs`` as a read-only mapping (``logs["loss"]``, ``dict(logs)``; a
+    ``json.dumps`` or ``|`` needs ``dict(logs)``). A callback with batch hooks of its own
+    without it gets a plain dict of floats each batch, as in Keras 3."""
 
     async_safe: bool = False
 
@@ -124,11 +126,6 @@ class Callback:
     def on_predict_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None
                              ) -> None: ...
 
-
-#: The names fit's own logs can have (the batch logs and an epoch's, without ``val_``): the loss
-#: and the names compile takes for the accuracy; a model logs the loss and its
-#: ``metrics_names``, ``val_`` ones for its validation data.
-FIT_LOGS = ("loss", "accuracy", "acc")
 
 #: The hooks' names, in the order :class:`Callback` declares them.
 HOOKS = tuple(name for name in vars(Callback) if name.startswith("on_"))
@@ -426,6 +423,11 @@ def _validation_names(model: Any) -> list[str]:
 
 #: The direction of the metrics ``fit`` logs (``val_`` ones alike), for ``mode="auto"``.
 AUTO_MODES = {"loss": "min", "accuracy": "max", "acc": "max"}
+
+#: The names fit's own logs can have (the batch logs and an epoch's, without ``val_``): the loss
+#: and the names compile takes for the accuracy; a model logs the loss and its
+#: ``metrics_names``, ``val_`` ones for its validation data.
+FIT_LOGS = tuple(AUTO_MODES)
 
 
 def _log(logs: Mapping[str, float] | None, name: str, value: float) -> None:
@@ -776,8 +778,10 @@ class ModelCheckpoint(_Monitor):
             # not run it yet)
             hooks = ("on_epoch_end",) if batch is None else ("on_train_batch_end",
                                                              "on_batch_end")
-            states = callback_states(stateful(self.model._callbacks), written_by=self,
-                                     pending=lambda cb: any(_overrides(cb, h) for h in hooks))
+            stateful = self.params["stateful"]
+            pending = [cb for cb in stateful[stateful.index(self) + 1:]
+                       if any(_overrides(cb, h) for h in hooks)]
+            states = callback_states(stateful, pending)
             if batch is None:
                 save_checkpoint(self.model, path, Progress(epoch + 1),
                                 _history_through(self.model.history, epoch, logs), self.run,
@@ -859,7 +863,7 @@ class BackupAndRestore(Callback):
         # (run last, after the other callbacks' on_train_begin: their states go on from the file)
         self.saver = FitCheckpoints(self.model, self.path, self.save_freq, self.resume,
                                     run_description(self.params), self.params["steps"],
-                                    self.params["verbose"], stateful(self.model._callbacks))
+                                    self.params["verbose"], self.params["stateful"])
         history, start = self.saver.start()
         if start is not None:
             record = self.model.history

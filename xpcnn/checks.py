@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, NonFiniteError
-from .files import try_writing_in, written_file
+from .files import names_a_folder, try_writing_in, written_file
 
 
 def as_images(x: Any, what: str = "x") -> np.ndarray:
@@ -302,7 +302,7 @@ def output_file(path: Any, what: str, replaced: bool = True) -> str:
     file (the writers create the missing folders below it). Checked before any work, so that
     a long run does not fail at its first save."""
     path = file_path(path, what)
-    if path.endswith(tuple(filter(None, (os.sep, os.altsep)))):  # (which realpath drops)
+    if names_a_folder(path):
         raise InputError(f"{what} {path!r} ends in {path[-1]!r}, so it names a folder; give the "
                          "path of a file (in it, say)")
     try:
@@ -357,6 +357,15 @@ def untaken_settings(obj: Any, config: dict[str, Any]) -> list[str]:
         return []
     names = named_parameters(init)
     return [k for k in config if k != "class" and k not in names]
+
+
+def registered(registry: dict[str, Any], name: Any, kind: str) -> Any:
+    """The class a file names, or a clear error: a user's class is known once defined."""
+    if not isinstance(name, str) or name not in registry:
+        raise InputError(f"unknown {kind} class {name!r}: define (or import) a user's "
+                         f"{kind} class before loading a file that names it; known: "
+                         f"{sorted(registry)}")
+    return registry[name]
 
 
 def register(registry: dict[str, Any], cls: type, kind: str) -> None:

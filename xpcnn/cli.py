@@ -29,7 +29,7 @@ from .backend import get_backend
 from .callbacks import Callback, CSVLogger, EarlyStopping
 from .datasets.download import Spelling, data_dir_spelled
 from .errors import DataFormatError, DownloadError, InputError, TrainingInterrupted, XpcnnError
-from .files import try_writing_in
+from .files import names_a_folder, try_writing_in
 from .models import NAMES, build_model
 from .onnx_export import ONNX_EXTRA_HINT
 from .saving.checkpoint import ResumeAdvice, resume_advised
@@ -64,22 +64,19 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-class ScriptParser(argparse.ArgumentParser):
+class ScriptParser(_Parser):
     """The scripts' parser, as the command's: abbreviated flags refused, and a usage error one
     line on stderr with exit status 2 (:meth:`check` for this module's checks of paths and
     devices, run before any data is loaded)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, allow_abbrev=False, **kwargs)
-
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
-    def check(self, check: Callable[..., None], *args: Any) -> None:
-        """``check(*args)`` (``output_file``, ``input_folder``, ...), a UsageError its one
-        line."""
+    def check(self, check: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """``check(*args, **kwargs)`` (``output_file``, ``input_folder``, ...), a UsageError its
+        one line."""
         try:
-            check(*args)
+            check(*args, **kwargs)
         except UsageError as e:
             self.error(str(e))
 
@@ -154,21 +151,20 @@ def _writable_folder(flag: str, path: str, folder: Path) -> None:
 _EXAMPLE_FILE = {"--export": "model.onnx", "--log": "log.csv", "--json": "results.json"}
 
 
-def output_file(flag: str, path: str | None, renamed: bool = True) -> None:
+def output_file(flag: str, path: str | None, replaced: bool = True) -> None:
     """A file to write for ``flag``, unless None: an existing folder, writable, where the name
-    is not taken by a folder, nor, where the file is written by a rename (``renamed``, atomic),
+    is not taken by a folder, nor, where the file is written by a rename (``replaced``, atomic),
     by anything but a regular file (a script's plain write may go to /dev/stdout)."""
     if path is None:
         return
-    p = Path(path)
-    example = str(p / _EXAMPLE_FILE.get(flag, "model.npz"))
+    p, example = Path(path), _EXAMPLE_FILE.get(flag, "model.npz")
     if not path:
         raise UsageError(f"argument {flag}: an empty path; give a file path such as "
-                         f"{_EXAMPLE_FILE.get(flag, 'model.npz')!r}")
-    if p.is_dir():
-        raise UsageError(f"argument {flag}: {path!r} is a folder; give a file path such as "
                          f"{example!r}")
-    if renamed and p.exists() and not p.is_file():
+    if p.is_dir() or names_a_folder(path):
+        raise UsageError(f"argument {flag}: {path!r} is a folder; give a file path such as "
+                         f"{str(p / example)!r}")
+    if replaced and p.exists() and not p.is_file():
         raise UsageError(f"argument {flag}: {path!r} exists and is not a regular file")
     _writable_folder(flag, path, p.absolute().parent)
 

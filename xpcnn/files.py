@@ -23,7 +23,7 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
     creates files (mode 0666 less the umask), so it can be shared where the umask allows. If
     the block raises (Ctrl-C included), the temporary file is removed.
     """
-    if os.fspath(path).endswith(tuple(filter(None, (os.sep, os.altsep)))):
+    if names_a_folder(path):
         raise IsADirectoryError(f"{os.fspath(path)!r} names a folder: not written")
     path = written_file(path)  # (its trailing separator dropped: checked above)
     if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
@@ -43,6 +43,11 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+def names_a_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` ends in a separator, which names a folder (and realpath drops)."""
+    return os.fspath(path).endswith(tuple(filter(None, (os.sep, os.altsep))))
 
 
 def written_file(path: str | os.PathLike[str]) -> str:

@@ -18,7 +18,14 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-from .checks import flag, named_parameters, register, unsaved_settings, untaken_settings
+from .checks import (
+    flag,
+    named_parameters,
+    register,
+    registered,
+    unsaved_settings,
+    untaken_settings,
+)
 from .errors import InputError, NonFiniteError
 from .ops.kernels import StandardKernels
 
@@ -186,7 +193,7 @@ class Constant(Schedule):
 
 def schedule_from_config(config: dict[str, Any]) -> Schedule:
     config = dict(config)
-    cls = _registered(SCHEDULES, config.pop("class"), "schedule")
+    cls = registered(SCHEDULES, config.pop("class"), "schedule")
     if "after" in config:
         config["after"] = schedule_from_config(config["after"])
     return cls(**config)
@@ -667,17 +674,8 @@ def get_optimizer(optimizer: str | Optimizer) -> Optimizer:
                      "or an Optimizer instance")
 
 
-def _registered(registry: dict[str, Any], name: Any, kind: str) -> Any:
-    """The class a file names, or a clear error: a user's class is known once defined."""
-    if not isinstance(name, str) or name not in registry:
-        raise InputError(f"unknown {kind} class {name!r}: define (or import) a user's "
-                         f"{kind} class before loading a file that names it; known: "
-                         f"{sorted(registry)}")
-    return registry[name]
-
-
 def optimizer_from_config(config: dict[str, Any]) -> Optimizer:
     config = dict(config)
-    cls = _registered(OPTIMIZER_CLASSES, config.pop("class"), "optimizer")
+    cls = registered(OPTIMIZER_CLASSES, config.pop("class"), "optimizer")
     config["lr"] = schedule_from_config(config["lr"])
     return cls(**config)

@@ -41,6 +41,7 @@ from .callbacks import (
     ProgbarLogger,
     callback_list,
     say_on_root,
+    stateful,
     summary_line,
     validates,
 )
@@ -139,7 +140,6 @@ class Trainer:
         self._totals_for: tuple[Layer, ...] = ()  # (the trainable layers they were made for)
         self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
         self._resume_at: Any = None  # where BackupAndRestore restarts a run
-        self._callbacks: list[Callback] = []  # fit's, while it runs (a checkpoint saves states)
         self._position = (0, 0)  # (epoch, batches done in it) during fit
         # (the thread and what it runs, "fit" or "to()": nothing else may start another, nor
         # move the model, meanwhile; see _running_alone)
@@ -317,7 +317,8 @@ class Trainer:
     def _check_loss_outputs(self, loss: SoftmaxCrossEntropy) -> None:
         """Refuse, on a built model, a loss whose ``from_logits`` says its outputs are what they
         are not (:meth:`SoftmaxCrossEntropy.check_outputs`)."""
-        if loss.from_logits is not None:  # (None takes either: nothing to name, each step)
+        # (only where they disagree: the layer is named then, not at each step)
+        if loss.from_logits is not None and loss.from_logits == self._fused_softmax():
             last = len(self.layers) - 1
             loss.check_outputs(self._fused_softmax(),
                                where(self.layers[last], last, self.layers))
@@ -907,9 +908,10 @@ class Trainer:
             self.history = history
             params = {"epochs": epochs, "initial_epoch": initial_epoch, "steps": data.steps,
                       "verbose": verbose, "data": data, "validation": validation is not None,
-                      "validation_freq": validation_freq, "class_weight": class_weights}
+                      "validation_freq": validation_freq, "class_weight": class_weights,
+                      "stateful": stateful(callbacks)}  # (whose states checkpoints keep)
             cbs = CallbackList(callbacks, self, params)
-            self.stop_training, self._resume_at, self._callbacks = False, None, callbacks
+            self.stop_training, self._resume_at = False, None
             # (a checkpoint resumed by on_train_begin puts back its run's offset instead)
             self._epoch_offset = max(0, self._epochs_begun - initial_epoch)
             self._parallel = distributed.data_parallel(self)
@@ -962,7 +964,7 @@ class Trainer:
     def _end_fit(self) -> None:
         """What fit set up for its steps ends with it: its class weights (steps outside fit
         take none) and the data-parallel mode (:mod:`xpcnn.distributed`), if it is in it."""
-        self._class_weights, self._callbacks = None, []
+        self._class_weights = None
         if self._parallel is not None:
             self._parallel.end_fit()
             self._parallel = None

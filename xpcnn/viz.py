@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import checks
+from .callbacks import FIT_LOGS
 from .errors import InputError, MissingDependencyError
 from .history import History
 from .layers import Conv2D, FeatureNorm, Layer, MaxPool2D, ReLU
@@ -519,11 +520,6 @@ def _logged(logs: Mapping[str, Any], key: str) -> np.ndarray:
     return arr.astype(np.float64)
 
 
-#: What :func:`plot_history` draws, a panel each: the loss and the accuracy (under either of
-#: the names compile's metrics give it).
-_CURVES = ("loss", "accuracy", "acc")
-
-
 def plot_history(history: History | Mapping[str, Sequence[float]],
                  path: str | os.PathLike[str], figsize: tuple[float, float] = (10.0, 4.0),
                  dpi: float = 100) -> Figure:
@@ -541,9 +537,9 @@ def plot_history(history: History | Mapping[str, Sequence[float]],
     if not isinstance(logs, Mapping):
         raise InputError(f"plot_history expects a History or its .history dict, got "
                          f"{type(history).__name__}")
-    keys = [k for m in _CURVES for k in (m, f"val_{m}")]
+    keys = [k for m in FIT_LOGS for k in (m, f"val_{m}")]
     curves = {k: v for k in keys if (v := _logged(logs, k)).size}
-    metrics = [m for m in _CURVES if m in curves or f"val_{m}" in curves]
+    metrics = [m for m in FIT_LOGS if m in curves or f"val_{m}" in curves]
     if not metrics:
         raise InputError(f"the history has no loss or accuracy to plot (keys: "
                          f"{', '.join(map(str, logs)) or 'none'}); train for at least one epoch")

@@ -39,11 +39,12 @@ import contextvars
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,21 +189,12 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
     remove_leftovers(target)
 
 
-def callback_states(callbacks: list[Any], written_by: Any = None,
-                    pending: Callable[[Any], bool] | None = None
+def callback_states(callbacks: list[Any], unknown: Collection[Any] = ()
                     ) -> list[tuple[str, dict[str, Any] | None]]:
     """(class name, ``get_state()``) of each of ``callbacks`` (those that keep a state, in
-    order), for :func:`save_checkpoint`; written from inside ``written_by``'s hook (a
-    ModelCheckpoint's), the callbacks after it for which that hook is ``pending`` (they have
-    one of their own, not run yet) are in a state not known (None), and such a file is not
-    resumed while they are there."""
-    states: list[tuple[str, dict[str, Any] | None]] = []
-    after = False
-    for cb in callbacks:
-        unknown = after and (pending is None or pending(cb))
-        states.append((type(cb).__name__, None if unknown else cb.get_state()))
-        after = after or cb is written_by
-    return states
+    order), for :func:`save_checkpoint`; None for those in ``unknown``, whose state at this
+    point is not known yet (a file that holds such a None is not resumed)."""
+    return [(type(cb).__name__, None if cb in unknown else cb.get_state()) for cb in callbacks]
 
 
 def _states_entry(states: list[tuple[str, dict[str, Any] | None]]
@@ -274,19 +266,14 @@ def restore_checkpoint(model: Any, path: str | os.PathLike[str]) -> Checkpoint:
     """
     with NpzArchive(path, "the checkpoint") as npz, model._unbuilt_if_refused():
         config = _checkpoint_config(npz)
-        _check_compatible(model, config, npz)
+        _check_architecture(model, config, npz)
+        _check_compile(model, config, npz.path)
         return _restore(model, config, npz)
 
 
-def _check_compatible(model: Any, config: dict[str, Any], npz: NpzArchive) -> None:
-    """Refuse a checkpoint of another architecture or compile settings (``model`` built for
-    the file's input shape if it was not built yet: the caller undoes that)."""
-    _check_architecture(model, config, npz)
-    _check_compile(model, config, npz.path)
-
-
 def _check_architecture(model: Any, config: dict[str, Any], npz: NpzArchive) -> None:
-    """Refuse a checkpoint of another architecture (or an uncompiled ``model``)."""
+    """Refuse a checkpoint of another architecture (or an uncompiled ``model``; ``model`` built
+    for the file's input shape if it was not built yet: the caller undoes that)."""
     path = npz.path
     if model.loss is None or model.optimizer is None:
         raise InputError("restoring a checkpoint needs a compiled model (compile(...) first)")
@@ -581,10 +568,10 @@ def fingerprint(x: np.ndarray, targets: np.ndarray, batch_size: int, seed: int,
                {"sample_weight_crc32": zlib.crc32(np.ascontiguousarray(weights).data)})}
 
 
-def check_run(path: str, theirs: Any, ours: dict[str, Any]) -> None:
+def _check_run(path: str, theirs: Any, ours: dict[str, Any]) -> None:
     """Refuse to resume the checkpoint at ``path``, whose run description is ``theirs``, in a
-    run described by ``ours`` (:func:`fingerprint`, ``class_weight``), naming what differs."""
-    ours = normal(ours)
+    run described by ``ours`` (:func:`fingerprint`, ``class_weight``; :func:`normal`), naming
+    what differs."""
     if theirs == ours:
         return
     if not theirs:
@@ -666,7 +653,7 @@ class FitCheckpoints:
         # (the data and fit arguments before the compile settings: they change a schedule's
         # length, which those would otherwise be blamed for; all before the model is touched)
         _check_architecture(self.model, config, npz)
-        check_run(self.path, run, mine)
+        _check_run(self.path, run, mine)
         _check_compile(self.model, config, self.path)
         progress = _progress(config.get("progress"), self.path)
         # (no sample seen inside an epoch, but sums: corrupt; none of either is a train_step
@@ -789,8 +776,6 @@ def _warn(message: str) -> None:
 
 def _user_frame() -> int:
     """The stacklevel of the first frame outside xpcnn."""
-    import sys
-
     frame, level = sys._getframe(2), 2
     while frame is not None and (frame.f_globals.get("__name__", "") + ".").startswith("xpcnn."):
         frame, level = frame.f_back, level + 1
