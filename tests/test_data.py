@@ -106,6 +106,27 @@ def test_a_map_style_dataset_is_batched_and_shuffled_as_arrays_are(data):
                           model.predict(x, batch_size=20))
 
 
+class RefilledDataset(MapDataset):
+    """Decodes every sample into one buffer of its own, refilled at each [i] (a loop's habit)."""
+
+    def __init__(self, x, y):
+        super().__init__(x, y)
+        self.image, self.label = np.empty_like(x[0]), np.empty((), y.dtype)
+
+    def __getitem__(self, i):
+        self.image[...], self.label[...] = self.x[i], self.y[i]
+        return self.image, self.label
+
+
+def test_a_dataset_refilling_one_buffer_trains_as_one_returning_new_arrays(data):
+    """Each sample's arrays are copied as they are read (was: every sample of a batch was the
+    batch's last, silently, as the stacking read them all after the loop)."""
+    x, y = data
+    assert_same_weights(trained(RefilledDataset(x, y)), trained(MapDataset(x, y)))
+    model = trained(x, y)
+    assert np.array_equal(model.predict(RefilledDataset(x, y)), model.predict(x))
+
+
 def test_a_memory_map_is_read_batch_by_batch_never_whole(tmp_path):
     n, shape = 2000, (16, 16, 3)  # a 1.5 MB file, batches of 3 KB
     rng = np.random.default_rng(1)

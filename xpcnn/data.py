@@ -361,7 +361,10 @@ class DatasetBatches(ShardedBatches):
         if not len(idx):  # this rank's empty part of a short last batch (several ranks)
             return (np.zeros((0, *self.model.input_shape), np.float32),
                     np.zeros((0,), np.int64) if self.with_targets else None)
-        items = [split_item(self._item(int(i)), self.with_targets, self._expected) for i in idx]
+        # (each sample's host arrays copied as read: a dataset may refill one buffer at every
+        # [i], as a loop allows, and a batch is stacked once all its samples are read)
+        items = [tuple(p.copy() if isinstance(p, np.ndarray) else p for p in split_item(
+            self._item(int(i)), self.with_targets, self._expected)) for i in idx]
         self._refuse_a_batch(int(idx[0]), *items[0][:2])
         xs, ys, ws = zip(*items, strict=True)
         batch = check_batch(self.model, self._stack(xs, "x"),
