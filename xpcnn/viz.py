@@ -432,6 +432,14 @@ def _filters_layout(filters: int, columns: int, rgb: bool
     return ncols, nrows, (max(4.0, 0.5 * ncols + (0.4 if rgb else 1.2)), 0.5 * nrows + 1.0)
 
 
+def _in_colour(model_or_layer: Model | Conv2D, conv: Conv2D) -> bool:
+    """Whether :func:`plot_filters` draws ``conv``'s kernels as colours: a first convolution
+    over 3 channels (the image's RGB)."""
+    first = not isinstance(model_or_layer, Model) or \
+        conv is model_or_layer.layers[conv_layer_indices(model_or_layer)[0]]
+    return conv.input_shape[-1] == 3 and first
+
+
 def plot_filters(model_or_layer: Model | Conv2D, path: str | os.PathLike[str],
                  layer: int | str | None = None, reduce: str = "mean", columns: int = 8,
                  figsize: tuple[float, float] | None = None, dpi: float = 100) -> Figure:
@@ -450,9 +458,7 @@ def plot_filters(model_or_layer: Model | Conv2D, path: str | os.PathLike[str],
     conv = _pick_conv(model_or_layer, layer)
     kernel = conv.get_weights()[0].astype(np.float64)  # (kh, kw, C_in, C_out)
     kh, kw, c_in, c_out = kernel.shape
-    first = not isinstance(model_or_layer, Model) or \
-        conv is model_or_layer.layers[conv_layer_indices(model_or_layer)[0]]
-    rgb = c_in == 3 and first
+    rgb = _in_colour(model_or_layer, conv)
     ncols, nrows, fitted = _filters_layout(c_out, columns, rgb)
     if figsize is None:
         figsize = fitted
@@ -684,9 +690,8 @@ def _check_sizes(model: Model, args: Any) -> None:
     convs = conv_layer_indices(model)
     for i in convs:
         conv = model.layers[i]
-        rgb = conv.input_shape[-1] == 3 and i == convs[0]
         sizes.append((f"the filters of layer {i}", _filters_layout(
-            conv.output_shape[-1], _FILTER_COLUMNS, rgb)[2]))
+            conv.output_shape[-1], _FILTER_COLUMNS, _in_colour(model, conv))[2]))
     too_large = [(what, figsize) for what, figsize in sizes
                  if not _fits(_pixels(figsize, args.dpi))]
     if too_large:
