@@ -524,3 +524,43 @@ def test_a_resume_warning_points_at_a_library_named_like_xpcnn_that_calls_fit(
                              checkpoint=tmp_path / "run.npz", resume=True,
                              **{**FIT, "epochs": 2})
     assert warned[0].filename == str(helper)
+
+
+class Wrapper(Callback):
+    """Passes fit's calls on to a callback of its own (a user's way to switch one on and off)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.inner.set_model(model)
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.inner.set_params(params)
+
+    def on_train_begin(self, logs=None):
+        self.inner.on_train_begin(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.inner.on_epoch_end(epoch, logs)
+
+
+def test_a_model_checkpoint_driven_by_hand_or_inside_another_callback_saves(data, tmp_path):
+    """A ModelCheckpoint outside fit's own list (inside a wrapper, or driven by hand as Keras
+    allows) writes its full files, with fit's callbacks' states where there are some (was a
+    KeyError or "is not in list" at its first save, after an epoch of training)."""
+    x, y, val = data
+    model = make_model()
+    model.fit(x, y, validation_data=val, callbacks=[
+        Wrapper(ModelCheckpoint(tmp_path / "w{epoch}.npz")), *watchers()],
+        **{**FIT, "epochs": 2})
+    assert (tmp_path / "w2.npz").exists()
+    by_hand = ModelCheckpoint(tmp_path / "h.npz")
+    by_hand.set_model(model)
+    by_hand.set_params({"epochs": 1, "steps": 1, "verbose": 0})
+    by_hand.on_train_begin()
+    by_hand.on_epoch_end(0, {"loss": 0.5})
+    assert xpcnn.load_checkpoint(tmp_path / "h.npz").epoch == 1

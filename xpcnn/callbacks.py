@@ -734,8 +734,9 @@ class ModelCheckpoint(_Monitor):
         if distributed.is_root():  # (the one writer)
             checks.output_file(path, "the ModelCheckpoint file")
         _check_savable(self.model, "the ModelCheckpoint file")
+        data = self.params.get("data")  # (none where a user drives it by hand)
         if not self.save_weights_only:  # (a generator's run cannot be resumed: none)
-            self.run = run_description(self.params) if self.params["data"].resumable else {}
+            self.run = run_description(self.params) if data and data.resumable else {}
 
     def _fill(self, fields: Mapping[str, Any]) -> str:
         try:
@@ -774,14 +775,15 @@ class ModelCheckpoint(_Monitor):
         if self.save_weights_only:
             self.model.save_weights(path)
         else:
-            # (the callbacks after this one that have a hook of their own for this point have
-            # not run it yet)
+            # (fit's stateful callbacks, none where a user drives this one by hand; those after
+            # this one that have a hook of their own for this point have not run it yet, and
+            # none has where this one runs inside another's hook, as a wrapper's)
             hooks = ("on_epoch_end",) if batch is None else ("on_train_batch_end",
                                                              "on_batch_end")
-            stateful = self.params["stateful"]
-            pending = [cb for cb in stateful[stateful.index(self) + 1:]
-                       if any(_overrides(cb, h) for h in hooks)]
-            states = callback_states(stateful, pending)
+            stateful = self.params.get("stateful", [])
+            after = stateful[stateful.index(self) + 1:] if self in stateful else []
+            states = callback_states(stateful, [cb for cb in after
+                                                if any(_overrides(cb, h) for h in hooks)])
             if batch is None:
                 save_checkpoint(self.model, path, Progress(epoch + 1),
                                 _history_through(self.model.history, epoch, logs), self.run,
