@@ -17,6 +17,7 @@ import xpcnn
 from xpcnn.callbacks import (
     BackupAndRestore,
     Callback,
+    CSVLogger,
     EarlyStopping,
     LambdaCallback,
     ModelCheckpoint,
@@ -564,3 +565,29 @@ def test_a_model_checkpoint_driven_by_hand_or_inside_another_callback_saves(data
     by_hand.on_train_begin()
     by_hand.on_epoch_end(0, {"loss": 0.5})
     assert xpcnn.load_checkpoint(tmp_path / "h.npz").epoch == 1
+
+
+def test_a_new_csv_log_of_a_resumed_run_holds_the_uninterrupted_runs_rows(data, tmp_path):
+    """CSVLogger(append=False) in a run resumed from a checkpoint starts with the epochs its
+    History got back (was: the rows of the epochs before the interruption were lost), with
+    validation_freq's NA where an epoch was not validated; the seconds aside, the file is the
+    uninterrupted run's."""
+    import csv
+
+    x, y, val = data
+    fit = {**FIT, "epochs": 4, "validation_data": val, "validation_freq": 2}
+
+    def rows(path):
+        with open(path, newline="") as f:
+            table = list(csv.reader(f))
+        keep = [i for i, name in enumerate(table[0]) if name != "seconds"]
+        return [[row[i] for i in keep] for row in table]
+
+    make_model().fit(x, y, callbacks=[CSVLogger(tmp_path / "whole.csv")], **fit)
+    with pytest.raises(KeyboardInterrupt):
+        make_model().fit(x, y, checkpoint=tmp_path / "run.npz", checkpoint_every=3, callbacks=[
+            CSVLogger(tmp_path / "log.csv"), InterruptAfter(8 * 2 + 5)], **fit)
+    make_model().fit(x, y, checkpoint=tmp_path / "run.npz", checkpoint_every=3, resume=True,
+                     callbacks=[CSVLogger(tmp_path / "log.csv")], **fit)
+    assert rows(tmp_path / "log.csv") == rows(tmp_path / "whole.csv")
+    assert len(rows(tmp_path / "log.csv")) == 1 + 4

@@ -995,7 +995,9 @@ class CSVLogger(Callback):
     keeps the existing file's columns (Keras writes the new run's columns under the old header).
     A fit that validates every few epochs (``validation_freq``) gets its ``val_*`` columns from
     the first epoch on, ``NA`` where an epoch was not validated, as in Keras; one without
-    validation data gets none (Keras adds a ``val_`` column, all ``NA``, for every log)."""
+    validation data gets none (Keras adds a ``val_`` column, all ``NA``, for every log). A new
+    file (``append=False``) of a run resumed from a checkpoint starts with the epochs its
+    History got back, so that it holds what an uninterrupted run's file holds."""
 
     def __init__(self, filename: str | os.PathLike[str], separator: str = ",",
                  append: bool = False) -> None:
@@ -1047,7 +1049,9 @@ class CSVLogger(Callback):
         logs = dict(logs or {})
         if self.keys is None:
             self.keys = sorted({*logs, *self._validation_columns()})
-            csv.writer(self.file, delimiter=self.separator).writerow(["epoch", *self.keys])
+            writer = csv.writer(self.file, delimiter=self.separator)
+            writer.writerow(["epoch", *self.keys])
+            writer.writerows(self._restored_rows())
         left = sorted(logs.keys() - {*self.keys, *self._left})
         if left:  # (once a log: the file's columns are its header's)
             self._left.update(left)
@@ -1058,6 +1062,19 @@ class CSVLogger(Callback):
         row = [epoch] + [logs.get(k, "NA") for k in self.keys]
         csv.writer(self.file, delimiter=self.separator).writerow(row)
         self.file.flush()
+
+    def _restored_rows(self) -> list[list[Any]]:
+        """The rows of the epochs a resumed run's History holds already (restored from its
+        checkpoint: the model's History gets this fit's epochs after this callback), so that
+        a new file holds what an uninterrupted run's holds; none in a run that did not
+        resume."""
+        done = getattr(self.model, "history", None)
+        if not isinstance(done, history.History):  # (a callback driven by hand)
+            return []
+        logged = {k: dict(zip(done.epochs_of(k) or (), done.history[k], strict=False))
+                  for k in self.keys if k in done.history}
+        return [[epoch] + [logged.get(k, {}).get(epoch, "NA") for k in self.keys]
+                for epoch in done.epoch]
 
     def _validation_columns(self) -> list[str]:
         """The ``val_*`` logs of a fit that validates, whether or not its first epoch did."""
