@@ -584,9 +584,11 @@ def test_a_new_csv_log_of_a_resumed_run_holds_the_uninterrupted_runs_rows(data, 
         return [[row[i] for i in keep] for row in table]
 
     make_model().fit(x, y, callbacks=[CSVLogger(tmp_path / "whole.csv")], **fit)
+    interrupted = CSVLogger(tmp_path / "log.csv")
     with pytest.raises(KeyboardInterrupt):
-        make_model().fit(x, y, checkpoint=tmp_path / "run.npz", checkpoint_every=3, callbacks=[
-            CSVLogger(tmp_path / "log.csv"), InterruptAfter(8 * 2 + 5)], **fit)
+        make_model().fit(x, y, checkpoint=tmp_path / "run.npz", checkpoint_every=3,
+                         callbacks=[interrupted, InterruptAfter(8 * 2 + 5)], **fit)
+    interrupted.on_train_end()  # (an interrupted fit calls no on_train_end: its file stays open)
     make_model().fit(x, y, checkpoint=tmp_path / "run.npz", checkpoint_every=3, resume=True,
                      callbacks=[CSVLogger(tmp_path / "log.csv")], **fit)
     assert rows(tmp_path / "log.csv") == rows(tmp_path / "whole.csv")
