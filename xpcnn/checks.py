@@ -359,6 +359,11 @@ def untaken_settings(obj: Any, config: dict[str, Any]) -> list[str]:
     return [k for k in config if k != "class" and k not in names]
 
 
+def of_xpcnn(module: str) -> bool:
+    """Whether the module named ``module`` is xpcnn's own (a user's ``xpcnn_helpers`` is not)."""
+    return module == "xpcnn" or module.startswith("xpcnn.")
+
+
 def registered(registry: dict[str, Any], name: Any, kind: str) -> Any:
     """The class a file names, or a clear error: a user's class is known once defined."""
     if not isinstance(name, str) or name not in registry:
@@ -374,7 +379,7 @@ def register(registry: dict[str, Any], cls: type, kind: str) -> None:
     of xpcnn's from every file. A user's class replaces a user's class of its name (a
     notebook cell run again defines it again)."""
     taken = registry.get(cls.__name__)
-    if taken is not None and taken.__module__.split(".")[0] == "xpcnn" and (
+    if taken is not None and of_xpcnn(taken.__module__) and (
             taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
         raise InputError(f"a {kind} class named {cls.__name__!r} exists already "
                          f"({taken.__module__}.{taken.__qualname__}): files name {kind}s by "

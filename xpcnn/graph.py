@@ -366,7 +366,7 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool,
         release = tuple(sorted({i for i in ins if last_read[i] == j and i != result}))
         steps.append(Step(layer, ins, out, options,
                           need_dx[j] or bool(layer.trainable and layer.params), release,
-                          type(layer).__module__.split(".")[0] != "xpcnn"))
+                          not checks.of_xpcnn(type(layer).__module__)))
     return Plan(tuple(steps), result, len(layers) + 1, frozenset(needs), gathered, cast_input,
                 untrainable)
 

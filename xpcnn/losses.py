@@ -107,13 +107,15 @@ class SoftmaxCrossEntropy:
                 "(Keras would take the log of logits): end the model in Softmax() (or a "
                 "softmax activation), or pass from_logits=True (or None)")
 
+    def _replaced(self, method: str) -> bool:
+        """Whether a subclass (or the instance) replaces ``method``."""
+        return getattr(type(self), method) is not getattr(SoftmaxCrossEntropy, method) or \
+            method in vars(self)
+
     def _fused(self) -> bool:
-        """Whether integer labels may take the fused kernels: not where a subclass (or the
-        instance) replaces :meth:`forward` or :meth:`targets`, which those would bypass."""
-        cls = type(self)
-        return (cls.forward is SoftmaxCrossEntropy.forward
-                and cls.targets is SoftmaxCrossEntropy.targets
-                and "forward" not in vars(self) and "targets" not in vars(self))
+        """Whether integer labels may take the fused kernels: not where :meth:`forward` or
+        :meth:`targets` is replaced, which those would bypass."""
+        return not (self._replaced("forward") or self._replaced("targets"))
 
     def targets(self, xp: Any, y: Any, classes: int, dtype: Any) -> Any:
         """Integer labels (N,) or one-hot rows (N, classes) -> smoothed probability rows."""
@@ -146,8 +148,8 @@ class SoftmaxCrossEntropy:
             return kernels.softmax_cross_entropy(logits, y, self.label_smoothing, scale, dtype)
         z = xp.astype(logits, dtype, copy=False)
         loss, grad = self.forward(xp, z, y, dtype, weights)
-        shapes = [] if type(self).forward is SoftmaxCrossEntropy.forward and "forward" not in \
-            vars(self) else [getattr(a, "shape", None) for a in (loss, grad)]
+        shapes = [getattr(a, "shape", None) for a in (loss, grad)] if self._replaced(
+            "forward") else []
         if shapes and shapes != [(), z.shape]:  # (a subclass's forward: refused here, not
             # deep inside)
             raise InputError(f"{type(self).__name__}.forward must return (the loss as a 0-d "

@@ -777,7 +777,7 @@ def _warn(message: str) -> None:
 def _user_frame() -> int:
     """The stacklevel of the first frame outside xpcnn."""
     frame, level = sys._getframe(2), 2
-    while frame is not None and (frame.f_globals.get("__name__", "") + ".").startswith("xpcnn."):
+    while frame is not None and checks.of_xpcnn(frame.f_globals.get("__name__", "")):
         frame, level = frame.f_back, level + 1
     return level
 
