@@ -1350,3 +1350,57 @@ def test_a_users_schedule_holding_an_array_is_refused_at_save_by_name(tmp_path):
     with pytest.raises(InputError, match=r"layer 1 \(Gain\)'s settings cannot be written as "
                                          r"JSON \(.*float32.*\).*float\(x\) for a NumPy one"):
         model.save(tmp_path / "m.npz")
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_a_users_layer_filling_its_gradient_on_some_steps_only_is_named(parallel):
+    """A user's layer whose backward fills grads["w"] on its first step only: the next step
+    trained on that first gradient again, silently. Named at the step that gives none, on one
+    process and on several ranks (where each rank's buckets read the layer's grads)."""
+    from xpcnn.layers import Layer
+
+    class Sometimes(Layer):
+        weight_names = ("w",)
+
+        def _build(self, input_shape, rng):
+            self.params["w"] = self.backend.asarray(np.ones(input_shape[-1]), dtype=self.dtype)
+            self.calls = 0
+            return input_shape
+
+        def forward(self, x, training=False, options=None):
+            self._x = x
+            return x * self.params["w"]
+
+        def backward(self, dy, options=None):
+            self.calls += 1
+            if self.calls == 1:
+                self.grads["w"] = self.xp.sum(dy * self._x, axis=0)
+            return dy * self.params["w"]
+
+    model = xpcnn.Sequential([Dense(4), Sometimes(), Dense(3), Softmax()], seed=0,
+                             dtype="float64")
+    model.compile(optimizer=xpcnn.optim.SGD(0.1))
+    x, y = np.ones((4, 3)), np.arange(4) % 3
+    if not parallel:
+        model.train_on_batch(x, y)
+        with pytest.raises(InputError, match=r"layer 'sometimes' \(Sometimes\)'s backward gave "
+                                             r"no gradient for its parameter 'w'"):
+            model.train_on_batch(x, y)
+        return
+    from test_distributed import ThreadSum, run_ranks
+
+    from xpcnn import distributed
+
+    comm = ThreadSum(1)
+    model.build((3,))
+
+    def step(rank, model):
+        dp = distributed.DataParallel(model, distributed.World(0, 1), comm.for_rank(0))
+        model._parallel = dp
+        dp.use_slice(0, 4, 4)
+        model.train_step(model._to_device(x), model.backend.asarray(y))
+        with pytest.raises(InputError, match=r"layer 'sometimes' \(Sometimes\)'s backward gave "
+                                             r"no gradient for its parameter 'w'"):
+            model.train_step(model._to_device(x), model.backend.asarray(y))
+
+    run_ranks([model], step)

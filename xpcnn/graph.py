@@ -426,6 +426,8 @@ def backward(plan: Plan, dz: Any, on_layer: Callable[[Layer], None] | None = Non
             continue
         if step.checked:
             held = tuple(step.layer.state.items())
+            for k in step.layer.params:  # (one it does not fill this step is named, not an
+                step.layer.grads.pop(k, None)  # earlier step's trained on again)
             dx = step.layer.backward(grads.pop(step.output), step.options)
             _check_state_kept(step.layer, held, "backward")
             if step.options.need_input_grad:
