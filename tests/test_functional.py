@@ -1,6 +1,7 @@
 """The functional API: symbolic tensors, merge layers, the graph executor and its plan,
 freezing, and functional models saved, loaded and checked against a PyTorch twin."""
 
+import json
 import os
 import sys
 
@@ -764,9 +765,17 @@ def test_built_layers_of_one_automatic_name_are_joined_the_later_renamed(tmp_pat
     loaded = [xpcnn.load_model(tmp_path / f"{k}.npz").layers[0] for k in ("one", "two")]
     assert [la.name for la in xpcnn.Sequential(loaded).layers] == ["dense", "dense_1"]
     both.build((4,))
-    both.layers[1].name = "dense"
+    both.layers[1].name = "dense"  # (given: the automatic one gives way, as at construction)
+    assert [la.name for la in both.layers] == ["dense_1", "dense", "dense_2"]
     both.save(tmp_path / "both.npz")
-    assert [la.name for la in xpcnn.load_model(tmp_path / "both.npz").layers] == [
+    with np.load(tmp_path / "both.npz") as f:
+        entries = dict(f)
+    config = json.loads(bytes(entries["__config__"]))
+    for spec in config["layers"][:2]:
+        spec["config"]["name"] = "dense"  # (as an older xpcnn could write it)
+    entries["__config__"] = np.frombuffer(json.dumps(config).encode(), np.uint8)
+    np.savez(tmp_path / "twice.npz", **entries)
+    assert [la.name for la in xpcnn.load_model(tmp_path / "twice.npz").layers] == [
         "dense", "dense_1", "dense_2"]
 
 
@@ -795,6 +804,41 @@ def test_a_name_the_user_gave_is_never_moved_or_taken(tmp_path):
         xpcnn.Model(inputs, Dense(2, name="x")(Dense(3, name="x")(Flatten()(inputs))))
 
 
+def test_a_layer_renamed_in_a_model_to_another_layers_given_name_is_refused(tmp_path):
+    """Renaming a layer of a model to a name another of its layers was given: two layers of
+    one name (get_layer found the first, the weights' paths were alike, the file loaded with
+    the second renamed 'd_1'). Refused as at the model's construction, the layer keeping its
+    name, in a graph, a Sequential and a model the layer is shared by; a name an automatic one
+    holds takes it from that one, as at construction; a layer out of a model is free again."""
+    inputs = xpcnn.Input((5, 5, 3))
+    conv = Conv2D(2, 3, name="c")
+    graph = xpcnn.Model(inputs, Dense(3, name="d")(Flatten()(conv(inputs))), seed=0)
+    seq = xpcnn.Sequential([xpcnn.Input((5, 5, 3)), Conv2D(2, 3, name="a"), Flatten(),
+                            Dense(3, name="b")])
+    clash = r"two layers of the model are named '{0}', a name given to both"
+    for model, old, new in ((graph, "c", "d"), (seq, "a", "b")):
+        with pytest.raises(InputError, match=clash.format(new)):
+            model.get_layer(old).name = new
+        assert [la.name for la in model.layers if la.name in (old, new)] == [old, new]
+        assert model.get_layer(old).name_given
+    shared = xpcnn.Model(inputs, Dense(4, name="e")(graph.layers[-1].output))
+    with pytest.raises(InputError, match=clash.format("e")):
+        graph.get_layer("d").name = "e"  # (free in graph, taken in shared)
+    assert graph.get_layer("d").name == "d"
+    graph.get_layer("flatten").name = "d_flat"  # (another name: taken)
+    with pytest.raises(InputError, match=clash.format("b")):
+        seq.get_layer("flatten").name = "b"
+    assert seq.layers[-1].name == "b" and seq.layers[1].name == "flatten"
+    seq.get_layer("a").name = "flatten"  # an automatic name gives way
+    assert [la.name for la in seq.layers] == ["flatten", "flatten_1", "b"]
+    seq.save(tmp_path / "seq.npz")
+    assert [la.name for la in xpcnn.load_model(tmp_path / "seq.npz").layers] == \
+        ["flatten", "flatten_1", "b"]
+    popped = seq.pop()
+    popped.name = "flatten"  # (out of the model: no longer its name to refuse)
+    assert popped.name == "flatten" and shared.get_layer("d_flat") is graph.layers[1]
+
+
 def test_a_refused_model_gives_its_layers_their_names_back():
     """A Sequential or graph that renamed a built layer for itself, then was refused at its
     build: the layer has its name again, and its own model's get_layer finds it (was: left
@@ -807,3 +851,42 @@ def test_a_refused_model_gives_its_layers_their_names_back():
     with pytest.raises(InputError):
         xpcnn.Model(inputs, a.layers[0](b.layers[0](inputs)))
     assert a.get_layer("dense") is a.layers[0] and b.get_layer("dense") is b.layers[0]
+
+
+def test_from_config_copies_an_architecture_as_keras_does(data):
+    """``Model.from_config(model.get_config())`` (Keras' way of copying an architecture) made a
+    bare TypeError (it wanted the layers made already); layers had no from_config. Now a new
+    model of new layers, of the same names, classes, graph and settings, built where the
+    configuration has its input shape, sharing nothing with the original."""
+    model = xpcnn.Model(*residual_net(), seed=3)
+    model.compile(optimizer="adam")
+    model.fit(*data, epochs=1, verbose=0)
+    config = model.get_config()
+    copy = xpcnn.Model.from_config(config)
+    assert type(copy) is xpcnn.Model and copy.built and copy.get_config() == config
+    assert all(a is not b for a, b in zip(copy.layers, model.layers, strict=True))
+    fresh = xpcnn.Model(*residual_net(), seed=3)  # (the configuration's seed: the untrained
+    # model's weights)
+    for a, b in zip(copy.get_weights(), fresh.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    x = data[0][:3]
+    assert copy.predict(x).shape == model.predict(x).shape
+
+    seq = xpcnn.Sequential([Conv2D(4, 3, name="features"), Flatten(), Dense(3)], seed=1)
+    same = xpcnn.Sequential.from_config(seq.get_config())  # (unbuilt: built at its use)
+    assert not same.built and [la.name for la in same.layers] == ["features", "flatten", "dense"]
+    assert same.predict(np.ones((2, 6, 6, 1))).shape == (2, 3)
+
+    dense = Dense(5, activation="relu", name="head")
+    again = Dense.from_config(dense.get_config())
+    assert again is not dense and again.get_config() == dense.get_config()
+    with pytest.raises(InputError, match=r"Dense.from_config: the configuration .* does not fit "
+                                         r"Dense's constructor \(.*'filters'"):
+        Dense.from_config({**dense.get_config(), "filters": 3})
+    with pytest.raises(InputError, match=r"Model.from_config takes the dict a model's "
+                                         r"get_config\(\) returns, got str"):
+        xpcnn.Model.from_config("model.npz")
+    wrong = {**config, "layers": [{"class": "Nonesuch", "config": {}}]}
+    with pytest.raises(InputError, match=r"^Model.from_config: the configuration: unknown layer "
+                                         r"type 'Nonesuch'"):
+        xpcnn.Model.from_config(wrong)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import xpcnn
-from xpcnn.errors import InputError
-from xpcnn.layers import Conv2D, Dense, Flatten, Normalization, Softmax
+from xpcnn.errors import DataFormatError, InputError
+from xpcnn.layers import BatchNorm2D, Conv2D, Dense, Flatten, Normalization, Softmax
 
 
 def reference(x):
@@ -220,3 +220,37 @@ def test_a_strict_backend_model_adapts_from_its_own_arrays(rng):
         np.testing.assert_allclose(norm.std, cpu.layers[0].std, rtol=1e-12)
     assert model.layers[0]._shift.device == device
     np.testing.assert_allclose(probs, cpu.predict(x), rtol=1e-5, atol=1e-7)
+
+
+def test_a_negative_moving_variance_is_refused_by_name(tmp_path):
+    """A BatchNorm2D moving_variance below 0 (a wrong set_weights, a lying file) was taken,
+    saved and loaded, and every prediction was NaN. Refused by set_weights, assign and a
+    file's load, naming the layer and the weight; 0 is a variance (eps keeps it usable)."""
+    inputs = xpcnn.Input((5, 5, 3))
+    model = xpcnn.Model(inputs, Dense(3)(Flatten()(BatchNorm2D(name="bn")(Conv2D(2, 3)(inputs)))),
+                        seed=0)
+    weights = model.get_weights()
+    model.save(tmp_path / "good.npz")
+    wrong = [w.copy() for w in weights]
+    wrong[5][1] = -0.5  # (bn/moving_variance)
+    named = (r"layer 'bn' \(BatchNorm2D\) weight 'moving_variance' holds negative variances "
+             r"\(down to -0.5\), expected values >= 0")
+    with pytest.raises(InputError, match=named):
+        model.set_weights(wrong)
+    with pytest.raises(InputError, match=named):
+        model.get_layer("bn").set_weights(wrong[2:6])
+    with pytest.raises(InputError, match=named):
+        model.get_layer("bn").weights[3].assign(wrong[5])
+    for a, b in zip(model.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with np.load(tmp_path / "good.npz") as f:
+        entries = dict(f)
+    bn = next(i for i, la in enumerate(model.layers) if la.name == "bn")
+    entries[f"layer{bn}.3"] = wrong[5]  # (its weights in order: the variance 4th)
+    np.savez(tmp_path / "lying.npz", **entries)
+    with pytest.raises(DataFormatError, match=r"lying.npz: .*" + named):
+        xpcnn.load_model(tmp_path / "lying.npz")
+    zero = [w.copy() for w in weights]
+    zero[5][:] = 0.0
+    model.set_weights(zero)
+    assert np.isfinite(model.predict(np.ones((2, 5, 5, 3)))).all()

@@ -20,11 +20,19 @@ import numpy as np
 
 from . import checks, distributed, graph
 from .backend import DeviceLike, get_backend
-from .errors import InputError
+from .errors import DataFormatError, InputError
 from .layers.activation import Softmax
-from .layers.base import Layer, SymbolicTensor, Weight, dtype_name, refuse_training_in_graph
+from .layers.base import (
+    Layer,
+    SymbolicTensor,
+    Weight,
+    dtype_name,
+    held_by,
+    refuse_training_in_graph,
+)
 from .ops.kernels import kernels_for
 from .saving import load_weights, register_model, save_model
+from .saving.model_file import FORMAT, VERSION, layers_from_config
 from .structure import check_structure
 from .training import Trainer
 
@@ -108,13 +116,19 @@ class Model(Trainer):
 
     def _set_graph(self, layers: list[Layer], inbound: list[graph.Inbound]) -> None:
         graph.check_graph(layers, inbound)
-        _name_apart(layers)
+        _name_apart(layers, self)
         self.layers = LayerList(self, layers)
         self._graph = list(inbound)
 
     def _inbound(self) -> list[graph.Inbound]:
         """What each layer reads (see :mod:`xpcnn.graph`)."""
         return self._graph
+
+    def _layer_renamed(self, layer: Layer) -> None:
+        """After ``layer.name = ...``: where this model still holds it, its names are made
+        apart again (a name given twice refused, see :func:`_name_apart`)."""
+        if any(la is layer for la in self.layers):
+            _name_apart(list(self.layers), self)
 
     def _changing_layers(self) -> None:
         """Before ``layers`` changes: a functional model's are its graph's (a Sequential takes
@@ -374,10 +388,14 @@ class Model(Trainer):
         return config
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], layers: list[Layer],
+    def from_config(cls, config: dict[str, Any], layers: list[Layer] | None = None,
                     device: DeviceLike = "cpu") -> Model:
-        """The unbuilt model that :meth:`get_config` describes, from its ``layers`` (made from
-        the configuration's, see :mod:`xpcnn.saving.model_file`)."""
+        """The model that :meth:`get_config` describes: Keras' way of copying an architecture
+        (``xpcnn.Model.from_config(model.get_config())``: new layers, their weights new, built
+        where the configuration has its input shape). A model file's reader gives ``layers``,
+        made from the configuration's (:mod:`xpcnn.saving.model_file`), and builds it itself."""
+        if layers is None:
+            return _from_config(cls, config, device)
         model = cls(device=device, seed=int(config["seed"]), dtype=config["dtype"],
                     name=str(config["name"]))
         model._input_name = checks.name(config.get("input_name", "input"), "input name")
@@ -650,7 +668,7 @@ class Sequential(Model):
             raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) is already in the "
                              "model: the same layer instance cannot be added twice; create "
                              f"another {type(layer).__name__}(...)")
-        _name_apart([*self.layers, layer])  # (as a functional Model names its layers)
+        _name_apart([*self.layers, layer], self)  # (as a functional Model names its layers)
         list.append(self.layers, layer)  # (built at the next use, not at once)
         self.built = False
 
@@ -671,7 +689,7 @@ class Sequential(Model):
         built, shape = self.built, self.input_shape
         self.built = False
         if len({id(la) for la in self.layers}) == len(self.layers):  # (else refused below)
-            _name_apart(list(self.layers))  # (as add() names them)
+            _name_apart(list(self.layers), self)  # (as add() names them)
         if built and shape is not None and self.layers:
             # (the optimiser's state kept: the next step's plan starts it afresh only where the
             # trained layers changed, as after a freeze; build() itself would drop it)
@@ -686,12 +704,37 @@ class Sequential(Model):
         return [(k,) for k in range(len(self.layers))]
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], layers: list[Layer],
+    def from_config(cls, config: dict[str, Any], layers: list[Layer] | None = None,
                     device: DeviceLike = "cpu") -> Sequential:
+        if layers is None:
+            return _from_config(cls, config, device)
         model = cls(layers, device=device, seed=int(config["seed"]), dtype=config["dtype"],
                     name=str(config["name"]))
         model._input_name = checks.name(config.get("input_name", "input"), "input name")
         return model
+
+
+def _from_config(cls: type[Model], config: Any, device: DeviceLike) -> Any:
+    """``cls.from_config(config)`` without layers: they are made from the configuration's,
+    checked as a file's are (an error names "the configuration"), and the model is built for
+    its input shape where it has one."""
+    if not isinstance(config, dict):
+        raise InputError(f"{cls.__name__}.from_config takes the dict a model's get_config() "
+                         f"returns, got {type(config).__name__}")
+    where = f"{cls.__name__}.from_config"
+    shape = config.get("input_shape")  # ([] where the model was not built: built at its use)
+    try:
+        layers, input_shape = layers_from_config(
+            {**config, "format": FORMAT, "version": VERSION, "input_shape": shape or [1]}, where)
+    except DataFormatError as e:
+        raise InputError(str(e).replace(f"{where}: ", f"{where}: the configuration: ", 1)
+                         ) from None
+    for layer in layers:  # (names as the configuration gives them: the user's, as in Keras)
+        layer.name_given = True
+    model = cls.from_config(config, layers, device)
+    if shape:
+        model.build(input_shape)
+    return model
 
 
 class LayerList(list):  # type: ignore[type-arg]
@@ -757,14 +800,15 @@ def _restore(attributes: list[tuple[Layer, dict[str, Any]]]) -> None:
         vars(layer).update(saved)
 
 
-def _name_apart(layers: list[Layer]) -> None:
+def _name_apart(layers: list[Layer], model: Model) -> None:
     """Make the names of a model's ``layers`` unique. A name the user gave in code is kept:
     two such alike are refused, as Keras refuses a name twice in a model. Other names (made
     automatically, or read from a file) give way to them and to those kept before them, built
     layers' kept first (other models may hold them and show their names: one is renamed only
     where another built one has its name too, as when two trained models are joined; Keras
     avoids that with names unique in the whole session, which xpcnn's per-model names are
-    not)."""
+    not). Each layer notes that ``model`` holds it: a name given to it later is checked so
+    too."""
     given: dict[str, Layer] = {}
     for layer in layers:
         if layer.name_given and given.setdefault(layer.name, layer) is not layer:
@@ -776,3 +820,5 @@ def _name_apart(layers: list[Layer]) -> None:
     for layer in sorted((la for la in layers if not la.name_given), key=lambda la: not la.built):
         layer.give_way(taken)
         taken.add(layer.name)
+    for layer in layers:  # (a name given later is checked as these were)
+        held_by(layer, model)

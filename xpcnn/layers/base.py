@@ -17,9 +17,11 @@ the :class:`Weight` handles of ``weights``, in Keras layouts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import re
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
@@ -35,6 +37,18 @@ Shape = tuple[int, ...]
 # name -> class, filled by Layer.__init_subclass__, used to rebuild models from files: the
 # concrete layers (those with a forward pass), not their base classes.
 LAYER_TYPES: dict[str, type[Layer]] = {}
+
+# The models that hold each layer (weakly; a model registers itself, see held_by): a layer
+# renamed is checked against the other layers' names in each of them.
+_HOLDERS: weakref.WeakKeyDictionary[Layer, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+
+
+def held_by(layer: Layer, model: Any) -> None:
+    """Note that ``model`` holds ``layer``: renaming the layer asks the model's
+    ``_layer_renamed(layer)``, which may refuse the name (the layer keeps its old one)."""
+    # (a user's layer that defines __eq__ but no __hash__ is not hashable: not checked)
+    with contextlib.suppress(TypeError):
+        _HOLDERS.setdefault(layer, weakref.WeakSet()).add(model)
 
 
 @dataclass(frozen=True)
@@ -232,8 +246,19 @@ class Layer:
     def name(self, value: str | None) -> None:
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise InputError(f"layer name must be a non-empty string or None, got {value!r}")
+        before = vars(self).get("_name"), vars(self).get("name_given")
         self._name = value or type(self).__name__.lower()
         self.name_given = value is not None
+        try:
+            holders = list(_HOLDERS.get(self, ()))
+        except TypeError:  # (see held_by)
+            holders = []
+        for model in holders:
+            try:  # (two names alike in a model: its weights' paths, get_layer, its files)
+                model._layer_renamed(self)
+            except InputError:
+                self._name, self.name_given = before
+                raise
 
     def give_way(self, taken: set[str]) -> None:
         """Where this layer's name (not ``name_given``) is in ``taken``, take the first of
@@ -403,6 +428,20 @@ class Layer:
         defaults otherwise (:meth:`check_config`, at save)."""
         return {"name": self.name}
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Layer:
+        """A new layer of the settings :meth:`get_config` gave (Keras' way of copying one: its
+        weights new, made at its build); settings the constructor does not take are refused by
+        name."""
+        if not isinstance(config, dict):
+            raise InputError(f"{cls.__name__}.from_config takes the dict a layer's get_config() "
+                             f"returns, got {type(config).__name__}")
+        try:
+            return cls(**config)
+        except TypeError as e:
+            raise InputError(f"{cls.__name__}.from_config: the configuration {config} does not "
+                             f"fit {cls.__name__}'s constructor ({e})") from None
+
     def check_config(self) -> None:
         """Refuse to save a layer whose class takes settings (named parameters) that the class
         defining its ``get_config`` does not take: that get_config cannot give them (a
@@ -530,7 +569,17 @@ class Layer:
             raise InputError(f"layer {self.name!r} weight {name!r} holds values beyond the "
                              f"range of {dtype}, the layer's dtype (up to {peak:.3g}; "
                              f"{dtype} ends at {largest:.3g}), which would become infinity")
+        wrong = self.weight_problem(name, w)
+        if wrong:
+            raise InputError(f"layer {self.name!r} ({type(self).__name__}) weight {name!r} "
+                             f"{wrong}")
         return self.from_keras_layout(name, w)
+
+    def weight_problem(self, name: str, w: np.ndarray) -> str | None:
+        """What makes ``w`` (Keras' layout, on the host) no value for weight ``name`` beyond its
+        shape and dtype, for a layer whose weights have a range (BatchNorm's variances); None
+        where nothing does. Checked by ``set_weights`` and ``assign``, so by a file's load."""
+        return None
 
     def assign_weights(self, checked: list[tuple[str, np.ndarray]]) -> None:
         """Replace the weights by :meth:`checked_weights`' pairs."""

@@ -96,6 +96,14 @@ class BatchNorm2D(Layer):
         self._param("moving_variance", np.ones(c), trainable=False)
         return input_shape
 
+    def weight_problem(self, name: str, w: np.ndarray) -> str | None:
+        # (a negative variance made every prediction NaN, with no word: a lying file, or a
+        # wrong set_weights)
+        if name == "moving_variance" and np.any(w < 0):
+            return (f"holds negative variances (down to {float(np.min(w)):.3g}), expected "
+                    "values >= 0")
+        return None
+
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         kernels = kernels_for(self.backend)
         gamma, beta = self.params["gamma"], self.params["beta"]
