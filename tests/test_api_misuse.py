@@ -196,10 +196,11 @@ ARGUMENTS = {
         "one-hot y_val must hold probabilities"),
     "loss_scale NaN": (lambda m: (m.compile(precision="mixed_float16"),
                                   setattr(m, "loss_scale", float("nan"))),
-                       "loss_scale must be a number > 0, got nan"),
+                       r"loss_scale must be a number in \[1.17549e-38, 3.40282e\+38\], got nan"),
     "loss_scale negative": (lambda m: (m.compile(precision="mixed_float16"),
                                        setattr(m, "loss_scale", -4)),
-                            "loss_scale must be a number > 0, got -4"),
+                            r"loss_scale must be a number in \[1.17549e-38, 3.40282e\+38\], "
+                            r"got -4"),
     "EarlyStopping patience": (lambda m: xpcnn.callbacks.EarlyStopping(patience=-1),
                                "EarlyStopping patience must be a non-negative integer, got -1"),
     "ReduceLROnPlateau cooldown": (lambda m: xpcnn.callbacks.ReduceLROnPlateau(cooldown=1.5),
@@ -230,8 +231,8 @@ ARGUMENTS = {
     "LambdaCallback of too many arguments": (
         lambda m: xpcnn.callbacks.LambdaCallback(on_train_begin=lambda epoch, logs: None),
         r"on_train_begin is called as on_train_begin\(logs\)"),
-    "an unbuilt layer called on a batch": (
-        lambda m: Dense(3)(np.ones((2, 4), np.float32)),
+    "an unbuilt layer called on a list of numbers": (  # (an array builds it, as in Keras)
+        lambda m: Dense(3)([[1.0, 2.0, 3.0, 4.0]]),
         r"layer 'dense' \(Dense\) must be built before it runs on a batch: "
         r"layer.build\(input_shape\)"),
     "a layer called on a batch of another shape": (  # (was: a ValueError from matmul)

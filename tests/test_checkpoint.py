@@ -552,6 +552,62 @@ def test_checkpoints_written_before_metrics_were_a_choice_resume_with_accuracy(t
         without.fit(x, y, epochs=3, batch_size=8, verbose=0, checkpoint=path, resume=True)
 
 
+@pytest.mark.parametrize("stop", [3, 5])  # at the end of epoch 1; two steps into epoch 2
+def test_top_k_metrics_resume_from_inside_an_epoch_bit_for_bit(tmp_path, stop):
+    """The top-k counts of the epoch in progress go into the checkpoint's progress (only
+    where there are such metrics: files of other runs stay as they were) and come back, so
+    the resumed run logs what the uninterrupted one does; its compile keeps the metrics."""
+    from xpcnn.metrics import SparseTopKCategoricalAccuracy
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(24, 6)), np.arange(24) % 5
+    metrics = ["sparse_top_k_categorical_accuracy", SparseTopKCategoricalAccuracy(2, "top2"),
+               "acc"]
+
+    def run(callbacks=(), **kwargs):
+        model = xpcnn.Sequential([Flatten(), Dense(8, activation="relu"), Dense(5)], seed=0,
+                                 dtype="float64")
+        model.compile(optimizer="adam", metrics=metrics)
+        history = model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[*callbacks],
+                            validation_data=(x[:10], y[:10]), **kwargs)
+        return model, history
+
+    reference, expected = run()
+    path = tmp_path / "top_k.npz"
+    with pytest.raises(Interrupt):
+        run([StopAtBatch(stop)], checkpoint=path, checkpoint_every=1)
+    ckpt = load_checkpoint(path)
+    assert ckpt.model.metrics_names == ("loss", "sparse_top_k_categorical_accuracy", "top2",
+                                        "acc")
+    assert len(ckpt.progress.top_k) == (2 if stop == 5 else 0)
+    resumed, history = run(checkpoint=path, resume=True)
+    for key in expected.history:
+        if key != "seconds":
+            assert history.history[key] == expected.history[key], key
+    assert 0 < expected.history["top2"][0] < expected.history[
+        "sparse_top_k_categorical_accuracy"][0]
+    for a, b in zip(resumed.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # a checkpoint of as many counts as the metrics need, or none, and no other
+    _rewrite(path, lambda config: config["progress"].update(top_k=[1.0]))
+    with pytest.raises(DataFormatError, match=r"1 top-k counts in its progress, for 2 top-k "
+                                              "metrics"):
+        run(checkpoint=path, resume=True)
+    _rewrite(path, lambda config: config["progress"].update(top_k=[1.0, -2.0]))
+    with pytest.raises(DataFormatError, match="a top_k count is -2.0, expected a finite"):
+        run(checkpoint=path, resume=True)
+
+
+def test_a_checkpoint_without_top_k_metrics_holds_no_top_k_entry(tmp_path):
+    path = tmp_path / "c.npz"
+    interrupted(path, 5)
+    from xpcnn.saving.npz import CONFIG_KEY, decode_json
+
+    with np.load(path) as f:
+        progress = decode_json(f[CONFIG_KEY], str(path))["progress"]
+    assert set(progress) == {"epoch", "step", "loss_sum", "correct", "seen", "seconds"}
+
+
 # -- what resuming refuses -----------------------------------------------------------------------
 
 

@@ -224,6 +224,50 @@ def test_weighted_fits_through_captured_steps_equal_eager_fits(monkeypatch, kern
     assert len(graphed._graphs.graphs) == 1
 
 
+def test_top_k_metrics_count_in_captured_steps_as_in_eager_ones(monkeypatch, kernels):
+    """Top-k counts go to the running totals with the step, written in place (a captured
+    step writes the arrays it was captured with): the replayed fit logs the eager fit's
+    values, train_on_batch's replay its own step's, and a fit of a model compiled without
+    them captures the same arrays as before (only the totals are longer with them). With
+    CuPy's kernels, the fused loss and record kernels run, and the counts beside them."""
+    from xpcnn.metrics import SparseTopKCategoricalAccuracy
+
+    if kernels is not None:
+        monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+    x, y = _data()
+    metrics = ["accuracy", "sparse_top_k_categorical_accuracy",
+               SparseTopKCategoricalAccuracy(2, "top2")]
+    models = []
+    for _ in range(2):
+        model = xpcnn.Sequential(gap_net(), seed=3, dtype="float64")
+        model.compile(optimizer=optim.SGD(0.05, momentum=0.9), metrics=metrics)
+        models.append(model)
+    eager, graphed = models
+    graphed.build((12, 12, 3))
+    graphs, capture = _runner(graphed)
+    if kernels is not None:
+        graphs.capturable, graphs.capture_tables = contextlib.nullcontext, lambda: (
+            contextlib.nullcontext([]))
+    h_eager = eager.fit(x, y, epochs=4, batch_size=16, verbose=0, validation_data=(x, y))
+    h_graphed = graphed.fit(x, y, epochs=4, batch_size=16, verbose=0, validation_data=(x, y))
+    assert (capture.captures, capture.launches) == (2, 8)
+    assert list(h_graphed.history) == list(h_eager.history)
+    for name in ("loss", "accuracy", "sparse_top_k_categorical_accuracy", "top2"):
+        np.testing.assert_allclose(h_graphed.history[name], h_eager.history[name], rtol=1e-12)
+        np.testing.assert_allclose(h_graphed.history[f"val_{name}"],
+                                   h_eager.history[f"val_{name}"], rtol=1e-12)
+    top2 = h_eager.history["top2"][-1]
+    top5 = h_eager.history["sparse_top_k_categorical_accuracy"][-1]
+    assert 0 < top2 < top5 <= 1
+    for _ in range(3):  # the 16-sample graph replayed (train_step keeps copies)
+        logs = [m.train_on_batch(x[:16], y[:16], return_dict=True) for m in (eager, graphed)]
+        assert logs[1] == pytest.approx(logs[0], rel=1e-12)
+    assert capture.launches == 11
+    state = graphed._running_totals().state
+    assert state.shape == (4 + 3 * 7 + 2,)  # [sums, flag, loss, 7 gradients' flags and marks,
+    # then the counts of k = 5 and k = 2]
+
+
 def test_train_on_batch_with_class_weights_keeps_its_graphs():
     """Each train_on_batch with class weights writes them into the one device table the graph
     was captured with: later calls replay it, with their own weights (not a capture each)."""

@@ -5,6 +5,7 @@ Every source that gives the same batches must give the same weights, bit for bit
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import tracemalloc
 import types
@@ -127,6 +128,45 @@ def test_a_dataset_refilling_one_buffer_trains_as_one_returning_new_arrays(data)
     assert np.array_equal(model.predict(RefilledDataset(x, y)), model.predict(x))
 
 
+@pytest.mark.parametrize("library", ["torch", "array_api_strict"])
+def test_a_dataset_refilling_one_buffer_of_another_library_trains_as_one_returning_new_arrays(
+        data, library):
+    """A PyTorch tensor on the CPU (read through DLPack, without a copy) or an array of the
+    model's own library, refilled at every [i], is copied as it is read, as a NumPy buffer is
+    (was: every sample of a batch was the batch's last, silently: in training, evaluate and
+    predict)."""
+    x, y = data
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        device = "cpu"
+        image, label = torch.empty(x[0].shape, dtype=torch.uint8), torch.empty((),
+                                                                                dtype=torch.int64)
+
+        def fill(i):
+            image.copy_(torch.from_numpy(x[i]))
+            label.fill_(int(y[i]))
+            return image, label
+    else:
+        where = xps.Device("device1")
+        device = (xps, where)
+        image = xps.zeros(x[0].shape, dtype=xps.uint8, device=where)
+
+        def fill(i):
+            image[...] = xps.asarray(x[i], device=where)
+            return image, y[i]
+
+    class Refilled(MapDataset):
+        def __getitem__(self, i):
+            return fill(i)
+
+    expected = trained(MapDataset(x, y), device=device)
+    assert_same_weights(trained(Refilled(x, y), device=device), expected)
+    np.testing.assert_array_equal(expected.predict(Refilled(x, y), batch_size=BATCH),
+                                  expected.predict(x, batch_size=BATCH))
+    assert expected.evaluate(Refilled(x, y), batch_size=BATCH) == \
+        expected.evaluate(x, y, batch_size=BATCH)
+
+
 def test_a_memory_map_is_read_batch_by_batch_never_whole(tmp_path):
     n, shape = 2000, (16, 16, 3)  # a 1.5 MB file, batches of 3 KB
     rng = np.random.default_rng(1)
@@ -247,8 +287,27 @@ def test_labels_of_shape_n_by_1_as_keras_datasets_gives_them(data):
     for a, b in zip(model.get_weights(), trained(x, y).get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     assert model.evaluate(x, column) == model.evaluate(x, y)
-    with pytest.raises(InputError, match=r"one-hot rows of shape \(\d+, 4\); got shape \(\d+, 1\)"):
-        model.fit(x, column.astype(np.float64), verbose=0)  # (not labels: one-hot rows)
+
+
+def test_float_labels_as_a_column_are_taken_as_float_labels_are(data):
+    """Labels (N, 1) of floats (read from a CSV file, a float32 label tensor) are labels, as
+    (N,) floats and (N, 1) integers are, and as Keras 3's sparse cross-entropy takes them
+    (was: 'y must be integer labels of shape (N,) or one-hot rows of shape (N, 4)'); whole
+    numbers only, as for (N,) floats."""
+    x, y = data
+    expected = trained(x, y)
+    for dtype in (np.float32, np.float64):
+        column = y[:, None].astype(dtype)
+        model = trained(x, column)
+        assert_same_weights(model, expected)
+        assert model.evaluate(x, column) == expected.evaluate(x, y)
+        # (a dataset whose labels are float arrays of one value: stacked into a column)
+        assert_same_weights(trained(MapDataset(x, column)), trained(MapDataset(x, y)))
+    halves = y[:, None] + 0.5
+    with pytest.raises(InputError, match=r"y must be integer class labels, got dtype float64: "
+                                         r"label 0 is \d\.5, one of 44 that are not whole "
+                                         r"numbers"):
+        expected.evaluate(x, halves)
 
 
 def test_arrays_of_another_library_on_the_cpu_train_as_numpy_arrays(data):
@@ -442,6 +501,205 @@ def test_stopping_early_stops_the_thread(data):
     assert len(drawn) <= 2 + xpcnn.data.PREFETCH + 1
 
 
+def _numbered(x, y, drawn=None, size=4):
+    """An endless generator of batches of ``size``: batch k is samples k * size on (mod 40),
+    its number added to ``drawn`` as it is drawn."""
+    for k in itertools.count():
+        if drawn is not None:
+            drawn.append(k)
+        a = k * size % 40
+        yield x[a:a + size], y[a:a + size]
+
+
+def _stops_at(batch, how="stop"):
+    """A callback that stops training at the end of ``batch``: by ``stop_training``, or by
+    raising."""
+    def end(b, logs):
+        if b == batch:
+            if how == "stop":
+                model_of[0].stop_training = True
+            else:
+                raise RuntimeError("stopped by the callback")
+
+    model_of = [None]
+    callback = LambdaCallback(on_train_batch_end=end,
+                              on_train_begin=lambda logs: model_of.__setitem__(0, callback.model))
+    return callback
+
+
+@pytest.mark.parametrize("how", ["stop", "raise"])
+def test_batches_drawn_ahead_are_given_back_when_an_epoch_stops_early(data, how):
+    """fit stopped inside an epoch over an iterator (a callback's stop_training, an error)
+    gives back the batches the background thread drew ahead and the loop did not take, in
+    order: the next call on the iterator starts with them (was: dropped, the next fit began
+    PREFETCH + 1 batches later). Training on batches 0, 1 then 2, 3, 4 in two calls gives the
+    weights of batches 0 to 4 in one."""
+    x, y = data
+    drawn = []
+    stream = _numbered(x, y, drawn)
+    model = make()
+    with pytest.raises(RuntimeError) if how == "raise" else contextlib.nullcontext():
+        model.fit(stream, steps_per_epoch=10, verbose=0, callbacks=[_stops_at(1, how)])
+    assert model.optimizer.iterations == 2 and prefetch_threads() == []
+    first = len(drawn)
+    assert 1 <= first - 2 <= xpcnn.data.PREFETCH + 1  # (the thread was ahead: the case at hand)
+    model.fit(stream, steps_per_epoch=3, verbose=0)
+    assert len(drawn) == max(5, first)  # (what was drawn ahead first, then new batches)
+    reference = make()
+    reference.fit(_numbered(x, y), steps_per_epoch=5, verbose=0)
+    assert_same_weights(model, reference)
+    # the next call takes what is left, then goes on drawing: batches 5, 6
+    predicted = model.predict(stream, steps=2, batch_size=4)
+    np.testing.assert_array_equal(predicted, model.predict(x[20:28], batch_size=4))
+    assert len(drawn) == 7 and not any(batches for _, batches in xpcnn.data._GIVEN_BACK)
+
+
+def test_batches_given_back_are_copies_of_a_refilled_buffer(data):
+    """A generator that refills one buffer for every batch (a plain loop may): the batches
+    given back are the ones it yielded, not the buffer's last fill."""
+    x, y = data
+    xb, yb = np.empty((4, *x.shape[1:]), x.dtype), np.empty(4, y.dtype)
+
+    def refilled():
+        for xs, ys in _numbered(x, y):
+            xb[...], yb[...] = xs, ys
+            yield xb, yb
+
+    stream = refilled()
+    model = make()
+    model.fit(stream, steps_per_epoch=10, verbose=0, callbacks=[_stops_at(1)])
+    model.fit(stream, steps_per_epoch=3, verbose=0)
+    reference = make()
+    reference.fit(_numbered(x, y), steps_per_epoch=5, verbose=0)
+    assert_same_weights(model, reference)
+
+
+def test_predict_stopped_by_an_error_gives_back_what_it_drew_ahead(data):
+    x, y = data
+    model = make()
+    model.build(x.shape[1:])
+    stream = _numbered(x, y)
+
+    def fail(batch, logs):
+        if batch == 0:
+            raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        model.predict(stream, steps=5, callbacks=[LambdaCallback(on_predict_batch_end=fail)])
+    np.testing.assert_array_equal(model.predict(stream, steps=2, batch_size=4),
+                                  model.predict(x[4:12], batch_size=4))
+
+
+def test_a_batch_the_checks_refuse_is_not_given_back(data):
+    """The batch an error names is dropped (given back, every retry would be refused at once
+    by it); the next call on the iterator starts after it."""
+    x, y = data
+    batches = [(x[a:a + 4], y[a:a + 4]) for a in range(0, 40, 4)]
+    wrong = (x[8:12, :5], y[8:12])
+    stream = iter([*batches[:2], wrong, *batches[3:]])
+    model = make()
+    with pytest.raises(InputError, match=r"x has per-sample shape \(5, 6, 3\)"):
+        model.fit(stream, steps_per_epoch=5, verbose=0)
+    assert model.optimizer.iterations == 2 and prefetch_threads() == []
+    model.fit(stream, steps_per_epoch=1, verbose=0)
+    reference = make()
+    reference.fit(iter([*batches[:2], batches[3]]), steps_per_epoch=3, verbose=0)
+    assert_same_weights(model, reference)
+
+
+def test_evaluate_and_predict_read_a_generator_to_its_end_without_steps(data):
+    """As Keras 3 reads one with steps=None (was: 'x is an iterator (a generator): pass
+    steps'); fit still needs steps_per_epoch, as it reads on from epoch to epoch."""
+    x, y = data
+    model = trained(x, y)
+
+    def batches(targets=True):
+        return ((x[a:a + BATCH], y[a:a + BATCH]) if targets else x[a:a + BATCH]
+                for a in range(0, N, BATCH))
+
+    expected = model.predict(x, batch_size=BATCH)
+    np.testing.assert_array_equal(model.predict(batches(False)), expected)
+    np.testing.assert_array_equal(model.predict(batches(), verbose=1), expected)  # (no total)
+    params = []
+    callback = LambdaCallback(on_test_begin=lambda logs: params.append(callback.params))
+    loss, accuracy = model.evaluate(batches(), callbacks=[callback])
+    assert params[0]["steps"] is None
+    want_loss, want_accuracy = model.evaluate(x, y, batch_size=BATCH)
+    assert loss == pytest.approx(want_loss, rel=1e-6) and accuracy == want_accuracy
+    # (a NumPy reference: the mean cross-entropy of the probabilities predict gave)
+    assert loss == pytest.approx(-np.mean(np.log(expected[np.arange(N), y])), rel=1e-5)
+    with pytest.raises(InputError, match="the prediction data gave no batches"):
+        model.predict(iter([]))
+    with pytest.raises(InputError, match="the evaluation data gave no batches"):
+        model.evaluate(iter([]))
+    with pytest.raises(InputError, match="^x gave no batches$"):
+        make().predict(iter([]))
+    with pytest.raises(InputError, match=r"x is an iterator \(a generator\): pass "
+                                         r"steps_per_epoch"):
+        model.fit(batches(), verbose=0)
+
+
+def test_a_dataloaders_len_is_the_steps_of_its_epochs(data):
+    """Without steps, a PyTorch DataLoader's len() is params["steps"] and the progress bar's
+    total, as Keras 3 takes it (was: None); it does not cut a pass longer than it says. Any
+    other re-iterable's len() is not taken (a user's may count samples: a shorter pass would
+    stop training), nor an IterableDataset's (an estimate, PyTorch says)."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = data
+    pairs = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    loader = DataLoader(pairs, batch_size=BATCH)
+    steps = []
+    record = LambdaCallback(on_train_begin=lambda logs: steps.append(record.params["steps"]),
+                            on_test_begin=lambda logs: steps.append(record.params["steps"]),
+                            on_predict_begin=lambda logs: steps.append(record.params["steps"]))
+    model = make()
+    model.fit(loader, epochs=2, verbose=0, callbacks=[record])
+    model.evaluate(loader, callbacks=[record])
+    assert steps == [6, 6] and len(loader) == 6
+    model.predict(loader, callbacks=[record])
+    assert steps == [6, 6, 6]
+    assert model.optimizer.iterations == 12
+    assert_same_weights(model, trained(x, y, shuffle=False))
+
+    class Undercounted:  # (a batch sampler whose len() says 4 of its 6 batches)
+        def __iter__(self):
+            return (list(range(a, min(a + BATCH, N))) for a in range(0, N, BATCH))
+
+        def __len__(self):
+            return 4
+
+    model = make()
+    model.fit(DataLoader(pairs, batch_sampler=Undercounted()), epochs=2, verbose=0,
+              callbacks=[record])
+    assert steps[-1] == 4 and model.optimizer.iterations == 12  # (every batch of each pass)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return ((x[a:a + BATCH], y[a:a + BATCH]) for a in range(0, N, BATCH))
+
+        def __len__(self):
+            return N
+
+    batches = [(x[a:a + BATCH], y[a:a + BATCH]) for a in range(0, N, BATCH)]
+    for source in (Stream(), DataLoader(Stream(), batch_size=None), Counted(batches, N)):
+        model = make()
+        model.fit(source, verbose=0, callbacks=[record])
+        assert steps[-1] is None and model.optimizer.iterations == 6
+
+
+class Counted(Loader):
+    """A re-iterable of batches whose len() counts samples."""
+
+    def __init__(self, batches, samples):
+        super().__init__(batches)
+        self.samples = samples
+
+    def __len__(self):
+        return self.samples
+
+
 def test_streamed_inputs_are_checked(data):
     x, y = data
     model = make()
@@ -468,11 +726,12 @@ def test_streamed_inputs_are_checked(data):
     with pytest.raises(InputError, match="validation_split needs arrays"):
         model.fit(MapDataset(x, y), validation_split=0.2, verbose=0)
     two_epochs = iter(list(shuffled_batches(x, y, 1))[:4])  # (was 'the evaluation data ...')
-    with pytest.raises(InputError, match=r"^the validation data gave no batches in epoch 3: an "
-                                         r"iterator needs validation_steps batches for every "
-                                         r"epoch$"):
-        model.fit(x, y, epochs=3, validation_data=two_epochs, validation_steps=2, verbose=0)
-    assert model.history.epoch == [0, 1]  # (the epochs before it are kept)
+    with pytest.warns(RuntimeWarning, match=r"the validation data ran out after 0 of its 2 "
+                                            r"batches \(validation_steps\) in epoch 3: training "
+                                            r"stops after this epoch"):
+        model.fit(x, y, epochs=4, validation_data=two_epochs, validation_steps=2, verbose=0)
+    assert model.history.epoch == [0, 1, 2]  # (the epoch that ran out kept, without val_*)
+    assert len(model.history.history["val_loss"]) == 2
     for call, what in ((model.evaluate, "evaluation"), (model.predict, "prediction")):
         with pytest.raises(InputError, match=f"^the {what} data gave no batches$"):  # (predict:
             call(iter([]), steps=2)  # a bare ValueError from concat)
@@ -610,6 +869,10 @@ def test_predict_reads_a_list_of_samples_as_a_batch_not_as_a_pair(data):
     assert np.array_equal(model.predict(NestedLists(x, y), batch_size=BATCH), expected)
     pairs = ((x[a:a + BATCH], y[a:a + BATCH]) for a in range(0, N, BATCH))
     assert np.array_equal(model.predict(pairs, steps=6), expected)  # (a pair's y is ignored)
+    # for a built model, a list of one sample (the last batch here) is a batch of it, not
+    # (x,), x that sample (a list of one batch is (x,): test_data_sources.py)
+    batches = (list(x[:41][a:a + BATCH]) for a in range(0, 41, BATCH))  # (the last: [x[40]])
+    assert np.array_equal(model.predict(batches), expected[:41])
 
 
 def test_a_checkpoint_needs_replayable_data_and_says_so_for_every_iterable(data, tmp_path):
@@ -790,6 +1053,37 @@ def test_a_retry_on_a_generator_waits_for_the_reader_a_stopped_call_left(monkeyp
     finally:
         release.set()
     assert model.predict(source, steps=2).shape[0] == 8  # (waits for the reader to leave)
+
+
+def test_the_batch_a_left_reader_draws_is_given_back_after_those_drawn_before_it(data,
+                                                                                 monkeypatch):
+    """A call stopped while its reader was inside the generator's next(): the batch queued
+    and the one that next() returns after the call ended are both given back, in order."""
+    monkeypatch.setattr(xpcnn.data, "STOP_WAIT_SECONDS", 0.2, raising=False)
+    x, _ = data
+    model = make()
+    model.build((6, 6, 3))
+    release = threading.Event()
+
+    def batches():
+        yield x[0:4]
+        yield x[4:8]
+        release.wait(30)  # (the reader is here when the call stops)
+        for k in itertools.count(2):
+            yield x[4 * k:4 * k + 4]
+
+    def stop(batch, logs):
+        raise ValueError("stopped")
+
+    source = batches()
+    try:
+        with pytest.raises(ValueError, match="stopped"):
+            model.predict(source, steps=5, batch_size=4,
+                          callbacks=[LambdaCallback(on_predict_batch_end=stop)])
+    finally:
+        release.set()
+    np.testing.assert_array_equal(model.predict(source, steps=3, batch_size=4),
+                                  model.predict(x[4:16], batch_size=4))
 
 
 def test_an_error_is_not_held_up_by_a_generator_blocked_in_next(monkeypatch):

@@ -314,3 +314,154 @@ def test_a_dataset_of_whole_batches_is_named_with_the_way_to_pass_one(data):
     expected = make()
     expected.fit(x, y, epochs=2, batch_size=BATCH, shuffle=False, verbose=0)
     assert_same_weights(model, expected)
+
+
+# -- (x,) items, as PyTorch's TensorDataset(x) gives them -------------------------------------
+
+
+def test_items_of_one_array_are_x_for_predict(data):
+    """A tuple or list of one, (x,), is x, as Keras 3's unpack_x_y_sample_weight reads it:
+    DataLoader(TensorDataset(x)) yields [xb], TensorDataset(x)[i] is (x_i,) (was: read as an
+    array of one sample, a shape error on a built model; on an unbuilt one, a model built for
+    whole batches and one row of output a batch, silently)."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = data
+    images = TensorDataset(torch.from_numpy(x))
+    for built in (True, False):
+        model = make()
+        if built:
+            model.build(x.shape[1:])
+        expected = make().predict(x, batch_size=BATCH)  # (the same seed, the same weights)
+        np.testing.assert_array_equal(model.predict(DataLoader(images, batch_size=BATCH)),
+                                      expected)
+        assert model.input_shape == x.shape[1:]
+        np.testing.assert_array_equal(model.predict(images, batch_size=BATCH), expected)
+        np.testing.assert_array_equal(model.predict(
+            ((x[a:a + BATCH],) for a in range(0, N, BATCH)), steps=3), expected)
+        np.testing.assert_array_equal(model.predict(
+            ([x[a:a + BATCH]] for a in range(0, N, BATCH)), steps=3), expected)
+
+
+def test_items_of_one_array_are_named_as_holding_no_targets_where_they_are_needed(data):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = data
+    images = TensorDataset(torch.from_numpy(x))
+    model = make()
+    with pytest.raises(InputError, match=r"^x must yield \(x, y\) or \(x, y, sample_weight\) "
+                                         r"batches, got a list of length 1, \(x,\): it holds no "
+                                         r"targets y, which training and evaluation need "
+                                         r"\(predict takes \(x,\) items\)$"):
+        model.fit(DataLoader(images, batch_size=BATCH), verbose=0)
+    with pytest.raises(InputError, match=r"^x\[i\] must return a pair \(x_i, y_i\) or a triple "
+                                         r"\(x_i, y_i, w_i\), got a tuple of length 1, \(x,\): "
+                                         r"it holds no targets y"):
+        model.evaluate(images)
+    with pytest.raises(InputError, match=r"got a tuple of length 1, \(x,\): it holds no "
+                                         r"targets y"):
+        model.fit(((x[a:a + BATCH],) for a in range(0, N, BATCH)), steps_per_epoch=3,
+                  verbose=0)
+    assert not model.built and model.optimizer.iterations == 0
+
+
+# -- greyscale images without their channel axis (keras.datasets.mnist's layout) --------------
+
+
+def grey_model(built=True, device="cpu", channels=1):
+    layers = [Conv2D(4, 3), ReLU(), Flatten(), Dense(4)]
+    model = xpcnn.Sequential([xpcnn.Input((6, 6, channels))] * built + layers, seed=0,
+                             device=device)
+    model.compile(optimizer=xpcnn.optim.Adam(1e-2))
+    return model
+
+
+@pytest.fixture
+def grey(data):
+    x, y = data
+    return x[..., 0].astype(np.float32) / 255, y  # (N, 6, 6)
+
+
+class GreyDataset:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_greyscale_images_without_a_channel_axis_are_read_as_one_channel(grey):
+    """(N, H, W) for a model whose input is (H, W, 1): the axis added, as Keras 3's functional
+    models add it, in fit, its validation data, evaluate, predict and train_on_batch, from
+    arrays, generators and datasets (was: 'x has per-sample shape (6, 6) but the model
+    expects (6, 6, 1)')."""
+    x, y = grey
+    x4 = x[..., None]
+    expected = grey_model()
+    want = expected.fit(x4, y, epochs=2, batch_size=BATCH, validation_data=(x4, y), verbose=0)
+    model = grey_model()
+    got = model.fit(x, y, epochs=2, batch_size=BATCH, validation_data=(x, y), verbose=0)
+    assert_same_weights(model, expected)
+    for name in ("loss", "val_loss", "val_accuracy"):
+        assert got.history[name] == want.history[name]
+    assert model.evaluate(x, y) == expected.evaluate(x4, y)
+    np.testing.assert_array_equal(model.predict(x), expected.predict(x4))
+    assert model.train_on_batch(x[:BATCH], y[:BATCH]) == \
+        expected.train_on_batch(x4[:BATCH], y[:BATCH])
+    assert_same_weights(model, expected)
+    streamed = grey_model()
+    streamed.fit(((x[a:a + BATCH], y[a:a + BATCH]) for a in range(0, N, BATCH)),
+                 steps_per_epoch=3, verbose=0)
+    dataset = grey_model()
+    dataset.fit(GreyDataset(x, y), batch_size=BATCH, shuffle=False, verbose=0)
+    reference = grey_model()
+    reference.fit(x4, y, batch_size=BATCH, shuffle=False, verbose=0)
+    assert_same_weights(streamed, reference)
+    assert_same_weights(dataset, reference)
+    # (a view: no copy of the images, a memory map's too)
+    checked, _ = xpcnn.data.check_arrays(model, x)
+    assert checked.shape == x4.shape and np.shares_memory(checked, x)
+
+
+def test_greyscale_images_on_the_device_get_their_channel_axis_there(grey):
+    x, y = grey
+    device = (xps, xps.Device("device1"))
+    put = lambda a: xps.asarray(a, device=xps.Device("device1"))  # noqa: E731
+    expected = grey_model(device=device)
+    expected.fit(x[..., None], y, batch_size=BATCH, verbose=0)
+    model = grey_model(device=device)
+    model.fit(put(x), put(y), batch_size=BATCH, verbose=0)
+    assert_same_weights(model, expected)
+    np.testing.assert_array_equal(model.predict(put(x)), expected.predict(x[..., None]))
+
+
+def test_the_channel_axis_is_added_only_where_the_model_takes_one_channel(grey):
+    x, y = grey
+    with pytest.raises(InputError, match=r"^x has per-sample shape \(6, 6\) but the model "
+                                         r"expects \(6, 6, 3\)"):
+        grey_model(channels=3).fit(x, y, verbose=0)
+    # an unbuilt model is built for the first data it sees; where a layer refuses (H, W) and
+    # (H, W, 1) would build, the error says so (was: the layer's error alone)
+    model = grey_model(built=False)
+    with pytest.raises(InputError, match=r"^layer 'conv2d' \(Conv2D\) expects per-sample inputs "
+                                         r"of shape \(H, W, C\), got \(6, 6\); are x greyscale "
+                                         r"images without their channel axis \(per-sample "
+                                         r"shape \(6, 6\), \(H, W\)\)\? pass x\[\.\.\., None\], "
+                                         r"of shape \(N, H, W, 1\)$"):
+        model.fit(x, y, verbose=0)
+    assert not model.built
+    with pytest.raises(InputError, match=r"return x_i\[\.\.\., None\] from x\[i\]$"):
+        model.fit(GreyDataset(x, y), verbose=0)
+    assert not model.built
+    model.fit(x[..., None], y, verbose=0)  # (the trial build left nothing behind)
+    assert model.input_shape == (6, 6, 1)
+    dense = xpcnn.Sequential([Dense(4)], seed=0)  # ((6, 6, 1) would not build either)
+    with pytest.raises(InputError, match=r"expects flat per-sample inputs \(features,\), got "
+                                         r"\(6, 6\): add a Flatten or GlobalAvgPool2D layer "
+                                         r"before it$"):
+        dense.predict(x)

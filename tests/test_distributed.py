@@ -674,8 +674,14 @@ model = xpcnn.Sequential([norm, Flatten(), Dense(3), Softmax()], seed=0)
 model.compile()
 # (a path only rank 0 checks, inside a regular file: refused there alone)
 callbacks = [ModelCheckpoint(__file__ + "/m.npz")] if sys.argv[1] == "path" else []
+# (per-rank data: a PyTorch habit; or arrays of other lengths)
+xs, ys = {"data shards": (x[rank::2], y[rank::2]),
+          "lengths": (x[:16 - 4 * rank], y[:16 - 4 * rank])}.get(sys.argv[1], (x, y))
 try:
-    model.fit(x, y, epochs=1, batch_size=4, verbose=0, callbacks=callbacks)
+    if sys.argv[1] == "train_on_batch":
+        model.train_on_batch(x[:4], y[:4])
+    else:
+        model.fit(xs, ys, epochs=1, batch_size=4, verbose=0, callbacks=callbacks)
 except XpcnnError as e:
     said = f"rank {rank} refused: {type(e).__name__}: {e}"
 else:
@@ -685,12 +691,16 @@ os.write(1, (said + "\\n").encode())  # (one write: the ranks' lines do not inte
 
 
 @needs_mpi
-@pytest.mark.parametrize("case", ["shards", "path", "same"])
+@pytest.mark.parametrize("case", ["shards", "path", "same", "data shards", "lengths",
+                                  "train_on_batch"])
 def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp_path, case):
     """A Normalization adapted on each rank's own shard (their models predicted apart, rank 0's
     alone saved), and a refusal of one rank's own (a path rank 0 alone checks; the others
     waited in the first allreduce for the whole timeout, then blamed a stuck rank): every
-    rank refuses, at once, saying why. The same data on every rank trains."""
+    rank refuses, at once, saying why. The same data on every rank trains. Per-rank shards of
+    the data (half of it trained, silently) or arrays of other lengths (the ranks' logs
+    differed) are refused on every rank; so is train_on_batch (each rank stepped on its own
+    batch, no gradient averaged: the ranks' weights drifted apart)."""
     script = tmp_path / "refused.py"
     script.write_text(_REFUSED_ON_EVERY_RANK)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
@@ -706,7 +716,108 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
         assert all("DistributedError: layer 'normalization' (Normalization) has other "
                    "settings on rank(s) [1] than on rank 0" in line for line in lines), lines
         assert len(lines) == 2
+    elif case in ("data shards", "lengths"):
+        assert all("DistributedError: fit on several ranks was given other training data on "
+                   "rank(s) [1] than on rank 0" in line for line in lines), lines
+        assert len(lines) == 2
+    elif case == "train_on_batch":
+        assert lines == [f"rank {r} refused: InputError: train_on_batch runs on one process, "
+                         "and this is one of 2 ranks: fit is what trains on several (every "
+                         "rank passes the whole arrays; each takes its slice of every batch, "
+                         "and the gradients are averaged); or run train_on_batch in a job of "
+                         "one process" for r in (0, 1)], lines
     else:
         assert lines[0].startswith("rank 0 refused: InputError: ") and "m.npz" in lines[0]
         assert lines[1] == ("rank 1 refused: DistributedError: the callbacks' on_train_begin "
                             "failed on 1 other rank(s): their error says why"), lines
+
+
+# -- top-k metrics: the counts summed over the ranks, as the correct count ----------------------
+
+TOP_K_METRICS = ["accuracy", "sparse_top_k_categorical_accuracy", ("top2", 2)]
+
+
+def _top_k_metrics():
+    from xpcnn.metrics import SparseTopKCategoricalAccuracy
+
+    return [SparseTopKCategoricalAccuracy(m[1], m[0]) if isinstance(m, tuple) else m
+            for m in TOP_K_METRICS]
+
+
+def test_top_k_counts_are_summed_over_thread_ranks_with_the_stats():
+    """Three ranks of 3, 2 and 2 samples (and one of none) against one batch of 7: every
+    rank's running totals hold the global batch's counts, reduced in the stats' buffer."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(7, 3, 3, 2)), rng.integers(0, 5, 7)
+    ranks, comm = 4, ThreadSum(4)
+    single, *models = [small_model() for _ in range(ranks + 1)]
+    for model in (single, *models):
+        model.compile(optimizer=xpcnn.optim.SGD(0.1), metrics=_top_k_metrics())
+    single.train_step(single._to_device(x), single.backend.asarray(y))
+    parts = [*np.array_split(np.arange(7), 3), np.arange(0)]
+
+    def step(rank, model):
+        dp = distributed.DataParallel(model, distributed.World(rank, ranks), comm.for_rank(rank))
+        model._parallel = dp
+        idx = parts[rank]
+        dp.use_slice(int(idx[0]) if len(idx) else 7, len(idx), 7)
+        model.train_step(model._to_device(x[idx]), model.backend.asarray(y[idx]))
+
+    run_ranks(models, step)
+    assert comm.launched[0][0] == 4  # [loss, correct, k=5, k=2], then the buckets
+    expected = single._read_totals()
+    assert expected[2] > expected[3] > 0
+    for model in models:
+        np.testing.assert_allclose(model._read_totals(), expected, rtol=1e-14)
+
+
+TOP_K_SCRIPT = """
+import json, sys
+import numpy as np
+import xpcnn
+from xpcnn import distributed
+from xpcnn.layers import Dense, Flatten, ReLU
+from xpcnn.metrics import SparseTopKCategoricalAccuracy
+
+out, batch = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(26, 3, 3, 2)), rng.integers(0, 6, 26)
+model = xpcnn.Sequential([Flatten(), Dense(16), ReLU(), Dense(6)], seed=1, dtype="float64")
+model.compile(optimizer=xpcnn.optim.SGD(0.1), metrics=[
+    "accuracy", "sparse_top_k_categorical_accuracy", SparseTopKCategoricalAccuracy(2, "top2")])
+history = model.fit(x, y, epochs=2, batch_size=batch, verbose=0, validation_data=(x[:15], y[:15]),
+                    validation_batch_size=4)
+logs = {k: v for k, v in history.history.items() if k != "seconds"}
+logs["evaluate"] = model.evaluate(x[:11], y[:11], batch_size=3, return_dict=True)
+with open(f"{out}.rank{distributed.world().rank}.json", "w") as f:
+    json.dump(logs, f)
+"""
+
+
+@needs_mpi
+def test_top_k_metrics_on_two_ranks_are_those_of_one_process(tmp_path):
+    """fit's training and validation logs and evaluate's: the ranks' counts summed (the
+    training steps' in the stats' allreduce, evaluate's on the host), on every rank."""
+    script = tmp_path / "top_k.py"
+    script.write_text(TOP_K_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
+           "XPCNN_DIST_TIMEOUT": "30"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "6"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script),
+                          str(tmp_path / "two"), "3"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert two.returncode == 0, two.stderr
+    reference = json.loads((tmp_path / "one.rank0.json").read_text())
+    assert set(reference) >= {"top2", "val_top2", "sparse_top_k_categorical_accuracy"}
+    assert set(reference["evaluate"]) == {"loss", "accuracy", "top2",
+                                          "sparse_top_k_categorical_accuracy"}
+    for rank in (0, 1):
+        logs = json.loads((tmp_path / f"two.rank{rank}.json").read_text())
+        assert logs.keys() == reference.keys()
+        for key, values in reference.items():
+            got = logs[key]
+            if key == "evaluate":
+                got, values = [got[k] for k in values], list(values.values())
+            np.testing.assert_allclose(got, values, rtol=1e-12, err_msg=key)

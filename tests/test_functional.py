@@ -890,3 +890,26 @@ def test_from_config_copies_an_architecture_as_keras_does(data):
     with pytest.raises(InputError, match=r"^Model.from_config: the configuration: unknown layer "
                                          r"type 'Nonesuch'"):
         xpcnn.Model.from_config(wrong)
+
+
+def test_an_unbuilt_layer_called_on_a_batch_is_built_for_it_as_in_keras():
+    """``Dense(3)(x)`` was refused until ``build``; Keras builds a layer at its first call.
+    Built for the batch's per-sample shape, in float32, on its namespace and device, with the
+    weights ``build`` gives by default; a merge layer for its inputs' shapes."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6, 6, 3))
+    for make, batch in ((lambda: Conv2D(4, 3, padding="same"), x),
+                        (lambda: Conv2D(2, 3), (x * 40 + 100).astype(np.uint8)),
+                        (lambda: Dense(5, activation="relu"), x.reshape(2, -1))):
+        called, built = make(), make()
+        y = called(batch)
+        built.build(batch.shape[1:])
+        assert called.built and called.input_shape == batch.shape[1:]
+        assert called.dtype == np.float32 and y.dtype == np.float32
+        np.testing.assert_array_equal(y, built(batch))
+    add = Add()
+    assert add([x, x]).shape == x.shape and add.input_shape == (x.shape[1:], x.shape[1:])
+    strict = Dense(2)
+    out = strict(xs.asarray(x.reshape(2, -1)))
+    assert isinstance(out, type(xs.asarray(0.0))) and strict.backend.xp is xs
+    assert out.shape == (2, 2)

@@ -224,7 +224,8 @@ def test_a_checkpoint_of_accuracy_resumes_under_acc_with_its_history_renamed(tmp
 
 def test_an_unknown_metric_names_both_names_xpcnn_knows():
     with pytest.raises(InputError, match=r"unknown metrics \['f1'\]; xpcnn supports 'accuracy' "
-                                         r"\(or 'acc'\)"):
+                                         r"\(or 'acc', 'sparse_categorical_accuracy', "
+                                         r"'categorical_accuracy'\)"):
         net("layer").compile(metrics=["acc", "f1"])
 
 

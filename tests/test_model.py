@@ -507,6 +507,22 @@ def test_loss_scaling_skips_an_overflowing_step_and_lowers_the_scale(data, fast,
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("scale", [1e39, 1e-46, 0.0, -1.0, float("inf"), float("nan")])
+def test_a_loss_scale_float32_cannot_hold_is_refused(scale):
+    """The scale is held in float32: 1e39 became infinity (every step skipped, the weights
+    never moved, no error) and 1e-46 became 0 (the error then blamed a layer's gradient).
+    Refused by name, as a checkpoint's is; the scale is left as it was."""
+    model = xpcnn.Sequential(gap_net(), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.01), precision="mixed_float16")
+    model.build((8, 8, 3))
+    with pytest.raises(InputError, match=r"loss_scale must be a number in \[1.17549e-38, "
+                                         r"3.40282e\+38\]"):
+        model.loss_scale = scale
+    assert model.loss_scale == 2.0**15
+    model.loss_scale = 3.4e38  # (the range's ends are taken)
+    assert model.loss_scale == np.float32(3.4e38)
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "standard"])
 def test_mixed_bfloat16_trains_with_float32_master_weights(data, fast, monkeypatch):
     """bfloat16 on NumPy is ml_dtypes': the layers compute in it (the products in float32 on
@@ -1453,3 +1469,81 @@ def test_a_changed_layer_list_is_the_model_that_runs_and_saves(tmp_path):
     with pytest.raises(InputError, match="layers are its graph's, not to change"):
         graph_model.layers.append(ReLU())
     assert len(graph_model.layers) == 2
+
+
+def _small_dense_model():
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1))
+    return model
+
+
+class _Passes:
+    """A re-iterable of (x, y) batches (a DataLoader's kind): a new pass at each iter()."""
+
+    def __init__(self, x, y, batch):
+        self.x, self.y, self.batch = x, y, batch
+
+    def __iter__(self):
+        return ((self.x[i:i + self.batch], self.y[i:i + self.batch])
+                for i in range(0, len(self.x), self.batch))
+
+
+def test_a_re_iterable_shorter_than_steps_per_epoch_ends_each_epoch_not_the_fit():
+    """fit(loader, steps_per_epoch=5) of a 3-batch loader trained one epoch of 3 and stopped,
+    warning about an iterator: a re-iterable gives a new pass each epoch, so each epoch ends
+    where its pass does, with a warning, as in Keras 3 (an iterator still stops the fit)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((15, 4, 4, 1)), rng.integers(0, 3, 15)
+    model = _small_dense_model()
+    with pytest.warns(RuntimeWarning, match=r"the training data gave 3 of its 5 batches "
+                                            r"\(steps_per_epoch\) in epoch \d: the epoch ends "
+                                            r"there, and the next starts a new pass") as seen:
+        history = model.fit(_Passes(x, y, 5), steps_per_epoch=5, epochs=3, verbose=0)
+    assert history.epoch == [0, 1, 2] and model.optimizer.iterations == 9
+    assert len([w for w in seen if "training data" in str(w.message)]) == 3
+    assert {w.filename for w in seen} == {__file__}  # (pointed at the fit call)
+    same = _small_dense_model()  # (the same steps as the arrays' unshuffled epochs)
+    same.fit(x, y, batch_size=5, epochs=3, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), same.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    model = _small_dense_model()
+    with pytest.warns(RuntimeWarning, match=r"training stops here; an iterator needs"):
+        history = model.fit(iter(_Passes(x, y, 5)), steps_per_epoch=5, epochs=3, verbose=0)
+    assert history.epoch == [0] and model.optimizer.iterations == 3
+
+
+@pytest.mark.parametrize("batches", [3, 4])
+def test_a_validation_iterator_that_runs_out_stops_the_fit_cleanly(batches):
+    """validation_steps=2 of a generator of 3 batches: epoch 2 was validated on the one left
+    without a word; of 4, epoch 3 got none: an InputError after it had trained, its
+    on_epoch_end, on_train_end and History lost. Now a warning; the epoch keeps its logs
+    (val_* of the batches there were, none where there were none), and training stops after
+    it, cleanly, as where the training data runs out."""
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((20, 4, 4, 1)), rng.integers(0, 3, 20)
+    ends, trained = [], []
+    watch = xpcnn.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: ends.append((epoch, sorted(logs))),
+        on_train_end=lambda logs: trained.append(True))
+    model = _small_dense_model()
+    validation = iter(_Passes(x[:5 * batches], y[:5 * batches], 5))
+    last = 1 if batches == 3 else 2  # (the epoch it runs out in, 0-based)
+    with pytest.warns(RuntimeWarning, match=r"the validation data ran out after "
+                                            f"{batches % 2} of its 2 batches \\(validation_steps"
+                                            f"\\) in epoch {last + 1}: training stops after "
+                                            r"this epoch") as seen:
+        history = model.fit(x, y, batch_size=5, epochs=5, validation_data=validation,
+                            validation_steps=2, callbacks=[watch], verbose=0)
+    assert [w.filename for w in seen] == [__file__]  # (pointed at the fit call)
+    assert history.epoch == list(range(last + 1)) and trained == [True]
+    assert model.optimizer.iterations == 4 * (last + 1)
+    keys = ["accuracy", "loss", "seconds", "val_accuracy", "val_loss"]
+    assert ends == [(e, keys) for e in range(last)] + [(last, keys if batches == 3
+                                                          else keys[:3])]
+    if batches == 3:  # (the one batch left: its own loss)
+        assert history.history["val_loss"][1] == pytest.approx(
+            model.evaluate(x[10:15], y[10:15], verbose=0)[0], rel=0.2)
+    with pytest.warns(RuntimeWarning, match=r"the evaluation data ran out after 1 of its 3 "
+                                            r"batches \(steps\)$") as seen:
+        model.evaluate(iter(_Passes(x[:5], y[:5], 5)), steps=3)
+    assert [w.filename for w in seen] == [__file__]

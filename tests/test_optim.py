@@ -1,6 +1,8 @@
 """Optimisers step for step against PyTorch's, and the learning-rate schedules."""
 
+import functools
 import math
+import re
 
 import array_api_compat.numpy as xpn
 import array_api_strict as xs
@@ -225,24 +227,69 @@ def test_one_cycle_by_hand():
     assert one(11) == pytest.approx(0.001) and one(99) == one(11)  # lr / 10 / 100, then flat
     rebuilt = optim.schedule_from_config(one.get_config())
     assert [rebuilt(s) for s in range(14)] == [one(s) for s in range(14)]
-    short = optim.OneCycle(1.0, total_steps=2)  # no room for a warm-up: starts at the peak
-    assert short(0) == 1.0 and short(1) == pytest.approx(1.0 / 25 / 1e4)
+    # a warm-up shorter than a step (peak at 2 * 0.3 - 1 = -0.4): as PyTorch, step 0 is
+    # already 0.4 / 1.4 of the way down (was: the peak itself)
+    short = optim.OneCycle(1.0, total_steps=2)
+    assert short(0) == pytest.approx(4e-6 + 0.5 * (1.0 - 4e-6)
+                                     * (1 + math.cos(math.pi * 0.4 / 1.4)))
+    assert short(1) == pytest.approx(1.0 / 25 / 1e4)
 
 
-@pytest.mark.parametrize("total, pct_start", [(20, 0.3), (97, 0.25), (5, 0.5)])
-def test_one_cycle_matches_pytorch(total, pct_start):
+def _torch_one_cycle(total, pct_start, first=0):
+    """PyTorch's OneCycleLR rates (max_lr 0.4, div_factor 20, final_div_factor 50) for the
+    steps from ``first`` to the last (first = 1 sets it up as resumed at step 1, where its
+    step 0 divides by zero)."""
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    if first:  # (what OneCycleLR sets up itself where it starts at step 0)
+        opt.param_groups[0].update(initial_lr=0.4 / 20.0, max_lr=0.4, min_lr=0.4 / 20.0 / 50.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.4, total_steps=total,
                                                 pct_start=pct_start, div_factor=20.0,
-                                                final_div_factor=50.0, cycle_momentum=False)
+                                                final_div_factor=50.0, cycle_momentum=False,
+                                                last_epoch=first - 1)
     theirs = []
-    for _ in range(total):
+    for step in range(first, total):
         theirs.append(opt.param_groups[0]["lr"])
         opt.step()
-        sched.step()
-    ours = optim.OneCycle(0.4, total, pct_start, div_factor=20.0, final_div_factor=50.0)
-    np.testing.assert_allclose([ours(s) for s in range(total)], theirs, rtol=1e-12)
+        if step < total - 1:  # (PyTorch refuses to step past total_steps)
+            sched.step()
+    return theirs
+
+
+@pytest.mark.parametrize("total", [2, 3, 4, 5, 7, 10, 20, 97, 1000])
+def test_one_cycle_matches_pytorch_at_every_step(total):
+    """Every step of every pct_start, a warm-up shorter than a step included (was: clamped
+    to start at the peak, where PyTorch starts part of the way down: every step differed),
+    equal to PyTorch's to the last bit (its formula term for term). Where pct_start *
+    total_steps is 1, PyTorch's first step divides 0 by 0: there step 0 takes the limit from
+    above (PyTorch's rate for a pct_start a little larger), and the steps after it are
+    PyTorch's."""
+    import warnings
+
+    ours = functools.partial(optim.OneCycle, 0.4, total, div_factor=20.0,
+                             final_div_factor=50.0)
+    boundary = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (PyTorch's warnings about the step order)
+        for pct_start in (0.001, 0.01, 0.05, 0.1, 0.2, 0.25, 0.3, 1 / 3, 0.5, 0.75, 0.9, 0.99,
+                          1 / total, 1.5 / total, 0.5 / total):
+            if not 0 < pct_start < 1:
+                continue
+            rates = [ours(pct_start)(step) for step in range(total)]
+            assert ours(pct_start)(total + 5) == rates[-1]  # (then constant)
+            if pct_start * total - 1 != 0:
+                assert rates == _torch_one_cycle(total, pct_start), pct_start
+                continue
+            boundary += 1
+            with pytest.raises(ZeroDivisionError):  # (PyTorch's, as the docstring says)
+                _torch_one_cycle(total, pct_start)
+            assert rates[1:] == _torch_one_cycle(total, pct_start, first=1)
+            above = math.nextafter(pct_start, 1.0)
+            while not above * total - 1 > 0:  # (the least pct_start above the boundary)
+                above = math.nextafter(above, 1.0)
+            assert rates[0] == _torch_one_cycle(total, above)[0] == ours(above)(0)
+            assert rates[0] == pytest.approx(0.4 / 20.0)
+    assert boundary >= 1
 
 
 def test_schedule_drives_the_optimizer():
@@ -738,17 +785,21 @@ def test_a_rate_is_set_by_scaling_the_schedule_and_refused_where_it_gives_zero()
     for _ in range(2):
         decayed.step(xpn, p, [np.ones(2)])
     zero = optim.SGD(0.0)
-    for opt, step in ((decayed, 3), (zero, 1)):
+    # (before training a schedule may be set there; after, only a new optimiser helps)
+    for opt, step, advice in ((decayed, 3, r"compile with a new optimiser made with the rate"),
+                              (zero, 1, r"make the optimiser with the rate to start from .*, "
+                                        r"or set a schedule before training")):
         with pytest.raises(InputError, match=r"^cannot set the learning rate to 0.01: the "
                                              rf"schedule gives 0.0 at step {step}, which no "
-                                             r"factor scales to it; make the optimiser with"):
+                                             rf"factor scales to it; {advice}"):
             opt.lr = 0.01
         assert opt.lr == 0.0 and opt.lr_factor == 1.0
 
 
 def test_a_model_compiled_with_a_zero_rate_trains_once_given_a_schedule(tmp_path):
-    """A model compiled with SGD(0.0) fits without moving (a warm-up of its statistics), then
-    trains at the schedule set afterwards, which its file keeps."""
+    """A model compiled with SGD(0.0) fits without moving (a warm-up of its statistics); a
+    schedule is then refused (it would change the compile settings its checkpoints resume
+    under), and the model trains once compiled with a new optimiser, which its file keeps."""
     import xpcnn
     from xpcnn.layers import Dense, Softmax
 
@@ -760,9 +811,237 @@ def test_a_model_compiled_with_a_zero_rate_trains_once_given_a_schedule(tmp_path
     before = model.get_weights()
     model.fit(x, y, batch_size=4, verbose=0)
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
-    model.optimizer.learning_rate = optim.Constant(0.05)
+    with pytest.raises(InputError, match=r"once SGD has trained"):
+        model.optimizer.learning_rate = optim.Constant(0.05)
+    model.compile(optimizer=optim.SGD(0.05, momentum=0.9))
     model.fit(x, y, batch_size=4, verbose=0)
     assert not any(np.array_equal(a, b)
                    for a, b in zip(before, model.get_weights(), strict=True))
     model.save(tmp_path / "m.npz")
     assert xpcnn.load_model(tmp_path / "m.npz").optimizer.lr == 0.05
+
+
+def test_a_schedule_is_set_before_training_only(tmp_path):
+    """A Schedule set as the rate (lr or learning_rate) replaces the schedule before training;
+    once the optimiser has trained it is refused, by name, with what to do instead (was:
+    taken, started at its step `iterations`, not 0, and every checkpoint written after it was
+    refused at resume as compiled otherwise); a number still sets the rate."""
+    import xpcnn
+    from xpcnn.callbacks import Callback
+    from xpcnn.layers import Dense, Softmax
+
+    opt = optim.SGD(0.1)
+    opt.learning_rate = optim.CosineDecay(0.2, 10)
+    assert opt.lr == 0.2 and isinstance(opt.schedule, optim.CosineDecay)
+    opt.lr = optim.StepDecay(0.3, 5)  # (lr as learning_rate: was refused as not a number)
+    assert opt.lr == 0.3 and opt.get_config()["lr"]["class"] == "StepDecay"
+    opt.step(xpn, [np.zeros(2)], [np.ones(2)])
+    for set_it in (lambda s: setattr(opt, "learning_rate", s), lambda s: setattr(opt, "lr", s),
+                   lambda s: setattr(opt, "schedule", s)):
+        with pytest.raises(InputError, match=r"^cannot set the learning rate to a schedule "
+                                             r"\(CosineDecay\) once SGD has trained \(1 steps\)"
+                                             r": a checkpoint resumes under the schedule .* Set "
+                                             r"a number instead .* LearningRateScheduler .* new "
+                                             r"optimiser"):
+            set_it(optim.CosineDecay(0.01, 20))
+        assert isinstance(opt.schedule, optim.StepDecay)
+    opt.lr = 0.15
+    assert opt.lr == 0.15
+
+    class Switch(Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                self.model.optimizer.learning_rate = optim.CosineDecay(0.01, 20)
+
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    y = np.arange(8) % 3
+    path = tmp_path / "run.npz"
+
+    def fit(callbacks):
+        model = xpcnn.Sequential([Dense(3), Softmax()], input_shape=(4,), seed=0)
+        model.compile(optimizer=optim.SGD(0.05))
+        return model.fit(x, y, epochs=3, batch_size=4, verbose=0, checkpoint=path, resume=True,
+                         callbacks=callbacks)
+
+    with pytest.raises(InputError, match="once SGD has trained"):
+        fit([Switch()])
+    assert len(fit([]).history["loss"]) == 3  # (the run's checkpoint resumes)
+
+
+@pytest.mark.parametrize("make, name, value, message", [
+    (optim.Adam, "beta_1", 1.5, r"Adam needs 0 <= beta_1, beta_2 < 1"),
+    (optim.SGD, "momentum", -0.5, r"SGD momentum must be in \[0, 1\)"),
+    (optim.RMSprop, "epsilon", -1.0, r"RMSprop needs .* epsilon > 0"),
+    (optim.SGD, "weight_decay", -0.1, r"weight_decay must be >= 0"),
+    (optim.Adam, "clipnorm", -1.0, r"clipnorm must be a finite number > 0"),
+    (lambda: optim.AdamW(clipnorm=1.0), "clipvalue", 0.5,
+     r"only one of clipnorm, clipvalue and global_clipnorm can be set"),
+    (optim.SGD, "nesterov", True, r"Nesterov momentum needs momentum > 0"),
+    (optim.Adam, "amsgrad", "yes", r"Adam amsgrad must be True or False"),
+    (optim.RMSprop, "rho", math.nan, r"RMSprop needs 0 <= rho < 1"),
+])
+def test_a_setting_set_as_an_attribute_is_checked_as_the_constructor_checks_it(
+        make, name, value, message, tmp_path):
+    """A setting assigned to an optimiser is refused where its constructor refuses it, by
+    name, with the constructor's reason (was: taken, trained with, saved, and the file then
+    refused by load_model as an invalid configuration: the work lost); the setting keeps its
+    value. One that the constructor takes is taken, saved and loaded."""
+    import xpcnn
+    from xpcnn.layers import Dense, Softmax
+
+    opt = make()
+    kept = getattr(opt, name)
+    with pytest.raises(InputError, match=rf"^{type(opt).__name__}'s {name} cannot be set to "
+                                         rf"{re.escape(repr(value))} \(its constructor refuses "
+                                         rf"it\): {message}"):
+        setattr(opt, name, value)
+    assert getattr(opt, name) == kept or (kept != kept and getattr(opt, name) != value)
+    good = {"beta_1": 0.5, "momentum": 0.5, "epsilon": 1e-4, "weight_decay": 0.1,
+            "clipnorm": 2.0, "clipvalue": None, "nesterov": False, "amsgrad": True,
+            "rho": 0.5}[name]
+    setattr(opt, name, good)
+    model = xpcnn.Sequential([Dense(3), Softmax()], input_shape=(4,), seed=0)
+    model.compile(optimizer=opt)
+    model.fit(np.ones((4, 4), np.float32), np.arange(4) % 3, batch_size=2, verbose=0)
+    model.save(tmp_path / "m.npz")
+    loaded = xpcnn.load_model(tmp_path / "m.npz").optimizer
+    assert getattr(loaded, name) == good and loaded.get_config() == opt.get_config()
+
+
+def test_a_users_optimizers_settings_set_as_attributes_are_checked_by_its_constructor():
+    """A user's subclass: its own constructor's checks apply (a probe is built, not this
+    one, and not recursively); one that keeps a setting under another name is left
+    unchecked, as one whose settings as they are do not rebuild it."""
+
+    class Lion(optim.Optimizer):
+        def __init__(self, lr=1e-4, beta=0.9, weight_decay=0.0):
+            super().__init__(lr, weight_decay)
+            if not 0 <= beta < 1:
+                raise ValueError(f"Lion beta must be in [0, 1), got {beta}")
+            self.beta = beta
+            self.beta = float(beta)  # (set twice: still no recursion)
+
+        def _update(self, xp, i, p, g, scalars, apply):
+            self._assign(xp, p, p - scalars["lr"] * xp.sign(g), apply)
+
+    lion = Lion(optim.CosineDecay(0.1, 5), beta=0.5)
+    with pytest.raises(InputError, match=r"^Lion's beta cannot be set to 2.0 \(its constructor "
+                                         r"refuses it\): Lion beta must be in \[0, 1\), got 2.0"):
+        lion.beta = 2.0
+    with pytest.raises(InputError, match=r"^Lion's weight_decay cannot be set to -1"):
+        lion.weight_decay = -1
+    lion.beta, lion.weight_decay = 0.25, 0.5
+    assert (lion.beta, lion.weight_decay, type(lion.schedule)) == (0.25, 0.5, optim.CosineDecay)
+
+    class Hidden(optim.Optimizer):  # (keeps beta as _beta: nothing to rebuild it from)
+        def __init__(self, lr=1e-4, beta=0.9):
+            super().__init__(lr)
+            self._beta = beta
+
+    hidden = Hidden()
+    hidden.weight_decay = 5.0
+    hidden.weight_decay = -5.0  # (unchecked: not refused blindly either)
+    assert hidden.weight_decay == -5.0
+
+
+def test_a_rate_set_reads_back_and_trains_as_the_number_set():
+    """optimizer.lr = v (so LearningRateScheduler's and ReduceLROnPlateau's rates) reads back,
+    trains and logs as v itself wherever a factor over the schedule's value gives it (was:
+    v / base, whose product with base can be a rounding away where another factor is not, as
+    around powers of two: 1.0 set on SGD(1e-5) read back 0.9999999999999999); elsewhere (the
+    products of consecutive factors step over v) the nearest, a unit in the last place away.
+    Over a random sweep of rates (powers of two among them) and bases, and mid-run
+    schedules."""
+    rng = np.random.default_rng(0)
+    reached = missed = 0
+    for i in range(4000):
+        base = float(10.0 ** rng.uniform(-7, 1))
+        value = float(10.0 ** rng.uniform(-7, 1) if i % 2 else 2.0 ** rng.integers(-20, 3))
+        opt = optim.SGD(base)
+        opt.lr = value
+        if opt.lr == value:
+            reached += 1
+            continue
+        missed += 1
+        # no factor near value / base gives it: the product's floats step over it
+        factor = value / base
+        near = [factor]
+        for direction in (math.inf, -math.inf):
+            f = factor
+            for _ in range(64):
+                f = math.nextafter(f, direction)
+                near.append(f)
+        assert all(base * f != value for f in near), (base, value)
+        assert abs(opt.lr - value) <= math.ulp(value)
+    assert reached > 3000 and missed  # (both kinds seen)
+    opt = optim.SGD(1e-5)
+    opt.lr = 1.0
+    assert opt.lr == 1.0  # (was 0.9999999999999999)
+
+    # mid-run schedules: the rate the next step trains with is the one set
+    for schedule in (optim.CosineDecay(0.1, 50), optim.StepDecay(0.07, 3, 0.3),
+                     optim.OneCycle(0.2, 40), optim.LinearWarmup(optim.CosineDecay(0.1, 20), 5)):
+        opt = optim.SGD(schedule)
+        p = [np.zeros(1)]
+        for value in 10.0 ** rng.uniform(-5, 0, 12):
+            opt.step(xpn, p, [np.ones(1)])
+            opt.lr = float(value)
+            base, start = opt.schedule(opt.iterations), p[0][0]
+            rate = opt.step_scalars()["lr"]
+            assert rate == opt.lr == opt.learning_rate
+            assert rate == value or all(base * f != value for f in (
+                opt.lr_factor, math.nextafter(opt.lr_factor, 0),
+                math.nextafter(opt.lr_factor, math.inf)))
+            opt.step(xpn, p, [np.ones(1)])
+            assert p[0][0] == start - rate  # (the step took that rate)
+
+
+def test_the_rate_a_learning_rate_scheduler_sets_is_the_one_logged():
+    """LearningRateScheduler's rates, set on SGD(1e-5), train and are logged as returned
+    (was: 1.0 logged 0.9999999999999999, 0.5 0.49999999999999994)."""
+    import xpcnn
+    from xpcnn.callbacks import LambdaCallback, LearningRateScheduler
+    from xpcnn.layers import Dense, Softmax
+
+    rates, trained = [1.0, 0.5, 0.3, 0.25, 0.125], []
+    model = xpcnn.Sequential([Dense(3), Softmax()], input_shape=(4,), seed=0)
+    model.compile(optimizer=optim.SGD(1e-5))
+    seen = LambdaCallback(on_train_batch_begin=lambda batch, logs: trained.append(
+        model.optimizer.step_scalars()["lr"]))
+    history = model.fit(np.ones((8, 4), np.float32), np.arange(8) % 3, epochs=5, batch_size=4,
+                        verbose=0, callbacks=[LearningRateScheduler(lambda e: rates[e]), seen])
+    assert history.history["learning_rate"] == rates
+    assert trained == [r for r in rates for _ in range(2)]
+
+
+@pytest.mark.parametrize("cls", [optim.SGD, optim.Adam, optim.AdamW, optim.RMSprop])
+def test_keras_learning_rate_is_taken_by_every_optimisers_constructor(cls, tmp_path):
+    """learning_rate= is Keras' name of lr in every built-in optimiser (was: a bare TypeError);
+    both given is refused by name; the config (so files) still names it lr, and the
+    constructors' signatures (which the checks at save read) are unchanged."""
+    import inspect
+
+    opt = cls(learning_rate=0.02, weight_decay=0.1)
+    assert opt.lr == 0.02 and opt.get_config() == cls(0.02, weight_decay=0.1).get_config()
+    assert opt.get_config()["lr"] == {"class": "Constant", "lr": 0.02}
+    assert cls(learning_rate=optim.CosineDecay(0.1, 4)).get_config()["lr"]["class"] == \
+        "CosineDecay"
+    opt.check_config()
+    assert "learning_rate" not in inspect.signature(cls).parameters
+    for both in (lambda: cls(0.1, learning_rate=0.02), lambda: cls(lr=0.1, learning_rate=0.02)):
+        with pytest.raises(InputError, match=rf"^{cls.__name__} was given both lr=0.1 and "
+                                             r"learning_rate=0.02: learning_rate is Keras' name "
+                                             r"of lr, give one of them$"):
+            both()
+    with pytest.raises(InputError, match="learning rate must be a positive number"):
+        cls(learning_rate=-1.0)
+
+    class Inherits(cls):  # (no constructor of its own: the alias too)
+        pass
+
+    class Own(cls):  # (its own constructor, with its own learning_rate: unaffected)
+        def __init__(self, learning_rate=0.5, **kwargs):
+            super().__init__(learning_rate, **kwargs)
+
+    assert Inherits(learning_rate=0.03).lr == 0.03
+    assert Own().lr == 0.5 and Own(learning_rate=0.25).lr == 0.25

@@ -20,6 +20,7 @@ from xpcnn.callbacks import (
     CSVLogger,
     EarlyStopping,
     LambdaCallback,
+    LearningRateScheduler,
     ModelCheckpoint,
     ReduceLROnPlateau,
 )
@@ -298,15 +299,70 @@ def test_a_model_checkpoint_file_inside_an_epoch_resumes_with_epoch_callbacks_af
     assert_same(state(model, resumed_callbacks[1:]), state(reference, reference_callbacks[1:]))
 
 
-def test_a_model_checkpoint_file_before_a_later_stateful_callback_is_refused(data, tmp_path):
+class AddsMetric(Callback):
+    """A user's metric, added to the epoch logs in on_epoch_end, as Keras users add one."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["my_metric"] = float(epoch) / 3
+
+
+def test_a_model_checkpoint_file_holds_what_the_callbacks_after_it_log_and_keep(data, tmp_path):
+    """ModelCheckpoint's whole checkpoint at an epoch's end is written once every callback's
+    on_epoch_end has run (was: part-way through, so the logs and states of those after it
+    were lost, the History of a run resumed from it had gaps, and a stateful one after it
+    had the file refused): resumed, the run ends as the uninterrupted one, bit for bit."""
+    x, y, val = data
+    fit = {**FIT, "epochs": 4}
+
+    def callbacks(name):
+        return [ModelCheckpoint(tmp_path / (name + "-{epoch}.npz")), *watchers(),
+                LearningRateScheduler(lambda e, lr: lr * 0.9), AddsMetric(),
+                CSVLogger(tmp_path / (name + ".csv"))]
+
+    reference, reference_callbacks = make_model(), callbacks("a")
+    reference.fit(x, y, validation_data=val, callbacks=reference_callbacks, **fit)
+    model, resumed_callbacks = make_model(), callbacks("b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no callback starts afresh)
+        model.fit(x, y, validation_data=val, checkpoint=tmp_path / "a-2.npz", resume=True,
+                  callbacks=resumed_callbacks, **fit)
+    assert {"learning_rate", "my_metric"} <= set(model.history.history)
+    assert_same(state(model, resumed_callbacks[1:3]),
+                state(reference, reference_callbacks[1:3]))
+    rows = [r.split(",")[1:] for r in (tmp_path / "b.csv").read_text().splitlines()]
+    assert not any("NA" in r for r in rows)  # (the restored epochs have every column)
+
+
+class CountsBatches(Callback):
+    """A stateful callback with a batch hook of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+
+    def get_state(self):
+        return {"batches": self.batches}
+
+    def set_state(self, state):
+        self.batches = state["batches"]
+
+
+def test_a_batch_level_model_checkpoint_before_a_later_stateful_callback_is_refused(data,
+                                                                                    tmp_path):
+    """Inside an epoch (save_freq=N) the state of a stateful callback after the ModelCheckpoint
+    that has a batch hook of its own is not known yet: resuming that file is refused."""
     x, y, val = data
     make_model().fit(x, y, validation_data=val, callbacks=[
-        ModelCheckpoint(tmp_path / "m.npz"), EarlyStopping(patience=5)], **{**FIT, "epochs": 1})
+        ModelCheckpoint(tmp_path / "m.npz", save_freq=3), CountsBatches()],
+        **{**FIT, "epochs": 1})
     model = make_model()
-    with pytest.raises(InputError, match="written by a ModelCheckpoint before EarlyStopping"):
+    with pytest.raises(InputError, match="written by a ModelCheckpoint before CountsBatches"):
         model.fit(x, y, validation_data=val, checkpoint=tmp_path / "m.npz", resume=True,
-                  callbacks=[ModelCheckpoint(tmp_path / "n.npz"), EarlyStopping(patience=5)],
-                  **FIT)
+                  callbacks=[ModelCheckpoint(tmp_path / "n.npz", save_freq=3),
+                             CountsBatches()], **FIT)
     assert not model.built
 
 
@@ -469,11 +525,13 @@ def acc_model(metrics=("acc",)):
     return model
 
 
-def test_auto_mode_knows_acc():
+def test_auto_mode_knows_acc(data):
     assert EarlyStopping("val_acc").mode == "max" and ReduceLROnPlateau("acc").mode == "max"
-    with pytest.raises(InputError, match="accuracy is logged under the name compile's metrics "
-                       "gave it") as e:
-        EarlyStopping("val_top1")
+    x, y, _ = data
+    with pytest.raises(InputError, match="the accuracy too, is logged under the name compile's "
+                       "metrics gave it; this model logs loss, acc") as e:
+        acc_model().fit(x, y, validation_data=(x[:16], y[:16]),
+                        callbacks=[EarlyStopping("val_top1")], **FIT)
     assert "logged as 'accuracy'" not in str(e.value)
 
 

@@ -13,7 +13,7 @@ The same layers train on NumPy (``device="cpu"``) or CuPy (``device="cuda"``)::
     model.fit(x, y, epochs=3, batch_size=64)
 """
 
-from . import callbacks, data, layers, optim
+from . import callbacks, data, layers, metrics, optim
 from .backend import Backend, get_backend
 from .errors import (
     DataFormatError,
@@ -36,5 +36,5 @@ __all__ = [
     "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "Input",
     "InputError", "MissingDependencyError", "Model", "NonFiniteError", "Sequential",
     "SoftmaxCrossEntropy", "XpcnnError", "callbacks", "data", "get_backend", "layers",
-    "load_checkpoint", "load_model", "optim",
+    "load_checkpoint", "load_model", "metrics", "optim",
 ]

@@ -7,7 +7,14 @@ unknown), ``verbose``, ``data`` (the batch source), ``validation`` (whether the 
 data), ``validation_freq`` (see :func:`validates`) and ``class_weight`` (the table, or None).
 Setting ``model.stop_training = True`` in any hook ends training after the current batch (or
 epoch): ``on_epoch_end`` and ``on_train_end`` still run and ``fit`` returns the
-:class:`History`.
+:class:`History`. ``model.stop_evaluating`` / ``model.stop_predicting`` (Keras 3's, reset by
+each call) end evaluate (fit's validation too) / predict after the current batch: its means
+are those of the batches seen, predict returns the rows so far. On several ranks each rank
+stops where its own callbacks set the flag (evaluation has no exchange between ranks per
+batch, and its batch logs are each rank's own): set it alike on every rank (from the batch
+index, say). A :class:`History` or :class:`ProgbarLogger` in ``callbacks`` is fit's own (it
+adds none, runs it where it runs its own, after the others, and the bar takes fit's
+``verbose``), as in Keras 3; two of one are refused.
 
 The ``logs`` of each hook, as in Keras: empty for the ``*_begin`` hooks; the epoch's running
 ``loss`` and ``accuracy`` for ``on_train_batch_end`` (of the evaluation for
@@ -44,6 +51,8 @@ import inspect
 import math
 import numbers
 import os
+import re
+import string
 import time
 import warnings
 import weakref
@@ -53,7 +62,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checks, distributed, history
+from . import checks, distributed, history, metrics
 from .errors import InputError, NonFiniteError
 from .files import written_file
 from .saving import FitCheckpoints, Progress, progress_within, save_checkpoint
@@ -80,7 +89,8 @@ class Callback:
         """What a checkpoint keeps of this callback, so that a resumed run goes on exactly:
         a subclass that keeps a state across epochs returns a dict of JSON values (numbers,
         strings, None, lists, dicts) and lists of NumPy arrays, which :meth:`set_state` gets
-        back in the resumed run after its ``on_train_begin``. The base class keeps none."""
+        back in the resumed run after its ``on_train_begin`` (a NumPy scalar or 0-d array as
+        the Python number it holds). The base class keeps none."""
         return None
 
     def set_state(self, state: dict[str, Any] | None) -> None:
@@ -201,6 +211,25 @@ class CallbackList:
         setattr(self, hook, call)  # (found there from now on: fit calls two hooks a step)
         return call
 
+    def on_epoch_end(self, epoch: int, logs: MutableMapping[str, Any] | None = None) -> None:
+        """Every callback's ``on_epoch_end``, in order; a :class:`ModelCheckpoint`'s save of
+        the epoch is put off until the others' have run (before a :class:`BackupAndRestore`'s,
+        which keeps what it decided), so that its file holds the epoch's every log and
+        callback state, as a run resumed from it needs (its History, its CSVLogger rows)."""
+        logs = {} if logs is None else logs
+        saves = [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
+        for cb in saves:
+            cb._pending = []
+        try:
+            for cb in self.callbacks:
+                if isinstance(cb, BackupAndRestore):
+                    _save_pending(saves)
+                cb.on_epoch_end(epoch, logs)
+            _save_pending(saves)
+        finally:
+            for cb in saves:
+                cb._pending = None
+
     def interruptible(self) -> contextlib.ExitStack:
         """A context around the training loop in which each :class:`BackupAndRestore` turns a
         Ctrl-C into a checkpoint and a clean stop (see :meth:`FitCheckpoints.interruptible`)."""
@@ -220,6 +249,12 @@ class CallbackList:
                                   if isinstance(cb, BackupAndRestore))):
                 cb.on_non_finite(error)
         return handler is not None
+
+
+def _save_pending(saves: list[ModelCheckpoint]) -> None:
+    for cb in saves:
+        while cb._pending:
+            cb._pending.pop(0)()
 
 
 class LazyLogs(MutableMapping[str, float]):
@@ -331,24 +366,32 @@ def summary_line(steps: int, seconds: float, logs: Mapping[str, float] | None = 
     per_step = seconds / max(steps, 1)
     pace = (f"{per_step:.0f}s" if per_step >= 1 or per_step == 0 else
             f"{per_step * 1e3:.0f}ms" if per_step >= 1e-3 else f"{per_step * 1e6:.0f}us")
-    values = "".join(f" - {k}: {_shown(v, short=True)}" for k, v in (logs or {}).items()
+    values = "".join(f" - {k}: {_shown(v)}" for k, v in (logs or {}).items()
                      if k != "seconds")
     return f"{steps}/{target or steps} - {seconds:.0f}s - {pace}/step{values}"
 
 
-def _shown(value: Any, short: bool = False) -> str:
-    """A log's value on a progress line: 4 decimals (``short``: under 1e-3 in exponent form);
-    a callback's log that is no number, as it is."""
+def _shown(value: Any) -> str:
+    """A log's value on a progress line or bar, as Keras 3's Progbar shows it: 4 decimals, in
+    exponent form at 1e-3 and under (a learning rate of 1e-5 is no 0.0000; 0 is 0.0000e+00,
+    as there); a callback's log that is no number, as it is."""
     if not isinstance(value, numbers.Real):  # (NumPy's floats and ints are, its bool is not)
         return str(value)
-    return f"{value:.4f}" if not short or abs(value) > 1e-3 else f"{value:.4e}"
+    return f"{value:.4f}" if abs(value) > 1e-3 else f"{value:.4e}"
+
+
+def bar_postfix(logs: Mapping[str, Any]) -> dict[str, str]:
+    """The logs a progress bar shows after its count (``seconds`` is the bar's own)."""
+    return {k: _shown(v) for k, v in logs.items() if k != "seconds"}
 
 
 class ProgbarLogger(Callback):
     """``verbose=1``: a tqdm progress bar per epoch; the running loss and accuracy shown are
     read from the device at most every ``refresh`` seconds (each read waits for the device).
     ``verbose=2`` (for log files, as in Keras 3): ``Epoch k/N`` as an epoch begins (where there
-    are several) and :func:`summary_line` as it ends, nothing in between."""
+    are several) and :func:`summary_line` as it ends, nothing in between. ``verbose=0``:
+    nothing. One passed in fit's ``callbacks`` is fit's progress bar (fit adds none of its own)
+    and takes fit's ``verbose``, as in Keras 3."""
 
     async_safe = True
 
@@ -361,7 +404,9 @@ class ProgbarLogger(Callback):
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         steps, start = self.params.get("steps"), self.model._position[1]  # (resumed inside)
-        self.steps = start
+        self.steps, self.bar = start, None
+        if not self.verbose:
+            return
         if self.verbose == 2:
             if self.params["epochs"] > 1:
                 say_on_root(f"Epoch {epoch + 1}/{self.params['epochs']}")
@@ -378,15 +423,16 @@ class ProgbarLogger(Callback):
         now = time.monotonic()
         if logs is not None and now - self.last >= self.refresh:
             self.last = now
-            self.bar.set_postfix({k: _shown(v) for k, v in logs.items()})
+            self.bar.set_postfix(bar_postfix(logs))
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         logs = logs or {}
         if self.bar is None:
-            say_on_root(summary_line(self.steps, logs.get("seconds", 0.0), logs,
-                                     self.params["steps"]))
+            if self.verbose == 2:
+                say_on_root(summary_line(self.steps, logs.get("seconds", 0.0), logs,
+                                         self.params["steps"]))
             return
-        self.bar.set_postfix({k: _shown(v) for k, v in logs.items() if k != "seconds"})
+        self.bar.set_postfix(bar_postfix(logs))
         self.bar.close()
 
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
@@ -421,13 +467,27 @@ def _validation_names(model: Any) -> list[str]:
     return [f"val_{name}" for name in model.metrics_names]
 
 
-#: The direction of the metrics ``fit`` logs (``val_`` ones alike), for ``mode="auto"``.
-AUTO_MODES = {"loss": "min", "accuracy": "max", "acc": "max"}
+#: The direction of the metrics ``fit`` logs (``val_`` ones alike), for ``mode="auto"``: the
+#: loss, and the names compile takes for metrics (a name given to a metric object is known
+#: too: :func:`auto_mode`).
+AUTO_MODES = {"loss": "min", **dict.fromkeys(metrics.NAMES, "max")}
 
 #: The names fit's own logs can have (the batch logs and an epoch's, without ``val_``): the loss
-#: and the names compile takes for the accuracy; a model logs the loss and its
+#: and the names compile takes for metrics; a model logs the loss and its
 #: ``metrics_names``, ``val_`` ones for its validation data.
 FIT_LOGS = tuple(AUTO_MODES)
+
+
+def auto_mode(monitor: str, model: Any = None) -> str:
+    """``mode="auto"``'s direction for ``monitor`` ("auto" where unknown): the loss is
+    minimised, xpcnn's metrics maximised: by compile's names, and with ``model`` by the names
+    it logs its metrics under (a name given to a metric object), as Keras 3 reads the model's
+    metrics."""
+    name = str(monitor).removeprefix("val_")
+    known = AUTO_MODES.get(name, "auto")
+    if known == "auto" and model is not None and name in model.metrics_names[1:]:
+        return "max"
+    return known
 
 
 def _log(logs: Mapping[str, float] | None, name: str, value: float) -> None:
@@ -458,11 +518,14 @@ class _Monitor(Callback):
     first value is the first best; a later one improves on ``best`` when it is lower (mode
     "min") or higher ("max") by more than ``min_delta`` (in float32, as Keras compares: a change
     of exactly ``min_delta`` is decided by rounding, as there); ``mode="auto"`` is "min" for
-    ``loss`` and ``val_loss``, "max" for ``accuracy``, ``acc`` and their ``val_`` ones.
+    ``loss`` and ``val_loss``, "max" for the metrics (``accuracy``, ``acc``, the top-k ones, a
+    name given to a metric object: :mod:`xpcnn.metrics`) and their ``val_`` ones; a name
+    compile's strings do not give is decided when training begins, from the model's metrics.
 
     Deliberate differences from Keras: a name whose direction is unknown with ``mode="auto"``
-    is refused at once where the monitor decides something (``watched``: a ModelCheckpoint's
-    only with ``save_best_only``), where Keras raises at the end of the first epoch; a monitor
+    is refused when training begins, where the monitor decides something (``watched``: a
+    ModelCheckpoint's only with ``save_best_only``), where Keras raises at the end of the first
+    epoch; a monitor
     missing from the logs is an error (Keras warns and skips the epoch, so a typo silently
     disables the callback), but for a validation metric in an epoch that
     ``fit(validation_freq=...)`` does not validate, which is skipped, as there; a NaN value
@@ -476,14 +539,10 @@ class _Monitor(Callback):
         super().__init__()
         if mode not in ("auto", "min", "max"):
             raise InputError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
-        if mode == "auto":
-            mode = AUTO_MODES.get(str(monitor).removeprefix("val_"), "auto")
-            if mode == "auto" and watched:
-                raise InputError(f"{type(self).__name__} cannot tell whether {monitor!r} should "
-                                 "go down or up: pass mode='min' or mode='max' (mode='auto' "
-                                 "knows loss, accuracy and acc, and their val_ names: the "
-                                 "accuracy is logged under the name compile's metrics gave it)")
-        self.monitor, self.mode = monitor, mode
+        # (a name compile's strings do not give stays "auto" until the model is known: a
+        # metric object's own name, Keras 3's rule; check_monitor decides or refuses it)
+        self.monitor, self.mode = monitor, auto_mode(monitor) if mode == "auto" else mode
+        self._watched = watched
         self.min_delta = abs(checks.number(min_delta, f"{type(self).__name__} min_delta"))
 
     def get_state(self) -> dict[str, Any]:
@@ -498,15 +557,23 @@ class _Monitor(Callback):
 
     def current(self, logs: Mapping[str, float] | None) -> float | None:
         """The monitored value of an epoch's logs; None for a validation metric in an epoch
-        that ``fit(validation_freq=...)`` does not validate (the epoch is then skipped, as in
-        Keras); any other missing name is an error."""
+        that fit did not validate (``fit(validation_freq=...)`` skips it, or its validation
+        iterator gave no batch): the epoch is then skipped, as in Keras; any other missing
+        name is an error."""
         if logs and self.monitor in logs:
             return float(logs[self.monitor])
-        if self._validation_metric() and _validates_some_epochs(self.params):
+        if self._validation_metric() and not self._epoch_validated():
             return None
         raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, which the epoch "
                          f"logs lack (they have {sorted(logs or {})}); pass "
                          "validation_data for 'val_*' metrics")
+
+    def _epoch_validated(self) -> bool:
+        """Whether the epoch ending now has ``val_*`` logs: fit says so (the model's
+        ``_epoch_validated``, set for each epoch); outside fit (a callback driven by hand), by
+        its ``params``' ``validation_freq``."""
+        validated = getattr(self.model, "_epoch_validated", None)
+        return not _validates_some_epochs(self.params) if validated is None else validated
 
     def _validation_metric(self) -> bool:
         """Whether the monitor is one of the ``val_*`` logs of the model's validation."""
@@ -518,10 +585,13 @@ class _Monitor(Callback):
         ``accuracy``), or a validation metric in a fit without validation data (``fit`` says in
         ``params`` whether it has some). Other names may come from a user's callback, which can
         add them to the logs."""
+        self.decide_mode()
         metric = self.monitor.removeprefix("val_")
         names = self.model.metrics_names
         if metric in FIT_LOGS and metric not in names:
-            logged = [n for n in names if n != "loss"]
+            # (another name of the accuracy is suggested for the accuracy alone)
+            logged = [n for n in names if n in metrics.ACCURACY_NAMES] \
+                if metric in metrics.ACCURACY_NAMES else []
             how = f"it logs the accuracy as {logged[0]!r}: monitor " \
                 f"{self.monitor.replace(metric, logged[0])!r}, or compile it with " \
                 f"metrics=[{metric!r}]" if logged else \
@@ -540,8 +610,22 @@ class _Monitor(Callback):
                              f"after none of epochs {first + 1} to {epochs}: it would never "
                              "decide anything")
 
+    def decide_mode(self) -> None:
+        """``mode="auto"`` for a name only the model knows: "max" for one of its metrics
+        (:func:`auto_mode`); refused where the monitor decides something and it is not."""
+        if self.mode != "auto" or not self._watched or self.model is None:
+            return
+        self.mode = auto_mode(self.monitor, self.model)
+        if self.mode == "auto":
+            raise InputError(f"{type(self).__name__} cannot tell whether {self.monitor!r} should "
+                             "go down or up: pass mode='min' or mode='max' (mode='auto' knows "
+                             "loss and the model's metrics, and their val_ names: a metric, "
+                             "the accuracy too, is logged under the name compile's metrics "
+                             f"gave it; this model logs {', '.join(self.model.metrics_names)})")
+
     def improves(self, value: float, best: float | None) -> bool:
         """Whether ``value`` beats ``best`` (None: nothing yet) by more than ``min_delta``."""
+        self.decide_mode()  # (a callback driven by hand, outside fit's on_train_begin)
         if math.isnan(value):
             return False
         if best is None:
@@ -632,7 +716,7 @@ class EarlyStopping(_Monitor):
         self.best_weights = weights
 
 
-def _is_save_freq(value: Any) -> bool:
+def is_save_freq(value: Any) -> bool:
     """Keras' ``save_freq``: "epoch", or a positive number of batches."""
     if isinstance(value, str):
         return value == "epoch"
@@ -667,8 +751,15 @@ class ModelCheckpoint(_Monitor):
     :func:`xpcnn.load_model` (a weights file's model uncompiled). A whole checkpoint also
     describes its run and holds the callbacks' states, as :class:`BackupAndRestore`'s does, so
     that ``fit(checkpoint=that_file, resume=True)`` goes on from it (from its batch, with
-    ``save_freq=N``), exactly; where a callback that keeps a state comes after this one in
-    ``callbacks``, its state at that point is not known yet, and resuming the file is refused.
+    ``save_freq=N``), exactly. In fit, the whole checkpoint of an epoch's end is written (and
+    ``save_best_only`` decided) once every callback's ``on_epoch_end`` has run, so that it holds
+    the logs (``learning_rate``, a user's metric) and states of the callbacks after this one;
+    a callback after it sees the file in its next hook, not in this ``on_epoch_end`` (a weights
+    file is written at once, as in Keras). With ``save_freq=N``, where a callback that keeps a
+    state and has a batch hook of its own comes after this one, its state at that point is not
+    known yet, and resuming the file is refused. An epoch without ``val_*`` logs (not
+    validated, or whose validation iterator gave no batch) saves nothing where the path or
+    the ``save_best_only`` monitor needs them.
 
     ``save_freq=N`` (Keras' batch-level saving): instead of at the end of each epoch, save
     after every ``N`` batches, counted across epochs; the template may use the 1-based
@@ -688,19 +779,19 @@ class ModelCheckpoint(_Monitor):
         self.filepath = checks.file_path(filepath, "ModelCheckpoint filepath")
         self.save_best_only = checks.flag(save_best_only, "save_best_only")
         self.save_weights_only = checks.flag(save_weights_only, "save_weights_only")
-        if not _is_save_freq(save_freq):
+        if not is_save_freq(save_freq):
             raise InputError(f"ModelCheckpoint save_freq must be 'epoch' or a positive number "
                              f"of batches, got {save_freq!r}")
-        if save_freq != "epoch" and save_best_only and monitor not in FIT_LOGS:
-            raise InputError(f"ModelCheckpoint with save_freq={save_freq} compares the batch "
-                             "logs, which hold loss and accuracy only: monitor one of them, not "
-                             f"{monitor!r} (the accuracy by the name compile's metrics gave it: "
-                             "'accuracy' or 'acc')")
+        if save_freq != "epoch" and save_best_only and (
+                str(monitor).startswith("val_") or monitor == "seconds"):
+            self._refuse_batch_monitor(save_freq, monitor)
         self.save_freq, self.verbose = save_freq, verbose
         self.best = None if initial_value_threshold is None else checks.number(
             initial_value_threshold, "initial_value_threshold")
         self.batches = 0  # since the last save, with save_freq=N (kept across fits, as in Keras)
         self.run: dict[str, Any] = {}
+        # (the epoch's save, put off by fit's CallbackList until every on_epoch_end has run)
+        self._pending: list[Callable[[], None]] | None = None
 
     def get_state(self) -> dict[str, Any]:
         return {**super().get_state(), "best": self.best, "batches": self.batches}
@@ -714,9 +805,18 @@ class ModelCheckpoint(_Monitor):
         (batches,) = _counts(state, "batches")
         self.best, self.batches = _best(state), batches
 
+    @staticmethod
+    def _refuse_batch_monitor(save_freq: int | str, monitor: str) -> None:
+        raise InputError(f"ModelCheckpoint with save_freq={save_freq} compares the batch logs, "
+                         "which hold the loss and the compiled metrics only: monitor one of "
+                         f"them, not {monitor!r} (a metric by the name compile's metrics gave "
+                         "it: 'accuracy' or 'acc' for the accuracy)")
+
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         if self.save_best_only:
             self.check_monitor()
+            if self.save_freq != "epoch" and self.monitor not in self.model.metrics_names:
+                self._refuse_batch_monitor(self.save_freq, self.monitor)
         # (the template filled now, so that it fails before the first epoch rather than after)
         names = list(self.model.metrics_names)
         if self.save_freq == "epoch":
@@ -747,6 +847,12 @@ class ModelCheckpoint(_Monitor):
             raise InputError(f"ModelCheckpoint path {self.filepath!r} could not be filled from "
                              f"{where} and the logs {logs}: {e}") from e
 
+    def _names_validation(self) -> bool:
+        """Whether the path template names a ``val_*`` log."""
+        roots = {re.split(r"[.\[]", field)[0] for _, field, _, _ in
+                 string.Formatter().parse(self.filepath) if field}
+        return bool(roots & set(_validation_names(self.model)))
+
     def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
         if self.save_freq == "epoch":
             return
@@ -756,11 +862,22 @@ class ModelCheckpoint(_Monitor):
             self._save(self.model._position[0], dict(logs or {}), batch)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        if self.save_freq == "epoch":
+        if self.save_freq != "epoch":
+            return
+        if self._pending is None or self.save_weights_only:
+            # (weights alone, a callback after this one may look at at once, as in Keras; or
+            # driven by hand, or inside another callback's hook)
             self._save(epoch, dict(logs or {}))
+        else:  # (a whole checkpoint, in fit: once every callback's on_epoch_end has run, so
+            # that it holds their logs and states, as resuming it needs; see CallbackList)
+            self._pending.append(lambda: self._save(epoch, dict(logs or {}), after_all=True))
 
-    def _save(self, epoch: int, logs: dict[str, float], batch: int | None = None) -> None:
-        """Save after ``batch`` (0-based) of ``epoch``, or at its end (None)."""
+    def _save(self, epoch: int, logs: dict[str, float], batch: int | None = None,
+              after_all: bool = False) -> None:
+        """Save after ``batch`` (0-based) of ``epoch``, or at its end (None; ``after_all``:
+        after every callback's ``on_epoch_end``)."""
+        if batch is None and not self._epoch_validated() and self._names_validation():
+            return  # (an epoch without validation: its path needs the val_* logs it lacks)
         if self.save_best_only:
             value = self.current(logs)
             if value is None or not self.improves(value, self.best):
@@ -781,7 +898,8 @@ class ModelCheckpoint(_Monitor):
             hooks = ("on_epoch_end",) if batch is None else ("on_train_batch_end",
                                                              "on_batch_end")
             stateful = self.params.get("stateful", [])
-            after = stateful[stateful.index(self) + 1:] if self in stateful else []
+            after = stateful[stateful.index(self) + 1:] if self in stateful and not \
+                after_all else []
             states = callback_states(stateful, [cb for cb in after
                                                 if any(_overrides(cb, h) for h in hooks)])
             if batch is None:
@@ -845,9 +963,9 @@ class BackupAndRestore(Callback):
                  resume: bool = True, delete_checkpoint: bool = True) -> None:
         super().__init__()
         path = checks.file_path(path, "checkpoint")
-        if not _is_save_freq(save_freq):
-            raise InputError(f"checkpoint_every must be a positive number of steps or 'epoch', "
-                             f"got {save_freq!r}")
+        if not is_save_freq(save_freq):
+            raise InputError(f"BackupAndRestore save_freq must be 'epoch' or a positive number "
+                             f"of steps, got {save_freq!r}")
         self.path, self.save_freq = path, save_freq
         self.resume = checks.flag(resume, "resume")
         self.delete_checkpoint = checks.flag(delete_checkpoint, "delete_checkpoint")

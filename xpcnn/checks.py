@@ -66,9 +66,10 @@ def shape_to_build(sample: tuple[int, ...], what: str = "x") -> tuple[int, ...]:
 
 
 def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray, np.ndarray]:
-    """Integer labels (N,) or one-hot/probability rows (N, classes); integer labels (N, 1), as
-    ``keras.datasets`` gives them, are taken as (N,) (a classifier has at least 2 classes, so
-    they cannot be one-hot rows).
+    """Integer labels (N,) or one-hot/probability rows (N, classes); labels (N, 1), as
+    ``keras.datasets`` gives them (or a float column, read from a CSV file), are taken as (N,)
+    (a classifier has at least 2 classes, so they cannot be one-hot rows); float labels must
+    be whole numbers.
 
     Returns (targets as given, int64 class indices) after checking lengths and ranges.
     """
@@ -76,8 +77,8 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray
         arr = np.asarray(y)
     except Exception as e:
         raise InputError(f"{what} must be an array of labels: {e}") from e
-    if arr.ndim == 2 and arr.shape[1] == 1 and classes > 1 and np.issubdtype(arr.dtype,
-                                                                            np.integer):
+    if arr.ndim == 2 and arr.shape[1] == 1 and classes > 1 and (
+            np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         arr = arr[:, 0]
     check_label_layout(arr.shape, np.issubdtype(arr.dtype, np.integer),
                        np.issubdtype(arr.dtype, np.floating), arr.dtype, n, classes, what)

@@ -12,12 +12,14 @@ the device), or ``(xb, yb, wb)`` where arrays come with sample weights:
   the host is the device: nothing is copied;
 * larger NumPy arrays, and ``np.memmap`` arrays always, stay on the host and are read batch by
   batch (a memory-mapped file is never read whole), on a background thread;
-* an iterable of ``(x, y)`` or ``(x, y, sample_weight)`` batches (a generator, a list, a
-  PyTorch ``DataLoader`` or ``IterableDataset``): ``steps``
-  batches an epoch (for an iterator: drawn from it, epoch after epoch), or one pass an epoch
-  over a re-iterable when ``steps`` is None;
+* an iterable of ``(x, y)`` or ``(x, y, sample_weight)`` batches (``x`` or ``(x,)`` for
+  ``predict``; a generator, a list, a PyTorch ``DataLoader`` or ``IterableDataset``): ``steps``
+  batches an epoch (for an iterator: drawn from it, epoch after epoch), or when ``steps`` is
+  None one pass an epoch over a re-iterable, and an iterator read to its end (``evaluate``
+  and ``predict``; ``fit`` needs its ``steps``);
 * a map-style dataset (``__len__`` and ``__getitem__(i) -> (x_i, y_i)`` or ``(x_i, y_i,
-  w_i)``, PyTorch's habit), batched and shuffled by xpcnn exactly as arrays are.
+  w_i)``, PyTorch's habit; ``x_i`` or ``(x_i,)`` for ``predict``), batched and shuffled by
+  xpcnn exactly as arrays are.
 
 Host work (reading files, stacking samples, checking values) runs on a background thread that
 keeps up to :data:`PREFETCH` batches ready while the device computes; an exception there is
@@ -26,6 +28,7 @@ raised in the caller, and the thread stops when the loop ends early.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
@@ -125,6 +128,24 @@ def adopt_foreign(x: Any, backend: Any) -> Any:
 _DLPACK_CPU = 1  # (DLPack's device type kDLCPU; kDLCUDA is 2)
 
 
+def owned(part: Any, backend: Any) -> Any:
+    """An array in memory of its own, whatever its library (a source may refill the buffer it
+    gave, as a loop allows): a NumPy array copied (C-ordered); another library's on the CPU (a
+    PyTorch tensor) read through DLPack and copied (once: the read is a view); one of the
+    model's library (CuPy, ``array_api_strict``) copied where it is. Anything else (a number;
+    an array the model cannot read, refused by name where it is checked) as it is."""
+    if isinstance(part, np.ndarray):
+        return part.copy()
+    if not is_device_array(part):
+        return part
+    part = adopt_foreign(part, backend)
+    if isinstance(part, np.ndarray):
+        return part.copy()
+    if of_library(part, backend):
+        return backend.xp.asarray(part, copy=True)
+    return part
+
+
 def to_device(backend: Any, a: Any) -> Any:
     """A host array copied to the backend's device; a device array (or None) as it is."""
     return a if a is None or is_device_array(a) else backend.asarray(a)
@@ -150,6 +171,23 @@ def is_iterable_dataset(x: Any) -> bool:
     means it is loaded."""
     torch_data = sys.modules.get("torch.utils.data")
     return torch_data is not None and isinstance(x, torch_data.IterableDataset)
+
+
+def counted_batches(data: Any) -> int | None:
+    """The batches a pass of ``data`` gives where its ``len()`` counts them, as Keras 3 takes
+    it: a PyTorch ``DataLoader`` over a map-style dataset (its sampler's batches). None for
+    any other iterable: a ``DataLoader`` over an ``IterableDataset`` (whose ``len()`` PyTorch
+    itself warns may be wrong), or a user's class (whose ``len()`` may count samples): a pass
+    shorter than the steps would stop training (``Trainer._fit_epoch``)."""
+    torch_data = sys.modules.get("torch.utils.data")  # (an instance means it is loaded)
+    if torch_data is None or not isinstance(data, torch_data.DataLoader) or \
+            is_iterable_dataset(data.dataset):
+        return None
+    try:
+        n = len(data)
+    except (TypeError, ValueError, NotImplementedError):  # (a sampler without one)
+        return None
+    return n if n >= 1 else None
 
 
 def check_on_device(x: Any, backend: Any, what: str = "x", instead: str = "a NumPy array, or "
@@ -346,7 +384,7 @@ class DatasetBatches(ShardedBatches):
         if not model.built:  # the first sample tells the input shape
             x, y, _ = split_item(self._item(0), with_targets, self._expected)
             self._refuse_a_batch(0, x, y)
-            model.build(checks.shape_to_build(np.shape(x), what))
+            build_for(model, np.shape(x), what, f"return x_i[..., None] from {what}[i]")
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
         order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
@@ -361,10 +399,13 @@ class DatasetBatches(ShardedBatches):
         if not len(idx):  # this rank's empty part of a short last batch (several ranks)
             return (np.zeros((0, *self.model.input_shape), np.float32),
                     np.zeros((0,), np.int64) if self.with_targets else None)
-        # (each sample's host arrays copied as read: a dataset may refill one buffer at every
-        # [i], as a loop allows, and a batch is stacked once all its samples are read)
-        items = [tuple(p.copy() if isinstance(p, np.ndarray) else p for p in split_item(
-            self._item(int(i)), self.with_targets, self._expected)) for i in idx]
+        # (each sample's arrays copied as read: a dataset may refill one buffer at every [i],
+        # as a loop allows, and a batch is stacked once all its samples are read)
+        # (a sample of one row, (1, ...), may come as a list of that row)
+        shape = tuple(self.model.input_shape)
+        inner = shape[1:] if shape[0] == 1 else None
+        items = [tuple(owned(p, self.model.backend) for p in split_item(
+            self._item(int(i)), self.with_targets, self._expected, inner)) for i in idx]
         self._refuse_a_batch(int(idx[0]), *items[0][:2])
         xs, ys, ws = zip(*items, strict=True)
         batch = check_batch(self.model, self._stack(xs, "x"),
@@ -436,40 +477,50 @@ class DatasetBatches(ShardedBatches):
 
 class IterableBatches(Batches):
     """An iterable of ``(x, y)`` batches (or ``x`` batches for ``predict``). An iterator (a
-    generator) gives ``steps`` batches an epoch, continuing where the last epoch stopped; a
-    re-iterable that is not an array (a DataLoader; a list or tuple is read as one array) is
-    iterated afresh each epoch, ``steps`` batches or to its end. Batches are checked on a
-    background thread; the first one, checked here too, builds the model.
+    generator) gives ``steps`` batches an epoch, continuing where the last epoch stopped (to
+    its end without ``steps``: evaluate's and predict's one pass); a re-iterable that is not an
+    array (a DataLoader; a list or tuple is read as one array) is iterated afresh each epoch,
+    ``steps`` batches or to its end. Without ``steps``, a PyTorch DataLoader's ``len()``
+    (:func:`counted_batches`) is :attr:`steps`, as in Keras 3, for the callbacks' ``params``
+    and the progress bar: it does not cut a longer pass. Batches are
+    checked on a background thread; the first one, checked here too, builds the model.
 
-    The first batch, drawn to build the model, waits in :attr:`first` until the first epoch
+    The first batch, drawn to build the model, waits in :attr:`held` until the first epoch
     starts, which goes on with the pass that drew it (:attr:`started`, for a re-iterable: a
     second pass would draw again from a shuffling DataLoader's random numbers, and start its
-    workers again); a call refused before (see ``Trainer``) gives an iterator's first batch
-    back (:meth:`give_back`), and the next source of that iterator starts with it."""
+    workers again). No batch an iterator gave is lost to it: a call refused before its first
+    epoch (see ``Trainer``) gives its first batch back (:meth:`give_back`), and an epoch
+    closed early (a callback's ``stop_training``, an error, a Ctrl-C) gives back the batches
+    the background thread drew ahead, in order, once it has stopped; the next source of that
+    iterator starts with them."""
 
     def __init__(self, model: Any, data: Iterable[Any], steps: int | None,
                  with_targets: bool = True, what: str = "x") -> None:
         self.model, self.with_targets, self.what = model, with_targets, what
-        self.steps = steps  # (checked by check_source)
         self.data = data
         self.iterator = data if isinstance(data, Iterator) else None
+        # (steps is checked by check_source; a pass is cut at steps given, not at a len())
+        self.steps = steps if steps is not None or self.iterator is not None else \
+            counted_batches(data)
+        self._cut = steps is not None
         self._expected = f"{what} must yield (x, y) or (x, y, sample_weight) batches"
         self._weighted = _Weighted(f"{what} yields sample weights with some batches and not "
                                    "with others")
         self.started: Iterator[Any] | None = None
+        self._left = False
         self._wait_for_reader()
-        held = _GIVEN_BACK.pop() if _GIVEN_BACK and _GIVEN_BACK[0][0]() is data else None
-        first = self.first = None if held is None else held[1]
+        self.held: collections.deque[Any] = self._taken_back()
         if not model.built:  # the first batch tells the input shape
-            if first is None:
+            if not self.held:
                 source = iter(data)
-                first = self.first = next(source, None)
-                if first is None:
+                first = next(source, _NONE)
+                if first is _NONE:
                     raise InputError(f"{what} gave no batches")
+                self.held.append(first)
                 if self.iterator is None:
                     self.started = source
             try:  # (checked whole: a call its labels refuse leaves the model unbuilt)
-                check_arrays(model, *self._split(first)[:2], what)
+                check_arrays(model, *self._split(self.held[0])[:2], what)
             except BaseException:
                 self.give_back()
                 raise
@@ -478,21 +529,27 @@ class IterableBatches(Batches):
         source, self.started = self.started, None
         if source is None:
             self._wait_for_reader()
+            self.held.extend(self._taken_back())
             source = self.iterator if self.iterator is not None else iter(self.data)
-        if self.first is not None:
-            source = itertools.chain([self.first], source)
-            self.first = None
-        if self.steps is not None:
+        held, self.held = list(self.held), collections.deque()
+        if held:
+            source = itertools.chain(held, source)
+        if self._cut:
             source = itertools.islice(source, self.steps)
-        checked = (self._checked(item) for item in source)
+        # (what the thread draws from an iterator, until the loop takes it)
+        drawn: collections.deque[Any] | None = \
+            collections.deque() if self.iterator is not None else None
+        checked = (self._checked(item) for item in self._owned(source, drawn))
         backend = self.model.backend
-        return upload(backend, prefetch(checked, backend, self._reader_left),
-                      owned=True)  # (copied)
+        batches = upload(backend, prefetch(checked, backend, self._reader_left),
+                         owned=True)  # (copied)
+        return batches if drawn is None else _GivingBack(batches, drawn, held, self)
 
     def _reader_left(self, thread: threading.Thread) -> None:
         """Remember the reader thread a stopped call left inside the iterator's ``next()``,
         for the next call on that iterator to wait for."""
         if self.iterator is not None:
+            self._left = True
             with contextlib.suppress(TypeError):  # (an iterator neither hashed nor weakly held)
                 _READERS_LEFT[self.iterator] = thread
 
@@ -515,34 +572,108 @@ class IterableBatches(Batches):
                              f"{STOP_WAIT_SECONDS:.0f} s more): call again when it returns, "
                              "or pass a fresh iterator")
 
+    def _taken_back(self) -> collections.deque[Any]:
+        """The batches given back to this iterator by the call before (in order), taken."""
+        if self.iterator is not None and _GIVEN_BACK and _GIVEN_BACK[0][0]() is self.iterator:
+            return _GIVEN_BACK.pop()[1]
+        return collections.deque()
+
     def give_back(self) -> None:
         """Keep the batch drawn from the iterator and not trained on (the call was refused
         before its first epoch) for the next source of that iterator, not lost to it (a
         re-iterable's next source starts a pass of its own)."""
-        if self.first is not None and self.iterator is not None:
-            # (the last refused call's alone; the iterator weakly held, so that one the caller
-            # drops, and what it holds open, goes; one that takes no weak reference, strongly)
-            try:  # (the batch goes with the iterator)
-                ref = weakref.ref(self.iterator, _forget_given_back)
-            except TypeError:
-                ref = functools.partial(lambda it: it, self.iterator)
-            _GIVEN_BACK[:] = [(ref, self.first)]
-        self.first = self.started = None
+        self._give_back(self.held)
+        self.held, self.started = collections.deque(), None
+
+    def _give_back(self, batches: collections.deque[Any], always: bool = False) -> None:
+        """Give ``batches`` (drawn from the iterator, in order) back to its next source; none
+        are given unless ``always`` (the deque that a reader left inside ``next()`` may still
+        add its batch to)."""
+        if self.iterator is None or not (batches or always):
+            return
+        # (the last call's alone; the iterator weakly held, so that one the caller drops,
+        # and what it holds open, goes; one that takes no weak reference, strongly)
+        try:  # (the batches go with the iterator)
+            ref = weakref.ref(self.iterator, _forget_given_back)
+        except TypeError:
+            ref = functools.partial(lambda it: it, self.iterator)
+        _GIVEN_BACK[:] = [(ref, batches)]
 
     def _split(self, item: Any) -> tuple[Any, Any, Any]:
         """(x, y, sample weights) of one batch as given (y None without targets, the weights
         None without them)."""
-        return split_item(item, self.with_targets, self._expected)
+        # (a list of one sample, a built model's, is a batch of it: the last of a generator
+        # of lists of samples, say)
+        inner = tuple(self.model.input_shape) if self.model.built else None
+        return split_item(item, self.with_targets, self._expected, inner)
+
+    def _owned(self, source: Iterator[Any], drawn: collections.deque[Any] | None
+               ) -> Iterator[Any]:
+        """``source``'s batches, each in arrays of its own as it is drawn (on the background
+        thread: a generator may refill the arrays it yielded, as a plain loop allows, while
+        the batch waits in the queue, or is given back), added to ``drawn`` where given."""
+        backend = self.model.backend
+        for item in source:
+            if isinstance(item, tuple | list):  # (x, y, w), (x,), a list of samples
+                parts = [owned(p, backend) for p in item]
+                item = tuple(parts) if isinstance(item, tuple) else parts
+            else:
+                item = owned(item, backend)
+            if drawn is not None:
+                drawn.append(item)
+            yield item
 
     def _checked(self, item: Any) -> tuple[Any, ...]:
-        """One batch checked (on the background thread), in arrays of its own: (x, y), or
-        (x, y, sample weights)."""
+        """One batch checked (on the background thread), ``item`` in arrays of its own
+        (:meth:`_owned`): (x, y), or (x, y, sample weights)."""
         x, y, w = self._split(item)
-        x, y = check_batch(self.model, x, y, self.what, copy=True)
+        x, y = check_batch(self.model, x, y, self.what)
         if not self._weighted.same([w is not None]):
             return x, y
         return x, y, check_sample_weights(self.model, w, int(x.shape[0]),
                                           f"the sample weights that {self.what} yields")
+
+
+_NONE = object()
+
+
+class _GivingBack(Iterator[tuple[Any, ...]]):
+    """The batches of an epoch over an iterator, ``batches``; ``drawn`` holds what the
+    background thread drew from it and this loop has not taken yet (``held``: the batches the
+    epoch began with). Closed, it stops the thread (waits for it), then gives ``drawn`` back
+    to the iterator's next source (:meth:`IterableBatches._give_back`), in order."""
+
+    def __init__(self, batches: Iterator[tuple[Any, ...]], drawn: collections.deque[Any],
+                 held: list[Any], source: IterableBatches) -> None:
+        self.batches, self.drawn, self.held, self.source = batches, drawn, held, source
+        self.begun = self.closed = False
+
+    def __next__(self) -> tuple[Any, ...]:
+        self.begun = True
+        try:
+            batch = next(self.batches)
+        except StopIteration:
+            raise
+        except Exception:
+            # (the error is the first batch not taken's, drawn: one the checks refused, named
+            # by the error, is not given back to be refused again; nothing was drawn for an
+            # error of the iterator itself. A Ctrl-C, no Exception, is no batch's)
+            if self.drawn:
+                self.drawn.popleft()
+            raise
+        self.drawn.popleft()
+        return batch
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        close = getattr(self.batches, "close", None)
+        if close is not None:
+            close()  # (stops the thread first: nothing is drawn after this)
+        if not self.begun:  # (no thread ran: the batches it began with are all there is)
+            self.drawn.extend(self.held)
+        self.source._give_back(self.drawn, always=self.source._left)
 
 
 class _Weighted:
@@ -565,9 +696,10 @@ class _Weighted:
         return self.weighted
 
 
-#: The batch given back by the last refused call, with its iterator: [(iterator, batch)], one
-#: at most (nothing piles up; a retry on that iterator takes it).
-_GIVEN_BACK: list[tuple[Callable[[], Iterator[Any] | None], Any]] = []
+#: The batches given back by the last call refused or stopped early, with its iterator:
+#: [(iterator, batches in order)], one entry at most (nothing piles up; the next source of that
+#: iterator takes them).
+_GIVEN_BACK: list[tuple[Callable[[], Iterator[Any] | None], collections.deque[Any]]] = []
 
 #: The reader thread a stopped call left inside each iterator's ``next()`` (see ``prefetch``).
 _READERS_LEFT: weakref.WeakKeyDictionary[Iterator[Any], threading.Thread] = \
@@ -584,7 +716,9 @@ def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bo
                  steps_name: str = "steps_per_epoch") -> int | None:
     """The arguments that name a batch source (``x`` and ``y``, ``steps`` batches an epoch,
     the argument the caller calls ``steps_name``), checked before any source is made: a refused
-    call draws no batch from an iterator. Returns ``steps``, checked."""
+    call draws no batch from an iterator. An iterator needs ``steps`` for fit (its
+    ``steps_per_epoch`` and ``validation_steps``), not for evaluate and predict (``steps``),
+    which read it to its end. Returns ``steps``, checked."""
     if isinstance(x, Mapping):
         raise InputError(f"{what} is a dict (keys {list(x)[:4]}): an xpcnn model has one "
                          "input; pass its images as one array (N, H, W, C), or a dataset "
@@ -598,7 +732,10 @@ def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bo
                 raise InputError(f"{steps_name} is for generators; a dataset gives "
                                  "ceil(len(dataset) / batch_size) batches")
             return None
-        if isinstance(x, Iterator) and steps is None:
+        # (fit draws steps_per_epoch (validation_steps) batches an epoch from an iterator that
+        # goes on from epoch to epoch; evaluate and predict make one pass, to its end without
+        # steps, as Keras 3's do)
+        if isinstance(x, Iterator) and steps is None and steps_name != "steps":
             raise InputError(f"{what} is an iterator (a generator): pass {steps_name}, the "
                              "number of batches to draw from it")
         return None if steps is None else checks.positive_int(steps, steps_name)
@@ -614,11 +751,14 @@ def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bo
     return None
 
 
-def split_item(item: Any, with_targets: bool, expected: str) -> tuple[Any, Any, Any]:
+def split_item(item: Any, with_targets: bool, expected: str,
+               inner: tuple[int, ...] | None = None) -> tuple[Any, Any, Any]:
     """(x, y, w) of a batch or a sample: a pair (x, y) or a triple (x, y, sample weight), as a
     tuple or a list (w None for a pair, or given as None); without targets (``predict``), a
-    pair's y is ignored and anything else is x itself (a list of samples or of rows is an
-    array, not a pair); else ``expected``, the error."""
+    pair's y is ignored, a tuple or list of one is (x,) (but where its one element has the
+    shape ``inner``: a batch of one sample of a built model, or a sample of one row, is x
+    itself), and anything else is x itself (a list of samples or of rows is an array, not a
+    pair); else ``expected``, the error."""
     if isinstance(item, Mapping):
         raise InputError(f"{expected}, got a dict with keys {list(item)[:4]}")
     if isinstance(item, tuple | list) and item and isinstance(item[0], Mapping):
@@ -626,8 +766,15 @@ def split_item(item: Any, with_targets: bool, expected: str) -> tuple[Any, Any, 
                          ": an xpcnn model has one input, its images as one array")
     size = len(item) if isinstance(item, tuple | list) else 0
     if not with_targets:  # (a list of three is three samples; a tuple of three, a triple)
-        split = size == 2 or size == 3 and isinstance(item, tuple)
+        # (one of one is (x,), as Keras 3's unpack_x_y_sample_weight reads it: PyTorch's
+        # DataLoader(TensorDataset(x)) yields [xb], and TensorDataset(x)[i] is (x_i,))
+        split = size == 2 or size == 3 and isinstance(item, tuple) or size == 1 and (
+            inner is None or tuple(np.shape(item[0])) != tuple(inner))
         return (item[0] if split else item), None, None
+    if size == 1:
+        raise InputError(f"{expected}, got a {type(item).__name__} of length 1, (x,): it holds "
+                         "no targets y, which training and evaluation need (predict takes "
+                         "(x,) items)")
     if size not in (2, 3):
         length = f" of length {size}" if isinstance(item, tuple | list) else ""
         raise InputError(f"{expected}, got {type(item).__name__}{length}")
@@ -654,7 +801,8 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
     else:
         x = checks.as_images(x, what)
     if not model.built:
-        model.build(checks.shape_to_build(x.shape[1:], what))
+        build_for(model, tuple(x.shape[1:]), what)
+    x = with_channel_axis(x, model)
     checks.check_sample_shape(x, model.input_shape, what)
     if isinstance(x, np.ndarray):
         checks.check_finite(x, what, index, limit)
@@ -668,6 +816,51 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
     targets, _ = checks.as_labels(_on_host(y, model.backend, y_what), int(x.shape[0]),
                                   model.num_classes, y_what)
     return x, targets
+
+
+def with_channel_axis(x: Any, model: Any) -> Any:
+    """Greyscale images without their channel axis, (N, H, W), for a model built for
+    (H, W, 1), as (N, H, W, 1) (a view: no copy), as Keras 3's functional models take them
+    (``keras.datasets.mnist`` gives that layout); any other ``x`` as it is."""
+    shape, expected = tuple(x.shape[1:]), tuple(model.input_shape)
+    if len(expected) < 2 or expected[-1] != 1 or shape != expected[:-1]:
+        return x
+    if isinstance(x, np.ndarray):
+        return x[..., np.newaxis]  # (a memory map stays one)
+    with model.backend.on_device():  # (called on the prefetch thread too)
+        return model.backend.xp.expand_dims(x, axis=-1)
+
+
+def build_for(model: Any, sample: tuple[int, ...], what: str = "x", fix: str | None = None
+              ) -> None:
+    """Build ``model`` for the per-sample shape of its first data; where a layer refuses a
+    sample (H, W) that (H, W, 1) would build, the error says to add the channel axis (``fix``:
+    how, for a dataset's samples)."""
+    sample = tuple(int(d) for d in sample)
+    try:
+        model.build(checks.shape_to_build(sample, what))
+    except InputError as e:
+        if len(sample) != 2 or not _builds_for(model, (*sample, 1)):
+            raise
+        raise InputError(f"{e}; are {what} greyscale images without their channel axis "
+                         f"(per-sample shape {sample}, (H, W))? "
+                         f"{fix or f'pass {what}[..., None], of shape (N, H, W, 1)'}") from e
+
+
+class _Built(Exception):
+    """Raised to undo a trial build (:func:`_builds_for`)."""
+
+
+def _builds_for(model: Any, shape: tuple[int, ...]) -> bool:
+    """Whether the unbuilt ``model`` builds for ``shape``; it is left unbuilt."""
+    try:
+        with model._unbuilt_if_refused():
+            model.build(shape)
+            raise _Built
+    except _Built:
+        return True
+    except InputError:
+        return False
 
 
 def check_sample_weights(model: Any, w: Any, n: int, what: str = "sample_weight",
@@ -689,17 +882,13 @@ def _on_host(a: Any, backend: Any, what: str) -> Any:
     return backend.to_numpy(a)
 
 
-def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None, copy: bool = False
-                ) -> tuple[Any, Any]:
-    """One streamed batch, checked as whole arrays are, contiguous on the host; ``copy``: in
-    memory of their own, on the host or the device (a generator may refill the arrays it
-    yielded, as a plain loop allows, while this batch waits in the queue)."""
+def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None) -> tuple[Any, Any]:
+    """One streamed batch, checked as whole arrays are, contiguous on the host (its arrays are
+    its own already: :func:`owned`, or stacked afresh)."""
     x, y = check_arrays(model, x, y, what, index)
     if is_device_array(x):  # (the labels are on the host: check_arrays brought them there)
-        return (model.backend.xp.asarray(x, copy=True) if copy else x), \
-            None if y is None else np.array(y, copy=copy or None)
-    return np.array(x, order="C", copy=copy or None), \
-        None if y is None else np.array(y, copy=copy or None)
+        return x, None if y is None else np.asarray(y)
+    return np.asarray(x, order="C"), None if y is None else np.asarray(y)
 
 
 def upload(backend: Any, batches: Iterator[tuple[Any, ...]], owned: bool = False

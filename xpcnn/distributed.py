@@ -294,7 +294,8 @@ class GradientBuckets:
 
     Parameters are bucketed in backward order (last layer first), so the first bucket is full
     while backward still runs through the earlier layers. Per step: :meth:`begin` with this
-    rank's share of the global batch and its [loss, correct] stats (reduced alongside), then
+    rank's share of the global batch and its [loss, correct, top-k counts...] stats (reduced
+    alongside), then
     :meth:`layer_done` after each layer's backward, then :meth:`finish` for the averaged
     gradients (views into the buckets, in ``layers``' parameter order: the model's trainable
     layers, as the optimiser takes them) and the summed stats.
@@ -346,7 +347,8 @@ class GradientBuckets:
     def begin(self, weight: float, stats: Any) -> None:
         """Start a step in which this rank's batch is ``weight`` of the global batch: the
         gradients to come must be those of ``weight`` x this batch's loss (the model scales
-        the loss gradient), ``stats`` is [mean loss, correct count] of this batch."""
+        the loss gradient), ``stats`` is [mean loss, correct count, top-k counts...] of this
+        batch (the counts summed over the ranks as the correct count is)."""
         self._weight = weight
         self._left = list(self.layers_per_bucket)
         self.buffers = [None] * len(self.buckets)
@@ -476,6 +478,28 @@ class DataParallel:
                 "0's weights go to all, its settings do not); a Normalization adapted on each "
                 "rank's own shard, say: adapt it on the same data on every rank, or give mean "
                 "and std")
+
+    def check_same_data(self, data: Any) -> None:
+        """Refuse, on every rank alike, training data that differs between the ranks (each rank
+        takes its slice of every batch of the same data: per-rank shards, a PyTorch habit,
+        trained half of it, silently, and data of other lengths gave the ranks other logs,
+        whose callbacks could then decide otherwise and hang the job). One host allreduce of
+        a checksum of the data's fingerprint (its sizes and contents, the batch size, seed
+        and shuffling; a source that has none, an iterable, is not checked)."""
+        try:
+            mark = data.fingerprint()
+        except NotImplementedError:
+            return
+        sums = np.zeros(self.world.size)
+        sums[self.world.rank] = zlib.crc32(json.dumps(mark, sort_keys=True).encode())
+        sums = np.asarray(host_sum(self.world, sums, "the training data's checksums"))
+        ranks = [r for r in range(self.world.size) if sums[r] != sums[0]]
+        if ranks:
+            raise DistributedError(
+                f"fit on several ranks was given other training data on rank(s) {ranks} than "
+                "on rank 0 (other samples or sizes, or another batch_size, seed or shuffle): "
+                "every rank passes the same whole arrays (or dataset), and each takes its own "
+                "slice of every batch; do not split the data into per-rank shards")
 
     def agree(self, error: BaseException | None, what: str) -> None:
         """Raise, on every rank, where ``what`` failed on any (``error``: this rank's): a

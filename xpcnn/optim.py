@@ -40,11 +40,36 @@ def _count(v: Any) -> bool:
 
 
 @functools.cache
+def _parameters(cls: type) -> tuple[str, ...]:
+    """The parameters ``cls``'s constructor takes by name."""
+    return tuple(named_parameters(cls.__init__))
+
+
+@functools.cache
 def _settings(cls: type) -> frozenset[str]:
     """The settings ``cls``'s constructor takes by name, but the learning rate (a property:
     ``lr``, ``learning_rate``)."""
-    return frozenset(name for name in named_parameters(cls.__init__)
+    return frozenset(name for name in _parameters(cls)
                      if not isinstance(getattr(cls, name, None), property))
+
+
+def _takes_learning_rate(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` (whose first parameter is ``lr``) also taking Keras' name of it,
+    ``learning_rate=``, by keyword. Outside the signature (which ``inspect`` reads through the
+    wrapper: the settings a file keeps, and the checks at save, are ``lr``'s)."""
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        if "learning_rate" in kwargs:
+            if args or "lr" in kwargs:
+                given = args[0] if args else kwargs["lr"]
+                raise InputError(f"{type(self).__name__} was given both lr={given!r} and "
+                                 f"learning_rate={kwargs['learning_rate']!r}: learning_rate is "
+                                 "Keras' name of lr, give one of them")
+            kwargs["lr"] = kwargs.pop("learning_rate")
+        init(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _rate(v: Any, what: str, zero: bool = True) -> float:
@@ -59,7 +84,8 @@ def _rate(v: Any, what: str, zero: bool = True) -> float:
 
 
 def _cosine(start: float, end: float, t: float) -> float:
-    """From ``start`` at t = 0 to ``end`` at t = 1 along half a cosine."""
+    """From ``start`` at t = 0 to ``end`` at t = 1 along half a cosine (PyTorch's
+    ``_annealing_cos``: the same rounding, halving being exact)."""
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * t))
 
 
@@ -155,9 +181,16 @@ class LinearWarmup(Schedule):
 
 
 class OneCycle(Schedule):
-    """Smith's one-cycle policy, as PyTorch's ``OneCycleLR`` (cosine annealing): from
-    lr / div_factor up to lr over the first pct_start of total_steps, then down to
-    lr / (div_factor * final_div_factor) at the last step; constant after it."""
+    """Smith's one-cycle policy, as PyTorch's ``OneCycleLR`` computes it (cosine annealing,
+    two phases): from lr / div_factor up to lr over the first pct_start of total_steps (the
+    peak at step pct_start * total_steps - 1), then down to lr / (div_factor *
+    final_div_factor) at the last step; constant after it (where PyTorch refuses to step).
+
+    As in PyTorch, a warm-up shorter than a step (pct_start * total_steps < 1: its peak before
+    step 0) starts part of the way down from lr. Where pct_start * total_steps is exactly 1,
+    PyTorch divides 0 by 0 at the first step (a ZeroDivisionError); here that step takes
+    lr / div_factor, the limit of PyTorch's formula there as pct_start * total_steps falls
+    to 1 (the warm-up's start), and the steps after it are PyTorch's."""
 
     def __init__(self, lr: float, total_steps: int, pct_start: float = 0.3,
                  div_factor: float = 25.0, final_div_factor: float = 1e4) -> None:
@@ -171,13 +204,15 @@ class OneCycle(Schedule):
         self.final_div_factor = _rate(final_div_factor, "OneCycle final_div_factor", zero=False)
 
     def __call__(self, step: int) -> float:
+        # PyTorch's OneCycleLR.get_lr, term for term (so the same rounding): the peak may be
+        # below 0 (a warm-up shorter than a step), where step 0 is already past it.
         start_lr = self.lr / self.div_factor
-        # (a run too short for a warm-up starts at the peak)
-        peak, last = max(self.pct_start * self.total_steps - 1, 0.0), self.total_steps - 1
+        peak, last = self.pct_start * self.total_steps - 1, self.total_steps - 1
         step = min(step, last)
-        if step < peak:
-            a, b, t = start_lr, self.lr, step / peak
-        else:
+        if step <= peak:
+            # (peak == 0 == step: PyTorch's 0 / 0, its limit from above the warm-up's start)
+            a, b, t = start_lr, self.lr, step / peak if peak > 0 else 0.0
+        else:  # (last - peak >= 1 - pct_start > 0: never a division by zero)
             a, b, t = self.lr, start_lr / self.final_div_factor, (step - peak) / (last - peak)
         return _cosine(a, b, t)
 
@@ -210,6 +245,28 @@ def as_schedule(lr: float | Schedule | Callable[[int], float]) -> Schedule:
 # -- optimisers -------------------------------------------------------------------------------
 
 
+def _factor(value: float, base: float) -> float:
+    """The factor that scales ``base`` to ``value``, so that ``base * factor`` (the rate read
+    back, trained with and logged) is ``value`` where a factor gives it: value / base, moved a
+    unit in the last place or two where that product rounds otherwise (around a power of two,
+    where value's spacing below is half that above it). Where none gives it (consecutive
+    factors' products step over value), the closest product, a unit in the last place away:
+    exact everywhere would take more state than the factor, which files keep."""
+    factor = value / base
+    if not math.isfinite(factor):
+        raise InputError(f"cannot set the learning rate to {value!r}: the schedule gives {base} "
+                         "at this step, which no finite factor scales to it")
+    best = factor
+    for _ in range(8):  # (one or two steps suffice where a factor exists)
+        product = base * factor
+        if product == value:
+            return factor
+        factor = math.nextafter(factor, math.inf if product < value else -math.inf)
+        if abs(base * factor - value) < abs(base * best - value):
+            best = factor
+    return best
+
+
 class Optimizer:
     """Base: subclasses define ``_update(xp, i, p, g, scalars, apply)`` for parameter ``i``,
     with the step's numbers in ``scalars`` (as :meth:`step_scalars` names them), writing every
@@ -227,7 +284,12 @@ class Optimizer:
 
     Every optimiser takes Keras' gradient clipping, at most one of: ``clipnorm`` (each
     gradient to that norm), ``global_clipnorm`` (all of them to that joint norm) or
-    ``clipvalue`` (each element to [-clipvalue, clipvalue]); see :meth:`_clipped`.
+    ``clipvalue`` (each element to [-clipvalue, clipvalue]); see :meth:`_clipped`. The built-in
+    constructors also take Keras' ``learning_rate=`` for ``lr`` (outside their signatures: a
+    config still names it ``lr``).
+
+    A constructor's setting assigned as an attribute (``opt.momentum = 0.9``) is checked as the
+    constructor checks it, and refused once the optimiser has trained (see ``__setattr__``).
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -244,6 +306,7 @@ class Optimizer:
     #: parameters' dtype (those that the device computes others from, as eager steps do).
     exact_scalars: tuple[str, ...] = ()
 
+    @_takes_learning_rate
     def __init__(self, lr: float | Schedule, weight_decay: float = 0.0,
                  clipnorm: float | None = None, clipvalue: float | None = None,
                  global_clipnorm: float | None = None) -> None:
@@ -269,13 +332,66 @@ class Optimizer:
     def __setattr__(self, name: str, value: Any) -> None:
         # A setting of the constructor is fixed once the optimiser has stepped: its slots were
         # made for it, and a captured CUDA graph bakes it in (the rate alone goes through
-        # device memory). Refused rather than applied in one place and not the other.
-        if self.__dict__.get("iterations", 0) and name in _settings(type(self)):
-            raise InputError(f"{type(self).__name__}'s {name} cannot change once it has trained "
-                             "(its state and a captured step are made for it): create another "
-                             f"{type(self).__name__}(...) and compile with it; the learning "
-                             "rate can change (optimizer.lr, or optimizer.learning_rate)")
+        # device memory). Refused rather than applied in one place and not the other. So is
+        # the schedule: a checkpoint resumes under the compile settings, the schedule included.
+        # (Cheap for what a step sets, iterations, slots, applied: two dictionary look-ups.)
+        trained = self.__dict__.get("iterations", 0)
+        if trained and name == "schedule":
+            self._refuse_schedule(value)
+        if name in _settings(type(self)):
+            if trained:
+                raise InputError(f"{type(self).__name__}'s {name} cannot change once it has "
+                                 "trained (its state and a captured step are made for it): "
+                                 f"create another {type(self).__name__}(...) and compile with "
+                                 "it; the learning rate can change (optimizer.lr, or "
+                                 "optimizer.learning_rate)")
+            if name in self.__dict__ and not self.__dict__.get("_probe"):
+                self._check_setting(name, value)
         super().__setattr__(name, value)
+
+    def _check_setting(self, name: str, value: Any) -> None:
+        """Refuse ``value`` for the constructor's setting ``name`` where the constructor
+        refuses it with the other settings as they are (set as an attribute, it was taken
+        unchecked, trained with, and saved into a file that then did not load): a probe is
+        built with it. Unchecked where the settings cannot be read back under their own names
+        (a subclass that keeps them otherwise), or where they do not rebuild the optimiser as
+        they are either (nothing then tells what the value breaks)."""
+        cls, current = type(self), {}
+        for param in _parameters(cls):
+            if param in _settings(cls) and param in self.__dict__:
+                current[param] = self.__dict__[param]
+            elif param in ("lr", "learning_rate") and "schedule" in self.__dict__:
+                current[param] = self.__dict__["schedule"]
+            else:
+                return
+        try:
+            self._probe({**current, name: value})
+        except Exception as error:  # (a subclass's constructor may raise its own kind)
+            try:
+                self._probe(current)
+            except Exception:
+                return
+            raise InputError(f"{cls.__name__}'s {name} cannot be set to {value!r} (its "
+                             f"constructor refuses it): {error}") from error
+
+    def _probe(self, settings: dict[str, Any]) -> None:
+        """Build another optimiser of this class with ``settings`` (marked as a probe before
+        its constructor runs, so that its own attributes are not checked in turn)."""
+        cls = type(self)
+        probe = cls.__new__(cls)
+        probe.__dict__["_probe"] = True
+        cls.__init__(probe, **settings)
+
+    def _refuse_schedule(self, value: Any) -> None:
+        what = type(value).__name__ if isinstance(value, Schedule) else repr(value)
+        raise InputError(
+            f"cannot set the learning rate to a schedule ({what}) once {type(self).__name__} "
+            f"has trained ({self.iterations} steps): a checkpoint resumes under the schedule it "
+            "was compiled with, and the new schedule would start at its step "
+            f"{self.iterations}, not 0. Set a number instead (optimizer.lr = rate: the "
+            "schedule goes on scaled to it, which checkpoints keep), use a "
+            "LearningRateScheduler callback for a rate per epoch, or compile with a new "
+            "optimiser made with the schedule (a Schedule can be set before training)")
 
     @property
     def slot_names(self) -> tuple[str, ...]:
@@ -304,30 +420,39 @@ class Optimizer:
 
     @learning_rate.setter
     def learning_rate(self, value: float | Schedule) -> None:
-        # (a schedule, or a rate set before the base class's __init__ ran, as a Keras-style
-        # subclass may: the schedule itself, from the next step on)
-        if isinstance(value, Schedule) or "schedule" not in self.__dict__:
-            self.schedule, self.lr_factor = as_schedule(value), 1.0
-        else:
-            self.lr = value
+        self.lr = value
 
     @lr.setter
-    def lr(self, value: float) -> None:
+    def lr(self, value: float | Schedule) -> None:
         """Make the next step's rate ``value``: the schedule goes on, scaled to it (the factor
-        is optimiser state, which checkpoints keep). Refused where the schedule gives 0 at this
-        step (a constant rate of 0 included), which no factor scales: replacing the schedule
-        there would change the compile settings a checkpoint resumes under."""
-        base = self.schedule(self.iterations)
+        is optimiser state, which checkpoints keep), the factor chosen so that the rate reads
+        back (and trains) as ``value`` itself, where a float can. Refused where the schedule
+        gives 0 at this step (a constant rate of 0 included), which no factor scales.
+
+        A :class:`Schedule` replaces the schedule, before training only (refused after: a
+        checkpoint resumes under the compile settings, the schedule included)."""
+        # (a schedule, or a rate set before the base class's __init__ ran, as a Keras-style
+        # subclass may: the schedule itself)
+        if isinstance(value, Schedule) or "schedule" not in self.__dict__:
+            if self.__dict__.get("iterations", 0):
+                self._refuse_schedule(value)
+            self.schedule, self.lr_factor = as_schedule(value), 1.0
+            return
         if not _real(value) or value < 0:
             raise InputError(f"cannot set the learning rate to {value!r}: expected a finite "
                              "number >= 0")
-        if base <= 0:
+        base = self.schedule(self.iterations)
+        if not 0 < base < math.inf:
+            instead = ("make the optimiser with the rate to start from (a LearningRateScheduler "
+                       "then sets each epoch's), or set a schedule before training "
+                       "(optimizer.learning_rate = xpcnn.optim.Constant(rate))"
+                       if not self.iterations else
+                       "compile with a new optimiser made with the rate to start from (a "
+                       "LearningRateScheduler then sets each epoch's)")
             raise InputError(f"cannot set the learning rate to {value!r}: the schedule gives "
                              f"{base} at step {self.iterations + 1}, which no factor scales to "
-                             "it; make the optimiser with the rate to start from (a "
-                             "LearningRateScheduler then sets each epoch's), or set another "
-                             "schedule (optimizer.learning_rate = xpcnn.optim.Constant(rate))")
-        self.lr_factor = float(value) / base
+                             f"it; {instead}")
+        self.lr_factor = _factor(float(value), base)
 
     def step_scalars(self) -> dict[str, float]:
         """The numbers of the next step that change from one step to the next, by name (here
@@ -470,6 +595,7 @@ class SGD(Optimizer):
     """SGD with optional momentum, Nesterov momentum and L2 weight decay (PyTorch semantics:
     g += wd * p; b = momentum * b + g; step along b, or g + momentum * b with Nesterov)."""
 
+    @_takes_learning_rate
     def __init__(self, lr: float | Schedule = 0.01, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, *, clipnorm: float | None = None,
                  clipvalue: float | None = None, global_clipnorm: float | None = None) -> None:
@@ -517,6 +643,7 @@ class Adam(Optimizer):
     exact_scalars = ("lr",)
     decoupled = False
 
+    @_takes_learning_rate
     def __init__(self, lr: float | Schedule = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,
                  epsilon: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
                  clipnorm: float | None = None, clipvalue: float | None = None,
@@ -591,6 +718,7 @@ class AdamW(Adam):
 
     decoupled = True
 
+    @_takes_learning_rate
     def __init__(self, lr: float | Schedule = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,
                  epsilon: float = 1e-8, weight_decay: float = 0.01, amsgrad: bool = False, *,
                  clipnorm: float | None = None, clipvalue: float | None = None,
@@ -610,6 +738,7 @@ class RMSprop(Optimizer):
 
     keeps_squares = True
 
+    @_takes_learning_rate
     def __init__(self, lr: float | Schedule = 1e-3, rho: float = 0.9, momentum: float = 0.0,
                  epsilon: float = 1e-7, centered: bool = False, weight_decay: float = 0.0,
                  *, clipnorm: float | None = None, clipvalue: float | None = None,

@@ -12,10 +12,11 @@ unread step holds a reference to its input batch, for the error message).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .ops.kernels import kernels_for
-from .ops.step_record import BAD_STEP, batch_sums, cleared
+from .ops.step_record import BAD_STEP, CORRECT, LOSS_SUM, batch_sums, cleared, top_k_start
 
 # The most steps between two reads by the host.
 READ_EVERY = 32
@@ -24,14 +25,16 @@ READ_EVERY = 32
 class RunningTotals:
     """Device-side sums of one epoch and the non-finite flag: ``state``, one float64 vector
     (float32 where the namespace lacks float64) laid out as :mod:`xpcnn.ops.step_record`
-    says."""
+    says, with ``top_k`` more sums at its end (the top-k metrics' counts, one a distinct k:
+    :func:`xpcnn.ops.step_record.top_k_start`), read with the rest in one transfer."""
 
-    def __init__(self, backend: Any, n_grads: int) -> None:
+    def __init__(self, backend: Any, n_grads: int, top_k: int = 0) -> None:
         xp = self.xp = backend.xp
         self.backend = backend
         self.dtype = getattr(xp, "float64", None) or xp.float32
-        self.n_grads = n_grads
-        self.state = self._vector([0.0, 0.0, *cleared(n_grads)])
+        self.n_grads, self.top_k = n_grads, top_k
+        self.tail = top_k_start(n_grads)  # (where the top-k counts start)
+        self.state = self._vector([0.0, 0.0, *cleared(n_grads), *[0.0] * top_k])
         self.pending: list[tuple[int, Any]] = []  # (step, input batch) since the last read
         self.seen = 0.0  # samples the sums are of (on the host: the steps' sizes are known there)
 
@@ -40,18 +43,38 @@ class RunningTotals:
 
     # ``state`` is always written in place: a training step captured in a CUDA graph
     # (xpcnn.cuda_graphs) reads and writes the array it was captured with.
-    def reset(self, loss_sum: float = 0.0, correct: float = 0.0, seen: float = 0.0) -> None:
+    def reset(self, loss_sum: float = 0.0, correct: float = 0.0, seen: float = 0.0,
+              top_k: Sequence[float] = ()) -> None:
         """Start an epoch's sums of ``seen`` samples (from a checkpoint's, when resuming
-        inside one)."""
-        self.state[...] = self.xp.concat([self._vector([loss_sum, correct]),
-                                          self.state[BAD_STEP:]])
+        inside one; ``top_k``: the top-k counts, none for zeros)."""
+        if not self.top_k:
+            self.state[...] = self.xp.concat([self._vector([loss_sum, correct]),
+                                              self.state[BAD_STEP:]])
+        else:
+            counts = list(top_k) or [0.0] * self.top_k
+            assert len(counts) == self.top_k, "top-k sums of another set of metrics"
+            self.state[...] = self.xp.concat([self._vector([loss_sum, correct]),
+                                              self.state[BAD_STEP:self.tail],
+                                              self._vector(counts)])
         self.seen = seen
 
+    def sums(self, host: Any) -> list[float]:
+        """[loss sum, correct count, top-k counts...] of a host copy of the state."""
+        return [float(host[LOSS_SUM]), float(host[CORRECT]),
+                *(float(v) for v in host[self.tail:])]
+
     def add_stats(self, stats: Any, n: int) -> None:
-        """Add a batch's [mean loss, correct count] of ``n`` samples to the sums (evaluation)."""
+        """Add a batch's [mean loss, correct count, top-k counts...] of ``n`` samples to the
+        sums (evaluation)."""
         xp = self.xp
         batch = batch_sums(xp, xp.astype(stats, self.dtype), float(n))
-        self.state[...] = xp.concat([self.state[:BAD_STEP] + batch, self.state[BAD_STEP:]])
+        if not self.top_k:
+            self.state[...] = xp.concat([self.state[:BAD_STEP] + batch,
+                                         self.state[BAD_STEP:]])
+        else:
+            self.state[...] = xp.concat([self.state[:BAD_STEP] + batch[:BAD_STEP],
+                                         self.state[BAD_STEP:self.tail],
+                                         self.state[self.tail:] + batch[BAD_STEP:]])
         self.seen += n
 
     def add(self, stats: Any, grads: list[Any], n: int, step: Any,
@@ -64,8 +87,17 @@ class RunningTotals:
         :attr:`~xpcnn.optim.Optimizer.keeps_squares`), a gradient with an element whose square
         overflows its dtype is an error too. Returns the device flag "apply this step's
         update". The caller notes the step's input batch in ``pending``."""
-        return kernels_for(self.backend).record_step(self.state, stats, grads, float(n), step,
-                                                     scaling, squares)
+        if not self.top_k:
+            return kernels_for(self.backend).record_step(self.state, stats, grads, float(n),
+                                                         step, scaling, squares)
+        # (the record kernels know [loss, correct] alone; the counts are added after them, in
+        # place, with standard operations: only where top-k metrics are compiled)
+        apply = kernels_for(self.backend).record_step(self.state, stats[:BAD_STEP], grads,
+                                                      float(n), step, scaling, squares)
+        xp = self.xp
+        self.state[self.tail:] = self.state[self.tail:] + xp.astype(stats[BAD_STEP:],
+                                                                    self.dtype)
+        return apply
 
     def read(self) -> tuple[Any, list[tuple[int, Any]]]:
         """The state on the host (one transfer: the host waits for the device here) and the
@@ -74,8 +106,14 @@ class RunningTotals:
         pending, self.pending = self.pending, []
         if host[BAD_STEP] >= 0:
             self.state[...] = self.xp.concat([self.state[:BAD_STEP],
-                                              self._vector(cleared(self.n_grads))])
+                                              self._vector(cleared(self.n_grads)),
+                                              *([self.state[self.tail:]] if self.top_k
+                                                else [])])
         return host, pending
+
+
+#: The loss scales float32 holds (normal numbers): beyond, one would become infinity or 0.
+SCALE_RANGE = (1.1754943508222875e-38, 3.4028234663852886e38)
 
 
 def loss_scaling(backend: Any, scale: float, good_steps: int = 0) -> Any:

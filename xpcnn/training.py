@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import checks, distributed
+from . import metrics as metric_settings
 from .backend import Backend
 from .callbacks import (
     BackupAndRestore,
@@ -39,7 +40,9 @@ from .callbacks import (
     CallbackList,
     History,
     ProgbarLogger,
+    bar_postfix,
     callback_list,
+    is_save_freq,
     say_on_root,
     stateful,
     summary_line,
@@ -67,11 +70,11 @@ from .layers.base import Layer
 from .layers.dropout import RandomLayer
 from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
-from .ops.softmax import softmax, target_rows
-from .ops.step_record import BAD_GRADS, BAD_LOSS, BAD_STEP, CORRECT, LOSS_SUM
+from .ops.softmax import softmax, target_rows, top_k_counts
+from .ops.step_record import BAD_GRADS, BAD_LOSS, BAD_STEP
 from .optim import Optimizer, get_optimizer
 from .structure import where
-from .totals import READ_EVERY, RunningTotals, loss_scaling
+from .totals import READ_EVERY, SCALE_RANGE, RunningTotals, loss_scaling
 
 #: compile's precisions and the dtype of their heavy matmuls (None: the parameters' dtype).
 PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
@@ -132,8 +135,18 @@ class Trainer:
         self.optimizer: Optimizer | None = None
         self.precision = "float32"
         self.metrics: tuple[str, ...] = ("accuracy",)  # (compile's default: evaluate's too)
+        # (the metrics themselves, in that order; the distinct k of the top-k ones, each a
+        # device count; where each metric's value is among [loss, correct, top-k counts])
+        self._metric_objects = metric_settings.get_metrics(self.metrics)
+        self._top_ks: tuple[int, ...] = ()
+        self._metric_slots: tuple[int, ...] = (1,)
+        self._last_stats: Any = None  # (the last train_step's stats: train_on_batch's top-k)
         self.history = History()
         self.stop_training = False
+        # (Keras 3's: a callback sets one to end evaluate or predict after the current batch;
+        # each call resets its own)
+        self.stop_evaluating = False
+        self.stop_predicting = False
         self._scaling: Any = None  # float16 loss scaling on the device (see xpcnn.totals)
         self._totals: RunningTotals | None = None
         self._owners: list[tuple[Layer, str]] = []  # (the parameters the totals' flags follow)
@@ -141,6 +154,8 @@ class Trainer:
         self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
         self._resume_at: Any = None  # where BackupAndRestore restarts a run
         self._position = (0, 0)  # (epoch, batches done in it) during fit
+        # (whether fit's epoch ending now has val_* logs; None outside fit: see callbacks)
+        self._epoch_validated: bool | None = None
         # (the thread and what it runs, "fit" or "to()": nothing else may start another, nor
         # move the model, meanwhile; see _running_alone)
         self._running: tuple[int, str] | None = None
@@ -191,13 +206,18 @@ class Trainer:
     # -- compile: the loss, the optimiser and the precision -------------------------------------
     def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
                 optimizer: str | Optimizer = "adam",
-                metrics: str | list[str] | tuple[str, ...] | None = ("accuracy",),
+                metrics: str | metric_settings.Metric | list[str | metric_settings.Metric]
+                | tuple[str | metric_settings.Metric, ...] | None = ("accuracy",),
                 precision: str = "float32", cuda_graphs: bool | None = None) -> None:
         """Choose the loss, the optimiser, the metrics and the precision.
 
-        ``metrics``: ``["accuracy"]`` (the default), ``["acc"]``, or none (``[]`` or None): what
-        ``fit`` logs and ``evaluate`` returns besides the loss, named as given, as in Keras 3
-        (``"acc"`` logs ``acc`` and ``val_acc``). Without metrics, ``evaluate`` and
+        ``metrics``: ``["accuracy"]`` (the default), ``["acc"]``,
+        ``"sparse_top_k_categorical_accuracy"``, ``"top_k_categorical_accuracy"`` (k = 5),
+        :class:`xpcnn.metrics.SparseTopKCategoricalAccuracy` and
+        :class:`~xpcnn.metrics.TopKCategoricalAccuracy` objects (another ``k`` or name), in
+        any order, or none (``[]`` or None): what ``fit`` logs and ``evaluate`` returns besides
+        the loss, each named as given, as in Keras 3 (``"acc"`` logs ``acc`` and ``val_acc``).
+        Two metrics of one name are refused. Without metrics, ``evaluate`` and
         ``train_on_batch`` return the loss alone, as in Keras.
 
         ``loss``'s ``from_logits`` (:class:`SoftmaxCrossEntropy`) is checked against the model's
@@ -217,14 +237,8 @@ class Trainer:
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
             raise InputError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
         loss, optimizer = get_loss(loss), get_optimizer(optimizer)
-        if not isinstance(metrics, str | list | tuple | None):
-            raise InputError(f"metrics must be a list of names such as ['accuracy'], got "
-                             f"{metrics!r}")
-        metrics = [metrics] if isinstance(metrics, str) else list(metrics or [])  # None: Keras'
-        unknown = [m for m in metrics if m not in ("accuracy", "acc")]
-        if unknown:
-            raise InputError(f"unknown metrics {unknown}; xpcnn supports 'accuracy' (or 'acc')")
-        metrics = tuple(dict.fromkeys(metrics))  # (each name once, as given: the logs' keys)
+        # (each once, as given: the logs' keys; None is Keras' none)
+        resolved = metric_settings.get_metrics(metrics)
         if not isinstance(precision, str) or precision not in PRECISIONS:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{precision!r}")
@@ -236,7 +250,9 @@ class Trainer:
             self._check_loss_outputs(loss)
         self.loss, self.optimizer = loss, self._own(optimizer)
         self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
-        self.precision, self.metrics = precision, metrics
+        self.precision, self.metrics = precision, tuple(m.name for m in resolved)
+        self._metric_objects, self._top_ks = resolved, metric_settings.top_k_of(resolved)
+        self._metric_slots = metric_settings.slots(resolved)
         self._scaling = loss_scaling(self.backend, 2.0**15) if precision == "mixed_float16" \
             else None
         self._rebuild_if_shared()  # (built layers compute in the new precision's dtype)
@@ -276,7 +292,8 @@ class Trainer:
     @loss_scale.setter
     def loss_scale(self, value: float) -> None:
         if self._scaling is not None:
-            value = checks.number(value, "loss_scale", 0.0, low_open=True)
+            # (held in float32: 1e39 became infinity, and every step was skipped, silently)
+            value = checks.number(value, "loss_scale", *SCALE_RANGE)
             self._scaling = loss_scaling(self.backend, value, self._good_steps)
         elif value != 1.0:
             raise InputError("a loss scale other than 1 needs precision='mixed_float16'")
@@ -356,9 +373,9 @@ class Trainer:
         """:meth:`train_step` on a batch that passed its checks (or fit's, made and checked
         by fit), inside the backend's ``compute_scope``: the step, captured or replayed where
         it can be, and its record in the running totals. Returns the batch's [loss, correct
-        count]; after a replay they are the graph's own outputs, which the next replay
-        rewrites, unless ``keep`` asks for copies. ``weights``: the samples' weights (N,) or
-        None."""
+        count, top-k counts...]; after a replay they are the graph's own outputs, which the
+        next replay rewrites, unless ``keep`` asks for copies. ``weights``: the samples'
+        weights (N,) or None."""
         # (first: an earlier step's deferred error, read here where a layer was frozen since,
         # is raised before anything of this step changes the model, its optimiser's slots too)
         totals = self._running_totals()
@@ -377,6 +394,7 @@ class Trainer:
             stats = self.backend.xp.asarray(stats, copy=True)
         totals.pending.append((step, (xb, yb)))
         totals.seen += self._global_batch(xb)
+        self._last_stats = stats
         if len(totals.pending) >= READ_EVERY:
             self._read_totals()
         return stats
@@ -388,9 +406,16 @@ class Trainer:
         ``("loss",)`` for a model compiled without metrics."""
         return ("loss", *self.metrics)
 
-    def _logs(self, loss: float, accuracy: float) -> dict[str, float]:
-        """The logs of a mean loss and accuracy: the accuracy under each metric's name."""
-        return {"loss": loss, **dict.fromkeys(self.metrics, accuracy)}
+    def _logs(self, sums: list[float], seen: float) -> dict[str, float]:
+        """The logs of ``sums`` [loss sum, correct count, top-k counts...] of ``seen``
+        samples: the mean loss, and each metric's share under its name."""
+        return self._logs_of([s / seen for s in sums])
+
+    def _logs_of(self, means: list[float]) -> dict[str, float]:
+        """The logs of ``means`` [loss, accuracy, top-k shares...]: the loss, and each metric's
+        value under its name."""
+        return {"loss": means[0], **{name: means[slot] for name, slot in zip(
+            self.metrics, self._metric_slots, strict=True)}}
 
     def _returned(self, logs: dict[str, float], return_dict: bool
                   ) -> float | list[float] | dict[str, float]:
@@ -409,6 +434,14 @@ class Trainer:
         ``class_weight`` weigh the loss as :meth:`fit`'s do."""
         return_dict = checks.flag(return_dict, "return_dict")
         self._require_compiled("train_on_batch")
+        if self._parallel is None and distributed.world().size > 1:
+            # (each rank stepped on its own batch, no gradient averaged: their weights drifted
+            # apart, silently, and rank 0's alone was saved)
+            raise InputError(
+                f"train_on_batch runs on one process, and this is one of "
+                f"{distributed.world().size} ranks: fit is what trains on several (every rank "
+                "passes the whole arrays; each takes its slice of every batch, and the "
+                "gradients are averaged); or run train_on_batch in a job of one process")
         checks.check_class_weight_type(class_weight)
         self._rebuild_if_shared()
         with self._unbuilt_if_refused():
@@ -420,6 +453,7 @@ class Trainer:
                 class_weight, self.num_classes)
         # (inside a fit, from a callback: fit's class weights are put back after the step)
         previous = self._use_class_weights(table)
+        self._last_stats = None
         try:
             with self.backend.compute_scope():
                 xb, yb, wb = (to_device(self.backend, a) for a in (x, targets, weights))
@@ -435,8 +469,13 @@ class Trainer:
         finally:
             self._class_weights = previous
         self._read_totals()
-        return self._returned(self._logs(float(loss), float(correct) / int(x.shape[0])),
-                              return_dict)
+        n = int(x.shape[0])
+        # (the top-k counts of the step, where super().train_step ran it: 0 where a
+        # subclass's own step recorded none)
+        tops = [0.0] * len(self._top_ks) if not self._top_ks or self._last_stats is None \
+            else [float(v) for v in self.backend.to_numpy(self._last_stats)[2:]]
+        return self._returned(self._logs_of([float(loss), float(correct) / n,
+                                              *(t / n for t in tops)]), return_dict)
 
     def test_on_batch(self, x: Any, y: Any, sample_weight: Any = None,
                       return_dict: bool = False) -> float | list[float] | dict[str, float]:
@@ -485,7 +524,7 @@ class Trainer:
         finite, normalisation statistics included). With ``scalars`` (a step captured in a
         CUDA graph), ``step`` and the optimiser's per-step numbers are device scalars, and
         every array that outlives the step is updated in place. ``weights``: the samples'
-        weights (N,) or None. Returns the batch's [loss, correct count]."""
+        weights (N,) or None. Returns the batch's [loss, correct count, top-k counts...]."""
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
         opt = self.optimizer
@@ -519,8 +558,9 @@ class Trainer:
 
     def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any, trained: tuple[Layer, ...],
                         weights: Any = None) -> tuple[Any, list[Any]]:
-        """[loss, correct count] of a batch and the gradients of its (scaled) loss, in the
-        order of the parameters of ``trained`` (the trainable layers); the loss weighted by
+        """[loss, correct count, top-k counts...] of a batch and the gradients of its (scaled)
+        loss, in the order of the parameters of ``trained`` (the trainable layers); the loss
+        weighted by
         ``weights`` (N,) and fit's ``class_weight`` where given. On several ranks
         (``fit`` sets ``_parallel``), the batch is this rank's slice of the global batch: the
         stats come back for the global batch, and the gradients averaged over it."""
@@ -532,7 +572,8 @@ class Trainer:
             untrainable = self._plan().untrainable  # (refused here too, as by the others)
             if untrainable is not None:
                 raise InputError(untrainable)
-            return dp.empty_step(xp.zeros((2,), dtype=self._param_dtype), trained)
+            return dp.empty_step(xp.zeros((2 + len(self._top_ks),), dtype=self._param_dtype),
+                                 trained)
         logits = self._logits(xb, training=True, in_scope=True)
         # (a label that is no class makes the loss NaN: the step is skipped as a non-finite one
         # and the host names the labels, _raise_deferred)
@@ -540,6 +581,7 @@ class Trainer:
         # weighting below, which for a power-of-two scale gives the same values as after)
         stats, dz = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype, kernels,
                                                     self._scaling, self._weights(yb, weights))
+        stats = self._with_top_k(stats, logits, yb)
         if dp is not None and dp.weight != 1.0:
             # weighted by this slice's share of the global batch, here, once: backward is
             # linear in dz, and the buckets then only copy and sum
@@ -561,6 +603,15 @@ class Trainer:
         self._backward(dz, buckets.layer_done)
         grads, stats = buckets.finish()
         return stats, grads
+
+    def _with_top_k(self, stats: Any, logits: Any, yb: Any) -> Any:
+        """[loss, correct count] ``stats`` followed by the top-k metrics' counts, on the device
+        (standard operations, only where such metrics are compiled: no other model's step
+        does more work)."""
+        if not self._top_ks:
+            return stats
+        xp = self.backend.xp
+        return xp.concat([stats, top_k_counts(xp, logits, yb, self._top_ks, stats.dtype)])
 
     def _weights(self, yb: Any, weights: Any) -> Any:
         """Each sample's weight in the loss: ``weights`` (N,) times its class's weight in
@@ -675,27 +726,30 @@ class Trainer:
 
     # -- the running totals the host reads behind the steps; deferred errors --------------------
     def _running_totals(self) -> RunningTotals:
-        old, trained = self._totals, self._trained()
-        if old is None or self._totals_for != trained or old.backend is not self.backend:
-            # (a layer frozen or unfrozen, the model moved: the steps not read yet are read
-            # first, so that a skipped one is named, not lost, and the epoch's sums go on)
-            sums = (*self._read_totals(), old.seen) if old is not None else ()
+        old, trained, top_k = self._totals, self._trained(), len(self._top_ks)
+        if old is None or self._totals_for != trained or old.backend is not self.backend or \
+                old.top_k != top_k:
+            # (a layer frozen or unfrozen, the model moved, compiled with other top-k metrics:
+            # the steps not read yet are read first, so that a skipped one is named, not lost,
+            # and the epoch's sums go on; the top-k ones where they are the same metrics')
+            sums = self._read_totals() if old is not None else [0.0, 0.0]
             owners = [(la, k) for la in trained for k in la.params]
-            self._totals, self._owners = RunningTotals(self.backend, len(owners)), owners
-            self._totals_for = trained
-            self._totals.reset(*sums)
+            self._totals = RunningTotals(self.backend, len(owners), top_k)
+            self._owners, self._totals_for = owners, trained
+            self._totals.reset(sums[0], sums[1], old.seen if old is not None else 0.0,
+                               sums[2:] if old is not None and old.top_k == top_k else ())
         return self._totals
 
-    def _read_totals(self) -> tuple[float, float]:
-        """Wait for the device and read the running loss sum and correct count; raise
-        :class:`NonFiniteError` for the first non-finite step since the last read
-        (:class:`InputError` where its labels were no classes)."""
+    def _read_totals(self) -> list[float]:
+        """Wait for the device and read the running [loss sum, correct count, top-k
+        counts...]; raise :class:`NonFiniteError` for the first non-finite step since the
+        last read (:class:`InputError` where its labels were no classes)."""
         if self._totals is None:
-            return 0.0, 0.0
+            return [0.0, 0.0, *[0.0] * len(self._top_ks)]
         host, pending = self._totals.read()
         if host[BAD_STEP] >= 0:
             self._raise_deferred(host, dict(pending))
-        return float(host[LOSS_SUM]), float(host[CORRECT])
+        return self._totals.sums(host)
 
     def _raise_deferred(self, host: np.ndarray, batches: dict[int, Any]) -> None:
         step = int(host[BAD_STEP])
@@ -881,9 +935,14 @@ class Trainer:
             raise InputError(f"fit takes one BackupAndRestore (checkpoint=PATH counts as one), "
                              f"got {len(backups)}: for "
                              f"{', '.join(repr(os.fspath(cb.path)) for cb in backups)}")
-        history = History()
-        callbacks = [*(cb for cb in callbacks if cb not in backups), history,
-                     *([ProgbarLogger(verbose=verbose)] if verbose else []), *backups]
+        # (a History or ProgbarLogger among the user's is fit's own, as in Keras 3: one record
+        # and one bar, the bar at fit's verbose; run where fit's own would, after the others)
+        users = [cb for cb in callbacks if cb not in backups]
+        history = _one_of(users, History) or History()
+        bar = _one_of(users, ProgbarLogger) or (ProgbarLogger(verbose=verbose) if verbose
+                                                else None)
+        callbacks = [*(cb for cb in users if cb is not history and cb is not bar), history,
+                     *([bar] if bar is not None else []), *backups]
         _check_fit_data(x, y, validation_data, validation_split, steps_per_epoch,
                         validation_steps, class_weight, sample_weight)
         if self._train_step_overridden():  # (before training: see _call_train_step)
@@ -906,6 +965,11 @@ class Trainer:
             class_weights = None if class_weight is None else checks.as_class_weights(
                 class_weight, self.num_classes)
             self.history = history
+            # (a user's History records this fit alone, as fit's own one; their bar is silent
+            # where fit is)
+            history.epoch, history.history, history.sparse = [], {}, {}
+            if bar is not None:
+                bar.verbose = verbose
             params = {"epochs": epochs, "initial_epoch": initial_epoch, "steps": data.steps,
                       "verbose": verbose, "data": data, "validation": validation is not None,
                       "validation_freq": validation_freq, "class_weight": class_weights,
@@ -919,6 +983,7 @@ class Trainer:
             try:
                 if self._parallel is not None:
                     self._parallel.check_same_layers()
+                    self._parallel.check_same_data(data)
                     self._parallel.broadcast_weights()
                 self._callbacks_begin(cbs)
             except BaseException:
@@ -933,9 +998,13 @@ class Trainer:
                                            start.epoch == epoch else None)
                     if self._parallel is not None:
                         self._parallel.average_state()
+                    # (an epoch whose validation gave nothing is, for the callbacks, one without
+                    # validation, as validation_freq leaves some: _Monitor._epoch_validated)
+                    self._epoch_validated = False
                     if validates(params, epoch):
                         val = self._evaluate(validation, cbs, self.loss, epoch=epoch)
                         logs.update({f"val_{name}": value for name, value in val.items()})
+                        self._epoch_validated = bool(val)
                     logs["seconds"] = time.perf_counter() - self._epoch_t0
                     cbs.on_epoch_end(epoch, logs)
                     if self.stop_training:
@@ -965,6 +1034,7 @@ class Trainer:
         """What fit set up for its steps ends with it: its class weights (steps outside fit
         take none) and the data-parallel mode (:mod:`xpcnn.distributed`), if it is in it."""
         self._class_weights = None
+        self._epoch_validated = None
         if self._parallel is not None:
             self._parallel.end_fit()
             self._parallel = None
@@ -976,8 +1046,8 @@ class Trainer:
         step = first = start.step if start else 0
         self._position = (epoch, step)
         self._epoch_t0 = time.perf_counter() - (start.seconds if start else 0.0)
-        self._running_totals().reset(*((start.loss_sum, start.correct, start.seen) if start
-                                       else ()))
+        self._running_totals().reset(*((start.loss_sum, start.correct, start.seen, start.top_k)
+                                       if start else ()))
         factor = self.optimizer.lr_factor  # type: ignore[union-attr]
         cbs.on_epoch_begin(epoch)
         if step:  # (resumed inside this epoch: the checkpoint's learning rate is the one this
@@ -1015,12 +1085,17 @@ class Trainer:
             raise InputError(f"the training data gave no batches in epoch {epoch + 1}: an "
                              "iterator needs steps_per_epoch batches for every epoch")
         if data.steps and step < data.steps and not self.stop_training:
-            # (ran out inside the epoch: the next would give none; as Keras, training stops)
-            warnings.warn(f"xpcnn: the training data ran out after {step} of its "
-                          f"{data.steps} batches (steps_per_epoch) in epoch {epoch + 1}: "
-                          "training stops here; an iterator needs steps_per_epoch batches "
-                          "for every epoch", RuntimeWarning, stacklevel=3)
-            self.stop_training = True
+            if _iterator(data):  # (ran out inside the epoch: the next would give none)
+                warnings.warn(f"xpcnn: the training data ran out after {step} of its "
+                              f"{data.steps} batches (steps_per_epoch) in epoch {epoch + 1}: "
+                              "training stops here; an iterator needs steps_per_epoch batches "
+                              "for every epoch", RuntimeWarning, stacklevel=4)
+                self.stop_training = True
+            else:  # (a DataLoader, say: the next epoch is a new pass over it, as in Keras 3)
+                warnings.warn(f"xpcnn: the training data gave {step} of its {data.steps} "
+                              f"batches (steps_per_epoch) in epoch {epoch + 1}: the epoch ends "
+                              "there, and the next starts a new pass over it",
+                              RuntimeWarning, stacklevel=4)  # (the user's fit call)
         return self._batch_logs()
 
     def _train_step_overridden(self) -> bool:
@@ -1032,14 +1107,14 @@ class Trainer:
         """The epoch's running loss and metrics (waits for the device): over every training
         step since the epoch began, those of a callback's ``train_on_batch`` too, as in Keras
         (0 where a ``train_step`` of a subclass recorded none)."""
-        loss_sum, correct = self._read_totals()
-        seen = self._running_totals().seen or 1.0
-        return self._logs(loss_sum / seen, correct / seen)
+        sums = self._read_totals()
+        return self._logs(sums, self._running_totals().seen or 1.0)
 
-    def _epoch_sums(self) -> tuple[float, float, float, float]:
-        """(loss sum, correct count, samples seen, start time) of the epoch in progress, as a
-        checkpoint stores them (waits for the device)."""
-        return (*self._read_totals(), self._running_totals().seen, self._epoch_t0)
+    def _epoch_sums(self) -> tuple[float, float, float, float, list[float]]:
+        """(loss sum, correct count, samples seen, start time, top-k counts) of the epoch in
+        progress, as a checkpoint stores them (waits for the device)."""
+        loss_sum, correct, *top_k = self._read_totals()
+        return loss_sum, correct, self._running_totals().seen, self._epoch_t0, top_k
 
     def _split_validation(self, x: Any, y: Any, w: Any, validation_data: Any,
                           validation_split: float) -> tuple[Any, Any, Any, Any, bool]:
@@ -1090,46 +1165,66 @@ class Trainer:
     def _evaluate(self, data: Batches, cbs: CallbackList, loss: SoftmaxCrossEntropy | None,
                   verbose: int = 0, epoch: int | None = None) -> dict[str, float]:
         """Mean ``loss`` and metrics of ``data``; ``epoch``: fit's, when it is the validation
-        data."""
+        data. A callback's ``model.stop_evaluating = True`` ends it after the current batch,
+        as in Keras 3: the means are those of the batches seen."""
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
-        totals, steps, t0 = RunningTotals(self.backend, 0), 0, time.perf_counter()
+        totals, steps = RunningTotals(self.backend, 0, len(self._top_ks)), 0
+        t0 = time.perf_counter()
         logs = BatchLogs(cbs.lazy_test)
+        self.stop_evaluating = False
         cbs.on_test_begin()
-        with self.backend.compute_scope(), contextlib.closing(
-                data.epoch(0)) as batches:  # type: ignore[type-var]
-            for step, batch in enumerate(_progress(batches, data, verbose, "evaluate")):
-                logs.settle()  # (last batch's logs, if a callback kept them: before this one)
-                steps = step + 1
-                xb, yb, wb = unpack(batch)
-                if not xb.shape[0]:  # this rank's empty part of a short batch
-                    continue
-                cbs.on_test_batch_begin(step)
-                logits = self._logits(xb, False, in_scope=True)
-                stats, _ = loss.forward_with_accuracy(  # type: ignore[union-attr]
-                    xp, logits, yb, self._param_dtype, kernels, weights=wb)
-                totals.add_stats(stats, int(xb.shape[0]))
-                cbs.on_test_batch_end(step, logs.make(lambda seen=totals.seen: self._running_logs(
-                    totals, seen)))  # (this rank's running means, as Keras' batch logs)
-            logs.settle()
-        host, _ = totals.read()
-        # on several ranks, each evaluated its slices: the sums are added up over the ranks
-        loss_sum, correct, seen = distributed.host_sum(
-            distributed.world(), [host[LOSS_SUM], host[CORRECT], totals.seen], "evaluate")
-        if not seen:
-            raise InputError("the evaluation data gave no batches" if epoch is None else
-                             f"the validation data gave no batches in epoch {epoch + 1}: an "
-                             "iterator needs validation_steps batches for every epoch")
-        logs = self._logs(loss_sum / seen, correct / seen)
-        _summarise(verbose, steps, t0, logs)
-        cbs.on_test_end(logs)
-        return logs
+        with _bar(data, verbose, "evaluate") as bar:
+            shown = time.monotonic()
+            with self.backend.compute_scope(), contextlib.closing(
+                    data.epoch(0)) as batches:  # type: ignore[type-var]
+                for step, batch in enumerate(batches):
+                    logs.settle()  # (last batch's logs, if a callback kept them: before this)
+                    steps = step + 1
+                    xb, yb, wb = unpack(batch)
+                    if xb.shape[0]:  # (not this rank's empty part of a short batch)
+                        cbs.on_test_batch_begin(step)
+                        logits = self._logits(xb, False, in_scope=True)
+                        stats, _ = loss.forward_with_accuracy(  # type: ignore[union-attr]
+                            xp, logits, yb, self._param_dtype, kernels, weights=wb)
+                        totals.add_stats(self._with_top_k(stats, logits, yb), int(xb.shape[0]))
+                        # (this rank's running means, as Keras' batch logs)
+                        cbs.on_test_batch_end(step, logs.make(
+                            lambda seen=totals.seen: self._running_logs(totals, seen)))
+                    bar.update(1)
+                    # (the running means on the bar, read as fit's bar reads them: at most
+                    # every BAR_REFRESH seconds)
+                    if not bar.disable and totals.seen and \
+                            time.monotonic() - shown >= BAR_REFRESH:
+                        shown = time.monotonic()
+                        bar.set_postfix(bar_postfix(self._running_logs(totals, totals.seen)))
+                    if self.stop_evaluating:
+                        break
+                logs.settle()
+            host, _ = totals.read()
+            # on several ranks, each evaluated its slices: the sums are added up over the ranks
+            *sums, seen = distributed.host_sum(distributed.world(),
+                                               [*totals.sums(host), totals.seen], "evaluate")
+            if data.steps and steps < data.steps and not self.stop_evaluating:
+                _ran_out(data, steps, epoch)
+                if epoch is not None and _iterator(data):  # (the next epoch's would get none)
+                    self.stop_training = True
+            if not seen:
+                if epoch is not None and _iterator(data):  # (the epoch keeps its training logs)
+                    cbs.on_test_end({})
+                    return {}
+                raise InputError("the evaluation data gave no batches" if epoch is None else
+                                 f"the validation data gave no batches in epoch {epoch + 1}")
+            result = self._logs(sums, seen)
+            bar.set_postfix(bar_postfix(result))
+        _summarise(verbose, steps, t0, result)
+        cbs.on_test_end(result)
+        return result
 
     def _running_logs(self, totals: RunningTotals, seen: float) -> dict[str, float]:
         """The running loss and metrics of ``seen`` samples in ``totals`` (waits for the
         device)."""
-        host = self.backend.to_numpy(totals.state)
-        return self._logs(float(host[LOSS_SUM]) / seen, float(host[CORRECT]) / seen)
+        return self._logs(totals.sums(self.backend.to_numpy(totals.state)), seen)
 
     def predict(self, x: Any, batch_size: int | None = 256, verbose: int | str = 0,
                 steps: int | None = None, callbacks: list[Callback] | None = None) -> np.ndarray:
@@ -1150,16 +1245,20 @@ class Trainer:
             data = self._batches(x, None, batch_size, steps, targets=False, steps_name="steps")
             made.append(data)
             cbs = CallbackList(callbacks, self, _inference_params(verbose, data))
+            self.stop_predicting = False
             cbs.on_predict_begin()
             t0 = time.perf_counter()
-            with self.backend.compute_scope(), contextlib.closing(
-                    data.epoch(0)) as batches:  # type: ignore[type-var]
-                for step, (xb, _) in enumerate(_progress(batches, data, verbose, "predict")):
+            with _bar(data, verbose, "predict") as bar, self.backend.compute_scope(), \
+                    contextlib.closing(data.epoch(0)) as batches:  # type: ignore[type-var]
+                for step, (xb, _) in enumerate(batches):
                     cbs.on_predict_batch_begin(step)
                     z = xp.astype(self._logits(xb, training=False, in_scope=True),
                                   self._param_dtype)
                     out.append(softmax(xp, z) if self._fused_softmax() else z)
                     cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
+                    bar.update(1)
+                    if self.stop_predicting:  # (a callback's, as in Keras 3: the rows so far)
+                        break
                 if not out:  # (as evaluate says)
                     raise InputError("the prediction data gave no batches")
                 outputs = self.backend.to_numpy(xp.concat(out))
@@ -1184,6 +1283,17 @@ def _batch_length(x: Any) -> int:
     return max(1, int(shape[0])) if len(shape) else 1
 
 
+def _one_of(callbacks: list[Callback], kind: type[Callback]) -> Any:
+    """The one ``kind`` callback (History, ProgbarLogger) among the user's ``callbacks``, None
+    where there is none; refused where there are several (fit keeps one record, shows one
+    bar)."""
+    found = [cb for cb in callbacks if isinstance(cb, kind)]
+    if len(found) > 1:
+        raise InputError(f"callbacks holds {len(found)} {kind.__name__} callbacks: fit takes one "
+                         f"(its own {kind.__name__}, which it adds where callbacks has none)")
+    return found[0] if found else None
+
+
 def _validation_freq(value: Any) -> int | frozenset[int]:
     """fit's ``validation_freq``, as Keras 3 takes it: k (validate after every k-th epoch) or
     a collection of the 1-based epochs to validate after."""
@@ -1203,10 +1313,34 @@ def _inference_params(verbose: int, data: Batches) -> dict[str, Any]:
     return {"verbose": verbose, "epochs": 1, "steps": data.steps}
 
 
-def _progress(batches: Any, data: Batches, verbose: int, desc: str) -> Any:
-    """``batches`` behind a progress bar where ``verbose`` is 1 (on rank 0 only)."""
-    return tqdm(batches, total=data.steps, disable=verbose != 1 or not distributed.is_root(),
+#: Seconds between two reads of evaluate's running means for its bar (as ProgbarLogger's).
+BAR_REFRESH = 0.5
+
+
+def _bar(data: Batches, verbose: int, desc: str) -> Any:
+    """evaluate's or predict's progress bar over ``data`` where ``verbose`` is 1 (on rank 0
+    only; else a disabled one); a context that closes it."""
+    return tqdm(total=data.steps, disable=verbose != 1 or not distributed.is_root(),
                 desc=desc, unit="batch")
+
+
+def _iterator(data: Batches) -> bool:
+    """Whether ``data`` reads a user's iterator (a generator): one pass, shared by the
+    epochs, not a new pass each epoch."""
+    return getattr(data, "iterator", None) is not None
+
+
+def _ran_out(data: Batches, steps: int, epoch: int | None) -> None:
+    """Warn that evaluation (``epoch`` None) or fit's validation data gave ``steps`` of its
+    ``data.steps`` batches, as Keras 3 warns (its means are those of the batches it gave)."""
+    what = "evaluation data" if epoch is None else "validation data"
+    setting = "steps" if epoch is None else "validation_steps"
+    then = ("" if epoch is None or not _iterator(data) else
+            ": training stops after this epoch (an iterator needs validation_steps batches "
+            "for every epoch)" + ("; this epoch has no val_* logs" if not steps else ""))
+    warnings.warn(f"xpcnn: the {what} ran out after {steps} of its {data.steps} batches "
+                  f"({setting})" + ("" if epoch is None else f" in epoch {epoch + 1}") + then,
+                  RuntimeWarning, stacklevel=4 if epoch is None else 5)  # (the user's call)
 
 
 def _summarise(verbose: int, steps: int, t0: float, logs: dict[str, float] | None = None
@@ -1220,6 +1354,9 @@ def _checkpoint_callback(checkpoint: str | os.PathLike[str] | None, every: int |
                          resume: bool) -> list[Callback]:
     """fit's ``checkpoint=PATH``, as the :class:`BackupAndRestore` it is short for."""
     if checkpoint is not None:
+        if not is_save_freq(every):  # (named as fit's argument, not as the callback's)
+            raise InputError(f"checkpoint_every must be a positive number of steps or 'epoch', "
+                             f"got {every!r}")
         return [BackupAndRestore(checkpoint, every, resume, delete_checkpoint=False)]
     if resume:
         raise InputError("resume=True needs checkpoint=PATH, the file to resume from")

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
+import array_api_compat
 import numpy as np
 
 from ..backend import Backend, get_backend
@@ -352,11 +353,26 @@ class Layer:
                              "model every input is a symbolic tensor (xpcnn.Input or a layer's "
                              "output)")
         _check_batch(self, x)
+        if not self.built:
+            self._build_for(x)
         if self.built:
             # (in its own dtype uint8 200 + 200 wrapped to 144, a "same" max pool padded int8
             # with 0, and average pools and Dropout failed deep inside)
             x = [self._as_float(a) for a in x] if self.multi_input else self._as_float(x)
         return self.forward(x, bool(training))
+
+    def _build_for(self, x: Any) -> None:
+        """Build an unbuilt layer called on a batch, as Keras does at a layer's first call:
+        for its per-sample shape, in float32 (Keras' default), on the batch's namespace and
+        device (NumPy's CPU for a NumPy array). What is no array is left to forward's error."""
+        batches = list(x) if self.multi_input else [x]
+        try:
+            xp = array_api_compat.array_namespace(*batches)
+            device = array_api_compat.device(batches[0])
+        except TypeError:  # (a list of numbers, say)
+            return
+        shapes = [tuple(int(d) for d in a.shape[1:]) for a in batches]
+        self.build(shapes if self.multi_input else shapes[0], (xp, device))
 
     def _as_float(self, a: Any) -> Any:
         return self.xp.astype(a, self.dtype) if self.xp.isdtype(a.dtype, ("bool", "integral")) \

@@ -76,3 +76,24 @@ def loss_and_correct(xp: Any, loss: Any, z: Any, y: Any) -> Any:
     acc = xp.float64 if z.dtype == xp.float64 else xp.float32
     correct = xp.sum(xp.astype(xp.argmax(z, axis=1) == labels, acc))
     return xp.stack([xp.astype(loss, acc), correct])
+
+
+def top_k_counts(xp: Any, z: Any, y: Any, ks: tuple[int, ...], dtype: Any) -> Any:
+    """For each ``k`` of ``ks``, how many rows of ``z`` have their target's score among the
+    ``k`` largest: fewer than ``k`` scores of the row strictly greater than the target's (ties
+    at the boundary count as in, as TensorFlow's ``in_top_k``), and the target's finite (a NaN
+    or infinite one never counts; a NaN elsewhere is greater than nothing, as Keras' rule on
+    JAX, where TensorFlow's counts no row with a score that is not finite). The
+    target is an integer label (N,) or a one-hot row's first largest entry (N, classes); one
+    that names no class never counts. A (len(ks),) array of ``dtype``, standard operations
+    only, with no host read (each ``k`` a Python int: nothing crosses to the device, which a
+    captured CUDA graph could not record)."""
+    labels = y if y.ndim == 1 else xp.argmax(y, axis=1)
+    hit = xp.reshape(labels, (-1, 1)) == xp.arange(z.shape[1], device=z.device)
+    # (where, not a product with the one-hot mask: an infinite score elsewhere times 0 is NaN)
+    target = xp.sum(xp.where(hit, z, xp.zeros_like(z)), axis=1, keepdims=True)
+    greater = xp.sum(xp.astype(z > target, xp.int32), axis=1)
+    counted = xp.logical_and(xp.isfinite(target[:, 0]), xp.any(hit, axis=1))
+    # (k beyond the classes means all of them: compared as such, it stays in int32's range)
+    return xp.stack([xp.sum(xp.astype(xp.logical_and(counted, greater < min(k, z.shape[1])),
+                                      dtype)) for k in ks])

@@ -9,8 +9,10 @@ count, number of the first non-finite step (-1: none), that step's loss, one ent
 dtype, which would make an optimiser's squared-gradient state infinite), then two marks per
 gradient, 0 between steps (a fast version's scratch within a step: CuPy's marks there each
 gradient that has a non-finite element / an overflowing square, and clears them as it records
-the step, so that no launch zeroes them first)]. A step that is not finite is remembered only
-if it is the first; from it on no update applies.
+the step, so that no launch zeroes them first)], then, where top-k metrics are compiled, one
+count per distinct k (from :func:`top_k_start` on; :class:`xpcnn.totals.RunningTotals` adds
+them after :func:`record_step`, which, as CuPy's fused version, leaves them alone). A step
+that is not finite is remembered only if it is the first; from it on no update applies.
 
 The float16 loss-scaling state is [scale, good steps in a row] (float32): a step whose
 gradients overflow while the scale is above 1 halves the scale and skips its update (not an
@@ -33,9 +35,14 @@ def cleared(n_grads: int) -> list[float]:
     return [-1.0, 0.0] + [0.0] * (3 * n_grads)
 
 
+def top_k_start(n_grads: int) -> int:
+    """Where the top-k counts start in the state of ``n_grads`` gradients: after the marks."""
+    return BAD_GRADS + 3 * n_grads
+
+
 def batch_sums(xp: Any, stats: Any, n: float) -> Any:
-    """What a batch of ``n`` samples adds to [loss sum, correct count]: its [mean loss,
-    correct count] ``stats`` with the loss times ``n``."""
+    """What a batch of ``n`` samples adds to [loss sum, correct count, top-k counts...]: its
+    [mean loss, correct count, top-k counts...] ``stats`` with the loss times ``n``."""
     return xp.concat([stats[:1] * n, stats[1:]])
 
 

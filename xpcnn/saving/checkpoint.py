@@ -56,6 +56,7 @@ from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterr
 from ..files import remove_leftovers, written_file
 from ..history import History
 from ..layers.dropout import RandomLayer
+from ..totals import SCALE_RANGE
 from .model_file import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSIONS,
@@ -72,13 +73,12 @@ from .model_file import (
     set_weights_from_file,
     weight_arrays,
 )
-from .npz import CONFIG_KEY, NpzArchive, array_bytes, write_npz_atomic
+from .npz import CONFIG_KEY, NpzArchive, array_bytes, encode_json, write_npz_atomic
 
 FORMAT = CHECKPOINT_FORMAT
 VERSION = CHECKPOINT_VERSIONS[-1]
 # The loss scales a float32 holds (its dtype on the device), as Python floats: compared with
 # NumPy's, a value out of range would be cast first.
-_SCALES = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
 
 
 @dataclass
@@ -87,7 +87,8 @@ class Progress:
 
     ``loss_sum``, ``correct`` and ``seen`` are the running sums of that epoch's metrics and
     ``seconds`` the time spent in it so far, so a resumed epoch reports the same loss and
-    accuracy as an uninterrupted one.
+    accuracy as an uninterrupted one; ``top_k``, the top-k metrics' counts (one a distinct
+    k, in compile's order; none for zeros, and in files written before there were any).
     """
 
     epoch: int = 0
@@ -96,6 +97,12 @@ class Progress:
     correct: float = 0.0
     seen: float = 0.0
     seconds: float = 0.0
+    top_k: list[float] = field(default_factory=list)
+
+    def entry(self) -> dict[str, Any]:
+        """As a checkpoint holds it: ``top_k`` only where there are some (files of runs
+        without top-k metrics stay as they were)."""
+        return {k: v for k, v in vars(self).items() if k != "top_k" or v}
 
 
 @dataclass
@@ -158,7 +165,7 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
         "loss_scale": float(model.loss_scale), "good_steps": int(model._good_steps),
         "random_layers": [{"index": i, "seed": int(la.seed), "calls": int(la.calls)}
                           for i, la in enumerate(model.layers) if isinstance(la, RandomLayer)],
-        "progress": vars(progress),
+        "progress": progress.entry(),
         "history": {"epoch": list(history.epoch), "history": history.history,
                     "sparse": history.sparse},
         "run": run or {},
@@ -213,10 +220,34 @@ def _states_entry(states: list[tuple[str, dict[str, Any] | None]]
                 counts[key] = len(value)
                 arrays.update({f"callback.{i}.{key}.{k}": a for k, a in enumerate(value)})
             else:
-                plain[key] = value
+                plain[key] = _json_value(value, name, key)
         entry.append({"class": name, "state": None if state is None else plain,
                       "arrays": counts})
     return entry, arrays
+
+
+def _json_value(value: Any, name: str, key: str) -> Any:
+    """``value``, the state of callback ``name`` under ``key``, as JSON: a NumPy scalar or 0-d
+    array (``np.argmin(...)``, a float32 loss) as the Python number it holds (so it comes back
+    as one), in lists and dicts too; InputError, naming the callback and the key, for what
+    JSON cannot hold (was: a JSON error blaming the layers' settings, after an epoch)."""
+    if isinstance(value, np.generic | np.ndarray) and np.ndim(value) == 0:
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _json_value(v, name, key) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_value(v, name, key) for v in value]
+    try:
+        encode_json(value)
+    except (TypeError, ValueError) as e:
+        array = isinstance(value, np.ndarray)
+        raise InputError(
+            f"the state of callback {name} (its get_state()) cannot be written to the "
+            f"checkpoint: {key!r} holds {'an array' if array else type(value).__name__} "
+            f"{value!r:.80}, which JSON cannot hold ({e}); a state holds numbers, strings, None, "
+            "lists and dicts of them, and lists of NumPy arrays"
+            + (f" (return [{key}_array], a list, or .tolist())" if array else "")) from e
+    return value
 
 
 def _slot_owners(model: Any, trainable: list[bool] | None = None) -> list[tuple[Any, str]]:
@@ -396,9 +427,9 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
                 slots[name].append(a if stored_layout else layer.from_keras_layout(weight, a))
     loss_scale = config.get("loss_scale")
     if (isinstance(loss_scale, bool) or not isinstance(loss_scale, int | float)
-            or not _SCALES[0] <= loss_scale <= _SCALES[1]):
-        raise bad(f"loss_scale {loss_scale!r}, expected a number from {_SCALES[0]:.4g} to "
-                  f"{_SCALES[1]:.4g} (it is held in float32: beyond, it would become infinity "
+            or not SCALE_RANGE[0] <= loss_scale <= SCALE_RANGE[1]):
+        raise bad(f"loss_scale {loss_scale!r}, expected a number from {SCALE_RANGE[0]:.4g} to "
+                  f"{SCALE_RANGE[1]:.4g} (it is held in float32: beyond, it would become infinity "
                   "or 0)")
     if model._scaling is None and loss_scale != 1:  # (checked before anything is restored)
         raise bad(f"loss_scale {loss_scale!r} in a checkpoint of a model without float16 loss "
@@ -473,17 +504,22 @@ def _float(v: Any, what: str, path: str) -> float:
 def _progress(p: Any, path: str) -> Progress:
     if not isinstance(p, dict):
         raise DataFormatError(f"{path}: invalid checkpoint: no progress entry")
+    top_k = p.get("top_k", [])
+    if not isinstance(top_k, list):
+        raise DataFormatError(f"{path}: invalid checkpoint: progress top_k is {top_k!r}, "
+                              "expected a list of counts")
     return Progress(epoch=_int(p.get("epoch"), "epoch", path),
                     step=_int(p.get("step"), "step", path),
                     **{k: _float(p.get(k), k, path)
-                       for k in ("loss_sum", "correct", "seen", "seconds")})
+                       for k in ("loss_sum", "correct", "seen", "seconds")},
+                    top_k=[_float(v, "a top_k count", path) for v in top_k])
 
 
 def progress_within(model: Any, epoch: int, step: int) -> Progress:
     """Where ``epoch`` stands after its batch ``step``, with its running sums (read from the
     device), so that a run resumed from it continues there."""
-    loss_sum, correct, seen, t0 = model._epoch_sums()
-    return Progress(epoch, step, loss_sum, correct, seen, time.perf_counter() - t0)
+    loss_sum, correct, seen, t0, top_k = model._epoch_sums()
+    return Progress(epoch, step, loss_sum, correct, seen, time.perf_counter() - t0, top_k)
 
 
 def _callback_states(config: dict[str, Any], npz: NpzArchive, model: Any
@@ -662,6 +698,10 @@ class FitCheckpoints:
                                           and (progress.loss_sum or progress.correct)):
             raise DataFormatError(f"{self.path}: invalid checkpoint: step {progress.step} of an "
                                   f"epoch of {self.steps} steps, {progress.seen} samples seen")
+        top_k = len(self.model._top_ks)  # (its compile, checked above, has as many)
+        if progress.top_k and len(progress.top_k) != top_k:
+            raise DataFormatError(f"{self.path}: invalid checkpoint: {len(progress.top_k)} "
+                                  f"top-k counts in its progress, for {top_k} top-k metrics")
         states, kept = self._checked_states(_callback_states(config, npz, self.model))
         stopped = config.get("stopped", False)
         if not isinstance(stopped, bool):

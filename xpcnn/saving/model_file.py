@@ -30,6 +30,7 @@ from ..graph import Inbound, check_graph, inbound_of
 from ..layers import BatchNorm2D, Conv2D, Dense
 from ..layers.base import LAYER_TYPES, Layer
 from ..losses import loss_from_config
+from ..metrics import metric_from_config
 from ..optim import optimizer_from_config
 from .npz import (
     CONFIG_KEY,
@@ -82,7 +83,10 @@ def model_config(model: Any, compiled: bool = True, checked: bool = True) -> dic
             model.optimizer.check_config()
         config["compile"] = {"loss": model.loss.get_config(),
                              "optimizer": model.optimizer.get_config(),
-                             "precision": model.precision, "metrics": list(model.metrics)}
+                             "precision": model.precision,
+                             # (names, as before top-k metrics; a dict where one has
+                             # another k or name: xpcnn.metrics.Metric.get_config)
+                             "metrics": [m.get_config() for m in model._metric_objects]}
     return config
 
 
@@ -241,6 +245,7 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
                 raise DataFormatError(f"{path}: invalid model configuration: compile metrics is "
                                       f"{compiled['metrics']!r}, expected a list of names such "
                                       "as ['accuracy']")
+            metrics = [metric_from_config(m) for m in compiled["metrics"]]
             loss = loss_from_config(compiled["loss"])
             optimizer = optimizer_from_config(compiled["optimizer"])
         # (a checkpoint loaded uncompiled: its optimiser is not read, nor are its slots)
@@ -250,7 +255,7 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
         model = cls.from_config(config, layers, device)
         model.build(input_shape)
         if compiled is not None:
-            model.compile(loss, optimizer, metrics=compiled["metrics"],
+            model.compile(loss, optimizer, metrics=metrics,
                           precision=compiled["precision"])
             factor = compiled.get("lr_factor", 1.0)  # (written where it is not 1)
             if isinstance(factor, bool) or not isinstance(factor, int | float) or not (
