@@ -1547,3 +1547,24 @@ def test_a_validation_iterator_that_runs_out_stops_the_fit_cleanly(batches):
                                             r"batches \(steps\)$") as seen:
         model.evaluate(iter(_Passes(x[:5], y[:5], 5)), steps=3)
     assert [w.filename for w in seen] == [__file__]
+
+
+def test_xpcnns_warnings_point_at_the_users_call(tmp_path):
+    """Each warning names the user's line (the first frame outside xpcnn), not one inside
+    xpcnn's wrappers (a count of frames pointed at training.py's fit guard, at the callback
+    list, or at data.py): the channels-first hint, a History log that is no number, a
+    CSVLogger column that is not there."""
+    model = _small_dense_model()
+    x, y = np.random.default_rng(0).standard_normal((8, 3, 6, 6)), np.arange(8) % 3
+    with pytest.warns(UserWarning, match="looks like channels-first") as seen:
+        model.fit(x, y, epochs=1, verbose=0)
+    assert [w.filename for w in seen] == [__file__]
+    late = xpcnn.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(
+        note="text", **({"late": 1.0} if epoch else {})))
+    log = xpcnn.callbacks.CSVLogger(str(tmp_path / "log.csv"))
+    with pytest.warns(RuntimeWarning) as seen:
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[late, log])
+    messages = sorted(str(w.message).split(";")[0][:40] for w in seen)
+    assert any("History records numbers" in m for m in messages), messages
+    assert any("CSVLogger's file" in m for m in messages), messages
+    assert {w.filename for w in seen} == {__file__}

@@ -54,7 +54,6 @@ import os
 import re
 import string
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
@@ -63,7 +62,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import checks, distributed, history, metrics
-from .errors import InputError, NonFiniteError
+from .errors import InputError, NonFiniteError, warn
 from .files import written_file
 from .saving import FitCheckpoints, Progress, progress_within, save_checkpoint
 from .saving.checkpoint import callback_states
@@ -1173,10 +1172,9 @@ class CSVLogger(Callback):
         left = sorted(logs.keys() - {*self.keys, *self._left})
         if left:  # (once a log: the file's columns are its header's)
             self._left.update(left)
-            warnings.warn(f"xpcnn: CSVLogger's file {self.filename!r} has no columns for the "
-                          f"logs {left}, which are not written: its columns are its header's "
-                          "(the first epoch's logs, or those of the file appended to)",
-                          RuntimeWarning, stacklevel=2)
+            warn(f"CSVLogger's file {self.filename!r} has no columns for the logs {left}, "
+                 "which are not written: its columns are its header's (the first epoch's logs, "
+                 "or those of the file appended to)")
         row = [epoch] + [logs.get(k, "NA") for k in self.keys]
         csv.writer(self.file, delimiter=self.separator).writerow(row)
         self.file.flush()

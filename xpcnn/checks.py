@@ -6,13 +6,12 @@ import inspect
 import math
 import numbers
 import os
-import warnings
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
 
-from .errors import InputError, NonFiniteError
+from .errors import InputError, NonFiniteError, warn
 from .files import names_a_folder, try_writing_in, written_file
 
 
@@ -57,11 +56,11 @@ def shape_to_build(sample: tuple[int, ...], what: str = "x") -> tuple[int, ...]:
     images of 32 channels and could train on them, meaninglessly)."""
     sample = tuple(int(d) for d in sample)
     if len(sample) == 3 and sample[0] in (1, 3) and min(sample[1:]) > 4:
-        warnings.warn(f"{what} has per-sample shape {sample}, which looks like channels-first "
-                      f"images (C, H, W), as PyTorch keeps them; xpcnn reads (H, W, C), so the "
-                      f"model is built for {sample[0]}x{sample[1]} images of {sample[2]} "
-                      f"channels. Pass {what}.transpose(0, 2, 3, 1), or build(input_shape) "
-                      "first where that shape is meant", UserWarning, stacklevel=2)
+        warn(f"{what} has per-sample shape {sample}, which looks like channels-first images "
+             f"(C, H, W), as PyTorch keeps them; xpcnn reads (H, W, C), so the model is built "
+             f"for {sample[0]}x{sample[1]} images of {sample[2]} channels. Pass "
+             f"{what}.transpose(0, 2, 3, 1), or build(input_shape) first where that shape is "
+             "meant", UserWarning)
     return sample
 
 

@@ -1,9 +1,27 @@
-"""The error types xpcnn raises on purpose.
+"""The error types xpcnn raises on purpose, and its one way to warn.
 
 Every error a user can provoke with bad input is one of these, with a message that names what was
 wrong and what was expected. Each also derives from the matching built-in type so that code written
 against ``ValueError`` or ``OSError`` keeps working.
 """
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+
+def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """Warn ``xpcnn: message``, pointed at the user's call: the first frame outside xpcnn (a
+    count of frames goes wrong whenever a call is wrapped, or made from another path)."""
+    frame, level = sys._getframe(1), 2  # (1: the warnings.warn below; 2: its caller)
+    while frame is not None and _of_xpcnn(frame.f_globals.get("__name__", "")):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"xpcnn: {message}", category, stacklevel=level)
+
+
+def _of_xpcnn(module: str) -> bool:
+    return module == "xpcnn" or module.startswith("xpcnn.")
 
 
 class XpcnnError(Exception):

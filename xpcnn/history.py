@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
+
+from .errors import warn
 
 
 class History:
@@ -49,6 +50,6 @@ def _number(key: str, value: Any) -> float | None:
     try:
         return float(value)
     except (TypeError, ValueError):
-        warnings.warn(f"xpcnn: the History records numbers; the log {key!r} = {value!r:.60} is "
-                      "not one and is left out", RuntimeWarning, stacklevel=3)
+        warn(f"the History records numbers; the log {key!r} = {value!r:.60} is not one and is "
+             "left out")
         return None

@@ -22,7 +22,6 @@ import math
 import os
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
@@ -65,7 +64,7 @@ from .data import (
     to_device,
     unpack,
 )
-from .errors import InputError, NonFiniteError
+from .errors import InputError, NonFiniteError, warn
 from .layers.base import Layer
 from .layers.dropout import RandomLayer
 from .losses import SoftmaxCrossEntropy, get_loss
@@ -674,8 +673,7 @@ class Trainer:
         if reasons:
             self.cuda_graphs_reason = reasons[0]
             if self.cuda_graphs:
-                warnings.warn(f"xpcnn: training steps run without CUDA graphs: {reasons[0]}",
-                              RuntimeWarning, stacklevel=3)
+                warn(f"training steps run without CUDA graphs: {reasons[0]}")
             return None
         opt = self.optimizer
         assert opt is not None
@@ -1086,16 +1084,14 @@ class Trainer:
                              "iterator needs steps_per_epoch batches for every epoch")
         if data.steps and step < data.steps and not self.stop_training:
             if _iterator(data):  # (ran out inside the epoch: the next would give none)
-                warnings.warn(f"xpcnn: the training data ran out after {step} of its "
-                              f"{data.steps} batches (steps_per_epoch) in epoch {epoch + 1}: "
-                              "training stops here; an iterator needs steps_per_epoch batches "
-                              "for every epoch", RuntimeWarning, stacklevel=4)
+                warn(f"the training data ran out after {step} of its {data.steps} batches "
+                     f"(steps_per_epoch) in epoch {epoch + 1}: training stops here; an "
+                     "iterator needs steps_per_epoch batches for every epoch")
                 self.stop_training = True
             else:  # (a DataLoader, say: the next epoch is a new pass over it, as in Keras 3)
-                warnings.warn(f"xpcnn: the training data gave {step} of its {data.steps} "
-                              f"batches (steps_per_epoch) in epoch {epoch + 1}: the epoch ends "
-                              "there, and the next starts a new pass over it",
-                              RuntimeWarning, stacklevel=4)  # (the user's fit call)
+                warn(f"the training data gave {step} of its {data.steps} batches "
+                     f"(steps_per_epoch) in epoch {epoch + 1}: the epoch ends there, and the "
+                     "next starts a new pass over it")
         return self._batch_logs()
 
     def _train_step_overridden(self) -> bool:
@@ -1205,7 +1201,9 @@ class Trainer:
             # on several ranks, each evaluated its slices: the sums are added up over the ranks
             *sums, seen = distributed.host_sum(distributed.world(),
                                                [*totals.sums(host), totals.seen], "evaluate")
-            if data.steps and steps < data.steps and not self.stop_evaluating:
+            # (none at all, from anything but fit's validation iterator: refused below)
+            if data.steps and steps < data.steps and not self.stop_evaluating and (
+                    seen or epoch is not None and _iterator(data)):
                 _ran_out(data, steps, epoch)
                 if epoch is not None and _iterator(data):  # (the next epoch's would get none)
                     self.stop_training = True
@@ -1338,9 +1336,8 @@ def _ran_out(data: Batches, steps: int, epoch: int | None) -> None:
     then = ("" if epoch is None or not _iterator(data) else
             ": training stops after this epoch (an iterator needs validation_steps batches "
             "for every epoch)" + ("; this epoch has no val_* logs" if not steps else ""))
-    warnings.warn(f"xpcnn: the {what} ran out after {steps} of its {data.steps} batches "
-                  f"({setting})" + ("" if epoch is None else f" in epoch {epoch + 1}") + then,
-                  RuntimeWarning, stacklevel=4 if epoch is None else 5)  # (the user's call)
+    warn(f"the {what} ran out after {steps} of its {data.steps} batches ({setting})"
+         + ("" if epoch is None else f" in epoch {epoch + 1}") + then)
 
 
 def _summarise(verbose: int, steps: int, t0: float, logs: dict[str, float] | None = None

@@ -39,10 +39,8 @@ import contextvars
 import math
 import os
 import signal
-import sys
 import threading
 import time
-import warnings
 import zlib
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
@@ -52,7 +50,7 @@ import numpy as np
 
 from .. import checks, distributed
 from ..backend import DeviceLike
-from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterrupted
+from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterrupted, warn
 from ..files import remove_leftovers, written_file
 from ..history import History
 from ..layers.dropout import RandomLayer
@@ -743,7 +741,7 @@ class FitCheckpoints:
             if ours or theirs:
                 held = "no callback states (an earlier version's file)" if theirs is None else \
                     f"the states of the callbacks {theirs}"
-                _warn(f"{self.path} holds {held}, and this run's callbacks that keep one are "
+                warn(f"{self.path} holds {held}, and this run's callbacks that keep one are "
                       f"{ours}: they start afresh (the same callbacks, in the same order, go on "
                       "from the file)")
             return None, not (ours or theirs)
@@ -751,7 +749,7 @@ class FitCheckpoints:
                 for cb, (_, state) in zip(self.callbacks, states, strict=True)]
         if not all(fits):
             other = [name for (name, _), fit in zip(states, fits, strict=True) if not fit]
-            _warn(f"{self.path} holds the states of the callbacks {theirs}, kept under other "
+            warn(f"{self.path} holds the states of the callbacks {theirs}, kept under other "
                   f"settings for {other} (another monitor or mode): "
                   f"{'it starts' if len(other) == 1 else 'they start'} afresh, the others go on "
                   "from the file")
@@ -806,18 +804,4 @@ class FitCheckpoints:
                 distributed.host_sum(self.model._parallel.world, [0.0],
                                      "the checkpoint's write")
             raise TrainingInterrupted(f"epoch {epoch + 1}, step {step}/{self.steps}", self.path)
-
-
-def _warn(message: str) -> None:
-    """A resume's one-line warning, pointed at the user's fit call (the frames between are
-    xpcnn's)."""
-    warnings.warn(f"xpcnn: {message}", RuntimeWarning, stacklevel=_user_frame())
-
-
-def _user_frame() -> int:
-    """The stacklevel of the first frame outside xpcnn."""
-    frame, level = sys._getframe(2), 2
-    while frame is not None and checks.of_xpcnn(frame.f_globals.get("__name__", "")):
-        frame, level = frame.f_back, level + 1
-    return level
 
