@@ -680,6 +680,9 @@ xs, ys = {"data shards": (x[rank::2], y[rank::2]),
 try:
     if sys.argv[1] == "train_on_batch":
         model.train_on_batch(x[:4], y[:4])
+    elif sys.argv[1] == "uneven batches":  # (rank 1's generator one batch short)
+        batches = ((x[i:i + 4], y[i:i + 4]) for i in range(0, 16 - 4 * rank, 4))
+        model.fit(batches, steps_per_epoch=4, epochs=1, verbose=0)
     else:
         model.fit(xs, ys, epochs=1, batch_size=4, verbose=0, callbacks=callbacks)
 except XpcnnError as e:
@@ -692,7 +695,7 @@ os.write(1, (said + "\\n").encode())  # (one write: the ranks' lines do not inte
 
 @needs_mpi
 @pytest.mark.parametrize("case", ["shards", "path", "same", "data shards", "lengths",
-                                  "train_on_batch"])
+                                  "train_on_batch", "uneven batches"])
 def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp_path, case):
     """A Normalization adapted on each rank's own shard (their models predicted apart, rank 0's
     alone saved), and a refusal of one rank's own (a path rank 0 alone checks; the others
@@ -700,7 +703,9 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
     rank refuses, at once, saying why. The same data on every rank trains. Per-rank shards of
     the data (half of it trained, silently) or arrays of other lengths (the ranks' logs
     differed) are refused on every rank; so is train_on_batch (each rank stepped on its own
-    batch, no gradient averaged: the ranks' weights drifted apart)."""
+    batch, no gradient averaged: the ranks' weights drifted apart). A rank whose generator
+    gave one batch fewer left the other waiting in the exchange of the batch sizes for the
+    whole timeout, blaming a stuck rank: both now say which ran out, at once."""
     script = tmp_path / "refused.py"
     script.write_text(_REFUSED_ON_EVERY_RANK)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
@@ -720,6 +725,14 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
         assert all("DistributedError: fit on several ranks was given other training data on "
                    "rank(s) [1] than on rank 0" in line for line in lines), lines
         assert len(lines) == 2
+    elif case == "uneven batches":
+        assert lines == [
+            "rank 0 refused: DistributedError: the training data of rank(s) [1] ran out of "
+            "batches before this rank's: every rank must give the same number of batches an "
+            "epoch",
+            "rank 1 refused: DistributedError: the training data of this rank ran out after 3 "
+            "batches in epoch 1 while rank(s) [0] had more: every rank must give the same "
+            "number of batches an epoch"], lines
     elif case == "train_on_batch":
         assert lines == [f"rank {r} refused: InputError: train_on_batch runs on one process, "
                          "and this is one of 2 ranks: fit is what trains on several (every "

@@ -424,7 +424,27 @@ class DataParallel:
         sizes = np.zeros(self.world.size)
         sizes[self.world.rank] = local
         sizes = host_sum(self.world, sizes, "the batch sizes")
+        ended = [r for r in range(self.world.size) if sizes[r] < 0]
+        if ended:
+            raise DistributedError(f"the training data of rank(s) {ended} ran out of batches "
+                                   "before this rank's: every rank must give the same number "
+                                   "of batches an epoch")
         self.use_slice(int(sum(sizes[:self.world.rank])), local, int(sum(sizes)))
+
+    def end_batches(self, steps: int, epoch: int) -> None:
+        """After this rank's last batch of ``epoch`` (``steps`` of them) from an iterable: tell
+        the others, in the exchange of the batch sizes (-1: no more), and learn whether every
+        rank ended there too (a rank whose data ran out early left the others waiting in that
+        exchange for the whole timeout, then blaming a stuck rank)."""
+        sizes = np.zeros(self.world.size)
+        sizes[self.world.rank] = -1
+        sizes = host_sum(self.world, sizes, "the batch sizes")
+        going = [r for r in range(self.world.size) if sizes[r] >= 0]
+        if going:
+            raise DistributedError(f"the training data of this rank ran out after {steps} "
+                                   f"batches in epoch {epoch + 1} while rank(s) {going} had "
+                                   "more: every rank must give the same number of batches an "
+                                   "epoch")
 
     def use_slice(self, start: int, local: int, total: int) -> None:
         """This rank's part is samples ``start:start + local`` of a global batch of ``total``."""

@@ -1077,6 +1077,10 @@ class Trainer:
                 if self.stop_training:
                     break
             logs.settle()
+        if self._parallel is not None and data.place(first) is None:
+            # (an iterable on several ranks: each batch's sizes were exchanged; a rank whose
+            # batches ended tells the others, which would wait for it until the timeout)
+            self._parallel.end_batches(step - first, epoch)
         # (a checkpoint written after the epoch's last step, as ModelCheckpoint's save_freq
         # may write it, resumes at the epoch's end: no step is left)
         if step == first and not (first and first == data.steps):
