@@ -56,7 +56,11 @@ def test_train_with_early_stopping_and_a_csv_log(tmp_path, capsys):
     args = ["train", "--limit", "64", "--val-split", "0.25", "--epochs", "6", "--batch-size",
             "16", "--lr", "0.1", "--quiet", "--json", "--early-stopping", "1", "--log", str(log)]
     assert main(args) == 0
-    history = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["history"]
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    history = result["history"]
+    # the epochs trained, not those asked for (was: "epochs": 6), and that it stopped early
+    assert result["epochs"] == len(history["loss"]) < 6
+    assert (result["epochs_asked"], result["stopped_early"]) == (6, True)
     rows = log.read_text().splitlines()
     assert rows[0].split(",") == ["epoch", "accuracy", "loss", "seconds", "val_accuracy",
                                   "val_loss"]
@@ -125,7 +129,10 @@ def test_a_resumed_run_adds_to_its_log_and_a_refused_one_leaves_it(tmp_path, cap
            "--checkpoint", str(ck), "--log", str(log)]
     assert main([*run, "--epochs", "1"]) == 0
     first = log.read_text()
-    assert main([*run, "--epochs", "2", "--resume"]) == 0  # (a constant rate: it goes on)
+    assert main([*run, "--epochs", "2", "--resume", "--json"]) == 0  # (a constant rate)
+    # (the epochs of the run, resumed ones too)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["epochs"], result["epochs_asked"], result["stopped_early"]) == (2, 2, False)
     rows = log.read_text().splitlines()
     assert log.read_text().startswith(first) and [r.split(",")[0] for r in rows[1:]] == ["0", "1"]
     capsys.readouterr()
@@ -164,3 +171,62 @@ def test_a_model_made_for_other_images_is_refused_naming_the_flag(tmp_path, caps
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("xpcnn train: error: argument --model: resnet20 does not take "
                            "mnist's 28x28x1 images: the residual networks normalise RGB images")
+
+
+def _visualize_once(tmp_path, capsys) -> tuple[list[str], list[str]]:
+    model = tmp_path / "m.npz"
+    assert main(["train", "--limit", "16", "--epochs", "1", "--quiet", "--save",
+                 str(model)]) == 0
+    capsys.readouterr()
+    return [str(model)], ["visualize", "--model", str(model), "--max-maps", "2", "--dpi", "20"]
+
+
+def test_visualize_on_a_rank_other_than_0_writes_and_prints_nothing(tmp_path, monkeypatch,
+                                                                     capsys):
+    """As `xpcnn train`: under mpiexec, rank 0 writes the figures and speaks for all (was:
+    every rank wrote the same files at once, and printed)."""
+    from xpcnn import distributed
+
+    _, visualize = _visualize_once(tmp_path, capsys)
+    monkeypatch.setattr(distributed, "is_root", lambda: False)
+    assert main([*visualize, "--out", str(tmp_path / "figs")]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert not (tmp_path / "figs").exists() or not any((tmp_path / "figs").iterdir())
+
+
+def _mpiexec() -> str | None:
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    if importlib.util.find_spec("mpi4py") is None:
+        return None
+    beside = Path(sys.executable).parent / "mpiexec"  # where the mpich wheel puts it
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+def test_visualize_under_mpiexec_writes_and_speaks_once(tmp_path, capsys):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip('needs mpiexec and mpi4py: pip install -e ".[mpi]"')
+    _, visualize = _visualize_once(tmp_path, capsys)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "OPENBLAS_NUM_THREADS": "1"}
+    cli = "import sys; from xpcnn.cli import main; sys.exit(main())"
+    proc = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", cli, *visualize, "--out",
+                           str(tmp_path / "figs"), "--json"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    [line] = proc.stdout.strip().splitlines()  # rank 0's JSON alone
+    written = json.loads(line)["written"]
+    assert sorted(os.path.basename(p) for p in written) == sorted(
+        p.name for p in (tmp_path / "figs").iterdir())
+    wrote = [x for x in proc.stderr.splitlines() if x.startswith("wrote ")]
+    assert wrote == [f"wrote {p}" for p in written], proc.stderr  # (was: each twice)
+    assert proc.stderr.count("shapes test image 0: label") == 1

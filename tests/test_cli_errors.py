@@ -201,7 +201,7 @@ def test_a_val_split_is_reported_as_it_was_asked(small_shapes, capsys):
 def test_json_success_and_failure_are_one_object(small_shapes, capsys, tmp_path):
     assert main(["train", "--epochs", "1", "--limit", "8", "--quiet", "--json"]) == 0
     (result,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert result["epochs"] == 1
+    assert (result["epochs"], result["epochs_asked"], result["stopped_early"]) == (1, 1, False)
     assert main(["train", "--data-dir", str(tmp_path / "typo"), "--json"]) == 2
     out, err = capsys.readouterr()
     (failure,) = [json.loads(line) for line in out.splitlines()]
@@ -407,3 +407,100 @@ def test_json_to_a_reader_that_has_gone_ends_quietly():
         os.close(write)
     assert run.returncode == 141, run.stderr
     assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
+
+
+def _double_ctrl_c_at_save(monkeypatch, at: int) -> None:
+    """The checkpoint write number ``at`` (1-based) meets a second Ctrl-C before it writes
+    anything (a big model on a slow disk): one Ctrl-C asks for the checkpoint at the step, the
+    next one does not wait for it (KeyboardInterrupt); the writes before it are done."""
+    import xpcnn.saving.checkpoint as ck
+
+    real, calls = ck.save_checkpoint, []
+
+    def slow_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            for _ in range(2):  # (each handled before the next: Python merges pending ones)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            raise AssertionError("the second Ctrl-C did not interrupt")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ck, "save_checkpoint", slow_save)
+
+
+@pytest.mark.parametrize("at, kept", [
+    (2, "the last complete checkpoint stays in {ck} (epoch 1, step 3/8): run the same command "
+        "with --resume to continue from it"),
+    (4, "the last complete checkpoint stays in {ck} (the end of epoch 1): run the same command "
+        "with --resume to continue from it"),
+    (1, "nothing was kept (no checkpoint had been written to {ck} yet)"),
+])
+def test_a_second_ctrl_c_says_what_the_checkpoint_file_holds(tmp_path, ctrl_c_raises,
+                                                             monkeypatch, capsys, at, kept):
+    """Ctrl-C twice with --checkpoint: the last checkpoint written stays, and the message says
+    so and how to resume (was: "nothing was kept (--checkpoint PATH keeps the training
+    state...)" though the file was there and resumed); "nothing was kept" only where no
+    checkpoint had been written."""
+    ck = tmp_path / "ck.npz"
+    run = [*TRAIN, "--epochs", "3", "--checkpoint", str(ck), "--checkpoint-every", "3"]
+    with monkeypatch.context() as m:
+        _double_ctrl_c_at_save(m, at)  # (writes at steps 3, 6, the end of epoch 1, 11, ...)
+        assert main(run) == 130
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"xpcnn train: interrupted at epoch \d, after step \d/8; "
+                        + re.escape(kept.format(ck=ck)), err), err
+    if at > 1:  # what it says holds: the same command with --resume continues from there
+        assert load_checkpoint(ck).model.optimizer.iterations == {2: 3, 4: 8}[at]
+        assert main([*run, "--resume"]) == 0
+        assert load_checkpoint(ck).model.optimizer.iterations == 24
+    else:
+        assert not ck.exists()
+
+
+def test_a_second_ctrl_c_before_this_run_wrote_its_checkpoint(tmp_path, ctrl_c_raises,
+                                                              monkeypatch, capsys):
+    """(no --resume: the file an earlier run left, which this run would have replaced, is not
+    this run's work)"""
+    ck = tmp_path / "ck.npz"
+    run = [*TRAIN, "--epochs", "1", "--checkpoint", str(ck)]
+    assert main(run) == 0
+    with monkeypatch.context() as m:
+        _double_ctrl_c_at_save(m, 1)
+        assert main([*run[:-3], "2", *run[-2:]]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"nothing of this run was kept ({ck} holds an earlier run's "
+                        "checkpoint, as it was before this run)"), err
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_a_reader_that_has_gone_loses_no_work(tmp_path, stream, unbuffered):
+    """`xpcnn train --save m.npz --epoch-lines | head -1`: once the reader has gone, what is
+    printed goes nowhere, quietly, and training, saving and the log go on to the end; status
+    141, as --json's (was: "error: [Errno 32] Broken pipe", status 1, the model never saved,
+    training cut off). The same for stderr (progress bars, and --json's messages)."""
+    model, log = tmp_path / "m.npz", tmp_path / "log.csv"
+    read, write = os.pipe()
+    os.close(read)  # (no reader: the first write meets a broken pipe)
+    env = _env()
+    if not unbuffered:  # (block-buffered into a pipe: the broken pipe is met at the end)
+        del env["PYTHONUNBUFFERED"]
+    argv = ["train", "--limit", "64", "--batch-size", "16", "--epochs", "3", "--save",
+            str(model), "--log", str(log), *(["--epoch-lines"] if stream == "stdout" else
+                                             ["--json"])]
+    pipes = {"stdout": write, "stderr": subprocess.PIPE} if stream == "stdout" else \
+        {"stdout": subprocess.PIPE, "stderr": write}
+    try:
+        run = subprocess.run(_cli(*argv), **pipes, text=True, env=env, timeout=300)
+    finally:
+        os.close(write)
+    other = run.stderr if stream == "stdout" else run.stdout
+    assert run.returncode == 141, other
+    xpcnn.load_model(model)  # (written, whole)
+    assert len(log.read_text().splitlines()) == 4  # (a header and the 3 epochs)
+    if stream == "stdout":
+        assert "Traceback" not in other and "BrokenPipe" not in other and \
+            "Exception ignored" not in other, other
+    else:  # (--json: stdout holds the results as ever)
+        assert json.loads(other)["epochs"] == 3

@@ -372,6 +372,45 @@ def test_a_batch_saved_again_by_python_3_loads_as_the_original(tmp_path, rng, pr
         np.testing.assert_array_equal(yi, y)
 
 
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 5])
+def test_a_batch_with_an_empty_bytes_loads(tmp_path, rng, protocol):
+    """Python 3 writes an empty bytes (here an empty batch_label) as ``__builtin__.bytes()``
+    below protocol 3: a valid batch, which was refused as a code-execution threat."""
+    x, y = random_cifar(rng, 3)
+    batch = pickle.loads(cifar_pickle(x, y), encoding="bytes")
+    batch[b"batch_label"] = b""
+    data = pickle.dumps(batch, protocol=protocol)
+    for xi, yi in (parse_batch(data), load_cifar10(_saved_batch(tmp_path, data),
+                                                   download=False)[0]):
+        np.testing.assert_array_equal(xi, x)
+        np.testing.assert_array_equal(yi, y)
+
+
+@pytest.mark.parametrize("module", ["__builtin__", "builtins"])
+@pytest.mark.parametrize("args", [b"K\x05\x85", b"J\x00\xca\x9a;\x85", b"U\x03abc\x85"])
+def test_bytes_in_a_batch_takes_no_argument(module, args):
+    """(bytes(n) would allocate n bytes of the file's choosing)"""
+    payload = b"\x80\x02c" + module.encode() + b"\nbytes\n" + args + b"R."
+    with pytest.raises(DataFormatError, match="calls bytes with arguments"):
+        parse_batch(payload, source="batch")
+    empty = b"\x80\x02c" + module.encode() + b"\nbytes\n)R."
+    with pytest.raises(DataFormatError, match="holds a bytes, expected a dict"):
+        parse_batch(empty, source="batch")  # (b"" made, then refused as not a batch)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize("data", [np.zeros((0, 3072), np.uint8), b""])
+def test_a_batch_of_no_images_is_refused_clearly(tmp_path, protocol, data):
+    """(an empty split fails far from its cause; and the empty array's data was refused as a
+    code-execution threat at protocol 2)"""
+    batch = pickle.dumps({b"data": data, b"labels": [], b"batch_label": b""}, protocol=protocol)
+    with pytest.raises(DataFormatError, match="^batch: holds no images$"):
+        parse_batch(batch, source="batch")
+    folder = _saved_batch(tmp_path, batch)
+    with pytest.raises(DataFormatError, match="data_batch_1: holds no images"):
+        load_cifar10(folder, download=False)
+
+
 def _saved_batch(root: Path, data: bytes) -> Path:
     """``root`` with ``data`` as its extracted folder's data_batch_1."""
     (root / "cifar-10-batches-py").mkdir(exist_ok=True)

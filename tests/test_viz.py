@@ -259,9 +259,33 @@ def test_history_train_against_validation(tmp_path, image):
     assert [list(line.get_xdata()) for line in fig.axes[0].lines] == [[1, 2, 3]] * 2
     fig = viz.plot_history({"loss": [1.0, 0.5, 0.4]}, tmp_path / "h2.png", dpi=30)
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 1
-    with pytest.raises(InputError, match="no loss or accuracy"):
+    with pytest.raises(InputError, match="no loss or metric"):
         viz.plot_history({"seconds": [1.0]}, tmp_path / "h3.png")
     assert not (tmp_path / "h5.png").exists() and not (tmp_path / "h6.png").exists()
+
+
+def test_history_draws_each_metric_under_the_name_compile_gave_it(tmp_path):
+    """A metric named as the user chose ("top3") had no panel (only the names compile takes
+    as strings had one); a callback's number has one too; the seconds and the learning rate
+    none."""
+    model = tiny_model()
+    model.compile(optimizer=xpcnn.optim.SGD(0.01), metrics=[
+        "acc", xpcnn.metrics.SparseTopKCategoricalAccuracy(2, "top2")])
+    x = np.stack([np.zeros((12, 12, 3), np.uint8) + 40 * k for k in range(4)])
+    y = np.array([0, 1, 2, 0])
+    extra = xpcnn.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: logs.update(
+        spread=float(epoch)))
+    history = model.fit(x, y, epochs=2, batch_size=2, validation_data=(x, y), verbose=0,
+                        callbacks=[extra, xpcnn.callbacks.ReduceLROnPlateau(patience=5)])
+    assert {"seconds", "learning_rate", "spread"} <= set(history.history)
+    fig = viz.plot_history(history, tmp_path / "named.png", dpi=30)
+    assert [ax.get_title() for ax in fig.axes] == [f"{m} per epoch" for m in (
+        "loss", "acc", "top2", "spread")]
+    assert [len(ax.lines) for ax in fig.axes] == [2, 2, 2, 1]
+    np.testing.assert_array_equal(fig.axes[2].lines[1].get_ydata(),
+                                  history.history["val_top2"])
+    fig = viz.plot_history({"loss": [1.0, 0.5], "note": ["a", "b"]}, tmp_path / "n.png", dpi=30)
+    assert [ax.get_title() for ax in fig.axes] == ["loss per epoch"]  # (no numbers: left out)
 
 
 def test_history_dicts_of_arrays_and_what_is_not_a_curve(tmp_path):

@@ -5,7 +5,8 @@ change, before any data is loaded or any training done; every path it will write
 first, so that no work is lost at the end. Ctrl-C ends training with status 130 and one line
 saying where it stopped (with ``--checkpoint``, after writing a checkpoint at that step, from
 which ``--resume`` continues). With ``--json``, stdout holds exactly one JSON object: the results,
-or ``{"error": ..., "exit_status": ...}``.
+or ``{"error": ..., "exit_status": ...}``. A reader of the output that stops early (``| head``)
+loses no work: the command goes on quietly to its end, with exit status 141.
 """
 
 from __future__ import annotations
@@ -374,6 +375,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         # (a resumed run's epochs go on in its log; one with no checkpoint yet starts both)
         resumed = args.resume and os.path.exists(args.checkpoint)
         callbacks.append(CSVLogger(args.log, append=resumed))
+    kept_before = _file_state(args.checkpoint)
     t0 = time.perf_counter()
     try:
         with resume_advised(RESUME_ADVICE):  # (a refused --resume names the flags to keep)
@@ -388,12 +390,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         raise Interrupted(f"interrupted at {e.where}; the checkpoint {e.checkpoint} holds the "
                           "training state there: run the same command with --resume to "
                           "continue") from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (with --checkpoint: a second Ctrl-C, which does not wait)
         done = model.optimizer.iterations  # type: ignore[union-attr]
         raise Interrupted(f"interrupted at epoch {done // steps_per_epoch + 1}, after step "
-                          f"{done % steps_per_epoch}/{steps_per_epoch}; nothing was kept "
-                          "(--checkpoint PATH keeps the training state, and --resume "
-                          "continues from it)") from None
+                          f"{done % steps_per_epoch}/{steps_per_epoch}; "
+                          + _what_was_kept(args, kept_before, steps_per_epoch)) from None
     seconds = time.perf_counter() - t0
     loss, accuracy = model.evaluate(x_test, y_test)
     say(f"{evaluated_on} accuracy: {accuracy:.4f} (loss {loss:.4f}), "
@@ -411,11 +412,52 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for path in write_training_plots(args.plots, history, model, x_test, y_test,
                                          class_names(args.dataset)):
             say(f"wrote {path}")
+    trained = len(history.epoch)  # (a resumed run's earlier epochs too; fewer: stopped early)
     return {"test_accuracy": accuracy, "test_loss": loss,
-            "evaluated_on": evaluated_on, "epochs": epochs, "seconds": round(seconds, 3),
+            "evaluated_on": evaluated_on, "epochs": trained, "epochs_asked": epochs,
+            "stopped_early": trained < epochs, "seconds": round(seconds, 3),
             "device": model.backend.label, "dataset": args.dataset, "model": model_name,
             "train_samples": int(len(x)), "test_samples": int(len(x_test)),
             "history": history.history}
+
+
+def _file_state(path: str | None) -> tuple[int, int, int] | None:
+    """What tells whether a file was written again since (None: absent, or no path)."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _what_was_kept(args: argparse.Namespace, before: tuple[int, int, int] | None,
+                   steps_per_epoch: int) -> str:
+    """After a Ctrl-C that did not wait for a checkpoint (the second one): what --checkpoint's
+    file holds now, which the interruption left as it was (it is written by a rename)."""
+    if not args.checkpoint:
+        return "nothing was kept (--checkpoint PATH keeps the training state, and --resume " \
+            "continues from it)"
+    now = _file_state(args.checkpoint)
+    if now is None:
+        return f"nothing was kept (no checkpoint had been written to {args.checkpoint} yet)"
+    if now == before and not args.resume:  # (an earlier run's file, which this one never wrote)
+        return f"nothing of this run was kept ({args.checkpoint} holds an earlier run's " \
+            "checkpoint, as it was before this run)"
+    where = ""
+    try:  # (its position, from the file's small JSON entry; the arrays are not read)
+        from .saving.checkpoint import _checkpoint_config, _progress
+        from .saving.npz import NpzArchive
+
+        with NpzArchive(args.checkpoint, "the checkpoint") as npz:
+            progress = _progress(_checkpoint_config(npz).get("progress"), args.checkpoint)
+        where = f" (the end of epoch {progress.epoch})" if not progress.step else \
+            f" (epoch {progress.epoch + 1}, step {progress.step}/{steps_per_epoch})"
+        if not progress.step and not progress.epoch:
+            where = " (the start of training)"
+    except Exception:  # (the message goes on without the position)
+        pass
+    return f"the last complete checkpoint stays in {args.checkpoint}{where}: run the same " \
+        "command with --resume to continue from it"
 
 
 # -- visualize and info ------------------------------------------------------------------------
@@ -512,7 +554,59 @@ def _parser() -> _Parser:
     return parser
 
 
+class _ReaderGone:
+    """sys.stdout or sys.stderr during a command: once the reader of its pipe has gone
+    (``xpcnn train --save m.npz | head -1``), what is printed goes to os.devnull, quietly, and
+    the command goes on (training, saving, exporting, plotting: no work lost); :attr:`gone`
+    then says so (exit status 141, as a shell gives a command that SIGPIPE ended)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.gone = stream, False
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        self.gone = True
+        try:  # (the stream's buffered text, and all after it, go to os.devnull: no error at exit)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+            self.stream.flush()
+        except (OSError, ValueError):  # (no file descriptor: a stream of a test, say)
+            pass
+
+    def __getattr__(self, name: str) -> Any:  # (isatty, fileno, encoding: the stream's)
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``xpcnn`` command: its exit status (0, 2 for a usage error, 130 for Ctrl-C, 141
+    where the reader of stdout or stderr went away before the end, all work done)."""
+    if sys.stdout is None or sys.stderr is None:  # (pythonw: nothing to guard)
+        return _main(argv)
+    out, err = _ReaderGone(sys.stdout), _ReaderGone(sys.stderr)
+    sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
+    try:
+        status = _main(argv)
+        out.flush()  # (block-buffered into a pipe: what is left, while still guarded)
+        err.flush()
+    finally:
+        sys.stdout, sys.stderr = out.stream, err.stream
+    return 141 if status == 0 and (out.gone or err.gone) else status
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if a in COMMANDS), None)
     prog = f"xpcnn {command}" if command else "xpcnn"
@@ -533,12 +627,8 @@ def main(argv: list[str] | None = None) -> int:
                      as_json)
     except OSError as e:  # the disk filled up, a file vanished: no traceback, the reason
         return _fail(prog, f"error: {e}", 1, as_json)
-    if as_json and distributed.is_root():
-        try:
-            print(json.dumps(result), flush=True)
-        except BrokenPipeError:  # (a reader that stopped early, `| head`: as Unix tools, quiet)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 141
+    if as_json and distributed.is_root():  # (a reader that has gone: see _ReaderGone)
+        print(json.dumps(result), flush=True)
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import checks
+from . import checks, distributed
 from .callbacks import FIT_LOGS
 from .errors import InputError, MissingDependencyError
 from .history import History
@@ -526,14 +526,27 @@ def _logged(logs: Mapping[str, Any], key: str) -> np.ndarray:
     return arr.astype(np.float64)
 
 
+def _numbers(values: Any) -> bool:
+    """Whether ``values`` is absent or a sequence of numbers (a callback's log that is not one
+    is left out of the figure)."""
+    if values is None:
+        return True
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError):
+        return False
+    return arr.ndim == 1 and arr.dtype.kind in "iuf"
+
+
 def plot_history(history: History | Mapping[str, Sequence[float]],
                  path: str | os.PathLike[str], figsize: tuple[float, float] = (10.0, 4.0),
                  dpi: float = 100) -> Figure:
     """Loss and accuracy per epoch, train against validation (``val_*``) where recorded.
 
     ``history`` is what ``fit`` returns or its ``.history`` dict (lists or arrays of numbers).
-    One panel per metric (``loss``, ``accuracy``, or ``acc`` as compile named it) that the
-    history holds; each curve at the epochs it was logged in (``fit(validation_freq=k)``
+    One panel for the loss and one per metric the history holds, under the name compile gave
+    it (``accuracy``, ``acc``, ``top3``...), or a number a callback logged (not the seconds or
+    the learning rate); each curve at the epochs it was logged in (``fit(validation_freq=k)``
     validates every k-th). A dict (or a History filled by hand) does not say which epochs
     those are, so one whose lists differ in length is refused: pass the History that ``fit``
     returned. Returns the Figure.
@@ -543,11 +556,15 @@ def plot_history(history: History | Mapping[str, Sequence[float]],
     if not isinstance(logs, Mapping):
         raise InputError(f"plot_history expects a History or its .history dict, got "
                          f"{type(history).__name__}")
-    keys = [k for m in FIT_LOGS for k in (m, f"val_{m}")]
-    curves = {k: v for k in keys if (v := _logged(logs, k)).size}
-    metrics = [m for m in FIT_LOGS if m in curves or f"val_{m}" in curves]
+    # (the loss, then each metric the history holds, under the name compile gave it, or a
+    # callback's number: not the seconds or the rate, which are no measure of the fit)
+    names = dict.fromkeys(["loss", *(str(k).removeprefix("val_") for k in logs)])
+    metrics = [m for m in names if m not in ("seconds", "learning_rate") and (
+        m in FIT_LOGS or all(_numbers(logs.get(k)) for k in (m, f"val_{m}")))]
+    curves = {k: v for m in metrics for k in (m, f"val_{m}") if (v := _logged(logs, k)).size}
+    metrics = [m for m in metrics if m in curves or f"val_{m}" in curves]
     if not metrics:
-        raise InputError(f"the history has no loss or accuracy to plot (keys: "
+        raise InputError(f"the history has no loss or metric to plot (keys: "
                          f"{', '.join(map(str, logs)) or 'none'}); train for at least one epoch")
     longest = max(curves, key=lambda k: curves[k].size)
     epochs: dict[str, np.ndarray] = {}
@@ -742,11 +759,15 @@ def visualize_command(args: Any) -> dict[str, Any]:
              f"{name(guess)} ({probs[guess]:.0%})")
     out = os.fspath(args.out)
     paths = [os.path.join(out, f"tour_{args.dataset}_{split}_{args.index}.png")]
+    paths += [os.path.join(out, f"filters_{i}_{model.layers[i].name}.png")
+              for i in conv_layer_indices(model)]
+    if not distributed.is_root():  # (under mpiexec, as `xpcnn train`: rank 0 writes and speaks)
+        return {"written": paths, "label": label, "predicted": guess,
+                "probability": float(probs[guess])}
     plot_stage_tour(model, image, paths[0], max_maps=args.max_maps, class_names=names,
                     title=title, dpi=args.dpi)
-    for i in conv_layer_indices(model):
-        paths.append(os.path.join(out, f"filters_{i}_{model.layers[i].name}.png"))
-        plot_filters(model, paths[-1], layer=i, columns=_FILTER_COLUMNS, dpi=args.dpi)
+    for i, path in zip(conv_layer_indices(model), paths[1:], strict=True):
+        plot_filters(model, path, layer=i, columns=_FILTER_COLUMNS, dpi=args.dpi)
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print  # --json: JSON alone
     say(title)
     for p in paths:

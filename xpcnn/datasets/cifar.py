@@ -7,9 +7,9 @@ row-major) and whose ``labels`` is a list of ints. A batch saved again by Python
 at protocols 2 to 5) loads as the original does.
 
 Unpickling can run arbitrary code, so these untrusted files are loaded by an unpickler that admits
-only the few globals that a numpy array needs, each wrapped so that it accepts only the arguments
-(and the states) numpy itself writes. Members are read straight out of the tar, never extracted,
-and only regular files at the expected names are used.
+only the few globals that a numpy array (and an empty bytes) needs, each wrapped so that it accepts
+only the arguments (and the states) numpy itself writes. Members are read straight out of the tar,
+never extracted, and only regular files at the expected names are used.
 """
 
 from __future__ import annotations
@@ -158,6 +158,15 @@ def _encode(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes
     return text.encode("latin1")
 
 
+def _empty_bytes(*args: Any) -> bytes:
+    """The checked stand-in for ``bytes``: Python 3 writes an empty bytes (an empty batch_label,
+    an empty array's data) as ``__builtin__.bytes()`` at protocol 2. No argument is taken, so a
+    pickle cannot ask for ``bytes(10**12)``, an allocation of its choosing."""
+    if args:
+        raise DataFormatError("pickle calls bytes with arguments; Python writes only bytes()")
+    return b""
+
+
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
@@ -166,6 +175,8 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): _dtype,
     ("_codecs", "encode"): _encode,
+    ("__builtin__", "bytes"): _empty_bytes,  # (protocols 0 to 2)
+    ("builtins", "bytes"): _empty_bytes,
 }
 
 
@@ -239,7 +250,8 @@ def parse_batch(
     """Unpickle one CIFAR-10 batch: returns uint8 images ``(N, 32, 32, 3)`` and int64 labels.
 
     Keys may be bytes or str. ``data`` must be a uint8 array of shape (N, 3072) or bytes of
-    length N*3072, ``labels`` N integers in 0..9; otherwise ``DataFormatError`` naming ``source``.
+    length N*3072, ``labels`` N integers in 0..9, N >= 1; otherwise ``DataFormatError`` naming
+    ``source``.
     """
     if len(data) > MAX_MEMBER_BYTES:
         raise DataFormatError(
@@ -254,6 +266,8 @@ def parse_batch(
             raise DataFormatError(f"{source}: no {key!r} entry (keys: {sorted(map(str, fields))})")
     labels = _labels(fields["labels"], source)
     images = _images(fields["data"], len(labels), source)
+    if not len(labels):  # (a valid pickle, but a split of no image fails far from its cause)
+        raise DataFormatError(f"{source}: holds no images")
     # Each row is three 32x32 planes (CHW); the library works channels-last (HWC).
     return np.ascontiguousarray(images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
 
