@@ -997,24 +997,84 @@ class KeepsNumpy(Callback):
         if not self.losses:  # (a resumed run's, asked before its first epoch)
             return self.got
         return {"best_epoch": np.argmin(self.losses), "best": np.min(self.losses),
-                "zero_d": np.asarray(2.5), "nested": {"k": [np.int32(3)]}}
+                "zero_d": np.asarray(2.5, np.float16), "flag": np.bool_(True),
+                "big": np.uint64(2**64 - 1), "name": np.str_("adam"),
+                "nested": {"k": [np.int32(3), 1.5, (np.float32(0.1), None)]},
+                "plain": [1, 2.5, True, "x"]}
 
     def set_state(self, state):
         self.got = state
 
 
 def test_a_callback_state_may_hold_numpy_scalars(data, tmp_path):
-    """np.argmin's int64, a float32, a 0-d array: written as the Python numbers they hold (was:
-    an InputError after an epoch, blaming the layers' get_config)."""
+    """np.argmin's int64, a float32, a 0-d float16 array, a bool, a uint64 beyond int64, in
+    lists and dicts too: they come back of their dtype, bit for bit (was: as Python numbers,
+    so a float32 state went on in float64; before that, an InputError after an epoch, blaming
+    the layers' get_config); a NumPy string as the str it is; the JSON entry holds the
+    numbers, as files before did."""
     path = tmp_path / "c.npz"
-    small_model().fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[KeepsNumpy()],
+    written = KeepsNumpy()
+    small_model().fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[written],
                       checkpoint=path)
     resumed = KeepsNumpy()
     small_model().fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[resumed],
                       checkpoint=path, resume=True)
-    got = resumed.got
-    assert type(got["best_epoch"]) is int and type(got["best"]) is float
-    assert got["zero_d"] == 2.5 and got["nested"] == {"k": [3]}
+    got, want = resumed.got, written.get_state()
+    for key in ("best_epoch", "best", "flag", "big"):
+        assert type(got[key]) is type(want[key]) and got[key] == want[key], key
+    assert type(got["zero_d"]) is np.ndarray and got["zero_d"].dtype == np.float16
+    assert got["zero_d"].shape == () and got["zero_d"] == 2.5
+    assert got["name"] == "adam" and got["plain"] == [1, 2.5, True, "x"]
+    k = got["nested"]["k"]
+    assert type(k[0]) is np.int32 and k[0] == 3 and k[1] == 1.5
+    assert type(k[2][0]) is np.float32 and k[2][0] == np.float32(0.1) and k[2][1] is None
+    from xpcnn.saving.npz import NpzArchive
+
+    with NpzArchive(path) as npz:
+        (entry,) = npz.read_config()["callbacks"]
+    assert entry["state"]["best"] == float(want["best"]) and entry["state"]["big"] == 2**64 - 1
+
+
+@pytest.mark.parametrize("value, what", [
+    (np.datetime64("2026-01-01"), r"datetime64\[D\]"),
+    (np.datetime64(10**18, "ns"), r"datetime64\[ns\]"),  # (.item() would give an int)
+    (np.timedelta64(3, "s"), r"timedelta64\[s\]"),
+    (np.complex64(1 + 2j), "complex64"),
+    (np.bytes_(b"ab"), "bytes"),
+    (np.asarray(1j), "complex128"),
+], ids=["datetime64", "datetime64-ns", "timedelta64", "complex64", "bytes", "0-d complex"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_numpy_scalar_a_checkpoint_cannot_hold_is_refused_by_callback_and_key(
+        data, tmp_path, value, what, nested):
+    """A NumPy scalar that neither JSON nor a checkpoint's arrays hold (a datetime64, a
+    complex number) is refused naming the callback and the key (was: an error after the epoch
+    blaming the layers' or optimiser's settings, or a datetime64 of nanoseconds silently an
+    int); so is a list of arrays of such a dtype (was: written, and the file then refused at
+    resume)."""
+
+    class LastImproved(Callback):
+        def get_state(self):
+            return {"when": {"at": [value]} if nested else value}
+
+    path = tmp_path / "c.npz"
+    with pytest.raises(InputError, match=rf"^the state of callback LastImproved \(its "
+                                         rf"get_state\(\)\) cannot be written to the "
+                                         rf"checkpoint: 'when' holds a NumPy {what}"):
+        small_model().fit(*data, epochs=1, batch_size=BATCH, verbose=0,
+                          callbacks=[LastImproved()], checkpoint=path)
+    assert not path.exists()
+
+
+def test_a_callback_state_of_arrays_a_checkpoint_cannot_hold_is_refused_by_callback_and_key(
+        data, tmp_path):
+    class Spectra(Callback):
+        def get_state(self):
+            return {"spectra": [np.ones(3, np.float32), np.ones(3, np.complex64)]}
+
+    with pytest.raises(InputError, match=r"callback Spectra .*'spectra' holds an array of dtype "
+                                         r"complex64, and a checkpoint holds arrays of booleans"):
+        small_model().fit(*data, epochs=1, batch_size=BATCH, verbose=0, callbacks=[Spectra()],
+                          checkpoint=tmp_path / "c.npz")
 
 
 def test_a_callback_state_json_cannot_hold_is_refused_by_callback_and_key(data, tmp_path):
@@ -1025,6 +1085,15 @@ def test_a_callback_state_json_cannot_hold_is_refused_by_callback_and_key(data, 
     with pytest.raises(InputError, match="callback KeepsASet .*'seen' holds set"):
         small_model().fit(*data, epochs=1, batch_size=BATCH, verbose=0,
                           callbacks=[KeepsASet()], checkpoint=tmp_path / "c.npz")
+
+    class KeysNotStrings(Callback):
+        def get_state(self):
+            return {"per_class": {(0, 1): 2.0}}
+
+    with pytest.raises(InputError, match=r"callback KeysNotStrings .*'per_class' holds a dict "
+                                         r"whose key \(0, 1\) is not a string"):
+        small_model().fit(*data, epochs=1, batch_size=BATCH, verbose=0,
+                          callbacks=[KeysNotStrings()], checkpoint=tmp_path / "c.npz")
 
 
 def test_stop_evaluating_and_stop_predicting_end_after_the_current_batch(data):

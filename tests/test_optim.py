@@ -908,10 +908,12 @@ def test_a_setting_set_as_an_attribute_is_checked_as_the_constructor_checks_it(
     assert getattr(loaded, name) == good and loaded.get_config() == opt.get_config()
 
 
-def test_a_users_optimizers_settings_set_as_attributes_are_checked_by_its_constructor():
-    """A user's subclass: its own constructor's checks apply (a probe is built, not this
-    one, and not recursively); one that keeps a setting under another name is left
-    unchecked, as one whose settings as they are do not rebuild it."""
+def test_a_users_optimizers_settings_set_as_attributes_are_checked_by_the_xpcnn_base():
+    """A user's subclass: the settings it passes on are checked by the nearest xpcnn class's
+    constructor (a probe of that class, built with the instance's settings, not this one,
+    and not recursively); one that only the user's class takes is not checked (its
+    constructor is never run for a probe: see test_setting_an_attribute_never_runs_a_users_
+    constructor), nor are settings that do not rebuild the base as they are."""
 
     class Lion(optim.Optimizer):
         def __init__(self, lr=1e-4, beta=0.9, weight_decay=0.0):
@@ -925,23 +927,106 @@ def test_a_users_optimizers_settings_set_as_attributes_are_checked_by_its_constr
             self._assign(xp, p, p - scalars["lr"] * xp.sign(g), apply)
 
     lion = Lion(optim.CosineDecay(0.1, 5), beta=0.5)
-    with pytest.raises(InputError, match=r"^Lion's beta cannot be set to 2.0 \(its constructor "
-                                         r"refuses it\): Lion beta must be in \[0, 1\), got 2.0"):
-        lion.beta = 2.0
-    with pytest.raises(InputError, match=r"^Lion's weight_decay cannot be set to -1"):
+    with pytest.raises(InputError, match=r"^Lion's weight_decay cannot be set to -1 \(Optimizer's "
+                                         r"constructor refuses it\): weight_decay must be >= 0"):
         lion.weight_decay = -1
+    lion.beta = 2.0  # (Lion's own: unchecked, its constructor is not run for a probe)
     lion.beta, lion.weight_decay = 0.25, 0.5
     assert (lion.beta, lion.weight_decay, type(lion.schedule)) == (0.25, 0.5, optim.CosineDecay)
 
-    class Hidden(optim.Optimizer):  # (keeps beta as _beta: nothing to rebuild it from)
+    class Fixed(optim.Optimizer):  # (takes no weight_decay, nor **kwargs: not its setting)
         def __init__(self, lr=1e-4, beta=0.9):
             super().__init__(lr)
             self._beta = beta
 
-    hidden = Hidden()
-    hidden.weight_decay = 5.0
-    hidden.weight_decay = -5.0  # (unchecked: not refused blindly either)
-    assert hidden.weight_decay == -5.0
+    fixed = Fixed()
+    fixed.weight_decay = -5.0
+    assert fixed.weight_decay == -5.0
+
+    class Renamed(optim.SGD):  # (keeps momentum as mu: SGD cannot be rebuilt from it)
+        def __init__(self, lr=0.1, mu=0.5):
+            super().__init__(lr, mu)
+            self.__dict__["mu"] = self.__dict__.pop("momentum")
+
+    renamed = Renamed()
+    renamed.mu = 7.0  # (unchecked: not refused blindly either)
+    assert renamed.mu == 7.0
+
+
+def test_a_keras_style_subclass_passing_settings_on_through_kwargs_has_the_bases_settings():
+    """A Keras-style subclass, __init__(self, learning_rate=0.01, **kwargs) passing the rest on
+    to its base: the base's settings are its settings too, checked when set (was: clipnorm =
+    -3.0 taken, and training ascended) and fixed once it has trained (was: clipnorm = 7.0
+    taken after training), through two levels of such classes; its own named settings are
+    fixed after training too."""
+    import xpcnn
+    from xpcnn.layers import Dense, Softmax
+
+    class KerasStyleSGD(optim.Optimizer):
+        def __init__(self, learning_rate=0.01, **kwargs):
+            super().__init__(lr=learning_rate, **kwargs)
+
+        def _update(self, xp, i, p, g, scalars, apply):
+            self._assign(xp, p, p - scalars["lr"] * g, apply)
+
+    class Momentum(optim.SGD):
+        def __init__(self, learning_rate=0.01, damping=0.0, **kwargs):
+            super().__init__(learning_rate, **kwargs)
+            self.damping = damping
+
+    class Deeper(Momentum):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+
+    assert optim._settings(KerasStyleSGD) == {"weight_decay", "clipnorm", "clipvalue",
+                                              "global_clipnorm"}
+    assert optim._settings(Deeper) == optim._settings(optim.SGD) | {"damping"}
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    y = np.arange(8) % 3
+    for opt, name, bad, message, good in [
+            (KerasStyleSGD(0.1), "clipnorm", -3.0, "clipnorm must be a finite number > 0", 3.0),
+            (Momentum(0.1), "momentum", 2.0, r"SGD momentum must be in \[0, 1\)", 0.5),
+            (Deeper(learning_rate=0.1, clipvalue=1.0), "clipnorm", 1.0,
+             "only one of clipnorm, clipvalue and global_clipnorm", None)]:
+        base = "Optimizer" if isinstance(opt, KerasStyleSGD) else "SGD"
+        with pytest.raises(InputError, match=rf"^{type(opt).__name__}'s {name} cannot be set to "
+                                             rf"{bad} \({base}'s constructor refuses it\): "
+                                             rf"{message}"):
+            setattr(opt, name, bad)
+        setattr(opt, name, good)
+        model = xpcnn.Sequential([Dense(3), Softmax()], input_shape=(4,), seed=0)
+        model.compile(optimizer=opt)
+        model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+        for fixed, value in [(name, 7.0), ("weight_decay", 0.5)] + (
+                [("damping", 0.5)] if isinstance(opt, Momentum) else []):
+            with pytest.raises(InputError, match=rf"{type(opt).__name__}'s {fixed} cannot change "
+                                                 "once it has trained"):
+                setattr(opt, fixed, value)
+        assert getattr(opt, name) == good
+
+
+def test_setting_an_attribute_never_runs_a_users_constructor():
+    """Checking a setting set as an attribute builds a probe of the nearest xpcnn class, never
+    of the user's (was: the user's __init__ ran again, twice for a refused value, for phantom
+    optimisers: an experiment tracker registered them); its checks still apply."""
+    registry = []
+
+    class TrackedSGD(optim.SGD):
+        def __init__(self, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0, *,
+                     clipnorm=None, clipvalue=None, global_clipnorm=None):
+            super().__init__(lr, momentum, nesterov, weight_decay, clipnorm=clipnorm,
+                             clipvalue=clipvalue, global_clipnorm=global_clipnorm)
+            registry.append(self)
+
+    opt = TrackedSGD(0.1)
+    opt.momentum = 0.9
+    with pytest.raises(InputError, match=r"^TrackedSGD's momentum cannot be set to 2.0 \(SGD's "
+                                         r"constructor refuses it\): SGD momentum must be in"):
+        opt.momentum = 2.0
+    opt.nesterov = True
+    with pytest.raises(InputError, match="Nesterov momentum needs momentum > 0"):
+        opt.momentum = 0.0
+    assert registry == [opt] and opt.momentum == 0.9 and opt.nesterov is True
 
 
 def test_a_rate_set_reads_back_and_trains_as_the_number_set():

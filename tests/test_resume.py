@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import warnings
 
@@ -364,6 +365,210 @@ def test_a_batch_level_model_checkpoint_before_a_later_stateful_callback_is_refu
                   callbacks=[ModelCheckpoint(tmp_path / "n.npz", save_freq=3),
                              CountsBatches()], **FIT)
     assert not model.built
+
+
+class CountsEpochs(Callback):
+    """A stateful callback with an on_epoch_end of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs += 1
+
+    def get_state(self):
+        return {"epochs": self.epochs}
+
+    def set_state(self, state):
+        self.epochs = state["epochs"]
+
+
+class FailsAtEpoch(Callback):
+    def __init__(self, epoch, error):
+        super().__init__()
+        self.epoch, self.error = epoch, error
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise self.error("user callback failed")
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_model_checkpoint_file_is_written_when_a_later_callback_raises(data, tmp_path, error):
+    """A callback after the ModelCheckpoint that raises in on_epoch_end (a logger whose disk
+    fails, a Ctrl-C) does not lose the epoch's file, which Keras writes in ModelCheckpoint's
+    own hook (was: the save put off until every callback had run was dropped); those that
+    ran before the error are in it, and a resume of it is refused where a stateful one from
+    the failing one on had not run (its state unknown), taken where none had."""
+    x, y, val = data
+    fit = {**FIT, "epochs": 3, "validation_data": val}
+    with pytest.raises(error, match="user callback failed"):
+        make_model().fit(x, y, callbacks=[ModelCheckpoint(tmp_path / "m-{epoch}.npz"),
+                                          *watchers(), FailsAtEpoch(1, error), CountsEpochs()],
+                         **fit)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-1.npz", "m-2.npz"]
+    ckpt = xpcnn.load_checkpoint(tmp_path / "m-2.npz")
+    assert ckpt.epoch == 2 and len(ckpt.history.history["loss"]) == 2
+    model = make_model()
+    with pytest.raises(InputError, match=r"written by a ModelCheckpoint before CountsEpochs "
+                                         r"\(after"):
+        model.fit(x, y, checkpoint=tmp_path / "m-2.npz", resume=True, callbacks=[
+            ModelCheckpoint(tmp_path / "n.npz"), *watchers(), CountsEpochs()], **fit)
+    assert not model.built
+    # (EarlyStopping and ReduceLROnPlateau ran before the error: their states are in the file)
+    counted = CountsEpochs()
+    make_model().fit(x, y, checkpoint=tmp_path / "m-1.npz", resume=True, callbacks=[
+        ModelCheckpoint(tmp_path / "n.npz"), *watchers(), counted], **fit)
+    assert counted.epochs == 3
+    reference_callbacks, resumed_callbacks = watchers(), watchers()
+    reference = make_model()
+    reference.fit(x, y, callbacks=[ModelCheckpoint(tmp_path / "r.npz"), *reference_callbacks],
+                  **fit)
+    with pytest.raises(error):
+        make_model().fit(x, y, callbacks=[ModelCheckpoint(tmp_path / "s.npz"), *watchers(),
+                                          FailsAtEpoch(1, error)], **fit)
+    model = make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no callback starts afresh)
+        model.fit(x, y, checkpoint=tmp_path / "s.npz", resume=True,
+                  callbacks=[ModelCheckpoint(tmp_path / "t.npz"), *resumed_callbacks], **fit)
+    assert_same(state(model, resumed_callbacks), state(reference, reference_callbacks))
+
+
+def test_a_model_checkpoint_save_that_fails_after_a_later_callbacks_error_keeps_that_error(
+        data, tmp_path):
+    """The save put off, written after a later callback's error, that fails in turn (its path
+    names a log that callback would have added) leaves the first error the one raised, with
+    the save's failure as a note."""
+    x, y, _ = data
+
+    class AddsLate(Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise RuntimeError("user callback failed")
+
+    with pytest.raises(RuntimeError, match="user callback failed") as e:
+        make_model().fit(x, y, callbacks=[ModelCheckpoint(tmp_path / "m-{my_metric}.npz"),
+                                          AddsLate()], **{**FIT, "epochs": 1})
+    (note,) = e.value.__notes__
+    assert note.startswith("the ModelCheckpoint save of epoch 1 put off until after this error "
+                           "failed too: InputError: ModelCheckpoint path") and "my_metric" in note
+    assert not list(tmp_path.iterdir())
+
+
+class UploadingCheckpoint(ModelCheckpoint):
+    """Uses its file right after super().on_epoch_end(), as W&B's WandbModelCheckpoint."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        self.seen.append(xpcnn.load_checkpoint(self.filepath).epoch
+                         if os.path.exists(self.filepath) else None)
+
+
+def test_a_model_checkpoint_subclass_finds_the_epochs_file_right_after_super(data, tmp_path):
+    """A subclass with an on_epoch_end of its own that uses the file right after
+    super().on_epoch_end() finds that epoch's (was: none at the first epoch, then the
+    previous epoch's, the save being put off until every callback had run); the file then
+    resumes under the rule of one written before the callbacks after it ran: refused where a
+    stateful one with an on_epoch_end of its own comes after it, exact where none does."""
+    x, y, val = data
+    fit = {**FIT, "epochs": 3, "validation_data": val}
+    alone = UploadingCheckpoint(str(tmp_path / "alone.npz"))
+    reference_callbacks = watchers()
+    reference = make_model()
+    reference.fit(x, y, callbacks=[*reference_callbacks, alone], **fit)
+    assert alone.seen == [1, 2, 3]
+    first = UploadingCheckpoint(str(tmp_path / "first.npz"))
+    make_model().fit(x, y, callbacks=[first, *watchers()], **{**fit, "epochs": 2})
+    assert first.seen == [1, 2]
+    with pytest.raises(InputError, match="written by a ModelCheckpoint before EarlyStopping, "
+                                         "ReduceLROnPlateau"):
+        make_model().fit(x, y, checkpoint=tmp_path / "first.npz", resume=True,
+                         callbacks=[UploadingCheckpoint(str(tmp_path / "n.npz")), *watchers()],
+                         **fit)
+    last = UploadingCheckpoint(str(tmp_path / "last.npz"))
+    make_model().fit(x, y, callbacks=[*watchers(), last], **{**fit, "epochs": 2})
+    resumed_callbacks = watchers()
+    model, again = make_model(), UploadingCheckpoint(str(tmp_path / "again.npz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no callback starts afresh)
+        model.fit(x, y, checkpoint=tmp_path / "last.npz", resume=True,
+                  callbacks=[*resumed_callbacks, again], **fit)
+    assert again.seen == [3]
+    assert_same(state(model, resumed_callbacks), state(reference, reference_callbacks))
+
+
+class SmoothedLoss(Callback):
+    """An exponential average of the loss in float32 (its state), logged each epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.ema = np.float32(0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.ema = self.ema * 0.9 + 0.1 * logs["loss"]  # (float32 arithmetic)
+        logs["ema"] = self.ema
+
+    def get_state(self):
+        return {"ema": self.ema, "seen": [np.float32(self.ema), {"n": np.int64(1)}]}
+
+    def set_state(self, state):
+        self.ema = state["ema"]
+
+
+def test_a_float32_callback_state_resumes_bit_for_bit(data, tmp_path):
+    """A NumPy float32 in a callback's state comes back a float32 (was: a Python float, so
+    the resumed run computed in float64, and its logs differed from the uninterrupted
+    run's); files written before, whose JSON holds the number alone, still load (as the
+    Python number), and a corrupt place for one is refused."""
+    from test_checkpoint import _rewrite
+
+    x, y, _ = data
+    fit = {**FIT, "epochs": 4}
+    reference = make_model()
+    reference.fit(x, y, callbacks=[SmoothedLoss()], **fit)
+    path = tmp_path / "run.npz"
+
+    class StopAt(Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make_model().fit(x, y, callbacks=[SmoothedLoss(), StopAt()], checkpoint=path, **fit)
+    older, corrupt = tmp_path / "older.npz", tmp_path / "corrupt.npz"
+    older.write_bytes(path.read_bytes())
+    corrupt.write_bytes(path.read_bytes())
+    resumed = SmoothedLoss()
+    model = make_model()
+    model.fit(x, y, callbacks=[resumed], checkpoint=path, resume=True, **fit)
+    assert type(resumed.ema) is np.float32
+    assert model.history.history["ema"] == reference.history.history["ema"]
+    assert model.history.history["loss"] == reference.history.history["loss"]
+
+    def without_scalars(config):
+        (entry,) = config["callbacks"]
+        assert [place for place, _ in entry.pop("scalars")] == [["ema"], ["seen", 0],
+                                                                 ["seen", 1, "n"]]
+
+    def drop_entries(arrays):
+        for name in [k for k in arrays if ".0scalar." in k]:
+            del arrays[name]
+
+    _rewrite(older, without_scalars, drop_entries)
+    resumed = SmoothedLoss()
+    make_model().fit(x, y, callbacks=[resumed], checkpoint=older, resume=True, **fit)
+    assert type(resumed.ema) is float  # (a Python float, as such files gave)
+    for place in (["seen", 5], ["nowhere"], [], ["seen"], "ema"):
+        _rewrite(corrupt, lambda config, place=place: config["callbacks"][0]["scalars"][0]
+                 .__setitem__(0, place))
+        with pytest.raises(xpcnn.errors.DataFormatError, match="bad callbacks entry"):
+            make_model().fit(x, y, callbacks=[SmoothedLoss()], checkpoint=corrupt, resume=True,
+                             **fit)
 
 
 def test_a_resume_refusal_names_what_differs(tmp_path):

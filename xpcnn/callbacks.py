@@ -55,7 +55,7 @@ import re
 import string
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -88,8 +88,9 @@ class Callback:
         """What a checkpoint keeps of this callback, so that a resumed run goes on exactly:
         a subclass that keeps a state across epochs returns a dict of JSON values (numbers,
         strings, None, lists, dicts) and lists of NumPy arrays, which :meth:`set_state` gets
-        back in the resumed run after its ``on_train_begin`` (a NumPy scalar or 0-d array as
-        the Python number it holds). The base class keeps none."""
+        back in the resumed run after its ``on_train_begin`` (a NumPy scalar or 0-d array of
+        numbers as it was, of its dtype: a float32 goes on in float32; other NumPy scalars,
+        datetime64 or complex, are refused by name). The base class keeps none."""
         return None
 
     def set_state(self, state: dict[str, Any] | None) -> None:
@@ -214,17 +215,33 @@ class CallbackList:
         """Every callback's ``on_epoch_end``, in order; a :class:`ModelCheckpoint`'s save of
         the epoch is put off until the others' have run (before a :class:`BackupAndRestore`'s,
         which keeps what it decided), so that its file holds the epoch's every log and
-        callback state, as a run resumed from it needs (its History, its CSVLogger rows)."""
+        callback state, as a run resumed from it needs (its History, its CSVLogger rows).
+        Not that of a subclass with an ``on_epoch_end`` of its own, which may use the file
+        right after ``super().on_epoch_end()`` (to upload it, say): it saves at once. Where a
+        callback raises (KeyboardInterrupt too), the saves put off are written before the
+        error goes on, as Keras writes them in ModelCheckpoint's own hook, with the states of
+        the callbacks from that one on as unknown (a resume of such a file is refused)."""
         logs = {} if logs is None else logs
-        saves = [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
+        saves = [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)
+                 and getattr(cb.on_epoch_end, "__func__", None) is ModelCheckpoint.on_epoch_end]
         for cb in saves:
             cb._pending = []
+        at = 0  # (the callback running, or len(callbacks) once all have run)
         try:
             for cb in self.callbacks:
                 if isinstance(cb, BackupAndRestore):
                     _save_pending(saves)
                 cb.on_epoch_end(epoch, logs)
+                at += 1
             _save_pending(saves)
+        except BaseException as error:
+            try:  # (the file Keras would have written: not lost to a later callback's error)
+                _save_pending(saves, self.callbacks[at:])
+            except Exception as failed:  # (the first error is the one to see)
+                error.add_note(f"the ModelCheckpoint save of epoch {epoch + 1} put off until "
+                               f"after this error failed too: {type(failed).__name__}: "
+                               f"{failed}")
+            raise
         finally:
             for cb in saves:
                 cb._pending = None
@@ -250,10 +267,12 @@ class CallbackList:
         return handler is not None
 
 
-def _save_pending(saves: list[ModelCheckpoint]) -> None:
+def _save_pending(saves: list[ModelCheckpoint], not_run: Collection[Callback] = ()) -> None:
+    """The saves of ``saves`` put off, now, ``not_run`` being the callbacks that have not (all)
+    run their ``on_epoch_end`` (their state unknown)."""
     for cb in saves:
         while cb._pending:
-            cb._pending.pop(0)()
+            cb._pending.pop(0)(not_run)
 
 
 class LazyLogs(MutableMapping[str, float]):
@@ -496,18 +515,20 @@ def _log(logs: Mapping[str, float] | None, name: str, value: float) -> None:
 
 
 def _counts(state: Mapping[str, Any], *keys: str) -> list[int]:
-    """The ints >= 0 of a checkpoint's callback ``state`` under ``keys`` (ValueError else)."""
+    """The ints >= 0 of a checkpoint's callback ``state`` under ``keys`` (ValueError else; a
+    NumPy integer, which a subclass's state may hold and the checkpoint keeps, as the int)."""
     values = [state.get(k) for k in keys]
     for k, v in zip(keys, values, strict=True):
-        if type(v) is not int or v < 0:
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 0:
             raise ValueError(f"{k} is {v!r}, expected an int >= 0")
-    return values  # type: ignore[return-value]
+    return [int(v) for v in values]  # type: ignore[arg-type]
 
 
 def _best(state: Mapping[str, Any]) -> float | None:
     """The best value of a checkpoint's callback ``state``: a number or None."""
     best = state.get("best")
-    if best is not None and (isinstance(best, bool) or not isinstance(best, int | float)):
+    if best is not None and (isinstance(best, bool | np.bool_)
+                             or not isinstance(best, numbers.Real)):
         raise ValueError(f"best is {best!r}, expected a number or null")
     return None if best is None else float(best)
 
@@ -754,9 +775,15 @@ class ModelCheckpoint(_Monitor):
     ``save_best_only`` decided) once every callback's ``on_epoch_end`` has run, so that it holds
     the logs (``learning_rate``, a user's metric) and states of the callbacks after this one;
     a callback after it sees the file in its next hook, not in this ``on_epoch_end`` (a weights
-    file is written at once, as in Keras). With ``save_freq=N``, where a callback that keeps a
-    state and has a batch hook of its own comes after this one, its state at that point is not
-    known yet, and resuming the file is refused. An epoch without ``val_*`` logs (not
+    file is written at once, as in Keras; so is the whole checkpoint of a subclass with an
+    ``on_epoch_end`` of its own, which may use the file right after
+    ``super().on_epoch_end()``). Where a callback raises in its ``on_epoch_end`` (a
+    KeyboardInterrupt too), the file put off is written before the error goes on, as Keras
+    would have written it. With ``save_freq=N``, where a callback that keeps a state and has
+    a batch hook of its own comes after this one, its state at that point is not known yet,
+    and resuming the file is refused; so it is for a file of an epoch's end written before a
+    callback that keeps a state and has an ``on_epoch_end`` of its own ran it (after a
+    subclass's own save, or the one that raised). An epoch without ``val_*`` logs (not
     validated, or whose validation iterator gave no batch) saves nothing where the path or
     the ``save_best_only`` monitor needs them.
 
@@ -865,16 +892,18 @@ class ModelCheckpoint(_Monitor):
             return
         if self._pending is None or self.save_weights_only:
             # (weights alone, a callback after this one may look at at once, as in Keras; or
-            # driven by hand, or inside another callback's hook)
+            # driven by hand, or inside another callback's hook, or a subclass's own hook)
             self._save(epoch, dict(logs or {}))
         else:  # (a whole checkpoint, in fit: once every callback's on_epoch_end has run, so
             # that it holds their logs and states, as resuming it needs; see CallbackList)
-            self._pending.append(lambda: self._save(epoch, dict(logs or {}), after_all=True))
+            self._pending.append(lambda not_run: self._save(epoch, dict(logs or {}),
+                                                            not_run=not_run))
 
     def _save(self, epoch: int, logs: dict[str, float], batch: int | None = None,
-              after_all: bool = False) -> None:
-        """Save after ``batch`` (0-based) of ``epoch``, or at its end (None; ``after_all``:
-        after every callback's ``on_epoch_end``)."""
+              not_run: Collection[Callback] | None = None) -> None:
+        """Save after ``batch`` (0-based) of ``epoch``, or at its end (None); ``not_run``:
+        the callbacks that have not run their hook for this point (their state unknown),
+        None for those after this one in fit's."""
         if batch is None and not self._epoch_validated() and self._names_validation():
             return  # (an epoch without validation: its path needs the val_* logs it lacks)
         if self.save_best_only:
@@ -897,10 +926,10 @@ class ModelCheckpoint(_Monitor):
             hooks = ("on_epoch_end",) if batch is None else ("on_train_batch_end",
                                                              "on_batch_end")
             stateful = self.params.get("stateful", [])
-            after = stateful[stateful.index(self) + 1:] if self in stateful and not \
-                after_all else []
-            states = callback_states(stateful, [cb for cb in after
-                                                if any(_overrides(cb, h) for h in hooks)])
+            if not_run is None:
+                not_run = stateful[stateful.index(self) + 1:] if self in stateful else []
+            states = callback_states(stateful, [cb for cb in stateful if cb in not_run and any(
+                _overrides(cb, h) for h in hooks)])
             if batch is None:
                 save_checkpoint(self.model, path, Progress(epoch + 1),
                                 _history_through(self.model.history, epoch, logs), self.run,

@@ -23,6 +23,7 @@ from .checks import (
     named_parameters,
     register,
     registered,
+    takes_keywords,
     unsaved_settings,
     untaken_settings,
 )
@@ -48,9 +49,33 @@ def _parameters(cls: type) -> tuple[str, ...]:
 @functools.cache
 def _settings(cls: type) -> frozenset[str]:
     """The settings ``cls``'s constructor takes by name, but the learning rate (a property:
-    ``lr``, ``learning_rate``)."""
-    return frozenset(name for name in _parameters(cls)
-                     if not isinstance(getattr(cls, name, None), property))
+    ``lr``, ``learning_rate``); where it also takes ``**kwargs`` (a Keras-style
+    ``__init__(self, learning_rate=0.01, **kwargs)``), those of the base constructor it
+    passes them on to too (the next class up that defines one: in the end an xpcnn class's,
+    whose settings the update reads)."""
+    own = {name for name in _parameters(cls)
+           if not isinstance(getattr(cls, name, None), property)}
+    if takes_keywords(cls.__init__):
+        base = next(c for c in cls.__mro__[1:] if issubclass(c, Optimizer)
+                    and "__init__" in vars(c))  # (a mixin's is passed over)
+        own |= _settings(base)
+    return frozenset(own)
+
+
+def _xpcnn_class(cls: type) -> type:
+    """The nearest of xpcnn's own optimiser classes that ``cls`` derives from (``cls`` itself
+    where it is one): the constructor whose checks a setting set as an attribute goes
+    through."""
+    return next(c for c in cls.__mro__ if c.__module__ == __name__)
+
+
+def _probe(cls: type, settings: dict[str, Any]) -> None:
+    """Build an optimiser of xpcnn's class ``cls`` with ``settings``, to see whether its
+    constructor takes them (marked as a probe before the constructor runs, so that its own
+    attributes are not checked in turn)."""
+    probe = cls.__new__(cls)
+    probe.__dict__["_probe"] = True
+    cls.__init__(probe, **settings)
 
 
 def _takes_learning_rate(init: Callable[..., None]) -> Callable[..., None]:
@@ -289,7 +314,11 @@ class Optimizer:
     config still names it ``lr``).
 
     A constructor's setting assigned as an attribute (``opt.momentum = 0.9``) is checked as the
-    constructor checks it, and refused once the optimiser has trained (see ``__setattr__``).
+    constructor checks it, and refused once the optimiser has trained (see ``__setattr__``). In
+    a user's subclass, the settings are its constructor's, and where it takes ``**kwargs``
+    those of the base constructor it passes them on to; a value is checked by the nearest xpcnn
+    class's constructor, never by the user's (see :meth:`_check_setting`): a setting only the
+    user's class takes is not checked.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -350,13 +379,21 @@ class Optimizer:
         super().__setattr__(name, value)
 
     def _check_setting(self, name: str, value: Any) -> None:
-        """Refuse ``value`` for the constructor's setting ``name`` where the constructor
-        refuses it with the other settings as they are (set as an attribute, it was taken
-        unchecked, trained with, and saved into a file that then did not load): a probe is
-        built with it. Unchecked where the settings cannot be read back under their own names
-        (a subclass that keeps them otherwise), or where they do not rebuild the optimiser as
-        they are either (nothing then tells what the value breaks)."""
-        cls, current = type(self), {}
+        """Refuse ``value`` for the constructor's setting ``name`` where the constructor of the
+        nearest xpcnn class this one derives from (itself, for xpcnn's own) refuses it with
+        the other settings that class takes as they are on this optimiser (set as an
+        attribute, it was taken unchecked, trained with, and saved into a file that then did
+        not load): a probe of that class is built with them. A user's constructor is never
+        run for it (its side effects, registering or logging an optimiser, would happen for
+        one that does not exist), so a setting only a user's class takes is not checked, nor
+        are a user's constructor's own checks of the others. Unchecked too where the
+        settings cannot be read back under their own names (a subclass that keeps them
+        otherwise), or where they do not rebuild the optimiser as they are either (nothing
+        then tells what the value breaks)."""
+        cls = _xpcnn_class(type(self))
+        if name not in _settings(cls):
+            return  # (a user's class's own setting)
+        current = {}
         for param in _parameters(cls):
             if param in _settings(cls) and param in self.__dict__:
                 current[param] = self.__dict__[param]
@@ -365,22 +402,15 @@ class Optimizer:
             else:
                 return
         try:
-            self._probe({**current, name: value})
-        except Exception as error:  # (a subclass's constructor may raise its own kind)
+            _probe(cls, {**current, name: value})
+        except Exception as error:  # (its InputError; any other kind alike)
             try:
-                self._probe(current)
+                _probe(cls, current)
             except Exception:
                 return
-            raise InputError(f"{cls.__name__}'s {name} cannot be set to {value!r} (its "
-                             f"constructor refuses it): {error}") from error
-
-    def _probe(self, settings: dict[str, Any]) -> None:
-        """Build another optimiser of this class with ``settings`` (marked as a probe before
-        its constructor runs, so that its own attributes are not checked in turn)."""
-        cls = type(self)
-        probe = cls.__new__(cls)
-        probe.__dict__["_probe"] = True
-        cls.__init__(probe, **settings)
+            whose = "its" if cls is type(self) else f"{cls.__name__}'s"
+            raise InputError(f"{type(self).__name__}'s {name} cannot be set to {value!r} "
+                             f"({whose} constructor refuses it): {error}") from error
 
     def _refuse_schedule(self, value: Any) -> None:
         what = type(value).__name__ if isinstance(value, Schedule) else repr(value)

@@ -24,7 +24,8 @@ A checkpoint is an ``.npz`` of plain arrays, read without pickle
   stopped the run (``stopped``: resumed, it trains no more), and the state of the run's
   callbacks that keep one (``callbacks``: class name and ``get_state()`` of each, in order; the
   lists of NumPy arrays in a state, such as ``EarlyStopping``'s best weights, are the entries
-  ``callback.{i}.{name}.{k}``).
+  ``callback.{i}.{name}.{k}``, and its NumPy scalars of numbers, kept of their dtype, the 0-d
+  entries ``callback.{i}.0scalar.{n}``).
 
 Files are written atomically (temporary file, fsync, rename), so the path always holds the last
 complete checkpoint, whatever moment the process dies. Before writing, every weight and slot is
@@ -202,39 +203,88 @@ def callback_states(callbacks: list[Any], unknown: Collection[Any] = ()
     return [(type(cb).__name__, None if cb in unknown else cb.get_state()) for cb in callbacks]
 
 
+#: The NumPy dtype kinds that a checkpoint's arrays hold (:class:`NpzArchive` reads those
+#: only): bool, signed and unsigned integers, floats.
+_ARRAY_KINDS = "biuf"
+
+
+def _storable(a: np.ndarray) -> bool:
+    return a.dtype.kind in _ARRAY_KINDS and not a.dtype.hasobject and a.dtype.fields is None
+
+
 def _states_entry(states: list[tuple[str, dict[str, Any] | None]]
                   ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """The JSON entry of callback ``states`` and their arrays: a value that is a list of NumPy
-    arrays goes to the entries ``callback.{i}.{name}.{k}``, its length to ``arrays``."""
+    arrays goes to the entries ``callback.{i}.{name}.{k}``, its length to ``arrays``; a NumPy
+    scalar or 0-d array of numbers, anywhere in a state, to the 0-d entry
+    ``callback.{i}.0scalar.{n}`` (a name no key's arrays take, a key being an identifier;
+    so that it comes back of its dtype, as it was: a
+    float32 goes on in float32, bit for bit), its place and kind to ``scalars`` (the JSON
+    value there is the Python number it holds, as files before kept it)."""
     entry, arrays = [], {}
     for i, (name, state) in enumerate(states):
-        plain, counts = {}, {}
+        plain, counts, scalars = {}, {}, []
         for key, value in (state or {}).items():
+            if not isinstance(key, str):
+                raise InputError(f"the state of callback {name} (its get_state()) cannot be "
+                                 f"written to the checkpoint: its key {key!r} is not a string")
             if isinstance(value, list | tuple) and value and all(
                     isinstance(a, np.ndarray) for a in value):
                 if not key.isidentifier():  # (part of the entries' names)
                     raise InputError(f"the state of callback {name} holds arrays under "
                                      f"{key!r}: name them with letters, digits and '_'")
+                bad = next((a for a in value if not _storable(a)), None)
+                if bad is not None:  # (written, the file would not load: refused now)
+                    raise InputError(f"the state of callback {name} (its get_state()) cannot "
+                                     f"be written to the checkpoint: {key!r} holds an array of "
+                                     f"dtype {bad.dtype}, and a checkpoint holds arrays of "
+                                     "booleans, integers and real floats only")
                 counts[key] = len(value)
                 arrays.update({f"callback.{i}.{key}.{k}": a for k, a in enumerate(value)})
             else:
-                plain[key] = _json_value(value, name, key)
+                found: list[tuple[list[Any], Any]] = []
+                plain[key] = _json_value(value, name, key, [key], found)
+                for path, scalar in found:
+                    arrays[f"callback.{i}.0scalar.{len(scalars)}"] = np.asarray(scalar)
+                    scalars.append([path, "array" if isinstance(scalar, np.ndarray)
+                                    else "scalar"])
         entry.append({"class": name, "state": None if state is None else plain,
-                      "arrays": counts})
+                      "arrays": counts, **({"scalars": scalars} if scalars else {})})
     return entry, arrays
 
 
-def _json_value(value: Any, name: str, key: str) -> Any:
-    """``value``, the state of callback ``name`` under ``key``, as JSON: a NumPy scalar or 0-d
-    array (``np.argmin(...)``, a float32 loss) as the Python number it holds (so it comes back
-    as one), in lists and dicts too; InputError, naming the callback and the key, for what
-    JSON cannot hold (was: a JSON error blaming the layers' settings, after an epoch)."""
+def _json_value(value: Any, name: str, key: str, path: list[Any],
+                found: list[tuple[list[Any], Any]]) -> Any:
+    """``value``, the state of callback ``name`` under ``key`` (at ``path`` in it), as JSON: a
+    NumPy scalar or 0-d array of numbers (``np.argmin(...)``, a float32 loss) as the Python
+    number it holds, added to ``found`` with its path (its entry gives it back as it was), in
+    lists and dicts too; InputError, naming the callback and the key, for what JSON cannot
+    hold (was: a JSON error blaming the layers' settings, after an epoch), another NumPy
+    scalar among them (a datetime64, a complex number: neither JSON nor a checkpoint's
+    arrays hold it, and .item() would turn a datetime64 of nanoseconds into an int)."""
     if isinstance(value, np.generic | np.ndarray) and np.ndim(value) == 0:
-        return value.item()
+        if _storable(np.asarray(value)):
+            found.append((path, value))
+            return value.item()
+        if np.asarray(value).dtype.kind != "U":  # (a NumPy string: the str it is)
+            dtype = np.asarray(value).dtype
+            kind = "bytes" if dtype.kind == "S" else dtype  # (|S2 says little)
+            raise InputError(
+                f"the state of callback {name} (its get_state()) cannot be written to the "
+                f"checkpoint: {key!r} holds a NumPy {kind} value {value!r:.80}, which neither "
+                "JSON nor a checkpoint's arrays hold (booleans, integers and real floats "
+                "only): keep it as a number or a string (str(value), or its real and "
+                "imaginary parts), and make it again in set_state")
+        value = value.item()
     if isinstance(value, dict):
-        return {k: _json_value(v, name, key) for k, v in value.items()}
+        for k in value:
+            if not isinstance(k, str):  # (JSON would make a string of it, or fail)
+                raise InputError(f"the state of callback {name} (its get_state()) cannot be "
+                                 f"written to the checkpoint: {key!r} holds a dict whose key "
+                                 f"{k!r} is not a string")
+        return {k: _json_value(v, name, key, [*path, k], found) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_value(v, name, key) for v in value]
+        return [_json_value(v, name, key, [*path, k], found) for k, v in enumerate(value)]
     try:
         encode_json(value)
     except (TypeError, ValueError) as e:
@@ -544,8 +594,44 @@ def _callback_states(config: dict[str, Any], npz: NpzArchive, model: Any
                 raise DataFormatError(f"{npz.path}: invalid checkpoint: the arrays {key!r} of "
                                       f"callback {e['class']} are missing")
             state[key] = [npz.read(name, limit) for name in names]
+        scalars = e.get("scalars", [])  # (none in files before NumPy scalars were kept)
+        if not isinstance(scalars, list) or scalars and state is None:
+            raise bad
+        for n, place in enumerate(scalars):
+            entry_name = f"callback.{i}.0scalar.{n}"
+            if not (isinstance(place, list) and len(place) == 2
+                    and place[1] in ("scalar", "array") and entry_name in npz.entries):
+                raise bad
+            a = npz.read(entry_name, limit)
+            if a.ndim:
+                raise bad
+            _put(state, place[0], a[()] if place[1] == "scalar" else a.copy(), bad)
         states.append((e["class"], state))
     return states
+
+
+def _put(state: dict[str, Any], path: Any, value: Any, bad: Exception) -> None:
+    """Put ``value`` at ``path`` (keys and indices) in ``state``, where the JSON value it
+    stands for is; ``bad`` raised where there is none."""
+    if not (isinstance(path, list) and path and isinstance(path[0], str)):
+        raise bad
+    where: Any = state
+    for step in path[:-1]:
+        where = _step(where, step, bad)
+    last = path[-1]
+    _step(where, last, bad)  # (there, and a number)
+    if isinstance(where[last], bool | int | float):
+        where[last] = value
+    else:
+        raise bad
+
+
+def _step(where: Any, step: Any, bad: Exception) -> Any:
+    if isinstance(where, dict) and isinstance(step, str) and step in where:
+        return where[step]
+    if isinstance(where, list) and type(step) is int and 0 <= step < len(where):
+        return where[step]
+    raise bad
 
 
 def _history(h: Any, path: str) -> History:
@@ -734,7 +820,8 @@ class FitCheckpoints:
         written before states were kept, or one of a run whose callbacks that keep a state
         differ from this run's (class and order); a callback whose state was kept under other
         settings (another monitor) starts afresh alone, also with a warning. Refused where
-        one's state is unknown (a ModelCheckpoint's file written before it ran)."""
+        one's state is unknown (a ModelCheckpoint's file written before it ran, or before a
+        callback's error stopped it)."""
         ours = [type(cb).__name__ for cb in self.callbacks]
         theirs = None if states is None else [name for name, _ in states]
         if states is None or theirs != ours:
@@ -758,9 +845,11 @@ class FitCheckpoints:
         if unknown:
             raise InputError(f"{self.path} was written by a ModelCheckpoint before "
                              f"{', '.join(unknown)} (after it in callbacks) had run for that "
-                             "point, so their state is not in the file and the run cannot go "
-                             "on exactly: resume from fit(checkpoint=...)'s or BackupAndRestore's "
-                             "file, or list the ModelCheckpoint after them")
+                             "point (a subclass's own on_epoch_end saves before them, and a "
+                             "callback's error there stops them), so their state is not in the "
+                             "file and the run cannot go on exactly: resume from "
+                             "fit(checkpoint=...)'s or BackupAndRestore's file, or list the "
+                             "ModelCheckpoint after them")
         return [state if fit else cb.get_state() for cb, (_, state), fit
                 in zip(self.callbacks, states, fits, strict=True)], all(fits)
 
