@@ -551,7 +551,7 @@ def test_batches_drawn_ahead_are_given_back_when_an_epoch_stops_early(data, how)
     # the next call takes what is left, then goes on drawing: batches 5, 6
     predicted = model.predict(stream, steps=2, batch_size=4)
     np.testing.assert_array_equal(predicted, model.predict(x[20:28], batch_size=4))
-    assert len(drawn) == 7 and not any(batches for _, batches in xpcnn.data._GIVEN_BACK)
+    assert len(drawn) == 7 and not xpcnn.data._GIVEN_BACK.get(stream)
 
 
 def test_batches_given_back_are_copies_of_a_refilled_buffer(data):
@@ -712,8 +712,12 @@ def test_streamed_inputs_are_checked(data):
     with pytest.raises(InputError, match=r"x must yield \(x, y\) or \(x, y, sample_weight\) "
                                          r"batches, got ndarray"):
         model.fit(Loader([x]), verbose=0)
-    with pytest.raises(InputError, match="gave no batches in epoch 2"):
-        model.fit(iter([(x, y)]), steps_per_epoch=1, epochs=2, verbose=0)
+    model.build((6, 6, 3))
+    with pytest.raises(InputError, match="gave no batches in epoch 1"):
+        model.fit(iter([]), steps_per_epoch=1, epochs=2, verbose=0)
+    # (out as an epoch ends: a warning, the epochs trained, as in Keras 3; was: an InputError)
+    with pytest.warns(RuntimeWarning, match="ran out as epoch 1 ended"):
+        assert model.fit(iter([(x, y)]), steps_per_epoch=1, epochs=2, verbose=0).epoch == [0]
     # out inside an epoch: a warning, and training stops there, as in Keras (was: silent)
     with pytest.warns(RuntimeWarning, match=r"ran out after 2 of its 3 batches \(steps_per_"
                                             r"epoch\) in epoch 2: training stops here"):
@@ -1101,3 +1105,225 @@ def test_an_error_is_not_held_up_by_a_generator_blocked_in_next(monkeypatch):
         assert time.monotonic() - start < 10
     finally:
         never.set()
+
+
+# -- batches held by a source: none lost (review of 38bcc02) -----------------------------------
+
+
+def _recording():
+    """A small model whose training steps record each batch's number (its first value), and
+    the list they go to."""
+    model = xpcnn.Sequential([Flatten(), Dense(3)], seed=0)
+    model.compile("cross_entropy", "sgd")
+    steps = []
+    step = model.train_step
+
+    def recorded(xb, yb, sample_weight=None):
+        steps.append(int(np.asarray(xb)[0, 0, 0, 0]))
+        return step(xb, yb)
+
+    model.train_step = recorded
+    return model, steps
+
+
+def _counting(n=100):
+    """Batch i holds the value i."""
+    for i in range(n):
+        yield np.full((2, 4, 4, 1), float(i), np.float32), np.array([0, 1])
+
+
+class _Raises(xpcnn.callbacks.Callback):
+    def __init__(self, hook, error=KeyboardInterrupt):
+        self.error = error
+        setattr(self, hook, self._raise)
+
+    def _raise(self, *args, **kwargs):
+        raise self.error
+
+
+def _stop_after(batch, flag="stop_training", hook="on_train_batch_end"):
+    callback = xpcnn.callbacks.Callback()
+
+    def end(b, logs=None):
+        if b == batch:
+            setattr(callback.model, flag, True)
+
+    setattr(callback, hook, end)
+    return callback
+
+
+def test_batches_given_back_beyond_the_next_calls_steps_stay_given_back():
+    """Batches given back to an iterator, more than the next call takes, wait for the call
+    after it, in order (was: cut off with the steps, and lost: 0, 1, 2, 4, 5)."""
+    model, steps = _recording()
+    stream = _counting()
+    model.fit(stream, steps_per_epoch=10, verbose=0, callbacks=[_stop_after(1)])
+    assert steps == [0, 1]
+    model.fit(stream, steps_per_epoch=1, epochs=3, verbose=0)
+    assert steps == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(model.predict(stream, steps=2)[:, 0] * 0,
+                                  np.zeros(4))  # (goes on: 5, 6)
+    model.fit(stream, steps_per_epoch=1, verbose=0)
+    assert steps[-1] == 7
+
+
+@pytest.mark.parametrize("built", [False, True])
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_batches_held_when_an_epoch_never_begins_are_given_back(built, error):
+    """A fit interrupted (or failing) in on_epoch_begin, before its epoch drew anything: the
+    batch drawn to build the model (``built`` False), or those given back by an epoch stopped
+    early before (True), go to the next call (were: lost)."""
+    model, steps = _recording()
+    stream = _counting()
+    if built:
+        model.fit(stream, steps_per_epoch=10, verbose=0, callbacks=[_stop_after(1)])
+        steps.clear()
+    with pytest.raises(error):
+        model.fit(stream, steps_per_epoch=3, verbose=0,
+                  callbacks=[_Raises("on_epoch_begin", error)])
+    assert steps == []
+    model.fit(stream, steps_per_epoch=3, verbose=0)
+    assert steps == ([2, 3, 4] if built else [0, 1, 2])
+
+
+def test_a_validation_sources_batches_are_given_back_where_fit_is_refused_or_ends_first():
+    """Batches given back to a generator (an evaluate stopped early), then taken by a fit's
+    validation source: given back where that fit is refused (was: lost), or where it ends
+    before validating (validation_freq beyond its epochs)."""
+    model, steps = _recording()
+    model.build((4, 4, 1))
+    x, y = np.zeros((4, 4, 4, 1), np.float32), np.array([0, 1, 2, 0])
+    stream = _counting()
+    model.evaluate(stream, steps=10,
+                   callbacks=[_stop_after(0, "stop_evaluating", "on_test_batch_end")])
+    with pytest.raises(ValueError, match="refused"):
+        model.fit(x, y, validation_data=stream, validation_steps=2, verbose=0,
+                  callbacks=[_Raises("on_train_begin", ValueError("refused"))])
+    model.fit(x, y, batch_size=1, validation_data=stream, validation_steps=2, verbose=0,
+              validation_freq=2)  # (one epoch: never validated)
+    steps.clear()
+    model.fit(stream, steps_per_epoch=3, verbose=0)
+    assert steps == [1, 2, 3]
+
+
+def test_batches_given_back_to_two_iterators_are_kept_for_each():
+    """An evaluate on a second generator that stops early keeps what a stopped fit gave back
+    to the first (was: one slot for all iterators, the first's batches dropped)."""
+    model, steps = _recording()
+    train, val = _counting(), _counting()
+    model.fit(train, steps_per_epoch=10, verbose=0, callbacks=[_stop_after(1)])
+    model.evaluate(val, steps=10,
+                   callbacks=[_stop_after(0, "stop_evaluating", "on_test_batch_end")])
+    steps.clear()
+    model.fit(train, steps_per_epoch=3, verbose=0)
+    assert steps == [2, 3, 4]
+    model.fit(val, steps_per_epoch=2, verbose=0)
+    assert steps[-2:] == [1, 2]
+    assert not xpcnn.data._GIVEN_BACK.get(train)  # (val's drawn ahead wait, in order)
+
+
+def test_an_iterator_that_runs_out_as_an_epoch_ends_ends_fit_cleanly():
+    """A training generator that runs out exactly at an epoch's end: a warning and a clean end
+    (the History of the epochs trained, on_train_end), as Keras 3's "Your input ran out of
+    data" (was: InputError "gave no batches in epoch 3", no History, no on_train_end). The
+    empty epoch leaves no logs. One that gives nothing in its first epoch is refused."""
+    ended = []
+    ends = LambdaCallback(on_train_end=lambda logs: ended.append(logs))
+    epochs = []
+    ends.on_epoch_end = lambda epoch, logs: epochs.append(epoch)
+    model, steps = _recording()
+    with pytest.warns(RuntimeWarning, match=r"the training data ran out as epoch 2 ended \(no "
+                                            r"batch in epoch 3, of its 5 \(steps_per_epoch\)\):"
+                                            r" training stops after epoch 2"):
+        history = model.fit(_counting(10), steps_per_epoch=5, epochs=4, verbose=0,
+                            callbacks=[ends])
+    assert history.epoch == [0, 1] and len(history.history["loss"]) == 2
+    assert epochs == [0, 1] and len(ended) == 1 and set(ended[0]) >= {"loss"}
+    assert steps == list(range(10))
+    model.build((4, 4, 1))
+    with pytest.raises(InputError, match="gave no batches in epoch 1"):
+        model.fit(iter([]), steps_per_epoch=5, epochs=2, verbose=0)
+
+
+def test_a_call_on_the_iterator_a_running_call_reads_is_refused():
+    """predict or evaluate from a callback, on the generator that fit reads: refused by name
+    (was: a bare "ValueError: generator already executing" from the background thread); once
+    fit has returned, the generator goes on."""
+    model, steps = _recording()
+    stream = _counting()
+
+    def peek(batch, logs=None):
+        if batch == 1:
+            model.predict(stream, steps=1)
+
+    with pytest.raises(InputError, match=r"x is the iterator that a running fit, evaluate or "
+                                         r"predict reads now .*pass this call another "
+                                         "iterator"):
+        model.fit(stream, steps_per_epoch=4, verbose=0,
+                  callbacks=[LambdaCallback(on_train_batch_end=peek)])
+    assert xpcnn.data._READING == {} and prefetch_threads() == []
+    model.fit(stream, steps_per_epoch=2, verbose=0)  # (the batches drawn ahead, in order)
+    assert steps == [0, 1, 2, 3]
+
+
+def test_owned_takes_numbers_as_they_are_without_a_namespace_lookup(monkeypatch):
+    """A dataset's NumPy scalar labels skip is_device_array (whose namespace lookup was most
+    of a map-style dataset's per-sample background work)."""
+    def no_lookup(x):
+        raise AssertionError("is_device_array called")
+
+    monkeypatch.setattr(xpcnn.data, "is_device_array", no_lookup)
+    backend = make().backend
+    for label in (np.int64(3), np.float32(0.5), 3, 0.5, True):
+        assert xpcnn.data.owned(label, backend) is label
+    a = np.arange(3)
+    assert xpcnn.data.owned(a, backend) is not a
+
+
+def test_device_arrays_are_checked_for_the_same_data_without_a_host_copy(data, monkeypatch):
+    """On several ranks, the check of the same data on every rank sums each sample on the
+    device for arrays that live there (was: the whole arrays copied to the host at every
+    fit); other samples give another mark, the same ones the same."""
+    x, y = data
+    device = (xps, xps.Device("device1"))
+    model = xpcnn.Sequential(gap_net(classes=4), seed=0, device=device)
+    backend = model.backend
+    put = lambda a: xps.asarray(a, device=xps.Device("device1"))  # noqa: E731
+    read = []
+    to_numpy = type(backend).to_numpy
+    monkeypatch.setattr(type(backend), "to_numpy",
+                        lambda self, a: read.append(tuple(a.shape)) or to_numpy(self, a))
+
+    def mark(images):
+        return xpcnn.data.ArrayBatches(backend, put(images), y[:len(images)], 4,
+                                       shard=(0, 2)).same_data_mark()
+
+    whole = mark(x)
+    assert read and all(shape == (N,) for shape in read)  # (each sample's sum, not x)
+    assert mark(x) == whole and mark(x[::-1].copy()) != whole
+    assert mark(x[:22]) != mark(np.ascontiguousarray(x[22:]))
+    assert mark(x)["x_sums_crc32"] != mark(x + np.uint8(1))["x_sums_crc32"]
+
+
+def test_subset_shards_of_one_dataset_have_other_marks_and_fingerprints_stay(data):
+    """Per-rank Subsets (random_split) of one dataset, of equal lengths: their marks differ by
+    the indices (at every level), their fingerprints, which checkpoints store, do not."""
+    x, y = data
+    torch_data = pytest.importorskip("torch.utils.data")
+    whole = MapDataset(x, y)
+    model = make()
+    halves = [torch_data.Subset(whole, list(range(r, N, 2))) for r in (0, 1)]
+
+    def source(ds):
+        return xpcnn.data.DatasetBatches(model, ds, 4, shard=(0, 2))
+
+    a, b = source(halves[0]), source(halves[1])
+    assert a.fingerprint() == b.fingerprint()
+    assert a.same_data_mark() != b.same_data_mark()
+    assert source(halves[0]).same_data_mark() == a.same_data_mark()
+    nested = [torch_data.Subset(torch_data.Subset(whole, list(range(N))[::-1]), list(range(22)))
+              for _ in range(2)]
+    plain = torch_data.Subset(whole, list(range(22)))
+    assert source(nested[0]).same_data_mark() == source(nested[1]).same_data_mark()
+    assert source(nested[0]).same_data_mark() != source(plain).same_data_mark()
+    assert xpcnn.data.subset_indices_crc32(whole) is None

@@ -677,9 +677,44 @@ callbacks = [ModelCheckpoint(__file__ + "/m.npz")] if sys.argv[1] == "path" else
 # (per-rank data: a PyTorch habit; or arrays of other lengths)
 xs, ys = {"data shards": (x[rank::2], y[rank::2]),
           "lengths": (x[:16 - 4 * rank], y[:16 - 4 * rank])}.get(sys.argv[1], (x, y))
+
+
+class Subset:  # (PyTorch's, as random_split makes them: equal lengths)
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+
+class Pairs:
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return x[i], y[i]
+
+
+def step_in_a_callback(epoch, logs):
+    model.train_on_batch(x[:5], y[:5])
+
+
 try:
     if sys.argv[1] == "train_on_batch":
         model.train_on_batch(x[:4], y[:4])
+    elif sys.argv[1] == "train_on_batch in fit":  # (from a callback: was an accuracy summed
+        from xpcnn.callbacks import LambdaCallback  # over the ranks, a step mis-weighted)
+        model.fit(x, y, batch_size=3, verbose=0,
+                  callbacks=[LambdaCallback(on_epoch_end=step_in_a_callback)])
+    elif sys.argv[1] == "subset shards":
+        model.fit(Subset(Pairs(), list(range(rank, 16, 2))), batch_size=4, verbose=0)
+    elif sys.argv[1] == "validation shards":
+        model.fit(x, y, batch_size=4, validation_data=(x[rank::2], y[rank::2]), verbose=0)
+    elif sys.argv[1] == "evaluate shards":
+        model.evaluate(x[rank::2], y[rank::2])
     elif sys.argv[1] == "uneven batches":  # (rank 1's generator one batch short)
         batches = ((x[i:i + 4], y[i:i + 4]) for i in range(0, 16 - 4 * rank, 4))
         model.fit(batches, steps_per_epoch=4, epochs=1, verbose=0)
@@ -695,7 +730,9 @@ os.write(1, (said + "\\n").encode())  # (one write: the ranks' lines do not inte
 
 @needs_mpi
 @pytest.mark.parametrize("case", ["shards", "path", "same", "data shards", "lengths",
-                                  "train_on_batch", "uneven batches"])
+                                  "train_on_batch", "uneven batches", "subset shards",
+                                  "validation shards", "evaluate shards",
+                                  "train_on_batch in fit"])
 def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp_path, case):
     """A Normalization adapted on each rank's own shard (their models predicted apart, rank 0's
     alone saved), and a refusal of one rank's own (a path rank 0 alone checks; the others
@@ -721,10 +758,23 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
         assert all("DistributedError: layer 'normalization' (Normalization) has other "
                    "settings on rank(s) [1] than on rank 0" in line for line in lines), lines
         assert len(lines) == 2
-    elif case in ("data shards", "lengths"):
+    elif case in ("data shards", "lengths", "subset shards"):
         assert all("DistributedError: fit on several ranks was given other training data on "
                    "rank(s) [1] than on rank 0" in line for line in lines), lines
         assert len(lines) == 2
+    elif case in ("validation shards", "evaluate shards"):
+        # (were: each rank's slice of its own shard evaluated, a wrong val_loss, silently)
+        call, what = ("fit", "validation") if case.startswith("val") else ("evaluate",
+                                                                            "evaluation")
+        assert all(f"DistributedError: {call} on several ranks was given other {what} data on "
+                   "rank(s) [1] than on rank 0" in line for line in lines), lines
+        assert len(lines) == 2
+    elif case == "train_on_batch in fit":
+        assert lines == [f"rank {r} refused: InputError: train_on_batch was called from a "
+                         "callback of fit on one of 2 ranks: its step would be weighted as "
+                         "fit's last batch, not as this one, on every rank; fit's own steps are "
+                         "what train on several ranks (pass the batch to fit, or run "
+                         "train_on_batch in a job of one process)" for r in (0, 1)], lines
     elif case == "uneven batches":
         assert lines == [
             "rank 0 refused: DistributedError: the training data of rank(s) [1] ran out of "
@@ -743,6 +793,69 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
         assert lines[0].startswith("rank 0 refused: InputError: ") and "m.npz" in lines[0]
         assert lines[1] == ("rank 1 refused: DistributedError: the callbacks' on_train_begin "
                             "failed on 1 other rank(s): their error says why"), lines
+
+
+_RUN_OUT_ALIKE = '''
+import os
+import sys
+import warnings
+import numpy as np
+import xpcnn
+from xpcnn import distributed
+from xpcnn.layers import Dense, Flatten
+
+rank = distributed.world().rank
+
+
+def batches(n):
+    for i in range(n):
+        yield np.full((2, 4, 4, 1), float(i), np.float32), np.array([0, 1])
+
+
+model = xpcnn.Sequential([Flatten(), Dense(3)], seed=0)
+model.compile("cross_entropy", "sgd")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    if sys.argv[1] == "validation":  # (rank 0's validation generator runs out first)
+        history = model.fit(batches(100), steps_per_epoch=2, epochs=4, verbose=0,
+                            validation_data=batches(4 + 2 * rank), validation_steps=2)
+    else:  # (both training generators run out as epoch 2 ends)
+        history = model.fit(batches(4), steps_per_epoch=2, epochs=4, verbose=0)
+said = [f"rank {rank} epochs {history.epoch} val {len(history.history.get('val_loss', []))}"]
+said += [f"rank {rank} warned: {w.message}" for w in caught]
+os.write(1, ("\\n".join(said) + "\\n").encode())
+'''
+
+
+@needs_mpi
+@pytest.mark.parametrize("case", ["validation", "training"])
+def test_data_that_runs_out_ends_fit_alike_on_every_rank(tmp_path, case):
+    """A validation generator that runs out on one rank alone: every rank stops after that
+    epoch, with its val_* logs (the sums of the ranks that gave batches), and the same warning
+    naming the rank (was: that rank alone stopped, saying "no val_* logs" while it had them,
+    and the other waited in the next epoch's allreduce for the whole timeout). A training
+    generator that runs out as an epoch ends, on every rank: fit ends cleanly on all."""
+    script = tmp_path / "run_out.py"
+    script.write_text(_RUN_OUT_ALIKE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
+           "XPCNN_DIST_TIMEOUT": "30"}
+    t0 = time.monotonic()
+    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script), case], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and time.monotonic() - t0 < 25, proc.stderr
+    lines = sorted(proc.stdout.splitlines())
+    if case == "validation":
+        warning = ("xpcnn: the validation data ran out after 0 of its 2 batches "
+                   "(validation_steps) on rank(s) [0] in epoch 3: training stops after this "
+                   "epoch (an iterator needs validation_steps batches for every epoch)")
+        assert lines == ["rank 0 epochs [0, 1, 2] val 3", f"rank 0 warned: {warning}",
+                         "rank 1 epochs [0, 1, 2] val 3", f"rank 1 warned: {warning}"], lines
+    else:
+        warning = ("xpcnn: the training data ran out as epoch 2 ended (no batch in epoch 3, of "
+                   "its 2 (steps_per_epoch)): training stops after epoch 2; an iterator needs "
+                   "steps_per_epoch batches for every epoch")
+        assert lines == ["rank 0 epochs [0, 1] val 0", f"rank 0 warned: {warning}",
+                         "rank 1 epochs [0, 1] val 0", f"rank 1 warned: {warning}"], lines
 
 
 # -- top-k metrics: the counts summed over the ranks, as the correct count ----------------------

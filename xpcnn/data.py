@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import itertools
+import math
 import queue
 import sys
 import threading
 import weakref
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -71,6 +72,16 @@ class Batches:
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the original (see :mod:`xpcnn.saving.checkpoint`)."""
         raise NotImplementedError
+
+    def same_data_mark(self) -> dict[str, Any] | None:
+        """What every rank's source must share on several ranks
+        (:func:`xpcnn.distributed.check_same_data`): the :meth:`fingerprint`, and what else
+        tells the content without reading it; None where nothing can (an iterable: each
+        rank's own)."""
+        try:
+            return self.fingerprint()
+        except NotImplementedError:
+            return None
 
     def place(self, step: int) -> tuple[int, int, int] | None:
         """On several ranks, (start, local, total): this rank's batch of step ``step`` is
@@ -136,7 +147,9 @@ def owned(part: Any, backend: Any) -> Any:
     an array the model cannot read, refused by name where it is checked) as it is."""
     if isinstance(part, np.ndarray):
         return part.copy()
-    if not is_device_array(part):
+    # (a sample's label is most often a NumPy scalar or a number: is_device_array's namespace
+    # lookup cost more than the rest of the sample's work)
+    if isinstance(part, np.generic | int | float) or not is_device_array(part):
         return part
     part = adopt_foreign(part, backend)
     if isinstance(part, np.ndarray):
@@ -354,6 +367,40 @@ class ArrayBatches(ShardedBatches):
         return fingerprint(x, self.host_targets, self.batch_size, self.seed, self.shuffle,
                            self.shard[1], self.host_weights)
 
+    def same_data_mark(self) -> dict[str, Any] | None:
+        """The fingerprint where the images are on the host (a CRC-32 of their bytes, a pass
+        over them); for a user's device arrays, each sample's sum, computed on the device and
+        read back (N numbers, not the arrays: :func:`device_sums_crc32`), with the rest of
+        the fingerprint."""
+        if self.host_x is not None:
+            return self.fingerprint()
+        t, w = self.host_targets, self.host_weights
+        return {"samples": self.samples, "sample_shape": [int(d) for d in self.x.shape[1:]],
+                "x_dtype": str(self.x.dtype), "x_sums_crc32": device_sums_crc32(self.backend,
+                                                                                self.x),
+                "y_crc32": None if t is None else zlib.crc32(np.ascontiguousarray(t).data),
+                "w_crc32": None if w is None else zlib.crc32(np.ascontiguousarray(w).data),
+                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
+                "ranks": self.shard[1]}
+
+
+def device_sums_crc32(backend: Any, x: Any) -> int:
+    """A CRC-32 of each sample's sum (float64) of device array ``x``, summed on the device in
+    parts of about 16 MiB of float64 (no copy of ``x`` to the host, no temporary as large as
+    it): other samples (a per-rank shard) give other sums; a sample's own pixels in another
+    order do not (which no shard does)."""
+    xp = backend.xp
+    n = int(x.shape[0])
+    per = max(1, math.prod(int(d) for d in x.shape[1:]))
+    rows = max(1, (1 << 21) // per)
+    crc = 0
+    with backend.on_device():
+        for lo in range(0, n, rows):
+            part = xp.reshape(x[lo:min(n, lo + rows), ...], (-1, per))
+            sums = xp.sum(xp.astype(part, xp.float64), axis=1)
+            crc = zlib.crc32(np.ascontiguousarray(backend.to_numpy(sums)).data, crc)
+    return crc
+
 
 # -- map-style datasets and iterables ---------------------------------------------------------
 
@@ -474,6 +521,35 @@ class DatasetBatches(ShardedBatches):
                 "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
                 **({"ranks": self.shard[1]} if self.shard[1] > 1 else {})}
 
+    def same_data_mark(self) -> dict[str, Any] | None:
+        """The fingerprint and a CRC-32 of the indices of a PyTorch ``Subset`` (what
+        ``random_split`` gives), at every level (a Subset of a Subset): per-rank shards of one
+        dataset, of equal lengths, differ there. Not in :meth:`fingerprint`, which checkpoints
+        store (an older one must still resume). A shard of another kind (a class of the
+        user's that holds its own part) cannot be told without reading samples."""
+        return {**self.fingerprint(), "subset_indices_crc32": subset_indices_crc32(
+            self.dataset)}
+
+
+def subset_indices_crc32(dataset: Any, depth: int = 8) -> int | None:
+    """A CRC-32 of the ``indices`` of ``dataset`` and of the datasets it is a ``Subset`` of
+    (an object with ``indices`` and ``dataset``), down to ``depth`` levels; None where it is
+    none."""
+    crc, found = 0, False
+    for _ in range(depth):
+        indices = getattr(dataset, "indices", None)
+        inner = getattr(dataset, "dataset", None)
+        if indices is None or inner is None:
+            break
+        try:
+            values = np.asarray(indices, dtype=np.int64)  # (a list, a range, a tensor)
+        except (TypeError, ValueError):
+            break
+        crc, found = zlib.crc32(np.ascontiguousarray(values).data, crc), True
+        crc = zlib.crc32(len(values).to_bytes(8, "little"), crc)  # (the levels' bounds)
+        dataset = inner
+    return crc if found else None
+
 
 class IterableBatches(Batches):
     """An iterable of ``(x, y)`` batches (or ``x`` batches for ``predict``). An iterator (a
@@ -491,8 +567,12 @@ class IterableBatches(Batches):
     workers again). No batch an iterator gave is lost to it: a call refused before its first
     epoch (see ``Trainer``) gives its first batch back (:meth:`give_back`), and an epoch
     closed early (a callback's ``stop_training``, an error, a Ctrl-C) gives back the batches
-    the background thread drew ahead, in order, once it has stopped; the next source of that
-    iterator starts with them."""
+    the background thread drew ahead, in order, once it has stopped, then those it began with
+    and did not reach (given back by the call before, more than its steps); the next source of
+    that iterator starts with them. A call that makes a source and never starts its epoch
+    (refused, interrupted before it) gives its held batches back (:meth:`give_back`, see
+    ``Trainer``). An iterator that a running call reads (its background thread inside it) is
+    refused to a second call, from one of the first one's callbacks, say."""
 
     def __init__(self, model: Any, data: Iterable[Any], steps: int | None,
                  with_targets: bool = True, what: str = "x") -> None:
@@ -508,6 +588,7 @@ class IterableBatches(Batches):
                                    "with others")
         self.started: Iterator[Any] | None = None
         self._left = False
+        self._refuse_if_read()
         self._wait_for_reader()
         self.held: collections.deque[Any] = self._taken_back()
         if not model.built:  # the first batch tells the input shape
@@ -528,12 +609,15 @@ class IterableBatches(Batches):
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
         source, self.started = self.started, None
         if source is None:
+            self._refuse_if_read()
             self._wait_for_reader()
             self.held.extend(self._taken_back())
             source = self.iterator if self.iterator is not None else iter(self.data)
-        held, self.held = list(self.held), collections.deque()
+        # (the held batches first, popped as the reader draws them: those a cut at steps leaves
+        # are still there, for close() to give back; a chain, which never closes the iterator)
+        held, self.held = self.held, collections.deque()
         if held:
-            source = itertools.chain(held, source)
+            source = itertools.chain(_popped(held), source)
         if self._cut:
             source = itertools.islice(source, self.steps)
         # (what the thread draws from an iterator, until the loop takes it)
@@ -543,7 +627,22 @@ class IterableBatches(Batches):
         backend = self.model.backend
         batches = upload(backend, prefetch(checked, backend, self._reader_left),
                          owned=True)  # (copied)
-        return batches if drawn is None else _GivingBack(batches, drawn, held, self)
+        if drawn is None:
+            return batches
+        reading = _GivingBack(batches, drawn, held, self)
+        _READING[id(self.iterator)] = reading  # (until it is closed)
+        return reading
+
+    def _refuse_if_read(self) -> None:
+        """Refuse an iterator that a running call reads now (its background thread is inside
+        it: a second reader got a bare "generator already executing" from its thread)."""
+        reading = _READING.get(id(self.iterator)) if self.iterator is not None else None
+        if reading is not None and reading.source.iterator is self.iterator:
+            raise InputError(f"{self.what} is the iterator that a running fit, evaluate or "
+                             "predict reads now (this call comes from one of its callbacks, "
+                             "say): its background thread is inside the iterator, and two "
+                             "calls cannot read one; pass this call another iterator, or "
+                             "arrays")
 
     def _reader_left(self, thread: threading.Thread) -> None:
         """Remember the reader thread a stopped call left inside the iterator's ``next()``,
@@ -573,15 +672,15 @@ class IterableBatches(Batches):
                              "or pass a fresh iterator")
 
     def _taken_back(self) -> collections.deque[Any]:
-        """The batches given back to this iterator by the call before (in order), taken."""
-        if self.iterator is not None and _GIVEN_BACK and _GIVEN_BACK[0][0]() is self.iterator:
-            return _GIVEN_BACK.pop()[1]
-        return collections.deque()
+        """The batches given back to this iterator by the calls before (in order), taken."""
+        return collections.deque() if self.iterator is None else _take_given_back(self.iterator)
 
     def give_back(self) -> None:
-        """Keep the batch drawn from the iterator and not trained on (the call was refused
-        before its first epoch) for the next source of that iterator, not lost to it (a
-        re-iterable's next source starts a pass of its own)."""
+        """Keep the batches this source holds and has not begun an epoch with (the first,
+        drawn to build the model; those given back by the calls before), where the call was
+        refused or interrupted before its epoch, for the next source of that iterator, not
+        lost to it (a re-iterable's next source starts a pass of its own). Nothing after an
+        epoch began: it holds none then."""
         self._give_back(self.held)
         self.held, self.started = collections.deque(), None
 
@@ -591,13 +690,13 @@ class IterableBatches(Batches):
         add its batch to)."""
         if self.iterator is None or not (batches or always):
             return
-        # (the last call's alone; the iterator weakly held, so that one the caller drops,
-        # and what it holds open, goes; one that takes no weak reference, strongly)
-        try:  # (the batches go with the iterator)
-            ref = weakref.ref(self.iterator, _forget_given_back)
-        except TypeError:
-            ref = functools.partial(lambda it: it, self.iterator)
-        _GIVEN_BACK[:] = [(ref, batches)]
+        # (given back and not taken yet: given back first, so first; the deque itself is kept,
+        # which a reader left inside next() may still add its batch to)
+        batches.extendleft(reversed(_take_given_back(self.iterator)))
+        try:  # (weakly keyed: an iterator the caller drops goes, with its batches)
+            _GIVEN_BACK[self.iterator] = batches
+        except TypeError:  # (one that takes no weak reference, a list's: the last alone)
+            _GIVEN_BACK_HELD[:] = [(self.iterator, batches)]
 
     def _split(self, item: Any) -> tuple[Any, Any, Any]:
         """(x, y, sample weights) of one batch as given (y None without targets, the weights
@@ -637,19 +736,25 @@ class IterableBatches(Batches):
 _NONE = object()
 
 
+def _popped(held: collections.deque[Any]) -> Iterator[Any]:
+    """``held``'s batches, each taken out of it as it is drawn."""
+    while held:
+        yield held.popleft()
+
+
 class _GivingBack(Iterator[tuple[Any, ...]]):
     """The batches of an epoch over an iterator, ``batches``; ``drawn`` holds what the
     background thread drew from it and this loop has not taken yet (``held``: the batches the
-    epoch began with). Closed, it stops the thread (waits for it), then gives ``drawn`` back
-    to the iterator's next source (:meth:`IterableBatches._give_back`), in order."""
+    epoch began with and the thread has not drawn yet). Closed, it stops the thread (waits for
+    it), then gives ``drawn`` and ``held`` back to the iterator's next source
+    (:meth:`IterableBatches._give_back`), in order."""
 
     def __init__(self, batches: Iterator[tuple[Any, ...]], drawn: collections.deque[Any],
-                 held: list[Any], source: IterableBatches) -> None:
+                 held: collections.deque[Any], source: IterableBatches) -> None:
         self.batches, self.drawn, self.held, self.source = batches, drawn, held, source
-        self.begun = self.closed = False
+        self.closed = False
 
     def __next__(self) -> tuple[Any, ...]:
-        self.begun = True
         try:
             batch = next(self.batches)
         except StopIteration:
@@ -668,11 +773,16 @@ class _GivingBack(Iterator[tuple[Any, ...]]):
         if self.closed:
             return
         self.closed = True
-        close = getattr(self.batches, "close", None)
-        if close is not None:
-            close()  # (stops the thread first: nothing is drawn after this)
-        if not self.begun:  # (no thread ran: the batches it began with are all there is)
-            self.drawn.extend(self.held)
+        try:
+            close = getattr(self.batches, "close", None)
+            if close is not None:
+                close()  # (stops the thread first: nothing is drawn after this)
+        finally:
+            if _READING.get(id(self.source.iterator)) is self:
+                del _READING[id(self.source.iterator)]
+        # (a thread left inside the iterator's next() had drawn every held batch already)
+        self.drawn.extend(self.held)
+        self.held.clear()
         self.source._give_back(self.drawn, always=self.source._left)
 
 
@@ -696,20 +806,32 @@ class _Weighted:
         return self.weighted
 
 
-#: The batches given back by the last call refused or stopped early, with its iterator:
-#: [(iterator, batches in order)], one entry at most (nothing piles up; the next source of that
-#: iterator takes them).
-_GIVEN_BACK: list[tuple[Callable[[], Iterator[Any] | None], collections.deque[Any]]] = []
+#: The batches given back to each iterator (in order) by calls refused, interrupted or stopped
+#: early, which the next source of that iterator takes; weakly keyed, as ``_READERS_LEFT``: an
+#: iterator the caller drops goes, with its batches.
+_GIVEN_BACK: weakref.WeakKeyDictionary[Iterator[Any], collections.deque[Any]] = \
+    weakref.WeakKeyDictionary()
+#: The same for an iterator that takes no weak reference (a list's): held strongly, so the
+#: last one's alone (nothing piles up).
+_GIVEN_BACK_HELD: list[tuple[Iterator[Any], collections.deque[Any]]] = []
+#: The epoch that reads each iterator now, by the iterator's id (it holds the iterator): a
+#: second call on it is refused (see ``IterableBatches._refuse_if_read``).
+_READING: dict[int, _GivingBack] = {}
 
 #: The reader thread a stopped call left inside each iterator's ``next()`` (see ``prefetch``).
 _READERS_LEFT: weakref.WeakKeyDictionary[Iterator[Any], threading.Thread] = \
     weakref.WeakKeyDictionary()
 
 
-def _forget_given_back(ref: Any) -> None:
-    """Drop the batch given back with an iterator the caller dropped."""
-    if _GIVEN_BACK and _GIVEN_BACK[0][0] is ref:
-        _GIVEN_BACK.clear()
+def _take_given_back(iterator: Iterator[Any]) -> collections.deque[Any]:
+    """The batches given back to ``iterator`` (in order), taken out of the store."""
+    try:
+        found = _GIVEN_BACK.pop(iterator, None)
+    except TypeError:  # (no weak reference to it)
+        found = None
+    if found is None and _GIVEN_BACK_HELD and _GIVEN_BACK_HELD[0][0] is iterator:
+        found = _GIVEN_BACK_HELD.pop()[1]
+    return collections.deque() if found is None else found
 
 
 def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bool = True,

@@ -499,27 +499,11 @@ class DataParallel:
                 "rank's own shard, say: adapt it on the same data on every rank, or give mean "
                 "and std")
 
-    def check_same_data(self, data: Any) -> None:
-        """Refuse, on every rank alike, training data that differs between the ranks (each rank
-        takes its slice of every batch of the same data: per-rank shards, a PyTorch habit,
-        trained half of it, silently, and data of other lengths gave the ranks other logs,
-        whose callbacks could then decide otherwise and hang the job). One host allreduce of
-        a checksum of the data's fingerprint (its sizes and contents, the batch size, seed
-        and shuffling; a source that has none, an iterable, is not checked)."""
-        try:
-            mark = data.fingerprint()
-        except NotImplementedError:
-            return
-        sums = np.zeros(self.world.size)
-        sums[self.world.rank] = zlib.crc32(json.dumps(mark, sort_keys=True).encode())
-        sums = np.asarray(host_sum(self.world, sums, "the training data's checksums"))
-        ranks = [r for r in range(self.world.size) if sums[r] != sums[0]]
-        if ranks:
-            raise DistributedError(
-                f"fit on several ranks was given other training data on rank(s) {ranks} than "
-                "on rank 0 (other samples or sizes, or another batch_size, seed or shuffle): "
-                "every rank passes the same whole arrays (or dataset), and each takes its own "
-                "slice of every batch; do not split the data into per-rank shards")
+    def check_same_data(self, data: Any, validation: Any = None) -> None:
+        """Refuse, on every rank alike, training (or ``validation``) data that differs between
+        the ranks: see :func:`check_same_data`."""
+        check_same_data(self.world, [("training", data)] + (
+            [] if validation is None else [("validation", validation)]))
 
     def agree(self, error: BaseException | None, what: str) -> None:
         """Raise, on every rank, where ``what`` failed on any (``error``: this rank's): a
@@ -555,6 +539,34 @@ class DataParallel:
                            for _, _, a in host], "the average of the BatchNorm statistics")
         for la, k, a in host:
             la.state[k] = backend.asarray(a / self.world.size, dtype=la.dtype)
+
+
+def check_same_data(here: World, sources: Sequence[tuple[str, Any]], call: str = "fit"
+                    ) -> None:
+    """Refuse, on every rank alike, data that differs between the ranks (each rank takes its
+    slice of every batch of the same data: per-rank shards, a PyTorch habit, trained or
+    evaluated half of it, silently, and data of other lengths gave the ranks other logs, whose
+    callbacks could then decide otherwise and hang the job). ``sources``: (what, batch
+    source), "training", "validation" or "evaluation" data of ``call``. One host allreduce of
+    a checksum a source, of :meth:`xpcnn.data.Batches.same_data_mark` (arrays: their sizes
+    and contents, the batch size, seed and shuffling; a dataset: its length and type, and the
+    indices of a ``Subset``; an iterable, each rank's own, is not checked)."""
+    sums = np.zeros((here.size, len(sources)))
+    for i, (_, data) in enumerate(sources):
+        mark = data.same_data_mark()
+        sums[here.rank, i] = -1.0 if mark is None else \
+            zlib.crc32(json.dumps(mark, sort_keys=True).encode())
+    sums = np.asarray(host_sum(here, sums.ravel(), "the data's checksums")).reshape(sums.shape)
+    for i, (what, _) in enumerate(sources):
+        ranks = [r for r in range(here.size) if sums[r, i] != sums[0, i]]
+        if ranks:
+            whole = "whole arrays (or dataset)" if what != "evaluation" else \
+                "whole arrays (or dataset) to evaluate"
+            raise DistributedError(
+                f"{call} on several ranks was given other {what} data on rank(s) {ranks} than "
+                "on rank 0 (other samples or sizes, or another batch_size, seed or shuffle): "
+                f"every rank passes the same {whole}, and each takes its own slice of every "
+                "batch; do not split the data into per-rank shards")
 
 
 _COMMUNICATORS: dict[tuple[int, str], Any] = {}

@@ -433,7 +433,16 @@ class Trainer:
         ``class_weight`` weigh the loss as :meth:`fit`'s do."""
         return_dict = checks.flag(return_dict, "return_dict")
         self._require_compiled("train_on_batch")
-        if self._parallel is None and distributed.world().size > 1:
+        if self._parallel is not None:
+            # (inside a fit on several ranks, from a callback: the step took the share and the
+            # global size of fit's last batch, and returned an accuracy summed over the ranks)
+            raise InputError(
+                f"train_on_batch was called from a callback of fit on one of "
+                f"{distributed.world().size} ranks: its step would be weighted as fit's last "
+                "batch, not as this one, on every rank; fit's own steps are what train on "
+                "several ranks (pass the batch to fit, or run train_on_batch in a job of one "
+                "process)")
+        if distributed.world().size > 1:
             # (each rank stepped on its own batch, no gradient averaged: their weights drifted
             # apart, silently, and rank 0's alone was saved)
             raise InputError(
@@ -960,6 +969,8 @@ class Trainer:
             validation = None if validation_data is None else self._batches(
                 x_val, y_val, validation_batch_size, validation_steps, "x_val",
                 checked=split, steps_name="validation_steps", weights=w_val)
+            if validation is not None:  # (its held batches too are given back if refused)
+                made.append(validation)
             class_weights = None if class_weight is None else checks.as_class_weights(
                 class_weight, self.num_classes)
             self.history = history
@@ -981,7 +992,7 @@ class Trainer:
             try:
                 if self._parallel is not None:
                     self._parallel.check_same_layers()
-                    self._parallel.check_same_data(data)
+                    self._parallel.check_same_data(data, validation)
                     self._parallel.broadcast_weights()
                 self._callbacks_begin(cbs)
             except BaseException:
@@ -989,11 +1000,16 @@ class Trainer:
                 raise
         start = self._resume_at
         logs: dict[str, float] = {}  # (the last epoch's, for on_train_end, as in Keras)
+        first_epoch = start.epoch if start else initial_epoch
         try:
             with cbs.interruptible():
-                for epoch in range(start.epoch if start else initial_epoch, epochs):
-                    logs = self._fit_epoch(epoch, data, cbs, start if start and
-                                           start.epoch == epoch else None)
+                for epoch in range(first_epoch, epochs):
+                    trained = self._fit_epoch(epoch, data, cbs, start if start and
+                                              start.epoch == epoch else None,
+                                              later=epoch > first_epoch)
+                    if trained is None:  # (an iterator that ran out as the last epoch ended:
+                        break  # this one has no logs, no History entry; warned)
+                    logs = trained
                     if self._parallel is not None:
                         self._parallel.average_state()
                     # (an epoch whose validation gave nothing is, for the callbacks, one without
@@ -1012,6 +1028,9 @@ class Trainer:
                 raise
         finally:
             self._end_fit()
+            # (batches a source still holds, its epoch never begun: an interrupt or an error
+            # in on_epoch_begin, an epoch that ended fit first, a validation never reached)
+            _give_back_held(made)
         cbs.on_train_end(logs)
         return self.history
 
@@ -1037,10 +1056,12 @@ class Trainer:
             self._parallel.end_fit()
             self._parallel = None
 
-    def _fit_epoch(self, epoch: int, data: Batches, cbs: CallbackList, start: Any
-                   ) -> dict[str, float]:
+    def _fit_epoch(self, epoch: int, data: Batches, cbs: CallbackList, start: Any,
+                   later: bool = False) -> dict[str, float] | None:
         """One pass of training steps (from ``start``, a checkpoint's position, when resuming
-        inside this epoch); returns the epoch's loss and metrics."""
+        inside this epoch); returns the epoch's loss and metrics, or None where an iterator
+        that trained in an earlier epoch of this fit (``later``) gave no batch: it ran out as
+        that epoch ended, and training stops (warned, as Keras 3 does)."""
         step = first = start.step if start else 0
         self._position = (epoch, step)
         self._epoch_t0 = time.perf_counter() - (start.seconds if start else 0.0)
@@ -1084,6 +1105,13 @@ class Trainer:
         # (a checkpoint written after the epoch's last step, as ModelCheckpoint's save_freq
         # may write it, resumes at the epoch's end: no step is left)
         if step == first and not (first and first == data.steps):
+            if later and _iterator(data):  # (on several ranks, on all: end_batches agreed)
+                warn(f"the training data ran out as epoch {epoch} ended (no batch in epoch "
+                     f"{epoch + 1}, of its {data.steps} (steps_per_epoch)): training stops "
+                     f"after epoch {epoch}; an iterator needs steps_per_epoch batches for every "
+                     "epoch")
+                self.stop_training = True
+                return None
             raise InputError(f"the training data gave no batches in epoch {epoch + 1}: an "
                              "iterator needs steps_per_epoch batches for every epoch")
         if data.steps and step < data.steps and not self.stop_training:
@@ -1158,6 +1186,9 @@ class Trainer:
             data = self._batches(x, y, batch_size, steps, steps_name="steps",
                                  weights=sample_weight)
             made.append(data)
+            here = distributed.world()
+            if here.size > 1:  # (each rank evaluates its slice of the same data)
+                distributed.check_same_data(here, [("evaluation", data)], "evaluate")
             cbs = CallbackList(callbacks, self, _inference_params(verbose, data))
             self._check_loss_outputs(loss)
             return self._returned(self._evaluate(data, cbs, loss, verbose), return_dict)
@@ -1202,13 +1233,24 @@ class Trainer:
                         break
                 logs.settle()
             host, _ = totals.read()
-            # on several ranks, each evaluated its slices: the sums are added up over the ranks
-            *sums, seen = distributed.host_sum(distributed.world(),
-                                               [*totals.sums(host), totals.seen], "evaluate")
+            # on several ranks, each evaluated its slices: the sums are added up over the
+            # ranks, and with them whether each ran out, after how many batches, so that all
+            # decide alike (one alone stopping training left the others waiting)
+            here = distributed.world()
+            short, counts = [0.0] * here.size, [0.0] * here.size
+            short[here.rank] = float(bool(data.steps) and steps < data.steps
+                                     and not self.stop_evaluating)
+            counts[here.rank] = float(steps)
+            got = distributed.host_sum(
+                here, [*totals.sums(host), totals.seen, *short, *counts], "evaluate")
+            k = len(got) - 2 * here.size - 1
+            sums, seen = got[:k], got[k]
+            ran_out = [r for r in range(here.size) if got[k + 1 + r]]
+            counts = got[k + 1 + here.size:]
             # (none at all, from anything but fit's validation iterator: refused below)
-            if data.steps and steps < data.steps and not self.stop_evaluating and (
-                    seen or epoch is not None and _iterator(data)):
-                _ran_out(data, steps, epoch)
+            if ran_out and (seen or epoch is not None and _iterator(data)):
+                _ran_out(data, int(min(counts[r] for r in ran_out)), epoch, bool(seen),
+                         ran_out if here.size > 1 else None)
                 if epoch is not None and _iterator(data):  # (the next epoch's would get none)
                     self.stop_training = True
             if not seen:
@@ -1326,21 +1368,33 @@ def _bar(data: Batches, verbose: int, desc: str) -> Any:
                 desc=desc, unit="batch")
 
 
+def _give_back_held(made: list[Batches]) -> None:
+    """Give back the batches that the sources in ``made`` hold and never began an epoch with
+    (:meth:`IterableBatches.give_back`; none where every epoch began)."""
+    for data in made:
+        if isinstance(data, IterableBatches):
+            data.give_back()
+
+
 def _iterator(data: Batches) -> bool:
     """Whether ``data`` reads a user's iterator (a generator): one pass, shared by the
     epochs, not a new pass each epoch."""
     return getattr(data, "iterator", None) is not None
 
 
-def _ran_out(data: Batches, steps: int, epoch: int | None) -> None:
+def _ran_out(data: Batches, steps: int, epoch: int | None, seen: bool = True,
+             ranks: list[int] | None = None) -> None:
     """Warn that evaluation (``epoch`` None) or fit's validation data gave ``steps`` of its
-    ``data.steps`` batches, as Keras 3 warns (its means are those of the batches it gave)."""
+    ``data.steps`` batches, as Keras 3 warns (its means are those of the batches it gave);
+    ``seen``: whether any rank gave a sample (else the epoch has no val_* logs); ``ranks``: on
+    several ranks, those whose data ran out (``steps``: the fewest they gave)."""
     what = "evaluation data" if epoch is None else "validation data"
     setting = "steps" if epoch is None else "validation_steps"
     then = ("" if epoch is None or not _iterator(data) else
             ": training stops after this epoch (an iterator needs validation_steps batches "
-            "for every epoch)" + ("; this epoch has no val_* logs" if not steps else ""))
+            "for every epoch)" + ("; this epoch has no val_* logs" if not seen else ""))
     warn(f"the {what} ran out after {steps} of its {data.steps} batches ({setting})"
+         + ("" if ranks is None else f" on rank(s) {ranks}")
          + ("" if epoch is None else f" in epoch {epoch + 1}") + then)
 
 
