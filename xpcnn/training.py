@@ -589,7 +589,8 @@ class Trainer:
         # weighting below, which for a power-of-two scale gives the same values as after)
         stats, dz = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype, kernels,
                                                     self._scaling, self._weights(yb, weights))
-        stats = self._with_top_k(stats, logits, yb)
+        if self._top_ks:  # (a step without top-k metrics makes no call more: host time)
+            stats = self._with_top_k(stats, logits, yb)
         if dp is not None and dp.weight != 1.0:
             # weighted by this slice's share of the global batch, here, once: backward is
             # linear in dz, and the buckets then only copy and sum
