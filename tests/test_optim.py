@@ -934,14 +934,16 @@ def test_a_users_optimizers_settings_set_as_attributes_are_checked_by_the_xpcnn_
     lion.beta, lion.weight_decay = 0.25, 0.5
     assert (lion.beta, lion.weight_decay, type(lion.schedule)) == (0.25, 0.5, optim.CosineDecay)
 
-    class Fixed(optim.Optimizer):  # (takes no weight_decay, nor **kwargs: not its setting)
-        def __init__(self, lr=1e-4, beta=0.9):
+    class Fixed(optim.Optimizer):  # (takes no weight_decay, nor **kwargs: still the base's,
+        def __init__(self, lr=1e-4, beta=0.9):  # which the update reads)
             super().__init__(lr)
             self._beta = beta
 
     fixed = Fixed()
-    fixed.weight_decay = -5.0
-    assert fixed.weight_decay == -5.0
+    with pytest.raises(InputError, match=r"^Fixed's weight_decay cannot be set to -5.0 "
+                                         r"\(Optimizer's constructor refuses it\)"):
+        fixed.weight_decay = -5.0
+    assert fixed.weight_decay == 0.0
 
     class Renamed(optim.SGD):  # (keeps momentum as mu: SGD cannot be rebuilt from it)
         def __init__(self, lr=0.1, mu=0.5):
@@ -1130,3 +1132,27 @@ def test_keras_learning_rate_is_taken_by_every_optimisers_constructor(cls, tmp_p
 
     assert Inherits(learning_rate=0.03).lr == 0.03
     assert Own().lr == 0.5 and Own(learning_rate=0.25).lr == 0.25
+
+
+def test_a_subclass_whose_constructor_takes_fewer_settings_keeps_its_xpcnn_bases_fixed():
+    """``MySGD(SGD)`` whose constructor takes ``lr`` alone (and sets SGD's momentum itself):
+    ``opt.momentum`` was neither checked when set nor fixed once trained (its slots were made
+    for it). Both now, as for SGD itself."""
+    class MySGD(optim.SGD):
+        def __init__(self, lr=0.01):
+            super().__init__(lr, momentum=0.9)
+
+    opt = MySGD()
+    with pytest.raises(InputError, match=r"MySGD's momentum cannot be set to -1 \(SGD's "
+                                         r"constructor refuses it\)"):
+        opt.momentum = -1
+    opt.momentum = 0.5  # (a value SGD takes)
+    import xpcnn
+    from xpcnn.layers import Dense, Flatten
+
+    model = xpcnn.Sequential([Flatten(), Dense(3)], seed=0)
+    model.compile(optimizer=opt)
+    model.fit(np.ones((4, 2, 2, 1)), np.arange(4) % 3, verbose=0)
+    with pytest.raises(InputError, match=r"MySGD's momentum cannot change once it has trained"):
+        opt.momentum = 0.8
+    assert opt.momentum == 0.5

@@ -62,6 +62,15 @@ def _settings(cls: type) -> frozenset[str]:
     return frozenset(own)
 
 
+@functools.cache
+def _fixed(cls: type) -> frozenset[str]:
+    """The settings fixed once an optimiser of ``cls`` has trained, and checked when set as
+    attributes: its constructor's, and those of the xpcnn class it derives from (a user's
+    ``MySGD(SGD)`` whose constructor takes ``lr`` alone still has SGD's momentum, whose
+    slots the update reads)."""
+    return _settings(cls) | _settings(_xpcnn_class(cls))
+
+
 def _xpcnn_class(cls: type) -> type:
     """The nearest of xpcnn's own optimiser classes that ``cls`` derives from (``cls`` itself
     where it is one): the constructor whose checks a setting set as an attribute goes
@@ -367,7 +376,7 @@ class Optimizer:
         trained = self.__dict__.get("iterations", 0)
         if trained and name == "schedule":
             self._refuse_schedule(value)
-        if name in _settings(type(self)):
+        if name in _fixed(type(self)):
             if trained:
                 raise InputError(f"{type(self).__name__}'s {name} cannot change once it has "
                                  "trained (its state and a captured step are made for it): "
