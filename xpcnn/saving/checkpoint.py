@@ -265,7 +265,10 @@ def _json_value(value: Any, name: str, key: str, path: list[Any],
     if isinstance(value, np.generic | np.ndarray) and np.ndim(value) == 0:
         if _storable(np.asarray(value)):
             found.append((path, value))
-            return value.item()
+            # (the JSON number stands in, the entry keeps the value; a longdouble's item() is
+            # a longdouble, which JSON refused, blaming the layers' settings)
+            kind = np.asarray(value).dtype.kind
+            return bool(value) if kind == "b" else float(value) if kind == "f" else int(value)
         if np.asarray(value).dtype.kind != "U":  # (a NumPy string: the str it is)
             dtype = np.asarray(value).dtype
             kind = "bytes" if dtype.kind == "S" else dtype  # (|S2 says little)
