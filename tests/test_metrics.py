@@ -19,14 +19,14 @@ from xpcnn.metrics import SparseTopKCategoricalAccuracy, TopKCategoricalAccuracy
 from xpcnn.ops.softmax import top_k_counts
 from xpcnn.saving.npz import CONFIG_KEY, decode_json
 
-torch = pytest.importorskip("torch")
-
 CLASSES = 7
 
 
 def reference_in_top_k(z: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """Per row: the target's score is at least the k-th largest (torch.topk: ties at the
-    boundary count as in) and finite."""
+    boundary count as in) and finite. (A test that calls it skips without PyTorch, the
+    others run.)"""
+    torch = pytest.importorskip("torch")
     t = torch.tensor(z, dtype=torch.float64)
     kth = torch.topk(t, min(k, t.shape[1]), dim=1).values[:, -1]
     target = t[torch.arange(t.shape[0]), torch.tensor(labels)]

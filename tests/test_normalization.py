@@ -233,8 +233,8 @@ def test_a_negative_moving_variance_is_refused_by_name(tmp_path):
     model.save(tmp_path / "good.npz")
     wrong = [w.copy() for w in weights]
     wrong[5][1] = -0.5  # (bn/moving_variance)
-    named = (r"layer 'bn' \(BatchNorm2D\) weight 'moving_variance' holds negative variances "
-             r"\(down to -0.5\), expected values >= 0")
+    named = (r"layer 'bn' \(BatchNorm2D\) weight 'moving_variance' holds negative or NaN "
+             r"variances \(-0.5\), expected values >= 0")
     with pytest.raises(InputError, match=named):
         model.set_weights(wrong)
     with pytest.raises(InputError, match=named):
@@ -250,6 +250,11 @@ def test_a_negative_moving_variance_is_refused_by_name(tmp_path):
     np.savez(tmp_path / "lying.npz", **entries)
     with pytest.raises(DataFormatError, match=r"lying.npz: .*" + named):
         xpcnn.load_model(tmp_path / "lying.npz")
+    nan = [w.copy() for w in weights]
+    nan[5][0] = np.nan  # (NaN and infinite weights stay as in Keras, but not as a variance)
+    with pytest.raises(InputError, match=r"moving_variance' holds negative or NaN variances "
+                                         r"\(nan\)"):
+        model.set_weights(nan)
     zero = [w.copy() for w in weights]
     zero[5][:] = 0.0
     model.set_weights(zero)

@@ -1156,3 +1156,23 @@ def test_a_subclass_whose_constructor_takes_fewer_settings_keeps_its_xpcnn_bases
     with pytest.raises(InputError, match=r"MySGD's momentum cannot change once it has trained"):
         opt.momentum = 0.8
     assert opt.momentum == 0.5
+
+
+def test_a_setting_set_as_a_numpy_scalar_is_kept_as_the_constructor_keeps_it(tmp_path):
+    """``opt.momentum = np.float32(0.9)`` was checked, kept as a float32 and trained with; then
+    the model could not be saved (JSON takes no float32), nor the setting changed (fixed once
+    trained). Kept as the constructor keeps it, a float: the model saves and loads."""
+    import xpcnn
+    from xpcnn.layers import Dense, Flatten
+
+    opt = optim.SGD(0.1, momentum=0.5)
+    opt.momentum = np.float32(0.9)
+    opt.clipnorm = np.int64(2)
+    assert type(opt.momentum) is float and opt.momentum == np.float32(0.9)
+    assert type(opt.clipnorm) is float and opt.clipnorm == 2.0
+    model = xpcnn.Sequential([Flatten(), Dense(3)], seed=0)
+    model.compile(optimizer=opt)
+    model.fit(np.ones((4, 2, 2, 1)), np.arange(4) % 3, verbose=0)
+    model.save(tmp_path / "m.npz")
+    loaded = xpcnn.load_model(tmp_path / "m.npz").optimizer
+    assert (loaded.momentum, loaded.clipnorm) == (opt.momentum, 2.0)

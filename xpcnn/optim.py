@@ -78,13 +78,14 @@ def _xpcnn_class(cls: type) -> type:
     return next(c for c in cls.__mro__ if c.__module__ == __name__)
 
 
-def _probe(cls: type, settings: dict[str, Any]) -> None:
+def _probe(cls: type, settings: dict[str, Any]) -> dict[str, Any]:
     """Build an optimiser of xpcnn's class ``cls`` with ``settings``, to see whether its
     constructor takes them (marked as a probe before the constructor runs, so that its own
-    attributes are not checked in turn)."""
+    attributes are not checked in turn); returns its attributes, as it keeps them."""
     probe = cls.__new__(cls)
     probe.__dict__["_probe"] = True
     cls.__init__(probe, **settings)
+    return probe.__dict__
 
 
 def _takes_learning_rate(init: Callable[..., None]) -> Callable[..., None]:
@@ -384,10 +385,10 @@ class Optimizer:
                                  "it; the learning rate can change (optimizer.lr, or "
                                  "optimizer.learning_rate)")
             if name in self.__dict__ and not self.__dict__.get("_probe"):
-                self._check_setting(name, value)
+                value = self._check_setting(name, value)
         super().__setattr__(name, value)
 
-    def _check_setting(self, name: str, value: Any) -> None:
+    def _check_setting(self, name: str, value: Any) -> Any:
         """Refuse ``value`` for the constructor's setting ``name`` where the constructor of the
         nearest xpcnn class this one derives from (itself, for xpcnn's own) refuses it with
         the other settings that class takes as they are on this optimiser (set as an
@@ -398,10 +399,10 @@ class Optimizer:
         are a user's constructor's own checks of the others. Unchecked too where the
         settings cannot be read back under their own names (a subclass that keeps them
         otherwise), or where they do not rebuild the optimiser as they are either (nothing
-        then tells what the value breaks)."""
+        then tells what the value breaks). Returns the value as that constructor keeps it."""
         cls = _xpcnn_class(type(self))
         if name not in _settings(cls):
-            return  # (a user's class's own setting)
+            return value  # (a user's class's own setting)
         current = {}
         for param in _parameters(cls):
             if param in _settings(cls) and param in self.__dict__:
@@ -409,14 +410,15 @@ class Optimizer:
             elif param in ("lr", "learning_rate") and "schedule" in self.__dict__:
                 current[param] = self.__dict__["schedule"]
             else:
-                return
-        try:
-            _probe(cls, {**current, name: value})
+                return value
+        try:  # (kept as the constructor keeps it: a NumPy float32 as a float, which a file
+            # holds; kept as given, it trained, and the model could not be saved)
+            return _probe(cls, {**current, name: value}).get(name, value)
         except Exception as error:  # (its InputError; any other kind alike)
             try:
                 _probe(cls, current)
             except Exception:
-                return
+                return value
             whose = "its" if cls is type(self) else f"{cls.__name__}'s"
             raise InputError(f"{type(self).__name__}'s {name} cannot be set to {value!r} "
                              f"({whose} constructor refuses it): {error}") from error

@@ -99,8 +99,8 @@ class BatchNorm2D(Layer):
     def weight_problem(self, name: str, w: np.ndarray) -> str | None:
         # (a negative variance made every prediction NaN, with no word: a lying file, or a
         # wrong set_weights)
-        if name == "moving_variance" and np.any(w < 0):
-            return (f"holds negative variances (down to {float(np.min(w)):.3g}), expected "
+        if name == "moving_variance" and not np.all(w >= 0):  # (a NaN is no variance either)
+            return (f"holds negative or NaN variances ({float(np.min(w)):.3g}), expected "
                     "values >= 0")
         return None
 
