@@ -844,7 +844,7 @@ def test_only_the_last_refused_calls_batch_is_kept(tmp_path, monkeypatch):
     import gc
 
     gc.collect()  # (a refused call's traceback holds its generator in a cycle)
-    assert len(data._GIVEN_BACK) == 0  # (each went with its generator)
+    assert len(data._STREAMS) == 0  # (each went with its generator)
     # (the generator is held weakly: dropped by the caller, it goes, with what it holds open;
     # was: kept alive until another refused call)
     import weakref
@@ -856,7 +856,7 @@ def test_only_the_last_refused_calls_batch_is_kept(tmp_path, monkeypatch):
     del batches
     gc.collect()
     assert gone() is None
-    assert len(data._GIVEN_BACK) == 0  # (its batch with it: was kept until another refused
+    assert len(data._STREAMS) == 0  # (its batch with it: was kept until another refused
     # call)
 
 

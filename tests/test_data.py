@@ -551,7 +551,7 @@ def test_batches_drawn_ahead_are_given_back_when_an_epoch_stops_early(data, how)
     # the next call takes what is left, then goes on drawing: batches 5, 6
     predicted = model.predict(stream, steps=2, batch_size=4)
     np.testing.assert_array_equal(predicted, model.predict(x[20:28], batch_size=4))
-    assert len(drawn) == 7 and not xpcnn.data._GIVEN_BACK.get(stream)
+    assert len(drawn) == 7 and not xpcnn.data.stream_of(stream).pending
 
 
 def test_batches_given_back_are_copies_of_a_refilled_buffer(data):
@@ -1219,7 +1219,7 @@ def test_batches_given_back_to_two_iterators_are_kept_for_each():
     assert steps == [2, 3, 4]
     model.fit(val, steps_per_epoch=2, verbose=0)
     assert steps[-2:] == [1, 2]
-    assert not xpcnn.data._GIVEN_BACK.get(train)  # (val's drawn ahead wait, in order)
+    assert not xpcnn.data.stream_of(train).pending  # (val's drawn ahead wait, in order)
 
 
 def test_an_iterator_that_runs_out_as_an_epoch_ends_ends_fit_cleanly():
@@ -1261,9 +1261,112 @@ def test_a_call_on_the_iterator_a_running_call_reads_is_refused():
                                          "iterator"):
         model.fit(stream, steps_per_epoch=4, verbose=0,
                   callbacks=[LambdaCallback(on_train_batch_end=peek)])
-    assert xpcnn.data._READING == {} and prefetch_threads() == []
+    assert not any(s.reading for s in xpcnn.data._STREAMS.values()) and prefetch_threads() == []
     model.fit(stream, steps_per_epoch=2, verbose=0)  # (the batches drawn ahead, in order)
     assert steps == [0, 1, 2, 3]
+
+
+def test_batches_given_back_to_iterators_without_weak_references_are_kept_for_each():
+    """Iterators that take no weak reference (iter(list), zip, map): each keeps the batches
+    given back to it (was: one slot for them all, the first one's dropped when the second
+    had batches given back); one the caller drops is not kept alive with its batches."""
+    import gc
+
+    model, steps = _recording()
+    first = iter(list(_counting(10)))
+    pairs = [(x + 100, y) for x, y in _counting(10)]
+    second = zip([x for x, _ in pairs], [y for _, y in pairs], strict=True)
+    for stream in (first, second):
+        with pytest.raises(RuntimeError):
+            model.fit(stream, steps_per_epoch=5, verbose=0,
+                      callbacks=[_Raises("on_train_batch_end", RuntimeError)])
+    assert steps == [0, 100]
+    model.fit(first, steps_per_epoch=9, verbose=0)
+    model.fit(second, steps_per_epoch=9, verbose=0)
+    assert steps == [0, 100, *range(1, 10), *range(101, 110)]
+    held = len(xpcnn.data._HELD_STREAMS)  # (read to their ends: none kept)
+    third = map(tuple, _counting(10))
+    with pytest.raises(RuntimeError):
+        model.fit(third, steps_per_epoch=5, verbose=0,
+                  callbacks=[_Raises("on_train_batch_end", RuntimeError)])
+    assert len(xpcnn.data._HELD_STREAMS) == held + 1
+    del third
+    gc.collect()  # (a refused call's traceback holds its iterator in a cycle)
+    model.predict(iter([np.zeros((2, 4, 4, 1), np.float32)]))  # (another held one: pruned)
+    assert len(xpcnn.data._HELD_STREAMS) == held
+
+
+def test_model_history_does_not_keep_the_iterator_fit_read():
+    """After fit, the callbacks' params (model.history.params) hold neither the batch source
+    nor the callbacks (as Keras' History.params holds no data): a generator the caller drops
+    goes, with the batches given back to it (was: kept alive by model.history)."""
+    import gc
+    import weakref
+
+    model, steps = _recording()
+    stream = _counting()
+    gone = weakref.ref(stream)
+    model.fit(stream, steps_per_epoch=10, verbose=0, callbacks=[_stop_after(1)])
+    assert "data" not in model.history.params and "stateful" not in model.history.params
+    assert model.history.params["steps"] == 10
+    del stream
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_second_ctrl_c_while_fit_waits_for_its_reader_loses_nothing():
+    """A second Ctrl-C while fit, stopped by a first, waits for its reader thread to leave a
+    slow generator's next(): the reader stays recorded and the batches drawn ahead given
+    back (were: neither; the next call on the generator failed with a bare "ValueError:
+    generator already executing", the batches lost). The next call waits for the reader and
+    goes on in order."""
+    import os
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    release = threading.Event()
+
+    def slow():
+        for i in itertools.count():
+            if i == 2:
+                release.wait(30)  # (a read from disk or network)
+            yield np.full((2, 4, 4, 1), float(i), np.float32), np.array([0, 1])
+
+    def twice(batch, logs=None):  # (the user presses Ctrl-C, then again as fit seems stuck)
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        raise KeyboardInterrupt
+
+    model, steps = _recording()
+    stream = slow()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.fit(stream, steps_per_epoch=50, verbose=0,
+                      callbacks=[LambdaCallback(on_train_batch_end=twice)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        release.set()
+    assert steps == [0]
+    model.fit(stream, steps_per_epoch=3, verbose=0)
+    assert steps == [0, 1, 2, 3]
+
+
+def test_an_epoch_an_iterator_has_no_batch_for_is_not_begun():
+    """A generator that runs out exactly as an epoch ends: fit ends there without beginning
+    the next epoch (was: on_epoch_begin of an epoch that never ended, a schedule's rate set
+    for it, its progress bar left open), as Keras 3 calls on_epoch_end after every
+    on_epoch_begin."""
+    events = []
+    log = LambdaCallback(on_epoch_begin=lambda epoch, logs: events.append(f"begin {epoch}"),
+                         on_epoch_end=lambda epoch, logs: events.append(f"end {epoch}"))
+    schedule = xpcnn.callbacks.LearningRateScheduler(lambda epoch, lr: 0.1 * (epoch + 1))
+    model, steps = _recording()
+    with pytest.warns(RuntimeWarning, match="ran out as epoch 2 ended"):
+        history = model.fit(_counting(4), steps_per_epoch=2, epochs=3, verbose=0,
+                            callbacks=[log, schedule])
+    assert events == ["begin 0", "end 0", "begin 1", "end 1"] and history.epoch == [0, 1]
+    assert model.optimizer.lr == pytest.approx(0.2) and steps == [0, 1, 2, 3]
 
 
 def test_owned_takes_numbers_as_they_are_without_a_namespace_lookup(monkeypatch):

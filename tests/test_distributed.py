@@ -718,6 +718,14 @@ try:
     elif sys.argv[1] == "uneven batches":  # (rank 1's generator one batch short)
         batches = ((x[i:i + 4], y[i:i + 4]) for i in range(0, 16 - 4 * rank, 4))
         model.fit(batches, steps_per_epoch=4, epochs=1, verbose=0)
+    elif sys.argv[1] == "short at an epoch's end":  # (rank 1's runs out as epoch 1 ends)
+        batches = ((x[i % 16:i % 16 + 4], y[i % 16:i % 16 + 4])
+                   for i in range(0, 8 if rank else 40, 4))
+        model.fit(batches, steps_per_epoch=2, epochs=3, verbose=0)
+    elif sys.argv[1] == "class weights":  # (each rank weighed its slices with its own)
+        model.fit(x, y, batch_size=4, verbose=0, class_weight={0: 1.0 + 9 * rank})
+    elif sys.argv[1] == "class weights alike":  # (a table of ones is none)
+        model.fit(x, y, batch_size=4, verbose=0, class_weight={0: 1.0} if rank else None)
     else:
         model.fit(xs, ys, epochs=1, batch_size=4, verbose=0, callbacks=callbacks)
 except XpcnnError as e:
@@ -732,7 +740,8 @@ os.write(1, (said + "\\n").encode())  # (one write: the ranks' lines do not inte
 @pytest.mark.parametrize("case", ["shards", "path", "same", "data shards", "lengths",
                                   "train_on_batch", "uneven batches", "subset shards",
                                   "validation shards", "evaluate shards",
-                                  "train_on_batch in fit"])
+                                  "train_on_batch in fit", "short at an epoch's end",
+                                  "class weights", "class weights alike"])
 def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp_path, case):
     """A Normalization adapted on each rank's own shard (their models predicted apart, rank 0's
     alone saved), and a refusal of one rank's own (a path rank 0 alone checks; the others
@@ -752,8 +761,23 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and time.monotonic() - t0 < 50, proc.stderr
     lines = sorted(proc.stdout.splitlines())
-    if case == "same":
+    if case in ("same", "class weights alike"):
         assert lines == ["rank 0 trained", "rank 1 trained"], proc.stdout
+    elif case == "class weights":  # (was: trained, each rank with its own weights)
+        assert all("DistributedError: fit on several ranks was given other training data on "
+                   "rank(s) [1] than on rank 0 (other samples or sizes, or other sample "
+                   "weights, class_weight, batch_size, seed or shuffle)" in line
+                   for line in lines), lines
+        assert len(lines) == 2
+    elif case == "short at an epoch's end":  # (told before epoch 2 began: on_epoch_begin of
+        # an epoch that never trains is not called where every rank ran out)
+        assert lines == [
+            "rank 0 refused: DistributedError: the training data of rank(s) [1] ran out of "
+            "batches before this rank's: every rank must give the same number of batches an "
+            "epoch",
+            "rank 1 refused: DistributedError: the training data of this rank ran out after 0 "
+            "batches in epoch 2 while rank(s) [0] had more: every rank must give the same "
+            "number of batches an epoch"], lines
     elif case == "shards":
         assert all("DistributedError: layer 'normalization' (Normalization) has other "
                    "settings on rank(s) [1] than on rank 0" in line for line in lines), lines

@@ -561,18 +561,16 @@ class IterableBatches(Batches):
     and the progress bar: it does not cut a longer pass. Batches are
     checked on a background thread; the first one, checked here too, builds the model.
 
-    The first batch, drawn to build the model, waits in :attr:`held` until the first epoch
-    starts, which goes on with the pass that drew it (:attr:`started`, for a re-iterable: a
+    No batch an iterator gave is lost to it: this source holds none. What it draws outside an
+    epoch (the first batch, to build the model; :meth:`has_batch`'s) waits in the iterator's
+    stream (:class:`_Stream`), which every epoch reads first; an epoch closed early (a
+    callback's ``stop_training``, an error, a Ctrl-C) puts what its reader drew ahead back
+    there, in order, so a call refused or stopped before its epoch, or after, leaves them to
+    the next call on that iterator. An iterator that a running call reads is refused to a
+    second call (from one of the first one's callbacks, say). A re-iterable's first batch
+    waits in :attr:`_first` with the pass that drew it, which the first epoch goes on with (a
     second pass would draw again from a shuffling DataLoader's random numbers, and start its
-    workers again). No batch an iterator gave is lost to it: a call refused before its first
-    epoch (see ``Trainer``) gives its first batch back (:meth:`give_back`), and an epoch
-    closed early (a callback's ``stop_training``, an error, a Ctrl-C) gives back the batches
-    the background thread drew ahead, in order, once it has stopped, then those it began with
-    and did not reach (given back by the call before, more than its steps); the next source of
-    that iterator starts with them. A call that makes a source and never starts its epoch
-    (refused, interrupted before it) gives its held batches back (:meth:`give_back`, see
-    ``Trainer``). An iterator that a running call reads (its background thread inside it) is
-    refused to a second call, from one of the first one's callbacks, say."""
+    workers again); a later call starts a pass of its own."""
 
     def __init__(self, model: Any, data: Iterable[Any], steps: int | None,
                  with_targets: bool = True, what: str = "x") -> None:
@@ -586,117 +584,85 @@ class IterableBatches(Batches):
         self._expected = f"{what} must yield (x, y) or (x, y, sample_weight) batches"
         self._weighted = _Weighted(f"{what} yields sample weights with some batches and not "
                                    "with others")
-        self.started: Iterator[Any] | None = None
-        self._left = False
-        self._refuse_if_read()
-        self._wait_for_reader()
-        self.held: collections.deque[Any] = self._taken_back()
-        if not model.built:  # the first batch tells the input shape
-            if not self.held:
-                source = iter(data)
-                first = next(source, _NONE)
-                if first is _NONE:
-                    raise InputError(f"{what} gave no batches")
-                self.held.append(first)
-                if self.iterator is None:
-                    self.started = source
-            try:  # (checked whole: a call its labels refuse leaves the model unbuilt)
-                check_arrays(model, *self._split(self.held[0])[:2], what)
-            except BaseException:
-                self.give_back()
-                raise
+        self._first: tuple[Any, Iterator[Any]] | None = None
+        if self.iterator is not None:
+            self._free_stream()
+        if model.built:
+            return
+        # the first batch tells the input shape (checked whole: a call its labels refuse
+        # leaves the model unbuilt, and the batch waits in the stream for the next call)
+        if self.iterator is not None:
+            if not self.has_batch():
+                raise InputError(f"{what} gave no batches")
+            first = stream_of(self.iterator).pending[0]
+        else:
+            source = iter(data)
+            first = next(source, _NONE)
+            if first is _NONE:
+                raise InputError(f"{what} gave no batches")
+            self._first = (first, source)
+        check_arrays(model, *self._split(first)[:2], what)
+
+    def has_batch(self) -> bool:
+        """Whether the iterator has a batch left, drawn here (on the caller's thread) where
+        none is pending: it waits in the stream, for the next epoch to start with."""
+        stream = self._free_stream()
+        if not stream.pending:
+            item = next(self.iterator, _NONE)  # type: ignore[call-overload]
+            if item is _NONE:
+                _forget_if_idle(self.iterator)  # type: ignore[arg-type]
+                return False
+            stream.pending.append(item)
+        return True
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
-        source, self.started = self.started, None
-        if source is None:
-            self._refuse_if_read()
-            self._wait_for_reader()
-            self.held.extend(self._taken_back())
-            source = self.iterator if self.iterator is not None else iter(self.data)
-        # (the held batches first, popped as the reader draws them: those a cut at steps leaves
-        # are still there, for close() to give back; a chain, which never closes the iterator)
-        held, self.held = self.held, collections.deque()
-        if held:
-            source = itertools.chain(_popped(held), source)
+        backend = self.model.backend
+        if self.iterator is None:
+            first, self._first = self._first, None
+            source = iter(self.data) if first is None else \
+                itertools.chain([first[0]], first[1])
+            if self._cut:
+                source = itertools.islice(source, self.steps)
+            checked = (self._checked(item) for item in self._owned(source, None))
+            return upload(backend, prefetch(checked, backend), owned=True)  # (copied)
+        stream = self._free_stream()
+        # (the pending batches first, popped as the reader draws them: those a cut at steps
+        # leaves stay there; a chain, which never closes the iterator)
+        source = itertools.chain(_popped(stream.pending), self.iterator)
         if self._cut:
             source = itertools.islice(source, self.steps)
-        # (what the thread draws from an iterator, until the loop takes it)
-        drawn: collections.deque[Any] | None = \
-            collections.deque() if self.iterator is not None else None
+        drawn: collections.deque[Any] = collections.deque()  # (drawn, not taken by the loop)
         checked = (self._checked(item) for item in self._owned(source, drawn))
-        backend = self.model.backend
-        batches = upload(backend, prefetch(checked, backend, self._reader_left),
-                         owned=True)  # (copied)
-        if drawn is None:
-            return batches
-        reading = _GivingBack(batches, drawn, held, self)
-        _READING[id(self.iterator)] = reading  # (until it is closed)
-        return reading
+        batches = upload(backend, prefetch(checked, backend, self._reader), owned=True)
+        stream.reading = True  # (until closed)
+        return _GivingBack(batches, drawn, self.iterator)
 
-    def _refuse_if_read(self) -> None:
-        """Refuse an iterator that a running call reads now (its background thread is inside
-        it: a second reader got a bare "generator already executing" from its thread)."""
-        reading = _READING.get(id(self.iterator)) if self.iterator is not None else None
-        if reading is not None and reading.source.iterator is self.iterator:
+    def _free_stream(self) -> _Stream:
+        """The iterator's stream, once no call reads it: refused where a running call reads
+        it now (its reader is inside it: a second got a bare "generator already executing");
+        the reader a stopped call left inside its ``next()`` is waited for, and the call
+        refused if it is still there after :data:`STOP_WAIT_SECONDS`."""
+        stream = stream_of(self.iterator)  # type: ignore[arg-type]
+        if stream.reading:
             raise InputError(f"{self.what} is the iterator that a running fit, evaluate or "
                              "predict reads now (this call comes from one of its callbacks, "
                              "say): its background thread is inside the iterator, and two "
                              "calls cannot read one; pass this call another iterator, or "
                              "arrays")
+        if stream.reader is not None:
+            if not stream.reader.wait(STOP_WAIT_SECONDS):  # (interrupted: stays recorded)
+                raise InputError(f"{self.what} is an iterator still inside next() for the call "
+                                 f"stopped before this one (it has not returned for "
+                                 f"{STOP_WAIT_SECONDS:.0f} s more): call again when it "
+                                 "returns, or pass a fresh iterator")
+            stream.reader = None
+        return stream
 
-    def _reader_left(self, thread: threading.Thread) -> None:
-        """Remember the reader thread a stopped call left inside the iterator's ``next()``,
-        for the next call on that iterator to wait for."""
-        if self.iterator is not None:
-            self._left = True
-            with contextlib.suppress(TypeError):  # (an iterator neither hashed nor weakly held)
-                _READERS_LEFT[self.iterator] = thread
-
-    def _wait_for_reader(self) -> None:
-        """Wait for the reader a stopped call left inside this iterator's ``next()`` (two
-        threads in one generator: "generator already executing"); refuse if it is still
-        there after :data:`STOP_WAIT_SECONDS`."""
-        try:
-            thread = _READERS_LEFT.pop(self.iterator, None) if self.iterator is not None \
-                else None
-        except TypeError:
-            return
-        if thread is None:
-            return
-        thread.join(STOP_WAIT_SECONDS)
-        if thread.is_alive():
-            _READERS_LEFT[self.iterator] = thread
-            raise InputError(f"{self.what} is an iterator still inside next() for the call "
-                             f"stopped before this one (it has not returned for "
-                             f"{STOP_WAIT_SECONDS:.0f} s more): call again when it returns, "
-                             "or pass a fresh iterator")
-
-    def _taken_back(self) -> collections.deque[Any]:
-        """The batches given back to this iterator by the calls before (in order), taken."""
-        return collections.deque() if self.iterator is None else _take_given_back(self.iterator)
-
-    def give_back(self) -> None:
-        """Keep the batches this source holds and has not begun an epoch with (the first,
-        drawn to build the model; those given back by the calls before), where the call was
-        refused or interrupted before its epoch, for the next source of that iterator, not
-        lost to it (a re-iterable's next source starts a pass of its own). Nothing after an
-        epoch began: it holds none then."""
-        self._give_back(self.held)
-        self.held, self.started = collections.deque(), None
-
-    def _give_back(self, batches: collections.deque[Any], always: bool = False) -> None:
-        """Give ``batches`` (drawn from the iterator, in order) back to its next source; none
-        are given unless ``always`` (the deque that a reader left inside ``next()`` may still
-        add its batch to)."""
-        if self.iterator is None or not (batches or always):
-            return
-        # (given back and not taken yet: given back first, so first; the deque itself is kept,
-        # which a reader left inside next() may still add its batch to)
-        batches.extendleft(reversed(_take_given_back(self.iterator)))
-        try:  # (weakly keyed: an iterator the caller drops goes, with its batches)
-            _GIVEN_BACK[self.iterator] = batches
-        except TypeError:  # (one that takes no weak reference, a list's: the last alone)
-            _GIVEN_BACK_HELD[:] = [(self.iterator, batches)]
+    def _reader(self, ended: threading.Event | None) -> None:
+        """Record the reader that a closed epoch waits for (its Event, set as it ends; None
+        once it has ended): one still inside the iterator's ``next()`` then is waited for by
+        the next call."""
+        stream_of(self.iterator).reader = ended  # type: ignore[arg-type]
 
     def _split(self, item: Any) -> tuple[Any, Any, Any]:
         """(x, y, sample weights) of one batch as given (y None without targets, the weights
@@ -736,22 +702,21 @@ class IterableBatches(Batches):
 _NONE = object()
 
 
-def _popped(held: collections.deque[Any]) -> Iterator[Any]:
-    """``held``'s batches, each taken out of it as it is drawn."""
-    while held:
-        yield held.popleft()
+def _popped(pending: collections.deque[Any]) -> Iterator[Any]:
+    """``pending``'s batches, each taken out of it as it is drawn."""
+    while pending:
+        yield pending.popleft()
 
 
 class _GivingBack(Iterator[tuple[Any, ...]]):
-    """The batches of an epoch over an iterator, ``batches``; ``drawn`` holds what the
-    background thread drew from it and this loop has not taken yet (``held``: the batches the
-    epoch began with and the thread has not drawn yet). Closed, it stops the thread (waits for
-    it), then gives ``drawn`` and ``held`` back to the iterator's next source
-    (:meth:`IterableBatches._give_back`), in order."""
+    """The batches of an epoch over ``iterator``, ``batches``; ``drawn`` holds what the
+    background thread drew and this loop has not taken yet. Closed, it stops the thread (waits
+    for it), then puts ``drawn`` back in front of the stream's pending batches (those the
+    thread had not drawn yet), in order."""
 
     def __init__(self, batches: Iterator[tuple[Any, ...]], drawn: collections.deque[Any],
-                 held: collections.deque[Any], source: IterableBatches) -> None:
-        self.batches, self.drawn, self.held, self.source = batches, drawn, held, source
+                 iterator: Iterator[Any]) -> None:
+        self.batches, self.drawn, self.iterator = batches, drawn, iterator
         self.closed = False
 
     def __next__(self) -> tuple[Any, ...]:
@@ -776,14 +741,16 @@ class _GivingBack(Iterator[tuple[Any, ...]]):
         try:
             close = getattr(self.batches, "close", None)
             if close is not None:
-                close()  # (stops the thread first: nothing is drawn after this)
-        finally:
-            if _READING.get(id(self.source.iterator)) is self:
-                del _READING[id(self.source.iterator)]
-        # (a thread left inside the iterator's next() had drawn every held batch already)
-        self.drawn.extend(self.held)
-        self.held.clear()
-        self.source._give_back(self.drawn, always=self.source._left)
+                close()  # (stops the thread first: nothing is drawn after, but by a reader
+                # left inside next(), which had drawn every pending batch already)
+        finally:  # (a second Ctrl-C while the thread is waited for loses nothing either)
+            stream = stream_of(self.iterator)
+            stream.reading = False
+            # (the deque itself becomes the pending one: a reader left inside next() adds its
+            # batch to it, after those drawn before it)
+            self.drawn.extend(stream.pending)
+            stream.pending = self.drawn
+            _forget_if_idle(self.iterator)
 
 
 class _Weighted:
@@ -806,32 +773,76 @@ class _Weighted:
         return self.weighted
 
 
-#: The batches given back to each iterator (in order) by calls refused, interrupted or stopped
-#: early, which the next source of that iterator takes; weakly keyed, as ``_READERS_LEFT``: an
-#: iterator the caller drops goes, with its batches.
-_GIVEN_BACK: weakref.WeakKeyDictionary[Iterator[Any], collections.deque[Any]] = \
-    weakref.WeakKeyDictionary()
-#: The same for an iterator that takes no weak reference (a list's): held strongly, so the
-#: last one's alone (nothing piles up).
-_GIVEN_BACK_HELD: list[tuple[Iterator[Any], collections.deque[Any]]] = []
-#: The epoch that reads each iterator now, by the iterator's id (it holds the iterator): a
-#: second call on it is refused (see ``IterableBatches._refuse_if_read``).
-_READING: dict[int, _GivingBack] = {}
+class _Stream:
+    """What xpcnn keeps for one user's iterator between calls (and during one).
 
-#: The reader thread a stopped call left inside each iterator's ``next()`` (see ``prefetch``).
-_READERS_LEFT: weakref.WeakKeyDictionary[Iterator[Any], threading.Thread] = \
-    weakref.WeakKeyDictionary()
+    ``pending``: batches drawn from the iterator and not trained on yet, in order (drawn to
+    build the model or to see that an epoch has a batch; given back by an epoch closed early:
+    drawn ahead by its reader, or pending still); every epoch over the iterator reads them
+    first. ``reader``: the Event (set as it ends) of the background thread an epoch left
+    inside the iterator's ``next()`` (a second thread there raises "generator already
+    executing"), which the next call waits for. ``reading``: an epoch reads the iterator
+    now; a second call on it is refused."""
+
+    __slots__ = ("pending", "reader", "reading")
+
+    def __init__(self) -> None:
+        self.pending: collections.deque[Any] = collections.deque()
+        self.reader: threading.Event | None = None  # (set as the thread ends)
+        self.reading = False
 
 
-def _take_given_back(iterator: Iterator[Any]) -> collections.deque[Any]:
-    """The batches given back to ``iterator`` (in order), taken out of the store."""
+#: Each iterator's stream, weakly keyed: an iterator the caller drops goes, with its batches.
+_STREAMS: weakref.WeakKeyDictionary[Any, _Stream] = weakref.WeakKeyDictionary()
+#: The same for iterators that take no weak reference (zip, map, iter(list), itertools'):
+#: by id, with the iterator (held, so that its id is not reused while kept). Pruned
+#: (:func:`_prune_held`) of those that only this registry still holds, as a weak key would
+#: go: no callback tells when the caller drops one, so its count of references does.
+_HELD_STREAMS: dict[int, tuple[Any, _Stream]] = {}
+
+
+def _references(entry: tuple[Any, _Stream]) -> int:
+    return sys.getrefcount(entry[0])
+
+
+# (the count of an iterator that only its registry entry holds, measured rather than assumed:
+# what getrefcount counts beside the entry differs between Python versions)
+_ONLY_THE_REGISTRY = _references((iter(()), _Stream()))
+
+
+def _prune_held() -> None:
+    """Drop the streams of held iterators that nobody but the registry references any more."""
+    for key, entry in list(_HELD_STREAMS.items()):
+        if _references(entry) <= _ONLY_THE_REGISTRY:
+            del _HELD_STREAMS[key]
+
+
+def stream_of(iterator: Iterator[Any]) -> _Stream:
+    """``iterator``'s stream (made empty where it has none)."""
     try:
-        found = _GIVEN_BACK.pop(iterator, None)
-    except TypeError:  # (no weak reference to it)
-        found = None
-    if found is None and _GIVEN_BACK_HELD and _GIVEN_BACK_HELD[0][0] is iterator:
-        found = _GIVEN_BACK_HELD.pop()[1]
-    return collections.deque() if found is None else found
+        stream = _STREAMS.get(iterator)
+        if stream is None:
+            stream = _STREAMS[iterator] = _Stream()
+        return stream
+    except TypeError:  # (no weak reference to it, or unhashable)
+        pass
+    _prune_held()
+    entry = _HELD_STREAMS.get(id(iterator))
+    if entry is None:
+        entry = _HELD_STREAMS[id(iterator)] = (iterator, _Stream())
+    return entry[1]
+
+
+def _forget_if_idle(iterator: Iterator[Any]) -> None:
+    """Drop ``iterator``'s stream where it keeps nothing (a held iterator is not kept alive
+    for nothing)."""
+    stream = stream_of(iterator)
+    if stream.pending or stream.reader is not None or stream.reading:
+        return
+    try:
+        _STREAMS.pop(iterator, None)
+    except TypeError:
+        _HELD_STREAMS.pop(id(iterator), None)
 
 
 def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bool = True,
@@ -1043,13 +1054,14 @@ STOP_WAIT_SECONDS = 10.0
 
 
 def prefetch(items: Iterator[Any], backend: Any,
-             left: Callable[[threading.Thread], None] | None = None,
+             left: Callable[[threading.Event | None], None] | None = None,
              depth: int = PREFETCH) -> Iterator[Any]:
     """``items`` computed on a background thread, up to ``depth`` ahead, on the device and
     stream current where this generator is first iterated (``backend.current_stream_scope``).
     An exception in the thread is raised here; closing this generator (a loop that ends early)
     stops the thread; one that does not stop within :data:`STOP_WAIT_SECONDS` (inside an
-    iterator's ``next()``) is left, and handed to ``left``."""
+    iterator's ``next()``) is left. ``left`` is handed an Event that the thread sets as it
+    ends, before it is waited for, and None once it has ended."""
     ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
     scope = backend.current_stream_scope()
@@ -1065,6 +1077,12 @@ def prefetch(items: Iterator[Any], backend: Any,
 
     def work() -> None:
         try:
+            _work()
+        finally:
+            ended.set()
+
+    def _work() -> None:
+        try:
             with scope:
                 try:
                     for item in items:
@@ -1078,6 +1096,9 @@ def prefetch(items: Iterator[Any], backend: Any,
         except BaseException as e:  # noqa: BLE001 (handed to the consumer)
             put(_Failure(e))
 
+    # (waited for through an Event, not Thread.join: a join that a Ctrl-C interrupts marks
+    # a running thread as stopped in Python 3.11)
+    ended = threading.Event()
     thread = threading.Thread(target=work, name="xpcnn-prefetch", daemon=True)
     thread.start()
     done = False
@@ -1094,7 +1115,10 @@ def prefetch(items: Iterator[Any], backend: Any,
         stop.set()
         # (closed early, by an error or a Ctrl-C too: the thread ends at its next put, but one
         # blocked inside the caller's iterator cannot be interrupted; a daemon, it is left to
-        # end with it rather than holding up the error)
-        thread.join(None if done else STOP_WAIT_SECONDS)
-        if thread.is_alive() and left is not None:
-            left(thread)
+        # end with it rather than holding up the error. Handed to ``left`` before the wait,
+        # which a second Ctrl-C may interrupt: it then stays there)
+        if left is not None:
+            left(ended)
+        ended.wait(None if done else STOP_WAIT_SECONDS)
+        if left is not None and ended.is_set():
+            left(None)

@@ -499,11 +499,14 @@ class DataParallel:
                 "rank's own shard, say: adapt it on the same data on every rank, or give mean "
                 "and std")
 
-    def check_same_data(self, data: Any, validation: Any = None) -> None:
-        """Refuse, on every rank alike, training (or ``validation``) data that differs between
-        the ranks: see :func:`check_same_data`."""
+    def check_same_data(self, data: Any, validation: Any = None,
+                        class_weights: np.ndarray | None = None) -> None:
+        """Refuse, on every rank alike, training (or ``validation``) data, or fit's
+        ``class_weights`` (its table, as fit uses it), that differ between the ranks: see
+        :func:`check_same_data`."""
         check_same_data(self.world, [("training", data)] + (
-            [] if validation is None else [("validation", validation)]))
+            [] if validation is None else [("validation", validation)]),
+            class_weights=class_weights)
 
     def agree(self, error: BaseException | None, what: str) -> None:
         """Raise, on every rank, where ``what`` failed on any (``error``: this rank's): a
@@ -541,8 +544,8 @@ class DataParallel:
             la.state[k] = backend.asarray(a / self.world.size, dtype=la.dtype)
 
 
-def check_same_data(here: World, sources: Sequence[tuple[str, Any]], call: str = "fit"
-                    ) -> None:
+def check_same_data(here: World, sources: Sequence[tuple[str, Any]], call: str = "fit",
+                    class_weights: np.ndarray | None = None) -> None:
     """Refuse, on every rank alike, data that differs between the ranks (each rank takes its
     slice of every batch of the same data: per-rank shards, a PyTorch habit, trained or
     evaluated half of it, silently, and data of other lengths gave the ranks other logs, whose
@@ -550,10 +553,15 @@ def check_same_data(here: World, sources: Sequence[tuple[str, Any]], call: str =
     source), "training", "validation" or "evaluation" data of ``call``. One host allreduce of
     a checksum a source, of :meth:`xpcnn.data.Batches.same_data_mark` (arrays: their sizes
     and contents, the batch size, seed and shuffling; a dataset: its length and type, and the
-    indices of a ``Subset``; an iterable, each rank's own, is not checked)."""
+    indices of a ``Subset``; an iterable, each rank's own, is not checked), and of fit's
+    ``class_weights`` with the training data's (each rank weighed its slice of every batch
+    with its own: the averaged gradient was a silent mix)."""
     sums = np.zeros((here.size, len(sources)))
-    for i, (_, data) in enumerate(sources):
+    for i, (what, data) in enumerate(sources):
         mark = data.same_data_mark()
+        # (all ones weighs as None does)
+        if what == "training" and class_weights is not None and np.any(class_weights != 1.0):
+            mark = {"data": mark, "class_weight": [float(w) for w in class_weights]}
         sums[here.rank, i] = -1.0 if mark is None else \
             zlib.crc32(json.dumps(mark, sort_keys=True).encode())
     sums = np.asarray(host_sum(here, sums.ravel(), "the data's checksums")).reshape(sums.shape)
@@ -564,7 +572,9 @@ def check_same_data(here: World, sources: Sequence[tuple[str, Any]], call: str =
                 "whole arrays (or dataset) to evaluate"
             raise DistributedError(
                 f"{call} on several ranks was given other {what} data on rank(s) {ranks} than "
-                "on rank 0 (other samples or sizes, or another batch_size, seed or shuffle): "
+                "on rank 0 (other samples or sizes, or other sample weights" + (
+                    ", class_weight" if what == "training" else "") +
+                ", batch_size, seed or shuffle): "
                 f"every rank passes the same {whole}, and each takes its own slice of every "
                 "batch; do not split the data into per-rank shards")
 

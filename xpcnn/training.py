@@ -847,22 +847,18 @@ class Trainer:
         return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed, shard, weights)
 
     @contextlib.contextmanager
-    def _undone_if_refused(self) -> Iterator[list[Batches]]:
+    def _undone_if_refused(self) -> Iterator[None]:
         """Around a call's set-up, up to its first step: where the call is refused (data that
         does not fit the model, a callback's refusal when training begins), the model is as
-        it was (unbuilt if it was, see ``_unbuilt_if_refused``; its history), and the batch
-        that a source added to the list drew from an iterator to build the model is given
-        back to the next source of that iterator (:meth:`IterableBatches.give_back`)."""
-        made: list[Batches] = []
+        it was (unbuilt if it was, see ``_unbuilt_if_refused``; its history). (A batch drawn
+        from an iterator to build the model waits in the iterator's stream, for the next
+        call: :class:`xpcnn.data.IterableBatches`.)"""
         history = self.history
         with self._unbuilt_if_refused():
             try:
-                yield made
+                yield
             except BaseException:
                 self.history = history
-                for data in made:
-                    if isinstance(data, IterableBatches):
-                        data.give_back()
                 raise
 
     # -- fit, evaluate, predict -----------------------------------------------------------------
@@ -958,20 +954,17 @@ class Trainer:
             if sample_weight is not None:
                 _check_takes_sample_weight(self.train_step)
         self._rebuild_if_shared()
-        with self._undone_if_refused() as made:
+        with self._undone_if_refused():
             x, y, sample_weight, validation_data, split = self._split_validation(
                 x, y, sample_weight, validation_data, validation_split)
             data = self._batches(x, y, batch_size, steps_per_epoch, shuffle=shuffle, seed=seed,
                                  checked=split, weights=sample_weight)
-            made.append(data)
             self._check_loss_outputs(self.loss)  # type: ignore[arg-type]  # (built by now)
             x_val, y_val, w_val = (None, None, None) if validation_data is None else \
                 _triple(validation_data)
             validation = None if validation_data is None else self._batches(
                 x_val, y_val, validation_batch_size, validation_steps, "x_val",
                 checked=split, steps_name="validation_steps", weights=w_val)
-            if validation is not None:  # (its held batches too are given back if refused)
-                made.append(validation)
             class_weights = None if class_weight is None else checks.as_class_weights(
                 class_weight, self.num_classes)
             self.history = history
@@ -980,6 +973,10 @@ class Trainer:
             history.epoch, history.history, history.sparse = [], {}, {}
             if bar is not None:
                 bar.verbose = verbose
+            # (shared by the callbacks, which keep it: the source and the stateful callbacks
+            # are taken out when fit ends, so that model.history does not keep the user's
+            # iterator (and its pending batches, a DataLoader's workers) alive, as Keras'
+            # History.params holds no data)
             params = {"epochs": epochs, "initial_epoch": initial_epoch, "steps": data.steps,
                       "verbose": verbose, "data": data, "validation": validation is not None,
                       "validation_freq": validation_freq, "class_weight": class_weights,
@@ -993,12 +990,21 @@ class Trainer:
             try:
                 if self._parallel is not None:
                     self._parallel.check_same_layers()
-                    self._parallel.check_same_data(data, validation)
+                    self._parallel.check_same_data(data, validation, class_weights)
                     self._parallel.broadcast_weights()
                 self._callbacks_begin(cbs)
             except BaseException:
                 self._end_fit()
+                _drop_sources(params)
                 raise
+        try:
+            return self._fit_epochs(data, validation, cbs, params, epochs, initial_epoch)
+        finally:
+            _drop_sources(params)
+
+    def _fit_epochs(self, data: Batches, validation: Batches | None, cbs: CallbackList,
+                    params: dict[str, Any], epochs: int, initial_epoch: int) -> History:
+        """fit's epochs, once its callbacks began, then ``on_train_end``."""
         start = self._resume_at
         logs: dict[str, float] = {}  # (the last epoch's, for on_train_end, as in Keras)
         first_epoch = start.epoch if start else initial_epoch
@@ -1029,9 +1035,6 @@ class Trainer:
                 raise
         finally:
             self._end_fit()
-            # (batches a source still holds, its epoch never begun: an interrupt or an error
-            # in on_epoch_begin, an epoch that ended fit first, a validation never reached)
-            _give_back_held(made)
         cbs.on_train_end(logs)
         return self.history
 
@@ -1061,8 +1064,18 @@ class Trainer:
                    later: bool = False) -> dict[str, float] | None:
         """One pass of training steps (from ``start``, a checkpoint's position, when resuming
         inside this epoch); returns the epoch's loss and metrics, or None where an iterator
-        that trained in an earlier epoch of this fit (``later``) gave no batch: it ran out as
-        that epoch ended, and training stops (warned, as Keras 3 does)."""
+        that trained in an earlier epoch of this fit (``later``) has no batch left: it ran out
+        as that epoch ended, and training stops there (warned, as Keras 3 does), before this
+        epoch's ``on_epoch_begin`` (an epoch begun ends: a schedule would set the rate of an
+        epoch that never trains, the progress bar would stay open)."""
+        if later and isinstance(data, IterableBatches) and data.iterator is not None and \
+                not self._has_batch(data, epoch):
+            warn(f"the training data ran out as epoch {epoch} ended (no batch in epoch "
+                 f"{epoch + 1}, of its {data.steps} (steps_per_epoch)): training stops "
+                 f"after epoch {epoch}; an iterator needs steps_per_epoch batches for every "
+                 "epoch")
+            self.stop_training = True
+            return None
         step = first = start.step if start else 0
         self._position = (epoch, step)
         self._epoch_t0 = time.perf_counter() - (start.seconds if start else 0.0)
@@ -1106,13 +1119,6 @@ class Trainer:
         # (a checkpoint written after the epoch's last step, as ModelCheckpoint's save_freq
         # may write it, resumes at the epoch's end: no step is left)
         if step == first and not (first and first == data.steps):
-            if later and _iterator(data):  # (on several ranks, on all: end_batches agreed)
-                warn(f"the training data ran out as epoch {epoch} ended (no batch in epoch "
-                     f"{epoch + 1}, of its {data.steps} (steps_per_epoch)): training stops "
-                     f"after epoch {epoch}; an iterator needs steps_per_epoch batches for every "
-                     "epoch")
-                self.stop_training = True
-                return None
             raise InputError(f"the training data gave no batches in epoch {epoch + 1}: an "
                              "iterator needs steps_per_epoch batches for every epoch")
         if data.steps and step < data.steps and not self.stop_training:
@@ -1126,6 +1132,16 @@ class Trainer:
                      f"(steps_per_epoch) in epoch {epoch + 1}: the epoch ends there, and the "
                      "next starts a new pass over it")
         return self._batch_logs()
+
+    def _has_batch(self, data: IterableBatches, epoch: int) -> bool:
+        """Whether the iterator ``data`` reads has a batch for ``epoch`` (drawn here, it waits
+        for the epoch); on several ranks, where this one has none, the others learn it in the
+        exchange of the batch sizes (``end_batches``: refused on all where some have more)."""
+        if data.has_batch():
+            return True
+        if self._parallel is not None:
+            self._parallel.end_batches(0, epoch)
+        return False
 
     def _train_step_overridden(self) -> bool:
         """True where ``train_step`` is a subclass's or set on the model itself: fit calls it
@@ -1183,10 +1199,9 @@ class Trainer:
         loss = self.loss if self.loss is not None else get_loss("cross_entropy")
         self._rebuild_if_shared()
         _refuse_stream_weights(x, sample_weight)
-        with self._undone_if_refused() as made:
+        with self._undone_if_refused():
             data = self._batches(x, y, batch_size, steps, steps_name="steps",
                                  weights=sample_weight)
-            made.append(data)
             here = distributed.world()
             if here.size > 1:  # (each rank evaluates its slice of the same data)
                 distributed.check_same_data(here, [("evaluation", data)], "evaluate")
@@ -1286,9 +1301,8 @@ class Trainer:
         self._rebuild_if_shared()
         xp = self.backend.xp
         out = []
-        with self._undone_if_refused() as made:
+        with self._undone_if_refused():
             data = self._batches(x, None, batch_size, steps, targets=False, steps_name="steps")
-            made.append(data)
             cbs = CallbackList(callbacks, self, _inference_params(verbose, data))
             self.stop_predicting = False
             cbs.on_predict_begin()
@@ -1369,12 +1383,11 @@ def _bar(data: Batches, verbose: int, desc: str) -> Any:
                 desc=desc, unit="batch")
 
 
-def _give_back_held(made: list[Batches]) -> None:
-    """Give back the batches that the sources in ``made`` hold and never began an epoch with
-    (:meth:`IterableBatches.give_back`; none where every epoch began)."""
-    for data in made:
-        if isinstance(data, IterableBatches):
-            data.give_back()
+def _drop_sources(params: dict[str, Any]) -> None:
+    """Take the batch source and the stateful callbacks out of fit's ``params`` once fit has
+    ended: its callbacks (model.history among them) keep the dict."""
+    params.pop("data", None)
+    params.pop("stateful", None)
 
 
 def _iterator(data: Batches) -> bool:
