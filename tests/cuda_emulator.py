@@ -530,6 +530,9 @@ def _bytes(a: np.ndarray) -> np.ndarray:
 def fake_cupy() -> types.ModuleType:
     """A ``cupy`` whose kernels run on the CPU and whose arrays are NumPy's."""
     fake = types.ModuleType("cupy")
+    # (a class no array is of: the emulator's arrays are NumPy's, and array_api_compat asks
+    # for cupy.ndarray wherever a "cupy" module is imported)
+    fake.ndarray = type("ndarray", (), {})
     fake.ElementwiseKernel = ElementwiseKernel
     fake.RawKernel = RawKernel
     allocators: list[Any] = []  # the allocator of each using_allocator block entered
