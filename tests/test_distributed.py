@@ -46,14 +46,29 @@ needs_mpi = pytest.mark.skipif(
     reason='needs mpiexec and mpi4py: pip install -e ".[mpi]"')
 
 
-def mpirun(ranks: int, out: Path, *args: str, collective_timeout: int = 30
+def launch(cmd: list[str], collective_timeout: int = 30
            ) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``cmd`` (an ``mpiexec`` line, or one process) with this tree's xpcnn and a limit on
+    each collective's wait: its process and the seconds it took."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
            "XPCNN_DIST_TIMEOUT": str(collective_timeout)}
-    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, SCRIPT, str(out), *args]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     return proc, time.monotonic() - t0
+
+
+def mpirun(ranks: int, out: Path, *args: str, collective_timeout: int = 30
+           ) -> tuple[subprocess.CompletedProcess, float]:
+    return launch([MPIEXEC, "-n", str(ranks), sys.executable, SCRIPT, str(out), *args],
+                  collective_timeout)
+
+
+def two_ranks(tmp_path: Path, source: str, *args: str, collective_timeout: int = 30
+              ) -> tuple[subprocess.CompletedProcess, float]:
+    """The script ``source`` (its text) run under ``mpiexec -n 2`` with ``args``."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(source)
+    return launch([MPIEXEC, "-n", "2", sys.executable, str(script), *args], collective_timeout)
 
 
 def load_rank(out: Path, rank: int) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
@@ -752,14 +767,8 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
     batch, no gradient averaged: the ranks' weights drifted apart). A rank whose generator
     gave one batch fewer left the other waiting in the exchange of the batch sizes for the
     whole timeout, blaming a stuck rank: both now say which ran out, at once."""
-    script = tmp_path / "refused.py"
-    script.write_text(_REFUSED_ON_EVERY_RANK)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
-           "XPCNN_DIST_TIMEOUT": "60"}
-    t0 = time.monotonic()
-    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script), case], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and time.monotonic() - t0 < 50, proc.stderr
+    proc, seconds = two_ranks(tmp_path, _REFUSED_ON_EVERY_RANK, case, collective_timeout=60)
+    assert proc.returncode == 0 and seconds < 50, proc.stderr
     lines = sorted(proc.stdout.splitlines())
     if case in ("same", "class weights alike"):
         assert lines == ["rank 0 trained", "rank 1 trained"], proc.stdout
@@ -859,14 +868,8 @@ def test_data_that_runs_out_ends_fit_alike_on_every_rank(tmp_path, case):
     naming the rank (was: that rank alone stopped, saying "no val_* logs" while it had them,
     and the other waited in the next epoch's allreduce for the whole timeout). A training
     generator that runs out as an epoch ends, on every rank: fit ends cleanly on all."""
-    script = tmp_path / "run_out.py"
-    script.write_text(_RUN_OUT_ALIKE)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
-           "XPCNN_DIST_TIMEOUT": "30"}
-    t0 = time.monotonic()
-    proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script), case], env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and time.monotonic() - t0 < 25, proc.stderr
+    proc, seconds = two_ranks(tmp_path, _RUN_OUT_ALIKE, case)
+    assert proc.returncode == 0 and seconds < 25, proc.stderr
     lines = sorted(proc.stdout.splitlines())
     if case == "validation":
         warning = ("xpcnn: the validation data ran out after 0 of its 2 batches "
@@ -950,14 +953,9 @@ def test_top_k_metrics_on_two_ranks_are_those_of_one_process(tmp_path):
     training steps' in the stats' allreduce, evaluate's on the host), on every rank."""
     script = tmp_path / "top_k.py"
     script.write_text(TOP_K_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
-           "XPCNN_DIST_TIMEOUT": "30"}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "6"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    one, _ = launch([sys.executable, str(script), str(tmp_path / "one"), "6"])
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(script),
-                          str(tmp_path / "two"), "3"], env=env, capture_output=True,
-                         text=True, timeout=120)
+    two, _ = two_ranks(tmp_path, TOP_K_SCRIPT, str(tmp_path / "two"), "3")
     assert two.returncode == 0, two.stderr
     reference = json.loads((tmp_path / "one.rank0.json").read_text())
     assert set(reference) >= {"top2", "val_top2", "sparse_top_k_categorical_accuracy"}
