@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, NonFiniteError, warn
+from .errors import InputError, NonFiniteError, of_xpcnn, warn
 from .files import names_a_folder, try_writing_in, written_file
 
 
@@ -357,11 +357,6 @@ def untaken_settings(obj: Any, config: dict[str, Any]) -> list[str]:
         return []
     names = named_parameters(init)
     return [k for k in config if k != "class" and k not in names]
-
-
-def of_xpcnn(module: str) -> bool:
-    """Whether the module named ``module`` is xpcnn's own (a user's ``xpcnn_helpers`` is not)."""
-    return module == "xpcnn" or module.startswith("xpcnn.")
 
 
 def registered(registry: dict[str, Any], name: Any, kind: str) -> Any:

@@ -15,12 +15,13 @@ def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
     """Warn ``xpcnn: message``, pointed at the user's call: the first frame outside xpcnn (a
     count of frames goes wrong whenever a call is wrapped, or made from another path)."""
     frame, level = sys._getframe(1), 2  # (1: the warnings.warn below; 2: its caller)
-    while frame is not None and _of_xpcnn(frame.f_globals.get("__name__", "")):
+    while frame is not None and of_xpcnn(frame.f_globals.get("__name__", "")):
         frame, level = frame.f_back, level + 1
     warnings.warn(f"xpcnn: {message}", category, stacklevel=level)
 
 
-def _of_xpcnn(module: str) -> bool:
+def of_xpcnn(module: str) -> bool:
+    """Whether the module named ``module`` is xpcnn's own (a user's ``xpcnn_helpers`` is not)."""
     return module == "xpcnn" or module.startswith("xpcnn.")
 
 
