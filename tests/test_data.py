@@ -997,8 +997,10 @@ def test_the_prefetch_thread_works_on_the_callers_stream(data, monkeypatch):
               batch_size=BATCH, verbose=0)
     model.fit(((images[i:min(i + BATCH, N), ...], y[i:i + BATCH]) for i in range(0, N, BATCH)),
               steps_per_epoch=batches, epochs=1, verbose=0)
-    assert made == [threading.current_thread().name] * 2  # (the caller's: this test's thread)
-    assert entered == ["xpcnn-prefetch"] * 2
+    # (the caller's: this test's thread; the generator's first batch, drawn before fit's
+    # callbacks run to see that it has one, on a thread of its own, in the scope too)
+    assert made == [threading.current_thread().name] * 3
+    assert entered == ["xpcnn-prefetch", "xpcnn-draw", "xpcnn-prefetch"]
     there = [(name, inside) for name, thread, inside in calls if thread == "xpcnn-prefetch"]
     assert {name for name, _ in there} == {"stack", "adopt"}
     assert all(inside for _, inside in there)
@@ -1367,6 +1369,146 @@ def test_an_epoch_an_iterator_has_no_batch_for_is_not_begun():
                             callbacks=[log, schedule])
     assert events == ["begin 0", "end 0", "begin 1", "end 1"] and history.epoch == [0, 1]
     assert model.optimizer.lr == pytest.approx(0.2) and steps == [0, 1, 2, 3]
+
+
+# -- the iterators' registry (review of bae96a8) ------------------------------------------------
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_a_ctrl_c_while_fit_draws_a_first_batch_leaves_the_generator_going(built):
+    """A Ctrl-C while fit draws the next epoch's first batch (or, on an unbuilt model, the
+    batch that builds it) from a slow generator: the draw runs on a thread of its own, so the
+    KeyboardInterrupt reaches fit, not the generator; the next fit waits for that thread and
+    goes on with its batch (was: raised inside the generator's frame, which it finished: every
+    later batch lost, the next fit refused, "gave no batches")."""
+    import os
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    release = threading.Event()
+    slow_at = 2 if built else 0
+
+    def slow():
+        for i in itertools.count():
+            if i == slow_at:  # (the user presses Ctrl-C during a slow read)
+                os.kill(os.getpid(), signal.SIGINT)
+                release.wait(30)
+            yield np.full((2, 4, 4, 1), float(i), np.float32), np.array([0, 1])
+
+    model, steps = _recording()
+    if built:
+        model.build((4, 4, 1))
+    stream = slow()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.fit(stream, steps_per_epoch=2, epochs=3, verbose=0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        release.set()
+    assert steps == ([0, 1] if built else [])
+    assert stream.gi_frame is not None  # (not finished)
+    model.fit(stream, steps_per_epoch=2, verbose=0)
+    assert steps == ([0, 1, 2, 3] if built else [0, 1])
+
+
+def test_a_dropped_map_iterator_goes_as_the_next_call_ends():
+    """A map or zip iterator (no weak reference: held by the registry) left with batches by
+    an epoch stopped early, then dropped by its caller, goes as the next fit, evaluate or
+    predict of any kind ends, with what it wraps (a DataLoader's workers) (was: kept alive
+    until another such iterator was used); a refused call leaves no empty entry."""
+    import gc
+    import weakref
+
+    model, steps = _recording()
+    inner = _counting()
+    gone = weakref.ref(inner)
+    stream = map(tuple, inner)
+    del inner
+    model.fit(stream, steps_per_epoch=10, verbose=0, callbacks=[_stop_after(0)])
+    assert steps == [0] and xpcnn.data.stream_of(stream).pending
+    del stream
+    gc.collect()
+    model.fit(np.zeros((4, 4, 4, 1), np.float32), np.zeros(4, int), verbose=0)
+    gc.collect()
+    assert gone() is None
+    held = len(xpcnn.data._HELD_STREAMS)
+    kept = map(tuple, _counting())
+    with pytest.raises(InputError, match="x_val"):  # (refused after the source was made)
+        model.fit(kept, steps_per_epoch=2, verbose=0,
+                  validation_data=(np.zeros((2, 5, 5, 1), np.float32), np.zeros(2, int)))
+    assert len(xpcnn.data._HELD_STREAMS) == held
+    model.fit(kept, steps_per_epoch=2, verbose=0)
+    assert steps == [0, 0, 0, 1]  # (the arrays' step, then kept's)
+
+
+def test_an_error_the_reader_drew_ahead_of_an_early_stop_is_raised_by_the_next_call():
+    """An error the generator raised while the reader drew ahead of an epoch that then stopped
+    early: kept after the batches given back, and raised, the same error with a note, by the
+    next call on the generator once it has used them (was: dropped; the generator, finished by
+    it, looked like data that ran out, and the next call returned part of it silently).
+    Raised once: the call after that finds the generator ended."""
+    raised = threading.Event()
+
+    def failing():
+        for i in range(3):
+            yield np.full((2, 4, 4, 1), float(i), np.float32), np.array([0, 1])
+        raised.set()
+        raise OSError("shard-0004.npz: No such file or directory")
+
+    def stop_first(batch, logs):
+        assert raised.wait(30)  # (the reader drew ahead: batches 1 and 2, then the error)
+        model.stop_training = True
+
+    model, steps = _recording()
+    model.build((4, 4, 1))
+    stream = failing()
+    model.fit(stream, steps_per_epoch=10, verbose=0,
+              callbacks=[LambdaCallback(on_train_batch_end=stop_first)])
+    assert steps == [0]
+    with pytest.raises(OSError, match="shard-0004") as info:
+        model.fit(stream, steps_per_epoch=10, verbose=0)
+    assert steps == [0, 1, 2]
+    assert any("read ahead" in note for note in info.value.__notes__)
+    assert xpcnn.data.stream_of(stream).failure is None
+    with pytest.raises(InputError, match="gave no batches"):
+        model.predict(stream, verbose=0)
+
+
+def test_a_first_batch_refused_while_building_the_model_is_dropped():
+    """A generator's first batch that the checks refuse as it builds the model is dropped,
+    as a built model's epoch drops it: the next call goes on with the batch after it (was:
+    kept, and every later call refused by it again)."""
+    def labelled():
+        yield np.zeros((2, 4, 4, 1), np.float32), np.array([0.5, 1.0])  # (not whole numbers)
+        for i in range(1, 100):
+            yield np.full((2, 4, 4, 1), float(i), np.float32), np.array([0, 1])
+
+    model, steps = _recording()
+    stream = labelled()
+    with pytest.raises(InputError, match="y must be integer class labels"):
+        model.fit(stream, steps_per_epoch=2, verbose=0)
+    assert not model.built
+    model.fit(stream, steps_per_epoch=2, verbose=0)
+    assert steps == [1, 2]
+
+
+def test_an_iterator_with_no_batch_for_the_first_epoch_is_refused_before_any_callback():
+    """A built model given an iterator that has no batch for fit's first epoch: refused before
+    on_train_begin, the model's History and learning rate as they were (was: refused after
+    on_train_begin and on_epoch_begin ran, a schedule's rate set, model.history emptied)."""
+    model, steps = _recording()
+    model.fit(np.zeros((4, 4, 4, 1), np.float32), np.zeros(4, int), epochs=2, verbose=0)
+    before = model.history
+    events = []
+    log = LambdaCallback(on_train_begin=lambda logs: events.append("train_begin"),
+                         on_epoch_begin=lambda epoch, logs: events.append("epoch_begin"))
+    schedule = xpcnn.callbacks.LearningRateScheduler(lambda epoch, lr: 0.5)
+    with pytest.raises(InputError, match="gave no batches in epoch 1"):
+        model.fit(_counting(0), steps_per_epoch=2, verbose=0, callbacks=[log, schedule])
+    assert events == [] and model.history is before and len(before.history["loss"]) == 2
+    assert model.optimizer.lr_factor == 1.0
 
 
 def test_owned_takes_numbers_as_they_are_without_a_namespace_lookup(monkeypatch):

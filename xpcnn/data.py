@@ -562,15 +562,17 @@ class IterableBatches(Batches):
     checked on a background thread; the first one, checked here too, builds the model.
 
     No batch an iterator gave is lost to it: this source holds none. What it draws outside an
-    epoch (the first batch, to build the model; :meth:`has_batch`'s) waits in the iterator's
-    stream (:class:`_Stream`), which every epoch reads first; an epoch closed early (a
-    callback's ``stop_training``, an error, a Ctrl-C) puts what its reader drew ahead back
-    there, in order, so a call refused or stopped before its epoch, or after, leaves them to
-    the next call on that iterator. An iterator that a running call reads is refused to a
-    second call (from one of the first one's callbacks, say). A re-iterable's first batch
-    waits in :attr:`_first` with the pass that drew it, which the first epoch goes on with (a
-    second pass would draw again from a shuffling DataLoader's random numbers, and start its
-    workers again); a later call starts a pass of its own."""
+    epoch (the first batch, to build the model; :meth:`has_batch`'s, on a thread of its own)
+    waits in the iterator's stream (:class:`_Stream`), which every epoch reads first; an epoch
+    closed early (a callback's ``stop_training``, an error, a Ctrl-C) puts what its reader drew
+    ahead back there, in order, and an error of the iterator drawn after them, so a call
+    refused or stopped before its epoch, or after, leaves them to the next call on that
+    iterator. A batch the checks refuse is dropped (named by the error), the first one too.
+    An iterator that a running call reads is refused to a second call (from one of the first
+    one's callbacks, say). A re-iterable's first batch waits in :attr:`_first` with the pass
+    that drew it, which the first epoch goes on with (a second pass would draw again from a
+    shuffling DataLoader's random numbers, and start its workers again); a later call starts
+    a pass of its own."""
 
     def __init__(self, model: Any, data: Iterable[Any], steps: int | None,
                  with_targets: bool = True, what: str = "x") -> None:
@@ -590,7 +592,9 @@ class IterableBatches(Batches):
         if model.built:
             return
         # the first batch tells the input shape (checked whole: a call its labels refuse
-        # leaves the model unbuilt, and the batch waits in the stream for the next call)
+        # leaves the model unbuilt; the batch waits in the stream for the next call, but one
+        # that the checks refused, named by the error, is dropped, as a built model's epoch
+        # drops it: kept, it refused every later call)
         if self.iterator is not None:
             if not self.has_batch():
                 raise InputError(f"{what} gave no batches")
@@ -601,18 +605,30 @@ class IterableBatches(Batches):
             if first is _NONE:
                 raise InputError(f"{what} gave no batches")
             self._first = (first, source)
-        check_arrays(model, *self._split(first)[:2], what)
+        try:
+            check_arrays(model, *self._split(first)[:2], what)
+        except Exception:
+            if self.iterator is not None:
+                pending = stream_of(self.iterator).pending
+                if pending and pending[0] is first:
+                    pending.popleft()
+                _forget_if_idle(self.iterator)
+            raise
 
     def has_batch(self) -> bool:
-        """Whether the iterator has a batch left, drawn here (on the caller's thread) where
-        none is pending: it waits in the stream, for the next epoch to start with."""
+        """Whether the iterator has a batch left: one pending, or one drawn here, which then
+        waits in the stream for the next epoch to start with. Drawn on a thread of its own
+        (:func:`_draw`): a Ctrl-C is not raised inside the user's generator, which it would
+        finish. An error the iterator raises is raised here, one a call before read ahead of
+        where it stopped too (:func:`_raise_kept`)."""
         stream = self._free_stream()
-        if not stream.pending:
-            item = next(self.iterator, _NONE)  # type: ignore[call-overload]
-            if item is _NONE:
-                _forget_if_idle(self.iterator)  # type: ignore[arg-type]
-                return False
-            stream.pending.append(item)
+        if stream.pending:
+            return True
+        _raise_kept(stream)
+        if not _draw(stream, self.iterator,  # type: ignore[arg-type]
+                     self.model.backend.current_stream_scope()):
+            _forget_if_idle(self.iterator)  # type: ignore[arg-type]
+            return False
         return True
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
@@ -627,8 +643,11 @@ class IterableBatches(Batches):
             return upload(backend, prefetch(checked, backend), owned=True)  # (copied)
         stream = self._free_stream()
         # (the pending batches first, popped as the reader draws them: those a cut at steps
-        # leaves stay there; a chain, which never closes the iterator)
-        source = itertools.chain(_popped(stream.pending), self.iterator)
+        # leaves stay there; then an error read ahead by the call before; a chain, which never
+        # closes the iterator. An error of the iterator is kept in the stream until the loop
+        # takes it: an epoch closed first leaves it to the next call, after the batches)
+        source = _kept_failure(itertools.chain(_popped(stream.pending), _raised_kept(stream),
+                                               self.iterator), stream)
         if self._cut:
             source = itertools.islice(source, self.steps)
         drawn: collections.deque[Any] = collections.deque()  # (drawn, not taken by the loop)
@@ -708,6 +727,73 @@ def _popped(pending: collections.deque[Any]) -> Iterator[Any]:
         yield pending.popleft()
 
 
+def _raise_kept(stream: _Stream) -> None:
+    """Raise the error that ``stream``'s iterator raised in a call before this one, read ahead
+    of where that call's epoch stopped (its batches before the error went to this call first):
+    the same error, noted so (the iterator ended with it: it would otherwise look like data
+    that ran out, and a call return results of part of it)."""
+    error = stream.failure
+    if error is None:
+        return
+    stream.failure = None
+    if _READ_AHEAD not in getattr(error, "__notes__", ()):
+        error.add_note(_READ_AHEAD)
+    raise error
+
+
+_READ_AHEAD = ("(xpcnn: the iterator raised this while a call before this one read ahead of "
+               "where it stopped; the batches it gave before were used first)")
+
+
+def _raised_kept(stream: _Stream) -> Iterator[Any]:
+    """No items: raises the error a call before read ahead (:func:`_raise_kept`), if any."""
+    _raise_kept(stream)
+    yield from ()
+
+
+def _kept_failure(source: Iterator[Any], stream: _Stream) -> Iterator[Any]:
+    """``source``'s items; an error it raises (the iterator's own) is kept in ``stream`` too,
+    until the loop takes it (:class:`_GivingBack`)."""
+    try:
+        yield from source
+    except Exception as error:  # (not GeneratorExit: a loop that closes it early)
+        stream.failure = error
+        raise
+
+
+def _draw(stream: _Stream, iterator: Iterator[Any],
+          scope: contextlib.AbstractContextManager[Any]) -> bool:
+    """Draw one batch from ``iterator`` into ``stream``'s pending ones (False where it has
+    none), on a thread of its own that this one waits for (its Event; a join that a Ctrl-C
+    interrupts marks the thread stopped in Python 3.11): a Ctrl-C on the caller's thread would
+    be raised inside the user's generator, and finish it. Where the wait is interrupted, the
+    thread stays recorded as the stream's reader, for the next call to wait for; its batch,
+    or its error, joins the stream as it returns."""
+    ended = threading.Event()
+    drawn: list[bool] = []
+
+    def work() -> None:
+        try:
+            with scope:
+                item = next(iterator, _NONE)
+            if item is not _NONE:
+                stream.pending.append(item)
+                drawn.append(True)
+        except BaseException as error:  # noqa: BLE001 (raised by the caller, or the next call)
+            stream.failure = error
+        finally:
+            ended.set()
+
+    stream.reader = ended
+    threading.Thread(target=work, name="xpcnn-draw", daemon=True).start()
+    ended.wait()
+    stream.reader = None
+    if stream.failure is not None:  # (this draw's: raised as it is)
+        error, stream.failure = stream.failure, None
+        raise error
+    return bool(drawn)
+
+
 class _GivingBack(Iterator[tuple[Any, ...]]):
     """The batches of an epoch over ``iterator``, ``batches``; ``drawn`` holds what the
     background thread drew and this loop has not taken yet. Closed, it stops the thread (waits
@@ -724,7 +810,10 @@ class _GivingBack(Iterator[tuple[Any, ...]]):
             batch = next(self.batches)
         except StopIteration:
             raise
-        except Exception:
+        except Exception as error:
+            stream = stream_of(self.iterator)
+            if stream.failure is error:  # (the iterator's own, taken: no longer kept)
+                stream.failure = None
             # (the error is the first batch not taken's, drawn: one the checks refused, named
             # by the error, is not given back to be refused again; nothing was drawn for an
             # error of the iterator itself. A Ctrl-C, no Exception, is no batch's)
@@ -782,21 +871,29 @@ class _Stream:
     first. ``reader``: the Event (set as it ends) of the background thread an epoch left
     inside the iterator's ``next()`` (a second thread there raises "generator already
     executing"), which the next call waits for. ``reading``: an epoch reads the iterator
-    now; a second call on it is refused."""
+    now; a second call on it is refused. ``failure``: an error the iterator raised that no
+    loop has taken yet (read ahead of an epoch closed early): the next call raises it, after
+    the pending batches."""
 
-    __slots__ = ("pending", "reader", "reading")
+    __slots__ = ("failure", "pending", "reader", "reading")
 
     def __init__(self) -> None:
         self.pending: collections.deque[Any] = collections.deque()
         self.reader: threading.Event | None = None  # (set as the thread ends)
         self.reading = False
+        self.failure: BaseException | None = None
+
+    def empty(self) -> bool:
+        """Whether it keeps nothing (no batch, no reader, no error, no epoch reading)."""
+        return not (self.pending or self.reader is not None or self.reading
+                    or self.failure is not None)
 
 
 #: Each iterator's stream, weakly keyed: an iterator the caller drops goes, with its batches.
 _STREAMS: weakref.WeakKeyDictionary[Any, _Stream] = weakref.WeakKeyDictionary()
 #: The same for iterators that take no weak reference (zip, map, iter(list), itertools'):
 #: by id, with the iterator (held, so that its id is not reused while kept). Pruned
-#: (:func:`_prune_held`) of those that only this registry still holds, as a weak key would
+#: (:func:`prune_streams`) of those that only this registry still holds, as a weak key would
 #: go: no callback tells when the caller drops one, so its count of references does.
 _HELD_STREAMS: dict[int, tuple[Any, _Stream]] = {}
 
@@ -810,10 +907,13 @@ def _references(entry: tuple[Any, _Stream]) -> int:
 _ONLY_THE_REGISTRY = _references((iter(()), _Stream()))
 
 
-def _prune_held() -> None:
-    """Drop the streams of held iterators that nobody but the registry references any more."""
+def prune_streams() -> None:
+    """Drop the streams of held iterators that nobody but the registry references any more,
+    and those that keep nothing. Called as each fit, evaluate and predict ends (and as a held
+    iterator's stream is looked up): an iterator dropped by its caller is not kept alive
+    (a DataLoader's workers) until another is used."""
     for key, entry in list(_HELD_STREAMS.items()):
-        if _references(entry) <= _ONLY_THE_REGISTRY:
+        if entry[1].empty() or _references(entry) <= _ONLY_THE_REGISTRY:
             del _HELD_STREAMS[key]
 
 
@@ -826,7 +926,7 @@ def stream_of(iterator: Iterator[Any]) -> _Stream:
         return stream
     except TypeError:  # (no weak reference to it, or unhashable)
         pass
-    _prune_held()
+    prune_streams()
     entry = _HELD_STREAMS.get(id(iterator))
     if entry is None:
         entry = _HELD_STREAMS[id(iterator)] = (iterator, _Stream())
@@ -837,7 +937,7 @@ def _forget_if_idle(iterator: Iterator[Any]) -> None:
     """Drop ``iterator``'s stream where it keeps nothing (a held iterator is not kept alive
     for nothing)."""
     stream = stream_of(iterator)
-    if stream.pending or stream.reader is not None or stream.reading:
+    if not stream.empty():
         return
     try:
         _STREAMS.pop(iterator, None)

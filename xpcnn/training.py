@@ -61,6 +61,7 @@ from .data import (
     check_source,
     is_map_dataset,
     is_stream,
+    prune_streams,
     to_device,
     unpack,
 )
@@ -94,6 +95,21 @@ def _one_fit_at_a_time(fit: Callable[..., Any]) -> Callable[..., Any]:
         with self._running_alone("fit"):
             return fit(self, *args, **kwargs)
     return guarded
+
+
+def _prunes_streams(call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call`` (fit, evaluate, predict), after which the iterators' registry drops the
+    streams of held iterators (zip, map: no weak reference) that their caller dropped, and
+    those that keep nothing (:func:`xpcnn.data.prune_streams`): one left with batches by an
+    epoch closed early was otherwise kept alive, with what it wraps (a DataLoader's workers),
+    until another such iterator was used."""
+    @functools.wraps(call)
+    def pruning(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            prune_streams()
+    return pruning
 
 
 class Trainer:
@@ -862,6 +878,7 @@ class Trainer:
                 raise
 
     # -- fit, evaluate, predict -----------------------------------------------------------------
+    @_prunes_streams
     @_one_fit_at_a_time
     def fit(self, x: Any, y: Any = None, epochs: int = 1, batch_size: int | None = 32,
             validation_data: Any = None, validation_split: float = 0.0, shuffle: bool = True,
@@ -992,6 +1009,8 @@ class Trainer:
                     self._parallel.check_same_layers()
                     self._parallel.check_same_data(data, validation, class_weights)
                     self._parallel.broadcast_weights()
+                if initial_epoch < epochs:
+                    self._refuse_empty(data, initial_epoch)
                 self._callbacks_begin(cbs)
             except BaseException:
                 self._end_fit()
@@ -1133,6 +1152,25 @@ class Trainer:
                      "next starts a new pass over it")
         return self._batch_logs()
 
+    def _refuse_empty(self, data: Batches, epoch: int) -> None:
+        """Refuse an iterator that has no batch for fit's first epoch, ``epoch``, before any
+        callback runs (an epoch begun and never ended set a schedule's rate, and lost the
+        last fit's History): its first batch, drawn here, waits for the epoch. On several
+        ranks, all learn where one has none (or its iterator failed)."""
+        if not (isinstance(data, IterableBatches) and data.iterator is not None):
+            return
+        error: BaseException | None = None
+        try:
+            if not data.has_batch():
+                error = InputError(f"the training data gave no batches in epoch {epoch + 1}: "
+                                   "an iterator needs steps_per_epoch batches for every epoch")
+        except Exception as e:  # (the iterator's own error: raised after the others learn it)
+            error = e
+        if self._parallel is not None:
+            self._parallel.agree(error, "drawing the training data's first batch")
+        elif error is not None:
+            raise error
+
     def _has_batch(self, data: IterableBatches, epoch: int) -> bool:
         """Whether the iterator ``data`` reads has a batch for ``epoch`` (drawn here, it waits
         for the epoch); on several ranks, where this one has none, the others learn it in the
@@ -1179,6 +1217,7 @@ class Trainer:
         return (x[:-n_val, ...], targets[:-n_val], head,
                 (x[-n_val:, ...], targets[-n_val:], tail), True)
 
+    @_prunes_streams
     def evaluate(self, x: Any, y: Any = None, batch_size: int | None = 256,
                  verbose: int | str = 0,
                  steps: int | None = None, callbacks: list[Callback] | None = None,
@@ -1286,6 +1325,7 @@ class Trainer:
         device)."""
         return self._logs(totals.sums(self.backend.to_numpy(totals.state)), seen)
 
+    @_prunes_streams
     def predict(self, x: Any, batch_size: int | None = 256, verbose: int | str = 0,
                 steps: int | None = None, callbacks: list[Callback] | None = None) -> np.ndarray:
         """The model's output for ``x`` as a host NumPy array, as in Keras: class
