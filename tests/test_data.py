@@ -1476,6 +1476,39 @@ def test_an_error_the_reader_drew_ahead_of_an_early_stop_is_raised_by_the_next_c
         model.predict(stream, verbose=0)
 
 
+def test_an_error_kept_for_the_next_call_does_not_keep_a_dropped_generator_alive():
+    """The kept error's traceback held the generator's frames: a generator the caller dropped
+    (a DataLoader's iterator, with its workers) stayed alive for good. Kept without them (the
+    traceback in a note), the generator goes."""
+    import gc
+    import weakref
+
+    raised = threading.Event()
+
+    def failing():
+        for i in range(3):
+            yield np.full((2, 4, 4, 1), float(i), np.float32), np.array([0, 1])
+        raised.set()
+        raise OSError("shard-0004.npz: No such file or directory")
+
+    def stop_first(batch, logs):
+        assert raised.wait(30)
+        model.stop_training = True
+
+    model, _ = _recording()
+    model.build((4, 4, 1))
+    stream = failing()
+    model.fit(stream, steps_per_epoch=10, verbose=0,
+              callbacks=[LambdaCallback(on_train_batch_end=stop_first)])
+    kept = xpcnn.data.stream_of(stream).failure
+    assert isinstance(kept, OSError) and kept.__traceback__ is None
+    assert any("raised at:" in note and "failing" in note for note in kept.__notes__)
+    gone = weakref.ref(stream)
+    del stream, kept
+    gc.collect()
+    assert gone() is None
+
+
 def test_a_first_batch_refused_while_building_the_model_is_dropped():
     """A generator's first batch that the checks refuse as it builds the model is dropped,
     as a built model's epoch drops it: the next call goes on with the batch after it (was:

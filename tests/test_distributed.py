@@ -730,6 +730,13 @@ try:
         model.fit(x, y, batch_size=4, validation_data=(x[rank::2], y[rank::2]), verbose=0)
     elif sys.argv[1] == "evaluate shards":
         model.evaluate(x[rank::2], y[rank::2])
+    elif sys.argv[1] == "raises at an epoch's end":  # (rank 1's generator, as epoch 2 begins)
+        def batches():
+            for i in range(4):
+                if rank == 1 and i == 2:
+                    raise OSError("shard-0002.npz: No such file or directory")
+                yield x[4 * i:4 * i + 4], y[4 * i:4 * i + 4]
+        model.fit(batches(), steps_per_epoch=2, epochs=2, verbose=0)
     elif sys.argv[1] == "uneven batches":  # (rank 1's generator one batch short)
         batches = ((x[i:i + 4], y[i:i + 4]) for i in range(0, 16 - 4 * rank, 4))
         model.fit(batches, steps_per_epoch=4, epochs=1, verbose=0)
@@ -743,7 +750,7 @@ try:
         model.fit(x, y, batch_size=4, verbose=0, class_weight={0: 1.0} if rank else None)
     else:
         model.fit(xs, ys, epochs=1, batch_size=4, verbose=0, callbacks=callbacks)
-except XpcnnError as e:
+except (XpcnnError, OSError) as e:
     said = f"rank {rank} refused: {type(e).__name__}: {e}"
 else:
     said = f"rank {rank} trained"
@@ -756,7 +763,8 @@ os.write(1, (said + "\\n").encode())  # (one write: the ranks' lines do not inte
                                   "train_on_batch", "uneven batches", "subset shards",
                                   "validation shards", "evaluate shards",
                                   "train_on_batch in fit", "short at an epoch's end",
-                                  "class weights", "class weights alike"])
+                                  "class weights", "class weights alike",
+                                  "raises at an epoch's end"])
 def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp_path, case):
     """A Normalization adapted on each rank's own shard (their models predicted apart, rank 0's
     alone saved), and a refusal of one rank's own (a path rank 0 alone checks; the others
@@ -808,6 +816,11 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
                          "fit's last batch, not as this one, on every rank; fit's own steps are "
                          "what train on several ranks (pass the batch to fit, or run "
                          "train_on_batch in a job of one process)" for r in (0, 1)], lines
+    elif case == "raises at an epoch's end":  # (was: rank 0 waited the whole timeout)
+        assert lines == [
+            "rank 0 refused: DistributedError: drawing the first batch of epoch 2 failed on 1 "
+            "other rank(s): their error says why",
+            "rank 1 refused: OSError: shard-0002.npz: No such file or directory"], lines
     elif case == "uneven batches":
         assert lines == [
             "rank 0 refused: DistributedError: the training data of rank(s) [1] ran out of "

@@ -35,6 +35,7 @@ import math
 import queue
 import sys
 import threading
+import traceback
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -751,6 +752,17 @@ def _raised_kept(stream: _Stream) -> Iterator[Any]:
     yield from ()
 
 
+def _detached(error: BaseException) -> BaseException:
+    """``error``, kept in a stream for a later call, without its traceback and context: their
+    frames hold the iterator (and what it holds: a DataLoader's workers) alive where the
+    caller drops it. The traceback goes into a note."""
+    if error.__traceback__ is not None:
+        error.add_note("raised at:\n" + "".join(traceback.format_tb(error.__traceback__)).rstrip())
+        error.__traceback__ = None
+    error.__context__ = None
+    return error
+
+
 def _kept_failure(source: Iterator[Any], stream: _Stream) -> Iterator[Any]:
     """``source``'s items; an error it raises (the iterator's own) is kept in ``stream`` too,
     until the loop takes it (:class:`_GivingBack`)."""
@@ -769,7 +781,7 @@ def _draw(stream: _Stream, iterator: Iterator[Any],
     be raised inside the user's generator, and finish it. Where the wait is interrupted, the
     thread stays recorded as the stream's reader, for the next call to wait for; its batch,
     or its error, joins the stream as it returns."""
-    ended = threading.Event()
+    ended, abandoned = threading.Event(), threading.Event()
     drawn: list[bool] = []
 
     def work() -> None:
@@ -780,13 +792,19 @@ def _draw(stream: _Stream, iterator: Iterator[Any],
                 stream.pending.append(item)
                 drawn.append(True)
         except BaseException as error:  # noqa: BLE001 (raised by the caller, or the next call)
-            stream.failure = error
+            stream.failure = _detached(error) if abandoned.is_set() else error
         finally:
             ended.set()
 
     stream.reader = ended
     threading.Thread(target=work, name="xpcnn-draw", daemon=True).start()
-    ended.wait()
+    try:
+        ended.wait()
+    except BaseException:  # (a Ctrl-C: an error the thread keeps is for a later call)
+        abandoned.set()
+        if stream.failure is not None:
+            _detached(stream.failure)
+        raise
     stream.reader = None
     if stream.failure is not None:  # (this draw's: raised as it is)
         error, stream.failure = stream.failure, None
@@ -839,6 +857,8 @@ class _GivingBack(Iterator[tuple[Any, ...]]):
             # batch to it, after those drawn before it)
             self.drawn.extend(stream.pending)
             stream.pending = self.drawn
+            if stream.failure is not None:  # (kept for the next call, not taken by this loop)
+                _detached(stream.failure)
             _forget_if_idle(self.iterator)
 
 

@@ -1175,11 +1175,17 @@ class Trainer:
         """Whether the iterator ``data`` reads has a batch for ``epoch`` (drawn here, it waits
         for the epoch); on several ranks, where this one has none, the others learn it in the
         exchange of the batch sizes (``end_batches``: refused on all where some have more)."""
-        if data.has_batch():
-            return True
-        if self._parallel is not None:
+        if self._parallel is None:
+            return data.has_batch()
+        error, has = None, False
+        try:  # (an error of one rank's iterator: every rank learns it, none waits for it)
+            has = data.has_batch()
+        except Exception as e:  # noqa: BLE001 (raised again on this rank, by agree)
+            error = e
+        self._parallel.agree(error, f"drawing the first batch of epoch {epoch + 1}")
+        if not has:
             self._parallel.end_batches(0, epoch)
-        return False
+        return has
 
     def _train_step_overridden(self) -> bool:
         """True where ``train_step`` is a subclass's or set on the model itself: fit calls it
