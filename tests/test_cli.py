@@ -6,6 +6,7 @@ import types
 
 import ml_dtypes
 import numpy as np
+import pytest
 
 import xpcnn
 from xpcnn.cli import main
@@ -205,16 +206,13 @@ def _mpiexec() -> str | None:
     return str(beside) if beside.exists() else shutil.which("mpiexec")
 
 
+@pytest.mark.skipif(_mpiexec() is None, reason='needs mpiexec and mpi4py: pip install -e ".[mpi]"')
 def test_visualize_under_mpiexec_writes_and_speaks_once(tmp_path, capsys):
     import os
     import subprocess
     from pathlib import Path
 
-    import pytest
-
     mpiexec = _mpiexec()
-    if mpiexec is None:
-        pytest.skip('needs mpiexec and mpi4py: pip install -e ".[mpi]"')
     _, visualize = _visualize_once(tmp_path, capsys)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
            "OPENBLAS_NUM_THREADS": "1"}

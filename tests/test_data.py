@@ -10,6 +10,7 @@ import threading
 import tracemalloc
 import types
 from collections.abc import Iterator
+from typing import Any
 
 import array_api_strict as xps
 import numpy as np
@@ -24,6 +25,10 @@ from xpcnn.errors import InputError, NonFiniteError
 from xpcnn.layers import Dense, Flatten, Rescaling, Softmax
 
 N, BATCH, EPOCHS, SEED = 44, 8, 2, 5  # 6 steps an epoch, the last one short
+
+# (a test that sends this process a signal: Python delivers it to the main thread alone)
+on_the_main_thread = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                                        reason="signals reach the main thread only")
 
 
 @pytest.fixture
@@ -1316,6 +1321,7 @@ def test_model_history_does_not_keep_the_iterator_fit_read():
     assert gone() is None
 
 
+@on_the_main_thread
 def test_a_second_ctrl_c_while_fit_waits_for_its_reader_loses_nothing():
     """A second Ctrl-C while fit, stopped by a first, waits for its reader thread to leave a
     slow generator's next(): the reader stays recorded and the batches drawn ahead given
@@ -1325,8 +1331,6 @@ def test_a_second_ctrl_c_while_fit_waits_for_its_reader_loses_nothing():
     import os
     import signal
 
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signals reach the main thread only")
     release = threading.Event()
 
     def slow():
@@ -1374,6 +1378,7 @@ def test_an_epoch_an_iterator_has_no_batch_for_is_not_begun():
 # -- the iterators' registry (review of bae96a8) ------------------------------------------------
 
 
+@on_the_main_thread
 @pytest.mark.parametrize("built", [True, False])
 def test_a_ctrl_c_while_fit_draws_a_first_batch_leaves_the_generator_going(built):
     """A Ctrl-C while fit draws the next epoch's first batch (or, on an unbuilt model, the
@@ -1384,8 +1389,6 @@ def test_a_ctrl_c_while_fit_draws_a_first_batch_leaves_the_generator_going(built
     import os
     import signal
 
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("signals reach the main thread only")
     release = threading.Event()
     slow_at = 2 if built else 0
 
@@ -1443,12 +1446,10 @@ def test_a_dropped_map_iterator_goes_as_the_next_call_ends():
     assert steps == [0, 0, 0, 1]  # (the arrays' step, then kept's)
 
 
-def test_an_error_the_reader_drew_ahead_of_an_early_stop_is_raised_by_the_next_call():
-    """An error the generator raised while the reader drew ahead of an epoch that then stopped
-    early: kept after the batches given back, and raised, the same error with a note, by the
-    next call on the generator once it has used them (was: dropped; the generator, finished by
-    it, looked like data that ran out, and the next call returned part of it silently).
-    Raised once: the call after that finds the generator ended."""
+def _stopped_before_an_error_drawn_ahead() -> tuple[Any, Iterator[Any], list[int]]:
+    """A built model whose fit on a generator stopped after its first batch, while the reader
+    had drawn the two batches after it and then the generator's error (kept for the next call
+    on the generator): (model, the generator, the steps trained)."""
     raised = threading.Event()
 
     def failing():
@@ -1466,6 +1467,16 @@ def test_an_error_the_reader_drew_ahead_of_an_early_stop_is_raised_by_the_next_c
     stream = failing()
     model.fit(stream, steps_per_epoch=10, verbose=0,
               callbacks=[LambdaCallback(on_train_batch_end=stop_first)])
+    return model, stream, steps
+
+
+def test_an_error_the_reader_drew_ahead_of_an_early_stop_is_raised_by_the_next_call():
+    """An error the generator raised while the reader drew ahead of an epoch that then stopped
+    early: kept after the batches given back, and raised, the same error with a note, by the
+    next call on the generator once it has used them (was: dropped; the generator, finished by
+    it, looked like data that ran out, and the next call returned part of it silently).
+    Raised once: the call after that finds the generator ended."""
+    model, stream, steps = _stopped_before_an_error_drawn_ahead()
     assert steps == [0]
     with pytest.raises(OSError, match="shard-0004") as info:
         model.fit(stream, steps_per_epoch=10, verbose=0)
@@ -1483,23 +1494,7 @@ def test_an_error_kept_for_the_next_call_does_not_keep_a_dropped_generator_alive
     import gc
     import weakref
 
-    raised = threading.Event()
-
-    def failing():
-        for i in range(3):
-            yield np.full((2, 4, 4, 1), float(i), np.float32), np.array([0, 1])
-        raised.set()
-        raise OSError("shard-0004.npz: No such file or directory")
-
-    def stop_first(batch, logs):
-        assert raised.wait(30)
-        model.stop_training = True
-
-    model, _ = _recording()
-    model.build((4, 4, 1))
-    stream = failing()
-    model.fit(stream, steps_per_epoch=10, verbose=0,
-              callbacks=[LambdaCallback(on_train_batch_end=stop_first)])
+    _, stream, _ = _stopped_before_an_error_drawn_ahead()
     kept = xpcnn.data.stream_of(stream).failure
     assert isinstance(kept, OSError) and kept.__traceback__ is None
     assert any("raised at:" in note and "failing" in note for note in kept.__notes__)

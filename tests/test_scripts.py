@@ -13,6 +13,8 @@ import pytest
 from cuda_emulator import needs_compiler
 from test_launch_counts import PINNED
 
+from xpcnn.backend import cuda_available
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,22 +43,20 @@ def test_compare_revisions_names_what_is_wrong(tmp_path):
     assert out.returncode != 0 and "'mnist:fly' is not model:mode" in out.stderr
 
 
+@pytest.mark.skipif(cuda_available(), reason="a GPU is here: scripts/gpu_check.sh runs the probes")
 def test_the_gpu_probes_say_so_where_there_is_no_gpu():
     """scripts/gpu_probes.py (run first by scripts/gpu_check.sh) imports everywhere; its probes
     need a GPU."""
-    from xpcnn.backend import cuda_available
-
-    if cuda_available():
-        pytest.skip("a GPU is here: scripts/gpu_check.sh runs the probes")
     out = _run(script="gpu_probes.py")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "gpu_probes: no CUDA GPU here; nothing probed\n"
 
 
+@pytest.mark.skipif(importlib.util.find_spec("keras") is not None,
+                    reason="Keras is here: the script compares "
+                           "(python scripts/keras_callbacks_check.py)")
 def test_the_keras_callbacks_check_says_it_skipped_without_keras():
     """scripts/keras_callbacks_check.py compares the callbacks with Keras 3, not a dependency."""
-    if importlib.util.find_spec("keras") is not None:
-        pytest.skip("Keras is here: the script compares (python scripts/keras_callbacks_check.py)")
     out = _run(script="keras_callbacks_check.py")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "skipped: Keras 3 is not importable\n"
