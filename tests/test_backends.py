@@ -53,6 +53,10 @@ def test_training_runs_standard_only_under_array_api_strict(device, data):
     probs = model.predict(data[0][:5])
     assert probs.shape == (5, 10)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # model(x) leaves its outputs on the model's device, in its namespace.
+    called = model(data[0][:5])
+    assert type(called) is type(xs.asarray(0)) and called.device == model.backend.device
+    np.testing.assert_array_equal(model.backend.to_numpy(called), probs)
     # Every parameter and optimiser slot stayed on the model's device.
     dev = model.backend.device
     for layer in model.layers:

@@ -83,6 +83,35 @@ def test_predict_returns_probabilities_and_evaluate_matches(data):
     assert list(result) == list(model.metrics_names)  # order: loss, acc = model.evaluate(...))
 
 
+def test_calling_a_model_on_a_batch_gives_predicts_outputs_in_inference_mode(data):
+    """Keras' ``model(x)``: the outputs predict gives (probabilities after a final softmax),
+    in inference mode (Dropout off, BatchNorm's moving statistics, none of them moved); an
+    unbuilt model builds for the batch; a dataset or training=True is refused by name."""
+    model = trained(data)
+    x = data[0][:7]
+    state = [np.copy(w) for w in model.get_weights()]
+    out = model(x)
+    assert isinstance(out, np.ndarray) and out.shape == (7, 10) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, model.predict(x))
+    np.testing.assert_array_equal(model(x, training=False), out)  # (the same twice: no Dropout)
+    for before, after in zip(state, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)
+    fresh = xpcnn.Sequential([Flatten(), Dense(4)], seed=0, dtype="float64")
+    logits = fresh(x.astype(np.float64))
+    kernel, bias = fresh.get_weights()
+    np.testing.assert_allclose(logits, x.reshape(7, -1) @ kernel + bias, rtol=1e-12)
+    with pytest.raises(InputError, match="^model 'sequential.*' called with training=True: a "
+                                         "model call runs it for inference; fit, "
+                                         "train_on_batch and train_step train it$"):
+        model(x, training=True)
+    with pytest.raises(InputError, match="^model\\(x\\) runs the model on one batch of "
+                                         "arrays, got generator; predict\\(x\\) reads"):
+        model(b for b in [(x, data[1][:7])])
+    with pytest.raises(InputError, match="per-sample shape \\(9, 8, 3\\) but the model "
+                                         "expects \\(8, 8, 3\\)"):
+        model(np.zeros((2, 9, 8, 3), np.float32))
+
+
 def test_a_model_compiled_without_metrics_logs_and_returns_the_loss_alone(data, tmp_path):
     # Keras' rule: no metrics, no accuracy in the logs, and evaluate returns a number.
     x, y = data

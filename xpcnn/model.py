@@ -137,13 +137,21 @@ class Model(Trainer):
                          "another xpcnn.Model(inputs, outputs) from the layers' outputs")
 
     def __call__(self, x: Any, training: bool | None = None) -> Any:
-        """On a symbolic tensor: calls every layer of this model on it, so that the model
+        """On a batch of arrays: the model's outputs for it in inference mode, as
+        :meth:`predict_on_batch` gives them but left on the model's device, in its namespace
+        (as Keras' ``model(x)``). ``training=True`` is refused: ``fit``, ``train_on_batch``
+        and ``train_step`` train.
+
+        On a symbolic tensor: calls every layer of this model on it, so that the model
         becomes part of a functional :class:`Model` (its layers are shared: training that
-        model trains them). ``training`` is refused (see
+        model trains them). ``training`` is refused there (see
         :func:`~xpcnn.layers.base.refuse_training_in_graph`)."""
         if not isinstance(x, SymbolicTensor):
-            raise InputError(f"a model is called on a symbolic tensor (to use it in a functional "
-                             f"Model), got {type(x).__name__}; predict(x) runs it on a batch")
+            if training:
+                raise InputError(f"model {self.name!r} called with training=True: a model "
+                                 "call runs it for inference; fit, train_on_batch and "
+                                 "train_step train it")
+            return self._outputs_of_batch(x)
         refuse_training_in_graph(f"model {self.name!r}", training)
         values = [x]
         for layer, ins in zip(self.layers, self._inbound(), strict=True):

@@ -1357,9 +1357,7 @@ class Trainer:
                     contextlib.closing(data.epoch(0)) as batches:  # type: ignore[type-var]
                 for step, (xb, _) in enumerate(batches):
                     cbs.on_predict_batch_begin(step)
-                    z = xp.astype(self._logits(xb, training=False, in_scope=True),
-                                  self._param_dtype)
-                    out.append(softmax(xp, z) if self._fused_softmax() else z)
+                    out.append(self._outputs(xb))
                     cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
                     bar.update(1)
                     if self.stop_predicting:  # (a callback's, as in Keras 3: the rows so far)
@@ -1370,6 +1368,28 @@ class Trainer:
         _summarise(verbose, len(out), t0)
         cbs.on_predict_end()
         return outputs
+
+    def _outputs(self, xb: Any) -> Any:
+        """The model's outputs for a device batch, as :meth:`predict` gives them, on the
+        device (inside the caller's compute scope)."""
+        xp = self.backend.xp
+        z = xp.astype(self._logits(xb, training=False, in_scope=True), self._param_dtype)
+        return softmax(xp, z) if self._fused_softmax() else z
+
+    def _outputs_of_batch(self, x: Any) -> Any:
+        """``model(x)`` on one batch of arrays: :meth:`predict_on_batch`'s outputs, left on the
+        model's device in its namespace (as Keras' ``model(x)`` gives a backend tensor and
+        PyTorch's a tensor): checked, cast and moved as predict's batches are."""
+        if is_stream(x):
+            raise InputError(f"model(x) runs the model on one batch of arrays, got "
+                             f"{type(x).__name__}; predict(x) reads datasets and iterables")
+        self._rebuild_if_shared()
+        with self._undone_if_refused():
+            data = self._batches(x, None, _batch_length(x), None, targets=False,
+                                 steps_name="steps")
+            with self.backend.compute_scope(), contextlib.closing(data.epoch(0)) as batches:
+                out = [self._outputs(xb) for xb, _ in batches]
+        return out[0] if len(out) == 1 else self.backend.xp.concat(out)
 
 
 def _batch_length(x: Any) -> int:
