@@ -888,6 +888,11 @@ def test_from_config_copies_an_architecture_as_keras_does(data):
     with pytest.raises(InputError, match=r"^Model.from_config: the configuration: unknown layer "
                                          r"type 'Nonesuch'"):
         xpcnn.Model.from_config(wrong)
+    with pytest.raises(InputError, match=r"^Sequential.from_config: the configuration is of a "
+                                         r"model whose layers branch .*: "
+                                         r"xpcnn.Model.from_config copies it$"):
+        xpcnn.Sequential.from_config(config)  # (was: "layer 1 ('add', Add) takes two or more
+    # inputs, got 1")
 
 
 def test_an_unbuilt_layer_called_on_a_batch_is_built_for_it_as_in_keras():

@@ -715,6 +715,12 @@ class Sequential(Model):
     def from_config(cls, config: dict[str, Any], layers: list[Layer] | None = None,
                     device: DeviceLike = "cpu") -> Sequential:
         if layers is None:
+            specs = config.get("layers") if isinstance(config, dict) else None
+            if isinstance(specs, list) and any(
+                    isinstance(spec, dict) and "inbound" in spec for spec in specs):
+                raise InputError(f"{cls.__name__}.from_config: the configuration is of a model "
+                                 "whose layers branch (a layer reads another than the one "
+                                 "before it): xpcnn.Model.from_config copies it")
             return _from_config(cls, config, device)
         model = cls(layers, device=device, seed=int(config["seed"]), dtype=config["dtype"],
                     name=str(config["name"]))
