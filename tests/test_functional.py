@@ -524,6 +524,45 @@ def test_a_frozen_base_model_keeps_its_weights_under_a_new_head(data):
     assert model.trainable_layers == [model.layers[-2]] and not base.trainable
 
 
+def test_a_sequential_of_a_base_model_and_a_head_shares_and_freezes_its_layers(data):
+    """Keras' ``Sequential([base, head...])`` (it was refused: "add() expects an xpcnn layer,
+    got Sequential"): the base's layers join the chain, shared; frozen, they keep their
+    weights and BatchNorm statistics while the head trains, and the two models agree on
+    them. A base whose layers branch, an atomic refusal and a model added to itself named."""
+    base = xpcnn.Sequential([Conv2D(4, 3, padding="same"), BatchNorm2D(), ReLU()],
+                            input_shape=(8, 8, 3), name="base")
+    frozen = [w.copy() for w in base.get_weights()]
+    base.trainable = False
+    model = xpcnn.Sequential([base, GlobalAvgPool2D(), Dense(5, activation="softmax")])
+    assert [la for la in model.layers[:3]] == list(base.layers)
+    model.compile(optimizer="adam")
+    model.fit(*data, epochs=1, batch_size=8, verbose=0)
+    for a, b in zip(base.get_weights(), frozen, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert model.trainable_layers == [model.layers[-1]]
+    x = data[0][:4]
+    features = xpcnn.Sequential(list(model.layers[:3])).predict(x)
+    np.testing.assert_array_equal(features, base.predict(x))
+    base.trainable = True
+    model.compile(optimizer="adam")
+    model.fit(*data, epochs=1, batch_size=8, verbose=0)
+    assert not np.array_equal(base.get_weights()[0], frozen[0])  # (the base trains with it)
+
+    inputs = xpcnn.Input((8, 8, 3))
+    branching = xpcnn.Model(inputs, Add()([inputs, Conv2D(3, 3, padding="same")(inputs)]),
+                            name="block")
+    with pytest.raises(InputError, match="^model 'block''s layers branch .*: a Sequential "
+                                         "holds a chain; call the model on a symbolic tensor"):
+        xpcnn.Sequential([branching, Flatten()])
+    head = xpcnn.Sequential([Dense(2, name="out")])
+    target = xpcnn.Sequential([Flatten(), Dense(3, name="out")])
+    with pytest.raises(InputError, match="two layers of the model are named 'out'"):
+        target.add(xpcnn.Sequential([ReLU(), *head.layers]))
+    assert [type(la) for la in target.layers] == [Flatten, Dense]  # (nothing added)
+    with pytest.raises(InputError, match="^model 'sequential.*' cannot be added to itself$"):
+        target.add(target)
+
+
 def same_conv_reference(x, kernel, bias):
     """A stride-1 "same" convolution in plain NumPy, kernel in Keras' (kh, kw, C, K) layout."""
     kh, kw = kernel.shape[:2]

@@ -664,8 +664,14 @@ class Sequential(Model):
                 self.build(input_shape)
 
     # -- construction ------------------------------------------------------------------------
-    def add(self, layer: Layer) -> None:
-        """Append a layer (the model is rebuilt on its next use)."""
+    def add(self, layer: Layer | Model) -> None:
+        """Append a layer (the model is rebuilt on its next use). A model whose layers are a
+        chain (a Sequential, say a pretrained base) appends its layers, shared with it, as
+        Keras' ``Sequential([base, head])`` nests it: training either trains both, and
+        ``base.trainable = False`` freezes them."""
+        if isinstance(layer, Model):
+            self._add_layers_of(layer)
+            return
         if isinstance(layer, SymbolicTensor):
             raise InputError("add() expects an xpcnn layer, got a symbolic tensor: give the "
                              "input as Sequential([xpcnn.Input(shape), ...]), "
@@ -679,6 +685,28 @@ class Sequential(Model):
         _name_apart([*self.layers, layer], self)  # (as a functional Model names its layers)
         list.append(self.layers, layer)  # (built at the next use, not at once)
         self.built = False
+
+    def _add_layers_of(self, model: Model) -> None:
+        if model is self:
+            raise InputError(f"model {self.name!r} cannot be added to itself")
+        if any(ins != (k,) for k, ins in enumerate(model._inbound())):
+            raise InputError(f"model {model.name!r}'s layers branch (a layer reads another than "
+                             "the one before it): a Sequential holds a chain; call the model on "
+                             "a symbolic tensor in a functional model instead, x = "
+                             f"{model.name}(xpcnn.Input(shape)), then xpcnn.Model(inputs, "
+                             "outputs)")
+        if not model.layers:
+            raise InputError(f"model {model.name!r} has no layers to add")
+        held = len(self.layers)
+        with _names_back_if_refused(list(model.layers)):
+            try:
+                for inner in list(model.layers):
+                    self.add(inner)
+            except BaseException:
+                list.__delitem__(self.layers, slice(held, None))
+                raise
+        for inner in model.layers:
+            inner.called_through = model.name
 
     def pop(self) -> Layer:
         """Remove the last layer and return it, as Keras' ``Sequential.pop``: a built model is
