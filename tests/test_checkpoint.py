@@ -889,3 +889,48 @@ def test_a_train_step_that_records_nothing_still_resumes(tmp_path):
                         checkpoint=tmp_path / "c.npz", resume=True)
     assert Idle.calls == 6 and again.optimizer.iterations == 8  # (from step 2 of 8)
     assert history.history["loss"] == [0.0, 0.0]
+
+
+def test_load_weights_of_a_checkpoint_does_not_read_its_optimizer(tmp_path, monkeypatch):
+    """load_weights takes a checkpoint's weights without building its optimiser, as Keras'
+    does: the run's own schedule class need not be defined (was: 'invalid checkpoint: its
+    optimizer configuration (... unknown schedule class ...)'); resuming still needs it."""
+    class HalvingEvery10(xpcnn.optim.Schedule):
+        def __init__(self, lr=0.1):
+            self.lr = lr
+
+        def __call__(self, step):
+            return self.lr * 0.5 ** (step // 10)
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 2, 2, 1)).astype(np.float32), np.arange(16) % 3
+    model = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1), seed=0)
+    model.compile("cross_entropy", xpcnn.optim.SGD(HalvingEvery10(0.1), momentum=0.9))
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, checkpoint=tmp_path / "c.npz")
+    monkeypatch.delitem(xpcnn.optim.SCHEDULES, "HalvingEvery10")  # (an inference script)
+    for built in (True, False):
+        again = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1) if built else None,
+                                 seed=5)
+        again.load_weights(tmp_path / "c.npz")
+        for a, b in zip(again.get_weights(), model.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(DataFormatError, match="unknown schedule class 'HalvingEvery10'"):
+        load_checkpoint(tmp_path / "c.npz")
+
+
+def test_resuming_stays_strict_about_dtype_and_input_shape(tmp_path):
+    """load_weights casts and ignores the input size where the weights keep their shapes;
+    resuming a run does not: the checkpoint must be of the very model."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 2, 2, 1)), np.arange(16) % 3
+
+    def make(dtype):
+        model = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1), dtype=dtype)
+        model.compile(optimizer="sgd")
+        return model
+
+    make("float64").fit(x, y, epochs=1, batch_size=8, verbose=0, checkpoint=tmp_path / "c.npz")
+    make("float32").load_weights(tmp_path / "c.npz")  # (cast)
+    with pytest.raises(DataFormatError, match="holds a float64 model; this model is float32"):
+        make("float32").fit(x, y, epochs=2, batch_size=8, verbose=0,
+                            checkpoint=tmp_path / "c.npz", resume=True)

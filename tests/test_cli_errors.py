@@ -219,13 +219,18 @@ def test_output_paths_are_checked_before_training(small_shapes, tmp_path, capsys
         return fit(self, *a, **kw)
 
     xpcnn.Sequential.fit = counting_fit
+    too_long = str(tmp_path / ("m" * 300 + ".npz"))  # (was a bare "[Errno 36] File name too
+    # long" from the folder check)
     try:
         assert main(["train", "--epochs", "1", "--quiet", "--save", str(tmp_path)]) == 2
         assert main(["train", "--epochs", "1", "--quiet", "--checkpoint", str(tmp_path)]) == 2
+        assert "is a folder" in capsys.readouterr().err
+        assert main(["train", "--epochs", "1", "--quiet", "--save", too_long]) == 2
+        err = capsys.readouterr().err
+        assert "argument --save" in err and "the file name is 304 bytes long" in err
     finally:
         xpcnn.Sequential.fit = fit
     assert calls == []
-    assert "is a folder" in capsys.readouterr().err
 
 
 def _cli(*args: str) -> list[str]:

@@ -724,11 +724,12 @@ def test_adams_fresh_moments_after_a_freeze_are_corrected_as_new_in_captured_ste
 @pytest.mark.parametrize("change", ["freeze", "rebuild"])
 @pytest.mark.parametrize("after_warmups", [1, 2])
 def test_slots_dropped_before_a_capture_warm_the_step_up_again(change, after_warmups):
-    """Slots dropped by a freeze or a rebuild after one or both warm-up steps, before any
-    capture: the step warms up again (its first step makes the slots afresh, outside a
-    capture), then is captured and replayed, with the weights of eager steps (was: the capture
-    made the slots and raised "the list of the model's arrays was replaced", or the step ran
-    eagerly for good with a false reason)."""
+    """Slots dropped by a freeze after one or both warm-up steps, before any capture: the
+    step warms up again (its first step makes the slots afresh, outside a capture), then is
+    captured and replayed, with the weights of eager steps (was: the capture made the slots
+    and raised "the list of the model's arrays was replaced", or the step ran eagerly for good
+    with a false reason). A rebuild for the same shape keeps them (as Keras keeps the
+    optimizer's variables): the warm-up goes on, then the capture and its replays."""
     x, y = _data(16)
 
     def trained(graphed):
@@ -746,7 +747,8 @@ def test_slots_dropped_before_a_capture_warm_the_step_up_again(change, after_war
         return model, capture
 
     (eager, _), (graphed, capture) = trained(False), trained(True)
-    assert (capture.captures, capture.launches) == (1, 2)
+    launches = 2 if change == "freeze" else 2 + after_warmups  # (rebuild: slots kept)
+    assert (capture.captures, capture.launches) == (1, launches)
     assert graphed.cuda_graphs_reason == ""
     for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
@@ -777,3 +779,54 @@ def test_a_change_of_the_cudnn_switches_captures_the_step_again(kernels, monkeyp
     for _ in range(4):
         model.train_on_batch(x, y)
     assert (capture.captures, capture.launches) == (2, 4)
+
+
+def test_a_layer_setting_changed_after_the_capture_captures_the_step_again():
+    """A replay runs the values its capture baked in (Dropout's rate is a kernel argument,
+    and at rate 0 no kernel is captured at all): a rate set by a callback's schedule after
+    the capture makes the next step warm up and capture again (was: the replays went on with
+    the old rate on a GPU). The same rate set again, and the layers' own passes, change
+    nothing: the step goes on replaying."""
+    x, y = _data(16)
+    net = [Conv2D(6, 3, padding="same"), ReLU(), Dropout(0.0), GlobalAvgPool2D(), Dense(10)]
+    model = _model(net, optim.SGD(0.01))
+    model.build((12, 12, 3))
+    capture = _runner(model)[1]
+    for _ in range(4):  # two warm-up steps, the capture, a replay
+        model.train_on_batch(x, y)
+    assert (capture.captures, capture.launches) == (1, 2)
+    dropout = model.layers[2]
+    dropout.rate = 0.0  # unchanged: replayed
+    model.train_on_batch(x, y)
+    assert (capture.captures, capture.launches) == (1, 3)
+    dropout.rate = 0.5
+    model.train_on_batch(x, y)  # a warm-up step: eager, no launch
+    assert (capture.captures, capture.launches) == (1, 3)
+    for _ in range(3):  # the second warm-up step, the capture, a replay
+        model.train_on_batch(x, y)
+    assert (capture.captures, capture.launches) == (2, 5) and dropout.calls == 4
+
+
+def test_layer_settings_count_their_changes_after_build_only():
+    """Every host value a training pass reads counts a change of a built layer (what the
+    trainer hands StepGraphs with cuDNN's switches), not the constructor's, a build's, a
+    pass's, nor a value set again unchanged."""
+    from xpcnn.layers import FeatureNorm, Rescaling
+    from xpcnn.layers.base import Layer
+
+    cases = [(Dropout(0.2), "rate", 0.3), (ReLU(6.0), "max_value", 4.0),
+             (BatchNorm2D(), "momentum", 0.5), (BatchNorm2D(), "eps", 1e-3),
+             (FeatureNorm(), "eps", 1e-3), (Rescaling(0.5), "scale", 2.0),
+             (Rescaling(0.5), "offset", 1.0), (RandomCrop(1), "padding", 2)]
+    x = np.random.default_rng(0).random((2, 4, 4, 3))
+    for layer, name, value in cases:
+        before = Layer.settings_changes
+        layer.build((4, 4, 3), "cpu", "float64")
+        layer(x, training=True)
+        setattr(layer, name, getattr(layer, name))  # (the same value)
+        assert Layer.settings_changes == before, (layer, name)
+        setattr(layer, name, value)
+        assert Layer.settings_changes == before + 1, (layer, name)
+        assert getattr(layer, name) == value
+        layer(x, training=True)  # (honoured eagerly, and counted once)
+        assert Layer.settings_changes == before + 1, (layer, name)

@@ -41,7 +41,8 @@ from nets import every_layer_net, gap_net
 import xpcnn
 from xpcnn import backend as backend_module
 from xpcnn.layers import BatchNorm2D, Conv2D, Dense, Flatten, ReLU, Softmax
-from xpcnn.ops import conv as ops
+from xpcnn.ops import im2col as ops
+from xpcnn.ops import windows
 from xpcnn.ops.kernels import StandardKernels
 
 pytestmark = needs_compiler
@@ -84,11 +85,13 @@ def test_tensor_core_kernels_that_do_not_compile_fall_back_with_a_warning(fast, 
     x = rng.standard_normal((2, 6, 6, 4)).astype(np.float32)
     w2 = rng.standard_normal((36, 5)).astype(np.float32)
     pads = (1, 1, 1, 1)
-    with pytest.warns(RuntimeWarning, match="did not compile .*mma.h.* CUDA cores"):
+    with pytest.warns(RuntimeWarning, match="^xpcnn: the tensor-core convolution kernels did "
+                      "not compile .*mma.h.* CUDA cores") as record:
         got = conv.conv2d(x, w2, None, (3, 3), (1, 1), pads, (6, 6), False)
     want = ops.conv_forward(xpn, STD, x, w2, None, (3, 3), (1, 1), pads, (6, 6),
                             ops.Workspace(), "k", None, False)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert record[0].filename == __file__  # (the caller's line: errors.warn)
     assert module._TILED[("xpcnn_conv_tiled", "float32", True)] is None
     assert module._TILED[("xpcnn_conv_tiled", "float32", False)] is not None
     with pytest.warns(RuntimeWarning, match="float16 convolutions run on the CUDA cores"):
@@ -100,7 +103,7 @@ def test_tensor_core_kernels_that_do_not_compile_fall_back_with_a_warning(fast, 
 @pytest.mark.parametrize("dtype", WITH_HALF)
 def test_im2col(fast, rng, kernel, strides, shape, pads, dtype):
     x = rng.standard_normal(shape).astype(dtype)
-    out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
+    out_hw = windows.output_size(shape[1:3], kernel, strides, pads)
     cols = (shape[0], *out_hw, kernel[0] * kernel[1] * shape[3])
     padded = np.pad(x, ((0, 0), pads[:2], pads[2:], (0, 0)))
     want = STD.im2col_into(padded, _poisoned(cols, dtype), kernel, strides, out_hw)
@@ -116,7 +119,7 @@ def test_im2col(fast, rng, kernel, strides, shape, pads, dtype):
 @pytest.mark.parametrize("dtype", WITH_HALF)
 def test_max_pool_and_its_gradient(fast, rng, kernel, strides, shape, dtype):
     x = rng.integers(0, 3, shape).astype(dtype)  # ties: the first maximum must win
-    out_hw = ops.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
+    out_hw = windows.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
     y = fast.max_pool(x, kernel, strides, out_hw)
     np.testing.assert_array_equal(y, STD.max_pool(x, kernel, strides, out_hw))
     dy = rng.standard_normal(y.shape).astype(dtype)
@@ -352,9 +355,10 @@ def _batch_norm_exact(x, gamma, beta, moving_mean, moving_var, momentum, relu):
     inv_std = 1 / np.sqrt(var + 1e-5)
     xhat = (x - mean) * inv_std
     z = xhat * gamma + beta
-    return ((np.maximum(z, 0) if relu else z, mean, inv_std,
-             (1 - momentum) * moving_mean + momentum * mean,
-             (1 - momentum) * moving_var + momentum * var * (count / max(count - 1, 1))),
+    if count >= 2:  # (one value a channel leaves them: its unbiased variance is undefined)
+        moving_mean = (1 - momentum) * moving_mean + momentum * mean
+        moving_var = (1 - momentum) * moving_var + momentum * var * (count / (count - 1))
+    return ((np.maximum(z, 0) if relu else z, mean, inv_std, moving_mean, moving_var),
             z, xhat)
 
 
@@ -801,8 +805,8 @@ def test_convolution_kernels(fast, monkeypatch, rng, algorithm, kernel, strides,
     conv = fast.conv_kernels
     monkeypatch.setattr(conv, "tiled", algorithm == "tiled")
     x = rng.standard_normal(shape).astype(dtype)
-    pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
-    out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
+    pads = windows.resolve_padding(padding, shape[1:3], kernel, strides)
+    out_hw = windows.output_size(shape[1:3], kernel, strides, pads)
     w2 = rng.standard_normal((kernel[0] * kernel[1] * shape[3], filters)).astype(dtype)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for bias, relu in ((rng.standard_normal(filters).astype(dtype), True), (None, False)):
@@ -1399,3 +1403,84 @@ def test_recording_a_step(fast, monkeypatch, dtypes, scaling, squares, how):
         assert np.array_equal(scale, scale_want), (step, scale, scale_want)
         assert apply == apply_want, step
     check_recorded_steps(want, scaling, squares)
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (1, 1, 1, 37), (2, 4)])
+@pytest.mark.parametrize(("dtype", "compute"), BATCH_NORM_DTYPES)
+def test_batch_norm_of_one_value_a_channel_leaves_the_running_statistics(
+        fast, monkeypatch, rng, shape, dtype, compute):
+    """A training batch of one value a channel (its unbiased variance undefined): the same two
+    launches, the output and statistics the standard version's, the running statistics left
+    bit for bit (-0.0 too) as the standard version leaves them; two values move them as it
+    moves them."""
+    kernels = sys.modules[type(fast).__module__]
+    launches = _counting_launches(kernels, monkeypatch)
+    c = shape[-1]
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    gamma, beta = (rng.standard_normal(c).astype(compute) for _ in range(2))
+    mean0 = rng.standard_normal(c).astype(compute)
+    mean0[0] = -0.0
+    var0 = (rng.random(c) + 0.5).astype(compute)
+    running = [(mean0.copy(), var0.copy()) for _ in range(2)]
+    got = fast.batch_norm_train(x, gamma, beta, *running[0], 0.1, 1e-5, dtype, False)
+    assert launches == ["xpcnn_batch_norm_stats", "xpcnn_batch_norm_apply"]
+    want = STD.batch_norm_train(x, gamma, beta, *running[1], 0.1, 1e-5, dtype, False)
+    if shape[0] == 1:
+        assert running[0][0].tobytes() == mean0.tobytes()
+        assert running[0][1].tobytes() == var0.tobytes()
+    for g, w in zip(running[0], running[1], strict=True):
+        tol = 2 * np.finfo(compute).eps
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol)
+    tol = {np.float16: 2e-3, np.float32: 1e-5, np.float64: 1e-12}[np.dtype(dtype).type]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64),
+                                   rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("classes", [3, 100], ids=["a row a thread", "a row a warp"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_softmax_cross_entropy_of_a_logit_of_probability_zero(fast, classes, dtype,
+                                                             smoothing):
+    """A non-target logit of -inf, or so far below the row's maximum that z - max overflows:
+    its 0 * log(0) term 0, as the standard version (and PyTorch) give it, not NaN; a +inf or
+    NaN logit still makes the loss NaN."""
+    z = np.zeros((4, classes), dtype)
+    z[0, :3] = [-np.inf, 0.0, 1.0]
+    z[1, :3] = [np.finfo(dtype).max * 0.9, -np.finfo(dtype).max * 0.9, 0.0]
+    z[2, 1:] = -np.inf
+    z[3, :3] = [2.0, -np.inf, -np.inf]
+    labels = np.array([2, 0, 0, 0])
+    with np.errstate(over="ignore", invalid="ignore"):
+        stats, grad = fast.softmax_cross_entropy(z, labels, smoothing)
+        want_stats, want_grad = STD.softmax_cross_entropy(z, labels, smoothing)
+    assert np.isfinite(want_stats[0]) == (smoothing == 0)
+    np.testing.assert_allclose(stats, want_stats, rtol=1e-6)
+    assert np.isfinite(grad).all()
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-7)
+    for bad in (np.inf, np.nan):
+        for where in (1, 2):
+            wrong = z.copy()
+            wrong[0, where] = bad
+            with np.errstate(over="ignore", invalid="ignore"):
+                assert np.isnan(fast.softmax_cross_entropy(wrong, labels, smoothing)[0][0])
+
+
+@pytest.mark.parametrize("scale", [2.0**127, 2.0**126, 3.0 * 2.0**126])
+def test_the_recorded_loss_scale_never_doubles_to_infinity(fast, scale):
+    """After GROWTH_INTERVAL good steps the scale doubles only where that is finite, as the
+    standard version (and PyTorch's GradScaler) grows it, the good-step count reset anyway."""
+    from xpcnn.ops.step_record import GROWTH_INTERVAL, cleared
+
+    out = []
+    for kernels in (fast, STD):
+        scaling = np.array([scale, GROWTH_INTERVAL - 1], np.float32)
+        state = np.array([0.0, 0.0, *cleared(1)])
+        grad = np.array([1.0, 2.0], np.float32)
+        apply = kernels.record_step(state, np.array([0.5, 1.0], np.float32), [grad], 4.0, 1,
+                                    scaling, False)
+        out.append((bool(np.asarray(apply)), scaling.copy(), state.copy()))
+    assert out[0][0] and out[1][0]
+    assert np.isfinite(out[0][1]).all()
+    for g, w in zip(out[0][1:], out[1][1:], strict=True):
+        np.testing.assert_array_equal(g, w)

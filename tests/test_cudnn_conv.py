@@ -386,9 +386,11 @@ def test_cudnn_that_does_not_load_warns_once(cc, monkeypatch):
     monkeypatch.setattr(sys.modules["cudnn"], "backend_version", missing)
     cc.load.cache_clear()
     cc._WARNED.clear()
-    with pytest.warns(RuntimeWarning, match=r"cuDNN could not be loaded \(Unable to find symbol "
-                      r"cudnnGetVersion\); convolutions run on xpcnn's own CUDA kernels"):
+    with pytest.warns(RuntimeWarning, match=r"^xpcnn: cuDNN could not be loaded \(Unable to "
+                      r"find symbol cudnnGetVersion\); convolutions run on xpcnn's own CUDA "
+                      "kernels") as record:
         assert cc.load() is None
+    assert record[0].filename == __file__  # (the user's line: errors.warn)
     assert cc.load() is None  # cached: no second warning (pytest would fail on it below)
     cc.load.cache_clear()
     monkeypatch.setenv("XPCNN_CUDNN", "0")

@@ -230,7 +230,7 @@ def test_device_arrays_host_arrays_and_uploaded_arrays_give_the_same_weights(dat
     uploaded = trained(x, y, device=device)
     assert uploads == [x.shape]  # once, as given (uint8), then gathered on the device
     uploads.clear()
-    monkeypatch.setattr(xpcnn.data, "DEVICE_BUDGET_BYTES", 0)
+    monkeypatch.setattr(xpcnn.data.sources, "DEVICE_BUDGET_BYTES", 0)
     per_batch = trained(x, y, device=device)
     assert len(uploads) == EPOCHS * 6  # over the budget: one upload per batch
     assert_same_weights(on_device, per_batch)
@@ -260,7 +260,7 @@ def test_big_endian_images_train_on_a_device_as_native_ones_do(data, library, tm
     assert_same_weights(trained(shuffled_batches(big, y), steps_per_epoch=6, shuffle=False,
                                 device=device), expected)
     np.testing.assert_array_equal(expected.predict(big), expected.predict(native))
-    monkeypatch.setattr(xpcnn.data, "DEVICE_BUDGET_BYTES", 0)  # one upload per batch
+    monkeypatch.setattr(xpcnn.data.sources, "DEVICE_BUDGET_BYTES", 0)  # one upload per batch
     assert_same_weights(trained(big, y, device=device), expected)
 
 
@@ -993,8 +993,8 @@ def test_the_prefetch_thread_works_on_the_callers_stream(data, monkeypatch):
 
     monkeypatch.setattr(xpcnn.backend.Backend, "current_stream_scope", current_stream_scope)
     monkeypatch.setattr(xps, "stack", recorded("stack", xps.stack))
-    monkeypatch.setattr(xpcnn.data, "adopt_foreign",
-                        recorded("adopt", xpcnn.data.adopt_foreign))
+    for module in (xpcnn.data.arrays, xpcnn.data.sources):  # (each calls its own import)
+        monkeypatch.setattr(module, "adopt_foreign", recorded("adopt", xpcnn.data.adopt_foreign))
     images = xps.asarray(x.astype(np.float32))
     batches = -(-N // BATCH)
     model = make(xps)
@@ -1031,7 +1031,7 @@ def _reader_held_in_next(monkeypatch, release, message):
     after 0.2 s)."""
     from xpcnn.callbacks import LambdaCallback
 
-    monkeypatch.setattr(xpcnn.data, "STOP_WAIT_SECONDS", 0.2, raising=False)
+    monkeypatch.setattr(xpcnn.data.background, "STOP_WAIT_SECONDS", 0.2)
     model = make()
     model.build((6, 6, 3))
     x = np.zeros((4, 6, 6, 3), np.uint8)
@@ -1070,7 +1070,7 @@ def test_the_batch_a_left_reader_draws_is_given_back_after_those_drawn_before_it
                                                                                  monkeypatch):
     """A call stopped while its reader was inside the generator's next(): the batch queued
     and the one that next() returns after the call ended are both given back, in order."""
-    monkeypatch.setattr(xpcnn.data, "STOP_WAIT_SECONDS", 0.2, raising=False)
+    monkeypatch.setattr(xpcnn.data.background, "STOP_WAIT_SECONDS", 0.2)
     x, _ = data
     model = make()
     model.build((6, 6, 3))
@@ -1545,7 +1545,7 @@ def test_owned_takes_numbers_as_they_are_without_a_namespace_lookup(monkeypatch)
     def no_lookup(x):
         raise AssertionError("is_device_array called")
 
-    monkeypatch.setattr(xpcnn.data, "is_device_array", no_lookup)
+    monkeypatch.setattr(xpcnn.data.arrays, "is_device_array", no_lookup)
     backend = make().backend
     for label in (np.int64(3), np.float32(0.5), 3, 0.5, True):
         assert xpcnn.data.owned(label, backend) is label

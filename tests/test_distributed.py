@@ -226,6 +226,46 @@ def test_model_checkpoint_inside_an_epoch_saves_the_ranks_average_batchnorm_stat
             np.testing.assert_array_equal(a, b)
 
 
+_FROZEN_BN = """
+import sys
+import numpy as np
+import xpcnn
+from xpcnn import distributed
+from xpcnn.layers import BatchNorm2D, Conv2D, Dense, Flatten, ReLU
+
+rng = np.random.default_rng(0)
+x = rng.random((48, 6, 6, 3))
+y = rng.integers(0, 3, 48)
+model = xpcnn.Sequential([Conv2D(4, 3), BatchNorm2D(), ReLU(), Flatten(), Dense(3)],
+                         input_shape=(6, 6, 3), dtype="float64", seed=0)
+bn = model.layers[1]
+w = bn.get_weights()
+w[2], w[3] = rng.normal(size=4), rng.random(4) + 0.5  # (pretrained statistics)
+bn.set_weights(w)
+bn.trainable = False
+model.compile(loss="cross_entropy", optimizer="sgd")
+model.fit(x, y, epochs=5, batch_size=4, verbose=0)
+np.savez(f"{sys.argv[1]}.rank{distributed.world().rank}.npz", *w[2:], *bn.get_weights()[2:])
+"""
+
+
+@needs_mpi
+def test_a_frozen_batchnorms_statistics_stay_exactly_as_they_were_on_three_ranks(tmp_path):
+    """The end-of-epoch average of the BatchNorm statistics took a frozen layer's too: three
+    alike float64 values, summed and divided by 3, moved by an ulp (Keras and the README: a
+    frozen layer's statistics stay as they are). A frozen layer's are not averaged now."""
+    script = tmp_path / "frozen_bn.py"
+    script.write_text(_FROZEN_BN)
+    out = tmp_path / "run"
+    proc, _ = launch([MPIEXEC, "-n", "3", sys.executable, str(script), str(out)])
+    assert proc.returncode == 0, proc.stderr
+    for rank in range(3):
+        with np.load(f"{out}.rank{rank}.npz") as f:
+            mean, var, mean_after, var_after = (f[f"arr_{k}"] for k in range(4))
+        np.testing.assert_array_equal(mean_after, mean)
+        np.testing.assert_array_equal(var_after, var)
+
+
 @needs_mpi
 def test_a_rank_that_raises_ends_the_job_with_its_error(tmp_path):
     proc, seconds = mpirun(3, tmp_path / "run", "--batch", "2", "--samples", "60",
@@ -982,3 +1022,20 @@ def test_top_k_metrics_on_two_ranks_are_those_of_one_process(tmp_path):
             if key == "evaluate":
                 got, values = [got[k] for k in values], list(values.values())
             np.testing.assert_allclose(got, values, rtol=1e-12, err_msg=key)
+
+
+def test_an_empty_rank_skips_a_draw_only_where_a_training_pass_draws():
+    """A rank with no sample in a batch counts a draw for the random layers that draw, as the
+    ranks with samples do: not for a Dropout at rate 0, which draws and counts nothing (was:
+    counted, so its stream drifted from one process's once a schedule raised the rate)."""
+    from xpcnn.layers import Dropout
+
+    model = xpcnn.Sequential([Flatten(), Dropout(0.0), Dense(5), Dropout(0.5), Softmax()],
+                             seed=1, dtype="float64")
+    model.compile(optimizer="sgd")
+    model.build((3, 3, 2))
+    dp = distributed.DataParallel(model, distributed.World(0, 1), ThreadSum(1).for_rank(0))
+    dp.empty_step(model.backend.xp.zeros((2,)), model._trained())
+    assert [model.layers[1].calls, model.layers[3].calls] == [0, 1]
+    model.train_on_batch(np.ones((2, 3, 3, 2)), np.arange(2))  # (as a rank with samples)
+    assert [model.layers[1].calls, model.layers[3].calls] == [0, 2]

@@ -26,7 +26,8 @@ from xpcnn.backend import get_backend, set_fast_path
 from xpcnn.layers import Conv2D, Dense, FeatureNorm, MaxPool2D, ReLU
 from xpcnn.layers.base import Options
 from xpcnn.models import build_layers
-from xpcnn.ops import conv as ops
+from xpcnn.ops import im2col as ops
+from xpcnn.ops import windows
 from xpcnn.ops.fast_numpy import KERNELS as FAST
 from xpcnn.ops.kernels import StandardKernels, kernels_for
 
@@ -67,7 +68,7 @@ def test_the_seam_on_cpu_backends(no_fast_path):
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_im2col(kernel, strides, shape, dtype, rng):
     x = rng.standard_normal(shape).astype(dtype)
-    out_hw = ops.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
+    out_hw = windows.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
     cols = (shape[0], *out_hw, kernel[0] * kernel[1] * shape[3])
     want = STD.im2col_into(x, np.empty(cols, dtype), kernel, strides, out_hw)
     got = FAST.im2col_into(x, np.empty(cols, dtype), kernel, strides, out_hw)
@@ -127,7 +128,7 @@ MAX_POOLS = [
 def test_max_pool_with_ties(pool, strides, shape, dtype, rng):
     # integers in a small range (and ReLU-style zeros) make many tied maxima
     x = np.maximum(rng.integers(-2, 3, shape), 0).astype(dtype)
-    out_hw = ops.output_size(shape[1:3], pool, strides, (0, 0, 0, 0))
+    out_hw = windows.output_size(shape[1:3], pool, strides, (0, 0, 0, 0))
     y = STD.max_pool(x, pool, strides, out_hw)
     np.testing.assert_array_equal(FAST.max_pool(x, pool, strides, out_hw), y)
     y_fast, routes = FAST.max_pool_train(x, pool, strides, out_hw)
@@ -702,7 +703,7 @@ def test_conv_grads_fast_equals_standard(dtype, rng):
 
 def test_chunk_plans_follow_shapes_and_partial_chunks(rng):
     """A padded convolution keeps a plan per workspace key (views of its buffers, see
-    ``ops.conv._plan``). It must follow a change of input size or of chunk size, and a partial
+    ``ops.im2col._plan``). It must follow a change of input size or of chunk size, and a partial
     last chunk takes the general path: all as a fresh workspace on the standard kernels."""
     ws = ops.Workspace()
     per_image = 27 * 4  # bytes of patches per output position (images_per_chunk's count)

@@ -936,8 +936,9 @@ def test_from_config_copies_an_architecture_as_keras_does(data):
 
 def test_an_unbuilt_layer_called_on_a_batch_is_built_for_it_as_in_keras():
     """``Dense(3)(x)`` was refused until ``build``; Keras builds a layer at its first call.
-    Built for the batch's per-sample shape, in float32, on its namespace and device, with the
-    weights ``build`` gives by default; a merge layer for its inputs' shapes."""
+    Built for the batch's per-sample shape, in float32, on its namespace and device, as
+    ``build`` builds it (its own weights: each build outside a model draws its own); a merge
+    layer for its inputs' shapes."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 6, 6, 3))
     for make, batch in ((lambda: Conv2D(4, 3, padding="same"), x),
@@ -946,6 +947,7 @@ def test_an_unbuilt_layer_called_on_a_batch_is_built_for_it_as_in_keras():
         called, built = make(), make()
         y = called(batch)
         built.build(batch.shape[1:])
+        built.set_weights(called.get_weights())
         assert called.built and called.input_shape == batch.shape[1:]
         assert called.dtype == np.float32 and y.dtype == np.float32
         np.testing.assert_array_equal(y, built(batch))
@@ -955,3 +957,19 @@ def test_an_unbuilt_layer_called_on_a_batch_is_built_for_it_as_in_keras():
     out = strict(xs.asarray(x.reshape(2, -1)))
     assert isinstance(out, type(xs.asarray(0.0))) and strict.backend.xp is xs
     assert out.shape == (2, 2)
+
+
+def test_assigning_a_functional_models_layers_is_refused():
+    """f.layers = f.layers[:-1] was taken silently, and predict failed later with a bare
+    "zip() argument 2 is longer than argument 1": a functional model's layers are its graph's
+    (Keras' layers has no setter)."""
+    inputs = xpcnn.Input((8, 8, 3))
+    model = xpcnn.Model(inputs, Dense(4)(Flatten()(Conv2D(4, 3)(inputs))))
+    layers = list(model.layers)
+    for value in (layers[:-1], list(layers), None):
+        with pytest.raises(InputError, match="layers are its graph's, not to change: build "
+                                             r"another xpcnn.Model\(inputs, outputs\)"):
+            model.layers = value
+    assert list(model.layers) == layers
+    x = np.random.default_rng(0).random((2, 8, 8, 3)).astype(np.float32)
+    assert model.predict(x, verbose=0).shape == (2, 4)

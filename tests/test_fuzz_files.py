@@ -342,10 +342,10 @@ def _config_lie(files, edit, name="model") -> bytes:
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c["layers"][7]["config"].update(units=10**9), "needs 19000000000 weight values"),
     (lambda c: c["layers"][2]["config"].update(filters=10**6), "needs 10000000 weight values"),
-    (lambda c: c.update(input_shape=[10**5, 10**5, 3]), "more than 67108864 values"),
-    (lambda c: c["layers"][2]["config"].update(padding=10**6), "more than 67108864 values"),
+    (lambda c: c.update(input_shape=[10**5, 10**5, 3]), "more than 2147483648 values"),
+    (lambda c: c["layers"][2]["config"].update(padding=10**6), "more than 2147483648 values"),
     (lambda c: c["layers"][2]["config"].update(kernel_size=[10**6, 10**6]),
-     "more than 67108864 values"),
+     "needs 2000000000002 weight values"),
 ])
 def test_a_configuration_that_lies_about_sizes_is_refused_before_building(files, edit, message):
     data = _config_lie(files, edit)

@@ -47,7 +47,8 @@ from test_conv_seam import IDS as GEOMETRY_IDS
 import xpcnn
 from xpcnn.backend import cuda_available, get_backend, set_fast_path
 from xpcnn.errors import DeviceError, InputError
-from xpcnn.ops import conv as ops
+from xpcnn.ops import im2col as ops
+from xpcnn.ops import windows
 from xpcnn.ops.kernels import StandardKernels
 from xpcnn.training import PRECISIONS
 
@@ -216,6 +217,7 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_last_block_launches_of_different_grids_share_their_counters": None,
     "test_softmax_cross_entropy_is_nan_for_a_label_that_is_no_class":
         _cases(labels_dtype=["uint8", "int64"]),
+    "test_numeric_edges_of_the_kernels_on_the_gpu": None,
     "test_fused_optimiser_updates": None,
     "test_training_on_the_gpu_matches_the_standard_path_and_numpy":
         _cases(conv_algorithm=["cudnn"]),
@@ -390,7 +392,7 @@ def test_the_seam_gives_cupy_kernels_to_cupy():
 def test_im2col(cp, kernels, rng, kernel, strides, shape, pads, dtype):
     fast, std = kernels
     x = _random(cp, rng, shape, dtype)
-    out_hw = ops.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
+    out_hw = windows.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
     cols = (shape[0], *out_hw, kernel[0] * kernel[1] * shape[3])
     got = fast.im2col_into(x, _poisoned(cp, cols, dtype), kernel, strides, out_hw)
     want = std.im2col_into(x, _poisoned(cp, cols, dtype), kernel, strides, out_hw)
@@ -403,7 +405,7 @@ def test_im2col_reads_the_padding_without_storing_it(cp, kernels, rng, kernel, s
                                                       pads, dtype):
     fast, std = kernels
     x = _random(cp, rng, shape, dtype)
-    out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
+    out_hw = windows.output_size(shape[1:3], kernel, strides, pads)
     cols = (shape[0], *out_hw, kernel[0] * kernel[1] * shape[3])
     padded = cp.pad(x, ((0, 0), pads[:2], pads[2:], (0, 0)))
     want = std.im2col_into(padded, _poisoned(cp, cols, dtype), kernel, strides, out_hw)
@@ -429,8 +431,8 @@ def test_convolution_kernels_match_im2col(cp, kernels, rng, algorithm, case, dty
     fast, std = kernels
     conv = fast.conv_kernels
     x = _random(cp, rng, shape, dtype)
-    pads = ops.resolve_padding(padding, shape[1:3], kernel, strides)
-    out_hw = ops.output_size(shape[1:3], kernel, strides, pads)
+    pads = windows.resolve_padding(padding, shape[1:3], kernel, strides)
+    out_hw = windows.output_size(shape[1:3], kernel, strides, pads)
     w2 = _random(cp, rng, (kernel[0] * kernel[1] * shape[3], filters), dtype)
     bias = _random(cp, rng, (filters,), dtype)
     tf32 = algorithm == "tiled-tf32"
@@ -706,7 +708,7 @@ def test_a_relu_gradient_and_its_bias_gradient_in_one_launch(cp, kernels, rng, r
 def test_max_pool_and_its_gradient(cp, kernels, rng, kernel, strides, shape, dtype):
     fast, std = kernels
     x = _random(cp, rng, shape, dtype, levels=3)  # many ties: the first maximum must win
-    out_hw = ops.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
+    out_hw = windows.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
     y = fast.max_pool(x, kernel, strides, out_hw)
     _equal(y, std.max_pool(x, kernel, strides, out_hw))
     dy = _random(cp, rng, y.shape, dtype)
@@ -907,6 +909,49 @@ def test_softmax_cross_entropy_is_nan_for_a_label_that_is_no_class(cp, kernels, 
             assert np.isnan(float(stats[0])) and bool(cp.isfinite(grad).all())
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (the emulator's)
+@pytest.mark.parametrize("classes", [3, 100])
+def test_numeric_edges_of_the_kernels_on_the_gpu(cp, kernels, rng, classes):
+    """Cross-entropy with a non-target logit of -inf or one whose z - max overflows: finite,
+    the standard version's (a +inf one: NaN); BatchNorm on one value a channel: the running
+    statistics left bit for bit; the loss scale at 2**127 not doubled to infinity."""
+    import array_api_compat.numpy as xn
+
+    from xpcnn.ops.step_record import GROWTH_INTERVAL, cleared
+
+    fast, std = kernels
+    z = np.zeros((3, classes), np.float32)
+    z[0, :3] = [-np.inf, 0.0, 1.0]
+    z[1, :3] = [3e38, -3e38, 0.0]
+    z[2, 1:] = -np.inf
+    z, labels = cp.asarray(z), cp.asarray(np.array([2, 0, 0]))
+    stats, grad = fast.softmax_cross_entropy(z, labels, 0.0)
+    want_stats, want_grad = std.softmax_cross_entropy(z, labels, 0.0)
+    assert np.isfinite(float(stats[0])) and bool(cp.isfinite(grad).all())
+    np.testing.assert_allclose(host(stats), host(want_stats), rtol=1e-6)
+    np.testing.assert_allclose(host(grad), host(want_grad), rtol=1e-6, atol=1e-7)
+    z[0, 1] = np.inf
+    assert np.isnan(float(fast.softmax_cross_entropy(z, labels, 0.0)[0][0]))
+    x = _random(cp, rng, (1, 1, 1, 37), "float32")
+    mean0 = rng.standard_normal(37).astype(np.float32)
+    mean0[0] = -0.0
+    running = cp.asarray(mean0), cp.ones(37, dtype=cp.float32)
+    gamma, beta = cp.ones(37, dtype=cp.float32), cp.zeros(37, dtype=cp.float32)
+    fast.batch_norm_train(x, gamma, beta, *running, 0.1, 1e-5, cp.float32, False)
+    assert host(running[0]).tobytes() == mean0.tobytes()
+    assert host(running[1]).tobytes() == np.ones(37, np.float32).tobytes()
+    scaling = cp.asarray(np.array([2.0**127, GROWTH_INTERVAL - 1], np.float32))
+    state = cp.asarray(np.array([0.0, 0.0, *cleared(1)]))
+    fast.record_step(state, cp.asarray(np.array([0.5, 1.0], np.float32)),
+                     [cp.ones(2, dtype=cp.float32)], 4.0, 1, scaling, False)
+    want = np.array([2.0**127, GROWTH_INTERVAL - 1], np.float32)
+    StandardKernels(xn).record_step(np.array([0.0, 0.0, *cleared(1)]),
+                                    np.array([0.5, 1.0], np.float32), [np.ones(2, np.float32)],
+                                    4.0, 1, want, False)
+    np.testing.assert_array_equal(host(scaling), want)
+    assert want[0] == 2.0**127 and want[1] == 0
+
+
 @OPTIMISERS
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_fused_optimiser_updates(cp, kernels, rng, make, dtype):
@@ -1066,7 +1111,7 @@ def test_data_on_the_gpu_gives_the_weights_of_host_batches(cp, monkeypatch):
         return model.get_weights()
 
     on_device, uploaded = run(cp.asarray(x), cp.asarray(y)), run(x, y)
-    monkeypatch.setattr(xpcnn.data, "DEVICE_BUDGET_BYTES", 0)
+    monkeypatch.setattr(xpcnn.data.sources, "DEVICE_BUDGET_BYTES", 0)
     per_batch = run(x, y)
     for a, b, c in zip(on_device, uploaded, per_batch, strict=True):
         assert np.array_equal(a, b) and np.array_equal(b, c)

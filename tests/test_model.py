@@ -323,7 +323,7 @@ def test_threads_predicting_with_one_model_get_their_own_results():
     for t in threads:
         t.join()
     assert wrong == [0, 0]
-    from xpcnn.ops.conv import Workspace, owner, working_for
+    from xpcnn.ops.im2col import Workspace, owner, working_for
 
     ws, xp = Workspace(), model.backend.xp
     mine = ws.get(xp, "k", (2, 3), np.float32, "cpu")
@@ -1597,3 +1597,161 @@ def test_xpcnns_warnings_point_at_the_users_call(tmp_path):
     assert any("History records numbers" in m for m in messages), messages
     assert any("CSVLogger's file" in m for m in messages), messages
     assert {w.filename for w in seen} == {__file__}
+
+
+# -- build again, layers assigned, a layer's trainable in its config, set_weights' argument ------
+def _trained_chain():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
+    y = rng.integers(0, 4, 32)
+    model = xpcnn.Sequential([Conv2D(4, 3), ReLU(), Flatten(), Dense(4)], input_shape=(8, 8, 3))
+    model.compile(loss="cross_entropy", optimizer=xpcnn.optim.Adam(1e-2))
+    model.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+    return model, x, y
+
+
+def test_building_a_trained_model_again_keeps_its_optimizer_state(tmp_path):
+    """model.build(shape) on a trained model dropped Adam's moments (Keras 3 leaves the
+    optimizer's variables alone; README: the state starts afresh only where the trained layers
+    change), and so did add() of a layer without parameters at the next use: train, build,
+    train trained otherwise than train, train. A checkpoint written after such a build resumes
+    exactly."""
+    from xpcnn.saving import load_checkpoint, save_checkpoint
+
+    plain, x, y = _trained_chain()
+    plain.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+    model, _, _ = _trained_chain()
+    slots = {k: [np.array(a) for a in v] for k, v in model.optimizer.slots.items()}
+    model.build((8, 8, 3))
+    assert model.optimizer.slots.keys() == slots.keys() == {"m", "v"}
+    for k in slots:
+        for a, b in zip(slots[k], model.optimizer.slots[k], strict=True):
+            np.testing.assert_array_equal(a, b)
+    save_checkpoint(model, tmp_path / "c.npz")
+    model.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+    for a, b in zip(plain.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    resumed = load_checkpoint(tmp_path / "c.npz").model
+    resumed.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+    for a, b in zip(plain.get_weights(), resumed.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    added, _, _ = _trained_chain()
+    added.add(Softmax())  # (no parameters: the same layers trained)
+    added.predict(x[:1], verbose=0)
+    assert [len(v) for v in added.optimizer.slots.values()] == [4, 4]
+    added.layers.insert(-1, Dense(4))  # (other layers trained: the state starts afresh)
+    added.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    assert [len(v) for v in added.optimizer.slots.values()] == [6, 6]
+
+
+def test_assigning_a_sequentials_layers_is_a_change_of_its_layers():
+    """model.layers = [...] put a plain list in place: two layers named 'dense', get_layer
+    finding the wrong one. Now it is taken as layers[:] = [...] is (names made apart, built
+    again at once), checked first and refused as a whole."""
+    model = xpcnn.Sequential([Conv2D(4, 3), Flatten(), Dense(8), ReLU(), Dense(4)],
+                             input_shape=(8, 8, 3))
+    x = np.random.default_rng(0).random((4, 8, 8, 3)).astype(np.float32)
+    new = Dense(3)
+    model.layers = model.layers[:-2] + [new]
+    assert isinstance(model.layers, xpcnn.model.LayerList) and model.built
+    assert [la.name for la in model.layers] == ["conv2d", "flatten", "dense", "dense_1"]
+    assert model.get_layer("dense_1") is new and model.output_shape == (3,)
+    paths = [w.path for w in model.weights]
+    assert len(set(paths)) == len(paths) == 6
+    assert model.predict(x, verbose=0).shape == (4, 3)
+    model.compile(optimizer="adam")
+    model.fit(x, np.arange(4) % 3, epochs=1, verbose=0)
+    layers, weights = list(model.layers), model.get_weights()
+    slots = {k: len(v) for k, v in model.optimizer.slots.items()}
+    refused = [
+        (None, "layers must be a list of xpcnn layers, got NoneType"),
+        ([Flatten(), 3], "got a list holding int"),
+        ([layers[0], layers[0]], r"layer 'conv2d' \(Conv2D\) is given twice"),
+        ([Flatten(), Conv2D(2, 3)], r"expects per-sample inputs of shape \(H, W, C\)"),
+        ([*layers[:2], Dense(3, name="a"), Dense(3, name="a")], "two layers of the model are "
+                                                               "named 'a'"),
+    ]
+    for value, message in refused:
+        with pytest.raises(InputError, match=message):
+            model.layers = value
+        # (nothing changed: the layers, their names, the model built with its weights)
+        assert list(model.layers) == layers and model.built and model.output_shape == (3,)
+        assert [la.name for la in model.layers] == ["conv2d", "flatten", "dense", "dense_1"]
+        for a, b in zip(weights, model.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert {k: len(v) for k, v in model.optimizer.slots.items()} == slots
+    model.layers = ()
+    assert list(model.layers) == [] and not model.built
+
+
+def test_trainable_is_a_layers_setting_in_its_config_as_in_keras(tmp_path):
+    """Dense(3, trainable=False) was a TypeError and a frozen layer's get_config() did not say
+    so (Dense.from_config made a trainable copy). Every layer takes trainable= now, and its
+    get_config() holds "trainable": False where frozen (a trainable layer's stays as it was);
+    a model's configuration says it once, in the layer's spec, as files always have."""
+    frozen = Dense(3, trainable=False)
+    assert frozen.trainable is False
+    assert frozen.get_config()["trainable"] is False
+    assert "trainable" not in Dense(3).get_config()
+    assert Dense.from_config(frozen.get_config()).trainable is False
+    assert frozen.unbuilt_copy().trainable is False
+    for layer in (Conv2D(2, 3, trainable=False), BatchNorm2D(trainable=False),
+                  Dropout(0.5, trainable=False), ReLU(trainable=False), Flatten(trainable=False)):
+        assert layer.trainable is False
+        assert type(layer).from_config(layer.get_config()).trainable is False
+    with pytest.raises(InputError, match="trainable must be True or False"):
+        Dense(3, trainable="no")
+    layer = Dense(3)
+    layer.trainable = False  # (set later: the config follows it)
+    assert layer.get_config()["trainable"] is False and "trainable=False" in repr(layer)
+    model = xpcnn.Sequential([Flatten(), Dense(4, trainable=False), Dense(3)],
+                             input_shape=(2, 2, 1))
+    spec = model.get_config()["layers"][1]
+    assert spec["trainable"] is False and "trainable" not in spec["config"]
+    model.save(tmp_path / "m.npz")
+    loaded = xpcnn.load_model(tmp_path / "m.npz")
+    assert [la.trainable for la in loaded.layers] == [True, False, True]
+    assert xpcnn.Sequential.from_config(model.get_config()).layers[1].trainable is False
+
+
+def test_a_layers_set_weights_refuses_what_is_no_list_of_arrays():
+    """Layer.set_weights(None) or of a generator was a bare TypeError from len(), one array
+    was read as a list of its rows, a ragged element failed in NumPy: each named now."""
+    conv = Conv2D(4, 3)
+    conv.build((8, 8, 3))
+    weights = conv.get_weights()
+    expected = r"layer 'conv2d' set_weights expects a list of arrays \(as get_weights " \
+               r"returns: kernel, bias\), got "
+    for value, got in [(None, "NoneType"), (weights[0], "ndarray"),
+                       ((w for w in weights), "generator")]:
+        with pytest.raises(InputError, match=expected + got):
+            conv.set_weights(value)
+    with pytest.raises(InputError, match=r"layer 'conv2d' weight 'kernel' must be an array of "
+                                         r"shape \(3, 3, 3, 4\), got a list that is no array"):
+        conv.set_weights([[1, [2]], np.zeros(4)])
+    model = xpcnn.Sequential([conv], input_shape=(8, 8, 3))
+    with pytest.raises(InputError, match="weight 'kernel' must be an array of shape"):
+        model.set_weights([[1, [2]], np.zeros(4)])
+    for a, b in zip(weights, conv.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    conv.set_weights(tuple(weights))  # (a tuple is a list here, as for a model)
+
+
+def test_a_ceiling_given_to_a_fused_relu_after_its_first_pass_is_applied():
+    """A plain ReLU() after a Dense is fused into it by the model's plan; given a ceiling after
+    the plan was compiled (a callback's schedule, say), the plan kept the fused ReLU without
+    one: predict and training ignored the ceiling. The plan is compiled again on a changed
+    setting (the optimiser's state kept: the same layers train)."""
+    model = xpcnn.Sequential([Flatten(), Dense(4), ReLU(), Dense(2)], seed=0, dtype="float64")
+    model.compile(optimizer="adam")
+    x = np.random.default_rng(0).standard_normal((6, 3)) * 10
+    y = np.array([0, 1, 0, 1, 0, 1])
+    model.train_on_batch(x, y)
+    slots = {k: list(v) for k, v in model.optimizer.slots.items()}
+    model.layers[2].max_value = 0.1
+    k1, b1, k2, b2 = model.get_weights()
+    np.testing.assert_allclose(model.predict(x), np.clip(x @ k1 + b1, 0, 0.1) @ k2 + b2,
+                               rtol=1e-12)
+    model.train_on_batch(x, y)
+    assert all(a is b for k in slots for a, b in zip(slots[k], model.optimizer.slots[k],
+                                                    strict=True))

@@ -1,5 +1,6 @@
 """Normalization.adapt: per-channel statistics computed from the data, as Keras' adapt."""
 
+import shutil
 import tracemalloc
 
 import array_api_strict as xs
@@ -9,6 +10,7 @@ import pytest
 import xpcnn
 from xpcnn.errors import DataFormatError, InputError
 from xpcnn.layers import BatchNorm2D, Conv2D, Dense, Flatten, Normalization, Softmax
+from xpcnn.saving.npz import CONFIG_KEY, decode_json, encode_json
 
 
 def reference(x):
@@ -162,10 +164,10 @@ def test_bad_data_is_refused(data, message):
 
 
 def test_adapt_fit_predict_save_load_bit_for_bit(rng, tmp_path):
-    """Adapted before the model is built, the statistics train, predict, save and load; adapted
-    again on the built (compiled, trained) model, predict uses the new ones at once, written
-    into the arrays the kernels (and a captured CUDA graph) read, and predicts bit for bit
-    as a model given those statistics."""
+    """Adapted before the model is built, the statistics train, predict, save and load (as
+    weights, the loaded model bit for bit); adapted again on the built (compiled, trained)
+    model, predict uses the new ones at once, written into the arrays the kernels (and a
+    captured CUDA graph) read, and predicts bit for bit as a model adapted on that data."""
     x = rng.integers(0, 256, (24, 6, 6, 3), dtype=np.uint8)
     y = rng.integers(0, 4, 24)
 
@@ -179,16 +181,18 @@ def test_adapt_fit_predict_save_load_bit_for_bit(rng, tmp_path):
     probs = model.predict(x)
     model.save(tmp_path / "m.npz")
     loaded = xpcnn.load_model(tmp_path / "m.npz")
-    assert (loaded.layers[0].mean, loaded.layers[0].std) == (model.layers[0].mean,
-                                                             model.layers[0].std)
+    for a, b in zip(loaded.layers[0].get_weights(), model.layers[0].get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(loaded.predict(x), probs)
 
     norm = model.layers[0]
-    shift, scale = norm._shift, norm._scale
+    shift, scale, variance = norm._shift, norm._scale, norm.state["variance"]
     x2 = (x // 2 + 60).astype(np.uint8)
     norm.adapt(x2)
-    assert norm._shift is shift and norm._scale is scale
-    given = xpcnn.Sequential(net(Normalization(*reference(x2))), input_shape=(6, 6, 3))
+    assert norm._shift is shift and norm._scale is scale and norm.state["variance"] is variance
+    again_adapted = Normalization()
+    again_adapted.adapt(x2)
+    given = xpcnn.Sequential(net(again_adapted), input_shape=(6, 6, 3))
     given.set_weights(model.get_weights())
     again = model.predict(x)
     np.testing.assert_array_equal(again, given.predict(x))
@@ -259,3 +263,317 @@ def test_a_negative_moving_variance_is_refused_by_name(tmp_path):
     zero[5][:] = 0.0
     model.set_weights(zero)
     assert np.isfinite(model.predict(np.ones((2, 5, 5, 3)))).all()
+
+
+def wide(rng, features=120_000):
+    x = rng.normal(size=(8, features)).astype(np.float32) * 3 + 5
+    norm = Normalization()
+    norm.adapt(x)
+    model = xpcnn.Sequential([norm, Dense(3)], input_shape=(features,), seed=0)
+    model.compile("cross_entropy", "sgd")
+    return model, x, np.arange(8) % 3
+
+
+def test_adapted_statistics_are_non_trainable_weights_saved_at_any_size(rng, tmp_path):
+    """An adapted Normalization over 120k features could not be saved, weights-saved or
+    checkpointed: its mean and std went into the JSON configuration, capped at 4 MiB. As in
+    Keras 3 they are now its non-trainable weights mean and variance, (C,) each: files hold
+    them as arrays, the configuration says only that they are adapted, get_weights,
+    set_weights and the counts are Keras'; the loaded model predicts bit for bit."""
+    model, x, y = wide(rng)
+    norm = model.layers[0]
+    assert norm.get_config() == {"name": "normalization", "adapted": True}
+    assert [w.path for w in model.non_trainable_weights] == ["normalization/mean",
+                                                             "normalization/variance"]
+    assert not norm.trainable_weights
+    assert norm.count_params() == norm.count_state() == 2 * 120_000
+    mean, variance = norm.get_weights()
+    np.testing.assert_allclose(mean, np.mean(x, axis=0, dtype=np.float64), rtol=1e-6)
+    np.testing.assert_allclose(variance, np.var(x, axis=0, dtype=np.float64), rtol=1e-6)
+    assert mean.dtype == variance.dtype == np.float32
+    probs = model.predict(x)
+    model.save(tmp_path / "m.npz")
+    model.save_weights(tmp_path / "w.npz")
+    model.fit(x, y, epochs=1, verbose=0, checkpoint=tmp_path / "c.npz")
+    trained = model.predict(x)
+    np.testing.assert_array_equal(xpcnn.load_model(tmp_path / "m.npz").predict(x), probs)
+    np.testing.assert_array_equal(xpcnn.load_model(tmp_path / "c.npz").predict(x), trained)
+    # into a model whose layer is made for weights to come (as a file's configuration says)
+    other = xpcnn.Sequential([Normalization(adapted=True), Dense(3)],
+                             input_shape=(120_000,), seed=0)
+    np.testing.assert_array_equal(other.layers[0].get_weights()[1], np.ones(120_000))
+    other.load_weights(tmp_path / "w.npz")
+    np.testing.assert_array_equal(other.predict(x), probs)
+    np.testing.assert_allclose(other.layers[0].mean, mean)
+    resumed, _, _ = wide(np.random.default_rng(1))  # (other statistics: the file's win)
+    resumed.fit(x, y, epochs=1, verbose=0, checkpoint=tmp_path / "c.npz", resume=True)
+    np.testing.assert_array_equal(resumed.predict(x), trained)
+
+
+def test_files_with_the_statistics_in_their_configuration_still_load(rng, tmp_path):
+    """Files written before, which held an adapted layer's mean and std in the JSON
+    configuration and no arrays for it, load as a layer given those statistics."""
+    x = rng.integers(0, 256, (10, 5, 5, 3), dtype=np.uint8)
+    norm = Normalization()
+    norm.adapt(x)
+    model = xpcnn.Sequential([norm, Conv2D(2, 3), Flatten(), Dense(3), Softmax()],
+                             input_shape=(5, 5, 3), seed=0)
+    model.compile(optimizer="sgd")
+    model.save(tmp_path / "new.npz")
+    with np.load(tmp_path / "new.npz") as f:
+        entries = dict(f)
+    config = decode_json(entries.pop(CONFIG_KEY), "new.npz")
+    config["layers"][0]["config"] = {"name": "normalization", "mean": norm.mean,
+                                     "std": norm.std}
+    old = {CONFIG_KEY: encode_json(config)}
+    for key, a in entries.items():  # (the first layer had no arrays)
+        if not key.startswith("layer0."):
+            old[key] = a
+    np.savez(tmp_path / "old.npz", **old)
+    loaded = xpcnn.load_model(tmp_path / "old.npz")
+    assert loaded.layers[0].get_config()["mean"] == norm.mean
+    assert loaded.layers[0].get_weights() == []
+    np.testing.assert_allclose(loaded.predict(x), model.predict(x), rtol=1e-5, atol=1e-7)
+
+
+def test_given_statistics_are_settings_and_variance_is_taken_as_in_keras(rng):
+    """Given to the constructor (mean and std, or Keras' mean and variance), the statistics
+    are settings, as Keras 3 keeps them: no weights, in the configuration."""
+    model = xpcnn.Sequential([Normalization(mean=[1.0, 2.0], variance=[4.0, 0.25]), Flatten()],
+                             input_shape=(3, 2))
+    norm = model.layers[0]
+    assert norm.std == [2.0, 0.5] and norm.get_weights() == [] and model.count_params() == 0
+    assert norm.get_config() == {"name": "normalization", "mean": [1.0, 2.0], "std": [2.0, 0.5]}
+    x = rng.normal(size=(4, 3, 2))
+    np.testing.assert_allclose(model.predict(x), ((x - [1, 2]) / [2, 0.5]).reshape(4, 6),
+                               rtol=1e-6)
+    with pytest.raises(InputError, match="takes std or variance, not both"):
+        Normalization(0.0, 1.0, variance=1.0)
+    with pytest.raises(InputError, match=r"Normalization variance must be a number > 0, got "
+                                         "0.0"):
+        Normalization([0.0, 1.0], variance=[1.0, 0.0])
+    with pytest.raises(InputError, match=r"adapted=True\) takes its statistics as weights"):
+        Normalization(0.0, 1.0, adapted=True)
+
+
+def test_adapting_a_built_layer_of_given_statistics_makes_them_weights_in_place(rng, tmp_path):
+    """adapt on a built layer given its statistics: they become its weights, its mean weight
+    the very array the kernels read (a captured CUDA step reads it by address), and the model
+    saves and loads them."""
+    model = xpcnn.Sequential([Normalization(0.0, 1.0), Flatten(), Dense(2)],
+                             input_shape=(4, 4, 3), seed=0)
+    norm = model.layers[0]
+    shift, scale = norm._shift, norm._scale
+    assert len(model.get_weights()) == 2
+    x = rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8)
+    norm.adapt(x)
+    assert norm._shift is shift and norm._scale is scale and norm.state["mean"] is shift
+    assert len(model.get_weights()) == 4 and norm.get_config()["adapted"]
+    want = reference(x)
+    np.testing.assert_allclose(norm.get_weights()[1], want[1] ** 2, rtol=1e-6)
+    probs = model.predict(x)
+    np.testing.assert_allclose(probs, Dense.forward(model.layers[2], ((x - want[0]) / want[1])
+                                                    .reshape(6, -1).astype(np.float32)),
+                               rtol=1e-5)
+    model.save(tmp_path / "m.npz")
+    np.testing.assert_array_equal(xpcnn.load_model(tmp_path / "m.npz").predict(x), probs)
+
+
+def test_set_weights_sets_the_statistics_and_refuses_a_variance_that_cannot_divide(rng):
+    norm = Normalization(adapted=True, name="norm")
+    model = xpcnn.Sequential([norm, Flatten()], input_shape=(2, 3))
+    x = rng.normal(size=(5, 2, 3))
+    np.testing.assert_array_equal(model.predict(x), x.reshape(5, 6).astype(np.float32))
+    model.set_weights([np.array([1.0, 2.0, 3.0]), np.array([4.0, 1.0, 0.25])])
+    assert norm.mean == [1.0, 2.0, 3.0] and norm.std == [2.0, 1.0, 0.5]
+    want = ((x - [1, 2, 3]) / [2, 1, 0.5]).reshape(5, 6)
+    np.testing.assert_allclose(model.predict(x), want, rtol=1e-6)
+    for bad in (0.0, -1.0, np.nan, np.inf):
+        with pytest.raises(InputError, match=r"layer 'norm' \(Normalization\) weight 'variance' "
+                                             "holds variances that are not positive and "
+                                             "finite"):
+            norm.weights[1].assign(np.array([1.0, bad, 1.0]))
+    np.testing.assert_allclose(model.predict(x), want, rtol=1e-6)
+
+
+def test_training_neither_snapshots_nor_averages_adapted_statistics(rng, monkeypatch):
+    """Adapted statistics are fixed in training (Keras): each step copied them to put them
+    back after a step skipped on the device, and several ranks averaged them at each epoch's
+    end (float64: an ulp of drift). Only a BatchNorm's moving statistics are now."""
+    from xpcnn import distributed
+    from xpcnn.ops.kernels import kernels_for
+
+    x = rng.normal(3.0, 2.0, (8, 5, 5, 2))
+    norm = Normalization()
+    norm.adapt(x)
+    model = xpcnn.Sequential([norm, Conv2D(2, 3), BatchNorm2D(), Flatten(), Dense(3),
+                              Softmax()], input_shape=(5, 5, 2), seed=0)
+    model.compile(optimizer="sgd")
+    kernels = type(kernels_for(model.backend))
+    taken = []
+    snapshot = kernels.snapshot_state
+    monkeypatch.setattr(kernels, "snapshot_state",
+                        lambda self, arrays: taken.append(list(arrays)) or snapshot(self, arrays))
+    model.fit(x, np.arange(8) % 3, epochs=1, batch_size=4, verbose=0)
+    bn = model.layers[2].state
+    assert len(taken) == 2 and all(len(t) == 2 for t in taken)
+    assert all(a is b for t in taken for a, b in zip(t, bn.values(), strict=True))
+
+    class Recorder:  # (the world's communicator: any allreduce of the state is recorded)
+        calls = []
+
+        def Iallreduce(self, *args, **kwargs):  # noqa: N802 (mpi4py's name)
+            self.calls.append(args)
+            raise AssertionError("no allreduce expected")
+
+    only_norm = xpcnn.Sequential([norm, Flatten(), Dense(3)], input_shape=(5, 5, 2), seed=0)
+    arrays = dict(norm.state)
+    here = distributed.World(0, 2, comm=Recorder())
+    dp = distributed.DataParallel(only_norm, here, comm=object())
+    dp.average_state()
+    assert not Recorder.calls
+    assert all(norm.state[k] is a for k, a in arrays.items())
+
+
+def test_a_std_whose_inverse_is_not_finite_is_refused_by_channel(rng):
+    """1 / std is the scale the layer multiplies by: a float32 layer given std 1e-39, or
+    adapted on data of std 2.4e-39, held an infinite scale and gave inf / NaN outputs,
+    silently. Refused, naming the channel: given (in the constructor where float64 cannot
+    hold it, else where the layer is built and its dtype known), adapted (at build, or at
+    once on a built layer) and set as weights."""
+    dtype, tiny, channel = "float32", 1e-39, r"channel 1: 1e-39"
+    given = Normalization([0.0, 0.0], [1.0, tiny])
+    with pytest.raises(InputError, match=f"its std is too small for {dtype} \\({channel}\\)"):
+        xpcnn.Sequential([given, Flatten()], input_shape=(2, 2), dtype=dtype)
+    with pytest.raises(InputError, match=r"Normalization std is too small for float64 "
+                                         r"\(channel 0: 1e-320\)"):
+        Normalization(0.0, 1e-320)
+    x = np.zeros((4, 3, 2))
+    x[:, :, 0] = rng.normal(size=(4, 3))
+    x[0, 0, 1] = tiny * 4  # (one value off 0: a std of about 1.6 * tiny)
+    norm = Normalization()
+    norm.adapt(x)  # (its dtype unknown yet)
+    with pytest.raises(InputError, match=r"its std is too small for " + dtype +
+                                         r" \(channel 1: "):
+        xpcnn.Sequential([norm, Flatten()], input_shape=(3, 2), dtype=dtype)
+    good = Normalization()
+    good.adapt(np.abs(x) + np.arange(12.0).reshape(4, 3, 1))
+    model = xpcnn.Sequential([good, Flatten()], input_shape=(3, 2), dtype=dtype)
+    before = [w.copy() for w in good.get_weights()]
+    with pytest.raises(InputError, match=r"adapt: the data's std is too small for " + dtype +
+                                         r" \(channel 1: "):
+        good.adapt(x)
+    for a, b in zip(good.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InputError, match=r"weight 'variance' holds variances too small for "
+                                         + dtype + r" \(channel 0: "):
+        model.set_weights([np.zeros(2), np.array([tiny * tiny, 1.0])])
+    assert np.isfinite(model.predict(x)).all()
+
+
+def test_adapt_takes_a_pytorch_dataloaders_one_element_lists_and_hints_at_labels():
+    """A DataLoader over TensorDataset(x) yields [x] lists, refused as "batch 0 is a list"
+    though the README takes (x,) and [x] as x; over TensorDataset(x, y) it yields [x, y],
+    refused without the hint a tuple (x, y) gets."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = np.random.default_rng(0).integers(0, 256, (64, 4, 4, 3), dtype=np.uint8)
+    norm = Normalization()
+    norm.adapt(DataLoader(TensorDataset(torch.from_numpy(x)), 16))
+    want = reference(x)
+    np.testing.assert_allclose(norm.mean, want[0], rtol=1e-13)
+    np.testing.assert_allclose(norm.std, want[1], rtol=1e-12)
+    tuples = Normalization()
+    tuples.adapt([(x[:30],), (x[30:],)])
+    np.testing.assert_allclose(tuples.std, want[1], rtol=1e-12)
+    labels = DataLoader(TensorDataset(torch.from_numpy(x), torch.arange(64)), 16)
+    with pytest.raises(InputError, match=r"batch 0 is a list: adapt takes images alone, no "
+                                         r"labels \(\(x for x, _ in batches\) drops them\)"):
+        Normalization().adapt(labels)
+
+
+def old_format(path, old_path, layer, statistics):
+    """The model file or checkpoint at ``path`` as the code before adapted statistics were
+    weights wrote it: layer ``layer`` a Normalization given ``statistics`` (mean and std) in
+    its configuration, with no arrays."""
+    with np.load(path) as f:
+        entries = dict(f)
+    config = decode_json(entries.pop(CONFIG_KEY), "file")
+    model = config.get("model", config)
+    name = model["layers"][layer]["config"]["name"]
+    model["layers"][layer]["config"] = {"name": name, **statistics}
+    old = {CONFIG_KEY: encode_json(config)}
+    old.update((k, a) for k, a in entries.items() if not k.startswith(f"layer{layer}."))
+    np.savez(old_path, **old)
+
+
+def test_an_older_checkpoint_resumes_into_the_script_that_adapts_again(rng, tmp_path):
+    """A checkpoint written before adapted statistics were weights (Normalization{mean, std}
+    in its configuration) was refused as "another architecture" by the same script, which
+    rebuilds and adapts its layer again: fit(checkpoint=old, resume=True) and
+    load_weights(old). Both take it now, the layer's statistics set from the file's numbers."""
+    x = rng.normal(5.0, 3.0, (16, 5, 5, 3))
+    y = rng.integers(0, 3, 16)
+
+    def script(data):
+        norm = Normalization()
+        norm.adapt(data)
+        model = xpcnn.Sequential([norm, Conv2D(2, 3), Flatten(), Dense(3), Softmax()],
+                                 input_shape=(5, 5, 3), seed=0)
+        model.compile(optimizer="adam")
+        return model
+
+    first = script(x)
+    first.fit(x, y, epochs=1, batch_size=8, verbose=0, checkpoint=tmp_path / "c.npz")
+    statistics = {"mean": first.layers[0].mean, "std": first.layers[0].std}
+    old_format(tmp_path / "c.npz", tmp_path / "old.npz", 0, statistics)
+    for path in ("c.npz", "old.npz"):
+        resumed = script(x * 2.0)  # (other statistics: the file's win)
+        shutil.copy(tmp_path / path, tmp_path / "resumed.npz")  # (which fit writes again)
+        resumed.fit(x, y, epochs=2, batch_size=8, verbose=0, checkpoint=tmp_path / "resumed.npz",
+                    resume=True)
+        np.testing.assert_allclose(resumed.layers[0].mean, statistics["mean"], rtol=1e-6)
+        np.testing.assert_allclose(resumed.layers[0].std, statistics["std"], rtol=1e-6)
+        if path == "c.npz":
+            want = resumed.predict(x)
+        else:
+            np.testing.assert_allclose(resumed.predict(x), want, rtol=1e-4, atol=1e-6)
+    loaded = script(x * 2.0)
+    loaded.load_weights(tmp_path / "old.npz")
+    np.testing.assert_allclose(loaded.predict(x), first.predict(x), rtol=1e-5, atol=1e-7)
+    unbuilt = Normalization()
+    unbuilt.adapt(x)
+    fresh = xpcnn.Sequential([unbuilt, Conv2D(2, 3), Flatten(), Dense(3), Softmax()], seed=1)
+    fresh.load_weights(tmp_path / "old.npz")  # (built for the file's input shape)
+    np.testing.assert_allclose(fresh.predict(x), first.predict(x), rtol=1e-5, atol=1e-7)
+    # other settings than the statistics are still another architecture
+    other = xpcnn.Sequential([unbuilt, Conv2D(3, 3), Flatten(), Dense(3), Softmax()],
+                             input_shape=(5, 5, 3))
+    with pytest.raises(DataFormatError, match="another architecture"):
+        other.load_weights(tmp_path / "old.npz")
+    # wrong statistics in the older file are named
+    old_format(tmp_path / "c.npz", tmp_path / "bad.npz", 0, {"mean": [0.0, 1.0], "std": [1.0, 1.0]})
+    with pytest.raises(DataFormatError, match=r"statistics of layer 'normalization' "
+                                              r"\(Normalization\) in its configuration are "
+                                              r"invalid: 2 channel statistics"):
+        script(x).load_weights(tmp_path / "bad.npz")
+
+
+def test_an_adapted_layers_entries_are_counted_before_it_is_built(rng, tmp_path):
+    """A file whose adapted Normalization's entries hold more values than its input's
+    channels give is refused by their headers, before any layer is built."""
+    x = rng.normal(size=(4, 5, 5, 3))
+    norm = Normalization()
+    norm.adapt(x)
+    model = xpcnn.Sequential([norm, Flatten(), Dense(2)], input_shape=(5, 5, 3), seed=0)
+    model.save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as f:
+        entries = dict(f)
+    entries["layer0.0"] = np.zeros(1000)
+    entries["layer0.1"] = np.ones(1000)
+    np.savez(tmp_path / "big.npz", **entries)
+    with pytest.raises(DataFormatError, match=r"layer 0 \(Normalization\) needs 6 weight values "
+                                              r"for inputs of shape \(5, 5, 3\), but the file "
+                                              r"holds 2000"):
+        xpcnn.load_model(tmp_path / "big.npz")

@@ -276,3 +276,160 @@ def test_float16_logits_and_labels_give_a_float32_loss_and_scaled_gradient(rng, 
         assert stats[1] == np.sum(np.argmax(z, axis=1) == y)
         np.testing.assert_allclose(grad, t.grad.numpy() * scale[0], rtol=2**-11 + 1e-5,
                                    atol=1e-5)
+
+
+# Softmax cross-entropy where a non-target logit is -inf, or so far below the row's maximum that
+# z - max overflows float32: its probability is 0 and its 0 * log(0) term 0, as in PyTorch (it
+# was NaN); a +inf or NaN logit still makes the loss non-finite (the step is then skipped).
+FAR_LOGITS = [(np.array([[-np.inf, 0.0, 1.0], [0.5, -np.inf, -np.inf]]), [2, 0], np.float64),
+              (np.array([[3e38, -3e38, 0.0], [-3e38, 1.0, 3e38]], np.float32), [0, 2],
+               np.float32)]
+
+
+@needs_torch
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("z, y, dtype", FAR_LOGITS, ids=["-inf", "overflowing"])
+@pytest.mark.parametrize("fast", [False, True], ids=["standard", "numpy"])
+@pytest.mark.parametrize("one_hot", [False, True], ids=["labels", "one-hot"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_of_a_logit_of_probability_zero_is_finite(z, y, dtype, fast, one_hot,
+                                                                smoothing):
+    from xpcnn.ops.fast_numpy import NumpyKernels
+
+    kernels = NumpyKernels() if fast else StandardKernels(xpn)
+    y = np.array(y)
+    t = torch.from_numpy(z).requires_grad_()
+    ref = F.cross_entropy(t, torch.from_numpy(y), label_smoothing=smoothing)
+    ref.backward()
+    targets = np.eye(3)[y] if one_hot else y
+    stats, grad = SoftmaxCrossEntropy(smoothing).forward_with_accuracy(xpn, z, targets, dtype,
+                                                                       kernels)
+    if not smoothing:  # (smoothing puts a share of the target on the -inf logit: +inf)
+        assert np.isfinite(stats[0]) and np.isfinite(ref.item())
+    assert float(stats[0]) == pytest.approx(ref.item(), rel=1e-6, abs=1e-12)
+    assert np.isfinite(grad).all()
+    np.testing.assert_allclose(grad, t.grad.numpy(), rtol=1e-6, atol=1e-12)
+    # the loss without the count (weighted too) is the same
+    for weights in (None, np.ones(2)):
+        value, g = SoftmaxCrossEntropy(smoothing).forward(xpn, z, targets, dtype, weights)
+        assert float(value) == pytest.approx(ref.item(), rel=1e-6, abs=1e-12)
+        np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+@pytest.mark.parametrize("where", [0, 2], ids=["non-target", "target"])
+def test_cross_entropy_of_a_positive_infinite_or_nan_logit_is_not_finite(bad, where):
+    z = np.array([[1.0, -np.inf, 0.0]])
+    z[0, where] = bad
+    for kernels in (StandardKernels(xpn), None):
+        loss = SoftmaxCrossEntropy()
+        stats = (loss.forward_with_accuracy(xpn, z, np.array([2]), np.float64, kernels)[0][0]
+                 if kernels else loss.forward(xpn, z, np.eye(3)[[2]], np.float64)[0])
+        assert not np.isfinite(stats)
+
+
+# (the backward of an empty batch takes means over nothing, of which nothing is kept)
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("shape", [(1, 4), (1, 1, 1, 4), (0, 4), (0, 6, 6, 4)])
+@pytest.mark.parametrize("kind", ["standard", "strict", "numpy"])
+def test_batch_norm_of_fewer_than_two_values_a_channel_leaves_the_running_statistics(shape,
+                                                                                    kind):
+    """The unbiased variance of one value is undefined (PyTorch refuses such a training batch;
+    an empty one leaves its running statistics): normalised with the batch's statistics, the
+    running ones left bit for bit (-0.0 too), the gradients finite."""
+    import array_api_strict as xs
+
+    from xpcnn.ops.fast_numpy import NumpyKernels
+
+    xp = xs if kind == "strict" else xpn
+    kernels = NumpyKernels() if kind == "numpy" else StandardKernels(xp)
+    rng = np.random.default_rng(3)
+    x = xp.asarray(rng.standard_normal(shape).astype(np.float32))
+    gamma, beta = (xp.asarray(rng.standard_normal(4).astype(np.float32)) for _ in range(2))
+    mean0 = np.array([-0.0, 0.5, -2.0, 3.0], np.float32)
+    var0 = np.array([1.0, 0.25, 4.0, 0.0], np.float32)
+    moving_mean, moving_var = xp.asarray(mean0.copy()), xp.asarray(var0.copy())
+    y, mean, inv_std = kernels.batch_norm_train(x, gamma, beta, moving_mean, moving_var, 0.1,
+                                                1e-5, np.float32 if xp is xpn else xs.float32,
+                                                False)
+    assert np.asarray(moving_mean).tobytes() == mean0.tobytes()
+    assert np.asarray(moving_var).tobytes() == var0.tobytes()
+    assert y.shape == shape and np.isfinite(np.asarray(mean)).all()
+    if shape[0]:  # (one value a channel: it is the mean, and z is beta)
+        np.testing.assert_allclose(np.asarray(y).reshape(-1, 4), np.asarray(beta)[None])
+    dx, dgamma, dbeta = kernels.batch_norm_backward(xp.ones_like(x), x, mean, inv_std, gamma,
+                                                    beta, False, True)
+    assert dx.shape == shape and dgamma.shape == dbeta.shape == (4,)
+    for a in (dx, dgamma, dbeta):
+        assert np.isfinite(np.asarray(a)).all()
+
+
+@needs_torch
+def test_batch_norm_of_two_values_a_channel_moves_the_running_statistics_as_pytorch():
+    x = np.array([[1.0, -3.0], [2.0, 5.0]])
+    moving_mean, moving_var = np.zeros(2), np.ones(2)
+    StandardKernels(xpn).batch_norm_train(x, np.ones(2), np.zeros(2), moving_mean, moving_var,
+                                          0.1, 1e-5, np.float64, False)
+    rm, rv = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    F.batch_norm(torch.from_numpy(x), rm, rv, training=True, momentum=0.1, eps=1e-5)
+    np.testing.assert_allclose(moving_mean, rm.numpy(), rtol=1e-15)
+    np.testing.assert_allclose(moving_var, rv.numpy(), rtol=1e-15)
+
+
+def test_a_fits_last_batch_of_one_sample_leaves_batch_norms_running_statistics():
+    """65 samples at batch_size 64 (a last batch of one, after a Dense layer) move the running
+    statistics as the first 64 alone do (they shrank every variance by 10%)."""
+    import xpcnn
+    from xpcnn.layers import Dense, ReLU
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((65, 8)) * 3).astype(np.float32)
+    y = rng.integers(0, 3, 65)
+    got = []
+    for n in (64, 65):
+        m = xpcnn.Sequential([Dense(4), BatchNorm2D(), ReLU(), Dense(3)], input_shape=(8,),
+                             seed=0)
+        m.compile(optimizer=xpcnn.optim.SGD(0.0), metrics=[])  # (only the statistics move)
+        m.fit(x[:n], y[:n], epochs=1, batch_size=64, verbose=0, shuffle=False)
+        got.append(m.layers[1].get_weights()[2:])
+    for a, b in zip(*got, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(got[0][1], np.ones(4))  # (the first batch moved them)
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 6, 2), (0, 3)])
+def test_flatten_of_an_empty_batch(shape):
+    """As PyTorch's flatten(1): (0, 6, 6, 2) -> (0, 72) (NumPy refused its reshape to (0, -1))."""
+    from xpcnn.layers import Flatten
+
+    f = Flatten()
+    f.build(shape[1:], "cpu")
+    x = np.zeros(shape, np.float32)
+    y = f.forward(x, training=True)
+    assert y.shape == (shape[0], int(np.prod(shape[1:])))
+    assert f.backward(np.zeros(y.shape, np.float32)).shape == shape
+
+
+@pytest.mark.parametrize("rescued", [False, True])
+def test_the_loss_scale_never_doubles_to_infinity(rescued):
+    """At the largest float32 power of two, GROWTH_INTERVAL good steps leave the scale there
+    (doubled it was inf, and every later step's gradients inf or NaN: no update ever again),
+    as PyTorch's GradScaler; the good-step count starts again all the same. Below, it doubles."""
+    from xpcnn.ops.step_record import GROWTH_INTERVAL, cleared
+
+    kernels = StandardKernels(xpn)
+    for scale, want in [(2.0**127, 2.0**127), (2.0**126, 2.0**127), (3.0 * 2.0**126, None)]:
+        scaling = np.array([scale, GROWTH_INTERVAL - 1], np.float32)
+        state = np.array([0.0, 0.0, *cleared(1)])
+        grad = np.array([1.0, 2.0], np.float32)
+        apply = kernels.record_step(state, np.array([0.5, 1.0], np.float32), [grad], 4.0, 1,
+                                    scaling, False)
+        assert bool(apply) and np.isfinite(scaling).all()
+        assert scaling[0] == (scale if want is None else want) and scaling[1] == 0
+    if rescued:  # an overflow there still halves it
+        grad[0] = np.inf
+        assert not bool(kernels.record_step(state, np.array([0.5, 1.0], np.float32), [grad],
+                                            4.0, 2, scaling, False))
+        assert scaling[0] == np.float32(1.5 * 2.0**126)

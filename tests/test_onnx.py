@@ -234,6 +234,22 @@ def test_every_layer_type_has_a_converter():
     assert public <= tested, public - tested
 
 
+def test_an_adapted_normalization_exports_its_statistics_weights(tmp_path):
+    """An adapted Normalization holds its statistics as weights (mean and variance), not in
+    its configuration: the export failed with KeyError 'mean'. Its graph uses the shift and
+    scale that predict uses, float32 and uint8 input alike."""
+    rng = np.random.default_rng(11)
+    x = rng.integers(0, 256, (12, 6, 5, 3)).astype(np.uint8)
+    norm = Normalization()
+    norm.adapt((x * [1.0, 0.5, 0.1] + [0.0, 40.0, 7.0]).astype(np.float32))
+    model = xpcnn.Sequential([norm, Conv2D(4, 3), Flatten(), Dense(3), Softmax()],
+                             input_shape=(6, 5, 3), seed=0)
+    randomize(model, rng)
+    assert model.layers[0].get_config() == {"name": "normalization", "adapted": True}
+    check_model(model, x.astype(np.float32) * [1.0, 0.5, 0.1] + [0.0, 40.0, 7.0], tmp_path)
+    check_model(model, x, tmp_path, input_dtype="uint8")
+
+
 # -- errors, registration, writing ------------------------------------------------------------
 class Doubling(Layer):
     def forward(self, x, training=False, options=None):  # (options: the plan's, unused)

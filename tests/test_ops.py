@@ -5,7 +5,8 @@ import array_api_strict as xs
 import numpy as np
 import pytest
 
-from xpcnn.ops import conv as ops
+from xpcnn.ops import im2col as ops
+from xpcnn.ops import windows
 from xpcnn.ops.kernels import StandardKernels
 
 
@@ -39,8 +40,8 @@ CASES = [  # (N, H, W, C, K, kernel, strides, padding)
 @pytest.mark.parametrize("budget", [None, 1, 10**9], ids=["whole", "one-image", "big"])
 def test_conv_forward_matches_direct_convolution(xp, case, budget, rng):
     n, h, w, c, k, kernel, strides, padding = case
-    pads = ops.resolve_padding(padding, (h, w), kernel, strides)
-    out_hw = ops.output_size((h, w), kernel, strides, pads)
+    pads = windows.resolve_padding(padding, (h, w), kernel, strides)
+    out_hw = windows.output_size((h, w), kernel, strides, pads)
     x = rng.standard_normal((n, h, w, c))
     wt = rng.standard_normal((*kernel, c, k))
     bias = rng.standard_normal(k)
@@ -60,8 +61,8 @@ def test_conv_forward_matches_direct_convolution(xp, case, budget, rng):
 @pytest.mark.parametrize("budget", [None, 1])
 def test_input_gradient_as_convolution_matches_col2im(xp, case, budget, rng):
     n, h, w, c, k, kernel, strides, padding = case
-    pads = ops.resolve_padding(padding, (h, w), kernel, strides)
-    out_hw = ops.output_size((h, w), kernel, strides, pads)
+    pads = windows.resolve_padding(padding, (h, w), kernel, strides)
+    out_hw = windows.output_size((h, w), kernel, strides, pads)
     assert ops.input_grad_as_conv(pads, kernel, strides)
     wt = rng.standard_normal((*kernel, c, k))
     dy = rng.standard_normal((n, *out_hw, k))
@@ -69,7 +70,7 @@ def test_input_gradient_as_convolution_matches_col2im(xp, case, budget, rng):
     w2t = np.transpose(wt, (3, 0, 1, 2)).reshape(k, -1)
     dcols = (dy.reshape(-1, k) @ w2t).reshape(n, *out_hw, -1)
     padded = (n, h + pads[0] + pads[1], w + pads[2] + pads[3], c)
-    ref = ops.unpad(ops.col2im(xpn, dcols, padded, kernel, strides, out_hw), pads)
+    ref = windows.unpad(ops.col2im(xpn, dcols, padded, kernel, strides, out_hw), pads)
     ws = ops.Workspace()
     for _ in range(2):
         stored = xp.asarray(np.transpose(wt, (3, 0, 1, 2)))  # (K, kh, kw, C)
@@ -85,7 +86,7 @@ def test_weight_gradient_matches_patches_transpose_product(budget, rng):
     kernel, strides, pads = (3, 3), (1, 1), (1, 1, 1, 1)
     x = rng.standard_normal((n, h, w, c))
     dy = rng.standard_normal((n, h, w, k))
-    cols = ops.im2col(xpn, ops.pad(xpn, x, pads), kernel, strides, (h, w))
+    cols = ops.im2col(xpn, windows.pad(xpn, x, pads), kernel, strides, (h, w))
     ref = cols.T @ dy.reshape(-1, k)
     got, bias = ops.conv_weight_grad(xpn, StandardKernels(xpn), x, dy.reshape(-1, k), kernel,
                                      strides, pads, (h, w), ops.Workspace(), "cols", budget,
@@ -112,17 +113,17 @@ def test_gradients_from_the_output_gradient_patches(xp, case, budget, with_bias,
     """conv_grads: kernel, bias and input gradients against the patches-transpose product, the
     sum of dy and col2im (chunks of one image, and of two with a partial last one)."""
     n, h, w, c, k, kernel, padding = case
-    pads = ops.resolve_padding(padding, (h, w), kernel, (1, 1))
+    pads = windows.resolve_padding(padding, (h, w), kernel, (1, 1))
     assert ops.grads_share_patches(pads, kernel, (1, 1), (h, w), (h, w), c, k)
     x = rng.standard_normal((n, h, w, c))
     wt = rng.standard_normal((*kernel, c, k))
     dy = rng.standard_normal((n, h, w, k))
-    cols = ops.im2col(xpn, ops.pad(xpn, x, pads), kernel, (1, 1), (h, w))
+    cols = ops.im2col(xpn, windows.pad(xpn, x, pads), kernel, (1, 1), (h, w))
     want_dw = np.transpose((cols.T @ dy.reshape(-1, k)).reshape(wt.shape), (3, 0, 1, 2))
     w2t = np.transpose(wt, (3, 0, 1, 2)).reshape(k, -1)
     dcols = (dy.reshape(-1, k) @ w2t).reshape(n, h, w, -1)
     padded = (n, h + pads[0] + pads[1], w + pads[2] + pads[3], c)
-    want_dx = ops.unpad(ops.col2im(xpn, dcols, padded, kernel, (1, 1), (h, w)), pads)
+    want_dx = windows.unpad(ops.col2im(xpn, dcols, padded, kernel, (1, 1), (h, w)), pads)
     ws = ops.Workspace()
     for _ in range(2):  # the second call reuses the workspace buffers
         dw, db, dx = ops.conv_grads(xp, StandardKernels(xp), xp.asarray(x), xp.asarray(dy),
@@ -188,7 +189,7 @@ def test_chunks_share_out_evenly_among_workers(n, largest, workers, expected):
 def test_im2col_into_matches_concat_im2col(rng):
     x = rng.standard_normal((2, 6, 7, 3))
     for kernel, strides in [((3, 3), (1, 1)), ((2, 3), (2, 1)), ((3, 2), (2, 2))]:
-        out_hw = ops.output_size((6, 7), kernel, strides, (0, 0, 0, 0))
+        out_hw = windows.output_size((6, 7), kernel, strides, (0, 0, 0, 0))
         out = np.empty((2, *out_hw, kernel[0] * kernel[1] * 3))
         got = ops.im2col_into(x, out, kernel, strides, out_hw).reshape(-1, out.shape[-1])
         np.testing.assert_array_equal(got, ops.im2col(xpn, x, kernel, strides, out_hw))

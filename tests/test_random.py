@@ -379,3 +379,68 @@ def test_augmented_models_cast_their_uint8_batch_in_the_random_layers(device, pr
     # inference: the batch cast, untouched
     y = host(model._logits(model.backend.asarray(x), training=False))
     np.testing.assert_array_equal(y, (xf * np.float32(1 / 255)).astype(want.dtype))
+
+
+def test_layers_built_outside_a_model_each_draw_their_own_numbers():
+    """A layer called on a batch or built by itself draws from its own generator, the n-th
+    such build's of the process (as Keras' global seed generator): two alike get other
+    weights and other masks (was: every one from default_rng(0), twins), and a model built
+    from them keeps them apart; a fresh process gives the same numbers again."""
+    from xpcnn.layers import Conv2D, Dense
+
+    x = np.ones((4, 8), np.float32)
+    a, b = Dense(8), Dense(8)
+    b(a(x))
+    assert not np.array_equal(a.get_weights()[0], b.get_weights()[0])
+    c1, c2 = Conv2D(4, 3), Conv2D(4, 3)
+    c1.build((6, 6, 2))
+    c2.build((6, 6, 2))
+    assert not np.array_equal(c1.get_weights()[0], c2.get_weights()[0])
+    d1, d2 = Dropout(0.5), Dropout(0.5)
+    assert not np.array_equal(d1(x, training=True) == 0, d2(x, training=True) == 0)
+    assert d1.seed != d2.seed
+    m = xpcnn.Sequential([xpcnn.Input((8,)), a, xpcnn.layers.ReLU(), b], seed=3)
+    assert not np.array_equal(m.layers[0].get_weights()[0], m.layers[2].get_weights()[0])
+    # a model's own builds are its seed's, whatever was built outside it before
+    fresh = [xpcnn.Sequential([xpcnn.Input((8,)), Dense(8), Dropout(0.5)], seed=3)
+             for _ in range(2)]
+    np.testing.assert_array_equal(fresh[0].get_weights()[0], fresh[1].get_weights()[0])
+    assert fresh[0].layers[1].seed == fresh[1].layers[1].seed
+    # reproducible: the same numbers in two fresh processes
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from xpcnn.layers import Dense, Dropout; "
+            "a, b = Dense(3), Dense(3); a.build((4,)); b.build((4,)); d = Dropout(0.5); "
+            "d.build((4,)); print(np.concatenate([a.get_weights()[0].ravel(), "
+            "b.get_weights()[0].ravel()]).tolist(), d.seed)")
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout for _ in range(2)]
+    assert outs[0] == outs[1] and outs[0].strip()
+
+
+@pytest.mark.parametrize("layer", [Dropout(0.5), RandomFlip(), RandomCrop(1)],
+                         ids=["Dropout", "RandomFlip", "RandomCrop"])
+def test_random_layers_take_a_big_endian_batch_as_a_native_one(layer):
+    """A big-endian float32 batch (NumPy's ``>f4``, read from a file) is computed as the same
+    native one, as Conv2D takes it (was: Dropout refused it, "unsupported dtype >f4;
+    expected ... float32")."""
+    x = np.random.default_rng(0).random((2, 4, 4, 3)).astype(np.float32)
+    layer.build((4, 4, 3), "cpu")
+    layer.set_random_state(7, 0)
+    native = np.asarray(layer(x, training=True))
+    layer.set_random_state(7, 0)
+    swapped = np.asarray(layer(x.astype(">f4"), training=True))
+    np.testing.assert_array_equal(swapped, native)
+    assert layer.calls == 1
+
+
+def test_a_random_layer_says_whether_a_training_pass_draws():
+    """What a data-parallel rank with no sample skips (distributed.DataParallel.empty_step):
+    a draw only where a training pass would count one; Dropout at rate 0 draws none."""
+    x = np.ones((2, 4, 4, 3), np.float32)
+    for layer in (Dropout(0.0), Dropout(0.3), RandomFlip(), RandomCrop(1)):
+        layer.build((4, 4, 3), "cpu")
+        layer(x, training=True)
+        assert layer.draws_in_training() == (layer.calls == 1)
+    assert not Dropout(0.0).draws_in_training()

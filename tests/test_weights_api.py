@@ -353,3 +353,49 @@ def test_a_user_layer_keeping_arrays_under_the_weights_names_is_told_why():
                                              r"weights that xpcnn makes from params and state, "
                                              r"read-only as in Keras"):
             Mix()
+
+
+def test_load_weights_casts_the_dtype_and_takes_another_input_size(tmp_path):
+    """As Keras' load_weights and PyTorch's load_state_dict: a file of the same layers in
+    another dtype loads cast to the model's, and one built for inputs of another size loads
+    where every weight keeps its shape, the model keeping its own input shape (was refused:
+    'holds a float64 model', 'holds a model for inputs of shape (6, 6, 2)'). A layer whose
+    weights would differ in shape is refused by name."""
+    def make(dtype="float32", shape=(6, 6, 2), seed=1):
+        return xpcnn.Sequential([Conv2D(3, 3), BatchNorm2D(), GlobalAvgPool2D(), Dense(3)],
+                                input_shape=shape, dtype=dtype, seed=seed)
+
+    ref = make("float64")
+    ref.save_weights(tmp_path / "w64.npz")
+    into32 = make("float32", seed=2)
+    into32.load_weights(tmp_path / "w64.npz")
+    for a, b in zip(into32.get_weights(), ref.get_weights(), strict=True):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b.astype(np.float32))
+    into32.save(tmp_path / "w32.npz")
+    into64 = make("float64", seed=3)
+    into64.load_weights(tmp_path / "w32.npz")
+    for a, b in zip(into64.get_weights(), into32.get_weights(), strict=True):
+        assert a.dtype == np.float64
+        np.testing.assert_array_equal(a, b)  # (exact: float32 values)
+    big = make(shape=(12, 12, 2), seed=4)
+    big.load_weights(tmp_path / "w32.npz")
+    assert big.input_shape == (12, 12, 2)
+    for a, b in zip(big.get_weights(), into32.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(0).normal(size=(2, 12, 12, 2)).astype(np.float32)
+    assert big.predict(x, verbose=0).shape == (2, 3)
+    unbuilt = xpcnn.Sequential([Conv2D(3, 3), BatchNorm2D(), GlobalAvgPool2D(), Dense(3)])
+    unbuilt.load_weights(tmp_path / "w32.npz")
+    assert unbuilt.input_shape == (6, 6, 2)  # (built for the file's)
+    flat = xpcnn.Sequential([Conv2D(3, 3), Flatten(), Dense(3)], input_shape=(6, 6, 2))
+    flat.save_weights(tmp_path / "flat.npz")
+    other = xpcnn.Sequential([Conv2D(3, 3), Flatten(), Dense(3)], input_shape=(8, 8, 2), seed=5)
+    before = other.get_weights()
+    with pytest.raises(DataFormatError, match=r"holds a model for inputs of shape \(6, 6, 2\); "
+                                              r"this model takes \(8, 8, 2\), for which its "
+                                              r"layer 'dense' \(Dense\) has kernel of shape "
+                                              r"\(108, 3\), the file's is \(48, 3\)"):
+        other.load_weights(tmp_path / "flat.npz")
+    for a, b in zip(other.get_weights(), before, strict=True):  # (untouched)
+        np.testing.assert_array_equal(a, b)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, NonFiniteError, of_xpcnn, warn
-from .files import names_a_folder, try_writing_in, written_file
+from .files import check_name_length, names_a_folder, try_writing_in, written_file
 
 
 def as_images(x: Any, what: str = "x") -> np.ndarray:
@@ -296,18 +296,21 @@ def file_path(path: Any, what: str) -> str:
 
 def output_file(path: Any, what: str, replaced: bool = True) -> str:
     """A path a file can be written at (a symbolic link's target, which is what gets written):
-    not a folder, nor, where the file is ``replaced`` by an atomic rename (model files,
-    checkpoints, exports), anything but a regular file (a device such as /dev/null, a pipe:
-    the rename would put a file in its place); and its nearest existing folder takes a new
-    file (the writers create the missing folders below it). Checked before any work, so that
-    a long run does not fail at its first save."""
+    not a folder (a last component ``.`` or ``..`` names one too), nor, where the file is
+    ``replaced`` by an atomic rename (model files, checkpoints, exports), anything but a regular
+    file (a device such as /dev/null, a pipe: the rename would put a file in its place); its
+    ``..`` steps resolve as the OS resolves them (from folders that exist); its names fit the
+    file system; and its nearest existing folder takes the temporary file the writers make
+    (they create the missing folders below it). Checked before any work, so that a long run
+    does not fail at its first save."""
     path = file_path(path, what)
     if names_a_folder(path):
-        raise InputError(f"{what} {path!r} ends in {path[-1]!r}, so it names a folder; give the "
+        end = os.path.basename(path) or path[-1]
+        raise InputError(f"{what} {path!r} ends in {end!r}, so it names a folder; give the "
                          "path of a file (in it, say)")
     try:
         target = written_file(path)  # (a link's target is what gets written)
-    except OSError as e:  # (links in a loop)
+    except OSError as e:  # (links in a loop; a ".." after something that is not a folder)
         raise InputError(f"cannot write {what} {path!r}: {e.strerror or e}") from e
     if os.path.isdir(target):
         raise InputError(f"{what} {path!r} is a folder; give the path of a file (in it, say)")
@@ -315,13 +318,17 @@ def output_file(path: Any, what: str, replaced: bool = True) -> str:
         raise InputError(f"{what} {path!r} exists and is not a regular file (a device or a "
                          "pipe): xpcnn writes a new file and renames it over the old one, so "
                          "give the path of a file")
-    folder = os.path.dirname(target)
+    folder, base = os.path.split(target)
+    missing = [base]  # (the names to be created: the file's, and those of missing folders)
     while not os.path.exists(folder):  # (created when the file is written)
-        folder = os.path.dirname(folder)
+        folder, name = os.path.split(folder)
+        missing.append(name)
     try:
         if not os.path.isdir(folder):
             raise NotADirectoryError(f"{folder!r} is not a folder")
-        try_writing_in(folder)
+        for name in missing:
+            check_name_length(folder, name)
+        try_writing_in(folder, base)  # (the writers' temporary file, as they name it)
     except OSError as e:
         raise InputError(f"cannot write {what} {path!r} in {folder!r}: {e.strerror or e}") from e
     return path

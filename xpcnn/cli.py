@@ -25,12 +25,12 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from . import __version__, checks, distributed, optim
+from . import __version__, checks, distributed, optim, training
 from .backend import get_backend
 from .callbacks import Callback, CSVLogger, EarlyStopping
 from .datasets.download import Spelling, data_dir_spelled
 from .errors import DataFormatError, DownloadError, InputError, TrainingInterrupted, XpcnnError
-from .files import names_a_folder, try_writing_in
+from .files import check_name_length, names_a_folder, try_writing_in
 from .models import NAMES, build_model
 from .onnx_export import ONNX_EXTRA_HINT
 from .saving.checkpoint import ResumeAdvice, resume_advised
@@ -125,7 +125,7 @@ CEILING = _flag(float, partial(checks.number, low=0.0, low_open=True),
 MAX_MAPS = _flag(int, partial(checks.number, low=1, high=32), "a whole number from 1 to 32")
 DPI = _flag(float, partial(checks.number, low=10.0, high=300.0),
             "a resolution from 10 to 300 pixels per inch")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PRECISIONS = tuple(training.PRECISIONS)  # (compile's names)
 
 
 # -- paths, checked before any work ------------------------------------------------------------
@@ -137,12 +137,15 @@ def _user_path(path: str) -> str:
     return os.path.expanduser(path)
 
 
-def _writable_folder(flag: str, path: str, folder: Path) -> None:
+def _writable_folder(flag: str, path: str, folder: Path, name: str | None = None) -> None:
+    """``folder`` exists and takes a new file (``name``, a name it takes, where given)."""
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise UsageError(f"argument {flag}: {path!r}: the folder {str(folder)!r} {what}")
     try:
-        try_writing_in(folder)
+        if name is not None:
+            check_name_length(folder, name)
+        try_writing_in(folder, *(() if name is None else (name,)))
     except OSError as e:
         raise UsageError(f"argument {flag}: {path!r}: cannot write in {str(folder)!r} "
                          f"({e.strerror or e})") from e
@@ -162,12 +165,13 @@ def output_file(flag: str, path: str | None, replaced: bool = True) -> None:
     if not path:
         raise UsageError(f"argument {flag}: an empty path; give a file path such as "
                          f"{example!r}")
+    # (the folder first: a name longer than its file system takes is an error of is_dir too)
+    _writable_folder(flag, path, p.absolute().parent, p.name)
     if p.is_dir() or names_a_folder(path):
         raise UsageError(f"argument {flag}: {path!r} is a folder; give a file path such as "
                          f"{str(p / example)!r}")
     if replaced and p.exists() and not p.is_file():
         raise UsageError(f"argument {flag}: {path!r} exists and is not a regular file")
-    _writable_folder(flag, path, p.absolute().parent)
 
 
 def output_folder(flag: str, path: str) -> None:

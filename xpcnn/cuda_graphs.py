@@ -10,7 +10,9 @@ replayed graph is one launch. What a captured step needs, and how it gets it:
   optimiser keeps a step eager), the batch is copied into static input buffers, and random
   layers (Dropout, RandomFlip, RandomCrop) keep their seed and draw count in device memory and
   count their draws there (:mod:`xpcnn.ops.random`). Anything else the host would pass by
-  value is baked in at capture.
+  value is baked in at capture: a layer's settings (Dropout's rate, ReLU's max_value...)
+  count their changes in ``Layer.settings_changes``, which the trainer hands in with the
+  ``switches``, so that a change (a callback's dropout schedule) captures the step again.
 - State updated in place: a graph reads and writes the addresses it was captured with. Every
   array that outlives a step (parameters, their optimiser slots, normalisation statistics,
   the random layers' states, the running totals and the float16 loss scale of
@@ -161,8 +163,9 @@ class StepGraphs:
     context for matrix products that can be captured; ``capture_tables`` (None: nothing to
     defer) the kernels' context around the capture in which the fused updates defer filling
     their device tables until it has ended (:meth:`CupyKernels.capture_tables`); ``switches``
-    (None: none) what else chose the captured work, read before each step: the kernels'
-    cuDNN switches (:meth:`CupyKernels.graph_switches`); ``capture`` the CUDA side
+    (None: none) what else chose the captured work, read before each step: the layers'
+    settings changes (``Layer.settings_changes``) and the kernels' cuDNN switches
+    (:meth:`CupyKernels.graph_switches`), as the trainer combines them; ``capture`` the CUDA side
     (:class:`CupyCapture` by default; tests give a stand-in). The scalars are in the
     parameters' dtype, those named in ``exact`` (a step count, Adam's learning rate) in
     float64.
@@ -210,8 +213,9 @@ class StepGraphs:
                                None if wb is None else (tuple(wb.shape), wb.dtype))
         switched = self.switches()
         if (self.graphs or self.warm) and (self._replaced() or switched != self._switched):
-            # weights replaced, slots dropped (a layer frozen), cuDNN's switches changed (the
-            # graphs replay their capture's plans): warm up and capture again
+            # weights replaced, slots dropped (a layer frozen), a layer's setting or cuDNN's
+            # switches changed (the graphs replay their capture's values and plans): warm up
+            # and capture again
             self.graphs, self.warm, self._captured = {}, {}, []
             self._last = None
         self._switched = switched

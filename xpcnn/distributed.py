@@ -410,7 +410,7 @@ class DataParallel:
         # comm: an MpiSum / NcclSum, or anything with their start/progress/wait (tests)
         self.comm = comm if comm is not None else _communicator(here, backend)
         self.buckets = GradientBuckets(self.comm, backend.xp, model.trainable_layers)
-        from .layers.dropout import RandomLayer
+        from .layers.base import RandomLayer
 
         self.random_layers = [la for la in model.layers if isinstance(la, RandomLayer)]
         self.total, self.weight = 0, 1.0  # the global batch's size, this rank's share of it
@@ -465,7 +465,8 @@ class DataParallel:
         the batch (to draw as the others do afterwards), it adds zeros to the sums of the
         gradients of ``trained``."""
         for layer in self.random_layers:
-            layer.skip_draw()
+            if layer.draws_in_training():  # (as the ranks with samples count theirs)
+                layer.skip_draw()
         buckets = self.buckets_for(trained)
         buckets.begin(0.0, zeros)
         grads, stats = buckets.finish()
@@ -480,12 +481,19 @@ class DataParallel:
         """Refuse, on every rank alike, a model whose layers' settings differ between the ranks
         (a Normalization adapted on each rank's own shard: their models would predict
         differently, and rank 0's alone would be saved). One host allreduce of a checksum a
-        layer."""
+        layer: of its settings and of the bytes of its state that training never moves (an
+        adapted Normalization's statistics, weights that the broadcast would overwrite)."""
         layers = self.model.layers
+        backend = self.model.backend
         sums = np.zeros((self.world.size, len(layers)))
-        sums[self.world.rank] = [zlib.crc32(json.dumps(la.get_config(), sort_keys=True,
-                                                       default=repr).encode())
-                                 for la in layers]
+
+        def checksum(la: Any) -> int:
+            crc = zlib.crc32(json.dumps(la.get_config(), sort_keys=True, default=repr).encode())
+            for a in ([] if la.updates_state else la.state.values()):
+                crc = zlib.crc32(np.ascontiguousarray(backend.to_numpy(a)).tobytes(), crc)
+            return crc
+
+        sums[self.world.rank] = [checksum(la) for la in layers]
         sums = np.asarray(host_sum(self.world, sums.ravel(), "the layers' settings")
                           ).reshape(sums.shape)
         differ = np.flatnonzero((sums != sums[0]).any(axis=0))
@@ -529,8 +537,13 @@ class DataParallel:
 
     def average_state(self) -> None:
         """Average the layers' non-trainable state (BatchNorm's running statistics), which
-        each rank updates from its own slices."""
-        layers = [la for la in self.model.layers if la.state]
+        each rank updates from its own slices. A frozen layer's are left alone: it runs in
+        inference mode and never changes them (rank 0's were broadcast at the start), and the
+        average of equal values is not always that value in floating point (three alike
+        float64 statistics, summed and divided by 3, moved by an ulp at each epoch's end); so
+        are state that training never moves (``updates_state`` False: adapted statistics)."""
+        layers = [la for la in self.model.layers if la.state and la.trainable
+                  and la.updates_state]
         if not layers:
             return
         from mpi4py import MPI

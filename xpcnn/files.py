@@ -6,10 +6,11 @@ link's target is written, as ``open(path, "w")`` writes it, and the link kept.""
 from __future__ import annotations
 
 import contextlib
-import glob
+import errno
+import hashlib
 import os
+import re
 import secrets
-import tempfile
 from collections.abc import Iterator
 from typing import IO
 
@@ -31,6 +32,7 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
         raise FileExistsError(f"{path!r} exists and is not a regular file: not replaced")
     folder, base = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
+    check_name_length(folder, base)  # (before the write, not at the rename after it)
     fd, tmp = _new_temporary(folder, base, suffix)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -46,45 +48,130 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
 
 
 def names_a_folder(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` ends in a separator, which names a folder (and realpath drops)."""
-    return os.fspath(path).endswith(tuple(filter(None, (os.sep, os.altsep))))
+    """Whether ``path`` names a folder whatever is there: it ends in a separator, or its last
+    component is ``.`` or ``..`` (both of which realpath drops or collapses)."""
+    path = os.fspath(path)
+    return (path.endswith(tuple(filter(None, (os.sep, os.altsep))))
+            or os.path.basename(path) in (os.curdir, os.pardir))
 
 
 def written_file(path: str | os.PathLike[str]) -> str:
     """The file that writing ``path`` replaces, as an absolute path: a symbolic link's target
     (a dangling link's too), as ``open(path, "w")`` writes it, so that the atomic rename, made
     in the target's folder, replaces the target and leaves the link. OSError where the links
-    loop (:func:`xpcnn.checks.output_file` says so before any work)."""
+    loop, or where a ``..`` follows something that is not an existing folder (``missing/..``,
+    which open() refuses and realpath would collapse as text); :func:`xpcnn.checks.output_file`
+    says so before any work."""
     try:
         return os.path.realpath(path, strict=True)
-    except (FileNotFoundError, NotADirectoryError):  # (a new file, or a link to one: its
-        return os.path.realpath(path)  # path, links followed; the writer says what is wrong)
+    except OSError as e:  # (a new file, or a link to one: its path, links followed; the
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):  # writer says
+            raise  # (links in a loop)                                 what else is wrong)
+        _check_parent_steps(os.fspath(path))
+        return os.path.realpath(path)
 
 
-def try_writing_in(folder: str | os.PathLike[str]) -> None:
-    """Create and remove a file in ``folder``: OSError where that fails (``os.access`` is not
-    enough: root, read-only file systems), so that a command can refuse before any work."""
-    with tempfile.TemporaryFile(dir=folder):
-        pass
+def _check_parent_steps(path: str) -> None:
+    """OSError where the part of ``path`` up to a ``..`` is not a folder, as the OS
+    resolves it (a ``..`` is only taken from a folder that exists). Windows collapses ``..``
+    as text, as realpath does: nothing to check there."""
+    if os.name == "nt":
+        return
+    parts = path.split(os.sep)
+    for i, part in enumerate(parts[:-1]):
+        if part != os.pardir:
+            continue
+        prefix = os.sep.join(parts[:i + 1])
+        try:
+            os.stat(prefix)  # (the OS resolves it: links, then "..", from what exists)
+        except OSError as e:
+            before = os.sep.join(parts[:i]) or os.curdir
+            raise type(e)(e.errno, f"{before!r} is not an existing folder, so {prefix!r} "
+                                   f"does not resolve ({e.strerror})", path) from e
+
+
+def try_writing_in(folder: str | os.PathLike[str], name: str = "xpcnn",
+                   suffix: str = ".tmp") -> None:
+    """Create and remove, in ``folder``, the temporary file that writing a file ``name`` there
+    makes (:func:`atomic_file`): OSError where that fails (``os.access`` is not enough: root,
+    read-only file systems), so that a command can refuse before any work."""
+    fd, tmp = _create_temporary(os.fspath(folder), name, suffix)
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def name_max(folder: str | os.PathLike[str]) -> int:
+    """The most bytes a file name may have in ``folder`` (an existing one): 255 where the
+    platform does not say (Windows, whose limit is 255 characters)."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):  # (no pathconf, or no limit told)
+        return 255
+
+
+def check_name_length(folder: str | os.PathLike[str], name: str) -> None:
+    """OSError (ENAMETOOLONG) where the file name ``name`` is longer than ``folder`` (an
+    existing one) takes."""
+    limit, size = name_max(folder), len(os.fsencode(name))
+    if size > limit:
+        raise OSError(errno.ENAMETOOLONG, f"the file name is {size} bytes long; the file system "
+                      f"of {os.fspath(folder)!r} takes names of at most {limit} bytes", name)
+
+
+#: The random part of a temporary file's name: 12 hex digits.
+_RANDOM_HEX = 12
+#: Where a target's name is too long to be kept whole in its temporary's: "~" and 8 hex digits
+#: of a hash of the whole name follow what is kept of it, so two long names sharing a beginning
+#: do not share temporaries (nor remove each other's).
+_HASH_HEX = 8
+
+
+def _temporary_stem(folder: str, name: str, suffix: str) -> str:
+    """``.<name>`` or, where the temporary's name would be longer than the folder's file names
+    may be, ``.<the start of name>~<hash>``: the part of a temporary's name before its random
+    hex, which fits the folder's NAME_MAX with ``.<random><suffix>`` after it."""
+    room = name_max(folder) - 1 - (1 + _RANDOM_HEX + len(os.fsencode(suffix)))
+    raw = os.fsencode(name)
+    if len(raw) <= room:
+        return "." + name
+    digest = hashlib.sha256(raw).hexdigest()[:_HASH_HEX]
+    kept = max(0, room - 1 - _HASH_HEX)
+    while kept and (raw[kept] & 0xC0) == 0x80:
+        kept -= 1  # (not in the middle of a UTF-8 character)
+    return "." + os.fsdecode(raw[:kept]) + "~" + digest
 
 
 def _new_temporary(folder: str, name: str, suffix: str) -> tuple[int, str]:
     """A new, empty file ``.<name>.<random><suffix>`` in ``folder``, open for writing: its file
-    descriptor and path. Mode 0666 less the umask, as ``open`` creates files; a killed writer's
-    leftover is recognisable by its name."""
+    descriptor and path (``name`` shortened where needed, see :func:`_temporary_stem`, so a
+    target whose name is legal always has a temporary). Mode 0666 less the umask, as ``open``
+    creates files; a killed writer's leftover is recognisable by its name."""
+    return _create_temporary(folder, name, suffix)
+
+
+def _create_temporary(folder: str, name: str, suffix: str) -> tuple[int, str]:
+    """:func:`_new_temporary`'s file; the checks (:func:`try_writing_in`) make theirs here."""
+    stem = _temporary_stem(folder, name, suffix)
     while True:
-        path = os.path.join(folder, f".{name}.{secrets.token_hex(6)}{suffix}")
+        path = os.path.join(folder, f"{stem}.{secrets.token_hex(_RANDOM_HEX // 2)}{suffix}")
         with contextlib.suppress(FileExistsError):
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
 
 
 def remove_leftovers(path: str | os.PathLike[str], suffix: str = ".tmp") -> None:
-    """Delete the temporary files that killed writers of ``path`` left behind (named as
-    :func:`_new_temporary` names them)."""
+    """Delete the temporary files that killed writers of ``path`` left behind: exactly the
+    names :func:`_new_temporary` gives them (``.<name>.<12 hex><suffix>``), nothing else."""
     folder, base = os.path.split(os.path.abspath(path))
-    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(base)}.*{suffix}")):
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    try:
+        stem, names = _temporary_stem(folder, base, suffix), os.listdir(folder)
+    except OSError:
+        return
+    hex_digits = rf"\.[0-9a-f]{{{_RANDOM_HEX}}}"
+    leftover = re.compile(re.escape(stem) + hex_digits + re.escape(suffix))
+    for tmp in names:
+        if leftover.fullmatch(tmp):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, tmp))
 
 
 def _fsync_folder(folder: str) -> None:

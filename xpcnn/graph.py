@@ -9,9 +9,10 @@ functional ``Model`` is traced from symbolic tensors (:func:`Input`, :func:`trac
 reads and writes, the :class:`~xpcnn.layers.base.Options` it is called with), and
 :func:`forward` and :func:`backward` run a plan: the only copy of the forward and backward code.
 The plan fuses a plain ``ReLU()`` into the ``Conv2D``, ``Dense``, ``BatchNorm2D`` or ``Add``
-before it when that layer's output has no other consumer, hands a ReLU's gradient to a max pool
-or FeatureNorm reading it alone, and lets an ``Add`` with its ReLU fused sum the gradients of
-an output read twice as it applies the ReLU's (one pass over a batch fewer each time).
+before it when that layer's output has no other consumer, hands a ReLU's gradient to a max
+pool, FeatureNorm or Dropout reading it alone, and lets an ``Add`` with its ReLU fused sum the
+gradients of an output read twice as it applies the ReLU's (one pass over a batch fewer each
+time).
 Nothing is set on the layers or switched on and off around a pass: a layer called by itself
 always gets the default options and does all its own work.
 """
@@ -30,8 +31,16 @@ from . import checks
 from .backend import Backend
 from .errors import InputError
 from .layers.activation import ReLU
-from .layers.base import DEFAULT, Layer, Node, Options, Shape, SymbolicTensor, dtype_name
-from .layers.dropout import RandomLayer
+from .layers.base import (
+    DEFAULT,
+    Layer,
+    Node,
+    Options,
+    RandomLayer,
+    Shape,
+    SymbolicTensor,
+    dtype_name,
+)
 from .structure import where
 
 Inbound = tuple[int, ...]

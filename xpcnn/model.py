@@ -74,6 +74,12 @@ class Model(Trainer):
     (:class:`Sequential` overrides ``_inbound``: a chain).
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Files name the model class: a user's subclass (Keras' way to override train_step)
+        # loads by its class name where it is defined, as user layers and optimisers do.
+        register_model(cls)
+
     def __init__(self, inputs: SymbolicTensor | None = None,
                  outputs: SymbolicTensor | None = None, *, device: DeviceLike | None = None,
                  seed: int = 0, dtype: str | None = None, name: str = "model") -> None:
@@ -93,11 +99,12 @@ class Model(Trainer):
         self.dtype_name = dtype
         self.seed = checks.non_negative_int(seed, "seed")
         self.name = checks.name(name, "model name")
-        self.layers: list[Layer] = LayerList(self)
+        self._layers: list[Layer] = LayerList(self)
         self.input_shape = None
         self.built = False
         self._graph: list[graph.Inbound] = []
         self._plan_cache: graph.Plan | None = None  # (dropped by a build)
+        self._planned_settings = -1  # (Layer.settings_changes the plan was compiled at)
         self._planned_for: tuple[Layer, ...] | None = None  # (the layers the last plan trained)
         # (trainable_layers, and Layer.rebuilds when they were listed: see _trained)
         self._trained_list: tuple[Layer, ...] = ()
@@ -117,8 +124,43 @@ class Model(Trainer):
     def _set_graph(self, layers: list[Layer], inbound: list[graph.Inbound]) -> None:
         graph.check_graph(layers, inbound)
         _name_apart(layers, self)
-        self.layers = LayerList(self, layers)
+        self._layers = LayerList(self, layers)
         self._graph = list(inbound)
+
+    @property
+    def layers(self) -> list[Layer]:
+        """The model's layers, in weight order (see the class's doc). A change of this list
+        (``pop``, ``insert``, ``layers[:] = ...``) is refused for a functional model, whose
+        layers are its graph's, and makes a built Sequential build again at once."""
+        return self._layers
+
+    @layers.setter
+    def layers(self, value: list[Layer]) -> None:
+        # (Keras' layers has no setter; a plain list put here held two layers of one name in
+        # a Sequential, and a functional model failed later deep inside: taken as the change
+        # ``layers[:] = value`` is, checked first, and refused as a whole)
+        self._changing_layers()
+        if not isinstance(value, list | tuple) or not all(isinstance(la, Layer) for la in value):
+            got = type(value).__name__ if not isinstance(value, list | tuple) else \
+                "a list holding " + ", ".join(sorted({type(la).__name__ for la in value
+                                                      if not isinstance(la, Layer)}))
+            raise InputError(f"model {self.name!r}'s layers must be a list of xpcnn layers, got "
+                             f"{got} (add() appends a model's layers)")
+        value = list(value)
+        if len({id(la) for la in value}) != len(value):
+            twice = next(la for la in value if sum(la is other for other in value) > 1)
+            raise InputError(f"layer {twice.name!r} ({type(twice).__name__}) is given twice for "
+                             f"model {self.name!r}'s layers: a layer instance appears once in a "
+                             f"model; create another {type(twice).__name__}(...)")
+        old, built, shape = list(self._layers), self.built, self.input_shape
+        with _names_back_if_refused([*old, *value]):
+            try:
+                self._layers[:] = value  # (LayerList: names made apart, built again at once)
+            except BaseException:
+                list.__setitem__(self._layers, slice(None), old)
+                if built and shape is not None:
+                    self.build(shape)  # (as it was: its layers keep their weights)
+                raise
 
     def _inbound(self) -> list[graph.Inbound]:
         """What each layer reads (see :mod:`xpcnn.graph`)."""
@@ -185,8 +227,9 @@ class Model(Trainer):
                     self.input_shape = built_for
                     self._build_layers()
                 raise
-        if self.optimizer is not None:
-            self.optimizer.slots = {}
+        # (the optimiser's state stays, as in Keras: built layers keep their weights and
+        # their shapes, and the next step's plan starts it afresh only where the layers it
+        # trains changed, see _plan)
 
     def _build_layers(self) -> None:
         graph.build(self.layers, self._inbound(), self.input_shape, self.backend,
@@ -281,16 +324,19 @@ class Model(Trainer):
 
     def _plan(self) -> graph.Plan:
         """The compiled plan of the graph (see :mod:`xpcnn.graph`), compiled again when a
-        layer with parameters is frozen or unfrozen: which layers need gradients changes, and
-        so do the optimiser's parameters (its state starts afresh, as after a compile in
-        Keras)."""
+        layer with parameters is frozen or unfrozen (which layers need gradients changes, and
+        so do the optimiser's parameters: its state starts afresh, as after a compile in
+        Keras) or a layer's setting changed (:attr:`Layer.settings_changes`)."""
         key = self._trained()
-        if self._plan_cache is None or self._planned_for != key:
+        if self._plan_cache is None or self._planned_for != key or \
+                self._planned_settings != Layer.settings_changes:
             # (the key outlives the plan, which a rebuild drops: a layer may have been frozen
             # through another model meanwhile)
             if self._slots_outdated() and self.optimizer is not None:
                 self.optimizer.slots = {}
-            self._planned_for = key
+            # (a setting changed may change the plan: a ReLU given a ceiling is no longer
+            # fused into the layer before it)
+            self._planned_for, self._planned_settings = key, Layer.settings_changes
             self._plan_cache = graph.compile_plan(self.layers, self._inbound(),
                                                   self._ends_in_a_softmax_layer(),
                                                   self._fused_softmax())
@@ -381,7 +427,12 @@ class Model(Trainer):
         ``Input(name=...)`` gave the input another name than "input"."""
         layers = []
         for k, (la, ins) in enumerate(zip(self.layers, self._inbound(), strict=True)):
-            spec: dict[str, Any] = {"class": type(la).__name__, "config": la.get_config()}
+            # (a frozen layer's "trainable": false is the layer spec's, as files have held it:
+            # said once, not also in its config, where a reader would find two to reconcile)
+            layer_config = la.get_config()
+            if isinstance(layer_config, dict) and "trainable" in layer_config:
+                layer_config = {key: v for key, v in layer_config.items() if key != "trainable"}
+            spec: dict[str, Any] = {"class": type(la).__name__, "config": layer_config}
             if ins != (k,):
                 spec["inbound"] = list(ins)
             if not la.trainable:
@@ -728,12 +779,8 @@ class Sequential(Model):
             _name_apart(list(self.layers), self)  # (as add() names them)
         if built and shape is not None and self.layers:
             # (the optimiser's state kept: the next step's plan starts it afresh only where the
-            # trained layers changed, as after a freeze; build() itself would drop it)
-            optimizer = self.optimizer
-            kept = None if optimizer is None else (optimizer.slots, optimizer.applied)
+            # trained layers changed, as after a freeze)
             self.build(shape)
-            if kept is not None:
-                optimizer.slots, optimizer.applied = kept
 
     def _inbound(self) -> list[graph.Inbound]:
         """A chain: each layer reads the one before it."""

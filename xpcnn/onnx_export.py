@@ -32,7 +32,7 @@ from .checks import output_file
 from .errors import InputError, MissingDependencyError
 from .files import atomic_file
 from .layers.base import Layer
-from .ops.conv import resolve_padding
+from .ops.windows import resolve_padding
 
 #: The ONNX operator set the graph uses, and the file format version that goes with it (as
 #: onnx 1.12 wrote them): old enough for every current runtime.
@@ -223,11 +223,10 @@ def _rescaling(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
 
 @register_converter("Normalization")
 def _normalization(layer: Layer, graph: GraphBuilder, inputs: list[str]) -> str:
-    config = layer.get_config()
-    c = layer.input_shape[-1]
-    # As the layer computes it: minus the mean, times 1 / std (the division in float64).
-    shift = np.broadcast_to(config["mean"], (c,))
-    scale = 1.0 / np.broadcast_to(config["std"], (c,))
+    # The very shift and scale its kernels read, as host arrays: given statistics' mean and
+    # 1 / std, or an adapted layer's mean and variance weights (its configuration holds
+    # neither), so that the graph computes what predict does.
+    shift, scale = (layer.backend.to_numpy(a) for a in layer._arrays_now())
     y = graph.op("Sub", [inputs[0], graph.constant("mean", shift)])
     return graph.op("Mul", [y, graph.constant("inv_std", scale)])
 

@@ -5,10 +5,11 @@ model: :class:`Trainer` holds what training adds to a network (the loss, the opt
 precision, the running totals, the captured CUDA graphs) and reaches the network only through
 the hooks that :class:`~xpcnn.model.Model` defines (listed in :class:`Trainer`'s docstring).
 
-Data enters as arrays in (N, H, W, C) (or datasets, see :mod:`xpcnn.data`); each batch crosses
-to the device once (a training set that fits :data:`xpcnn.data.DEVICE_BUDGET_BYTES` crosses once
-in all), is cast there and runs forward and backward through the layers; the loss and correct
-count stay on the device until the host reads them (:mod:`xpcnn.totals`). With a cross-entropy
+Data enters as arrays in (N, H, W, C) (or datasets, see :mod:`xpcnn.data`); each batch
+crosses to the device once (a training set that fits
+:data:`xpcnn.data.sources.DEVICE_BUDGET_BYTES` crosses once per ``fit``), is cast there and runs
+forward and backward through the layers; the loss and correct count stay on the device until
+the host reads them (:mod:`xpcnn.totals`). With a cross-entropy
 loss and a final Softmax layer (or a last layer's softmax activation), training feeds the
 logits to the fused, stable softmax cross-entropy; ``predict`` still returns probabilities.
 """
@@ -66,8 +67,7 @@ from .data import (
     unpack,
 )
 from .errors import InputError, NonFiniteError, warn
-from .layers.base import Layer
-from .layers.dropout import RandomLayer
+from .layers.base import Layer, RandomLayer
 from .losses import SoftmaxCrossEntropy, get_loss
 from .ops.kernels import kernels_for
 from .ops.softmax import softmax, target_rows, top_k_counts
@@ -129,7 +129,10 @@ class Trainer:
       left to the loss; ``in_scope``: inside the backend's ``compute_scope`` already),
       ``_backward(dz, on_layer)``, which fills each trainable layer's ``grads``, and
       ``_layer_outputs(x, training)``, every layer's output (to name where a value stopped
-      being finite).
+      being finite);
+    * ``_plan()``, the network's plan (:class:`xpcnn.graph.Plan`: which layers train), and
+      ``_slots_outdated()``, whether the optimiser's state is for other layers than the next
+      step trains.
 
     Nothing here knows how the layers are connected. The file reads in the order of a run:
     compile; one training step (checked, on the device, captured in a CUDA graph where it can
@@ -559,7 +562,8 @@ class Trainer:
         if eager:  # (taken before this step moves anything: a rate that overflowed raises here)
             scalars = opt.step_scalars()
         # (normalisation statistics move in the forward pass: a skipped step puts them back)
-        moving = [a for la in self.layers if la.trainable for a in la.state.values()]
+        moving = [a for la in self.layers if la.trainable and la.updates_state
+                  for a in la.state.values()]
         before = kernels.snapshot_state(moving) if moving else None
         trained = self._trained()
         stats, grads = self._loss_and_grads(xb, yb, kernels, trained, weights)
@@ -603,8 +607,9 @@ class Trainer:
         # and the host names the labels, _raise_deferred)
         # (the float16 loss scale applied by the loss, in its kernel on a GPU: before the
         # weighting below, which for a power-of-two scale gives the same values as after)
-        stats, dz = self.loss.forward_with_accuracy(xp, logits, yb, self._param_dtype, kernels,
-                                                    self._scaling, self._weights(yb, weights))
+        stats, dz = self.loss.forward_with_accuracy(
+            xp, logits, yb, self._param_dtype, kernels, self._scaling,
+            self._loss_weights(yb, weights))
         if self._top_ks:  # (a step without top-k metrics makes no call more: host time)
             stats = self._with_top_k(stats, logits, yb)
         if dp is not None and dp.weight != 1.0:
@@ -638,7 +643,7 @@ class Trainer:
         xp = self.backend.xp
         return xp.concat([stats, top_k_counts(xp, logits, yb, self._top_ks, stats.dtype)])
 
-    def _weights(self, yb: Any, weights: Any) -> Any:
+    def _loss_weights(self, yb: Any, weights: Any) -> Any:
         """Each sample's weight in the loss: ``weights`` (N,) times its class's weight in
         fit's ``class_weight``; None where neither is given."""
         table = self._class_weights
@@ -716,13 +721,16 @@ class Trainer:
         kernels = kernels_for(self.backend)
         capturable = getattr(kernels, "capturable", contextlib.nullcontext)
         self._running_totals()  # (made before the warm-up: its state is captured)
+        kernel_switches = getattr(kernels, "graph_switches", None)
         self._graphs = StepGraphs(
             lambda xb, yb, wb, s: self._device_step(xb, yb, s["iteration"], s, wb),
             self._graph_arrays,
             scalars, advance, self.backend, capturable,
             exact=("iteration", *opt.exact_scalars),
             capture_tables=getattr(kernels, "capture_tables", None),
-            switches=getattr(kernels, "graph_switches", None))
+            # (a layer's setting changed, as cuDNN's switches, chooses other captured work)
+            switches=lambda: (Layer.settings_changes,
+                              kernel_switches() if kernel_switches is not None else None))
         return self._graphs
 
     def _graph_arrays(self, named: bool = True) -> list[Any]:

@@ -8,11 +8,14 @@ from typing import Any
 from ..errors import InputError
 from ..ops.kernels import kernels_for
 from ..ops.softmax import softmax, softmax_backward
-from .base import DEFAULT, Layer, Options
+from .base import DEFAULT, Layer, Options, Setting
 
 
 class ReLU(Layer):
     """max(x, 0), optionally capped at ``max_value`` (a neuron's firing limit, e.g. ReLU6)."""
+
+    # (a change after build captures a CUDA-graph step again: see Setting)
+    max_value = Setting()
 
     def __init__(self, max_value: float | None = None, name: str | None = None) -> None:
         super().__init__(name)

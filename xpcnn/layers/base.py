@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
+import math
 import re
 import weakref
 from collections.abc import Callable
@@ -158,6 +160,41 @@ class CheckedFlag:
         vars(layer)[self.name] = value
 
 
+class Setting:
+    """A host value that a layer's passes read (ReLU's ``max_value``, BatchNorm2D's
+    ``momentum``), read as a plain attribute (a descriptor without ``__get__``, as
+    :class:`CheckedFlag`). A change of a built layer's value counts in
+    :attr:`Layer.settings_changes`: a training step captured in a CUDA graph baked the old
+    value in, and is captured again (the constructor's value, before any build, does not
+    count; nor does a value set again unchanged)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __set__(self, layer: Layer, value: Any) -> None:
+        setting_changed(layer, vars(layer).get(self.name, _UNSET), value)
+        vars(layer)[self.name] = value
+
+
+def setting_changed(layer: Layer, old: Any, new: Any) -> None:
+    """Count in :attr:`Layer.settings_changes` a setting of built ``layer`` changed from
+    ``old`` to ``new`` (see :class:`Setting`; Dropout's ``rate`` setter calls it too)."""
+    if not vars(layer).get("built"):
+        return
+    try:
+        same = type(old) is type(new) and bool(old == new)
+    except (TypeError, ValueError):  # (an array: equal elementwise, no one bool)
+        same = old is new
+    if not same:
+        Layer.settings_changes += 1
+
+
+# The n-th layer built outside a model (called on a batch, or layer.build(shape) with no rng)
+# draws from np.random.default_rng([0, n]): each its own weights and random stream, as Keras'
+# global seed generator gives them, and the same in every fresh process.
+_STANDALONE_BUILDS = itertools.count()
+
+
 class Layer:
     """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``,
     name the arrays they make in :attr:`weight_names`, and update the arrays in ``state`` in
@@ -175,6 +212,9 @@ class Layer:
     #: True where the layer can apply a plain ReLU to its output as it computes it (see
     #: :attr:`Options.fused_relu`).
     can_fuse_relu: ClassVar[bool] = False
+    #: False where the training pass never changes ``state`` (adapted statistics, fixed):
+    #: a skipped step need not put it back, nor several ranks average it.
+    updates_state: ClassVar[bool] = True
     #: True where backward can take its output's gradient as the parts its readers sent back
     #: and sum them in its own pass (see :attr:`Options.sum_output_grads`).
     can_sum_output_grads: ClassVar[bool] = False
@@ -199,6 +239,10 @@ class Layer:
     #: its layers are built as it needs them (``Model._rebuild_if_shared``), and which of them
     #: it trains (``Model._trained``), only after this count moved.
     rebuilds: ClassVar[int] = 0
+    #: Changes of the host values that built layers' passes read (:class:`Setting`: Dropout's
+    #: rate, ReLU's max_value...), counted on this class: a step captured in a CUDA graph
+    #: replays the values of its capture, so the step is captured again after this moved.
+    settings_changes: ClassVar[int] = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -213,8 +257,18 @@ class Layer:
             cls.forward = _marks_training_pass(cls.__dict__["forward"])
         if "backward" in cls.__dict__:
             cls.backward = _needs_training_pass(cls.__dict__["backward"])
+        # Every layer takes trainable= and its get_config() says where it is frozen, as in
+        # Keras 3 (whose layers pass it on to the base class in **kwargs): done here for each
+        # class, so that a layer's own constructor and get_config need not.
+        init = cls.__dict__.get("__init__")
+        if init is not None and "trainable" not in named_parameters(init) and \
+                not getattr(init, "_takes_trainable", False):
+            cls.__init__ = _takes_trainable(init)
+        if "get_config" in cls.__dict__ and \
+                not getattr(cls.__dict__["get_config"], "_writes_trainable", False):
+            cls.get_config = _writes_trainable(cls.__dict__["get_config"])
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, name: str | None = None, trainable: bool = True) -> None:
         self.name = name
         self.params: dict[str, Any] = {}
         # (each in the parameter's dtype or, under mixed precision, as computed (float16
@@ -225,7 +279,7 @@ class Layer:
         self.built = False
         self.input_shape: Shape | None = None
         self.output_shape: Shape | None = None
-        self.trainable = True
+        self.trainable = trainable
         # Its calls on symbolic tensors (Keras' inbound nodes): the user's in a functional
         # graph, a built Sequential's own; ``output`` and ``input`` are those of the one call.
         self.inbound_nodes: list[Node] = []
@@ -309,7 +363,8 @@ class Layer:
         self.compute_dtype = self.backend.dtype(compute_dtype or dtype)
         self.input_shape = _shape(input_shape, self)
         self._clear_cache()  # (a convolution's engine was for the old shape, say)
-        rng = rng if rng is not None else np.random.default_rng(0)
+        if rng is None:  # (a model hands each of its layers its own: see _STANDALONE_BUILDS)
+            rng = np.random.default_rng([0, next(_STANDALONE_BUILDS)])
         self.output_shape = tuple(self._build(self.input_shape, rng))
         unnamed = [k for k in self._arrays() if k not in self.weight_names]
         if unnamed:  # (a user's layer: its weights would be trained, and never saved)
@@ -441,8 +496,11 @@ class Layer:
     def get_config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this layer (JSON-serialisable). A subclass whose
         constructor takes more than ``name`` must give them: its file would load with their
-        defaults otherwise (:meth:`check_config`, at save)."""
-        return {"name": self.name}
+        defaults otherwise (:meth:`check_config`, at save). ``"trainable": False`` is added to
+        every layer's where it is frozen (by :meth:`__init_subclass__`: a subclass's own
+        get_config need not), as Keras 3 gives it: ``from_config`` and :meth:`unbuilt_copy`
+        make a frozen copy; a trainable layer's stays without it."""
+        return _with_trainable(self, {"name": self.name})
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Layer:
@@ -555,6 +613,11 @@ class Layer:
         layer's own layout) pairs for :meth:`assign_weights`."""
         self._require_built("set_weights")
         names = self.present_weight_names()
+        if not isinstance(weights, list | tuple):
+            # (one array was read as a list of its rows, None or a generator failed in len())
+            raise InputError(f"layer {self.name!r} set_weights expects a list of arrays (as "
+                             f"get_weights returns: {', '.join(names) or 'none'}), got "
+                             f"{type(weights).__name__}")
         if len(weights) != len(names):
             raise InputError(
                 f"layer {self.name!r} expects {len(names)} weight arrays ({', '.join(names)}), "
@@ -566,7 +629,12 @@ class Layer:
         """Weight ``name``'s new value ``w``, in Keras' layout, checked (its shape, a real
         dtype, no finite values the layer's dtype would turn into infinity), as a host array in
         the layer's own layout."""
-        w = np.asarray(w)
+        try:
+            w = np.asarray(w)
+        except (ValueError, TypeError) as e:  # (a ragged nested list: NumPy's bare error)
+            raise InputError(f"layer {self.name!r} weight {name!r} must be an array of shape "
+                             f"{self.keras_shape(name)}, got a {type(w).__name__} that is no "
+                             f"array ({e})") from None
         shape = self.keras_shape(name)
         if tuple(w.shape) != shape:
             raise InputError(f"layer {self.name!r} weight {name!r} must have shape {shape}, "
@@ -674,6 +742,61 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
 
+class RandomLayer(Layer):
+    """A layer that draws random numbers on the device.
+
+    Its whole random state is ``random_state``, a device array [seed, draws so far] (see
+    :mod:`xpcnn.ops.random`): the seed is drawn at build from the model's generator, and each
+    training batch's draw reads the state and counts itself there, on the device. No host
+    value changes from one step to the next, so a step can be captured in a CUDA graph and
+    replayed; a checkpoint saves the two numbers (:attr:`seed`, :attr:`calls`) and resumes the
+    exact same stream.
+
+    Axis 0 of what it draws is the batch. In data-parallel training (:mod:`xpcnn.distributed`)
+    ``batch_slice`` is ``(start, total)``: the batch is samples ``start:start + n`` of a global
+    batch of ``total``, and the layer draws those samples' numbers of the global batch's draw,
+    so that every sample gets the numbers it gets in one process.
+    """
+
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        self.random_state = self.backend.asarray(np.array([rng.integers(2**31), 0], np.int64))
+        self.batch_slice: tuple[int, int] | None = None
+        return input_shape
+
+    @property
+    def seed(self) -> int:
+        return int(self.backend.to_numpy(self.random_state)[0])
+
+    @property
+    def calls(self) -> int:
+        """How many batches drawn (read from the device: the host waits for it)."""
+        return int(self.backend.to_numpy(self.random_state)[1])
+
+    def set_random_state(self, seed: int, calls: int) -> None:
+        """Resume the stream of ``seed`` after ``calls`` draws (written in place: a captured
+        step goes on reading it)."""
+        self.random_state[...] = self.backend.asarray(np.array([seed, calls], np.int64))
+
+    def skip_draw(self) -> None:
+        """Count a draw without drawing (a data-parallel rank with no sample in a batch)."""
+        self.random_state[1:2] += 1
+
+    def draws_in_training(self) -> bool:
+        """Whether a training pass draws (and counts a draw) now: a data-parallel rank with no
+        sample in a batch skips a draw only where it does (Dropout at rate 0 draws none)."""
+        return True
+
+    def _first(self, shape: tuple[int, ...]) -> int:
+        """The draw's first element for a batch of ``shape`` (see ``batch_slice``)."""
+        start = self.batch_slice[0] if self.batch_slice else 0
+        return start * math.prod(shape[1:])
+
+    def to(self, backend: Any) -> None:
+        state = self.backend.to_numpy(self.random_state)
+        super().to(backend)
+        self.random_state = backend.asarray(state)
+
+
 @dataclass(frozen=True, repr=False)
 class Weight:
     """One weight of a built layer, as Keras shows its variables (``model.weights``,
@@ -725,6 +848,51 @@ class Weight:
     def __repr__(self) -> str:
         return (f"<Weight {self.path!r} shape={self.shape} dtype={self.dtype} "
                 f"trainable={self.trainable}>")
+
+
+_UNSET: Any = object()
+
+
+def _takes_trainable(init: Callable[..., Any]) -> Callable[..., Any]:
+    """A layer class's ``__init__`` that takes ``trainable=`` too (keyword only), set once
+    the constructor has run: a frozen layer from the start, as Keras' ``Dense(3,
+    trainable=False)``."""
+    @functools.wraps(init)
+    def init_taking_trainable(self: Layer, *args: Any, trainable: Any = _UNSET, **kwargs: Any
+                              ) -> None:
+        init(self, *args, **kwargs)
+        if trainable is not _UNSET:
+            self.trainable = trainable  # (checked: a bool)
+
+    init_taking_trainable._takes_trainable = True  # type: ignore[attr-defined]
+    # (help() and named_parameters show it: keyword-only, before a **kwargs)
+    signature = inspect.signature(init)
+    params = list(signature.parameters.values())
+    at = next((k for k, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
+    params.insert(at, inspect.Parameter("trainable", inspect.Parameter.KEYWORD_ONLY,
+                                        default=True, annotation="bool"))
+    init_taking_trainable.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=params)
+    return init_taking_trainable
+
+
+def _writes_trainable(get_config: Callable[..., Any]) -> Callable[..., Any]:
+    """A layer class's ``get_config`` that says ``"trainable": False`` where the layer is
+    frozen."""
+    @functools.wraps(get_config)
+    def get_config_with_trainable(self: Layer) -> Any:
+        return _with_trainable(self, get_config(self))
+
+    get_config_with_trainable._writes_trainable = True  # type: ignore[attr-defined]
+    return get_config_with_trainable
+
+
+def _with_trainable(layer: Layer, config: Any) -> Any:
+    # (only where False: the configurations of trainable layers, and so files, stay as they were)
+    if isinstance(config, dict) and not vars(layer).get("trainable", True):
+        return {**config, "trainable": False}
+    return config
+
 
 
 def _weights_are_read_only(layer: Layer, name: str) -> NoReturn:

@@ -24,7 +24,8 @@ class Flatten(Layer):
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         if training:
             self._cache_shape = x.shape
-        return self.xp.reshape(x, (x.shape[0], -1))
+        # (the size, not -1, which an empty batch leaves undetermined)
+        return self.xp.reshape(x, (x.shape[0], math.prod(x.shape[1:])))
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         return self.xp.reshape(dy, self._cache_shape)

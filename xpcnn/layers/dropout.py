@@ -11,57 +11,7 @@ from ..checks import number
 from ..errors import InputError
 from ..ops import random
 from ..ops.kernels import kernels_for
-from .base import DEFAULT, Layer, Options, Shape, dtype_name
-
-
-class RandomLayer(Layer):
-    """A layer that draws random numbers on the device.
-
-    Its whole random state is ``random_state``, a device array [seed, draws so far] (see
-    :mod:`xpcnn.ops.random`): the seed is drawn at build from the model's generator, and each
-    training batch's draw reads the state and counts itself there, on the device. No host
-    value changes from one step to the next, so a step can be captured in a CUDA graph and
-    replayed; a checkpoint saves the two numbers (:attr:`seed`, :attr:`calls`) and resumes the
-    exact same stream.
-
-    Axis 0 of what it draws is the batch. In data-parallel training (:mod:`xpcnn.distributed`)
-    ``batch_slice`` is ``(start, total)``: the batch is samples ``start:start + n`` of a global
-    batch of ``total``, and the layer draws those samples' numbers of the global batch's draw,
-    so that every sample gets the numbers it gets in one process.
-    """
-
-    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
-        self.random_state = self.backend.asarray(np.array([rng.integers(2**31), 0], np.int64))
-        self.batch_slice: tuple[int, int] | None = None
-        return input_shape
-
-    @property
-    def seed(self) -> int:
-        return int(self.backend.to_numpy(self.random_state)[0])
-
-    @property
-    def calls(self) -> int:
-        """How many batches drawn (read from the device: the host waits for it)."""
-        return int(self.backend.to_numpy(self.random_state)[1])
-
-    def set_random_state(self, seed: int, calls: int) -> None:
-        """Resume the stream of ``seed`` after ``calls`` draws (written in place: a captured
-        step goes on reading it)."""
-        self.random_state[...] = self.backend.asarray(np.array([seed, calls], np.int64))
-
-    def skip_draw(self) -> None:
-        """Count a draw without drawing (a data-parallel rank with no sample in a batch)."""
-        self.random_state[1:2] += 1
-
-    def _first(self, shape: tuple[int, ...]) -> int:
-        """The draw's first element for a batch of ``shape`` (see ``batch_slice``)."""
-        start = self.batch_slice[0] if self.batch_slice else 0
-        return start * math.prod(shape[1:])
-
-    def to(self, backend: Any) -> None:
-        state = self.backend.to_numpy(self.random_state)
-        super().to(backend)
-        self.random_state = backend.asarray(state)
+from .base import DEFAULT, Options, RandomLayer, Shape, dtype_name, setting_changed
 
 
 class Dropout(RandomLayer):
@@ -92,12 +42,21 @@ class Dropout(RandomLayer):
 
     @rate.setter
     def rate(self, value: float) -> None:
-        self._rate = number(value, "Dropout rate", 0.0, 1.0, high_open=True)
+        rate = number(value, "Dropout rate", 0.0, 1.0, high_open=True)
+        # (a step captured in a CUDA graph holds the old rate, or no mask at all at 0: a
+        # change, by a schedule's callback say, captures it again)
+        setting_changed(self, vars(self).get("_rate"), rate)
+        self._rate = rate
         # (_drawn_rate's, by dtype object: for this rate only)
         self._drawn_rates: dict[Any, float] = {}
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "rate": self.rate}
+
+    def draws_in_training(self) -> bool:
+        """At rate 0 a training pass is the identity and draws nothing (nor counts a
+        draw)."""
+        return self.rate != 0.0
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         shape = super()._build(input_shape, rng)
@@ -147,6 +106,8 @@ class Dropout(RandomLayer):
         self._cache_relu_y = x if training and options.apply_input_relu_grad else None
         if not training or self.rate == 0.0:
             return x
+        if not getattr(x.dtype, "isnative", True):  # (NumPy's big-endian floats: as the
+            x = self.xp.astype(x, x.dtype.newbyteorder("="))  # other layers, native order)
         # The rate drawn, not the rate asked: the same mask (its threshold is exact in the
         # dtype), scaled by the inverse of the share kept (finite: the share is >= 2**-bits).
         self._cache_drawn = self._drawn_rate(x.dtype)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..ops.kernels import kernels_for
-from .base import DEFAULT, Layer, Options, Shape, require_rank
+from .base import DEFAULT, Layer, Options, Setting, Shape, require_rank
 
 
 def _check_eps(eps: float) -> float:
@@ -32,6 +32,8 @@ class FeatureNorm(Layer):
     # The gradient of a ReLU before it is applied in backward's own passes, a block of images
     # at a time while it is in cache.
     can_apply_input_relu_grad = True
+    # (a change after build captures a CUDA-graph step again: see Setting)
+    eps = Setting()
 
     def __init__(self, eps: float = 1e-5, name: str | None = None) -> None:
         super().__init__(name)
@@ -69,6 +71,10 @@ class BatchNorm2D(Layer):
 
     Training uses the batch's statistics and updates running ones
     (running = (1 - momentum) * running + momentum * batch, unbiased variance, as PyTorch);
+    a training batch with fewer than 2 values per channel (one sample after a Dense layer,
+    say fit's last batch, or an empty one) is normalised with its own statistics but leaves
+    the running ones as they were: its unbiased variance is undefined (PyTorch refuses such a
+    batch, which would stop a fit; on several ranks, each rank's slice counts);
     inference uses the running statistics, and so does a frozen layer (``trainable = False``)
     in training, as in Keras. Works on (N, H, W, C) and on (N, features). A model's plan fuses
     a plain ``ReLU()`` after it (``can_fuse_relu``).
@@ -76,6 +82,9 @@ class BatchNorm2D(Layer):
 
     weight_names = ("gamma", "beta", "moving_mean", "moving_variance")
     can_fuse_relu = True
+    # (a change after build captures a CUDA-graph step again: see Setting)
+    momentum = Setting()
+    eps = Setting()
 
     def __init__(self, momentum: float = 0.1, eps: float = 1e-5, name: str | None = None) -> None:
         super().__init__(name)

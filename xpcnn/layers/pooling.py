@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..ops import conv as conv_ops
 from ..ops import pool as ops
+from ..ops import windows
 from ..ops.kernels import kernels_for
 from .base import DEFAULT, Layer, Options, Shape, check_padding, pair, require_rank
 
@@ -30,7 +30,7 @@ class _Pool2D(Layer):
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         require_rank(self, input_shape, 3)
         h, w, c = input_shape
-        self.pads = conv_ops.resolve_padding(self.padding, (h, w), self.pool_size, self.strides)
+        self.pads = windows.resolve_padding(self.padding, (h, w), self.pool_size, self.strides)
         (ph, pw), (top, bottom, left, right) = self.pool_size, self.pads
         # A side's padding as wide as the pool makes windows of padding alone: no maximum
         # (-inf), no mean (0/0). "same" pads pool_size - 1 in all at most.
@@ -39,7 +39,7 @@ class _Pool2D(Layer):
                 f"layer {self.name!r}: padding {self.padding!r} is not less than the {ph}x{pw} "
                 "pool: windows made only of padding would have no value"
             )
-        self.out_hw = conv_ops.output_size((h, w), self.pool_size, self.strides, self.pads)
+        self.out_hw = windows.output_size((h, w), self.pool_size, self.strides, self.pads)
         if min(self.out_hw) < 1:
             raise InputError(
                 f"layer {self.name!r}: a {self.pool_size} pool does not fit an input of {h}x{w}"
@@ -55,7 +55,7 @@ class MaxPool2D(_Pool2D):
     can_apply_input_relu_grad = True
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        xpad = conv_ops.pad(self.xp, x, self.pads, value=-math.inf)
+        xpad = windows.pad(self.xp, x, self.pads, value=-math.inf)
         kernels = kernels_for(self.backend)
         if not training:
             return kernels.max_pool(xpad, self.pool_size, self.strides, self.out_hw)
@@ -68,7 +68,7 @@ class MaxPool2D(_Pool2D):
         dx = kernels.max_pool_backward(routes, y, dy, self.pool_size, self.strides, self.out_hw,
                                        options.apply_input_relu_grad)
         self._cache_routes = None
-        return conv_ops.unpad(dx, self.pads)
+        return windows.unpad(dx, self.pads)
 
 
 class AvgPool2D(_Pool2D):
@@ -76,36 +76,47 @@ class AvgPool2D(_Pool2D):
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         out = super()._build(input_shape, rng)
-        # How many real inputs each window covers (differs from k*k only at padded borders).
-        h, w, _ = input_shape
-        ones = np.zeros((1, h + self.pads[0] + self.pads[1], w + self.pads[2] + self.pads[3], 1))
-        ones[:, self.pads[0]:self.pads[0] + h, self.pads[2]:self.pads[2] + w, :] = 1
-        counts = ops.sum_pool(np, ones, self.pool_size, self.strides, self.out_hw)
-        self._inv_counts = self.backend.asarray(1.0 / counts, dtype=self.dtype)
+        self._inv_counts: Any = None  # (made at the first pass: a build allocates nothing the
+        # size of an image, as a model file's size check builds layers on trial)
         return out
 
+    def _inverse_counts(self) -> Any:
+        """1 / how many real inputs each output's window covers (k*k but at padded borders),
+        (1, Ho, Wo, 1): rows' counts times columns' counts, each window a rectangle."""
+        if self._inv_counts is None:
+            h, w, _ = self.input_shape
+            (top, bottom, left, right), (kh, kw), (sh, sw) = self.pads, self.pool_size, \
+                self.strides
+            rows = np.zeros((1, top + h + bottom, 1, 1))
+            rows[:, top:top + h] = 1
+            cols = np.zeros((1, 1, left + w + right, 1))
+            cols[:, :, left:left + w] = 1
+            counts = (ops.sum_pool(np, rows, (kh, 1), (sh, 1), (self.out_hw[0], 1))
+                      * ops.sum_pool(np, cols, (1, kw), (1, sw), (1, self.out_hw[1])))
+            self._inv_counts = self.backend.asarray(1.0 / counts, dtype=self.dtype)
+        return self._inv_counts
+
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        xpad = conv_ops.pad(self.xp, x, self.pads)
+        xpad = windows.pad(self.xp, x, self.pads)
         if training:
             self._cache_shape = xpad.shape
         # (float16 and bfloat16 windows summed, and divided, in float32: rounded once)
         xp = self.xp
         s = ops.sum_pool(xp, xpad, self.pool_size, self.strides, self.out_hw)
-        return xp.astype(s * xp.astype(self._inv_counts, s.dtype, copy=False), x.dtype,
+        return xp.astype(s * xp.astype(self._inverse_counts(), s.dtype, copy=False), x.dtype,
                          copy=False)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         xp = self.xp
-        acc = conv_ops.accumulator(xp, dy.dtype)  # (as forward: a window's shares summed there)
-        g = xp.astype(dy, acc, copy=False) * xp.astype(self._inv_counts, acc, copy=False)
+        acc = windows.accumulator(xp, dy.dtype)  # (as forward: a window's shares summed there)
+        g = xp.astype(dy, acc, copy=False) * xp.astype(self._inverse_counts(), acc, copy=False)
         dx = ops.sum_pool_backward(xp, g, self._cache_shape, self.pool_size, self.strides,
                                    self.out_hw)
-        return xp.astype(conv_ops.unpad(dx, self.pads), dy.dtype, copy=False)
+        return xp.astype(windows.unpad(dx, self.pads), dy.dtype, copy=False)
 
     def to(self, backend: Any) -> None:
-        inv = self.backend.to_numpy(self._inv_counts)
         super().to(backend)
-        self._inv_counts = backend.asarray(inv)
+        self._inv_counts = None  # (made again, on the new backend, at the next pass)
 
 
 class GlobalAvgPool2D(Layer):

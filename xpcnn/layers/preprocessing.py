@@ -13,11 +13,19 @@ import array_api_compat
 import numpy as np
 
 from ..backend import get_backend
-from ..checks import number, positive_int
+from ..checks import flag, number, positive_int
 from ..errors import InputError
 from ..ops.kernels import kernels_for
-from .base import DEFAULT, Layer, Options, Shape, require_rank
-from .dropout import RandomLayer
+from .base import (
+    DEFAULT,
+    Layer,
+    Options,
+    RandomLayer,
+    Setting,
+    Shape,
+    dtype_name,
+    require_rank,
+)
 
 
 class Rescaling(Layer):
@@ -25,6 +33,9 @@ class Rescaling(Layer):
 
     # The model's uint8 batch cast and scaled in one pass (one launch on CuPy).
     casts_input = True
+    # (a change after build captures a CUDA-graph step again: see Setting)
+    scale = Setting()
+    offset = Setting()
 
     def __init__(self, scale: float, offset: float = 0.0, name: str | None = None) -> None:
         super().__init__(name)
@@ -48,35 +59,59 @@ class Rescaling(Layer):
 class Normalization(Layer):
     """Per-channel normalisation y = (x - mean) / std, over the last axis.
 
-    ``mean`` and ``std`` are given (a number, or a value per channel), or computed from the
-    training data by :meth:`adapt` (Keras' ``norm = Normalization(); norm.adapt(x_train)``);
-    until then the layer cannot be built. Model files keep them either way."""
+    ``mean`` and ``std`` (or, as Keras takes it, ``variance``) are given (a number, or a value
+    per channel), or computed from the training data by :meth:`adapt` (Keras' ``norm =
+    Normalization(); norm.adapt(x_train)``); until then the layer cannot be built. As in
+    Keras 3, given statistics are settings (in :meth:`get_config`, no weights), and adapted
+    ones are the layer's non-trainable weights ``mean`` and ``variance``, (C,) each: saved as
+    arrays with the model's other weights (in checkpoints too, of any size), read and set by
+    ``get_weights`` / ``set_weights``, counted by ``summary``. ``adapted=True`` (what the
+    configuration of an adapted layer says) makes a layer whose statistics come as weights
+    (from a model file, or ``set_weights``), mean 0 and variance 1 until then."""
 
     # The model's uint8 batch cast and normalised in one pass (one launch on CuPy).
     casts_input = True
+    weight_names = ("mean", "variance")
+    updates_state = False  # (adapted statistics are fixed in training, as in Keras)
 
     def __init__(self, mean: list[float] | float | None = None,
-                 std: list[float] | float | None = None, name: str | None = None) -> None:
+                 std: list[float] | float | None = None, name: str | None = None, *,
+                 variance: list[float] | float | None = None, adapted: bool = False) -> None:
         super().__init__(name)
         self.mean: list[float] | None = None
         self.std: list[float] | None = None
-        if (mean is None) != (std is None):
-            raise InputError("Normalization takes both mean and std, or neither (then "
-                             f"adapt(data) computes them); got mean={mean!r}, std={std!r}")
+        self.adapted = flag(adapted, "Normalization adapted")
+        if std is not None and variance is not None:
+            raise InputError("Normalization takes std or variance, not both; got "
+                             f"std={std!r}, variance={variance!r}")
+        spread, what = (std, "std") if variance is None else (variance, "variance")
+        if (mean is None) != (spread is None):
+            raise InputError(f"Normalization takes both mean and std, or neither (then "
+                             f"adapt(data) computes them); got mean={mean!r}, {what}={spread!r}")
         if mean is None:
             return
+        if self.adapted:
+            raise InputError("Normalization(adapted=True) takes its statistics as weights "
+                             "(set_weights, or a model file), not as mean and std: give one "
+                             "or the other")
         self.mean = [number(v, "Normalization mean") for v in np.atleast_1d(mean).tolist()]
-        self.std = [number(v, "Normalization std", 0.0, low_open=True)
-                    for v in np.atleast_1d(std).tolist()]
-        if len(self.mean) != len(self.std) or not all(s > 0 for s in self.std):
-            raise InputError("Normalization needs mean and std of equal length, std positive; "
-                             f"got mean={mean!r}, std={std!r}")
+        spreads = [number(v, f"Normalization {what}", 0.0, low_open=True)
+                   for v in np.atleast_1d(spread).tolist()]
+        if len(self.mean) != len(spreads) or not all(s > 0 for s in spreads):
+            raise InputError(f"Normalization needs mean and {what} of equal length, {what} "
+                             f"positive; got mean={mean!r}, {what}={spread!r}")
+        self.std = spreads if variance is None else np.sqrt(spreads).tolist()
+        _check_inverse(self.std, np.float64, f"Normalization {what}")
 
     def get_config(self) -> dict[str, Any]:
+        # Adapted statistics are weights (a file's arrays, of any size), not settings: the JSON
+        # configuration of a model file is capped (MAX_CONFIG_BYTES).
+        if self.adapted:
+            return {"name": self.name, "adapted": True}
         return {"name": self.name, "mean": self.mean, "std": self.std}
 
     def _require_statistics(self) -> None:
-        if self.mean is None:
+        if self.mean is None and not self.adapted:
             raise InputError(f"layer {self.name!r} (Normalization) has no mean and std yet: "
                              "call layer.adapt(data) on the training images (N, H, W, C), or "
                              "give them, Normalization(mean, std), before it is built or called")
@@ -92,25 +127,95 @@ class Normalization(Layer):
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         self._require_statistics()
         c = input_shape[-1]
-        if len(self.mean) not in (1, c):
+        if self.mean is not None and len(self.mean) not in (1, c):
             raise InputError(f"Normalization has {len(self.mean)} channel statistics but the "
                              f"input has {c} channels")
+        if self.adapted:
+            if self.mean is None:  # (weights to come: Keras' initial mean 0 and variance 1)
+                self.mean, self.std = [0.0] * c, [1.0] * c
+            self._param("mean", np.broadcast_to(self.mean, (c,)), trainable=False)
+            variance = np.square(np.broadcast_to(np.asarray(self.std, np.float64), (c,)))
+            if not np.all(variance <= float(self.xp.finfo(self.dtype).max)):
+                raise InputError(f"layer {self.name!r} (Normalization): its variance (up to "
+                                 f"{float(np.max(variance)):.3g}) is beyond the range of "
+                                 f"{self.dtype}, the dtype that holds it; adapt it on "
+                                 "rescaled data")
+            _check_inverse(np.sqrt(variance), self._host_dtype(),
+                           f"layer {self.name!r} (Normalization): its std", stored=True)
+            self._param("variance", variance, trainable=False)
+            self._derive()
+            return input_shape
         shift, scale = self._statistics(c)
+        _check_inverse(self.std, self._host_dtype(), f"layer {self.name!r} (Normalization): "
+                       "its std")
         self._shift = self.backend.asarray(shift, dtype=self.dtype)
         self._scale = self.backend.asarray(scale, dtype=self.dtype)
         return input_shape
 
+    def _host_dtype(self) -> np.dtype:
+        """The NumPy dtype of the layer's dtype (float32 or float64)."""
+        return np.dtype(dtype_name(self.dtype))
+
+    def _derive(self) -> None:
+        """An adapted layer's shift (its ``mean`` weight itself) and scale, 1 / sqrt of its
+        ``variance`` weight as stored, in float64: the same from the layer's own adapt and from
+        its file (a loaded model predicts bit for bit as the saved one)."""
+        self._shift = self.state["mean"]
+        variance = self.state["variance"]
+        self._scale = self.backend.asarray(
+            1.0 / np.sqrt(self.backend.to_numpy(variance).astype(np.float64)), dtype=self.dtype)
+        self._scale_of = variance
+
+    def _arrays_now(self) -> tuple[Any, Any]:
+        """The shift and scale the kernels read; an adapted layer's made again where its
+        weights were replaced behind its back (a model's moves, data parallelism's averages)."""
+        if self.adapted and (self._shift is not self.state["mean"]
+                             or self._scale_of is not self.state["variance"]):
+            self._derive()
+        return self._shift, self._scale
+
+    def weight_problem(self, name: str, w: np.ndarray) -> str | None:
+        # (a variance of 0 divides by 0, a negative or NaN one is no variance: every
+        # prediction was NaN or infinite)
+        if name == "variance" and not np.all((w > 0) & np.isfinite(w)):
+            return (f"holds variances that are not positive and finite "
+                    f"({float(np.min(w)):.3g}), expected values > 0: (x - mean) / "
+                    "sqrt(variance) divides by them")
+        if name == "variance":
+            held = self._host_dtype()
+            tiny = _tiny_channels(np.sqrt(np.asarray(w, np.float64)), held, stored=True)
+            if tiny:
+                return (f"holds variances too small for {held} ({tiny}): 1 / sqrt(variance) "
+                        f"is not finite in {held}, the layer's dtype, so every output would "
+                        "be infinite or NaN; expected larger variances (rescale the data)")
+        return None
+
+    def assign_weights(self, checked: list[tuple[str, np.ndarray]]) -> None:
+        super().assign_weights(checked)
+        if not self.state:  # (given statistics: no weights)
+            return
+        given = dict(checked)
+        if "mean" in given:
+            self.mean = np.asarray(given["mean"], np.float64).tolist()
+        if "variance" in given:
+            self.std = np.sqrt(np.asarray(given["variance"], np.float64)).tolist()
+        self._derive()
+
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         # (computed and stored as Rescaling's output)
-        return kernels_for(self.backend).normalize(x, self._shift, self._scale, self.dtype,
+        shift, scale = self._arrays_now()
+        return kernels_for(self.backend).normalize(x, shift, scale, self.dtype,
                                                    self.compute_dtype)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        return dy * self._scale
+        return dy * self._arrays_now()[1]
 
     def to(self, backend: Any) -> None:
-        super().to(backend)
-        self._build(self.input_shape, np.random.default_rng(0))
+        super().to(backend)  # (an adapted layer's weights moved with the others)
+        if self.adapted:
+            self._derive()
+        else:
+            self._build(self.input_shape, np.random.default_rng(0))
 
     def adapt(self, data: Any, batch_size: int | None = None) -> None:
         """Set ``mean`` and ``std`` to the per-channel mean and population std of ``data``
@@ -119,13 +224,15 @@ class Normalization(Layer):
         ``data``: images (N, H, W, C) (or any (N, ..., C)) of a real dtype, uint8 included, as
         a NumPy array or memory map, or an array of an Array API namespace (CuPy, the layer's
         backend), or an iterable of such batches (a list, a generator; images alone, no
-        labels). The statistics are summed in float64, ``batch_size`` samples at a time
-        (None: at most 4 M values, 64 K a channel), less the first sample's values (data far
-        from 0 keeps its precision), and the chunks combined (Chan et al.), so no float64 copy
-        of the whole data is made. A built layer keeps its input's
-        channel count, and ``predict`` (a model holding it, compiled or not) uses the new
-        statistics at once. Refused: no values, NaN or infinity, a constant channel (std 0); a
-        failed call leaves the statistics as they were."""
+        labels; a one-element ``(x,)`` or ``[x]`` is ``x``, as a PyTorch DataLoader over
+        ``TensorDataset(x)`` gives it). The statistics are summed in float64, ``batch_size``
+        samples at a time (None: at most 4 M values, 64 K a channel), less the first sample's
+        values (data far from 0 keeps its precision), and the chunks combined (Chan et al.), so
+        no float64 copy of the whole data is made. A built layer keeps its input's channel
+        count, and ``predict`` (a model holding it, compiled or not) uses the new statistics at
+        once. Refused: no values, NaN or infinity, a constant channel (std 0), a std whose
+        inverse the layer's dtype cannot hold (below ~3e-39 in float32: here, or where the
+        layer is built); a failed call leaves the statistics as they were."""
         rows = None if batch_size is None else positive_int(batch_size, "adapt batch_size")
         single = array_api_compat.is_array_api_obj(data)
         try:
@@ -138,6 +245,8 @@ class Normalization(Layer):
         channels = self.input_shape[-1] if self.built else None
         for i, batch in enumerate(batches):
             where = "the data" if single else f"batch {i}"
+            if isinstance(batch, list | tuple) and len(batch) == 1:
+                batch = batch[0]  # ((x,) and [x] as x: a DataLoader over TensorDataset(x))
             c = channels = self._adapt_channels(batch, where, channels)
             if count == 0:
                 mean, m2 = np.zeros(c), np.zeros(c)
@@ -178,14 +287,35 @@ class Normalization(Layer):
                              "constant, std 0, which (x - mean) / std cannot divide by: drop "
                              "that channel from the data, or give mean and std yourself, "
                              "Normalization(mean, std) with a std > 0 for it")
+        if not self.built:  # (checked in the layer's dtype when it is built)
+            _check_inverse(std, np.float64, "Normalization.adapt: the data's std")
+            self.mean, self.std = mean.tolist(), std.tolist()
+            self.adapted = True
+            return
+        largest = float(self.xp.finfo(self.dtype).max)
+        if not np.all(std * std <= largest):  # (checked before anything changes)
+            raise InputError(f"Normalization.adapt: the data's variance (up to "
+                             f"{float(np.max(std * std)):.3g}) is beyond the range of the "
+                             f"layer's dtype, {self.dtype}, which holds it; rescale the data")
+        _check_inverse(std, self._host_dtype(), "Normalization.adapt: the data's std",
+                       stored=True)
         self.mean, self.std = mean.tolist(), std.tolist()
-        if self.built:
-            # Written in place: a training step captured in a CUDA graph reads these arrays
-            # by address (they are in no model's list of arrays it checks), so new arrays
-            # would leave it reading the old ones, freed.
-            shift, scale = self._statistics(channels)
-            self._shift[...] = self.backend.asarray(shift, dtype=self.dtype)
-            self._scale[...] = self.backend.asarray(scale, dtype=self.dtype)
+        shift, scale = self._arrays_now()
+        if not self.adapted:
+            # Given statistics become weights, as an adapted layer's are: its mean weight is
+            # the shift array itself (written below), its variance a new one.
+            self.adapted = True
+            self.state["mean"] = shift
+            self.state["variance"] = self.backend.asarray(np.ones(channels), dtype=self.dtype)
+            self._scale_of = self.state["variance"]
+            Layer.rebuilds += 1  # (its model looks again at its layers' arrays)
+        # Written in place: a training step captured in a CUDA graph reads these arrays by
+        # address, so new arrays would leave it reading the old ones, freed. (The scale from
+        # the variance as stored, as _derive makes it: a file gives the same.)
+        self.state["variance"][...] = self.backend.asarray(std * std, dtype=self.dtype)
+        variance = self.backend.to_numpy(self.state["variance"]).astype(np.float64)
+        shift[...] = self.backend.asarray(mean, dtype=self.dtype)
+        scale[...] = self.backend.asarray(1.0 / np.sqrt(variance), dtype=self.dtype)
 
     def _adapt_channels(self, batch: Any, where: str, channels: int | None) -> int:
         """The channel count of one batch given to :meth:`adapt`, checked: an array (N, ..., C)
@@ -193,7 +323,7 @@ class Normalization(Layer):
         the first batch's)."""
         if not array_api_compat.is_array_api_obj(batch):
             hint = (": adapt takes images alone, no labels ((x for x, _ in batches) drops "
-                    "them)" if isinstance(batch, tuple) else "")
+                    "them)" if isinstance(batch, list | tuple) and len(batch) >= 2 else "")
             raise InputError(f"Normalization.adapt takes images (N, H, W, C) as an array or an "
                              f"iterable of such batches; {where} is a "
                              f"{type(batch).__name__}{hint}")
@@ -210,6 +340,30 @@ class Normalization(Layer):
             raise InputError(f"{known}, but {where} has {c} (shape {tuple(batch.shape)}): the "
                              "statistics are per channel, the last axis")
         return c
+
+
+def _tiny_channels(std: Any, dtype: Any, stored: bool = False) -> str:
+    """The channels of ``std`` (C,) (or one for all) whose inverse is not finite in ``dtype``
+    (``stored``: the inverse of the square root of the variance as ``dtype`` holds it, as an
+    adapted layer computes it), named with their std ("" where none is)."""
+    std = np.atleast_1d(np.asarray(std, np.float64))
+    with np.errstate(divide="ignore", over="ignore", under="ignore"):
+        held = np.sqrt((std * std).astype(dtype).astype(np.float64)) if stored else std
+        bad = np.flatnonzero(~np.isfinite((1.0 / held).astype(dtype)))
+    shown = ", ".join(f"channel {int(j)}: {float(std[j]):.3g}" for j in bad[:4])
+    return shown + (f" and {bad.size - 4} more" if bad.size > 4 else "")
+
+
+def _check_inverse(std: Any, dtype: Any, what: str, stored: bool = False) -> None:
+    """Refuse a ``std`` whose inverse, the scale the layer multiplies by, is not finite in
+    ``dtype`` (a float32 layer's 1 / 1e-39 is infinity: every output infinite or NaN);
+    ``stored`` as in :func:`_tiny_channels`."""
+    tiny = _tiny_channels(std, dtype, stored)
+    if tiny:
+        raise InputError(f"{what} is too small for {np.dtype(dtype).name} ({tiny}): 1 / std "
+                         f"is not finite in {np.dtype(dtype).name}, so every output would be "
+                         "infinite or NaN; expected a larger std (rescale the data, or drop "
+                         "that channel)")
 
 
 def _chunk_moments(x: Any, where: str, first: int, shift: np.ndarray | None
@@ -304,6 +458,7 @@ class RandomCrop(RandomLayer):
     # The model's uint8 batch cast as it is cropped (one launch on CuPy, the draw included).
     casts_input = True
     has_gradient = False
+    padding = Setting()  # (a change after build captures a CUDA-graph step again)
 
     def __init__(self, padding: int = 4, name: str | None = None) -> None:
         super().__init__(name)

@@ -4,7 +4,7 @@ a convolution (forward, input gradient, kernel gradient) on it, one implementati
 Arrays at the seam are channels-last: images (N, H, W, C), output gradients (N, Ho, Wo, K), and
 kernels (K, kh, kw, C), the layout cuDNN takes for NHWC images (filters "KRSC"). Engines:
 
-- :class:`KernelsConv`: the chunked im2col + matmul loops of :mod:`xpcnn.ops.conv` over a
+- :class:`KernelsConv`: the chunked im2col + matmul loops of :mod:`xpcnn.ops.im2col` over a
   kernels object (:mod:`xpcnn.ops.kernels`): on :class:`StandardKernels` it is the standard
   Array API fallback, on the NumPy kernels the threaded CPU path, on the CuPy kernels im2col +
   cuBLAS.
@@ -21,8 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import conv as ops
-from .conv import Pads
+from . import im2col as ops
+from . import windows
+from .windows import Pads
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,9 @@ class ConvGeometry:
         """The geometry of a layer with ``filters`` kernels over per-sample (H, W, C) inputs
         (``padding`` "valid", "same" or an int on every side)."""
         h, w, c = input_shape
-        pads = ops.resolve_padding(padding, (h, w), kernel, strides)
+        pads = windows.resolve_padding(padding, (h, w), kernel, strides)
         return cls((h, w), c, filters, kernel, strides, pads,
-                   ops.output_size((h, w), kernel, strides, pads))
+                   windows.output_size((h, w), kernel, strides, pads))
 
     @property
     def taps(self) -> int:
@@ -100,7 +101,7 @@ class ConvEngine:
 
 class KernelsConv(ConvEngine):
     """The convolution through a kernels object's primitives: chunked im2col and matmuls;
-    scratch in a :class:`~xpcnn.ops.conv.Workspace` of its own."""
+    scratch in a :class:`~xpcnn.ops.im2col.Workspace` of its own."""
 
     def __init__(self, geometry: ConvGeometry, kern: Any, budget: int | None = None,
                  min_chunks: int = 8, keep_scratch: bool = True) -> None:
@@ -155,7 +156,8 @@ class KernelsConv(ConvEngine):
         # (K, kh*kw*C) matrix is the stored kernel itself, contiguous (a matmul against a
         # transposed view is several times slower on OpenBLAS). Where patches overlap, an
         # input's taps are multiplied and summed in the accumulator's dtype, rounded once.
-        acc = ops.accumulator(xp, dy.dtype) if ops.overlapping(g.kernel, g.strides) else dy.dtype
+        acc = (windows.accumulator(xp, dy.dtype) if windows.overlapping(g.kernel, g.strides)
+               else dy.dtype)
         dy2, w2 = xp.reshape(dy, (-1, g.filters)), xp.reshape(w, (g.filters, -1))
         dcols = xp.reshape(self.kern.matmul(xp.astype(dy2, acc, copy=False),
                                             xp.astype(w2, acc, copy=False)),
@@ -163,7 +165,7 @@ class KernelsConv(ConvEngine):
         (h, w_), (pt, pb, pl, pr) = g.in_hw, g.pads
         padded = (n, h + pt + pb, w_ + pl + pr, g.channels)
         dx = ops.col2im(xp, dcols, padded, g.kernel, g.strides, g.out_hw)
-        return xp.astype(ops.unpad(dx, g.pads), dy.dtype, copy=False)
+        return xp.astype(windows.unpad(dx, g.pads), dy.dtype, copy=False)
 
     def gradients(self, x: Any, dy: Any, w: Any, with_bias: bool, input_grad: bool,
                   relu_y: Any = None) -> tuple[Any, Any | None, Any | None]:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from typing import Any
 
 import cupy
 import numpy as np
 
-from . import conv as ops
+from ..errors import warn
+from . import im2col as ops
 from .convolution import ConvEngine, KernelsConv
 
 # Accumulators: float32 for float16 data (as tensor cores do), else the data's own type (the
@@ -402,9 +402,9 @@ def _tiled_kernel(name: str, source: str, dtype: Any, tf32: bool = False) -> Any
             try:
                 kernel.compile()
             except cupy.cuda.compiler.CompileException as e:
-                warnings.warn(f"xpcnn: the tensor-core convolution kernels did not compile "
-                              f"({str(e).splitlines()[0]}); {key[1]} convolutions run on the "
-                              f"CUDA cores instead", RuntimeWarning, stacklevel=3)
+                warn(f"the tensor-core convolution kernels did not compile "
+                     f"({str(e).splitlines()[0]}); {key[1]} convolutions run on the CUDA "
+                     "cores instead")
                 kernel = None
         _TILED[key] = kernel
     return _TILED[key]

@@ -43,7 +43,6 @@ import functools
 import os
 import queue
 import threading
-import warnings
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -51,6 +50,7 @@ from typing import Any
 import cupy
 import numpy as np
 
+from ..errors import warn
 from .convolution import ConvEngine, ConvGeometry, KernelsConv
 
 _WARNED: set[str] = set()
@@ -58,10 +58,11 @@ _NOT_BUILT: Any = object()  # a plan cache's answer for a key not looked up befo
 
 
 def warn_once(message: str) -> None:
-    """A RuntimeWarning the first time ``message`` is given in this process."""
+    """A RuntimeWarning the first time ``message`` is given in this process (pointed at the
+    user's line, :func:`xpcnn.errors.warn`)."""
     if message not in _WARNED:
         _WARNED.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warn(message)
 
 
 @functools.cache
@@ -76,7 +77,7 @@ def load() -> ModuleType | None:
         cudnn.backend_version()  # loads libcudnn; raises where it is missing
     except Exception as e:  # ImportError, OSError, RuntimeError from the loader
         reason = (str(e).splitlines() or [type(e).__name__])[0]
-        warn_once(f"xpcnn: cuDNN could not be loaded ({reason}); convolutions run on xpcnn's "
+        warn_once(f"cuDNN could not be loaded ({reason}); convolutions run on xpcnn's "
                   "own CUDA kernels (pip install \"xpcnn[cuda12]\" or \"xpcnn[cuda13]\")")
         return None
     return cudnn
@@ -90,31 +91,32 @@ SWITCHES = {"XPCNN_TF32": "1", "CUPY_TF32": "0", "XPCNN_DETERMINISTIC": "0",
 def switches(matmul: bool = False) -> tuple[bool, bool, bool]:
     """The switches a graph is built under, as the environment sets them now, read together
     (once per graph run, where they key its plan, and are handed to :func:`build_plan` where
-    that builds it): (:func:`tf32`, or :func:`matmul_tf32` for a ``matmul``;
-    :func:`deterministic`; :func:`autotune`)."""
+    that builds it), each on for any value but "0":
+
+    - TF32: whether float32 graphs may run in TF32, ``XPCNN_TF32`` (on when unset, as
+      PyTorch's convolutions); for a ``matmul`` graph, CuPy's own switch for its (cuBLAS)
+      matmuls, ``CUPY_TF32`` (off when unset), so that a captured step's products are computed
+      as an eager step's are (and as PyTorch's matmuls are by default: in full float32);
+    - deterministic: whether graphs must give the same bits at every run,
+      ``XPCNN_DETERMINISTIC`` (off when unset): plans with the numerical note NONDETERMINISTIC
+      (atomic adds in a weight gradient, say) are then excluded, as PyTorch's
+      ``cudnn.deterministic = True`` does;
+    - autotune: whether a graph's plan is chosen by timing its candidates,
+      ``XPCNN_CUDNN_AUTOTUNE`` (on when unset; off where deterministic)."""
     tf32, cupy_tf32, deterministic, autotune = (os.environ.get(k, default) != "0"
                                                 for k, default in SWITCHES.items())
     return (cupy_tf32 if matmul else tf32), deterministic, autotune and not deterministic
 
 
 def tf32() -> bool:
-    """Whether float32 graphs may run in TF32 (``XPCNN_TF32``, on unless "0"); read with the
-    other switches at each graph run (:func:`switches`)."""
+    """Whether float32 convolution graphs may run in TF32 now (:func:`switches`), for the
+    benchmarks' reports."""
     return switches()[0]
 
 
-def deterministic() -> bool:
-    """Whether graphs must give the same bits at every run (``XPCNN_DETERMINISTIC``: on for
-    "1", or any value but "0"; off when unset): plans with the numerical note NONDETERMINISTIC
-    (atomic adds in a weight gradient, say) are then excluded, as PyTorch's
-    ``cudnn.deterministic = True`` does. Read at each graph run (:func:`switches`)."""
-    return switches()[1]
-
-
 def autotune() -> bool:
-    """Whether a graph's plan is chosen by timing its candidates (``XPCNN_CUDNN_AUTOTUNE``, on
-    unless "0"; off where :func:`deterministic`); read at each graph run
-    (:func:`switches`)."""
+    """Whether plans are chosen by timing now (:func:`switches`), for the benchmarks'
+    reports."""
     return switches()[2]
 
 
@@ -150,13 +152,6 @@ def _operand(a: Any) -> Any:
         return a  # (as nearly every operand is: no call into CuPy)
     a = cupy.ascontiguousarray(a)
     return a if _address(a) % ALIGNMENT == 0 else a.copy()
-
-
-def matmul_tf32() -> bool:
-    """Whether float32 matmul graphs may run in TF32: CuPy's own switch for its (cuBLAS)
-    matmuls, ``CUPY_TF32`` (off unless "1"), so that a captured step's products are computed
-    as an eager step's are (and as PyTorch's matmuls are by default: in full float32)."""
-    return switches(matmul=True)[0]
 
 
 class _GiveBack:
@@ -390,8 +385,8 @@ def shared_plan(key: tuple[Any, ...], build: Callable[[], Plan | None]) -> Plan 
     ``key`` holds all that the graph and its plan depend on: the device (a plan is built with
     its handle), the operation (a convolution's direction, epilogue and
     :class:`~xpcnn.ops.convolution.ConvGeometry`; a matmul's shapes and transposes), the batch
-    size, the dtype, and the switches read at build: :func:`tf32` (or :func:`matmul_tf32`),
-    :func:`deterministic` and :func:`autotune`. The last keeps a plan chosen by timing from
+    size, the dtype, and the switches read at build (:func:`switches`: TF32, deterministic,
+    autotune). The last keeps a plan chosen by timing from
     being served with autotuning off, and the heuristics' plan with it on (both can be wanted
     in one process: scripts/bench_gpu.py times one against the other). A plan's timing, done
     on its first run (:meth:`Plan.run`), is done once for every layer that shares it; a plan
@@ -466,7 +461,7 @@ class CudnnConv(ConvEngine):
             return build_plan(self.cudnn, dtype, make, *on)
         except Exception as e:  # the frontend's errors have no common base
             reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            warn_once(f"xpcnn: cuDNN has no plan for {key[0]} of {self.geometry} in "
+            warn_once(f"cuDNN has no plan for {key[0]} of {self.geometry} in "
                       f"{np.dtype(dtype).name} ({reason}); xpcnn's own CUDA kernels run it")
             return None
 
@@ -644,10 +639,10 @@ class CudnnMatmul:
             product = f"the matrix product ({m}, {k}) @ ({k}, {n}) in {np.dtype(dtype).name}"
             if bias or relu:
                 epilogue = " + ".join(["bias"] * bias + ["ReLU"] * relu)
-                warn_once(f"xpcnn: cuDNN has no plan for {product} with its {epilogue} in the "
+                warn_once(f"cuDNN has no plan for {product} with its {epilogue} in the "
                           f"same graph ({reason}); they run after it")
             else:
-                warn_once(f"xpcnn: cuDNN has no plan for {product} ({reason}); cuBLAS runs "
+                warn_once(f"cuDNN has no plan for {product} ({reason}); cuBLAS runs "
                           "it, which a CUDA graph cannot capture: training steps with it run "
                           "eagerly")
             return None

@@ -451,7 +451,10 @@ _RECORD = """
         error = any_bad && !rescued;
         if (rescued) scale = scale / 2.0f;
         good = any_bad ? 0.0f : good + 1.0f;
-        if (good >= (float)growth) { scale = scale * 2.0f; good = 0.0f; }
+        if (good >= (float)growth) {  // (grown only to a finite scale, as PyTorch's)
+            if (isfinite(scale * 2.0f)) scale = scale * 2.0f;
+            good = 0.0f;
+        }
         if (!error && state[2] < 0) {  // (training stops at an error: the scale as before)
             scaling[0] = scale;
             scaling[1] = good;
@@ -864,7 +867,9 @@ __device__ A xpcnn_class_term(Z z, int c, A top, A log_total, long long label, d
     const A target = (c == label ? (A)keep : (A)0) + (A)spread;
     const T g = (T)((exp(logp) - target) * (A)inv_n);
     *out = (Z)(scaled ? (T)((A)xpcnn_widen(g) * scaling) : g);
-    return target * logp;
+    // (a zero target's term is 0, not 0 * -inf = NaN where z - top overflowed or z was -inf,
+    // as xpcnn.ops.softmax.cross_entropy; a +inf or NaN logit still makes log_total NaN)
+    return target != (A)0 ? target * logp : (A)0;
 }
 // The rows' [loss / N, right] of the block summed, then the blocks' by the last block.
 __device__ void xpcnn_block_totals(A (*sums)[THREADS], A row_loss, A right, A* partials,
@@ -1707,6 +1712,9 @@ class CupyKernels(StandardKernels):
         acc = _accumulator(t)
         partials = cupy.empty((blocks, cols, 2), acc)
         mean, inv_std = cupy.empty(cols, acc), cupy.empty(cols, acc)
+        if rows < 2:  # (one value a channel: the running statistics left as they were, as
+            # the standard version leaves them; the kernel writes its update to scratch)
+            moving_mean, moving_var = cupy.empty_like(moving_mean), cupy.empty_like(moving_var)
         _raw_kernel("xpcnn_batch_norm_stats", _BATCH_NORM_SOURCE, X=x.dtype, T=t, A=acc)(
             (blocks, -(-cols // 32)), (32, _SUM_ROWS_LANES),
             (x, np.int64(rows), np.int32(cols), np.int64(per), np.float64(eps),

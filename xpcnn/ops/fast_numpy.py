@@ -33,8 +33,9 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import random
-from .conv import accumulator, overlapping, owner, window, working_for
+from .im2col import owner, working_for
 from .kernels import StandardKernels, alike
+from .windows import accumulator, overlapping, window
 
 
 class _OpenBLASThreads:

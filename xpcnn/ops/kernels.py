@@ -15,12 +15,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from .conv import accumulator, im2col_into
 from .convolution import ConvEngine, ConvGeometry, KernelsConv
+from .im2col import im2col_into
 from .pool import max_pool, max_pool_backward
 from .random import uniform
 from .softmax import cross_entropy, loss_and_correct, nan_unless_classes, target_rows
 from .step_record import record_step
+from .windows import accumulator
 
 
 def standardize_backward(xp: Any, dxhat: Any, xhat: Any, inv_std: Any,
@@ -317,18 +318,26 @@ class StandardKernels:
         (in gamma's dtype here, in the fast versions' accumulator type there). Updates the
         running statistics in place (``a[...] =``: a step replayed from a CUDA graph reads
         and writes the same arrays) as PyTorch does: running = (1 - momentum) * running +
-        momentum * batch, the variance there unbiased (count / (count - 1))."""
+        momentum * batch, the variance there unbiased (count / (count - 1)); not where a
+        channel has fewer than 2 values (count = the product of every axis but the last):
+        there the unbiased variance is undefined (PyTorch refuses the batch), and the running
+        statistics are left as they were (decided on the host, from the shape)."""
         xp = self.xp
         x = xp.astype(x, gamma.dtype, copy=False)
         axes = tuple(range(x.ndim - 1))
-        mean = xp.mean(x, axis=axes)
-        centred = x - mean
-        var = xp.mean(centred * centred, axis=axes)
         count = math.prod(x.shape[:-1])
-        m = momentum
-        moving_mean[...] = (1 - m) * moving_mean + m * mean
-        unbiased = var * (count / max(count - 1, 1))
-        moving_var[...] = (1 - m) * moving_var + m * unbiased
+        if count:
+            mean = xp.mean(x, axis=axes)
+            centred = x - mean
+            var = xp.mean(centred * centred, axis=axes)
+        else:  # (an empty batch: no mean of nothing, whose NaN its backward would carry)
+            mean = xp.zeros(x.shape[-1:], dtype=x.dtype, device=x.device)
+            centred, var = x, mean
+        if count >= 2:
+            m = momentum
+            moving_mean[...] = (1 - m) * moving_mean + m * mean
+            unbiased = var * (count / (count - 1))
+            moving_var[...] = (1 - m) * moving_var + m * unbiased
         inv_std = 1.0 / xp.sqrt(var + eps)
         # (xhat as batch_norm_backward recomputes it: (x - mean) * inv_std, the same bits)
         z = centred * inv_std * gamma + beta

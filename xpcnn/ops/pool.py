@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .conv import accumulator, overlapping, window
+from .windows import accumulator, overlapping, window
 
 
 def max_pool(xp: Any, x: Any, kernel: tuple[int, int], strides: tuple[int, int],

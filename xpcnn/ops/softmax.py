@@ -62,10 +62,14 @@ def cross_entropy(xp: Any, z: Any, t: Any, weights: Any = None) -> tuple[Any, An
     is multiplied by weights[i], still divided by N (Keras' "sum over batch size")."""
     n = z.shape[0]
     logp = log_softmax(xp, z)
+    # A zero target contributes 0, not 0 * log(0) = NaN: a logit of -inf (or so far below the
+    # row's maximum that z - max overflows) has probability 0 and a finite loss, as in
+    # PyTorch. (A +inf or NaN logit still makes every log-probability of its row NaN.)
+    terms = t * xp.where(t != 0, logp, xp.zeros_like(logp))  # (no 0 * -inf computed)
     if weights is not None:
         w = xp.reshape(xp.astype(weights, z.dtype, copy=False), (-1, 1))
-        return -xp.sum(w * (t * logp)) / n, w * ((xp.exp(logp) - t) / n)
-    return -xp.sum(t * logp) / n, (xp.exp(logp) - t) / n
+        return -xp.sum(w * terms) / n, w * ((xp.exp(logp) - t) / n)
+    return -xp.sum(terms) / n, (xp.exp(logp) - t) / n
 
 
 def loss_and_correct(xp: Any, loss: Any, z: Any, y: Any) -> Any:

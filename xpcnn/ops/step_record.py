@@ -107,7 +107,12 @@ def _move_scale(xp: Any, scaling: Any, bad_loss: Any, any_bad: Any, live: Any) -
     moved = xp.where(rescued, scale / 2, scale)
     counted = xp.where(any_bad, good * 0, good + 1)
     grow = counted >= GROWTH_INTERVAL
+    # Doubled only where that stays finite, as PyTorch's GradScaler: an infinite scale would
+    # make every later gradient inf or NaN and skip every update. (moved * 2 is finite exactly
+    # where moved <= max / 2; a factor of 2 or 1, so that no overflow is ever computed.)
+    finite = moved <= float(xp.finfo(scaling.dtype).max) / 2
+    doubled = moved * (xp.astype(finite, scaling.dtype) + 1)
     keep = xp.logical_or(error, xp.logical_not(live))
-    scaling[...] = xp.stack([xp.where(keep, scale, xp.where(grow, moved * 2, moved)),
+    scaling[...] = xp.stack([xp.where(keep, scale, xp.where(grow, doubled, moved)),
                              xp.where(keep, good, xp.where(grow, counted * 0, counted))])
     return error

@@ -54,13 +54,13 @@ from ..backend import DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterrupted, warn
 from ..files import remove_leftovers, written_file
 from ..history import History
-from ..layers.dropout import RandomLayer
+from ..layers.base import RandomLayer
 from ..totals import SCALE_RANGE
 from .model_file import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSIONS,
     bad_values,
-    build_for,
+    build_for_file,
     check_architecture,
     check_checkpoint_version,
     check_file_entries,
@@ -363,7 +363,7 @@ def _check_architecture(model: Any, config: dict[str, Any], npz: NpzArchive) -> 
     if not isinstance(mconf, dict):
         raise DataFormatError(f"{path}: the checkpoint has no model configuration")
     check_file_entries(npz, mconf, checkpoint=True)
-    build_for(model, mconf, npz)
+    build_for_file(model, mconf, npz)
     check_architecture(model, mconf, path)
 
 

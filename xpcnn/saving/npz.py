@@ -89,7 +89,7 @@ class NpzArchive:
     def __init__(self, path: str | os.PathLike[str], what: str = "the file") -> None:
         self.path = file_path(path, what)
         if not os.path.isfile(self.path):
-            raise DataFormatError(f"{self.path}: no such file")
+            raise DataFormatError(f"{self.path}: " + _not_a_file(self.path))
         with _format_errors(self.path):
             size = os.path.getsize(self.path)
             self._zip = zipfile.ZipFile(self.path)
@@ -149,6 +149,15 @@ class NpzArchive:
             raise DataFormatError(f"{self.path}: the configuration entry is not JSON bytes")
         return decode_json(self.read(CONFIG_KEY, NPY_HEADER_BYTES + MAX_CONFIG_BYTES),
                            self.path)
+
+
+def _not_a_file(path: str) -> str:
+    """Why ``path``, not a regular file, cannot be read: what is there, where something is."""
+    if os.path.isdir(path):
+        return "is a folder, not a file; give the path of an .npz file (in it, say)"
+    if os.path.exists(path):
+        return "is not a regular file (a device or a pipe); give the path of an .npz file"
+    return "no such file"
 
 
 def _entry_key(info: zipfile.ZipInfo, archive_size: int, path: str) -> str:

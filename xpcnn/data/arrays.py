@@ -1,0 +1,407 @@
+"""Arrays as xpcnn takes them, and the checks every source's data goes through.
+
+* moving arrays between libraries: :func:`is_device_array`, :func:`of_library`,
+  :func:`adopt_foreign` (another library's array read without a copy), :func:`owned` (a copy
+  of its own), :func:`to_device`;
+* what kind of source ``x`` is: :func:`is_stream`, :func:`is_map_dataset`,
+  :func:`is_iterable_dataset`, :func:`counted_batches`;
+* device and image checks: :func:`check_on_device`, :func:`check_device_images`,
+  :func:`input_limit`, :func:`check_real_images`;
+* argument checks: :func:`check_source` (the arguments that name a source, before one is
+  made), :func:`split_item`, :func:`check_arrays`, :func:`build_for`,
+  :func:`check_sample_weights`, :func:`check_batch`, :class:`_Weighted`.
+
+The bottom of the package: every other module of it uses these, and this one imports none of
+them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from .. import checks
+from ..errors import InputError
+from ..structure import check_classifier
+
+# -- moving arrays between libraries ----------------------------------------------------------
+
+
+def is_device_array(x: Any) -> bool:
+    """True for an array of another library than NumPy (CuPy, PyTorch, array_api_strict)."""
+    return array_api_compat.is_array_api_obj(x) and not isinstance(x, np.ndarray)
+
+
+def of_library(x: Any, backend: Any) -> bool:
+    """True for a device array of the backend's own library (on any of its devices)."""
+    return is_device_array(x) and array_api_compat.array_namespace(x).__name__ == \
+        backend.xp.__name__
+
+
+def adopt_foreign(x: Any, backend: Any) -> Any:
+    """An array of another library than the model's, read without a copy (DLPack): one on the
+    CPU (a PyTorch DataLoader's tensors) as a NumPy array, as Keras takes them; one on a device
+    (a PyTorch CUDA tensor, for a model on CuPy) as an array of the model's library there.
+    One on the CPU that NumPy cannot read (a PyTorch tensor that requires grad, a dtype NumPy
+    lacks) is refused with DLPack's reason; anything else is returned as it is: one on a device
+    the model's library cannot read is refused by name where it is checked, and one on another
+    GPU than the model's too."""
+    if isinstance(x, np.generic) or not is_device_array(x) or of_library(x, backend):
+        return x
+    try:
+        on_cpu = x.__dlpack_device__()[0] == _DLPACK_CPU
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return x
+    try:
+        return np.from_dlpack(x) if on_cpu else backend.xp.from_dlpack(x)
+    except (AttributeError, BufferError, TypeError, ValueError, RuntimeError) as e:
+        if not on_cpu:
+            return x
+        library = array_api_compat.array_namespace(x).__name__
+        raise InputError(f"an array of {library} on the CPU (dtype {x.dtype}) that NumPy cannot "
+                         f"read ({type(e).__name__}: {e}): pass one that needs no gradient "
+                         "(PyTorch: .detach()) in a dtype NumPy has (float32, uint8, ...), or a "
+                         "NumPy array") from e
+
+
+_DLPACK_CPU = 1  # (DLPack's device type kDLCPU; kDLCUDA is 2)
+
+
+def owned(part: Any, backend: Any) -> Any:
+    """An array in memory of its own, whatever its library (a source may refill the buffer it
+    gave, as a loop allows): a NumPy array copied (C-ordered); another library's on the CPU (a
+    PyTorch tensor) read through DLPack and copied (once: the read is a view); one of the
+    model's library (CuPy, ``array_api_strict``) copied where it is. Anything else (a number;
+    an array the model cannot read, refused by name where it is checked) as it is."""
+    if isinstance(part, np.ndarray):
+        return part.copy()
+    # (a sample's label is most often a NumPy scalar or a number: is_device_array's namespace
+    # lookup cost more than the rest of the sample's work)
+    if isinstance(part, np.generic | int | float) or not is_device_array(part):
+        return part
+    part = adopt_foreign(part, backend)
+    if isinstance(part, np.ndarray):
+        return part.copy()
+    if of_library(part, backend):
+        return backend.xp.asarray(part, copy=True)
+    return part
+
+
+def to_device(backend: Any, a: Any) -> Any:
+    """A host array copied to the backend's device; a device array (or None) as it is."""
+    return a if a is None or is_device_array(a) else backend.asarray(a)
+
+
+# -- what kind of source x is -----------------------------------------------------------------
+
+
+def is_stream(x: Any) -> bool:
+    """A dataset or an iterable of batches, as opposed to arrays (lists and tuples are arrays)."""
+    if array_api_compat.is_array_api_obj(x) or isinstance(x, list | tuple | str | bytes):
+        return False
+    return isinstance(x, Iterable) or is_map_dataset(x)
+
+
+def is_map_dataset(x: Any) -> bool:
+    """``__len__`` and ``__getitem__``: batched and shuffled by xpcnn (not an iterator, nor a
+    PyTorch ``IterableDataset``)."""
+    return hasattr(x, "__len__") and hasattr(x, "__getitem__") and not isinstance(x, Iterator) \
+        and not is_iterable_dataset(x)
+
+
+def is_iterable_dataset(x: Any) -> bool:
+    """A PyTorch ``IterableDataset``: an iterable of batches, even where it defines ``__len__``
+    (it inherits a ``__getitem__`` that raises). PyTorch is not imported for it: an instance
+    means it is loaded."""
+    torch_data = sys.modules.get("torch.utils.data")
+    return torch_data is not None and isinstance(x, torch_data.IterableDataset)
+
+
+def counted_batches(data: Any) -> int | None:
+    """The batches a pass of ``data`` gives where its ``len()`` counts them, as Keras 3 takes
+    it: a PyTorch ``DataLoader`` over a map-style dataset (its sampler's batches). None for
+    any other iterable: a ``DataLoader`` over an ``IterableDataset`` (whose ``len()`` PyTorch
+    itself warns may be wrong), or a user's class (whose ``len()`` may count samples): a pass
+    shorter than the steps would stop training (``Trainer._fit_epoch``)."""
+    torch_data = sys.modules.get("torch.utils.data")  # (an instance means it is loaded)
+    if torch_data is None or not isinstance(data, torch_data.DataLoader) or \
+            is_iterable_dataset(data.dataset):
+        return None
+    try:
+        n = len(data)
+    except (TypeError, ValueError, NotImplementedError):  # (a sampler without one)
+        return None
+    return n if n >= 1 else None
+
+
+# -- device and image checks ------------------------------------------------------------------
+
+
+def check_on_device(x: Any, backend: Any, what: str = "x", instead: str = "a NumPy array, or "
+                    ) -> None:
+    """``x`` is an array of the backend's namespace on its device (``instead``: what else the
+    caller takes, for the error)."""
+    xp = backend.xp
+    try:
+        library = array_api_compat.array_namespace(x).__name__
+        where = f"an array of {library} on {array_api_compat.device(x)}"
+    except TypeError:
+        library, where = "", f"a {type(x).__name__}"
+    if library != xp.__name__ or array_api_compat.device(x) != backend.device:
+        raise InputError(f"{what} is {where}, but the model is on {backend.label} "
+                         f"({xp.__name__}): pass {instead}an array of the model's own library "
+                         "on its device")
+
+
+def check_device_images(x: Any, backend: Any, what: str = "x",
+                        limit: tuple[str, float] | None = None) -> Any:
+    """A device array of the model's namespace and device with a batch axis, real values
+    (finite, and within ``limit`` where given: see :func:`checks.check_finite`)."""
+    xp = backend.xp
+    check_on_device(x, backend, what)
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise InputError(f"{what} must have a batch axis and per-sample axes, e.g. (N, H, W, C), "
+                         f"and at least one sample; got shape {tuple(x.shape)}")
+    check_real_images(x, xp, what)
+    floating = xp.isdtype(x.dtype, "real floating")
+    largest = (xp.finfo if floating else xp.iinfo)(x.dtype).max
+    if floating or limit is not None and largest > limit[1]:  # (uint16 under float16, say)
+        largest = largest if limit is None else min(largest, limit[1])
+        # (bounds of x's own kind, within its range: a standard comparison takes no other)
+        high = float(largest) if floating else int(largest)
+        low = -high if floating or xp.iinfo(x.dtype).min < 0 else 0
+        with backend.on_device():  # (called outside the compute scope, or on the prefetch thread)
+            # (two reductions, no temporary as large as x: NaN propagates through both, and
+            # compares False; infinity is beyond the largest finite value)
+            good = bool(xp.logical_and(xp.min(x) >= low, xp.max(x) <= high))
+        if not good:
+            checks.check_finite(backend.to_numpy(x), what, limit=limit)  # names the sample
+    return x
+
+
+def input_limit(model: Any) -> tuple[str, float]:
+    """The narrowest dtype the model's batch is computed in, and its largest value: the
+    parameters' dtype (the model casts the batch to it, and preprocessing layers that cast it
+    themselves compute in it), and under mixed precision the compute dtype (float16) where
+    another layer reads the batch: it casts the batch to that dtype."""
+    readers = [la for la, ins in zip(model.layers, model._inbound(), strict=True) if 0 in ins]
+    names = {model.dtype_name}
+    if not all(la.casts_input for la in readers):
+        names.add(model._compute_dtype_name)
+    backend = model.backend
+    return min(((name, float(backend.xp.finfo(backend.dtype(name)).max)) for name in names),
+               key=lambda limit: limit[1])
+
+
+def check_real_images(x: Any, xp: Any, what: str = "x") -> None:
+    """``x`` holds real numbers (uint8 or float images), not booleans or complex numbers."""
+    if not (xp.isdtype(x.dtype, "integral") or xp.isdtype(x.dtype, "real floating")) or \
+            x.dtype == xp.bool:
+        raise InputError(f"{what} must hold real numbers (uint8 or float images), got dtype "
+                         f"{x.dtype}")
+
+
+# -- argument checks --------------------------------------------------------------------------
+
+
+def check_source(x: Any, y: Any, steps: int | None, what: str = "x", targets: bool = True,
+                 steps_name: str = "steps_per_epoch") -> int | None:
+    """The arguments that name a batch source (``x`` and ``y``, ``steps`` batches an epoch,
+    the argument the caller calls ``steps_name``), checked before any source is made: a refused
+    call draws no batch from an iterator. An iterator needs ``steps`` for fit (its
+    ``steps_per_epoch`` and ``validation_steps``), not for evaluate and predict (``steps``),
+    which read it to its end. Returns ``steps``, checked."""
+    if isinstance(x, Mapping):
+        raise InputError(f"{what} is a dict (keys {list(x)[:4]}): an xpcnn model has one "
+                         "input; pass its images as one array (N, H, W, C), or a dataset "
+                         "whose items are (x, y) pairs")
+    if is_stream(x):
+        if y is not None:
+            raise InputError(f"y must be None when {what} is a dataset or an iterable of "
+                             "batches (they hold the targets)")
+        if is_map_dataset(x):
+            if steps is not None:  # (it was ignored: every sample, each epoch)
+                raise InputError(f"{steps_name} is for generators; a dataset gives "
+                                 "ceil(len(dataset) / batch_size) batches")
+            return None
+        # (fit draws steps_per_epoch (validation_steps) batches an epoch from an iterator that
+        # goes on from epoch to epoch; evaluate and predict make one pass, to its end without
+        # steps, as Keras 3's do)
+        if isinstance(x, Iterator) and steps is None and steps_name != "steps":
+            raise InputError(f"{what} is an iterator (a generator): pass {steps_name}, the "
+                             "number of batches to draw from it")
+        return None if steps is None else checks.positive_int(steps, steps_name)
+    if steps is not None:
+        raise InputError(f"{steps_name} is for generators; arrays give ceil(N / batch_size) "
+                         "batches")
+    if targets and y is None:
+        pairs = isinstance(x, list | tuple) and bool(x) and isinstance(
+            x[0], list | tuple) and len(x[0]) == 2
+        raise InputError(f"y (the labels of {what}) is missing" + (
+            f"; {what} is a list of pairs: a list is read as one array, so pass the (x, y) "
+            f"batches as an iterator, iter({what}), with steps_per_epoch" if pairs else ""))
+    return None
+
+
+def split_item(item: Any, with_targets: bool, expected: str,
+               inner: tuple[int, ...] | None = None) -> tuple[Any, Any, Any]:
+    """(x, y, w) of a batch or a sample: a pair (x, y) or a triple (x, y, sample weight), as a
+    tuple or a list (w None for a pair, or given as None); without targets (``predict``), a
+    pair's y is ignored, a tuple or list of one is (x,) (but where its one element has the
+    shape ``inner``: a batch of one sample of a built model, or a sample of one row, is x
+    itself), and anything else is x itself (a list of samples or of rows is an array, not a
+    pair); else ``expected``, the error."""
+    if isinstance(item, Mapping):
+        raise InputError(f"{expected}, got a dict with keys {list(item)[:4]}")
+    if isinstance(item, tuple | list) and item and isinstance(item[0], Mapping):
+        raise InputError(f"{expected}, got one whose x is a dict with keys {list(item[0])[:4]}"
+                         ": an xpcnn model has one input, its images as one array")
+    size = len(item) if isinstance(item, tuple | list) else 0
+    if not with_targets:  # (a list of three is three samples; a tuple of three, a triple)
+        # (one of one is (x,), as Keras 3's unpack_x_y_sample_weight reads it: PyTorch's
+        # DataLoader(TensorDataset(x)) yields [xb], and TensorDataset(x)[i] is (x_i,))
+        split = size == 2 or size == 3 and isinstance(item, tuple) or size == 1 and (
+            inner is None or tuple(np.shape(item[0])) != tuple(inner))
+        return (item[0] if split else item), None, None
+    if size == 1:
+        raise InputError(f"{expected}, got a {type(item).__name__} of length 1, (x,): it holds "
+                         "no targets y, which training and evaluation need (predict takes "
+                         "(x,) items)")
+    if size not in (2, 3):
+        length = f" of length {size}" if isinstance(item, tuple | list) else ""
+        raise InputError(f"{expected}, got {type(item).__name__}{length}")
+    if item[1] is None:  # (it was taken for no labels, and failed inside the loss)
+        raise InputError(f"{expected}, got a pair whose y is None")
+    return item[0], item[1], item[2] if size == 3 else None
+
+
+def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any = None
+                 ) -> tuple[Any, Any]:
+    """Checked images (host NumPy, a memory map, arrays of another library on the CPU, or
+    device arrays of the model's library) and targets (integer labels or one-hot rows),
+    returned on the host; builds the model if needed. Device targets are read to the host to
+    be checked (a label out of range would otherwise silently match no class). A streamed
+    batch is checked on the background thread (:func:`~xpcnn.data.background.prefetch`),
+    beside the training loop rather than in it; ``index``: the dataset samples that a streamed
+    batch holds, which errors name."""
+    x, y = adopt_foreign(x, model.backend), adopt_foreign(y, model.backend)
+    limit = input_limit(model)
+    if is_device_array(x):
+        x = check_device_images(x, model.backend, what, limit)
+    elif isinstance(x, np.memmap):
+        checks.as_images(x, what)  # (checked; the memory map stays one, read batch by batch)
+    else:
+        x = checks.as_images(x, what)
+    if not model.built:
+        build_for(model, tuple(x.shape[1:]), what)
+    x = with_channel_axis(x, model)
+    checks.check_sample_shape(x, model.input_shape, what)
+    if isinstance(x, np.ndarray):
+        checks.check_finite(x, what, index, limit)
+    if y is not None or model._fused_softmax():
+        # (labels, or a final Softmax, need class scores; predict returns any other model's
+        # output as it is: an inner layer's features, say)
+        check_classifier(model.layers, [la.output_shape for la in model.layers])
+    if y is None:
+        return x, y
+    y_what = "y" if what == "x" else what.replace("x", "y")
+    targets, _ = checks.as_labels(_on_host(y, model.backend, y_what), int(x.shape[0]),
+                                  model.num_classes, y_what)
+    return x, targets
+
+
+def with_channel_axis(x: Any, model: Any) -> Any:
+    """Greyscale images without their channel axis, (N, H, W), for a model built for
+    (H, W, 1), as (N, H, W, 1) (a view: no copy), as Keras 3's functional models take them
+    (``keras.datasets.mnist`` gives that layout); any other ``x`` as it is."""
+    shape, expected = tuple(x.shape[1:]), tuple(model.input_shape)
+    if len(expected) < 2 or expected[-1] != 1 or shape != expected[:-1]:
+        return x
+    if isinstance(x, np.ndarray):
+        return x[..., np.newaxis]  # (a memory map stays one)
+    with model.backend.on_device():  # (called on the prefetch thread too)
+        return model.backend.xp.expand_dims(x, axis=-1)
+
+
+def build_for(model: Any, sample: tuple[int, ...], what: str = "x", fix: str | None = None
+              ) -> None:
+    """Build ``model`` for the per-sample shape of its first data; where a layer refuses a
+    sample (H, W) that (H, W, 1) would build, the error says to add the channel axis (``fix``:
+    how, for a dataset's samples)."""
+    sample = tuple(int(d) for d in sample)
+    try:
+        model.build(checks.shape_to_build(sample, what))
+    except InputError as e:
+        if len(sample) != 2 or not _builds_for(model, (*sample, 1)):
+            raise
+        raise InputError(f"{e}; are {what} greyscale images without their channel axis "
+                         f"(per-sample shape {sample}, (H, W))? "
+                         f"{fix or f'pass {what}[..., None], of shape (N, H, W, 1)'}") from e
+
+
+class _Built(Exception):
+    """Raised to undo a trial build (:func:`_builds_for`)."""
+
+
+def _builds_for(model: Any, shape: tuple[int, ...]) -> bool:
+    """Whether the unbuilt ``model`` builds for ``shape``; it is left unbuilt."""
+    try:
+        with model._unbuilt_if_refused():
+            model.build(shape)
+            raise _Built
+    except _Built:
+        return True
+    except InputError:
+        return False
+
+
+def check_sample_weights(model: Any, w: Any, n: int, what: str = "sample_weight",
+                         index: Any = None) -> np.ndarray:
+    """Sample weights for ``n`` samples (host or device arrays, as targets are; read to the
+    host to be checked), returned on the host in the model's parameter dtype; ``index``: the
+    dataset samples they weigh, which errors name."""
+    return checks.as_sample_weights(_on_host(adopt_foreign(w, model.backend), model.backend,
+                                             what), n, what, model.dtype_name, index)
+
+
+def _on_host(a: Any, backend: Any, what: str) -> Any:
+    """Targets or weights read to the host to be checked (a device array of the model's
+    library; one of another, which ``adopt_foreign`` could not read, refused by name)."""
+    if not is_device_array(a):
+        return a
+    if not of_library(a, backend):
+        check_on_device(a, backend, what)  # refused, naming its library
+    return backend.to_numpy(a)
+
+
+def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None) -> tuple[Any, Any]:
+    """One streamed batch, checked as whole arrays are, contiguous on the host (its arrays are
+    its own already: :func:`owned`, or stacked afresh)."""
+    x, y = check_arrays(model, x, y, what, index)
+    if is_device_array(x):  # (the labels are on the host: check_arrays brought them there)
+        return x, None if y is None else np.asarray(y)
+    return np.asarray(x, order="C"), None if y is None else np.asarray(y)
+
+
+class _Weighted:
+    """Whether a stream's items carry sample weights, fixed by the first batch read: every
+    later item must agree (a batch weighted and the next not would train the second at
+    weight 1 unnoticed); ``error`` is the refusal's text."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+        self.weighted: bool | None = None
+
+    def same(self, flags: list[bool], index: Any = None) -> bool:
+        """Whether the items of one batch (``flags``: each has a weight) carry weights, as
+        every item before them did; ``index``: their numbers, which the error names."""
+        if self.weighted is None:
+            self.weighted = flags[0]
+        if any(flag != self.weighted for flag in flags):
+            where = "" if index is None else f" (samples {[int(i) for i in index[:8]]}...)"
+            raise InputError(f"{self.error}{where}: give every sample a weight, or none")
+        return self.weighted

@@ -1,0 +1,115 @@
+"""The background thread: :func:`prefetch` computes host batches (reading files, stacking
+samples, checking values) up to :data:`PREFETCH` ahead while the device computes, and
+:func:`upload` hands each to the device on the caller's thread. Apart from the sources, which
+all read through them (:mod:`xpcnn.data.sources`, :mod:`xpcnn.data.streams`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .arrays import to_device
+
+# Batches prepared ahead by the background thread.
+PREFETCH = 2
+
+
+def upload(backend: Any, batches: Iterator[tuple[Any, ...]], owned: bool = False
+           ) -> Iterator[tuple[Any, ...]]:
+    """Host batches to the device, one copy each (device batches pass as they are), on the
+    caller's thread: the device's current context and stream are the loop's. ``owned``: each
+    batch is in arrays of its own already, which on NumPy (the host is the device) pass as
+    they are."""
+    as_they_are = owned and backend.name == "numpy"
+    with contextlib.closing(batches):  # type: ignore[type-var]
+        for batch in batches:
+            yield batch if as_they_are else tuple(to_device(backend, a) for a in batch)
+
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+# How long a prefetch closed early waits for its thread: longer than a slow iterator takes for
+# a batch (a thread left inside it would meet the next call's thread there: "generator already
+# executing"), short beside a read that never returns.
+STOP_WAIT_SECONDS = 10.0
+
+
+def prefetch(items: Iterator[Any], backend: Any,
+             left: Callable[[threading.Event | None], None] | None = None,
+             depth: int = PREFETCH) -> Iterator[Any]:
+    """``items`` computed on a background thread, up to ``depth`` ahead, on the device and
+    stream current where this generator is first iterated (``backend.current_stream_scope``).
+    An exception in the thread is raised here; closing this generator (a loop that ends early)
+    stops the thread; one that does not stop within :data:`STOP_WAIT_SECONDS` (inside an
+    iterator's ``next()``) is left. ``left`` is handed an Event that the thread sets as it
+    ends, before it is waited for, and None once it has ended."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    scope = backend.current_stream_scope()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            _work()
+        finally:
+            ended.set()
+
+    def _work() -> None:
+        try:
+            with scope:
+                try:
+                    for item in items:
+                        if not put(item):
+                            return
+                finally:  # a generator's own clean-up: on the thread that iterated it, in scope
+                    close = getattr(items, "close", None)
+                    if close is not None:
+                        close()
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+            put(_Failure(e))
+
+    # (waited for through an Event, not Thread.join: a join that a Ctrl-C interrupts marks
+    # a running thread as stopped in Python 3.11)
+    ended = threading.Event()
+    thread = threading.Thread(target=work, name="xpcnn-prefetch", daemon=True)
+    thread.start()
+    done = False
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                done = True
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        # (closed early, by an error or a Ctrl-C too: the thread ends at its next put, but one
+        # blocked inside the caller's iterator cannot be interrupted; a daemon, it is left to
+        # end with it rather than holding up the error. Handed to ``left`` before the wait,
+        # which a second Ctrl-C may interrupt: it then stays there)
+        if left is not None:
+            left(ended)
+        ended.wait(None if done else STOP_WAIT_SECONDS)
+        if left is not None and ended.is_set():
+            left(None)

@@ -1,0 +1,365 @@
+"""Sources of indexed samples: the :class:`Batches` protocol that every source follows, an
+epoch's order and each rank's share of it (:func:`epoch_order`, :func:`rank_slices`), and the
+sources that any step of an epoch can start from: arrays (:class:`ArrayBatches`) and map-style
+datasets (:class:`DatasetBatches`). Iterables of batches, with the state an iterator keeps
+between calls, are in :mod:`xpcnn.data.streams`.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..saving import fingerprint
+from .arrays import (
+    _Weighted,
+    adopt_foreign,
+    build_for,
+    check_batch,
+    check_sample_weights,
+    of_library,
+    owned,
+    split_item,
+    to_device,
+)
+from .background import prefetch, upload
+
+# A NumPy training set up to this size (images + targets) is uploaded to a GPU once per fit.
+DEVICE_BUDGET_BYTES = 2 << 30
+
+
+class Batches:
+    """A source of device batches for one ``fit``/``evaluate``/``predict`` call.
+
+    ``steps``: batches an epoch (None when unknown before the epoch ends); ``resumable``: an
+    epoch can be started at any step and replays the same batches (what exact resumption
+    needs, with :meth:`fingerprint`)."""
+
+    steps: int | None = None
+    resumable = False
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
+        """The batches of ``epoch`` from batch ``start`` on: (xb, yb) on the device (yb None
+        without targets), (xb, yb, wb) with sample weights (see :func:`unpack`)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resumed run must share with the original (see :mod:`xpcnn.saving.checkpoint`)."""
+        raise NotImplementedError
+
+    def same_data_mark(self) -> dict[str, Any] | None:
+        """What every rank's source must share on several ranks
+        (:func:`xpcnn.distributed.check_same_data`): the :meth:`fingerprint`, and what else
+        tells the content without reading it; None where nothing can (an iterable: each
+        rank's own)."""
+        try:
+            return self.fingerprint()
+        except NotImplementedError:
+            return None
+
+    def place(self, step: int) -> tuple[int, int, int] | None:
+        """On several ranks, (start, local, total): this rank's batch of step ``step`` is
+        samples ``start:start + local`` of a global batch of ``total``, where every rank can
+        tell without asking the others; None where only the batches tell (an iterable: the
+        ranks then exchange their batches' sizes each step)."""
+        return None
+
+
+def unpack(batch: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+    """(xb, yb, wb) of a batch that :meth:`Batches.epoch` yields; wb None without weights."""
+    return batch[0], batch[1], batch[2] if len(batch) > 2 else None
+
+
+# -- an epoch's order, and each rank's share --------------------------------------------------
+
+
+def epoch_order(shuffle: bool, seed: int, epoch: int, samples: int) -> np.ndarray | None:
+    """The order of an epoch's samples when shuffled, ``np.random.default_rng([seed, epoch])``'s
+    permutation (the same on every device and after a resume); None when not shuffled."""
+    return np.random.default_rng([seed, epoch]).permutation(samples) if shuffle else None
+
+
+def rank_slices(samples: int, batch_size: int, start: int, shard: tuple[int, int]
+                ) -> Iterator[tuple[int, int]]:
+    """[lo, hi) of this rank's part of each global batch from step ``start`` on. ``shard`` is
+    (rank, ranks) (:mod:`xpcnn.distributed`): a global batch is ``ranks * batch_size``
+    consecutive positions of the order, and the ranks take consecutive slices of it that
+    differ in size by one at most (some empty in a short last batch); (0, 1): the batches."""
+    size = batch_size * shard[1]
+    for step in range(start, -(-samples // size)):
+        first, local, _ = place_in_batch(samples, batch_size, step, shard)
+        yield step * size + first, step * size + first + local
+
+
+def place_in_batch(samples: int, batch_size: int, step: int, shard: tuple[int, int]
+                   ) -> tuple[int, int, int]:
+    """(start, local, total) of this rank's slice of global batch ``step`` (see
+    :func:`rank_slices`): samples ``start:start + local`` of the ``total`` in that batch."""
+    rank, ranks = shard
+    total = min(batch_size * ranks, samples - step * batch_size * ranks)
+    start = rank * total // ranks
+    return start, (rank + 1) * total // ranks - start, total
+
+
+class ShardedBatches(Batches):
+    """Batches of ``samples`` indexed samples, ``batch_size`` a rank: every rank knows every
+    rank's slice of each global batch."""
+
+    samples: int
+    batch_size: int
+    shard: tuple[int, int]
+
+    def place(self, step: int) -> tuple[int, int, int] | None:
+        return place_in_batch(self.samples, self.batch_size, step, self.shard)
+
+
+# -- arrays -----------------------------------------------------------------------------------
+
+
+class ArrayBatches(ShardedBatches):
+    """Batches of arrays ``x`` and ``targets`` (validated already), with ``weights`` (N,) (host,
+    checked) where given, in :func:`epoch_order`; on several ranks, this rank's slices of the
+    global batches (see :func:`rank_slices`)."""
+
+    resumable = True
+
+    def __init__(self, backend: Any, x: Any, targets: np.ndarray | None, batch_size: int,
+                 shuffle: bool = False, seed: int = 0, shard: tuple[int, int] = (0, 1),
+                 weights: np.ndarray | None = None) -> None:
+        self.backend, self.batch_size, self.shuffle, self.seed = backend, batch_size, shuffle, seed
+        self.shard = shard
+        self.samples = int(x.shape[0])
+        self.steps = -(-self.samples // (batch_size * shard[1]))
+        self.host_x = x if isinstance(x, np.ndarray) else None
+        self.host_targets, self.host_weights = targets, weights
+        # Memory-mapped files are read batch by batch; other arrays live on the device (on the
+        # CPU they are there already) unless they are too large for the budget.
+        self.on_device = self.host_x is None or not isinstance(x, np.memmap) and (
+            backend.name == "numpy" or x.nbytes + (0 if targets is None else targets.nbytes)
+            <= DEVICE_BUDGET_BYTES)
+        if self.on_device and backend.name != "numpy":  # (on NumPy: there already)
+            x, targets = to_device(backend, x), to_device(backend, targets)
+            weights = to_device(backend, weights)
+        self.x, self.targets, self.weights = x, targets, weights
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
+        order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
+        bounds = rank_slices(self.samples, self.batch_size, start, self.shard)
+        if self.on_device:
+            return self._gather_on_device(order, bounds)
+        host = (self._host_batch(order, lo, hi) for lo, hi in bounds)
+        return upload(self.backend, prefetch(host, self.backend))
+
+    def _gather_on_device(self, order: np.ndarray | None, bounds: Iterator[tuple[int, int]]
+                          ) -> Iterator[tuple[Any, ...]]:
+        xp = self.backend.xp
+        dev_order = None if order is None else (order if self.backend.name == "numpy" else
+                                                self.backend.asarray(order))
+        x, t, w = self.x, self.targets, self.weights
+        for lo, hi in bounds:  # (hi <= samples: slices past the end are not standard)
+            if dev_order is None:
+                batch = x[lo:hi, ...], None if t is None else t[lo:hi, ...]
+                yield batch if w is None else (*batch, w[lo:hi])
+                continue
+            idx = dev_order[lo:hi]
+            batch = xp.take(x, idx, axis=0), None if t is None else xp.take(t, idx, axis=0)
+            yield batch if w is None else (*batch, xp.take(w, idx, axis=0))
+
+    def _host_batch(self, order: np.ndarray | None, lo: int, hi: int) -> tuple[Any, ...]:
+        idx = slice(lo, hi) if order is None else order[lo:hi]
+        x = np.ascontiguousarray(self.host_x[idx])  # type: ignore[index]
+        y = None if self.host_targets is None else self.host_targets[idx]
+        return (x, y) if self.host_weights is None else (x, y, self.host_weights[idx])
+
+    def fingerprint(self) -> dict[str, Any]:
+        x = self.host_x if self.host_x is not None else self.backend.to_numpy(self.x)
+        return fingerprint(x, self.host_targets, self.batch_size, self.seed, self.shuffle,
+                           self.shard[1], self.host_weights)
+
+    def same_data_mark(self) -> dict[str, Any] | None:
+        """The fingerprint where the images are on the host (a CRC-32 of their bytes, a pass
+        over them); for a user's device arrays, each sample's sum, computed on the device and
+        read back (N numbers, not the arrays: :func:`device_sums_crc32`), with the rest of
+        the fingerprint."""
+        if self.host_x is not None:
+            return self.fingerprint()
+        t, w = self.host_targets, self.host_weights
+        return {"samples": self.samples, "sample_shape": [int(d) for d in self.x.shape[1:]],
+                "x_dtype": str(self.x.dtype), "x_sums_crc32": device_sums_crc32(self.backend,
+                                                                                self.x),
+                "y_crc32": None if t is None else zlib.crc32(np.ascontiguousarray(t).data),
+                "w_crc32": None if w is None else zlib.crc32(np.ascontiguousarray(w).data),
+                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
+                "ranks": self.shard[1]}
+
+
+def device_sums_crc32(backend: Any, x: Any) -> int:
+    """A CRC-32 of each sample's sum (float64) of device array ``x``, summed on the device in
+    parts of about 16 MiB of float64 (no copy of ``x`` to the host, no temporary as large as
+    it): other samples (a per-rank shard) give other sums; a sample's own pixels in another
+    order do not (which no shard does)."""
+    xp = backend.xp
+    n = int(x.shape[0])
+    per = max(1, math.prod(int(d) for d in x.shape[1:]))
+    rows = max(1, (1 << 21) // per)
+    crc = 0
+    with backend.on_device():
+        for lo in range(0, n, rows):
+            part = xp.reshape(x[lo:min(n, lo + rows), ...], (-1, per))
+            sums = xp.sum(xp.astype(part, xp.float64), axis=1)
+            crc = zlib.crc32(np.ascontiguousarray(backend.to_numpy(sums)).data, crc)
+    return crc
+
+
+# -- map-style datasets -----------------------------------------------------------------------
+
+
+class DatasetBatches(ShardedBatches):
+    """A map-style dataset: ``dataset[i] -> (x_i, y_i)``, ``(x_i, y_i, w_i)`` with a sample
+    weight (or ``x_i`` alone for ``predict``), batched and shuffled as arrays are; samples are
+    read and stacked on a background thread."""
+
+    resumable = True
+
+    def __init__(self, model: Any, dataset: Any, batch_size: int, shuffle: bool = False,
+                 seed: int = 0, with_targets: bool = True, what: str = "x",
+                 shard: tuple[int, int] = (0, 1)) -> None:
+        self.model, self.dataset, self.batch_size = model, dataset, batch_size
+        self.shuffle, self.seed, self.with_targets, self.what = shuffle, seed, with_targets, what
+        self.shard = shard
+        try:
+            self.samples = len(dataset)
+        except (TypeError, ValueError) as e:  # (a __len__ that is negative or not an int)
+            raise InputError(f"len({what}) must be its number of samples, an int >= 1: {e}") from e
+        self._expected = f"{what}[i] must return a pair (x_i, y_i) or a triple (x_i, y_i, w_i)"
+        self._weighted = _Weighted(f"{what}[i] returns a sample weight w_i for some i and not "
+                                   "for others")
+        if self.samples < 1:
+            raise InputError(f"{what} is an empty dataset (len() is {self.samples})")
+        self.steps = -(-self.samples // (batch_size * shard[1]))
+        if not model.built:  # the first sample tells the input shape
+            x, y, _ = split_item(self._item(0), with_targets, self._expected)
+            self._refuse_a_batch(0, x, y)
+            build_for(model, np.shape(x), what, f"return x_i[..., None] from {what}[i]")
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
+        order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
+        if order is None:
+            order = np.arange(self.samples)
+        host = (self._batch(order[lo:hi])
+                for lo, hi in rank_slices(self.samples, self.batch_size, start, self.shard))
+        backend = self.model.backend
+        return upload(backend, prefetch(host, backend), owned=True)  # (stacked afresh)
+
+    def _batch(self, idx: np.ndarray) -> tuple[Any, ...]:
+        if not len(idx):  # this rank's empty part of a short last batch (several ranks)
+            return (np.zeros((0, *self.model.input_shape), np.float32),
+                    np.zeros((0,), np.int64) if self.with_targets else None)
+        # (each sample's arrays copied as read: a dataset may refill one buffer at every [i],
+        # as a loop allows, and a batch is stacked once all its samples are read)
+        # (a sample of one row, (1, ...), may come as a list of that row)
+        shape = tuple(self.model.input_shape)
+        inner = shape[1:] if shape[0] == 1 else None
+        items = [tuple(owned(p, self.model.backend) for p in split_item(
+            self._item(int(i)), self.with_targets, self._expected, inner)) for i in idx]
+        self._refuse_a_batch(int(idx[0]), *items[0][:2])
+        xs, ys, ws = zip(*items, strict=True)
+        batch = check_batch(self.model, self._stack(xs, "x"),
+                            self._stack(ys, "y") if self.with_targets else None, self.what, idx)
+        weighted = self._weighted.same([w is not None for w in ws], idx)
+        if not weighted:
+            return batch
+        return (*batch, check_sample_weights(self.model, self._stack(ws, "w"), len(idx),
+                                             f"the sample weights w_i of {self.what}", idx))
+
+    def _item(self, i: int) -> Any:
+        """``dataset[i]``; an index below len() that the dataset refuses is named as such."""
+        try:
+            return self.dataset[i]
+        except LookupError as e:  # (IndexError, KeyError: len() promised more than there is)
+            raise InputError(f"{self.what}[{i}] raised {e!r}, but len("
+                             f"{self.what}) is {self.samples}: a dataset must return a sample for "
+                             f"every index in range(len({self.what}))") from e
+
+    def _refuse_a_batch(self, i: int, x: Any, y: Any) -> None:
+        """Refuse ``dataset[i]`` where it is a whole batch (a Keras Sequence's or PyDataset's
+        habit, whose len() counts batches): its x is a batch of the model's samples, or before
+        the model is built, a batch of images (H, W, C) with as many labels."""
+        shape = tuple(np.shape(x))
+        if self.model.built:
+            batch = shape[1:] == tuple(self.model.input_shape)
+        else:  # (of more than one sample: a sample may well be (1, H, W, C) with label (1,))
+            batch = len(shape) == 4 and shape[0] > 1 and np.ndim(y) in (1, 2) and \
+                np.shape(y)[0] == shape[0]
+        if batch:
+            raise InputError(
+                f"{self.what}[{i}] is a batch of {shape[0]} samples (x of shape {shape}), not "
+                f"one sample: xpcnn reads a map-style dataset (len() and [i]) one sample an "
+                f"index, and batches it itself. Pass a source of whole batches (a Keras "
+                f"Sequence or PyDataset) as an iterator of them, with steps_per_epoch="
+                f"len(ds) (steps= for evaluate and predict): (ds[i % len(ds)] for i in "
+                f"itertools.count())")
+
+    def _stack(self, parts: Sequence[Any], which: str) -> Any:
+        """Samples stacked into a batch: on the device where they are arrays of the model's
+        library (they stay there), else on the host."""
+        backend = self.model.backend
+        xp = backend.xp
+        parts = [adopt_foreign(p, backend) for p in parts]
+        mine = [of_library(p, backend) for p in parts]
+        if all(mine):  # (on the prefetch thread, on the caller's device and stream: prefetch)
+            return xp.stack(parts)
+        if any(mine):  # (NumPy or the device library would fail on the other kind)
+            raise InputError(f"the {which}_i that {self.what}[i] returns are arrays of "
+                             f"{xp.__name__} on the device for some i and not for others: "
+                             "a batch is stacked in one place, so return one kind")
+        try:
+            return np.stack(parts)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"the {which}_i that {self.what}[i] returns cannot be stacked "
+                             f"into a batch ({e}): they must share one shape, as NumPy arrays "
+                             f"or arrays of the model's library ({xp.__name__}) on its "
+                             "device") from e
+
+    def fingerprint(self) -> dict[str, Any]:
+        """As arrays' (:func:`xpcnn.saving.fingerprint`) but for the content, which is not
+        read: a dataset's ``[i]`` may draw random transforms (reading items here would change
+        the draws of the run, and its resume's), and reading it all would take a pass over
+        the data."""
+        return {"samples": self.samples, "dataset": type(self.dataset).__name__,
+                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
+                **({"ranks": self.shard[1]} if self.shard[1] > 1 else {})}
+
+    def same_data_mark(self) -> dict[str, Any] | None:
+        """The fingerprint and a CRC-32 of the indices of a PyTorch ``Subset`` (what
+        ``random_split`` gives), at every level (a Subset of a Subset): per-rank shards of one
+        dataset, of equal lengths, differ there. Not in :meth:`fingerprint`, which checkpoints
+        store (an older one must still resume). A shard of another kind (a class of the
+        user's that holds its own part) cannot be told without reading samples."""
+        return {**self.fingerprint(), "subset_indices_crc32": subset_indices_crc32(
+            self.dataset)}
+
+
+def subset_indices_crc32(dataset: Any, depth: int = 8) -> int | None:
+    """A CRC-32 of the ``indices`` of ``dataset`` and of the datasets it is a ``Subset`` of
+    (an object with ``indices`` and ``dataset``), down to ``depth`` levels; None where it is
+    none."""
+    crc, found = 0, False
+    for _ in range(depth):
+        indices = getattr(dataset, "indices", None)
+        inner = getattr(dataset, "dataset", None)
+        if indices is None or inner is None:
+            break
+        try:
+            values = np.asarray(indices, dtype=np.int64)  # (a list, a range, a tensor)
+        except (TypeError, ValueError):
+            break
+        crc, found = zlib.crc32(np.ascontiguousarray(values).data, crc), True
+        crc = zlib.crc32(len(values).to_bytes(8, "little"), crc)  # (the levels' bounds)
+        dataset = inner
+    return crc if found else None
