@@ -444,3 +444,28 @@ def test_a_random_layer_says_whether_a_training_pass_draws():
         layer(x, training=True)
         assert layer.draws_in_training() == (layer.calls == 1)
     assert not Dropout(0.0).draws_in_training()
+
+
+def test_a_loaded_models_random_layers_draw_the_streams_of_its_seed(tmp_path):
+    """A model file's size check built the layers on trial with one generator, and the model
+    kept them: every random layer of a loaded model had the same seed (two Dropouts dropped the
+    same elements), whatever the model's seed. Now each draws the stream a model of its seed
+    gives it ([seed, k]), loaded by load_model or by load_weights into an unbuilt twin."""
+    from xpcnn.layers import Dense, Flatten, Softmax
+
+    def make(seed):
+        return xpcnn.Sequential([RandomFlip(), RandomCrop(2), Flatten(), Dropout(0.5), Dense(8),
+                                 Dropout(0.5), Dense(3), Softmax()], seed=seed)
+
+    def seeds(model):
+        return [la.seed for la in model.layers if hasattr(la, "random_state")]
+
+    for seed in (0, 7):
+        model = make(seed)
+        model.build((8, 8, 1))
+        model.save(tmp_path / "m.npz")
+        assert len(set(seeds(model))) == 4
+        assert seeds(xpcnn.load_model(tmp_path / "m.npz")) == seeds(model)
+        twin = make(seed)
+        twin.load_weights(tmp_path / "m.npz")
+        assert seeds(twin) == seeds(model)

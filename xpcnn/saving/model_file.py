@@ -390,7 +390,7 @@ def check_sizes(layers: list[Layer], shape: tuple[int, ...], npz: NpzArchive,
     for i, layer in enumerate(layers):
         ins = inbound[i] if inbound is not None else (i,)
         if layer.multi_input:  # (a merge layer: no window, no weights)
-            out = layer.build([shapes[j] for j in ins], "cpu", "float32")
+            out = layer.unbuilt_copy().build([shapes[j] for j in ins], "cpu", "float32")
         else:
             out = _checked_single_input(layer, i, shapes[ins[0]], npz, i in in_config)
         too_big = _output_too_big(out)
@@ -470,7 +470,8 @@ def _checked_single_input(layer: Layer, i: int, shape: tuple[int, ...], npz: Npz
             raise DataFormatError(f"{path}: layer {i} ({type(layer).__name__}) needs {need} "
                                   f"weight values for inputs of shape {shape}, but the file "
                                   f"holds {have}")
-    return layer.build(shape, "cpu", "float32", None, np.random.default_rng(0))
+    # (on a copy: the model's own build then gives a random layer its own stream, [seed, k])
+    return layer.unbuilt_copy().build(shape, "cpu", "float32", None, np.random.default_rng(0))
 
 
 def _weight_count(layer: Layer, shape: tuple[int, ...]) -> int | None:
