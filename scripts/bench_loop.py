@@ -29,10 +29,10 @@ from unittest import mock
 import numpy as np
 
 import xpcnn
-from xpcnn import training
 from xpcnn.data import ArrayBatches
 from xpcnn.models import INPUT_SHAPES, build_layers
 from xpcnn.totals import READ_EVERY, RunningTotals
+from xpcnn.training import step as training_step
 
 
 def main() -> None:
@@ -94,7 +94,7 @@ def main() -> None:
     for graphs in (False, True):
         model.compile(optimizer=model.optimizer, cuda_graphs=graphs)
         if graphs and backend.name != "cupy":
-            with mock.patch.object(training, "graph_blockers", lambda backend: []):
+            with mock.patch.object(training_step, "graph_blockers", lambda backend: []):
                 model._step_graphs().capture = NoCapture()
         name = "fit loop, replayed steps" if graphs else "fit loop, eager steps"
         print(f"  {name:26s} {fit_loop_seconds(model, x, y, args) * 1e6:8.1f} us per step")

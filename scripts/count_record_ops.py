@@ -72,7 +72,8 @@ def main() -> int:
     array = type(xs.asarray(1.0))
     functions = {n: getattr(xs, n) for n in dir(xs)
                  if not n.startswith("_") and not n[0].isupper() and callable(getattr(xs, n))}
-    old_unscale = "g * inverse" in (Path(args.tree) / "xpcnn" / "training.py").read_text()
+    trainer = Path(args.tree) / "xpcnn" / "training.py"  # (a tree from before xpcnn/training/)
+    old_unscale = trainer.is_file() and "g * inverse" in trainer.read_text()
     print(f"{args.model}: {len(grads_np)} gradients; device operations of one step's record "
           f"(standard version, {args.tree})")
     for label, squares, scaled in (("SGD", False, False), ("Adam", True, False),

@@ -1155,12 +1155,11 @@ def test_the_progress_bar_shows_small_values_as_keras_does(data, monkeypatch, ca
 
 
 def test_evaluates_bar_shows_the_loss_and_metrics(data, monkeypatch, capsys):
-    import xpcnn.training
+    from xpcnn.training import arguments, trainer
 
-    real = xpcnn.training.tqdm
-    monkeypatch.setattr(xpcnn.training, "tqdm", lambda *a, **k: real(*a, **{**k,
-                                                                         "disable": False}))
-    monkeypatch.setattr(xpcnn.training, "BAR_REFRESH", 0.0)  # (every batch's running means)
+    real = arguments.tqdm
+    monkeypatch.setattr(arguments, "tqdm", lambda *a, **k: real(*a, **{**k, "disable": False}))
+    monkeypatch.setattr(trainer, "BAR_REFRESH", 0.0)  # (every batch's running means)
     model = small_model()
     loss, accuracy = model.evaluate(*data, batch_size=BATCH, verbose=1)
     err = capsys.readouterr().err

@@ -25,7 +25,7 @@ import xpcnn
 from xpcnn import files
 from xpcnn.cli import main as cli_main
 from xpcnn.errors import DataFormatError, InputError, NonFiniteError
-from xpcnn.layers import Dense, Flatten, Softmax
+from xpcnn.layers import Conv2D, Dense, Flatten, GlobalAvgPool2D, Softmax
 from xpcnn.saving.checkpoint import (
     Progress,
     load_checkpoint,
@@ -934,3 +934,18 @@ def test_resuming_stays_strict_about_dtype_and_input_shape(tmp_path):
     with pytest.raises(DataFormatError, match="holds a float64 model; this model is float32"):
         make("float32").fit(x, y, epochs=2, batch_size=8, verbose=0,
                             checkpoint=tmp_path / "c.npz", resume=True)
+
+    def convolutional(side):
+        model = xpcnn.Sequential([Conv2D(2, 3, padding="same"), GlobalAvgPool2D(), Dense(3)],
+                                 input_shape=(side, side, 2), dtype="float64")
+        model.compile(optimizer="sgd")
+        return model
+
+    path = tmp_path / "conv.npz"
+    convolutional(6).fit(rng.normal(size=(16, 6, 6, 2)), y, epochs=1, batch_size=8, verbose=0,
+                         checkpoint=path)
+    convolutional(8).load_weights(path)  # (every weight fits)
+    with pytest.raises(DataFormatError, match=r"holds a model for inputs of shape \(6, 6, 2\); "
+                                              r"this model takes \(8, 8, 2\)"):
+        convolutional(8).fit(rng.normal(size=(16, 8, 8, 2)), y, epochs=2, batch_size=8,
+                             verbose=0, checkpoint=path, resume=True)

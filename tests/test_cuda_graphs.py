@@ -18,7 +18,6 @@ from nets import gap_net
 import xpcnn
 from xpcnn import backend as backend_module
 from xpcnn import optim
-from xpcnn import training as training_module
 from xpcnn.cuda_graphs import blockers
 from xpcnn.errors import InputError, NonFiniteError
 from xpcnn.layers import (
@@ -32,6 +31,7 @@ from xpcnn.layers import (
     ReLU,
 )
 from xpcnn.model import Model
+from xpcnn.training import step as step_module
 
 
 class FakeCapture:
@@ -101,7 +101,7 @@ def _runner(model, warmup=2):
     stand-in capture."""
     model.cuda_graphs_reason = ""
     with pytest.MonkeyPatch.context() as mp:  # (NumPy: "not CuPy" otherwise)
-        mp.setattr(training_module, "graph_blockers", lambda backend: [])
+        mp.setattr(step_module, "graph_blockers", lambda backend: [])
         graphs = model._step_graphs()
     capture = FakeCapture(model._graph_arrays, model.layers)
     graphs.capture, graphs.warmup = capture, warmup

@@ -390,7 +390,7 @@ def test_cudnn_that_does_not_load_warns_once(cc, monkeypatch):
                       r"find symbol cudnnGetVersion\); convolutions run on xpcnn's own CUDA "
                       "kernels") as record:
         assert cc.load() is None
-    assert record[0].filename == __file__  # (the user's line: errors.warn)
+    assert record[0].filename == __file__  # (the caller's line)
     assert cc.load() is None  # cached: no second warning (pytest would fail on it below)
     cc.load.cache_clear()
     monkeypatch.setenv("XPCNN_CUDNN", "0")

@@ -19,10 +19,10 @@ from nets import gap_net
 
 import xpcnn
 import xpcnn.data
-from xpcnn import training as training_module
 from xpcnn.callbacks import LambdaCallback
 from xpcnn.errors import InputError, NonFiniteError
 from xpcnn.layers import Dense, Flatten, Rescaling, Softmax
+from xpcnn.training import trainer as trainer_module
 
 N, BATCH, EPOCHS, SEED = 44, 8, 2, 5  # 6 steps an epoch, the last one short
 
@@ -765,8 +765,8 @@ def test_validation_split_checks_the_arrays_once_as_a_whole(data, monkeypatch):
     first part with the rest as validation_data, whose two parts are checked each."""
     x, y = data
     calls = []
-    check = training_module.check_arrays
-    monkeypatch.setattr(training_module, "check_arrays",
+    check = trainer_module.check_arrays
+    monkeypatch.setattr(trainer_module, "check_arrays",
                         lambda *args, **kwargs: calls.append(args) or check(*args, **kwargs))
     split = trained(x, y, validation_split=0.25)
     assert len(calls) == 1

@@ -240,7 +240,7 @@ model = xpcnn.Sequential([Conv2D(4, 3), BatchNorm2D(), ReLU(), Flatten(), Dense(
                          input_shape=(6, 6, 3), dtype="float64", seed=0)
 bn = model.layers[1]
 w = bn.get_weights()
-w[2], w[3] = rng.normal(size=4), rng.random(4) + 0.5  # (pretrained statistics)
+w[2], w[3] = np.array(MEAN), np.array(VARIANCE)  # (pretrained statistics)
 bn.set_weights(w)
 bn.trainable = False
 model.compile(loss="cross_entropy", optimizer="sgd")
@@ -249,13 +249,22 @@ np.savez(f"{sys.argv[1]}.rank{distributed.world().rank}.npz", *w[2:], *bn.get_we
 """
 
 
+# Statistics each of whose values moves when three of it are summed and divided by 3.
+_FROZEN_MEAN = [0.36159505490948474, -0.21879166393254573, 0.3515100700930197,
+                -0.7434992493538084]
+_FROZEN_VARIANCE = [0.7949529212729656, 1.348369136565879, 0.9421559491520755,
+                    1.4001173312335662]
+
+
 @needs_mpi
 def test_a_frozen_batchnorms_statistics_stay_exactly_as_they_were_on_three_ranks(tmp_path):
     """The end-of-epoch average of the BatchNorm statistics took a frozen layer's too: three
     alike float64 values, summed and divided by 3, moved by an ulp (Keras and the README: a
     frozen layer's statistics stay as they are). A frozen layer's are not averaged now."""
+    assert all((v + v + v) / 3 != v for v in _FROZEN_MEAN + _FROZEN_VARIANCE)  # (the test's
+    # power: each value would move if averaged)
     script = tmp_path / "frozen_bn.py"
-    script.write_text(_FROZEN_BN)
+    script.write_text(f"MEAN = {_FROZEN_MEAN!r}\nVARIANCE = {_FROZEN_VARIANCE!r}\n" + _FROZEN_BN)
     out = tmp_path / "run"
     proc, _ = launch([MPIEXEC, "-n", "3", sys.executable, str(script), str(out)])
     assert proc.returncode == 0, proc.stderr

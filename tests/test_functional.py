@@ -535,6 +535,7 @@ def test_a_sequential_of_a_base_model_and_a_head_shares_and_freezes_its_layers(d
     base.trainable = False
     model = xpcnn.Sequential([base, GlobalAvgPool2D(), Dense(5, activation="softmax")])
     assert [la for la in model.layers[:3]] == list(base.layers)
+    assert model.built and model.input_shape == (8, 8, 3)  # (the base's, as in Keras)
     model.compile(optimizer="adam")
     model.fit(*data, epochs=1, batch_size=8, verbose=0)
     for a, b in zip(base.get_weights(), frozen, strict=True):

@@ -150,7 +150,7 @@ def emulated_gpu() -> Iterator[None]:
     steps run eagerly: the emulator has no streams, so nothing to capture them on."""
     from launch_counter import emulated
 
-    from xpcnn import training
+    from xpcnn.training import step
 
     with emulated(), pytest.MonkeyPatch.context() as mp:
         cupy = sys.modules["cupy"]
@@ -161,7 +161,7 @@ def emulated_gpu() -> Iterator[None]:
         mp.setattr(cupy.cuda, "Device", _EmulatedDevice, raising=False)
         mp.setattr(cupy.cuda, "runtime", types.SimpleNamespace(getDeviceCount=lambda: 1),
                    raising=False)
-        mp.setattr(training, "graph_blockers",
+        mp.setattr(step, "graph_blockers",
                    lambda backend: ["the CUDA emulator has no streams to capture a step on"])
         yield
 

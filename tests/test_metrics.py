@@ -170,10 +170,10 @@ def test_the_metrics_without_top_k_run_no_top_k_work(monkeypatch):
     """A model compiled without top-k metrics counts nothing more (its device work is
     unchanged: tests/test_launch_counts.py); one with them counts once per step, for all its
     metrics of one k."""
-    from xpcnn import training
+    from xpcnn.training import step
 
     calls = []
-    monkeypatch.setattr(training, "top_k_counts",
+    monkeypatch.setattr(step, "top_k_counts",
                         lambda *a: calls.append(a[3]) or top_k_counts(*a))
     logits_model(["accuracy"]).fit(X, Y, batch_size=12, verbose=0, validation_data=(X, Y))
     assert calls == []

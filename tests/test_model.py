@@ -1742,8 +1742,13 @@ def test_a_ceiling_given_to_a_fused_relu_after_its_first_pass_is_applied():
     the plan was compiled (a callback's schedule, say), the plan kept the fused ReLU without
     one: predict and training ignored the ceiling. The plan is compiled again on a changed
     setting (the optimiser's state kept: the same layers train)."""
-    model = xpcnn.Sequential([Flatten(), Dense(4), ReLU(), Dense(2)], seed=0, dtype="float64")
-    model.compile(optimizer="adam")
+    def make(ceiling=None):
+        model = xpcnn.Sequential([Flatten(), Dense(4), ReLU(ceiling), Dense(2)], seed=0,
+                                 dtype="float64")
+        model.compile(optimizer=xpcnn.optim.SGD(0.1, momentum=0.9))
+        return model
+
+    model = make()
     x = np.random.default_rng(0).standard_normal((6, 3)) * 10
     y = np.array([0, 1, 0, 1, 0, 1])
     model.train_on_batch(x, y)
@@ -1752,6 +1757,16 @@ def test_a_ceiling_given_to_a_fused_relu_after_its_first_pass_is_applied():
     k1, b1, k2, b2 = model.get_weights()
     np.testing.assert_allclose(model.predict(x), np.clip(x @ k1 + b1, 0, 0.1) @ k2 + b2,
                                rtol=1e-12)
+    # A training step as a model built with the ceiling takes it (momentum carried over).
+    reference = make(0.1)
+    reference.train_on_batch(x, y)
+    reference.set_weights(model.get_weights())
+    for k in slots:
+        for mine, theirs in zip(slots[k], reference.optimizer.slots[k], strict=True):
+            theirs[...] = mine
     model.train_on_batch(x, y)
+    reference.train_on_batch(x, y)
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
     assert all(a is b for k in slots for a, b in zip(slots[k], model.optimizer.slots[k],
                                                     strict=True))

@@ -430,6 +430,79 @@ def test_a_model_subclass_loads_by_its_class_name(tmp_path):
     assert MODEL_TYPES["Decorated"] is Decorated
 
 
+def test_a_model_subclass_its_from_config_cannot_rebuild_is_refused_at_save(tmp_path):
+    """A subclass whose constructor takes its own parameters (Classifier(classes)) saved, then
+    load_model failed with "units must be a positive int ..., got [Flatten(), Dense(...)]":
+    the layers went into ``classes``. Save refuses it, naming the class and its parameters,
+    unless it defines get_config and from_config (as Keras asks); a class that cannot take
+    what from_config passes is refused too; a file of such a class (written before) names the
+    class at load."""
+    from xpcnn.saving import model_file
+
+    class Classifier(xpcnn.Sequential):
+        def __init__(self, classes, **kwargs):
+            super().__init__(**kwargs)
+            self.add(Flatten())
+            self.add(Dense(classes))
+
+    class Stacked(xpcnn.Sequential):  # (no parameter of its own, but no layers either)
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.add(Flatten())
+
+    class Wide(xpcnn.Model):
+        def __init__(self, inputs=None, outputs=None, width=4, **kwargs):
+            super().__init__(inputs, outputs, **kwargs)
+            self.width = width
+
+    class Configured(Classifier):
+        def get_config(self):
+            return {**super().get_config(), "classes": self.layers[-1].units}
+
+        @classmethod
+        def from_config(cls, config, layers=None, device="cpu"):
+            model = cls(config["classes"], device=device, seed=config["seed"],
+                        dtype=config["dtype"], name=config["name"])
+            return model
+
+    classifier, stacked = Classifier(3), Stacked()
+    classifier.build((4, 4, 1))
+    stacked.build((2, 2))
+    classifier.compile("cross_entropy", "sgd")
+    for model, what in ((classifier, r"takes \['classes'\], which Sequential's does not"),
+                        (stacked, r"cannot take what Sequential\.from_config"
+                                  r" passes \(the layers, then device"),
+                        (Wide(*io_pair()), r"takes \['width'\], which Model's does not")):
+        for save in (model.save, model.save_weights):
+            with pytest.raises(InputError, match=rf"model class {type(model).__name__} cannot be "
+                                                 rf"saved: its constructor {what}.*define "
+                                                 r"get_config\(\).*from_config"):
+                save(tmp_path / "m.npz")
+        assert not (tmp_path / "m.npz").exists()
+    configured = Configured(3)
+    configured.build((4, 4, 1))
+    configured.save(tmp_path / "c.npz")
+    loaded = xpcnn.load_model(tmp_path / "c.npz")
+    assert type(loaded) is Configured and len(loaded.layers) == 2
+    np.testing.assert_array_equal(loaded.get_weights()[0], configured.get_weights()[0])
+    # a file written without the check (as before) names the class at load
+    check = model_file.check_model_class
+    model_file.check_model_class = lambda cls: None
+    try:
+        classifier.save(tmp_path / "old.npz")
+    finally:
+        model_file.check_model_class = check
+    with pytest.raises(InputError, match=r"model class Classifier cannot be rebuilt from the "
+                                         r"file: its constructor does not take what "
+                                         r"Classifier\.from_config passes"):
+        xpcnn.load_model(tmp_path / "old.npz")
+
+
+def io_pair():
+    inputs = xpcnn.Input((3,))
+    return inputs, Dense(2)(inputs)
+
+
 def test_only_concrete_layers_can_be_named_in_a_file(saved, tmp_path):
     """A base class such as RandomLayer (no forward pass) is no layer type a file may name (was:
     it loaded, then failed at the first batch with a bare NotImplementedError)."""

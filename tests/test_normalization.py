@@ -10,6 +10,7 @@ import pytest
 import xpcnn
 from xpcnn.errors import DataFormatError, InputError
 from xpcnn.layers import BatchNorm2D, Conv2D, Dense, Flatten, Normalization, Softmax
+from xpcnn.saving import restore_checkpoint
 from xpcnn.saving.npz import CONFIG_KEY, decode_json, encode_json
 
 
@@ -577,3 +578,48 @@ def test_an_adapted_layers_entries_are_counted_before_it_is_built(rng, tmp_path)
                                               r"for inputs of shape \(5, 5, 3\), but the file "
                                               r"holds 2000"):
         xpcnn.load_model(tmp_path / "big.npz")
+
+
+def test_a_plain_normalization_takes_the_files_adapted_statistics(rng, tmp_path):
+    """Keras 3's way to restore an adapted Normalization: the architecture rebuilt in code with
+    a plain Normalization(), then load_weights (or a resumed fit, in a script that adapts only
+    on a fresh run). It was refused as "another architecture" (Normalization(adapted=True) in
+    the file); the layer becomes adapted and takes the file's statistics. A refused load
+    leaves it as it was."""
+    x = rng.normal(5.0, 3.0, (16, 5, 5, 3))
+    y = rng.integers(0, 3, 16)
+
+    def script(fresh, conv=2):
+        norm = Normalization()
+        if fresh:
+            norm.adapt(x)
+        model = xpcnn.Sequential([norm, Conv2D(conv, 3), Flatten(), Dense(3), Softmax()],
+                                 seed=0)
+        model.compile(optimizer="adam")
+        return model
+
+    first = script(True)
+    first.fit(x, y, epochs=1, batch_size=8, verbose=0, checkpoint=tmp_path / "c.npz")
+    first.save_weights(tmp_path / "w.npz")
+    plain = script(False)
+    plain.load_weights(tmp_path / "w.npz")  # (built for the file's input shape)
+    assert plain.layers[0].adapted
+    np.testing.assert_array_equal(plain.predict(x, verbose=0), first.predict(x, verbose=0))
+    np.testing.assert_allclose(plain.layers[0].mean, first.layers[0].mean, rtol=1e-6)
+    # a checkpoint restored into the same script, not adapted again (a fit that resumes builds
+    # the model from its data first: that script adapts, or gives input_shape and adapted=True)
+    restored = script(False)
+    restore_checkpoint(restored, tmp_path / "c.npz")
+    assert restored.layers[0].adapted
+    np.testing.assert_array_equal(restored.predict(x, verbose=0), first.predict(x, verbose=0))
+    # an older file (statistics in its configuration) too
+    old_format(tmp_path / "w.npz", tmp_path / "old.npz", 0,
+               {"mean": first.layers[0].mean, "std": first.layers[0].std})
+    older = script(False)
+    older.load_weights(tmp_path / "old.npz")
+    np.testing.assert_allclose(older.layers[0].mean, first.layers[0].mean, rtol=1e-6)
+    # refused for another layer: the Normalization is left plain, the model unbuilt
+    other = script(False, conv=3)
+    with pytest.raises(DataFormatError, match="another architecture"):
+        other.load_weights(tmp_path / "w.npz")
+    assert not other.built and not other.layers[0].adapted and other.layers[0].mean is None

@@ -42,9 +42,9 @@ def names_in(folder: os.PathLike[str]) -> list[str]:
 
 @pytest.mark.parametrize("spare", [0, 1, 17, 18])  # (17: the first that failed)
 def test_a_long_legal_file_name_is_saved_exported_and_checkpointed(tmp_path, spare):
-    """A name of 237-255 bytes could not be written: its temporary ``.<name>.<12 hex>.tmp`` was
-    19 bytes longer than NAME_MAX allows (a bare OSError naming the temporary), and fit's
-    checkpoint failed only after its first epoch."""
+    """A name of 238-255 bytes could not be written: its temporary ``.<name>.<12 hex>.tmp`` is
+    18 bytes longer than the name, past NAME_MAX (a bare OSError naming the temporary), and
+    fit's checkpoint failed only after its first epoch."""
     pytest.importorskip("onnx")
     name = longest_name(tmp_path)[spare:]
     path = tmp_path / name

@@ -469,3 +469,52 @@ def test_a_loaded_models_random_layers_draw_the_streams_of_its_seed(tmp_path):
         twin = make(seed)
         twin.load_weights(tmp_path / "m.npz")
         assert seeds(twin) == seeds(model)
+
+
+def test_settings_assigned_after_build_are_checked_as_the_constructor_checks_them():
+    """Setting values assigned to a built layer were taken unchecked: BatchNorm2D.momentum = 5
+    made the next fit's running variance negative, RandomCrop.padding = -2 a bare NumPy
+    ValueError inside fit, ReLU.max_value = -1 was kept, BatchNorm2D.eps = -1 a NonFiniteError
+    once training began. Each is refused with the constructor's own message; the old value
+    stays and no change is counted (no CUDA-graph step captured again)."""
+    from xpcnn.errors import InputError
+    from xpcnn.layers import (
+        BatchNorm2D,
+        Conv2D,
+        Dense,
+        FeatureNorm,
+        Flatten,
+        Layer,
+        ReLU,
+        Rescaling,
+    )
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((4, 6, 6, 1)).astype(np.float32), np.arange(4) % 2
+    crop, bn, relu, norm, scale = (RandomCrop(1), BatchNorm2D(), ReLU(), FeatureNorm(),
+                                   Rescaling(0.5))
+    drop = Dropout(0.1)
+    model = xpcnn.Sequential([scale, crop, Conv2D(2, 3), norm, bn, relu, drop, Flatten(),
+                              Dense(2)], seed=0)
+    model.compile("sparse_categorical_crossentropy", "sgd")
+    model.fit(x, y, epochs=1, verbose=0)
+    refused = [(crop, "padding", -2), (crop, "padding", 2.0), (crop, "padding", 2**15),
+               (relu, "max_value", -1.0), (relu, "max_value", "6"), (bn, "momentum", 5.0),
+               (bn, "momentum", math.nan), (bn, "eps", -1.0), (norm, "eps", 0.0),
+               (scale, "scale", math.inf), (scale, "offset", None), (drop, "rate", 1.0)]
+    for layer, name, value in refused:
+        old, changes = getattr(layer, name), Layer.settings_changes
+        with pytest.raises(InputError) as refusal:
+            setattr(layer, name, value)
+        with pytest.raises(InputError) as constructor:
+            type(layer)(**{"scale": 1.0, name: value} if layer is scale else {name: value})
+        assert str(refusal.value) == str(constructor.value)
+        assert getattr(layer, name) == old and Layer.settings_changes == changes
+    # a good value is taken as the constructor takes it (a float, an int) and counted once
+    changes = Layer.settings_changes
+    bn.momentum, crop.padding, relu.max_value = 1, np.int64(2), 6
+    assert (bn.momentum, crop.padding, relu.max_value) == (1.0, 2, 6.0)
+    assert type(bn.momentum) is float and type(crop.padding) is int
+    assert Layer.settings_changes == changes + 3
+    model.fit(x, y, epochs=1, verbose=0)
+    assert np.all(bn.get_weights()[3] >= 0)

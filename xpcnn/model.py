@@ -708,6 +708,9 @@ class Sequential(Model):
                 raise InputError(f"Sequential was given Input(shape={given.sample_shape}) and "
                                  f"input_shape={tuple(input_shape)}: give one of them")
             input_shape, self._input_name = given.sample_shape, given.name
+        elif layers and isinstance(layers[0], Model) and layers[0].built and input_shape is None:
+            # (Keras' Sequential([base, head...]) is built for the base's input)
+            input_shape = layers[0].input_shape
         with _names_back_if_refused(list(layers or [])):
             for layer in layers or []:
                 self.add(layer)

@@ -11,18 +11,23 @@ from ..ops.softmax import softmax, softmax_backward
 from .base import DEFAULT, Layer, Options, Setting
 
 
+def _check_max_value(max_value: Any) -> float | None:
+    if max_value is not None and (isinstance(max_value, bool) or not isinstance(
+            max_value, numbers.Real) or not 0 < max_value < float("inf")):
+        raise InputError(f"ReLU max_value must be positive or None, got {max_value!r}")
+    return None if max_value is None else float(max_value)
+
+
 class ReLU(Layer):
     """max(x, 0), optionally capped at ``max_value`` (a neuron's firing limit, e.g. ReLU6)."""
 
-    # (a change after build captures a CUDA-graph step again: see Setting)
-    max_value = Setting()
+    # (a change after build captures a CUDA-graph step again, checked as the constructor's:
+    # see Setting)
+    max_value = Setting(_check_max_value)
 
     def __init__(self, max_value: float | None = None, name: str | None = None) -> None:
         super().__init__(name)
-        if max_value is not None and (isinstance(max_value, bool) or not isinstance(
-                max_value, numbers.Real) or not 0 < max_value < float("inf")):
-            raise InputError(f"ReLU max_value must be positive or None, got {max_value!r}")
-        self.max_value = None if max_value is None else float(max_value)
+        self.max_value = max_value
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "max_value": self.max_value}

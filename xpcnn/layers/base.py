@@ -166,12 +166,22 @@ class Setting:
     :class:`CheckedFlag`). A change of a built layer's value counts in
     :attr:`Layer.settings_changes`: a training step captured in a CUDA graph baked the old
     value in, and is captured again (the constructor's value, before any build, does not
-    count; nor does a value set again unchanged)."""
+    count; nor does a value set again unchanged).
+
+    ``check``: the constructor's own check of the value (it returns the value to keep, or
+    raises InputError), run on every assignment, the constructor's and a later one alike: one
+    message each way, and a refused value leaves the old one, counting nothing (a momentum of
+    5 after build made BatchNorm2D's running variance negative in the next fit)."""
+
+    def __init__(self, check: Callable[[Any], Any] | None = None) -> None:
+        self.check = check
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
     def __set__(self, layer: Layer, value: Any) -> None:
+        if self.check is not None:
+            value = self.check(value)
         setting_changed(layer, vars(layer).get(self.name, _UNSET), value)
         vars(layer)[self.name] = value
 

@@ -23,6 +23,13 @@ def _check_eps(eps: float) -> float:
     return float(eps)
 
 
+def _check_momentum(momentum: float) -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (
+            0.0 <= momentum <= 1.0):
+        raise InputError(f"BatchNorm2D momentum must be in [0, 1], got {momentum!r}")
+    return float(momentum)
+
+
 class FeatureNorm(Layer):
     """Each feature map of each image scaled to mean 0 and std 1 over its H x W positions.
 
@@ -32,12 +39,13 @@ class FeatureNorm(Layer):
     # The gradient of a ReLU before it is applied in backward's own passes, a block of images
     # at a time while it is in cache.
     can_apply_input_relu_grad = True
-    # (a change after build captures a CUDA-graph step again: see Setting)
-    eps = Setting()
+    # (a change after build captures a CUDA-graph step again, checked as the constructor's:
+    # see Setting)
+    eps = Setting(_check_eps)
 
     def __init__(self, eps: float = 1e-5, name: str | None = None) -> None:
         super().__init__(name)
-        self.eps = _check_eps(eps)
+        self.eps = eps
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "eps": self.eps}
@@ -82,17 +90,15 @@ class BatchNorm2D(Layer):
 
     weight_names = ("gamma", "beta", "moving_mean", "moving_variance")
     can_fuse_relu = True
-    # (a change after build captures a CUDA-graph step again: see Setting)
-    momentum = Setting()
-    eps = Setting()
+    # (a change after build captures a CUDA-graph step again, checked as the constructor's:
+    # see Setting)
+    momentum = Setting(_check_momentum)
+    eps = Setting(_check_eps)
 
     def __init__(self, momentum: float = 0.1, eps: float = 1e-5, name: str | None = None) -> None:
         super().__init__(name)
-        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (
-                0.0 <= momentum <= 1.0):
-            raise InputError(f"BatchNorm2D momentum must be in [0, 1], got {momentum!r}")
-        self.momentum = float(momentum)
-        self.eps = _check_eps(eps)
+        self.momentum = momentum
+        self.eps = eps
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "momentum": self.momentum, "eps": self.eps}

@@ -33,14 +33,15 @@ class Rescaling(Layer):
 
     # The model's uint8 batch cast and scaled in one pass (one launch on CuPy).
     casts_input = True
-    # (a change after build captures a CUDA-graph step again: see Setting)
-    scale = Setting()
-    offset = Setting()
+    # (a change after build captures a CUDA-graph step again, checked as the constructor's:
+    # see Setting)
+    scale = Setting(lambda value: number(value, "Rescaling scale"))
+    offset = Setting(lambda value: number(value, "Rescaling offset"))
 
     def __init__(self, scale: float, offset: float = 0.0, name: str | None = None) -> None:
         super().__init__(name)
-        self.scale = number(scale, "Rescaling scale")
-        self.offset = number(offset, "Rescaling offset")
+        self.scale = scale
+        self.offset = offset
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "scale": self.scale, "offset": self.offset}
@@ -452,20 +453,26 @@ class RandomFlip(RandomLayer):
         _no_gradient(self)
 
 
+def _check_padding(padding: Any) -> int:
+    if not isinstance(padding, int | np.integer) or isinstance(padding, bool) or \
+            not 1 <= padding < 2**15:
+        raise InputError(f"RandomCrop padding must be a positive int (below 2**15), got "
+                         f"{padding!r}")
+    return int(padding)
+
+
 class RandomCrop(RandomLayer):
     """Pad each training image by ``padding`` zeros and crop it back at a random offset."""
 
     # The model's uint8 batch cast as it is cropped (one launch on CuPy, the draw included).
     casts_input = True
     has_gradient = False
-    padding = Setting()  # (a change after build captures a CUDA-graph step again)
+    # (a change after build captures a CUDA-graph step again, checked as the constructor's)
+    padding = Setting(_check_padding)
 
     def __init__(self, padding: int = 4, name: str | None = None) -> None:
         super().__init__(name)
-        if not isinstance(padding, int | np.integer) or isinstance(padding, bool) or \
-                not 1 <= padding < 2**15:
-            raise InputError(f"RandomCrop padding must be a positive int, got {padding!r}")
-        self.padding = int(padding)
+        self.padding = padding
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "padding": self.padding}

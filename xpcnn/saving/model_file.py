@@ -13,6 +13,7 @@ layers and sizes a configuration cannot have are all a :class:`~xpcnn.errors.Dat
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -78,6 +79,7 @@ def model_config(model: Any, compiled: bool = True, checked: bool = True) -> dic
     file's): InputError where a user's layer, optimiser or schedule takes settings its
     get_config() does not give."""
     if checked:
+        check_model_class(type(model))
         for layer in model.layers:
             layer.check_config()
         check_sample_sizes(model)
@@ -93,6 +95,52 @@ def model_config(model: Any, compiled: bool = True, checked: bool = True) -> dic
                              # another k or name: xpcnn.metrics.Metric.get_config)
                              "metrics": [m.get_config() for m in model._metric_objects]}
     return config
+
+
+def _base_model_class(cls: type) -> type | None:
+    """The nearest of xpcnn's own model classes (Sequential, Model) that ``cls`` subclasses
+    (None for a stand-in of a model that is none)."""
+    return next((c for c in cls.__mro__ if c in MODEL_TYPES.values()
+                 and c.__module__.startswith("xpcnn.")), None)
+
+
+def _defines(cls: type, base: type, method: str) -> bool:
+    """Whether a class between ``cls`` and ``base`` (a user's) defines ``method``."""
+    return any(method in vars(c) for c in cls.__mro__[:cls.__mro__.index(base)])
+
+
+def check_model_class(cls: type) -> None:
+    """Refuse to save a model whose class (a user's subclass) ``from_config`` cannot rebuild:
+    its constructor takes named parameters that its xpcnn base's does not (``get_config`` does
+    not give them: the file would load them with their defaults, or not at all), or cannot take
+    the call its base's ``from_config`` makes; unless the class defines its own ``get_config``
+    and ``from_config``, as Keras asks of a model subclass."""
+    base = _base_model_class(cls)
+    if base is None or cls is base or (_defines(cls, base, "get_config")
+                                       and _defines(cls, base, "from_config")):
+        return
+    init = cls.__init__
+    taken = [p for p in checks.named_parameters(init)
+             if p not in checks.named_parameters(base.__init__)]
+    if not taken:
+        # (the call of the base's from_config: Sequential passes the layers first)
+        args = ([],) if issubclass(base, MODEL_TYPES["Sequential"]) else ()
+        try:
+            inspect.signature(init).bind(None, *args, device="cpu", seed=0, dtype="float32",
+                                         name="model")
+            return
+        except TypeError as e:
+            why = (f"its constructor cannot take what {base.__name__}.from_config passes "
+                   f"({'the layers, then ' if args else ''}device, seed, dtype and name by "
+                   f"keyword: {e})")
+    else:
+        why = (f"its constructor takes {taken}, which {base.__name__}'s does not and its "
+               "get_config() does not give")
+    raise InputError(f"model class {cls.__name__} cannot be saved: {why}, so a saved model "
+                     f"would not load as it is; define get_config() (returning them, with "
+                     "super().get_config()) and a classmethod from_config(config, layers, "
+                     f"device) that makes the model from them, as Keras asks of a model "
+                     "subclass")
 
 
 def compile_settings(compiled: Any) -> Any:
@@ -258,7 +306,7 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
         slots = None if optimizer is None else optimizer.slot_names
         check_entries(npz, layers, slots if with_slots else ())
         check_sizes(layers, input_shape, npz, graph_of(config, layers, path))
-        model = cls.from_config(config, layers, device)
+        model = _rebuilt(cls, config, layers, device)
         model.build(input_shape)
         if compiled is not None:
             model.compile(loss, optimizer, metrics=metrics,
@@ -272,10 +320,30 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
     except DataFormatError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
+        if getattr(e, "model_class_refused", False):  # (the user's class, not the file)
+            raise
         raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
                               ) from e
     set_weights_from_file(model, npz)
     return model
+
+
+def _rebuilt(cls: type, config: dict[str, Any], layers: list[Layer], device: DeviceLike
+             ) -> Any:
+    """``cls.from_config(config, layers, device)``; where a user's class refuses what it passes
+    (a constructor of other parameters), an error naming the class and saying so."""
+    if cls.__module__.startswith("xpcnn."):
+        return cls.from_config(config, layers, device)
+    try:
+        return cls.from_config(config, layers, device)
+    except (TypeError, InputError) as e:
+        error = InputError(f"model class {cls.__name__} cannot be rebuilt from the file: its "
+                           f"constructor does not take what {cls.__name__}.from_config passes "
+                           f"({type(e).__name__}: {e}); define get_config() and a classmethod "
+                           "from_config(config, layers, device) for it, as Keras asks of a "
+                           "model subclass")
+        error.model_class_refused = True  # type: ignore[attr-defined]
+        raise error from e
 
 
 def layers_from_config(config: Any, path: str) -> tuple[list[Layer], tuple[int, ...]]:
@@ -582,6 +650,7 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise DataFormatError(f"{npz.path}: not an xpcnn model file or checkpoint")
         check_file_entries(npz, config, checkpoint, optimizer=False)
+        adapt_to_file(model, config)
         check_layers(model, config, npz.path)  # (before building: an unbuilt model too)
         build_for_file(model, config, npz)
         check_weight_shapes(model, config, npz)
@@ -631,8 +700,30 @@ def check_file_entries(npz: NpzArchive, config: dict[str, Any], checkpoint: bool
     check_entries(npz, layers, slots)
 
 
+def adapt_to_file(model: Any, config: Any) -> None:
+    """Make adapted each Normalization of ``model`` that has no statistics (none given, not
+    adapted: it cannot have been built) where the file's model (``config``) has the layer with
+    statistics (adapted, or an older file's mean and std): as in Keras 3, where a plain
+    ``Normalization()`` makes its weights at build and ``load_weights`` fills them (the usual
+    way to restore one, a checkpoint's resume too). A refused load puts the layer back as it
+    was (the model's ``_unbuilt_if_refused``: the layer is unbuilt)."""
+    specs = config.get("layers") if isinstance(config, dict) else None
+    if not isinstance(specs, list):
+        return
+    for la, spec in zip(model.layers, specs, strict=False):
+        settings = spec.get("config") if isinstance(spec, dict) else None
+        if (isinstance(la, Normalization) and not la.adapted and la.mean is None
+                and not la.built and isinstance(settings, dict)
+                and spec.get("class") == type(la).__name__
+                and (settings.get("adapted") is True or settings.get("mean") is not None)):
+            la.adapted = True
+
+
 def build_for_file(model: Any, config: dict[str, Any], npz: NpzArchive) -> None:
-    """Build an unbuilt ``model`` for the file's input shape, once that is known to be sane."""
+    """Build an unbuilt ``model`` for the file's input shape, once that is known to be sane
+    (its Normalizations without statistics made adapted first where the file's are:
+    :func:`adapt_to_file`, a checkpoint's included)."""
+    adapt_to_file(model, config)
     if model.built:
         return
     shape = input_shape_of(config, npz.path)

@@ -1,0 +1,217 @@
+"""The module-level helpers of :class:`~xpcnn.training.Trainer`'s ``fit``, ``evaluate`` and
+``predict``: their arguments checked and turned into what the loops take (``validation_freq``,
+``checkpoint=PATH``, the validation data, sample weights beside a dataset, a ``train_step`` that
+a subclass overrides, one batch of the ``*_on_batch`` methods), and small pieces of their loops
+(the callbacks' ``params``, the progress bar and closing line of evaluate and predict, the
+warning of data that ran out).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .. import checks, distributed
+from ..callbacks import BackupAndRestore, Callback, is_save_freq, say_on_root, summary_line
+from ..data import Batches, check_source, is_stream
+from ..errors import InputError, warn
+
+
+def _batch_length(x: Any) -> int:
+    """The number of samples in ``x``, one batch of arrays (the ``*_on_batch`` methods): at
+    least 1, so that an empty one reaches the checks that name it."""
+    if is_stream(x):
+        raise InputError("a *_on_batch method takes one batch of arrays, not a dataset or an "
+                         "iterable of batches (fit, evaluate and predict take those)")
+    shape = getattr(x, "shape", None)
+    if shape is None:  # (a list of samples)
+        try:
+            return max(1, len(x))
+        except TypeError:  # (a number: refused by the checks, by name)
+            return 1
+    # (shape, not len(): the standard has no len() of an array, array_api_strict none at all)
+    return max(1, int(shape[0])) if len(shape) else 1
+
+
+def _one_of(callbacks: list[Callback], kind: type[Callback]) -> Any:
+    """The one ``kind`` callback (History, ProgbarLogger) among the user's ``callbacks``, None
+    where there is none; refused where there are several (fit keeps one record, shows one
+    bar)."""
+    found = [cb for cb in callbacks if isinstance(cb, kind)]
+    if len(found) > 1:
+        raise InputError(f"callbacks holds {len(found)} {kind.__name__} callbacks: fit takes one "
+                         f"(its own {kind.__name__}, which it adds where callbacks has none)")
+    return found[0] if found else None
+
+
+def _validation_freq(value: Any) -> int | frozenset[int]:
+    """fit's ``validation_freq``, as Keras 3 takes it: k (validate after every k-th epoch) or
+    a collection of the 1-based epochs to validate after."""
+    def epoch_number(e: Any) -> bool:
+        return isinstance(e, int | np.integer) and not isinstance(e, bool) and e >= 1
+
+    many = isinstance(value, list | tuple | set | frozenset | range)
+    if not (all(map(epoch_number, value)) and len(value) > 0 if many else epoch_number(value)):
+        raise InputError(f"validation_freq must be a positive integer k (validate after every "
+                         f"k-th epoch) or a collection of epoch numbers from 1, got {value!r}")
+    return frozenset(int(e) for e in value) if many else int(value)
+
+
+def _inference_params(verbose: int, data: Batches) -> dict[str, Any]:
+    """The ``params`` of evaluate's and predict's callbacks, as Keras 3 sets them: one epoch
+    of ``steps`` batches (None where unknown before the data ends)."""
+    return {"verbose": verbose, "epochs": 1, "steps": data.steps}
+
+
+def _bar(data: Batches, verbose: int, desc: str) -> Any:
+    """evaluate's or predict's progress bar over ``data`` where ``verbose`` is 1 (on rank 0
+    only; else a disabled one); a context that closes it."""
+    return tqdm(total=data.steps, disable=verbose != 1 or not distributed.is_root(),
+                desc=desc, unit="batch")
+
+
+def _drop_sources(params: dict[str, Any]) -> None:
+    """Take the batch source and the stateful callbacks out of fit's ``params`` once fit has
+    ended: its callbacks (model.history among them) keep the dict."""
+    params.pop("data", None)
+    params.pop("stateful", None)
+
+
+def _iterator(data: Batches) -> bool:
+    """Whether ``data`` reads a user's iterator (a generator): one pass, shared by the
+    epochs, not a new pass each epoch."""
+    return getattr(data, "iterator", None) is not None
+
+
+def _ran_out(data: Batches, steps: int, epoch: int | None, seen: bool = True,
+             ranks: list[int] | None = None) -> None:
+    """Warn that evaluation (``epoch`` None) or fit's validation data gave ``steps`` of its
+    ``data.steps`` batches, as Keras 3 warns (its means are those of the batches it gave);
+    ``seen``: whether any rank gave a sample (else the epoch has no val_* logs); ``ranks``: on
+    several ranks, those whose data ran out (``steps``: the fewest they gave)."""
+    what = "evaluation data" if epoch is None else "validation data"
+    setting = "steps" if epoch is None else "validation_steps"
+    then = ("" if epoch is None or not _iterator(data) else
+            ": training stops after this epoch (an iterator needs validation_steps batches "
+            "for every epoch)" + ("; this epoch has no val_* logs" if not seen else ""))
+    warn(f"the {what} ran out after {steps} of its {data.steps} batches ({setting})"
+         + ("" if ranks is None else f" on rank(s) {ranks}")
+         + ("" if epoch is None else f" in epoch {epoch + 1}") + then)
+
+
+def _summarise(verbose: int, steps: int, t0: float, logs: dict[str, float] | None = None
+               ) -> None:
+    """At ``verbose=2``, the one line Keras 3 prints after evaluate or predict (rank 0)."""
+    if verbose == 2:
+        say_on_root(summary_line(steps, time.perf_counter() - t0, logs))
+
+
+def _checkpoint_callback(checkpoint: str | os.PathLike[str] | None, every: int | str,
+                         resume: bool) -> list[Callback]:
+    """fit's ``checkpoint=PATH``, as the :class:`BackupAndRestore` it is short for."""
+    if checkpoint is not None:
+        if not is_save_freq(every):  # (named as fit's argument, not as the callback's)
+            raise InputError(f"checkpoint_every must be a positive number of steps or 'epoch', "
+                             f"got {every!r}")
+        return [BackupAndRestore(checkpoint, every, resume, delete_checkpoint=False)]
+    if resume:
+        raise InputError("resume=True needs checkpoint=PATH, the file to resume from")
+    if not (isinstance(every, str) and every == "epoch"):
+        raise InputError(f"checkpoint_every={every!r} needs checkpoint=PATH, the file to "
+                         "write: without it no checkpoint would be written")
+    return []
+
+
+def _check_fit_data(x: Any, y: Any, validation_data: Any, validation_split: float,
+                    steps: int | None, validation_steps: int | None,
+                    class_weight: Any = None, sample_weight: Any = None) -> None:
+    """fit's data arguments, checked before any batch source is made (none draws a batch)."""
+    checks.number(validation_split, "validation_split", 0.0, 1.0, high_open=True)
+    checks.check_class_weight_type(class_weight)
+    _refuse_stream_weights(x, sample_weight)
+    if validation_split and validation_data is not None:  # (one would be ignored, silently)
+        raise InputError(f"pass validation_data or validation_split, not both: got "
+                         f"validation_split={validation_split!r} and validation_data")
+    if validation_split and is_stream(x):
+        raise InputError("validation_split needs arrays; pass validation_data with a "
+                         "dataset or generator")
+    check_source(x, y, steps)
+    if validation_data is not None:
+        check_source(*_triple(validation_data)[:2], validation_steps, "x_val",
+                     steps_name="validation_steps")
+
+
+def _triple(validation_data: Any) -> tuple[Any, Any, Any]:
+    """``validation_data`` as (x_val, y_val, sample weights or None); a dataset or an iterable
+    of batches holds its targets (y_val None)."""
+    if is_stream(validation_data):
+        return validation_data, None, None
+    if not isinstance(validation_data, tuple | list) or len(validation_data) not in (2, 3):
+        raise InputError("validation_data must be a pair (x_val, y_val), a triple (x_val, "
+                         "y_val, sample weights), a dataset or an iterable of batches, got "
+                         f"{type(validation_data).__name__}")
+    x, y, *w = validation_data
+    _refuse_stream_weights(x, w[0] if w else None)
+    return x, y, w[0] if w else None
+
+
+def _refuse_stream_weights(x: Any, weights: Any) -> None:
+    """Sample weights given beside a dataset or an iterable of batches: refused (they give
+    their own)."""
+    if weights is not None and is_stream(x):
+        raise InputError("sample_weight= needs arrays x and y; a dataset or an iterable of "
+                         "batches gives its sample weights itself, as (x, y, sample_weight) "
+                         "batches or (x_i, y_i, w_i) samples")
+
+
+def _weights_name(what: str) -> str:
+    """How the sample weights of the data called ``what`` are named in errors."""
+    return "sample_weight" if what == "x" else f"the sample weights of {what}"
+
+
+def _check_takes_sample_weight(train_step: Callable[..., Any]) -> None:
+    """A ``train_step`` that a subclass overrides gets fit's sample weights as
+    ``sample_weight=``: refused before training where it cannot take them (they would be
+    lost)."""
+    # (a method's function, whose signature is read once, not at every weighted step)
+    if not _takes_sample_weight(getattr(train_step, "__func__", train_step)):
+        raise InputError("this model's train_step(xb, yb) takes no sample_weight: give it a "
+                         "sample_weight=None parameter (and pass it on to "
+                         "super().train_step) to train with sample weights")
+
+
+def _check_takes_a_batch(train_step: Callable[..., Any]) -> None:
+    """A ``train_step`` that a subclass overrides is called as ``train_step(xb, yb)``: refused
+    before training where it takes one argument, as Keras 3's ``train_step(self, data)``
+    does (was: a bare TypeError from the first step)."""
+    try:
+        params = inspect.signature(train_step).parameters.values()
+    except (TypeError, ValueError):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        raise InputError(
+            f"this model's train_step takes {len(positional)} argument(s) "
+            f"({', '.join(p.name for p in positional) or 'none'}); fit calls it as "
+            "train_step(xb, yb), and with sample weights train_step(xb, yb, sample_weight=wb) "
+            "(Keras' train_step(self, data) gets data = (xb, yb) instead): define "
+            "train_step(self, xb, yb, sample_weight=None) and return super().train_step(xb, "
+            "yb, sample_weight=sample_weight) or your own (loss, correct count)")
+
+
+@functools.lru_cache(maxsize=16)
+def _takes_sample_weight(train_step: Callable[..., Any]) -> bool:
+    """Whether ``train_step`` has a ``sample_weight`` parameter (or takes any keyword); True
+    where no signature can be read (it is called, and may fail)."""
+    try:
+        params = inspect.signature(train_step).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "sample_weight" or p.kind is p.VAR_KEYWORD for p in params)

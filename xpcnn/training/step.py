@@ -1,0 +1,539 @@
+"""One training step: :class:`TrainingStep`, the base class of :class:`~xpcnn.training.Trainer`.
+
+A step is one batch's forward pass, loss, backward pass and optimiser update, all queued on the
+device with no host read (``_device_step``): the batch's loss and correct count are added to
+running totals there (:mod:`xpcnn.totals`), and a step whose loss or gradients are not finite
+is recorded there, its update (and every later one) skipped. The host reads the totals behind
+the steps (every :data:`~xpcnn.totals.READ_EVERY` steps, in fit's logs, in ``train_on_batch``)
+and only then raises what those steps deferred: :class:`~xpcnn.errors.NonFiniteError` naming
+the step and the layer, :class:`~xpcnn.errors.InputError` for labels that are no class. On
+CuPy the step is captured in a CUDA graph and replayed (:mod:`xpcnn.cuda_graphs`) where the
+model allows it.
+
+The file reads in the order of a step: ``train_step`` (checked) and ``_train_step`` (fit's,
+on batches it checked), the logs of the totals and ``train_on_batch``, the checks of a
+batch, the step on the device (``_device_step``, ``_loss_and_grads``, the class weights); its
+capture in a CUDA graph; the running totals and the deferred errors.
+
+:class:`TrainingStep` sets up no state of its own: :class:`~xpcnn.training.Trainer`'s
+``__init__`` does (the loss, the optimiser, the metrics, the loss scale, the running totals,
+the captured graphs, the class weights). It needs these hooks:
+
+* from the model (:class:`~xpcnn.model.Model`; listed in :class:`~xpcnn.training.Trainer`'s
+  docstring): ``backend``, ``layers``, ``input_shape``, ``num_classes``, ``_param_dtype``,
+  ``_trained()``, ``_plan()``, ``_slots_outdated()``, ``_logits(...)``, ``_backward(...)``,
+  ``_layer_outputs(...)``, ``_require_built(what)``, ``_rebuild_if_shared()`` and
+  ``_unbuilt_if_refused()``;
+* from :class:`~xpcnn.training.Trainer`: compile's ``_require_compiled(what)`` and
+  ``_check_loss_outputs(loss)`` and ``_train_step_overridden()``; ``fit`` sets ``_parallel``
+  (its data-parallel mode) and ``_class_weights`` for its steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .. import checks, distributed
+from ..cuda_graphs import StepGraphs
+from ..cuda_graphs import blockers as graph_blockers
+from ..data import (
+    check_arrays,
+    check_on_device,
+    check_real_images,
+    check_sample_weights,
+    to_device,
+)
+from ..errors import InputError, NonFiniteError, warn
+from ..layers.base import Layer, RandomLayer
+from ..ops.kernels import kernels_for
+from ..ops.softmax import target_rows, top_k_counts
+from ..ops.step_record import BAD_GRADS, BAD_LOSS, BAD_STEP
+from ..totals import READ_EVERY, RunningTotals
+from .arguments import _check_takes_sample_weight
+
+
+class TrainingStep:
+    """One training step, its capture in a CUDA graph and the running totals the host reads
+    behind the steps: the base class of :class:`~xpcnn.training.Trainer` (see this module's
+    docstring for the hooks it needs)."""
+
+    # -- one training step ----------------------------------------------------------------------
+    def train_step(self, xb: Any, yb: Any, sample_weight: Any = None) -> tuple[Any, Any]:
+        """One forward, backward and update on a batch of device arrays, queued without waiting
+        for the device: ``xb`` images (uint8 or float: cast on the device), ``yb`` integer
+        labels (N,) or one-hot rows (N, classes), ``sample_weight`` None or each sample's
+        weight in the loss (N,) (inside ``fit``, its ``class_weight`` weighs the loss too).
+        ``fit`` runs each of its steps through a
+        ``train_step`` that a subclass or the model itself overrides, as Keras does; else it
+        runs the same step without these checks, which its batches passed when it made them.
+
+        Returns the batch's mean loss and correct count as 0-d device arrays. A non-finite loss
+        or gradient is recorded on the device and its update (and every later one) skipped;
+        :class:`NonFiniteError` names that step when the host next reads the running totals:
+        ``fit`` reads them regularly, and every :data:`~xpcnn.totals.READ_EVERY` steps a loop of
+        train_step calls does too; :meth:`train_on_batch` reads them at once.
+
+        The batch is checked without waiting for the device: shapes, dtypes and devices here
+        (:class:`InputError`); the labels' values on the device, where a label that is no class
+        (or a one-hot row that is no probabilities) makes the step's loss NaN: its update and
+        every later one are skipped, and :class:`InputError` names the labels when the host
+        next reads the totals. No step ever trains on labels that match no class.
+        """
+        self._check_step_batch(xb, yb)
+        if sample_weight is not None:
+            self._check_step_weights(xb, sample_weight)
+        with self.backend.compute_scope():
+            stats = self._train_step(xb, yb, keep=True, weights=sample_weight)
+        return stats[0], stats[1]
+
+    def _train_step(self, xb: Any, yb: Any, keep: bool, weights: Any = None) -> Any:
+        """:meth:`train_step` on a batch that passed its checks (or fit's, made and checked
+        by fit), inside the backend's ``compute_scope``: the step, captured or replayed where
+        it can be, and its record in the running totals. Returns the batch's [loss, correct
+        count, top-k counts...]; after a replay they are the graph's own outputs, which the
+        next replay rewrites, unless ``keep`` asks for copies. ``weights``: the samples'
+        weights (N,) or None."""
+        # (first: an earlier step's deferred error, read here where a layer was frozen since,
+        # is raised before anything of this step changes the model, its optimiser's slots too)
+        totals = self._running_totals()
+        self._rebuild_if_shared()  # (another model may have built shared layers since)
+        opt = self.optimizer
+        if opt.slots and self._slots_outdated():  # type: ignore[union-attr]
+            # (dropped before the step is captured: a capture would record their making)
+            opt.slots = {}  # type: ignore[union-attr]
+        # (a data-parallel step runs uncaptured: its allreduces are outside any graph)
+        graphs = None if self._parallel is not None else self._step_graphs()
+        step = self.optimizer.iterations + 1  # type: ignore[union-attr]
+        stats = None if graphs is None else graphs.run(xb, yb, weights)
+        if stats is None:
+            stats = self._device_step(xb, yb, step, weights=weights)
+        elif keep:
+            stats = self.backend.xp.asarray(stats, copy=True)
+        totals.pending.append((step, (xb, yb)))
+        totals.seen += self._global_batch(xb)
+        self._last_stats = stats
+        if len(totals.pending) >= READ_EVERY:
+            self._read_totals()
+        return stats
+
+    @property
+    def metrics_names(self) -> tuple[str, ...]:
+        """What :meth:`evaluate` and :meth:`train_on_batch` return, in order (as in Keras):
+        ``("loss", "accuracy")`` (``("loss", "acc")`` for ``metrics=["acc"]``), or
+        ``("loss",)`` for a model compiled without metrics."""
+        return ("loss", *self.metrics)
+
+    def _logs(self, sums: list[float], seen: float) -> dict[str, float]:
+        """The logs of ``sums`` [loss sum, correct count, top-k counts...] of ``seen``
+        samples: the mean loss, and each metric's share under its name."""
+        return self._logs_of([s / seen for s in sums])
+
+    def _logs_of(self, means: list[float]) -> dict[str, float]:
+        """The logs of ``means`` [loss, accuracy, top-k shares...]: the loss, and each metric's
+        value under its name."""
+        return {"loss": means[0], **{name: means[slot] for name, slot in zip(
+            self.metrics, self._metric_slots, strict=True)}}
+
+    def _returned(self, logs: dict[str, float], return_dict: bool
+                  ) -> float | list[float] | dict[str, float]:
+        """``logs`` as evaluate and train_on_batch return them (Keras' rule): the dict, the
+        loss alone where it has no metrics, or the values in the order of ``metrics_names``."""
+        if return_dict:
+            return logs
+        return logs["loss"] if len(logs) == 1 else list(logs.values())
+
+    def train_on_batch(self, x: Any, y: Any, sample_weight: Any = None,
+                       class_weight: Mapping[int, float] | None = None,
+                       return_dict: bool = False) -> float | list[float] | dict[str, float]:
+        """One training step on one batch of host or device arrays, checked at once (the host
+        waits for the device): its ``[loss, accuracy]`` (the loss alone without metrics, a dict
+        with ``return_dict``, as in Keras), or :class:`NonFiniteError`. ``sample_weight`` and
+        ``class_weight`` weigh the loss as :meth:`fit`'s do."""
+        return_dict = checks.flag(return_dict, "return_dict")
+        self._require_compiled("train_on_batch")
+        if self._parallel is not None:
+            # (inside a fit on several ranks, from a callback: the step took the share and the
+            # global size of fit's last batch, and returned an accuracy summed over the ranks)
+            raise InputError(
+                f"train_on_batch was called from a callback of fit on one of "
+                f"{distributed.world().size} ranks: its step would be weighted as fit's last "
+                "batch, not as this one, on every rank; fit's own steps are what train on "
+                "several ranks (pass the batch to fit, or run train_on_batch in a job of one "
+                "process)")
+        if distributed.world().size > 1:
+            # (each rank stepped on its own batch, no gradient averaged: their weights drifted
+            # apart, silently, and rank 0's alone was saved)
+            raise InputError(
+                f"train_on_batch runs on one process, and this is one of "
+                f"{distributed.world().size} ranks: fit is what trains on several (every rank "
+                "passes the whole arrays; each takes its slice of every batch, and the "
+                "gradients are averaged); or run train_on_batch in a job of one process")
+        checks.check_class_weight_type(class_weight)
+        self._rebuild_if_shared()
+        with self._unbuilt_if_refused():
+            x, targets = check_arrays(self, x, y)
+            self._check_loss_outputs(self.loss)  # type: ignore[arg-type]
+            weights = None if sample_weight is None else check_sample_weights(
+                self, sample_weight, int(x.shape[0]))
+            table = None if class_weight is None else checks.as_class_weights(
+                class_weight, self.num_classes)
+        # (inside a fit, from a callback: fit's class weights are put back after the step)
+        previous = self._use_class_weights(table)
+        self._last_stats = None
+        try:
+            with self.backend.compute_scope():
+                xb, yb, wb = (to_device(self.backend, a) for a in (x, targets, weights))
+                out = self._call_train_step(xb, yb, wb)
+                try:  # (a pair, or any two numbers that unpack: an array of 2, say)
+                    if isinstance(out, Mapping | str):  # (Keras' dict of logs: its keys)
+                        raise TypeError
+                    loss, correct = out
+                except (TypeError, ValueError):
+                    raise InputError("train_on_batch needs train_step to return (loss, correct "
+                                     f"count), as Model.train_step does; this model's returned "
+                                     f"{type(out).__name__} {out!r:.80}") from None
+        finally:
+            self._class_weights = previous
+        self._read_totals()
+        n = int(x.shape[0])
+        # (the top-k counts of the step, where super().train_step ran it: 0 where a
+        # subclass's own step recorded none)
+        tops = [0.0] * len(self._top_ks) if not self._top_ks or self._last_stats is None \
+            else [float(v) for v in self.backend.to_numpy(self._last_stats)[2:]]
+        return self._returned(self._logs_of([float(loss), float(correct) / n,
+                                              *(t / n for t in tops)]), return_dict)
+
+    def _check_step_batch(self, xb: Any, yb: Any) -> None:
+        """What :meth:`train_step` checks on the host, from the arrays' shapes and dtypes
+        alone: the model compiled and built, both arrays on its device, at least one image (on
+        one process) of its sample shape, labels of the batch's length (integers only: fit
+        turns whole-number floats into them on the host)."""
+        self._require_compiled("train_step")
+        self._require_built("train_step")
+        self._check_loss_outputs(self.loss)  # type: ignore[arg-type]
+        check_on_device(xb, self.backend, "x", instead="")
+        check_on_device(yb, self.backend, "y", instead="")
+        checks.check_sample_shape(xb, self.input_shape)  # type: ignore[arg-type]
+        if not xb.shape[0] and self._parallel is None:  # (a rank's part may be empty, not a batch)
+            raise InputError(f"x is empty: a training step needs at least one sample; got "
+                             f"x.shape = {tuple(xb.shape)}")
+        xp = self.backend.xp
+        check_real_images(xb, xp)
+        checks.check_label_layout(tuple(yb.shape), xp.isdtype(yb.dtype, "integral"),
+                                  yb.ndim == 2 and xp.isdtype(yb.dtype, "real floating"),
+                                  yb.dtype, int(xb.shape[0]), self.num_classes)
+
+    def _check_step_weights(self, xb: Any, weights: Any) -> None:
+        """:meth:`train_step`'s ``sample_weight``, from its shape and dtype: floats on the
+        model's device, one a sample (their values are fit's and train_on_batch's to check)."""
+        check_on_device(weights, self.backend, "sample_weight", instead="")
+        if tuple(weights.shape) != (xb.shape[0],) or not self.backend.xp.isdtype(
+                weights.dtype, "real floating"):
+            raise InputError(f"sample_weight must be a floating-point array of one weight a "
+                             f"sample, shape ({xb.shape[0]},); got shape "
+                             f"{tuple(weights.shape)} and dtype {weights.dtype}")
+
+    def _device_step(self, xb: Any, yb: Any, step: Any, scalars: dict[str, Any] | None = None,
+                     weights: Any = None) -> Any:
+        """Training step ``step`` on the device, with no host read: forward, loss, backward,
+        the running totals and the update (skipped on the device where the step is not
+        finite, normalisation statistics included). With ``scalars`` (a step captured in a
+        CUDA graph), ``step`` and the optimiser's per-step numbers are device scalars, and
+        every array that outlives the step is updated in place. ``weights``: the samples'
+        weights (N,) or None. Returns the batch's [loss, correct count, top-k counts...]."""
+        xp = self.backend.xp
+        kernels = kernels_for(self.backend)
+        opt = self.optimizer
+        assert opt is not None and self.loss is not None
+        totals = self._totals  # (made current by _train_step, whose step this is)
+        assert totals is not None
+        eager = scalars is None
+        if eager:  # (taken before this step moves anything: a rate that overflowed raises here)
+            scalars = opt.step_scalars()
+        # (normalisation statistics move in the forward pass: a skipped step puts them back)
+        moving = [a for la in self.layers if la.trainable and la.updates_state
+                  for a in la.state.values()]
+        before = kernels.snapshot_state(moving) if moving else None
+        trained = self._trained()
+        stats, grads = self._loss_and_grads(xb, yb, kernels, trained, weights)
+        params = [p for la in trained for p in la.params.values()]
+        n = self._global_batch(xb)
+        # (with float16 loss scaling, this divides the gradients by the scale, in place)
+        # (squares of clipped gradients cannot overflow an optimiser's state)
+        apply = totals.add(stats, grads, n, step, self._scaling,
+                           opt.keeps_squares and not opt.clipping)
+        if moving:
+            kernels.restore_state(moving, before, apply)
+        opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)
+        if eager:
+            opt.iterations += 1
+        return stats
+
+    def _global_batch(self, xb: Any) -> int:
+        """The samples of a step on ``xb``: its own, or on several ranks the global batch's."""
+        return int(xb.shape[0]) if self._parallel is None else self._parallel.total
+
+    def _loss_and_grads(self, xb: Any, yb: Any, kernels: Any, trained: tuple[Layer, ...],
+                        weights: Any = None) -> tuple[Any, list[Any]]:
+        """[loss, correct count, top-k counts...] of a batch and the gradients of its (scaled)
+        loss, in the order of the parameters of ``trained`` (the trainable layers); the loss
+        weighted by
+        ``weights`` (N,) and fit's ``class_weight`` where given. On several ranks
+        (``fit`` sets ``_parallel``), the batch is this rank's slice of the global batch: the
+        stats come back for the global batch, and the gradients averaged over it."""
+        xp, dp = self.backend.xp, self._parallel
+        assert self.loss is not None
+        if dp is not None and xb.shape[0] == 0:  # no sample of a short last batch here
+            # (the plan the other ranks' forward passes make: after a freeze or an unfreeze,
+            # the next step must not find the optimiser's slots outdated here alone)
+            untrainable = self._plan().untrainable  # (refused here too, as by the others)
+            if untrainable is not None:
+                raise InputError(untrainable)
+            return dp.empty_step(xp.zeros((2 + len(self._top_ks),), dtype=self._param_dtype),
+                                 trained)
+        logits = self._logits(xb, training=True, in_scope=True)
+        # (a label that is no class makes the loss NaN: the step is skipped as a non-finite one
+        # and the host names the labels, _raise_deferred)
+        # (the float16 loss scale applied by the loss, in its kernel on a GPU: before the
+        # weighting below, which for a power-of-two scale gives the same values as after)
+        stats, dz = self.loss.forward_with_accuracy(
+            xp, logits, yb, self._param_dtype, kernels, self._scaling,
+            self._loss_weights(yb, weights))
+        if self._top_ks:  # (a step without top-k metrics makes no call more: host time)
+            stats = self._with_top_k(stats, logits, yb)
+        if dp is not None and dp.weight != 1.0:
+            # weighted by this slice's share of the global batch, here, once: backward is
+            # linear in dz, and the buckets then only copy and sum
+            dz = dz * dp.weight
+        if dp is None:
+            self._backward(dz)
+            try:
+                grads = [la.grads[k] for la in trained for k in la.params]
+            except KeyError as e:  # (a user's layer whose backward filled no gradient)
+                layer = next(la for la in trained if e.args[0] in la.params
+                             and e.args[0] not in la.grads)
+                raise InputError(f"layer {layer.name!r} ({type(layer).__name__})'s backward "
+                                 f"gave no gradient for its parameter {e.args[0]!r}: backward "
+                                 "must fill grads[name] for every one of its params") from None
+            # (a mixed-precision step's float16 gradients back to float32 in one call)
+            return stats, kernels.cast_all(grads, self._param_dtype)
+        buckets = dp.buckets_for(trained)  # (new ones where a layer was frozen since)
+        buckets.begin(dp.weight, stats)
+        self._backward(dz, buckets.layer_done)
+        grads, stats = buckets.finish()
+        return stats, grads
+
+    def _with_top_k(self, stats: Any, logits: Any, yb: Any) -> Any:
+        """[loss, correct count] ``stats`` followed by the top-k metrics' counts, on the device
+        (standard operations, only where such metrics are compiled: no other model's step
+        does more work)."""
+        if not self._top_ks:
+            return stats
+        xp = self.backend.xp
+        return xp.concat([stats, top_k_counts(xp, logits, yb, self._top_ks, stats.dtype)])
+
+    def _loss_weights(self, yb: Any, weights: Any) -> Any:
+        """Each sample's weight in the loss: ``weights`` (N,) times its class's weight in
+        fit's ``class_weight``; None where neither is given."""
+        table = self._class_weights
+        if table is None:
+            return weights
+        xp = self.backend.xp
+        labels = yb if yb.ndim == 1 else xp.argmax(yb, axis=1)
+        # the class's weight as the sum of its one-hot row times the table: elementwise
+        # kernels and a sum, which a CUDA graph captures (array_api_compat's clip, which a
+        # lookup with take would need to stay in the table, makes boolean-mask copies: a host
+        # read each step on CuPy); a label that is no class weighs 0, and the loss makes that
+        # step NaN (its error names the labels)
+        rows = target_rows(xp, labels, table.shape[0], table.dtype)
+        per_class = xp.sum(rows * table, axis=1)
+        return per_class if weights is None else \
+            per_class * xp.astype(weights, table.dtype, copy=False)
+
+    def _use_class_weights(self, table: np.ndarray | None) -> Any:
+        """Training steps weigh each class as ``table`` (classes,) says (None: they do not);
+        returns the class weights in use before, for the caller to put back. The device table
+        is kept and written in place by the next call that finds none in use: a CUDA graph
+        captured with it reads the new weights (a new array would make every graph capture
+        again). One in use (a fit's, when its callback runs train_on_batch) is left as it is."""
+        previous, kept = self._class_weights, self._class_table
+        if table is None:
+            self._class_weights = None
+        elif previous is None and kept is not None and kept.shape[0] == table.shape[0]:
+            kept[...] = self.backend.asarray(table, dtype=self._param_dtype)
+            self._class_weights = kept
+        else:
+            self._class_weights = self.backend.asarray(table, dtype=self._param_dtype)
+            if previous is None:
+                self._class_table = self._class_weights
+        return previous
+
+    def _call_train_step(self, xb: Any, yb: Any, wb: Any) -> tuple[Any, Any]:
+        """``train_step`` on a batch, given its sample weights ``wb`` (if any) as
+        ``sample_weight=``; a subclass's that cannot take them is refused by name, not left to
+        fail inside, or to lose them."""
+        if wb is None:
+            return self.train_step(xb, yb)
+        if self._train_step_overridden():
+            _check_takes_sample_weight(self.train_step)
+        return self.train_step(xb, yb, sample_weight=wb)
+
+    # -- the step captured in a CUDA graph (xpcnn.cuda_graphs) ----------------------------------
+    def _step_graphs(self) -> StepGraphs | None:
+        """The captured-step runner where this model's steps can be captured, else None (with
+        the reason in ``cuda_graphs_reason``)."""
+        if self.cuda_graphs is False or self.cuda_graphs_reason:
+            return None
+        if self._graphs is not None and self._graphs.backend is self.backend:
+            if self._graphs.reason:  # (found while warming up or capturing)
+                self.cuda_graphs_reason = self._graphs.reason
+                return None
+            return self._graphs
+        reasons = graph_blockers(self.backend)
+        if reasons:
+            self.cuda_graphs_reason = reasons[0]
+            if self.cuda_graphs:
+                warn(f"training steps run without CUDA graphs: {reasons[0]}")
+            return None
+        opt = self.optimizer
+        assert opt is not None
+
+        def scalars() -> dict[str, float]:
+            values = opt.step_scalars()
+            assert "iteration" not in values, "an optimiser's scalar shadows the step count"
+            return {**values, "iteration": float(opt.iterations + 1)}
+
+        def advance() -> None:
+            opt.iterations += 1
+
+        # (on CuPy the kernels make matmuls capturable: see xpcnn.cuda_graphs.blockers)
+        kernels = kernels_for(self.backend)
+        capturable = getattr(kernels, "capturable", contextlib.nullcontext)
+        self._running_totals()  # (made before the warm-up: its state is captured)
+        kernel_switches = getattr(kernels, "graph_switches", None)
+        self._graphs = StepGraphs(
+            lambda xb, yb, wb, s: self._device_step(xb, yb, s["iteration"], s, wb),
+            self._graph_arrays,
+            scalars, advance, self.backend, capturable,
+            exact=("iteration", *opt.exact_scalars),
+            capture_tables=getattr(kernels, "capture_tables", None),
+            # (a layer's setting changed, as cuDNN's switches, chooses other captured work)
+            switches=lambda: (Layer.settings_changes,
+                              kernel_switches() if kernel_switches is not None else None))
+        return self._graphs
+
+    def _graph_arrays(self, named: bool = True) -> list[Any]:
+        """Every array that outlives a training step, parameters first (see StepGraphs), as
+        (name, array) pairs; the arrays alone, in the same order, where not ``named`` (what a
+        replay checks: no names formatted for it)."""
+        layers, opt = self.layers, self.optimizer
+        assert opt is not None
+        randoms = [la for la in layers if isinstance(la, RandomLayer)]
+        scaling = [] if self._scaling is None else [("the loss scale", self._scaling)]
+        classes = [] if self._class_weights is None else [("the class weights",
+                                                            self._class_weights)]
+        counted = [] if opt.applied is None else [("optimizer applied updates", opt.applied)]
+        totals = [("the running totals", self._running_totals().state), *scaling, *classes]
+        if not named:  # (list comprehensions: generators cost a call per item)
+            return ([a for la in layers for a in la.params.values()]
+                    + [a for la in layers for a in la.state.values()]
+                    + [a for v in opt.slots.values() for a in v] + [a for _, a in counted]
+                    + [la.random_state for la in randoms] + [a for _, a in totals])
+        return ([(f"param {la.name}.{k}", a) for la in layers for k, a in la.params.items()]
+                + [(f"state {la.name}.{k}", a) for la in layers for k, a in la.state.items()]
+                + [(f"optimizer slot {k}.{i}", a) for k, v in opt.slots.items()
+                   for i, a in enumerate(v)] + counted
+                + [(f"random state {la.name}", la.random_state) for la in randoms] + totals)
+
+    # -- the running totals the host reads behind the steps; deferred errors --------------------
+    def _running_totals(self) -> RunningTotals:
+        old, trained, top_k = self._totals, self._trained(), len(self._top_ks)
+        if old is None or self._totals_for != trained or old.backend is not self.backend or \
+                old.top_k != top_k:
+            # (a layer frozen or unfrozen, the model moved, compiled with other top-k metrics:
+            # the steps not read yet are read first, so that a skipped one is named, not lost,
+            # and the epoch's sums go on; the top-k ones where they are the same metrics')
+            sums = self._read_totals() if old is not None else [0.0, 0.0]
+            owners = [(la, k) for la in trained for k in la.params]
+            self._totals = RunningTotals(self.backend, len(owners), top_k)
+            self._owners, self._totals_for = owners, trained
+            self._totals.reset(sums[0], sums[1], old.seen if old is not None else 0.0,
+                               sums[2:] if old is not None and old.top_k == top_k else ())
+        return self._totals
+
+    def _read_totals(self) -> list[float]:
+        """Wait for the device and read the running [loss sum, correct count, top-k
+        counts...]; raise :class:`NonFiniteError` for the first non-finite step since the
+        last read (:class:`InputError` where its labels were no classes)."""
+        if self._totals is None:
+            return [0.0, 0.0, *[0.0] * len(self._top_ks)]
+        host, pending = self._totals.read()
+        if host[BAD_STEP] >= 0:
+            self._raise_deferred(host, dict(pending))
+        return self._totals.sums(host)
+
+    def _raise_deferred(self, host: np.ndarray, batches: dict[int, Any]) -> None:
+        step = int(host[BAD_STEP])
+        # Every update from that step on was skipped: the model is as after the step before.
+        opt = self.optimizer
+        opt.iterations = step - 1  # type: ignore[union-attr]
+        loss = float(host[BAD_LOSS])
+        if not math.isfinite(loss):
+            xb, yb = batches[step]
+            self._raise_for_labels(yb, step)
+            self._raise_non_finite(f"the loss is {loss}", xb, step)
+        flags = list(zip(self._owners, host[BAD_GRADS:BAD_GRADS + len(self._owners)],
+                         strict=True))
+        bad = [la for (la, _), flag in flags if flag == 1]
+        if bad:
+            # Backpropagation runs from the last layer: the last one with a non-finite
+            # gradient is where it appeared.
+            raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
+                                 f"backpropagation order) in layer {bad[-1].name!r}")
+        layer, name = [owner for owner, flag in flags if flag == 2][-1]
+        raise NonFiniteError(f"training stopped at step {step}: the gradient of layer "
+                             f"{layer.name!r} ({name}) is so large that its squares overflow, "
+                             "and the optimiser's state would become infinite; nothing was "
+                             "updated from that step on (are the inputs scaled? a Rescaling or "
+                             "Normalization layer brings them to a small range)")
+
+    def _raise_for_labels(self, yb: Any, step: int) -> None:
+        """Raise :class:`InputError` where the labels of step ``step`` are not all classes (the
+        loss made that step's loss NaN for them,
+        :meth:`SoftmaxCrossEntropy.forward_with_accuracy`), named as ``fit`` names them."""
+        if yb.shape[0]:  # (not this rank's empty part of a short batch)
+            try:
+                checks.as_labels(self.backend.to_numpy(yb), int(yb.shape[0]), self.num_classes)
+            except InputError as e:
+                raise InputError(f"training stopped at step {step}: {e}; nothing was updated "
+                                 "from that step on") from None
+
+    def _raise_non_finite(self, what: str, xb: Any, step: int) -> None:
+        """Name the step and the first layer whose output is not finite, then raise."""
+        xp = self.backend.xp
+        where = "the loss"
+        finite = lambda a: bool(xp.all(xp.isfinite(a)))  # noqa: E731
+        weights = next((la for la in self.layers if not all(map(finite, la._arrays().values()))),
+                       None)
+        if not finite(xb):
+            where = "the input batch"
+        elif weights is not None:
+            where = f"the weights of layer {weights.name!r}"
+        else:
+            with self.backend.compute_scope():
+                outputs = self._layer_outputs(
+                    xp.astype(xb, self._param_dtype, copy=False), False)
+            layer = next((la for la, out in zip(self.layers, outputs, strict=True)
+                          if not finite(out)), None)
+            if layer is not None:
+                where = f"the output of layer {layer.name!r}"
+            elif self._parallel is not None:
+                where = ("the loss summed over the ranks: this rank's batch and outputs are "
+                         "finite, another rank's made it (that rank's error names where)")
+        raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
+                             f"values appear in {where}")
