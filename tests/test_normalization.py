@@ -398,9 +398,10 @@ def test_set_weights_sets_the_statistics_and_refuses_a_variance_that_cannot_divi
 
 
 def test_training_neither_snapshots_nor_averages_adapted_statistics(rng, monkeypatch):
-    """Adapted statistics are fixed in training (Keras): each step copied them to put them
-    back after a step skipped on the device, and several ranks averaged them at each epoch's
-    end (float64: an ulp of drift). Only a BatchNorm's moving statistics are now."""
+    """Adapted statistics are fixed in training (Keras), though they are state arrays: as
+    moving state each step would copy them (to put them back after a step skipped on the
+    device) and several ranks would average them at each epoch's end (float64: an ulp of
+    drift). Layer.updates_state = False keeps both to a BatchNorm's moving statistics."""
     from xpcnn import distributed
     from xpcnn.ops.kernels import kernels_for
 
