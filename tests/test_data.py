@@ -1600,3 +1600,21 @@ def test_subset_shards_of_one_dataset_have_other_marks_and_fingerprints_stay(dat
     assert source(nested[0]).same_data_mark() == source(nested[1]).same_data_mark()
     assert source(nested[0]).same_data_mark() != source(plain).same_data_mark()
     assert xpcnn.data.subset_indices_crc32(whole) is None
+
+
+def test_predict_prunes_dropped_held_iterators_as_fit_and_evaluate_do():
+    """predict, like fit and evaluate, drops as it ends the stream of a held iterator (a map,
+    no weak reference) that its caller dropped: the training split left the pruning on
+    test_on_batch instead, and predict on arrays kept the dropped iterator's batches."""
+    import gc
+
+    model, _ = _recording()
+    dropped = map(tuple, _counting(10))
+    with pytest.raises(RuntimeError):
+        model.fit(dropped, steps_per_epoch=5, verbose=0,
+                  callbacks=[_Raises("on_train_batch_end", RuntimeError)])
+    held = len(xpcnn.data._HELD_STREAMS)
+    del dropped
+    gc.collect()  # (a refused call's traceback holds its iterator in a cycle)
+    model.predict(np.zeros((2, 4, 4, 1), np.float32))  # (arrays: no stream looked up)
+    assert len(xpcnn.data._HELD_STREAMS) == held - 1

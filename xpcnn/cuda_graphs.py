@@ -162,13 +162,14 @@ class StepGraphs:
     (host floats) and ``advance()`` counts a step done; ``capturable()`` is the kernels'
     context for matrix products that can be captured; ``capture_tables`` (None: nothing to
     defer) the kernels' context around the capture in which the fused updates defer filling
-    their device tables until it has ended (:meth:`CupyKernels.capture_tables`); ``switches``
-    (None: none) what else chose the captured work, read before each step: the layers'
-    settings changes (``Layer.settings_changes``) and the kernels' cuDNN switches
-    (:meth:`CupyKernels.graph_switches`), as the trainer combines them; ``capture`` the CUDA side
-    (:class:`CupyCapture` by default; tests give a stand-in). The scalars are in the
-    parameters' dtype, those named in ``exact`` (a step count, Adam's learning rate) in
-    float64.
+    their device tables until it has ended
+    (:meth:`~xpcnn.ops.fast_cupy.CupyKernels.capture_tables`); ``switches`` (None: none) what
+    else chose the captured work, read before each step: the layers' settings changes
+    (``Layer.settings_changes``) and the kernels' cuDNN switches
+    (:meth:`~xpcnn.ops.fast_cupy.CupyKernels.graph_switches`), as the trainer combines them;
+    ``capture`` the CUDA side (:class:`CupyCapture` by default; tests give a stand-in). The
+    scalars are in the parameters' dtype, those named in ``exact`` (a step count, Adam's
+    learning rate) in float64.
     """
 
     def __init__(self, step: StepFn, arrays: ArraysFn, scalars_for_next: Callable[[], dict],

@@ -29,14 +29,15 @@ The modules, each importing only those above it:
 
 * :mod:`~xpcnn.data.arrays`: moving arrays between libraries, what kind of source ``x`` is,
   device and image checks, and the argument checks every source's data goes through;
-* :mod:`~xpcnn.data.background`: the prefetch thread (:func:`prefetch`) and :func:`upload`;
+* :mod:`~xpcnn.data.background`: the prefetch thread
+  (:func:`~xpcnn.data.background.prefetch`) and :func:`~xpcnn.data.background.upload`;
 * :mod:`~xpcnn.data.sources`: the :class:`Batches` protocol, each rank's share of an epoch,
   :class:`ArrayBatches` and :class:`DatasetBatches`;
 * :mod:`~xpcnn.data.streams`: :class:`IterableBatches` and the registry of what xpcnn keeps
   for each iterator between calls.
 
-The names below are re-exported here. The settings are read, at each use, in the module that
-defines them, and are set there: ``xpcnn.data.sources.DEVICE_BUDGET_BYTES``,
+The names the rest of xpcnn uses are re-exported here. The settings are read, at each use, in
+the module that defines them, and are set there: ``xpcnn.data.sources.DEVICE_BUDGET_BYTES``,
 ``xpcnn.data.background.STOP_WAIT_SECONDS`` (not re-exported: a copy here would not be read).
 """
 
@@ -44,35 +45,22 @@ from __future__ import annotations
 
 from .arrays import (
     adopt_foreign,
-    build_for,
     check_arrays,
-    check_batch,
     check_device_images,
     check_on_device,
     check_real_images,
     check_sample_weights,
     check_source,
-    counted_batches,
-    input_limit,
-    is_device_array,
-    is_iterable_dataset,
     is_map_dataset,
     is_stream,
-    of_library,
     owned,
-    split_item,
     to_device,
-    with_channel_axis,
 )
-from .background import PREFETCH, prefetch, upload
+from .background import PREFETCH
 from .sources import (
     ArrayBatches,
     Batches,
     DatasetBatches,
-    ShardedBatches,
-    device_sums_crc32,
-    epoch_order,
-    place_in_batch,
     rank_slices,
     subset_indices_crc32,
     unpack,
@@ -89,35 +77,20 @@ __all__ = [
     "DatasetBatches",
     "IterableBatches",
     "PREFETCH",
-    "ShardedBatches",
     "adopt_foreign",
-    "build_for",
     "check_arrays",
-    "check_batch",
     "check_device_images",
     "check_on_device",
     "check_real_images",
     "check_sample_weights",
     "check_source",
-    "counted_batches",
-    "device_sums_crc32",
-    "epoch_order",
-    "input_limit",
-    "is_device_array",
-    "is_iterable_dataset",
     "is_map_dataset",
     "is_stream",
-    "of_library",
     "owned",
-    "place_in_batch",
-    "prefetch",
     "prune_streams",
     "rank_slices",
-    "split_item",
     "stream_of",
     "subset_indices_crc32",
     "to_device",
     "unpack",
-    "upload",
-    "with_channel_axis",
 ]

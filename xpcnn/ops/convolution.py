@@ -5,9 +5,9 @@ Arrays at the seam are channels-last: images (N, H, W, C), output gradients (N, 
 kernels (K, kh, kw, C), the layout cuDNN takes for NHWC images (filters "KRSC"). Engines:
 
 - :class:`KernelsConv`: the chunked im2col + matmul loops of :mod:`xpcnn.ops.im2col` over a
-  kernels object (:mod:`xpcnn.ops.kernels`): on :class:`StandardKernels` it is the standard
-  Array API fallback, on the NumPy kernels the threaded CPU path, on the CuPy kernels im2col +
-  cuBLAS.
+  kernels object (:mod:`xpcnn.ops.kernels`): on
+  :class:`~xpcnn.ops.kernels.StandardKernels` it is the standard Array API fallback, on the
+  NumPy kernels the threaded CPU path, on the CuPy kernels im2col + cuBLAS.
 - ``HandWrittenConv`` (:mod:`xpcnn.ops.cuda_conv`, CuPy only): xpcnn's own CUDA kernels, no
   im2col at all.
 - ``CudnnConv`` (:mod:`xpcnn.ops.cudnn_conv`, CuPy only): cuDNN through NVIDIA's frontend.

@@ -380,7 +380,7 @@ _RMSPROP, _RMSPROP_AT = _update_kernels(
 
 
 # Arrays of one dtype cast to another in one launch (a mixed-precision forward pass's weights,
-# Model._weights_cast), into one flat output: one thread per element of them all, found as the
+# Model._cast_weights), into one flat output: one thread per element of them all, found as the
 # updates find theirs (``table``: the running offsets, then the addresses).
 # Each array starts its segment of ``out`` at an offset rounded up to 16 bytes (cuDNN assumes
 # inputs so aligned: ``ALIGNMENT``); the table's last column holds the sizes, and the

@@ -8,11 +8,8 @@ warning of data that ran out).
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -174,44 +171,3 @@ def _refuse_stream_weights(x: Any, weights: Any) -> None:
 def _weights_name(what: str) -> str:
     """How the sample weights of the data called ``what`` are named in errors."""
     return "sample_weight" if what == "x" else f"the sample weights of {what}"
-
-
-def _check_takes_sample_weight(train_step: Callable[..., Any]) -> None:
-    """A ``train_step`` that a subclass overrides gets fit's sample weights as
-    ``sample_weight=``: refused before training where it cannot take them (they would be
-    lost)."""
-    # (a method's function, whose signature is read once, not at every weighted step)
-    if not _takes_sample_weight(getattr(train_step, "__func__", train_step)):
-        raise InputError("this model's train_step(xb, yb) takes no sample_weight: give it a "
-                         "sample_weight=None parameter (and pass it on to "
-                         "super().train_step) to train with sample weights")
-
-
-def _check_takes_a_batch(train_step: Callable[..., Any]) -> None:
-    """A ``train_step`` that a subclass overrides is called as ``train_step(xb, yb)``: refused
-    before training where it takes one argument, as Keras 3's ``train_step(self, data)``
-    does (was: a bare TypeError from the first step)."""
-    try:
-        params = inspect.signature(train_step).parameters.values()
-    except (TypeError, ValueError):
-        return
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params):
-        raise InputError(
-            f"this model's train_step takes {len(positional)} argument(s) "
-            f"({', '.join(p.name for p in positional) or 'none'}); fit calls it as "
-            "train_step(xb, yb), and with sample weights train_step(xb, yb, sample_weight=wb) "
-            "(Keras' train_step(self, data) gets data = (xb, yb) instead): define "
-            "train_step(self, xb, yb, sample_weight=None) and return super().train_step(xb, "
-            "yb, sample_weight=sample_weight) or your own (loss, correct count)")
-
-
-@functools.lru_cache(maxsize=16)
-def _takes_sample_weight(train_step: Callable[..., Any]) -> bool:
-    """Whether ``train_step`` has a ``sample_weight`` parameter (or takes any keyword); True
-    where no signature can be read (it is called, and may fail)."""
-    try:
-        params = inspect.signature(train_step).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return any(p.name == "sample_weight" or p.kind is p.VAR_KEYWORD for p in params)

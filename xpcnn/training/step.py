@@ -25,15 +25,17 @@ the captured graphs, the class weights). It needs these hooks:
   ``_layer_outputs(...)``, ``_require_built(what)``, ``_rebuild_if_shared()`` and
   ``_unbuilt_if_refused()``;
 * from :class:`~xpcnn.training.Trainer`: compile's ``_require_compiled(what)`` and
-  ``_check_loss_outputs(loss)`` and ``_train_step_overridden()``; ``fit`` sets ``_parallel``
-  (its data-parallel mode) and ``_class_weights`` for its steps.
+  ``_check_loss_outputs(loss)``; ``fit`` sets ``_parallel`` (its data-parallel mode) and
+  ``_class_weights`` for its steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -54,7 +56,6 @@ from ..ops.kernels import kernels_for
 from ..ops.softmax import target_rows, top_k_counts
 from ..ops.step_record import BAD_GRADS, BAD_LOSS, BAD_STEP
 from ..totals import READ_EVERY, RunningTotals
-from .arguments import _check_takes_sample_weight
 
 
 class TrainingStep:
@@ -123,9 +124,9 @@ class TrainingStep:
 
     @property
     def metrics_names(self) -> tuple[str, ...]:
-        """What :meth:`evaluate` and :meth:`train_on_batch` return, in order (as in Keras):
-        ``("loss", "accuracy")`` (``("loss", "acc")`` for ``metrics=["acc"]``), or
-        ``("loss",)`` for a model compiled without metrics."""
+        """What :meth:`~xpcnn.training.Trainer.evaluate` and :meth:`train_on_batch` return, in
+        order (as in Keras): ``("loss", "accuracy")`` (``("loss", "acc")`` for
+        ``metrics=["acc"]``), or ``("loss",)`` for a model compiled without metrics."""
         return ("loss", *self.metrics)
 
     def _logs(self, sums: list[float], seen: float) -> dict[str, float]:
@@ -153,7 +154,7 @@ class TrainingStep:
         """One training step on one batch of host or device arrays, checked at once (the host
         waits for the device): its ``[loss, accuracy]`` (the loss alone without metrics, a dict
         with ``return_dict``, as in Keras), or :class:`NonFiniteError`. ``sample_weight`` and
-        ``class_weight`` weigh the loss as :meth:`fit`'s do."""
+        ``class_weight`` weigh the loss as :meth:`~xpcnn.training.Trainer.fit`'s do."""
         return_dict = checks.flag(return_dict, "return_dict")
         self._require_compiled("train_on_batch")
         if self._parallel is not None:
@@ -373,6 +374,12 @@ class TrainingStep:
                 self._class_table = self._class_weights
         return previous
 
+    def _train_step_overridden(self) -> bool:
+        """True where ``train_step`` is a subclass's or set on the model itself: fit calls it
+        for each step, as Keras does."""
+        return type(self).train_step is not TrainingStep.train_step or \
+            "train_step" in vars(self)
+
     def _call_train_step(self, xb: Any, yb: Any, wb: Any) -> tuple[Any, Any]:
         """``train_step`` on a batch, given its sample weights ``wb`` (if any) as
         ``sample_weight=``; a subclass's that cannot take them is refused by name, not left to
@@ -537,3 +544,44 @@ class TrainingStep:
                          "finite, another rank's made it (that rank's error names where)")
         raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
                              f"values appear in {where}")
+
+
+def _check_takes_sample_weight(train_step: Callable[..., Any]) -> None:
+    """A ``train_step`` that a subclass overrides gets fit's sample weights as
+    ``sample_weight=``: refused before training where it cannot take them (they would be
+    lost)."""
+    # (a method's function, whose signature is read once, not at every weighted step)
+    if not _takes_sample_weight(getattr(train_step, "__func__", train_step)):
+        raise InputError("this model's train_step(xb, yb) takes no sample_weight: give it a "
+                         "sample_weight=None parameter (and pass it on to "
+                         "super().train_step) to train with sample weights")
+
+
+def _check_takes_a_batch(train_step: Callable[..., Any]) -> None:
+    """A ``train_step`` that a subclass overrides is called as ``train_step(xb, yb)``: refused
+    before training where it takes one argument, as Keras 3's ``train_step(self, data)``
+    does (was: a bare TypeError from the first step)."""
+    try:
+        params = inspect.signature(train_step).parameters.values()
+    except (TypeError, ValueError):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        raise InputError(
+            f"this model's train_step takes {len(positional)} argument(s) "
+            f"({', '.join(p.name for p in positional) or 'none'}); fit calls it as "
+            "train_step(xb, yb), and with sample weights train_step(xb, yb, sample_weight=wb) "
+            "(Keras' train_step(self, data) gets data = (xb, yb) instead): define "
+            "train_step(self, xb, yb, sample_weight=None) and return super().train_step(xb, "
+            "yb, sample_weight=sample_weight) or your own (loss, correct count)")
+
+
+@functools.lru_cache(maxsize=16)
+def _takes_sample_weight(train_step: Callable[..., Any]) -> bool:
+    """Whether ``train_step`` has a ``sample_weight`` parameter (or takes any keyword); True
+    where no signature can be read (it is called, and may fail)."""
+    try:
+        params = inspect.signature(train_step).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == "sample_weight" or p.kind is p.VAR_KEYWORD for p in params)

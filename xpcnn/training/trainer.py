@@ -70,8 +70,6 @@ from .arguments import (
     _bar,
     _batch_length,
     _check_fit_data,
-    _check_takes_a_batch,
-    _check_takes_sample_weight,
     _checkpoint_callback,
     _drop_sources,
     _inference_params,
@@ -84,7 +82,7 @@ from .arguments import (
     _validation_freq,
     _weights_name,
 )
-from .step import TrainingStep
+from .step import TrainingStep, _check_takes_a_batch, _check_takes_sample_weight
 
 #: compile's precisions and the dtype of their heavy matmuls (None: the parameters' dtype).
 PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
@@ -723,11 +721,6 @@ class Trainer(TrainingStep):
             self._parallel.end_batches(0, epoch)
         return has
 
-    def _train_step_overridden(self) -> bool:
-        """True where ``train_step`` is a subclass's or set on the model itself: fit calls it
-        for each step, as Keras does."""
-        return type(self).train_step is not Trainer.train_step or "train_step" in vars(self)
-
     def _batch_logs(self) -> dict[str, float]:
         """The epoch's running loss and metrics (waits for the device): over every training
         step since the epoch began, those of a callback's ``train_on_batch`` too, as in Keras
@@ -867,7 +860,6 @@ class Trainer(TrainingStep):
         device)."""
         return self._logs(totals.sums(self.backend.to_numpy(totals.state)), seen)
 
-    @_prunes_streams
     def test_on_batch(self, x: Any, y: Any, sample_weight: Any = None,
                       return_dict: bool = False) -> float | list[float] | dict[str, float]:
         """:meth:`evaluate` of one batch of arrays, as Keras' ``test_on_batch``."""
@@ -878,6 +870,7 @@ class Trainer(TrainingStep):
         """:meth:`predict` of one batch of arrays, as Keras' ``predict_on_batch``."""
         return self.predict(x, batch_size=_batch_length(x))
 
+    @_prunes_streams
     def predict(self, x: Any, batch_size: int | None = 256, verbose: int | str = 0,
                 steps: int | None = None, callbacks: list[Callback] | None = None) -> np.ndarray:
         """The model's output for ``x`` as a host NumPy array, as in Keras: class
