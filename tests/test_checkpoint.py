@@ -949,3 +949,40 @@ def test_resuming_stays_strict_about_dtype_and_input_shape(tmp_path):
                                               r"this model takes \(8, 8, 2\)"):
         convolutional(8).fit(rng.normal(size=(16, 8, 8, 2)), y, epochs=2, batch_size=8,
                              verbose=0, checkpoint=path, resume=True)
+
+
+def test_restore_checkpoint_takes_the_files_settings_and_refuses_a_bad_one(tmp_path):
+    """A checkpoint of a model whose Dropout rate and BatchNorm2D momentum a callback changed
+    was refused by the same model ("another architecture"); restored, it takes the file's
+    settings (the run goes on as it was). A setting the built layer refuses (a rate that
+    float16 rounds to 1) is a corrupt file: DataFormatError, the model's settings and weights
+    as they were."""
+    from xpcnn.layers import BatchNorm2D, Dropout
+
+    def make():
+        model = xpcnn.Sequential([Conv2D(2, 3), BatchNorm2D(), Flatten(), Dropout(0.25),
+                                  Dense(3), Softmax()], input_shape=(5, 5, 1), seed=0)
+        model.compile(optimizer="adam", precision="mixed_float16")
+        return model
+
+    saved = make()
+    saved.layers[1].momentum, saved.layers[3].rate = 0.9, 0.5
+    path = tmp_path / "s.npz"
+    save_checkpoint(saved, path)
+    model = make()
+    restore_checkpoint(model, path)
+    assert (model.layers[1].momentum, model.layers[3].rate) == (0.9, 0.5)
+
+    def bad(config):
+        config["model"]["layers"][1]["config"]["momentum"] = 0.5
+        config["model"]["layers"][3]["config"]["rate"] = 0.99999
+
+    _rewrite(path, bad)
+    model = make()
+    before = model.get_weights()
+    with pytest.raises(DataFormatError, match=r"invalid checkpoint: layer 3 \(Dropout\) has "
+                                              "rate 0.99999: .* cannot be drawn in float16"):
+        restore_checkpoint(model, path)
+    assert (model.layers[1].momentum, model.layers[3].rate) == (BatchNorm2D().momentum, 0.25)
+    for a, b in zip(model.get_weights(), before, strict=True):
+        assert np.array_equal(a, b)

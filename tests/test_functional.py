@@ -974,3 +974,23 @@ def test_assigning_a_functional_models_layers_is_refused():
     assert list(model.layers) == layers
     x = np.random.default_rng(0).random((2, 8, 8, 3)).astype(np.float32)
     assert model.predict(x, verbose=0).shape == (2, 4)
+
+
+def test_model_called_on_a_list_of_one_symbolic_tensor_takes_that_tensor():
+    """``model([inp])`` said "x must hold real numbers ..., got dtype object"; as Keras for a
+    one-input model it is ``model(inp)``; a list of two is refused by name; and
+    ``model(x, training="yes")`` quoted the value as training=True."""
+    from xpcnn.layers import Conv2D, ReLU
+
+    inp = xpcnn.Input((8, 8, 3))
+    base = xpcnn.Sequential([Conv2D(4, 3), ReLU()], input_shape=(8, 8, 3), seed=0)
+    out = base([inp])
+    assert out.shape[1:] == (6, 6, 4)
+    model = xpcnn.Model(inp, out)
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), base.predict(x, verbose=0))
+    for bad in ((inp, inp), [inp, x]):
+        with pytest.raises(InputError, match="takes one input tensor, got a"):
+            base(bad)
+    with pytest.raises(InputError, match="called with training='yes'"):
+        base(x, training="yes")

@@ -1770,3 +1770,91 @@ def test_a_ceiling_given_to_a_fused_relu_after_its_first_pass_is_applied():
         np.testing.assert_allclose(a, b, rtol=1e-12)
     assert all(a is b for k in slots for a, b in zip(slots[k], model.optimizer.slots[k],
                                                     strict=True))
+
+
+def test_activation_changed_after_a_step_recompiles_the_plan():
+    """Conv2D/Dense ``activation`` set to None after a training step: the plan compiled with
+    the fused ReLU kept handing its gradient on, so every later step masked a linear layer's
+    gradient (weights up to 5e-3 off). It is a counted setting now: the next step equals, bit
+    for bit, a model built with activation=None from the same weights."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 8, 8, 3)), rng.integers(0, 3, 16)
+
+    def make(act):
+        model = xpcnn.Sequential([Conv2D(4, 3, activation=act), MaxPool2D(2), Flatten(),
+                                  Dense(8, activation=act), Dropout(0.0), Dense(3)], seed=0,
+                                 input_shape=(8, 8, 3), dtype="float64")
+        model.compile("cross_entropy", "sgd")
+        return model
+
+    model = make("relu")
+    model.train_on_batch(x, y)
+    model.layers[0].activation = None
+    model.layers[3].activation = None
+    reference = make(None)
+    reference.set_weights(model.get_weights())
+    np.testing.assert_array_equal(model.predict(x, verbose=0), reference.predict(x, verbose=0))
+    model.train_on_batch(x, y)
+    reference.train_on_batch(x, y)
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_activation_assigned_after_build_is_checked_and_saved_as_it_runs(tmp_path):
+    """``dense.activation = "ReLU"`` ran linear but saved as relu; "tanh" ran as the identity
+    and saved a file that never loaded. Each is now the constructor's check: "ReLU" is taken
+    as "relu" (and applied), "tanh" refused with the constructor's message, the old value
+    kept; a softmax activation moved before the end is refused as build refuses it."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
+
+    def make(act=None):
+        return xpcnn.Sequential([Conv2D(4, 3), Flatten(), Dense(8, activation=act), Dense(3)],
+                                seed=0, input_shape=(8, 8, 3))
+
+    model, reference = make(), make("relu")
+    model.layers[2].activation = "ReLU"
+    assert model.layers[2].activation == "relu"
+    out = model.predict(x, verbose=0)
+    np.testing.assert_array_equal(out, reference.predict(x, verbose=0))
+    model.save(tmp_path / "a.npz")
+    np.testing.assert_array_equal(xpcnn.load_model(tmp_path / "a.npz").predict(x, verbose=0),
+                                  out)
+    for layer, value in ((model.layers[2], "tanh"), (model.layers[0], "softmax")):
+        with pytest.raises(InputError) as refusal:
+            layer.activation = value
+        with pytest.raises(InputError) as constructor:
+            type(layer)(3, activation=value)
+        assert str(refusal.value) == str(constructor.value)
+    assert model.layers[2].activation == "relu" and model.layers[0].activation is None
+    model.layers[2].activation = "softmax"  # (a Dense's, before the last layer)
+    with pytest.raises(InputError, match="softmax activation"):
+        model.predict(x, verbose=0)
+    model.layers[2].activation = None
+    model.layers[3].activation = "softmax"  # (at the end: probabilities, as built with it)
+    probabilities = model.predict(x, verbose=0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "copy", "pickle"])
+def test_a_built_layer_refuses_a_copy_by_name_an_unbuilt_one_copies(how):
+    """copy.deepcopy / pickle of a built layer gave a bare "TypeError: cannot pickle 'module'
+    object" from inside copy; it is refused as a model's copy is, naming what to do instead
+    (from_config(get_config()), then set_weights(get_weights())). An unbuilt layer copies."""
+    import copy
+    import pickle
+
+    call = {"deepcopy": copy.deepcopy, "copy": copy.copy,
+            "pickle": lambda la: pickle.loads(pickle.dumps(la))}[how]
+    layer = Dense(3, activation="relu", name="head")
+    again = call(layer)
+    assert again is not layer and again.get_config() == layer.get_config()
+    assert Dropout(0.3).rate == call(Dropout(0.3)).rate
+    layer.build((4,))
+    with pytest.raises(InputError, match=r"layer 'head' \(Dense\) is built and cannot be copied "
+                                         r"or pickled .*Dense.from_config\(layer.get_config\(\)\)"
+                                         r" and, once built, new.set_weights"):
+        call(layer)
+    twin = Dense.from_config(layer.get_config())
+    twin.build((4,))
+    twin.set_weights(layer.get_weights())

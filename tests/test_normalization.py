@@ -624,3 +624,28 @@ def test_a_plain_normalization_takes_the_files_adapted_statistics(rng, tmp_path)
     with pytest.raises(DataFormatError, match="another architecture"):
         other.load_weights(tmp_path / "w.npz")
     assert not other.built and not other.layers[0].adapted and other.layers[0].mean is None
+
+
+def test_given_statistics_assigned_after_build_are_refused_before_checked(tmp_path):
+    """A built Normalization's mean/std assigned were ignored by the running layer but written
+    to its file (the loaded model predicted otherwise), and "abc" was taken, saved, and the
+    file never loaded. After build: refused, pointing to adapt / set_weights / a new layer,
+    the model unchanged; before build: checked as the constructor checks them."""
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
+    norm = Normalization([0, 0, 0], [1, 1, 1])
+    model = xpcnn.Sequential([norm, Flatten(), Dense(3)], input_shape=(8, 8, 3), seed=0)
+    for name, value in (("mean", [5.0, 5.0, 5.0]), ("std", [2.0] * 3), ("mean", "abc")):
+        with pytest.raises(InputError, match=rf"is built: its {name} cannot be assigned .*adapt"
+                                             r".*set_weights.*Normalization\(mean, std\)"):
+            setattr(norm, name, value)
+    assert norm.mean == [0.0] * 3 and norm.std == [1.0] * 3
+    p = model.predict(x, verbose=0)
+    model.save(tmp_path / "m.npz")
+    np.testing.assert_array_equal(xpcnn.load_model(tmp_path / "m.npz").predict(x, verbose=0), p)
+    fresh = Normalization(0.0, 1.0)
+    for name, value in (("mean", "abc"), ("std", 0.0), ("std", [1.0, -1.0])):
+        with pytest.raises(InputError, match=f"Normalization {name}"):
+            setattr(fresh, name, value)
+    fresh.mean, fresh.std = [1.0, 2.0, 3.0], 2
+    assert (fresh.mean, fresh.std) == ([1.0, 2.0, 3.0], [2.0])
+    np.testing.assert_allclose(fresh(x), (x - [1.0, 2.0, 3.0]) / 2, rtol=1e-6)

@@ -518,3 +518,27 @@ def test_settings_assigned_after_build_are_checked_as_the_constructor_checks_the
     assert Layer.settings_changes == changes + 3
     model.fit(x, y, epochs=1, verbose=0)
     assert np.all(bn.get_weights()[3] >= 0)
+
+
+def test_dropout_rate_assigned_after_build_is_checked_for_the_layers_dtypes():
+    """Under mixed_float16 a rate of 0.99999 (which float16 rounds to 1) assigned to a built
+    Dropout was taken, and the next training step raised, with the bad rate kept. It is
+    checked as build checks it (the layer's dtype and compute dtype): refused with build's
+    message, the old rate kept, nothing counted."""
+    from xpcnn.errors import InputError
+    from xpcnn.layers import Conv2D, Dense, Flatten, Layer, ReLU
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 8, 8, 3)).astype(np.float32), rng.integers(0, 3, 16)
+    drop = Dropout(0.5)
+    model = xpcnn.Sequential([Conv2D(4, 3), ReLU(), Flatten(), drop, Dense(3)], seed=0)
+    model.compile("cross_entropy", "adam", precision="mixed_float16")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    changes = Layer.settings_changes
+    with pytest.raises(InputError, match="cannot be drawn in float16"):
+        drop.rate = 0.99999
+    assert drop.rate == 0.5 and Layer.settings_changes == changes
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)  # (still trains, at 0.5)
+    drop.rate = 0.999  # (float16 draws it)
+    assert drop.rate == 0.999 and Layer.settings_changes == changes + 1
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)

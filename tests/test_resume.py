@@ -856,3 +856,39 @@ def test_a_new_csv_log_of_a_resumed_run_holds_the_uninterrupted_runs_rows(data, 
                      callbacks=[CSVLogger(tmp_path / "log.csv")], **fit)
     assert rows(tmp_path / "log.csv") == rows(tmp_path / "whole.csv")
     assert len(rows(tmp_path / "log.csv")) == 1 + 4
+
+
+class SettingsSchedule(Callback):
+    """Changes Dropout's rate and BatchNorm2D's momentum at given optimiser steps (counted by
+    the optimiser, which a checkpoint restores)."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        from xpcnn.layers import BatchNorm2D, Dropout
+
+        values = {10: (0.5, 0.9), 20: (0.1, 0.8)}.get(self.model.optimizer.iterations)
+        for layer in self.model.layers if values else ():
+            if isinstance(layer, Dropout):
+                layer.rate = values[0]
+            elif isinstance(layer, BatchNorm2D):
+                layer.momentum = values[1]
+
+
+def test_a_run_whose_callback_changed_settings_resumes_bit_for_bit(data, tmp_path):
+    """A checkpoint written after a callback changed a layer's setting (Dropout's rate,
+    BatchNorm2D's momentum) could not be resumed by the same script ("holds a model of another
+    architecture: ... Dropout(rate=0.5), this model's is Dropout(rate=0.25)"): the work was
+    lost. The settings are not compared; the file's are restored, and the run resumed inside
+    an epoch ends as the uninterrupted one, bit for bit."""
+    x, y, _ = data
+    reference = make_model()
+    reference.fit(x, y, callbacks=[SettingsSchedule()], **FIT)
+    path = tmp_path / "run.npz"
+    with pytest.raises(KeyboardInterrupt):
+        make_model().fit(x, y, checkpoint=path, checkpoint_every=3,
+                         callbacks=[SettingsSchedule(), InterruptAfter(14)], **FIT)
+    model = make_model()
+    model.fit(x, y, checkpoint=path, checkpoint_every=3, resume=True,
+              callbacks=[SettingsSchedule()], **FIT)
+    assert_same(state(model), state(reference))
+    assert [la.get_config() for la in model.layers] == \
+        [la.get_config() for la in reference.layers]

@@ -399,3 +399,30 @@ def test_load_weights_casts_the_dtype_and_takes_another_input_size(tmp_path):
         other.load_weights(tmp_path / "flat.npz")
     for a, b in zip(other.get_weights(), before, strict=True):  # (untouched)
         np.testing.assert_array_equal(a, b)
+
+
+def test_load_weights_takes_the_files_weights_and_keeps_the_models_settings(tmp_path):
+    """A file whose layers differ from the model's only in settings that may change while a
+    model trains (Dropout's rate, BatchNorm2D's momentum, ReLU's max_value) was refused as
+    "another architecture". As Keras' load_weights and PyTorch's load_state_dict: the file's
+    weights are taken, the model's settings kept. Another setting (a Dense's use_bias, a
+    layer's activation, part of what the model computes) is still refused."""
+    from xpcnn.layers import Dropout
+
+    def make(rate, momentum, ceiling, act, use_bias=True):
+        return xpcnn.Sequential([Conv2D(4, 3, activation=act), BatchNorm2D(momentum=momentum),
+                                 ReLU(max_value=ceiling), Flatten(), Dropout(rate),
+                                 Dense(3, use_bias=use_bias)], input_shape=(6, 6, 2), seed=1)
+
+    saved = make(0.5, 0.9, 6.0, "relu")
+    saved.save(tmp_path / "m.npz")
+    model = make(0.1, 0.8, None, "relu")
+    configs = [la.get_config() for la in model.layers]
+    model.load_weights(tmp_path / "m.npz")
+    for a, b in zip(model.get_weights(), saved.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [la.get_config() for la in model.layers] == configs
+    with pytest.raises(DataFormatError, match="another architecture: its layer 5 is Dense"):
+        make(0.5, 0.9, 6.0, "relu", use_bias=False).load_weights(tmp_path / "m.npz")
+    with pytest.raises(DataFormatError, match="another architecture: its layer 0 is Conv2D"):
+        make(0.5, 0.9, 6.0, None).load_weights(tmp_path / "m.npz")

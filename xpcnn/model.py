@@ -109,6 +109,7 @@ class Model(Trainer):
         # (trainable_layers, and Layer.rebuilds when they were listed: see _trained)
         self._trained_list: tuple[Layer, ...] = ()
         self._trained_at: int | None = None
+        self._builds = 0  # (how many times its layers were built: a captured step is redone)
         self._symbolic: graph.Symbolic | None = None
         # (Input(name=...)'s: the summary, the configuration and a rebuilt symbolic graph keep it)
         self._input_name = traced[2].input.name if traced else "input"
@@ -187,11 +188,20 @@ class Model(Trainer):
         On a symbolic tensor: calls every layer of this model on it, so that the model
         becomes part of a functional :class:`Model` (its layers are shared: training that
         model trains them). ``training`` is refused there (see
-        :func:`~xpcnn.layers.base.refuse_training_in_graph`)."""
+        :func:`~xpcnn.layers.base.refuse_training_in_graph`). A list or tuple of one
+        symbolic tensor is taken as that tensor (a model has one input, as Keras takes
+        ``model([inp])`` for a one-input model)."""
+        if isinstance(x, list | tuple) and any(isinstance(t, SymbolicTensor) for t in x):
+            if len(x) != 1:
+                raise InputError(f"model {self.name!r} takes one input tensor, got a "
+                                 f"{type(x).__name__} of {len(x)} "
+                                 f"({', '.join(type(t).__name__ for t in x)}): call it on one "
+                                 "symbolic tensor (xpcnn.Input or a layer's output)")
+            x = x[0]
         if not isinstance(x, SymbolicTensor):
             if training:
-                raise InputError(f"model {self.name!r} called with training=True: a model "
-                                 "call runs it for inference; fit, train_on_batch and "
+                raise InputError(f"model {self.name!r} called with training={training!r}: a "
+                                 "model call runs it for inference; fit, train_on_batch and "
                                  "train_step train it")
             return self._outputs_of_batch(x)
         refuse_training_in_graph(f"model {self.name!r}", training)
@@ -235,6 +245,7 @@ class Model(Trainer):
         graph.build(self.layers, self._inbound(), self.input_shape, self.backend,
                     self.dtype_name, self._compute_dtype_name, self.seed)
         self._plan_cache, self._trained_at = None, None
+        self._builds += 1
         # (its own, whatever a layer it shares with another model is built for since)
         self._output_shape: tuple[int, ...] = self.layers[-1].output_shape
         self.built = True
@@ -335,7 +346,10 @@ class Model(Trainer):
             if self._slots_outdated() and self.optimizer is not None:
                 self.optimizer.slots = {}
             # (a setting changed may change the plan: a ReLU given a ceiling is no longer
-            # fused into the layer before it)
+            # fused into the layer before it; and the structure: a Dense's activation set to
+            # "softmax" before the last layer is refused as build refuses it)
+            if self._planned_settings != Layer.settings_changes:
+                check_structure(self.layers)
             self._planned_for, self._planned_settings = key, Layer.settings_changes
             self._plan_cache = graph.compile_plan(self.layers, self._inbound(),
                                                   self._ends_in_a_softmax_layer(),

@@ -171,10 +171,14 @@ class Setting:
     ``check``: the constructor's own check of the value (it returns the value to keep, or
     raises InputError), run on every assignment, the constructor's and a later one alike: one
     message each way, and a refused value leaves the old one, counting nothing (a momentum of
-    5 after build made BatchNorm2D's running variance negative in the next fit)."""
+    5 after build made BatchNorm2D's running variance negative in the next fit).
+    ``architecture``: the value is part of what the model computes, not a training
+    hyper-parameter (a layer's activation: a softmax one is the model's output), so a
+    checkpoint's resume and ``load_weights`` still compare it (see :func:`setting_names`)."""
 
-    def __init__(self, check: Callable[[Any], Any] | None = None) -> None:
-        self.check = check
+    def __init__(self, check: Callable[[Any], Any] | None = None,
+                 architecture: bool = False) -> None:
+        self.check, self.architecture = check, architecture
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -184,6 +188,16 @@ class Setting:
             value = self.check(value)
         setting_changed(layer, vars(layer).get(self.name, _UNSET), value)
         vars(layer)[self.name] = value
+
+
+def setting_names(cls: type) -> tuple[str, ...]:
+    """The settings of layer class ``cls`` that may change while it trains (by a callback,
+    say): its :class:`Setting` attributes and the properties it names in
+    ``Layer.other_settings`` (Dropout's ``rate``). A checkpoint's resume and ``load_weights``
+    compare a layer's configuration without them (the resume takes the file's values)."""
+    names = [name for klass in reversed(cls.__mro__) for name, value in vars(klass).items()
+             if isinstance(value, Setting) and not value.architecture]
+    return tuple(dict.fromkeys([*names, *getattr(cls, "other_settings", ())]))
 
 
 def setting_changed(layer: Layer, old: Any, new: Any) -> None:
@@ -253,6 +267,9 @@ class Layer:
     #: rate, ReLU's max_value...), counted on this class: a step captured in a CUDA graph
     #: replays the values of its capture, so the step is captured again after this moved.
     settings_changes: ClassVar[int] = 0
+    #: Settings that are properties rather than :class:`Setting` attributes, counted as they
+    #: are (Dropout's ``rate``): see :func:`setting_names`.
+    other_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -501,6 +518,18 @@ class Layer:
                              "use the tensor the layer's call returned in the graph you mean, "
                              "or give each model a layer of its own")
         return self.inbound_nodes[0]
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # (copy.copy, copy.deepcopy and pickle all come here: a built layer holds its device's
+        # array library and kernels, which cannot be copied; an unbuilt one copies as any
+        # object)
+        if "backend" in vars(self) or vars(self).get("built"):
+            raise InputError(
+                f"layer {self.name!r} ({type(self).__name__}) is built and cannot be copied or "
+                "pickled (it holds its device's array library and kernels): make a new one "
+                f"with {type(self).__name__}.from_config(layer.get_config()) and, once built, "
+                "new.set_weights(layer.get_weights())")
+        return super().__reduce_ex__(protocol)
 
     # -- weights and configuration ---------------------------------------------------------
     def get_config(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from .base import (
     DEFAULT,
     Layer,
     Options,
+    Setting,
     Shape,
     check_activation,
     check_padding,
@@ -38,6 +39,9 @@ class Conv2D(Layer):
     weight_names = ("kernel", "bias")
     can_fuse_relu = True
     casts_weights = True
+    #: Checked and counted as the constructor's (see :class:`Setting`): a change after a step
+    #: compiles the model's plan again (a fused ReLU hands its gradient on there).
+    activation = Setting(check_activation, architecture=True)
 
     def __init__(
         self,
@@ -55,7 +59,7 @@ class Conv2D(Layer):
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.strides = pair(strides, "strides")
         self.padding = check_padding(padding)
-        self.activation = check_activation(activation)
+        self.activation = activation
         self.use_bias = flag(use_bias, "use_bias")
         self.kernel_initializer = check_initializer(kernel_initializer)
 

@@ -11,7 +11,7 @@ from ..checks import flag
 from ..errors import InputError
 from ..ops.kernels import kernels_for
 from ..ops.softmax import softmax, softmax_backward
-from .base import DEFAULT, Layer, Options, Shape, check_activation, count, in_dtype
+from .base import DEFAULT, Layer, Options, Setting, Shape, check_activation, count, in_dtype
 from .initializers import check_initializer, initialize
 
 
@@ -39,12 +39,16 @@ class Dense(Layer):
     weight_names = ("kernel", "bias")
     can_fuse_relu = True
     casts_weights = True
+    #: Checked and counted as the constructor's (see :class:`Setting`): a change after a step
+    #: compiles the model's plan again (a fused ReLU hands its gradient on there).
+    activation = Setting(lambda value: check_activation(value, ("relu", "softmax")),
+                         architecture=True)
 
     def __init__(self, units: int, activation: str | None = None, use_bias: bool = True,
                  kernel_initializer: str = "glorot_uniform", name: str | None = None) -> None:
         super().__init__(name)
         self.units = count(units, "units")
-        self.activation = check_activation(activation, ("relu", "softmax"))
+        self.activation = activation
         self.use_bias = flag(use_bias, "use_bias")
         self.kernel_initializer = check_initializer(kernel_initializer)
 

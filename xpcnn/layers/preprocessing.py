@@ -79,8 +79,8 @@ class Normalization(Layer):
                  std: list[float] | float | None = None, name: str | None = None, *,
                  variance: list[float] | float | None = None, adapted: bool = False) -> None:
         super().__init__(name)
-        self.mean: list[float] | None = None
-        self.std: list[float] | None = None
+        self._mean: list[float] | None = None
+        self._std: list[float] | None = None
         self.adapted = flag(adapted, "Normalization adapted")
         if std is not None and variance is not None:
             raise InputError("Normalization takes std or variance, not both; got "
@@ -95,14 +95,50 @@ class Normalization(Layer):
             raise InputError("Normalization(adapted=True) takes its statistics as weights "
                              "(set_weights, or a model file), not as mean and std: give one "
                              "or the other")
-        self.mean = [number(v, "Normalization mean") for v in np.atleast_1d(mean).tolist()]
+        self._mean = [number(v, "Normalization mean") for v in np.atleast_1d(mean).tolist()]
         spreads = [number(v, f"Normalization {what}", 0.0, low_open=True)
                    for v in np.atleast_1d(spread).tolist()]
         if len(self.mean) != len(spreads) or not all(s > 0 for s in spreads):
             raise InputError(f"Normalization needs mean and {what} of equal length, {what} "
                              f"positive; got mean={mean!r}, {what}={spread!r}")
-        self.std = spreads if variance is None else np.sqrt(spreads).tolist()
+        self._std = spreads if variance is None else np.sqrt(spreads).tolist()
         _check_inverse(self.std, np.float64, f"Normalization {what}")
+
+    @property
+    def mean(self) -> list[float] | None:
+        """The per-channel mean (a list of floats; None until given or adapted)."""
+        return self._mean
+
+    @mean.setter
+    def mean(self, value: Any) -> None:
+        self._set_statistic("mean", value)
+
+    @property
+    def std(self) -> list[float] | None:
+        """The per-channel std (a list of floats; None until given or adapted)."""
+        return self._std
+
+    @std.setter
+    def std(self, value: Any) -> None:
+        self._set_statistic("std", value)
+
+    def _set_statistic(self, what: str, value: Any) -> None:
+        # A built layer normalises with arrays made from them at build (a captured step reads
+        # them by address): a new value assigned there was ignored by the running model and
+        # written to its file. Before build, checked as the constructor checks it.
+        if self.built:
+            raise InputError(
+                f"layer {self.name!r} (Normalization) is built: its {what} cannot be assigned "
+                "(the running layer would not use it); call layer.adapt(data) for statistics "
+                "of new data, set_weights for an adapted layer's, or make a new layer, "
+                "Normalization(mean, std)")
+        if value is not None:
+            low = 0.0 if what == "std" else None
+            value = [number(v, f"Normalization {what}", low, low_open=low is not None)
+                     for v in np.atleast_1d(value).tolist()]
+            if what == "std":
+                _check_inverse(value, np.float64, "Normalization std")
+        vars(self)["_" + what] = value
 
     def get_config(self) -> dict[str, Any]:
         # Adapted statistics are weights (a file's arrays, of any size), not settings: the JSON
@@ -133,7 +169,7 @@ class Normalization(Layer):
                              f"input has {c} channels")
         if self.adapted:
             if self.mean is None:  # (weights to come: Keras' initial mean 0 and variance 1)
-                self.mean, self.std = [0.0] * c, [1.0] * c
+                self._mean, self._std = [0.0] * c, [1.0] * c
             self._param("mean", np.broadcast_to(self.mean, (c,)), trainable=False)
             variance = np.square(np.broadcast_to(np.asarray(self.std, np.float64), (c,)))
             if not np.all(variance <= float(self.xp.finfo(self.dtype).max)):
@@ -197,9 +233,9 @@ class Normalization(Layer):
             return
         given = dict(checked)
         if "mean" in given:
-            self.mean = np.asarray(given["mean"], np.float64).tolist()
+            self._mean = np.asarray(given["mean"], np.float64).tolist()
         if "variance" in given:
-            self.std = np.sqrt(np.asarray(given["variance"], np.float64)).tolist()
+            self._std = np.sqrt(np.asarray(given["variance"], np.float64)).tolist()
         self._derive()
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
@@ -290,7 +326,7 @@ class Normalization(Layer):
                              "Normalization(mean, std) with a std > 0 for it")
         if not self.built:  # (checked in the layer's dtype when it is built)
             _check_inverse(std, np.float64, "Normalization.adapt: the data's std")
-            self.mean, self.std = mean.tolist(), std.tolist()
+            self._mean, self._std = mean.tolist(), std.tolist()
             self.adapted = True
             return
         largest = float(self.xp.finfo(self.dtype).max)
@@ -300,7 +336,7 @@ class Normalization(Layer):
                              f"layer's dtype, {self.dtype}, which holds it; rescale the data")
         _check_inverse(std, self._host_dtype(), "Normalization.adapt: the data's std",
                        stored=True)
-        self.mean, self.std = mean.tolist(), std.tolist()
+        self._mean, self._std = mean.tolist(), std.tolist()
         shift, scale = self._arrays_now()
         if not self.adapted:
             # Given statistics become weights, as an adapted layer's are: its mean weight is

@@ -54,7 +54,7 @@ from ..backend import DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterrupted, warn
 from ..files import remove_leftovers, written_file
 from ..history import History
-from ..layers.base import RandomLayer
+from ..layers.base import RandomLayer, setting_names
 from ..totals import SCALE_RANGE
 from .model_file import (
     CHECKPOINT_FORMAT,
@@ -520,7 +520,14 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     if not isinstance(run, dict):
         raise bad("no run description")
 
-    set_weights_from_file(model, npz)  # checks shapes before replacing anything
+    # The settings a callback may have changed mid-run (Dropout's rate...), which the check
+    # of the architecture left out: the file's, as the run had them when it was written.
+    undo = _take_settings(model, config["model"]["layers"], path)
+    try:
+        set_weights_from_file(model, npz)  # checks shapes before replacing anything
+    except BaseException:
+        _put_back(undo)
+        raise
     for la, t in zip(model.layers, trainable, strict=True):
         la.trainable = t
     opt.iterations, opt.lr_factor = iterations, lr_factor
@@ -536,6 +543,36 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         model.layers[i].set_random_state(seed, calls)  # type: ignore[attr-defined]
     model._epoch_offset, model._epochs_begun = offset, begun
     return Checkpoint(model, progress, history, run, path)
+
+
+def _take_settings(model: Any, specs: list[Any], path: str) -> list[tuple[Any, str, Any]]:
+    """Give each layer of ``model`` the values that the file's layer ``specs`` hold for its
+    :func:`~xpcnn.layers.base.setting_names` (each checked as an assignment checks it);
+    returns what :func:`_put_back` undoes. A value refused: every one put back, and a
+    ``DataFormatError``."""
+    undo: list[tuple[Any, str, Any]] = []
+    for i, (layer, spec) in enumerate(zip(model.layers, specs, strict=False)):
+        settings = spec.get("config") if isinstance(spec, dict) else None
+        for name in setting_names(type(layer)) if isinstance(settings, dict) else ():
+            if name not in settings:
+                continue
+            old, value = getattr(layer, name), settings[name]
+            if type(old) is type(value) and old == value:
+                continue
+            try:
+                setattr(layer, name, value)
+            except InputError as e:
+                _put_back(undo)
+                raise DataFormatError(f"{path}: invalid checkpoint: layer {i} "
+                                      f"({type(layer).__name__}) has {name} {value!r}: {e}"
+                                      ) from e
+            undo.append((layer, name, old))
+    return undo
+
+
+def _put_back(undo: list[tuple[Any, str, Any]]) -> None:
+    for layer, name, old in reversed(undo):
+        setattr(layer, name, old)
 
 
 def _int(v: Any, what: str, path: str) -> int:

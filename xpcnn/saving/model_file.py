@@ -29,7 +29,7 @@ from ..errors import DataFormatError, InputError, NonFiniteError
 from ..files import written_file
 from ..graph import Inbound, check_graph, inbound_of
 from ..layers import BatchNorm2D, Conv2D, Dense, Normalization
-from ..layers.base import LAYER_TYPES, Layer
+from ..layers.base import LAYER_TYPES, Layer, setting_names
 from ..losses import loss_from_config
 from ..metrics import metric_from_config
 from ..ops.windows import resolve_padding
@@ -644,7 +644,10 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
     otherwise ``DataFormatError`` names the first difference. As Keras' ``load_weights`` and
     PyTorch's ``load_state_dict``: the values are cast to the model's dtype, and a built model
     keeps its input shape (an unbuilt one is built for the file's), and the optimiser in a
-    checkpoint is not read (its class need not be defined)."""
+    checkpoint is not read (its class need not be defined). Settings that may change while a
+    model trains (Dropout's rate, BatchNorm2D's momentum, an activation: see
+    :func:`~xpcnn.layers.base.setting_names`) are not weights: where the file's differ, the
+    model keeps its own."""
     with NpzArchive(path, "the model file") as npz:
         config, checkpoint = model_of_file(npz.read_config(), npz.path)
         if not isinstance(config, dict) or config.get("format") != FORMAT:
@@ -775,7 +778,10 @@ def check_architecture(model: Any, config: dict[str, Any], path: str, layers: bo
 
 def check_layers(model: Any, config: dict[str, Any], path: str) -> None:
     """Refuse a file whose model has other layers (classes, settings, graph) than ``model``,
-    built or not, naming the first difference."""
+    built or not, naming the first difference. The settings that may change while a model
+    trains (:func:`~xpcnn.layers.base.setting_names`: Dropout's rate, BatchNorm2D's momentum,
+    an activation...) are not compared: a callback may have changed them before the file was
+    written (a checkpoint's resume takes the file's, ``load_weights`` keeps the model's)."""
     try:
         theirs = _architecture(config)
         ours = _architecture(normal(model_config(model, compiled=False, checked=False)))
@@ -791,6 +797,10 @@ def check_layers(model: Any, config: dict[str, Any], path: str) -> None:
         if i in in_config:  # (the same layer: its statistics are set from the file's)
             a = (a[0], {k: v for k, v in a[1].items() if k not in ("mean", "std")})
             b = (b[0], {k: v for k, v in b[1].items() if k != "adapted"})
+        if a[0] == b[0] and i < len(model.layers):  # (see the docstring)
+            changeable = setting_names(type(model.layers[i]))
+            a = (a[0], {k: v for k, v in a[1].items() if k not in changeable})
+            b = (b[0], {k: v for k, v in b[1].items() if k not in changeable})
         if a != b:
             raise DataFormatError(f"{path} holds a model of another architecture: its layer {i} "
                                   f"is {show(a)}, this model's is {show(b)}")

@@ -22,8 +22,8 @@ the captured graphs, the class weights). It needs these hooks:
 * from the model (:class:`~xpcnn.model.Model`; listed in :class:`~xpcnn.training.Trainer`'s
   docstring): ``backend``, ``layers``, ``input_shape``, ``num_classes``, ``_param_dtype``,
   ``_trained()``, ``_plan()``, ``_slots_outdated()``, ``_logits(...)``, ``_backward(...)``,
-  ``_layer_outputs(...)``, ``_require_built(what)``, ``_rebuild_if_shared()`` and
-  ``_unbuilt_if_refused()``;
+  ``_layer_outputs(...)``, ``_require_built(what)``, ``_rebuild_if_shared()``,
+  ``_unbuilt_if_refused()`` and ``_builds`` (a count of its layers' builds);
 * from :class:`~xpcnn.training.Trainer`: compile's ``_require_compiled(what)`` and
   ``_check_loss_outputs(loss)``; ``fit`` sets ``_parallel`` (its data-parallel mode) and
   ``_class_weights`` for its steps.
@@ -429,8 +429,10 @@ class TrainingStep:
             scalars, advance, self.backend, capturable,
             exact=("iteration", *opt.exact_scalars),
             capture_tables=getattr(kernels, "capture_tables", None),
-            # (a layer's setting changed, as cuDNN's switches, chooses other captured work)
-            switches=lambda: (Layer.settings_changes,
+            # (a layer's setting changed, the layers built again (a shared layer's arrays
+            # without weights, as AvgPool2D's table, are new), as cuDNN's switches, choose other
+            # captured work)
+            switches=lambda: (Layer.settings_changes, self._builds,
                               kernel_switches() if kernel_switches is not None else None))
         return self._graphs
 
