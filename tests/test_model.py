@@ -1858,3 +1858,17 @@ def test_a_built_layer_refuses_a_copy_by_name_an_unbuilt_one_copies(how):
     twin = Dense.from_config(layer.get_config())
     twin.build((4,))
     twin.set_weights(layer.get_weights())
+
+
+def test_a_softmax_activation_moved_before_the_end_is_refused_by_save_and_export(tmp_path):
+    """A hidden Dense given activation="softmax" after its build was refused by predict and
+    fit, but save wrote a file load_model then refused, and export wrote the layer as linear."""
+    model = xpcnn.Sequential([Flatten(), Dense(4, name="hidden"), Dense(3)], input_shape=(2, 2))
+    model.layers[1].activation = "softmax"
+    for write in (lambda: model.save(tmp_path / "m.npz"),
+                  lambda: model.save_weights(tmp_path / "w.npz"),
+                  lambda: model.export(tmp_path / "m.onnx")):
+        with pytest.raises(InputError, match="layer 'hidden' .* is not the last layer: its "
+                                             "softmax activation"):
+            write()
+    assert not list(tmp_path.iterdir())

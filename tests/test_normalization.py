@@ -649,3 +649,11 @@ def test_given_statistics_assigned_after_build_are_refused_before_checked(tmp_pa
     fresh.mean, fresh.std = [1.0, 2.0, 3.0], 2
     assert (fresh.mean, fresh.std) == ([1.0, 2.0, 3.0], [2.0])
     np.testing.assert_allclose(fresh(x), (x - [1.0, 2.0, 3.0]) / 2, rtol=1e-6)
+    # Assigned one at a time, they are checked as a pair where the layer is built (were: a bare
+    # TypeError of None, a NumPy broadcast error).
+    for std in (None, [0.25, 0.25]):
+        pair = Normalization(0.5, 1.0)
+        pair.mean, pair.std = [0.5] * 3, std
+        with pytest.raises(InputError, match="Normalization needs both mean and std, of equal "
+                                             "lengths"):
+            pair(x)

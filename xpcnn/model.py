@@ -689,6 +689,7 @@ class Model(Trainer):
 
         if distributed.is_root():  # one writer on several ranks (all hold the same model)
             self._rebuild_if_shared()
+            check_structure(self.layers)  # (a setting changed since the build, as a save)
             export_model(self, path, input_dtype)
 
     def __reduce_ex__(self, protocol: Any) -> Any:

@@ -152,6 +152,12 @@ class Normalization(Layer):
             raise InputError(f"layer {self.name!r} (Normalization) has no mean and std yet: "
                              "call layer.adapt(data) on the training images (N, H, W, C), or "
                              "give them, Normalization(mean, std), before it is built or called")
+        # (mean and std assigned one at a time before the build: checked as a pair here, as
+        # the constructor checks them)
+        if not self.adapted and (self.std is None or 1 not in (len(self.mean), len(self.std))
+                                 and len(self.mean) != len(self.std)):
+            raise InputError(f"Normalization needs both mean and std, of equal lengths (or one "
+                             f"of length 1); got mean={self.mean!r}, std={self.std!r}")
 
     def __call__(self, x: Any, training: bool | None = None) -> Any:
         self._require_statistics()  # (else a symbolic call's trial build, or "build it first")
@@ -164,9 +170,9 @@ class Normalization(Layer):
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         self._require_statistics()
         c = input_shape[-1]
-        if self.mean is not None and len(self.mean) not in (1, c):
-            raise InputError(f"Normalization has {len(self.mean)} channel statistics but the "
-                             f"input has {c} channels")
+        if self.mean is not None and max(len(self.mean), len(self.std)) not in (1, c):
+            raise InputError(f"Normalization has {max(len(self.mean), len(self.std))} channel "
+                             f"statistics but the input has {c} channels")
         if self.adapted:
             if self.mean is None:  # (weights to come: Keras' initial mean 0 and variance 1)
                 self._mean, self._std = [0.0] * c, [1.0] * c

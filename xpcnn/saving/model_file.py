@@ -34,6 +34,7 @@ from ..losses import loss_from_config
 from ..metrics import metric_from_config
 from ..ops.windows import resolve_padding
 from ..optim import optimizer_from_config
+from ..structure import check_structure
 from .npz import (
     CONFIG_KEY,
     MAX_CONFIG_BYTES,
@@ -82,6 +83,8 @@ def model_config(model: Any, compiled: bool = True, checked: bool = True) -> dic
         check_model_class(type(model))
         for layer in model.layers:
             layer.check_config()
+        if getattr(model, "built", False):  # (a setting changed since its build: a softmax
+            check_structure(model.layers)  # activation moved before the end, say)
         check_sample_sizes(model)
     config: dict[str, Any] = {"format": FORMAT, "version": VERSION, **model.get_config()}
     if compiled and model.loss is not None and model.optimizer is not None:
@@ -645,7 +648,7 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
     PyTorch's ``load_state_dict``: the values are cast to the model's dtype, and a built model
     keeps its input shape (an unbuilt one is built for the file's), and the optimiser in a
     checkpoint is not read (its class need not be defined). Settings that may change while a
-    model trains (Dropout's rate, BatchNorm2D's momentum, an activation: see
+    model trains (Dropout's rate, BatchNorm2D's momentum, ReLU's max_value: see
     :func:`~xpcnn.layers.base.setting_names`) are not weights: where the file's differ, the
     model keeps its own."""
     with NpzArchive(path, "the model file") as npz:
@@ -780,7 +783,7 @@ def check_layers(model: Any, config: dict[str, Any], path: str) -> None:
     """Refuse a file whose model has other layers (classes, settings, graph) than ``model``,
     built or not, naming the first difference. The settings that may change while a model
     trains (:func:`~xpcnn.layers.base.setting_names`: Dropout's rate, BatchNorm2D's momentum,
-    an activation...) are not compared: a callback may have changed them before the file was
+    ReLU's max_value...) are not compared: a callback may have changed them before the file was
     written (a checkpoint's resume takes the file's, ``load_weights`` keeps the model's)."""
     try:
         theirs = _architecture(config)
