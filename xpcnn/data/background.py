@@ -44,6 +44,11 @@ class _Failure:
 STOP_WAIT_SECONDS = 10.0
 
 
+def stop_wait_seconds() -> float:
+    """:data:`STOP_WAIT_SECONDS` as set now (the other modules read it here, at each use)."""
+    return STOP_WAIT_SECONDS
+
+
 def prefetch(items: Iterator[Any], backend: Any,
              left: Callable[[threading.Event | None], None] | None = None,
              depth: int = PREFETCH) -> Iterator[Any]:

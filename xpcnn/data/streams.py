@@ -19,7 +19,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..errors import InputError
-from . import background
 from .arrays import (
     _Weighted,
     check_arrays,
@@ -29,7 +28,7 @@ from .arrays import (
     owned,
     split_item,
 )
-from .background import prefetch, upload
+from .background import prefetch, stop_wait_seconds, upload
 from .sources import Batches
 
 
@@ -152,10 +151,10 @@ class IterableBatches(Batches):
                              "arrays")
         if stream.reader is not None:
             # (interrupted: stays recorded)
-            if not stream.reader.wait(background.STOP_WAIT_SECONDS):
+            if not stream.reader.wait(stop_wait_seconds()):
                 raise InputError(f"{self.what} is an iterator still inside next() for the call "
                                  f"stopped before this one (it has not returned for "
-                                 f"{background.STOP_WAIT_SECONDS:.0f} s more): call again when it "
+                                 f"{stop_wait_seconds():.0f} s more): call again when it "
                                  "returns, or pass a fresh iterator")
             stream.reader = None
         return stream
