@@ -933,7 +933,6 @@ def _with_trainable(layer: Layer, config: Any) -> Any:
     return config
 
 
-
 def _weights_are_read_only(layer: Layer, name: str) -> NoReturn:
     raise InputError(f"layer {layer.name!r} ({type(layer).__name__}): {name} is the list of its "
                      "weights that xpcnn makes from params and state, read-only as in Keras; "
