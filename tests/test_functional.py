@@ -994,3 +994,26 @@ def test_model_called_on_a_list_of_one_symbolic_tensor_takes_that_tensor():
             base(bad)
     with pytest.raises(InputError, match="called with training='yes'"):
         base(x, training="yes")
+
+
+def test_sequential_add_of_an_input_or_a_built_base_declares_the_input_as_in_keras():
+    """Keras 3's ``model = Sequential(); model.add(Input(shape)); model.add(...)`` was refused
+    ("add() expects an xpcnn layer, got a symbolic tensor"), and ``add(base)`` of a built base
+    left the model unbuilt while ``Sequential([base, ...])`` was built. Both declare the input
+    now: the model is built for it as layers follow; a layer it cannot take is refused, the
+    model as it was."""
+    model = xpcnn.Sequential()
+    model.add(xpcnn.Input((4, 4, 1), name="img"))
+    model.add(Flatten())
+    model.add(Dense(3))
+    assert model.built and model.input_shape == (4, 4, 1) and model.input.name == "img"
+    with pytest.raises(InputError, match="layer 'conv2d' \\(Conv2D\\) expects per-sample inputs"):
+        model.add(Conv2D(2, 3))
+    assert [type(la) for la in model.layers] == [Flatten, Dense] and model.built
+    base = xpcnn.Sequential([Conv2D(2, 3), Flatten()], input_shape=(6, 6, 1))
+    stacked = xpcnn.Sequential()
+    stacked.add(base)
+    stacked.add(Dense(2))
+    assert stacked.built and stacked.input_shape == (6, 6, 1)
+    with pytest.raises(InputError, match="an xpcnn.Input\\(shape\\) is added first"):
+        stacked.add(xpcnn.Input((6, 6, 1)))

@@ -1436,7 +1436,8 @@ def test_a_keras_style_train_step_of_one_argument_is_refused_before_training(dat
 def test_a_sequential_takes_keras_3s_input_first_and_keeps_its_name(tmp_path):
     """Sequential([xpcnn.Input(shape, name=...), ...]), Keras 3's way of giving the input:
     built for that shape, its name in the summary and the file (was: "add() expects an xpcnn
-    layer, got SymbolicTensor"); add(Input(...)) says how to give the input instead."""
+    layer, got SymbolicTensor"); add(Input(...)) after a layer says how to give the input
+    instead (added first, it is Keras' way too: see test_functional)."""
     model = xpcnn.Sequential([xpcnn.Input((6, 6, 1), name="digits"), Flatten(), Dense(3)])
     assert model.built and model.input_shape == (6, 6, 1)
     lines = []
@@ -1447,9 +1448,10 @@ def test_a_sequential_takes_keras_3s_input_first_and_keeps_its_name(tmp_path):
     assert back._input_name == "digits" and back.input_shape == (6, 6, 1)
     with pytest.raises(InputError, match=r"and input_shape=\(5, 5, 1\): give one of them"):
         xpcnn.Sequential([xpcnn.Input((6, 6, 1)), Dense(3)], input_shape=(5, 5, 1))
-    with pytest.raises(InputError, match=r"got a symbolic tensor: give the input as "
+    with pytest.raises(InputError, match=r"got a symbolic tensor: an xpcnn.Input\(shape\) is "
+                                         r"added first, or given as "
                                          r"Sequential\(\[xpcnn.Input\(shape\), ...\]\)"):
-        xpcnn.Sequential().add(xpcnn.Input((6, 6, 1)))
+        xpcnn.Sequential([Flatten()]).add(xpcnn.Input((6, 6, 1)))
 
 
 def test_a_changed_layer_list_is_the_model_that_runs_and_saves(tmp_path):

@@ -714,6 +714,9 @@ class Sequential(Model):
                  = None, device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
                  name: str = "sequential") -> None:
         super().__init__(device=device, seed=seed, dtype=dtype, name=name)
+        # (the input an Input or a built base declared, as Keras builds for it: add() builds
+        # the model for it as layers follow)
+        self._declared_input: tuple[int, ...] | None = None
         if layers is not None and not isinstance(layers, list | tuple):
             raise InputError(f"layers must be a list of xpcnn layers, got {type(layers).__name__}")
         if layers and isinstance(layers[0], SymbolicTensor) and layers[0].node is None:
@@ -723,28 +726,45 @@ class Sequential(Model):
                 raise InputError(f"Sequential was given Input(shape={given.sample_shape}) and "
                                  f"input_shape={tuple(input_shape)}: give one of them")
             input_shape, self._input_name = given.sample_shape, given.name
-        elif layers and isinstance(layers[0], Model) and layers[0].built and input_shape is None:
-            # (Keras' Sequential([base, head...]) is built for the base's input)
-            input_shape = layers[0].input_shape
         with _names_back_if_refused(list(layers or [])):
             for layer in layers or []:
-                self.add(layer)
+                self._add(layer)
+            input_shape = input_shape if input_shape is not None else self._declared_input
             if input_shape is not None:
                 self.build(input_shape)
 
     # -- construction ------------------------------------------------------------------------
-    def add(self, layer: Layer | Model) -> None:
+    def add(self, layer: Layer | Model | SymbolicTensor) -> None:
         """Append a layer (the model is rebuilt on its next use). A model whose layers are a
         chain (a Sequential, say a pretrained base) appends its layers, shared with it, as
         Keras' ``Sequential([base, head])`` nests it: training either trains both, and
-        ``base.trainable = False`` freezes them."""
+        ``base.trainable = False`` freezes them. As in Keras, ``xpcnn.Input(shape)`` added
+        first (or a built base) declares the input: the model is built for it as layers
+        follow."""
+        held = len(self.layers)
+        if isinstance(layer, SymbolicTensor) and not self.layers and layer.node is None:
+            self._declared_input, self._input_name = layer.sample_shape, layer.name
+            return
+        self._add(layer)
+        if self._declared_input is not None:
+            try:
+                self.build(self._declared_input)
+            except BaseException:  # (refused as a whole: the model as it was)
+                list.__delitem__(self.layers, slice(held, None))
+                self.built = False
+                if held:
+                    self.build(self._declared_input)
+                raise
+
+    def _add(self, layer: Layer | Model) -> None:
         if isinstance(layer, Model):
             self._add_layers_of(layer)
             return
         if isinstance(layer, SymbolicTensor):
-            raise InputError("add() expects an xpcnn layer, got a symbolic tensor: give the "
-                             "input as Sequential([xpcnn.Input(shape), ...]), "
-                             "Sequential(..., input_shape=shape), or model.build(shape)")
+            raise InputError("add() expects an xpcnn layer, got a symbolic tensor: an "
+                             "xpcnn.Input(shape) is added first, or given as "
+                             "Sequential([xpcnn.Input(shape), ...]), Sequential(..., "
+                             "input_shape=shape), or model.build(shape)")
         if not isinstance(layer, Layer):
             raise InputError(f"add() expects an xpcnn layer, got {type(layer).__name__}")
         if any(layer is la for la in self.layers):
@@ -770,10 +790,12 @@ class Sequential(Model):
         with _names_back_if_refused(list(model.layers)):
             try:
                 for inner in list(model.layers):
-                    self.add(inner)
+                    self._add(inner)
             except BaseException:
                 list.__delitem__(self.layers, slice(held, None))
                 raise
+        if not held and model.built and self._declared_input is None:
+            self._declared_input = model.input_shape  # (Keras: built for the base's input)
         for inner in model.layers:
             inner.called_through = model.name
 

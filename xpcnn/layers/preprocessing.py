@@ -151,7 +151,9 @@ class Normalization(Layer):
         if self.mean is None and not self.adapted:
             raise InputError(f"layer {self.name!r} (Normalization) has no mean and std yet: "
                              "call layer.adapt(data) on the training images (N, H, W, C), or "
-                             "give them, Normalization(mean, std), before it is built or called")
+                             "give them, Normalization(mean, std), before it is built or called "
+                             "(Normalization(adapted=True) builds for statistics that "
+                             "load_weights or set_weights will give)")
         # (mean and std assigned one at a time before the build: checked as a pair here, as
         # the constructor checks them)
         if not self.adapted and (self.std is None or 1 not in (len(self.mean), len(self.std))
