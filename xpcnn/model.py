@@ -82,8 +82,10 @@ class Model(Trainer):
 
     def __init__(self, inputs: SymbolicTensor | None = None,
                  outputs: SymbolicTensor | None = None, *, device: DeviceLike | None = None,
-                 seed: int = 0, dtype: str | None = None, name: str = "model") -> None:
+                 seed: int = 0, dtype: str | None = None, name: str = "model",
+                 trainable: bool = True) -> None:
         super().__init__()  # (the training state: build reads the optimiser and the precision)
+        trainable = checks.flag(trainable, "trainable")  # (Keras' Model(..., trainable=False))
         traced = graph.trace(inputs, outputs) if inputs is not None or outputs is not None \
             else None
         # A graph of built layers (a feature extractor of a trained model) runs by default
@@ -121,6 +123,8 @@ class Model(Trainer):
             with _names_back_if_refused(layers):
                 self._set_graph(layers, inbound)
                 self.build(graph.input_shape_of(inputs))
+            if not trainable:
+                self.trainable = False
 
     def _set_graph(self, layers: list[Layer], inbound: list[graph.Inbound]) -> None:
         graph.check_graph(layers, inbound)
@@ -712,8 +716,9 @@ class Sequential(Model):
 
     def __init__(self, layers: list[Layer] | None = None, *, input_shape: tuple[int, ...] | None
                  = None, device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
-                 name: str = "sequential") -> None:
+                 name: str = "sequential", trainable: bool = True) -> None:
         super().__init__(device=device, seed=seed, dtype=dtype, name=name)
+        trainable = checks.flag(trainable, "trainable")  # (Keras' Sequential(..., trainable=))
         # (the input an Input or a built base declared, as Keras builds for it: add() builds
         # the model for it as layers follow)
         self._declared_input: tuple[int, ...] | None = None
@@ -732,6 +737,8 @@ class Sequential(Model):
             input_shape = input_shape if input_shape is not None else self._declared_input
             if input_shape is not None:
                 self.build(input_shape)
+        if not trainable:  # (the layers given: as Keras' setter, later ones are not frozen)
+            self.trainable = False
 
     # -- construction ------------------------------------------------------------------------
     def add(self, layer: Layer | Model | SymbolicTensor) -> None:
