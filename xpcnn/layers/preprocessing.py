@@ -95,10 +95,9 @@ class Normalization(Layer):
             raise InputError("Normalization(adapted=True) takes its statistics as weights "
                              "(set_weights, or a model file), not as mean and std: give one "
                              "or the other")
-        self._mean = [number(v, "Normalization mean") for v in np.atleast_1d(mean).tolist()]
-        spreads = [number(v, f"Normalization {what}", 0.0, low_open=True)
-                   for v in np.atleast_1d(spread).tolist()]
-        if len(self.mean) != len(spreads) or not all(s > 0 for s in spreads):
+        self._mean = _statistic(mean, "mean")
+        spreads = _statistic(spread, what)
+        if len(self.mean) != len(spreads):
             raise InputError(f"Normalization needs mean and {what} of equal length, {what} "
                              f"positive; got mean={mean!r}, {what}={spread!r}")
         self._std = spreads if variance is None else np.sqrt(spreads).tolist()
@@ -133,9 +132,7 @@ class Normalization(Layer):
                 "of new data, set_weights for an adapted layer's, or make a new layer, "
                 "Normalization(mean, std)")
         if value is not None:
-            low = 0.0 if what == "std" else None
-            value = [number(v, f"Normalization {what}", low, low_open=low is not None)
-                     for v in np.atleast_1d(value).tolist()]
+            value = _statistic(value, what)
             if what == "std":
                 _check_inverse(value, np.float64, "Normalization std")
         vars(self)["_" + what] = value
@@ -385,6 +382,14 @@ class Normalization(Layer):
             raise InputError(f"{known}, but {where} has {c} (shape {tuple(batch.shape)}): the "
                              "statistics are per channel, the last axis")
         return c
+
+
+def _statistic(value: Any, what: str) -> list[float]:
+    """A Normalization statistic given (``what``: "mean", "std" or "variance"), a number or
+    one per channel, as a list of floats, checked: finite, a spread > 0."""
+    low = None if what == "mean" else 0.0
+    return [number(v, f"Normalization {what}", low, low_open=low is not None)
+            for v in np.atleast_1d(value).tolist()]
 
 
 def _tiny_channels(std: Any, dtype: Any, stored: bool = False) -> str:
