@@ -30,10 +30,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_mirror import mirror, mirror_optimizer  # noqa: E402
 
 import xpcnn  # noqa: E402
-from xpcnn.cli import DATA_DIR_FLAG, DEFAULT_MODEL, _split  # noqa: E402
+from xpcnn.cli import (  # noqa: E402
+    DATA_DIR_FLAG,
+    DEFAULT_MODEL,
+    FRACTION,
+    LEARNING_RATE,
+    NON_NEGATIVE,
+    POSITIVE,
+    ScriptParser,
+    _split,
+    input_folder,
+    output_file,
+)
 from xpcnn.datasets import load_dataset  # noqa: E402
 from xpcnn.datasets.download import data_dir_spelled  # noqa: E402
-from xpcnn.models import build_layers  # noqa: E402
+from xpcnn.models import MODELS, build_layers  # noqa: E402
 
 
 def make_pair(model_name: str, input_shape, classes: int, dtype: str, optimizer: str, lr: float,
@@ -113,33 +124,35 @@ def training_run(args: argparse.Namespace, name: str, x: np.ndarray, y: np.ndarr
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ScriptParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="mnist", choices=("shapes", "mnist", "fashion-mnist",
                                                           "cifar10"))
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--model", default=None)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--model", default=None, choices=sorted(MODELS))
+    p.add_argument("--epochs", type=POSITIVE, default=1)
+    p.add_argument("--batch-size", type=POSITIVE, default=128)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=int, default=1,
+    p.add_argument("--lr", type=LEARNING_RATE, default=1e-3)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    p.add_argument("--seeds", type=POSITIVE, default=1,
                    help="float32 runs with seeds --seed, --seed+1, ...: reports the mean "
                    "difference and its standard error (default 1)")
-    p.add_argument("--limit", type=int, default=None, help="first N training images only")
-    p.add_argument("--val-split", type=float, default=0.1,
+    p.add_argument("--limit", type=POSITIVE, default=None, help="first N training images only")
+    p.add_argument("--val-split", type=FRACTION, default=0.1,
                    help="held-out fraction when the dataset has no test split")
-    p.add_argument("--check-steps", type=int, default=20)
+    p.add_argument("--check-steps", type=POSITIVE, default=20)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="dtype of the full training runs (float64: the two runs should stay "
                    "together to the end, showing float32 rounding as the only difference)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=POSITIVE, default=2)
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args()
+    p.check(input_folder, "--data-dir", args.data_dir)  # (before the data and the training)
+    p.check(output_file, "--json", args.json, replaced=False)
     torch.set_num_threads(args.threads)
 
     with data_dir_spelled(DATA_DIR_FLAG):  # (a missing file's message names --data-dir)
-        (x, y), test = load_dataset(args.dataset, data_dir=args.data_dir)
+        (x, y), test = p.data(load_dataset, args.dataset, args.data_dir)
     if test is None:
         (x, y), test = _split(x, y, args.val_split, args.seed)
         print(f"no test split: evaluating on a held-out {args.val_split:.0%} of the training set")

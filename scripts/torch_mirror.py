@@ -121,6 +121,8 @@ def mirror_layer(layer: L.Layer, exact_random: bool = True) -> list[nn.Module]:
                 lin.bias.copy_(w[1])
         return [lin, nn.ReLU()] if layer.activation == "relu" else [lin]
     if isinstance(layer, L.ReLU):
+        if layer.max_value == 0.0:  # (Hardtanh refuses max_val 0: zeros, a zero gradient)
+            return [Lambda(lambda x: x.clamp(0.0, 0.0) * 0.0)]
         return [nn.ReLU()] if layer.max_value is None else [nn.Hardtanh(0.0, layer.max_value)]
     if isinstance(layer, L.MaxPool2D):
         pool = nn.MaxPool2d(layer.pool_size, layer.strides)

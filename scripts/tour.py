@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.check(output_folder, "--out", args.out)
     p.check(needs_matplotlib, "--out")
 
-    name, (x, y) = load_images(args.data_dir)
+    name, (x, y) = p.data(load_images, args.data_dir)  # (a corrupt file: one line)
     names = class_names(name)
     if not 0 <= args.index < len(x):
         p.error(f"--index {args.index} does not exist: the {name} training images are "

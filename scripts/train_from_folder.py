@@ -15,9 +15,11 @@ installs.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +31,7 @@ from xpcnn.cli import (
     NON_NEGATIVE,
     POSITIVE,
     ScriptParser,
+    UsageError,
     check_device,
     distinct_outputs,
     input_folder,
@@ -36,43 +39,97 @@ from xpcnn.cli import (
     split_indices,
 )
 from xpcnn.datasets import class_names, load_shapes
+from xpcnn.errors import InputError
 from xpcnn.models import MODELS, build_model
+from xpcnn.viz import VIZ_EXTRA_HINT
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 class ImageFolder:
     """``root/<class>/<file>``: the classes are the subfolders in sorted order; ``self[i]`` is
-    the uint8 (H, W, 3) image of file ``i`` and its label, decoded when asked for."""
+    the uint8 (H, W, 3) image of file ``i`` and its label, decoded when asked for. Every file's
+    header is read up front: one that is no image, or of another size than the first, is an
+    InputError naming it (was: a traceback from inside training)."""
 
-    def __init__(self, root: str | Path, files: list[tuple[Path, int]] | None = None) -> None:
+    def __init__(self, root: str | Path, files: list[tuple[Path, int]] | None = None,
+                 size: tuple[int, int] | None = None) -> None:
         self.root = Path(root)
+        where = "(expected ROOT/<class>/<image files>)"
         if not self.root.is_dir():
-            sys.exit(f"{self.root}: not a folder (expected ROOT/<class>/<image files>)")
+            raise InputError(f"{self.root}: not a folder {where}")
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         if not self.classes:
-            sys.exit(f"{self.root}: no class subfolders (expected ROOT/<class>/<image files>)")
-        self.files = files if files is not None else [
-            (f, label) for label, name in enumerate(self.classes)
-            for f in sorted((self.root / name).iterdir()) if f.suffix.lower() in SUFFIXES]
-        if not self.files:
-            sys.exit(f"{self.root}: no image files ({', '.join(SUFFIXES)}) in its subfolders")
+            raise InputError(f"{self.root}: no class subfolders {where}")
+        if files is None:
+            files = [(f, label) for label, name in enumerate(self.classes)
+                     for f in sorted((self.root / name).iterdir())
+                     if f.suffix.lower() in SUFFIXES]
+            if not files:
+                raise InputError(f"{self.root}: no image files ({', '.join(SUFFIXES)}) in its "
+                                 "subfolders")
+            size = _one_size([f for f, _ in files])
+        self.files, self.size = files, size
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        from PIL import Image  # (installed with matplotlib: the viz extra)
-
         path, label = self.files[i]
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB")), label
+        with _opened(path) as image:
+            try:
+                pixels = np.asarray(image.convert("RGB"))
+            except (OSError, ValueError) as e:  # (a file truncated after its header)
+                raise InputError(f"{path}: cannot decode the image ({e})") from e
+        if pixels.shape[1::-1] != self.size:  # (the file changed since it was checked)
+            raise InputError(f"{path}: {_wxh(pixels.shape[1::-1])} pixels, where the first "
+                             f"image is {_wxh(self.size)}")
+        return pixels, label
 
     def split(self, fraction: float, seed: int) -> tuple[ImageFolder, ImageFolder]:
         """A seeded random (train, held-out) split of the files, as ``xpcnn train`` splits."""
-        pick = lambda idx: ImageFolder(self.root, [self.files[k] for k in idx])  # noqa: E731
+        def pick(idx: np.ndarray) -> ImageFolder:
+            return ImageFolder(self.root, [self.files[k] for k in idx], self.size)
+
         train, held_out = split_indices(len(self.files), fraction, seed)
         return pick(train), pick(held_out)
+
+
+def _wxh(size: tuple[int, int] | None) -> str:
+    return "x".join(map(str, size or ()))
+
+
+def _opened(path: Path) -> Any:
+    """``path`` opened by Pillow (its header read), or an InputError naming it."""
+    from PIL import Image  # (installed with matplotlib: the viz extra)
+
+    try:
+        return Image.open(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"{path}: cannot read the image ({e})") from e
+
+
+def _one_size(paths: list[Path]) -> tuple[int, int]:
+    """The (width, height) of every image, from the headers; an InputError naming a file that
+    is not an image, or one of another size, and the first."""
+    size: tuple[int, int] | None = None
+    for path in paths:
+        with _opened(path) as image:
+            if size is None:
+                size = image.size
+            elif image.size != size:
+                raise InputError(f"{path}: {_wxh(image.size)} pixels, where {paths[0]} is "
+                                 f"{_wxh(size)}: the images of a folder are all of one size")
+    assert size is not None
+    return size
+
+
+def needs_pillow() -> None:
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        raise UsageError("argument FOLDER: its images are read (and --make-demo's written) "
+                         f"with Pillow, which is not installed: {VIZ_EXTRA_HINT}") from None
 
 
 def make_demo(root: Path, count: int) -> None:
@@ -107,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line")
     args = p.parse_args(argv)
+    p.check(needs_pillow)
     if args.make_demo:
         make_demo(args.folder, args.count)
         return 0
@@ -115,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     p.check(output_file, "--log", args.log)
     p.check(distinct_outputs, {"--save": args.save, "--log": args.log})
     p.check(check_device, "--device", args.device)
+    try:
+        return _train(args)
+    except InputError as e:  # (a file of the folder: one line, as a usage error)
+        p.error(str(e))
+
+
+def _train(args: argparse.Namespace) -> int:
     train, held_out = ImageFolder(args.folder).split(args.val_split, args.seed)
     model = build_model(args.model, len(train.classes), device=args.device, seed=args.seed)
     model.compile(optimizer=xpcnn.optim.Adam(args.lr))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import random
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -726,6 +727,39 @@ def test_model_checkpoint_best_only_and_weights_only(data, tmp_path):
                           callbacks=[ModelCheckpoint(tmp_path / "{val_loss}.npz")])
 
 
+def test_a_model_checkpoint_written_at_an_error_keeps_the_file_that_resumes(data, tmp_path,
+                                                                         capsys):
+    """A callback raising in epoch 2's on_epoch_end, before an EarlyStopping: the save put off
+    is written at the error, but that file cannot resume (EarlyStopping's state of the epoch
+    is unknown), so it does not replace epoch 1's, which resumes (was: replaced, and the point
+    to resume from lost); a templated path, which replaces nothing, still gets its file."""
+    path, template = tmp_path / "fixed.npz", str(tmp_path / "t-{epoch}.npz")
+
+    def fail(epoch, logs):
+        if epoch == 1:
+            raise RuntimeError("planted")
+
+    def callbacks(fixed=path, failing=True):
+        return [ModelCheckpoint(fixed, verbose=1), ModelCheckpoint(template),
+                *([LambdaCallback(on_epoch_end=fail)] if failing else []),
+                EarlyStopping(monitor="loss", patience=5)]
+
+    with pytest.raises(RuntimeError, match="planted"):
+        small_model().fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=callbacks())
+    assert f"epoch 2: kept {path}, which may resume" in capsys.readouterr().out
+    assert load_checkpoint(path).epoch == 1 and load_checkpoint(tmp_path / "t-2.npz").epoch == 2
+    resumed = small_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the callbacks' states taken back, none refused)
+        resumed.fit(*data, epochs=3, batch_size=BATCH, verbose=0,
+                    callbacks=callbacks(tmp_path / "again.npz", failing=False),
+                    checkpoint=path, resume=True)
+    assert resumed.history.epoch == [0, 1, 2]
+    reference = small_model()
+    reference.fit(*data, epochs=3, batch_size=BATCH, verbose=0)
+    assert same_weights(resumed.get_weights(), reference.get_weights())
+
+
 # -- BackupAndRestore ------------------------------------------------------------------------------
 
 
@@ -828,10 +862,19 @@ def test_csv_logger_writes_a_row_per_epoch_and_appends(data, tmp_path):
     assert path.read_text().splitlines() == ["epoch,learning_rate,loss", "0,0.1,1.0", "1,NA,0.5"]
 
 
+def _opened_here(path):
+    """The file descriptors of this process open on ``path`` (Linux's /proc)."""
+    fds = Path("/proc/self/fd")
+    return [fd for fd in fds.iterdir() if fd.exists() and fd.resolve() == Path(path).resolve()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc")
 def test_a_csv_logger_reused_after_a_failed_fit_starts_its_file_afresh(data, tmp_path):
-    """A fit that raised in its second epoch left the logger's file open (on_train_end does
-    not run on an error, as in Keras); the next fit with that logger writes its own file, one
-    header and its rows (was: a second header and rows under the first)."""
+    """A fit that raised in its second epoch (on_train_end does not run on an error, as in
+    Keras) holds no handle on the logger's file once it has raised (was: open until the logger
+    was used again or collected), whose rows are all there; the next fit with that logger
+    writes its own file, one header and its rows (was: a second header and rows under the
+    first)."""
     path = tmp_path / "log.csv"
     logger, model = CSVLogger(path), small_model()
 
@@ -842,8 +885,10 @@ def test_a_csv_logger_reused_after_a_failed_fit_starts_its_file_afresh(data, tmp
     with pytest.raises(RuntimeError, match="stop"):
         model.fit(*data, epochs=3, batch_size=BATCH, verbose=0,
                   callbacks=[logger, LambdaCallback(on_epoch_end=fail)])
+    assert _opened_here(path) == []
+    assert [r.split(",")[0] for r in path.read_text().splitlines()] == ["epoch", "0", "1"]
     model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[logger])
-    assert logger.file is None
+    assert _opened_here(path) == []
     lines = path.read_text().splitlines()
     assert lines[0].startswith("epoch,") and [r.split(",")[0] for r in lines[1:]] == ["0", "1"]
 

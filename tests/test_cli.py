@@ -145,8 +145,9 @@ def test_a_resumed_run_adds_to_its_log_and_a_refused_one_leaves_it(tmp_path, cap
     run[run.index("--batch-size") + 1] = "8"
     assert main([*run, "--epochs", "2", "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "they differ in batch_size" in err and "resume with the same --dataset, --limit, " \
-        "--batch-size, --seed and --data-dir files, or start afresh with no --resume" in err
+    assert "they differ in batch_size" in err and "resume with the same --dataset, " \
+        "--val-split, --limit, --batch-size, --seed and --data-dir files, or start afresh " \
+        "with no --resume" in err
 
 
 def test_paths_with_a_tilde_are_the_home_folders(tmp_path, monkeypatch, capsys):

@@ -87,6 +87,16 @@ def bad_cases(tmp: Path) -> list[tuple[list[str], str]]:
          "--save"),
         (["train", "--save", "~/x.npz", "--checkpoint", str(Path.home() / "x.npz")], "--save"),
         (["train", "--unknown-flag"], "--unknown-flag"),
+        # (--plots DIR's figures are outputs too: they overwrote these after training, or the
+        # figures failed after it)
+        (["train", "--save", str(tmp / "history.png"), "--plots", str(tmp)], "--save"),
+        (["train", "--checkpoint", str(tmp / "confusion.png"), "--plots", str(tmp)],
+         "--checkpoint"),
+        (["train", "--save", str(tmp / "out"), "--plots", str(tmp / "out")], "--plots"),
+        (["train", "--plots", str(tmp / "plots")], "--plots"),  # (its history.png: a folder)
+        # (known from the flags: was refused after loading the dataset)
+        (["train", "--dataset", "mnist", "--model", "resnet20"], "--model"),
+        (["train", "--dataset", "fashion-mnist", "--model", "fast-resnet"], "--model"),
         # (abbreviations: argparse took --jso for --json, main() printed no JSON then)
         (["train", "--jso"], "--jso"), (["train", "--epoch", "1"], "--epoch"),
         (["visualize", "--model", str(model), "--max-map", "4"], "--max-map"),
@@ -114,6 +124,7 @@ def _files(tmp: Path) -> None:
     (tmp / "model.npz").write_bytes(b"")  # (visualize checks it exists before reading it)
     if not (tmp / "link").exists():
         (tmp / "link").symlink_to(tmp)
+    (tmp / "plots" / "history.png").mkdir(parents=True, exist_ok=True)
 
 
 def test_every_bad_flag_value_is_one_line_naming_the_flag(tmp_path, traps, capsys):
@@ -181,6 +192,31 @@ def small_shapes(monkeypatch):
         return real(name, data_dir, download, **{"n_train": 40, "n_test": 20, **kw})
 
     monkeypatch.setattr(xpcnn.datasets, "load_dataset", load)
+
+
+def test_the_plots_and_other_outputs_are_refused_on_one_file(tmp_path, traps, capsys):
+    """--save DIR/history.png --plots DIR: the figure overwrote the saved model (exit 0);
+    --save X --plots X: the model saved to X, then the figures failed (exit 2, after training)."""
+    for argv, says in [
+        (["--save", str(tmp_path / "history.png"), "--plots", str(tmp_path)],
+         "argument --save: the same file as --plots (history.png); each output needs a file "
+         "of its own"),
+        (["--save", str(tmp_path / "out"), "--plots", str(tmp_path / "out")],
+         f"argument --plots: '{tmp_path / 'out'}' is also the path of --save; give --plots a "
+         "folder of its own"),
+    ]:
+        assert main(["train", *argv]) == 2
+        assert capsys.readouterr().err == f"xpcnn train: error: {says}\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_precision_the_device_lacks_is_refused_before_the_data(traps, monkeypatch, capsys):
+    """--precision mixed_bfloat16 without ml_dtypes: refused after loading the dataset."""
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # (as if it were not installed)
+    assert main(["train", "--precision", "mixed_bfloat16"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("xpcnn train: error: argument --precision: mixed_bfloat16 on cpu: ")
+    assert "needs ml_dtypes (pip install ml_dtypes" in line
 
 
 def test_a_val_split_that_leaves_nothing_to_train_on(small_shapes, capsys):
@@ -396,6 +432,31 @@ def test_an_output_written_in_place_may_be_a_pipe_one_written_by_a_rename_may_no
     output_file("--json", str(fifo), False)
     with pytest.raises(UsageError, match="exists and is not a regular file"):
         output_file("--save", str(fifo))
+
+
+def test_output_flags_check_a_path_as_the_writers_do(tmp_path):
+    """The flags' check is the writers' (checks.output_file_problem), worded for the flag: a
+    link's target is checked, where the file goes (the flag checked the link's own folder, and
+    the save after training failed in the target's); only a missing folder is the flag's own
+    refusal (the writers would make it)."""
+    from xpcnn import checks
+    from xpcnn.cli import UsageError, output_file
+    from xpcnn.errors import InputError
+
+    link = tmp_path / "m.npz"
+    link.symlink_to(UNWRITABLE / "m.npz")
+    with pytest.raises(InputError, match=r"cannot write the model file .* in '/sys': "):
+        checks.output_file(str(link), "the model file")
+    with pytest.raises(UsageError, match=r"^argument --save: '.*m\.npz': cannot write in "
+                                         r"'/sys' \("):
+        output_file("--save", str(link))
+    new = tmp_path / "new" / "m.npz"
+    assert checks.output_file(str(new), "the model file") == str(new)
+    with pytest.raises(UsageError, match=r"the folder '.*new' does not exist$"):
+        output_file("--save", str(new))
+    kind, folder, error = checks.output_file_problem(str(new), new_folders=False)
+    assert (kind, folder, type(error)) == ("no folder", str(tmp_path / "new"),
+                                           FileNotFoundError)
 
 
 def test_json_to_a_reader_that_has_gone_ends_quietly():

@@ -33,6 +33,7 @@ from kernel_cases import (
     device_scalars,
     gated_updates,
     record_checks,
+    recorded_scales,
     recorded_steps,
     two_dtype_updates,
 )
@@ -1464,6 +1465,20 @@ def test_softmax_cross_entropy_of_a_logit_of_probability_zero(fast, classes, dty
             wrong[0, where] = bad
             with np.errstate(over="ignore", invalid="ignore"):
                 assert np.isnan(fast.softmax_cross_entropy(wrong, labels, smoothing)[0][0])
+
+
+@pytest.mark.parametrize("scale, want", [
+    (1.0, [0.5, 0.25, 0.25]), (4 * 2.0**-126, [2 * 2.0**-126, 2.0**-126, 2.0**-126]),
+    (1.5 * 2.0**-126, [2.0**-126, 2.0**-126, 2.0**-126])])
+def test_the_recorded_loss_scale_halves_below_one_to_its_floor(fast, scale, want):
+    """An overflow halves the scale below 1 too, down to float32's smallest normal number,
+    where it is an error (the scale kept), as the standard version does."""
+    overflows = [True, True, False] if scale == 1.0 else [True, True, True]
+    got = recorded_scales(fast, np, scale, overflows)
+    assert got == recorded_scales(STD, np, scale, overflows)
+    assert got[0] == want
+    assert got[2] == ([False] * 3 if scale == 1.0 else [False, True, True] if scale < 2**-125
+                      else [False, False, True])
 
 
 @pytest.mark.parametrize("scale", [2.0**127, 2.0**126, 3.0 * 2.0**126])

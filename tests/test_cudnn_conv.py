@@ -619,7 +619,7 @@ def test_the_real_frontend_takes_these_graph_descriptions(monkeypatch):
 def test_the_real_frontend_has_the_build_and_run_calls_as_xpcnn_makes_them():
     """What the graph test above cannot reach without cuDNN's library: the build steps, the
     plan filter, execute, the handle calls and the enums, bound with the arguments
-    xpcnn.ops.cudnn_conv passes (build_plan, Plan.run, _handle)."""
+    xpcnn.ops.cudnn_conv passes (build_plan, CudnnPlan.run, _handle)."""
     import inspect
 
     cudnn = pytest.importorskip("cudnn")
@@ -632,7 +632,7 @@ def test_the_real_frontend_has_the_build_and_run_calls_as_xpcnn_makes_them():
     notes = [cudnn.numerical_note.DOWN_CONVERT_INPUTS, cudnn.numerical_note.TENSOR_CORE]
     inspect.signature(graph.deselect_numeric_notes).bind(None, notes)
     inspect.signature(graph.execute).bind(None, {}, 0, handle=None)
-    # (the autotuning: Plan._choose and _build_candidates)
+    # (the autotuning: CudnnPlan._choose and _build_candidates)
     inspect.signature(graph.get_execution_plan_count).bind(None)
     for at_index in (graph.build_plan_at_index, graph.get_workspace_size_plan_at_index,
                      graph.get_behavior_notes_for_plan_at_index):
@@ -752,7 +752,7 @@ def test_the_plans_are_timed_with_one_workspace_from_cupys_default_pool(cc, monk
 @pytest.mark.parametrize("size", [0, 300])
 def test_a_run_asks_cupy_for_a_workspace_only_where_its_plan_needs_one(cc, monkeypatch, rng,
                                                                        size):
-    """Plan.run: a plan needing no workspace gets address 0, with no call into CuPy's pool (as
+    """CudnnPlan.run: a plan needing no workspace gets address 0, with no call into CuPy's pool (as
     the frontend's own default, None, gives); one needing some gets a block of at least its
     size, once per run (the stand-in refuses address 0 to a plan that needs a workspace)."""
     import sys

@@ -465,3 +465,45 @@ def test_the_channel_axis_is_added_only_where_the_model_takes_one_channel(grey):
                                          r"\(6, 6\): add a Flatten or GlobalAvgPool2D layer "
                                          r"before it$"):
         dense.predict(x)
+
+
+def test_datasets_and_iterators_check_each_batch_in_one_sequence(data):
+    """A map-style dataset's batches (data/sources.py) and an iterator's (data/streams.py)
+    run the same checks (one helper, BatchChecks): the batch, whether it carries sample
+    weights as the earlier ones did, the weights, with the messages (and the samples they
+    name) as they were when each had a copy of its own."""
+    x, y = data
+
+    class Dataset:
+        def __init__(self, w, weighted=N):
+            self.w, self.weighted = w, weighted
+
+        def __len__(self):
+            return N
+
+        def __getitem__(self, i):
+            return (x[i], y[i], self.w[i]) if i < self.weighted else (x[i], y[i])
+
+    def batches(w, weighted=N):
+        for lo in range(0, N, BATCH):
+            part = (x[lo:lo + BATCH], y[lo:lo + BATCH])
+            yield (*part, w[lo:lo + BATCH]) if lo < weighted else part
+
+    fit = {"epochs": 1, "verbose": 0}
+    good, bad = np.ones(N), np.where(np.arange(N) == 10, -1.0, 1.0)
+    make().fit(Dataset(good), batch_size=BATCH, shuffle=False, **fit)
+    make().fit(batches(good), steps_per_epoch=3, **fit)
+    with pytest.raises(InputError, match=r"^x\[i\] returns a sample weight w_i for some i and "
+                                         r"not for others \(samples \[16, 17, .*\]...\): give "
+                                         "every sample a weight, or none$"):
+        make().fit(Dataset(good, 16), batch_size=BATCH, shuffle=False, **fit)
+    with pytest.raises(InputError, match=r"^x yields sample weights with some batches and "
+                                         "not with others: give every sample a weight, or "
+                                         "none$"):
+        make().fit(batches(good, 16), steps_per_epoch=3, **fit)
+    with pytest.raises(InputError, match=r"^the sample weights w_i of x must be finite .* "
+                                         "sample 10 has weight -1.0"):
+        make().fit(Dataset(bad), batch_size=BATCH, shuffle=False, **fit)
+    with pytest.raises(InputError, match=r"^the sample weights that x yields must be finite "
+                                         r".* sample 2 has weight -1.0"):
+        make().fit(batches(bad), steps_per_epoch=3, **fit)

@@ -447,6 +447,22 @@ def test_load_cifar10_subset_archive_without_test(tmp_path, rng):
     assert test is None and len(xi) == 9
 
 
+def test_load_cifar10_reads_the_extracted_folder_given_itself(tmp_path, rng):
+    """data_dir=.../cifar-10-batches-py, as MNIST's folder holds its files: was not found (a
+    download into it, or offline a DownloadError)."""
+    x, y = random_cifar(rng, 5)
+    xt, yt = random_cifar(rng, 3)
+    (tmp_path / "data_batch_1").write_bytes(cifar_pickle(x, y))
+    (tmp_path / "test_batch").write_bytes(cifar_pickle(xt, yt))
+    (xi, yi), (xti, yti) = load_cifar10(tmp_path, download=False)
+    np.testing.assert_array_equal(xi, x)
+    np.testing.assert_array_equal(yti, yt)
+    (tmp_path / "data_batch_1").unlink()
+    with pytest.raises(DataFormatError, match=r"holds no training batch: expected data_batch_1 "
+                                              r"\(to data_batch_5\), found \['test_batch'\]"):
+        load_cifar10(tmp_path, download=False)
+
+
 def test_load_cifar10_extracted_folder(tmp_path, rng):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()

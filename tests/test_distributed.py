@@ -598,6 +598,241 @@ def test_xpcnn_train_under_mpiexec_speaks_and_writes_once(tmp_path):
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 3  # header, 2 epochs
 
 
+class Post:
+    """What ``World.reports`` carries from rank 0 to rank 1, for ranks simulated in turn in
+    one process: the reports rank 0 sent, in order."""
+
+    def __init__(self) -> None:
+        self.queue: list = []
+
+    def isend(self, report, dest, tag):
+        assert dest == 1
+        self.queue.append(report)
+        return type("Sent", (), {"Test": lambda self: True})()
+
+    def iprobe(self, source, tag):
+        return bool(self.queue)
+
+    def recv(self, source, tag):
+        return self.queue.pop(0)
+
+
+def test_write_on_root_passes_rank_0s_outcome_to_every_rank(monkeypatch):
+    """Two ranks simulated in turn: rank 0 writes, raises its own error again, and sends its
+    outcome without waiting; rank 1 writes nothing, takes the first outcome for its path
+    (dropping those of saves rank 0 made alone), returns whether rank 0 wrote and raises an
+    error naming rank 0's and the path (a NonFiniteError too, for TerminateOnNaN). On the way
+    out of an error, rank 0 tells no one and rank 1 returns at once; a rank 0 that never
+    reports is named after the timeout (was: one host allreduce on the training
+    communicator, which a save on rank 0 alone left waiting for the timeout)."""
+    post = Post()
+
+    def on(rank, write, path="/x/m.npz", timeout=600.0):
+        monkeypatch.setattr(distributed, "world", lambda: distributed.World(
+            rank=rank, size=2, reports=post, timeout=timeout))
+        return distributed.write_on_root(write, path)
+
+    def fails(error):
+        def write():
+            raise error
+        return write
+
+    ran = []
+    assert on(0, lambda: ran.append(0)) is True and on(1, lambda: ran.append(1)) is True
+    # rank 0 alone (if rank == 0: model.save(...)) returns at once; rank 1 drops its report
+    assert on(0, lambda: ran.append(0), "/x/alone.npz") is True
+    assert on(0, lambda: False) is False and on(1, lambda: ran.append(1)) is False
+    assert ran == [0, 0] and post.queue == []
+    for error, kind in [(OSError("disk full"), distributed.DistributedError),
+                        (xpcnn.errors.NonFiniteError("NaN"), xpcnn.errors.NonFiniteError)]:
+        with pytest.raises(type(error)) as raised:
+            on(0, fails(error))
+        assert raised.value is error
+        with pytest.raises(kind, match=re.escape(
+                f"rank 0 failed to write /x/m.npz, which this rank waited for: "
+                f"{type(error).__name__}: {error}")):
+            on(1, ran.append)
+    with pytest.raises(OSError):
+        on(0, fails(OSError("é" * 2000)))
+    with pytest.raises(distributed.DistributedError) as raised:
+        on(1, ran.append)
+    assert len(str(raised.value).split("waited for: ")[1].encode()) <= 1000
+    with distributed.on_the_way_out():
+        assert on(0, lambda: ran.append(0)) is True and on(1, ran.append) is True
+    assert ran == [0, 0, 0] and post.queue == []
+    with pytest.raises(distributed.DistributedError, match=re.escape(
+            "rank 0 did not report its write of /x/m.npz within 0.05 s (XPCNN_DIST_TIMEOUT; "
+            "rank 1 of 2 waited for it): every rank must call save, save_weights, export or "
+            "save_checkpoint with the same path, or rank 0 alone")):
+        on(1, ran.append, timeout=0.05)
+
+
+_WRITE_THEN_READ = '''
+import os
+import sys
+import time
+import numpy as np
+import xpcnn
+import xpcnn.saving.checkpoint as checkpoint_file
+import xpcnn.saving.model_file as model_file
+from xpcnn import distributed
+from xpcnn.errors import XpcnnError
+from xpcnn.layers import Dense, Flatten
+
+rank, out = distributed.world().rank, sys.argv[1]
+if rank == 0:  # (a slow file system: the others must wait for the file, not race it)
+    def slow(write):
+        def slowly(*args, **kwargs):
+            time.sleep(1.0)
+            return write(*args, **kwargs)
+        return slowly
+    model_file.write_npz_atomic = slow(model_file.write_npz_atomic)
+    checkpoint_file.write_npz_atomic = slow(checkpoint_file.write_npz_atomic)
+model = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1), seed=1)
+model.compile("sparse_categorical_crossentropy", "sgd")
+steps = [
+    ("save", lambda: (model.save(f"{out}/m.npz"), xpcnn.load_model(f"{out}/m.npz"))),
+    ("save_weights", lambda: (model.save_weights(f"{out}/w.npz"),
+                              model.load_weights(f"{out}/w.npz"))),
+    ("checkpoint", lambda: (xpcnn.saving.save_checkpoint(model, f"{out}/c.npz"),
+                            xpcnn.load_checkpoint(f"{out}/c.npz"))),
+    ("export", lambda: (model.export(f"{out}/m.onnx"), open(f"{out}/m.onnx", "rb").close())),
+    ("save under a file", lambda: model.save(f"{out}/m.npz/x.npz")),
+]
+said = []
+for name, step in steps:
+    try:
+        step()
+    except (XpcnnError, OSError) as e:
+        said.append(f"rank {rank} {name}: {type(e).__name__}: {e}")
+    else:
+        said.append(f"rank {rank} {name}: read back")
+os.write(1, ("\\n".join(said) + "\\n").encode())  # (one write: the ranks' lines do not interleave)
+'''
+
+
+@needs_mpi
+def test_a_file_written_on_rank_0_is_there_for_every_rank_when_the_write_returns(tmp_path):
+    """model.save, save_weights, save_checkpoint and export called on every rank, then a read
+    of the file on every rank: each rank returns once rank 0 has written and reported it (was:
+    at once, and rank 1 read a missing file); where rank 0's write fails, every rank raises,
+    rank 0 its error and rank 1 one naming it and the path (was: rank 1 went on as if it had
+    worked)."""
+    pytest.importorskip("onnx")
+    proc, seconds = two_ranks(tmp_path, _WRITE_THEN_READ, str(tmp_path), collective_timeout=60)
+    assert proc.returncode == 0 and seconds < 50, proc.stderr
+    ranks = [[line for line in proc.stdout.splitlines() if line.startswith(f"rank {r} ")]
+             for r in (0, 1)]
+    bad = f"{tmp_path}/m.npz/x.npz"
+    for r, lines in enumerate(ranks):
+        assert lines[:4] == [f"rank {r} {step}: read back" for step in
+                             ("save", "save_weights", "checkpoint", "export")], lines
+    rank_0s = ranks[0][4].removeprefix("rank 0 save under a file: ")
+    assert rank_0s.startswith("InputError: ") and bad in rank_0s
+    assert ranks[1][4:] == [f"rank 1 save under a file: DistributedError: rank 0 failed to "
+                            f"write {bad}, which this rank waited for: {rank_0s}"]
+
+
+_SAVED_ON_RANK_0_ALONE = '''
+import os
+import sys
+import time
+import numpy as np
+import xpcnn
+from xpcnn import distributed
+from xpcnn.callbacks import Callback
+from xpcnn.layers import Dense, Flatten
+
+rank, out = distributed.world().rank, sys.argv[1]
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(64, 2, 2, 1)).astype("float32"), rng.integers(0, 3, 64)
+
+
+def model():
+    m = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1), seed=1)
+    m.compile("sparse_categorical_crossentropy", "sgd")
+    return m
+
+
+class SaveOnRoot(Callback):  # (the Horovod habit, inside fit)
+    def on_epoch_end(self, epoch, logs=None):
+        if rank == 0:
+            self.model.save(f"{out}/epoch{epoch + 1}.npz")
+
+
+m, took = model(), 0.0
+if rank == 0:  # (the PyTorch DDP habit)
+    start = time.monotonic()
+    m.save(f"{out}/alone.npz")
+    took = time.monotonic() - start
+saved, plain = model(), model()
+saved.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[SaveOnRoot()])
+plain.fit(x, y, epochs=3, batch_size=8, verbose=0)
+same = all(np.array_equal(a, b) for a, b in zip(saved.get_weights(), plain.get_weights()))
+saved.save(f"{out}/all.npz")  # (every rank: the others drop the reports of rank 0's own saves)
+xpcnn.load_model(f"{out}/all.npz")
+os.write(1, f"rank {rank}: alone {took < 2}, same {same}, read back\\n".encode())  # (one write)
+'''
+
+
+@needs_mpi
+def test_a_save_on_rank_0_alone_returns_at_once_in_fit_or_out(tmp_path):
+    """``if rank == 0: model.save(p)`` (at a script's end, or in a callback of fit) returns at
+    once and training goes on as without it; a later save on every rank still waits for
+    rank 0's write (was: rank 0 waited for the others for the whole timeout, then raised)."""
+    proc, seconds = two_ranks(tmp_path, _SAVED_ON_RANK_0_ALONE, str(tmp_path),
+                              collective_timeout=20)
+    assert proc.returncode == 0 and seconds < 15, proc.stderr
+    assert sorted(proc.stdout.splitlines()) == [
+        f"rank {r}: alone True, same True, read back" for r in (0, 1)], proc.stdout
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == [
+        "all.npz", "alone.npz", "epoch1.npz", "epoch2.npz", "epoch3.npz"]
+
+
+_ONE_RANK_FAILS_AT_EPOCH_END = '''
+import sys
+import numpy as np
+import xpcnn
+from xpcnn import distributed
+from xpcnn.callbacks import Callback, ModelCheckpoint
+from xpcnn.layers import Dense, Flatten
+
+rank, out, failing = distributed.world().rank, sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(32, 2, 2, 1)).astype("float32"), rng.integers(0, 3, 32)
+
+
+class Check(Callback):  # (evaluates on every rank, after a check that fails on one alone)
+    def on_epoch_end(self, epoch, logs=None):
+        if rank == failing:
+            raise ValueError(f"rank {rank}'s own check failed")
+        self.model.evaluate(x, y, verbose=0)
+
+
+m = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1), seed=1)
+m.compile("sparse_categorical_crossentropy", "sgd")
+m.fit(x, y, epochs=2, batch_size=8, verbose=0,
+      callbacks=[ModelCheckpoint(f"{out}/ck.npz"), Check()])
+'''
+
+
+@needs_mpi
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_save_at_one_ranks_error_does_not_wait_for_the_others(tmp_path, failing):
+    """A callback raising on one rank alone: that rank writes (rank 0) or skips (another) the
+    ModelCheckpoint save put off until after the error, without waiting for the others, which
+    are in another collective (evaluate's), and the job ends at once with its error (was: the
+    save waited for the whole timeout, and its allreduce paired with evaluate's)."""
+    proc, seconds = two_ranks(tmp_path, _ONE_RANK_FAILS_AT_EPOCH_END, str(tmp_path),
+                              str(failing), collective_timeout=20)
+    assert proc.returncode != 0 and seconds < 15, proc.stderr
+    assert f"rank {failing} of 2 failed; ending all ranks" in proc.stderr
+    assert f"ValueError: rank {failing}'s own check failed" in proc.stderr
+    assert "waited" not in proc.stderr and "failed too" not in proc.stderr, proc.stderr
+    if failing == 0:  # (rank 0 wrote the epoch's file on its way out)
+        xpcnn.load_model(tmp_path / "ck.npz")
+
+
 @needs_mpi
 def test_xpcnn_train_under_mpiexec_fails_with_one_json_object(tmp_path):
     """Every rank refuses the checkpoint's missing folder; stdout holds rank 0's JSON alone

@@ -38,6 +38,7 @@ from kernel_cases import (
     check_add_relu,
     check_recorded_steps,
     record_checks,
+    recorded_scales,
     recorded_steps,
 )
 from nets import every_layer_net, gap_net
@@ -222,6 +223,8 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_training_on_the_gpu_matches_the_standard_path_and_numpy":
         _cases(conv_algorithm=["cudnn"]),
     "test_mixed_precision_on_the_gpu": _cases(conv_algorithm=["direct"]),
+    "test_the_loss_scale_halves_below_one_on_the_gpu": None,
+    "test_a_relu_ceiling_of_zero_on_the_gpu": None,
     "test_weighted_training_on_the_gpu_matches_numpy": None,
     "test_rmsprop_and_clipping_on_the_gpu": None,
     "test_a_missing_gpu_index_is_a_clear_error": None,
@@ -744,12 +747,13 @@ def test_elementwise_kernels(cp, kernels, rng, dtype):
     fast, std = kernels
     x = _random(cp, rng, (4, 5, 6, 7), dtype) * 4
     x[0, 0, 0, :3] = cp.asarray([0.0, 6.0, cp.nan], dtype=dtype)  # edges and NaN
-    for cap in (None, 6.0):
+    for cap in (None, 6.0, 0.0):  # (0: a ceiling, as Keras takes it, not "none")
         _equal(fast.relu(x, cap), std.relu(x, cap))
         y, m = fast.relu_with_mask(x, cap)
         y_ref, m_ref = std.relu_with_mask(x, cap)
         _equal(y, y_ref)
         _equal(m, m_ref)
+    assert not cp.any(m) and int(cp.count_nonzero(y)) == 1  # (zeros; the NaN stays NaN)
     dy = _random(cp, rng, x.shape, dtype)
     _equal(fast.relu_backward(dy, x), std.relu_backward(dy, x))
     mask = x > 0.5
@@ -1070,6 +1074,25 @@ def test_every_layer_trains_on_the_gpu_and_stays_there(cp):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def _zero_ceiling_net():
+    return [xpcnn.layers.Conv2D(4, 3), xpcnn.layers.ReLU(max_value=0), xpcnn.layers.Flatten(),
+            xpcnn.layers.Dense(10)]
+
+
+def test_a_relu_ceiling_of_zero_on_the_gpu(cp):
+    """ReLU(max_value=0), as Keras takes it: zeros and a zero gradient on the GPU's kernels
+    (0 a ceiling there, not "none"), the convolution before it never updated, as on NumPy."""
+    gpu, loss_gpu, p_gpu = _fit("cuda", _zero_ceiling_net)
+    ref, loss_ref, p_ref = _fit("cpu", _zero_ceiling_net)
+    start = xpcnn.Sequential(_zero_ceiling_net(), seed=0)
+    start.predict(np.zeros((1, 12, 12, 3), np.uint8))  # (built: its first weights)
+    assert loss_gpu == pytest.approx(loss_ref, rel=1e-5)
+    np.testing.assert_allclose(p_gpu, p_ref, rtol=1e-5, atol=1e-7)
+    assert np.ptp(p_gpu, axis=0).max() == 0  # (the Dense layer sees zeros: one output)
+    for a, b in zip(gpu.layers[0].get_weights(), start.layers[0].get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("precision", ["mixed_float16",
                                        pytest.param("mixed_bfloat16", marks=needs_bfloat16)])
 def test_mixed_precision_on_the_gpu(conv_algorithm, precision):
@@ -1085,6 +1108,37 @@ def test_mixed_precision_on_the_gpu(conv_algorithm, precision):
     for a, b in zip(fast.get_weights(), std.get_weights(), strict=True):
         assert a.dtype == b.dtype == np.float32
         np.testing.assert_allclose(a, b, rtol=0, atol=0.01 * largest)
+
+
+def test_the_loss_scale_halves_below_one_on_the_gpu(cp, kernels):
+    """The fused record halves the scale below 1 down to float32's smallest normal, where an
+    overflow is an error, as the standard one does; a float16 fit whose heavy sample weights
+    overflow at a scale of 1 trains on there (steps skipped) to NumPy's weights."""
+    fast, std = kernels
+    floor = float(np.finfo(np.float32).smallest_normal)
+    for scale, overflows in [(1.0, [True, True, False]), (4 * floor, [True, True, True]),
+                             (1.5 * floor, [True, True])]:
+        got = recorded_scales(fast, cp, scale, overflows, host)
+        assert got == recorded_scales(std, cp, scale, overflows, host)
+        assert min(got[0]) == (0.25 if scale == 1.0 else floor)
+        assert got[2][-1] == (scale < 1.0)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 6, 6, 2)).astype(np.float32), np.arange(8) % 4
+    runs = []
+    for device in ("cuda", "cpu"):
+        model = xpcnn.Sequential([xpcnn.layers.Conv2D(8, 3), xpcnn.layers.ReLU(),
+                                  xpcnn.layers.Flatten(), xpcnn.layers.Dense(4)],
+                                 input_shape=(6, 6, 2), seed=0, device=device)
+        model.compile(optimizer=xpcnn.optim.Adam(1e-3), precision="mixed_float16")
+        model.loss_scale = 1.0
+        model.fit(x, y, sample_weight=np.full(8, 1e6), batch_size=4, epochs=3, verbose=0,
+                  shuffle=False)
+        assert model.loss_scale == 0.125 and model.optimizer.iterations == 6
+        runs.append(model.get_weights())
+    # (Adam turns float16 rounding in near-zero gradients into whole steps: close, not equal)
+    largest = max(float(np.abs(w).max()) for w in runs[1])
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * largest)
 
 
 def test_a_missing_gpu_index_is_a_clear_error(cp):

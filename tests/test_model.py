@@ -1874,3 +1874,102 @@ def test_a_softmax_activation_moved_before_the_end_is_refused_by_save_and_export
                                              "softmax activation"):
             write()
     assert not list(tmp_path.iterdir())
+
+
+def _small(built=True):
+    model = xpcnn.Sequential([Conv2D(2, 3), Flatten(), Dense(3), Softmax()], seed=0,
+                             input_shape=(6, 6, 3) if built else None)
+    model.compile(optimizer="adam")
+    return model
+
+
+@pytest.mark.parametrize("built", [True, False])
+@pytest.mark.parametrize("wrap", [list, tuple, "torch"])
+def test_a_one_element_list_of_the_input_array_is_the_input_at_every_entry_point(wrap, built):
+    """Keras 3 takes [x] or (x,) for a one-input model; xpcnn read the list as one array,
+    (1, N, H, W, C), and refused it (or built an unbuilt model for N-channel samples). In
+    model(...), predict, predict_on_batch, evaluate, test_on_batch, train_on_batch and fit
+    (x, validation data too; y as [y] as well), it is x: the results bit for bit as x's."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 6, 6, 3)).astype(np.float32)
+    y = rng.integers(0, 3, 8)
+    if wrap == "torch":
+        torch = pytest.importorskip("torch")
+        box = [torch.from_numpy(x)]
+    else:
+        box = wrap([x])
+    ys = [y] if wrap == "torch" else wrap([y])
+    for call in (
+            lambda m, a: np.asarray(m(a)),
+            lambda m, a: m.predict(a, verbose=0),
+            lambda m, a: m.predict_on_batch(a),
+            lambda m, a: m.evaluate(a, y, verbose=0),
+            lambda m, a: m.test_on_batch(a, y)):
+        want, got = call(_small(built), x), call(_small(built), box)
+        np.testing.assert_array_equal(got, want)
+    plain, boxed = _small(built), _small(built)
+    assert plain.train_on_batch(x, y) == boxed.train_on_batch(box, ys)
+    plain.fit(x, y, epochs=2, batch_size=4, verbose=0, validation_data=(x, y))
+    boxed.fit(box, ys, epochs=2, batch_size=4, verbose=0, validation_data=(box, ys))
+    assert boxed.input_shape == (6, 6, 3)
+    for key, values in plain.history.history.items():
+        assert key == "seconds" or boxed.history.history[key] == values
+    for a, b in zip(plain.get_weights(), boxed.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_several_input_arrays_are_refused_naming_the_models_one_input(built):
+    x = np.zeros((4, 6, 6, 3), np.float32)
+    model = _small(built)
+    one = r"\(N, 6, 6, 3\)" if built else r"\(N, H, W, C\)"
+    for call in (model, model.predict, model.predict_on_batch,
+                 functools.partial(model.fit, y=np.zeros(4, int), verbose=0),
+                 functools.partial(model.train_on_batch, y=np.zeros(4, int))):
+        with pytest.raises(InputError, match=rf"^x is a (list|tuple) of 2 arrays \(shapes "
+                                             rf"\(4, 6, 6, 3\), \(4, 6, 6, 3\)\), but model "
+                                             rf"'sequential' has one input, {one}"):
+            call((x, x) if call is model.predict else [x, x])
+    assert model.built == built
+
+
+def test_lists_of_samples_keep_their_meaning_beside_one_element_lists():
+    """A list of samples (arrays of one rank less than the input, nested lists of numbers)
+    is still one batch, as NumPy reads it; [label] of one sample is still its label, and a
+    greyscale batch without its channel axis, [x] of (N, H, W), is the input too."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 6, 6, 3)).astype(np.float32)
+    y = rng.integers(0, 3, 5)
+    model = _small()
+    want = model.predict(x)
+    np.testing.assert_array_equal(model.predict(list(x)), want)
+    np.testing.assert_array_equal(model.predict(x.tolist()), want)
+    np.testing.assert_array_equal(model.predict([x[0]]), model.predict(x[:1]))
+    np.testing.assert_array_equal(model([x[1]]), model(x[1:2]))
+    assert model.evaluate(list(x), y.tolist()) == model.evaluate(x, y)
+    assert _small().train_on_batch(x[:1], [int(y[0])]) == _small().train_on_batch(x[:1], y[:1])
+    grey = xpcnn.Sequential([Conv2D(2, 3), Flatten(), Dense(3)], seed=0, input_shape=(6, 6, 1))
+    np.testing.assert_array_equal(grey.predict([x[..., 0]]), grey.predict(x[..., :1]))
+
+
+def test_one_element_lists_of_images_and_sample_weights_fit_an_unbuilt_flatten_model():
+    """[x] of (N, H, W, C) images is the input of an unbuilt model whose layers would build
+    for any rank (Flatten, Dense: the trial builds cannot tell one sample of rank 4 from N of
+    rank 3), and [w] of the N sample weights is w, as in Keras 3: the same training as x, y,
+    w (both were read as one sample before)."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6, 4, 4, 1)).astype(np.float32)
+    y, w = rng.integers(0, 3, 6), rng.uniform(0.5, 2.0, 6)
+
+    def make():
+        model = xpcnn.Sequential([Flatten(), Dense(3)], seed=1)
+        model.compile(optimizer="sgd")
+        return model
+
+    plain, wrapped = make(), make()
+    plain.fit(x, y, sample_weight=w, epochs=2, batch_size=4, verbose=0)
+    wrapped.fit([x], [y], sample_weight=[w], epochs=2, batch_size=4, verbose=0)
+    for a, b in zip(plain.get_weights(), wrapped.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert wrapped.evaluate([x], (y,), sample_weight=(w,), verbose=0) == \
+        plain.evaluate(x, y, sample_weight=w, verbose=0)

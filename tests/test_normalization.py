@@ -607,8 +607,7 @@ def test_a_plain_normalization_takes_the_files_adapted_statistics(rng, tmp_path)
     assert plain.layers[0].adapted
     np.testing.assert_array_equal(plain.predict(x, verbose=0), first.predict(x, verbose=0))
     np.testing.assert_allclose(plain.layers[0].mean, first.layers[0].mean, rtol=1e-6)
-    # a checkpoint restored into the same script, not adapted again (a fit that resumes builds
-    # the model from its data first: that script adapts, or gives input_shape and adapted=True)
+    # a checkpoint restored into the same script, not adapted again (a resumed fit: below)
     restored = script(False)
     restore_checkpoint(restored, tmp_path / "c.npz")
     assert restored.layers[0].adapted
@@ -623,6 +622,80 @@ def test_a_plain_normalization_takes_the_files_adapted_statistics(rng, tmp_path)
     other = script(False, conv=3)
     with pytest.raises(DataFormatError, match="another architecture"):
         other.load_weights(tmp_path / "w.npz")
+    assert not other.built and not other.layers[0].adapted and other.layers[0].mean is None
+
+
+class _InterruptAfter(xpcnn.callbacks.Callback):
+    """Raises KeyboardInterrupt after ``steps`` training steps, as a crash would."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps = steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps -= 1
+        if not self.steps:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "BackupAndRestore"])
+@pytest.mark.parametrize("again", ["plain", "adapted again", "adapted on other data"])
+def test_a_resumed_fit_takes_a_plain_normalizations_statistics_from_the_checkpoint(
+        rng, tmp_path, how, again):
+    """A script that adapts its Normalization() on a fresh run only, interrupted and run
+    again with resume=True: fit built the model from its data before it read the checkpoint,
+    and the plain layer refused to build ("no mean and std yet"). As Keras' BackupAndRestore,
+    the checkpoint's statistics (weights) are restored, and the run ends bit for bit as the
+    uninterrupted one; where the script adapts again (on other data too), the file's win."""
+    x = rng.normal(5.0, 3.0, (24, 5, 5, 3))
+    y = rng.integers(0, 3, 24)
+
+    def script(data, callbacks=(), path=tmp_path / "c.npz", **kwargs):
+        norm = Normalization()
+        if data is not None:
+            norm.adapt(data)
+        model = xpcnn.Sequential([norm, Conv2D(2, 3), Flatten(), Dense(3), Softmax()],
+                                 seed=0)
+        model.compile(optimizer="adam")
+        saving = {"checkpoint": path, "checkpoint_every": 2} if how == "checkpoint" else \
+            {"callbacks": [xpcnn.callbacks.BackupAndRestore(path, 2, delete_checkpoint=False)]}
+        extra = saving.pop("callbacks", [])
+        model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[*callbacks, *extra],
+                  **saving, **kwargs)
+        return model
+
+    whole = script(x, path=tmp_path / "whole.npz")
+    with pytest.raises(KeyboardInterrupt):
+        script(x, [_InterruptAfter(5)])  # (in the second epoch; the last checkpoint at 4)
+    data = {"plain": None, "adapted again": x, "adapted on other data": x * 2.0 + 1.0}[again]
+    resumed = script(data, **({"resume": True} if how == "checkpoint" else {}))
+    assert resumed.layers[0].adapted
+    for a, b in zip(resumed.get_weights(), whole.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert resumed.history.history["loss"] == whole.history.history["loss"]
+    np.testing.assert_array_equal(resumed.predict(x, verbose=0), whole.predict(x, verbose=0))
+
+
+def test_a_refused_resume_leaves_a_plain_normalization_as_it_was(rng, tmp_path):
+    """A resumed fit whose checkpoint is refused (another architecture) leaves the plain
+    Normalization() plain and the model unbuilt, as a refused load_weights does."""
+    x = rng.normal(5.0, 3.0, (16, 5, 5, 3))
+    y = rng.integers(0, 3, 16)
+
+    def script(conv, fresh):
+        norm = Normalization()
+        if fresh:
+            norm.adapt(x)
+        model = xpcnn.Sequential([norm, Conv2D(conv, 3), Flatten(), Dense(3), Softmax()],
+                                 seed=0)
+        model.compile(optimizer="adam")
+        return model
+
+    script(2, True).fit(x, y, epochs=1, batch_size=8, verbose=0, checkpoint=tmp_path / "c.npz")
+    other = script(3, False)
+    with pytest.raises(DataFormatError, match="another architecture"):
+        other.fit(x, y, epochs=1, batch_size=8, verbose=0, checkpoint=tmp_path / "c.npz",
+                  resume=True)
     assert not other.built and not other.layers[0].adapted and other.layers[0].mean is None
 
 
@@ -657,3 +730,38 @@ def test_given_statistics_assigned_after_build_are_refused_before_checked(tmp_pa
         with pytest.raises(InputError, match="Normalization needs both mean and std, of equal "
                                              "lengths"):
             pair(x)
+
+
+@pytest.mark.parametrize("mean, std", [(0.5, [1.0, 2.0, 4.0]), ([0.1, 0.2, 0.3], 2.0)])
+@pytest.mark.parametrize("given", ["constructor", "attributes"])
+def test_one_statistic_beside_per_channel_ones_broadcasts_and_its_files_load(
+        rng, tmp_path, mean, std, given):
+    """A length-1 mean or std beside a per-channel other broadcasts, as in Keras (an assigned
+    pair was taken, trained and saved, but its model file and checkpoint never loaded: the
+    constructor, which loading goes through, demanded equal lengths)."""
+    x = rng.normal(size=(8, 4, 4, 3)).astype(np.float32)
+    y = rng.integers(0, 2, 8)
+
+    def make():
+        if given == "constructor":
+            norm = Normalization(mean, std)
+        else:
+            norm = Normalization()
+            norm.mean, norm.std = mean, std
+        model = xpcnn.Sequential([norm, Conv2D(2, 1), Flatten(), Dense(2)],
+                                 input_shape=(4, 4, 3), seed=3)
+        model.compile(optimizer="sgd")
+        return model
+
+    model = make()
+    normalised = xpcnn.Model(model.input, model.layers[0].output).predict(x)
+    np.testing.assert_allclose(normalised, (x - np.asarray(mean)) / np.asarray(std), rtol=1e-6)
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0, checkpoint=tmp_path / "run.ckpt.npz")
+    model.save(tmp_path / "model.npz")
+    np.testing.assert_array_equal(xpcnn.load_model(tmp_path / "model.npz").predict(x),
+                                  model.predict(x))
+    resumed = make()
+    resumed.fit(x, y, epochs=1, batch_size=4, verbose=0, checkpoint=tmp_path / "run.ckpt.npz",
+                resume=True)
+    for a, b in zip(resumed.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -3,6 +3,7 @@
 import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
+from kernel_cases import recorded_scales
 
 from xpcnn import SoftmaxCrossEntropy
 from xpcnn.backend import set_fast_path
@@ -431,3 +432,84 @@ def test_the_loss_scale_never_doubles_to_infinity():
     assert not bool(kernels.record_step(state, np.array([0.5, 1.0], np.float32), [grad], 4.0,
                                         2, scaling, False))
     assert scaling[0] == np.float32(1.5 * 2.0**126)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_the_loss_scale_halves_below_one_as_pytorchs_grad_scaler(strict):
+    """An overflow halves the scale below 1 too (a step skipped, no error), as PyTorch's
+    GradScaler (backoff 0.5) and Keras 3's LossScaleOptimizer do: heavy sample weights can make
+    float16 gradients overflow at a scale of 1 (it stopped there, an error, before)."""
+    torch = pytest.importorskip("torch")
+    import array_api_strict
+
+    xp = array_api_strict if strict else xpn
+    overflows = [True, True, False, True, True, False, False, True]
+    scales, applied, errors = recorded_scales(StandardKernels(xp), xp, 1.0, overflows)
+    param = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([param], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0, backoff_factor=0.5,
+                                  growth_interval=2000)
+    want = []
+    for bad in overflows:
+        opt.zero_grad()
+        scaler.scale(param.sum()).backward()
+        if bad:
+            param.grad[0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        want.append(scaler.get_scale())
+    assert scales == want == [0.5, 0.25, 0.25, 0.125, 0.0625, 0.0625, 0.0625, 0.03125]
+    assert applied == [not bad for bad in overflows] and not any(errors)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_the_loss_scale_halves_down_to_float32s_smallest_normal_then_errs(strict):
+    """The floor is float32's smallest normal number, the loss_scale setter's and a
+    checkpoint's lower end (a scale of 0 would skip every step; PyTorch's has no floor and
+    reaches 0): a scale that halves below it is set to it, and an overflow at the floor is
+    an error that keeps the scale."""
+    import array_api_strict
+
+    from xpcnn.totals import SCALE_RANGE
+
+    xp = array_api_strict if strict else xpn
+    floor = float(np.finfo(np.float32).smallest_normal)
+    assert floor == SCALE_RANGE[0]
+    kernels = StandardKernels(xp)
+    scales, applied, errors = recorded_scales(kernels, xp, 4 * floor, [True, True, True])
+    assert scales == [2 * floor, floor, floor]
+    assert applied == [False, False, False] and errors == [False, False, True]
+    scales, _, errors = recorded_scales(kernels, xp, 1.5 * floor, [True, True])
+    assert scales == [floor, floor] and errors == [False, True]
+
+
+def test_heavy_sample_weights_train_in_mixed_float16_below_a_scale_of_one():
+    """Sample weights of 1e6 make the float16 gradients overflow at a scale of 1 (float32
+    trains on them): the steps that overflow are skipped, the scale halves to 1/8, and
+    training goes on, to the same weights on NumPy's fast path and the standard one."""
+    import xpcnn
+    from xpcnn import layers as L
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 6, 6, 2)).astype(np.float32), np.arange(8) % 4
+    runs = []
+    for fast in (True, False):
+        old = set_fast_path(fast)
+        try:
+            model = xpcnn.Sequential([L.Conv2D(8, 3), L.ReLU(), L.Flatten(), L.Dense(4)],
+                                     input_shape=(6, 6, 2), seed=0)
+            model.compile(optimizer=xpcnn.optim.Adam(1e-3), precision="mixed_float16")
+            before = model.get_weights()
+            model.loss_scale = 1.0
+            history = model.fit(x, y, sample_weight=np.full(8, 1e6), batch_size=4, epochs=3,
+                                verbose=0, shuffle=False)
+        finally:
+            set_fast_path(old)
+        # (steps 1-3 overflow and are skipped; the loss falls once steps apply)
+        assert model.loss_scale == 0.125 and model.optimizer.iterations == 6
+        assert history.history["loss"][-1] < history.history["loss"][0]
+        assert not any(np.array_equal(a, b) for a, b in zip(before, model.get_weights(),
+                                                              strict=True))
+        runs.append(model.get_weights())
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -95,6 +95,28 @@ def test_weight_gradient_matches_patches_transpose_product(budget, rng):
     np.testing.assert_allclose(bias, dy.sum(axis=(0, 1, 2)), rtol=1e-12)
 
 
+def test_patch_chunk_loop_visits_every_image_once(rng):
+    """The convolutions' one chunk loop: chunks of images in order, each with its patches
+    (and ones column) and its output rows; the images per chunk returned."""
+    n, h, w, c = 5, 6, 5, 3
+    kernel, strides, pads = (3, 2), (2, 1), (1, 1, 0, 1)
+    out_hw = windows.output_size((h, w), kernel, strides, pads)
+    x = rng.standard_normal((n, h, w, c))
+    want = ops.im2col(xpn, windows.pad(xpn, x, pads), kernel, strides, out_hw)
+    rows = out_hw[0] * out_hw[1]
+    budget = 2 * rows * want.shape[1] * 4  # two images a chunk
+    seen = []
+
+    def work(cols, n0, n1, r0, r1):
+        assert (r0, r1) == (n0 * rows, n1 * rows)
+        np.testing.assert_array_equal(cols[:, :-1], want[r0:r1])
+        np.testing.assert_array_equal(cols[:, -1], 1.0)
+        seen.append((n0, n1))
+
+    m = ops._for_patch_chunks(xpn, StandardKernels(xpn), x, kernel, strides, pads, out_hw,
+                              ops.Workspace(), "cols", budget, 1, True, work)
+    assert m == 2 and seen == [(0, 2), (2, 4), (4, 5)]
+
 
 SHARED_PATCH_CASES = [  # (N, H, W, C, K, kernel, padding): stride 1, output as large as input
     (5, 6, 5, 3, 3, (3, 3), "same"),

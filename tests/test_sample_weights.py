@@ -5,6 +5,8 @@ mean (a weight of 0 drops a sample, a class's weight is the weight of each of it
 through fit, evaluate, train_on_batch and train_step, on NumPy's fast path, under
 array_api_strict and through captured steps."""
 
+import warnings
+
 import array_api_strict as xs
 import numpy as np
 import pytest
@@ -384,3 +386,54 @@ def test_a_callbacks_train_on_batch_leaves_fits_class_weights(data):
     _same(*runs, rtol=0, atol=0)
     np.testing.assert_array_equal(after, [[1.0, 1.0, 4.0, 1.0]] * 4)
     assert runs[0]._class_weights is None and runs[0].optimizer.iterations == 8
+
+
+def test_class_weights_and_their_products_with_sample_weights_fit_the_models_dtype(data):
+    """A class weight finite in float64 but not in the model's float32 (1e39) is refused
+    before training, naming it, as such a sample weight is; so is a sample weight whose
+    product with its class's weight overflows (1e20 x 1e20): both made every weight NaN and
+    stopped training at step 1, blaming the loss. Arrays are checked before training, the
+    batches of a generator or dataset as they come; validation data carry no class weight."""
+    x, y, w = data
+    first = int(np.flatnonzero(y == 1)[0])
+    heavy = np.where(y == 1, 1e20, 1.0)
+    product = (r"times class_weight must be finite in float32, the model's dtype \(at most "
+               r"3\.40282e\+38\); sample {} has weight 1e\+20 and class 1, whose "
+               r"class_weight\[1\] is 1e\+20: their product overflows \(\d+ such")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no RuntimeWarning from a cast deep inside)
+        for kwargs, message in [
+                ({"class_weight": {1: 1e39}}, r"class_weight\[1\] must be finite in float32, "
+                                              r"the model's dtype, which weighs the loss \(at "
+                                              r"most 3\.40282e\+38\), got 1e\+39"),
+                ({"sample_weight": heavy, "class_weight": {1: 1e20}},
+                 "sample_weight " + product.format(first)),
+                ({"sample_weight": heavy, "class_weight": {1: 1e20}, "validation_split": 0.25},
+                 "sample_weight " + product.format(first))]:
+            model = _model(dtype="float32")
+            with pytest.raises(InputError, match=message):
+                model.fit(x, y, verbose=0, **kwargs)
+            assert not model.built and model.optimizer.iterations == 0
+            assert model._class_weights is None
+        model = _model(dtype="float32")
+        with pytest.raises(InputError, match="sample_weight " + product.format(first)):
+            model.train_on_batch(x, y, sample_weight=heavy, class_weight={1: 1e20})
+        with pytest.raises(InputError, match=r"class_weight\[2\] must be finite in float32"):
+            model.train_on_batch(x, y, class_weight={2: 1e39})
+        assert model.optimizer.iterations == 0
+        with pytest.raises(InputError, match="the sample weights that x yields " +
+                           product.format(first)):
+            _model(dtype="float32").fit(iter([(x, y, heavy)]), steps_per_epoch=1,
+                                        verbose=0, class_weight={1: 1e20})
+        # (shuffled: the dataset's index of the sample is named)
+        with pytest.raises(InputError, match="the sample weights w_i of x " +
+                           product.format(r"\d+")):
+            _model(dtype="float32").fit(_Samples(x, y, heavy), batch_size=8, verbose=0,
+                                        class_weight={1: 1e20})
+    # (in float64 all of them are finite; a heavy sample of another class, and heavy
+    # validation weights, are no overflow; a tiny rate keeps the weights finite)
+    _model(lr=1e-30).fit(x, y, epochs=1, verbose=0, sample_weight=heavy, class_weight={1: 1e20})
+    model = _model(dtype="float32", lr=1e-30)
+    model.fit(x, y, epochs=1, verbose=0, sample_weight=np.where(y == 0, 1e20, 1.0),
+              class_weight={1: 1e20}, validation_data=(x[:8], y[:8], heavy[:8]))
+    assert model.optimizer.iterations == 2

@@ -1,6 +1,7 @@
 """The benchmark helpers under scripts/ run (their figures are not checked: timings belong to the
 benchmarks, not the tests)."""
 
+import gzip
 import importlib.util
 import json
 import os
@@ -285,6 +286,76 @@ def test_the_scripts_refuse_what_cannot_work_before_any_work(tmp_path, script, a
     assert line.startswith(f"{script}: error: {f'argument {flag}: ' if flag else ''}"), line
     assert says in line
     assert not list(spot.iterdir()) and out.stdout == ""
+
+
+def test_the_tour_refuses_a_corrupt_data_file_in_one_line(tmp_path):
+    """A truncated CIFAR-10 download in --data-dir: one line, exit status 2 (was a traceback:
+    only a missing file was caught, to fall back on the shapes)."""
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(gzip.compress(b"x" * 20_000)[:300])
+    out = _run("--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--epochs", "0",
+               script="tour.py")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith("tour.py: error: ") and "corrupt or truncated archive" in line
+    assert not (tmp_path / "out").exists()
+
+
+def _image_folder(root: Path, odd: str) -> Path:
+    """Two class folders of 32x32 PNGs, and ``b/odd.png``: not an image, or 40x40."""
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+    if odd == "unreadable":
+        (root / "b" / "odd.png").write_text("not an image")
+    else:
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "b" / "odd.png")
+    return root
+
+
+@pytest.mark.parametrize("odd, says", [
+    ("unreadable", "b/odd.png: cannot read the image (cannot identify image file"),
+    ("other size", "b/odd.png: 40x40 pixels, where {root}/a/0.png is 32x32: the images of a "
+                   "folder are all of one size"),
+])
+def test_training_from_a_folder_names_a_bad_image_before_training(tmp_path, odd, says):
+    """Was a traceback from inside training, naming neither file nor sizes for one of another
+    size (the batch's stacking failed)."""
+    pytest.importorskip("PIL")
+    root = _image_folder(tmp_path / "images", odd)
+    log = tmp_path / "log.csv"
+    out = _run(str(root), "--epochs", "1", "--quiet", "--batch-size", "4", "--log", str(log),
+               script="train_from_folder.py")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(f"train_from_folder.py: error: {root}/")
+    assert says.format(root=root) in line
+    assert not log.exists()  # (refused before the training began)
+
+
+def test_training_from_a_folder_without_pillow_is_refused_at_once(tmp_path):
+    pytest.importorskip("PIL")
+    root = _image_folder(tmp_path / "images", "other size")
+    script = ROOT / "scripts" / "train_from_folder.py"
+    code = ("import runpy, sys; sys.modules['PIL'] = None; "  # (as if it were not installed)
+            f"sys.argv = [{str(script)!r}, {str(root)!r}]; "
+            f"runpy.run_path({str(script)!r}, run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr == ("train_from_folder.py: error: argument FOLDER: its images are read "
+                          "(and --make-demo's written) with Pillow, which is not installed: "
+                          'pip install "xpcnn[viz]"\n')
+
+
+def test_parity_refuses_a_missing_data_folder_in_one_line(tmp_path):
+    pytest.importorskip("torch")
+    out = _run("--data-dir", str(tmp_path / "missing"), script="parity_torch.py")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr == (f"parity_torch.py: error: argument --data-dir: the folder "
+                          f"'{tmp_path / 'missing'}' does not exist\n")
 
 
 def test_parity_checks_no_more_steps_than_a_short_training_set_holds():

@@ -571,9 +571,9 @@ LAYERS = {
     "Dropout 1": (lambda: Dropout(1.0), r"Dropout rate must be a number in \[0, 1\), got 1.0"),
     "Dropout str": (lambda: Dropout("0.5"), r"Dropout rate must be a number in \[0, 1\), got"),
     "Dropout NaN": (lambda: Dropout(math.nan), "Dropout rate must be a number"),
-    "ReLU max 0": (lambda: ReLU(0), "ReLU max_value must be positive or None, got 0"),
-    "ReLU max str": (lambda: ReLU("6"), "ReLU max_value must be positive or None, got '6'"),
-    "ReLU max inf": (lambda: ReLU(math.inf), "ReLU max_value must be positive or None, got inf"),
+    "ReLU max -1": (lambda: ReLU(-1), "ReLU max_value must be >= 0 or None, got -1"),
+    "ReLU max str": (lambda: ReLU("6"), "ReLU max_value must be >= 0 or None, got '6'"),
+    "ReLU max inf": (lambda: ReLU(math.inf), "ReLU max_value must be >= 0 or None, got inf"),
     "Rescaling NaN": (lambda: Rescaling(math.nan), "Rescaling scale must be a finite number"),
     "Rescaling str": (lambda: Rescaling("1/255"), "Rescaling scale must be a finite number, got"),
     "Rescaling offset": (lambda: Rescaling(1.0, math.inf), "Rescaling offset must be a finite"),
@@ -662,14 +662,20 @@ def test_optimizer_schedule_and_loss_arguments(case):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_mixed_float16_gives_up_lowering_the_loss_scale_at_one(model, monkeypatch):
-    """A gradient that stays non-finite whatever the scale is reported, not skipped forever."""
+def test_mixed_float16_gives_up_lowering_the_loss_scale_at_its_floor(model, monkeypatch):
+    """A gradient that stays non-finite whatever the scale is reported, not skipped forever:
+    at the scale's floor, float32's smallest normal number (it halves below 1, as PyTorch's
+    GradScaler does), the error says float16 cannot hold these gradients."""
+    floor = float(np.finfo(np.float32).smallest_normal)
     model.compile(optimizer=optim.SGD(0.01), precision="mixed_float16")
-    model.loss_scale = 4.0
+    model.loss_scale = 4 * floor
     flatten = model.layers[3]
     real = flatten.backward
     monkeypatch.setattr(flatten, "backward", lambda dy, options: real(dy, options) * np.nan)
-    # Steps 1 and 2 halve the scale (their updates skipped on the device), step 3 fails at 1.
-    with pytest.raises(NonFiniteError, match=r"non-finite gradient at step 3: .* layer 'conv2d'"):
+    # Steps 1 and 2 halve the scale (their updates skipped on the device), step 3 fails there.
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient at step 3: .* layer 'conv2d'; "
+                       r"the float16 loss scale reached its floor, 1\.175e-38 \(float32's "
+                       r"smallest normal number\), and still float16 cannot hold these "
+                       r"gradients: train with precision='float32' or 'mixed_bfloat16'"):
         model.fit(X, Y, epochs=1, batch_size=5, verbose=0)
-    assert model.loss_scale == 1.0 and model.optimizer.iterations == 2
+    assert model.loss_scale == floor and model.optimizer.iterations == 2

@@ -337,13 +337,29 @@ def test_confusion_matrix_figure(tmp_path, rng):
     assert len(image_axes(fig)) == 1 and len(fig.axes) == 2  # the matrix and its colour bar
     counts = [int(t.get_text()) for t in fig.axes[0].texts]
     assert len(counts) == 9 and sum(counts) == 9
-    with pytest.raises(InputError, match="2 names but the model has 3 outputs"):
-        viz.plot_confusion_matrix(model, x, y, tmp_path / "bad.png", class_names=["a", "b"])
+    for names in ("abc", iter("abc"), ["a", "b"]):  # (a str was one class per letter)
+        with pytest.raises(InputError, match=r"^class_names must be one name for each of the "
+                                             r"model's outputs, whose shape is \(3,\), got "):
+            viz.plot_confusion_matrix(model, x, y, tmp_path / "bad.png", class_names=names)
+    with pytest.raises(InputError, match="^expected an xpcnn model, got str$"):  # (was an
+        viz.plot_confusion_matrix("model", x, y, tmp_path / "bad.png")  # AttributeError)
+    assert not (tmp_path / "bad.png").exists()
     features = xpcnn.Model(inputs=model.input, outputs=model.layers[1].output)
     with pytest.raises(InputError, match=r"a confusion matrix needs a classifier, .* this "
                                          r"model's is \(\d+, \d+, \d+\) \(a feature extractor\?\)"):
         viz.plot_confusion_matrix(features, x, y, tmp_path / "features.png")
     assert not (tmp_path / "features.png").exists()
+
+
+@pytest.mark.parametrize("name", ["demo.pdf", "demo.svg", "demo.jpg", "demo.png.pdf"])
+def test_a_figure_path_of_another_format_is_refused(tmp_path, image, name):
+    """The figures are PNGs: a .pdf path was given PNG bytes under its name."""
+    with pytest.raises(InputError, match=r"^the figures are PNG files: give a path ending in "
+                                         r"\.png, got '.*demo\."):
+        viz.plot_notebook_demo(image, tmp_path / name)
+    assert not list(tmp_path.iterdir())
+    viz.plot_notebook_demo(image, tmp_path / "demo.PNG")
+    assert (tmp_path / "demo.PNG").read_bytes().startswith(b"\x89PNG")
 
 
 # -- without matplotlib ---------------------------------------------------------------------

@@ -253,9 +253,23 @@ def test_save_weights_is_refused_before_a_build_and_written_by_rank_0_alone(tmp_
                                                                             monkeypatch):
     with pytest.raises(InputError, match="must be built before save_weights"):
         xpcnn.Sequential(bn_relu_net()).save_weights(tmp_path / "w.npz")
-    monkeypatch.setattr(distributed, "is_root", lambda: False)
-    bn_model().save_weights(tmp_path / "w.npz")
-    assert list(tmp_path.iterdir()) == []
+    model, path = bn_model(), tmp_path / "w.npz"
+    # (rank 1 of 2: it writes nothing, and takes rank 0's report of its write of this path,
+    # dropping one of another path, which rank 0 saved alone)
+    told = [(str(tmp_path / "other.npz"), 1, False, "OSError: not this one"),
+            (str(path), 0, True, "")]
+
+    class Reports:
+        def iprobe(self, source, tag):
+            return bool(told)
+
+        def recv(self, source, tag):
+            return told.pop(0)
+
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(
+        rank=1, size=2, reports=Reports()))
+    model.save_weights(path)
+    assert list(tmp_path.iterdir()) == [] and told == []
 
 
 def test_save_weights_writes_a_symlinks_target_atomically(tmp_path):

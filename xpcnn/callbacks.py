@@ -235,8 +235,10 @@ class CallbackList:
                 at += 1
             _save_pending(saves)
         except BaseException as error:
-            try:  # (the file Keras would have written: not lost to a later callback's error)
-                _save_pending(saves, self.callbacks[at:])
+            try:  # (the file Keras would have written: not lost to a later callback's error;
+                # written by rank 0 without waiting on the others, which may not be saving)
+                with distributed.on_the_way_out():
+                    _save_pending(saves, self.callbacks[at:])
             except Exception as failed:  # (the first error is the one to see)
                 error.add_note(f"the ModelCheckpoint save of epoch {epoch + 1} put off until "
                                f"after this error failed too: {type(failed).__name__}: "
@@ -671,7 +673,8 @@ class EarlyStopping(_Monitor):
 
     ``restore_best_weights``: end with the weights of the best epoch (``best_epoch``), also
     when training ends without an early stop, and also when no epoch reached the baseline (the
-    best of those watched).
+    best of those watched). A checkpoint then holds the best weights too, by design, so it
+    holds the weights twice: a run resumed from it after its best epoch ends with them.
     """
 
     def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0,
@@ -779,13 +782,14 @@ class ModelCheckpoint(_Monitor):
     ``on_epoch_end`` of its own, which may use the file right after
     ``super().on_epoch_end()``). Where a callback raises in its ``on_epoch_end`` (a
     KeyboardInterrupt too), the file put off is written before the error goes on, as Keras
-    would have written it. With ``save_freq=N``, where a callback that keeps a state and has
-    a batch hook of its own comes after this one, its state at that point is not known yet,
-    and resuming the file is refused; so it is for a file of an epoch's end written before a
-    callback that keeps a state and has an ``on_epoch_end`` of its own ran it (after a
-    subclass's own save, or the one that raised). An epoch without ``val_*`` logs (not
-    validated, or whose validation iterator gave no batch) saves nothing where the path or
-    the ``save_best_only`` monitor needs them.
+    would have written it, except where it could not be resumed (below) and a file is at its
+    path already: that one, which may resume, is kept. With ``save_freq=N``, where a callback
+    that keeps a state and has a batch hook of its own comes after this one, its state at that
+    point is not known yet, and resuming the file is refused; so it is for a file of an
+    epoch's end written before a callback that keeps a state and has an ``on_epoch_end`` of
+    its own ran it (after a subclass's own save, or the one that raised). An epoch without
+    ``val_*`` logs (not validated, or whose validation iterator gave no batch) saves nothing
+    where the path or the ``save_best_only`` monitor needs them.
 
     ``save_freq=N`` (Keras' batch-level saving): instead of at the end of each epoch, save
     after every ``N`` batches, counted across epochs; the template may use the 1-based
@@ -917,6 +921,7 @@ class ModelCheckpoint(_Monitor):
         # statistics, averaged by fit at the end of each epoch, are averaged here inside one)
         if batch is not None and self.model._parallel is not None:
             self.model._parallel.average_state()
+        wrote = True
         if self.save_weights_only:
             self.model.save_weights(path)
         else:
@@ -926,20 +931,27 @@ class ModelCheckpoint(_Monitor):
             hooks = ("on_epoch_end",) if batch is None else ("on_train_batch_end",
                                                              "on_batch_end")
             stateful = self.params.get("stateful", [])
+            at_error = bool(not_run)  # (the save put off, written as a later callback raised)
             if not_run is None:
                 not_run = stateful[stateful.index(self) + 1:] if self in stateful else []
             states = callback_states(stateful, [cb for cb in stateful if cb in not_run and any(
                 _overrides(cb, h) for h in hooks)])
             if batch is None:
-                save_checkpoint(self.model, path, Progress(epoch + 1),
-                                _history_through(self.model.history, epoch, logs), self.run,
-                                states, self.model.stop_training)
+                # (a file that cannot be resumed, written at an error, does not replace the
+                # last one, which may be: the point to resume from is kept)
+                wrote = save_checkpoint(self.model, path, Progress(epoch + 1),
+                                        _history_through(self.model.history, epoch, logs),
+                                        self.run, states, self.model.stop_training,
+                                        replace=not at_error or all(
+                                            state is not None for _, state in states))
             else:  # (inside the epoch: where it stands, so that it resumes there)
-                save_checkpoint(self.model, path, progress_within(self.model, epoch, batch + 1),
-                                self.model.history, self.run, states)
+                wrote = save_checkpoint(self.model, path,
+                                        progress_within(self.model, epoch, batch + 1),
+                                        self.model.history, self.run, states)
         if self.verbose:
             say_on_root(f"epoch {epoch + 1}" + ("" if batch is None else f", batch {batch + 1}") +
-                 f": saved {path}")
+                        (f": saved {path}" if wrote else f": kept {path}, which may resume "
+                         "(this epoch's file could not: a callback raised before all had run)"))
 
 
 def _check_savable(model: Any, file: str) -> None:
@@ -1036,9 +1048,12 @@ class BackupAndRestore(Callback):
 
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
         # (not called where fit was interrupted or failed: the file is kept to resume from)
-        if self.delete_checkpoint and not self.ended_non_finite and distributed.is_root():
-            with contextlib.suppress(FileNotFoundError):  # (a link's target: the link kept)
-                os.remove(written_file(self.path))
+        if self.delete_checkpoint and not self.ended_non_finite:
+            def remove() -> None:
+                with contextlib.suppress(FileNotFoundError):  # (a link's target: link kept)
+                    os.remove(written_file(self.path))
+
+            distributed.write_on_root(remove, self.path)  # (every rank returns once it is gone)
 
 
 class ReduceLROnPlateau(_Monitor):
@@ -1153,13 +1168,14 @@ class CSVLogger(Callback):
             raise InputError(f"CSVLogger separator must be one character, such as ',' or "
                              f"'\\t', got {separator!r}")
         self.separator, self.append = separator, checks.flag(append, "CSVLogger append")
-        self.file: Any = None
+        self.mode: str | None = None  # how the next row opens the file; None: not yet in this fit
         self.writing = False
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
-        # (checked now, opened at the first epoch's end: a fit refused after this hook, by a
-        # checkpoint that does not match, leaves the file as it was)
-        self._close()  # (a file a failed fit left open: not written into by this one)
+        # (checked now, written from the first epoch's end: a fit refused after this hook, by
+        # a checkpoint that does not match, leaves the file as it was; a fit that failed, its
+        # file ended: this one's starts afresh)
+        self.mode = None
         self.writing = distributed.is_root()  # one writer on several ranks (same logs on all)
         if not self.writing:
             return
@@ -1188,25 +1204,26 @@ class CSVLogger(Callback):
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         if not self.writing:
             return
-        if self.file is None:
+        if self.mode is None:
             os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)
-            self.file = open(self.filename, "a" if self.append else "w",  # noqa: SIM115
-                             newline="")
+            self.mode = "a" if self.append else "w"
         logs = dict(logs or {})
+        rows = []
         if self.keys is None:
             self.keys = sorted({*logs, *self._validation_columns()})
-            writer = csv.writer(self.file, delimiter=self.separator)
-            writer.writerow(["epoch", *self.keys])
-            writer.writerows(self._restored_rows())
+            rows = [["epoch", *self.keys], *self._restored_rows()]
         left = sorted(logs.keys() - {*self.keys, *self._left})
         if left:  # (once a log: the file's columns are its header's)
             self._left.update(left)
             warn(f"CSVLogger's file {self.filename!r} has no columns for the logs {left}, "
                  "which are not written: its columns are its header's (the first epoch's logs, "
                  "or those of the file appended to)")
-        row = [epoch] + [logs.get(k, "NA") for k in self.keys]
-        csv.writer(self.file, delimiter=self.separator).writerow(row)
-        self.file.flush()
+        rows.append([epoch] + [logs.get(k, "NA") for k in self.keys])
+        # (opened for each epoch's row and closed after it: a fit that raises, whose
+        # on_train_end is not called, as in Keras, holds no handle on the file)
+        with open(self.filename, self.mode, newline="") as f:
+            csv.writer(f, delimiter=self.separator).writerows(rows)
+        self.mode = "a"
 
     def _restored_rows(self) -> list[list[Any]]:
         """The rows of the epochs a resumed run's History holds already (restored from its
@@ -1226,15 +1243,7 @@ class CSVLogger(Callback):
         return _validation_names(self.model) if self.params.get("validation") else []
 
     def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        # (not on_train_end itself at a fit's beginning: a subclass's on_train_end expects
-        # the fit's end and its logs)
         self.writing = False
-        if self.file is not None:
-            self.file.close()
-            self.file = None
 
 
 class TerminateOnNaN(Callback):

@@ -7,7 +7,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -146,9 +146,11 @@ def check_class_weight_type(class_weight: Any) -> None:
                          f"{{0: 1.0, 1: 5.0}}, got {type(class_weight).__name__}")
 
 
-def as_class_weights(class_weight: Any, classes: int) -> np.ndarray:
+def as_class_weights(class_weight: Any, classes: int, dtype: Any = np.float64) -> np.ndarray:
     """Keras' ``class_weight``, a dict {class index: weight}, as a float64 host table
-    (classes,) of weights finite and >= 0; a class it leaves out weighs 1, as in Keras."""
+    (classes,) of weights >= 0 and finite in ``dtype`` (the model's, which the steps weigh in:
+    1e39 would become infinity in float32, and every weight NaN); a class it leaves out weighs
+    1, as in Keras."""
     check_class_weight_type(class_weight)
     table = np.ones(classes, np.float64)
     for key, value in class_weight.items():
@@ -156,8 +158,40 @@ def as_class_weights(class_weight: Any, classes: int) -> np.ndarray:
                 not 0 <= int(key) < classes:
             raise InputError(f"class_weight's keys must be class indices in [0, {classes - 1}] "
                              f"for a model with {classes} outputs, got {key!r}")
-        table[int(key)] = number(value, f"class_weight[{int(key)}]", 0.0)
+        what = f"class_weight[{int(key)}]"
+        table[int(key)] = number(value, what, 0.0)
+        with np.errstate(over="ignore"):
+            if not np.isfinite(np.asarray(table[int(key)]).astype(dtype)):
+                raise InputError(f"{what} must be finite in {np.dtype(dtype)}, the model's "
+                                 f"dtype, which weighs the loss (at most "
+                                 f"{float(np.finfo(dtype).max):.6g}), got {value!r}")
     return table
+
+
+def check_weighted_classes(weights: np.ndarray, targets: np.ndarray, table: np.ndarray,
+                           what: str = "sample_weight", index: Any = None) -> None:
+    """Refuse sample ``weights`` (N,) whose product with their samples' class weights
+    (``table``, :func:`as_class_weights`; ``targets``: class labels (N,) or one-hot rows)
+    overflows the weights' dtype, in which a step multiplies them (the loss would be NaN).
+    ``index``: the samples' numbers in a dataset, which errors name (positions otherwise)."""
+    dtype = weights.dtype
+    labels = np.asarray(targets)
+    labels = labels if labels.ndim == 1 else np.argmax(labels, axis=1)
+    # (a label that is no class weighs 0, and is named by the labels' own check)
+    known = (labels >= 0) & (labels < table.shape[0])
+    per_class = np.where(known, table.astype(dtype)[np.where(known, labels, 0).astype(np.int64)],
+                         0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        bad = np.flatnonzero(~np.isfinite(weights * per_class.astype(dtype)))
+    if bad.size:
+        i = int(bad[0])
+        c = int(labels[i])
+        raise InputError(f"{what} times class_weight must be finite in {dtype}, the model's "
+                         f"dtype (at most {float(np.finfo(dtype).max):.6g}); sample "
+                         f"{i if index is None else int(index[i])} has weight "
+                         f"{weights[i].item():.7g} and class {c}, whose class_weight[{c}] is "
+                         f"{table[c].item():.7g}: their product overflows ({bad.size} such "
+                         "samples)")
 
 
 def check_label_layout(shape: tuple[int, ...], integral: bool, floating: bool, dtype: Any,
@@ -294,6 +328,53 @@ def file_path(path: Any, what: str) -> str:
     return os.fspath(path)
 
 
+class PathProblem(NamedTuple):
+    """Why a file cannot be written at a path (:func:`output_file_problem`), for its caller to
+    word: ``kind`` "names a folder" (a last component ``.`` or ``..``, or a separator at the
+    end), "is a folder", "not a regular file", "no folder" (``folder``, where the file or its
+    missing folders would go, is not an existing folder) or "cannot write" (in ``folder``
+    where it is known); ``error``, the OSError behind the last two."""
+
+    kind: str
+    folder: str = ""
+    error: OSError | None = None
+
+
+def output_file_problem(path: str, replaced: bool = True, new_folders: bool = True
+                        ) -> PathProblem | None:
+    """What keeps a file from being written at ``path`` (a non-empty str), or None. The
+    checks of :func:`output_file` (which says what each is for) and of the command line's
+    output flags (:func:`xpcnn.cli.output_file`), which word the problem each their own way.
+    With ``new_folders`` (the writers make them) the file's folder may be missing, below an
+    existing one; else it must exist."""
+    if names_a_folder(path):
+        return PathProblem("names a folder")
+    try:
+        target = written_file(path)  # (a link's target is what gets written)
+    except OSError as e:  # (links in a loop; a ".." after something that is not a folder)
+        return PathProblem("cannot write", error=e)
+    if os.path.isdir(target):
+        return PathProblem("is a folder")
+    if replaced and os.path.exists(target) and not os.path.isfile(target):
+        return PathProblem("not a regular file")
+    folder, base = os.path.split(target)
+    missing = [base]  # (the names to be created: the file's, and those of missing folders)
+    while new_folders and not os.path.exists(folder):  # (created when the file is written)
+        folder, name = os.path.split(folder)
+        missing.append(name)
+    if not os.path.isdir(folder):  # (with new_folders, only something else in the way)
+        error = (NotADirectoryError(f"{folder!r} is not a folder") if os.path.exists(folder)
+                 else FileNotFoundError(f"{folder!r} does not exist"))
+        return PathProblem("no folder", folder, error)
+    try:
+        for name in missing:
+            check_name_length(folder, name)
+        try_writing_in(folder, base)  # (the writers' temporary file, as they name it)
+    except OSError as e:
+        return PathProblem("cannot write", folder, e)
+    return None
+
+
 def output_file(path: Any, what: str, replaced: bool = True) -> str:
     """A path a file can be written at (a symbolic link's target, which is what gets written):
     not a folder (a last component ``.`` or ``..`` names one too), nor, where the file is
@@ -304,34 +385,23 @@ def output_file(path: Any, what: str, replaced: bool = True) -> str:
     (they create the missing folders below it). Checked before any work, so that a long run
     does not fail at its first save."""
     path = file_path(path, what)
-    if names_a_folder(path):
+    problem = output_file_problem(path, replaced)
+    if problem is None:
+        return path
+    kind, folder, error = problem
+    if kind == "names a folder":
         end = os.path.basename(path) or path[-1]
         raise InputError(f"{what} {path!r} ends in {end!r}, so it names a folder; give the "
                          "path of a file (in it, say)")
-    try:
-        target = written_file(path)  # (a link's target is what gets written)
-    except OSError as e:  # (links in a loop; a ".." after something that is not a folder)
-        raise InputError(f"cannot write {what} {path!r}: {e.strerror or e}") from e
-    if os.path.isdir(target):
+    if kind == "is a folder":
         raise InputError(f"{what} {path!r} is a folder; give the path of a file (in it, say)")
-    if replaced and os.path.exists(target) and not os.path.isfile(target):
+    if kind == "not a regular file":
         raise InputError(f"{what} {path!r} exists and is not a regular file (a device or a "
                          "pipe): xpcnn writes a new file and renames it over the old one, so "
                          "give the path of a file")
-    folder, base = os.path.split(target)
-    missing = [base]  # (the names to be created: the file's, and those of missing folders)
-    while not os.path.exists(folder):  # (created when the file is written)
-        folder, name = os.path.split(folder)
-        missing.append(name)
-    try:
-        if not os.path.isdir(folder):
-            raise NotADirectoryError(f"{folder!r} is not a folder")
-        for name in missing:
-            check_name_length(folder, name)
-        try_writing_in(folder, base)  # (the writers' temporary file, as they name it)
-    except OSError as e:
-        raise InputError(f"cannot write {what} {path!r} in {folder!r}: {e.strerror or e}") from e
-    return path
+    where = f" in {folder!r}" if folder else ""
+    raise InputError(f"cannot write {what} {path!r}{where}: {error.strerror or error}"
+                     ) from error
 
 
 def named_parameters(init: Callable[..., Any]) -> list[str]:
@@ -344,6 +414,22 @@ def named_parameters(init: Callable[..., Any]) -> list[str]:
 def takes_keywords(init: Callable[..., Any]) -> bool:
     """Whether ``init`` takes ``**kwargs``."""
     return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(init).parameters.values())
+
+
+def defined_by(obj: Any, name: str) -> Any:
+    """What defines ``obj``'s attribute ``name``: ``obj`` itself where it is set on the
+    instance, else the first class of its type's MRO with it in its own namespace."""
+    if name in getattr(obj, "__dict__", {}):
+        return obj
+    return next(c for c in type(obj).__mro__ if name in vars(c))
+
+
+def same_author(obj: Any, name: str, *others: str) -> bool:
+    """Whether what defines ``obj``'s ``name`` (a fast path, or a flag offering one) also
+    defines each of ``others`` (the methods the fast path stands in for or relies on): not
+    where a subclass overrode one of them alone, whose override the fast path would skip."""
+    owner = defined_by(obj, name)
+    return all(defined_by(obj, other) is owner for other in others)
 
 
 def unsaved_settings(obj: Any, config: dict[str, Any], unwritten: Collection[str] = ()

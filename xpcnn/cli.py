@@ -30,11 +30,11 @@ from .backend import get_backend
 from .callbacks import Callback, CSVLogger, EarlyStopping
 from .datasets.download import Spelling, data_dir_spelled
 from .errors import DataFormatError, DownloadError, InputError, TrainingInterrupted, XpcnnError
-from .files import check_name_length, names_a_folder, try_writing_in
+from .files import try_writing_in
 from .models import NAMES, build_model
 from .onnx_export import ONNX_EXTRA_HINT
 from .saving.checkpoint import ResumeAdvice, resume_advised
-from .viz import VIZ_EXTRA_HINT
+from .viz import TRAINING_PLOTS, VIZ_EXTRA_HINT
 
 DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10")
 DEFAULT_MODEL = {"shapes": "shapes", "mnist": "mnist", "fashion-mnist": "mnist",
@@ -137,18 +137,17 @@ def _user_path(path: str) -> str:
     return os.path.expanduser(path)
 
 
-def _writable_folder(flag: str, path: str, folder: Path, name: str | None = None) -> None:
-    """``folder`` exists and takes a new file (``name``, a name it takes, where given)."""
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise UsageError(f"argument {flag}: {path!r}: the folder {str(folder)!r} {what}")
-    try:
-        if name is not None:
-            check_name_length(folder, name)
-        try_writing_in(folder, *(() if name is None else (name,)))
-    except OSError as e:
-        raise UsageError(f"argument {flag}: {path!r}: cannot write in {str(folder)!r} "
-                         f"({e.strerror or e})") from e
+def _no_folder(flag: str, path: str, folder: str | Path) -> UsageError:
+    """``folder``, where ``path`` would be written, is missing or not a folder."""
+    what = "is not a folder" if os.path.exists(folder) else "does not exist"
+    return UsageError(f"argument {flag}: {path!r}: the folder {str(folder)!r} {what}")
+
+
+def _cannot_write(flag: str, path: str, folder: str | Path, error: OSError) -> UsageError:
+    """``path`` cannot be written (in ``folder``, where known): ``error`` says why."""
+    where = f" in {str(folder)!r}" if folder else ""
+    return UsageError(f"argument {flag}: {path!r}: cannot write{where} "
+                      f"({error.strerror or error})")
 
 
 #: The file a folder given to an output flag might have been meant to hold.
@@ -156,22 +155,30 @@ _EXAMPLE_FILE = {"--export": "model.onnx", "--log": "log.csv", "--json": "result
 
 
 def output_file(flag: str, path: str | None, replaced: bool = True) -> None:
-    """A file to write for ``flag``, unless None: an existing folder, writable, where the name
-    is not taken by a folder, nor, where the file is written by a rename (``replaced``, atomic),
-    by anything but a regular file (a script's plain write may go to /dev/stdout)."""
+    """A file to write for ``flag``, unless None: :func:`xpcnn.checks.output_file`'s checks
+    (:func:`~xpcnn.checks.output_file_problem`), in a folder that exists (the writers would
+    make a missing one: here a mistyped folder is refused), worded in terms of the flag. Where
+    the file is written in place (not ``replaced``), it may be a pipe (a script's plain write
+    may go to /dev/stdout)."""
     if path is None:
         return
-    p, example = Path(path), _EXAMPLE_FILE.get(flag, "model.npz")
+    example = _EXAMPLE_FILE.get(flag, "model.npz")
     if not path:
         raise UsageError(f"argument {flag}: an empty path; give a file path such as "
                          f"{example!r}")
-    # (the folder first: a name longer than its file system takes is an error of is_dir too)
-    _writable_folder(flag, path, p.absolute().parent, p.name)
-    if p.is_dir() or names_a_folder(path):
+    problem = checks.output_file_problem(path, replaced, new_folders=False)
+    if problem is None:
+        return
+    kind, folder, error = problem
+    if kind in ("names a folder", "is a folder"):
         raise UsageError(f"argument {flag}: {path!r} is a folder; give a file path such as "
-                         f"{str(p / example)!r}")
-    if replaced and p.exists() and not p.is_file():
+                         f"{str(Path(path) / example)!r}")
+    if kind == "not a regular file":
         raise UsageError(f"argument {flag}: {path!r} exists and is not a regular file")
+    if kind == "no folder":
+        raise _no_folder(flag, path, folder)
+    assert error is not None  # (a "cannot write" comes with the OS's error)
+    raise _cannot_write(flag, path, folder, error) from error
 
 
 def output_folder(flag: str, path: str) -> None:
@@ -179,7 +186,13 @@ def output_folder(flag: str, path: str) -> None:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UsageError(f"argument {flag}: {path!r} exists and is not a folder")
-    _writable_folder(flag, path, p if p.is_dir() else p.absolute().parent)
+    folder = p if p.is_dir() else p.absolute().parent
+    if not folder.is_dir():
+        raise _no_folder(flag, path, folder)
+    try:
+        try_writing_in(folder)
+    except OSError as e:
+        raise _cannot_write(flag, path, folder, e) from e
 
 
 def distinct_outputs(outputs: dict[str, str | None]) -> None:
@@ -296,13 +309,51 @@ def _check_train(args: argparse.Namespace) -> None:
                "--export": args.export}
     for flag, path in outputs.items():
         output_file(flag, path)
-    distinct_outputs(outputs)
     if args.plots is not None:
-        output_folder("--plots", args.plots)
+        outputs.update(_plots_outputs(args.plots, outputs))
         needs_matplotlib("--plots")
+    distinct_outputs(outputs)  # (the figures too: they overwrote a --save of DIR/history.png)
     if args.export is not None and importlib.util.find_spec("onnx") is None:
         raise UsageError(f"argument --export: {ONNX_EXTRA_HINT}")
     check_device("--device", args.device)
+    _check_model(args.model or DEFAULT_MODEL[args.dataset], args.dataset)
+    compute = training.PRECISIONS[args.precision]
+    if compute is not None:  # (bfloat16 needs ml_dtypes: was refused after loading the data)
+        try:
+            get_backend(args.device).dtype(compute)
+        except XpcnnError as e:
+            raise UsageError(f"argument --precision: {args.precision} on {args.device}: "
+                             f"{e}") from e
+
+
+def _plots_outputs(folder: str, outputs: dict[str, str | None]) -> dict[str, str]:
+    """``--plots``' folder checked (not another output's path, writable) and its figures'
+    paths, for :func:`distinct_outputs` (an existing file there is overwritten)."""
+    for flag, path in outputs.items():
+        if path is not None and Path(path).resolve() == Path(folder).resolve():
+            raise UsageError(f"argument --plots: {folder!r} is also the path of {flag}; give "
+                             "--plots a folder of its own")
+    output_folder("--plots", folder)
+    figures = {f"--plots ({name})": os.path.join(folder, name) for name in TRAINING_PLOTS}
+    for path in figures.values():
+        if os.path.isdir(path):
+            raise UsageError(f"argument --plots: {path!r} is a folder, where a figure would "
+                             "be written; move it, or give --plots another folder")
+        if os.path.isdir(folder):  # (a missing one is made: nothing in it yet)
+            output_file("--plots", path, replaced=False)
+    return figures
+
+
+def _check_model(name: str, dataset: str) -> None:
+    """``--model`` takes ``--dataset``'s images (built here for them: a few milliseconds)."""
+    from .datasets import IMAGE_SHAPES
+
+    shape = IMAGE_SHAPES[dataset]
+    try:
+        build_model(name, 10, shape, device="cpu")  # (on the host: the same layers' checks)
+    except InputError as e:  # (a network made for other images: resnet20's are CIFAR's)
+        raise UsageError(f"argument --model: {name} does not take {dataset}'s "
+                         f"{'x'.join(map(str, shape))} images: {e}") from e
 
 
 def _percent(fraction: float) -> str:
@@ -351,12 +402,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model_name = args.model or DEFAULT_MODEL[args.dataset]
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS[args.dataset]
     classes = int(max(y.max(), y_test.max())) + 1
-    try:
-        model = build_model(model_name, classes, x.shape[1:], device=args.device,
-                            seed=args.seed)
-    except InputError as e:  # (a network made for other images: resnet20's are CIFAR's)
-        raise UsageError(f"argument --model: {model_name} does not take {args.dataset}'s "
-                         f"{'x'.join(map(str, x.shape[1:]))} images: {e}") from e
+    model = build_model(model_name, classes, x.shape[1:], device=args.device, seed=args.seed)
     # (on several ranks, steps of the global batch: N x --batch-size)
     steps_per_epoch = -(-len(x) // (args.batch_size * distributed.world().size))
     lr = args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 3e-3)
@@ -639,7 +685,7 @@ def _main(argv: list[str] | None) -> int:
 #: What a refused ``--resume`` says to keep the same: the flags that decide the run's data,
 #: batches and compile settings.
 RESUME_ADVICE = ResumeAdvice(
-    run="the same --dataset, --limit, --batch-size, --seed and --data-dir files",
+    run="the same --dataset, --val-split, --limit, --batch-size, --seed and --data-dir files",
     compile="give the same --model, --epochs, --optimizer, --lr, --schedule and --precision",
     fresh="no --resume (or another --checkpoint)")
 

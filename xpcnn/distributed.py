@@ -19,7 +19,9 @@ on four ranks; ``fit`` needs no change. As in ChainerMN, Horovod and PyTorch DDP
 * random layers (Dropout, RandomFlip, RandomCrop) draw the numbers of the global batch and
   take their slice, so each sample gets the numbers it gets in one process;
 * ``evaluate`` and the training metrics are summed over the ranks; only rank 0 prints progress
-  and writes files (models, checkpoints, figures);
+  and writes files (models, checkpoints, figures): a save that every rank calls returns on
+  each once rank 0 has written, and one that rank 0 calls alone returns at once
+  (:func:`write_on_root`);
 * a rank that raises ends the whole job (``MPI_Abort``, with that rank's traceback), one that
   dies is reported by ``mpiexec`` (which ends the others), and an MPI wait (the CPU ranks'
   allreduce, the weight broadcast, the sums of ``evaluate``) longer than ``timeout`` seconds
@@ -36,20 +38,22 @@ imports mpi4py.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import socket
 import sys
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import checks
-from .errors import DeviceError, InputError, MissingDependencyError, XpcnnError
+from .errors import DeviceError, InputError, MissingDependencyError, NonFiniteError, XpcnnError
 
 #: Bytes of gradients per bucket, as PyTorch DDP: 1 MiB for the first (the last layers': it
 #: goes out early in backward), 25 MiB for the others.
@@ -66,6 +70,11 @@ class DistributedError(XpcnnError, RuntimeError):
     """A failure of the ranks to work together: a timeout, a mismatch between ranks."""
 
 
+class RootNonFiniteError(DistributedError, NonFiniteError):
+    """Rank 0's write refused NaN or infinity (a :class:`NonFiniteError` there): one on the
+    other ranks too, so that a :class:`~xpcnn.callbacks.TerminateOnNaN` ends them alike."""
+
+
 @dataclass(frozen=True)
 class World:
     """The processes of one job: this one's ``rank`` among ``size``, and on its node."""
@@ -76,6 +85,9 @@ class World:
     local_size: int = 1
     comm: Any = None  # the mpi4py communicator; None in a single process
     timeout: float = 600.0  # seconds a rank waits in a collective before it gives up
+    # comm's duplicate for rank 0's reports of its writes (write_on_root): they never pair with
+    # a collective of training, which one rank's save alone may fall between
+    reports: Any = None
 
     @property
     def is_root(self) -> bool:
@@ -118,10 +130,13 @@ def init(comm: Any = None, timeout: float | None = None) -> World:
                        else timeout)
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     here = World(comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size(), comm,
-                 timeout)
+                 timeout, comm.Dup() if comm.Get_size() > 1 else None)
     node.Free()
     if here.size > 1:
         _abort_all_on_error(here)
+        if not _REPORTS_END:  # (run before mpi4py's MPI_Finalize, registered earlier)
+            atexit.register(_end_reports)
+            _REPORTS_END.append(True)
         # Which process is which rank: a launcher that reports a dead process by its pid
         # (MPICH's Hydra) is then understood.
         peers = comm.allgather(f"{socket.gethostname()}:{os.getpid()}")
@@ -257,18 +272,24 @@ class NcclSum:
 
 
 def _wait(here: World, requests: list[Any], what: str) -> None:
-    """Wait for MPI requests for at most ``here.timeout`` seconds. MPI moves a non-blocking
-    collective on only inside MPI calls, so this polls without sleeping (yielding the core to
-    any other thread that wants it) for a second, then every millisecond."""
+    """Wait for MPI requests for at most ``here.timeout`` seconds."""
     from mpi4py import MPI
 
+    _poll(here, lambda: MPI.Request.Testall(requests), lambda: DistributedError(
+        f"rank {here.rank} of {here.size} waited {here.timeout:g} s for the other ranks in "
+        f"{what}: one of them is stuck or has died (XPCNN_DIST_TIMEOUT sets the limit)"))
+
+
+def _poll(here: World, done: Callable[[], bool], late: Callable[[], Exception]) -> None:
+    """Call ``done`` until it is true, for at most ``here.timeout`` seconds (then raise
+    ``late()``). MPI moves a non-blocking operation on only inside MPI calls, so this polls
+    without sleeping (yielding the core to any other thread that wants it) for a second,
+    then every millisecond."""
     start = time.monotonic()
-    while not MPI.Request.Testall(requests):
+    while not done():
         waited = time.monotonic() - start
         if waited > here.timeout:
-            raise DistributedError(
-                f"rank {here.rank} of {here.size} waited {here.timeout:g} s for the other ranks "
-                f"in {what}: one of them is stuck or has died (XPCNN_DIST_TIMEOUT sets the limit)")
+            raise late()
         if waited < 1.0:
             os.sched_yield()
         else:
@@ -283,6 +304,121 @@ def host_sum(here: World, values: Sequence[float], what: str) -> list[float]:
 
         _wait(here, [here.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)], what)
     return [float(v) for v in buf]
+
+
+#: Bytes of rank 0's error message that :func:`write_on_root` passes to the other ranks.
+_MESSAGE_BYTES = 1000
+#: The tag of rank 0's reports of its writes, on ``World.reports``.
+_REPORT_TAG = 1
+_SENT: list[Any] = []  # rank 0's reports (their send requests) not yet known to be delivered
+_REPORTS_END: list[bool] = []  # whether _end_reports is registered to run at exit
+_LEAVING: list[bool] = []  # inside on_the_way_out
+
+
+@contextlib.contextmanager
+def on_the_way_out() -> Iterator[None]:
+    """Inside, :func:`write_on_root` writes for a run that is ending with an error (a
+    ModelCheckpoint's save put off, written as a callback's error goes on): rank 0 writes and
+    tells no one, the other ranks return at once. The error may be one rank's alone, whose
+    others are not saving: a wait on either side would hold the job for the timeout instead
+    of letting the error end it now."""
+    _LEAVING.append(True)
+    try:
+        yield
+    finally:
+        _LEAVING.pop()
+
+
+def write_on_root(write: Callable[[], bool | None], path: str) -> bool:
+    """Run ``write`` (a file's write to ``path``) on rank 0 alone; returns whether it wrote
+    (``write`` returns False where it chose not to). Rank 0 never waits for the others: it
+    writes, then sends its outcome (point to point, on ``World.reports``, without waiting for
+    receipt) to every other rank. A rank other than 0 that calls this for the same ``path``
+    waits for that outcome (with the world's timeout), so that it may read the file back at
+    once, as PyTorch DDP scripts do by hand with a barrier, and returns whether rank 0 wrote.
+    So both habits work: every rank calling a save, and ``if rank == 0: model.save(p)`` (rank
+    0 returns at once; the others, which did not ask, are not told). Where ``write`` raised,
+    rank 0 raises its error again and the others a :class:`DistributedError` naming it and
+    ``path`` (a :class:`RootNonFiniteError` for a :class:`NonFiniteError`). A rank waiting
+    takes the first outcome for its ``path`` and drops those of other files (saves rank 0
+    made alone); an outcome of a save of the same path that rank 0 made alone and this rank
+    has not yet taken is taken for this one's (the file is whole, maybe older). Inside
+    :func:`on_the_way_out`, no one waits or is told. In one process, just ``write()``."""
+    here = world()
+    if here.size == 1:
+        return write() is not False
+    if here.is_root:
+        try:
+            wrote = write() is not False
+        except BaseException as error:
+            message = f"{type(error).__name__}: {error}".encode()[:_MESSAGE_BYTES]
+            _report(here, (path, 2 if isinstance(error, NonFiniteError) else 1, False,
+                           message.decode(errors="ignore")))  # (a character cut in two)
+            raise
+        _report(here, (path, 0, wrote, ""))
+        return wrote
+    if _LEAVING:
+        return True  # (rank 0's outcome unknown here: it may have written)
+    status, wrote, said = _reported(here, path)
+    if status:
+        kind = RootNonFiniteError if status == 2 else DistributedError
+        raise kind(f"rank 0 failed to write {path}, which this rank waited for: {said}")
+    return wrote
+
+
+def _report(here: World, outcome: tuple[str, int, bool, str]) -> None:
+    """Rank 0 sends ``outcome`` (path, status: 0 wrote or chose not to, 1 failed, 2 failed on
+    NaN or infinity; whether it wrote; its error) to every other rank, without waiting: a
+    message of about a kilobyte, which MPI delivers eagerly. The requests are kept (completed
+    ones dropped here, the rest completed or freed at exit: see :func:`_end_reports`)."""
+    if _LEAVING:
+        return
+    _SENT[:] = [r for r in _SENT if not r.Test()]
+    for rank in range(1, here.size):
+        _SENT.append(here.reports.isend(outcome, dest=rank, tag=_REPORT_TAG))
+
+
+def _reported(here: World, path: str) -> tuple[int, bool, str]:
+    """On a rank other than 0: rank 0's outcome of its write of ``path`` (status, wrote,
+    error), the first one for that path; those of other paths are dropped."""
+    got: list[Any] = []
+
+    def arrived() -> bool:
+        while here.reports.iprobe(source=0, tag=_REPORT_TAG):
+            outcome = here.reports.recv(source=0, tag=_REPORT_TAG)
+            if outcome[0] == path:
+                got.append(outcome)
+                return True
+        return False
+
+    _poll(here, arrived, lambda: DistributedError(
+        f"rank 0 did not report its write of {path} within {here.timeout:g} s "
+        f"(XPCNN_DIST_TIMEOUT; rank {here.rank} of {here.size} waited for it): every rank must "
+        "call save, save_weights, export or save_checkpoint with the same path, or rank 0 "
+        "alone (if rank == 0: model.save(path)), never another rank alone"))
+    _, status, wrote, said = got[0]
+    return int(status), bool(wrote), str(said)
+
+
+def _end_reports() -> None:
+    """At exit, before ``MPI_Finalize``: rank 0 frees the requests of reports not yet
+    delivered (to ranks that never asked for them; the requests are kept, and with them their
+    buffers), the other ranks drop the reports that arrived unasked, so that no operation is
+    left pending."""
+    here = _WORLD.get("world")
+    if here is None or here.reports is None:
+        return
+    from mpi4py import MPI
+
+    if MPI.Is_finalized():
+        return
+    if here.is_root:
+        for request in _SENT:
+            if not request.Test():
+                request.Free()
+    else:
+        while here.reports.iprobe(source=0, tag=_REPORT_TAG):
+            here.reports.recv(source=0, tag=_REPORT_TAG)
 
 
 # -- gradients ----------------------------------------------------------------------------------

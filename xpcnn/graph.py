@@ -12,7 +12,9 @@ The plan fuses a plain ``ReLU()`` into the ``Conv2D``, ``Dense``, ``BatchNorm2D`
 before it when that layer's output has no other consumer, hands a ReLU's gradient to a max
 pool, FeatureNorm or Dropout reading it alone, and lets an ``Add`` with its ReLU fused sum the
 gradients of an output read twice as it applies the ReLU's (one pass over a batch fewer each
-time).
+time). Only passes that read the options take part: a user's subclass overriding ``forward``
+or ``backward`` (a leaky ``ReLU``, a ``BatchNorm2D`` calling ``super().forward(x, training)``)
+is neither fused away nor handed another layer's work (:func:`_takes`).
 Nothing is set on the layers or switched on and off around a pass: a layer called by itself
 always gets the default options and does all its own work.
 """
@@ -20,6 +22,7 @@ always gets the default options and does all its own work.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -316,7 +319,8 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool,
     uses = Counter(i for ins in inbound[:count] for i in ins)
     uses[result] += 1
     # A plain ReLU() reading alone the output of a layer that can apply it is fused into it:
-    # the ReLU's output is then that layer's output slot.
+    # the ReLU's output is then that layer's output slot. (Only ReLU's own passes are
+    # fused away, and only into a layer that _takes(...) the work: see there.)
     alias: dict[int, int] = {}
     producer: dict[int, int] = {}  # slot -> index (into kept) of the step writing it
     fused: set[int] = set()
@@ -324,8 +328,8 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool,
     for k in range(count):
         layer, ins = layers[k], tuple(alias.get(i, i) for i in inbound[k])
         before = producer.get(ins[0])
-        if (isinstance(layer, ReLU) and layer.max_value is None and before is not None
-                and kept[before][0].can_fuse_relu and uses[inbound[k][0]] == 1):
+        if (_plain_relu(layer) and before is not None
+                and _takes(kept[before][0], "can_fuse_relu") and uses[inbound[k][0]] == 1):
             fused.add(before)
             alias[k + 1] = ins[0]
             continue
@@ -351,23 +355,27 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool,
     for j, (layer, ins, _) in enumerate(kept):
         before = producer.get(ins[0])
         if (len(ins) == 1 and before is not None and readers[ins[0]] == 1 and need_dx[j]
-                and layer.can_apply_input_relu_grad
-                and (kept[before][0].relu_output or before in fused)):
+                and _takes(layer, "can_apply_input_relu_grad")
+                and (_takes(kept[before][0], "relu_output") or before in fused)):
             skip.add(before)
             apply.add(j)
     # A layer applying its fused ReLU's gradient to an output read by several layers sums
     # their gradients in that pass where it can (Options.sum_output_grads): the model keeps
     # them as they come instead of adding them (one pass over a batch fewer).
     gathered = frozenset(out for j, (layer, _, out) in enumerate(kept)
-                         if layer.can_sum_output_grads and j in fused and readers[out] > 1
+                         if _takes(layer, "can_sum_output_grads") and j in fused
+                         and readers[out] > 1
                          and out in needs)
     # The model's batch is cast by the layers reading it where every one can (Options.cast_input).
     input_readers = [layer for layer, ins, _ in kept if 0 in ins]
-    cast_input = result != 0 and bool(input_readers) and all(la.casts_input
+    cast_input = result != 0 and bool(input_readers) and all(_takes(la, "casts_input")
                                                               for la in input_readers)
     last_read = {i: j for j, (_, ins, _) in enumerate(kept) for i in ins}
     steps = []
     for j, (layer, ins, out) in enumerate(kept):
+        checked = not checks.of_xpcnn(type(layer).__module__)
+        if checked:
+            _check_pass_signatures(layer)
         options = Options(fused_relu=j in fused, skip_relu_grad=j in skip,
                           apply_input_relu_grad=j in apply, sum_output_grads=out in gathered,
                           need_input_grad=need_dx[j], cast_input=cast_input and 0 in ins,
@@ -375,9 +383,48 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool,
         release = tuple(sorted({i for i in ins if last_read[i] == j and i != result}))
         steps.append(Step(layer, ins, out, options,
                           need_dx[j] or bool(layer.trainable and layer.params), release,
-                          not checks.of_xpcnn(type(layer).__module__)))
+                          checked))
     return Plan(tuple(steps), result, len(layers) + 1, frozenset(needs), gathered, cast_input,
                 untrainable)
+
+
+def _check_pass_signatures(layer: Layer) -> None:
+    """Refuse a user's layer whose ``forward`` or ``backward`` cannot take what the plan
+    passes (``forward(x, training, options)``, ``backward(dy, options)``, by position):
+    PyTorch's ``forward(self, x)`` failed at the first batch with "takes 2 positional arguments
+    but 4 were given". (``*args`` and extra defaulted ones are fine; called by itself, a layer
+    may take arguments of its own.)"""
+    for method, args, want in (("forward", 3, "forward(self, x, training=False, options=None)"),
+                               ("backward", 2, "backward(self, dy, options=None)")):
+        try:
+            signature = inspect.signature(getattr(layer, method))
+        except (TypeError, ValueError):  # (a callable inspect cannot read: left to its call)
+            continue
+        try:
+            signature.bind(*[None] * args)  # (the bound method: self is given)
+        except TypeError:
+            raise InputError(f"layer {layer.name!r} ({type(layer).__name__})'s {method}"
+                             f"{signature} cannot take the arguments a model passes it: define "
+                             f"{want} (options: the plan's xpcnn.layers.base.Options; pass it "
+                             f"on where it calls a built-in layer's {method})") from None
+
+
+def _plain_relu(layer: Layer) -> bool:
+    """A ReLU the plan may fuse away: uncapped, with ReLU's own forward and backward (a
+    user's subclass overriding them, a leaky ReLU say, runs as written)."""
+    return (isinstance(layer, ReLU) and layer.max_value is None
+            and checks.defined_by(layer, "forward") is ReLU
+            and checks.defined_by(layer, "backward") is ReLU)
+
+
+def _takes(layer: Layer, capability: str) -> bool:
+    """Whether the plan may hand ``layer`` the work that ``capability`` (``can_fuse_relu``,
+    ``relu_output``...) offers: it is true, and the class that declares it also defines the
+    forward and backward in use, which read the options. A user's subclass overriding them
+    (calling ``super().forward(x, training)`` without the options, say) does all its own work,
+    as it does called by itself: fused, the work handed to it was lost."""
+    return bool(getattr(layer, capability)) and checks.same_author(layer, capability,
+                                                                   "forward", "backward")
 
 
 def _no_gradient(layers: list[Layer], kept: list[tuple[Layer, Inbound, int]],
@@ -412,10 +459,12 @@ def forward(plan: Plan, x: Any, training: bool) -> Any:
     for step in plan.steps:
         ins = step.inputs  # (what read_by reads, without a call per step)
         a = [values[i] for i in ins] if step.layer.multi_input else values[ins[0]]
-        if step.checked and training:
-            held = tuple(step.layer.state.items())
-            values[step.output] = step.layer.forward(a, training, step.options)
-            _check_state_kept(step.layer, held, "forward")
+        if step.checked:
+            held = tuple(step.layer.state.items()) if training else ()
+            values[step.output] = y = step.layer.forward(a, training, step.options)
+            if training:
+                _check_state_kept(step.layer, held, "forward")
+            _check_output(step.layer, y, x)
         else:
             values[step.output] = step.layer.forward(a, training, step.options)
         for i in step.release:
@@ -439,6 +488,7 @@ def backward(plan: Plan, dz: Any, on_layer: Callable[[Layer], None] | None = Non
                 step.layer.grads.pop(k, None)  # earlier step's trained on again)
             dx = step.layer.backward(grads.pop(step.output), step.options)
             _check_state_kept(step.layer, held, "backward")
+            _check_param_grads(step.layer)
             if step.options.need_input_grad:
                 _check_input_grads(step.layer, dx, int(dz.shape[0]),
                                    [i in plan.needs_grad for i in step.inputs])
@@ -507,6 +557,51 @@ def _check_input_grads(layer: Layer, dx: Any, batch: int, needed: list[bool]) ->
                              f"returned {got} for {input_}, of shape {want}: backward returns "
                              "the gradient of the loss with respect to the input, a float "
                              "array of the input's shape")
+
+
+def _check_output(layer: Layer, y: Any, x: Any) -> None:
+    """A user's layer's forward returned one array of the model's namespace (the type of its
+    batch ``x``), shaped (batch, *the output shape its _build declared), of a float dtype: a
+    list, or another shape, failed deep inside the next layer."""
+    shape = getattr(y, "shape", None)
+    if isinstance(y, type(x)) and shape is not None and shape[0] == x.shape[0] \
+            and tuple(shape[1:]) == layer.output_shape and _real_floating(layer.xp, y.dtype):
+        return
+    want = (int(x.shape[0]), *layer.output_shape)
+    got = (f"a {type(y).__name__}" if shape is None or not isinstance(y, type(x))
+           else f"an array of shape {tuple(shape)} and dtype {_dtype(y)}")
+    raise InputError(f"layer {layer.name!r} ({type(layer).__name__})'s forward returned {got}: "
+                     f"forward returns one float array ({type(x).__name__}, as its input) of "
+                     f"shape {want}, the batch then the per-sample output shape that _build "
+                     "returned")
+
+
+def _check_param_grads(layer: Layer) -> None:
+    """Each gradient a user's trained layer's backward put in ``grads`` is a float array of
+    its parameter's shape: a scalar (a sum without ``axis=``) was broadcast by the optimiser,
+    every element moved alike, silently; a per-sample one failed deep inside its update."""
+    if not layer.trainable:
+        return
+    for k, g in layer.grads.items():
+        p = layer.params.get(k)
+        if p is None:
+            continue
+        shape = getattr(g, "shape", None)
+        if shape is not None and tuple(shape) == tuple(p.shape) \
+                and _real_floating(layer.xp, g.dtype):
+            continue
+        got = (f"a {type(g).__name__}" if shape is None
+               else f"a gradient of shape {tuple(shape)} and dtype {_dtype(g)}")
+        raise InputError(f"layer {layer.name!r} ({type(layer).__name__})'s backward put {got} "
+                         f"in grads[{k!r}], expected shape {tuple(p.shape)}: the gradient of "
+                         "the loss with respect to the parameter, a float array of its shape "
+                         "(summed over the batch)")
+
+
+def _dtype(a: Any) -> str:
+    """``a``'s dtype as an error names it: "int32" (array_api_strict's says
+    "array_api_strict.int32")."""
+    return str(a.dtype).rsplit(".", 1)[-1]
 
 
 @functools.cache

@@ -6,6 +6,7 @@ import numbers
 from typing import Any
 
 from .checks import (
+    defined_by,
     named_parameters,
     register,
     registered,
@@ -109,8 +110,7 @@ class SoftmaxCrossEntropy:
 
     def _replaced(self, method: str) -> bool:
         """Whether a subclass (or the instance) replaces ``method``."""
-        return getattr(type(self), method) is not getattr(SoftmaxCrossEntropy, method) or \
-            method in vars(self)
+        return defined_by(self, method) is not SoftmaxCrossEntropy
 
     def _fused(self) -> bool:
         """Whether integer labels may take the fused kernels: not where :meth:`forward` or

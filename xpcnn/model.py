@@ -21,7 +21,6 @@ import numpy as np
 from . import checks, distributed, graph
 from .backend import DeviceLike, get_backend
 from .errors import DataFormatError, InputError
-from .layers.activation import Softmax
 from .layers.base import (
     Layer,
     SymbolicTensor,
@@ -33,8 +32,22 @@ from .layers.base import (
 from .ops.kernels import kernels_for
 from .saving import load_weights, register_model, save_model
 from .saving.model_file import FORMAT, VERSION, layers_from_config
-from .structure import check_structure
+from .structure import check_structure, final_softmax
 from .training import Trainer
+
+
+def _refuse_call(cls: type) -> None:
+    """Refuse a user's model class defining Keras' ``call`` (layers made in ``__init__``, the
+    pass in ``call()``): an xpcnn model is a graph of layers, which never runs it."""
+    owner = next((c for c in cls.__mro__ if "call" in vars(c)), None)
+    if owner is not None and issubclass(owner, Model):
+        raise InputError(
+            f"{owner.__name__} defines call(), Keras' model subclassing, which xpcnn does not "
+            "run: an xpcnn model is a graph of layers. Call the layers on xpcnn.Input and pass "
+            "the graph to the model: inputs = xpcnn.Input(shape); outputs = "
+            "Dense(4)(Dense(8)(inputs)); super().__init__(inputs, outputs) (or "
+            "xpcnn.Model(inputs, outputs)), or use Sequential([layer, ...]); a subclass may "
+            "override train_step")
 
 
 @register_model
@@ -82,8 +95,9 @@ class Model(Trainer):
 
     def __init__(self, inputs: SymbolicTensor | None = None,
                  outputs: SymbolicTensor | None = None, *, device: DeviceLike | None = None,
-                 seed: int = 0, dtype: str | None = None, name: str = "model",
+                 seed: int = 0, dtype: str | None = None, name: str | None = "model",
                  trainable: bool = True) -> None:
+        _refuse_call(type(self))
         super().__init__()  # (the training state: build reads the optimiser and the precision)
         trainable = checks.flag(trainable, "trainable")  # (Keras' Model(..., trainable=False))
         traced = graph.trace(inputs, outputs) if inputs is not None or outputs is not None \
@@ -100,7 +114,8 @@ class Model(Trainer):
             raise InputError(f"model dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype_name = dtype
         self.seed = checks.non_negative_int(seed, "seed")
-        self.name = checks.name(name, "model name")
+        # (None: the default, as layers and Keras take it from a subclass's name=None)
+        self.name = checks.name("model" if name is None else name, "model name")
         self._layers: list[Layer] = LayerList(self)
         self.input_shape = None
         self.built = False
@@ -220,7 +235,11 @@ class Model(Trainer):
     def build(self, input_shape: tuple[int, ...]) -> None:
         """Create every layer's weights for per-sample ``input_shape``, e.g. (32, 32, 3)."""
         if not self.layers:
-            raise InputError("the model has no layers: add() some before building it")
+            raise InputError("the model has no layers: " + (
+                "add() some before building it" if isinstance(self, Sequential) else
+                "an xpcnn.Model is the graph of the layers called from xpcnn.Input to its "
+                "outputs, Model(inputs, outputs) (a subclass passes them to super().__init__); "
+                "or use Sequential and add() layers"))
         ok = isinstance(input_shape, tuple | list) and all(
             isinstance(d, int | np.integer) and not isinstance(d, bool) for d in input_shape)
         shape = tuple(int(d) for d in input_shape) if ok else ()
@@ -329,13 +348,13 @@ class Model(Trainer):
         """True when the network ends in a softmax that is left to the loss (predict applies
         it to the logits): a final Softmax layer, which the plan leaves out, or a final layer's
         softmax activation (``Dense(activation="softmax")``), which the plan has it leave
-        out."""
-        last = self.layers[-1]
-        return isinstance(last, Softmax) or last.softmax_output
+        out. Not a user's subclass overriding forward or backward, which runs as written
+        (and is refused in training: :func:`~xpcnn.structure.check_classifier`)."""
+        return final_softmax(self.layers) is not None
 
     def _ends_in_a_softmax_layer(self) -> bool:
         """A final Softmax layer: the plan (and an ONNX export's nodes) end before it."""
-        return isinstance(self.layers[-1], Softmax)
+        return final_softmax(self.layers) == "layer"
 
     def _plan(self) -> graph.Plan:
         """The compiled plan of the graph (see :mod:`xpcnn.graph`), compiled again when a
@@ -691,10 +710,13 @@ class Model(Trainer):
         ``pip install "xpcnn[onnx]"``)."""
         from .onnx_export import export_model
 
-        if distributed.is_root():  # one writer on several ranks (all hold the same model)
+        def write() -> None:
             self._rebuild_if_shared()
             check_structure(self.layers)  # (a setting changed since the build, as a save)
             export_model(self, path, input_dtype)
+
+        # one writer on several ranks (all hold the same model); the others calling wait for it
+        distributed.write_on_root(write, str(path))
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # (copy.copy, copy.deepcopy and pickle all come here: a model holds its device's array
@@ -716,8 +738,9 @@ class Sequential(Model):
 
     def __init__(self, layers: list[Layer] | None = None, *, input_shape: tuple[int, ...] | None
                  = None, device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
-                 name: str = "sequential", trainable: bool = True) -> None:
-        super().__init__(device=device, seed=seed, dtype=dtype, name=name)
+                 name: str | None = "sequential", trainable: bool = True) -> None:
+        super().__init__(device=device, seed=seed, dtype=dtype,
+                         name="sequential" if name is None else name)
         trainable = checks.flag(trainable, "trainable")  # (Keras' Sequential(..., trainable=))
         # (the input an Input or a built base declared, as Keras builds for it: add() builds
         # the model for it as layers follow)

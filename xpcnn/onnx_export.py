@@ -14,7 +14,7 @@ Tensors stay (N, H, W, C) between layers as in xpcnn; Conv and the pools, which 
 (N, C, H, W), are wrapped in a transpose each way (runtimes cancel each adjacent pair), so a
 Flatten is a plain reshape in xpcnn's (H, W, C) order.
 
-The exporter walks a list of :class:`Node` (layer, input slots, output slot): the model's
+The exporter walks a list of :class:`LayerStep` (layer, input slots, output slot): the model's
 graph, a chain for a Sequential. Each layer type has one converter, found by class name in
 :data:`CONVERTERS`; a new layer type registers its own with :func:`register_converter`. Needs
 the ``onnx`` package (``pip install "xpcnn[onnx]"``), imported only on export.
@@ -46,9 +46,10 @@ ONNX_EXTRA_HINT = 'pip install "xpcnn[onnx]" (or: pip install onnx)'
 NCHW, NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
 
 
-class Node(NamedTuple):
+class LayerStep(NamedTuple):
     """One step of a model's graph: ``layer`` reads the tensors in slots ``inputs`` and writes
-    slot ``output`` (slot 0 is the model's input)."""
+    slot ``output`` (slot 0 is the model's input). (Not an ONNX node: a converter writes those,
+    and not a functional graph's :class:`~xpcnn.layers.base.Node`.)"""
 
     layer: Layer
     inputs: tuple[int, ...]
@@ -144,12 +145,12 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
         f.write(proto.SerializeToString())
 
 
-def graph_nodes(model: Any) -> tuple[list[Node], int]:
-    """A model's layers up to its logits as nodes of its graph (a Sequential's is a chain),
+def graph_nodes(model: Any) -> tuple[list[LayerStep], int]:
+    """A model's layers up to its logits as steps of its graph (a Sequential's is a chain),
     and the logits' slot (a final Softmax layer is left out: the export ends with predict's
     softmax)."""
     inbound = model._inbound()
-    nodes = [Node(layer, ins, k + 1)
+    nodes = [LayerStep(layer, ins, k + 1)
              for k, (layer, ins) in enumerate(zip(model.layers, inbound, strict=True))]
     if model._ends_in_a_softmax_layer():
         return nodes[:-1], inbound[-1][0]

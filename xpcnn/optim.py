@@ -23,6 +23,7 @@ from .checks import (
     named_parameters,
     register,
     registered,
+    same_author,
     takes_keywords,
     unsaved_settings,
     untaken_settings,
@@ -69,6 +70,17 @@ def _fixed(cls: type) -> frozenset[str]:
     ``MySGD(SGD)`` whose constructor takes ``lr`` alone still has SGD's momentum, whose
     slots the update reads)."""
     return _settings(cls) | _settings(_xpcnn_class(cls))
+
+
+#: The user's classes whose ``_update`` was seen to keep a skipped step's arrays
+#: (:meth:`Optimizer._check_skips`).
+_SKIPS_CHECKED: set[type] = set()
+
+
+def _update_unchecked(cls: type) -> bool:
+    """Whether the class defining ``cls``'s ``_update`` is a user's, not yet checked."""
+    owner = next(c for c in cls.__mro__ if "_update" in vars(c))
+    return owner.__module__ != __name__ and owner not in _SKIPS_CHECKED
 
 
 def _xpcnn_class(cls: type) -> type:
@@ -221,6 +233,10 @@ class OneCycle(Schedule):
     peak at step pct_start * total_steps - 1), then down to lr / (div_factor *
     final_div_factor) at the last step; constant after it (where PyTorch refuses to step).
 
+    The learning rate only: PyTorch's ``OneCycleLR(..., cycle_momentum=False)``. Its default
+    also cycles SGD's momentum (Adam's beta_1) between 0.95 and 0.85, against the rate; here
+    the optimiser's momentum stays as set, so a ported recipe keeps it fixed.
+
     As in PyTorch, a warm-up shorter than a step (pct_start * total_steps < 1: its peak before
     step 0) starts part of the way down from lr. Where pct_start * total_steps is exactly 1,
     PyTorch divides 0 by 0 at the first step (a ZeroDivisionError); here that step takes
@@ -306,7 +322,11 @@ class Optimizer:
     """Base: subclasses define ``_update(xp, i, p, g, scalars, apply)`` for parameter ``i``,
     with the step's numbers in ``scalars`` (as :meth:`step_scalars` names them), writing every
     array they update through :meth:`_assign` (so that a step the device skips changes
-    nothing); and, optionally, ``_fused_update`` for kernels that update every parameter at once.
+    nothing); and, optionally, ``_fused_update`` for kernels that update every parameter at once
+    (run only where the class defining it also defines the ``_update`` in use: a subclass
+    overriding ``_update`` alone, ``SignSGD(SGD)`` say, trains by its own on every backend;
+    one overriding ``_fused_update`` alone trains by the ``_update`` it inherits, so a fused
+    update of one's own comes with the ``_update`` it agrees with).
 
     ``slots`` holds per-parameter state arrays (momentum, moments), created lazily on the
     parameters' device (afresh where the model empties them: a layer frozen or unfrozen);
@@ -533,11 +553,43 @@ class Optimizer:
             scalars = self._counted(kernels or StandardKernels(xp), scalars, apply,
                                     xp.result_type(*(p.dtype for p in params)))
         grads = self._clipped(xp, grads)
-        fused = kernels is not None and kernels.fused_updates and params
+        # (not where a subclass overrides _update alone: the fused kernels would skip it)
+        fused = kernels is not None and kernels.fused_updates and params and same_author(
+            self, "_fused_update", "_update")
         if fused and self._fused_update(kernels, params, grads, scalars, apply):
             return
+        if params and _update_unchecked(type(self)):
+            self._check_skips(xp, params[0], scalars)
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             self._update(xp, i, p, g, scalars, apply)
+
+    def _check_skips(self, xp: Any, p: Any, scalars: dict[str, Any]) -> None:
+        """Once per user's class defining ``_update``: refuse it where an update with
+        ``apply`` False changes parameter 0 or its slots (written ``p[...] = new``, not through
+        :meth:`_assign`): steps the device skips (a non-finite float16 step, a bad label) would
+        train. Run on scratch copies, with a gradient of ones."""
+        def copy(a: Any) -> Any:
+            return xp.asarray(a, copy=True)
+
+        slots = self.slots
+        scratch = {name: [copy(v[0]), *v[1:]] for name, v in slots.items() if v}
+        before = [p, *(slots[name][0] for name in scratch)]  # (the originals, left as they are)
+        after = [copy(p), *(v[0] for v in scratch.values())]
+        self.slots = {**slots, **scratch}
+        try:
+            self._update(xp, 0, after[0], xp.ones_like(p), scalars,
+                         xp.asarray(False, device=p.device))
+        finally:
+            self.slots = slots
+        owner = next(c for c in type(self).__mro__ if "_update" in vars(c))
+        if not all(bool(xp.all((a == b) | ((a != a) & (b != b))))
+                   for a, b in zip(after, before, strict=True)):
+            raise InputError(
+                f"{owner.__name__}._update changed a parameter (or its slots) with apply False, "
+                "on a step the device skips (a non-finite float16 step, a bad label): write "
+                "each array it updates with self._assign(xp, array, new, apply), not "
+                "array[...] = new, so that a skipped step changes nothing")
+        _SKIPS_CHECKED.add(owner)
 
     def _counted(self, kernels: Any, scalars: dict[str, Any], apply: Any, dtype: Any
                  ) -> dict[str, Any]:
@@ -584,7 +636,7 @@ class Optimizer:
                       scalars: dict[str, Any], apply: Any) -> bool:
         """The update of every parameter by ``kernels`` (none where ``apply`` is False);
         False where this optimiser has none (a subclass that defines only ``_update`` then
-        runs that)."""
+        runs that). Not called where a subclass overrides ``_update`` alone (see :meth:`step`)."""
         return False
 
     @staticmethod

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from . import checks
 from .errors import InputError
 from .layers import Layer, Softmax
 from .layers.base import Shape
@@ -35,11 +36,51 @@ def check_structure(layers: Sequence[Layer]) -> None:
                              "end of the model (training applies it inside the loss)")
 
 
+def final_softmax(layers: Sequence[Layer]) -> str | None:
+    """How the last of ``layers`` ends the model in a softmax left to the loss: "layer", a
+    Softmax layer the plan leaves out; "activation", a softmax activation the plan has the
+    layer leave out (``Options.logits``); None for any other last layer. Only xpcnn's own
+    passes are taken over (the rule of the plan's fusion, :func:`xpcnn.graph.compile_plan`):
+    a user's subclass overriding ``forward`` or ``backward`` runs as written. (By class: a
+    test's probe wrapping an instance's own passes changes nothing.)"""
+    last = layers[-1]
+    cls = type(last)
+    if isinstance(last, Softmax):
+        own = all(_defined_by(cls, m) is Softmax for m in ("forward", "backward"))
+        return "layer" if own else None
+    if last.softmax_output and all(_defined_by(cls, m) is _defined_by(cls, "softmax_output")
+                                   for m in ("forward", "backward")):
+        return "activation"
+    return None
+
+
+def _defined_by(cls: type, name: str) -> type:
+    return next(c for c in cls.__mro__ if name in vars(c))
+
+
+def check_final_softmax(layers: Sequence[Layer]) -> None:
+    """Refuse, for the loss, a model whose last layer, a user's subclass, computes its softmax
+    itself (see :func:`final_softmax`): the loss would take those probabilities as logits."""
+    last = layers[-1]
+    if not (isinstance(last, Softmax) or last.softmax_output) or final_softmax(layers):
+        return
+    base = next(c for c in type(last).__mro__ if checks.of_xpcnn(c.__module__))
+    fix = ("a layer of yours giving the logits, z / T say, then a plain Softmax()"
+           if isinstance(last, Softmax) else "activation=None, then a Softmax()")
+    raise InputError(f"{where(last, len(layers) - 1, layers)} computes its softmax in "
+                     f"its class's own forward or backward (overriding {base.__name__}'s): "
+                     "the loss, softmax cross-entropy on the logits, cannot take it over, "
+                     "and would take its probabilities as logits (a softmax applied twice)."
+                     f" Train a model ending in logits ({fix}) and predict with this one")
+
+
 def check_classifier(layers: Sequence[Layer], output_shapes: Sequence[Shape]) -> None:
     """Refuse, before training or evaluating (or predicting, where it ends in a Softmax), a
     model whose output (the last of the layers' per-sample ``output_shapes``) is not one vector
-    of at least 2 class scores. (A model that only transforms images, a feature extractor, may
-    end anywhere: ``predict`` and ``forward`` return its output.)"""
+    of at least 2 class scores, or which :func:`check_final_softmax` refuses.
+    (A model that only transforms images, a feature extractor, may end anywhere: ``predict``
+    and ``forward`` return its output.)"""
+    check_final_softmax(layers)
     last, shape = layers[-1], tuple(output_shapes[-1])
     if len(shape) != 1:
         raise InputError(f"the model's output has per-sample shape {shape}, from "

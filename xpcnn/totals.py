@@ -113,6 +113,7 @@ class RunningTotals:
 
 
 #: The loss scales float32 holds (normal numbers): beyond, one would become infinity or 0.
+#: The low end is the floor that overflows halve the scale to (step_record._move_scale).
 SCALE_RANGE = (1.1754943508222875e-38, 3.4028234663852886e38)
 
 

@@ -104,9 +104,19 @@ def _largest_dpi(figsize: tuple[float, float]) -> int:
     return dpi
 
 
+def _png_path(path: Any) -> str:
+    """``path`` for a figure: a PNG file's (a .pdf or .svg was given PNG bytes under its name)."""
+    path = checks.output_file(path, "the figure", replaced=False)  # (savefig writes in place)
+    suffix = os.path.splitext(path)[1]
+    if suffix and suffix.lower() != ".png":
+        raise InputError(f"the figures are PNG files: give a path ending in .png, got "
+                         f"{path!r}")
+    return path
+
+
 def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
     """Write ``fig`` as a PNG of exactly figsize * dpi pixels, creating the folder."""
-    path = checks.output_file(path, "the figure", replaced=False)  # (savefig writes in place)
+    path = _png_path(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, format="png", dpi=fig.dpi)
 
@@ -155,14 +165,27 @@ def _image_for(x: Any, index: int, what: str = "images") -> np.ndarray:
     return np.asarray(x[index])
 
 
-def _ready_model(model: Any, sample_shape: tuple[int, ...]) -> Model:
+def _a_model(model: Any) -> Model:
     if not isinstance(model, Model):
         raise InputError(f"expected an xpcnn model, got {type(model).__name__}")
+    return model
+
+
+def _ready_model(model: Any, sample_shape: tuple[int, ...]) -> Model:
+    model = _a_model(model)
     if not model.layers:
         raise InputError("the model has no layers to show")
     if not model.built:
         model.build(sample_shape)
     return model
+
+
+def _check_class_names(class_names: Any, output_shape: tuple[int, ...]) -> None:
+    """None, or one name for each of a model's outputs (a str was one class per letter)."""
+    if class_names is not None and (isinstance(class_names, str | bytes) or not isinstance(
+            class_names, Sequence | np.ndarray) or output_shape != (len(class_names),)):
+        raise InputError(f"class_names must be one name for each of the model's outputs, "
+                         f"whose shape is {output_shape}, got {class_names!r}")
 
 
 # -- drawing helpers -------------------------------------------------------------------------
@@ -247,10 +270,7 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
     max_maps = checks.positive_int(max_maps, "max_maps")
     img = _as_image(image)
     model = _ready_model(model, img.shape)
-    if class_names is not None and (isinstance(class_names, str) or not hasattr(
-            class_names, "__len__") or model.output_shape != (len(class_names),)):
-        raise InputError(f"class_names must be one name for each of the model's outputs, "
-                         f"whose shape is {model.output_shape}, got {class_names!r}")
+    _check_class_names(class_names, model.output_shape)
     outs = [model.backend.to_numpy(o)[0].astype(np.float64) for o in model.forward(img[None])]
     nrows = len(outs) + 1
     slots, fitted = _tour_layout([a.shape for a in [img, *outs]], max_maps, bool(title))
@@ -641,16 +661,14 @@ def plot_confusion_matrix(model: Model, x: Any, y: Any, path: str | os.PathLike[
     Cells show counts, coloured by the fraction of the true class (row) they hold, so rare and
     common classes read alike. Returns the Figure (the matrix axes and its colour bar).
     """
-    probs = model.predict(x, batch_size=batch_size)
+    probs = _a_model(model).predict(x, batch_size=batch_size)
     if probs.ndim != 2 or probs.shape[1] < 2:
         raise InputError(f"a confusion matrix needs a classifier, whose output is one vector of "
                          f"class scores a sample; this model's is {probs.shape[1:]} (a feature "
                          "extractor?)")
     k = probs.shape[1]
     _, labels = checks.as_labels(y, len(probs), k, "y")
-    if class_names is not None and len(class_names) != k:
-        raise InputError(f"class_names has {len(class_names)} names but the model has {k} "
-                         f"outputs")
+    _check_class_names(class_names, probs.shape[1:])
     cm = confusion_matrix(labels, np.argmax(probs, axis=1), k)
     names = [str(n) for n in class_names] if class_names is not None else [str(i) for i in
                                                                           range(k)]
@@ -682,12 +700,15 @@ def _names_for(names: Sequence[str] | None, k: int) -> list[str] | None:
     return [str(n) for n in names[:k]] if names is not None and len(names) >= k else None
 
 
+#: The files :func:`write_training_plots` writes in its folder (``xpcnn train --plots``).
+TRAINING_PLOTS = ("history.png", "confusion.png")
+
+
 def write_training_plots(out_dir: str | os.PathLike[str], history: History, model: Model,
                          x_test: Any, y_test: Any, class_names: Sequence[str] | None = None
                          ) -> list[str]:
-    """``history.png`` and ``confusion.png`` in ``out_dir`` (``xpcnn train --plots``)."""
-    paths = [os.path.join(os.fspath(out_dir), "history.png"),
-             os.path.join(os.fspath(out_dir), "confusion.png")]
+    """:data:`TRAINING_PLOTS` in ``out_dir`` (``xpcnn train --plots``)."""
+    paths = [os.path.join(os.fspath(out_dir), name) for name in TRAINING_PLOTS]
     plot_history(history, paths[0])
     plot_confusion_matrix(model, x_test, y_test, paths[1],
                           class_names=_names_for(class_names, model.num_classes))

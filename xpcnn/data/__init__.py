@@ -53,6 +53,7 @@ from .arrays import (
     check_source,
     is_map_dataset,
     is_stream,
+    one_input,
     owned,
     to_device,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "check_source",
     "is_map_dataset",
     "is_stream",
+    "one_input",
     "owned",
     "prune_streams",
     "rank_slices",

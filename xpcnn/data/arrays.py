@@ -9,7 +9,7 @@
   :func:`input_limit`, :func:`check_real_images`;
 * argument checks: :func:`check_source` (the arguments that name a source, before one is
   made), :func:`split_item`, :func:`check_arrays`, :func:`build_for`,
-  :func:`check_sample_weights`, :func:`check_batch`, :class:`_Weighted`.
+  :func:`check_sample_weights`, :class:`BatchChecks` (each batch of a stream or dataset).
 
 The bottom of the package: every other module of it uses these, and this one imports none of
 them.
@@ -18,7 +18,7 @@ them.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import array_api_compat
@@ -279,6 +279,41 @@ def split_item(item: Any, with_targets: bool, expected: str,
     return item[0], item[1], item[2] if size == 3 else None
 
 
+def one_input(model: Any, x: Any, what: str = "x") -> Any:
+    """``x`` as the model's one input: a list or tuple of one array (NumPy, the model's
+    library, a torch tensor...) of the model's whole input rank, (N, *input_shape), is that
+    array, as Keras 3 takes ``[x]`` or ``(x,)`` for a one-input model; several such arrays
+    are refused (an xpcnn model has one input). Anything else is as it was: a list of
+    samples (arrays of one rank less, or nested lists of numbers) is one array, as NumPy
+    reads it. Unbuilt, the model's input rank is not known: an array of images (N, H, W, C) is
+    the input, one of lower rank where the model builds for its samples, and not for it as
+    one sample."""
+    if not isinstance(x, list | tuple) or not x or not all(
+            array_api_compat.is_array_api_obj(a) and len(a.shape) >= 2 for a in x):
+        return x
+    if model.built:
+        shape = tuple(model.input_shape)
+        greyscale = len(shape) >= 2 and shape[-1] == 1  # (N, H, W) for (H, W, 1)
+        inputs = [len(a.shape) == len(shape) + 1 or greyscale
+                  and tuple(a.shape[1:]) == shape[:-1] for a in x]
+    else:
+        # ((N, H, W, C) images are the input; an array of lower rank is where the model
+        # builds for its samples and not for it as one sample: a greyscale (N, H, W))
+        first = tuple(int(d) for d in x[0].shape)
+        inputs = [len(first) >= 4 or _builds_for(model, first[1:])
+                  and not _builds_for(model, first)] * len(x)
+    if not any(inputs):
+        return x
+    if len(x) > 1:
+        shown = ", ".join(str(tuple(a.shape)) for a in x[:4]) + ", ..." * (len(x) > 4)
+        expected = f"(N, {', '.join(map(str, model.input_shape))})" if model.built else \
+            "(N, H, W, C)"
+        raise InputError(f"{what} is a {type(x).__name__} of {len(x)} arrays (shapes {shown}), "
+                         f"but model {model.name!r} has one input, {expected}: pass its "
+                         f"images as one array (or [x], a list of that one array)")
+    return x[0]
+
+
 def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any = None
                  ) -> tuple[Any, Any]:
     """Checked images (host NumPy, a memory map, arrays of another library on the CPU, or
@@ -288,6 +323,7 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
     batch is checked on the background thread (:func:`~xpcnn.data.background.prefetch`),
     beside the training loop rather than in it; ``index``: the dataset samples that a streamed
     batch holds, which errors name."""
+    x = one_input(model, x, what)  # ([x] or (x,), as Keras 3 takes it)
     x, y = adopt_foreign(x, model.backend), adopt_foreign(y, model.backend)
     limit = input_limit(model)
     if is_device_array(x):
@@ -309,9 +345,24 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
     if y is None:
         return x, y
     y_what = "y" if what == "x" else what.replace("x", "y")
-    targets, _ = checks.as_labels(_on_host(y, model.backend, y_what), int(x.shape[0]),
+    n = int(x.shape[0])
+    targets, _ = checks.as_labels(_on_host(_one_target(y, n), model.backend, y_what), n,
                                   model.num_classes, y_what)
     return x, targets
+
+
+def _one_target(y: Any, n: int) -> Any:
+    """``y`` as the one output's targets: ``[y]`` or ``(y,)`` of one array of the ``n``
+    samples' labels (n,) or one-hot rows (n, K) is that array, as Keras 3 takes it for a
+    one-output model (as one array it would be a batch of one sample). Any other ``y`` as it
+    is: ``[label]`` of one sample, or a list of labels."""
+    if not isinstance(y, list | tuple) or len(y) != 1:
+        return y
+    a = y[0]
+    if not array_api_compat.is_array_api_obj(a) or len(a.shape) not in (1, 2) \
+            or int(a.shape[0]) != n or (n == 1 and len(a.shape) == 1):
+        return y  # ((1,) for one sample: as a list, one one-hot row, as it was)
+    return a
 
 
 def with_channel_axis(x: Any, model: Any) -> Any:
@@ -363,7 +414,11 @@ def check_sample_weights(model: Any, w: Any, n: int, what: str = "sample_weight"
                          index: Any = None) -> np.ndarray:
     """Sample weights for ``n`` samples (host or device arrays, as targets are; read to the
     host to be checked), returned on the host in the model's parameter dtype; ``index``: the
-    dataset samples they weigh, which errors name."""
+    dataset samples they weigh, which errors name. ``[w]`` or ``(w,)`` of one array of the
+    ``n`` weights is that array, as Keras 3 takes it for a one-output model."""
+    if isinstance(w, list | tuple) and len(w) == 1 and array_api_compat.is_array_api_obj(
+            w[0]) and tuple(int(d) for d in w[0].shape) == (n,):
+        w = w[0]
     return checks.as_sample_weights(_on_host(adopt_foreign(w, model.backend), model.backend,
                                              what), n, what, model.dtype_name, index)
 
@@ -378,30 +433,39 @@ def _on_host(a: Any, backend: Any, what: str) -> Any:
     return backend.to_numpy(a)
 
 
-def check_batch(model: Any, x: Any, y: Any, what: str, index: Any = None) -> tuple[Any, Any]:
-    """One streamed batch, checked as whole arrays are, contiguous on the host (its arrays are
-    its own already: :func:`owned`, or stacked afresh)."""
-    x, y = check_arrays(model, x, y, what, index)
-    if is_device_array(x):  # (the labels are on the host: check_arrays brought them there)
-        return x, None if y is None else np.asarray(y)
-    return np.asarray(x, order="C"), None if y is None else np.asarray(y)
+class BatchChecks:
+    """The one sequence of checks of each batch that a stream or a map-style dataset gives:
+    the batch itself, checked as whole arrays are and made contiguous on the host (its arrays
+    are its own already: :func:`owned`, or stacked afresh); whether it carries sample weights
+    as every batch before it did (fixed by the first: a batch weighted and the next not would
+    train the second at weight 1 unnoticed; ``mixed`` is the refusal's text); then those
+    weights (named ``weights_what`` in errors), and their products with fit's class weights
+    where it sets :attr:`class_weights` (its host table: training data only)."""
 
-
-class _Weighted:
-    """Whether a stream's items carry sample weights, fixed by the first batch read: every
-    later item must agree (a batch weighted and the next not would train the second at
-    weight 1 unnoticed); ``error`` is the refusal's text."""
-
-    def __init__(self, error: str) -> None:
-        self.error = error
+    def __init__(self, model: Any, what: str, mixed: str, weights_what: str) -> None:
+        self.model, self.what = model, what
+        self.mixed, self.weights_what = mixed, weights_what
         self.weighted: bool | None = None
+        self.class_weights: np.ndarray | None = None
 
-    def same(self, flags: list[bool], index: Any = None) -> bool:
-        """Whether the items of one batch (``flags``: each has a weight) carry weights, as
-        every item before them did; ``index``: their numbers, which the error names."""
+    def __call__(self, x: Any, y: Any, flags: list[bool], weights: Callable[[], Any],
+                 index: Any = None) -> tuple[Any, ...]:
+        """(x, y), or (x, y, sample weights) where the batch carries them; ``flags``: whether
+        each of its items has a weight, ``weights()`` the batch's weights (called only where
+        it has them), ``index``: the dataset samples it holds, which errors name."""
+        x, y = check_arrays(self.model, x, y, self.what, index)
+        # (a device batch's labels are on the host: check_arrays brought them there)
+        x = x if is_device_array(x) else np.asarray(x, order="C")
+        y = None if y is None else np.asarray(y)
         if self.weighted is None:
             self.weighted = flags[0]
         if any(flag != self.weighted for flag in flags):
             where = "" if index is None else f" (samples {[int(i) for i in index[:8]]}...)"
-            raise InputError(f"{self.error}{where}: give every sample a weight, or none")
-        return self.weighted
+            raise InputError(f"{self.mixed}{where}: give every sample a weight, or none")
+        if not self.weighted:
+            return x, y
+        w = check_sample_weights(self.model, weights(), int(x.shape[0]), self.weights_what,
+                                 index)
+        if self.class_weights is not None and y is not None:
+            checks.check_weighted_classes(w, y, self.class_weights, self.weights_what, index)
+        return x, y, w

@@ -17,11 +17,9 @@ import numpy as np
 from ..errors import InputError
 from ..saving import fingerprint
 from .arrays import (
-    _Weighted,
+    BatchChecks,
     adopt_foreign,
     build_for,
-    check_batch,
-    check_sample_weights,
     of_library,
     owned,
     split_item,
@@ -237,8 +235,9 @@ class DatasetBatches(ShardedBatches):
         except (TypeError, ValueError) as e:  # (a __len__ that is negative or not an int)
             raise InputError(f"len({what}) must be its number of samples, an int >= 1: {e}") from e
         self._expected = f"{what}[i] must return a pair (x_i, y_i) or a triple (x_i, y_i, w_i)"
-        self._weighted = _Weighted(f"{what}[i] returns a sample weight w_i for some i and not "
-                                   "for others")
+        self._checks = BatchChecks(model, what, f"{what}[i] returns a sample weight w_i for "
+                                   "some i and not for others",
+                                   f"the sample weights w_i of {what}")
         if self.samples < 1:
             raise InputError(f"{what} is an empty dataset (len() is {self.samples})")
         self.steps = -(-self.samples // (batch_size * shard[1]))
@@ -269,13 +268,9 @@ class DatasetBatches(ShardedBatches):
             self._item(int(i)), self.with_targets, self._expected, inner)) for i in idx]
         self._refuse_a_batch(int(idx[0]), *items[0][:2])
         xs, ys, ws = zip(*items, strict=True)
-        batch = check_batch(self.model, self._stack(xs, "x"),
-                            self._stack(ys, "y") if self.with_targets else None, self.what, idx)
-        weighted = self._weighted.same([w is not None for w in ws], idx)
-        if not weighted:
-            return batch
-        return (*batch, check_sample_weights(self.model, self._stack(ws, "w"), len(idx),
-                                             f"the sample weights w_i of {self.what}", idx))
+        return self._checks(self._stack(xs, "x"),
+                            self._stack(ys, "y") if self.with_targets else None,
+                            [w is not None for w in ws], lambda: self._stack(ws, "w"), idx)
 
     def _item(self, i: int) -> Any:
         """``dataset[i]``; an index below len() that the dataset refuses is named as such."""

@@ -20,10 +20,8 @@ from typing import Any
 
 from ..errors import InputError
 from .arrays import (
-    _Weighted,
+    BatchChecks,
     check_arrays,
-    check_batch,
-    check_sample_weights,
     counted_batches,
     owned,
     split_item,
@@ -65,8 +63,9 @@ class IterableBatches(Batches):
             counted_batches(data)
         self._cut = steps is not None
         self._expected = f"{what} must yield (x, y) or (x, y, sample_weight) batches"
-        self._weighted = _Weighted(f"{what} yields sample weights with some batches and not "
-                                   "with others")
+        self._checks = BatchChecks(model, what, f"{what} yields sample weights with some "
+                                   "batches and not with others",
+                                   f"the sample weights that {what} yields")
         self._first: tuple[Any, Iterator[Any]] | None = None
         if self.iterator is not None:
             self._free_stream()
@@ -193,11 +192,7 @@ class IterableBatches(Batches):
         """One batch checked (on the background thread), ``item`` in arrays of its own
         (:meth:`_owned`): (x, y), or (x, y, sample weights)."""
         x, y, w = self._split(item)
-        x, y = check_batch(self.model, x, y, self.what)
-        if not self._weighted.same([w is not None]):
-            return x, y
-        return x, y, check_sample_weights(self.model, w, int(x.shape[0]),
-                                          f"the sample weights that {self.what} yields")
+        return self._checks(x, y, [w is not None], lambda: w)
 
 
 _NONE = object()

@@ -29,6 +29,14 @@ _CLASSES: dict[str, tuple[str, ...]] = {
     "cifar10": CIFAR10_CLASSES,
 }
 
+#: The shape (H, W, C) of the images load_dataset returns: fixed (the loaders check the files').
+IMAGE_SHAPES: dict[str, tuple[int, int, int]] = {
+    "shapes": (32, 32, 3),
+    "mnist": (28, 28, 1),
+    "fashion-mnist": (28, 28, 1),
+    "cifar10": (32, 32, 3),
+}
+
 Split = tuple[np.ndarray, np.ndarray]
 
 
@@ -70,6 +78,7 @@ __all__ = [
     "CIFAR10_CLASSES",
     "DATASETS",
     "FASHION_MNIST_CLASSES",
+    "IMAGE_SHAPES",
     "MNIST_CLASSES",
     "SHAPES_CLASSES",
     "class_names",

@@ -345,10 +345,14 @@ def _is_cifar_tar(path: Path) -> bool:
     return name.split("/")[0] == FOLDER_NAME
 
 
+def _holds_batches(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / b).is_file() for b in (*TRAIN_BATCHES, TEST_BATCH))
+
+
 def _find(root: Path) -> Path | None:
-    folder = root / FOLDER_NAME
-    if folder.is_dir() and any((folder / b).is_file() for b in (*TRAIN_BATCHES, TEST_BATCH)):
-        return folder
+    for folder in (root / FOLDER_NAME, root):  # (root: the extracted folder itself, given)
+        if _holds_batches(folder):
+            return folder
     official = root / ARCHIVE_NAME
     if official.is_file():
         return official
@@ -423,11 +427,12 @@ def load_cifar10(
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
     """CIFAR-10: ``(x_train, y_train), (x_test, y_test)``, uint8 ``(N, 32, 32, 3)``, int64 labels.
 
-    Reads, from the data folder, the extracted ``cifar-10-batches-py/`` folder, else
-    ``cifar-10-python.tar.gz``, else any ``*.tar.gz`` whose contents start with
-    ``cifar-10-batches-py/``. Whichever of ``data_batch_1`` to ``data_batch_5`` are present form
-    the training set. **Where ``test_batch`` is absent the second pair is ``None``** (the caller
-    holds out part of the training set instead). With nothing found, the official archive is
+    Reads, from the data folder, the extracted ``cifar-10-batches-py/`` folder, else the batches
+    at the top of the data folder (that folder itself, given), else ``cifar-10-python.tar.gz``,
+    else any ``*.tar.gz`` whose contents start with ``cifar-10-batches-py/``. Whichever of
+    ``data_batch_1`` to ``data_batch_5`` are present form the training set. **Where
+    ``test_batch`` is absent the second pair is ``None``** (the caller holds out part of the
+    training set instead). With nothing found, the official archive is
     downloaded when ``download`` is true; otherwise ``DownloadError`` says what to put where.
     """
     root = data_root(data_dir)
@@ -450,7 +455,8 @@ def load_cifar10(
     train = [n for n in TRAIN_BATCHES if n in members]
     if not train:
         raise DataFormatError(
-            f"{source} holds no training batch: expected {FOLDER_NAME}/data_batch_1 "
+            f"{source} holds no training batch: expected "
+            f"{'' if source.is_dir() else FOLDER_NAME + '/'}data_batch_1 "
             f"(to data_batch_5), found {sorted(members) or 'no batches'}"
         )
     if len(train) == 1:

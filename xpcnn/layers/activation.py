@@ -13,13 +13,16 @@ from .base import DEFAULT, Layer, Options, Setting
 
 def _check_max_value(max_value: Any) -> float | None:
     if max_value is not None and (isinstance(max_value, bool) or not isinstance(
-            max_value, numbers.Real) or not 0 < max_value < float("inf")):
-        raise InputError(f"ReLU max_value must be positive or None, got {max_value!r}")
-    return None if max_value is None else float(max_value)
+            max_value, numbers.Real) or not 0 <= max_value < float("inf")):
+        raise InputError(f"ReLU max_value must be >= 0 or None, got {max_value!r}")
+    # (+ 0.0: a ceiling of -0.0 is 0.0, so that no output is -0.0)
+    return None if max_value is None else float(max_value) + 0.0
 
 
 class ReLU(Layer):
-    """max(x, 0), optionally capped at ``max_value`` (a neuron's firing limit, e.g. ReLU6)."""
+    """max(x, 0), optionally capped at ``max_value`` (a neuron's firing limit, e.g. ReLU6).
+    A ceiling of 0, as Keras takes it, gives zeros and a zero gradient (0 is a ceiling, None
+    none)."""
 
     # (a change after build captures a CUDA-graph step again, checked as the constructor's:
     # see Setting)

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import inspect
 import itertools
+import json
 import math
 import re
 import weakref
@@ -32,8 +33,8 @@ import array_api_compat
 import numpy as np
 
 from ..backend import Backend, get_backend
-from ..checks import flag, named_parameters, register
-from ..errors import InputError
+from ..checks import flag, named_parameters, register, takes_keywords, untaken_settings
+from ..errors import InputError, of_xpcnn
 
 Shape = tuple[int, ...]
 
@@ -174,11 +175,15 @@ class Setting:
     5 after build made BatchNorm2D's running variance negative in the next fit).
     ``architecture``: the value is part of what the model computes, not a training
     hyper-parameter (a layer's activation: a softmax one is the model's output), so a
-    checkpoint's resume and ``load_weights`` still compare it (see :func:`setting_names`)."""
+    checkpoint's resume and ``load_weights`` still compare it (see :func:`setting_names`).
+    ``on_set``: run as ``on_set(layer)`` once the value is stored, for what depends on the
+    layer (Dropout's rate: checked against the built layer's dtypes, its drawn rates worked
+    out again); an InputError from it refuses the value as ``check``'s does (the old value is
+    put back and ``on_set`` run again for it)."""
 
-    def __init__(self, check: Callable[[Any], Any] | None = None,
-                 architecture: bool = False) -> None:
-        self.check, self.architecture = check, architecture
+    def __init__(self, check: Callable[[Any], Any] | None = None, architecture: bool = False,
+                 on_set: Callable[[Layer], None] | None = None) -> None:
+        self.check, self.architecture, self.on_set = check, architecture, on_set
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -186,23 +191,34 @@ class Setting:
     def __set__(self, layer: Layer, value: Any) -> None:
         if self.check is not None:
             value = self.check(value)
-        setting_changed(layer, vars(layer).get(self.name, _UNSET), value)
+        old = vars(layer).get(self.name, _UNSET)
         vars(layer)[self.name] = value
+        if self.on_set is not None:
+            try:
+                self.on_set(layer)
+            except InputError:
+                if old is _UNSET:
+                    del vars(layer)[self.name]
+                else:
+                    vars(layer)[self.name] = old
+                    self.on_set(layer)
+                raise
+        _count_change(layer, old, value)
 
 
 def setting_names(cls: type) -> tuple[str, ...]:
     """The settings of layer class ``cls`` that may change while it trains (by a callback,
-    say): its :class:`Setting` attributes and the properties it names in
-    ``Layer.other_settings`` (Dropout's ``rate``). A checkpoint's resume and ``load_weights``
-    compare a layer's configuration without them (the resume takes the file's values)."""
-    names = [name for klass in reversed(cls.__mro__) for name, value in vars(klass).items()
-             if isinstance(value, Setting) and not value.architecture]
-    return tuple(dict.fromkeys([*names, *getattr(cls, "other_settings", ())]))
+    say): its :class:`Setting` attributes but architecture ones. A checkpoint's resume and
+    ``load_weights`` compare a layer's configuration without them (the resume takes the
+    file's values)."""
+    return tuple(dict.fromkeys(
+        name for klass in reversed(cls.__mro__) for name, value in vars(klass).items()
+        if isinstance(value, Setting) and not value.architecture))
 
 
-def setting_changed(layer: Layer, old: Any, new: Any) -> None:
+def _count_change(layer: Layer, old: Any, new: Any) -> None:
     """Count in :attr:`Layer.settings_changes` a setting of built ``layer`` changed from
-    ``old`` to ``new`` (see :class:`Setting`; Dropout's ``rate`` setter calls it too)."""
+    ``old`` to ``new`` (see :class:`Setting`)."""
     if not vars(layer).get("built"):
         return
     try:
@@ -267,9 +283,6 @@ class Layer:
     #: rate, ReLU's max_value...), counted on this class: a step captured in a CUDA graph
     #: replays the values of its capture, so the step is captured again after this moved.
     settings_changes: ClassVar[int] = 0
-    #: Settings that are properties rather than :class:`Setting` attributes, counted as they
-    #: are (Dropout's ``rate``): see :func:`setting_names`.
-    other_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -399,6 +412,7 @@ class Layer:
                              "but does not name them in weight_names: set the class "
                              f"attribute weight_names = {tuple(self._arrays())!r} (params, "
                              "then state), so that get_weights, save and checkpoints hold them")
+        self._check_arrays()
         self.built = True
         return self.output_shape
 
@@ -411,7 +425,11 @@ class Layer:
 
     # -- computing -----------------------------------------------------------------------
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        raise NotImplementedError
+        keras = (" (Keras' call(x, training) is xpcnn's forward: rename it)"
+                 if callable(getattr(self, "call", None)) else "")
+        raise InputError(f"layer {self.name!r} ({type(self).__name__}) defines no "
+                         "forward(x, training=False, options=DEFAULT): a layer must define it, "
+                         f"returning its output{keras}")
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         raise InputError(f"layer {self.name!r} ({type(self).__name__}) defines no backward(dy, "
@@ -571,6 +589,40 @@ class Layer:
             raise InputError(f"layer class {cls.__name__} takes {taken} but {why}: define "
                              "get_config() returning them (with super().get_config()), so that "
                              "a saved model rebuilds it")
+        if not of_xpcnn(cls.__module__):
+            self._check_rebuilds()
+
+    def _check_rebuilds(self) -> None:
+        """Refuse a user's layer whose file would not load, or would load under another name:
+        its get_config() gives what its constructor does not take, or no "name" where the
+        constructor takes one (Keras' ``**kwargs`` included)."""
+        cls = type(self)
+        config = self.get_config()
+        fix = ("define get_config() returning the constructor's arguments (with "
+               "super().get_config()), so that a saved model rebuilds it")
+        if not isinstance(config, dict):
+            raise InputError(f"layer class {cls.__name__}'s get_config() returns a "
+                             f"{type(config).__name__}, expected a dict: {fix}")
+        # (as a file holds it: "trainable" is the layer spec's, and JSON makes tuples lists)
+        settings = {k: v for k, v in config.items() if k != "trainable"}
+        untaken = untaken_settings(self, settings)
+        if untaken:
+            raise InputError(f"layer class {cls.__name__}'s get_config() gives {untaken}, which "
+                             f"its constructor does not take: {fix}")
+        init = cls.__init__
+        if "name" not in settings and ("name" in named_parameters(init) or takes_keywords(init)):
+            raise InputError(f"layer class {cls.__name__}'s get_config() does not give 'name', "
+                             f"which its constructor takes (layer {self.name!r} would load "
+                             f"under its default name): {fix}")
+        try:
+            settings = json.loads(json.dumps(settings))
+        except (TypeError, ValueError):  # (refused, with the part named, as the file is written)
+            return
+        try:
+            cls(**settings)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise InputError(f"layer class {cls.__name__} cannot be rebuilt from its "
+                             f"get_config() {settings} ({type(e).__name__}: {e}): {fix}") from e
 
     def unbuilt_copy(self) -> Layer:
         """A new layer made from :meth:`get_config` (to build aside, leaving this one as it
@@ -586,6 +638,23 @@ class Layer:
 
     def _arrays(self) -> dict[str, Any]:
         return {**self.params, **self.state}
+
+    def _check_arrays(self) -> None:
+        """Every array ``_build`` made is one of the backend's, in the layer's dtype (as
+        :meth:`_param` makes them): a float64 one in a float32 model trained in float64 and
+        was saved as float32; a NumPy one on another backend failed at its first use."""
+        kind = type(self.backend.asarray(np.zeros(0), dtype=self.dtype))
+        for k, a in self._arrays().items():
+            if isinstance(a, kind) and a.dtype == self.dtype:
+                continue
+            dtype = str(getattr(a, "dtype", None)).rsplit(".", 1)[-1]  # (strict's "...float64")
+            raise InputError(f"layer {self.name!r} ({type(self).__name__})'s _build made its "
+                             f"array {k!r} a {type(a).__module__}.{type(a).__name__} of dtype "
+                             f"{dtype}, expected an array of the model's backend "
+                             f"({kind.__module__}.{kind.__name__}) in the layer's dtype "
+                             f"{dtype_name(self.dtype)}: make it with self._param({k!r}, "
+                             "host_value) (trainable=False for a state array), which converts "
+                             "it to the model's backend and dtype")
 
     def present_weight_names(self) -> list[str]:
         """The names of :attr:`weight_names` this layer holds (one built without a bias has no
@@ -900,6 +969,10 @@ def _takes_trainable(init: Callable[..., Any]) -> Callable[..., Any]:
     def init_taking_trainable(self: Layer, *args: Any, trainable: Any = _UNSET, **kwargs: Any
                               ) -> None:
         init(self, *args, **kwargs)
+        if "_name" not in vars(self):  # (else an AttributeError at the layer's first use)
+            raise InputError(f"{type(self).__name__}.__init__ must call super().__init__() "
+                             "(with name=..., as the layer's other settings allow), which "
+                             "sets up the layer's name, params, grads and state")
         if trainable is not _UNSET:
             self.trainable = trainable  # (checked: a bool)
 
@@ -1064,12 +1137,21 @@ def _marks_training_pass(forward: Callable[..., Any]) -> Callable[..., Any]:
 def _needs_training_pass(backward: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(backward)
     def checked(self: Layer, dy: Any, *args: Any, **kwargs: Any) -> Any:
+        ran = vars(self).get("_backward_ran")  # (the passes run in this backward, outermost)
+        if ran is not None and backward not in ran:  # (a subclass's backward calling its base
+            ran.add(backward)  # class's: each class's pass once for one forward)
+            return backward(self, dy, *args, **kwargs)
         if not getattr(self, "_backward_ready", False):
             raise InputError(
                 f"layer {self.name!r}: backward() needs a forward(x, training=True) before it "
-                "(a layer keeps what its gradient needs only in training, for one backward)"
+                "(a layer keeps what its gradient needs only in training, for one backward; "
+                "a subclass's backward calls super().backward once)"
             )
         self._backward_ready = False
-        return backward(self, dy, *args, **kwargs)
+        self._backward_ran = {backward}
+        try:
+            return backward(self, dy, *args, **kwargs)
+        finally:
+            del self._backward_ran
 
     return checked

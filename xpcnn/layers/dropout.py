@@ -11,7 +11,7 @@ from ..checks import number
 from ..errors import InputError
 from ..ops import random
 from ..ops.kernels import kernels_for
-from .base import DEFAULT, Options, RandomLayer, Shape, dtype_name, setting_changed
+from .base import DEFAULT, Options, RandomLayer, Setting, Shape, dtype_name
 
 
 class Dropout(RandomLayer):
@@ -31,34 +31,22 @@ class Dropout(RandomLayer):
 
     # The gradient of a ReLU before it, in the same pass as the mask's (one launch on CuPy).
     can_apply_input_relu_grad = True
-    # (a setting, counted as a Setting's: see setting_names)
-    other_settings = ("rate",)
 
     def __init__(self, rate: float, name: str | None = None) -> None:
         super().__init__(name)
         self.rate = rate
 
-    @property
-    def rate(self) -> float:
-        return self._rate
-
-    @rate.setter
-    def rate(self, value: float) -> None:
-        rate = number(value, "Dropout rate", 0.0, 1.0, high_open=True)
-        old = vars(self).get("_rate"), vars(self).get("_drawn_rates")
-        self._rate = rate
+    def _rate_set(self) -> None:
         # (_drawn_rate's, by dtype object: for this rate only)
         self._drawn_rates: dict[Any, float] = {}
         if vars(self).get("built"):  # (checked as build checks it: a rate 0.99999 in float16
-            try:  # would abort the next step; refused here, the old rate kept)
-                for dtype in (self.dtype, self.compute_dtype):
-                    self._drawn_rate(dtype)
-            except InputError:
-                self._rate, self._drawn_rates = old
-                raise
-        # (a step captured in a CUDA graph holds the old rate, or no mask at all at 0: a
-        # change, by a schedule's callback say, captures it again)
-        setting_changed(self, old[0], rate)
+            for dtype in (self.dtype, self.compute_dtype):  # would abort the next step)
+                self._drawn_rate(dtype)
+
+    # (a step captured in a CUDA graph holds the old rate, or no mask at all at 0: a change, by
+    # a schedule's callback say, captures it again; see Setting)
+    rate = Setting(lambda value: number(value, "Dropout rate", 0.0, 1.0, high_open=True),
+                   on_set=_rate_set)
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "rate": self.rate}

@@ -97,9 +97,11 @@ class Normalization(Layer):
                              "or the other")
         self._mean = _statistic(mean, "mean")
         spreads = _statistic(spread, what)
-        if len(self.mean) != len(spreads):
-            raise InputError(f"Normalization needs mean and {what} of equal length, {what} "
-                             f"positive; got mean={mean!r}, {what}={spread!r}")
+        # (one of length 1 beside a per-channel one broadcasts, as in Keras; as a pair assigned
+        # one at a time is taken: the file of such a layer loads through here)
+        if 1 not in (len(self.mean), len(spreads)) and len(self.mean) != len(spreads):
+            raise InputError(f"Normalization needs mean and {what} of equal length (or one of "
+                             f"length 1), {what} positive; got mean={mean!r}, {what}={spread!r}")
         self._std = spreads if variance is None else np.sqrt(spreads).tolist()
         _check_inverse(self.std, np.float64, f"Normalization {what}")
 

@@ -28,7 +28,7 @@ excludes plans with the note NONDETERMINISTIC from every graph (PyTorch's
 
 Each graph's plan is chosen by timing, as PyTorch's ``cudnn.benchmark`` and TensorFlow's
 autotuning do: the first :data:`TUNE_LIMIT` plans that build, in the heuristics' order, run on
-the graph's first call's own arrays, and the fastest is kept (see :meth:`Plan.run`). On an
+the graph's first call's own arrays, and the fastest is kept (see :meth:`CudnnPlan.run`). On an
 H200 the heuristics' first plan for a 3x3 convolution ran 1.6x slower than PyTorch's timed
 choice (../shared/gpu-notes.md). ``XPCNN_CUDNN_AUTOTUNE=0``, or ``XPCNN_DETERMINISTIC=1``
 (timings differ from run to run, and so would the plan), keeps the heuristics' first plan.
@@ -228,7 +228,7 @@ def _data_type(cudnn: ModuleType, dtype: Any) -> Any:
             "float32": cudnn.data_type.FLOAT, "float64": cudnn.data_type.DOUBLE}[name]
 
 
-class Plan:
+class CudnnPlan:
     """A built cuDNN graph, its named tensors and workspace size: ``run`` executes it. With
     ``candidates`` ((plan index, workspace bytes) of the plans built, the heuristics' first
     selected), the first run times them and keeps the fastest. One plan may serve several
@@ -314,7 +314,7 @@ class Plan:
 
 
 def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool, deterministic: bool,
-               autotune: bool) -> Plan:
+               autotune: bool) -> CudnnPlan:
     """Build a graph of ``dtype`` data (float32 accumulators; float64 for float64): ``make(g,
     io)`` adds its tensors and operations and returns the named tensors; float32 products in
     TF32 only with ``allow_tf32``; only deterministic plans with ``deterministic``. With
@@ -339,7 +339,7 @@ def build_plan(cudnn: ModuleType, dtype: Any, make: Any, allow_tf32: bool, deter
     candidates = _build_candidates(cudnn, graph) if autotune else []
     if not candidates:
         graph.build_plans()  # the heuristics' first plan that builds (raises where none does)
-    return Plan(cudnn, graph, tensors, candidates if len(candidates) > 1 else None)
+    return CudnnPlan(cudnn, graph, tensors, candidates if len(candidates) > 1 else None)
 
 
 def _build_candidates(cudnn: ModuleType, graph: Any) -> list[tuple[int, int]]:
@@ -373,11 +373,11 @@ def _build_candidates(cudnn: ModuleType, graph: Any) -> list[tuple[int, int]]:
 # Every plan built in the process (None where cuDNN had none), by all that decides its graph and
 # its choice (see shared_plan): kept for the process's life, as PyTorch's cudnn.benchmark cache
 # is, or until clear_plans().
-_PLANS: dict[tuple[Any, ...], Plan | None] = {}
+_PLANS: dict[tuple[Any, ...], CudnnPlan | None] = {}
 _PLANS_LOCK = threading.Lock()  # held while a plan is built: each is built once
 
 
-def shared_plan(key: tuple[Any, ...], build: Callable[[], Plan | None]) -> Plan | None:
+def shared_plan(key: tuple[Any, ...], build: Callable[[], CudnnPlan | None]) -> CudnnPlan | None:
     """The process's plan of ``key``: ``build()``'s on the first ask, from any layer or model;
     a thread asking while another builds it waits for that one rather than building it again.
     A None (cuDNN had no plan) is kept too: not tried, nor warned about, again.
@@ -389,7 +389,7 @@ def shared_plan(key: tuple[Any, ...], build: Callable[[], Plan | None]) -> Plan 
     autotune). The last keeps a plan chosen by timing from
     being served with autotuning off, and the heuristics' plan with it on (both can be wanted
     in one process: scripts/bench_gpu.py times one against the other). A plan's timing, done
-    on its first run (:meth:`Plan.run`), is done once for every layer that shares it; a plan
+    on its first run (:meth:`CudnnPlan.run`), is done once for every layer that shares it; a plan
     first run inside a CUDA-graph capture keeps the heuristics' choice, for them all."""
     plan = _PLANS.get(key, _NOT_BUILT)
     if plan is _NOT_BUILT:
@@ -436,9 +436,10 @@ class CudnnConv(ConvEngine):
         self.cudnn, self.fallback = cudnn, fallback
         self.kern = fallback.kern
         # the plans this engine has run, from the process's (kept: see clear_plans)
-        self._plans: dict[tuple[Any, ...], Plan | None] = {}
+        self._plans: dict[tuple[Any, ...], CudnnPlan | None] = {}
 
-    def _plan(self, key: tuple[Any, ...], dtype: Any, describe: Any, *args: Any) -> Plan | None:
+    def _plan(self, key: tuple[Any, ...], dtype: Any, describe: Any, *args: Any
+              ) -> CudnnPlan | None:
         """The plan of ``key`` (operation, batch size, dtype, epilogue) under the switches as
         they are now (:func:`switches`): the process's (:func:`shared_plan`), built on its
         first use by any layer from the graph description ``describe(*args)`` gives; None
@@ -454,7 +455,7 @@ class CudnnConv(ConvEngine):
         return plan
 
     def _build(self, key: tuple[Any, ...], dtype: Any, make: Any,
-               on: tuple[bool, bool, bool]) -> Plan | None:
+               on: tuple[bool, bool, bool]) -> CudnnPlan | None:
         """``make``'s graph built under the switches ``on`` (its key's); None, after a
         one-line warning, where cuDNN has no plan."""
         try:
@@ -586,7 +587,7 @@ class CudnnMatmul:
     def __init__(self, cudnn: ModuleType) -> None:
         self.cudnn = cudnn
         # the plans this engine has run, from the process's (kept: see clear_plans)
-        self._plans: dict[tuple[Any, ...], Plan | None] = {}
+        self._plans: dict[tuple[Any, ...], CudnnPlan | None] = {}
 
     def __call__(self, a: Any, b: Any, transpose_a: bool = False,
                  transpose_b: bool = False) -> Any:
@@ -628,7 +629,7 @@ class CudnnMatmul:
         return c
 
     def _build(self, dtype: Any, shape: tuple[Any, ...], on: tuple[bool, bool, bool]
-               ) -> Plan | None:
+               ) -> CudnnPlan | None:
         """The graph of ``shape`` (see :meth:`_make`) built under the switches ``on`` (its
         key's); None, after a one-line warning, where cuDNN has no plan."""
         m, k, n, _, _, bias, relu = shape

@@ -38,6 +38,7 @@ from .convolution import ConvEngine, ConvGeometry
 from .cudnn_conv import ALIGNMENT, SWITCHES
 from .kernels import StandardKernels, alike
 from .step_record import BAD_GRADS, GROWTH_INTERVAL, square_limit
+from .windows import accumulator
 
 # The patches of convolutions as im2col + cuBLAS (the hand-written ones' algorithms
 # "im2col" and "direct-forward"): out[n, oh, ow, (i*kw + j)*C + c] = x[n, oh*sh + i - top,
@@ -447,9 +448,10 @@ _RECORD = """
     bool error = any_bad;
     if (scaled) {
         float scale = scaling[0], good = scaling[1];
-        const bool rescued = any_bad && !bad_loss && scale > 1.0f;
+        const float floor_ = 1.17549435e-38f;  // (float32's smallest normal: FLT_MIN)
+        const bool rescued = any_bad && !bad_loss && scale > floor_;
         error = any_bad && !rescued;
-        if (rescued) scale = scale / 2.0f;
+        if (rescued) scale = scale / 2.0f < floor_ ? floor_ : scale / 2.0f;
         good = any_bad ? 0.0f : good + 1.0f;
         if (good >= (float)growth) {  // (grown only to a finite scale, as PyTorch's)
             if (isfinite(scale * 2.0f)) scale = scale * 2.0f;
@@ -1392,7 +1394,6 @@ ml_dtypes = sys.modules.get("ml_dtypes")
 # (as dtypes: a training step checks a dozen arrays, without naming their dtypes)
 _FLOAT_DTYPES = frozenset([np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)]
                           + ([np.dtype(ml_dtypes.bfloat16)] if ml_dtypes else []))
-_FLOAT64 = np.dtype(np.float64)
 
 
 def _contiguous(*arrays: Any) -> bool:
@@ -1405,12 +1406,6 @@ def _in_row_blocks(a: Any, splits: int) -> tuple[Any, Any]:
     per = a.shape[0] // splits
     used = per * splits
     return a[:used].reshape(splits, per, *a.shape[1:]), a[used:]
-
-
-def _accumulator(dtype: Any) -> Any:
-    """The type sums of ``dtype`` data accumulate in: float64 for float64, else float32 (for
-    float16 data too: a float16 sum would lose the low bits)."""
-    return cupy.float64 if dtype == _FLOAT64 else cupy.float32
 
 
 def _fits_feature_norm(a: Any) -> bool:
@@ -1548,7 +1543,7 @@ class CupyKernels(StandardKernels):
         (a3, a_rest), (b3, b_rest) = _in_row_blocks(a, splits), _in_row_blocks(b, splits)
         parts = cupy.matmul(a3.transpose(0, 2, 1), b3)
         dtype = a.dtype if a.dtype == b.dtype else parts.dtype  # (as _in_dtype_of's)
-        acc = _accumulator(dtype)
+        acc = accumulator(cupy, dtype)
         out = parts.sum(axis=0, dtype=acc)
         if a_rest.shape[0]:
             out += cupy.matmul(a_rest.T, b_rest).astype(acc, copy=False)
@@ -1601,7 +1596,7 @@ class CupyKernels(StandardKernels):
         rows, cols = a.shape
         per, blocks = _row_blocks(rows)
         chunks = -(-cols // 32)  # (a counter per column chunk)
-        acc = _accumulator(a.dtype)
+        acc = accumulator(cupy, a.dtype)
         partials = cupy.empty((blocks, cols), acc)
         out = cupy.empty(cols, acc)
         tail = (np.int64(rows), np.int32(cols), np.int64(per), partials, _counters(a), out)
@@ -1674,7 +1669,7 @@ class CupyKernels(StandardKernels):
                 and u in _FLOAT_DTYPES):
             return super().feature_norm(x, eps, dtype, out_dtype)
         n, h, w, c = x.shape
-        acc = _accumulator(t)
+        acc = accumulator(cupy, t)
         mean, inv_std = cupy.empty((n, 1, 1, c), acc), cupy.empty((n, 1, 1, c), acc)
         y = cupy.empty(x.shape, u)
         _raw_kernel("xpcnn_feature_norm", _FEATURE_NORM_SOURCE, X=x.dtype, T=t, Y=u, A=acc)(
@@ -1687,7 +1682,8 @@ class CupyKernels(StandardKernels):
         acc = mean.dtype
         if not (_fits_feature_norm(dy) and _fits_feature_norm(x) and x.shape == dy.shape
                 and _contiguous(mean, inv_std) and inv_std.dtype == acc
-                and acc == _accumulator(acc) and np.can_cast(dy.dtype, acc)
+                and acc in _FLOAT_DTYPES and acc == accumulator(cupy, acc)
+                and np.can_cast(dy.dtype, acc)
                 and np.can_cast(x.dtype, acc)):
             return super().feature_norm_backward(dy, x, mean, inv_std, relu)
         n, h, w, c = dy.shape
@@ -1709,7 +1705,7 @@ class CupyKernels(StandardKernels):
         cols = x.shape[-1]
         rows = x.size // cols
         per, blocks = _row_blocks(rows)
-        acc = _accumulator(t)
+        acc = accumulator(cupy, t)
         partials = cupy.empty((blocks, cols, 2), acc)
         mean, inv_std = cupy.empty(cols, acc), cupy.empty(cols, acc)
         if rows < 2:  # (one value a channel: the running statistics left as they were, as
@@ -1730,7 +1726,7 @@ class CupyKernels(StandardKernels):
     def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
                             beta: Any, relu: bool, input_grad: bool) -> tuple[Any, Any, Any]:
         t = gamma.dtype
-        acc = _accumulator(t)
+        acc = accumulator(cupy, t)
         # (a broadcast gradient, GlobalAvgPool2D's, made whole: one copy, no more passes)
         dy = cupy.ascontiguousarray(dy)
         if not (_fits_batch_norm(dy, t, gamma, beta) and _fits_batch_norm(x, acc, mean, inv_std)
@@ -1839,7 +1835,7 @@ class CupyKernels(StandardKernels):
                                   and np.result_type(t, scale.dtype) == t)) or (
                 labels.dtype.kind not in "iu"):
             return super().softmax_cross_entropy(z, labels, smoothing, scale, dtype)
-        acc = _accumulator(t)
+        acc = accumulator(cupy, t)
         name, rows_per_block = cross_entropy_kernel(classes, t)
         blocks = -(-n // rows_per_block)
         grad = cupy.empty(z.shape, z.dtype)  # (in the logits' dtype)

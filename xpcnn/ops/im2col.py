@@ -14,7 +14,7 @@ import contextlib
 import functools
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .windows import Pads, accumulator, window
@@ -253,6 +253,29 @@ def _plan(xp: Any, kern: Any, x: Any, pads: Pads, ws: Workspace, key: str, m: in
     return plan[1:]
 
 
+def _for_patch_chunks(xp: Any, kern: Any, x: Any, kernel: tuple[int, int],
+                      strides: tuple[int, int], pads: Pads, out_hw: tuple[int, int],
+                      ws: Workspace, key: str, budget: int | None, min_chunks: int, ones: bool,
+                      work: Callable[[Any, int, int, int, int], None]) -> int:
+    """The chunk loop of the convolutions: ``x``'s images in chunks sized to ``budget``
+    (:func:`images_per_chunk`), on several threads where ``kern.for_chunks`` spreads them,
+    each worker with scratch of its own; ``work(cols, n0, n1, r0, r1)`` per chunk of images
+    n0:n1, with its patch matrix ``cols`` (a ones column last, with ``ones``), whose rows are
+    output rows r0:r1. Returns the images per chunk."""
+    n = x.shape[0]
+    rows = out_hw[0] * out_hw[1]  # output rows per image
+    kk = kernel[0] * kernel[1] * x.shape[3]
+    m = images_per_chunk(n, rows * kk * 4, budget, min_chunks, kern.threads())
+
+    def chunk(worker: int, n0: int, n1: int) -> None:
+        cols = _patches(xp, kern, x, n0, n1, pads, ws, f"{key}{worker}", m, kernel, strides,
+                        out_hw, ones)
+        work(cols, n0, n1, n0 * rows, n1 * rows)
+
+    kern.for_chunks(n, m, chunk)
+    return m
+
+
 def conv_forward(
     xp: Any,
     kern: Any,
@@ -277,20 +300,18 @@ def conv_forward(
     """
     n = x.shape[0]
     ho, wo = out_hw
-    kk, k = w2.shape
+    k = w2.shape[1]
     y = xp.empty((n * ho * wo, k), dtype=x.dtype, device=x.device)
-    m = images_per_chunk(n, ho * wo * kk * 4, budget, min_chunks, kern.threads())
     ones = bias is not None and kern.bias_in_patches
     if ones:  # the bias as the kernel matrix's last row, met by the patches' ones column
         w2 = xp.concat([w2, xp.reshape(xp.astype(bias, w2.dtype), (1, k))], axis=0)
         bias = None
 
-    def work(worker: int, n0: int, n1: int) -> None:
-        cols = _patches(xp, kern, x, n0, n1, pads, ws, f"{key}{worker}", m, kernel, strides,
-                        out_hw, ones)
-        kern.matmul_into(cols, w2, y[n0 * ho * wo : n1 * ho * wo, :], bias, relu)
+    def work(cols: Any, n0: int, n1: int, r0: int, r1: int) -> None:
+        kern.matmul_into(cols, w2, y[r0:r1, :], bias, relu)
 
-    kern.for_chunks(n, m, work)
+    _for_patch_chunks(xp, kern, x, kernel, strides, pads, out_hw, ws, key, budget, min_chunks,
+                      ones, work)
     return y
 
 
@@ -314,25 +335,20 @@ def conv_weight_grad(
     float32 at least); and ``with_bias`` the bias gradient, the sum of ``dy2``'s rows (else
     None). With ``relu_y``, the output rows of a ReLU: the output gradient is ``dy2`` where
     ``relu_y > 0`` (applied a chunk at a time)."""
-    n = x.shape[0]
-    ho, wo = out_hw
     kk = kernel[0] * kernel[1] * x.shape[3]
-    m = images_per_chunk(n, ho * wo * kk * 4, budget, min_chunks, kern.threads())
     ones = with_bias and kern.bias_in_patches  # then the last row of each part is dy's sum
     if relu_y is not None and not ones and with_bias:  # the bias gradient needs it whole
         dy2, relu_y = kern.relu_backward(dy2, relu_y), None
     parts: dict[int, Any] = {}  # per chunk, see _sum_in_chunk_order
 
-    def work(worker: int, n0: int, n1: int) -> None:
-        cols = _patches(xp, kern, x, n0, n1, pads, ws, f"{key}{worker}", m, kernel, strides,
-                        out_hw, ones)
-        r0, r1 = n0 * ho * wo, n1 * ho * wo
+    def work(cols: Any, n0: int, n1: int, r0: int, r1: int) -> None:
         d = dy2[r0:r1, :] if relu_y is None else kern.relu_backward(dy2[r0:r1, :],
                                                                      relu_y[r0:r1, :])
         parts[n0] = kern.matmul_tn(cols, d)
 
-    kern.for_chunks(n, m, work)
-    dw = _sum_in_chunk_order(xp, parts, n, m)
+    m = _for_patch_chunks(xp, kern, x, kernel, strides, pads, out_hw, ws, key, budget,
+                          min_chunks, ones, work)
+    dw = _sum_in_chunk_order(xp, parts, x.shape[0], m)
     if ones:
         return dw[:kk, ...], dw[kk, ...]
     return dw, (kern.sum_rows(dy2) if with_bias else None)
@@ -444,23 +460,19 @@ def conv_grads(
     n, h, w, _ = x.shape
     gpads = output_grad_pads(pads, (kh, kw))
     wflip2 = flipped_kernel_matrix(xp, kernel)
-    kk = kh * kw * k
     dx = xp.empty((n * h * w, c), dtype=dy.dtype, device=dy.device)
     dy2 = xp.reshape(dy, (n * h * w, k))
-    m = images_per_chunk(n, h * w * kk * 4, budget, min_chunks, kern.threads())
     parts: dict[int, Any] = {}  # per chunk, see _sum_in_chunk_order
     bias_parts: dict[int, Any] = {}
 
-    def work(worker: int, n0: int, n1: int) -> None:
-        cols = _patches(xp, kern, dy, n0, n1, gpads, ws, f"{key}{worker}", m, (kh, kw), (1, 1),
-                        (h, w))
-        r0, r1 = n0 * h * w, n1 * h * w
+    def work(cols: Any, n0: int, n1: int, r0: int, r1: int) -> None:
         kern.matmul_into(cols, wflip2, dx[r0:r1, :])
         parts[n0] = kern.matmul_tn(cols, xp.reshape(x[n0:n1, ...], (r1 - r0, c)))
         if with_bias:  # the rows of dy this chunk just padded, still in cache
             bias_parts[n0] = kern.sum_rows(dy2[r0:r1, :])
 
-    kern.for_chunks(n, m, work)
+    m = _for_patch_chunks(xp, kern, dy, (kh, kw), (1, 1), gpads, (h, w), ws, key, budget,
+                          min_chunks, False, work)
     g = _sum_in_chunk_order(xp, parts, n, m)
     db = _sum_in_chunk_order(xp, bias_parts, n, m) if with_bias else None
     # (kh, kw, K, C) with rotated taps -> (K, kh, kw, C), contiguous (a reshape of the

@@ -15,8 +15,9 @@ them after :func:`record_step`, which, as CuPy's fused version, leaves them alon
 that is not finite is remembered only if it is the first; from it on no update applies.
 
 The float16 loss-scaling state is [scale, good steps in a row] (float32): a step whose
-gradients overflow while the scale is above 1 halves the scale and skips its update (not an
-error), and :data:`GROWTH_INTERVAL` good steps in a row double it.
+gradients overflow while the scale is above its floor, float32's smallest normal number,
+halves the scale (to the floor at least) and skips its update (not an error), as PyTorch's
+GradScaler does with no floor, and :data:`GROWTH_INTERVAL` good steps in a row double it.
 """
 
 from __future__ import annotations
@@ -102,9 +103,14 @@ def _move_scale(xp: Any, scaling: Any, bad_loss: Any, any_bad: Any, live: Any) -
     not on an error, nor while ``live`` is False (an error recorded already): training stops
     there and the model is left as before that step, its scale too. Returns the error flag."""
     scale, good = scaling[0], scaling[1]
-    rescued = xp.logical_and(xp.logical_and(any_bad, xp.logical_not(bad_loss)), scale > 1)
+    # Halved below 1 too, as PyTorch's and Keras' scalers do (a large weighted loss may need
+    # it), down to float32's smallest normal: a scale of 0 would skip every step; only an
+    # overflow there is an error.
+    floor = float(xp.finfo(scaling.dtype).smallest_normal)
+    rescued = xp.logical_and(xp.logical_and(any_bad, xp.logical_not(bad_loss)), scale > floor)
     error = xp.logical_and(any_bad, xp.logical_not(rescued))
-    moved = xp.where(rescued, scale / 2, scale)
+    half = scale / 2
+    moved = xp.where(rescued, xp.where(half < floor, xp.zeros_like(half) + floor, half), scale)
     counted = xp.where(any_bad, good * 0, good + 1)
     grow = counted >= GROWTH_INTERVAL
     # Doubled only where that stays finite, as PyTorch's GradScaler: an infinite scale would

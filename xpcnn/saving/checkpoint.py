@@ -130,19 +130,31 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
                     progress: Progress | None = None, history: History | None = None,
                     run: dict[str, Any] | None = None,
                     callbacks: list[tuple[str, dict[str, Any] | None]] | None = None,
-                    stopped: bool = False) -> None:
+                    stopped: bool = False, replace: bool = True) -> bool:
     """Write ``model``'s whole training state to ``path``, atomically; ``callbacks``, the
     class name and state of each callback that keeps one (:func:`callback_states`), and
-    ``stopped``, whether a callback ended the run, where ``fit`` writes it.
+    ``stopped``, whether a callback ended the run, where ``fit`` writes it. ``replace=False``
+    leaves a file already at ``path`` as it is; returns whether it wrote. On several ranks,
+    rank 0 writes; another rank that calls it too returns once rank 0 has (or raises where
+    it failed), and rank 0 alone may call it (see :func:`xpcnn.distributed.write_on_root`).
 
     Raises :class:`NonFiniteError`, and leaves ``path`` untouched, when a weight or an optimiser
     slot holds NaN or infinity.
     """
     path = checks.file_path(path, "the checkpoint")
     model._require_built("save_checkpoint")
-    if not distributed.is_root():  # one writer: rank 0 (all ranks hold the same state)
-        return
+    # one writer, rank 0 (all ranks hold the same state); the others calling wait for it
+    return distributed.write_on_root(lambda: _write_checkpoint(
+        model, path, progress, history, run, callbacks, stopped, replace), path)
+
+
+def _write_checkpoint(model: Any, path: str, progress: Progress | None,
+                      history: History | None, run: dict[str, Any] | None,
+                      callbacks: list[tuple[str, dict[str, Any] | None]] | None,
+                      stopped: bool, replace: bool) -> bool:
     target = written_file(checks.output_file(path, "the checkpoint"))
+    if not replace and os.path.lexists(target):
+        return False
     if model.loss is None or model.optimizer is None:
         raise InputError("save_checkpoint needs a compiled model (compile(...) first)")
     opt = model.optimizer
@@ -193,6 +205,7 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
             arrays[f"slot.{name}.{k}"] = host
     write_npz_atomic(target, arrays)
     remove_leftovers(target)
+    return True
 
 
 def callback_states(callbacks: list[Any], unknown: Collection[Any] = ()
@@ -927,10 +940,6 @@ class FitCheckpoints:
         return self.stopping
 
     def _stop_if_interrupted(self, epoch: int, step: int) -> None:
-        if self.stopping:
-            if self.model._parallel is not None:  # (rank 0 writes: no rank ends the job before)
-                # (one number: Open MPI completes an allreduce of none at once, not waiting)
-                distributed.host_sum(self.model._parallel.world, [0.0],
-                                     "the checkpoint's write")
+        if self.stopping:  # (on several ranks, rank 0 has written: save_checkpoint waited)
             raise TrainingInterrupted(f"epoch {epoch + 1}, step {step}/{self.steps}", self.path)
 

@@ -169,26 +169,30 @@ def weight_arrays(model: Any, refusal: Callable[[Layer, str], str]) -> dict[str,
 def save_model(model: Any, path: str | os.PathLike[str], weights_only: bool = False) -> None:
     """Write ``model``'s architecture, compile settings and weights to ``path``, atomically;
     ``weights_only`` (``Model.save_weights``): without the compile settings, the file of an
-    uncompiled model (the architecture stays: ``load_weights`` checks it)."""
+    uncompiled model (the architecture stays: ``load_weights`` checks it). On several ranks,
+    rank 0 writes; another rank that calls it too returns once rank 0 has (or raises where
+    it failed), and rank 0 alone may call it (see :func:`xpcnn.distributed.write_on_root`)."""
     what = "the weights file" if weights_only else "the model file"
     path = checks.file_path(path, what)
     model._require_built("save_weights" if weights_only else "save")
-    if not distributed.is_root():  # one writer: rank 0 (all ranks hold the same weights)
-        return
-    target = written_file(checks.output_file(path, what))
 
     def refusal(layer: Layer, weight: str) -> str:
         return (f"the weights of layer {layer.name!r} ({weight}) hold NaN or infinity: {path} "
                 "was not written")
 
-    config = model_config(model, compiled=not weights_only)
-    if "compile" in config and model.optimizer.lr_factor != 1.0:
-        # (the rate a callback or the user set, as Keras' file keeps the optimiser's learning
-        # rate; a checkpoint keeps it with the rest of the optimiser's state)
-        config["compile"]["lr_factor"] = float(model.optimizer.lr_factor)
-    arrays = {CONFIG_KEY: config_entry(config, f"{path} was not written"),
-              **weight_arrays(model, refusal)}
-    write_npz_atomic(target, arrays)
+    def write() -> None:
+        target = written_file(checks.output_file(path, what))
+        config = model_config(model, compiled=not weights_only)
+        if "compile" in config and model.optimizer.lr_factor != 1.0:
+            # (the rate a callback or the user set, as Keras' file keeps the optimiser's
+            # learning rate; a checkpoint keeps it with the rest of the optimiser's state)
+            config["compile"]["lr_factor"] = float(model.optimizer.lr_factor)
+        arrays = {CONFIG_KEY: config_entry(config, f"{path} was not written"),
+                  **weight_arrays(model, refusal)}
+        write_npz_atomic(target, arrays)
+
+    # one writer, rank 0 (all ranks hold the same weights); the others calling wait for it
+    distributed.write_on_root(write, path)
 
 
 def config_entry(config: dict[str, Any], refused: str) -> np.ndarray:

@@ -17,16 +17,18 @@ from tqdm.auto import tqdm
 
 from .. import checks, distributed
 from ..callbacks import BackupAndRestore, Callback, is_save_freq, say_on_root, summary_line
-from ..data import Batches, check_source, is_stream
+from ..data import Batches, check_source, is_stream, one_input
 from ..errors import InputError, warn
 
 
-def _batch_length(x: Any) -> int:
-    """The number of samples in ``x``, one batch of arrays (the ``*_on_batch`` methods): at
-    least 1, so that an empty one reaches the checks that name it."""
+def _batch_length(model: Any, x: Any) -> int:
+    """The number of samples in ``x``, one batch of arrays (the ``*_on_batch`` methods) of
+    ``model`` (``[x]`` as ``x``: :func:`~xpcnn.data.one_input`): at least 1, so that an empty
+    one reaches the checks that name it."""
     if is_stream(x):
         raise InputError("a *_on_batch method takes one batch of arrays, not a dataset or an "
                          "iterable of batches (fit, evaluate and predict take those)")
+    x = one_input(model, x)
     shape = getattr(x, "shape", None)
     if shape is None:  # (a list of samples)
         try:

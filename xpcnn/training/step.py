@@ -44,6 +44,9 @@ from .. import checks, distributed
 from ..cuda_graphs import StepGraphs
 from ..cuda_graphs import blockers as graph_blockers
 from ..data import (
+    ArrayBatches,
+    DatasetBatches,
+    IterableBatches,
     check_arrays,
     check_on_device,
     check_real_images,
@@ -55,7 +58,7 @@ from ..layers.base import Layer, RandomLayer
 from ..ops.kernels import kernels_for
 from ..ops.softmax import target_rows, top_k_counts
 from ..ops.step_record import BAD_GRADS, BAD_LOSS, BAD_STEP
-from ..totals import READ_EVERY, RunningTotals
+from ..totals import READ_EVERY, SCALE_RANGE, RunningTotals
 
 
 class TrainingStep:
@@ -182,7 +185,9 @@ class TrainingStep:
             weights = None if sample_weight is None else check_sample_weights(
                 self, sample_weight, int(x.shape[0]))
             table = None if class_weight is None else checks.as_class_weights(
-                class_weight, self.num_classes)
+                class_weight, self.num_classes, self.dtype_name)
+            if table is not None and weights is not None:
+                checks.check_weighted_classes(weights, self.backend.to_numpy(targets), table)
         # (inside a fit, from a callback: fit's class weights are put back after the step)
         previous = self._use_class_weights(table)
         self._last_stats = None
@@ -356,6 +361,17 @@ class TrainingStep:
         return per_class if weights is None else \
             per_class * xp.astype(weights, table.dtype, copy=False)
 
+    def _check_class_products(self, data: Any, table: np.ndarray) -> None:
+        """Refuse, before training, arrays' sample weights whose products with fit's class
+        weights ``table`` overflow the model's dtype; a stream's or dataset's batches are
+        checked as they come (its ``_checks``, which also check their sample weights)."""
+        if isinstance(data, DatasetBatches | IterableBatches):
+            data._checks.class_weights = table
+        elif isinstance(data, ArrayBatches) and data.host_weights is not None and \
+                data.host_targets is not None:
+            checks.check_weighted_classes(data.host_weights,
+                                          self.backend.to_numpy(data.host_targets), table)
+
     def _use_class_weights(self, table: np.ndarray | None) -> Any:
         """Training steps weigh each class as ``table`` (classes,) says (None: they do not);
         returns the class weights in use before, for the caller to put back. The device table
@@ -499,17 +515,23 @@ class TrainingStep:
         flags = list(zip(self._owners, host[BAD_GRADS:BAD_GRADS + len(self._owners)],
                          strict=True))
         bad = [la for (la, _), flag in flags if flag == 1]
+        # (with float16 loss scaling, an overflow is an error only at the scale's floor: the
+        # step kept the scale, and float16 cannot hold these gradients at any scale)
+        floor = "" if self._scaling is None else (
+            f"; the float16 loss scale reached its floor, {SCALE_RANGE[0]:.4g} (float32's "
+            "smallest normal number), and still float16 cannot hold these gradients: train "
+            "with precision='float32' or 'mixed_bfloat16'")
         if bad:
             # Backpropagation runs from the last layer: the last one with a non-finite
             # gradient is where it appeared.
             raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
-                                 f"backpropagation order) in layer {bad[-1].name!r}")
+                                 f"backpropagation order) in layer {bad[-1].name!r}{floor}")
         layer, name = [owner for owner, flag in flags if flag == 2][-1]
         raise NonFiniteError(f"training stopped at step {step}: the gradient of layer "
                              f"{layer.name!r} ({name}) is so large that its squares overflow, "
                              "and the optimiser's state would become infinite; nothing was "
                              "updated from that step on (are the inputs scaled? a Rescaling or "
-                             "Normalization layer brings them to a small range)")
+                             f"Normalization layer brings them to a small range){floor}")
 
     def _raise_for_labels(self, yb: Any, step: int) -> None:
         """Raise :class:`InputError` where the labels of step ``step`` are not all classes (the

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import os
 import threading
 import time
@@ -51,6 +52,7 @@ from ..data import (
     DatasetBatches,
     IterableBatches,
     check_arrays,
+    check_on_device,
     check_sample_weights,
     check_source,
     is_map_dataset,
@@ -60,11 +62,15 @@ from ..data import (
 )
 from ..errors import InputError, NonFiniteError, warn
 from ..layers.base import Layer
+from ..layers.preprocessing import Normalization
 from ..losses import SoftmaxCrossEntropy, get_loss
 from ..ops.kernels import kernels_for
 from ..ops.softmax import softmax
 from ..optim import Optimizer, get_optimizer
-from ..structure import where
+from ..saving.checkpoint import _checkpoint_config
+from ..saving.model_file import adapt_to_file
+from ..saving.npz import NpzArchive
+from ..structure import check_final_softmax, where
 from ..totals import SCALE_RANGE, RunningTotals, loss_scaling
 from .arguments import (
     _bar,
@@ -366,6 +372,7 @@ class Trainer(TrainingStep):
         are not (:meth:`SoftmaxCrossEntropy.check_outputs`)."""
         # (only where they disagree: the layer is named then, not at each step)
         if loss.from_logits is not None and loss.from_logits == self._fused_softmax():
+            check_final_softmax(self.layers)  # (a user's softmax: named as such)
             last = len(self.layers) - 1
             loss.check_outputs(self._fused_softmax(),
                                where(self.layers[last], last, self.layers))
@@ -460,7 +467,10 @@ class Trainer(TrainingStep):
         resume, delete_checkpoint=False)]``: the whole training state at the end of every epoch
         (and every ``checkpoint_every`` steps when that is an int), kept when training ends;
         with ``resume=True`` a run continues from that file, exactly, and returns the history
-        of every epoch.
+        of every epoch. The layers' settings (Dropout's ``rate``, ReLU's ``max_value``...: see
+        :func:`~xpcnn.layers.base.setting_names`) are then the file's, not those the code gives,
+        so a callback's schedule of them resumes bit for bit (Keras' BackupAndRestore restores
+        only the weights and the optimiser).
 
         A refused fit leaves the model as it was, and loses no batch of an iterator: the
         arguments are checked before any batch is drawn, and where the model is built from
@@ -506,6 +516,7 @@ class Trainer(TrainingStep):
                 _check_takes_sample_weight(self.train_step)
         self._rebuild_if_shared()
         with self._undone_if_refused():
+            self._statistics_from_checkpoint(backups)  # (before the data builds the model)
             x, y, sample_weight, validation_data, split = self._split_validation(
                 x, y, sample_weight, validation_data, validation_split)
             data = self._batches(x, y, batch_size, steps_per_epoch, shuffle=shuffle, seed=seed,
@@ -517,7 +528,9 @@ class Trainer(TrainingStep):
                 x_val, y_val, validation_batch_size, validation_steps, "x_val",
                 checked=split, steps_name="validation_steps", weights=w_val)
             class_weights = None if class_weight is None else checks.as_class_weights(
-                class_weight, self.num_classes)
+                class_weight, self.num_classes, self.dtype_name)
+            if class_weights is not None:
+                self._check_class_products(data, class_weights)
             self.history = history
             # (a user's History records this fit alone, as fit's own one; their bar is silent
             # where fit is)
@@ -554,6 +567,21 @@ class Trainer(TrainingStep):
             return self._fit_epochs(data, validation, cbs, params, epochs, initial_epoch)
         finally:
             _drop_sources(params)
+
+    def _statistics_from_checkpoint(self, backups: list[BackupAndRestore]) -> None:
+        """Where fit resumes from a checkpoint into an unbuilt model, make adapted each plain
+        ``Normalization()`` (neither adapted in this run nor given statistics) whose layer in
+        the checkpoint is, as ``load_weights`` does (:func:`adapt_to_file`): the model is built
+        from the data before the checkpoint is read, which such a layer would refuse, and the
+        checkpoint then restores its statistics as it restores every weight (Keras'
+        BackupAndRestore). A refused fit puts the layer back (``_undone_if_refused``)."""
+        resumed = [cb for cb in backups if cb.resume and os.path.exists(cb.path)]
+        if self.built or not resumed or not any(
+                isinstance(la, Normalization) and not la.adapted and la.mean is None
+                for la in self.layers):
+            return
+        with NpzArchive(resumed[0].path, "the checkpoint") as npz:
+            adapt_to_file(self, _checkpoint_config(npz).get("model"))
 
     def _fit_epochs(self, data: Batches, validation: Batches | None, cbs: CallbackList,
                     params: dict[str, Any], epochs: int, initial_epoch: int) -> History:
@@ -655,7 +683,10 @@ class Trainer(TrainingStep):
                     else:
                         self._parallel.use_slice(*place)
                 if self._train_step_overridden():
-                    self._call_train_step(xb, yb, wb)
+                    seen = self._running_totals().seen
+                    out = self._call_train_step(xb, yb, wb)
+                    if self._running_totals().seen == seen:  # (it recorded no step itself)
+                        self._record_returned(out, xb)
                 else:  # (fit made and checked this batch: train_step's checks would repeat)
                     self._train_step(xb, yb, keep=False, weights=wb)
                 step += 1
@@ -721,10 +752,45 @@ class Trainer(TrainingStep):
             self._parallel.end_batches(0, epoch)
         return has
 
+    def _record_returned(self, out: Any, xb: Any) -> None:
+        """Add the (loss, correct count) that a subclass's ``train_step`` returned to the
+        epoch's totals, where it recorded no step itself (no ``super().train_step``): fit
+        logs what it returns, as Keras 3 does, never a 0 for no data."""
+        what = "this model's train_step (which did not call super().train_step)"
+        try:  # (a pair, or any two numbers that unpack, as train_on_batch takes)
+            if isinstance(out, Mapping | str):  # (Keras' dict of logs: its keys)
+                raise TypeError
+            loss, correct = out
+        except (TypeError, ValueError):
+            raise InputError(f"fit logs what {what} returns: the batch's (loss, correct count) "
+                             f"as numbers or 0-d arrays on the model's device; it returned "
+                             f"{type(out).__name__} {out!r:.80}") from None
+        if self._top_ks or self._parallel is not None:
+            tops = [m.name for m in self._metric_objects if getattr(m, "k", None)]
+            why = (f"the compiled top-k metrics {tops}" if self._top_ks else
+                   "a data-parallel fit (the numbers of the global batch)")
+            raise InputError(f"{what} returned its own (loss, correct count), which does not "
+                             f"give {why}: return super().train_step(xb, yb, "
+                             "sample_weight=sample_weight) from it")
+        totals, xp = self._running_totals(), self.backend.xp
+        parts = []
+        for name, v in (("loss", loss), ("correct count", correct)):
+            if isinstance(v, numbers.Real):
+                parts.append(self.backend.asarray([float(v)], dtype=totals.dtype))
+                continue
+            check_on_device(v, self.backend, f"the {name} that {what} returned",
+                            instead="a Python number or ")
+            if math.prod(v.shape) != 1:
+                raise InputError(f"the {name} that {what} returned has shape "
+                                 f"{tuple(v.shape)}: expected one number (a 0-d array)")
+            parts.append(xp.reshape(xp.astype(v, totals.dtype), (1,)))
+        totals.add_stats(xp.concat(parts), int(xb.shape[0]))
+
     def _batch_logs(self) -> dict[str, float]:
         """The epoch's running loss and metrics (waits for the device): over every training
-        step since the epoch began, those of a callback's ``train_on_batch`` too, as in Keras
-        (0 where a ``train_step`` of a subclass recorded none)."""
+        step since the epoch began, those of a callback's ``train_on_batch`` too, as in Keras,
+        and those a subclass's ``train_step`` returned where it recorded none
+        (:meth:`_record_returned`)."""
         sums = self._read_totals()
         return self._logs(sums, self._running_totals().seen or 1.0)
 
@@ -863,12 +929,12 @@ class Trainer(TrainingStep):
     def test_on_batch(self, x: Any, y: Any, sample_weight: Any = None,
                       return_dict: bool = False) -> float | list[float] | dict[str, float]:
         """:meth:`evaluate` of one batch of arrays, as Keras' ``test_on_batch``."""
-        return self.evaluate(x, y, batch_size=_batch_length(x), sample_weight=sample_weight,
+        return self.evaluate(x, y, batch_size=_batch_length(self, x), sample_weight=sample_weight,
                              return_dict=return_dict)
 
     def predict_on_batch(self, x: Any) -> np.ndarray:
         """:meth:`predict` of one batch of arrays, as Keras' ``predict_on_batch``."""
-        return self.predict(x, batch_size=_batch_length(x))
+        return self.predict(x, batch_size=_batch_length(self, x))
 
     @_prunes_streams
     def predict(self, x: Any, batch_size: int | None = 256, verbose: int | str = 0,
@@ -924,7 +990,7 @@ class Trainer(TrainingStep):
                              f"{type(x).__name__}; predict(x) reads datasets and iterables")
         self._rebuild_if_shared()
         with self._undone_if_refused():
-            data = self._batches(x, None, _batch_length(x), None, targets=False,
+            data = self._batches(x, None, _batch_length(self, x), None, targets=False,
                                  steps_name="steps")
             with self.backend.compute_scope(), contextlib.closing(data.epoch(0)) as batches:
                 out = [self._outputs(xb) for xb, _ in batches]

@@ -1,0 +1,120 @@
+"""Layer settings (:class:`xpcnn.layers.base.Setting`): ReLU's ceiling of 0, which Keras 3
+takes, and the per-layer hook that Dropout's rate is checked by."""
+
+import os
+
+import array_api_strict as xs
+import numpy as np
+import pytest
+import torch
+from nets import plan_of
+
+import xpcnn
+from xpcnn.errors import InputError
+from xpcnn.layers import Conv2D, Dense, Dropout, Flatten, Layer, ReLU
+
+
+def _zero_ceiling_model(device="cpu"):
+    """A convolution, a plain ReLU() (fused into it) and ReLU(max_value=0) after it."""
+    model = xpcnn.Sequential([Conv2D(3, 3, name="conv"), ReLU(name="relu"),
+                              ReLU(max_value=0, name="cap"), Flatten(), Dense(4, name="dense")],
+                             device=device, seed=0)
+    model.compile("sparse_categorical_crossentropy", xpcnn.optim.SGD(0.1, momentum=0.9))
+    return model
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(12, 6, 6, 2)).astype(np.float32), rng.integers(0, 4, 12)
+
+
+@pytest.mark.parametrize("zero", [0, 0.0, -0.0, np.float32(0)])
+def test_a_relu_ceiling_of_zero_gives_zeros_and_a_zero_gradient(zero):
+    """ReLU(max_value=0) was refused; Keras 3 takes it (max_value >= 0): the output is all
+    zeros and the gradient zero, as torch.clamp(x, 0, 0)'s (whose gradient passes at x == 0
+    too, where a ReLU's, Keras' as xpcnn's, is 0). A negative ceiling is still refused."""
+    layer = ReLU(max_value=zero)
+    assert layer.max_value == 0.0 and type(layer.max_value) is float
+    assert str(layer.max_value) == "0.0"  # (-0.0 kept as 0.0: no output is -0.0)
+    layer.build((3, 4, 2), "cpu", dtype="float64")
+    rng = np.random.default_rng(1)
+    x, dy = rng.normal(size=(2, 3, 4, 2)), rng.normal(size=(2, 3, 4, 2))
+    x[0, 0, 0] = [0.0, np.nan]
+    t = torch.tensor(x, requires_grad=True)
+    want = torch.clamp(t, 0.0, 0.0)
+    want.backward(torch.tensor(dy))
+    for training in (False, True):
+        y = layer.forward(x, training=training)
+        np.testing.assert_array_equal(y, want.detach().numpy())
+        assert not np.signbit(y).any()
+    dx = layer.backward(dy)
+    assert not dx.any()
+    np.testing.assert_array_equal(dx[x != 0], t.grad.numpy()[x != 0])
+    with pytest.raises(InputError, match=r"ReLU max_value must be >= 0 or None, got -1e-30"):
+        ReLU(max_value=-1e-30)
+
+
+@pytest.mark.parametrize("device", ["cpu", xs], ids=["numpy", "strict"])
+def test_a_relu_ceiling_of_zero_is_a_ceiling_in_the_plan(device, data):
+    """A plain ReLU() is fused into the convolution before it; one with a ceiling of 0 is not
+    (it is a ceiling, not "none"), whether built so or set after a fit: the model's outputs
+    are then one row for every sample and the layers before the ceiling are never updated,
+    on NumPy's fast path and under array_api_strict."""
+    x, y = data
+    model = _zero_ceiling_model(device)
+    model.fit(x, y, epochs=1, verbose=0)
+    ran, fused, _ = plan_of(model)
+    assert fused == ["conv"] and "cap" in ran and "relu" not in ran
+    conv = [np.array(w) for w in model.layers[0].get_weights()]
+    model.fit(x, y, epochs=2, batch_size=4, verbose=0)
+    for a, b in zip(model.layers[0].get_weights(), conv, strict=True):
+        np.testing.assert_array_equal(a, b)
+    p = model.predict(x)
+    assert np.ptp(p, axis=0).max() == 0 and np.ptp(p[0]) > 0  # (the Dense bias alone)
+    # a ceiling assigned after a fit: the plan compiled again, the ReLU no longer fused
+    other = xpcnn.Sequential([Conv2D(3, 3, name="conv"), ReLU(name="late"), Flatten(), Dense(4)],
+                             device=device, seed=0)
+    other.compile("sparse_categorical_crossentropy", "sgd")
+    other.fit(x, y, epochs=1, verbose=0)
+    assert plan_of(other)[1] == ["conv"]
+    changes = Layer.settings_changes
+    other.layers[1].max_value = 0
+    assert Layer.settings_changes == changes + 1
+    ran, fused, _ = plan_of(other)
+    assert fused == [] and "late" in ran
+    p = other.predict(x)
+    assert np.ptp(p, axis=0).max() == 0
+
+
+def test_a_relu_ceiling_of_zero_saves_loads_and_exports(data, tmp_path):
+    """ReLU(max_value=0) through a model file (its config 0.0, loaded as a ceiling) and, where
+    onnx is installed, an ONNX export (Clip with a max of 0) predicting as the model does."""
+    x, y = data
+    model = _zero_ceiling_model()
+    model.fit(x, y, epochs=1, verbose=0)
+    model.save(tmp_path / "m.npz")
+    same = xpcnn.load_model(tmp_path / "m.npz")
+    assert same.layers[2].max_value == 0.0 and same.layers[2].get_config()["max_value"] == 0.0
+    np.testing.assert_array_equal(same.predict(x), model.predict(x))
+    onnx = pytest.importorskip("onnx", reason="onnx is not installed")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    model.export(tmp_path / "m.onnx")
+    onnx.checker.check_model(os.fspath(tmp_path / "m.onnx"), full_check=True)
+    session = ort.InferenceSession(os.fspath(tmp_path / "m.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, model.predict(x), rtol=0, atol=1e-6)
+
+
+def test_a_refused_dropout_rate_leaves_the_old_rates_drawn_share():
+    """A rate refused by the Setting's per-layer hook (float16 cannot draw it) puts back the
+    old rate and the share each dtype draws for it, not the refused rate's."""
+    drop = Dropout(0.3)
+    drop.build((4,), "cpu", dtype="float32", compute_dtype="float16")
+    before = {d: drop._drawn_rate(d) for d in (drop.dtype, drop.compute_dtype)}
+    assert before[drop.compute_dtype] != 0.3  # (float16 draws 0.30029296875)
+    with pytest.raises(InputError, match="cannot be drawn in float16"):
+        drop.rate = 0.99999  # (float32 draws it, before float16 refuses it)
+    assert drop.rate == 0.3
+    assert drop._drawn_rates == before

@@ -1,0 +1,314 @@
+"""A user's layer that breaks the layer contract (README, "writing a layer") is refused by a
+clear InputError naming its class and what xpcnn expects, not a bare error from deep inside or
+a silently wrong model; and a user's subclass of a softmax layer runs as written (the loss
+never stands in for a forward it would skip)."""
+
+import array_api_strict as xs
+import numpy as np
+import pytest
+
+import xpcnn
+from xpcnn import layers as L
+from xpcnn.errors import InputError
+from xpcnn.layers import Layer
+from xpcnn.models import build_layers
+
+DEVICES = pytest.mark.parametrize("device", ["cpu", xs], ids=["numpy", "strict"])
+
+rng = np.random.default_rng(0)
+X = rng.normal(size=(8, 6)).astype(np.float32)
+Y = np.arange(8) % 4
+
+
+class Scale(Layer):
+    """A right user's layer: one parameter, scaling each feature."""
+
+    weight_names = ("w",)
+
+    def _build(self, input_shape, rng):
+        self._param("w", np.ones(input_shape[-1]))
+        return input_shape
+
+    def forward(self, x, training=False, options=None):
+        self._x = x
+        return x * self.params["w"]
+
+    def backward(self, dy, options=None):
+        self.grads["w"] = self.xp.sum(dy * self._x, axis=0)
+        return dy * self.params["w"]
+
+
+def _model(layer, device="cpu", last=None):
+    m = xpcnn.Sequential([L.Dense(5), layer, L.Dense(4), last or L.Softmax()], seed=0,
+                         device=device)
+    m.compile(optimizer=xpcnn.optim.SGD(0.1))
+    return m
+
+
+# -- 1: a parameter's gradient of the wrong shape ---------------------------------------------
+
+class ScalarGrad(Scale):
+    def backward(self, dy, options=None):
+        self.grads["w"] = self.xp.sum(dy * self._x)  # (no axis=: a scalar)
+        return dy * self.params["w"]
+
+
+class PerSampleGrad(Scale):
+    def backward(self, dy, options=None):
+        self.grads["w"] = dy * self._x  # (not summed over the batch)
+        return dy * self.params["w"]
+
+
+@DEVICES
+@pytest.mark.parametrize("cls, got", [(ScalarGrad, r"shape \(\)"),
+                                      (PerSampleGrad, r"shape \(8, 5\)")])
+def test_a_parameter_gradient_of_another_shape_is_named(device, cls, got):
+    """A scalar was broadcast by the optimiser (every element moved alike, silently); a
+    per-sample one failed with a bare ValueError inside the update. Nothing is updated."""
+    m = _model(cls(), device)
+    m.build((6,))
+    before = m.get_weights()
+    with pytest.raises(InputError, match=rf"layer '(scalargrad|persamplegrad)'.*"
+                                         rf"put a gradient of {got}.* in grads\['w'\], "
+                                         r"expected shape \(5,\)"):
+        m.train_on_batch(X, Y)
+    for a, b in zip(before, m.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_right_users_layer_trains_and_a_frozen_ones_gradients_are_not_read():
+    m = _model(Scale())
+    m.train_on_batch(X, Y)
+    m = _model(ScalarGrad(trainable=False))
+    m.train_on_batch(X, Y)  # (frozen: its grads are not the optimiser's)
+
+
+# -- 2, 3: a user's softmax at the end runs as written ----------------------------------------
+
+class TempSoftmax(L.Softmax):
+    def forward(self, x, training=False, options=None):
+        return super().forward(x / 100.0, training)
+
+    def backward(self, dy, options=None):
+        return super().backward(dy) / 100.0
+
+
+class MyDense(L.Dense):
+    def forward(self, x, training=False, options=None):
+        return super().forward(x, training)
+
+
+class NamedSoftmax(L.Softmax):  # (forward and backward are Softmax's: left to the loss)
+    pass
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("last, scale", [(TempSoftmax, 100.0), (MyDense, 1.0)],
+                         ids=["Softmax", "Dense"])
+def test_a_users_final_softmax_runs_and_is_refused_for_the_loss(last, scale):
+    """A Softmax subclass's forward was skipped (predict gave softmax(z), not softmax(z / T));
+    a Dense subclass dropping the options applied its softmax twice. Predict runs the layer as
+    written; the loss, which takes logits, refuses it by name rather than train on
+    probabilities."""
+    layers = ([L.Dense(4), TempSoftmax()] if last is TempSoftmax
+              else [MyDense(4, activation="softmax")])
+    m = xpcnn.Sequential(layers, seed=0)
+    m.compile(optimizer=xpcnn.optim.SGD(0.1))
+    m.build((6,))
+    kernel, bias = m.layers[0].get_weights()
+    want = _softmax((X @ kernel + bias) / scale)
+    np.testing.assert_allclose(m.predict(X, verbose=0), want, rtol=1e-5, atol=1e-6)
+    name = last.__name__
+    for call in (lambda: m.fit(X, Y, epochs=1, verbose=0), lambda: m.evaluate(X, Y, verbose=0),
+                 lambda: m.train_on_batch(X, Y)):
+        with pytest.raises(InputError, match=rf"\({name}, .* computes its softmax in its class's "
+                                             r"own forward .* logits"):
+            call()
+    with pytest.raises(InputError, match=rf"\({name}, .* computes its softmax"):
+        m.compile(loss=xpcnn.losses.SoftmaxCrossEntropy(from_logits=False))
+
+
+def test_a_softmax_subclass_with_softmaxs_passes_is_still_left_to_the_loss():
+    m = xpcnn.Sequential([L.Dense(4), NamedSoftmax()], seed=0)
+    m.compile(optimizer=xpcnn.optim.SGD(0.1))
+    m.fit(X, Y, epochs=1, verbose=0)
+    assert m._ends_in_a_softmax_layer() and len(m._plan().steps) == 1
+
+
+# -- 4: the arrays _build makes ----------------------------------------------------------------
+
+class Float64Param(Scale):
+    def _build(self, input_shape, rng):
+        self.params["w"] = self.xp.ones(input_shape[-1], dtype=self.xp.float64)
+        return input_shape
+
+
+class NumpyState(Scale):
+    weight_names = ("w", "count")
+
+    def _build(self, input_shape, rng):
+        self._param("w", np.ones(input_shape[-1]))
+        self.state["count"] = np.zeros(1, np.float32)
+        return input_shape
+
+
+@DEVICES
+def test_an_array_build_makes_of_another_dtype_or_namespace_is_named(device):
+    """A float64 parameter trained in float64 in a float32 model and was saved as float32
+    (a resume not bit for bit); a NumPy array under array_api_strict failed at first use."""
+    with pytest.raises(InputError, match=r"layer 'float64param' \(Float64Param\)'s _build made "
+                                         r"its array 'w' .* of dtype float64, expected .* "
+                                         r"float32: make it with self._param\('w'"):
+        _model(Float64Param(), device).build((6,))
+    m = _model(NumpyState(), device)
+    if device == "cpu":
+        m.build((6,))  # (a NumPy float32 array is the NumPy backend's own)
+    else:
+        with pytest.raises(InputError, match=r"'numpystate' \(NumpyState\)'s _build made its "
+                                             r"array 'count' a numpy.ndarray"):
+            m.build((6,))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_built_in_layers_pass_the_array_check(dtype):
+    for name, shape in (("shapes", (32, 32, 1)), ("cifar", (32, 32, 3))):
+        m = xpcnn.Sequential(build_layers(name, 3), seed=0, dtype=dtype, device=xs)
+        m.build(shape)
+        assert all(a.dtype == getattr(xs, dtype) for la in m.layers
+                   for a in la._arrays().values())
+
+
+# -- 5: forward's output ----------------------------------------------------------------------
+
+class ListOut(Layer):
+    def forward(self, x, training=False, options=None):
+        return [x]
+
+    def backward(self, dy, options=None):
+        return dy
+
+
+class Cropped(Layer):
+    def forward(self, x, training=False, options=None):
+        return x[:, :3]
+
+    def backward(self, dy, options=None):
+        return dy
+
+
+class IntOut(Layer):
+    def forward(self, x, training=False, options=None):
+        return self.xp.astype(x, self.xp.int32)
+
+    def backward(self, dy, options=None):
+        return dy
+
+
+@DEVICES
+@pytest.mark.parametrize("cls, got", [(ListOut, "a list"),
+                                      (Cropped, r"an array of shape \(8, 3\)"),
+                                      (IntOut, r"an array of shape \(8, 5\) and dtype int32")])
+@pytest.mark.parametrize("call", ["predict", "fit"])
+def test_a_forward_returning_no_array_of_its_output_shape_is_named(device, cls, got, call):
+    """The next layer failed deep inside (AttributeError on a list, a matmul mismatch)."""
+    m = _model(cls(), device)
+    with pytest.raises(InputError, match=rf"\({cls.__name__}\)'s forward returned {got}.*: "
+                                         r"forward returns one float .* of shape \(8, 5\)"):
+        if call == "predict":
+            m.predict(X, verbose=0)
+        else:
+            m.fit(X, Y, epochs=1, verbose=0)
+
+
+# -- 6: Keras' and PyTorch's habits ------------------------------------------------------------
+
+class KerasCall(Layer):
+    def call(self, x, training=None):
+        return x
+
+
+class NoSuperInit(Layer):
+    def __init__(self, k=1):
+        self.k = k
+
+    def get_config(self):
+        return {"k": self.k}
+
+
+class TorchForward(Layer):
+    def forward(self, x):
+        return x
+
+    def backward(self, dy, options=None):
+        return dy
+
+
+class TorchBackward(Layer):
+    def forward(self, x, training=False, options=None):
+        return x
+
+    def backward(self, dy):
+        return dy
+
+
+class Flexible(Layer):  # (*args and extra defaulted parameters take what a model passes)
+    def forward(self, x, *args, scale=1.0, **kwargs):
+        return x * scale
+
+    def backward(self, dy, options=None, extra=None):
+        return dy
+
+
+def test_keras_and_pytorch_habits_are_named():
+    with pytest.raises(InputError, match=r"layer 'kerascall' \(KerasCall\) defines no "
+                                         r"forward\(x, training=False, options=DEFAULT\).*Keras' "
+                                         r"call\(x, training\) is xpcnn's forward"):
+        _model(KerasCall()).fit(X, Y, epochs=1, verbose=0)
+    with pytest.raises(InputError, match=r"NoSuperInit.__init__ must call super\(\).__init__\(\)"):
+        NoSuperInit()
+    with pytest.raises(InputError, match=r"\(TorchForward\)'s forward\(x\) cannot take the "
+                                         r"arguments a model passes it: define forward\(self, x, "
+                                         r"training=False, options=None\)"):
+        _model(TorchForward()).predict(X, verbose=0)
+    with pytest.raises(InputError, match=r"\(TorchBackward\)'s backward\(dy\) cannot take .* "
+                                         r"define backward\(self, dy, options=None\)"):
+        _model(TorchBackward()).fit(X, Y, epochs=1, verbose=0)
+    _model(Flexible()).fit(X, Y, epochs=1, verbose=0)
+
+
+def test_each_classs_backward_runs_once_for_one_forward():
+    """A subclass's backward calling super().backward, over two levels of subclasses, trains
+    as the base class does; one calling it twice for one forward is refused by name (the
+    second call was let through unchecked, failing deep inside)."""
+    class Outer(L.Dense):
+        def backward(self, dy, options=None):
+            return super().backward(dy)
+
+    class Outermost(Outer):
+        def backward(self, dy, options=None):
+            return super().backward(dy, options)
+
+    class Twice(L.Dense):
+        def backward(self, dy, options=None):
+            super().backward(dy)
+            return super().backward(dy)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 2, 2, 1)).astype(np.float32)
+    y = rng.integers(0, 3, 8)
+
+    def trained(cls):
+        model = xpcnn.Sequential([L.Flatten(), cls(4), L.Dense(3)], input_shape=(2, 2, 1), seed=0)
+        model.compile(optimizer="sgd")
+        model.fit(x, y, epochs=2, batch_size=4, verbose=0)
+        return model.get_weights()
+
+    for a, b in zip(trained(Outermost), trained(L.Dense), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InputError, match=r"layer 'twice': backward\(\) needs a forward.*calls "
+                                         r"super\(\)\.backward once"):
+        trained(Twice)
