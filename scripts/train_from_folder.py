@@ -68,6 +68,7 @@ class ImageFolder:
             if not files:
                 raise InputError(f"{self.root}: no image files ({', '.join(SUFFIXES)}) in its "
                                  "subfolders")
+        if size is None and files:  # (files given without their size: read from their headers)
             size = _one_size([f for f, _ in files])
         self.files, self.size = files, size
 

@@ -236,10 +236,11 @@ def check_recorded_steps(steps, scaling, squares):
     applied = [apply for _, _, apply in steps]
     bad = [(float(state[BAD_STEP]), list(state[BAD_GRADS:BAD_GRADS + n]))
            for state, _, _ in steps]
-    if scaling == (4.0, 1999.0):  # grows at step 1; rescues steps 2, 3 and 5
-        assert [float(s[0]) for _, s, _ in steps] == [8.0, 4.0, 2.0, 2.0, 1.0, 1.0]
+    if scaling == (4.0, 1999.0):  # grows at step 1; rescues steps 2 and 5; step 3's square
+        # overflow is an error (of the unscaled gradient: no scale fixes it), the scale kept
+        assert [float(s[0]) for _, s, _ in steps] == [8.0, 4.0, 4.0, 4.0, 2.0, 2.0]
         assert applied == [True, False, False, False, False, True]
-        assert bad[3] == (4.0, [2.0, 0.0, 0.0, 0.0, 0.0]) and bad[5][0] == -1.0
+        assert bad[2] == bad[3] == (3.0, [2.0, 0.0, 0.0, 0.0, 0.0]) and bad[5][0] == -1.0
         return
     if scaling == (2.0, 0.0):  # rescues steps 2 and 5, halving below 1 (as PyTorch's)
         # (good steps counted, and the scale kept, neither on an error (the NaN loss of step

@@ -463,6 +463,23 @@ def test_load_cifar10_reads_the_extracted_folder_given_itself(tmp_path, rng):
         load_cifar10(tmp_path, download=False)
 
 
+@pytest.mark.parametrize("stray", ["test_batch", "cifar-10-batches-py/test_batch"])
+def test_a_stray_test_batch_does_not_hide_the_archive_beside_it(tmp_path, rng, stray):
+    """A data folder holding a test_batch (at its top, or alone in an extracted folder) but no
+    data_batch_* was read as the dataset, a DataFormatError, instead of the archive beside it."""
+    x, y = random_cifar(rng, 5)
+    xt, yt = random_cifar(rng, 3)
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(_official_tar(
+        {"data_batch_1": cifar_pickle(x, y), "test_batch": cifar_pickle(xt, yt)}))
+    (tmp_path / stray).parent.mkdir(exist_ok=True)
+    (tmp_path / stray).write_bytes(cifar_pickle(*random_cifar(rng, 2)))
+    (xi, yi), (xti, yti) = load_cifar10(tmp_path, download=False)
+    np.testing.assert_array_equal(xi, x)
+    np.testing.assert_array_equal(yi, y)
+    np.testing.assert_array_equal(xti, xt)
+    np.testing.assert_array_equal(yti, yt)
+
+
 def test_load_cifar10_extracted_folder(tmp_path, rng):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()

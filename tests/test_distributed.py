@@ -820,9 +820,11 @@ m.fit(x, y, epochs=2, batch_size=8, verbose=0,
 @pytest.mark.parametrize("failing", [0, 1])
 def test_a_save_at_one_ranks_error_does_not_wait_for_the_others(tmp_path, failing):
     """A callback raising on one rank alone: that rank writes (rank 0) or skips (another) the
-    ModelCheckpoint save put off until after the error, without waiting for the others, which
-    are in another collective (evaluate's), and the job ends at once with its error (was: the
-    save waited for the whole timeout, and its allreduce paired with evaluate's)."""
+    ModelCheckpoint save put off until after the error (fit puts off every epoch save until
+    all on_epoch_end hooks have run, whatever the order), without waiting for the others, which
+    are in another collective (evaluate's), and the job ends at once with its error. (Before
+    write_on_root, rank 1 never waited; with it but without on_the_way_out, rank 1 waited the
+    whole timeout for rank 0's report while rank 0 waited in evaluate's: [1] guards that.)"""
     proc, seconds = two_ranks(tmp_path, _ONE_RANK_FAILS_AT_EPOCH_END, str(tmp_path),
                               str(failing), collective_timeout=20)
     assert proc.returncode != 0 and seconds < 15, proc.stderr

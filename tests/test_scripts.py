@@ -175,6 +175,22 @@ def test_training_from_a_folder_of_png_files(tmp_path):
     assert "missing' does not exist" in out.stderr
 
 
+def test_an_image_folder_given_its_files_reads_their_size(tmp_path):
+    """ImageFolder(root, files) without a size refused every image ("where the first image is
+    "): the size is read from the files' headers."""
+    pytest.importorskip("PIL")
+    spec = importlib.util.spec_from_file_location("train_from_folder",
+                                                  ROOT / "scripts" / "train_from_folder.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.make_demo(tmp_path, 6)
+    whole = script.ImageFolder(tmp_path)
+    some = script.ImageFolder(tmp_path, whole.files[1:4])
+    assert some.size == whole.size == (32, 32) and len(some) == 3
+    image, label = some[0]
+    assert image.shape == (32, 32, 3) and label == whole.files[1][1]
+
+
 def test_the_loop_overhead_benchmark_dry_runs():
     out = _run("--model", "mnist", "--batch-size", "4", "--samples", "64", "--repeat", "1",
                "--optimizer", "adam", script="bench_loop.py")

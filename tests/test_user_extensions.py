@@ -9,7 +9,7 @@ import pytest
 
 import xpcnn
 from xpcnn.errors import InputError
-from xpcnn.layers import Dense, Layer, Softmax
+from xpcnn.layers import Dense, Flatten, Layer, Softmax
 from xpcnn.optim import SGD, Optimizer
 
 STRICT = (xs, xs.Device("device1"))
@@ -293,3 +293,26 @@ def test_model_name_none_is_the_default_name():
     assert Passing([Dense(4), Softmax()]).name == "sequential"
     inp = xpcnn.Input((6,))
     assert xpcnn.Model(inp, Softmax()(Dense(4)(inp)), name=None).name == "model"
+
+
+def test_the_skip_check_leaves_a_user_optimizers_own_attributes_as_they_were():
+    """The one-time check of a user's _update (run with apply False on scratch arrays) runs
+    on a copy of the optimiser: a count of its own that _update keeps moves once a step (it
+    moved twice on the first)."""
+    class Counting(Optimizer):
+        def __init__(self, lr=0.1):
+            super().__init__(lr)
+            self.calls = 0
+
+        def _update(self, xp, i, p, g, scalars, apply):
+            if i == 0:
+                self.calls += 1
+            self._assign(xp, p, p - scalars["lr"] * g, apply)
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 4, 4, 1)).astype(np.float32), np.arange(8) % 4
+    model = xpcnn.Sequential([Flatten(), Dense(4)], input_shape=(4, 4, 1))
+    optimizer = Counting()
+    model.compile(optimizer=optimizer)
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    assert optimizer.iterations == optimizer.calls == 2

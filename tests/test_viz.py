@@ -362,6 +362,31 @@ def test_a_figure_path_of_another_format_is_refused(tmp_path, image, name):
     assert (tmp_path / "demo.PNG").read_bytes().startswith(b"\x89PNG")
 
 
+def test_a_figure_path_of_another_format_is_refused_before_any_work(tmp_path, image,
+                                                                      monkeypatch):
+    """plot_confusion_matrix ran predict over the whole test set (and drew the figure) before
+    refusing a .pdf path; each plot checks its path first."""
+    model = tiny_model()
+    calls = []
+    monkeypatch.setattr(model, "predict", lambda *a, **kw: calls.append(a) or 1 / 0)
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: calls.append(a) or 1 / 0)
+    x, y = np.zeros((4, 12, 12, 3), np.float32), np.zeros(4, np.int64)
+    pdf = str(tmp_path / "fig.pdf")
+    refused = r"^the figures are PNG files: give a path ending in \.png, got '.*fig\.pdf'$"
+    with pytest.raises(InputError, match=refused):
+        viz.plot_confusion_matrix(model, x, y, pdf)
+    with pytest.raises(InputError, match=refused):
+        viz.plot_stage_tour(model, image, pdf)
+    with pytest.raises(InputError, match=refused):  # (bad history too: the path comes first)
+        viz.plot_history({"loss": [1.0], "val_loss": []}, pdf)
+    with pytest.raises(InputError, match=refused):
+        viz.plot_filters(model, pdf, reduce="bad")
+    with pytest.raises(InputError, match=refused):
+        viz.plot_notebook_demo(np.zeros((2, 2, 3)), pdf)
+    assert calls == []
+    assert not list(tmp_path.iterdir())
+
+
 # -- without matplotlib ---------------------------------------------------------------------
 def test_plots_name_the_extra_when_matplotlib_is_missing(tmp_path, monkeypatch, image):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:

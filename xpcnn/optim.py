@@ -12,6 +12,7 @@ arrays in a step captured in a CUDA graph) and hands them to the optimiser's one
 
 from __future__ import annotations
 
+import copy as copy_module
 import functools
 import math
 import numbers
@@ -567,7 +568,8 @@ class Optimizer:
         """Once per user's class defining ``_update``: refuse it where an update with
         ``apply`` False changes parameter 0 or its slots (written ``p[...] = new``, not through
         :meth:`_assign`): steps the device skips (a non-finite float16 step, a bad label) would
-        train. Run on scratch copies, with a gradient of ones."""
+        train. Run on scratch copies, with a gradient of ones, by a shallow copy of this
+        optimiser (an attribute its ``_update`` sets, a count of its own, is left as it was)."""
         def copy(a: Any) -> Any:
             return xp.asarray(a, copy=True)
 
@@ -575,12 +577,10 @@ class Optimizer:
         scratch = {name: [copy(v[0]), *v[1:]] for name, v in slots.items() if v}
         before = [p, *(slots[name][0] for name in scratch)]  # (the originals, left as they are)
         after = [copy(p), *(v[0] for v in scratch.values())]
-        self.slots = {**slots, **scratch}
-        try:
-            self._update(xp, 0, after[0], xp.ones_like(p), scalars,
-                         xp.asarray(False, device=p.device))
-        finally:
-            self.slots = slots
+        probe = copy_module.copy(self)
+        vars(probe)["slots"] = {**slots, **scratch}
+        probe._update(xp, 0, after[0], xp.ones_like(p), scalars,
+                      xp.asarray(False, device=p.device))
         owner = next(c for c in type(self).__mro__ if "_update" in vars(c))
         if not all(bool(xp.all((a == b) | ((a != a) & (b != b))))
                    for a, b in zip(after, before, strict=True)):

@@ -114,9 +114,9 @@ def _png_path(path: Any) -> str:
     return path
 
 
-def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
-    """Write ``fig`` as a PNG of exactly figsize * dpi pixels, creating the folder."""
-    path = _png_path(path)
+def _save(fig: Figure, path: str) -> None:
+    """Write ``fig`` as a PNG of exactly figsize * dpi pixels at ``path`` (which
+    :func:`_png_path` checked before any work), creating the folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, format="png", dpi=fig.dpi)
 
@@ -267,6 +267,7 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
     and value range. Returns the Figure: two axes per row (label or original, then maps),
     ``len(model.layers) + 1`` rows.
     """
+    path = _png_path(path)  # (before any work)
     max_maps = checks.positive_int(max_maps, "max_maps")
     img = _as_image(image)
     model = _ready_model(model, img.shape)
@@ -360,6 +361,7 @@ def plot_notebook_demo(image: Any, path: str | os.PathLike[str],
     span [0, ceiling], so the flattened peaks show). Returns the Figure (a 4 x 3 grid of images
     plus one colour bar per row).
     """
+    path = _png_path(path)  # (before any work)
     img = _as_image(image)
     if img.shape[0] < 4 or img.shape[1] < 4:
         raise InputError(f"the demonstration needs an image of at least 4x4 pixels, got "
@@ -472,6 +474,7 @@ def plot_filters(model_or_layer: Model | Conv2D, path: str | os.PathLike[str],
     first channel (``reduce="first"``); the title says which. Tiles are numbered by row label
     plus column label. Returns the Figure (one image of all tiles; a colour bar when signed).
     """
+    path = _png_path(path)  # (before any work)
     if reduce not in ("mean", "first"):
         raise InputError(f"reduce must be 'mean' or 'first', got {reduce!r}")
     columns = checks.positive_int(columns, "columns")
@@ -571,6 +574,7 @@ def plot_history(history: History | Mapping[str, Sequence[float]],
     those are, so one whose lists differ in length is refused: pass the History that ``fit``
     returned. Returns the Figure.
     """
+    path = _png_path(path)  # (before any work)
     logs = getattr(history, "history", history)
     epochs_of = getattr(history, "epochs_of", None)  # (a History: each key's own epochs)
     if not isinstance(logs, Mapping):
@@ -661,6 +665,7 @@ def plot_confusion_matrix(model: Model, x: Any, y: Any, path: str | os.PathLike[
     Cells show counts, coloured by the fraction of the true class (row) they hold, so rare and
     common classes read alike. Returns the Figure (the matrix axes and its colour bar).
     """
+    path = _png_path(path)  # (before predict runs over x)
     probs = _a_model(model).predict(x, batch_size=batch_size)
     if probs.ndim != 2 or probs.shape[1] < 2:
         raise InputError(f"a confusion matrix needs a classifier, whose output is one vector of "

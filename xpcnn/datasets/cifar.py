@@ -345,14 +345,29 @@ def _is_cifar_tar(path: Path) -> bool:
     return name.split("/")[0] == FOLDER_NAME
 
 
-def _holds_batches(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / b).is_file() for b in (*TRAIN_BATCHES, TEST_BATCH))
+def _holds_batches(folder: Path, names: tuple[str, ...] = TRAIN_BATCHES) -> bool:
+    return folder.is_dir() and any((folder / b).is_file() for b in names)
 
 
 def _find(root: Path) -> Path | None:
-    for folder in (root / FOLDER_NAME, root):  # (root: the extracted folder itself, given)
+    """The extracted folder, else root itself (that folder, given), holding a training batch;
+    else an archive; else one of those folders holding only a test batch (read, so that the
+    missing training batches are named). A stray test_batch never hides an archive beside it."""
+    folders = (root / FOLDER_NAME, root)
+    for folder in folders:
         if _holds_batches(folder):
             return folder
+    archive = _archive(root)
+    if archive is not None:
+        return archive
+    for folder in folders:  # (nothing else to read: its error names the missing batches)
+        if _holds_batches(folder, (TEST_BATCH,)):
+            return folder
+    return None
+
+
+def _archive(root: Path) -> Path | None:
+    """The official archive in ``root``, else any tar.gz there whose contents are CIFAR-10's."""
     official = root / ARCHIVE_NAME
     if official.is_file():
         return official
@@ -428,8 +443,10 @@ def load_cifar10(
     """CIFAR-10: ``(x_train, y_train), (x_test, y_test)``, uint8 ``(N, 32, 32, 3)``, int64 labels.
 
     Reads, from the data folder, the extracted ``cifar-10-batches-py/`` folder, else the batches
-    at the top of the data folder (that folder itself, given), else ``cifar-10-python.tar.gz``,
-    else any ``*.tar.gz`` whose contents start with ``cifar-10-batches-py/``. Whichever of
+    at the top of the data folder (that folder itself, given), each where it holds a training
+    batch, else ``cifar-10-python.tar.gz``, else any ``*.tar.gz`` whose contents start with
+    ``cifar-10-batches-py/`` (a folder holding only ``test_batch`` is an error naming the
+    missing training batches, where there is no archive). Whichever of
     ``data_batch_1`` to ``data_batch_5`` are present form the training set. **Where
     ``test_batch`` is absent the second pair is ``None``** (the caller holds out part of the
     training set instead). With nothing found, the official archive is

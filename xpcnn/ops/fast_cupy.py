@@ -443,13 +443,16 @@ _RECORD = """
     const long long marks = 4 + grads;
     const F loss = (F)stats[0];
     const bool bad_loss = !isfinite(loss);
-    bool any_bad = bad_loss;
+    bool any_bad = bad_loss, squared = false;
     for (int k = 0; k < 2 * grads; ++k) any_bad = any_bad || state[marks + k] != (F)0;
+    // (a square overflow, an array's flag 2 where it has no flag 1: no scale fixes it)
+    for (int k = 0; k < grads; ++k)
+        squared = squared || (state[marks + 2 * k] == (F)0 && state[marks + 2 * k + 1] != (F)0);
     bool error = any_bad;
     if (scaled) {
         float scale = scaling[0], good = scaling[1];
         const float floor_ = 1.17549435e-38f;  // (float32's smallest normal: FLT_MIN)
-        const bool rescued = any_bad && !bad_loss && scale > floor_;
+        const bool rescued = any_bad && !bad_loss && !squared && scale > floor_;
         error = any_bad && !rescued;
         if (rescued) scale = scale / 2.0f < floor_ ? floor_ : scale / 2.0f;
         good = any_bad ? 0.0f : good + 1.0f;

@@ -80,7 +80,9 @@ def record_step(xp: Any, state: Any, stats: Any, grads: list[Any], n: float, ste
         flags = flags + 2 * xp.astype(xp.logical_and(finite, above), f)
     bad_loss = xp.logical_not(xp.isfinite(stats[0]))
     any_bad = xp.logical_or(bad_loss, xp.any(flags > 0))
-    error = any_bad if scaling is None else _move_scale(xp, scaling, bad_loss, any_bad,
+    # (a square overflow is of the unscaled gradient: a smaller scale cannot fix it)
+    unfixable = xp.logical_or(bad_loss, xp.any(flags == 2))
+    error = any_bad if scaling is None else _move_scale(xp, scaling, unfixable, any_bad,
                                                          state[BAD_STEP] < 0)
     fresh = xp.logical_and(error, state[BAD_STEP] < 0)
     first = xp.concat([state[BAD_STEP:BAD_LOSS] * 0 + step, stats[:1], flags])
@@ -97,9 +99,10 @@ def _peak(xp: Any, g: Any) -> Any:
     return xp.max(xp.abs(g))
 
 
-def _move_scale(xp: Any, scaling: Any, bad_loss: Any, any_bad: Any, live: Any) -> Any:
+def _move_scale(xp: Any, scaling: Any, unfixable: Any, any_bad: Any, live: Any) -> Any:
     """Halve the scale on a gradient overflow that it can still fix (the update is skipped; not
-    an error), count good steps and double the scale after GROWTH_INTERVAL of them, in place;
+    an error; ``unfixable``: a non-finite loss, or a gradient's square overflow), count good
+    steps and double the scale after GROWTH_INTERVAL of them, in place;
     not on an error, nor while ``live`` is False (an error recorded already): training stops
     there and the model is left as before that step, its scale too. Returns the error flag."""
     scale, good = scaling[0], scaling[1]
@@ -107,7 +110,7 @@ def _move_scale(xp: Any, scaling: Any, bad_loss: Any, any_bad: Any, live: Any) -
     # it), down to float32's smallest normal: a scale of 0 would skip every step; only an
     # overflow there is an error.
     floor = float(xp.finfo(scaling.dtype).smallest_normal)
-    rescued = xp.logical_and(xp.logical_and(any_bad, xp.logical_not(bad_loss)), scale > floor)
+    rescued = xp.logical_and(xp.logical_and(any_bad, xp.logical_not(unfixable)), scale > floor)
     error = xp.logical_and(any_bad, xp.logical_not(rescued))
     half = scale / 2
     moved = xp.where(rescued, xp.where(half < floor, xp.zeros_like(half) + floor, half), scale)

@@ -9,6 +9,7 @@ and the ONNX export import only the geometry they need.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -60,6 +61,7 @@ def unpad(x: Any, pads: Pads) -> Any:
     return x[:, top : x.shape[1] - bottom, left : x.shape[2] - right, :]
 
 
+@functools.cache  # (a CuPy step asks a few times; finfo costs microseconds each)
 def accumulator(xp: Any, dtype: Any) -> Any:
     """The dtype sums of ``dtype`` values are taken in: float64 for float64, else float32 (a
     float16 or bfloat16 sum of a few values loses their low bits). Told by the bits, not by

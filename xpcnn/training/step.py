@@ -515,23 +515,25 @@ class TrainingStep:
         flags = list(zip(self._owners, host[BAD_GRADS:BAD_GRADS + len(self._owners)],
                          strict=True))
         bad = [la for (la, _), flag in flags if flag == 1]
-        # (with float16 loss scaling, an overflow is an error only at the scale's floor: the
-        # step kept the scale, and float16 cannot hold these gradients at any scale)
-        floor = "" if self._scaling is None else (
-            f"; the float16 loss scale reached its floor, {SCALE_RANGE[0]:.4g} (float32's "
-            "smallest normal number), and still float16 cannot hold these gradients: train "
-            "with precision='float32' or 'mixed_bfloat16'")
-        if bad:
+        squares = [owner for owner, flag in flags if flag == 2]
+        if bad and (self._scaling is None or not squares):
+            # (with float16 loss scaling, an overflow alone is an error only at the scale's
+            # floor: the step kept the scale, and float16 cannot hold these gradients at any)
+            floor = "" if self._scaling is None else (
+                f"; the float16 loss scale reached its floor, {SCALE_RANGE[0]:.4g} (float32's "
+                "smallest normal number), and still float16 cannot hold these gradients: "
+                "train with precision='float32' or 'mixed_bfloat16'")
             # Backpropagation runs from the last layer: the last one with a non-finite
             # gradient is where it appeared.
             raise NonFiniteError(f"non-finite gradient at step {step}: it first appears (in "
                                  f"backpropagation order) in layer {bad[-1].name!r}{floor}")
-        layer, name = [owner for owner, flag in flags if flag == 2][-1]
+        # (a square overflow is of the unscaled gradient: no loss scale fixes it)
+        layer, name = squares[-1]
         raise NonFiniteError(f"training stopped at step {step}: the gradient of layer "
                              f"{layer.name!r} ({name}) is so large that its squares overflow, "
                              "and the optimiser's state would become infinite; nothing was "
                              "updated from that step on (are the inputs scaled? a Rescaling or "
-                             f"Normalization layer brings them to a small range){floor}")
+                             "Normalization layer brings them to a small range)")
 
     def _raise_for_labels(self, yb: Any, step: int) -> None:
         """Raise :class:`InputError` where the labels of step ``step`` are not all classes (the
