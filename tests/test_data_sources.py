@@ -227,6 +227,89 @@ def test_a_dataset_of_single_samples_shaped_as_batches_of_one_trains(data):
     assert model.optimizer.iterations == 3
 
 
+class Reads:
+    """A map-style dataset that records the indices it is asked for."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.read = x, y, []
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.read.append(int(i))
+        return self.x[i], self.y[i]
+
+
+def test_a_dataset_refused_by_its_first_batch_leaves_the_model_as_it_was(data):
+    """Its labels were first checked inside epoch 1, after the callbacks began: the refused
+    fit had set a schedule's rate, run on_train_begin and on_epoch_begin, and replaced the
+    last fit's History (an iterator's or arrays' were refused before any of that)."""
+    from xpcnn.callbacks import LambdaCallback, LearningRateScheduler
+
+    x, y = data
+    model = make()
+    model.fit(x, y, epochs=2, batch_size=BATCH, verbose=0)
+    history, rate, weights = dict(model.history.history), model.optimizer.lr, \
+        model.get_weights()
+    events = []
+    hooks = [LearningRateScheduler(lambda epoch, lr: 0.5),
+             LambdaCallback(on_train_begin=lambda logs: events.append("train"),
+                            on_epoch_begin=lambda epoch, logs: events.append("epoch"))]
+    with pytest.raises(InputError, match=r"labels in y must be in \[0, 3\]"):
+        model.fit(Reads(x, y + 7), batch_size=BATCH, callbacks=hooks, verbose=0)
+    assert events == [] and model.optimizer.lr == rate
+    assert model.history.history == history
+    for u, v in zip(model.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(u, v)
+    unbuilt = make()
+    with pytest.raises(InputError, match=r"labels in y must be in \[0, 3\]"):
+        unbuilt.fit(Reads(x, y + 7), batch_size=BATCH, verbose=0)
+    assert not unbuilt.built
+    unbuilt.fit(Reads(x, y), batch_size=BATCH, verbose=0)
+    assert unbuilt.optimizer.iterations == 3
+
+
+def test_a_dataset_of_whole_greyscale_batches_leaves_the_model_unbuilt(grey):
+    """Batches (B, H, W) with labels (B,), a Keras Sequence's: read as samples of shape
+    (B, H, W), their stacked labels refused, and the model stayed built for them (the right
+    data was then refused); now named as whole batches. An image (H, W, C) with its one-hot
+    row of H values is one sample still (in integers, named as such)."""
+    x, y = grey
+    model = grey_model(built=False)
+    with pytest.raises(InputError, match=r"^x\[0\] is a batch of 8 samples \(x of shape "
+                                         r"\(8, 6, 6\)\), not one sample"):
+        model.fit(BatchSequence(x, y), verbose=0)
+    assert not model.built
+    model.fit(x[..., None], y, batch_size=BATCH, verbose=0)
+    assert model.input_shape == (6, 6, 1)
+    images, onehot = np.repeat(x[..., None], 2, axis=-1), np.eye(6, dtype=np.int64)[y]
+    flat = xpcnn.Sequential([Flatten(), Dense(6)], seed=0)  # (K = 6 = H)
+    flat.compile(optimizer=xpcnn.optim.Adam(1e-2))
+    with pytest.raises(InputError, match=r"^one-hot y must be floats"):
+        flat.fit(GreyDataset(images, onehot), batch_size=BATCH, verbose=0)
+    assert not flat.built
+    flat.fit(GreyDataset(images, onehot.astype(np.float32)), batch_size=BATCH, verbose=0)
+    assert flat.input_shape == (6, 6, 2) and flat.optimizer.iterations == 3
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_a_datasets_first_batch_is_read_once_before_training(data, built):
+    """The first batch, read and checked before the callbacks begin, is the first epoch's:
+    each sample is read as often and in the same order as before (a dataset's own random
+    transforms draw the same), and it trains as the arrays do."""
+    x, y = data
+    model, reference = make(), make()
+    if built:
+        model.build(x.shape[1:])
+    dataset = Reads(x, y)
+    model.fit(dataset, epochs=2, batch_size=BATCH, seed=3, verbose=0)
+    reference.fit(x, y, epochs=2, batch_size=BATCH, seed=3, verbose=0)
+    assert_same_weights(model, reference)
+    orders = [np.random.default_rng([3, epoch]).permutation(N) for epoch in range(2)]
+    assert dataset.read == [0] * (not built) + np.concatenate(orders).tolist()
+
+
 def test_integer_images_beyond_float16_are_refused_where_it_reads_them(data):
     """uint16 images up to 65535 under mixed_float16 (was: not checked, NaN in predict); uint8
     images can never be; on the device as on the host."""

@@ -59,6 +59,23 @@ def _ml_dtypes_bfloat16(library: str) -> Any:
     return dtype
 
 
+#: compile's precisions and the dtype of their heavy matmuls (None: the parameters' dtype).
+PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
+
+
+def precision_dtype(backend: Backend, precision: str, way_out: str) -> Any:
+    """The dtype ``precision`` (a mixed one) computes in on ``backend``; where the backend
+    lacks it, a DeviceError naming the precision as the cause and ``way_out``."""
+    try:
+        return backend.dtype(PRECISIONS[precision])
+    except DeviceError as e:
+        if "ml_dtypes" in str(e):  # (NumPy or CuPy without ml_dtypes: its own remedy)
+            raise
+        name = PRECISIONS[precision]
+        raise DeviceError(f"precision={precision!r} computes in {name}, and the {backend.name} "
+                          f"backend has no dtype {name!r}: {way_out}") from None
+
+
 def set_fast_path(enabled: bool) -> bool:
     """Turn the NumPy and CuPy fast paths on or off (for tests and comparisons); returns the old
     setting."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -15,6 +16,24 @@ from .errors import InputError, NonFiniteError, of_xpcnn, warn
 from .files import check_name_length, names_a_folder, try_writing_in, written_file
 
 
+@functools.cache
+def real_floating(xp: Any, dtype: Any) -> bool:
+    """Whether ``dtype`` (of namespace ``xp``) is a real floating dtype, ml_dtypes' bfloat16
+    included: NumPy's ``isdtype`` refuses it with a bare TypeError, ``issubdtype`` says no."""
+    try:
+        return bool(xp.isdtype(dtype, "real floating"))
+    except TypeError:
+        return getattr(dtype, "name", None) == "bfloat16"
+
+
+def real_numbers(xp: Any, dtype: Any) -> bool:
+    """Whether ``dtype`` holds real numbers: integers (not booleans) or real floats."""
+    try:
+        return real_floating(xp, dtype) or bool(xp.isdtype(dtype, "integral"))
+    except TypeError:  # (ml_dtypes' other dtypes, float8...)
+        return False
+
+
 def as_images(x: Any, what: str = "x") -> np.ndarray:
     """A real-valued host array with a leading batch axis and at least one sample."""
     if hasattr(x, "__array_namespace__") and not isinstance(x, np.ndarray):
@@ -24,8 +43,7 @@ def as_images(x: Any, what: str = "x") -> np.ndarray:
         arr = np.asarray(x)
     except Exception as e:  # ragged lists and the like
         raise InputError(f"{what} must be an array of numbers: {e}") from e
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer)
-                                 or np.issubdtype(arr.dtype, np.floating)):
+    if not real_numbers(np, arr.dtype):
         raise InputError(f"{what} must hold real numbers (uint8 or float images), got dtype "
                          f"{arr.dtype}")
     if arr.ndim < 2:
@@ -118,8 +136,7 @@ def as_sample_weights(w: Any, n: int, what: str = "sample_weight", dtype: Any = 
         arr = np.asarray(w)
     except Exception as e:
         raise InputError(f"{what} must be an array of one weight a sample: {e}") from e
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer)
-                                 or np.issubdtype(arr.dtype, np.floating)):
+    if not real_numbers(np, arr.dtype):
         raise InputError(f"{what} must hold real numbers, one weight a sample, got dtype "
                          f"{arr.dtype}")
     if arr.ndim == 2 and arr.shape[1] == 1:
@@ -290,9 +307,11 @@ def check_finite(x: np.ndarray, what: str = "x", index: Any = None,
     Runs in chunks of samples, so it needs no temporary as large as ``x``.
     """
     dtype, largest = limit or (str(x.dtype), np.inf)
-    floating = np.issubdtype(x.dtype, np.floating)
+    floating = real_floating(np, x.dtype)
+    # (bfloat16 has no NumPy finfo: float32's bound, which it ends just below, stands in)
+    kind = x.dtype if x.dtype.kind in "fiu" else np.float32
     # (in Python floats: a comparison in x's dtype would warn of its own overflow)
-    if largest >= float((np.finfo if floating else np.iinfo)(x.dtype).max):
+    if largest >= float((np.finfo if floating else np.iinfo)(kind).max):
         if not floating:
             return  # integer images cannot hold NaN or infinity, nor values beyond the limit
         within = np.isfinite

@@ -21,7 +21,6 @@ always gets the default options and does all its own work.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections import Counter
 from collections.abc import Callable
@@ -548,7 +547,7 @@ def _check_input_grads(layer: Layer, dx: Any, batch: int, needed: list[bool]) ->
             continue
         got_shape = tuple(g.shape) if hasattr(g, "shape") and hasattr(g, "dtype") else None
         if got_shape is None or got_shape[0] != batch or got_shape[1:] != shape \
-                or not _real_floating(layer.xp, g.dtype):
+                or not checks.real_floating(layer.xp, g.dtype):
             want = (batch, *shape)
             got = ("None" if g is None else f"a {type(g).__name__}" if got_shape is None
                    else f"a gradient of shape {got_shape} and dtype {g.dtype}")
@@ -565,7 +564,7 @@ def _check_output(layer: Layer, y: Any, x: Any) -> None:
     list, or another shape, failed deep inside the next layer."""
     shape = getattr(y, "shape", None)
     if isinstance(y, type(x)) and shape is not None and shape[0] == x.shape[0] \
-            and tuple(shape[1:]) == layer.output_shape and _real_floating(layer.xp, y.dtype):
+            and tuple(shape[1:]) == layer.output_shape and checks.real_floating(layer.xp, y.dtype):
         return
     want = (int(x.shape[0]), *layer.output_shape)
     got = (f"a {type(y).__name__}" if shape is None or not isinstance(y, type(x))
@@ -588,7 +587,7 @@ def _check_param_grads(layer: Layer) -> None:
             continue
         shape = getattr(g, "shape", None)
         if shape is not None and tuple(shape) == tuple(p.shape) \
-                and _real_floating(layer.xp, g.dtype):
+                and checks.real_floating(layer.xp, g.dtype):
             continue
         got = (f"a {type(g).__name__}" if shape is None
                else f"a gradient of shape {tuple(shape)} and dtype {_dtype(g)}")
@@ -602,14 +601,6 @@ def _dtype(a: Any) -> str:
     """``a``'s dtype as an error names it: "int32" (array_api_strict's says
     "array_api_strict.int32")."""
     return str(a.dtype).rsplit(".", 1)[-1]
-
-
-@functools.cache
-def _real_floating(xp: Any, dtype: Any) -> bool:
-    try:
-        return bool(xp.isdtype(dtype, "real floating"))
-    except TypeError:  # (NumPy's isdtype refuses ml_dtypes' bfloat16)
-        return dtype_name(dtype) == "bfloat16"
 
 
 def each_output(layers: list[Layer], inbound: list[Inbound], x: Any, training: bool = False

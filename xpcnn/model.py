@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import checks, distributed, graph
-from .backend import DeviceLike, get_backend
+from .backend import PRECISIONS, DeviceLike, get_backend, precision_dtype
 from .errors import DataFormatError, InputError
 from .layers.base import (
     Layer,
@@ -683,6 +683,10 @@ class Model(Trainer):
         device it started on."""
         with self._running_alone("to()"):
             backend = get_backend(distributed.device_for_rank(device))
+            if PRECISIONS.get(self.precision) is not None:
+                # (refused before anything moves, naming the precision as the cause)
+                precision_dtype(backend, self.precision, "compile it with precision='float32' "
+                                f"before to({backend.name})")
             # A move that fails partway (out of device memory) leaves the model whole where it
             # was.
             layers = _attributes(self.layers)

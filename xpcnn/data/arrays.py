@@ -185,13 +185,24 @@ def check_device_images(x: Any, backend: Any, what: str = "x",
 
 def input_limit(model: Any) -> tuple[str, float]:
     """The narrowest dtype the model's batch is computed in, and its largest value: the
-    parameters' dtype (the model casts the batch to it, and preprocessing layers that cast it
-    themselves compute in it), and under mixed precision the compute dtype (float16) where
-    another layer reads the batch: it casts the batch to that dtype."""
-    readers = [la for la, ins in zip(model.layers, model._inbound(), strict=True) if 0 in ins]
+    parameters' dtype (the model casts the batch to it, or the layers reading it do), and
+    under mixed precision the compute dtype (float16) where the batch's values first meet it
+    (:attr:`~xpcnn.layers.base.Layer.input_values`): in a layer reading the batch, or reading
+    it through layers passing its values on (ReLU, pooling, Dropout, augmentations); a layer
+    normalising them in the parameters' dtype (BatchNorm2D, Rescaling...) ends that path."""
     names = {model.dtype_name}
-    if not all(la.casts_input for la in readers):
-        names.add(model._compute_dtype_name)
+    reached = {0}  # (slot 0 is the batch, slot k + 1 layer k's output)
+    for k, (la, ins) in enumerate(zip(model.layers, model._inbound(), strict=True)):
+        if not reached.intersection(ins):
+            continue
+        # (a subclass with a forward of its own computes in the compute dtype, for all we know)
+        values = la.input_values if checks.same_author(la, "input_values", "forward") else \
+            "computes"
+        if values == "passes":
+            reached.add(k + 1)
+        elif values != "normalises":
+            names.add(model._compute_dtype_name)
+            break
     backend = model.backend
     return min(((name, float(backend.xp.finfo(backend.dtype(name)).max)) for name in names),
                key=lambda limit: limit[1])
@@ -199,8 +210,7 @@ def input_limit(model: Any) -> tuple[str, float]:
 
 def check_real_images(x: Any, xp: Any, what: str = "x") -> None:
     """``x`` holds real numbers (uint8 or float images), not booleans or complex numbers."""
-    if not (xp.isdtype(x.dtype, "integral") or xp.isdtype(x.dtype, "real floating")) or \
-            x.dtype == xp.bool:
+    if not checks.real_numbers(xp, x.dtype):
         raise InputError(f"{what} must hold real numbers (uint8 or float images), got dtype "
                          f"{x.dtype}")
 

@@ -7,6 +7,7 @@ between calls, are in :mod:`xpcnn.data.streams`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 from collections.abc import Iterator, Sequence
@@ -220,7 +221,8 @@ def device_sums_crc32(backend: Any, x: Any) -> int:
 class DatasetBatches(ShardedBatches):
     """A map-style dataset: ``dataset[i] -> (x_i, y_i)``, ``(x_i, y_i, w_i)`` with a sample
     weight (or ``x_i`` alone for ``predict``), batched and shuffled as arrays are; samples are
-    read and stacked on a background thread."""
+    read and stacked on a background thread, but for the first batch of ``fit``, which is
+    read and checked before its callbacks begin (:meth:`read_first`)."""
 
     resumable = True
 
@@ -241,19 +243,36 @@ class DatasetBatches(ShardedBatches):
         if self.samples < 1:
             raise InputError(f"{what} is an empty dataset (len() is {self.samples})")
         self.steps = -(-self.samples // (batch_size * shard[1]))
+        self._first: tuple[int, tuple[Any, ...]] | None = None  # (read_first's)
         if not model.built:  # the first sample tells the input shape
             x, y, _ = split_item(self._item(0), with_targets, self._expected)
             self._refuse_a_batch(0, x, y)
             build_for(model, np.shape(x), what, f"return x_i[..., None] from {what}[i]")
 
+    def read_first(self, epoch: int) -> None:
+        """Read and check this rank's first batch of ``epoch`` (its shuffling number) now,
+        through the checks every batch passes: fit refuses bad data so before any callback
+        runs. The batch waits for that epoch, which starts with it instead of reading it
+        again (the dataset is read as often and in the same order, so a dataset's own random
+        transforms draw the same); an epoch that starts elsewhere (a checkpoint's) drops it."""
+        lo, hi = next(rank_slices(self.samples, self.batch_size, 0, self.shard))
+        with self.model.backend.on_device():  # (stacked where the epoch's loop reads it)
+            self._first = (epoch, self._batch(self._order(epoch)[lo:hi]))
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
-        order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
-        if order is None:
-            order = np.arange(self.samples)
-        host = (self._batch(order[lo:hi])
-                for lo, hi in rank_slices(self.samples, self.batch_size, start, self.shard))
+        order = self._order(epoch)
+        first, self._first = self._first, None
+        slices = rank_slices(self.samples, self.batch_size, start, self.shard)
+        read = [] if first is None or first[0] != epoch or start else [first[1]]
+        if read:
+            next(slices)  # (read by read_first)
+        host = itertools.chain(read, (self._batch(order[lo:hi]) for lo, hi in slices))
         backend = self.model.backend
         return upload(backend, prefetch(host, backend), owned=True)  # (stacked afresh)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
+        return np.arange(self.samples) if order is None else order
 
     def _batch(self, idx: np.ndarray) -> tuple[Any, ...]:
         if not len(idx):  # this rank's empty part of a short last batch (several ranks)
@@ -284,10 +303,13 @@ class DatasetBatches(ShardedBatches):
     def _refuse_a_batch(self, i: int, x: Any, y: Any) -> None:
         """Refuse ``dataset[i]`` where it is a whole batch (a Keras Sequence's or PyDataset's
         habit, whose len() counts batches): its x is a batch of the model's samples, or before
-        the model is built, a batch of images (H, W, C) with as many labels."""
+        the model is built, a batch of images (H, W, C) with as many labels, or of greyscale
+        images (H, W) with as many integer labels."""
         shape = tuple(np.shape(x))
         if self.model.built:
             batch = shape[1:] == tuple(self.model.input_shape)
+        elif len(shape) == 3:  # (not one image's one-hot row (K,), which may be integer too)
+            batch = shape[0] > 1 and _integer_labels(y, shape[0])
         else:  # (of more than one sample: a sample may well be (1, H, W, C) with label (1,))
             batch = len(shape) == 4 and shape[0] > 1 and np.ndim(y) in (1, 2) and \
                 np.shape(y)[0] == shape[0]
@@ -338,6 +360,16 @@ class DatasetBatches(ShardedBatches):
         user's that holds its own part) cannot be told without reading samples."""
         return {**self.fingerprint(), "subset_indices_crc32": subset_indices_crc32(
             self.dataset)}
+
+
+def _integer_labels(y: Any, n: int) -> bool:
+    """Whether ``y`` is a vector of ``n`` integer labels and no one-hot row (a single 1)."""
+    try:
+        y = np.asarray(y)
+    except (TypeError, ValueError, RuntimeError):  # (a device array: not told here)
+        return False
+    return y.shape == (n,) and np.issubdtype(y.dtype, np.integer) and not (
+        np.count_nonzero(y) == 1 and int(y.max()) == 1 and int(y.min()) == 0)
 
 
 def subset_indices_crc32(dataset: Any, depth: int = 8) -> int | None:

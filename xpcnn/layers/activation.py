@@ -27,6 +27,7 @@ class ReLU(Layer):
     # (a change after build captures a CUDA-graph step again, checked as the constructor's:
     # see Setting)
     max_value = Setting(_check_max_value)
+    input_values = "passes"  # (in the input's dtype)
 
     def __init__(self, max_value: float | None = None, name: str | None = None) -> None:
         super().__init__(name)

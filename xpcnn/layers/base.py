@@ -33,7 +33,15 @@ import array_api_compat
 import numpy as np
 
 from ..backend import Backend, get_backend
-from ..checks import flag, named_parameters, register, takes_keywords, untaken_settings
+from ..checks import (
+    flag,
+    named_parameters,
+    real_floating,
+    real_numbers,
+    register,
+    takes_keywords,
+    untaken_settings,
+)
 from ..errors import InputError, of_xpcnn
 
 Shape = tuple[int, ...]
@@ -264,6 +272,11 @@ class Layer:
     #: True where forward can take the model's batch as given and cast it itself (see
     #: :attr:`Options.cast_input`).
     casts_input: ClassVar[bool] = False
+    #: Where the input's values meet the compute dtype, for the check of data beyond float16
+    #: (:func:`xpcnn.data.arrays.input_limit`): "computes" (read in it), "normalises" (in the
+    #: parameters' dtype: its output is small), "passes" (values as they came, to the layers
+    #: reading its output). Heeded only from the class defining ``forward`` too.
+    input_values: ClassVar[str] = "computes"
     #: True for a layer whose forward pass reads its parameters in ``compute_dtype`` through
     #: :meth:`compute_weight` (under mixed precision the model casts all of them in one call).
     casts_weights: ClassVar[bool] = False
@@ -475,8 +488,9 @@ class Layer:
         self.build(shapes if self.multi_input else shapes[0], (xp, device))
 
     def _as_float(self, a: Any) -> Any:
-        return self.xp.astype(a, self.dtype) if self.xp.isdtype(a.dtype, ("bool", "integral")) \
-            else a
+        # (real_floating first: NumPy's isdtype refuses ml_dtypes' bfloat16)
+        return a if real_floating(self.xp, a.dtype) or not self.xp.isdtype(
+            a.dtype, ("bool", "integral")) else self.xp.astype(a, self.dtype)
 
     def _call_symbolic(self, x: SymbolicTensor | list[SymbolicTensor], record: bool = True
                        ) -> SymbolicTensor:
@@ -747,13 +761,15 @@ class Layer:
         if tuple(w.shape) != shape:
             raise InputError(f"layer {self.name!r} weight {name!r} must have shape {shape}, "
                              f"got {tuple(w.shape)}")
-        if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
+        if not real_numbers(np, w.dtype):
             raise InputError(f"layer {self.name!r} weight {name!r} must be real, got {w.dtype}")
         # Finite values the cast would turn into infinity are refused, as a model's build
         # refuses to round float64 weights (NaN and infinity given stay, as in Keras);
         # looked for only where w's dtype can hold them (no pass over float32 weights).
         largest = float(self.xp.finfo(self.dtype).max)
-        wide = float((np.finfo if w.dtype.kind == "f" else np.iinfo)(w.dtype).max)
+        # (ml_dtypes' bfloat16, no NumPy finfo, ends below float32's largest value)
+        wide = float((np.finfo if w.dtype.kind == "f" else np.iinfo)(w.dtype).max) \
+            if w.dtype.kind in "fiu" else 0.0
         finite = w[np.isfinite(w)] if wide > largest else w[:0]
         peak = max(float(finite.max()), -float(finite.min())) if finite.size else 0.0
         if peak > largest:

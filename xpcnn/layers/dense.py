@@ -18,6 +18,8 @@ from .initializers import check_initializer, initialize
 class Flatten(Layer):
     """(N, H, W, C) -> (N, H*W*C) in (H, W, C) order, as Keras flattens."""
 
+    input_values = "passes"  # (a reshape)
+
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         return (math.prod(input_shape),)
 

@@ -31,6 +31,7 @@ class Dropout(RandomLayer):
 
     # The gradient of a ReLU before it, in the same pass as the mask's (one launch on CuPy).
     can_apply_input_relu_grad = True
+    input_values = "passes"  # (in the input's dtype)
 
     def __init__(self, rate: float, name: str | None = None) -> None:
         super().__init__(name)

@@ -39,6 +39,7 @@ class FeatureNorm(Layer):
     # The gradient of a ReLU before it is applied in backward's own passes, a block of images
     # at a time while it is in cache.
     can_apply_input_relu_grad = True
+    input_values = "normalises"  # (in float32 under mixed precision)
     # (a change after build captures a CUDA-graph step again, checked as the constructor's:
     # see Setting)
     eps = Setting(_check_eps)
@@ -90,6 +91,7 @@ class BatchNorm2D(Layer):
 
     weight_names = ("gamma", "beta", "moving_mean", "moving_variance")
     can_fuse_relu = True
+    input_values = "normalises"  # (in float32 under mixed precision)
     # (a change after build captures a CUDA-graph step again, checked as the constructor's:
     # see Setting)
     momentum = Setting(_check_momentum)

@@ -53,6 +53,7 @@ class MaxPool2D(_Pool2D):
     # An input ReLU's gradient passes at a window's first maximum exactly where the window's
     # maximum is > 0: applied to the pooled gradient, before routing, at a quarter the size.
     can_apply_input_relu_grad = True
+    input_values = "passes"  # (in the input's dtype)
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         xpad = windows.pad(self.xp, x, self.pads, value=-math.inf)
@@ -73,6 +74,8 @@ class MaxPool2D(_Pool2D):
 
 class AvgPool2D(_Pool2D):
     """Mean of each window; with padding, the mean is over the real (unpadded) inputs only."""
+
+    input_values = "passes"  # (in the input's dtype)
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         out = super()._build(input_shape, rng)
@@ -121,6 +124,8 @@ class AvgPool2D(_Pool2D):
 
 class GlobalAvgPool2D(Layer):
     """Mean over H and W: (N, H, W, C) -> (N, C)."""
+
+    input_values = "passes"  # (in the input's dtype)
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         require_rank(self, input_shape, 3)

@@ -13,7 +13,7 @@ import array_api_compat
 import numpy as np
 
 from ..backend import get_backend
-from ..checks import flag, number, positive_int
+from ..checks import flag, number, positive_int, real_floating, real_numbers
 from ..errors import InputError
 from ..ops.kernels import kernels_for
 from .base import (
@@ -33,6 +33,7 @@ class Rescaling(Layer):
 
     # The model's uint8 batch cast and scaled in one pass (one launch on CuPy).
     casts_input = True
+    input_values = "normalises"  # (in the parameters' dtype)
     # (a change after build captures a CUDA-graph step again, checked as the constructor's:
     # see Setting)
     scale = Setting(lambda value: number(value, "Rescaling scale"))
@@ -72,6 +73,7 @@ class Normalization(Layer):
 
     # The model's uint8 batch cast and normalised in one pass (one launch on CuPy).
     casts_input = True
+    input_values = "normalises"  # (in the parameters' dtype)
     weight_names = ("mean", "variance")
     updates_state = False  # (adapted statistics are fixed in training, as in Keras)
 
@@ -372,7 +374,7 @@ class Normalization(Layer):
                              f"iterable of such batches; {where} is a "
                              f"{type(batch).__name__}{hint}")
         xp = array_api_compat.array_namespace(batch)
-        if len(batch.shape) < 2 or not xp.isdtype(batch.dtype, ("integral", "real floating")):
+        if len(batch.shape) < 2 or not real_numbers(xp, batch.dtype):
             raise InputError(f"Normalization.adapt takes images (N, H, W, C) (or any "
                              f"(N, ..., C)) of a real dtype; {where} has shape "
                              f"{tuple(batch.shape)} and dtype {batch.dtype}")
@@ -433,7 +435,7 @@ def _chunk_moments(x: Any, where: str, first: int, shift: np.ndarray | None
         return None
     values = xp.reshape(xp.astype(x, xp.float64), (-1, c))
     host = get_backend((xp, array_api_compat.device(x))).to_numpy
-    if xp.isdtype(x.dtype, "real floating"):  # (integers cannot hold NaN or infinity)
+    if real_floating(xp, x.dtype):  # (integers cannot hold NaN or infinity)
         finite = xp.all(xp.isfinite(values), axis=1)
         if not bool(xp.all(finite)):
             per_sample = values.shape[0] // x.shape[0]
@@ -475,6 +477,7 @@ class RandomFlip(RandomLayer):
 
     # The model's uint8 batch cast as it is flipped (one launch on CuPy, the draw included).
     casts_input = True
+    input_values = "passes"  # (float values in their dtype; uint8 ones fit float16)
     has_gradient = False
 
     def __init__(self, mode: str = "horizontal", name: str | None = None) -> None:
@@ -517,6 +520,7 @@ class RandomCrop(RandomLayer):
 
     # The model's uint8 batch cast as it is cropped (one launch on CuPy, the draw included).
     casts_input = True
+    input_values = "passes"  # (float values in their dtype; uint8 ones fit float16)
     has_gradient = False
     # (a change after build captures a CUDA-graph step again, checked as the constructor's)
     padding = Setting(_check_padding)

@@ -385,6 +385,9 @@ def _check_compile(model: Any, config: dict[str, Any], path: str) -> None:
     mconf = config["model"]
     mine = normal(model_config(model, checked=False).get("compile"))
     theirs = compile_settings(mconf.get("compile"))
+    if isinstance(theirs, dict) and theirs.get("precision") == "float32" and \
+            model.dtype_name == "float64":  # (an older file's name for a float64 model's)
+        theirs = {**theirs, "precision": "float64"}
     if _acc_logged_as_accuracy(model, theirs):
         theirs = {**theirs, "metrics": ["acc"]}
     if mine != theirs:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .. import checks, distributed
-from ..backend import DeviceLike
+from ..backend import PRECISIONS, DeviceLike, precision_dtype
 from ..errors import DataFormatError, InputError, NonFiniteError
 from ..files import written_file
 from ..graph import Inbound, check_graph, inbound_of
@@ -316,6 +316,10 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
         model = _rebuilt(cls, config, layers, device)
         model.build(input_shape)
         if compiled is not None:
+            if PRECISIONS.get(compiled["precision"]) is not None:  # (the way out named)
+                precision_dtype(model.backend, compiled["precision"], f"{path} is compiled "
+                                "in it; load_model(path, device=..., compile=False) loads it "
+                                "uncompiled (then compile it in 'float32' there)")
             model.compile(loss, optimizer, metrics=metrics,
                           precision=compiled["precision"])
             factor = compiled.get("lr_factor", 1.0)  # (written where it is not 1)

@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import checks, distributed
 from .. import metrics as metric_settings
-from ..backend import Backend
+from ..backend import PRECISIONS, Backend, precision_dtype
 from ..callbacks import (
     BackupAndRestore,
     BatchLogs,
@@ -89,9 +89,6 @@ from .arguments import (
     _weights_name,
 )
 from .step import TrainingStep, _check_takes_a_batch, _check_takes_sample_weight
-
-#: compile's precisions and the dtype of their heavy matmuls (None: the parameters' dtype).
-PRECISIONS = {"float32": None, "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 
 #: Seconds between two reads of evaluate's running means for its bar (as ProgbarLogger's).
 BAR_REFRESH = 0.5
@@ -261,7 +258,9 @@ class Trainer(TrainingStep):
 
         ``precision`` is ``"float32"``, ``"mixed_float16"`` or ``"mixed_bfloat16"``: matmuls in
         the low precision, float32 master weights, softmax, loss and normalisation statistics,
-        and dynamic loss scaling for float16.
+        and dynamic loss scaling for float16. A float64 model (``Sequential(dtype="float64")``)
+        computes in float64 under ``"float32"`` or ``"float64"``; its ``precision`` says
+        ``"float64"``.
 
         ``cuda_graphs``: capture the training step in a CUDA graph and replay it
         (:mod:`xpcnn.cuda_graphs`); None (the default) does so on CuPy wherever the model
@@ -275,18 +274,28 @@ class Trainer(TrainingStep):
         loss, optimizer = get_loss(loss), get_optimizer(optimizer)
         # (each once, as given: the logs' keys; None is Keras' none)
         resolved = metric_settings.get_metrics(metrics)
-        if not isinstance(precision, str) or precision not in PRECISIONS:
+        # (a float64 model computes in float64: "float32", no mixed precision, is that too, and
+        # its precision says so)
+        full = self.dtype_name == "float64" and precision in ("float32", "float64")
+        if not full and (not isinstance(precision, str) or precision not in PRECISIONS):
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got "
-                             f"{precision!r}")
-        if PRECISIONS[precision] is not None:
-            compute = self.backend.dtype(PRECISIONS[precision])  # (refused where it lacks it)
+                             f"{precision!r}" + (
+                                 f" (model {self.name!r} holds {self.dtype_name} parameters: "
+                                 "'float64' is a float64 model's, whose dtype is set by "
+                                 "Sequential(dtype='float64') or Model(..., dtype='float64'))"
+                                 if precision == "float64" else ""))
+        if not full and PRECISIONS[precision] is not None:
+            # (refused where the backend lacks it)
+            compute = precision_dtype(self.backend, precision, "compile with precision='float32' "
+                                      "on it")
             for layer in self.layers:
                 layer.check_compute_dtype(self.backend.xp, compute)
         if self.built:
             self._check_loss_outputs(loss)
         self.loss, self.optimizer = loss, self._own(optimizer)
         self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
-        self.precision, self.metrics = precision, tuple(m.name for m in resolved)
+        self.precision = "float64" if full else precision
+        self.metrics = tuple(m.name for m in resolved)
         self._metric_objects, self._top_ks = resolved, metric_settings.top_k_of(resolved)
         self._metric_slots = metric_settings.slots(resolved)
         self._scaling = loss_scaling(self.backend, 2.0**15) if precision == "mixed_float16" \
@@ -317,7 +326,7 @@ class Trainer(TrainingStep):
     @property
     def _compute_dtype_name(self) -> str:
         """The dtype the layers compute their matmuls in, as the precision says."""
-        return PRECISIONS[self.precision] or self.dtype_name
+        return PRECISIONS.get(self.precision) or self.dtype_name
 
     @property
     def loss_scale(self) -> float:
@@ -557,7 +566,7 @@ class Trainer(TrainingStep):
                     self._parallel.check_same_data(data, validation, class_weights)
                     self._parallel.broadcast_weights()
                 if initial_epoch < epochs:
-                    self._refuse_empty(data, initial_epoch)
+                    self._refuse_unready(data, initial_epoch)
                 self._callbacks_begin(cbs)
             except BaseException:
                 self._end_fit()
@@ -717,20 +726,24 @@ class Trainer(TrainingStep):
                      "next starts a new pass over it")
         return self._batch_logs()
 
-    def _refuse_empty(self, data: Batches, epoch: int) -> None:
-        """Refuse an iterator that has no batch for fit's first epoch, ``epoch``, before any
-        callback runs (an epoch begun and never ended set a schedule's rate, and lost the
-        last fit's History): its first batch, drawn here, waits for the epoch. On several
-        ranks, all learn where one has none (or its iterator failed)."""
-        if not (isinstance(data, IterableBatches) and data.iterator is not None):
+    def _refuse_unready(self, data: Batches, epoch: int) -> None:
+        """Refuse, before any callback runs (an epoch begun and never ended set a schedule's
+        rate, and lost the last fit's History), an iterator that has no batch for fit's
+        first epoch, ``epoch``, and a map-style dataset whose first batch of it the checks
+        refuse: that batch, drawn or read here, waits for the epoch. On several ranks, all
+        learn where one fails."""
+        dataset = isinstance(data, DatasetBatches)
+        if not (dataset or isinstance(data, IterableBatches) and data.iterator is not None):
             return
         error: BaseException | None = None
         try:
-            if not data.has_batch():
+            if dataset:  # (the shuffling number of the epoch, as _fit_epoch counts it)
+                data.read_first(self._epoch_offset + epoch)  # type: ignore[union-attr]
+            elif not data.has_batch():  # type: ignore[union-attr]
                 error = InputError(f"the training data gave no batches in epoch {epoch + 1}: "
                                    "an iterator needs steps_per_epoch batches for every epoch")
-        except Exception as e:  # (the iterator's own error: raised after the others learn it)
-            error = e
+        except Exception as e:  # (the data's own error, or the checks': raised after the
+            error = e  # others learn it)
         if self._parallel is not None:
             self._parallel.agree(error, "drawing the training data's first batch")
         elif error is not None:

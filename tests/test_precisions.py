@@ -1,0 +1,200 @@
+"""Precisions beside the everyday float32: where data beyond float16 is refused under
+mixed_float16, ml_dtypes' bfloat16 arrays as input and weights, a mixed-precision model on a
+backend without its dtype, and a float64 model's precision."""
+
+from __future__ import annotations
+
+import array_api_strict
+import ml_dtypes
+import numpy as np
+import pytest
+
+import xpcnn
+from xpcnn.errors import DeviceError, InputError, NonFiniteError
+from xpcnn.layers import (
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    Dropout,
+    FeatureNorm,
+    Flatten,
+    MaxPool2D,
+    Normalization,
+    RandomCrop,
+    RandomFlip,
+    ReLU,
+    Rescaling,
+)
+from xpcnn.saving import restore_checkpoint, save_checkpoint
+
+BF16 = ml_dtypes.bfloat16
+
+
+def _model(layers, precision="mixed_float16", dtype="float32"):
+    m = xpcnn.Sequential(device="cpu", seed=0, dtype=dtype)
+    for la in layers:
+        m.add(la)
+    m.compile(optimizer="sgd", precision=precision)
+    m.build((8, 8, 3))
+    return m
+
+
+def _frames(n=8):
+    """16-bit frames beyond float16's largest value (65504), all of them."""
+    rng = np.random.default_rng(0)
+    return rng.integers(65505, 65536, (n, 8, 8, 3)).astype(np.uint16), rng.integers(0, 4, n)
+
+
+# -- mixed_float16: data beyond float16 refused where its values first meet float16 ----------
+
+
+@pytest.mark.parametrize("first", [
+    lambda: [BatchNorm2D(momentum=1.0)], lambda: [FeatureNorm()],
+    lambda: [Rescaling(1 / 65535)], lambda: [Normalization(30000.0, 20000.0)],
+    lambda: [ReLU(), MaxPool2D(1), BatchNorm2D()]],
+    ids=["batchnorm", "featurenorm", "rescaling", "normalization", "relu-pool-batchnorm"])
+def test_data_beyond_float16_trains_where_a_float32_normalisation_reads_it_first(first):
+    """BatchNorm2D and FeatureNorm normalise in float32 (was: refused as too large for
+    float16, though the step on it is finite), as Rescaling and Normalization do, reached
+    directly or through layers passing values on."""
+    x, y = _frames()
+    m = _model([*first(), Conv2D(4, 3), Flatten(), Dense(4)])
+    history = m.fit(x, y, verbose=0).history["loss"]
+    assert np.isfinite(history).all() and m.optimizer.iterations == 1
+    assert np.isfinite(m.predict(x, verbose=0)).all()
+
+
+@pytest.mark.parametrize("first", [
+    lambda: [RandomFlip()], lambda: [RandomCrop(1)], lambda: [RandomFlip(), Dropout(0.1)],
+    lambda: [ReLU(), MaxPool2D(1)]],
+    ids=["flip", "crop", "flip-dropout", "relu-pool"])
+def test_data_beyond_float16_is_refused_where_it_reaches_a_float16_layer_through_others(first):
+    """Augmentations, Dropout, ReLU and pooling pass float32 values on to the Conv2D, which
+    reads them in float16 (was: not refused; predict gave inf/NaN, fit failed at step 1)."""
+    x, y = _frames()
+    m = _model([*first(), Conv2D(4, 3), Flatten(), Dense(4)])
+    too_large = r"x holds values too large for float16, .*\(nothing was run\)"
+    with pytest.raises(NonFiniteError, match=too_large):
+        m.fit(x, y, verbose=0)
+    with pytest.raises(NonFiniteError, match=too_large):
+        m.predict(x, verbose=0)
+    assert m.optimizer.iterations == 0
+
+
+def test_a_functional_batch_read_by_a_normalisation_and_a_conv_is_refused():
+    """One path to float16 is enough: the batch read by BatchNorm2D and, through ReLU, by a
+    Conv2D."""
+    inputs = xpcnn.Input((8, 8, 3))
+    a = Conv2D(4, 3)(BatchNorm2D()(inputs))
+    b = Conv2D(4, 3)(ReLU()(inputs))
+    outputs = Dense(4)(Flatten()(xpcnn.layers.Add()([a, b])))
+    m = xpcnn.Model(inputs, outputs, device="cpu")
+    m.compile(optimizer="sgd", precision="mixed_float16")
+    with pytest.raises(NonFiniteError, match="too large for float16"):
+        m.predict(_frames()[0], verbose=0)
+
+
+# -- ml_dtypes' bfloat16 arrays -----------------------------------------------------------------
+
+
+def test_bfloat16_arrays_are_taken_as_other_floats():
+    """predict, fit, evaluate, set_weights, train_step, a layer called on a batch and
+    Normalization.adapt take bfloat16 NumPy arrays (were: refused as not real, or a bare
+    NumPy TypeError from isdtype), cast as other floats are."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 8, 8, 3)).astype(np.float32)
+    y = rng.integers(0, 4, 8)
+    xb = x.astype(BF16)
+    m = _model([Conv2D(4, 3), Flatten(), Dense(4)], precision="mixed_bfloat16")
+    np.testing.assert_array_equal(m.predict(xb, verbose=0),
+                                  m.predict(xb.astype(np.float32), verbose=0))
+    weights = [w.astype(BF16) for w in m.get_weights()]
+    m.set_weights(weights)
+    for got, given in zip(m.get_weights(), weights, strict=True):
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, given.astype(np.float32))
+    m.fit(xb, y, verbose=0)
+    assert np.isfinite(m.evaluate(xb, y, verbose=0)[0])
+    loss, _ = m.train_step(m.backend.asarray(xb), m.backend.asarray(y))
+    assert np.isfinite(float(loss))
+    np.testing.assert_array_equal(np.asarray(ReLU()(xb), np.float32),
+                                  np.maximum(xb.astype(np.float32), 0))
+    norm = Normalization()
+    norm.adapt(xb)
+    np.testing.assert_allclose(norm.mean, xb.astype(np.float64).mean(axis=(0, 1, 2)),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_bfloat16_data_is_checked_as_other_floats():
+    """NaN in bfloat16 data is refused, and values beyond float16 under mixed_float16."""
+    x = np.full((4, 8, 8, 3), 70000.0, np.float32).astype(BF16)
+    m = _model([Conv2D(4, 3), Flatten(), Dense(4)])
+    with pytest.raises(NonFiniteError, match="too large for float16"):
+        m.predict(x, verbose=0)
+    x = np.zeros((4, 8, 8, 3), BF16)
+    x[2, 0, 0, 0] = np.nan
+    with pytest.raises(NonFiniteError, match="NaN or infinite values: sample 2"):
+        m.predict(x, verbose=0)
+    with pytest.raises(InputError, match="must hold real numbers"):
+        m.predict(np.zeros((4, 8, 8, 3), ml_dtypes.float8_e4m3fn), verbose=0)
+
+
+# -- a mixed precision on a backend without its dtype ---------------------------------------
+
+
+def test_a_mixed_float16_model_moved_or_loaded_where_float16_is_missing_names_the_way_out(
+        tmp_path):
+    """array_api_strict has no float16: the error names the precision and the way out (was:
+    "the array_api_strict backend has no dtype 'float16'; choose one it supports")."""
+    m = _model([Conv2D(4, 3), Flatten(), Dense(4)])
+    with pytest.raises(DeviceError, match=r"precision='mixed_float16' computes in float16, .*"
+                                          r"compile it with precision='float32' before to\("):
+        m.to(array_api_strict)
+    assert m.backend.name == "numpy"
+    path = tmp_path / "m.npz"
+    m.save(path)
+    with pytest.raises(DeviceError, match=r"precision='mixed_float16' .*compile=False\) loads "
+                                          r"it uncompiled"):
+        xpcnn.load_model(path, device=array_api_strict)
+    loaded = xpcnn.load_model(path, device=array_api_strict, compile=False)
+    loaded.compile(optimizer="sgd")
+    assert loaded.precision == "float32"
+
+
+# -- a float64 model's precision ----------------------------------------------------------------
+
+
+def test_a_float64_model_says_it_computes_in_float64(tmp_path):
+    """compile() and compile(precision="float64") on a float64 model: precision 'float64'
+    (was: 'float32', and "float64" refused), in its file too."""
+    m = _model([Flatten(), Dense(3)], precision="float32", dtype="float64")
+    assert m.precision == "float64" and m._compute_dtype_name == "float64"
+    m.compile(precision="float64")
+    assert m.precision == "float64"
+    assert m.predict(np.ones((2, 8, 8, 3)), verbose=0).dtype == np.float64
+    path = tmp_path / "m.npz"
+    m.save(path)
+    assert xpcnn.load_model(path).precision == "float64"
+
+
+def test_float64_is_refused_on_a_float32_model_naming_the_models_dtype():
+    m = _model([Flatten(), Dense(3)], precision="float32")
+    with pytest.raises(InputError, match=r"got 'float64' \(model 'sequential' holds float32 "
+                                         r"parameters: .*set by Sequential\(dtype='float64'\)"):
+        m.compile(precision="float64")
+    assert m.precision == "float32"
+
+
+def test_older_float64_files_saying_float32_still_load_and_resume(tmp_path):
+    """Files written before a float64 model's precision said float64 say 'float32'."""
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3))
+    y = np.arange(4) % 3
+    m = _model([Flatten(), Dense(3)], precision="float32", dtype="float64")
+    m.precision = "float32"  # (as an older xpcnn wrote it)
+    m.save(tmp_path / "m.npz")
+    save_checkpoint(m, tmp_path / "c.npz")
+    loaded = xpcnn.load_model(tmp_path / "m.npz")
+    assert loaded.precision == "float64" and loaded.dtype_name == "float64"
+    again = _model([Flatten(), Dense(3)], precision="float32", dtype="float64")
+    restore_checkpoint(again, tmp_path / "c.npz")
+    again.fit(x, y, verbose=0)
