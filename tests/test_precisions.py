@@ -49,16 +49,16 @@ def _frames(n=8):
 
 
 @pytest.mark.parametrize("first", [
-    lambda: [BatchNorm2D(momentum=1.0)], lambda: [FeatureNorm()],
-    lambda: [Rescaling(1 / 65535)], lambda: [Normalization(30000.0, 20000.0)],
-    lambda: [ReLU(), MaxPool2D(1), BatchNorm2D()]],
-    ids=["batchnorm", "featurenorm", "rescaling", "normalization", "relu-pool-batchnorm"])
+    lambda: [FeatureNorm()], lambda: [Rescaling(1 / 65535)],
+    lambda: [Normalization(30000.0, 20000.0)], lambda: [ReLU(), MaxPool2D(1), FeatureNorm()]],
+    ids=["featurenorm", "rescaling", "normalization", "relu-pool-featurenorm"])
 def test_data_beyond_float16_trains_where_a_float32_normalisation_reads_it_first(first):
-    """BatchNorm2D and FeatureNorm normalise in float32 (was: refused as too large for
-    float16, though the step on it is finite), as Rescaling and Normalization do, reached
-    directly or through layers passing values on."""
+    """FeatureNorm normalises in float32, in training and inference alike (was: refused as
+    too large for float16, though its output fits), as Rescaling and Normalization do,
+    reached directly or through layers passing values on; predict too, before any fit."""
     x, y = _frames()
     m = _model([*first(), Conv2D(4, 3), Flatten(), Dense(4)])
+    assert np.isfinite(m.predict(x, verbose=0)).all()
     history = m.fit(x, y, verbose=0).history["loss"]
     assert np.isfinite(history).all() and m.optimizer.iterations == 1
     assert np.isfinite(m.predict(x, verbose=0)).all()
@@ -66,11 +66,13 @@ def test_data_beyond_float16_trains_where_a_float32_normalisation_reads_it_first
 
 @pytest.mark.parametrize("first", [
     lambda: [RandomFlip()], lambda: [RandomCrop(1)], lambda: [RandomFlip(), Dropout(0.1)],
-    lambda: [ReLU(), MaxPool2D(1)]],
-    ids=["flip", "crop", "flip-dropout", "relu-pool"])
+    lambda: [ReLU(), MaxPool2D(1)], lambda: [BatchNorm2D(momentum=1.0)]],
+    ids=["flip", "crop", "flip-dropout", "relu-pool", "batchnorm"])
 def test_data_beyond_float16_is_refused_where_it_reaches_a_float16_layer_through_others(first):
     """Augmentations, Dropout, ReLU and pooling pass float32 values on to the Conv2D, which
-    reads them in float16 (was: not refused; predict gave inf/NaN, fit failed at step 1)."""
+    reads them in float16 (was: not refused; predict gave inf/NaN, fit failed at step 1); so
+    does a BatchNorm2D in inference, whose fresh moving statistics (mean 0, variance 1) hand
+    the values on about as they came (predict before any fit gave NaN)."""
     x, y = _frames()
     m = _model([*first(), Conv2D(4, 3), Flatten(), Dense(4)])
     too_large = r"x holds values too large for float16, .*\(nothing was run\)"
@@ -123,6 +125,26 @@ def test_bfloat16_arrays_are_taken_as_other_floats():
     norm.adapt(xb)
     np.testing.assert_allclose(norm.mean, xb.astype(np.float64).mean(axis=(0, 1, 2)),
                                rtol=1e-6, atol=1e-9)
+
+
+def test_bfloat16_labels_and_weights_are_taken_as_other_floats():
+    """One-hot bfloat16 labels and bfloat16 sample weights, at fit and at the raw
+    train_step, and a bfloat16 device batch's check (were: "one-hot y must be floats, got
+    dtype bfloat16", or a bare NumPy TypeError from isdtype)."""
+    from xpcnn.data.arrays import check_device_images
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 8, 8, 3)).astype(np.float32)
+    y = rng.integers(0, 4, 8)
+    one_hot, weights = np.eye(4, dtype=BF16)[y], np.ones(8, BF16)
+    m, plain = (_model([Conv2D(4, 3), Flatten(), Dense(4)]) for _ in range(2))
+    m.fit(x, one_hot, sample_weight=weights, verbose=0)
+    plain.fit(x, y, verbose=0)
+    for a, b in zip(m.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    loss, _ = m.train_step(x, one_hot, sample_weight=weights)
+    assert np.isfinite(float(loss))
+    assert check_device_images(x.astype(BF16), m.backend) is not None
 
 
 def test_bfloat16_data_is_checked_as_other_floats():

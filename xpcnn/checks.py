@@ -94,13 +94,12 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray
         arr = np.asarray(y)
     except Exception as e:
         raise InputError(f"{what} must be an array of labels: {e}") from e
-    if arr.ndim == 2 and arr.shape[1] == 1 and classes > 1 and (
-            np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+    integer, floating = np.issubdtype(arr.dtype, np.integer), real_floating(np, arr.dtype)
+    if arr.ndim == 2 and arr.shape[1] == 1 and classes > 1 and (integer or floating):
         arr = arr[:, 0]
-    check_label_layout(arr.shape, np.issubdtype(arr.dtype, np.integer),
-                       np.issubdtype(arr.dtype, np.floating), arr.dtype, n, classes, what)
+    check_label_layout(arr.shape, integer, floating, arr.dtype, n, classes, what)
     if arr.ndim == 1:
-        if np.issubdtype(arr.dtype, np.floating) and not np.all(arr == np.round(arr)):
+        if floating and not np.all(arr == np.round(arr)):
             bad = np.flatnonzero(arr != np.round(arr))  # (NaN compares unequal)
             nans = int(np.isnan(arr[bad]).sum())
             holding = f" holding NaN ({nans} labels)" if nans else ""

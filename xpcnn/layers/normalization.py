@@ -91,7 +91,8 @@ class BatchNorm2D(Layer):
 
     weight_names = ("gamma", "beta", "moving_mean", "moving_variance")
     can_fuse_relu = True
-    input_values = "normalises"  # (in float32 under mixed precision)
+    # (input_values stays "computes": in inference a fresh layer's moving statistics, mean 0
+    # and variance 1, hand the values on about as they came, into float16)
     # (a change after build captures a CUDA-graph step again, checked as the constructor's:
     # see Setting)
     momentum = Setting(_check_momentum)

@@ -230,16 +230,18 @@ class TrainingStep:
                              f"x.shape = {tuple(xb.shape)}")
         xp = self.backend.xp
         check_real_images(xb, xp)
-        checks.check_label_layout(tuple(yb.shape), xp.isdtype(yb.dtype, "integral"),
-                                  yb.ndim == 2 and xp.isdtype(yb.dtype, "real floating"),
-                                  yb.dtype, int(xb.shape[0]), self.num_classes)
+        floating = checks.real_floating(xp, yb.dtype)  # (bfloat16 included)
+        checks.check_label_layout(tuple(yb.shape),
+                                  not floating and checks.real_numbers(xp, yb.dtype),
+                                  yb.ndim == 2 and floating, yb.dtype, int(xb.shape[0]),
+                                  self.num_classes)
 
     def _check_step_weights(self, xb: Any, weights: Any) -> None:
         """:meth:`train_step`'s ``sample_weight``, from its shape and dtype: floats on the
         model's device, one a sample (their values are fit's and train_on_batch's to check)."""
         check_on_device(weights, self.backend, "sample_weight", instead="")
-        if tuple(weights.shape) != (xb.shape[0],) or not self.backend.xp.isdtype(
-                weights.dtype, "real floating"):
+        if tuple(weights.shape) != (xb.shape[0],) or not checks.real_floating(
+                self.backend.xp, weights.dtype):
             raise InputError(f"sample_weight must be a floating-point array of one weight a "
                              f"sample, shape ({xb.shape[0]},); got shape "
                              f"{tuple(weights.shape)} and dtype {weights.dtype}")

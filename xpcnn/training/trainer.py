@@ -566,7 +566,8 @@ class Trainer(TrainingStep):
                     self._parallel.check_same_data(data, validation, class_weights)
                     self._parallel.broadcast_weights()
                 if initial_epoch < epochs:
-                    self._refuse_unready(data, initial_epoch)
+                    self._refuse_unready(data, initial_epoch, resuming=any(
+                        cb.resume and os.path.exists(cb.path) for cb in backups))
                 self._callbacks_begin(cbs)
             except BaseException:
                 self._end_fit()
@@ -726,13 +727,15 @@ class Trainer(TrainingStep):
                      "next starts a new pass over it")
         return self._batch_logs()
 
-    def _refuse_unready(self, data: Batches, epoch: int) -> None:
+    def _refuse_unready(self, data: Batches, epoch: int, resuming: bool = False) -> None:
         """Refuse, before any callback runs (an epoch begun and never ended set a schedule's
         rate, and lost the last fit's History), an iterator that has no batch for fit's
         first epoch, ``epoch``, and a map-style dataset whose first batch of it the checks
-        refuse: that batch, drawn or read here, waits for the epoch. On several ranks, all
-        learn where one fails."""
-        dataset = isinstance(data, DatasetBatches)
+        refuse: that batch, drawn or read here, waits for the epoch. Not a dataset's where
+        the fit ``resuming`` from a checkpoint learns where it starts only as the callbacks
+        begin (its batches are checked as they are read). On several ranks, all learn where
+        one fails."""
+        dataset = isinstance(data, DatasetBatches) and not resuming
         if not (dataset or isinstance(data, IterableBatches) and data.iterator is not None):
             return
         error: BaseException | None = None
