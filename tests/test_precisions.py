@@ -188,7 +188,9 @@ def test_a_mixed_float16_model_moved_or_loaded_where_float16_is_missing_names_th
 
 def test_a_float64_model_says_it_computes_in_float64(tmp_path):
     """compile() and compile(precision="float64") on a float64 model: precision 'float64'
-    (was: 'float32', and "float64" refused), in its file too."""
+    (was: 'float32', and "float64" refused), in its file too, and before any compile."""
+    assert xpcnn.Sequential(dtype="float64").precision == "float64"
+    assert xpcnn.Sequential().precision == "float32"
     m = _model([Flatten(), Dense(3)], precision="float32", dtype="float64")
     assert m.precision == "float64" and m._compute_dtype_name == "float64"
     m.compile(precision="float64")

@@ -113,6 +113,7 @@ class Model(Trainer):
         if dtype not in ("float32", "float64"):
             raise InputError(f"model dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype_name = dtype
+        self.precision = dtype  # (what it computes in until compiled: its own dtype)
         self.seed = checks.non_negative_int(seed, "seed")
         # (None: the default, as layers and Keras take it from a subclass's name=None)
         self.name = checks.name("model" if name is None else name, "model name")
