@@ -581,6 +581,16 @@ def test_an_adapted_layers_entries_are_counted_before_it_is_built(rng, tmp_path)
         xpcnn.load_model(tmp_path / "big.npz")
 
 
+def _normalised_model(x, adapted, conv=2):
+    """A script's model behind a plain Normalization(), adapted to x in a fresh run."""
+    norm = Normalization()
+    if adapted:
+        norm.adapt(x)
+    model = xpcnn.Sequential([norm, Conv2D(conv, 3), Flatten(), Dense(3), Softmax()], seed=0)
+    model.compile(optimizer="adam")
+    return model
+
+
 def test_a_plain_normalization_takes_the_files_adapted_statistics(rng, tmp_path):
     """Keras 3's way to restore an adapted Normalization: the architecture rebuilt in code with
     a plain Normalization(), then load_weights (or a resumed fit, in a script that adapts only
@@ -591,13 +601,7 @@ def test_a_plain_normalization_takes_the_files_adapted_statistics(rng, tmp_path)
     y = rng.integers(0, 3, 16)
 
     def script(fresh, conv=2):
-        norm = Normalization()
-        if fresh:
-            norm.adapt(x)
-        model = xpcnn.Sequential([norm, Conv2D(conv, 3), Flatten(), Dense(3), Softmax()],
-                                 seed=0)
-        model.compile(optimizer="adam")
-        return model
+        return _normalised_model(x, fresh, conv)
 
     first = script(True)
     first.fit(x, y, epochs=1, batch_size=8, verbose=0, checkpoint=tmp_path / "c.npz")
@@ -683,13 +687,7 @@ def test_a_refused_resume_leaves_a_plain_normalization_as_it_was(rng, tmp_path):
     y = rng.integers(0, 3, 16)
 
     def script(conv, fresh):
-        norm = Normalization()
-        if fresh:
-            norm.adapt(x)
-        model = xpcnn.Sequential([norm, Conv2D(conv, 3), Flatten(), Dense(3), Softmax()],
-                                 seed=0)
-        model.compile(optimizer="adam")
-        return model
+        return _normalised_model(x, fresh, conv)
 
     script(2, True).fit(x, y, epochs=1, batch_size=8, verbose=0, checkpoint=tmp_path / "c.npz")
     other = script(3, False)

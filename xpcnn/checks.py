@@ -26,6 +26,14 @@ def real_floating(xp: Any, dtype: Any) -> bool:
         return getattr(dtype, "name", None) == "bfloat16"
 
 
+def largest_value(xp: Any, dtype: Any) -> Any:
+    """The largest finite value of real ``dtype`` (of namespace ``xp``), finfo's or iinfo's;
+    for ml_dtypes' bfloat16, which has no NumPy finfo, float32's, which it ends just below."""
+    if getattr(dtype, "name", None) == "bfloat16":
+        return xp.finfo(xp.float32).max
+    return (xp.finfo if real_floating(xp, dtype) else xp.iinfo)(dtype).max
+
+
 def real_numbers(xp: Any, dtype: Any) -> bool:
     """Whether ``dtype`` holds real numbers: integers (not booleans) or real floats."""
     try:
@@ -307,10 +315,8 @@ def check_finite(x: np.ndarray, what: str = "x", index: Any = None,
     """
     dtype, largest = limit or (str(x.dtype), np.inf)
     floating = real_floating(np, x.dtype)
-    # (bfloat16 has no NumPy finfo: float32's bound, which it ends just below, stands in)
-    kind = x.dtype if x.dtype.kind in "fiu" else np.float32
     # (in Python floats: a comparison in x's dtype would warn of its own overflow)
-    if largest >= float((np.finfo if floating else np.iinfo)(kind).max):
+    if largest >= float(largest_value(np, x.dtype)):
         if not floating:
             return  # integer images cannot hold NaN or infinity, nor values beyond the limit
         within = np.isfinite

@@ -168,9 +168,7 @@ def check_device_images(x: Any, backend: Any, what: str = "x",
                          f"and at least one sample; got shape {tuple(x.shape)}")
     check_real_images(x, xp, what)
     floating = checks.real_floating(xp, x.dtype)
-    # (bfloat16 has no NumPy finfo: float32's bound, which it ends just below, stands in)
-    largest = xp.finfo(xp.float32).max if getattr(x.dtype, "name", None) == "bfloat16" else \
-        (xp.finfo if floating else xp.iinfo)(x.dtype).max
+    largest = checks.largest_value(xp, x.dtype)
     if floating or limit is not None and largest > limit[1]:  # (uint16 under float16, say)
         largest = largest if limit is None else min(largest, limit[1])
         # (bounds of x's own kind, within its range: a standard comparison takes no other)

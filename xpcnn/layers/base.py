@@ -35,6 +35,7 @@ import numpy as np
 from ..backend import Backend, get_backend
 from ..checks import (
     flag,
+    largest_value,
     named_parameters,
     real_floating,
     real_numbers,
@@ -767,9 +768,7 @@ class Layer:
         # refuses to round float64 weights (NaN and infinity given stay, as in Keras);
         # looked for only where w's dtype can hold them (no pass over float32 weights).
         largest = float(self.xp.finfo(self.dtype).max)
-        # (ml_dtypes' bfloat16, no NumPy finfo, ends below float32's largest value)
-        wide = float((np.finfo if w.dtype.kind == "f" else np.iinfo)(w.dtype).max) \
-            if w.dtype.kind in "fiu" else 0.0
+        wide = float(largest_value(np, w.dtype))
         finite = w[np.isfinite(w)] if wide > largest else w[:0]
         peak = max(float(finite.max()), -float(finite.min())) if finite.size else 0.0
         if peak > largest:
