@@ -406,7 +406,7 @@ def test_a_training_step_never_waits_for_the_device(data, optimizer, monkeypatch
 def test_a_layer_moved_keeps_its_bfloat16_compute_dtype(device):
     """Layer.to named a bfloat16 dtype "float16" ("float16" is in "bfloat16"), so a
     mixed_bfloat16 model moved to another backend computed in float16."""
-    from xpcnn.layers.base import dtype_name
+    from xpcnn.layers.arguments import dtype_name
 
     if device == "torch":
         torch = pytest.importorskip("torch")

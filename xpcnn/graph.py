@@ -33,16 +33,9 @@ from . import checks
 from .backend import Backend
 from .errors import InputError
 from .layers.activation import ReLU
-from .layers.base import (
-    DEFAULT,
-    Layer,
-    Node,
-    Options,
-    RandomLayer,
-    Shape,
-    SymbolicTensor,
-    dtype_name,
-)
+from .layers.arguments import dtype_name
+from .layers.base import DEFAULT, Layer, Options, RandomLayer, Shape
+from .layers.symbolic import Node, SymbolicTensor
 from .structure import where
 
 Inbound = tuple[int, ...]

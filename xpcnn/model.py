@@ -21,14 +21,10 @@ import numpy as np
 from . import checks, distributed, graph
 from .backend import PRECISIONS, DeviceLike, get_backend, precision_dtype
 from .errors import DataFormatError, InputError
-from .layers.base import (
-    Layer,
-    SymbolicTensor,
-    Weight,
-    dtype_name,
-    held_by,
-    refuse_training_in_graph,
-)
+from .layers.arguments import dtype_name
+from .layers.base import Layer, held_by
+from .layers.symbolic import SymbolicTensor, refuse_training_in_graph
+from .layers.weight import Weight
 from .ops.kernels import kernels_for
 from .saving import load_weights, register_model, save_model
 from .saving.model_file import FORMAT, VERSION, layers_from_config
@@ -208,7 +204,7 @@ class Model(Trainer):
         On a symbolic tensor: calls every layer of this model on it, so that the model
         becomes part of a functional :class:`Model` (its layers are shared: training that
         model trains them). ``training`` is refused there (see
-        :func:`~xpcnn.layers.base.refuse_training_in_graph`). A list or tuple of one
+        :func:`~xpcnn.layers.symbolic.refuse_training_in_graph`). A list or tuple of one
         symbolic tensor is taken as that tensor (a model has one input, as Keras takes
         ``model([inp])`` for a one-input model)."""
         if isinstance(x, list | tuple) and any(isinstance(t, SymbolicTensor) for t in x):
@@ -627,7 +623,7 @@ class Model(Trainer):
 
     @property
     def weights(self) -> list[Weight]:
-        """Every layer's weights as :class:`~xpcnn.layers.base.Weight` handles (``name``,
+        """Every layer's weights as :class:`~xpcnn.layers.weight.Weight` handles (``name``,
         ``shape``, ``dtype``, ``trainable``, ``numpy()``, ``assign(value)``), in
         :meth:`get_weights`' order; none before the model is built, as in Keras."""
         if not self.built:

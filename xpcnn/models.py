@@ -33,7 +33,7 @@ from .layers import (
     Rescaling,
     Softmax,
 )
-from .layers.base import SymbolicTensor
+from .layers.symbolic import SymbolicTensor
 from .model import Model, Sequential
 
 

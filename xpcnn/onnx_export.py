@@ -49,7 +49,7 @@ NCHW, NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
 class LayerStep(NamedTuple):
     """One step of a model's graph: ``layer`` reads the tensors in slots ``inputs`` and writes
     slot ``output`` (slot 0 is the model's input). (Not an ONNX node: a converter writes those,
-    and not a functional graph's :class:`~xpcnn.layers.base.Node`.)"""
+    and not a functional graph's :class:`~xpcnn.layers.symbolic.Node`.)"""
 
     layer: Layer
     inputs: tuple[int, ...]

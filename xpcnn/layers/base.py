@@ -6,13 +6,14 @@ follows one ``forward(x, training=True)`` with the same :class:`Options`, which 
 gradient needs (only in training). A model's plan passes options to hand work between
 neighbours; a layer called by itself gets the defaults. A merge layer (``multi_input``) takes a
 list of batches and returns a list of gradients. Called on a symbolic tensor (the functional
-API), a layer records a :class:`Node` and returns the output's :class:`SymbolicTensor`.
+API), a layer records a :class:`~xpcnn.layers.symbolic.Node` and returns the output's
+:class:`~xpcnn.layers.symbolic.SymbolicTensor`.
 
 Trainable arrays live in ``params`` (their gradients in ``grads`` after ``backward``, unless the
 layer is frozen: ``trainable = False``); non-trainable arrays that are part of the model
 (BatchNorm's running statistics) live in ``state``. Everything is an array of
 ``self.backend``; weights cross to the host only through ``get_weights`` / ``set_weights`` and
-the :class:`Weight` handles of ``weights``, in Keras layouts.
+the :class:`~xpcnn.layers.weight.Weight` handles of ``weights``, in Keras layouts.
 """
 
 from __future__ import annotations
@@ -44,8 +45,14 @@ from ..checks import (
     untaken_settings,
 )
 from ..errors import InputError, of_xpcnn
+from .arguments import dtype_name
+from .symbolic import Node, SymbolicTensor, is_symbolic, refuse_training_in_graph
+from .weight import Weight
 
 Shape = tuple[int, ...]
+
+# (a keyword argument not given, where None is a value)
+_UNSET: Any = object()
 
 # name -> class, filled by Layer.__init_subclass__, used to rebuild models from files: the
 # concrete layers (those with a forward pass), not their base classes.
@@ -97,61 +104,6 @@ class Options:
 
 #: A layer called by itself: it does all its own work.
 DEFAULT = Options()
-
-
-class SymbolicTensor:
-    """A placeholder for a batch in the functional API: its ``sample_shape`` (``shape`` with
-    the batch axis, None, as in Keras) and the :class:`Node` that makes it (None for an
-    :func:`xpcnn.Input`)."""
-
-    def __init__(self, shape: Shape, node: Node | None = None, name: str = "input") -> None:
-        self.sample_shape = tuple(int(d) for d in shape)
-        self.node = node
-        self.name = name
-        #: for the input of a built model's own graph (a Sequential's, a loaded model's), that
-        #: model's name: an error names it where its layers' outputs meet another input
-        self.model: str | None = None
-
-    @property
-    def shape(self) -> tuple[int | None, ...]:
-        """The batch's shape, as in Keras: ``(None, *sample_shape)``."""
-        return (None, *self.sample_shape)
-
-    def __repr__(self) -> str:
-        return f"<SymbolicTensor {self.name!r} shape={self.shape}>"
-
-
-class Node:
-    """One call of a layer on symbolic tensors, and the ``output`` tensor it makes, of
-    per-sample ``shape``. ``order`` is the order of the calls, a topological order of any graph
-    they form (a node is made after its inputs)."""
-
-    _counter = itertools.count()
-
-    def __init__(self, layer: Layer, inputs: tuple[SymbolicTensor, ...], multi: bool,
-                 shape: Shape) -> None:
-        self.layer = layer
-        self.inputs = inputs
-        self.multi = multi  # the layer takes a list (a merge layer)
-        self.order = next(Node._counter)
-        self.output = SymbolicTensor(shape, self, layer.name)
-
-
-def _symbolic(x: Any) -> bool:
-    """True for a symbolic tensor or a non-empty list of them."""
-    if isinstance(x, list | tuple):
-        return bool(x) and all(isinstance(t, SymbolicTensor) for t in x)
-    return isinstance(x, SymbolicTensor)
-
-
-def refuse_training_in_graph(what: str, training: bool | None) -> None:
-    """A layer or model called on a symbolic tensor takes no ``training=`` (Keras' way to fix
-    a layer's mode): the mode is the pass's, so one given is refused rather than ignored."""
-    if training is not None:
-        raise InputError(f"{what} called on a symbolic tensor with training={training!r}: a "
-                         "graph does not record it, fit runs every layer in training mode and "
-                         "predict in inference mode (a frozen layer, layer.trainable = False, "
-                         "keeps a BatchNorm2D in inference mode while training)")
 
 
 class CheckedFlag:
@@ -457,7 +409,7 @@ class Layer:
         inputs). On a symbolic tensor (or, for a merge layer,
         a list of them): records the call in a graph and returns the output's symbolic
         tensor, for ``xpcnn.Model(inputs, outputs)``."""
-        if _symbolic(x):
+        if is_symbolic(x):
             refuse_training_in_graph(f"layer {self.name!r} ({type(self).__name__})", training)
             return self._call_symbolic(x)
         if isinstance(x, list | tuple) and any(isinstance(t, SymbolicTensor) for t in x):
@@ -687,7 +639,7 @@ class Layer:
 
     @property
     def weights(self) -> list[Weight]:
-        """Every weight as a :class:`Weight`, in :meth:`get_weights`' order; none before the
+        """Every weight as a :class:`~xpcnn.layers.weight.Weight`, in :meth:`get_weights`' order; none before the
         layer is built, as in Keras."""
         return [Weight(self, n) for n in self.present_weight_names()] if self.built else []
 
@@ -920,62 +872,6 @@ class RandomLayer(Layer):
         self.random_state = backend.asarray(state)
 
 
-@dataclass(frozen=True, repr=False)
-class Weight:
-    """One weight of a built layer, as Keras shows its variables (``model.weights``,
-    ``layer.trainable_weights``): a handle on the layer's array, read when asked (nothing
-    leaves the device before :meth:`numpy`), equal to any other handle on the same weight."""
-
-    layer: Layer
-    name: str  # (the layer's own name for it, as Keras 3 names a variable: "kernel")
-
-    @property
-    def path(self) -> str:
-        """Unique in a model, as Keras 3's: the layer's name and the weight's,
-        ``"conv2d/kernel"``."""
-        return f"{self.layer.name}/{self.name}"
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """In Keras' layout, as :meth:`numpy` gives it."""
-        return self.layer.keras_shape(self.name)
-
-    @property
-    def dtype(self) -> str:
-        """The name of the dtype it is held in (float32 under mixed precision too)."""
-        return dtype_name(self.layer.dtype)
-
-    @property
-    def trainable(self) -> bool:
-        """As in Keras: a parameter of a layer that is not frozen (state never is)."""
-        return self.layer.trainable and self.name in self.layer.params
-
-    def numpy(self) -> np.ndarray:
-        """A host copy in Keras' layout, as :meth:`Layer.get_weights` gives it."""
-        return self.layer.host_weight(self.name)
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        if copy is False:  # (NumPy 2's protocol: a copy is all there is)
-            raise ValueError(f"weight {self.path!r} is read as a NumPy array only by copying "
-                             "it to the host")
-        a = self.numpy()
-        return a if dtype is None else a.astype(dtype, copy=False)
-
-    def assign(self, value: Any) -> None:
-        """Replace the weight by ``value`` (a host array in Keras' layout), checked as
-        :meth:`Layer.set_weights` checks it, in the layer on its device: the optimiser's state
-        stays, as after ``set_weights``."""
-        self.layer._require_built("assign")
-        self.layer.assign_weights([(self.name, self.layer.checked_weight(self.name, value))])
-
-    def __repr__(self) -> str:
-        return (f"<Weight {self.path!r} shape={self.shape} dtype={self.dtype} "
-                f"trainable={self.trainable}>")
-
-
-_UNSET: Any = object()
-
-
 def _takes_trainable(init: Callable[..., Any]) -> Callable[..., Any]:
     """A layer class's ``__init__`` that takes ``trainable=`` too (keyword only), set once
     the constructor has run: a frozen layer from the start, as Keras' ``Dense(3,
@@ -1065,72 +961,6 @@ def _check_batch(layer: Layer, x: Any) -> None:
     if len(set(sizes)) > 1:
         raise InputError(f"{name} merges batches of sizes {sizes}: its inputs are batches of "
                          "the same samples, of one size N each")
-
-
-def in_dtype(xp: Any, a: Any, dtype: Any) -> Any:
-    """``a`` in ``dtype``: ``a`` itself where it is in it already (the usual case: no call, a
-    training step asks a dozen times), else its cast."""
-    return a if a.dtype == dtype else xp.astype(a, dtype)
-
-
-def dtype_name(dtype: Any) -> str:
-    """The name of a backend dtype: "float16", "bfloat16", "float32" or "float64"."""
-    for name in ("bfloat16", "float16", "float32", "float64"):  # ("float16" is in "bfloat16")
-        if name in str(dtype):
-            return name
-    raise InputError(f"unsupported dtype {dtype!r}; expected float16, bfloat16, float32 or "
-                     "float64")
-
-
-def pair(v: int | tuple[int, int] | list[int], what: str) -> tuple[int, int]:
-    """An int or a pair of ints as a pair of positive ints."""
-    t = (v, v) if isinstance(v, int | np.integer) else tuple(v) if isinstance(
-        v, tuple | list) else ()
-    if len(t) != 2 or not all(isinstance(a, int | np.integer) and not isinstance(a, bool)
-                              and 0 < a < 2**31 for a in t):
-        raise InputError(f"{what} must be a positive int or a pair of positive ints, got {v!r}")
-    return int(t[0]), int(t[1])
-
-
-def count(v: int, what: str) -> int:
-    """A positive int: a number of units or filters (a pair would be silently cut to one)."""
-    if isinstance(v, bool) or not isinstance(v, int | np.integer) or not 0 < v < 2**31:
-        raise InputError(f"{what} must be a positive int (a count, below 2**31), got {v!r}")
-    return int(v)
-
-
-def check_padding(padding: str | int) -> str | int:
-    if isinstance(padding, str) and padding.lower() in ("valid", "same"):
-        return padding.lower()
-    if isinstance(padding, int | np.integer) and not isinstance(padding, bool) and \
-            0 <= padding < 2**31:
-        return int(padding)  # (a NumPy int too, as kernel_size takes it)
-    raise InputError(f"padding must be 'valid', 'same' or a non-negative int, got {padding!r}")
-
-
-def check_activation(activation: str | None, allowed: tuple[str, ...] = ("relu",)
-                     ) -> str | None:
-    """A layer's fused activation: None or one of ``allowed`` ("relu": applied while the output
-    is in cache; "softmax", a Dense layer's: probabilities, left to the loss at a model's end)."""
-    if activation is None:
-        return None
-    if isinstance(activation, str) and activation.lower() in allowed:
-        return activation.lower()
-    names = " or ".join(repr(a) for a in (None, *allowed))
-    raise InputError(f"activation must be {names}, got {activation!r} (use a ReLU layer for a "
-                     "ceiling" + ("" if "softmax" in allowed else
-                                  ", a Softmax layer or Dense(activation='softmax') for "
-                                  "probabilities") + ")")
-
-
-def require_rank(layer: Layer, input_shape: Shape, rank: int) -> None:
-    """Per-sample ``input_shape`` must have ``rank`` axes (3 means (H, W, C))."""
-    if len(input_shape) != rank:
-        layout = {3: "(H, W, C)", 1: "(features,)"}.get(rank, f"{rank} axes")
-        raise InputError(
-            f"layer {layer.name!r} ({type(layer).__name__}) expects per-sample inputs of shape "
-            f"{layout}, got {input_shape}"
-        )
 
 
 def _marks_training_pass(forward: Callable[..., Any]) -> Callable[..., Any]:

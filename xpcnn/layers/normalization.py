@@ -14,7 +14,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..ops.kernels import kernels_for
-from .base import DEFAULT, Layer, Options, Setting, Shape, require_rank
+from .arguments import require_rank
+from .base import DEFAULT, Layer, Options, Setting, Shape
 
 
 def _check_eps(eps: float) -> float:

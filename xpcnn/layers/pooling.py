@@ -11,7 +11,8 @@ from ..errors import InputError
 from ..ops import pool as ops
 from ..ops import windows
 from ..ops.kernels import kernels_for
-from .base import DEFAULT, Layer, Options, Shape, check_padding, pair, require_rank
+from .arguments import check_padding, pair, require_rank
+from .base import DEFAULT, Layer, Options, Shape
 
 
 class _Pool2D(Layer):
