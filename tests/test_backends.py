@@ -8,6 +8,7 @@ import pytest
 from nets import add_relu_net, bn_relu_net, every_layer_net, fused_relu_net, gap_net, plan_of
 
 import xpcnn
+from xpcnn import layers as L
 from xpcnn.backend import get_backend
 from xpcnn.errors import DeviceError
 from xpcnn.ops.kernels import StandardKernels
@@ -64,6 +65,29 @@ def test_training_runs_standard_only_under_array_api_strict(device, data):
             assert a.device == dev
     for slot in model.optimizer.slots.values():
         assert all(a.device == dev for a in slot)
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda: xpcnn.optim.SGD(0.05, clipvalue=0.5), lambda: xpcnn.optim.SGD(0.05, clipnorm=0.5),
+    lambda: xpcnn.optim.RMSprop(1e-3, centered=True)],
+    ids=["clipvalue", "clipnorm", "rmsprop-centered"])
+def test_training_keeps_to_the_2023_12_standard(optimizer, data):
+    """xpcnn is written against the 2023.12 standard, whose ``where`` takes arrays only (Python
+    scalars came in 2024.12): a step with a capped ReLU, each clipping and a centered RMSprop,
+    under array_api_strict held to 2023.12 whatever its own default, gives NumPy's numbers."""
+    x, y = data[0][:32], data[1][:32]
+
+    def trained(device):
+        model = xpcnn.Sequential([L.Rescaling(1 / 255), L.Conv2D(4, 3), L.ReLU(max_value=1.0),
+                                  L.MaxPool2D(2), L.Flatten(), L.Dense(10), L.Softmax()],
+                                 device=device, seed=0)
+        model.compile(optimizer=optimizer())
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+        return model
+
+    with xs.ArrayAPIStrictFlags(api_version="2023.12"):
+        strict = trained(xs)
+    assert_same_weights(strict.get_weights(), trained("cpu").get_weights())
 
 
 # array_api_compat's aliases (1.16) that assign through boolean masks, reading the host: on

@@ -415,6 +415,8 @@ def test_mixed_float16_conv_backward_reuses_the_kernel_cast_in_forward(trainable
     engine, kernels = conv._engine(), []
 
     class KernelSpy:  # the engine, noting each kernel it is given
+        kern = engine.kern  # (the kernels it was made for: the layer keeps it while they hold)
+
         def forward(self, x, kernel, *rest):
             kernels.append(kernel)
             return engine.forward(x, kernel, *rest)
@@ -785,3 +787,24 @@ def test_threads_new_to_a_workspace_at_once_are_taken_one_at_a_time():
     finally:
         sys.setswitchinterval(interval)
     assert errors == []
+
+
+def test_switching_the_fast_path_reaches_a_convolution_that_has_run(rng):
+    """``set_fast_path`` (the switch that compares the two paths) reaches a Conv2D that has
+    already run: its engine, kept between passes, is made again for the kernels of the moment
+    (it kept the fast one, and the comparison compared the fast convolution with itself)."""
+    x = rng.random((4, 8, 8, 3)).astype(np.float32)
+    model = xpcnn.Sequential([Conv2D(2, 3), MaxPool2D(2)], seed=0)
+    conv = model.layers[0]
+    old = set_fast_path(True)
+    try:
+        fast = model.predict(x, verbose=0)
+        assert type(conv._engine().kern) is type(FAST)
+        set_fast_path(False)
+        standard = model.predict(x, verbose=0)
+        assert type(conv._engine().kern) is StandardKernels
+        set_fast_path(True)
+        assert type(conv._engine().kern) is type(FAST)
+    finally:
+        set_fast_path(old)
+    np.testing.assert_allclose(standard, fast, rtol=1e-5, atol=1e-6)

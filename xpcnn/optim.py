@@ -603,10 +603,11 @@ class Optimizer:
         all together to ``global_clipnorm`` (the same over their joint norm), or each element
         to [-clipvalue, clipvalue]; on the device (``where``, not compat's ``clip``, which reads
         the host on CuPy), so a captured step clips too. A NaN gradient stays NaN (its step is
-        skipped)."""
+        skipped). (The bounds are arrays: the 2023.12 standard's ``where`` takes no scalar.)"""
         if self.clipvalue is not None:
             c = self.clipvalue
-            return [xp.where(g > c, c, xp.where(g < -c, -c, g)) for g in grads]
+            return [xp.where(g > c, xp.full_like(g, c), xp.where(g < -c, xp.full_like(g, -c), g))
+                    for g in grads]
         if self.clipnorm is not None:
             return [g * self._shrink(xp, xp.sum(g * g), self.clipnorm) for g in grads]
         if self.global_clipnorm is not None and grads:
@@ -619,7 +620,7 @@ class Optimizer:
         """c / max(norm, c) for a norm whose square is ``squares`` (0-d): 1 up to c (and for
         a NaN norm); never a division by zero."""
         norm = xp.sqrt(squares)
-        return c / xp.where(norm > c, norm, c)
+        return c / xp.where(norm > c, norm, xp.full_like(norm, c))
 
     @property
     def clipping(self) -> bool:
@@ -862,7 +863,7 @@ class RMSprop(Optimizer):
             self._assign(xp, a, rho * a + (1.0 - rho) * g, apply)
             # v >= a^2 exactly, but the difference can round below 0 (steady gradients): held
             # at 0 there, where PyTorch's square root makes NaN weights
-            var = xp.where(v > a * a, v - a * a, 0.0)
+            var = xp.where(v > a * a, v - a * a, xp.zeros_like(v))
         u = g / (xp.sqrt(var) + self.epsilon)
         if self.momentum:
             b = self.slots["momentum"][i]

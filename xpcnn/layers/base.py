@@ -639,8 +639,8 @@ class Layer:
 
     @property
     def weights(self) -> list[Weight]:
-        """Every weight as a :class:`~xpcnn.layers.weight.Weight`, in :meth:`get_weights`' order; none before the
-        layer is built, as in Keras."""
+        """Every weight as a :class:`~xpcnn.layers.weight.Weight`, in :meth:`get_weights`'
+        order; none before the layer is built, as in Keras."""
         return [Weight(self, n) for n in self.present_weight_names()] if self.built else []
 
     @property

@@ -90,11 +90,12 @@ class Conv2D(Layer):
 
     def _engine(self) -> ConvEngine:
         """This layer's convolution engine, chosen by the backend's kernels for its geometry
-        (and kept until the layer moves to another device)."""
+        (and kept until the layer moves to another device, or the fast path is switched on or
+        off: :func:`xpcnn.backend.set_fast_path` reaches a layer that has run too)."""
+        kernels = kernels_for(self.backend)
         engine = getattr(self, "_cache_engine", None)
-        if engine is None:
-            engine = self._cache_engine = kernels_for(self.backend).conv_engine(self.geometry,
-                                                                                 self.backend)
+        if engine is None or type(engine.kern) is not type(kernels):
+            engine = self._cache_engine = kernels.conv_engine(self.geometry, self.backend)
         return engine
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
