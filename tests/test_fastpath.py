@@ -92,6 +92,47 @@ def test_im2col(kernel, strides, shape, dtype, rng):
         assert np.all(wider[..., -1] == 7.0)
 
 
+@pytest.mark.parametrize("kernel, strides, shape", [
+    ((3, 3), (1, 1), (3, 8, 7, 3)), ((2, 3), (2, 1), (2, 7, 6, 4)), ((1, 1), (1, 1), (2, 3, 3, 5)),
+])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_im2col_plan_follows_its_buffers(kernel, strides, shape, dtype, rng):
+    """A plan is made once for two buffers kept across calls: each call unfolds what the input
+    buffer holds then (the fast plan's views are made once), with the patch column beyond them
+    (a bias column) left as it is; as the standard plan does."""
+    out_hw = windows.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
+    kk = kernel[0] * kernel[1] * shape[3]
+    results = []
+    for kern in (FAST, STD):
+        x = np.zeros(shape, dtype)
+        out = np.full((shape[0], *out_hw, kk + 1), 7.0, dtype)
+        unfold = kern.im2col_plan(x, out, kernel, strides, out_hw)
+        runs = []
+        for seed in (1, 2):
+            x[...] = np.random.default_rng(seed).standard_normal(shape)
+            runs.append(np.array(unfold()))
+        results.append(runs)
+        want = STD.im2col_into(x, np.empty((shape[0], *out_hw, kk), dtype), kernel, strides,
+                               out_hw)
+        np.testing.assert_array_equal(runs[1][:, :kk], want.reshape(-1, kk))
+        assert np.all(runs[1][:, kk] == 7.0)
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(results[0][0], results[0][1])  # (the second call read anew)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 37])
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64])
+def test_sum_rows_in_every_dtype(rows, dtype, rng):
+    """A bias gradient's sum over rows: the fast product with ones (half floats summed in
+    float32, as the standard version sums them) and its standard fallback (fewer than 2 rows)
+    give the standard version's sums and dtype."""
+    a = rng.standard_normal((rows, 5)).astype(dtype)
+    got, want = FAST.sum_rows(a), STD.sum_rows(a)
+    assert got.dtype == want.dtype == (np.float64 if dtype is np.float64 else np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("m, k, n", [(7, 5, 3), (300, 200, 150), (512, 9, 32)])
 def test_matmuls(m, k, n, rng):
     a = rng.standard_normal((m, k)).astype(np.float32)
@@ -200,12 +241,14 @@ def test_max_pool_layer_fast_equals_standard(pool, strides, padding, relu_grad, 
 
 @pytest.mark.parametrize("shape", [(64, 80, 60), (8, 7, 5), (3,), ()],
                          ids=["threads", "odd-size", "vector", "scalar"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32, np.float64])
 def test_relu_and_masks(rng, shape, dtype):
+    """Every dtype a ReLU runs in (mixed precision's float16 and bfloat16 activations too), with
+    ceilings that the half floats do not hold exactly (0.1) and of 0."""
     x = np.asarray(rng.standard_normal(shape) * 3, dtype=dtype)
     if x.size > 3:
         x.reshape(-1)[:3] = [np.nan, 2.0, 0.0]  # NaN and the edges stay as the standard has them
-    for cap in (None, 2.0):
+    for cap in (None, 2.0, 0.1, 0.0):
         np.testing.assert_array_equal(FAST.relu(x, cap), STD.relu(x, cap))
         for got, want in zip(FAST.relu_with_mask(x, cap), STD.relu_with_mask(x, cap),
                              strict=True):
