@@ -231,10 +231,17 @@ ARGUMENTS = {
     "LambdaCallback of too many arguments": (
         lambda m: xpcnn.callbacks.LambdaCallback(on_train_begin=lambda epoch, logs: None),
         r"on_train_begin is called as on_train_begin\(logs\)"),
-    "an unbuilt layer called on a list of numbers": (  # (an array builds it, as in Keras)
-        lambda m: Dense(3)([[1.0, 2.0, 3.0, 4.0]]),
-        r"layer 'dense' \(Dense\) must be built before it runs on a batch: "
-        r"layer.build\(input_shape\)"),
+    "an unbuilt layer called on a list of numbers": (  # (an array builds it, as in Keras;
+        lambda m: Dense(3)([[1.0, 2.0, 3.0, 4.0]]),  # was: "must be built before it runs")
+        r"layer 'dense' \(Dense\) takes a batch: arrays \(N, \*per-sample shape\) of one "
+        r"array library \(NumPy, CuPy, PyTorch...\), got list$"),
+    "an unbuilt merge layer called on lists": (
+        lambda m: xpcnn.layers.Add()([[1.0], [2.0]]),
+        r"layer 'add' \(Add\) takes a list of batches: .* got list, list$"),
+    "an unbuilt layer called on one image": (  # (was: the rank error alone)
+        lambda m: Conv2D(3)(X[0].astype(np.float32)),
+        r"expects per-sample inputs of shape \(H, W, C\), got \(6, 3\); one sample\? add the "
+        r"batch axis, x\[None\]$"),
     "a layer called on a batch of another shape": (  # (was: a ValueError from matmul)
         lambda m: built(Dense(3), (4,))(np.ones((2, 5), np.float32)),
         r"layer 'dense' \(Dense\) is built for batches \(N, \*per-sample shape\) of "

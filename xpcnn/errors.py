@@ -20,6 +20,15 @@ def warn(message: str, category: type[Warning] = RuntimeWarning) -> None:
     warnings.warn(f"xpcnn: {message}", category, stacklevel=level)
 
 
+def add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)`` (Python 3.11), also on Python 3.10, which has no such method: the
+    note goes into ``__notes__`` there too, where code and 3.11's tracebacks read it."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # (Python 3.10)
+        error.__notes__ = [*getattr(error, "__notes__", ()), note]
+
+
 def of_xpcnn(module: str) -> bool:
     """Whether the module named ``module`` is xpcnn's own (a user's ``xpcnn_helpers`` is not)."""
     return module == "xpcnn" or module.startswith("xpcnn.")
@@ -46,7 +55,9 @@ class DownloadError(XpcnnError, OSError):
 
 
 class NonFiniteError(XpcnnError, FloatingPointError):
-    """A NaN or infinity in the loss or a gradient during training."""
+    """A NaN or infinity: in the loss or a gradient during training, or in the data that
+    ``fit``, ``evaluate``, ``predict`` or a ``*_on_batch`` call is given (refused before any
+    of it runs). Not a ValueError: code catching bad input should catch this too."""
 
 
 class MissingDependencyError(XpcnnError, ImportError):

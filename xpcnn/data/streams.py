@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, add_note
 from .arrays import (
     BatchChecks,
     check_arrays,
@@ -214,7 +214,7 @@ def _raise_kept(stream: _Stream) -> None:
         return
     stream.failure = None
     if _READ_AHEAD not in getattr(error, "__notes__", ()):
-        error.add_note(_READ_AHEAD)
+        add_note(error, _READ_AHEAD)
     raise error
 
 
@@ -233,7 +233,8 @@ def _detached(error: BaseException) -> BaseException:
     frames hold the iterator (and what it holds: a DataLoader's workers) alive where the
     caller drops it. The traceback goes into a note."""
     if error.__traceback__ is not None:
-        error.add_note("raised at:\n" + "".join(traceback.format_tb(error.__traceback__)).rstrip())
+        add_note(error, "raised at:\n" + "".join(traceback.format_tb(error.__traceback__))
+                 .rstrip())
         error.__traceback__ = None
     error.__context__ = None
     return error

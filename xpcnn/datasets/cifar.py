@@ -451,6 +451,8 @@ def load_cifar10(
     ``test_batch`` is absent the second pair is ``None``** (the caller holds out part of the
     training set instead). With nothing found, the official archive is
     downloaded when ``download`` is true; otherwise ``DownloadError`` says what to put where.
+    ``base_url``: a mirror's folder URL to fetch from instead (see
+    :data:`xpcnn.datasets.download.BASE_URLS`).
     """
     root = data_root(data_dir)
     source = _find(root)

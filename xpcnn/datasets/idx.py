@@ -234,7 +234,8 @@ def load_mnist(
     official files. The four IDX files (``train-images-idx3-ubyte.gz`` and so on, gzipped or not)
     are looked for in ``<data folder>/mnist/``, then in the data folder itself. Missing files are
     downloaded into ``<data folder>/mnist/`` when ``download`` is true; otherwise, or if that
-    fails, ``DownloadError`` says what to put where.
+    fails, ``DownloadError`` says what to put where. ``base_url``: a mirror's folder URL to
+    fetch from instead (see :data:`xpcnn.datasets.download.BASE_URLS`).
     """
     return _load("mnist", "MNIST", data_dir, download, base_url)
 

@@ -430,13 +430,18 @@ class Layer:
     def _build_for(self, x: Any) -> None:
         """Build an unbuilt layer called on a batch, as Keras does at a layer's first call:
         for its per-sample shape, in float32 (Keras' default), on the batch's namespace and
-        device (NumPy's CPU for a NumPy array). What is no array is left to forward's error."""
+        device (NumPy's CPU for a NumPy array). What is no array is refused here, by what it is
+        (forward's wrapper would ask for a build, which the layer cannot do from it)."""
         batches = list(x) if self.multi_input else [x]
         try:
             xp = array_api_compat.array_namespace(*batches)
             device = array_api_compat.device(batches[0])
         except TypeError:  # (a list of numbers, say)
-            return
+            want = "a list of batches" if self.multi_input else "a batch"
+            got = ", ".join(type(a).__name__ for a in batches)
+            raise InputError(f"layer {self.name!r} ({type(self).__name__}) takes {want}: arrays "
+                             "(N, *per-sample shape) of one array library (NumPy, CuPy, "
+                             f"PyTorch...), got {got}") from None
         shapes = [tuple(int(d) for d in a.shape[1:]) for a in batches]
         self.build(shapes if self.multi_input else shapes[0], (xp, device))
 

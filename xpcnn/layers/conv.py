@@ -23,6 +23,9 @@ class Conv2D(Layer):
     ``params["kernel"]`` holds it as (C_out, kh, kw, C_in), the layout every engine reads
     (cuDNN's for channels-last images). ``activation="relu"`` applies ReLU as the output is
     computed (the same values as a ReLU layer after it, one pass over memory fewer).
+    ``kernel_initializer``: one of Keras' names in :data:`xpcnn.layers.initializers.INITIALIZERS`
+    ("glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal", "zeros");
+    the bias starts at zeros.
     """
 
     weight_names = ("kernel", "bias")

@@ -37,7 +37,9 @@ class Flatten(Layer):
 class Dense(Layer):
     """y = x @ kernel + bias, kernel of shape (in, out) as in Keras; ``activation="relu"``
     applies ReLU to y (as a ReLU layer after it would), ``"softmax"`` a softmax (as a Softmax
-    layer after it would: at a model's end only, where the loss applies it to the logits)."""
+    layer after it would: at a model's end only, where the loss applies it to the logits).
+    ``kernel_initializer`` as :class:`~xpcnn.layers.Conv2D`'s (Keras' names); the bias starts
+    at zeros."""
 
     weight_names = ("kernel", "bias")
     can_fuse_relu = True
