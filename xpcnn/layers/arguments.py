@@ -73,10 +73,7 @@ def require_rank(layer: Layer, input_shape: Shape, rank: int) -> None:
     """Per-sample ``input_shape`` must have ``rank`` axes (3 means (H, W, C))."""
     if len(input_shape) != rank:
         layout = {3: "(H, W, C)", 1: "(features,)"}.get(rank, f"{rank} axes")
-        # (one axis short: an image given without its batch axis, built for its rows; a model
-        # building from its data adds the greyscale hint where (H, W, 1) would build)
-        hint = "; one sample? add the batch axis, x[None]" if len(input_shape) == rank - 1 else ""
         raise InputError(
             f"layer {layer.name!r} ({type(layer).__name__}) expects per-sample inputs of shape "
-            f"{layout}, got {input_shape}{hint}"
+            f"{layout}, got {input_shape}"
         )

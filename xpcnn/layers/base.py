@@ -443,7 +443,12 @@ class Layer:
                              "(N, *per-sample shape) of one array library (NumPy, CuPy, "
                              f"PyTorch...), got {got}") from None
         shapes = [tuple(int(d) for d in a.shape[1:]) for a in batches]
-        self.build(shapes if self.multi_input else shapes[0], (xp, device))
+        try:
+            self.build(shapes if self.multi_input else shapes[0], (xp, device))
+        except InputError as e:  # (one image is taken as a batch of its rows)
+            if self.multi_input or not _one_axis_short(self, x):
+                raise
+            raise InputError(f"{e}; one sample? add the batch axis, x[None]") from None
 
     def _as_float(self, a: Any) -> Any:
         # (real_floating first: NumPy's isdtype refuses ml_dtypes' bfloat16)
@@ -942,6 +947,15 @@ def _shape(shape: Any, layer: Layer) -> Shape | tuple[Shape, ...]:
     if layer.multi_input:
         return tuple(tuple(int(d) for d in s) for s in shape)
     return tuple(int(d) for d in shape)
+
+
+def _one_axis_short(layer: Layer, x: Any) -> bool:
+    """Whether batch ``x`` would build ``layer`` with one more axis in front (one sample)."""
+    try:
+        layer.unbuilt_copy().build(tuple(int(d) for d in x.shape), "cpu")
+    except Exception:  # (a user's layer may refuse it otherwise: then no hint)
+        return False
+    return True
 
 
 def _check_batch(layer: Layer, x: Any) -> None:
