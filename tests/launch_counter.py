@@ -175,7 +175,8 @@ def _where() -> str:
         elif fallback is None:
             path = Path(frame.f_code.co_filename)
             if path.is_relative_to(XPCNN) and not path.is_relative_to(XPCNN / "ops"):
-                fallback = frame.f_code.co_qualname
+                code = frame.f_code  # (co_qualname: Python 3.11 on)
+                fallback = getattr(code, "co_qualname", code.co_name)
         frame = frame.f_back
     return f"{layer.name} {phase}" if layer is not None else fallback or "?"
 

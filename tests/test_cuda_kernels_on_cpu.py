@@ -28,6 +28,7 @@ from kernel_cases import (
     SOFTMAX_CROSS_ENTROPY,
     TILED_CONV,
     UPDATE_SHAPES,
+    assert_same,
     check_add_relu,
     check_recorded_steps,
     device_scalars,
@@ -109,11 +110,11 @@ def test_im2col(fast, rng, kernel, strides, shape, pads, dtype):
     padded = np.pad(x, ((0, 0), pads[:2], pads[2:], (0, 0)))
     want = STD.im2col_into(padded, _poisoned(cols, dtype), kernel, strides, out_hw)
     got = fast.im2col_into(x, _poisoned(cols, dtype), kernel, strides, out_hw, pads)
-    np.testing.assert_array_equal(got, want)
+    assert_same(got, want)
     # into a block of a larger buffer (a chunk of the batch)
     big = _poisoned((2 * shape[0], *cols[1:]), dtype)
     fast.im2col_into(x, big[shape[0]:], kernel, strides, out_hw, pads)
-    np.testing.assert_array_equal(big[shape[0]:], want)
+    assert_same(big[shape[0]:], want)
 
 
 @pytest.mark.parametrize("kernel, strides, shape", MAX_POOL)
@@ -122,10 +123,10 @@ def test_max_pool_and_its_gradient(fast, rng, kernel, strides, shape, dtype):
     x = rng.integers(0, 3, shape).astype(dtype)  # ties: the first maximum must win
     out_hw = windows.output_size(shape[1:3], kernel, strides, (0, 0, 0, 0))
     y = fast.max_pool(x, kernel, strides, out_hw)
-    np.testing.assert_array_equal(y, STD.max_pool(x, kernel, strides, out_hw))
+    assert_same(y, STD.max_pool(x, kernel, strides, out_hw))
     dy = rng.standard_normal(y.shape).astype(dtype)
     for relu_grad in (False, True):  # True: the ReLU before the pool's gradient too
-        np.testing.assert_array_equal(
+        assert_same(
             fast.max_pool_backward(x, y, dy, kernel, strides, out_hw, relu_grad),
             STD.max_pool_backward(x, y, dy, kernel, strides, out_hw, relu_grad))
 
@@ -136,7 +137,7 @@ def test_max_pool_of_negative_windows_and_nans(fast, rng, dtype):
     x = -rng.integers(1, 4, (2, 6, 6, 3)).astype(dtype)
     x[0, 0, 0, 0] = x[0, 2, 3, 1] = x[1, 5, 5, 2] = np.nan  # first, inner and last of a window
     y = fast.max_pool(x, (2, 2), (2, 2), (3, 3))
-    np.testing.assert_array_equal(y, STD.max_pool(x, (2, 2), (2, 2), (3, 3)))
+    assert_same(y, STD.max_pool(x, (2, 2), (2, 2), (3, 3)))
     assert np.isnan(y).sum() == 3 and (y[~np.isnan(y)] < 0).all()
 
 
@@ -163,15 +164,15 @@ def test_elementwise_kernels(fast, rng, dtype):
     x = rng.standard_normal((4, 5, 6, 7)).astype(dtype) * 4
     x[0, 0, 0, :3] = [0.0, 6.0, np.nan]
     for cap in (None, 6.0):
-        np.testing.assert_array_equal(fast.relu(x, cap), STD.relu(x, cap))
+        assert_same(fast.relu(x, cap), STD.relu(x, cap))
         for got, want in zip(fast.relu_with_mask(x, cap), STD.relu_with_mask(x, cap),
                              strict=True):
-            np.testing.assert_array_equal(got, want)
+            assert_same(got, want)
     dy = rng.standard_normal(x.shape).astype(dtype)
-    np.testing.assert_array_equal(fast.relu_backward(dy, x), STD.relu_backward(dy, x))
+    assert_same(fast.relu_backward(dy, x), STD.relu_backward(dy, x))
     mask = x > 0.5
-    np.testing.assert_array_equal(fast.mask_multiply(dy, mask), STD.mask_multiply(dy, mask))
-    np.testing.assert_array_equal(fast.mask_multiply(dy, mask[:1]),
+    assert_same(fast.mask_multiply(dy, mask), STD.mask_multiply(dy, mask))
+    assert_same(fast.mask_multiply(dy, mask[:1]),
                                   STD.mask_multiply(dy, mask[:1]))
     # a model's uint8 batch cast, scaled and shifted in one launch, and a batch already of the
     # dtype, given in the dtype or in another (a compute dtype)
@@ -181,7 +182,7 @@ def test_elementwise_kernels(fast, rng, dtype):
             for out in (dtype, np.float16, np.float64):
                 got = fast.rescale(source, 1 / 255, offset, dtype, out)
                 assert got.dtype == out
-                np.testing.assert_array_equal(got, STD.rescale(source, 1 / 255, offset, dtype,
+                assert_same(got, STD.rescale(source, 1 / 255, offset, dtype,
                                                                out))
     # and normalised per channel in one launch (computed in the dtype, given in another)
     shift = rng.standard_normal(x.shape[-1]).astype(dtype) * 100
@@ -191,8 +192,8 @@ def test_elementwise_kernels(fast, rng, dtype):
             got = fast.normalize(source, shift, scale, dtype, out)
             want = STD.normalize(source, shift, scale, dtype, out)
             assert got.dtype == want.dtype == out
-            np.testing.assert_array_equal(got, want)
-    np.testing.assert_array_equal(STD.normalize(images, shift, scale, dtype, dtype),
+            assert_same(got, want)
+    assert_same(STD.normalize(images, shift, scale, dtype, dtype),
                                   (images.astype(dtype) - shift) * scale)
     # with the gradient of a ReLU before (a dropout's, apply_input_relu_grad), whose zeros are
     # not the dropout's (x > 0.5 as the mask would hide an ignored ReLU output): NaN * 0 is NaN
@@ -200,9 +201,9 @@ def test_elementwise_kernels(fast, rng, dtype):
     relu_y = STD.relu(rng.standard_normal(x.shape).astype(dtype), None)
     dy[0, 0, 0, 0] = np.nan
     want = STD.mask_multiply(dy, keep, 1.5, relu_y)
-    np.testing.assert_array_equal(fast.mask_multiply(dy, keep, 1.5, relu_y), want)
+    assert_same(fast.mask_multiply(dy, keep, 1.5, relu_y), want)
     ref = dy * keep * np.dtype(dtype).type(1.5) * (relu_y > 0)
-    np.testing.assert_array_equal(want, ref)
+    assert_same(want, ref)
     assert np.count_nonzero(want) < np.count_nonzero(dy * keep)
     a, b = rng.standard_normal((50, 7)).astype(dtype), rng.standard_normal((7, 6)).astype(dtype)
     for bias in (None, rng.standard_normal(6).astype(dtype)):
@@ -210,7 +211,7 @@ def test_elementwise_kernels(fast, rng, dtype):
             got, want = _poisoned((50, 6), dtype), _poisoned((50, 6), dtype)
             fast.matmul_into(a, b, got, bias, relu)
             STD.matmul_into(a, b, want, bias, relu)
-            np.testing.assert_array_equal(got, want)
+            assert_same(got, want)
 
 
 @pytest.mark.parametrize("dtype", WITH_HALF)
@@ -231,7 +232,7 @@ def test_casting_many_arrays_in_one_launch(fast, rng):
             got, want = fast.cast_all(arrays, np.dtype(dtype)), STD.cast_all(arrays, dtype)
         for a, g, w in zip(arrays, got, want, strict=True):
             assert g.dtype == w.dtype == dtype and g.shape == w.shape == a.shape
-            np.testing.assert_array_equal(g, w)
+            assert_same(g, w)
             assert (g is a) == (a.dtype == dtype)  # (as astype(copy=False) leaves it)
             if g is not a:  # each view starts 16 bytes on, as cuDNN wants its inputs
                 assert (g.ctypes.data - got[0].ctypes.data) % 16 == 0
@@ -251,10 +252,10 @@ def test_the_emulators_bfloat16_rounds_as_cuda_and_ml_dtypes_do(fast, rng):
         got, want = fast.cast_all([x], BFLOAT16)[0], x.astype(BFLOAT16)
     nan = np.isnan(x)
     assert np.isnan(got.astype(np.float32)[nan]).all()
-    np.testing.assert_array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
+    assert_same(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
     every = np.arange(2**16, dtype=np.uint16).view(BFLOAT16)
     widened = fast.cast_all([every], np.dtype(np.float32))[0]
-    np.testing.assert_array_equal(widened.view(np.uint32), every.astype(np.float32).view(np.uint32))
+    assert_same(widened.view(np.uint32), every.astype(np.float32).view(np.uint32))
 
 
 def test_a_raw_kernel_is_made_once_for_its_name_and_types(fast, monkeypatch):
@@ -323,7 +324,7 @@ def test_feature_norm_and_its_gradient(fast, monkeypatch, rng, shape, dtype, com
         scale = max(1.0, float(np.max(np.abs(exact))))
         assert _error(g, exact, scale) <= max(_error(w, exact, scale), eps, np.finfo(t).eps)
     for g, again in zip(got, fast.feature_norm(x, 1e-5, dtype, compute), strict=True):
-        np.testing.assert_array_equal(g, again)
+        assert_same(g, again)
 
     y, mean, inv_std = got
     dy = rng.standard_normal(shape).astype(compute)
@@ -340,7 +341,7 @@ def test_feature_norm_and_its_gradient(fast, monkeypatch, rng, shape, dtype, com
         assert g.dtype == w.dtype == compute and g.shape == shape
         e = exact * (x > 0) if relu else exact
         assert _error(g, e, scale) <= max(_error(w, e, scale), eps, np.finfo(compute).eps)
-        np.testing.assert_array_equal(g, fast.feature_norm_backward(dy, x, mean, inv_std, relu))
+        assert_same(g, fast.feature_norm_backward(dy, x, mean, inv_std, relu))
         if relu:
             assert (g[x <= 0] == 0).all()
 
@@ -441,7 +442,7 @@ def test_batch_norm_in_two_launches_each_way(fast, monkeypatch, rng, shape, most
         assert (got[0] >= 0).all()
     again = fast.batch_norm_train(x, gamma, beta, *running[2], 0.1, 1e-5, dtype, relu)
     for g, a in zip([*got, *running[0]], [*again, *running[2]], strict=True):
-        np.testing.assert_array_equal(g, a)
+        assert_same(g, a)
 
     launches.clear()
     y, mean, inv_std = got
@@ -458,9 +459,9 @@ def test_batch_norm_in_two_launches_each_way(fast, monkeypatch, rng, shape, most
     assert len(launches) == 3 and without[0] is None
     for g, a in zip(got, fast.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu, True),
                     strict=True):
-        np.testing.assert_array_equal(g, a)
+        assert_same(g, a)
     for g, a in zip(got[1:], without[1:], strict=True):
-        np.testing.assert_array_equal(g, a)
+        assert_same(g, a)
     if relu:
         z = fast.batch_norm_train(x, gamma, beta, moving_mean.copy(), moving_var.copy(), 0.1,
                                   1e-5, acc, False)[0]
@@ -468,7 +469,7 @@ def test_batch_norm_in_two_launches_each_way(fast, monkeypatch, rng, shape, most
         masked = fast.batch_norm_backward(dy * (z > 0), x, mean, inv_std, gamma, beta, False,
                                           True)
         for g, a in zip(got, masked, strict=True):
-            np.testing.assert_array_equal(g, a)
+            assert_same(g, a)
     assert not kernels._COUNTERS["cpu"].any()
 
 
@@ -505,11 +506,11 @@ def test_batch_norm_with_the_running_statistics_in_one_launch_each_way(
         scale = max(1.0, float(np.max(np.abs(e))))
         assert _error(g, e, scale) <= max(_error(w, e, scale), eps, np.finfo(dtype).eps)
     if relu:
-        np.testing.assert_array_equal(
+        assert_same(
             dx, fast.batch_norm_running_backward(dy * (got > 0), x, gamma, beta, mean, var, 1e-5,
                                                  False))
     for a, b in zip((mean, var), before, strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert_same(a, b)
 
 
 def test_batch_norm_of_a_broadcast_gradient_is_that_of_the_gradient_made_whole(
@@ -526,7 +527,7 @@ def test_batch_norm_of_a_broadcast_gradient_is_that_of_the_gradient_made_whole(
     for g, w in zip(fast.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, True, True),
                     fast.batch_norm_backward(np.ascontiguousarray(dy), x, mean, inv_std, gamma,
                                              beta, True, True), strict=True):
-        np.testing.assert_array_equal(g, w)
+        assert_same(g, w)
     assert launches == ["xpcnn_batch_norm_stats", "xpcnn_batch_norm_apply",
                         *["xpcnn_batch_norm_sums", "xpcnn_batch_norm_dx"] * 2]
 
@@ -544,17 +545,17 @@ def test_batch_norm_of_what_its_kernels_do_not_take_is_the_standard_one(fast, rn
             got = fast.batch_norm_train(data, g, b, *stats[0], 0.1, 1e-5, np.float32, relu)
             want = STD.batch_norm_train(data, g, b, *stats[1], 0.1, 1e-5, np.float32, relu)
             for a, w in zip([*got, *stats[0]], [*want, *stats[1]], strict=True):
-                np.testing.assert_array_equal(a, w)
+                assert_same(a, w)
             dy = np.ones(data.shape, np.float32)
             for a, w in zip(
                     fast.batch_norm_backward(dy, data, got[1], got[2], g, b, relu, True),
                     STD.batch_norm_backward(dy, data, got[1], got[2], g, b, relu, True),
                     strict=True):
-                np.testing.assert_array_equal(a, w)
-            np.testing.assert_array_equal(
+                assert_same(a, w)
+            assert_same(
                 fast.batch_norm_running(data, g, b, *stats[0], 1e-5, np.float32, relu),
                 STD.batch_norm_running(data, g, b, *stats[0], 1e-5, np.float32, relu))
-            np.testing.assert_array_equal(
+            assert_same(
                 fast.batch_norm_running_backward(dy, data, g, b, *stats[0], 1e-5, relu),
                 STD.batch_norm_running_backward(dy, data, g, b, *stats[0], 1e-5, relu))
 
@@ -567,7 +568,7 @@ def test_rescale_rounds_its_product_where_products_and_sums_fuse(fast, rng, monk
     monkeypatch.setattr(ElementwiseKernel, "fused_multiply_add", True)
     images = rng.integers(0, 256, (4, 6, 5, 3)).astype(np.uint8)
     for out in (dtype, np.float16):
-        np.testing.assert_array_equal(fast.rescale(images, 1 / 255, -0.3, dtype, out),
+        assert_same(fast.rescale(images, 1 / 255, -0.3, dtype, out),
                                       STD.rescale(images, 1 / 255, -0.3, dtype, out))
 
 
@@ -615,7 +616,7 @@ def test_the_emulator_passes_raw_kernels_scalars_as_cupy_does(fast, rows, cols, 
     kernel((1, 1), (32, kernels._SUM_ROWS_LANES),
            (a, np.int64(5), np.int32(3), np.int64(5), np.empty((1, 3), np.float32),
             kernels._counters(a), out))
-    np.testing.assert_array_equal(out, [5, 5, 5])
+    assert_same(out, [5, 5, 5])
 
 
 # Thread t writes s[t]; thread t then reads the value of its neighbour, the thread before it
@@ -646,7 +647,7 @@ def test_the_emulator_finds_a_missing_barrier_whichever_thread_reads(shift):
 
     expected = np.arange(16, dtype=np.float32).reshape(2, 8)
     expected = (np.roll(expected, -shift, axis=1) + 1).reshape(-1)
-    np.testing.assert_array_equal(launch("__syncthreads();"), expected)
+    assert_same(launch("__syncthreads();"), expected)
     with pytest.raises(AssertionError, match="float\\* out differ when its threads and blocks "
                                              "run in reverse order"):
         launch("")
@@ -695,7 +696,7 @@ def test_column_sums_in_one_launch(fast, monkeypatch, rng, rows, cols, most, few
     tol = (1e-13 if dtype == np.float64 else 1e-6) * np.abs(a.astype(np.float64)).sum(axis=0)
     assert np.all(np.abs(got - exact) <= tol)
     assert np.all(np.abs(want - exact) <= tol)
-    np.testing.assert_array_equal(fast.sum_rows(a), got)
+    assert_same(fast.sum_rows(a), got)
     assert not kernels._COUNTERS["cpu"].any()
 
 
@@ -720,14 +721,14 @@ def test_a_relu_gradient_and_its_column_sums_in_one_launch(fast, monkeypatch, rn
     masked, sums = fast.relu_backward_sum_rows(dy, y)
     with np.errstate(invalid="ignore"):  # (0 * inf)
         want_masked, want_sums = STD.relu_backward_sum_rows(dy, y)
-    np.testing.assert_array_equal(masked, want_masked)
+    assert_same(masked, want_masked)
     assert masked.dtype == dy.dtype and sums.dtype == want_sums.dtype
-    np.testing.assert_array_equal(np.isnan(sums), np.isnan(want_sums))
+    assert_same(np.isnan(sums), np.isnan(want_sums))
     finite = want_masked[:, 1:].astype(np.float64)
     tol = (1e-13 if dtype == np.float64 else 1e-6) * np.abs(finite).sum(axis=0)
     assert np.all(np.abs(sums[1:] - finite.sum(axis=0)) <= tol)
     again = fast.relu_backward_sum_rows(dy, y)
-    np.testing.assert_array_equal(again[1], sums)
+    assert_same(again[1], sums)
     assert not kernels._COUNTERS["cpu"].any()
 
 
@@ -740,7 +741,7 @@ def test_a_relu_gradient_of_another_shape_or_layout_takes_the_standard_path(fast
                 fast.relu_backward_sum_rows(dy, other)
             continue
         masked, sums = fast.relu_backward_sum_rows(dy, other)
-        np.testing.assert_array_equal(masked, STD.relu_backward(dy, other))
+        assert_same(masked, STD.relu_backward(dy, other))
         np.testing.assert_allclose(sums, STD.sum_rows(masked), rtol=1e-6)
 
 
@@ -786,7 +787,7 @@ def test_columns_past_the_counters_take_the_standard_sum(fast, monkeypatch, rng)
     kernels = sys.modules[type(fast).__module__]
     monkeypatch.setattr(kernels, "_COUNTERS_PER_DEVICE", 1)
     a = rng.standard_normal((40, 33)).astype(np.float32)
-    np.testing.assert_array_equal(fast.sum_rows(a), STD.sum_rows(a))
+    assert_same(fast.sum_rows(a), STD.sum_rows(a))
 
 
 # The tiled kernels' emulation runs each CUDA thread in turn: cases past 10,000 output pixels
@@ -850,7 +851,7 @@ def test_softmax_cross_entropy(fast, monkeypatch, rng, rows, classes, smoothing,
     assert stats.dtype == want_stats.dtype and stats.shape == (2,) and grad.dtype == dtype
     for got, first in zip(fast.softmax_cross_entropy(z, labels, smoothing), (stats, grad),
                           strict=True):
-        np.testing.assert_array_equal(got, first)
+        assert_same(got, first)
     assert not module._COUNTERS["cpu"].any()
     # (float16 logits: the kernel computes in float and rounds once, the standard version
     # rounds the logits' differences to float16 first; bfloat16's gradient is rounded once)
@@ -866,8 +867,8 @@ def test_softmax_cross_entropy(fast, monkeypatch, rng, rows, classes, smoothing,
         scaled_stats, scaled = kernels.softmax_cross_entropy(z, labels, smoothing, scaling)
         unscaled_stats, unscaled = (STD if np.dtype(dtype).itemsize == 2 else kernels
                                     ).softmax_cross_entropy(z, labels, smoothing)
-        np.testing.assert_array_equal(scaled_stats, unscaled_stats)
-        np.testing.assert_array_equal(scaled, (unscaled * scaling[0]).astype(dtype))
+        assert_same(scaled_stats, unscaled_stats)
+        assert_same(scaled, (unscaled * scaling[0]).astype(dtype))
         assert scaled.dtype == dtype
     # logits of a narrower dtype (float16 under mixed precision) read as their cast gives them,
     # their gradient rounded to their dtype as its cast rounds it
@@ -877,8 +878,8 @@ def test_softmax_cross_entropy(fast, monkeypatch, rng, rows, classes, smoothing,
                 got = kernels.softmax_cross_entropy(z, labels, smoothing, scaling, wide)
                 want = kernels.softmax_cross_entropy(z.astype(wide), labels, smoothing, scaling)
                 assert got[0].dtype == want[0].dtype and got[1].dtype == dtype
-                np.testing.assert_array_equal(got[0], want[0])
-                np.testing.assert_array_equal(got[1], want[1].astype(dtype))
+                assert_same(got[0], want[0])
+                assert_same(got[1], want[1].astype(dtype))
     # a label that is no class makes the loss NaN, in both versions (those the labels' dtype
     # holds: uint8 none below 0, and none at all for 300 classes)
     info = np.iinfo(labels_dtype)
@@ -1090,13 +1091,13 @@ def test_fused_updates_with_device_scalars_are_the_standard_ones_bit_for_bit(
         if apply is False:
             after = fused + [s for v in opt_fused.slots.values() for s in v]
             for a, b in zip(after, before, strict=True):
-                np.testing.assert_array_equal(a, b)
+                assert_same(a, b)
     assert len(launches) == len(GATED_STEPS)  # one launch per step
     for a, b in zip(fused, standard, strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert_same(a, b)
     for name, slots in opt_std.slots.items():
         for a, b in zip(opt_fused.slots[name], slots, strict=True):
-            np.testing.assert_array_equal(a, b)
+            assert_same(a, b)
 
 
 @OPTIMISERS
@@ -1108,7 +1109,7 @@ def test_fused_updates_with_device_scalars_over_two_dtypes(fast, rng, make):
                                               np.float32)
     for a, b in zip(fused, standard, strict=True):
         assert a.dtype == b.dtype
-        np.testing.assert_array_equal(a, b)
+        assert_same(a, b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -1132,10 +1133,10 @@ def test_the_amsgrad_kernel_keeps_the_larger_moment_or_a_nan_of_either(fast, rng
     assert np.isnan(vhat[0][0, 0, 0, 0]) and np.isnan(vhat[3][0, 0])
     assert (vhat[1] > v[1]).any()  # (v below its largest: the maximum was taken)
     for a, b in zip(fused, standard, strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert_same(a, b)
     for name, slots in opt_std.slots.items():
         for a, b in zip(opt_fused.slots[name], slots, strict=True):
-            np.testing.assert_array_equal(a, b)
+            assert_same(a, b)
 
 
 class EmulatedCapture:
@@ -1209,7 +1210,7 @@ def test_a_captured_fused_update_fills_its_table_after_the_capture_and_replays_r
     offsets = np.cumsum([0] + [p.size for p in fused])
     rows = [[a.ctypes.data for a in arrays]
             for arrays in zip(fused, grads, *opt_fused.slots.values(), strict=True)]
-    np.testing.assert_array_equal(tables[0], np.concatenate([offsets, np.ravel(rows)]))
+    assert_same(tables[0], np.concatenate([offsets, np.ravel(rows)]))
     for gate in GATED_STEPS[1:]:  # the replays
         for g in grads:
             g[...] = rng.standard_normal(g.shape)
@@ -1223,10 +1224,10 @@ def test_a_captured_fused_update_fills_its_table_after_the_capture_and_replays_r
         for opt in (opt_fused, opt_std):
             opt.iterations += 1
     for a, b in zip(fused, standard, strict=True):
-        np.testing.assert_array_equal(a, b)
+        assert_same(a, b)
     for name, slots in opt_std.slots.items():
         for a, b in zip(opt_fused.slots[name], slots, strict=True):
-            np.testing.assert_array_equal(a, b)
+            assert_same(a, b)
 
 
 def test_a_capture_that_fails_fills_no_table(fast, monkeypatch, rng):
@@ -1291,7 +1292,7 @@ def test_statistics_kept_and_put_back_in_one_launch_each(fast, monkeypatch, rng,
         (snapshot, snapshot_args, size), (restore, restore_args, _) = capture.launches
         assert [snapshot.name, restore.name] == ["xpcnn_snapshot", "xpcnn_restore"]
         offsets = np.cumsum([0] + [a.nbytes for a in fast_arrays])
-        np.testing.assert_array_equal(
+        assert_same(
             tables[0], np.concatenate([offsets, [a.ctypes.data for a in fast_arrays]]))
     launched = _launched(monkeypatch)
     for gate in [True, False, False, True, False]:
@@ -1324,7 +1325,7 @@ def test_statistics_that_the_kernels_do_not_take_are_kept_by_the_standard_versio
     kept = fast.snapshot_state([strided])
     strided[...] = -1.0
     fast.restore_state([strided], kept, np.asarray(False))
-    np.testing.assert_array_equal(strided, [[0.0, 2.0], [4.0, 6.0], [8.0, 10.0]])
+    assert_same(strided, [[0.0, 2.0], [4.0, 6.0], [8.0, 10.0]])
     assert launched == []
 
 
@@ -1397,7 +1398,7 @@ def test_recording_a_step(fast, monkeypatch, dtypes, scaling, squares, how):
                                       how != "eager")
     got, got_grads = recorded_steps(np, record, dtypes, scaling, squares, how != "eager")
     for g, g_want in zip(got_grads, want_grads, strict=True):
-        np.testing.assert_array_equal(g, g_want)
+        assert_same(g, g_want)
     for step, ((state, scale, apply), (s_want, scale_want, apply_want)) in enumerate(
             zip(got, want, strict=True), 1):
         assert np.array_equal(state, s_want, equal_nan=True), (step, state, s_want)
@@ -1498,4 +1499,4 @@ def test_the_recorded_loss_scale_never_doubles_to_infinity(fast, scale):
     assert out[0][0] and out[1][0]
     assert np.isfinite(out[0][1]).all()
     for g, w in zip(out[0][1:], out[1][1:], strict=True):
-        np.testing.assert_array_equal(g, w)
+        assert_same(g, w)

@@ -13,6 +13,7 @@ from kernel_cases import (
     EVERY_OPTIMISER,
     OPTIMISERS,
     UPDATE_SHAPES,
+    assert_same,
     check_add_relu,
     gated_updates,
     step_with,
@@ -249,21 +250,21 @@ def test_relu_and_masks(rng, shape, dtype):
     if x.size > 3:
         x.reshape(-1)[:3] = [np.nan, 2.0, 0.0]  # NaN and the edges stay as the standard has them
     for cap in (None, 2.0, 0.1, 0.0):
-        np.testing.assert_array_equal(FAST.relu(x, cap), STD.relu(x, cap))
+        assert_same(FAST.relu(x, cap), STD.relu(x, cap))
         for got, want in zip(FAST.relu_with_mask(x, cap), STD.relu_with_mask(x, cap),
                              strict=True):
-            np.testing.assert_array_equal(got, want)
+            assert_same(got, want)
     mask = x > 0
-    np.testing.assert_array_equal(FAST.mask_multiply(x, mask), STD.mask_multiply(x, mask))
+    assert_same(FAST.mask_multiply(x, mask), STD.mask_multiply(x, mask))
     dy = np.asarray(rng.standard_normal(shape), dtype=dtype)
     y = STD.relu(x, None)
-    np.testing.assert_array_equal(FAST.relu_backward(dy, y), STD.relu_backward(dy, y))
+    assert_same(FAST.relu_backward(dy, y), STD.relu_backward(dy, y))
     # a dropout's gradient with the ReLU's before it (apply_input_relu_grad): a dropout mask
     # drawn apart from the ReLU's zeros (a mask equal to y > 0 would hide an ignored relu_y)
     keep = rng.random(shape) < 0.7
     want = np.where(keep & (y > 0), dy * dtype(1.5), dtype(0))
     for kern in (FAST, STD):
-        np.testing.assert_array_equal(kern.mask_multiply(dy, keep, 1.5, y), want)
+        assert_same(kern.mask_multiply(dy, keep, 1.5, y), want)
 
 
 @pytest.mark.parametrize("shape", [(64, 80, 60), (8, 7, 5)], ids=["threads", "odd-size"])
