@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import random
 import warnings
@@ -27,7 +28,7 @@ from xpcnn.callbacks import (
     ReduceLROnPlateau,
     TerminateOnNaN,
 )
-from xpcnn.errors import InputError
+from xpcnn.errors import DataFormatError, InputError
 from xpcnn.layers import Dense, Flatten, Rescaling, Softmax
 from xpcnn.saving import Progress, load_checkpoint, save_checkpoint
 
@@ -1217,3 +1218,140 @@ def test_backup_and_restore_save_freq_is_named_as_its_own():
     for bad in (0, False, "batch"):
         with pytest.raises(InputError, match="BackupAndRestore save_freq must be"):
             BackupAndRestore("c.npz", save_freq=bad)
+
+
+class _Raises(Callback):
+    def __init__(self, hook):
+        super().__init__()
+        setattr(self, hook, self.fail)
+
+    def fail(self, index, logs=None):
+        if index == 1:
+            raise RuntimeError("the user's error")
+
+
+@pytest.mark.parametrize("hook", ["on_train_batch_end", "on_epoch_end"])
+def test_a_fit_that_raises_closes_its_progress_bar(data, hook, monkeypatch):
+    """fit raising in a user's callback (the epoch's on_epoch_end not run, or run before the
+    bar's) closes the epoch's tqdm bar (was: left open, so that every later bar was drawn a
+    line lower, and the stale ones printed again at exit)."""
+    tqdm = xpcnn.callbacks.tqdm  # (shown, as the tests' TQDM_DISABLE hides it: conftest)
+    monkeypatch.setattr(xpcnn.callbacks, "tqdm", functools.partial(tqdm, disable=False))
+
+    def bars():  # (tqdm's open bars, a class attribute made with the first bar)
+        return list(getattr(tqdm, "_instances", ()))
+
+    model = small_model()
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="the user's error"):
+            model.fit(*data, epochs=3, batch_size=BATCH, verbose=1, callbacks=[_Raises(hook)])
+        assert not bars()
+    seen = []
+    model.fit(*data, epochs=1, batch_size=BATCH, verbose=1, callbacks=[LambdaCallback(
+        on_epoch_end=lambda epoch, logs: seen.extend(bar.pos for bar in bars()))])
+    assert seen == [0] and not bars()  # (the next bar on the first line)
+
+
+def test_a_refused_fit_keeps_the_record_of_the_history_passed_in_again(data):
+    """A fit refused as its callbacks begin (EarlyStopping of val_loss, no validation data),
+    given the History an earlier fit returned: the History keeps that fit's record (was:
+    emptied, though a refused fit leaves the model as it was)."""
+    model, record = small_model(), xpcnn.callbacks.History()
+    assert model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[record]) is record
+    before = (list(record.epoch), {k: list(v) for k, v in record.history.items()})
+    with pytest.raises(InputError, match="EarlyStopping monitors 'val_loss'"):
+        model.fit(*data, epochs=2, batch_size=BATCH, verbose=0,
+                  callbacks=[record, EarlyStopping()])
+    assert model.history is record
+    assert (record.epoch, record.history) == before and record.epoch == [0, 1]
+
+
+class _KeepsASet(Callback):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def get_state(self):
+        return {"value": self.value}
+
+    def set_state(self, state):
+        self.value = state["value"]
+
+
+@pytest.mark.parametrize("value, says", [
+    ({0, 1}, r"'value' holds set \{0, 1\}"),
+    (np.datetime64("2026-12-06"), "'value' holds a NumPy datetime64"),
+    ({1: 2.0}, "'value' holds a dict whose key 1 is not a string"),
+])
+@pytest.mark.parametrize("saver", ["checkpoint", "model_checkpoint"])
+def test_a_callback_state_a_checkpoint_cannot_hold_is_refused_before_training(
+        data, tmp_path, value, says, saver):
+    """A user's callback whose get_state() a checkpoint cannot hold: fit is refused before its
+    first step, naming the callback and key (was: after a whole epoch, at the first save)."""
+    model, path = small_model(), tmp_path / "c.npz"
+    kwargs = {"checkpoint": path} if saver == "checkpoint" else \
+        {"callbacks": [ModelCheckpoint(path, monitor="loss")]}
+    kwargs["callbacks"] = [_KeepsASet(value), *kwargs.get("callbacks", [])]
+    with pytest.raises(InputError, match=r"the state of callback _KeepsASet \(its get_state\(\)"
+                                         r"\) cannot be written to the checkpoint: " + says):
+        model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, **kwargs)
+    assert model.optimizer.iterations == 0 and not path.exists()
+
+
+def test_a_callback_state_is_not_checked_where_no_checkpoint_is_written(data, tmp_path):
+    """(weights alone, or no checkpoint: the state is never written, and fit trains)"""
+    model = small_model()
+    model.fit(*data, epochs=1, batch_size=BATCH, verbose=0, callbacks=[
+        _KeepsASet({0}), ModelCheckpoint(tmp_path / "w.weights.npz", monitor="loss",
+                                         save_weights_only=True)])
+    assert model.optimizer.iterations == 4 and (tmp_path / "w.weights.npz").exists()
+
+
+class _LastLoss(Callback):
+    """Keeps a state its first on_epoch_end sets: get_state() fails before that."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.last = float(logs["loss"])
+
+    def get_state(self):
+        return {"last": self.last}
+
+    def set_state(self, state):
+        self.last = self.restored = state["last"]
+
+
+def test_a_callback_state_set_in_its_first_epoch_does_not_refuse_the_fit(data, tmp_path):
+    """A get_state() that fails before the first epoch ends (an attribute set there) is not
+    the early check's to refuse: fit trains, saves the state and resumes it (was: a bare
+    AttributeError before the first step; and at the resume, which keeps each callback as
+    it was to put it back if refused: it is put back by its attributes)."""
+    class Unreadable(Callback):  # (its saved state refused at the resume, after _LastLoss's)
+        trained = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.trained = 1
+
+        def get_state(self):
+            return {"trained": self.trained}
+
+        def set_state(self, state):
+            if state["trained"]:
+                raise ValueError("not this one")
+
+    path, refusing = tmp_path / "c.npz", tmp_path / "r.npz"
+    first = _LastLoss()
+    small_model().fit(*data, epochs=1, batch_size=BATCH, verbose=0, callbacks=[first],
+                      checkpoint=path)
+    small_model().fit(*data, epochs=1, batch_size=BATCH, verbose=0,
+                      callbacks=[_LastLoss(), Unreadable()], checkpoint=refusing)
+    refused = _LastLoss()
+    with pytest.raises(DataFormatError, match="not this one"):  # (put back: as it was)
+        small_model().fit(*data, epochs=2, batch_size=BATCH, verbose=0,
+                          callbacks=[refused, Unreadable()], checkpoint=refusing, resume=True)
+    assert not hasattr(refused, "last") and not hasattr(refused, "restored")
+    resumed = _LastLoss()
+    model = small_model()
+    model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[resumed],
+              checkpoint=path, resume=True)
+    assert model.optimizer.iterations == 8 and load_checkpoint(path).epoch == 2
+    assert resumed.restored == first.last != resumed.last

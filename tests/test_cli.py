@@ -122,9 +122,10 @@ def test_importing_xpcnn_main_runs_no_command():
 
 
 def test_a_resumed_run_adds_to_its_log_and_a_refused_one_leaves_it(tmp_path, capsys):
-    """--log with --resume appends the resumed epochs (was: the file started afresh, the
-    epochs before the interruption lost); a resume refused before training (another
-    --epochs, hence another schedule) leaves the log as it was (was: emptied)."""
+    """--log with --resume holds the epochs before the interruption, then the resumed ones
+    (was: the file started afresh, the epochs before the interruption lost); a resume
+    refused before training (another --epochs, hence another schedule) leaves the log as it
+    was (was: emptied)."""
     log, ck = tmp_path / "log.csv", tmp_path / "run.npz"
     run = ["train", "--limit", "32", "--batch-size", "16", "--quiet", "--schedule", "constant",
            "--checkpoint", str(ck), "--log", str(log)]
@@ -229,3 +230,41 @@ def test_visualize_under_mpiexec_writes_and_speaks_once(tmp_path, capsys):
     wrote = [x for x in proc.stderr.splitlines() if x.startswith("wrote ")]
     assert wrote == [f"wrote {p}" for p in written], proc.stderr  # (was: each twice)
     assert proc.stderr.count("shapes test image 0: label") == 1
+
+
+def test_a_run_stopped_between_a_log_row_and_its_checkpoint_resumes_to_the_same_log(
+        tmp_path, monkeypatch, capsys):
+    """A run stopped after an epoch's --log row but before its checkpoint (a second Ctrl-C
+    during the write) and resumed: the log holds the uninterrupted run's rows, each epoch once
+    (was: epochs 0, 1, 1, 2: the resumed run replayed epoch 1 and appended its row again); the
+    interruption names the last step done, "epoch 2, after step 2/2" (was: "epoch 3, after
+    step 0/2")."""
+    import xpcnn.saving.checkpoint as ck
+
+    run = ["train", "--limit", "32", "--batch-size", "16", "--epochs", "3", "--quiet",
+           "--schedule", "constant"]
+    assert main([*run, "--log", str(tmp_path / "ref.csv")]) == 0
+    real, calls = ck.save_checkpoint, []
+
+    def cut_at_the_second_write(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # (the end of epoch 2's write)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    log, checkpoint = tmp_path / "run.csv", tmp_path / "c.npz"
+    run = [*run, "--log", str(log), "--checkpoint", str(checkpoint)]
+    with monkeypatch.context() as m:
+        m.setattr(ck, "save_checkpoint", cut_at_the_second_write)
+        capsys.readouterr()
+        assert main(run) == 130
+    assert "interrupted at epoch 2, after step 2/2; " in capsys.readouterr().err
+    assert main([*run, "--resume"]) == 0
+
+    def rows(path):  # (without the seconds column, which differs)
+        lines = [line.split(",") for line in path.read_text().splitlines()]
+        keep = [i for i, name in enumerate(lines[0]) if name != "seconds"]
+        return [[line[i] for i in keep] for line in lines]
+
+    assert [row[0] for row in rows(log)[1:]] == ["0", "1", "2"]
+    assert rows(log) == rows(tmp_path / "ref.csv")

@@ -48,9 +48,11 @@ needs_mpi = pytest.mark.skipif(
 
 def launch(cmd: list[str], collective_timeout: int = 30
            ) -> tuple[subprocess.CompletedProcess, float]:
-    """Run ``cmd`` (an ``mpiexec`` line, or one process) with this tree's xpcnn and a limit on
-    each collective's wait: its process and the seconds it took."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
+    """Run ``cmd`` (an ``mpiexec`` line, or one process) with the xpcnn that these tests
+    import (this tree's, or another copy first on PYTHONPATH) and a limit on each
+    collective's wait: its process and the seconds it took."""
+    env = {**os.environ, "PYTHONPATH": str(Path(xpcnn.__file__).resolve().parents[1]),
+           "OPENBLAS_NUM_THREADS": "1",
            "XPCNN_DIST_TIMEOUT": str(collective_timeout)}
     t0 = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -971,10 +973,17 @@ x = np.random.default_rng(0).random((16, 4, 4, 3)).astype(np.float32)
 y = np.arange(16) % 3
 norm = Normalization()
 norm.adapt(x[rank::2] if sys.argv[1] == "shards" else x)
-model = xpcnn.Sequential([norm, Flatten(), Dense(3), Softmax()], seed=0)
-model.compile()
+# (a layer more on rank 1: was checksums of other lengths exchanged, other layers named)
+extra = [Dense(5)] if sys.argv[1] == "layers differ in count" and rank == 1 else []
+model = xpcnn.Sequential([norm, Flatten(), *extra, Dense(3), Softmax()], seed=0)
+# (a learning rate of each rank's own: the ranks' weights drifted apart, silently)
+model.compile(optimizer=xpcnn.optim.SGD(0.01 * (1 + rank * (sys.argv[1] == "lr"))))
 # (a path only rank 0 checks, inside a regular file: refused there alone)
 callbacks = [ModelCheckpoint(__file__ + "/m.npz")] if sys.argv[1] == "path" else []
+if sys.argv[1] == "early stopping on rank 0" and rank == 0:  # (a 600 s wait, then "stuck")
+    from xpcnn.callbacks import EarlyStopping
+    callbacks = [EarlyStopping(monitor="loss", patience=0, min_delta=10)]
+checkpoint = os.path.join(os.path.dirname(__file__), "ck.npz")
 # (per-rank data: a PyTorch habit; or arrays of other lengths)
 xs, ys = {"data shards": (x[rank::2], y[rank::2]),
           "lengths": (x[:16 - 4 * rank], y[:16 - 4 * rank])}.get(sys.argv[1], (x, y))
@@ -1034,6 +1043,29 @@ try:
         model.fit(x, y, batch_size=4, verbose=0, class_weight={0: 1.0 + 9 * rank})
     elif sys.argv[1] == "class weights alike":  # (a table of ones is none)
         model.fit(x, y, batch_size=4, verbose=0, class_weight={0: 1.0} if rank else None)
+    elif sys.argv[1] == "epochs":  # (rank 0 waited for rank 1's steps until the timeout)
+        model.fit(x, y, batch_size=4, epochs=1 + rank, verbose=0)
+    elif sys.argv[1] == "early stopping on rank 0":
+        model.fit(x, y, batch_size=4, epochs=3, verbose=0, callbacks=callbacks)
+    elif sys.argv[1] == "evaluate on rank 0, then fit":  # (paired with fit's collectives)
+        if rank == 0:
+            model.evaluate(x, y, verbose=0)
+        model.fit(x, y, batch_size=4, verbose=0)
+    elif sys.argv[1] == "checkpoint on rank 0 alone":  # (a node-local disk: rank 0 resumed,
+        model.fit(x, y, batch_size=4, verbose=0, checkpoint=checkpoint)  # rank 1 afresh)
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0, resume=True,
+                  checkpoint=checkpoint if rank == 0 else checkpoint + ".rank1.npz")
+    elif sys.argv[1] == "dataset checkpoint on rank 0 alone":  # (rank 1 alone drew a first
+        model.fit(Pairs(), batch_size=4, verbose=0, checkpoint=checkpoint)  # batch: refused
+        model.fit(Pairs(), batch_size=4, epochs=2, verbose=0, resume=True,  # as other calls)
+                  checkpoint=checkpoint if rank == 0 else checkpoint + ".rank1.npz")
+    elif sys.argv[1] == "validation on rank 0 alone":  # (was: checksums of other lengths,
+        model.fit(x, y, batch_size=4, verbose=0,  # read as "another epochs")
+                  validation_data=(x, y) if rank == 0 else None)
+    elif sys.argv[1] == "evaluate in a rank-0 callback":  # (its name's exchange paired with
+        from xpcnn.callbacks import LambdaCallback  # rank 1's gradient allreduce: garbled)
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[LambdaCallback(
+            on_epoch_end=lambda epoch, logs: rank == 0 and model.evaluate(x, y, verbose=0))])
     else:
         model.fit(xs, ys, epochs=1, batch_size=4, verbose=0, callbacks=callbacks)
 except (XpcnnError, OSError) as e:
@@ -1050,7 +1082,12 @@ os.write(1, (said + "\\n").encode())  # (one write: the ranks' lines do not inte
                                   "validation shards", "evaluate shards",
                                   "train_on_batch in fit", "short at an epoch's end",
                                   "class weights", "class weights alike",
-                                  "raises at an epoch's end"])
+                                  "raises at an epoch's end", "lr", "epochs",
+                                  "early stopping on rank 0", "evaluate on rank 0, then fit",
+                                  "checkpoint on rank 0 alone",
+                                  "dataset checkpoint on rank 0 alone",
+                                  "validation on rank 0 alone", "layers differ in count",
+                                  "evaluate in a rank-0 callback"])
 def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp_path, case):
     """A Normalization adapted on each rank's own shard (their models predicted apart, rank 0's
     alone saved), and a refusal of one rank's own (a path rank 0 alone checks; the others
@@ -1060,8 +1097,16 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
     differed) are refused on every rank; so is train_on_batch (each rank stepped on its own
     batch, no gradient averaged: the ranks' weights drifted apart). A rank whose generator
     gave one batch fewer left the other waiting in the exchange of the batch sizes for the
-    whole timeout, blaming a stuck rank: both now say which ran out, at once."""
-    proc, seconds = two_ranks(tmp_path, _REFUSED_ON_EVERY_RANK, case, collective_timeout=60)
+    whole timeout, blaming a stuck rank: both now say which ran out, at once. A check whose
+    payload has another length on some ranks (validation data on rank 0 alone, a layer more)
+    is refused saying so, before any payload is exchanged; one on rank 0 alone while rank 1
+    trains (an evaluate in a callback) runs on a communicator of its own: no pairing with
+    training, a timeout saying that a rank may not be making the call."""
+    # (rank 0 evaluating in a callback while rank 1 trains: each waits for the other, then
+    # says so, after a short timeout)
+    waits = case == "evaluate in a rank-0 callback"
+    proc, seconds = two_ranks(tmp_path, _REFUSED_ON_EVERY_RANK, case,
+                              collective_timeout=10 if waits else 60)
     assert proc.returncode == 0 and seconds < 50, proc.stderr
     lines = sorted(proc.stdout.splitlines())
     if case in ("same", "class weights alike"):
@@ -1115,6 +1160,53 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
             "rank 1 refused: DistributedError: the training data of this rank ran out after 3 "
             "batches in epoch 1 while rank(s) [0] had more: every rank must give the same "
             "number of batches an epoch"], lines
+    elif case in ("lr", "epochs", "early stopping on rank 0", "evaluate on rank 0, then fit"):
+        # (were: weights apart, silently; or a wait of the whole timeout, then "stuck or has
+        # died", or evaluate's collectives paired with fit's)
+        said = {"lr": "the model was compiled with another optimizer (class, settings, "
+                      "learning rate or step count) on rank(s) [1] than on rank 0: every rank "
+                      "must compile the model alike",
+                "epochs": "fit on several ranks was given another epochs on rank(s) [1] than "
+                          "on rank 0: every rank must call fit with the same arguments and "
+                          "callbacks",
+                "early stopping on rank 0": "fit on several ranks was given another callbacks "
+                                            "(their classes and save_freq) on rank(s) [1] than "
+                                            "on rank 0",
+                "evaluate on rank 0, then fit": "the ranks are in different calls: rank(s) [0] "
+                                                "in evaluate (the data's checksums), rank(s) [1] "
+                                                "in fit (the layers' and compile's settings): "
+                                                "fit and evaluate must be called on every rank"
+                }[case]
+        assert len(lines) == 2 and all(line.startswith(f"rank {r} refused: DistributedError: "
+                                                       f"{said}")
+                                       for r, line in enumerate(lines)), lines
+    elif case == "validation on rank 0 alone":  # (was: "another epochs on rank(s) [1]")
+        assert lines == [f"rank {r} refused: DistributedError: fit on several ranks was given "
+                         "validation data on some ranks only (rank(s) [0], not rank(s) [1]): "
+                         "every rank must pass the same validation_data, or none"
+                         for r in (0, 1)], lines
+    elif case == "layers differ in count":  # (was: each rank named another layer)
+        assert lines == [f"rank {r} refused: DistributedError: the model has another number "
+                         "of layers on rank(s) [1] than on rank 0 (5 against 4): every rank "
+                         "must build the same model" for r in (0, 1)], lines
+    elif case == "evaluate in a rank-0 callback":  # (was: a garbled name on rank 0)
+        assert lines == [
+            "rank 0 refused: DistributedError: rank 0 of 2 waited 10 s for the other ranks in "
+            "evaluate (the data's checksums): one of them is stuck or has died, or is not "
+            "making this call: fit and evaluate must be called on every rank, in the same "
+            "order (XPCNN_DIST_TIMEOUT sets the limit)",
+            "rank 1 refused: DistributedError: rank 1 of 2 waited 10 s for the other ranks in "
+            "the gradient allreduce: one of them is stuck or has died (XPCNN_DIST_TIMEOUT sets "
+            "the limit)"], lines
+    elif case in ("checkpoint on rank 0 alone", "dataset checkpoint on rank 0 alone"):
+        # (was: rank 0 resumed, rank 1 started afresh and their gradients were averaged: a
+        # wrong model, silently, or a wait and "stuck"; with a dataset, "in different calls")
+        assert len(lines) == 2 and all(
+            line.startswith(f"rank {r} refused: DistributedError: the ranks resume fit from "
+                            "different checkpoints at ") and
+            "rank(s) [0] resume at epoch 2, step 0; rank(s) [1] start afresh (no checkpoint "
+            "there)" in line and "copy rank 0's file to that path on every node" in line
+            for r, line in enumerate(lines)), lines
     elif case == "train_on_batch":
         assert lines == [f"rank {r} refused: InputError: train_on_batch runs on one process, "
                          "and this is one of 2 ranks: fit is what trains on several (every "

@@ -1022,11 +1022,12 @@ def test_sequential_add_of_an_input_or_a_built_base_declares_the_input_as_in_ker
 def test_a_model_made_with_trainable_false_freezes_its_layers_as_in_keras():
     """Keras 3's Sequential(layers, trainable=False) and Model(inputs, outputs,
     trainable=False) (were: a TypeError): the layers given are frozen, as setting
-    model.trainable = False freezes them; a layer added later is not."""
+    model.trainable = False freezes them; a layer added later is too (Keras' frozen model
+    trains none of its layers)."""
     model = xpcnn.Sequential([Flatten(), Dense(3)], trainable=False)
     assert not model.trainable and not any(la.trainable for la in model.layers)
     model.add(Dense(2))
-    assert model.layers[-1].trainable
+    assert not model.layers[-1].trainable and not model.trainable
     inputs = xpcnn.Input((4,))
     functional = xpcnn.Model(inputs, Dense(2)(inputs), trainable=False)
     assert not functional.trainable and functional.trainable_layers == []

@@ -1457,9 +1457,9 @@ def test_a_sequential_takes_keras_3s_input_first_and_keeps_its_name(tmp_path):
 def test_a_changed_layer_list_is_the_model_that_runs_and_saves(tmp_path):
     """model.layers.pop() (Keras 2's habit) left a model that predicted, trained and saved
     with different layers: predict and fit ran on the layers it was built with, get_weights
-    and save had the others. Now a Sequential changed so builds again at its next use, as
-    after add(); Sequential.pop() (Keras') builds again at once; a functional model's list
-    is its graph's, refused."""
+    and save had the others. Now a Sequential changed so builds again at once, as add() and
+    Sequential.pop() (Keras') do, a change refused undone; a functional model's list is its
+    graph's, refused."""
     x = np.random.default_rng(0).random((6, 4, 4, 2)).astype(np.float32)
     y = np.arange(6) % 3
 
@@ -1492,8 +1492,8 @@ def test_a_changed_layer_list_is_the_model_that_runs_and_saves(tmp_path):
         np.array_equal(a, b) for k in slots for a, b in zip(slots[k], model.optimizer.slots[k],
                                                             strict=True))
     with pytest.raises(InputError, match="expects per-sample inputs of shape"):
-        model.layers.insert(1, Conv2D(2, 3))  # (after the Flatten: refused)
-    del model.layers[1]  # (mended by hand: built at its next use, as after add())
+        model.layers.insert(1, Conv2D(2, 3))  # (after the Flatten: refused as a whole)
+    assert len(model.layers) == 4 and model.built  # (was: left in, the model unbuilt)
     assert model.predict(x).shape == (6, 3) and model.built
     inputs = xpcnn.Input((4, 4, 2))
     graph_model = xpcnn.Model(inputs, Dense(3)(Flatten()(inputs)))

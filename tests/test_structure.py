@@ -32,7 +32,7 @@ def test_a_layer_list_holding_one_instance_twice():
                                          r"twice"):
         check_structure([conv, ReLU(), conv, Flatten()])
     model = xpcnn.Sequential([conv, ReLU(), Flatten(), Dense(3)])
-    model.layers.append(conv)  # behind add()'s back
+    list.append(model.layers, conv)  # behind add()'s and the list's backs
     with pytest.raises(InputError, match="used twice"):
         model.build((8, 8, 1))
 

@@ -494,7 +494,7 @@ CONSTRUCTION = {
                          r"input_shape must be positive sizes"),
     "input_shape int": (lambda: xpcnn.Sequential(four_class_net(), input_shape=6),
                         "input_shape must be positive sizes"),
-    "no layers": (lambda: xpcnn.Sequential(input_shape=(6, 6, 3)), "the model has no layers"),
+    "no layers": (lambda: xpcnn.Sequential().build((6, 6, 3)), "the model has no layers"),
     "rank for Conv2D": (lambda: xpcnn.Sequential(four_class_net(), input_shape=(6, 6)),
                         r"layer 'conv2d' \(Conv2D\) expects per-sample inputs of shape "
                         r"\(H, W, C\), got \(6, 6\)"),

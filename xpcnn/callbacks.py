@@ -1,10 +1,12 @@
 """Callbacks: code that ``fit`` calls at fixed points of training (Keras' protocol).
 
-``model.fit(x, y, callbacks=[EarlyStopping(patience=3), CSVLogger("log.csv")])``. A callback
-subclasses :class:`Callback` and overrides the hooks it needs; ``self.model`` is the model being
-trained and ``self.params`` holds ``epochs``, ``initial_epoch``, ``steps`` (per epoch, None when
-unknown), ``verbose``, ``data`` (the batch source), ``validation`` (whether the fit has validation
-data), ``validation_freq`` (see :func:`validates`) and ``class_weight`` (the table, or None).
+``model.fit(x, y, validation_split=0.1, callbacks=[EarlyStopping(patience=3),
+CSVLogger("log.csv")])`` (EarlyStopping watches ``val_loss``: a fit without validation data refuses
+it). A callback subclasses :class:`Callback` and overrides the hooks it needs; ``self.model`` is
+the model being trained and ``self.params`` holds ``epochs``, ``initial_epoch``, ``steps`` (per
+epoch, None when unknown), ``verbose``, ``data`` (the batch source), ``validation`` (whether the
+fit has validation data), ``validation_freq`` (see :func:`validates`) and ``class_weight`` (the
+table, or None).
 Setting ``model.stop_training = True`` in any hook ends training after the current batch (or
 epoch): ``on_epoch_end`` and ``on_train_end`` still run and ``fit`` returns the
 :class:`History`. ``model.stop_evaluating`` / ``model.stop_predicting`` (Keras 3's, reset by
@@ -48,6 +50,8 @@ import contextlib
 import csv
 import dataclasses
 import inspect
+import io
+import locale
 import math
 import numbers
 import os
@@ -62,10 +66,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import checks, distributed, history, metrics
-from .errors import InputError, NonFiniteError, warn
-from .files import written_file
+from .errors import InputError, NonFiniteError, add_note, warn
+from .files import atomic_file, naming_the_file, replaceable, written_file
 from .saving import FitCheckpoints, Progress, progress_within, save_checkpoint
-from .saving.checkpoint import callback_states
+from .saving.checkpoint import _states_entry, callback_states
 from .saving.model_file import config_entry, model_config
 
 
@@ -211,6 +215,35 @@ class CallbackList:
         setattr(self, hook, call)  # (found there from now on: fit calls two hooks a step)
         return call
 
+    def on_train_begin(self, logs: MutableMapping[str, Any] | None = None) -> None:
+        """Every callback's ``on_train_begin``, in order; where a checkpoint is to be written
+        (a :class:`BackupAndRestore`, a whole-model :class:`ModelCheckpoint`), the states of
+        the callbacks that keep one are then converted as its writer converts them, so that one
+        a checkpoint cannot hold (a set, a date) is refused now, not at the first save after an
+        epoch of training; before a :class:`BackupAndRestore` (last in fit) begins, so that a
+        refused fit has resumed nothing."""
+        logs = {} if logs is None else logs
+        checked = False
+        for cb in self.callbacks:
+            if isinstance(cb, BackupAndRestore) and not checked:
+                self._check_states()
+                checked = True
+            cb.on_train_begin(logs)
+        if not checked:
+            self._check_states()
+
+    def _check_states(self) -> None:
+        if not any(isinstance(cb, BackupAndRestore) or isinstance(cb, ModelCheckpoint)
+                   and not cb.save_weights_only for cb in self.callbacks):
+            return
+        states = []
+        for cb in stateful(self.callbacks):
+            try:
+                states.append((type(cb).__name__, cb.get_state()))
+            except Exception:  # (a state set in a first on_epoch_end: checked at the save)
+                continue
+        _states_entry(states)  # (its InputError, a state no checkpoint holds, refuses the fit)
+
     def on_epoch_end(self, epoch: int, logs: MutableMapping[str, Any] | None = None) -> None:
         """Every callback's ``on_epoch_end``, in order; a :class:`ModelCheckpoint`'s save of
         the epoch is put off until the others' have run (before a :class:`BackupAndRestore`'s,
@@ -240,9 +273,9 @@ class CallbackList:
                 with distributed.on_the_way_out():
                     _save_pending(saves, self.callbacks[at:])
             except Exception as failed:  # (the first error is the one to see)
-                error.add_note(f"the ModelCheckpoint save of epoch {epoch + 1} put off until "
-                               f"after this error failed too: {type(failed).__name__}: "
-                               f"{failed}")
+                add_note(error, f"the ModelCheckpoint save of epoch {epoch + 1} put off "
+                         f"until after this error failed too: {type(failed).__name__}: "
+                         f"{failed}")
             raise
         finally:
             for cb in saves:
@@ -250,11 +283,16 @@ class CallbackList:
 
     def interruptible(self) -> contextlib.ExitStack:
         """A context around the training loop in which each :class:`BackupAndRestore` turns a
-        Ctrl-C into a checkpoint and a clean stop (see :meth:`FitCheckpoints.interruptible`)."""
+        Ctrl-C into a checkpoint and a clean stop (see :meth:`FitCheckpoints.interruptible`),
+        and which closes the progress bar of an epoch that did not end (an error, a Ctrl-C:
+        left open, it would push every later bar a line down), however the loop ends."""
         scope = contextlib.ExitStack()
         for cb in self.callbacks:
             if isinstance(cb, BackupAndRestore):
                 scope.enter_context(cb.saver.interruptible())
+        for cb in self.callbacks:  # (closed first, before a checkpoint's line is printed)
+            if isinstance(cb, ProgbarLogger):
+                scope.callback(cb.close)
         return scope
 
     def on_non_finite(self, error: NonFiniteError) -> bool:
@@ -453,11 +491,14 @@ class ProgbarLogger(Callback):
                                          self.params["steps"]))
             return
         self.bar.set_postfix(bar_postfix(logs))
-        self.bar.close()
+        self.close()
 
-    def on_train_end(self, logs: Mapping[str, float] | None = None) -> None:
+    def close(self) -> None:
+        """Close the epoch's bar, if one is open (fit's training loop does, however it ends:
+        :meth:`CallbackList.interruptible`)."""
         if self.bar is not None:
-            self.bar.close()  # (a no-op when the epoch ended normally)
+            self.bar.close()
+            self.bar = None
 
 
 def validates(params: Mapping[str, Any], epoch: int) -> bool:
@@ -1158,7 +1199,10 @@ class CSVLogger(Callback):
     the first epoch on, ``NA`` where an epoch was not validated, as in Keras; one without
     validation data gets none (Keras adds a ``val_`` column, all ``NA``, for every log). A new
     file (``append=False``) of a run resumed from a checkpoint starts with the epochs its
-    History got back, so that it holds what an uninterrupted run's file holds."""
+    History got back, so that it holds what an uninterrupted run's file holds. Such a file's
+    first write (its header, those epochs, the first row) replaces the old file atomically: a
+    write that fails (a full disk) names the file and leaves the old one as it was; later rows
+    are appended."""
 
     def __init__(self, filename: str | os.PathLike[str], separator: str = ",",
                  append: bool = False) -> None:
@@ -1219,10 +1263,24 @@ class CSVLogger(Callback):
                  "which are not written: its columns are its header's (the first epoch's logs, "
                  "or those of the file appended to)")
         rows.append([epoch] + [logs.get(k, "NA") for k in self.keys])
-        # (opened for each epoch's row and closed after it: a fit that raises, whose
-        # on_train_end is not called, as in Keras, holds no handle on the file)
-        with open(self.filename, self.mode, newline="") as f:
-            csv.writer(f, delimiter=self.separator).writerows(rows)
+        if self.mode == "w" and replaceable(self.filename):
+            # (a file written anew, a resumed run's too: the old one is kept until the header,
+            # the restored rows and the first row are all written, and a failed write names it)
+            with atomic_file(self.filename) as f:
+                text = io.StringIO(newline="")
+                csv.writer(text, delimiter=self.separator).writerows(rows)
+                f.write(text.getvalue().encode(locale.getpreferredencoding(False)))
+        else:
+            # (opened for each epoch's row and closed after it: a fit that raises, whose
+            # on_train_end is not called, as in Keras, holds no handle on the file)
+            try:
+                with open(self.filename, self.mode, newline="") as f:
+                    csv.writer(f, delimiter=self.separator).writerows(rows)
+            except OSError as e:  # (a full disk: which file, not only "No space left")
+                named = naming_the_file(e, self.filename, kept=False)
+                if named is e:
+                    raise
+                raise named from e
         self.mode = "a"
 
     def _restored_rows(self) -> list[list[Any]]:

@@ -422,9 +422,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         callbacks.append(EarlyStopping("val_loss", patience=args.early_stopping,
                                        restore_best_weights=True, verbose=not args.json))
     if args.log:  # (callbacks print and write on rank 0 only)
-        # (a resumed run's epochs go on in its log; one with no checkpoint yet starts both)
-        resumed = args.resume and os.path.exists(args.checkpoint)
-        callbacks.append(CSVLogger(args.log, append=resumed))
+        # (not appended to: a resumed run's log is written anew from its first epoch's end,
+        # with the rows of the epochs its checkpoint holds first, so that it holds the
+        # uninterrupted run's rows even where a run stopped between a row and its checkpoint)
+        callbacks.append(CSVLogger(args.log))
     kept_before = _file_state(args.checkpoint)
     t0 = time.perf_counter()
     try:
@@ -442,8 +443,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                           "continue") from None
     except KeyboardInterrupt:  # (with --checkpoint: a second Ctrl-C, which does not wait)
         done = model.optimizer.iterations  # type: ignore[union-attr]
-        raise Interrupted(f"interrupted at epoch {done // steps_per_epoch + 1}, after step "
-                          f"{done % steps_per_epoch}/{steps_per_epoch}; "
+        # (the last step done: step N/N of an epoch that ended, not step 0 of the next)
+        epoch, step = divmod(done - 1, steps_per_epoch) if done else (0, -1)
+        raise Interrupted(f"interrupted at epoch {epoch + 1}, after step "
+                          f"{step + 1}/{steps_per_epoch}; "
                           + _what_was_kept(args, kept_before, steps_per_epoch)) from None
     seconds = time.perf_counter() - t0
     loss, accuracy = model.evaluate(x_test, y_test)

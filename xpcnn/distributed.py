@@ -22,6 +22,12 @@ on four ranks; ``fit`` needs no change. As in ChainerMN, Horovod and PyTorch DDP
   and writes files (models, checkpoints, figures): a save that every rank calls returns on
   each once rank 0 has written, and one that rank 0 calls alone returns at once
   (:func:`write_on_root`);
+* ``fit`` refuses, on every rank, layers, compile settings, data, arguments and callbacks
+  that differ between the ranks, and checkpoints resumed by some ranks only; the checks run
+  on a communicator of their own, each first telling the others its call and size, so a rank
+  in another check (an ``evaluate`` on rank 0 alone as the others begin ``fit``) is refused,
+  saying which, and one in a check while the others train is paired with nothing (it waits
+  for the timeout, saying that a rank may not be making the call);
 * a rank that raises ends the whole job (``MPI_Abort``, with that rank's traceback), one that
   dies is reported by ``mpiexec`` (which ends the others), and an MPI wait (the CPU ranks'
   allreduce, the weight broadcast, the sums of ``evaluate``) longer than ``timeout`` seconds
@@ -88,6 +94,9 @@ class World:
     # comm's duplicate for rank 0's reports of its writes (write_on_root): they never pair with
     # a collective of training, which one rank's save alone may fall between
     reports: Any = None
+    # comm's duplicate for the tagged sums (host_sum's checks, names and payloads): a check on
+    # one rank alone (an evaluate in a rank-0 callback) never pairs with the others' training
+    checks: Any = None
 
     @property
     def is_root(self) -> bool:
@@ -129,8 +138,9 @@ def init(comm: Any = None, timeout: float | None = None) -> World:
     timeout = _seconds(os.environ.get("XPCNN_DIST_TIMEOUT", "600") if timeout is None
                        else timeout)
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    several = comm.Get_size() > 1
     here = World(comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size(), comm,
-                 timeout, comm.Dup() if comm.Get_size() > 1 else None)
+                 timeout, comm.Dup() if several else None, comm.Dup() if several else None)
     node.Free()
     if here.size > 1:
         _abort_all_on_error(here)
@@ -271,13 +281,14 @@ class NcclSum:
             stream.wait_event(done)
 
 
-def _wait(here: World, requests: list[Any], what: str) -> None:
-    """Wait for MPI requests for at most ``here.timeout`` seconds."""
+def _wait(here: World, requests: list[Any], what: str, hint: str = "") -> None:
+    """Wait for MPI requests for at most ``here.timeout`` seconds (``hint``: more of what the
+    error says may have happened)."""
     from mpi4py import MPI
 
     _poll(here, lambda: MPI.Request.Testall(requests), lambda: DistributedError(
         f"rank {here.rank} of {here.size} waited {here.timeout:g} s for the other ranks in "
-        f"{what}: one of them is stuck or has died (XPCNN_DIST_TIMEOUT sets the limit)"))
+        f"{what}: one of them is stuck or has died{hint} (XPCNN_DIST_TIMEOUT sets the limit)"))
 
 
 def _poll(here: World, done: Callable[[], bool], late: Callable[[], Exception]) -> None:
@@ -296,14 +307,72 @@ def _poll(here: World, done: Callable[[], bool], late: Callable[[], Exception]) 
             time.sleep(1e-3)
 
 
-def host_sum(here: World, values: Sequence[float], what: str) -> list[float]:
-    """The sum over the ranks of a few host numbers (float64), with the timeout."""
+#: Bytes of each rank's name of the operation it is in, exchanged before a tagged sum.
+_TAG_BYTES = 96
+#: Numbers of a tagged sum's layout exchanged with its name: the payload's length, then what
+#: its columns are (the numbers of layers, of data sources...).
+_LAYOUT_INTS = 4
+
+
+def host_sum(here: World, values: Sequence[float], what: str, tagged: bool = False,
+             layout: Sequence[int] = (),
+             other_layout: Callable[[list[tuple[int, ...]]], str] | None = None
+             ) -> list[float]:
+    """The sum over the ranks of a few host numbers (float64), with the timeout. ``tagged``
+    (the checks made once a call, never a training step's sums): on a communicator of their
+    own (``World.checks``: never paired with training's collectives), the ranks first tell
+    each other ``what`` they are in and the payload's length and ``layout`` (at most
+    :data:`_LAYOUT_INTS` - 1 counts of what its columns are), in an exchange of a size that
+    every tagged sum shares (:func:`_same_operation`): a rank in another call (an
+    ``evaluate`` on rank 0 alone as the others begin ``fit``) is refused on every rank,
+    saying which; a payload of another length is never exchanged (erroneous MPI, read as
+    shifted columns), refused instead with ``other_layout(each rank's layout)``, or a
+    message naming the lengths."""
     buf = np.asarray(values, dtype=np.float64)
     if here.size > 1:
         from mpi4py import MPI
 
-        _wait(here, [here.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)], what)
+        comm = here.comm
+        if tagged:  # (name and payload on one communicator: they never pair apart)
+            comm = here.comm if here.checks is None else here.checks
+            _same_operation(here, comm, what, [buf.size, *layout], other_layout)
+        _wait(here, [comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)], what)
     return [float(v) for v in buf]
+
+
+def _same_operation(here: World, comm: Any, what: str, layout: Sequence[int],
+                    other_layout: Callable[[list[tuple[int, ...]]], str] | None) -> None:
+    """Exchange each rank's ``what`` (its first :data:`_TAG_BYTES` bytes) and ``layout`` (the
+    payload's length, then the caller's counts) on ``comm``, and raise where they differ."""
+    from mpi4py import MPI
+
+    if len(layout) > _LAYOUT_INTS:
+        raise ValueError(f"a tagged sum's layout holds at most {_LAYOUT_INTS - 1} counts")
+    table = np.zeros((here.size, _TAG_BYTES + _LAYOUT_INTS), dtype=np.int64)
+    mine = what.encode()[:_TAG_BYTES]
+    table[here.rank, :len(mine)] = np.frombuffer(mine, dtype=np.uint8)
+    table[here.rank, _TAG_BYTES:_TAG_BYTES + len(layout)] = layout
+    _wait(here, [comm.Iallreduce(MPI.IN_PLACE, table, op=MPI.SUM)], what, hint=(
+        ", or is not making this call: fit and evaluate must be called on every rank, in the "
+        "same order"))
+    names = [bytes(row[:_TAG_BYTES].astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
+             for row in table]
+    if len(set(names)) > 1:
+        said = ", ".join(f"rank(s) {[r for r in range(here.size) if names[r] == name]} in "
+                         f"{name}" for name in dict.fromkeys(names))
+        raise DistributedError(f"the ranks are in different calls: {said}: fit and evaluate "
+                               "must be called on every rank, in the same order (predict and "
+                               "save may be called on rank 0 alone)")
+    layouts = [tuple(int(v) for v in row[_TAG_BYTES:_TAG_BYTES + len(layout)])
+               for row in table]
+    if len(set(layouts)) > 1:
+        if other_layout is not None:
+            raise DistributedError(other_layout([t[1:] for t in layouts]))
+        said = ", ".join(f"rank(s) {[r for r in range(here.size) if layouts[r] == t]} "
+                         f"{t[0]}" for t in dict.fromkeys(layouts))
+        raise DistributedError(f"the ranks have other numbers of values to sum in {what}: "
+                               f"{said}: every rank must build and compile the model alike "
+                               "(its metrics too)")
 
 
 #: Bytes of rank 0's error message that :func:`write_on_root` passes to the other ranks.
@@ -616,26 +685,43 @@ class DataParallel:
     def check_same_layers(self) -> None:
         """Refuse, on every rank alike, a model whose layers' settings differ between the ranks
         (a Normalization adapted on each rank's own shard: their models would predict
-        differently, and rank 0's alone would be saved). One host allreduce of a checksum a
-        layer: of its settings and of the bytes of its state that training never moves (an
-        adapted Normalization's statistics, weights that the broadcast would overwrite)."""
+        differently, and rank 0's alone would be saved), or whose compile settings do (an
+        optimiser, learning rate or step count, loss, metrics or precision of a rank's own:
+        the ranks' weights drifted apart, or the averaged gradient was a silent mix). One host
+        allreduce of a checksum a layer: of its settings and of the bytes of its state that
+        training never moves (an adapted Normalization's statistics, weights that the
+        broadcast would overwrite); and one a part of compile's settings."""
         layers = self.model.layers
         backend = self.model.backend
-        sums = np.zeros((self.world.size, len(layers)))
+        compiled = _compile_settings(self.model)
+        sums = np.zeros((self.world.size, len(layers) + len(compiled)))
 
         def checksum(la: Any) -> int:
-            crc = zlib.crc32(json.dumps(la.get_config(), sort_keys=True, default=repr).encode())
+            crc = _crc(la.get_config())
             for a in ([] if la.updates_state else la.state.values()):
                 crc = zlib.crc32(np.ascontiguousarray(backend.to_numpy(a)).tobytes(), crc)
             return crc
 
-        sums[self.world.rank] = [checksum(la) for la in layers]
-        sums = np.asarray(host_sum(self.world, sums.ravel(), "the layers' settings")
-                          ).reshape(sums.shape)
+        sums[self.world.rank] = [checksum(la) for la in layers] + [
+            _crc(v) for v in compiled.values()]
+        def other_count(counts: list[tuple[int, ...]]) -> str:
+            ranks = [r for r in range(self.world.size) if counts[r][0] != counts[0][0]]
+            return (f"the model has another number of layers on rank(s) {ranks} than on rank 0 "
+                    f"({', '.join(str(counts[r][0]) for r in ranks)} against {counts[0][0]}): "
+                    "every rank must build the same model")
+
+        sums = np.asarray(host_sum(self.world, sums.ravel(), "fit (the layers' and compile's "
+                                   "settings)", tagged=True, layout=[len(layers), len(compiled)],
+                                   other_layout=other_count)).reshape(sums.shape)
         differ = np.flatnonzero((sums != sums[0]).any(axis=0))
         if differ.size:
             i = int(differ[0])
             ranks = [r for r in range(self.world.size) if sums[r, i] != sums[0, i]]
+            if i >= len(layers):
+                raise DistributedError(
+                    f"the model was compiled with another {list(compiled)[i - len(layers)]} on "
+                    f"rank(s) {ranks} than on rank 0: every rank must compile the model alike "
+                    "(optimizer, its learning rate and step count, loss, metrics, precision)")
             raise DistributedError(
                 f"layer {layers[i].name!r} ({type(layers[i]).__name__}) has other settings on "
                 f"rank(s) {ranks} than on rank 0: every rank must build the same model (rank "
@@ -644,24 +730,59 @@ class DataParallel:
                 "and std")
 
     def check_same_data(self, data: Any, validation: Any = None,
-                        class_weights: np.ndarray | None = None) -> None:
-        """Refuse, on every rank alike, training (or ``validation``) data, or fit's
-        ``class_weights`` (its table, as fit uses it), that differ between the ranks: see
+                        class_weights: np.ndarray | None = None,
+                        arguments: dict[str, Any] | None = None) -> None:
+        """Refuse, on every rank alike, training (or ``validation``) data, fit's
+        ``class_weights`` (its table, as fit uses it) or ``arguments`` (by name: fit's
+        arguments, its callbacks) that differ between the ranks: see
         :func:`check_same_data`."""
         check_same_data(self.world, [("training", data)] + (
             [] if validation is None else [("validation", validation)]),
-            class_weights=class_weights)
+            class_weights=class_weights, arguments=arguments)
 
     def agree(self, error: BaseException | None, what: str) -> None:
         """Raise, on every rank, where ``what`` failed on any (``error``: this rank's): a
         refusal on one rank alone (a path only rank 0 checks) otherwise left the others
         waiting in the first allreduce until the timeout."""
-        failed = host_sum(self.world, [float(error is not None)], what)[0]
+        failed = host_sum(self.world, [float(error is not None)], f"fit ({what})",
+                          tagged=True)[0]
         if error is not None:
             raise error
         if failed:
             raise DistributedError(f"{what} failed on {int(failed)} other rank(s): their "
                                    "error says why")
+
+    def check_same_start(self, start: Any, paths: Sequence[str]) -> None:
+        """After the callbacks' ``on_train_begin``, before any step: refuse, on every rank
+        alike, a fit that resumed from a checkpoint (``start``, its position: None where it
+        starts afresh) on some ranks and not on others, or at another point, or from another
+        file (its progress and history differ). A checkpoint on a node-local disk is found
+        by rank 0 alone: the ranks then averaged the gradients of different epochs, a silent
+        mix. ``paths``: the checkpoints' (for the message)."""
+        row = [0.0, 0.0, 0.0, 0.0]
+        if start is not None:
+            history = self.model.history
+            row = [1.0, float(start.epoch), float(start.step),
+                   float(_crc({"progress": start.entry(), "history": history.history}))]
+        sums = np.zeros((self.world.size, 4))
+        sums[self.world.rank] = row
+        sums = np.asarray(host_sum(self.world, sums.ravel(), "fit (where it resumes)",
+                                   tagged=True)).reshape(sums.shape)
+        groups: dict[tuple[float, ...], list[int]] = {}
+        for r in range(self.world.size):
+            groups.setdefault(tuple(sums[r]), []).append(r)
+        if len(groups) == 1:
+            return
+        said = "; ".join(
+            f"rank(s) {ranks} start afresh (no checkpoint there)" if not key[0] else
+            f"rank(s) {ranks} resume at epoch {int(key[1]) + 1}, step {int(key[2])}"
+            for key, ranks in groups.items())
+        where = " or ".join(repr(os.fspath(p)) for p in paths) or "the checkpoint"
+        raise DistributedError(
+            f"the ranks resume fit from different checkpoints at {where}: {said} (where two "
+            "groups resume at the same point, from files of other runs): every rank must "
+            "read the same file: give a path that every rank reads (a shared file system, not "
+            "a node-local disk), or copy rank 0's file to that path on every node")
 
     def broadcast_weights(self) -> None:
         """Every rank takes rank 0's weights (its parameters and BatchNorm statistics)."""
@@ -694,7 +815,8 @@ class DataParallel:
 
 
 def check_same_data(here: World, sources: Sequence[tuple[str, Any]], call: str = "fit",
-                    class_weights: np.ndarray | None = None) -> None:
+                    class_weights: np.ndarray | None = None,
+                    arguments: dict[str, Any] | None = None) -> None:
     """Refuse, on every rank alike, data that differs between the ranks (each rank takes its
     slice of every batch of the same data: per-rank shards, a PyTorch habit, trained or
     evaluated half of it, silently, and data of other lengths gave the ranks other logs, whose
@@ -704,8 +826,12 @@ def check_same_data(here: World, sources: Sequence[tuple[str, Any]], call: str =
     and contents, the batch size, seed and shuffling; a dataset: its length and type, and the
     indices of a ``Subset``; an iterable, each rank's own, is not checked), and of fit's
     ``class_weights`` with the training data's (each rank weighed its slice of every batch
-    with its own: the averaged gradient was a silent mix)."""
-    sums = np.zeros((here.size, len(sources)))
+    with its own: the averaged gradient was a silent mix); and one a value of ``arguments``
+    (fit's epochs, its callbacks...: where they differed, a rank waited for the others
+    until the timeout, then blamed a stuck rank, or the ranks averaged the gradients of
+    different epochs)."""
+    arguments = arguments or {}
+    sums = np.zeros((here.size, len(sources) + len(arguments)))
     for i, (what, data) in enumerate(sources):
         mark = data.same_data_mark()
         # (all ones weighs as None does)
@@ -713,7 +839,29 @@ def check_same_data(here: World, sources: Sequence[tuple[str, Any]], call: str =
             mark = {"data": mark, "class_weight": [float(w) for w in class_weights]}
         sums[here.rank, i] = -1.0 if mark is None else \
             zlib.crc32(json.dumps(mark, sort_keys=True).encode())
-    sums = np.asarray(host_sum(here, sums.ravel(), "the data's checksums")).reshape(sums.shape)
+    sums[here.rank, len(sources):] = [_crc(v) for v in arguments.values()]
+
+    def other_count(counts: list[tuple[int, ...]]) -> str:
+        # (fit's sources are its training data and, on some ranks only here, its validation)
+        more = [r for r in range(here.size) if counts[r][0] > min(c[0] for c in counts)]
+        fewer = [r for r in range(here.size) if r not in more]
+        if more:
+            return (f"{call} on several ranks was given validation data on some ranks only "
+                    f"(rank(s) {more}, not rank(s) {fewer}): every rank must pass the same "
+                    "validation_data, or none")
+        return (f"{call} on several ranks was given other arguments on some ranks: every rank "
+                f"must call {call} with the same arguments and callbacks")
+
+    sums = np.asarray(host_sum(here, sums.ravel(), f"{call} (the data's checksums)",
+                               tagged=True, layout=[len(sources), len(arguments)],
+                               other_layout=other_count)).reshape(sums.shape)
+    for i, name in enumerate(arguments, len(sources)):
+        ranks = [r for r in range(here.size) if sums[r, i] != sums[0, i]]
+        if ranks:
+            raise DistributedError(
+                f"{call} on several ranks was given another {name} on rank(s) {ranks} than on "
+                f"rank 0: every rank must call {call} with the same arguments and callbacks "
+                "(not a callback on rank 0 alone)")
     for i, (what, _) in enumerate(sources):
         ranks = [r for r in range(here.size) if sums[r, i] != sums[0, i]]
         if ranks:
@@ -726,6 +874,42 @@ def check_same_data(here: World, sources: Sequence[tuple[str, Any]], call: str =
                 ", batch_size, seed or shuffle): "
                 f"every rank passes the same {whole}, and each takes its own slice of every "
                 "batch; do not split the data into per-rank shards")
+
+
+def _crc(value: Any) -> int:
+    """CRC-32 of ``value`` as JSON (sorted keys; an object by its repr, without a memory
+    address, which differs between the processes)."""
+    def plain(o: Any) -> str:
+        text = repr(o)
+        return type(o).__qualname__ if " at 0x" in text else text
+
+    return zlib.crc32(json.dumps(value, sort_keys=True, default=plain).encode())
+
+
+def _compile_settings(model: Any) -> dict[str, Any]:
+    """What ``compile`` set that every rank must share, by the name a refusal gives it."""
+    optimizer = getattr(model, "optimizer", None)
+    loss = getattr(model, "loss", None)
+    return {
+        "optimizer (class, settings, learning rate or step count)": None if optimizer is None
+        else [type(optimizer).__name__, optimizer.get_config(), float(optimizer.lr),
+              int(optimizer.iterations)],
+        "loss": None if loss is None else [type(loss).__name__, loss.get_config()],
+        "precision": getattr(model, "precision", None),
+        "metrics": list(getattr(model, "metrics", ()) or ())}
+
+
+def fit_arguments(epochs: int, initial_epoch: int, steps_per_epoch: Any, validation_steps: Any,
+                  validation_freq: Any, callbacks: Sequence[Any]) -> dict[str, Any]:
+    """fit's arguments that every rank must share beyond its data, by name, for
+    :func:`check_same_data`: the ``callbacks`` (fit's own History and progress bar left out by
+    the caller: rank 0 alone shows one) by class, and the save frequency of those that save."""
+    return {"epochs": epochs, "initial_epoch": initial_epoch,
+            "steps_per_epoch": steps_per_epoch, "validation_steps": validation_steps,
+            "validation_freq": sorted(validation_freq) if isinstance(
+                validation_freq, frozenset) else validation_freq,  # (a set's order varies)
+            "callbacks (their classes and save_freq)": [
+                [type(cb).__name__, getattr(cb, "save_freq", None)] for cb in callbacks]}
 
 
 _COMMUNICATORS: dict[tuple[int, str], Any] = {}

@@ -1,6 +1,7 @@
 """Files written atomically: a temporary file next to the destination, fsynced and renamed over
 it, so the destination is always either the old file or the complete new one. Model files,
-checkpoints, ONNX exports and downloads are all written through :func:`atomic_file`; a symbolic
+checkpoints, ONNX exports, downloads, figures and the first rows of a CSVLogger file that a run
+writes anew are all written through :func:`atomic_file`; a symbolic
 link's target is written, as ``open(path, "w")`` writes it, and the link kept."""
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import re
 import secrets
 from collections.abc import Iterator
 from typing import IO
+
+from .errors import XpcnnError
 
 
 @contextlib.contextmanager
@@ -40,11 +43,44 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            named = naming_the_file(e, path)
+            if named is not e:
+                raise named from e
         raise
     _fsync_folder(folder)
+
+
+#: The errors of writing a file (not of the network a download reads): its write, flush or
+#: fsync failed for the space, quota, size or medium, which name no file.
+_WRITE_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOSPC", "EDQUOT", "EFBIG", "EIO", "EROFS") if hasattr(errno, name))
+
+
+def naming_the_file(error: OSError, path: str, kept: bool = True) -> OSError:
+    """``error``, a failed write of ``path`` (a full disk: "[Errno 28] No space left on
+    device", which says neither which file nor, where ``kept`` (an atomic write), that the old
+    one is kept), as the same kind of error naming them; ``error`` itself where it names a file
+    already, is xpcnn's own, or is no write error (a download's network error, raised in the
+    block)."""
+    if error.filename is not None or isinstance(error, XpcnnError) or \
+            error.errno not in _WRITE_ERRNOS:
+        return error
+    said = "; a file there before is left as it was" if kept else ""
+    try:
+        return type(error)(error.errno, f"could not write {path!r} ({error.strerror}){said}")
+    except Exception:  # (a subclass that takes other arguments: as it was)
+        return error
+
+
+def replaceable(path: str | os.PathLike[str]) -> bool:
+    """Whether a file at ``path`` can be written through :func:`atomic_file`: it is not there
+    yet or is a regular file (a link's target counts), not a pipe or a device such as
+    /dev/stdout, which a writer that takes those writes in place."""
+    return not os.path.exists(path) or os.path.isfile(path)
 
 
 def names_a_folder(path: str | os.PathLike[str]) -> bool:

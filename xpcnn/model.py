@@ -110,9 +110,9 @@ class Model(Trainer):
             raise InputError(f"model dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype_name = dtype
         self.precision = dtype  # (what it computes in until compiled: its own dtype)
-        self.seed = checks.non_negative_int(seed, "seed")
-        # (None: the default, as layers and Keras take it from a subclass's name=None)
-        self.name = checks.name("model" if name is None else name, "model name")
+        self.seed = seed
+        self.name = name
+        self._trainable = True  # (the model's own flag, as Keras': see trainable)
         self._layers: list[Layer] = LayerList(self)
         self.input_shape = None
         self.built = False
@@ -138,6 +138,30 @@ class Model(Trainer):
             if not trainable:
                 self.trainable = False
 
+    _default_name = "model"  # (name=None's, as layers and Keras take it from name=None)
+
+    @property
+    def name(self) -> str:
+        """The model's name (files, summaries and errors show it). Set, it is checked as the
+        constructor checks it (a name written unchecked made files that did not load); None
+        gives the default name."""
+        return self._name
+
+    @name.setter
+    def name(self, value: str | None) -> None:
+        self._name = checks.name(self._default_name if value is None else value, "model name")
+
+    @property
+    def seed(self) -> int:
+        """The seed of the weights the next build gives new layers (layer ``k`` gets
+        ``[seed, k]``); set, it is checked as the constructor checks it, a NumPy integer taken
+        as an int. Built layers keep their weights."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._seed = checks.non_negative_int(value, "seed")
+
     def _set_graph(self, layers: list[Layer], inbound: list[graph.Inbound]) -> None:
         graph.check_graph(layers, inbound)
         _name_apart(layers, self)
@@ -148,7 +172,8 @@ class Model(Trainer):
     def layers(self) -> list[Layer]:
         """The model's layers, in weight order (see the class's doc). A change of this list
         (``pop``, ``insert``, ``layers[:] = ...``) is refused for a functional model, whose
-        layers are its graph's, and makes a built Sequential build again at once."""
+        layers are its graph's; a Sequential's is checked as the setter checks a list, and
+        builds again at once where it was built: a change refused leaves it as it was."""
         return self._layers
 
     @layers.setter
@@ -170,14 +195,21 @@ class Model(Trainer):
                              f"model {self.name!r}'s layers: a layer instance appears once in a "
                              f"model; create another {type(twice).__name__}(...)")
         old, built, shape = list(self._layers), self.built, self.input_shape
+        frozen = self._frozen()
         with _names_back_if_refused([*old, *value]):
+            list.__setitem__(self._layers, slice(None), value)
             try:
-                self._layers[:] = value  # (LayerList: names made apart, built again at once)
+                self._layers_changed()  # (names made apart, built again at once)
             except BaseException:
                 list.__setitem__(self._layers, slice(None), old)
+                self.built = False
                 if built and shape is not None:
                     self.build(shape)  # (as it was: its layers keep their weights)
                 raise
+        if frozen:  # (a frozen model's new layers are frozen: see trainable)
+            for la in value:
+                if not any(la is other for other in old):
+                    la.trainable = False
 
     def _inbound(self) -> list[graph.Inbound]:
         """What each layer reads (see :mod:`xpcnn.graph`)."""
@@ -237,12 +269,7 @@ class Model(Trainer):
                 "an xpcnn.Model is the graph of the layers called from xpcnn.Input to its "
                 "outputs, Model(inputs, outputs) (a subclass passes them to super().__init__); "
                 "or use Sequential and add() layers"))
-        ok = isinstance(input_shape, tuple | list) and all(
-            isinstance(d, int | np.integer) and not isinstance(d, bool) for d in input_shape)
-        shape = tuple(int(d) for d in input_shape) if ok else ()
-        if not shape or any(d < 1 for d in shape):
-            raise InputError(f"input_shape must be positive sizes such as (H, W, C), got "
-                             f"{input_shape!r}")
+        shape = _sample_shape(input_shape)
         graph.check_graph(self.layers, self._inbound())
         check_structure(self.layers)
         built_for = self.input_shape if self.built else None
@@ -489,8 +516,7 @@ class Model(Trainer):
         made from the configuration's (:mod:`xpcnn.saving.model_file`), and builds it itself."""
         if layers is None:
             return _from_config(cls, config, device)
-        model = cls(device=device, seed=int(config["seed"]), dtype=config["dtype"],
-                    name=str(config["name"]))
+        model = cls(device=device, **_settings(config))
         model._input_name = checks.name(config.get("input_name", "input"), "input name")
         model._set_graph(layers, graph.inbound_of(config["layers"]))
         return model
@@ -589,14 +615,21 @@ class Model(Trainer):
     def trainable(self) -> bool:
         """False when every layer is frozen. Setting it freezes (or unfreezes) every layer, as
         Keras does: ``base.trainable = False`` on a model used inside another fine-tunes the
-        rest."""
+        rest. A model frozen so (or made with ``trainable=False``) freezes the layers added to
+        it later (add(), a change of ``layers``) while none of its layers is unfrozen: Keras'
+        frozen model trains none of them either."""
         return any(la.trainable for la in self.layers)
+
+    def _frozen(self) -> bool:
+        """Whether a layer added now is frozen (see :attr:`trainable`)."""
+        return not self._trainable and not self.trainable
 
     @trainable.setter
     def trainable(self, value: bool) -> None:
         value = checks.flag(value, "trainable")
         for la in self.layers:
             la.trainable = value
+        self._trainable = value
 
     @property
     def trainable_layers(self) -> list[Layer]:
@@ -724,24 +757,33 @@ class Model(Trainer):
         # library and kernels, which cannot be copied)
         raise InputError("a model cannot be copied or pickled (it holds its device's array "
                          "library and kernels): keep its weights with get_weights() "
-                         "(set_weights() puts them back), or save(path) and load_model(path) "
-                         "for a second model")
+                         "(set_weights() puts them back); for a second model, "
+                         "type(model).from_config(model.get_config()) then "
+                         "set_weights(model.get_weights()), or save(path) and load_model(path) "
+                         "(with its compile settings)")
 
     def _require_built(self, what: str) -> None:
-        if not self.built:
-            raise InputError(f"the model must be built before {what}: call build(input_shape) "
-                             "or fit/predict on data first")
+        if self.built:
+            return
+        if not self.layers:  # (build refuses it too: a model of no layers is never built)
+            declared = getattr(self, "_declared_input", None)
+            raise InputError(f"model {self.name!r} has no layers yet: add() some before {what}"
+                             + ("" if declared is None else f" (its input, of shape {declared}, "
+                                "is declared: it is built as the first layer is added)"))
+        raise InputError(f"the model must be built before {what}: call build(input_shape) "
+                         "or fit/predict on data first")
 
 
 @register_model
 class Sequential(Model):
     """A linear stack of layers trained by backpropagation (see :class:`Model` for the rest)."""
 
+    _default_name = "sequential"
+
     def __init__(self, layers: list[Layer] | None = None, *, input_shape: tuple[int, ...] | None
                  = None, device: DeviceLike = "cpu", seed: int = 0, dtype: str = "float32",
                  name: str | None = "sequential", trainable: bool = True) -> None:
-        super().__init__(device=device, seed=seed, dtype=dtype,
-                         name="sequential" if name is None else name)
+        super().__init__(device=device, seed=seed, dtype=dtype, name=name)
         trainable = checks.flag(trainable, "trainable")  # (Keras' Sequential(..., trainable=))
         # (the input an Input or a built base declared, as Keras builds for it: add() builds
         # the model for it as layers follow)
@@ -759,33 +801,59 @@ class Sequential(Model):
             for layer in layers or []:
                 self._add(layer)
             input_shape = input_shape if input_shape is not None else self._declared_input
-            if input_shape is not None:
+            if input_shape is not None and self.layers:
                 self.build(input_shape)
-        if not trainable:  # (the layers given: as Keras' setter, later ones are not frozen)
+            elif input_shape is not None:  # (no layers yet: declared, as add(Input) does)
+                self._declared_input = _sample_shape(input_shape)
+        if not trainable:  # (the layers given, and those added later: see trainable)
             self.trainable = False
 
     # -- construction ------------------------------------------------------------------------
     def add(self, layer: Layer | Model | SymbolicTensor) -> None:
-        """Append a layer (the model is rebuilt on its next use). A model whose layers are a
-        chain (a Sequential, say a pretrained base) appends its layers, shared with it, as
-        Keras' ``Sequential([base, head])`` nests it: training either trains both, and
-        ``base.trainable = False`` freezes them. As in Keras, ``xpcnn.Input(shape)`` added
-        first (or a built base) declares the input: the model is built for it as layers
-        follow."""
+        """Append a layer. A model whose layers are a chain (a Sequential, say a pretrained
+        base) appends its layers, shared with it, as Keras' ``Sequential([base, head])`` nests
+        it: training either trains both, and ``base.trainable = False`` freezes them. As in
+        Keras, ``xpcnn.Input(shape)`` added first (or a built base) declares the input: the
+        model is built for it as layers follow; a built model is built again at once for its
+        input (its layers keep their weights), as Keras' add() rebuilds it. A layer that cannot
+        be built there is refused, the model left as it was."""
+        given = layer.layers if isinstance(layer, Model) else [layer]
+        with _names_back_if_refused([*self.layers, *given]):
+            self._add_built(layer)
+
+    def _add_built(self, layer: Layer | Model | SymbolicTensor) -> None:
+        """add(): the layer appended, the model built where it was or has its input."""
         held = len(self.layers)
         if isinstance(layer, SymbolicTensor) and not self.layers and layer.node is None:
-            self._declared_input, self._input_name = layer.sample_shape, layer.name
+            if self._declared_input is not None:  # (Keras refuses it too)
+                raise InputError(
+                    f"model {self.name!r} already has its input, of shape "
+                    f"{self._declared_input}: it takes one xpcnn.Input (a Sequential made "
+                    "anew takes another)")
+            self._declared_input = _sample_shape(layer.sample_shape)
+            self._input_name = layer.name
             return
-        self._add(layer)
-        if self._declared_input is not None:
+        declared, built, frozen = self._declared_input, self.built, self._frozen()
+        shape = self.input_shape if built else declared
+        try:
+            self._add(layer)
+        except BaseException:  # (a base's layer refused: the list is as it was, so is the build)
+            self.built, self._declared_input = built, declared
+            raise
+        if shape is None and self._declared_input is not None:  # (a built base's input)
+            shape = self._declared_input
+        if shape is not None:
             try:
-                self.build(self._declared_input)
+                self.build(shape)
             except BaseException:  # (refused as a whole: the model as it was)
                 list.__delitem__(self.layers, slice(held, None))
-                self.built = False
+                self.built, self._declared_input = False, declared
                 if held:
-                    self.build(self._declared_input)
+                    self.build(shape)
                 raise
+        if frozen:  # (a frozen model's new layers are frozen: see trainable)
+            for la in self.layers[held:]:
+                la.trainable = False
 
     def _add(self, layer: Layer | Model) -> None:
         if isinstance(layer, Model):
@@ -803,7 +871,7 @@ class Sequential(Model):
                              "model: the same layer instance cannot be added twice; create "
                              f"another {type(layer).__name__}(...)")
         _name_apart([*self.layers, layer], self)  # (as a functional Model names its layers)
-        list.append(self.layers, layer)  # (built at the next use, not at once)
+        list.append(self.layers, layer)  # (built by add(), or the constructor, after)
         self.built = False
 
     def _add_layers_of(self, model: Model) -> None:
@@ -842,13 +910,11 @@ class Sequential(Model):
 
     def _layers_changed(self) -> None:
         # (built again at once where it was built, as pop() and Keras' Sequential: its input,
-        # weights and summary are the new chain's; else, or where that is refused, built at
-        # its next use, as after add())
-        built, shape = self.built, self.input_shape
+        # weights and summary are the new chain's; or for the input declared, as add() builds)
+        shape = self.input_shape if self.built else self._declared_input
         self.built = False
-        if len({id(la) for la in self.layers}) == len(self.layers):  # (else refused below)
-            _name_apart(list(self.layers), self)  # (as add() names them)
-        if built and shape is not None and self.layers:
+        _name_apart(list(self.layers), self)  # (as add() names them)
+        if shape is not None and self.layers:
             # (the optimiser's state kept: the next step's plan starts it afresh only where the
             # trained layers changed, as after a freeze)
             self.build(shape)
@@ -868,10 +934,15 @@ class Sequential(Model):
                                  "whose layers branch (a layer reads another than the one "
                                  "before it): xpcnn.Model.from_config copies it")
             return _from_config(cls, config, device)
-        model = cls(layers, device=device, seed=int(config["seed"]), dtype=config["dtype"],
-                    name=str(config["name"]))
+        model = cls(layers, device=device, **_settings(config))
         model._input_name = checks.name(config.get("input_name", "input"), "input name")
         return model
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The constructor's arguments a model's configuration gives: one left out takes the
+    constructor's default, as in Keras (a hand-written configuration; the layers it needs)."""
+    return {key: config[key] for key in ("seed", "dtype", "name") if config.get(key) is not None}
 
 
 def _from_config(cls: type[Model], config: Any, device: DeviceLike) -> Any:
@@ -915,14 +986,15 @@ def _changes(name: str) -> Callable[..., Any]:
 
     def changed(self: LayerList, *args: Any, **kwargs: Any) -> Any:
         model = self._model()
-        if model is not None:
-            model._changing_layers()
-        before = [id(la) for la in self]
-        try:
-            result = change(self, *args, **kwargs)
-        finally:  # (one that failed part-way, extend's iterable say, may have changed some)
-            if model is not None and [id(la) for la in self] != before:
-                model._layers_changed()
+        if model is None:
+            return change(self, *args, **kwargs)
+        model._changing_layers()
+        # (made on a copy, then given to the layers setter: checked first, and refused as a
+        # whole, the model as it was, where a layer is not one or cannot be built there)
+        changed_list = list(self)
+        result = change(changed_list, *args, **kwargs)
+        if [id(la) for la in changed_list] != [id(la) for la in self]:
+            model.layers = changed_list
         return self if name.startswith("__i") else result
     changed.__name__ = name
     return changed
@@ -931,6 +1003,17 @@ def _changes(name: str) -> Callable[..., Any]:
 for _name in ("append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
               "__setitem__", "__delitem__", "__iadd__", "__imul__"):
     setattr(LayerList, _name, _changes(_name))
+
+
+def _sample_shape(input_shape: Any) -> tuple[int, ...]:
+    """A per-sample input shape, checked: positive sizes, as ints."""
+    ok = isinstance(input_shape, tuple | list) and all(
+        isinstance(d, int | np.integer) and not isinstance(d, bool) for d in input_shape)
+    shape = tuple(int(d) for d in input_shape) if ok else ()
+    if not shape or any(d < 1 for d in shape):
+        raise InputError(f"input_shape must be positive sizes such as (H, W, C), got "
+                         f"{input_shape!r}")
+    return shape
 
 
 @contextlib.contextmanager

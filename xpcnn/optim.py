@@ -286,7 +286,9 @@ def schedule_from_config(config: dict[str, Any]) -> Schedule:
     return cls(**config)
 
 
-def as_schedule(lr: float | Schedule | Callable[[int], float]) -> Schedule:
+def as_schedule(lr: float | Schedule) -> Schedule:
+    """A learning rate as a :class:`Schedule` (a number is a constant one; a plain function of
+    the step is refused: a schedule is a class, saved and resumed by its configuration)."""
     if isinstance(lr, Schedule):
         return lr
     if _real(lr) and lr >= 0:
@@ -408,6 +410,23 @@ class Optimizer:
             if name in self.__dict__ and not self.__dict__.get("_probe"):
                 value = self._check_setting(name, value)
         super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (copy.copy, copy.deepcopy, pickle) is an optimiser of its own, bound to no
+        # model (compile binds one to one model, see Trainer._own; the weak reference to it
+        # would not pickle), with this one's state: compiled into a model whose trained
+        # parameters its slots fit, it goes on as this one would.
+        return {k: v for k, v in vars(self).items() if k != "_model"}
+
+    def __copy__(self) -> Optimizer:
+        # (the slots too: they are updated in place, and a shallow copy's steps would move
+        # this optimiser's momentum)
+        copied = type(self).__new__(type(self))
+        vars(copied).update(self.__getstate__())
+        vars(copied)["slots"] = {k: [copy_module.deepcopy(a) for a in v]
+                                 for k, v in self.slots.items()}
+        vars(copied)["applied"] = copy_module.deepcopy(self.applied)
+        return copied
 
     def _check_setting(self, name: str, value: Any) -> Any:
         """Refuse ``value`` for the constructor's setting ``name`` where the constructor of the
@@ -577,7 +596,8 @@ class Optimizer:
         scratch = {name: [copy(v[0]), *v[1:]] for name, v in slots.items() if v}
         before = [p, *(slots[name][0] for name in scratch)]  # (the originals, left as they are)
         after = [copy(p), *(v[0] for v in scratch.values())]
-        probe = copy_module.copy(self)
+        probe = type(self).__new__(type(self))  # (sharing all but the scratch slots)
+        vars(probe).update(vars(self))
         vars(probe)["slots"] = {**slots, **scratch}
         probe._update(xp, 0, after[0], xp.ones_like(p), scalars,
                       xp.asarray(False, device=p.device))

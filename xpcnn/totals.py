@@ -6,20 +6,55 @@ host does not wait for the device inside a step. The first step whose values are
 is remembered (its number, its loss, which gradients were bad), and from it on every update is
 skipped on the device, so the weights and optimiser state stay those before it. The host reads
 all this in one transfer (:meth:`RunningTotals.read`) when a progress bar refreshes, a callback
-reads a batch log, at the end of an epoch, and at least every :data:`READ_EVERY` steps (each
-unread step holds a reference to its input batch, for the error message).
+reads a batch log, at the end of an epoch, and at least every :data:`READ_EVERY` steps. Each
+unread step notes its labels and how to get its input batch again for the error message
+(:class:`Noted`): the source reads it again (:mod:`xpcnn.data.replay`), or, from a source that
+cannot (an iterator), the step holds it, for the last :data:`KEPT_INPUTS` such steps only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import collections
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from .errors import NonFiniteError
 from .ops.kernels import kernels_for
 from .ops.step_record import BAD_STEP, CORRECT, LOSS_SUM, batch_sums, cleared, top_k_start
 
 # The most steps between two reads by the host.
 READ_EVERY = 32
+
+# The input batches that unread steps hold where their source cannot give them again (as
+# many as the prefetch keeps ready: not READ_EVERY, a memory-mapped training set whole).
+KEPT_INPUTS = 2
+
+
+class Noted:
+    """What an unread step keeps for a deferred error: its labels ``yb`` (small; the check of
+    their values), and its input batch ``xb`` where its source cannot read it again
+    (``replay`` None; dropped after :data:`KEPT_INPUTS` later such steps)."""
+
+    __slots__ = ("replay", "xb", "yb")
+
+    def __init__(self, xb: Any, yb: Any, replay: Callable[[], Any] | None) -> None:
+        self.xb = None if replay is not None else xb
+        self.yb, self.replay = yb, replay
+
+    def input_batch(self, step: int, what: str) -> Any:
+        """The step's input batch, read again where its source can; :class:`NonFiniteError`
+        naming step ``step`` and ``what`` went wrong where it is no longer held."""
+        if self.xb is not None:
+            return self.xb
+        why = f"its source cannot give it again, and only the last {KEPT_INPUTS} are held"
+        if self.replay is not None:
+            try:
+                return self.replay()
+            except Exception as e:  # noqa: BLE001 (the step's error is the one to raise)
+                why = f"reading it again failed: {type(e).__name__}: {e}"
+        raise NonFiniteError(f"training stopped at step {step}: {what}; its input batch is no "
+                             f"longer held ({why}), so where the first non-finite values "
+                             "appear is not named")
 
 
 class RunningTotals:
@@ -35,7 +70,8 @@ class RunningTotals:
         self.n_grads, self.top_k = n_grads, top_k
         self.tail = top_k_start(n_grads)  # (where the top-k counts start)
         self.state = self._vector([0.0, 0.0, *cleared(n_grads), *[0.0] * top_k])
-        self.pending: list[tuple[int, Any]] = []  # (step, input batch) since the last read
+        self.pending: list[tuple[int, Noted]] = []  # (step, what it noted) since the last read
+        self._held: collections.deque[Noted] = collections.deque()  # (those holding an xb)
         self.seen = 0.0  # samples the sums are of (on the host: the steps' sizes are known there)
 
     def _vector(self, values: list[float]) -> Any:
@@ -86,7 +122,7 @@ class RunningTotals:
         ``squares`` (an optimiser that keeps squared gradients,
         :attr:`~xpcnn.optim.Optimizer.keeps_squares`), a gradient with an element whose square
         overflows its dtype is an error too. Returns the device flag "apply this step's
-        update". The caller notes the step's input batch in ``pending``."""
+        update". The caller notes the step (:meth:`note`)."""
         if not self.top_k:
             return kernels_for(self.backend).record_step(self.state, stats, grads, float(n),
                                                          step, scaling, squares)
@@ -99,11 +135,23 @@ class RunningTotals:
                                                                     self.dtype)
         return apply
 
-    def read(self) -> tuple[Any, list[tuple[int, Any]]]:
-        """The state on the host (one transfer: the host waits for the device here) and the
-        unread steps' input batches; clears the record of a non-finite step."""
+    def note(self, step: int, xb: Any, yb: Any, replay: Callable[[], Any] | None) -> None:
+        """Note step ``step`` (1-based) on input batch ``xb`` and labels ``yb`` for a deferred
+        error: ``replay`` reads ``xb`` again (:func:`xpcnn.data.replay.replay_of`), or, None,
+        ``xb`` is held, until :data:`KEPT_INPUTS` later steps hold theirs."""
+        noted = Noted(xb, yb, replay)
+        self.pending.append((step, noted))
+        if noted.xb is not None:
+            self._held.append(noted)
+            if len(self._held) > KEPT_INPUTS:
+                self._held.popleft().xb = None
+
+    def read(self) -> tuple[Any, list[tuple[int, Noted]]]:
+        """The state on the host (one transfer: the host waits for the device here) and what
+        the unread steps noted; clears the record of a non-finite step."""
         host = self.backend.to_numpy(self.state).copy()  # (NumPy's is the state itself)
         pending, self.pending = self.pending, []
+        self._held.clear()
         if host[BAD_STEP] >= 0:
             self.state[...] = self.xp.concat([self.state[:BAD_STEP],
                                               self._vector(cleared(self.n_grads)),

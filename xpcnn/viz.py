@@ -27,6 +27,7 @@ import numpy as np
 from . import checks, distributed
 from .callbacks import FIT_LOGS
 from .errors import InputError, MissingDependencyError
+from .files import atomic_file, replaceable
 from .history import History
 from .layers import Conv2D, FeatureNorm, Layer, MaxPool2D, ReLU
 from .model import Model, Sequential
@@ -106,7 +107,7 @@ def _largest_dpi(figsize: tuple[float, float]) -> int:
 
 def _png_path(path: Any) -> str:
     """``path`` for a figure: a PNG file's (a .pdf or .svg was given PNG bytes under its name)."""
-    path = checks.output_file(path, "the figure", replaced=False)  # (savefig writes in place)
+    path = checks.output_file(path, "the figure", replaced=False)  # (a pipe: written in place)
     suffix = os.path.splitext(path)[1]
     if suffix and suffix.lower() != ".png":
         raise InputError(f"the figures are PNG files: give a path ending in .png, got "
@@ -116,9 +117,14 @@ def _png_path(path: Any) -> str:
 
 def _save(fig: Figure, path: str) -> None:
     """Write ``fig`` as a PNG of exactly figsize * dpi pixels at ``path`` (which
-    :func:`_png_path` checked before any work), creating the folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, format="png", dpi=fig.dpi)
+    :func:`_png_path` checked before any work), creating the folder; through
+    :func:`~xpcnn.files.atomic_file` (a failed write names the file and keeps the old one),
+    but a pipe or a device (/dev/stdout), which cannot be renamed over, in place."""
+    if not replaceable(path):
+        fig.savefig(path, format="png", dpi=fig.dpi)
+        return
+    with atomic_file(path) as f:  # (which creates the folder)
+        fig.savefig(f, format="png", dpi=fig.dpi)
 
 
 # -- inputs -------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ from ..structure import check_classifier
 
 
 def is_device_array(x: Any) -> bool:
-    """True for an array of another library than NumPy (CuPy, PyTorch, array_api_strict)."""
-    return array_api_compat.is_array_api_obj(x) and not isinstance(x, np.ndarray)
+    """True for an array of another library than NumPy (CuPy, PyTorch, array_api_strict).
+    A NumPy scalar (``np.int64(3)``, a dataset's label) is a host value, as NumPy arrays are."""
+    return array_api_compat.is_array_api_obj(x) and not isinstance(x, np.ndarray | np.generic)
 
 
 def of_library(x: Any, backend: Any) -> bool:

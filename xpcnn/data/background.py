@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..errors import InputError
 from .arrays import to_device
 
 # Batches prepared ahead by the background thread.
@@ -51,15 +53,17 @@ def stop_wait_seconds() -> float:
 
 def prefetch(items: Iterator[Any], backend: Any,
              left: Callable[[threading.Event | None], None] | None = None,
-             depth: int = PREFETCH) -> Iterator[Any]:
+             depth: int = PREFETCH, stop: threading.Event | None = None) -> Iterator[Any]:
     """``items`` computed on a background thread, up to ``depth`` ahead, on the device and
     stream current where this generator is first iterated (``backend.current_stream_scope``).
     An exception in the thread is raised here; closing this generator (a loop that ends early)
     stops the thread; one that does not stop within :data:`STOP_WAIT_SECONDS` (inside an
     iterator's ``next()``) is left. ``left`` is handed an Event that the thread sets as it
-    ends, before it is waited for, and None once it has ended."""
+    ends, before it is waited for, and None once it has ended. ``stop``: the Event that closing
+    sets (made here where not given), which ``items`` may check between its own reads, so that
+    a thread left inside a batch ends within one of them (:func:`stopped`)."""
     ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+    stop = threading.Event() if stop is None else stop
     scope = backend.current_stream_scope()
 
     def put(item: Any) -> bool:
@@ -118,3 +122,61 @@ def prefetch(items: Iterator[Any], backend: Any,
         ended.wait(None if done else STOP_WAIT_SECONDS)
         if left is not None and ended.is_set():
             left(None)
+
+
+class Stopped(Exception):
+    """Raised by a producer that finds its prefetch closed (:func:`stopped`); the consumer has
+    gone, and never sees it."""
+
+
+def stopped(stop: threading.Event | None) -> None:
+    """Raise :class:`Stopped` where ``stop`` (a prefetch's, :func:`prefetch`) is set."""
+    if stop is not None and stop.is_set():
+        raise Stopped
+
+
+# -- readers left inside a source's own code --------------------------------------------------
+
+# The Event of the reader thread a closed call left inside a map-style dataset's ``[i]`` or a
+# re-iterable's iterator (set as it ends), by that source, which the next call on it waits for
+# (a second reader there, a dataset reading one file handle, mixes up samples silently). Weakly
+# keyed; by id for objects that take no weak reference (held while recorded). Iterators have
+# theirs in their stream (:mod:`xpcnn.data.streams`).
+_LEFT: weakref.WeakKeyDictionary[Any, threading.Event] = weakref.WeakKeyDictionary()
+_LEFT_HELD: dict[int, tuple[Any, threading.Event]] = {}
+
+
+def left_reader(source: Any) -> Callable[[threading.Event | None], None]:
+    """A prefetch's ``left`` that records its reader for ``source`` (:func:`wait_for_reader`)."""
+    def note(ended: threading.Event | None) -> None:
+        try:
+            if ended is None:
+                _LEFT.pop(source, None)
+            else:
+                _LEFT[source] = ended
+            return
+        except TypeError:  # (no weak reference to it, or unhashable)
+            pass
+        if ended is None:
+            _LEFT_HELD.pop(id(source), None)
+        else:
+            _LEFT_HELD[id(source)] = (source, ended)
+    return note
+
+
+def wait_for_reader(source: Any, what: str) -> None:
+    """Wait for the reader that a stopped call left inside ``source`` (named ``what``), up to
+    :data:`STOP_WAIT_SECONDS`; refuse the call where it is still there."""
+    try:
+        ended = _LEFT.get(source)
+    except TypeError:
+        entry = _LEFT_HELD.get(id(source))
+        ended = entry[1] if entry is not None and entry[0] is source else None
+    if ended is None:
+        return
+    if not ended.wait(stop_wait_seconds()):
+        raise InputError(f"{what} is still being read by the background thread of the call "
+                         f"stopped before this one (inside its own code, which has not "
+                         f"returned for {stop_wait_seconds():.0f} s more): two threads cannot "
+                         "read it at once; call again when it returns")
+    left_reader(source)(None)

@@ -7,8 +7,11 @@ between calls, are in :mod:`xpcnn.data.streams`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import threading
+import weakref
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -26,7 +29,8 @@ from .arrays import (
     split_item,
     to_device,
 )
-from .background import prefetch, upload
+from .background import left_reader, prefetch, stopped, upload, wait_for_reader
+from .replay import numbered
 
 # A NumPy training set up to this size (images + targets) is uploaded to a GPU once per fit.
 DEVICE_BUDGET_BYTES = 2 << 30
@@ -149,10 +153,21 @@ class ArrayBatches(ShardedBatches):
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
         order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
         bounds = rank_slices(self.samples, self.batch_size, start, self.shard)
+        replay = functools.partial(self._input_batch, epoch)
         if self.on_device:
-            return self._gather_on_device(order, bounds)
+            return numbered(self._gather_on_device(order, bounds), replay, start)
         host = (self._host_batch(order, lo, hi) for lo, hi in bounds)
-        return upload(self.backend, prefetch(host, self.backend))
+        return numbered(upload(self.backend, prefetch(host, self.backend)), replay, start)
+
+    def _input_batch(self, epoch: int, index: int) -> Any:
+        """The input batch (xb, on the device) of batch ``index`` of ``epoch``, read again
+        (:mod:`xpcnn.data.replay`)."""
+        order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
+        bounds = rank_slices(self.samples, self.batch_size, index, self.shard)
+        if self.on_device:
+            return next(self._gather_on_device(order, bounds))[0]
+        lo, hi = next(bounds)
+        return to_device(self.backend, self._host_batch(order, lo, hi)[0])
 
     def _gather_on_device(self, order: np.ndarray | None, bounds: Iterator[tuple[int, int]]
                           ) -> Iterator[tuple[Any, ...]]:
@@ -244,6 +259,8 @@ class DatasetBatches(ShardedBatches):
             raise InputError(f"{what} is an empty dataset (len() is {self.samples})")
         self.steps = -(-self.samples // (batch_size * shard[1]))
         self._first: tuple[int, tuple[Any, ...]] | None = None  # (read_first's)
+        self._reading = _lock_of(dataset)
+        wait_for_reader(dataset, what)  # (a stopped call's reader, left inside dataset[i])
         if not model.built:  # the first sample tells the input shape
             x, y, _ = split_item(self._item(0), with_targets, self._expected)
             self._refuse_a_batch(0, x, y)
@@ -256,25 +273,39 @@ class DatasetBatches(ShardedBatches):
         again (the dataset is read as often and in the same order, so a dataset's own random
         transforms draw the same); an epoch that starts elsewhere (a checkpoint's) drops it."""
         lo, hi = next(rank_slices(self.samples, self.batch_size, 0, self.shard))
+        wait_for_reader(self.dataset, self.what)
         with self.model.backend.on_device():  # (stacked where the epoch's loop reads it)
             self._first = (epoch, self._batch(self._order(epoch)[lo:hi]))
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
+        wait_for_reader(self.dataset, self.what)
         order = self._order(epoch)
         first, self._first = self._first, None
         slices = rank_slices(self.samples, self.batch_size, start, self.shard)
         read = [] if first is None or first[0] != epoch or start else [first[1]]
         if read:
             next(slices)  # (read by read_first)
-        host = itertools.chain(read, (self._batch(order[lo:hi]) for lo, hi in slices))
+        # (the reader checks ``stop`` between samples: one that a closed epoch leaves inside
+        # dataset[i] ends after it; recorded for the dataset until then, for the next call)
+        stop = threading.Event()
+        host = itertools.chain(read, (self._batch(order[lo:hi], stop) for lo, hi in slices))
         backend = self.model.backend
-        return upload(backend, prefetch(host, backend), owned=True)  # (stacked afresh)
+        batches = upload(backend, prefetch(host, backend, left_reader(self.dataset), stop=stop),
+                         owned=True)  # (stacked afresh)
+        return numbered(batches, functools.partial(self._input_batch, epoch), start)
+
+    def _input_batch(self, epoch: int, index: int) -> Any:
+        """The input batch (xb, on the device) of batch ``index`` of ``epoch``, read again
+        (:mod:`xpcnn.data.replay`: a dataset's random transforms draw anew)."""
+        lo, hi = next(rank_slices(self.samples, self.batch_size, index, self.shard))
+        with self.model.backend.on_device():
+            return to_device(self.model.backend, self._batch(self._order(epoch)[lo:hi])[0])
 
     def _order(self, epoch: int) -> np.ndarray:
         order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
         return np.arange(self.samples) if order is None else order
 
-    def _batch(self, idx: np.ndarray) -> tuple[Any, ...]:
+    def _batch(self, idx: np.ndarray, stop: threading.Event | None = None) -> tuple[Any, ...]:
         if not len(idx):  # this rank's empty part of a short last batch (several ranks)
             return (np.zeros((0, *self.model.input_shape), np.float32),
                     np.zeros((0,), np.int64) if self.with_targets else None)
@@ -284,17 +315,21 @@ class DatasetBatches(ShardedBatches):
         shape = tuple(self.model.input_shape)
         inner = shape[1:] if shape[0] == 1 else None
         items = [tuple(owned(p, self.model.backend) for p in split_item(
-            self._item(int(i)), self.with_targets, self._expected, inner)) for i in idx]
+            self._item(int(i), stop), self.with_targets, self._expected, inner)) for i in idx]
         self._refuse_a_batch(int(idx[0]), *items[0][:2])
         xs, ys, ws = zip(*items, strict=True)
         return self._checks(self._stack(xs, "x"),
                             self._stack(ys, "y") if self.with_targets else None,
                             [w is not None for w in ws], lambda: self._stack(ws, "w"), idx)
 
-    def _item(self, i: int) -> Any:
-        """``dataset[i]``; an index below len() that the dataset refuses is named as such."""
+    def _item(self, i: int, stop: threading.Event | None = None) -> Any:
+        """``dataset[i]``, one reader at a time (a step's error reads a batch again while the
+        epoch's reader goes on), none once ``stop`` is set; an index below len() that the
+        dataset refuses is named as such."""
         try:
-            return self.dataset[i]
+            stopped(stop)
+            with self._reading:
+                return self.dataset[i]
         except LookupError as e:  # (IndexError, KeyError: len() promised more than there is)
             raise InputError(f"{self.what}[{i}] raised {e!r}, but len("
                              f"{self.what}) is {self.samples}: a dataset must return a sample for "
@@ -360,6 +395,23 @@ class DatasetBatches(ShardedBatches):
         user's that holds its own part) cannot be told without reading samples."""
         return {**self.fingerprint(), "subset_indices_crc32": subset_indices_crc32(
             self.dataset)}
+
+
+# One lock a dataset (weakly keyed; one a source for a dataset that takes no weak reference):
+# its [i] is entered by one thread at a time, whatever the calls that read it.
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def _lock_of(dataset: Any) -> threading.RLock:
+    with _LOCKS_LOCK:
+        try:
+            lock = _LOCKS.get(dataset)
+            if lock is None:
+                lock = _LOCKS[dataset] = threading.RLock()
+            return lock
+        except TypeError:
+            return threading.RLock()
 
 
 def _integer_labels(y: Any, n: int) -> bool:

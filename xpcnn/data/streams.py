@@ -26,7 +26,7 @@ from .arrays import (
     owned,
     split_item,
 )
-from .background import prefetch, stop_wait_seconds, upload
+from .background import left_reader, prefetch, stop_wait_seconds, upload, wait_for_reader
 from .sources import Batches
 
 
@@ -80,6 +80,7 @@ class IterableBatches(Batches):
                 raise InputError(f"{what} gave no batches")
             first = stream_of(self.iterator).pending[0]
         else:
+            wait_for_reader(data, what)
             source = iter(data)
             first = next(source, _NONE)
             if first is _NONE:
@@ -115,12 +116,15 @@ class IterableBatches(Batches):
         backend = self.model.backend
         if self.iterator is None:
             first, self._first = self._first, None
+            if first is None:  # (a pass of its own: the reader a stopped call left ends first)
+                wait_for_reader(self.data, self.what)
             source = iter(self.data) if first is None else \
                 itertools.chain([first[0]], first[1])
             if self._cut:
                 source = itertools.islice(source, self.steps)
             checked = (self._checked(item) for item in self._owned(source, None))
-            return upload(backend, prefetch(checked, backend), owned=True)  # (copied)
+            return upload(backend, prefetch(checked, backend, left_reader(self.data)),
+                          owned=True)  # (copied)
         stream = self._free_stream()
         # (the pending batches first, popped as the reader draws them: those a cut at steps
         # leaves stay there; then an error read ahead by the call before; a chain, which never

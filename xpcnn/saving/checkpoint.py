@@ -43,7 +43,7 @@ import signal
 import threading
 import time
 import zlib
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -626,6 +626,18 @@ def progress_within(model: Any, epoch: int, step: int) -> Progress:
     return Progress(epoch, step, loss_sum, correct, seen, time.perf_counter() - t0, top_k)
 
 
+def _as_it_is(callback: Any) -> Callable[[], None]:
+    """A call that puts ``callback`` back as it is now: by its ``get_state()`` and
+    ``set_state``, or, where its state is not there yet (a user's ``get_state`` reading what
+    its first ``on_epoch_end`` sets, say), by its attributes as they are."""
+    try:
+        state = callback.get_state()
+    except Exception:  # (its state is checked where a checkpoint is written)
+        attributes = dict(vars(callback))
+        return lambda: (vars(callback).clear(), vars(callback).update(attributes))
+    return lambda: callback.set_state(state)
+
+
 def _callback_states(config: dict[str, Any], npz: NpzArchive, model: Any
                      ) -> list[tuple[str, dict[str, Any] | None]] | None:
     """The callback states of a checkpoint (None: a file written before they were kept), their
@@ -847,9 +859,10 @@ class FitCheckpoints:
         if not isinstance(stopped, bool):
             raise DataFormatError(f"{self.path}: invalid checkpoint: stopped is {stopped!r}, "
                                   "expected true or false")
-        fresh = [cb.get_state() for cb in self.callbacks]
+        before = [_as_it_is(cb) for cb in self.callbacks]
         try:  # (a refused resume leaves the callbacks as they were too)
-            for cb, state in zip(self.callbacks, states or fresh, strict=True):
+            # (states None: they start afresh, as they are)
+            for cb, state in zip(self.callbacks, states or (), strict=states is not None):
                 try:
                     cb.set_state(state)
                 except (TypeError, ValueError, KeyError) as e:
@@ -857,8 +870,8 @@ class FitCheckpoints:
                                           f"callback {type(cb).__name__}: {e}") from e
             ckpt = _restore(self.model, config, npz)
         except BaseException:
-            for cb, state in zip(self.callbacks, fresh, strict=True):
-                cb.set_state(state)
+            for put_back in before:
+                put_back()
             raise
         # (a run its callbacks stopped trains no more, but where they start afresh: they
         # decide anew)

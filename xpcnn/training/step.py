@@ -53,6 +53,7 @@ from ..data import (
     check_sample_weights,
     to_device,
 )
+from ..data.replay import replay_of
 from ..errors import InputError, NonFiniteError, warn
 from ..layers.base import Layer, RandomLayer
 from ..ops.kernels import kernels_for
@@ -118,7 +119,8 @@ class TrainingStep:
             stats = self._device_step(xb, yb, step, weights=weights)
         elif keep:
             stats = self.backend.xp.asarray(stats, copy=True)
-        totals.pending.append((step, (xb, yb)))
+        # (its input batch is read again for a deferred error where the source can: not held)
+        totals.note(step, xb, yb, replay_of(xb))
         totals.seen += self._global_batch(xb)
         self._last_stats = stats
         if len(totals.pending) >= READ_EVERY:
@@ -511,9 +513,10 @@ class TrainingStep:
         opt.iterations = step - 1  # type: ignore[union-attr]
         loss = float(host[BAD_LOSS])
         if not math.isfinite(loss):
-            xb, yb = batches[step]
-            self._raise_for_labels(yb, step)
-            self._raise_non_finite(f"the loss is {loss}", xb, step)
+            noted = batches[step]
+            self._raise_for_labels(noted.yb, step)
+            self._raise_non_finite(f"the loss is {loss}",
+                                   noted.input_batch(step, f"the loss is {loss}"), step)
         flags = list(zip(self._owners, host[BAD_GRADS:BAD_GRADS + len(self._owners)],
                          strict=True))
         bad = [la for (la, _), flag in flags if flag == 1]
@@ -548,6 +551,33 @@ class TrainingStep:
                 raise InputError(f"training stopped at step {step}: {e}; nothing was updated "
                                  "from that step on") from None
 
+    @contextlib.contextmanager
+    def _put_back(self) -> Any:
+        """Around the passes that only look (a training-mode one too, which updates BatchNorm's
+        statistics and draws random numbers): every layer's attributes as they were
+        (what backward would read, ``_backward_ready``, a user's layer's own), and its
+        ``state`` (BatchNorm's moving statistics) and a random layer's ``random_state`` (its
+        draws) written back in place (a captured step reads those arrays), so that the model
+        is as the step before left it (an attribute's object changed in place excepted)."""
+        xp = self.backend.xp
+        kept = [(la, dict(vars(la)), dict(la.state),
+                 {k: xp.asarray(a, copy=True) for k, a in la.state.items()})
+                for la in self.layers]
+        draws = [(la.random_state, xp.asarray(la.random_state, copy=True))
+                 for la in self.layers if isinstance(la, RandomLayer) and la.built]
+        try:
+            yield
+        finally:
+            for la, attributes, state, values in kept:
+                vars(la).clear()
+                vars(la).update(attributes)
+                la.state.clear()  # (the same dict: its entries as they were)
+                la.state.update(state)
+                for k, a in state.items():
+                    a[...] = values[k]
+            for array, value in draws:  # (the array itself is back with the attributes)
+                array[...] = value
+
     def _raise_non_finite(self, what: str, xb: Any, step: int) -> None:
         """Name the step and the first layer whose output is not finite, then raise."""
         xp = self.backend.xp
@@ -560,13 +590,20 @@ class TrainingStep:
         elif weights is not None:
             where = f"the weights of layer {weights.name!r}"
         else:
-            with self.backend.compute_scope():
-                outputs = self._layer_outputs(
-                    xp.astype(xb, self._param_dtype, copy=False), False)
-            layer = next((la for la, out in zip(self.layers, outputs, strict=True)
-                          if not finite(out)), None)
+            x = xp.astype(xb, self._param_dtype, copy=False)
+            with self._put_back(), self.backend.compute_scope():
+                outputs = self._layer_outputs(x, False)
+                layer = next((la for la, out in zip(self.layers, outputs, strict=True)
+                              if not finite(out)), None)
+                mode = ""
+                if layer is None:  # (a layer's training-mode work alone: batch statistics,
+                    # a user's training-only scaling; the step ran in that mode, on this batch)
+                    outputs = self._layer_outputs(x, True)
+                    layer = next((la for la, out in zip(self.layers, outputs, strict=True)
+                                  if not finite(out)), None)
+                    mode = " in training mode"
             if layer is not None:
-                where = f"the output of layer {layer.name!r}"
+                where = f"the output of layer {layer.name!r}{mode}"
             elif self._parallel is not None:
                 where = ("the loss summed over the ranks: this rank's batch and outputs are "
                          "finite, another rank's made it (that rank's error names where)")

@@ -99,6 +99,11 @@ BAR_REFRESH = 0.5
 _RUNNING = threading.Lock()
 
 
+def _released() -> None:
+    """An optimiser's ``_model`` once its model released it: no model, and its state is that
+    model's (see Trainer._own)."""
+
+
 def _one_fit_at_a_time(fit: Callable[..., Any]) -> Callable[..., Any]:
     """``fit``, refused where it is called while the model's fit (or move) runs, from one of
     its callbacks or from another thread: the second fit would replace the first one's
@@ -165,7 +170,7 @@ class Trainer(TrainingStep):
 
     def __init__(self) -> None:
         self.loss: SoftmaxCrossEntropy | None = None
-        self.optimizer: Optimizer | None = None
+        self._optimizer: Optimizer | None = None  # (see the optimizer property)
         self.precision = "float32"
         self.metrics: tuple[str, ...] = ("accuracy",)  # (compile's default: evaluate's too)
         # (the metrics themselves, in that order; the distinct k of the top-k ones, each a
@@ -292,7 +297,7 @@ class Trainer(TrainingStep):
                 layer.check_compute_dtype(self.backend.xp, compute)
         if self.built:
             self._check_loss_outputs(loss)
-        self.loss, self.optimizer = loss, self._own(optimizer)
+        self.loss, self._optimizer = loss, self._own(optimizer)
         self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
         self.precision = "float64" if full else precision
         self.metrics = tuple(m.name for m in resolved)
@@ -302,26 +307,74 @@ class Trainer(TrainingStep):
             else None
         self._rebuild_if_shared()  # (built layers compute in the new precision's dtype)
 
+    @property
+    def optimizer(self) -> Optimizer | None:
+        """The optimiser that trains this model (None: not compiled). Assigning one (an
+        :class:`~xpcnn.optim.Optimizer` or a name) is compile's ``optimizer=`` alone: bound to
+        this model, refused where another model's (``compile`` keeps the other settings)."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: str | Optimizer | None) -> None:
+        if optimizer is None:  # (uncompiled again: fit asks for compile)
+            self._release()
+            self._optimizer = None
+        else:
+            self._optimizer = self._own(get_optimizer(optimizer))
+        # (a captured step holds the optimiser it was captured with, as after compile)
+        self._graphs, self.cuda_graphs_reason = None, ""
+
     def _own(self, optimizer: Optimizer) -> Optimizer:
         """``optimizer``, bound to this model: its slots and step count are one model's, and
-        another model's steps would silently mix into them (or fail deep inside). One new to
-        this model starts with none (one that another model released held that model's; one
-        never stepped keeps the learning rate set on it, as in Keras)."""
-        owner = getattr(optimizer, "_model", lambda: None)()
+        another model's steps would silently mix into them (or fail deep inside). One that
+        another model released, or that outlived its model, starts afresh here (it held that
+        model's state; one never stepped keeps the learning rate set on it, as in Keras); a
+        copy of one (``copy.deepcopy``, pickle: bound to none) keeps its state, checked
+        against this model's trained parameters (:meth:`_check_adopted_state`)."""
+        bound = vars(optimizer).get("_model")  # (absent: never compiled, or a copy)
+        owner = None if bound is None else bound()
         if owner is not None and owner is not self:
             raise InputError(f"this {type(optimizer).__name__} optimizer is already compiled into "
                              f"model {owner.name!r}: an optimizer holds one model's state (its "
                              "slots and step count), so each model needs one of its own; pass "
                              "a new one")
-        previous = self.optimizer
-        if previous is not None and previous is not optimizer:
-            del previous._model  # (replaced: free to be compiled into another model)
-        if owner is None and (optimizer.iterations or optimizer.slots):
+        if bound is None and optimizer.slots:
+            self._check_adopted_state(optimizer)  # (before anything changes)
+        if self._optimizer is not optimizer:
+            self._release()
+        if owner is None and bound is not None and (optimizer.iterations or optimizer.slots):
             # (another model's state; one never stepped keeps the rate its user set)
             optimizer.slots, optimizer.iterations, optimizer.lr_factor = {}, 0, 1.0
             optimizer.applied = None
-        optimizer._model = weakref.ref(self)
+        vars(optimizer)["_model"] = weakref.ref(self)
         return optimizer
+
+    def _release(self) -> None:
+        """Free this model's optimiser to be compiled into another model (as a new one)."""
+        if self._optimizer is not None:
+            vars(self._optimizer)["_model"] = _released
+
+    def _check_adopted_state(self, optimizer: Optimizer) -> None:
+        """Refuse a copied optimiser's slots where they are not for this model's trained
+        parameters (their number, shapes, dtypes and device): its first step would fail deep
+        inside, or update one parameter with another's momentum."""
+        name = type(optimizer).__name__
+        fresh = f"or compile a new {name}(...) to start afresh"
+        if not self.built:
+            raise InputError(f"this {name} optimizer holds the state of another model (a copy: "
+                             f"{optimizer.iterations} steps), which is checked against this "
+                             f"model's parameters, but model {self.name!r} is not built: build "
+                             f"it first (model.build(input_shape)), {fresh}")
+        params = [p for la in self._trained() for p in la.params.values()]  # type: ignore[attr-defined]
+        expected = [(tuple(p.shape), str(p.dtype), type(p).__module__) for p in params]
+        for slot, arrays in optimizer.slots.items():
+            held = [(tuple(a.shape), str(a.dtype), type(a).__module__) for a in arrays]
+            if held != expected:
+                raise InputError(
+                    f"this {name} optimizer holds the state of another model (a copy: "
+                    f"{optimizer.iterations} steps) whose {slot!r} slots do not fit model "
+                    f"{self.name!r}'s trained parameters: they are {held}, the parameters "
+                    f"{expected} (shape, dtype, array module); {fresh}")
 
     @property
     def _compute_dtype_name(self) -> str:
@@ -541,9 +594,7 @@ class Trainer(TrainingStep):
             if class_weights is not None:
                 self._check_class_products(data, class_weights)
             self.history = history
-            # (a user's History records this fit alone, as fit's own one; their bar is silent
-            # where fit is)
-            history.epoch, history.history, history.sparse = [], {}, {}
+            # (their bar is silent where fit is)
             if bar is not None:
                 bar.verbose = verbose
             # (shared by the callbacks, which keep it: the source and the stateful callbacks
@@ -560,16 +611,25 @@ class Trainer(TrainingStep):
             self._epoch_offset = max(0, self._epochs_begun - initial_epoch)
             self._parallel = distributed.data_parallel(self)
             self._use_class_weights(class_weights)
+            # (a user's History records this fit alone, as fit's own one; a refused fit gives
+            # it back its record: an earlier fit's)
+            record = history.epoch, history.history, history.sparse
+            history.epoch, history.history, history.sparse = [], {}, {}
             try:
                 if self._parallel is not None:
                     self._parallel.check_same_layers()
-                    self._parallel.check_same_data(data, validation, class_weights)
+                    self._parallel.check_same_data(
+                        data, validation, class_weights, distributed.fit_arguments(
+                            epochs, initial_epoch, steps_per_epoch, validation_steps,
+                            validation_freq, [cb for cb in callbacks
+                                              if cb is not history and cb is not bar]))
                     self._parallel.broadcast_weights()
                 if initial_epoch < epochs:
                     self._refuse_unready(data, initial_epoch, resuming=any(
                         cb.resume and os.path.exists(cb.path) for cb in backups))
                 self._callbacks_begin(cbs)
             except BaseException:
+                history.epoch, history.history, history.sparse = record
                 self._end_fit()
                 _drop_sources(params)
                 raise
@@ -641,6 +701,9 @@ class Trainer(TrainingStep):
         except Exception as e:  # (raised again on this rank, after the others learn of it)
             error = e
         self._parallel.agree(error, "the callbacks' on_train_begin")
+        # (a checkpoint that rank 0 alone finds, on a node-local disk: refused before a step)
+        self._parallel.check_same_start(self._resume_at, [
+            cb.path for cb in cbs.callbacks if isinstance(cb, BackupAndRestore)])
 
     def _end_fit(self) -> None:
         """What fit set up for its steps ends with it: its class weights (steps outside fit
@@ -734,14 +797,16 @@ class Trainer(TrainingStep):
         refuse: that batch, drawn or read here, waits for the epoch. Not a dataset's where
         the fit ``resuming`` from a checkpoint learns where it starts only as the callbacks
         begin (its batches are checked as they are read). On several ranks, all learn where
-        one fails."""
-        dataset = isinstance(data, DatasetBatches) and not resuming
+        one fails (the exchange made where this rank skips the read too: ``resuming`` is
+        each rank's own finding of a file, which check_same_start compares)."""
+        dataset = isinstance(data, DatasetBatches)
         if not (dataset or isinstance(data, IterableBatches) and data.iterator is not None):
             return
         error: BaseException | None = None
         try:
             if dataset:  # (the shuffling number of the epoch, as _fit_epoch counts it)
-                data.read_first(self._epoch_offset + epoch)  # type: ignore[union-attr]
+                if not resuming:
+                    data.read_first(self._epoch_offset + epoch)  # type: ignore[union-attr]
             elif not data.has_batch():  # type: ignore[union-attr]
                 error = InputError(f"the training data gave no batches in epoch {epoch + 1}: "
                                    "an iterator needs steps_per_epoch batches for every epoch")
@@ -914,7 +979,9 @@ class Trainer(TrainingStep):
                                      and not self.stop_evaluating)
             counts[here.rank] = float(steps)
             got = distributed.host_sum(
-                here, [*totals.sums(host), totals.seen, *short, *counts], "evaluate")
+                here, [*totals.sums(host), totals.seen, *short, *counts],
+                "evaluate (its sums)" if epoch is None else "fit (the validation's sums)",
+                tagged=True)
             k = len(got) - 2 * here.size - 1
             sums, seen = got[:k], got[k]
             ran_out = [r for r in range(here.size) if got[k + 1 + r]]

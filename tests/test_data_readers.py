@@ -1,0 +1,315 @@
+"""What fit holds of its sources and how they are read: no input batch held for the steps not
+read yet where the source can give it again (a memory-mapped training set whole in memory, was),
+the deferred non-finite error still naming the layer on the step's own batch; a dataset or a
+re-iterable read by one thread at a time after a stopped call; NumPy scalars as host values."""
+
+from __future__ import annotations
+
+import threading
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import xpcnn
+from xpcnn.callbacks import Callback
+from xpcnn.errors import InputError, NonFiniteError
+from xpcnn.layers import Dense, Flatten, ReLU, Softmax
+
+
+def small(shape=(8, 8, 1), classes=3, layers=None):
+    model = xpcnn.Sequential(layers or [Flatten(), Dense(classes), Softmax()], seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1))
+    model.build(shape)
+    return model
+
+
+class StopAtFirstBatch(Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        self.model.stop_training = True
+
+
+# -- what fit holds -----------------------------------------------------------------------------
+
+
+def test_fit_on_a_memmap_holds_a_few_batches_not_the_steps_not_read_yet(tmp_path):
+    """The steps between two reads of the running totals (up to READ_EVERY = 32) held their
+    input batches for the deferred error: a memory map of 32 batches was read whole into
+    memory. Now each is read again where an error needs it."""
+    n, batch, shape = 32 * 200, 200, (16, 16, 3)
+    path = tmp_path / "x.npy"
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, *shape))
+    mm[:] = 0.5
+    mm.flush()
+    del mm
+    x = np.load(path, mmap_mode="r")
+    y = np.arange(n) % 3
+    one = x[:batch].nbytes
+    model = small(shape)
+    model.fit(x[:batch], y[:batch], batch_size=batch, verbose=0)  # (warm: lazy allocations)
+    peaks = []
+    for call in (lambda: model.evaluate(x, y, batch_size=batch, verbose=0),
+                 lambda: model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=True)):
+        tracemalloc.start()
+        try:
+            call()
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    # (evaluate's pipeline holds a few: the batches read ahead, the step's own arrays)
+    assert peaks[1] < peaks[0] + 2 * one, [p / one for p in peaks]  # (was 32 and more)
+
+
+def test_a_generator_s_batches_are_held_for_the_last_two_steps_only():
+    """A generator cannot give a batch again: the steps hold the last KEPT_INPUTS of them."""
+    model = small((32, 32, 3))
+    b = 250
+    one = b * 32 * 32 * 3 * 4
+
+    def batches():
+        for _ in range(24):
+            yield np.full((b, 32, 32, 3), 0.5, np.float32), np.arange(b) % 3
+
+    model.fit(batches(), steps_per_epoch=1, epochs=1, verbose=0)  # (warm)
+    tracemalloc.start()
+    try:
+        model.fit(batches(), steps_per_epoch=23, epochs=1, verbose=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * one, f"{peak / one:.1f} batches"  # (was 23 and more)
+
+
+# -- the deferred error still names the layer, on the step's own batch ---------------------------
+
+
+def _overflowing(n=64, bad=45):
+    """Images of which sample ``bad`` alone makes the Dense layer's output overflow."""
+    x = np.full((n, 4, 4, 1), 0.5, np.float32)
+    x[bad] = 3e38
+    return x, np.arange(n) % 3
+
+
+def _named(model, fit):
+    with np.errstate(all="ignore"), pytest.raises(NonFiniteError) as info:
+        fit(model)
+    return str(info.value)
+
+
+def _where_bad(n, batch, bad, shuffle, seed=0, epoch=0):
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    return int(np.flatnonzero(order == bad)[0]) // batch + 1  # (its step, 1-based)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_fit_on_arrays_names_the_layer_on_the_step_s_batch_read_again(shuffle):
+    x, y = _overflowing()
+    model = small((4, 4, 1), layers=[Flatten(), Dense(3), ReLU(), Dense(3), Softmax()])
+    step = _where_bad(64, 8, 45, shuffle)
+    message = _named(model, lambda m: m.fit(x, y, batch_size=8, verbose=0, shuffle=shuffle))
+    assert f"training stopped at step {step}: the loss is" in message
+    assert "the first non-finite values appear in the output of layer 'dense'" in message
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_fit_on_a_memmap_names_the_layer_on_the_step_s_batch_read_again(tmp_path, shuffle):
+    x, y = _overflowing()
+    np.save(tmp_path / "x.npy", x)
+    x = np.load(tmp_path / "x.npy", mmap_mode="r")
+    model = small((4, 4, 1), layers=[Flatten(), Dense(3), ReLU(), Dense(3), Softmax()])
+    step = _where_bad(64, 8, 45, shuffle)
+    message = _named(model, lambda m: m.fit(x, y, batch_size=8, verbose=0, shuffle=shuffle))
+    assert f"training stopped at step {step}: the loss is" in message
+    assert "appear in the output of layer 'dense'" in message
+
+
+class Samples:
+    def __init__(self, x, y):
+        self.x, self.y, self.reads = x, y, 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.x[i], self.y[i]
+
+
+def test_fit_on_a_dataset_names_the_layer_on_the_step_s_batch_read_again():
+    x, y = _overflowing()
+    ds = Samples(x, y)
+    model = small((4, 4, 1), layers=[Flatten(), Dense(3), ReLU(), Dense(3), Softmax()])
+    step = _where_bad(64, 8, 45, True)
+    message = _named(model, lambda m: m.fit(ds, batch_size=8, verbose=0, shuffle=True))
+    assert f"training stopped at step {step}: the loss is" in message
+    assert "appear in the output of layer 'dense'" in message
+
+
+def test_fit_on_a_generator_names_the_layer_where_the_batch_is_still_held():
+    x, y = _overflowing()
+    model = small((4, 4, 1), layers=[Flatten(), Dense(3), ReLU(), Dense(3), Softmax()])
+    # (the bad batch is the epoch's last: read at the epoch's end, it is held still)
+    gen = ((x[k:k + 8], y[k:k + 8]) for k in (0, 8, 16, 40))
+    message = _named(model, lambda m: m.fit(gen, steps_per_epoch=4, verbose=0))
+    assert "training stopped at step 4: the loss is" in message
+    assert "appear in the output of layer 'dense'" in message
+
+
+def test_fit_on_a_generator_says_the_batch_is_no_longer_held():
+    """A generator's batch three steps before the read is not held (the last two are): the
+    error names the step and says so (was: every batch since the last read held)."""
+    x, y = _overflowing()
+    model = small((4, 4, 1), layers=[Flatten(), Dense(3), ReLU(), Dense(3), Softmax()])
+    gen = ((x[k:k + 8], y[k:k + 8]) for k in (0, 40, 8, 16, 24))
+    message = _named(model, lambda m: m.fit(gen, steps_per_epoch=5, verbose=0))
+    assert "training stopped at step 2: the loss is" in message
+    assert "its input batch is no longer held" in message
+    assert model.optimizer.iterations == 1
+
+
+def test_a_train_step_loop_names_the_layer_on_a_batch_it_held():
+    x, y = _overflowing()
+    model = small((4, 4, 1), layers=[Flatten(), Dense(3), ReLU(), Dense(3), Softmax()])
+    xp = model.backend
+    with np.errstate(all="ignore"):
+        model.train_step(xp.asarray(x[:8]), xp.asarray(y[:8]))
+        model.train_step(xp.asarray(x[40:48]), xp.asarray(y[40:48]))
+        with pytest.raises(NonFiniteError, match="step 2: .*output of layer 'dense'"):
+            model._read_totals()
+
+
+# -- one reader at a time ------------------------------------------------------------------------
+
+
+class SlowFile:
+    """Samples i read from one shared buffer position (seek, then read, as one file handle is):
+    two readers at once mix them up. After :meth:`hang`, the first read of sample ``at``
+    waits for the gate it returns."""
+
+    def __init__(self, n=64, delay=0.01):
+        self.n, self.delay, self.gate, self.at = n, delay, None, None
+        self.inside = self.overlaps = self.reads = 0
+        self.position = 0
+
+    def hang(self, at):
+        self.gate, self.at = threading.Event(), at
+        return self.gate
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.inside += 1
+        self.overlaps += self.inside > 1
+        self.reads += 1
+        try:
+            self.position = i
+            if self.gate is not None and i == self.at:
+                gate, self.gate = self.gate, None
+                gate.wait(5)  # (set by the test)
+            time.sleep(self.delay)
+            return np.full((8, 8, 1), self.position, np.float32), i % 3
+        finally:
+            self.inside -= 1
+
+
+def test_a_stopped_fit_s_dataset_reader_stops_between_samples(monkeypatch):
+    """Stopped after its first batch, fit's reader was left reading the next batch whole (the
+    next call's reader met it inside dataset[i]); now it ends after the sample it is in."""
+    monkeypatch.setattr(xpcnn.data.background, "STOP_WAIT_SECONDS", 0.2)
+    ds = SlowFile(delay=0.02)
+    model = small()
+    model.fit(ds, batch_size=32, epochs=1, verbose=0, shuffle=False,
+              callbacks=[StopAtFirstBatch()])
+    reads = ds.reads
+    time.sleep(0.3)
+    assert ds.reads - reads <= 1 and ds.inside == 0
+    got = model.predict(ds, batch_size=32)
+    np.testing.assert_array_equal(got, model.predict(
+        np.stack([np.full((8, 8, 1), i, np.float32) for i in range(64)]), batch_size=32))
+    assert ds.overlaps == 0
+
+
+def test_the_next_call_waits_for_a_dataset_reader_a_stopped_call_left(monkeypatch):
+    """A reader left inside a dataset[i] that hangs: the next call on that dataset waits for it,
+    and is refused by name where it does not return in time (was: a second reader inside
+    dataset[i], samples silently mixed up)."""
+    monkeypatch.setattr(xpcnn.data.background, "STOP_WAIT_SECONDS", 0.2)
+    ds = SlowFile(delay=0.0)
+    model = small()
+    gates = [ds.hang(at=32)]  # (the reader is stopped inside a read of the second batch)
+    try:
+        model.fit(ds, batch_size=32, epochs=1, verbose=0, shuffle=False,
+                  callbacks=[StopAtFirstBatch()])
+        assert ds.inside == 1
+        with pytest.raises(InputError, match="x is still being read by the background thread"):
+            model.predict(ds, batch_size=32)
+    finally:
+        gates[0].set()
+    got = model.predict(ds, batch_size=32)  # (waits for it)
+    assert ds.overlaps == 0 and got.shape == (64, 3)
+
+
+class Reiterable:
+    """Batches from one shared position, re-iterable (a custom loader): after :meth:`hang`, the
+    next pass's second batch waits for the gate it returns (the first reaches the fit)."""
+
+    def __init__(self):
+        self.gate, self.inside, self.overlaps = None, 0, 0
+
+    def hang(self):
+        self.gate = threading.Event()
+        return self.gate
+
+    def __iter__(self):
+        gate, self.gate = self.gate, None
+        for k in range(8):
+            self.inside += 1
+            self.overlaps += self.inside > 1
+            try:
+                if gate is not None and k == 1:
+                    gate.wait(5)  # (set by the test)
+                batch = np.full((4, 8, 8, 1), k, np.float32), np.arange(4) % 3
+            finally:
+                self.inside -= 1
+            yield batch
+
+
+def test_the_next_pass_over_a_re_iterable_waits_for_the_reader_a_stopped_call_left(
+        monkeypatch):
+    monkeypatch.setattr(xpcnn.data.background, "STOP_WAIT_SECONDS", 0.2)
+    data = Reiterable()
+    model = small()
+    gates = [data.hang()]  # (the reader is inside the second batch when the fit stops)
+    try:
+        model.fit(data, epochs=1, verbose=0, callbacks=[StopAtFirstBatch()])
+        assert data.inside == 1
+        with pytest.raises(InputError, match="still being read by the background thread"):
+            model.fit(data, epochs=1, verbose=0)
+    finally:
+        gates[0].set()
+    model.fit(data, epochs=1, verbose=0)
+    assert data.overlaps == 0
+
+
+# -- NumPy scalars are host values ---------------------------------------------------------------
+
+
+class MixedScalars:
+    """Labels (and weights) NumPy scalars for some samples, Python numbers for others."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        x = np.full((8, 8, 1), i, np.float32)
+        return x, (np.int64(i % 3) if i < 8 else 0), (np.float32(2.0) if i % 2 else 1.0)
+
+
+def test_a_dataset_s_numpy_scalar_and_python_number_labels_stack():
+    """Was refused: "arrays of array_api_compat.numpy on the device for some i and not for
+    others" (a NumPy scalar counted as a device array on the NumPy backend)."""
+    model = small()
+    model.fit(MixedScalars(), batch_size=16, epochs=1, verbose=0)
+    assert model.optimizer.iterations == 1

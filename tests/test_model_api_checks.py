@@ -1,0 +1,252 @@
+"""The model object's own API as Keras 3 has it: name and seed checked when set, in-place changes
+of ``layers`` checked and refused as a whole, add() on a built model, an input declared before
+any layer, from_config's defaults, a frozen model's later layers, and copying a model."""
+
+import copy
+
+import numpy as np
+import pytest
+
+import xpcnn
+from xpcnn.errors import InputError
+from xpcnn.layers import Conv2D, Dense, Flatten, ReLU, Softmax
+
+X = np.random.default_rng(0).random((4, 6, 6, 1)).astype("float32")
+Y = np.array([0, 1, 2, 0])
+
+
+def trained() -> xpcnn.Sequential:
+    model = xpcnn.Sequential([Conv2D(4, 3), ReLU(), Flatten(), Dense(3, name="d"), Softmax()],
+                             seed=1)
+    model.compile(optimizer="sgd")
+    model.fit(X, Y, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("bad", ["", "  ", 7, ["m"]])
+def test_a_models_name_set_later_is_checked_as_the_constructors(bad, tmp_path):
+    """model.name = "" or 7 was taken, and save() then wrote a file load_model refused."""
+    model = xpcnn.Sequential([Flatten(), Dense(3)], name="mine")
+    with pytest.raises(InputError, match="model name must be a non-empty string, got"):
+        model.name = bad
+    assert model.name == "mine"
+    model.name = None  # (the default, as the constructor's name=None)
+    assert model.name == "sequential"
+    model.name = "renamed"
+    model.build((2, 2, 1))
+    model.save(tmp_path / "m.npz")
+    assert xpcnn.load_model(tmp_path / "m.npz").name == "renamed"
+    inputs = xpcnn.Input((3,))
+    functional = xpcnn.Model(inputs, Dense(2)(inputs))
+    functional.name = None
+    assert functional.name == "model"
+
+
+@pytest.mark.parametrize("bad", [True, 2.0, None, -1, "3"])
+def test_a_models_seed_set_later_is_checked_as_the_constructors(bad):
+    """model.seed = True saved a file that did not load; 2.0 or None failed in fit with a bare
+    TypeError from NumPy."""
+    model = xpcnn.Sequential([Flatten(), Dense(3)], seed=4)
+    with pytest.raises(InputError, match="seed must be a non-negative integer, got"):
+        model.seed = bad
+    assert model.seed == 4
+
+
+def test_a_numpy_integer_seed_is_taken_as_an_int(tmp_path):
+    """model.seed = np.int64(3) trained, then save() refused it as not JSON."""
+    model = xpcnn.Sequential([Flatten(), Dense(3)])
+    model.seed = np.int64(3)
+    assert type(model.seed) is int and model.seed == 3
+    model.build((6, 6, 1))
+    same = xpcnn.Sequential([Flatten(), Dense(3)], seed=3, input_shape=(6, 6, 1))
+    for a, b in zip(model.get_weights(), same.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    model.save(tmp_path / "m.npz")
+    assert xpcnn.load_model(tmp_path / "m.npz").seed == 3
+
+
+@pytest.mark.parametrize("how", ["a string", "a name twice", "cannot be built there",
+                                 "extend, a string last", "setitem"])
+def test_an_in_place_change_of_layers_is_checked_and_refused_as_a_whole(how):
+    """model.layers.append("x") was a bare AttributeError and left "x" in the list; a change
+    refused (a name twice, a Dense on images) stayed, the trained model unbuilt."""
+    model = trained()
+    layers, weights = list(model.layers), model.get_weights()
+    change = {"a string": lambda: model.layers.append("x"),
+              "a name twice": lambda: model.layers.append(Dense(3, name="d")),
+              "cannot be built there": lambda: model.layers.insert(0, Dense(3)),
+              "extend, a string last": lambda: model.layers.extend([ReLU(), "x"]),
+              "setitem": lambda: model.layers.__setitem__(1, Dense(5))}[how]
+    with pytest.raises(InputError):
+        change()
+    assert list(model.layers) == layers and model.built
+    assert [la.name for la in model.layers] == ["conv2d", "relu", "flatten", "d", "softmax"]
+    for a, b in zip(weights, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert model.predict(X, verbose=0).shape == (4, 3)
+
+
+def test_an_in_place_change_that_is_taken_builds_at_once():
+    model = trained()
+    model.layers.insert(4, Dense(3))
+    assert model.built and model.layers[4].built and model.output_shape == (3,)
+    assert model.layers.pop(4).name == "dense"
+    assert len(model.layers) == 5 and model.built
+
+
+@pytest.mark.parametrize("how", ["fit", "build"])
+def test_add_on_a_built_model_builds_it_again_at_once(how):
+    """add() on a built (trained) model left it unbuilt: model.weights read [] and summary,
+    get_weights and count_params were refused, as Keras 3's add() is not."""
+    model = xpcnn.Sequential([Conv2D(4, 3), Flatten(), Dense(3)], seed=1)
+    model.compile()
+    if how == "fit":
+        model.fit(X, Y, verbose=0)
+    else:
+        model.build((6, 6, 1))
+    weights = model.get_weights()
+    model.add(ReLU())
+    assert model.built and len(model.weights) == 4 and model.count_params() == 4 * 10 + 64 * 3 + 3
+    for a, b in zip(weights, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    model.add(Dense(2))
+    assert model.built and model.output_shape == (2,) and len(model.weights) == 6
+
+
+def test_add_refused_on_a_built_model_leaves_it_as_it_was():
+    model = trained()
+    weights = model.get_weights()
+    with pytest.raises(InputError, match="is not the last layer"):
+        model.add(Dense(2))  # (after the final Softmax)
+    assert len(model.layers) == 5 and model.built and model.output_shape == (3,)
+    for a, b in zip(weights, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InputError, match="named 'd'"):
+        model.add(Dense(3, name="d"))
+    assert len(model.layers) == 5 and model.built
+
+
+@pytest.mark.parametrize("how", ["Input", "input_shape", "add(Input)"])
+def test_an_input_declared_before_any_layer_as_in_keras(how):
+    """Sequential([xpcnn.Input(shape)]) and Sequential(input_shape=shape) with no layers yet
+    were refused ("the model has no layers"); Keras 3 takes them."""
+    if how == "Input":
+        model = xpcnn.Sequential([xpcnn.Input((6, 6, 1), name="pixels")])
+    elif how == "input_shape":
+        model = xpcnn.Sequential(input_shape=(6, 6, 1))
+    else:
+        model = xpcnn.Sequential()
+        model.add(xpcnn.Input((6, 6, 1), name="pixels"))
+    assert not model.built
+    model.add(Flatten())
+    assert model.built and model.input_shape == (6, 6, 1)
+    model.add(Dense(3))
+    assert model.output_shape == (3,)
+    if how != "input_shape":
+        assert model.input.name == "pixels"
+
+
+def test_a_second_input_is_refused_as_in_keras():
+    """add(Input(a)) then add(Input(b)) silently replaced the first."""
+    for model in (xpcnn.Sequential([xpcnn.Input((6, 6, 1))]),
+                  xpcnn.Sequential(input_shape=(6, 6, 1))):
+        with pytest.raises(InputError, match=r"already has its input, of shape \(6, 6, 1\)"):
+            model.add(xpcnn.Input((4, 4, 1)))
+        model.add(Flatten())
+        assert model.input_shape == (6, 6, 1)
+    with pytest.raises(InputError, match="input_shape must be positive sizes"):
+        xpcnn.Sequential(input_shape=(0, 3))
+
+
+@pytest.mark.parametrize("what", ["summary", "count_params", "get_weights"])
+def test_a_model_of_no_layers_yet_says_so_where_it_must_be_built(what):
+    """Sequential([Input(shape)]).summary() said "must be built ... call build(input_shape)",
+    though its input is declared (and build refuses a model of no layers). Unlike Keras 3,
+    which builds such a model (0 parameters), xpcnn builds a model once it has a layer."""
+    declared = xpcnn.Sequential([xpcnn.Input((4, 4, 3))])
+    with pytest.raises(InputError, match=(
+            rf"model 'sequential' has no layers yet: add\(\) some before {what} \(its input, "
+            r"of shape \(4, 4, 3\), is declared: it is built as the first layer is added\)$")):
+        getattr(declared, what)()
+    with pytest.raises(InputError, match=rf"has no layers yet: add\(\) some before {what}$"):
+        getattr(xpcnn.Sequential(), what)()
+    assert declared.weights == []  # (as in Keras)
+    declared.add(Flatten())
+    assert declared.count_params() == 0
+
+
+def test_layers_appended_to_a_model_with_an_input_declared_build_for_it():
+    model = xpcnn.Sequential(input_shape=(6, 6, 1))
+    model.layers.append(Flatten())
+    assert model.built and model.output_shape == (36,)
+
+
+@pytest.mark.parametrize("cls", [xpcnn.Sequential, xpcnn.Model])
+@pytest.mark.parametrize("key", ["name", "seed", "dtype", "input_shape", "layers"])
+def test_from_config_takes_the_constructors_defaults_for_missing_keys(cls, key):
+    """from_config without name, seed or dtype was a bare KeyError."""
+    source = xpcnn.Sequential([Conv2D(3, 3), Flatten(), Dense(2)], seed=5, name="src",
+                              input_shape=(5, 5, 1))
+    config = {k: v for k, v in source.get_config().items() if k != key}
+    if key == "layers":
+        with pytest.raises(InputError, match="the configuration: .*layers"):
+            cls.from_config(config)
+        return
+    model = cls.from_config(config)
+    assert model.name == {"name": cls._default_name}.get(key, "src")
+    assert model.seed == (0 if key == "seed" else 5)
+    assert model.dtype_name == "float32"
+    assert model.built == (key != "input_shape")
+    if key not in ("seed", "input_shape"):
+        for a, b in zip(source.get_weights(), model.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("how", ["constructor", "setter"])
+def test_a_frozen_model_freezes_the_layers_added_later_as_keras_trains_none(how):
+    """Sequential([...], trainable=False) then add(Dense(2)): model.trainable read True again
+    and fit trained the new Dense, where Keras 3's frozen model trains none of its weights."""
+    x = np.random.default_rng(0).random((8, 2, 2, 1)).astype("float32")
+    y = np.arange(8) % 2
+    if how == "constructor":
+        model = xpcnn.Sequential([Flatten(), Dense(4)], seed=0, trainable=False)
+    else:
+        model = xpcnn.Sequential([Flatten(), Dense(4)], seed=0)
+        model.trainable = False
+    model.add(Dense(2))
+    model.layers.append(ReLU())
+    assert not model.trainable and not any(la.trainable for la in model.layers)
+    model.compile(optimizer="sgd")
+    model.build((2, 2, 1))
+    assert model.trainable_weights == []
+    before = model.get_weights()
+    model.fit(x, y, epochs=1, verbose=0)
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    model.trainable = True  # (unfrozen: layers added now train)
+    model.add(Dense(2))
+    assert model.trainable and all(la.trainable for la in model.layers)
+
+
+def test_a_frozen_model_with_a_layer_unfrozen_adds_trainable_layers():
+    model = xpcnn.Sequential([Flatten(), Dense(4)], trainable=False)
+    model.layers[-1].trainable = True  # (fine-tuning: the model reads trainable again)
+    model.add(Dense(2))
+    assert model.trainable and model.layers[-1].trainable
+    empty = xpcnn.Sequential(trainable=False)
+    empty.add(Dense(2))
+    assert not empty.layers[0].trainable
+    assert xpcnn.Sequential().trainable is False  # (no layer trains: as it was)
+    default = xpcnn.Sequential()
+    default.add(Dense(2))
+    assert default.layers[0].trainable
+
+
+def test_copying_a_model_is_refused_naming_the_ways_to_copy_one():
+    model = trained()
+    with pytest.raises(InputError, match=r"type\(model\)\.from_config\(model\.get_config\(\)\) "
+                                         r"then set_weights\(model\.get_weights\(\)\)"):
+        copy.deepcopy(model)
+    second = type(model).from_config(model.get_config())
+    second.set_weights(model.get_weights())
+    np.testing.assert_allclose(second.predict(X, verbose=0), model.predict(X, verbose=0))
