@@ -459,8 +459,6 @@ def test_mixed_float16_conv_backward_reuses_the_kernel_cast_in_forward(trainable
     engine, kernels = conv._engine(), []
 
     class KernelSpy:  # the engine, noting each kernel it is given
-        kern = engine.kern  # (the kernels it was made for: the layer keeps it while they hold)
-
         def forward(self, x, kernel, *rest):
             kernels.append(kernel)
             return engine.forward(x, kernel, *rest)

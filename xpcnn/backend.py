@@ -76,11 +76,19 @@ def precision_dtype(backend: Backend, precision: str, way_out: str) -> Any:
                           f"backend has no dtype {name!r}: {way_out}") from None
 
 
+#: How many times :func:`set_fast_path` changed the setting: what a layer keeps for the kernels
+#: of the moment (a convolution's engine) is made again after this moved (read without a call:
+#: a training step asks at every convolution).
+fast_path_switches = 0
+
+
 def set_fast_path(enabled: bool) -> bool:
     """Turn the NumPy and CuPy fast paths on or off (for tests and comparisons); returns the old
     setting."""
+    global fast_path_switches
     old = _FAST_PATH["enabled"]
     _FAST_PATH["enabled"] = bool(enabled)
+    fast_path_switches += old != bool(enabled)
     return old
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import backend as backend_module
 from ..checks import flag
 from ..errors import InputError
 from ..ops.convolution import ConvEngine, ConvGeometry
@@ -95,10 +96,11 @@ class Conv2D(Layer):
         """This layer's convolution engine, chosen by the backend's kernels for its geometry
         (and kept until the layer moves to another device, or the fast path is switched on or
         off: :func:`xpcnn.backend.set_fast_path` reaches a layer that has run too)."""
-        kernels = kernels_for(self.backend)
         engine = getattr(self, "_cache_engine", None)
-        if engine is None or type(engine.kern) is not type(kernels):
-            engine = self._cache_engine = kernels.conv_engine(self.geometry, self.backend)
+        if engine is None or self._engine_switches != backend_module.fast_path_switches:
+            engine = self._cache_engine = kernels_for(self.backend).conv_engine(self.geometry,
+                                                                                 self.backend)
+            self._engine_switches = backend_module.fast_path_switches
         return engine
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
