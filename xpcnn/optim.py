@@ -625,9 +625,11 @@ class Optimizer:
         the host on CuPy), so a captured step clips too. A NaN gradient stays NaN (its step is
         skipped). (The bounds are arrays: the 2023.12 standard's ``where`` takes no scalar.)"""
         if self.clipvalue is not None:
-            c = self.clipvalue
-            return [xp.where(g > c, xp.full_like(g, c), xp.where(g < -c, xp.full_like(g, -c), g))
-                    for g in grads]
+            def clip(g: Any) -> Any:
+                c = xp.full((), self.clipvalue, dtype=g.dtype, device=g.device)  # (0-d)
+                return xp.where(g > c, c, xp.where(g < -c, -c, g))
+
+            return [clip(g) for g in grads]
         if self.clipnorm is not None:
             return [g * self._shrink(xp, xp.sum(g * g), self.clipnorm) for g in grads]
         if self.global_clipnorm is not None and grads:
@@ -883,7 +885,7 @@ class RMSprop(Optimizer):
             self._assign(xp, a, rho * a + (1.0 - rho) * g, apply)
             # v >= a^2 exactly, but the difference can round below 0 (steady gradients): held
             # at 0 there, where PyTorch's square root makes NaN weights
-            var = xp.where(v > a * a, v - a * a, xp.zeros_like(v))
+            var = xp.where(v > a * a, v - a * a, xp.zeros((), dtype=v.dtype, device=v.device))
         u = g / (xp.sqrt(var) + self.epsilon)
         if self.momentum:
             b = self.slots["momentum"][i]

@@ -242,12 +242,13 @@ class StandardKernels:
     def relu(self, x: Any, max_value: float | None) -> Any:
         """``min(max(x, 0), max_value)``; NaN stays NaN. Spelled with ``where``, not
         ``xp.clip``: array_api_compat's clip for CuPy assigns through boolean masks, which read
-        the host (and which a CUDA graph's capture refuses). The bounds are arrays of ``x``'s
-        dtype: the 2023.12 standard's ``where`` takes no Python scalar (2024.12's does), and
-        NumPy's gives ml_dtypes' bfloat16 beside a Python float in float32."""
-        y = self.xp.where(x < 0, self.xp.zeros_like(x), x)
+        the host (and which a CUDA graph's capture refuses). The bounds are 0-d arrays of
+        ``x``'s dtype: the 2023.12 standard's ``where`` takes no Python scalar (2024.12's does),
+        and NumPy's gives ml_dtypes' bfloat16 beside a Python float in float32."""
+        xp = self.xp
+        y = xp.where(x < 0, xp.zeros((), dtype=x.dtype, device=x.device), x)
         if max_value is not None:
-            y = self.xp.where(y > max_value, self.xp.full_like(y, max_value), y)
+            y = xp.where(y > max_value, xp.full((), max_value, dtype=x.dtype, device=x.device), y)
         return y
 
     def relu_backward(self, dy: Any, y: Any) -> Any:

@@ -53,7 +53,8 @@ def nan_unless_classes(xp: Any, stats: Any, y: Any, classes: int) -> Any:
     """``stats`` where every target of ``y`` names a class (:func:`targets_are_classes`), else
     NaN: the training step is then skipped as a non-finite one, and the host names the
     targets when it reads the step's totals."""
-    return xp.where(targets_are_classes(xp, y, classes), stats, xp.full_like(stats, xp.nan))
+    nan = xp.full((), xp.nan, dtype=stats.dtype, device=stats.device)
+    return xp.where(targets_are_classes(xp, y, classes), stats, nan)
 
 
 def cross_entropy(xp: Any, z: Any, t: Any, weights: Any = None) -> tuple[Any, Any]:
