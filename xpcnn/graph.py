@@ -33,8 +33,8 @@ from . import checks
 from .backend import Backend
 from .errors import InputError
 from .layers.activation import ReLU
-from .layers.arguments import dtype_name
-from .layers.base import DEFAULT, Layer, Options, RandomLayer, Shape
+from .layers.arguments import Shape, dtype_name
+from .layers.base import DEFAULT, Layer, Options, RandomLayer
 from .layers.symbolic import Node, SymbolicTensor
 from .structure import where
 

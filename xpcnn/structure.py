@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from . import checks
 from .errors import InputError
 from .layers import Layer, Softmax
-from .layers.base import Shape
+from .layers.arguments import Shape
 
 
 def check_structure(layers: Sequence[Layer]) -> None:

@@ -3,14 +3,14 @@ every layer family's constructor and ``_build`` share."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
 
-if TYPE_CHECKING:
-    from .base import Layer, Shape
+#: A per-sample shape (no batch axis), as layers are built for it.
+Shape = tuple[int, ...]
 
 
 def in_dtype(xp: Any, a: Any, dtype: Any) -> Any:
@@ -69,7 +69,7 @@ def check_activation(activation: str | None, allowed: tuple[str, ...] = ("relu",
                                   "probabilities") + ")")
 
 
-def require_rank(layer: Layer, input_shape: Shape, rank: int) -> None:
+def require_rank(layer: Any, input_shape: Shape, rank: int) -> None:
     """Per-sample ``input_shape`` must have ``rank`` axes (3 means (H, W, C))."""
     if len(input_shape) != rank:
         layout = {3: "(H, W, C)", 1: "(features,)"}.get(rank, f"{rank} axes")

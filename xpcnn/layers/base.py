@@ -45,11 +45,9 @@ from ..checks import (
     untaken_settings,
 )
 from ..errors import InputError, of_xpcnn
-from .arguments import dtype_name
+from .arguments import Shape, dtype_name
 from .symbolic import Node, SymbolicTensor, is_symbolic, refuse_training_in_graph
 from .weight import Weight
-
-Shape = tuple[int, ...]
 
 # (a keyword argument not given, where None is a value)
 _UNSET: Any = object()

@@ -12,8 +12,8 @@ from ..checks import flag
 from ..errors import InputError
 from ..ops.convolution import ConvEngine, ConvGeometry
 from ..ops.kernels import kernels_for
-from .arguments import check_activation, check_padding, count, in_dtype, pair, require_rank
-from .base import DEFAULT, Layer, Options, Setting, Shape
+from .arguments import Shape, check_activation, check_padding, count, in_dtype, pair, require_rank
+from .base import DEFAULT, Layer, Options, Setting
 from .initializers import check_initializer, initialize
 
 

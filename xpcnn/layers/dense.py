@@ -11,8 +11,8 @@ from ..checks import flag
 from ..errors import InputError
 from ..ops.kernels import kernels_for
 from ..ops.softmax import softmax, softmax_backward
-from .arguments import check_activation, count, in_dtype
-from .base import DEFAULT, Layer, Options, Setting, Shape
+from .arguments import Shape, check_activation, count, in_dtype
+from .base import DEFAULT, Layer, Options, Setting
 from .initializers import check_initializer, initialize
 
 

@@ -11,8 +11,8 @@ from ..checks import number
 from ..errors import InputError
 from ..ops import random
 from ..ops.kernels import kernels_for
-from .arguments import dtype_name
-from .base import DEFAULT, Options, RandomLayer, Setting, Shape
+from .arguments import Shape, dtype_name
+from .base import DEFAULT, Options, RandomLayer, Setting
 
 
 class Dropout(RandomLayer):

@@ -10,7 +10,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..ops.kernels import kernels_for
-from .base import DEFAULT, Layer, Options, Shape
+from .arguments import Shape
+from .base import DEFAULT, Layer, Options
 
 
 class Add(Layer):

@@ -14,8 +14,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..ops.kernels import kernels_for
-from .arguments import require_rank
-from .base import DEFAULT, Layer, Options, Setting, Shape
+from .arguments import Shape, require_rank
+from .base import DEFAULT, Layer, Options, Setting
 
 
 def _check_eps(eps: float) -> float:

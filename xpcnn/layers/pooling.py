@@ -11,8 +11,8 @@ from ..errors import InputError
 from ..ops import pool as ops
 from ..ops import windows
 from ..ops.kernels import kernels_for
-from .arguments import check_padding, pair, require_rank
-from .base import DEFAULT, Layer, Options, Shape
+from .arguments import Shape, check_padding, pair, require_rank
+from .base import DEFAULT, Layer, Options
 
 
 class _Pool2D(Layer):

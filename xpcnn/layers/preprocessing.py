@@ -16,8 +16,8 @@ from ..backend import get_backend
 from ..checks import flag, number, positive_int, real_floating, real_numbers
 from ..errors import InputError
 from ..ops.kernels import kernels_for
-from .arguments import dtype_name, require_rank
-from .base import DEFAULT, Layer, Options, RandomLayer, Setting, Shape
+from .arguments import Shape, dtype_name, require_rank
+from .base import DEFAULT, Layer, Options, RandomLayer, Setting
 
 
 class Rescaling(Layer):

@@ -5,12 +5,10 @@ call of a layer on symbolic tensors is a :class:`Node` that makes one (Keras' in
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import InputError
-
-if TYPE_CHECKING:
-    from .base import Layer, Shape
+from .arguments import Shape
 
 
 class SymbolicTensor:
@@ -42,7 +40,7 @@ class Node:
 
     _counter = itertools.count()
 
-    def __init__(self, layer: Layer, inputs: tuple[SymbolicTensor, ...], multi: bool,
+    def __init__(self, layer: Any, inputs: tuple[SymbolicTensor, ...], multi: bool,
                  shape: Shape) -> None:
         self.layer = layer
         self.inputs = inputs

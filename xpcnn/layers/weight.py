@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .arguments import dtype_name
-
-if TYPE_CHECKING:
-    from .base import Layer
 
 
 @dataclass(frozen=True, repr=False)
@@ -19,7 +16,7 @@ class Weight:
     ``layer.trainable_weights``): a handle on the layer's array, read when asked (nothing
     leaves the device before :meth:`numpy`), equal to any other handle on the same weight."""
 
-    layer: Layer
+    layer: Any  # (the built xpcnn.layers.Layer holding it; base.py imports this module)
     name: str  # (the layer's own name for it, as Keras 3 names a variable: "kernel")
 
     @property
