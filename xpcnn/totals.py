@@ -8,14 +8,15 @@ skipped on the device, so the weights and optimiser state stay those before it. 
 all this in one transfer (:meth:`RunningTotals.read`) when a progress bar refreshes, a callback
 reads a batch log, at the end of an epoch, and at least every :data:`READ_EVERY` steps. Each
 unread step notes its labels and how to get its input batch again for the error message
-(:class:`Noted`): the source reads it again (:mod:`xpcnn.data.replay`), or, from a source that
-cannot (an iterator), the step holds it, for the last :data:`KEPT_INPUTS` such steps only.
+(:class:`Noted`): the source reads it again (:mod:`xpcnn.data.replay`); the step holds it, for
+the last :data:`KEPT_INPUTS` such steps only, from a source that cannot (an iterator) or that
+reads it anew (a dataset: its random transforms draw anew; older ones are read again).
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from .errors import NonFiniteError
@@ -25,21 +26,30 @@ from .ops.step_record import BAD_STEP, CORRECT, LOSS_SUM, batch_sums, cleared, t
 # The most steps between two reads by the host.
 READ_EVERY = 32
 
-# The input batches that unread steps hold where their source cannot give them again (as
-# many as the prefetch keeps ready: not READ_EVERY, a memory-mapped training set whole).
+# The input batches that unread steps hold where their source cannot give them again as they
+# were (as many as the prefetch keeps ready: not READ_EVERY, a memory-mapped training set
+# whole).
 KEPT_INPUTS = 2
 
 
 class Noted:
     """What an unread step keeps for a deferred error: its labels ``yb`` (small; the check of
-    their values), and its input batch ``xb`` where its source cannot read it again
-    (``replay`` None; dropped after :data:`KEPT_INPUTS` later such steps)."""
+    their values), and its input batch ``xb`` where its source cannot read it again as it was
+    (``replay``, a :class:`xpcnn.data.replay.Replay`, None or not exact; dropped after
+    :data:`KEPT_INPUTS` later such steps). (Replay is not imported: xpcnn.data imports
+    xpcnn.saving, which imports this module.)"""
 
     __slots__ = ("replay", "xb", "yb")
 
-    def __init__(self, xb: Any, yb: Any, replay: Callable[[], Any] | None) -> None:
-        self.xb = None if replay is not None else xb
+    def __init__(self, xb: Any, yb: Any, replay: Any) -> None:
+        self.xb = None if replay is not None and replay.exact else xb
         self.yb, self.replay = yb, replay
+
+    @property
+    def read_anew(self) -> bool:
+        """Whether :meth:`input_batch` reads the batch again with other values, possibly (a
+        dataset's random transforms): its batch is no longer held."""
+        return self.xb is None and self.replay is not None and not self.replay.exact
 
     def input_batch(self, step: int, what: str) -> Any:
         """The step's input batch, read again where its source can; :class:`NonFiniteError`
@@ -50,6 +60,8 @@ class Noted:
         if self.replay is not None:
             try:
                 return self.replay()
+            except ReferenceError as e:  # (a Replay's source is gone)
+                why = str(e)
             except Exception as e:  # noqa: BLE001 (the step's error is the one to raise)
                 why = f"reading it again failed: {type(e).__name__}: {e}"
         raise NonFiniteError(f"training stopped at step {step}: {what}; its input batch is no "
@@ -135,10 +147,11 @@ class RunningTotals:
                                                                     self.dtype)
         return apply
 
-    def note(self, step: int, xb: Any, yb: Any, replay: Callable[[], Any] | None) -> None:
+    def note(self, step: int, xb: Any, yb: Any, replay: Any) -> None:
         """Note step ``step`` (1-based) on input batch ``xb`` and labels ``yb`` for a deferred
-        error: ``replay`` reads ``xb`` again (:func:`xpcnn.data.replay.replay_of`), or, None,
-        ``xb`` is held, until :data:`KEPT_INPUTS` later steps hold theirs."""
+        error: ``replay`` reads ``xb`` again (:func:`xpcnn.data.replay.replay_of`); where it
+        is None or not exact, ``xb`` is held too, until :data:`KEPT_INPUTS` later steps hold
+        theirs."""
         noted = Noted(xb, yb, replay)
         self.pending.append((step, noted))
         if noted.xb is not None:

@@ -51,7 +51,7 @@ def adopt_foreign(x: Any, backend: Any) -> Any:
     lacks) is refused with DLPack's reason; anything else is returned as it is: one on a device
     the model's library cannot read is refused by name where it is checked, and one on another
     GPU than the model's too."""
-    if isinstance(x, np.generic) or not is_device_array(x) or of_library(x, backend):
+    if not is_device_array(x) or of_library(x, backend):  # (a NumPy scalar is no device array)
         return x
     try:
         on_cpu = x.__dlpack_device__()[0] == _DLPACK_CPU

@@ -59,9 +59,10 @@ def prefetch(items: Iterator[Any], backend: Any,
     An exception in the thread is raised here; closing this generator (a loop that ends early)
     stops the thread; one that does not stop within :data:`STOP_WAIT_SECONDS` (inside an
     iterator's ``next()``) is left. ``left`` is handed an Event that the thread sets as it
-    ends, before it is waited for, and None once it has ended. ``stop``: the Event that closing
-    sets (made here where not given), which ``items`` may check between its own reads, so that
-    a thread left inside a batch ends within one of them (:func:`stopped`)."""
+    ends, before it is waited for, and None once it has ended (by the thread too, as it ends).
+    ``stop``: the Event that closing sets (made here where not given), which ``items`` may
+    check between its own reads, so that a thread left inside a batch ends within one of them
+    (:func:`stopped`)."""
     ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event() if stop is None else stop
     scope = backend.current_stream_scope()
@@ -80,6 +81,8 @@ def prefetch(items: Iterator[Any], backend: Any,
             _work()
         finally:
             ended.set()
+            if left is not None:  # (a reader left: its record goes as it ends)
+                left(None)
 
     def _work() -> None:
         try:
@@ -135,43 +138,119 @@ def stopped(stop: threading.Event | None) -> None:
         raise Stopped
 
 
+# -- registries by identity, for any source ---------------------------------------------------
+
+
+class ByIdentity:
+    """Values by object identity, for any object: an unhashable one (a dataclass: eq=True sets
+    ``__hash__`` None) and one that takes no weak reference (a dict, a ``__slots__`` class)
+    alike. An entry lives until :meth:`drop` (its users are gone) or, for an object that takes
+    a weak reference, until the object does (weakref.finalize; the entry does not keep it
+    alive). An object that takes none is held by its entry, so that its id is not reused while
+    the entry is there: only as long as its users, which hold it anyway."""
+
+    def __init__(self) -> None:
+        # id -> [value, the object (None where weakly referenced), users, its finalizer]
+        self._entries: dict[int, list[Any]] = {}
+        # (reentrant: a finalizer, _gone or a user's release, may run from a collection that
+        # an allocation starts while this thread holds it)
+        self._lock = threading.RLock()
+
+    def get(self, obj: Any) -> Any:
+        """``obj``'s value, None where it has none."""
+        with self._lock:
+            entry = self._entries.get(id(obj))
+            return None if entry is None else entry[0]
+
+    def put(self, obj: Any, value: Any) -> None:
+        """Give ``obj`` ``value`` (replacing its value, if any)."""
+        with self._lock:
+            self._entry(obj)[0] = value
+
+    def use(self, obj: Any, make: Callable[[], Any]) -> Any:
+        """``obj``'s value (``make()``'s where it has none), counting one more user, which
+        :meth:`release` counts off: the entry of an object that takes no weak reference goes
+        with its last user."""
+        with self._lock:
+            entry = self._entry(obj)
+            if entry[0] is None:
+                entry[0] = make()
+            entry[2] += 1
+            return entry[0]
+
+    def release(self, key: int) -> None:
+        """One user of the object of id ``key`` is gone (:meth:`use`)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry[2] -= 1
+                if entry[2] <= 0 and entry[1] is not None:
+                    del self._entries[key]
+
+    def drop(self, obj: Any, value: Any = None) -> None:
+        """Drop ``obj``'s entry (only where its value is ``value``, if given)."""
+        with self._lock:
+            entry = self._entries.get(id(obj))
+            if entry is not None and (value is None or entry[0] is value):
+                self._remove(id(obj))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _entry(self, obj: Any) -> list[Any]:
+        key = id(obj)
+        entry = self._entries.get(key)
+        if entry is None:
+            try:
+                finalizer = weakref.finalize(obj, self._gone, key)
+                finalizer.atexit = False
+                entry = [None, None, 0, finalizer]
+            except TypeError:  # (no weak reference to it: held while recorded)
+                entry = [None, obj, 0, None]
+            self._entries[key] = entry
+        return entry
+
+    def _remove(self, key: int) -> None:
+        entry = self._entries.pop(key)
+        if entry[3] is not None:
+            entry[3].detach()
+
+    def _gone(self, key: int) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+
 # -- readers left inside a source's own code --------------------------------------------------
 
 # The Event of the reader thread a closed call left inside a map-style dataset's ``[i]`` or a
 # re-iterable's iterator (set as it ends), by that source, which the next call on it waits for
-# (a second reader there, a dataset reading one file handle, mixes up samples silently). Weakly
-# keyed; by id for objects that take no weak reference (held while recorded). Iterators have
-# theirs in their stream (:mod:`xpcnn.data.streams`).
-_LEFT: weakref.WeakKeyDictionary[Any, threading.Event] = weakref.WeakKeyDictionary()
-_LEFT_HELD: dict[int, tuple[Any, threading.Event]] = {}
+# (a second reader there, a dataset reading one file handle, mixes up samples silently). The
+# entry goes as the reader ends (the thread drops it itself) or as the source does. Iterators
+# have theirs in their stream (:mod:`xpcnn.data.streams`).
+_LEFT = ByIdentity()
 
 
 def left_reader(source: Any) -> Callable[[threading.Event | None], None]:
-    """A prefetch's ``left`` that records its reader for ``source`` (:func:`wait_for_reader`)."""
+    """A prefetch's ``left`` that records its reader for ``source`` (:func:`wait_for_reader`)
+    until the reader ends."""
+    mine: list[threading.Event] = []
+
     def note(ended: threading.Event | None) -> None:
-        try:
-            if ended is None:
-                _LEFT.pop(source, None)
-            else:
-                _LEFT[source] = ended
-            return
-        except TypeError:  # (no weak reference to it, or unhashable)
-            pass
         if ended is None:
-            _LEFT_HELD.pop(id(source), None)
-        else:
-            _LEFT_HELD[id(source)] = (source, ended)
+            if mine:
+                _LEFT.drop(source, mine[0])
+            return
+        mine[:] = [ended]
+        _LEFT.put(source, ended)
+        if ended.is_set():  # (ended meanwhile: it may have dropped its entry already)
+            _LEFT.drop(source, ended)
     return note
 
 
 def wait_for_reader(source: Any, what: str) -> None:
     """Wait for the reader that a stopped call left inside ``source`` (named ``what``), up to
     :data:`STOP_WAIT_SECONDS`; refuse the call where it is still there."""
-    try:
-        ended = _LEFT.get(source)
-    except TypeError:
-        entry = _LEFT_HELD.get(id(source))
-        ended = entry[1] if entry is not None and entry[0] is source else None
+    ended = _LEFT.get(source)
     if ended is None:
         return
     if not ended.wait(stop_wait_seconds()):
@@ -179,4 +258,4 @@ def wait_for_reader(source: Any, what: str) -> None:
                          f"stopped before this one (inside its own code, which has not "
                          f"returned for {stop_wait_seconds():.0f} s more): two threads cannot "
                          "read it at once; call again when it returns")
-    left_reader(source)(None)
+    _LEFT.drop(source, ended)

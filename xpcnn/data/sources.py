@@ -7,7 +7,6 @@ between calls, are in :mod:`xpcnn.data.streams`.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import threading
@@ -29,7 +28,15 @@ from .arrays import (
     split_item,
     to_device,
 )
-from .background import left_reader, prefetch, stopped, upload, wait_for_reader
+from .background import (
+    ByIdentity,
+    left_reader,
+    prefetch,
+    stop_wait_seconds,
+    stopped,
+    upload,
+    wait_for_reader,
+)
 from .replay import numbered
 
 # A NumPy training set up to this size (images + targets) is uploaded to a GPU once per fit.
@@ -153,21 +160,23 @@ class ArrayBatches(ShardedBatches):
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, ...]]:
         order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
         bounds = rank_slices(self.samples, self.batch_size, start, self.shard)
-        replay = functools.partial(self._input_batch, epoch)
         if self.on_device:
-            return numbered(self._gather_on_device(order, bounds), replay, start)
+            return numbered(self._gather_on_device(order, bounds), self._input_batch, epoch,
+                            start)
         host = (self._host_batch(order, lo, hi) for lo, hi in bounds)
-        return numbered(upload(self.backend, prefetch(host, self.backend)), replay, start)
+        return numbered(upload(self.backend, prefetch(host, self.backend)), self._input_batch,
+                        epoch, start)
 
     def _input_batch(self, epoch: int, index: int) -> Any:
         """The input batch (xb, on the device) of batch ``index`` of ``epoch``, read again
         (:mod:`xpcnn.data.replay`)."""
         order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
         bounds = rank_slices(self.samples, self.batch_size, index, self.shard)
-        if self.on_device:
-            return next(self._gather_on_device(order, bounds))[0]
-        lo, hi = next(bounds)
-        return to_device(self.backend, self._host_batch(order, lo, hi)[0])
+        with self.backend.on_device():  # (the model's device: cuda:1's, not the current one)
+            if self.on_device:
+                return next(self._gather_on_device(order, bounds))[0]
+            lo, hi = next(bounds)
+            return to_device(self.backend, self._host_batch(order, lo, hi)[0])
 
     def _gather_on_device(self, order: np.ndarray | None, bounds: Iterator[tuple[int, int]]
                           ) -> Iterator[tuple[Any, ...]]:
@@ -259,7 +268,13 @@ class DatasetBatches(ShardedBatches):
             raise InputError(f"{what} is an empty dataset (len() is {self.samples})")
         self.steps = -(-self.samples // (batch_size * shard[1]))
         self._first: tuple[int, tuple[Any, ...]] | None = None  # (read_first's)
-        self._reading = _lock_of(dataset)
+        if id(dataset) in _inside():
+            raise InputError(f"{what}[i] calls xpcnn on {what} itself (fit, evaluate or predict "
+                             f"from inside its own __getitem__): its samples are read one at a "
+                             f"time, and this call would wait for ever for the [i] it is in; "
+                             f"give the inner call other data (a copy of {what}, its arrays)")
+        self._reading = _LOCKS.use(dataset, threading.RLock)
+        weakref.finalize(self, _LOCKS.release, id(dataset))
         wait_for_reader(dataset, what)  # (a stopped call's reader, left inside dataset[i])
         if not model.built:  # the first sample tells the input shape
             x, y, _ = split_item(self._item(0), with_targets, self._expected)
@@ -292,14 +307,24 @@ class DatasetBatches(ShardedBatches):
         backend = self.model.backend
         batches = upload(backend, prefetch(host, backend, left_reader(self.dataset), stop=stop),
                          owned=True)  # (stacked afresh)
-        return numbered(batches, functools.partial(self._input_batch, epoch), start)
+        # (not exact: the dataset's random transforms draw anew; the steps hold the last
+        # batches, as an iterator's, xpcnn.totals)
+        return numbered(batches, self._input_batch, epoch, start, exact=False)
 
     def _input_batch(self, epoch: int, index: int) -> Any:
         """The input batch (xb, on the device) of batch ``index`` of ``epoch``, read again
         (:mod:`xpcnn.data.replay`: a dataset's random transforms draw anew)."""
         lo, hi = next(rank_slices(self.samples, self.batch_size, index, self.shard))
-        with self.model.backend.on_device():
-            return to_device(self.model.backend, self._batch(self._order(epoch)[lo:hi])[0])
+        # (bounded: a reader left hanging inside dataset[i] holds its lock)
+        if not self._reading.acquire(timeout=stop_wait_seconds()):
+            raise InputError(f"{self.what} is still being read by another thread (inside its "
+                             f"own code, which has not returned for {stop_wait_seconds():.0f} "
+                             "s)")
+        try:
+            with self.model.backend.on_device():
+                return to_device(self.model.backend, self._batch(self._order(epoch)[lo:hi])[0])
+        finally:
+            self._reading.release()
 
     def _order(self, epoch: int) -> np.ndarray:
         order = epoch_order(self.shuffle, self.seed, epoch, self.samples)
@@ -326,10 +351,18 @@ class DatasetBatches(ShardedBatches):
         """``dataset[i]``, one reader at a time (a step's error reads a batch again while the
         epoch's reader goes on), none once ``stop`` is set; an index below len() that the
         dataset refuses is named as such."""
+        inside = _inside()
+        key = id(self.dataset)
+        outer = key in inside  # (the dataset's [i] may read its own [j] through us: no)
         try:
             stopped(stop)
             with self._reading:
-                return self.dataset[i]
+                inside.add(key)
+                try:
+                    return self.dataset[i]
+                finally:
+                    if not outer:
+                        inside.discard(key)
         except LookupError as e:  # (IndexError, KeyError: len() promised more than there is)
             raise InputError(f"{self.what}[{i}] raised {e!r}, but len("
                              f"{self.what}) is {self.samples}: a dataset must return a sample for "
@@ -397,21 +430,21 @@ class DatasetBatches(ShardedBatches):
             self.dataset)}
 
 
-# One lock a dataset (weakly keyed; one a source for a dataset that takes no weak reference):
-# its [i] is entered by one thread at a time, whatever the calls that read it.
-_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
-_LOCKS_LOCK = threading.Lock()
+# One lock a dataset, by identity (an unhashable one too; one that takes no weak reference is
+# held while a source reads it): its [i] is entered by one thread at a time, whatever the calls
+# that read it.
+_LOCKS = ByIdentity()
+
+# The ids of the datasets whose [i] the current thread is inside: a call on one of them from
+# there would wait for ever for that [i] (its lock, or a prefetch thread waiting for it).
+_INSIDE = threading.local()
 
 
-def _lock_of(dataset: Any) -> threading.RLock:
-    with _LOCKS_LOCK:
-        try:
-            lock = _LOCKS.get(dataset)
-            if lock is None:
-                lock = _LOCKS[dataset] = threading.RLock()
-            return lock
-        except TypeError:
-            return threading.RLock()
+def _inside() -> set[int]:
+    ids = getattr(_INSIDE, "ids", None)
+    if ids is None:
+        ids = _INSIDE.ids = set()
+    return ids
 
 
 def _integer_labels(y: Any, n: int) -> bool:

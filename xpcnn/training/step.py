@@ -515,8 +515,9 @@ class TrainingStep:
         if not math.isfinite(loss):
             noted = batches[step]
             self._raise_for_labels(noted.yb, step)
+            anew = noted.read_anew  # (before the read)
             self._raise_non_finite(f"the loss is {loss}",
-                                   noted.input_batch(step, f"the loss is {loss}"), step)
+                                   noted.input_batch(step, f"the loss is {loss}"), step, anew)
         flags = list(zip(self._owners, host[BAD_GRADS:BAD_GRADS + len(self._owners)],
                          strict=True))
         bad = [la for (la, _), flag in flags if flag == 1]
@@ -578,8 +579,10 @@ class TrainingStep:
             for array, value in draws:  # (the array itself is back with the attributes)
                 array[...] = value
 
-    def _raise_non_finite(self, what: str, xb: Any, step: int) -> None:
-        """Name the step and the first layer whose output is not finite, then raise."""
+    def _raise_non_finite(self, what: str, xb: Any, step: int, anew: bool = False) -> None:
+        """Name the step and the first layer whose output is not finite, then raise. ``anew``:
+        ``xb`` is the step's batch read again, whose values may differ (a dataset's random
+        transforms): where it gives no non-finite output, no place is named."""
         xp = self.backend.xp
         where = "the loss"
         finite = lambda a: bool(xp.all(xp.isfinite(a)))  # noqa: E731
@@ -604,6 +607,12 @@ class TrainingStep:
                     mode = " in training mode"
             if layer is not None:
                 where = f"the output of layer {layer.name!r}{mode}"
+            elif anew:
+                raise NonFiniteError(
+                    f"training stopped at step {step}: {what}; its input batch, read again from "
+                    "the dataset (no longer held), gives finite outputs in every layer (a "
+                    "dataset's random transforms draw anew), so where the first non-finite "
+                    "values appear is not named")
             elif self._parallel is not None:
                 where = ("the loss summed over the ranks: this rank's batch and outputs are "
                          "finite, another rank's made it (that rank's error names where)")
