@@ -395,27 +395,34 @@ def test_the_calls_on_one_dataset_share_its_lock(kind):
         assert xpcnn.data.sources._LOCKS.get(ds) is None
 
 
-def test_a_dataset_that_calls_xpcnn_on_itself_from_its_item_is_refused():
-    """A dataset whose [i] calls predict on itself: the inner call's reader waited for ever for
-    the [i] it was called from (its lock); now refused by name."""
+@pytest.mark.parametrize("through", [False, True], ids=["itself", "through-another"])
+def test_a_dataset_that_calls_xpcnn_on_itself_from_its_item_is_refused(through):
+    """A dataset whose [i] calls predict on itself, directly or from the [j] of another dataset
+    it predicts on (whose reader is another thread): the inner call's reader waited for ever
+    for the [i] it was called from (its lock); now refused by name (a reader thread inherits
+    the record of the datasets its call was made inside)."""
 
-    class SelfReferencing:
-        def __init__(self):
-            self.model = small()
+    class Calling:
+        def __init__(self, target=None):
+            self.model, self.target = small(), target
 
         def __len__(self):
             return 16
 
         def __getitem__(self, i):
             if i == 5:
-                self.model.predict(self, batch_size=8)
+                self.model.predict(self if self.target is None else self.target(), batch_size=8)
             return np.full((8, 8, 1), i, np.float32), i % 3
 
+    outer = Calling()
+    if through:  # (outer[5] predicts on middle, whose [5] predicts on outer)
+        middle = Calling(target=lambda: outer)
+        outer.target = lambda: middle
     outcome = []
 
     def run():
         try:
-            small().fit(SelfReferencing(), batch_size=8, epochs=1, verbose=0)
+            small().fit(outer, batch_size=8, epochs=1, verbose=0)
             outcome.append(None)
         except Exception as e:  # noqa: BLE001 (looked at below)
             outcome.append(e)
@@ -509,7 +516,8 @@ class Interrupt(Callback):
 def test_a_fit_stopped_by_an_error_keeps_no_source_alive(source):
     """A fit that an error stopped before its totals were read: the steps' notes held their
     source (the user's arrays, their copy on a GPU, the dataset) until the next read; now they
-    hold it weakly, and the deferred error of a non-finite step says the source is gone."""
+    hold it weakly, and the deferred error of a non-finite step says the call that read it
+    has ended."""
     x, y = _overflowing(n=64, bad=2)  # (step 1's batch)
     model = small((4, 4, 1), layers=[Flatten(), Dense(3), ReLU(), Dense(3), Softmax()])
     data = (x,) if source == "arrays" else (Samples(x, y),)
@@ -525,7 +533,8 @@ def test_a_fit_stopped_by_an_error_keeps_no_source_alive(source):
     gc.collect()
     assert ref() is None
     with np.errstate(all="ignore"), pytest.raises(NonFiniteError, match=(
-            "step 1: the loss is nan; its input batch is no longer held \\(its source is gone")):
+            "step 1: the loss is nan; its input batch is no longer held \\(the call that "
+            "read it has ended")):
         model._read_totals()
 
 

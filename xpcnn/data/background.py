@@ -51,6 +51,20 @@ def stop_wait_seconds() -> float:
     return STOP_WAIT_SECONDS
 
 
+# The ids of the datasets whose [i] the current thread is inside, or a thread it waits for (a
+# prefetch thread reading for a call made from inside one inherits its creator's): a call on one
+# of them from there would wait for ever for that [i] (its lock held by the thread inside it).
+_INSIDE = threading.local()
+
+
+def inside() -> set[int]:
+    """The current thread's record of the datasets it is inside (see :data:`_INSIDE`)."""
+    ids = getattr(_INSIDE, "ids", None)
+    if ids is None:
+        ids = _INSIDE.ids = set()
+    return ids
+
+
 def prefetch(items: Iterator[Any], backend: Any,
              left: Callable[[threading.Event | None], None] | None = None,
              depth: int = PREFETCH, stop: threading.Event | None = None) -> Iterator[Any]:
@@ -66,6 +80,7 @@ def prefetch(items: Iterator[Any], backend: Any,
     ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event() if stop is None else stop
     scope = backend.current_stream_scope()
+    within = set(inside())  # (a call from inside a dataset's [i]: its reader is inside it too)
 
     def put(item: Any) -> bool:
         while not stop.is_set():
@@ -77,6 +92,7 @@ def prefetch(items: Iterator[Any], backend: Any,
         return False
 
     def work() -> None:
+        inside().update(within)
         try:
             _work()
         finally:

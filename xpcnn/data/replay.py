@@ -34,7 +34,8 @@ class Replay:
     def __call__(self) -> Any:
         method = self.method()
         if method is None:
-            raise ReferenceError("its source is gone: the call that read it has ended")
+            raise ReferenceError("the call that read it has ended, and its batches are read "
+                                 "again only while it runs")
         return method(*self.args)
 
 

@@ -30,6 +30,7 @@ from .arrays import (
 )
 from .background import (
     ByIdentity,
+    inside,
     left_reader,
     prefetch,
     stop_wait_seconds,
@@ -268,11 +269,12 @@ class DatasetBatches(ShardedBatches):
             raise InputError(f"{what} is an empty dataset (len() is {self.samples})")
         self.steps = -(-self.samples // (batch_size * shard[1]))
         self._first: tuple[int, tuple[Any, ...]] | None = None  # (read_first's)
-        if id(dataset) in _inside():
+        if id(dataset) in inside():
             raise InputError(f"{what}[i] calls xpcnn on {what} itself (fit, evaluate or predict "
-                             f"from inside its own __getitem__): its samples are read one at a "
-                             f"time, and this call would wait for ever for the [i] it is in; "
-                             f"give the inner call other data (a copy of {what}, its arrays)")
+                             f"from inside its own __getitem__, or from another dataset's that "
+                             f"it reads): its samples are read one at a time, and this call "
+                             f"would wait for ever for the [i] it is in; give the inner call "
+                             f"other data (a copy of {what}, its arrays)")
         self._reading = _LOCKS.use(dataset, threading.RLock)
         weakref.finalize(self, _LOCKS.release, id(dataset))
         wait_for_reader(dataset, what)  # (a stopped call's reader, left inside dataset[i])
@@ -351,18 +353,18 @@ class DatasetBatches(ShardedBatches):
         """``dataset[i]``, one reader at a time (a step's error reads a batch again while the
         epoch's reader goes on), none once ``stop`` is set; an index below len() that the
         dataset refuses is named as such."""
-        inside = _inside()
+        within = inside()
         key = id(self.dataset)
-        outer = key in inside  # (the dataset's [i] may read its own [j] through us: no)
+        outer = key in within  # (the dataset's [i] may read its own [j] through us: no)
         try:
             stopped(stop)
             with self._reading:
-                inside.add(key)
+                within.add(key)
                 try:
                     return self.dataset[i]
                 finally:
                     if not outer:
-                        inside.discard(key)
+                        within.discard(key)
         except LookupError as e:  # (IndexError, KeyError: len() promised more than there is)
             raise InputError(f"{self.what}[{i}] raised {e!r}, but len("
                              f"{self.what}) is {self.samples}: a dataset must return a sample for "
@@ -434,18 +436,6 @@ class DatasetBatches(ShardedBatches):
 # held while a source reads it): its [i] is entered by one thread at a time, whatever the calls
 # that read it.
 _LOCKS = ByIdentity()
-
-# The ids of the datasets whose [i] the current thread is inside: a call on one of them from
-# there would wait for ever for that [i] (its lock, or a prefetch thread waiting for it).
-_INSIDE = threading.local()
-
-
-def _inside() -> set[int]:
-    ids = getattr(_INSIDE, "ids", None)
-    if ids is None:
-        ids = _INSIDE.ids = set()
-    return ids
-
 
 def _integer_labels(y: Any, n: int) -> bool:
     """Whether ``y`` is a vector of ``n`` integer labels and no one-hot row (a single 1)."""

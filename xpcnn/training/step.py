@@ -608,11 +608,14 @@ class TrainingStep:
             if layer is not None:
                 where = f"the output of layer {layer.name!r}{mode}"
             elif anew:
+                ranks = ("; or another rank's batch made the loss summed over the ranks "
+                         "non-finite (that rank's error names where)"
+                         if self._parallel is not None else "")
                 raise NonFiniteError(
                     f"training stopped at step {step}: {what}; its input batch, read again from "
                     "the dataset (no longer held), gives finite outputs in every layer (a "
                     "dataset's random transforms draw anew), so where the first non-finite "
-                    "values appear is not named")
+                    f"values appear is not named{ranks}")
             elif self._parallel is not None:
                 where = ("the loss summed over the ranks: this rank's batch and outputs are "
                          "finite, another rank's made it (that rank's error names where)")
