@@ -1027,23 +1027,26 @@ class SampleList:
 def _reader_held_in_next(monkeypatch, release, message):
     """A built model; a generator whose third batch waits for ``release`` (a slow read, or one
     that never returns), then goes on; a callback raising ValueError(``message``) at the first
-    batch of a predict, while the reader thread is inside that third next() (it is left there
-    after 0.2 s)."""
+    batch of a predict, once the reader thread is inside that third next() (it is left there at
+    once)."""
     from xpcnn.callbacks import LambdaCallback
 
-    monkeypatch.setattr(xpcnn.data.background, "STOP_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(xpcnn.data.background, "STOP_WAIT_SECONDS", 0.0)
     model = make()
     model.build((6, 6, 3))
     x = np.zeros((4, 6, 6, 3), np.uint8)
+    inside = threading.Event()
 
     def batches():
         yield x
         yield x
+        inside.set()
         release.wait(30)  # (released by the test, so that it leaves no thread behind)
         while True:
             yield x
 
     def stop(batch, logs):
+        inside.wait(30)  # (bounds a failure only)
         raise ValueError(message)
 
     return model, batches(), LambdaCallback(on_predict_batch_end=stop)
@@ -1063,6 +1066,7 @@ def test_a_retry_on_a_generator_waits_for_the_reader_a_stopped_call_left(monkeyp
             model.predict(source, steps=2)
     finally:
         release.set()
+    monkeypatch.setattr(xpcnn.data.background, "STOP_WAIT_SECONDS", 30.0)
     assert model.predict(source, steps=2).shape[0] == 8  # (waits for the reader to leave)
 
 
@@ -1070,20 +1074,22 @@ def test_the_batch_a_left_reader_draws_is_given_back_after_those_drawn_before_it
                                                                                  monkeypatch):
     """A call stopped while its reader was inside the generator's next(): the batch queued
     and the one that next() returns after the call ended are both given back, in order."""
-    monkeypatch.setattr(xpcnn.data.background, "STOP_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(xpcnn.data.background, "STOP_WAIT_SECONDS", 0.0)  # (left at once)
     x, _ = data
     model = make()
     model.build((6, 6, 3))
-    release = threading.Event()
+    release, inside = threading.Event(), threading.Event()
 
     def batches():
         yield x[0:4]
         yield x[4:8]
+        inside.set()
         release.wait(30)  # (the reader is here when the call stops)
         for k in itertools.count(2):
             yield x[4 * k:4 * k + 4]
 
     def stop(batch, logs):
+        inside.wait(30)  # (bounds a failure only)
         raise ValueError("stopped")
 
     source = batches()
@@ -1093,6 +1099,7 @@ def test_the_batch_a_left_reader_draws_is_given_back_after_those_drawn_before_it
                           callbacks=[LambdaCallback(on_predict_batch_end=stop)])
     finally:
         release.set()
+    monkeypatch.setattr(xpcnn.data.background, "STOP_WAIT_SECONDS", 30.0)  # (waits for it)
     np.testing.assert_array_equal(model.predict(source, steps=3, batch_size=4),
                                   model.predict(x[4:16], batch_size=4))
 
