@@ -776,7 +776,13 @@ class Model(Trainer):
 
 @register_model
 class Sequential(Model):
-    """A linear stack of layers trained by backpropagation (see :class:`Model` for the rest)."""
+    """A linear stack of layers trained by backpropagation (see :class:`Model` for the rest).
+
+    ``layers``: the layers in order (a built model among them adds its layers, shared);
+    ``input_shape`` (per sample, e.g. (32, 32, 3)), or an :func:`xpcnn.Input` first, declares
+    the input: the model is built for it at once, or as its first layer is added; otherwise at
+    its first batch or ``build``. ``trainable=False`` freezes the layers, and those added
+    later."""
 
     _default_name = "sequential"
 

@@ -495,31 +495,32 @@ class Trainer(TrainingStep):
             validation_freq: int | Collection[int] = 1) -> History:
         """Train for ``epochs`` passes over the data; returns the :class:`History`.
 
-        ``x`` is images (N, H, W, C) (uint8 or float; NumPy, a memory map, or arrays of the
-        model's library on its device) with ``y`` integer labels (N,) or one-hot rows (N, K);
-        or a map-style dataset, or an iterable of ``(x, y)`` batches with ``steps_per_epoch``
+        ``x`` is images (N, H, W, C) (uint8 or float; NumPy, a memory map, or arrays of the model's
+        library on its device) with ``y`` integer labels (N,) or one-hot rows (N, K); or a
+        map-style dataset, or an iterable of ``(x, y)`` batches with ``steps_per_epoch``
         (:mod:`xpcnn.data`). ``validation_data`` is a pair of arrays or such a source
         (``validation_steps`` batches), or a triple (x_val, y_val, sample weights).
-        ``sample_weight`` (N,) (with arrays; a dataset or an iterable gives (x, y, w) items
-        instead) and ``class_weight`` ({class index: weight}; a class left out weighs 1) weigh
-        each sample's term of the training loss, which stays divided by the batch's size
-        (Keras' "sum over batch size"); given both, a sample weighs their product, as in
-        tf.keras 2. Accuracy is not weighted, and the validation loss only by the validation
-        data's own weights. ``seed`` fixes the shuffling order (default: the model's seed);
-        epochs are numbered on from the model's earlier fit calls, so that ``fit(epochs=1)``
-        called three times shuffles (and trains) as ``fit(epochs=3)``, not in one order thrice.
-        ``batch_size`` None is the default, 32 (as in Keras; evaluate's and predict's, 256).
-        ``verbose=0`` silences the progress bar; ``verbose=2`` prints a line an epoch instead.
-        ``callbacks``: see :mod:`xpcnn.callbacks`.
-        ``initial_epoch`` (as in Keras): the epoch to start at, numbered from 0, so that
-        ``fit(epochs=5, initial_epoch=2)`` runs epochs 2, 3 and 4, each shuffled as it is in
-        a run from 0 (a checkpoint resumed by ``resume=True`` starts where it stopped
-        instead). ``validation_batch_size``: the validation data's batch size (default: the
-        larger of ``batch_size`` and 256; inference needs no small batches).
-        ``validation_freq`` (as in Keras 3): k validates only after every k-th epoch (epochs
-        k, 2k, ... counted from 1), a collection such as ``[1, 5, 10]`` after those epochs; the
-        other epochs' logs have no ``val_*`` metrics (their History lists are shorter:
-        ``History.epochs_of``), and callbacks that monitor one skip those epochs.
+        ``validation_split`` (a fraction in (0, 1), with arrays only, not with
+        ``validation_data``): the last part of the arrays, taken before shuffling, is the
+        validation data, as in Keras. ``sample_weight`` (N,) (with arrays; a dataset or an iterable
+        gives (x, y, w) items instead) and ``class_weight`` ({class index: weight}; a class left
+        out weighs 1) weigh each sample's term of the training loss, which stays divided by the
+        batch's size (Keras' "sum over batch size"); given both, a sample weighs their product, as
+        in tf.keras 2. Accuracy is not weighted, and the validation loss only by the validation
+        data's own weights. ``seed`` fixes the shuffling order (default: the model's seed); epochs
+        are numbered on from the model's earlier fit calls, so that ``fit(epochs=1)`` called three
+        times shuffles (and trains) as ``fit(epochs=3)``, not in one order thrice. ``batch_size``
+        None is the default, 32 (as in Keras; evaluate's and predict's, 256). ``verbose=0``
+        silences the progress bar; ``verbose=2`` prints a line an epoch instead. ``callbacks``: see
+        :mod:`xpcnn.callbacks`. ``initial_epoch`` (as in Keras): the epoch to start at, numbered
+        from 0, so that ``fit(epochs=5, initial_epoch=2)`` runs epochs 2, 3 and 4, each shuffled as
+        it is in a run from 0 (a checkpoint resumed by ``resume=True`` starts where it stopped
+        instead). ``validation_batch_size``: the validation data's batch size (default: the larger
+        of ``batch_size`` and 256; inference needs no small batches). ``validation_freq`` (as in
+        Keras 3): k validates only after every k-th epoch (epochs k, 2k, ... counted from 1), a
+        collection such as ``[1, 5, 10]`` after those epochs; the other epochs' logs have no
+        ``val_*`` metrics (their History lists are shorter: ``History.epochs_of``), and callbacks
+        that monitor one skip those epochs.
 
         Launched on several processes (``mpiexec -n N``, :mod:`xpcnn.distributed`), each step
         takes a global batch of ``N * batch_size`` samples, the very batch one process would take
