@@ -6,6 +6,7 @@ import tracemalloc
 import array_api_strict as xs
 import numpy as np
 import pytest
+from test_resume import InterruptAfter
 
 import xpcnn
 from xpcnn.errors import DataFormatError, InputError
@@ -629,19 +630,6 @@ def test_a_plain_normalization_takes_the_files_adapted_statistics(rng, tmp_path)
     assert not other.built and not other.layers[0].adapted and other.layers[0].mean is None
 
 
-class _InterruptAfter(xpcnn.callbacks.Callback):
-    """Raises KeyboardInterrupt after ``steps`` training steps, as a crash would."""
-
-    def __init__(self, steps):
-        super().__init__()
-        self.steps = steps
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.steps -= 1
-        if not self.steps:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize("how", ["checkpoint", "BackupAndRestore"])
 @pytest.mark.parametrize("again", ["plain", "adapted again", "adapted on other data"])
 def test_a_resumed_fit_takes_a_plain_normalizations_statistics_from_the_checkpoint(
@@ -670,7 +658,7 @@ def test_a_resumed_fit_takes_a_plain_normalizations_statistics_from_the_checkpoi
 
     whole = script(x, path=tmp_path / "whole.npz")
     with pytest.raises(KeyboardInterrupt):
-        script(x, [_InterruptAfter(5)])  # (in the second epoch; the last checkpoint at 4)
+        script(x, [InterruptAfter(5)])  # (in the second epoch; the last checkpoint at 4)
     data = {"plain": None, "adapted again": x, "adapted on other data": x * 2.0 + 1.0}[again]
     resumed = script(data, **({"resume": True} if how == "checkpoint" else {}))
     assert resumed.layers[0].adapted

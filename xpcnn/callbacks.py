@@ -69,7 +69,7 @@ from . import checks, distributed, history, metrics
 from .errors import InputError, NonFiniteError, add_note, warn
 from .files import atomic_file, naming_the_file, replaceable, written_file
 from .saving import FitCheckpoints, Progress, progress_within, save_checkpoint
-from .saving.checkpoint import _states_entry, callback_states
+from .saving.checkpoint import callback_states, states_entry
 from .saving.model_file import config_entry, model_config
 
 
@@ -223,14 +223,13 @@ class CallbackList:
         epoch of training; before a :class:`BackupAndRestore` (last in fit) begins, so that a
         refused fit has resumed nothing."""
         logs = {} if logs is None else logs
-        checked = False
-        for cb in self.callbacks:
-            if isinstance(cb, BackupAndRestore) and not checked:
-                self._check_states()
-                checked = True
+        backup = next((k for k, cb in enumerate(self.callbacks)
+                       if isinstance(cb, BackupAndRestore)), len(self.callbacks))
+        for cb in self.callbacks[:backup]:
             cb.on_train_begin(logs)
-        if not checked:
-            self._check_states()
+        self._check_states()
+        for cb in self.callbacks[backup:]:
+            cb.on_train_begin(logs)
 
     def _check_states(self) -> None:
         if not any(isinstance(cb, BackupAndRestore) or isinstance(cb, ModelCheckpoint)
@@ -242,7 +241,7 @@ class CallbackList:
                 states.append((type(cb).__name__, cb.get_state()))
             except Exception:  # (a state set in a first on_epoch_end: checked at the save)
                 continue
-        _states_entry(states)  # (its InputError, a state no checkpoint holds, refuses the fit)
+        states_entry(states)  # (its InputError, a state no checkpoint holds, refuses the fit)
 
     def on_epoch_end(self, epoch: int, logs: MutableMapping[str, Any] | None = None) -> None:
         """Every callback's ``on_epoch_end``, in order; a :class:`ModelCheckpoint`'s save of

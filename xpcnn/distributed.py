@@ -837,8 +837,7 @@ def check_same_data(here: World, sources: Sequence[tuple[str, Any]], call: str =
         # (all ones weighs as None does)
         if what == "training" and class_weights is not None and np.any(class_weights != 1.0):
             mark = {"data": mark, "class_weight": [float(w) for w in class_weights]}
-        sums[here.rank, i] = -1.0 if mark is None else \
-            zlib.crc32(json.dumps(mark, sort_keys=True).encode())
+        sums[here.rank, i] = -1.0 if mark is None else _crc(mark)
     sums[here.rank, len(sources):] = [_crc(v) for v in arguments.values()]
 
     def other_count(counts: list[tuple[int, ...]]) -> str:

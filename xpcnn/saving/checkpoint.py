@@ -182,7 +182,7 @@ def _write_checkpoint(model: Any, path: str, progress: Progress | None,
         "run": run or {},
         "stopped": bool(stopped),
     }
-    states, state_arrays = _states_entry(callbacks or [])
+    states, state_arrays = states_entry(callbacks or [])
     if callbacks is not None:
         config["callbacks"] = states
     # Each weight and slot is checked on the host copy that is written (one transfer each).
@@ -225,7 +225,7 @@ def _storable(a: np.ndarray) -> bool:
     return a.dtype.kind in _ARRAY_KINDS and not a.dtype.hasobject and a.dtype.fields is None
 
 
-def _states_entry(states: list[tuple[str, dict[str, Any] | None]]
+def states_entry(states: list[tuple[str, dict[str, Any] | None]]
                   ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """The JSON entry of callback ``states`` and their arrays: a value that is a list of NumPy
     arrays goes to the entries ``callback.{i}.{name}.{k}``, its length to ``arrays``; a NumPy
