@@ -1,5 +1,5 @@
-"""Run the CUDA bodies of xpcnn's CuPy kernels (``xpcnn.ops.fast_cupy``, ``xpcnn.ops.cuda_conv``)
-on the CPU, for machines without a GPU.
+"""Run the CUDA bodies of xpcnn's CuPy kernels (those behind ``xpcnn.ops.fast_cupy``, and
+``xpcnn.ops.cuda_conv``'s) on the CPU, for machines without a GPU.
 
 ``cupy.ElementwiseKernel`` wraps a C++ loop body in a loop over the output's elements. This
 module does the same with the host C++ compiler, for float16 (CuPy's float16 class on the
@@ -562,25 +562,28 @@ def fake_cupy() -> types.ModuleType:
 
 def load_emulated_fast_cupy() -> tuple[types.ModuleType, dict[str, Any]]:
     """Import ``xpcnn.ops.fast_cupy`` (and the other modules of ``xpcnn.ops`` that import
-    CuPy) against the fake ``cupy``; returns the module and the ``sys.modules`` entries to put
-    back afterwards (see :func:`restore`)."""
+    CuPy: its kernel modules, cuda_conv, cudnn_conv) against the fake ``cupy``; returns the
+    module and the ``sys.modules`` entries to put back afterwards (see :func:`restore`)."""
     import array_api_compat.numpy as compat_numpy
 
-    ours = ("xpcnn.ops.fast_cupy", "xpcnn.ops.cuda_conv", "xpcnn.ops.cudnn_conv")
+    ours = ("xpcnn.ops.fast_cupy", "xpcnn.ops.cuda_elementwise", "xpcnn.ops.cuda_reductions",
+            "xpcnn.ops.cuda_random", "xpcnn.ops.cuda_updates", "xpcnn.ops.cuda_conv",
+            "xpcnn.ops.cudnn_conv")
     saved = {n: sys.modules.get(n) for n in ("cupy", "array_api_compat.cupy", *ours)}
     sys.modules["cupy"] = fake_cupy()
     sys.modules["array_api_compat.cupy"] = compat_numpy
     for name in ours:
         sys.modules.pop(name, None)
     import xpcnn.ops.cudnn_conv as cudnn_conv  # afresh, on the fake cupy
-    import xpcnn.ops.fast_cupy as module
+    import xpcnn.ops.fast_cupy as module  # (and the kernel modules it imports)
+    from xpcnn.ops import cuda_updates
 
     # The hand-written kernels alone, as where cuDNN does not load, without its warning (a
     # test of cuDNN imports cudnn_conv afresh with the fake frontend of cudnn_emulator).
     cudnn_conv.load = lambda: None
 
-    module._address = _table_address  # host addresses for the update kernels' tables
-    module._upload = np.copyto  # (the device arrays are NumPy's)
+    cuda_updates._address = _table_address  # host addresses for the kernels' address tables
+    cuda_updates._upload = np.copyto  # (the device arrays are NumPy's)
     return module, saved
 
 

@@ -17,7 +17,7 @@ changed; off the trace the emulator builds and runs them as before.
 The device arrays are the launch's array arguments (a broadcast or strided input of an
 elementwise kernel, which the emulator copies, is traced as the elements of the array it
 stands for) and the arrays a kernel reaches through a table of addresses (the fused updates,
-casts, snapshots: fast_cupy's ``_address``). Each is placed at a 512-byte aligned address, as
+casts, snapshots: cuda_updates' ``_address``). Each is placed at a 512-byte aligned address, as
 CuPy's memory pool places its blocks: the array that owns the memory, a view at its offset
 in it.
 

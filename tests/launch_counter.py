@@ -420,9 +420,10 @@ def counting(fast_cupy: types.ModuleType) -> Iterator[Counter]:
         _patch_creation(stack, fast_cupy.cupy)
         stack.enter_context(mock.patch.object(fast_cupy.cupy, "ascontiguousarray",
                                               _ascontiguousarray))
-        table = fast_cupy._device_table  # (an upload only where its addresses are new)
+        tables = sys.modules["xpcnn.ops.cuda_updates"]  # (the emulated one, as fast_cupy's)
+        table = tables._device_table  # (an upload only where its addresses are new)
         stack.enter_context(mock.patch.object(
-            fast_cupy, "_device_table", lambda *a: _counted("table", "address table", table, *a)))
+            tables, "_device_table", lambda *a: _counted("table", "address table", table, *a)))
         for cls, kind, label in ((ElementwiseKernel, "kernel", lambda k: k.name),
                                  (RawKernel, "kernel", lambda k: k.name),
                                  (PyGraph, "cudnn", _graph_name)):

@@ -45,6 +45,33 @@ def cuda_conv(fast_cupy):
     return fast_cupy.cuda_conv
 
 
+def _module_fixture(name: str):
+    """A fixture of the kernel module ``name`` behind fast_cupy, as the ``fast_cupy`` fixture
+    loaded it (emulated)."""
+    @pytest.fixture(scope="module", name=name)
+    def module(fast_cupy):
+        return _module(name)
+
+    return module
+
+
+cuda_elementwise = _module_fixture("cuda_elementwise")
+cuda_reductions = _module_fixture("cuda_reductions")
+cuda_random = _module_fixture("cuda_random")
+cuda_updates = _module_fixture("cuda_updates")
+
+
+def _module(name: str):
+    """The emulated ``xpcnn.ops`` module ``name`` (loaded by the ``fast_cupy`` fixture)."""
+    return importlib.import_module(f"xpcnn.ops.{name}")
+
+
+def _kernel(qualified: str):
+    """A kernel by its module and name, e.g. ``"cuda_random.UNIFORM"``."""
+    module, name = qualified.split(".")
+    return getattr(_module(module), name)
+
+
 def _compile(source: str, name: str, arch: int) -> tuple[int, str]:
     """NVRTC's result code and log for ``source`` built to sm_``arch`` machine code."""
     lib = ctypes.CDLL(str(NVRTC))
@@ -221,8 +248,8 @@ def _raw_source(fast_cupy, monkeypatch, name: str, source: str, **types) -> str:
                                                   ("float16", "float64", "float32"),
                                                   ("bfloat16", "float32", "float32"),
                                                   ("float64", "float64", "float64")])
-def test_softmax_cross_entropy_kernel_compiles(fast_cupy, monkeypatch, logits, dtype, scale,
-                                               labels):
+def test_softmax_cross_entropy_kernel_compiles(fast_cupy, cuda_reductions, monkeypatch, logits,
+                                               dtype, scale, labels):
     """The loss kernels of the source (a row a thread, a row a warp), with their NaN for a
     label that is no class (``nan("")`` in the accumulator type, float for half logits), for
     every label dtype fit passes them, the float16 loss scale read from its float32 state,
@@ -230,71 +257,72 @@ def test_softmax_cross_entropy_kernel_compiles(fast_cupy, monkeypatch, logits, d
     block; their shared memory within a block's 48 KB (machine code, ptxas's check)."""
     acc = "float64" if dtype == "float64" else "float32"
     source = _raw_source(fast_cupy, monkeypatch, "xpcnn_softmax_cross_entropy",
-                         fast_cupy._SOFTMAX_CROSS_ENTROPY_SOURCE, Z=logits, L=labels, T=dtype,
-                         U=scale, A=acc)
+                         cuda_reductions.SOFTMAX_CROSS_ENTROPY_SOURCE, Z=logits, L=labels,
+                         T=dtype, U=scale, A=acc)
     code, log = _compile(source, "xpcnn_softmax_cross_entropy", 90)
     assert code == 0, log
     for name in ("xpcnn_softmax_cross_entropy", "xpcnn_softmax_cross_entropy_rows"):
-        assert_launchable(log, name, fast_cupy._CROSS_ENTROPY_THREADS)
+        assert_launchable(log, name, cuda_reductions.CROSS_ENTROPY_THREADS)
     assert ("cuda_fp16.h" in source) == ("float16" in (logits, dtype, scale))
     assert ("cuda_bf16.h" in source) == ("bfloat16" in (logits, dtype, scale))
 
 
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
-def test_gradient_check_kernel_compiles(fast_cupy, dtype):
+def test_gradient_check_kernel_compiles(cuda_updates, dtype):
     """The first kernel of a step's record: a gradient element of each dtype read in double,
     its array's mark in the float64 state set where it is bad."""
-    source = _elementwise_as_kernel(fast_cupy._CHECK_GRADIENTS, {"T": dtype, "F": "double"})
+    source = _elementwise_as_kernel(cuda_updates.CHECK_GRADIENTS, {"T": dtype, "F": "double"})
     code, log = _compile(source, "xpcnn_check_gradients", 90)
     assert code == 0, log
 
 
 @pytest.mark.parametrize("stats", ["__half", "float", "double"])
-@pytest.mark.parametrize("name", ["_RECORD_STEP", "_RECORD_STEP_AT"])
+@pytest.mark.parametrize("name", ["cuda_updates.RECORD_STEP", "cuda_updates.RECORD_STEP_AT"])
 def test_record_step_kernels_compile(fast_cupy, name, stats):
     """The second: the step's number by value or from a float64 device scalar, the batch's
     [loss, correct] in each dtype the loss gives them."""
-    kernel = getattr(fast_cupy, name)
+    kernel = _kernel(name)
     source = _elementwise_as_kernel(kernel, {"S": stats, "F": "double", "P": "double"})
     code, log = _compile(source, kernel.name, 90)
     assert code == 0, log
 
 
 @pytest.mark.parametrize("dtype", ["float", "double"])
-@pytest.mark.parametrize("name", ["_SGD", "_SGD_AT", "_ADAM", "_ADAM_AT", "_RMSPROP",
-                                  "_RMSPROP_AT"])
+@pytest.mark.parametrize("name", ["cuda_updates.SGD", "cuda_updates.SGD_AT", "cuda_updates.ADAM",
+                                  "cuda_updates.ADAM_AT", "cuda_updates.RMSPROP",
+                                  "cuda_updates.RMSPROP_AT"])
 def test_update_kernels_compile(fast_cupy, name, dtype):
     """The optimisers' fused updates (the parameters' dtypes), the step's numbers by value or
     read from device scalars, every parameter found through the table, gated by ``apply``."""
-    kernel = getattr(fast_cupy, name)
+    kernel = _kernel(name)
     code, log = _compile(_elementwise_as_kernel(kernel, {"T": dtype}), kernel.name, 90)
     assert code == 0, log
 
 
 @pytest.mark.parametrize("dtype", ["float", "double"])
-@pytest.mark.parametrize("name", ["_ADAM_SCALARS", "_ADAM_SCALARS_AT"])
+@pytest.mark.parametrize("name", ["cuda_updates.ADAM_SCALARS", "cuda_updates.ADAM_SCALARS_AT"])
 def test_adam_scalars_kernels_compile(fast_cupy, name, dtype):
     """Adam's numbers from its count of applied updates, the learning rate by value or read
     from a float64 device scalar, written in the parameters' dtype."""
-    kernel = getattr(fast_cupy, name)
+    kernel = _kernel(name)
     code, log = _compile(_elementwise_as_kernel(kernel, {"T": dtype}), kernel.name, 90)
     assert code == 0, log
 
 
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
-def test_random_numbers_kernel_compiles(fast_cupy, dtype):
+def test_random_numbers_kernel_compiles(cuda_random, dtype):
     """Numbers in [0, 1) of the draw, counted by the last block (as dropout's)."""
-    source = _elementwise_as_kernel(fast_cupy._UNIFORM, {"T": dtype}, arrays=("u",))
+    source = _elementwise_as_kernel(cuda_random.UNIFORM, {"T": dtype}, arrays=("u",))
     code, log = _compile(source, "xpcnn_uniform", 90)
     assert code == 0, log
 
 
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
-def test_dropout_kernel_compiles(fast_cupy, dtype):
+def test_dropout_kernel_compiles(cuda_random, dtype):
     """Dropout in one launch: the random bits' device functions, the number compared in the
     data's type (CuPy's float16 compares as ``__half`` does), the mask and the product, and the
     draw counted by the last block (a barrier, fences and a 64-bit atomic add)."""
-    source = _elementwise_as_kernel(fast_cupy._DROPOUT, {"T": dtype}, arrays=("x", "y", "keep"))
+    source = _elementwise_as_kernel(cuda_random.DROPOUT, {"T": dtype}, arrays=("x", "y", "keep"))
     code, log = _compile(source, "xpcnn_dropout", 90)
     assert code == 0, log
 
@@ -302,11 +330,11 @@ def test_dropout_kernel_compiles(fast_cupy, dtype):
 @pytest.mark.parametrize("source, target", [("unsigned char", "float"),
                                             ("unsigned char", "__half"), ("float", "float"),
                                             ("double", "double")])
-@pytest.mark.parametrize("name", ["_RANDOM_FLIP", "_RANDOM_CROP"])
+@pytest.mark.parametrize("name", ["cuda_random.RANDOM_FLIP", "cuda_random.RANDOM_CROP"])
 def test_random_flip_and_crop_kernels_compile(fast_cupy, name, source, target):
     """A flip or a crop in one launch: the draw's random bits for each element's image, the
     model's uint8 batch cast as it is read, the draw counted by the last block."""
-    kernel = getattr(fast_cupy, name)
+    kernel = _kernel(name)
     source_code = _elementwise_as_kernel(kernel, {"S": source, "T": target}, arrays=("out",))
     code, log = _compile(source_code, kernel.name, 90)
     assert code == 0, log
@@ -315,9 +343,9 @@ def test_random_flip_and_crop_kernels_compile(fast_cupy, name, source, target):
 @pytest.mark.parametrize("source, compute, target", [
     ("unsigned char", "float", "float"), ("unsigned char", "float", "__half"),
     ("float", "double", "double"), ("__half", "float", "__half")])
-def test_normalize_kernel_compiles(fast_cupy, source, compute, target):
+def test_normalize_kernel_compiles(cuda_elementwise, source, compute, target):
     """A Normalization layer in one launch: the cast, the channel's shift and scale."""
-    source_code = _elementwise_as_kernel(fast_cupy._NORMALIZE,
+    source_code = _elementwise_as_kernel(cuda_elementwise.NORMALIZE,
                                          {"S": source, "T": compute, "U": target},
                                          arrays=("x", "y"))
     code, log = _compile(source_code, "xpcnn_normalize", 90)
@@ -326,18 +354,18 @@ def test_normalize_kernel_compiles(fast_cupy, source, compute, target):
 
 @pytest.mark.parametrize("source, target", [("float", "__half"), ("double", "float"),
                                             ("__half", "float")])
-def test_cast_all_kernel_compiles(fast_cupy, source, target):
+def test_cast_all_kernel_compiles(cuda_updates, source, target):
     """Many arrays cast in one launch (a mixed-precision forward pass's weights)."""
-    source_code = _elementwise_as_kernel(fast_cupy._CAST_ALL, {"S": source, "U": target})
+    source_code = _elementwise_as_kernel(cuda_updates.CAST_ALL, {"S": source, "U": target})
     code, log = _compile(source_code, "xpcnn_cast_all", 90)
     assert code == 0, log
 
 
-@pytest.mark.parametrize("name", ["_SNAPSHOT", "_RESTORE"])
+@pytest.mark.parametrize("name", ["cuda_updates.SNAPSHOT", "cuda_updates.RESTORE"])
 def test_statistics_kernels_compile(fast_cupy, name):
     """A training step's normalisation statistics kept, then put back where it is skipped:
     their bytes found through a table of addresses, in one launch each."""
-    kernel = getattr(fast_cupy, name)
+    kernel = _kernel(name)
     source = _elementwise_as_kernel(kernel, {"uint8": "unsigned char"})
     code, log = _compile(source, kernel.name, 90)
     assert code == 0, log
@@ -345,10 +373,10 @@ def test_statistics_kernels_compile(fast_cupy, name):
 
 @pytest.mark.parametrize("data, grad", [("__half", "__half"), ("__half", "float"),
                                         ("float", "float"), ("double", "double")])
-def test_max_pool_backward_kernel_compiles(fast_cupy, data, grad):
+def test_max_pool_backward_kernel_compiles(cuda_elementwise, data, grad):
     """The pool's gradient, with the gradient of a ReLU before the pool in the same launch
     (``relu``), for a gradient of the data's dtype or a wider one."""
-    source = _elementwise_as_kernel(fast_cupy._MAX_POOL_BACKWARD, {"T": data, "G": grad},
+    source = _elementwise_as_kernel(cuda_elementwise.MAX_POOL_BACKWARD, {"T": data, "G": grad},
                                     arrays=("yv", "g"))
     code, log = _compile(source, "xpcnn_max_pool_backward", 90)
     assert code == 0, log
@@ -356,9 +384,9 @@ def test_max_pool_backward_kernel_compiles(fast_cupy, data, grad):
 
 @pytest.mark.parametrize("dtype, relu", [("__half", "__half"), ("float", "float"),
                                          ("double", "double"), ("float", "__half")])
-def test_mask_multiply_relu_kernel_compiles(fast_cupy, dtype, relu):
+def test_mask_multiply_relu_kernel_compiles(cuda_elementwise, dtype, relu):
     """A dropout's gradient with the gradient of the ReLU before it, in one launch."""
-    source = _elementwise_as_kernel(fast_cupy._MASK_MULTIPLY_RELU, {"T": dtype, "Y": relu},
+    source = _elementwise_as_kernel(cuda_elementwise.MASK_MULTIPLY_RELU, {"T": dtype, "Y": relu},
                                     arrays=("x", "m", "r", "y"))
     code, log = _compile(source, "xpcnn_mask_multiply_relu", 90)
     assert code == 0, log
@@ -368,10 +396,10 @@ def test_mask_multiply_relu_kernel_compiles(fast_cupy, dtype, relu):
     ("unsigned char", "float", "float"), ("unsigned char", "float", "__half"),
     ("unsigned char", "__half", "__half"), ("unsigned char", "double", "double"),
     ("__half", "__half", "__half"), ("float", "float", "float")])
-def test_rescale_kernel_compiles(fast_cupy, source, compute, target):
+def test_rescale_kernel_compiles(cuda_elementwise, source, compute, target):
     """A model's uint8 batch cast, scaled and shifted in one launch (a Rescaling first layer),
     computed in one type and stored in another (mixed precision's compute dtype)."""
-    source_code = _elementwise_as_kernel(fast_cupy._RESCALE,
+    source_code = _elementwise_as_kernel(cuda_elementwise.RESCALE,
                                          {"S": source, "T": compute, "U": target},
                                          arrays=("x", "y"))
     code, log = _compile(source_code, "xpcnn_rescale", 90)
@@ -379,12 +407,13 @@ def test_rescale_kernel_compiles(fast_cupy, source, compute, target):
 
 
 @pytest.mark.parametrize("dtype", ["float", "double"])
-@pytest.mark.parametrize("name, arrays", [("_ADD_RELU", ("a", "b", "y")),
-                                          ("_ADD_RELU_BACKWARD", ("a", "b", "y", "dx"))])
+@pytest.mark.parametrize("name, arrays", [
+    ("cuda_elementwise.ADD_RELU", ("a", "b", "y")),
+    ("cuda_elementwise.ADD_RELU_BACKWARD", ("a", "b", "y", "dx"))])
 def test_add_relu_kernels_compile(fast_cupy, name, arrays, dtype):
     """An Add layer with the ReLU after it fused, each way in one launch (backward summing
     the gradients of an output read twice); CuPy's float16 class below."""
-    kernel = getattr(fast_cupy, name)
+    kernel = _kernel(name)
     code, log = _compile(_elementwise_as_kernel(kernel, {"T": dtype}, arrays=arrays),
                          kernel.name, 90)
     assert code == 0, log
@@ -395,41 +424,45 @@ def test_add_relu_kernels_compile(fast_cupy, name, arrays, dtype):
                                        ("float64", "float64"), ("float32", "float16"),
                                        ("float32", "bfloat16")])
 @pytest.mark.parametrize("arch", [75, 90])
-def test_feature_norm_kernels_compile(fast_cupy, monkeypatch, dtype, io, arch):
+def test_feature_norm_kernels_compile(fast_cupy, cuda_reductions, monkeypatch, dtype, io, arch):
     """FeatureNorm in one launch each way: a block's chunk of channels, its tree over groups
     of rows in shared memory, the square root, the sums and the statistics in the accumulator
     type (float for __half), xhat recomputed from them backward, the input, output and
     gradients read and written in ``io``."""
     acc = "float64" if dtype == "float64" else "float32"
     for name, source, types in [
-            ("xpcnn_feature_norm", fast_cupy._FEATURE_NORM_SOURCE, {"X": io, "T": dtype,
+            ("xpcnn_feature_norm", cuda_reductions.FEATURE_NORM_SOURCE, {"X": io, "T": dtype,
                                                                    "Y": io}),
-            ("xpcnn_feature_norm_backward", fast_cupy._FEATURE_NORM_BACKWARD_SOURCE,
+            ("xpcnn_feature_norm_backward", cuda_reductions.FEATURE_NORM_BACKWARD_SOURCE,
              {"D": io, "X": io})]:
         code, log = _compile(_raw_source(fast_cupy, monkeypatch, name, source, A=acc, **types),
                              name, arch)
         assert code == 0, log
-        assert_launchable(log, name, fast_cupy._FEATURE_NORM_THREADS)
+        assert_launchable(log, name, cuda_reductions.FEATURE_NORM_THREADS)
 
 
 # Today's kernels with CuPy's float16 class where a placeholder is float16 at run time (mixed
 # precision: float16 logits for a float32 loss, float16 activations and gradients).
 CUPY_FLOAT16_CASES = [
-    ("_MAX_POOL_BACKWARD", {"T": "float16", "G": "float16"}, ("yv", "g")),
-    ("_MAX_POOL_BACKWARD", {"T": "float16", "G": "float"}, ("yv", "g")),
-    ("_MASK_MULTIPLY_RELU", {"T": "float16", "Y": "float16"}, ("x", "m", "r", "y")),
-    ("_MASK_MULTIPLY_RELU", {"T": "float", "Y": "float16"}, ("x", "m", "r", "y")),
-    ("_RESCALE", {"S": "unsigned char", "T": "float16", "U": "float16"}, ("x", "y")),
-    ("_RESCALE", {"S": "unsigned char", "T": "float", "U": "float16"}, ("x", "y")),
-    ("_RESCALE", {"S": "float16", "T": "float16", "U": "float16"}, ("x", "y")),
-    ("_DROPOUT", {"T": "float16"}, ("x", "y", "keep")),
-    ("_UNIFORM", {"T": "float16"}, ("u",)),
-    ("_RANDOM_FLIP", {"S": "unsigned char", "T": "float16"}, ("out",)),
-    ("_RANDOM_CROP", {"S": "unsigned char", "T": "float16"}, ("out",)),
-    ("_NORMALIZE", {"S": "unsigned char", "T": "float", "U": "float16"}, ("x", "y")),
-    ("_ADD_RELU", {"T": "float16"}, ("a", "b", "y")),
-    ("_ADD_RELU_BACKWARD", {"T": "float16"}, ("a", "b", "y", "dx")),
-    ("_GLOBAL_AVG_POOL", {"T": "float16"}, ("y",)),
+    ("cuda_elementwise.MAX_POOL_BACKWARD", {"T": "float16", "G": "float16"}, ("yv", "g")),
+    ("cuda_elementwise.MAX_POOL_BACKWARD", {"T": "float16", "G": "float"}, ("yv", "g")),
+    ("cuda_elementwise.MASK_MULTIPLY_RELU", {"T": "float16", "Y": "float16"},
+     ("x", "m", "r", "y")),
+    ("cuda_elementwise.MASK_MULTIPLY_RELU", {"T": "float", "Y": "float16"},
+     ("x", "m", "r", "y")),
+    ("cuda_elementwise.RESCALE", {"S": "unsigned char", "T": "float16", "U": "float16"},
+     ("x", "y")),
+    ("cuda_elementwise.RESCALE", {"S": "unsigned char", "T": "float", "U": "float16"}, ("x", "y")),
+    ("cuda_elementwise.RESCALE", {"S": "float16", "T": "float16", "U": "float16"}, ("x", "y")),
+    ("cuda_random.DROPOUT", {"T": "float16"}, ("x", "y", "keep")),
+    ("cuda_random.UNIFORM", {"T": "float16"}, ("u",)),
+    ("cuda_random.RANDOM_FLIP", {"S": "unsigned char", "T": "float16"}, ("out",)),
+    ("cuda_random.RANDOM_CROP", {"S": "unsigned char", "T": "float16"}, ("out",)),
+    ("cuda_elementwise.NORMALIZE", {"S": "unsigned char", "T": "float", "U": "float16"},
+     ("x", "y")),
+    ("cuda_elementwise.ADD_RELU", {"T": "float16"}, ("a", "b", "y")),
+    ("cuda_elementwise.ADD_RELU_BACKWARD", {"T": "float16"}, ("a", "b", "y", "dx")),
+    ("cuda_elementwise.GLOBAL_AVG_POOL", {"T": "float16"}, ("y",)),
 ]
 
 
@@ -438,7 +471,7 @@ def test_kernels_compile_with_cupys_float16_class(fast_cupy, name, types, arrays
     """CuPy's float16 is no __half: its values meet in float (no half arithmetic, no half
     comparisons, no overloads of their own), which a body written for __half may not build
     with."""
-    kernel = getattr(fast_cupy, name)
+    kernel = _kernel(name)
     source = _elementwise_as_kernel(kernel, types, arrays=arrays)
     code, log = _compile(source, kernel.name, 90)
     assert code == 0, log
@@ -450,9 +483,9 @@ def test_kernels_compile_with_cupys_float16_class(fast_cupy, name, types, arrays
 CUPY_BFLOAT16_CASES = [
     (name, {k: "bfloat16" if v == "float16" else v for k, v in types.items()}, arrays)
     for name, types, arrays in CUPY_FLOAT16_CASES] + [
-    ("_CAST_ALL", {"S": "float", "U": "bfloat16"}, ()),
-    ("_CAST_ALL", {"S": "bfloat16", "U": "float"}, ()),
-    ("_CONV", {"T": "bfloat16"}, ("y",)),
+    ("cuda_updates.CAST_ALL", {"S": "float", "U": "bfloat16"}, ()),
+    ("cuda_updates.CAST_ALL", {"S": "bfloat16", "U": "float"}, ()),
+    ("cuda_conv._CONV", {"T": "bfloat16"}, ("y",)),
 ]
 
 
@@ -461,7 +494,7 @@ CUPY_BFLOAT16_CASES = [
 def test_kernels_compile_with_cupys_bfloat16_class(fast_cupy, name, types, arrays, arch):
     """CuPy's bfloat16 as its float16: values that meet in float. On compute capability 7.5
     too, where cuda_bf16.h has no bfloat16 arithmetic of the GPU's own."""
-    kernel = getattr(fast_cupy, name, None) or getattr(fast_cupy.cuda_conv, name)
+    kernel = _kernel(name)
     source = _elementwise_as_kernel(kernel, types, arrays=arrays)
     code, log = _compile(source, kernel.name, arch)
     assert code == 0, log
@@ -479,16 +512,16 @@ def test_direct_convolution_weight_gradient_compiles_for_bfloat16(fast_cupy, arc
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("arch", [75, 90])
 @pytest.mark.parametrize("name", ["xpcnn_sum_rows", "xpcnn_relu_sum_rows"])
-def test_column_sum_kernel_compiles(fast_cupy, monkeypatch, dtype, arch, name):
+def test_column_sum_kernel_compiles(fast_cupy, cuda_reductions, monkeypatch, dtype, arch, name):
     """A bias gradient in one launch (and a ReLU's gradient with it): cuda_fp16.h's __half
     read in float (the header only then) and written back from float, the fence, the
     unsigned atomicInc on the counter, the partials read through a volatile pointer."""
     acc = "float64" if dtype == "float64" else "float32"
-    source = _raw_source(fast_cupy, monkeypatch, name, fast_cupy._SUM_ROWS_SOURCE,
+    source = _raw_source(fast_cupy, monkeypatch, name, cuda_reductions.SUM_ROWS_SOURCE,
                          X=dtype, Y=dtype, A=acc)
     code, log = _compile(source, name, arch)
     assert code == 0, log
-    assert_launchable(log, name, 32 * fast_cupy._SUM_ROWS_LANES)
+    assert_launchable(log, name, 32 * cuda_reductions.SUM_ROWS_LANES)
     assert ("cuda_fp16.h" in source) == (dtype == "float16")  # (CUDA's header where needed)
     assert ("cuda_bf16.h" in source) == (dtype == "bfloat16")
 
@@ -499,7 +532,7 @@ def test_column_sum_kernel_compiles(fast_cupy, monkeypatch, dtype, arch, name):
                                        ("float64", "float64"), ("float32", "float16"),
                                        ("float32", "bfloat16")])
 @pytest.mark.parametrize("arch", [75, 90])
-def test_batch_norm_kernels_compile(fast_cupy, monkeypatch, dtype, io, arch):
+def test_batch_norm_kernels_compile(fast_cupy, cuda_reductions, monkeypatch, dtype, io, arch):
     """BatchNorm in two launches each way: the last-block statistics (the trees over lanes,
     Chan's merge of counts, means and sums of squares, the running statistics written in
     place) and the column sums of the gradient with xhat and the ReLU's mask recomputed from
@@ -507,22 +540,22 @@ def test_batch_norm_kernels_compile(fast_cupy, monkeypatch, dtype, io, arch):
     those with the running statistics, with CuPy's float16 class where a type is float16."""
     acc = "float64" if dtype == "float64" else "float32"
     for name, source, types in [
-            ("xpcnn_batch_norm_stats", fast_cupy._BATCH_NORM_SOURCE, {"X": io}),
-            ("xpcnn_batch_norm_sums", fast_cupy._BATCH_NORM_BACKWARD_SOURCE,
+            ("xpcnn_batch_norm_stats", cuda_reductions.BATCH_NORM_SOURCE, {"X": io}),
+            ("xpcnn_batch_norm_sums", cuda_reductions.BATCH_NORM_BACKWARD_SOURCE,
              {"D": io, "X": io})]:
         code, log = _compile(_raw_source(fast_cupy, monkeypatch, name, source, T=dtype, A=acc,
                                          **types), name, arch)
         assert code == 0, log
-        assert_launchable(log, name, 32 * fast_cupy._SUM_ROWS_LANES)
+        assert_launchable(log, name, 32 * cuda_reductions.SUM_ROWS_LANES)
     c_types = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float",
                "float64": "double"}
     t, x, a = c_types[dtype], c_types[io], c_types[acc]
     for kernel, types, arrays in [
             # (these two loop over their elements: raw arrays only)
-            (fast_cupy._BATCH_NORM_APPLY, {"X": x, "T": t, "A": a, "Y": x}, ()),
-            (fast_cupy._BATCH_NORM_DX, {"D": x, "X": x, "T": t, "A": a}, ()),
-            (fast_cupy._BATCH_NORM_RUNNING, {"X": x, "T": t, "Y": x}, ("x", "y")),
-            (fast_cupy._BATCH_NORM_RUNNING_DX, {"D": x, "X": x, "T": t}, ("dy", "x", "dx"))]:
+            (cuda_reductions.BATCH_NORM_APPLY, {"X": x, "T": t, "A": a, "Y": x}, ()),
+            (cuda_reductions.BATCH_NORM_DX, {"D": x, "X": x, "T": t, "A": a}, ()),
+            (cuda_reductions.BATCH_NORM_RUNNING, {"X": x, "T": t, "Y": x}, ("x", "y")),
+            (cuda_reductions.BATCH_NORM_RUNNING_DX, {"D": x, "X": x, "T": t}, ("dy", "x", "dx"))]:
         code, log = _compile(_elementwise_as_kernel(kernel, types, arrays=arrays), kernel.name,
                              arch)
         assert code == 0, log

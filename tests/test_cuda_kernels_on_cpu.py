@@ -1,7 +1,8 @@
-"""The CUDA kernels of ``xpcnn.ops.fast_cupy`` and ``xpcnn.ops.cuda_conv``, compiled for the CPU
-(tests/cuda_emulator.py), give the standard versions' results: their index arithmetic, bounds
-and formulas are checked on every machine, not only where a GPU is lent (tests/test_gpu.py
-checks them on the GPU, float16 included)."""
+"""The CUDA kernels behind ``xpcnn.ops.fast_cupy`` (``xpcnn.ops.cuda_elementwise``,
+``cuda_reductions``, ``cuda_random``, ``cuda_updates``) and ``xpcnn.ops.cuda_conv``, compiled
+for the CPU (tests/cuda_emulator.py), give the standard versions' results: their index
+arithmetic, bounds and formulas are checked on every machine, not only where a GPU is lent
+(tests/test_gpu.py checks them on the GPU, float16 included)."""
 
 import contextlib
 import sys
@@ -380,8 +381,8 @@ def _counting_launches(kernels, monkeypatch):
     raw_kernel = kernels._raw_kernel
     monkeypatch.setattr(kernels, "_raw_kernel",
                         lambda name, *a, **k: launches.append(name) or raw_kernel(name, *a, **k))
-    for name in ("_BATCH_NORM_APPLY", "_BATCH_NORM_DX", "_BATCH_NORM_RUNNING",
-                 "_BATCH_NORM_RUNNING_DX"):
+    for name in ("BATCH_NORM_APPLY", "BATCH_NORM_DX", "BATCH_NORM_RUNNING",
+                 "BATCH_NORM_RUNNING_DX"):  # (as fast_cupy imported them: where it calls them)
         kernel = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, kernel=kernel, **k:
                             launches.append(kernel.name) or kernel(*a, **k))
@@ -415,9 +416,11 @@ def test_batch_norm_in_two_launches_each_way(fast, monkeypatch, rng, shape, most
     recomputes xhat and the ReLU's mask from the input: its fused ReLU gradient is, bit for
     bit, that of the gradient masked where forward's z is > 0 (z in the accumulator type,
     before the output's rounding to float16 could make a tiny positive z 0)."""
+    from xpcnn.ops import cuda_reductions  # (the emulated one)
+
     kernels = sys.modules[type(fast).__module__]  # (the emulated xpcnn.ops.fast_cupy)
-    monkeypatch.setattr(kernels, "_SUM_ROWS_BLOCKS", most)
-    monkeypatch.setattr(kernels, "_SUM_ROWS_PER_BLOCK", fewest)
+    monkeypatch.setattr(cuda_reductions, "_SUM_ROWS_BLOCKS", most)
+    monkeypatch.setattr(cuda_reductions, "_SUM_ROWS_PER_BLOCK", fewest)
     monkeypatch.setattr(kernels.cupy, "empty", _poisoned)  # (what is not written stays NaN)
     launches = _counting_launches(kernels, monkeypatch)
     eps = 2 * np.finfo(compute).eps  # (relative to the largest value)
@@ -579,19 +582,20 @@ def test_the_emulator_refuses_the_calls_cupy_refuses(fast, dtype, mistake):
     """Its placeholders bound as CuPy 14's _decide_params_type_core binds them (arrays only,
     one dtype each, declared dtypes kept), its loop size as CuPy's _broadcast takes it: a call
     that would raise on a GPU raises here."""
-    kernels = sys.modules[type(fast).__module__]  # (the emulated xpcnn.ops.fast_cupy)
+    from xpcnn.ops import cuda_elementwise as kernels  # (the emulated one)
+
     x = np.ones((2, 3, 3, 4), dtype)
     stats = np.ones((2, 1, 1, 4), dtype)
     wide = np.float64 if dtype != np.float64 else np.float32
     one = np.dtype(dtype).type  # (a scalar of the dtype)
     call, error = {
-        "two dtypes for T": (lambda: kernels._BIAS_RELU(stats.astype(wide), 4, False, x),
+        "two dtypes for T": (lambda: kernels.BIAS_RELU(stats.astype(wide), 4, False, x),
                              TypeError),
-        "U from no array": (lambda: kernels._RESCALE(x.astype(np.uint8), x, one(2), one(0),
+        "U from no array": (lambda: kernels.RESCALE(x.astype(np.uint8), x, one(2), one(0),
                                                      False), KeyError),  # (an output not given)
-        "an integer mask": (lambda: kernels._MASK_MULTIPLY(x, x.astype(np.int32), one(2)),
+        "an integer mask": (lambda: kernels.MASK_MULTIPLY(x, x.astype(np.int32), one(2)),
                             TypeError),
-        "size with a non-raw array": (lambda: kernels._RELU_BACKWARD(x, x, size=72),
+        "size with a non-raw array": (lambda: kernels.RELU_BACKWARD(x, x, size=72),
                                       ValueError),
     }[mistake]
     with pytest.raises(error):
@@ -605,15 +609,17 @@ def test_the_emulator_passes_raw_kernels_scalars_as_cupy_does(fast, rows, cols, 
     """CuPy passes a raw kernel's scalar as its own bytes (a NumPy scalar's dtype, int64 for a
     Python int) and the driver reads as many as the parameter declares: an int64 for ``int``
     or an int32 for ``long long`` reads the wrong bytes on a GPU, so the emulator refuses it."""
+    from xpcnn.ops.cuda_reductions import SUM_ROWS_LANES, SUM_ROWS_SOURCE
+
     kernels = sys.modules[type(fast).__module__]
-    kernel = kernels._raw_kernel("xpcnn_sum_rows", kernels._SUM_ROWS_SOURCE, X=np.float32,
+    kernel = kernels._raw_kernel("xpcnn_sum_rows", SUM_ROWS_SOURCE, X=np.float32,
                                  Y=np.float32, A=np.float32)
     a = np.ones((5, 3), np.float32)
     out = np.empty(3, np.float32)
     with pytest.raises(TypeError, match="long long rows|int cols|long long per"):
-        kernel((1, 1), (32, kernels._SUM_ROWS_LANES),
+        kernel((1, 1), (32, SUM_ROWS_LANES),
                (a, rows, cols, per, np.empty((1, 3), np.float32), kernels._counters(a), out))
-    kernel((1, 1), (32, kernels._SUM_ROWS_LANES),
+    kernel((1, 1), (32, SUM_ROWS_LANES),
            (a, np.int64(5), np.int32(3), np.int64(5), np.empty((1, 3), np.float32),
             kernels._counters(a), out))
     assert_same(out, [5, 5, 5])
@@ -683,9 +689,11 @@ def test_column_sums_in_one_launch(fast, monkeypatch, rng, rows, cols, most, few
     others' partial sums: the standard sum's dtype and values, close to a float64 sum of the
     same numbers, bit for bit the same at a second call that reuses the counters (which a
     counter left at anything but 0 would break: the "last" block would not be the last)."""
+    from xpcnn.ops import cuda_reductions  # (the emulated one)
+
     kernels = sys.modules[type(fast).__module__]  # (the emulated xpcnn.ops.fast_cupy)
-    monkeypatch.setattr(kernels, "_SUM_ROWS_BLOCKS", most)
-    monkeypatch.setattr(kernels, "_SUM_ROWS_PER_BLOCK", fewest)
+    monkeypatch.setattr(cuda_reductions, "_SUM_ROWS_BLOCKS", most)
+    monkeypatch.setattr(cuda_reductions, "_SUM_ROWS_PER_BLOCK", fewest)
     monkeypatch.setattr(kernels.cupy, "empty", _poisoned)  # (what is not written stays NaN)
     a = rng.standard_normal((rows, cols)).astype(dtype)
     got = fast.sum_rows(a)
@@ -708,9 +716,11 @@ def test_a_relu_gradient_and_its_column_sums_in_one_launch(fast, monkeypatch, rn
     where not, as the standard multiply does) and its bias gradient in one launch: the
     standard relu_backward bit for bit, and the standard sum of it to a float32 sum's
     rounding."""
+    from xpcnn.ops import cuda_reductions  # (the emulated one)
+
     kernels = sys.modules[type(fast).__module__]
-    monkeypatch.setattr(kernels, "_SUM_ROWS_BLOCKS", most)
-    monkeypatch.setattr(kernels, "_SUM_ROWS_PER_BLOCK", fewest)
+    monkeypatch.setattr(cuda_reductions, "_SUM_ROWS_BLOCKS", most)
+    monkeypatch.setattr(cuda_reductions, "_SUM_ROWS_PER_BLOCK", fewest)
     monkeypatch.setattr(kernels.cupy, "empty", _poisoned)
     monkeypatch.setattr(kernels.cupy, "empty_like", lambda a: _poisoned(a.shape, a.dtype))
     dy = rng.standard_normal((rows, cols)).astype(dtype)
@@ -749,8 +759,10 @@ def test_a_column_sum_is_wrong_where_its_last_block_is_not_the_last(fast, monkey
     """The emulated launch finds a miscounted "last block": a counter that does not start at 0
     (as after a launch that failed to reset it) makes the third of four blocks sum the partials
     before the fourth has written its own (NaN here, as everything the launch must write)."""
+    from xpcnn.ops import cuda_reductions  # (the emulated one)
+
     kernels = sys.modules[type(fast).__module__]
-    monkeypatch.setattr(kernels, "_SUM_ROWS_PER_BLOCK", 16)
+    monkeypatch.setattr(cuda_reductions, "_SUM_ROWS_PER_BLOCK", 16)
     monkeypatch.setattr(kernels.cupy, "empty", _poisoned)
     a = rng.standard_normal((64, 8)).astype(np.float32)  # 4 blocks
     fast.sum_rows(a)  # (makes the counters)
@@ -1029,13 +1041,13 @@ def test_the_tables_a_captured_training_step_defers(fast, monkeypatch, precision
     the gradients' check, the update) takes one that is filled after the capture: as many as
     tests/test_gpu.py expects a captured gap_net step to hold. (Filled at once here, so that
     the emulated kernels can run: nothing is captured on the CPU.)"""
-    module = sys.modules[type(fast).__module__]
+    from xpcnn.ops import cuda_updates  # (the emulated one)
 
     def filled_at_once(deferred, host_table):
         deferred.pending.append((host_table.copy(), host_table))
         return deferred.pending[-1][0]
 
-    monkeypatch.setattr(module._DeferredTables, "table", filled_at_once)
+    monkeypatch.setattr(cuda_updates.DeferredTables, "table", filled_at_once)
     monkeypatch.setattr(fast.conv_kernels, "tiled", False)  # (the direct kernels: faster here)
     monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: fast))
     rng = np.random.default_rng(0)
@@ -1072,7 +1084,7 @@ def test_fused_updates_with_device_scalars_are_the_standard_ones_bit_for_bit(
 
         return launch
 
-    for name in ("_SGD_AT", "_ADAM_AT", "_RMSPROP_AT"):
+    for name in ("SGD_AT", "ADAM_AT", "RMSPROP_AT"):  # (as fast_cupy imported them)
         monkeypatch.setattr(module, name, counted(getattr(module, name)))
     params = [rng.standard_normal(s).astype(dtype) for s in UPDATE_SHAPES]
     fused, standard = [p.copy() for p in params], [p.copy() for p in params]
@@ -1144,7 +1156,8 @@ class EmulatedCapture:
     launches are recorded, not run; a copy to the device fails (CuPy's capture refuses it) and
     new device memory holds garbage (-1); ``allocators`` notes the allocator each new array
     came from; a zeroed one is a recorded memset. ``replay`` runs the recorded launches on the
-    arrays they were given, as a replayed graph does."""
+    arrays they were given, as a replayed graph does. ``module``: the emulated
+    ``xpcnn.ops.cuda_updates``, whose ``_upload`` fills the tables."""
 
     def __init__(self, module, monkeypatch):
         self.module, self.monkeypatch, self.launches, self.allocators = (
@@ -1187,7 +1200,8 @@ def test_a_captured_fused_update_fills_its_table_after_the_capture_and_replays_r
     device; it is filled when ``capture_tables`` ends (before any launch) with the addresses
     of the captured step's arrays; the replays, with new gradients, step numbers and flags in
     the same arrays, give the standard formulas' values bit for bit."""
-    module = sys.modules[type(fast).__module__]
+    from xpcnn.ops import cuda_updates as module  # (the emulated one: the tables')
+
     params = [rng.standard_normal(s).astype(dtype) for s in UPDATE_SHAPES]
     fused, standard = [p.copy() for p in params], [p.copy() for p in params]
     opt_fused, opt_std = make(), make()
@@ -1231,7 +1245,8 @@ def test_a_captured_fused_update_fills_its_table_after_the_capture_and_replays_r
 
 
 def test_a_capture_that_fails_fills_no_table(fast, monkeypatch, rng):
-    module = sys.modules[type(fast).__module__]
+    from xpcnn.ops import cuda_updates as module  # (the emulated one: the tables')
+
     filled = []
     monkeypatch.setattr(module, "_upload", lambda device, host: filled.append(device))
     p, g = [np.zeros(3, np.float32)], [np.ones(3, np.float32)]
@@ -1279,7 +1294,8 @@ def test_statistics_kept_and_put_back_in_one_launch_each(fast, monkeypatch, rng,
     False, as the "forward pass" between them left them where it is True. Captured: the one
     table (the arrays' byte offsets and addresses) filled after the capture, the recorded
     launches replayed with the forward pass between them and the flag in the same array."""
-    module = sys.modules[type(fast).__module__]
+    from xpcnn.ops import cuda_updates as module  # (the emulated one: the tables')
+
     arrays = _statistics(rng)
     fast_arrays, std_arrays = [a.copy() for a in arrays], [a.copy() for a in arrays]
     apply = np.asarray(True)
@@ -1381,9 +1397,11 @@ def test_recording_a_step(fast, monkeypatch, dtypes, scaling, squares, how):
     the first bad step, the loss scale and the flag "apply") leave what the standard
     version leaves, step by step: eager, with the step number on the device, and captured once (the
     table filled after the capture) and replayed for every step."""
+    from xpcnn.ops import cuda_updates  # (the emulated one: the tables')
+
     record = fast.record_step
     if how == "captured":
-        capture, captured = EmulatedCapture(sys.modules[type(fast).__module__], monkeypatch), []
+        capture, captured = EmulatedCapture(cuda_updates, monkeypatch), []
 
         def record(*args):
             if not captured:

@@ -1,0 +1,210 @@
+"""The one-pass CUDA kernels behind :mod:`xpcnn.ops.fast_cupy` (``cupy.ElementwiseKernel``
+objects, built at import): im2col, pooling, the ReLU family and its masks, bias, rescale and
+normalize. Each does in one launch what the standard version does in several CuPy calls,
+reading and writing each element once. ``ACC`` (the accumulator type) is here, the lowest of
+the kernel modules, for the others to share.
+
+In elementwise bodies ``i`` is the element's C-order index, and a ``raw`` array indexed by one
+integer is read at that C-order index; ``n`` and ``i`` are CuPy's own names (in every kernel
+module).
+"""
+
+from __future__ import annotations
+
+import cupy
+
+# The patches of convolutions as im2col + cuBLAS (the hand-written ones' algorithms
+# "im2col" and "direct-forward"): out[n, oh, ow, (i*kw + j)*C + c] = x[n, oh*sh + i - top,
+# ow*sw + j - left, c] for a C-contiguous x, 0 outside it: the zero padding is read, never
+# stored.
+IM2COL = cupy.ElementwiseKernel(
+    "raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kw, int32 sh, int32 sw,"
+    " int32 KK, int32 top, int32 left",
+    "T out",
+    """
+    long long r = i;
+    const int kk = r % KK; r /= KK;
+    const int ow = r % Wo; r /= Wo;
+    const int oh = r % Ho;
+    const long long img = r / Ho;
+    const int c = kk % C;
+    const int t = kk / C;
+    const int hh = oh * sh + t / kw - top;
+    const int ww = ow * sw + t % kw - left;
+    out = (hh >= 0 && hh < H && ww >= 0 && ww < W)
+        ? x[((img * H + hh) * W + ww) * C + c] : (T)0.0f;
+    """,
+    "xpcnn_im2col",
+)
+
+# Accumulators: float32 for float16 data (as tensor cores do), else the data's own type.
+ACC = """
+template <typename X> struct XpcnnAcc { typedef float type; };
+template <> struct XpcnnAcc<double> { typedef double type; };
+"""
+
+# Where pooling window i (C-order over the (N, Ho, Wo, C) output) starts in the input.
+_WINDOW = """
+__device__ long long xpcnn_window(long long r, int H, int W, int C, int Ho, int Wo, int sh,
+                                  int sw) {
+    const int c = r % C; r /= C;
+    const int ow = r % Wo; r /= Wo;
+    const int oh = r % Ho;
+    const long long img = r / Ho;
+    return ((img * H + oh * sh) * W + ow * sw) * C + c;
+}
+"""
+
+# Maximum of each window, NaN propagating as xp.maximum does; the window's first element
+# starts the maximum as it is read (each element read once: tests/kernel_trace.py counted
+# a second read of it, 1.2x the loads).
+MAX_POOL = cupy.ElementwiseKernel(
+    "raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw, int32 sh,"
+    " int32 sw",
+    "T y",
+    """
+    const long long base = xpcnn_window(i, H, W, C, Ho, Wo, sh, sw);
+    T best;
+    for (int a = 0; a < kh; ++a) {
+        for (int b = 0; b < kw; ++b) {
+            const T v = x[base + ((long long)a * W + b) * C];
+            if ((a == 0 && b == 0) || v > best || v != v) best = v;
+        }
+    }
+    y = best;
+    """,
+    "xpcnn_max_pool",
+    preamble=_WINDOW,
+)
+
+# The mean of each image's channel over its H x W positions (``hw``), a thread an output
+# element, its sum in the accumulator type in row-major order (a warp's threads read
+# consecutive channels of one position), divided and rounded to T once.
+GLOBAL_AVG_POOL = cupy.ElementwiseKernel(
+    "raw T x, int64 hw, int32 C",
+    "T y",
+    """
+    typedef XpcnnAcc<T>::type A;
+    const long long base = (i / C) * hw * C + i % C;
+    A total = (A)0;
+    for (long long p = 0; p < hw; ++p) total += (A)x[base + p * C];
+    y = (T)(total / (A)hw);
+    """,
+    "xpcnn_global_avg_pool",
+    preamble=ACC,
+)
+
+# Non-overlapping windows only (strides >= kernel): each output element owns its window, so
+# one thread writes every input position of it: the gradient at the first x == y in row-major
+# order, 0 at the others. With ``relu``, the gradient is first multiplied by (y > 0), as
+# RELU_BACKWARD does it (the gradient of a ReLU before the pool, in the same launch). The
+# window's maximum is read once into ``top``: read through ``yv`` it was read again after
+# every store to dx (which may alias it, for the compiler).
+MAX_POOL_BACKWARD = cupy.ElementwiseKernel(
+    "T yv, G g, raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw,"
+    " int32 sh, int32 sw, bool relu",
+    "raw G dx",
+    """
+    const long long base = xpcnn_window(i, H, W, C, Ho, Wo, sh, sw);
+    const T top = yv;
+    const G gv = relu ? (G)(g * (G)(top > (T)0.0f ? 1.0f : 0.0f)) : g;
+    bool found = false;
+    for (int a = 0; a < kh; ++a) {
+        for (int b = 0; b < kw; ++b) {
+            const long long k = base + ((long long)a * W + b) * C;
+            const bool take = !found && x[k] == top;
+            dx[k] = take ? gv : (G)0.0f;
+            found = found || take;
+        }
+    }
+    """,
+    "xpcnn_max_pool_backward",
+    preamble=_WINDOW,
+)
+
+# y + bias (then ReLU) in place on the (rows, K) output of a matmul.
+BIAS_RELU = cupy.ElementwiseKernel(
+    "raw T b, int32 K, bool relu",
+    "T y",
+    """
+    T v = y + b[i % K];
+    y = (relu && v < (T)0.0f) ? (T)0.0f : v;
+    """,
+    "xpcnn_bias_relu",
+)
+
+RELU = cupy.ElementwiseKernel(
+    "T x, T cap, bool capped",
+    "T y",
+    """
+    T v = x < (T)0.0f ? (T)0.0f : x;
+    y = (capped && v > cap) ? cap : v;
+    """,
+    "xpcnn_relu",
+)
+
+# min(max(x, 0), cap) and where the gradient passes (strictly inside (0, cap)); NaN stays NaN,
+# as in the standard version.
+RELU_WITH_MASK = cupy.ElementwiseKernel(
+    "T x, T cap, bool capped",
+    "T y, bool m",
+    """
+    T v = x < (T)0.0f ? (T)0.0f : x;
+    if (capped && v > cap) v = cap;
+    y = v;
+    m = x > (T)0.0f && (!capped || x < cap);
+    """,
+    "xpcnn_relu_with_mask",
+)
+
+# a + b, then max(., 0) as RELU takes it (an Add layer with the ReLU after it fused); and its
+# gradient: the sum of the gradients of its output (a tensor read twice) where y > 0.
+ADD_RELU = cupy.ElementwiseKernel(
+    "T a, T b", "T y", "T v = a + b; y = v < (T)0.0f ? (T)0.0f : v;", "xpcnn_add_relu"
+)
+ADD_RELU_BACKWARD = cupy.ElementwiseKernel(
+    "T a, T b, T y", "T dx", "T s = a + b; dx = s * (T)(y > (T)0.0f ? 1.0f : 0.0f);",
+    "xpcnn_add_relu_backward"
+)
+
+# dy * (y > 0) and dy * mask, as products (NaN * 0 is NaN, as in the standard versions).
+RELU_BACKWARD = cupy.ElementwiseKernel(
+    "T dy, Y y", "T dx", "dx = dy * (T)(y > (Y)0.0f ? 1.0f : 0.0f);", "xpcnn_relu_backward"
+)
+MASK_MULTIPLY = cupy.ElementwiseKernel(
+    "T x, bool m, T scale", "T y", "y = x * (T)(m ? 1.0f : 0.0f) * scale;",
+    "xpcnn_mask_multiply"
+)
+# The same, then the gradient of a ReLU whose output was r (a dropout after a ReLU, backward).
+MASK_MULTIPLY_RELU = cupy.ElementwiseKernel(
+    "T x, bool m, T scale, Y r", "T y",
+    "y = x * (T)(m ? 1.0f : 0.0f) * scale * (T)(r > (Y)0.0f ? 1.0f : 0.0f);",
+    "xpcnn_mask_multiply_relu"
+)
+
+# A product rounded to X on its own, never fused with a sum into one multiply-add (NVRTC fuses
+# by default, across statements): float16 through float, where the product is exact.
+_ROUNDED_PRODUCT = """
+template <typename X> __device__ X xpcnn_mul_rn(X a, X b) { return (X)((float)a * (float)b); }
+template <> __device__ float xpcnn_mul_rn<float>(float a, float b) { return __fmul_rn(a, b); }
+template <> __device__ double xpcnn_mul_rn<double>(double a, double b) {
+    return __dmul_rn(a, b);
+}
+"""
+# StandardKernels.rescale in one launch: the cast (exact for uint8 images), the product rounded
+# once to T, as the standard version's multiplication by a Python number rounds it (never
+# fused with the sum), then where ``shift`` the sum with the offset rounded to T, then the
+# result rounded to U (``dtype_of``, never read, binds T).
+RESCALE = cupy.ElementwiseKernel(
+    "S x, raw T dtype_of, T scale, T offset, bool shift", "U y",
+    "const T p = xpcnn_mul_rn<T>((T)x, scale); y = (U)(shift ? (T)(p + offset) : p);",
+    "xpcnn_rescale", preamble=_ROUNDED_PRODUCT)
+
+# StandardKernels.normalize in one launch: the cast, the difference with the channel's shift
+# and its product with the channel's scale rounded once to T (as the standard version's), the
+# result rounded to U.
+NORMALIZE = cupy.ElementwiseKernel(
+    "S x, raw T shift, raw T scale, int32 C", "U y",
+    "const T d = (T)x - shift[i % C]; y = (U)xpcnn_mul_rn<T>(d, scale[i % C]);",
+    "xpcnn_normalize", preamble=_ROUNDED_PRODUCT)
+
