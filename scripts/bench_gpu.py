@@ -261,6 +261,7 @@ def compare_loss_kernels(batch: int, args: argparse.Namespace) -> list[dict[str,
     import cupy
 
     from xpcnn.ops import fast_cupy
+    from xpcnn.ops.cuda_reductions import cross_entropy_kernel
     from xpcnn.ops.kernels import StandardKernels
 
     kernels, rng, rows = fast_cupy.KERNELS, np.random.default_rng(0), []
@@ -283,7 +284,7 @@ def compare_loss_kernels(batch: int, args: argparse.Namespace) -> list[dict[str,
             pass
         ms = {label: timed(op, args.steps, args.warmup, args.device) * 1e3
               for label, op in ops.items()}
-        kernel = fast_cupy.cross_entropy_kernel(classes, np.float32)[0]
+        kernel = cross_entropy_kernel(classes, np.float32)[0]
         print(f"  {classes:>7}  {kernel:<34}" + "".join(
             f"{ms[k]:>{w}.3f}" if k in ms else f"{'-':>{w}}"
             for k, w in (("xpcnn", 8), ("standard", 10), ("torch", 8))))
@@ -381,7 +382,7 @@ def torch_twin(model: xpcnn.Sequential, batch: int, precision: str, args: argpar
     layout = torch.channels_last if args.torch_channels_last else torch.contiguous_format
     net = mirror(model, torch.float32, exact_random=False)[1:].to(dev, memory_format=layout)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    shape = model.input_shape
+    shape = model.input_shape[1:]
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (batch, *shape)).astype(np.float32).transpose(0, 3, 1, 2)
     x = torch.from_numpy(images).to(dev).clone(memory_format=layout)

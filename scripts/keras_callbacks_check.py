@@ -22,8 +22,10 @@ except ImportError:
     print("skipped: Keras 3 is not importable")
     sys.exit(0)
 
+import xpcnn
 import xpcnn.callbacks as xc
 from xpcnn.errors import InputError
+from xpcnn.layers import Dense, Flatten
 
 
 class Optimizer:
@@ -34,7 +36,7 @@ class Optimizer:
 
 
 class FakeModel:
-    """What the callbacks read: a weights token (the epoch), an optimizer, save calls."""
+    """What Keras' callbacks read: a weights token (the epoch), an optimizer, save calls."""
 
     def __init__(self):
         self.stop_training, self.optimizer, self.epoch = False, Optimizer(0.1), -1
@@ -54,9 +56,23 @@ class FakeModel:
     save_weights = save  # (what both libraries' save_weights_only=True call)
 
 
-def run(make, kw, seq, monitor, steps=1):
-    """The decisions of a callback over one scripted sequence (or the error it raised)."""
-    model = FakeModel()
+def xpcnn_model():
+    """A real (tiny) xpcnn model, for all that xpcnn's callbacks read (its metrics, its layers
+    for a file's configuration...), whose weights are a token, the epoch, as FakeModel's."""
+    model = xpcnn.Sequential([Flatten(), Dense(2)], input_shape=(2,), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1))
+    model.epoch, model.restored, model.saved = -1, None, []
+    model.get_weights = lambda: [model.epoch]
+    model.set_weights = lambda weights: setattr(model, "restored", weights[0])
+    model.save = model.save_weights = lambda path, overwrite=True: model.saved.append(
+        model.epoch if model._position[1] is None else model._position)
+    return model
+
+
+def run(make, kw, seq, monitor, steps=1, model=None):
+    """The decisions of a callback over one scripted sequence (or the error it raised), on
+    ``model`` (FakeModel where None)."""
+    model = FakeModel() if model is None else model
     try:
         cb = make(**kw)
         cb.set_model(model)
@@ -143,7 +159,7 @@ def main(cases=2000, seed=0):
             xpcnn_kw.update(filepath=os.path.join(tmp, "m.npz"), save_weights_only=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ours = run(getattr(xc, kind), xpcnn_kw, seq, monitor, steps)
+            ours = run(getattr(xc, kind), xpcnn_kw, seq, monitor, steps, xpcnn_model())
             theirs = run(getattr(keras.callbacks, kind), keras_kw, seq, monitor, steps)
         if ours != theirs:
             reason = known(kw, seq, theirs, steps)

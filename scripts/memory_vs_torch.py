@@ -176,7 +176,7 @@ def torch_peak(model: xpcnn.Sequential, batch: int, precision: str, channels_las
     layout = torch.channels_last if channels_last else torch.contiguous_format
     mixed = precision == "mixed_float16"
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (batch, *model.input_shape)).astype(np.float32)
+    images = rng.integers(0, 256, (batch, *model.input_shape[1:])).astype(np.float32)
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         net, owners = build_twin(model, cuda_dropout)

@@ -1355,3 +1355,86 @@ def test_a_callback_state_set_in_its_first_epoch_does_not_refuse_the_fit(data, t
               checkpoint=path, resume=True)
     assert model.optimizer.iterations == 8 and load_checkpoint(path).epoch == 2
     assert resumed.restored == first.last != resumed.last
+
+
+# -- Keras' positional order ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda p: EarlyStopping("val_loss", 0, 3, 1),  # (Keras: verbose fourth)
+    lambda p: ReduceLROnPlateau("val_loss", 0.2, 5, 1),  # (Keras: verbose fourth)
+    lambda p: ModelCheckpoint(p, "val_loss", 1, True),  # (Keras: verbose third)
+    lambda p: BackupAndRestore(p, "epoch", False),  # (Keras: double_checkpoint third)
+])
+def test_keras_positional_slips_are_type_errors(make, tmp_path):
+    with pytest.raises(TypeError, match="positional argument"):
+        make(tmp_path / "m.npz")
+
+
+def test_keras_positional_prefix_means_what_it_does_in_keras(tmp_path):
+    stop = EarlyStopping("loss", 0.5, 3)
+    assert (stop.monitor, stop.min_delta, stop.patience) == ("loss", 0.5, 3)
+    lr = ReduceLROnPlateau("loss", 0.2, 5)
+    assert (lr.monitor, lr.factor, lr.patience) == ("loss", 0.2, 5)
+    assert ModelCheckpoint(tmp_path / "m.npz", "loss").monitor == "loss"
+    assert BackupAndRestore(tmp_path / "b.npz", 3).save_freq == 3
+
+
+def test_a_resumed_csv_logger_appending_writes_each_epoch_once(data, tmp_path):
+    """A run stopped after CSVLogger(append=True) wrote epoch 1's row but before the backup of
+    epoch 1 resumes at epoch 1: its row replaces the stale one (was: epochs 0, 1, 1, 2, 3), and
+    the file holds what an uninterrupted run's holds; rows of an earlier, unresumed run stay."""
+    log, backup = tmp_path / "log.csv", tmp_path / "backup.npz"
+    log.write_text("epoch,accuracy,loss,seconds\n7,0.5,1.5,0.1\n")  # (an earlier run's row)
+
+    def fail(epoch, logs):
+        if epoch == 1:
+            raise RuntimeError("stop")
+
+    def run(*extra):
+        return small_model().fit(*data, epochs=4, batch_size=BATCH, verbose=0, callbacks=[
+            BackupAndRestore(backup), CSVLogger(log, append=True), *extra])
+
+    with pytest.raises(RuntimeError, match="stop"):
+        run(LambdaCallback(on_epoch_end=fail))
+    with open(log, newline="") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["7", "0", "1"]
+    history = run()
+    with open(log, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["7", "0", "1", "2", "3"]
+    assert [float(r["loss"]) for r in rows[2:]] == history.history["loss"][1:]
+
+
+def test_the_keras_comparison_script_drives_xpcnn_callbacks_without_crashing(monkeypatch,
+                                                                             tmp_path):
+    """scripts/keras_callbacks_check.py (README's comparison with Keras) drives xpcnn's
+    callbacks through its cases on a real model (was: an AttributeError on its fake model,
+    metrics_names then layers, before comparing anything). Keras itself stands in as a stub
+    here: its side of the comparison runs where Keras is installed."""
+    import importlib.util
+    import sys
+
+    stub = SimpleNamespace(metrics=SimpleNamespace(Accuracy=lambda name: None))
+    compile_utils = SimpleNamespace(MetricsList=list)
+    for name, module in (("keras", stub), ("keras.src", SimpleNamespace()),
+                         ("keras.src.trainers", SimpleNamespace()),
+                         ("keras.src.trainers.compile_utils", compile_utils)):
+        monkeypatch.setitem(sys.modules, name, module)
+    path = Path(__file__).parent.parent / "scripts" / "keras_callbacks_check.py"
+    spec = importlib.util.spec_from_file_location("keras_callbacks_check", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rng, kinds = random.Random(0), set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(40):
+            kind, kw, seq, monitor = script.case(rng)
+            if kind == "ModelCheckpoint":
+                kw.update(filepath=str(tmp_path / "m.npz"), save_weights_only=True)
+            result = script.run(getattr(script.xc, kind), kw, seq, monitor, 2,
+                                script.xpcnn_model())
+            if result != "error":
+                kinds.add(kind)
+                assert result["epochs run"] >= 1
+    assert kinds == {"EarlyStopping", "ReduceLROnPlateau", "ModelCheckpoint",
+                     "LearningRateScheduler"}

@@ -528,6 +528,73 @@ def test_slots_are_written_in_the_weights_layout_and_older_files_still_load(tmp_
         load_checkpoint(stored)
 
 
+def _v1_file(tmp_path, layers, layouts):
+    """A checkpoint of a model of ``layers`` trained a little with SGD momentum, rewritten as a
+    version-1 file without lr_factor whose i-th Conv2D's kernel slot is in ``layouts[i]``
+    ("keras" or "stored"); returns (path, the slots as trained)."""
+    model = xpcnn.Sequential(layers, input_shape=(8, 8, 3), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1, momentum=0.9))
+    rng = np.random.default_rng(0)
+    model.fit(rng.normal(size=(8, 8, 8, 3)), np.arange(8) % 2, epochs=1, batch_size=4,
+              verbose=0)
+    path = tmp_path / ("v1-" + "-".join(layouts) + ".npz")
+    save_checkpoint(model, path, Progress(1), model.history)
+    slots = [np.asarray(a) for a in model.optimizer.slots["momentum"]]
+    from xpcnn.saving.checkpoint import _slot_owners
+    kernels = [(k, la) for k, (la, w) in enumerate(_slot_owners(model))
+               if isinstance(la, Conv2D) and w == "kernel"]
+
+    def as_written(arrays):
+        for (k, conv), layout in zip(kernels, layouts, strict=True):
+            if layout == "stored":
+                key = f"slot.momentum.{k}"
+                arrays[key] = conv.from_keras_layout("kernel", arrays[key])
+
+    def v1(config):
+        config["version"] = 1
+        del config["optimizer"]["lr_factor"]
+
+    _rewrite(path, v1, as_written)
+    return path, slots
+
+
+def _loaded_slots(path):
+    return [np.asarray(a) for a in load_checkpoint(path).model.optimizer.slots["momentum"]]
+
+
+@pytest.mark.parametrize("layouts", [("keras", "keras"), ("stored", "stored")])
+def test_v1_slots_without_lr_factor_take_the_layout_their_shapes_show(tmp_path, layouts):
+    """A version-1 file without lr_factor was written before Conv2D's kernel was stored as
+    (K, kh, kw, C) (slots in Keras' layout) or by the two commits after (slots as stored): a
+    kernel slot whose shape differs between the two says which, for every slot of the file,
+    a square kernel's (3, 3, 3, 3) included (was: stored ones refused, the square one read in
+    Keras' layout whatever the file held)."""
+    layers = [Conv2D(3, 3), Conv2D(4, 3), Flatten(), Dense(2)]  # (3, 3, 3, 3), (3, 3, 3, 4)
+    path, slots = _v1_file(tmp_path, layers, layouts)
+    for a, b in zip(slots, _loaded_slots(path), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("layouts", [("keras",), ("stored",)])
+def test_v1_slots_whose_layout_no_shape_shows_are_refused(tmp_path, layouts):
+    """A version-1 file without lr_factor whose only convolution kernel is (3, 3, 3, 3) cannot
+    say its slots' layout: refused, naming the file and the slot (was: read in Keras' layout,
+    silently transposed where the file held them as stored)."""
+    path, _ = _v1_file(tmp_path, [Conv2D(3, 3), Flatten(), Dense(2)], layouts)
+    with pytest.raises(DataFormatError, match=re.escape(str(path)) + r": this version-1 "
+                       r"checkpoint \(no lr_factor\) records no layout for its optimizer slots, "
+                       r"and slot\.momentum\.0 \(the kernel of layer 'conv2d(_\d+)?', shape "
+                       r"\(3, 3, 3, 3\)\) has the same shape in both layouts"):
+        load_checkpoint(path)
+
+
+def test_v1_slots_in_two_layouts_are_refused(tmp_path):
+    layers = [Conv2D(4, 3), Conv2D(5, 3), Flatten(), Dense(2)]
+    path, _ = _v1_file(tmp_path, layers, ("stored", "keras"))
+    with pytest.raises(DataFormatError, match="its version-1 optimizer slots are in two layouts"):
+        load_checkpoint(path)
+
+
 def test_checkpoints_written_before_metrics_were_a_choice_resume_with_accuracy(tmp_path):
     """Files written before ``compile(metrics=...)`` had a choice hold no metrics: they meant
     accuracy, so they resume in a model compiled as before, and one compiled without metrics
@@ -905,7 +972,8 @@ def test_load_weights_of_a_checkpoint_does_not_read_its_optimizer(tmp_path, monk
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(16, 2, 2, 1)).astype(np.float32), np.arange(16) % 3
     model = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1), seed=0)
-    model.compile("cross_entropy", xpcnn.optim.SGD(HalvingEvery10(0.1), momentum=0.9))
+    model.compile(loss="cross_entropy",
+                  optimizer=xpcnn.optim.SGD(HalvingEvery10(0.1), momentum=0.9))
     model.fit(x, y, epochs=1, batch_size=8, verbose=0, checkpoint=tmp_path / "c.npz")
     monkeypatch.delitem(xpcnn.optim.SCHEDULES, "HalvingEvery10")  # (an inference script)
     for built in (True, False):
@@ -966,12 +1034,12 @@ def test_restore_checkpoint_takes_the_files_settings_and_refuses_a_bad_one(tmp_p
         return model
 
     saved = make()
-    saved.layers[1].momentum, saved.layers[3].rate = 0.9, 0.5
+    saved.layers[1].momentum, saved.layers[3].rate = 0.3, 0.5
     path = tmp_path / "s.npz"
     save_checkpoint(saved, path)
     model = make()
     restore_checkpoint(model, path)
-    assert (model.layers[1].momentum, model.layers[3].rate) == (0.9, 0.5)
+    assert (model.layers[1].momentum, model.layers[3].rate) == (0.3, 0.5)
 
     def bad(config):
         config["model"]["layers"][1]["config"]["momentum"] = 0.5

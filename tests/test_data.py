@@ -1128,7 +1128,7 @@ def _recording():
     """A small model whose training steps record each batch's number (its first value), and
     the list they go to."""
     model = xpcnn.Sequential([Flatten(), Dense(3)], seed=0)
-    model.compile("cross_entropy", "sgd")
+    model.compile(loss="cross_entropy", optimizer="sgd")
     steps = []
     step = model.train_step
 

@@ -282,7 +282,7 @@ def test_a_dataset_of_whole_greyscale_batches_leaves_the_model_unbuilt(grey):
         model.fit(BatchSequence(x, y), verbose=0)
     assert not model.built
     model.fit(x[..., None], y, batch_size=BATCH, verbose=0)
-    assert model.input_shape == (6, 6, 1)
+    assert model.input_shape == (None, 6, 6, 1)
     images, onehot = np.repeat(x[..., None], 2, axis=-1), np.eye(6, dtype=np.int64)[y]
     flat = xpcnn.Sequential([Flatten(), Dense(6)], seed=0)  # (K = 6 = H)
     flat.compile(optimizer=xpcnn.optim.Adam(1e-2))
@@ -290,7 +290,7 @@ def test_a_dataset_of_whole_greyscale_batches_leaves_the_model_unbuilt(grey):
         flat.fit(GreyDataset(images, onehot), batch_size=BATCH, verbose=0)
     assert not flat.built
     flat.fit(GreyDataset(images, onehot.astype(np.float32)), batch_size=BATCH, verbose=0)
-    assert flat.input_shape == (6, 6, 2) and flat.optimizer.iterations == 3
+    assert flat.input_shape == (None, 6, 6, 2) and flat.optimizer.iterations == 3
 
 
 @pytest.mark.parametrize("built", [True, False])
@@ -419,7 +419,7 @@ def test_items_of_one_array_are_x_for_predict(data):
         expected = make().predict(x, batch_size=BATCH)  # (the same seed, the same weights)
         np.testing.assert_array_equal(model.predict(DataLoader(images, batch_size=BATCH)),
                                       expected)
-        assert model.input_shape == x.shape[1:]
+        assert model.input_shape[1:] == x.shape[1:]
         np.testing.assert_array_equal(model.predict(images, batch_size=BATCH), expected)
         np.testing.assert_array_equal(model.predict(
             ((x[a:a + BATCH],) for a in range(0, N, BATCH)), steps=3), expected)
@@ -542,7 +542,7 @@ def test_the_channel_axis_is_added_only_where_the_model_takes_one_channel(grey):
         model.fit(GreyDataset(x, y), verbose=0)
     assert not model.built
     model.fit(x[..., None], y, verbose=0)  # (the trial build left nothing behind)
-    assert model.input_shape == (6, 6, 1)
+    assert model.input_shape == (None, 6, 6, 1)
     dense = xpcnn.Sequential([Dense(4)], seed=0)  # ((6, 6, 1) would not build either)
     with pytest.raises(InputError, match=r"expects flat per-sample inputs \(features,\), got "
                                          r"\(6, 6\): add a Flatten or GlobalAvgPool2D layer "

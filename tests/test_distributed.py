@@ -691,7 +691,7 @@ if rank == 0:  # (a slow file system: the others must wait for the file, not rac
     model_file.write_npz_atomic = slow(model_file.write_npz_atomic)
     checkpoint_file.write_npz_atomic = slow(checkpoint_file.write_npz_atomic)
 model = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1), seed=1)
-model.compile("sparse_categorical_crossentropy", "sgd")
+model.compile(loss="sparse_categorical_crossentropy", optimizer="sgd")
 steps = [
     ("save", lambda: (model.save(f"{out}/m.npz"), xpcnn.load_model(f"{out}/m.npz"))),
     ("save_weights", lambda: (model.save_weights(f"{out}/w.npz"),
@@ -752,7 +752,7 @@ x, y = rng.normal(size=(64, 2, 2, 1)).astype("float32"), rng.integers(0, 3, 64)
 
 def model():
     m = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1), seed=1)
-    m.compile("sparse_categorical_crossentropy", "sgd")
+    m.compile(loss="sparse_categorical_crossentropy", optimizer="sgd")
     return m
 
 
@@ -812,7 +812,7 @@ class Check(Callback):  # (evaluates on every rank, after a check that fails on 
 
 
 m = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1), seed=1)
-m.compile("sparse_categorical_crossentropy", "sgd")
+m.compile(loss="sparse_categorical_crossentropy", optimizer="sgd")
 m.fit(x, y, epochs=2, batch_size=8, verbose=0,
       callbacks=[ModelCheckpoint(f"{out}/ck.npz"), Check()])
 '''
@@ -1237,7 +1237,7 @@ def batches(n):
 
 
 model = xpcnn.Sequential([Flatten(), Dense(3)], seed=0)
-model.compile("cross_entropy", "sgd")
+model.compile(loss="cross_entropy", optimizer="sgd")
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     if sys.argv[1] == "validation":  # (rank 0's validation generator runs out first)

@@ -192,13 +192,16 @@ def test_without_a_graph_there_is_no_symbolic_tensor():
 
 def test_a_layer_called_at_two_places_asks_which(images):
     conv = Conv2D(4, 3)
-    xpcnn.Sequential([conv, Flatten(), Dense(3)], input_shape=(8, 8, 3))
-    xpcnn.Sequential([conv, MaxPool2D(2), Flatten(), Dense(2)], input_shape=(8, 8, 3))
+    # (both kept: a model's calls leave its layers' inbound nodes when it is collected)
+    one = xpcnn.Sequential([conv, Flatten(), Dense(3)], input_shape=(8, 8, 3))
+    two = xpcnn.Sequential([conv, MaxPool2D(2), Flatten(), Dense(2)], input_shape=(8, 8, 3))
     for what in ("output", "input"):
         with pytest.raises(InputError, match=rf"layer 'conv2d' \(Conv2D\) is called at 2 "
                                              rf"places .* so its {what} is ill-defined: Keras "
                                              rf"asks for get_{what}_at\(node_index\)"):
             getattr(conv, what)
+    del two
+    assert conv.output.node.inputs == (one.input,)
 
 
 def test_a_block_inside_a_model_keeps_its_own_symbolic_graph(images):
@@ -222,18 +225,15 @@ def test_a_block_inside_a_model_keeps_its_own_symbolic_graph(images):
         xpcnn.Model(head.input, conv.output)
 
 
-def test_a_layer_of_an_unbuilt_block_inside_a_model_says_how_to_get_its_output(images):
-    """(was: "it is in no functional graph", of a layer the model holds)"""
+def test_an_unbuilt_block_called_inside_a_model_is_built_there_with_its_own_graph(images):
+    """As Keras builds a Sequential at its first call (was: left unbuilt, its layers' output
+    refused, its weights [] though the model trained them)."""
     base = xpcnn.Sequential([Conv2D(4, 3, name="conv"), ReLU(), Flatten()], name="base")
     inputs = xpcnn.Input((8, 8, 3))
     head = xpcnn.Model(inputs, Softmax()(Dense(2)(base(inputs))))
+    assert base.built and base.input.shape == (None, 8, 8, 3)
     conv = head.get_layer("conv")
-    with pytest.raises(InputError, match=r"layer 'conv' \(Conv2D\) has no symbolic output: it "
-                                         r"was called only through model 'base' called on a "
-                                         r"tensor, .* and 'base' is not built, so it has none: "
-                                         r"build it .* xpcnn.Model\(m.input, layer.output\)"):
-        _ = conv.output
-    base.build((8, 8, 3))  # (as the error says: the trained weights stay)
+    assert conv.output.node.inputs == (base.input,)
     np.testing.assert_array_equal(xpcnn.Model(base.input, conv.output).predict(images),
                                   np.asarray(head.forward(images)[0]))
 

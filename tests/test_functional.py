@@ -327,7 +327,7 @@ def test_the_inputs_name_is_kept_by_summary_files_and_a_new_build(data, tmp_path
     for m in (model, loaded):
         lines = []
         m.summary(print_fn=lines.append)
-        assert lines[0] == 'Model "model" on cpu, input "images" (8, 8, 3)'
+        assert lines[0] == 'Model "model" on cpu, input "images" (None, 8, 8, 3)'
         rows = [line.split() for line in lines]
         assert rows[4][-1] == "images" and rows[5][-2:] == ["conv2d,", "images"]
         assert m.input.name == "images" and m.get_config()["input_name"] == "images"
@@ -338,7 +338,7 @@ def test_the_inputs_name_is_kept_by_summary_files_and_a_new_build(data, tmp_path
     assert "input_name" not in unnamed.get_config()  # (its file as it was)
     lines = []
     unnamed.summary(print_fn=lines.append)
-    assert lines[0] == 'Model "model" on cpu, input (8, 8, 3)'
+    assert lines[0] == 'Model "model" on cpu, input (None, 8, 8, 3)'
 
 
 def test_a_concatenation_along_the_height_saves_and_loads(data, tmp_path):
@@ -535,7 +535,7 @@ def test_a_sequential_of_a_base_model_and_a_head_shares_and_freezes_its_layers(d
     base.trainable = False
     model = xpcnn.Sequential([base, GlobalAvgPool2D(), Dense(5, activation="softmax")])
     assert [la for la in model.layers[:3]] == list(base.layers)
-    assert model.built and model.input_shape == (8, 8, 3)  # (the base's, as in Keras)
+    assert model.built and model.input_shape == (None, 8, 8, 3)  # (the base's, as in Keras)
     model.compile(optimizer="adam")
     model.fit(*data, epochs=1, batch_size=8, verbose=0)
     for a, b in zip(base.get_weights(), frozen, strict=True):
@@ -687,7 +687,7 @@ def test_summary_and_output_shape_are_of_the_models_own_images_where_a_block_is_
     xpcnn.Model(larger, Softmax()(Dense(4)(Flatten()(block(larger)))))
     lines = []
     block.summary(print_fn=lines.append)
-    assert block.output_shape == (3, 3, 3)
+    assert block.output_shape == (None, 3, 3, 3)
     assert "conv2d (Conv2D)  (None, 3, 3, 3)  57" in [line.rstrip() for line in lines]
 
 
@@ -1006,7 +1006,7 @@ def test_sequential_add_of_an_input_or_a_built_base_declares_the_input_as_in_ker
     model.add(xpcnn.Input((4, 4, 1), name="img"))
     model.add(Flatten())
     model.add(Dense(3))
-    assert model.built and model.input_shape == (4, 4, 1) and model.input.name == "img"
+    assert model.built and model.input_shape == (None, 4, 4, 1) and model.input.name == "img"
     with pytest.raises(InputError, match="layer 'conv2d' \\(Conv2D\\) expects per-sample inputs"):
         model.add(Conv2D(2, 3))
     assert [type(la) for la in model.layers] == [Flatten, Dense] and model.built
@@ -1014,7 +1014,7 @@ def test_sequential_add_of_an_input_or_a_built_base_declares_the_input_as_in_ker
     stacked = xpcnn.Sequential()
     stacked.add(base)
     stacked.add(Dense(2))
-    assert stacked.built and stacked.input_shape == (6, 6, 1)
+    assert stacked.built and stacked.input_shape == (None, 6, 6, 1)
     with pytest.raises(InputError, match="an xpcnn.Input\\(shape\\) is added first"):
         stacked.add(xpcnn.Input((6, 6, 1)))
 

@@ -2,6 +2,7 @@
 takes, and the per-layer hook that Dropout's rate is checked by."""
 
 import os
+import warnings
 
 import array_api_strict as xs
 import numpy as np
@@ -18,7 +19,8 @@ def _zero_ceiling_model(device="cpu"):
     model = xpcnn.Sequential([Conv2D(3, 3, name="conv"), ReLU(name="relu"),
                               ReLU(max_value=0, name="cap"), Flatten(), Dense(4, name="dense")],
                              device=device, seed=0)
-    model.compile("sparse_categorical_crossentropy", xpcnn.optim.SGD(0.1, momentum=0.9))
+    model.compile(loss="sparse_categorical_crossentropy",
+                  optimizer=xpcnn.optim.SGD(0.1, momentum=0.9))
     return model
 
 
@@ -75,7 +77,7 @@ def test_a_relu_ceiling_of_zero_is_a_ceiling_in_the_plan(device, data):
     # a ceiling assigned after a fit: the plan compiled again, the ReLU no longer fused
     other = xpcnn.Sequential([Conv2D(3, 3, name="conv"), ReLU(name="late"), Flatten(), Dense(4)],
                              device=device, seed=0)
-    other.compile("sparse_categorical_crossentropy", "sgd")
+    other.compile(loss="sparse_categorical_crossentropy", optimizer="sgd")
     other.fit(x, y, epochs=1, verbose=0)
     assert plan_of(other)[1] == ["conv"]
     changes = Layer.settings_changes
@@ -118,3 +120,46 @@ def test_a_refused_dropout_rate_leaves_the_old_rates_drawn_share():
         drop.rate = 0.99999  # (float32 draws it, before float16 refuses it)
     assert drop.rate == 0.3
     assert drop._drawn_rates == before
+
+
+# -- Keras' spellings of layer arguments ------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda a: Dense(3, activation=a),
+                                  lambda a: Conv2D(3, 3, activation=a)], ids=["Dense", "Conv2D"])
+def test_keras_linear_activation_is_no_activation(make):
+    """``activation="linear"`` is Keras' explicit None: it was refused."""
+    layer = make("linear")
+    assert layer.activation is None and layer.get_config()["activation"] is None
+    layer.activation = "LINEAR"  # (as assigned later too)
+    assert layer.activation is None
+    with pytest.raises(InputError, match="activation must be None or 'relu'"):
+        make("tanh")
+
+
+def test_a_keras_batchnorm_momentum_is_warned_about():
+    """Keras' BatchNormalization(momentum=0.99) keeps 99% of the moving statistics; xpcnn's
+    momentum (PyTorch's) is the batch's share, so the ported 0.99 kept 1%, silently."""
+    from xpcnn.layers import BatchNorm2D
+
+    with pytest.warns(RuntimeWarning, match=r"momentum 0.99 .*PyTorch's convention.*Keras' "
+                                            r"momentum=0.99 is xpcnn's 0.01"):
+        layer = BatchNorm2D(momentum=0.99)
+    assert layer.momentum == 0.99  # (taken: a user may mean it)
+    with pytest.warns(RuntimeWarning, match="momentum 0.9 "):
+        layer.momentum = 0.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BatchNorm2D(momentum=0.5).momentum = 0.01
+
+
+def test_keras_random_crop_height_and_width_get_a_clear_error():
+    """``RandomCrop(28, 28)`` (Keras' height, width) failed with "layer name must be a
+    non-empty string or None, got 28"."""
+    from xpcnn.layers import RandomCrop
+
+    with pytest.raises(InputError, match=r"RandomCrop\(28, 28\): xpcnn's RandomCrop\(padding=4\) "
+                                         r"pads .* crops it back to the input size .*Keras' "
+                                         r"RandomCrop\(height, width\)"):
+        RandomCrop(28, 28)
+    assert RandomCrop(2, "crop").name == "crop"

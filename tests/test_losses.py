@@ -54,7 +54,7 @@ MISMATCHES = [("layer", True), ("activation", True), ("logits", False)]
 def test_from_logits_that_contradicts_a_built_model_is_refused_at_compile(last, from_logits):
     model = net(last)
     with pytest.raises(InputError, match=refusal(last, from_logits)):
-        model.compile(SoftmaxCrossEntropy(from_logits=from_logits), "sgd")
+        model.compile(loss=SoftmaxCrossEntropy(from_logits=from_logits), optimizer="sgd")
     assert model.loss is None and model.optimizer is None  # (a refused compile changes nothing)
 
 
@@ -64,7 +64,7 @@ def test_from_logits_that_contradicts_an_unbuilt_model_is_refused_when_a_call_bu
     """Compiled before it is built: fit, evaluate and train_on_batch refuse it once they have
     built it from the data, and leave it unbuilt."""
     model = net(last, input_shape=None)
-    model.compile(SoftmaxCrossEntropy(from_logits=from_logits), xpcnn.optim.SGD(0.1))
+    model.compile(loss=SoftmaxCrossEntropy(from_logits=from_logits), optimizer=xpcnn.optim.SGD(0.1))
     for call in (lambda: model.fit(X, Y, epochs=1, verbose=0),
                  lambda: model.evaluate(X, Y),
                  lambda: model.train_on_batch(X, Y)):
@@ -75,7 +75,7 @@ def test_from_logits_that_contradicts_an_unbuilt_model_is_refused_when_a_call_bu
 
 def test_a_train_step_on_a_model_changed_since_compile_is_refused():
     model = net("logits")
-    model.compile(SoftmaxCrossEntropy(from_logits=True), xpcnn.optim.SGD(0.1))
+    model.compile(loss=SoftmaxCrossEntropy(from_logits=True), optimizer=xpcnn.optim.SGD(0.1))
     model.add(Softmax())
     model.build((2, 2, 1))  # (its new end not seen by compile)
     xb, yb = model.backend.asarray(X), model.backend.asarray(Y)
@@ -91,7 +91,7 @@ def test_from_logits_that_fits_the_model_trains_as_the_default(last, from_logits
     runs = []
     for setting in (None, from_logits):
         model = net(last, input_shape=None)
-        model.compile(SoftmaxCrossEntropy(from_logits=setting), xpcnn.optim.SGD(0.1))
+        model.compile(loss=SoftmaxCrossEntropy(from_logits=setting), optimizer=xpcnn.optim.SGD(0.1))
         history = model.fit(X, Y, epochs=2, batch_size=4, verbose=0)
         runs.append((model.get_weights(), history.history["loss"], model.evaluate(X, Y)))
     (w0, h0, e0), (w1, h1, e1) = runs
@@ -114,7 +114,7 @@ def test_from_logits_round_trips_through_get_config_model_files_and_checkpoints(
         config = SoftmaxCrossEntropy(from_logits=setting).get_config()
         assert SoftmaxCrossEntropy(**config).from_logits is setting
         model = net(last)
-        model.compile(SoftmaxCrossEntropy(from_logits=setting), xpcnn.optim.SGD(0.1))
+        model.compile(loss=SoftmaxCrossEntropy(from_logits=setting), optimizer=xpcnn.optim.SGD(0.1))
         model.fit(X, Y, epochs=1, batch_size=4, verbose=0)
         model.save(tmp_path / "m.npz")
         save_checkpoint(model, tmp_path / "c.npz", Progress(1), model.history)
@@ -128,10 +128,10 @@ def test_from_logits_round_trips_through_get_config_model_files_and_checkpoints(
 
 def test_a_checkpoint_resumes_only_under_its_from_logits(tmp_path):
     model = net("logits")
-    model.compile(SoftmaxCrossEntropy(from_logits=True), xpcnn.optim.SGD(0.1))
+    model.compile(loss=SoftmaxCrossEntropy(from_logits=True), optimizer=xpcnn.optim.SGD(0.1))
     model.fit(X, Y, epochs=1, batch_size=4, verbose=0, checkpoint=tmp_path / "c.npz")
     other = net("logits")
-    other.compile(SoftmaxCrossEntropy(), xpcnn.optim.SGD(0.1))
+    other.compile(loss=SoftmaxCrossEntropy(), optimizer=xpcnn.optim.SGD(0.1))
     with pytest.raises(InputError, match=r"compile\.loss\.from_logits is True there and None "
                                          "here"):
         other.fit(X, Y, epochs=2, batch_size=4, verbose=0, checkpoint=tmp_path / "c.npz",
@@ -284,7 +284,7 @@ def test_a_subclass_forward_is_what_training_and_evaluation_compute(spied, loss,
     forward (twice the loss) trains as a hand-computed float64 SGD step of twice the loss,
     and evaluate reports it (was: bypassed, trained as the plain cross-entropy)."""
     model = net("layer", dtype="float64")
-    model.compile(loss, xpcnn.optim.SGD(0.1))
+    model.compile(loss=loss, optimizer=xpcnn.optim.SGD(0.1))
     x, y = X.astype(np.float64), Y
     kernel, bias = model.get_weights()
     before, kernel_after, bias_after = sgd_reference(x, y, kernel, bias, factor)
@@ -306,7 +306,7 @@ def test_a_forward_set_on_the_instance_takes_effect_too(spied):
     loss.forward = lambda *args, **kwargs: tuple(2 * a for a in SoftmaxCrossEntropy.forward(
         loss, *args, **kwargs))
     model = net("layer", dtype="float64")
-    model.compile(loss, xpcnn.optim.SGD(0.1))
+    model.compile(loss=loss, optimizer=xpcnn.optim.SGD(0.1))
     x = X.astype(np.float64)
     kernel, bias = model.get_weights()
     want, _, _ = sgd_reference(x, Y, kernel, bias, 2.0)
@@ -325,7 +325,7 @@ def test_a_subclass_targets_takes_effect_too(spied):
     losses = []
     for loss in (Smoothed(), SoftmaxCrossEntropy(label_smoothing=0.5)):
         model = net("layer", dtype="float64")
-        model.compile(loss, xpcnn.optim.SGD(0.1))
+        model.compile(loss=loss, optimizer=xpcnn.optim.SGD(0.1))
         losses.append(model.evaluate(x, Y)[0])
     assert losses[0] == pytest.approx(losses[1], rel=1e-12)
     assert len(spied) == 1  # (the second model's)
@@ -338,7 +338,7 @@ def test_a_subclass_forward_that_returns_other_shapes_is_refused_by_name():
             return xp.sum(grad, axis=1), grad
 
     model = net("layer")
-    model.compile(PerSample(), xpcnn.optim.SGD(0.1))
+    model.compile(loss=PerSample(), optimizer=xpcnn.optim.SGD(0.1))
     with pytest.raises(InputError, match=r"PerSample\.forward must return \(the loss as a 0-d "
                                          r"array, its gradient shaped as the logits \(12, 3\)\); "
                                          r"it returned arrays of shapes \(12,\) and \(12, 3\)"):
@@ -424,3 +424,100 @@ def test_a_loss_subclass_its_config_cannot_rebuild_is_refused_at_save(tmp_path):
     model.save(tmp_path / "f.npz")
     loaded = xpcnn.load_model(tmp_path / "f.npz").loss
     assert type(loaded) is FromLogits and loaded.get_config() == model.loss.get_config()
+
+
+# -- calling a loss object, as Keras' quickstart and PyTorch do -----------------------------------
+
+def _torch_loss(logits, y, smoothing=0.0, weights=None):
+    """PyTorch's cross-entropy (float64), weighted as Keras' sum_over_batch_size."""
+    torch = pytest.importorskip("torch")
+    f = torch.nn.functional
+    z = torch.as_tensor(np.asarray(logits, np.float64))
+    t = torch.as_tensor(y) if np.asarray(y).ndim == 2 else torch.as_tensor(y, dtype=torch.int64)
+    per = f.cross_entropy(z, t, reduction="none", label_smoothing=smoothing)
+    w = torch.ones(len(per), dtype=torch.float64) if weights is None else torch.as_tensor(
+        np.asarray(weights, np.float64))
+    return float((w * per).sum() / len(per))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("one_hot", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_loss_object_called_matches_pytorch(smoothing, one_hot, weighted):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(7, 4)) * 3
+    labels = rng.integers(0, 4, 7)
+    y = np.eye(4)[labels] * 0.7 + 0.075 if one_hot else labels  # (soft rows too)
+    w = rng.random(7) * 2 if weighted else None
+    expected = _torch_loss(logits, y, smoothing, w)
+    for from_logits, scores in ((True, logits), (False, np.exp(logits) /
+                                                 np.exp(logits).sum(axis=1, keepdims=True))):
+        got = SoftmaxCrossEntropy(smoothing, from_logits=from_logits)(y, scores, sample_weight=w)
+        assert isinstance(got, np.ndarray) and got.shape == () and got.dtype == np.float64
+        assert float(got) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    got32 = SoftmaxCrossEntropy(smoothing, from_logits=True)(y, logits.astype(np.float32), w)
+    assert got32.dtype == np.float32 and float(got32) == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_object_called_on_array_api_strict():
+    xps = pytest.importorskip("array_api_strict")
+    logits = np.random.default_rng(0).normal(size=(5, 3))
+    got = SoftmaxCrossEntropy(from_logits=True)(np.arange(5) % 3, xps.asarray(logits))
+    assert array_api_namespace(got) is xps and got.shape == ()
+    assert float(got) == pytest.approx(_torch_loss(logits, np.arange(5) % 3), rel=1e-12)
+
+
+def array_api_namespace(a):
+    import array_api_compat
+    return array_api_compat.array_namespace(a)
+
+
+@pytest.mark.parametrize("last", ["logits", "layer"])
+def test_loss_object_called_matches_evaluate(last):
+    model = net(last)
+    model.compile(loss=SoftmaxCrossEntropy(0.1), optimizer="sgd", metrics=[])
+    w = np.linspace(0.5, 2.0, len(Y))
+    loss = SoftmaxCrossEntropy(0.1, from_logits=last == "logits")
+    got = loss(Y, model(X), sample_weight=w)
+    assert float(got) == pytest.approx(model.evaluate(X, Y, sample_weight=w, batch_size=12,
+                                                      verbose=0), rel=1e-5)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: SoftmaxCrossEntropy()(Y[:2], np.zeros((2, 3))),
+     r"from_logits=None\) cannot tell whether y_pred holds logits or probabilities"),
+    (lambda: SoftmaxCrossEntropy(from_logits=True)(Y[:3], np.zeros((2, 3))),
+     r"y_true has 3 labels but y_pred has 2 rows"),
+    (lambda: SoftmaxCrossEntropy(from_logits=True)(np.array([0, 5]), np.zeros((2, 3))),
+     r"labels in y_true must be in \[0, 2\]"),
+    (lambda: SoftmaxCrossEntropy(from_logits=True)(Y[:2], np.zeros(3)),
+     r"y_pred must be a batch of scores, shape \(N, classes\)"),
+    (lambda: SoftmaxCrossEntropy(from_logits=True)(Y[:2], np.zeros((2, 3), int)),
+     r"y_pred must hold real floating-point scores, got dtype int64"),
+    (lambda: SoftmaxCrossEntropy(from_logits=True)(Y[:2], np.full((2, 3), np.nan)),
+     r"y_pred holds NaN or infinite values"),
+    (lambda: SoftmaxCrossEntropy(from_logits=False)(Y[:2], np.ones((2, 3))),
+     r"from_logits=False\) takes y_pred as probabilities, each row >= 0 and summing to 1; row 0 "
+     r"sums to 3"),
+    (lambda: SoftmaxCrossEntropy(from_logits=True)(Y[:2], np.zeros((2, 3)), [1.0, -1.0]),
+     r"sample_weight must be finite .* and >= 0; sample 1"),
+])
+def test_loss_object_called_refuses_bad_input(call, message):
+    with pytest.raises(InputError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("loss", [["sparse_categorical_crossentropy"],
+                                  ("cross_entropy",), [SoftmaxCrossEntropy(0.1)]])
+def test_compile_takes_a_list_of_one_loss(loss):
+    model = net("logits")
+    model.compile(loss=loss, optimizer="sgd")
+    assert type(model.loss) is SoftmaxCrossEntropy
+
+
+@pytest.mark.parametrize("loss", [{"dense": "sparse_categorical_crossentropy"},
+                                  ["cross_entropy", "cross_entropy"], []])
+def test_compile_refuses_a_loss_per_output(loss):
+    with pytest.raises(InputError, match=r"compile's loss must be one loss, got a (dict|list).*an "
+                                         r"xpcnn model has one output, so pass its loss itself"):
+        net("logits").compile(loss=loss, optimizer="sgd")

@@ -371,3 +371,31 @@ def test_mixed_precision_counts_on_the_logits_the_model_computes(precision):
     logs = model.evaluate(X, Y, return_dict=True)
     for name in ("sparse_top_k_categorical_accuracy", "t"):
         assert history.history[name] == [logs[name]] and 0 < logs[name] < 1
+
+
+@pytest.mark.parametrize("before", [["acc"], ["acc", SparseTopKCategoricalAccuracy(3, "top2")]],
+                         ids=["none", "another_k"])
+def test_a_top_k_metric_compiled_mid_epoch_counts_the_samples_since(before):
+    """A callback's compile in mid-epoch that adds a top-k metric (or gives one another k):
+    the epoch's log of it counted only the batches after compile but divided by every sample
+    of the epoch (0.5 for a top-5 of 4 classes, which is 1 by definition), or kept the other
+    k's counts. It is the metric's share of the samples since compile."""
+    from xpcnn.callbacks import Callback
+
+    model = logits_model(before)  # (a rate of 0: every step's logits are predict's)
+    after = []
+
+    class Recompile(Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                self.model.compile(optimizer=self.model.optimizer, metrics=[
+                    "acc", SparseTopKCategoricalAccuracy(k=2, name="top2")])
+            elif batch == 3:
+                after.append(logs["top2"])
+
+    history = model.fit(X, Y, batch_size=6, shuffle=False, verbose=0, callbacks=[Recompile()])
+    z = model.predict(X)
+    in_top2 = reference_in_top_k(z, Y, 2)
+    assert history.history["top2"] == pytest.approx([in_top2[18:].mean()], rel=1e-12)
+    assert after == pytest.approx([in_top2[18:24].mean()], rel=1e-12)
+    assert history.history["acc"] == pytest.approx([reference_in_top_k(z, Y, 1).mean()])

@@ -288,8 +288,9 @@ def test_fit_or_to_from_another_thread_while_fit_runs_is_refused_naming_the_thre
         for call, what in ((lambda: model.fit(*data, epochs=1, verbose=0), "fit"),
                            (lambda: model.to("cpu"), r"to\(\)")):
             with pytest.raises(InputError, match=rf"^{what} was called while this model's fit "
-                                                 r"runs in another thread: a model runs one "
-                                                 r"fit or move at a time"):
+                                                 r"runs in another thread: a model trains "
+                                                 r"\(fit, train_on_batch, train_step, compile\) "
+                                                 r"or moves \(to\(\)\) in one thread at a time"):
                 call()
     finally:
         release.set()
@@ -1439,13 +1440,13 @@ def test_a_sequential_takes_keras_3s_input_first_and_keeps_its_name(tmp_path):
     layer, got SymbolicTensor"); add(Input(...)) after a layer says how to give the input
     instead (added first, it is Keras' way too: see test_functional)."""
     model = xpcnn.Sequential([xpcnn.Input((6, 6, 1), name="digits"), Flatten(), Dense(3)])
-    assert model.built and model.input_shape == (6, 6, 1)
+    assert model.built and model.input_shape == (None, 6, 6, 1)
     lines = []
     model.summary(print_fn=lines.append)
-    assert '"digits" (6, 6, 1)' in lines[0]
+    assert '"digits" (None, 6, 6, 1)' in lines[0]
     model.save(tmp_path / "m.npz")
     back = xpcnn.load_model(tmp_path / "m.npz")
-    assert back._input_name == "digits" and back.input_shape == (6, 6, 1)
+    assert back._input_name == "digits" and back.input_shape == (None, 6, 6, 1)
     with pytest.raises(InputError, match=r"and input_shape=\(5, 5, 1\): give one of them"):
         xpcnn.Sequential([xpcnn.Input((6, 6, 1)), Dense(3)], input_shape=(5, 5, 1))
     with pytest.raises(InputError, match=r"got a symbolic tensor: an xpcnn.Input\(shape\) is "
@@ -1472,7 +1473,7 @@ def test_a_changed_layer_list_is_the_model_that_runs_and_saves(tmp_path):
     model = trained()
     model.layers.pop()
     model.layers.pop()
-    assert model.built and model.output_shape == (8,) and len(model.get_weights()) == 2
+    assert model.built and model.output_shape == (None, 8) and len(model.get_weights()) == 2
     features = xpcnn.Model(model.input, model.layers[-1].output).predict(x)
     np.testing.assert_array_equal(model.predict(x), features)
     assert features.shape == (6, 8)
@@ -1482,7 +1483,7 @@ def test_a_changed_layer_list_is_the_model_that_runs_and_saves(tmp_path):
     np.testing.assert_array_equal(xpcnn.load_model(tmp_path / "m.npz").predict(x), features)
     model = trained()
     last = model.pop()
-    assert isinstance(last, Softmax) and model.built and model.output_shape == (3,)
+    assert isinstance(last, Softmax) and model.built and model.output_shape == (None, 3)
     assert len(model.get_weights()) == 4
     assert len(model.optimizer.slots["m"]) == 4  # (the same layers trained: Adam's state kept)
     slots = {k: [np.array(a) for a in v] for k, v in model.optimizer.slots.items()}
@@ -1657,7 +1658,7 @@ def test_assigning_a_sequentials_layers_is_a_change_of_its_layers():
     model.layers = model.layers[:-2] + [new]
     assert isinstance(model.layers, xpcnn.model.LayerList) and model.built
     assert [la.name for la in model.layers] == ["conv2d", "flatten", "dense", "dense_1"]
-    assert model.get_layer("dense_1") is new and model.output_shape == (3,)
+    assert model.get_layer("dense_1") is new and model.output_shape == (None, 3)
     paths = [w.path for w in model.weights]
     assert len(set(paths)) == len(paths) == 6
     assert model.predict(x, verbose=0).shape == (4, 3)
@@ -1677,7 +1678,7 @@ def test_assigning_a_sequentials_layers_is_a_change_of_its_layers():
         with pytest.raises(InputError, match=message):
             model.layers = value
         # (nothing changed: the layers, their names, the model built with its weights)
-        assert list(model.layers) == layers and model.built and model.output_shape == (3,)
+        assert list(model.layers) == layers and model.built and model.output_shape == (None, 3)
         assert [la.name for la in model.layers] == ["conv2d", "flatten", "dense", "dense_1"]
         for a, b in zip(weights, model.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
@@ -1786,7 +1787,7 @@ def test_activation_changed_after_a_step_recompiles_the_plan():
         model = xpcnn.Sequential([Conv2D(4, 3, activation=act), MaxPool2D(2), Flatten(),
                                   Dense(8, activation=act), Dropout(0.0), Dense(3)], seed=0,
                                  input_shape=(8, 8, 3), dtype="float64")
-        model.compile("cross_entropy", "sgd")
+        model.compile(loss="cross_entropy", optimizer="sgd")
         return model
 
     model = make("relu")
@@ -1911,7 +1912,7 @@ def test_a_one_element_list_of_the_input_array_is_the_input_at_every_entry_point
     assert plain.train_on_batch(x, y) == boxed.train_on_batch(box, ys)
     plain.fit(x, y, epochs=2, batch_size=4, verbose=0, validation_data=(x, y))
     boxed.fit(box, ys, epochs=2, batch_size=4, verbose=0, validation_data=(box, ys))
-    assert boxed.input_shape == (6, 6, 3)
+    assert boxed.input_shape == (None, 6, 6, 3)
     for key, values in plain.history.history.items():
         assert key == "seconds" or boxed.history.history[key] == values
     for a, b in zip(plain.get_weights(), boxed.get_weights(), strict=True):

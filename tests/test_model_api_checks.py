@@ -89,7 +89,7 @@ def test_an_in_place_change_of_layers_is_checked_and_refused_as_a_whole(how):
 def test_an_in_place_change_that_is_taken_builds_at_once():
     model = trained()
     model.layers.insert(4, Dense(3))
-    assert model.built and model.layers[4].built and model.output_shape == (3,)
+    assert model.built and model.layers[4].built and model.output_shape == (None, 3)
     assert model.layers.pop(4).name == "dense"
     assert len(model.layers) == 5 and model.built
 
@@ -110,7 +110,7 @@ def test_add_on_a_built_model_builds_it_again_at_once(how):
     for a, b in zip(weights, model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     model.add(Dense(2))
-    assert model.built and model.output_shape == (2,) and len(model.weights) == 6
+    assert model.built and model.output_shape == (None, 2) and len(model.weights) == 6
 
 
 def test_add_refused_on_a_built_model_leaves_it_as_it_was():
@@ -118,7 +118,7 @@ def test_add_refused_on_a_built_model_leaves_it_as_it_was():
     weights = model.get_weights()
     with pytest.raises(InputError, match="is not the last layer"):
         model.add(Dense(2))  # (after the final Softmax)
-    assert len(model.layers) == 5 and model.built and model.output_shape == (3,)
+    assert len(model.layers) == 5 and model.built and model.output_shape == (None, 3)
     for a, b in zip(weights, model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(InputError, match="named 'd'"):
@@ -139,9 +139,9 @@ def test_an_input_declared_before_any_layer_as_in_keras(how):
         model.add(xpcnn.Input((6, 6, 1), name="pixels"))
     assert not model.built
     model.add(Flatten())
-    assert model.built and model.input_shape == (6, 6, 1)
+    assert model.built and model.input_shape == (None, 6, 6, 1)
     model.add(Dense(3))
-    assert model.output_shape == (3,)
+    assert model.output_shape == (None, 3)
     if how != "input_shape":
         assert model.input.name == "pixels"
 
@@ -153,7 +153,7 @@ def test_a_second_input_is_refused_as_in_keras():
         with pytest.raises(InputError, match=r"already has its input, of shape \(6, 6, 1\)"):
             model.add(xpcnn.Input((4, 4, 1)))
         model.add(Flatten())
-        assert model.input_shape == (6, 6, 1)
+        assert model.input_shape == (None, 6, 6, 1)
     with pytest.raises(InputError, match="input_shape must be positive sizes"):
         xpcnn.Sequential(input_shape=(0, 3))
 
@@ -178,7 +178,7 @@ def test_a_model_of_no_layers_yet_says_so_where_it_must_be_built(what):
 def test_layers_appended_to_a_model_with_an_input_declared_build_for_it():
     model = xpcnn.Sequential(input_shape=(6, 6, 1))
     model.layers.append(Flatten())
-    assert model.built and model.output_shape == (36,)
+    assert model.built and model.output_shape == (None, 36)
 
 
 @pytest.mark.parametrize("cls", [xpcnn.Sequential, xpcnn.Model])

@@ -27,7 +27,7 @@ def _shape(name):
 def test_every_model_builds_with_its_output_shape(name):
     model = build_model(name, 7, _shape(name), seed=1)
     assert isinstance(model, xpcnn.Model if name in NETWORKS else xpcnn.Sequential)
-    assert model.built and model.input_shape == _shape(name) and model.output_shape == (7,)
+    assert model.built and model.input_shape[1:] == _shape(name) and model.output_shape == (None, 7)
     assert model.name == name
 
 
@@ -70,7 +70,7 @@ def test_every_model_has_the_input_shape_of_its_dataset():
         model = build_model(name, 10, INPUT_SHAPES[name], seed=1)
         assert model.predict(np.zeros((1, *INPUT_SHAPES[name]), np.uint8)).shape == (1, 10)
     for name in NETWORKS:  # (a network is built for its input shape when none is given)
-        assert build_model(name).input_shape == INPUT_SHAPES[name]
+        assert build_model(name).input_shape[1:] == INPUT_SHAPES[name]
 
 
 def _convs(model):

@@ -272,7 +272,7 @@ def wide(rng, features=120_000):
     norm = Normalization()
     norm.adapt(x)
     model = xpcnn.Sequential([norm, Dense(3)], input_shape=(features,), seed=0)
-    model.compile("cross_entropy", "sgd")
+    model.compile(loss="cross_entropy", optimizer="sgd")
     return model, x, np.arange(8) % 3
 
 

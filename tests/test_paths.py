@@ -19,7 +19,7 @@ from xpcnn.layers import Dense, Flatten
 
 def tiny_model() -> xpcnn.Sequential:
     model = xpcnn.Sequential([Flatten(), Dense(3)], input_shape=(2, 2, 1), seed=0)
-    model.compile("cross_entropy", "sgd")
+    model.compile(loss="cross_entropy", optimizer="sgd")
     return model
 
 

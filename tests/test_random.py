@@ -496,7 +496,7 @@ def test_settings_assigned_after_build_are_checked_as_the_constructor_checks_the
     drop = Dropout(0.1)
     model = xpcnn.Sequential([scale, crop, Conv2D(2, 3), norm, bn, relu, drop, Flatten(),
                               Dense(2)], seed=0)
-    model.compile("sparse_categorical_crossentropy", "sgd")
+    model.compile(loss="sparse_categorical_crossentropy", optimizer="sgd")
     model.fit(x, y, epochs=1, verbose=0)
     refused = [(crop, "padding", -2), (crop, "padding", 2.0), (crop, "padding", 2**15),
                (relu, "max_value", -1.0), (relu, "max_value", "6"), (bn, "momentum", 5.0),
@@ -512,8 +512,8 @@ def test_settings_assigned_after_build_are_checked_as_the_constructor_checks_the
         assert getattr(layer, name) == old and Layer.settings_changes == changes
     # a good value is taken as the constructor takes it (a float, an int) and counted once
     changes = Layer.settings_changes
-    bn.momentum, crop.padding, relu.max_value = 1, np.int64(2), 6
-    assert (bn.momentum, crop.padding, relu.max_value) == (1.0, 2, 6.0)
+    bn.momentum, crop.padding, relu.max_value = 0, np.int64(2), 6
+    assert (bn.momentum, crop.padding, relu.max_value) == (0.0, 2, 6.0)
     assert type(bn.momentum) is float and type(crop.padding) is int
     assert Layer.settings_changes == changes + 3
     model.fit(x, y, epochs=1, verbose=0)
@@ -532,7 +532,7 @@ def test_dropout_rate_assigned_after_build_is_checked_for_the_layers_dtypes():
     x, y = rng.normal(size=(16, 8, 8, 3)).astype(np.float32), rng.integers(0, 3, 16)
     drop = Dropout(0.5)
     model = xpcnn.Sequential([Conv2D(4, 3), ReLU(), Flatten(), drop, Dense(3)], seed=0)
-    model.compile("cross_entropy", "adam", precision="mixed_float16")
+    model.compile(loss="cross_entropy", optimizer="adam", precision="mixed_float16")
     model.fit(x, y, epochs=1, batch_size=8, verbose=0)
     changes = Layer.settings_changes
     with pytest.raises(InputError, match="cannot be drawn in float16"):

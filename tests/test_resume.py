@@ -865,7 +865,7 @@ class SettingsSchedule(Callback):
     def on_train_batch_begin(self, batch, logs=None):
         from xpcnn.layers import BatchNorm2D, Dropout
 
-        values = {10: (0.5, 0.9), 20: (0.1, 0.8)}.get(self.model.optimizer.iterations)
+        values = {10: (0.5, 0.4), 20: (0.1, 0.3)}.get(self.model.optimizer.iterations)
         for layer in self.model.layers if values else ():
             if isinstance(layer, Dropout):
                 layer.rate = values[0]

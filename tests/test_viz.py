@@ -82,7 +82,7 @@ def test_stage_tour_builds_an_unbuilt_model_and_takes_gray_and_float_images(tmp_
     model = xpcnn.Sequential([Conv2D(2, 3), ReLU(), GlobalAvgPool2D(), Dense(2), Softmax()])
     gray = rng.random((10, 10)).astype(np.float32)
     fig = viz.plot_stage_tour(model, gray, tmp_path / "g.png", figsize=(3, 3), dpi=40)
-    assert model.built and model.input_shape == (10, 10, 1)
+    assert model.built and model.input_shape == (None, 10, 10, 1)
     assert len(fig.axes) == 2 * (len(model.layers) + 1)
     check_png(tmp_path / "g.png", 120, 120)
 

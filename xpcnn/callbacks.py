@@ -717,8 +717,10 @@ class EarlyStopping(_Monitor):
     holds the weights twice: a run resumed from it after its best epoch ends with them.
     """
 
+    # (positional as far as Keras' order is the same, keyword-only after: a Keras positional
+    # call that would land on another parameter is a TypeError)
     def __init__(self, monitor: str = "val_loss", min_delta: float = 0.0, patience: int = 0,
-                 mode: str = "auto", baseline: float | None = None,
+                 *, mode: str = "auto", baseline: float | None = None,
                  restore_best_weights: bool = False, verbose: int = 0,
                  start_from_epoch: int = 0) -> None:
         super().__init__(monitor, mode, min_delta)
@@ -841,8 +843,10 @@ class ModelCheckpoint(_Monitor):
 
     async_safe = True
 
+    # (positional as far as Keras' order is the same, keyword-only after: a Keras positional
+    # call that would land on another parameter is a TypeError)
     def __init__(self, filepath: str | os.PathLike[str], monitor: str = "val_loss",
-                 save_best_only: bool = False, save_weights_only: bool = False,
+                 *, save_best_only: bool = False, save_weights_only: bool = False,
                  mode: str = "auto", verbose: int = 0, save_freq: int | str = "epoch",
                  initial_value_threshold: float | None = None) -> None:
         super().__init__(monitor, mode, watched=save_best_only is True)
@@ -1039,8 +1043,10 @@ class BackupAndRestore(Callback):
 
     async_safe = True
 
+    # (positional as far as Keras' order is the same, keyword-only after: a Keras positional
+    # call that would land on another parameter is a TypeError)
     def __init__(self, path: str | os.PathLike[str], save_freq: int | str = "epoch",
-                 resume: bool = True, delete_checkpoint: bool = True) -> None:
+                 *, resume: bool = True, delete_checkpoint: bool = True) -> None:
         super().__init__()
         path = checks.file_path(path, "checkpoint")
         if not is_save_freq(save_freq):
@@ -1103,8 +1109,10 @@ class ReduceLROnPlateau(_Monitor):
     so the History of a ``fit`` records it. ``factor`` must lie in (0, 1) (Keras also takes 0 or
     less, which drops the rate to ``min_lr`` at once: say ``factor=1e-9`` for that)."""
 
+    # (positional as far as Keras' order is the same, keyword-only after: a Keras positional
+    # call that would land on another parameter is a TypeError)
     def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10,
-                 mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0,
+                 *, mode: str = "auto", min_delta: float = 1e-4, cooldown: int = 0,
                  min_lr: float = 0.0, verbose: int = 0) -> None:
         super().__init__(monitor, mode, min_delta)
         self.factor = checks.number(factor, "ReduceLROnPlateau factor", 0.0, 1.0, low_open=True,
@@ -1198,7 +1206,9 @@ class CSVLogger(Callback):
     the first epoch on, ``NA`` where an epoch was not validated, as in Keras; one without
     validation data gets none (Keras adds a ``val_`` column, all ``NA``, for every log). A new
     file (``append=False``) of a run resumed from a checkpoint starts with the epochs its
-    History got back, so that it holds what an uninterrupted run's file holds. Such a file's
+    History got back, so that it holds what an uninterrupted run's file holds; a resumed run
+    appending drops the file's last rows of its first epoch on (written by the run stopped
+    before its backup of them), so that each epoch has one row. Such a file's
     first write (its header, those epochs, the first row) replaces the old file atomically: a
     write that fails (a full disk) names the file and leaves the old one as it was; later rows
     are appended."""
@@ -1247,11 +1257,16 @@ class CSVLogger(Callback):
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         if not self.writing:
             return
+        rows = []
         if self.mode is None:
             os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)
             self.mode = "a" if self.append else "w"
+            if self.keys is not None and getattr(self.model, "_resume_at", None) is not None:
+                # (a resumed run appending: rows of this epoch on were written by the run
+                # stopped before its backup of them, and are written again now; the file is
+                # rewritten without them, atomically, as a new file's first write)
+                rows, self.mode = self._rows_before(epoch), "w"
         logs = dict(logs or {})
-        rows = []
         if self.keys is None:
             self.keys = sorted({*logs, *self._validation_columns()})
             rows = [["epoch", *self.keys], *self._restored_rows()]
@@ -1281,6 +1296,24 @@ class CSVLogger(Callback):
                     raise
                 raise named from e
         self.mode = "a"
+
+    def _rows_before(self, epoch: int) -> list[list[str]]:
+        """The appended file's header and rows without its last rows of epochs from ``epoch``
+        on (the stopped run's; an earlier run's rows before them stay, whatever their epochs)."""
+        def before(row: list[str]) -> bool:
+            try:
+                return int(row[0]) < epoch
+            except (ValueError, IndexError):  # (not a row of an epoch: kept)
+                return True
+        try:
+            with open(self.filename, newline="") as f:
+                header, *rows = csv.reader(f, delimiter=self.separator)
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise InputError(f"CSVLogger cannot append to {self.filename!r}: it cannot be read "
+                             f"({type(e).__name__}: {e})") from e
+        while rows and not before(rows[-1]):
+            rows.pop()
+        return [header, *rows]
 
     def _restored_rows(self) -> list[list[Any]]:
         """The rows of the epochs a resumed run's History holds already (restored from its

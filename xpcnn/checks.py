@@ -98,6 +98,12 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray
 
     Returns (targets as given, int64 class indices) after checking lengths and ranges.
     """
+    if isinstance(y, Mapping):  # (Keras' targets keyed by output name: was "a single value")
+        keys = list(y)
+        hint = f"; pass {what}[{keys[0]!r}] itself" if len(keys) == 1 else ""
+        raise InputError(f"{what} is a dict (keys {keys[:5]}): an xpcnn model has one output, "
+                         f"whose labels are one array, integer labels ({n},) or one-hot rows "
+                         f"({n}, {classes}), not keyed by output name{hint}")
     try:
         arr = np.asarray(y)
     except Exception as e:
@@ -261,12 +267,15 @@ def flag(value: Any, what: str) -> bool:
 
 def verbosity(value: Any) -> int:
     """Keras' ``verbose``: 0 (silent), 1 (a progress bar), 2 (a line an epoch, or one after
-    evaluate or predict, for log files) or "auto" (1)."""
+    evaluate or predict, for log files) or "auto" (1); False and True are 0 and 1, as Keras
+    takes them."""
     if isinstance(value, str) and value == "auto":
         return 1
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value not in (0, 1, 2):
-        raise InputError(f"verbose must be 0 (silent), 1 (a progress bar), 2 (a line an epoch) "
-                         f"or 'auto', got {value!r}")
+    if isinstance(value, bool | np.bool_):
+        return int(value)
+    if not isinstance(value, int | np.integer) or value not in (0, 1, 2):
+        raise InputError(f"verbose must be 0 (silent), 1 (a progress bar), 2 (a line an epoch), "
+                         f"'auto' or True/False, got {value!r}")
     return int(value)
 
 

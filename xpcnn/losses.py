@@ -5,9 +5,15 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import array_api_compat
+import numpy as np
+
 from .checks import (
+    as_labels,
+    as_sample_weights,
     defined_by,
     named_parameters,
+    real_floating,
     register,
     registered,
     takes_keywords,
@@ -15,7 +21,12 @@ from .checks import (
     untaken_settings,
 )
 from .errors import InputError
-from .ops.softmax import cross_entropy, loss_and_correct, nan_unless_classes, target_rows
+from .ops.softmax import (
+    cross_entropy,
+    loss_and_correct,
+    nan_unless_classes,
+    target_rows,
+)
 
 #: Loss classes by name, as files name them: xpcnn's and a user's subclasses (registered when
 #: defined).
@@ -108,6 +119,80 @@ class SoftmaxCrossEntropy:
                 "(Keras would take the log of logits): end the model in Softmax() (or a "
                 "softmax activation), or pass from_logits=True (or None)")
 
+    def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+        """The mean loss of a batch, as Keras' and PyTorch's loss objects give it: a 0-d array
+        of ``y_pred``'s namespace and device (``float()`` reads it). ``y_pred`` (N, classes) are
+        logits (``from_logits=True``, through :meth:`forward`, a subclass's own included) or
+        probabilities (``False``; no clipping: a target class of probability 0 gives an
+        infinite loss, as its log); ``None`` is refused, as it cannot say which. ``y_true``:
+        integer labels (N,) or one-hot/probability rows, checked as ``fit`` checks them;
+        ``sample_weight`` (N,): each sample's share, the weighted sum still divided by N (Keras'
+        "sum_over_batch_size"). Computed in float32 or float64 (``y_pred``'s; float32 for a
+        lower precision)."""
+        if self.from_logits is None:
+            raise InputError(
+                f"{type(self).__name__}(from_logits=None) cannot tell whether y_pred holds "
+                "logits or probabilities: construct it with from_logits=True (logits, as "
+                "PyTorch's cross_entropy takes) or from_logits=False (probabilities, the "
+                "outputs of a softmax) to call it")
+        if hasattr(y_pred, "__array_namespace__"):
+            xp = array_api_compat.array_namespace(y_pred)
+        else:
+            try:
+                y_pred = np.asarray(y_pred)
+            except Exception as e:  # (ragged lists and the like)
+                raise InputError(f"y_pred must be an array of numbers: {e}") from e
+            xp = array_api_compat.array_namespace(y_pred)
+        if y_pred.ndim != 2 or y_pred.shape[0] == 0 or y_pred.shape[1] < 2:
+            raise InputError(f"y_pred must be a batch of scores, shape (N, classes) with N >= 1 "
+                             f"and at least 2 classes; got shape {tuple(y_pred.shape)}")
+        if not real_floating(xp, y_pred.dtype):
+            raise InputError(f"y_pred must hold real floating-point scores, got dtype "
+                             f"{y_pred.dtype}")
+        n, classes = y_pred.shape
+        dtype = xp.float64 if y_pred.dtype == xp.float64 else xp.float32
+        z = xp.astype(y_pred, dtype, copy=False)
+        device = array_api_compat.device(z)
+        host = _to_host(z)
+        if not np.all(np.isfinite(host)):
+            raise InputError("y_pred holds NaN or infinite values")
+        if self.from_logits is False:  # (a log of logits would be a wrong, finite loss)
+            sums = host.sum(axis=1, dtype=np.float64)
+            bad = np.flatnonzero((host.min(axis=1) < 0) | (np.abs(sums - 1) > 1e-3))
+            if bad.size:
+                i = int(bad[0])
+                raise InputError(
+                    f"{type(self).__name__}(from_logits=False) takes y_pred as probabilities, "
+                    f"each row >= 0 and summing to 1; row {i} sums to {sums[i]:.6g} with a least "
+                    f"value of {host[i].min():.6g} ({bad.size} such rows): pass logits to a "
+                    "loss with from_logits=True")
+        y_true = _to_host(y_true)
+        try:
+            length = np.shape(y_true)[:1]
+        except ValueError:  # (ragged lists: as_labels says so)
+            length = ()
+        if length and length[0] != n:  # (as_labels would name x: here it is y_pred)
+            raise InputError(f"y_true has {length[0]} labels but y_pred has {n} rows; they must "
+                             f"match (got y_true.shape = {np.shape(y_true)})")
+        targets, _ = as_labels(y_true, n, classes, "y_true")
+        t = xp.asarray(targets, device=device)
+        if t.ndim == 2:
+            t = xp.astype(t, dtype)
+        w = None
+        if sample_weight is not None:
+            w = xp.asarray(as_sample_weights(_to_host(sample_weight), n,
+                                             dtype=np.dtype(str(host.dtype))), device=device)
+        if self.from_logits:  # (asarray: NumPy's sums are scalars, not 0-d arrays)
+            return xp.asarray(self.forward(xp, z, t, dtype, w)[0])
+        # Probabilities: the cross-entropy of log(p), no softmax (a zero target adds 0, as in
+        # cross_entropy; the gradient is not wanted here)
+        rows = self.targets(xp, t, classes, dtype)
+        logp = xp.log(z)
+        terms = rows * xp.where(rows != 0, logp, xp.zeros_like(logp))
+        if w is not None:
+            terms = xp.reshape(w, (-1, 1)) * terms
+        return xp.asarray(-xp.sum(terms) / n)
+
     def _replaced(self, method: str) -> bool:
         """Whether a subclass (or the instance) replaces ``method``."""
         return defined_by(self, method) is not SoftmaxCrossEntropy
@@ -163,6 +248,19 @@ class SoftmaxCrossEntropy:
 LOSS_CLASSES["SoftmaxCrossEntropy"] = SoftmaxCrossEntropy
 
 
+def _to_host(a: Any) -> Any:
+    """A host (NumPy) copy of an array of any namespace (a list or a number as it is)."""
+    if isinstance(a, np.ndarray | np.generic) or not hasattr(a, "__array_namespace__"):
+        return a
+    if hasattr(a, "get"):  # (CuPy)
+        return a.get()
+    if hasattr(a, "detach"):  # (PyTorch)
+        return a.detach().cpu().numpy()
+    return np.from_dlpack(a)
+
+
+
+
 def loss_from_config(config: dict[str, Any]) -> SoftmaxCrossEntropy:
     """The loss a file's compile settings describe: xpcnn's, or a user's subclass, known once
     defined (a clear error otherwise)."""
@@ -179,6 +277,14 @@ LOSSES = {"cross_entropy": SoftmaxCrossEntropy,
 def get_loss(loss: str | SoftmaxCrossEntropy) -> SoftmaxCrossEntropy:
     if isinstance(loss, SoftmaxCrossEntropy):
         return loss
+    # Keras' per-output forms: a model has one output, so [loss] is loss (as [y] is y)
+    if isinstance(loss, list | tuple) and len(loss) == 1:
+        return get_loss(loss[0])
+    if isinstance(loss, list | tuple | dict):
+        raise InputError(
+            f"compile's loss must be one loss, got a {type(loss).__name__} ({loss!r}): an xpcnn "
+            "model has one output, so pass its loss itself (a name such as "
+            f"'sparse_categorical_crossentropy' or a SoftmaxCrossEntropy), not one per output")
     if isinstance(loss, str) and loss in LOSSES:
         return LOSSES[loss]()
     raise InputError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)} "

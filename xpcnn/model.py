@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,7 +23,7 @@ from . import checks, distributed, graph
 from .backend import PRECISIONS, DeviceLike, get_backend, precision_dtype
 from .errors import DataFormatError, InputError
 from .layers.arguments import dtype_name
-from .layers.base import Layer, held_by
+from .layers.base import _HOLDERS, Layer, held_by
 from .layers.symbolic import SymbolicTensor, refuse_training_in_graph
 from .layers.weight import Weight
 from .ops.kernels import kernels_for
@@ -76,7 +77,10 @@ class Model(Trainer):
     the sum of their gradients. A layer may appear once in a graph: shared layers (one layer
     called twice) are refused with an error, since a layer keeps one forward pass for its
     backward. A model called on a symbolic tensor adds its layers to the graph being traced
-    (a Sequential block inside a Model: the layers are shared by both).
+    (a Sequential block inside a Model: the layers are shared by both; an unbuilt one is built
+    there first, as Keras builds it at its first call). Models sharing layers that they built
+    otherwise run one pass at a time from several threads (see :meth:`_shared_lock`).
+    ``input_shape`` and ``output_shape`` have the batch axis, None, as in Keras.
 
     The executor's methods below (``build``, ``_logits``, ``_backward``, ``_layer_outputs``)
     serve every graph: a subclass only says which tensors each layer reads
@@ -114,7 +118,7 @@ class Model(Trainer):
         self.name = name
         self._trainable = True  # (the model's own flag, as Keras': see trainable)
         self._layers: list[Layer] = LayerList(self)
-        self.input_shape = None
+        self._input_shape: tuple[int, ...] | None = None  # (per sample: see input_shape)
         self.built = False
         self._graph: list[graph.Inbound] = []
         self._plan_cache: graph.Plan | None = None  # (dropped by a build)
@@ -124,7 +128,19 @@ class Model(Trainer):
         self._trained_list: tuple[Layer, ...] = ()
         self._trained_at: int | None = None
         self._builds = 0  # (how many times its layers were built: a captured step is redone)
+        # (what each layer is built as for this model, and whether another model holding one
+        # of them built it otherwise, at the count of builds _BUILDS[0]: see _shared_lock)
+        self._built_like: dict[int, tuple[Any, ...]] = {}
+        self._shared_at: tuple[int, bool] = (-1, False)
         self._symbolic: graph.Symbolic | None = None
+        # (the calls of its graph this model put in its layers' inbound nodes, and only those:
+        # it takes back no others' (a traced extractor's graph is its source model's), and they
+        # vanish with it, as Keras' weak references: see _use_symbolic)
+        self._recorded: list[graph.Node] = []
+        _forget_when_gone(self, self._recorded)
+        # (a traced model's graph is the user's calls, recorded as they were made: one built
+        # again for another input keeps its new graph to itself)
+        self._records = inputs is None and outputs is None
         # (Input(name=...)'s: the summary, the configuration and a rebuilt symbolic graph keep it)
         self._input_name = traced[2].input.name if traced else "input"
         # (Layer.rebuilds and the compute dtype when the layers were last found built as
@@ -194,7 +210,7 @@ class Model(Trainer):
             raise InputError(f"layer {twice.name!r} ({type(twice).__name__}) is given twice for "
                              f"model {self.name!r}'s layers: a layer instance appears once in a "
                              f"model; create another {type(twice).__name__}(...)")
-        old, built, shape = list(self._layers), self.built, self.input_shape
+        old, built, shape = list(self._layers), self.built, self._input_shape
         frozen = self._frozen()
         with _names_back_if_refused([*old, *value]):
             list.__setitem__(self._layers, slice(None), value)
@@ -253,6 +269,10 @@ class Model(Trainer):
                                  "train_step train it")
             return self._outputs_of_batch(x)
         refuse_training_in_graph(f"model {self.name!r}", training)
+        if not self.built and self.layers:
+            # (built at its first call, as Keras builds a Sequential, symbolic calls too: its
+            # weights from its own seed, and summary, weights and save_weights work on it)
+            self.build(x.sample_shape)
         values = [x]
         for layer, ins in zip(self.layers, self._inbound(), strict=True):
             # (not one of the layer's inbound nodes: its output stays this model's, as in Keras)
@@ -261,27 +281,32 @@ class Model(Trainer):
         return values[-1]
 
     # -- building: every layer's weights for an input shape -------------------------------------
-    def build(self, input_shape: tuple[int, ...]) -> None:
-        """Create every layer's weights for per-sample ``input_shape``, e.g. (32, 32, 3)."""
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        """Create every layer's weights for per-sample ``input_shape``, e.g. (32, 32, 3), or
+        the batch's, (None, 32, 32, 3), as Keras' ``build`` takes it (and
+        :attr:`input_shape` gives it)."""
         if not self.layers:
             raise InputError("the model has no layers: " + (
                 "add() some before building it" if isinstance(self, Sequential) else
                 "an xpcnn.Model is the graph of the layers called from xpcnn.Input to its "
                 "outputs, Model(inputs, outputs) (a subclass passes them to super().__init__); "
                 "or use Sequential and add() layers"))
+        if isinstance(input_shape, tuple | list) and len(input_shape) > 1 and \
+                input_shape[0] is None:
+            input_shape = tuple(input_shape[1:])  # (the batch axis)
         shape = _sample_shape(input_shape)
         graph.check_graph(self.layers, self._inbound())
         check_structure(self.layers)
-        built_for = self.input_shape if self.built else None
+        built_for = self._input_shape if self.built else None
         with self._unbuilt_if_refused():
-            self.input_shape = shape
+            self._input_shape = shape
             try:
                 self._build_layers()
             except BaseException:
                 # (a layer refused the new shape, the layers before it built for it: a built
                 # model is built again for its own, with the weights it kept)
                 if built_for is not None:
-                    self.input_shape = built_for
+                    self._input_shape = built_for
                     self._build_layers()
                 raise
         # (the optimiser's state stays, as in Keras: built layers keep their weights and
@@ -289,8 +314,11 @@ class Model(Trainer):
         # trains changed, see _plan)
 
     def _build_layers(self) -> None:
-        graph.build(self.layers, self._inbound(), self.input_shape, self.backend,
-                    self.dtype_name, self._compute_dtype_name, self.seed)
+        with self._shared_lock():  # (not in the middle of another model's pass)
+            graph.build(self.layers, self._inbound(), self._input_shape, self.backend,
+                        self.dtype_name, self._compute_dtype_name, self.seed)
+            self._built_like = {id(la): _built_like(la) for la in self.layers}
+            _BUILDS[0] += 1
         self._plan_cache, self._trained_at = None, None
         self._builds += 1
         # (its own, whatever a layer it shares with another model is built for since)
@@ -303,23 +331,28 @@ class Model(Trainer):
         ``output``): a traced model keeps the one it was traced from; a graph for another
         input shape or other layers is replaced, its calls dropped from the layers'."""
         old = self._symbolic
-        if old is None or old.input.sample_shape != self.input_shape or \
+        if old is None or old.input.sample_shape != self._input_shape or \
                 [n.layer for n in old.nodes] != self.layers:
-            new = graph.symbolic(self.layers, self._inbound(), self.input_shape,
+            new = graph.symbolic(self.layers, self._inbound(), self._input_shape,
                                  self._input_name)
             new.input.model = self.name
             self._use_symbolic(new)
 
     def _use_symbolic(self, new: graph.Symbolic | None) -> None:
-        """Make ``new`` this model's symbolic graph: the old one's calls leave its layers'
-        inbound nodes, the new one's join them (each layer's ``output`` is in this graph,
-        where no other holds the layer)."""
-        for node in self._symbolic.nodes if self._symbolic is not None else ():
-            if node in node.layer.inbound_nodes:
-                node.layer.inbound_nodes.remove(node)
-        for node in new.nodes if new is not None else ():
-            if node not in node.layer.inbound_nodes:
-                node.layer.inbound_nodes.append(node)
+        """Make ``new`` this model's symbolic graph: the calls of the old one that this model
+        recorded leave its layers' inbound nodes, and the new one's join those of the layers
+        it holds in its own right (each such layer's ``output`` is in this graph, where no
+        other holds the layer). Not those of a model nested in it (``Sequential([base,
+        head])``: base's layers keep their output in base's graph, as in Keras, where nested
+        layers are reached through the nested model), nor a traced model's (see
+        ``_records``)."""
+        _forget(self._recorded)
+        nested = {id(la) for la in getattr(self, "_nested", ())}
+        if self._records:
+            for node in new.nodes if new is not None else ():
+                if id(node.layer) not in nested and node not in node.layer.inbound_nodes:
+                    node.layer.inbound_nodes.append(node)
+                    self._recorded.append(node)
         self._symbolic = new
 
     def _rebuild_if_shared(self) -> None:
@@ -329,14 +362,49 @@ class Model(Trainer):
         The optimiser's state stays, as the weights it follows do. The layers are looked at
         only where a layer was built or moved since they were last (``Layer.rebuilds``), or
         the precision changed: a training step asks each time."""
-        at = (Layer.rebuilds, self._compute_dtype_name)  # (read first: a build meanwhile counts)
-        if not self.built or at == self._built_as_at:
-            return
-        if not graph.built_as(self.layers, self._inbound(), self.input_shape, self.backend,
-                              self.dtype_name, self._compute_dtype_name):
-            self._build_layers()
-            at = (Layer.rebuilds, self._compute_dtype_name)
-        self._built_as_at = at
+        with self._shared_lock():
+            at = (Layer.rebuilds, self._compute_dtype_name)  # (read first: a build meanwhile)
+            if not self.built or at == self._built_as_at:
+                return
+            if not graph.built_as(self.layers, self._inbound(), self._input_shape, self.backend,
+                                  self.dtype_name, self._compute_dtype_name):
+                self._build_layers()
+                at = (Layer.rebuilds, self._compute_dtype_name)
+            self._built_as_at = at
+
+    def _shared_lock(self) -> contextlib.AbstractContextManager[Any]:
+        """What a pass holds across its rebuild (:meth:`_rebuild_if_shared`) and its run (a
+        forward pass; a training step's forward, backward and update): where another model
+        holding one of its layers built it otherwise (other inputs, precision), the one lock
+        of such models, else nothing (models sharing nothing, or layers built alike, run side
+        by side). Without it, two threads rebuilt the shared layers under each other's pass:
+        a bare error deep inside a kernel, or float16 in a float32 model, silently."""
+        if self._shared_at[0] != _BUILDS[0]:
+            self._shared_at = (_BUILDS[0], self._built_otherwise())
+        return _SHARED if self._shared_at[1] else contextlib.nullcontext()
+
+    def _built_otherwise(self) -> bool:
+        """Whether another model holding one of its layers built it otherwise than this one."""
+        for layer in self.layers:
+            try:
+                holders = list(_HOLDERS.get(layer, ()))
+            except TypeError:  # (a user's layer that is not hashable: not noted)
+                continue
+            mine = self._built_like.get(id(layer))
+            for other in holders:
+                theirs = (getattr(other, "_built_like", {}).get(id(layer)) if other is not self
+                          else None)
+                if theirs is not None and theirs != mine:
+                    return True
+        return False
+
+    @contextlib.contextmanager
+    def _shared_pass(self) -> Iterator[None]:
+        """Around a pass (a training step, an inference batch): the shared lock where it needs
+        one (:meth:`_shared_lock`), and its layers built as it needs them under it."""
+        with self._shared_lock():
+            self._rebuild_if_shared()
+            yield
 
     @contextlib.contextmanager
     def _unbuilt_if_refused(self) -> Iterator[None]:
@@ -353,15 +421,23 @@ class Model(Trainer):
             yield
         except BaseException:
             _restore(unbuilt)
-            self.built, self.input_shape, self._plan_cache = False, None, None
+            self.built, self._input_shape, self._plan_cache = False, None, None
             if self._symbolic is not symbolic:
                 self._use_symbolic(symbolic)
             raise
 
     @property
-    def output_shape(self) -> tuple[int, ...]:
+    def input_shape(self) -> tuple[int | None, ...] | None:
+        """The shape of the model's input batch, as Keras gives it: ``(None, 28, 28, 1)``, the
+        batch axis None (``model.input.shape``); None before the model is built. A Sequential's
+        ``input_shape=`` argument (and ``Input(shape)``) is per sample, as in Keras."""
+        return None if self._input_shape is None else (None, *self._input_shape)
+
+    @property
+    def output_shape(self) -> tuple[int | None, ...]:
+        """The shape of the model's output batch, as Keras gives it: ``(None, 10)``."""
         self._require_built("output_shape")
-        return self._output_shape
+        return (None, *self._output_shape)
 
     @property
     def num_classes(self) -> int:
@@ -435,6 +511,12 @@ class Model(Trainer):
         if not in_scope:
             with self.backend.compute_scope():
                 return self._logits(x, training, in_scope=True)
+        if not training:  # (a training step holds it across its forward, backward and update)
+            with self._shared_pass():
+                return self._logits_by_plan(x, training)
+        return self._logits_by_plan(x, training)
+
+    def _logits_by_plan(self, x: Any, training: bool) -> Any:
         plan = self._plan()
         if not plan.cast_input:
             x = self.backend.xp.astype(x, self._param_dtype, copy=False)
@@ -468,14 +550,15 @@ class Model(Trainer):
 
     def _layer_outputs(self, x: Any, training: bool) -> list[Any]:
         """Every layer's own output (no plan: each does its own work)."""
-        return graph.each_output(self.layers, self._inbound(), x, training)
+        with self._shared_pass():
+            return graph.each_output(self.layers, self._inbound(), x, training)
 
     def forward(self, x: Any, training: bool = False) -> list[Any]:
         """Every layer's output for a host batch, as device arrays (for inspection)."""
         self._require_built("forward")
         self._rebuild_if_shared()
         x = checks.as_images(x)
-        checks.check_sample_shape(x, self.input_shape)  # type: ignore[arg-type]
+        checks.check_sample_shape(x, self._input_shape)  # type: ignore[arg-type]
         with self.backend.compute_scope():
             return self._layer_outputs(self._to_device(x), training)
 
@@ -501,7 +584,7 @@ class Model(Trainer):
             layers.append(spec)
         config: dict[str, Any] = {
             "class": type(self).__name__, "name": self.name, "seed": self.seed,
-            "dtype": self.dtype_name, "input_shape": list(self.input_shape or []),
+            "dtype": self.dtype_name, "input_shape": list(self._input_shape or []),
             "layers": layers}
         if self._input_name != "input":  # (files of models with the default stay as they were)
             config["input_name"] = self._input_name
@@ -794,6 +877,8 @@ class Sequential(Model):
         # (the input an Input or a built base declared, as Keras builds for it: add() builds
         # the model for it as layers follow)
         self._declared_input: tuple[int, ...] | None = None
+        # (the layers it holds through a model added to it, whose graph keeps their calls)
+        self._nested: list[Layer] = []
         if layers is not None and not isinstance(layers, list | tuple):
             raise InputError(f"layers must be a list of xpcnn layers, got {type(layers).__name__}")
         if layers and isinstance(layers[0], SymbolicTensor) and layers[0].node is None:
@@ -808,7 +893,7 @@ class Sequential(Model):
                 self._add(layer)
             input_shape = input_shape if input_shape is not None else self._declared_input
             if input_shape is not None and self.layers:
-                self.build(input_shape)
+                self.build(_sample_shape(input_shape))  # (per sample, as Keras' argument)
             elif input_shape is not None:  # (no layers yet: declared, as add(Input) does)
                 self._declared_input = _sample_shape(input_shape)
         if not trainable:  # (the layers given, and those added later: see trainable)
@@ -840,7 +925,7 @@ class Sequential(Model):
             self._input_name = layer.name
             return
         declared, built, frozen = self._declared_input, self.built, self._frozen()
-        shape = self.input_shape if built else declared
+        shape = self._input_shape if built else declared
         try:
             self._add(layer)
         except BaseException:  # (a base's layer refused: the list is as it was, so is the build)
@@ -900,9 +985,10 @@ class Sequential(Model):
                 list.__delitem__(self.layers, slice(held, None))
                 raise
         if not held and model.built and self._declared_input is None:
-            self._declared_input = model.input_shape  # (Keras: built for the base's input)
+            self._declared_input = model._input_shape  # (Keras: built for the base's input)
         for inner in model.layers:
             inner.called_through = model.name
+        self._nested.extend(model.layers)
 
     def pop(self) -> Layer:
         """Remove the last layer and return it, as Keras' ``Sequential.pop``: a built model is
@@ -917,7 +1003,7 @@ class Sequential(Model):
     def _layers_changed(self) -> None:
         # (built again at once where it was built, as pop() and Keras' Sequential: its input,
         # weights and summary are the new chain's; or for the input declared, as add() builds)
-        shape = self.input_shape if self.built else self._declared_input
+        shape = self._input_shape if self.built else self._declared_input
         self.built = False
         _name_apart(list(self.layers), self)  # (as add() names them)
         if shape is not None and self.layers:
@@ -1033,6 +1119,32 @@ def _names_back_if_refused(layers: list[Layer]) -> Iterator[None]:
         for layer, name in names:
             layer._name = name
         raise
+
+
+#: the lock of passes through layers that models sharing them built otherwise (one for all:
+#: no order of locks to keep), and the count of model builds that may change who needs it
+_SHARED = threading.RLock()
+_BUILDS = [0]
+
+
+def _built_like(layer: Layer) -> tuple[Any, ...]:
+    """What a layer is built as: its inputs, device and dtypes (see :meth:`Model._shared_lock`)."""
+    return (layer.input_shape, id(layer.backend.xp), str(layer.backend.device), str(layer.dtype),
+            str(layer.compute_dtype))
+
+
+def _forget(nodes: list[graph.Node]) -> None:
+    """Take ``nodes`` (the calls a model recorded) out of their layers' inbound nodes."""
+    for node in nodes:
+        if node in node.layer.inbound_nodes:
+            node.layer.inbound_nodes.remove(node)
+    nodes.clear()
+
+
+def _forget_when_gone(model: Model, recorded: list[graph.Node]) -> None:
+    """A model collected takes its recorded calls with it (the finalizer holds the list, not
+    the model): its layers' ``output`` is no longer a dead model's tensor, nor ambiguous."""
+    weakref.finalize(model, _forget, recorded).atexit = False
 
 
 def _attributes(layers: list[Layer]) -> list[tuple[Layer, dict[str, Any]]]:

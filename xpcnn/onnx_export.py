@@ -161,9 +161,9 @@ def _model_proto(onnx: Any, model: Any, graph: GraphBuilder, input_dtype: str, o
                  ) -> Any:
     helper = onnx.helper
     elem = onnx.TensorProto.UINT8 if input_dtype == "uint8" else onnx.TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info(INPUT_NAME, elem, ["N", *model.input_shape])]
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, elem, ["N", *model._input_shape])]
     outputs = [helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT,
-                                             ["N", *model.output_shape])]
+                                             ["N", *model._output_shape])]
     proto = helper.make_model(
         helper.make_graph(graph.nodes, model.name, inputs, outputs, graph.initializers),
         opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,

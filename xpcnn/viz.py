@@ -277,7 +277,7 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
     max_maps = checks.positive_int(max_maps, "max_maps")
     img = _as_image(image)
     model = _ready_model(model, img.shape)
-    _check_class_names(class_names, model.output_shape)
+    _check_class_names(class_names, model.output_shape[1:])
     outs = [model.backend.to_numpy(o)[0].astype(np.float64) for o in model.forward(img[None])]
     nrows = len(outs) + 1
     slots, fitted = _tour_layout([a.shape for a in [img, *outs]], max_maps, bool(title))
@@ -733,7 +733,7 @@ def _check_sizes(model: Model, args: Any) -> None:
     """Refuse ``xpcnn visualize``'s figures that would be too large at ``--max-maps`` and
     ``--dpi``, sized from the model's shapes alone (each flag in its range, a deep model's tour
     may still be too large), naming those flags and the largest ``--dpi`` that fits."""
-    shapes = [tuple(model.input_shape or ()), *(tuple(la.output_shape) for la in model.layers)]
+    shapes = [tuple(model._input_shape or ()), *(tuple(la.output_shape) for la in model.layers)]
     slots, tour = _tour_layout(shapes, args.max_maps, titled=True)
     sizes = [(f"the stage tour ({len(shapes)} rows of up to {slots} maps)", tour)]
     convs = conv_layer_indices(model)
@@ -774,9 +774,9 @@ def visualize_command(args: Any) -> dict[str, Any]:
         image = _image_for(x, args.index, f"{args.dataset} {split} images")
     except InputError as e:
         raise InputError(f"argument --index: {e}") from e
-    if tuple(image.shape) != tuple(model.input_shape or ()):
+    if tuple(image.shape) != tuple(model._input_shape or ()):
         raise InputError(f"the model {args.model} expects images of shape "
-                         f"{tuple(model.input_shape or ())} but {args.dataset} images are "
+                         f"{tuple(model._input_shape or ())} but {args.dataset} images are "
                          f"{tuple(image.shape)}")
     every_name = class_names(args.dataset)
     names = _names_for(every_name, model.num_classes)

@@ -303,7 +303,7 @@ def one_input(model: Any, x: Any, what: str = "x") -> Any:
             array_api_compat.is_array_api_obj(a) and len(a.shape) >= 2 for a in x):
         return x
     if model.built:
-        shape = tuple(model.input_shape)
+        shape = tuple(model._input_shape)
         greyscale = len(shape) >= 2 and shape[-1] == 1  # (N, H, W) for (H, W, 1)
         inputs = [len(a.shape) == len(shape) + 1 or greyscale
                   and tuple(a.shape[1:]) == shape[:-1] for a in x]
@@ -317,7 +317,7 @@ def one_input(model: Any, x: Any, what: str = "x") -> Any:
         return x
     if len(x) > 1:
         shown = ", ".join(str(tuple(a.shape)) for a in x[:4]) + ", ..." * (len(x) > 4)
-        expected = f"(N, {', '.join(map(str, model.input_shape))})" if model.built else \
+        expected = f"(N, {', '.join(map(str, model._input_shape))})" if model.built else \
             "(N, H, W, C)"
         raise InputError(f"{what} is a {type(x).__name__} of {len(x)} arrays (shapes {shown}), "
                          f"but model {model.name!r} has one input, {expected}: pass its "
@@ -346,7 +346,7 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
     if not model.built:
         build_for(model, tuple(x.shape[1:]), what)
     x = with_channel_axis(x, model)
-    checks.check_sample_shape(x, model.input_shape, what)
+    checks.check_sample_shape(x, model._input_shape, what)
     if isinstance(x, np.ndarray):
         checks.check_finite(x, what, index, limit)
     if y is not None or model._fused_softmax():
@@ -380,7 +380,7 @@ def with_channel_axis(x: Any, model: Any) -> Any:
     """Greyscale images without their channel axis, (N, H, W), for a model built for
     (H, W, 1), as (N, H, W, 1) (a view: no copy), as Keras 3's functional models take them
     (``keras.datasets.mnist`` gives that layout); any other ``x`` as it is."""
-    shape, expected = tuple(x.shape[1:]), tuple(model.input_shape)
+    shape, expected = tuple(x.shape[1:]), tuple(model._input_shape)
     if len(expected) < 2 or expected[-1] != 1 or shape != expected[:-1]:
         return x
     if isinstance(x, np.ndarray):

@@ -334,12 +334,12 @@ class DatasetBatches(ShardedBatches):
 
     def _batch(self, idx: np.ndarray, stop: threading.Event | None = None) -> tuple[Any, ...]:
         if not len(idx):  # this rank's empty part of a short last batch (several ranks)
-            return (np.zeros((0, *self.model.input_shape), np.float32),
+            return (np.zeros((0, *self.model._input_shape), np.float32),
                     np.zeros((0,), np.int64) if self.with_targets else None)
         # (each sample's arrays copied as read: a dataset may refill one buffer at every [i],
         # as a loop allows, and a batch is stacked once all its samples are read)
         # (a sample of one row, (1, ...), may come as a list of that row)
-        shape = tuple(self.model.input_shape)
+        shape = tuple(self.model._input_shape)
         inner = shape[1:] if shape[0] == 1 else None
         items = [tuple(owned(p, self.model.backend) for p in split_item(
             self._item(int(i), stop), self.with_targets, self._expected, inner)) for i in idx]
@@ -377,7 +377,7 @@ class DatasetBatches(ShardedBatches):
         images (H, W) with as many integer labels."""
         shape = tuple(np.shape(x))
         if self.model.built:
-            batch = shape[1:] == tuple(self.model.input_shape)
+            batch = shape[1:] == tuple(self.model._input_shape)
         elif len(shape) == 3:  # (not one image's one-hot row (K,), which may be integer too)
             batch = shape[0] > 1 and _integer_labels(y, shape[0])
         else:  # (of more than one sample: a sample may well be (1, H, W, C) with label (1,))

@@ -173,7 +173,7 @@ class IterableBatches(Batches):
         None without them)."""
         # (a list of one sample, a built model's, is a batch of it: the last of a generator
         # of lists of samples, say)
-        inner = tuple(self.model.input_shape) if self.model.built else None
+        inner = tuple(self.model._input_shape) if self.model.built else None
         return split_item(item, self.with_targets, self._expected, inner)
 
     def _owned(self, source: Iterator[Any], drawn: collections.deque[Any] | None

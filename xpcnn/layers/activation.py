@@ -42,7 +42,9 @@ class ReLU(Layer):
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         kern = kernels_for(self.backend)
-        if not training or options.skip_relu_grad:  # (then the next layer applies the gradient)
+        if not training:  # (a training pass's mask left alone: see Layer, threads)
+            return kern.relu(x, self.max_value)
+        if options.skip_relu_grad:  # (then the next layer applies the gradient)
             self._cache_mask = None
             return kern.relu(x, self.max_value)
         # The gradient passes where the output is strictly inside (0, max_value). Kept as a

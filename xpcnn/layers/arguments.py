@@ -57,8 +57,9 @@ def check_padding(padding: str | int) -> str | int:
 def check_activation(activation: str | None, allowed: tuple[str, ...] = ("relu",)
                      ) -> str | None:
     """A layer's fused activation: None or one of ``allowed`` ("relu": applied while the output
-    is in cache; "softmax", a Dense layer's: probabilities, left to the loss at a model's end)."""
-    if activation is None:
+    is in cache; "softmax", a Dense layer's: probabilities, left to the loss at a model's end).
+    Keras' "linear" (its name for no activation) is taken as None."""
+    if activation is None or (isinstance(activation, str) and activation.lower() == "linear"):
         return None
     if isinstance(activation, str) and activation.lower() in allowed:
         return activation.lower()

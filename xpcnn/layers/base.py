@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import re
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -193,6 +194,12 @@ def _count_change(layer: Layer, old: Any, new: Any) -> None:
 # global seed generator gives them, and the same in every fresh process.
 _STANDALONE_BUILDS = itertools.count()
 
+# Held while a layer called on a batch builds itself at its first call: threads calling an
+# unbuilt layer at once build it once (each built its own weights, and counted a standalone
+# build). One for all layers (a lock in a layer would stop copying an unbuilt one); re-entrant:
+# a user's _build may call another layer.
+_BUILD_LOCK = threading.RLock()
+
 
 class Layer:
     """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``,
@@ -290,8 +297,8 @@ class Layer:
         # (the model called on a tensor that called it last, without a node of its own: an
         # error about its missing output names that model)
         self.called_through: str | None = None
-        # (the model's casts of the weights for one forward pass, see compute_weight)
-        self._cache_weights: dict[str, Any] | None = None
+        # (the model's casts of the weights for one forward pass, by thread: see _cache_weights)
+        self._cache_weights_by_thread: dict[int, dict[str, Any]] | None = {}
 
     @property
     def name(self) -> str:
@@ -418,7 +425,10 @@ class Layer:
                              "output)")
         _check_batch(self, x)
         if not self.built:
-            self._build_for(x)
+            with _BUILD_LOCK:  # (double-checked: a built layer takes no lock)
+                if not self.built:
+                    self._build_for(x)
+            _check_batch(self, x)  # (built by another thread meanwhile, perhaps for another shape)
         if self.built:
             # (in its own dtype uint8 200 + 200 wrapped to 144, a "same" max pool padded int8
             # with 0, and average pools and Dropout failed deep inside)
@@ -795,6 +805,25 @@ class Layer:
             self.compute_dtype = dtype
             Layer.rebuilds += 1
 
+    @property
+    def _cache_weights(self) -> dict[str, Any] | None:
+        """The model's casts of the weights for the forward pass running in this thread
+        (see :meth:`compute_weight`), or None. Per thread: a model predicting in one thread
+        while it trains in another casts its weights for each pass, and one pass's casts
+        (made before an optimiser step, say) are no other's."""
+        by_thread = vars(self).get("_cache_weights_by_thread")
+        return by_thread.get(threading.get_ident()) if by_thread else None
+
+    @_cache_weights.setter
+    def _cache_weights(self, casts: dict[str, Any] | None) -> None:
+        by_thread = vars(self).get("_cache_weights_by_thread")
+        if by_thread is None:
+            by_thread = self._cache_weights_by_thread = {}
+        if casts is None:
+            by_thread.pop(threading.get_ident(), None)
+        else:
+            by_thread[threading.get_ident()] = casts
+
     def compute_weight(self, name: str) -> Any:
         """Parameter ``name`` in ``compute_dtype`` (the parameter itself where that is its
         dtype): the model's cast of it for this forward pass where it made one (``_logits``
@@ -987,10 +1016,14 @@ def _marks_training_pass(forward: Callable[..., Any]) -> Callable[..., Any]:
             raise InputError(f"layer {self.name!r} ({type(self).__name__}) must be built before "
                              "it runs on a batch: layer.build(input_shape), per sample (e.g. "
                              "(32, 32, 3)), or use it in a model, which builds it")
-        training = kwargs.get("training", args[0] if args else False)
+        # An inference pass leaves the training pass's flag (and its caches: each layer's
+        # forward keeps them only in training) alone: another thread may predict with the
+        # model while it trains, between a training pass and its backward.
+        if not kwargs.get("training", args[0] if args else False):
+            return forward(self, x, *args, **kwargs)
         self._backward_ready = False
         y = forward(self, x, *args, **kwargs)
-        self._backward_ready = bool(training)
+        self._backward_ready = True
         return y
 
     return checked

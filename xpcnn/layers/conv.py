@@ -13,7 +13,7 @@ from ..errors import InputError
 from ..ops.convolution import ConvEngine, ConvGeometry
 from ..ops.kernels import kernels_for
 from .arguments import Shape, check_activation, check_padding, count, in_dtype, pair, require_rank
-from .base import DEFAULT, Layer, Options, Setting
+from .base import _BUILD_LOCK, DEFAULT, Layer, Options, Setting
 from .initializers import check_initializer, initialize
 
 
@@ -98,20 +98,22 @@ class Conv2D(Layer):
         off: :func:`xpcnn.backend.set_fast_path` reaches a layer that has run too)."""
         engine = getattr(self, "_cache_engine", None)
         if engine is None or self._engine_switches != backend_module.fast_path_switches:
-            engine = self._cache_engine = kernels_for(self.backend).conv_engine(self.geometry,
-                                                                                 self.backend)
-            self._engine_switches = backend_module.fast_path_switches
+            with _BUILD_LOCK:  # (made once: a training pass and its backward use one engine
+                engine = getattr(self, "_cache_engine", None)  # whatever other threads run)
+                if engine is None or self._engine_switches != backend_module.fast_path_switches:
+                    engine = kernels_for(self.backend).conv_engine(self.geometry, self.backend)
+                    self._cache_engine = engine
+                    self._engine_switches = backend_module.fast_path_switches
         return engine
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        self._cache_x_dtype = x.dtype
-        x = in_dtype(self.xp, x, self.compute_dtype)
+        x_dtype, x = x.dtype, in_dtype(self.xp, x, self.compute_dtype)
         kernel = self.compute_weight("kernel")
         bias = self.compute_weight("bias") if self.use_bias else None
         relu = self.relu_output or options.fused_relu
         y = self._engine().forward(x, kernel, bias, relu)
         if training:  # (under mixed precision the cast kernel is a copy: backward reuses it)
-            self._cache_x, self._cache_kernel = x, kernel
+            self._cache_x, self._cache_kernel, self._cache_x_dtype = x, kernel, x_dtype
             # where y > 0 the ReLU's gradient passes (unless the next layer applies it)
             self._cache_y = y if relu and not options.skip_relu_grad else None
         return y

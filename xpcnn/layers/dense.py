@@ -84,8 +84,7 @@ class Dense(Layer):
         return (self.units,)
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        self._cache_x_dtype = x.dtype
-        x = in_dtype(self.xp, x, self.compute_dtype)
+        x_dtype, x = x.dtype, in_dtype(self.xp, x, self.compute_dtype)
         w = self.compute_weight("kernel")
         kern = kernels_for(self.backend)
         bias = self.compute_weight("bias") if self.use_bias else None
@@ -95,7 +94,7 @@ class Dense(Layer):
         if probabilities:  # (in the parameters' dtype, as a Softmax layer computes it)
             y = softmax(self.xp, self.xp.astype(y, self.dtype, copy=False))
         if training:
-            self._cache_x, self._cache_w = x, w
+            self._cache_x, self._cache_w, self._cache_x_dtype = x, w, x_dtype
             # where y > 0 the ReLU's gradient passes (unless the next layer applies it)
             self._cache_y = y if relu and not options.skip_relu_grad else None
             self._cache_probabilities = y if probabilities else None

@@ -102,9 +102,11 @@ class Dropout(RandomLayer):
         return drawn
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
+        if not training:  # (a training pass's caches left alone: see Layer, threads)
+            return x
         # (the output of that ReLU, where this layer applies its gradient)
-        self._cache_relu_y = x if training and options.apply_input_relu_grad else None
-        if not training or self.rate == 0.0:
+        self._cache_relu_y = x if options.apply_input_relu_grad else None
+        if self.rate == 0.0:
             return x
         if not getattr(x.dtype, "isnative", True):  # (NumPy's big-endian floats: as the
             x = self.xp.astype(x, x.dtype.newbyteorder("="))  # other layers, native order)

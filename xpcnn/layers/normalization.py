@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, warn
 from ..ops.kernels import kernels_for
 from .arguments import Shape, require_rank
 from .base import DEFAULT, Layer, Options, Setting
@@ -28,6 +28,11 @@ def _check_momentum(momentum: float) -> float:
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (
             0.0 <= momentum <= 1.0):
         raise InputError(f"BatchNorm2D momentum must be in [0, 1], got {momentum!r}")
+    if momentum > 0.5:  # (Keras' 0.99 ported as it is: statistics of the last batches only)
+        warn(f"BatchNorm2D momentum {momentum!r} is the weight of each batch's statistics in "
+             "the moving ones (moving = (1 - momentum) * moving + momentum * batch, PyTorch's "
+             "convention), not of the moving statistics as in Keras: Keras' momentum=0.99 is "
+             "xpcnn's 0.01 (the default is 0.1)")
     return float(momentum)
 
 
@@ -80,7 +85,9 @@ class BatchNorm2D(Layer):
     """Batch normalisation over every axis but the last (channels).
 
     Training uses the batch's statistics and updates running ones
-    (running = (1 - momentum) * running + momentum * batch, unbiased variance, as PyTorch);
+    (running = (1 - momentum) * running + momentum * batch, unbiased variance, as PyTorch:
+    Keras' momentum is the other share, so its 0.99 is xpcnn's 0.01; a momentum above 0.5
+    is warned about);
     a training batch with fewer than 2 values per channel (one sample after a Dense layer,
     say fit's last batch, or an empty one) is normalised with its own statistics but leaves
     the running ones as they were: its unbiased variance is undefined (PyTorch refuses such a

@@ -508,7 +508,9 @@ def _check_padding(padding: Any) -> int:
 
 
 class RandomCrop(RandomLayer):
-    """Pad each training image by ``padding`` zeros and crop it back at a random offset."""
+    """Pad each training image by ``padding`` zeros and crop it back at a random offset, to
+    the input's size (not Keras' ``RandomCrop(height, width)``, which crops to a size: its
+    two numbers are refused with a clear error)."""
 
     # The model's uint8 batch cast as it is cropped (one launch on CuPy, the draw included).
     casts_input = True
@@ -518,6 +520,14 @@ class RandomCrop(RandomLayer):
     padding = Setting(_check_padding)
 
     def __init__(self, padding: int = 4, name: str | None = None) -> None:
+        if isinstance(name, int | np.integer) and not isinstance(name, bool):
+            # (Keras' RandomCrop(28, 28): "layer name must be a string, got 28" said nothing)
+            raise InputError(f"RandomCrop({padding!r}, {name!r}): xpcnn's RandomCrop(padding=4) "
+                             "pads each image by `padding` zeros and crops it back to the input "
+                             "size at a random offset; it takes no height and width as Keras' "
+                             "RandomCrop(height, width) does, which crops to a smaller size. "
+                             "For Keras' behaviour, crop the images beforehand or add a "
+                             "layer of your own")
         super().__init__(name)
         self.padding = padding
 

@@ -440,6 +440,50 @@ def _differences(a: Any, b: Any, where: str = "compile") -> list[tuple[str, Any,
     return [] if a == b else [(where, a, b)]
 
 
+def _slots_as_stored(config: dict[str, Any], ostate: dict[str, Any],
+                     owners: list[tuple[Any, str]], found: dict[str, list[np.ndarray | None]],
+                     path: str) -> bool:
+    """Whether a checkpoint's optimizer slots are in the layout the layers store their weights
+    in now, not in Keras' (the weights' in every file). Version 2 files: Keras'. Version 1
+    files hold them as the layers stored them when written: those with an lr_factor (written
+    after Conv2D's kernel became (filters, kh, kw, channels)), as now; the others, from before
+    that change or the two commits after it, record no layout (their kernels are in Keras'
+    layout either way), so the slots' shapes decide, one layout for the whole file; a file
+    whose every such slot has one shape in both layouts is refused, naming them."""
+    if config.get("version") != 1:
+        return False
+    if "lr_factor" in ostate:
+        return True
+    votes, ambiguous = set(), []
+    for name, arrays in found.items():
+        for k, ((layer, weight), a) in enumerate(zip(owners, arrays, strict=True)):
+            stored = tuple(int(d) for d in layer.params[weight].shape)
+            keras = tuple(layer.keras_shape(weight))
+            if stored != keras:
+                if a is not None and tuple(a.shape) in (stored, keras):
+                    votes.add(tuple(a.shape) == stored)
+                continue
+            probe = np.arange(math.prod(stored)).reshape(stored)
+            if not np.array_equal(layer.to_keras_layout(weight, probe), probe):
+                ambiguous.append(f"slot.{name}.{k} (the {weight} of layer {layer.name!r}, "
+                                 f"shape {stored})")
+    if len(votes) > 1:
+        raise DataFormatError(f"{path}: invalid checkpoint: its version-1 optimizer slots are "
+                              "in two layouts (some as the layers store their weights, some "
+                              "in Keras' layout); one writer wrote them all in one")
+    if votes:
+        return votes.pop()
+    if ambiguous:
+        raise DataFormatError(
+            f"{path}: this version-1 checkpoint (no lr_factor) records no layout for its "
+            f"optimizer slots, and {', '.join(ambiguous)} has the same shape in both layouts "
+            "it may hold (Keras' (kh, kw, channels, filters), or the (filters, kh, kw, "
+            "channels) that Conv2D stored its kernel in from then on), with no other slot to "
+            "tell which: its run cannot be resumed exactly. Load its weights alone "
+            "(xpcnn.load_model or model.load_weights) and train on with a fresh optimizer")
+    return False
+
+
 def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     """Check every field of a checkpoint, then put it into ``model`` (all or nothing)."""
     path = npz.path
@@ -464,14 +508,11 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     # (The layers were checked against the model's already.)
     trainable = [spec.get("trainable", True) is not False for spec in config["model"]["layers"]]
     owners = _slot_owners(model, trainable)
-    # Slots are in Keras' layout, as the weights are, except in version 1 files that have an
-    # lr_factor (written between the convolution kernel's change of layout and version 2),
-    # which hold them as the layers stored them then: as they are stored now.
-    stored_layout = config.get("version") == 1 and "lr_factor" in ostate
     slot_counts = ostate.get("slots")
     if not isinstance(slot_counts, dict):
         raise bad("no optimizer slots")
     slots: dict[str, list[np.ndarray]] = {}
+    found: dict[str, list[np.ndarray | None]] = {}
     if slot_counts:
         if set(slot_counts) != set(opt.slot_names):
             raise bad(f"optimizer slots {sorted(slot_counts)}, expected {list(opt.slot_names)}")
@@ -479,19 +520,25 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
             if type(slot_counts[name]) is not int or slot_counts[name] != len(owners):
                 raise bad(f"optimizer slots {name!r} is {slot_counts[name]!r}, expected "
                           f"{len(owners)}, one for each trainable parameter")
-            slots[name] = []
+            found[name] = []
             for k, (layer, weight) in enumerate(owners):
-                key = f"slot.{name}.{k}"
-                shape = tuple(layer.params[weight].shape) if stored_layout \
-                    else layer.keras_shape(weight)
-                a = npz.read(key, array_bytes(math.prod(shape))) if key in npz.entries else None
-                if a is None or tuple(a.shape) != shape or a.dtype.kind != "f":
-                    raise bad(f"optimizer slot {name}.{k} is missing or not a float array of "
-                              f"shape {shape}")
-                wrong = bad_values(a, model.dtype_name)  # (the dtype the slots are held in)
-                if wrong:
-                    raise bad(f"array {key!r} (the optimizer's {name!r} state) {wrong}")
-                slots[name].append(a if stored_layout else layer.from_keras_layout(weight, a))
+                key = f"slot.{name}.{k}"  # (read first: a version-1 file's shapes say its layout)
+                size = array_bytes(math.prod(layer.params[weight].shape))
+                found[name].append(npz.read(key, size) if key in npz.entries else None)
+    stored_layout = _slots_as_stored(config, ostate, owners, found, path)
+    for name, arrays in found.items():
+        slots[name] = []
+        for k, ((layer, weight), a) in enumerate(zip(owners, arrays, strict=True)):
+            key = f"slot.{name}.{k}"
+            shape = tuple(layer.params[weight].shape) if stored_layout \
+                else layer.keras_shape(weight)
+            if a is None or tuple(a.shape) != shape or a.dtype.kind != "f":
+                raise bad(f"optimizer slot {name}.{k} is missing or not a float array of "
+                          f"shape {shape}")
+            wrong = bad_values(a, model.dtype_name)  # (the dtype the slots are held in)
+            if wrong:
+                raise bad(f"array {key!r} (the optimizer's {name!r} state) {wrong}")
+            slots[name].append(a if stored_layout else layer.from_keras_layout(weight, a))
     loss_scale = config.get("loss_scale")
     if (isinstance(loss_scale, bool) or not isinstance(loss_scale, int | float)
             or not SCALE_RANGE[0] <= loss_scale <= SCALE_RANGE[1]):

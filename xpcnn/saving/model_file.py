@@ -320,7 +320,7 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
                 precision_dtype(model.backend, compiled["precision"], f"{path} is compiled "
                                 "in it; load_model(path, device=..., compile=False) loads it "
                                 "uncompiled (then compile it in 'float32' there)")
-            model.compile(loss, optimizer, metrics=metrics,
+            model.compile(loss=loss, optimizer=optimizer, metrics=metrics,
                           precision=compiled["precision"])
             factor = compiled.get("lr_factor", 1.0)  # (written where it is not 1)
             if isinstance(factor, bool) or not isinstance(factor, int | float) or not (
@@ -486,7 +486,7 @@ def check_sample_sizes(model: Any) -> None:
     if not getattr(model, "built", False):  # (unbuilt: nothing to check yet)
         return
     model._rebuild_if_shared()  # (each layer's shapes as built for this model)
-    shapes: list[Any] = [tuple(model.input_shape)]
+    shapes: list[Any] = [tuple(model._input_shape)]
     for i, (layer, ins) in enumerate(zip(model.layers, model._inbound(), strict=True)):
         out = tuple(layer.output_shape)
         too_big = None if layer.multi_input else _input_too_big(layer, shapes[ins[0]])
@@ -676,7 +676,7 @@ def check_weight_shapes(model: Any, config: dict[str, Any], npz: NpzArchive) -> 
     built ``model``'s (of the same layers: built for inputs of another size, say), naming the
     first layer that differs."""
     path = npz.path
-    theirs_in, ours_in = input_shape_of(config, path), tuple(model.input_shape)
+    theirs_in, ours_in = input_shape_of(config, path), tuple(model._input_shape)
     in_config = statistics_in_config(model, config)
     for i, la in enumerate(model.layers):
         for j, name in enumerate([] if i in in_config else la.present_weight_names()):

@@ -20,12 +20,13 @@ capture in a CUDA graph; the running totals and the deferred errors.
 the captured graphs, the class weights). It needs these hooks:
 
 * from the model (:class:`~xpcnn.model.Model`; listed in :class:`~xpcnn.training.Trainer`'s
-  docstring): ``backend``, ``layers``, ``input_shape``, ``num_classes``, ``_param_dtype``,
+  docstring): ``backend``, ``layers``, ``_input_shape``, ``num_classes``, ``_param_dtype``,
   ``_trained()``, ``_plan()``, ``_slots_outdated()``, ``_logits(...)``, ``_backward(...)``,
-  ``_layer_outputs(...)``, ``_require_built(what)``, ``_rebuild_if_shared()``,
+  ``_layer_outputs(...)``, ``_require_built(what)``, ``_rebuild_if_shared()``, ``_shared_lock()``,
   ``_unbuilt_if_refused()`` and ``_builds`` (a count of its layers' builds);
 * from :class:`~xpcnn.training.Trainer`: compile's ``_require_compiled(what)`` and
-  ``_check_loss_outputs(loss)``; ``fit`` sets ``_parallel`` (its data-parallel mode) and
+  ``_check_loss_outputs(loss)``; ``_running_alone(what, nested)`` (one thread trains);
+  ``fit`` sets ``_parallel`` (its data-parallel mode) and
   ``_class_weights`` for its steps.
 """
 
@@ -62,12 +63,29 @@ from ..ops.step_record import BAD_GRADS, BAD_LOSS, BAD_STEP
 from ..totals import READ_EVERY, SCALE_RANGE, RunningTotals
 
 
+def _in_one_thread(what: str, nested: bool = False) -> Callable[[Callable[..., Any]],
+                                                               Callable[..., Any]]:
+    """A call that changes the model's training state (``what``: fit, compile,
+    train_on_batch, train_step), refused where another thread runs one of them (or moves
+    the model): its steps would interleave with the other's on the same layers and fail deep
+    inside, or corrupt them. ``nested``: allowed inside one of them from the same thread (a
+    callback of fit), as fit itself is not (see ``Trainer._running_alone``)."""
+    def wrap(call: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(call)
+        def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with self._running_alone(what, nested):
+                return call(self, *args, **kwargs)
+        return guarded
+    return wrap
+
+
 class TrainingStep:
     """One training step, its capture in a CUDA graph and the running totals the host reads
     behind the steps: the base class of :class:`~xpcnn.training.Trainer` (see this module's
     docstring for the hooks it needs)."""
 
     # -- one training step ----------------------------------------------------------------------
+    @_in_one_thread("train_step", nested=True)
     def train_step(self, xb: Any, yb: Any, sample_weight: Any = None) -> tuple[Any, Any]:
         """One forward, backward and update on a batch of device arrays, queued without waiting
         for the device: ``xb`` images (uint8 or float: cast on the device), ``yb`` integer
@@ -97,6 +115,12 @@ class TrainingStep:
         return stats[0], stats[1]
 
     def _train_step(self, xb: Any, yb: Any, keep: bool, weights: Any = None) -> Any:
+        """:meth:`_one_step`, holding the model's ``_shared_lock()`` across the whole step (its
+        forward, backward and update: no other thread rebuilds layers it shares meanwhile)."""
+        with self._shared_lock():
+            return self._one_step(xb, yb, keep, weights)
+
+    def _one_step(self, xb: Any, yb: Any, keep: bool, weights: Any = None) -> Any:
         """:meth:`train_step` on a batch that passed its checks (or fit's, made and checked
         by fit), inside the backend's ``compute_scope``: the step, captured or replayed where
         it can be, and its record in the running totals. Returns the batch's [loss, correct
@@ -153,6 +177,7 @@ class TrainingStep:
             return logs
         return logs["loss"] if len(logs) == 1 else list(logs.values())
 
+    @_in_one_thread("train_on_batch", nested=True)
     def train_on_batch(self, x: Any, y: Any, sample_weight: Any = None,
                        class_weight: Mapping[int, float] | None = None,
                        return_dict: bool = False) -> float | list[float] | dict[str, float]:
@@ -226,7 +251,7 @@ class TrainingStep:
         self._check_loss_outputs(self.loss)  # type: ignore[arg-type]
         check_on_device(xb, self.backend, "x", instead="")
         check_on_device(yb, self.backend, "y", instead="")
-        checks.check_sample_shape(xb, self.input_shape)  # type: ignore[arg-type]
+        checks.check_sample_shape(xb, self._input_shape)  # type: ignore[arg-type]
         if not xb.shape[0] and self._parallel is None:  # (a rank's part may be empty, not a batch)
             raise InputError(f"x is empty: a training step needs at least one sample; got "
                              f"x.shape = {tuple(xb.shape)}")
@@ -481,18 +506,22 @@ class TrainingStep:
 
     # -- the running totals the host reads behind the steps; deferred errors --------------------
     def _running_totals(self) -> RunningTotals:
-        old, trained, top_k = self._totals, self._trained(), len(self._top_ks)
+        old, trained, top_ks = self._totals, self._trained(), self._top_ks
         if old is None or self._totals_for != trained or old.backend is not self.backend or \
-                old.top_k != top_k:
+                self._totals_ks != top_ks:
             # (a layer frozen or unfrozen, the model moved, compiled with other top-k metrics:
             # the steps not read yet are read first, so that a skipped one is named, not lost,
-            # and the epoch's sums go on; the top-k ones where they are the same metrics')
+            # and the epoch's sums go on; the top-k ones where they count the same k's, else
+            # they count from here: _top_k_from)
             sums = self._read_totals() if old is not None else [0.0, 0.0]
             owners = [(la, k) for la in trained for k in la.params]
-            self._totals = RunningTotals(self.backend, len(owners), top_k)
-            self._owners, self._totals_for = owners, trained
+            self._totals = RunningTotals(self.backend, len(owners), len(top_ks))
+            same = old is not None and self._totals_ks == top_ks
+            if old is not None and not same:
+                self._top_k_from = old.seen
+            self._owners, self._totals_for, self._totals_ks = owners, trained, top_ks
             self._totals.reset(sums[0], sums[1], old.seen if old is not None else 0.0,
-                               sums[2:] if old is not None and old.top_k == top_k else ())
+                               sums[2:] if same else ())
         return self._totals
 
     def _read_totals(self) -> list[float]:

@@ -88,7 +88,12 @@ from .arguments import (
     _validation_freq,
     _weights_name,
 )
-from .step import TrainingStep, _check_takes_a_batch, _check_takes_sample_weight
+from .step import (
+    TrainingStep,
+    _check_takes_a_batch,
+    _check_takes_sample_weight,
+    _in_one_thread,
+)
 
 #: Seconds between two reads of evaluate's running means for its bar (as ProgbarLogger's).
 BAR_REFRESH = 0.5
@@ -102,18 +107,6 @@ _RUNNING = threading.Lock()
 def _released() -> None:
     """An optimiser's ``_model`` once its model released it: no model, and its state is that
     model's (see Trainer._own)."""
-
-
-def _one_fit_at_a_time(fit: Callable[..., Any]) -> Callable[..., Any]:
-    """``fit``, refused where it is called while the model's fit (or move) runs, from one of
-    its callbacks or from another thread: the second fit would replace the first one's
-    History, position and class weights, and end its data-parallel mode (Keras does not
-    support it either)."""
-    @functools.wraps(fit)
-    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with self._running_alone("fit"):
-            return fit(self, *args, **kwargs)
-    return guarded
 
 
 def _prunes_streams(call: Callable[..., Any]) -> Callable[..., Any]:
@@ -138,8 +131,8 @@ class Trainer(TrainingStep):
     * ``backend``, ``name``, ``seed``, ``dtype_name`` (the parameters' dtype) and
       ``_param_dtype`` (that dtype on the backend);
     * ``layers`` and ``trainable_layers`` (those the optimiser updates; ``_trained()``, the
-      same as a tuple, kept between steps), ``built``,
-      ``input_shape``, ``num_classes``, ``build(input_shape)``, ``_require_built(what)``,
+      same as a tuple, kept between steps), ``built``, ``_input_shape`` (per sample),
+      ``num_classes``, ``build(input_shape)``, ``_require_built(what)``,
       ``_rebuild_if_shared()`` (layers another model shares are built as this one needs) and
       ``_unbuilt_if_refused()`` (a context: a call refused inside it leaves an unbuilt model
       unbuilt);
@@ -166,7 +159,7 @@ class Trainer(TrainingStep):
     dtype_name: str
     layers: list[Layer]
     built: bool
-    input_shape: tuple[int, ...] | None
+    _input_shape: tuple[int, ...] | None  # (per sample; input_shape has the batch axis)
 
     def __init__(self) -> None:
         self.loss: SoftmaxCrossEntropy | None = None
@@ -189,13 +182,18 @@ class Trainer(TrainingStep):
         self._totals: RunningTotals | None = None
         self._owners: list[tuple[Layer, str]] = []  # (the parameters the totals' flags follow)
         self._totals_for: tuple[Layer, ...] = ()  # (the trainable layers they were made for)
+        self._totals_ks: tuple[int, ...] = ()  # (and the k of each top-k count they keep)
+        # (the epoch's samples seen before those top-k counts began: a callback's compile
+        # that changed the top-k metrics mid-epoch)
+        self._top_k_from = 0.0
         self._parallel: distributed.DataParallel | None = None  # set by fit on several ranks
         self._resume_at: Any = None  # where BackupAndRestore restarts a run
         self._position = (0, 0)  # (epoch, batches done in it) during fit
         # (whether fit's epoch ending now has val_* logs; None outside fit: see callbacks)
         self._epoch_validated: bool | None = None
-        # (the thread and what it runs, "fit" or "to()": nothing else may start another, nor
-        # move the model, meanwhile; see _running_alone)
+        # (the thread and what it runs, "fit", "to()", "compile", "train_on_batch" or
+        # "train_step": no other thread may train or move the model meanwhile; see
+        # _running_alone)
         self._running: tuple[int, str] | None = None
         # Epochs are numbered on across fit calls, for their shuffling orders: a fit's epoch e
         # shuffles as number e + _epoch_offset; _epochs_begun counts the numbers used so far
@@ -211,10 +209,12 @@ class Trainer(TrainingStep):
         self._class_table: Any = None
 
     @contextlib.contextmanager
-    def _running_alone(self, what: str) -> Iterator[None]:
-        """Inside, this model runs ``what`` ("fit" or "to()") in this thread; refused where it
-        runs either already, from this thread (a callback of its fit) or another one. (The
-        check and the mark are one step: two threads cannot both pass.)"""
+    def _running_alone(self, what: str, nested: bool = False) -> Iterator[None]:
+        """Inside, this model runs ``what`` ("fit", "to()", or with ``nested`` one of the calls
+        that change its training state: "compile", "train_on_batch", "train_step") in this
+        thread; refused where another thread runs one of them, and, unless ``nested``, where
+        this thread does (a callback of its fit). (The check and the mark are one step: two
+        threads cannot both pass.)"""
         here = threading.get_ident()
         with _RUNNING:
             running = self._running
@@ -229,25 +229,34 @@ class Trainer(TrainingStep):
         thread, doing = running
         if thread != here:
             raise InputError(f"{what} was called while this model's {doing} runs in another "
-                             "thread: a model runs one fit or move at a time (each changes its "
-                             "weights, optimiser state, History and device); wait for that "
-                             "call to return (thread.join()), or use a second model")
+                             "thread: a model trains (fit, train_on_batch, train_step, compile) "
+                             "or moves (to()) in one thread at a time (each changes its "
+                             "weights, optimiser state, History or device; predict and "
+                             "evaluate may run beside them); wait for that call to return "
+                             "(thread.join()), or use a second model")
+        if nested:  # (a callback of this thread's fit, say: as documented)
+            yield
+            return
         if what == "fit":
-            raise InputError("fit was called while this model's fit runs (from one of its "
+            raise InputError(f"fit was called while this model's {doing} runs (from one of its "
                              "callbacks): a fit inside a fit would take over the outer one's "
                              "History, position and class weights; train_on_batch trains a "
                              "batch there, or fit again once the outer fit has returned")
-        raise InputError(f"{what} was called while this model's fit runs (from one of its "
+        raise InputError(f"{what} was called while this model's {doing} runs (from one of its "
                          "callbacks): fit's batches and steps are on the device it started "
                          "on; move the model before fit, or after it returns")
 
     # -- compile: the loss, the optimiser and the precision -------------------------------------
-    def compile(self, loss: str | SoftmaxCrossEntropy = "cross_entropy",
+    @_in_one_thread("compile", nested=True)
+    def compile(self, *, loss: str | SoftmaxCrossEntropy = "cross_entropy",
                 optimizer: str | Optimizer = "adam",
                 metrics: str | metric_settings.Metric | list[str | metric_settings.Metric]
                 | tuple[str | metric_settings.Metric, ...] | None = ("accuracy",),
                 precision: str = "float32", cuda_graphs: bool | None = None) -> None:
         """Choose the loss, the optimiser, the metrics and the precision.
+
+        Every argument is keyword-only: Keras' ``compile(optimizer, loss)`` order differs,
+        and a positional call gets a TypeError instead of another meaning.
 
         ``metrics``: ``["accuracy"]`` (the default), ``["acc"]``,
         ``"sparse_top_k_categorical_accuracy"``, ``"top_k_categorical_accuracy"`` (k = 5),
@@ -482,8 +491,9 @@ class Trainer(TrainingStep):
 
     # -- fit, evaluate, predict -----------------------------------------------------------------
     @_prunes_streams
-    @_one_fit_at_a_time
-    def fit(self, x: Any, y: Any = None, epochs: int = 1, batch_size: int | None = 32,
+    @_in_one_thread("fit")  # (a second fit would replace the first one's History, position
+    # and class weights, and end its data-parallel mode: Keras does not support it either)
+    def fit(self, x: Any, y: Any = None, *, epochs: int = 1, batch_size: int | None = 32,
             validation_data: Any = None, validation_split: float = 0.0, shuffle: bool = True,
             seed: int | None = None, verbose: int | str = 1,
             callbacks: list[Callback] | None = None,
@@ -494,6 +504,10 @@ class Trainer(TrainingStep):
             validation_batch_size: int | None = None,
             validation_freq: int | Collection[int] = 1) -> History:
         """Train for ``epochs`` passes over the data; returns the :class:`History`.
+
+        The arguments after ``y`` are keyword-only: Keras' positional order (``batch_size``
+        before ``epochs``) differs, and a positional call gets a TypeError, not another meaning
+        (so are evaluate's after ``y`` and predict's after ``x``).
 
         ``x`` is images (N, H, W, C) (uint8 or float; NumPy, a memory map, or arrays of the model's
         library on its device) with ``y`` integer labels (N,) or one-hot rows (N, K); or a
@@ -736,6 +750,7 @@ class Trainer(TrainingStep):
         self._epoch_t0 = time.perf_counter() - (start.seconds if start else 0.0)
         self._running_totals().reset(*((start.loss_sum, start.correct, start.seen, start.top_k)
                                        if start else ()))
+        self._top_k_from = 0.0
         factor = self.optimizer.lr_factor  # type: ignore[union-attr]
         cbs.on_epoch_begin(epoch)
         if step:  # (resumed inside this epoch: the checkpoint's learning rate is the one this
@@ -743,26 +758,17 @@ class Trainer(TrainingStep):
             self.optimizer.lr_factor = factor  # type: ignore[union-attr]
         logs = BatchLogs(cbs.lazy_train)
         number = self._epoch_offset + epoch  # (its shuffling order's)
-        # (one compute scope for the epoch's loop, its callbacks inside, as evaluate's are)
-        with self.backend.compute_scope(), contextlib.closing(
+        # (the batches drawn on the model's device; each step in the compute scope, the
+        # callbacks outside it, as evaluate's and predict's: the user's code there keeps its
+        # NumPy warnings and OpenBLAS threads, which the scope changes while xpcnn computes)
+        with self.backend.on_device(), contextlib.closing(
                 data.epoch(number, step)) as batches:  # type: ignore[type-var]
             for batch in batches:
                 logs.settle()  # (last batch's logs, if a callback kept them: before this step)
                 xb, yb, wb = unpack(batch)
                 cbs.on_train_batch_begin(step)
-                if self._parallel is not None:  # this rank's place in the global batch
-                    place = data.place(step)
-                    if place is None:  # (asked of the other ranks: a host allreduce)
-                        self._parallel.set_batch(int(xb.shape[0]))
-                    else:
-                        self._parallel.use_slice(*place)
-                if self._train_step_overridden():
-                    seen = self._running_totals().seen
-                    out = self._call_train_step(xb, yb, wb)
-                    if self._running_totals().seen == seen:  # (it recorded no step itself)
-                        self._record_returned(out, xb)
-                else:  # (fit made and checked this batch: train_step's checks would repeat)
-                    self._train_step(xb, yb, keep=False, weights=wb)
+                with self.backend.compute_scope():
+                    self._fit_step(data, step, xb, yb, wb)
                 step += 1
                 self._position = (epoch, step)
                 self._epochs_begun = number + 1  # (one that trained no step, refused, is not)
@@ -790,6 +796,23 @@ class Trainer(TrainingStep):
                      f"(steps_per_epoch) in epoch {epoch + 1}: the epoch ends there, and the "
                      "next starts a new pass over it")
         return self._batch_logs()
+
+    def _fit_step(self, data: Batches, step: int, xb: Any, yb: Any, wb: Any) -> None:
+        """fit's training step ``step`` of its epoch on the batch (xb, yb, weights wb), inside
+        the backend's compute scope."""
+        if self._parallel is not None:  # this rank's place in the global batch
+            place = data.place(step)
+            if place is None:  # (asked of the other ranks: a host allreduce)
+                self._parallel.set_batch(int(xb.shape[0]))
+            else:
+                self._parallel.use_slice(*place)
+        if self._train_step_overridden():
+            seen = self._running_totals().seen
+            out = self._call_train_step(xb, yb, wb)
+            if self._running_totals().seen == seen:  # (it recorded no step itself)
+                self._record_returned(out, xb)
+        else:  # (fit made and checked this batch: train_step's checks would repeat)
+            self._train_step(xb, yb, keep=False, weights=wb)
 
     def _refuse_unready(self, data: Batches, epoch: int, resuming: bool = False) -> None:
         """Refuse, before any callback runs (an epoch begun and never ended set a schedule's
@@ -872,15 +895,22 @@ class Trainer(TrainingStep):
         """The epoch's running loss and metrics (waits for the device): over every training
         step since the epoch began, those of a callback's ``train_on_batch`` too, as in Keras,
         and those a subclass's ``train_step`` returned where it recorded none
-        (:meth:`_record_returned`)."""
-        sums = self._read_totals()
-        return self._logs(sums, self._running_totals().seen or 1.0)
+        (:meth:`_record_returned`); a top-k metric that a callback's compile added in the
+        epoch, over the samples since then (its counts begin there)."""
+        totals = self._running_totals()  # (first: the metrics compiled now)
+        sums, seen = self._read_totals(), totals.seen or 1.0
+        since = (totals.seen - self._top_k_from) or 1.0
+        return self._logs_of([sums[0] / seen, sums[1] / seen, *(s / since for s in sums[2:])])
 
     def _epoch_sums(self) -> tuple[float, float, float, float, list[float]]:
         """(loss sum, correct count, samples seen, start time, top-k counts) of the epoch in
-        progress, as a checkpoint stores them (waits for the device)."""
+        progress, as a checkpoint stores them (waits for the device); a top-k metric's that
+        compile added in the epoch, scaled to all the samples seen (its share so far: the
+        resumed epoch counts it from the epoch's start)."""
+        totals = self._running_totals()
         loss_sum, correct, *top_k = self._read_totals()
-        return loss_sum, correct, self._running_totals().seen, self._epoch_t0, top_k
+        scale = totals.seen / ((totals.seen - self._top_k_from) or 1.0)
+        return loss_sum, correct, totals.seen, self._epoch_t0, [c * scale for c in top_k]
 
     def _split_validation(self, x: Any, y: Any, w: Any, validation_data: Any,
                           validation_split: float) -> tuple[Any, Any, Any, Any, bool]:
@@ -901,7 +931,7 @@ class Trainer(TrainingStep):
                 (x[-n_val:, ...], targets[-n_val:], tail), True)
 
     @_prunes_streams
-    def evaluate(self, x: Any, y: Any = None, batch_size: int | None = 256,
+    def evaluate(self, x: Any, y: Any = None, *, batch_size: int | None = 256,
                  verbose: int | str = 0,
                  steps: int | None = None, callbacks: list[Callback] | None = None,
                  return_dict: bool = False, sample_weight: Any = None
@@ -945,7 +975,8 @@ class Trainer(TrainingStep):
         cbs.on_test_begin()
         with _bar(data, verbose, "evaluate") as bar:
             shown = time.monotonic()
-            with self.backend.compute_scope(), contextlib.closing(
+            # (each batch in the compute scope, the callbacks outside it: see _fit_epoch)
+            with self.backend.on_device(), contextlib.closing(
                     data.epoch(0)) as batches:  # type: ignore[type-var]
                 for step, batch in enumerate(batches):
                     logs.settle()  # (last batch's logs, if a callback kept them: before this)
@@ -953,10 +984,12 @@ class Trainer(TrainingStep):
                     xb, yb, wb = unpack(batch)
                     if xb.shape[0]:  # (not this rank's empty part of a short batch)
                         cbs.on_test_batch_begin(step)
-                        logits = self._logits(xb, False, in_scope=True)
-                        stats, _ = loss.forward_with_accuracy(  # type: ignore[union-attr]
-                            xp, logits, yb, self._param_dtype, kernels, weights=wb)
-                        totals.add_stats(self._with_top_k(stats, logits, yb), int(xb.shape[0]))
+                        with self.backend.compute_scope():
+                            logits = self._logits(xb, False, in_scope=True)
+                            stats, _ = loss.forward_with_accuracy(  # type: ignore[union-attr]
+                                xp, logits, yb, self._param_dtype, kernels, weights=wb)
+                            totals.add_stats(self._with_top_k(stats, logits, yb),
+                                             int(xb.shape[0]))
                         # (this rank's running means, as Keras' batch logs)
                         cbs.on_test_batch_end(step, logs.make(
                             lambda seen=totals.seen: self._running_logs(totals, seen)))
@@ -1021,7 +1054,7 @@ class Trainer(TrainingStep):
         return self.predict(x, batch_size=_batch_length(self, x))
 
     @_prunes_streams
-    def predict(self, x: Any, batch_size: int | None = 256, verbose: int | str = 0,
+    def predict(self, x: Any, *, batch_size: int | None = 256, verbose: int | str = 0,
                 steps: int | None = None, callbacks: list[Callback] | None = None) -> np.ndarray:
         """The model's output for ``x`` as a host NumPy array, as in Keras: class
         probabilities (N, classes) for a model that ends in a Softmax or a softmax activation
@@ -1042,18 +1075,21 @@ class Trainer(TrainingStep):
             self.stop_predicting = False
             cbs.on_predict_begin()
             t0 = time.perf_counter()
-            with _bar(data, verbose, "predict") as bar, self.backend.compute_scope(), \
+            # (each batch in the compute scope, the callbacks outside it: see _fit_epoch)
+            with _bar(data, verbose, "predict") as bar, self.backend.on_device(), \
                     contextlib.closing(data.epoch(0)) as batches:  # type: ignore[type-var]
                 for step, (xb, _) in enumerate(batches):
                     cbs.on_predict_batch_begin(step)
-                    out.append(self._outputs(xb))
+                    with self.backend.compute_scope():
+                        out.append(self._outputs(xb))
                     cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
                     bar.update(1)
                     if self.stop_predicting:  # (a callback's, as in Keras 3: the rows so far)
                         break
                 if not out:  # (as evaluate says)
                     raise InputError("the prediction data gave no batches")
-                outputs = self.backend.to_numpy(xp.concat(out))
+                with self.backend.compute_scope():
+                    outputs = self.backend.to_numpy(xp.concat(out))
         _summarise(verbose, len(out), t0)
         cbs.on_predict_end()
         return outputs

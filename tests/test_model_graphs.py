@@ -1,0 +1,183 @@
+"""Models sharing layers: whose symbolic graph a layer's ``output`` is in (nesting, feature
+extractors, models collected), a block built at its call, and shared layers run from threads."""
+
+import gc
+import threading
+
+import numpy as np
+import pytest
+
+import xpcnn
+from xpcnn.errors import InputError
+from xpcnn.layers import Conv2D, Dense, GlobalAvgPool2D, ReLU, Softmax
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(0).standard_normal((6, 8, 8, 3)).astype(np.float32)
+
+
+def base_net(name="base"):
+    return xpcnn.Sequential([Conv2D(4, 3, padding="same"), ReLU(), GlobalAvgPool2D()],
+                            input_shape=(8, 8, 3), name=name)
+
+
+def test_a_base_nested_in_a_sequential_keeps_its_feature_extraction(images):
+    """(was: "layer 'conv2d' is called at 2 places", for the base and the new model, and for
+    the base even after the new model was deleted)"""
+    base = base_net()
+    model = xpcnn.Sequential([base, Dense(4), Softmax()])  # (the transfer-learning pattern)
+    conv = base.get_layer("conv2d")
+    assert model.get_layer("conv2d") is conv and conv.output.node.inputs == (base.input,)
+    np.testing.assert_array_equal(xpcnn.Model(base.input, conv.output).predict(images),
+                                  np.asarray(base.forward(images)[0]))
+    # the outer model's own layers are in its graph; nested ones are reached through base
+    dense = model.get_layer("dense")
+    extractor = xpcnn.Model(model.input, dense.output)
+    np.testing.assert_array_equal(extractor.predict(images),
+                                  np.asarray(model.forward(images)[3]))
+    with pytest.raises(InputError, match=r"the input of model 'base', .* use "
+                                         r"xpcnn.Model\(m.input, layer.output\), m that model"):
+        xpcnn.Model(model.input, conv.output)
+    del model, extractor
+    gc.collect()
+    # (a collected model's calls leave its layers: no dead model's tensor)
+    assert conv.output.node.inputs == (base.input,)
+    with pytest.raises(InputError, match="layer 'dense' .* has no symbolic output"):
+        _ = dense.output
+
+
+def test_an_unbuilt_sequential_called_on_a_tensor_is_built_at_the_call(images, tmp_path):
+    """(was: base.built False and base.weights [] after the outer model trained its layers)"""
+    base = xpcnn.Sequential([Conv2D(4, 3, padding="same"), ReLU(), GlobalAvgPool2D()],
+                            name="base", seed=3)
+    inputs = xpcnn.Input((8, 8, 3))
+    features = base(inputs)
+    assert base.built and base.input_shape[-3:] == (8, 8, 3)
+    outer = xpcnn.Model(inputs, Softmax()(Dense(4)(features)), seed=5)
+    # (seeded: base's weights are its own seed's, whatever the outer model's)
+    again = xpcnn.Sequential([Conv2D(4, 3, padding="same"), ReLU(), GlobalAvgPool2D()],
+                             input_shape=(8, 8, 3), seed=3)
+    for a, b in zip(base.get_weights(), again.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    outer.compile(loss="cross_entropy", optimizer="adam")
+    outer.fit(images, np.arange(6) % 4, epochs=1, verbose=0)
+    assert [w.name for w in base.weights] and base.count_params() == 112
+    lines = []
+    base.summary(print_fn=lines.append)
+    assert any("conv2d" in line for line in lines)
+    base.save_weights(tmp_path / "base.npz")
+    np.testing.assert_array_equal(base.get_weights()[0], outer.get_weights()[0])
+
+
+def test_rebuilding_an_extractor_leaves_its_source_models_graph(images):
+    """(was: ex.build() took m's calls from the layers: m.get_layer('relu').output gave ex's
+    12x12 tensor, and a second extractor of m was refused as disconnected)"""
+    m = xpcnn.Sequential([Conv2D(4, 3, padding="same"), ReLU(), Conv2D(4, 3), GlobalAvgPool2D(),
+                          Dense(4), Softmax()], input_shape=(8, 8, 3), name="m")
+    relu = m.get_layer("relu")
+    ex = xpcnn.Model(m.input, relu.output, name="ex")
+    ex.build((12, 12, 3))
+    assert ex.input.shape == (None, 12, 12, 3) and ex.output.shape == (None, 12, 12, 4)
+    assert relu.output.shape == (None, 8, 8, 4) and relu.output.node.inputs[0].node.inputs == (
+        m.input,)
+    second = xpcnn.Model(m.input, relu.output)
+    np.testing.assert_array_equal(second.predict(images), np.asarray(m.forward(images)[1]))
+    big = np.random.default_rng(1).standard_normal((2, 12, 12, 3)).astype(np.float32)
+    assert ex.predict(big).shape == (2, 12, 12, 4)
+
+
+def shared_pair(precision=None):
+    """A base for 12x12 images and a model on its layers for 20x20 ones (or, with
+    ``precision``, its convolutions under a head compiled in that precision)."""
+    base = xpcnn.Sequential([Conv2D(8, 3), ReLU(), Conv2D(8, 3), GlobalAvgPool2D(), Dense(4),
+                             Softmax()], input_shape=(12, 12, 3), seed=0)
+    base.compile(optimizer="sgd")
+    if precision is None:
+        inputs = xpcnn.Input((20, 20, 3))
+        return base, xpcnn.Model(inputs, base(inputs)), 20
+    other = xpcnn.Sequential(base.layers[:3] + [GlobalAvgPool2D(), Dense(4), Softmax()],
+                             seed=5)
+    other.compile(optimizer="sgd", precision=precision)
+    other.build((12, 12, 3))
+    return base, other, 12
+
+
+def run_together(*work):
+    errors = []
+
+    def guarded(f):
+        try:
+            f()
+        except Exception as e:  # noqa: BLE001  (reported by the test)
+            errors.append(e)
+    threads = [threading.Thread(target=guarded, args=(f,)) for f in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+@pytest.mark.parametrize("precision", [None, "mixed_float16"])
+def test_models_sharing_layers_built_otherwise_predict_from_two_threads_as_alone(precision):
+    """(was: a bare ValueError from deep inside im2col, or a float32 model computing partly in
+    float16, where each thread rebuilt the shared layers under the other's pass)"""
+    rng = np.random.default_rng(0)
+    one, two, side = shared_pair(precision)
+    x1 = rng.random((32, 12, 12, 3), dtype=np.float32)
+    x2 = rng.random((32, side, side, 3), dtype=np.float32)
+    alone = [one.predict(x1, batch_size=8), two.predict(x2, batch_size=8)]
+    got: list[list[np.ndarray]] = [[], []]
+
+    def serve(i, model, x):
+        for _ in range(25):
+            got[i].append(model.predict(x, batch_size=8))
+    run_together(lambda: serve(0, one, x1), lambda: serve(1, two, x2))
+    for i in range(2):
+        for out in got[i]:
+            np.testing.assert_array_equal(out, alone[i])
+
+
+def test_a_fit_and_a_predict_of_models_sharing_layers_in_two_threads_run_as_alone():
+    """A training step holds the lock across its forward, backward and update."""
+    rng = np.random.default_rng(1)
+    x = rng.random((64, 12, 12, 3), dtype=np.float32)
+    y = rng.integers(0, 4, 64)
+    big = rng.random((16, 20, 20, 3), dtype=np.float32)
+    reference, _, _ = shared_pair()
+    reference.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    one, two, _ = shared_pair()
+    run_together(lambda: one.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0),
+                 lambda: [two.predict(big, batch_size=4) for _ in range(30)])
+    for a, b in zip(one.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_models_sharing_layers_built_alike_or_nothing_take_no_lock():
+    base = base_net()
+    alike = xpcnn.Sequential(list(base.layers), input_shape=(8, 8, 3))
+    alone = base_net("alone")
+    big = xpcnn.Model(inputs := xpcnn.Input((12, 12, 3)), base(inputs))
+    assert big._shared_lock() is xpcnn.model._SHARED
+    del big
+    gc.collect()
+    for model in (base, alike, alone):
+        assert model._shared_lock() is not xpcnn.model._SHARED
+
+
+def test_a_models_input_and_output_shapes_have_the_batch_axis_as_in_keras():
+    """(was: (28, 28, 1) and (10,), so Keras' model.input_shape[1:3] gave (28, 1) silently)"""
+    model = xpcnn.Sequential([Conv2D(2, 3), GlobalAvgPool2D(), Dense(10)], input_shape=(28, 28, 1))
+    assert model.input_shape == (None, 28, 28, 1) == model.input.shape
+    assert model.output_shape == (None, 10) == model.output.shape
+    assert model.input_shape[1:3] == (28, 28) and model.num_classes == 10
+    # (a layer's own shapes stay per sample, as its build takes them)
+    assert model.layers[0].input_shape == (28, 28, 1)
+    unbuilt = xpcnn.Sequential([Conv2D(2, 3), GlobalAvgPool2D(), Dense(10)])
+    assert unbuilt.input_shape is None
+    unbuilt.build((None, 12, 12, 1))  # (Keras' build takes the batch's shape)
+    assert unbuilt.input_shape == (None, 12, 12, 1)
+    with pytest.raises(InputError, match=r"input_shape must be positive sizes such as \(H, W, "
+                                         r"C\), got \(None, 8, 8, 3\)"):
+        xpcnn.Sequential([Dense(2)], input_shape=(None, 8, 8, 3))  # (per sample, as Keras')
