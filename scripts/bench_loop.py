@@ -29,7 +29,7 @@ from unittest import mock
 import numpy as np
 
 import xpcnn
-from xpcnn.data import ArrayBatches
+from xpcnn.data.sources import ArrayBatches
 from xpcnn.models import INPUT_SHAPES, build_layers
 from xpcnn.totals import READ_EVERY, RunningTotals
 from xpcnn.training import step as training_step

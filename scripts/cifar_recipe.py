@@ -23,6 +23,8 @@ import math
 import time
 from typing import Any
 
+from _common import SMOOTHING, WEIGHT_DECAY, ScriptParser
+
 import xpcnn
 from xpcnn.cli import (
     DATA_DIR_FLAG,
@@ -30,14 +32,11 @@ from xpcnn.cli import (
     LEARNING_RATE,
     NON_NEGATIVE,
     POSITIVE,
-    SMOOTHING,
-    WEIGHT_DECAY,
-    ScriptParser,
-    _percent,
-    _split,
     check_device,
+    hold_out,
     input_folder,
     output_file,
+    percent,
 )
 from xpcnn.datasets import load_cifar10
 from xpcnn.datasets.download import data_dir_spelled
@@ -101,8 +100,8 @@ def main() -> None:
         (x, y), test = p.data(load_cifar10, args.data_dir)
     where = "test set"
     if test is None:
-        (x, y), test = _split(x, y, args.val_split, args.seed)
-        where = f"held-out {_percent(args.val_split)} of data_batch_1 (no test batch present)"
+        (x, y), test = hold_out(x, y, args.val_split, args.seed)
+        where = f"held-out {percent(args.val_split)} of data_batch_1 (no test batch present)"
     x_test, y_test = test
     steps = args.epochs * math.ceil(len(x) / knobs["batch_size"])
     model = compiled(args.model, knobs, steps, args.device, args.seed)

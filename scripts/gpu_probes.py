@@ -15,7 +15,7 @@ seconds); on a machine without a GPU it says so.
    normalisation statistics (``asarray(copy=True)``) and their restore (``where`` with a 0-d
    flag; the CuPy kernels' own are tests/test_gpu.py's), the labels' check (``all``,
    ``where(ok, stats, nan)``).
-7. ``np.from_dlpack`` of a CuPy array raises what xpcnn.data.adopt_foreign catches (NumPy's
+7. ``np.from_dlpack`` of a CuPy array raises what xpcnn.data.arrays.adopt_foreign catches (NumPy's
    dlpack.c: BufferError "Unsupported device in DLTensor."), so it is refused by name.
 8. The plan timing (``XPCNN_CUDNN_AUTOTUNE``, on by default) on the forward graph (+ bias and
    ReLU) of ``cifar``'s second convolution at batch 512 in TF32: the plans listed and built,
@@ -190,7 +190,7 @@ def step_calls_in_capture(cp: Any, xc: Any, cudnn: Any) -> str:
 
 def foreign_cuda_arrays(cp: Any, xc: Any, cudnn: Any) -> str:
     from xpcnn.backend import get_backend
-    from xpcnn.data import adopt_foreign
+    from xpcnn.data.arrays import adopt_foreign
 
     numpy_model = get_backend("cpu")
     a = cp.ones(3, cp.float32)

@@ -24,16 +24,15 @@ import math
 import time
 from typing import Any
 
+from _common import SMOOTHING, WEIGHT_DECAY, ScriptParser
+
 import xpcnn
 from xpcnn.cli import (
     DATA_DIR_FLAG,
     LEARNING_RATE,
     NON_NEGATIVE,
     POSITIVE,
-    PRECISIONS,
-    SMOOTHING,
-    WEIGHT_DECAY,
-    ScriptParser,
+    PRECISION_NAMES,
     check_device,
     input_folder,
     output_file,
@@ -92,7 +91,7 @@ def main() -> None:
     p.add_argument("--weight-decay", type=WEIGHT_DECAY, default=None)
     p.add_argument("--label-smoothing", type=SMOOTHING, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=PRECISIONS, default="float32")
+    p.add_argument("--precision", choices=PRECISION_NAMES, default="float32")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--limit", type=POSITIVE, default=None, help="first N training images only")
     p.add_argument("--json", default=None, metavar="PATH")

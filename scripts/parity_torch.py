@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _common import ScriptParser  # noqa: E402
 from torch_mirror import mirror, mirror_optimizer  # noqa: E402
 
 import xpcnn  # noqa: E402
@@ -37,8 +38,7 @@ from xpcnn.cli import (  # noqa: E402
     LEARNING_RATE,
     NON_NEGATIVE,
     POSITIVE,
-    ScriptParser,
-    _split,
+    hold_out,
     input_folder,
     output_file,
 )
@@ -154,7 +154,7 @@ def main() -> int:
     with data_dir_spelled(DATA_DIR_FLAG):  # (a missing file's message names --data-dir)
         (x, y), test = p.data(load_dataset, args.dataset, args.data_dir)
     if test is None:
-        (x, y), test = _split(x, y, args.val_split, args.seed)
+        (x, y), test = hold_out(x, y, args.val_split, args.seed)
         print(f"no test split: evaluating on a held-out {args.val_split:.0%} of the training set")
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]

@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import CEILING, ScriptParser  # noqa: E402
+
 import xpcnn  # noqa: E402
 from xpcnn import viz  # noqa: E402
 from xpcnn.cli import (  # noqa: E402
-    CEILING,
     NON_NEGATIVE,
     POSITIVE,
-    ScriptParser,
     input_folder,
     needs_matplotlib,
     output_folder,

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Train on a folder of image files, read a batch at a time (Keras' image_dataset_from_directory
-layout): one subfolder per class, its PNG/JPEG files the class's images, all of one size.
+layout): one subfolder per class, its image files (PNG, JPEG, BMP, GIF's first frame, in
+nested folders too) the class's images, all of one size; names starting with "." are skipped.
 
     python scripts/train_from_folder.py --make-demo /tmp/shapes-png   # write a folder to try
     python scripts/train_from_folder.py /tmp/shapes-png --epochs 3 --log log.csv --save m.npz
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import ScriptParser
 
 import xpcnn
 from xpcnn.callbacks import Callback, CSVLogger, EarlyStopping
@@ -30,7 +33,6 @@ from xpcnn.cli import (
     LEARNING_RATE,
     NON_NEGATIVE,
     POSITIVE,
-    ScriptParser,
     UsageError,
     check_device,
     distinct_outputs,
@@ -43,12 +45,15 @@ from xpcnn.errors import InputError
 from xpcnn.models import MODELS, build_model
 from xpcnn.viz import VIZ_EXTRA_HINT
 
-SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")  # (Keras' image formats)
 
 
 class ImageFolder:
-    """``root/<class>/<file>``: the classes are the subfolders in sorted order; ``self[i]`` is
-    the uint8 (H, W, 3) image of file ``i`` and its label, decoded when asked for. Every file's
+    """``root/<class>/.../<file>``: the classes are the subfolders in sorted order, each
+    class's files those under its folder, nested folders included, in sorted order (as Keras'
+    image_dataset_from_directory: a folder or file whose name starts with "." is skipped,
+    Jupyter's .ipynb_checkpoints for one); ``self[i]`` is the uint8 (H, W, 3) image of file
+    ``i`` (a GIF's first frame) and its label, decoded when asked for. Every file's
     header is read up front: one that is no image, or of another size than the first, is an
     InputError naming it (was: a traceback from inside training)."""
 
@@ -58,13 +63,13 @@ class ImageFolder:
         where = "(expected ROOT/<class>/<image files>)"
         if not self.root.is_dir():
             raise InputError(f"{self.root}: not a folder {where}")
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.classes = sorted(p.name for p in self.root.iterdir()
+                              if p.is_dir() and not p.name.startswith("."))
         if not self.classes:
             raise InputError(f"{self.root}: no class subfolders {where}")
         if files is None:
             files = [(f, label) for label, name in enumerate(self.classes)
-                     for f in sorted((self.root / name).iterdir())
-                     if f.suffix.lower() in SUFFIXES]
+                     for f in _images_under(self.root / name)]
             if not files:
                 raise InputError(f"{self.root}: no image files ({', '.join(SUFFIXES)}) in its "
                                  "subfolders")
@@ -94,6 +99,17 @@ class ImageFolder:
 
         train, held_out = split_indices(len(self.files), fraction, seed)
         return pick(train), pick(held_out)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """The image files under ``folder``, nested folders included, in Keras' order (folder by
+    folder in sorted order, each one's files sorted); names starting with "." skipped."""
+    found = []
+    for here, folders, names in os.walk(folder):
+        folders[:] = [d for d in folders if not d.startswith(".")]  # (not walked into)
+        found.append((here, sorted(n for n in names if not n.startswith(".")
+                                   and Path(n).suffix.lower() in SUFFIXES)))
+    return [Path(here) / n for here, names in sorted(found) for n in names]
 
 
 def _wxh(size: tuple[int, int] | None) -> str:

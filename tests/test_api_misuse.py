@@ -272,8 +272,8 @@ ARGUMENTS = {
                                           r"ndarray"),
     "a layer built for a number": (lambda m: Dense(3).build(10),  # (was: TypeError)
                                    r"layer 'dense' \(Dense\) input_shape must be a per-sample "
-                                   r"shape of positive sizes such as \(32, 32, 3\) \(no batch "
-                                   r"axis\), got 10"),
+                                   r"shape of positive sizes such as \(32, 32, 3\), or \(None, "
+                                   r"32, 32, 3\) with the batch axis, got 10"),
     "a layer built for a negative size": (  # (was: ValueError: negative dimensions)
         lambda m: Conv2D(3).build((8, 8, -1)), r"input_shape must be .* got \(8, 8, -1\)"),
     "a layer built for no size": (lambda m: Dense(3).build((0,)), r"got \(0,\)"),  # (was taken)
@@ -841,7 +841,7 @@ def test_a_batch_drawn_to_build_the_model_is_given_back_when_fit_is_refused(
 def test_only_the_last_refused_calls_batch_is_kept(tmp_path, monkeypatch):
     """A given-back batch waits for a retry of the refused call; refused calls on other
     generators do not pile theirs up (each holds a generator and a batch)."""
-    from xpcnn import data
+    from xpcnn.data import streams
 
     monkeypatch.chdir(tmp_path)
     for _ in range(3):
@@ -851,7 +851,7 @@ def test_only_the_last_refused_calls_batch_is_kept(tmp_path, monkeypatch):
     import gc
 
     gc.collect()  # (a refused call's traceback holds its generator in a cycle)
-    assert len(data._STREAMS) == 0  # (each went with its generator)
+    assert len(streams._STREAMS) == 0  # (each went with its generator)
     # (the generator is held weakly: dropped by the caller, it goes, with what it holds open;
     # was: kept alive until another refused call)
     import weakref
@@ -863,7 +863,7 @@ def test_only_the_last_refused_calls_batch_is_kept(tmp_path, monkeypatch):
     del batches
     gc.collect()
     assert gone() is None
-    assert len(data._STREAMS) == 0  # (its batch with it: was kept until another refused
+    assert len(streams._STREAMS) == 0  # (its batch with it: was kept until another refused
     # call)
 
 

@@ -257,6 +257,28 @@ def test_unknown_device_is_a_clear_error(flag):
         get_backend(flag)
 
 
+def test_one_to_host_copies_every_namespaces_arrays_for_the_backend_and_the_loss():
+    """backend.to_host is the one device -> host copy (the loss had its own, telling CuPy and
+    PyTorch by duck typing: a PyTorch tensor, which has no __array_namespace__, stayed one)."""
+    import torch
+
+    from xpcnn import losses
+    from xpcnn.backend import to_host
+
+    assert not hasattr(losses, "_to_host")
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for a in (xs.asarray(values), torch.asarray(values, requires_grad=True)):
+        host = to_host(a)
+        assert type(host) is np.ndarray and np.array_equal(host, values)
+        assert np.array_equal(get_backend("cpu").to_numpy(a), values)
+    assert to_host(values) is values and to_host([1, 2]) == [1, 2] and to_host(3.0) == 3.0
+    assert get_backend("cpu").to_numpy(np.float32(2)).shape == ()  # (a scalar: 0-d)
+    weights = torch.asarray([1.0, 1.0], requires_grad=True)  # (was kept a tensor, refused)
+    loss = xpcnn.SoftmaxCrossEntropy(from_logits=True)(
+        torch.asarray([0, 1]), xs.asarray([[2.0, 0.0], [0.0, 2.0]]), weights)
+    assert float(loss) == pytest.approx(np.log1p(np.exp(-2.0)), rel=1e-6)
+
+
 def test_compute_scope_makes_a_cupy_backends_gpu_current():
     """On CuPy a run of work happens with the model's GPU current (where CuPy allocates and
     launches: the CuPy kernels' outputs would otherwise land on GPU 0 for a "cuda:1" model).
@@ -430,7 +452,7 @@ def test_a_training_step_never_waits_for_the_device(data, optimizer, monkeypatch
 def test_a_layer_moved_keeps_its_bfloat16_compute_dtype(device):
     """Layer.to named a bfloat16 dtype "float16" ("float16" is in "bfloat16"), so a
     mixed_bfloat16 model moved to another backend computed in float16."""
-    from xpcnn.layers.arguments import dtype_name
+    from xpcnn.backend import dtype_name
 
     if device == "torch":
         torch = pytest.importorskip("torch")
@@ -443,3 +465,23 @@ def test_a_layer_moved_keeps_its_bfloat16_compute_dtype(device):
     assert dtype_name(layer.dtype) == "float32"
     for name in ("float16", "bfloat16", "float32", "float64"):
         assert dtype_name(model.backend.dtype(name)) == name
+
+
+def test_one_dtype_name_next_to_backend_dtype():
+    """A dtype's name was made in layers.arguments (float dtypes) and again in graph (any
+    dtype, for errors): one function in backend.py now does both."""
+    import torch
+
+    from xpcnn import graph
+    from xpcnn.backend import dtype_name
+    from xpcnn.layers import arguments
+
+    assert not hasattr(arguments, "dtype_name") and not hasattr(graph, "_dtype")
+    for dtype, name in ((xs.float32, "float32"), (torch.float16, "float16"),
+                        (np.dtype("float16"), "float16"), (np.float32, "float32")):
+        assert dtype_name(dtype) == name
+    assert dtype_name(torch.bfloat16) == "bfloat16" and dtype_name(xs.float64) == "float64"
+    with pytest.raises(xpcnn.InputError, match="unsupported dtype .*int32.* expected float16"):
+        dtype_name(xs.int32)
+    for dtype in (xs.int32, np.dtype("int32"), torch.int32):
+        assert dtype_name(dtype, float_only=False) == "int32"

@@ -30,7 +30,8 @@ from xpcnn.callbacks import (
 )
 from xpcnn.errors import DataFormatError, InputError
 from xpcnn.layers import Dense, Flatten, Rescaling, Softmax
-from xpcnn.saving import Progress, load_checkpoint, save_checkpoint
+from xpcnn.saving import load_checkpoint, save_checkpoint
+from xpcnn.saving.checkpoint import Progress
 
 N, BATCH = 40, 10  # 4 steps an epoch
 
@@ -1187,6 +1188,18 @@ def test_a_users_progbar_and_history_are_fits_own(data, capsys):
         small_model().fit(*data, verbose=0, callbacks=[History(), History()])
 
 
+def test_the_top_level_history_is_the_callback_fit_takes(data):
+    """``fit(callbacks=[xpcnn.History()])``, as Keras users write it (was refused: the
+    top-level name was the plain record), is fit's own History: it holds the epochs."""
+    mine = xpcnn.History()
+    model = small_model()
+    returned = model.fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[mine])
+    assert returned is mine and model.history is mine
+    assert mine.epoch == [0, 1] and len(mine.history["loss"]) == 2
+    assert "TrainingInterrupted" in xpcnn.__all__
+    assert xpcnn.TrainingInterrupted is xpcnn.errors.TrainingInterrupted
+
+
 def test_the_progress_bar_shows_small_values_as_keras_does(data, monkeypatch, capsys):
     import xpcnn.callbacks
 
@@ -1379,30 +1392,58 @@ def test_keras_positional_prefix_means_what_it_does_in_keras(tmp_path):
     assert BackupAndRestore(tmp_path / "b.npz", 3).save_freq == 3
 
 
-def test_a_resumed_csv_logger_appending_writes_each_epoch_once(data, tmp_path):
-    """A run stopped after CSVLogger(append=True) wrote epoch 1's row but before the backup of
-    epoch 1 resumes at epoch 1: its row replaces the stale one (was: epochs 0, 1, 1, 2, 3), and
-    the file holds what an uninterrupted run's holds; rows of an earlier, unresumed run stay."""
+def test_a_resumed_csv_logger_appending_keeps_every_earlier_row_and_warns_of_repeats(
+        data, tmp_path):
+    """A resumed CSVLogger(append=True) never drops a row: the file cannot tell an earlier
+    run's rows from those the stopped run wrote after its last backup (b305e14 dropped the
+    trailing rows of epochs from the resumed one on, and so an earlier run's rows of epochs 0-2
+    when a run resumed at epoch 0). Where the stopped run's rows come again, a warning says so
+    and the later row of an epoch is the resumed run's."""
     log, backup = tmp_path / "log.csv", tmp_path / "backup.npz"
-    log.write_text("epoch,accuracy,loss,seconds\n7,0.5,1.5,0.1\n")  # (an earlier run's row)
+    earlier = "epoch,accuracy,loss,seconds\n0,0.5,1.5,0.1\n1,0.5,1.4,0.1\n2,0.6,1.3,0.1\n"
 
-    def fail(epoch, logs):
-        if epoch == 1:
-            raise RuntimeError("stop")
+    def fail_at(stop):
+        def fail(epoch, logs):
+            if epoch == stop:
+                raise RuntimeError("stop")
+        return LambdaCallback(on_epoch_end=fail)
 
-    def run(*extra):
+    def run(*extra, save_freq="epoch"):
         return small_model().fit(*data, epochs=4, batch_size=BATCH, verbose=0, callbacks=[
-            BackupAndRestore(backup), CSVLogger(log, append=True), *extra])
+            BackupAndRestore(backup, save_freq), CSVLogger(log, append=True), *extra])
 
+    def epochs():
+        with open(log, newline="") as f:
+            return [r["epoch"] for r in csv.DictReader(f)]
+
+    # backed up inside epoch 0 (every 2 batches), stopped at its end after CSVLogger wrote
+    # its row: resumed inside epoch 0, the earlier run's rows 0-2 all stay
+    log.write_text(earlier)
     with pytest.raises(RuntimeError, match="stop"):
-        run(LambdaCallback(on_epoch_end=fail))
-    with open(log, newline="") as f:
-        assert [r["epoch"] for r in csv.DictReader(f)] == ["7", "0", "1"]
-    history = run()
+        run(fail_at(0), save_freq=2)
+    assert epochs() == ["0", "1", "2", "0"]
+    with pytest.warns(RuntimeWarning, match="ends with a row of epoch 0, and this resumed run "
+                                            "appends rows from epoch 0"):
+        history = run(save_freq=2)
+    assert epochs() == ["0", "1", "2", "0", "0", "1", "2", "3"]
     with open(log, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["epoch"] for r in rows] == ["7", "0", "1", "2", "3"]
-    assert [float(r["loss"]) for r in rows[2:]] == history.history["loss"][1:]
+    assert [float(r["loss"]) for r in rows[4:]] == history.history["loss"]
+    assert [r["loss"] for r in rows[:3]] == ["1.5", "1.4", "1.3"]
+    # stopped at epoch 2's start, after the backup of epoch 1: nothing repeats, no warning
+    backup.unlink(missing_ok=True)
+    log.write_text(earlier)
+
+    def stop(epoch, logs):
+        if epoch == 2:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        run(LambdaCallback(on_epoch_begin=stop))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run()
+    assert epochs() == ["0", "1", "2", "0", "1", "2", "3"]
 
 
 def test_the_keras_comparison_script_drives_xpcnn_callbacks_without_crashing(monkeypatch,

@@ -87,8 +87,20 @@ def test_train_with_epoch_lines_for_log_files(tmp_path, capsys):
                                       f"{float(row[1]):.4f}")
 
 
+def test_the_precision_names_have_one_source_and_the_scripts_toolkit_is_theirs():
+    """PRECISIONS was backend's, re-exported by xpcnn.training, and cli.py had a tuple of its own
+    under that name; cli.py also held the scripts' parser and flags, which it does not use."""
+    import xpcnn.training
+    from xpcnn import cli
+    from xpcnn.backend import PRECISIONS
+
+    assert tuple(PRECISIONS) == cli.PRECISION_NAMES  # (argparse's choices)
+    assert not hasattr(xpcnn.training, "PRECISIONS")
+    assert not {"ScriptParser", "WEIGHT_DECAY", "SMOOTHING", "CEILING"} & set(vars(cli))
+
+
 def test_the_held_out_split_is_seeded_and_shared_by_the_scripts():
-    from xpcnn.cli import _split, split_indices
+    from xpcnn.cli import hold_out, split_indices
 
     train, held_out = split_indices(50, 0.25, seed=3)
     assert len(held_out) == 12 and sorted([*train, *held_out]) == list(range(50))
@@ -97,7 +109,7 @@ def test_the_held_out_split_is_seeded_and_shared_by_the_scripts():
     assert not np.array_equal(other[1], held_out)
     assert len(split_indices(5, 0.01, seed=0)[1]) == 1  # at least one held out
     x, y = np.arange(50) * 10, np.arange(50)
-    (x_train, y_train), (x_val, y_val) = _split(x, y, 0.25, 3)
+    (x_train, y_train), (x_val, y_val) = hold_out(x, y, 0.25, 3)
     np.testing.assert_array_equal(y_train, train)
     np.testing.assert_array_equal(y_val, held_out)
     np.testing.assert_array_equal(x_val, 10 * held_out)

@@ -404,17 +404,22 @@ def test_failures_of_the_machine_are_one_line_too(small_shapes, tmp_path, monkey
 def test_flag_values_at_and_beyond_their_bounds():
     from xpcnn import cli
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:  # (the recipe scripts' flags, in scripts/_common.py)
+        from _common import SMOOTHING, WEIGHT_DECAY
+    finally:
+        sys.path.pop(0)
     assert (cli.POSITIVE("1"), cli.NON_NEGATIVE("0"), cli.MAX_MAPS("32")) == (1, 0, 32)
-    assert (cli.DPI("10"), cli.DPI("300"), cli.WEIGHT_DECAY("0"), cli.SMOOTHING("0")) == (
+    assert (cli.DPI("10"), cli.DPI("300"), WEIGHT_DECAY("0"), SMOOTHING("0")) == (
         10.0, 300.0, 0.0, 0.0)
     assert cli.NON_NEGATIVE("9" * 400) == int("9" * 400)  # whole numbers beyond a float's range
     for parse, text, want in [
         (cli.MAX_MAPS, "33", "a whole number from 1 to 32"),
         (cli.MAX_MAPS, "9" * 400, "a whole number from 1 to 32"),
         (cli.DPI, "300.5", "a resolution from 10 to 300 pixels per inch"),
-        (cli.SMOOTHING, "1", "a label smoothing from 0 to 1 (1 excluded), such as 0.1"),
+        (SMOOTHING, "1", "a label smoothing from 0 to 1 (1 excluded), such as 0.1"),
         (cli.FRACTION, "1e-400", "a fraction between 0 and 1 (both excluded), such as 0.1"),
-        (cli.WEIGHT_DECAY, "-inf", "a weight decay >= 0, such as 5e-4"),
+        (WEIGHT_DECAY, "-inf", "a weight decay >= 0, such as 5e-4"),
     ]:
         with pytest.raises(argparse.ArgumentTypeError) as e:
             parse(text)

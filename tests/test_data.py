@@ -18,7 +18,10 @@ import pytest
 from nets import gap_net
 
 import xpcnn
-import xpcnn.data
+import xpcnn.data.arrays
+import xpcnn.data.background
+import xpcnn.data.sources
+import xpcnn.data.streams
 from xpcnn.callbacks import LambdaCallback
 from xpcnn.errors import InputError, NonFiniteError
 from xpcnn.layers import Dense, Flatten, Rescaling, Softmax
@@ -85,6 +88,21 @@ def assert_same_weights(a, b):
     assert len(wa) == len(wb)
     for i, (u, v) in enumerate(zip(wa, wb, strict=True)):
         assert np.array_equal(u, v), f"weight array {i} differs"
+
+
+def test_the_data_and_saving_packages_export_their_user_api_only():
+    """xpcnn.data exported 22 names (21 internal, none in the README) and the registry's dicts
+    for the tests; xpcnn.saving its checkpoint internals. Internals come from their modules."""
+    import xpcnn.saving
+
+    assert xpcnn.data.__all__ == ["Batches"]
+    for name in ("ArrayBatches", "owned", "rank_slices", "stream_of", "_STREAMS",
+                 "_HELD_STREAMS", "PREFETCH"):
+        assert not hasattr(xpcnn.data, name), name
+    for name in ("FitCheckpoints", "Progress", "progress_within", "fingerprint"):
+        assert name not in xpcnn.saving.__all__ and not hasattr(xpcnn.saving, name), name
+    assert {"load_checkpoint", "restore_checkpoint", "load_model",
+            "load_weights"} <= set(xpcnn.saving.__all__)
 
 
 # -- one source, the same weights ----------------------------------------------------------------
@@ -402,10 +420,10 @@ def test_arrays_of_another_library_on_the_gpu_are_read_by_the_models_library(dat
     gpu_model = types.SimpleNamespace(backend=types.SimpleNamespace(xp=types.SimpleNamespace(
         __name__="gpulib", from_dlpack=lambda a: read.append(a) or "read by gpulib")))
     gpu = _OnTheGpu()
-    assert xpcnn.data.adopt_foreign(gpu, gpu_model.backend) == "read by gpulib"
+    assert xpcnn.data.arrays.adopt_foreign(gpu, gpu_model.backend) == "read by gpulib"
     assert read == [gpu]
     model = make()
-    assert xpcnn.data.adopt_foreign(xps.asarray(x), model.backend).__class__ is np.ndarray
+    assert xpcnn.data.arrays.adopt_foreign(xps.asarray(x), model.backend).__class__ is np.ndarray
     with pytest.raises(InputError, match=r"x is an array of otherlib on cuda:0, but the model "
                                          r"is on cpu"):
         model.fit(gpu, y, verbose=0)
@@ -503,7 +521,7 @@ def test_stopping_early_stops_the_thread(data):
     model.fit(endless(), steps_per_epoch=100, epochs=3, verbose=0, callbacks=[stop])
     assert model.optimizer.iterations == 2 and prefetch_threads() == []
     # the thread drew at most PREFETCH batches ahead (and one more it was waiting to hand over)
-    assert len(drawn) <= 2 + xpcnn.data.PREFETCH + 1
+    assert len(drawn) <= 2 + xpcnn.data.background.PREFETCH + 1
 
 
 def _numbered(x, y, drawn=None, size=4):
@@ -547,7 +565,8 @@ def test_batches_drawn_ahead_are_given_back_when_an_epoch_stops_early(data, how)
         model.fit(stream, steps_per_epoch=10, verbose=0, callbacks=[_stops_at(1, how)])
     assert model.optimizer.iterations == 2 and prefetch_threads() == []
     first = len(drawn)
-    assert 1 <= first - 2 <= xpcnn.data.PREFETCH + 1  # (the thread was ahead: the case at hand)
+    # (the thread was ahead: the case at hand)
+    assert 1 <= first - 2 <= xpcnn.data.background.PREFETCH + 1
     model.fit(stream, steps_per_epoch=3, verbose=0)
     assert len(drawn) == max(5, first)  # (what was drawn ahead first, then new batches)
     reference = make()
@@ -556,7 +575,7 @@ def test_batches_drawn_ahead_are_given_back_when_an_epoch_stops_early(data, how)
     # the next call takes what is left, then goes on drawing: batches 5, 6
     predicted = model.predict(stream, steps=2, batch_size=4)
     np.testing.assert_array_equal(predicted, model.predict(x[20:28], batch_size=4))
-    assert len(drawn) == 7 and not xpcnn.data.stream_of(stream).pending
+    assert len(drawn) == 7 and not xpcnn.data.streams.stream_of(stream).pending
 
 
 def test_batches_given_back_are_copies_of_a_refilled_buffer(data):
@@ -784,9 +803,9 @@ def test_every_rank_knows_its_place_in_each_global_batch(samples, batch_size, ra
     allreduce an iterable needs each step), each rank computes from the shard alone."""
     x, y = np.zeros((samples, 2, 2, 1), np.uint8), np.zeros(samples, np.int64)
     backend = xpcnn.backend.get_backend("cpu")
-    sources = [xpcnn.data.ArrayBatches(backend, x, y, batch_size, shard=(r, ranks))
+    sources = [xpcnn.data.sources.ArrayBatches(backend, x, y, batch_size, shard=(r, ranks))
                for r in range(ranks)]
-    slices = [list(xpcnn.data.rank_slices(samples, batch_size, 0, (r, ranks)))
+    slices = [list(xpcnn.data.sources.rank_slices(samples, batch_size, 0, (r, ranks)))
               for r in range(ranks)]
     for step in range(sources[0].steps):
         sizes = [hi - lo for lo, hi in (s[step] for s in slices)]
@@ -794,7 +813,7 @@ def test_every_rank_knows_its_place_in_each_global_batch(samples, batch_size, ra
             assert source.place(step) == (sum(sizes[:r]), sizes[r], sum(sizes))
     covered = sorted(i for s in slices for lo, hi in s for i in range(lo, hi))
     assert covered == list(range(samples))  # every sample once, in some rank's slice
-    iterable = xpcnn.data.IterableBatches(xpcnn.Sequential([Flatten(), Dense(2)]), [(x, y)],
+    iterable = xpcnn.data.streams.IterableBatches(xpcnn.Sequential([Flatten(), Dense(2)]), [(x, y)],
                                           None)
     assert iterable.place(0) is None  # (only its batches tell: the ranks ask each other)
 
@@ -949,7 +968,7 @@ def test_device_work_on_the_arrays_a_call_is_given_runs_on_the_models_device(dat
         monkeypatch.setattr(xps, name, recorded(name, getattr(xps, name)))
     model = make((xps, xps.Device("device1")))
     images = xps.asarray(x.astype(np.float32), device=xps.Device("device1"))
-    xpcnn.data.check_device_images(images, model.backend)
+    xpcnn.data.arrays.check_device_images(images, model.backend)
     assert calls == [("max", 1)]
     samples = [(images[i, ...], int(y[i])) for i in range(N)]
     calls.clear()
@@ -993,8 +1012,9 @@ def test_the_prefetch_thread_works_on_the_callers_stream(data, monkeypatch):
 
     monkeypatch.setattr(xpcnn.backend.Backend, "current_stream_scope", current_stream_scope)
     monkeypatch.setattr(xps, "stack", recorded("stack", xps.stack))
+    adopt = recorded("adopt", xpcnn.data.arrays.adopt_foreign)
     for module in (xpcnn.data.arrays, xpcnn.data.sources):  # (each calls its own import)
-        monkeypatch.setattr(module, "adopt_foreign", recorded("adopt", xpcnn.data.adopt_foreign))
+        monkeypatch.setattr(module, "adopt_foreign", adopt)
     images = xps.asarray(x.astype(np.float32))
     batches = -(-N // BATCH)
     model = make(xps)
@@ -1233,7 +1253,7 @@ def test_batches_given_back_to_two_iterators_are_kept_for_each():
     assert steps == [2, 3, 4]
     model.fit(val, steps_per_epoch=2, verbose=0)
     assert steps[-2:] == [1, 2]
-    assert not xpcnn.data.stream_of(train).pending  # (val's drawn ahead wait, in order)
+    assert not xpcnn.data.streams.stream_of(train).pending  # (val's drawn ahead wait, in order)
 
 
 def test_an_iterator_that_runs_out_as_an_epoch_ends_ends_fit_cleanly():
@@ -1275,7 +1295,8 @@ def test_a_call_on_the_iterator_a_running_call_reads_is_refused():
                                          "iterator"):
         model.fit(stream, steps_per_epoch=4, verbose=0,
                   callbacks=[LambdaCallback(on_train_batch_end=peek)])
-    assert not any(s.reading for s in xpcnn.data._STREAMS.values()) and prefetch_threads() == []
+    assert not any(s.reading for s in xpcnn.data.streams._STREAMS.values())
+    assert prefetch_threads() == []
     model.fit(stream, steps_per_epoch=2, verbose=0)  # (the batches drawn ahead, in order)
     assert steps == [0, 1, 2, 3]
 
@@ -1298,16 +1319,16 @@ def test_batches_given_back_to_iterators_without_weak_references_are_kept_for_ea
     model.fit(first, steps_per_epoch=9, verbose=0)
     model.fit(second, steps_per_epoch=9, verbose=0)
     assert steps == [0, 100, *range(1, 10), *range(101, 110)]
-    held = len(xpcnn.data._HELD_STREAMS)  # (read to their ends: none kept)
+    held = len(xpcnn.data.streams._HELD_STREAMS)  # (read to their ends: none kept)
     third = map(tuple, _counting(10))
     with pytest.raises(RuntimeError):
         model.fit(third, steps_per_epoch=5, verbose=0,
                   callbacks=[_Raises("on_train_batch_end", RuntimeError)])
-    assert len(xpcnn.data._HELD_STREAMS) == held + 1
+    assert len(xpcnn.data.streams._HELD_STREAMS) == held + 1
     del third
     gc.collect()  # (a refused call's traceback holds its iterator in a cycle)
     model.predict(iter([np.zeros((2, 4, 4, 1), np.float32)]))  # (another held one: pruned)
-    assert len(xpcnn.data._HELD_STREAMS) == held
+    assert len(xpcnn.data.streams._HELD_STREAMS) == held
 
 
 def test_model_history_does_not_keep_the_iterator_fit_read():
@@ -1437,18 +1458,18 @@ def test_a_dropped_map_iterator_goes_as_the_next_call_ends():
     stream = map(tuple, inner)
     del inner
     model.fit(stream, steps_per_epoch=10, verbose=0, callbacks=[_stop_after(0)])
-    assert steps == [0] and xpcnn.data.stream_of(stream).pending
+    assert steps == [0] and xpcnn.data.streams.stream_of(stream).pending
     del stream
     gc.collect()
     model.fit(np.zeros((4, 4, 4, 1), np.float32), np.zeros(4, int), verbose=0)
     gc.collect()
     assert gone() is None
-    held = len(xpcnn.data._HELD_STREAMS)
+    held = len(xpcnn.data.streams._HELD_STREAMS)
     kept = map(tuple, _counting())
     with pytest.raises(InputError, match="x_val"):  # (refused after the source was made)
         model.fit(kept, steps_per_epoch=2, verbose=0,
                   validation_data=(np.zeros((2, 5, 5, 1), np.float32), np.zeros(2, int)))
-    assert len(xpcnn.data._HELD_STREAMS) == held
+    assert len(xpcnn.data.streams._HELD_STREAMS) == held
     model.fit(kept, steps_per_epoch=2, verbose=0)
     assert steps == [0, 0, 0, 1]  # (the arrays' step, then kept's)
 
@@ -1489,7 +1510,7 @@ def test_an_error_the_reader_drew_ahead_of_an_early_stop_is_raised_by_the_next_c
         model.fit(stream, steps_per_epoch=10, verbose=0)
     assert steps == [0, 1, 2]
     assert any("read ahead" in note for note in info.value.__notes__)
-    assert xpcnn.data.stream_of(stream).failure is None
+    assert xpcnn.data.streams.stream_of(stream).failure is None
     with pytest.raises(InputError, match="gave no batches"):
         model.predict(stream, verbose=0)
 
@@ -1502,7 +1523,7 @@ def test_an_error_kept_for_the_next_call_does_not_keep_a_dropped_generator_alive
     import weakref
 
     _, stream, _ = _stopped_before_an_error_drawn_ahead()
-    kept = xpcnn.data.stream_of(stream).failure
+    kept = xpcnn.data.streams.stream_of(stream).failure
     assert isinstance(kept, OSError) and kept.__traceback__ is None
     assert any("raised at:" in note and "failing" in note for note in kept.__notes__)
     gone = weakref.ref(stream)
@@ -1555,9 +1576,9 @@ def test_owned_takes_numbers_as_they_are_without_a_namespace_lookup(monkeypatch)
     monkeypatch.setattr(xpcnn.data.arrays, "is_device_array", no_lookup)
     backend = make().backend
     for label in (np.int64(3), np.float32(0.5), 3, 0.5, True):
-        assert xpcnn.data.owned(label, backend) is label
+        assert xpcnn.data.arrays.owned(label, backend) is label
     a = np.arange(3)
-    assert xpcnn.data.owned(a, backend) is not a
+    assert xpcnn.data.arrays.owned(a, backend) is not a
 
 
 def test_device_arrays_are_checked_for_the_same_data_without_a_host_copy(data, monkeypatch):
@@ -1575,7 +1596,7 @@ def test_device_arrays_are_checked_for_the_same_data_without_a_host_copy(data, m
                         lambda self, a: read.append(tuple(a.shape)) or to_numpy(self, a))
 
     def mark(images):
-        return xpcnn.data.ArrayBatches(backend, put(images), y[:len(images)], 4,
+        return xpcnn.data.sources.ArrayBatches(backend, put(images), y[:len(images)], 4,
                                        shard=(0, 2)).same_data_mark()
 
     whole = mark(x)
@@ -1595,7 +1616,7 @@ def test_subset_shards_of_one_dataset_have_other_marks_and_fingerprints_stay(dat
     halves = [torch_data.Subset(whole, list(range(r, N, 2))) for r in (0, 1)]
 
     def source(ds):
-        return xpcnn.data.DatasetBatches(model, ds, 4, shard=(0, 2))
+        return xpcnn.data.sources.DatasetBatches(model, ds, 4, shard=(0, 2))
 
     a, b = source(halves[0]), source(halves[1])
     assert a.fingerprint() == b.fingerprint()
@@ -1606,7 +1627,7 @@ def test_subset_shards_of_one_dataset_have_other_marks_and_fingerprints_stay(dat
     plain = torch_data.Subset(whole, list(range(22)))
     assert source(nested[0]).same_data_mark() == source(nested[1]).same_data_mark()
     assert source(nested[0]).same_data_mark() != source(plain).same_data_mark()
-    assert xpcnn.data.subset_indices_crc32(whole) is None
+    assert xpcnn.data.sources.subset_indices_crc32(whole) is None
 
 
 def test_predict_prunes_dropped_held_iterators_as_fit_and_evaluate_do():
@@ -1620,8 +1641,8 @@ def test_predict_prunes_dropped_held_iterators_as_fit_and_evaluate_do():
     with pytest.raises(RuntimeError):
         model.fit(dropped, steps_per_epoch=5, verbose=0,
                   callbacks=[_Raises("on_train_batch_end", RuntimeError)])
-    held = len(xpcnn.data._HELD_STREAMS)
+    held = len(xpcnn.data.streams._HELD_STREAMS)
     del dropped
     gc.collect()  # (a refused call's traceback holds its iterator in a cycle)
     model.predict(np.zeros((2, 4, 4, 1), np.float32))  # (arrays: no stream looked up)
-    assert len(xpcnn.data._HELD_STREAMS) == held - 1
+    assert len(xpcnn.data.streams._HELD_STREAMS) == held - 1

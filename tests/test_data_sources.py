@@ -166,9 +166,9 @@ def test_a_torch_iterable_dataset_with_a_len_is_an_iterable(data):
 
 
 def test_telling_an_iterable_dataset_imports_no_torch():
-    code = ("import sys, xpcnn.data\n"
+    code = ("import sys, xpcnn.data.arrays\n"
             "class D:\n    def __len__(self): return 1\n    def __getitem__(self, i): return i\n"
-            "assert xpcnn.data.is_map_dataset(D()) and 'torch' not in sys.modules")
+            "assert xpcnn.data.arrays.is_map_dataset(D()) and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -320,7 +320,7 @@ def test_integer_images_beyond_float16_are_refused_where_it_reads_them(data):
     for images in (wide, xps.asarray(wide)):
         with pytest.raises(NonFiniteError, match=r"x holds values too large for float16, .* "
                                                  r"sample 3, .*the first is 65535"):
-            xpcnn.data.check_arrays(model, images, None)
+            xpcnn.data.arrays.check_arrays(model, images, None)
     model.fit(wide // 2, y, verbose=0)
     assert model.optimizer.iterations == 1
 
@@ -507,7 +507,7 @@ def test_greyscale_images_without_a_channel_axis_are_read_as_one_channel(grey):
     assert_same_weights(streamed, reference)
     assert_same_weights(dataset, reference)
     # (a view: no copy of the images, a memory map's too)
-    checked, _ = xpcnn.data.check_arrays(model, x)
+    checked, _ = xpcnn.data.arrays.check_arrays(model, x)
     assert checked.shape == x4.shape and np.shares_memory(checked, x)
 
 

@@ -24,9 +24,10 @@ import pytest
 
 import xpcnn
 from xpcnn import distributed
+from xpcnn.backend import PRECISIONS
 from xpcnn.layers import Dense, Flatten, ReLU, Softmax
-from xpcnn.saving import FitCheckpoints, save_checkpoint
-from xpcnn.training import PRECISIONS
+from xpcnn.saving import save_checkpoint
+from xpcnn.saving.checkpoint import FitCheckpoints
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_train  # noqa: E402

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 import xpcnn
 from xpcnn.datasets.cifar import parse_batch
-from xpcnn.datasets.idx import parse_idx, read_idx_file
+from xpcnn.datasets.idx import read_idx_file
 from xpcnn.errors import DataFormatError, XpcnnError
 from xpcnn.layers import (
     BatchNorm2D,
@@ -243,16 +243,21 @@ def load_weights_into_tiny(path: str) -> None:
 # -- properties ----------------------------------------------------------------------------------
 
 
+def idx_reader(kind: str) -> Callable[[object], Callable[[bytes], None]]:
+    """For a folder, a loader that writes its bytes there and reads them as an IDX ``kind``."""
+    return lambda folder: via_file(folder, lambda p: read_idx_file(p, kind=kind))
+
+
 @settings(FUZZ, max_examples=500)
 @given(data=bytes_from(idx_file("images")), kind=st.sampled_from(["images", "labels"]))
-def test_parse_idx_images(data, kind):
-    run_loader(lambda d: parse_idx(d, kind=kind), data)
+def test_read_idx_file_images(files, data, kind):
+    run_loader(idx_reader(kind)(files["dir"]), data)
 
 
 @settings(FUZZ, max_examples=500)
 @given(data=bytes_from(idx_file("labels")))
-def test_parse_idx_labels(data):
-    run_loader(lambda d: parse_idx(d, kind="labels"), data)
+def test_read_idx_file_labels(files, data):
+    run_loader(idx_reader("labels")(files["dir"]), data)
 
 
 @settings(FUZZ, max_examples=300)
@@ -302,9 +307,9 @@ def npy(header: dict, payload: bytes) -> bytes:
 
 
 LIES = {
-    "idx images claim 2**31 bytes": (lambda d: parse_idx(d, kind="images"),
+    "idx images claim 2**31 bytes": (idx_reader("images"),
                                      struct.pack(">IIII", 0x803, 2**31 // 784, 28, 28) + b"x"),
-    "idx labels claim 4e9 items": (lambda d: parse_idx(d, kind="labels"),
+    "idx labels claim 4e9 items": (idx_reader("labels"),
                                    struct.pack(">II", 0x801, 2**32 - 1) + b"\x01" * 8),
     "npy claims 10**10 floats": (None, npy({"descr": "<f8", "fortran_order": False,
                                             "shape": (10**10,)}, b"\x00" * 8)),
@@ -319,11 +324,13 @@ LIES = {
 
 @pytest.mark.parametrize("name", sorted(LIES))
 def test_a_lying_header_allocates_nothing_big(files, name):
-    load, data = LIES[name]
-    if load is None:  # an array inside an otherwise valid model file
+    reader, data = LIES[name]
+    if reader is None:  # an array inside an otherwise valid model file
         members = npz_members(files["model"])
         members["layer2.0.npy"] = data
         data, load = pack(members), via_file(files["dir"], xpcnn.load_model)
+    else:
+        load = reader(files["dir"])
     with pytest.raises(DataFormatError):
         load(data)
     run_loader(load, data)
@@ -469,7 +476,8 @@ def test_files_from_outside_never_run_code(files, tmp_path):
 
 def test_seeds_are_valid(files):
     """The unmutated seeds load, so the mutations start from files that really are valid."""
-    assert parse_idx(idx_file("images"), kind="images").shape == (3, 4, 5)
+    (files["dir"] / "seed-idx3-ubyte").write_bytes(idx_file("images"))
+    assert read_idx_file(files["dir"] / "seed-idx3-ubyte", kind="images").shape == (3, 4, 5)
     assert parse_batch(cifar_batch())[0].shape == (2, 32, 32, 3)
     for name in ("model", "ckpt"):
         path = files["dir"] / f"{name}.npz"

@@ -46,12 +46,11 @@ from test_conv_seam import GEOMETRIES
 from test_conv_seam import IDS as GEOMETRY_IDS
 
 import xpcnn
-from xpcnn.backend import cuda_available, get_backend, set_fast_path
+from xpcnn.backend import PRECISIONS, cuda_available, get_backend, set_fast_path
 from xpcnn.errors import DeviceError, InputError
 from xpcnn.ops import im2col as ops
 from xpcnn.ops import windows
 from xpcnn.ops.kernels import StandardKernels
-from xpcnn.training import PRECISIONS
 
 REAL_GPU = cuda_available()
 #: No GPU here: the cases run on the CUDA emulator (which needs the host's C++ compiler).

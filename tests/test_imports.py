@@ -147,6 +147,36 @@ def test_imports_run_down_the_readme_list():
                 f"{module} imports {target}, listed above it in the README"
 
 
+def test_no_private_names_are_imported_from_the_shared_helpers():
+    """trainer.py imported 14 underscore helpers of training/arguments.py (whose every function
+    was private though the module serves trainer.py), trainer.py and cli.py the checkpoints'
+    _checkpoint_config (cli also _progress), two scripts cli's _split and _percent: what other
+    modules use is public. (The package as imported, so that an older copy can be checked.)"""
+    import xpcnn
+
+    package = Path(xpcnn.__file__).resolve().parent
+    guarded = {"xpcnn.training.arguments", "xpcnn.saving.checkpoint", "xpcnn.cli"}
+    private = []
+    for path in [*package.rglob("*.py"), *(ROOT.parent / "scripts").glob("*.py")]:
+        inside = package in path.parents
+        name = module_name(path, package) if inside else ""
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            source = node.module or ""
+            if node.level:  # (relative: from the importing module's package)
+                base = here.split(".")[:len(here.split(".")) - node.level + 1]
+                source = ".".join([*base, *([node.module] if node.module else [])])
+            if source in guarded:
+                private += [f"{path.name}: {source}.{a.name}" for a in node.names
+                            if a.name.startswith("_")]
+    assert private == []
+    arguments = ast.parse((package / "training" / "arguments.py").read_text())
+    assert not [f.name for f in arguments.body
+                if isinstance(f, ast.FunctionDef) and f.name.startswith("_")]
+
+
 if __name__ == "__main__":
     for module, targets in sorted(import_graph().items()):
         print(f"{module}: {', '.join(sorted(targets)) or '-'}")

@@ -163,3 +163,21 @@ def test_keras_random_crop_height_and_width_get_a_clear_error():
                                          r"RandomCrop\(height, width\)"):
         RandomCrop(28, 28)
     assert RandomCrop(2, "crop").name == "crop"
+
+
+@pytest.mark.parametrize("args, kwargs, said", [
+    ((), {"height": 28, "width": 28}, r"RandomCrop\(height=28, width=28\): xpcnn's RandomCrop"),
+    ((28, 28), {"seed": 1}, r"RandomCrop\(28, 28, seed=1\): xpcnn's RandomCrop"),
+    ((), {"width": 20}, r"RandomCrop\(width=20\): xpcnn's RandomCrop\(padding=4\) pads"),
+    ((), {"seed": 1}, r"RandomCrop\(seed=1\): xpcnn's random layers take no seed of their own: "
+                      r"the model's seed \(Sequential\(seed=...\)\)")])
+def test_keras_random_crop_keywords_get_the_same_clear_error(args, kwargs, said):
+    """Keras' ``RandomCrop(height=28, width=28)`` and ``RandomCrop(28, 28, seed=1)`` were a
+    bare "unexpected keyword argument" TypeError; another unknown keyword still is one."""
+    from xpcnn.layers import RandomCrop
+
+    with pytest.raises(InputError, match=said):
+        RandomCrop(*args, **kwargs)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'paddin'"):
+        RandomCrop(paddin=2)
+    assert RandomCrop.from_config(RandomCrop(3, trainable=False).get_config()).padding == 3

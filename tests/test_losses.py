@@ -11,7 +11,8 @@ from xpcnn.callbacks import EarlyStopping, ModelCheckpoint
 from xpcnn.errors import DataFormatError, InputError
 from xpcnn.layers import Dense, Flatten, Softmax
 from xpcnn.ops.kernels import kernels_for
-from xpcnn.saving import Progress, load_checkpoint, save_checkpoint
+from xpcnn.saving import load_checkpoint, save_checkpoint
+from xpcnn.saving.checkpoint import Progress
 from xpcnn.saving.npz import CONFIG_KEY, decode_json
 
 RNG = np.random.default_rng(7)

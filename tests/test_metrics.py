@@ -192,6 +192,9 @@ def test_monitors_know_the_metrics_are_maximised_and_file_names_and_csv_take_the
     model = logits_model(["accuracy", named], lr=0.05)
     stop = EarlyStopping("val_top3_of_mine", patience=5)
     assert stop.mode == "auto"  # (the model's metrics decide it: it is maximised)
+    # (callbacks.auto_mode decides, from the names: no Metric attribute claims to; a dead
+    # Metric.maximised that nothing read said it did)
+    assert not hasattr(xpcnn.metrics.Metric, "maximised") and not hasattr(named, "maximised")
     keep = ModelCheckpoint(str(tmp_path / "m-{epoch}-{val_top3_of_mine:.3f}.npz"),
                            monitor="val_top3_of_mine", save_best_only=True)
     batches = ModelCheckpoint(str(tmp_path / "b-{batch}-{top3_of_mine:.2f}.npz"),

@@ -11,6 +11,7 @@ from nets import every_layer_net, gap_net, plan_of
 
 import xpcnn
 import xpcnn.callbacks
+from xpcnn.backend import PRECISIONS
 from xpcnn.errors import DataFormatError, DeviceError, InputError, NonFiniteError
 from xpcnn.layers import (
     BatchNorm2D,
@@ -27,7 +28,6 @@ from xpcnn.layers import (
     Softmax,
 )
 from xpcnn.models import build_layers
-from xpcnn.training import PRECISIONS
 
 
 @pytest.fixture

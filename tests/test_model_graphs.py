@@ -154,16 +154,19 @@ def test_a_fit_and_a_predict_of_models_sharing_layers_in_two_threads_run_as_alon
         np.testing.assert_array_equal(a, b)
 
 
-def test_models_sharing_layers_built_alike_or_nothing_take_no_lock():
+def test_models_sharing_layers_built_alike_or_nothing_run_their_passes_side_by_side():
+    """Only passes that rebuild layers (models sharing layers built otherwise) hold the pass
+    lock exclusive."""
     base = base_net()
     alike = xpcnn.Sequential(list(base.layers), input_shape=(8, 8, 3))
     alone = base_net("alone")
     big = xpcnn.Model(inputs := xpcnn.Input((12, 12, 3)), base(inputs))
-    assert big._shared_lock() is xpcnn.model._SHARED
+    assert big._pass_rebuilds()
     del big
     gc.collect()
+    base.predict(np.zeros((1, 8, 8, 3), np.float32), verbose=0)  # (built for it again)
     for model in (base, alike, alone):
-        assert model._shared_lock() is not xpcnn.model._SHARED
+        assert not model._pass_rebuilds()
 
 
 def test_a_models_input_and_output_shapes_have_the_batch_axis_as_in_keras():

@@ -751,3 +751,23 @@ def test_one_statistic_beside_per_channel_ones_broadcasts_and_its_files_load(
                 resume=True)
     for a, b in zip(resumed.get_weights(), model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_streaming_moments_are_a_function_of_the_batches_alone(rng):
+    """adapt's streaming loop, as a function of its own: per-channel count, mean, population
+    std, least and largest of the batches, whatever the chunking; none for no values."""
+    from xpcnn.layers.preprocessing import _moments
+
+    x = rng.normal(1e3, 2.0, (23, 3, 2, 4))
+    parts = [(x[:5], "batch 0"), (x[5:5], "batch 1"), (x[5:], "batch 2")]
+    count, mean, std, lo, hi = _moments(iter(parts), 3)
+    assert count == 23 * 6
+    values = x.reshape(-1, 4)
+    np.testing.assert_allclose(mean, values.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(std, values.std(0), rtol=1e-11)
+    np.testing.assert_array_equal(lo, values.min(0))
+    np.testing.assert_array_equal(hi, values.max(0))
+    layer = Normalization()
+    layer.adapt([x[:5], x[5:5], x[5:]], batch_size=3)  # (the numbers adapt keeps, bit for bit)
+    assert (layer._mean, layer._std) == (mean.tolist(), std.tolist())
+    assert _moments(iter([(x[:0], "the data")]), None)[0] == 0

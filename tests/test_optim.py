@@ -315,6 +315,9 @@ def test_schedule_drives_the_optimizer():
     (lambda: optim.RMSprop(-1e-3), "learning rate must be a positive number, 0 or a Schedule"),
     (lambda: optim.AdamW(0.1, weight_decay=-1), "weight_decay must be >= 0"),
     (lambda: optim.CosineDecay(0.1, 0), "decay_steps must be >= 1"),
+    # (Keras' CosineDecay(1e-3, 1000, alpha=0.1) ported as min_lr: a cosine rising 100-fold)
+    (lambda: optim.CosineDecay(1e-3, 1000, min_lr=0.1),
+     r"min_lr \(0.1\) must be at most lr \(0.001\).*min_lr=alpha \* lr"),
     (lambda: optim.OneCycle(0.1, 1), "total_steps must be >= 2"),
     (lambda: optim.OneCycle(0.1, 10, pct_start=1.0), r"pct_start must be in \(0, 1\)"),
     (lambda: optim.RMSprop(0.1, rho=1.0), "RMSprop needs 0 <= rho < 1"),
@@ -1176,3 +1179,11 @@ def test_a_setting_set_as_a_numpy_scalar_is_kept_as_the_constructor_keeps_it(tmp
     model.save(tmp_path / "m.npz")
     loaded = xpcnn.load_model(tmp_path / "m.npz").optimizer
     assert (loaded.momentum, loaded.clipnorm) == (opt.momentum, 2.0)
+
+
+def test_cosine_decays_third_argument_is_keyword_only_as_it_is_no_keras_alpha():
+    """Keras' CosineDecay(lr, decay_steps, alpha) takes a fraction of lr third; xpcnn's min_lr
+    is a rate: positional, CosineDecay(0.5, 10, 0.2) silently ended at 0.2, Keras' at 0.1."""
+    with pytest.raises(TypeError):
+        optim.CosineDecay(0.5, 10, 0.2)
+    assert optim.CosineDecay(0.5, 10, min_lr=0.5 * 0.2)(10) == pytest.approx(0.1)

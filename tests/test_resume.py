@@ -892,3 +892,14 @@ def test_a_run_whose_callback_changed_settings_resumes_bit_for_bit(data, tmp_pat
     assert_same(state(model), state(reference))
     assert [la.get_config() for la in model.layers] == \
         [la.get_config() for la in reference.layers]
+
+
+def test_fits_docstring_spells_checkpoint_as_a_call_that_works(tmp_path):
+    """fit's docstring gives the BackupAndRestore that checkpoint=PATH is short for (it wrote
+    resume positionally, a TypeError since resume became keyword-only)."""
+    doc = " ".join(xpcnn.Sequential.fit.__doc__.split())
+    call = re.search(r"``callbacks=\[(BackupAndRestore\(PATH, .*?\))\]``", doc).group(1)
+    names = {"BackupAndRestore": BackupAndRestore, "PATH": str(tmp_path / "c.npz"),
+             "checkpoint_every": 3, "resume": False}
+    made = eval(call, names)
+    assert (made.save_freq, made.resume, made.delete_checkpoint) == (3, False, False)

@@ -175,20 +175,65 @@ def test_training_from_a_folder_of_png_files(tmp_path):
     assert "missing' does not exist" in out.stderr
 
 
+def _folder_script():
+    """scripts/train_from_folder.py as a module."""
+    spec = importlib.util.spec_from_file_location("train_from_folder",
+                                                  ROOT / "scripts" / "train_from_folder.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "scripts"))  # (as running it does: it imports _common)
+    try:
+        spec.loader.exec_module(script)
+    finally:
+        sys.path.pop(0)
+    return script
+
+
 def test_an_image_folder_given_its_files_reads_their_size(tmp_path):
     """ImageFolder(root, files) without a size refused every image ("where the first image is
     "): the size is read from the files' headers."""
     pytest.importorskip("PIL")
-    spec = importlib.util.spec_from_file_location("train_from_folder",
-                                                  ROOT / "scripts" / "train_from_folder.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _folder_script()
     script.make_demo(tmp_path, 6)
     whole = script.ImageFolder(tmp_path)
     some = script.ImageFolder(tmp_path, whole.files[1:4])
     assert some.size == whole.size == (32, 32) and len(some) == 3
     image, label = some[0]
     assert image.shape == (32, 32, 3) and label == whole.files[1][1]
+
+
+def test_an_image_folder_reads_as_keras_does_hidden_nested_and_gif(tmp_path):
+    """As Keras' image_dataset_from_directory: a hidden folder (Jupyter's .ipynb_checkpoints)
+    was class 0, shifting every label; images in a class's nested folders and .gif files were
+    silently left out. Dot-folders and dot-files are skipped, nested folders walked in sorted
+    order, a GIF read as its first frame."""
+    image_module = pytest.importorskip("PIL.Image")
+    script = _folder_script()
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (4, 3), dtype=np.uint8)  # (a GIF's palette keeps them)
+    written = {}
+
+    def save(relative, fmt=None):
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = colours[rng.integers(0, 4, (8, 8))]
+        image_module.fromarray(pixels).save(path, format=fmt)
+        written[relative] = pixels
+
+    for name in ["cat/1.png", "cat/0.png", "cat/y.gif", "dog/b/x.png", "dog/a.png",
+                 "dog/a/z.png", ".ipynb_checkpoints/c.png", "dog/.hidden/h.png"]:
+        save(name)
+    save("cat/._0.png", "PNG")  # (macOS' AppleDouble companion file)
+    (tmp_path / "notes.txt").write_text("not a class")
+    folder = script.ImageFolder(tmp_path)
+    assert folder.classes == ["cat", "dog"]
+    got = [str(f.relative_to(tmp_path)) for f, _ in folder.files]
+    assert got == ["cat/0.png", "cat/1.png", "cat/y.gif", "dog/a.png", "dog/a/z.png",
+                   "dog/b/x.png"]
+    assert [label for _, label in folder.files] == [0, 0, 0, 1, 1, 1]
+    for i, name in enumerate(got):
+        image, label = folder[i]
+        np.testing.assert_array_equal(image, written[name])
+        assert label == folder.files[i][1]
 
 
 def test_the_loop_overhead_benchmark_dry_runs():
@@ -356,6 +401,7 @@ def test_training_from_a_folder_without_pillow_is_refused_at_once(tmp_path):
     root = _image_folder(tmp_path / "images", "other size")
     script = ROOT / "scripts" / "train_from_folder.py"
     code = ("import runpy, sys; sys.modules['PIL'] = None; "  # (as if it were not installed)
+            f"sys.path.insert(0, {str(script.parent)!r}); "  # (as running the script does)
             f"sys.argv = [{str(script)!r}, {str(root)!r}]; "
             f"runpy.run_path({str(script)!r}, run_name='__main__')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

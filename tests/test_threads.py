@@ -1,8 +1,10 @@
 """Layers and models used from several threads: a model predicting in one thread (a server's)
 while it trains in another, and an unbuilt layer's first call made by several threads at once."""
 
+import contextlib
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from xpcnn.layers import (
     Dense,
     Dropout,
     Flatten,
+    GlobalAvgPool2D,
     MaxPool2D,
     ReLU,
     Softmax,
@@ -151,3 +154,223 @@ def test_an_inference_pass_between_a_training_pass_and_its_backward_changes_noth
         twin.forward(xb[:1] * 7, training=False)
         np.testing.assert_array_equal(twin.backward(dy), layer.backward(dy),
                                       err_msg=type(layer).__name__)
+
+
+def test_an_inference_pass_between_a_training_pass_and_its_backward_leaves_the_input_dtype():
+    """The training pass's input dtype (what backward casts the input gradient to) is its own:
+    an inference pass of another dtype in between (another thread's) leaves it."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 6, 6, 3)).astype(np.float32)
+    for layer, xb in ((Conv2D(2, 3), x), (Dense(3), x.reshape(4, -1))):
+        layer.build(xb.shape[1:], "cpu")
+        dy = np.ones((4, *layer.output_shape), np.float32)
+        layer.forward(xb, training=True)
+        alone = layer.backward(dy)
+        layer.forward(xb, training=True)
+        layer.forward(xb[:1].astype(np.float64), training=False)
+        dx = layer.backward(dy)
+        assert dx.dtype == np.float32, type(layer).__name__
+        np.testing.assert_array_equal(dx, alone)
+
+
+# -- the pass lock: builds wait for the passes of other threads, passes for the builds ----------
+def _pausing(layer, method, during):
+    """A context in which the first call of ``layer``'s ``method`` (that layer's only) runs
+    ``during()`` first: another thread's work in the middle of a pass. Yields the list that
+    gets ``during``'s result."""
+    results = []
+    cls = type(layer)
+    original = getattr(cls, method)
+
+    def paused(self, *args, **kwargs):
+        if self is layer and not results:
+            results.append(during())
+        return original(self, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def patched():
+        setattr(cls, method, paused)
+        try:
+            yield results
+        finally:
+            setattr(cls, method, original)
+    return patched()
+
+
+def _start(work, errors):
+    """``work()`` on a daemon thread (a deadlock leaves no thread that keeps the process),
+    its exception into ``errors``."""
+    def guarded():
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001  (reported by the test)
+            errors.append(e)
+    thread = threading.Thread(target=guarded, daemon=True)
+    thread.start()
+    return thread
+
+
+def _blocked_or_done(thread):
+    """Wait until ``thread`` waits to build (the pass lock has a writer waiting) or ends."""
+    lock = getattr(getattr(xpcnn, "passes", None), "PASSES", None)
+    deadline = time.monotonic() + 60
+    while thread.is_alive() and not (lock is not None and lock.waiting()) and \
+            time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def _mixed_model():
+    model = xpcnn.Sequential([Conv2D(6, 3, name="conv"), BatchNorm2D(name="bn"), ReLU(),
+                              Flatten(), Dense(4, name="head")], input_shape=(8, 8, 3), seed=1)
+    model.compile(optimizer=xpcnn.optim.SGD(1e-2), precision="mixed_float16")
+    return model
+
+
+def _step_beside(other, before=None):
+    """A mixed_float16 model's training step during which (between its forward and its
+    backward) ``other(model, x)`` runs in another thread, which must wait for the step where it
+    builds: the conv computes in float16 throughout the step, the weights are those of the
+    same steps alone. ``before(model, x)`` runs before the step. Returns other's result."""
+    x, y = _data(16)
+    reference = _mixed_model()
+    reference.train_on_batch(x, y)
+    reference.train_on_batch(x, y)
+    model = _mixed_model()
+    model.train_on_batch(x, y)
+    if before is not None:
+        before(model, x)
+    got, errors = {}, []
+
+    def during():
+        thread = _start(lambda: got.update(out=other(model, x)), errors)
+        _blocked_or_done(thread)
+        got["conv dtype"] = model.get_layer("conv").compute_dtype
+        return thread
+
+    with _pausing(model.get_layer("head"), "backward", during) as threads:
+        model.train_on_batch(x, y)
+    threads[0].join(60)
+    assert not threads[0].is_alive() and not errors, errors
+    assert got["conv dtype"] == np.float16
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    return got["out"]
+
+
+def test_a_model_built_over_a_training_models_layers_mid_step_waits_for_the_step():
+    """(was: a float32 feature extractor made in another thread mid-step rebuilt the shared
+    layers under the mixed_float16 step, float16 to float32 between its forward and backward:
+    other weights, silently)"""
+    def extract(model, x):
+        ext = xpcnn.Model(model.inputs, model.get_layer("bn").output)  # (float32)
+        return ext.predict(x[:4], verbose=0)
+    assert _step_beside(extract).dtype == np.float32
+
+
+def test_a_model_compiled_in_another_precision_mid_step_waits_for_the_step():
+    """(was: an extractor built alike, compiled to float32 and run in another thread mid-step,
+    rebuilt the shared layers under the step, under no lock)"""
+    def recompile(model, x):
+        ext = model.extractor
+        ext.compile(precision="float32")
+        return ext.predict(x[:4], verbose=0)
+    assert _step_beside(recompile, before=_extractor_alike).dtype == np.float32
+
+
+def _extractor_alike(model, x):
+    """A mixed_float16 extractor over the model's layers, built and run alike before the step."""
+    model.extractor = ext = xpcnn.Model(model.inputs, model.get_layer("bn").output)
+    ext.compile(precision="mixed_float16")
+    ext.predict(x[:4], verbose=0)
+
+
+def test_a_compile_in_another_precision_during_a_predict_waits_for_its_batch():
+    """(was: compile(precision=...) in another thread rebuilt the layers under a predict's
+    batch: outputs that were neither precision's)"""
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 8, 8, 3), dtype=np.float32)
+    model = xpcnn.Sequential([Conv2D(8, 3), BatchNorm2D(name="bn"), Conv2D(8, 3), Flatten(),
+                              Dense(4)], input_shape=(8, 8, 3), seed=0)
+    expected = {}
+    for precision in ("mixed_float16", "float32"):
+        model.compile(optimizer="sgd", precision=precision)
+        expected[precision] = model.predict(x, batch_size=16, verbose=0)
+    errors = []
+
+    def during():
+        thread = _start(lambda: model.compile(optimizer="sgd", precision="mixed_float16"),
+                        errors)
+        _blocked_or_done(thread)
+        return thread
+
+    with _pausing(model.get_layer("bn"), "forward", during) as threads:
+        out = model.predict(x, batch_size=16, verbose=0)
+    threads[0].join(60)
+    assert not threads[0].is_alive() and not errors, errors
+    np.testing.assert_array_equal(out, expected["float32"])
+    assert model.precision == "mixed_float16"
+    np.testing.assert_array_equal(model.predict(x, batch_size=16, verbose=0),
+                                  expected["mixed_float16"])
+
+
+def _in_a_pass_of(model, x, work):
+    """``work()`` run inside a pass of ``model`` (in its first layer's forward), on a daemon
+    thread watched for a deadlock; returns work's result."""
+    errors, got = [], []
+
+    def run():
+        with _pausing(model.layers[0], "forward", work) as results:
+            model.predict(x, verbose=0)
+        got.extend(results)
+    thread = _start(run, errors)
+    thread.join(120)
+    assert not thread.is_alive(), "deadlocked"
+    if errors:
+        raise errors[0]
+    return got[0]
+
+
+def _small(name, side=8):
+    model = xpcnn.Sequential([Conv2D(2, 3), GlobalAvgPool2D(), Dense(3)],
+                             input_shape=(side, side, 3), seed=0, name=name)
+    model.compile(optimizer="sgd")
+    return model
+
+
+def test_a_pass_inside_a_pass_runs_while_another_thread_waits_to_build():
+    """A thread in a pass re-enters the lock ahead of a waiting build (no deadlock), and a
+    pass that holds it exclusive (layers shared with a model built otherwise) runs other
+    models' passes and builds inside."""
+    x = np.zeros((2, 8, 8, 3), np.float32)
+    outer, inner = _small("outer"), _small("inner")
+    alone = inner.predict(x, verbose=0)
+    builders, errors = [], []
+
+    def reenter():
+        builders.append(_start(lambda: _small("built_meanwhile"), errors))
+        _blocked_or_done(builders[0])
+        return inner.predict(x, verbose=0)
+    np.testing.assert_array_equal(_in_a_pass_of(outer, x, reenter), alone)
+    builders[0].join(60)
+    assert not builders[0].is_alive() and not errors, errors
+
+    bigger = xpcnn.Model(inputs := xpcnn.Input((12, 12, 3)), outer(inputs))
+    bigger.predict(np.zeros((1, 12, 12, 3), np.float32), verbose=0)
+    assert outer._pass_rebuilds()
+
+    def nested():
+        return inner.predict(x, verbose=0), _small("built_inside").built
+    out, built = _in_a_pass_of(outer, x, nested)
+    np.testing.assert_array_equal(out, alone)
+    assert built
+
+
+def test_a_build_inside_a_pass_of_another_model_is_refused_by_name():
+    """(a build there would change layers under the pass; it cannot wait for the pass either)"""
+    x = np.zeros((2, 8, 8, 3), np.float32)
+    outer = _small("outer")
+    with pytest.raises(xpcnn.InputError, match="building model 'inside' was asked inside a "
+                       "pass through layers in this thread"):
+        _in_a_pass_of(outer, x, lambda: _small("inside"))
+    outer.predict(x, verbose=0)  # (the lock released)
+    _small("after")

@@ -184,17 +184,43 @@ def test_batch_callbacks_run_outside_the_compute_scope(data):
 
 
 @pytest.mark.parametrize("call", [
-    "fit(x, y, 16, 2)", "evaluate(x, y, 16)", "predict(x, 16)",
+    "fit(x, y, 16, 2)", "evaluate(x, y, 16, 0, None)", "predict(x, 16, 0, None)",
     "compile('adam', 'sparse_categorical_crossentropy')", "compile('cross_entropy')"])
 def test_keras_positional_orders_are_a_type_error_not_another_meaning(data, call):
     """Keras' fit(x, y, batch_size, epochs) silently trained 16 epochs of batch 2 here (fit's
     order was epochs, batch_size), and compile(optimizer, loss) said "unknown loss 'adam'":
-    every argument after the data (all of compile's) is keyword-only."""
+    every argument after the data (all of compile's) is keyword-only, and evaluate's and
+    predict's after verbose (Keras' next is sample_weight, xpcnn's steps)."""
     x, y = data
     model = compiled()
     with pytest.raises(TypeError, match="positional argument"):
         eval(f"model.{call}", {"model": model, "x": x, "y": y})
     assert model.optimizer.iterations == 0
+
+
+def test_keras_positional_evaluate_and_predict_mean_what_they_mean_in_keras(data, capsys):
+    """evaluate(x, y, batch_size, verbose) and predict(x, batch_size, verbose), Keras' order
+    (was: a TypeError, the arguments after the data being keyword-only)."""
+    x, y = data
+    model = compiled()
+    batches = []
+    count = xpcnn.callbacks.LambdaCallback(
+        on_test_batch_end=lambda step, logs: batches.append("test"),
+        on_predict_batch_end=lambda step, logs: batches.append("predict"))
+    keyword = model.evaluate(x, y, batch_size=16, verbose=0)
+    assert model.evaluate(x, y, 16) == keyword
+    assert model.evaluate(x, y, 16, 0) == keyword
+    np.testing.assert_array_equal(model.predict(x, 16, 0), model.predict(x, batch_size=16))
+    for args in [(x, y, 16, 0), (x, y, 16)]:
+        batches.clear()
+        model.evaluate(*args, callbacks=[count])
+        assert batches == ["test"] * 3  # (48 samples in batches of 16)
+    batches.clear()
+    model.predict(x, 16, 0, callbacks=[count])
+    assert batches == ["predict"] * 3
+    capsys.readouterr()
+    model.evaluate(x, y, 16, 1)
+    assert "3/3" in capsys.readouterr().err
 
 
 def test_verbose_takes_true_and_false_as_keras_does(data, capsys):
@@ -227,3 +253,122 @@ def test_labels_keyed_by_output_name_are_refused_clearly(data, where):
             rf"keyed by output name; pass {what}\['probs'\] itself$")):
         calls[where]()
     assert model.optimizer.iterations == 0
+
+
+class _KeyedDataset:
+    """A map-style dataset whose label (or weight) of each sample is keyed by output name."""
+
+    def __init__(self, x, y, weighs):
+        self.x, self.y, self.weighs = x, y, weighs
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if self.weighs:
+            return self.x[i], self.y[i], {"probs": 1.0}
+        return self.x[i], {"probs": self.y[i]}
+
+
+@pytest.mark.parametrize("where", ["dataset y_i", "dataset w_i", "fit sample_weight",
+                                   "evaluate sample_weight", "yielded weights"])
+def test_labels_and_weights_keyed_by_output_name_are_refused_clearly_everywhere(data, where):
+    """A dataset's (x_i, {"out": y_i}) and sample_weight={"out": w} were refused as "must be
+    integer class labels, got dtype object" (or "must hold real numbers") after stacking."""
+    x, y = data
+    model = compiled()
+    keyed = {"probs": np.ones(48)}
+    calls = {
+        "dataset y_i": lambda: model.fit(_KeyedDataset(x, y, False), verbose=0),
+        "dataset w_i": lambda: model.evaluate(_KeyedDataset(x, y, True)),
+        "fit sample_weight": lambda: model.fit(x, y, sample_weight=keyed, verbose=0),
+        "evaluate sample_weight": lambda: model.evaluate(x, y, sample_weight=keyed),
+        "yielded weights": lambda: model.fit(
+            ((x[i:i + 8], y[i:i + 8], {"probs": np.ones(8)}) for i in range(0, 48, 8)),
+            steps_per_epoch=6, verbose=0)}
+    said = {
+        "dataset y_i": r"the y_i that x\[\d+\] returns is a dict \(keys \['probs'\]\): an "
+                       r"xpcnn model has one output, whose label y_i is one integer or one "
+                       r"one-hot row, not keyed by output name; pass y_i\['probs'\] itself$",
+        "dataset w_i": r"the w_i that x\[0\] returns is a dict \(keys \['probs'\]\): .* whose "
+                       r"sample weight w_i is one number, .*; pass w_i\['probs'\] itself$",
+        "fit sample_weight": r"^sample_weight is a dict \(keys \['probs'\]\): an xpcnn model "
+                             r"has one output, whose sample weights are one array \(48,\), not "
+                             r"keyed by output name; pass sample_weight\['probs'\] itself$",
+        "yielded weights": r"is a dict \(keys \['probs'\]\): .* sample weights are one array "
+                           r"\(8,\), .*; pass the array under 'probs' itself$"}
+    said["evaluate sample_weight"] = said["fit sample_weight"]
+    with pytest.raises(InputError, match=said[where]):
+        calls[where]()
+    assert model.optimizer.iterations == 0
+
+
+def _calls(what, model, x, y, callbacks):
+    """One evaluate or predict of ``x`` (batches of 8) with ``callbacks``: the batches it ran
+    (predict: its rows / 8)."""
+    if what == "predict":
+        return len(model.predict(x, batch_size=8, callbacks=callbacks)) // 8
+    ran = []
+    model.evaluate(x, y, batch_size=8, callbacks=[*callbacks, xpcnn.callbacks.LambdaCallback(
+        on_test_batch_end=lambda batch, logs=None: ran.append(batch))])
+    return len(ran)
+
+
+@pytest.mark.parametrize("what", ["evaluate", "predict"])
+def test_a_stop_request_reaches_only_the_call_whose_callback_made_it(data, what):
+    """The flag was the model's: thread B's callback setting model.stop_predicting = True
+    truncated thread A's predict of the same model (2048 rows came back as 8), and each call's
+    reset at its start cancelled another thread's request. Each call reads its own thread's."""
+    x, y = data
+    model = compiled()
+    flag, hook = {"evaluate": ("stop_evaluating", "on_test_batch_end"),
+                  "predict": ("stop_predicting", "on_predict_batch_end")}[what]
+    paused, resumed = threading.Event(), threading.Event()
+
+    def pause(stop):
+        """A callback that, after the first batch, sets the flag to ``stop`` and waits for
+        the other thread's call to end."""
+        def end(batch, logs=None):
+            if batch == 0:
+                setattr(model, flag, stop)
+                paused.set()
+                assert resumed.wait(60)
+        return xpcnn.callbacks.LambdaCallback(**{hook: end})
+
+    def stop_at_once(batch, logs=None):
+        setattr(model, flag, True)
+
+    for stop, other, expected in [(False, [xpcnn.callbacks.LambdaCallback(
+            **{hook: stop_at_once})], 6), (True, [], 1)]:
+        paused.clear(), resumed.clear()
+        got = []
+        t = threading.Thread(target=lambda got=got, stop=stop: got.append(
+            _calls(what, model, x, y, [pause(stop)])))
+        t.start()
+        assert paused.wait(60)
+        # (meanwhile in this thread: a call stopped by its own callback, or one left to run)
+        assert _calls(what, model, x, y, other) == (1 if other else 6)
+        resumed.set()
+        t.join(60)
+        assert got == [expected]
+
+
+def test_fits_callbacks_run_in_keras_order_with_its_own_history_bar_and_backup(tmp_path):
+    """fit's set-up of its callbacks (fit's own step): the user's first, then the History and
+    the bar (a user's one of each taken as fit's own), the BackupAndRestore last."""
+    from xpcnn.callbacks import BackupAndRestore, Callback, History, ProgbarLogger
+
+    mine, bar, other = History(), ProgbarLogger(), Callback()
+    given = [bar, mine, other]
+    ordered, backups, history, progbar = xpcnn.Sequential._fit_callbacks(
+        given, tmp_path / "c.npz", "epoch", False, 1)
+    assert ordered[:3] == [other, mine, bar] and backups == ordered[3:]
+    assert len(backups) == 1 and isinstance(backups[0], BackupAndRestore)
+    assert history is mine and progbar is bar and given == [bar, mine, other]
+    ordered, backups, history, progbar = xpcnn.Sequential._fit_callbacks(
+        None, None, "epoch", False, 0)
+    assert ordered == [history] and isinstance(history, History) and not backups
+    assert progbar is None
+    with pytest.raises(InputError, match="fit takes one BackupAndRestore"):
+        xpcnn.Sequential._fit_callbacks([BackupAndRestore(tmp_path / "b.npz")],
+                                        tmp_path / "c.npz", "epoch", False, 0)

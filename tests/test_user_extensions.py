@@ -273,6 +273,31 @@ def test_keras_style_model_subclass_with_call_is_refused_when_made():
             cls()
 
 
+@pytest.mark.parametrize("base", [xpcnn.Sequential, xpcnn.Model])
+def test_keras_metrics_property_of_a_model_subclass_is_refused_when_defined(base):
+    """Keras' "Customizing what happens in fit()" guide lists its metric trackers in a
+    ``metrics`` property: its subclass failed with a bare "property 'metrics' ... has no
+    setter" when constructed."""
+    said = (r"^Custom defines metrics \({kind}\), as Keras' custom training loops do with "
+            r"their metric trackers: xpcnn's model.metrics is the tuple of metric names "
+            r"compile\(metrics=\[...\]\) sets, and custom metric trackers are not supported")
+    with pytest.raises(InputError, match=said.format(kind="property")):
+        class Custom(base):
+            @property
+            def metrics(self):
+                return []
+    with pytest.raises(InputError, match=said.format(kind="function")):
+        class Custom(base):  # noqa: F811 (a method as the property)
+            def metrics(self):
+                return []
+
+    class Stepping(base):  # (train_step alone, as the guide's first model: made as before)
+        def train_step(self, xb, yb, sample_weight=None):
+            return super().train_step(xb, yb, sample_weight=sample_weight)
+
+    assert Stepping().metrics == ("accuracy",)
+
+
 def test_model_without_layers_is_not_told_to_add_them():
     with pytest.raises(InputError, match=r"^the model has no layers: an xpcnn.Model is the "
                                          r"graph") as caught:

@@ -15,6 +15,7 @@ The same layers train on NumPy (``device="cpu"``) or CuPy (``device="cuda"``)::
 
 from . import callbacks, data, layers, metrics, optim
 from .backend import Backend, get_backend
+from .callbacks import History
 from .errors import (
     DataFormatError,
     DeviceError,
@@ -22,10 +23,10 @@ from .errors import (
     InputError,
     MissingDependencyError,
     NonFiniteError,
+    TrainingInterrupted,
     XpcnnError,
 )
 from .graph import Input
-from .history import History
 from .losses import SoftmaxCrossEntropy
 from .model import Model, Sequential
 from .saving import load_checkpoint, load_model
@@ -35,6 +36,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend", "DataFormatError", "DeviceError", "DownloadError", "History", "Input",
     "InputError", "MissingDependencyError", "Model", "NonFiniteError", "Sequential",
-    "SoftmaxCrossEntropy", "XpcnnError", "callbacks", "data", "get_backend", "layers",
-    "load_checkpoint", "load_model", "metrics", "optim",
+    "SoftmaxCrossEntropy", "TrainingInterrupted", "XpcnnError", "callbacks", "data",
+    "get_backend", "layers", "load_checkpoint", "load_model", "metrics", "optim",
 ]

@@ -3,7 +3,7 @@
 This is the only module that knows NumPy from CuPy (or PyTorch, or ``array_api_strict``). Layers,
 losses and optimisers receive a :class:`Backend` and use nothing but ``backend.xp`` (standard
 functions) and ``backend.device``. Arrays cross between host and device only here: ``asarray``
-(host -> device, one call per batch) and ``to_numpy`` (device -> host).
+(host -> device, one call per batch) and :func:`to_host` (device -> host; ``to_numpy`` too).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import array_api_compat
 import array_api_compat.numpy as compat_numpy
 import numpy as np
 
-from .errors import DeviceError
+from .errors import DeviceError, InputError
 
 CUDA_EXTRA_HINT = 'pip install "xpcnn[cuda12]" (CUDA 12) or pip install "xpcnn[cuda13]" (CUDA 13)'
 
@@ -92,6 +92,33 @@ def set_fast_path(enabled: bool) -> bool:
     return old
 
 
+def to_host(a: Any) -> Any:
+    """A host (NumPy) copy of an array of any namespace; a NumPy array or scalar, a list or a
+    number as it is. (Told by the array's type, not a backend: a loss gets arrays from users.)"""
+    if isinstance(a, np.ndarray | np.generic):
+        return a
+    if array_api_compat.is_cupy_array(a):
+        return a.get()
+    if array_api_compat.is_torch_array(a):
+        return a.detach().cpu().numpy()
+    if hasattr(a, "__array_namespace__") or hasattr(a, "__dlpack__"):
+        return np.from_dlpack(a)
+    return a
+
+
+def dtype_name(dtype: Any, *, float_only: bool = True) -> str:
+    """The name of a dtype of any namespace: "float16", "bfloat16", "float32" or "float64", an
+    InputError for any other; with ``float_only=False``, any other by its own name, as an
+    error names it ("int32", where array_api_strict's says "array_api_strict.int32")."""
+    for name in ("bfloat16", "float16", "float32", "float64"):  # ("float16" is in "bfloat16")
+        if name in str(dtype):
+            return name
+    if not float_only:
+        return str(dtype).rsplit(".", 1)[-1]
+    raise InputError(f"unsupported dtype {dtype!r}; expected float16, bfloat16, float32 or "
+                     "float64")
+
+
 @dataclass(frozen=True)
 class Backend:
     """An Array API namespace and the device that every array of a model lives on."""
@@ -115,13 +142,7 @@ class Backend:
 
     def to_numpy(self, x: Any) -> np.ndarray:
         """Copy a device array to a NumPy array on the host."""
-        if isinstance(x, np.ndarray | np.generic):  # (a NumPy scalar: an element of an array)
-            return np.asarray(x)
-        if self.name == "cupy":
-            return x.get()
-        if self.name == "torch":
-            return x.detach().cpu().numpy()
-        return np.from_dlpack(x)
+        return np.asarray(to_host(x))  # (a NumPy scalar, an element of an array: 0-d)
 
     # -- dtypes --------------------------------------------------------------------------
     def dtype(self, name: str | Any) -> Any:

@@ -10,10 +10,10 @@ table, or None).
 Setting ``model.stop_training = True`` in any hook ends training after the current batch (or
 epoch): ``on_epoch_end`` and ``on_train_end`` still run and ``fit`` returns the
 :class:`History`. ``model.stop_evaluating`` / ``model.stop_predicting`` (Keras 3's, reset by
-each call) end evaluate (fit's validation too) / predict after the current batch: its means
-are those of the batches seen, predict returns the rows so far. On several ranks each rank
-stops where its own callbacks set the flag (evaluation has no exchange between ranks per
-batch, and its batch logs are each rank's own): set it alike on every rank (from the batch
+each call; each thread's own) end evaluate (fit's validation too) / predict after the current
+batch: its means are those of the batches seen, predict returns the rows so far. On several
+ranks each rank stops where its own callbacks set the flag (evaluation has no exchange between
+ranks per batch, and its batch logs are each rank's own): set it alike on every rank (from the batch
 index, say). A :class:`History` or :class:`ProgbarLogger` in ``callbacks`` is fit's own (it
 adds none, runs it where it runs its own, after the others, and the bar takes fit's
 ``verbose``), as in Keras 3; two of one are refused.
@@ -46,6 +46,7 @@ state of the callbacks that keep one: :class:`EarlyStopping`, :class:`ReduceLROn
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -68,8 +69,14 @@ from tqdm.auto import tqdm
 from . import checks, distributed, history, metrics
 from .errors import InputError, NonFiniteError, add_note, warn
 from .files import atomic_file, naming_the_file, replaceable, written_file
-from .saving import FitCheckpoints, Progress, progress_within, save_checkpoint
-from .saving.checkpoint import callback_states, states_entry
+from .saving import save_checkpoint
+from .saving.checkpoint import (
+    FitCheckpoints,
+    Progress,
+    callback_states,
+    progress_within,
+    states_entry,
+)
 from .saving.model_file import config_entry, model_config
 
 
@@ -403,13 +410,13 @@ class LambdaCallback(Callback):
             setattr(self, name, fn)
 
 
-class History(Callback, history.History):
+class History(Callback, history.EpochRecord):
     """Per-epoch metrics of a ``fit`` call: ``history.history["loss"]``, ``["val_accuracy"]``
-    (the record of :mod:`xpcnn.history`, kept by a callback)."""
+    (an :class:`xpcnn.history.EpochRecord` kept by a callback; ``xpcnn.History``)."""
 
     def __init__(self) -> None:
         Callback.__init__(self)
-        history.History.__init__(self)
+        history.EpochRecord.__init__(self)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         self.append(epoch, dict(logs or {}))
@@ -1004,13 +1011,13 @@ def _check_savable(model: Any, file: str) -> None:
     config_entry(model_config(model), f"{file} could not be written")
 
 
-def _history_through(done: history.History, epoch: int, logs: dict[str, float]
-                     ) -> history.History:
+def _history_through(done: history.EpochRecord, epoch: int, logs: dict[str, float]
+                     ) -> history.EpochRecord:
     """``done`` with ``epoch``'s logs as they stand, for a checkpoint written at the end of the
     epoch before the History callback, which runs after the user's ones, records it."""
     if done.epoch[-1:] == [epoch]:
         return done
-    record = history.History()
+    record = history.EpochRecord()
     record.epoch, record.history = list(done.epoch), {k: list(v) for k, v in done.history.items()}
     record.sparse = {k: list(v) for k, v in done.sparse.items()}
     record.append(epoch, logs)
@@ -1206,9 +1213,10 @@ class CSVLogger(Callback):
     the first epoch on, ``NA`` where an epoch was not validated, as in Keras; one without
     validation data gets none (Keras adds a ``val_`` column, all ``NA``, for every log). A new
     file (``append=False``) of a run resumed from a checkpoint starts with the epochs its
-    History got back, so that it holds what an uninterrupted run's file holds; a resumed run
-    appending drops the file's last rows of its first epoch on (written by the run stopped
-    before its backup of them), so that each epoch has one row. Such a file's
+    History got back, so that it holds what an uninterrupted run's file holds. A resumed run
+    appending adds its rows after the file's: where the run that stopped had written rows of
+    the epochs it goes on from (after its last backup), those epochs have two rows, with a
+    warning (the file cannot tell the stopped run's rows from an earlier run's). Such a file's
     first write (its header, those epochs, the first row) replaces the old file atomically: a
     write that fails (a full disk) names the file and leaves the old one as it was; later rows
     are appended."""
@@ -1262,10 +1270,7 @@ class CSVLogger(Callback):
             os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)
             self.mode = "a" if self.append else "w"
             if self.keys is not None and getattr(self.model, "_resume_at", None) is not None:
-                # (a resumed run appending: rows of this epoch on were written by the run
-                # stopped before its backup of them, and are written again now; the file is
-                # rewritten without them, atomically, as a new file's first write)
-                rows, self.mode = self._rows_before(epoch), "w"
+                self._warn_of_repeats(epoch)
         logs = dict(logs or {})
         if self.keys is None:
             self.keys = sorted({*logs, *self._validation_columns()})
@@ -1297,23 +1302,21 @@ class CSVLogger(Callback):
                 raise named from e
         self.mode = "a"
 
-    def _rows_before(self, epoch: int) -> list[list[str]]:
-        """The appended file's header and rows without its last rows of epochs from ``epoch``
-        on (the stopped run's; an earlier run's rows before them stay, whatever their epochs)."""
-        def before(row: list[str]) -> bool:
-            try:
-                return int(row[0]) < epoch
-            except (ValueError, IndexError):  # (not a row of an epoch: kept)
-                return True
+    def _warn_of_repeats(self, epoch: int) -> None:
+        """Warn where the appended file's last row is of ``epoch`` or later: a resumed run's
+        rows of those epochs come again (the stopped run wrote them after its last backup; an
+        earlier run's rows, which the file cannot tell from them, are never dropped)."""
         try:
             with open(self.filename, newline="") as f:
-                header, *rows = csv.reader(f, delimiter=self.separator)
-        except (OSError, UnicodeDecodeError, csv.Error) as e:
-            raise InputError(f"CSVLogger cannot append to {self.filename!r}: it cannot be read "
-                             f"({type(e).__name__}: {e})") from e
-        while rows and not before(rows[-1]):
-            rows.pop()
-        return [header, *rows]
+                last = collections.deque(csv.reader(f, delimiter=self.separator), maxlen=1)
+            repeated = bool(last) and int(last[0][0]) >= epoch
+        except (OSError, UnicodeDecodeError, csv.Error, ValueError, IndexError):
+            return  # (a row that is no epoch's: nothing to say)
+        if repeated:
+            warn(f"CSVLogger's file {self.filename!r} ends with a row of epoch "
+                 f"{int(last[0][0])}, and this resumed run appends rows from epoch {epoch}: "
+                 "those epochs may have two rows (the run that stopped wrote them after its "
+                 "last backup); the later row of an epoch is this run's")
 
     def _restored_rows(self) -> list[list[Any]]:
         """The rows of the epochs a resumed run's History holds already (restored from its
@@ -1321,7 +1324,7 @@ class CSVLogger(Callback):
         a new file holds what an uninterrupted run's holds; none in a run that did not
         resume."""
         done = getattr(self.model, "history", None)
-        if not isinstance(done, history.History):  # (a callback driven by hand)
+        if not isinstance(done, history.EpochRecord):  # (a callback driven by hand)
             return []
         logged = {k: dict(zip(done.epochs_of(k) or (), done.history[k], strict=False))
                   for k in self.keys if k in done.history}

@@ -71,6 +71,9 @@ def check_sample_shape(x: np.ndarray, expected: tuple[int, ...], what: str = "x"
         elif len(sample) == 3 and sample == (expected[2], expected[0], expected[1]):
             hint = (f": channels first (N, C, H, W), as PyTorch keeps images? pass "
                     f"{what}.transpose(0, 2, 3, 1)")
+        elif expected[1:] == sample:  # (Keras' model.build((32, H, W, C)): a batch of 32)
+            hint = (f": was the model built with a batch size first? build takes the "
+                    f"per-sample shape {sample} or {(None, *sample)}; build a new model so")
         raise InputError(f"{what} has per-sample shape {sample} but the model expects "
                          f"{expected} (inputs are (N, H, W, C)); got {what}.shape = "
                          f"{x.shape}{hint}")
@@ -98,12 +101,9 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray
 
     Returns (targets as given, int64 class indices) after checking lengths and ranges.
     """
-    if isinstance(y, Mapping):  # (Keras' targets keyed by output name: was "a single value")
-        keys = list(y)
-        hint = f"; pass {what}[{keys[0]!r}] itself" if len(keys) == 1 else ""
-        raise InputError(f"{what} is a dict (keys {keys[:5]}): an xpcnn model has one output, "
-                         f"whose labels are one array, integer labels ({n},) or one-hot rows "
-                         f"({n}, {classes}), not keyed by output name{hint}")
+    # (Keras' targets keyed by output name: was "a single value")
+    refuse_keyed(y, what, f"labels are one array, integer labels ({n},) or one-hot rows "
+                          f"({n}, {classes})")
     try:
         arr = np.asarray(y)
     except Exception as e:
@@ -139,12 +139,25 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray
     return arr, np.argmax(arr, axis=1).astype(np.int64)
 
 
+def refuse_keyed(value: Any, what: str, whose: str, name: str | None = None) -> None:
+    """Refuse ``value`` where it is a dict, Keras' labels or weights keyed by output name:
+    ``whose`` says what the one output takes instead; ``name`` is the value in the hint."""
+    if isinstance(value, Mapping):
+        keys = list(value)
+        name = name or what
+        hint = "" if len(keys) != 1 else f"; pass {name}[{keys[0]!r}] itself" \
+            if name.isidentifier() else f"; pass the array under {keys[0]!r} itself"
+        raise InputError(f"{what} is a dict (keys {keys[:5]}): an xpcnn model has one output, "
+                         f"whose {whose}, not keyed by output name{hint}")
+
+
 def as_sample_weights(w: Any, n: int, what: str = "sample_weight", dtype: Any = np.float64,
                       index: Any = None) -> np.ndarray:
     """Per-sample weights of the loss: N finite numbers >= 0, shape (N,) or (N, 1) (Keras
     takes both), as a host array (N,) of ``dtype`` (checked after the cast: a weight too
     large for it is refused, not made infinite). ``index``: the samples' numbers in a dataset,
     which errors name (their positions in ``w`` otherwise)."""
+    refuse_keyed(w, what, f"sample weights are one array ({n},)")  # (was: "dtype object")
     try:
         arr = np.asarray(w)
     except Exception as e:

@@ -25,11 +25,11 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from . import __version__, checks, distributed, optim, training
-from .backend import get_backend
+from . import __version__, checks, distributed, optim
+from .backend import PRECISIONS, get_backend
 from .callbacks import Callback, CSVLogger, EarlyStopping
 from .datasets.download import Spelling, data_dir_spelled
-from .errors import DataFormatError, DownloadError, InputError, TrainingInterrupted, XpcnnError
+from .errors import InputError, TrainingInterrupted, XpcnnError
 from .files import try_writing_in
 from .models import NAMES, build_model
 from .onnx_export import ONNX_EXTRA_HINT
@@ -65,35 +65,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-class ScriptParser(_Parser):
-    """The scripts' parser, as the command's: abbreviated flags refused, and a usage error one
-    line on stderr with exit status 2 (:meth:`check` for this module's checks of paths and
-    devices, run before any data is loaded)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
-
-    def check(self, check: Callable[..., None], *args: Any, **kwargs: Any) -> None:
-        """``check(*args, **kwargs)`` (``output_file``, ``input_folder``, ...), a UsageError its
-        one line."""
-        try:
-            check(*args, **kwargs)
-        except UsageError as e:
-            self.error(str(e))
-
-    def data(self, load: Callable[..., Any], *args: Any) -> Any:
-        """``load(*args)`` (a dataset's loader), a download or file it refuses its one line."""
-        try:
-            return load(*args)
-        except (DownloadError, DataFormatError) as e:
-            self.error(str(e))
-
-
 # -- values the flags take ---------------------------------------------------------------------
 
 
-def _flag(convert: Callable[[str], Any], check: Callable[[Any, str], Any],
-          want: str) -> Callable[[str], Any]:
+def flag_type(convert: Callable[[str], Any], check: Callable[[Any, str], Any],
+              want: str) -> Callable[[str], Any]:
     """A flag's value: ``convert(text)``, which ``check`` (an :mod:`xpcnn.checks` helper, called
     as ``check(value, what)``) accepts; otherwise "expected {want}, got {text!r}"."""
 
@@ -108,24 +84,19 @@ def _flag(convert: Callable[[str], Any], check: Callable[[Any, str], Any],
     return parse
 
 
-POSITIVE = _flag(int, checks.positive_int, "a whole number >= 1")
-NON_NEGATIVE = _flag(int, checks.non_negative_int, "a whole number >= 0")
-LEARNING_RATE = _flag(float, partial(checks.number, low=0.0, low_open=True),
-                      "a learning rate > 0, such as 3e-3")
-FRACTION = _flag(float, partial(checks.number, low=0.0, high=1.0, low_open=True, high_open=True),
-                 "a fraction between 0 and 1 (both excluded), such as 0.1")
-# (the recipe scripts' flags)
-WEIGHT_DECAY = _flag(float, partial(checks.number, low=0.0), "a weight decay >= 0, such as 5e-4")
-SMOOTHING = _flag(float, partial(checks.number, low=0.0, high=1.0, high_open=True),
-                  "a label smoothing from 0 to 1 (1 excluded), such as 0.1")
-CEILING = _flag(float, partial(checks.number, low=0.0, low_open=True),
-                "a ReLU ceiling > 0, such as 1")
+POSITIVE = flag_type(int, checks.positive_int, "a whole number >= 1")
+NON_NEGATIVE = flag_type(int, checks.non_negative_int, "a whole number >= 0")
+LEARNING_RATE = flag_type(float, partial(checks.number, low=0.0, low_open=True),
+                          "a learning rate > 0, such as 3e-3")
+FRACTION = flag_type(float, partial(checks.number, low=0.0, high=1.0, low_open=True,
+                                    high_open=True),
+                     "a fraction between 0 and 1 (both excluded), such as 0.1")
 # A stage tour is about (max maps + 2) x 1.15 (layers + 1) inches: a deep model's may be too
 # large at the top of both ranges (visualize then names the largest --dpi that fits).
-MAX_MAPS = _flag(int, partial(checks.number, low=1, high=32), "a whole number from 1 to 32")
-DPI = _flag(float, partial(checks.number, low=10.0, high=300.0),
-            "a resolution from 10 to 300 pixels per inch")
-PRECISIONS = tuple(training.PRECISIONS)  # (compile's names)
+MAX_MAPS = flag_type(int, partial(checks.number, low=1, high=32), "a whole number from 1 to 32")
+DPI = flag_type(float, partial(checks.number, low=10.0, high=300.0),
+                "a resolution from 10 to 300 pixels per inch")
+PRECISION_NAMES = tuple(PRECISIONS)  # (compile's names)
 
 
 # -- paths, checked before any work ------------------------------------------------------------
@@ -258,7 +229,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--optimizer", choices=("adam", "adamw", "rmsprop", "sgd"), default="adam")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="cosine",
                    help="learning-rate schedule over the whole run")
-    p.add_argument("--precision", choices=PRECISIONS, default="float32")
+    p.add_argument("--precision", choices=PRECISION_NAMES, default="float32")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--val-split", type=FRACTION, default=None,
                    help="hold out this fraction of the training set; accuracy is then "
@@ -317,7 +288,7 @@ def _check_train(args: argparse.Namespace) -> None:
         raise UsageError(f"argument --export: {ONNX_EXTRA_HINT}")
     check_device("--device", args.device)
     _check_model(args.model or DEFAULT_MODEL[args.dataset], args.dataset)
-    compute = training.PRECISIONS[args.precision]
+    compute = PRECISIONS[args.precision]
     if compute is not None:  # (bfloat16 needs ml_dtypes: was refused after loading the data)
         try:
             get_backend(args.device).dtype(compute)
@@ -356,7 +327,8 @@ def _check_model(name: str, dataset: str) -> None:
                          f"{'x'.join(map(str, shape))} images: {e}") from e
 
 
-def _percent(fraction: float) -> str:
+def percent(fraction: float) -> str:
+    """``fraction`` as a percentage for messages: 0.1 as "10%"."""
     return f"{100 * fraction:g}%"
 
 
@@ -368,8 +340,8 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return order[n_val:], order[:n_val]
 
 
-def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int
-           ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def hold_out(x: np.ndarray, y: np.ndarray, fraction: float, seed: int
+             ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """:func:`split_indices` applied to (x, y): (train, held-out)."""
     train, val = split_indices(len(x), fraction, seed)
     if not len(train):
@@ -390,11 +362,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     evaluated_on = "test set"
     if test is None or args.val_split is not None:
         fraction = 0.1 if args.val_split is None else args.val_split
-        (x, y), test = _split(x, y, fraction, args.seed)
-        evaluated_on = f"held-out {_percent(fraction)} of the training set"
+        (x, y), test = hold_out(x, y, fraction, args.seed)
+        evaluated_on = f"held-out {percent(fraction)} of the training set"
         if args.val_split is None:
             say(f"{args.dataset} in this folder has no test split: holding out "
-                f"{_percent(fraction)} of the training set (--val-split) and reporting accuracy "
+                f"{percent(fraction)} of the training set (--val-split) and reporting accuracy "
                 "on it")
     if args.limit is not None:
         x, y = x[:args.limit], y[:args.limit]
@@ -498,11 +470,11 @@ def _what_was_kept(args: argparse.Namespace, before: tuple[int, int, int] | None
             "checkpoint, as it was before this run)"
     where = ""
     try:  # (its position, from the file's small JSON entry; the arrays are not read)
-        from .saving.checkpoint import _checkpoint_config, _progress
+        from .saving.checkpoint import checkpoint_config, read_progress
         from .saving.npz import NpzArchive
 
         with NpzArchive(args.checkpoint, "the checkpoint") as npz:
-            progress = _progress(_checkpoint_config(npz).get("progress"), args.checkpoint)
+            progress = read_progress(checkpoint_config(npz).get("progress"), args.checkpoint)
         where = f" (the end of epoch {progress.epoch})" if not progress.step else \
             f" (epoch {progress.epoch + 1}, step {progress.step}/{steps_per_epoch})"
         if not progress.step and not progress.epoch:

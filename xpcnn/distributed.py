@@ -7,7 +7,7 @@ on four ranks; ``fit`` needs no change. As in ChainerMN, Horovod and PyTorch DDP
   see :func:`device_for_rank`); rank 0's initial weights are broadcast to the others;
 * ``fit(batch_size=B)`` makes global batches of ``N * B`` samples, exactly the batches of one
   process at that size (one seeded permutation), and each rank takes its own slice of each
-  (arrays and map-style datasets, :func:`xpcnn.data.rank_slices`; an iterable of batches is
+  (arrays and map-style datasets, :func:`xpcnn.data.sources.rank_slices`; an iterable of batches is
   each rank's own, and before each of its steps the ranks tell each other their batches'
   sizes, in one small host allreduce);
 * after the backward pass the gradients are averaged, weighted by each rank's share of the

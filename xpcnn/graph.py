@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 
 from . import checks
-from .backend import Backend
+from .backend import Backend, dtype_name
 from .errors import InputError
 from .layers.activation import ReLU
-from .layers.arguments import Shape, dtype_name
+from .layers.arguments import Shape
 from .layers.base import DEFAULT, Layer, Options, RandomLayer
 from .layers.symbolic import Node, SymbolicTensor
 from .structure import where
@@ -561,7 +561,8 @@ def _check_output(layer: Layer, y: Any, x: Any) -> None:
         return
     want = (int(x.shape[0]), *layer.output_shape)
     got = (f"a {type(y).__name__}" if shape is None or not isinstance(y, type(x))
-           else f"an array of shape {tuple(shape)} and dtype {_dtype(y)}")
+           else f"an array of shape {tuple(shape)} and dtype "
+                f"{dtype_name(y.dtype, float_only=False)}")
     raise InputError(f"layer {layer.name!r} ({type(layer).__name__})'s forward returned {got}: "
                      f"forward returns one float array ({type(x).__name__}, as its input) of "
                      f"shape {want}, the batch then the per-sample output shape that _build "
@@ -583,17 +584,12 @@ def _check_param_grads(layer: Layer) -> None:
                 and checks.real_floating(layer.xp, g.dtype):
             continue
         got = (f"a {type(g).__name__}" if shape is None
-               else f"a gradient of shape {tuple(shape)} and dtype {_dtype(g)}")
+               else f"a gradient of shape {tuple(shape)} and dtype "
+                    f"{dtype_name(g.dtype, float_only=False)}")
         raise InputError(f"layer {layer.name!r} ({type(layer).__name__})'s backward put {got} "
                          f"in grads[{k!r}], expected shape {tuple(p.shape)}: the gradient of "
                          "the loss with respect to the parameter, a float array of its shape "
                          "(summed over the batch)")
-
-
-def _dtype(a: Any) -> str:
-    """``a``'s dtype as an error names it: "int32" (array_api_strict's says
-    "array_api_strict.int32")."""
-    return str(a.dtype).rsplit(".", 1)[-1]
 
 
 def each_output(layers: list[Layer], inbound: list[Inbound], x: Any, training: bool = False

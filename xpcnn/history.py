@@ -7,7 +7,7 @@ from typing import Any
 from .errors import warn
 
 
-class History:
+class EpochRecord:
     """The logs of a ``fit`` call's epochs: ``history["loss"]``, ``["val_accuracy"]``, ...,
     one value for each epoch that logged it. As in Keras, a list may be shorter than
     ``epoch``: ``val_*`` with ``fit(validation_freq=k)``, a callback's log in some epochs;
@@ -41,7 +41,7 @@ class History:
         return list(self.epoch) if len(self.history.get(key, ())) == len(self.epoch) else None
 
     def __repr__(self) -> str:
-        return f"History(epochs={len(self.epoch)}, keys={list(self.history)})"
+        return f"{type(self).__name__}(epochs={len(self.epoch)}, keys={list(self.history)})"
 
 
 def _number(key: str, value: Any) -> float | None:

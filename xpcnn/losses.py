@@ -8,6 +8,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from .backend import to_host
 from .checks import (
     as_labels,
     as_sample_weights,
@@ -153,7 +154,7 @@ class SoftmaxCrossEntropy:
         dtype = xp.float64 if y_pred.dtype == xp.float64 else xp.float32
         z = xp.astype(y_pred, dtype, copy=False)
         device = array_api_compat.device(z)
-        host = _to_host(z)
+        host = to_host(z)
         if not np.all(np.isfinite(host)):
             raise InputError("y_pred holds NaN or infinite values")
         if self.from_logits is False:  # (a log of logits would be a wrong, finite loss)
@@ -166,7 +167,7 @@ class SoftmaxCrossEntropy:
                     f"each row >= 0 and summing to 1; row {i} sums to {sums[i]:.6g} with a least "
                     f"value of {host[i].min():.6g} ({bad.size} such rows): pass logits to a "
                     "loss with from_logits=True")
-        y_true = _to_host(y_true)
+        y_true = to_host(y_true)
         try:
             length = np.shape(y_true)[:1]
         except ValueError:  # (ragged lists: as_labels says so)
@@ -180,7 +181,7 @@ class SoftmaxCrossEntropy:
             t = xp.astype(t, dtype)
         w = None
         if sample_weight is not None:
-            w = xp.asarray(as_sample_weights(_to_host(sample_weight), n,
+            w = xp.asarray(as_sample_weights(to_host(sample_weight), n,
                                              dtype=np.dtype(str(host.dtype))), device=device)
         if self.from_logits:  # (asarray: NumPy's sums are scalars, not 0-d arrays)
             return xp.asarray(self.forward(xp, z, t, dtype, w)[0])
@@ -246,17 +247,6 @@ class SoftmaxCrossEntropy:
 
 
 LOSS_CLASSES["SoftmaxCrossEntropy"] = SoftmaxCrossEntropy
-
-
-def _to_host(a: Any) -> Any:
-    """A host (NumPy) copy of an array of any namespace (a list or a number as it is)."""
-    if isinstance(a, np.ndarray | np.generic) or not hasattr(a, "__array_namespace__"):
-        return a
-    if hasattr(a, "get"):  # (CuPy)
-        return a.get()
-    if hasattr(a, "detach"):  # (PyTorch)
-        return a.detach().cpu().numpy()
-    return np.from_dlpack(a)
 
 
 

@@ -33,8 +33,6 @@ class Metric:
     (:meth:`get_config`). Every xpcnn metric is a share of samples, maximised."""
 
     name: str
-    #: Whether a larger value is better (callbacks' ``mode="auto"``).
-    maximised = True
 
     def get_config(self) -> Any:
         """What a model file keeps: the name where it says everything, else a dict."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,13 +19,13 @@ from typing import Any
 import numpy as np
 
 from . import checks, distributed, graph
-from .backend import PRECISIONS, DeviceLike, get_backend, precision_dtype
+from .backend import PRECISIONS, DeviceLike, dtype_name, get_backend, precision_dtype
 from .errors import DataFormatError, InputError
-from .layers.arguments import dtype_name
-from .layers.base import _HOLDERS, Layer, held_by
+from .layers.base import Layer, held_by, holders_of
 from .layers.symbolic import SymbolicTensor, refuse_training_in_graph
 from .layers.weight import Weight
 from .ops.kernels import kernels_for
+from .passes import PASSES
 from .saving import load_weights, register_model, save_model
 from .saving.model_file import FORMAT, VERSION, layers_from_config
 from .structure import check_structure, final_softmax
@@ -35,7 +34,8 @@ from .training import Trainer
 
 def _refuse_call(cls: type) -> None:
     """Refuse a user's model class defining Keras' ``call`` (layers made in ``__init__``, the
-    pass in ``call()``): an xpcnn model is a graph of layers, which never runs it."""
+    pass in ``call()``): an xpcnn model is a graph of layers, which never runs it. So are
+    Keras' ``test_step``, ``predict_step`` and ``compute_loss``: only ``train_step`` is run."""
     owner = next((c for c in cls.__mro__ if "call" in vars(c)), None)
     if owner is not None and issubclass(owner, Model):
         raise InputError(
@@ -45,6 +45,15 @@ def _refuse_call(cls: type) -> None:
             "Dense(4)(Dense(8)(inputs)); super().__init__(inputs, outputs) (or "
             "xpcnn.Model(inputs, outputs)), or use Sequential([layer, ...]); a subclass may "
             "override train_step")
+    # (Keras' other hooks: evaluate, fit's validation and predict would silently never run them)
+    for hook in ("test_step", "predict_step", "compute_loss"):
+        owner = next((c for c in cls.__mro__ if hook in vars(c)), None)
+        if owner is not None and issubclass(owner, Model):
+            raise InputError(
+                f"{owner.__name__} defines {hook}(), which xpcnn never runs: a subclass may "
+                "override train_step(xb, yb, sample_weight=None) only (fit runs it, see the "
+                "README); evaluate, fit's validation and predict are not customisable. Give "
+                "compile() a loss or metric of your own, or compute on predict()'s output")
 
 
 @register_model
@@ -79,7 +88,7 @@ class Model(Trainer):
     backward. A model called on a symbolic tensor adds its layers to the graph being traced
     (a Sequential block inside a Model: the layers are shared by both; an unbuilt one is built
     there first, as Keras builds it at its first call). Models sharing layers that they built
-    otherwise run one pass at a time from several threads (see :meth:`_shared_lock`).
+    otherwise run one pass at a time from several threads (see :meth:`_shared_pass`).
     ``input_shape`` and ``output_shape`` have the batch axis, None, as in Keras.
 
     The executor's methods below (``build``, ``_logits``, ``_backward``, ``_layer_outputs``)
@@ -129,7 +138,7 @@ class Model(Trainer):
         self._trained_at: int | None = None
         self._builds = 0  # (how many times its layers were built: a captured step is redone)
         # (what each layer is built as for this model, and whether another model holding one
-        # of them built it otherwise, at the count of builds _BUILDS[0]: see _shared_lock)
+        # of them built it otherwise, at the count of builds _BUILDS[0]: see _pass_rebuilds)
         self._built_like: dict[int, tuple[Any, ...]] = {}
         self._shared_at: tuple[int, bool] = (-1, False)
         self._symbolic: graph.Symbolic | None = None
@@ -284,7 +293,8 @@ class Model(Trainer):
     def build(self, input_shape: tuple[int | None, ...]) -> None:
         """Create every layer's weights for per-sample ``input_shape``, e.g. (32, 32, 3), or
         the batch's, (None, 32, 32, 3), as Keras' ``build`` takes it (and
-        :attr:`input_shape` gives it)."""
+        :attr:`input_shape` gives it). A batch size in front, (32, 32, 32, 3), is refused where
+        the model's input or first layer shows it is one (a Flatten first takes any rank)."""
         if not self.layers:
             raise InputError("the model has no layers: " + (
                 "add() some before building it" if isinstance(self, Sequential) else
@@ -295,6 +305,9 @@ class Model(Trainer):
                 input_shape[0] is None:
             input_shape = tuple(input_shape[1:])  # (the batch axis)
         shape = _sample_shape(input_shape)
+        known = self._input_shape if self.built else getattr(self, "_declared_input", None)
+        if known is not None and shape[1:] == tuple(known):  # (Keras' build((32, H, W, C)))
+            raise _batch_size_given(self, input_shape, f"its input is {known}")
         graph.check_graph(self.layers, self._inbound())
         check_structure(self.layers)
         built_for = self._input_shape if self.built else None
@@ -302,19 +315,25 @@ class Model(Trainer):
             self._input_shape = shape
             try:
                 self._build_layers()
-            except BaseException:
+            except BaseException as e:
                 # (a layer refused the new shape, the layers before it built for it: a built
                 # model is built again for its own, with the weights it kept)
                 if built_for is not None:
                     self._input_shape = built_for
                     self._build_layers()
+                if isinstance(e, InputError) and len(shape) == 4 and \
+                        not _builds_for(self.layers[0], shape) and \
+                        _builds_for(self.layers[0], shape[1:]):
+                    # (a Conv2D first, which said only that it takes (H, W, C); images only:
+                    # a Dense first given (6, 6) is told to flatten them)
+                    raise _batch_size_given(self, input_shape, str(e)) from None
                 raise
         # (the optimiser's state stays, as in Keras: built layers keep their weights and
         # their shapes, and the next step's plan starts it afresh only where the layers it
         # trains changed, see _plan)
 
     def _build_layers(self) -> None:
-        with self._shared_lock():  # (not in the middle of another model's pass)
+        with PASSES.exclusive(f"building model {self.name!r}"):  # (under no pass: see PassLock)
             graph.build(self.layers, self._inbound(), self._input_shape, self.backend,
                         self.dtype_name, self._compute_dtype_name, self.seed)
             self._built_like = {id(la): _built_like(la) for la in self.layers}
@@ -361,37 +380,41 @@ class Model(Trainer):
         precision (a layer keeps its weights): each model runs its layers as built for it.
         The optimiser's state stays, as the weights it follows do. The layers are looked at
         only where a layer was built or moved since they were last (``Layer.rebuilds``), or
-        the precision changed: a training step asks each time."""
-        with self._shared_lock():
-            at = (Layer.rebuilds, self._compute_dtype_name)  # (read first: a build meanwhile)
-            if not self.built or at == self._built_as_at:
-                return
-            if not graph.built_as(self.layers, self._inbound(), self._input_shape, self.backend,
-                                  self.dtype_name, self._compute_dtype_name):
+        the precision changed: a training step asks each time. The rebuild holds the pass
+        lock exclusive, decided again under it (another thread may have rebuilt them)."""
+        if self._built_as_needed():
+            return
+        with PASSES.exclusive(f"rebuilding model {self.name!r}'s layers"):
+            if not self._built_as_needed():
                 self._build_layers()
-                at = (Layer.rebuilds, self._compute_dtype_name)
-            self._built_as_at = at
+                self._built_as_at = (Layer.rebuilds, self._compute_dtype_name)
 
-    def _shared_lock(self) -> contextlib.AbstractContextManager[Any]:
-        """What a pass holds across its rebuild (:meth:`_rebuild_if_shared`) and its run (a
-        forward pass; a training step's forward, backward and update): where another model
-        holding one of its layers built it otherwise (other inputs, precision), the one lock
-        of such models, else nothing (models sharing nothing, or layers built alike, run side
-        by side). Without it, two threads rebuilt the shared layers under each other's pass:
-        a bare error deep inside a kernel, or float16 in a float32 model, silently."""
-        if self._shared_at[0] != _BUILDS[0]:
+    def _built_as_needed(self) -> bool:
+        """Whether its layers are built as this model needs them (see
+        :meth:`_rebuild_if_shared`): final under the pass lock, where no build runs."""
+        at = (Layer.rebuilds, self._compute_dtype_name)  # (read first: a build meanwhile)
+        if not self.built or at == self._built_as_at:
+            return True
+        if not graph.built_as(self.layers, self._inbound(), self._input_shape, self.backend,
+                              self.dtype_name, self._compute_dtype_name):
+            return False
+        self._built_as_at = at
+        return True
+
+    def _pass_rebuilds(self) -> bool:
+        """Whether a pass of this model rebuilds layers first: where it was compiled in
+        another precision, or another model holding one of its layers built it otherwise
+        (other inputs, precision: each of their passes rebuilds them). Such a pass holds the
+        pass lock exclusive throughout (:meth:`_shared_pass`)."""
+        if self._shared_at[0] != _BUILDS[0]:  # (looked at again after any build)
             self._shared_at = (_BUILDS[0], self._built_otherwise())
-        return _SHARED if self._shared_at[1] else contextlib.nullcontext()
+        return self._shared_at[1] or not self._built_as_needed()
 
     def _built_otherwise(self) -> bool:
         """Whether another model holding one of its layers built it otherwise than this one."""
         for layer in self.layers:
-            try:
-                holders = list(_HOLDERS.get(layer, ()))
-            except TypeError:  # (a user's layer that is not hashable: not noted)
-                continue
             mine = self._built_like.get(id(layer))
-            for other in holders:
+            for other in holders_of(layer):
                 theirs = (getattr(other, "_built_like", {}).get(id(layer)) if other is not self
                           else None)
                 if theirs is not None and theirs != mine:
@@ -400,9 +423,20 @@ class Model(Trainer):
 
     @contextlib.contextmanager
     def _shared_pass(self) -> Iterator[None]:
-        """Around a pass (a training step, an inference batch): the shared lock where it needs
-        one (:meth:`_shared_lock`), and its layers built as it needs them under it."""
-        with self._shared_lock():
+        """Around a pass (a training step, an inference batch): the pass lock shared (passes
+        of any models run side by side, and no build of another thread changes the layers
+        under it), or exclusive where the pass rebuilds layers (:meth:`_pass_rebuilds`), its
+        layers then built as it needs them under it. Decided again under the lock: a build
+        in another thread meanwhile may change the answer. Without it, another thread built
+        or rebuilt shared layers under a pass: a bare error deep inside a kernel, or float16
+        in a float32 model, silently."""
+        if not self._pass_rebuilds():
+            with PASSES.shared:
+                if not self._pass_rebuilds():
+                    yield
+                    return
+        with PASSES.exclusive(f"a pass of model {self.name!r} (which rebuilds layers it shares "
+                              "with a model that built them otherwise)"):
             self._rebuild_if_shared()
             yield
 
@@ -794,7 +828,8 @@ class Model(Trainer):
         """Move the model (weights, optimiser state) to another device; returns self. Not
         while its fit runs (from a callback, or another thread): fit's batches are on the
         device it started on."""
-        with self._running_alone("to()"):
+        # (under no pass of another thread: its layers' arrays move)
+        with self._running_alone("to()"), PASSES.exclusive(f"moving model {self.name!r} (to())"):
             backend = get_backend(distributed.device_for_rank(device))
             if PRECISIONS.get(self.precision) is not None:
                 # (refused before anything moves, naming the precision as the cause)
@@ -879,6 +914,8 @@ class Sequential(Model):
         self._declared_input: tuple[int, ...] | None = None
         # (the layers it holds through a model added to it, whose graph keeps their calls)
         self._nested: list[Layer] = []
+        # (the models added, whose layers it holds: an unbuilt one is built as it builds)
+        self._bases: list[Model] = []
         if layers is not None and not isinstance(layers, list | tuple):
             raise InputError(f"layers must be a list of xpcnn layers, got {type(layers).__name__}")
         if layers and isinstance(layers[0], SymbolicTensor) and layers[0].node is None:
@@ -989,6 +1026,7 @@ class Sequential(Model):
         for inner in model.layers:
             inner.called_through = model.name
         self._nested.extend(model.layers)
+        self._bases.append(model)
 
     def pop(self) -> Layer:
         """Remove the last layer and return it, as Keras' ``Sequential.pop``: a built model is
@@ -999,6 +1037,33 @@ class Sequential(Model):
 
     def _changing_layers(self) -> None:
         pass  # (a chain: any list of layers is one)
+
+    def _build_layers(self) -> None:
+        """Build the layers; an unbuilt model added to this one is built first, for the shape
+        that reaches it and from its own seed, as Keras builds it when it is called (its
+        ``input`` and its layers' ``output`` then serve ``Model(base.input, layer.output)``).
+        A base built so is unbuilt again where this build is refused."""
+        built: list[tuple[Model, Any, list[tuple[Layer, dict[str, Any]]]]] = []
+        try:
+            for base in self._bases:
+                at = None if base.built else _held_at(self.layers, base.layers)
+                if at is None:
+                    continue  # (built, or no longer held whole, in order: pop() or a change)
+                if at:  # (the layers before it, as this build builds them: the same weights)
+                    with PASSES.exclusive(f"building model {self.name!r}"):
+                        graph.build(self.layers[:at], self._inbound()[:at], self._input_shape,
+                                    self.backend, self.dtype_name, self._compute_dtype_name,
+                                    self.seed)
+                shape = self.layers[at - 1].output_shape if at else self._input_shape
+                built.append((base, base._symbolic, _attributes(list(base.layers))))
+                base.build(shape)
+            super()._build_layers()
+        except BaseException:
+            for base, symbolic, attributes in reversed(built):
+                _restore(attributes)
+                base.built, base._input_shape, base._plan_cache = False, None, None
+                base._use_symbolic(symbolic)
+            raise
 
     def _layers_changed(self) -> None:
         # (built again at once where it was built, as pop() and Keras' Sequential: its input,
@@ -1108,6 +1173,23 @@ def _sample_shape(input_shape: Any) -> tuple[int, ...]:
     return shape
 
 
+def _batch_size_given(model: Model, input_shape: Any, why: str) -> InputError:
+    """Model.build given one axis too many: Keras' build((32, H, W, C)), a batch of 32."""
+    return InputError(f"model {model.name!r}.build({tuple(input_shape)!r}): one axis more than "
+                      f"the model's input takes ({why}): build takes the per-sample shape, "
+                      f"{tuple(input_shape[1:])!r}, or the batch's with None for its size, "
+                      f"{(None, *input_shape[1:])!r}, not a batch size")
+
+
+def _builds_for(layer: Layer, shape: tuple[int, ...]) -> bool:
+    """Whether an unbuilt copy of ``layer`` builds for per-sample ``shape``."""
+    try:
+        layer.unbuilt_copy().build(shape, "cpu")
+    except Exception:  # (a user's layer may refuse it otherwise: then no hint)
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def _names_back_if_refused(layers: list[Layer]) -> Iterator[None]:
     """Around a model's construction: where it is refused, the layers get back the names it
@@ -1121,14 +1203,13 @@ def _names_back_if_refused(layers: list[Layer]) -> Iterator[None]:
         raise
 
 
-#: the lock of passes through layers that models sharing them built otherwise (one for all:
-#: no order of locks to keep), and the count of model builds that may change who needs it
-_SHARED = threading.RLock()
+#: the count of model builds, which may change whose passes rebuild (see _pass_rebuilds)
 _BUILDS = [0]
 
 
 def _built_like(layer: Layer) -> tuple[Any, ...]:
-    """What a layer is built as: its inputs, device and dtypes (see :meth:`Model._shared_lock`)."""
+    """What a layer is built as: its inputs, device and dtypes (see
+    :meth:`Model._pass_rebuilds`)."""
     return (layer.input_shape, id(layer.backend.xp), str(layer.backend.device), str(layer.dtype),
             str(layer.compute_dtype))
 
@@ -1145,6 +1226,14 @@ def _forget_when_gone(model: Model, recorded: list[graph.Node]) -> None:
     """A model collected takes its recorded calls with it (the finalizer holds the list, not
     the model): its layers' ``output`` is no longer a dead model's tensor, nor ambiguous."""
     weakref.finalize(model, _forget, recorded).atexit = False
+
+
+def _held_at(layers: list[Layer], run: list[Layer]) -> int | None:
+    """Where ``run`` (a base's layers) stands in ``layers`` whole and in order, or None."""
+    for k in range(len(layers) - len(run) + 1):
+        if run and all(a is b for a, b in zip(layers[k:k + len(run)], run, strict=True)):
+            return k
+    return None
 
 
 def _attributes(layers: list[Layer]) -> list[tuple[Layer, dict[str, Any]]]:

@@ -196,13 +196,19 @@ class StepDecay(Schedule):
 
 
 class CosineDecay(Schedule):
-    """Cosine from lr down to min_lr over decay_steps, then constant at min_lr."""
+    """Cosine from lr down to min_lr over decay_steps, then constant at min_lr. ``min_lr`` is a
+    rate, keyword-only: Keras' third argument, ``alpha``, is a fraction of the first rate
+    (Keras' ``CosineDecay(lr, steps, alpha)`` is ``CosineDecay(lr, steps, min_lr=alpha * lr)``)."""
 
-    def __init__(self, lr: float, decay_steps: int, min_lr: float = 0.0) -> None:
+    def __init__(self, lr: float, decay_steps: int, *, min_lr: float = 0.0) -> None:
         if not _count(decay_steps) or decay_steps < 1:
             raise InputError(f"CosineDecay decay_steps must be >= 1, got {decay_steps!r}")
         self.lr, self.decay_steps = _rate(lr, "CosineDecay lr"), int(decay_steps)
         self.min_lr = _rate(min_lr, "CosineDecay min_lr")
+        if self.min_lr > self.lr:  # (a cosine rising to it: a Keras alpha taken as a rate?)
+            raise InputError(f"CosineDecay min_lr ({self.min_lr}) must be at most lr "
+                             f"({self.lr}): it is the rate the cosine decays to (Keras' "
+                             "alpha, a fraction of lr, is min_lr=alpha * lr)")
 
     def __call__(self, step: int) -> float:
         return _cosine(self.lr, self.min_lr, min(step, self.decay_steps) / self.decay_steps)

@@ -28,7 +28,7 @@ from . import checks, distributed
 from .callbacks import FIT_LOGS
 from .errors import InputError, MissingDependencyError
 from .files import atomic_file, replaceable
-from .history import History
+from .history import EpochRecord
 from .layers import Conv2D, FeatureNorm, Layer, MaxPool2D, ReLU
 from .model import Model, Sequential
 from .ops.softmax import softmax
@@ -567,7 +567,7 @@ def _numbers(values: Any) -> bool:
     return arr.ndim == 1 and arr.dtype.kind in "iuf"
 
 
-def plot_history(history: History | Mapping[str, Sequence[float]],
+def plot_history(history: EpochRecord | Mapping[str, Sequence[float]],
                  path: str | os.PathLike[str], figsize: tuple[float, float] = (10.0, 4.0),
                  dpi: float = 100) -> Figure:
     """Loss and accuracy per epoch, train against validation (``val_*``) where recorded.
@@ -715,7 +715,7 @@ def _names_for(names: Sequence[str] | None, k: int) -> list[str] | None:
 TRAINING_PLOTS = ("history.png", "confusion.png")
 
 
-def write_training_plots(out_dir: str | os.PathLike[str], history: History, model: Model,
+def write_training_plots(out_dir: str | os.PathLike[str], history: EpochRecord, model: Model,
                          x_test: Any, y_test: Any, class_names: Sequence[str] | None = None
                          ) -> list[str]:
     """:data:`TRAINING_PLOTS` in ``out_dir`` (``xpcnn train --plots``)."""

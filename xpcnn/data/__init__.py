@@ -36,63 +36,14 @@ The modules, each importing only those above it:
 * :mod:`~xpcnn.data.streams`: :class:`IterableBatches` and the registry of what xpcnn keeps
   for each iterator between calls.
 
-The names the rest of xpcnn uses are re-exported here. The settings are read, at each use, in
-the module that defines them, and are set there: ``xpcnn.data.sources.DEVICE_BUDGET_BYTES``,
-``xpcnn.data.background.STOP_WAIT_SECONDS`` (not re-exported: a copy here would not be read).
+Only the :class:`Batches` protocol is exported here; the rest of xpcnn (and its tests) imports
+each name from the module that defines it. The settings are read, at each use, in that module
+and are set there: ``xpcnn.data.sources.DEVICE_BUDGET_BYTES``,
+``xpcnn.data.background.STOP_WAIT_SECONDS``.
 """
 
 from __future__ import annotations
 
-from .arrays import (
-    adopt_foreign,
-    check_arrays,
-    check_device_images,
-    check_on_device,
-    check_real_images,
-    check_sample_weights,
-    check_source,
-    is_map_dataset,
-    is_stream,
-    one_input,
-    owned,
-    to_device,
-)
-from .background import PREFETCH
-from .sources import (
-    ArrayBatches,
-    Batches,
-    DatasetBatches,
-    rank_slices,
-    subset_indices_crc32,
-    unpack,
-)
+from .sources import Batches
 
-# (the registry's two dicts, which the tests read; never rebound, so these are the same objects)
-from .streams import _HELD_STREAMS as _HELD_STREAMS
-from .streams import _STREAMS as _STREAMS
-from .streams import IterableBatches, prune_streams, stream_of
-
-__all__ = [
-    "ArrayBatches",
-    "Batches",
-    "DatasetBatches",
-    "IterableBatches",
-    "PREFETCH",
-    "adopt_foreign",
-    "check_arrays",
-    "check_device_images",
-    "check_on_device",
-    "check_real_images",
-    "check_sample_weights",
-    "check_source",
-    "is_map_dataset",
-    "is_stream",
-    "one_input",
-    "owned",
-    "prune_streams",
-    "rank_slices",
-    "stream_of",
-    "subset_indices_crc32",
-    "to_device",
-    "unpack",
-]
+__all__ = ["Batches"]

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import checks
 from ..errors import InputError
-from ..saving import fingerprint
+from ..saving.checkpoint import fingerprint
 from .arrays import (
     BatchChecks,
     adopt_foreign,
@@ -279,7 +280,8 @@ class DatasetBatches(ShardedBatches):
         weakref.finalize(self, _LOCKS.release, id(dataset))
         wait_for_reader(dataset, what)  # (a stopped call's reader, left inside dataset[i])
         if not model.built:  # the first sample tells the input shape
-            x, y, _ = split_item(self._item(0), with_targets, self._expected)
+            x, y, w = split_item(self._item(0), with_targets, self._expected)
+            self._refuse_keyed(0, y, w)
             self._refuse_a_batch(0, x, y)
             build_for(model, np.shape(x), what, f"return x_i[..., None] from {what}[i]")
 
@@ -343,6 +345,7 @@ class DatasetBatches(ShardedBatches):
         inner = shape[1:] if shape[0] == 1 else None
         items = [tuple(owned(p, self.model.backend) for p in split_item(
             self._item(int(i), stop), self.with_targets, self._expected, inner)) for i in idx]
+        self._refuse_keyed(int(idx[0]), *items[0][1:])
         self._refuse_a_batch(int(idx[0]), *items[0][:2])
         xs, ys, ws = zip(*items, strict=True)
         return self._checks(self._stack(xs, "x"),
@@ -369,6 +372,14 @@ class DatasetBatches(ShardedBatches):
             raise InputError(f"{self.what}[{i}] raised {e!r}, but len("
                              f"{self.what}) is {self.samples}: a dataset must return a sample for "
                              f"every index in range(len({self.what}))") from e
+
+    def _refuse_keyed(self, i: int, y: Any, w: Any) -> None:
+        """Refuse ``dataset[i]``'s label or weight keyed by output name (Keras'): stacked, it
+        was refused as "dtype object", which said nothing."""
+        checks.refuse_keyed(y, f"the y_i that {self.what}[{i}] returns", "label y_i is one "
+                            "integer or one one-hot row", "y_i")
+        checks.refuse_keyed(w, f"the w_i that {self.what}[{i}] returns", "sample weight w_i is "
+                            "one number", "w_i")
 
     def _refuse_a_batch(self, i: int, x: Any, y: Any) -> None:
         """Refuse ``dataset[i]`` where it is a whole batch (a Keras Sequence's or PyDataset's
@@ -414,10 +425,10 @@ class DatasetBatches(ShardedBatches):
                              "device") from e
 
     def fingerprint(self) -> dict[str, Any]:
-        """As arrays' (:func:`xpcnn.saving.fingerprint`) but for the content, which is not
-        read: a dataset's ``[i]`` may draw random transforms (reading items here would change
-        the draws of the run, and its resume's), and reading it all would take a pass over
-        the data."""
+        """As arrays' (:func:`~xpcnn.saving.checkpoint.fingerprint`) but for the content,
+        which is not read: a dataset's ``[i]`` may draw random transforms (reading items here
+        would change the draws of the run, and its resume's), and reading it all would take a
+        pass over the data."""
         return {"samples": self.samples, "dataset": type(self.dataset).__name__,
                 "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
                 **({"ranks": self.shard[1]} if self.shard[1] > 1 else {})}

@@ -56,30 +56,6 @@ _FILES = (
 _MNIST_LABEL_MD5 = {"a25bea736e30d166cdddb491f175f624", "27ae3e4e09519cfbb04c329615203637"}
 
 
-def parse_idx(
-    data: bytes | bytearray | memoryview,
-    *,
-    kind: str,
-    num_classes: int = 10,
-    max_bytes: int = MAX_IDX_BYTES,
-    source: str = "IDX data",
-) -> np.ndarray:
-    """Parse a whole (uncompressed) IDX file held in memory.
-
-    ``kind="images"`` expects magic 0x00000803 and returns uint8 ``(N, rows, cols)``;
-    ``kind="labels"`` expects 0x00000801 and returns int64 ``(N,)`` checked to lie in
-    ``0..num_classes-1``. Anything else raises ``DataFormatError`` mentioning ``source``.
-    """
-    if kind not in _NDIM:
-        raise InputError(f"kind must be 'images' or 'labels', got {kind!r}")
-    view = memoryview(data).cast("B")
-    dims, offset = _parse_header(bytes(view[:16]), kind, source)
-    expected = _payload_size(dims, kind, max_bytes, source)
-    _check_payload(len(view) - offset, expected, dims, source)
-    arr = np.frombuffer(view, dtype=np.uint8, count=expected, offset=offset)
-    return _finish(arr, dims, kind, num_classes, source, copy=True)
-
-
 def read_idx_file(
     path: str | os.PathLike[str],
     *,
@@ -87,7 +63,11 @@ def read_idx_file(
     num_classes: int = 10,
     max_bytes: int = MAX_IDX_BYTES,
 ) -> np.ndarray:
-    """Read an IDX file, gzipped or not (told apart by content, not name); see ``parse_idx``.
+    """Read an IDX file, gzipped or not (told apart by content, not name).
+
+    ``kind="images"`` expects magic 0x00000803 and returns uint8 ``(N, rows, cols)``;
+    ``kind="labels"`` expects 0x00000801 and returns int64 ``(N,)`` checked to lie in
+    ``0..num_classes-1``. Anything else raises ``DataFormatError`` naming the file.
 
     The header is read first: a raw file's size is compared with it before the payload is read,
     and a gzipped file is decompressed in chunks up to one byte past the claimed size, so a lying
@@ -138,7 +118,7 @@ def _read_stream(
     _check_payload(len(buf), expected, dims, source)
     # The bytearray is ours and writable: the array can use it without a copy.
     arr = np.frombuffer(buf, dtype=np.uint8)
-    return _finish(arr, dims, kind, num_classes, source, copy=False)
+    return _finish(arr, dims, kind, num_classes, source)
 
 
 def _parse_header(head: bytes, kind: str, source: str) -> tuple[tuple[int, ...], int]:
@@ -199,11 +179,10 @@ def _check_payload(actual: int, expected: int, dims: tuple[int, ...], source: st
 
 
 def _finish(
-    arr: np.ndarray, dims: tuple[int, ...], kind: str, num_classes: int, source: str, copy: bool
+    arr: np.ndarray, dims: tuple[int, ...], kind: str, num_classes: int, source: str
 ) -> np.ndarray:
     if kind == "images":
-        # A copy when the input was someone else's (read-only) bytes.
-        return arr.reshape(dims).copy() if copy else arr.reshape(dims)
+        return arr.reshape(dims)
     labels = arr.astype(np.int64)
     bad = np.flatnonzero(labels >= num_classes)
     if bad.size:

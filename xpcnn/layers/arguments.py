@@ -19,15 +19,6 @@ def in_dtype(xp: Any, a: Any, dtype: Any) -> Any:
     return a if a.dtype == dtype else xp.astype(a, dtype)
 
 
-def dtype_name(dtype: Any) -> str:
-    """The name of a backend dtype: "float16", "bfloat16", "float32" or "float64"."""
-    for name in ("bfloat16", "float16", "float32", "float64"):  # ("float16" is in "bfloat16")
-        if name in str(dtype):
-            return name
-    raise InputError(f"unsupported dtype {dtype!r}; expected float16, bfloat16, float32 or "
-                     "float64")
-
-
 def pair(v: int | tuple[int, int] | list[int], what: str) -> tuple[int, int]:
     """An int or a pair of ints as a pair of positive ints."""
     t = (v, v) if isinstance(v, int | np.integer) else tuple(v) if isinstance(

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, NoReturn
 import array_api_compat
 import numpy as np
 
-from ..backend import Backend, get_backend
+from ..backend import Backend, dtype_name, get_backend
 from ..checks import (
     flag,
     largest_value,
@@ -46,7 +46,7 @@ from ..checks import (
     untaken_settings,
 )
 from ..errors import InputError, of_xpcnn
-from .arguments import Shape, dtype_name
+from .arguments import Shape
 from .symbolic import Node, SymbolicTensor, is_symbolic, refuse_training_in_graph
 from .weight import Weight
 
@@ -62,12 +62,24 @@ LAYER_TYPES: dict[str, type[Layer]] = {}
 _HOLDERS: weakref.WeakKeyDictionary[Layer, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
 
 
+# (guards additions to _HOLDERS and the copies read of it: a thread iterating a WeakSet that
+# another adds to got "Set changed size during iteration")
+_HOLDERS_LOCK = threading.Lock()
+
+
 def held_by(layer: Layer, model: Any) -> None:
     """Note that ``model`` holds ``layer``: renaming the layer asks the model's
     ``_layer_renamed(layer)``, which may refuse the name (the layer keeps its old one)."""
     # (a user's layer that defines __eq__ but no __hash__ is not hashable: not checked)
-    with contextlib.suppress(TypeError):
+    with contextlib.suppress(TypeError), _HOLDERS_LOCK:
         _HOLDERS.setdefault(layer, weakref.WeakSet()).add(model)
+
+
+def holders_of(layer: Layer) -> list[Any]:
+    """The models that hold ``layer`` (see :func:`held_by`), a copy taken under the lock."""
+    with contextlib.suppress(TypeError), _HOLDERS_LOCK:  # (see held_by)
+        return list(_HOLDERS.get(layer, ()))
+    return []
 
 
 @dataclass(frozen=True)
@@ -242,6 +254,10 @@ class Layer:
     #: augmentation: RandomFlip, RandomCrop): a model refuses it where a layer it trains comes
     #: before it (:func:`xpcnn.graph.compile_plan`), before any pass runs.
     has_gradient: ClassVar[bool] = True
+    #: The mode of a direct call on a batch, ``layer(x)`` with no ``training``: inference,
+    #: as Keras (Dropout drops nothing); True for the random augmentations, which augment
+    #: when called so, as Keras 3's random image layers do. Models pass it explicitly.
+    training_when_called: ClassVar[bool] = False
     #: False freezes the layer (as in Keras): no gradients for its parameters, which the
     #: optimiser leaves alone; a BatchNorm2D also runs in inference mode.
     trainable = CheckedFlag()
@@ -315,11 +331,7 @@ class Layer:
         before = vars(self).get("_name"), vars(self).get("name_given")
         self._name = value or type(self).__name__.lower()
         self.name_given = value is not None
-        try:
-            holders = list(_HOLDERS.get(self, ()))
-        except TypeError:  # (see held_by)
-            holders = []
-        for model in holders:
+        for model in holders_of(self):
             try:  # (two names alike in a model: its weights' paths, get_layer, its files)
                 model._layer_renamed(self)
             except InputError:
@@ -411,7 +423,8 @@ class Layer:
     def __call__(self, x: Any, training: bool | None = None) -> Any:
         """On a batch: ``forward(x, training)``, an integer or bool batch (uint8 images) cast
         to the layer's dtype first, as a model casts its batches (and Keras a layer's
-        inputs). On a symbolic tensor (or, for a merge layer,
+        inputs); ``training=None`` is :attr:`training_when_called` (inference, but for the
+        random augmentations, as in Keras 3). On a symbolic tensor (or, for a merge layer,
         a list of them): records the call in a graph and returns the output's symbolic
         tensor, for ``xpcnn.Model(inputs, outputs)``."""
         if is_symbolic(x):
@@ -433,6 +446,8 @@ class Layer:
             # (in its own dtype uint8 200 + 200 wrapped to 144, a "same" max pool padded int8
             # with 0, and average pools and Dropout failed deep inside)
             x = [self._as_float(a) for a in x] if self.multi_input else self._as_float(x)
+        if training is None:  # (a direct call: the class's mode, see training_when_called)
+            training = self.training_when_called
         return self.forward(x, bool(training))
 
     def _build_for(self, x: Any) -> None:
@@ -962,15 +977,26 @@ def _weights_are_read_only(layer: Layer, name: str) -> NoReturn:
 
 
 def _shape(shape: Any, layer: Layer) -> Shape | tuple[Shape, ...]:
-    """A per-sample shape as a tuple of positive ints; a merge layer's, a tuple of those."""
+    """A per-sample shape as a tuple of positive ints; a merge layer's, a tuple of those. A
+    leading None (the batch axis, Keras' ``layer.build((None, 4))``) is dropped, as
+    ``Model.build`` drops it."""
+    def per_sample(s: Any) -> Any:
+        return s[1:] if isinstance(s, list | tuple) and len(s) > 1 and s[0] is None else s
+
+    given = shape
+    if layer.multi_input and isinstance(shape, list | tuple) and \
+            all(isinstance(s, list | tuple) for s in shape):
+        shape = type(shape)(per_sample(s) for s in shape)
+    elif not layer.multi_input:
+        shape = per_sample(shape)
     shapes = shape if layer.multi_input and isinstance(shape, list | tuple) else [shape]
     for s in shapes:
         if not (isinstance(s, list | tuple) and s and all(
                 isinstance(d, int | np.integer) and not isinstance(d, bool) and d > 0 for d in s)):
             what = "a list of per-sample shapes" if layer.multi_input else "a per-sample shape"
             raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) input_shape must be "
-                             f"{what} of positive sizes such as (32, 32, 3) (no batch axis), got "
-                             f"{shape!r}")
+                             f"{what} of positive sizes such as (32, 32, 3), or (None, 32, 32, "
+                             f"3) with the batch axis, got {given!r}")
     if layer.multi_input:
         return tuple(tuple(int(d) for d in s) for s in shape)
     return tuple(int(d) for d in shape)

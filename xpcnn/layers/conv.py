@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -13,8 +14,13 @@ from ..errors import InputError
 from ..ops.convolution import ConvEngine, ConvGeometry
 from ..ops.kernels import kernels_for
 from .arguments import Shape, check_activation, check_padding, count, in_dtype, pair, require_rank
-from .base import _BUILD_LOCK, DEFAULT, Layer, Options, Setting
+from .base import DEFAULT, Layer, Options, Setting
 from .initializers import check_initializer, initialize
+
+# Held while a Conv2D makes its engine (once: see _engine). Its own, not the layers' build
+# lock: a pass holding the pass lock takes it, and a build holding the build lock may wait
+# for that pass (no two locks taken in both orders).
+_ENGINE_LOCK = threading.Lock()
 
 
 class Conv2D(Layer):
@@ -98,7 +104,7 @@ class Conv2D(Layer):
         off: :func:`xpcnn.backend.set_fast_path` reaches a layer that has run too)."""
         engine = getattr(self, "_cache_engine", None)
         if engine is None or self._engine_switches != backend_module.fast_path_switches:
-            with _BUILD_LOCK:  # (made once: a training pass and its backward use one engine
+            with _ENGINE_LOCK:  # (made once: a training pass and its backward use one engine
                 engine = getattr(self, "_cache_engine", None)  # whatever other threads run)
                 if engine is None or self._engine_switches != backend_module.fast_path_switches:
                     engine = kernels_for(self.backend).conv_engine(self.geometry, self.backend)

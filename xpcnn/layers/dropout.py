@@ -7,11 +7,12 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import dtype_name
 from ..checks import number
 from ..errors import InputError
 from ..ops import random
 from ..ops.kernels import kernels_for
-from .arguments import Shape, dtype_name
+from .arguments import Shape
 from .base import DEFAULT, Options, RandomLayer, Setting
 
 

@@ -8,8 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..ops import pool as ops
-from ..ops import windows
+from ..ops import pool, windows
 from ..ops.kernels import kernels_for
 from .arguments import Shape, check_padding, pair, require_rank
 from .base import DEFAULT, Layer, Options
@@ -95,8 +94,8 @@ class AvgPool2D(_Pool2D):
             rows[:, top:top + h] = 1
             cols = np.zeros((1, 1, left + w + right, 1))
             cols[:, :, left:left + w] = 1
-            counts = (ops.sum_pool(np, rows, (kh, 1), (sh, 1), (self.out_hw[0], 1))
-                      * ops.sum_pool(np, cols, (1, kw), (1, sw), (1, self.out_hw[1])))
+            counts = (pool.sum_pool(np, rows, (kh, 1), (sh, 1), (self.out_hw[0], 1))
+                      * pool.sum_pool(np, cols, (1, kw), (1, sw), (1, self.out_hw[1])))
             self._inv_counts = self.backend.asarray(1.0 / counts, dtype=self.dtype)
         return self._inv_counts
 
@@ -106,7 +105,7 @@ class AvgPool2D(_Pool2D):
             self._cache_shape = xpad.shape
         # (float16 and bfloat16 windows summed, and divided, in float32: rounded once)
         xp = self.xp
-        s = ops.sum_pool(xp, xpad, self.pool_size, self.strides, self.out_hw)
+        s = pool.sum_pool(xp, xpad, self.pool_size, self.strides, self.out_hw)
         return xp.astype(s * xp.astype(self._inverse_counts(), s.dtype, copy=False), x.dtype,
                          copy=False)
 
@@ -114,7 +113,7 @@ class AvgPool2D(_Pool2D):
         xp = self.xp
         acc = windows.accumulator(xp, dy.dtype)  # (as forward: a window's shares summed there)
         g = xp.astype(dy, acc, copy=False) * xp.astype(self._inverse_counts(), acc, copy=False)
-        dx = ops.sum_pool_backward(xp, g, self._cache_shape, self.pool_size, self.strides,
+        dx = pool.sum_pool_backward(xp, g, self._cache_shape, self.pool_size, self.strides,
                                    self.out_hw)
         return xp.astype(windows.unpad(dx, self.pads), dy.dtype, copy=False)
 

@@ -1,22 +1,25 @@
 """Input preprocessing and augmentation layers, run on the model's device.
 
 Augmentation layers act only in training (``fit``); in ``evaluate`` and ``predict`` they pass
-the input through unchanged. Being layers, they are saved with the model and need no gradient.
+the input through unchanged. Called directly on a batch, ``RandomFlip()(images)``, they
+augment (``training=False`` does not), as Keras 3's random image layers. Being layers, they
+are saved with the model and need no gradient.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
-from ..backend import get_backend
+from ..backend import dtype_name, get_backend
 from ..checks import flag, number, positive_int, real_floating, real_numbers
 from ..errors import InputError
 from ..ops.kernels import kernels_for
-from .arguments import Shape, dtype_name, require_rank
+from .arguments import Shape, require_rank
 from .base import DEFAULT, Layer, Options, RandomLayer, Setting
 
 
@@ -278,42 +281,23 @@ class Normalization(Layer):
         except TypeError:
             raise InputError(f"Normalization.adapt takes images (N, H, W, C) as an array or "
                              f"an iterable of such batches, got {type(data).__name__}") from None
-        count, mean, m2 = 0, np.zeros(0), np.zeros(0)
-        lo, hi, shift = np.zeros(0), np.zeros(0), None  # (of the values less shift)
-        channels = self.input_shape[-1] if self.built else None
-        for i, batch in enumerate(batches):
-            where = "the data" if single else f"batch {i}"
-            if isinstance(batch, list | tuple) and len(batch) == 1:
-                batch = batch[0]  # ((x,) and [x] as x: a DataLoader over TensorDataset(x))
-            c = channels = self._adapt_channels(batch, where, channels)
-            if count == 0:
-                mean, m2 = np.zeros(c), np.zeros(c)
-                lo, hi = np.full(c, np.inf), np.full(c, -np.inf)
-            # (at most 4 M values, and 64 K a channel: NumPy sums along the samples one
-            # after another, its rounding error growing with their number)
-            step = rows or max(1, min((1 << 22) // max(1, math.prod(batch.shape[1:])),
-                                      (1 << 16) // max(1, math.prod(batch.shape[1:-1]))))
-            n = batch.shape[0]
-            for start in range(0, n, step):
-                # (a stop within the axis: the standard leaves one beyond it unspecified)
-                chunk = _chunk_moments(batch[start:min(start + step, n), ...], where, start,
-                                       shift)
-                if chunk is None:
-                    continue
-                k, chunk_mean, chunk_m2, chunk_lo, chunk_hi, shift = chunk
-                # Chan, Golub and LeVeque's pairwise update: exact in real arithmetic, and
-                # no cancellation of large sums of squares.
-                total = count + k
-                delta = chunk_mean - mean
-                mean = mean + delta * (k / total)
-                m2 = m2 + chunk_m2 + delta * delta * (count / total * k)
-                lo, hi = np.minimum(lo, chunk_lo), np.maximum(hi, chunk_hi)
-                count = total
+
+        def checked() -> Iterator[tuple[Any, str]]:
+            """The batches, each checked (an array of the channels of the others) as it
+            comes, with how errors name it."""
+            channels = self.input_shape[-1] if self.built else None
+            for i, batch in enumerate(batches):
+                where = "the data" if single else f"batch {i}"
+                if isinstance(batch, list | tuple) and len(batch) == 1:
+                    batch = batch[0]  # ((x,) and [x] as x: a DataLoader over TensorDataset(x))
+                channels = self._adapt_channels(batch, where, channels)
+                yield batch, where
+
+        count, mean, std, lo, hi = _moments(checked(), rows)
         if count == 0:
             raise InputError("Normalization.adapt got no values: the data is empty (no "
                              "samples, or an axis of size 0); give it the training images")
-        mean, lo, hi = mean + shift, lo + shift, hi + shift
-        std = np.sqrt(m2 / count)
+        channels = len(mean)
         if not (np.isfinite(mean).all() and np.isfinite(std).all()):
             raise InputError("Normalization.adapt: the data's mean or std overflows float64 "
                              f"(mean {mean.tolist()}, std {std.tolist()}); rescale the data")
@@ -412,6 +396,45 @@ def _check_inverse(std: Any, dtype: Any, what: str, stored: bool = False) -> Non
                          "that channel)")
 
 
+def _moments(batches: Iterable[tuple[Any, str]], rows: int | None
+             ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The per-channel statistics of :meth:`Normalization.adapt`'s ``batches`` (each an array
+    (N, ..., C), of one C, with how errors name it): the count of values per channel, their
+    mean, population std, least and largest, as (C,) float64 host arrays (count 0 and empty
+    arrays where the batches hold no values). Summed in float64, ``rows`` samples at a time
+    (None: at most 4 M values, 64 K a channel), less the first values, and the chunks
+    combined by Chan et al.'s update."""
+    count, mean, m2 = 0, np.zeros(0), np.zeros(0)
+    lo, hi, shift = np.zeros(0), np.zeros(0), None  # (of the values less shift)
+    for batch, where in batches:
+        if count == 0:
+            c = int(batch.shape[-1])
+            mean, m2 = np.zeros(c), np.zeros(c)
+            lo, hi = np.full(c, np.inf), np.full(c, -np.inf)
+        # (at most 4 M values, and 64 K a channel: NumPy sums along the samples one after
+        # another, its rounding error growing with their number)
+        step = rows or max(1, min((1 << 22) // max(1, math.prod(batch.shape[1:])),
+                                  (1 << 16) // max(1, math.prod(batch.shape[1:-1]))))
+        n = batch.shape[0]
+        for start in range(0, n, step):
+            # (a stop within the axis: the standard leaves one beyond it unspecified)
+            chunk = _chunk_moments(batch[start:min(start + step, n), ...], where, start, shift)
+            if chunk is None:
+                continue
+            k, chunk_mean, chunk_m2, chunk_lo, chunk_hi, shift = chunk
+            # Chan, Golub and LeVeque's pairwise update: exact in real arithmetic, and no
+            # cancellation of large sums of squares.
+            total = count + k
+            delta = chunk_mean - mean
+            mean = mean + delta * (k / total)
+            m2 = m2 + chunk_m2 + delta * delta * (count / total * k)
+            lo, hi = np.minimum(lo, chunk_lo), np.maximum(hi, chunk_hi)
+            count = total
+    if count == 0:
+        return 0, mean, m2, lo, hi
+    return count, mean + shift, np.sqrt(m2 / count), lo + shift, hi + shift
+
+
 def _chunk_moments(x: Any, where: str, first: int, shift: np.ndarray | None
                    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
                               np.ndarray] | None:
@@ -471,6 +494,7 @@ class RandomFlip(RandomLayer):
     casts_input = True
     input_values = "passes"  # (float values in their dtype; uint8 ones fit float16)
     has_gradient = False
+    training_when_called = True  # (``layer(images)`` flips, as Keras 3's: see Layer)
 
     def __init__(self, mode: str = "horizontal", name: str | None = None) -> None:
         super().__init__(name)
@@ -509,25 +533,38 @@ def _check_padding(padding: Any) -> int:
 
 class RandomCrop(RandomLayer):
     """Pad each training image by ``padding`` zeros and crop it back at a random offset, to
-    the input's size (not Keras' ``RandomCrop(height, width)``, which crops to a size: its
-    two numbers are refused with a clear error)."""
+    the input's size (not Keras' ``RandomCrop(height, width, seed)``, which crops to a size: its
+    height, width and seed, positional or named, are refused with a clear error)."""
 
     # The model's uint8 batch cast as it is cropped (one launch on CuPy, the draw included).
     casts_input = True
     input_values = "passes"  # (float values in their dtype; uint8 ones fit float16)
     has_gradient = False
+    training_when_called = True  # (``layer(images)`` crops, as Keras 3's: see Layer)
     # (a change after build captures a CUDA-graph step again, checked as the constructor's)
     padding = Setting(_check_padding)
 
-    def __init__(self, padding: int = 4, name: str | None = None) -> None:
-        if isinstance(name, int | np.integer) and not isinstance(name, bool):
+    def __init__(self, padding: int = 4, name: str | None = None, **keras: Any) -> None:
+        # (**keras only catches Keras' RandomCrop(height=, width=, seed=) to refuse them clearly:
+        # a bare "unexpected keyword argument 'height'" said nothing)
+        keras_size = isinstance(name, int | np.integer) and not isinstance(name, bool)
+        if keras_size or "height" in keras or "width" in keras:
             # (Keras' RandomCrop(28, 28): "layer name must be a string, got 28" said nothing)
-            raise InputError(f"RandomCrop({padding!r}, {name!r}): xpcnn's RandomCrop(padding=4) "
+            given = ", ".join([*(repr(v) for v in (padding, name) if keras_size),
+                               *(f"{k}={v!r}" for k, v in keras.items())])
+            raise InputError(f"RandomCrop({given}): xpcnn's RandomCrop(padding=4) "
                              "pads each image by `padding` zeros and crops it back to the input "
                              "size at a random offset; it takes no height and width as Keras' "
                              "RandomCrop(height, width) does, which crops to a smaller size. "
                              "For Keras' behaviour, crop the images beforehand or add a "
                              "layer of your own")
+        if "seed" in keras:
+            raise InputError(f"RandomCrop(seed={keras['seed']!r}): xpcnn's random layers take no "
+                             "seed of their own: the model's seed (Sequential(seed=...)) draws "
+                             "each one's")
+        if keras:
+            raise TypeError(f"RandomCrop() got an unexpected keyword argument "
+                            f"{next(iter(keras))!r}")
         super().__init__(name)
         self.padding = padding
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .arguments import dtype_name
+from ..backend import dtype_name
 
 
 @dataclass(frozen=True, repr=False)

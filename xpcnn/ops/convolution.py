@@ -21,8 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import im2col as ops
-from . import windows
+from . import im2col, windows
 from .windows import Pads
 
 
@@ -109,7 +108,7 @@ class KernelsConv(ConvEngine):
         self.kern = kern
         self.xp = kern.xp
         self.budget, self.min_chunks = budget, min_chunks
-        self.workspace = ops.Workspace(keep=keep_scratch)
+        self.workspace = im2col.Workspace(keep=keep_scratch)
         self.name = type(kern).__name__
 
     @classmethod
@@ -125,7 +124,7 @@ class KernelsConv(ConvEngine):
 
     def forward(self, x: Any, w: Any, bias: Any | None, relu: bool) -> Any:
         g = self.geometry
-        y = ops.conv_forward(self.xp, self.kern, x, self._matrix(w), bias, g.kernel, g.strides,
+        y = im2col.conv_forward(self.xp, self.kern, x, self._matrix(w), bias, g.kernel, g.strides,
                              g.pads, g.out_hw, self.workspace, "cols", self.budget, relu=relu,
                              min_chunks=self.min_chunks)
         return self.xp.reshape(y, (x.shape[0], *g.out_hw, g.filters))
@@ -139,7 +138,7 @@ class KernelsConv(ConvEngine):
                     ) -> tuple[Any, Any | None]:
         g, xp = self.geometry, self.xp
         rows = (-1, g.filters)
-        dw, db = ops.conv_weight_grad(
+        dw, db = im2col.conv_weight_grad(
             xp, self.kern, x, xp.reshape(dy, rows), g.kernel, g.strides, g.pads, g.out_hw,
             self.workspace, "cols", self.budget, self.min_chunks, with_bias=with_bias,
             relu_y=None if relu_y is None else xp.reshape(relu_y, rows))
@@ -148,8 +147,8 @@ class KernelsConv(ConvEngine):
     def input_grad(self, dy: Any, w: Any) -> Any:
         g, xp = self.geometry, self.xp
         n = dy.shape[0]
-        if ops.input_grad_as_conv(g.pads, g.kernel, g.strides):
-            return ops.conv_input_grad(xp, self.kern, dy, ops.flipped_kernel_matrix(xp, w),
+        if im2col.input_grad_as_conv(g.pads, g.kernel, g.strides):
+            return im2col.conv_input_grad(xp, self.kern, dy, im2col.flipped_kernel_matrix(xp, w),
                                        g.kernel, g.pads, g.in_hw, self.workspace, "dcols",
                                        self.budget, self.min_chunks)
         # Strided (or over-padded) convolutions: patch gradients scattered back (col2im). The
@@ -164,18 +163,18 @@ class KernelsConv(ConvEngine):
                            (n, *g.out_hw, g.taps))
         (h, w_), (pt, pb, pl, pr) = g.in_hw, g.pads
         padded = (n, h + pt + pb, w_ + pl + pr, g.channels)
-        dx = ops.col2im(xp, dcols, padded, g.kernel, g.strides, g.out_hw)
+        dx = im2col.col2im(xp, dcols, padded, g.kernel, g.strides, g.out_hw)
         return xp.astype(windows.unpad(dx, g.pads), dy.dtype, copy=False)
 
     def gradients(self, x: Any, dy: Any, w: Any, with_bias: bool, input_grad: bool,
                   relu_y: Any = None) -> tuple[Any, Any | None, Any | None]:
         # Both gradients from the output gradient's patches alone where that pays (see
-        # ops.grads_share_patches).
+        # im2col.grads_share_patches).
         g = self.geometry
-        if input_grad and ops.grads_share_patches(g.pads, g.kernel, g.strides, g.in_hw,
+        if input_grad and im2col.grads_share_patches(g.pads, g.kernel, g.strides, g.in_hw,
                                                   g.out_hw, g.channels, g.filters):
             if relu_y is not None:
                 dy = self.kern.relu_backward(dy, relu_y)
-            return ops.conv_grads(self.xp, self.kern, x, dy, w, g.pads, self.workspace,
+            return im2col.conv_grads(self.xp, self.kern, x, dy, w, g.pads, self.workspace,
                                   "dcols", self.budget, self.min_chunks, with_bias=with_bias)
         return super().gradients(x, dy, w, with_bias, input_grad, relu_y)

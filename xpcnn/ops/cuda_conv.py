@@ -25,7 +25,7 @@ import cupy
 import numpy as np
 
 from ..errors import warn
-from . import im2col as ops
+from . import im2col
 from .convolution import ConvEngine, KernelsConv
 
 # Accumulators: float32 for float16 data (as tensor cores do), else the data's own type (the
@@ -612,11 +612,11 @@ class HandWrittenConv(KernelsConv):
 
     def input_grad(self, dy: Any, w: Any) -> Any:
         conv, g = self.kern.conv_kernels, self.geometry
-        if not conv.runs_forward or not ops.input_grad_as_conv(g.pads, g.kernel, g.strides):
+        if not conv.runs_forward or not im2col.input_grad_as_conv(g.pads, g.kernel, g.strides):
             return super().input_grad(dy, w)
-        # the padded output gradient convolved with the rotated kernel (ops.conv_input_grad)
-        dx = conv.conv2d(dy, ops.flipped_kernel_matrix(self.xp, w), None, g.kernel, (1, 1),
-                         ops.output_grad_pads(g.pads, g.kernel), g.in_hw, False)
+        # the padded output gradient convolved with the rotated kernel (im2col.conv_input_grad)
+        dx = conv.conv2d(dy, im2col.flipped_kernel_matrix(self.xp, w), None, g.kernel, (1, 1),
+                         im2col.output_grad_pads(g.pads, g.kernel), g.in_hw, False)
         return self.xp.reshape(dx, (dy.shape[0], *g.in_hw, g.channels))
 
     def weight_grad(self, x: Any, dy: Any, with_bias: bool, relu_y: Any = None

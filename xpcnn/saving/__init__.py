@@ -7,21 +7,10 @@
 - :mod:`.checkpoint`: the whole training state, for an exact resume.
 """
 
-from .checkpoint import (
-    Checkpoint,
-    FitCheckpoints,
-    Progress,
-    fingerprint,
-    load_checkpoint,
-    progress_within,
-    restore_checkpoint,
-    save_checkpoint,
-)
+from .checkpoint import Checkpoint, load_checkpoint, restore_checkpoint, save_checkpoint
 from .model_file import MODEL_TYPES, load_model, load_weights, register_model, save_model
 
 __all__ = [
-    "MODEL_TYPES", "Checkpoint", "FitCheckpoints", "Progress", "fingerprint", "load_checkpoint",
-    "load_model", "load_weights", "progress_within", "register_model", "restore_checkpoint",
-    "save_checkpoint",
-    "save_model",
+    "MODEL_TYPES", "Checkpoint", "load_checkpoint", "load_model", "load_weights", "register_model",
+    "restore_checkpoint", "save_checkpoint", "save_model",
 ]

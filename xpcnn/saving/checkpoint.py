@@ -53,7 +53,7 @@ from .. import checks, distributed
 from ..backend import DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterrupted, warn
 from ..files import remove_leftovers, written_file
-from ..history import History
+from ..history import EpochRecord
 from ..layers.base import RandomLayer, setting_names
 from ..totals import SCALE_RANGE
 from .model_file import (
@@ -110,7 +110,7 @@ class Checkpoint:
 
     model: Any
     progress: Progress
-    history: History
+    history: EpochRecord
     run: dict[str, Any] = field(default_factory=dict)  # data fingerprint and fit arguments
     path: str = ""
 
@@ -127,7 +127,7 @@ class Checkpoint:
 
 
 def save_checkpoint(model: Any, path: str | os.PathLike[str],
-                    progress: Progress | None = None, history: History | None = None,
+                    progress: Progress | None = None, history: EpochRecord | None = None,
                     run: dict[str, Any] | None = None,
                     callbacks: list[tuple[str, dict[str, Any] | None]] | None = None,
                     stopped: bool = False, replace: bool = True) -> bool:
@@ -149,7 +149,7 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
 
 
 def _write_checkpoint(model: Any, path: str, progress: Progress | None,
-                      history: History | None, run: dict[str, Any] | None,
+                      history: EpochRecord | None, run: dict[str, Any] | None,
                       callbacks: list[tuple[str, dict[str, Any] | None]] | None,
                       stopped: bool, replace: bool) -> bool:
     target = written_file(checks.output_file(path, "the checkpoint"))
@@ -159,7 +159,7 @@ def _write_checkpoint(model: Any, path: str, progress: Progress | None,
         raise InputError("save_checkpoint needs a compiled model (compile(...) first)")
     opt = model.optimizer
     progress = progress or Progress()
-    history = history or History()
+    history = history or EpochRecord()
     # The slots as the next step sees them: none where a layer was frozen or unfrozen since the
     # last step (that step starts them afresh; until then they are the other layers').
     slots = {} if model._slots_outdated() else opt.slots
@@ -326,7 +326,9 @@ def _slot_owners(model: Any, trainable: list[bool] | None = None) -> list[tuple[
 # -- reading ----------------------------------------------------------------------------------
 
 
-def _checkpoint_config(npz: NpzArchive) -> dict[str, Any]:
+def checkpoint_config(npz: NpzArchive) -> dict[str, Any]:
+    """The config of the checkpoint open in ``npz``, checked to be an xpcnn checkpoint of a
+    version this one reads (DataFormatError, naming the file, where not)."""
     config = npz.read_config()
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         kind = config.get("format") if isinstance(config, dict) else None
@@ -344,7 +346,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: DeviceLike = "cpu") ->
     its finished epochs. A corrupt, truncated or foreign file raises ``DataFormatError``.
     """
     with NpzArchive(path, "the checkpoint") as npz:
-        config = _checkpoint_config(npz)
+        config = checkpoint_config(npz)
         model = model_from_file(config.get("model"), npz, device, with_slots=True)
         if model.optimizer is None:
             raise DataFormatError(f"{npz.path}: the checkpoint's model has no compile settings")
@@ -360,7 +362,7 @@ def restore_checkpoint(model: Any, path: str | os.PathLike[str]) -> Checkpoint:
     model that was not built is left unbuilt.
     """
     with NpzArchive(path, "the checkpoint") as npz, model._unbuilt_if_refused():
-        config = _checkpoint_config(npz)
+        config = checkpoint_config(npz)
         _check_architecture(model, config, npz)
         _check_compile(model, config, npz.path)
         return _restore(model, config, npz)
@@ -567,7 +569,7 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
                if isinstance(la, RandomLayer) and i not in counters]
     if missing:
         raise bad(f"no random state for layers {missing}")
-    progress = _progress(config.get("progress"), path)
+    progress = read_progress(config.get("progress"), path)
     offset = _int(config.get("epoch_offset", 0), "epoch_offset", path)  # (0: older files')
     # (older files: the epochs up to the one in progress, begun where it is inside one)
     begun = _int(config.get("epochs_begun", offset + progress.epoch + (progress.step > 0)),
@@ -652,7 +654,9 @@ def _float(v: Any, what: str, path: str) -> float:
     return float(v)
 
 
-def _progress(p: Any, path: str) -> Progress:
+def read_progress(p: Any, path: str) -> Progress:
+    """The :class:`Progress` of a checkpoint's ``progress`` entry ``p`` (the config's), checked
+    (DataFormatError naming ``path`` where it is malformed)."""
     if not isinstance(p, dict):
         raise DataFormatError(f"{path}: invalid checkpoint: no progress entry")
     top_k = p.get("top_k", [])
@@ -749,7 +753,7 @@ def _step(where: Any, step: Any, bad: Exception) -> Any:
     raise bad
 
 
-def _history(h: Any, path: str) -> History:
+def _history(h: Any, path: str) -> EpochRecord:
     sparse = h.get("sparse", {}) if isinstance(h, dict) else None  # (none in older files)
     # Epoch numbers, the history's and those of the logs missing from some (bool is no int:
     # {True} == {1}, and 1.0 == 1, would pass the comparisons below).
@@ -774,7 +778,7 @@ def _history(h: Any, path: str) -> History:
                   if k not in sparse))
     if not ok:
         raise DataFormatError(f"{path}: invalid checkpoint: bad history entry")
-    history = History()
+    history = EpochRecord()
     history.epoch = list(h["epoch"])
     history.history = {k: [float(f) for f in v] for k, v in h["history"].items()}
     history.sparse = {k: list(e) for k, e in sparse.items()}
@@ -863,17 +867,17 @@ class FitCheckpoints:
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def start(self) -> tuple[History, Progress | None]:
+    def start(self) -> tuple[EpochRecord, Progress | None]:
         """The history so far and where to start (None: from the beginning)."""
         if not (self.resume and os.path.exists(self.path)):
             if self.resume and self.verbose:
                 print(f"no checkpoint at {self.path} yet: starting from the beginning")
-            return History(), None
+            return EpochRecord(), None
         with NpzArchive(self.path) as npz:
             return self._resume(npz)
 
-    def _resume(self, npz: NpzArchive) -> tuple[History, Progress | None]:
-        config = _checkpoint_config(npz)
+    def _resume(self, npz: NpzArchive) -> tuple[EpochRecord, Progress | None]:
+        config = checkpoint_config(npz)
         run, mine = config.get("run"), normal(self.run)
         if not isinstance(run, dict):
             raise DataFormatError(f"{self.path}: invalid checkpoint: no run description")
@@ -890,7 +894,7 @@ class FitCheckpoints:
         _check_architecture(self.model, config, npz)
         _check_run(self.path, run, mine)
         _check_compile(self.model, config, self.path)
-        progress = _progress(config.get("progress"), self.path)
+        progress = read_progress(config.get("progress"), self.path)
         # (no sample seen inside an epoch, but sums: corrupt; none of either is a train_step
         # of the user's that records nothing)
         if progress.step > self.steps or (progress.step and not progress.seen
@@ -977,7 +981,7 @@ class FitCheckpoints:
         return step != self.steps and (stopping or self.every != "epoch" and not (
             epoch * self.steps + step) % self.every)  # type: ignore
 
-    def after_step(self, epoch: int, step: int, history: History) -> None:
+    def after_step(self, epoch: int, step: int, history: EpochRecord) -> None:
         """The checkpoint after batch ``step`` of ``epoch`` where :meth:`due`."""
         if self.model._parallel is not None:  # every rank saves the same BatchNorm statistics
             self.model._parallel.average_state()
@@ -985,7 +989,7 @@ class FitCheckpoints:
                         history, self.run, callback_states(self.callbacks))
         self._stop_if_interrupted(epoch, step)
 
-    def after_epoch(self, epoch: int, history: History) -> None:
+    def after_epoch(self, epoch: int, history: EpochRecord) -> None:
         self._stopping()  # (a Ctrl-C since the last step, during validation say)
         save_checkpoint(self.model, self.path, Progress(epoch + 1), history, self.run,
                         callback_states(self.callbacks), self.model.stop_training)

@@ -17,13 +17,14 @@ from tqdm.auto import tqdm
 
 from .. import checks, distributed
 from ..callbacks import BackupAndRestore, Callback, is_save_freq, say_on_root, summary_line
-from ..data import Batches, check_source, is_stream, one_input
+from ..data.arrays import check_source, is_stream, one_input
+from ..data.sources import Batches
 from ..errors import InputError, warn
 
 
-def _batch_length(model: Any, x: Any) -> int:
+def batch_length(model: Any, x: Any) -> int:
     """The number of samples in ``x``, one batch of arrays (the ``*_on_batch`` methods) of
-    ``model`` (``[x]`` as ``x``: :func:`~xpcnn.data.one_input`): at least 1, so that an empty
+    ``model`` (``[x]`` as ``x``: :func:`~xpcnn.data.arrays.one_input`): at least 1, so that an empty
     one reaches the checks that name it."""
     if is_stream(x):
         raise InputError("a *_on_batch method takes one batch of arrays, not a dataset or an "
@@ -39,7 +40,7 @@ def _batch_length(model: Any, x: Any) -> int:
     return max(1, int(shape[0])) if len(shape) else 1
 
 
-def _one_of(callbacks: list[Callback], kind: type[Callback]) -> Any:
+def one_of(callbacks: list[Callback], kind: type[Callback]) -> Any:
     """The one ``kind`` callback (History, ProgbarLogger) among the user's ``callbacks``, None
     where there is none; refused where there are several (fit keeps one record, shows one
     bar)."""
@@ -50,7 +51,7 @@ def _one_of(callbacks: list[Callback], kind: type[Callback]) -> Any:
     return found[0] if found else None
 
 
-def _validation_freq(value: Any) -> int | frozenset[int]:
+def parse_validation_freq(value: Any) -> int | frozenset[int]:
     """fit's ``validation_freq``, as Keras 3 takes it: k (validate after every k-th epoch) or
     a collection of the 1-based epochs to validate after."""
     def epoch_number(e: Any) -> bool:
@@ -63,41 +64,41 @@ def _validation_freq(value: Any) -> int | frozenset[int]:
     return frozenset(int(e) for e in value) if many else int(value)
 
 
-def _inference_params(verbose: int, data: Batches) -> dict[str, Any]:
+def inference_params(verbose: int, data: Batches) -> dict[str, Any]:
     """The ``params`` of evaluate's and predict's callbacks, as Keras 3 sets them: one epoch
     of ``steps`` batches (None where unknown before the data ends)."""
     return {"verbose": verbose, "epochs": 1, "steps": data.steps}
 
 
-def _bar(data: Batches, verbose: int, desc: str) -> Any:
+def progress_bar(data: Batches, verbose: int, desc: str) -> Any:
     """evaluate's or predict's progress bar over ``data`` where ``verbose`` is 1 (on rank 0
     only; else a disabled one); a context that closes it."""
     return tqdm(total=data.steps, disable=verbose != 1 or not distributed.is_root(),
                 desc=desc, unit="batch")
 
 
-def _drop_sources(params: dict[str, Any]) -> None:
+def drop_sources(params: dict[str, Any]) -> None:
     """Take the batch source and the stateful callbacks out of fit's ``params`` once fit has
     ended: its callbacks (model.history among them) keep the dict."""
     params.pop("data", None)
     params.pop("stateful", None)
 
 
-def _iterator(data: Batches) -> bool:
+def reads_iterator(data: Batches) -> bool:
     """Whether ``data`` reads a user's iterator (a generator): one pass, shared by the
     epochs, not a new pass each epoch."""
     return getattr(data, "iterator", None) is not None
 
 
-def _ran_out(data: Batches, steps: int, epoch: int | None, seen: bool = True,
-             ranks: list[int] | None = None) -> None:
+def warn_ran_out(data: Batches, steps: int, epoch: int | None, seen: bool = True,
+                 ranks: list[int] | None = None) -> None:
     """Warn that evaluation (``epoch`` None) or fit's validation data gave ``steps`` of its
     ``data.steps`` batches, as Keras 3 warns (its means are those of the batches it gave);
     ``seen``: whether any rank gave a sample (else the epoch has no val_* logs); ``ranks``: on
     several ranks, those whose data ran out (``steps``: the fewest they gave)."""
     what = "evaluation data" if epoch is None else "validation data"
     setting = "steps" if epoch is None else "validation_steps"
-    then = ("" if epoch is None or not _iterator(data) else
+    then = ("" if epoch is None or not reads_iterator(data) else
             ": training stops after this epoch (an iterator needs validation_steps batches "
             "for every epoch)" + ("; this epoch has no val_* logs" if not seen else ""))
     warn(f"the {what} ran out after {steps} of its {data.steps} batches ({setting})"
@@ -105,15 +106,15 @@ def _ran_out(data: Batches, steps: int, epoch: int | None, seen: bool = True,
          + ("" if epoch is None else f" in epoch {epoch + 1}") + then)
 
 
-def _summarise(verbose: int, steps: int, t0: float, logs: dict[str, float] | None = None
-               ) -> None:
+def summarise(verbose: int, steps: int, t0: float, logs: dict[str, float] | None = None
+              ) -> None:
     """At ``verbose=2``, the one line Keras 3 prints after evaluate or predict (rank 0)."""
     if verbose == 2:
         say_on_root(summary_line(steps, time.perf_counter() - t0, logs))
 
 
-def _checkpoint_callback(checkpoint: str | os.PathLike[str] | None, every: int | str,
-                         resume: bool) -> list[Callback]:
+def checkpoint_callback(checkpoint: str | os.PathLike[str] | None, every: int | str,
+                        resume: bool) -> list[Callback]:
     """fit's ``checkpoint=PATH``, as the :class:`BackupAndRestore` it is short for."""
     if checkpoint is not None:
         if not is_save_freq(every):  # (named as fit's argument, not as the callback's)
@@ -128,13 +129,13 @@ def _checkpoint_callback(checkpoint: str | os.PathLike[str] | None, every: int |
     return []
 
 
-def _check_fit_data(x: Any, y: Any, validation_data: Any, validation_split: float,
-                    steps: int | None, validation_steps: int | None,
-                    class_weight: Any = None, sample_weight: Any = None) -> None:
+def check_fit_data(x: Any, y: Any, validation_data: Any, validation_split: float,
+                   steps: int | None, validation_steps: int | None,
+                   class_weight: Any = None, sample_weight: Any = None) -> None:
     """fit's data arguments, checked before any batch source is made (none draws a batch)."""
     checks.number(validation_split, "validation_split", 0.0, 1.0, high_open=True)
     checks.check_class_weight_type(class_weight)
-    _refuse_stream_weights(x, sample_weight)
+    refuse_stream_weights(x, sample_weight)
     if validation_split and validation_data is not None:  # (one would be ignored, silently)
         raise InputError(f"pass validation_data or validation_split, not both: got "
                          f"validation_split={validation_split!r} and validation_data")
@@ -143,11 +144,11 @@ def _check_fit_data(x: Any, y: Any, validation_data: Any, validation_split: floa
                          "dataset or generator")
     check_source(x, y, steps)
     if validation_data is not None:
-        check_source(*_triple(validation_data)[:2], validation_steps, "x_val",
+        check_source(*validation_triple(validation_data)[:2], validation_steps, "x_val",
                      steps_name="validation_steps")
 
 
-def _triple(validation_data: Any) -> tuple[Any, Any, Any]:
+def validation_triple(validation_data: Any) -> tuple[Any, Any, Any]:
     """``validation_data`` as (x_val, y_val, sample weights or None); a dataset or an iterable
     of batches holds its targets (y_val None)."""
     if is_stream(validation_data):
@@ -157,11 +158,11 @@ def _triple(validation_data: Any) -> tuple[Any, Any, Any]:
                          "y_val, sample weights), a dataset or an iterable of batches, got "
                          f"{type(validation_data).__name__}")
     x, y, *w = validation_data
-    _refuse_stream_weights(x, w[0] if w else None)
+    refuse_stream_weights(x, w[0] if w else None)
     return x, y, w[0] if w else None
 
 
-def _refuse_stream_weights(x: Any, weights: Any) -> None:
+def refuse_stream_weights(x: Any, weights: Any) -> None:
     """Sample weights given beside a dataset or an iterable of batches: refused (they give
     their own)."""
     if weights is not None and is_stream(x):
@@ -170,6 +171,6 @@ def _refuse_stream_weights(x: Any, weights: Any) -> None:
                          "batches or (x_i, y_i, w_i) samples")
 
 
-def _weights_name(what: str) -> str:
+def weights_name(what: str) -> str:
     """How the sample weights of the data called ``what`` are named in errors."""
     return "sample_weight" if what == "x" else f"the sample weights of {what}"

@@ -22,7 +22,7 @@ the captured graphs, the class weights). It needs these hooks:
 * from the model (:class:`~xpcnn.model.Model`; listed in :class:`~xpcnn.training.Trainer`'s
   docstring): ``backend``, ``layers``, ``_input_shape``, ``num_classes``, ``_param_dtype``,
   ``_trained()``, ``_plan()``, ``_slots_outdated()``, ``_logits(...)``, ``_backward(...)``,
-  ``_layer_outputs(...)``, ``_require_built(what)``, ``_rebuild_if_shared()``, ``_shared_lock()``,
+  ``_layer_outputs(...)``, ``_require_built(what)``, ``_rebuild_if_shared()``, ``_shared_pass()``,
   ``_unbuilt_if_refused()`` and ``_builds`` (a count of its layers' builds);
 * from :class:`~xpcnn.training.Trainer`: compile's ``_require_compiled(what)`` and
   ``_check_loss_outputs(loss)``; ``_running_alone(what, nested)`` (one thread trains);
@@ -44,10 +44,7 @@ import numpy as np
 from .. import checks, distributed
 from ..cuda_graphs import StepGraphs
 from ..cuda_graphs import blockers as graph_blockers
-from ..data import (
-    ArrayBatches,
-    DatasetBatches,
-    IterableBatches,
+from ..data.arrays import (
     check_arrays,
     check_on_device,
     check_real_images,
@@ -55,6 +52,8 @@ from ..data import (
     to_device,
 )
 from ..data.replay import replay_of
+from ..data.sources import ArrayBatches, DatasetBatches
+from ..data.streams import IterableBatches
 from ..errors import InputError, NonFiniteError, warn
 from ..layers.base import Layer, RandomLayer
 from ..ops.kernels import kernels_for
@@ -115,9 +114,9 @@ class TrainingStep:
         return stats[0], stats[1]
 
     def _train_step(self, xb: Any, yb: Any, keep: bool, weights: Any = None) -> Any:
-        """:meth:`_one_step`, holding the model's ``_shared_lock()`` across the whole step (its
-        forward, backward and update: no other thread rebuilds layers it shares meanwhile)."""
-        with self._shared_lock():
+        """:meth:`_one_step`, inside the model's ``_shared_pass()`` across the whole step (its
+        forward, backward and update: no other thread builds or rebuilds its layers meanwhile)."""
+        with self._shared_pass():
             return self._one_step(xb, yb, keep, weights)
 
     def _one_step(self, xb: Any, yb: Any, keep: bool, weights: Any = None) -> Any:

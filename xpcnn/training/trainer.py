@@ -46,20 +46,16 @@ from ..callbacks import (
     validates,
 )
 from ..cuda_graphs import StepGraphs
-from ..data import (
-    ArrayBatches,
-    Batches,
-    DatasetBatches,
-    IterableBatches,
+from ..data.arrays import (
     check_arrays,
     check_on_device,
     check_sample_weights,
     check_source,
     is_map_dataset,
     is_stream,
-    prune_streams,
-    unpack,
 )
+from ..data.sources import ArrayBatches, Batches, DatasetBatches, unpack
+from ..data.streams import IterableBatches, prune_streams
 from ..errors import InputError, NonFiniteError, warn
 from ..layers.base import Layer
 from ..layers.preprocessing import Normalization
@@ -67,26 +63,27 @@ from ..losses import SoftmaxCrossEntropy, get_loss
 from ..ops.kernels import kernels_for
 from ..ops.softmax import softmax
 from ..optim import Optimizer, get_optimizer
-from ..saving.checkpoint import _checkpoint_config
+from ..passes import PASSES
+from ..saving.checkpoint import checkpoint_config
 from ..saving.model_file import adapt_to_file
 from ..saving.npz import NpzArchive
 from ..structure import check_final_softmax, where
 from ..totals import SCALE_RANGE, RunningTotals, loss_scaling
 from .arguments import (
-    _bar,
-    _batch_length,
-    _check_fit_data,
-    _checkpoint_callback,
-    _drop_sources,
-    _inference_params,
-    _iterator,
-    _one_of,
-    _ran_out,
-    _refuse_stream_weights,
-    _summarise,
-    _triple,
-    _validation_freq,
-    _weights_name,
+    batch_length,
+    check_fit_data,
+    checkpoint_callback,
+    drop_sources,
+    inference_params,
+    one_of,
+    parse_validation_freq,
+    progress_bar,
+    reads_iterator,
+    refuse_stream_weights,
+    summarise,
+    validation_triple,
+    warn_ran_out,
+    weights_name,
 )
 from .step import (
     TrainingStep,
@@ -112,7 +109,7 @@ def _released() -> None:
 def _prunes_streams(call: Callable[..., Any]) -> Callable[..., Any]:
     """``call`` (fit, evaluate, predict), after which the iterators' registry drops the
     streams of held iterators (zip, map: no weak reference) that their caller dropped, and
-    those that keep nothing (:func:`xpcnn.data.prune_streams`): one left with batches by an
+    those that keep nothing (:func:`xpcnn.data.streams.prune_streams`): one left with batches by an
     epoch closed early was otherwise kept alive, with what it wraps (a DataLoader's workers),
     until another such iterator was used."""
     @functools.wraps(call)
@@ -161,6 +158,19 @@ class Trainer(TrainingStep):
     built: bool
     _input_shape: tuple[int, ...] | None  # (per sample; input_shape has the batch axis)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # (Keras' "Customizing what happens in fit()" guide overrides the metrics property with
+        # its trackers: here a bare "property 'metrics' has no setter" at construction)
+        made = vars(cls).get("metrics")
+        if made is not None and hasattr(type(made), "__get__"):
+            raise InputError(
+                f"{cls.__name__} defines metrics ({type(made).__name__}), as Keras' custom "
+                "training loops do with their metric trackers: xpcnn's model.metrics is the "
+                "tuple of metric names compile(metrics=[...]) sets, and custom metric trackers "
+                "are not supported. Remove it: fit logs the loss and compile's metrics (a "
+                "subclass may override train_step, which returns (loss, correct count))")
+
     def __init__(self) -> None:
         self.loss: SoftmaxCrossEntropy | None = None
         self._optimizer: Optimizer | None = None  # (see the optimizer property)
@@ -174,10 +184,8 @@ class Trainer(TrainingStep):
         self._last_stats: Any = None  # (the last train_step's stats: train_on_batch's top-k)
         self.history = History()
         self.stop_training = False
-        # (Keras 3's: a callback sets one to end evaluate or predict after the current batch;
-        # each call resets its own)
-        self.stop_evaluating = False
-        self.stop_predicting = False
+        # (Keras 3's stop_evaluating / stop_predicting: each thread's own, see below)
+        self._stops = threading.local()
         self._scaling: Any = None  # float16 loss scaling on the device (see xpcnn.totals)
         self._totals: RunningTotals | None = None
         self._owners: list[tuple[Layer, str]] = []  # (the parameters the totals' flags follow)
@@ -207,6 +215,28 @@ class Trainer(TrainingStep):
         # parameters' dtype (None: none; see _use_class_weights), and the table kept for reuse
         self._class_weights: Any = None
         self._class_table: Any = None
+
+    @property
+    def stop_evaluating(self) -> bool:
+        """Keras 3's: a callback sets ``model.stop_evaluating = True`` to end the evaluate (or
+        fit's validation) it runs in after the current batch. Each thread has its own (reset
+        as its next evaluation begins): another thread's evaluate goes on."""
+        return getattr(self._stops, "evaluating", False)
+
+    @stop_evaluating.setter
+    def stop_evaluating(self, value: bool) -> None:
+        self._stops.evaluating = value
+
+    @property
+    def stop_predicting(self) -> bool:
+        """Keras 3's: a callback sets ``model.stop_predicting = True`` to end the predict it
+        runs in after the current batch (its rows so far are returned). Each thread has its
+        own, as :attr:`stop_evaluating`."""
+        return getattr(self._stops, "predicting", False)
+
+    @stop_predicting.setter
+    def stop_predicting(self, value: bool) -> None:
+        self._stops.predicting = value
 
     @contextlib.contextmanager
     def _running_alone(self, what: str, nested: bool = False) -> Iterator[None]:
@@ -308,13 +338,19 @@ class Trainer(TrainingStep):
             self._check_loss_outputs(loss)
         self.loss, self._optimizer = loss, self._own(optimizer)
         self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
-        self.precision = "float64" if full else precision
         self.metrics = tuple(m.name for m in resolved)
         self._metric_objects, self._top_ks = resolved, metric_settings.top_k_of(resolved)
         self._metric_slots = metric_settings.slots(resolved)
         self._scaling = loss_scaling(self.backend, 2.0**15) if precision == "mixed_float16" \
             else None
-        self._rebuild_if_shared()  # (built layers compute in the new precision's dtype)
+        new = "float64" if full else precision
+        # (another precision, and the rebuild for it, under no pass of another thread: a
+        # predict's batch runs in one precision, see PassLock)
+        with PASSES.exclusive(f"compile(precision={precision!r}) of model {self.name!r}") \
+                if new != self.precision and getattr(self, "built", False) \
+                else contextlib.nullcontext():
+            self.precision = new
+            self._rebuild_if_shared()  # (built layers compute in the new precision's dtype)
 
     @property
     def optimizer(self) -> Optimizer | None:
@@ -471,7 +507,7 @@ class Trainer(TrainingStep):
         x, t = (x, y) if checked else check_arrays(self, x, y, what)
         if weights is not None and not checked:
             weights = check_sample_weights(self, weights, int(x.shape[0]),
-                                           _weights_name(what))
+                                           weights_name(what))
         return ArrayBatches(self.backend, x, t, batch_size, shuffle, seed, shard, weights)
 
     @contextlib.contextmanager
@@ -480,7 +516,7 @@ class Trainer(TrainingStep):
         does not fit the model, a callback's refusal when training begins), the model is as
         it was (unbuilt if it was, see ``_unbuilt_if_refused``; its history). (A batch drawn
         from an iterator to build the model waits in the iterator's stream, for the next
-        call: :class:`xpcnn.data.IterableBatches`.)"""
+        call: :class:`xpcnn.data.streams.IterableBatches`.)"""
         history = self.history
         with self._unbuilt_if_refused():
             try:
@@ -541,8 +577,8 @@ class Trainer(TrainingStep):
         at that size, and each rank computes on its own slice; only rank 0 prints and writes.
 
         ``checkpoint=PATH`` is short for ``callbacks=[BackupAndRestore(PATH, checkpoint_every,
-        resume, delete_checkpoint=False)]``: the whole training state at the end of every epoch
-        (and every ``checkpoint_every`` steps when that is an int), kept when training ends;
+        resume=resume, delete_checkpoint=False)]``: the whole training state at the end of every
+        epoch (and every ``checkpoint_every`` steps when that is an int), kept when training ends;
         with ``resume=True`` a run continues from that file, exactly, and returns the history
         of every epoch. The layers' settings (Dropout's ``rate``, ReLU's ``max_value``...: see
         :func:`~xpcnn.layers.base.setting_names`) are then the file's, not those the code gives,
@@ -561,32 +597,16 @@ class Trainer(TrainingStep):
         batch_size = checks.positive_int(32 if batch_size is None else batch_size, "batch_size")
         validation_batch_size = max(batch_size, 256) if validation_batch_size is None else \
             checks.positive_int(validation_batch_size, "validation_batch_size")
-        validation_freq = _validation_freq(validation_freq)
+        validation_freq = parse_validation_freq(validation_freq)
         seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
         shuffle = checks.flag(shuffle, "shuffle")
         verbose = checks.verbosity(verbose)
         if not distributed.is_root():
             verbose = 0
-        # Keras' order: the History and the progress bar after the user's callbacks, so they
-        # see the logs those add (learning_rate, a user's metric); BackupAndRestore last, so
-        # that its checkpoint holds the History of the epoch just done.
-        callbacks = [*callback_list(callbacks),
-                     *_checkpoint_callback(checkpoint, checkpoint_every, resume)]
-        backups = [cb for cb in callbacks if isinstance(cb, BackupAndRestore)]
-        if len(backups) > 1:  # (refused before any restores its file into the model)
-            raise InputError(f"fit takes one BackupAndRestore (checkpoint=PATH counts as one), "
-                             f"got {len(backups)}: for "
-                             f"{', '.join(repr(os.fspath(cb.path)) for cb in backups)}")
-        # (a History or ProgbarLogger among the user's is fit's own, as in Keras 3: one record
-        # and one bar, the bar at fit's verbose; run where fit's own would, after the others)
-        users = [cb for cb in callbacks if cb not in backups]
-        history = _one_of(users, History) or History()
-        bar = _one_of(users, ProgbarLogger) or (ProgbarLogger(verbose=verbose) if verbose
-                                                else None)
-        callbacks = [*(cb for cb in users if cb is not history and cb is not bar), history,
-                     *([bar] if bar is not None else []), *backups]
-        _check_fit_data(x, y, validation_data, validation_split, steps_per_epoch,
-                        validation_steps, class_weight, sample_weight)
+        callbacks, backups, history, bar = self._fit_callbacks(
+            callbacks, checkpoint, checkpoint_every, resume, verbose)
+        check_fit_data(x, y, validation_data, validation_split, steps_per_epoch,
+                       validation_steps, class_weight, sample_weight)
         if self._train_step_overridden():  # (before training: see _call_train_step)
             _check_takes_a_batch(self.train_step)
             if sample_weight is not None:
@@ -600,7 +620,7 @@ class Trainer(TrainingStep):
                                  checked=split, weights=sample_weight)
             self._check_loss_outputs(self.loss)  # type: ignore[arg-type]  # (built by now)
             x_val, y_val, w_val = (None, None, None) if validation_data is None else \
-                _triple(validation_data)
+                validation_triple(validation_data)
             validation = None if validation_data is None else self._batches(
                 x_val, y_val, validation_batch_size, validation_steps, "x_val",
                 checked=split, steps_name="validation_steps", weights=w_val)
@@ -646,12 +666,41 @@ class Trainer(TrainingStep):
             except BaseException:
                 history.epoch, history.history, history.sparse = record
                 self._end_fit()
-                _drop_sources(params)
+                drop_sources(params)
                 raise
         try:
             return self._fit_epochs(data, validation, cbs, params, epochs, initial_epoch)
         finally:
-            _drop_sources(params)
+            drop_sources(params)
+
+    @staticmethod
+    def _fit_callbacks(callbacks: list[Callback] | None,
+                       checkpoint: str | os.PathLike[str] | None, checkpoint_every: int | str,
+                       resume: bool, verbose: int
+                       ) -> tuple[list[Callback], list[BackupAndRestore], History,
+                                  ProgbarLogger | None]:
+        """fit's callbacks, in the order they run, with their BackupAndRestore (one at most:
+        the user's or ``checkpoint=PATH``'s), History and ProgbarLogger (None at ``verbose``
+        0 where the user gave none); the user's ``callbacks`` are left as they are."""
+        # Keras' order: the History and the progress bar after the user's callbacks, so they
+        # see the logs those add (learning_rate, a user's metric); BackupAndRestore last, so
+        # that its checkpoint holds the History of the epoch just done.
+        callbacks = [*callback_list(callbacks),
+                     *checkpoint_callback(checkpoint, checkpoint_every, resume)]
+        backups = [cb for cb in callbacks if isinstance(cb, BackupAndRestore)]
+        if len(backups) > 1:  # (refused before any restores its file into the model)
+            raise InputError(f"fit takes one BackupAndRestore (checkpoint=PATH counts as one), "
+                             f"got {len(backups)}: for "
+                             f"{', '.join(repr(os.fspath(cb.path)) for cb in backups)}")
+        # (a History or ProgbarLogger among the user's is fit's own, as in Keras 3: one record
+        # and one bar, the bar at fit's verbose; run where fit's own would, after the others)
+        users = [cb for cb in callbacks if cb not in backups]
+        history = one_of(users, History) or History()
+        bar = one_of(users, ProgbarLogger) or (ProgbarLogger(verbose=verbose) if verbose
+                                                else None)
+        ordered = [*(cb for cb in users if cb is not history and cb is not bar), history,
+                   *([bar] if bar is not None else []), *backups]
+        return ordered, backups, history, bar
 
     def _statistics_from_checkpoint(self, backups: list[BackupAndRestore]) -> None:
         """Where fit resumes from a checkpoint into an unbuilt model, make adapted each plain
@@ -666,7 +715,7 @@ class Trainer(TrainingStep):
                 for la in self.layers):
             return
         with NpzArchive(resumed[0].path, "the checkpoint") as npz:
-            adapt_to_file(self, _checkpoint_config(npz).get("model"))
+            adapt_to_file(self, checkpoint_config(npz).get("model"))
 
     def _fit_epochs(self, data: Batches, validation: Batches | None, cbs: CallbackList,
                     params: dict[str, Any], epochs: int, initial_epoch: int) -> History:
@@ -786,7 +835,7 @@ class Trainer(TrainingStep):
             raise InputError(f"the training data gave no batches in epoch {epoch + 1}: an "
                              "iterator needs steps_per_epoch batches for every epoch")
         if data.steps and step < data.steps and not self.stop_training:
-            if _iterator(data):  # (ran out inside the epoch: the next would give none)
+            if reads_iterator(data):  # (ran out inside the epoch: the next would give none)
                 warn(f"the training data ran out after {step} of its {data.steps} batches "
                      f"(steps_per_epoch) in epoch {epoch + 1}: training stops here; an "
                      "iterator needs steps_per_epoch batches for every epoch")
@@ -931,8 +980,8 @@ class Trainer(TrainingStep):
                 (x[-n_val:, ...], targets[-n_val:], tail), True)
 
     @_prunes_streams
-    def evaluate(self, x: Any, y: Any = None, *, batch_size: int | None = 256,
-                 verbose: int | str = 0,
+    def evaluate(self, x: Any, y: Any = None, batch_size: int | None = 256,
+                 verbose: int | str = 0, *,
                  steps: int | None = None, callbacks: list[Callback] | None = None,
                  return_dict: bool = False, sample_weight: Any = None
                  ) -> float | list[float] | dict[str, float]:
@@ -942,7 +991,8 @@ class Trainer(TrainingStep):
         evaluated with the default loss and metrics (and stays uncompiled).
         ``sample_weight`` (N,) (with arrays; a dataset or an iterable gives (x, y, w) items
         instead) weighs each sample's term of the loss (the sum still divided by N), not the
-        accuracy, as fit's does."""
+        accuracy, as fit's does. ``batch_size`` and ``verbose`` may be positional, in Keras'
+        order; the rest are keyword-only (Keras' next is ``sample_weight``, xpcnn's ``steps``)."""
         batch_size = checks.positive_int(256 if batch_size is None else batch_size,
                                          "batch_size")
         return_dict = checks.flag(return_dict, "return_dict")
@@ -950,14 +1000,14 @@ class Trainer(TrainingStep):
         callbacks = callback_list(callbacks)
         loss = self.loss if self.loss is not None else get_loss("cross_entropy")
         self._rebuild_if_shared()
-        _refuse_stream_weights(x, sample_weight)
+        refuse_stream_weights(x, sample_weight)
         with self._undone_if_refused():
             data = self._batches(x, y, batch_size, steps, steps_name="steps",
                                  weights=sample_weight)
             here = distributed.world()
             if here.size > 1:  # (each rank evaluates its slice of the same data)
                 distributed.check_same_data(here, [("evaluation", data)], "evaluate")
-            cbs = CallbackList(callbacks, self, _inference_params(verbose, data))
+            cbs = CallbackList(callbacks, self, inference_params(verbose, data))
             self._check_loss_outputs(loss)
             return self._returned(self._evaluate(data, cbs, loss, verbose), return_dict)
 
@@ -973,7 +1023,7 @@ class Trainer(TrainingStep):
         logs = BatchLogs(cbs.lazy_test)
         self.stop_evaluating = False
         cbs.on_test_begin()
-        with _bar(data, verbose, "evaluate") as bar:
+        with progress_bar(data, verbose, "evaluate") as bar:
             shown = time.monotonic()
             # (each batch in the compute scope, the callbacks outside it: see _fit_epoch)
             with self.backend.on_device(), contextlib.closing(
@@ -1021,20 +1071,21 @@ class Trainer(TrainingStep):
             ran_out = [r for r in range(here.size) if got[k + 1 + r]]
             counts = got[k + 1 + here.size:]
             # (none at all, from anything but fit's validation iterator: refused below)
-            if ran_out and (seen or epoch is not None and _iterator(data)):
-                _ran_out(data, int(min(counts[r] for r in ran_out)), epoch, bool(seen),
-                         ran_out if here.size > 1 else None)
-                if epoch is not None and _iterator(data):  # (the next epoch's would get none)
+            if ran_out and (seen or epoch is not None and reads_iterator(data)):
+                warn_ran_out(data, int(min(counts[r] for r in ran_out)), epoch, bool(seen),
+                             ran_out if here.size > 1 else None)
+                if epoch is not None and reads_iterator(data):  # (the next epoch's would get none)
                     self.stop_training = True
             if not seen:
-                if epoch is not None and _iterator(data):  # (the epoch keeps its training logs)
+                # (the epoch keeps its training logs)
+                if epoch is not None and reads_iterator(data):
                     cbs.on_test_end({})
                     return {}
                 raise InputError("the evaluation data gave no batches" if epoch is None else
                                  f"the validation data gave no batches in epoch {epoch + 1}")
             result = self._logs(sums, seen)
             bar.set_postfix(bar_postfix(result))
-        _summarise(verbose, steps, t0, result)
+        summarise(verbose, steps, t0, result)
         cbs.on_test_end(result)
         return result
 
@@ -1046,22 +1097,22 @@ class Trainer(TrainingStep):
     def test_on_batch(self, x: Any, y: Any, sample_weight: Any = None,
                       return_dict: bool = False) -> float | list[float] | dict[str, float]:
         """:meth:`evaluate` of one batch of arrays, as Keras' ``test_on_batch``."""
-        return self.evaluate(x, y, batch_size=_batch_length(self, x), sample_weight=sample_weight,
+        return self.evaluate(x, y, batch_size=batch_length(self, x), sample_weight=sample_weight,
                              return_dict=return_dict)
 
     def predict_on_batch(self, x: Any) -> np.ndarray:
         """:meth:`predict` of one batch of arrays, as Keras' ``predict_on_batch``."""
-        return self.predict(x, batch_size=_batch_length(self, x))
+        return self.predict(x, batch_size=batch_length(self, x))
 
     @_prunes_streams
-    def predict(self, x: Any, *, batch_size: int | None = 256, verbose: int | str = 0,
+    def predict(self, x: Any, batch_size: int | None = 256, verbose: int | str = 0, *,
                 steps: int | None = None, callbacks: list[Callback] | None = None) -> np.ndarray:
         """The model's output for ``x`` as a host NumPy array, as in Keras: class
         probabilities (N, classes) for a model that ends in a Softmax or a softmax activation
         (applied to the logits the plan stops at), any other model's output as it is
         (logits, an inner layer's features); ``x`` as for :meth:`evaluate` (targets, if any,
         are ignored); ``verbose=1`` shows a progress bar (Keras' ``predict(x, verbose=0)``
-        works as it is)."""
+        works as it is); ``batch_size`` and ``verbose`` may be positional, as in Keras."""
         batch_size = checks.positive_int(256 if batch_size is None else batch_size,
                                          "batch_size")
         verbose = checks.verbosity(verbose)
@@ -1071,12 +1122,12 @@ class Trainer(TrainingStep):
         out = []
         with self._undone_if_refused():
             data = self._batches(x, None, batch_size, steps, targets=False, steps_name="steps")
-            cbs = CallbackList(callbacks, self, _inference_params(verbose, data))
+            cbs = CallbackList(callbacks, self, inference_params(verbose, data))
             self.stop_predicting = False
             cbs.on_predict_begin()
             t0 = time.perf_counter()
             # (each batch in the compute scope, the callbacks outside it: see _fit_epoch)
-            with _bar(data, verbose, "predict") as bar, self.backend.on_device(), \
+            with progress_bar(data, verbose, "predict") as bar, self.backend.on_device(), \
                     contextlib.closing(data.epoch(0)) as batches:  # type: ignore[type-var]
                 for step, (xb, _) in enumerate(batches):
                     cbs.on_predict_batch_begin(step)
@@ -1090,7 +1141,7 @@ class Trainer(TrainingStep):
                     raise InputError("the prediction data gave no batches")
                 with self.backend.compute_scope():
                     outputs = self.backend.to_numpy(xp.concat(out))
-        _summarise(verbose, len(out), t0)
+        summarise(verbose, len(out), t0)
         cbs.on_predict_end()
         return outputs
 
@@ -1110,7 +1161,7 @@ class Trainer(TrainingStep):
                              f"{type(x).__name__}; predict(x) reads datasets and iterables")
         self._rebuild_if_shared()
         with self._undone_if_refused():
-            data = self._batches(x, None, _batch_length(self, x), None, targets=False,
+            data = self._batches(x, None, batch_length(self, x), None, targets=False,
                                  steps_name="steps")
             with self.backend.compute_scope(), contextlib.closing(data.epoch(0)) as batches:
                 out = [self._outputs(xb) for xb, _ in batches]
