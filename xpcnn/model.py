@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -333,17 +334,17 @@ class Model(Trainer):
         # trains changed, see _plan)
 
     def _build_layers(self) -> None:
-        with PASSES.exclusive(f"building model {self.name!r}"):  # (under no pass: see PassLock)
+        with _building(self.layers, f"building model {self.name!r}"):
             graph.build(self.layers, self._inbound(), self._input_shape, self.backend,
                         self.dtype_name, self._compute_dtype_name, self.seed)
             self._built_like = {id(la): _built_like(la) for la in self.layers}
             _BUILDS[0] += 1
-        self._plan_cache, self._trained_at = None, None
-        self._builds += 1
-        # (its own, whatever a layer it shares with another model is built for since)
-        self._output_shape: tuple[int, ...] = self.layers[-1].output_shape
-        self.built = True
-        self._make_symbolic()
+            self._plan_cache, self._trained_at = None, None
+            self._builds += 1
+            # (its own, whatever a layer it shares with another model is built for since)
+            self._output_shape: tuple[int, ...] = self.layers[-1].output_shape
+            self.built = True
+            self._make_symbolic()
 
     def _make_symbolic(self) -> None:
         """The symbolic graph of the model as built (``input``, ``output``, each layer's
@@ -1050,7 +1051,7 @@ class Sequential(Model):
                 if at is None:
                     continue  # (built, or no longer held whole, in order: pop() or a change)
                 if at:  # (the layers before it, as this build builds them: the same weights)
-                    with PASSES.exclusive(f"building model {self.name!r}"):
+                    with _building(self.layers[:at], f"building model {self.name!r}"):
                         graph.build(self.layers[:at], self._inbound()[:at], self._input_shape,
                                     self.backend, self.dtype_name, self._compute_dtype_name,
                                     self.seed)
@@ -1205,6 +1206,20 @@ def _names_back_if_refused(layers: list[Layer]) -> Iterator[None]:
 
 #: the count of model builds, which may change whose passes rebuild (see _pass_rebuilds)
 _BUILDS = [0]
+
+#: (the lock of first builds: layers none has built, which no pass runs through)
+_FIRST_BUILDS = threading.RLock()
+
+
+def _building(layers: list[Layer], what: str) -> Any:
+    """The lock a build of ``layers`` holds: the passes' exclusive where one of them is built
+    (a pass in another thread may run through it: the build waits for it, and one inside a
+    pass of this thread is refused); a lock of first builds alone where none is (a pass runs
+    built layers only, so such a build, a user layer's model made at its first call inside a
+    pass included, changes nothing a pass uses)."""
+    if any(la.built for la in layers):
+        return PASSES.exclusive(what)
+    return _FIRST_BUILDS
 
 
 def _built_like(layer: Layer) -> tuple[Any, ...]:

@@ -23,17 +23,38 @@ class PassLock:
     holds back new readers (a thread training in a loop cannot starve a build), but not those
     already holding it (re-entry cannot deadlock behind a writer).
 
-    ``shared`` is a ``with`` block (one object, made once: a few locked operations per pass),
-    ``exclusive(what)`` too; each releases what it took on any exception, KeyboardInterrupt
-    included."""
+    ``shared`` is a ``with`` block: this thread's own reader lock (a C-level ``RLock``, whose
+    ``with`` a Ctrl-C cannot split, so a pass never leaves it held), taken once the writers'
+    gate is free; a writer takes the gate, then every thread's reader lock (waiting for their
+    passes). ``exclusive(what)`` is a ``with`` block too, which gives back what it took on an
+    exception; a Ctrl-C landing in its own Python-level enter or exit may still leave it held
+    (builds are rare and short; a pass, the common case, cannot)."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._readers: dict[int, int] = {}  # (thread -> how many times it holds it shared)
+        self._gate = threading.Lock()  # (a writer's, waiting or holding: new readers wait)
+        self._mine = threading.local()  # (this thread's reader lock)
+        self._readers: dict[int, Any] = {}  # (thread -> its reader lock; changed under the gate)
         self._writer: int | None = None  # (the thread holding it exclusive)
         self._writes = 0  # (how many times the writer holds it, either way)
-        self._waiting = 0  # (writers waiting: new readers wait behind them)
-        self.shared = _Shared(self)
+        self._taken: list[Any] = []  # (the reader locks the writer holds)
+        self._waiters: set[int] = set()  # (threads waiting to take it exclusive)
+
+    @property
+    def shared(self) -> Any:
+        """This thread's reader lock, for ``with``: a pass's hold of the lock shared."""
+        me = threading.get_ident()
+        mine = getattr(self._mine, "lock", None)
+        if mine is None:
+            mine = self._mine.lock = threading.RLock()
+            if self._writer == me:  # (the writer holds the gate: it registers it itself)
+                self._readers[me] = mine
+            else:
+                with self._gate:  # (registered between writers: the next one's sweep has it)
+                    self._readers[me] = mine
+        elif self._writer != me and not mine._is_owned():  # (re-entry: not behind a writer)
+            with self._gate:  # (a first hold waits for the writer at work or waiting)
+                pass
+        return mine
 
     def exclusive(self, what: str) -> _Exclusive:
         """The lock exclusive, for ``what`` (named in the error where this thread holds it
@@ -42,72 +63,51 @@ class PassLock:
 
     def waiting(self) -> int:
         """How many threads wait to take it exclusive (for tests)."""
-        return self._waiting
-
-    def _take_shared(self) -> None:
-        me = threading.get_ident()
-        with self._cond:
-            if self._writer == me:
-                self._writes += 1
-            elif me in self._readers:  # (re-entry: never behind a waiting writer)
-                self._readers[me] += 1
-            else:
-                while self._writer is not None or self._waiting:
-                    self._cond.wait()
-                self._readers[me] = 1
+        return len(self._waiters)
 
     def _take_exclusive(self, what: str) -> None:
         me = threading.get_ident()
-        with self._cond:
-            if self._writer == me:
-                self._writes += 1
-                return
-            if me in self._readers:
-                raise InputError(
-                    f"{what} was asked inside a pass through layers in this thread (a layer's "
-                    "forward, a pass of another model): it builds layers, which would change "
-                    "them under that pass; build or compile outside the pass, or use a model "
-                    "whose layers are built as this one's")
-            self._waiting += 1
-            try:
-                while self._writer is not None or self._readers:
-                    self._cond.wait()
-            except BaseException:
-                self._waiting -= 1
-                self._cond.notify_all()  # (readers held back by this writer go on)
-                raise
-            self._waiting -= 1
-            self._writer, self._writes = me, 1
+        if self._writer == me:
+            self._writes += 1
+            return
+        mine = getattr(self._mine, "lock", None)
+        if mine is not None and mine._is_owned():
+            raise InputError(
+                f"{what} was asked inside a pass through layers in this thread (a layer's "
+                "forward, a pass of another model): it builds layers, which would change "
+                "them under that pass; build or compile outside the pass, or use a model "
+                "whose layers are built as this one's")
+        self._waiters.add(me)
+        taken: list[Any] = []
+        gate = False
+        try:
+            gate = self._gate.acquire()
+            alive = {t.ident for t in threading.enumerate()}
+            for ident in [i for i in self._readers if i not in alive]:  # (threads gone)
+                del self._readers[ident]
+            for lock in list(self._readers.values()):
+                lock.acquire()  # (waits for that thread's passes)
+                taken.append(lock)
+        except BaseException:
+            for lock in reversed(taken):
+                lock.release()
+            if gate:
+                self._gate.release()
+            raise
+        finally:
+            self._waiters.discard(me)
+        self._writer, self._writes, self._taken = me, 1, taken
 
-    def _release(self) -> None:
-        me = threading.get_ident()
-        with self._cond:
-            if self._writer == me:
-                self._writes -= 1
-                if not self._writes:
-                    self._writer = None
-                    self._cond.notify_all()
-                return
-            held = self._readers[me] - 1
-            if held:
-                self._readers[me] = held
-            else:
-                del self._readers[me]
-                if not self._readers:
-                    self._cond.notify_all()
-
-
-class _Shared:
-    __slots__ = ("_lock",)
-
-    def __init__(self, lock: PassLock) -> None:
-        self._lock = lock
-
-    def __enter__(self) -> None:
-        self._lock._take_shared()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._lock._release()
+    def _release_exclusive(self) -> None:
+        self._writes -= 1
+        if self._writes:
+            return
+        taken, self._taken, self._writer = self._taken, [], None
+        try:
+            while taken:
+                taken.pop().release()
+        finally:
+            self._gate.release()
 
 
 class _Exclusive:
@@ -120,7 +120,14 @@ class _Exclusive:
         self._lock._take_exclusive(self._what)
 
     def __exit__(self, *exc: Any) -> None:
-        self._lock._release()
+        lock = self._lock
+        writes = lock._writes
+        try:
+            lock._release_exclusive()
+        except BaseException:  # (a Ctrl-C landing before it gave the hold back: again)
+            if lock._writes == writes and lock._writer == threading.get_ident():
+                lock._release_exclusive()
+            raise
 
 
 #: the one lock of all models' passes and builds (one: no order of locks to keep)

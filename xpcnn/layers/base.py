@@ -46,6 +46,7 @@ from ..checks import (
     untaken_settings,
 )
 from ..errors import InputError, of_xpcnn
+from ..passes import PASSES
 from .arguments import Shape
 from .symbolic import Node, SymbolicTensor, is_symbolic, refuse_training_in_graph
 from .weight import Weight
@@ -375,8 +376,15 @@ class Layer:
 
         ``dtype`` is the parameters' dtype, ``compute_dtype`` the dtype of the heavy matmuls
         (lower for mixed precision). Initial values come from ``rng`` on the host, so one seed
-        gives the same weights on every device.
+        gives the same weights on every device. A built layer's build waits for the passes
+        running through it in other threads, as a model's build does (:mod:`xpcnn.passes`).
         """
+        with PASSES.exclusive(f"building layer {self.name!r}") if self.built else \
+                contextlib.nullcontext():
+            return self._build_now(input_shape, backend, dtype, compute_dtype, rng)
+
+    def _build_now(self, input_shape: Shape, backend: Backend | Any, dtype: str,
+                   compute_dtype: str | None, rng: np.random.Generator | None) -> Shape:
         for each in (dtype, compute_dtype or dtype):
             dtype_name(each)  # a float dtype (int8 weights were taken: all zeros, silently)
         Layer.rebuilds += 1
@@ -843,12 +851,13 @@ class Layer:
         """Parameter ``name`` in ``compute_dtype`` (the parameter itself where that is its
         dtype): the model's cast of it for this forward pass where it made one (``_logits``
         casts every :attr:`casts_weights` layer's weights in one call), else one made here."""
+        weight = self.params[name]
+        if weight.dtype == self.compute_dtype:  # (no cast, and no per-thread lookup for it)
+            return weight
         cast = self._cache_weights
         if cast is not None and name in cast:
             return cast[name]
-        weight = self.params[name]
-        return weight if weight.dtype == self.compute_dtype else self.xp.astype(
-            weight, self.compute_dtype)
+        return self.xp.astype(weight, self.compute_dtype)
 
     def _clear_cache(self) -> None:
         """Drop what the last forward pass kept (arrays on the old device, a convolution's
