@@ -249,8 +249,6 @@ class SoftmaxCrossEntropy:
 LOSS_CLASSES["SoftmaxCrossEntropy"] = SoftmaxCrossEntropy
 
 
-
-
 def loss_from_config(config: dict[str, Any]) -> SoftmaxCrossEntropy:
     """The loss a file's compile settings describe: xpcnn's, or a user's subclass, known once
     defined (a clear error otherwise)."""

@@ -22,6 +22,7 @@ import numpy as np
 from . import checks, distributed, graph
 from .backend import PRECISIONS, DeviceLike, dtype_name, get_backend, precision_dtype
 from .errors import DataFormatError, InputError
+from .layers.arguments import per_sample
 from .layers.base import Layer, held_by, holders_of
 from .layers.symbolic import SymbolicTensor, refuse_training_in_graph
 from .layers.weight import Weight
@@ -302,9 +303,7 @@ class Model(Trainer):
                 "an xpcnn.Model is the graph of the layers called from xpcnn.Input to its "
                 "outputs, Model(inputs, outputs) (a subclass passes them to super().__init__); "
                 "or use Sequential and add() layers"))
-        if isinstance(input_shape, tuple | list) and len(input_shape) > 1 and \
-                input_shape[0] is None:
-            input_shape = tuple(input_shape[1:])  # (the batch axis)
+        input_shape = per_sample(input_shape)
         shape = _sample_shape(input_shape)
         known = self._input_shape if self.built else getattr(self, "_declared_input", None)
         if known is not None and shape[1:] == tuple(known):  # (Keras' build((32, H, W, C)))
@@ -431,11 +430,10 @@ class Model(Trainer):
         in another thread meanwhile may change the answer. Without it, another thread built
         or rebuilt shared layers under a pass: a bare error deep inside a kernel, or float16
         in a float32 model, silently."""
-        if not self._pass_rebuilds():
-            with PASSES.shared:
-                if not self._pass_rebuilds():
-                    yield
-                    return
+        with PASSES.shared:
+            if not self._pass_rebuilds():
+                yield
+                return
         with PASSES.exclusive(f"a pass of model {self.name!r} (which rebuilds layers it shares "
                               "with a model that built them otherwise)"):
             self._rebuild_if_shared()

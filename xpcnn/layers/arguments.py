@@ -13,6 +13,14 @@ from ..errors import InputError
 Shape = tuple[int, ...]
 
 
+def per_sample(shape: Any) -> Any:
+    """``shape`` without a leading None, the batch axis of Keras' ``build((None, 28, 28, 1))``
+    (a tuple then; anything else as it is, for the caller's checks)."""
+    if isinstance(shape, list | tuple) and len(shape) > 1 and shape[0] is None:
+        return tuple(shape[1:])
+    return shape
+
+
 def in_dtype(xp: Any, a: Any, dtype: Any) -> Any:
     """``a`` in ``dtype``: ``a`` itself where it is in it already (the usual case: no call, a
     training step asks a dozen times), else its cast."""

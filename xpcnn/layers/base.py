@@ -47,7 +47,7 @@ from ..checks import (
 )
 from ..errors import InputError, of_xpcnn
 from ..passes import PASSES
-from .arguments import Shape
+from .arguments import Shape, per_sample
 from .symbolic import Node, SymbolicTensor, is_symbolic, refuse_training_in_graph
 from .weight import Weight
 
@@ -989,9 +989,6 @@ def _shape(shape: Any, layer: Layer) -> Shape | tuple[Shape, ...]:
     """A per-sample shape as a tuple of positive ints; a merge layer's, a tuple of those. A
     leading None (the batch axis, Keras' ``layer.build((None, 4))``) is dropped, as
     ``Model.build`` drops it."""
-    def per_sample(s: Any) -> Any:
-        return s[1:] if isinstance(s, list | tuple) and len(s) > 1 and s[0] is None else s
-
     given = shape
     if layer.multi_input and isinstance(shape, list | tuple) and \
             all(isinstance(s, list | tuple) for s in shape):

@@ -128,8 +128,7 @@ class TrainingStep:
         weights (N,) or None."""
         # (first: an earlier step's deferred error, read here where a layer was frozen since,
         # is raised before anything of this step changes the model, its optimiser's slots too)
-        totals = self._running_totals()
-        self._rebuild_if_shared()  # (another model may have built shared layers since)
+        totals = self._running_totals()  # (the layers are built as needed: _shared_pass)
         opt = self.optimizer
         if opt.slots and self._slots_outdated():  # type: ignore[union-attr]
             # (dropped before the step is captured: a capture would record their making)

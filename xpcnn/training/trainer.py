@@ -246,6 +246,10 @@ class Trainer(TrainingStep):
         this thread does (a callback of its fit). (The check and the mark are one step: two
         threads cannot both pass.)"""
         here = threading.get_ident()
+        running = self._running  # (only the thread it names sets it back to None)
+        if nested and running is not None and running[0] == here:
+            yield  # (a callback of this thread's fit, say: as documented; no lock to take)
+            return
         with _RUNNING:
             running = self._running
             if running is None:
