@@ -420,11 +420,12 @@ def pester():  # (one Ctrl-C a round, at a random moment of the passes' enter an
     while not quit_.is_set():
         armed.wait()
         time.sleep(r.random() * 3e-5)
-        if armed.is_set():
+        if armed.is_set() and not quit_.is_set():
             armed.clear()
             _thread.interrupt_main()
 
-threading.Thread(target=pester, daemon=True).start()
+pesterer = threading.Thread(target=pester, daemon=True)
+pesterer.start()
 lock, leaks, interrupts = PassLock(), 0, 0
 deadline = time.monotonic() + float(sys.argv[1])
 while time.monotonic() < deadline:
@@ -450,7 +451,12 @@ while time.monotonic() < deadline:
         leaks += 1
     lock = PassLock()
 quit_.set()
-armed.set()
+armed.set()  # (wakes it to see quit_)
+while pesterer.is_alive():  # (a Ctrl-C it sent just before lands here, not in the print)
+    try:
+        pesterer.join()
+    except KeyboardInterrupt:
+        interrupts += 1
 print(interrupts, leaks)
 """
 
