@@ -260,7 +260,7 @@ def test_unknown_device_is_a_clear_error(flag):
 def test_one_to_host_copies_every_namespaces_arrays_for_the_backend_and_the_loss():
     """backend.to_host is the one device -> host copy (the loss had its own, telling CuPy and
     PyTorch by duck typing: a PyTorch tensor, which has no __array_namespace__, stayed one)."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     from xpcnn import losses
     from xpcnn.backend import to_host
@@ -470,7 +470,7 @@ def test_a_layer_moved_keeps_its_bfloat16_compute_dtype(device):
 def test_one_dtype_name_next_to_backend_dtype():
     """A dtype's name was made in layers.arguments (float dtypes) and again in graph (any
     dtype, for errors): one function in backend.py now does both."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     from xpcnn import graph
     from xpcnn.backend import dtype_name

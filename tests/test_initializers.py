@@ -5,7 +5,11 @@ import math
 
 import numpy as np
 import pytest
-import torch
+
+try:  # (a reference for the fans where installed: the suite runs without it)
+    import torch
+except ImportError:
+    torch = None
 
 from xpcnn.errors import InputError
 from xpcnn.layers import Conv2D, Dense, initializers
@@ -36,8 +40,10 @@ def test_a_conv_kernels_distribution_follows_the_formula(name):
     layer.build((KH + 1, KW + 1, C), rng=np.random.default_rng(1234))
     kernel = layer.get_weights()[0].astype(np.float64)
     assert kernel.shape == (KH, KW, C, K)
-    fan_in, fan_out = torch.nn.init._calculate_fan_in_and_fan_out(torch.empty(K, C, KH, KW))
-    assert (fan_in, fan_out) == (KH * KW * C, KH * KW * K)
+    fan_in, fan_out = KH * KW * C, KH * KW * K
+    if torch is not None:
+        assert torch.nn.init._calculate_fan_in_and_fan_out(torch.empty(K, C, KH, KW)) == (
+            fan_in, fan_out)
     kind, scale, mode = EXPECTED[name]
     if kind == "zeros":
         assert not kernel.any()
