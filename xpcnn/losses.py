@@ -26,6 +26,7 @@ from .ops.softmax import (
     cross_entropy,
     loss_and_correct,
     nan_unless_classes,
+    nll,
     target_rows,
 )
 
@@ -185,14 +186,8 @@ class SoftmaxCrossEntropy:
                                              dtype=np.dtype(str(host.dtype))), device=device)
         if self.from_logits:  # (asarray: NumPy's sums are scalars, not 0-d arrays)
             return xp.asarray(self.forward(xp, z, t, dtype, w)[0])
-        # Probabilities: the cross-entropy of log(p), no softmax (a zero target adds 0, as in
-        # cross_entropy; the gradient is not wanted here)
-        rows = self.targets(xp, t, classes, dtype)
-        logp = xp.log(z)
-        terms = rows * xp.where(rows != 0, logp, xp.zeros_like(logp))
-        if w is not None:
-            terms = xp.reshape(w, (-1, 1)) * terms
-        return xp.asarray(-xp.sum(terms) / n)
+        # (probabilities: the cross-entropy of log(p), no softmax; no gradient wanted here)
+        return xp.asarray(nll(xp, xp.log(z), self.targets(xp, t, classes, dtype), w))
 
     def _replaced(self, method: str) -> bool:
         """Whether a subclass (or the instance) replaces ``method``."""

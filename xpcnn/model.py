@@ -38,24 +38,23 @@ def _refuse_call(cls: type) -> None:
     """Refuse a user's model class defining Keras' ``call`` (layers made in ``__init__``, the
     pass in ``call()``): an xpcnn model is a graph of layers, which never runs it. So are
     Keras' ``test_step``, ``predict_step`` and ``compute_loss``: only ``train_step`` is run."""
-    owner = next((c for c in cls.__mro__ if "call" in vars(c)), None)
-    if owner is not None and issubclass(owner, Model):
-        raise InputError(
-            f"{owner.__name__} defines call(), Keras' model subclassing, which xpcnn does not "
-            "run: an xpcnn model is a graph of layers. Call the layers on xpcnn.Input and pass "
-            "the graph to the model: inputs = xpcnn.Input(shape); outputs = "
-            "Dense(4)(Dense(8)(inputs)); super().__init__(inputs, outputs) (or "
-            "xpcnn.Model(inputs, outputs)), or use Sequential([layer, ...]); a subclass may "
-            "override train_step")
-    # (Keras' other hooks: evaluate, fit's validation and predict would silently never run them)
-    for hook in ("test_step", "predict_step", "compute_loss"):
+    for hook in ("call", "test_step", "predict_step", "compute_loss"):
         owner = next((c for c in cls.__mro__ if hook in vars(c)), None)
-        if owner is not None and issubclass(owner, Model):
+        if owner is None or not issubclass(owner, Model):
+            continue
+        if hook == "call":
             raise InputError(
-                f"{owner.__name__} defines {hook}(), which xpcnn never runs: a subclass may "
-                "override train_step(xb, yb, sample_weight=None) only (fit runs it, see the "
-                "README); evaluate, fit's validation and predict are not customisable. Give "
-                "compile() a loss or metric of your own, or compute on predict()'s output")
+                f"{owner.__name__} defines call(), Keras' model subclassing, which xpcnn does "
+                "not run: an xpcnn model is a graph of layers. Call the layers on xpcnn.Input "
+                "and pass the graph to the model: inputs = xpcnn.Input(shape); outputs = "
+                "Dense(4)(Dense(8)(inputs)); super().__init__(inputs, outputs) (or "
+                "xpcnn.Model(inputs, outputs)), or use Sequential([layer, ...]); a subclass may "
+                "override train_step")
+        raise InputError(
+            f"{owner.__name__} defines {hook}(), which xpcnn never runs: a subclass may "
+            "override train_step(xb, yb, sample_weight=None) only (fit runs it, see the "
+            "README); evaluate, fit's validation and predict are not customisable. Give "
+            "compile() a loss or metric of your own, or compute on predict()'s output")
 
 
 @register_model

@@ -63,14 +63,23 @@ def cross_entropy(xp: Any, z: Any, t: Any, weights: Any = None) -> tuple[Any, An
     is multiplied by weights[i], still divided by N (Keras' "sum over batch size")."""
     n = z.shape[0]
     logp = log_softmax(xp, z)
+    if weights is None:
+        return nll(xp, logp, t), (xp.exp(logp) - t) / n
+    w = xp.astype(weights, z.dtype, copy=False)
+    return nll(xp, logp, t, w), xp.reshape(w, (-1, 1)) * ((xp.exp(logp) - t) / n)
+
+
+def nll(xp: Any, logp: Any, t: Any, weights: Any = None) -> Any:
+    """Mean over the N rows of -sum(t * logp) (a 0-d array), the loss of :func:`cross_entropy`
+    and of a loss object called on probabilities; with ``weights`` (N,), of ``logp``'s dtype,
+    row i's term is multiplied by weights[i], still divided by N."""
     # A zero target contributes 0, not 0 * log(0) = NaN: a logit of -inf (or so far below the
     # row's maximum that z - max overflows) has probability 0 and a finite loss, as in
     # PyTorch. (A +inf or NaN logit still makes every log-probability of its row NaN.)
     terms = t * xp.where(t != 0, logp, xp.zeros_like(logp))  # (no 0 * -inf computed)
     if weights is not None:
-        w = xp.reshape(xp.astype(weights, z.dtype, copy=False), (-1, 1))
-        return -xp.sum(w * terms) / n, w * ((xp.exp(logp) - t) / n)
-    return -xp.sum(terms) / n, (xp.exp(logp) - t) / n
+        terms = xp.reshape(weights, (-1, 1)) * terms
+    return -xp.sum(terms) / logp.shape[0]
 
 
 def loss_and_correct(xp: Any, loss: Any, z: Any, y: Any) -> Any:
