@@ -557,7 +557,8 @@ def card_name(device: str) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--models", default="notebook,mnist,cifar")
+    p.add_argument("--models", default="notebook,mnist,cifar",
+                   help="the grid's models, comma-separated (\"\": no grid, the extras alone)")
     p.add_argument("--batch-sizes", default="128,512")
     p.add_argument("--precisions", default="float32,mixed_float16")
     p.add_argument("--steps", type=int, default=30)
@@ -639,7 +640,7 @@ def main() -> int:
           f"(fast path, and 'std' = standard Array API path) against PyTorch eager; median of "
           f"{args.steps} steps; MiB = peak memory of a training step")
     print(header)
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):  # (--models "": the extras alone)
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             for precision in args.precisions.split(","):
                 try:
@@ -697,10 +698,11 @@ def main() -> int:
                       f"{ratio(ours['peak_mib'], get(theirs, 'peak_mib'))}"
                       f"  graphs: {ours.get('cuda_graphs', '-')}", flush=True)
                 save()
-    verdict = issue_18_targets(rows)
-    info["issue_18_targets"] = verdict
-    print("issue 18's targets:", *verdict["lines"], sep="\n  ", flush=True)
-    save()
+    if rows:
+        verdict = issue_18_targets(rows)
+        info["issue_18_targets"] = verdict
+        print("issue 18's targets:", *verdict["lines"], sep="\n  ", flush=True)
+        save()
     for spec in args.kernels:  # (on the CPU a dry run: CUPTI records nothing there)
         name, batch, precision = spec.split(":")
         try:

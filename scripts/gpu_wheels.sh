@@ -9,10 +9,11 @@
 #
 # The device command then installs them first (scripts/gpu_check.sh does it where .whl/ is
 # there): pip install --no-index --no-deps --target /tmp/site .whl/*.whl. On the device tool,
-# carry [".whl", ".gpudata"] (about 23 MB together).
+# carry [".whl", ".gpudata"] (about 18 MB together).
 set -euo pipefail
 py=${1:-python3}
 data=${2:-}
+case "$py" in */*) py=$(cd "$(dirname "$py")" && pwd)/$(basename "$py") ;; esac  # (before the cd)
 [ -z "$data" ] || data=$(cd "$data" && pwd)
 cd "$(dirname "$0")/.."
 rm -rf .whl

@@ -7,6 +7,7 @@ import functools
 import math
 import random
 import warnings
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1214,17 +1215,100 @@ def test_the_progress_bar_shows_small_values_as_keras_does(data, monkeypatch, ca
 
 
 def test_evaluates_bar_shows_the_loss_and_metrics(data, monkeypatch, capsys):
-    from xpcnn.training import arguments, trainer
-
-    real = arguments.tqdm
-    monkeypatch.setattr(arguments, "tqdm", lambda *a, **k: real(*a, **{**k, "disable": False}))
-    monkeypatch.setattr(trainer, "BAR_REFRESH", 0.0)  # (every batch's running means)
+    real = xpcnn.callbacks.tqdm  # (evaluate's bar is a ProgbarLogger's, as fit's)
+    monkeypatch.setattr(xpcnn.callbacks, "tqdm",
+                        lambda *a, **k: real(*a, **{**k, "disable": False}))
+    # (every batch's running means)
+    monkeypatch.setattr(xpcnn.callbacks.ProgbarLogger.__init__, "__defaults__", (0.0, 1))
     model = small_model()
     loss, accuracy = model.evaluate(*data, batch_size=BATCH, verbose=1)
     err = capsys.readouterr().err
     assert f"loss={loss:.4f}, accuracy={accuracy:.4f}" in err.replace("\r", "\n").splitlines()[-1]
     first = model.evaluate(data[0][:BATCH], data[1][:BATCH])[0]
     assert f"loss={first:.4f}" in err  # (the first batch's running mean, shown on its way)
+
+
+class _KeptBars(xpcnn.callbacks.ProgbarLogger):
+    """A user's ProgbarLogger that records each bar it shows as it ends: (desc, n, total)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shown = []
+
+    def close(self):
+        if self.bar is not None:
+            self.shown.append((self.bar.desc, self.bar.n, self.bar.total))
+        super().close()
+
+
+def _shown_bars(monkeypatch):
+    """Every tqdm bar the callbacks make, shown (the tests' TQDM_DISABLE hides them): its
+    arguments, in order."""
+    real, made = xpcnn.callbacks.tqdm, []
+
+    def tqdm(*a, **k):
+        made.append(k)
+        return real(*a, **{**k, "disable": False})
+    monkeypatch.setattr(xpcnn.callbacks, "tqdm", tqdm)
+    return made
+
+
+def test_evaluate_and_predict_show_their_bar_through_a_users_progbar_logger(data, monkeypatch,
+                                                                           capsys):
+    """As in Keras 3, evaluate's and predict's bar is a ProgbarLogger's (its on_test_* and
+    on_predict_* hooks), a user's one in ``callbacks`` taken as theirs, at their ``verbose``
+    (was: they drove a tqdm bar of their own, and a user's ProgbarLogger showed nothing)."""
+    made = _shown_bars(monkeypatch)
+    model, mine = small_model(), _KeptBars(verbose=2)
+    loss, accuracy = model.evaluate(*data, batch_size=BATCH, verbose=1, callbacks=[mine])
+    model.predict(data[0], batch_size=BATCH, verbose=1, callbacks=[mine])
+    assert mine.shown == [("evaluate", 4, 4), ("predict", 4, 4)] and mine.verbose == 1
+    assert [k["desc"] for k in made] == ["evaluate", "predict"]  # (one bar each: the user's)
+    err = capsys.readouterr().err
+    assert f"loss={loss:.4f}, accuracy={accuracy:.4f}" in err
+    model.evaluate(*data, batch_size=BATCH, verbose=0, callbacks=[mine])  # (Keras 3: silent)
+    model.predict(data[0], batch_size=BATCH, verbose=0, callbacks=[mine])
+    assert len(mine.shown) == 2 and mine.verbose == 0 and len(made) == 2
+    assert capsys.readouterr() == ("", "")
+    model.evaluate(*data, batch_size=BATCH, verbose=2, callbacks=[mine])
+    model.predict(data[0], batch_size=BATCH, verbose=2, callbacks=[mine])
+    lines = capsys.readouterr().out.splitlines()  # (Keras 3's one line each)
+    assert len(lines) == 2 and all(line.startswith("4/4 - ") for line in lines)
+    assert lines[0].endswith(f" - loss: {loss:.4f} - accuracy: {accuracy:.4f}")
+    with pytest.raises(InputError, match="2 ProgbarLogger callbacks: evaluate takes one"):
+        model.evaluate(*data, callbacks=[mine, xpcnn.callbacks.ProgbarLogger()])
+
+
+def test_fits_validation_shows_no_bar_and_a_users_bar_shows_evaluate_after_fit(data,
+                                                                               monkeypatch):
+    """fit's validation runs its ProgbarLogger's on_test_* hooks without a bar (as Keras 3):
+    one bar an epoch; the same ProgbarLogger then shows evaluate's bar, a fit that raised
+    before it too."""
+    made = _shown_bars(monkeypatch)
+    model, mine = small_model(), _KeptBars()
+    model.fit(*data, epochs=2, batch_size=BATCH, verbose=1, validation_data=data,
+              callbacks=[mine])
+    assert [k["desc"] for k in made] == ["Epoch 1/2", "Epoch 2/2"]
+    assert [desc for desc, *_ in mine.shown] == ["Epoch 1/2", "Epoch 2/2"]
+    with pytest.raises(RuntimeError, match="the user's error"):
+        model.fit(*data, epochs=1, batch_size=BATCH, verbose=1, validation_data=data,
+                  callbacks=[mine, _Raises("on_train_batch_end")])
+    model.evaluate(*data, batch_size=BATCH, verbose=1, callbacks=[mine])
+    assert mine.shown[-1] == ("evaluate", 4, 4)
+
+
+@pytest.mark.parametrize("call", ["evaluate", "predict"])
+def test_evaluate_and_predict_close_their_bar_when_a_callback_raises(data, call, monkeypatch):
+    """An error in a callback of evaluate or predict closes its bar (left open, every later
+    bar was drawn a line lower), as fit's bar is closed."""
+    tqdm = xpcnn.callbacks.tqdm  # (its open bars: a class attribute made with the first bar)
+    _shown_bars(monkeypatch)
+    hook = "on_test_batch_end" if call == "evaluate" else "on_predict_batch_end"
+    model = small_model()
+    args = data if call == "evaluate" else data[:1]
+    with pytest.raises(RuntimeError, match="the user's error"):
+        getattr(model, call)(*args, batch_size=BATCH, verbose=1, callbacks=[_Raises(hook)])
+    assert not list(getattr(tqdm, "_instances", ()))
 
 
 def test_backup_and_restore_save_freq_is_named_as_its_own():
@@ -1392,58 +1476,169 @@ def test_keras_positional_prefix_means_what_it_does_in_keras(tmp_path):
     assert BackupAndRestore(tmp_path / "b.npz", 3).save_freq == 3
 
 
-def test_a_resumed_csv_logger_appending_keeps_every_earlier_row_and_warns_of_repeats(
-        data, tmp_path):
-    """A resumed CSVLogger(append=True) never drops a row: the file cannot tell an earlier
-    run's rows from those the stopped run wrote after its last backup (b305e14 dropped the
-    trailing rows of epochs from the resumed one on, and so an earlier run's rows of epochs 0-2
-    when a run resumed at epoch 0). Where the stopped run's rows come again, a warning says so
-    and the later row of an epoch is the resumed run's."""
-    log, backup = tmp_path / "log.csv", tmp_path / "backup.npz"
-    earlier = "epoch,accuracy,loss,seconds\n0,0.5,1.5,0.1\n1,0.5,1.4,0.1\n2,0.6,1.3,0.1\n"
+EARLIER_LOG = "epoch,accuracy,loss,seconds\n0,0.5,1.5,0.1\n1,0.5,1.4,0.1\n2,0.6,1.3,0.1\n"
 
-    def fail_at(stop):
-        def fail(epoch, logs):
-            if epoch == stop:
-                raise RuntimeError("stop")
-        return LambdaCallback(on_epoch_end=fail)
 
-    def run(*extra, save_freq="epoch"):
-        return small_model().fit(*data, epochs=4, batch_size=BATCH, verbose=0, callbacks=[
-            BackupAndRestore(backup, save_freq), CSVLogger(log, append=True), *extra])
+def _fail_at_end_of(stop):
+    """A callback that raises at epoch ``stop``'s end, after the CSVLogger before it wrote the
+    epoch's row and before fit's BackupAndRestore (last) backed the epoch up."""
+    def fail(epoch, logs):
+        if epoch == stop:
+            raise RuntimeError("stop")
+    return LambdaCallback(on_epoch_end=fail)
 
-    def epochs():
-        with open(log, newline="") as f:
-            return [r["epoch"] for r in csv.DictReader(f)]
 
-    # backed up inside epoch 0 (every 2 batches), stopped at its end after CSVLogger wrote
-    # its row: resumed inside epoch 0, the earlier run's rows 0-2 all stay
-    log.write_text(earlier)
-    with pytest.raises(RuntimeError, match="stop"):
-        run(fail_at(0), save_freq=2)
-    assert epochs() == ["0", "1", "2", "0"]
-    with pytest.warns(RuntimeWarning, match="ends with a row of epoch 0, and this resumed run "
-                                            "appends rows from epoch 0"):
-        history = run(save_freq=2)
-    assert epochs() == ["0", "1", "2", "0", "0", "1", "2", "3"]
+def _fit_logged(data, log, backup, *extra, save_freq="epoch"):
+    return small_model().fit(*data, epochs=4, batch_size=BATCH, verbose=0, callbacks=[
+        BackupAndRestore(backup, save_freq), CSVLogger(log, append=True), *extra])
+
+
+def _logged(log):
     with open(log, newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [float(r["loss"]) for r in rows[4:]] == history.history["loss"]
-    assert [r["loss"] for r in rows[:3]] == ["1.5", "1.4", "1.3"]
-    # stopped at epoch 2's start, after the backup of epoch 1: nothing repeats, no warning
-    backup.unlink(missing_ok=True)
-    log.write_text(earlier)
+        return list(csv.DictReader(f))
 
-    def stop(epoch, logs):
-        if epoch == 2:
+
+@pytest.mark.parametrize("save_freq, stop", [("epoch", 2), (2, 0), (2, 2)])
+@pytest.mark.parametrize("earlier", [None, EARLIER_LOG], ids=["new", "earlier"])
+def test_a_resumed_csv_logger_appending_drops_the_rows_written_after_the_backup(
+        data, tmp_path, save_freq, stop, earlier):
+    """A run stopped after CSVLogger(append=True) wrote epoch ``stop``'s row but before its
+    backup (at each epoch's end, or every 2 steps) resumes at that epoch: the checkpoint
+    records the file's size and CRC-32, and the resumed run drops what was written after it
+    (the row; the header too, where the file was not there at the backup) and writes each
+    epoch once, with no warning (was: the epoch's row twice, and a warning). An earlier run's
+    rows (``earlier``: the file appended to) all stay, even those of the same epochs."""
+    log, backup = tmp_path / "log.csv", tmp_path / "backup.npz"
+    if earlier:
+        log.write_text(earlier)
+    with pytest.raises(RuntimeError, match="stop"):
+        _fit_logged(data, log, backup, _fail_at_end_of(stop), save_freq=save_freq)
+    kept = 3 if earlier else 0
+    assert [r["epoch"] for r in _logged(log)][kept:] == [str(e) for e in range(stop + 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        history = _fit_logged(data, log, backup, save_freq=save_freq)
+    rows = _logged(log)
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"] * bool(earlier) + ["0", "1", "2", "3"]
+    assert [float(r["loss"]) for r in rows[kept:]] == history.history["loss"]
+    if earlier:
+        assert log.read_text().startswith(earlier)
+
+
+def test_a_resumed_run_stopped_again_before_its_first_row_keeps_the_record_it_resumed_from(
+        data, tmp_path):
+    """A resumed run's backups before its first row (every 2 steps here) record the file as
+    the checkpoint it resumed from had it, not as it is (the stopped run's row of epoch 2 is
+    still there, to be dropped): a run resumed from them drops that row too."""
+    log, backup = tmp_path / "log.csv", tmp_path / "backup.npz"
+    with pytest.raises(RuntimeError, match="stop"):
+        _fit_logged(data, log, backup, _fail_at_end_of(2))
+    steps = []
+
+    def fail(batch, logs):
+        steps.append(batch)
+        if len(steps) == 3:  # (epoch 2's third step, after its backup at the second)
             raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError, match="stop"):
-        run(LambdaCallback(on_epoch_begin=stop))
+        _fit_logged(data, log, backup, LambdaCallback(on_train_batch_end=fail), save_freq=2)
+    assert [r["epoch"] for r in _logged(log)] == ["0", "1", "2"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        run()
-    assert epochs() == ["0", "1", "2", "0", "1", "2", "3"]
+        history = _fit_logged(data, log, backup, save_freq=2)
+    rows = _logged(log)
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
+    assert [float(r["loss"]) for r in rows] == history.history["loss"]
+
+
+def test_a_resumed_csv_logger_appends_to_a_file_changed_since_the_backup_and_warns(
+        data, tmp_path):
+    """Where the file does not begin with what the checkpoint recorded (an earlier row edited,
+    the file replaced), or what follows is not the stopped run's rows of the epochs resumed
+    (another run appended after it), nothing is dropped: the resumed run appends, as it did
+    before the record, and warns where the file's last row is of an epoch it writes again."""
+    log, backup = tmp_path / "log.csv", tmp_path / "backup.npz"
+
+    def stopped():
+        backup.unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
+        with pytest.raises(RuntimeError, match="stop"):
+            _fit_logged(data, log, backup, _fail_at_end_of(2))
+        return log.read_text()
+
+    repeats = "ends with a row of epoch 2, and this resumed run appends rows from epoch 2"
+    for change in (lambda text: text.replace("\n0,", "\n0,0", 1),  # (row 0 edited)
+                   lambda text: EARLIER_LOG):  # (the file replaced)
+        edited = change(stopped())
+        log.write_text(edited)
+        with pytest.warns(RuntimeWarning, match=repeats):
+            _fit_logged(data, log, backup)
+        assert log.read_text().startswith(edited)
+        assert [r["epoch"] for r in _logged(log)] == ["0", "1", "2", "2", "3"]
+    # another run's rows after the stopped run's: all kept
+    text = stopped()
+    other = "".join(f"{e},0.5,1.5,0.1\n" for e in range(2))
+    log.write_text(text + other)
+    _fit_logged(data, log, backup)
+    assert log.read_text().startswith(text + other)
+    assert [r["epoch"] for r in _logged(log)] == ["0", "1", "2", "0", "1", "2", "3"]
+
+
+def test_a_checkpoint_without_csv_logs_resumes_as_before(data, tmp_path):
+    """A checkpoint of the code before the record (no ``csv_logs``: the same file but for that
+    key, which is apart from the callbacks' states) resumes as it did: every stateful
+    callback's state goes on from it (none starts afresh), and the CSVLogger appends, the
+    stopped run's row of epoch 2 then the resumed run's, with the warning."""
+    from test_checkpoint import _rewrite
+
+    log, backup = tmp_path / "log.csv", tmp_path / "backup.npz"
+    stop = EarlyStopping("loss", patience=10, restore_best_weights=True)
+    with pytest.raises(RuntimeError, match="stop"):
+        _fit_logged(data, log, backup, stop, _fail_at_end_of(2))
+    _rewrite(backup, lambda config: config.pop("csv_logs", None))
+    resumed = EarlyStopping("loss", patience=10, restore_best_weights=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit_logged(data, log, backup, resumed)
+    said = [str(w.message) for w in caught]
+    assert any("ends with a row of epoch 2, and this resumed run appends rows from epoch 2" in s
+               for s in said)
+    assert not any("afresh" in s for s in said), said
+    assert [r["epoch"] for r in _logged(log)] == ["0", "1", "2", "2", "3"]
+
+
+def test_checkpoints_record_the_files_of_appending_csv_loggers_only(data, tmp_path):
+    """Only a CSVLogger that appends has its file recorded (a new file's resumed run writes it
+    afresh): a run without one writes the checkpoint as before, with no ``csv_logs``; a bad
+    entry is refused by name, before anything is resumed."""
+    from test_checkpoint import _rewrite
+
+    backup, log = tmp_path / "backup.npz", tmp_path / "log.csv"
+    for logger in (CSVLogger(tmp_path / "new.csv"), CSVLogger(log, append=True)):
+        backup.unlink(missing_ok=True)
+        small_model().fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[
+            BackupAndRestore(backup, delete_checkpoint=False), logger])
+    assert _config(backup)["csv_logs"] == [{"path": str(log), "size": len(log.read_bytes()),
+                                            "crc32": zlib.crc32(log.read_bytes())}]
+    _rewrite(backup, lambda config: config.pop("csv_logs"))
+    written_before = _config(backup)
+    backup.unlink()
+    small_model().fit(*data, epochs=2, batch_size=BATCH, verbose=0, callbacks=[
+        BackupAndRestore(backup, delete_checkpoint=False), CSVLogger(tmp_path / "new.csv")])
+    assert _config(backup).keys() == written_before.keys()
+    for bad in (-1, 2.5, None):
+        _rewrite(backup, lambda config, bad=bad: config.update(
+            csv_logs=[{"path": str(log), "size": bad, "crc32": 0}]))
+        with pytest.raises(DataFormatError, match="bad csv_logs entry"):
+            small_model().fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=[
+                BackupAndRestore(backup), CSVLogger(log, append=True)])
+
+
+def _config(checkpoint):
+    from xpcnn.saving.npz import CONFIG_KEY, decode_json
+
+    with np.load(checkpoint) as f:
+        return decode_json(f[CONFIG_KEY], str(checkpoint))
 
 
 def test_the_keras_comparison_script_drives_xpcnn_callbacks_without_crashing(monkeypatch,

@@ -134,6 +134,18 @@ def test_sum_rows_in_every_dtype(rows, dtype, rng):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_sum_rows_keeps_one_vector_of_ones_per_dtype(rng):
+    """The ones the fast sums multiply by are one vector per dtype, sliced: a cache per row
+    count grew with every batch size a process met (a server, a search over batch sizes)."""
+    from xpcnn.ops.fast_numpy import NumpyKernels
+    kernels = NumpyKernels()
+    for rows in [*range(2, 300), 1000, 3]:
+        a = rng.standard_normal((rows, 3)).astype(np.float32)
+        np.testing.assert_allclose(kernels.sum_rows(a), STD.sum_rows(a), rtol=1e-5, atol=1e-5)
+    assert len(kernels._ones_cache) == 1
+    assert len(kernels._ones_cache["<f4"]) == 1000
+
+
 @pytest.mark.parametrize("m, k, n", [(7, 5, 3), (300, 200, 150), (512, 9, 32)])
 def test_matmuls(m, k, n, rng):
     a = rng.standard_normal((m, k)).astype(np.float32)

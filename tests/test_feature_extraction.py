@@ -48,7 +48,7 @@ def test_an_extractor_predicts_exactly_the_layer_it_ends_at(kind, images, rng):
     model = make()
     randomize_biases(model, rng)
     assert set(fused) <= set(plan_of(model)[1])  # their ReLUs are fused
-    outputs = {la.name: np.asarray(y) for la, y in zip(model.layers, model.forward(images),
+    outputs = {la.name: np.asarray(y) for la, y in zip(model.layers, model.layer_outputs(images),
                                                        strict=True)}
     for name in (*fused, *relus, "dense"):
         extractor = xpcnn.Model(inputs=model.inputs, outputs=model.get_layer(name).output)
@@ -98,13 +98,13 @@ def test_an_extractor_shares_the_trained_layers_both_ways(images, rng):
     model.fit(images, labels, epochs=1, batch_size=6, verbose=0)
     after = features.predict(images)
     assert not np.allclose(after, before)
-    np.testing.assert_allclose(after, np.asarray(model.forward(images)[0]), rtol=1e-12)
+    np.testing.assert_allclose(after, np.asarray(model.layer_outputs(images)[0]), rtol=1e-12)
     # Training the extractor (as Keras allows) trains the original's layers.
     logits.compile(optimizer=xpcnn.optim.SGD(0.1))
     dense = model.get_layer("dense").get_weights()[0]
     logits.fit(images, labels, epochs=1, batch_size=6, verbose=0)
     assert not np.allclose(model.get_layer("dense").get_weights()[0], dense)
-    np.testing.assert_allclose(logits.predict(images), np.asarray(model.forward(images)[4]),
+    np.testing.assert_allclose(logits.predict(images), np.asarray(model.layer_outputs(images)[4]),
                                rtol=1e-12)
 
 
@@ -171,7 +171,8 @@ def test_one_extractor_of_every_layer_is_refused_naming_forward():
     model = sequential_net()
     with pytest.raises(InputError, match=r"Model outputs must be one symbolic tensor, got 6: an "
                                          r"xpcnn model has one input and one output "
-                                         r"\(model.forward\(x\) returns every layer's output\)"):
+                                         r"\(model.layer_outputs\(x\) returns every "
+                                         r"layer's output\)"):
         xpcnn.Model(model.inputs, [layer.output for layer in model.layers])
 
 
@@ -214,7 +215,7 @@ def test_a_block_inside_a_model_keeps_its_own_symbolic_graph(images):
     conv = base.get_layer("conv")
     assert conv in head.layers and conv.output.node.inputs == (base.input,)
     np.testing.assert_allclose(xpcnn.Model(base.input, conv.output).predict(images),
-                               np.asarray(base.forward(images)[0]), rtol=1e-12)
+                               np.asarray(base.layer_outputs(images)[0]), rtol=1e-12)
     # (was: "disconnected", from input 'input', which is not this model's input 'input')
     with pytest.raises(InputError, match=r"computed from input 'input' of shape \(None, 8, 8, "
                                          r"3\), the input of model 'sequential', which is not "
@@ -235,7 +236,7 @@ def test_an_unbuilt_block_called_inside_a_model_is_built_there_with_its_own_grap
     conv = head.get_layer("conv")
     assert conv.output.node.inputs == (base.input,)
     np.testing.assert_array_equal(xpcnn.Model(base.input, conv.output).predict(images),
-                                  np.asarray(head.forward(images)[0]))
+                                  np.asarray(head.layer_outputs(images)[0]))
 
 
 def test_a_rebuilt_or_refused_sequential_keeps_one_graph(images):

@@ -585,7 +585,7 @@ def test_a_convolution_run_on_small_images_then_used_on_larger_ones_computes_for
                         dtype="float64")
     x = rng.standard_normal((4, 8, 8, 2))
     kernel, bias = base.layers[0].get_weights()
-    np.testing.assert_allclose(model.forward(x)[0], same_conv_reference(x, kernel, bias),
+    np.testing.assert_allclose(model.layer_outputs(x)[0], same_conv_reference(x, kernel, bias),
                                rtol=1e-12, atol=1e-12)
 
 

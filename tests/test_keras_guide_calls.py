@@ -108,7 +108,7 @@ def test_an_unbuilt_nested_base_is_built_from_its_own_seed_with_the_outer_model(
     r1 = base.get_layer("r1")
     assert r1.output.shape == (None, 6, 6, 4) and model.get_layer("r1") is r1
     features = xpcnn.Model(base.input, r1.output).predict(x, verbose=0)
-    np.testing.assert_array_equal(features, np.asarray(model.forward(x)[1]))
+    np.testing.assert_array_equal(features, np.asarray(model.layer_outputs(x)[1]))
     # (the base's own seed, as a base built by itself, or called on a symbolic tensor, has)
     alone = xpcnn.Sequential([Conv2D(4, 3), ReLU()], seed=1, input_shape=(8, 8, 3))
     for a, b in zip(base.get_weights(), alone.get_weights(), strict=True):

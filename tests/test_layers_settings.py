@@ -181,3 +181,65 @@ def test_keras_random_crop_keywords_get_the_same_clear_error(args, kwargs, said)
     with pytest.raises(TypeError, match="unexpected keyword argument 'paddin'"):
         RandomCrop(paddin=2)
     assert RandomCrop.from_config(RandomCrop(3, trainable=False).get_config()).padding == 3
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda L: L.BatchNorm2D(epsilon=1e-3),
+     r"BatchNorm2D\(epsilon=0.001\): Keras' keyword, which xpcnn's BatchNorm2D does not take: "
+     r"xpcnn's name is eps \(PyTorch's\): BatchNorm2D\(eps=0.001\); its momentum is PyTorch's "
+     r"too, .*Keras' momentum=0.99 is BatchNorm2D\(momentum=0.01\)"),
+    (lambda L: L.BatchNorm2D(0.01, center=False), r"BatchNorm2D\(center=False\): .* always "
+                                                  r"learns a scale \(gamma\) and an offset"),
+    (lambda L: L.BatchNorm2D(axis=1), r"BatchNorm2D\(axis=1\): .*the last axis of \(N, H, W, C\)"),
+    (lambda L: L.FeatureNorm(epsilon=1e-3), r"FeatureNorm\(epsilon=0.001\): .*FeatureNorm\(eps="),
+    (lambda L: L.Conv2D(8, 3, data_format="channels_first"),
+     r"Conv2D\(data_format='channels_first'\): .*always \(N, H, W, C\).*x.transpose\(0, 2, 3, 1\)"),
+    (lambda L: L.Conv2D(8, 3, dilation_rate=2), r"Conv2D\(dilation_rate=2\): .*no dilation"),
+    (lambda L: L.Conv2D(8, bias_initializer="ones"), r"the bias starts at zeros .*set_weights"),
+    (lambda L: L.Dense(4, kernel_regularizer="l2"),
+     r"Dense\(kernel_regularizer='l2'\): .*no regularizer: give the optimizer a weight_decay"),
+    (lambda L: L.Dense(4, kernel_constraint="non_neg"), r"take no weight constraint"),
+    (lambda L: L.Dense(4, dtype="float64"), r"Dense\(dtype='float64'\): .*its model's: "
+                                            r"Sequential\(dtype='float64'\)"),
+    (lambda L: L.Dense(4, input_shape=(8,)), r"Sequential\(\[...\], input_shape=\(28, 28, 1\)\)"),
+    (lambda L: L.MaxPool2D(2, data_format="channels_last"), r"MaxPool2D\(data_format="),
+    (lambda L: L.AvgPool2D(data_format="channels_first"), r"AvgPool2D\(data_format="),
+    (lambda L: L.Dropout(0.5, seed=3), r"Dropout\(seed=3\): .*random layers take no seed"),
+    (lambda L: L.Dropout(0.5, noise_shape=(None, 1, 1, 8)), r"no noise_shape"),
+    (lambda L: L.ReLU(negative_slope=0.1), r"ReLU\(negative_slope=0.1\): .*no negative slope"),
+    (lambda L: L.ReLU(threshold=1.0), r"ReLU\(threshold=1.0\): .*no threshold"),
+    (lambda L: L.RandomFlip(seed=1), r"RandomFlip\(seed=1\): .*random layers take no seed"),
+    (lambda L: L.Normalization(axis=-1), r"Normalization\(axis=-1\): .*each channel"),
+    (lambda L: L.Rescaling(1 / 255, dtype="float16"), r"Rescaling\(dtype='float16'\)")])
+def test_keras_keywords_a_layer_does_not_take_get_a_clear_error(make, said):
+    """A Keras port's ``BatchNorm2D(epsilon=1e-3)``, ``Conv2D(data_format=...)``... was
+    Python's bare "unexpected keyword argument": now an InputError naming xpcnn's argument or
+    what to do instead (no alias taken)."""
+    from xpcnn import layers as L
+
+    with pytest.raises(InputError, match=said):
+        make(L)
+
+
+def test_a_keras_keyword_refusal_leaves_other_keywords_and_users_constructors_alone():
+    """An unknown keyword that is no Keras one is still Python's TypeError; a user's subclass
+    whose constructor takes a Keras name takes it, and one passing it on is refused by the
+    built-in constructor, under its own class name."""
+    from xpcnn import layers as L
+
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epsilonn'"):
+        L.BatchNorm2D(epsilonn=1e-3)
+
+    class KerasBN(L.BatchNorm2D):
+        def __init__(self, epsilon=1e-3, name=None):
+            super().__init__(0.01, eps=epsilon, name=name)
+
+    class PassesOn(L.BatchNorm2D):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+
+    assert KerasBN(epsilon=1e-2).eps == 1e-2
+    assert PassesOn(eps=1e-2, name="bn").eps == 1e-2
+    with pytest.raises(InputError, match=r"PassesOn\(epsilon=0.01\): .*BatchNorm2D\(eps=0.01\)"):
+        PassesOn(epsilon=1e-2)
+    assert L.BatchNorm2D(momentum=0.01, eps=1e-3, name="bn", trainable=False).eps == 1e-3

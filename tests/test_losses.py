@@ -473,6 +473,42 @@ def array_api_namespace(a):
     return array_api_compat.array_namespace(a)
 
 
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("bad", [None, "nan", "row"])
+def test_loss_object_checks_y_pred_where_it_is(monkeypatch, from_logits, bad):
+    """(was: y_pred, a GPU's array, copied whole to the host to be checked.) Its checks run
+    with its namespace on its device, only counts read back: no host copy of y_pred, nor of
+    anything of its size; the same errors."""
+    import xpcnn.losses as losses
+    xps = pytest.importorskip("array_api_strict")
+    rng = np.random.default_rng(1)
+    scores = rng.random((6, 3)) + 0.1
+    scores /= scores.sum(axis=1, keepdims=True)
+    if bad == "nan":
+        scores[4, 1] = np.nan
+    elif bad == "row":
+        scores[3] = [0.5, 0.7, -0.1]
+    y_pred = xps.asarray(scores)
+    read = []
+    to_host = losses.to_host
+    monkeypatch.setattr(losses, "to_host", lambda a: read.append(a) or to_host(a))
+    loss = SoftmaxCrossEntropy(from_logits=from_logits)
+    if bad == "nan":
+        with pytest.raises(InputError, match=r"^y_pred holds NaN or infinite values$"):
+            loss(Y[:6], y_pred, sample_weight=np.ones(6))
+    elif bad == "row" and not from_logits:
+        with pytest.raises(InputError, match=r"from_logits=False\) takes y_pred as "
+                           r"probabilities, each row >= 0 and summing to 1; row 3 sums to 1\.1 "
+                           r"with a least value of -0\.1 \(1 such rows\)"):
+            loss(Y[:6], y_pred, sample_weight=np.ones(6))
+    else:
+        got = loss(Y[:6], y_pred, sample_weight=np.ones(6))
+        assert float(got) == pytest.approx(
+            _torch_loss(scores if from_logits else np.log(scores), Y[:6]), rel=1e-12)
+    assert read and all(np.size(a) < scores.size for a in read if hasattr(a, "shape")), \
+        [getattr(a, "shape", a) for a in read]
+
+
 @pytest.mark.parametrize("last", ["logits", "layer"])
 def test_loss_object_called_matches_evaluate(last):
     model = net(last)

@@ -402,3 +402,28 @@ def test_a_top_k_metric_compiled_mid_epoch_counts_the_samples_since(before):
     assert history.history["top2"] == pytest.approx([in_top2[18:].mean()], rel=1e-12)
     assert after == pytest.approx([in_top2[18:24].mean()], rel=1e-12)
     assert history.history["acc"] == pytest.approx([reference_in_top_k(z, Y, 1).mean()])
+
+
+def test_keras_list_of_the_one_outputs_metrics_is_taken_and_a_dict_refused():
+    """Keras 3.15 takes ``metrics=[["accuracy"]]`` (each output's list) for a one-output model
+    as ``["accuracy"]`` (evaluate gave the same {'accuracy': 0.5, 'loss': 0.8872} both ways);
+    xpcnn too (was: "unknown metrics"). Several lists, and a dict keyed by output name (which
+    Keras takes, any key), are refused as the labels and weights so keyed are."""
+    plain = logits_model(["accuracy", "top_k_categorical_accuracy"])
+    nested = logits_model([["accuracy", "top_k_categorical_accuracy"]])
+    assert nested.metrics_names == plain.metrics_names == ("loss", "accuracy",
+                                                          "top_k_categorical_accuracy")
+    assert nested.evaluate(X, Y, return_dict=True) == plain.evaluate(X, Y, return_dict=True)
+    nested.compile(metrics=(("acc",),))
+    assert nested.metrics_names == ("loss", "acc")
+    with pytest.raises(InputError, match=r"metrics \[\['accuracy'\], \['accuracy'\]\] holds "
+                                         r"lists, Keras' form of a model with several outputs' "
+                                         r"metrics: an xpcnn model has one output, whose metrics "
+                                         r"are one list, metrics=\['accuracy'\]"):
+        nested.compile(metrics=[["accuracy"], ["accuracy"]])
+    with pytest.raises(InputError, match=r"metrics is a dict \(keys \['dense_1'\]\): an xpcnn "
+                                         r"model has one output, whose metrics are one list "
+                                         r"\(\['accuracy'\], say\), not keyed by output name; "
+                                         r"pass metrics\['dense_1'\] itself"):
+        nested.compile(metrics={"dense_1": ["accuracy"]})
+    assert nested.metrics_names == ("loss", "acc")  # (a refused compile changes nothing)

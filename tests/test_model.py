@@ -227,29 +227,31 @@ def test_flatten_uses_hwc_order(rng):
     w = rng.standard_normal((24, 3))
     model.set_weights([w, np.zeros(3)])
     x = rng.standard_normal((5, 2, 3, 4))
-    out = model.forward(x)[-1]
+    out = model.layer_outputs(x)[-1]
     np.testing.assert_allclose(out, x.reshape(5, -1) @ w)
     np.testing.assert_allclose(out[:, 0], np.einsum("nhwc,hwc->n", x, w[:, 0].reshape(2, 3, 4)))
 
 
-def test_forward_and_a_layer_on_its_own_show_each_layers_own_output(rng):
-    """Training and predict run a Conv2D and the ReLU() after it as one (the plan); forward()
-    still returns every layer's own output, the convolution's before its ReLU, and so does the
-    convolution called on its own."""
+def test_layer_outputs_and_a_layer_on_its_own_show_each_layers_own_output(rng):
+    """Training and predict run a Conv2D and the ReLU() after it as one (the plan);
+    layer_outputs() still returns every layer's own output, the convolution's before its ReLU,
+    and so does the convolution called on its own. The model has no forward(): PyTorch's
+    returns the output, not a list of every layer's (was: Model.forward, this list)."""
     model = xpcnn.Sequential(build_layers("notebook"), input_shape=(12, 12, 3), seed=0)
     rescale, conv, relu = model.layers[:3]
     ran, fused, _ = plan_of(model)
     assert fused[0] == conv.name and relu.name not in ran
     x = rng.integers(0, 256, (4, 12, 12, 3)).astype(np.uint8)
-    outs = [np.asarray(o) for o in model.forward(x)]
+    outs = [np.asarray(o) for o in model.layer_outputs(x)]
     assert float(outs[1].min()) < 0  # the convolution's output, before the ReLU
     np.testing.assert_array_equal(outs[2], np.maximum(outs[1], 0))
     np.testing.assert_allclose(model.predict(x), outs[-1], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(conv(outs[0]), outs[1])
     model.compile(optimizer="sgd")
     model.fit(x, np.arange(4) % 10, epochs=1, verbose=0)
-    np.testing.assert_array_equal(conv(outs[0]), np.asarray(model.forward(x)[1]))
+    np.testing.assert_array_equal(conv(outs[0]), np.asarray(model.layer_outputs(x)[1]))
     assert float(np.asarray(conv(outs[0])).min()) < 0
+    assert not hasattr(model, "forward")
 
 
 def test_the_logits_of_a_uint8_batch_are_those_of_the_batch_in_the_parameters_dtype(rng):
@@ -1278,7 +1280,7 @@ def test_only_a_layer_that_says_so_has_its_softmax_left_to_the_loss(data):
     model = xpcnn.Sequential([Flatten(), Scaled(5)], input_shape=(8, 8, 3), seed=0)
     assert not model._fused_softmax()
     out = model.predict(data[0][:3])
-    np.testing.assert_allclose(out, model.forward(data[0][:3])[-1], rtol=1e-6)  # (once)
+    np.testing.assert_allclose(out, model.layer_outputs(data[0][:3])[-1], rtol=1e-6)  # (once)
 
 
 def test_a_softmax_activation_belongs_at_the_end_and_only_on_dense(data):
@@ -1974,3 +1976,24 @@ def test_one_element_lists_of_images_and_sample_weights_fit_an_unbuilt_flatten_m
         np.testing.assert_array_equal(a, b)
     assert wrapped.evaluate([x], (y,), sample_weight=(w,), verbose=0) == \
         plain.evaluate(x, y, sample_weight=w, verbose=0)
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
+def test_layers_around_an_unbuilt_nested_base_are_built_once(precision):
+    """Sequential([pre, base, mid, base2, head]) of unbuilt bases: the layers before a base
+    are built for the shape that reaches it, then the whole chain, which finds them built (a
+    second build would draw their weights again)."""
+    built = []
+
+    class Counted(Conv2D):
+        def _build(self, input_shape, rng):
+            built.append(self.name)
+            return super()._build(input_shape, rng)
+
+    base = xpcnn.Sequential([Counted(2, 1, name="b1")])
+    base2 = xpcnn.Sequential([Counted(2, 1, name="c1")])
+    model = xpcnn.Sequential([Counted(2, 1, name="pre"), base, Counted(2, 1, name="mid"), base2,
+                              Flatten(), Dense(3)])
+    model.compile(loss="cross_entropy", optimizer="sgd", precision=precision)
+    model.build((4, 4, 1))
+    assert built == ["pre", "b1", "mid", "c1"], built

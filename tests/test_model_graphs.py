@@ -30,12 +30,12 @@ def test_a_base_nested_in_a_sequential_keeps_its_feature_extraction(images):
     conv = base.get_layer("conv2d")
     assert model.get_layer("conv2d") is conv and conv.output.node.inputs == (base.input,)
     np.testing.assert_array_equal(xpcnn.Model(base.input, conv.output).predict(images),
-                                  np.asarray(base.forward(images)[0]))
+                                  np.asarray(base.layer_outputs(images)[0]))
     # the outer model's own layers are in its graph; nested ones are reached through base
     dense = model.get_layer("dense")
     extractor = xpcnn.Model(model.input, dense.output)
     np.testing.assert_array_equal(extractor.predict(images),
-                                  np.asarray(model.forward(images)[3]))
+                                  np.asarray(model.layer_outputs(images)[3]))
     with pytest.raises(InputError, match=r"the input of model 'base', .* use "
                                          r"xpcnn.Model\(m.input, layer.output\), m that model"):
         xpcnn.Model(model.input, conv.output)
@@ -82,7 +82,7 @@ def test_rebuilding_an_extractor_leaves_its_source_models_graph(images):
     assert relu.output.shape == (None, 8, 8, 4) and relu.output.node.inputs[0].node.inputs == (
         m.input,)
     second = xpcnn.Model(m.input, relu.output)
-    np.testing.assert_array_equal(second.predict(images), np.asarray(m.forward(images)[1]))
+    np.testing.assert_array_equal(second.predict(images), np.asarray(m.layer_outputs(images)[1]))
     big = np.random.default_rng(1).standard_normal((2, 12, 12, 3)).astype(np.float32)
     assert ex.predict(big).shape == (2, 12, 12, 4)
 
@@ -184,3 +184,51 @@ def test_a_models_input_and_output_shapes_have_the_batch_axis_as_in_keras():
     with pytest.raises(InputError, match=r"input_shape must be positive sizes such as \(H, W, "
                                          r"C\), got \(None, 8, 8, 3\)"):
         xpcnn.Sequential([Dense(2)], input_shape=(None, 8, 8, 3))  # (per sample, as Keras')
+
+
+def test_a_fitted_model_dropped_frees_its_layers_in_one_collection():
+    """``del model; gc.collect()`` frees a fitted model's layers (and so their arrays, GPU
+    memory on CuPy) in that one collection. Its recorded calls' finalizer held them strongly,
+    so they outlived the collection that freed the model (fit puts the model in a cycle, its
+    history's), until the next one."""
+    import gc
+    import weakref
+
+    from xpcnn.layers import Conv2D, Dense, Flatten
+
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 8, 8, 3), dtype=np.float32)
+    y = rng.integers(0, 4, 16)
+    model = xpcnn.Sequential([Conv2D(4, 3, activation="relu"), Flatten(), Dense(4)],
+                             device="cpu", seed=0)
+    model.compile(loss="cross_entropy", optimizer="adam")
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    refs = [weakref.ref(model), *(weakref.ref(la) for la in model.layers)]
+    was = gc.isenabled()
+    gc.disable()  # (no collection of its own in between)
+    try:
+        del model
+        gc.collect()
+        assert [r() is None for r in refs] == [True] * len(refs)
+    finally:
+        if was:
+            gc.enable()
+
+
+def test_a_layer_shared_with_a_dropped_model_forgets_its_calls():
+    """A layer that outlives a model holding it no longer lists that model's call among its
+    inbound nodes (the model's weakly held record of its calls still reaches a live layer's)."""
+    import gc
+
+    from xpcnn.layers import Dense, Flatten
+
+    shared = Dense(3)
+    keep = xpcnn.Sequential([Flatten(), shared], device="cpu", seed=0)
+    keep.build((None, 2, 2, 1))
+    held = len(shared.inbound_nodes)
+    other = xpcnn.Sequential([Flatten(), shared], device="cpu", seed=0)
+    other.build((None, 2, 2, 1))
+    assert len(shared.inbound_nodes) == held + 1
+    del other
+    gc.collect()
+    assert len(shared.inbound_nodes) == held

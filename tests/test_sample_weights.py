@@ -437,3 +437,24 @@ def test_class_weights_and_their_products_with_sample_weights_fit_the_models_dty
     model.fit(x, y, epochs=1, verbose=0, sample_weight=np.where(y == 0, 1e20, 1.0),
               class_weight={1: 1e20}, validation_data=(x[:8], y[:8], heavy[:8]))
     assert model.optimizer.iterations == 2
+
+
+@pytest.mark.parametrize("weight", [2.0, np.array(2.0), np.float32(2.0)])
+def test_one_number_as_sample_weight_is_refused_saying_what_to_pass(data, weight):
+    """Keras 3 refuses ``sample_weight=2.0`` (a ValueError "Unrecognized data type") and a 0-d
+    array (an IndexError); so does xpcnn, with what to pass instead (was: "got shape ()"), and
+    that array weighs the loss as Keras' does: twice the unweighted loss (Keras 3.15's
+    evaluate of a small Dense model: 0.8872 unweighted, 1.7745 with np.full(8, 2.0), the
+    weighted losses summed over N, not over the weights' sum)."""
+    x, y, _ = data
+    model = _model()
+    for call in (model.fit, model.evaluate):
+        with pytest.raises(InputError, match=r"sample_weight is one number, 2\.0, where it takes "
+                                             r"one weight for each of the 40 samples, shape "
+                                             r"\(40,\): to weigh every sample 2\.0, pass "
+                                             r"np\.full\(40, 2\.0\)"):
+            call(x, y, sample_weight=weight, verbose=0)
+    assert not model.built and model.optimizer.iterations == 0
+    plain = model.evaluate(x, y, verbose=0)[0]
+    np.testing.assert_allclose(model.evaluate(x, y, sample_weight=np.full(40, 2.0), verbose=0)[0],
+                               2 * plain, rtol=1e-12)

@@ -632,3 +632,49 @@ def test_the_kernel_traffic_table_dry_runs():
     untraced = sum(int(part.split()[-1]) for part in others.split(", "))
     assert int(total[1]) + untraced == PINNED["mnist-bn", "float32"]
     assert all(float(r[-1]) >= 1.0 for r in rows.values())  # (x min: never below the minimum)
+
+
+def test_gpu_check_runs_every_stage_targets_first_into_files_the_device_tool_returns(tmp_path):
+    """scripts/gpu_check.sh, with stand-ins for python3 and nvidia-smi (each stage "runs" at
+    once and writes what it is asked to): every stage runs, the benchmark's grid (issue 18's
+    speed and memory targets) and the MNIST recipe (its accuracy target) before the rest of the
+    tests, and OUTDIR holds at most the 8 files the device tool brings back (it held 9, and one
+    would have been lost)."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    calls = tmp_path / "calls.txt"
+    fake = bin_ / "python3"
+    fake.write_text(f"""#!{sys.executable}
+import sys
+args = sys.argv[1:]
+with open({str(calls)!r}, "a") as f:
+    f.write(" ".join(args) + "\\n")
+if "--json" in args:
+    open(args[args.index("--json") + 1], "w").write("{{}}")
+""")
+    (bin_ / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H200, 580.159.03, 143771 MiB'\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    repo = tmp_path / "repo"
+    (repo / ".gpudata").mkdir(parents=True)  # (MNIST staged: the recipe's stage runs)
+    (repo / "scripts").symlink_to(ROOT / "scripts")
+    out = tmp_path / "OUT"
+    run = subprocess.run(["bash", "scripts/gpu_check.sh", str(out)], cwd=repo, timeout=120,
+                         capture_output=True, text=True,
+                         env={**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}",
+                              "PYTHON": str(fake)})
+    assert run.returncode == 0, run.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files
+    assert {"gpu.json", "gpu_extra.json", "mnist.json"} <= set(files)
+    stages = calls.read_text().splitlines()
+
+    def at(text: str) -> int:
+        return next(k for k, line in enumerate(stages) if text in line)
+
+    grid = at("bench_gpu.py --json")
+    assert at("gpu_probes.py") < at("cudnn or captured") < grid < at("mnist_recipe.py") \
+        < at("not (cudnn or captured") < at("'train'") < at("gpu_extra.json")
+    extras = stages[at("gpu_extra.json")]
+    assert "--models" in extras and "--conv-layers" in extras and "--conv-layers" not in \
+        stages[grid]

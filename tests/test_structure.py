@@ -63,7 +63,7 @@ def test_a_model_ending_in_conv2d(use, rng):
     # Keras (a feature extractor).
     features = model.predict(x)
     assert features.shape == (4, 3, 3, 4)
-    np.testing.assert_array_equal(features, np.asarray(model.forward(x)[-1]))
+    np.testing.assert_array_equal(features, np.asarray(model.layer_outputs(x)[-1]))
 
 
 def test_a_single_class_output(rng):

@@ -236,7 +236,7 @@ def test_a_layer_subclass_overriding_its_passes_is_not_fused(case, device):
         m.compile(optimizer=optim.SGD(0.1, momentum=0.9))
         models.append(m)
     ours, want = models
-    outs = ours.forward(x)  # (every layer by itself: the user's layers as written)
+    outs = ours.layer_outputs(x)  # (every layer by itself: the user's layers as written)
     np.testing.assert_allclose(ours.predict(x), np.asarray(outs[-1]), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(ours.predict(x), want.predict(x), rtol=1e-12, atol=1e-14)
     for step in range(3):
@@ -272,3 +272,30 @@ def test_plain_layers_and_subclasses_keeping_the_passes_still_fuse():
                            input_shape=(6, 6, 2), seed=0)
     assert not any(s.options != type(s.options)(need_input_grad=s.options.need_input_grad)
                    for s in sub._plan().steps)
+
+
+def test_defining_class_names_the_class_whose_attribute_a_class_uses():
+    """One helper answers "which class of the MRO defines this" (was: the loop written out in
+    six modules): the nearest definer, a mixin's included, None where none does; and
+    ``defined_by`` asks it of an instance's class unless the instance itself sets it."""
+    from xpcnn.checks import defined_by, defining_class
+
+    class Mixin:
+        def get_config(self):
+            return {}
+
+    class Mine(Mixin, L.ReLU):
+        pass
+
+    class Leaky(L.ReLU):
+        def forward(self, x, training=False, options=None):
+            return super().forward(x, training)
+
+    assert defining_class(Mine, "get_config") is Mixin
+    assert defining_class(Mine, "forward") is L.ReLU
+    assert defining_class(Leaky, "forward") is Leaky and defining_class(Leaky, "call") is None
+    assert defining_class(optim.SGD, "_update") is optim.SGD
+    relu = Leaky()
+    assert defined_by(relu, "forward") is Leaky and defined_by(relu, "backward") is L.ReLU
+    relu.backward = lambda dy, options=None: dy  # (set on the instance: the instance)
+    assert defined_by(relu, "backward") is relu

@@ -372,3 +372,19 @@ def test_fits_callbacks_run_in_keras_order_with_its_own_history_bar_and_backup(t
     with pytest.raises(InputError, match="fit takes one BackupAndRestore"):
         xpcnn.Sequential._fit_callbacks([BackupAndRestore(tmp_path / "b.npz")],
                                         tmp_path / "c.npz", "epoch", False, 0)
+
+
+def test_models_supply_every_hook_that_training_needs(data):
+    """NetworkHooks, the one list of what the trainer and its step need from the network:
+    a Sequential and a functional Model define each (the trainer alone does not)."""
+    from nets import add_relu_net
+
+    from xpcnn.training.step import NetworkHooks, TrainingStep
+
+    hooks = {*vars(NetworkHooks), *NetworkHooks.__annotations__}
+    assert {"backend", "layers", "_logits", "_backward", "_plan", "_builds"} <= hooks
+    chain, graph = compiled(), xpcnn.Model(*add_relu_net(), seed=0)
+    for model in (chain, graph):
+        model.build((None, 8, 8, 3))
+        assert isinstance(model, NetworkHooks)  # (a runtime protocol: it has every member)
+    assert not isinstance(TrainingStep(), NetworkHooks)

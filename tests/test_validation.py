@@ -121,7 +121,8 @@ DATA_CASES = {
     "predict empty": (lambda m: m.predict(X[:0]), InputError, "x is empty"),
     "predict batch size": (lambda m: m.predict(X, batch_size=0),
                            InputError, "batch_size must be a positive integer, got 0"),
-    "forward shape": (lambda m: m.forward(X[:, :3]), InputError, r"per-sample shape \(3, 6, 3\)"),
+    "layer_outputs shape": (lambda m: m.layer_outputs(X[:, :3]), InputError,
+                            r"per-sample shape \(3, 6, 3\)"),
 }
 
 

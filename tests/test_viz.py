@@ -165,7 +165,7 @@ def test_edge_filters_are_the_named_constants_on_every_channel():
 def test_edge_filters_respond_to_their_edge_and_the_ceiling_caps_them():
     x = np.zeros((1, 8, 8, 3), np.float32)
     x[:, :, :4, :] = 1.0  # bright left half: a vertical edge
-    conv, relu, pool, norm = viz.notebook_demo_model((8, 8, 3), ceiling=0.5).forward(x)
+    conv, relu, pool, norm = viz.notebook_demo_model((8, 8, 3), ceiling=0.5).layer_outputs(x)
     conv, relu = np.asarray(conv)[0], np.asarray(relu)[0]
     assert conv[:, :, 0].max() == pytest.approx(3.0)  # 3 rows of +1 across the edge
     np.testing.assert_allclose(conv[:, :, 1], 0.0, atol=1e-6)  # no horizontal edge
@@ -369,7 +369,7 @@ def test_a_figure_path_of_another_format_is_refused_before_any_work(tmp_path, im
     model = tiny_model()
     calls = []
     monkeypatch.setattr(model, "predict", lambda *a, **kw: calls.append(a) or 1 / 0)
-    monkeypatch.setattr(model, "forward", lambda *a, **kw: calls.append(a) or 1 / 0)
+    monkeypatch.setattr(model, "layer_outputs", lambda *a, **kw: calls.append(a) or 1 / 0)
     x, y = np.zeros((4, 12, 12, 3), np.float32), np.zeros(4, np.int64)
     pdf = str(tmp_path / "fig.pdf")
     refused = r"^the figures are PNG files: give a path ending in \.png, got '.*fig\.pdf'$"

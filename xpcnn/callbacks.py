@@ -16,7 +16,8 @@ ranks each rank stops where its own callbacks set the flag (evaluation has no ex
 ranks per batch, and its batch logs are each rank's own): set it alike on every rank (from the batch
 index, say). A :class:`History` or :class:`ProgbarLogger` in ``callbacks`` is fit's own (it
 adds none, runs it where it runs its own, after the others, and the bar takes fit's
-``verbose``), as in Keras 3; two of one are refused.
+``verbose``), as in Keras 3; two of one are refused. A :class:`ProgbarLogger` in
+evaluate's or predict's ``callbacks`` is likewise their progress bar, at their ``verbose``.
 
 The ``logs`` of each hook, as in Keras: empty for the ``*_begin`` hooks; the epoch's running
 ``loss`` and ``accuracy`` for ``on_train_batch_end`` (of the evaluation for
@@ -60,6 +61,7 @@ import re
 import string
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -296,7 +298,15 @@ class CallbackList:
         for cb in self.callbacks:
             if isinstance(cb, BackupAndRestore):
                 scope.enter_context(cb.saver.interruptible())
-        for cb in self.callbacks:  # (closed first, before a checkpoint's line is printed)
+        # (the bars closed first, before a checkpoint's line is printed)
+        scope.enter_context(self.closing_bars())
+        return scope
+
+    def closing_bars(self) -> contextlib.ExitStack:
+        """A context that closes each :class:`ProgbarLogger`'s open bar however it ends (an
+        error, a Ctrl-C: left open, a bar would push every later one a line down)."""
+        scope = contextlib.ExitStack()
+        for cb in self.callbacks:
             if isinstance(cb, ProgbarLogger):
                 scope.callback(cb.close)
         return scope
@@ -450,12 +460,15 @@ def bar_postfix(logs: Mapping[str, Any]) -> dict[str, str]:
 
 
 class ProgbarLogger(Callback):
-    """``verbose=1``: a tqdm progress bar per epoch; the running loss and accuracy shown are
-    read from the device at most every ``refresh`` seconds (each read waits for the device).
-    ``verbose=2`` (for log files, as in Keras 3): ``Epoch k/N`` as an epoch begins (where there
-    are several) and :func:`summary_line` as it ends, nothing in between. ``verbose=0``:
-    nothing. One passed in fit's ``callbacks`` is fit's progress bar (fit adds none of its own)
-    and takes fit's ``verbose``, as in Keras 3."""
+    """``verbose=1``: a tqdm progress bar per epoch of fit, and one for each evaluate and
+    predict (shown through the ``on_test_*`` and ``on_predict_*`` hooks, as in Keras 3; fit's
+    validation shows none); the running loss and metrics shown are read from the device at most
+    every ``refresh`` seconds (each read waits for the device). ``verbose=2`` (for log files,
+    as in Keras 3): ``Epoch k/N`` as an epoch begins (where there are several) and
+    :func:`summary_line` as it ends, nothing in between (evaluate and predict: that line alone,
+    as they end). ``verbose=0``: nothing. One passed in the ``callbacks`` of fit, evaluate or
+    predict is that call's progress bar (it adds none of its own) and takes the call's
+    ``verbose``, as in Keras 3."""
 
     async_safe = True
 
@@ -465,6 +478,15 @@ class ProgbarLogger(Callback):
         self.bar: Any = None
         self.last = 0.0
         self.steps = 0
+        self.t0 = 0.0  # (when evaluate or predict began: its verbose=2 line's time)
+        self._in_fit = False
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        super().set_params(params)
+        self._in_fit = False  # (each call sets its params: fit's on_train_begin says it is fit)
+
+    def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        self._in_fit = True  # (fit's validation runs the on_test_* hooks: no bar, as in Keras 3)
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         steps, start = self.params.get("steps"), self.model._position[1]  # (resumed inside)
@@ -480,14 +502,7 @@ class ProgbarLogger(Callback):
         self.last = time.monotonic()
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
-        self.steps += 1
-        if self.bar is None:
-            return
-        self.bar.update(1)
-        now = time.monotonic()
-        if logs is not None and now - self.last >= self.refresh:
-            self.last = now
-            self.bar.set_postfix(bar_postfix(logs))
+        self._advance(logs)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         logs = logs or {}
@@ -499,9 +514,62 @@ class ProgbarLogger(Callback):
         self.bar.set_postfix(bar_postfix(logs))
         self.close()
 
+    def on_test_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        if not self._in_fit:
+            self._begin_pass("evaluate")
+
+    def on_test_batch_end(self, batch: int, logs: Mapping[str, float] | None = None) -> None:
+        if not self._in_fit:
+            self._advance(logs)
+
+    def on_test_end(self, logs: Mapping[str, float] | None = None) -> None:
+        if not self._in_fit:
+            self._end_pass(logs)
+
+    def on_predict_begin(self, logs: Mapping[str, float] | None = None) -> None:
+        self._begin_pass("predict")
+
+    def on_predict_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self._advance(None)  # (its logs are the batch's outputs: not shown)
+
+    def on_predict_end(self, logs: Mapping[str, float] | None = None) -> None:
+        self._end_pass(None)
+
+    def _begin_pass(self, desc: str) -> None:
+        """evaluate's or predict's bar (``desc``), on rank 0 only."""
+        self.steps, self.bar, self.t0 = 0, None, time.perf_counter()
+        if self.verbose == 1 and distributed.is_root():
+            # (disable=False given, as these bars always had it: TQDM_DISABLE does not hide
+            # them, unlike fit's)
+            self.bar = tqdm(total=self.params.get("steps"), desc=desc, unit="batch",
+                            disable=False)
+            self.last = time.monotonic()
+
+    def _advance(self, logs: Mapping[str, float] | None) -> None:
+        """One batch more on the bar; its running ``logs`` shown at most every ``refresh``
+        seconds (read from the device only then)."""
+        self.steps += 1
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        now = time.monotonic()
+        if logs is not None and now - self.last >= self.refresh:
+            self.last = now
+            self.bar.set_postfix(bar_postfix(logs))
+
+    def _end_pass(self, logs: Mapping[str, float] | None) -> None:
+        """evaluate's or predict's end: its bar closed, showing the result ``logs``; at
+        ``verbose=2``, its one line."""
+        if self.bar is not None:
+            if logs:
+                self.bar.set_postfix(bar_postfix(logs))
+            self.close()
+        elif self.verbose == 2:
+            say_on_root(summary_line(self.steps, time.perf_counter() - self.t0, logs))
+
     def close(self) -> None:
-        """Close the epoch's bar, if one is open (fit's training loop does, however it ends:
-        :meth:`CallbackList.interruptible`)."""
+        """Close the open bar, if any (fit's training loop and evaluate and predict do, however
+        they end: :meth:`CallbackList.closing_bars`)."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -1076,7 +1144,8 @@ class BackupAndRestore(Callback):
         # (run last, after the other callbacks' on_train_begin: their states go on from the file)
         self.saver = FitCheckpoints(self.model, self.path, self.save_freq, self.resume,
                                     run_description(self.params), self.params["steps"],
-                                    self.params["verbose"], self.params["stateful"])
+                                    self.params["verbose"], self.params["stateful"],
+                                    self.params.get("csv_loggers", []))
         history, start = self.saver.start()
         if start is not None:
             record = self.model.history
@@ -1214,12 +1283,16 @@ class CSVLogger(Callback):
     validation data gets none (Keras adds a ``val_`` column, all ``NA``, for every log). A new
     file (``append=False``) of a run resumed from a checkpoint starts with the epochs its
     History got back, so that it holds what an uninterrupted run's file holds. A resumed run
-    appending adds its rows after the file's: where the run that stopped had written rows of
-    the epochs it goes on from (after its last backup), those epochs have two rows, with a
-    warning (the file cannot tell the stopped run's rows from an earlier run's). Such a file's
-    first write (its header, those epochs, the first row) replaces the old file atomically: a
-    write that fails (a full disk) names the file and leaves the old one as it was; later rows
-    are appended."""
+    appending goes on from the file as it was at the checkpoint, which records its size and
+    CRC-32 (:meth:`backup_record`): the rows that the run that stopped wrote after its last
+    backup (those of the epochs the resumed run goes on from, one each, in order) are dropped,
+    the earlier ones (an earlier run's too) kept. Where the file does not begin with what was
+    recorded (edited, replaced) or what follows is not those rows (another run's), and for a
+    checkpoint without the record (an earlier version's, ModelCheckpoint's), it appends: those
+    epochs may have two rows, with a warning. Such a file's first write (its header, those
+    epochs, the first row; or what is kept of it and the first row) replaces the old file
+    atomically: a write that fails (a full disk) names the file and leaves the old one as it
+    was; later rows are appended."""
 
     def __init__(self, filename: str | os.PathLike[str], separator: str = ",",
                  append: bool = False) -> None:
@@ -1237,6 +1310,7 @@ class CSVLogger(Callback):
         # a checkpoint that does not match, leaves the file as it was; a fit that failed, its
         # file ended: this one's starts afresh)
         self.mode = None
+        self.backup: dict[str, Any] | None = None  # the file at the checkpoint resumed from
         self.writing = distributed.is_root()  # one writer on several ranks (same logs on all)
         if not self.writing:
             return
@@ -1266,11 +1340,18 @@ class CSVLogger(Callback):
         if not self.writing:
             return
         rows = []
+        kept = None  # (the file's bytes that this write keeps, where it drops what follows)
         if self.mode is None:
             os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)
             self.mode = "a" if self.append else "w"
             if self.keys is not None and getattr(self.model, "_resume_at", None) is not None:
-                self._warn_of_repeats(epoch)
+                kept = self._kept_at_backup(epoch)
+                if kept is None:
+                    self._warn_of_repeats(epoch)
+                elif len(kept) == os.path.getsize(self.filename):
+                    kept = None  # (nothing written after the backup: appended to)
+                elif not kept:  # (its header too was written after the backup)
+                    self.keys = None
         logs = dict(logs or {})
         if self.keys is None:
             self.keys = sorted({*logs, *self._validation_columns()})
@@ -1282,13 +1363,14 @@ class CSVLogger(Callback):
                  "which are not written: its columns are its header's (the first epoch's logs, "
                  "or those of the file appended to)")
         rows.append([epoch] + [logs.get(k, "NA") for k in self.keys])
-        if self.mode == "w" and replaceable(self.filename):
-            # (a file written anew, a resumed run's too: the old one is kept until the header,
-            # the restored rows and the first row are all written, and a failed write names it)
+        if (self.mode == "w" or kept is not None) and replaceable(self.filename):
+            # (a file written anew, a resumed run's too, or cut back to its checkpoint's: the
+            # old one is kept until the header, the restored rows and the first row are all
+            # written, and a failed write names it)
             with atomic_file(self.filename) as f:
                 text = io.StringIO(newline="")
                 csv.writer(text, delimiter=self.separator).writerows(rows)
-                f.write(text.getvalue().encode(locale.getpreferredencoding(False)))
+                f.write((kept or b"") + text.getvalue().encode(locale.getpreferredencoding(False)))
         else:
             # (opened for each epoch's row and closed after it: a fit that raises, whose
             # on_train_end is not called, as in Keras, holds no handle on the file)
@@ -1301,6 +1383,58 @@ class CSVLogger(Callback):
                     raise
                 raise named from e
         self.mode = "a"
+
+    def backup_record(self) -> dict[str, Any] | None:
+        """What a checkpoint written now keeps of the file this logger appends to: its path,
+        size and CRC-32 (an absent file's: 0 and 0), so that a run resumed from it drops the
+        rows written after it (:meth:`_kept_at_backup`). None where there is nothing to keep:
+        a new file (``append=False``: a resumed run writes it afresh), another rank's logger,
+        one outside a fit, a file that is no regular file or cannot be read."""
+        if not (self.append and self.writing):
+            return None
+        if self.mode is None and getattr(self.model, "_resume_at", None) is not None:
+            # (a resumed run before its first row: the rows to drop are still there, so the
+            # record goes on as the checkpoint resumed from had it, None where it had none)
+            return self.backup
+        data = b""
+        if os.path.exists(self.filename):
+            if not os.path.isfile(self.filename):  # (a pipe: nothing to read back, or cut)
+                return None
+            try:
+                with open(self.filename, "rb") as f:
+                    data = f.read()
+            except OSError:
+                return None
+        return {"path": os.path.abspath(self.filename), "size": len(data),
+                "crc32": zlib.crc32(data)}
+
+    def _kept_at_backup(self, epoch: int) -> bytes | None:
+        """The file's first bytes, as the checkpoint resumed from recorded them (:attr:`backup`,
+        set by :class:`BackupAndRestore`), where what follows them is rows that the run that
+        stopped wrote after that backup: those of the epochs from ``epoch``, where this run
+        goes on, one each in order (after its header where the file was empty then), of the
+        file's columns. None where the file does not begin with what was recorded (edited,
+        replaced), what follows is other rows (another run's), or there is no record (then the
+        file is appended to, as it is)."""
+        record = self.backup
+        if record is None or not os.path.isfile(self.filename):
+            return None
+        try:
+            with open(self.filename, "rb") as f:
+                data = f.read()
+            kept, after = data[:record["size"]], data[record["size"]:]
+            if len(kept) != record["size"] or zlib.crc32(kept) != record["crc32"]:
+                return None
+            text = after.decode(locale.getpreferredencoding(False))
+            rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=self.separator))
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return None
+        if not kept and rows[:1] and rows[0][:1] == ["epoch"]:
+            rows.pop(0)  # (the header, which the stopped run wrote after its backup)
+        if [row[:1] for row in rows] != [[str(epoch + k)] for k in range(len(rows))] or any(
+                len(row) != 1 + len(self.keys or ()) for row in rows):
+            return None
+        return kept
 
     def _warn_of_repeats(self, epoch: int) -> None:
         """Warn where the appended file's last row is of ``epoch`` or later: a resumed run's

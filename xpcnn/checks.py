@@ -167,6 +167,11 @@ def as_sample_weights(w: Any, n: int, what: str = "sample_weight", dtype: Any = 
                          f"{arr.dtype}")
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
+    if arr.ndim == 0:  # (refused, as Keras 3 refuses it: one way to weigh, an array)
+        raise InputError(f"{what} is one number, {arr.item()!r}, where it takes one weight for "
+                         f"each of the {n} samples, shape ({n},): to weigh every sample "
+                         f"{arr.item()!r}, pass np.full({n}, {arr.item()!r}) (which multiplies "
+                         "the loss by it)")
     if arr.shape != (n,):
         raise InputError(f"{what} must have one weight for each of the {n} samples, shape "
                          f"({n},); got shape {arr.shape}")
@@ -462,12 +467,18 @@ def takes_keywords(init: Callable[..., Any]) -> bool:
     return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(init).parameters.values())
 
 
+def defining_class(cls: type, name: str) -> type | None:
+    """The first class of ``cls``'s MRO with ``name`` in its own namespace (the class whose
+    method or attribute ``cls`` uses), None where none has it."""
+    return next((c for c in cls.__mro__ if name in vars(c)), None)
+
+
 def defined_by(obj: Any, name: str) -> Any:
     """What defines ``obj``'s attribute ``name``: ``obj`` itself where it is set on the
-    instance, else the first class of its type's MRO with it in its own namespace."""
+    instance, else :func:`defining_class` of its type."""
     if name in getattr(obj, "__dict__", {}):
         return obj
-    return next(c for c in type(obj).__mro__ if name in vars(c))
+    return defining_class(type(obj), name)
 
 
 def same_author(obj: Any, name: str, *others: str) -> bool:

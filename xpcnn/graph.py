@@ -55,7 +55,8 @@ def _one(t: Any, what: str) -> SymbolicTensor:
     if isinstance(t, list | tuple) and len(t) == 1:
         t = t[0]
     if isinstance(t, list | tuple | dict) and len(t) > 1:
-        every = " (model.forward(x) returns every layer's output)" if what == "outputs" else ""
+        every = " (model.layer_outputs(x) returns every layer's output)" if what == "outputs" \
+            else ""
         raise InputError(f"Model {what} must be one symbolic tensor, got {len(t)}: an xpcnn "
                          f"model has one input and one output{every}")
     if not isinstance(t, SymbolicTensor):

@@ -155,19 +155,22 @@ class SoftmaxCrossEntropy:
         dtype = xp.float64 if y_pred.dtype == xp.float64 else xp.float32
         z = xp.astype(y_pred, dtype, copy=False)
         device = array_api_compat.device(z)
-        host = to_host(z)
-        if not np.all(np.isfinite(host)):
-            raise InputError("y_pred holds NaN or infinite values")
+        # (checked where it is, a device array on its device: one read of two counts, no copy)
+        flags = [xp.logical_not(xp.all(xp.isfinite(z)))]
         if self.from_logits is False:  # (a log of logits would be a wrong, finite loss)
-            sums = host.sum(axis=1, dtype=np.float64)
-            bad = np.flatnonzero((host.min(axis=1) < 0) | (np.abs(sums - 1) > 1e-3))
-            if bad.size:
-                i = int(bad[0])
-                raise InputError(
-                    f"{type(self).__name__}(from_logits=False) takes y_pred as probabilities, "
-                    f"each row >= 0 and summing to 1; row {i} sums to {sums[i]:.6g} with a least "
-                    f"value of {host[i].min():.6g} ({bad.size} such rows): pass logits to a "
-                    "loss with from_logits=True")
+            sums = xp.sum(z, axis=1, dtype=xp.float64)
+            bad = (xp.min(z, axis=1) < 0) | (xp.abs(sums - 1) > 1e-3)
+            flags.append(bad)
+        counts = to_host(xp.stack([xp.sum(xp.astype(f, xp.int64)) for f in flags]))
+        if counts[0]:
+            raise InputError("y_pred holds NaN or infinite values")
+        if len(counts) > 1 and counts[1]:
+            i = int(xp.argmax(xp.astype(bad, xp.int8)))  # (the first such row)
+            raise InputError(
+                f"{type(self).__name__}(from_logits=False) takes y_pred as probabilities, "
+                f"each row >= 0 and summing to 1; row {i} sums to {float(sums[i]):.6g} with a "
+                f"least value of {float(xp.min(z[i, :])):.6g} ({int(counts[1])} such rows): "
+                "pass logits to a loss with from_logits=True")
         y_true = to_host(y_true)
         try:
             length = np.shape(y_true)[:1]
@@ -182,8 +185,8 @@ class SoftmaxCrossEntropy:
             t = xp.astype(t, dtype)
         w = None
         if sample_weight is not None:
-            w = xp.asarray(as_sample_weights(to_host(sample_weight), n,
-                                             dtype=np.dtype(str(host.dtype))), device=device)
+            w = xp.asarray(as_sample_weights(to_host(sample_weight), n, dtype=np.dtype(
+                np.float64 if dtype == xp.float64 else np.float32)), device=device)
         if self.from_logits:  # (asarray: NumPy's sums are scalars, not 0-d arrays)
             return xp.asarray(self.forward(xp, z, t, dtype, w)[0])
         # (probabilities: the cross-entropy of log(p), no softmax; no gradient wanted here)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+from .checks import refuse_keyed
 from .errors import InputError
 
 #: The names compile takes for the accuracy (argmax at the target's class): Keras' too, whose
@@ -159,6 +160,16 @@ def get_metrics(metrics: Any) -> tuple[Metric, ...]:
     (a top-k one with another ``k``, say) are refused, as are the loss's names."""
     if isinstance(metrics, str | Metric):
         metrics = [metrics]
+    # (Keras' metrics keyed by output name: refused as the labels and weights so keyed are)
+    refuse_keyed(metrics, "metrics", "metrics are one list (['accuracy'], say)")
+    given = metrics
+    if isinstance(metrics, list | tuple) and len(metrics) == 1 and \
+            isinstance(metrics[0], list | tuple):
+        metrics = metrics[0]  # (Keras' list of each output's metrics, [['accuracy']]: the one)
+    if isinstance(metrics, list | tuple) and any(isinstance(m, list | tuple) for m in metrics):
+        raise InputError(f"metrics {given!r} holds lists, Keras' form of a model with several "
+                         "outputs' metrics: an xpcnn model has one output, whose metrics are "
+                         "one list, metrics=['accuracy'] (or [['accuracy']], as Keras takes)")
     if not isinstance(metrics, list | tuple | None):
         raise InputError(f"metrics must be a list of names such as ['accuracy'], got "
                          f"{metrics!r}: a list or tuple of names and xpcnn.metrics objects "

@@ -27,7 +27,7 @@ from .layers.base import Layer, held_by, holders_of
 from .layers.symbolic import SymbolicTensor, refuse_training_in_graph
 from .layers.weight import Weight
 from .ops.kernels import kernels_for
-from .passes import PASSES
+from .passes import PASSES, exclusive_if
 from .saving import load_weights, register_model, save_model
 from .saving.model_file import FORMAT, VERSION, layers_from_config
 from .structure import check_structure, final_softmax
@@ -39,7 +39,7 @@ def _refuse_call(cls: type) -> None:
     pass in ``call()``): an xpcnn model is a graph of layers, which never runs it. So are
     Keras' ``test_step``, ``predict_step`` and ``compute_loss``: only ``train_step`` is run."""
     for hook in ("call", "test_step", "predict_step", "compute_loss"):
-        owner = next((c for c in cls.__mro__ if hook in vars(c)), None)
+        owner = checks.defining_class(cls, hook)
         if owner is None or not issubclass(owner, Model):
             continue
         if hook == "call":
@@ -69,7 +69,8 @@ class Model(Trainer):
 
     It owns the graph, building, weights, save/load_weights, to(device) and summary; compile,
     fit, evaluate, predict and train_step come from :class:`~xpcnn.training.Trainer`, through
-    the hooks it names. :class:`Sequential` is the chain of layers.
+    the hooks of :class:`~xpcnn.training.step.NetworkHooks`. :class:`Sequential` is the chain
+    of layers.
 
     ``device`` picks the array library and device (see :func:`xpcnn.backend.get_backend`),
     ``seed`` the initial weights (the same on every device), ``dtype`` the parameters' dtype;
@@ -139,14 +140,17 @@ class Model(Trainer):
         self._trained_at: int | None = None
         self._builds = 0  # (how many times its layers were built: a captured step is redone)
         # (what each layer is built as for this model, and whether another model holding one
-        # of them built it otherwise, at the count of builds _BUILDS[0]: see _pass_rebuilds)
+        # of them built it otherwise, at the count _MODEL_BUILDS[0]: see _pass_rebuilds)
         self._built_like: dict[int, tuple[Any, ...]] = {}
         self._shared_at: tuple[int, bool] = (-1, False)
         self._symbolic: graph.Symbolic | None = None
         # (the calls of its graph this model put in its layers' inbound nodes, and only those:
         # it takes back no others' (a traced extractor's graph is its source model's), and they
         # vanish with it, as Keras' weak references: see _use_symbolic)
-        self._recorded: list[graph.Node] = []
+        # (held weakly: a live layer's inbound nodes keep its own alive, and the finalizer
+        # holding them strongly kept a dropped model's layers past the collection that freed
+        # it)
+        self._recorded: weakref.WeakSet[graph.Node] = weakref.WeakSet()
         _forget_when_gone(self, self._recorded)
         # (a traced model's graph is the user's calls, recorded as they were made: one built
         # again for another input keeps its new graph to itself)
@@ -336,7 +340,7 @@ class Model(Trainer):
             graph.build(self.layers, self._inbound(), self._input_shape, self.backend,
                         self.dtype_name, self._compute_dtype_name, self.seed)
             self._built_like = {id(la): _built_like(la) for la in self.layers}
-            _BUILDS[0] += 1
+            _MODEL_BUILDS[0] += 1
             self._plan_cache, self._trained_at = None, None
             self._builds += 1
             # (its own, whatever a layer it shares with another model is built for since)
@@ -370,7 +374,7 @@ class Model(Trainer):
             for node in new.nodes if new is not None else ():
                 if id(node.layer) not in nested and node not in node.layer.inbound_nodes:
                     node.layer.inbound_nodes.append(node)
-                    self._recorded.append(node)
+                    self._recorded.add(node)
         self._symbolic = new
 
     def _rebuild_if_shared(self) -> None:
@@ -405,8 +409,8 @@ class Model(Trainer):
         another precision, or another model holding one of its layers built it otherwise
         (other inputs, precision: each of their passes rebuilds them). Such a pass holds the
         pass lock exclusive throughout (:meth:`_shared_pass`)."""
-        if self._shared_at[0] != _BUILDS[0]:  # (looked at again after any build)
-            self._shared_at = (_BUILDS[0], self._built_otherwise())
+        if self._shared_at[0] != _MODEL_BUILDS[0]:  # (looked at again after any model build)
+            self._shared_at = (_MODEL_BUILDS[0], self._built_otherwise())
         return self._shared_at[1] or not self._built_as_needed()
 
     def _built_otherwise(self) -> bool:
@@ -585,9 +589,10 @@ class Model(Trainer):
         with self._shared_pass():
             return graph.each_output(self.layers, self._inbound(), x, training)
 
-    def forward(self, x: Any, training: bool = False) -> list[Any]:
-        """Every layer's output for a host batch, as device arrays (for inspection)."""
-        self._require_built("forward")
+    def layer_outputs(self, x: Any, training: bool = False) -> list[Any]:
+        """Every layer's output for a host batch, as device arrays (for inspection; the
+        model's own output is ``model(x)`` or ``predict``)."""
+        self._require_built("layer_outputs")
         self._rebuild_if_shared()
         x = checks.as_images(x)
         checks.check_sample_shape(x, self._input_shape)  # type: ignore[arg-type]
@@ -1201,22 +1206,21 @@ def _names_back_if_refused(layers: list[Layer]) -> Iterator[None]:
         raise
 
 
-#: the count of model builds, which may change whose passes rebuild (see _pass_rebuilds)
-_BUILDS = [0]
+#: the count of model builds, each of which records what its layers are built as
+#: (``_built_like``), so may change whose passes rebuild (see _pass_rebuilds). Not
+#: Layer.rebuilds, which counts changes of layers: a model built over layers already built as
+#: it needs (a second model of a trained model's layers) changes none, yet holds them now.
+_MODEL_BUILDS = [0]
 
 #: (the lock of first builds: layers none has built, which no pass runs through)
 _FIRST_BUILDS = threading.RLock()
 
 
 def _building(layers: list[Layer], what: str) -> Any:
-    """The lock a build of ``layers`` holds: the passes' exclusive where one of them is built
-    (a pass in another thread may run through it: the build waits for it, and one inside a
-    pass of this thread is refused); a lock of first builds alone where none is (a pass runs
-    built layers only, so such a build, a user layer's model made at its first call inside a
-    pass included, changes nothing a pass uses)."""
-    if any(la.built for la in layers):
-        return PASSES.exclusive(what)
-    return _FIRST_BUILDS
+    """The lock a build of ``layers`` holds (:func:`~xpcnn.passes.exclusive_if`): the passes'
+    exclusive where one of them is built; a lock of first builds alone where none is (a user
+    layer's model made at its first call inside a pass included)."""
+    return exclusive_if(any(la.built for la in layers), what, _FIRST_BUILDS)
 
 
 def _built_like(layer: Layer) -> tuple[Any, ...]:
@@ -1226,16 +1230,16 @@ def _built_like(layer: Layer) -> tuple[Any, ...]:
             str(layer.compute_dtype))
 
 
-def _forget(nodes: list[graph.Node]) -> None:
+def _forget(nodes: weakref.WeakSet[graph.Node]) -> None:
     """Take ``nodes`` (the calls a model recorded) out of their layers' inbound nodes."""
-    for node in nodes:
+    for node in list(nodes):
         if node in node.layer.inbound_nodes:
             node.layer.inbound_nodes.remove(node)
     nodes.clear()
 
 
-def _forget_when_gone(model: Model, recorded: list[graph.Node]) -> None:
-    """A model collected takes its recorded calls with it (the finalizer holds the list, not
+def _forget_when_gone(model: Model, recorded: weakref.WeakSet[graph.Node]) -> None:
+    """A model collected takes its recorded calls with it (the finalizer holds the set, not
     the model): its layers' ``output`` is no longer a dead model's tensor, nor ambiguous."""
     weakref.finalize(model, _forget, recorded).atexit = False
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .checks import (
+    defining_class,
     flag,
     named_parameters,
     register,
@@ -80,7 +81,7 @@ _SKIPS_CHECKED: set[type] = set()
 
 def _update_unchecked(cls: type) -> bool:
     """Whether the class defining ``cls``'s ``_update`` is a user's, not yet checked."""
-    owner = next(c for c in cls.__mro__ if "_update" in vars(c))
+    owner = defining_class(cls, "_update")
     return owner.__module__ != __name__ and owner not in _SKIPS_CHECKED
 
 
@@ -607,7 +608,7 @@ class Optimizer:
         vars(probe)["slots"] = {**slots, **scratch}
         probe._update(xp, 0, after[0], xp.ones_like(p), scalars,
                       xp.asarray(False, device=p.device))
-        owner = next(c for c in type(self).__mro__ if "_update" in vars(c))
+        owner = defining_class(type(self), "_update")
         if not all(bool(xp.all((a == b) | ((a != a) & (b != b))))
                    for a, b in zip(after, before, strict=True)):
             raise InputError(

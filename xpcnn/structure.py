@@ -46,16 +46,13 @@ def final_softmax(layers: Sequence[Layer]) -> str | None:
     last = layers[-1]
     cls = type(last)
     if isinstance(last, Softmax):
-        own = all(_defined_by(cls, m) is Softmax for m in ("forward", "backward"))
+        own = all(checks.defining_class(cls, m) is Softmax for m in ("forward", "backward"))
         return "layer" if own else None
-    if last.softmax_output and all(_defined_by(cls, m) is _defined_by(cls, "softmax_output")
+    activation = checks.defining_class(cls, "softmax_output")
+    if last.softmax_output and all(checks.defining_class(cls, m) is activation
                                    for m in ("forward", "backward")):
         return "activation"
     return None
-
-
-def _defined_by(cls: type, name: str) -> type:
-    return next(c for c in cls.__mro__ if name in vars(c))
 
 
 def check_final_softmax(layers: Sequence[Layer]) -> None:

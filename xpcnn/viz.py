@@ -278,7 +278,7 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
     img = _as_image(image)
     model = _ready_model(model, img.shape)
     _check_class_names(class_names, model.output_shape[1:])
-    outs = [model.backend.to_numpy(o)[0].astype(np.float64) for o in model.forward(img[None])]
+    outs = [model.backend.to_numpy(o)[0].astype(np.float64) for o in model.layer_outputs(img[None])]
     nrows = len(outs) + 1
     slots, fitted = _tour_layout([a.shape for a in [img, *outs]], max_maps, bool(title))
     if figsize is None:
@@ -374,7 +374,7 @@ def plot_notebook_demo(image: Any, path: str | os.PathLike[str],
                          f"{img.shape[:2]}")
     x = _unit_scale(img)
     model = notebook_demo_model(x.shape, ceiling)
-    outs = [model.backend.to_numpy(o)[0] for o in model.forward(x[None].astype(np.float32))]
+    outs = [model.backend.to_numpy(o)[0] for o in model.layer_outputs(x[None].astype(np.float32))]
     stages = [
         ("Conv2D 3x3 (Prewitt)", "signed edge response"),
         (f"ReLU(max_value={ceiling:g})", "negatives to 0, peaks capped"),

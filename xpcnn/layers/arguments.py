@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import named_parameters, takes_keywords
 from ..errors import InputError
 
 #: A per-sample shape (no batch axis), as layers are built for it.
@@ -67,6 +68,81 @@ def check_activation(activation: str | None, allowed: tuple[str, ...] = ("relu",
                      "ceiling" + ("" if "softmax" in allowed else
                                   ", a Softmax layer or Dense(activation='softmax') for "
                                   "probabilities") + ")")
+
+
+_CHANNELS_LAST = ("xpcnn's images are always (N, H, W, C), Keras' 'channels_last': transpose "
+                  "channels-first arrays beforehand (x.transpose(0, 2, 3, 1))")
+_NO_REGULARIZER = ("xpcnn's layers take no regularizer: give the optimizer a weight_decay "
+                   "(optim.SGD(0.01, weight_decay=1e-4), optim.AdamW)")
+_NO_CONSTRAINT = "xpcnn's layers take no weight constraint"
+_ZEROS = ("the bias starts at zeros (Keras' default), with no other initializer: set other "
+          "values with set_weights()")
+_SEED = ("xpcnn's random layers take no seed of their own: the model's seed "
+         "(Sequential(seed=...)) draws each one's")
+#: Keras 3 keywords of every layer that xpcnn's layers do not take, and what to do instead.
+_KERAS_COMMON = {
+    "dtype": ("a layer's dtype is its model's: Sequential(dtype='float64') or Model(..., "
+              "dtype=...); for mixed precision, compile(precision='mixed_float16')"),
+    "autocast": "a layer's computing dtype is the model's compile(precision=...)",
+    "input_shape": ("give the model the input shape: Sequential([...], input_shape=(28, 28, 1)) "
+                    "or xpcnn.Input((28, 28, 1))"),
+    "activity_regularizer": _NO_REGULARIZER,
+    **{f"{w}_regularizer": _NO_REGULARIZER for w in ("kernel", "bias", "beta", "gamma")},
+    **{f"{w}_constraint": _NO_CONSTRAINT for w in ("kernel", "bias", "beta", "gamma")},
+}
+_BN_MOMENTUM = ("its momentum is PyTorch's too, the new batch's share (Keras' momentum=0.99 is "
+                "BatchNorm2D(momentum=0.01))")
+#: Keras 3 keywords of each built-in layer's Keras counterpart that it does not take (by the
+#: name of the xpcnn class whose constructor is called), and what to pass instead: a clear
+#: error for a port, where Python's "unexpected keyword argument" named no way out. No alias
+#: is taken (one way to say each thing).
+KERAS_KEYWORDS: dict[str, dict[str, str]] = {
+    "Conv2D": {"data_format": _CHANNELS_LAST, "bias_initializer": _ZEROS,
+               "dilation_rate": "xpcnn's Conv2D has no dilation (dilation_rate 1 only)",
+               "groups": "xpcnn's Conv2D has no groups (groups=1 only)"},
+    "Dense": {"bias_initializer": _ZEROS,
+              **{k: "xpcnn's Dense has no LoRA or quantization"
+                 for k in ("lora_rank", "lora_alpha", "quantization_config")}},
+    "_Pool2D": {"data_format": _CHANNELS_LAST},  # (MaxPool2D's and AvgPool2D's constructor)
+    "Dropout": {"seed": _SEED,
+                "noise_shape": "xpcnn's Dropout drops each value on its own (no noise_shape)"},
+    "BatchNorm2D": {
+        "epsilon": "xpcnn's name is eps (PyTorch's): BatchNorm2D(eps={value}); " + _BN_MOMENTUM,
+        "axis": "xpcnn's BatchNorm2D normalizes each channel, the last axis of (N, H, W, C)",
+        **{k: "xpcnn's BatchNorm2D always learns a scale (gamma) and an offset (beta), as "
+           "Keras' default center=True, scale=True" for k in ("center", "scale")},
+        **{f"{w}_initializer": "xpcnn starts gamma and the moving variance at ones, beta and "
+           "the moving mean at zeros (Keras' defaults): set others with set_weights()"
+           for w in ("beta", "gamma", "moving_mean", "moving_variance")},
+        **{k: "xpcnn's BatchNorm2D has no batch renormalization"
+           for k in ("renorm", "renorm_clipping", "renorm_momentum")},
+        "synchronized": "xpcnn's BatchNorm2D takes no synchronized= setting"},
+    "FeatureNorm": {"epsilon": "xpcnn's name is eps (PyTorch's): FeatureNorm(eps={value})"},
+    "ReLU": {"negative_slope": "xpcnn's ReLU has no negative slope (a leaky ReLU): write a "
+             "layer of your own (see the README's layer contract)",
+             "threshold": "xpcnn's ReLU has no threshold (0 only)"},
+    "RandomFlip": {"seed": _SEED, "data_format": _CHANNELS_LAST},
+    "Normalization": {"axis": "xpcnn's Normalization normalizes each channel, the last axis",
+                      "invert": "xpcnn's Normalization has no invert=: multiply by the std and "
+                      "add the mean yourself"},
+}
+
+
+def refuse_keras_keywords(cls: type, init: Any, given: dict[str, Any]) -> None:
+    """Refuse a Keras keyword in ``given`` that ``init``, a built-in layer's constructor
+    building a ``cls``, does not take (:data:`KERAS_KEYWORDS`), naming what to pass instead;
+    other keywords are left to Python's TypeError."""
+    module, owner = getattr(init, "__module__", ""), getattr(init, "__qualname__", "")
+    if not module.startswith("xpcnn.") or takes_keywords(init):  # (a user's constructor)
+        return
+    table = KERAS_KEYWORDS.get(owner.partition(".")[0], {})
+    taken = named_parameters(init)
+    for key, value in given.items():
+        why = None if key in taken else table.get(key) or _KERAS_COMMON.get(key)
+        if why is not None:
+            name = cls.__name__
+            raise InputError(f"{name}({key}={value!r}): Keras' keyword, which xpcnn's {name} "
+                             f"does not take: {why.format(value=repr(value))}")
 
 
 def require_rank(layer: Any, input_shape: Shape, rank: int) -> None:

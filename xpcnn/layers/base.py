@@ -36,6 +36,7 @@ import numpy as np
 
 from ..backend import Backend, dtype_name, get_backend
 from ..checks import (
+    defining_class,
     flag,
     largest_value,
     named_parameters,
@@ -46,8 +47,8 @@ from ..checks import (
     untaken_settings,
 )
 from ..errors import InputError, of_xpcnn
-from ..passes import PASSES
-from .arguments import Shape, per_sample
+from ..passes import exclusive_if
+from .arguments import Shape, per_sample, refuse_keras_keywords
 from .symbolic import Node, SymbolicTensor, is_symbolic, refuse_training_in_graph
 from .weight import Weight
 
@@ -379,8 +380,7 @@ class Layer:
         gives the same weights on every device. A built layer's build waits for the passes
         running through it in other threads, as a model's build does (:mod:`xpcnn.passes`).
         """
-        with PASSES.exclusive(f"building layer {self.name!r}") if self.built else \
-                contextlib.nullcontext():
+        with exclusive_if(self.built, f"building layer {self.name!r}"):
             return self._build_now(input_shape, backend, dtype, compute_dtype, rng)
 
     def _build_now(self, input_shape: Shape, backend: Backend | Any, dtype: str,
@@ -586,7 +586,7 @@ class Layer:
         defining its ``get_config`` does not take: that get_config cannot give them (a
         subclass of Dense with a setting of its own inherits Dense's)."""
         cls = type(self)
-        definer = next(c for c in cls.__mro__ if "get_config" in vars(c))
+        definer = defining_class(cls, "get_config")
         if not issubclass(definer, Layer):  # (a mixin's get_config: its constructor says nothing)
             return
         known = named_parameters(definer.__init__)
@@ -940,6 +940,8 @@ def _takes_trainable(init: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(init)
     def init_taking_trainable(self: Layer, *args: Any, trainable: Any = _UNSET, **kwargs: Any
                               ) -> None:
+        if kwargs:  # (a Keras port's epsilon=, data_format=...: a clear error)
+            refuse_keras_keywords(type(self), init, kwargs)
         init(self, *args, **kwargs)
         if "_name" not in vars(self):  # (else an AttributeError at the layer's first use)
             raise InputError(f"{type(self).__name__}.__init__ must call super().__init__() "

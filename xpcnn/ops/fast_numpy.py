@@ -119,7 +119,7 @@ class NumpyKernels(StandardKernels):
         self._saved_threads: int | None = None  # OpenBLAS's count before the outermost one
         self._malloc_tuned = False
         self._cores = os.cpu_count() or 1
-        self._ones_cache: dict[tuple[int, str], Any] = {}
+        self._ones_cache: dict[str, Any] = {}  # (per dtype: the longest asked, sliced)
         self._rows_cache: dict[tuple[int, str, float], Any] = {}
 
     def _executor(self, workers: int) -> ThreadPoolExecutor:
@@ -497,11 +497,13 @@ class NumpyKernels(StandardKernels):
         fn(a, row, out=out)
 
     def _ones(self, n: int, dtype: Any) -> Any:
-        key = (n, np.dtype(dtype).str)
+        # (one vector per dtype, its first n: a cache per row count grew with every batch size
+        # a process met)
+        key = np.dtype(dtype).str
         ones = self._ones_cache.get(key)
-        if ones is None:
-            ones = self._ones_cache[key] = np.ones(n, dtype)
-        return ones
+        if ones is None or len(ones) < n:
+            ones = self._ones_cache[key] = np.ones(max(n, 256), dtype)
+        return ones[:n]
 
     def sum_rows(self, a: Any) -> Any:
         # a matrix-vector product with ones: 5x faster than a reduction over axis 0

@@ -25,7 +25,9 @@ A checkpoint is an ``.npz`` of plain arrays, read without pickle
   callbacks that keep one (``callbacks``: class name and ``get_state()`` of each, in order; the
   lists of NumPy arrays in a state, such as ``EarlyStopping``'s best weights, are the entries
   ``callback.{i}.{name}.{k}``, and its NumPy scalars of numbers, kept of their dtype, the 0-d
-  entries ``callback.{i}.0scalar.{n}``).
+  entries ``callback.{i}.0scalar.{n}``); where the run has a CSVLogger that appends, its
+  file's path, size and CRC-32 (``csv_logs``, a key of its own), so that a resumed run drops
+  the rows written after the checkpoint (a file without it: appended to, as it is).
 
 Files are written atomically (temporary file, fsync, rename), so the path always holds the last
 complete checkpoint, whatever moment the process dies. Before writing, every weight and slot is
@@ -130,10 +132,13 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
                     progress: Progress | None = None, history: EpochRecord | None = None,
                     run: dict[str, Any] | None = None,
                     callbacks: list[tuple[str, dict[str, Any] | None]] | None = None,
-                    stopped: bool = False, replace: bool = True) -> bool:
+                    stopped: bool = False, replace: bool = True,
+                    csv_logs: list[dict[str, Any]] | None = None) -> bool:
     """Write ``model``'s whole training state to ``path``, atomically; ``callbacks``, the
     class name and state of each callback that keeps one (:func:`callback_states`), and
-    ``stopped``, whether a callback ended the run, where ``fit`` writes it. ``replace=False``
+    ``stopped``, whether a callback ended the run, where ``fit`` writes it; ``csv_logs``, the
+    files that the run's CSVLoggers append to as they are now
+    (:meth:`~xpcnn.callbacks.CSVLogger.backup_record`). ``replace=False``
     leaves a file already at ``path`` as it is; returns whether it wrote. On several ranks,
     rank 0 writes; another rank that calls it too returns once rank 0 has (or raises where
     it failed), and rank 0 alone may call it (see :func:`xpcnn.distributed.write_on_root`).
@@ -145,13 +150,14 @@ def save_checkpoint(model: Any, path: str | os.PathLike[str],
     model._require_built("save_checkpoint")
     # one writer, rank 0 (all ranks hold the same state); the others calling wait for it
     return distributed.write_on_root(lambda: _write_checkpoint(
-        model, path, progress, history, run, callbacks, stopped, replace), path)
+        model, path, progress, history, run, callbacks, stopped, replace, csv_logs), path)
 
 
 def _write_checkpoint(model: Any, path: str, progress: Progress | None,
                       history: EpochRecord | None, run: dict[str, Any] | None,
                       callbacks: list[tuple[str, dict[str, Any] | None]] | None,
-                      stopped: bool, replace: bool) -> bool:
+                      stopped: bool, replace: bool,
+                      csv_logs: list[dict[str, Any]] | None = None) -> bool:
     target = written_file(checks.output_file(path, "the checkpoint"))
     if not replace and os.path.lexists(target):
         return False
@@ -185,6 +191,8 @@ def _write_checkpoint(model: Any, path: str, progress: Progress | None,
     states, state_arrays = states_entry(callbacks or [])
     if callbacks is not None:
         config["callbacks"] = states
+    if csv_logs:  # (a key of its own: the callback states, matched by place, stay as they were)
+        config["csv_logs"] = csv_logs
     # Each weight and slot is checked on the host copy that is written (one transfer each).
     stopped = f"training stopped after step {opt.iterations}"
     kept = f"the checkpoint {path} was not overwritten"
@@ -547,7 +555,7 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         raise bad(f"loss_scale {loss_scale!r}, expected a number from {SCALE_RANGE[0]:.4g} to "
                   f"{SCALE_RANGE[1]:.4g} (it is held in float32: beyond, it would become infinity "
                   "or 0)")
-    if model._scaling is None and loss_scale != 1:  # (checked before anything is restored)
+    if model.precision != "mixed_float16" and loss_scale != 1:  # (checked before any restore)
         raise bad(f"loss_scale {loss_scale!r} in a checkpoint of a model without float16 loss "
                   "scaling (its precision is not mixed_float16): expected 1")
     good_steps = _int(config.get("good_steps"), "good_steps", path)
@@ -595,18 +603,12 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         raise
     for la, t in zip(model.layers, trainable, strict=True):
         la.trainable = t
-    opt.iterations, opt.lr_factor = iterations, lr_factor
-    # (in the parameters' dtype, whatever float type the file holds: the fused updates read a
-    # parameter's slots as its own dtype)
-    opt.slots = {name: [model.backend.asarray(a, dtype=model.dtype_name) for a in v]
-                 for name, v in slots.items()}
-    opt.applied = model.backend.asarray(np.float64(applied)) \
-        if slots and opt.counts_updates else None
-    model._slots_restored()
-    model.loss_scale, model._good_steps = float(loss_scale), good_steps
+    model._restore_training_state(
+        iterations=iterations, lr_factor=lr_factor, slots=slots, applied=applied,
+        loss_scale=float(loss_scale), good_steps=good_steps, epoch_offset=offset,
+        epochs_begun=begun)
     for i, (seed, calls) in counters.items():
         model.layers[i].set_random_state(seed, calls)  # type: ignore[attr-defined]
-    model._epoch_offset, model._epochs_begun = offset, begun
     return Checkpoint(model, progress, history, run, path)
 
 
@@ -729,6 +731,18 @@ def _callback_states(config: dict[str, Any], npz: NpzArchive, model: Any
     return states
 
 
+def _csv_logs(entry: Any, path: str) -> dict[str, dict[str, Any]]:
+    """A checkpoint's ``csv_logs`` entry (:meth:`FitCheckpoints._csv_logs`), checked, by the
+    files' absolute paths."""
+    if not isinstance(entry, list) or not all(
+            isinstance(e, dict) and set(e) == {"path", "size", "crc32"}
+            and isinstance(e["path"], str) and type(e["size"]) is int and e["size"] >= 0
+            and type(e["crc32"]) is int and 0 <= e["crc32"] < 2**32 for e in entry):
+        raise DataFormatError(f"{path}: invalid checkpoint: bad csv_logs entry (expected a "
+                              "list of the CSVLogger files' path, size and crc32)")
+    return {e["path"]: e for e in entry}
+
+
 def _put(state: dict[str, Any], path: Any, value: Any, bad: Exception) -> None:
     """Put ``value`` at ``path`` (keys and indices) in ``state``, where the JSON value it
     stands for is; ``bad`` raised where there is none."""
@@ -831,14 +845,18 @@ class FitCheckpoints:
     """The checkpoints of one ``fit`` (run by :class:`~xpcnn.callbacks.BackupAndRestore`, which
     checked the arguments): restores at the start, writes after every ``every`` steps (an int)
     and at the end of every epoch. ``callbacks``: those of the run that keep a state
-    (``get_state``/``set_state``), saved with it and restored into the resumed run's."""
+    (``get_state``/``set_state``), saved with it and restored into the resumed run's;
+    ``loggers``, its CSVLoggers, whose files as they are at each checkpoint it records
+    (``csv_logs``) and hands back to the resumed run's (their ``backup``), so that they drop
+    the rows written after it."""
 
     def __init__(self, model: Any, path: str | os.PathLike[str], every: int | str,
                  resume: bool, run: dict[str, Any], steps_per_epoch: int, verbose: int,
-                 callbacks: list[Any] | None = None) -> None:
+                 callbacks: list[Any] | None = None, loggers: list[Any] | None = None) -> None:
         self.model, self.path, self.every = model, os.fspath(path), every
         self.resume, self.run, self.steps = resume, run, steps_per_epoch
         self.verbose, self.callbacks = verbose, list(callbacks or [])
+        self.loggers = list(loggers or [])
         self.stopped = False  # the checkpoint resumed from was of a run a callback stopped
         self.interrupted = False  # a Ctrl-C reached this process
         self.stopping = False  # one reached this process or another rank: checkpoint, stop
@@ -906,6 +924,7 @@ class FitCheckpoints:
             raise DataFormatError(f"{self.path}: invalid checkpoint: {len(progress.top_k)} "
                                   f"top-k counts in its progress, for {top_k} top-k metrics")
         states, kept = self._checked_states(_callback_states(config, npz, self.model))
+        csv_logs = _csv_logs(config.get("csv_logs", []), self.path)  # (none in older files)
         stopped = config.get("stopped", False)
         if not isinstance(stopped, bool):
             raise DataFormatError(f"{self.path}: invalid checkpoint: stopped is {stopped!r}, "
@@ -924,6 +943,8 @@ class FitCheckpoints:
             for put_back in before:
                 put_back()
             raise
+        for logger in self.loggers:  # (each finds its own file's, by its absolute path)
+            logger.backup = csv_logs.get(os.path.abspath(logger.filename))
         # (a run its callbacks stopped trains no more, but where they start afresh: they
         # decide anew)
         self.stopped = stopped and kept
@@ -986,14 +1007,21 @@ class FitCheckpoints:
         if self.model._parallel is not None:  # every rank saves the same BatchNorm statistics
             self.model._parallel.average_state()
         save_checkpoint(self.model, self.path, progress_within(self.model, epoch, step),
-                        history, self.run, callback_states(self.callbacks))
+                        history, self.run, callback_states(self.callbacks),
+                        csv_logs=self._csv_logs())
         self._stop_if_interrupted(epoch, step)
 
     def after_epoch(self, epoch: int, history: EpochRecord) -> None:
         self._stopping()  # (a Ctrl-C since the last step, during validation say)
         save_checkpoint(self.model, self.path, Progress(epoch + 1), history, self.run,
-                        callback_states(self.callbacks), self.model.stop_training)
+                        callback_states(self.callbacks), self.model.stop_training,
+                        csv_logs=self._csv_logs())
         self._stop_if_interrupted(epoch, self.steps)
+
+    def _csv_logs(self) -> list[dict[str, Any]]:
+        """The files the CSVLoggers append to, as they are now (read on rank 0, the writer;
+        the other ranks' loggers write none)."""
+        return [r for r in (logger.backup_record() for logger in self.loggers) if r is not None]
 
     def _stopping(self) -> bool:
         """Whether to checkpoint and stop after this step: a Ctrl-C reached this process or,

@@ -2,21 +2,19 @@
 ``predict``: their arguments checked and turned into what the loops take (``validation_freq``,
 ``checkpoint=PATH``, the validation data, sample weights beside a dataset, a ``train_step`` that
 a subclass overrides, one batch of the ``*_on_batch`` methods), and small pieces of their loops
-(the callbacks' ``params``, the progress bar and closing line of evaluate and predict, the
-warning of data that ran out).
+(the callbacks' ``params``, the warning of data that ran out; evaluate's and predict's
+progress bar is :class:`~xpcnn.callbacks.ProgbarLogger`, as fit's).
 """
 
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from .. import checks, distributed
-from ..callbacks import BackupAndRestore, Callback, is_save_freq, say_on_root, summary_line
+from .. import checks
+from ..callbacks import BackupAndRestore, Callback, is_save_freq
 from ..data.arrays import check_source, is_stream, one_input
 from ..data.sources import Batches
 from ..errors import InputError, warn
@@ -40,14 +38,14 @@ def batch_length(model: Any, x: Any) -> int:
     return max(1, int(shape[0])) if len(shape) else 1
 
 
-def one_of(callbacks: list[Callback], kind: type[Callback]) -> Any:
+def one_of(callbacks: list[Callback], kind: type[Callback], call: str = "fit") -> Any:
     """The one ``kind`` callback (History, ProgbarLogger) among the user's ``callbacks``, None
-    where there is none; refused where there are several (fit keeps one record, shows one
-    bar)."""
+    where there is none; refused where there are several (``call``, fit, evaluate or predict,
+    keeps one record, shows one bar)."""
     found = [cb for cb in callbacks if isinstance(cb, kind)]
     if len(found) > 1:
-        raise InputError(f"callbacks holds {len(found)} {kind.__name__} callbacks: fit takes one "
-                         f"(its own {kind.__name__}, which it adds where callbacks has none)")
+        raise InputError(f"callbacks holds {len(found)} {kind.__name__} callbacks: {call} takes "
+                         f"one (its own {kind.__name__}, which it adds where callbacks has none)")
     return found[0] if found else None
 
 
@@ -70,18 +68,12 @@ def inference_params(verbose: int, data: Batches) -> dict[str, Any]:
     return {"verbose": verbose, "epochs": 1, "steps": data.steps}
 
 
-def progress_bar(data: Batches, verbose: int, desc: str) -> Any:
-    """evaluate's or predict's progress bar over ``data`` where ``verbose`` is 1 (on rank 0
-    only; else a disabled one); a context that closes it."""
-    return tqdm(total=data.steps, disable=verbose != 1 or not distributed.is_root(),
-                desc=desc, unit="batch")
-
-
 def drop_sources(params: dict[str, Any]) -> None:
-    """Take the batch source and the stateful callbacks out of fit's ``params`` once fit has
-    ended: its callbacks (model.history among them) keep the dict."""
+    """Take the batch source, the stateful callbacks and the CSVLoggers out of fit's
+    ``params`` once fit has ended: its callbacks (model.history among them) keep the dict."""
     params.pop("data", None)
     params.pop("stateful", None)
+    params.pop("csv_loggers", None)
 
 
 def reads_iterator(data: Batches) -> bool:
@@ -104,13 +96,6 @@ def warn_ran_out(data: Batches, steps: int, epoch: int | None, seen: bool = True
     warn(f"the {what} ran out after {steps} of its {data.steps} batches ({setting})"
          + ("" if ranks is None else f" on rank(s) {ranks}")
          + ("" if epoch is None else f" in epoch {epoch + 1}") + then)
-
-
-def summarise(verbose: int, steps: int, t0: float, logs: dict[str, float] | None = None
-              ) -> None:
-    """At ``verbose=2``, the one line Keras 3 prints after evaluate or predict (rank 0)."""
-    if verbose == 2:
-        say_on_root(summary_line(steps, time.perf_counter() - t0, logs))
 
 
 def checkpoint_callback(checkpoint: str | os.PathLike[str] | None, every: int | str,

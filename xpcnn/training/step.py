@@ -19,11 +19,7 @@ capture in a CUDA graph; the running totals and the deferred errors.
 ``__init__`` does (the loss, the optimiser, the metrics, the loss scale, the running totals,
 the captured graphs, the class weights). It needs these hooks:
 
-* from the model (:class:`~xpcnn.model.Model`; listed in :class:`~xpcnn.training.Trainer`'s
-  docstring): ``backend``, ``layers``, ``_input_shape``, ``num_classes``, ``_param_dtype``,
-  ``_trained()``, ``_plan()``, ``_slots_outdated()``, ``_logits(...)``, ``_backward(...)``,
-  ``_layer_outputs(...)``, ``_require_built(what)``, ``_rebuild_if_shared()``, ``_shared_pass()``,
-  ``_unbuilt_if_refused()`` and ``_builds`` (a count of its layers' builds);
+* from the model (:class:`~xpcnn.model.Model`): those of :class:`NetworkHooks`;
 * from :class:`~xpcnn.training.Trainer`: compile's ``_require_compiled(what)`` and
   ``_check_loss_outputs(loss)``; ``_running_alone(what, nested)`` (one thread trains);
   ``fit`` sets ``_parallel`` (its data-parallel mode) and
@@ -37,7 +33,8 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -61,6 +58,72 @@ from ..ops.softmax import target_rows, top_k_counts
 from ..ops.step_record import BAD_GRADS, BAD_LOSS, BAD_STEP
 from ..totals import READ_EVERY, SCALE_RANGE, RunningTotals
 
+if TYPE_CHECKING:
+    from ..backend import Backend
+    from ..graph import Plan
+
+
+@runtime_checkable
+class NetworkHooks(Protocol):
+    """What training needs from the network, which :class:`~xpcnn.model.Model` supplies
+    (:class:`TrainingStep` and :class:`~xpcnn.training.Trainer` know nothing of how its layers
+    are connected)."""
+
+    backend: Backend
+    name: str
+    seed: int
+    dtype_name: str  # (the parameters' dtype)
+    layers: list[Layer]
+    built: bool
+    _input_shape: tuple[int, ...] | None  # (per sample; input_shape has the batch axis)
+    _builds: int  # (how many times its layers were built: a captured step is redone)
+
+    @property
+    def _param_dtype(self) -> Any:
+        """The parameters' dtype on the backend."""
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def build(self, input_shape: tuple[int | None, ...]) -> None: ...
+
+    def _require_built(self, what: str) -> None: ...
+
+    def _trained(self) -> tuple[Layer, ...]:
+        """The layers the optimiser updates, kept between steps."""
+
+    def _rebuild_if_shared(self) -> None:
+        """Build the layers another model shares as this one needs them."""
+
+    def _unbuilt_if_refused(self) -> AbstractContextManager[None]:
+        """A context: a call refused inside it leaves an unbuilt model unbuilt."""
+
+    def _shared_pass(self) -> AbstractContextManager[None]:
+        """A context around a pass: no other thread's build changes the layers under it."""
+
+    def _fused_softmax(self) -> bool:
+        """Whether the network ends in a softmax, which the loss applies."""
+
+    def _logits(self, x: Any, training: bool, in_scope: bool = False) -> Any:
+        """The forward pass to the logits (a final Softmax left to the loss; ``in_scope``:
+        inside the backend's ``compute_scope`` already)."""
+
+    def _backward(self, dz: Any, on_layer: Callable[[Layer], None] | None = None) -> None:
+        """The backward pass: fills each trainable layer's ``grads``."""
+
+    def _layer_outputs(self, x: Any, training: bool) -> list[Any]:
+        """Every layer's output (to name where a value stopped being finite)."""
+
+    def _plan(self) -> Plan:
+        """The network's plan (which layers train)."""
+
+    def _slots_outdated(self) -> bool:
+        """Whether the optimiser's state is for other layers than the next step trains."""
+
+    def _slots_restored(self) -> None:
+        """The optimiser's slots were just set (from a checkpoint) for the layers trained
+        now."""
+
 
 def _in_one_thread(what: str, nested: bool = False) -> Callable[[Callable[..., Any]],
                                                                Callable[..., Any]]:
@@ -78,7 +141,13 @@ def _in_one_thread(what: str, nested: bool = False) -> Callable[[Callable[..., A
     return wrap
 
 
-class TrainingStep:
+if TYPE_CHECKING:  # (a type checker sees the model's hooks on self; at run time, the model's)
+    _Network = NetworkHooks
+else:
+    _Network = object
+
+
+class TrainingStep(_Network):
     """One training step, its capture in a CUDA graph and the running totals the host reads
     behind the steps: the base class of :class:`~xpcnn.training.Trainer` (see this module's
     docstring for the hooks it needs)."""
@@ -485,22 +554,24 @@ class TrainingStep:
         replay checks: no names formatted for it)."""
         layers, opt = self.layers, self.optimizer
         assert opt is not None
-        randoms = [la for la in layers if isinstance(la, RandomLayer)]
-        scaling = [] if self._scaling is None else [("the loss scale", self._scaling)]
-        classes = [] if self._class_weights is None else [("the class weights",
-                                                            self._class_weights)]
-        counted = [] if opt.applied is None else [("optimizer applied updates", opt.applied)]
-        totals = [("the running totals", self._running_totals().state), *scaling, *classes]
-        if not named:  # (list comprehensions: generators cost a call per item)
-            return ([a for la in layers for a in la.params.values()]
-                    + [a for la in layers for a in la.state.values()]
-                    + [a for v in opt.slots.values() for a in v] + [a for _, a in counted]
-                    + [la.random_state for la in randoms] + [a for _, a in totals])
-        return ([(f"param {la.name}.{k}", a) for la in layers for k, a in la.params.items()]
-                + [(f"state {la.name}.{k}", a) for la in layers for k, a in la.state.items()]
-                + [(f"optimizer slot {k}.{i}", a) for k, v in opt.slots.items()
-                   for i, a in enumerate(v)] + counted
-                + [(f"random state {la.name}", la.random_state) for la in randoms] + totals)
+        # (one list of records (the name's template, the array, the name's parts): a name is
+        # formatted only where asked for; list comprehensions, as generators cost a call per
+        # item)
+        records = (
+            [("param {}.{}", a, la.name, k) for la in layers for k, a in la.params.items()]
+            + [("state {}.{}", a, la.name, k) for la in layers for k, a in la.state.items()]
+            + [("optimizer slot {}.{}", a, k, i) for k, v in opt.slots.items()
+               for i, a in enumerate(v)]
+            + ([] if opt.applied is None else [("optimizer applied updates", opt.applied)])
+            + [("random state {}", la.random_state, la.name) for la in layers
+               if isinstance(la, RandomLayer)]
+            + [("the running totals", self._running_totals().state)]
+            + ([] if self._scaling is None else [("the loss scale", self._scaling)])
+            + ([] if self._class_weights is None
+               else [("the class weights", self._class_weights)]))
+        if not named:
+            return [r[1] for r in records]
+        return [(r[0].format(*r[2:]), r[1]) for r in records]
 
     # -- the running totals the host reads behind the steps; deferred errors --------------------
     def _running_totals(self) -> RunningTotals:

@@ -4,7 +4,7 @@ is its base class's (:class:`~xpcnn.training.step.TrainingStep`).
 As in Keras 3 (``class Model(Trainer, Layer)``), the training machinery is a base class of the
 model: :class:`Trainer` holds what training adds to a network (the loss, the optimiser, the
 precision, the running totals, the captured CUDA graphs) and reaches the network only through
-the hooks that :class:`~xpcnn.model.Model` defines (listed in :class:`Trainer`'s docstring).
+the hooks that :class:`~xpcnn.model.Model` defines (:class:`~xpcnn.training.step.NetworkHooks`).
 
 Data enters as arrays in (N, H, W, C) (or datasets, see :mod:`xpcnn.data`); each batch
 crosses to the device once (a training set that fits
@@ -38,9 +38,9 @@ from ..callbacks import (
     BatchLogs,
     Callback,
     CallbackList,
+    CSVLogger,
     History,
     ProgbarLogger,
-    bar_postfix,
     callback_list,
     stateful,
     validates,
@@ -63,7 +63,7 @@ from ..losses import SoftmaxCrossEntropy, get_loss
 from ..ops.kernels import kernels_for
 from ..ops.softmax import softmax
 from ..optim import Optimizer, get_optimizer
-from ..passes import PASSES
+from ..passes import exclusive_if
 from ..saving.checkpoint import checkpoint_config
 from ..saving.model_file import adapt_to_file
 from ..saving.npz import NpzArchive
@@ -77,10 +77,8 @@ from .arguments import (
     inference_params,
     one_of,
     parse_validation_freq,
-    progress_bar,
     reads_iterator,
     refuse_stream_weights,
-    summarise,
     validation_triple,
     warn_ran_out,
     weights_name,
@@ -91,10 +89,6 @@ from .step import (
     _check_takes_sample_weight,
     _in_one_thread,
 )
-
-#: Seconds between two reads of evaluate's running means for its bar (as ProgbarLogger's).
-BAR_REFRESH = 0.5
-
 
 #: Guards every model's check-and-set of what it runs (see Trainer._running_alone): held only
 #: for that.
@@ -121,27 +115,21 @@ def _prunes_streams(call: Callable[..., Any]) -> Callable[..., Any]:
     return pruning
 
 
+def _with_progress_bar(callbacks: list[Callback], verbose: int, call: str
+                       ) -> tuple[list[Callback], ProgbarLogger | None]:
+    """The callbacks of ``call`` (evaluate or predict) in the order they run, and its progress
+    bar: the user's ``callbacks``, then the bar after them, as fit runs its own
+    (:meth:`Trainer._fit_callbacks`): the user's ProgbarLogger (one at most), else one of the
+    call's own where ``verbose`` is not 0 (None: no bar)."""
+    bar = one_of(callbacks, ProgbarLogger, call) or (ProgbarLogger(verbose=verbose) if verbose
+                                                      else None)
+    return [*(cb for cb in callbacks if cb is not bar), *([bar] if bar is not None else [])], bar
+
+
 class Trainer(TrainingStep):
     """Training, evaluation and prediction of a network: the base class of
-    :class:`xpcnn.Model`, which supplies the network through these hooks:
-
-    * ``backend``, ``name``, ``seed``, ``dtype_name`` (the parameters' dtype) and
-      ``_param_dtype`` (that dtype on the backend);
-    * ``layers`` and ``trainable_layers`` (those the optimiser updates; ``_trained()``, the
-      same as a tuple, kept between steps), ``built``, ``_input_shape`` (per sample),
-      ``num_classes``, ``build(input_shape)``, ``_require_built(what)``,
-      ``_rebuild_if_shared()`` (layers another model shares are built as this one needs) and
-      ``_unbuilt_if_refused()`` (a context: a call refused inside it leaves an unbuilt model
-      unbuilt);
-    * ``_fused_softmax()``, whether the network ends in a softmax (which the loss applies);
-    * ``_logits(x, training, in_scope)``, the forward pass to the logits (a final Softmax is
-      left to the loss; ``in_scope``: inside the backend's ``compute_scope`` already),
-      ``_backward(dz, on_layer)``, which fills each trainable layer's ``grads``, and
-      ``_layer_outputs(x, training)``, every layer's output (to name where a value stopped
-      being finite);
-    * ``_plan()``, the network's plan (:class:`xpcnn.graph.Plan`: which layers train), and
-      ``_slots_outdated()``, whether the optimiser's state is for other layers than the next
-      step trains.
+    :class:`xpcnn.Model`, which supplies the network through the hooks of
+    :class:`~xpcnn.training.step.NetworkHooks`.
 
     Nothing here knows how the layers are connected. One training step (checked, on the
     device, captured in a CUDA graph where it can be), and the running totals the host reads
@@ -149,14 +137,6 @@ class Trainer(TrainingStep):
     reads in the order of a run: compile; the batch sources; fit, evaluate and predict. A
     refused call changes nothing (``_undone_if_refused``).
     """
-
-    backend: Backend
-    name: str
-    seed: int
-    dtype_name: str
-    layers: list[Layer]
-    built: bool
-    _input_shape: tuple[int, ...] | None  # (per sample; input_shape has the batch axis)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -350,9 +330,8 @@ class Trainer(TrainingStep):
         new = "float64" if full else precision
         # (another precision, and the rebuild for it, under no pass of another thread: a
         # predict's batch runs in one precision, see PassLock)
-        with PASSES.exclusive(f"compile(precision={precision!r}) of model {self.name!r}") \
-                if new != self.precision and getattr(self, "built", False) \
-                else contextlib.nullcontext():
+        with exclusive_if(new != self.precision and getattr(self, "built", False),
+                          f"compile(precision={precision!r}) of model {self.name!r}"):
             self.precision = new
             self._rebuild_if_shared()  # (built layers compute in the new precision's dtype)
 
@@ -473,6 +452,28 @@ class Trainer(TrainingStep):
             optimizer.slots, optimizer.applied = slots, applied
         self._scaling, self._graphs, self.cuda_graphs_reason = scaling, None, ""
         self._class_table = None  # (made again on the new device when next used)
+
+    def _restore_training_state(self, *, iterations: int, lr_factor: float,
+                                slots: Mapping[str, list[np.ndarray]], applied: int,
+                                loss_scale: float, good_steps: int, epoch_offset: int,
+                                epochs_begun: int) -> None:
+        """Put back what a checkpoint restores of the training state, each value checked by
+        its reader (:mod:`xpcnn.saving.checkpoint`): the optimiser's step count, learning-rate
+        factor and slots (host arrays, for the layers trained now) with the updates they have
+        had (``applied``, where the optimiser counts them), the float16 loss scale and its
+        steps without overflow, and the epochs' shuffling numbers (see ``fit``)."""
+        opt = self.optimizer
+        assert opt is not None
+        opt.iterations, opt.lr_factor = iterations, lr_factor
+        # (in the parameters' dtype, whatever float type the file holds: the fused updates read a
+        # parameter's slots as its own dtype)
+        opt.slots = {name: [self.backend.asarray(a, dtype=self.dtype_name) for a in v]
+                     for name, v in slots.items()}
+        opt.applied = self.backend.asarray(np.float64(applied)) \
+            if slots and opt.counts_updates else None
+        self._slots_restored()
+        self.loss_scale, self._good_steps = float(loss_scale), good_steps
+        self._epoch_offset, self._epochs_begun = epoch_offset, epochs_begun
 
     def _require_compiled(self, what: str) -> None:
         if self.loss is None or self.optimizer is None:
@@ -643,7 +644,9 @@ class Trainer(TrainingStep):
             params = {"epochs": epochs, "initial_epoch": initial_epoch, "steps": data.steps,
                       "verbose": verbose, "data": data, "validation": validation is not None,
                       "validation_freq": validation_freq, "class_weight": class_weights,
-                      "stateful": stateful(callbacks)}  # (whose states checkpoints keep)
+                      "stateful": stateful(callbacks),  # (whose states checkpoints keep)
+                      # (whose files checkpoints record: a resumed run drops later rows)
+                      "csv_loggers": [cb for cb in callbacks if isinstance(cb, CSVLogger)]}
             cbs = CallbackList(callbacks, self, params)
             self.stop_training, self._resume_at = False, None
             # (a checkpoint resumed by on_train_begin puts back its run's offset instead)
@@ -1001,7 +1004,7 @@ class Trainer(TrainingStep):
                                          "batch_size")
         return_dict = checks.flag(return_dict, "return_dict")
         verbose = checks.verbosity(verbose)
-        callbacks = callback_list(callbacks)
+        callbacks, bar = _with_progress_bar(callback_list(callbacks), verbose, "evaluate")
         loss = self.loss if self.loss is not None else get_loss("cross_entropy")
         self._rebuild_if_shared()
         refuse_stream_weights(x, sample_weight)
@@ -1011,85 +1014,77 @@ class Trainer(TrainingStep):
             here = distributed.world()
             if here.size > 1:  # (each rank evaluates its slice of the same data)
                 distributed.check_same_data(here, [("evaluation", data)], "evaluate")
+            if bar is not None:  # (a user's too: at evaluate's verbose, as in Keras 3)
+                bar.verbose = verbose
             cbs = CallbackList(callbacks, self, inference_params(verbose, data))
             self._check_loss_outputs(loss)
-            return self._returned(self._evaluate(data, cbs, loss, verbose), return_dict)
+            with cbs.closing_bars():
+                return self._returned(self._evaluate(data, cbs, loss), return_dict)
 
     def _evaluate(self, data: Batches, cbs: CallbackList, loss: SoftmaxCrossEntropy | None,
-                  verbose: int = 0, epoch: int | None = None) -> dict[str, float]:
+                  epoch: int | None = None) -> dict[str, float]:
         """Mean ``loss`` and metrics of ``data``; ``epoch``: fit's, when it is the validation
-        data. A callback's ``model.stop_evaluating = True`` ends it after the current batch,
-        as in Keras 3: the means are those of the batches seen."""
+        data (its progress bar, a ProgbarLogger among ``cbs``, shows none then). A callback's
+        ``model.stop_evaluating = True`` ends it after the current batch, as in Keras 3: the
+        means are those of the batches seen."""
         xp = self.backend.xp
         kernels = kernels_for(self.backend)
         totals, steps = RunningTotals(self.backend, 0, len(self._top_ks)), 0
-        t0 = time.perf_counter()
         logs = BatchLogs(cbs.lazy_test)
         self.stop_evaluating = False
         cbs.on_test_begin()
-        with progress_bar(data, verbose, "evaluate") as bar:
-            shown = time.monotonic()
-            # (each batch in the compute scope, the callbacks outside it: see _fit_epoch)
-            with self.backend.on_device(), contextlib.closing(
-                    data.epoch(0)) as batches:  # type: ignore[type-var]
-                for step, batch in enumerate(batches):
-                    logs.settle()  # (last batch's logs, if a callback kept them: before this)
-                    steps = step + 1
-                    xb, yb, wb = unpack(batch)
-                    if xb.shape[0]:  # (not this rank's empty part of a short batch)
-                        cbs.on_test_batch_begin(step)
-                        with self.backend.compute_scope():
-                            logits = self._logits(xb, False, in_scope=True)
-                            stats, _ = loss.forward_with_accuracy(  # type: ignore[union-attr]
-                                xp, logits, yb, self._param_dtype, kernels, weights=wb)
-                            totals.add_stats(self._with_top_k(stats, logits, yb),
-                                             int(xb.shape[0]))
-                        # (this rank's running means, as Keras' batch logs)
-                        cbs.on_test_batch_end(step, logs.make(
-                            lambda seen=totals.seen: self._running_logs(totals, seen)))
-                    bar.update(1)
-                    # (the running means on the bar, read as fit's bar reads them: at most
-                    # every BAR_REFRESH seconds)
-                    if not bar.disable and totals.seen and \
-                            time.monotonic() - shown >= BAR_REFRESH:
-                        shown = time.monotonic()
-                        bar.set_postfix(bar_postfix(self._running_logs(totals, totals.seen)))
-                    if self.stop_evaluating:
-                        break
-                logs.settle()
-            host, _ = totals.read()
-            # on several ranks, each evaluated its slices: the sums are added up over the
-            # ranks, and with them whether each ran out, after how many batches, so that all
-            # decide alike (one alone stopping training left the others waiting)
-            here = distributed.world()
-            short, counts = [0.0] * here.size, [0.0] * here.size
-            short[here.rank] = float(bool(data.steps) and steps < data.steps
-                                     and not self.stop_evaluating)
-            counts[here.rank] = float(steps)
-            got = distributed.host_sum(
-                here, [*totals.sums(host), totals.seen, *short, *counts],
-                "evaluate (its sums)" if epoch is None else "fit (the validation's sums)",
-                tagged=True)
-            k = len(got) - 2 * here.size - 1
-            sums, seen = got[:k], got[k]
-            ran_out = [r for r in range(here.size) if got[k + 1 + r]]
-            counts = got[k + 1 + here.size:]
-            # (none at all, from anything but fit's validation iterator: refused below)
-            if ran_out and (seen or epoch is not None and reads_iterator(data)):
-                warn_ran_out(data, int(min(counts[r] for r in ran_out)), epoch, bool(seen),
-                             ran_out if here.size > 1 else None)
-                if epoch is not None and reads_iterator(data):  # (the next epoch's would get none)
-                    self.stop_training = True
-            if not seen:
-                # (the epoch keeps its training logs)
-                if epoch is not None and reads_iterator(data):
-                    cbs.on_test_end({})
-                    return {}
-                raise InputError("the evaluation data gave no batches" if epoch is None else
-                                 f"the validation data gave no batches in epoch {epoch + 1}")
-            result = self._logs(sums, seen)
-            bar.set_postfix(bar_postfix(result))
-        summarise(verbose, steps, t0, result)
+        # (each batch in the compute scope, the callbacks outside it: see _fit_epoch)
+        with self.backend.on_device(), contextlib.closing(
+                data.epoch(0)) as batches:  # type: ignore[type-var]
+            for step, batch in enumerate(batches):
+                logs.settle()  # (last batch's logs, if a callback kept them: before this)
+                steps = step + 1
+                xb, yb, wb = unpack(batch)
+                if xb.shape[0]:  # (not this rank's empty part of a short batch)
+                    cbs.on_test_batch_begin(step)
+                    with self.backend.compute_scope():
+                        logits = self._logits(xb, False, in_scope=True)
+                        stats, _ = loss.forward_with_accuracy(  # type: ignore[union-attr]
+                            xp, logits, yb, self._param_dtype, kernels, weights=wb)
+                        totals.add_stats(self._with_top_k(stats, logits, yb),
+                                         int(xb.shape[0]))
+                    # (this rank's running means, as Keras' batch logs)
+                    cbs.on_test_batch_end(step, logs.make(
+                        lambda seen=totals.seen: self._running_logs(totals, seen)))
+                if self.stop_evaluating:
+                    break
+            logs.settle()
+        host, _ = totals.read()
+        # on several ranks, each evaluated its slices: the sums are added up over the
+        # ranks, and with them whether each ran out, after how many batches, so that all
+        # decide alike (one alone stopping training left the others waiting)
+        here = distributed.world()
+        short, counts = [0.0] * here.size, [0.0] * here.size
+        short[here.rank] = float(bool(data.steps) and steps < data.steps
+                                 and not self.stop_evaluating)
+        counts[here.rank] = float(steps)
+        got = distributed.host_sum(
+            here, [*totals.sums(host), totals.seen, *short, *counts],
+            "evaluate (its sums)" if epoch is None else "fit (the validation's sums)",
+            tagged=True)
+        k = len(got) - 2 * here.size - 1
+        sums, seen = got[:k], got[k]
+        ran_out = [r for r in range(here.size) if got[k + 1 + r]]
+        counts = got[k + 1 + here.size:]
+        # (none at all, from anything but fit's validation iterator: refused below)
+        if ran_out and (seen or epoch is not None and reads_iterator(data)):
+            warn_ran_out(data, int(min(counts[r] for r in ran_out)), epoch, bool(seen),
+                         ran_out if here.size > 1 else None)
+            if epoch is not None and reads_iterator(data):  # (the next epoch's would get none)
+                self.stop_training = True
+        if not seen:
+            # (the epoch keeps its training logs)
+            if epoch is not None and reads_iterator(data):
+                cbs.on_test_end({})
+                return {}
+            raise InputError("the evaluation data gave no batches" if epoch is None else
+                             f"the validation data gave no batches in epoch {epoch + 1}")
+        result = self._logs(sums, seen)
         cbs.on_test_end(result)
         return result
 
@@ -1120,32 +1115,33 @@ class Trainer(TrainingStep):
         batch_size = checks.positive_int(256 if batch_size is None else batch_size,
                                          "batch_size")
         verbose = checks.verbosity(verbose)
-        callbacks = callback_list(callbacks)
+        callbacks, bar = _with_progress_bar(callback_list(callbacks), verbose, "predict")
         self._rebuild_if_shared()
         xp = self.backend.xp
         out = []
         with self._undone_if_refused():
             data = self._batches(x, None, batch_size, steps, targets=False, steps_name="steps")
+            if bar is not None:  # (a user's too: at predict's verbose, as in Keras 3)
+                bar.verbose = verbose
             cbs = CallbackList(callbacks, self, inference_params(verbose, data))
             self.stop_predicting = False
-            cbs.on_predict_begin()
-            t0 = time.perf_counter()
-            # (each batch in the compute scope, the callbacks outside it: see _fit_epoch)
-            with progress_bar(data, verbose, "predict") as bar, self.backend.on_device(), \
-                    contextlib.closing(data.epoch(0)) as batches:  # type: ignore[type-var]
-                for step, (xb, _) in enumerate(batches):
-                    cbs.on_predict_batch_begin(step)
+            # (the bar closed as the batches end, however they end)
+            with cbs.closing_bars():
+                cbs.on_predict_begin()
+                # (each batch in the compute scope, the callbacks outside it: see _fit_epoch)
+                with self.backend.on_device(), contextlib.closing(
+                        data.epoch(0)) as batches:  # type: ignore[type-var]
+                    for step, (xb, _) in enumerate(batches):
+                        cbs.on_predict_batch_begin(step)
+                        with self.backend.compute_scope():
+                            out.append(self._outputs(xb))
+                        cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
+                        if self.stop_predicting:  # (a callback's, as in Keras 3: the rows so far)
+                            break
+                    if not out:  # (as evaluate says)
+                        raise InputError("the prediction data gave no batches")
                     with self.backend.compute_scope():
-                        out.append(self._outputs(xb))
-                    cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
-                    bar.update(1)
-                    if self.stop_predicting:  # (a callback's, as in Keras 3: the rows so far)
-                        break
-                if not out:  # (as evaluate says)
-                    raise InputError("the prediction data gave no batches")
-                with self.backend.compute_scope():
-                    outputs = self.backend.to_numpy(xp.concat(out))
-        summarise(verbose, len(out), t0)
+                        outputs = self.backend.to_numpy(xp.concat(out))
         cbs.on_predict_end()
         return outputs
 
