@@ -29,10 +29,13 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 if [ -d .whl ]; then
-  for wheel in .whl/*.whl; do  # (one at a time: one that fails leaves the others installed)
+  # (one at a time: one that fails leaves the others installed; --target --upgrade replaces a
+  # wheel's top-level folders whole, so no two wheels carried may share one, as nvidia/ would)
+  for wheel in .whl/*.whl; do
+    [ -e "$wheel" ] || continue
     $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site "$wheel" || echo "pip could not install $wheel"
-  done
+      --target /tmp/site "$wheel" 2>&1 || echo "pip could not install $wheel"
+  done | tee "$out/gpu.txt"
   export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -44,7 +47,7 @@ fi
   timeout 20 $py -c "import xpcnn.cli as c; c.main(['info'])"
   timeout 20 $py -c "from xpcnn.ops import cudnn_conv as c; m = c.load(); print('cudnn frontend', \
 getattr(m, '__version__', None), 'backend', m.backend_version() if m else None)"
-} 2>&1 | tee "$out/gpu.txt"
+} 2>&1 | tee -a "$out/gpu.txt"
 
 echo "== probes: cuDNN's float32 switch, capture rules, NCCL" | tee -a "$out/gpu.txt"
 timeout "${PROBE_TIMEOUT:-25}" $py scripts/gpu_probes.py 2>&1 | tee -a "$out/gpu.txt"

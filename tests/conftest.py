@@ -55,3 +55,15 @@ def pytest_collection_modifyitems(config, items):
     # The slow (real-data) tests first, the rest in their order: under -n, workers start the
     # longest at once rather than one of them ending the run alone with an MNIST epoch.
     items.sort(key=lambda item: "slow" not in item.keywords)
+
+
+@pytest.fixture
+def shown_bars(monkeypatch):
+    """The callbacks' tqdm bars shown (TQDM_DISABLE=1, set above, hides them, as it would a
+    user's): for tests of what a bar shows."""
+    import functools
+
+    import xpcnn.callbacks
+
+    monkeypatch.setattr(xpcnn.callbacks, "tqdm",
+                        functools.partial(xpcnn.callbacks.tqdm, disable=False))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import functools
 import math
+import os
 import random
+import shutil
 import warnings
 import zlib
 from pathlib import Path
@@ -1525,6 +1527,37 @@ def test_a_resumed_csv_logger_appending_drops_the_rows_written_after_the_backup(
         assert log.read_text().startswith(earlier)
 
 
+def test_a_resumed_csv_logger_cuts_its_file_in_place(data, tmp_path):
+    """The rows a resumed run drops are cut from the user's file itself: its mode, its hard
+    links and a reader following it (``tail -f``) see the resumed rows (a replaced file was
+    a new one, readable by everyone, the links and the reader left with the old rows)."""
+    log, backup = tmp_path / "log.csv", tmp_path / "backup.npz"
+    with pytest.raises(RuntimeError, match="stop"):
+        _fit_logged(data, log, backup, _fail_at_end_of(2))
+    log.chmod(0o600)
+    os.link(log, tmp_path / "hard.csv")
+    inode = log.stat().st_ino
+    _fit_logged(data, log, backup)
+    assert (log.stat().st_ino, log.stat().st_mode & 0o777) == (inode, 0o600)
+    assert [r["epoch"] for r in _logged(tmp_path / "hard.csv")] == ["0", "1", "2", "3"]
+
+
+def test_resuming_an_earlier_checkpoint_of_a_finished_run_keeps_its_rows(data, tmp_path):
+    """A copy of a finished run's checkpoint of epoch 2, resumed: the finished run's rows of
+    epochs 2 and 3 after the recorded bytes are not what a stop leaves (one row at most), so
+    they stay, and the resumed rows are appended with a warning (they were dropped)."""
+    log, backup, copy = tmp_path / "log.csv", tmp_path / "b.npz", tmp_path / "b2.npz"
+    keep = LambdaCallback(on_epoch_begin=lambda e, _: shutil.copy(backup, copy) if e == 2
+                          else None)
+    small_model().fit(*data, epochs=4, batch_size=BATCH, verbose=0, callbacks=[
+        BackupAndRestore(backup, delete_checkpoint=False), CSVLogger(log, append=True), keep])
+    finished = log.read_text()
+    with pytest.warns(RuntimeWarning, match="may have two rows"):
+        _fit_logged(data, log, copy)
+    assert log.read_text().startswith(finished)
+    assert [r["epoch"] for r in _logged(log)] == ["0", "1", "2", "3", "2", "3"]
+
+
 def test_a_resumed_run_stopped_again_before_its_first_row_keeps_the_record_it_resumed_from(
         data, tmp_path):
     """A resumed run's backups before its first row (every 2 steps here) record the file as
@@ -1674,3 +1707,14 @@ def test_the_keras_comparison_script_drives_xpcnn_callbacks_without_crashing(mon
                 assert result["epochs run"] >= 1
     assert kinds == {"EarlyStopping", "ReduceLROnPlateau", "ModelCheckpoint",
                      "LearningRateScheduler"}
+
+
+def test_evaluate_and_predict_bars_honour_tqdm_disable_as_fits_do(data, capsys):
+    """TQDM_DISABLE=1 (set for the tests by conftest.py) hides evaluate's and predict's bars
+    as it hides fit's: tqdm's environment variables set the defaults of its arguments, which
+    the bars no longer override (they passed disable=False, and drew where fit's did not)."""
+    model = small_model()
+    model.fit(*data, epochs=1, batch_size=BATCH, verbose=1)
+    model.evaluate(*data, batch_size=BATCH, verbose=1)
+    model.predict(data[0], batch_size=BATCH, verbose=1)
+    assert capsys.readouterr().err == ""

@@ -1378,3 +1378,26 @@ def test_an_empty_rank_skips_a_draw_only_where_a_training_pass_draws():
     assert [model.layers[1].calls, model.layers[3].calls] == [0, 1]
     model.train_on_batch(np.ones((2, 3, 3, 2)), np.arange(2))  # (as a rank with samples)
     assert [model.layers[1].calls, model.layers[3].calls] == [0, 2]
+
+
+_SHORT_LAST_BATCH = """
+import numpy as np
+import xpcnn
+from xpcnn.layers import Dense, Flatten
+rng = np.random.default_rng(0)
+x = rng.standard_normal((33, 4, 4, 1)).astype(np.float32)
+y = rng.integers(0, 3, 33)
+m = xpcnn.Sequential([xpcnn.Input((4, 4, 1)), Flatten(), Dense(3)], device="cpu", seed=0)
+m.compile(loss="cross_entropy", optimizer="sgd", metrics=["accuracy"])
+m.evaluate(x, y, batch_size=16, verbose=2)
+"""
+
+
+@needs_mpi
+def test_evaluates_line_counts_a_last_batch_that_is_empty_on_rank_0(tmp_path):
+    """33 samples in batches of 16 on two ranks: the last batch's one sample is rank 1's, and
+    rank 0's part is empty. Its verbose=2 line still counts that batch, 2/2 (it said 1/1 when
+    evaluate's bar moved with the batch hooks, which an empty part does not run)."""
+    proc, _ = two_ranks(tmp_path, _SHORT_LAST_BATCH)
+    assert proc.returncode == 0, proc.stderr
+    assert "2/2 - " in proc.stdout, proc.stdout

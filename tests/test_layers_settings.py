@@ -210,7 +210,13 @@ def test_keras_random_crop_keywords_get_the_same_clear_error(args, kwargs, said)
     (lambda L: L.ReLU(threshold=1.0), r"ReLU\(threshold=1.0\): .*no threshold"),
     (lambda L: L.RandomFlip(seed=1), r"RandomFlip\(seed=1\): .*random layers take no seed"),
     (lambda L: L.Normalization(axis=-1), r"Normalization\(axis=-1\): .*each channel"),
-    (lambda L: L.Rescaling(1 / 255, dtype="float16"), r"Rescaling\(dtype='float16'\)")])
+    (lambda L: L.Rescaling(1 / 255, dtype="float16"), r"Rescaling\(dtype='float16'\)"),
+    # (layers with no settings of their own: Keras' MNIST tutorial's first line included)
+    (lambda L: L.Flatten(input_shape=(28, 28)), r"Flatten\(input_shape=\(28, 28\)\): .*Sequen"),
+    (lambda L: L.Flatten(data_format="channels_last"), r"Flatten\(data_format="),
+    (lambda L: L.GlobalAvgPool2D(keepdims=True), r"gives \(N, C\)"),
+    (lambda L: L.Softmax(axis=1), r"Softmax\(axis=1\): .*last axis"),
+    (lambda L: L.Add(dtype="float64"), r"Add\(dtype='float64'\)")])
 def test_keras_keywords_a_layer_does_not_take_get_a_clear_error(make, said):
     """A Keras port's ``BatchNorm2D(epsilon=1e-3)``, ``Conv2D(data_format=...)``... was
     Python's bare "unexpected keyword argument": now an InputError naming xpcnn's argument or

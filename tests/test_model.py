@@ -251,7 +251,8 @@ def test_layer_outputs_and_a_layer_on_its_own_show_each_layers_own_output(rng):
     model.fit(x, np.arange(4) % 10, epochs=1, verbose=0)
     np.testing.assert_array_equal(conv(outs[0]), np.asarray(model.layer_outputs(x)[1]))
     assert float(np.asarray(conv(outs[0])).min()) < 0
-    assert not hasattr(model, "forward")
+    with pytest.raises(InputError, match=r"PyTorch's way .*model\(x\).*layer_outputs\(x\)"):
+        model.forward(x)  # (PyTorch's forward gives the output, not this list: refused)
 
 
 def test_the_logits_of_a_uint8_batch_are_those_of_the_batch_in_the_parameters_dtype(rng):

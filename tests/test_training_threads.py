@@ -198,7 +198,8 @@ def test_keras_positional_orders_are_a_type_error_not_another_meaning(data, call
     assert model.optimizer.iterations == 0
 
 
-def test_keras_positional_evaluate_and_predict_mean_what_they_mean_in_keras(data, capsys):
+def test_keras_positional_evaluate_and_predict_mean_what_they_mean_in_keras(data, capsys,
+                                                                           shown_bars):
     """evaluate(x, y, batch_size, verbose) and predict(x, batch_size, verbose), Keras' order
     (was: a TypeError, the arguments after the data being keyword-only)."""
     x, y = data
@@ -223,7 +224,7 @@ def test_keras_positional_evaluate_and_predict_mean_what_they_mean_in_keras(data
     assert "3/3" in capsys.readouterr().err
 
 
-def test_verbose_takes_true_and_false_as_keras_does(data, capsys):
+def test_verbose_takes_true_and_false_as_keras_does(data, capsys, shown_bars):
     """Keras' fit(verbose=True/False) is 1/0 (was: refused)."""
     x, y = data
     model = compiled()

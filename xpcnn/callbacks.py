@@ -302,6 +302,14 @@ class CallbackList:
         scope.enter_context(self.closing_bars())
         return scope
 
+    def count_on_bars(self) -> None:
+        """A batch of evaluate with no sample on this rank (its empty part of a short last
+        batch on several ranks): no hook runs, but each ProgbarLogger counts it, so that rank
+        0's bar and verbose=2 line end at n/n, as the other ranks' count."""
+        for cb in self.callbacks:
+            if isinstance(cb, ProgbarLogger) and not cb._in_fit:
+                cb._advance(None)
+
     def closing_bars(self) -> contextlib.ExitStack:
         """A context that closes each :class:`ProgbarLogger`'s open bar however it ends (an
         error, a Ctrl-C: left open, a bar would push every later one a line down)."""
@@ -539,10 +547,7 @@ class ProgbarLogger(Callback):
         """evaluate's or predict's bar (``desc``), on rank 0 only."""
         self.steps, self.bar, self.t0 = 0, None, time.perf_counter()
         if self.verbose == 1 and distributed.is_root():
-            # (disable=False given, as these bars always had it: TQDM_DISABLE does not hide
-            # them, unlike fit's)
-            self.bar = tqdm(total=self.params.get("steps"), desc=desc, unit="batch",
-                            disable=False)
+            self.bar = tqdm(total=self.params.get("steps"), desc=desc, unit="batch")
             self.last = time.monotonic()
 
     def _advance(self, logs: Mapping[str, float] | None) -> None:
@@ -1284,15 +1289,15 @@ class CSVLogger(Callback):
     file (``append=False``) of a run resumed from a checkpoint starts with the epochs its
     History got back, so that it holds what an uninterrupted run's file holds. A resumed run
     appending goes on from the file as it was at the checkpoint, which records its size and
-    CRC-32 (:meth:`backup_record`): the rows that the run that stopped wrote after its last
-    backup (those of the epochs the resumed run goes on from, one each, in order) are dropped,
+    CRC-32 (:meth:`backup_record`): the row that the run that stopped wrote after its last
+    backup (of the epoch the resumed run goes on from: a stop leaves one at most) is dropped,
     the earlier ones (an earlier run's too) kept. Where the file does not begin with what was
-    recorded (edited, replaced) or what follows is not those rows (another run's), and for a
+    recorded (edited, replaced) or what follows is not that row (another run's), and for a
     checkpoint without the record (an earlier version's, ModelCheckpoint's), it appends: those
-    epochs may have two rows, with a warning. Such a file's first write (its header, those
-    epochs, the first row; or what is kept of it and the first row) replaces the old file
-    atomically: a write that fails (a full disk) names the file and leaves the old one as it
-    was; later rows are appended."""
+    epochs may have two rows, with a warning. A file cut back is cut in place (it stays the
+    user's file). A new file's first write (its header, those epochs, the first row) replaces
+    the old file atomically: a write that fails (a full disk) names the file and leaves the old
+    one as it was; later rows are appended."""
 
     def __init__(self, filename: str | os.PathLike[str], separator: str = ",",
                  append: bool = False) -> None:
@@ -1363,18 +1368,22 @@ class CSVLogger(Callback):
                  "which are not written: its columns are its header's (the first epoch's logs, "
                  "or those of the file appended to)")
         rows.append([epoch] + [logs.get(k, "NA") for k in self.keys])
-        if (self.mode == "w" or kept is not None) and replaceable(self.filename):
-            # (a file written anew, a resumed run's too, or cut back to its checkpoint's: the
-            # old one is kept until the header, the restored rows and the first row are all
-            # written, and a failed write names it)
+        if self.mode == "w" and replaceable(self.filename):
+            # (a file written anew, a resumed run's too: the old one is kept until the header,
+            # the restored rows and the first row are all written, and a failed write names it)
             with atomic_file(self.filename) as f:
                 text = io.StringIO(newline="")
                 csv.writer(text, delimiter=self.separator).writerows(rows)
-                f.write((kept or b"") + text.getvalue().encode(locale.getpreferredencoding(False)))
+                f.write(text.getvalue().encode(locale.getpreferredencoding(False)))
         else:
             # (opened for each epoch's row and closed after it: a fit that raises, whose
-            # on_train_end is not called, as in Keras, holds no handle on the file)
+            # on_train_end is not called, as in Keras, holds no handle on the file; one cut
+            # back to its checkpoint's is cut in place, the user's file still (its mode, its
+            # links, a `tail -f` on it): a stop after the cut leaves what the checkpoint
+            # recorded, which the next resume appends to)
             try:
+                if kept is not None:
+                    os.truncate(self.filename, len(kept))
                 with open(self.filename, self.mode, newline="") as f:
                     csv.writer(f, delimiter=self.separator).writerows(rows)
             except OSError as e:  # (a full disk: which file, not only "No space left")
@@ -1396,26 +1405,26 @@ class CSVLogger(Callback):
             # (a resumed run before its first row: the rows to drop are still there, so the
             # record goes on as the checkpoint resumed from had it, None where it had none)
             return self.backup
-        data = b""
+        size = crc = 0
         if os.path.exists(self.filename):
             if not os.path.isfile(self.filename):  # (a pipe: nothing to read back, or cut)
                 return None
             try:
-                with open(self.filename, "rb") as f:
-                    data = f.read()
+                with open(self.filename, "rb") as f:  # (by the MiB: a long log, no copy)
+                    while chunk := f.read(2**20):
+                        size, crc = size + len(chunk), zlib.crc32(chunk, crc)
             except OSError:
                 return None
-        return {"path": os.path.abspath(self.filename), "size": len(data),
-                "crc32": zlib.crc32(data)}
+        return {"path": os.path.abspath(self.filename), "size": size, "crc32": crc}
 
     def _kept_at_backup(self, epoch: int) -> bytes | None:
         """The file's first bytes, as the checkpoint resumed from recorded them (:attr:`backup`,
-        set by :class:`BackupAndRestore`), where what follows them is rows that the run that
-        stopped wrote after that backup: those of the epochs from ``epoch``, where this run
-        goes on, one each in order (after its header where the file was empty then), of the
-        file's columns. None where the file does not begin with what was recorded (edited,
-        replaced), what follows is other rows (another run's), or there is no record (then the
-        file is appended to, as it is)."""
+        set by :class:`BackupAndRestore`), where what follows them is what the run that
+        stopped wrote after that backup: the row of ``epoch``, where this run goes on, if any
+        (after its header where the file was empty then), of the file's columns. None where
+        the file does not begin with what was recorded (edited, replaced), what follows is
+        other rows (another run's), or there is no record (then the file is appended to, as it
+        is)."""
         record = self.backup
         if record is None or not os.path.isfile(self.filename):
             return None
@@ -1431,8 +1440,11 @@ class CSVLogger(Callback):
             return None
         if not kept and rows[:1] and rows[0][:1] == ["epoch"]:
             rows.pop(0)  # (the header, which the stopped run wrote after its backup)
-        if [row[:1] for row in rows] != [[str(epoch + k)] for k in range(len(rows))] or any(
-                len(row) != 1 + len(self.keys or ()) for row in rows):
+        # (one row at most, of the epoch this run goes on from: a backup follows each epoch's
+        # row, so a run that stopped left no more; more are another run's, such as the rest of
+        # a finished run whose earlier checkpoint is resumed)
+        if len(rows) > 1 or any(row[:1] != [str(epoch)] or len(row) != 1 + len(self.keys or ())
+                                for row in rows):
             return None
         return kept
 

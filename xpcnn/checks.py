@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import math
@@ -79,18 +80,51 @@ def check_sample_shape(x: np.ndarray, expected: tuple[int, ...], what: str = "x"
                          f"{x.shape}{hint}")
 
 
-def shape_to_build(sample: tuple[int, ...], what: str = "x") -> tuple[int, ...]:
-    """The per-sample shape of the first data a model sees, which it is built for; a warning
-    where it looks like channels-first images (the model would be built for 3-pixel-high
-    images of 32 channels and could train on them, meaninglessly)."""
-    sample = tuple(int(d) for d in sample)
-    if len(sample) == 3 and sample[0] in (1, 3) and min(sample[1:]) > 4:
+def looks_channels_first(sample: tuple[int, ...]) -> bool:
+    """Whether per-sample ``sample`` looks like images laid out (C, H, W), as PyTorch keeps
+    them: 1 or 3 rows of more than 4 pixels' width and channels."""
+    return len(sample) == 3 and sample[0] in (1, 3) and min(sample[1:]) > 4
+
+
+def warn_channels_first(sample: tuple[int, ...], what: str, fix: str) -> None:
+    """The warning of a model built for a per-sample ``sample`` that looks channels-first
+    (it would train, meaninglessly, on 3-pixel-high images of 32 channels): one text and one
+    class, whether the first data or a declared shape builds it, so one filter covers both."""
+    if looks_channels_first(sample):
         warn(f"{what} has per-sample shape {sample}, which looks like channels-first images "
              f"(C, H, W), as PyTorch keeps them; xpcnn reads (H, W, C), so the model is built "
-             f"for {sample[0]}x{sample[1]} images of {sample[2]} channels. Pass "
-             f"{what}.transpose(0, 2, 3, 1), or build(input_shape) first where that shape is "
-             "meant", UserWarning)
+             f"for {sample[0]}x{sample[1]} images of {sample[2]} channels. {fix}", UserWarning)
+
+
+# (the shape the first data was just warned of: the build that follows does not warn again)
+_WARNED_OF_DATA: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
+    "xpcnn_warned_of_data", default=None)
+
+
+def shape_to_build(sample: tuple[int, ...], what: str = "x") -> tuple[int, ...]:
+    """The per-sample shape of the first data a model sees, which it is built for; a warning
+    where it looks like channels-first images (:func:`warn_channels_first`)."""
+    sample = tuple(int(d) for d in sample)
+    warn_channels_first(sample, what, f"Pass {what}.transpose(0, 2, 3, 1), or declare the "
+                        "input shape (H, W, C) before")
+    _WARNED_OF_DATA.set(sample if looks_channels_first(sample) else None)
     return sample
+
+
+def warned_of_data() -> bool:
+    """Whether :func:`shape_to_build` has just warned of the shape that Model.build (which
+    asks first) builds for (forgotten once asked)."""
+    warned = _WARNED_OF_DATA.get() is not None
+    _WARNED_OF_DATA.set(None)
+    return warned
+
+
+def declared_shape(sample: tuple[int, ...], model_name: str) -> None:
+    """Model.build's warning where the shape declared (Input(shape), input_shape=, build())
+    looks channels-first."""
+    h, w, c = sample if len(sample) == 3 else (0, 0, 0)
+    warn_channels_first(sample, f"the input of model {model_name!r}",
+                        f"Declare {(w, c, h)} and pass images as x.transpose(0, 2, 3, 1)")
 
 
 def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray, np.ndarray]:
@@ -168,10 +202,11 @@ def as_sample_weights(w: Any, n: int, what: str = "sample_weight", dtype: Any = 
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim == 0:  # (refused, as Keras 3 refuses it: one way to weigh, an array)
-        raise InputError(f"{what} is one number, {arr.item()!r}, where it takes one weight for "
-                         f"each of the {n} samples, shape ({n},): to weigh every sample "
-                         f"{arr.item()!r}, pass np.full({n}, {arr.item()!r}) (which multiplies "
-                         "the loss by it)")
+        v = arr.item()
+        fix = f"to weigh every sample {v!r}, pass np.full({n}, {v!r}) (which multiplies the " \
+            "loss by it)" if math.isfinite(v) and v >= 0 else "weights must be finite and >= 0"
+        raise InputError(f"{what} is one number, {v!r}, where it takes one weight for each of "
+                         f"the {n} samples, shape ({n},): {fix}")
     if arr.shape != (n,):
         raise InputError(f"{what} must have one weight for each of the {n} samples, shape "
                          f"({n},); got shape {arr.shape}")

@@ -122,7 +122,9 @@ class SoftmaxCrossEntropy:
                 "softmax activation), or pass from_logits=True (or None)")
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
-        """The mean loss of a batch, as Keras' and PyTorch's loss objects give it: a 0-d array
+        """The mean loss of a batch, as Keras' and PyTorch's loss objects give it, called in
+        Keras' order, ``loss(y_true, y_pred)`` (PyTorch's, ``loss(input, target)``, is the
+        reverse): a 0-d array
         of ``y_pred``'s namespace and device (``float()`` reads it). ``y_pred`` (N, classes) are
         logits (``from_logits=True``, through :meth:`forward`, a subclass's own included) or
         probabilities (``False``; no clipping: a target class of probability 0 gives an
@@ -146,8 +148,15 @@ class SoftmaxCrossEntropy:
                 raise InputError(f"y_pred must be an array of numbers: {e}") from e
             xp = array_api_compat.array_namespace(y_pred)
         if y_pred.ndim != 2 or y_pred.shape[0] == 0 or y_pred.shape[1] < 2:
+            swapped = ""
+            given = np.asarray(to_host(y_true)) if y_pred.ndim == 1 else None
+            if given is not None and given.ndim == 2 and real_floating(np, given.dtype):
+                # (PyTorch's order, loss(input, target), is the reverse of Keras')
+                swapped = (f": arguments swapped? {type(self).__name__} is called as Keras' "
+                           "losses are, loss(y_true, y_pred); PyTorch's order, loss(input, "
+                           "target), is the reverse")
             raise InputError(f"y_pred must be a batch of scores, shape (N, classes) with N >= 1 "
-                             f"and at least 2 classes; got shape {tuple(y_pred.shape)}")
+                             f"and at least 2 classes; got shape {tuple(y_pred.shape)}{swapped}")
         if not real_floating(xp, y_pred.dtype):
             raise InputError(f"y_pred must hold real floating-point scores, got dtype "
                              f"{y_pred.dtype}")

@@ -15,7 +15,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -300,6 +300,7 @@ class Model(Trainer):
         the batch's, (None, 32, 32, 3), as Keras' ``build`` takes it (and
         :attr:`input_shape` gives it). A batch size in front, (32, 32, 32, 3), is refused where
         the model's input or first layer shows it is one (a Flatten first takes any rank)."""
+        data_warned = checks.warned_of_data()  # (fit's first data warned of this shape)
         if not self.layers:
             raise InputError("the model has no layers: " + (
                 "add() some before building it" if isinstance(self, Sequential) else
@@ -331,6 +332,10 @@ class Model(Trainer):
                     # a Dense first given (6, 6) is told to flatten them)
                     raise _batch_size_given(self, input_shape, str(e)) from None
                 raise
+        if shape != getattr(self, "_shape_checked", None):  # (once: add() builds again)
+            self._shape_checked = shape
+            if not data_warned:  # (Input((3, 32, 32)), PyTorch's layout, declared)
+                checks.declared_shape(shape, self.name)
         # (the optimiser's state stays, as in Keras: built layers keep their weights and
         # their shapes, and the next step's plan starts it afresh only where the layers it
         # trains changed, see _plan)
@@ -588,6 +593,13 @@ class Model(Trainer):
         """Every layer's own output (no plan: each does its own work)."""
         with self._shared_pass():
             return graph.each_output(self.layers, self._inbound(), x, training)
+
+    def forward(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Refused: PyTorch's call of a module, which an xpcnn model is not."""
+        raise InputError("model.forward(x) is PyTorch's way to call a module; an xpcnn model "
+                         "is called as model(x) (device arrays or symbolic tensors), or "
+                         "predict(x) for host batches; layer_outputs(x) gives every layer's "
+                         "output")
 
     def layer_outputs(self, x: Any, training: bool = False) -> list[Any]:
         """Every layer's output for a host batch, as device arrays (for inspection; the

@@ -16,7 +16,7 @@ import copy as copy_module
 import functools
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .checks import (
@@ -102,6 +102,36 @@ def _probe(cls: type, settings: dict[str, Any]) -> dict[str, Any]:
     return probe.__dict__
 
 
+_BINDS = ("compile binds the model's parameters to the optimiser: pass the rate and "
+          "settings only, {name}(lr=0.001, ...), then model.compile(optimizer=...)")
+#: PyTorch's optimiser keywords that xpcnn's (Keras' names) do not take, and what instead.
+TORCH_KEYWORDS = {
+    "params": _BINDS,
+    "betas": "xpcnn's names are Keras', beta_1 and beta_2: {name}(beta_1={b1}, beta_2={b2})",
+    "eps": "xpcnn's name is Keras', epsilon: {name}(epsilon={value})",
+    "alpha": "xpcnn's name is Keras', rho: {name}(rho={value})",
+    "dampening": "xpcnn's SGD has no dampening (PyTorch's default, 0, only)",
+}
+
+
+def _refuse_torch_arguments(name: str, init: Callable[..., None], args: tuple[Any, ...],
+                            kwargs: dict[str, Any]) -> None:
+    """Refuse PyTorch's way of making an optimiser, SGD(model.parameters(), lr=...) (Python's
+    "multiple values for argument 'lr'" named no way out), and its keywords that ``init``
+    does not take (:data:`TORCH_KEYWORDS`), naming xpcnn's."""
+    if args and isinstance(args[0], list | tuple | set | dict | Iterator):
+        raise InputError(f"{name}(...) was given {type(args[0]).__name__} as its first argument, "
+                         "the learning rate: PyTorch's order, "
+                         f"torch.optim.{name}(params, lr)? " + _BINDS.format(name=name))
+    taken = named_parameters(init)
+    for key, value in kwargs.items():
+        if key in TORCH_KEYWORDS and key not in taken:
+            pair = value if isinstance(value, list | tuple) and len(value) == 2 else (None, None)
+            why = TORCH_KEYWORDS[key].format(name=name, value=repr(value), b1=pair[0], b2=pair[1])
+            raise InputError(f"{name}({key}={value!r}): PyTorch's keyword, which xpcnn's {name} "
+                             f"does not take: {why}")
+
+
 def _takes_learning_rate(init: Callable[..., None]) -> Callable[..., None]:
     """``init`` (whose first parameter is ``lr``) also taking Keras' name of it,
     ``learning_rate=``, by keyword. Outside the signature (which ``inspect`` reads through the
@@ -109,6 +139,7 @@ def _takes_learning_rate(init: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(init)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        _refuse_torch_arguments(type(self).__name__, init, args, kwargs)
         if "learning_rate" in kwargs:
             if args or "lr" in kwargs:
                 given = args[0] if args else kwargs["lr"]

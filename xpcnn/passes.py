@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 import threading
 from typing import Any
 
@@ -28,12 +27,12 @@ class PassLock:
     ``shared`` is a ``with`` block: this thread's own reader lock (a C-level ``RLock``, whose
     ``with`` a Ctrl-C cannot split, so a pass never leaves it held), taken once the writers'
     gate is free; a writer takes the gate, then every thread's reader lock (waiting for their
-    passes). ``exclusive(what)`` is a ``with`` block too, whose enter and exit are Python code:
-    in the main thread (the only one a signal's Python handler runs in) the signals that have
-    a Python handler (Ctrl-C's KeyboardInterrupt, a user's own) are deferred while they run,
-    and handled once the lock is taken (then given back: the Ctrl-C is raised before the
-    block) or given back; a wait for the lock still ends at a Ctrl-C. So neither a pass nor a
-    build leaves the lock held (see :func:`_deferring`)."""
+    passes; in the main thread a Ctrl-C ends that wait, whichever thread the signal reached).
+    ``exclusive(what)`` is a ``with`` block too, which gives back what it took on an exception;
+    a Ctrl-C landing in its own Python-level enter or exit (a few microseconds of a build) may
+    still leave it held: builds are rare and short, and a pass, the common case, cannot.
+    (Deferring signals there took wrapping the process's signal handlers, which a user's
+    handlers chaining to the previous one, or checking their own, did not survive.)"""
 
     def __init__(self) -> None:
         self._gate = threading.Lock()  # (a writer's, waiting or holding: new readers wait)
@@ -123,130 +122,34 @@ class _Exclusive:
         self._lock, self._what = lock, what
 
     def __enter__(self) -> None:
-        lock = self._lock
-        if threading.get_ident() != threading.main_thread().ident:  # (no signal lands here)
-            lock._take_exclusive(self._what)
-            return
-        taken = False
-        try:
-            _defer_signals()
-            lock._take_exclusive(self._what)
-            taken = True
-            _holds[0] += 1
-            if not _came:
-                # (no call from the check on: a signal now is handled in the block, whose
-                # exit gives the lock back)
-                return
-            _holds[0] -= 1  # (one came meanwhile: raised as before the block)
-            taken = False
-            lock._release_exclusive()
-        except BaseException:
-            if taken:
-                _holds[0] -= 1
-                lock._release_exclusive()
-            _handle_signals()
-            raise
-        _handle_signals()
+        self._lock._take_exclusive(self._what)
 
     def __exit__(self, *exc: Any) -> None:
         lock = self._lock
-        if threading.get_ident() != threading.main_thread().ident:
-            lock._release_exclusive()
-            return
+        writes = lock._writes
         try:
-            _holds[0] -= 1
             lock._release_exclusive()
-        finally:
-            _handle_signals()
+        except BaseException:  # (a Ctrl-C landing before it gave the hold back: again)
+            if lock._writes == writes and lock._writer == threading.get_ident():
+                lock._release_exclusive()
+            raise
 
 
-# Signals whose Python handler runs while the main thread takes or gives back the lock
-# exclusive are deferred: a handler that raises (Ctrl-C's KeyboardInterrupt, a user's) between
-# two steps of that bookkeeping left the lock held, and every later pass and build waited for
-# ever. A handler runs only in the main thread, between bytecodes; here it is wrapped by
-# _deferring from the enter's start to the exit's end (the block between: every signal is
-# handled at once, by its own handler, as the wrapper passes it on).
-
-#: the signals deferred where their handler is Python's: Ctrl-C's (first), and those that
-#: Python code commonly handles by raising (SystemExit at SIGTERM, a timeout at SIGALRM...).
-#: Not every signal: a look at each handler costs a microsecond or so, at every build.
-_SIGNALS = tuple(getattr(signal, name) for name in (
-    "SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGALRM", "SIGUSR1", "SIGUSR2", "SIGBREAK")
-    if hasattr(signal, name))
-#: each wrapped signal's own handler
-_handlers: dict[int, Any] = {}
-#: (handler, signum, frame) of the signals deferred, in the order they came
-_came: list[tuple[Any, int, Any]] = []
-#: how many exclusive holds of any PassLock the main thread has (its handlers wrapped)
-_holds = [0]
-
-
-def _deferring(signum: int, frame: Any) -> None:
-    """The handler wrapping a signal's own: the signal waits where it interrupted the lock's
-    enter or exit (or what they call), and is passed on at once anywhere else."""
-    handler = _handlers.get(signum)
-    if handler is None:  # (unwrapped meanwhile)
-        return
-    at = frame
-    while at is not None:
-        if at.f_code in _BOOKKEEPING:
-            _came.append((handler, signum, frame))
-            return
-        at = at.f_back
-    handler(signum, frame)
-
-
-_BOOKKEEPING = frozenset({_Exclusive.__enter__.__code__, _Exclusive.__exit__.__code__})
-
-
-def _defer_signals() -> None:
-    """Wrap those signals' Python handlers (SIGINT's first: a Ctrl-C pending from before is
-    raised here, where nothing is taken). Only in the main thread; once, not again inside."""
-    if _holds[0]:
-        return
-    for signum in _SIGNALS:
-        handler = signal.getsignal(signum)
-        if callable(handler) and handler is not _deferring:
-            _handlers[signum] = handler  # (first: the wrapper may run as soon as it is set)
-            try:
-                signal.signal(signum, _deferring)
-            except (ValueError, OSError):  # (not the main interpreter; a signal it refuses)
-                del _handlers[signum]
-
-
-def _handle_signals() -> None:
-    """The signals' own handlers back where the main thread holds no lock exclusive, then those
-    deferred run (a Ctrl-C's KeyboardInterrupt raised here, with nothing held)."""
-    try:
-        if not _holds[0]:
-            for signum, handler in list(_handlers.items()):
-                if signal.getsignal(signum) is _deferring:  # (else the user's, set since)
-                    signal.signal(signum, handler)
-                del _handlers[signum]
-    finally:
-        try:
-            while _came:
-                handler, signum, frame = _came.pop(0)
-                handler(signum, frame)
-        finally:
-            _came.clear()  # (one more, while the first raised: that one stands for both)
-
-
-#: how long the main thread waits for a lock before it looks for a deferred Ctrl-C (seconds)
+#: how long the main thread waits for a lock before it looks for a Ctrl-C (seconds)
 _POLL = 0.05
 
 
 def _wait_for(lock: Any) -> None:
     """Acquire ``lock`` (the gate, a thread's reader lock), which may be held for a while (a
-    pass running): in the main thread a Ctrl-C deferred meanwhile is raised here (the caller
-    gives back what it took)."""
+    pass running). In the main thread, in steps: a Ctrl-C that reached another thread (the
+    kernel gives a process's signal to any of its threads) leaves a C-level wait waiting, and
+    Python raises its KeyboardInterrupt only between steps (the caller gives back what it
+    took)."""
     if threading.get_ident() != threading.main_thread().ident:
         lock.acquire()
         return
     while not lock.acquire(timeout=_POLL):
-        if _came:
-            handler, signum, frame = _came.pop(0)
-            handler(signum, frame)
+        pass
 
 
 def exclusive_if(builds_built: bool, what: str, otherwise: Any = None) -> Any:

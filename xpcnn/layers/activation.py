@@ -61,6 +61,9 @@ class ReLU(Layer):
 class Softmax(Layer):
     """Probabilities over the last axis. With cross-entropy the model fuses it into the loss."""
 
+    def __init__(self, name: str | None = None) -> None:  # (Keras' keywords refused by name)
+        super().__init__(name)
+
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         xp = self.xp
         y = softmax(xp, xp.astype(x, self.dtype, copy=False))

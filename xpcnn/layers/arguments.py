@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import to_host
 from ..checks import named_parameters, takes_keywords
 from ..errors import InputError
 
@@ -43,6 +44,17 @@ def count(v: int, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int | np.integer) or not 0 < v < 2**31:
         raise InputError(f"{what} must be a positive int (a count, below 2**31), got {v!r}")
     return int(v)
+
+
+def on_host(value: Any, what: str) -> Any:
+    """``value`` as NumPy reads it: another namespace's array copied to the host (a PyTorch
+    parameter, which requires grad, detached: NumPy's read of it raised torch's own error),
+    anything else as it is; one no copy can read (a bfloat16 tensor) refused by ``what``."""
+    try:
+        return to_host(value)
+    except (TypeError, ValueError, RuntimeError, BufferError) as e:
+        raise InputError(f"{what} must be an array NumPy can read, got a "
+                         f"{type(value).__name__} that is none ({e})") from None
 
 
 def check_padding(padding: str | int) -> str | int:
@@ -104,6 +116,10 @@ KERAS_KEYWORDS: dict[str, dict[str, str]] = {
               **{k: "xpcnn's Dense has no LoRA or quantization"
                  for k in ("lora_rank", "lora_alpha", "quantization_config")}},
     "_Pool2D": {"data_format": _CHANNELS_LAST},  # (MaxPool2D's and AvgPool2D's constructor)
+    "Flatten": {"data_format": _CHANNELS_LAST},
+    "GlobalAvgPool2D": {"data_format": _CHANNELS_LAST,
+                        "keepdims": "xpcnn's GlobalAvgPool2D gives (N, C) (keepdims=False only)"},
+    "Softmax": {"axis": "xpcnn's Softmax is over the last axis (axis=-1 only)"},
     "Dropout": {"seed": _SEED,
                 "noise_shape": "xpcnn's Dropout drops each value on its own (no noise_shape)"},
     "BatchNorm2D": {
@@ -143,6 +159,28 @@ def refuse_keras_keywords(cls: type, init: Any, given: dict[str, Any]) -> None:
             name = cls.__name__
             raise InputError(f"{name}({key}={value!r}): Keras' keyword, which xpcnn's {name} "
                              f"does not take: {why.format(value=repr(value))}")
+
+
+#: How PyTorch's positional layer signatures differ from xpcnn's (Keras'), for the errors
+#: a line-by-line port meets.
+TORCH_CONV_ORDER = ("PyTorch's order, nn.Conv2d(in_channels, out_channels, kernel_size, "
+                    "stride)? xpcnn's is Conv2D(filters, kernel_size, strides, padding), as "
+                    "Keras', the input's channels inferred")
+
+
+def does_not_fit(layer: Any, what: str, input_shape: Shape) -> InputError:
+    """The error of a window (``what``: "a 3x3 kernel ...") larger than the input, with the
+    likely cause: an input declared channels-first (1x28 of 28 channels), or for a Conv2D,
+    PyTorch's positional order (Conv2D(1, 32, 3): a 32x32 kernel)."""
+    h, w, c = input_shape
+    hint = ""
+    if h in (1, 3) and min(w, c) > 4:
+        hint = (f": is the input channels-first, (C, H, W) as PyTorch keeps images? xpcnn "
+                f"reads (H, W, C): declare {(w, c, h)} and pass images as "
+                "x.transpose(0, 2, 3, 1)")
+    elif type(layer).__name__ == "Conv2D":
+        hint = f": {TORCH_CONV_ORDER}"
+    return InputError(f"layer {layer.name!r}: {what} does not fit an input of {h}x{w}{hint}")
 
 
 def require_rank(layer: Any, input_shape: Shape, rank: int) -> None:

@@ -48,7 +48,7 @@ from ..checks import (
 )
 from ..errors import InputError, of_xpcnn
 from ..passes import exclusive_if
-from .arguments import Shape, per_sample, refuse_keras_keywords
+from .arguments import Shape, on_host, per_sample, refuse_keras_keywords
 from .symbolic import Node, SymbolicTensor, is_symbolic, refuse_training_in_graph
 from .weight import Weight
 
@@ -745,6 +745,7 @@ class Layer:
         """Weight ``name``'s new value ``w``, in Keras' layout, checked (its shape, a real
         dtype, no finite values the layer's dtype would turn into infinity), as a host array in
         the layer's own layout."""
+        w = on_host(w, f"layer {self.name!r} weight {name!r}")  # (a torch Parameter detached)
         try:
             w = np.asarray(w)
         except (ValueError, TypeError) as e:  # (a ragged nested list: NumPy's bare error)

@@ -10,10 +10,20 @@ import numpy as np
 
 from .. import backend as backend_module
 from ..checks import flag
-from ..errors import InputError
+from ..errors import InputError, warn
 from ..ops.convolution import ConvEngine, ConvGeometry
 from ..ops.kernels import kernels_for
-from .arguments import Shape, check_activation, check_padding, count, in_dtype, pair, require_rank
+from .arguments import (
+    TORCH_CONV_ORDER,
+    Shape,
+    check_activation,
+    check_padding,
+    count,
+    does_not_fit,
+    in_dtype,
+    pair,
+    require_rank,
+)
 from .base import DEFAULT, Layer, Options, Setting
 from .initializers import check_initializer, initialize
 
@@ -58,6 +68,18 @@ class Conv2D(Layer):
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.strides = pair(strides, "strides")
         self.padding = check_padding(padding)
+        if isinstance(activation, int | np.integer) and not isinstance(activation, bool):
+            raise InputError(f"Conv2D(..., activation={activation!r}): a number where xpcnn "
+                             f"takes an activation's name: {TORCH_CONV_ORDER}")
+        (kh, kw), (sh, sw) = self.kernel_size, self.strides
+        # Conv2D(3, 6, 5), PyTorch's nn.Conv2d(in=3, out=6, k=5), reads as 3 filters of 6x6
+        # at stride 5 and builds. No common layer has as few filters as its (square) kernel is
+        # wide, that kernel 6 or more and wider than its stride (ResNet's Conv2D(64, 7, 2),
+        # AlexNet's (96, 11, 4), a ViT's patches (768, 16, 16) have not).
+        if kh == kw and sh == sw and 1 < sh < kh and kh >= 6 and self.filters <= kh:
+            warn(f"Conv2D({self.filters}, {kh}, {sh}) makes {self.filters} filters of {kh}x{kh} "
+                 f"at stride {sh}: {TORCH_CONV_ORDER}. nn.Conv2d({self.filters}, {kh}, {sh}) "
+                 f"is Conv2D({kh}, {sh})", UserWarning)
         self.activation = activation
         self.use_bias = flag(use_bias, "use_bias")
         self.kernel_initializer = check_initializer(kernel_initializer)
@@ -75,10 +97,8 @@ class Conv2D(Layer):
         self.geometry = ConvGeometry.of((h, w, c), self.filters, self.kernel_size, self.strides,
                                         self.padding)
         if min(self.geometry.out_hw) < 1:
-            raise InputError(
-                f"layer {self.name!r}: a {kh}x{kw} kernel with padding {self.padding!r} does not "
-                f"fit an input of {h}x{w}"
-            )
+            raise does_not_fit(self, f"a {kh}x{kw} kernel with padding {self.padding!r}",
+                               input_shape)
         fan_in, fan_out = kh * kw * c, kh * kw * self.filters
         keras = initialize(self.kernel_initializer, (kh, kw, c, self.filters), fan_in, fan_out,
                            rng)

@@ -21,6 +21,9 @@ class Flatten(Layer):
 
     input_values = "passes"  # (a reshape)
 
+    def __init__(self, name: str | None = None) -> None:  # (Keras' keywords refused by name)
+        super().__init__(name)
+
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         return (math.prod(input_shape),)
 
@@ -53,6 +56,12 @@ class Dense(Layer):
                  kernel_initializer: str = "glorot_uniform", name: str | None = None) -> None:
         super().__init__(name)
         self.units = count(units, "units")
+        if isinstance(activation, int | np.integer) and not isinstance(activation, bool):
+            # (Dense(9216, 128), PyTorch's nn.Linear(in_features, out_features))
+            raise InputError(f"Dense({units!r}, {activation!r}): a number where xpcnn takes an "
+                             "activation's name: PyTorch's order, nn.Linear(in_features, "
+                             "out_features)? xpcnn's is Dense(units, activation), as Keras', the "
+                             f"input's features inferred: Dense({activation!r})")
         self.activation = activation
         self.use_bias = flag(use_bias, "use_bias")
         self.kernel_initializer = check_initializer(kernel_initializer)

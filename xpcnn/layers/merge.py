@@ -24,6 +24,9 @@ class Add(Layer):
     can_fuse_relu = True
     can_sum_output_grads = True
 
+    def __init__(self, name: str | None = None) -> None:  # (Keras' keywords refused by name)
+        super().__init__(name)
+
     def _build(self, input_shape: tuple[Shape, ...], rng: np.random.Generator) -> Shape:
         _require_inputs(self, input_shape)
         if any(s != input_shape[0] for s in input_shape):

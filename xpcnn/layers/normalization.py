@@ -108,6 +108,11 @@ class BatchNorm2D(Layer):
 
     def __init__(self, momentum: float = 0.1, eps: float = 1e-5, name: str | None = None) -> None:
         super().__init__(name)
+        if isinstance(momentum, int | np.integer) and not isinstance(momentum, bool) and \
+                momentum > 1:  # (BatchNorm2D(64), PyTorch's nn.BatchNorm2d(num_features))
+            raise InputError(f"BatchNorm2D({momentum!r}): PyTorch's nn.BatchNorm2d(num_features)"
+                             "? xpcnn infers the number of features from the input: its first "
+                             "argument is momentum (PyTorch's, 0.1 by default): BatchNorm2D()")
         self.momentum = momentum
         self.eps = eps
 

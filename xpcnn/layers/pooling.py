@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import InputError
 from ..ops import pool, windows
 from ..ops.kernels import kernels_for
-from .arguments import Shape, check_padding, pair, require_rank
+from .arguments import Shape, check_padding, does_not_fit, pair, require_rank
 from .base import DEFAULT, Layer, Options
 
 
@@ -41,9 +41,7 @@ class _Pool2D(Layer):
             )
         self.out_hw = windows.output_size((h, w), self.pool_size, self.strides, self.pads)
         if min(self.out_hw) < 1:
-            raise InputError(
-                f"layer {self.name!r}: a {self.pool_size} pool does not fit an input of {h}x{w}"
-            )
+            raise does_not_fit(self, f"a {self.pool_size} pool", input_shape)
         return (*self.out_hw, c)
 
 
@@ -73,7 +71,10 @@ class MaxPool2D(_Pool2D):
 
 
 class AvgPool2D(_Pool2D):
-    """Mean of each window; with padding, the mean is over the real (unpadded) inputs only."""
+    """Mean of each window; with padding ("same" or an int), the mean is over the real
+    (unpadded) inputs only, as Keras' "same": PyTorch's ``count_include_pad=False``, not its
+    default, so PyTorch's ``AvgPool2d(3, 1, padding=1)`` is ``AvgPool2d(3, 1, 1,
+    count_include_pad=False)`` here (its border means differ otherwise)."""
 
     input_values = "passes"  # (in the input's dtype)
 
@@ -126,6 +127,9 @@ class GlobalAvgPool2D(Layer):
     """Mean over H and W: (N, H, W, C) -> (N, C)."""
 
     input_values = "passes"  # (in the input's dtype)
+
+    def __init__(self, name: str | None = None) -> None:  # (Keras' keywords refused by name)
+        super().__init__(name)
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         require_rank(self, input_shape, 3)

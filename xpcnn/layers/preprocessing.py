@@ -19,7 +19,7 @@ from ..backend import dtype_name, get_backend
 from ..checks import flag, number, positive_int, real_floating, real_numbers
 from ..errors import InputError
 from ..ops.kernels import kernels_for
-from .arguments import Shape, require_rank
+from .arguments import Shape, on_host, require_rank
 from .base import DEFAULT, Layer, Options, RandomLayer, Setting
 
 
@@ -369,7 +369,7 @@ def _statistic(value: Any, what: str) -> list[float]:
     one per channel, as a list of floats, checked: finite, a spread > 0."""
     low = None if what == "mean" else 0.0
     return [number(v, f"Normalization {what}", low, low_open=low is not None)
-            for v in np.atleast_1d(value).tolist()]
+            for v in np.atleast_1d(on_host(value, f"Normalization {what}")).tolist()]
 
 
 def _tiny_channels(std: Any, dtype: Any, stored: bool = False) -> str:

@@ -1051,6 +1051,8 @@ class Trainer(TrainingStep):
                     # (this rank's running means, as Keras' batch logs)
                     cbs.on_test_batch_end(step, logs.make(
                         lambda seen=totals.seen: self._running_logs(totals, seen)))
+                else:  # (no hook for this rank's empty part, but its bar counts the batch)
+                    cbs.count_on_bars()
                 if self.stop_evaluating:
                     break
             logs.settle()

@@ -1,0 +1,261 @@
+"""A PyTorch user's port, line by line: PyTorch's habits (channels-first shapes, positional
+layer signatures, torch Parameters, optimisers given the parameters, a loss called in
+PyTorch's order) are warned of or refused naming both ways, never taken silently."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import xpcnn
+from xpcnn import checks, optim
+from xpcnn.errors import InputError
+from xpcnn.layers import (
+    AvgPool2D,
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    Flatten,
+    GlobalAvgPool2D,
+    MaxPool2D,
+    Normalization,
+)
+from xpcnn.losses import SoftmaxCrossEntropy
+
+_NCHW = r"\(3, 8, 8\), which looks like channels-first images \(C, H, W\), as PyTorch keeps them"
+
+
+def _head() -> list:
+    return [Conv2D(4, 3, padding="same"), GlobalAvgPool2D(), Dense(2)]
+
+
+def _channels_first_warnings(make) -> list[str]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        make()
+    return [str(w.message) for w in seen if "channels-first" in str(w.message)
+            and issubclass(w.category, UserWarning)]
+
+
+# -- 1. a channels-first input shape declared ------------------------------------------------
+
+def _via_input():
+    m = xpcnn.Sequential()
+    m.add(xpcnn.Input((3, 8, 8)))
+    for la in _head():
+        m.add(la)  # (one warning, not one an add)
+    return m
+
+
+def _via_functional():
+    x = xpcnn.Input((3, 8, 8))
+    h = x
+    for la in _head():
+        h = la(h)
+    return xpcnn.Model(x, h)
+
+
+@pytest.mark.parametrize("make", [
+    _via_input, _via_functional,
+    lambda: xpcnn.Sequential(_head(), input_shape=(3, 8, 8)),
+    lambda: xpcnn.Sequential(_head()).build((None, 3, 8, 8)),
+], ids=["add_Input", "functional_Input", "input_shape", "build"])
+def test_a_declared_channels_first_shape_warns_as_first_data_does(make):
+    said = _channels_first_warnings(make)
+    assert len(said) == 1, said
+    assert "input of model" in said[0] and "(3, 8, 8), which looks like" in said[0]
+    assert "Declare (8, 8, 3)" in said[0] and "x.transpose(0, 2, 3, 1)" in said[0]
+
+
+def test_first_data_warns_once_and_a_filter_covers_both_warnings():
+    x, y = np.zeros((4, 3, 8, 8), np.float32), np.arange(4) % 2
+    model = xpcnn.Sequential(_head())
+    model.compile(optimizer="sgd")
+    said = _channels_first_warnings(lambda: model.fit(x, y, verbose=0))
+    assert len(said) == 1 and said[0].startswith("xpcnn: x has per-sample shape")
+    with warnings.catch_warnings():  # (one filter, the same text, the same class)
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*" + _NCHW, category=UserWarning)
+        xpcnn.Sequential(_head(), input_shape=(3, 8, 8))
+        xpcnn.Sequential(_head()).predict(x, verbose=0)
+
+
+def test_a_channels_last_shape_builds_without_a_warning():
+    assert not _channels_first_warnings(lambda: xpcnn.Sequential(_head(), input_shape=(8, 8, 3)))
+    assert not _channels_first_warnings(lambda: xpcnn.Sequential(_head(), input_shape=(28, 28, 1)))
+
+
+@pytest.mark.parametrize("layer, what", [(Conv2D(32, 3), "a 3x3 kernel"),
+                                         (MaxPool2D(2), "a \\(2, 2\\) pool")])
+def test_a_window_that_does_not_fit_a_channels_first_input_says_so(layer, what):
+    model = xpcnn.Sequential()
+    model.add(xpcnn.Input((1, 28, 28)))
+    with pytest.raises(InputError, match=what + r".* does not fit an input of 1x28: is the input "
+                       r"channels-first, \(C, H, W\) as PyTorch keeps images\? .* declare "
+                       r"\(28, 28, 1\)"):
+        model.add(layer)
+
+
+# -- 2. PyTorch's positional layer signatures ------------------------------------------------
+
+def test_conv2d_in_pytorchs_order_warns_naming_both_orders():
+    with pytest.warns(UserWarning, match=r"Conv2D\(3, 6, 5\) makes 3 filters of 6x6 at stride 5: "
+                      r"PyTorch's order, nn.Conv2d\(in_channels, out_channels, kernel_size, "
+                      r"stride\)\? xpcnn's is Conv2D\(filters, kernel_size, strides, padding\)"
+                      r".* nn.Conv2d\(3, 6, 5\) is Conv2D\(6, 5\)"):
+        Conv2D(3, 6, 5)
+    for port in [(3, 16, 3), (1, 32, 3), (64, 128, 3), (6, 16, 5)]:
+        with pytest.warns(UserWarning, match="PyTorch's order"):
+            Conv2D(*port)
+
+
+def test_common_strided_convolutions_build_without_a_warning():
+    """ResNet's and MobileNet's stems, AlexNet's first layer, ConvNeXt's and a ViT's patches,
+    a downsampling conv of a small net."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for args in [(64, 7, 2), (32, 3, 2), (96, 11, 4), (96, 4, 4), (768, 16, 16), (8, 3, 2),
+                     (2, 3, 2), (16, 2, 2), (64, 3, 1), (1, 3), (3, 1)]:
+            Conv2D(*args)
+
+
+def test_a_conv2d_kernel_too_large_names_pytorchs_order():
+    model = xpcnn.Sequential()
+    model.add(xpcnn.Input((28, 28, 1)))
+    with pytest.warns(UserWarning), pytest.raises(
+            InputError, match=r"a 32x32 kernel .* does not fit an input of 28x28: PyTorch's order, "
+                              r"nn.Conv2d\(in_channels, out_channels, kernel_size, stride\)\?"):
+        model.add(Conv2D(1, 32, 3))
+    with pytest.raises(InputError, match=r"Conv2D\(..., activation=1\): a number where xpcnn "
+                                         r"takes an activation's name: PyTorch's order"):
+        Conv2D(64, 3, 1, 1, 1)  # (nn.Conv2d(64, ?, 3, 1, 1)'s stride and padding)
+
+
+def test_dense_and_batchnorm_in_pytorchs_order_name_both_orders():
+    with pytest.raises(InputError, match=r"Dense\(9216, 128\): a number where xpcnn takes an "
+                                         r"activation's name: PyTorch's order, nn.Linear\("
+                                         r"in_features, out_features\)\? xpcnn's is Dense\(units, "
+                                         r"activation\).*: Dense\(128\)$"):
+        Dense(9216, 128)
+    with pytest.raises(InputError, match=r"BatchNorm2D\(64\): PyTorch's nn.BatchNorm2d\("
+                                         r"num_features\)\? xpcnn infers the number of features "
+                                         r".*: BatchNorm2D\(\)$"):
+        BatchNorm2D(64)
+    with pytest.raises(InputError, match=r"momentum must be in \[0, 1\], got 1.5"):
+        BatchNorm2D(1.5)
+    with pytest.warns(RuntimeWarning, match="Keras' momentum=0.99"):  # (1: no count)
+        assert BatchNorm2D(1).momentum == 1
+    assert BatchNorm2D(0).momentum == 0
+
+
+# -- 3. torch Parameters as weights ----------------------------------------------------------
+
+def _small():
+    model = xpcnn.Sequential([Conv2D(4, 3), Flatten(), Dense(3)], input_shape=(6, 6, 1),
+                             dtype="float64")
+    return model
+
+
+def test_torch_parameters_are_taken_as_weights():
+    model = _small()
+    new = [np.random.default_rng(k).standard_normal(w.shape) for k, w in
+           enumerate(model.get_weights())]
+    params = [torch.nn.Parameter(torch.tensor(w)) for w in new]  # (requires_grad, as torch's)
+    model.set_weights(params)
+    for got, want in zip(model.get_weights(), new, strict=True):
+        np.testing.assert_array_equal(got, want)
+    model.layers[0].set_weights([p * 2 for p in params[:2]])
+    np.testing.assert_array_equal(model.layers[0].get_weights()[0], 2 * new[0])
+    model.weights[0].assign(params[0])
+    np.testing.assert_array_equal(model.get_weights()[0], new[0])
+    with pytest.raises(InputError, match=r"weight 'bias' must be an array NumPy can read, got a "
+                                         r"Tensor .*BFloat16"):
+        model.weights[1].assign(torch.zeros(4, dtype=torch.bfloat16))
+
+
+def test_normalization_takes_torch_parameters():
+    layer = Normalization(mean=torch.nn.Parameter(torch.tensor([0.5, 1.0, 2.0])),
+                          std=torch.nn.Parameter(torch.tensor([2.0, 4.0, 0.5])))
+    assert layer.mean == [0.5, 1.0, 2.0] and layer.std == [2.0, 4.0, 0.5]
+
+
+# -- 4. optimisers made PyTorch's way --------------------------------------------------------
+
+@pytest.mark.parametrize("params", [
+    lambda m: m.trainable_weights, lambda m: iter(m.trainable_weights),
+    lambda m: (w for w in m.trainable_weights), lambda m: [{"params": m.trainable_weights}],
+], ids=["list", "iterator", "generator", "param_groups"])
+@pytest.mark.parametrize("cls", [optim.SGD, optim.Adam, optim.AdamW, optim.RMSprop])
+def test_an_optimiser_given_the_parameters_is_refused_clearly(cls, params):
+    name = cls.__name__
+    with pytest.raises(InputError, match=rf"^{name}\(...\) was given \w+ as its first argument, "
+                                         rf"the learning rate: PyTorch's order, torch.optim."
+                                         rf"{name}\(params, lr\)\? compile binds the model's "
+                                         r"parameters to the optimiser: pass the rate"):
+        cls(params(_small()), lr=0.001)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: optim.Adam(lr=1e-3, betas=(0.8, 0.99)),
+     r"^Adam\(betas=\(0.8, 0.99\)\): PyTorch's keyword, which xpcnn's Adam does not take: "
+     r"xpcnn's names are Keras', beta_1 and beta_2: Adam\(beta_1=0.8, beta_2=0.99\)$"),
+    (lambda: optim.AdamW(eps=1e-6), r"^AdamW\(eps=1e-06\): .*AdamW\(epsilon=1e-06\)$"),
+    (lambda: optim.RMSprop(lr=1e-2, alpha=0.99), r"^RMSprop\(alpha=0.99\): .*rho: "
+                                                 r"RMSprop\(rho=0.99\)$"),
+    (lambda: optim.SGD(0.1, momentum=0.9, dampening=0.1),
+     r"^SGD\(dampening=0.1\): .*xpcnn's SGD has no dampening"),
+    (lambda: optim.SGD(params=[], lr=0.1), r"^SGD\(params=\[\]\): .*compile binds"),
+])
+def test_pytorchs_optimiser_keywords_name_xpcnns(make, match):
+    with pytest.raises(InputError, match=match):
+        make()
+
+
+def test_a_users_optimiser_taking_a_pytorch_name_keeps_it():
+    class Mine(optim.SGD):
+        def __init__(self, lr=0.01, eps=1e-3):
+            super().__init__(lr)
+            self.eps = eps
+
+        def get_config(self):
+            return {**super().get_config(), "eps": self.eps}
+
+    assert Mine(0.1, eps=0.5).eps == 0.5
+
+
+# -- 5. AvgPool2D's integer padding: PyTorch's count_include_pad=False -----------------------
+
+def test_avgpool_integer_padding_leaves_the_padding_out_as_pytorchs_count_include_pad_false():
+    x = np.random.default_rng(0).standard_normal((2, 5, 5, 3))
+    model = xpcnn.Sequential([AvgPool2D(3, 1, padding=1)], input_shape=(5, 5, 3), dtype="float64")
+    want = torch.nn.functional.avg_pool2d(torch.tensor(x).permute(0, 3, 1, 2), 3, 1, padding=1,
+                                          count_include_pad=False).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(model(x)), want, rtol=1e-12, atol=1e-12)
+    assert "count_include_pad=False" in AvgPool2D.__doc__
+
+
+# -- 7. a loss called in PyTorch's order -----------------------------------------------------
+
+def test_a_loss_called_in_pytorchs_order_asks_whether_the_arguments_are_swapped():
+    logits = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    y = np.array([0, 2, 1, 2])
+    loss = SoftmaxCrossEntropy(from_logits=True)
+    with pytest.raises(InputError, match=r"got shape \(4,\): arguments swapped\? "
+                                         r"SoftmaxCrossEntropy is called as Keras' losses are, "
+                                         r"loss\(y_true, y_pred\); PyTorch's order"):
+        loss(logits, y)
+    with pytest.raises(InputError, match=r"got shape \(4,\)$"):  # (no swap: no such word)
+        loss(y, y)
+    assert "PyTorch's" in SoftmaxCrossEntropy.__call__.__doc__
+
+
+# -- 9. one number as sample weights ---------------------------------------------------------
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_one_bad_number_as_sample_weights_is_not_told_to_use_np_full(value):
+    with pytest.raises(InputError, match=r"is one number, .* shape \(8,\): weights must be "
+                                         r"finite and >= 0$"):
+        checks.as_sample_weights(value, 8)
+    with pytest.raises(InputError, match=r"pass np.full\(8, 2.0\)"):
+        checks.as_sample_weights(2.0, 8)
