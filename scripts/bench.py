@@ -96,6 +96,7 @@ import xpcnn  # noqa: E402
 from xpcnn.layers import Conv2D, Dense, FeatureNorm, MaxPool2D, ReLU  # noqa: E402
 from xpcnn.layers.base import Options  # noqa: E402
 from xpcnn.models import INPUT_SHAPES, build_layers  # noqa: E402
+from xpcnn.ops.kernels import compute_scope, fast_kernels  # noqa: E402
 
 try:
     if ARGS.no_torch:
@@ -481,15 +482,15 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
             dy = rng.standard_normal((batch, *layer.output_shape)).astype(np.float32)
 
             def forward(layer: Any = layer, x: Any = x) -> None:
-                with backend.compute_scope():
+                with compute_scope(backend):
                     layer.forward(x, training=False)
 
             def train_forward(layer: Any = layer, x: Any = x, options: Any = options) -> None:
-                with backend.compute_scope():
+                with compute_scope(backend):
                     layer.forward(x, training=True, options=options)
 
             def backward(layer: Any = layer, dy: Any = dy, options: Any = options) -> None:
-                with backend.compute_scope():
+                with compute_scope(backend):
                     layer.backward(dy, options)
 
             row: dict[str, Any] = {
@@ -678,7 +679,7 @@ def main() -> None:
         "threads": THREADS, "numpy_version": np.__version__,
         "torch_version": torch.__version__ if torch is not None else None,
         "torch_memory_format": "channels_last" if ARGS.torch_channels_last else "NCHW",
-        "xpcnn_fast_path": getattr(xpcnn.get_backend("cpu"), "fast", None) is not None,
+        "xpcnn_fast_path": fast_kernels(xpcnn.get_backend("cpu")) is not None,
         "steps": ARGS.steps, "blocks": ARGS.blocks, "warmup": ARGS.warmup,
         "timing": "block timing, " + ("PyTorch in its own process" if ARGS.torch_own_process else
                                         "one process"),

@@ -64,6 +64,7 @@ def overhead(args: argparse.Namespace) -> None:
     import xpcnn
     from xpcnn import distributed
     from xpcnn.models import INPUT_SHAPES, build_layers
+    from xpcnn.ops.kernels import compute_scope
 
     rng = np.random.default_rng(0)
     b = args.batch_size
@@ -87,7 +88,7 @@ def overhead(args: argparse.Namespace) -> None:
     buckets, stats, alone = parallel.buckets, model.backend.xp.zeros((2,)), []
     for _ in range(50):
         t = time.perf_counter()
-        with model.backend.compute_scope():
+        with compute_scope(model.backend):
             buckets.begin(1.0, stats)
             for layer in reversed(model.layers):
                 buckets.layer_done(layer)

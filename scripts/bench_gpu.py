@@ -55,6 +55,7 @@ import xpcnn  # noqa: E402
 from xpcnn import backend as backend_module  # noqa: E402
 from xpcnn.backend import set_fast_path  # noqa: E402
 from xpcnn.models import INPUT_SHAPES, build_layers  # noqa: E402
+from xpcnn.ops.kernels import compute_scope, fast_kernels  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -338,7 +339,7 @@ def profile_layers(name: str, batch: int, precision: str, args: argparse.Namespa
     xp = model.backend.xp
     fwd: dict[int, list[float]] = {i: [] for i in range(len(layers))}
     bwd: dict[int, list[float]] = {i: [] for i in range(len(layers))}
-    with model.backend.compute_scope():
+    with compute_scope(model.backend):
         for rep in range(args.warmup + args.steps):
             x = xb
             for i, layer in enumerate(layers):
@@ -356,8 +357,9 @@ def profile_layers(name: str, batch: int, precision: str, args: argparse.Namespa
                     bwd[i].append(time.perf_counter() - t0)
                 if dy is None:
                     break
-    print(f"\nper layer, {name} batch {batch} {precision}, fast path "
-          f"{'on' if model.backend.fast is not None else 'off'} (ms, median of {args.steps})")
+    fast = "on" if fast_kernels(model.backend) is not None else "off"
+    print(f"\nper layer, {name} batch {batch} {precision}, fast path {fast} "
+          f"(ms, median of {args.steps})")
     total_f = total_b = 0.0
     for i, layer in enumerate(layers):
         f = statistics.median(fwd[i]) * 1e3

@@ -53,6 +53,7 @@ from launch_counter import counted_model, counting, emulated, launch_count  # no
 import xpcnn  # noqa: E402
 from xpcnn.models import INPUT_SHAPES  # noqa: E402
 from xpcnn.ops.fast_numpy import _keep_freed_arrays_in_the_heap  # noqa: E402
+from xpcnn.ops.kernels import compute_scope  # noqa: E402
 from xpcnn.totals import READ_EVERY  # noqa: E402
 
 XPCNN = Path(xpcnn.__file__).resolve().parent
@@ -69,7 +70,7 @@ def step_profile(model: Any, xb: Any, yb: Any) -> pstats.Stats:
     """cProfile's statistics of one training step as fit runs it (the cyclic garbage
     collector off meanwhile, as timeit has it)."""
     profile = cProfile.Profile(builtins=False)
-    with model.backend.compute_scope():
+    with compute_scope(model.backend):
         gc.disable()
         profile.enable()
         model._train_step(xb, yb, keep=False)
@@ -112,7 +113,7 @@ def measure(name: str, precision: str, args: argparse.Namespace, fast_cupy: Any
         for _ in range(args.warmup):
             step_profile(model, xb, yb)
         counter.active = True
-        with model.backend.compute_scope():
+        with compute_scope(model.backend):
             model._train_step(xb, yb, keep=False)
         counter.active = False
         launches = launch_count(counter.launches)

@@ -31,6 +31,7 @@ import numpy as np
 import xpcnn
 from xpcnn.data.sources import ArrayBatches
 from xpcnn.models import INPUT_SHAPES, build_layers
+from xpcnn.ops.kernels import compute_scope
 from xpcnn.totals import READ_EVERY, RunningTotals
 from xpcnn.training import step as training_step
 
@@ -82,7 +83,7 @@ def main() -> None:
 
     print(f"{args.model}, batch {args.batch_size}, {backend.label}, {len(params)} parameter "
           f"arrays, {args.optimizer}: best of {args.repeat} x 20 calls")
-    with backend.compute_scope():
+    with compute_scope(backend):
         for name, fn in (("host batch -> device", upload), ("batch gathered on device", gather),
                          ("step bookkeeping", bookkeeping)):
             best = min(timeit.repeat(fn, number=20, repeat=args.repeat)) / 20

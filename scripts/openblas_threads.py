@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from xpcnn.backend import get_backend
 from xpcnn.ops.fast_numpy import KERNELS as FAST
+from xpcnn.ops.kernels import compute_scope
 m, k, n, repeat, warm = json.loads(sys.argv[1])
 rng = np.random.default_rng(0)
 a = rng.standard_normal((m, k), dtype=np.float32)
@@ -49,7 +50,7 @@ two = lambda: [f.result() for f in [pool.submit(np.matmul, a, b, out=o) for o in
 result = {"one product, one thread": ms(lambda: np.matmul(a, b, out=outs[0])),
           "two products at once, two threads": ms(two)}
 FAST._blas.set(FAST._cores)  # (as a process starts: the fast path pins it in a step)
-with get_backend("cpu").compute_scope():
+with compute_scope(get_backend("cpu")):
     result["the fast path's product (rows split over its threads)"] = ms(
         lambda: FAST.matmul(a, b))
 result[f"OpenBLAS's own {FAST._cores} threads"] = ms(lambda: np.matmul(a, b, out=outs[0]))

@@ -403,6 +403,19 @@ def _graph_name(graph: Any) -> str:
     return "+".join(kind for kind, _, _ in graph.ops)
 
 
+def _cupy_kernels_for_counting_backends(fast_cupy: types.ModuleType) -> Any:
+    """``xpcnn.ops.kernels.fast_kernels`` patched to give a :func:`counting_backend` (a NumPy
+    backend by name) the CuPy kernels of ``fast_cupy``; every other backend its own."""
+    from xpcnn.ops import kernels
+
+    own = kernels.fast_kernels
+
+    def fast_kernels(backend: Any) -> Any:
+        return fast_cupy.KERNELS if getattr(backend, "plays_cupy", False) else own(backend)
+
+    return mock.patch.object(kernels, "fast_kernels", fast_kernels)
+
+
 @contextlib.contextmanager
 def counting(fast_cupy: types.ModuleType) -> Iterator[Counter]:
     """While inside, the launches of device work are recorded (see the module doc) in the
@@ -420,6 +433,7 @@ def counting(fast_cupy: types.ModuleType) -> Iterator[Counter]:
         _patch_creation(stack, fast_cupy.cupy)
         stack.enter_context(mock.patch.object(fast_cupy.cupy, "ascontiguousarray",
                                               _ascontiguousarray))
+        stack.enter_context(_cupy_kernels_for_counting_backends(fast_cupy))
         tables = sys.modules["xpcnn.ops.cuda_updates"]  # (the emulated one, as fast_cupy's)
         table = tables._device_table  # (an upload only where its addresses are new)
         stack.enter_context(mock.patch.object(
@@ -452,10 +466,7 @@ def counting_backend() -> Any:
             COUNTER.record("host read", "to_numpy")
             return super().to_numpy(_host(x))
 
-        @property
-        def fast(self) -> Any:
-            return sys.modules["xpcnn.ops.fast_cupy"].KERNELS
-
+        plays_cupy = True  # (given the CuPy kernels inside counting())
         chunk_bytes = GPU_CHUNK_BYTES
         min_chunks = 1
         keeps_scratch = False

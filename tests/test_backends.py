@@ -11,7 +11,7 @@ import xpcnn
 from xpcnn import layers as L
 from xpcnn.backend import get_backend
 from xpcnn.errors import DeviceError
-from xpcnn.ops.kernels import StandardKernels
+from xpcnn.ops.kernels import StandardKernels, compute_scope
 
 
 @pytest.fixture
@@ -302,7 +302,7 @@ def test_compute_scope_makes_a_cupy_backends_gpu_current():
     old = set_fast_path(False)  # (the CuPy kernels need CuPy)
     try:
         backend = Backend(xpn, Device(1), "cupy")
-        with backend.compute_scope():
+        with compute_scope(backend):
             assert current == [1]
         assert current == []
         # a Device of its own each time: CuPy keeps the ids to go back to on the object, and
@@ -310,10 +310,46 @@ def test_compute_scope_makes_a_cupy_backends_gpu_current():
         scopes = [backend.on_device() for _ in range(2)]
         assert scopes[0] is not scopes[1] and {s.id for s in scopes} == {1}
         assert backend.device not in scopes
-        with get_backend("cpu").compute_scope():
+        with compute_scope(get_backend("cpu")):
             assert current == []
     finally:
         set_fast_path(old)
+
+
+def test_the_backend_module_names_no_ops_module():
+    """backend.py is the bottom layer: the fast kernels' modules are found (and imported) by
+    xpcnn.ops.kernels, not by a string in backend.py that no import tool sees."""
+    import ast
+    import inspect
+
+    from xpcnn import backend as backend_module
+
+    tree = ast.parse(inspect.getsource(backend_module))
+    named = [node.value for node in ast.walk(tree)  # (a module name: no docstring's prose)
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)
+             and "ops." in node.value and not any(c.isspace() for c in node.value)]
+    imported = [node.module for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module and "ops" in node.module]
+    assert named == [] and imported == []
+    assert not hasattr(backend_module, "importlib")
+    assert not hasattr(backend_module.Backend, "fast")
+    assert not hasattr(backend_module.Backend, "compute_scope")
+
+
+def test_a_gpu_chunk_bound_of_none_is_the_whole_batch(monkeypatch):
+    """GPU_CHUNK_BYTES = None (scripts/bench_gpu.py --gpu-chunk-mb 0) reaches the im2col loops
+    as no bound: one chunk of the whole batch; the CPU's bound is always a number."""
+    import array_api_compat.numpy as xpn
+
+    from xpcnn import backend as backend_module
+    from xpcnn.ops.im2col import images_per_chunk
+
+    gpu_like = backend_module.Backend(xpn, "cpu", "cupy")
+    assert gpu_like.chunk_bytes == backend_module.GPU_CHUNK_BYTES
+    assert isinstance(get_backend("cpu").chunk_bytes, int)
+    monkeypatch.setattr(backend_module, "GPU_CHUNK_BYTES", None)
+    assert gpu_like.chunk_bytes is None
+    assert images_per_chunk(512, 1 << 20, gpu_like.chunk_bytes, gpu_like.min_chunks) == 512
 
 
 def test_cuda_without_cupy_names_the_extra(monkeypatch):

@@ -1542,6 +1542,30 @@ def test_a_resumed_csv_logger_cuts_its_file_in_place(data, tmp_path):
     assert [r["epoch"] for r in _logged(tmp_path / "hard.csv")] == ["0", "1", "2", "3"]
 
 
+def test_a_resumed_csv_logger_whose_file_cannot_be_cut_appends_and_warns(
+        data, tmp_path, monkeypatch):
+    """Where the file cannot be cut back (an append-only file: EPERM), the resumed run appends,
+    as for a checkpoint without the record, with a warning (was: the bare "Operation not
+    permitted" ended the resumed fit at its first epoch's end, before its backup)."""
+    log, backup = tmp_path / "log.csv", tmp_path / "backup.npz"
+    with pytest.raises(RuntimeError, match="stop"):
+        _fit_logged(data, log, backup, _fail_at_end_of(2))
+    stopped = log.read_text()
+
+    def refused(path, size):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "truncate", refused)
+    with pytest.warns(RuntimeWarning, match=r"cannot cut its file .* \(PermissionError: "
+                                            r"Operation not permitted\): it appends, and the "
+                                            r"epochs from 2 on may have two rows"):
+        history = _fit_logged(data, log, backup)
+    assert log.read_text().startswith(stopped)
+    rows = _logged(log)
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "2", "3"]
+    assert [float(r["loss"]) for r in rows[3:]] == history.history["loss"][2:]
+
+
 def test_resuming_an_earlier_checkpoint_of_a_finished_run_keeps_its_rows(data, tmp_path):
     """A copy of a finished run's checkpoint of epoch 2, resumed: the finished run's rows of
     epochs 2 and 3 after the recorded bytes are not what a stop leaves (one row at most), so

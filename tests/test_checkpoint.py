@@ -1054,3 +1054,68 @@ def test_restore_checkpoint_takes_the_files_settings_and_refuses_a_bad_one(tmp_p
     assert (model.layers[1].momentum, model.layers[3].rate) == (BatchNorm2D().momentum, 0.25)
     for a, b in zip(model.get_weights(), before, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_a_file_with_several_faults_is_refused_for_the_first_one_checked(tmp_path):
+    """A checkpoint is checked whole before any of it is applied, in one order: the
+    optimiser's counts, its slots, the loss scale, the random layers' counters, the position,
+    the history, the run. A file with a fault in each is refused for the first, and with that
+    one mended for the next, and so on (kept when _restore was split into its checks)."""
+    from xpcnn.layers import Dropout
+
+    model = xpcnn.Sequential([Flatten(), Dropout(0.5), Dense(3), Softmax()], seed=0)
+    model.compile(optimizer="adam")
+    x, y = np.random.default_rng(0).normal(size=(8, 4)), np.arange(8) % 3
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0)
+    original = tmp_path / "good.npz"
+    save_checkpoint(model, original, Progress(1), model.history)
+    slot = sorted(model.optimizer.slot_names)[0]
+    faults = [
+        ("optimizer applied 9, expected 0 to its iterations 2",
+         lambda c: c["optimizer"].update(applied=9)),
+        ("optimizer lr_factor is -1.0", lambda c: c["optimizer"].update(lr_factor=-1.0)),
+        (f"optimizer slots '{slot}' is 7, expected 2",
+         lambda c: c["optimizer"]["slots"].update({slot: 7})),
+        ("loss_scale 2 in a checkpoint of a model without float16 loss scaling",
+         lambda c: c.update(loss_scale=2)),
+        ("good_steps is -1", lambda c: c.update(good_steps=-1)),
+        ("layer 0 is not a random layer",
+         lambda c: c["random_layers"].append({"index": 0, "seed": 0, "calls": 0})),
+        ("no progress entry", lambda c: c.pop("progress")),
+        ("epoch_offset is -1", lambda c: c.update(epoch_offset=-1)),
+        ("bad history entry", lambda c: c.update(history=None)),
+        ("no run description", lambda c: c.update(run=None)),
+    ]
+    for i, (message, _) in enumerate(faults):
+        path = tmp_path / f"faults-{i}.npz"
+        path.write_bytes(original.read_bytes())
+
+        def edit(config, left=faults[i:]):
+            for _, fault in left:
+                fault(config)
+
+        _rewrite(path, edit)
+        with pytest.raises(DataFormatError, match=re.escape(f"invalid checkpoint: {message}")):
+            load_checkpoint(path)
+    assert load_checkpoint(original).model.optimizer.iterations == 2
+
+
+def test_the_checkpoint_constants_and_checks_have_one_name_each(tmp_path):
+    """checkpoint.py re-aliased model_file's CHECKPOINT_FORMAT and CHECKPOINT_VERSIONS[-1] as
+    FORMAT and VERSION, the names of the model file's own pair; model_file's
+    check_architecture served checkpoint.py's _check_architecture alone (now one function
+    there); fingerprint, which the data sources use, lived in checkpoint.py."""
+    from xpcnn.saving import checkpoint, model_file
+    from xpcnn.saving.npz import NpzArchive
+
+    for name in ("FORMAT", "VERSION", "fingerprint"):
+        assert not hasattr(checkpoint, name), name
+    assert not hasattr(model_file, "check_architecture")
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=0)
+    model.compile()
+    model.fit(np.zeros((4, 2)), np.arange(4) % 3, epochs=1, verbose=0)
+    save_checkpoint(model, tmp_path / "c.npz")
+    with NpzArchive(tmp_path / "c.npz") as npz:
+        config = npz.read_config()
+    assert (config["format"], config["version"]) == ("xpcnn-checkpoint", 2)
+    assert (model_file.FORMAT, model_file.VERSION) == ("xpcnn-model", 1)

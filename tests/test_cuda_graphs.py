@@ -32,6 +32,7 @@ from xpcnn.layers import (
     ReLU,
 )
 from xpcnn.model import Model
+from xpcnn.ops import kernels as kernels_module
 from xpcnn.training import step as step_module
 
 
@@ -158,7 +159,7 @@ def test_a_fit_through_captured_steps_equals_an_eager_fit(monkeypatch, kernels, 
     captured steps' updates are the fused ones reading the device scalars (the stand-in's
     replays re-run the step, so their update tables are made as in eager steps)."""
     if kernels is not None:
-        monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+        monkeypatch.setattr(kernels_module, "fast_kernels", lambda backend: kernels)
         launched, launch = [], type(kernels)._launch_updates
 
         def counted(self, kernel, *args):
@@ -195,7 +196,7 @@ def test_weighted_fits_through_captured_steps_equal_eager_fits(monkeypatch, kern
     array fewer) captures every shape again; one with other batches (a new batch size, no
     sample weights) captures its own shape beside the others. Same weights as eager fits."""
     if kernels is not None:
-        monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+        monkeypatch.setattr(kernels_module, "fast_kernels", lambda backend: kernels)
     x, y = _data()
     w = np.random.default_rng(5).uniform(0.0, 2.0, 40)
     fits = [dict(batch_size=16, sample_weight=w, class_weight={3: 4.0}),
@@ -234,7 +235,7 @@ def test_top_k_metrics_count_in_captured_steps_as_in_eager_ones(monkeypatch, ker
     from xpcnn.metrics import SparseTopKCategoricalAccuracy
 
     if kernels is not None:
-        monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+        monkeypatch.setattr(kernels_module, "fast_kernels", lambda backend: kernels)
     x, y = _data()
     metrics = ["accuracy", "sparse_top_k_categorical_accuracy",
                SparseTopKCategoricalAccuracy(2, "top2")]

@@ -42,11 +42,12 @@ from kernel_cases import (
 from nets import every_layer_net, gap_net
 
 import xpcnn
-from xpcnn import backend as backend_module
 from xpcnn.layers import BatchNorm2D, Conv2D, Dense, Flatten, ReLU, Softmax
 from xpcnn.ops import im2col as ops
+from xpcnn.ops import kernels as kernels_module
 from xpcnn.ops import windows
 from xpcnn.ops.kernels import StandardKernels
+from xpcnn.ops.workspace import Workspace
 
 pytestmark = needs_compiler
 
@@ -92,7 +93,7 @@ def test_tensor_core_kernels_that_do_not_compile_fall_back_with_a_warning(fast, 
                       "not compile .*mma.h.* CUDA cores") as record:
         got = conv.conv2d(x, w2, None, (3, 3), (1, 1), pads, (6, 6), False)
     want = ops.conv_forward(xpn, STD, x, w2, None, (3, 3), (1, 1), pads, (6, 6),
-                            ops.Workspace(), "k", None, False)
+                            Workspace(), "k", None, False)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     assert record[0].filename == __file__  # (the caller's line: errors.warn)
     assert module._TILED[("xpcnn_conv_tiled", "float32", True)] is None
@@ -825,13 +826,13 @@ def test_convolution_kernels(fast, monkeypatch, rng, algorithm, kernel, strides,
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for bias, relu in ((rng.standard_normal(filters).astype(dtype), True), (None, False)):
         want = ops.conv_forward(xpn, STD, x, w2, bias, kernel, strides, pads, out_hw,
-                                ops.Workspace(), "k", None, relu)
+                                Workspace(), "k", None, relu)
         got = conv.conv2d(x, w2, bias, kernel, strides, pads, out_hw, relu)
         assert got.dtype == dtype
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * 10)
     dy = rng.standard_normal((shape[0] * out_hw[0] * out_hw[1], filters)).astype(dtype)
     want, want_bias = ops.conv_weight_grad(xpn, STD, x, dy, kernel, strides, pads, out_hw,
-                                           ops.Workspace(), "k", None, with_bias=True)
+                                           Workspace(), "k", None, with_bias=True)
     for with_bias in (False, True):
         got, got_bias = conv.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw,
                                                 with_bias)
@@ -986,7 +987,7 @@ def test_training_with_the_cuda_kernels(fast, monkeypatch, net, algorithm):
     conv.set_algorithm(algorithm)
 
     def fit(kernels):
-        monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+        monkeypatch.setattr(kernels_module, "fast_kernels", lambda backend: kernels)
         model = xpcnn.Sequential(net(), seed=0)
         model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
         history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
@@ -1018,7 +1019,7 @@ def test_mixed_precision_training_with_the_cuda_kernels(fast, monkeypatch, net, 
     conv.set_algorithm("direct")
 
     def fit(kernels):
-        monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+        monkeypatch.setattr(kernels_module, "fast_kernels", lambda backend: kernels)
         model = xpcnn.Sequential(net(), seed=0)
         model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9), precision=precision)
         history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
@@ -1049,7 +1050,7 @@ def test_the_tables_a_captured_training_step_defers(fast, monkeypatch, precision
 
     monkeypatch.setattr(cuda_updates.DeferredTables, "table", filled_at_once)
     monkeypatch.setattr(fast.conv_kernels, "tiled", False)  # (the direct kernels: faster here)
-    monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: fast))
+    monkeypatch.setattr(kernels_module, "fast_kernels", lambda backend: fast)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (16, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 16)
     model = xpcnn.Sequential(gap_net(), seed=0)
@@ -1360,7 +1361,7 @@ def test_a_skipped_step_puts_the_statistics_back_with_the_cuda_kernels(fast, mon
         return [np.array(a, copy=True) for la in model.layers for a in la.state.values()]
 
     def two_steps(kernels):
-        monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+        monkeypatch.setattr(kernels_module, "fast_kernels", lambda backend: kernels)
         frozen = BatchNorm2D()
         frozen.trainable = False
         model = xpcnn.Sequential(

@@ -854,14 +854,14 @@ def test_training_with_cudnn_convolutions(emulated_cupy, monkeypatch, net):
     import nets
 
     import xpcnn
-    from xpcnn import backend as backend_module
+    from xpcnn.ops import kernels as kernels_module
 
     fast_cupy = emulated_cupy
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
 
     def fit(kernels):
-        monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+        monkeypatch.setattr(kernels_module, "fast_kernels", lambda backend: kernels)
         model = xpcnn.Sequential(getattr(nets, net)(), seed=0)
         model.compile(optimizer=xpcnn.optim.SGD(0.05, momentum=0.9))
         history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
@@ -1190,10 +1190,10 @@ def test_a_second_model_trains_on_the_plans_the_first_built_and_timed(emulated_c
     import nets
 
     import xpcnn
-    from xpcnn import backend as backend_module
+    from xpcnn.ops import kernels as kernels_module
 
     kernels = emulated_cupy.KERNELS
-    monkeypatch.setattr(backend_module.Backend, "fast", property(lambda self: kernels))
+    monkeypatch.setattr(kernels_module, "fast_kernels", lambda backend: kernels)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (32, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 32)
 

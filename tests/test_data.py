@@ -1646,3 +1646,60 @@ def test_predict_prunes_dropped_held_iterators_as_fit_and_evaluate_do():
     gc.collect()  # (a refused call's traceback holds its iterator in a cycle)
     model.predict(np.zeros((2, 4, 4, 1), np.float32))  # (arrays: no stream looked up)
     assert len(xpcnn.data.streams._HELD_STREAMS) == held - 1
+
+
+def test_the_data_package_stands_below_saving_and_its_docstring_lists_its_modules():
+    """sources.py imported xpcnn.saving.checkpoint for its fingerprint alone (so data sat above
+    saving, and totals could not name data's Replay); the package's docstring left replay out
+    of its modules "each importing only those above it"; ByIdentity, a registry, lived in the
+    background thread's module. (The package as imported, so that an older copy is checked.)"""
+    import importlib
+    import re
+    from pathlib import Path
+
+    from test_imports import import_graph, reachable
+
+    package = Path(xpcnn.__file__).resolve().parent
+    graph = import_graph(package)
+    data = sorted(m for m in graph if m.startswith("xpcnn.data."))
+    for module in data:
+        assert not [m for m in reachable(graph, module) if m.startswith("xpcnn.saving")], module
+    listed = re.findall(r"^\* :mod:`~(xpcnn\.data\.\w+)`", xpcnn.data.__doc__, re.M)
+    assert sorted(listed) == data
+    for i, module in enumerate(listed):  # (each importing only those above it)
+        assert graph[module] & set(data) <= set(listed[:i]), module
+    registry = importlib.import_module("xpcnn.data.registry")
+    assert registry.ByIdentity.__module__ == "xpcnn.data.registry"
+    assert xpcnn.data.sources.fingerprint.__module__ == "xpcnn.data.sources"
+
+
+def test_the_fingerprint_and_the_same_data_mark_keep_every_key_and_value():
+    """A checkpoint stores the fingerprint of its arrays (a resume compares it) and the ranks
+    hash the mark of theirs: both are what they were, key for key, however the code that
+    builds them is shared."""
+    import zlib
+
+    x = np.arange(3 * 2 * 2 * 1, dtype=np.uint8).reshape(3, 2, 2, 1)
+    y, w = np.array([0, 1, 1]), np.array([1.0, 0.5, 2.0], np.float32)
+    crc = lambda a: zlib.crc32(np.ascontiguousarray(a).data)  # noqa: E731
+    shared = {"samples": 3, "sample_shape": [2, 2, 1], "x_dtype": "uint8"}
+    order = {"batch_size": 2, "seed": 7, "shuffle": True}
+    got = xpcnn.data.sources.fingerprint(x, y, 2, 7, True, 2, w)
+    assert list(got) == [*shared, "x_crc32", "y_crc32", *order, "ranks", "sample_weight_crc32"]
+    assert got == {**shared, "x_crc32": crc(x), "y_crc32": crc(y), **order, "ranks": 2,
+                   "sample_weight_crc32": crc(w)}
+    one = xpcnn.data.sources.fingerprint(x, y, 2, 7, True)  # (one rank, no weights)
+    assert one == {**shared, "x_crc32": crc(x), "y_crc32": crc(y), **order}
+    backend = make().backend
+    host = xpcnn.data.sources.ArrayBatches(backend, x, y, 2, True, 7, (0, 2), w)
+    assert host.fingerprint() == host.same_data_mark() == got
+    device = (xps, xps.Device("device1"))
+    backend = xpcnn.Sequential(gap_net(classes=4), seed=0, device=device).backend
+    on_device = xps.asarray(x, device=xps.Device("device1"))
+    sums = x.reshape(3, -1).astype(np.float64).sum(axis=1)
+    for targets, weights in ((y, w), (None, None)):
+        mark = xpcnn.data.sources.ArrayBatches(backend, on_device, targets, 2, True, 7, (0, 1),
+                                               weights).same_data_mark()
+        assert mark == {**shared, "x_dtype": str(on_device.dtype), "x_sums_crc32": crc(sums),
+                        "y_crc32": None if targets is None else crc(y),
+                        "w_crc32": None if weights is None else crc(w), **order, "ranks": 1}

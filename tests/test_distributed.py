@@ -1401,3 +1401,25 @@ def test_evaluates_line_counts_a_last_batch_that_is_empty_on_rank_0(tmp_path):
     proc, _ = two_ranks(tmp_path, _SHORT_LAST_BATCH)
     assert proc.returncode == 0, proc.stderr
     assert "2/2 - " in proc.stdout, proc.stdout
+
+
+def test_the_rank_checksums_are_one_tagged_sum_and_name_the_differing_ranks(monkeypatch):
+    """The checks that refuse what differs between the ranks (check_same_layers,
+    refuse_different_data, check_same_start) share one all-reduce of a (ranks, checks) matrix,
+    each rank's own row in zeros, and one reading of which ranks differ from rank 0."""
+    calls = []
+    others = np.array([[7.0, 1.0, 2.0], [0.0, 0.0, 0.0], [7.0, 5.0, 2.0]])  # ranks 0 and 2
+
+    def host_sum(here, values, what, tagged=False, layout=(), other_layout=None):
+        calls.append((what, tagged, list(layout), other_layout))
+        return list(np.asarray(values) + others.ravel())
+
+    monkeypatch.setattr(distributed, "host_sum", host_sum)
+    name = str  # (a stand-in for a caller's message of other layouts)
+    sums = distributed._rank_checksums(distributed.World(1, 3), [7, 1, 3], "fit (x)", [2, 1],
+                                       name)
+    assert calls == [("fit (x)", True, [2, 1], name)]
+    assert sums.dtype == np.float64 and sums.tolist() == [[7, 1, 2], [7, 1, 3], [7, 5, 2]]
+    assert [distributed._differing_ranks(sums, i) for i in range(3)] == [[], [2], [1]]
+    assert not hasattr(distributed, "check_same_data")  # (DataParallel's method alone has it)
+    assert callable(distributed.refuse_different_data)

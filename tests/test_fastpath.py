@@ -1,4 +1,4 @@
-"""The NumPy fast path (``Backend.fast``) gives the results of the standard (Array API) path."""
+"""The NumPy fast path (``fast_kernels``) gives the results of the standard (Array API) path."""
 
 import platform
 import threading
@@ -30,7 +30,8 @@ from xpcnn.models import build_layers
 from xpcnn.ops import im2col as ops
 from xpcnn.ops import windows
 from xpcnn.ops.fast_numpy import KERNELS as FAST
-from xpcnn.ops.kernels import StandardKernels, kernels_for
+from xpcnn.ops.kernels import StandardKernels, compute_scope, fast_kernels, kernels_for
+from xpcnn.ops.workspace import Workspace
 
 STD = StandardKernels(xpn)
 needs_settable_openblas = pytest.mark.skipif(
@@ -54,10 +55,10 @@ def no_fast_path():
 
 
 def test_the_seam_on_cpu_backends(no_fast_path):
-    assert get_backend("cpu").fast is None  # switched off
+    assert fast_kernels(get_backend("cpu")) is None  # switched off
     set_fast_path(True)
-    assert get_backend("cpu").fast is FAST
-    assert get_backend(xs).fast is None
+    assert fast_kernels(get_backend("cpu")) is FAST
+    assert fast_kernels(get_backend(xs)) is None
     assert isinstance(kernels_for(get_backend(xs)), StandardKernels)
     assert kernels_for(get_backend("cpu")) is FAST
 
@@ -337,10 +338,10 @@ def test_for_chunks_propagates_errors_and_restores_blas_threads():
 def test_compute_scope_holds_openblas_to_one_thread_and_restores_it():
     before = FAST._blas.get()
     cpu = get_backend("cpu")
-    with pytest.raises(RuntimeError, match="inside"), cpu.compute_scope():
+    with pytest.raises(RuntimeError, match="inside"), compute_scope(cpu):
         assert FAST._blas.get() == 1
         assert FAST.threads() == max(1, min(before, FAST._cores))  # loops still use all
-        with cpu.compute_scope():  # re-entrant
+        with compute_scope(cpu):  # re-entrant
             assert FAST._blas.get() == 1
         assert FAST._blas.get() == 1
         raise RuntimeError("inside")
@@ -744,8 +745,8 @@ def test_conv_grads_fast_equals_standard(dtype, rng):
     dy = rng.standard_normal((n, h, w, k)).astype(dtype)
     kernel = (0.3 * rng.standard_normal((k, 3, 3, c))).astype(dtype)  # (K, kh, kw, C)
     budget = 3 * h * w * 9 * k * 4  # chunks of 3 images: 3, 3 and 1
-    ws = ops.Workspace()
-    want = ops.conv_grads(xpn, STD, x, dy, kernel, pads, ops.Workspace(), "d", None,
+    ws = Workspace()
+    want = ops.conv_grads(xpn, STD, x, dy, kernel, pads, Workspace(), "d", None,
                           with_bias=True)
     tol = 1e-2 if dtype == np.float16 else 1e-5
     for _ in range(2):
@@ -761,7 +762,7 @@ def test_chunk_plans_follow_shapes_and_partial_chunks(rng):
     """A padded convolution keeps a plan per workspace key (views of its buffers, see
     ``ops.im2col._plan``). It must follow a change of input size or of chunk size, and a partial
     last chunk takes the general path: all as a fresh workspace on the standard kernels."""
-    ws = ops.Workspace()
+    ws = Workspace()
     per_image = 27 * 4  # bytes of patches per output position (images_per_chunk's count)
     for shape, images in [((7, 8, 8, 3), 3), ((7, 6, 6, 3), 3), ((5, 8, 8, 3), 2),
                           ((7, 8, 8, 3), 3)]:
@@ -773,13 +774,13 @@ def test_chunk_plans_follow_shapes_and_partial_chunks(rng):
         args = ((3, 3), (1, 1), (1, 1, 1, 1), hw)
         got = ops.conv_forward(xpn, FAST, x, w2, bias, *args, ws, "c", budget, relu=True,
                                min_chunks=1)
-        want = ops.conv_forward(xpn, STD, x, w2, bias, *args, ops.Workspace(), "c", None,
+        want = ops.conv_forward(xpn, STD, x, w2, bias, *args, Workspace(), "c", None,
                                 relu=True)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         dy = rng.standard_normal(want.shape).astype(np.float32)
         got = ops.conv_weight_grad(xpn, FAST, x, dy, *args, ws, "c", budget, min_chunks=1,
                                    with_bias=True)
-        want = ops.conv_weight_grad(xpn, STD, x, dy, *args, ops.Workspace(), "c", None,
+        want = ops.conv_weight_grad(xpn, STD, x, dy, *args, Workspace(), "c", None,
                                     with_bias=True)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
@@ -791,7 +792,7 @@ def test_a_finished_threads_scratch_goes_when_another_thread_comes():
     in a variable: was kept until that object went)."""
     import threading
 
-    ws = ops.Workspace()
+    ws = Workspace()
 
     def use():
         ws.get(xpn, "k", (64, 8), np.float32, None)
@@ -818,7 +819,7 @@ def test_threads_new_to_a_workspace_at_once_are_taken_one_at_a_time():
     sys.setswitchinterval(1e-5)
     try:
         for _ in range(60):
-            ws = ops.Workspace()
+            ws = Workspace()
             ended = [threading.Thread(target=ws._mine) for _ in range(20)]
             for t in ended:
                 t.start()

@@ -202,18 +202,19 @@ def test_keras_random_crop_keywords_get_the_same_clear_error(args, kwargs, said)
     (lambda L: L.Dense(4, dtype="float64"), r"Dense\(dtype='float64'\): .*its model's: "
                                             r"Sequential\(dtype='float64'\)"),
     (lambda L: L.Dense(4, input_shape=(8,)), r"Sequential\(\[...\], input_shape=\(28, 28, 1\)\)"),
-    (lambda L: L.MaxPool2D(2, data_format="channels_last"), r"MaxPool2D\(data_format="),
+    (lambda L: L.MaxPool2D(2, data_format="channels_first"), r"MaxPool2D\(data_format="),
     (lambda L: L.AvgPool2D(data_format="channels_first"), r"AvgPool2D\(data_format="),
     (lambda L: L.Dropout(0.5, seed=3), r"Dropout\(seed=3\): .*random layers take no seed"),
     (lambda L: L.Dropout(0.5, noise_shape=(None, 1, 1, 8)), r"no noise_shape"),
     (lambda L: L.ReLU(negative_slope=0.1), r"ReLU\(negative_slope=0.1\): .*no negative slope"),
     (lambda L: L.ReLU(threshold=1.0), r"ReLU\(threshold=1.0\): .*no threshold"),
     (lambda L: L.RandomFlip(seed=1), r"RandomFlip\(seed=1\): .*random layers take no seed"),
-    (lambda L: L.Normalization(axis=-1), r"Normalization\(axis=-1\): .*each channel"),
+    (lambda L: L.Normalization(axis=1), r"Normalization\(axis=1\): .*each channel"),
     (lambda L: L.Rescaling(1 / 255, dtype="float16"), r"Rescaling\(dtype='float16'\)"),
     # (layers with no settings of their own: Keras' MNIST tutorial's first line included)
     (lambda L: L.Flatten(input_shape=(28, 28)), r"Flatten\(input_shape=\(28, 28\)\): .*Sequen"),
-    (lambda L: L.Flatten(data_format="channels_last"), r"Flatten\(data_format="),
+    (lambda L: L.Flatten(data_format="channels_first"), r"Flatten\(data_format="),
+    (lambda L: L.Conv2D(8, 3, groups=True), r"Conv2D\(groups=True\): .*groups=1 only"),
     (lambda L: L.GlobalAvgPool2D(keepdims=True), r"gives \(N, C\)"),
     (lambda L: L.Softmax(axis=1), r"Softmax\(axis=1\): .*last axis"),
     (lambda L: L.Add(dtype="float64"), r"Add\(dtype='float64'\)")])
@@ -225,6 +226,29 @@ def test_keras_keywords_a_layer_does_not_take_get_a_clear_error(make, said):
 
     with pytest.raises(InputError, match=said):
         make(L)
+
+
+@pytest.mark.parametrize("make", [
+    lambda L: L.Softmax(axis=-1), lambda L: L.GlobalAvgPool2D(keepdims=False),
+    lambda L: L.GlobalAvgPool2D(data_format="channels_last"),
+    lambda L: L.Flatten(data_format="channels_last"),
+    lambda L: L.Conv2D(8, 3, data_format="channels_last", dilation_rate=(1, 1), groups=1,
+                       bias_initializer="zeros"),
+    lambda L: L.MaxPool2D(2, data_format="channels_last"),
+    lambda L: L.AvgPool2D(data_format="channels_last"),
+    lambda L: L.Dense(4, bias_initializer="zeros"), lambda L: L.Dropout(0.5, noise_shape=None),
+    lambda L: L.BatchNorm2D(axis=-1, center=True, scale=True, gamma_initializer="ones"),
+    lambda L: L.ReLU(negative_slope=0.0, threshold=0), lambda L: L.RandomFlip(
+        data_format="channels_last"), lambda L: L.Normalization(axis=-1, invert=False),
+])
+def test_a_keras_keyword_given_the_value_xpcnn_has_is_taken(make):
+    """Keras' default spelled out, as a port writes it, is what xpcnn's layer does: taken, the
+    layer as without it (was: refused as if it asked something else)."""
+    from xpcnn import layers as L
+
+    layer = make(L)
+    plain = type(layer)(**{k: v for k, v in layer.get_config().items() if k != "name"})
+    assert layer.get_config() == {**plain.get_config(), "name": layer.name}
 
 
 def test_a_keras_keyword_refusal_leaves_other_keywords_and_users_constructors_alone():

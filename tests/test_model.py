@@ -327,7 +327,7 @@ def test_threads_predicting_with_one_model_get_their_own_results():
     for t in threads:
         t.join()
     assert wrong == [0, 0]
-    from xpcnn.ops.im2col import Workspace, owner, working_for
+    from xpcnn.ops.workspace import Workspace, owner, working_for
 
     ws, xp = Workspace(), model.backend.xp
     mine = ws.get(xp, "k", (2, 3), np.float32, "cpu")

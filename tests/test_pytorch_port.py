@@ -86,6 +86,19 @@ def test_a_channels_last_shape_builds_without_a_warning():
     assert not _channels_first_warnings(lambda: xpcnn.Sequential(_head(), input_shape=(28, 28, 1)))
 
 
+def test_a_saved_channels_first_model_warns_when_declared_not_at_each_load(tmp_path):
+    """(was: load_model and from_config warned again, every time)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = xpcnn.Sequential(_head(), input_shape=(3, 8, 8))
+    model.compile(optimizer="sgd")
+    model.save(tmp_path / "m.npz")
+    assert not _channels_first_warnings(lambda: xpcnn.load_model(tmp_path / "m.npz"))
+    assert not _channels_first_warnings(lambda: xpcnn.Sequential.from_config(model.get_config()))
+    assert len(_channels_first_warnings(lambda: xpcnn.Sequential(_head(), input_shape=(3, 8, 8)))
+               ) == 1  # (declared anew: still warned)
+
+
 @pytest.mark.parametrize("layer, what", [(Conv2D(32, 3), "a 3x3 kernel"),
                                          (MaxPool2D(2), "a \\(2, 2\\) pool")])
 def test_a_window_that_does_not_fit_a_channels_first_input_says_so(layer, what):
@@ -120,6 +133,23 @@ def test_common_strided_convolutions_build_without_a_warning():
             Conv2D(*args)
 
 
+def test_conv2d_by_keywords_or_loaded_does_not_warn_of_pytorchs_order(tmp_path):
+    """Only filters, kernel_size and strides all positional are PyTorch's habit (was: keyword
+    calls, load_model, from_config and copies of Conv2D(8, 8, 4) warned too)."""
+    with pytest.warns(UserWarning, match="PyTorch's order"):
+        model = xpcnn.Sequential([Conv2D(8, 8, 4), GlobalAvgPool2D(), Dense(2)],
+                                 input_shape=(16, 16, 1))
+    model.compile(optimizer="sgd")
+    model.save(tmp_path / "m.npz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Conv2D(6, 7, strides=2)
+        Conv2D(filters=6, kernel_size=7, strides=2)
+        xpcnn.load_model(tmp_path / "m.npz")
+        xpcnn.Sequential.from_config(model.get_config())
+        model.layers[0].unbuilt_copy()
+
+
 def test_a_conv2d_kernel_too_large_names_pytorchs_order():
     model = xpcnn.Sequential()
     model.add(xpcnn.Input((28, 28, 1)))
@@ -132,6 +162,23 @@ def test_a_conv2d_kernel_too_large_names_pytorchs_order():
         Conv2D(64, 3, 1, 1, 1)  # (nn.Conv2d(64, ?, 3, 1, 1)'s stride and padding)
 
 
+def test_a_too_large_window_hints_only_where_the_hint_can_be_the_cause():
+    """(was: "PyTorch's order?" for Keras' Conv2D(64, 5) on a 4x4 map, and "channels-first?"
+    for a model's feature map of (3, 7, 64)): PyTorch's order only for no more filters than
+    the kernel is wide, channels-first only for the model's input."""
+    model = xpcnn.Sequential([Conv2D(8, 3, 2, padding="same")], input_shape=(8, 8, 3))
+    with pytest.raises(InputError, match=r"does not fit an input of 4x4$"):
+        model.add(Conv2D(64, 5))
+    model = xpcnn.Sequential([Conv2D(64, 1, 2)], input_shape=(6, 14, 3))  # (then (3, 7, 64))
+    with pytest.raises(InputError, match=r"does not fit an input of 3x7$"):
+        model.add(Conv2D(16, 5))
+    with pytest.raises(InputError, match=r"does not fit an input of 3x7$"):
+        Conv2D(16, 5)(Conv2D(64, 1, 2)(xpcnn.Input((6, 14, 3))))
+    with pytest.raises(InputError, match=r"does not fit an input of 1x28: is the input "
+                                         r"channels-first"):
+        Conv2D(16, 5)(xpcnn.Input((1, 28, 28)))
+
+
 def test_dense_and_batchnorm_in_pytorchs_order_name_both_orders():
     with pytest.raises(InputError, match=r"Dense\(9216, 128\): a number where xpcnn takes an "
                                          r"activation's name: PyTorch's order, nn.Linear\("
@@ -142,6 +189,8 @@ def test_dense_and_batchnorm_in_pytorchs_order_name_both_orders():
                                          r"num_features\)\? xpcnn infers the number of features "
                                          r".*: BatchNorm2D\(\)$"):
         BatchNorm2D(64)
+    with pytest.raises(InputError, match=r"BatchNorm2D\(64\): .*: BatchNorm2D\(eps=0.001\)$"):
+        BatchNorm2D(64, 1e-3)  # (nn.BatchNorm2d(64, 1e-3): its eps kept; was: BatchNorm2D())
     with pytest.raises(InputError, match=r"momentum must be in \[0, 1\], got 1.5"):
         BatchNorm2D(1.5)
     with pytest.warns(RuntimeWarning, match="Keras' momentum=0.99"):  # (1: no count)
@@ -170,8 +219,55 @@ def test_torch_parameters_are_taken_as_weights():
     model.weights[0].assign(params[0])
     np.testing.assert_array_equal(model.get_weights()[0], new[0])
     with pytest.raises(InputError, match=r"weight 'bias' must be an array NumPy can read, got a "
-                                         r"Tensor .*BFloat16"):
+                                         r"Tensor .*BFloat16.*: pass t.float\(\)$"):
         model.weights[1].assign(torch.zeros(4, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_torch_tensors_set_as_weights_are_copied_not_aliased(dtype):
+    """A CPU tensor's NumPy read is a view of it: the weights copy it, so that a change of
+    the tensor after set_weights / assign changes no weight, and training changes no tensor."""
+    model = xpcnn.Sequential([Conv2D(4, 3), Flatten(), Dense(3)], input_shape=(6, 6, 1),
+                             dtype=dtype)
+    tdt = getattr(torch, dtype)
+    params = [torch.nn.Parameter(torch.ones(w.shape, dtype=tdt)) for w in model.get_weights()]
+    model.set_weights(params)
+    with torch.no_grad():
+        params[0].mul_(5)
+    assert float(model.get_weights()[0].ravel()[0]) == 1.0
+    bias = torch.ones(4, dtype=tdt)
+    model.layers[0].set_weights([torch.ones(3, 3, 1, 4, dtype=tdt), bias])
+    bias.mul_(7)
+    assert float(model.layers[0].get_weights()[1][0]) == 1.0
+    bias = torch.zeros(4, dtype=tdt)
+    model.weights[1].assign(bias)
+    bias.add_(9)
+    assert float(model.get_weights()[1][0]) == 0.0
+    bias.zero_()
+    model.compile(optimizer="sgd")
+    x = np.random.default_rng(0).standard_normal((8, 6, 6, 1)).astype(dtype)
+    model.fit(x, np.arange(8) % 3, verbose=0)
+    assert not bool(bias.any()) and float(np.abs(model.get_weights()[1]).max()) > 0
+
+
+def test_a_state_dicts_weights_in_pytorchs_layout_are_refused_saying_how_to_convert():
+    """(was: only "must have shape (3, 3, 2, 4), got (4, 2, 3, 3)"); a square Linear weight
+    cannot be told from its transpose (README says so)."""
+    model = xpcnn.Sequential([Conv2D(4, 3), Flatten(), Dense(3)], input_shape=(6, 6, 2))
+    torch_model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.Flatten(),
+                                      torch.nn.Linear(64, 3))
+    state = list(torch_model.state_dict().values())
+    with pytest.raises(InputError, match=r"must have shape \(3, 3, 2, 4\), got \(4, 2, 3, 3\): "
+                                         r"PyTorch's nn.Conv2d layout.* "
+                                         r"weight.permute\(2, 3, 1, 0\)"):
+        model.set_weights(state)
+    state[0] = state[0].permute(2, 3, 1, 0)
+    with pytest.raises(InputError, match=r"must have shape \(64, 3\), got \(3, 64\): PyTorch's "
+                                         r"nn.Linear layout.* weight.T$"):
+        model.set_weights(state)
+    state[2] = state[2].T
+    model.set_weights(state)  # (the same function, in xpcnn's layout; Flatten's order aside)
+    np.testing.assert_array_equal(model.get_weights()[0], state[0].detach().numpy())
 
 
 def test_normalization_takes_torch_parameters():
@@ -204,8 +300,22 @@ def test_an_optimiser_given_the_parameters_is_refused_clearly(cls, params):
     (lambda: optim.RMSprop(lr=1e-2, alpha=0.99), r"^RMSprop\(alpha=0.99\): .*rho: "
                                                  r"RMSprop\(rho=0.99\)$"),
     (lambda: optim.SGD(0.1, momentum=0.9, dampening=0.1),
-     r"^SGD\(dampening=0.1\): .*xpcnn's SGD has no dampening"),
+     r"^SGD\(dampening=0.1\): .*xpcnn's SGD has no such setting$"),
     (lambda: optim.SGD(params=[], lr=0.1), r"^SGD\(params=\[\]\): .*compile binds"),
+    # (Keras' name only where the class takes it; was: SGD(epsilon=...), Adam(rho=...), "xpcnn's
+    # SGD" for Adam, and beta_1=None for one number)
+    (lambda: optim.SGD(0.1, eps=1e-8), r"^SGD\(eps=1e-08\): .*xpcnn's SGD has no such setting$"),
+    (lambda: optim.SGD(0.1, betas=(0.9, 0.99)), r"xpcnn's SGD has no such setting$"),
+    (lambda: optim.Adam(alpha=0.9), r"^Adam\(alpha=0.9\): .*xpcnn's Adam has no such setting$"),
+    (lambda: optim.Adam(dampening=0.0), r"^Adam\(dampening=0.0\): .*xpcnn's Adam has no such "
+                                        r"setting$"),
+    (lambda: optim.Adam(betas=0.9), r"beta_1 and beta_2, a number each: Adam\(beta_1=..., "
+                                    r"beta_2=...\)$"),
+    (lambda: optim.Adam(maximize=True), r"^Adam\(maximize=True\): .*not offered"),
+    (lambda: optim.SGD(0.1, foreach=True), r"^SGD\(foreach=True\): .*not offered"),
+    (lambda: optim.AdamW(fused=True), r"^AdamW\(fused=True\): .*not offered"),
+    (lambda: optim.RMSprop(capturable=True), r"^RMSprop\(capturable=True\): .*not offered"),
+    (lambda: optim.Adam(differentiable=True), r"^Adam\(differentiable=True\): .*not offered"),
 ])
 def test_pytorchs_optimiser_keywords_name_xpcnns(make, match):
     with pytest.raises(InputError, match=match):
@@ -248,6 +358,19 @@ def test_a_loss_called_in_pytorchs_order_asks_whether_the_arguments_are_swapped(
     with pytest.raises(InputError, match=r"got shape \(4,\)$"):  # (no swap: no such word)
         loss(y, y)
     assert "PyTorch's" in SoftmaxCrossEntropy.__call__.__doc__
+
+
+def test_the_swap_hint_reads_y_true_without_converting_and_needs_integer_targets():
+    """(was: a ragged y_true or a torch bfloat16 one raised NumPy's or torch's own error from
+    the hint's conversion, and a correct-order call with a 1-D float y_pred was told "swapped")"""
+    logits = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    loss = SoftmaxCrossEntropy(from_logits=True)
+    with pytest.raises(InputError, match=r"got shape \(4,\): arguments swapped\?"):
+        loss(torch.tensor(logits, dtype=torch.bfloat16), torch.tensor([0, 2, 1, 2]))
+    with pytest.raises(InputError, match=r"got shape \(3,\)$"):
+        loss([[1.0, 2.0], [3.0]], np.zeros(3, np.float32))
+    with pytest.raises(InputError, match=r"got shape \(4,\)$"):  # (y_pred float: no swap)
+        loss(np.eye(3, dtype=np.float32)[[0, 1, 2, 0]], np.zeros(4, np.float32))
 
 
 # -- 9. one number as sample weights ---------------------------------------------------------

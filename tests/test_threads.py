@@ -555,3 +555,55 @@ def test_a_ctrl_c_ends_a_build_waiting_for_a_pass_and_a_users_handler_still_runs
     SIGINT handler runs, and the build goes on once the pass ends, its handler untouched."""
     words = _child(tmp_path, WAIT_INTERRUPTED, timeout=30)  # (was: waited for ever)
     assert words == ["interrupted", "0", "True", "True", "True", "True", "True"], words
+
+
+POLL_LEAK = r"""
+import signal, sys, threading, time
+import xpcnn
+from xpcnn.layers import Conv2D
+from xpcnn.passes import PASSES
+
+layer = Conv2D(2, 1)
+layer.build((2, 2, 1))
+interrupts = leaks = 0
+for k in range(int(sys.argv[1])):
+    inside, leave = threading.Event(), threading.Event()
+    def pass_():
+        with PASSES.shared:
+            inside.set()
+            leave.wait()
+    runner = threading.Thread(target=pass_)
+    runner.start()
+    inside.wait()
+    def ctrl_c():  # (the signal reaches this thread, the pass ends 2 ms later: before a poll)
+        time.sleep(0.01)
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.002)
+        leave.set()
+    threading.Thread(target=ctrl_c).start()
+    try:
+        layer.build((3 + k % 2, 2, 1))
+    except KeyboardInterrupt:
+        interrupts += 1
+    leave.set()
+    runner.join()
+    def take():
+        with PASSES.exclusive("probe"):
+            pass
+    probe = threading.Thread(target=take, daemon=True)
+    probe.start()
+    probe.join(1)
+    if probe.is_alive():
+        leaks += 1
+        break
+print(interrupts, leaks, PASSES.waiting())
+"""
+
+
+def test_a_ctrl_c_just_as_a_builds_wait_takes_the_lock_leaves_it_free(tmp_path):
+    """A Ctrl-C reaching another thread while a build waits for a pass, the pass ending before
+    the wait's next poll: the acquire returns and the KeyboardInterrupt comes straight after,
+    before the lock is recorded (was: that lock stayed held, and every later build waited for
+    ever; in the first round here). All this thread owns is given back."""
+    words = _child(tmp_path, POLL_LEAK, "8", timeout=60)
+    assert words == ["8", "0", "0"], words

@@ -9,10 +9,8 @@ functions) and ``backend.device``. Arrays cross between host and device only her
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import re
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -29,15 +27,15 @@ CUDA_EXTRA_HINT = 'pip install "xpcnn[cuda12]" (CUDA 12) or pip install "xpcnn[c
 # "cpu" | "cuda" | "cuda:N" | "auto" | namespace module | (module, device) | Backend
 DeviceLike = Any
 
-# The fast paths (Backend.fast): on unless XPCNN_FAST_PATH=0 or set_fast_path(False).
+# The fast paths (xpcnn.ops.kernels.fast_kernels): on unless XPCNN_FAST_PATH=0 or
+# set_fast_path(False).
 _FAST_PATH = {"enabled": os.environ.get("XPCNN_FAST_PATH", "1") != "0"}
-# The module of each backend's fast kernels (Backend.fast).
-_FAST_MODULES = {"numpy": f"{__package__}.ops.fast_numpy", "cupy": f"{__package__}.ops.fast_cupy"}
 # Per-chunk scratch of chunked CPU loops: im2col patches of a few images stay in the L2/L3 cache.
 CPU_CHUNK_BYTES = 3 << 20
 # On a GPU, the most im2col scratch one convolution holds at a time: it bounds the peak memory
 # of a step (whole-batch patches of a 32-channel 3x3 layer at batch 512 would be 604 MB).
-GPU_CHUNK_BYTES = 32 << 20
+# None: no bound, the whole batch at once (scripts/bench_gpu.py --gpu-chunk-mb 0 sets it).
+GPU_CHUNK_BYTES: int | None = 32 << 20
 
 
 def _ml_dtypes_bfloat16(library: str) -> Any:
@@ -166,47 +164,13 @@ class Backend:
             )
         return dt
 
-    # -- the fast-path seam ------------------------------------------------------------------
-    @property
-    def fast(self) -> Any:
-        """Backend-specific kernels: :mod:`xpcnn.ops.fast_numpy` on NumPy,
-        :mod:`xpcnn.ops.fast_cupy` on CuPy; None elsewhere.
-
-        The one place where code outside the Array API standard enters: ops ask for it and fall
-        back to their standard versions when it is None (every other backend, or after
-        :func:`set_fast_path` ``(False)`` / ``XPCNN_FAST_PATH=0``).
-        """
-        module = _FAST_MODULES.get(self.name)
-        if module is None or not _FAST_PATH["enabled"]:
-            return None
-        # (the module as imported now, found without an import statement's ~1 us: a training
-        # step asks a dozen times; imported on first use, as CuPy's imports CuPy; one that
-        # another thread is importing still has no KERNELS: import_module waits for it)
-        kernels = getattr(sys.modules.get(module), "KERNELS", None)
-        return kernels if kernels is not None else importlib.import_module(module).KERNELS
-
-    @contextlib.contextmanager
-    def compute_scope(self) -> Iterator[None]:
-        """Wrap a run of xpcnn work (a training step, a prediction loop). On CuPy it makes the
-        backend's GPU the current one, where CuPy allocates and launches (the CuPy kernels
-        allocate their outputs there: a model on "cuda:1" would otherwise get them on GPU 0).
-        On the NumPy fast path it keeps OpenBLAS to one thread meanwhile, since xpcnn's kernels
-        bring their own threads (see :meth:`xpcnn.ops.fast_numpy.NumpyKernels.pinned`).
-        NumPy (and ``array_api_strict``, which computes with it) warns nothing of an overflow,
-        or of the NaN an inf makes: a float16 step's scaled gradients overflow by design (the
-        loss scaling looks for them, skips the step and lowers the scale), and xpcnn checks
-        every step's loss and gradients itself (``NonFiniteError`` names the step and layer)."""
-        fast = self.fast
-        with (self.on_device(), contextlib.nullcontext() if fast is None else fast.pinned(),
-              np.errstate(over="ignore", invalid="ignore")):
-            yield
-
     def on_device(self) -> contextlib.AbstractContextManager[Any]:
         """The backend's GPU made the current one, for calls on its arrays outside
-        :meth:`compute_scope` (checks of the arrays a call is given, on the caller's thread or
-        the prefetch thread): CuPy allocates and launches on the current GPU, which is GPU 0 in
-        a thread that chose none, and reads a model's arrays on "cuda:1" from there only
-        through peer access (else a ValueError). Nothing elsewhere."""
+        :func:`xpcnn.ops.kernels.compute_scope` (which enters it too): checks of the arrays a
+        call is given, on the caller's thread or the prefetch thread. CuPy allocates and
+        launches on the current GPU, which is GPU 0 in a thread that chose none, and reads a
+        model's arrays on "cuda:1" from there only through peer access (else a ValueError).
+        Nothing elsewhere."""
         if self.name != "cupy":
             return contextlib.nullcontext()
         # A Device object of its own: CuPy's keeps the devices to go back to in a list on the
@@ -241,8 +205,9 @@ class Backend:
     @property
     def chunk_bytes(self) -> int | None:
         """Scratch size for loops that work on a batch a few images at a time (im2col): about
-        what stays in a CPU's cache; on a GPU, a bound on the scratch held at once (None: the whole
-        batch at once)."""
+        what stays in a CPU's cache (:data:`CPU_CHUNK_BYTES`); on a GPU, a bound on the scratch
+        held at once (:data:`GPU_CHUNK_BYTES`, which is None, the whole batch at once, where a
+        benchmark set it so: scripts/bench_gpu.py ``--gpu-chunk-mb 0``)."""
         return GPU_CHUNK_BYTES if self.name == "cupy" else CPU_CHUNK_BYTES
 
     @property

@@ -1295,8 +1295,9 @@ class CSVLogger(Callback):
     recorded (edited, replaced) or what follows is not that row (another run's), and for a
     checkpoint without the record (an earlier version's, ModelCheckpoint's), it appends: those
     epochs may have two rows, with a warning. A file cut back is cut in place (it stays the
-    user's file). A new file's first write (its header, those epochs, the first row) replaces
-    the old file atomically: a write that fails (a full disk) names the file and leaves the old
+    user's file); one that cannot be (append-only) is appended to, with a warning. A new
+    file's first write (its header, those epochs, the first row) replaces the old file
+    atomically: a write that fails (a full disk) names the file and leaves the old
     one as it was; later rows are appended."""
 
     def __init__(self, filename: str | os.PathLike[str], separator: str = ",",
@@ -1345,7 +1346,7 @@ class CSVLogger(Callback):
         if not self.writing:
             return
         rows = []
-        kept = None  # (the file's bytes that this write keeps, where it drops what follows)
+        kept = None  # (the file's size that this write keeps, where it drops what follows)
         if self.mode is None:
             os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)
             self.mode = "a" if self.append else "w"
@@ -1353,7 +1354,7 @@ class CSVLogger(Callback):
                 kept = self._kept_at_backup(epoch)
                 if kept is None:
                     self._warn_of_repeats(epoch)
-                elif len(kept) == os.path.getsize(self.filename):
+                elif kept == os.path.getsize(self.filename):
                     kept = None  # (nothing written after the backup: appended to)
                 elif not kept:  # (its header too was written after the backup)
                     self.keys = None
@@ -1381,9 +1382,9 @@ class CSVLogger(Callback):
             # back to its checkpoint's is cut in place, the user's file still (its mode, its
             # links, a `tail -f` on it): a stop after the cut leaves what the checkpoint
             # recorded, which the next resume appends to)
+            if kept is not None:
+                self._cut(kept, epoch)
             try:
-                if kept is not None:
-                    os.truncate(self.filename, len(kept))
                 with open(self.filename, self.mode, newline="") as f:
                     csv.writer(f, delimiter=self.separator).writerows(rows)
             except OSError as e:  # (a full disk: which file, not only "No space left")
@@ -1417,14 +1418,26 @@ class CSVLogger(Callback):
                 return None
         return {"path": os.path.abspath(self.filename), "size": size, "crc32": crc}
 
-    def _kept_at_backup(self, epoch: int) -> bytes | None:
-        """The file's first bytes, as the checkpoint resumed from recorded them (:attr:`backup`,
-        set by :class:`BackupAndRestore`), where what follows them is what the run that
-        stopped wrote after that backup: the row of ``epoch``, where this run goes on, if any
-        (after its header where the file was empty then), of the file's columns. None where
-        the file does not begin with what was recorded (edited, replaced), what follows is
-        other rows (another run's), or there is no record (then the file is appended to, as it
-        is)."""
+    def _cut(self, size: int, epoch: int) -> None:
+        """Cut the file back to its first ``size`` bytes, in place; where it cannot be (an
+        append-only file, EPERM), warn and append, as for a checkpoint without the record (the
+        resumed fit goes on)."""
+        try:
+            os.truncate(self.filename, size)
+        except OSError as e:
+            warn(f"CSVLogger cannot cut its file {self.filename!r} back to the rows the "
+                 f"checkpoint recorded ({type(e).__name__}: {e.strerror or e}): it appends, and "
+                 f"the epochs from {epoch} on may have two rows (the later row of an epoch is "
+                 "this run's)")
+
+    def _kept_at_backup(self, epoch: int) -> int | None:
+        """The size of the file's first bytes, as the checkpoint resumed from recorded them
+        (:attr:`backup`, set by :class:`BackupAndRestore`), where what follows them is what
+        the run that stopped wrote after that backup: the row of ``epoch``, where this run
+        goes on, if any (after its header where the file was empty then), of the file's
+        columns. None where the file does not begin with what was recorded (edited, replaced),
+        what follows is other rows (another run's), or there is no record (then the file is
+        appended to, as it is)."""
         record = self.backup
         if record is None or not os.path.isfile(self.filename):
             return None
@@ -1446,7 +1459,7 @@ class CSVLogger(Callback):
         if len(rows) > 1 or any(row[:1] != [str(epoch)] or len(row) != 1 + len(self.keys or ())
                                 for row in rows):
             return None
-        return kept
+        return len(kept)
 
     def _warn_of_repeats(self, epoch: int) -> None:
         """Warn where the appended file's last row is of ``epoch`` or later: a resumed run's

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 import math
 import numbers
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -119,9 +120,26 @@ def warned_of_data() -> bool:
     return warned
 
 
+# (set while a model file or a configuration is read: its shape was warned of when declared)
+_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("xpcnn_loading", default=False)
+
+
+@contextlib.contextmanager
+def loading() -> Iterator[None]:
+    """While load_model or from_config constructs and builds a model: no declared-shape
+    warning (it came when the model was first declared, not at every load of it)."""
+    token = _LOADING.set(True)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
 def declared_shape(sample: tuple[int, ...], model_name: str) -> None:
     """Model.build's warning where the shape declared (Input(shape), input_shape=, build())
-    looks channels-first."""
+    looks channels-first (not while :func:`loading`)."""
+    if _LOADING.get():
+        return
     h, w, c = sample if len(sample) == 3 else (0, 0, 0)
     warn_channels_first(sample, f"the input of model {model_name!r}",
                         f"Declare {(w, c, h)} and pass images as x.transpose(0, 2, 3, 1)")

@@ -60,6 +60,7 @@ import numpy as np
 
 from . import checks
 from .errors import DeviceError, InputError, MissingDependencyError, NonFiniteError, XpcnnError
+from .ops.kernels import fast_kernels
 
 #: Bytes of gradients per bucket, as PyTorch DDP: 1 MiB for the first (the last layers': it
 #: goes out early in backward), 25 MiB for the others.
@@ -694,7 +695,6 @@ class DataParallel:
         layers = self.model.layers
         backend = self.model.backend
         compiled = _compile_settings(self.model)
-        sums = np.zeros((self.world.size, len(layers) + len(compiled)))
 
         def checksum(la: Any) -> int:
             crc = _crc(la.get_config())
@@ -702,21 +702,20 @@ class DataParallel:
                 crc = zlib.crc32(np.ascontiguousarray(backend.to_numpy(a)).tobytes(), crc)
             return crc
 
-        sums[self.world.rank] = [checksum(la) for la in layers] + [
-            _crc(v) for v in compiled.values()]
+        row = [checksum(la) for la in layers] + [_crc(v) for v in compiled.values()]
+
         def other_count(counts: list[tuple[int, ...]]) -> str:
             ranks = [r for r in range(self.world.size) if counts[r][0] != counts[0][0]]
             return (f"the model has another number of layers on rank(s) {ranks} than on rank 0 "
                     f"({', '.join(str(counts[r][0]) for r in ranks)} against {counts[0][0]}): "
                     "every rank must build the same model")
 
-        sums = np.asarray(host_sum(self.world, sums.ravel(), "fit (the layers' and compile's "
-                                   "settings)", tagged=True, layout=[len(layers), len(compiled)],
-                                   other_layout=other_count)).reshape(sums.shape)
+        sums = _rank_checksums(self.world, row, "fit (the layers' and compile's settings)",
+                               [len(layers), len(compiled)], other_count)
         differ = np.flatnonzero((sums != sums[0]).any(axis=0))
         if differ.size:
             i = int(differ[0])
-            ranks = [r for r in range(self.world.size) if sums[r, i] != sums[0, i]]
+            ranks = _differing_ranks(sums, i)
             if i >= len(layers):
                 raise DistributedError(
                     f"the model was compiled with another {list(compiled)[i - len(layers)]} on "
@@ -735,8 +734,8 @@ class DataParallel:
         """Refuse, on every rank alike, training (or ``validation``) data, fit's
         ``class_weights`` (its table, as fit uses it) or ``arguments`` (by name: fit's
         arguments, its callbacks) that differ between the ranks: see
-        :func:`check_same_data`."""
-        check_same_data(self.world, [("training", data)] + (
+        :func:`refuse_different_data`."""
+        refuse_different_data(self.world, [("training", data)] + (
             [] if validation is None else [("validation", validation)]),
             class_weights=class_weights, arguments=arguments)
 
@@ -764,10 +763,7 @@ class DataParallel:
             history = self.model.history
             row = [1.0, float(start.epoch), float(start.step),
                    float(_crc({"progress": start.entry(), "history": history.history}))]
-        sums = np.zeros((self.world.size, 4))
-        sums[self.world.rank] = row
-        sums = np.asarray(host_sum(self.world, sums.ravel(), "fit (where it resumes)",
-                                   tagged=True)).reshape(sums.shape)
+        sums = _rank_checksums(self.world, row, "fit (where it resumes)")
         groups: dict[tuple[float, ...], list[int]] = {}
         for r in range(self.world.size):
             groups.setdefault(tuple(sums[r]), []).append(r)
@@ -814,9 +810,9 @@ class DataParallel:
             la.state[k] = backend.asarray(a / self.world.size, dtype=la.dtype)
 
 
-def check_same_data(here: World, sources: Sequence[tuple[str, Any]], call: str = "fit",
-                    class_weights: np.ndarray | None = None,
-                    arguments: dict[str, Any] | None = None) -> None:
+def refuse_different_data(here: World, sources: Sequence[tuple[str, Any]], call: str = "fit",
+                          class_weights: np.ndarray | None = None,
+                          arguments: dict[str, Any] | None = None) -> None:
     """Refuse, on every rank alike, data that differs between the ranks (each rank takes its
     slice of every batch of the same data: per-rank shards, a PyTorch habit, trained or
     evaluated half of it, silently, and data of other lengths gave the ranks other logs, whose
@@ -831,14 +827,14 @@ def check_same_data(here: World, sources: Sequence[tuple[str, Any]], call: str =
     until the timeout, then blamed a stuck rank, or the ranks averaged the gradients of
     different epochs)."""
     arguments = arguments or {}
-    sums = np.zeros((here.size, len(sources) + len(arguments)))
-    for i, (what, data) in enumerate(sources):
+    row: list[float] = []
+    for what, data in sources:
         mark = data.same_data_mark()
         # (all ones weighs as None does)
         if what == "training" and class_weights is not None and np.any(class_weights != 1.0):
             mark = {"data": mark, "class_weight": [float(w) for w in class_weights]}
-        sums[here.rank, i] = -1.0 if mark is None else _crc(mark)
-    sums[here.rank, len(sources):] = [_crc(v) for v in arguments.values()]
+        row.append(-1.0 if mark is None else _crc(mark))
+    row += [_crc(v) for v in arguments.values()]
 
     def other_count(counts: list[tuple[int, ...]]) -> str:
         # (fit's sources are its training data and, on some ranks only here, its validation)
@@ -851,18 +847,17 @@ def check_same_data(here: World, sources: Sequence[tuple[str, Any]], call: str =
         return (f"{call} on several ranks was given other arguments on some ranks: every rank "
                 f"must call {call} with the same arguments and callbacks")
 
-    sums = np.asarray(host_sum(here, sums.ravel(), f"{call} (the data's checksums)",
-                               tagged=True, layout=[len(sources), len(arguments)],
-                               other_layout=other_count)).reshape(sums.shape)
+    sums = _rank_checksums(here, row, f"{call} (the data's checksums)",
+                           [len(sources), len(arguments)], other_count)
     for i, name in enumerate(arguments, len(sources)):
-        ranks = [r for r in range(here.size) if sums[r, i] != sums[0, i]]
+        ranks = _differing_ranks(sums, i)
         if ranks:
             raise DistributedError(
                 f"{call} on several ranks was given another {name} on rank(s) {ranks} than on "
                 f"rank 0: every rank must call {call} with the same arguments and callbacks "
                 "(not a callback on rank 0 alone)")
     for i, (what, _) in enumerate(sources):
-        ranks = [r for r in range(here.size) if sums[r, i] != sums[0, i]]
+        ranks = _differing_ranks(sums, i)
         if ranks:
             whole = "whole arrays (or dataset)" if what != "evaluation" else \
                 "whole arrays (or dataset) to evaluate"
@@ -873,6 +868,23 @@ def check_same_data(here: World, sources: Sequence[tuple[str, Any]], call: str =
                 ", batch_size, seed or shuffle): "
                 f"every rank passes the same {whole}, and each takes its own slice of every "
                 "batch; do not split the data into per-rank shards")
+
+
+def _rank_checksums(here: World, row: Sequence[float], what: str, layout: Sequence[int] = (),
+                    other_layout: Callable[[list[tuple[int, ...]]], str] | None = None
+                    ) -> np.ndarray:
+    """Every rank's ``row`` of checksums, a (ranks, len(row)) float64 matrix: each rank puts
+    its row in a matrix of zeros, and one tagged :func:`host_sum` (``what``, ``layout`` and
+    ``other_layout`` as there) adds the matrices up."""
+    sums = np.zeros((here.size, len(row)))
+    sums[here.rank] = row
+    return np.asarray(host_sum(here, sums.ravel(), what, tagged=True, layout=layout,
+                               other_layout=other_layout)).reshape(sums.shape)
+
+
+def _differing_ranks(sums: np.ndarray, i: int) -> list[int]:
+    """The ranks whose checksum ``i`` (a column of :func:`_rank_checksums`) is not rank 0's."""
+    return [r for r in range(sums.shape[0]) if sums[r, i] != sums[0, i]]
 
 
 def _crc(value: Any) -> int:
@@ -901,7 +913,7 @@ def _compile_settings(model: Any) -> dict[str, Any]:
 def fit_arguments(epochs: int, initial_epoch: int, steps_per_epoch: Any, validation_steps: Any,
                   validation_freq: Any, callbacks: Sequence[Any]) -> dict[str, Any]:
     """fit's arguments that every rank must share beyond its data, by name, for
-    :func:`check_same_data`: the ``callbacks`` (fit's own History and progress bar left out by
+    :func:`refuse_different_data`: the ``callbacks`` (fit's own History and progress bar left out by
     the caller: rank 0 alone shows one) by class, and the save frequency of those that save."""
     return {"epochs": epochs, "initial_epoch": initial_epoch,
             "steps_per_epoch": steps_per_epoch, "validation_steps": validation_steps,
@@ -934,7 +946,7 @@ def _share_cores(backend: Any, here: World) -> None:
     """CPU ranks on one node share its cores: unless the user set a thread count, each rank's
     kernels get cores / (ranks on the node) threads."""
     chosen = any(v in os.environ for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"))
-    fast = backend.fast
+    fast = fast_kernels(backend)
     if not chosen and fast is not None:
         fast.set_threads(max(1, (os.cpu_count() or 1) // here.local_size))
 

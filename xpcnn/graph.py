@@ -33,7 +33,7 @@ from . import checks
 from .backend import Backend, dtype_name
 from .errors import InputError
 from .layers.activation import ReLU
-from .layers.arguments import Shape
+from .layers.arguments import Shape, building_for
 from .layers.base import DEFAULT, Layer, Options, RandomLayer
 from .layers.symbolic import Node, SymbolicTensor
 from .structure import where
@@ -213,7 +213,8 @@ def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backe
         stream = ((layer.seed, layer.calls) if layer.built and isinstance(layer, RandomLayer)
                   else None)
         rng = np.random.default_rng([seed, k])
-        shapes.append(layer.build(shape, backend, dtype, compute_dtype, rng))
+        with building_for(input_shape):  # (a window's error tells the input from a map)
+            shapes.append(layer.build(shape, backend, dtype, compute_dtype, rng))
         if kept:
             layer.set_weights(kept)
         if stream is not None:

@@ -35,6 +35,17 @@ from .ops.softmax import (
 LOSS_CLASSES: dict[str, type[SoftmaxCrossEntropy]] = {}
 
 
+def _float_matrix(y: Any) -> bool:
+    """Whether ``y`` is 2-D floating-point scores, read without converting it where it is an
+    array (a torch bfloat16 tensor); anything NumPy cannot read (a ragged list) is not."""
+    if not (hasattr(y, "ndim") and hasattr(y, "dtype")):
+        try:
+            y = np.asarray(y)
+        except Exception:  # (the error, if any, is y_pred's shape: no hint)
+            return False
+    return y.ndim == 2 and "float" in str(y.dtype)
+
+
 class SoftmaxCrossEntropy:
     """Mean cross-entropy between softmax(logits) and integer or one-hot targets.
 
@@ -149,9 +160,10 @@ class SoftmaxCrossEntropy:
             xp = array_api_compat.array_namespace(y_pred)
         if y_pred.ndim != 2 or y_pred.shape[0] == 0 or y_pred.shape[1] < 2:
             swapped = ""
-            given = np.asarray(to_host(y_true)) if y_pred.ndim == 1 else None
-            if given is not None and given.ndim == 2 and real_floating(np, given.dtype):
-                # (PyTorch's order, loss(input, target), is the reverse of Keras')
+            # (PyTorch's order, loss(input, target), is the reverse of Keras': its targets
+            # are integers, int64, and its inputs float scores)
+            if y_pred.ndim == 1 and xp.isdtype(y_pred.dtype, "integral") and \
+                    _float_matrix(y_true):
                 swapped = (f": arguments swapped? {type(self).__name__} is called as Keras' "
                            "losses are, loss(y_true, y_pred); PyTorch's order, loss(input, "
                            "target), is the reverse")

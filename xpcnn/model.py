@@ -26,7 +26,7 @@ from .layers.arguments import per_sample
 from .layers.base import Layer, held_by, holders_of
 from .layers.symbolic import SymbolicTensor, refuse_training_in_graph
 from .layers.weight import Weight
-from .ops.kernels import kernels_for
+from .ops.kernels import compute_scope, kernels_for
 from .passes import PASSES, exclusive_if
 from .saving import load_weights, register_model, save_model
 from .saving.model_file import FORMAT, VERSION, layers_from_config
@@ -550,7 +550,7 @@ class Model(Trainer):
         backend's compute scope: the caller's with ``in_scope`` (a training step, an
         evaluation or prediction loop), else one entered here."""
         if not in_scope:
-            with self.backend.compute_scope():
+            with compute_scope(self.backend):
                 return self._logits(x, training, in_scope=True)
         if not training:  # (a training step holds it across its forward, backward and update)
             with self._shared_pass():
@@ -608,7 +608,7 @@ class Model(Trainer):
         self._rebuild_if_shared()
         x = checks.as_images(x)
         checks.check_sample_shape(x, self._input_shape)  # type: ignore[arg-type]
-        with self.backend.compute_scope():
+        with compute_scope(self.backend):
             return self._layer_outputs(self._to_device(x), training)
 
     # -- configuration -------------------------------------------------------------------------
@@ -1134,9 +1134,10 @@ def _from_config(cls: type[Model], config: Any, device: DeviceLike) -> Any:
                          ) from None
     for layer in layers:  # (names as the configuration gives them: the user's, as in Keras)
         layer.name_given = True
-    model = cls.from_config(config, layers, device)
-    if shape:
-        model.build(input_shape)
+    with checks.loading():  # (a channels-first shape was warned of when declared)
+        model = cls.from_config(config, layers, device)
+        if shape:
+            model.build(input_shape)
     return model
 
 

@@ -16,7 +16,7 @@ import copy as copy_module
 import functools
 import math
 import numbers
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 from .checks import (
@@ -104,14 +104,36 @@ def _probe(cls: type, settings: dict[str, Any]) -> dict[str, Any]:
 
 _BINDS = ("compile binds the model's parameters to the optimiser: pass the rate and "
           "settings only, {name}(lr=0.001, ...), then model.compile(optimizer=...)")
-#: PyTorch's optimiser keywords that xpcnn's (Keras' names) do not take, and what instead.
-TORCH_KEYWORDS = {
+#: PyTorch's optimiser keywords that xpcnn's do not take: Keras' names of the setting (named
+#: where the class takes them), or what instead.
+TORCH_KEYWORDS: dict[str, tuple[str, ...] | str] = {
     "params": _BINDS,
-    "betas": "xpcnn's names are Keras', beta_1 and beta_2: {name}(beta_1={b1}, beta_2={b2})",
-    "eps": "xpcnn's name is Keras', epsilon: {name}(epsilon={value})",
-    "alpha": "xpcnn's name is Keras', rho: {name}(rho={value})",
-    "dampening": "xpcnn's SGD has no dampening (PyTorch's default, 0, only)",
+    "betas": ("beta_1", "beta_2"),
+    "eps": ("epsilon",),
+    "alpha": ("rho",),
+    "dampening": (),
+    "maximize": "not offered: xpcnn's optimisers minimise the loss (PyTorch's default)",
+    "foreach": "not offered: xpcnn runs each backend's update its own way",
+    "fused": "not offered: xpcnn runs each backend's update its own way",
+    "capturable": "not offered: xpcnn runs each backend's update its own way",
+    "differentiable": "not offered: xpcnn does not differentiate through an update",
 }
+
+
+def _instead(name: str, key: str, value: Any, taken: Collection[str]) -> str:
+    """What xpcnn's ``name`` takes in place of PyTorch's ``key=value`` (:data:`TORCH_KEYWORDS`)."""
+    keras = TORCH_KEYWORDS[key]
+    if isinstance(keras, str):
+        return keras.format(name=name)
+    if not keras or not all(k in taken for k in keras):
+        return f"xpcnn's {name} has no such setting"
+    if len(keras) == 1:
+        return f"xpcnn's name is Keras', {keras[0]}: {name}({keras[0]}={value!r})"
+    names = " and ".join(keras)
+    if isinstance(value, list | tuple) and len(value) == len(keras):
+        given = ", ".join(f"{k}={v!r}" for k, v in zip(keras, value, strict=True))
+        return f"xpcnn's names are Keras', {names}: {name}({given})"
+    return f"xpcnn's names are Keras', {names}, a number each: {name}(beta_1=..., beta_2=...)"
 
 
 def _refuse_torch_arguments(name: str, init: Callable[..., None], args: tuple[Any, ...],
@@ -126,10 +148,8 @@ def _refuse_torch_arguments(name: str, init: Callable[..., None], args: tuple[An
     taken = named_parameters(init)
     for key, value in kwargs.items():
         if key in TORCH_KEYWORDS and key not in taken:
-            pair = value if isinstance(value, list | tuple) and len(value) == 2 else (None, None)
-            why = TORCH_KEYWORDS[key].format(name=name, value=repr(value), b1=pair[0], b2=pair[1])
             raise InputError(f"{name}({key}={value!r}): PyTorch's keyword, which xpcnn's {name} "
-                             f"does not take: {why}")
+                             f"does not take: {_instead(name, key, value, taken)}")
 
 
 def _takes_learning_rate(init: Callable[..., None]) -> Callable[..., None]:

@@ -28,19 +28,19 @@ class PassLock:
     ``with`` a Ctrl-C cannot split, so a pass never leaves it held), taken once the writers'
     gate is free; a writer takes the gate, then every thread's reader lock (waiting for their
     passes; in the main thread a Ctrl-C ends that wait, whichever thread the signal reached).
-    ``exclusive(what)`` is a ``with`` block too, which gives back what it took on an exception;
-    a Ctrl-C landing in its own Python-level enter or exit (a few microseconds of a build) may
-    still leave it held: builds are rare and short, and a pass, the common case, cannot.
+    ``exclusive(what)`` is a ``with`` block too: on an exception in its enter or exit (a
+    Ctrl-C landing in a wait, just after an acquire, or midway through giving back) it gives
+    back every lock this thread owns, recorded or not. Only a Ctrl-C landing at the first
+    instruction of its exit, or a second one during that clean-up, may still leave it held.
     (Deferring signals there took wrapping the process's signal handlers, which a user's
     handlers chaining to the previous one, or checking their own, did not survive.)"""
 
     def __init__(self) -> None:
-        self._gate = threading.Lock()  # (a writer's, waiting or holding: new readers wait)
+        self._gate = threading.RLock()  # (a writer's, waiting or holding: new readers wait)
         self._mine = threading.local()  # (this thread's reader lock)
         self._readers: dict[int, Any] = {}  # (thread -> its reader lock; changed under the gate)
         self._writer: int | None = None  # (the thread holding it exclusive)
         self._writes = 0  # (how many times the writer holds it, either way)
-        self._taken: list[Any] = []  # (the reader locks the writer holds)
         self._waiters: set[int] = set()  # (threads waiting to take it exclusive)
 
     @property
@@ -81,38 +81,37 @@ class PassLock:
                 "forward, a pass of another model): it builds layers, which would change "
                 "them under that pass; build or compile outside the pass, or use a model "
                 "whose layers are built as this one's")
-        self._waiters.add(me)
-        taken: list[Any] = []
-        gate = False
         try:
+            self._waiters.add(me)
             _wait_for(self._gate)
-            gate = True
             alive = {t.ident for t in threading.enumerate()}
             for ident in [i for i in self._readers if i not in alive]:  # (threads gone)
                 del self._readers[ident]
             for lock in list(self._readers.values()):
                 _wait_for(lock)  # (waits for that thread's passes)
-                taken.append(lock)
+            self._writer, self._writes = me, 1
+            self._waiters.discard(me)  # (in the try: a Ctrl-C after it gives all back)
         except BaseException:
-            for lock in reversed(taken):
-                lock.release()
-            if gate:
-                self._gate.release()
-            raise
-        finally:
             self._waiters.discard(me)
-        self._writer, self._writes, self._taken = me, 1, taken
+            if self._writer == me:
+                self._writer, self._writes = None, 0
+            self._release_owned()
+            raise
+
+    def _release_owned(self) -> None:
+        """Give back every lock this thread owns, not only those recorded: a Ctrl-C raised
+        just after an acquire returned, before it was recorded, leaves that one owned too (no
+        pass of this thread holds any here: see ``_take_exclusive``)."""
+        for lock in [*self._readers.values(), self._gate]:
+            if lock._is_owned():
+                lock.release()
 
     def _release_exclusive(self) -> None:
         self._writes -= 1
         if self._writes:
             return
-        taken, self._taken, self._writer = self._taken, [], None
-        try:
-            while taken:
-                taken.pop().release()
-        finally:
-            self._gate.release()
+        self._writer = None
+        self._release_owned()  # (again, whole, if a Ctrl-C ends it midway: see _Exclusive)
 
 
 class _Exclusive:
@@ -122,15 +121,25 @@ class _Exclusive:
         self._lock, self._what = lock, what
 
     def __enter__(self) -> None:
-        self._lock._take_exclusive(self._what)
+        lock = self._lock
+        held = lock._writes if lock._writer == threading.get_ident() else 0
+        try:
+            lock._take_exclusive(self._what)
+        except BaseException:  # (a Ctrl-C landing once taken, before the with has it: back)
+            if lock._writer == threading.get_ident() and lock._writes > held:
+                lock._release_exclusive()
+            raise
 
     def __exit__(self, *exc: Any) -> None:
         lock = self._lock
         writes = lock._writes
         try:
             lock._release_exclusive()
-        except BaseException:  # (a Ctrl-C landing before it gave the hold back: again)
-            if lock._writes == writes and lock._writer == threading.get_ident():
+        except BaseException:  # (a Ctrl-C landing before it gave the hold back, or midway)
+            if lock._writer != threading.get_ident():
+                if writes == 1:
+                    lock._release_owned()
+            elif lock._writes == writes:
                 lock._release_exclusive()
             raise
 

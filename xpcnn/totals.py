@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import NonFiniteError
 from .ops.kernels import kernels_for
 from .ops.step_record import BAD_STEP, CORRECT, LOSS_SUM, batch_sums, cleared, top_k_start
+
+if TYPE_CHECKING:  # (for the hints only: the README's import order puts data above totals)
+    from .data.replay import Replay
 
 # The most steps between two reads by the host.
 READ_EVERY = 32
@@ -35,13 +38,11 @@ KEPT_INPUTS = 2
 class Noted:
     """What an unread step keeps for a deferred error: its labels ``yb`` (small; the check of
     their values), and its input batch ``xb`` where its source cannot read it again as it was
-    (``replay``, a :class:`xpcnn.data.replay.Replay`, None or not exact; dropped after
-    :data:`KEPT_INPUTS` later such steps). (Replay is not imported: xpcnn.data imports
-    xpcnn.saving, which imports this module.)"""
+    (``replay`` None or not exact; dropped after :data:`KEPT_INPUTS` later such steps)."""
 
     __slots__ = ("replay", "xb", "yb")
 
-    def __init__(self, xb: Any, yb: Any, replay: Any) -> None:
+    def __init__(self, xb: Any, yb: Any, replay: Replay | None) -> None:
         self.xb = None if replay is not None and replay.exact else xb
         self.yb, self.replay = yb, replay
 
@@ -147,7 +148,7 @@ class RunningTotals:
                                                                     self.dtype)
         return apply
 
-    def note(self, step: int, xb: Any, yb: Any, replay: Any) -> None:
+    def note(self, step: int, xb: Any, yb: Any, replay: Replay | None) -> None:
         """Note step ``step`` (1-based) on input batch ``xb`` and labels ``yb`` for a deferred
         error: ``replay`` reads ``xb`` again (:func:`xpcnn.data.replay.replay_of`); where it
         is None or not exact, ``xb`` is held too, until :data:`KEPT_INPUTS` later steps hold

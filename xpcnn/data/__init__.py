@@ -29,6 +29,10 @@ The modules, each importing only those above it:
 
 * :mod:`~xpcnn.data.arrays`: moving arrays between libraries, what kind of source ``x`` is,
   device and image checks, and the argument checks every source's data goes through;
+* :mod:`~xpcnn.data.registry`: :class:`~xpcnn.data.registry.ByIdentity`, a value per object
+  by identity (a dataset's lock, the reader a stopped call left inside a source);
+* :mod:`~xpcnn.data.replay`: the input batches that a source can read again, for a training
+  step's error found later (:mod:`xpcnn.totals`);
 * :mod:`~xpcnn.data.background`: the prefetch thread
   (:func:`~xpcnn.data.background.prefetch`) and :func:`~xpcnn.data.background.upload`;
 * :mod:`~xpcnn.data.sources`: the :class:`Batches` protocol, each rank's share of an epoch,

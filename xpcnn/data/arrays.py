@@ -11,8 +11,8 @@
   made), :func:`split_item`, :func:`check_arrays`, :func:`build_for`,
   :func:`check_sample_weights`, :class:`BatchChecks` (each batch of a stream or dataset).
 
-The bottom of the package: every other module of it uses these, and this one imports none of
-them.
+The bottom of the package, with :mod:`~xpcnn.data.registry` and :mod:`~xpcnn.data.replay`,
+which import none of its modules either: the others (background, sources, streams) use these.
 """
 
 from __future__ import annotations

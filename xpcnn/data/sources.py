@@ -19,7 +19,6 @@ import numpy as np
 
 from .. import checks
 from ..errors import InputError
-from ..saving.checkpoint import fingerprint
 from .arrays import (
     BatchChecks,
     adopt_foreign,
@@ -30,7 +29,6 @@ from .arrays import (
     to_device,
 )
 from .background import (
-    ByIdentity,
     inside,
     left_reader,
     prefetch,
@@ -39,6 +37,7 @@ from .background import (
     upload,
     wait_for_reader,
 )
+from .registry import ByIdentity
 from .replay import numbered
 
 # A NumPy training set up to this size (images + targets) is uploaded to a GPU once per fit.
@@ -66,7 +65,7 @@ class Batches:
 
     def same_data_mark(self) -> dict[str, Any] | None:
         """What every rank's source must share on several ranks
-        (:func:`xpcnn.distributed.check_same_data`): the :meth:`fingerprint`, and what else
+        (:func:`xpcnn.distributed.refuse_different_data`): the :meth:`fingerprint`, and what else
         tells the content without reading it; None where nothing can (an iterable: each
         rank's own)."""
         try:
@@ -213,14 +212,46 @@ class ArrayBatches(ShardedBatches):
         the fingerprint."""
         if self.host_x is not None:
             return self.fingerprint()
-        t, w = self.host_targets, self.host_weights
-        return {"samples": self.samples, "sample_shape": [int(d) for d in self.x.shape[1:]],
-                "x_dtype": str(self.x.dtype), "x_sums_crc32": device_sums_crc32(self.backend,
-                                                                                self.x),
-                "y_crc32": None if t is None else zlib.crc32(np.ascontiguousarray(t).data),
-                "w_crc32": None if w is None else zlib.crc32(np.ascontiguousarray(w).data),
-                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
-                "ranks": self.shard[1]}
+        # (other names than the fingerprint's: another checksum of x, and a mark that is
+        # hashed among the ranks of one run, never stored, so it keeps every key always)
+        return {**_arrays_entry(self.samples, self.x.shape[1:], self.x.dtype, "x_sums_crc32",
+                                device_sums_crc32(self.backend, self.x),
+                                _crc32_or_none(self.host_targets), self.batch_size,
+                                self.seed, self.shuffle),
+                "w_crc32": _crc32_or_none(self.host_weights), "ranks": self.shard[1]}
+
+
+def fingerprint(x: np.ndarray, targets: np.ndarray, batch_size: int, seed: int,
+                shuffle: bool, ranks: int = 1, weights: np.ndarray | None = None
+                ) -> dict[str, Any]:
+    """What a resumed run must share with the original (:mod:`xpcnn.saving.checkpoint` stores
+    it): the data (sizes and CRC-32 checksums; the sample weights' where there are some), the
+    ``fit`` arguments that fix the order of the batches, and the number of processes
+    (:mod:`xpcnn.distributed`; recorded only when there are several, as older files lack it)."""
+    crc = 0
+    rows = max(1, (1 << 24) // max(1, x[0].nbytes))
+    for start in range(0, len(x), rows):
+        crc = zlib.crc32(np.ascontiguousarray(x[start:start + rows]).data, crc)
+    return {**_arrays_entry(int(len(x)), x.shape[1:], x.dtype, "x_crc32", crc,
+                            zlib.crc32(np.ascontiguousarray(targets).data), int(batch_size),
+                            int(seed), bool(shuffle)),
+            **({"ranks": int(ranks)} if ranks > 1 else {}),
+            **({} if weights is None else {"sample_weight_crc32": _crc32_or_none(weights)})}
+
+
+def _arrays_entry(samples: int, sample_shape: Sequence[int], x_dtype: Any, x_key: str,
+                  x_crc32: int, y_crc32: int | None, batch_size: int, seed: int,
+                  shuffle: bool) -> dict[str, Any]:
+    """The keys that :func:`fingerprint` and :meth:`ArrayBatches.same_data_mark` share, in
+    the fingerprint's order (a checkpoint stores it as JSON); ``x_key`` names the checksum of
+    ``x`` (of its bytes, or of each sample's sum)."""
+    return {"samples": samples, "sample_shape": [int(d) for d in sample_shape],
+            "x_dtype": str(x_dtype), x_key: x_crc32, "y_crc32": y_crc32,
+            "batch_size": batch_size, "seed": seed, "shuffle": shuffle}
+
+
+def _crc32_or_none(a: np.ndarray | None) -> int | None:
+    return None if a is None else zlib.crc32(np.ascontiguousarray(a).data)
 
 
 def device_sums_crc32(backend: Any, x: Any) -> int:
@@ -425,10 +456,10 @@ class DatasetBatches(ShardedBatches):
                              "device") from e
 
     def fingerprint(self) -> dict[str, Any]:
-        """As arrays' (:func:`~xpcnn.saving.checkpoint.fingerprint`) but for the content,
-        which is not read: a dataset's ``[i]`` may draw random transforms (reading items here
-        would change the draws of the run, and its resume's), and reading it all would take a
-        pass over the data."""
+        """As arrays' (:func:`fingerprint`) but for the content, which is not read: a
+        dataset's ``[i]`` may draw random transforms (reading items here would change the
+        draws of the run, and its resume's), and reading it all would take a pass over the
+        data."""
         return {"samples": self.samples, "dataset": type(self.dataset).__name__,
                 "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
                 **({"ranks": self.shard[1]} if self.shard[1] > 1 else {})}

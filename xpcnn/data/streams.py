@@ -4,6 +4,13 @@ PyTorch ``DataLoader``), and what xpcnn keeps for a user's iterator between call
 ``next()``, an error read ahead), in a registry (``_STREAMS``, ``_HELD_STREAMS``) that loses
 no batch and keeps no dropped iterator alive. Apart from :mod:`xpcnn.data.sources` for that
 state, which outlives a call.
+
+Not the :class:`~xpcnn.data.registry.ByIdentity` of the other sources: that one holds an
+object that takes no weak reference until its users release it, and a stream has no user to
+do so (an iterator's batches wait in it from one call to the next, until the caller drops the
+iterator, which no callback tells). So a stream of an iterator held by id
+(``_HELD_STREAMS``: zip, map, ``iter(list)``) goes when only the registry still references it
+(:func:`prune_streams`), which a count of references tells.
 """
 
 from __future__ import annotations

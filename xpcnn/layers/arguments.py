@@ -3,6 +3,9 @@ every layer family's constructor and ``_build`` share."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -47,14 +50,17 @@ def count(v: int, what: str) -> int:
 
 
 def on_host(value: Any, what: str) -> Any:
-    """``value`` as NumPy reads it: another namespace's array copied to the host (a PyTorch
-    parameter, which requires grad, detached: NumPy's read of it raised torch's own error),
-    anything else as it is; one no copy can read (a bfloat16 tensor) refused by ``what``."""
+    """``value`` as NumPy reads it: another namespace's array on the host (a PyTorch
+    parameter, which requires grad, detached: NumPy's read of it raised torch's own error; a
+    CPU tensor's is a view of it, not a copy: the weights that take it copy it), anything
+    else as it is; one NumPy cannot read (a bfloat16 tensor) refused by ``what``."""
     try:
         return to_host(value)
     except (TypeError, ValueError, RuntimeError, BufferError) as e:
+        bf16 = "bfloat16" in str(getattr(value, "dtype", "")).lower()
+        fix = ": pass t.float()" if bf16 and hasattr(value, "float") else ""
         raise InputError(f"{what} must be an array NumPy can read, got a "
-                         f"{type(value).__name__} that is none ({e})") from None
+                         f"{type(value).__name__} that is none ({e}){fix}") from None
 
 
 def check_padding(padding: str | int) -> str | int:
@@ -144,21 +150,56 @@ KERAS_KEYWORDS: dict[str, dict[str, str]] = {
 }
 
 
-def refuse_keras_keywords(cls: type, init: Any, given: dict[str, Any]) -> None:
+#: Keras keywords of :data:`KERAS_KEYWORDS` taken where their value is what xpcnn's layer
+#: does (Keras' own default spelled out, as a port writes it: the same way, not a second one).
+KERAS_DEFAULTS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "Conv2D": {"data_format": ("channels_last",), "dilation_rate": (1, (1, 1)),
+               "groups": (1,), "bias_initializer": ("zeros",)},
+    "Dense": {"bias_initializer": ("zeros",)},
+    "_Pool2D": {"data_format": ("channels_last",)},
+    "Flatten": {"data_format": ("channels_last",)},
+    "GlobalAvgPool2D": {"data_format": ("channels_last",), "keepdims": (False,)},
+    "Softmax": {"axis": (-1,)},
+    "Dropout": {"noise_shape": (None,)},
+    "BatchNorm2D": {"axis": (-1,), "center": (True,), "scale": (True,),
+                    "beta_initializer": ("zeros",), "gamma_initializer": ("ones",),
+                    "moving_mean_initializer": ("zeros",),
+                    "moving_variance_initializer": ("ones",), "renorm": (False,),
+                    "synchronized": (False,)},
+    "ReLU": {"negative_slope": (0, 0.0), "threshold": (0, 0.0)},
+    "RandomFlip": {"data_format": ("channels_last",)},
+    "Normalization": {"axis": (-1,), "invert": (False,)},
+}
+
+
+def _is_default(value: Any, accepted: tuple[Any, ...]) -> bool:
+    """Whether ``value`` is one of ``accepted``, of the same type (True is no 1)."""
+    value = tuple(value) if isinstance(value, list) else value
+    return any(type(value) is type(a) and value == a for a in accepted)
+
+
+def refuse_keras_keywords(cls: type, init: Any, given: dict[str, Any]) -> dict[str, Any]:
     """Refuse a Keras keyword in ``given`` that ``init``, a built-in layer's constructor
-    building a ``cls``, does not take (:data:`KERAS_KEYWORDS`), naming what to pass instead;
-    other keywords are left to Python's TypeError."""
+    building a ``cls``, does not take (:data:`KERAS_KEYWORDS`), naming what to pass instead,
+    unless its value is what the layer does (:data:`KERAS_DEFAULTS`); other keywords are left
+    to Python's TypeError. Returns ``given`` less the defaults taken."""
     module, owner = getattr(init, "__module__", ""), getattr(init, "__qualname__", "")
     if not module.startswith("xpcnn.") or takes_keywords(init):  # (a user's constructor)
-        return
+        return given
     table = KERAS_KEYWORDS.get(owner.partition(".")[0], {})
+    defaults = KERAS_DEFAULTS.get(owner.partition(".")[0], {})
     taken = named_parameters(init)
+    kept = {}
     for key, value in given.items():
         why = None if key in taken else table.get(key) or _KERAS_COMMON.get(key)
+        if why is not None and key in defaults and _is_default(value, defaults[key]):
+            continue  # (what xpcnn's layer does)
         if why is not None:
             name = cls.__name__
             raise InputError(f"{name}({key}={value!r}): Keras' keyword, which xpcnn's {name} "
                              f"does not take: {why.format(value=repr(value))}")
+        kept[key] = value
+    return kept
 
 
 #: How PyTorch's positional layer signatures differ from xpcnn's (Keras'), for the errors
@@ -168,17 +209,38 @@ TORCH_CONV_ORDER = ("PyTorch's order, nn.Conv2d(in_channels, out_channels, kerne
                     "Keras', the input's channels inferred")
 
 
+# (the per-sample shape of the model's input while a model's layers build; () for a layer
+# called on a feature map of a graph; None for a layer built alone, its input the model's)
+_MODEL_INPUT: contextvars.ContextVar[Any] = contextvars.ContextVar("xpcnn_model_input",
+                                                                    default=None)
+
+
+@contextlib.contextmanager
+def building_for(model_input: Any) -> Iterator[None]:
+    """While layers build for a model whose input has per-sample shape ``model_input`` (``()``:
+    a feature map, not the input): :func:`does_not_fit` hints at a channels-first input only
+    for the model's input."""
+    token = _MODEL_INPUT.set(model_input)
+    try:
+        yield
+    finally:
+        _MODEL_INPUT.reset(token)
+
+
 def does_not_fit(layer: Any, what: str, input_shape: Shape) -> InputError:
     """The error of a window (``what``: "a 3x3 kernel ...") larger than the input, with the
-    likely cause: an input declared channels-first (1x28 of 28 channels), or for a Conv2D,
-    PyTorch's positional order (Conv2D(1, 32, 3): a 32x32 kernel)."""
+    likely cause: the model's input declared channels-first (1x28 of 28 channels), or for a
+    Conv2D of no more filters than its kernel is wide, PyTorch's positional order
+    (Conv2D(1, 32, 3): a 32x32 kernel; Conv2D(64, 5) on a 4x4 map is Keras' order)."""
     h, w, c = input_shape
+    model_input = _MODEL_INPUT.get()
+    first = model_input is None or tuple(model_input) == tuple(input_shape)
     hint = ""
-    if h in (1, 3) and min(w, c) > 4:
+    if first and h in (1, 3) and min(w, c) > 4:
         hint = (f": is the input channels-first, (C, H, W) as PyTorch keeps images? xpcnn "
                 f"reads (H, W, C): declare {(w, c, h)} and pass images as "
                 "x.transpose(0, 2, 3, 1)")
-    elif type(layer).__name__ == "Conv2D":
+    elif type(layer).__name__ == "Conv2D" and layer.filters <= max(layer.kernel_size):
         hint = f": {TORCH_CONV_ORDER}"
     return InputError(f"layer {layer.name!r}: {what} does not fit an input of {h}x{w}{hint}")
 

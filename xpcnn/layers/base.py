@@ -48,7 +48,7 @@ from ..checks import (
 )
 from ..errors import InputError, of_xpcnn
 from ..passes import exclusive_if
-from .arguments import Shape, on_host, per_sample, refuse_keras_keywords
+from .arguments import Shape, building_for, on_host, per_sample, refuse_keras_keywords
 from .symbolic import Node, SymbolicTensor, is_symbolic, refuse_training_in_graph
 from .weight import Weight
 
@@ -214,6 +214,18 @@ _STANDALONE_BUILDS = itertools.count()
 # a user's _build may call another layer.
 _BUILD_LOCK = threading.RLock()
 
+
+
+def _torch_layout(keras: tuple[int, ...], given: tuple[int, ...]) -> str:
+    """The hint where ``given`` is the Keras-layout shape ``keras`` in PyTorch's layout (a
+    state_dict's weights; a square nn.Linear weight cannot be told from its transpose)."""
+    if len(keras) == 2 and given == keras[::-1]:
+        return (": PyTorch's nn.Linear layout, (out_features, in_features)? Keras' (and "
+                "xpcnn's) is (in, out): pass weight.T")
+    if len(keras) == 4 and given == (keras[3], keras[2], keras[0], keras[1]):
+        return (": PyTorch's nn.Conv2d layout, (out, in, kh, kw)? Keras' (and xpcnn's) is "
+                "(kh, kw, in, out): pass weight.permute(2, 3, 1, 0)")
+    return ""
 
 class Layer:
     """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``,
@@ -501,8 +513,9 @@ class Layer:
         # The output shape from a trial build of a copy: this layer's own weights (perhaps
         # trained) stay as they are; the model builds the layer on its device.
         probe = self.unbuilt_copy()
-        node = Node(self, inputs, multi, probe.build(shapes if multi else shapes[0], "cpu",
-                                                     "float32"))
+        with building_for(shapes[0] if not multi and inputs[0].node is None else ()):
+            node = Node(self, inputs, multi, probe.build(shapes if multi else shapes[0], "cpu",
+                                                         "float32"))
         if record:
             self.inbound_nodes.append(node)
         return node.output
@@ -755,7 +768,7 @@ class Layer:
         shape = self.keras_shape(name)
         if tuple(w.shape) != shape:
             raise InputError(f"layer {self.name!r} weight {name!r} must have shape {shape}, "
-                             f"got {tuple(w.shape)}")
+                             f"got {tuple(w.shape)}{_torch_layout(shape, tuple(w.shape))}")
         if not real_numbers(np, w.dtype):
             raise InputError(f"layer {self.name!r} weight {name!r} must be real, got {w.dtype}")
         # Finite values the cast would turn into infinity are refused, as a model's build
@@ -942,7 +955,7 @@ def _takes_trainable(init: Callable[..., Any]) -> Callable[..., Any]:
     def init_taking_trainable(self: Layer, *args: Any, trainable: Any = _UNSET, **kwargs: Any
                               ) -> None:
         if kwargs:  # (a Keras port's epsilon=, data_format=...: a clear error)
-            refuse_keras_keywords(type(self), init, kwargs)
+            kwargs = refuse_keras_keywords(type(self), init, kwargs)
         init(self, *args, **kwargs)
         if "_name" not in vars(self):  # (else an AttributeError at the layer's first use)
             raise InputError(f"{type(self).__name__}.__init__ must call super().__init__() "

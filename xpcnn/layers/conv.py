@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -33,6 +34,18 @@ from .initializers import check_initializer, initialize
 _ENGINE_LOCK = threading.Lock()
 
 
+def _warns_of_torch_order(init: Any) -> Any:
+    """Conv2D's ``__init__``, warning of PyTorch's order where filters, kernel_size and
+    strides all come positional (PyTorch's habit: ``strides=`` is Keras' name, and a loaded
+    file, ``from_config`` and copies pass keywords: they never warn)."""
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if len(args) >= 3:
+            self._warn_of_torch_order()
+    return wrapper
+
+
 class Conv2D(Layer):
     """``filters`` kernels of ``kernel_size`` over every input channel, plus a bias.
 
@@ -52,6 +65,7 @@ class Conv2D(Layer):
     #: compiles the model's plan again (a fused ReLU hands its gradient on there).
     activation = Setting(check_activation, architecture=True)
 
+    @_warns_of_torch_order
     def __init__(
         self,
         filters: int,
@@ -71,6 +85,11 @@ class Conv2D(Layer):
         if isinstance(activation, int | np.integer) and not isinstance(activation, bool):
             raise InputError(f"Conv2D(..., activation={activation!r}): a number where xpcnn "
                              f"takes an activation's name: {TORCH_CONV_ORDER}")
+        self.activation = activation
+        self.use_bias = flag(use_bias, "use_bias")
+        self.kernel_initializer = check_initializer(kernel_initializer)
+
+    def _warn_of_torch_order(self) -> None:
         (kh, kw), (sh, sw) = self.kernel_size, self.strides
         # Conv2D(3, 6, 5), PyTorch's nn.Conv2d(in=3, out=6, k=5), reads as 3 filters of 6x6
         # at stride 5 and builds. No common layer has as few filters as its (square) kernel is
@@ -80,9 +99,6 @@ class Conv2D(Layer):
             warn(f"Conv2D({self.filters}, {kh}, {sh}) makes {self.filters} filters of {kh}x{kh} "
                  f"at stride {sh}: {TORCH_CONV_ORDER}. nn.Conv2d({self.filters}, {kh}, {sh}) "
                  f"is Conv2D({kh}, {sh})", UserWarning)
-        self.activation = activation
-        self.use_bias = flag(use_bias, "use_bias")
-        self.kernel_initializer = check_initializer(kernel_initializer)
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "filters": self.filters, "kernel_size": list(self.kernel_size),

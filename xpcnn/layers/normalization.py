@@ -110,9 +110,12 @@ class BatchNorm2D(Layer):
         super().__init__(name)
         if isinstance(momentum, int | np.integer) and not isinstance(momentum, bool) and \
                 momentum > 1:  # (BatchNorm2D(64), PyTorch's nn.BatchNorm2d(num_features))
+            # (nn.BatchNorm2d(64, 1e-3)'s eps kept in the way out)
+            kept = f"eps={eps!r}" if isinstance(eps, numbers.Real) and eps != 1e-5 else ""
             raise InputError(f"BatchNorm2D({momentum!r}): PyTorch's nn.BatchNorm2d(num_features)"
                              "? xpcnn infers the number of features from the input: its first "
-                             "argument is momentum (PyTorch's, 0.1 by default): BatchNorm2D()")
+                             "argument is momentum (PyTorch's, 0.1 by default): "
+                             f"BatchNorm2D({kept})")
         self.momentum = momentum
         self.eps = eps
 

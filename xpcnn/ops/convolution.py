@@ -23,6 +23,7 @@ from typing import Any
 
 from . import im2col, windows
 from .windows import Pads
+from .workspace import Workspace
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class ConvEngine:
 
 class KernelsConv(ConvEngine):
     """The convolution through a kernels object's primitives: chunked im2col and matmuls;
-    scratch in a :class:`~xpcnn.ops.im2col.Workspace` of its own."""
+    scratch in a :class:`~xpcnn.ops.workspace.Workspace` of its own."""
 
     def __init__(self, geometry: ConvGeometry, kern: Any, budget: int | None = None,
                  min_chunks: int = 8, keep_scratch: bool = True) -> None:
@@ -108,7 +109,7 @@ class KernelsConv(ConvEngine):
         self.kern = kern
         self.xp = kern.xp
         self.budget, self.min_chunks = budget, min_chunks
-        self.workspace = im2col.Workspace(keep=keep_scratch)
+        self.workspace = Workspace(keep=keep_scratch)
         self.name = type(kern).__name__
 
     @classmethod

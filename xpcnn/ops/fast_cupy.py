@@ -1,4 +1,4 @@
-"""CuPy-only kernels behind the one seam ``Backend.fast`` (see :mod:`xpcnn.ops.kernels`).
+"""CuPy-only kernels behind the one seam ``fast_kernels`` (see :mod:`xpcnn.ops.kernels`).
 
 On a GPU each CuPy call costs 20-50 us of Python and launch (measured on an H200,
 docs/performance.md), and the standard versions make one call (and one temporary) per array

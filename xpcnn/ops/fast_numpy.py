@@ -1,4 +1,4 @@
-"""NumPy-only kernels behind the one seam ``Backend.fast`` (see :mod:`xpcnn.ops.kernels`).
+"""NumPy-only kernels behind the one seam ``fast_kernels`` (see :mod:`xpcnn.ops.kernels`).
 
 Only code outside the Array API standard lives here: ``out=`` arguments, in-place ufuncs,
 boolean masks as ufunc operands, overlapping strided views, and chunked loops spread over one
@@ -33,9 +33,9 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import random
-from .im2col import owner, working_for
 from .kernels import StandardKernels, alike
-from .windows import accumulator, overlapping, window
+from .windows import accumulator, overlapping, window, window_slices
+from .workspace import owner, working_for
 
 
 class _OpenBLASThreads:
@@ -355,18 +355,18 @@ class NumpyKernels(StandardKernels):
         # buffer and the output in cache (1.1-1.6x faster than kh*kw strided passes over the
         # whole batch's output, on the reference models' pools).
         kh, kw = kernel
-        sh, sw = strides
         ho, wo = out_hw
         n, _, w, c = x.shape
         out = np.empty((n, ho, wo, c), x.dtype)
+        row_slices = [window_slices(i, 0, out_hw, strides)[0] for i in range(kh)]
+        col_slices = [window_slices(0, j, out_hw, strides)[1] for j in range(kw)]
 
         def work(worker: int, n0: int, n1: int) -> None:
             xs = x[n0:n1]
-            rows = [xs[:, i : i + sh * (ho - 1) + 1 : sh] for i in range(kh)]
+            rows = [xs[:, s] for s in row_slices]
             r = rows[0] if kh == 1 else self._maximum(rows, np.empty((n1 - n0, ho, w, c),
                                                                       x.dtype))
-            self._maximum([r[:, :, j : j + sw * (wo - 1) + 1 : sw] for j in range(kw)],
-                          out[n0:n1])
+            self._maximum([r[:, :, s] for s in col_slices], out[n0:n1])
 
         self.for_chunks(n, self._image_blocks(x, 1 << 20), work)
         return out
@@ -601,7 +601,7 @@ class NumpyKernels(StandardKernels):
         # the definition's arithmetic in place on uint64 views (logical shifts, no masks), in
         # chunks that stay in cache, on the threads
         seed, draw = state[0:1], state[1:2]
-        key = random._mix(random._mix(seed) + (draw + 1) * random.GAMMA).view(np.uint64)
+        key = random.mix(random.mix(seed) + (draw + 1) * random.GAMMA).view(np.uint64)
         bits = random.significant_bits(np, dtype)
         out = np.empty(int(np.prod(shape)), dtype)
         gamma, mix_1, mix_2 = (np.int64(c).view(np.uint64)

@@ -1,37 +1,23 @@
-"""im2col and col2im on (N, H, W, C) arrays, the chunked convolution loops built on them, and
-their scratch: a :class:`Workspace` per thread, kept across steps.
+"""The convolutions as chunked im2col + matmul loops on (N, H, W, C) arrays: a chunk's patches
+written into a buffer (:func:`im2col_into`), their adjoint (:func:`col2im`), and the forward,
+kernel-gradient and input-gradient loops built on them, with scratch kept across steps in a
+:class:`~xpcnn.ops.workspace.Workspace`.
 
-Channels-last lets im2col be a single concatenation along the last axis, whose column order
-(kernel row, kernel column, channel) is exactly the column order of a (K, kh, kw, C) kernel
-reshaped to (K, kh*kw*C): the convolution is then one matmul with that matrix transposed. The
-seam over these loops (one engine per backend) is :mod:`xpcnn.ops.convolution`; the window
-geometry they share with pooling (padding, output sizes, windows) is :mod:`xpcnn.ops.windows`.
+Channels-last makes the patches' column order (kernel row, kernel column, channel) exactly the
+column order of a (K, kh, kw, C) kernel reshaped to (K, kh*kw*C): the convolution is then one
+matmul with that matrix transposed. The seam over these loops (one engine per backend) is
+:mod:`xpcnn.ops.convolution`; the window geometry they share with pooling (padding, output
+sizes, windows) is :mod:`xpcnn.ops.windows`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from .windows import Pads, accumulator, window
-
-
-def im2col(
-    xp: Any, x: Any, kernel: tuple[int, int], strides: tuple[int, int], out_hw: tuple[int, int]
-) -> Any:
-    """(N, H, W, C) padded input -> (N*Ho*Wo, kh*kw*C) patches."""
-    kh, kw = kernel
-    n, c = x.shape[0], x.shape[3]
-    if kh == kw == 1 and strides == (1, 1):
-        return xp.reshape(x, (n * out_hw[0] * out_hw[1], c))
-    cols = xp.concat(
-        [window(x, i, j, out_hw, strides) for i in range(kh) for j in range(kw)], axis=3
-    )
-    return xp.reshape(cols, (n * out_hw[0] * out_hw[1], kh * kw * c))
+from .windows import Pads, accumulator, window, window_slices
+from .workspace import Workspace
 
 
 def col2im(
@@ -42,18 +28,16 @@ def col2im(
     strides: tuple[int, int],
     out_hw: tuple[int, int],
 ) -> Any:
-    """Adjoint of :func:`im2col`: (N, Ho, Wo, kh*kw*C) patch gradients summed into the input."""
+    """Adjoint of :func:`im2col_into`: (N, Ho, Wo, kh*kw*C) patch gradients summed into the
+    padded input."""
     kh, kw = kernel
     c = padded_shape[3]
     out = xp.zeros(padded_shape, dtype=cols.dtype, device=cols.device)
-    sh, sw = strides
-    ho, wo = out_hw
     for i in range(kh):
         for j in range(kw):
             k = (i * kw + j) * c
-            rows = slice(i, i + sh * (ho - 1) + 1, sh)
-            colsl = slice(j, j + sw * (wo - 1) + 1, sw)
-            out[:, rows, colsl, :] = out[:, rows, colsl, :] + cols[..., k : k + c]
+            rows, in_cols = window_slices(i, j, out_hw, strides)
+            out[:, rows, in_cols, :] = out[:, rows, in_cols, :] + cols[..., k : k + c]
     return out
 
 
@@ -65,84 +49,6 @@ def col2im(
 # Scratch arrays live in a Workspace and are reused across steps: fresh large arrays every step
 # cost page faults. Every write goes through slices (the standard does not promise that reshape
 # returns a view); reshapes are only read.
-
-
-# The thread a chunk loop's pool thread works for (see :func:`working_for`); otherwise a thread
-# works for itself.
-_OWNER = threading.local()
-
-
-@contextlib.contextmanager
-def working_for(thread: threading.Thread) -> Iterator[None]:
-    """Inside, this (pool) thread's scratch is ``thread``'s: a chunk loop's workers use the
-    scratch of the thread that runs the loop."""
-    _OWNER.thread = thread
-    try:
-        yield
-    finally:
-        _OWNER.thread = None
-
-
-def owner() -> threading.Thread:
-    """The thread whose scratch this thread uses."""
-    return getattr(_OWNER, "thread", None) or threading.current_thread()
-
-
-_NEW_THREAD = threading.Lock()
-
-
-class Workspace:
-    """Scratch arrays kept across steps, one per key, reallocated when the shape grows (with
-    ``keep`` False, fresh arrays every time: see :attr:`Backend.keeps_scratch`). Each thread
-    that runs a layer has its own (two threads predicting with one model wrote into each
-    other's), dropped when the thread has ended and another thread comes (or its Thread
-    object goes); a chunk loop's pool threads use their caller's."""
-
-    def __init__(self, keep: bool = True) -> None:
-        self.keep = keep
-        self._by_thread: weakref.WeakKeyDictionary[threading.Thread, tuple[dict, dict]] = (
-            weakref.WeakKeyDictionary())
-
-    def _mine(self) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]]]:
-        thread = owner()
-        mine = self._by_thread.get(thread)
-        if mine is None:
-            with _NEW_THREAD:  # (two threads new at once: one at a time)
-                mine = self._by_thread.get(thread)  # (pool workers of one new owner)
-                if mine is None:
-                    # (a pool shut down, or a finished Thread still referenced, keeps its
-                    # object)
-                    for ended in [t for t in list(self._by_thread) if not t.is_alive()]:
-                        self._by_thread.pop(ended, None)
-                    mine = self._by_thread[thread] = ({}, {})
-        return mine
-
-    @property
-    def _arrays(self) -> dict[str, Any]:
-        return self._mine()[0]
-
-    @property
-    def plans(self) -> dict[str, tuple[Any, ...]]:
-        """Per key: (signature, views...), see _plan."""
-        return self._mine()[1]
-
-    def get(self, xp: Any, key: str, shape: tuple[int, ...], dtype: Any, device: Any,
-            fill: float | None = None) -> Any:
-        """An array of ``shape`` (the leading rows of a larger cached one if the batch shrank).
-
-        With ``fill``, a new array starts filled with it, and callers only ever write the same
-        interior region, so the border keeps it.
-        """
-        a = self._arrays.get(key)
-        if (a is None or a.dtype != dtype or tuple(a.shape[1:]) != tuple(shape[1:])
-                or a.shape[0] < shape[0]):
-            if fill is None:
-                a = xp.empty(shape, dtype=dtype, device=device)
-            else:
-                a = xp.full(shape, fill, dtype=dtype, device=device)
-            if self.keep:
-                self._arrays[key] = a
-        return a if a.shape[0] == shape[0] else a[: shape[0], ...]
 
 
 def images_per_chunk(n: int, bytes_per_image: int, budget: int | None,

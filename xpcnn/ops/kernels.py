@@ -1,9 +1,10 @@
 """The primitives that have faster versions outside the Array API, in their standard versions.
 
 Layers and the model call :func:`kernels_for` (never NumPy or CuPy directly): it returns
-``backend.fast`` (the NumPy kernels of :mod:`xpcnn.ops.fast_numpy`, the CuPy ones of
+:func:`fast_kernels` (the NumPy kernels of :mod:`xpcnn.ops.fast_numpy`, the CuPy ones of
 :mod:`xpcnn.ops.fast_cupy`) when the backend offers them, else :class:`StandardKernels`,
-written against the Array API alone. All compute the same values; the NumPy ones write into
+written against the Array API alone. A run of work (a training step, a prediction loop) is
+wrapped in :func:`compute_scope`. All compute the same values; the NumPy ones write into
 their outputs without temporaries (``out=``) and spread work over threads, the CuPy ones do in
 one launch what takes the standard versions several.
 """
@@ -11,10 +12,15 @@ one launch what takes the standard versions several.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+
+from .. import backend as backend_module
 from .convolution import ConvEngine, ConvGeometry, KernelsConv
 from .im2col import im2col_into
 from .pool import max_pool, max_pool_backward
@@ -57,7 +63,7 @@ class StandardKernels:
         return KernelsConv.for_backend(geometry, self, backend)
 
     def pinned(self) -> contextlib.AbstractContextManager[None]:
-        """Held around a training step or prediction (see :meth:`Backend.compute_scope`)."""
+        """Held around a training step or prediction (see :func:`compute_scope`)."""
         return contextlib.nullcontext()
 
     def threads(self) -> int:
@@ -471,7 +477,47 @@ def alike(arrays: list[Any]) -> bool:
     return all(a.shape == arrays[0].shape and a.dtype == arrays[0].dtype for a in arrays)
 
 
+# The module of each backend's fast kernels (fast_kernels), imported on first use: CuPy's
+# imports CuPy.
+_FAST_MODULES = {"numpy": f"{__package__}.fast_numpy", "cupy": f"{__package__}.fast_cupy"}
+
+
+def fast_kernels(backend: Any) -> Any:
+    """Backend-specific kernels: :mod:`xpcnn.ops.fast_numpy` on NumPy,
+    :mod:`xpcnn.ops.fast_cupy` on CuPy; None elsewhere.
+
+    The one place where code outside the Array API standard enters: ops ask for it (through
+    :func:`kernels_for`) and fall back to their standard versions when it is None (every other
+    backend, or after :func:`xpcnn.backend.set_fast_path` ``(False)`` / ``XPCNN_FAST_PATH=0``).
+    """
+    module = _FAST_MODULES.get(backend.name)
+    if module is None or not backend_module._FAST_PATH["enabled"]:
+        return None
+    # (the module as imported now, found without an import statement's ~1 us: a training
+    # step asks a dozen times; one that another thread is importing still has no KERNELS:
+    # import_module waits for it)
+    kernels = getattr(sys.modules.get(module), "KERNELS", None)
+    return kernels if kernels is not None else importlib.import_module(module).KERNELS
+
+
 def kernels_for(backend: Any) -> Any:
     """The backend's fast kernels if it has them, else the standard ones."""
-    fast = backend.fast
+    fast = fast_kernels(backend)
     return fast if fast is not None else StandardKernels(backend.xp)
+
+
+@contextlib.contextmanager
+def compute_scope(backend: Any) -> Iterator[None]:
+    """Wrap a run of xpcnn work on ``backend`` (a training step, a prediction loop). On CuPy
+    it makes the backend's GPU the current one, where CuPy allocates and launches (the CuPy
+    kernels allocate their outputs there: a model on "cuda:1" would otherwise get them on GPU
+    0). On the NumPy fast path it keeps OpenBLAS to one thread meanwhile, since xpcnn's kernels
+    bring their own threads (see :meth:`xpcnn.ops.fast_numpy.NumpyKernels.pinned`).
+    NumPy (and ``array_api_strict``, which computes with it) warns nothing of an overflow,
+    or of the NaN an inf makes: a float16 step's scaled gradients overflow by design (the
+    loss scaling looks for them, skips the step and lowers the scale), and xpcnn checks
+    every step's loss and gradients itself (``NonFiniteError`` names the step and layer)."""
+    fast = fast_kernels(backend)  # (not kernels_for: no StandardKernels made to do nothing)
+    with (backend.on_device(), contextlib.nullcontext() if fast is None else fast.pinned(),
+          np.errstate(over="ignore", invalid="ignore")):
+        yield

@@ -6,20 +6,28 @@ windows and reducing, and works for any stride, overlap and padding.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from typing import Any
 
-from .windows import accumulator, overlapping, window
+from .windows import accumulator, overlapping, window, window_slices
+
+
+def _fold_windows(x: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                  out_hw: tuple[int, int], combine: Callable[[Any, Any], Any]) -> Any:
+    """The kh*kw windows of ``x`` (one per kernel offset, row-major) folded by ``combine``."""
+    out = None
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            w = window(x, i, j, out_hw, strides)
+            out = w if out is None else combine(out, w)
+    return out
 
 
 def max_pool(xp: Any, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
              out_hw: tuple[int, int]) -> Any:
     """Max over each window of a padded (N, H, W, C) input."""
-    out = None
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            w = window(x, i, j, out_hw, strides)
-            out = w if out is None else xp.maximum(out, w)
-    return out
+    return _fold_windows(x, kernel, strides, out_hw, xp.maximum)
 
 
 def max_pool_backward(xp: Any, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
@@ -32,8 +40,6 @@ def max_pool_backward(xp: Any, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
     d = xp.astype(dy, acc, copy=False)
     dx = xp.zeros(x.shape, dtype=acc, device=dy.device)
     taken = None
-    sh, sw = strides
-    ho, wo = out_hw
     for i in range(kernel[0]):
         for j in range(kernel[1]):
             hit = window(x, i, j, out_hw, strides) == y
@@ -43,8 +49,7 @@ def max_pool_backward(xp: Any, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
                 hit = xp.logical_and(hit, xp.logical_not(taken))
                 taken = xp.logical_or(taken, hit)
             g = d * xp.astype(hit, acc)
-            rows = slice(i, i + sh * (ho - 1) + 1, sh)
-            cols = slice(j, j + sw * (wo - 1) + 1, sw)
+            rows, cols = window_slices(i, j, out_hw, strides)
             if overlap:
                 dx[:, rows, cols, :] = dx[:, rows, cols, :] + g
             else:
@@ -56,23 +61,15 @@ def sum_pool(xp: Any, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
              out_hw: tuple[int, int]) -> Any:
     """Sum over each window of a padded (N, H, W, C) input, in :func:`accumulator`'s dtype."""
     x = xp.astype(x, accumulator(xp, x.dtype), copy=False)  # (once, not window by window)
-    out = None
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            w = window(x, i, j, out_hw, strides)
-            out = w if out is None else out + w
-    return out
+    return _fold_windows(x, kernel, strides, out_hw, operator.add)
 
 
 def sum_pool_backward(xp: Any, dy: Any, padded_shape: tuple[int, ...], kernel: tuple[int, int],
                       strides: tuple[int, int], out_hw: tuple[int, int]) -> Any:
     """Adjoint of :func:`sum_pool`: every input of a window receives the window's gradient."""
     dx = xp.zeros(padded_shape, dtype=dy.dtype, device=dy.device)
-    sh, sw = strides
-    ho, wo = out_hw
     for i in range(kernel[0]):
         for j in range(kernel[1]):
-            rows = slice(i, i + sh * (ho - 1) + 1, sh)
-            cols = slice(j, j + sw * (wo - 1) + 1, sw)
+            rows, cols = window_slices(i, j, out_hw, strides)
             dx[:, rows, cols, :] = dx[:, rows, cols, :] + dy
     return dx

@@ -50,8 +50,9 @@ def _shift_right(z: Any, s: int) -> Any:
     return (z >> s) & ((1 << (64 - s)) - 1)
 
 
-def _mix(z: Any) -> Any:
-    """SplitMix64's finaliser of the 64 bits in int64 ``z``."""
+def mix(z: Any) -> Any:
+    """SplitMix64's finaliser of the 64 bits in int64 ``z`` (part of the definition: the fast
+    paths derive a draw's key with it)."""
     z = (z ^ _shift_right(z, 30)) * MIX_1
     z = (z ^ _shift_right(z, 27)) * MIX_2
     return z ^ _shift_right(z, 31)
@@ -62,9 +63,9 @@ def uniform(xp: Any, state: Any, shape: tuple[int, ...], dtype: Any, first: int 
     draw that ``state`` ([seed, draw], an int64 device array) names. The state is read, not
     advanced (the caller counts its draws)."""
     seed, draw = state[0:1], state[1:2]  # (1-element arrays: never host scalars)
-    key = _mix(_mix(seed) + (draw + 1) * GAMMA)
+    key = mix(mix(seed) + (draw + 1) * GAMMA)
     count = math.prod(shape)
     index = xp.arange(first + 1, first + count + 1, dtype=xp.int64, device=state.device)
     bits = significant_bits(xp, dtype)
-    z = _shift_right(_mix(key + index * GAMMA), 64 - bits)
+    z = _shift_right(mix(key + index * GAMMA), 64 - bits)
     return xp.reshape(xp.astype(z, dtype) * 2.0**-bits, shape)

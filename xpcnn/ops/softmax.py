@@ -58,9 +58,10 @@ def nan_unless_classes(xp: Any, stats: Any, y: Any, classes: int) -> Any:
 
 
 def cross_entropy(xp: Any, z: Any, t: Any, weights: Any = None) -> tuple[Any, Any]:
-    """Mean cross-entropy of softmax(z) against probability rows ``t`` (a 0-d array) and its
-    gradient with respect to ``z``, (softmax(z) - t) / N. With ``weights`` (N,), row i's term
-    is multiplied by weights[i], still divided by N (Keras' "sum over batch size")."""
+    """(loss, gradient) of softmax(z) against probability rows ``t`` (N, classes): the mean
+    cross-entropy, a 0-d array, and its gradient with respect to ``z``, (softmax(z) - t) / N.
+    With ``weights`` (N,), row i's term is multiplied by weights[i], still divided by N (Keras'
+    "sum over batch size")."""
     n = z.shape[0]
     logp = log_softmax(xp, z)
     if weights is None:

@@ -75,7 +75,16 @@ def overlapping(kernel: tuple[int, int], strides: tuple[int, int]) -> bool:
     return strides[0] < kernel[0] or strides[1] < kernel[1]
 
 
+def window_slices(i: int, j: int, out_hw: tuple[int, int],
+                  strides: tuple[int, int]) -> tuple[slice, slice]:
+    """(rows, cols): the slices of the spatial axes that kernel offset (i, j) sees, one row and
+    column per output position (Ho rows from ``i`` at stride sh, Wo columns from ``j`` at sw)."""
+    (sh, sw), (ho, wo) = strides, out_hw
+    return slice(i, i + sh * (ho - 1) + 1, sh), slice(j, j + sw * (wo - 1) + 1, sw)
+
+
 def window(x: Any, i: int, j: int, out_hw: tuple[int, int], strides: tuple[int, int]) -> Any:
-    """The strided slice that kernel offset (i, j) sees for every output position."""
-    sh, sw = strides
-    return x[:, i : i + sh * (out_hw[0] - 1) + 1 : sh, j : j + sw * (out_hw[1] - 1) + 1 : sw, :]
+    """The strided slice of (N, H, W, C) ``x`` that kernel offset (i, j) sees for every output
+    position (see :func:`window_slices`)."""
+    rows, cols = window_slices(i, j, out_hw, strides)
+    return x[:, rows, cols, :]

@@ -44,7 +44,6 @@ import os
 import signal
 import threading
 import time
-import zlib
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,9 +62,9 @@ from .model_file import (
     CHECKPOINT_VERSIONS,
     bad_values,
     build_for_file,
-    check_architecture,
     check_checkpoint_version,
     check_file_entries,
+    check_layers,
     compile_settings,
     config_entry,
     model_config,
@@ -75,11 +74,6 @@ from .model_file import (
     weight_arrays,
 )
 from .npz import CONFIG_KEY, NpzArchive, array_bytes, encode_json, write_npz_atomic
-
-FORMAT = CHECKPOINT_FORMAT
-VERSION = CHECKPOINT_VERSIONS[-1]
-# The loss scales a float32 holds (its dtype on the device), as Python floats: compared with
-# NumPy's, a value out of range would be cast first.
 
 
 @dataclass
@@ -170,7 +164,7 @@ def _write_checkpoint(model: Any, path: str, progress: Progress | None,
     # last step (that step starts them afresh; until then they are the other layers').
     slots = {} if model._slots_outdated() else opt.slots
     config = {
-        "format": FORMAT, "version": VERSION,
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSIONS[-1],
         "model": model_config(model),
         # (the epochs' shuffling numbers: the fit's offset, and the numbers used so far)
         "epoch_offset": int(model._epoch_offset), "epochs_begun": int(model._epochs_begun),
@@ -338,7 +332,7 @@ def checkpoint_config(npz: NpzArchive) -> dict[str, Any]:
     """The config of the checkpoint open in ``npz``, checked to be an xpcnn checkpoint of a
     version this one reads (DataFormatError, naming the file, where not)."""
     config = npz.read_config()
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
         kind = config.get("format") if isinstance(config, dict) else None
         hint = " (a model file: load it with xpcnn.load_model)" if kind == "xpcnn-model" else ""
         raise DataFormatError(f"{npz.path}: not an xpcnn checkpoint{hint}")
@@ -377,8 +371,10 @@ def restore_checkpoint(model: Any, path: str | os.PathLike[str]) -> Checkpoint:
 
 
 def _check_architecture(model: Any, config: dict[str, Any], npz: NpzArchive) -> None:
-    """Refuse a checkpoint of another architecture (or an uncompiled ``model``; ``model`` built
-    for the file's input shape if it was not built yet: the caller undoes that)."""
+    """Refuse a checkpoint of another architecture than ``model``'s, which must be of the very
+    model to resume (input shape, dtype and layers; ``load_weights`` compares weight shapes
+    alone), or an uncompiled ``model``; ``model`` built for the file's input shape if it was
+    not built yet: the caller undoes that."""
     path = npz.path
     if model.loss is None or model.optimizer is None:
         raise InputError("restoring a checkpoint needs a compiled model (compile(...) first)")
@@ -387,7 +383,18 @@ def _check_architecture(model: Any, config: dict[str, Any], npz: NpzArchive) -> 
         raise DataFormatError(f"{path}: the checkpoint has no model configuration")
     check_file_entries(npz, mconf, checkpoint=True)
     build_for_file(model, mconf, npz)
-    check_architecture(model, mconf, path)
+    mine = normal(model_config(model, compiled=False, checked=False))
+    try:
+        shape, dtype = mconf["input_shape"], mconf["dtype"]
+    except (KeyError, TypeError) as e:
+        raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
+                              ) from e
+    if shape != mine["input_shape"]:
+        raise DataFormatError(f"{path} holds a model for inputs of shape {tuple(shape)}; this "
+                              f"model takes {tuple(mine['input_shape'])}")
+    if dtype != mine["dtype"]:
+        raise DataFormatError(f"{path} holds a {dtype} model; this model is {mine['dtype']}")
+    check_layers(model, mconf, path)
 
 
 def _check_compile(model: Any, config: dict[str, Any], path: str) -> None:
@@ -497,86 +504,19 @@ def _slots_as_stored(config: dict[str, Any], ostate: dict[str, Any],
 def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
     """Check every field of a checkpoint, then put it into ``model`` (all or nothing)."""
     path = npz.path
-    opt = model.optimizer
-    assert opt is not None
-    bad = lambda what: DataFormatError(f"{path}: invalid checkpoint: {what}")  # noqa: E731
-
-    # Every check first, so that a bad file leaves the model as it was.
+    # Every check first, so that a bad file leaves the model as it was (in this order: the
+    # error a file with several faults gets).
     ostate = config.get("optimizer")
     if not isinstance(ostate, dict):
-        raise bad("no optimizer state")
-    iterations = _int(ostate.get("iterations"), "optimizer iterations", path)
-    if "applied" in ostate:
-        applied = _int(ostate["applied"], "optimizer applied", path)
-    else:  # (older files: the steps since the slots were made, skipped ones included)
-        applied = iterations - _int(ostate.get("slots_from", 0), "optimizer slots_from", path)
-    if not 0 <= applied <= iterations:
-        raise bad(f"optimizer applied {applied}, expected 0 to its iterations {iterations}")
-    lr_factor = _float(ostate.get("lr_factor", 1.0), "optimizer lr_factor", path)
+        raise _invalid(path, "no optimizer state")
+    iterations, applied, lr_factor = _optimizer_counts(ostate, path)
     # Which layers the run trained then (a callback may freeze or unfreeze some mid-run): they
     # come back with the slots, which are theirs, so that the run goes on as it would have.
     # (The layers were checked against the model's already.)
     trainable = [spec.get("trainable", True) is not False for spec in config["model"]["layers"]]
-    owners = _slot_owners(model, trainable)
-    slot_counts = ostate.get("slots")
-    if not isinstance(slot_counts, dict):
-        raise bad("no optimizer slots")
-    slots: dict[str, list[np.ndarray]] = {}
-    found: dict[str, list[np.ndarray | None]] = {}
-    if slot_counts:
-        if set(slot_counts) != set(opt.slot_names):
-            raise bad(f"optimizer slots {sorted(slot_counts)}, expected {list(opt.slot_names)}")
-        for name in opt.slot_names:
-            if type(slot_counts[name]) is not int or slot_counts[name] != len(owners):
-                raise bad(f"optimizer slots {name!r} is {slot_counts[name]!r}, expected "
-                          f"{len(owners)}, one for each trainable parameter")
-            found[name] = []
-            for k, (layer, weight) in enumerate(owners):
-                key = f"slot.{name}.{k}"  # (read first: a version-1 file's shapes say its layout)
-                size = array_bytes(math.prod(layer.params[weight].shape))
-                found[name].append(npz.read(key, size) if key in npz.entries else None)
-    stored_layout = _slots_as_stored(config, ostate, owners, found, path)
-    for name, arrays in found.items():
-        slots[name] = []
-        for k, ((layer, weight), a) in enumerate(zip(owners, arrays, strict=True)):
-            key = f"slot.{name}.{k}"
-            shape = tuple(layer.params[weight].shape) if stored_layout \
-                else layer.keras_shape(weight)
-            if a is None or tuple(a.shape) != shape or a.dtype.kind != "f":
-                raise bad(f"optimizer slot {name}.{k} is missing or not a float array of "
-                          f"shape {shape}")
-            wrong = bad_values(a, model.dtype_name)  # (the dtype the slots are held in)
-            if wrong:
-                raise bad(f"array {key!r} (the optimizer's {name!r} state) {wrong}")
-            slots[name].append(a if stored_layout else layer.from_keras_layout(weight, a))
-    loss_scale = config.get("loss_scale")
-    if (isinstance(loss_scale, bool) or not isinstance(loss_scale, int | float)
-            or not SCALE_RANGE[0] <= loss_scale <= SCALE_RANGE[1]):
-        raise bad(f"loss_scale {loss_scale!r}, expected a number from {SCALE_RANGE[0]:.4g} to "
-                  f"{SCALE_RANGE[1]:.4g} (it is held in float32: beyond, it would become infinity "
-                  "or 0)")
-    if model.precision != "mixed_float16" and loss_scale != 1:  # (checked before any restore)
-        raise bad(f"loss_scale {loss_scale!r} in a checkpoint of a model without float16 loss "
-                  "scaling (its precision is not mixed_float16): expected 1")
-    good_steps = _int(config.get("good_steps"), "good_steps", path)
-    randoms = config.get("random_layers")
-    if not isinstance(randoms, list):
-        raise bad("no random_layers list")
-    counters = {}
-    for r in randoms:
-        if not isinstance(r, dict):
-            raise bad("random layer entry")
-        i = _int(r.get("index"), "random layer index", path)
-        if i >= len(model.layers) or not isinstance(model.layers[i], RandomLayer):
-            raise bad(f"layer {i} is not a random layer")
-        counters[i] = (_int(r.get("seed"), f"random layer {i}'s seed", path),
-                       _int(r.get("calls"), f"random layer {i}'s calls", path))
-        if max(counters[i]) >= 2**63:  # (held in an int64 device array)
-            raise bad(f"random state of layer {i} beyond 2**63")
-    missing = [la.name for i, la in enumerate(model.layers)
-               if isinstance(la, RandomLayer) and i not in counters]
-    if missing:
-        raise bad(f"no random state for layers {missing}")
+    slots = _read_slots(model, config, ostate, npz, _slot_owners(model, trainable))
+    loss_scale, good_steps = _loss_scale(model, config, path)
+    counters = _random_counters(model, config, path)
     progress = read_progress(config.get("progress"), path)
     offset = _int(config.get("epoch_offset", 0), "epoch_offset", path)  # (0: older files')
     # (older files: the epochs up to the one in progress, begun where it is inside one)
@@ -584,14 +524,10 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
                  "epochs_begun", path)
     history = _history(config.get("history"), path)
     if _acc_logged_as_accuracy(model, compile_settings(config["model"].get("compile"))):
-        for old, new in (("accuracy", "acc"), ("val_accuracy", "val_acc")):
-            if old in history.history:
-                history.history[new] = history.history.pop(old)
-            if old in history.sparse:
-                history.sparse[new] = history.sparse.pop(old)
+        _rename_accuracy(history)
     run = config.get("run")
     if not isinstance(run, dict):
-        raise bad("no run description")
+        raise _invalid(path, "no run description")
 
     # The settings a callback may have changed mid-run (Dropout's rate...), which the check
     # of the architecture left out: the file's, as the run had them when it was written.
@@ -605,11 +541,120 @@ def _restore(model: Any, config: dict[str, Any], npz: NpzArchive) -> Checkpoint:
         la.trainable = t
     model._restore_training_state(
         iterations=iterations, lr_factor=lr_factor, slots=slots, applied=applied,
-        loss_scale=float(loss_scale), good_steps=good_steps, epoch_offset=offset,
+        loss_scale=loss_scale, good_steps=good_steps, epoch_offset=offset,
         epochs_begun=begun)
     for i, (seed, calls) in counters.items():
         model.layers[i].set_random_state(seed, calls)  # type: ignore[attr-defined]
     return Checkpoint(model, progress, history, run, path)
+
+
+def _invalid(path: str, what: str) -> DataFormatError:
+    return DataFormatError(f"{path}: invalid checkpoint: {what}")
+
+
+def _optimizer_counts(ostate: dict[str, Any], path: str) -> tuple[int, int, float]:
+    """The optimiser's step count, its updates applied (Adam's t) and its rate factor, of a
+    checkpoint's ``optimizer`` entry ``ostate``, checked."""
+    iterations = _int(ostate.get("iterations"), "optimizer iterations", path)
+    if "applied" in ostate:
+        applied = _int(ostate["applied"], "optimizer applied", path)
+    else:  # (older files: the steps since the slots were made, skipped ones included)
+        applied = iterations - _int(ostate.get("slots_from", 0), "optimizer slots_from", path)
+    if not 0 <= applied <= iterations:
+        raise _invalid(path, f"optimizer applied {applied}, expected 0 to its iterations "
+                             f"{iterations}")
+    return iterations, applied, _float(ostate.get("lr_factor", 1.0), "optimizer lr_factor", path)
+
+
+def _read_slots(model: Any, config: dict[str, Any], ostate: dict[str, Any], npz: NpzArchive,
+                owners: list[tuple[Any, str]]) -> dict[str, list[np.ndarray]]:
+    """The optimiser slots of the checkpoint open in ``npz`` (``ostate``, its ``optimizer``
+    entry), one per parameter of ``owners`` (:func:`_slot_owners`), checked and in the
+    layout the layers store their weights in (none where the file holds none)."""
+    path = npz.path
+    slot_counts = ostate.get("slots")
+    if not isinstance(slot_counts, dict):
+        raise _invalid(path, "no optimizer slots")
+    names = model.optimizer.slot_names
+    found: dict[str, list[np.ndarray | None]] = {}
+    if slot_counts:
+        if set(slot_counts) != set(names):
+            raise _invalid(path, f"optimizer slots {sorted(slot_counts)}, expected {list(names)}")
+        for name in names:
+            if type(slot_counts[name]) is not int or slot_counts[name] != len(owners):
+                raise _invalid(path, f"optimizer slots {name!r} is {slot_counts[name]!r}, "
+                                     f"expected {len(owners)}, one for each trainable parameter")
+            found[name] = []
+            for k, (layer, weight) in enumerate(owners):
+                key = f"slot.{name}.{k}"  # (read first: a version-1 file's shapes say its layout)
+                size = array_bytes(math.prod(layer.params[weight].shape))
+                found[name].append(npz.read(key, size) if key in npz.entries else None)
+    stored_layout = _slots_as_stored(config, ostate, owners, found, path)
+    slots: dict[str, list[np.ndarray]] = {}
+    for name, arrays in found.items():
+        slots[name] = []
+        for k, ((layer, weight), a) in enumerate(zip(owners, arrays, strict=True)):
+            key = f"slot.{name}.{k}"
+            shape = tuple(layer.params[weight].shape) if stored_layout \
+                else layer.keras_shape(weight)
+            if a is None or tuple(a.shape) != shape or a.dtype.kind != "f":
+                raise _invalid(path, f"optimizer slot {name}.{k} is missing or not a float "
+                                     f"array of shape {shape}")
+            wrong = bad_values(a, model.dtype_name)  # (the dtype the slots are held in)
+            if wrong:
+                raise _invalid(path, f"array {key!r} (the optimizer's {name!r} state) {wrong}")
+            slots[name].append(a if stored_layout else layer.from_keras_layout(weight, a))
+    return slots
+
+
+def _loss_scale(model: Any, config: dict[str, Any], path: str) -> tuple[float, int]:
+    """The float16 loss scale of a checkpoint's config and its count of good steps, checked."""
+    loss_scale = config.get("loss_scale")
+    if (isinstance(loss_scale, bool) or not isinstance(loss_scale, int | float)
+            or not SCALE_RANGE[0] <= loss_scale <= SCALE_RANGE[1]):
+        raise _invalid(path, f"loss_scale {loss_scale!r}, expected a number from "
+                             f"{SCALE_RANGE[0]:.4g} to {SCALE_RANGE[1]:.4g} (it is held in "
+                             "float32: beyond, it would become infinity or 0)")
+    if model.precision != "mixed_float16" and loss_scale != 1:  # (checked before any restore)
+        raise _invalid(path, f"loss_scale {loss_scale!r} in a checkpoint of a model without "
+                             "float16 loss scaling (its precision is not mixed_float16): "
+                             "expected 1")
+    return float(loss_scale), _int(config.get("good_steps"), "good_steps", path)
+
+
+def _random_counters(model: Any, config: dict[str, Any], path: str
+                     ) -> dict[int, tuple[int, int]]:
+    """(seed, calls) of each random layer of ``model``, by its index, from a checkpoint's
+    config, checked: one for each, none for another layer."""
+    randoms = config.get("random_layers")
+    if not isinstance(randoms, list):
+        raise _invalid(path, "no random_layers list")
+    counters = {}
+    for r in randoms:
+        if not isinstance(r, dict):
+            raise _invalid(path, "random layer entry")
+        i = _int(r.get("index"), "random layer index", path)
+        if i >= len(model.layers) or not isinstance(model.layers[i], RandomLayer):
+            raise _invalid(path, f"layer {i} is not a random layer")
+        counters[i] = (_int(r.get("seed"), f"random layer {i}'s seed", path),
+                       _int(r.get("calls"), f"random layer {i}'s calls", path))
+        if max(counters[i]) >= 2**63:  # (held in an int64 device array)
+            raise _invalid(path, f"random state of layer {i} beyond 2**63")
+    missing = [la.name for i, la in enumerate(model.layers)
+               if isinstance(la, RandomLayer) and i not in counters]
+    if missing:
+        raise _invalid(path, f"no random state for layers {missing}")
+    return counters
+
+
+def _rename_accuracy(history: EpochRecord) -> None:
+    """A file's history logged under "accuracy" for ``metrics=["acc"]``
+    (:func:`_acc_logged_as_accuracy`), under the names the model logs now."""
+    for old, new in (("accuracy", "acc"), ("val_accuracy", "val_acc")):
+        if old in history.history:
+            history.history[new] = history.history.pop(old)
+        if old in history.sparse:
+            history.sparse[new] = history.sparse.pop(old)
 
 
 def _take_settings(model: Any, specs: list[Any], path: str) -> list[tuple[Any, str, Any]]:
@@ -802,29 +847,10 @@ def _history(h: Any, path: str) -> EpochRecord:
 # -- what BackupAndRestore (xpcnn.callbacks) runs during fit -----------------------------------
 
 
-def fingerprint(x: np.ndarray, targets: np.ndarray, batch_size: int, seed: int,
-                shuffle: bool, ranks: int = 1, weights: np.ndarray | None = None
-                ) -> dict[str, Any]:
-    """What a resumed run must share with the original: the data (sizes and CRC-32 checksums;
-    the sample weights' where there are some), the ``fit`` arguments that fix the order of the
-    batches, and the number of processes (:mod:`xpcnn.distributed`; recorded only when there
-    are several)."""
-    crc = 0
-    rows = max(1, (1 << 24) // max(1, x[0].nbytes))
-    for start in range(0, len(x), rows):
-        crc = zlib.crc32(np.ascontiguousarray(x[start:start + rows]).data, crc)
-    return {"samples": int(len(x)), "sample_shape": list(x.shape[1:]), "x_dtype": str(x.dtype),
-            "x_crc32": crc, "y_crc32": zlib.crc32(np.ascontiguousarray(targets).data),
-            "batch_size": int(batch_size), "seed": int(seed), "shuffle": bool(shuffle),
-            **({"ranks": int(ranks)} if ranks > 1 else {}),
-            **({} if weights is None else
-               {"sample_weight_crc32": zlib.crc32(np.ascontiguousarray(weights).data)})}
-
-
 def _check_run(path: str, theirs: Any, ours: dict[str, Any]) -> None:
     """Refuse to resume the checkpoint at ``path``, whose run description is ``theirs``, in a
-    run described by ``ours`` (:func:`fingerprint`, ``class_weight``; :func:`normal`), naming
-    what differs."""
+    run described by ``ours`` (:func:`xpcnn.data.sources.fingerprint`, ``class_weight``;
+    :func:`normal`), naming what differs."""
     if theirs == ours:
         return
     if not theirs:

@@ -313,8 +313,9 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
         slots = None if optimizer is None else optimizer.slot_names
         check_entries(npz, layers, slots if with_slots else ())
         check_sizes(layers, input_shape, npz, graph_of(config, layers, path))
-        model = _rebuilt(cls, config, layers, device)
-        model.build(input_shape)
+        with checks.loading():  # (a channels-first shape was warned of when declared)
+            model = _rebuilt(cls, config, layers, device)
+            model.build(input_shape)
         if compiled is not None:
             if PRECISIONS.get(compiled["precision"]) is not None:  # (the way out named)
                 precision_dtype(model.backend, compiled["precision"], f"{path} is compiled "
@@ -765,26 +766,6 @@ def _architecture(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             settings["inbound"] = spec["inbound"]
         out.append((spec["class"], settings))
     return out
-
-
-def check_architecture(model: Any, config: dict[str, Any], path: str, layers: bool = True
-                       ) -> None:
-    """Refuse a file whose model differs from ``model`` in input shape, dtype or (unless the
-    caller compared them already, ``layers`` False) layers: a checkpoint to resume from, which
-    must be of the very model (``load_weights`` compares weight shapes alone)."""
-    mine = normal(model_config(model, compiled=False, checked=False))
-    try:
-        shape, dtype = config["input_shape"], config["dtype"]
-    except (KeyError, TypeError) as e:
-        raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
-                              ) from e
-    if shape != mine["input_shape"]:
-        raise DataFormatError(f"{path} holds a model for inputs of shape {tuple(shape)}; this "
-                              f"model takes {tuple(mine['input_shape'])}")
-    if dtype != mine["dtype"]:
-        raise DataFormatError(f"{path} holds a {dtype} model; this model is {mine['dtype']}")
-    if layers:
-        check_layers(model, config, path)
 
 
 def check_layers(model: Any, config: dict[str, Any], path: str) -> None:

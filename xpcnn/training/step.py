@@ -53,7 +53,7 @@ from ..data.sources import ArrayBatches, DatasetBatches
 from ..data.streams import IterableBatches
 from ..errors import InputError, NonFiniteError, warn
 from ..layers.base import Layer, RandomLayer
-from ..ops.kernels import kernels_for
+from ..ops.kernels import compute_scope, kernels_for
 from ..ops.softmax import target_rows, top_k_counts
 from ..ops.step_record import BAD_GRADS, BAD_LOSS, BAD_STEP
 from ..totals import READ_EVERY, SCALE_RANGE, RunningTotals
@@ -178,7 +178,7 @@ class TrainingStep(_Network):
         self._check_step_batch(xb, yb)
         if sample_weight is not None:
             self._check_step_weights(xb, sample_weight)
-        with self.backend.compute_scope():
+        with compute_scope(self.backend):
             stats = self._train_step(xb, yb, keep=True, weights=sample_weight)
         return stats[0], stats[1]
 
@@ -286,7 +286,7 @@ class TrainingStep(_Network):
         previous = self._use_class_weights(table)
         self._last_stats = None
         try:
-            with self.backend.compute_scope():
+            with compute_scope(self.backend):
                 xb, yb, wb = (to_device(self.backend, a) for a in (x, targets, weights))
                 out = self._call_train_step(xb, yb, wb)
                 try:  # (a pair, or any two numbers that unpack: an array of 2, say)
@@ -692,7 +692,7 @@ class TrainingStep(_Network):
             where = f"the weights of layer {weights.name!r}"
         else:
             x = xp.astype(xb, self._param_dtype, copy=False)
-            with self._put_back(), self.backend.compute_scope():
+            with self._put_back(), compute_scope(self.backend):
                 outputs = self._layer_outputs(x, False)
                 layer = next((la for la, out in zip(self.layers, outputs, strict=True)
                               if not finite(out)), None)

@@ -60,7 +60,7 @@ from ..errors import InputError, NonFiniteError, warn
 from ..layers.base import Layer
 from ..layers.preprocessing import Normalization
 from ..losses import SoftmaxCrossEntropy, get_loss
-from ..ops.kernels import kernels_for
+from ..ops.kernels import compute_scope, kernels_for
 from ..ops.softmax import softmax
 from ..optim import Optimizer, get_optimizer
 from ..passes import exclusive_if
@@ -823,7 +823,7 @@ class Trainer(TrainingStep):
                 logs.settle()  # (last batch's logs, if a callback kept them: before this step)
                 xb, yb, wb = unpack(batch)
                 cbs.on_train_batch_begin(step)
-                with self.backend.compute_scope():
+                with compute_scope(self.backend):
                     self._fit_step(data, step, xb, yb, wb)
                 step += 1
                 self._position = (epoch, step)
@@ -1013,7 +1013,7 @@ class Trainer(TrainingStep):
                                  weights=sample_weight)
             here = distributed.world()
             if here.size > 1:  # (each rank evaluates its slice of the same data)
-                distributed.check_same_data(here, [("evaluation", data)], "evaluate")
+                distributed.refuse_different_data(here, [("evaluation", data)], "evaluate")
             if bar is not None:  # (a user's too: at evaluate's verbose, as in Keras 3)
                 bar.verbose = verbose
             cbs = CallbackList(callbacks, self, inference_params(verbose, data))
@@ -1042,7 +1042,7 @@ class Trainer(TrainingStep):
                 xb, yb, wb = unpack(batch)
                 if xb.shape[0]:  # (not this rank's empty part of a short batch)
                     cbs.on_test_batch_begin(step)
-                    with self.backend.compute_scope():
+                    with compute_scope(self.backend):
                         logits = self._logits(xb, False, in_scope=True)
                         stats, _ = loss.forward_with_accuracy(  # type: ignore[union-attr]
                             xp, logits, yb, self._param_dtype, kernels, weights=wb)
@@ -1135,14 +1135,14 @@ class Trainer(TrainingStep):
                         data.epoch(0)) as batches:  # type: ignore[type-var]
                     for step, (xb, _) in enumerate(batches):
                         cbs.on_predict_batch_begin(step)
-                        with self.backend.compute_scope():
+                        with compute_scope(self.backend):
                             out.append(self._outputs(xb))
                         cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
                         if self.stop_predicting:  # (a callback's, as in Keras 3: the rows so far)
                             break
                     if not out:  # (as evaluate says)
                         raise InputError("the prediction data gave no batches")
-                    with self.backend.compute_scope():
+                    with compute_scope(self.backend):
                         outputs = self.backend.to_numpy(xp.concat(out))
         cbs.on_predict_end()
         return outputs
@@ -1165,6 +1165,6 @@ class Trainer(TrainingStep):
         with self._undone_if_refused():
             data = self._batches(x, None, batch_length(self, x), None, targets=False,
                                  steps_name="steps")
-            with self.backend.compute_scope(), contextlib.closing(data.epoch(0)) as batches:
+            with compute_scope(self.backend), contextlib.closing(data.epoch(0)) as batches:
                 out = [self._outputs(xb) for xb, _ in batches]
         return out[0] if len(out) == 1 else self.backend.xp.concat(out)
