@@ -6,7 +6,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 import xpcnn
 from xpcnn import checks, optim
@@ -22,6 +21,12 @@ from xpcnn.layers import (
     Normalization,
 )
 from xpcnn.losses import SoftmaxCrossEntropy
+
+try:  # (the suite runs without PyTorch too: the tests of its tensors skip there)
+    import torch
+except ImportError:
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
 
 _NCHW = r"\(3, 8, 8\), which looks like channels-first images \(C, H, W\), as PyTorch keeps them"
 
@@ -206,6 +211,7 @@ def _small():
     return model
 
 
+@needs_torch
 def test_torch_parameters_are_taken_as_weights():
     model = _small()
     new = [np.random.default_rng(k).standard_normal(w.shape) for k, w in
@@ -223,6 +229,7 @@ def test_torch_parameters_are_taken_as_weights():
         model.weights[1].assign(torch.zeros(4, dtype=torch.bfloat16))
 
 
+@needs_torch
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_torch_tensors_set_as_weights_are_copied_not_aliased(dtype):
     """A CPU tensor's NumPy read is a view of it: the weights copy it, so that a change of
@@ -250,6 +257,7 @@ def test_torch_tensors_set_as_weights_are_copied_not_aliased(dtype):
     assert not bool(bias.any()) and float(np.abs(model.get_weights()[1]).max()) > 0
 
 
+@needs_torch
 def test_a_state_dicts_weights_in_pytorchs_layout_are_refused_saying_how_to_convert():
     """(was: only "must have shape (3, 3, 2, 4), got (4, 2, 3, 3)"); a square Linear weight
     cannot be told from its transpose (README says so)."""
@@ -270,6 +278,7 @@ def test_a_state_dicts_weights_in_pytorchs_layout_are_refused_saying_how_to_conv
     np.testing.assert_array_equal(model.get_weights()[0], state[0].detach().numpy())
 
 
+@needs_torch
 def test_normalization_takes_torch_parameters():
     layer = Normalization(mean=torch.nn.Parameter(torch.tensor([0.5, 1.0, 2.0])),
                           std=torch.nn.Parameter(torch.tensor([2.0, 4.0, 0.5])))
@@ -300,15 +309,16 @@ def test_an_optimiser_given_the_parameters_is_refused_clearly(cls, params):
     (lambda: optim.RMSprop(lr=1e-2, alpha=0.99), r"^RMSprop\(alpha=0.99\): .*rho: "
                                                  r"RMSprop\(rho=0.99\)$"),
     (lambda: optim.SGD(0.1, momentum=0.9, dampening=0.1),
-     r"^SGD\(dampening=0.1\): .*xpcnn's SGD has no such setting$"),
+     r"^SGD\(dampening=0.1\): .*xpcnn's SGD has no dampening \(PyTorch's default, 0, only\)$"),
     (lambda: optim.SGD(params=[], lr=0.1), r"^SGD\(params=\[\]\): .*compile binds"),
     # (Keras' name only where the class takes it; was: SGD(epsilon=...), Adam(rho=...), "xpcnn's
     # SGD" for Adam, and beta_1=None for one number)
     (lambda: optim.SGD(0.1, eps=1e-8), r"^SGD\(eps=1e-08\): .*xpcnn's SGD has no such setting$"),
     (lambda: optim.SGD(0.1, betas=(0.9, 0.99)), r"xpcnn's SGD has no such setting$"),
     (lambda: optim.Adam(alpha=0.9), r"^Adam\(alpha=0.9\): .*xpcnn's Adam has no such setting$"),
-    (lambda: optim.Adam(dampening=0.0), r"^Adam\(dampening=0.0\): .*xpcnn's Adam has no such "
-                                        r"setting$"),
+    (lambda: optim.Adam(dampening=0.5), r"^Adam\(dampening=0.5\): .*xpcnn's Adam has no "
+                                        r"dampening"),
+    (lambda: optim.Adam(maximize=0), r"^Adam\(maximize=0\): .*not offered"),
     (lambda: optim.Adam(betas=0.9), r"beta_1 and beta_2, a number each: Adam\(beta_1=..., "
                                     r"beta_2=...\)$"),
     (lambda: optim.Adam(maximize=True), r"^Adam\(maximize=True\): .*not offered"),
@@ -336,6 +346,7 @@ def test_a_users_optimiser_taking_a_pytorch_name_keeps_it():
 
 # -- 5. AvgPool2D's integer padding: PyTorch's count_include_pad=False -----------------------
 
+@needs_torch
 def test_avgpool_integer_padding_leaves_the_padding_out_as_pytorchs_count_include_pad_false():
     x = np.random.default_rng(0).standard_normal((2, 5, 5, 3))
     model = xpcnn.Sequential([AvgPool2D(3, 1, padding=1)], input_shape=(5, 5, 3), dtype="float64")
@@ -360,6 +371,7 @@ def test_a_loss_called_in_pytorchs_order_asks_whether_the_arguments_are_swapped(
     assert "PyTorch's" in SoftmaxCrossEntropy.__call__.__doc__
 
 
+@needs_torch
 def test_the_swap_hint_reads_y_true_without_converting_and_needs_integer_targets():
     """(was: a ragged y_true or a torch bfloat16 one raised NumPy's or torch's own error from
     the hint's conversion, and a correct-order call with a 1-D float y_pred was told "swapped")"""
@@ -382,3 +394,23 @@ def test_one_bad_number_as_sample_weights_is_not_told_to_use_np_full(value):
         checks.as_sample_weights(value, 8)
     with pytest.raises(InputError, match=r"pass np.full\(8, 2.0\)"):
         checks.as_sample_weights(2.0, 8)
+
+
+def test_pytorchs_defaults_spelled_out_are_taken_by_the_optimisers():
+    """PyTorch's keywords given PyTorch's default, which is what xpcnn does (no dampening, a
+    minimised loss, its own update path), are taken, as the layers take Keras' defaults spelled
+    out (was: refused as "not offered" or "no such setting")."""
+    sgd = optim.SGD(0.1, momentum=0.9, dampening=0, maximize=False, foreach=None)
+    adam = optim.Adam(1e-3, fused=None, capturable=False, differentiable=False, maximize=False)
+    assert (sgd.lr, sgd.momentum, adam.lr) == (0.1, 0.9, 1e-3)
+    assert optim.SGD(0.1, dampening=0.0).get_config() == optim.SGD(0.1).get_config()
+
+
+def test_a_window_that_does_not_fit_deep_in_a_channels_first_model_names_its_input():
+    """A PyTorch port's channels-first input often fails a layer later (a 1x30 map after a
+    3x3 convolution of a (3, 32, 32) input): the error asks whether the model's input is
+    channels-first and names the shape to declare (it gave no hint)."""
+    said = r"model's input \(3, 32, 32\) channels-first.*declare \(32, 32, 3\)"
+    with pytest.raises(InputError, match=said), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the declared shape's own warning)
+        xpcnn.Sequential([xpcnn.Input((3, 32, 32)), Conv2D(16, 3), MaxPool2D(2)], device="cpu")

@@ -111,13 +111,26 @@ TORCH_KEYWORDS: dict[str, tuple[str, ...] | str] = {
     "betas": ("beta_1", "beta_2"),
     "eps": ("epsilon",),
     "alpha": ("rho",),
-    "dampening": (),
+    "dampening": "xpcnn's {name} has no dampening (PyTorch's default, 0, only)",
     "maximize": "not offered: xpcnn's optimisers minimise the loss (PyTorch's default)",
     "foreach": "not offered: xpcnn runs each backend's update its own way",
     "fused": "not offered: xpcnn runs each backend's update its own way",
     "capturable": "not offered: xpcnn runs each backend's update its own way",
     "differentiable": "not offered: xpcnn does not differentiate through an update",
 }
+
+
+#: PyTorch's keywords given PyTorch's default, which is xpcnn's behaviour: taken (as Keras'
+#: defaults spelled out are by the layers), the type as PyTorch's default's
+TORCH_DEFAULTS: dict[str, Any] = {"dampening": 0, "maximize": False, "foreach": None,
+                                  "fused": None, "capturable": False, "differentiable": False}
+
+
+def _is_torch_default(key: str, value: Any) -> bool:
+    default = TORCH_DEFAULTS.get(key, ...)
+    if default is None or isinstance(default, bool):
+        return value is default
+    return type(value) in (int, float) and value == default
 
 
 def _instead(name: str, key: str, value: Any, taken: Collection[str]) -> str:
@@ -140,14 +153,17 @@ def _refuse_torch_arguments(name: str, init: Callable[..., None], args: tuple[An
                             kwargs: dict[str, Any]) -> None:
     """Refuse PyTorch's way of making an optimiser, SGD(model.parameters(), lr=...) (Python's
     "multiple values for argument 'lr'" named no way out), and its keywords that ``init``
-    does not take (:data:`TORCH_KEYWORDS`), naming xpcnn's."""
+    does not take (:data:`TORCH_KEYWORDS`), naming xpcnn's; those given PyTorch's default
+    (:data:`TORCH_DEFAULTS`), xpcnn's behaviour, are dropped from ``kwargs``."""
     if args and isinstance(args[0], list | tuple | set | dict | Iterator):
         raise InputError(f"{name}(...) was given {type(args[0]).__name__} as its first argument, "
                          "the learning rate: PyTorch's order, "
                          f"torch.optim.{name}(params, lr)? " + _BINDS.format(name=name))
     taken = named_parameters(init)
-    for key, value in kwargs.items():
-        if key in TORCH_KEYWORDS and key not in taken:
+    for key, value in list(kwargs.items()):
+        if key in TORCH_KEYWORDS and key not in taken and _is_torch_default(key, value):
+            del kwargs[key]  # (PyTorch's default: xpcnn's behaviour, said out loud)
+        elif key in TORCH_KEYWORDS and key not in taken:
             raise InputError(f"{name}({key}={value!r}): PyTorch's keyword, which xpcnn's {name} "
                              f"does not take: {_instead(name, key, value, taken)}")
 

@@ -240,6 +240,12 @@ def does_not_fit(layer: Any, what: str, input_shape: Shape) -> InputError:
         hint = (f": is the input channels-first, (C, H, W) as PyTorch keeps images? xpcnn "
                 f"reads (H, W, C): declare {(w, c, h)} and pass images as "
                 "x.transpose(0, 2, 3, 1)")
+    elif (not first and model_input and len(model_input) == 3 and model_input[0] in (1, 3)
+          and min(model_input[1:]) > 4):  # (the map shrank from a channels-first input)
+        ci, hi, wi = model_input
+        hint = (f": is the model's input {tuple(model_input)} channels-first, (C, H, W) as "
+                f"PyTorch keeps images? xpcnn reads (H, W, C): declare {(hi, wi, ci)} and pass "
+                "images as x.transpose(0, 2, 3, 1)")
     elif type(layer).__name__ == "Conv2D" and layer.filters <= max(layer.kernel_size):
         hint = f": {TORCH_CONV_ORDER}"
     return InputError(f"layer {layer.name!r}: {what} does not fit an input of {h}x{w}{hint}")
