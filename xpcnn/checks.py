@@ -81,6 +81,14 @@ def check_sample_shape(x: np.ndarray, expected: tuple[int, ...], what: str = "x"
                          f"{x.shape}{hint}")
 
 
+def is_one_of(value: Any, accepted: tuple[Any, ...]) -> bool:
+    """Whether ``value`` is one of ``accepted``, of the same type (True is no 1; a list is
+    read as a tuple): a keyword of another library given the value that is xpcnn's behaviour
+    (Keras' defaults for layers, PyTorch's for optimisers)."""
+    value = tuple(value) if isinstance(value, list) else value
+    return any(type(value) is type(a) and value == a for a in accepted)
+
+
 def looks_channels_first(sample: tuple[int, ...]) -> bool:
     """Whether per-sample ``sample`` looks like images laid out (C, H, W), as PyTorch keeps
     them: 1 or 3 rows of more than 4 pixels' width and channels."""
@@ -97,48 +105,37 @@ def warn_channels_first(sample: tuple[int, ...], what: str, fix: str) -> None:
              f"for {sample[0]}x{sample[1]} images of {sample[2]} channels. {fix}", UserWarning)
 
 
-# (the shape the first data was just warned of: the build that follows does not warn again)
-_WARNED_OF_DATA: contextvars.ContextVar[tuple[int, ...] | None] = contextvars.ContextVar(
-    "xpcnn_warned_of_data", default=None)
+# (set while a model is built for a shape already warned of, or never to be: see warned_shape)
+_WARNED: contextvars.ContextVar[bool] = contextvars.ContextVar("xpcnn_warned_shape",
+                                                              default=False)
 
 
 def shape_to_build(sample: tuple[int, ...], what: str = "x") -> tuple[int, ...]:
     """The per-sample shape of the first data a model sees, which it is built for; a warning
-    where it looks like channels-first images (:func:`warn_channels_first`)."""
+    where it looks like channels-first images (:func:`warn_channels_first`; the build follows
+    under :func:`warned_shape`)."""
     sample = tuple(int(d) for d in sample)
     warn_channels_first(sample, what, f"Pass {what}.transpose(0, 2, 3, 1), or declare the "
                         "input shape (H, W, C) before")
-    _WARNED_OF_DATA.set(sample if looks_channels_first(sample) else None)
     return sample
 
 
-def warned_of_data() -> bool:
-    """Whether :func:`shape_to_build` has just warned of the shape that Model.build (which
-    asks first) builds for (forgotten once asked)."""
-    warned = _WARNED_OF_DATA.get() is not None
-    _WARNED_OF_DATA.set(None)
-    return warned
-
-
-# (set while a model file or a configuration is read: its shape was warned of when declared)
-_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("xpcnn_loading", default=False)
-
-
 @contextlib.contextmanager
-def loading() -> Iterator[None]:
-    """While load_model or from_config constructs and builds a model: no declared-shape
-    warning (it came when the model was first declared, not at every load of it)."""
-    token = _LOADING.set(True)
+def warned_shape() -> Iterator[None]:
+    """While a model is built for a shape it gives no declared-shape warning for: the first
+    data's (:func:`shape_to_build` warned already), or a model file's or configuration's (it
+    was warned of when first declared, not at every load)."""
+    token = _WARNED.set(True)
     try:
         yield
     finally:
-        _LOADING.reset(token)
+        _WARNED.reset(token)
 
 
 def declared_shape(sample: tuple[int, ...], model_name: str) -> None:
     """Model.build's warning where the shape declared (Input(shape), input_shape=, build())
-    looks channels-first (not while :func:`loading`)."""
-    if _LOADING.get():
+    looks channels-first (not while :func:`warned_shape`)."""
+    if _WARNED.get():
         return
     h, w, c = sample if len(sample) == 3 else (0, 0, 0)
     warn_channels_first(sample, f"the input of model {model_name!r}",

@@ -300,7 +300,6 @@ class Model(Trainer):
         the batch's, (None, 32, 32, 3), as Keras' ``build`` takes it (and
         :attr:`input_shape` gives it). A batch size in front, (32, 32, 32, 3), is refused where
         the model's input or first layer shows it is one (a Flatten first takes any rank)."""
-        data_warned = checks.warned_of_data()  # (fit's first data warned of this shape)
         if not self.layers:
             raise InputError("the model has no layers: " + (
                 "add() some before building it" if isinstance(self, Sequential) else
@@ -334,8 +333,7 @@ class Model(Trainer):
                 raise
         if shape != getattr(self, "_shape_checked", None):  # (once: add() builds again)
             self._shape_checked = shape
-            if not data_warned:  # (Input((3, 32, 32)), PyTorch's layout, declared)
-                checks.declared_shape(shape, self.name)
+            checks.declared_shape(shape, self.name)  # (Input((3, 32, 32)), PyTorch's layout)
         # (the optimiser's state stays, as in Keras: built layers keep their weights and
         # their shapes, and the next step's plan starts it afresh only where the layers it
         # trains changed, see _plan)
@@ -1134,7 +1132,7 @@ def _from_config(cls: type[Model], config: Any, device: DeviceLike) -> Any:
                          ) from None
     for layer in layers:  # (names as the configuration gives them: the user's, as in Keras)
         layer.name_given = True
-    with checks.loading():  # (a channels-first shape was warned of when declared)
+    with checks.warned_shape():  # (a channels-first shape was warned of when declared)
         model = cls.from_config(config, layers, device)
         if shape:
             model.build(input_shape)

@@ -22,6 +22,7 @@ from typing import Any
 from .checks import (
     defining_class,
     flag,
+    is_one_of,
     named_parameters,
     register,
     registered,
@@ -121,16 +122,10 @@ TORCH_KEYWORDS: dict[str, tuple[str, ...] | str] = {
 
 
 #: PyTorch's keywords given PyTorch's default, which is xpcnn's behaviour: taken (as Keras'
-#: defaults spelled out are by the layers), the type as PyTorch's default's
-TORCH_DEFAULTS: dict[str, Any] = {"dampening": 0, "maximize": False, "foreach": None,
-                                  "fused": None, "capturable": False, "differentiable": False}
-
-
-def _is_torch_default(key: str, value: Any) -> bool:
-    default = TORCH_DEFAULTS.get(key, ...)
-    if default is None or isinstance(default, bool):
-        return value is default
-    return type(value) in (int, float) and value == default
+#: defaults spelled out are by the layers: checks.is_one_of)
+TORCH_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "dampening": (0, 0.0), "maximize": (False,), "foreach": (None,), "fused": (None,),
+    "capturable": (False,), "differentiable": (False,)}
 
 
 def _instead(name: str, key: str, value: Any, taken: Collection[str]) -> str:
@@ -161,7 +156,8 @@ def _refuse_torch_arguments(name: str, init: Callable[..., None], args: tuple[An
                          f"torch.optim.{name}(params, lr)? " + _BINDS.format(name=name))
     taken = named_parameters(init)
     for key, value in list(kwargs.items()):
-        if key in TORCH_KEYWORDS and key not in taken and _is_torch_default(key, value):
+        if key in TORCH_KEYWORDS and key not in taken and is_one_of(value,
+                                                                    TORCH_DEFAULTS.get(key, ())):
             del kwargs[key]  # (PyTorch's default: xpcnn's behaviour, said out loud)
         elif key in TORCH_KEYWORDS and key not in taken:
             raise InputError(f"{name}({key}={value!r}): PyTorch's keyword, which xpcnn's {name} "

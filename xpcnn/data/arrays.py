@@ -396,7 +396,9 @@ def build_for(model: Any, sample: tuple[int, ...], what: str = "x", fix: str | N
     how, for a dataset's samples)."""
     sample = tuple(int(d) for d in sample)
     try:
-        model.build(checks.shape_to_build(sample, what))
+        shape = checks.shape_to_build(sample, what)
+        with checks.warned_shape():
+            model.build(shape)
     except InputError as e:
         if len(sample) != 2 or not _builds_for(model, (*sample, 1)):
             raise

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import to_host
-from ..checks import named_parameters, takes_keywords
+from ..checks import is_one_of, looks_channels_first, named_parameters, takes_keywords
 from ..errors import InputError
 
 #: A per-sample shape (no batch axis), as layers are built for it.
@@ -172,12 +172,6 @@ KERAS_DEFAULTS: dict[str, dict[str, tuple[Any, ...]]] = {
 }
 
 
-def _is_default(value: Any, accepted: tuple[Any, ...]) -> bool:
-    """Whether ``value`` is one of ``accepted``, of the same type (True is no 1)."""
-    value = tuple(value) if isinstance(value, list) else value
-    return any(type(value) is type(a) and value == a for a in accepted)
-
-
 def refuse_keras_keywords(cls: type, init: Any, given: dict[str, Any]) -> dict[str, Any]:
     """Refuse a Keras keyword in ``given`` that ``init``, a built-in layer's constructor
     building a ``cls``, does not take (:data:`KERAS_KEYWORDS`), naming what to pass instead,
@@ -192,7 +186,7 @@ def refuse_keras_keywords(cls: type, init: Any, given: dict[str, Any]) -> dict[s
     kept = {}
     for key, value in given.items():
         why = None if key in taken else table.get(key) or _KERAS_COMMON.get(key)
-        if why is not None and key in defaults and _is_default(value, defaults[key]):
+        if why is not None and key in defaults and is_one_of(value, defaults[key]):
             continue  # (what xpcnn's layer does)
         if why is not None:
             name = cls.__name__
@@ -235,17 +229,13 @@ def does_not_fit(layer: Any, what: str, input_shape: Shape) -> InputError:
     h, w, c = input_shape
     model_input = _MODEL_INPUT.get()
     first = model_input is None or tuple(model_input) == tuple(input_shape)
+    cause = tuple(input_shape) if first else tuple(model_input or ())
     hint = ""
-    if first and h in (1, 3) and min(w, c) > 4:
-        hint = (f": is the input channels-first, (C, H, W) as PyTorch keeps images? xpcnn "
-                f"reads (H, W, C): declare {(w, c, h)} and pass images as "
-                "x.transpose(0, 2, 3, 1)")
-    elif (not first and model_input and len(model_input) == 3 and model_input[0] in (1, 3)
-          and min(model_input[1:]) > 4):  # (the map shrank from a channels-first input)
-        ci, hi, wi = model_input
-        hint = (f": is the model's input {tuple(model_input)} channels-first, (C, H, W) as "
-                f"PyTorch keeps images? xpcnn reads (H, W, C): declare {(hi, wi, ci)} and pass "
-                "images as x.transpose(0, 2, 3, 1)")
+    if looks_channels_first(cause):  # (the input; or the map shrank from such an input)
+        ci, hi, wi = cause
+        said = "the input" if first else f"the model's input {cause}"
+        hint = (f": is {said} channels-first, (C, H, W) as PyTorch keeps images? xpcnn reads "
+                f"(H, W, C): declare {(hi, wi, ci)} and pass images as x.transpose(0, 2, 3, 1)")
     elif type(layer).__name__ == "Conv2D" and layer.filters <= max(layer.kernel_size):
         hint = f": {TORCH_CONV_ORDER}"
     return InputError(f"layer {layer.name!r}: {what} does not fit an input of {h}x{w}{hint}")

@@ -313,7 +313,7 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
         slots = None if optimizer is None else optimizer.slot_names
         check_entries(npz, layers, slots if with_slots else ())
         check_sizes(layers, input_shape, npz, graph_of(config, layers, path))
-        with checks.loading():  # (a channels-first shape was warned of when declared)
+        with checks.warned_shape():  # (a channels-first shape was warned of when declared)
             model = _rebuilt(cls, config, layers, device)
             model.build(input_shape)
         if compiled is not None:

@@ -554,9 +554,18 @@ class TrainingStep(_Network):
         replay checks: no names formatted for it)."""
         layers, opt = self.layers, self.optimizer
         assert opt is not None
-        # (one list of records (the name's template, the array, the name's parts): a name is
-        # formatted only where asked for; list comprehensions, as generators cost a call per
-        # item)
+        if not named:  # (every replay: plain lists, no record per array; the same order as the
+            # records below, which tests/test_cuda_graphs.py checks; list comprehensions, as
+            # generators cost a call per item)
+            return ([a for la in layers for a in la.params.values()]
+                    + [a for la in layers for a in la.state.values()]
+                    + [a for v in opt.slots.values() for a in v]
+                    + ([] if opt.applied is None else [opt.applied])
+                    + [la.random_state for la in layers if isinstance(la, RandomLayer)]
+                    + [self._running_totals().state]
+                    + ([] if self._scaling is None else [self._scaling])
+                    + ([] if self._class_weights is None else [self._class_weights]))
+        # (one list of records: the name's template, the array, the name's parts)
         records = (
             [("param {}.{}", a, la.name, k) for la in layers for k, a in la.params.items()]
             + [("state {}.{}", a, la.name, k) for la in layers for k, a in la.state.items()]
@@ -569,8 +578,6 @@ class TrainingStep(_Network):
             + ([] if self._scaling is None else [("the loss scale", self._scaling)])
             + ([] if self._class_weights is None
                else [("the class weights", self._class_weights)]))
-        if not named:
-            return [r[1] for r in records]
         return [(r[0].format(*r[2:]), r[1]) for r in records]
 
     # -- the running totals the host reads behind the steps; deferred errors --------------------
