@@ -121,9 +121,15 @@ def _with_progress_bar(callbacks: list[Callback], verbose: int, call: str
     bar: the user's ``callbacks``, then the bar after them, as fit runs its own
     (:meth:`Trainer._fit_callbacks`): the user's ProgbarLogger (one at most), else one of the
     call's own where ``verbose`` is not 0 (None: no bar)."""
-    bar = one_of(callbacks, ProgbarLogger, call) or (ProgbarLogger(verbose=verbose) if verbose
-                                                      else None)
+    bar = _progress_bar(callbacks, verbose, call)
     return [*(cb for cb in callbacks if cb is not bar), *([bar] if bar is not None else [])], bar
+
+
+def _progress_bar(callbacks: list[Callback], verbose: int, call: str) -> ProgbarLogger | None:
+    """The bar of ``call`` (fit, evaluate, predict): the user's ProgbarLogger among
+    ``callbacks`` (one at most), else one of the call's own where ``verbose`` is not 0."""
+    return one_of(callbacks, ProgbarLogger, call) or (ProgbarLogger(verbose=verbose) if verbose
+                                                       else None)
 
 
 class Trainer(TrainingStep):
@@ -703,8 +709,7 @@ class Trainer(TrainingStep):
         # and one bar, the bar at fit's verbose; run where fit's own would, after the others)
         users = [cb for cb in callbacks if cb not in backups]
         history = one_of(users, History) or History()
-        bar = one_of(users, ProgbarLogger) or (ProgbarLogger(verbose=verbose) if verbose
-                                                else None)
+        bar = _progress_bar(users, verbose, "fit")
         ordered = [*(cb for cb in users if cb is not history and cb is not bar), history,
                    *([bar] if bar is not None else []), *backups]
         return ordered, backups, history, bar
