@@ -1299,6 +1299,26 @@ def test_fits_validation_shows_no_bar_and_a_users_bar_shows_evaluate_after_fit(d
     assert mine.shown[-1] == ("evaluate", 4, 4)
 
 
+def test_whether_a_bar_is_fits_comes_from_its_params(data, monkeypatch):
+    """A ProgbarLogger knows fit from its params (fit's alone say whether it validates), as it
+    takes its verbose from them: a subclass whose on_train_begin does not call super() shows
+    no bar for fit's validation either (was: one each epoch, its on_train_begin being what
+    told it that it was in fit)."""
+    made = _shown_bars(monkeypatch)
+
+    class Mine(_KeptBars):
+        def on_train_begin(self, logs=None):
+            self.began = True
+
+    model, mine = small_model(), Mine(verbose=2)
+    model.fit(*data, epochs=2, batch_size=BATCH, verbose=1, validation_data=data,
+              callbacks=[mine])
+    assert [k["desc"] for k in made] == ["Epoch 1/2", "Epoch 2/2"]
+    assert mine.began and mine.verbose == 1
+    model.evaluate(*data, batch_size=BATCH, verbose=1, callbacks=[mine])
+    assert [desc for desc, *_ in mine.shown] == ["Epoch 1/2", "Epoch 2/2", "evaluate"]
+
+
 @pytest.mark.parametrize("call", ["evaluate", "predict"])
 def test_evaluate_and_predict_close_their_bar_when_a_callback_raises(data, call, monkeypatch):
     """An error in a callback of evaluate or predict closes its bar (left open, every later
@@ -1689,6 +1709,84 @@ def test_checkpoints_record_the_files_of_appending_csv_loggers_only(data, tmp_pa
         with pytest.raises(DataFormatError, match="bad csv_logs entry"):
             small_model().fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=[
                 BackupAndRestore(backup), CSVLogger(log, append=True)])
+
+
+def _counting_reads(monkeypatch, log):
+    """How many times the callbacks open ``log`` to read its bytes (a backup's hash)."""
+    reads = []
+
+    def counting(file, mode="r", *args, **kwargs):
+        if mode == "rb" and os.path.abspath(file) == str(log):
+            reads.append(file)
+        return open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(xpcnn.callbacks, "open", counting, raising=False)
+    return reads
+
+
+def test_a_backup_with_no_row_written_since_the_last_does_not_read_the_log(data, tmp_path,
+                                                                           monkeypatch):
+    """A CSVLogger(append=True)'s file is read (for its CRC-32) by a backup only where it
+    changed since the last one read it: a backup every step reads it once an epoch, after
+    the epoch's row (was: at every backup, the whole log each time); a change by anyone
+    else (another run's row, mid-epoch) is read at the next backup, which records it."""
+    log, backup = tmp_path / "log.csv", tmp_path / "backup.npz"
+    reads = _counting_reads(monkeypatch, log)
+    small_model().fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=[
+        BackupAndRestore(backup, 1, delete_checkpoint=False), CSVLogger(log, append=True)])
+    assert len(reads) == 3  # (12 backups: none before the first row, one after each row)
+    assert _config(backup)["csv_logs"] == [{"path": str(log), "size": len(log.read_bytes()),
+                                            "crc32": zlib.crc32(log.read_bytes())}]
+    reads.clear()
+
+    def another_row(batch, logs):
+        if batch == 1:
+            with open(log, "a") as f:
+                f.write("9,0.5,1.5,0.1\n")
+
+    small_model().fit(*data, epochs=1, batch_size=BATCH, verbose=0, callbacks=[
+        BackupAndRestore(tmp_path / "b2.npz", 1, delete_checkpoint=False),
+        LambdaCallback(on_train_batch_end=another_row), CSVLogger(log, append=True)])
+    assert len(reads) == 3  # (after steps 1 and 2, the other row between, and the epoch's)
+    assert _config(tmp_path / "b2.npz")["csv_logs"][0]["crc32"] == zlib.crc32(log.read_bytes())
+
+
+def test_a_csv_logger_writes_the_file_its_fit_began_with(data, tmp_path, monkeypatch):
+    """A relative filename names the file in the working folder as fit begins (where Keras
+    3's CSVLogger opens it), which its checkpoints record: a chdir during fit moves no row
+    (was: the later rows went to a file of the new folder, recorded there)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    backup = tmp_path / "backup.npz"
+    move = LambdaCallback(on_epoch_end=lambda epoch, logs: os.chdir(tmp_path / "b"))
+    history = small_model().fit(*data, epochs=3, batch_size=BATCH, verbose=0, callbacks=[
+        BackupAndRestore(backup, delete_checkpoint=False), CSVLogger("log.csv", append=True),
+        move])
+    log = tmp_path / "a" / "log.csv"
+    assert [float(r["loss"]) for r in _logged(log)] == history.history["loss"]
+    assert not (tmp_path / "b" / "log.csv").exists()
+    assert _config(backup)["csv_logs"][0]["path"] == str(log)
+
+
+def test_a_run_resumed_in_another_folder_writes_that_folders_file(data, tmp_path, monkeypatch):
+    """A relative filename resumed from another working folder names another file, as in
+    Keras 3, which the checkpoint has no record of: it gets the whole run's rows (the
+    restored epochs first, as a new file does), and the stopped run's file is left as it
+    is (not cut: the record is of that file, found by its absolute path)."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    backup = tmp_path / "backup.npz"
+    monkeypatch.chdir(tmp_path / "a")
+    with pytest.raises(RuntimeError, match="stop"):
+        _fit_logged(data, "log.csv", backup, _fail_at_end_of(2))
+    stopped = (tmp_path / "a" / "log.csv").read_text()
+    monkeypatch.chdir(tmp_path / "b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        history = _fit_logged(data, "log.csv", backup)
+    assert (tmp_path / "a" / "log.csv").read_text() == stopped
+    rows = _logged(tmp_path / "b" / "log.csv")
+    assert [float(r["loss"]) for r in rows] == history.history["loss"]
 
 
 def _config(checkpoint):

@@ -414,3 +414,61 @@ def test_a_window_that_does_not_fit_deep_in_a_channels_first_model_names_its_inp
     with pytest.raises(InputError, match=said), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (the declared shape's own warning)
         xpcnn.Sequential([xpcnn.Input((3, 32, 32)), Conv2D(16, 3), MaxPool2D(2)], device="cpu")
+
+
+# -- 10. PyTorch's layer keywords ------------------------------------------------------------
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: xpcnn.layers.Dropout(p=0.25),
+     r"^Dropout\(p=0.25\): PyTorch's keyword, which xpcnn's Dropout does not take: "
+     r"xpcnn's name is Keras', rate: Dropout\(rate=0.25\)$"),
+    (lambda: Conv2D(8, 3, stride=2), r"^Conv2D\(stride=2\): .*Conv2D\(strides=2\)$"),
+    (lambda: Conv2D(8, 3, bias=False), r"^Conv2D\(bias=False\): .*Conv2D\(use_bias=False\)$"),
+    (lambda: Conv2D(in_channels=3, out_channels=8, kernel_size=3),
+     r"^Conv2D\(in_channels=3\): .*xpcnn infers it from the input: leave in_channels out$"),
+    (lambda: Conv2D(8, 3, dilation=2), r"has no dilation \(dilation=1 only\)$"),
+    (lambda: Conv2D(8, 3, padding_mode="reflect"), r"padding_mode='zeros' only"),
+    (lambda: Conv2D(8, 3, device="cuda"), r"^Conv2D\(device='cuda'\): .*Sequential\(device="),
+    (lambda: Dense(in_features=3, out_features=4), r"leave in_features out$"),
+    (lambda: Dense(4, out_features=4), r"^Dense\(out_features=4\): .*Dense\(units=4\)$"),
+    (lambda: MaxPool2D(kernel_size=3), r"^MaxPool2D\(kernel_size=3\): .*MaxPool2D\(pool_size=3\)$"),
+    (lambda: AvgPool2D(2, stride=1), r"^AvgPool2D\(stride=1\): .*AvgPool2D\(strides=1\)$"),
+    (lambda: MaxPool2D(2, ceil_mode=True), r"ceil_mode=False only"),
+    (lambda: AvgPool2D(3, 1, padding=1, count_include_pad=True),
+     r"leaves the padding out of its means \(count_include_pad=False only\)$"),
+    (lambda: BatchNorm2D(num_features=16), r"leave num_features out$"),
+    (lambda: BatchNorm2D(affine=False), r"affine=True only"),
+    (lambda: xpcnn.layers.ReLU(inplace=True), r"^ReLU\(inplace=True\): .*in place"),
+    (lambda: Flatten(start_dim=2), r"start_dim=1, end_dim=-1 only"),
+    (lambda: xpcnn.layers.Softmax(dim=1), r"dim=-1 only; for \(N, classes\) scores that is "
+                                          r"PyTorch's dim=1"),
+])
+def test_pytorchs_layer_keywords_name_xpcnns(make, match):
+    """(was: Python's "unexpected keyword argument 'p'", naming no way out)"""
+    with pytest.raises(InputError, match=match):
+        make()
+
+
+def test_pytorchs_layer_defaults_spelled_out_are_taken():
+    layers = [Conv2D(8, 3, dilation=1, padding_mode="zeros", device=None),
+              MaxPool2D(2, dilation=(1, 1), ceil_mode=False, return_indices=False),
+              AvgPool2D(2, count_include_pad=False, divisor_override=None),
+              BatchNorm2D(affine=True, track_running_stats=True),
+              xpcnn.layers.Dropout(0.5, inplace=False), xpcnn.layers.ReLU(inplace=False),
+              Flatten(start_dim=1, end_dim=-1), xpcnn.layers.Softmax(dim=-1)]
+    plain = [Conv2D(8, 3), MaxPool2D(2), AvgPool2D(2), BatchNorm2D(), xpcnn.layers.Dropout(0.5),
+             xpcnn.layers.ReLU(), Flatten(), xpcnn.layers.Softmax()]
+    for given, default in zip(layers, plain, strict=True):
+        config, want = given.get_config(), default.get_config()
+        config.pop("name"), want.pop("name")
+        assert config == want
+    with pytest.raises(InputError, match=r"ceil_mode=False only"):
+        MaxPool2D(2, ceil_mode=1)  # (1 is not False: is_one_of compares types too)
+
+
+def test_a_users_layer_keeps_its_own_keywords_of_pytorchs_names():
+    class Mine(xpcnn.layers.Dropout):
+        def __init__(self, p=0.5, name=None):
+            super().__init__(p, name=name)
+
+    assert Mine(p=0.25).rate == 0.25

@@ -482,19 +482,23 @@ class ProgbarLogger(Callback):
 
     def __init__(self, refresh: float = 0.5, verbose: int = 1) -> None:
         super().__init__()
-        self.refresh, self.verbose = refresh, verbose
+        self.refresh, self.verbose = refresh, verbose  # (verbose: until a call's params)
         self.bar: Any = None
         self.last = 0.0
         self.steps = 0
         self.t0 = 0.0  # (when evaluate or predict began: its verbose=2 line's time)
-        self._in_fit = False
 
     def set_params(self, params: dict[str, Any]) -> None:
+        """Each call's ``params`` (fit's, evaluate's, predict's) give the bar its ``verbose``,
+        as in Keras 3."""
         super().set_params(params)
-        self._in_fit = False  # (each call sets its params: fit's on_train_begin says it is fit)
+        self.verbose = params.get("verbose", self.verbose)
 
-    def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
-        self._in_fit = True  # (fit's validation runs the on_test_* hooks: no bar, as in Keras 3)
+    @property
+    def _in_fit(self) -> bool:
+        """Whether the call is fit (its params alone say whether it has validation data),
+        whose validation runs the on_test_* hooks without a bar, as in Keras 3."""
+        return "validation" in self.params
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
         steps, start = self.params.get("steps"), self.model._position[1]  # (resumed inside)
@@ -513,14 +517,7 @@ class ProgbarLogger(Callback):
         self._advance(logs)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-        logs = logs or {}
-        if self.bar is None:
-            if self.verbose == 2:
-                say_on_root(summary_line(self.steps, logs.get("seconds", 0.0), logs,
-                                         self.params["steps"]))
-            return
-        self.bar.set_postfix(bar_postfix(logs))
-        self.close()
+        self._end_pass(logs, (logs or {}).get("seconds", 0.0), self.params["steps"])
 
     def on_test_begin(self, logs: Mapping[str, float] | None = None) -> None:
         if not self._in_fit:
@@ -562,15 +559,18 @@ class ProgbarLogger(Callback):
             self.last = now
             self.bar.set_postfix(bar_postfix(logs))
 
-    def _end_pass(self, logs: Mapping[str, float] | None) -> None:
-        """evaluate's or predict's end: its bar closed, showing the result ``logs``; at
+    def _end_pass(self, logs: Mapping[str, float] | None, seconds: float | None = None,
+                  target: int | None = None) -> None:
+        """The end of an epoch of fit (``seconds``: its logs', ``target``: its steps) or of
+        evaluate or predict (timed from their begin): its bar closed, showing ``logs``; at
         ``verbose=2``, its one line."""
         if self.bar is not None:
             if logs:
                 self.bar.set_postfix(bar_postfix(logs))
             self.close()
         elif self.verbose == 2:
-            say_on_root(summary_line(self.steps, time.perf_counter() - self.t0, logs))
+            say_on_root(summary_line(self.steps, time.perf_counter() - self.t0
+                                     if seconds is None else seconds, logs, target))
 
     def close(self) -> None:
         """Close the open bar, if any (fit's training loop and evaluate and predict do, however
@@ -1280,7 +1280,8 @@ def _binds(fn: Any, *args: Any) -> bool:
 
 class CSVLogger(Callback):
     """One CSV row per epoch: ``epoch`` (0-based) and every log, to ``filename``
-    (``append=True`` continues an existing file). The columns are the first epoch's logs, sorted;
+    (``append=True`` continues an existing file; a relative one is of the working folder as fit
+    begins, where Keras 3 opens it). The columns are the first epoch's logs, sorted;
     a log missing in a later epoch is written ``NA``, as in Keras. Unlike Keras, ``append=True``
     keeps the existing file's columns (Keras writes the new run's columns under the old header).
     A fit that validates every few epochs (``validation_freq``) gets its ``val_*`` columns from
@@ -1310,19 +1311,25 @@ class CSVLogger(Callback):
         self.separator, self.append = separator, checks.flag(append, "CSVLogger append")
         self.mode: str | None = None  # how the next row opens the file; None: not yet in this fit
         self.writing = False
+        self.path = self.filename  # (resolved as each fit begins)
 
     def on_train_begin(self, logs: Mapping[str, float] | None = None) -> None:
         # (checked now, written from the first epoch's end: a fit refused after this hook, by
         # a checkpoint that does not match, leaves the file as it was; a fit that failed, its
         # file ended: this one's starts afresh)
         self.mode = None
+        # (the file this fit writes, its checkpoints record and a resume looks up: a relative
+        # name is of the working folder now, as Keras 3 opens its file as fit begins; a later
+        # chdir moves no row)
+        self.path = os.path.join(os.getcwd(), self.filename)
         self.backup: dict[str, Any] | None = None  # the file at the checkpoint resumed from
+        # (the record of the file as last read, and its stat: see backup_record)
+        self._hashed: tuple[tuple[int, ...], dict[str, Any]] | None = None
         self.writing = distributed.is_root()  # one writer on several ranks (same logs on all)
         if not self.writing:
             return
         checks.output_file(self.filename, "the CSVLogger file", replaced=False)
-        exists = self.append and os.path.exists(self.filename) and os.path.getsize(
-            self.filename) > 0
+        exists = self.append and os.path.exists(self.path) and os.path.getsize(self.path) > 0
         self.keys: list[str] | None = self._columns() if exists else None
         self._left: set[str] = set()  # logs the appended file has no column for, warned of
 
@@ -1330,7 +1337,7 @@ class CSVLogger(Callback):
         """The log columns of the CSVLogger file appended to, from its header (checked: rows
         under another file's header, or split by another separator, would lose the logs)."""
         try:
-            with open(self.filename, newline="") as f:
+            with open(self.path, newline="") as f:
                 header = next(csv.reader(f, delimiter=self.separator), [])
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise InputError(f"CSVLogger cannot append to {self.filename!r}: its header cannot "
@@ -1348,13 +1355,13 @@ class CSVLogger(Callback):
         rows = []
         kept = None  # (the file's size that this write keeps, where it drops what follows)
         if self.mode is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self.mode = "a" if self.append else "w"
             if self.keys is not None and getattr(self.model, "_resume_at", None) is not None:
                 kept = self._kept_at_backup(epoch)
                 if kept is None:
                     self._warn_of_repeats(epoch)
-                elif kept == os.path.getsize(self.filename):
+                elif kept == os.path.getsize(self.path):
                     kept = None  # (nothing written after the backup: appended to)
                 elif not kept:  # (its header too was written after the backup)
                     self.keys = None
@@ -1369,10 +1376,10 @@ class CSVLogger(Callback):
                  "which are not written: its columns are its header's (the first epoch's logs, "
                  "or those of the file appended to)")
         rows.append([epoch] + [logs.get(k, "NA") for k in self.keys])
-        if self.mode == "w" and replaceable(self.filename):
+        if self.mode == "w" and replaceable(self.path):
             # (a file written anew, a resumed run's too: the old one is kept until the header,
             # the restored rows and the first row are all written, and a failed write names it)
-            with atomic_file(self.filename) as f:
+            with atomic_file(self.path) as f:
                 text = io.StringIO(newline="")
                 csv.writer(text, delimiter=self.separator).writerows(rows)
                 f.write(text.getvalue().encode(locale.getpreferredencoding(False)))
@@ -1385,10 +1392,10 @@ class CSVLogger(Callback):
             if kept is not None:
                 self._cut(kept, epoch)
             try:
-                with open(self.filename, self.mode, newline="") as f:
+                with open(self.path, self.mode, newline="") as f:
                     csv.writer(f, delimiter=self.separator).writerows(rows)
             except OSError as e:  # (a full disk: which file, not only "No space left")
-                named = naming_the_file(e, self.filename, kept=False)
+                named = naming_the_file(e, self.path, kept=False)
                 if named is e:
                     raise
                 raise named from e
@@ -1399,31 +1406,41 @@ class CSVLogger(Callback):
         size and CRC-32 (an absent file's: 0 and 0), so that a run resumed from it drops the
         rows written after it (:meth:`_kept_at_backup`). None where there is nothing to keep:
         a new file (``append=False``: a resumed run writes it afresh), another rank's logger,
-        one outside a fit, a file that is no regular file or cannot be read."""
+        one outside a fit, a file that is no regular file or cannot be read. A file whose
+        stat (inode, size, times) is as at the last record is not read again: the backups
+        inside an epoch, with no row written since, read nothing."""
         if not (self.append and self.writing):
             return None
         if self.mode is None and getattr(self.model, "_resume_at", None) is not None:
             # (a resumed run before its first row: the rows to drop are still there, so the
             # record goes on as the checkpoint resumed from had it, None where it had none)
             return self.backup
-        size = crc = 0
-        if os.path.exists(self.filename):
-            if not os.path.isfile(self.filename):  # (a pipe: nothing to read back, or cut)
-                return None
-            try:
-                with open(self.filename, "rb") as f:  # (by the MiB: a long log, no copy)
+        path = os.path.abspath(self.path)
+        if not os.path.exists(self.path):
+            return {"path": path, "size": 0, "crc32": 0}
+        if not os.path.isfile(self.path):  # (a pipe: nothing to read back, or cut)
+            return None
+        try:
+            # (stat before the read: a write since, this logger's row or another's edit,
+            # changes the size or the times, and the next backup reads the file again)
+            st = os.stat(self.path)
+            seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if self._hashed is None or self._hashed[0] != seen:
+                size = crc = 0
+                with open(self.path, "rb") as f:  # (by the MiB: a long log, no copy)
                     while chunk := f.read(2**20):
                         size, crc = size + len(chunk), zlib.crc32(chunk, crc)
-            except OSError:
-                return None
-        return {"path": os.path.abspath(self.filename), "size": size, "crc32": crc}
+                self._hashed = seen, {"path": path, "size": size, "crc32": crc}
+        except OSError:
+            return None
+        return self._hashed[1]
 
     def _cut(self, size: int, epoch: int) -> None:
         """Cut the file back to its first ``size`` bytes, in place; where it cannot be (an
         append-only file, EPERM), warn and append, as for a checkpoint without the record (the
         resumed fit goes on)."""
         try:
-            os.truncate(self.filename, size)
+            os.truncate(self.path, size)
         except OSError as e:
             warn(f"CSVLogger cannot cut its file {self.filename!r} back to the rows the "
                  f"checkpoint recorded ({type(e).__name__}: {e.strerror or e}): it appends, and "
@@ -1439,10 +1456,10 @@ class CSVLogger(Callback):
         what follows is other rows (another run's), or there is no record (then the file is
         appended to, as it is)."""
         record = self.backup
-        if record is None or not os.path.isfile(self.filename):
+        if record is None or not os.path.isfile(self.path):
             return None
         try:
-            with open(self.filename, "rb") as f:
+            with open(self.path, "rb") as f:
                 data = f.read()
             kept, after = data[:record["size"]], data[record["size"]:]
             if len(kept) != record["size"] or zlib.crc32(kept) != record["crc32"]:
@@ -1466,7 +1483,7 @@ class CSVLogger(Callback):
         rows of those epochs come again (the stopped run wrote them after its last backup; an
         earlier run's rows, which the file cannot tell from them, are never dropped)."""
         try:
-            with open(self.filename, newline="") as f:
+            with open(self.path, newline="") as f:
                 last = collections.deque(csv.reader(f, delimiter=self.separator), maxlen=1)
             repeated = bool(last) and int(last[0][0]) >= epoch
         except (OSError, UnicodeDecodeError, csv.Error, ValueError, IndexError):

@@ -172,26 +172,94 @@ KERAS_DEFAULTS: dict[str, dict[str, tuple[Any, ...]]] = {
 }
 
 
-def refuse_keras_keywords(cls: type, init: Any, given: dict[str, Any]) -> dict[str, Any]:
-    """Refuse a Keras keyword in ``given`` that ``init``, a built-in layer's constructor
-    building a ``cls``, does not take (:data:`KERAS_KEYWORDS`), naming what to pass instead,
-    unless its value is what the layer does (:data:`KERAS_DEFAULTS`); other keywords are left
-    to Python's TypeError. Returns ``given`` less the defaults taken."""
+_INFERRED = "xpcnn infers it from the input: leave {key} out"
+_IN_PLACE = "xpcnn's layers do not work in place (inplace=False only)"
+_TORCH_DILATION = "no dilation (dilation=1 only)"
+#: PyTorch's keywords of every nn layer that xpcnn's layers do not take.
+_TORCH_COMMON: dict[str, tuple[str, ...] | str] = {
+    "device": ("a layer's device is its model's: Sequential(device='cuda'), or move the model "
+               "with model.to('cuda')"),
+}
+#: PyTorch's keywords of each built-in layer's nn twin that it does not take (by the name of
+#: the xpcnn class whose constructor is called): xpcnn's (Keras') name for the setting, as a
+#: 1-tuple, or what to do instead. For a line-by-line port of an nn.Module.
+TORCH_KEYWORDS: dict[str, dict[str, tuple[str, ...] | str]] = {
+    "Conv2D": {"in_channels": _INFERRED, "out_channels": ("filters",),
+               "stride": ("strides",), "bias": ("use_bias",),
+               "dilation": f"xpcnn's Conv2D has {_TORCH_DILATION}",
+               "padding_mode": "xpcnn's Conv2D pads with zeros (padding_mode='zeros' only)"},
+    "Dense": {"in_features": _INFERRED, "out_features": ("units",), "bias": ("use_bias",)},
+    "_Pool2D": {"kernel_size": ("pool_size",), "stride": ("strides",),
+                "dilation": f"xpcnn's pools have {_TORCH_DILATION}",
+                "ceil_mode": ("xpcnn's pools round the output size down (ceil_mode=False only): "
+                              "pad the input for a last, partial window"),
+                "return_indices": "xpcnn's MaxPool2D gives no indices (return_indices=False only)",
+                "count_include_pad": ("xpcnn's AvgPool2D leaves the padding out of its means "
+                                      "(count_include_pad=False only)"),
+                "divisor_override": "xpcnn's AvgPool2D divides by the window's size"},
+    "BatchNorm2D": {"num_features": _INFERRED,
+                    "affine": ("xpcnn's BatchNorm2D always learns a scale and an offset "
+                               "(affine=True only)"),
+                    "track_running_stats": ("xpcnn's BatchNorm2D always keeps running statistics "
+                                            "for inference (track_running_stats=True only)")},
+    "Dropout": {"p": ("rate",), "inplace": _IN_PLACE},
+    "ReLU": {"inplace": _IN_PLACE},
+    "Flatten": {k: ("xpcnn's Flatten flattens every axis but the batch's (start_dim=1, "
+                    "end_dim=-1 only)") for k in ("start_dim", "end_dim")},
+    "Softmax": {"dim": ("xpcnn's Softmax is over the last axis (dim=-1 only; for (N, classes) "
+                        "scores that is PyTorch's dim=1)")},
+}
+#: PyTorch's keywords of :data:`TORCH_KEYWORDS` taken where their value is what xpcnn's layer
+#: does (PyTorch's default spelled out, mostly).
+TORCH_DEFAULTS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "Conv2D": {"dilation": (1, (1, 1)), "padding_mode": ("zeros",)},
+    "_Pool2D": {"dilation": (1, (1, 1)), "ceil_mode": (False,), "return_indices": (False,),
+                "count_include_pad": (False,), "divisor_override": (None,)},
+    "BatchNorm2D": {"affine": (True,), "track_running_stats": (True,)},
+    "Dropout": {"inplace": (False,)},
+    "ReLU": {"inplace": (False,)},
+    "Flatten": {"start_dim": (1,), "end_dim": (-1,)},
+    "Softmax": {"dim": (-1,)},
+}
+_ANY_LAYER = {"device": (None,)}
+
+
+def _torch_instead(name: str, key: str, value: Any, why: tuple[str, ...] | str) -> str:
+    """What xpcnn's ``name`` takes in place of PyTorch's ``key=value``."""
+    if isinstance(why, str):
+        return why.format(key=key)
+    return f"xpcnn's name is Keras', {why[0]}: {name}({why[0]}={value!r})"
+
+
+def refuse_foreign_keywords(cls: type, init: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a Keras or PyTorch keyword in ``given`` that ``init``, a built-in layer's
+    constructor building a ``cls``, does not take (:data:`KERAS_KEYWORDS`,
+    :data:`TORCH_KEYWORDS`), naming what to pass instead, unless its value is what the layer
+    does (:data:`KERAS_DEFAULTS`, :data:`TORCH_DEFAULTS`); other keywords are left to
+    Python's TypeError. Returns ``given`` less the defaults taken."""
     module, owner = getattr(init, "__module__", ""), getattr(init, "__qualname__", "")
     if not module.startswith("xpcnn.") or takes_keywords(init):  # (a user's constructor)
         return given
-    table = KERAS_KEYWORDS.get(owner.partition(".")[0], {})
-    defaults = KERAS_DEFAULTS.get(owner.partition(".")[0], {})
+    owner = owner.partition(".")[0]
+    keras, torch = KERAS_KEYWORDS.get(owner, {}), TORCH_KEYWORDS.get(owner, {})
+    defaults = {**_ANY_LAYER, **TORCH_DEFAULTS.get(owner, {}), **KERAS_DEFAULTS.get(owner, {})}
     taken = named_parameters(init)
+    name = cls.__name__
     kept = {}
     for key, value in given.items():
-        why = None if key in taken else table.get(key) or _KERAS_COMMON.get(key)
-        if why is not None and key in defaults and is_one_of(value, defaults[key]):
-            continue  # (what xpcnn's layer does)
+        if key in taken or key in defaults and is_one_of(value, defaults[key]):
+            if key in taken:
+                kept[key] = value
+            continue  # (else what xpcnn's layer does, said out loud)
+        why = keras.get(key) or _KERAS_COMMON.get(key)
         if why is not None:
-            name = cls.__name__
             raise InputError(f"{name}({key}={value!r}): Keras' keyword, which xpcnn's {name} "
                              f"does not take: {why.format(value=repr(value))}")
+        torch_why = torch.get(key) or _TORCH_COMMON.get(key)
+        if torch_why is not None:
+            raise InputError(f"{name}({key}={value!r}): PyTorch's keyword, which xpcnn's "
+                             f"{name} does not take: "
+                             f"{_torch_instead(name, key, value, torch_why)}")
         kept[key] = value
     return kept
 

@@ -48,7 +48,7 @@ from ..checks import (
 )
 from ..errors import InputError, of_xpcnn
 from ..passes import exclusive_if
-from .arguments import Shape, building_for, on_host, per_sample, refuse_keras_keywords
+from .arguments import Shape, building_for, on_host, per_sample, refuse_foreign_keywords
 from .symbolic import Node, SymbolicTensor, is_symbolic, refuse_training_in_graph
 from .weight import Weight
 
@@ -955,7 +955,7 @@ def _takes_trainable(init: Callable[..., Any]) -> Callable[..., Any]:
     def init_taking_trainable(self: Layer, *args: Any, trainable: Any = _UNSET, **kwargs: Any
                               ) -> None:
         if kwargs:  # (a Keras port's epsilon=, data_format=...: a clear error)
-            kwargs = refuse_keras_keywords(type(self), init, kwargs)
+            kwargs = refuse_foreign_keywords(type(self), init, kwargs)
         init(self, *args, **kwargs)
         if "_name" not in vars(self):  # (else an AttributeError at the layer's first use)
             raise InputError(f"{type(self).__name__}.__init__ must call super().__init__() "

@@ -969,8 +969,9 @@ class FitCheckpoints:
             for put_back in before:
                 put_back()
             raise
-        for logger in self.loggers:  # (each finds its own file's, by its absolute path)
-            logger.backup = csv_logs.get(os.path.abspath(logger.filename))
+        for logger in self.loggers:  # (each finds its own file's, by its absolute path, as
+            # resolved when fit began: CSVLogger.on_train_begin, which runs before this)
+            logger.backup = csv_logs.get(os.path.abspath(logger.path))
         # (a run its callbacks stopped trains no more, but where they start afresh: they
         # decide anew)
         self.stopped = stopped and kept

@@ -115,21 +115,20 @@ def _prunes_streams(call: Callable[..., Any]) -> Callable[..., Any]:
     return pruning
 
 
-def _with_progress_bar(callbacks: list[Callback], verbose: int, call: str
-                       ) -> tuple[list[Callback], ProgbarLogger | None]:
-    """The callbacks of ``call`` (evaluate or predict) in the order they run, and its progress
-    bar: the user's ``callbacks``, then the bar after them, as fit runs its own
+def _with_progress_bar(callbacks: list[Callback], verbose: int, call: str) -> list[Callback]:
+    """The callbacks of ``call`` (evaluate or predict) in the order they run: the user's
+    ``callbacks``, then its progress bar after them, as fit runs its own
     (:meth:`Trainer._fit_callbacks`): the user's ProgbarLogger (one at most), else one of the
-    call's own where ``verbose`` is not 0 (None: no bar)."""
+    call's own where ``verbose`` is not 0 (none at 0)."""
     bar = _progress_bar(callbacks, verbose, call)
-    return [*(cb for cb in callbacks if cb is not bar), *([bar] if bar is not None else [])], bar
+    return [*(cb for cb in callbacks if cb is not bar), *([bar] if bar is not None else [])]
 
 
 def _progress_bar(callbacks: list[Callback], verbose: int, call: str) -> ProgbarLogger | None:
     """The bar of ``call`` (fit, evaluate, predict): the user's ProgbarLogger among
-    ``callbacks`` (one at most), else one of the call's own where ``verbose`` is not 0."""
-    return one_of(callbacks, ProgbarLogger, call) or (ProgbarLogger(verbose=verbose) if verbose
-                                                       else None)
+    ``callbacks`` (one at most), else one of the call's own where ``verbose`` is not 0 (either
+    takes the call's ``verbose`` from its params)."""
+    return one_of(callbacks, ProgbarLogger, call) or (ProgbarLogger() if verbose else None)
 
 
 class Trainer(TrainingStep):
@@ -640,9 +639,6 @@ class Trainer(TrainingStep):
             if class_weights is not None:
                 self._check_class_products(data, class_weights)
             self.history = history
-            # (their bar is silent where fit is)
-            if bar is not None:
-                bar.verbose = verbose
             # (shared by the callbacks, which keep it: the source and the stateful callbacks
             # are taken out when fit ends, so that model.history does not keep the user's
             # iterator (and its pending batches, a DataLoader's workers) alive, as Keras'
@@ -1009,7 +1005,7 @@ class Trainer(TrainingStep):
                                          "batch_size")
         return_dict = checks.flag(return_dict, "return_dict")
         verbose = checks.verbosity(verbose)
-        callbacks, bar = _with_progress_bar(callback_list(callbacks), verbose, "evaluate")
+        callbacks = _with_progress_bar(callback_list(callbacks), verbose, "evaluate")
         loss = self.loss if self.loss is not None else get_loss("cross_entropy")
         self._rebuild_if_shared()
         refuse_stream_weights(x, sample_weight)
@@ -1019,8 +1015,7 @@ class Trainer(TrainingStep):
             here = distributed.world()
             if here.size > 1:  # (each rank evaluates its slice of the same data)
                 distributed.refuse_different_data(here, [("evaluation", data)], "evaluate")
-            if bar is not None:  # (a user's too: at evaluate's verbose, as in Keras 3)
-                bar.verbose = verbose
+            # (a user's bar too takes evaluate's verbose from these params, as in Keras 3)
             cbs = CallbackList(callbacks, self, inference_params(verbose, data))
             self._check_loss_outputs(loss)
             with cbs.closing_bars():
@@ -1122,14 +1117,12 @@ class Trainer(TrainingStep):
         batch_size = checks.positive_int(256 if batch_size is None else batch_size,
                                          "batch_size")
         verbose = checks.verbosity(verbose)
-        callbacks, bar = _with_progress_bar(callback_list(callbacks), verbose, "predict")
+        callbacks = _with_progress_bar(callback_list(callbacks), verbose, "predict")
         self._rebuild_if_shared()
         xp = self.backend.xp
         out = []
         with self._undone_if_refused():
             data = self._batches(x, None, batch_size, steps, targets=False, steps_name="steps")
-            if bar is not None:  # (a user's too: at predict's verbose, as in Keras 3)
-                bar.verbose = verbose
             cbs = CallbackList(callbacks, self, inference_params(verbose, data))
             self.stop_predicting = False
             # (the bar closed as the batches end, however they end)
