@@ -20,7 +20,19 @@ MAX_POOL = [
     ((2, 2), (2, 2), (2, 7, 9, 3)),   # a last row and column outside every window
     ((3, 3), (3, 3), (2, 9, 9, 4)),
     ((2, 3), (3, 3), (2, 9, 9, 2)),   # strides larger than the window
-    ((3, 3), (2, 2), (2, 9, 9, 3)),   # overlapping windows: the standard version's job
+    ((3, 3), (2, 2), (2, 9, 9, 3)),   # overlapping windows
+]
+
+# (pool, strides, input shape, pads): pools whose gradient is gathered per input element, the
+# padding read in place (-inf for a maximum, 0 for a mean)
+POOL_PADDED = [
+    ((3, 3), (2, 2), (2, 9, 9, 3), (1, 1, 1, 1)),  # ResNet's stem: MaxPool2D(3, 2, padding=1)
+    ((3, 3), (1, 1), (2, 6, 7, 2), (1, 1, 1, 1)),  # 3x3 stride 1 "same"
+    ((3, 3), (2, 2), (2, 8, 7, 3), (0, 1, 1, 1)),  # "same" of uneven sizes
+    ((2, 2), (2, 2), (2, 7, 5, 2), (0, 1, 0, 1)),  # windows apart, "same" of odd sizes
+    ((2, 3), (1, 2), (1, 5, 8, 4), (1, 0, 2, 1)),
+    ((3, 3), (2, 2), (2, 9, 9, 3), (0, 0, 0, 0)),  # overlapping windows, no padding
+    ((2, 2), (2, 2), (2, 7, 9, 3), (0, 0, 0, 0)),  # a last row and column outside every window
 ]
 
 # (kernel, strides, input shape, filters, padding)

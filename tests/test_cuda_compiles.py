@@ -240,7 +240,10 @@ def _raw_source(fast_cupy, monkeypatch, name: str, source: str, **types) -> str:
     return sources[0]
 
 
-@pytest.mark.parametrize("labels", ["uint8", "int32", "int64"])
+@pytest.mark.parametrize("labels, targets, weights", [
+    ("uint8", None, None), ("int32", None, "float32"), ("int64", None, "float64"),
+    (None, "float32", None), (None, "float16", "float32"), (None, "bfloat16", "bfloat16"),
+    (None, "float64", "float16")])
 @pytest.mark.parametrize("logits, dtype, scale", [("float16", "float16", "float16"),
                                                   ("float16", "float16", "float32"),
                                                   ("float32", "float32", "float32"),
@@ -249,22 +252,26 @@ def _raw_source(fast_cupy, monkeypatch, name: str, source: str, **types) -> str:
                                                   ("bfloat16", "float32", "float32"),
                                                   ("float64", "float64", "float64")])
 def test_softmax_cross_entropy_kernel_compiles(fast_cupy, cuda_reductions, monkeypatch, logits,
-                                               dtype, scale, labels):
+                                               dtype, scale, labels, targets, weights):
     """The loss kernels of the source (a row a thread, a row a warp), with their NaN for a
     label that is no class (``nan("")`` in the accumulator type, float for half logits), for
-    every label dtype fit passes them, the float16 loss scale read from its float32 state,
+    every label dtype fit passes them, one-hot (probability) rows and sample weights of every
+    floating dtype (the unread ones typed as fast_cupy types them), the float16 loss scale
+    read from its float32 state,
     float16 logits read for a wider loss (mixed precision), and the rows' sums by the last
     block; their shared memory within a block's 48 KB (machine code, ptxas's check)."""
     acc = "float64" if dtype == "float64" else "float32"
     source = _raw_source(fast_cupy, monkeypatch, "xpcnn_softmax_cross_entropy",
-                         cuda_reductions.SOFTMAX_CROSS_ENTROPY_SOURCE, Z=logits, L=labels,
-                         T=dtype, U=scale, A=acc)
+                         cuda_reductions.SOFTMAX_CROSS_ENTROPY_SOURCE, Z=logits,
+                         L=labels or "int32", Y=targets or dtype, W=weights or acc, T=dtype,
+                         U=scale, A=acc)
     code, log = _compile(source, "xpcnn_softmax_cross_entropy", 90)
     assert code == 0, log
     for name in ("xpcnn_softmax_cross_entropy", "xpcnn_softmax_cross_entropy_rows"):
         assert_launchable(log, name, cuda_reductions.CROSS_ENTROPY_THREADS)
-    assert ("cuda_fp16.h" in source) == ("float16" in (logits, dtype, scale))
-    assert ("cuda_bf16.h" in source) == ("bfloat16" in (logits, dtype, scale))
+    given = (logits, dtype, scale, targets, weights)
+    assert ("cuda_fp16.h" in source) == ("float16" in given)
+    assert ("cuda_bf16.h" in source) == ("bfloat16" in given)
 
 
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
@@ -382,6 +389,24 @@ def test_max_pool_backward_kernel_compiles(cuda_elementwise, data, grad):
     assert code == 0, log
 
 
+@pytest.mark.parametrize("data, grad", [("__half", "__half"), ("__half", "float"),
+                                        ("float", "float"), ("double", "double")])
+def test_pooling_kernels_compile(cuda_elementwise, data, grad):
+    """Max and average pools reading their padding in place (-inf, 0), their gradients
+    gathered per input element (the max pool's looking for each window's first maximum, with
+    the gradient of a ReLU before the pool), GlobalAvgPool2D's gradient written whole; the
+    data's dtype and a wider one (a gradient, AvgPool2D's inverse counts)."""
+    for kernel, types, arrays in [
+            (cuda_elementwise.MAX_POOL, {"T": data}, ("y",)),
+            (cuda_elementwise.MAX_POOL_GATHER_BACKWARD, {"T": data, "G": grad}, ("dx",)),
+            (cuda_elementwise.AVG_POOL, {"T": data, "I": grad}, ("y",)),
+            (cuda_elementwise.AVG_POOL_BACKWARD, {"G": data, "I": grad}, ("dx",)),
+            (cuda_elementwise.GLOBAL_AVG_POOL_BACKWARD, {"G": grad}, ("dx",))]:
+        code, log = _compile(_elementwise_as_kernel(kernel, types, arrays=arrays), kernel.name,
+                             90)
+        assert code == 0, log
+
+
 @pytest.mark.parametrize("dtype, relu", [("__half", "__half"), ("float", "float"),
                                          ("double", "double"), ("float", "__half")])
 def test_mask_multiply_relu_kernel_compiles(cuda_elementwise, dtype, relu):
@@ -463,6 +488,12 @@ CUPY_FLOAT16_CASES = [
     ("cuda_elementwise.ADD_RELU", {"T": "float16"}, ("a", "b", "y")),
     ("cuda_elementwise.ADD_RELU_BACKWARD", {"T": "float16"}, ("a", "b", "y", "dx")),
     ("cuda_elementwise.GLOBAL_AVG_POOL", {"T": "float16"}, ("y",)),
+    ("cuda_elementwise.MAX_POOL", {"T": "float16"}, ("y",)),
+    ("cuda_elementwise.MAX_POOL_GATHER_BACKWARD", {"T": "float16", "G": "float16"}, ("dx",)),
+    ("cuda_elementwise.MAX_POOL_GATHER_BACKWARD", {"T": "float16", "G": "float"}, ("dx",)),
+    ("cuda_elementwise.AVG_POOL", {"T": "float16", "I": "float"}, ("y",)),
+    ("cuda_elementwise.AVG_POOL_BACKWARD", {"G": "float16", "I": "float"}, ("dx",)),
+    ("cuda_elementwise.GLOBAL_AVG_POOL_BACKWARD", {"G": "float16"}, ("dx",)),
 ]
 
 

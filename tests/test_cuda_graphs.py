@@ -190,14 +190,23 @@ def test_a_fit_through_captured_steps_equals_an_eager_fit(monkeypatch, kernels, 
         np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13)
 
 
-def test_weighted_fits_through_captured_steps_equal_eager_fits(monkeypatch, kernels):
+@pytest.mark.parametrize("targets", ["labels", "one-hot"])
+def test_weighted_fits_through_captured_steps_equal_eager_fits(monkeypatch, kernels, targets):
     """fit's sample weights reach a replay through a static buffer as the batch does, its
     class weights as an array the graphs were captured with: a later fit without them (one
     array fewer) captures every shape again; one with other batches (a new batch size, no
-    sample weights) captures its own shape beside the others. Same weights as eager fits."""
+    sample weights) captures its own shape beside the others. Same weights as eager fits.
+    With CuPy's kernels, the loss of integer labels or one-hot rows, weighted or not, is
+    their fused kernel's in every step (it was the standard version's with weights)."""
+    standard = []
     if kernels is not None:
         monkeypatch.setattr(kernels_module, "fast_kernels", lambda backend: kernels)
+        for module in (kernels_module, xpcnn.losses):  # (the standard loss, either place)
+            monkeypatch.setattr(module, "cross_entropy", lambda *a, real=module.cross_entropy,
+                                **k: standard.append(1) or real(*a, **k))
     x, y = _data()
+    if targets == "one-hot":
+        y = np.eye(10)[y]
     w = np.random.default_rng(5).uniform(0.0, 2.0, 40)
     fits = [dict(batch_size=16, sample_weight=w, class_weight={3: 4.0}),
             dict(batch_size=16, sample_weight=w),  # the class weights gone
@@ -224,6 +233,7 @@ def test_weighted_fits_through_captured_steps_equal_eager_fits(monkeypatch, kern
     # replays; class weights added: all again
     assert captures == [(2, 5), (4, 10), (5, 23), (6, 36)]
     assert len(graphed._graphs.graphs) == 1
+    assert not standard
 
 
 def test_top_k_metrics_count_in_captured_steps_as_in_eager_ones(monkeypatch, kernels):

@@ -24,6 +24,7 @@ from kernel_cases import (
     IM2COL,
     MAX_POOL,
     OPTIMISERS,
+    POOL_PADDED,
     RECORD_DTYPES,
     RECORD_SCALING,
     SOFTMAX_CROSS_ENTROPY,
@@ -141,6 +142,84 @@ def test_max_pool_of_negative_windows_and_nans(fast, rng, dtype):
     y = fast.max_pool(x, (2, 2), (2, 2), (3, 3))
     assert_same(y, STD.max_pool(x, (2, 2), (2, 2), (3, 3)))
     assert np.isnan(y).sum() == 3 and (y[~np.isnan(y)] < 0).all()
+
+
+def _pool_launches(fast, monkeypatch):
+    """The names of the pooling kernels launched from now on, in order."""
+    module, launches = sys.modules[type(fast).__module__], []
+    for name in ("MAX_POOL", "MAX_POOL_BACKWARD", "MAX_POOL_GATHER_BACKWARD", "AVG_POOL",
+                 "AVG_POOL_BACKWARD", "GLOBAL_AVG_POOL", "GLOBAL_AVG_POOL_BACKWARD"):
+        kernel = getattr(module, name)  # (as fast_cupy imported them: where it calls them)
+        monkeypatch.setattr(module, name, lambda *a, kernel=kernel, **k:
+                            launches.append(kernel.name) or kernel(*a, **k))
+    return launches
+
+
+@pytest.mark.parametrize("kernel, strides, shape, pads", POOL_PADDED)
+@pytest.mark.parametrize("dtype", WITH_HALF)
+def test_padded_and_overlapping_max_pools_take_one_launch_each_way(fast, monkeypatch, rng,
+                                                                   kernel, strides, shape, pads,
+                                                                   dtype):
+    """The padding read as -inf in place (no padded copy), the gradient gathered per input
+    element (windows overlapping, padded or not covering the input): the standard version's
+    values on the padded input, bit for bit, each window's gradient to its first maximum,
+    the padding's -inf included (a window whose real values are all -inf passes it to its
+    padding, lost), summed in float32 where windows overlap."""
+    launches = _pool_launches(fast, monkeypatch)
+    x = rng.integers(-2, 3, shape).astype(dtype)  # ties: the first maximum must win
+    x[0, :2, :2, 0] = -np.inf
+    x[-1, -1, -1, -1] = np.nan
+    out_hw = windows.output_size(shape[1:3], kernel, strides, pads)
+    xpad = windows.pad(xpn, x, pads, -np.inf)
+    y, routes = fast.max_pool_train(x, kernel, strides, out_hw, pads)
+    assert_same(y, STD.max_pool(xpad, kernel, strides, out_hw))
+    assert_same(fast.max_pool(x, kernel, strides, out_hw, pads), y)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    for relu_grad in (False, True):
+        got = fast.max_pool_backward(routes, y, dy, kernel, strides, out_hw, relu_grad, pads)
+        want = STD.max_pool_backward(xpad, y, dy, kernel, strides, out_hw, relu_grad)
+        assert got.shape == x.shape and got.flags.c_contiguous
+        assert_same(got, windows.unpad(want, pads))
+    assert launches == ["xpcnn_max_pool"] * 2 + ["xpcnn_max_pool_gather_backward"] * 2
+
+
+@pytest.mark.parametrize("kernel, strides, shape, pads", POOL_PADDED)
+@pytest.mark.parametrize("dtype", WITH_HALF)
+def test_average_pools_take_one_launch_each_way(fast, monkeypatch, rng, kernel, strides, shape,
+                                                pads, dtype):
+    """AvgPool2D's mean over the real inputs (the padding read as 0 in place), summed in
+    float32 and times the layer's inverse counts (float32 under mixed precision), and its
+    gradient gathered per input element: the standard version's bits."""
+    launches = _pool_launches(fast, monkeypatch)
+    x = rng.standard_normal(shape).astype(dtype)
+    out_hw = windows.output_size(shape[1:3], kernel, strides, pads)
+    ones = np.ones((1, *shape[1:3], 1))
+    counts = STD.avg_pool(ones, kernel, strides, out_hw, pads, np.ones((1, *out_hw, 1)))
+    inv = (1.0 / counts).astype(np.float64 if dtype == np.float64 else np.float32)
+    y = fast.avg_pool(x, kernel, strides, out_hw, pads, inv)
+    assert_same(y, STD.avg_pool(x, kernel, strides, out_hw, pads, inv))
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    got = fast.avg_pool_backward(dy, x.shape, kernel, strides, out_hw, pads, inv)
+    assert got.shape == x.shape and got.flags.c_contiguous
+    assert_same(got, STD.avg_pool_backward(dy, x.shape, kernel, strides, out_hw, pads, inv))
+    assert launches == ["xpcnn_avg_pool", "xpcnn_avg_pool_backward"]
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 5, 33), (1, 1, 1, 2), (1, 256, 256, 1)])
+@pytest.mark.parametrize("dtype", WITH_HALF)
+def test_global_average_pooling_gradient_is_written_whole(fast, monkeypatch, rng, shape,
+                                                          dtype):
+    """In one launch, C-contiguous (the layer before reads it with its own kernels, not a
+    broadcast view's standard path): the standard version's shares, divided in float32 (a
+    float16 65,536 would be inf, its gradient 0)."""
+    launches = _pool_launches(fast, monkeypatch)
+    dy = rng.standard_normal((shape[0], shape[3])).astype(dtype)
+    got, want = fast.global_avg_pool_backward(dy, shape), STD.global_avg_pool_backward(dy, shape)
+    assert got.shape == want.shape == shape and got.flags.c_contiguous
+    assert_same(got, want)
+    exact = dy.astype(np.float64)[:, None, None, :] / (shape[1] * shape[2])
+    assert_same(got, np.broadcast_to(exact.astype(dtype), shape))  # (rounded once)
+    assert launches == ["xpcnn_global_avg_pool_backward"]
 
 
 @pytest.mark.parametrize("shape", [(2, 64, 64, 3), (3, 7, 5, 33), (1, 1, 1, 2)])
@@ -905,6 +984,82 @@ def test_softmax_cross_entropy(fast, monkeypatch, rng, rows, classes, smoothing,
             assert np.isnan(stats[0]) and np.isfinite(grad).all()
     z[-1, 0] = np.nan  # a non-finite logit makes the loss NaN, as in the standard version
     assert np.isnan(fast.softmax_cross_entropy(z, labels, smoothing)[0][0])
+
+
+@pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
+@pytest.mark.parametrize("dtype", WITH_HALF)
+@pytest.mark.parametrize("targets, weighted", [("labels", True), ("one-hot", False),
+                                               ("soft", True)])
+def test_softmax_cross_entropy_of_target_rows_and_weights(fast, monkeypatch, rng, rows,
+                                                          classes, smoothing, levels, dtype,
+                                                          targets, weighted):
+    """One-hot or probability target rows, and sample weights, in the same one launch: the
+    standard version's numbers (one-hot rows and weights of 1 give the integer labels' bits),
+    a row that names no class NaN (its weight 0 too), the count not weighted."""
+    module = sys.modules[type(fast).__module__]
+    monkeypatch.setattr(module.cupy, "empty", _poisoned)  # (what is not written stays NaN)
+    z = (rng.integers(0, levels, (rows, classes)) if levels
+         else rng.standard_normal((rows, classes)) * 30).astype(dtype)
+    labels = rng.integers(0, classes, rows)
+    y = np.eye(classes, dtype=np.float32)[labels] if targets != "soft" else \
+        rng.dirichlet(np.ones(classes), rows).astype(np.float32)
+    if targets == "labels":
+        y = labels.astype(np.int32)
+    w = rng.uniform(0.0, 3.0, rows).astype(np.float32) if weighted else None
+    launches = []
+    real = module._raw_kernel
+    monkeypatch.setattr(module, "_raw_kernel", lambda *a, **k: launches.append(a[0]) or
+                        real(*a, **k))
+    stats, grad = fast.softmax_cross_entropy(z, y, smoothing, weights=w)
+    assert len(launches) == 1 and grad.dtype == dtype  # (the fused kernel, not the standard)
+    for got, first in zip(fast.softmax_cross_entropy(z, y, smoothing, weights=w),
+                          (stats, grad), strict=True):
+        assert_same(got, first)
+    assert not module._COUNTERS["cpu"].any()
+    want_stats, want_grad = STD.softmax_cross_entropy(
+        z.astype(np.float32) if dtype == BFLOAT16 else z, y, smoothing, weights=w)
+    tol = {np.float16: 2e-3, BFLOAT16: 4e-3, np.float32: 1e-5, np.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(stats[0], want_stats[0], rtol=tol, atol=tol)
+    assert stats[1] == want_stats[1]
+    np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol * 3 / rows)
+    if targets == "one-hot":  # (exactly the rows' labels' terms)
+        for got, want in zip((stats, grad), fast.softmax_cross_entropy(z, labels, smoothing),
+                             strict=True):
+            assert_same(got, want)
+        ones = np.ones(rows, np.float64)
+        for got, want in zip(fast.softmax_cross_entropy(z, y, smoothing, weights=ones),
+                             (stats, grad), strict=True):
+            assert_same(got, want)
+    # the targets, weights and loss scale read in other dtypes (a float16 loss scale; float64
+    # targets of a float32 loss rounded to it first, as the standard version's cast)
+    scaling = np.array([2.0**15, 7.0], np.float32)
+    # (soft rows of float16 would not sum to 1 within 1e-3: no class, in both versions)
+    for target_dtype in {"one-hot": [np.float16, BFLOAT16, np.float64], "soft": [np.float64],
+                         "labels": [np.uint8, np.int64]}[targets]:
+        yd = y.astype(target_dtype)
+        wd = None if w is None else w.astype(np.float64)
+        got = fast.softmax_cross_entropy(z, yd, smoothing, scaling, np.float64, weights=wd)
+        want = STD.softmax_cross_entropy(z.astype(np.float64), yd, smoothing, scaling,
+                                         weights=wd)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(got[1].astype(np.float64),
+                                   want[1].astype(dtype).astype(np.float64),
+                                   rtol=tol, atol=tol * 3e4 / rows)
+    # a target row that names no class (a value below 0, NaN, a sum that is not 1; a label out
+    # of range) makes the loss NaN in both versions, whatever its weight
+    for bad in (-0.5, np.nan, 0.9):
+        wrong = y.copy()
+        if targets == "labels":
+            wrong[rows // 2] = classes if bad != 0.9 else -1
+        elif bad == 0.9:
+            wrong[rows // 2] *= bad
+        else:
+            wrong[rows // 2, 0] = bad
+        zero = None if w is None else np.where(np.arange(rows) == rows // 2, 0, w
+                                               ).astype(np.float32)
+        for kernels in (fast, STD):
+            got, g = kernels.softmax_cross_entropy(z, wrong, smoothing, weights=zero)
+            assert np.isnan(got[0]) and not np.isnan(g[:rows // 2]).any()
 
 
 @OPTIMISERS

@@ -641,6 +641,113 @@ def test_feature_norm_under_mixed_precision_casts_a_block_at_a_time(rng):
     assert y.dtype == dx.dtype == f16
     assert forward < bound and backward < bound, (forward, backward, bound)
 
+
+@pytest.mark.parametrize("positions, channels", [(729, 3), (729, 8), (225, 4), (784, 3),
+                                                 (13, 3), (12, 64), (0, 3), (49, 300)])
+def test_feature_norm_rows_widen_by_any_divisor(positions, channels):
+    """Positions fold into rows of 256 values or more by any divisor of H*W, not only by
+    powers of two (27 x 27 had rows of C values: 7.5x slower than 28 x 28); all of them
+    where no divisor gives 256 (a 1 x 13 image)."""
+    from xpcnn.ops.fast_numpy import NumpyKernels
+    k = NumpyKernels._widen(positions, channels)
+    assert positions % k == 0 if positions else k == 1
+    if positions and k < positions:
+        assert k * channels >= 256
+        assert all(d * channels < 256 for d in range(1, k) if positions % d == 0)
+
+
+@pytest.mark.parametrize("shape", [(5, 27, 27, 3), (4, 15, 15, 8), (3, 1, 13, 3)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_feature_norm_odd_image_sizes_fast_equals_standard(shape, relu, rng):
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    f32 = np.dtype(np.float32)
+    got, want = (k.feature_norm(x, 1e-5, f32, f32) for k in (FAST, STD))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(FAST.feature_norm_backward(dy, x, *want[1:], relu),
+                               STD.feature_norm_backward(dy, x, *want[1:], relu),
+                               rtol=1e-4, atol=1e-5)
+
+
+BATCH_NORM_CASES = [  # (shape, input dtype, parameters' dtype)
+    ((64, 28, 28, 3), np.float32, np.float32), ((4, 27, 27, 8), np.float32, np.float32),
+    ((3, 5, 7, 2), np.float64, np.float64), ((17, 10), np.float32, np.float32),
+    ((2, 3), np.float64, np.float64), ((64, 8, 8, 64), np.float32, np.float32),
+    ((6, 9, 9, 5), np.float16, np.float32), ((6, 9, 9, 5), ml_dtypes.bfloat16, np.float32),
+]
+
+
+@pytest.mark.parametrize("shape, dtype, param_dtype", BATCH_NORM_CASES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_kernels_fast_equal_standard(shape, dtype, param_dtype, relu, rng):
+    """The fast per-channel sums (products with ones over widened rows): the standard
+    version's outputs, statistics, running statistics, gradients and dtypes (float32
+    statistics under mixed precision), with and without the fused ReLU. Backward gets the
+    standard statistics in both: a mean a few ulps off flips a ReLU's mask where z is ~0."""
+    c = shape[-1]
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    gamma, beta = (rng.standard_normal(c).astype(param_dtype) for _ in range(2))
+    out = []
+    for kernels in (FAST, STD):
+        moving = np.zeros(c, param_dtype), np.ones(c, param_dtype)
+        y, mean, inv_std = kernels.batch_norm_train(x, gamma, beta, *moving, 0.1, 1e-5, dtype,
+                                                    relu)
+        out.append([y, mean, inv_std, *moving])
+    stats = out[1][1:3]
+    for kernels, o in zip((FAST, STD), out, strict=True):
+        o.extend(kernels.batch_norm_backward(dy, x, *stats, gamma, beta, relu, True))
+        none, *params = kernels.batch_norm_backward(dy, x, *stats, gamma, beta, relu, False)
+        assert none is None
+        o.extend(params)
+    tol = {np.float64: 1e-10, np.float32: 1e-4}.get(dtype, 2e-2)
+    for got, want in zip(*out, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=tol,
+                                   atol=tol)
+
+
+def test_batch_norm_fast_statistics_are_accurate(rng):
+    """float32 statistics of 131,072 values a channel far from 0: the fast path's blocks of
+    sums added in float64 come within 1e-6 of the float64 ones (a running float32 sum over
+    the outer axes, NumPy's reduction there, is ~1e-5 off)."""
+    x = (rng.standard_normal((128, 32, 32, 4)) + 100).astype(np.float32)
+    ones, zeros = np.ones(4, np.float32), np.zeros(4, np.float32)
+    _, mean, inv_std = FAST.batch_norm_train(x, ones, zeros, zeros.copy(), ones.copy(), 0.1,
+                                             1e-5, np.float32, False)
+    x64 = x.astype(np.float64).reshape(-1, 4)
+    var = 1 / inv_std.astype(np.float64) ** 2 - 1e-5
+    assert mean.dtype == inv_std.dtype == np.float32
+    np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(var, x64.var(axis=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_products_with_an_inner_dimension_of_one_skip_numpys_matmul(dtype, monkeypatch, rng):
+    """A Dense kernel's gradient at batch 1 (and any product with an inner dimension of 1) is
+    an outer product, which NumPy's matmul runs off BLAS (~10x slower): the fast path
+    multiplies the column by the row instead, to the standard product's bits."""
+    a = rng.standard_normal((1, 300)).astype(dtype)
+    b = rng.standard_normal((1, 200)).astype(dtype)
+    col = np.ascontiguousarray(a.T)
+    want = [STD.matmul_tn(a, b), STD.matmul(col, b), STD.matmul_nt(col, np.ascontiguousarray(
+        b.T))]
+    matmul, inner_one = np.matmul, []
+
+    def spy(x, y, *args, **kwargs):
+        if x.shape[-1] == 1:
+            inner_one.append((x.shape, y.shape))
+        return matmul(x, y, *args, **kwargs)
+
+    monkeypatch.setattr(np, "matmul", spy)
+    got = [FAST.matmul_tn(a, b), FAST.matmul(col, b),
+           FAST.matmul_nt(col, np.ascontiguousarray(b.T))]
+    assert not inner_one
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == dtype and g.shape == w.shape == (300, 200)
+        np.testing.assert_array_equal(g, w)
+
 def _train(net, data, shape, fast):
     old = set_fast_path(fast)
     try:

@@ -30,6 +30,7 @@ from kernel_cases import (
     IM2COL,
     MAX_POOL,
     OPTIMISERS,
+    POOL_PADDED,
     RECORD_DTYPES,
     RECORD_SCALING,
     SOFTMAX_CROSS_ENTROPY,
@@ -208,6 +209,8 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_sum_rows_in_one_launch": _cases(rows=[1, 1031]),
     "test_a_relu_gradient_and_its_bias_gradient_in_one_launch": _cases(rows=[100, 1031]),
     "test_max_pool_and_its_gradient": None,
+    "test_padded_max_and_average_pools_in_one_launch_each_way":
+        _cases(case=[POOL_PADDED[0]], dtype=["float32"]),
     "test_global_average_pooling": _cases(shape=[(2, 64, 64, 3)]),
     "test_elementwise_kernels": _cases(dtype=["float32"]),
     "test_add_relu_kernels": _cases(dtype=["float16"]),
@@ -218,6 +221,7 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_last_block_launches_of_different_grids_share_their_counters": None,
     "test_softmax_cross_entropy_is_nan_for_a_label_that_is_no_class":
         _cases(labels_dtype=["uint8", "int64"]),
+    "test_softmax_cross_entropy_of_one_hot_rows_and_sample_weights": None,
     "test_numeric_edges_of_the_kernels_on_the_gpu": None,
     "test_fused_optimiser_updates": None,
     "test_training_on_the_gpu_matches_the_standard_path_and_numpy":
@@ -726,6 +730,41 @@ def test_max_pool_and_its_gradient(cp, kernels, rng, kernel, strides, shape, dty
            std.max_pool_backward(x, y, dy, kernel, strides, out_hw, True))
 
 
+@pytest.mark.parametrize("case", POOL_PADDED)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_padded_max_and_average_pools_in_one_launch_each_way(cp, kernels, rng, case, dtype):
+    """Max and average pools reading their padding in place and gathering their gradients per
+    input element (overlapping windows too), and GlobalAvgPool2D's gradient written whole:
+    the standard version's values on the padded input, bit for bit (ties to the first
+    maximum)."""
+    fast, std = kernels
+    kernel, strides, shape, pads = case
+    x = _random(cp, rng, shape, dtype, levels=3)
+    out_hw = windows.output_size(shape[1:3], kernel, strides, pads)
+    xpad = windows.pad(std.xp, x, pads, -np.inf)
+    y, routes = fast.max_pool_train(x, kernel, strides, out_hw, pads)
+    _equal(y, std.max_pool(xpad, kernel, strides, out_hw))
+    dy = _random(cp, rng, y.shape, dtype)
+    for relu_grad in (False, True):
+        _equal(fast.max_pool_backward(routes, y, dy, kernel, strides, out_hw, relu_grad, pads),
+               cp.ascontiguousarray(windows.unpad(
+                   std.max_pool_backward(xpad, y, dy, kernel, strides, out_hw, relu_grad),
+                   pads)))
+    ones = np.ones((1, *shape[1:3], 1))
+    counts = StandardKernels(np).avg_pool(ones, kernel, strides, out_hw, pads,
+                                          np.ones((1, *out_hw, 1)))
+    inv = cp.asarray((1.0 / counts).astype(np.float32))
+    _equal(fast.avg_pool(x, kernel, strides, out_hw, pads, inv),
+           std.avg_pool(x, kernel, strides, out_hw, pads, inv))
+    _equal(fast.avg_pool_backward(dy, shape, kernel, strides, out_hw, pads, inv),
+           cp.ascontiguousarray(std.avg_pool_backward(dy, shape, kernel, strides, out_hw, pads,
+                                                      inv)))
+    g = _random(cp, rng, (shape[0], shape[3]), dtype)
+    got = fast.global_avg_pool_backward(g, shape)
+    assert got.flags.c_contiguous
+    _equal(got, cp.ascontiguousarray(std.global_avg_pool_backward(g, shape)))
+
+
 @pytest.mark.parametrize("shape", [(128, 7, 7, 128), (2, 64, 64, 3)])
 @pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
 def test_global_average_pooling(cp, kernels, rng, shape, dtype):
@@ -911,6 +950,34 @@ def test_softmax_cross_entropy_is_nan_for_a_label_that_is_no_class(cp, kernels, 
         for k in (fast, std):
             stats, grad = k.softmax_cross_entropy(z, wrong, 0.0)
             assert np.isnan(float(stats[0])) and bool(cp.isfinite(grad).all())
+
+
+@pytest.mark.parametrize("classes", [10, 300])  # (a row a thread; a row a warp)
+@pytest.mark.parametrize("targets_dtype", ["float32", "float16"])
+def test_softmax_cross_entropy_of_one_hot_rows_and_sample_weights(cp, kernels, rng, classes,
+                                                                  targets_dtype):
+    """One-hot rows and sample weights in the fused launch: the standard version's loss,
+    count and gradient; one-hot rows of weight 1 the integer labels' bits; NaN for a row
+    that names no class, in both versions."""
+    fast, std = kernels
+    z = _random(cp, rng, (130, classes), "float32") * 30
+    labels = rng.integers(0, classes, 130)
+    y = cp.asarray(np.eye(classes, dtype=targets_dtype)[labels])
+    w = cp.asarray(rng.uniform(0.0, 3.0, 130).astype(np.float32))
+    stats, grad = fast.softmax_cross_entropy(z, y, 0.1, weights=w)
+    want_stats, want_grad = std.softmax_cross_entropy(z, y, 0.1, weights=w)
+    np.testing.assert_allclose(host(stats[0]), host(want_stats[0]), rtol=1e-5, atol=1e-5)
+    assert float(stats[1]) == float(want_stats[1])
+    np.testing.assert_allclose(host(grad), host(want_grad), rtol=1e-5, atol=3e-5 / 130)
+    ones = cp.ones(130, dtype=cp.float32)
+    for got, want in zip(fast.softmax_cross_entropy(z, y, 0.1, weights=ones),
+                         fast.softmax_cross_entropy(z, cp.asarray(labels), 0.1), strict=True):
+        _equal(got, want)
+    wrong = y.copy()
+    wrong[4] *= 0.5  # (a row that sums to 0.5)
+    for k in (fast, std):
+        stats, grad = k.softmax_cross_entropy(z, wrong, 0.1, weights=w)
+        assert np.isnan(float(stats[0])) and bool(cp.isfinite(grad).all())
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (the emulator's)

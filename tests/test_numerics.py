@@ -513,3 +513,19 @@ def test_heavy_sample_weights_train_in_mixed_float16_below_a_scale_of_one():
         runs.append(model.get_weights())
     for a, b in zip(*runs, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_global_average_pooling_gradient_of_a_large_float16_map(fast):
+    """dy / (H * W) divided in float32 and rounded once: float16's 256 * 256 is inf, which
+    made every share of the gradient 0."""
+    set_fast_path(fast)
+    try:
+        layer = GlobalAvgPool2D()
+        layer.build((256, 256, 1))
+        layer.forward(np.ones((1, 256, 256, 1), np.float16), training=True)
+        dx = layer.backward(np.full((1, 1), 3, np.float16))
+    finally:
+        set_fast_path(True)
+    assert dx.dtype == np.float16 and dx.shape == (1, 256, 256, 1)
+    np.testing.assert_array_equal(dx, np.float16(3 / 65536))

@@ -472,3 +472,27 @@ def test_a_users_layer_keeps_its_own_keywords_of_pytorchs_names():
             super().__init__(p, name=name)
 
     assert Mine(p=0.25).rate == 0.25
+
+
+@needs_torch
+def test_a_pytorch_weight_whose_layouts_share_a_shape_warns_unless_converted():
+    """A square nn.Linear weight, or the kernel of n filters of n x n over n channels, has the
+    same shape in both layouts: given as PyTorch keeps it (contiguous), it warns; converted (a
+    view: .T, .permute(2, 3, 1, 0)) or as NumPy, it does not (was: taken silently, a wrong
+    model)."""
+    model = xpcnn.Sequential([Conv2D(3, 3), Flatten(), Dense(12), Dense(12)],
+                             input_shape=(5, 5, 3))
+    conv, lin = torch.nn.Conv2d(3, 3, 3), torch.nn.Linear(12, 12)
+    cases = [(model.layers[0], [conv.weight, conv.bias], r"weight.permute\(2, 3, 1, 0\)"),
+             (model.layers[3], [lin.weight, lin.bias], r"weight.T \(a view")]
+    for layer, weights, match in cases:
+        with pytest.warns(UserWarning, match=r"a contiguous torch tensor of shape .* the same in "
+                                             r"PyTorch's layout as in Keras': .*" + match) as seen:
+            layer.set_weights(weights)
+        assert seen[0].filename == __file__  # (pointed at the user's call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.layers[0].set_weights([conv.weight.permute(2, 3, 1, 0), conv.bias])
+        model.layers[3].set_weights([lin.weight.T, lin.bias])
+        model.layers[3].set_weights([lin.weight.detach().numpy(), lin.bias.detach().numpy()])
+    np.testing.assert_array_equal(model.layers[3].get_weights()[0], lin.weight.detach().numpy())

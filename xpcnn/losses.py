@@ -60,7 +60,7 @@ class SoftmaxCrossEntropy:
     is refused, as Keras would take the log of logits); None (the default), either.
 
     A subclass that overrides :meth:`forward` (or :meth:`targets`) is trained by it: its
-    steps take the standard path, not the fused kernels of integer labels.
+    steps take the standard path, not the fused kernels.
     """
 
     name = "cross_entropy"
@@ -218,7 +218,7 @@ class SoftmaxCrossEntropy:
         return defined_by(self, method) is not SoftmaxCrossEntropy
 
     def _fused(self) -> bool:
-        """Whether integer labels may take the fused kernels: not where :meth:`forward` or
+        """Whether a step may take the fused kernels: not where :meth:`forward` or
         :meth:`targets` is replaced, which those would bypass."""
         return not (self._replaced("forward") or self._replaced("targets"))
 
@@ -238,8 +238,9 @@ class SoftmaxCrossEntropy:
                               kernels: Any, scale: Any = None, weights: Any = None
                               ) -> tuple[Any, Any]:
         """:meth:`forward` with the count of rows predicted right (first maximum at the target's
-        class): ([loss, count] as one (2,) float32 or float64 array, gradient). Integer labels
-        go to ``kernels`` (on a GPU one launch instead of ~20). A target that names no class
+        class): ([loss, count] as one (2,) float32 or float64 array, gradient). The targets
+        (integer labels or one-hot rows) and ``weights`` go to ``kernels`` (on a GPU one
+        launch instead of ~20, or ~33 for one-hot rows or weights). A target that names no class
         (a label out of range, a one-hot row that is no probabilities) makes the loss NaN, on
         the device: the step is skipped as a non-finite one, never trained on a wrong loss.
         With ``scale`` (the float16 loss-scaling state, on the device), the gradient is of the
@@ -248,9 +249,9 @@ class SoftmaxCrossEntropy:
         ``weights`` (N,) weigh the loss (:meth:`forward`), not the count: accuracy stays the
         share of samples predicted right, as Keras' ``metrics`` (not ``weighted_metrics``).
         A subclass's own :meth:`forward` computes the loss and gradient on every path."""
-        if y.ndim == 1 and weights is None and self._fused():  # (the kernels cast the
-            # logits, on a GPU in the same launch)
-            return kernels.softmax_cross_entropy(logits, y, self.label_smoothing, scale, dtype)
+        if self._fused():  # (the kernels cast the logits, on a GPU in the same launch)
+            return kernels.softmax_cross_entropy(logits, y, self.label_smoothing, scale, dtype,
+                                                 weights)
         z = xp.astype(logits, dtype, copy=False)
         loss, grad = self.forward(xp, z, y, dtype, weights)
         shapes = [getattr(a, "shape", None) for a in (loss, grad)] if self._replaced(

@@ -46,7 +46,7 @@ from ..checks import (
     takes_keywords,
     untaken_settings,
 )
-from ..errors import InputError, of_xpcnn
+from ..errors import InputError, of_xpcnn, warn
 from ..passes import exclusive_if
 from .arguments import Shape, building_for, on_host, per_sample, refuse_foreign_keywords
 from .symbolic import Node, SymbolicTensor, is_symbolic, refuse_training_in_graph
@@ -226,6 +226,23 @@ def _torch_layout(keras: tuple[int, ...], given: tuple[int, ...]) -> str:
         return (": PyTorch's nn.Conv2d layout, (out, in, kh, kw)? Keras' (and xpcnn's) is "
                 "(kh, kw, in, out): pass weight.permute(2, 3, 1, 0)")
     return ""
+
+
+def _unconverted_torch_weight(w: Any, keras: tuple[int, ...]) -> str | None:
+    """The warning for a torch tensor given as a weight whose Keras and PyTorch layouts have
+    the same shape (a square nn.Linear weight, an n x n kernel of n filters over n channels),
+    where it is still as PyTorch keeps it: contiguous, where the conversion (``.T``,
+    ``.permute(2, 3, 1, 0)``) gives a view that is not. None otherwise."""
+    if not type(w).__module__.startswith("torch") or not hasattr(w, "is_contiguous"):
+        return None
+    square = len(keras) in (2, 4) and len(set(keras)) == 1 and keras[0] > 1
+    if not square or not w.is_contiguous():
+        return None
+    conversion = "weight.T" if len(keras) == 2 else "weight.permute(2, 3, 1, 0)"
+    return (f"a contiguous torch tensor of shape {keras}, the same in PyTorch's layout as in "
+            f"Keras': taken in Keras' layout, as given. A PyTorch layer's weight needs "
+            f"{conversion} (a view, which this warning knows); pass a NumPy array to silence it")
+
 
 class Layer:
     """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``,
@@ -758,6 +775,9 @@ class Layer:
         """Weight ``name``'s new value ``w``, in Keras' layout, checked (its shape, a real
         dtype, no finite values the layer's dtype would turn into infinity), as a host array in
         the layer's own layout."""
+        unconverted = _unconverted_torch_weight(w, self.keras_shape(name))
+        if unconverted:
+            warn(f"layer {self.name!r} weight {name!r}: {unconverted}", UserWarning)
         w = on_host(w, f"layer {self.name!r} weight {name!r}")  # (a torch Parameter detached)
         try:
             w = np.asarray(w)

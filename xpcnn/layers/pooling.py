@@ -54,19 +54,27 @@ class MaxPool2D(_Pool2D):
     input_values = "passes"  # (in the input's dtype)
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        xpad = windows.pad(self.xp, x, self.pads, value=-math.inf)
         kernels = kernels_for(self.backend)
+        if kernels.pads_in_max_pool:  # (the kernels read the padding as -inf: no padded copy)
+            args = (x, self.pool_size, self.strides, self.out_hw, self.pads)
+        else:
+            args = (windows.pad(self.xp, x, self.pads, value=-math.inf), self.pool_size,
+                    self.strides, self.out_hw)
         if not training:
-            return kernels.max_pool(xpad, self.pool_size, self.strides, self.out_hw)
-        y, routes = kernels.max_pool_train(xpad, self.pool_size, self.strides, self.out_hw)
+            return kernels.max_pool(*args)
+        y, routes = kernels.max_pool_train(*args)
         self._cache_routes = (kernels, routes, y)  # the kernels that can read these routes
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         kernels, routes, y = self._cache_routes
-        dx = kernels.max_pool_backward(routes, y, dy, self.pool_size, self.strides, self.out_hw,
-                                       options.apply_input_relu_grad)
         self._cache_routes = None
+        relu_grad = options.apply_input_relu_grad
+        if kernels.pads_in_max_pool:
+            return kernels.max_pool_backward(routes, y, dy, self.pool_size, self.strides,
+                                             self.out_hw, relu_grad, self.pads)
+        dx = kernels.max_pool_backward(routes, y, dy, self.pool_size, self.strides, self.out_hw,
+                                       relu_grad)
         return windows.unpad(dx, self.pads)
 
 
@@ -101,22 +109,16 @@ class AvgPool2D(_Pool2D):
         return self._inv_counts
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        xpad = windows.pad(self.xp, x, self.pads)
         if training:
-            self._cache_shape = xpad.shape
+            self._cache_shape = x.shape
         # (float16 and bfloat16 windows summed, and divided, in float32: rounded once)
-        xp = self.xp
-        s = pool.sum_pool(xp, xpad, self.pool_size, self.strides, self.out_hw)
-        return xp.astype(s * xp.astype(self._inverse_counts(), s.dtype, copy=False), x.dtype,
-                         copy=False)
+        return kernels_for(self.backend).avg_pool(x, self.pool_size, self.strides, self.out_hw,
+                                                  self.pads, self._inverse_counts())
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        xp = self.xp
-        acc = windows.accumulator(xp, dy.dtype)  # (as forward: a window's shares summed there)
-        g = xp.astype(dy, acc, copy=False) * xp.astype(self._inverse_counts(), acc, copy=False)
-        dx = pool.sum_pool_backward(xp, g, self._cache_shape, self.pool_size, self.strides,
-                                   self.out_hw)
-        return xp.astype(windows.unpad(dx, self.pads), dy.dtype, copy=False)
+        return kernels_for(self.backend).avg_pool_backward(
+            dy, self._cache_shape, self.pool_size, self.strides, self.out_hw, self.pads,
+            self._inverse_counts())
 
     def to(self, backend: Any) -> None:
         super().to(backend)
@@ -141,7 +143,6 @@ class GlobalAvgPool2D(Layer):
         return kernels_for(self.backend).global_avg_pool(x)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        xp = self.xp
-        n, h, w, c = self._cache_shape
-        g = xp.reshape(dy / (h * w), (n, 1, 1, c))
-        return xp.broadcast_to(g, (n, h, w, c))
+        # (a broadcast view on NumPy, cheapest for the layer before; written whole on CuPy,
+        # whose kernels read C-contiguous gradients)
+        return kernels_for(self.backend).global_avg_pool_backward(dy, self._cache_shape)

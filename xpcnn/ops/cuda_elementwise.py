@@ -55,26 +55,33 @@ __device__ long long xpcnn_window(long long r, int H, int W, int C, int Ho, int 
 }
 """
 
-# Maximum of each window, NaN propagating as xp.maximum does; the window's first element
-# starts the maximum as it is read (each element read once: tests/kernel_trace.py counted
-# a second read of it, 1.2x the loads).
+# Maximum of each window of x (N, H, W, C) read as if padded by ``top`` rows and ``left``
+# columns of ``lowest`` (-inf; no padded copy), NaN propagating as xp.maximum does; the
+# window's first element starts the maximum as it is read (each element read once:
+# tests/kernel_trace.py counted a second read of it, 1.2x the loads).
 MAX_POOL = cupy.ElementwiseKernel(
     "raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw, int32 sh,"
-    " int32 sw",
+    " int32 sw, int32 top, int32 left, T lowest",
     "T y",
     """
-    const long long base = xpcnn_window(i, H, W, C, Ho, Wo, sh, sw);
+    long long r = i;
+    const int c = r % C; r /= C;
+    const int ow = r % Wo; r /= Wo;
+    const int oh = r % Ho;
+    const long long img = r / Ho;
     T best;
     for (int a = 0; a < kh; ++a) {
+        const int hh = oh * sh + a - top;
         for (int b = 0; b < kw; ++b) {
-            const T v = x[base + ((long long)a * W + b) * C];
+            const int ww = ow * sw + b - left;
+            const T v = (hh >= 0 && hh < H && ww >= 0 && ww < W)
+                ? x[((img * H + hh) * W + ww) * C + c] : lowest;
             if ((a == 0 && b == 0) || v > best || v != v) best = v;
         }
     }
     y = best;
     """,
     "xpcnn_max_pool",
-    preamble=_WINDOW,
 )
 
 # The mean of each image's channel over its H x W positions (``hw``), a thread an output
@@ -94,8 +101,23 @@ GLOBAL_AVG_POOL = cupy.ElementwiseKernel(
     preamble=ACC,
 )
 
-# Non-overlapping windows only (strides >= kernel): each output element owns its window, so
-# one thread writes every input position of it: the gradient at the first x == y in row-major
+# Its gradient written whole, (N, H, W, C) C-contiguous from the (N, C) ``g``: each position's
+# share g / hw, divided in the accumulator type and rounded to G once (as the standard
+# version divides), one write an element (a broadcast view would push the layer before onto
+# its standard path: its kernels read C-contiguous gradients).
+GLOBAL_AVG_POOL_BACKWARD = cupy.ElementwiseKernel(
+    "raw G g, int64 hw, int32 C",
+    "G dx",
+    """
+    typedef XpcnnAcc<G>::type A;
+    dx = (G)((A)g[(i / (hw * C)) * C + i % C] / (A)hw);
+    """,
+    "xpcnn_global_avg_pool_backward",
+    preamble=ACC,
+)
+
+# Windows that tile an unpadded input (strides == kernel): each output element owns its window,
+# so one thread writes every input position of it: the gradient at the first x == y in row-major
 # order, 0 at the others. With ``relu``, the gradient is first multiplied by (y > 0), as
 # RELU_BACKWARD does it (the gradient of a ReLU before the pool, in the same launch). The
 # window's maximum is read once into ``top``: read through ``yv`` it was read again after
@@ -120,6 +142,61 @@ MAX_POOL_BACKWARD = cupy.ElementwiseKernel(
     """,
     "xpcnn_max_pool_backward",
     preamble=_WINDOW,
+)
+
+# The gradient of MAX_POOL in every other case (overlapping windows, padding, inputs that the
+# windows do not cover), a thread an input element (dx is written whole, no zero fill, no
+# atomics): the sum, in the accumulator type, of the gradients of the at most
+# ceil(kh/sh) * ceil(kw/sw) windows that cover it and whose first maximum (row-major, the
+# padding read as ``lowest``, as MAX_POOL reads it) it is; those windows taken last to first,
+# the order in which the standard version adds its taps' shares. A window whose maximum is
+# not this element's value is passed over after one comparison; one whose maximum it is
+# looks for an equal value before it. With ``relu``, as MAX_POOL_BACKWARD.
+MAX_POOL_GATHER_BACKWARD = cupy.ElementwiseKernel(
+    "raw T yv, raw G g, raw T x, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh,"
+    " int32 kw, int32 sh, int32 sw, int32 top, int32 left, T lowest, bool relu",
+    "G dx",
+    """
+    typedef XpcnnAcc<G>::type A;
+    long long r = i;
+    const int c = r % C; r /= C;
+    const int w = r % W; r /= W;
+    const int h = r % H;
+    const long long img = r / H;
+    const int hp = h + top, wp = w + left;  // (in the padded input)
+    const int oh_last = hp / sh < Ho - 1 ? hp / sh : Ho - 1;
+    const int oh_first = hp < kh ? 0 : (hp - kh) / sh + 1;
+    const int ow_last = wp / sw < Wo - 1 ? wp / sw : Wo - 1;
+    const int ow_first = wp < kw ? 0 : (wp - kw) / sw + 1;
+    const T mine = x[i];
+    A total = (A)0;
+    for (int oh = oh_last; oh >= oh_first; --oh) {
+        for (int ow = ow_last; ow >= ow_first; --ow) {
+            const long long o = ((img * Ho + oh) * Wo + ow) * C + c;
+            const T best = yv[o];
+            if (!(mine == best)) continue;
+            const int a_at = hp - oh * sh, b_at = wp - ow * sw;
+            bool first = true;
+            for (int a = 0; a <= a_at && first; ++a) {
+                const int hh = oh * sh + a - top;
+                const int b_end = a < a_at ? kw : b_at;
+                for (int b = 0; b < b_end; ++b) {
+                    const int ww = ow * sw + b - left;
+                    const T v = (hh >= 0 && hh < H && ww >= 0 && ww < W)
+                        ? x[((img * H + hh) * W + ww) * C + c] : lowest;
+                    if (v == best) { first = false; break; }
+                }
+            }
+            if (first) {
+                const G gv = relu ? (G)(g[o] * (G)(best > (T)0.0f ? 1.0f : 0.0f)) : g[o];
+                total += (A)gv;
+            }
+        }
+    }
+    dx = (G)total;
+    """,
+    "xpcnn_max_pool_gather_backward",
+    preamble=ACC,
 )
 
 # y + bias (then ReLU) in place on the (rows, K) output of a matmul.
@@ -208,3 +285,68 @@ NORMALIZE = cupy.ElementwiseKernel(
     "const T d = (T)x - shift[i % C]; y = (U)xpcnn_mul_rn<T>(d, scale[i % C]);",
     "xpcnn_normalize", preamble=_ROUNDED_PRODUCT)
 
+
+# The mean of each window of x (N, H, W, C) over its real (unpadded) inputs: the window read as
+# if padded by ``top`` rows and ``left`` columns of zeros (no padded copy), summed in the
+# accumulator type from its first element in row-major order (the standard version's order,
+# zeros included), times the window's 1 / count (``inv``, (Ho, Wo) values, AvgPool2D's),
+# rounded to T once.
+AVG_POOL = cupy.ElementwiseKernel(
+    "raw T x, raw I inv, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw,"
+    " int32 sh, int32 sw, int32 top, int32 left",
+    "T y",
+    """
+    typedef XpcnnAcc<T>::type A;
+    long long r = i;
+    const int c = r % C; r /= C;
+    const int ow = r % Wo; r /= Wo;
+    const int oh = r % Ho;
+    const long long img = r / Ho;
+    A s = (A)0;
+    for (int a = 0; a < kh; ++a) {
+        const int hh = oh * sh + a - top;
+        for (int b = 0; b < kw; ++b) {
+            const int ww = ow * sw + b - left;
+            const A v = (hh >= 0 && hh < H && ww >= 0 && ww < W)
+                ? (A)x[((img * H + hh) * W + ww) * C + c] : (A)0;
+            s = (a == 0 && b == 0) ? v : s + v;
+        }
+    }
+    y = (T)(s * (A)inv[oh * Wo + ow]);
+    """,
+    "xpcnn_avg_pool",
+    preamble=ACC,
+)
+
+# Its gradient, a thread an input element (no zero fill, no atomics): the sum over the at most
+# ceil(kh/sh) * ceil(kw/sw) windows that cover it of g * inv (each product rounded on its
+# own, never fused with the sum), in the accumulator type, windows last to first (the order
+# in which the standard version adds its taps' shares), rounded to G once.
+AVG_POOL_BACKWARD = cupy.ElementwiseKernel(
+    "raw G g, raw I inv, int32 H, int32 W, int32 C, int32 Ho, int32 Wo, int32 kh, int32 kw,"
+    " int32 sh, int32 sw, int32 top, int32 left",
+    "G dx",
+    """
+    typedef XpcnnAcc<G>::type A;
+    long long r = i;
+    const int c = r % C; r /= C;
+    const int w = r % W; r /= W;
+    const int h = r % H;
+    const long long img = r / H;
+    const int hp = h + top, wp = w + left;  // (in the padded input)
+    const int oh_last = hp / sh < Ho - 1 ? hp / sh : Ho - 1;
+    const int oh_first = hp < kh ? 0 : (hp - kh) / sh + 1;
+    const int ow_last = wp / sw < Wo - 1 ? wp / sw : Wo - 1;
+    const int ow_first = wp < kw ? 0 : (wp - kw) / sw + 1;
+    A total = (A)0;
+    for (int oh = oh_last; oh >= oh_first; --oh) {
+        for (int ow = ow_last; ow >= ow_first; --ow) {
+            total += xpcnn_mul_rn<A>((A)g[((img * Ho + oh) * Wo + ow) * C + c],
+                                     (A)inv[oh * Wo + ow]);
+        }
+    }
+    dx = (G)total;
+    """,
+    "xpcnn_avg_pool_backward",
+    preamble=ACC + _ROUNDED_PRODUCT,
+)

@@ -132,7 +132,13 @@ _SUM_ROWS_PER_BLOCK = 1024
 
 # Softmax cross-entropy in one launch: each row's loss divided by N, whether its first maximum
 # is at the label, and its gradient row, (softmax - target) / N, with the target mixed with the
-# uniform distribution by ``spread`` = smoothing / classes (``keep`` = 1 - smoothing). The same
+# uniform distribution by ``spread`` = smoothing / classes (``keep`` = 1 - smoothing). The
+# target an integer label (``labels``), or where ``rows`` a probability row of type Y
+# (``targets``, one-hot or not: its label, for the count, is its first maximum; one with a
+# value below 0, or NaN, or that does not sum to 1 within 1e-3, names no class). Where
+# ``weighted``, row i's loss and gradient are multiplied by ``weights[i]`` (type W; Keras'
+# sample_weight, the sum still divided by N), its count not. Targets and weights read as the
+# standard version's cast to T gives them. The same
 # steps as xpcnn.ops.softmax, in the accumulator type A (float32 for float16 T). Where
 # ``scaled``, the gradient (rounded to T) is then multiplied by the float16 loss scale
 # ``scale[0]``, read from the device, as the standard version does it after. Logits of a
@@ -147,7 +153,8 @@ _SUM_ROWS_PER_BLOCK = 1024
 #   loaded, and the gradient stored, by consecutive threads at consecutive addresses (4
 #   sectors a warp's request for float32), where a thread reading its own row in place would
 #   put the warp's reads a row apart (31 sectors a request at 10 classes, and each row read
-#   three times: tests/kernel_trace.py).
+#   three times: tests/kernel_trace.py). Target rows are read in place, twice (the staging
+#   holds only the logits; the warp's rows share their cache lines).
 # - xpcnn_softmax_cross_entropy_rows: a row a warp, for more classes (CIFAR-100's 100), its
 #   lanes on consecutive classes; the row's maximum, sum and loss each a tree over the lanes.
 #   (A thread a row would put a whole batch of 512 rows on 2 blocks of the GPU's 132
@@ -169,13 +176,18 @@ __device__ void xpcnn_pair_total(A (*sums)[THREADS], A loss, A right) {
         __syncthreads();
     }
 }
-// Class c of a row, logit z, given the row's maximum and log-sum of exponentials: its
-// gradient, stored at ``out`` (which may be where z was read), and its target x log-softmax.
-__device__ A xpcnn_class_term(Z z, int c, A top, A log_total, long long label, double keep,
-                              double spread, double inv_n, int scaled, A scaling, Z* out) {
+// A target or weight as the standard version's cast to T gives it, in A.
+template <typename V> __device__ A xpcnn_as_t(V v) {
+    return (A)xpcnn_widen((T)(A)xpcnn_widen(v));
+}
+// Class c of a row, logit z, target ``given`` before smoothing (1 or 0 for a label), given the
+// row's maximum and log-sum of exponentials: its gradient, times the row's ``weight``, stored
+// at ``out`` (which may be where z was read), and its target x log-softmax.
+__device__ A xpcnn_class_term(Z z, A given, A top, A log_total, double keep, double spread,
+                              double inv_n, A weight, int scaled, A scaling, Z* out) {
     const A logp = ((A)xpcnn_widen(z) - top) - log_total;
-    const A target = (c == label ? (A)keep : (A)0) + (A)spread;
-    const T g = (T)((exp(logp) - target) * (A)inv_n);
+    const A target = given * (A)keep + (A)spread;  // (1 x keep is keep: a label's as before)
+    const T g = (T)((exp(logp) - target) * (A)inv_n * weight);
     *out = (Z)(scaled ? (T)((A)xpcnn_widen(g) * scaling) : g);
     // (a zero target's term is 0, not 0 * -inf = NaN where z - top overflowed or z was -inf,
     // as xpcnn.ops.softmax.cross_entropy; a +inf or NaN logit still makes log_total NaN)
@@ -198,8 +210,21 @@ __device__ void xpcnn_block_totals(A (*sums)[THREADS], A row_loss, A right, A* p
     xpcnn_pair_total(sums, row_loss, right);
     if (t < 2) stats[t] = sums[t][0];
 }
+// Row ``y``'s label (its first maximum) and whether it names a class, for a row a thread.
+__device__ bool xpcnn_target_row(const Y* y, int classes, long long* label) {
+    A best = (A)0, total = (A)0;
+    bool ok = true;
+    for (int c = 0; c < classes; ++c) {
+        const A v = (A)xpcnn_widen(y[c]);
+        if (c == 0 || v > best) { best = v; *label = c; }
+        total += v;
+        ok = ok && v >= (A)0;  // (false for NaN)
+    }
+    return ok && fabs(total - (A)1) <= (A)1e-3;
+}
 extern "C" __global__ void xpcnn_softmax_cross_entropy(
-        const Z* __restrict__ z, const L* __restrict__ labels, long long n, int classes,
+        const Z* __restrict__ z, const L* __restrict__ labels, const Y* __restrict__ targets,
+        int rows, const W* __restrict__ weights, int weighted, long long n, int classes,
         double keep, double spread, double inv_n, const U* scale, int scaled,
         Z* __restrict__ grad, A* partials, unsigned int* counter, A* __restrict__ stats) {
     __shared__ A sums[2][THREADS];
@@ -214,7 +239,10 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy(
     A row_loss = (A)0, right = (A)0;
     if (i < n) {
         Z* row = tile + t * classes;  // (each row[c] read before its gradient replaces it)
-        const long long label = (long long)labels[i];
+        long long label = rows ? 0 : (long long)labels[i];
+        const bool named = rows ? xpcnn_target_row(targets + i * classes, classes, &label)
+            : label >= 0 && label < classes;
+        const A weight = weighted ? xpcnn_as_t(weights[i]) : (A)1;
         const A scaling = scaled ? (A)xpcnn_widen(scale[0]) : (A)1;  // (read once, not per class)
         A top = (A)xpcnn_widen(row[0]);
         int first = 0;
@@ -226,11 +254,14 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy(
         for (int c = 0; c < classes; ++c) total += exp((A)xpcnn_widen(row[c]) - top);
         const A log_total = log(total);
         A loss = (A)0;
-        for (int c = 0; c < classes; ++c)
-            loss -= xpcnn_class_term(row[c], c, top, log_total, label, keep, spread, inv_n,
-                                     scaled, scaling, &row[c]);
-        if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
-        row_loss = loss * (A)inv_n;
+        for (int c = 0; c < classes; ++c) {
+            const A given = rows ? xpcnn_as_t(targets[i * classes + c])
+                : (c == label ? (A)1 : (A)0);
+            loss -= xpcnn_class_term(row[c], given, top, log_total, keep, spread, inv_n,
+                                     weight, scaled, scaling, &row[c]);
+        }
+        if (!named) loss = (A)nan("");  // a target that is no class
+        row_loss = loss * weight * (A)inv_n;
         right = first == label ? (A)1 : (A)0;
     }
     __syncthreads();
@@ -251,8 +282,32 @@ __device__ A xpcnn_lanes_sum(A* s, A v) {
     __syncthreads();  // (s is the next tree's)
     return total;
 }
+// A warp's first maximum: each lane's ``top`` at ``first`` (``classes`` for none), the larger
+// of two, the earlier of equals; for each lane of it (every thread of the block takes part).
+__device__ void xpcnn_lanes_first(A* values, int* places, int classes, A* top, int* first) {
+    const int t = threadIdx.x, lane = t % 32;
+    values[t] = *top;
+    places[t] = *first;
+    __syncthreads();
+    for (int half = 16; half > 0; half /= 2) {
+        if (lane < half) {
+            const A v = values[t + half];
+            const int c = places[t + half];
+            if (c < classes && (places[t] == classes || v > values[t]
+                                || (v == values[t] && c < places[t]))) {
+                values[t] = v;
+                places[t] = c;
+            }
+        }
+        __syncthreads();
+    }
+    *top = values[t - lane];
+    *first = places[t - lane];
+    __syncthreads();  // (values is the next tree's)
+}
 extern "C" __global__ void xpcnn_softmax_cross_entropy_rows(
-        const Z* __restrict__ z, const L* __restrict__ labels, long long n, int classes,
+        const Z* __restrict__ z, const L* __restrict__ labels, const Y* __restrict__ targets,
+        int rows, const W* __restrict__ weights, int weighted, long long n, int classes,
         double keep, double spread, double inv_n, const U* scale, int scaled,
         Z* __restrict__ grad, A* partials, unsigned int* counter, A* __restrict__ stats) {
     __shared__ A sums[2][THREADS];
@@ -269,37 +324,40 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy_rows(
         const A v = (A)xpcnn_widen(row[c]);
         if (first == classes || v > top) { top = v; first = c; }
     }
-    values[t] = top;
-    places[t] = first;
-    __syncthreads();
-    for (int half = 16; half > 0; half /= 2) {
-        if (lane < half) {
-            const A v = values[t + half];
-            const int c = places[t + half];
-            if (c < classes && (places[t] == classes || v > values[t]
-                                || (v == values[t] && c < places[t]))) {
-                values[t] = v;
-                places[t] = c;
-            }
-        }
-        __syncthreads();
-    }
-    top = values[t - lane];
-    first = places[t - lane];
-    __syncthreads();
+    xpcnn_lanes_first(values, places, classes, &top, &first);
     A part = (A)0;
     for (int c = lane; live && c < classes; c += 32) part += exp((A)xpcnn_widen(row[c]) - top);
     const A log_total = log(xpcnn_lanes_sum(values, part));
-    const long long label = live ? (long long)labels[i] : 0;
+    long long label = live && !rows ? (long long)labels[i] : 0;
+    bool named = label >= 0 && label < classes;
+    const Y* y = targets + (live ? i : 0) * classes;
+    if (rows) {  // (the same for every thread of the launch: all take part in the trees)
+        A best = (A)0, total = (A)0, bad = (A)0;
+        int at = classes;
+        for (int c = lane; live && c < classes; c += 32) {
+            const A v = (A)xpcnn_widen(y[c]);
+            if (at == classes || v > best) { best = v; at = c; }
+            total += v;
+            bad += v >= (A)0 ? (A)0 : (A)1;  // (1 for NaN)
+        }
+        xpcnn_lanes_first(values, places, classes, &best, &at);
+        total = xpcnn_lanes_sum(values, total);
+        bad = xpcnn_lanes_sum(values, bad);
+        label = at;
+        named = !live || (bad == (A)0 && fabs(total - (A)1) <= (A)1e-3);
+    }
+    const A weight = live && weighted ? xpcnn_as_t(weights[i]) : (A)1;
     const A scaling = live && scaled ? (A)xpcnn_widen(scale[0]) : (A)1;
     part = (A)0;
-    for (int c = lane; live && c < classes; c += 32)
-        part -= xpcnn_class_term(row[c], c, top, log_total, label, keep, spread, inv_n, scaled,
-                                 scaling, &grad[i * classes + c]);
+    for (int c = lane; live && c < classes; c += 32) {
+        const A given = rows ? xpcnn_as_t(y[c]) : (c == label ? (A)1 : (A)0);
+        part -= xpcnn_class_term(row[c], given, top, log_total, keep, spread, inv_n, weight,
+                                 scaled, scaling, &grad[i * classes + c]);
+    }
     A loss = xpcnn_lanes_sum(values, part);
-    if (label < 0 || label >= classes) loss = (A)nan("");  // a label that is no class
+    if (!named) loss = (A)nan("");  // a target that is no class
     const bool mine = live && lane == 0;  // (the row's totals, once)
-    xpcnn_block_totals(sums, mine ? loss * (A)inv_n : (A)0,
+    xpcnn_block_totals(sums, mine ? loss * weight * (A)inv_n : (A)0,
                        mine && first == label ? (A)1 : (A)0, partials, counter, stats);
 }
 """

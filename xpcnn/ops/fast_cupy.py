@@ -10,7 +10,7 @@ with xpcnn's hand-written CUDA kernels (:mod:`xpcnn.ops.cuda_conv`) behind it. E
 matches its :class:`StandardKernels` twin: ``tests/test_gpu.py`` checks that on the GPU in
 float16 and float32, and ``tests/test_cuda_kernels_on_cpu.py`` compiles the same kernel source
 for the CPU and checks it on every machine (the elementwise ones in float16 too). The cases a
-kernel does not cover (overlapping pooling windows, non-contiguous outputs) go to that twin.
+kernel does not cover (non-contiguous outputs, dtypes it does not take) go to that twin.
 
 The kernels live by job: the one-pass ones in :mod:`xpcnn.ops.cuda_elementwise`, those that
 reduce (sums, losses, normalisations) in :mod:`xpcnn.ops.cuda_reductions`, those that draw in
@@ -43,13 +43,17 @@ from .convolution import ConvEngine, ConvGeometry
 from .cuda_elementwise import (
     ADD_RELU,
     ADD_RELU_BACKWARD,
+    AVG_POOL,
+    AVG_POOL_BACKWARD,
     BIAS_RELU,
     GLOBAL_AVG_POOL,
+    GLOBAL_AVG_POOL_BACKWARD,
     IM2COL,
     MASK_MULTIPLY,
     MASK_MULTIPLY_RELU,
     MAX_POOL,
     MAX_POOL_BACKWARD,
+    MAX_POOL_GATHER_BACKWARD,
     NORMALIZE,
     RELU,
     RELU_BACKWARD,
@@ -101,7 +105,7 @@ from .cuda_updates import (
 from .cudnn_conv import ALIGNMENT, SWITCHES
 from .kernels import StandardKernels, alike
 from .step_record import BAD_GRADS, GROWTH_INTERVAL, square_limit
-from .windows import accumulator
+from .windows import Pads, accumulator, pad, unpad
 
 
 def _by_value(value: Any) -> bool:
@@ -217,6 +221,7 @@ class CupyKernels(StandardKernels):
     fused_updates = True
     pads_in_im2col = True
     bias_in_patches = False  # its im2col kernel fills every column of ``out``
+    pads_in_max_pool = True  # (its max-pool kernels read the padding as -inf: no padded copy)
 
     def __init__(self) -> None:
         super().__init__(compat_cupy)
@@ -375,15 +380,27 @@ class CupyKernels(StandardKernels):
             (blocks, chunks), (32, SUM_ROWS_LANES), args)
         return out
 
+    # -- pooling: one launch each way, padding read in place (never a padded copy), the
+    # gradients written whole (gathered per input element: no zero fill, no atomics)
     def max_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
-                 out_hw: tuple[int, int]) -> Any:
-        if not x.flags.c_contiguous:
-            return super().max_pool(x, kernel, strides, out_hw)
+                 out_hw: tuple[int, int], pads: Pads = (0, 0, 0, 0)) -> Any:
+        if x.dtype not in _FLOAT_DTYPES:  # (no -inf to pad with)
+            return super().max_pool(pad(self.xp, x, pads, -math.inf), kernel, strides, out_hw)
+        x = cupy.ascontiguousarray(x)
         n, h, w, c = x.shape
         y = cupy.empty((n, *out_hw, c), x.dtype)
         MAX_POOL(x, h, w, c, out_hw[0], out_hw[1], kernel[0], kernel[1], strides[0],
-                 strides[1], y)
+                 strides[1], pads[0], pads[2], x.dtype.type(-math.inf), y)
         return y
+
+    def max_pool_train(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                       out_hw: tuple[int, int], pads: Pads = (0, 0, 0, 0)) -> tuple[Any, Any]:
+        """The routes are the unpadded input itself (the padding is read as -inf again)."""
+        if x.dtype not in _FLOAT_DTYPES:
+            return super().max_pool_train(pad(self.xp, x, pads, -math.inf), kernel, strides,
+                                          out_hw)
+        x = cupy.ascontiguousarray(x)
+        return self.max_pool(x, kernel, strides, out_hw, pads), x
 
     def global_avg_pool(self, x: Any) -> Any:
         if not (x.flags.c_contiguous and x.dtype in _FLOAT_DTYPES):
@@ -391,19 +408,53 @@ class CupyKernels(StandardKernels):
         n, h, w, c = x.shape
         return GLOBAL_AVG_POOL(x, h * w, c, cupy.empty((n, c), x.dtype))
 
+    def global_avg_pool_backward(self, dy: Any, shape: tuple[int, ...]) -> Any:
+        if dy.dtype not in _FLOAT_DTYPES:
+            return super().global_avg_pool_backward(dy, shape)
+        n, h, w, c = shape
+        return GLOBAL_AVG_POOL_BACKWARD(cupy.ascontiguousarray(dy), h * w, c,
+                                        cupy.empty(shape, dy.dtype))
+
     def max_pool_backward(self, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
                           strides: tuple[int, int], out_hw: tuple[int, int],
-                          relu_grad: bool = False) -> Any:
+                          relu_grad: bool = False, pads: Pads = (0, 0, 0, 0)) -> Any:
+        if x.dtype not in _FLOAT_DTYPES:  # (max_pool_train's routes: the padded input)
+            return unpad(super().max_pool_backward(x, y, dy, kernel, strides, out_hw,
+                                                   relu_grad), pads)
         (kh, kw), (sh, sw) = kernel, strides
-        if sh < kh or sw < kw or not _contiguous(x, y, dy):
-            return super().max_pool_backward(x, y, dy, kernel, strides, out_hw, relu_grad)
+        x, y, dy = (cupy.ascontiguousarray(a) for a in (x, y, dy))  # (read by flat index)
         n, h, w, c = x.shape
-        covered = sh == kh and sw == kw and h == out_hw[0] * sh and w == out_hw[1] * sw
-        # positions outside every window keep a zero gradient
-        dx = cupy.empty(x.shape, dy.dtype) if covered else cupy.zeros(x.shape, dy.dtype)
-        MAX_POOL_BACKWARD(y, dy, x, h, w, c, out_hw[0], out_hw[1], kh, kw, sh, sw, relu_grad,
-                          dx)
+        dx = cupy.empty(x.shape, dy.dtype)
+        if not any(pads) and (sh, sw) == (kh, kw) and (h, w) == (out_hw[0] * sh, out_hw[1] * sw):
+            # windows that tile the input: a thread a window writes each of its elements
+            MAX_POOL_BACKWARD(y, dy, x, h, w, c, out_hw[0], out_hw[1], kh, kw, sh, sw,
+                              relu_grad, dx)
+        else:
+            MAX_POOL_GATHER_BACKWARD(y, dy, x, h, w, c, out_hw[0], out_hw[1], kh, kw, sh, sw,
+                                     pads[0], pads[2], x.dtype.type(-math.inf), relu_grad, dx)
         return dx
+
+    def avg_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                 out_hw: tuple[int, int], pads: Pads, inv_counts: Any) -> Any:
+        if x.dtype not in _FLOAT_DTYPES:
+            return super().avg_pool(x, kernel, strides, out_hw, pads, inv_counts)
+        x = cupy.ascontiguousarray(x)
+        n, h, w, c = x.shape
+        return AVG_POOL(x, cupy.ascontiguousarray(inv_counts), h, w, c, out_hw[0], out_hw[1],
+                        kernel[0], kernel[1], strides[0], strides[1], pads[0], pads[2],
+                        cupy.empty((n, *out_hw, c), x.dtype))
+
+    def avg_pool_backward(self, dy: Any, shape: tuple[int, ...], kernel: tuple[int, int],
+                          strides: tuple[int, int], out_hw: tuple[int, int], pads: Pads,
+                          inv_counts: Any) -> Any:
+        if dy.dtype not in _FLOAT_DTYPES:
+            return super().avg_pool_backward(dy, shape, kernel, strides, out_hw, pads,
+                                             inv_counts)
+        n, h, w, c = shape
+        return AVG_POOL_BACKWARD(cupy.ascontiguousarray(dy), cupy.ascontiguousarray(inv_counts),
+                                 h, w, c, out_hw[0], out_hw[1], kernel[0], kernel[1],
+                                 strides[0], strides[1], pads[0], pads[2],
+                                 cupy.empty(shape, dy.dtype))
 
     def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
         if not math.prod(shape):  # (no launch would count the draw)
@@ -495,7 +546,7 @@ class CupyKernels(StandardKernels):
                             beta: Any, relu: bool, input_grad: bool) -> tuple[Any, Any, Any]:
         t = gamma.dtype
         acc = accumulator(cupy, t)
-        # (a broadcast gradient, GlobalAvgPool2D's, made whole: one copy, no more passes)
+        # (a non-contiguous gradient made whole: one copy, no more passes)
         dy = cupy.ascontiguousarray(dy)
         if not (_fits_batch_norm(dy, t, gamma, beta) and _fits_batch_norm(x, acc, mean, inv_std)
                 and np.can_cast(x.dtype, t) and x.shape == dy.shape):
@@ -593,16 +644,21 @@ class CupyKernels(StandardKernels):
         return ADD_RELU_BACKWARD(head, last, relu_y)
 
     def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None,
-                              dtype: Any = None) -> tuple[Any, Any]:
+                              dtype: Any = None, weights: Any = None) -> tuple[Any, Any]:
         n, classes = z.shape
         t = z.dtype if dtype is None else np.dtype(dtype)
+        rows = labels.ndim == 2  # (one-hot or probability rows)
         # (logits wider than ``dtype``, or a scale that would widen the gradient's dtype, as
-        # for float16 logits: the standard version; so do labels of no integer dtype)
+        # for float16 logits: the standard version; so do labels of no integer dtype, target
+        # rows and weights of no floating one)
         if not _contiguous(z, labels) or n == 0 or np.result_type(z.dtype, t) != t or not (
                 scale is None or (scale.flags.c_contiguous
                                   and np.result_type(t, scale.dtype) == t)) or (
-                labels.dtype.kind not in "iu"):
-            return super().softmax_cross_entropy(z, labels, smoothing, scale, dtype)
+                (labels.shape != z.shape or labels.dtype not in _FLOAT_DTYPES) if rows
+                else (labels.shape != (n,) or labels.dtype.kind not in "iu")) or not (
+                weights is None or (weights.shape == (n,) and weights.flags.c_contiguous
+                                    and weights.dtype in _FLOAT_DTYPES)):
+            return super().softmax_cross_entropy(z, labels, smoothing, scale, dtype, weights)
         acc = accumulator(cupy, t)
         name, rows_per_block = cross_entropy_kernel(classes, t)
         blocks = -(-n // rows_per_block)
@@ -612,10 +668,15 @@ class CupyKernels(StandardKernels):
         scaled = scale is not None
         if not scaled:
             scale = z  # (not read)
-        kernel = _raw_kernel(name, SOFTMAX_CROSS_ENTROPY_SOURCE,
-                             Z=z.dtype, L=labels.dtype, T=t, U=scale.dtype, A=acc)
+        weighted = weights is not None
+        # (the arguments not read given the logits, their types those of a label's launch)
+        kernel = _raw_kernel(name, SOFTMAX_CROSS_ENTROPY_SOURCE, Z=z.dtype,
+                             L=np.int32 if rows else labels.dtype, Y=labels.dtype if rows else t,
+                             W=weights.dtype if weighted else acc, T=t, U=scale.dtype, A=acc)
         kernel((blocks,), (CROSS_ENTROPY_THREADS,),
-               (z, labels, np.int64(n), np.int32(classes), np.float64(1.0 - smoothing),
+               (z, z if rows else labels, labels if rows else z, np.int32(rows),
+                weights if weighted else z, np.int32(weighted), np.int64(n),
+                np.int32(classes), np.float64(1.0 - smoothing),
                 np.float64(smoothing / classes), np.float64(1.0 / n), scale,
                 np.int32(scaled), grad, partials, _counters(z), stats))
         return stats, grad

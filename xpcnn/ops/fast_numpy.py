@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import math
 import os
 import platform
 import threading
@@ -264,15 +265,28 @@ class NumpyKernels(StandardKernels):
                         lambda w, r0, r1: part(a, b, r0, r1, out[r0:r1]))
         return self._rounded_to(out, given) if _half_float(given) else out
 
+    # An inner dimension of 1 (a Dense kernel's gradient at batch 1: an epoch's last batch
+    # can hold one sample) is an outer product, which NumPy's matmul runs off BLAS, ~10x
+    # slower than np.multiply of the column and the row (the same single products).
+    def _outer(self, column: Any, row: Any) -> Any:
+        return self._product(column, row, column.shape[0], row.shape[1], 1,
+                             lambda a, b, r0, r1, o: np.multiply(a[r0:r1], b, out=o))
+
     def matmul(self, a: Any, b: Any) -> Any:
+        if a.shape[1] == 1:
+            return self._outer(a, b)
         return self._product(a, b, a.shape[0], b.shape[1], a.shape[1],
                              lambda a, b, r0, r1, o: np.matmul(a[r0:r1], b, out=o))
 
     def matmul_tn(self, a: Any, b: Any) -> Any:
+        if a.shape[0] == 1:
+            return self._outer(a.T, b)
         return self._product(a, b, a.shape[1], b.shape[1], a.shape[0],
                              lambda a, b, r0, r1, o: np.matmul(a[:, r0:r1].T, b, out=o))
 
     def matmul_nt(self, a: Any, b: Any) -> Any:
+        if a.shape[1] == 1:
+            return self._outer(a, b.T)
         return self._product(a, b, a.shape[0], b.shape[0], a.shape[1],
                              lambda a, b, r0, r1, o: np.matmul(a[r0:r1], b.T, out=o))
 
@@ -474,11 +488,14 @@ class NumpyKernels(StandardKernels):
     @staticmethod
     def _widen(positions: int, channels: int) -> int:
         """How many positions to fold into one row so that per-channel broadcasts run over
-        rows of at least 256 values (NumPy's inner loop otherwise stops every C values)."""
-        k = 1
-        while k * channels < 256 and positions % (2 * k) == 0:
-            k *= 2
-        return k
+        rows of at least 256 values (NumPy's inner loop otherwise stops every C values): the
+        least divisor of ``positions`` that gives them (any divisor: 27 x 27 has no power of
+        two), all positions where none does."""
+        need = -(-256 // max(channels, 1))
+        if positions <= need:
+            return max(positions, 1)
+        small = [d for d in range(1, math.isqrt(positions) + 1) if positions % d == 0]
+        return min(d for d in (*small, *(positions // d for d in small)) if d >= need)
 
     def _clamp(self, fn: Any, a: Any, value: float, out: Any) -> None:
         """``fn(a, value, out=out)`` for np.maximum / np.minimum with ``value`` as a constant
@@ -584,6 +601,126 @@ class NumpyKernels(StandardKernels):
         self.for_chunks(n, self._image_blocks(dy, (1 << 21) * dy.itemsize // dtype.itemsize),
                         work)
         return dx
+
+    # -- BatchNorm2D: NumPy's reductions over the outer axes of channels-last data are ~28x
+    # slower than a product with ones for few channels (and broadcasts over rows of C values
+    # stop every C values), so the passes below run over (rows, k*C) views (see _widen), a
+    # block of rows at a time while it is in cache, on the threads; each block's sums are
+    # products with ones, added up in float64 (a bounded error, unlike one running sum).
+
+    def _channel_blocks(self, x: Any, dtype: Any) -> tuple[int, int, int, int]:
+        """(count, k, units, units per block): x's ``count`` positions as (units, k*C) rows
+        of k positions each, in blocks of about 2 MB in ``dtype``, two blocks at least."""
+        c = x.shape[-1]
+        count = x.size // c
+        k = self._widen(count // x.shape[0] if x.ndim > 2 else count, c)
+        units = count // k
+        budget = (1 << 21) // (k * c * np.dtype(dtype).itemsize)
+        return count, k, units, max(1, min(-(-units // 2), budget))
+
+    @staticmethod
+    def _channel_sums(partials: Any, k: int) -> Any:
+        """The per-channel (C,) float64 sums of ``partials``, (blocks, k*C) sums."""
+        return partials.sum(axis=0).reshape(k, -1).sum(axis=0)
+
+    def batch_norm_train(self, x: Any, gamma: Any, beta: Any, moving_mean: Any,
+                         moving_var: Any, momentum: float, eps: float, out_dtype: Any,
+                         relu: bool) -> tuple[Any, Any, Any]:
+        if x.size == 0 or x.size < 2 * x.shape[-1]:  # (empty, or one value a channel)
+            return super().batch_norm_train(x, gamma, beta, moving_mean, moving_var, momentum,
+                                            eps, out_dtype, relu)
+        dtype = gamma.dtype
+        count, k, units, m = self._channel_blocks(x, dtype)
+        xs = x.reshape(units, -1)
+        y = np.empty(xs.shape, out_dtype)
+        ones = self._ones(m, dtype)
+        partials = np.empty((-(-units // m), xs.shape[1]))
+
+        def sums(worker: int, u0: int, u1: int) -> None:
+            partials[u0 // m] = np.matmul(ones[:u1 - u0], xs[u0:u1].astype(dtype, copy=False))
+
+        self.for_chunks(units, m, sums)
+        mean = (self._channel_sums(partials, k) / count).astype(dtype)
+        mt = np.tile(mean, k)
+
+        def squares(worker: int, u0: int, u1: int) -> None:
+            t = np.subtract(xs[u0:u1], mt, dtype=dtype)
+            partials[u0 // m] = np.matmul(ones[:u1 - u0], np.square(t, out=t))
+
+        self.for_chunks(units, m, squares)
+        var = (self._channel_sums(partials, k) / count).astype(dtype)
+        self._update_running(moving_mean, moving_var, mean, var, momentum, count)
+        inv_std = 1.0 / np.sqrt(var + eps)
+        it, gt, bt = (np.tile(v, k) for v in (inv_std, gamma, beta))
+
+        def normalise(worker: int, u0: int, u1: int) -> None:
+            # (z in the standard version's order: backward recomputes it, for the ReLU's mask)
+            out = y[u0:u1]
+            o = out if out.dtype == dtype else np.empty(out.shape, dtype)
+            np.subtract(xs[u0:u1], mt, out=o, dtype=dtype)
+            np.multiply(o, it, out=o)
+            np.multiply(o, gt, out=o)
+            np.add(o, bt, out=o)
+            if relu:
+                self._clamp(np.maximum, o, 0.0, o)
+            if o is not out:
+                with np.errstate(over="ignore"):  # inf is what loss scaling looks for
+                    np.copyto(out, o, casting="unsafe")
+
+        self.for_chunks(units, m, normalise)
+        return y.reshape(x.shape), mean, inv_std
+
+    def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
+                            beta: Any, relu: bool, input_grad: bool) -> tuple[Any, Any, Any]:
+        if x.size == 0 or x.size < 2 * x.shape[-1] or dy.shape != x.shape:
+            return super().batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu,
+                                               input_grad)
+        dtype = gamma.dtype
+        count, k, units, m = self._channel_blocks(x, dtype)
+        xs, dys = x.reshape(units, -1), dy.reshape(units, -1)  # (a broadcast dy: copied)
+        mt, it, gt, bt = (np.tile(v, k) for v in (mean, inv_std, gamma, beta))
+        ones = self._ones(m, dtype)
+        partials = np.empty((2, -(-units // m), xs.shape[1]))
+
+        def xhat_and_dy(u0: int, u1: int) -> tuple[Any, Any]:
+            """xhat as forward computes it; dy in ``dtype``, times z > 0 with ``relu``."""
+            xh = np.subtract(xs[u0:u1], mt, dtype=dtype)
+            np.multiply(xh, it, out=xh)
+            d = dys[u0:u1].astype(dtype, copy=False)
+            if relu:
+                z = np.multiply(xh, gt)
+                d = np.multiply(d, np.add(z, bt, out=z) > 0, dtype=dtype)
+            return xh, d
+
+        def sums(worker: int, u0: int, u1: int) -> None:
+            xh, d = xhat_and_dy(u0, u1)
+            partials[0, u0 // m] = np.matmul(ones[:u1 - u0], np.multiply(xh, d, out=xh))
+            partials[1, u0 // m] = np.matmul(ones[:u1 - u0], d)
+
+        self.for_chunks(units, m, sums)
+        dgamma, dbeta = (self._channel_sums(p, k) for p in partials)
+        if not input_grad:
+            return None, dgamma.astype(dtype), dbeta.astype(dtype)
+        # standardize_backward of dy * gamma: its means are gamma * dbeta / count and
+        # gamma * dgamma / count, so dx = inv_std * gamma * (dy - dbeta / count - xhat *
+        # dgamma / count)
+        at, ct = (np.tile((v / count).astype(dtype), k) for v in (dbeta, dgamma))
+        st = np.tile(inv_std * gamma, k)
+        dx = np.empty(xs.shape, x.dtype)
+
+        def grads(worker: int, u0: int, u1: int) -> None:
+            xh, d = xhat_and_dy(u0, u1)
+            out = dx[u0:u1]
+            o = out if out.dtype == dtype else np.empty(out.shape, dtype)
+            np.subtract(d, at, out=o)
+            np.subtract(o, np.multiply(xh, ct, out=xh), out=o)
+            np.multiply(o, st, out=o)
+            if o is not out:
+                with np.errstate(over="ignore"):
+                    np.copyto(out, o, casting="unsafe")
+
+        self.for_chunks(units, m, grads)
+        return dx.reshape(x.shape), dgamma.astype(dtype), dbeta.astype(dtype)
 
     def _elementwise(self, fn: Callable[..., None], dtype: Any, *arrays: Any) -> Any:
         """``fn(*row_blocks_of_arrays, out_block)`` over row blocks on threads; the arrays all

@@ -58,7 +58,7 @@ def images_per_chunk(n: int, bytes_per_image: int, budget: int | None,
     finishes first). With several ``workers``, a chunk size a little smaller where its chunks
     share out more evenly among them (see :func:`_even_chunks`)."""
     if budget is None:
-        return n
+        return max(n, 1)  # (no images: one empty chunk size, not a step of 0)
     m = max(1, min(-(-n // min_chunks), budget // max(bytes_per_image, 1)))
     return _even_chunks(n, m, workers) if workers > 1 else m
 
@@ -254,17 +254,21 @@ def conv_weight_grad(
 
     m = _for_patch_chunks(xp, kern, x, kernel, strides, pads, out_hw, ws, key, budget,
                           min_chunks, ones, work)
-    dw = _sum_in_chunk_order(xp, parts, x.shape[0], m)
+    dw = _sum_in_chunk_order(xp, parts, x.shape[0], m, (kk + int(ones), dy2.shape[1]), dy2)
     if ones:
         return dw[:kk, ...], dw[kk, ...]
     return dw, (kern.sum_rows(dy2) if with_bias else None)
 
 
-def _sum_in_chunk_order(xp: Any, parts: dict[int, Any], n: int, m: int) -> Any:
+def _sum_in_chunk_order(xp: Any, parts: dict[int, Any], n: int, m: int, shape: tuple[int, ...],
+                        like: Any) -> Any:
     """The sum of per-chunk parts (keyed by first image, chunks of ``m`` of ``n`` images) in
     chunk order, so the same bits whichever threads ran the chunks; in float32 at least: in
-    float16 (mixed precision) the sum of many chunks' parts would lose the low bits of each."""
-    acc = accumulator(xp, parts[0].dtype)
+    float16 (mixed precision) the sum of many chunks' parts would lose the low bits of each.
+    No images, no parts: zeros of ``shape``, in ``like``'s accumulator dtype and device."""
+    acc = accumulator(xp, like.dtype)
+    if n == 0:
+        return xp.zeros(shape, dtype=acc, device=like.device)
     total = xp.astype(parts[0], acc, copy=True)
     for n0 in range(m, n, m):
         total += xp.astype(parts[n0], acc, copy=False)
@@ -379,8 +383,8 @@ def conv_grads(
 
     m = _for_patch_chunks(xp, kern, dy, (kh, kw), (1, 1), gpads, (h, w), ws, key, budget,
                           min_chunks, False, work)
-    g = _sum_in_chunk_order(xp, parts, n, m)
-    db = _sum_in_chunk_order(xp, bias_parts, n, m) if with_bias else None
+    g = _sum_in_chunk_order(xp, parts, n, m, (kh * kw * k, c), dy)
+    db = _sum_in_chunk_order(xp, bias_parts, n, m, (k,), dy) if with_bias else None
     # (kh, kw, K, C) with rotated taps -> (K, kh, kw, C), contiguous (a reshape of the
     # permuted view copies it)
     dw = xp.permute_dims(xp.flip(xp.reshape(g, (kh, kw, k, c)), axis=(0, 1)), (2, 0, 1, 3))

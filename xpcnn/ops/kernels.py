@@ -23,11 +23,11 @@ import numpy as np
 from .. import backend as backend_module
 from .convolution import ConvEngine, ConvGeometry, KernelsConv
 from .im2col import im2col_into
-from .pool import max_pool, max_pool_backward
+from .pool import max_pool, max_pool_backward, sum_pool, sum_pool_backward
 from .random import uniform
 from .softmax import cross_entropy, loss_and_correct, nan_unless_classes, target_rows
 from .step_record import record_step
-from .windows import accumulator
+from .windows import Pads, accumulator, pad, unpad
 
 
 def standardize_backward(xp: Any, dxhat: Any, xhat: Any, inv_std: Any,
@@ -53,6 +53,10 @@ class StandardKernels:
     # and the kernel matrix a last row of biases, so the product adds the bias (no pass over
     # the output) and the kernel gradient's product yields the bias gradient (no pass over dy).
     bias_in_patches = True
+    # True where max_pool, max_pool_train and max_pool_backward take ``pads`` and read the
+    # input as if padded with -inf (CuPy's): MaxPool2D then skips the padded copy, and the
+    # gradient comes back unpadded.
+    pads_in_max_pool = False
 
     def __init__(self, xp: Any) -> None:
         self.xp = xp
@@ -158,6 +162,41 @@ class StandardKernels:
         n, h, w, c = x.shape
         total = xp.sum(x, axis=(1, 2), dtype=accumulator(xp, x.dtype))
         return xp.astype(total / (h * w), x.dtype, copy=False)
+
+    def global_avg_pool_backward(self, dy: Any, shape: tuple[int, ...]) -> Any:
+        """Gradient of :meth:`global_avg_pool` of an input of ``shape`` (N, H, W, C): each
+        position's share dy / (H * W), divided in float32 at least (float16 would round H * W,
+        to inf from 65,520 on) and rounded once, here as a broadcast view (what the NumPy
+        kernels read fastest; a fast path may write it whole)."""
+        xp = self.xp
+        n, h, w, c = shape
+        g = xp.astype(xp.astype(dy, accumulator(xp, dy.dtype), copy=False) / (h * w), dy.dtype,
+                      copy=False)
+        return xp.broadcast_to(xp.reshape(g, (n, 1, 1, c)), (n, h, w, c))
+
+    def avg_pool(self, x: Any, kernel: tuple[int, int], strides: tuple[int, int],
+                 out_hw: tuple[int, int], pads: Pads, inv_counts: Any) -> Any:
+        """Mean of each window of (N, H, W, C) ``x`` padded by ``pads`` zeros, as the sum of the
+        window (in float32 at least) times its ``inv_counts`` ((1, Ho, Wo, 1): 1 / how many
+        real inputs it covers), rounded once to ``x``'s dtype."""
+        xp = self.xp
+        s = sum_pool(xp, pad(xp, x, pads), kernel, strides, out_hw)
+        return xp.astype(s * xp.astype(inv_counts, s.dtype, copy=False), x.dtype, copy=False)
+
+    def avg_pool_backward(self, dy: Any, shape: tuple[int, ...], kernel: tuple[int, int],
+                          strides: tuple[int, int], out_hw: tuple[int, int], pads: Pads,
+                          inv_counts: Any) -> Any:
+        """Gradient of :meth:`avg_pool` of an input of ``shape``: each window's gradient times
+        its inverse count, shared by its inputs, summed in float32 at least (as forward) and
+        rounded once to ``dy``'s dtype."""
+        xp = self.xp
+        acc = accumulator(xp, dy.dtype)
+        g = xp.astype(dy, acc, copy=False) * xp.astype(inv_counts, acc, copy=False)
+        n, h, w, c = shape
+        top, bottom, left, right = pads
+        dx = sum_pool_backward(xp, g, (n, top + h + bottom, left + w + right, c), kernel,
+                               strides, out_hw)
+        return xp.astype(unpad(dx, pads), dy.dtype, copy=False)
 
     def sum_rows(self, a: Any) -> Any:
         """Sum over the first axis (a bias gradient), accumulated in float32 at least (a float16
@@ -341,15 +380,22 @@ class StandardKernels:
         else:  # (an empty batch: no mean of nothing, whose NaN its backward would carry)
             mean = xp.zeros(x.shape[-1:], dtype=x.dtype, device=x.device)
             centred, var = x, mean
+        self._update_running(moving_mean, moving_var, mean, var, momentum, count)
+        inv_std = 1.0 / xp.sqrt(var + eps)
+        # (xhat as batch_norm_backward recomputes it: (x - mean) * inv_std, the same bits)
+        z = centred * inv_std * gamma + beta
+        return self._relu_cast(z, relu, out_dtype), mean, inv_std
+
+    @staticmethod
+    def _update_running(moving_mean: Any, moving_var: Any, mean: Any, var: Any,
+                        momentum: float, count: int) -> None:
+        """:meth:`batch_norm_train`'s update of the running statistics (from the batch's
+        ``mean`` and biased ``var`` over ``count`` values a channel), in place."""
         if count >= 2:
             m = momentum
             moving_mean[...] = (1 - m) * moving_mean + m * mean
             unbiased = var * (count / (count - 1))
             moving_var[...] = (1 - m) * moving_var + m * unbiased
-        inv_std = 1.0 / xp.sqrt(var + eps)
-        # (xhat as batch_norm_backward recomputes it: (x - mean) * inv_std, the same bits)
-        z = centred * inv_std * gamma + beta
-        return self._relu_cast(z, relu, out_dtype), mean, inv_std
 
     def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
                             beta: Any, relu: bool, input_grad: bool) -> tuple[Any, Any, Any]:
@@ -402,11 +448,14 @@ class StandardKernels:
         return self.xp.astype(self.relu(z, None) if relu else z, out_dtype, copy=False)
 
     def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None,
-                              dtype: Any = None) -> tuple[Any, Any]:
-        """Mean cross-entropy of softmax(z) against integer ``labels`` (targets mixed with the
-        uniform distribution by ``smoothing``) and the count of rows whose first maximum is at
-        the label, as one (2,) float32 (float64 for float64 ``z``) array, the loss NaN where a
-        label is no class; and the gradient with respect to ``z``, times ``scale[0]`` where
+                              dtype: Any = None, weights: Any = None) -> tuple[Any, Any]:
+        """Mean cross-entropy of softmax(z) against integer ``labels`` (N,) or one-hot (or
+        probability) rows (N, classes) (targets mixed with the uniform distribution by
+        ``smoothing``) and the count of rows whose first maximum is at the label (a row's
+        first maximum), as one (2,) float32 (float64 for float64 ``z``) array, the loss NaN
+        where a target is no class; each row's loss and gradient times ``weights`` (N,) where
+        given (the sum still divided by N), the count not;
+        and the gradient with respect to ``z``, times ``scale[0]`` where
         ``scale`` (the float16 loss-scaling state, on the device) is given. With ``dtype``, all
         of it computed from ``z`` cast to ``dtype`` (float32 under mixed precision), the
         gradient then given in ``z``'s dtype (float16 there: what the layer that made the
@@ -416,7 +465,7 @@ class StandardKernels:
         if dtype is not None:
             z = xp.astype(z, dtype, copy=False)
         loss, grad = cross_entropy(xp, z, target_rows(xp, labels, z.shape[1], z.dtype,
-                                                      smoothing))
+                                                      smoothing), weights)
         stats = loss_and_correct(xp, loss, z, labels)
         grad = grad if scale is None else grad * scale[0]
         return (nan_unless_classes(xp, stats, labels, z.shape[1]),
