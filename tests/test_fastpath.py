@@ -708,6 +708,23 @@ def test_batch_norm_kernels_fast_equal_standard(shape, dtype, param_dtype, relu,
                                    atol=tol)
 
 
+@pytest.mark.parametrize("shape, dtype, param_dtype", BATCH_NORM_CASES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_inference_fast_is_the_standard_version_bit_for_bit(shape, dtype, param_dtype,
+                                                                       relu, rng):
+    """With the running statistics (inference, a frozen layer): the same passes in the same
+    order over widened rows, so the same bits, in the input's dtype or float32 out."""
+    c = shape[-1]
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+    gamma, beta, mean = (rng.standard_normal(c).astype(param_dtype) for _ in range(3))
+    var = rng.uniform(0.5, 2.0, c).astype(param_dtype)
+    for out_dtype in (np.dtype(dtype), np.dtype(param_dtype)):
+        got, want = (k.batch_norm_running(x, gamma, beta, mean, var, 1e-3, out_dtype, relu)
+                     for k in (FAST, STD))
+        assert got.dtype == want.dtype == out_dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
 def test_batch_norm_fast_statistics_are_accurate(rng):
     """float32 statistics of 131,072 values a channel far from 0: the fast path's blocks of
     sums added in float64 come within 1e-6 of the float64 ones (a running float32 sum over

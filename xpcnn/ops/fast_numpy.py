@@ -651,10 +651,19 @@ class NumpyKernels(StandardKernels):
         var = (self._channel_sums(partials, k) / count).astype(dtype)
         self._update_running(moving_mean, moving_var, mean, var, momentum, count)
         inv_std = 1.0 / np.sqrt(var + eps)
-        it, gt, bt = (np.tile(v, k) for v in (inv_std, gamma, beta))
+        self._affine_rows(xs, y, (mt, *(np.tile(v, k) for v in (inv_std, gamma, beta))), relu,
+                          dtype, m)
+        return y.reshape(x.shape), mean, inv_std
 
-        def normalise(worker: int, u0: int, u1: int) -> None:
-            # (z in the standard version's order: backward recomputes it, for the ReLU's mask)
+    def _affine_rows(self, xs: Any, y: Any, rows: tuple[Any, Any, Any, Any], relu: bool,
+                     dtype: Any, m: int) -> None:
+        """``y[...] = (xs - mean) * inv_std * gamma + beta`` in ``dtype``, then max(., 0) with
+        ``relu``: ``rows`` the four (k*C,) tiled rows, ``xs`` and ``y`` (units, k*C), blocks of
+        ``m`` units on the threads. In the standard version's order, the same bits: backward
+        recomputes z for the ReLU's mask."""
+        mt, it, gt, bt = rows
+
+        def work(worker: int, u0: int, u1: int) -> None:
             out = y[u0:u1]
             o = out if out.dtype == dtype else np.empty(out.shape, dtype)
             np.subtract(xs[u0:u1], mt, out=o, dtype=dtype)
@@ -667,8 +676,23 @@ class NumpyKernels(StandardKernels):
                 with np.errstate(over="ignore"):  # inf is what loss scaling looks for
                     np.copyto(out, o, casting="unsafe")
 
-        self.for_chunks(units, m, normalise)
-        return y.reshape(x.shape), mean, inv_std
+        self.for_chunks(xs.shape[0], m, work)
+
+    def batch_norm_running(self, x: Any, gamma: Any, beta: Any, moving_mean: Any,
+                           moving_var: Any, eps: float, out_dtype: Any, relu: bool) -> Any:
+        # (inference: the same passes as the standard version's, over widened rows in blocks
+        # while they are in cache; 5-8x PyTorch's eval time before, for 3-32 channels)
+        if x.size == 0:
+            return super().batch_norm_running(x, gamma, beta, moving_mean, moving_var, eps,
+                                              out_dtype, relu)
+        dtype = gamma.dtype
+        _, k, units, m = self._channel_blocks(x, dtype)
+        xs = x.reshape(units, -1)
+        y = np.empty(xs.shape, out_dtype)
+        inv_std = 1.0 / np.sqrt(moving_var + eps)
+        self._affine_rows(xs, y, tuple(np.tile(v, k) for v in (moving_mean, inv_std, gamma,
+                                                                beta)), relu, dtype, m)
+        return y.reshape(x.shape)
 
     def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
                             beta: Any, relu: bool, input_grad: bool) -> tuple[Any, Any, Any]:
