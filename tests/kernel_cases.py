@@ -1,10 +1,15 @@
 """Cases shared by the tests of the CuPy kernels on the GPU (test_gpu.py) and on the CPU
 emulator (test_cuda_kernels_on_cpu.py), so that both check the same shapes."""
 
+import array_api_compat.numpy as xpn
 import numpy as np
 import pytest
 
 import xpcnn
+from xpcnn.ops import windows
+from xpcnn.ops.kernels import StandardKernels
+
+STANDARD_NUMPY = StandardKernels(xpn)
 
 # (kernel, strides, input shape, pads)
 IM2COL = [
@@ -34,6 +39,9 @@ POOL_PADDED = [
     ((3, 3), (2, 2), (2, 9, 9, 3), (0, 0, 0, 0)),  # overlapping windows, no padding
     ((2, 2), (2, 2), (2, 7, 9, 3), (0, 0, 0, 0)),  # a last row and column outside every window
 ]
+
+# every max pool case above, as (pool, strides, input shape, pads)
+EVERY_MAX_POOL = [(*case, (0, 0, 0, 0)) for case in MAX_POOL] + POOL_PADDED
 
 # (kernel, strides, input shape, filters, padding)
 DIRECT_CONV = [
@@ -289,6 +297,59 @@ def assert_same(got, want, err_msg=""):
         assert got.dtype == want.dtype, (got.dtype, want.dtype)
         got, want = got.astype(np.float32), want.astype(np.float32)
     np.testing.assert_array_equal(got, want, err_msg=err_msg)
+
+
+def check_max_pool_of_nonfinite_gradients(paths, rng, kernel, strides, shape, pads, dtype,
+                                          device=np.asarray, host=np.asarray):
+    """An infinite or NaN output gradient through MaxPool2D reaches its window's first maximum
+    only, as PyTorch routes it: the window's other inputs get 0, not inf * 0's NaN. (With an
+    input ReLU's gradient, an inf whose window's maximum is <= 0 is NaN there: inf * 0, as
+    RELU_BACKWARD has it on every path.) Each kernels object in ``paths`` is called as the
+    layer calls it and must give the first's bits, which are checked against the gradient
+    routed window by window here, in float64. ``device`` and ``host`` as in check_add_relu."""
+    x = rng.integers(-2, 3, shape).astype(dtype)  # ties: the first maximum must win
+    out_hw = windows.output_size(shape[1:3], kernel, strides, pads)
+    xpad = windows.pad(xpn, x, pads, -np.inf)
+    dy = rng.standard_normal((shape[0], *out_hw, shape[3])).astype(dtype)
+    dy[0, 0, 0, 0], dy[-1, -1, -1, -1], dy[-1, 0, -1, 0] = np.inf, -np.inf, np.nan
+    dy[0, -1, 0, -1] = np.inf
+    y = STANDARD_NUMPY.max_pool(xpad, kernel, strides, out_hw)
+    for relu_grad in (False, True):
+        g = dy.astype(np.float64)
+        if relu_grad:
+            with np.errstate(invalid="ignore"):
+                g = g * (y > 0)
+        want, wide = np.zeros(xpad.shape), xpad.astype(np.float64)
+        for n, oh, ow, c in np.ndindex(*g.shape):
+            h, w = oh * strides[0], ow * strides[1]
+            a, b = divmod(int(np.argmax(wide[n, h:h + kernel[0], w:w + kernel[1], c])),
+                          kernel[1])  # (argmax: the first maximum, row-major)
+            want[n, h + a, w + b, c] += g[n, oh, ow, c]
+        want = windows.unpad(want, pads)
+        assert np.isnan(want).sum() == np.isnan(g).sum() > 0 and np.isinf(want).any()
+        first = None
+        for kernels in paths:
+            with np.errstate(invalid="ignore"):  # (the ReLU's inf * 0, on NumPy)
+                if kernels.pads_in_max_pool:
+                    on, routes = kernels.max_pool_train(device(x), kernel, strides, out_hw,
+                                                        pads)
+                    got = kernels.max_pool_backward(routes, on, device(dy), kernel, strides,
+                                                    out_hw, relu_grad, pads)
+                else:
+                    on, routes = kernels.max_pool_train(device(xpad), kernel, strides, out_hw)
+                    got = windows.unpad(kernels.max_pool_backward(
+                        routes, on, device(dy), kernel, strides, out_hw, relu_grad), pads)
+            got = np.ascontiguousarray(host(got))
+            assert got.dtype == dy.dtype and got.shape == x.shape
+            if first is None:
+                first = got
+                tol = 1e-2 if np.dtype(dtype).itemsize == 2 else 1e-6
+                np.testing.assert_allclose(got.astype(np.float64), want, rtol=tol, atol=tol)
+            assert_same(got, first, err_msg=type(kernels).__name__)
+            if not relu_grad:  # (routed, not multiplied: +0 where a negative dy passes not)
+                zeros = got.astype(np.float64)
+                zeros = zeros[zeros == 0]
+                assert not np.signbit(zeros).any(), type(kernels).__name__
 
 
 def check_add_relu(fast, standard, rng, shape, dtype, device=np.asarray, host=np.asarray):

@@ -146,3 +146,35 @@ def add_relu_net(shape=(8, 8, 3), classes=10):
     p = MaxPool2D(2, name="pool")(ReLU(name="relu_4")(Add(name="add_4")([z, x])))
     outputs = Softmax()(Dense(classes, name="dense")(GlobalAvgPool2D()(p)))
     return inputs, outputs
+
+
+def frozen_trunk_net(classes: int = 10) -> list:
+    """A trunk of every layer that keeps arrays for its backward, Dropout and BatchNorm2D
+    among them (up to the Flatten), then a head of Dense -> Dropout -> Dense."""
+    return [Rescaling(1 / 255), Conv2D(4, 3, padding="same", use_bias=False), BatchNorm2D(),
+            ReLU(), Dropout(0.3), MaxPool2D(2), Conv2D(6, 3, padding="same", activation="relu"),
+            FeatureNorm(), ReLU(6.0), AvgPool2D(2, padding="same"), Flatten(),
+            Dense(12, activation="relu"), Dropout(0.2), Dense(classes), Softmax()]
+
+
+def frozen_trunk_model(device, functional: bool = False) -> tuple:
+    """:func:`frozen_trunk_net` (or :func:`residual_net`, 10 classes) with every layer before its
+    head frozen (``trainable = False``), so that no backward runs through them; returns the
+    model and those layers."""
+    if functional:
+        model = xpcnn.Model(*residual_net(classes=10), device=device, seed=0)
+        head = [layer.name for layer in model.layers].index("dense")
+    else:
+        model = xpcnn.Sequential(frozen_trunk_net(), device=device, seed=0)
+        head = len(model.layers) - 4
+    for layer in model.layers[:head]:
+        layer.trainable = False
+    return model, model.layers[:head]
+
+
+def kept_for_backward(layer) -> list[str]:
+    """The names of what ``layer`` keeps from its last training pass for its backward: its
+    ``_cache*`` attributes that hold something, but a convolution's engine and the weights'
+    casts (kept for every pass)."""
+    return sorted(k for k, v in vars(layer).items() if k.startswith("_cache") and v is not None
+                  and k not in ("_cache_engine", "_cache_weights_by_thread"))

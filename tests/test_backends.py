@@ -5,12 +5,23 @@ import types
 import array_api_strict as xs
 import numpy as np
 import pytest
-from nets import add_relu_net, bn_relu_net, every_layer_net, fused_relu_net, gap_net, plan_of
+from nets import (
+    add_relu_net,
+    bn_relu_net,
+    every_layer_net,
+    frozen_trunk_model,
+    fused_relu_net,
+    gap_net,
+    kept_for_backward,
+    plan_of,
+)
 
 import xpcnn
+from xpcnn import graph
 from xpcnn import layers as L
 from xpcnn.backend import get_backend
 from xpcnn.errors import DeviceError
+from xpcnn.layers.base import Options, RandomLayer
 from xpcnn.ops.kernels import StandardKernels, compute_scope
 
 
@@ -181,6 +192,49 @@ def test_batchnorm_with_its_relu_fused_trains_as_with_relu_layers(device, data, 
     assert plan_of(apart)[1] == []
     for u, v in zip(fused.get_weights(), apart.get_weights(), strict=True):
         np.testing.assert_array_equal(u, v)
+
+
+def train_frozen_trunk(device, data, functional, monkeypatch, keep_all=False,
+                       precision="float32"):
+    """:func:`nets.frozen_trunk_model` after two epochs (SGD), and its frozen layers; with
+    ``keep_all``, every layer keeping what it kept before ``Options.keep_for_backward``."""
+    with monkeypatch.context() as mp:
+        if keep_all:
+            mp.setattr(graph, "Options",
+                       lambda **options: Options(**{**options, "keep_for_backward": True}))
+        model, trunk = frozen_trunk_model(device, functional)
+        model.compile(optimizer=_sgd(), precision=precision)
+        model.fit(*data, epochs=2, batch_size=16, verbose=0)
+    return model, trunk
+
+
+def assert_trained_alike(a, b):
+    """Models ``a`` and ``b`` hold the same weights, statistics and random states, bit for
+    bit."""
+    for u, v in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_array_equal(u, v)
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        if isinstance(la, RandomLayer):
+            np.testing.assert_array_equal(la.backend.to_numpy(la.random_state),
+                                          lb.backend.to_numpy(lb.random_state))
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["sequential", "functional"])
+@pytest.mark.parametrize("device", ["cpu", xs], ids=["numpy", "strict"])
+def test_a_frozen_trunk_keeps_nothing_for_backward_and_trains_as_before(device, functional,
+                                                                        data, monkeypatch):
+    """The layers before every trained one (frozen, or without weights), whose backward never
+    runs, keep nothing from a training pass (as PyTorch saves nothing for a module whose
+    parameters need no gradient), while Dropout draws and a frozen BatchNorm2D normalises as
+    before: the model ends training with the weights, statistics and random states, bit for
+    bit, of the same model whose trunk keeps what it did before."""
+    lean, trunk = train_frozen_trunk(device, data, functional, monkeypatch)
+    assert {layer.name: kept_for_backward(layer) for layer in trunk} == \
+        {layer.name: [] for layer in trunk}
+    keeping, trunk = train_frozen_trunk(device, data, functional, monkeypatch, keep_all=True)
+    assert any(kept_for_backward(layer) for layer in trunk)
+    assert_trained_alike(lean, keeping)
+    np.testing.assert_array_equal(lean.predict(data[0][:8]), keeping.predict(data[0][:8]))
 
 
 def _train_add_relu_net(device, data, precision):

@@ -1768,6 +1768,23 @@ def test_a_csv_logger_writes_the_file_its_fit_began_with(data, tmp_path, monkeyp
     assert _config(backup)["csv_logs"][0]["path"] == str(log)
 
 
+def test_a_csv_logger_in_a_deleted_working_folder(data, tmp_path, monkeypatch):
+    """An absolute filename needs no working folder; a relative one in a deleted folder is
+    refused by name (was: os.getcwd()'s bare FileNotFoundError for both, from the change that
+    resolves relative names as fit begins)."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    log = tmp_path / "log.csv"
+    history = small_model().fit(*data, epochs=2, batch_size=BATCH, verbose=0,
+                                callbacks=[CSVLogger(str(log))])
+    assert [float(r["loss"]) for r in _logged(log)] == history.history["loss"]
+    with pytest.raises(InputError, match=r"^cannot write the CSVLogger file 'rel.csv': a "
+                                         r"relative name, and the working folder is gone"):
+        small_model().fit(*data, epochs=1, verbose=0, callbacks=[CSVLogger("rel.csv")])
+
+
 def test_a_run_resumed_in_another_folder_writes_that_folders_file(data, tmp_path, monkeypatch):
     """A relative filename resumed from another working folder names another file, as in
     Keras 3, which the checkpoint has no record of: it gets the whole run's rows (the

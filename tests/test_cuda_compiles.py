@@ -274,6 +274,22 @@ def test_softmax_cross_entropy_kernel_compiles(fast_cupy, cuda_reductions, monke
     assert ("cuda_bf16.h" in source) == ("bfloat16" in given)
 
 
+@pytest.mark.parametrize("logits, dtype", [("float32", "float32"), ("float16", "float32"),
+                                           ("bfloat16", "float32"), ("float64", "float64"),
+                                           ("float16", "float64"), ("float16", "float16"),
+                                           ("bfloat16", "bfloat16")])
+def test_softmax_kernels_compile(fast_cupy, cuda_reductions, monkeypatch, logits, dtype):
+    """The inference softmax (a row a thread, a row a warp): logits of each dtype read as
+    their cast to the parameters' dtype gives them, computed in float (double for float64)."""
+    acc = "float64" if dtype == "float64" else "float32"
+    source = _raw_source(fast_cupy, monkeypatch, "xpcnn_softmax",
+                         cuda_reductions.SOFTMAX_SOURCE, Z=logits, T=dtype, A=acc)
+    code, log = _compile(source, "xpcnn_softmax", 90)
+    assert code == 0, log
+    for name in ("xpcnn_softmax", "xpcnn_softmax_rows"):
+        assert_launchable(log, name, cuda_reductions.CROSS_ENTROPY_THREADS)
+
+
 @pytest.mark.parametrize("dtype", ["__half", "float", "double"])
 def test_gradient_check_kernel_compiles(cuda_updates, dtype):
     """The first kernel of a step's record: a gradient element of each dtype read in double,

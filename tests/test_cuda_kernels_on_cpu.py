@@ -20,6 +20,7 @@ from cuda_emulator import (
 )
 from kernel_cases import (
     DIRECT_CONV,
+    EVERY_MAX_POOL,
     GAP_NET_STEP_TABLES,
     IM2COL,
     MAX_POOL,
@@ -32,6 +33,7 @@ from kernel_cases import (
     UPDATE_SHAPES,
     assert_same,
     check_add_relu,
+    check_max_pool_of_nonfinite_gradients,
     check_recorded_steps,
     device_scalars,
     gated_updates,
@@ -47,6 +49,7 @@ from xpcnn.layers import BatchNorm2D, Conv2D, Dense, Flatten, ReLU, Softmax
 from xpcnn.ops import im2col as ops
 from xpcnn.ops import kernels as kernels_module
 from xpcnn.ops import windows
+from xpcnn.ops.fast_numpy import NumpyKernels
 from xpcnn.ops.kernels import StandardKernels
 from xpcnn.ops.workspace import Workspace
 
@@ -183,6 +186,18 @@ def test_padded_and_overlapping_max_pools_take_one_launch_each_way(fast, monkeyp
     assert launches == ["xpcnn_max_pool"] * 2 + ["xpcnn_max_pool_gather_backward"] * 2
 
 
+@pytest.mark.parametrize("kernel, strides, shape, pads", EVERY_MAX_POOL)
+@pytest.mark.parametrize("dtype", WITH_HALF)
+def test_max_pool_routes_an_infinite_gradient_to_the_first_maximum_only(fast, rng, kernel,
+                                                                        strides, shape, pads,
+                                                                        dtype):
+    """Both CUDA kernels (windows that tile the input, and gathered), the standard version and
+    the NumPy fast path: inf and NaN output gradients where PyTorch puts them, no NaN spread
+    over the window."""
+    check_max_pool_of_nonfinite_gradients([STD, NumpyKernels(), fast], rng, kernel, strides,
+                                          shape, pads, dtype)
+
+
 @pytest.mark.parametrize("kernel, strides, shape, pads", POOL_PADDED)
 @pytest.mark.parametrize("dtype", WITH_HALF)
 def test_average_pools_take_one_launch_each_way(fast, monkeypatch, rng, kernel, strides, shape,
@@ -203,6 +218,25 @@ def test_average_pools_take_one_launch_each_way(fast, monkeypatch, rng, kernel, 
     assert got.shape == x.shape and got.flags.c_contiguous
     assert_same(got, STD.avg_pool_backward(dy, x.shape, kernel, strides, out_hw, pads, inv))
     assert launches == ["xpcnn_avg_pool", "xpcnn_avg_pool_backward"]
+
+
+@needs_host_fma
+@pytest.mark.parametrize("kernel, strides, shape, pads", POOL_PADDED)
+@pytest.mark.parametrize("dtype", WITH_HALF)
+def test_average_pool_gradient_rounds_its_products_where_products_and_sums_fuse(
+        fast, rng, monkeypatch, kernel, strides, shape, pads, dtype):
+    """Built with NVRTC's default multiply-adds, AvgPool2D's gradient still rounds each
+    g * inverse count before adding it to the sum of overlapping windows (xpcnn_mul_rn), as
+    the standard version's separate operations do: its bits."""
+    monkeypatch.setattr(ElementwiseKernel, "fused_multiply_add", True)
+    shape = (8, *shape[1:])  # (more windows: more sums where a fused product would differ)
+    out_hw = windows.output_size(shape[1:3], kernel, strides, pads)
+    ones = np.ones((1, *shape[1:3], 1))
+    counts = STD.avg_pool(ones, kernel, strides, out_hw, pads, np.ones((1, *out_hw, 1)))
+    inv = (1.0 / counts).astype(np.float64 if dtype == np.float64 else np.float32)
+    dy = rng.standard_normal((shape[0], *out_hw, shape[3])).astype(dtype)
+    assert_same(fast.avg_pool_backward(dy, shape, kernel, strides, out_hw, pads, inv),
+                STD.avg_pool_backward(dy, shape, kernel, strides, out_hw, pads, inv))
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 5, 33), (1, 1, 1, 2), (1, 256, 256, 1)])
@@ -987,6 +1021,33 @@ def test_softmax_cross_entropy(fast, monkeypatch, rng, rows, classes, smoothing,
 
 
 @pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (inf - inf)
+def test_softmax(fast, monkeypatch, rng, rows, classes, smoothing, levels, dtype):
+    """A model's probabilities at inference in one launch (a row a thread, a row a warp):
+    the standard version's, within rounding, in the parameters' dtype, from logits of that
+    dtype or float16/bfloat16 ones (mixed precision: read as their cast gives them); a row
+    with a NaN or infinite logit NaN, as there."""
+    module = sys.modules[type(fast).__module__]
+    monkeypatch.setattr(module.cupy, "empty", _poisoned)  # (what is not written stays NaN)
+    z = (rng.integers(0, levels, (rows, classes)) if levels
+         else rng.standard_normal((rows, classes)) * 30).astype(dtype)
+    z[0, -1] = np.nan
+    z[-1, 0] = np.inf
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    for logits in (z, z.astype(np.float16), z.astype(BFLOAT16)):
+        got, want = fast.softmax(logits, dtype), STD.softmax(logits, dtype)
+        assert got.dtype == dtype and got.shape == z.shape
+        np.testing.assert_allclose(got, want, rtol=tol * 10, atol=tol)
+        assert np.isnan(got[0]).all() and np.isnan(got[-1]).all()
+    # (several leading axes: rows of the last one; a wider dtype than asked: the standard's)
+    assert_same(fast.softmax(z.reshape(1, rows, classes), dtype)[0], fast.softmax(z, dtype))
+    if dtype == np.float32:
+        assert_same(fast.softmax(z.astype(np.float64), dtype),
+                    STD.softmax(z.astype(np.float64), dtype))
+
+
+@pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
 @pytest.mark.parametrize("dtype", WITH_HALF)
 @pytest.mark.parametrize("targets, weighted", [("labels", True), ("one-hot", False),
                                                ("soft", True)])
@@ -1060,6 +1121,75 @@ def test_softmax_cross_entropy_of_target_rows_and_weights(fast, monkeypatch, rng
         for kernels in (fast, STD):
             got, g = kernels.softmax_cross_entropy(z, wrong, smoothing, weights=zero)
             assert np.isnan(got[0]) and not np.isnan(g[:rows // 2]).any()
+
+
+def _loss_kernel(fast, monkeypatch):
+    """The names of the loss kernels launched from now on."""
+    module, launches = sys.modules[type(fast).__module__], []
+    real = module._raw_kernel
+    monkeypatch.setattr(module, "_raw_kernel", lambda *a, **k: launches.append(a[0]) or
+                        real(*a, **k))
+    return launches
+
+
+@pytest.mark.parametrize("rows, classes", [(40, 4), (33, 37), (20, 300), (700, 10)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_a_tied_target_row_counts_its_first_maximum_as_its_label(fast, monkeypatch, rng, rows,
+                                                                 classes, dtype):
+    """A target row of two equal maxima ([0.5, 0.5, 0, ...]) is right where the logits' first
+    maximum is the first of them, as argmax takes it (the standard version's): ties within a
+    thread's walk of the row and, a row a warp, within a lane's classes and across lanes.
+    (37 classes: a row a thread in float16, a row a warp in float32.)"""
+    launches = _loss_kernel(fast, monkeypatch)
+    pairs = [(0, 1), (classes - 2, classes - 1)]
+    if classes > 33:
+        pairs.append((1, 33))  # (lane 1's first and second class)
+    y = rng.dirichlet(np.ones(classes), rows).astype(np.float32)
+    z = rng.standard_normal((rows, classes)).astype(dtype)
+    for r in range(rows // 2):  # half the rows tied, their logits' maximum at either
+        a, b = pairs[r % len(pairs)]
+        y[r] = 0
+        y[r, [a, b]] = 0.5
+        z[r, (a, b)[r // len(pairs) % 2]] = 9
+    labels = np.argmax(y, axis=1)  # (the first maximum)
+    right = int((np.argmax(z, axis=1) == labels).sum())
+    assert 0 < right < rows
+    stats, _ = fast.softmax_cross_entropy(z, y, 0.0)
+    assert len(launches) == 1  # (the fused kernel, not the standard version)
+    want = "xpcnn_softmax_cross_entropy" if classes * 256 * np.dtype(dtype).itemsize <= 32768 \
+        else "xpcnn_softmax_cross_entropy_rows"
+    assert launches[0] == want
+    assert stats[1] == right == STD.softmax_cross_entropy(z, y, 0.0)[0][1]
+    assert stats[1] == fast.softmax_cross_entropy(z, labels, 0.0)[0][1]
+
+
+@pytest.mark.parametrize("classes", [10, 300])  # (a row a thread, a row a warp)
+@pytest.mark.parametrize("targets", ["labels", "rows"])
+@pytest.mark.parametrize("logits, loss, weights", [(np.float16, None, np.float32),
+                                                   (np.float16, np.float32, np.float64),
+                                                   (np.float32, None, np.float64)])
+def test_sample_weights_are_rounded_to_the_loss_dtype(fast, monkeypatch, rng, classes, targets,
+                                                      logits, loss, weights):
+    """Weights wider than the loss's dtype (float32 ones of a float16 loss) are read as the
+    standard version's cast rounds them: the bits of the weights rounded first."""
+    launches = _loss_kernel(fast, monkeypatch)
+    rows = 50
+    z = rng.standard_normal((rows, classes)).astype(logits)
+    y = rng.integers(0, classes, rows).astype(np.int32)
+    if targets == "rows":
+        y = np.eye(classes, dtype=np.float32)[y]
+    w = rng.uniform(0.0, 3.0, rows).astype(weights)
+    t = np.dtype(loss or logits)
+    rounded = w.astype(t)
+    assert (rounded != w).all()  # (every weight changed by rounding)
+    got = fast.softmax_cross_entropy(z, y, 0.1, None, loss, weights=w)
+    want = fast.softmax_cross_entropy(z, y, 0.1, None, loss, weights=rounded)
+    assert launches == [launches[0]] * 2 and launches[0].startswith("xpcnn_softmax_cross")
+    for a, b in zip(got, want, strict=True):
+        assert_same(a, b)
+    std = STD.softmax_cross_entropy(z.astype(t), y, 0.1, weights=w)
+    tol = 2e-3 if t.itemsize == 2 else 1e-5
+    np.testing.assert_allclose(got[0][0], std[0][0], rtol=tol, atol=tol)
 
 
 @OPTIMISERS

@@ -10,11 +10,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 from kernel_cases import (
+    EVERY_MAX_POOL,
     EVERY_OPTIMISER,
     OPTIMISERS,
     UPDATE_SHAPES,
     assert_same,
     check_add_relu,
+    check_max_pool_of_nonfinite_gradients,
     gated_updates,
     step_with,
     two_dtype_updates,
@@ -225,6 +227,15 @@ def test_max_pool_first_maximum_nan_and_strided_input(rng):
     dy = rng.standard_normal(y.shape).astype(np.float32)
     np.testing.assert_array_equal(FAST.max_pool_backward(routes, y, dy, (2, 2), (2, 2), (3, 2)),
                                   STD.max_pool_backward(x, y, dy, (2, 2), (2, 2), (3, 2)))
+
+
+@pytest.mark.parametrize("kernel, strides, shape, pads", EVERY_MAX_POOL)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_max_pool_routes_an_infinite_gradient_to_the_first_maximum_only(kernel, strides, shape,
+                                                                        pads, dtype, rng):
+    """Inf and NaN output gradients where PyTorch puts them (the window's first maximum), no
+    NaN spread over the window (inf * 0): the standard version and the NumPy fast path."""
+    check_max_pool_of_nonfinite_gradients([STD, FAST], rng, kernel, strides, shape, pads, dtype)
 
 
 @pytest.mark.parametrize("pool, strides, padding", [
@@ -459,6 +470,63 @@ def test_mixed_precision_conv_and_dense_fast_equal_standard(kwargs, half, tol, s
         scale = float(np.max(np.abs(np.asarray(want, np.float64))))
         np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
                                    rtol=0, atol=tol * scale)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("chunk_bytes", [1, None])  # chunks of 1 image; of 3 (20 = 6*3 + 2)
+@pytest.mark.parametrize("kwargs, channels", [
+    (dict(filters=4, kernel_size=3, padding="same"), 3),  # padded; grads from dy's patches
+    (dict(filters=3, kernel_size=3, padding="same", activation="relu"), 5),
+    (dict(filters=6, kernel_size=5, use_bias=False), 1),  # unpadded: cast into a buffer
+    (dict(filters=3, kernel_size=3, strides=2, padding="same"), 2),  # strided
+    (dict(filters=2, kernel_size=(2, 3), strides=(2, 1), padding=1), 4),
+    (dict(filters=3, kernel_size=(2, 4), padding="same"), 4),  # padded unevenly
+    (dict(filters=3, kernel_size=1, strides=2), 3),
+    (dict(filters=5, kernel_size=1), 3),  # a ones column for the bias: patches
+    (dict(filters=5, kernel_size=1, use_bias=False), 3),  # the product reads the input
+])
+def test_mixed_precision_conv_unfolds_into_float32_with_the_same_bits(
+        kwargs, channels, chunk_bytes, half, monkeypatch, rng):
+    """NumPy has no half BLAS: the products of a half-float convolution run in float32. Its
+    input is cast once per chunk, as it is copied into the (padded) buffer, and unfolded into
+    float32 patches (half-float patches were cast to float32 for each product: kh*kw times
+    every input). Output, input and kernel gradients keep every bit of half-float patches
+    (each chunk's kernel-gradient part rounded to the half float before the float32 sum)."""
+    half = np.dtype(ml_dtypes.bfloat16) if half == "bfloat16" else np.dtype(half)
+    if chunk_bytes is not None:
+        monkeypatch.setattr(backend_module, "CPU_CHUNK_BYTES", chunk_bytes)
+    x = (rng.standard_normal((20, 9, 8, channels)) * 2).astype(half)
+    expected = {np.dtype(np.float32)}
+    if kwargs["kernel_size"] == 1 and "strides" not in kwargs:
+        # 1x1, stride 1: the products read the input and output gradient themselves (and
+        # cast each element once), but for the patches a bias's ones column makes
+        expected = {half, np.dtype(np.float32)} if kwargs.get("use_bias", True) else {half}
+
+    def run():
+        conv = Conv2D(**kwargs)
+        conv.build((9, 8, channels), "cpu", dtype="float32", compute_dtype=half.name,
+                   rng=np.random.default_rng(0))
+        y = conv.forward(x, training=True)
+        dx = conv.backward(np.random.default_rng(1).standard_normal(y.shape).astype(half))
+        assert y.dtype == dx.dtype == half
+        return [y, dx, *conv.grads.values()]
+
+    seen = []  # the dtype of each product's patches
+
+    def spy(method):
+        def product(a, *rest, **kw):
+            seen.append(a.dtype)
+            return method(a, *rest, **kw)
+        return product
+
+    for name in ("matmul_into", "matmul_tn"):
+        monkeypatch.setattr(FAST, name, spy(getattr(FAST, name)), raising=False)
+    got = run()
+    assert set(seen) == expected
+    monkeypatch.setattr(FAST, "patch_dtype", lambda dtype: dtype)  # half-float patches
+    want = run()
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.tobytes() == w.tobytes()
 
 
 @pytest.mark.parametrize("trainable", [True, False])
@@ -722,6 +790,29 @@ def test_batch_norm_inference_fast_is_the_standard_version_bit_for_bit(shape, dt
         got, want = (k.batch_norm_running(x, gamma, beta, mean, var, 1e-3, out_dtype, relu)
                      for k in (FAST, STD))
         assert got.dtype == want.dtype == out_dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape, dtype, param_dtype", BATCH_NORM_CASES)
+@pytest.mark.parametrize("relu", [False, True])
+def test_batch_norm_inference_backward_fast_is_the_standard_version_bit_for_bit(
+        shape, dtype, param_dtype, relu, rng, monkeypatch):
+    """A frozen layer's input gradient: the same operations in the same order over widened
+    rows in blocks, the ReLU's mask from z as forward computes it, so the same bits, in the
+    input's dtype (from a gradient in it, or in the parameters' dtype); not the standard
+    version's passes over the whole batch (1.55x a trainable layer's step at 28x28x3)."""
+    c = shape[-1]
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+    gamma, beta, mean = (rng.standard_normal(c).astype(param_dtype) for _ in range(3))
+    var = rng.uniform(0.5, 2.0, c).astype(param_dtype)
+    for dy_dtype in (np.dtype(dtype), np.dtype(param_dtype)):
+        dy = rng.standard_normal(shape).astype(dy_dtype)
+        want = STD.batch_norm_running_backward(dy, x, gamma, beta, mean, var, 1e-3, relu)
+        # (the fast path's own, never its parent's)
+        monkeypatch.setattr(StandardKernels, "batch_norm_running_backward", None)
+        got = FAST.batch_norm_running_backward(dy, x, gamma, beta, mean, var, 1e-3, relu)
+        monkeypatch.undo()
+        assert got.dtype == want.dtype == np.dtype(dtype) and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
 
 

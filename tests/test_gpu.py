@@ -26,6 +26,7 @@ import pytest
 from cuda_emulator import compiler
 from kernel_cases import (
     DIRECT_CONV,
+    EVERY_MAX_POOL,
     GAP_NET_STEP_TABLES,
     IM2COL,
     MAX_POOL,
@@ -37,12 +38,13 @@ from kernel_cases import (
     TILED_CONV,
     UPDATE_SHAPES,
     check_add_relu,
+    check_max_pool_of_nonfinite_gradients,
     check_recorded_steps,
     record_checks,
     recorded_scales,
     recorded_steps,
 )
-from nets import every_layer_net, gap_net
+from nets import every_layer_net, gap_net, kept_for_backward
 from test_conv_seam import GEOMETRIES
 from test_conv_seam import IDS as GEOMETRY_IDS
 
@@ -209,6 +211,8 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_sum_rows_in_one_launch": _cases(rows=[1, 1031]),
     "test_a_relu_gradient_and_its_bias_gradient_in_one_launch": _cases(rows=[100, 1031]),
     "test_max_pool_and_its_gradient": None,
+    "test_max_pool_routes_an_infinite_gradient_to_the_first_maximum_only":
+        _cases(case=[EVERY_MAX_POOL[0], POOL_PADDED[0]], dtype=["float32"]),
     "test_padded_max_and_average_pools_in_one_launch_each_way":
         _cases(case=[POOL_PADDED[0]], dtype=["float32"]),
     "test_global_average_pooling": _cases(shape=[(2, 64, 64, 3)]),
@@ -217,6 +221,7 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_matmul_with_bias_and_relu": None,
     "test_long_transposed_product_split_into_blocks": _cases(rows=[3000]),
     "test_softmax_cross_entropy": _cases(dtype=["float32"]),
+    "test_softmax_in_one_launch": _cases(dtype=["float32"]),
     "test_softmax_cross_entropy_sums_its_rows_the_same_way_every_time": _cases(rows=[3, 700]),
     "test_last_block_launches_of_different_grids_share_their_counters": None,
     "test_softmax_cross_entropy_is_nan_for_a_label_that_is_no_class":
@@ -233,6 +238,7 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_rmsprop_and_clipping_on_the_gpu": None,
     "test_a_missing_gpu_index_is_a_clear_error": None,
     "test_data_on_the_gpu_gives_the_weights_of_host_batches": None,
+    "test_a_frozen_trunk_keeps_nothing_for_backward_on_the_gpu": None,
     "test_a_datasets_samples_are_read_on_the_callers_stream": None,
     "test_a_gated_update_on_the_gpu_changes_nothing_where_the_flag_is_false": None,
     "test_random_numbers_kernel_is_the_definition": _cases(dtype=["float32"]),
@@ -730,6 +736,17 @@ def test_max_pool_and_its_gradient(cp, kernels, rng, kernel, strides, shape, dty
            std.max_pool_backward(x, y, dy, kernel, strides, out_hw, True))
 
 
+@pytest.mark.parametrize("case", EVERY_MAX_POOL)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_pool_routes_an_infinite_gradient_to_the_first_maximum_only(cp, kernels, rng, case,
+                                                                        dtype):
+    """Inf and NaN output gradients where PyTorch puts them (the window's first maximum), no
+    NaN spread over the window: both CUDA kernels and the standard version."""
+    fast, std = kernels
+    check_max_pool_of_nonfinite_gradients([std, fast], rng, *case, dtype, device=cp.asarray,
+                                          host=host)
+
+
 @pytest.mark.parametrize("case", POOL_PADDED)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_padded_max_and_average_pools_in_one_launch_each_way(cp, kernels, rng, case, dtype):
@@ -877,6 +894,22 @@ def test_softmax_cross_entropy(cp, kernels, rng, rows, classes, smoothing, level
     _equal(got_grad, want_grad.astype(cp.float16))
     np.testing.assert_allclose(host(got_stats[0]), host(want_stats[0]), rtol=tol, atol=tol)
     assert float(got_stats[1]) == float(want_stats[1])
+
+
+@pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_in_one_launch(cp, kernels, rng, rows, classes, smoothing, levels, dtype):
+    """A model's probabilities at inference (a row a thread, a row a warp), in the
+    parameters' dtype, from logits of that dtype or float16/bfloat16 ones (mixed precision),
+    as the standard version gives them from the logits' cast."""
+    fast, std = kernels
+    z = _random(cp, rng, (rows, classes), dtype, levels) * (1 if levels else 30)
+    tol = 1e-6 if dtype == "float32" else 1e-14
+    halves = [cp.float16] + ([np.dtype(ml_dtypes.bfloat16)] if HAS_BFLOAT16 else [])
+    for logits in [z] + [z.astype(half) for half in halves]:
+        got, want = fast.softmax(logits, z.dtype), std.softmax(logits, z.dtype)
+        assert got.dtype == z.dtype
+        np.testing.assert_allclose(host(got), host(want), rtol=tol * 10, atol=tol)
 
 
 @pytest.mark.parametrize("rows", [3, 700, 5000])
@@ -1090,6 +1123,30 @@ def test_training_on_the_gpu_matches_the_standard_path_and_numpy(conv_algorithm)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(p_fast, p_ref, rtol=1e-4, atol=1e-6)
     assert isinstance(p_fast, np.ndarray)  # results come back to the host
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
+@pytest.mark.parametrize("functional", [False, True], ids=["sequential", "functional"])
+def test_a_frozen_trunk_keeps_nothing_for_backward_on_the_gpu(cp, functional, precision,
+                                                               monkeypatch):
+    """The layers before every trained one keep nothing from a training pass on the GPU's
+    kernels too (in steps captured and replayed where a GPU can), and the model ends
+    training as the same model whose trunk keeps what it did before, bit for bit (Dropout's
+    draws, a frozen BatchNorm2D's running statistics: see test_backends)."""
+    from test_backends import assert_trained_alike, train_frozen_trunk
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 40)
+    lean, trunk = train_frozen_trunk("cuda", data, functional, monkeypatch,
+                                     precision=precision)
+    assert {layer.name: kept_for_backward(layer) for layer in trunk} == \
+        {layer.name: [] for layer in trunk}
+    keeping, trunk = train_frozen_trunk("cuda", data, functional, monkeypatch, keep_all=True,
+                                        precision=precision)
+    assert any(kept_for_backward(layer) for layer in trunk)
+    assert_trained_alike(lean, keeping)
+    if not EMULATED:  # (the emulator has no streams to capture on)
+        assert lean.cuda_graphs_reason == "" and len(lean._graphs.graphs) == 1
 
 
 def test_weighted_training_on_the_gpu_matches_numpy(cp, monkeypatch):

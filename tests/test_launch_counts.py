@@ -10,6 +10,8 @@ by a MiB or more.
     PYTHONPATH=$PWD:tests python tests/launch_counter.py  # the breakdowns, batch 128
 """
 
+import gc
+
 import numpy as np
 import pytest
 from cuda_emulator import RawKernel, needs_compiler
@@ -35,6 +37,7 @@ from xpcnn.layers import (
     Flatten,
     GlobalAvgPool2D,
     MaxPool2D,
+    ReLU,
     Softmax,
 )
 
@@ -194,6 +197,34 @@ def test_the_loss_takes_one_launch_for_one_hot_targets_and_sample_weights(
     assert launch_count(loss) == 1, breakdown(launches)
 
 
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
+@pytest.mark.parametrize("call", ["model(x)", "predict"])
+def test_inference_ends_in_one_softmax_launch(fast_cupy, call, precision):
+    """A model ending in Softmax at inference: its layers' launches, then the softmax in one
+    (its cast from float16 logits included), and predict's one batch not copied to be joined:
+    5 launches for Flatten -> Dense(relu) -> Dense -> Softmax in float32 (it took 10, and
+    predict 11: a cast of the logits to their own dtype, five for the softmax, a concatenate),
+    6 under mixed precision (the weights' cast)."""
+    rng = np.random.default_rng(0)
+    with counting(fast_cupy) as counter:
+        model = xpcnn.Sequential([Flatten(), Dense(64, activation="relu"), Dense(10), Softmax()],
+                                 input_shape=(8, 8, 4), device=counting_backend(), seed=0)
+        model.compile(optimizer=OPTIMIZERS["sgd"](), precision=precision, cuda_graphs=False)
+        x = device_array(rng.standard_normal((128, 8, 8, 4)).astype(np.float32))
+        run = (lambda: model(x)) if call == "model(x)" else (
+            lambda: model.predict(x, batch_size=128))
+        want = run()
+        counter.active = True
+        got = run()
+        counter.active = False
+        launches = list(counter.launches)
+    assert launch_count(launches) == {"float32": 5, "mixed_float16": 6}[precision], (
+        breakdown(launches))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.asarray(got).dtype == np.float32
+    np.testing.assert_allclose(np.asarray(got).sum(axis=1), 1.0, rtol=1e-5)
+
+
 # Launches of one eager float32 step (SGD with momentum, cuda_graphs=False) of small models
 # whose pooling once left its kernels: a GlobalAvgPool2D head's gradient, a broadcast view,
 # put the MaxPool2D or FeatureNorm before it on its standard path (41 and 24 launches), an
@@ -238,3 +269,37 @@ def test_pooling_keeps_to_its_kernels(fast_cupy, name):
         launches = list(counter.launches)
         model._read_totals()
     assert launch_count(launches) == pinned, breakdown(launches)
+
+
+# The peak device memory in MiB (within 1 MiB) of one eager float32 step at batch 64 of four
+# Conv2D -> BatchNorm2D -> ReLU blocks on 32 x 32 x 16 images (4 MiB an activation) and a
+# GlobalAvgPool2D -> Dense head: with every layer before the Dense frozen, what the model's
+# inference holds (the trunk keeps nothing for a backward that never runs; it kept 40.1 MiB
+# while it did, as much as the whole model's step).
+FROZEN_TRUNK_MIB = {"trunk frozen": 12.1, "nothing frozen": 40.2}
+
+
+@pytest.mark.parametrize("frozen", list(FROZEN_TRUNK_MIB))
+def test_a_frozen_trunk_keeps_no_activations_for_backward(fast_cupy, frozen):
+    rng = np.random.default_rng(0)
+    with counting(fast_cupy) as counter:
+        blocks = [[Conv2D(16, 3, padding="same", use_bias=False), BatchNorm2D(), ReLU()]
+                  for _ in range(4)]
+        model = xpcnn.Sequential([*sum(blocks, []), GlobalAvgPool2D(), Dense(10), Softmax()],
+                                 input_shape=(32, 32, 16), device=counting_backend(), seed=0)
+        if frozen == "trunk frozen":
+            for layer in model.layers[:-2]:
+                layer.trainable = False
+        model.compile(optimizer=OPTIMIZERS["sgd"](), cuda_graphs=False)
+        x = device_array(rng.standard_normal((64, 32, 32, 16)).astype(np.float32))
+        y = device_array(rng.integers(0, 10, 64))
+        model.train_step(x, y)
+        gc.collect()
+        MEMORY.start()
+        counter.active = True
+        model.train_step(x, y)
+        counter.active = MEMORY.active = False
+        model._read_totals()
+    pinned, peak = FROZEN_TRUNK_MIB[frozen], MEMORY.peak / 2**20
+    assert abs(peak - pinned) < 1.0, (f"{frozen}: {peak:.2f} MiB at a step's peak, pinned "
+                                      f"{pinned}:\n{MEMORY.breakdown()}")

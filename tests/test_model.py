@@ -174,6 +174,17 @@ def test_predict_returns_the_logits_of_a_model_without_a_final_softmax(data):
                                rtol=1e-12)
 
 
+def test_one_batch_outputs_are_never_the_callers_input():
+    """predict's one batch is not copied to be joined, and the softmax gives a new array:
+    still, a model of views alone (a Flatten) gives a copy, never the caller's images."""
+    x = np.random.default_rng(0).standard_normal((5, 2, 2, 3)).astype(np.float32)
+    for layers in ([Flatten()], [Flatten(), Softmax()]):
+        model = xpcnn.Sequential(layers, input_shape=(2, 2, 3))
+        for out in (model.predict(x), np.asarray(model(x)), model.predict_on_batch(x)):
+            assert not np.shares_memory(out, x)
+            assert out.shape == (5, 12)
+
+
 def test_save_and_load_round_trip(data, tmp_path):
     model = trained(data)
     path = tmp_path / "m.npz"

@@ -529,3 +529,23 @@ def test_global_average_pooling_gradient_of_a_large_float16_map(fast):
         set_fast_path(True)
     assert dx.dtype == np.float16 and dx.shape == (1, 256, 256, 1)
     np.testing.assert_array_equal(dx, np.float16(3 / 65536))
+
+
+@pytest.mark.parametrize("shape", [(128, 28, 28, 4), (100_000, 2)])
+def test_standard_batch_norm_statistics_of_data_far_from_zero(shape):
+    """float32 data 1e4 + N(0, 1): the standard path's mean over the outer axes was one running
+    float32 sum (a variance of 56 where it is 1; the mean off by 7 standard deviations); shifted
+    by the first position's values, both are within float32's reach of float64's."""
+    import array_api_strict as xs
+
+    x = (np.random.default_rng(0).standard_normal(shape) + 1e4).astype(np.float32)
+    c = shape[-1]
+    x64 = x.astype(np.float64).reshape(-1, c)
+    for xp, to in ((xpn, np.asarray), (xs, np.asarray)):
+        ones, zeros = xp.ones(c, dtype=xp.float32), xp.zeros(c, dtype=xp.float32)
+        _, mean, inv_std = StandardKernels(xp).batch_norm_train(
+            xp.asarray(x), ones, zeros, xp.zeros(c, dtype=xp.float32),
+            xp.ones(c, dtype=xp.float32), 0.1, 1e-5, xp.float32, False)
+        var = 1 / to(inv_std).astype(np.float64) ** 2 - 1e-5
+        np.testing.assert_allclose(to(mean), x64.mean(axis=0), rtol=1e-7)
+        np.testing.assert_allclose(var, x64.var(axis=0), rtol=1e-3)

@@ -438,6 +438,9 @@ def test_a_window_that_does_not_fit_deep_in_a_channels_first_model_names_its_inp
      r"leaves the padding out of its means \(count_include_pad=False only\)$"),
     (lambda: BatchNorm2D(num_features=16), r"leave num_features out$"),
     (lambda: BatchNorm2D(affine=False), r"affine=True only"),
+    (lambda: BatchNorm2D(bias=False), r"^BatchNorm2D\(bias=False\): .*\(bias=True only\)$"),
+    (lambda: MaxPool2D(2, return_indices=True), r"^MaxPool2D\(return_indices=True\): .*"
+                                                r"xpcnn's MaxPool2D gives no indices"),
     (lambda: xpcnn.layers.ReLU(inplace=True), r"^ReLU\(inplace=True\): .*in place"),
     (lambda: Flatten(start_dim=2), r"start_dim=1, end_dim=-1 only"),
     (lambda: xpcnn.layers.Softmax(dim=1), r"dim=-1 only; for \(N, classes\) scores that is "
@@ -453,7 +456,7 @@ def test_pytorchs_layer_defaults_spelled_out_are_taken():
     layers = [Conv2D(8, 3, dilation=1, padding_mode="zeros", device=None),
               MaxPool2D(2, dilation=(1, 1), ceil_mode=False, return_indices=False),
               AvgPool2D(2, count_include_pad=False, divisor_override=None),
-              BatchNorm2D(affine=True, track_running_stats=True),
+              BatchNorm2D(affine=True, track_running_stats=True, bias=True, dtype=None),
               xpcnn.layers.Dropout(0.5, inplace=False), xpcnn.layers.ReLU(inplace=False),
               Flatten(start_dim=1, end_dim=-1), xpcnn.layers.Softmax(dim=-1)]
     plain = [Conv2D(8, 3), MaxPool2D(2), AvgPool2D(2), BatchNorm2D(), xpcnn.layers.Dropout(0.5),
@@ -464,6 +467,12 @@ def test_pytorchs_layer_defaults_spelled_out_are_taken():
         assert config == want
     with pytest.raises(InputError, match=r"ceil_mode=False only"):
         MaxPool2D(2, ceil_mode=1)  # (1 is not False: is_one_of compares types too)
+    # (each pool by its own nn twin: nn.AvgPool2d has no return_indices, nn.MaxPool2d no
+    # count_include_pad; was: one table for both, each explaining the other)
+    for make in (lambda: AvgPool2D(2, return_indices=False),
+                 lambda: MaxPool2D(2, count_include_pad=False)):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
+            make()
 
 
 def test_a_users_layer_keeps_its_own_keywords_of_pytorchs_names():

@@ -83,6 +83,24 @@ def test_a_right_users_layer_trains_and_a_frozen_ones_gradients_are_not_read():
     m.train_on_batch(X, Y)  # (frozen: its grads are not the optimiser's)
 
 
+@DEVICES
+def test_a_users_layer_whose_backward_never_runs_keeps_what_its_forward_keeps(device):
+    """Before every trained layer, a user's layer reading no options (its own, and a subclass
+    calling Dense's forward without them) keeps what its forward keeps, as by itself
+    (Options.keep_for_backward is for xpcnn's own layers), and the model trains as with
+    xpcnn's Dense there, which keeps nothing."""
+    own, sub, dense = Scale(trainable=False), MyDense(6, trainable=False), L.Dense(6)
+    dense.trainable = False
+    models = [xpcnn.Sequential([first, middle, L.Dense(4), L.Softmax()], seed=0, device=device)
+              for first, middle in ((own, sub), (Scale(trainable=False), dense))]
+    for m in models:
+        m.compile(optimizer=xpcnn.optim.SGD(0.1))
+        m.fit(X, Y, epochs=2, batch_size=4, verbose=0)
+    assert own._x is not None and sub._cache_x is not None and dense._cache_x is None
+    for a, b in zip(*(m.get_weights() for m in models), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 # -- 2, 3: a user's softmax at the end runs as written ----------------------------------------
 
 class TempSoftmax(L.Softmax):

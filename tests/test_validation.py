@@ -30,6 +30,7 @@ from xpcnn.layers import (
     Rescaling,
     Softmax,
 )
+from xpcnn.layers.base import Options
 from xpcnn.losses import SoftmaxCrossEntropy
 
 X, Y = four_class_data()
@@ -337,6 +338,10 @@ def test_backward_needs_a_training_forward_before_it(layer, rng):
     layer.backward(dy)
     with pytest.raises(InputError, match="for one backward"):
         layer.backward(dy)  # a second time
+    # (a pass keeping nothing for backward, as a model's plan runs a frozen trunk, has none)
+    layer.forward(x, True, Options(keep_for_backward=False))
+    with pytest.raises(InputError, match="keep_for_backward=False"):
+        layer.backward(dy)
 
 
 @pytest.mark.parametrize("augment", [RandomFlip, lambda: RandomCrop(1)],

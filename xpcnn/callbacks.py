@@ -1321,7 +1321,13 @@ class CSVLogger(Callback):
         # (the file this fit writes, its checkpoints record and a resume looks up: a relative
         # name is of the working folder now, as Keras 3 opens its file as fit begins; a later
         # chdir moves no row)
-        self.path = os.path.join(os.getcwd(), self.filename)
+        try:  # (an absolute name needs no working folder)
+            self.path = self.filename if os.path.isabs(self.filename) else os.path.join(
+                os.getcwd(), self.filename)
+        except OSError as e:  # (the working folder was deleted)
+            raise InputError(f"cannot write the CSVLogger file {self.filename!r}: a relative "
+                             f"name, and the working folder is gone ({e.strerror or e}): give "
+                             "an absolute path") from None
         self.backup: dict[str, Any] | None = None  # the file at the checkpoint resumed from
         # (the record of the file as last read, and its stat: see backup_record)
         self._hashed: tuple[tuple[int, ...], dict[str, Any]] | None = None

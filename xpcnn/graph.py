@@ -14,7 +14,9 @@ pool, FeatureNorm or Dropout reading it alone, and lets an ``Add`` with its ReLU
 gradients of an output read twice as it applies the ReLU's (one pass over a batch fewer each
 time). Only passes that read the options take part: a user's subclass overriding ``forward``
 or ``backward`` (a leaky ``ReLU``, a ``BatchNorm2D`` calling ``super().forward(x, training)``)
-is neither fused away nor handed another layer's work (:func:`_takes`).
+is neither fused away nor handed another layer's work (:func:`_takes`). A layer whose backward
+never runs (a frozen trunk's, before every trained layer) keeps nothing for it in a training
+pass (``Options.keep_for_backward``: a frozen backbone holds no activations, as in PyTorch).
 Nothing is set on the layers or switched on and off around a pass: a layer called by itself
 always gets the default options and does all its own work.
 """
@@ -370,14 +372,15 @@ def compile_plan(layers: list[Layer], inbound: list[Inbound], drop_last: bool,
         checked = not checks.of_xpcnn(type(layer).__module__)
         if checked:
             _check_pass_signatures(layer)
+        # (a step whose backward never runs, before every trained layer, keeps nothing for it)
+        backward = need_dx[j] or bool(layer.trainable and layer.params)
         options = Options(fused_relu=j in fused, skip_relu_grad=j in skip,
                           apply_input_relu_grad=j in apply, sum_output_grads=out in gathered,
                           need_input_grad=need_dx[j], cast_input=cast_input and 0 in ins,
-                          logits=logits and not drop_last and out == result)
+                          logits=logits and not drop_last and out == result,
+                          keep_for_backward=backward)
         release = tuple(sorted({i for i in ins if last_read[i] == j and i != result}))
-        steps.append(Step(layer, ins, out, options,
-                          need_dx[j] or bool(layer.trainable and layer.params), release,
-                          checked))
+        steps.append(Step(layer, ins, out, options, backward, release, checked))
     return Plan(tuple(steps), result, len(layers) + 1, frozenset(needs), gathered, cast_input,
                 untrainable)
 

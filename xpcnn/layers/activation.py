@@ -44,7 +44,8 @@ class ReLU(Layer):
         kern = kernels_for(self.backend)
         if not training:  # (a training pass's mask left alone: see Layer, threads)
             return kern.relu(x, self.max_value)
-        if options.skip_relu_grad:  # (then the next layer applies the gradient)
+        # (the next layer applies the gradient, or no backward runs: keep_for_backward)
+        if options.skip_relu_grad or not options.keep_for_backward:
             self._cache_mask = None
             return kern.relu(x, self.max_value)
         # The gradient passes where the output is strictly inside (0, max_value). Kept as a
@@ -67,8 +68,8 @@ class Softmax(Layer):
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         xp = self.xp
         y = softmax(xp, xp.astype(x, self.dtype, copy=False))
-        if training:
-            self._cache_y = y
+        if training:  # (nothing kept where no backward runs: keep_for_backward)
+            self._cache_y = y if options.keep_for_backward else None
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:

@@ -175,13 +175,17 @@ KERAS_DEFAULTS: dict[str, dict[str, tuple[Any, ...]]] = {
 _INFERRED = "xpcnn infers it from the input: leave {key} out"
 _IN_PLACE = "xpcnn's layers do not work in place (inplace=False only)"
 _TORCH_DILATION = "no dilation (dilation=1 only)"
+_TORCH_POOL: dict[str, tuple[str, ...] | str] = {
+    "kernel_size": ("pool_size",), "stride": ("strides",),
+    "ceil_mode": ("xpcnn's pools round the output size down (ceil_mode=False only): pad the "
+                  "input for a last, partial window")}
 #: PyTorch's keywords of every nn layer that xpcnn's layers do not take.
 _TORCH_COMMON: dict[str, tuple[str, ...] | str] = {
     "device": ("a layer's device is its model's: Sequential(device='cuda'), or move the model "
                "with model.to('cuda')"),
 }
 #: PyTorch's keywords of each built-in layer's nn twin that it does not take (by the name of
-#: the xpcnn class whose constructor is called): xpcnn's (Keras') name for the setting, as a
+#: the xpcnn class, the first of its MRO with a table): xpcnn's (Keras') name for the setting, as a
 #: 1-tuple, or what to do instead. For a line-by-line port of an nn.Module.
 TORCH_KEYWORDS: dict[str, dict[str, tuple[str, ...] | str]] = {
     "Conv2D": {"in_channels": _INFERRED, "out_channels": ("filters",),
@@ -189,15 +193,16 @@ TORCH_KEYWORDS: dict[str, dict[str, tuple[str, ...] | str]] = {
                "dilation": f"xpcnn's Conv2D has {_TORCH_DILATION}",
                "padding_mode": "xpcnn's Conv2D pads with zeros (padding_mode='zeros' only)"},
     "Dense": {"in_features": _INFERRED, "out_features": ("units",), "bias": ("use_bias",)},
-    "_Pool2D": {"kernel_size": ("pool_size",), "stride": ("strides",),
-                "dilation": f"xpcnn's pools have {_TORCH_DILATION}",
-                "ceil_mode": ("xpcnn's pools round the output size down (ceil_mode=False only): "
-                              "pad the input for a last, partial window"),
-                "return_indices": "xpcnn's MaxPool2D gives no indices (return_indices=False only)",
-                "count_include_pad": ("xpcnn's AvgPool2D leaves the padding out of its means "
-                                      "(count_include_pad=False only)"),
-                "divisor_override": "xpcnn's AvgPool2D divides by the window's size"},
+    "MaxPool2D": {**_TORCH_POOL, "dilation": f"xpcnn's MaxPool2D has {_TORCH_DILATION}",
+                  "return_indices": ("xpcnn's MaxPool2D gives no indices (return_indices=False "
+                                     "only)")},
+    "AvgPool2D": {**_TORCH_POOL,
+                  "count_include_pad": ("xpcnn's AvgPool2D leaves the padding out of its means "
+                                        "(count_include_pad=False only)"),
+                  "divisor_override": "xpcnn's AvgPool2D divides by the window's size"},
     "BatchNorm2D": {"num_features": _INFERRED,
+                    "bias": ("xpcnn's BatchNorm2D always learns an offset, beta (bias=True "
+                             "only)"),
                     "affine": ("xpcnn's BatchNorm2D always learns a scale and an offset "
                                "(affine=True only)"),
                     "track_running_stats": ("xpcnn's BatchNorm2D always keeps running statistics "
@@ -213,15 +218,16 @@ TORCH_KEYWORDS: dict[str, dict[str, tuple[str, ...] | str]] = {
 #: does (PyTorch's default spelled out, mostly).
 TORCH_DEFAULTS: dict[str, dict[str, tuple[Any, ...]]] = {
     "Conv2D": {"dilation": (1, (1, 1)), "padding_mode": ("zeros",)},
-    "_Pool2D": {"dilation": (1, (1, 1)), "ceil_mode": (False,), "return_indices": (False,),
-                "count_include_pad": (False,), "divisor_override": (None,)},
-    "BatchNorm2D": {"affine": (True,), "track_running_stats": (True,)},
+    "MaxPool2D": {"dilation": (1, (1, 1)), "ceil_mode": (False,), "return_indices": (False,)},
+    "AvgPool2D": {"ceil_mode": (False,), "count_include_pad": (False,),
+                  "divisor_override": (None,)},
+    "BatchNorm2D": {"affine": (True,), "track_running_stats": (True,), "bias": (True,)},
     "Dropout": {"inplace": (False,)},
     "ReLU": {"inplace": (False,)},
     "Flatten": {"start_dim": (1,), "end_dim": (-1,)},
     "Softmax": {"dim": (-1,)},
 }
-_ANY_LAYER = {"device": (None,)}
+_ANY_LAYER = {"device": (None,), "dtype": (None,)}  # (PyTorch's defaults)
 
 
 def _torch_instead(name: str, key: str, value: Any, why: tuple[str, ...] | str) -> str:
@@ -241,8 +247,10 @@ def refuse_foreign_keywords(cls: type, init: Any, given: dict[str, Any]) -> dict
     if not module.startswith("xpcnn.") or takes_keywords(init):  # (a user's constructor)
         return given
     owner = owner.partition(".")[0]
-    keras, torch = KERAS_KEYWORDS.get(owner, {}), TORCH_KEYWORDS.get(owner, {})
-    defaults = {**_ANY_LAYER, **TORCH_DEFAULTS.get(owner, {}), **KERAS_DEFAULTS.get(owner, {})}
+    # (PyTorch's tables by class: MaxPool2D and AvgPool2D share a constructor, not nn twins)
+    twin = next((c.__name__ for c in cls.__mro__ if c.__name__ in TORCH_KEYWORDS), owner)
+    keras, torch = KERAS_KEYWORDS.get(owner, {}), TORCH_KEYWORDS.get(twin, {})
+    defaults = {**_ANY_LAYER, **TORCH_DEFAULTS.get(twin, {}), **KERAS_DEFAULTS.get(owner, {})}
     taken = named_parameters(init)
     name = cls.__name__
     kept = {}

@@ -89,7 +89,8 @@ class Options:
     """How a model's plan asks a layer to run (``forward(x, training, options)`` and
     ``backward(dy, options)``, the same options for both). The defaults are a layer doing all
     its own work, as it does when called by itself; the plan (:mod:`xpcnn.graph`) changes them
-    only to hand work between neighbouring layers, one pass over memory fewer each time."""
+    only to hand work between neighbouring layers, one pass over memory fewer each time, and
+    to leave out work no pass reads (``need_input_grad``, ``keep_for_backward``)."""
 
     #: this layer (``can_fuse_relu``) applies the plain ReLU() that follows it, to each chunk of
     #: its output while it is in cache, and its gradient; the plan skips that ReLU layer.
@@ -113,6 +114,11 @@ class Options:
     #: this layer's softmax activation (the model's last layer) is left to the loss, as a
     #: final Softmax layer is: forward returns the logits, backward takes their gradient.
     logits: bool = False
+    #: False where the plan never runs this layer's backward (a frozen or parameterless layer
+    #: before every trained one): a training forward pass keeps nothing for it (drops what an
+    #: earlier pass kept), and is otherwise the same (Dropout draws, BatchNorm2D's statistics).
+    #: Fixed per plan, so a step captured in a CUDA graph replays it as captured.
+    keep_for_backward: bool = True
 
 
 #: A layer called by itself: it does all its own work.
@@ -1091,7 +1097,9 @@ def _marks_training_pass(forward: Callable[..., Any]) -> Callable[..., Any]:
             return forward(self, x, *args, **kwargs)
         self._backward_ready = False
         y = forward(self, x, *args, **kwargs)
-        self._backward_ready = True
+        # (a pass told to keep nothing for backward, Options.keep_for_backward, has none)
+        options = kwargs.get("options", args[1] if len(args) > 1 else None)
+        self._backward_ready = getattr(options, "keep_for_backward", True)
         return y
 
     return checked
@@ -1107,8 +1115,9 @@ def _needs_training_pass(backward: Callable[..., Any]) -> Callable[..., Any]:
         if not getattr(self, "_backward_ready", False):
             raise InputError(
                 f"layer {self.name!r}: backward() needs a forward(x, training=True) before it "
-                "(a layer keeps what its gradient needs only in training, for one backward; "
-                "a subclass's backward calls super().backward once)"
+                "(a layer keeps what its gradient needs only in training, for one backward, "
+                "and not where its options say keep_for_backward=False; a subclass's "
+                "backward calls super().backward once)"
             )
         self._backward_ready = False
         self._backward_ran = {backward}

@@ -155,9 +155,11 @@ class Conv2D(Layer):
         relu = self.relu_output or options.fused_relu
         y = self._engine().forward(x, kernel, bias, relu)
         if training:  # (under mixed precision the cast kernel is a copy: backward reuses it)
-            self._cache_x, self._cache_kernel, self._cache_x_dtype = x, kernel, x_dtype
+            keep = options.keep_for_backward  # (else no backward runs: nothing kept)
+            self._cache_x, self._cache_kernel, self._cache_x_dtype = \
+                (x, kernel, x_dtype) if keep else (None, None, None)
             # where y > 0 the ReLU's gradient passes (unless the next layer applies it)
-            self._cache_y = y if relu and not options.skip_relu_grad else None
+            self._cache_y = y if keep and relu and not options.skip_relu_grad else None
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:

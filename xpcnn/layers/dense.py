@@ -28,8 +28,8 @@ class Flatten(Layer):
         return (math.prod(input_shape),)
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        if training:
-            self._cache_shape = x.shape
+        if training:  # (nothing kept where no backward runs: keep_for_backward)
+            self._cache_shape = x.shape if options.keep_for_backward else None
         # (the size, not -1, which an empty batch leaves undetermined)
         return self.xp.reshape(x, (x.shape[0], math.prod(x.shape[1:])))
 
@@ -103,10 +103,12 @@ class Dense(Layer):
         if probabilities:  # (in the parameters' dtype, as a Softmax layer computes it)
             y = softmax(self.xp, self.xp.astype(y, self.dtype, copy=False))
         if training:
-            self._cache_x, self._cache_w, self._cache_x_dtype = x, w, x_dtype
+            keep = options.keep_for_backward  # (else no backward runs: nothing kept)
+            self._cache_x, self._cache_w, self._cache_x_dtype = \
+                (x, w, x_dtype) if keep else (None, None, None)
             # where y > 0 the ReLU's gradient passes (unless the next layer applies it)
-            self._cache_y = y if relu and not options.skip_relu_grad else None
-            self._cache_probabilities = y if probabilities else None
+            self._cache_y = y if keep and relu and not options.skip_relu_grad else None
+            self._cache_probabilities = y if keep and probabilities else None
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
@@ -126,8 +128,9 @@ class Dense(Layer):
             self.grads["kernel"] = kern.matmul_tn(self._cache_x, dy)  # (see Layer.grads)
             if self.use_bias:
                 self.grads["bias"] = kern.sum_rows(dy) if bias_grad is None else bias_grad
-        self._cache_x = None
+        # (the weights too: under mixed precision a cast copy, held until the next step)
+        self._cache_x, w, self._cache_w = None, self._cache_w, None
         if not options.need_input_grad:
             return None
-        dx = kern.matmul_nt(dy, self._cache_w)
+        dx = kern.matmul_nt(dy, w)
         return in_dtype(self.xp, dx, self._cache_x_dtype)

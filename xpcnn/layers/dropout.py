@@ -105,19 +105,24 @@ class Dropout(RandomLayer):
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         if not training:  # (a training pass's caches left alone: see Layer, threads)
             return x
+        # (where no backward runs, keep_for_backward, the same draw and nothing kept)
+        keep = options.keep_for_backward
         # (the output of that ReLU, where this layer applies its gradient)
-        self._cache_relu_y = x if options.apply_input_relu_grad else None
+        self._cache_relu_y = x if keep and options.apply_input_relu_grad else None
+        self._cache_keep = self._cache_drawn = None
         if self.rate == 0.0:
             return x
         if not getattr(x.dtype, "isnative", True):  # (NumPy's big-endian floats: as the
             x = self.xp.astype(x, x.dtype.newbyteorder("="))  # other layers, native order)
         # The rate drawn, not the rate asked: the same mask (its threshold is exact in the
         # dtype), scaled by the inverse of the share kept (finite: the share is >= 2**-bits).
-        self._cache_drawn = self._drawn_rate(x.dtype)
+        drawn = self._drawn_rate(x.dtype)
         # (the mask kept as booleans: a quarter of a float mask's memory; the draw counted by
         # the kernels, on CuPy in the same launch)
-        y, self._cache_keep = kernels_for(self.backend).dropout(
-            self.random_state, x, self._cache_drawn, first=self._first(tuple(x.shape)))
+        y, mask = kernels_for(self.backend).dropout(self.random_state, x, drawn,
+                                                    first=self._first(tuple(x.shape)))
+        if keep:
+            self._cache_drawn, self._cache_keep = drawn, mask
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:

@@ -38,9 +38,10 @@ class Add(Layer):
         relu = options.fused_relu
         y = kernels_for(self.backend).add_relu(list(x), relu)
         if training:
-            self._cache_count = len(x)
+            keep = options.keep_for_backward  # (else no backward runs: nothing kept)
+            self._cache_count = len(x) if keep else None
             # where y > 0 the ReLU's gradient passes (unless the next layer applies it)
-            self._cache_y = y if relu and not options.skip_relu_grad else None
+            self._cache_y = y if keep and relu and not options.skip_relu_grad else None
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> list[Any]:

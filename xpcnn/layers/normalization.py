@@ -71,7 +71,9 @@ class FeatureNorm(Layer):
             # Backward recomputes xhat from the input and the per-map statistics, as
             # BatchNorm2D does: the input as given (float16 under mixed precision), not a
             # float32 xhat; the ReLU's mask, where backward applies it, comes from it too.
-            self._cache = (x, mean, inv_std, options.apply_input_relu_grad)
+            # (Nothing kept where no backward runs: keep_for_backward.)
+            self._cache = ((x, mean, inv_std, options.apply_input_relu_grad)
+                           if options.keep_for_backward else None)
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
@@ -159,8 +161,10 @@ class BatchNorm2D(Layer):
         if training:
             # Backward recomputes xhat (and the ReLU's mask) from the input, as cuDNN's does:
             # an input the size of the output's, not a float32 xhat beside it. (The ReLU's
-            # gradient is left to the next layer where it takes it: skip_relu_grad.)
-            self._cache = (x, mean, inv_std, relu and not options.skip_relu_grad)
+            # gradient is left to the next layer where it takes it: skip_relu_grad. Nothing is
+            # kept where no backward runs, keep_for_backward: a frozen trunk's.)
+            self._cache = ((x, mean, inv_std, relu and not options.skip_relu_grad)
+                           if options.keep_for_backward else None)
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:

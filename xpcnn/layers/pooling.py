@@ -62,6 +62,9 @@ class MaxPool2D(_Pool2D):
                     self.strides, self.out_hw)
         if not training:
             return kernels.max_pool(*args)
+        if not options.keep_for_backward:  # (no backward runs: no routes kept)
+            self._cache_routes = None
+            return kernels.max_pool(*args)
         y, routes = kernels.max_pool_train(*args)
         self._cache_routes = (kernels, routes, y)  # the kernels that can read these routes
         return y
@@ -109,8 +112,8 @@ class AvgPool2D(_Pool2D):
         return self._inv_counts
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        if training:
-            self._cache_shape = x.shape
+        if training:  # (nothing kept where no backward runs: keep_for_backward)
+            self._cache_shape = x.shape if options.keep_for_backward else None
         # (float16 and bfloat16 windows summed, and divided, in float32: rounded once)
         return kernels_for(self.backend).avg_pool(x, self.pool_size, self.strides, self.out_hw,
                                                   self.pads, self._inverse_counts())
@@ -138,8 +141,8 @@ class GlobalAvgPool2D(Layer):
         return (input_shape[2],)
 
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
-        if training:
-            self._cache_shape = x.shape
+        if training:  # (nothing kept where no backward runs: keep_for_backward)
+            self._cache_shape = x.shape if options.keep_for_backward else None
         return kernels_for(self.backend).global_avg_pool(x)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:

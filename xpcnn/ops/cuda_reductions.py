@@ -372,6 +372,88 @@ def cross_entropy_kernel(classes: int, dtype: Any) -> tuple[str, int]:
     return "xpcnn_softmax_cross_entropy_rows", CROSS_ENTROPY_THREADS // 32  # (a row a warp)
 
 
+# Softmax of rows of ``classes`` logits in one launch (a model's output at inference, which
+# training leaves to the loss): the standard version's steps (xpcnn.ops.softmax.softmax) on
+# logits of type Z read as their cast to T gives them (exactly, for narrower Z), computed in
+# A: the row's maximum m, e = exp(z - m), their sum s, then e / s rounded to T. Two kernels, as
+# the loss's: xpcnn_softmax a row a thread, the block's rows staged in shared memory in A (read
+# and written by consecutive threads at consecutive addresses), where they fit in STAGED
+# bytes (up to 32 classes in float, 16 in double); xpcnn_softmax_rows a row a warp, the
+# maximum and sum each a tree over the lanes. A NaN or infinite logit gives the row NaN, as
+# the standard version does.
+SOFTMAX_SOURCE = (f"#define THREADS {CROSS_ENTROPY_THREADS}\n"
+                  f"#define STAGED {_CROSS_ENTROPY_STAGED}\n") + r"""
+extern "C" __global__ void xpcnn_softmax(const Z* __restrict__ z, long long n, int classes,
+                                         T* __restrict__ y) {
+    __shared__ __align__(16) unsigned char staging[STAGED];
+    A* tile = (A*)staging;  // (the block's rows, then their probabilities)
+    const int t = threadIdx.x;
+    const long long start = blockIdx.x * (long long)THREADS;  // (the block's first row)
+    const long long count = (n - start < THREADS ? n - start : THREADS) * classes;
+    for (long long k = t; k < count; k += THREADS)
+        tile[k] = (A)xpcnn_widen((T)(A)xpcnn_widen(z[start * classes + k]));
+    __syncthreads();
+    if (start + t < n) {
+        A* row = tile + t * classes;
+        A top = row[0];
+        for (int c = 1; c < classes; ++c) top = row[c] > top ? row[c] : top;
+        A total = (A)0;
+        for (int c = 0; c < classes; ++c) {
+            row[c] = exp(row[c] - top);
+            total += row[c];
+        }
+        for (int c = 0; c < classes; ++c) row[c] = row[c] / total;
+    }
+    __syncthreads();
+    for (long long k = t; k < count; k += THREADS) y[start * classes + k] = (T)tile[k];
+}
+// The largest (with ``larger``) or the sum of the 32 values of a warp's lanes, for each lane
+// of it: a tree in ``s`` (THREADS entries, the block's; every thread of the block takes part).
+__device__ A xpcnn_lanes_reduce(A* s, A v, bool larger) {
+    const int t = threadIdx.x, lane = t % 32;
+    s[t] = v;
+    __syncthreads();
+    for (int half = 16; half > 0; half /= 2) {
+        if (lane < half) s[t] = larger ? (s[t + half] > s[t] ? s[t + half] : s[t])
+                                       : s[t] + s[t + half];
+        __syncthreads();
+    }
+    const A total = s[t - lane];
+    __syncthreads();  // (s is the next tree's)
+    return total;
+}
+extern "C" __global__ void xpcnn_softmax_rows(const Z* __restrict__ z, long long n,
+                                              int classes, T* __restrict__ y) {
+    __shared__ A s[THREADS];
+    const int t = threadIdx.x, lane = t % 32;
+    const long long i = blockIdx.x * (long long)(THREADS / 32) + t / 32;  // (the warp's row)
+    const bool live = i < n;  // (a warp past the last row still takes part in the trees)
+    const Z* row = z + (live ? i : 0) * classes;
+    // (each lane starts from a logit of the row: no infinity needed for a lane with none)
+    A top = (A)xpcnn_widen((T)(A)xpcnn_widen(row[lane < classes ? lane : 0]));
+    for (int c = lane + 32; live && c < classes; c += 32) {
+        const A v = (A)xpcnn_widen((T)(A)xpcnn_widen(row[c]));
+        top = v > top ? v : top;
+    }
+    top = xpcnn_lanes_reduce(s, top, true);
+    A part = (A)0;
+    for (int c = lane; live && c < classes; c += 32)
+        part += exp((A)xpcnn_widen((T)(A)xpcnn_widen(row[c])) - top);
+    const A total = xpcnn_lanes_reduce(s, part, false);
+    for (int c = lane; live && c < classes; c += 32)
+        y[i * classes + c] = (T)(exp((A)xpcnn_widen((T)(A)xpcnn_widen(row[c])) - top) / total);
+}
+"""
+
+
+def softmax_kernel(classes: int, acc: Any) -> tuple[str, int]:
+    """The softmax kernel for rows of ``classes`` logits computed in ``acc`` (float32 or
+    float64), and its rows a block."""
+    if classes * CROSS_ENTROPY_THREADS * np.dtype(acc).itemsize <= _CROSS_ENTROPY_STAGED:
+        return "xpcnn_softmax", CROSS_ENTROPY_THREADS
+    return "xpcnn_softmax_rows", CROSS_ENTROPY_THREADS // 32  # (a row a warp)
+
+
 # FeatureNorm in one launch each way. The data is NHWC: an image is an (H*W, C) row-major
 # matrix, and its statistics are the column means, which a block computes alone: block (n, y)
 # owns channels [32y, 32y + w) of image n (w = min(32, C - 32y)), so it needs no other block

@@ -76,11 +76,13 @@ from .cuda_reductions import (
     HALF,
     LAST_BLOCK,
     SOFTMAX_CROSS_ENTROPY_SOURCE,
+    SOFTMAX_SOURCE,
     SUM_ROWS_LANES,
     SUM_ROWS_SOURCE,
     batch_norm_threads,
     cross_entropy_kernel,
     row_blocks,
+    softmax_kernel,
 )
 from .cuda_updates import (
     ADAM,
@@ -680,6 +682,22 @@ class CupyKernels(StandardKernels):
                 np.float64(smoothing / classes), np.float64(1.0 / n), scale,
                 np.int32(scaled), grad, partials, _counters(z), stats))
         return stats, grad
+
+    def softmax(self, z: Any, dtype: Any) -> Any:
+        t = np.dtype(dtype)
+        # (logits wider than ``dtype``, a row of no class, no row: the standard version)
+        if (z.ndim < 2 or not z.flags.c_contiguous or z.size == 0 or z.dtype not in _FLOAT_DTYPES
+                or t not in _FLOAT_DTYPES or np.result_type(z.dtype, t) != t):
+            return super().softmax(z, dtype)
+        acc = accumulator(cupy, t)
+        classes = z.shape[-1]
+        rows = z.size // classes
+        name, rows_per_block = softmax_kernel(classes, acc)
+        y = cupy.empty(z.shape, t)
+        _raw_kernel(name, SOFTMAX_SOURCE, Z=z.dtype, T=t, A=acc)(
+            (-(-rows // rows_per_block),), (CROSS_ENTROPY_THREADS,),
+            (z, np.int64(rows), np.int32(classes), y))
+        return y
 
     def cast_all(self, arrays: list[Any], dtype: Any) -> list[Any]:
         out = list(arrays)  # (those of the dtype already stay themselves)

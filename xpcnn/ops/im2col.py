@@ -103,46 +103,51 @@ def _patches(xp: Any, kern: Any, x: Any, n0: int, n1: int, pads: Pads, ws: Works
     The chunk is padded into a small buffer of its own (zero border kept across calls), then
     copied into patches (im2col), or read as if padded where the kernels can
     (``pads_in_im2col``); a 1x1 stride-1 kernel without padding or ones reads ``x`` itself.
+    Where the kernels unfold into another dtype (``patch_dtype``: NumPy's, float32 for half
+    floats), the chunk is cast once as it is copied into that buffer, padded or not.
     Buffers are per ``key`` (one per worker thread), sized for ``m`` images; the ones column
     is filled when its buffer is made, and im2col never writes it.
     """
     n, h, w, c = x.shape
     b = n1 - n0
     rows = b * out_hw[0] * out_hw[1]
+    dtype = kern.patch_dtype(x.dtype)
+    copied = any(pads) or dtype != x.dtype  # into the (padded) buffer first
     if kernel == (1, 1) and strides == (1, 1) and not any(pads) and not ones:
-        return xp.reshape(x[n0:n1, ...], (rows, c))
-    if any(pads) and not kern.pads_in_im2col and b == m and ws.keep:
+        return xp.reshape(x[n0:n1, ...], (rows, c))  # (a product casts each element once)
+    if copied and not kern.pads_in_im2col and b == m and ws.keep:
         padded, interior, unfold = _plan(xp, kern, x, pads, ws, key, m, kernel, strides,
                                          out_hw, ones)
         padded[interior] = x[n0:n1, ...]
         return unfold()
     src = x[n0:n1, ...]
     kk = kernel[0] * kernel[1] * c + int(ones)
-    buf = ws.get(xp, key, (m, *out_hw, kk), x.dtype, x.device, fill=1.0 if ones else None)
+    buf = ws.get(xp, key, (m, *out_hw, kk), dtype, x.device, fill=1.0 if ones else None)
     part = buf if b == m else buf[:b, ...]
     if any(pads) and kern.pads_in_im2col:
         return xp.reshape(kern.im2col_into(src, part, kernel, strides, out_hw, pads), (rows, kk))
-    if any(pads):
-        src = _padded(xp, ws, key, m, x, pads)
+    if copied:
+        src = _padded(xp, ws, key, m, x, pads, dtype)
         src = src if b == m else src[:b, ...]
         src[:, pads[0] : pads[0] + h, pads[2] : pads[2] + w, :] = x[n0:n1, ...]
     return xp.reshape(kern.im2col_into(src, part, kernel, strides, out_hw), (rows, kk))
 
 
-def _padded(xp: Any, ws: Workspace, key: str, m: int, x: Any, pads: Pads) -> Any:
-    """The zero-bordered buffer a chunk of ``m`` images of ``x`` is padded into."""
+def _padded(xp: Any, ws: Workspace, key: str, m: int, x: Any, pads: Pads, dtype: Any) -> Any:
+    """The zero-bordered ``dtype`` buffer a chunk of ``m`` images of ``x`` is padded into."""
     n, h, w, c = x.shape
     top, bottom, left, right = pads
-    return ws.get(xp, key + "_pad", (m, h + top + bottom, w + left + right, c), x.dtype,
+    return ws.get(xp, key + "_pad", (m, h + top + bottom, w + left + right, c), dtype,
                   x.device, fill=0.0)
 
 
 def _plan(xp: Any, kern: Any, x: Any, pads: Pads, ws: Workspace, key: str, m: int,
           kernel: tuple[int, int], strides: tuple[int, int], out_hw: tuple[int, int],
           ones: bool) -> tuple[Any, Any, Any]:
-    """For a full chunk of a padded convolution: the padded buffer, the index of its interior
-    (where the chunk goes), and a call that unfolds the padded buffer into the patch buffer and
-    returns the patch matrix (``kern.im2col_plan``). Built once per key and shapes and kept:
+    """For a full chunk of a padded (or cast, see :func:`_patches`) convolution: the padded
+    buffer, the index of its interior (where the chunk goes), and a call that unfolds the
+    padded buffer into the patch buffer and returns the patch matrix
+    (``kern.im2col_plan``). Built once per key and shapes and kept:
     the views, checks and reshapes of every chunk ran under the interpreter lock, one thread at
     a time (``cifar``'s 32x32 layers: every pass 1.04-1.10x faster without them)."""
     sig = (m, tuple(x.shape[1:]), x.dtype, pads, kernel, strides, out_hw, ones)
@@ -150,8 +155,9 @@ def _plan(xp: Any, kern: Any, x: Any, pads: Pads, ws: Workspace, key: str, m: in
     if plan is None or plan[0] != sig:
         h, w, c = x.shape[1:]
         kk = kernel[0] * kernel[1] * c + int(ones)
-        buf = ws.get(xp, key, (m, *out_hw, kk), x.dtype, x.device, fill=1.0 if ones else None)
-        padded = _padded(xp, ws, key, m, x, pads)
+        dtype = kern.patch_dtype(x.dtype)
+        buf = ws.get(xp, key, (m, *out_hw, kk), dtype, x.device, fill=1.0 if ones else None)
+        padded = _padded(xp, ws, key, m, x, pads, dtype)
         interior = (slice(None), slice(pads[0], pads[0] + h), slice(pads[2], pads[2] + w),
                     slice(None))
         plan = (sig, padded, interior, kern.im2col_plan(padded, buf, kernel, strides, out_hw))
@@ -250,7 +256,7 @@ def conv_weight_grad(
     def work(cols: Any, n0: int, n1: int, r0: int, r1: int) -> None:
         d = dy2[r0:r1, :] if relu_y is None else kern.relu_backward(dy2[r0:r1, :],
                                                                      relu_y[r0:r1, :])
-        parts[n0] = kern.matmul_tn(cols, d)
+        parts[n0] = _part(xp, kern.matmul_tn(cols, d), cols, x, d)
 
     m = _for_patch_chunks(xp, kern, x, kernel, strides, pads, out_hw, ws, key, budget,
                           min_chunks, ones, work)
@@ -258,6 +264,16 @@ def conv_weight_grad(
     if ones:
         return dw[:kk, ...], dw[kk, ...]
     return dw, (kern.sum_rows(dy2) if with_bias else None)
+
+
+def _part(xp: Any, product: Any, cols: Any, unfolded: Any, other: Any) -> Any:
+    """A chunk's kernel-gradient part, ``cols^T @ other``, in the dtype the product gives
+    patches of ``unfolded``'s own dtype: the kernels' float32 patches of a half float (see
+    ``patch_dtype``) round it to that half float, as its own patches' product does, before
+    the sum over chunks (the same bits either way)."""
+    if cols.dtype == unfolded.dtype:
+        return product
+    return xp.astype(product, xp.result_type(unfolded.dtype, other.dtype), copy=False)
 
 
 def _sum_in_chunk_order(xp: Any, parts: dict[int, Any], n: int, m: int, shape: tuple[int, ...],
@@ -377,7 +393,8 @@ def conv_grads(
 
     def work(cols: Any, n0: int, n1: int, r0: int, r1: int) -> None:
         kern.matmul_into(cols, wflip2, dx[r0:r1, :])
-        parts[n0] = kern.matmul_tn(cols, xp.reshape(x[n0:n1, ...], (r1 - r0, c)))
+        xs = xp.reshape(x[n0:n1, ...], (r1 - r0, c))
+        parts[n0] = _part(xp, kern.matmul_tn(cols, xs), cols, dy, xs)
         if with_bias:  # the rows of dy this chunk just padded, still in cache
             bias_parts[n0] = kern.sum_rows(dy2[r0:r1, :])
 

@@ -25,7 +25,13 @@ from .convolution import ConvEngine, ConvGeometry, KernelsConv
 from .im2col import im2col_into
 from .pool import max_pool, max_pool_backward, sum_pool, sum_pool_backward
 from .random import uniform
-from .softmax import cross_entropy, loss_and_correct, nan_unless_classes, target_rows
+from .softmax import (
+    cross_entropy,
+    loss_and_correct,
+    nan_unless_classes,
+    softmax,
+    target_rows,
+)
 from .step_record import record_step
 from .windows import Pads, accumulator, pad, unpad
 
@@ -95,6 +101,11 @@ class StandardKernels:
         if bias is not None:
             y = y + bias
         return self.relu(y, None) if relu else y
+
+    def patch_dtype(self, dtype: Any) -> Any:
+        """The dtype convolutions unfold an input of ``dtype`` into (here ``dtype`` itself;
+        NumPy's kernels unfold half floats into float32, see ``NumpyKernels.patch_dtype``)."""
+        return dtype
 
     def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
                     out_hw: tuple[int, int]) -> Any:
@@ -374,7 +385,11 @@ class StandardKernels:
         axes = tuple(range(x.ndim - 1))
         count = math.prod(x.shape[:-1])
         if count:
-            mean = xp.mean(x, axis=axes)
+            # (shifted by the first position's values: a mean over the outer axes is one
+            # running sum, whose rounding is relative to the values summed: 1e4 + N(0, 1) in
+            # float32 gave a variance of 56, not 1)
+            shift = x[(0,) * len(axes) + (...,)]
+            mean = shift + xp.mean(x - shift, axis=axes)
             centred = x - mean
             var = xp.mean(centred * centred, axis=axes)
         else:  # (an empty batch: no mean of nothing, whose NaN its backward would carry)
@@ -470,6 +485,12 @@ class StandardKernels:
         grad = grad if scale is None else grad * scale[0]
         return (nan_unless_classes(xp, stats, labels, z.shape[1]),
                 xp.astype(grad, given, copy=False))
+
+    def softmax(self, z: Any, dtype: Any) -> Any:
+        """softmax(z) over the last axis, of ``z`` cast to ``dtype`` (float32 for float16
+        logits under mixed precision), in ``dtype``: a new array (a model's probabilities at
+        inference)."""
+        return softmax(self.xp, self.xp.astype(z, dtype, copy=False))
 
     def cast_all(self, arrays: list[Any], dtype: Any) -> list[Any]:
         """Each array in ``dtype`` (itself where it is of that dtype already)."""

@@ -48,7 +48,8 @@ def max_pool_backward(xp: Any, x: Any, y: Any, dy: Any, kernel: tuple[int, int],
             else:
                 hit = xp.logical_and(hit, xp.logical_not(taken))
                 taken = xp.logical_or(taken, hit)
-            g = d * xp.astype(hit, acc)
+            # (routed, not multiplied by the hit: an infinite gradient's inf * 0 was NaN)
+            g = xp.where(hit, d, xp.zeros((), dtype=acc, device=dy.device))
             rows, cols = window_slices(i, j, out_hw, strides)
             if overlap:
                 dx[:, rows, cols, :] = dx[:, rows, cols, :] + g

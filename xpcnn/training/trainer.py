@@ -61,7 +61,6 @@ from ..layers.base import Layer
 from ..layers.preprocessing import Normalization
 from ..losses import SoftmaxCrossEntropy, get_loss
 from ..ops.kernels import compute_scope, kernels_for
-from ..ops.softmax import softmax
 from ..optim import Optimizer, get_optimizer
 from ..passes import exclusive_if
 from ..saving.checkpoint import checkpoint_config
@@ -1140,17 +1139,21 @@ class Trainer(TrainingStep):
                             break
                     if not out:  # (as evaluate says)
                         raise InputError("the prediction data gave no batches")
-                    with compute_scope(self.backend):
-                        outputs = self.backend.to_numpy(xp.concat(out))
+                    with compute_scope(self.backend):  # (one batch: no copy to join it)
+                        outputs = self.backend.to_numpy(out[0] if len(out) == 1 else
+                                                        xp.concat(out))
         cbs.on_predict_end()
         return outputs
 
     def _outputs(self, xb: Any) -> Any:
         """The model's outputs for a device batch, as :meth:`predict` gives them, on the
         device (inside the caller's compute scope)."""
-        xp = self.backend.xp
-        z = xp.astype(self._logits(xb, training=False, in_scope=True), self._param_dtype)
-        return softmax(xp, z) if self._fused_softmax() else z
+        z = self._logits(xb, training=False, in_scope=True)
+        if self._fused_softmax():  # (one launch on CuPy, cast included: a new array)
+            return kernels_for(self.backend).softmax(z, self._param_dtype)
+        # (a copy even where the dtype is the same: a model of views alone, a Flatten, would
+        # give the caller's own input back)
+        return self.backend.xp.astype(z, self._param_dtype)
 
     def _outputs_of_batch(self, x: Any) -> Any:
         """``model(x)`` on one batch of arrays: :meth:`predict_on_batch`'s outputs, left on the
