@@ -55,6 +55,14 @@ __device__ long long xpcnn_window(long long r, int H, int W, int C, int Ho, int 
 }
 """
 
+# The windows along one axis that cover padded position p (>= 0, so C's division is floor's):
+# from the first whose last element reaches p to the last that starts at or before it (none
+# where first > last: a stride wider than the window).
+_COVERING = """
+__device__ int xpcnn_first_window(int p, int k, int s) { return p < k ? 0 : (p - k) / s + 1; }
+__device__ int xpcnn_last_window(int p, int s, int n) { return p / s < n - 1 ? p / s : n - 1; }
+"""
+
 # Maximum of each window of x (N, H, W, C) read as if padded by ``top`` rows and ``left``
 # columns of ``lowest`` (-inf; no padded copy), NaN propagating as xp.maximum does; the
 # window's first element starts the maximum as it is read (each element read once:
@@ -164,10 +172,8 @@ MAX_POOL_GATHER_BACKWARD = cupy.ElementwiseKernel(
     const int h = r % H;
     const long long img = r / H;
     const int hp = h + top, wp = w + left;  // (in the padded input)
-    const int oh_last = hp / sh < Ho - 1 ? hp / sh : Ho - 1;
-    const int oh_first = hp < kh ? 0 : (hp - kh) / sh + 1;
-    const int ow_last = wp / sw < Wo - 1 ? wp / sw : Wo - 1;
-    const int ow_first = wp < kw ? 0 : (wp - kw) / sw + 1;
+    const int oh_first = xpcnn_first_window(hp, kh, sh), oh_last = xpcnn_last_window(hp, sh, Ho);
+    const int ow_first = xpcnn_first_window(wp, kw, sw), ow_last = xpcnn_last_window(wp, sw, Wo);
     const T mine = x[i];
     A total = (A)0;
     for (int oh = oh_last; oh >= oh_first; --oh) {
@@ -196,7 +202,7 @@ MAX_POOL_GATHER_BACKWARD = cupy.ElementwiseKernel(
     dx = (G)total;
     """,
     "xpcnn_max_pool_gather_backward",
-    preamble=ACC,
+    preamble=ACC + _COVERING,
 )
 
 # y + bias (then ReLU) in place on the (rows, K) output of a matmul.
@@ -334,10 +340,8 @@ AVG_POOL_BACKWARD = cupy.ElementwiseKernel(
     const int h = r % H;
     const long long img = r / H;
     const int hp = h + top, wp = w + left;  // (in the padded input)
-    const int oh_last = hp / sh < Ho - 1 ? hp / sh : Ho - 1;
-    const int oh_first = hp < kh ? 0 : (hp - kh) / sh + 1;
-    const int ow_last = wp / sw < Wo - 1 ? wp / sw : Wo - 1;
-    const int ow_first = wp < kw ? 0 : (wp - kw) / sw + 1;
+    const int oh_first = xpcnn_first_window(hp, kh, sh), oh_last = xpcnn_last_window(hp, sh, Ho);
+    const int ow_first = xpcnn_first_window(wp, kw, sw), ow_last = xpcnn_last_window(wp, sw, Wo);
     A total = (A)0;
     for (int oh = oh_last; oh >= oh_first; --oh) {
         for (int ow = ow_last; ow >= ow_first; --ow) {
@@ -348,5 +352,5 @@ AVG_POOL_BACKWARD = cupy.ElementwiseKernel(
     dx = (G)total;
     """,
     "xpcnn_avg_pool_backward",
-    preamble=ACC + _ROUNDED_PRODUCT,
+    preamble=ACC + _ROUNDED_PRODUCT + _COVERING,
 )
