@@ -13,6 +13,7 @@ less moved by other tenants' bursts than a median).
     git worktree add /tmp/xpcnn-old HEAD~3
     python scripts/compare_revisions.py --old /tmp/xpcnn-old
     python scripts/compare_revisions.py --old /tmp/xpcnn-old --specs cifar:train --rounds 16
+    python scripts/compare_revisions.py --old /tmp/xpcnn-old --specs resnet20:train,mnist-bn:train
     python scripts/compare_revisions.py --old .   # the tree against itself: the noise floor
 """
 
@@ -29,7 +30,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-INPUTS = {"notebook": (32, 32, 3), "mnist": (28, 28, 1), "cifar": (32, 32, 3)}
+INPUTS = {"notebook": (32, 32, 3), "mnist": (28, 28, 1), "cifar": (32, 32, 3),
+          "mnist-bn": (28, 28, 1), "resnet20": (32, 32, 3)}
 
 
 def load_old(path: Path) -> Any:
@@ -50,8 +52,9 @@ def step_function(lib: Any, name: str, mode: str, batch: int) -> Any:
     """One training step or one inference batch of reference model ``name`` in ``lib``; or
     (``fit``) one ``fit`` epoch of four shuffled batches of host uint8 images, as users call
     it: the loop around the steps too."""
-    layers = importlib.import_module(f"{lib.__name__}.models").build_layers(name, 10)
-    model = lib.Sequential(layers, input_shape=INPUTS[name], seed=0)
+    models = importlib.import_module(f"{lib.__name__}.models")
+    model = models.resnet20(10, seed=0) if name == "resnet20" else lib.Sequential(
+        models.build_layers(name, 10), input_shape=INPUTS[name], seed=0)
     model.compile(loss="cross_entropy", optimizer=lib.optim.SGD(0.01, momentum=0.9))
     rng = np.random.default_rng(1)
     if mode == "fit":
