@@ -21,6 +21,7 @@ PyTorch is optional: without it, only xpcnn and the peak are reported.
     python scripts/bench.py                       # notebook, mnist, cifar at batch 128
     python scripts/bench.py --models cifar --steps 30 --json bench.json
     python scripts/bench.py --layers              # each layer alone, forward / backward
+    python scripts/bench.py --layers --models mnist-bn   # BatchNorm2D too
     python scripts/bench.py --functional --models cifar   # Sequential vs the same functional Model
 """
 
@@ -37,7 +38,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-MODELS = ("notebook", "mnist", "cifar")
+MODELS = ("notebook", "mnist", "cifar", "mnist-bn")  # (the default: the first three)
 CLASSES = 10
 LR = 0.01
 MOMENTUM = 0.9
@@ -93,7 +94,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import xpcnn  # noqa: E402
-from xpcnn.layers import Conv2D, Dense, FeatureNorm, MaxPool2D, ReLU  # noqa: E402
+from xpcnn.layers import BatchNorm2D, Conv2D, Dense, FeatureNorm, MaxPool2D, ReLU  # noqa: E402
 from xpcnn.layers.base import Options  # noqa: E402
 from xpcnn.models import INPUT_SHAPES, build_layers  # noqa: E402
 from xpcnn.ops.kernels import compute_scope, fast_kernels  # noqa: E402
@@ -459,7 +460,7 @@ def _median_ms(fn: Any, before: Any = None) -> float:
 
 
 # layers timed one at a time by --layers (the rest have no gradient, or next to no work)
-TIMED_LAYERS = (Conv2D, Dense, MaxPool2D, FeatureNorm, ReLU)
+TIMED_LAYERS = (Conv2D, Dense, MaxPool2D, FeatureNorm, BatchNorm2D, ReLU)
 
 
 def bench_layers(names: list[str]) -> list[dict[str, Any]]:
