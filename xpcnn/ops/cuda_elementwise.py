@@ -55,12 +55,28 @@ __device__ long long xpcnn_window(long long r, int H, int W, int C, int Ho, int 
 }
 """
 
-# The windows along one axis that cover padded position p (>= 0, so C's division is floor's):
-# from the first whose last element reaches p to the last that starts at or before it (none
-# where first > last: a stride wider than the window).
+# Input element i (C-order over (N, H, W, C)) of a pool's gradient kernel: its image, channel,
+# position in the padded input, and the (Ho, Wo) windows that cover it, along each axis from
+# the first whose last element reaches it to the last that starts at or before it (none where
+# first > last: a stride wider than the window). Positions are >= 0, so C's division is floor's.
 _COVERING = """
 __device__ int xpcnn_first_window(int p, int k, int s) { return p < k ? 0 : (p - k) / s + 1; }
 __device__ int xpcnn_last_window(int p, int s, int n) { return p / s < n - 1 ? p / s : n - 1; }
+struct XpcnnCover { long long img; int c, hp, wp, oh_first, oh_last, ow_first, ow_last; };
+__device__ XpcnnCover xpcnn_cover(long long r, int H, int W, int C, int Ho, int Wo, int kh,
+                                  int kw, int sh, int sw, int top, int left) {
+    XpcnnCover v;
+    v.c = r % C; r /= C;
+    const int w = r % W; r /= W;
+    v.hp = r % H + top;
+    v.wp = w + left;
+    v.img = r / H;
+    v.oh_first = xpcnn_first_window(v.hp, kh, sh);
+    v.oh_last = xpcnn_last_window(v.hp, sh, Ho);
+    v.ow_first = xpcnn_first_window(v.wp, kw, sw);
+    v.ow_last = xpcnn_last_window(v.wp, sw, Wo);
+    return v;
+}
 """
 
 # Maximum of each window of x (N, H, W, C) read as if padded by ``top`` rows and ``left``
@@ -166,18 +182,13 @@ MAX_POOL_GATHER_BACKWARD = cupy.ElementwiseKernel(
     "G dx",
     """
     typedef XpcnnAcc<G>::type A;
-    long long r = i;
-    const int c = r % C; r /= C;
-    const int w = r % W; r /= W;
-    const int h = r % H;
-    const long long img = r / H;
-    const int hp = h + top, wp = w + left;  // (in the padded input)
-    const int oh_first = xpcnn_first_window(hp, kh, sh), oh_last = xpcnn_last_window(hp, sh, Ho);
-    const int ow_first = xpcnn_first_window(wp, kw, sw), ow_last = xpcnn_last_window(wp, sw, Wo);
+    const XpcnnCover v = xpcnn_cover(i, H, W, C, Ho, Wo, kh, kw, sh, sw, top, left);
+    const long long img = v.img;
+    const int c = v.c, hp = v.hp, wp = v.wp;  // (hp, wp: in the padded input)
     const T mine = x[i];
     A total = (A)0;
-    for (int oh = oh_last; oh >= oh_first; --oh) {
-        for (int ow = ow_last; ow >= ow_first; --ow) {
+    for (int oh = v.oh_last; oh >= v.oh_first; --oh) {
+        for (int ow = v.ow_last; ow >= v.ow_first; --ow) {
             const long long o = ((img * Ho + oh) * Wo + ow) * C + c;
             const T best = yv[o];
             if (!(mine == best)) continue;
@@ -334,17 +345,12 @@ AVG_POOL_BACKWARD = cupy.ElementwiseKernel(
     "G dx",
     """
     typedef XpcnnAcc<G>::type A;
-    long long r = i;
-    const int c = r % C; r /= C;
-    const int w = r % W; r /= W;
-    const int h = r % H;
-    const long long img = r / H;
-    const int hp = h + top, wp = w + left;  // (in the padded input)
-    const int oh_first = xpcnn_first_window(hp, kh, sh), oh_last = xpcnn_last_window(hp, sh, Ho);
-    const int ow_first = xpcnn_first_window(wp, kw, sw), ow_last = xpcnn_last_window(wp, sw, Wo);
+    const XpcnnCover v = xpcnn_cover(i, H, W, C, Ho, Wo, kh, kw, sh, sw, top, left);
+    const long long img = v.img;
+    const int c = v.c;
     A total = (A)0;
-    for (int oh = oh_last; oh >= oh_first; --oh) {
-        for (int ow = ow_last; ow >= ow_first; --ow) {
+    for (int oh = v.oh_last; oh >= v.oh_first; --oh) {
+        for (int ow = v.ow_last; ow >= v.ow_first; --ow) {
             total += xpcnn_mul_rn<A>((A)g[((img * Ho + oh) * Wo + ow) * C + c],
                                      (A)inv[oh * Wo + ow]);
         }
