@@ -22,6 +22,7 @@ PyTorch is optional: without it, only xpcnn and the peak are reported.
     python scripts/bench.py --models cifar --steps 30 --json bench.json
     python scripts/bench.py --layers              # each layer alone, forward / backward
     python scripts/bench.py --layers --models mnist-bn   # BatchNorm2D too
+    python scripts/bench.py --layers --models configs    # layer settings off the reference models
     python scripts/bench.py --functional --models cifar   # Sequential vs the same functional Model
 """
 
@@ -47,7 +48,8 @@ MOMENTUM = 0.9
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="notebook,mnist,cifar",
-                   help="comma-separated reference models (default: notebook,mnist,cifar)")
+                   help="comma-separated reference models (default: notebook,mnist,cifar); "
+                   "with --layers also 'configs', layer settings the models lack")
     p.add_argument("--steps", type=int, default=20,
                    help="timed steps per library, mode and model (default 20)")
     p.add_argument("--blocks", type=int, default=2,
@@ -94,7 +96,16 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import xpcnn  # noqa: E402
-from xpcnn.layers import BatchNorm2D, Conv2D, Dense, FeatureNorm, MaxPool2D, ReLU  # noqa: E402
+from xpcnn.layers import (  # noqa: E402
+    AvgPool2D,
+    BatchNorm2D,
+    Conv2D,
+    Dense,
+    FeatureNorm,
+    GlobalAvgPool2D,
+    MaxPool2D,
+    ReLU,
+)
 from xpcnn.layers.base import Options  # noqa: E402
 from xpcnn.models import INPUT_SHAPES, build_layers  # noqa: E402
 from xpcnn.ops.kernels import compute_scope, fast_kernels  # noqa: E402
@@ -462,6 +473,42 @@ def _median_ms(fn: Any, before: Any = None) -> float:
 # layers timed one at a time by --layers (the rest have no gradient, or next to no work)
 TIMED_LAYERS = (Conv2D, Dense, MaxPool2D, FeatureNorm, BatchNorm2D, ReLU)
 
+# --layers --models configs: settings the reference models lack, where earlier hunts found
+# slow paths (odd sizes, strided and 1x1 convolutions, ResNet's stem and pools, 1000 classes);
+# (label, per-sample input shape, the layer). Each runs after a layer with weights, so it
+# needs its input gradient as a layer inside a network does.
+LAYER_CONFIGS: tuple[tuple[str, tuple[int, ...], Any], ...] = (
+    ("conv3x3/2 same", (28, 28, 16), lambda: Conv2D(32, 3, strides=2, padding="same")),
+    ("conv1x1/2", (32, 32, 16), lambda: Conv2D(32, 1, strides=2)),
+    ("conv7x7/2 same", (32, 32, 3), lambda: Conv2D(16, 7, strides=2, padding="same")),
+    ("conv5x5 valid", (14, 14, 8), lambda: Conv2D(16, 5, activation="relu")),
+    ("conv3x3 same 7x7", (7, 7, 64), lambda: Conv2D(64, 3, padding="same")),
+    ("maxpool3/2 same", (32, 32, 16), lambda: MaxPool2D(3, 2, padding="same")),
+    ("maxpool2 odd", (7, 7, 32), lambda: MaxPool2D(2)),
+    ("avgpool2", (28, 28, 16), lambda: AvgPool2D(2)),
+    ("gap", (8, 8, 64), lambda: GlobalAvgPool2D()),
+    ("batchnorm 7x7", (7, 7, 64), lambda: BatchNorm2D()),
+    ("featurenorm 7x7", (7, 7, 32), lambda: FeatureNorm()),
+    ("relu6", (14, 14, 32), lambda: ReLU(max_value=6.0)),
+    ("dense 1000", (512,), lambda: Dense(1000)),
+)
+
+
+def layers_to_time(name: str, batch: int) -> list[tuple[str, Any, Any]]:
+    """(model label, model, layer) for each layer --layers times of ``name``: a reference
+    model's TIMED_LAYERS, or each of LAYER_CONFIGS for "configs"."""
+    if name != "configs":
+        model = xpcnn_model(name, batch)
+        return [(name, model, la) for la in model.layers if isinstance(la, TIMED_LAYERS)]
+    timed = []
+    for label, shape, make in LAYER_CONFIGS:
+        layer = make()
+        first = Conv2D(shape[-1], 1) if len(shape) == 3 else Dense(shape[-1])
+        model = xpcnn.Sequential([xpcnn.Input(shape), first, layer], seed=0)
+        model.compile(loss="cross_entropy", optimizer=xpcnn.optim.SGD(LR))
+        timed.append((label, model, layer))
+    return timed
+
 
 def bench_layers(names: list[str]) -> list[dict[str, Any]]:
     """Each layer of the models alone (see TIMED_LAYERS) against the same layer in PyTorch
@@ -471,10 +518,8 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
     batch, rows = ARGS.batch_size, []
     backend = xpcnn.get_backend("cpu")
     for name in names:
-        model = xpcnn_model(name, batch)
-        for layer in model.layers:  # each on its own: as written, its own ReLU and gradient
-            if not isinstance(layer, TIMED_LAYERS):
-                continue
+        # each on its own: as written, its own ReLU and gradient
+        for label, model, layer in layers_to_time(name, batch):
             # the input gradient only where the model needs one
             need_dx = model._plan().options(layer).need_input_grad
             options = Options(need_input_grad=need_dx)
@@ -495,7 +540,8 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
                     layer.backward(dy, options)
 
             row: dict[str, Any] = {
-                "model": name, "layer": layer.name, "input_shape": list(layer.input_shape),
+                "model": name, "layer": layer.name if label == name else label,
+                "input_shape": list(layer.input_shape),
                 "output_shape": list(layer.output_shape), "input_grad": need_dx,
                 "xpcnn": {"forward_ms": _median_ms(forward),
                           "backward_ms": _median_ms(backward, train_forward)}}
@@ -519,19 +565,19 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
                 row["torch"] = {"forward_ms": _median_ms(t_forward),
                                 "backward_ms": _median_ms(t_backward)}
             rows.append(row)
-            print(f"{name}/{layer.name}: done", file=sys.stderr)
+            print(f"{name}/{row['layer']}: done", file=sys.stderr)
     return rows
 
 
 def print_layers(rows: list[dict[str, Any]]) -> None:
-    print(f"{'model':8s} {'layer':12s} {'input -> output':>24s}  {'fwd xpcnn':>9s} {'torch':>7s} "
+    print(f"{'model':8s} {'layer':16s} {'input -> output':>24s}  {'fwd xpcnn':>9s} {'torch':>7s} "
           f"{'ratio':>6s}  {'bwd xpcnn':>9s} {'torch':>7s} {'ratio':>6s}   "
           "(ms; ratio = PyTorch time / xpcnn time)")
     for r in rows:
         shapes = ("x".join(str(d) for d in r["input_shape"]) + " -> "
                   + "x".join(str(d) for d in r["output_shape"]))
         x = r["xpcnn"]
-        line = f"{r['model']:8s} {r['layer']:12s} {shapes:>24s}  {x['forward_ms']:9.2f}"
+        line = f"{r['model']:8s} {r['layer']:16s} {shapes:>24s}  {x['forward_ms']:9.2f}"
         if "torch" in r:
             t = r["torch"]
             line += (f" {t['forward_ms']:7.2f} {t['forward_ms'] / x['forward_ms']:5.2f}x  "
@@ -657,9 +703,10 @@ def main() -> None:
         raise SystemExit("--steps, --blocks, --batch-size and --peak-size must be >= 1, "
                          "--warmup >= 0")
     names = [n.strip() for n in ARGS.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in MODELS]
+    known = (*MODELS, "configs") if ARGS.layers else MODELS  # (configs: layers alone only)
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"unknown models {unknown}; choose from {', '.join(MODELS)}")
+        raise SystemExit(f"unknown models {unknown}; choose from {', '.join(known)}")
     if ARGS.functional:
         rows = bench_functional(names)
         print_functional(rows)

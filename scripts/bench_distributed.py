@@ -83,9 +83,13 @@ def overhead(args: argparse.Namespace) -> None:
         model.train_step(xb, yb)  # (reads the loss back: the step has ended on the device)
         if step >= 2 * args.warmup:
             times[name].append(time.perf_counter() - t)
-    # The buckets' own work alone (pack, sum over the one rank, views back), on the last
-    # step's gradients: what the path adds to a step when nothing else differs.
-    buckets, stats, alone = parallel.buckets, model.backend.xp.zeros((2,)), []
+    # The buckets' own work alone (pack, sum over the one rank, views back), on gradients of
+    # the parameters' shapes (a step drops its own after the update): what the path adds to
+    # a step when nothing else differs.
+    xp = model.backend.xp
+    for layer in model.trainable_layers:
+        layer.grads.update({k: xp.zeros_like(p) for k, p in layer.params.items()})
+    buckets, stats, alone = parallel.buckets, xp.zeros((2,)), []
     for _ in range(50):
         t = time.perf_counter()
         with compute_scope(model.backend):

@@ -15,9 +15,11 @@ For each reference model (notebook, mnist, cifar), batch size (128, 512) and pre
   plus every byte held by the pool of a step captured in a CUDA graph, whose replays allocate
   nothing; PyTorch: ``torch.cuda.max_memory_allocated``).
 
-``--conv-layers MODEL:BATCH:PRECISION`` also times each convolution layer's three operations
-with cuDNN (its plans chosen by timing, as by default, and the heuristics' first plans), with
-xpcnn's hand-written CUDA kernels and with PyTorch; ``--kernels MODEL:BATCH:PRECISION``
+``--conv-layers MODEL:BATCH:PRECISION`` also times each distinct convolution geometry's three
+operations (MODEL a stack or a network, resnet20's stride-2 layers among them) with cuDNN (its
+plans chosen by timing, as by default, and the heuristics' first plans), with xpcnn's
+hand-written CUDA kernels (where a strided input gradient runs on the gather, on im2col +
+cuBLAS too) and with PyTorch; ``--kernels MODEL:BATCH:PRECISION``
 counts what the GPU runs in a training step (kernels, copies, memsets, the kernels' time and
 the costliest ones), for xpcnn eager and replayed and for PyTorch eager; ``--loss-kernels
 BATCH`` times the softmax cross-entropy's kernel at 10, 100 and 1000 classes against the
@@ -173,17 +175,18 @@ def bench_fit(name: str, batch: int, precision: str, args: argparse.Namespace
             "cuda_graphs": model.cuda_graphs_reason or "captured"}
 
 
-def torch_conv_ops(g: Any, x: Any, w: Any, b: Any, dy: Any) -> list[Any] | None:
+def torch_conv_ops(g: Any, x: Any, w: Any, b: Any, dy: Any, device: str = "cuda"
+                   ) -> list[Any] | None:
     """PyTorch's forward (+ bias and ReLU), input gradient and kernel + bias gradient of
     geometry ``g`` on the same CuPy arrays, channels-last (NHWC memory read as NCHW tensors),
-    ``cudnn.benchmark`` on; None without PyTorch or where the padding is uneven (no one
-    ``conv2d`` takes it)."""
+    ``cudnn.benchmark`` on; None without PyTorch or CUDA (the emulated kernels' dry run), or
+    where the padding is uneven (no one ``conv2d`` takes it)."""
     try:
         import torch
     except ImportError:
         return None
     top, bottom, left, right = g.pads
-    if (top, left) != (bottom, right):
+    if (top, left) != (bottom, right) or not device.startswith("cuda"):
         return None
     torch.backends.cudnn.benchmark = True
     xt, wt, dyt = (torch.as_tensor(a, device="cuda").permute(0, 3, 1, 2) for a in (x, w, dy))
@@ -195,62 +198,96 @@ def torch_conv_ops(g: Any, x: Any, w: Any, b: Any, dy: Any) -> list[Any] | None:
             lambda: backward(dyt, xt, wt, [g.filters], *conv, [False, True, True])]
 
 
+def input_grad_path(conv: Any, g: Any, dtype: Any) -> str:
+    """What ``HandWrittenConv.input_grad`` runs for geometry ``g`` under the algorithm set:
+    the tiled forward kernel (stride 1), the gather (``xpcnn_conv_input_grad``: strided, or
+    the direct kernels) or im2col + cuBLAS (the "im2col" algorithm)."""
+    from xpcnn.ops import im2col
+
+    if not conv.runs_forward:
+        return "im2col + cuBLAS"
+    if im2col.input_grad_as_conv(g.pads, g.kernel, g.strides) and conv.tiles(dtype):
+        return "tiled"
+    return "gather"
+
+
 def compare_conv_engines(name: str, batch: int, precision: str, args: argparse.Namespace
                          ) -> list[dict[str, Any]]:
-    """Each convolution layer's forward (+ bias and ReLU), input gradient and kernel (+ bias)
-    gradient (ms, median of ``args.steps``) with cuDNN's plans chosen by timing (xpcnn's
-    default), with the heuristics' first plans (``XPCNN_CUDNN_AUTOTUNE=0``), with the
-    hand-written kernels, and with PyTorch on the same arrays; TFLOP/s of the three
-    operations together."""
+    """Each distinct convolution geometry's forward (+ bias and ReLU), input gradient and
+    kernel (+ bias) gradient (ms, median of ``args.steps``) with cuDNN's plans chosen by timing
+    (xpcnn's default), with the heuristics' first plans (``XPCNN_CUDNN_AUTOTUNE=0``), with the
+    hand-written kernels (``args.gpu_conv``: ``HandWrittenConv``, whose input gradient of a
+    strided layer is the gather ``xpcnn_conv_input_grad``), with them under the "im2col"
+    algorithm where that input gradient is the gather (im2col + cuBLAS + col2im, the route
+    before it), and with PyTorch on the same arrays; TFLOP/s of the three operations together.
+    ``name``: a stack or a network (resnet20: stride-2 3x3 and 1x1 shortcut layers); layers of
+    one geometry are timed once, under the first one's name."""
     import cupy
 
+    from xpcnn.models import build_model
     from xpcnn.ops import cuda_conv, cudnn_conv
     from xpcnn.ops.fast_cupy import KERNELS
 
     cudnn = cudnn_conv.load()
-    model, xb, _ = build_xpcnn(name, batch, precision, args.device)
-    dtype = model.layers[0].compute_dtype
-    rows = []
+    model = build_model(name, input_shape=INPUT_SHAPES[name], device=args.device, seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.01, momentum=0.9), precision=precision)
+    conv = KERNELS.conv_kernels
+    rows: list[dict[str, Any]] = []
     print(f"\nconvolutions of {name}, batch {batch}, {precision}: ms per operation "
-          f"(TF32 {'on' if cudnn_conv.tf32() else 'off'})")
+          f"(TF32 {'on' if cudnn_conv.tf32() else 'off'}; hand-written: {args.gpu_conv})")
     print(f"  {'engine':<22}{'forward':>10}{'input grad':>12}{'kernel grad':>13}{'TFLOP/s':>10}")
     rng = np.random.default_rng(0)
+    seen: dict[str, dict[str, Any]] = {}
     for layer in model.layers:
         if not isinstance(layer, xpcnn.layers.Conv2D):
             continue
         g = layer.geometry
+        geometry = f"{g.in_hw}x{g.channels}->{g.filters} k{g.kernel} s{g.strides} p{g.pads}"
+        if geometry in seen:  # (a block repeated: the same kernels, timed once)
+            seen[geometry]["layers"].append(layer.name)
+            continue
+        dtype = layer.compute_dtype
         x = cupy.asarray(rng.standard_normal((batch, *g.in_hw, g.channels)), dtype=dtype)
         w = cupy.asarray(rng.standard_normal((g.filters, *g.kernel, g.channels)) * 0.1,
                          dtype=dtype)
         b = cupy.zeros(g.filters, dtype)
         dy = cupy.asarray(rng.standard_normal((batch, *g.out_hw, g.filters)), dtype=dtype)
         own = cuda_conv.HandWrittenConv.for_backend(g, KERNELS, model.backend)
-        engines: dict[str, tuple[Any, dict[str, str]]] = {}
+        path = input_grad_path(conv, g, np.dtype(dtype))
+        # (label: engine, environment, the hand-written algorithm while it runs)
+        engines: dict[str, tuple[Any, dict[str, str], str]] = {}
         if cudnn is not None:
-            engines["cudnn"] = (cudnn_conv.CudnnConv(g, cudnn, own), {})
+            engines["cudnn"] = (cudnn_conv.CudnnConv(g, cudnn, own), {}, args.gpu_conv)
             engines["cudnn heuristic"] = (cudnn_conv.CudnnConv(g, cudnn, own),
-                                          {"XPCNN_CUDNN_AUTOTUNE": "0"})
-        engines["hand-written"] = (own, {})
+                                          {"XPCNN_CUDNN_AUTOTUNE": "0"}, args.gpu_conv)
+        engines["hand-written"] = (own, {}, args.gpu_conv)
+        if path == "gather":
+            engines["hand-written im2col"] = (own, {}, "im2col")
         times: dict[str, list[float]] = {}
-        for label, (e, env) in engines.items():
+        for label, (e, env, algorithm) in engines.items():
             ops = [partial(e.forward, x, w, b, True), partial(e.input_grad, dy, w),
                    partial(e.weight_grad, x, dy, True)]
-            with mock.patch.dict(os.environ, env):  # (read when a graph is built)
-                times[label] = [timed(op, args.steps, args.warmup, args.device) * 1e3
-                                for op in ops]
-        torch_ops = torch_conv_ops(g, x, w, b, dy)
+            conv.set_algorithm(algorithm)
+            try:
+                with mock.patch.dict(os.environ, env):  # (read when a graph is built)
+                    times[label] = [timed(op, args.steps, args.warmup, args.device) * 1e3
+                                    for op in ops]
+            finally:
+                conv.set_algorithm(args.gpu_conv)
+        torch_ops = torch_conv_ops(g, x, w, b, dy, args.device)
         if torch_ops is not None:
             times["torch"] = [timed(op, args.steps, args.warmup, args.device) * 1e3
                               for op in torch_ops]
-        geometry = f"{g.in_hw}x{g.channels}->{g.filters} k{g.kernel} s{g.strides}"
-        print(f"  {layer.name}: {geometry}")
+        print(f"  {layer.name}: {geometry} (input grad: {path})")
         rates = {}
         for label, ms in times.items():
             rates[label] = 3 * g.flops(batch) / (sum(ms) * 1e-3) / 1e12
             print(f"    {label:<20}{ms[0]:>10.3f}{ms[1]:>12.3f}{ms[2]:>13.3f}"
-                  f"{rates[label]:>10.1f}")
-        rows.append({"layer": layer.name, "geometry": geometry, "ms": times,
-                     "tflops": rates})
+                  f"{rates[label]:>10.1f}", flush=True)
+        seen[geometry] = {"layer": layer.name, "layers": [layer.name], "geometry": geometry,
+                          "input_grad": path, "gflop": g.flops(batch) / 1e9, "ms": times,
+                          "tflops": rates}
+        rows.append(seen[geometry])
     return rows
 
 
@@ -584,8 +621,9 @@ def main() -> int:
     p.add_argument("--fit-batches", type=int, default=16,
                    help="batches an epoch in the fit() timing (default 16)")
     p.add_argument("--conv-layers", action="append", default=[], metavar="MODEL:BATCH:PRECISION",
-                   help="also time each convolution layer with cuDNN and with the hand-written "
-                   "kernels (repeatable; CUDA only)")
+                   help="also time each convolution geometry with cuDNN, the hand-written "
+                   "kernels (a strided input gradient's gather and im2col) and PyTorch "
+                   "(repeatable; CUDA, or the emulated kernels of tests/cuda_emulator.py)")
     p.add_argument("--kernels", action="append", default=[], metavar="MODEL:BATCH:PRECISION",
                    help="also count the kernels, copies and memsets of a training step, and "
                    "the kernels' time, for xpcnn eager, xpcnn replayed and PyTorch eager "

@@ -366,6 +366,34 @@ inline unsigned atomicInc(unsigned* a, unsigned limit) {
 """
 
 
+# A raw kernel's warp shuffles (of values of at most 8 bytes, full-warp masks): each thread
+# leaves its value in a slot, waits at a barrier, reads its source lane's (its own past the
+# warp's end, as CUDA gives it), and waits again before the slots are reused. The barriers are
+# the block's, so every thread of the block must shuffle as often as the others between two
+# __syncthreads (on a GPU the warp's 32 lanes must: uniform code satisfies both).
+_SHUFFLES = """
+static unsigned char xpcnn_lanes[1024][8];
+template <typename T> T xpcnn_shuffle(T v, unsigned (*source)(unsigned, unsigned), unsigned d) {
+    const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    __builtin_memcpy(xpcnn_lanes[t], &v, sizeof(T));
+    xpcnn_barrier();
+    const unsigned from = source(t % 32, d);
+    T out = v;
+    if (from < 32) __builtin_memcpy(&out, xpcnn_lanes[t - t % 32 + from], sizeof(T));
+    xpcnn_barrier();
+    return out;
+}
+static unsigned xpcnn_down(unsigned lane, unsigned d) { return lane + d; }
+static unsigned xpcnn_xor(unsigned lane, unsigned d) { return lane ^ d; }
+template <typename T> T __shfl_down_sync(unsigned, T v, unsigned d) {
+    return xpcnn_shuffle(v, xpcnn_down, d);
+}
+template <typename T> T __shfl_xor_sync(unsigned, T v, int d) {
+    return xpcnn_shuffle(v, xpcnn_xor, (unsigned)d);
+}
+"""
+
+
 # The scalar parameters' C types and the NumPy dtype whose bytes a launch must be given for
 # each: CuPy passes a scalar's own bytes (cupy/_core/_scalar.pyx CScalar: a NumPy scalar's
 # dtype, int64 for a Python int, float64 for a Python float) and the driver copies as many as
@@ -456,7 +484,7 @@ class RawKernel:
             "#define __restrict__\n"
             "#define __shared__ static\n#define __align__(n) __attribute__((aligned(n)))\n"
             "#define __syncthreads() xpcnn_barrier()\n"
-            "using namespace std;\n" + _TRACE_AT + _BFLOAT16 + _RAW_DEVICE +
+            "using namespace std;\n" + _TRACE_AT + _BFLOAT16 + _RAW_DEVICE + _SHUFFLES +
             self.code.replace("#include <cuda_fp16.h>", "").replace("#include <cuda_bf16.h>",
                                                                      "") +
             "\nstatic void xpcnn_thread() {\n"

@@ -52,6 +52,35 @@ DIRECT_CONV = [
     ((3, 3), (1, 1), (8, 8, 8, 12), 7, "same"), ((3, 3), (1, 1), (16, 32, 32, 32), 32, "same"),
 ]
 
+
+
+def _with_pads(kernel, strides, shape, filters, padding):
+    pads = padding if isinstance(padding, tuple) else windows.resolve_padding(
+        padding, shape[1:3], kernel, strides)
+    return kernel, strides, shape, filters, pads
+
+
+# (kernel, strides, input shape, filters, pads): input gradients gathered per input element
+# (cuda_conv's xpcnn_conv_input_grad), strided or padded by a kernel's size or more; C and K
+# of no common tile size
+CONV_INPUT_GRAD = [_with_pads(*case) for case in [
+    ((3, 3), (2, 2), (2, 11, 10, 5), 4, "same"),   # "same" of odd and even sizes: (0,1,0,1)
+    ((3, 3), (2, 2), (2, 28, 28, 3), 5, "same"),   # 28 -> 14
+    ((3, 3), (2, 2), (1, 7, 7, 5), 3, "same"),     # 7 -> 4, (1,1,1,1); batch 1
+    ((1, 1), (2, 2), (2, 9, 8, 7), 5, "valid"),    # ResNet's shortcut, odd size
+    ((7, 7), (2, 2), (1, 15, 14, 3), 6, "same"),   # a stem
+    ((4, 4), (2, 2), (3, 9, 9, 2), 3, "same"),     # an even kernel: (1,2,1,2)
+    ((2, 2), (3, 3), (2, 10, 11, 3), 5, "valid"),  # strides past the kernel: rows in no window
+    ((2, 3), (3, 2), (2, 10, 11, 3), 4, (0, 1, 2, 0)),
+    ((5, 5), (3, 3), (2, 13, 12, 6), 7, 2),
+    ((5, 3), (1, 2), (2, 12, 9, 2), 6, "valid"),
+    ((3, 3), (2, 2), (2, 9, 7, 33), 70, 1),        # filters over two 32-wide tiles
+    ((1, 1), (1, 1), (2, 5, 5, 3), 4, 1),          # padding of a kernel's size: stride 1
+    ((3, 3), (1, 1), (2, 6, 6, 4), 3, 3),
+    ((3, 1), (1, 3), (2, 8, 10, 3), 5, (4, 3, 1, 2)),  # padding past the kernel, unequal
+    ((3, 3), (2, 1), (1, 5, 6, 1), 1, (3, 0, 1, 1)),   # one channel, one filter
+]]
+
 # (rows, classes, label smoothing, integer logits below this (ties) or None: normal * 30)
 SOFTMAX_CROSS_ENTROPY = [
     (7, 10, 0.0, None), (128, 10, 0.1, None), (40, 4, 0.0, 3), (33, 37, 0.2, 4), (3, 1, 0.0, None),
@@ -390,3 +419,39 @@ def check_add_relu(fast, standard, rng, shape, dtype, device=np.asarray, host=np
     mixed = [device(np.asarray(rng.standard_normal(shape), dtype)), wide]
     equal(fast.add_relu(mixed, True), host(standard.add_relu(mixed, True)))
     equal(fast.add_relu_backward(mixed, wide), host(standard.add_relu_backward(mixed, wide)))
+
+
+# (rows, classes) of the top-k metrics' counts (a warp a row, 8 rows a block): a row alone,
+# several blocks and a last one part full, a 1000-class head (a lane several classes)
+TOP_K = [(1, 5), (37, 10), (300, 7), (9, 1000)]
+TOP_K_KS = (1, 2, 5, 7, 2**40)  # (one beyond the classes: all of them)
+
+
+def top_k_inputs(rng, rows, classes, dtype, targets):
+    """Logits of ``dtype`` for the top-k counts, with ties (a few levels), a NaN, +-inf in a
+    row's other scores and as a target, and ``targets``: labels of that integer dtype (one of
+    them no class, where the dtype can say so), "one-hot" rows of float32 (two of them with a
+    tie, one with a NaN) or float16 ones."""
+    z = rng.integers(-2, 3, (rows, classes)).astype(np.float64)
+    labels = rng.integers(0, classes, rows)
+    if rows > 8:
+        z[1, (labels[1] + 1) % classes] = np.nan  # (greater than nothing)
+        z[2, labels[2]] = np.nan  # (a NaN target never counts)
+        z[3, labels[3]] = np.inf
+        z[4, (labels[4] + 1) % classes] = np.inf
+        z[5, (labels[5] + 1) % classes] = -np.inf
+        z[6, labels[6]] = -np.inf
+        z[7] = 1.0  # (all tied: in every top-k)
+    z = z.astype(dtype)
+    if targets in ("one-hot", "float16"):
+        y = np.eye(classes, dtype=np.float32)[labels]
+        if rows > 8 and classes > 1:
+            y[0, (labels[0] + 1) % classes] = 1.0  # (a tie: the first largest is the target)
+            y[8, (labels[8] + 1) % classes] = np.nan
+        return z, y.astype(np.float16 if targets == "float16" else np.float32)
+    y = labels.astype(targets)
+    if rows > 8:
+        y[8] = classes if np.iinfo(targets).max >= classes else y[8]
+        if np.iinfo(targets).min < 0:
+            y[0] = -1
+    return z, y

@@ -263,8 +263,8 @@ def test_softmax_cross_entropy_kernel_compiles(fast_cupy, cuda_reductions, monke
     acc = "float64" if dtype == "float64" else "float32"
     source = _raw_source(fast_cupy, monkeypatch, "xpcnn_softmax_cross_entropy",
                          cuda_reductions.SOFTMAX_CROSS_ENTROPY_SOURCE, Z=logits,
-                         L=labels or "int32", Y=targets or dtype, W=weights or acc, T=dtype,
-                         U=scale, A=acc)
+                         L=labels or "int32", Y=targets or dtype, W=weights or acc,
+                         C=weights or dtype, T=dtype, U=scale, A=acc)  # (C: class weights)
     code, log = _compile(source, "xpcnn_softmax_cross_entropy", 90)
     assert code == 0, log
     for name in ("xpcnn_softmax_cross_entropy", "xpcnn_softmax_cross_entropy_rows"):
@@ -556,6 +556,32 @@ def test_direct_convolution_weight_gradient_compiles_for_bfloat16(fast_cupy, arc
     assert code == 0, log
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float", "double"])
+@pytest.mark.parametrize("arch", [75, 90])
+def test_convolution_input_gradient_gather_compiles(fast_cupy, dtype, arch):
+    """The input gradient of strided and over-padded convolutions (one input element a
+    thread), with CuPy's float16 and bfloat16 classes (float accumulators) and float32 and
+    float64 data."""
+    kernel = fast_cupy.cuda_conv._CONV_INPUT_GRAD
+    source = _elementwise_as_kernel(kernel, {"T": dtype}, arrays=("dx",))
+    code, log = _compile(source, kernel.name, arch)
+    assert code == 0, log
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("arch", [75, 90])
+def test_sum_of_squares_kernel_compiles(fast_cupy, cuda_reductions, monkeypatch, dtype, arch):
+    """Every gradient's sum of squares in one launch (clipping by norm), in double: the tree
+    over a block's threads in shared memory, the counter, the last block's sums a warp an
+    array (warp shuffles)."""
+    name = "xpcnn_sum_squares"
+    source = _raw_source(fast_cupy, monkeypatch, name, cuda_reductions.SUM_SQUARES_SOURCE,
+                         G=dtype)
+    code, log = _compile(source, name, arch)
+    assert code == 0, log
+    assert_launchable(log, name, cuda_reductions.SQUARES_THREADS)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("arch", [75, 90])
 @pytest.mark.parametrize("name", ["xpcnn_sum_rows", "xpcnn_relu_sum_rows"])
@@ -606,3 +632,23 @@ def test_batch_norm_kernels_compile(fast_cupy, cuda_reductions, monkeypatch, dty
         code, log = _compile(_elementwise_as_kernel(kernel, types, arrays=arrays), kernel.name,
                              arch)
         assert code == 0, log
+
+
+@pytest.mark.parametrize("logits, targets", [
+    ("float32", "int64"), ("float16", "int32"), ("bfloat16", "uint8"), ("float64", "int64"),
+    ("float32", "float32"), ("float16", "float16"), ("bfloat16", "bfloat16"),
+    ("float64", "float64")])
+@pytest.mark.parametrize("counts", ["float32", "float64", "float16", "bfloat16"])
+def test_top_k_counts_kernel_compiles(fast_cupy, cuda_elementwise, monkeypatch, logits, targets,
+                                      counts):
+    """The top-k metrics' counts (a warp a row, shuffles, the last block's sum per k) for
+    logits of each dtype, integer labels or one-hot rows (the unread pointer typed as
+    fast_cupy types it), counts of every float dtype fast_cupy takes."""
+    one_hot = targets.startswith(("float", "bfloat"))
+    source = _raw_source(fast_cupy, monkeypatch, "xpcnn_top_k_counts",
+                         cuda_elementwise.TOP_K_COUNTS_SOURCE, Z=logits,
+                         L="int32" if one_hot else targets, Y=targets if one_hot else logits,
+                         A="float64" if logits == "float64" else "float32", S=counts)
+    code, log = _compile(source, "xpcnn_top_k_counts", 90)
+    assert code == 0, log
+    assert_launchable(log, "xpcnn_top_k_counts", cuda_elementwise.TOP_K_THREADS)

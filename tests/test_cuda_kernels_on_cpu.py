@@ -13,12 +13,16 @@ import numpy as np
 import pytest
 from cuda_emulator import (
     ElementwiseKernel,
+    RawKernel,
     load_emulated_fast_cupy,
     needs_compiler,
     needs_host_fma,
     restore,
 )
 from kernel_cases import (
+    CLIPPED,
+    CLIPPED_IDS,
+    CONV_INPUT_GRAD,
     DIRECT_CONV,
     EVERY_MAX_POOL,
     GAP_NET_STEP_TABLES,
@@ -30,6 +34,8 @@ from kernel_cases import (
     RECORD_SCALING,
     SOFTMAX_CROSS_ENTROPY,
     TILED_CONV,
+    TOP_K,
+    TOP_K_KS,
     UPDATE_SHAPES,
     assert_same,
     check_add_relu,
@@ -40,6 +46,7 @@ from kernel_cases import (
     record_checks,
     recorded_scales,
     recorded_steps,
+    top_k_inputs,
     two_dtype_updates,
 )
 from nets import every_layer_net, gap_net
@@ -49,6 +56,7 @@ from xpcnn.layers import BatchNorm2D, Conv2D, Dense, Flatten, ReLU, Softmax
 from xpcnn.ops import im2col as ops
 from xpcnn.ops import kernels as kernels_module
 from xpcnn.ops import windows
+from xpcnn.ops.convolution import ConvGeometry, KernelsConv
 from xpcnn.ops.fast_numpy import NumpyKernels
 from xpcnn.ops.kernels import StandardKernels
 from xpcnn.ops.workspace import Workspace
@@ -70,7 +78,7 @@ def fast():
 
 
 def _poisoned(shape, dtype):
-    return np.full(shape, np.nan, dtype)
+    return np.full(shape, np.nan if np.dtype(dtype).kind == "f" else -12345, dtype)
 
 
 def test_tensor_core_kernels_that_do_not_compile_fall_back_with_a_warning(fast, monkeypatch,
@@ -957,6 +965,59 @@ def test_convolution_kernels(fast, monkeypatch, rng, algorithm, kernel, strides,
             assert got_bias is None
 
 
+def _conv_launches(monkeypatch):
+    """The names of the emulated kernels (elementwise and raw) launched from now on."""
+    launches = []
+    for cls in (ElementwiseKernel, RawKernel):
+        call = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda self, *a, call=call, **k:
+                            launches.append(self.name) or call(self, *a, **k))
+    return launches
+
+
+# (a stride-1 "same" convolution: with the direct kernels chosen it takes the gather too)
+@pytest.mark.parametrize("kernel, strides, shape, filters, pads",
+                         [*CONV_INPUT_GRAD, ((3, 3), (1, 1), (2, 6, 7, 3), 5, (1, 1, 1, 1))])
+@pytest.mark.parametrize("dtype", WITH_HALF)
+def test_strided_and_over_padded_input_gradients_take_one_launch(
+        fast, monkeypatch, rng, kernel, strides, shape, filters, pads, dtype):
+    """HandWrittenConv.input_grad of a strided convolution, or one padded by a kernel's size or
+    more: one launch of the gather kernel, which reads the (K, kh, kw, C) kernel in place (no
+    im2col + matmul + col2im, once 22-102 launches and a whole batch's patch gradients), with
+    the direct or the tiled kernels chosen; the standard col2im version's values (from the same
+    rounded inputs, in float64), accumulated in float32 for float16 and bfloat16 and rounded
+    once. With ``"im2col"`` chosen it keeps to im2col + matmul."""
+    module = sys.modules[type(fast).__module__]
+    conv = fast.conv_kernels
+    for flag in ("runs_forward", "runs_weight_grad", "tiled"):
+        monkeypatch.setattr(conv, flag, getattr(conv, flag))  # put back after the test
+    out_hw = windows.output_size(shape[1:3], kernel, strides, pads)
+    geometry = ConvGeometry(shape[1:3], shape[3], filters, kernel, strides, pads, out_hw)
+    engine = module.cuda_conv.HandWrittenConv(geometry, fast)
+    w = rng.standard_normal((filters, *kernel, shape[3])).astype(dtype)
+    dy = rng.standard_normal((shape[0], *out_hw, filters)).astype(dtype)
+    want = KernelsConv(geometry, STD).input_grad(dy.astype(np.float64), w.astype(np.float64))
+    tol = {np.dtype(np.float16): 1e-3, BFLOAT16: 8e-3, np.dtype(np.float32): 1e-5,
+           np.dtype(np.float64): 1e-12}[np.dtype(dtype)]
+    strided = not ops.input_grad_as_conv(pads, kernel, strides)
+    algorithms = ["direct", "tiled"] if strided else ["direct"]
+    if dtype in DTYPES:  # (im2col + matmul on the emulator: float32 and float64 only)
+        algorithms.append("im2col")
+    for algorithm in algorithms:
+        conv.set_algorithm(algorithm)
+        with pytest.MonkeyPatch.context() as counted:
+            launches = _conv_launches(counted)
+            got = engine.input_grad(dy, w)
+        assert got.shape == shape and got.dtype == dtype
+        if algorithm == "im2col":
+            assert "xpcnn_conv_input_grad" not in launches
+        else:
+            assert launches == ["xpcnn_conv_input_grad"]
+            assert got.flags.c_contiguous
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol,
+                                   atol=tol * np.abs(want).max())
+
+
 @pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
 @pytest.mark.parametrize("labels_dtype", [np.int64, np.int32, np.uint8])
 @pytest.mark.parametrize("dtype", WITH_HALF)
@@ -1123,6 +1184,60 @@ def test_softmax_cross_entropy_of_target_rows_and_weights(fast, monkeypatch, rng
             assert np.isnan(got[0]) and not np.isnan(g[:rows // 2]).any()
 
 
+@pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("targets, weighted", [("labels", False), ("labels", True),
+                                               ("one-hot", False), ("one-hot", True)])
+def test_softmax_cross_entropy_looks_up_class_weights(fast, monkeypatch, rng, rows, classes,
+                                                      smoothing, levels, dtype, targets,
+                                                      weighted):
+    """fit's class_weight table indexed by each row's label (a one-hot row's first maximum)
+    in the loss's one launch, times the sample weight: the standard version's numbers, and
+    a table of ones the bits of none."""
+    module = sys.modules[type(fast).__module__]
+    monkeypatch.setattr(module.cupy, "empty", _poisoned)  # (what is not written stays NaN)
+    z = (rng.integers(0, levels, (rows, classes)) if levels
+         else rng.standard_normal((rows, classes)) * 30).astype(dtype)
+    labels = rng.integers(0, classes, rows)
+    y = labels.astype(np.int32) if targets == "labels" else \
+        np.eye(classes, dtype=np.float32)[labels]
+    w = rng.uniform(0.0, 3.0, rows).astype(np.float32) if weighted else None
+    table = rng.uniform(0.1, 3.0, classes).astype(dtype)
+    launches = []
+    real = module._raw_kernel
+    monkeypatch.setattr(module, "_raw_kernel", lambda *a, **k: launches.append(a[0]) or
+                        real(*a, **k))
+    stats, grad = fast.softmax_cross_entropy(z, y, smoothing, None, None, w, table)
+    assert len(launches) == 1  # (the fused kernel, not the standard version)
+    want_stats, want_grad = STD.softmax_cross_entropy(z, y, smoothing, None, None, w, table)
+    tol = {np.float32: 1e-5, np.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(stats[0], want_stats[0], rtol=tol, atol=tol)
+    assert stats[1] == want_stats[1]
+    np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol * 3 / rows)
+    ones = np.ones(classes, dtype)
+    for got, want in zip(fast.softmax_cross_entropy(z, y, smoothing, None, None, w, ones),
+                         fast.softmax_cross_entropy(z, y, smoothing, None, None, w),
+                         strict=True):
+        assert_same(got, want)
+
+
+@pytest.mark.parametrize("classes", [10, 300])  # (a row a thread; a row a warp)
+@pytest.mark.parametrize("bad", ["too large", "negative", "NaN in a one-hot row"])
+def test_a_target_that_is_no_class_makes_the_count_nan_too(fast, rng, classes, bad):
+    """A label out of range, or a one-hot row with a NaN, makes the loss and the count of
+    rows predicted right NaN in the kernel as in the standard version (a count that looks
+    normal would be reported as the step's accuracy), with or without class weights."""
+    z = rng.standard_normal((20, classes)).astype(np.float32)
+    labels = rng.integers(0, classes, 20)
+    y = np.eye(classes, dtype=np.float32)[labels] if bad.startswith("NaN") else labels
+    y[7] = {"too large": classes, "negative": -1}.get(bad, np.nan)
+    for kernels in (fast, STD):
+        for table in (None, np.ones(classes, np.float32)):
+            with np.errstate(invalid="ignore"):
+                stats, _ = kernels.softmax_cross_entropy(z, y, 0.0, class_weights=table)
+            assert np.isnan(stats).all(), (kernels, table, stats)
+
+
 def _loss_kernel(fast, monkeypatch):
     """The names of the loss kernels launched from now on."""
     module, launches = sys.modules[type(fast).__module__], []
@@ -1243,6 +1358,63 @@ def test_a_gated_update_changes_nothing_where_the_flag_is_false(fast, rng, make)
         np.testing.assert_allclose(f, s, rtol=1e-5, atol=1e-5)
 
 
+# (a gradient of several tiles of the sums of squares, and an empty one)
+CLIP_SHAPES = [*UPDATE_SHAPES, (0,), (70, 300)]
+
+
+@pytest.mark.parametrize("make", [*CLIPPED, lambda: xpcnn.optim.SGD(0.1, clipnorm=1e3)],
+                         ids=[*CLIPPED_IDS, "sgd-clipnorm-not-reached"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_updates_clip_as_the_standard_way_with_at_most_one_more_launch(
+        fast, monkeypatch, rng, make, dtype):
+    """Clipping inside the CuPy updates, the gradients never copied: clipvalue as each is
+    loaded (the standard clipping's bits), a norm from one launch of every gradient's sum of
+    squares (in double: the standard values within rounding), per array or for all; a step
+    whose ``apply`` is False changes nothing, and the NaN it holds is no norm of the next."""
+    module = sys.modules[type(fast).__module__]
+    launches = []
+
+    def counted(name, kernel):
+        def launch(*args, **kwargs):
+            launches.append(name.removesuffix("_AT"))  # (Adam's numbers: device scalars)
+            return kernel(*args, **kwargs)
+
+        return launch
+
+    for name in ("SGD", "ADAM", "ADAM_AT", "RMSPROP", "ADAM_SCALARS"):
+        monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
+    raw = module._raw_kernel
+    monkeypatch.setattr(module, "_raw_kernel",
+                        lambda name, *a, **k: counted(name, raw(name, *a, **k)))
+    params = [rng.standard_normal(s).astype(dtype) for s in CLIP_SHAPES]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    norm = opt_std.clipnorm is not None or opt_std.global_clipnorm is not None
+    for apply in GATED_STEPS:
+        grads = [(3 * rng.standard_normal(p.shape)).astype(dtype) for p in params]
+        if apply is False:
+            grads[1][0] = np.nan
+        kept = [g.copy() for g in grads]
+        flag = None if apply is None else np.asarray(apply)
+        launches.clear()
+        opt_fused.step(xpn, fused, grads, fast, flag)
+        opt_std.step(xpn, standard, grads, apply=flag)
+        for g, before in zip(grads, kept, strict=True):
+            assert_same(g, before)  # (clipped as loaded, never in place)
+        assert launches == [*(["ADAM_SCALARS"] if opt_fused.counts_updates else []),
+                            *(["xpcnn_sum_squares"] if norm else []),
+                            {"SGD": "SGD", "Adam": "ADAM", "AdamW": "ADAM",
+                             "RMSprop": "RMSPROP"}[type(opt_fused).__name__]]
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for name, slots in [("params", standard), *opt_std.slots.items()]:
+        got = fused if name == "params" else opt_fused.slots[name]
+        for a, b in zip(got, slots, strict=True):
+            if norm:
+                np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+            else:
+                assert_same(a, b)
+
+
 def test_an_optimiser_without_a_fused_update_runs_its_own(fast):
     """A user's Optimizer subclass that defines only ``_update`` still works where the kernels
     offer fused updates, with the learning rate as a float or as a device scalar."""
@@ -1257,6 +1429,36 @@ def test_an_optimiser_without_a_fused_update_runs_its_own(fast):
     HalfStep(0.2).step(xpn, p, [np.ones(3, np.float32)], fast,
                        scalars={"lr": np.asarray(0.2, np.float32)})
     np.testing.assert_allclose(p[0], 0.8)
+
+
+@pytest.mark.parametrize("kernels", ["cupy", "numpy"])
+def test_a_users_clipping_runs_where_the_kernels_could_clip(fast, kernels):
+    """A subclass overriding ``_clipped`` keeps its clipping: the fused kernels' own clipping
+    is taken only where the clipping is xpcnn's."""
+
+    class NoStep(xpcnn.optim.SGD):
+        def _clipped(self, xp, grads):
+            return [g * 0 for g in grads]
+
+    p = [np.ones(5, np.float32)]
+    NoStep(0.1, clipnorm=1.0).step(xpn, p, [np.full(5, 3.0, np.float32)],
+                                   fast if kernels == "cupy" else NumpyKernels())
+    assert_same(p[0], np.ones(5, np.float32))
+
+
+@pytest.mark.parametrize("clip", [{"clipnorm": 1.0}, {"global_clipnorm": 1.0},
+                                  {"clipvalue": 0.5}])
+def test_a_declined_fused_update_clips_before_the_standard_one(fast, monkeypatch, clip):
+    """Where xpcnn's fused update declines a step it was to clip, the gradients are clipped
+    the standard way before ``_update`` runs."""
+    monkeypatch.setattr(xpcnn.optim.SGD, "_fused_update", lambda self, *a, **k: False)
+    grads = [np.full(5, 3.0, np.float32), np.full((2, 3), -2.0, np.float32)]
+    got = [np.ones(5, np.float32), np.ones((2, 3), np.float32)]
+    want = [a.copy() for a in got]
+    xpcnn.optim.SGD(0.1, **clip).step(xpn, got, [g.copy() for g in grads], fast)
+    xpcnn.optim.SGD(0.1, **clip).step(xpn, want, [g.copy() for g in grads])
+    for a, b in zip(got, want, strict=True):
+        assert_same(a, b)
 
 
 @pytest.mark.parametrize("net", [gap_net, every_layer_net])
@@ -1804,3 +2006,136 @@ def test_the_recorded_loss_scale_never_doubles_to_infinity(fast, scale):
     assert np.isfinite(out[0][1]).all()
     for g, w in zip(out[0][1:], out[1][1:], strict=True):
         assert_same(g, w)
+
+
+@pytest.mark.parametrize("rows, classes", TOP_K)
+@pytest.mark.parametrize("targets", [np.int64, np.int32, np.uint8, "one-hot", "float16"])
+@pytest.mark.parametrize("dtype", WITH_HALF)
+def test_top_k_counts_in_one_launch(fast, monkeypatch, rng, rows, classes, targets, dtype):
+    """The top-k metrics' counts for every k in one launch, as the standard version counts
+    them: ties in, NaN scores greater than none, non-finite targets and labels of no class
+    never counted, a one-hot row's first largest entry its target, k beyond the classes."""
+    module = sys.modules[type(fast).__module__]  # (the emulated xpcnn.ops.fast_cupy)
+    monkeypatch.setattr(module.cupy, "empty", _poisoned)  # (what is not written stays NaN)
+    z, y = top_k_inputs(rng, rows, classes, dtype, targets)
+    launches = []
+    kernel = module._raw_kernel
+    monkeypatch.setattr(module, "_raw_kernel", lambda *a, **k: (
+        launches.append(a[0]) or kernel(*a, **k)))
+    for out in (np.float32, np.float64):
+        want = STD.top_k_counts(z, y, TOP_K_KS, out)
+        got = fast.top_k_counts(z, y, TOP_K_KS, out)
+        assert got.dtype == out and got.tolist() == want.tolist()
+    assert launches == ["xpcnn_top_k_counts"] * 2
+
+
+def _launch_grids(module, monkeypatch):
+    """The (name, grid, block) of each raw kernel launch of the emulated ``module``."""
+    grids = []
+    raw = module._raw_kernel
+
+    def recorded(name, *a, **k):
+        kernel = raw(name, *a, **k)
+
+        def launch(grid, block, args, **kw):
+            grids.append((name, tuple(grid), tuple(block)))
+            return kernel(grid, block, args, **kw)
+
+        return launch
+
+    monkeypatch.setattr(module, "_raw_kernel", recorded)
+    return grids
+
+
+@pytest.mark.parametrize("rows, classes, targets", [
+    (2100, 3, np.int64), (2100, 3, "one-hot"), (17, 77, "one-hot"), (40, 33, np.int32)])
+def test_top_k_counts_spread_a_warp_a_row_over_the_gpu(fast, monkeypatch, rng, rows, classes,
+                                                        targets):
+    """The top-k counts run a warp a row (lanes on consecutive classes), 8 rows a block, in
+    as many blocks as the rows take; the blocks' counts are merged by the last block (more
+    blocks than its threads, and rows of more classes than a warp's lanes, here)."""
+    module = sys.modules[type(fast).__module__]
+    monkeypatch.setattr(module.cupy, "empty", _poisoned)
+    grids = _launch_grids(module, monkeypatch)
+    z, y = top_k_inputs(rng, rows, classes, np.float32, targets)
+    want = STD.top_k_counts(z, y, TOP_K_KS, np.float64)
+    got = fast.top_k_counts(z, y, TOP_K_KS, np.float64)
+    assert got.tolist() == want.tolist()
+    assert grids == [("xpcnn_top_k_counts", (-(-rows // 8),), (256,))]
+    assert module._counters(z)[0] == 0  # (ready for the next launch)
+
+
+@pytest.mark.parametrize("targets", [np.int32, "one-hot"])
+def test_top_k_counts_read_a_row_a_warp_coalesced(fast, rng, targets):
+    """The scores (and one-hot rows) are read a row a warp, the lanes on consecutive classes:
+    every request packed (a thread a row: a sector a thread, 8x the minimum in float32)."""
+    from kernel_trace import tracing
+
+    z = rng.standard_normal((512, 128)).astype(np.float32)
+    labels = rng.integers(0, 128, 512)
+    y = np.eye(128, dtype=np.float32)[labels] if targets == "one-hot" else labels.astype(targets)
+    with tracing() as trace:
+        got = fast.top_k_counts(z, y, (1, 5), np.float32)
+    assert got.tolist() == STD.top_k_counts(z, y, (1, 5), np.float32).tolist()
+    (launch,) = trace.launches
+    assert launch.traffic.scatter < 1.05, launch.traffic
+
+
+@pytest.mark.parametrize("targets", [np.int64, "one-hot"])
+def test_top_k_counts_of_rows_of_no_class_are_the_standard_versions(fast, monkeypatch,
+                                                                     targets):
+    """Rows of 0 classes launch nothing (a one-hot row's first largest entry does not
+    exist): the standard version's counts, or its error."""
+    module = sys.modules[type(fast).__module__]
+    grids = _launch_grids(module, monkeypatch)
+    z = np.zeros((3, 0), np.float32)
+    y = np.zeros((3, 0), np.float32) if targets == "one-hot" else np.zeros(3, targets)
+    if targets == "one-hot":
+        with pytest.raises(ValueError, match="empty"):
+            STD.top_k_counts(z, y, (1,), np.float32)
+        with pytest.raises(ValueError, match="empty"):
+            fast.top_k_counts(z, y, (1,), np.float32)
+    else:
+        assert fast.top_k_counts(z, y, (1,), np.float32).tolist() == [0.0]
+    assert grids == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sum_squares_in_the_last_block_a_warp_an_array(fast, monkeypatch, rng, dtype):
+    """xpcnn_sum_squares: each array's sum of squares (empty ones first, in the middle and
+    last; several tiles; more arrays than the last block's warps), and the total, in double,
+    the same bits at a second launch, the counter back at 0; the last block sums an array a
+    warp with shuffles (no block-wide tree per array)."""
+    module = sys.modules[type(fast).__module__]
+    from xpcnn.ops import cuda_reductions
+    source = module.SUM_SQUARES_SOURCE
+    assert source is cuda_reductions.SUM_SQUARES_SOURCE
+    last = source[source.index("xpcnn_last_block(counters"):]
+    assert "xpcnn_warp_total(t)" in last and "xpcnn_threads_total" not in last
+    sizes = [0, 5, 4096, 9000, 0, 1, *range(300, 320), 0]
+    grads = [(3 * rng.standard_normal(n)).astype(dtype) for n in sizes]
+    want = [float(np.sum(g.astype(np.float64) ** 2)) for g in grads]
+    first = fast._clipping([(grads, grads)], ("norm", 1.0))[2]
+    again = fast._clipping([(grads, grads)], ("norm", 1.0))[2]
+    assert_same(first, again)
+    np.testing.assert_allclose(first, [*want, sum(want)], rtol=1e-13)
+    assert module._counters(grads[0])[0] == 0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_norm_clipping_of_empty_gradients_launches_no_sum_of_squares(fast, monkeypatch,
+                                                                     optimizer):
+    """A direct fused update clipped by a norm whose gradients are all empty: zero sums and no
+    launch (a grid of 0 blocks is an invalid launch on a GPU)."""
+    module = sys.modules[type(fast).__module__]
+    monkeypatch.setattr(module.cupy, "empty", _poisoned)
+    grids = _launch_grids(module, monkeypatch)
+    p, g = [np.zeros((0, 3), np.float32)], [np.zeros((0, 3), np.float32)]
+    sums = fast._clipping([(p, g)], ("norm", 1.0))[2]
+    assert sums.tolist() == [0.0, 0.0]
+    if optimizer == "sgd":
+        fast.sgd_update(p, g, None, 0.1, 0.0, 0.0, False, clip=("global", 1.0))
+    else:
+        fast.adam_update(p, g, [np.zeros_like(p[0])], [np.zeros_like(p[0])], 0.1, 1.0, 1.0,
+                         0.0, False, 0.9, 0.999, 1e-7, clip=("norm", 1.0))
+    assert all(0 not in grid for _, grid, _ in grids)

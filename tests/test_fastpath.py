@@ -30,6 +30,7 @@ from xpcnn.layers import Conv2D, Dense, FeatureNorm, MaxPool2D, ReLU
 from xpcnn.layers.base import Options
 from xpcnn.models import build_layers
 from xpcnn.ops import im2col as ops
+from xpcnn.ops import pool as pool_ops
 from xpcnn.ops import windows
 from xpcnn.ops.fast_numpy import KERNELS as FAST
 from xpcnn.ops.kernels import StandardKernels, compute_scope, fast_kernels, kernels_for
@@ -501,6 +502,8 @@ def test_mixed_precision_conv_unfolds_into_float32_with_the_same_bits(
         # 1x1, stride 1: the products read the input and output gradient themselves (and
         # cast each element once), but for the patches a bias's ones column makes
         expected = {half, np.dtype(np.float32)} if kwargs.get("use_bias", True) else {half}
+    elif kwargs["kernel_size"] == 1:  # the input gradient by stride phases: its 1x1 tap reads dy
+        expected = {half, np.dtype(np.float32)}
 
     def run():
         conv = Conv2D(**kwargs)
@@ -527,6 +530,141 @@ def test_mixed_precision_conv_unfolds_into_float32_with_the_same_bits(
     want = run()
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and g.tobytes() == w.tobytes()
+
+
+HALF_FLOATS = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
+
+
+def _every_half_float(dtype):
+    """All 2**16 values of a 2-byte float dtype (NaNs of each sign and payload, +-inf, +-0,
+    subnormals), as a (256, 16, 16) array."""
+    return np.arange(1 << 16, dtype=np.uint16).view(dtype).reshape(256, 16, 16)
+
+
+def _same_bits(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def _half_cases(dtype, rng):
+    """(name, fast call, NumPy's own 2-byte float arithmetic as the fast path made it before)
+    for the mixed precision elementwise and pooling kernels on every value of ``dtype``."""
+    v = _every_half_float(dtype)
+    zeros, six = np.zeros_like(v), np.full(v.shape, 6.0, dtype)
+    relu = np.maximum(v, zeros)
+    y = v[::-1].copy()  # (a ReLU's output: every value too, in another order)
+    keep = rng.random(v.shape) >= 0.3
+    scale = dtype.type(1 / 0.7)
+    dropped = np.multiply(v, keep)
+    dropped *= scale
+    cases = [
+        ("relu", lambda: FAST.relu(v, None), lambda: relu),
+        ("relu6", lambda: FAST.relu(v, 6.0), lambda: np.minimum(relu, six)),
+        ("relu mask", lambda: FAST.relu_with_mask(v, None)[1], lambda: v > 0),
+        ("relu6 mask", lambda: FAST.relu_with_mask(v, 6.0)[1],
+         lambda: np.logical_and(v > 0, v < dtype.type(6.0))),
+        ("relu backward", lambda: FAST.relu_backward(v, y), lambda: np.multiply(v, y > 0)),
+        ("dropout", lambda: FAST.mask_multiply(v, keep, 1 / 0.7), lambda: dropped),
+        ("dropout after relu", lambda: FAST.mask_multiply(v, keep, 1 / 0.7, y),
+         lambda: np.multiply(dropped, y > 0)),
+        ("mask", lambda: FAST.mask_multiply(v, keep), lambda: np.multiply(v, keep)),
+    ]
+    if dtype == np.float16:  # (bfloat16's pools: ml_dtypes' maximum, see max_pool_train)
+        x = rng.integers(0, 1 << 16, (6, 9, 9, 5)).astype(np.uint16).view(dtype)
+        x[0, :4, :4] = 0  # ties, of +0.0 and -0.0 too
+        x[0, 1::2, ::3] = -0.0
+        x[1, :3, :3] = 1.5
+        x[2, 2:5, 2:5] = np.inf
+        x[3, :, :, 0] = 6e-8  # (a subnormal)
+        for kernel, strides in (((2, 2), (2, 2)), ((3, 3), (2, 2)), ((3, 3), (1, 1))):
+            hw = ((9 - kernel[0]) // strides[0] + 1,) * 2
+            want = pool_ops.max_pool(xpn, x, kernel, strides, hw)
+            dy = rng.standard_normal(want.shape).astype(dtype)
+            cases += [
+                (f"max pool {kernel}", lambda k=kernel, s=strides, hw=hw: FAST.max_pool_train(
+                    x, k, s, hw)[0], lambda w=want: w),
+                (f"max pool inference {kernel}", lambda k=kernel, s=strides, hw=hw:
+                 FAST.max_pool(x, k, s, hw), lambda w=want: w),
+                (f"max pool backward {kernel}", lambda k=kernel, s=strides, hw=hw, dy=dy:
+                 FAST.max_pool_backward(FAST.max_pool_train(x, k, s, hw)[1], FAST.max_pool(
+                     x, k, s, hw), dy, k, s, hw, relu_grad=True),
+                 lambda k=kernel, s=strides, hw=hw, w=want, dy=dy: pool_ops.max_pool_backward(
+                     xpn, x, w, np.multiply(dy, w > 0), k, s, hw)),
+            ]
+    return cases
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # (inf * 0 and the like, in the wants)
+@pytest.mark.parametrize("dtype", HALF_FLOATS)
+def test_half_float_kernels_give_numpys_own_bits(dtype, rng):
+    """Under mixed precision the fast path's ReLU (forward, mask, backward), Dropout and max
+    pooling work on the bits (tables computed by NumPy itself, int16 keys for the pools):
+    NumPy's float16 (ml_dtypes' bfloat16) arithmetic's bits for every value, NaN (either
+    sign), +-inf, -0.0, subnormals and ties included."""
+    for name, fast, want in _half_cases(dtype, rng):
+        got, expected = fast(), want()
+        if expected.dtype == bool:
+            np.testing.assert_array_equal(got, expected, err_msg=name)
+        else:
+            _same_bits(got, expected.astype(got.dtype))
+
+
+class _HalfFloatLoops:
+    """NumPy whose ufuncs note each call that reads a 2-byte float array: NumPy's float16
+    loops (and ml_dtypes' bfloat16 ones) convert every element, 13-43x float32's time."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._wrapped: dict[str, object] = {}
+
+    def __getattr__(self, name):
+        f = getattr(np, name)
+        if not isinstance(f, np.ufunc):
+            return f
+        if name not in self._wrapped:  # (one wrapper a ufunc: ``fn is np.maximum`` holds)
+            calls = self.calls
+
+            def note(args, method=""):
+                if any(isinstance(a, np.ndarray) and _half_float_dtype(a.dtype) for a in args):
+                    calls.append(name + method)
+
+            class Watched:
+                __name__ = name
+
+                def __call__(self, *args, **kwargs):
+                    note(args)
+                    return f(*args, **kwargs)
+
+                def __getattr__(self, attr):
+                    method = getattr(f, attr)
+                    return lambda *args, **kwargs: (note(args, "." + attr),
+                                                    method(*args, **kwargs))[1]
+
+            self._wrapped[name] = Watched()
+        return self._wrapped[name]
+
+
+def _half_float_dtype(dtype):
+    return dtype.itemsize == 2 and dtype.kind in "fV"
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", HALF_FLOATS)
+def test_half_float_kernels_skip_numpys_half_float_loops(dtype, monkeypatch, rng):
+    """Mixed precision's ReLU, Dropout and (float16) max pooling never run NumPy's 2-byte
+    float loops (after the first call, which fills the tables): they were 13-43x their
+    float32 time (the mnist model's mixed_float16 step: 2.7x its float32 step's)."""
+    from xpcnn.ops import fast_numpy
+
+    cases = _half_cases(dtype, rng)
+    for _, fast, _ in cases:
+        fast()  # (the tables, computed once by NumPy's own loops)
+    watched = _HalfFloatLoops()
+    monkeypatch.setattr(fast_numpy, "np", watched)
+    for name, fast, _ in cases:
+        del watched.calls[:]
+        fast()
+        assert watched.calls == [], name
 
 
 @pytest.mark.parametrize("trainable", [True, False])
@@ -831,6 +969,101 @@ def test_batch_norm_fast_statistics_are_accurate(rng):
     np.testing.assert_allclose(var, x64.var(axis=0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("shape", [(128, 8, 8, 64), (3, 7, 5, 2), (2, 1, 1, 4)])
+def test_global_avg_pool_fast_is_a_product_with_ones(dtype, shape, monkeypatch, rng):
+    """The fast path's own GlobalAvgPool2D forward (sums as products with ones; NumPy's sum
+    over the middle axes was 2.8x PyTorch's time): the standard version's means, in x's
+    dtype, summed in float32 (float64 for float64) too."""
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    want = STD.global_avg_pool(x)
+    monkeypatch.setattr(StandardKernels, "global_avg_pool", None)  # (never its parent's)
+    got = FAST.global_avg_pool(x)
+    monkeypatch.undo()
+    assert got.dtype == want.dtype == np.dtype(dtype) and got.shape == want.shape
+    tol = {np.float64: 1e-12, np.float32: 1e-6}.get(dtype, 1e-2)
+    np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=tol,
+                               atol=tol)
+
+
+class _CountingNumpy:
+    """NumPy, with the elements its elementwise ufuncs write counted (``passes`` over an
+    array of ``size`` elements); matmul (the sums as products with ones) not counted."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.elements = size, 0
+
+    @property
+    def passes(self) -> float:
+        return self.elements / self.size
+
+    def __getattr__(self, name):
+        f = getattr(np, name)
+        if not isinstance(f, np.ufunc) or name == "matmul":
+            return f
+
+        def counted(*args, **kwargs):
+            result = f(*args, **kwargs)
+            self.elements += np.size(result)
+            return result
+
+        return counted
+
+
+@pytest.mark.parametrize("relu, most", [(False, 6), (True, 12)])
+def test_batch_norm_backward_makes_the_passes_its_math_needs(relu, most, monkeypatch, rng):
+    """Training backward keeps x - mean (and the ReLU's mask) from its sums' pass for its
+    input gradient's: 6 elementwise passes (12 with the ReLU), not 9 (15) recomputing xhat
+    and the mask (2-3x PyTorch's BatchNorm2d backward before)."""
+    from xpcnn.ops import fast_numpy
+
+    shape = (16, 14, 14, 32)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    gamma, beta = (rng.standard_normal(32).astype(np.float32) for _ in range(2))
+    moving = np.zeros(32, np.float32), np.ones(32, np.float32)
+    _, mean, inv_std = STD.batch_norm_train(x, gamma, beta, *moving, 0.1, 1e-5, np.float32,
+                                            relu)
+    counting = _CountingNumpy(x.size)
+    monkeypatch.setattr(fast_numpy, "np", counting)
+    got = FAST.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu, True)
+    monkeypatch.undo()
+    assert counting.passes <= most
+    for g, w in zip(got, STD.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu, True),
+                    strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("x_dtype", [np.float32, np.float16])
+def test_batch_norm_backward_holds_no_whole_batch_float32_temporary_beside_dx(x_dtype, relu,
+                                                                              rng):
+    """What the two passes keep for the whole batch: x - mean in dx's own memory where dx is
+    float32, made again a block at a time under mixed precision (float16 x and dx), and the
+    ReLU's mask as a byte a value (was: a float32 x - mean beside a float16 dx, and a float32
+    masked dy: 5x the input's bytes at the peak)."""
+    import tracemalloc
+
+    shape = (128, 56, 56, 16)  # (25 MiB in float32: the blocks' temporaries are far less)
+    x = rng.standard_normal(shape).astype(x_dtype)
+    dy = rng.standard_normal(shape).astype(x_dtype)
+    gamma, beta = (rng.standard_normal(16).astype(np.float32) for _ in range(2))
+    moving = np.zeros(16, np.float32), np.ones(16, np.float32)
+    _, mean, inv_std = STD.batch_norm_train(x, gamma, beta, *moving, 0.1, 1e-5, np.float32,
+                                            relu)
+    FAST.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu, True)  # (tables made)
+    tracemalloc.start()
+    got = FAST.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu, True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got[0].dtype == x_dtype
+    held = x.nbytes + (x.size if relu else 0)  # (dx, the mask)
+    assert peak - held < 20 * 2**20  # (2 MiB blocks' temporaries on the threads: 4-16 MiB)
+    want = STD.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu, True)[0]
+    np.testing.assert_allclose(got[0].astype(np.float32), want.astype(np.float32),
+                               rtol=1e-2, atol=1e-2)  # (the sums: the other tests)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
 def test_products_with_an_inner_dimension_of_one_skip_numpys_matmul(dtype, monkeypatch, rng):
     """A Dense kernel's gradient at batch 1 (and any product with an inner dimension of 1) is
@@ -1078,3 +1311,36 @@ def test_switching_the_fast_path_reaches_a_convolution_that_has_run(rng):
     finally:
         set_fast_path(old)
     np.testing.assert_allclose(standard, fast, rtol=1e-5, atol=1e-6)
+
+
+def test_strided_conv_input_gradient_goes_by_phases_without_col2im(monkeypatch, rng):
+    """A strided convolution's input gradient on the NumPy kernels (7x7/2 "same" on 3
+    channels): the standard path's result, by stride phases in chunks: no col2im, and no
+    temporary the size of the whole batch's patch gradients (N*Ho*Wo, kh*kw*C) that col2im
+    scatters. Where phases do not pay (5x5 outputs of a 16x16 input), col2im still."""
+    from xpcnn.ops.convolution import ConvGeometry, KernelsConv
+
+    scatters = []
+    col2im = ops.col2im
+    monkeypatch.setattr(ops, "col2im", lambda *a: scatters.append(a[2]) or col2im(*a))
+    n, budget = 16, backend_module.CPU_CHUNK_BYTES
+    for (hw, c, k), padding, by_phases in [((32, 3, 8), "same", True),
+                                           ((16, 64, 64), "valid", False)]:
+        g = ConvGeometry.of((hw, hw, c), k, (7, 7), (2, 2), padding)
+        assert ops.phase_input_grad_pays(g.kernel, g.strides, g.pads, g.in_hw, g.out_hw, c,
+                                         k) is by_phases
+        w = (0.3 * rng.standard_normal((k, 7, 7, c))).astype(np.float32)
+        dy = rng.standard_normal((n, *g.out_hw, k)).astype(np.float32)
+        want = KernelsConv(g, STD).input_grad(dy, w)
+        fast = KernelsConv(g, FAST, budget)
+        del scatters[:]
+        for _ in range(2):  # (the second call reuses the workspace's buffers)
+            tracemalloc.start()
+            got = fast.input_grad(dy, w)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert len(scatters) == (0 if by_phases else 2)
+        patch_grads = n * g.out_hw[0] * g.out_hw[1] * g.taps * 4
+        if by_phases:
+            assert peak < patch_grads / 2, (peak, patch_grads)

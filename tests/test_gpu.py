@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from cuda_emulator import compiler
 from kernel_cases import (
+    CONV_INPUT_GRAD,
     DIRECT_CONV,
     EVERY_MAX_POOL,
     GAP_NET_STEP_TABLES,
@@ -206,6 +207,8 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_im2col": None,
     "test_im2col_reads_the_padding_without_storing_it": None,
     "test_convolution_kernels_match_im2col": _cases(case=[DIRECT_CONV[3], TILED_CONV[-1]]),
+    "test_strided_convolution_input_gradients_match_col2im":
+        _cases(case=[CONV_INPUT_GRAD[0], CONV_INPUT_GRAD[-1]], dtype=["float32"]),
     "test_feature_norm_and_its_gradient": _cases(shape=[(3, 1, 1, 64)], dtype=["float32"]),
     "test_batch_norm_in_two_launches_each_way": _cases(shape=[(64, 33)], dtype=["float32"]),
     "test_sum_rows_in_one_launch": _cases(rows=[1, 1031]),
@@ -227,6 +230,7 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_softmax_cross_entropy_is_nan_for_a_label_that_is_no_class":
         _cases(labels_dtype=["uint8", "int64"]),
     "test_softmax_cross_entropy_of_one_hot_rows_and_sample_weights": None,
+    "test_softmax_cross_entropy_with_class_weights": _cases(rows=[7, 20]),
     "test_numeric_edges_of_the_kernels_on_the_gpu": None,
     "test_fused_optimiser_updates": None,
     "test_training_on_the_gpu_matches_the_standard_path_and_numpy":
@@ -236,6 +240,7 @@ EVERYDAY: dict[str, Callable[[dict[str, Any]], bool] | None] = {
     "test_a_relu_ceiling_of_zero_on_the_gpu": None,
     "test_weighted_training_on_the_gpu_matches_numpy": None,
     "test_rmsprop_and_clipping_on_the_gpu": None,
+    "test_the_convolution_comparison_times_strided_input_gradients_both_ways": None,
     "test_a_missing_gpu_index_is_a_clear_error": None,
     "test_data_on_the_gpu_gives_the_weights_of_host_batches": None,
     "test_a_frozen_trunk_keeps_nothing_for_backward_on_the_gpu": None,
@@ -492,6 +497,30 @@ def test_convolution_kernels_match_im2col(cp, kernels, rng, algorithm, case, dty
     finally:
         conv.set_algorithm("tiled")
         conv.tf32 = False
+
+
+@pytest.mark.parametrize("case", CONV_INPUT_GRAD)
+@pytest.mark.parametrize("dtype", [*DTYPES, "float64"])
+def test_strided_convolution_input_gradients_match_col2im(cp, kernels, rng, case, dtype):
+    """The hand-written input gradient of strided and over-padded convolutions (one gather
+    launch, the kernel read in place) against the standard im2col + matmul + col2im one in
+    float64 from the same rounded values."""
+    from xpcnn.ops import cuda_conv
+    from xpcnn.ops.convolution import ConvGeometry, KernelsConv
+
+    kernel, strides, shape, filters, pads = case
+    fast, std = kernels
+    out_hw = windows.output_size(shape[1:3], kernel, strides, pads)
+    geometry = ConvGeometry(shape[1:3], shape[3], filters, kernel, strides, pads, out_hw)
+    w = _random(cp, rng, (filters, *kernel, shape[3]), dtype)
+    dy = _random(cp, rng, (shape[0], *out_hw, filters), dtype)
+    want = host(KernelsConv(geometry, std).input_grad(dy.astype(cp.float64),
+                                                      w.astype(cp.float64)))
+    got = cuda_conv.HandWrittenConv(geometry, fast).input_grad(dy, w)
+    assert got.shape == shape and got.dtype == dy.dtype
+    tol = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-5, "float64": 1e-12}[dtype]
+    np.testing.assert_allclose(host(got).astype(np.float64), want, rtol=tol,
+                               atol=tol * np.abs(want).max())
 
 
 def fast_float32(conv, *args):
@@ -897,6 +926,29 @@ def test_softmax_cross_entropy(cp, kernels, rng, rows, classes, smoothing, level
 
 
 @pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_softmax_cross_entropy_with_class_weights(cp, kernels, rng, rows, classes, smoothing,
+                                                  levels, one_hot):
+    """fit's class weights looked up in the loss's kernel, times sample weights: the standard
+    version's numbers; a label that is no class makes the loss and the count NaN."""
+    fast, std = kernels
+    z = _random(cp, rng, (rows, classes), "float32", levels)
+    labels = rng.integers(0, classes, rows)
+    y = cp.asarray(np.eye(classes, dtype=np.float32)[labels] if one_hot else labels)
+    w = cp.asarray(rng.uniform(0.0, 3.0, rows).astype(np.float32))
+    table = cp.asarray(rng.uniform(0.1, 3.0, classes).astype(np.float32))
+    stats, grad = fast.softmax_cross_entropy(z, y, smoothing, None, None, w, table)
+    want_stats, want_grad = std.softmax_cross_entropy(z, y, smoothing, None, None, w, table)
+    np.testing.assert_allclose(host(stats[0]), host(want_stats[0]), rtol=1e-5, atol=1e-5)
+    assert float(stats[1]) == float(want_stats[1])
+    np.testing.assert_allclose(host(grad), host(want_grad), rtol=1e-5, atol=1e-5 / rows)
+    if not one_hot:
+        y[rows // 2] = classes
+        assert np.isnan(host(fast.softmax_cross_entropy(z, y, smoothing, None, None, w,
+                                                        table)[0])).all()
+
+
+@pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_softmax_in_one_launch(cp, kernels, rng, rows, classes, smoothing, levels, dtype):
     """A model's probabilities at inference (a row a thread, a row a warp), in the
@@ -1077,7 +1129,7 @@ def test_fused_optimiser_updates(cp, kernels, rng, make, dtype):
             np.testing.assert_allclose(host(f), host(s), rtol=rtol, atol=rtol)
 
 
-def _fit(device, net, fast=True, precision="float32", epochs=2, optimizer=None,
+def _fit(device, net, fast=True, precision="float32", epochs=2, optimizer=None, metrics=None,
          **fit_kwargs):
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (64, 12, 12, 3), dtype=np.uint8), rng.integers(0, 10, 64)
@@ -1086,7 +1138,7 @@ def _fit(device, net, fast=True, precision="float32", epochs=2, optimizer=None,
         model = xpcnn.Sequential(net(), device=device, seed=0)
         # SGD: Adam would turn float rounding in near-zero gradients into whole steps
         model.compile(optimizer=optimizer or xpcnn.optim.SGD(0.05, momentum=0.9),
-                      precision=precision)
+                      precision=precision, metrics=metrics)
         history = model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, **fit_kwargs)
         probs = model.predict(x[:8])
     finally:
@@ -1151,7 +1203,7 @@ def test_a_frozen_trunk_keeps_nothing_for_backward_on_the_gpu(cp, functional, pr
 
 def test_weighted_training_on_the_gpu_matches_numpy(cp, monkeypatch):
     """fit's sample weights (gathered on the device with each batch) and class weights (looked
-    up on the device from the labels), in steps captured and replayed where a GPU can, and
+    up from the labels in the loss's kernel), in steps captured and replayed where a GPU can, and
     evaluate's sample weights, against NumPy; in full float32."""
     monkeypatch.setenv("XPCNN_TF32", "0")
     w = np.random.default_rng(3).uniform(0.0, 2.0, 64)
@@ -1172,19 +1224,60 @@ def test_weighted_training_on_the_gpu_matches_numpy(cp, monkeypatch):
 @pytest.mark.parametrize("make", [
     lambda: xpcnn.optim.RMSprop(1e-3, momentum=0.9, centered=True),
     lambda: xpcnn.optim.SGD(0.05, momentum=0.9, global_clipnorm=0.05),
+    lambda: xpcnn.optim.SGD(0.05, momentum=0.9, clipnorm=0.02),
     lambda: xpcnn.optim.SGD(0.05, momentum=0.9, clipvalue=0.01)],  # (SGD: see _fit)
-    ids=["rmsprop", "sgd-global-clipnorm", "sgd-clipvalue"])
+    ids=["rmsprop", "sgd-global-clipnorm", "sgd-clipnorm", "sgd-clipvalue"])
 def test_rmsprop_and_clipping_on_the_gpu(cp, make, monkeypatch):
-    """RMSprop (its fused update) and gradient clipping (before the fused updates), in steps
-    captured and replayed where a GPU can, against NumPy; in full float32."""
+    """RMSprop (its fused update) and gradient clipping (inside the fused updates: per array,
+    global, by value), with top-k metrics (their counts' kernel), in steps captured and
+    replayed where a GPU can, against NumPy; in full float32."""
     monkeypatch.setenv("XPCNN_TF32", "0")
-    gpu, loss_gpu, _ = _fit("cuda", gap_net, epochs=3, optimizer=make())
-    ref, loss_ref, _ = _fit("cpu", gap_net, epochs=3, optimizer=make())
+    def metrics():
+        return ["accuracy", "sparse_top_k_categorical_accuracy",
+                xpcnn.metrics.SparseTopKCategoricalAccuracy(k=2, name="top_2")]
+
+    gpu, loss_gpu, _ = _fit("cuda", gap_net, epochs=3, optimizer=make(), metrics=metrics())
+    ref, loss_ref, _ = _fit("cpu", gap_net, epochs=3, optimizer=make(), metrics=metrics())
     assert loss_gpu == pytest.approx(loss_ref, rel=1e-5)
+    for name in ("sparse_top_k_categorical_accuracy", "top_2"):  # (a sample's share at most:
+        # logits within rounding of NumPy's may order a near tie the other way)
+        assert gpu.history.history[name] == pytest.approx(ref.history.history[name],
+                                                          abs=1 / 64 + 1e-9)
     for a, b in zip(gpu.get_weights(), ref.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     if not EMULATED:  # (the emulator has no streams to capture on)
         assert gpu.cuda_graphs_reason == "" and len(gpu._graphs.graphs) == 1
+
+
+def test_the_convolution_comparison_times_strided_input_gradients_both_ways(cp):
+    """scripts/bench_gpu.py --conv-layers resnet20 (gpu_check.sh's extras): a row per distinct
+    geometry (the repeated blocks' layers named with it), the stride-2 3x3 and 1x1 shortcut
+    layers' input gradients timed through HandWrittenConv on the gather and, beside it, on
+    im2col + cuBLAS; the algorithm set before is set again after."""
+    import argparse
+
+    from xpcnn.ops.fast_cupy import KERNELS
+
+    path = list(sys.path)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+    try:
+        import bench_gpu
+
+        rows = bench_gpu.compare_conv_engines("resnet20", 2, "float32", argparse.Namespace(
+            device="cuda" if REAL_GPU else "cpu", steps=1, warmup=0, gpu_conv="tiled"))
+    finally:
+        sys.path[:] = path
+    assert KERNELS.conv_kernels.tiled and KERNELS.conv_kernels.runs_forward
+    assert sum(len(r["layers"]) for r in rows) == 21  # (19 3x3, two 1x1 shortcuts)
+    assert len({r["geometry"] for r in rows}) == len(rows) < 21
+    strided = [r for r in rows if " s(2, 2)" in r["geometry"]]
+    assert {r["geometry"].split(" k")[1][:6] for r in strided} == {"(3, 3)", "(1, 1)"}
+    for r in strided:
+        assert r["input_grad"] == "gather"
+        assert all(min(ms) > 0 for label, ms in r["ms"].items()
+                   if label in ("hand-written", "hand-written im2col"))
+        assert {"hand-written", "hand-written im2col"} <= set(r["ms"])
+    assert all("hand-written im2col" not in r["ms"] for r in rows if r["input_grad"] != "gather")
 
 
 def test_every_layer_trains_on_the_gpu_and_stays_there(cp):

@@ -66,8 +66,8 @@ PINNED_MIB = {
     ("cifar", "float32"): 72.7, ("cifar", "mixed_float16"): 39.9,
     ("notebook", "mixed_bfloat16"): 39.0, ("mnist", "mixed_bfloat16"): 41.8,
     ("cifar", "mixed_bfloat16"): 40.0,
-    ("mnist-bn", "float32"): 89.5, ("mnist-bn", "mixed_float16"): 45.6,
-    ("resnet20", "float32"): 15.5, ("resnet20", "mixed_float16"): 9.8,
+    ("mnist-bn", "float32"): 88.9, ("mnist-bn", "mixed_float16"): 45.3,
+    ("resnet20", "float32"): 14.4, ("resnet20", "mixed_float16"): 8.9,
 }
 # The batch of those steps: 128, or less where a model's emulated step would be slow (the
 # launches are the same at any batch; the memory is that batch's).
@@ -197,6 +197,41 @@ def test_the_loss_takes_one_launch_for_one_hot_targets_and_sample_weights(
     assert launch_count(loss) == 1, breakdown(launches)
 
 
+@pytest.mark.parametrize("classes", [10, 1000])  # (a row a thread; a row a warp)
+@pytest.mark.parametrize("targets, weighted", [("labels", False), ("one-hot", False),
+                                               ("labels", True), ("one-hot", True)])
+def test_class_weights_are_looked_up_in_the_loss_launch(fast_cupy, classes, targets,
+                                                         weighted):
+    """fit's class_weight costs no launch: its table is indexed by the labels in the loss's
+    kernel, 8 launches an eager float32 step of Flatten -> Dense -> Softmax at batch 128 as
+    without it (the lookup's standard operations before the loss: 13, 14 for one-hot rows)."""
+    import launch_counter
+
+    import xpcnn
+    from xpcnn.layers import Dense, Flatten, Softmax
+
+    rng = np.random.default_rng(0)
+    with counting(fast_cupy) as counter:
+        model = xpcnn.Sequential([Flatten(), Dense(classes), Softmax()], input_shape=(8, 8, 4),
+                                 device=launch_counter.counting_backend(), seed=0)
+        model.compile(optimizer=launch_counter.OPTIMIZERS["sgd"](), cuda_graphs=False)
+        x = device_array(rng.standard_normal((128, 8, 8, 4)).astype(np.float32))
+        labels = rng.integers(0, classes, 128)
+        y = device_array(np.eye(classes, dtype=np.float32)[labels] if targets == "one-hot"
+                         else labels)
+        w = device_array(rng.uniform(0.5, 2.0, 128).astype(np.float32)) if weighted else None
+        model._use_class_weights(rng.uniform(0.5, 2.0, classes))  # (as fit's class_weight)
+        model.train_step(x, y, w)
+        counter.active = True
+        model.train_step(x, y, w)
+        counter.active = False
+        launches = list(counter.launches)
+        model._read_totals()
+    assert launch_count(launches) == 8, breakdown(launches)
+    loss = [launch for launch in launches if "forward_with_accuracy" in launch.where]
+    assert launch_count(loss) == 1, breakdown(launches)
+
+
 @pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
 @pytest.mark.parametrize("call", ["model(x)", "predict"])
 def test_inference_ends_in_one_softmax_launch(fast_cupy, call, precision):
@@ -303,3 +338,135 @@ def test_a_frozen_trunk_keeps_no_activations_for_backward(fast_cupy, frozen):
     pinned, peak = FROZEN_TRUNK_MIB[frozen], MEMORY.peak / 2**20
     assert abs(peak - pinned) < 1.0, (f"{frozen}: {peak:.2f} MiB at a step's peak, pinned "
                                       f"{pinned}:\n{MEMORY.breakdown()}")
+
+
+@pytest.mark.parametrize(("metrics", "pinned"), [
+    ((), 13), ((5,), 18), ((5, 3), 18)], ids=["accuracy", "top-5", "top-5 and top-3"])
+def test_top_k_metrics_take_one_launch_for_every_k(fast_cupy, metrics, pinned):
+    """A 16-32-100 MLP's eager step (batch 64): the top-k metrics' counts for all their k's
+    in one launch, then the concatenation with the loss's stats and their add to the running
+    totals (3 launches); the standard counts took ~16 launches a k (33 and 37)."""
+    from xpcnn.metrics import SparseTopKCategoricalAccuracy
+
+    rng = np.random.default_rng(0)
+    with counting(fast_cupy) as counter:
+        model = xpcnn.Sequential([Dense(32, activation="relu"), Dense(100)], input_shape=(16,),
+                                 device=counting_backend(), seed=0)
+        model.compile(optimizer=OPTIMIZERS["sgd"](), cuda_graphs=False, metrics=[
+            "accuracy", *(SparseTopKCategoricalAccuracy(k, name=f"top{k}") for k in metrics)])
+        x = device_array(rng.standard_normal((64, 16)).astype(np.float32))
+        y = device_array(rng.integers(0, 100, 64))
+        model.train_step(x, y)
+        counter.active = True
+        model.train_step(x, y)
+        counter.active = False
+        launches = list(counter.launches)
+        model._read_totals()
+    assert launch_count(launches) == pinned, breakdown(launches)
+
+
+def test_a_step_holds_no_earlier_step_gradients(fast_cupy):
+    """The gradients are dropped once the update applied them (PyTorch's
+    zero_grad(set_to_none=True)): a 256-1024-1024-10 MLP's step at batch 16 peaks at its
+    parameters and momentum (10.1 MiB) and the gradients it makes, 15.4 MiB; 19.4 MiB while
+    each layer kept the step before's gradients (5.1 MiB) until its own backward."""
+    rng = np.random.default_rng(0)
+    with counting(fast_cupy) as counter:
+        model = xpcnn.Sequential([Dense(1024, activation="relu"), Dense(1024, activation="relu"),
+                                  Dense(10)], input_shape=(256,), device=counting_backend(),
+                                 seed=0)
+        model.compile(optimizer=OPTIMIZERS["sgd"](), cuda_graphs=False)
+        x = device_array(rng.standard_normal((16, 256)).astype(np.float32))
+        y = device_array(rng.integers(0, 10, 16))
+        model.train_step(x, y)
+        assert all(not la.grads for la in model.layers)
+        gc.collect()
+        MEMORY.start()
+        counter.active = True
+        model.train_step(x, y)
+        counter.active = MEMORY.active = False
+        model._read_totals()
+    assert abs(MEMORY.peak / 2**20 - 15.4) < 1.0, MEMORY.breakdown()
+
+
+def _mlp_step(fast_cupy, precision, **clip):
+    """The launches of one eager step of a 256-1024-1024-10 MLP at batch 16 (SGD momentum,
+    with ``clip``); MEMORY then holds its peak."""
+    rng = np.random.default_rng(0)
+    with counting(fast_cupy) as counter:
+        model = xpcnn.Sequential([Dense(1024, activation="relu"), Dense(1024, activation="relu"),
+                                  Dense(10)], input_shape=(256,), device=counting_backend(),
+                                 seed=0)
+        model.compile(optimizer=xpcnn.optim.SGD(0.01, momentum=0.9, **clip),
+                      precision=precision, cuda_graphs=False)
+        x = device_array(rng.standard_normal((16, 256)).astype(np.float32))
+        y = device_array(rng.integers(0, 10, 16))
+        model.train_step(x, y)
+        gc.collect()
+        MEMORY.start()
+        counter.active = True
+        model.train_step(x, y)
+        counter.active = MEMORY.active = False
+        launches = list(counter.launches)
+        model._read_totals()
+    return launches
+
+
+# What clipping adds to a step: clipvalue, nothing (clipped as the fused update loads each
+# gradient); a norm, one launch (every gradient's sum of squares). Neither copies a gradient.
+# (It was 7-9 standard launches per parameter array, 56 for this MLP's six by clipnorm; and
+# clipvalue's clipped copy of the gradients, 5.1 MiB, at the step's peak.)
+CLIP_LAUNCHES = {"clipnorm": 1, "global_clipnorm": 1, "clipvalue": 0}
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
+@pytest.mark.parametrize("clip", list(CLIP_LAUNCHES))
+def test_clipping_takes_at_most_one_launch_and_no_gradient_copy(fast_cupy, clip, precision):
+    plain = launch_count(_mlp_step(fast_cupy, precision))
+    plain_peak = MEMORY.peak
+    launches = _mlp_step(fast_cupy, precision, **{clip: 0.5})
+    assert launch_count(launches) == plain + CLIP_LAUNCHES[clip], breakdown(launches)
+    assert abs(MEMORY.peak - plain_peak) < 0.1 * 2**20, MEMORY.breakdown()
+
+
+# Launches of one eager float32 step (SGD with momentum, cuda_graphs=False, batch 16) of
+# Conv2D(16, 3, 'same') -> the convolution named -> Flatten -> Dense(10) -> Softmax on
+# 16 x 16 x 16 images, on xpcnn's hand-written kernels (cuDNN unloaded, as with XPCNN_CUDNN=0).
+# A strided or over-padded convolution's input gradient was im2col + matmul + col2im, a
+# scatter per kernel tap (42, 25, 122 and 42 launches; 1.88, 1.36 and 4.84 MiB at the peak for
+# the strided three); now one gather launch (22 each; 1.41, 1.36 and 2.82 MiB). (A stride-1 one
+# keeps its rotated-kernel copy and the tiled kernel: 23.)
+HAND_WRITTEN_PINNED = {
+    "3x3 stride 1 'same'": (23, lambda: Conv2D(32, 3, padding="same")),
+    "3x3 stride 2 'same'": (22, lambda: Conv2D(32, 3, strides=2, padding="same")),
+    "1x1 stride 2": (22, lambda: Conv2D(32, 1, strides=2)),
+    "7x7 stride 2 'same'": (22, lambda: Conv2D(32, 7, strides=2, padding="same")),
+    "3x3 padding 3": (22, lambda: Conv2D(32, 3, padding=3)),
+}
+
+
+@pytest.mark.parametrize("name", list(HAND_WRITTEN_PINNED))
+def test_hand_written_convolution_input_gradients_take_one_launch(fast_cupy, monkeypatch, name):
+    """The second convolution's backward: its kernel gradient (the tiled kernel and the parts'
+    sum) and its input gradient in one launch (two for stride 1: the rotated kernel's copy)."""
+    import xpcnn.ops.cudnn_conv as cudnn_conv
+
+    monkeypatch.setattr(cudnn_conv, "load", lambda: None)
+    rng = np.random.default_rng(0)
+    pinned, layer = HAND_WRITTEN_PINNED[name]
+    with counting(fast_cupy) as counter:
+        model = xpcnn.Sequential([Conv2D(16, 3, padding="same"), layer(), Flatten(), Dense(10),
+                                  Softmax()], input_shape=(16, 16, 16),
+                                 device=counting_backend(), seed=0)
+        model.compile(optimizer=OPTIMIZERS["sgd"](), cuda_graphs=False)
+        x = device_array(rng.standard_normal((16, 16, 16, 16)).astype(np.float32))
+        y = device_array(rng.integers(0, 10, 16))
+        model.train_step(x, y)
+        counter.active = True
+        model.train_step(x, y)
+        counter.active = False
+        launches = list(counter.launches)
+        model._read_totals()
+    assert launch_count(launches) == pinned, breakdown(launches)
+    backward = [launch for launch in launches if launch.where == "conv2d_1 backward"]
+    assert launch_count(backward) == 3 + (name == "3x3 stride 1 'same'"), breakdown(launches)

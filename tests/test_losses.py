@@ -600,3 +600,32 @@ def test_compile_refuses_a_loss_per_output(loss):
     with pytest.raises(InputError, match=r"compile's loss must be one loss, got a (dict|list).*an "
                                          r"xpcnn model has one output, so pass its loss itself"):
         net("logits").compile(loss=loss, optimizer="sgd")
+
+
+def test_the_swap_hint_covers_labels_cast_to_float():
+    """Float labels passed as y_pred in PyTorch's order, ``loss(probs, labels.astype(
+    "float32"))``, are told "arguments swapped?" as integer ones are (was: no hint); not a
+    correct-order call with one-hot y_true, nor 1-D scores that are no labels, and the hint
+    never fails on what it cannot read (a torch bfloat16 y_true, a ragged one)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), 4).astype(np.float32)
+    labels = np.array([0, 2, 1, 2])
+    swapped = r"got shape \(4,\): arguments swapped\? SoftmaxCrossEntropy is called as Keras'"
+    for from_logits in (True, False):
+        loss = SoftmaxCrossEntropy(from_logits=from_logits)
+        for y in (labels.astype(np.float32), labels.astype(np.float64),
+                  torch.tensor(labels, dtype=torch.float32)):
+            with pytest.raises(InputError, match=swapped):
+                loss(probs, y)
+        with pytest.raises(InputError, match=swapped):
+            loss(torch.tensor(probs, dtype=torch.bfloat16), labels.astype(np.float32))
+        for y_true, y_pred in [
+                (np.eye(3, dtype=np.float32)[labels], labels.astype(np.float32)),  # (one-hot)
+                (probs, np.array([0.5, 2, 1, 2], np.float32)),  # (not whole numbers)
+                (probs, np.array([0, 3, 1, 2], np.float32)),  # (no class of 3)
+                (probs, labels[:3].astype(np.float32)),  # (not one per row)
+                ([[1.0, 2.0], [3.0], [1.0], [2.0]], labels.astype(np.float32))]:  # (ragged)
+            with pytest.raises(InputError, match=r"got shape \(\d,\)$"):
+                loss(y_true, y_pred)

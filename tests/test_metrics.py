@@ -170,11 +170,13 @@ def test_the_metrics_without_top_k_run_no_top_k_work(monkeypatch):
     """A model compiled without top-k metrics counts nothing more (its device work is
     unchanged: tests/test_launch_counts.py); one with them counts once per step, for all its
     metrics of one k."""
-    from xpcnn.training import step
+    from xpcnn.ops.fast_numpy import NumpyKernels
+    from xpcnn.ops.kernels import StandardKernels
 
     calls = []
-    monkeypatch.setattr(step, "top_k_counts",
-                        lambda *a: calls.append(a[3]) or top_k_counts(*a))
+    for kind in (StandardKernels, NumpyKernels):  # (the step calls its backend's kernels)
+        monkeypatch.setattr(kind, "top_k_counts", lambda self, *a, _was=kind.top_k_counts: (
+            calls.append(a[2]) or _was(self, *a)))
     logits_model(["accuracy"]).fit(X, Y, batch_size=12, verbose=0, validation_data=(X, Y))
     assert calls == []
     logits_model(["sparse_top_k_categorical_accuracy", "top_k_categorical_accuracy",
@@ -427,3 +429,24 @@ def test_keras_list_of_the_one_outputs_metrics_is_taken_and_a_dict_refused():
                                          r"pass metrics\['dense_1'\] itself"):
         nested.compile(metrics={"dense_1": ["accuracy"]})
     assert nested.metrics_names == ("loss", "acc")  # (a refused compile changes nothing)
+
+
+@pytest.mark.parametrize("rows, classes", [(1, 5), (37, 10), (300, 7), (9, 1000)])
+@pytest.mark.parametrize("targets", [np.int64, np.int32, np.uint8, "one-hot", "float16"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_numpys_top_k_counts_are_the_standard_ones(rows, classes, targets, dtype):
+    """NumPy's fast top-k counts (one comparison pass, no (rows, classes) masks) count as the
+    standard version does: ties in, NaN scores greater than none, non-finite targets and
+    labels of no class never counted, a one-hot row's first largest entry its target."""
+    import array_api_compat.numpy as xpn
+    from kernel_cases import TOP_K_KS, top_k_inputs
+
+    from xpcnn.ops.fast_numpy import NumpyKernels
+    from xpcnn.ops.kernels import StandardKernels
+
+    z, y = top_k_inputs(np.random.default_rng(rows), rows, classes, dtype, targets)
+    for out in (np.float32, np.float64):
+        want = StandardKernels(xpn).top_k_counts(z, y, TOP_K_KS, out)
+        got = NumpyKernels().top_k_counts(z, y, TOP_K_KS, out)
+        assert got.dtype == out and got.tolist() == want.tolist()
+    assert "top_k_counts" in vars(NumpyKernels)  # (its own, not the standard one inherited)

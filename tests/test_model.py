@@ -266,6 +266,35 @@ def test_layer_outputs_and_a_layer_on_its_own_show_each_layers_own_output(rng):
         model.forward(x)  # (PyTorch's forward gives the output, not this list: refused)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_layer_outputs_keep_nothing_for_a_backward_pass(rng, training):
+    """An inspection call keeps no layer's activations once its outputs are dropped, in
+    training mode too (was: every layer's cache for backward, the outputs with it, held
+    until the next step); training still works after it."""
+    import gc
+    import weakref
+
+    model = xpcnn.Sequential(every_layer_net(), input_shape=(12, 12, 3), seed=0)
+    model.compile(optimizer="sgd")
+    x = rng.integers(0, 256, (4, 12, 12, 3)).astype(np.uint8)
+    model.train_on_batch(x, np.arange(4))  # (a step's leftovers first: left as they were)
+
+    def caches() -> dict[tuple[str, str], int]:
+        return {(la.name, k): id(v) for la in model.layers for k, v in vars(la).items()
+                if k.startswith("_cache") and v is not None}
+
+    before = caches()
+    outs = model.layer_outputs(x, training=training)
+    assert len(outs) == len(model.layers)
+    refs = [weakref.ref(o) for o in outs]
+    del outs
+    gc.collect()
+    assert [la.name for la, r in zip(model.layers, refs, strict=True) if r() is not None] == []
+    assert not any(getattr(la, "_backward_ready", False) for la in model.layers)
+    assert caches() == before  # (nothing the call made is held; the model's own as they were)
+    assert np.isfinite(model.train_on_batch(x, np.arange(4))[0])
+
+
 def test_the_logits_of_a_uint8_batch_are_those_of_the_batch_in_the_parameters_dtype(rng):
     """_logits casts a device batch to the parameters' dtype itself (fit, evaluate and
     predict hand it batches as stored): a uint8 batch's logits are, bit for bit, those of the
@@ -515,7 +544,7 @@ def test_mixed_precision_casts_weights_and_gradients_in_one_call_each(data, monk
     assert (weights, grads) == (5, 7)
     assert calls == [(5, np.float16, 5), (7, np.float32, 1)] * steps
     assert all(getattr(la, "_cache_weights", None) is None for la in model.layers)
-    assert all(g.dtype == np.float32 for g in model.layers[2].grads.values())
+    assert not model.layers[2].grads  # (dropped once applied: the cast's dtype is checked above)
     model.predict(data[0][:4])
     assert calls[2 * steps:] == [(5, np.float16, 5)]
     monkeypatch.setattr(Layer, "compute_weight", lambda self, name: (
@@ -2009,3 +2038,105 @@ def test_layers_around_an_unbuilt_nested_base_are_built_once(precision):
     model.compile(loss="cross_entropy", optimizer="sgd", precision=precision)
     model.build((4, 4, 1))
     assert built == ["pre", "b1", "mid", "c1"], built
+
+
+def _bn_dropout_model() -> xpcnn.Sequential:
+    model = xpcnn.Sequential([xpcnn.Input((6, 6, 2)), Conv2D(4, 3), BatchNorm2D(), ReLU(),
+                              Dropout(0.5), Flatten(), Dense(3)], seed=0)
+    model.compile(optimizer="sgd")
+    return model
+
+
+def test_layer_outputs_in_training_mode_leave_the_model_as_it_was(rng):
+    """layer_outputs(x, training=True) shows training mode (Dropout drops, BatchNorm2D uses
+    the batch's statistics) but changes nothing: the moving statistics, the next draws, so
+    predict and the next fit are those of a model never inspected."""
+    x = rng.normal(size=(8, 6, 6, 2)).astype(np.float32)
+    y = np.arange(8) % 3
+    inspected, plain = _bn_dropout_model(), _bn_dropout_model()
+    outs = [np.asarray(o) for o in inspected.layer_outputs(x, training=True)]
+    kept = outs[2] != 0  # (Dropout in training mode: every value dropped or scaled)
+    assert not np.any(outs[3][kept] == outs[2][kept])
+    np.testing.assert_array_equal(inspected.predict(x), plain.predict(x))
+    for model in (inspected, plain):
+        model.fit(x, y, epochs=2, batch_size=4, verbose=0)
+    for a, b in zip(inspected.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_layer_outputs_in_training_mode_are_refused_while_another_thread_trains(rng):
+    """A training-mode pass is a training call: from another thread while fit runs, it is
+    refused by name (it would race the step's own passes); from fit's own thread (a
+    callback), it runs and the fit goes on as if it had not."""
+    import threading
+
+    x = rng.normal(size=(8, 6, 6, 2)).astype(np.float32)
+    y = np.arange(8) % 3
+    errors: list[Exception] = []
+
+    def from_another_thread(model: xpcnn.Sequential) -> None:
+        try:
+            model.layer_outputs(x, training=True)
+        except InputError as e:
+            errors.append(e)
+
+    def at_batch_end(model: xpcnn.Sequential, cross: bool) -> None:
+        if cross:
+            t = threading.Thread(target=from_another_thread, args=(model,))
+            t.start()
+            t.join()
+        else:
+            model.layer_outputs(x, training=True)
+
+    runs = []
+    for cross in (True, False, None):
+        model = _bn_dropout_model()
+        cb = xpcnn.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs, m=model, c=cross: None if c is None
+            else at_batch_end(m, c))
+        model.fit(x, y, epochs=1, batch_size=4, verbose=0, callbacks=[cb])
+        runs.append(model.get_weights())
+    assert len(errors) == 2  # (each batch's call from the other thread)
+    assert all("layer_outputs(training=True) was called while this model's fit runs in "
+               "another thread" in str(e) for e in errors)
+    for a, b in zip(runs[1], runs[2], strict=True):  # (the callback's call changed nothing)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_predict_beside_a_training_mode_inspection_reads_the_models_statistics(rng):
+    """layer_outputs(training=True) moves BatchNorm2D's statistics and puts them back after:
+    a predict in another thread meanwhile would read the inspection's (was: most of them
+    did). No pass of another thread runs during it, so every predict is the model's."""
+    import threading
+
+    model = _bn_dropout_model()
+    x = rng.normal(size=(8, 6, 6, 2)).astype(np.float32)
+    reference = model.predict(x)
+    done, results = threading.Event(), []
+
+    def predict_until_done() -> None:
+        while not done.is_set():
+            results.append(model.predict(x))
+
+    thread = threading.Thread(target=predict_until_done)
+    thread.start()
+    try:
+        for _ in range(100):
+            model.layer_outputs(x * 5 + 3, training=True)
+    finally:
+        done.set()
+        thread.join()
+    assert results and all(np.array_equal(r, reference) for r in results)
+
+
+@pytest.mark.parametrize("training", [None, False, 0])
+def test_layer_outputs_take_keras_false_values_for_inference(training, rng):
+    """``training=None`` (Keras' default) or a false value is inference; a truthy value that is
+    not True is refused rather than taken for training."""
+    model = _bn_dropout_model()
+    x = rng.normal(size=(4, 6, 6, 2)).astype(np.float32)
+    inference = [np.asarray(o) for o in model.layer_outputs(x)]
+    for a, b in zip(model.layer_outputs(x, training=training), inference, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    with pytest.raises(InputError, match="training must be True or False, got 'yes'"):
+        model.layer_outputs(x, training="yes")

@@ -14,6 +14,7 @@ import os
 import stat
 import struct
 import tracemalloc
+import warnings
 import zipfile
 
 import numpy as np
@@ -26,6 +27,7 @@ from xpcnn.errors import DataFormatError, InputError, NonFiniteError
 from xpcnn.layers import (
     Add,
     AvgPool2D,
+    BatchNorm2D,
     Conv2D,
     Dense,
     Flatten,
@@ -722,3 +724,29 @@ def test_a_file_claiming_huge_images_for_an_average_pool_loads_without_allocatin
     want = np.array([[[(padded[0, i:i + 3, j:j + 3].sum((0, 1)) / real[0, i:i + 3, j:j + 3]
                         .sum((0, 1))) for j in range(0, 5, 2)] for i in range(0, 7, 2)]])
     np.testing.assert_allclose(pool(x.astype(np.float32)), want, rtol=1e-6)
+
+
+def test_batch_norm_momentum_advice_is_given_where_written_not_at_each_load(tmp_path):
+    """BatchNorm2D(momentum > 0.5) warns (Keras' convention ported as it is) where the user's
+    code sets it; a file, a configuration or a copy that holds the setting does not warn again,
+    as the Conv2D argument-order and channels-first warnings do not."""
+    x = np.random.default_rng(0).normal(size=(6, 4, 4, 2)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    with pytest.warns(RuntimeWarning, match="momentum 0.9"):
+        bn = BatchNorm2D(momentum=0.9)
+    model = xpcnn.Sequential([xpcnn.Input((4, 4, 2)), bn, Flatten(), Dense(3)], seed=0)
+    model.compile()
+    file, checkpoint = tmp_path / "m.npz", tmp_path / "c.npz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(x, y, epochs=1, verbose=0, checkpoint=checkpoint)
+        model.save(file)
+        loaded = xpcnn.load_model(file)
+        load_checkpoint(checkpoint)
+        xpcnn.Sequential.from_config(model.get_config())
+        BatchNorm2D.from_config(bn.get_config())
+        bn.unbuilt_copy()
+        loaded.load_weights(file)
+    assert loaded.layers[0].momentum == 0.9
+    with pytest.warns(RuntimeWarning, match="momentum 0.95"):  # (the user's code again)
+        loaded.layers[0].momentum = 0.95

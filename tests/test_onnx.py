@@ -404,3 +404,18 @@ def test_cli_train_exports_and_checks_first(tmp_path, capsys, monkeypatch):
     x = load_shapes()[1][0][:4]
     np.testing.assert_allclose(run_onnx(path, x.astype(np.float32)), model.predict(x),
                                rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("where", ["layer", "model"])
+def test_a_name_utf8_cannot_encode_is_refused_by_name_before_any_file(where, tmp_path):
+    """A str holding a lone surrogate (os.fsdecode of bytes that are not UTF-8) is a legal
+    name that saves and loads, but ONNX names are UTF-8: export refuses it by name, before
+    writing, where onnx would fail deep inside."""
+    name = os.fsdecode(b"stage_\xff")
+    layer_name, model_name = (name, None) if where == "layer" else ("flatten", name)
+    model = xpcnn.Sequential([xpcnn.Input((4, 4, 2)), Flatten(name=layer_name), Dense(3)],
+                             seed=0, name=model_name)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(InputError, match=rf"{where} 'stage_\\udcff': ONNX names are UTF-8"):
+        model.export(path)
+    assert not path.exists()

@@ -93,6 +93,55 @@ def test_input_gradient_as_convolution_matches_col2im(xp, case, budget, rng):
         np.testing.assert_allclose(np.asarray(dx), ref, rtol=1e-10, atol=1e-10)
 
 
+PHASE_CASES = [  # (N, H, W, C, K, kernel, strides, padding): strided, odd, over-padded
+    (3, 7, 7, 2, 3, (3, 3), (2, 2), "same"),
+    (2, 9, 8, 3, 4, (7, 7), (2, 2), "same"),
+    (2, 9, 10, 2, 3, (5, 4), (3, 2), "valid"),
+    (3, 8, 9, 2, 2, (3, 3), (4, 3), "same"),  # kernel < stride: phases without taps
+    (2, 6, 5, 3, 2, (1, 1), (2, 2), "valid"),
+    (2, 5, 6, 2, 3, (2, 3), (2, 1), 3),  # padded beyond the kernel
+    (2, 4, 4, 2, 2, (3, 3), (1, 1), 3),  # stride 1, over-padded: one phase
+    (2, 2, 3, 2, 2, (5, 5), (4, 4), "same"),  # fewer inputs than strides
+]
+
+
+@pytest.mark.parametrize("xp", [xpn, xs], ids=["numpy", "strict"])
+@pytest.mark.parametrize("case", PHASE_CASES)
+@pytest.mark.parametrize("budget", [None, 1])
+def test_phase_input_gradient_matches_col2im(xp, case, budget, rng):
+    """The input gradient by stride phases (one window over dy, a kernel matrix with zeros
+    where a phase lacks a tap) is col2im's scatter of the patch gradients, twice over one
+    workspace, in chunks of one image or all at once."""
+    n, h, w, c, k, kernel, strides, padding = case
+    pads = windows.resolve_padding(padding, (h, w), kernel, strides)
+    out_hw = windows.output_size((h, w), kernel, strides, pads)
+    wt = rng.standard_normal((k, *kernel, c))  # (K, kh, kw, C)
+    dy = rng.standard_normal((n, *out_hw, k))
+    dcols = (dy.reshape(-1, k) @ wt.reshape(k, -1)).reshape(n, *out_hw, -1)
+    padded = (n, h + pads[0] + pads[1], w + pads[2] + pads[3], c)
+    ref = windows.unpad(ops.col2im(xpn, dcols, padded, kernel, strides, out_hw), pads)
+    ws = Workspace()
+    for _ in range(2):
+        dx = ops.phase_input_grad(xp, StandardKernels(xp), xp.asarray(dy), xp.asarray(wt),
+                                  kernel, strides, pads, (h, w), ws, "dphase", budget)
+        np.testing.assert_allclose(np.asarray(dx), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_phase_input_gradient_of_inputs_no_output_reads(rng):
+    """A 1x1 kernel, stride 3, 2 zeros each side of a 2x2 input: three of its four phases have
+    no tap, and their inputs get a zero gradient (dx starts empty: each phase writes its own);
+    the fourth input gets its one tap's."""
+    pads, kernel, strides = (2, 2, 2, 2), (1, 1), (3, 3)
+    out_hw = windows.output_size((2, 2), kernel, strides, pads)
+    wt = rng.standard_normal((3, 1, 1, 2))
+    dy = rng.standard_normal((2, *out_hw, 3))
+    dx = ops.phase_input_grad(xpn, StandardKernels(xpn), dy, wt, kernel, strides, pads,
+                              (2, 2), Workspace(), "d", None)
+    want = np.zeros((2, 2, 2, 2))
+    want[:, 1, 1, :] = dy[:, 1, 1, :] @ wt[:, 0, 0, :]  # padded input (3, 3) is output (1, 1)
+    np.testing.assert_allclose(dx, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("budget", [None, 1])
 def test_weight_gradient_matches_patches_transpose_product(budget, rng):
     n, h, w, c, k = 5, 6, 5, 3, 4

@@ -152,6 +152,105 @@ def test_clipping_zero_gradients_divides_by_nothing(kind):
     assert all(np.array_equal(p, np.ones_like(p)) for p in params)
 
 
+def test_global_clipnorm_computes_its_factor_once(monkeypatch, rng):
+    """The standard clipping's joint factor is one computation for all the arrays (it was
+    computed again for each: five launches per array on a GPU)."""
+    calls = []
+    shrink = optim.Optimizer._shrink
+    monkeypatch.setattr(optim.Optimizer, "_shrink",
+                        staticmethod(lambda *a: calls.append(1) or shrink(*a)))
+    params = [rng.standard_normal(s).astype(np.float32) for s in ((3, 4), (4,), (5, 2))]
+    optim.SGD(0.1, global_clipnorm=0.5).step(xpn, params, [p * 10 for p in params])
+    assert len(calls) == 1
+
+
+def _numpy_kernels():
+    from xpcnn.ops.fast_numpy import KERNELS
+
+    return KERNELS
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optim.SGD(0.05, momentum=0.9, clipnorm=0.5),
+    lambda: optim.SGD(0.05, global_clipnorm=0.5, weight_decay=1e-3),
+    lambda: optim.Adam(1e-2, clipvalue=0.3),
+    lambda: optim.AdamW(1e-2, global_clipnorm=2.0),
+    lambda: optim.RMSprop(1e-2, momentum=0.9, centered=True, clipnorm=0.4),
+    lambda: optim.RMSprop(1e-2, clipvalue=0.3),
+], ids=["sgd-clipnorm", "sgd-global", "adam-clipvalue", "adamw-global", "rmsprop-clipnorm",
+        "rmsprop-clipvalue"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_updates_clip_in_place_with_the_standard_bits(monkeypatch, rng, make, dtype):
+    """The NumPy updates clip each gradient within the update's own blocks (Optimizer._clipped,
+    the standard clipping, is not run: no clipped copy of the gradients), with the standard
+    clipping's bits: parameters large enough to be split over threads and summed in several
+    leaves, a gradient that is not C-contiguous, an empty one, a NaN step with ``apply``
+    False; the gradients are left as they were."""
+    fast = _numpy_kernels()
+    shapes = [(3, 3, 4, 8), (0,), (7,), (300, 700)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    clipped = optim.Optimizer._clipped
+    for apply in (None, True, False, True):
+        grads = [(3 * rng.standard_normal(p.shape)).astype(dtype) for p in params]
+        grads[0] = np.asfortranarray(grads[0])
+        if apply is False:
+            grads[2][0] = np.nan
+        kept = [g.copy() for g in grads]
+        flag = None if apply is None else np.asarray(apply)
+        with monkeypatch.context() as m:
+            m.setattr(optim.Optimizer, "_clipped", lambda *a: pytest.fail("a clipped copy"))
+            opt_fused.step(xpn, fused, grads, fast, apply=flag)
+        assert all(np.array_equal(g, k, equal_nan=True) for g, k in zip(grads, kept,
+                                                                       strict=True))
+        assert optim.Optimizer._clipped is clipped
+        opt_std.step(xpn, standard, grads, apply=flag)
+    for name, want in [("params", standard), *opt_std.slots.items()]:
+        got = fused if name == "params" else opt_fused.slots[name]
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_numpy_updates_clip_gradients_they_do_not_take_the_standard_way(rng):
+    """Gradients of another dtype than their parameters (a step called by hand) are clipped
+    the standard way first, then updated: the standard step's bits."""
+    fast = _numpy_kernels()
+    params = [rng.standard_normal((4, 5)).astype(np.float32)]
+    grads = [3 * rng.standard_normal((4, 5))]  # (float64)
+    assert not fast.takes_clip(params, grads, ("norm", 0.5))
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    optim.SGD(0.1, clipnorm=0.5).step(xpn, fused, grads, fast)
+    optim.SGD(0.1, clipnorm=0.5).step(xpn, standard, grads)
+    np.testing.assert_array_equal(fused[0], standard[0])
+
+
+def _update_peak(clip):
+    """The peak memory NumPy allocates in a fused SGD momentum step on a 16 MiB parameter."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal((2048, 2048)).astype(np.float32)]
+    grads = [rng.standard_normal((2048, 2048)).astype(np.float32)]
+    opt = optim.SGD(0.01, momentum=0.9, **clip)
+    opt.step(xpn, params, grads, _numpy_kernels())  # (the momentum buffer made)
+    tracemalloc.start()
+    try:
+        opt.step(xpn, params, grads, _numpy_kernels())
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("clip", [dict(clipvalue=0.1), dict(clipnorm=1.0),
+                                  dict(global_clipnorm=1.0)])
+def test_numpy_clipping_copies_no_gradient(clip):
+    """A clipped step of the NumPy updates allocates no more than an unclipped one (clipped in
+    pieces of the update's blocks; was 16 MiB more, a clipped copy of the gradient)."""
+    peak, plain = _update_peak(clip), _update_peak({})
+    assert peak <= plain + 2**20, f"{peak / 2**20:.1f} MiB, unclipped {plain / 2**20:.1f}"
+
+
 def test_centered_rmsprop_stays_finite_where_its_variance_rounds_below_zero(rng):
     """Steady gradients make v - a^2 round below 0 (PyTorch's weights go NaN there): held at
     0, the update stays finite; elsewhere the same as PyTorch's."""

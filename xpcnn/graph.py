@@ -599,8 +599,15 @@ def _check_param_grads(layer: Layer) -> None:
 
 def each_output(layers: list[Layer], inbound: list[Inbound], x: Any, training: bool = False
                 ) -> list[Any]:
-    """Every layer's output, each layer doing all its own work (for inspection)."""
+    """Every layer's output, each layer doing all its own work (for inspection), keeping
+    nothing for a backward pass in training mode either (no layer holds its activations after
+    it: ``Options.keep_for_backward``)."""
     values = [x]
     for layer, ins in zip(layers, inbound, strict=True):
-        values.append(layer.forward(read_by(layer, ins, values), training))
+        if not checks.of_xpcnn(type(layer).__module__):  # (as a plan refuses it)
+            _check_pass_signatures(layer)
+        values.append(layer.forward(read_by(layer, ins, values), training, _INSPECTION))
     return values[1:]
+
+
+_INSPECTION = Options(keep_for_backward=False)

@@ -22,6 +22,7 @@ from .checks import (
     untaken_settings,
 )
 from .errors import InputError
+from .ops.kernels import class_weighted
 from .ops.softmax import (
     cross_entropy,
     loss_and_correct,
@@ -44,6 +45,33 @@ def _float_matrix(y: Any) -> bool:
         except Exception:  # (the error, if any, is y_pred's shape: no hint)
             return False
     return y.ndim == 2 and "float" in str(y.dtype)
+
+
+def _host_floats(y: Any) -> np.ndarray | None:
+    """``y``'s values as a float64 host array, or None where they cannot be read (a ragged
+    list, a torch bfloat16 tensor NumPy has no dtype for: read through float64 here)."""
+    try:
+        if array_api_compat.is_torch_array(y):
+            y = y.detach().cpu().double()
+        return np.asarray(to_host(y), dtype=np.float64)
+    except Exception:  # (the hint reads what it can; the error is y_pred's shape)
+        return None
+
+
+def _labels_as_scores(y_true: Any, y_pred: Any) -> bool:
+    """Whether a float 1-D ``y_pred`` holds class labels cast to float (whole numbers in
+    [0, classes)) and ``y_true`` the scores (N, classes) of a model, not targets (a row that
+    is not one-hot): PyTorch's order with float labels, as ``loss(probs, labels.astype(
+    "float32"))``. Never where ``y_true`` is one-hot rows (that call is in Keras' order, with
+    a y_pred of the wrong shape), nor where a value cannot be read."""
+    if not _float_matrix(y_true):
+        return False
+    labels, scores = _host_floats(y_pred), _host_floats(y_true)
+    if labels is None or scores is None or labels.ndim != 1 or scores.ndim != 2 or \
+            labels.shape[0] != scores.shape[0] or labels.size == 0 or scores.shape[1] < 2:
+        return False
+    whole = np.all((labels == np.floor(labels)) & (labels >= 0) & (labels < scores.shape[1]))
+    return bool(whole) and not bool(np.all((scores == 0) | (scores == 1)))
 
 
 class SoftmaxCrossEntropy:
@@ -161,9 +189,9 @@ class SoftmaxCrossEntropy:
         if y_pred.ndim != 2 or y_pred.shape[0] == 0 or y_pred.shape[1] < 2:
             swapped = ""
             # (PyTorch's order, loss(input, target), is the reverse of Keras': its targets
-            # are integers, int64, and its inputs float scores)
-            if y_pred.ndim == 1 and xp.isdtype(y_pred.dtype, "integral") and \
-                    _float_matrix(y_true):
+            # are integers, int64 (or labels cast to float), and its inputs float scores)
+            if y_pred.ndim == 1 and (xp.isdtype(y_pred.dtype, "integral") and _float_matrix(
+                    y_true) or _labels_as_scores(y_true, y_pred)):
                 swapped = (f": arguments swapped? {type(self).__name__} is called as Keras' "
                            "losses are, loss(y_true, y_pred); PyTorch's order, loss(input, "
                            "target), is the reverse")
@@ -235,14 +263,16 @@ class SoftmaxCrossEntropy:
         return cross_entropy(xp, z, self.targets(xp, y, z.shape[1], z.dtype), weights)
 
     def forward_with_accuracy(self, xp: Any, logits: Any, y: Any, dtype: Any,
-                              kernels: Any, scale: Any = None, weights: Any = None
-                              ) -> tuple[Any, Any]:
+                              kernels: Any, scale: Any = None, weights: Any = None,
+                              class_weights: Any = None) -> tuple[Any, Any]:
         """:meth:`forward` with the count of rows predicted right (first maximum at the target's
         class): ([loss, count] as one (2,) float32 or float64 array, gradient). The targets
-        (integer labels or one-hot rows) and ``weights`` go to ``kernels`` (on a GPU one
-        launch instead of ~20, or ~33 for one-hot rows or weights). A target that names no class
-        (a label out of range, a one-hot row that is no probabilities) makes the loss NaN, on
-        the device: the step is skipped as a non-finite one, never trained on a wrong loss.
+        (integer labels or one-hot rows), ``weights`` and ``class_weights`` (classes,) (fit's
+        ``class_weight``: each sample's weight times its class's) go to ``kernels`` (on a GPU
+        one launch instead of ~20, or ~33 for one-hot rows or weights). A target that names no
+        class (a label out of range, a one-hot row that is no probabilities) makes the loss and
+        the count NaN, on the device: the step is skipped as a non-finite one, never trained on
+        a wrong loss.
         With ``scale`` (the float16 loss-scaling state, on the device), the gradient is of the
         loss times ``scale[0]`` (on a GPU in the same launch). The gradient is given in the
         logits' dtype (float16 under mixed precision, cast on a GPU in the same launch).
@@ -251,7 +281,8 @@ class SoftmaxCrossEntropy:
         A subclass's own :meth:`forward` computes the loss and gradient on every path."""
         if self._fused():  # (the kernels cast the logits, on a GPU in the same launch)
             return kernels.softmax_cross_entropy(logits, y, self.label_smoothing, scale, dtype,
-                                                 weights)
+                                                 weights, class_weights)
+        weights = class_weighted(xp, y, weights, class_weights)
         z = xp.astype(logits, dtype, copy=False)
         loss, grad = self.forward(xp, z, y, dtype, weights)
         shapes = [getattr(a, "shape", None) for a in (loss, grad)] if self._replaced(

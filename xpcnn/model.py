@@ -599,15 +599,26 @@ class Model(Trainer):
                          "predict(x) for host batches; layer_outputs(x) gives every layer's "
                          "output")
 
-    def layer_outputs(self, x: Any, training: bool = False) -> list[Any]:
+    def layer_outputs(self, x: Any, training: bool | None = False) -> list[Any]:
         """Every layer's output for a host batch, as device arrays (for inspection; the
-        model's own output is ``model(x)`` or ``predict``)."""
+        model's own output is ``model(x)`` or ``predict``). ``training=True`` shows training
+        mode (Dropout's draws, BatchNorm2D's batch statistics) and leaves the model as it was
+        (its moving statistics, its next draws); as a training call, it is refused while
+        another thread trains the model, and no pass of another thread (a ``predict``) runs
+        meanwhile: it would read the statistics put back after. ``training`` None, False or
+        0 is inference, as in Keras; a truthy value other than True is refused."""
         self._require_built("layer_outputs")
         self._rebuild_if_shared()
         x = checks.as_images(x)
         checks.check_sample_shape(x, self._input_shape)  # type: ignore[arg-type]
-        with compute_scope(self.backend):
-            return self._layer_outputs(self._to_device(x), training)
+        if not training:
+            with compute_scope(self.backend):
+                return self._layer_outputs(self._to_device(x), False)
+        what = "layer_outputs(training=True)"
+        checks.flag(training, "layer_outputs' training")
+        with self._running_alone(what, nested=True), PASSES.exclusive(what), \
+                self._put_back(), compute_scope(self.backend):
+            return self._layer_outputs(self._to_device(x), True)
 
     # -- configuration -------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:

@@ -124,6 +124,14 @@ def export_model(model: Any, path: str | os.PathLike[str], input_dtype: str = "f
         raise InputError(f"no ONNX converter for layer type(s) {', '.join(unknown)} (model "
                          f"{model.name!r}); known: {', '.join(sorted(CONVERTERS))}. A new "
                          "layer type registers one with xpcnn.onnx_export.register_converter")
+    for what, name in [("model", model.name), *(("layer", n.layer.name) for n in nodes)]:
+        try:  # (a legal str may hold a lone surrogate: os.fsdecode of an undecodable file name)
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(f"{what} {name!r}: ONNX names are UTF-8 text and this one holds a "
+                             "character UTF-8 cannot encode (a lone surrogate, as os.fsdecode "
+                             "gives for bytes that are not UTF-8): rename it before export"
+                             ) from None
     output_file(path, "the ONNX file")  # (before any work; missing folders are made)
     graph = GraphBuilder(onnx)
     tensors = {0: INPUT_NAME}  # slot -> ONNX tensor name

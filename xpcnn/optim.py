@@ -86,6 +86,15 @@ def _update_unchecked(cls: type) -> bool:
     return owner.__module__ != __name__ and owner not in _SKIPS_CHECKED
 
 
+def _own(cls: type, method: str) -> bool:
+    """Whether ``cls``'s ``method`` is xpcnn's own (not a user's override)."""
+    return defining_class(cls, method).__module__ == __name__
+
+
+def _never(*args: Any) -> bool:
+    return False
+
+
 def _xpcnn_class(cls: type) -> type:
     """The nearest of xpcnn's own optimiser classes that ``cls`` derives from (``cls`` itself
     where it is one): the constructor whose checks a setting set as an attribute goes
@@ -642,12 +651,26 @@ class Optimizer:
         if self.counts_updates and params:  # (in the widest of the parameters' dtypes)
             scalars = self._counted(kernels or StandardKernels(xp), scalars, apply,
                                     xp.result_type(*(p.dtype for p in params)))
-        grads = self._clipped(xp, grads)
         # (not where a subclass overrides _update alone: the fused kernels would skip it)
         fused = kernels is not None and kernels.fused_updates and params and same_author(
             self, "_fused_update", "_update")
-        if fused and self._fused_update(kernels, params, grads, scalars, apply):
+        # Clipping inside xpcnn's fused updates where the kernels take it (no clipped copy of
+        # every gradient, no launches per array), else the standard way first (the reference)
+        # (only where the clipping is xpcnn's own too: a user's _clipped or _clip runs)
+        # (no call where nothing clips: a step's host work, see scripts/bench_host_step.py)
+        unclipped = self.clipvalue is None and self.clipnorm is None and \
+            self.global_clipnorm is None
+        clip = None if unclipped else self._clip()
+        inside = bool(fused and clip is not None and all(
+            _own(type(self), m) for m in ("_fused_update", "_clipped", "_clip"))
+            and getattr(kernels, "takes_clip", _never)(params, grads, clip))
+        if not inside:
+            grads = self._clipped(xp, grads)
+        if fused and self._fused_update(kernels, params, grads, scalars, apply,
+                                        **({"clip": clip} if inside else {})):
             return
+        if inside:  # (the kernels declined the step: _update clips nothing itself)
+            grads = self._clipped(xp, grads)
         if params and _update_unchecked(type(self)):
             self._check_skips(xp, params[0], scalars)
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
@@ -704,8 +727,18 @@ class Optimizer:
             return [g * self._shrink(xp, xp.sum(g * g), self.clipnorm) for g in grads]
         if self.global_clipnorm is not None and grads:
             total = sum((xp.sum(g * g) for g in grads[1:]), start=xp.sum(grads[0] * grads[0]))
-            return [g * self._shrink(xp, total, self.global_clipnorm) for g in grads]
+            shrink = self._shrink(xp, total, self.global_clipnorm)  # (once, for all)
+            return [g * shrink for g in grads]
         return grads
+
+    def _clip(self) -> tuple[str, float] | None:
+        """The clipping as the fused kernels take it: ("value", clipvalue), ("norm",
+        clipnorm) or ("global", global_clipnorm); None where gradients are not clipped."""
+        for kind, value in (("value", self.clipvalue), ("norm", self.clipnorm),
+                            ("global", self.global_clipnorm)):
+            if value is not None:
+                return kind, value
+        return None
 
     @staticmethod
     def _shrink(xp: Any, squares: Any, c: float) -> Any:
@@ -726,10 +759,13 @@ class Optimizer:
         raise NotImplementedError
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
-                      scalars: dict[str, Any], apply: Any) -> bool:
+                      scalars: dict[str, Any], apply: Any,
+                      clip: tuple[str, float] | None = None) -> bool:
         """The update of every parameter by ``kernels`` (none where ``apply`` is False);
         False where this optimiser has none (a subclass that defines only ``_update`` then
-        runs that). Not called where a subclass overrides ``_update`` alone (see :meth:`step`)."""
+        runs that). Not called where a subclass overrides ``_update`` alone (see :meth:`step`).
+        ``clip`` (:meth:`_clip`): the gradients are unclipped, the kernels clip them (given
+        only to xpcnn's own, and where the kernels' ``takes_clip`` accepts it)."""
         return False
 
     @staticmethod
@@ -809,10 +845,13 @@ class SGD(Optimizer):
         self._assign(xp, p, p - scalars["lr"] * g, apply)
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
-                      scalars: dict[str, Any], apply: Any) -> bool:
+                      scalars: dict[str, Any], apply: Any,
+                      clip: tuple[str, float] | None = None) -> bool:
         bufs = self.slots["momentum"] if self.momentum else None
         kernels.sgd_update(params, grads, bufs, scalars["lr"], self.weight_decay, self.momentum,
-                           self.nesterov, apply)
+                           self.nesterov, apply,
+                           # (no keyword where unclipped: kernels taking none still run)
+                           **({} if clip is None else {"clip": clip}))
         return True
 
     def get_config(self) -> dict[str, Any]:
@@ -882,11 +921,13 @@ class Adam(Optimizer):
         self._assign(xp, p, new_p - scalars["step"] * m / denom, apply)
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
-                      scalars: dict[str, Any], apply: Any) -> bool:
+                      scalars: dict[str, Any], apply: Any,
+                      clip: tuple[str, float] | None = None) -> bool:
         kernels.adam_update(params, grads, self.slots["m"], self.slots["v"], scalars["decay"],
                             scalars["step"], scalars["bc2"], self.weight_decay, self.decoupled,
                             self.beta_1, self.beta_2, self.epsilon, apply,
-                            self.slots["vhat"] if self.amsgrad else None)
+                            self.slots["vhat"] if self.amsgrad else None,
+                            **({} if clip is None else {"clip": clip}))
         return True
 
     def get_config(self) -> dict[str, Any]:
@@ -964,12 +1005,14 @@ class RMSprop(Optimizer):
         self._assign(xp, p, p - scalars["lr"] * u, apply)
 
     def _fused_update(self, kernels: Any, params: list[Any], grads: list[Any],
-                      scalars: dict[str, Any], apply: Any) -> bool:
+                      scalars: dict[str, Any], apply: Any,
+                      clip: tuple[str, float] | None = None) -> bool:
         kernels.rmsprop_update(params, grads, self.slots["v"],
                                self.slots["mean_grad"] if self.centered else None,
                                self.slots["momentum"] if self.momentum else None,
                                scalars["lr"], self.weight_decay, self.rho, self.momentum,
-                               self.epsilon, apply)
+                               self.epsilon, apply,
+                               **({} if clip is None else {"clip": clip}))
         return True
 
     def get_config(self) -> dict[str, Any]:

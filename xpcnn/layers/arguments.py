@@ -297,6 +297,29 @@ def building_for(model_input: Any) -> Iterator[None]:
         _MODEL_INPUT.reset(token)
 
 
+# (set while layers are made again from settings given before: a file's, a configuration's,
+# a copy's; see rebuilding)
+_REBUILDING: contextvars.ContextVar[bool] = contextvars.ContextVar("xpcnn_rebuilding",
+                                                                   default=False)
+
+
+@contextlib.contextmanager
+def rebuilding() -> Iterator[None]:
+    """While layers are made from settings a user gave before (``load_model``, ``from_config``,
+    a copy, the check at save): advice on a setting (BatchNorm2D's momentum) was given when
+    the user wrote it, not again at every load (:func:`advises`)."""
+    token = _REBUILDING.set(True)
+    try:
+        yield
+    finally:
+        _REBUILDING.reset(token)
+
+
+def advises() -> bool:
+    """False while :func:`rebuilding`: a setting's advice is for the user's own code."""
+    return not _REBUILDING.get()
+
+
 def does_not_fit(layer: Any, what: str, input_shape: Shape) -> InputError:
     """The error of a window (``what``: "a 3x3 kernel ...") larger than the input, with the
     likely cause: the model's input declared channels-first (1x28 of 28 channels), or for a

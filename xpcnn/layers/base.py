@@ -48,7 +48,14 @@ from ..checks import (
 )
 from ..errors import InputError, of_xpcnn, warn
 from ..passes import exclusive_if
-from .arguments import Shape, building_for, on_host, per_sample, refuse_foreign_keywords
+from .arguments import (
+    Shape,
+    building_for,
+    on_host,
+    per_sample,
+    rebuilding,
+    refuse_foreign_keywords,
+)
 from .symbolic import Node, SymbolicTensor, is_symbolic, refuse_training_in_graph
 from .weight import Weight
 
@@ -612,7 +619,8 @@ class Layer:
             raise InputError(f"{cls.__name__}.from_config takes the dict a layer's get_config() "
                              f"returns, got {type(config).__name__}")
         try:
-            return cls(**config)
+            with rebuilding():
+                return cls(**config)
         except TypeError as e:
             raise InputError(f"{cls.__name__}.from_config: the configuration {config} does not "
                              f"fit {cls.__name__}'s constructor ({e})") from None
@@ -663,7 +671,8 @@ class Layer:
         except (TypeError, ValueError):  # (refused, with the part named, as the file is written)
             return
         try:
-            cls(**settings)
+            with rebuilding():
+                cls(**settings)
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise InputError(f"layer class {cls.__name__} cannot be rebuilt from its "
                              f"get_config() {settings} ({type(e).__name__}: {e}): {fix}") from e
@@ -673,7 +682,8 @@ class Layer:
         is); a subclass whose constructor takes other arguments gets a clear error."""
         config = self.get_config()
         try:
-            return type(self)(**config)
+            with rebuilding():
+                return type(self)(**config)
         except TypeError as e:
             raise InputError(f"layer {self.name!r} ({type(self).__name__}) cannot be made again "
                              f"from its get_config() {config!r} ({e}): a layer's get_config() "

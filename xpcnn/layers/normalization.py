@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import InputError, warn
 from ..ops.kernels import kernels_for
-from .arguments import Shape, require_rank
+from .arguments import Shape, advises, require_rank
 from .base import DEFAULT, Layer, Options, Setting
 
 
@@ -28,7 +28,9 @@ def _check_momentum(momentum: float) -> float:
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (
             0.0 <= momentum <= 1.0):
         raise InputError(f"BatchNorm2D momentum must be in [0, 1], got {momentum!r}")
-    if momentum > 0.5:  # (Keras' 0.99 ported as it is: statistics of the last batches only)
+    # (Keras' 0.99 ported as it is: statistics of the last batches only; said where the user
+    # writes it, not at each load of a file that holds it)
+    if momentum > 0.5 and advises():
         warn(f"BatchNorm2D momentum {momentum!r} is the weight of each batch's statistics in "
              "the moving ones (moving = (1 - momentum) * moving + momentum * batch, PyTorch's "
              "convention), not of the moving statistics as in Keras: Keras' momentum=0.99 is "

@@ -152,7 +152,13 @@ class KernelsConv(ConvEngine):
             return im2col.conv_input_grad(xp, self.kern, dy, im2col.flipped_kernel_matrix(xp, w),
                                        g.kernel, g.pads, g.in_hw, self.workspace, "dcols",
                                        self.budget, self.min_chunks)
-        # Strided (or over-padded) convolutions: patch gradients scattered back (col2im). The
+        if getattr(self.kern, "phase_input_grad", False) and im2col.phase_input_grad_pays(
+                g.kernel, g.strides, g.pads, g.in_hw, g.out_hw, g.channels, g.filters):
+            return im2col.phase_input_grad(xp, self.kern, dy, w, g.kernel, g.strides, g.pads,
+                                           g.in_hw, self.workspace, "dphase", self.budget,
+                                           self.min_chunks)
+        # Else (strided or over-padded; on the NumPy kernels, where the phases do not pay):
+        # patch gradients scattered back (col2im). The
         # (K, kh*kw*C) matrix is the stored kernel itself, contiguous (a matmul against a
         # transposed view is several times slower on OpenBLAS). Where patches overlap, an
         # input's taps are multiplied and summed in the accumulator's dtype, rounded once.

@@ -5,9 +5,10 @@ load or has no plan for a case (see :mod:`xpcnn.ops.cudnn_conv`), reached from
 Convolutions run as tiled implicit-GEMM kernels in shared memory (float16 on the tensor cores,
 float32 / float64 on the CUDA cores or, with ``CUPY_TF32=1``, float32 on the tensor cores in
 TF32), with no im2col scratch; direct kernels with one output element per thread run what the
-tiled ones cannot (float16 without tensor cores) and the algorithm ``"direct"``. The switches
-between them are :class:`ConvKernels`'s. ``tests/test_gpu.py`` checks them against the
-standard versions on the GPU in float16, float32 and TF32, and
+tiled ones cannot (float16 without tensor cores) and the algorithm ``"direct"``; a direct
+gather (one input element per thread) runs the input gradient of strided and over-padded
+convolutions. The switches between them are :class:`ConvKernels`'s. ``tests/test_gpu.py``
+checks them against the standard versions on the GPU in float16, float32 and TF32, and
 ``tests/test_cuda_kernels_on_cpu.py`` compiles the same source for the CPU and checks it on
 every machine in float32 and float64 (the tensor-core instructions have no CPU twin).
 
@@ -69,6 +70,46 @@ _CONV = cupy.ElementwiseKernel(
     y = (T)acc;
     """,
     "xpcnn_conv",
+    preamble=_ACC,
+)
+
+# Input gradient for any strides and padding, one input element per thread (a transposed
+# convolution, gathered): dx[n, h, w, c] = sum over the taps (a, b) whose window holds (h, w),
+# h + top - a = oh*sh with 0 <= oh < Ho (likewise across), and over the filters k, of
+# dy[n, oh, ow, k] * w[k, a, b, c]. The (K, kh, kw, C) kernel is read in place (no rotated
+# copy), taps of another stride phase are never visited, and nothing is scattered: no atomics,
+# no zero fill, no scratch. Threads of a warp share (n, h, w) and read consecutive c: the dy
+# value is one broadcast load, the w row a coalesced one.
+_CONV_INPUT_GRAD = cupy.ElementwiseKernel(
+    "raw T dy, raw T w, int32 Ho, int32 Wo, int32 K, int32 H, int32 W, int32 C, int32 kh,"
+    " int32 kw, int32 sh, int32 sw, int32 top, int32 left",
+    "T dx",
+    """
+    typedef XpcnnAcc<T>::type A;
+    long long r = i;
+    const int c = r % C; r /= C;
+    const int iw = r % W; r /= W;
+    const int ih = r % H;
+    const long long img = r / H;
+    const int ph = ih + top;   // the element's place in the padded input
+    const int pw = iw + left;
+    const long long tap_step = (long long)kh * kw * C;  // from filter k to k + 1
+    A acc = (A)0;
+    // a = ph - oh*sh: the taps of ph's phase, from the last output row down (oh < 0 past ph)
+    for (int a = ph % sh; a < kh && a <= ph; a += sh) {
+        const int oh = (ph - a) / sh;
+        if (oh >= Ho) continue;
+        for (int b = pw % sw; b < kw && b <= pw; b += sw) {
+            const int ow = (pw - b) / sw;
+            if (ow >= Wo) continue;
+            const long long go = ((img * Ho + oh) * Wo + ow) * K;
+            const long long wo = (long long)(a * kw + b) * C + c;
+            for (int k = 0; k < K; ++k) acc += (A)dy[go + k] * (A)w[wo + k * tap_step];
+        }
+    }
+    dx = (T)acc;
+    """,
+    "xpcnn_conv_input_grad",
     preamble=_ACC,
 )
 
@@ -556,6 +597,24 @@ class ConvKernels:
               kernel[1], strides[0], strides[1], pads[0], pads[2], y)
         return y
 
+    def tiles(self, dtype: Any) -> bool:
+        """Whether :meth:`conv2d` runs the tiled kernel for ``dtype`` data."""
+        return self._tiled_for("xpcnn_conv_tiled", _CONV_TILED_SOURCE, dtype) is not None
+
+    def conv2d_input_grad(self, dy: Any, w: Any, kernel: tuple[int, int],
+                          strides: tuple[int, int], pads: tuple[int, int, int, int],
+                          in_hw: tuple[int, int]) -> Any:
+        """Input gradient (N, H, W, C) of :meth:`conv2d` for the (N, Ho, Wo, K) output
+        gradient ``dy`` and the (K, kh, kw, C) kernel ``w``, any strides and padding: one
+        launch, accumulated in float32 at least (float64 for float64)."""
+        dy, w = cupy.ascontiguousarray(dy), cupy.ascontiguousarray(w)
+        n, ho, wo, k = dy.shape
+        c = w.shape[3]
+        dx = cupy.empty((n, *in_hw, c), dy.dtype)
+        _CONV_INPUT_GRAD(dy, w, ho, wo, k, in_hw[0], in_hw[1], c, kernel[0], kernel[1],
+                         strides[0], strides[1], pads[0], pads[2], dx)
+        return dx
+
     def conv2d_weight_grad(self, x: Any, dy2: Any, kernel: tuple[int, int],
                            strides: tuple[int, int], pads: tuple[int, int, int, int],
                            out_hw: tuple[int, int], with_bias: bool = False
@@ -599,8 +658,10 @@ class ConvKernels:
 class HandWrittenConv(KernelsConv):
     """The CuPy kernels' convolution engine: forward and input gradient on the hand-written
     kernels unless the algorithm is ``"im2col"``, the kernel gradient too with ``"direct"`` or
-    ``"tiled"``; the rest (and an input gradient with strides, scattered back by col2im) on the
-    im2col + cuBLAS loops of :class:`~xpcnn.ops.convolution.KernelsConv`."""
+    ``"tiled"``; the rest on the im2col + cuBLAS loops of
+    :class:`~xpcnn.ops.convolution.KernelsConv`. The input gradient of a stride-1 convolution
+    runs on the tiled forward kernel where that runs, every other one (strided, padded by a
+    kernel's size or more, or the direct kernels chosen) on ``xpcnn_conv_input_grad``."""
 
     def forward(self, x: Any, w: Any, bias: Any | None, relu: bool) -> Any:
         conv = self.kern.conv_kernels
@@ -612,12 +673,16 @@ class HandWrittenConv(KernelsConv):
 
     def input_grad(self, dy: Any, w: Any) -> Any:
         conv, g = self.kern.conv_kernels, self.geometry
-        if not conv.runs_forward or not im2col.input_grad_as_conv(g.pads, g.kernel, g.strides):
+        if not conv.runs_forward:
             return super().input_grad(dy, w)
-        # the padded output gradient convolved with the rotated kernel (im2col.conv_input_grad)
-        dx = conv.conv2d(dy, im2col.flipped_kernel_matrix(self.xp, w), None, g.kernel, (1, 1),
-                         im2col.output_grad_pads(g.pads, g.kernel), g.in_hw, False)
-        return self.xp.reshape(dx, (dy.shape[0], *g.in_hw, g.channels))
+        if im2col.input_grad_as_conv(g.pads, g.kernel, g.strides) and conv.tiles(dy.dtype):
+            # stride 1 on the tiled kernel: the padded output gradient convolved with the
+            # rotated kernel (im2col.conv_input_grad); shared-memory tiles, where the gather
+            # below makes two global loads a product
+            dx = conv.conv2d(dy, im2col.flipped_kernel_matrix(self.xp, w), None, g.kernel,
+                             (1, 1), im2col.output_grad_pads(g.pads, g.kernel), g.in_hw, False)
+            return self.xp.reshape(dx, (dy.shape[0], *g.in_hw, g.channels))
+        return conv.conv2d_input_grad(dy, w, g.kernel, g.strides, g.pads, g.in_hw)
 
     def weight_grad(self, x: Any, dy: Any, with_bias: bool, relu_y: Any = None
                     ) -> tuple[Any, Any | None]:

@@ -360,3 +360,89 @@ AVG_POOL_BACKWARD = cupy.ElementwiseKernel(
     "xpcnn_avg_pool_backward",
     preamble=ACC + _ROUNDED_PRODUCT + _COVERING,
 )
+
+# The top-k metrics' counts in one launch (a raw kernel, xpcnn.ops.fast_cupy): a warp a row,
+# 8 a block, as many blocks as that takes (the whole GPU at an evaluate batch), its lanes on
+# consecutive classes (coalesced reads). The warp finds its row's target (the label, or a
+# one-hot row's first largest entry, NaN first as argmax takes it: each lane's, then a shuffle
+# tree that keeps the same one in every lane), counts the scores strictly greater than the
+# target's (NaN is greater than none; a shuffle sum) and, where the label names a class and
+# the target is finite, counts 1 for each k the count is below. A block's counts go to
+# ``partials``; the last block (LAST_BLOCK, cuda_reductions) sums them per k: integers, the
+# same at every run whatever the order. The same counts as xpcnn.ops.softmax.top_k_counts.
+# Z: the logits, L: integer labels, Y: one-hot rows (the one not read typed as the logits or
+# int32), A: float (double for float64 logits), S: the counts' dtype. The k's (at most
+# TOP_K_MAX) come as arguments, each already at most the classes.
+TOP_K_THREADS = 256
+TOP_K_ROWS = TOP_K_THREADS // 32  # (a row a warp)
+TOP_K_MAX = 8
+TOP_K_COUNTS_SOURCE = (f"#define THREADS {TOP_K_THREADS}\n#define KS {TOP_K_MAX}\n") + r"""
+#define WARPS (THREADS / 32)
+#define ALL 0xffffffffu
+// whether score v at place c goes before score best at place at (argmax's order: the first
+// NaN, else the first largest; place ``none``: no score yet)
+__device__ bool xpcnn_before(A v, int c, A best, int at, int none) {
+    if (c == none || at == none) return at == none && c != none;
+    if ((v != v) != (best != best)) return v != v;
+    return (v != v || v == best) ? c < at : v > best;
+}
+extern "C" __global__ void xpcnn_top_k_counts(
+        const Z* __restrict__ z, const L* __restrict__ labels, const Y* __restrict__ rows,
+        int one_hot, long long n, int classes, int nk, int k0, int k1, int k2, int k3, int k4,
+        int k5, int k6, int k7, int* partials, unsigned int* counter, S* __restrict__ out) {
+    __shared__ int counts[KS][WARPS];
+    __shared__ long long totals[KS][WARPS];
+    const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+    const int ks[KS] = {k0, k1, k2, k3, k4, k5, k6, k7};
+    const long long i = blockIdx.x * (long long)WARPS + warp;  // (the warp's row)
+    const bool live = i < n;  // (a warp past the last row still shuffles: uniform code)
+    long long label = -1;
+    if (one_hot) {  // (the same for every thread of the launch)
+        const Y* r = rows + (live ? i : 0) * classes;
+        A best = (A)0;
+        int at = classes;  // (none)
+        for (int c = lane; live && c < classes; c += 32) {
+            const A v = (A)xpcnn_widen(r[c]);
+            if (xpcnn_before(v, c, best, at, classes)) { best = v; at = c; }
+        }
+        for (int d = 16; d > 0; d /= 2) {
+            const A v = __shfl_xor_sync(ALL, best, d);
+            const int c = __shfl_xor_sync(ALL, at, d);
+            if (xpcnn_before(v, c, best, at, classes)) { best = v; at = c; }
+        }
+        label = at;
+    } else if (live) {
+        label = (long long)labels[i];
+    }
+    const bool named = live && label >= 0 && label < classes;
+    const Z* row = z + (named ? i : 0) * classes;
+    const A target = named ? (A)xpcnn_widen(row[label]) : (A)0;
+    const bool counted = named && target - target == (A)0;  // (infinite or NaN: never)
+    int greater = 0;
+    for (int c = lane; counted && c < classes; c += 32)
+        greater += (A)xpcnn_widen(row[c]) > target ? 1 : 0;
+    for (int d = 16; d > 0; d /= 2) greater += __shfl_xor_sync(ALL, greater, d);
+    if (lane == 0)
+        for (int j = 0; j < KS; ++j) counts[j][warp] = counted && j < nk && greater < ks[j];
+    __syncthreads();
+    if (t < KS) {
+        int c = 0;
+        for (int w = 0; w < WARPS; ++w) c += counts[t][w];
+        partials[blockIdx.x * (long long)KS + t] = c;
+    }
+    if (!xpcnn_last_block(counter, gridDim.x)) return;
+    const volatile int* done = partials;
+    for (int j = 0; j < KS; ++j) {
+        long long c = 0;
+        for (long long b = t; j < nk && b < gridDim.x; b += THREADS) c += done[b * KS + j];
+        for (int d = 16; d > 0; d /= 2) c += __shfl_xor_sync(ALL, c, d);
+        if (lane == 0) totals[j][warp] = c;
+    }
+    __syncthreads();
+    if (t < nk) {
+        long long c = 0;
+        for (int w = 0; w < WARPS; ++w) c += totals[t][w];
+        out[t] = (S)c;
+    }
+}
+"""

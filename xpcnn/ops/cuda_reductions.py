@@ -137,7 +137,10 @@ _SUM_ROWS_PER_BLOCK = 1024
 # (``targets``, one-hot or not: its label, for the count, is its first maximum; one with a
 # value below 0, or NaN, or that does not sum to 1 within 1e-3, names no class). Where
 # ``weighted``, row i's loss and gradient are multiplied by ``weights[i]`` (type W; Keras'
-# sample_weight, the sum still divided by N), its count not. Targets and weights read as the
+# sample_weight, the sum still divided by N), its count not; where ``classed``, also by
+# ``table[label]`` (type C; fit's class_weight, 0 for a label that is no class), the product
+# rounded to T as the standard version's lookup rounds it. A target that names no class makes
+# the loss and the count NaN, as the standard version's. Targets and weights read as the
 # standard version's cast to T gives them. The same
 # steps as xpcnn.ops.softmax, in the accumulator type A (float32 for float16 T). Where
 # ``scaled``, the gradient (rounded to T) is then multiplied by the float16 loss scale
@@ -179,6 +182,15 @@ __device__ void xpcnn_pair_total(A (*sums)[THREADS], A loss, A right) {
 // A target or weight as the standard version's cast to T gives it, in A.
 template <typename V> __device__ A xpcnn_as_t(V v) {
     return (A)xpcnn_widen((T)(A)xpcnn_widen(v));
+}
+// Row i's weight: its sample weight where ``weighted``, times its label's class weight where
+// ``classed`` (0 for a label that is no class), the product rounded to T.
+__device__ A xpcnn_weight(const W* weights, int weighted, const C* table, int classed,
+                          long long i, long long label, int classes) {
+    const A w = weighted ? xpcnn_as_t(weights[i]) : (A)1;
+    if (!classed) return w;
+    const A c = label >= 0 && label < classes ? xpcnn_as_t(table[label]) : (A)0;
+    return weighted ? (A)xpcnn_widen((T)(c * w)) : c;
 }
 // Class c of a row, logit z, target ``given`` before smoothing (1 or 0 for a label), given the
 // row's maximum and log-sum of exponentials: its gradient, times the row's ``weight``, stored
@@ -224,9 +236,10 @@ __device__ bool xpcnn_target_row(const Y* y, int classes, long long* label) {
 }
 extern "C" __global__ void xpcnn_softmax_cross_entropy(
         const Z* __restrict__ z, const L* __restrict__ labels, const Y* __restrict__ targets,
-        int rows, const W* __restrict__ weights, int weighted, long long n, int classes,
-        double keep, double spread, double inv_n, const U* scale, int scaled,
-        Z* __restrict__ grad, A* partials, unsigned int* counter, A* __restrict__ stats) {
+        int rows, const W* __restrict__ weights, int weighted, const C* __restrict__ table,
+        int classed, long long n, int classes, double keep, double spread, double inv_n,
+        const U* scale, int scaled, Z* __restrict__ grad, A* partials, unsigned int* counter,
+        A* __restrict__ stats) {
     __shared__ A sums[2][THREADS];
     __shared__ __align__(16) unsigned char staging[STAGED];
     Z* tile = (Z*)staging;  // (the block's rows, then their gradient rows)
@@ -242,7 +255,7 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy(
         long long label = rows ? 0 : (long long)labels[i];
         const bool named = rows ? xpcnn_target_row(targets + i * classes, classes, &label)
             : label >= 0 && label < classes;
-        const A weight = weighted ? xpcnn_as_t(weights[i]) : (A)1;
+        const A weight = xpcnn_weight(weights, weighted, table, classed, i, label, classes);
         const A scaling = scaled ? (A)xpcnn_widen(scale[0]) : (A)1;  // (read once, not per class)
         A top = (A)xpcnn_widen(row[0]);
         int first = 0;
@@ -262,7 +275,7 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy(
         }
         if (!named) loss = (A)nan("");  // a target that is no class
         row_loss = loss * weight * (A)inv_n;
-        right = first == label ? (A)1 : (A)0;
+        right = !named ? (A)nan("") : first == label ? (A)1 : (A)0;
     }
     __syncthreads();
     for (long long k = t; k < count; k += THREADS) grad[start * classes + k] = tile[k];
@@ -307,9 +320,10 @@ __device__ void xpcnn_lanes_first(A* values, int* places, int classes, A* top, i
 }
 extern "C" __global__ void xpcnn_softmax_cross_entropy_rows(
         const Z* __restrict__ z, const L* __restrict__ labels, const Y* __restrict__ targets,
-        int rows, const W* __restrict__ weights, int weighted, long long n, int classes,
-        double keep, double spread, double inv_n, const U* scale, int scaled,
-        Z* __restrict__ grad, A* partials, unsigned int* counter, A* __restrict__ stats) {
+        int rows, const W* __restrict__ weights, int weighted, const C* __restrict__ table,
+        int classed, long long n, int classes, double keep, double spread, double inv_n,
+        const U* scale, int scaled, Z* __restrict__ grad, A* partials, unsigned int* counter,
+        A* __restrict__ stats) {
     __shared__ A sums[2][THREADS];
     __shared__ A values[THREADS];
     __shared__ int places[THREADS];
@@ -346,7 +360,8 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy_rows(
         label = at;
         named = !live || (bad == (A)0 && fabs(total - (A)1) <= (A)1e-3);
     }
-    const A weight = live && weighted ? xpcnn_as_t(weights[i]) : (A)1;
+    const A weight = live ? xpcnn_weight(weights, weighted, table, classed, i, label, classes)
+        : (A)1;
     const A scaling = live && scaled ? (A)xpcnn_widen(scale[0]) : (A)1;
     part = (A)0;
     for (int c = lane; live && c < classes; c += 32) {
@@ -358,7 +373,8 @@ extern "C" __global__ void xpcnn_softmax_cross_entropy_rows(
     if (!named) loss = (A)nan("");  // a target that is no class
     const bool mine = live && lane == 0;  // (the row's totals, once)
     xpcnn_block_totals(sums, mine ? loss * weight * (A)inv_n : (A)0,
-                       mine && first == label ? (A)1 : (A)0, partials, counter, stats);
+                       !mine ? (A)0 : !named ? (A)nan("") : first == label ? (A)1 : (A)0,
+                       partials, counter, stats);
 }
 """
 
@@ -849,3 +865,70 @@ def row_blocks(rows: int) -> tuple[int, int]:
     per = max(_SUM_ROWS_PER_BLOCK, -(-rows // _SUM_ROWS_BLOCKS))
     return per, -(-rows // per)
 
+
+
+# The sums of squares of many arrays of G in one launch (gradient clipping by norm, before the
+# fused update reads them: xpcnn.optim's clipnorm and global_clipnorm), in double. Each block
+# sums a tile of TILE elements of one array (``table``: the running offsets of the arrays,
+# each size rounded up to a multiple of TILE, then their addresses, then their sizes; a block
+# finds its array by a binary search of its first element's position), a tree over its
+# threads into ``partials``; the last block (see LAST_BLOCK) sums each array's partials into
+# ``sums[k]``, a warp an array (8 at a time; its lanes' sums, then a fixed shuffle tree),
+# then those into ``sums[count]`` the same way: the total of all, the same bits every run.
+SQUARES_THREADS = 256
+SQUARES_TILE = SQUARES_THREADS * 16
+SUM_SQUARES_SOURCE = (f"#define THREADS {SQUARES_THREADS}\n#define TILE {SQUARES_TILE}\n" + r"""
+__device__ double xpcnn_threads_total(double* lanes, double s) {
+    lanes[threadIdx.x] = s;
+    __syncthreads();
+    for (int half = THREADS / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) lanes[threadIdx.x] += lanes[threadIdx.x + half];
+        __syncthreads();
+    }
+    const double total = lanes[0];
+    __syncthreads();  // (every thread has read it before the lanes are written again)
+    return total;
+}
+__device__ double xpcnn_warp_total(double s) {  // (lane 0's: a fixed tree over the lanes)
+    for (int d = 16; d > 0; d /= 2) s += __shfl_down_sync(0xffffffffu, s, d);
+    return s;
+}
+extern "C" __global__ void xpcnn_sum_squares(const long long* __restrict__ table, int count,
+                                             double* partials, unsigned int* counters,
+                                             double* __restrict__ sums) {
+    __shared__ double lanes[THREADS];
+    const long long at = (long long)blockIdx.x * TILE;
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (at >= table[mid]) lo = mid; else hi = mid - 1;
+    }
+    const G* g = (const G*)table[count + 1 + lo];
+    const long long start = at - table[lo], size = table[2 * count + 1 + lo];
+    const long long end = start + TILE < size ? start + TILE : size;
+    double s = 0.0;
+    for (long long e = start + threadIdx.x; e < end; e += THREADS) {
+        const double v = (double)xpcnn_widen(g[e]);
+        s += v * v;
+    }
+    s = xpcnn_threads_total(lanes, s);
+    if (threadIdx.x == 0) partials[blockIdx.x] = s;
+    if (!xpcnn_last_block(counters, gridDim.x)) return;
+    const volatile double* done = partials;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int first = 0; first < count; first += THREADS / 32) {  // (the same for every warp)
+        const int k = first + warp;
+        double t = 0.0;
+        for (long long b = k < count ? table[k] / TILE + lane : 0;
+             k < count && b < table[k + 1] / TILE; b += 32)
+            t += done[b];
+        t = xpcnn_warp_total(t);
+        if (lane == 0 && k < count) sums[k] = t;
+    }
+    __syncthreads();  // (every array's sum written)
+    double total = 0.0;
+    for (int k = lane; k < count; k += 32) total += sums[k];
+    total = xpcnn_warp_total(total);  // (every warp shuffles: uniform code; warp 0 writes)
+    if (threadIdx.x == 0) sums[count] = total;
+}
+""")

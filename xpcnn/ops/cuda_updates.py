@@ -29,9 +29,21 @@ _SEARCH = """
     }
     const long long e = (long long)i - table[lo];
 """
+# The gradient is clipped as it is loaded (xpcnn.optim's Optimizer._clipped, as the standard
+# formulas clip it): ``clipping`` 1, to [-clip, clip] (NaN stays NaN); 2, by the factor
+# clip / max(norm, clip) of its own norm, the square root of ``sums[lo]``; 3, of all the
+# arrays' joint norm, of ``sums[count]`` (the sums of squares of
+# cuda_reductions.SUM_SQUARES_SOURCE, rounded to T as the standard ones are in T); 0, not.
 _FIND_ARRAY = _SEARCH + """    const long long row = count + 1 + (long long)lo * (2 + slots);
     T& p = ((T*)table[row])[e];
-    const T g = ((const T*)table[row + 1])[e];
+    T g = ((const T*)table[row + 1])[e];
+    if (clipping == 1) {
+        const T low = (T)0 - clip;
+        g = g > clip ? clip : g < low ? low : g;
+    } else if (clipping > 1) {
+        const T norm = sqrt((T)sums[clipping == 2 ? lo : count]);
+        g = g * (clip / (norm > clip ? norm : clip));
+    }
 """
 
 
@@ -42,7 +54,8 @@ def _update_kernels(name: str, constants: str, per_step: tuple[str, ...], body: 
     ``<name>_at`` (a step captured in a CUDA graph, which would keep by-value arguments as they
     were at the capture). ``apply[0]`` false (a step the device found non-finite): every element
     is left as it is."""
-    head = "raw T dtype_of, int32 count, int32 slots, " + constants
+    head = ("raw T dtype_of, int32 count, int32 slots, int32 clipping, T clip, raw float64 sums, "
+            + constants)
     by_value = "".join(f", T {s}" for s in per_step)
     on_device = "".join(f", raw T {s}_at" for s in per_step)
     read = "".join(f"const T {s} = {s}_at[0];" for s in per_step)

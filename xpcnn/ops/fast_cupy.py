@@ -59,6 +59,10 @@ from .cuda_elementwise import (
     RELU_BACKWARD,
     RELU_WITH_MASK,
     RESCALE,
+    TOP_K_COUNTS_SOURCE,
+    TOP_K_MAX,
+    TOP_K_ROWS,
+    TOP_K_THREADS,
 )
 from .cuda_random import DRAW_BLOCK, DROPOUT, RANDOM_CROP, RANDOM_FLIP, UNIFORM
 from .cuda_reductions import (
@@ -77,8 +81,11 @@ from .cuda_reductions import (
     LAST_BLOCK,
     SOFTMAX_CROSS_ENTROPY_SOURCE,
     SOFTMAX_SOURCE,
+    SQUARES_THREADS,
+    SQUARES_TILE,
     SUM_ROWS_LANES,
     SUM_ROWS_SOURCE,
+    SUM_SQUARES_SOURCE,
     batch_norm_threads,
     cross_entropy_kernel,
     row_blocks,
@@ -173,6 +180,20 @@ def _counters(a: Any) -> Any:
         with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
             _COUNTERS[device] = cupy.zeros(_COUNTERS_PER_DEVICE, cupy.uint32)
     return _COUNTERS[device]
+
+
+# Per device, the update kernels' ``sums`` where they clip by no norm (never read; made on
+# first use and held for good, as the counters: a captured graph keeps its address).
+_NO_SUMS: dict[str, Any] = {}
+
+
+def _no_sums(a: Any) -> Any:
+    """The unread ``sums`` of the update kernels on ``a``'s device."""
+    device = str(a.device)
+    if device not in _NO_SUMS:
+        with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
+            _NO_SUMS[device] = cupy.zeros(1, cupy.float64)
+    return _NO_SUMS[device]
 
 
 # bfloat16 is ml_dtypes' dtype, which CuPy takes from version 14 on, importing ml_dtypes as it
@@ -646,21 +667,26 @@ class CupyKernels(StandardKernels):
         return ADD_RELU_BACKWARD(head, last, relu_y)
 
     def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None,
-                              dtype: Any = None, weights: Any = None) -> tuple[Any, Any]:
+                              dtype: Any = None, weights: Any = None,
+                              class_weights: Any = None) -> tuple[Any, Any]:
         n, classes = z.shape
         t = z.dtype if dtype is None else np.dtype(dtype)
         rows = labels.ndim == 2  # (one-hot or probability rows)
         # (logits wider than ``dtype``, or a scale that would widen the gradient's dtype, as
         # for float16 logits: the standard version; so do labels of no integer dtype, target
-        # rows and weights of no floating one)
+        # rows, weights and class weights of no floating one)
         if not _contiguous(z, labels) or n == 0 or np.result_type(z.dtype, t) != t or not (
                 scale is None or (scale.flags.c_contiguous
                                   and np.result_type(t, scale.dtype) == t)) or (
                 (labels.shape != z.shape or labels.dtype not in _FLOAT_DTYPES) if rows
                 else (labels.shape != (n,) or labels.dtype.kind not in "iu")) or not (
                 weights is None or (weights.shape == (n,) and weights.flags.c_contiguous
-                                    and weights.dtype in _FLOAT_DTYPES)):
-            return super().softmax_cross_entropy(z, labels, smoothing, scale, dtype, weights)
+                                    and weights.dtype in _FLOAT_DTYPES)) or not (
+                class_weights is None or (class_weights.shape == (classes,)
+                                          and class_weights.flags.c_contiguous
+                                          and class_weights.dtype in _FLOAT_DTYPES)):
+            return super().softmax_cross_entropy(z, labels, smoothing, scale, dtype, weights,
+                                                 class_weights)
         acc = accumulator(cupy, t)
         name, rows_per_block = cross_entropy_kernel(classes, t)
         blocks = -(-n // rows_per_block)
@@ -670,18 +696,47 @@ class CupyKernels(StandardKernels):
         scaled = scale is not None
         if not scaled:
             scale = z  # (not read)
-        weighted = weights is not None
+        weighted, classed = weights is not None, class_weights is not None
         # (the arguments not read given the logits, their types those of a label's launch)
         kernel = _raw_kernel(name, SOFTMAX_CROSS_ENTROPY_SOURCE, Z=z.dtype,
                              L=np.int32 if rows else labels.dtype, Y=labels.dtype if rows else t,
-                             W=weights.dtype if weighted else acc, T=t, U=scale.dtype, A=acc)
+                             W=weights.dtype if weighted else acc,
+                             C=class_weights.dtype if classed else acc, T=t, U=scale.dtype,
+                             A=acc)
         kernel((blocks,), (CROSS_ENTROPY_THREADS,),
                (z, z if rows else labels, labels if rows else z, np.int32(rows),
-                weights if weighted else z, np.int32(weighted), np.int64(n),
+                weights if weighted else z, np.int32(weighted),
+                class_weights if classed else z, np.int32(classed), np.int64(n),
                 np.int32(classes), np.float64(1.0 - smoothing),
                 np.float64(smoothing / classes), np.float64(1.0 / n), scale,
                 np.int32(scaled), grad, partials, _counters(z), stats))
         return stats, grad
+
+    def top_k_counts(self, z: Any, y: Any, ks: tuple[int, ...], dtype: Any) -> Any:
+        # (one launch for every k, where the standard version takes ~16 and several
+        # (rows, classes) temporaries; what the kernel does not take, the standard version)
+        s = np.dtype(dtype)
+        one_hot = y.ndim == 2
+        if z.ndim != 2 or 0 in z.shape or not _contiguous(z, y) or \
+                z.dtype not in _FLOAT_DTYPES or s not in _FLOAT_DTYPES or \
+                not 0 < len(ks) <= TOP_K_MAX or (
+                (y.shape != z.shape or y.dtype not in _FLOAT_DTYPES) if one_hot
+                else (y.shape != z.shape[:1] or y.dtype.kind not in "iu")):
+            return super().top_k_counts(z, y, ks, dtype)
+        n, classes = z.shape
+        out = cupy.empty(len(ks), s)
+        kept = [min(k, classes) for k in ks]  # (k beyond the classes means all of them)
+        kernel = _raw_kernel("xpcnn_top_k_counts", TOP_K_COUNTS_SOURCE, Z=z.dtype,
+                             L=np.int32 if one_hot else y.dtype,
+                             Y=y.dtype if one_hot else z.dtype,
+                             A=np.float64 if z.dtype == np.float64 else np.float32, S=s)
+        blocks = -(-n // TOP_K_ROWS)
+        kernel((blocks,), (TOP_K_THREADS,),
+               (z, z if one_hot else y, y if one_hot else z, np.int32(one_hot), np.int64(n),
+                np.int32(classes), np.int32(len(ks)),
+                *(np.int32(k) for k in kept + [0] * (TOP_K_MAX - len(ks))),
+                cupy.empty((blocks, TOP_K_MAX), cupy.int32), _counters(z), out))
+        return out
 
     def softmax(self, z: Any, dtype: Any) -> Any:
         t = np.dtype(dtype)
@@ -818,34 +873,77 @@ class CupyKernels(StandardKernels):
         tables.extend(deferred.fill())
 
     def _launch_updates(self, kernel: Any, groups: list[tuple[Any, ...]], constants: tuple,
-                        per_step: tuple, apply: Any) -> None:
-        """``kernel`` once per dtype group of (params, grads, *slots): ``constants`` (Python
-        floats rounded to the group's dtype, bools as they are), then ``per_step``."""
+                        per_step: tuple, apply: Any, clip: tuple[str, float] | None = None
+                        ) -> None:
+        """``kernel`` once per dtype group of (params, grads, *slots): the clipping
+        (:meth:`_clipping`), ``constants`` (Python floats rounded to the group's dtype, bools
+        as they are), then ``per_step``."""
         flag = self._apply_flag(apply)
+        if clip is None:  # (no call: the usual step's host work)
+            clipping, bound, sums = 0, 0.0, _NO_SUMS.get(str(groups[0][0][0].device))
+            if sums is None:
+                sums = _no_sums(groups[0][0][0])
+        else:
+            clipping, bound, sums = self._clipping(groups, clip)
         for p, g, *slots in groups:
             table, size = update_table(p, g, *slots, deferred=self._deferred)
             t = p[0].dtype.type
             fixed = [c if isinstance(c, bool) else t(c) for c in constants]
-            kernel(p[0], len(p), len(slots), *fixed, *[self._per_step(v, t) for v in per_step],
-                   flag, table, size=size)
+            kernel(p[0], len(p), len(slots), np.int32(clipping), t(bound), sums, *fixed,
+                   *[self._per_step(v, t) for v in per_step], flag, table, size=size)
+
+    @staticmethod
+    def takes_clip(params: list[Any], grads: list[Any], clip: tuple[str, float]) -> bool:
+        """Whether the update kernels clip these gradients as they load them (``clip``:
+        xpcnn.optim's Optimizer._clip): each of its parameter's dtype and shape; by a norm,
+        all of one dtype, float32 or float64, not all empty (:meth:`_clipping`)."""
+        if not all(g.dtype == p.dtype and g.shape == p.shape
+                   for p, g in zip(params, grads, strict=True)):
+            return False
+        return clip[0] == "value" or (
+            len({p.dtype for p in params}) == 1 and params[0].dtype in (cupy.float32,
+                                                                        cupy.float64)
+            and any(p.size for p in params))
+
+    def _clipping(self, groups: list[tuple[Any, ...]], clip: tuple[str, float]
+                  ) -> tuple[int, float, Any]:
+        """The update kernels' clipping arguments (see cuda_updates._FIND_ARRAY): its code,
+        its bound, and the sums of squares (one launch of xpcnn_sum_squares over the one
+        group's gradients, for a norm; else an unread placeholder)."""
+        if clip[0] == "value":
+            return 1, clip[1], _no_sums(groups[0][0][0])
+        grads = groups[0][1]
+        if not any(g.size for g in grads):  # (no tile: a grid of 0 blocks is no launch)
+            return (2 if clip[0] == "norm" else 3), clip[1], cupy.zeros(len(grads) + 1,
+                                                                         cupy.float64)
+        table, size = search_table(grads, grads[0].device, self._deferred,
+                                   [g.size for g in grads], pad=SQUARES_TILE)
+        sums = cupy.empty(len(grads) + 1, cupy.float64)
+        blocks = size // SQUARES_TILE
+        _raw_kernel("xpcnn_sum_squares", SUM_SQUARES_SOURCE, G=grads[0].dtype)(
+            (blocks,), (SQUARES_THREADS,),
+            (table, np.int32(len(grads)), cupy.empty(blocks, cupy.float64), _counters(grads[0]),
+             sums))
+        return (2 if clip[0] == "norm" else 3), clip[1], sums
 
     def sgd_update(self, params: list[Any], grads: list[Any], bufs: list[Any] | None,
                    lr: Any, weight_decay: float, momentum: float, nesterov: bool,
-                   apply: Any = None) -> None:
+                   apply: Any = None, clip: tuple[str, float] | None = None) -> None:
         self._launch_updates(SGD if _by_value(lr) else SGD_AT,
                              self._by_dtype(params, grads, bufs),
-                             (weight_decay, momentum, nesterov), (lr,), apply)
+                             (weight_decay, momentum, nesterov), (lr,), apply, clip)
 
     def adam_update(self, params: list[Any], grads: list[Any], ms: list[Any], vs: list[Any],
                     decay: Any, step: Any, bc2: Any, weight_decay: float, decoupled: bool,
                     beta_1: float, beta_2: float, epsilon: float, apply: Any = None,
-                    vhats: list[Any] | None = None) -> None:
+                    vhats: list[Any] | None = None, clip: tuple[str, float] | None = None
+                    ) -> None:
         """``decay``, ``step``, ``bc2``: as :meth:`adam_scalars` gives them (or Python floats);
         ``vhats``: AMSGrad's largest second moments (None without it)."""
         self._launch_updates(
             ADAM if _by_value(decay) else ADAM_AT, self._by_dtype(params, grads, ms, vs, vhats),
             (weight_decay, decoupled, beta_1, 1.0 - beta_1, beta_2, 1.0 - beta_2, epsilon),
-            (decay, step, bc2), apply)
+            (decay, step, bc2), apply, clip)
 
     def adam_scalars(self, applied: Any, lr: Any, apply: Any, weight_decay: float,
                      beta_1: float, beta_2: float, dtype: Any) -> tuple[Any, Any, Any]:
@@ -862,13 +960,14 @@ class CupyKernels(StandardKernels):
     def rmsprop_update(self, params: list[Any], grads: list[Any], vs: list[Any],
                        means: list[Any] | None, bufs: list[Any] | None, lr: Any,
                        weight_decay: float, rho: float, momentum: float, epsilon: float,
-                       apply: Any = None) -> None:
+                       apply: Any = None, clip: tuple[str, float] | None = None) -> None:
         """``means``: the centered variant's mean gradients (None where not centered);
         ``bufs``: the momentum buffers (None without momentum)."""
         self._launch_updates(
             RMSPROP if _by_value(lr) else RMSPROP_AT,
             self._by_dtype(params, grads, vs, means, bufs),
-            (weight_decay, rho, 1.0 - rho, means is not None, momentum, epsilon), (lr,), apply)
+            (weight_decay, rho, 1.0 - rho, means is not None, momentum, epsilon), (lr,), apply,
+            clip)
 
 
 KERNELS = CupyKernels()

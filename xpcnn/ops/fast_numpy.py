@@ -107,6 +107,9 @@ class NumpyKernels(StandardKernels):
     """The NumPy versions: ``out=`` writes, in-place ufuncs and threaded chunk loops."""
 
     fused_updates = True  # sgd_update / adam_update / rmsprop_update, in place
+    # a strided convolution's input gradient by stride phases in chunks, where that pays,
+    # not col2im's scatter of the whole batch's patch gradients (im2col.phase_input_grad)
+    phase_input_grad = True
 
     def __init__(self) -> None:
         super().__init__(compat_numpy)
@@ -122,6 +125,7 @@ class NumpyKernels(StandardKernels):
         self._cores = os.cpu_count() or 1
         self._ones_cache: dict[str, Any] = {}  # (per dtype: the longest asked, sliced)
         self._rows_cache: dict[tuple[int, str, float], Any] = {}
+        self._half_tables: dict[tuple[Any, Any], Any] = {}  # (see _half_table)
 
     def _executor(self, workers: int) -> ThreadPoolExecutor:
         key = (os.getpid(), workers)  # a forked child needs threads of its own
@@ -374,6 +378,8 @@ class NumpyKernels(StandardKernels):
         # that; max is associative, so this is the window's maximum. Blocks of ~1 MB keep the
         # buffer and the output in cache (1.1-1.6x faster than kh*kw strided passes over the
         # whole batch's output, on the reference models' pools).
+        if self._half_bits(x) and x.dtype == np.float16:  # (by keys: see max_pool_train)
+            return self.max_pool_train(x, kernel, strides, out_hw)[0]
         kh, kw = kernel
         ho, wo = out_hw
         n, _, w, c = x.shape
@@ -434,11 +440,31 @@ class NumpyKernels(StandardKernels):
         index = np.min_scalar_type(2 * taps - 1).type  # (for misses + taps, below)
         first = np.empty(y.shape, index)
         order = np.arange(taps, dtype=index).reshape(taps, 1, 1, 1, 1)
+        # float16: the maximum and its first tap found on int16 keys that order values as
+        # np.maximum does (-0.0 and +0.0 equal, every NaN above +inf), then y that tap's value:
+        # np.maximum.reduce's bits (the first of equals, the first NaN), without NumPy's
+        # float16 loop (see _half_table). Not bfloat16: ml_dtypes' maximum gives the second of
+        # equals and one NaN for all.
+        keys = self._half_bits(x) and x.dtype == np.float16
 
         def work(worker: int, n0: int, n1: int) -> None:
             block = np.empty((taps, n1 - n0, *out_hw, c), x.dtype)
             np.copyto(self._as_taps(block, kernel),
                       self._window_taps(x[n0:n1], kernel, strides, out_hw))
+            if keys:
+                k = self._max_keys(block)
+                top = np.maximum.reduce(k, axis=0)
+                rank = np.multiply(np.not_equal(k, top).view(np.uint8), index(taps),
+                                   dtype=index)
+                np.add(rank, order, out=rank)
+                fs = np.minimum.reduce(rank, axis=0, out=first[n0:n1])
+                # y: the bits of tap fs (np.take_along_axis was 4x slower than this whole work)
+                bits, ys = block.view(np.uint16), y[n0:n1].view(np.uint16)
+                np.multiply(bits[0], fs == 0, out=ys)
+                for t in range(1, taps):
+                    ys |= np.multiply(bits[t], fs == t)
+                fs[top == 0x7FFF] = taps  # (a NaN's window: no route, as below)
+                return
             ys = np.maximum.reduce(block, axis=0, out=y[n0:n1])  # in tap order, as the standard
             # The first tap equal to the maximum: the least of t + taps * (tap t != maximum),
             # so taps or more where none is (a NaN's window).
@@ -468,7 +494,12 @@ class NumpyKernels(StandardKernels):
 
         def work(worker: int, n0: int, n1: int) -> None:
             dys, fs, dxs = dy[n0:n1].astype(acc, copy=False), first[n0:n1], dx[n0:n1]
-            if relu_grad:  # a ReLU before the pool: no gradient where the maximum is <= 0
+            if relu_grad and self._half_bits(dys) and y.dtype == dys.dtype:  # (_half_table)
+                masked = np.empty(dys.shape, dys.dtype)
+                self._lookup(self._half_mask_table(dys.dtype), dys, masked,
+                             self._half_positive(y[n0:n1]))
+                dys = masked
+            elif relu_grad:  # a ReLU before the pool: no gradient where the maximum is <= 0
                 dys = np.multiply(dys, y[n0:n1] > zero)
             order = np.arange(kernel[0] * kernel[1], dtype=fs.dtype).reshape(-1, 1, 1, 1, 1)
             # (taps, ...): tap t's share, dy's bits or +0: dy's bits as unsigned integers
@@ -488,6 +519,20 @@ class NumpyKernels(StandardKernels):
 
         self.for_chunks(shape[0], self._image_blocks(dx), work)
         return dx.astype(dtype, copy=False)
+
+    @staticmethod
+    def _max_keys(v: Any) -> Any:
+        """int16 keys of float16 ``v`` in np.maximum's order: the bits of v >= +0.0, those of
+        negative v flipped and plus 1 (-0.0 to 0, the others below in order), every NaN 0x7FFF,
+        above +inf (0x7C00)."""
+        i = v.view(np.int16)
+        sign = np.right_shift(i, 15)  # (-1 where negative, else 0)
+        keys = np.bitwise_and(sign, np.int16(0x7FFF))
+        np.bitwise_xor(keys, i, out=keys)
+        np.subtract(keys, sign, out=keys)
+        nan = np.bitwise_and(i, np.int16(0x7FFF), out=sign) > np.int16(0x7C00)
+        np.copyto(keys, np.int16(0x7FFF), where=nan)
+        return keys
 
     def _image_blocks(self, x: Any, budget: int = 1 << 21) -> int:
         """Images per block for per-image passes: about ``budget`` bytes, two blocks at least.
@@ -513,6 +558,13 @@ class NumpyKernels(StandardKernels):
         """``fn(a, value, out=out)`` for np.maximum / np.minimum with ``value`` as a constant
         row broadcast over ``a``: NumPy's loop for a scalar operand is ~2.5x slower than its
         array loop (0.25 against 0.1 ms for 2 MB of float32 here)."""
+        if self._half_bits(a) and out.dtype == a.dtype:  # (see _half_table)
+            if fn is np.maximum and value == 0 and a.dtype == np.float16:
+                self._half_relu(a, out)
+            else:
+                self._lookup(self._half_table(a.dtype, (fn.__name__, value), lambda v: fn(
+                    v, np.full(v.shape, value, v.dtype))), a, out)
+            return
         if a.ndim == 0:
             fn(a, a.dtype.type(value), out=out)
             return
@@ -525,6 +577,94 @@ class NumpyKernels(StandardKernels):
             row = self._rows_cache[key] = np.full(n, value, a.dtype)
         fn(a, row, out=out)
 
+    # -- 2-byte floats (mixed precision): NumPy's float16 arithmetic and comparisons (and
+    # ml_dtypes' bfloat16's) run a scalar loop per element, 13-43x float32's time, and its
+    # casts to and from float32 branch on zeros and subnormals (3-4x slower after a ReLU).
+    # A function of one such float (and a bool) has only 2**16 (2**17) inputs: computed once
+    # by NumPy itself for all of them, so the same bits (NaN, inf, -0.0 and subnormals
+    # included), then applied as a table lookup on the bits; ReLU and max pooling on the bits
+    # (128x24x24x64, 1 thread: ReLU 62 -> 1.5 ms, Dropout 212 -> 9-13, max pool 82 -> 5).
+
+    @staticmethod
+    def _half_bits(a: Any) -> bool:
+        """Whether ``a`` holds 2-byte floats whose bits a uint16 view reads (native order)."""
+        return _half_float(a.dtype) and a.dtype.isnative
+
+    def _half_table(self, dtype: Any, name: Any, fn: Callable[..., Any],
+                    with_mask: bool = False) -> Any:
+        """``fn`` of every 2-byte float of ``dtype`` (and, ``with_mask``, of each with False,
+        then with True: ``fn(values, mask)``), as uint16 bits (or as ``fn`` gives bools)."""
+        key = (np.dtype(dtype), name, with_mask)
+        table = self._half_tables.get(key)
+        if table is None:
+            values = np.arange(1 << 16, dtype=np.uint16).view(dtype)
+            with np.errstate(all="ignore"):
+                if with_mask:
+                    mask = np.repeat(np.array([False, True]), 1 << 16)
+                    out = fn(np.concatenate([values, values]), mask)
+                else:
+                    out = fn(values)
+            table = out if out.dtype == bool else out.view(np.uint16)
+            self._half_tables[key] = table
+        return table
+
+    _LOOKUP_CHUNK = 1 << 14  # (np.take of uint16 indices: 2-3x slower than of intp ones)
+
+    def _lookup(self, table: Any, a: Any, out: Any, mask: Any = None) -> None:
+        """``out[...] = table[bits of a]`` (``table[mask * 2**16 + bits of a]`` with a bool
+        ``mask``), ``out`` of ``a``'s 2-byte dtype (read as bits) or bool; in chunks of intp
+        indices that stay in cache."""
+        bits, dest = a.view(np.uint16), out if out.dtype == bool else out.view(np.uint16)
+        if mask is not None and mask.shape != a.shape:
+            mask = np.broadcast_to(mask, a.shape)
+        arrays = (bits, dest) if mask is None else (bits, dest, mask)
+        if not all(x.flags.c_contiguous for x in arrays):
+            index = bits.astype(np.intp)
+            if mask is not None:
+                index |= np.left_shift(mask.view(np.uint8), 16, dtype=np.intp)
+            np.take(table, index, out=dest, mode="clip")
+            return
+        bits, dest = bits.reshape(-1), dest.reshape(-1)
+        high = None if mask is None else mask.reshape(-1).view(np.uint8)
+        index = np.empty(min(bits.size, self._LOOKUP_CHUNK), np.intp)
+        for s in range(0, bits.size, self._LOOKUP_CHUNK):
+            e = min(bits.size, s + self._LOOKUP_CHUNK)
+            i = index[:e - s]
+            if high is None:
+                np.copyto(i, bits[s:e], casting="unsafe")
+            else:
+                np.left_shift(high[s:e], 16, out=i, dtype=np.intp)
+                np.bitwise_or(i, bits[s:e], out=i)
+            np.take(table, i, out=dest[s:e], mode="clip")
+
+    @staticmethod
+    def _inf_bits(dtype: Any) -> Any:
+        return np.array(np.inf).astype(dtype).view(np.uint16)[()]
+
+    def _half_relu(self, a: Any, out: Any) -> None:
+        """np.maximum(a, 0) of float16 on its bits: 0 where a < 0 (sign set, neither -0.0 nor
+        NaN: bits 0x8001 to -inf's, which + 0x7FFF wrap to 0 .. inf's - 1), else a (-0.0 and
+        NaN kept, as np.maximum keeps its first operand; ml_dtypes' bfloat16 maximum keeps
+        the second and makes one NaN of all: it goes by table)."""
+        bits = a.view(np.uint16)
+        keep = np.add(bits, np.uint16(0x7FFF)) >= self._inf_bits(a.dtype)
+        np.multiply(bits, keep, out=out.view(np.uint16))
+
+    def _half_positive(self, a: Any, out: Any = None) -> Any:
+        """``a > 0`` of 2-byte floats on their bits: 1 to inf's bits, not NaN nor negative."""
+        return np.less(np.subtract(a.view(np.uint16), np.uint16(1)), self._inf_bits(a.dtype),
+                       out=out)
+
+    def _half_mask_table(self, dtype: Any, factor: Any = None) -> Any:
+        """``(x * mask) * factor`` (mask_multiply's operations, in its dtype) by table."""
+        def fn(v: Any, mask: Any) -> Any:
+            o = np.multiply(v, mask)
+            if factor is not None:
+                o *= factor
+            return o
+
+        return self._half_table(dtype, ("mask_multiply", factor), fn, with_mask=True)
+
     def _ones(self, n: int, dtype: Any) -> Any:
         # (one vector per dtype, its first n: a cache per row count grew with every batch size
         # a process met)
@@ -534,6 +674,24 @@ class NumpyKernels(StandardKernels):
             ones = self._ones_cache[key] = np.ones(max(n, 256), dtype)
         return ones[:n]
 
+    def top_k_counts(self, z: Any, y: Any, ks: tuple[int, ...], dtype: Any) -> Any:
+        # (one comparison pass against each row's target score, gathered, not masked out of
+        # a (rows, classes) temporary; then each k compares the counts: the standard version
+        # makes several (rows, classes) temporaries)
+        if z.ndim != 2 or y.ndim not in (1, 2) or y.shape[0] != z.shape[0] or (
+                y.ndim == 2 and y.shape != z.shape):
+            return super().top_k_counts(z, y, ks, dtype)
+        n, classes = z.shape
+        labels = y if y.ndim == 1 else np.argmax(y, axis=1)
+        if labels.dtype.kind not in "iu":
+            return super().top_k_counts(z, y, ks, dtype)
+        hit = (labels >= 0) & (labels < classes)  # (one that names no class never counts)
+        target = z[np.arange(n), np.where(hit, labels, 0)]
+        greater = np.count_nonzero(z > target[:, None], axis=1)  # (NaN is greater than none)
+        counted = hit & np.isfinite(target)
+        return np.asarray([np.count_nonzero(counted & (greater < min(k, classes)))
+                           for k in ks], dtype=dtype)
+
     def sum_rows(self, a: Any) -> Any:
         # a matrix-vector product with ones: 5x faster than a reduction over axis 0
         if a.ndim != 2 or a.shape[0] < 2:
@@ -541,6 +699,17 @@ class NumpyKernels(StandardKernels):
         if _half_float(a.dtype):  # in float32, as the standard version (and no half BLAS)
             a = a.astype(np.float32)
         return np.matmul(self._ones(a.shape[0], a.dtype), a)
+
+    def global_avg_pool(self, x: Any) -> Any:
+        # each image's (H*W, C) sums as a product with ones: NumPy's sum over the two middle
+        # axes is a strided reduction, ~4x slower (2.8x PyTorch's time at 128x8x8x64)
+        if x.ndim != 4 or x.size == 0:
+            return super().global_avg_pool(x)
+        n, h, w, c = x.shape
+        acc = accumulator(self.xp, x.dtype)
+        xs = x.reshape(n, h * w, c).astype(acc, copy=False)
+        total = np.matmul(self._ones(h * w, acc), xs)
+        return (total / (h * w)).astype(x.dtype, copy=False)
 
     def feature_norm(self, x: Any, eps: float, dtype: Any, out_dtype: Any
                      ) -> tuple[Any, Any, Any]:
@@ -746,49 +915,60 @@ class NumpyKernels(StandardKernels):
         if x.size == 0 or x.size < 2 * x.shape[-1] or dy.shape != x.shape:
             return super().batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu,
                                                input_grad)
+        # Two passes, as few operations as the math needs: the first keeps t = x - mean in dx's
+        # memory where dx has the parameters' dtype (with relu, the mask for the whole batch
+        # too, a byte a value) and sums dy and dy * t; the second makes dx of them in place:
+        # inv_std * gamma * (dy - dbeta / count - t * inv_std * dgamma / count): 6 elementwise
+        # passes (12 with the ReLU), not 9 (15) recomputing xhat and the mask there (1.2-3x
+        # faster here). Under mixed precision (float16 x and dx) t is made again a block at a
+        # time: no whole-batch float32 temporary beside dx.
         dtype = gamma.dtype
         count, k, units, m = self._channel_blocks(x, dtype)
         xs, dys = x.reshape(units, -1), dy.reshape(units, -1)  # (a broadcast dy: copied)
-        mt, it, gt, bt = (np.tile(v, k) for v in (mean, inv_std, gamma, beta))
+        mt = np.tile(mean, k)
+        it, gt, bt = (np.tile(v, k) for v in (inv_std, gamma, beta)) if relu else (None,) * 3
         ones = self._ones(m, dtype)
         partials = np.empty((2, -(-units // m), xs.shape[1]))
-
-        def xhat_and_dy(u0: int, u1: int) -> tuple[Any, Any]:
-            """xhat as forward computes it; dy in ``dtype``, times z > 0 with ``relu``."""
-            xh = np.subtract(xs[u0:u1], mt, dtype=dtype)
-            np.multiply(xh, it, out=xh)
-            d = dys[u0:u1].astype(dtype, copy=False)
-            if relu:
-                z = np.multiply(xh, gt)
-                d = np.multiply(d, np.add(z, bt, out=z) > 0, dtype=dtype)
-            return xh, d
+        keep = input_grad and x.dtype == dtype
+        dx = (np.empty(xs.shape, dtype) if keep else np.empty(xs.shape, x.dtype)
+              ) if input_grad else None
+        mask = np.empty(xs.shape, bool) if input_grad and relu else None
 
         def sums(worker: int, u0: int, u1: int) -> None:
-            xh, d = xhat_and_dy(u0, u1)
-            partials[0, u0 // m] = np.matmul(ones[:u1 - u0], np.multiply(xh, d, out=xh))
+            t = dx[u0:u1] if keep else np.empty((u1 - u0, xs.shape[1]), dtype)
+            np.subtract(xs[u0:u1], mt, out=t, dtype=dtype)
+            d = dys[u0:u1].astype(dtype, copy=False)
+            if relu:  # (z > 0, z as forward computes it: _affine_rows)
+                z = np.multiply(t, it)
+                np.multiply(z, gt, out=z)
+                np.add(z, bt, out=z)
+                above = np.greater(z, 0, out=None if mask is None else mask[u0:u1])
+                d = np.multiply(d, above)
+            partials[0, u0 // m] = np.matmul(ones[:u1 - u0], np.multiply(t, d))
             partials[1, u0 // m] = np.matmul(ones[:u1 - u0], d)
 
         self.for_chunks(units, m, sums)
-        dgamma, dbeta = (self._channel_sums(p, k) for p in partials)
+        # (sum(dy * xhat) as inv_std * sum(dy * (x - mean)), summed in float64)
+        dgamma = self._channel_sums(partials[0], k) * inv_std
+        dbeta = self._channel_sums(partials[1], k)
         if not input_grad:
             return None, dgamma.astype(dtype), dbeta.astype(dtype)
-        # standardize_backward of dy * gamma: its means are gamma * dbeta / count and
-        # gamma * dgamma / count, so dx = inv_std * gamma * (dy - dbeta / count - xhat *
-        # dgamma / count)
-        at, ct = (np.tile((v / count).astype(dtype), k) for v in (dbeta, dgamma))
+        at = np.tile((dbeta / count).astype(dtype), k)
+        ct = np.tile((dgamma * inv_std / count).astype(dtype), k)
         st = np.tile(inv_std * gamma, k)
-        dx = np.empty(xs.shape, x.dtype)
 
         def grads(worker: int, u0: int, u1: int) -> None:
-            xh, d = xhat_and_dy(u0, u1)
-            out = dx[u0:u1]
-            o = out if out.dtype == dtype else np.empty(out.shape, dtype)
-            np.subtract(d, at, out=o)
-            np.subtract(o, np.multiply(xh, ct, out=xh), out=o)
-            np.multiply(o, st, out=o)
-            if o is not out:
-                with np.errstate(over="ignore"):
-                    np.copyto(out, o, casting="unsafe")
+            t = dx[u0:u1] if keep else np.subtract(xs[u0:u1], mt, dtype=dtype)
+            d = dys[u0:u1].astype(dtype, copy=False)
+            if relu:
+                d = np.multiply(d, mask[u0:u1])
+            np.multiply(t, ct, out=t)
+            np.subtract(d, t, out=t)
+            np.subtract(t, at, out=t)
+            np.multiply(t, st, out=t)
+            if not keep:
+                with np.errstate(over="ignore"):  # inf is what loss scaling looks for
+                    np.copyto(dx[u0:u1], t, casting="unsafe")
 
         self.for_chunks(units, m, grads)
         return dx.reshape(x.shape), dgamma.astype(dtype), dbeta.astype(dtype)
@@ -851,9 +1031,17 @@ class NumpyKernels(StandardKernels):
                       relu_y: Any = None) -> Any:
         factor = None if scale is None else x.dtype.type(scale)  # (as x *= scale rounds it)
         zero = None if relu_y is None else relu_y.dtype.type(0)
+        half = (self._half_bits(x) and mask.dtype == bool
+                and (relu_y is None or relu_y.dtype == x.dtype))
+        table = self._half_mask_table(x.dtype, factor) if half else None
 
         def fn(a: Any, m: Any, *rest: Any) -> None:
             *r, o = rest
+            if table is not None:  # (by table, the ReLU's mask too: see _half_table)
+                self._lookup(table, a, o, m)
+                if r:
+                    self._lookup(self._half_mask_table(x.dtype), o, o, self._half_positive(r[0]))
+                return
             np.multiply(a, m, out=o)
             if factor is not None:  # (on the block while it is in cache)
                 o *= factor
@@ -867,6 +1055,11 @@ class NumpyKernels(StandardKernels):
         if y.shape != dy.shape:
             return super().relu_backward(dy, y)
         zero = y.dtype.type(0)
+        if self._half_bits(dy) and y.dtype == dy.dtype:  # (by table: see _half_table)
+            table = self._half_mask_table(dy.dtype)
+            return self._elementwise(
+                lambda d, yy, o: self._lookup(table, d, o, self._half_positive(yy)), dy.dtype,
+                dy, y)
         # the comparison too in row blocks on the threads (not one pass over the whole batch
         # first): 3.1 -> 2.5 ms for a 32x32x32 layer's gradient
         return self._elementwise(lambda d, yy, o: np.multiply(d, yy > zero, out=o), dy.dtype,
@@ -910,12 +1103,23 @@ class NumpyKernels(StandardKernels):
         cap = None if max_value is None else x.dtype.type(max_value)
         mask = np.empty(x.shape, bool)
 
+        half = self._half_bits(x)
+
         def fn(a: Any, m: Any, o: Any) -> None:
             self._clamp(np.maximum, a, 0.0, o)
-            np.greater(a, zero, out=m)
+            if half:  # (on the bits: see _half_table)
+                self._half_positive(a, m)
+            else:
+                np.greater(a, zero, out=m)
             if cap is not None:
                 self._clamp(np.minimum, o, max_value, o)
-                np.logical_and(m, a < cap, out=m)
+                if half:
+                    below = np.empty(a.shape, bool)
+                    self._lookup(self._half_table(x.dtype, ("below", max_value),
+                                                  lambda v: v < cap), a, below)
+                else:
+                    below = a < cap
+                np.logical_and(m, below, out=m)
 
         return self._elementwise(fn, x.dtype, x, mask), mask
 
@@ -940,9 +1144,50 @@ class NumpyKernels(StandardKernels):
             self.for_chunks(n, self._split_rows(n, n, self._SPLIT_ELEMENTS),
                             lambda w, a, b, flat=flat: update(*(f[a:b] for f in flat)))
 
+    @staticmethod
+    def takes_clip(params: list[Any], grads: list[Any], clip: tuple[str, float]) -> bool:
+        """Whether the updates clip these gradients themselves (``clip``: xpcnn.optim's
+        Optimizer._clip): each of its parameter's dtype and shape; a norm of float32 or
+        float64 ones."""
+        return all(g.dtype == p.dtype and g.shape == p.shape
+                   and (clip[0] == "value" or g.dtype in (np.float32, np.float64))
+                   for p, g in zip(params, grads, strict=True))
+
+    def _clipped_blocks(self, clip: tuple[str, float] | None, update: Callable[..., None],
+                        params: list[Any], grads: list[Any], *per_param: list[Any] | None
+                        ) -> None:
+        """:meth:`_update_blocks` with each gradient clipped as Optimizer._clipped clips it,
+        in the update's blocks: a value clipped into a block's temporary, a norm's factor
+        (c / max(norm, c), in the gradient's dtype, from :func:`_sum_of_squares`) multiplied
+        in where it is not 1. The same bits, with no clipped copy of a whole gradient."""
+        if clip is None:
+            self._update_blocks(update, params, grads, *per_param)
+            return
+        kind, c = clip
+        if kind == "value":
+            def bounded(g: Any) -> Any:
+                bound = g.dtype.type(c)
+                return np.clip(g, -bound, bound)
+
+            self._update_blocks(_in_pieces(update, bounded), params, grads, *per_param)
+            return
+        squares = [_sum_of_squares(g) for g in grads]
+        if kind == "global":  # (summed in order, as the standard way sums them)
+            total = squares[0]
+            for s in squares[1:]:
+                total = total + s
+            squares = [total] * len(grads)
+        for i, s in enumerate(squares):
+            norm = np.sqrt(s)
+            shrink = c / (norm if norm > c else norm.dtype.type(c))  # (1 for a NaN norm)
+
+            self._update_blocks(
+                update if shrink == 1 else _in_pieces(update, lambda g, f=shrink: g * f),
+                [params[i]], [grads[i]], *(None if a is None else [a[i]] for a in per_param))
+
     def sgd_update(self, params: list[Any], grads: list[Any], bufs: list[Any] | None,
                    lr: Any, weight_decay: float, momentum: float, nesterov: bool,
-                   apply: Any = None) -> None:
+                   apply: Any = None, clip: tuple[str, float] | None = None) -> None:
         if apply is not None and not apply:
             return
 
@@ -955,12 +1200,13 @@ class NumpyKernels(StandardKernels):
                 g = g + momentum * buf if nesterov else buf
             np.subtract(p, lr * g, out=p)
 
-        self._update_blocks(update, params, grads, bufs)
+        self._clipped_blocks(clip, update, params, grads, bufs)
 
     def adam_update(self, params: list[Any], grads: list[Any], ms: list[Any], vs: list[Any],
                     decay: Any, step: Any, bc2: Any, weight_decay: float, decoupled: bool,
                     beta_1: float, beta_2: float, epsilon: float, apply: Any = None,
-                    vhats: list[Any] | None = None) -> None:
+                    vhats: list[Any] | None = None, clip: tuple[str, float] | None = None
+                    ) -> None:
         """``decay``, ``step``, ``bc2``: as :meth:`StandardKernels.adam_scalars` gives them (as
         Python floats here: they meet each parameter in its own dtype); ``vhats``: AMSGrad's
         largest second moments (None without it)."""
@@ -988,12 +1234,12 @@ class NumpyKernels(StandardKernels):
             else:
                 np.subtract(p, change, out=p)
 
-        self._update_blocks(update, params, grads, ms, vs, vhats)
+        self._clipped_blocks(clip, update, params, grads, ms, vs, vhats)
 
     def rmsprop_update(self, params: list[Any], grads: list[Any], vs: list[Any],
                        means: list[Any] | None, bufs: list[Any] | None, lr: Any,
                        weight_decay: float, rho: float, momentum: float, epsilon: float,
-                       apply: Any = None) -> None:
+                       apply: Any = None, clip: tuple[str, float] | None = None) -> None:
         """``means``: the centered variant's mean gradients (None where not centered);
         ``bufs``: the momentum buffers (None without momentum)."""
         if apply is not None and not apply:
@@ -1023,7 +1269,48 @@ class NumpyKernels(StandardKernels):
                 u = buf
             np.subtract(p, np.multiply(lr, u), out=p)
 
-        self._update_blocks(update, params, grads, vs, means, bufs)
+        self._clipped_blocks(clip, update, params, grads, vs, means, bufs)
+
+
+# Elements of a clipped gradient's piece (512 KiB of float32): the update's temporaries are
+# of a piece, not of a thread's block (8 MiB of a 4096 x 4096 parameter's), and stay in cache.
+_CLIP_PIECE = 1 << 17
+
+
+def _in_pieces(update: Callable[..., None], load: Callable[[Any], Any]) -> Callable[..., None]:
+    """``update(p, g, *slots)`` on pieces of 1-D blocks, ``load(g)`` (the clipped gradient, a
+    temporary) given for ``g``; on a whole array where it is not 1-D."""
+    def run(p: Any, g: Any, *rest: Any) -> None:
+        if p.ndim != 1:
+            update(p, load(g), *rest)
+            return
+        for a in range(0, p.shape[0], _CLIP_PIECE):
+            piece = slice(a, a + _CLIP_PIECE)
+            update(p[piece], load(g[piece]), *(r[piece] for r in rest))
+
+    return run
+
+
+# (a power of 2, so any leaf's own pairwise sum is the same tree: 256 KiB of float32 squares)
+_SQUARES_LEAF = 1 << 16
+
+
+def _sum_of_squares(g: Any) -> Any:
+    """``np.sum(g * g)``, the same bits (NumPy's pairwise sum over the array in memory order:
+    halves rounded down to a multiple of 8, down to blocks of 128), without a squared copy of
+    the whole of ``g``: the squares of one leaf of that tree at a time."""
+    if not (g.flags.c_contiguous or g.flags.f_contiguous):
+        return np.sum(g * g)
+    flat = np.ravel(g, order="K")  # (a view: memory order, as NumPy's sum reads it)
+
+    def pairwise(lo: int, n: int) -> Any:
+        if n <= _SQUARES_LEAF:
+            leaf = flat[lo:lo + n]
+            return np.sum(leaf * leaf)
+        half = n // 2 - n // 2 % 8
+        return pairwise(lo, half) + pairwise(lo + half, n - half)
+
+    return pairwise(0, flat.size)
 
 
 KERNELS = NumpyKernels()

@@ -337,6 +337,115 @@ def conv_input_grad(
     return xp.reshape(dx, (n, h, w, wflip2.shape[1]))
 
 
+@functools.lru_cache(maxsize=256)
+def _phases(k: int, s: int, pad: int, size: int, out: int
+            ) -> tuple[int, int, int, int, int, int, tuple[tuple[int, ...], ...]]:
+    """Along one axis of a convolution (kernel ``k``, stride ``s``, ``pad`` before, ``size``
+    inputs, ``out`` outputs), the stride phases of :func:`phase_input_grad` on one grid.
+
+    Input s*a + r (phase r) meets only taps t + s*u, t = (r + pad) % s, at outputs a + q - u,
+    q = (r + pad - t) // s: with its taps reversed, a stride-1 window over output-gradient
+    indices a + lo ... a + q. One window of ``span`` taps from the least lo covers every phase.
+    Returns (grid positions a, span, the output-gradient indices read [src0, src1), zeros
+    before and after them, and per phase (its inputs, then per window tap the kernel tap it
+    meets or -1))."""
+    grid = -(-size // s)
+    phases = []
+    for r in range(min(s, size)):
+        t = (r + pad) % s
+        taps = max(0, -(-(k - t) // s))
+        phases.append((-(-(size - r) // s), t, taps, (r + pad - t) // s - taps + 1))
+    live = [p for p in phases if p[2]]
+    first = min((p[3] for p in live), default=0)
+    span = max((p[3] + p[2] for p in live), default=1) - first
+    end = first + grid + span - 1  # one past the last index read
+    src0 = max(first, 0)
+    src1 = max(min(end, out), src0)
+    maps = tuple((inputs, *(t + s * (taps - 1 - (u + first - lo))
+                            if 0 <= u + first - lo < taps else -1 for u in range(span)))
+                 for inputs, t, taps, lo in phases)
+    return grid, span, src0, src1, src0 - first, end - src1, maps
+
+
+@functools.lru_cache(maxsize=256)
+def _phase_taps(kh: int, kw: int, rows: tuple[tuple[int, ...], ...],
+                cols: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    """Per (window row, window column, row phase, column phase), the kernel tap i*kw + j
+    met there, or kh*kw (a zero) where none: the rows of the phases' kernel matrix."""
+    return tuple(rm[a] * kw + cm[b] if rm[a] >= 0 and cm[b] >= 0 else kh * kw
+                 for a in range(1, len(rows[0])) for b in range(1, len(cols[0]))
+                 for rm in rows for cm in cols)
+
+
+def phase_input_grad_pays(kernel: tuple[int, int], strides: tuple[int, int], pads: Pads,
+                          in_hw: tuple[int, int], out_hw: tuple[int, int], channels: int,
+                          filters: int) -> bool:
+    """Whether :func:`phase_input_grad` should beat the patch gradients and col2im (NumPy,
+    one thread): its products (zeros included) against col2im's, whose scatter costs about
+    400 + 37*C multiply-adds' time per output position and tap (C-long runs, a pass per tap).
+    Small channel counts and large kernels go by phases (``conv7x7/2`` 32x32x3 -> 16: the
+    layer's backward 5.5 -> 1.7 ms, 32x32x16 -> 32: 17.4 -> 9.5); a "valid" output much
+    smaller than its input does not (16x16x64 -> 64, 7x7/2: 5x5 outputs, 7.5 ms by col2im,
+    12.3 by phases)."""
+    (kh, kw), (sh, sw), c, k = kernel, strides, channels, filters
+    ga, u, *_, rows = _phases(kh, sh, pads[0], in_hw[0], out_hw[0])
+    gb, v, *_, cols = _phases(kw, sw, pads[2], in_hw[1], out_hw[1])
+    by_phases = ga * gb * u * v * len(rows) * len(cols) * k * c
+    by_col2im = out_hw[0] * out_hw[1] * kh * kw * (k * c + 400 + 37 * c)
+    return by_phases < by_col2im
+
+
+def phase_input_grad(xp: Any, kern: Any, dy: Any, w: Any, kernel: tuple[int, int],
+                     strides: tuple[int, int], pads: Pads, in_hw: tuple[int, int],
+                     ws: Workspace, key: str, budget: int | None, min_chunks: int = 8) -> Any:
+    """Input gradient (N, H, W, C) of any convolution (strided, or padded beyond its kernel)
+    from the output gradient ``dy`` (N, Ho, Wo, K) and kernel ``w`` (K, kh, kw, C), with no
+    col2im. The inputs of one stride phase (rows r::sh, columns r'::sw) meet only that
+    phase's taps: their gradient is a stride-1 convolution of ``dy`` with those taps rotated
+    (:func:`_phases`). All phases share one window over ``dy``, so one im2col of ``dy`` per
+    chunk of images and one product with a (window taps * K, phases * C) kernel matrix,
+    zeros where a phase lacks a tap ("sub-pixel" convolution); each phase's C columns are
+    then copied into its strided view of dx.
+
+    Chunks of images as :func:`conv_forward`'s, on the threads; each input's gradient is
+    one product's sum (in float32 for half floats, see ``matmul_into``), rounded once. The
+    col2im path writes the whole batch's (N*Ho*Wo, kh*kw*C) patch gradients and adds them
+    back a tap at a time: C-long runs, slow for few channels (see
+    :func:`phase_input_grad_pays`; ``conv7x7/2`` "same" at batch 32, one thread, input
+    gradient alone: 32x32x3 -> 16 4.8 -> 1.1 ms, 32x32x16 -> 32 14.1 -> 5.2 ms)."""
+    n, c, k = dy.shape[0], w.shape[3], w.shape[0]
+    (kh, kw), (sh, sw), (ho, wo) = kernel, strides, dy.shape[1:3]
+    ga, u, y0, y1, top, bottom, rows = _phases(kh, sh, pads[0], in_hw[0], ho)
+    gb, v, x0, x1, left, right, cols = _phases(kw, sw, pads[2], in_hw[1], wo)
+    if y1 <= y0 or x1 <= x0:  # (padded beyond every output: no input meets a tap)
+        return xp.zeros((n, *in_hw, c), dtype=dy.dtype, device=dy.device)
+    phases = len(rows) * len(cols)
+    taps = xp.reshape(xp.permute_dims(w, (1, 2, 0, 3)), (kh * kw, k, c))
+    taps = xp.concat([taps, xp.zeros((1, k, c), dtype=w.dtype, device=w.device)], axis=0)
+    wm = xp.take(taps, xp.asarray(_phase_taps(kh, kw, rows, cols), dtype=xp.int64,
+                                  device=w.device), axis=0)  # (u*v*phases, K, C)
+    wm = xp.reshape(xp.permute_dims(xp.reshape(wm, (u * v, phases, k, c)), (0, 2, 1, 3)),
+                    (u * v * k, phases * c))
+    src = dy[:, y0:y1, x0:x1, :]
+    dx = xp.empty((n, *in_hw, c), dtype=dy.dtype, device=dy.device)  # (every phase writes)
+    m = images_per_chunk(n, ga * gb * u * v * k * 4, budget, min_chunks, kern.threads())
+
+    def chunk(worker: int, n0: int, n1: int) -> None:
+        name = f"{key}{worker}"
+        p = _patches(xp, kern, src, n0, n1, (top, bottom, left, right), ws, name, m, (u, v),
+                     (1, 1), (ga, gb))
+        out = ws.get(xp, name + "_dx", (m * ga * gb, phases * c), dy.dtype, dy.device)
+        part = out[: p.shape[0], ...]
+        kern.matmul_into(p, wm, part)
+        grid = xp.reshape(part, (n1 - n0, ga, gb, phases, c))
+        for i, (na, *_) in enumerate(rows):
+            for j, (nb, *_) in enumerate(cols):
+                dx[n0:n1, i::sh, j::sw, :] = grid[:, :na, :nb, i * len(cols) + j, :]
+
+    kern.for_chunks(n, m, chunk)
+    return dx
+
+
 def grads_share_patches(pads: Pads, kernel: tuple[int, int], strides: tuple[int, int],
                         in_hw: tuple[int, int], out_hw: tuple[int, int], channels: int,
                         filters: int) -> bool:

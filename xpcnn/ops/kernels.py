@@ -31,6 +31,7 @@ from .softmax import (
     nan_unless_classes,
     softmax,
     target_rows,
+    top_k_counts,
 )
 from .step_record import record_step
 from .windows import Pads, accumulator, pad, unpad
@@ -41,6 +42,23 @@ def standardize_backward(xp: Any, dxhat: Any, xhat: Any, inv_std: Any,
     """Gradient of xhat = (x - mean) / std through the mean and std of the same ``axes``."""
     return inv_std * (dxhat - xp.mean(dxhat, axis=axes, keepdims=True)
                       - xhat * xp.mean(dxhat * xhat, axis=axes, keepdims=True))
+
+
+def class_weighted(xp: Any, y: Any, weights: Any, table: Any) -> Any:
+    """Each sample's weight in the loss: ``weights`` (N,) times the weight in ``table``
+    (classes,) (fit's ``class_weight``) of its label (a one-hot row's first maximum); a label
+    that is no class weighs 0 (the loss makes that step NaN). ``weights`` where ``table`` is
+    None."""
+    if table is None:
+        return weights
+    labels = y if y.ndim == 1 else xp.argmax(y, axis=1)
+    # the class's weight as the sum of its one-hot row times the table: elementwise
+    # kernels and a sum, which a CUDA graph captures (array_api_compat's clip, which a
+    # lookup with take would need to stay in the table, makes boolean-mask copies: a host
+    # read each step on CuPy)
+    per_class = xp.sum(target_rows(xp, labels, table.shape[0], table.dtype) * table, axis=1)
+    return per_class if weights is None else \
+        per_class * xp.astype(weights, table.dtype, copy=False)
 
 
 class StandardKernels:
@@ -463,13 +481,15 @@ class StandardKernels:
         return self.xp.astype(self.relu(z, None) if relu else z, out_dtype, copy=False)
 
     def softmax_cross_entropy(self, z: Any, labels: Any, smoothing: float, scale: Any = None,
-                              dtype: Any = None, weights: Any = None) -> tuple[Any, Any]:
+                              dtype: Any = None, weights: Any = None,
+                              class_weights: Any = None) -> tuple[Any, Any]:
         """Mean cross-entropy of softmax(z) against integer ``labels`` (N,) or one-hot (or
         probability) rows (N, classes) (targets mixed with the uniform distribution by
         ``smoothing``) and the count of rows whose first maximum is at the label (a row's
-        first maximum), as one (2,) float32 (float64 for float64 ``z``) array, the loss NaN
+        first maximum), as one (2,) float32 (float64 for float64 ``z``) array, both NaN
         where a target is no class; each row's loss and gradient times ``weights`` (N,) where
-        given (the sum still divided by N), the count not;
+        given (the sum still divided by N), and times its label's weight in ``class_weights``
+        (classes,) where given (:func:`class_weighted`), the count not;
         and the gradient with respect to ``z``, times ``scale[0]`` where
         ``scale`` (the float16 loss-scaling state, on the device) is given. With ``dtype``, all
         of it computed from ``z`` cast to ``dtype`` (float32 under mixed precision), the
@@ -480,7 +500,8 @@ class StandardKernels:
         if dtype is not None:
             z = xp.astype(z, dtype, copy=False)
         loss, grad = cross_entropy(xp, z, target_rows(xp, labels, z.shape[1], z.dtype,
-                                                      smoothing), weights)
+                                                      smoothing),
+                                   class_weighted(xp, labels, weights, class_weights))
         stats = loss_and_correct(xp, loss, z, labels)
         grad = grad if scale is None else grad * scale[0]
         return (nan_unless_classes(xp, stats, labels, z.shape[1]),
@@ -533,6 +554,12 @@ class StandardKernels:
             decay = xp.full_like(t, decay)
         return tuple(xp.astype(v, dtype) for v in (decay, lr / (1.0 - beta_1**t),
                                                     1.0 - beta_2**t))
+
+    def top_k_counts(self, z: Any, y: Any, ks: tuple[int, ...], dtype: Any) -> Any:
+        """For each ``k`` of ``ks``, how many rows of logits ``z`` have their target's score
+        among the ``k`` largest, a (len(ks),) array of ``dtype``: see
+        :func:`xpcnn.ops.softmax.top_k_counts` (ties, non-finite scores, targets)."""
+        return top_k_counts(self.xp, z, y, ks, dtype)
 
     def relu_with_mask(self, x: Any, max_value: float | None) -> tuple[Any, Any]:
         """:meth:`relu` and the boolean mask of where its gradient passes: strictly inside

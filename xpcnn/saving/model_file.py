@@ -29,6 +29,7 @@ from ..errors import DataFormatError, InputError, NonFiniteError
 from ..files import written_file
 from ..graph import Inbound, check_graph, inbound_of
 from ..layers import BatchNorm2D, Conv2D, Dense, Normalization
+from ..layers.arguments import rebuilding
 from ..layers.base import LAYER_TYPES, Layer, setting_names
 from ..losses import loss_from_config
 from ..metrics import metric_from_config
@@ -385,7 +386,8 @@ def layers_from_config(config: Any, path: str) -> tuple[list[Layer], tuple[int, 
             if not isinstance(trainable, bool):
                 raise DataFormatError(f"{path}: invalid model configuration: layer {i}'s "
                                       f"trainable is {trainable!r}, expected true or false")
-            layers.append(cls(**spec["config"]))
+            with rebuilding():
+                layers.append(cls(**spec["config"]))
             layers[-1].trainable = trainable
             # (the file's names are kept as they are where they can be, but give way as
             # automatic ones do: two trained models, each with its 'dense', can be joined)

@@ -54,7 +54,6 @@ from ..data.streams import IterableBatches
 from ..errors import InputError, NonFiniteError, warn
 from ..layers.base import Layer, RandomLayer
 from ..ops.kernels import compute_scope, kernels_for
-from ..ops.softmax import target_rows, top_k_counts
 from ..ops.step_record import BAD_GRADS, BAD_LOSS, BAD_STEP
 from ..totals import READ_EVERY, SCALE_RANGE, RunningTotals
 
@@ -374,6 +373,12 @@ class TrainingStep(_Network):
         opt.step(xp, params, grads, kernels, apply=apply, scalars=scalars)
         if eager:
             opt.iterations += 1
+            # (the gradients are dropped once applied, as PyTorch's zero_grad(set_to_none=True):
+            # else the next step's peak holds them beside its own; a captured step keeps its
+            # gradients, which live in the graphs' own memory pool all the same)
+            del grads
+            for la in trained:
+                la.grads.clear()
         return stats
 
     def _global_batch(self, xb: Any) -> int:
@@ -402,10 +407,11 @@ class TrainingStep(_Network):
         # (a label that is no class makes the loss NaN: the step is skipped as a non-finite one
         # and the host names the labels, _raise_deferred)
         # (the float16 loss scale applied by the loss, in its kernel on a GPU: before the
-        # weighting below, which for a power-of-two scale gives the same values as after)
+        # weighting, which for a power-of-two scale gives the same values as after; the class
+        # weights looked up by the loss, in its kernel on a GPU)
         stats, dz = self.loss.forward_with_accuracy(
-            xp, logits, yb, self._param_dtype, kernels, self._scaling,
-            self._loss_weights(yb, weights))
+            xp, logits, yb, self._param_dtype, kernels, self._scaling, weights,
+            self._class_weights)
         if self._top_ks:  # (a step without top-k metrics makes no call more: host time)
             stats = self._with_top_k(stats, logits, yb)
         if dp is not None and dp.weight != 1.0:
@@ -436,26 +442,9 @@ class TrainingStep(_Network):
         does more work)."""
         if not self._top_ks:
             return stats
-        xp = self.backend.xp
-        return xp.concat([stats, top_k_counts(xp, logits, yb, self._top_ks, stats.dtype)])
-
-    def _loss_weights(self, yb: Any, weights: Any) -> Any:
-        """Each sample's weight in the loss: ``weights`` (N,) times its class's weight in
-        fit's ``class_weight``; None where neither is given."""
-        table = self._class_weights
-        if table is None:
-            return weights
-        xp = self.backend.xp
-        labels = yb if yb.ndim == 1 else xp.argmax(yb, axis=1)
-        # the class's weight as the sum of its one-hot row times the table: elementwise
-        # kernels and a sum, which a CUDA graph captures (array_api_compat's clip, which a
-        # lookup with take would need to stay in the table, makes boolean-mask copies: a host
-        # read each step on CuPy); a label that is no class weighs 0, and the loss makes that
-        # step NaN (its error names the labels)
-        rows = target_rows(xp, labels, table.shape[0], table.dtype)
-        per_class = xp.sum(rows * table, axis=1)
-        return per_class if weights is None else \
-            per_class * xp.astype(weights, table.dtype, copy=False)
+        # (the backend's kernel where it has one: one launch on CuPy for every k)
+        counts = kernels_for(self.backend).top_k_counts(logits, yb, self._top_ks, stats.dtype)
+        return self.backend.xp.concat([stats, counts])
 
     def _check_class_products(self, data: Any, table: np.ndarray) -> None:
         """Refuse, before training, arrays' sample weights whose products with fit's class

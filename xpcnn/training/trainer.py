@@ -1112,7 +1112,9 @@ class Trainer(TrainingStep):
         (applied to the logits the plan stops at), any other model's output as it is
         (logits, an inner layer's features); ``x`` as for :meth:`evaluate` (targets, if any,
         are ignored); ``verbose=1`` shows a progress bar (Keras' ``predict(x, verbose=0)``
-        works as it is); ``batch_size`` and ``verbose`` may be positional, as in Keras."""
+        works as it is); ``batch_size`` and ``verbose`` may be positional, as in Keras. As in
+        PyTorch and Keras, a row's last bits may differ with ``batch_size`` (by a unit in the
+        last place or so: the matrix products sum in another order for another shape)."""
         batch_size = checks.positive_int(256 if batch_size is None else batch_size,
                                          "batch_size")
         verbose = checks.verbosity(verbose)
