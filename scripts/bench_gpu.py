@@ -753,8 +753,11 @@ def main() -> int:
         save()
     for spec in args.conv_layers:
         name, batch, precision = spec.split(":")
-        conv_rows.append({"spec": spec,
-                          "layers": compare_conv_engines(name, int(batch), precision, args)})
+        try:
+            conv_rows.append({"spec": spec,
+                              "layers": compare_conv_engines(name, int(batch), precision, args)})
+        except Exception as e:  # (reported; the next comparisons and the profile still run)
+            print(f"convolution comparison {spec} failed: {type(e).__name__}: {str(e)[:300]}")
         save()
     for batch in args.loss_kernels:
         loss_rows.append({"batch": batch, "classes": compare_loss_kernels(batch, args)})

@@ -17,7 +17,7 @@
 # BENCH_TIMEOUT, MNIST_TIMEOUT, TEST_TIMEOUT, TRAIN_TIMEOUT seconds) so that a lent machine's
 # time is never lost to one stage: they add up to 565 s (20 s more if both test stages need
 # their KILL), and the extras get what is left of TOTAL_SECONDS (585), inside the device tool's
-# 10-minute command. Their first convolution comparison, resnet20 at batch 1024 (its 7
+# 10-minute command. Their first convolution comparison, resnet20 at batch 1024 (its 8
 # geometries timed once each; the stride-2 layers' input gradients on the gather and on
 # im2col + cuBLAS), is estimated at 20-40 s, unmeasured so far: what is cut short is the last.
 # BENCH_ARGS and EXTRA_ARGS replace the two benchmark calls' arguments. A test stage at its

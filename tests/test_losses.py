@@ -607,7 +607,7 @@ def test_the_swap_hint_covers_labels_cast_to_float():
     "float32"))``, are told "arguments swapped?" as integer ones are (was: no hint); not a
     correct-order call with one-hot y_true, nor 1-D scores that are no labels, and the hint
     never fails on what it cannot read (a torch bfloat16 y_true, a ragged one)."""
-    import torch
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(3), 4).astype(np.float32)

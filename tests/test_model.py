@@ -2131,12 +2131,38 @@ def test_a_predict_beside_a_training_mode_inspection_reads_the_models_statistics
 
 @pytest.mark.parametrize("training", [None, False, 0])
 def test_layer_outputs_take_keras_false_values_for_inference(training, rng):
-    """``training=None`` (Keras' default) or a false value is inference; a truthy value that is
-    not True is refused rather than taken for training."""
+    """``training=None`` (Keras' default), False or 0 is inference; a value other than those,
+    True and 1 is refused rather than taken by its truth."""
     model = _bn_dropout_model()
     x = rng.normal(size=(4, 6, 6, 2)).astype(np.float32)
     inference = [np.asarray(o) for o in model.layer_outputs(x)]
     for a, b in zip(model.layer_outputs(x, training=training), inference, strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
-    with pytest.raises(InputError, match="training must be True or False, got 'yes'"):
-        model.layer_outputs(x, training="yes")
+    for wrong in ("yes", 2, 0.0, np.array([True, False])):
+        with pytest.raises(InputError, match="training must be True, False or None, got"):
+            model.layer_outputs(x, training=wrong)
+
+
+def test_a_training_mode_inspection_inside_a_pass_is_refused_by_name(rng):
+    """layer_outputs(training=True) from a layer's forward (a pass holding the pass lock) is
+    refused with what it does and where to call it, not with a build's message, nor a wait
+    for the pass it runs in."""
+    from xpcnn.layers import Layer
+
+    inspected = _bn_dropout_model()
+    x = rng.normal(size=(4, 6, 6, 2)).astype(np.float32)
+    errors: list[str] = []
+
+    class Inspecting(Layer):
+        def forward(self, x, training=False, options=None):
+            try:
+                inspected.layer_outputs(np.zeros((2, 6, 6, 2), np.float32), training=True)
+            except InputError as e:
+                errors.append(str(e))
+            return x
+
+    outer = xpcnn.Sequential([xpcnn.Input((6, 6, 2)), Inspecting(), Flatten(), Dense(3)], seed=0)
+    outer.predict(x)
+    assert errors and "layer_outputs(training=True) was called inside a pass" in errors[0]
+    assert "call it outside the pass" in errors[0]
+    assert len(inspected.layer_outputs(x, training=True)) == len(inspected.layers)  # (outside)

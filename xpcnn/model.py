@@ -605,17 +605,26 @@ class Model(Trainer):
         mode (Dropout's draws, BatchNorm2D's batch statistics) and leaves the model as it was
         (its moving statistics, its next draws); as a training call, it is refused while
         another thread trains the model, and no pass of another thread (a ``predict``) runs
-        meanwhile: it would read the statistics put back after. ``training`` None, False or
-        0 is inference, as in Keras; a truthy value other than True is refused."""
+        meanwhile (every model's passes wait for it): they would read the statistics it puts
+        back after. ``training`` None (Keras' default), False or 0 is inference, True or 1
+        training; anything else is refused."""
         self._require_built("layer_outputs")
         self._rebuild_if_shared()
+        if not (training is None or isinstance(training, bool | np.bool_ | int | np.integer)
+                and training in (0, 1)):
+            raise InputError(f"layer_outputs' training must be True, False or None, got "
+                             f"{training!r}")
         x = checks.as_images(x)
         checks.check_sample_shape(x, self._input_shape)  # type: ignore[arg-type]
         if not training:
             with compute_scope(self.backend):
                 return self._layer_outputs(self._to_device(x), False)
         what = "layer_outputs(training=True)"
-        checks.flag(training, "layer_outputs' training")
+        if PASSES.in_pass():  # (its exclusive hold would wait for the pass it runs in)
+            raise InputError(f"{what} was called inside a pass through layers (a layer's "
+                             "forward): it moves the model's statistics and puts them back, "
+                             "so it runs when no pass may read them; call it outside the pass "
+                             "(a callback, after predict returns)")
         with self._running_alone(what, nested=True), PASSES.exclusive(what), \
                 self._put_back(), compute_scope(self.backend):
             return self._layer_outputs(self._to_device(x), True)

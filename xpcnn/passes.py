@@ -65,6 +65,11 @@ class PassLock:
         shared only)."""
         return _Exclusive(self, what)
 
+    def in_pass(self) -> bool:
+        """Whether this thread holds it shared only (inside a pass through layers)."""
+        mine = getattr(self._mine, "lock", None)
+        return mine is not None and mine._is_owned() and self._writer != threading.get_ident()
+
     def waiting(self) -> int:
         """How many threads wait to take it exclusive (for tests)."""
         return len(self._waiters)

@@ -930,8 +930,7 @@ class NumpyKernels(StandardKernels):
         ones = self._ones(m, dtype)
         partials = np.empty((2, -(-units // m), xs.shape[1]))
         keep = input_grad and x.dtype == dtype
-        dx = (np.empty(xs.shape, dtype) if keep else np.empty(xs.shape, x.dtype)
-              ) if input_grad else None
+        dx = np.empty(xs.shape, x.dtype) if input_grad else None
         mask = np.empty(xs.shape, bool) if input_grad and relu else None
 
         def sums(worker: int, u0: int, u1: int) -> None:
@@ -1158,8 +1157,10 @@ class NumpyKernels(StandardKernels):
                         ) -> None:
         """:meth:`_update_blocks` with each gradient clipped as Optimizer._clipped clips it,
         in the update's blocks: a value clipped into a block's temporary, a norm's factor
-        (c / max(norm, c), in the gradient's dtype, from :func:`_sum_of_squares`) multiplied
-        in where it is not 1. The same bits, with no clipped copy of a whole gradient."""
+        (c / max(norm, c), in the gradient's dtype) multiplied in where it is not 1. The same
+        bits, with no clipped copy of a whole gradient: a norm's squares are one gradient's at a
+        time, summed by ``np.sum`` whole, as the standard way sums them (NumPy's summation
+        order changes between versions: a sum in pieces would not give its bits)."""
         if clip is None:
             self._update_blocks(update, params, grads, *per_param)
             return
@@ -1171,7 +1172,7 @@ class NumpyKernels(StandardKernels):
 
             self._update_blocks(_in_pieces(update, bounded), params, grads, *per_param)
             return
-        squares = [_sum_of_squares(g) for g in grads]
+        squares = [np.sum(g * g) for g in grads]
         if kind == "global":  # (summed in order, as the standard way sums them)
             total = squares[0]
             for s in squares[1:]:
@@ -1289,28 +1290,6 @@ def _in_pieces(update: Callable[..., None], load: Callable[[Any], Any]) -> Calla
             update(p[piece], load(g[piece]), *(r[piece] for r in rest))
 
     return run
-
-
-# (a power of 2, so any leaf's own pairwise sum is the same tree: 256 KiB of float32 squares)
-_SQUARES_LEAF = 1 << 16
-
-
-def _sum_of_squares(g: Any) -> Any:
-    """``np.sum(g * g)``, the same bits (NumPy's pairwise sum over the array in memory order:
-    halves rounded down to a multiple of 8, down to blocks of 128), without a squared copy of
-    the whole of ``g``: the squares of one leaf of that tree at a time."""
-    if not (g.flags.c_contiguous or g.flags.f_contiguous):
-        return np.sum(g * g)
-    flat = np.ravel(g, order="K")  # (a view: memory order, as NumPy's sum reads it)
-
-    def pairwise(lo: int, n: int) -> Any:
-        if n <= _SQUARES_LEAF:
-            leaf = flat[lo:lo + n]
-            return np.sum(leaf * leaf)
-        half = n // 2 - n // 2 % 8
-        return pairwise(lo, half) + pairwise(lo + half, n - half)
-
-    return pairwise(0, flat.size)
 
 
 KERNELS = NumpyKernels()
