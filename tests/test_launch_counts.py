@@ -83,6 +83,18 @@ def fast_cupy():
         yield module
 
 
+def _second_step(counter, model, x, y) -> list:
+    """The launches of a model's second training step on (x, y) (the first one builds and
+    warms up), its totals read after."""
+    model.train_step(x, y)
+    counter.active = True
+    model.train_step(x, y)
+    counter.active = False
+    launches = list(counter.launches)
+    model._read_totals()
+    return launches
+
+
 def check_launches(model: str, precision: str, launches: list) -> None:
     """Fail, with the breakdown, where a step's launches are not the pinned number."""
     pinned = PINNED[model, precision]
@@ -297,12 +309,7 @@ def test_pooling_keeps_to_its_kernels(fast_cupy, name):
         model.compile(optimizer=OPTIMIZERS["sgd"](), cuda_graphs=False)
         x = device_array(rng.standard_normal((8, 12, 12, 4)).astype(np.float32))
         y = device_array(rng.integers(0, 10, 8))
-        model.train_step(x, y)
-        counter.active = True
-        model.train_step(x, y)
-        counter.active = False
-        launches = list(counter.launches)
-        model._read_totals()
+        launches = _second_step(counter, model, x, y)
     assert launch_count(launches) == pinned, breakdown(launches)
 
 
@@ -356,12 +363,7 @@ def test_top_k_metrics_take_one_launch_for_every_k(fast_cupy, metrics, pinned):
             "accuracy", *(SparseTopKCategoricalAccuracy(k, name=f"top{k}") for k in metrics)])
         x = device_array(rng.standard_normal((64, 16)).astype(np.float32))
         y = device_array(rng.integers(0, 100, 64))
-        model.train_step(x, y)
-        counter.active = True
-        model.train_step(x, y)
-        counter.active = False
-        launches = list(counter.launches)
-        model._read_totals()
+        launches = _second_step(counter, model, x, y)
     assert launch_count(launches) == pinned, breakdown(launches)
 
 
@@ -461,12 +463,7 @@ def test_hand_written_convolution_input_gradients_take_one_launch(fast_cupy, mon
         model.compile(optimizer=OPTIMIZERS["sgd"](), cuda_graphs=False)
         x = device_array(rng.standard_normal((16, 16, 16, 16)).astype(np.float32))
         y = device_array(rng.integers(0, 10, 16))
-        model.train_step(x, y)
-        counter.active = True
-        model.train_step(x, y)
-        counter.active = False
-        launches = list(counter.launches)
-        model._read_totals()
+        launches = _second_step(counter, model, x, y)
     assert launch_count(launches) == pinned, breakdown(launches)
     backward = [launch for launch in launches if launch.where == "conv2d_1 backward"]
     assert launch_count(backward) == 3 + (name == "3x3 stride 1 'same'"), breakdown(launches)

@@ -28,13 +28,7 @@ import numpy as np
 from ..errors import warn
 from . import im2col
 from .convolution import ConvEngine, KernelsConv
-
-# Accumulators: float32 for float16 data (as tensor cores do), else the data's own type (the
-# same as xpcnn.ops.fast_cupy's, written again so that this module stands alone).
-_ACC = """
-template <typename X> struct XpcnnAcc { typedef float type; };
-template <> struct XpcnnAcc<double> { typedef double type; };
-"""
+from .cuda_elementwise import ACC, COVERING  # (float32 accumulators for float16; windows)
 
 # Direct convolution, one output element per thread: y[n, oh, ow, k] = relu?(b[k] +
 # sum_{a, b, c} x[n, oh*sh + a - top, ow*sw + b - left, c] * w[(a*kw + b)*C + c, k]), zero
@@ -70,7 +64,7 @@ _CONV = cupy.ElementwiseKernel(
     y = (T)acc;
     """,
     "xpcnn_conv",
-    preamble=_ACC,
+    preamble=ACC,
 )
 
 # Input gradient for any strides and padding, one input element per thread (a transposed
@@ -86,31 +80,23 @@ _CONV_INPUT_GRAD = cupy.ElementwiseKernel(
     "T dx",
     """
     typedef XpcnnAcc<T>::type A;
-    long long r = i;
-    const int c = r % C; r /= C;
-    const int iw = r % W; r /= W;
-    const int ih = r % H;
-    const long long img = r / H;
-    const int ph = ih + top;   // the element's place in the padded input
-    const int pw = iw + left;
+    const XpcnnCover v = xpcnn_cover(i, H, W, C, Ho, Wo, kh, kw, sh, sw, top, left);
     const long long tap_step = (long long)kh * kw * C;  // from filter k to k + 1
     A acc = (A)0;
-    // a = ph - oh*sh: the taps of ph's phase, from the last output row down (oh < 0 past ph)
-    for (int a = ph % sh; a < kh && a <= ph; a += sh) {
-        const int oh = (ph - a) / sh;
-        if (oh >= Ho) continue;
-        for (int b = pw % sw; b < kw && b <= pw; b += sw) {
-            const int ow = (pw - b) / sw;
-            if (ow >= Wo) continue;
-            const long long go = ((img * Ho + oh) * Wo + ow) * K;
-            const long long wo = (long long)(a * kw + b) * C + c;
+    // the windows that hold the element, last to first: its taps a = hp - oh*sh ascending
+    for (int oh = v.oh_last; oh >= v.oh_first; --oh) {
+        const int a = v.hp - oh * sh;
+        for (int ow = v.ow_last; ow >= v.ow_first; --ow) {
+            const int b = v.wp - ow * sw;
+            const long long go = ((v.img * Ho + oh) * Wo + ow) * K;
+            const long long wo = (long long)(a * kw + b) * C + v.c;
             for (int k = 0; k < K; ++k) acc += (A)dy[go + k] * (A)w[wo + k * tap_step];
         }
     }
     dx = (T)acc;
     """,
     "xpcnn_conv_input_grad",
-    preamble=_ACC,
+    preamble=ACC + COVERING,
 )
 
 # Tiled direct convolution (implicit GEMM): the (M = N*Ho*Wo, K) output as the product of
@@ -509,7 +495,7 @@ def _conv_weight_grad_kernel(q: int) -> Any:
             "raw P part",
             _CONV_WEIGHT_GRAD_BODY.replace("XQ", str(q)),
             f"xpcnn_conv_weight_grad_{q}",
-            preamble=_ACC,
+            preamble=ACC,
         )
     return kernel
 

@@ -59,7 +59,7 @@ __device__ long long xpcnn_window(long long r, int H, int W, int C, int Ho, int 
 # position in the padded input, and the (Ho, Wo) windows that cover it, along each axis from
 # the first whose last element reaches it to the last that starts at or before it (none where
 # first > last: a stride wider than the window). Positions are >= 0, so C's division is floor's.
-_COVERING = """
+COVERING = """
 __device__ int xpcnn_first_window(int p, int k, int s) { return p < k ? 0 : (p - k) / s + 1; }
 __device__ int xpcnn_last_window(int p, int s, int n) { return p / s < n - 1 ? p / s : n - 1; }
 struct XpcnnCover { long long img; int c, hp, wp, oh_first, oh_last, ow_first, ow_last; };
@@ -213,7 +213,7 @@ MAX_POOL_GATHER_BACKWARD = cupy.ElementwiseKernel(
     dx = (G)total;
     """,
     "xpcnn_max_pool_gather_backward",
-    preamble=ACC + _COVERING,
+    preamble=ACC + COVERING,
 )
 
 # y + bias (then ReLU) in place on the (rows, K) output of a matmul.
@@ -358,7 +358,7 @@ AVG_POOL_BACKWARD = cupy.ElementwiseKernel(
     dx = (G)total;
     """,
     "xpcnn_avg_pool_backward",
-    preamble=ACC + _ROUNDED_PRODUCT + _COVERING,
+    preamble=ACC + _ROUNDED_PRODUCT + COVERING,
 )
 
 # The top-k metrics' counts in one launch (a raw kernel, xpcnn.ops.fast_cupy): a warp a row,
