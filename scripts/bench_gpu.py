@@ -267,13 +267,14 @@ def compare_conv_engines(name: str, batch: int, precision: str, args: argparse.N
         for label, (e, env, algorithm) in engines.items():
             ops = [partial(e.forward, x, w, b, True), partial(e.input_grad, dy, w),
                    partial(e.weight_grad, x, dy, True)]
+            before = conv.algorithm
             conv.set_algorithm(algorithm)
             try:
                 with mock.patch.dict(os.environ, env):  # (read when a graph is built)
                     times[label] = [timed(op, args.steps, args.warmup, args.device) * 1e3
                                     for op in ops]
             finally:
-                conv.set_algorithm(args.gpu_conv)
+                conv.set_algorithm(before)  # (the algorithm set before, whatever it was)
         torch_ops = torch_conv_ops(g, x, w, b, dy, args.device)
         if torch_ops is not None:
             times["torch"] = [timed(op, args.steps, args.warmup, args.device) * 1e3

@@ -546,10 +546,11 @@ def _same_bits(got, want):
     np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
-def _half_cases(dtype, rng):
+def _half_cases(dtype, rng, wrap=lambda a: a):
     """(name, fast call, NumPy's own 2-byte float arithmetic as the fast path made it before)
-    for the mixed precision elementwise and pooling kernels on every value of ``dtype``."""
-    v = _every_half_float(dtype)
+    for the mixed precision elementwise and pooling kernels on every value of ``dtype``
+    (the fast calls' inputs passed through ``wrap``)."""
+    v = wrap(_every_half_float(dtype))
     zeros, six = np.zeros_like(v), np.full(v.shape, 6.0, dtype)
     relu = np.maximum(v, zeros)
     y = v[::-1].copy()  # (a ReLU's output: every value too, in another order)
@@ -570,7 +571,7 @@ def _half_cases(dtype, rng):
         ("mask", lambda: FAST.mask_multiply(v, keep), lambda: np.multiply(v, keep)),
     ]
     if dtype == np.float16:  # (bfloat16's pools: ml_dtypes' maximum, see max_pool_train)
-        x = rng.integers(0, 1 << 16, (6, 9, 9, 5)).astype(np.uint16).view(dtype)
+        x = wrap(rng.integers(0, 1 << 16, (6, 9, 9, 5)).astype(np.uint16).view(dtype))
         x[0, :4, :4] = 0  # ties, of +0.0 and -0.0 too
         x[0, 1::2, ::3] = -0.0
         x[1, :3, :3] = 1.5
@@ -648,6 +649,26 @@ def _half_float_dtype(dtype):
     return dtype.itemsize == 2 and dtype.kind in "fV"
 
 
+class _HalfFloatOperands(np.ndarray):
+    """An array noting each ufunc that reads or writes a 2-byte float array through it, by
+    operator or method too (``a > 0``, ``a *= f``), which a watch of the module's ``np.*``
+    calls misses; its views and slices are watched as well."""
+
+    calls: list[str] = []
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        def plain(a):
+            return a.view(np.ndarray) if isinstance(a, _HalfFloatOperands) else a
+
+        args = [plain(a) for a in inputs]
+        if "out" in kwargs:
+            kwargs["out"] = tuple(plain(o) for o in kwargs["out"])
+        if any(isinstance(a, np.ndarray) and _half_float_dtype(a.dtype)
+               for a in (*args, *kwargs.get("out", ()))):
+            _HalfFloatOperands.calls.append(ufunc.__name__)
+        return getattr(ufunc, method)(*args, **kwargs)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("dtype", HALF_FLOATS)
 def test_half_float_kernels_skip_numpys_half_float_loops(dtype, monkeypatch, rng):
@@ -665,6 +686,11 @@ def test_half_float_kernels_skip_numpys_half_float_loops(dtype, monkeypatch, rng
         del watched.calls[:]
         fast()
         assert watched.calls == [], name
+    monkeypatch.undo()  # (and by operators on the inputs: a > 0, a * f)
+    for name, fast, _ in _half_cases(dtype, rng, wrap=lambda a: a.view(_HalfFloatOperands)):
+        del _HalfFloatOperands.calls[:]
+        fast()
+        assert _HalfFloatOperands.calls == [], name
 
 
 @pytest.mark.parametrize("trainable", [True, False])

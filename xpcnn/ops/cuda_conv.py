@@ -538,6 +538,7 @@ class ConvKernels:
         if name not in ALGORITHMS:
             raise ValueError(f"unknown convolution algorithm {name!r}; expected one of "
                              f"{', '.join(ALGORITHMS)}")
+        self.algorithm = name
         self.runs_forward = name != "im2col"  # and the input gradient
         self.runs_weight_grad = name in ("direct", "tiled")
         self.tiled = name == "tiled"
