@@ -83,12 +83,12 @@ def fast_cupy():
         yield module
 
 
-def _second_step(counter, model, x, y) -> list:
-    """The launches of a model's second training step on (x, y) (the first one builds and
-    warms up), its totals read after."""
-    model.train_step(x, y)
+def _second_step(counter, model, x, y, w=None) -> list:
+    """The launches of a model's second training step on (x, y, sample weights w) (the first
+    one builds and warms up), its totals read after."""
+    model.train_step(x, y, w)
     counter.active = True
-    model.train_step(x, y)
+    model.train_step(x, y, w)
     counter.active = False
     launches = list(counter.launches)
     model._read_totals()
@@ -175,14 +175,9 @@ def test_a_bias_gradient_takes_one_launch(fast_cupy, rows):
     np.testing.assert_array_equal(total, np.full(32, rows))
 
 
-@pytest.mark.parametrize("classes", [10, 1000])  # (a row a thread; a row a warp)
-@pytest.mark.parametrize("targets, weighted", [("labels", False), ("one-hot", False),
-                                               ("labels", True), ("one-hot", True)])
-def test_the_loss_takes_one_launch_for_one_hot_targets_and_sample_weights(
-        fast_cupy, classes, targets, weighted):
-    """Softmax cross-entropy in one launch for integer labels, one-hot rows and sample
-    weights alike: 8 launches an eager float32 step of Flatten -> Dense -> Softmax at batch
-    128 (one-hot rows or weights took the loss's standard path: 40)."""
+def _check_one_loss_launch(fast_cupy, classes, targets, weighted, class_weights=False):
+    """An eager float32 step of Flatten -> Dense -> Softmax at batch 128 takes 8 launches,
+    its loss one."""
     import launch_counter
 
     import xpcnn
@@ -198,15 +193,23 @@ def test_the_loss_takes_one_launch_for_one_hot_targets_and_sample_weights(
         y = device_array(np.eye(classes, dtype=np.float32)[labels] if targets == "one-hot"
                          else labels)
         w = device_array(rng.uniform(0.5, 2.0, 128).astype(np.float32)) if weighted else None
-        model.train_step(x, y, w)
-        counter.active = True
-        model.train_step(x, y, w)
-        counter.active = False
-        launches = list(counter.launches)
-        model._read_totals()
+        if class_weights:
+            model._use_class_weights(rng.uniform(0.5, 2.0, classes))  # (as fit's class_weight)
+        launches = _second_step(counter, model, x, y, w)
     assert launch_count(launches) == 8, breakdown(launches)
     loss = [launch for launch in launches if "forward_with_accuracy" in launch.where]
     assert launch_count(loss) == 1, breakdown(launches)
+
+
+@pytest.mark.parametrize("classes", [10, 1000])  # (a row a thread; a row a warp)
+@pytest.mark.parametrize("targets, weighted", [("labels", False), ("one-hot", False),
+                                               ("labels", True), ("one-hot", True)])
+def test_the_loss_takes_one_launch_for_one_hot_targets_and_sample_weights(
+        fast_cupy, classes, targets, weighted):
+    """Softmax cross-entropy in one launch for integer labels, one-hot rows and sample
+    weights alike: 8 launches an eager float32 step of Flatten -> Dense -> Softmax at batch
+    128 (one-hot rows or weights took the loss's standard path: 40)."""
+    _check_one_loss_launch(fast_cupy, classes, targets, weighted)
 
 
 @pytest.mark.parametrize("classes", [10, 1000])  # (a row a thread; a row a warp)
@@ -217,31 +220,7 @@ def test_class_weights_are_looked_up_in_the_loss_launch(fast_cupy, classes, targ
     """fit's class_weight costs no launch: its table is indexed by the labels in the loss's
     kernel, 8 launches an eager float32 step of Flatten -> Dense -> Softmax at batch 128 as
     without it (the lookup's standard operations before the loss: 13, 14 for one-hot rows)."""
-    import launch_counter
-
-    import xpcnn
-    from xpcnn.layers import Dense, Flatten, Softmax
-
-    rng = np.random.default_rng(0)
-    with counting(fast_cupy) as counter:
-        model = xpcnn.Sequential([Flatten(), Dense(classes), Softmax()], input_shape=(8, 8, 4),
-                                 device=launch_counter.counting_backend(), seed=0)
-        model.compile(optimizer=launch_counter.OPTIMIZERS["sgd"](), cuda_graphs=False)
-        x = device_array(rng.standard_normal((128, 8, 8, 4)).astype(np.float32))
-        labels = rng.integers(0, classes, 128)
-        y = device_array(np.eye(classes, dtype=np.float32)[labels] if targets == "one-hot"
-                         else labels)
-        w = device_array(rng.uniform(0.5, 2.0, 128).astype(np.float32)) if weighted else None
-        model._use_class_weights(rng.uniform(0.5, 2.0, classes))  # (as fit's class_weight)
-        model.train_step(x, y, w)
-        counter.active = True
-        model.train_step(x, y, w)
-        counter.active = False
-        launches = list(counter.launches)
-        model._read_totals()
-    assert launch_count(launches) == 8, breakdown(launches)
-    loss = [launch for launch in launches if "forward_with_accuracy" in launch.where]
-    assert launch_count(loss) == 1, breakdown(launches)
+    _check_one_loss_launch(fast_cupy, classes, targets, weighted, class_weights=True)
 
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
