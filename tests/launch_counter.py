@@ -506,6 +506,20 @@ def counted_model(model_name: str, precision: str, batch: int, optimizer: str = 
     return model, x, y
 
 
+def measured_step(counter: Counter, model: Any, x: Any, y: Any) -> list[Launch]:
+    """The launches of one training step of ``model`` on (x, y), counted by ``counter``
+    (after the warm-up steps the caller ran), its totals read after; :data:`MEMORY` then
+    holds the step's peak device memory."""
+    gc.collect()  # (the warm-up's arrays in reference cycles are freed, as on CuPy)
+    MEMORY.start()
+    counter.active = True
+    model.train_step(x, y)
+    counter.active = MEMORY.active = False
+    launches = list(counter.launches)
+    model._read_totals()
+    return launches
+
+
 def step_launches(model_name: str, precision: str = "float32", batch: int = 128,
                   warmup: int = 2, optimizer: str = "sgd") -> list[Launch]:
     """The launches of one eager training step (after ``warmup`` steps) of reference model
@@ -518,13 +532,7 @@ def step_launches(model_name: str, precision: str = "float32", batch: int = 128,
         model, x, y = counted_model(model_name, precision, batch, optimizer)
         for _ in range(warmup):
             model.train_step(x, y)
-        gc.collect()  # (the warm-up's arrays in reference cycles are freed, as on CuPy)
-        MEMORY.start()
-        counter.active = True
-        model.train_step(x, y)
-        counter.active = MEMORY.active = False
-        launches = list(counter.launches)
-        model._read_totals()
+        launches = measured_step(counter, model, x, y)
     # (an array that is no DeviceArray would have its operations go uncounted)
     untracked = [name for name, a in model._graph_arrays() if not isinstance(a, DeviceArray)]
     assert not untracked, f"arrays outside the count: {untracked}"

@@ -10,8 +10,6 @@ by a MiB or more.
     PYTHONPATH=$PWD:tests python tests/launch_counter.py  # the breakdowns, batch 128
 """
 
-import gc
-
 import numpy as np
 import pytest
 from cuda_emulator import RawKernel, needs_compiler
@@ -24,6 +22,7 @@ from launch_counter import (
     device_array,
     emulated,
     launch_count,
+    measured_step,
     step_launches,
 )
 
@@ -315,12 +314,7 @@ def test_a_frozen_trunk_keeps_no_activations_for_backward(fast_cupy, frozen):
         x = device_array(rng.standard_normal((64, 32, 32, 16)).astype(np.float32))
         y = device_array(rng.integers(0, 10, 64))
         model.train_step(x, y)
-        gc.collect()
-        MEMORY.start()
-        counter.active = True
-        model.train_step(x, y)
-        counter.active = MEMORY.active = False
-        model._read_totals()
+        measured_step(counter, model, x, y)
     pinned, peak = FROZEN_TRUNK_MIB[frozen], MEMORY.peak / 2**20
     assert abs(peak - pinned) < 1.0, (f"{frozen}: {peak:.2f} MiB at a step's peak, pinned "
                                       f"{pinned}:\n{MEMORY.breakdown()}")
@@ -361,12 +355,7 @@ def test_a_step_holds_no_earlier_step_gradients(fast_cupy):
         y = device_array(rng.integers(0, 10, 16))
         model.train_step(x, y)
         assert all(not la.grads for la in model.layers)
-        gc.collect()
-        MEMORY.start()
-        counter.active = True
-        model.train_step(x, y)
-        counter.active = MEMORY.active = False
-        model._read_totals()
+        measured_step(counter, model, x, y)
     assert abs(MEMORY.peak / 2**20 - 15.4) < 1.0, MEMORY.breakdown()
 
 
@@ -383,13 +372,7 @@ def _mlp_step(fast_cupy, precision, **clip):
         x = device_array(rng.standard_normal((16, 256)).astype(np.float32))
         y = device_array(rng.integers(0, 10, 16))
         model.train_step(x, y)
-        gc.collect()
-        MEMORY.start()
-        counter.active = True
-        model.train_step(x, y)
-        counter.active = MEMORY.active = False
-        launches = list(counter.launches)
-        model._read_totals()
+        launches = measured_step(counter, model, x, y)
     return launches
 
 
