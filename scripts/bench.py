@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """CPU training and inference speed of xpcnn against PyTorch eager, side by side.
 
-For each reference model (``xpcnn.models.build_layers``) at one batch size, in float32:
+For each reference model (``xpcnn.models.build_layers``) at one batch size, in float32 (or
+``--precision``'s mixed precision, PyTorch under ``torch.autocast("cpu")``):
 
 * training-step and inference images/s of xpcnn and of the same architecture in PyTorch eager
   (same initial weights, SGD with momentum 0.9, dropout on in training on both sides), timed in
@@ -23,6 +24,7 @@ PyTorch is optional: without it, only xpcnn and the peak are reported.
     python scripts/bench.py --layers              # each layer alone, forward / backward
     python scripts/bench.py --layers --models mnist-bn   # BatchNorm2D too
     python scripts/bench.py --layers --models configs    # layer settings off the reference models
+    python scripts/bench.py --layers --models mnist --precision mixed_float16   # half floats
     python scripts/bench.py --functional --models cifar   # Sequential vs the same functional Model
 """
 
@@ -74,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead: each model as a Sequential and as the same stack built as a "
                    "functional Model (same weights), training and inference block-timed side "
                    "by side (the functional path's cost)")
+    p.add_argument("--precision", default="float32",
+                   choices=("float32", "mixed_float16", "mixed_bfloat16"),
+                   help="xpcnn's compile precision (default float32); PyTorch runs under "
+                   "torch.autocast('cpu') with the same half dtype where it can, else xpcnn "
+                   "alone is timed")
     p.add_argument("--peak-size", type=int, default=2048, metavar="N",
                    help="the machine's float32 peak is timed on N x N matmuls (default 2048; "
                    "a few seconds; a dry run may take a small N)")
@@ -208,8 +215,31 @@ def forward_flops(layers: list[Any], batch: int) -> int:
 
 def xpcnn_model(name: str, batch: int) -> Any:
     model = xpcnn.Sequential(build_layers(name, CLASSES), input_shape=INPUT_SHAPES[name], seed=0)
-    model.compile(loss="cross_entropy", optimizer=xpcnn.optim.SGD(LR, momentum=MOMENTUM))
+    model.compile(loss="cross_entropy", optimizer=xpcnn.optim.SGD(LR, momentum=MOMENTUM),
+                  precision=ARGS.precision)
     return model
+
+
+def half_dtype() -> Any:
+    """The NumPy dtype of --precision's activations (None in float32)."""
+    if ARGS.precision == "mixed_float16":
+        return np.dtype(np.float16)
+    if ARGS.precision == "mixed_bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return None
+
+
+def torch_autocast() -> Any:
+    """torch.autocast on the CPU in --precision's half dtype (a no-op context in float32).
+    PyTorch's CPU autocast takes bfloat16 and float16 (float16 since 2.4: its convolutions
+    and products then run in float16 on the CPU; where a build refuses it, the caller
+    prints xpcnn alone)."""
+    import contextlib
+    if ARGS.precision == "float32":
+        return contextlib.nullcontext()
+    half = torch.float16 if ARGS.precision == "mixed_float16" else torch.bfloat16
+    return torch.autocast("cpu", dtype=half)
 
 
 def functional_model(name: str, sequential: Any) -> Any:
@@ -327,8 +357,9 @@ def torch_steps(net: Any, x: np.ndarray, y: np.ndarray, channels_last: bool) -> 
     def train() -> None:
         net.train()
         opt.zero_grad(set_to_none=True)
-        logits = net(xt.float())
-        loss = loss_fn(logits, yt)
+        with torch_autocast():  # (--precision)
+            logits = net(xt.float())
+        loss = loss_fn(logits.float(), yt)
         loss.backward()
         opt.step()
         # the loss and correct count on the host (xpcnn's train_step leaves them in device
@@ -338,7 +369,7 @@ def torch_steps(net: Any, x: np.ndarray, y: np.ndarray, channels_last: bool) -> 
 
     def infer() -> None:
         net.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_autocast():
             float(net(xt.float()).sum())
 
     return train, infer
@@ -505,7 +536,8 @@ def layers_to_time(name: str, batch: int) -> list[tuple[str, Any, Any]]:
         layer = make()
         first = Conv2D(shape[-1], 1) if len(shape) == 3 else Dense(shape[-1])
         model = xpcnn.Sequential([xpcnn.Input(shape), first, layer], seed=0)
-        model.compile(loss="cross_entropy", optimizer=xpcnn.optim.SGD(LR))
+        model.compile(loss="cross_entropy", optimizer=xpcnn.optim.SGD(LR),
+                      precision=ARGS.precision)
         timed.append((label, model, layer))
     return timed
 
@@ -526,6 +558,9 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
             rng = np.random.default_rng(2)
             x = rng.standard_normal((batch, *layer.input_shape)).astype(np.float32)
             dy = rng.standard_normal((batch, *layer.output_shape)).astype(np.float32)
+            half = half_dtype()
+            if half is not None:  # (mixed precision: half-float activations and gradients)
+                x, dy = x.astype(half), dy.astype(half)
 
             def forward(layer: Any = layer, x: Any = x) -> None:
                 with compute_scope(backend):
@@ -546,27 +581,37 @@ def bench_layers(names: list[str]) -> list[dict[str, Any]]:
                 "xpcnn": {"forward_ms": _median_ms(forward),
                           "backward_ms": _median_ms(backward, train_forward)}}
             if torch is not None:
-                net = torch.nn.Sequential(*mirror_layer(layer))
-                if ARGS.torch_channels_last and x.ndim == 4:
-                    net = net.to(memory_format=torch.channels_last)
-                xt = torch_images(x, ARGS.torch_channels_last)
-                gt = torch_images(dy, ARGS.torch_channels_last)
-                xt.requires_grad_(need_dx)
-                wrt = [*net.parameters()] + ([xt] if need_dx else [])
-                out = net(xt)
-
-                def t_forward(net: Any = net, xt: Any = xt) -> None:
-                    with torch.inference_mode():
-                        net(xt)
-
-                def t_backward(out: Any = out, wrt: Any = wrt, gt: Any = gt) -> None:
-                    torch.autograd.grad(out, wrt, gt, retain_graph=True)
-
-                row["torch"] = {"forward_ms": _median_ms(t_forward),
-                                "backward_ms": _median_ms(t_backward)}
+                try:
+                    row["torch"] = torch_layer_times(layer, x, dy, need_dx)
+                except RuntimeError as e:  # (a half dtype this PyTorch's CPU autocast lacks)
+                    row["torch_error"] = str(e).splitlines()[0]
             rows.append(row)
             print(f"{name}/{row['layer']}: done", file=sys.stderr)
     return rows
+
+
+def torch_layer_times(layer: Any, x: np.ndarray, dy: np.ndarray,
+                      need_dx: bool) -> dict[str, float]:
+    """PyTorch's forward and backward ms of ``layer``'s mirror (under --precision's autocast:
+    float32 input, as autocast takes it, and a gradient of its output's dtype)."""
+    net = torch.nn.Sequential(*mirror_layer(layer))
+    if ARGS.torch_channels_last and x.ndim == 4:
+        net = net.to(memory_format=torch.channels_last)
+    xt = torch_images(x.astype(np.float32), ARGS.torch_channels_last)
+    xt.requires_grad_(need_dx)
+    wrt = [*net.parameters()] + ([xt] if need_dx else [])
+    with torch_autocast():
+        out = net(xt)
+    gt = torch_images(dy.astype(np.float32), ARGS.torch_channels_last).to(out.dtype)
+
+    def t_forward() -> None:
+        with torch.inference_mode(), torch_autocast():
+            net(xt)
+
+    def t_backward() -> None:
+        torch.autograd.grad(out, wrt, gt, retain_graph=True)
+
+    return {"forward_ms": _median_ms(t_forward), "backward_ms": _median_ms(t_backward)}
 
 
 def print_layers(rows: list[dict[str, Any]]) -> None:
@@ -588,6 +633,12 @@ def print_layers(rows: list[dict[str, Any]]) -> None:
         print(line)
     print("Backward: after a training forward; the input gradient only where the model needs "
           "it (not for a first layer). Activations included on both sides.")
+    print(f"Precision: {ARGS.precision}" + ("" if ARGS.precision == "float32" else
+          " (xpcnn: half-float input and gradient; PyTorch: torch.autocast('cpu'), float32 "
+          "input)"))
+    failed = {r["torch_error"] for r in rows if "torch_error" in r}
+    if failed:
+        print(f"PyTorch could not run some rows (xpcnn alone): {'; '.join(sorted(failed))}")
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -716,7 +767,7 @@ def main() -> None:
         rows = bench_layers(names)
         print_layers(rows)
         write_json({"torch_memory_format": "channels_last" if ARGS.torch_channels_last
-                    else "NCHW", "layers": rows})
+                    else "NCHW", "precision": ARGS.precision, "layers": rows})
         return
     peak = matmul_peak(ARGS.peak_size)
     result: dict[str, Any] = {
@@ -729,6 +780,7 @@ def main() -> None:
         "torch_memory_format": "channels_last" if ARGS.torch_channels_last else "NCHW",
         "xpcnn_fast_path": fast_kernels(xpcnn.get_backend("cpu")) is not None,
         "steps": ARGS.steps, "blocks": ARGS.blocks, "warmup": ARGS.warmup,
+        "precision": ARGS.precision,
         "timing": "block timing, " + ("PyTorch in its own process" if ARGS.torch_own_process else
                                         "one process"),
         "flop_formula": "2*MACs of forward convs+dense; training = 3x",

@@ -381,9 +381,11 @@ GRAPHS: list[PyGraph] = []
 
 class Device:
     """``cupy.cuda.Device``: ``Device()`` is the current device, ``with Device(k):`` makes
-    device k current for the block."""
+    device k current for the block. Compute capability 6.0, as tests/test_gpu.py's emulated
+    device: no tensor cores (the emulator runs none of the tensor-core kernels)."""
 
     current = 0
+    compute_capability = "60"
 
     def __init__(self, device: int | None = None) -> None:
         self.id = Device.current if device is None else int(device)

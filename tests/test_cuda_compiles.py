@@ -310,13 +310,14 @@ def test_record_step_kernels_compile(fast_cupy, name, stats):
     assert code == 0, log
 
 
-@pytest.mark.parametrize("dtype", ["float", "double"])
+@pytest.mark.parametrize("dtype", ["float16", "float", "double"])
 @pytest.mark.parametrize("name", ["cuda_updates.SGD", "cuda_updates.SGD_AT", "cuda_updates.ADAM",
                                   "cuda_updates.ADAM_AT", "cuda_updates.RMSPROP",
                                   "cuda_updates.RMSPROP_AT"])
 def test_update_kernels_compile(fast_cupy, name, dtype):
-    """The optimisers' fused updates (the parameters' dtypes), the step's numbers by value or
-    read from device scalars, every parameter found through the table, gated by ``apply``."""
+    """The optimisers' fused updates (the parameters' dtypes: CuPy's float16 class too, a
+    user's optimiser on float16 parameters), the step's numbers by value or read from device
+    scalars, every parameter found through the table, gated by ``apply``."""
     kernel = _kernel(name)
     code, log = _compile(_elementwise_as_kernel(kernel, {"T": dtype}), kernel.name, 90)
     assert code == 0, log

@@ -1322,6 +1322,33 @@ def test_fused_optimiser_updates(fast, rng, make, dtype):
         np.testing.assert_allclose(f, s, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("make", [*OPTIMISERS.args[1], *CLIPPED],
+                         ids=[*OPTIMISERS.kwargs["ids"], *CLIPPED_IDS])
+def test_fused_updates_of_float16_parameters(fast, rng, make):
+    """A user's optimiser on float16 parameters (fit keeps them in float32): the update
+    kernels compile for CuPy's float16, which has no arithmetic of its own (SGD's and
+    RMSprop's ``c ? float : float16`` did not), computed in float and each stored value
+    rounded once, within about two float16 roundings of the standard version's, which rounds
+    every operation (gradients of magnitude 0.5 to 2: no squares in float16's subnormals)."""
+    params = [rng.standard_normal(s).astype(np.float16) for s in UPDATE_SHAPES]
+    fused, standard = [p.copy() for p in params], [p.copy() for p in params]
+    opt_fused, opt_std = make(), make()
+    for _ in range(4):
+        grads = [(rng.choice([-1.0, 1.0], p.shape) * rng.uniform(0.5, 2.0, p.shape)
+                  ).astype(np.float16) for p in params]
+        opt_fused.step(xpn, fused, grads, fast)
+        opt_std.step(xpn, standard, grads)
+    for name, slots in [("params", standard), *opt_std.slots.items()]:
+        got = fused if name == "params" else opt_fused.slots[name]
+        for a, b in zip(got, slots, strict=True):
+            assert a.dtype == b.dtype == np.float16, name
+            # (within rounding of the array's largest values: momentum sums cancel)
+            b = b.astype(np.float32)
+            np.testing.assert_allclose(a.astype(np.float32), b, rtol=3e-3,
+                                       atol=2e-3 * max(1.0, float(np.abs(b).max())),
+                                       err_msg=name)
+
+
 @OPTIMISERS
 def test_fused_updates_leave_an_infinite_weight_as_the_standard_ones_do(fast, rng, make):
     """Without weight decay the kernels add no decay term: 0 times an infinite weight would be
@@ -1911,6 +1938,42 @@ def test_recording_a_step(fast, monkeypatch, dtypes, scaling, squares, how):
         assert np.array_equal(scale, scale_want), (step, scale, scale_want)
         assert apply == apply_want, step
     check_recorded_steps(want, scaling, squares)
+
+
+@pytest.mark.parametrize("stats_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("top_k", [1, 3])
+@pytest.mark.parametrize("how", ["eager", "step-on-device"])
+def test_recording_a_step_adds_its_top_k_counts(fast, monkeypatch, how, top_k, stats_dtype):
+    """The record kernel adds a step's top-k counts (the stats after [loss, correct]) to the
+    state's from top_k_start on, in its one launch, as the standard version adds them: the
+    state's bits the same, from counts resumed from a checkpoint, and a NaN step's counts
+    added as its loss and correct count are (as the add after the record did)."""
+    from xpcnn.ops.step_record import BAD_GRADS, BAD_STEP, cleared, top_k_start
+
+    module, launches = sys.modules[type(fast).__module__], []
+    for name in ("CHECK_GRADIENTS", "RECORD_STEP", "RECORD_STEP_AT"):
+        kernel = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, kernel=kernel, **k:
+                            launches.append(kernel.name) or kernel(*a, **k))
+    rng = np.random.default_rng(3)
+    grads = [rng.standard_normal(s).astype(np.float32) for s in [(3, 4), (5,)]]
+    resumed = [7.0, 11.0, 13.0][:top_k]
+    states = [np.array([2.5, 4.0, *cleared(2), *resumed]) for _ in range(2)]
+    counts = np.array(resumed)
+    for step, loss in enumerate([0.75, np.nan, 0.1 + 1 / 3], 1):
+        stats = np.array([loss, 3.0, *rng.integers(0, 64, top_k)], stats_dtype)
+        counts += stats[2:]
+        number = np.asarray(float(step)) if how == "step-on-device" else step
+        launches.clear()
+        for kernels, state in zip((fast, STD), states, strict=True):
+            kernels.record_step(state, stats, [g.copy() for g in grads], 64.0, number, None,
+                                False)
+        assert launches == ["xpcnn_check_gradients",
+                            "xpcnn_record_step" + ("_at" if how != "eager" else "")]
+        assert np.array_equal(states[0], states[1], equal_nan=True), (step, *states)
+        assert list(states[0][top_k_start(2):]) == list(counts)
+        assert states[0][BAD_STEP] == (-1.0 if step == 1 else 2.0)
+    assert not states[0][BAD_GRADS + 2:top_k_start(2)].any()  # (the marks cleared)
 
 
 @pytest.mark.parametrize("shape", [(1, 4), (1, 1, 1, 37), (2, 4)])

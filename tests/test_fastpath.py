@@ -570,28 +570,28 @@ def _half_cases(dtype, rng, wrap=lambda a: a):
          lambda: np.multiply(dropped, y > 0)),
         ("mask", lambda: FAST.mask_multiply(v, keep), lambda: np.multiply(v, keep)),
     ]
-    if dtype == np.float16:  # (bfloat16's pools: ml_dtypes' maximum, see max_pool_train)
-        x = wrap(rng.integers(0, 1 << 16, (6, 9, 9, 5)).astype(np.uint16).view(dtype))
-        x[0, :4, :4] = 0  # ties, of +0.0 and -0.0 too
-        x[0, 1::2, ::3] = -0.0
-        x[1, :3, :3] = 1.5
-        x[2, 2:5, 2:5] = np.inf
-        x[3, :, :, 0] = 6e-8  # (a subnormal)
-        for kernel, strides in (((2, 2), (2, 2)), ((3, 3), (2, 2)), ((3, 3), (1, 1))):
-            hw = ((9 - kernel[0]) // strides[0] + 1,) * 2
-            want = pool_ops.max_pool(xpn, x, kernel, strides, hw)
-            dy = rng.standard_normal(want.shape).astype(dtype)
-            cases += [
-                (f"max pool {kernel}", lambda k=kernel, s=strides, hw=hw: FAST.max_pool_train(
-                    x, k, s, hw)[0], lambda w=want: w),
-                (f"max pool inference {kernel}", lambda k=kernel, s=strides, hw=hw:
-                 FAST.max_pool(x, k, s, hw), lambda w=want: w),
-                (f"max pool backward {kernel}", lambda k=kernel, s=strides, hw=hw, dy=dy:
-                 FAST.max_pool_backward(FAST.max_pool_train(x, k, s, hw)[1], FAST.max_pool(
-                     x, k, s, hw), dy, k, s, hw, relu_grad=True),
-                 lambda k=kernel, s=strides, hw=hw, w=want, dy=dy: pool_ops.max_pool_backward(
-                     xpn, x, w, np.multiply(dy, w > 0), k, s, hw)),
-            ]
+    # pools (bfloat16: ml_dtypes' maximum keeps the second of equals, see max_pool_train)
+    x = wrap(rng.integers(0, 1 << 16, (6, 9, 9, 5)).astype(np.uint16).view(dtype))
+    x[0, :4, :4] = 0  # ties, of +0.0 and -0.0 too
+    x[0, 1::2, ::3] = -0.0
+    x[1, :3, :3] = 1.5
+    x[2, 2:5, 2:5] = np.inf
+    x[3, :, :, 0] = 6e-8  # (a subnormal)
+    for kernel, strides in (((2, 2), (2, 2)), ((3, 3), (2, 2)), ((3, 3), (1, 1))):
+        hw = ((9 - kernel[0]) // strides[0] + 1,) * 2
+        want = pool_ops.max_pool(xpn, x, kernel, strides, hw)
+        dy = rng.standard_normal(want.shape).astype(dtype)
+        cases += [
+            (f"max pool {kernel}", lambda k=kernel, s=strides, hw=hw: FAST.max_pool_train(
+                x, k, s, hw)[0], lambda w=want: w),
+            (f"max pool inference {kernel}", lambda k=kernel, s=strides, hw=hw:
+             FAST.max_pool(x, k, s, hw), lambda w=want: w),
+            (f"max pool backward {kernel}", lambda k=kernel, s=strides, hw=hw, dy=dy:
+             FAST.max_pool_backward(FAST.max_pool_train(x, k, s, hw)[1], FAST.max_pool(
+                 x, k, s, hw), dy, k, s, hw, relu_grad=True),
+             lambda k=kernel, s=strides, hw=hw, w=want, dy=dy: pool_ops.max_pool_backward(
+                 xpn, x, w, np.multiply(dy, w > 0), k, s, hw)),
+        ]
     return cases
 
 
@@ -691,6 +691,48 @@ def test_half_float_kernels_skip_numpys_half_float_loops(dtype, monkeypatch, rng
         del _HalfFloatOperands.calls[:]
         fast()
         assert _HalfFloatOperands.calls == [], name
+
+
+def _float32_edge_bits(rng):
+    """float32 bit patterns of every class a float16 cast meets: each top half-word (every
+    exponent and sign, NaN and inf included) with low bits at each rounding position (ties,
+    one off them), every float16 value, the midpoints between neighbours and one float32
+    ulp either side, and two million random patterns."""
+    top = np.arange(1 << 16, dtype=np.uint32) << 16
+    lows = {0, 0xFFFF}
+    for k in range(16):
+        lows |= {1 << k, (1 << k) - 1, (1 << k) + 1, 3 << k}
+    edges = (top[:, None] | np.array(sorted(lows), np.uint32)[None, :]).reshape(-1)
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    finite = np.sort(halves[np.isfinite(halves)].astype(np.float64))
+    mids = ((finite[1:] + finite[:-1]) / 2).astype(np.float32).view(np.uint32)
+    near = np.concatenate([mids - 1, mids, mids + 1, halves.astype(np.float32).view(np.uint32)])
+    return np.concatenate([edges, near, rng.integers(0, 1 << 32, 2_000_000, dtype=np.uint32)])
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_float16_casts_give_numpys_own_bits(offset, rng):
+    """Mixed float16's casts of products to float16 (bit arithmetic in blocks) and of
+    float16 inputs to float32 (a table) give NumPy's cast's bits for every input class:
+    ties to even, subnormals, overflow to inf, NaN (payloads), -0.0; a strided destination
+    too. NumPy's own casts branch on zeros and subnormals (5-60x slower there)."""
+    from xpcnn.ops.fast_numpy import half_from_single, single_from_half
+
+    x = _float32_edge_bits(rng)[offset:].view(np.float32)
+    got = np.empty(x.shape, np.float16)
+    half_from_single(x, got)
+    with np.errstate(all="ignore"):
+        want = x.astype(np.float16)
+    _same_bits(got, want)
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)[offset:]
+    back = np.empty(halves.shape, np.float32)
+    single_from_half(halves, back)
+    _same_bits(back, halves.astype(np.float32))
+    chunk = rng.standard_normal((4, 30, 30, 8)).astype(np.float16)
+    padded = np.zeros((4, 32, 32, 8), np.float32)
+    FAST.copy_into(padded[:, 1:31, 1:31, :], chunk)  # (a convolution's padded buffer)
+    _same_bits(padded[:, 1:31, 1:31, :], chunk.astype(np.float32))
+    assert not padded[:, 0].any() and not padded[:, :, 31].any()
 
 
 @pytest.mark.parametrize("trainable", [True, False])
@@ -1036,11 +1078,14 @@ class _CountingNumpy:
         return counted
 
 
-@pytest.mark.parametrize("relu, most", [(False, 6), (True, 12)])
-def test_batch_norm_backward_makes_the_passes_its_math_needs(relu, most, monkeypatch, rng):
-    """Training backward keeps x - mean (and the ReLU's mask) from its sums' pass for its
-    input gradient's: 6 elementwise passes (12 with the ReLU), not 9 (15) recomputing xhat
-    and the mask (2-3x PyTorch's BatchNorm2d backward before)."""
+@pytest.mark.parametrize("relu, from_y, most", [(False, False, 6), (True, True, 9),
+                                                 (True, False, 12)])
+def test_batch_norm_backward_makes_the_passes_its_math_needs(relu, from_y, most, monkeypatch,
+                                                            rng):
+    """Training backward keeps x - mean (with the ReLU, the masked dy) from its sums' pass
+    for its input gradient's, and takes the ReLU's mask from forward's output y (y > 0: one
+    comparison): 6 elementwise passes, 9 with the ReLU (12 where z is recomputed for its
+    mask, without y); was 12 with y too (2-3x PyTorch's BatchNorm2d backward)."""
     from xpcnn.ops import fast_numpy
 
     shape = (16, 14, 14, 32)
@@ -1048,16 +1093,71 @@ def test_batch_norm_backward_makes_the_passes_its_math_needs(relu, most, monkeyp
     dy = rng.standard_normal(shape).astype(np.float32)
     gamma, beta = (rng.standard_normal(32).astype(np.float32) for _ in range(2))
     moving = np.zeros(32, np.float32), np.ones(32, np.float32)
-    _, mean, inv_std = STD.batch_norm_train(x, gamma, beta, *moving, 0.1, 1e-5, np.float32,
+    y, mean, inv_std = STD.batch_norm_train(x, gamma, beta, *moving, 0.1, 1e-5, np.float32,
                                             relu)
+    given = {"relu_y": y} if from_y else {}
     counting = _CountingNumpy(x.size)
     monkeypatch.setattr(fast_numpy, "np", counting)
-    got = FAST.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu, True)
+    got = FAST.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu, True, **given)
     monkeypatch.undo()
     assert counting.passes <= most
     for g, w in zip(got, STD.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu, True),
                     strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, y_dtype", [(np.float32, np.float32), (np.float64, np.float64),
+                                            (np.float16, np.float16), (np.float16, np.float32)])
+def test_batch_norm_backward_relu_mask_from_y_is_the_recomputed_one(dtype, y_dtype, rng):
+    """The ReLU's mask from forward's output (y > 0) is z > 0 recomputed, bit for bit, on both
+    paths: NaN in x (a NaN channel), z of exactly 0 (beta 0 where x is the mean) and tiny z
+    included. A y of another dtype than gamma's (float16 under mixed precision, where a tiny z
+    rounds to 0) is not used: z is recomputed there."""
+    shape, c = (4, 6, 6, 5), 5
+    param = np.float64 if dtype == np.float64 else np.float32
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+    x[1, 2, 3, 0] = np.nan
+    x[:, :, :, 3] = 1.5  # (one value: xhat 0, z = beta = 0 there)
+    x[0, 0, 0, 3] = 1.5 + 1e-3
+    dy = rng.standard_normal(shape).astype(dtype)
+    dy[0, 1, 1, 2] = np.inf
+    gamma = rng.standard_normal(c).astype(param)
+    beta = rng.standard_normal(c).astype(param)
+    beta[3] = 0
+    for kernels in (FAST, STD):
+        moving = np.zeros(c, param), np.ones(c, param)
+        y, mean, inv_std = kernels.batch_norm_train(x, gamma, beta, *moving, 0.1, 1e-5,
+                                                    y_dtype, True)
+        with np.errstate(all="ignore"):
+            want = kernels.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, True, True)
+            got = kernels.batch_norm_backward(dy, x, mean, inv_std, gamma, beta, True, True,
+                                              relu_y=y)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == w.dtype
+            np.testing.assert_array_equal(g, w)
+
+
+def test_batch_norm_backward_runs_in_blocks_that_stay_in_cache(monkeypatch, rng):
+    """Training backward's passes run over blocks of at most 256 KB of float32 (in a 1 MB L2
+    with their temporaries; 2 MB ones before), and a batch smaller than one block as one
+    block: no second block (and thread handoff) for 2,352 values (3x PyTorch's time)."""
+    seen = []
+    plain = FAST.for_chunks
+    monkeypatch.setattr(FAST, "for_chunks", lambda n, m, fn: (seen.append((n, m)),
+                                                               plain(n, m, fn)))
+    for shape in ((1, 28, 28, 3), (32, 28, 28, 16)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        c = shape[-1]
+        gamma, beta, mean = (rng.standard_normal(c).astype(np.float32) for _ in range(3))
+        inv_std = np.ones(c, np.float32)
+        seen.clear()
+        FAST.batch_norm_backward(x, x, mean, inv_std, gamma, beta, False, True)
+        (n, m), again = seen
+        assert again == (n, m)
+        if x.nbytes <= 1 << 18:
+            assert m == n
+        else:
+            assert m * x.nbytes // n <= 1 << 18 and -(-n // m) >= 2
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -1370,3 +1470,29 @@ def test_strided_conv_input_gradient_goes_by_phases_without_col2im(monkeypatch, 
         patch_grads = n * g.out_hw[0] * g.out_hw[1] * g.taps * 4
         if by_phases:
             assert peak < patch_grads / 2, (peak, patch_grads)
+
+
+def test_a_batchnorm_with_its_relu_fused_hands_backward_its_output(monkeypatch, rng):
+    """BatchNorm2D + ReLU before a convolution (which keeps that output as its input anyway)
+    gives backward its output y for the ReLU's mask, not z to recompute (the gradients are
+    the same: test_batch_norm_backward_relu_mask_from_y_is_the_recomputed_one)."""
+    from xpcnn.layers import BatchNorm2D
+
+    seen = []
+    plain = type(FAST).batch_norm_backward
+
+    def spy(self, *args, relu_y=None):
+        seen.append((args[6], relu_y))
+        return plain(self, *args, relu_y=relu_y)
+
+    monkeypatch.setattr(type(FAST), "batch_norm_backward", spy)
+    x = rng.standard_normal((4, 8, 8, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, 4)
+    model = xpcnn.Sequential(seed=0)
+    for layer in (Conv2D(4, 3, padding="same"), BatchNorm2D(), ReLU(),
+                  Conv2D(4, 3, padding="same"), xpcnn.layers.Flatten(), Dense(3)):
+        model.add(layer)
+    model.compile(loss="sparse_categorical_crossentropy", optimizer="sgd")
+    model.train_on_batch(x, labels)
+    (relu, y), = seen
+    assert relu and y is not None and y.shape == x.shape[:3] + (4,) and np.all(y >= 0)

@@ -251,6 +251,32 @@ def test_a_keras_keyword_given_the_value_xpcnn_has_is_taken(make):
     assert layer.get_config() == {**plain.get_config(), "name": layer.name}
 
 
+@pytest.mark.parametrize("make", [
+    lambda L: L.Conv2D(8, 3, data_format=None, kernel_regularizer=None, bias_regularizer=None,
+                       activity_regularizer=None, kernel_constraint=None, bias_constraint=None),
+    lambda L: L.MaxPool2D(2, data_format=None), lambda L: L.AvgPool2D(data_format=None),
+    lambda L: L.Flatten(data_format=None), lambda L: L.GlobalAvgPool2D(data_format=None),
+    lambda L: L.Dropout(0.5, seed=None, noise_shape=None),
+    lambda L: L.Dense(4, kernel_regularizer=None, bias_constraint=None, lora_rank=None,
+                      lora_alpha=None, quantization_config=None),
+    lambda L: L.BatchNorm2D(beta_regularizer=None, gamma_constraint=None, renorm_clipping=None),
+    lambda L: L.RandomFlip(seed=None, data_format=None), lambda L: L.ReLU(max_value=None),
+])
+def test_keras_none_defaults_spelled_out_are_taken(make):
+    """Keras 3's None defaults (data_format=None: the configured "channels_last"; seed=None; no
+    regularizer, constraint or LoRA), as its signatures and get_config write them, are what
+    xpcnn's layer does: taken (was: refused as if they asked something else)."""
+    from xpcnn import layers as L
+
+    layer = make(L)
+    plain = type(layer)(**{k: v for k, v in layer.get_config().items() if k != "name"})
+    assert layer.get_config() == {**plain.get_config(), "name": layer.name}
+    with pytest.raises(InputError, match="take no regularizer"):  # (a real one still refused)
+        L.Dense(4, kernel_regularizer="l2")
+    with pytest.raises(InputError, match="take no regularizer"):  # (not a Keras Dropout's)
+        L.Dropout(0.5, kernel_regularizer=None)
+
+
 def test_a_keras_keyword_refusal_leaves_other_keywords_and_users_constructors_alone():
     """An unknown keyword that is no Keras one is still Python's TypeError; a user's subclass
     whose constructor takes a Keras name takes it, and one passing it on is refused by the

@@ -108,6 +108,30 @@ def test_from_logits_must_be_a_bool_or_none(value):
         SoftmaxCrossEntropy(from_logits=value)
 
 
+def test_keras_loss_keywords_take_their_defaults_and_refuse_others_by_name(tmp_path):
+    """Keras' reduction=, axis= and ignore_class= were a bare TypeError: their defaults
+    (what xpcnn's loss does) are taken, left out of the configuration; other values refused
+    naming what xpcnn does. 'binary_crossentropy' points to Dense(2) + softmax cross-entropy."""
+    loss = SoftmaxCrossEntropy(0.1, reduction="sum_over_batch_size", axis=-1, ignore_class=None)
+    assert loss.get_config() == SoftmaxCrossEntropy(0.1).get_config() == {"label_smoothing": 0.1}
+    assert SoftmaxCrossEntropy(axis=1).get_config() == {"label_smoothing": 0.0}
+    for key, value, said in [("reduction", "sum", r"the mean over the batch"),
+                             ("reduction", None, r"sum_over_batch_size"),
+                             ("axis", 0, r"the last axis of scores"),
+                             ("ignore_class", 2, r"sample_weight 0")]:
+        with pytest.raises(InputError, match=rf"^SoftmaxCrossEntropy\({key}={value!r}\): "
+                                             rf"Keras' keyword, .*{said}"):
+            SoftmaxCrossEntropy(**{key: value})
+    model = xpcnn.Sequential([Flatten(), Dense(2)], input_shape=(3,))
+    model.compile(loss=loss)
+    model.save(tmp_path / "m.npz")  # (the saved loss rebuilds)
+    assert xpcnn.load_model(tmp_path / "m.npz").loss.get_config() == loss.get_config()
+    with pytest.raises(InputError, match=r"unknown loss 'binary_crossentropy'.*no sigmoid "
+                                         r"\(binary\) loss; .*Dense\(2\).*"
+                                         r"'sparse_categorical_crossentropy' with labels 0"):
+        model.compile(loss="binary_crossentropy")
+
+
 def test_from_logits_round_trips_through_get_config_model_files_and_checkpoints(tmp_path):
     assert SoftmaxCrossEntropy(0.1, from_logits=True).get_config() == {
         "label_smoothing": 0.1, "from_logits": True}

@@ -1545,6 +1545,28 @@ def test_a_changed_layer_list_is_the_model_that_runs_and_saves(tmp_path):
         graph_model.layers.append(ReLU())
     assert len(graph_model.layers) == 2
 
+@pytest.mark.parametrize("empty", ["pop", "clear", "assign"])
+def test_an_emptied_sequential_keeps_its_input_for_the_next_add(empty):
+    """A Sequential([Input, ...]) emptied by pop(), layers.clear() or layers = [] kept
+    reporting its input but forgot it: the next add() took a layer that does not fit it (was:
+    accepted unbuilt, refused only at the first batch). Now it is declared, as Keras keeps its
+    InputLayer: add() builds for it, or refuses as a fresh Sequential([Input]) does."""
+    model = xpcnn.Sequential([xpcnn.Input((8, 8, 3)), Conv2D(4, 3), Flatten(), Dense(3)])
+    if empty == "pop":
+        for _ in range(3):
+            model.pop()
+    elif empty == "clear":
+        model.layers.clear()
+    else:
+        model.layers = []
+    with pytest.raises(InputError, match=r"'dense.*' \(Dense\) expects flat per-sample inputs"):
+        model.add(Dense(3))
+    assert not model.layers
+    model.add(Flatten())
+    assert model.built and model.output_shape == (None, 192)
+    with pytest.raises(InputError, match="already has its input, of shape"):
+        model.pop(), model.add(xpcnn.Input((4, 4, 1)))
+
 
 def _small_dense_model():
     model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=0)
@@ -1975,6 +1997,35 @@ def test_several_input_arrays_are_refused_naming_the_models_one_input(built):
                                              rf"'sequential' has one input, {one}"):
             call((x, x) if call is model.predict else [x, x])
     assert model.built == built
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_an_x_y_pair_given_as_x_is_unpacked_as_keras_does(built):
+    """Keras 3 unpacks x = (x, y[, sample_weight]) (its unpack_x_y_sample_weight): predict
+    ignores y, evaluate and fit take them (was: NumPy's "inhomogeneous shape" from predict,
+    "y ... is missing" from evaluate). Given y or sample_weight too, it is refused naming the
+    pair."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 6, 6, 3)).astype(np.float32)
+    y, w = rng.integers(0, 3, 6), rng.random(6)
+    model = _small(built)
+    np.testing.assert_array_equal(model.predict((x, y)), model.predict(x))
+    np.testing.assert_array_equal(model.predict((x, y, w)), model.predict(x))
+    assert model.evaluate((x, y)) == model.evaluate(x, y)
+    assert model.evaluate([x, y, w]) == model.evaluate(x, y, sample_weight=w)
+    with pytest.raises(InputError, match=r"^x is a tuple \(x, y\) of arrays of shapes "
+                                         r"\(6, 6, 6, 3\), \(6,\), and y is given too"):
+        model.evaluate((x, y), y)
+    with pytest.raises(InputError, match=r"\(x, y, sample_weight\) .*sample_weight is given "
+                                         r"too: pass the tuple"):
+        model.fit((x, y, w), sample_weight=w, verbose=0)
+    twin = _small(built)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1))
+    twin.compile(optimizer=xpcnn.optim.SGD(0.1))
+    model.fit((x, y, w), epochs=2, batch_size=4, verbose=0, shuffle=False)
+    twin.fit(x, y, sample_weight=w, epochs=2, batch_size=4, verbose=0, shuffle=False)
+    for a, b in zip(model.get_weights(), twin.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_lists_of_samples_keep_their_meaning_beside_one_element_lists():

@@ -94,6 +94,36 @@ def test_adapt_again_starts_afresh(rng):
     np.testing.assert_allclose(norm.std, reference(y)[1], rtol=1e-12)
 
 
+def test_adapt_builds_the_layer_for_the_datas_shape_as_keras(rng):
+    """Keras 3's adapt builds the layer: get_weights and set_weights work at once (was: [] and
+    "must be built"). A model built for another input, dtype or channel count builds it again
+    from the float64 statistics, as an unbuilt layer (not its float32 weights); adapting again
+    to other channels, or a call on another shape, starts afresh as before."""
+    x = images(rng, np.float32)
+    mean, std = reference(x)
+    norm = Normalization()
+    norm.adapt([x[:10], x[10:]])
+    assert norm.built and norm.input_shape == (5, 4, 3)
+    got = norm.get_weights()
+    np.testing.assert_array_equal(got[0], mean.astype(np.float32))
+    np.testing.assert_array_equal(got[1], (std * std).astype(np.float32))
+    assert [w.name for w in norm.weights] == ["mean", "variance"]
+
+    model = xpcnn.Sequential([norm, Flatten(), Dense(2)], input_shape=(8, 6, 3), dtype="float64")
+    np.testing.assert_allclose(model.get_weights()[0], mean, rtol=1e-15)  # (not float32's)
+    assert norm.input_shape == (8, 6, 3)
+    other = Normalization()
+    other.adapt(x)
+    with pytest.raises(InputError, match="3 channel statistics but the input has 5 channels"):
+        xpcnn.Sequential([other], input_shape=(5, 4, 5))
+
+    other.adapt(x[..., :2])  # (built alone: other channels taken)
+    assert other.input_shape == (5, 4, 2) and other.get_weights()[0].shape == (2,)
+    assert other(x[:2, :3, :3, :2]).shape == (2, 3, 3, 2)  # (a call on another shape)
+    other.set_weights([np.zeros(2, np.float32), np.full(2, 4.0, np.float32)])
+    np.testing.assert_allclose(other(x[:1, :3, :3, :2]), x[:1, :3, :3, :2] / 2, rtol=1e-6)
+
+
 def test_an_unadapted_layer_is_refused_where_it_is_built_or_called(rng):
     adapt_first = r"has no mean and std yet: call layer.adapt\(data\).*Normalization\(mean, std\)"
     with pytest.raises(InputError, match=adapt_first):

@@ -279,6 +279,41 @@ def test_a_state_dicts_weights_in_pytorchs_layout_are_refused_saying_how_to_conv
 
 
 @needs_torch
+def test_batchnorms_num_batches_tracked_is_dropped_by_set_weights():
+    """A state_dict's values keep BatchNorm's num_batches_tracked (a 0-d int64) after its
+    running_var: dropped there by the model's and the layer's set_weights, as the README says
+    (was: refused by count, the error not naming it); any other count is still refused, one
+    integer scalar out of its place named."""
+    tm = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                             torch.nn.Conv2d(4, 2, 1), torch.nn.BatchNorm2d(2))
+    for i, bn in ((1, tm[1]), (3, tm[3])):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(1, 2), bn.weight.data.add_(i)
+    model = xpcnn.Sequential([Conv2D(4, 3), BatchNorm2D(), Conv2D(2, 1), BatchNorm2D()],
+                             input_shape=(8, 8, 3))
+    values = [v.permute(2, 3, 1, 0) if v.ndim == 4 else v for v in tm.state_dict().values()]
+    assert len(values) == len(model.get_weights()) + 2
+    model.set_weights(values)
+    want = [v.numpy() for v in values if v.ndim]
+    for got, w in zip(model.get_weights(), want, strict=True):
+        np.testing.assert_array_equal(got, w)
+    tm[3].weight.data.mul_(3)
+    model.layers[3].set_weights(list(tm[3].state_dict().values()))  # (the layer's own too)
+    np.testing.assert_array_equal(model.layers[3].get_weights()[0], tm[3].weight.detach())
+
+    with pytest.raises(InputError, match=r"expects 12 arrays .*got 14 \(1 num_batches_tracked "
+                                         r"dropped\)$"):
+        model.set_weights(values[:-1] + [values[-2]])  # (one array too many, not the counter)
+    misplaced = [np.array(3)] + [v for v in values if v.ndim]
+    with pytest.raises(InputError, match=r"got 13; array 0 is a 0-d integer, as PyTorch "
+                                         r"BatchNorm's num_batches_tracked: .*remove it"):
+        model.set_weights(misplaced)
+    with pytest.raises(InputError, match=r"expects 4 weight arrays .*got 5; array 0 is a 0-d"):
+        model.layers[1].set_weights([np.array(5), *model.layers[1].get_weights()])
+    with pytest.raises(InputError, match=r"expects 4 weight arrays .*got 3$"):
+        model.layers[1].set_weights(model.layers[1].get_weights()[:3])
+
+
+@needs_torch
 def test_normalization_takes_torch_parameters():
     layer = Normalization(mean=torch.nn.Parameter(torch.tensor([0.5, 1.0, 2.0])),
                           std=torch.nn.Parameter(torch.tensor([2.0, 4.0, 0.5])))

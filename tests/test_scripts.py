@@ -153,6 +153,14 @@ def test_the_per_layer_tables_dry_run(tmp_path):
     assert [r["layer"] for r in rows][:2] == ["conv3x3/2 same", "conv1x1/2"]
     assert all(r["input_grad"] and r["model"] == "configs" for r in rows)
     assert ("torch" in rows[0]) == (importlib.util.find_spec("torch") is not None)
+    for precision in ("mixed_float16", "mixed_bfloat16"):  # (PyTorch under CPU autocast)
+        out = _run("--layers", "--models", "mnist", "--batch-size", "2", "--steps", "1",
+                   "--warmup", "0", "--precision", precision, "--json", str(out_json),
+                   script="bench.py")
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out_json.read_text())
+        assert got["precision"] == precision and len(got["layers"]) >= 4
+        assert f"Precision: {precision}" in out.stdout
     out = _run("--device", "cpu", "--models", "notebook", "--batch-sizes", "4", "--steps", "1",
                "--warmup", "0", "--precisions", "float32", "--no-standard", "--profile",
                "notebook:4:float32", script="bench_gpu.py")

@@ -184,6 +184,28 @@ def test_nan_in_a_weight_names_the_layer_and_the_step(model):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_an_update_that_overflows_the_weights_is_named_as_such(optimizer):
+    """Finite loss, gradients and rate, but an update that overflows the weights: applied (no
+    copy of the weights is kept to undo it), and the next step's error says so, naming the
+    layer and that the model holds that update (was: "the loss is nan ... in the weights of
+    layer 'dense'", as if the model were as before the step, as the README said)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((24, 6)).astype(np.float32) * 1e3, rng.integers(0, 3, 24)
+    model = xpcnn.Sequential([Dense(3), Softmax()], input_shape=(6,))
+    opt = xpcnn.optim.SGD(1e38) if optimizer == "sgd" else xpcnn.optim.Adam(1e38)
+    model.compile(optimizer=opt)
+    with pytest.raises(NonFiniteError, match=r"^training stopped at step 2: the loss is nan; the "
+                       r"first non-finite values appear in the weights of layer 'dense', not "
+                       r"finite before that step: the update of step 1 itself overflowed them "
+                       r"\(its loss and gradients were finite.*optimizer.iterations 1\). "
+                       r"Restore a checkpoint"):
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    assert model.optimizer.iterations == 1
+    assert not np.isfinite(model.get_weights()[0]).all()  # (as the error says)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_nan_in_an_input_batch_names_the_input(model):
     xb = model._to_device(nan_at(X[:4], (2, 0, 0, 0)))  # (fit would refuse it up front)
     model.train_step(xb, model.backend.asarray(Y[:4]))  # recorded on the device, no error yet

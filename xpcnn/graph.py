@@ -207,11 +207,12 @@ def build(layers: list[Layer], inbound: list[Inbound], input_shape: Shape, backe
     shapes: list[Any] = [input_shape]
     for k, (layer, ins) in enumerate(zip(layers, inbound, strict=True)):
         shape = read_by(layer, ins, shapes)
-        if _built_for(layer, shape, backend, dtype):
+        if _built_for(layer, shape, backend, dtype) and not layer.provisional:
             layer.set_compute_dtype(backend.dtype(compute_dtype))
             shapes.append(layer.output_shape)
             continue
-        kept = _weights_that_fit(layer, shape) if layer.built else []
+        # (a layer built alone by adapt() is built from its float64 statistics, as unbuilt)
+        kept = _weights_that_fit(layer, shape) if layer.built and not layer.provisional else []
         stream = ((layer.seed, layer.calls) if layer.built and isinstance(layer, RandomLayer)
                   else None)
         rng = np.random.default_rng([seed, k])

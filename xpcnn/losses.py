@@ -13,6 +13,7 @@ from .checks import (
     as_labels,
     as_sample_weights,
     defined_by,
+    is_one_of,
     named_parameters,
     real_floating,
     register,
@@ -74,6 +75,20 @@ def _labels_as_scores(y_true: Any, y_pred: Any) -> bool:
     return bool(whole) and not bool(np.all((scores == 0) | (scores == 1)))
 
 
+#: Keras' loss keywords that mean what xpcnn's loss does with these values, and what it does.
+_KERAS_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "reduction": ("sum_over_batch_size",), "axis": (-1, 1), "ignore_class": (None,)}
+_KERAS_ONLY = {
+    "reduction": ("'sum_over_batch_size', Keras' default: the mean over the batch (with sample "
+                  "weights, their weighted sum divided by N); with SGD, a sum's steps are "
+                  "the mean's at the learning rate times the batch size"),
+    "axis": ("-1 (or 1), Keras' default: the classes are the last axis of scores "
+             "(N, classes)"),
+    "ignore_class": ("None, Keras' default: to leave samples of a class out, give them "
+                     "sample_weight 0"),
+}
+
+
 class SoftmaxCrossEntropy:
     """Mean cross-entropy between softmax(logits) and integer or one-hot targets.
 
@@ -97,7 +112,16 @@ class SoftmaxCrossEntropy:
         super().__init_subclass__(**kwargs)
         register(LOSS_CLASSES, cls, "loss")
 
-    def __init__(self, label_smoothing: float = 0.0, from_logits: bool | None = None) -> None:
+    def __init__(self, label_smoothing: float = 0.0, from_logits: bool | None = None, *,
+                 reduction: str = "sum_over_batch_size", axis: int = -1,
+                 ignore_class: int | None = None) -> None:
+        # (Keras' keywords, taken where given what xpcnn does, else refused naming it: a port's
+        # CategoricalCrossentropy(axis=-1) got a bare "unexpected keyword argument")
+        for key, value in (("reduction", reduction), ("axis", axis),
+                           ("ignore_class", ignore_class)):
+            if not is_one_of(value, _KERAS_DEFAULTS[key]):
+                raise InputError(f"{type(self).__name__}({key}={value!r}): Keras' keyword, "
+                                 f"which xpcnn's loss takes only as {_KERAS_ONLY[key]}")
         if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real)
                 or not 0.0 <= label_smoothing < 1.0):
             raise InputError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
@@ -124,8 +148,8 @@ class SoftmaxCrossEntropy:
         """Refuse to save a subclass whose constructor takes settings that its ``get_config()``
         does not give, or that gives settings the constructor does not take (run at save)."""
         config = self.get_config()
-        missing = unsaved_settings(self, config,
-                                   () if self.from_logits is not None else ("from_logits",))
+        missing = unsaved_settings(self, config, (*_KERAS_DEFAULTS, *(
+            () if self.from_logits is not None else ("from_logits",))))
         untaken = untaken_settings(self, config)
         if missing or untaken:
             raise InputError(
@@ -326,5 +350,11 @@ def get_loss(loss: str | SoftmaxCrossEntropy) -> SoftmaxCrossEntropy:
             f"'sparse_categorical_crossentropy' or a SoftmaxCrossEntropy), not one per output")
     if isinstance(loss, str) and loss in LOSSES:
         return LOSSES[loss]()
+    binary = isinstance(loss, str) and "binary" in loss.lower()
     raise InputError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)} "
-                     "or a SoftmaxCrossEntropy instance")
+                     "or a SoftmaxCrossEntropy instance" + (
+                         ": xpcnn has no sigmoid (binary) loss; for two classes, end the "
+                         "model in Dense(2) (no activation, or a softmax) and use "
+                         "'sparse_categorical_crossentropy' with labels 0 and 1, the same "
+                         "model as Keras' Dense(1, activation='sigmoid') with "
+                         "binary_crossentropy" if binary else ""))

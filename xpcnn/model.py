@@ -23,7 +23,7 @@ from . import checks, distributed, graph
 from .backend import PRECISIONS, DeviceLike, dtype_name, get_backend, precision_dtype
 from .errors import DataFormatError, InputError
 from .layers.arguments import per_sample
-from .layers.base import Layer, held_by, holders_of
+from .layers.base import Layer, held_by, holders_of, weight_count_hint, without_num_batches_tracked
 from .layers.symbolic import SymbolicTensor, refuse_training_in_graph
 from .layers.weight import Weight
 from .ops.kernels import compute_scope, kernels_for
@@ -115,7 +115,8 @@ class Model(Trainer):
             else None
         # A graph of built layers (a feature extractor of a trained model) runs by default
         # where they are and in their dtype: on the same weight arrays.
-        placed = next((la for la in traced[0] if la.built), None) if traced else None
+        placed = (next((la for la in traced[0] if la.built and not la.provisional), None)
+                  if traced else None)
         if device is None:
             device = placed.backend if placed else "cpu"
         if dtype is None:
@@ -454,7 +455,8 @@ class Model(Trainer):
         if self.built:
             yield
             return
-        unbuilt = _attributes([la for la in self.layers if not la.built])
+        # (one built alone by adapt() too: a refused build leaves it as it was)
+        unbuilt = _attributes([la for la in self.layers if not la.built or la.provisional])
         symbolic = self._symbolic
         try:
             yield
@@ -831,13 +833,15 @@ class Model(Trainer):
         if not isinstance(weights, list | tuple):
             raise InputError(f"set_weights expects a list of arrays (as get_weights returns), got "
                              f"{type(weights).__name__}")
-        counts = [len(la.get_weights()) for la in self.layers]
-        if len(weights) != sum(counts):
-            raise InputError(f"set_weights expects {sum(counts)} arrays (as get_weights returns), "
-                             f"got {len(weights)}")
+        names = [la.present_weight_names() for la in self.layers]
+        every = [n for ns in names for n in ns]
+        kept = without_num_batches_tracked(every, weights)  # (PyTorch state_dict values)
+        if len(kept) != len(every):
+            raise InputError(f"set_weights expects {len(every)} arrays (as get_weights returns), "
+                             f"got {len(weights)}{weight_count_hint(every, weights, kept)}")
         # every layer's checked before any is replaced: a refused call changes no weight
-        starts = np.cumsum([0, *counts]).tolist()
-        checked = [la.checked_weights(list(weights[a:b]))
+        starts = np.cumsum([0, *map(len, names)]).tolist()
+        checked = [la.checked_weights([weights[i] for i in kept[a:b]])
                    for la, a, b in zip(self.layers, starts[:-1], starts[1:], strict=True)]
         for la, pairs in zip(self.layers, checked, strict=True):
             la.assign_weights(pairs)
@@ -1108,6 +1112,8 @@ class Sequential(Model):
             # (the optimiser's state kept: the next step's plan starts it afresh only where the
             # trained layers changed, as after a freeze)
             self.build(shape)
+        elif shape is not None:  # (emptied: its input kept, as Keras keeps its InputLayer, and
+            self._declared_input = shape  # the next add() builds for it)
 
     def _inbound(self) -> list[graph.Inbound]:
         """A chain: each layer reads the one before it."""

@@ -129,24 +129,17 @@ class RunningTotals:
     def add(self, stats: Any, grads: list[Any], n: int, step: Any,
             scaling: Any = None, squares: bool = False) -> Any:
         """Record training step ``step`` (1-based; an int, or a 0-d device array in a captured
-        step) on a batch of ``n`` samples; ``stats`` is its [loss, correct count], ``scaling``
-        the float16 loss-scaling state (see :func:`loss_scaling`; moved in place; the
+        step) on a batch of ``n`` samples; ``stats`` is its [loss, correct count, top-k
+        counts...] (the counts added whether or not the step is finite), ``scaling`` the
+        float16 loss-scaling state (see :func:`loss_scaling`; moved in place; the
         gradients, of the scaled loss, are divided by its scale in place) or None. With
         ``squares`` (an optimiser that keeps squared gradients,
         :attr:`~xpcnn.optim.Optimizer.keeps_squares`), a gradient with an element whose square
         overflows its dtype is an error too. Returns the device flag "apply this step's
         update". The caller notes the step (:meth:`note`)."""
-        if not self.top_k:
-            return kernels_for(self.backend).record_step(self.state, stats, grads, float(n),
-                                                         step, scaling, squares)
-        # (the record kernels know [loss, correct] alone; the counts are added after them, in
-        # place, with standard operations: only where top-k metrics are compiled)
-        apply = kernels_for(self.backend).record_step(self.state, stats[:BAD_STEP], grads,
-                                                      float(n), step, scaling, squares)
-        xp = self.xp
-        self.state[self.tail:] = self.state[self.tail:] + xp.astype(stats[BAD_STEP:],
-                                                                    self.dtype)
-        return apply
+        # (the top-k counts are added by the record too: one launch on CuPy, in place)
+        return kernels_for(self.backend).record_step(self.state, stats, grads, float(n), step,
+                                                     scaling, squares)
 
     def note(self, step: int, xb: Any, yb: Any, replay: Replay | None) -> None:
         """Note step ``step`` (1-based) on input batch ``xb`` and labels ``yb`` for a deferred

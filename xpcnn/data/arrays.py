@@ -303,16 +303,9 @@ def one_input(model: Any, x: Any, what: str = "x") -> Any:
             array_api_compat.is_array_api_obj(a) and len(a.shape) >= 2 for a in x):
         return x
     if model.built:
-        shape = tuple(model._input_shape)
-        greyscale = len(shape) >= 2 and shape[-1] == 1  # (N, H, W) for (H, W, 1)
-        inputs = [len(a.shape) == len(shape) + 1 or greyscale
-                  and tuple(a.shape[1:]) == shape[:-1] for a in x]
+        inputs = [_is_input_batch(model, a) for a in x]
     else:
-        # ((N, H, W, C) images are the input; an array of lower rank is where the model
-        # builds for its samples and not for it as one sample: a greyscale (N, H, W))
-        first = tuple(int(d) for d in x[0].shape)
-        inputs = [len(first) >= 4 or _builds_for(model, first[1:])
-                  and not _builds_for(model, first)] * len(x)
+        inputs = [_is_input_batch(model, x[0])] * len(x)
     if not any(inputs):
         return x
     if len(x) > 1:
@@ -323,6 +316,46 @@ def one_input(model: Any, x: Any, what: str = "x") -> Any:
                          f"but model {model.name!r} has one input, {expected}: pass its "
                          f"images as one array (or [x], a list of that one array)")
     return x[0]
+
+
+def _is_input_batch(model: Any, a: Any) -> bool:
+    """Whether array ``a`` has the rank of the model's input batch, (N, *input shape) (or
+    (N, H, W) for (H, W, 1)). Unbuilt, (N, H, W, C) images are the input; an array of lower
+    rank is where the model builds for its samples and not for it as one sample."""
+    if not array_api_compat.is_array_api_obj(a) or len(a.shape) < 2:
+        return False
+    if model.built:
+        shape = tuple(model._input_shape)
+        greyscale = len(shape) >= 2 and shape[-1] == 1  # (N, H, W) for (H, W, 1)
+        return len(a.shape) == len(shape) + 1 or greyscale and tuple(a.shape[1:]) == shape[:-1]
+    first = tuple(int(d) for d in a.shape)
+    return len(first) >= 4 or _builds_for(model, first[1:]) and not _builds_for(model, first)
+
+
+def unpack_x_y(model: Any, x: Any, y: Any, sample_weight: Any, targets: bool = True
+               ) -> tuple[Any, Any, Any]:
+    """``x``, ``y`` and ``sample_weight`` of fit, evaluate or predict (``targets`` False: its
+    ``y`` and weights are None), where ``x`` may be an ``(x, y)`` pair or an ``(x, y,
+    sample_weight)`` triple of arrays, its first of the model's input rank, as Keras 3 reads
+    one (its ``unpack_x_y_sample_weight``; predict ignores y). Refused where ``y`` (or the
+    weights) are given too. Anything else is returned as it was: where y is another batch of
+    x's shape (two inputs?), refused by :func:`one_input`, naming the model's one input."""
+    if not isinstance(x, list | tuple) or len(x) not in (2, 3) or not all(
+            array_api_compat.is_array_api_obj(a) for a in x[:2]) or not (
+            len(x) == 2 or x[2] is None or array_api_compat.is_array_api_obj(x[2])) or \
+            not _is_input_batch(model, x[0]):
+        return x, y, sample_weight
+    shapes = ", ".join(str(tuple(a.shape)) if a is not None else "None" for a in x)
+    pair = f"{type(x).__name__} ({'x, y, sample_weight' if len(x) == 3 else 'x, y'})"
+    if _is_input_batch(model, x[1]) and tuple(x[1].shape[1:]) == tuple(x[0].shape[1:]):
+        return x, y, sample_weight  # (two inputs? refused by one_input, naming the one)
+    if targets and (y is not None or len(x) == 3 and sample_weight is not None):
+        given = "y" if y is not None else "sample_weight"
+        raise InputError(f"x is a {pair} of arrays of shapes {shapes}, and {given} is given "
+                         f"too: pass the {pair} alone, or x and {given} apart")
+    if not targets:
+        return x[0], None, None
+    return x[0], x[1], x[2] if len(x) == 3 else sample_weight
 
 
 def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any = None

@@ -152,22 +152,31 @@ KERAS_KEYWORDS: dict[str, dict[str, str]] = {
 
 #: Keras keywords of :data:`KERAS_KEYWORDS` taken where their value is what xpcnn's layer
 #: does (Keras' own default spelled out, as a port writes it: the same way, not a second one).
+# (Keras' data_format=None is keras.config.image_data_format(), "channels_last" unless set)
+_LAST = ("channels_last", None)
+# (Keras' None defaults of the regularizers and constraints of weights ``names``: none)
+def _no_penalty(*names: str) -> dict[str, tuple[Any, ...]]:
+    return {f"{w}_{k}": (None,) for w in names for k in ("regularizer", "constraint")}
+
+
 KERAS_DEFAULTS: dict[str, dict[str, tuple[Any, ...]]] = {
-    "Conv2D": {"data_format": ("channels_last",), "dilation_rate": (1, (1, 1)),
-               "groups": (1,), "bias_initializer": ("zeros",)},
-    "Dense": {"bias_initializer": ("zeros",)},
-    "_Pool2D": {"data_format": ("channels_last",)},
-    "Flatten": {"data_format": ("channels_last",)},
-    "GlobalAvgPool2D": {"data_format": ("channels_last",), "keepdims": (False,)},
+    "Conv2D": {"data_format": _LAST, "dilation_rate": (1, (1, 1)),
+               "groups": (1,), "bias_initializer": ("zeros",), **_no_penalty("kernel", "bias")},
+    "Dense": {"bias_initializer": ("zeros",), **_no_penalty("kernel", "bias"),
+              "lora_rank": (None,), "lora_alpha": (None,), "quantization_config": (None,)},
+    "_Pool2D": {"data_format": _LAST},
+    "Flatten": {"data_format": _LAST},
+    "GlobalAvgPool2D": {"data_format": _LAST, "keepdims": (False,)},
     "Softmax": {"axis": (-1,)},
-    "Dropout": {"noise_shape": (None,)},
+    "Dropout": {"noise_shape": (None,), "seed": (None,)},
     "BatchNorm2D": {"axis": (-1,), "center": (True,), "scale": (True,),
                     "beta_initializer": ("zeros",), "gamma_initializer": ("ones",),
                     "moving_mean_initializer": ("zeros",),
                     "moving_variance_initializer": ("ones",), "renorm": (False,),
-                    "synchronized": (False,)},
+                    "renorm_clipping": (None,), "synchronized": (False,),
+                    **_no_penalty("beta", "gamma")},
     "ReLU": {"negative_slope": (0, 0.0), "threshold": (0, 0.0)},
-    "RandomFlip": {"data_format": ("channels_last",)},
+    "RandomFlip": {"data_format": _LAST, "seed": (None,)},
     "Normalization": {"axis": (-1,), "invert": (False,)},
 }
 
@@ -227,7 +236,8 @@ TORCH_DEFAULTS: dict[str, dict[str, tuple[Any, ...]]] = {
     "Flatten": {"start_dim": (1,), "end_dim": (-1,)},
     "Softmax": {"dim": (-1,)},
 }
-_ANY_LAYER = {"device": (None,), "dtype": (None,)}  # (PyTorch's defaults)
+# (PyTorch's defaults; Keras' too for dtype and for every layer's activity_regularizer)
+_ANY_LAYER = {"device": (None,), "dtype": (None,), "activity_regularizer": (None,)}
 
 
 def _torch_instead(name: str, key: str, value: Any, why: tuple[str, ...] | str) -> str:

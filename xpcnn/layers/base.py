@@ -257,6 +257,45 @@ def _unconverted_torch_weight(w: Any, keras: tuple[int, ...]) -> str | None:
             f"{conversion} (a view, which this warning knows); pass a NumPy array to silence it")
 
 
+def _integer_scalar(w: Any) -> bool:
+    """Whether ``w`` is a 0-d integer array (a torch tensor too): PyTorch BatchNorm's
+    ``num_batches_tracked``, never an xpcnn weight."""
+    if getattr(w, "ndim", None) != 0:
+        return False
+    try:
+        return bool(np.asarray(on_host(w, "a weight")).dtype.kind in "iu")
+    except InputError:
+        return False
+
+
+def without_num_batches_tracked(names: list[str], weights: Any) -> list[int]:
+    """The indices of ``weights`` (given for weights ``names``, in order) that are weights:
+    a 0-d integer array right after a ``moving_variance`` is PyTorch BatchNorm's
+    ``num_batches_tracked`` (its state_dict's next value), dropped."""
+    kept, j = [], 0
+    for name in names:
+        if j >= len(weights):
+            break
+        kept.append(j)
+        j += 1
+        if name == "moving_variance" and j < len(weights) and _integer_scalar(weights[j]):
+            j += 1
+    return kept + list(range(j, len(weights)))
+
+
+def weight_count_hint(names: list[str], weights: Any, kept: list[int]) -> str:
+    """What a set_weights count error adds: the num_batches_tracked dropped, or, where one
+    integer scalar elsewhere is the whole surplus, that it is one not in its place."""
+    dropped = len(weights) - len(kept)
+    said = f" ({dropped} num_batches_tracked dropped)" if dropped else ""
+    scalars = [i for i in kept if _integer_scalar(weights[i])]
+    if len(kept) == len(names) + 1 and len(scalars) == 1:
+        said += (f"; array {scalars[0]} is a 0-d integer, as PyTorch BatchNorm's "
+                 "num_batches_tracked: it is dropped only right after a BatchNorm2D's "
+                 "moving_variance, remove it")
+    return said
+
+
 class Layer:
     """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``,
     name the arrays they make in :attr:`weight_names`, and update the arrays in ``state`` in
@@ -314,6 +353,10 @@ class Layer:
     #: rate, ReLU's max_value...), counted on this class: a step captured in a CUDA graph
     #: replays the values of its capture, so the step is captured again after this moved.
     settings_changes: ClassVar[int] = 0
+    #: Built alone for its data's shape by ``adapt()`` (Normalization, as Keras builds it
+    #: there: its weights at once), its statistics kept in float64: a model's build, or a call
+    #: on a batch of another shape, builds it again from them, as an unbuilt layer.
+    provisional = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -430,6 +473,7 @@ class Layer:
         for each in (dtype, compute_dtype or dtype):
             dtype_name(each)  # a float dtype (int8 weights were taken: all zeros, silently)
         Layer.rebuilds += 1
+        self.provisional = False
         self.backend = get_backend(backend)
         self.xp = self.backend.xp
         self.dtype = self.backend.dtype(dtype)
@@ -487,9 +531,9 @@ class Layer:
                              "model every input is a symbolic tensor (xpcnn.Input or a layer's "
                              "output)")
         _check_batch(self, x)
-        if not self.built:
+        if not self.built or self.provisional and _other_shape(self, x):
             with _BUILD_LOCK:  # (double-checked: a built layer takes no lock)
-                if not self.built:
+                if not self.built or self.provisional and _other_shape(self, x):
                     self._build_for(x)
             _check_batch(self, x)  # (built by another thread meanwhile, perhaps for another shape)
         if self.built:
@@ -780,12 +824,13 @@ class Layer:
             raise InputError(f"layer {self.name!r} set_weights expects a list of arrays (as "
                              f"get_weights returns: {', '.join(names) or 'none'}), got "
                              f"{type(weights).__name__}")
-        if len(weights) != len(names):
+        kept = without_num_batches_tracked(names, weights)
+        if len(kept) != len(names):
             raise InputError(
                 f"layer {self.name!r} expects {len(names)} weight arrays ({', '.join(names)}), "
-                f"got {len(weights)}"
+                f"got {len(weights)}{weight_count_hint(names, weights, kept)}"
             )
-        return [(n, self.checked_weight(n, w)) for n, w in zip(names, weights, strict=True)]
+        return [(n, self.checked_weight(n, weights[i])) for n, i in zip(names, kept, strict=True)]
 
     def checked_weight(self, name: str, w: Any) -> np.ndarray:
         """Weight ``name``'s new value ``w``, in Keras' layout, checked (its shape, a real
@@ -1078,8 +1123,8 @@ def _check_batch(layer: Layer, x: Any) -> None:
         got = f"a list of {len(x)}" if isinstance(x, list | tuple) else f"one {type(x).__name__}"
         raise InputError(f"{name} merges a list of two or more batches (or of symbolic "
                          f"tensors, in a functional model), got {got}")
-    if not layer.built:
-        return  # (forward asks for a build)
+    if not layer.built or layer.provisional:
+        return  # (forward asks for a build; a provisional layer's is for its batch)
     batch = list(x) if layer.multi_input else [x]
     expected = list(layer.input_shape) if layer.multi_input else [layer.input_shape]
     if [tuple(a.shape[1:]) if hasattr(a, "shape") else None for a in batch] != expected:
@@ -1091,6 +1136,11 @@ def _check_batch(layer: Layer, x: Any) -> None:
     if len(set(sizes)) > 1:
         raise InputError(f"{name} merges batches of sizes {sizes}: its inputs are batches of "
                          "the same samples, of one size N each")
+
+
+def _other_shape(layer: Layer, x: Any) -> bool:
+    """Whether batch ``x`` has another per-sample shape than ``layer`` is built for."""
+    return tuple(getattr(x, "shape", (None,))[1:]) != layer.input_shape
 
 
 def _marks_training_pass(forward: Callable[..., Any]) -> Callable[..., Any]:

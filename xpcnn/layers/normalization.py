@@ -161,22 +161,29 @@ class BatchNorm2D(Layer):
                                            self.compute_dtype, relu)
             mean = inv_std = None
         if training:
-            # Backward recomputes xhat (and the ReLU's mask) from the input, as cuDNN's does:
-            # an input the size of the output's, not a float32 xhat beside it. (The ReLU's
-            # gradient is left to the next layer where it takes it: skip_relu_grad. Nothing is
-            # kept where no backward runs, keep_for_backward: a frozen trunk's.)
-            self._cache = ((x, mean, inv_std, relu and not options.skip_relu_grad)
+            # Backward recomputes xhat from the input, as cuDNN's does: an input the size of
+            # the output's, not a float32 xhat beside it; on the CPU the ReLU's mask comes
+            # from the output y (3 fewer passes than recomputing z), kept as PyTorch's ReLU
+            # keeps its output: a convolution or Dense after it keeps y anyway until its own
+            # backward, a global pool does not (4 bytes a value more there). Not kept where
+            # the kernels recompute z (CUDA), nor a float16 y (mixed precision: a tiny z
+            # rounds to 0). (The ReLU's gradient is left to the next layer where it takes
+            # it: skip_relu_grad. Nothing is kept where no backward runs, keep_for_backward.)
+            relu_grad = relu and not options.skip_relu_grad
+            keep_y = (relu_grad and mean is not None and kernels.batch_norm_reads_relu_y
+                      and y.dtype == gamma.dtype)
+            self._cache = ((x, mean, inv_std, relu_grad, y if keep_y else None)
                            if options.keep_for_backward else None)
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        x, mean, inv_std, relu = self._cache
+        x, mean, inv_std, relu, y = self._cache
         self._cache = None
         kernels = kernels_for(self.backend)
         gamma, beta = self.params["gamma"], self.params["beta"]
         if mean is not None:  # (the dtypes: see forward, and x's for the input's gradient)
             dx, self.grads["gamma"], self.grads["beta"] = kernels.batch_norm_backward(
-                dy, x, mean, inv_std, gamma, beta, relu, options.need_input_grad)
+                dy, x, mean, inv_std, gamma, beta, relu, options.need_input_grad, relu_y=y)
             return dx
         if not options.need_input_grad:  # (frozen: no parameter gradients)
             return None

@@ -285,13 +285,17 @@ class Normalization(Layer):
         def checked() -> Iterator[tuple[Any, str]]:
             """The batches, each checked (an array of the channels of the others) as it
             comes, with how errors name it."""
-            channels = self.input_shape[-1] if self.built else None
+            channels = self.input_shape[-1] if self.built and not self.provisional else None
             for i, batch in enumerate(batches):
                 where = "the data" if single else f"batch {i}"
                 if isinstance(batch, list | tuple) and len(batch) == 1:
                     batch = batch[0]  # ((x,) and [x] as x: a DataLoader over TensorDataset(x))
                 channels = self._adapt_channels(batch, where, channels)
+                if not first:  # (what an unbuilt layer is built for: the first batch's)
+                    first.append(_built_on(batch))
                 yield batch, where
+
+        first: list[Any] = []
 
         count, mean, std, lo, hi = _moments(checked(), rows)
         if count == 0:
@@ -309,10 +313,19 @@ class Normalization(Layer):
                              "constant, std 0, which (x - mean) / std cannot divide by: drop "
                              "that channel from the data, or give mean and std yourself, "
                              "Normalization(mean, std) with a std > 0 for it")
-        if not self.built:  # (checked in the layer's dtype when it is built)
+        if not self.built or self.provisional:  # (checked in the layer's dtype when built)
             _check_inverse(std, np.float64, "Normalization.adapt: the data's std")
             self._mean, self._std = mean.tolist(), std.tolist()
             self.adapted = True
+            self.built, self.state = False, {}
+            # Built for the data's per-sample shape, as Keras' adapt builds the layer: its
+            # weights at once. Provisional: a model builds it again for its own input, dtype
+            # and device from the float64 statistics (the layer as unbuilt, as before).
+            try:
+                self.build(*first[0])
+                self.provisional = True
+            except InputError:  # (a std float32 cannot invert: checked at a model's build,
+                self.built, self.state = False, {}  # which may be float64's)
             return
         largest = float(self.xp.finfo(self.dtype).max)
         if not np.all(std * std <= largest):  # (checked before anything changes)
@@ -362,6 +375,15 @@ class Normalization(Layer):
             raise InputError(f"{known}, but {where} has {c} (shape {tuple(batch.shape)}): the "
                              "statistics are per channel, the last axis")
         return c
+
+
+def _built_on(batch: Any) -> tuple[Shape, Any]:
+    """The per-sample shape and device an adapted layer is built for from its first batch: a
+    CuPy batch's device, else the CPU (a torch tensor's too)."""
+    shape = tuple(int(d) for d in batch.shape[1:])
+    if type(batch).__module__.partition(".")[0] == "cupy":
+        return shape, (array_api_compat.array_namespace(batch), array_api_compat.device(batch))
+    return shape, "cpu"
 
 
 def _statistic(value: Any, what: str) -> list[float]:

@@ -61,24 +61,28 @@ def _update_kernels(name: str, constants: str, per_step: tuple[str, ...], body: 
     read = "".join(f"const T {s} = {s}_at[0];" for s in per_step)
     gate = "if (!apply[0]) continue;"
     return (cupy.ElementwiseKernel(head + by_value + ", raw bool apply", "raw int64 table",
-                                   gate + _FIND_ARRAY + body, f"xpcnn_{name}"),
+                                   gate + _FIND_ARRAY + body, f"xpcnn_{name}", preamble=ACC),
             cupy.ElementwiseKernel(head + on_device + ", raw bool apply", "raw int64 table",
-                                   gate + read + _FIND_ARRAY + body, f"xpcnn_{name}_at"))
+                                   gate + read + _FIND_ARRAY + body, f"xpcnn_{name}_at",
+                                   preamble=ACC))
 
 
 # (the parameter and the momentum read once each, into w and m: read through the references,
 # each was read again after the store to the other, which may alias it for the compiler; no
-# weight-decay term where it is 0, as in xpcnn.optim: 0 * an infinite weight would be NaN)
+# weight-decay term where it is 0, as in xpcnn.optim: 0 * an infinite weight would be NaN;
+# computed in A, float for float16 (CuPy's float16 has no arithmetic: float16 values make a
+# float, and ``c ? float : float16`` is ambiguous), each stored value rounded to T once)
 SGD, SGD_AT = _update_kernels("sgd", "T wd, T mom, bool nesterov", ("lr",), """
-    const T w = p;
-    const T grad = wd != (T)0 ? g + wd * w : g;
+    typedef XpcnnAcc<T>::type A;
+    const A w = (A)p, dg = (A)g;
+    const A grad = wd != (T)0 ? dg + (A)wd * w : dg;
     if (slots == 0) {
-        p = w - lr * grad;
+        p = (T)(w - (A)lr * grad);
     } else {
         T& buf = ((T*)table[row + 2])[e];
-        const T m = mom * buf + grad;
+        const T m = (T)((A)mom * (A)buf + grad);
         buf = m;
-        p = w - lr * (nesterov ? grad + mom * m : m);
+        p = (T)(w - (A)lr * (nesterov ? grad + (A)mom * (A)m : (A)m));
     }
     """)
 # (each array read once and written once, through locals, as SGD: tests/kernel_trace.py
@@ -126,29 +130,32 @@ ADAM_SCALARS_AT = cupy.ElementwiseKernel(_ADAM_SCALARS_PARAMS + ", raw float64 l
                                          "xpcnn_adam_scalars_at")
 
 # (slot 0 the mean square v, then the mean gradient a where ``centered``, then the momentum
-# buffer where ``slots`` counts one more; each read once and written once, as ADAM's)
+# buffer where ``slots`` counts one more; each read once and written once, as ADAM's; in A,
+# as SGD's)
 RMSPROP, RMSPROP_AT = _update_kernels(
     "rmsprop", "T wd, T rho, T c, bool centered, T mom, T eps", ("lr",), """
+    typedef XpcnnAcc<T>::type A;
     T& v_at = ((T*)table[row + 2])[e];
-    const T w = p;
-    const T grad = wd != (T)0 ? g + wd * w : g;
-    const T v = rho * v_at + c * (grad * grad);
+    const A w = (A)p, dg = (A)g;
+    const A grad = wd != (T)0 ? dg + (A)wd * w : dg;
+    const T v = (T)((A)rho * (A)v_at + (A)c * (grad * grad));
     v_at = v;
-    T var = v;
+    A var = (A)v;
     if (centered) {
         T& a_at = ((T*)table[row + 3])[e];
-        const T a = rho * a_at + c * grad;
+        const T a = (T)((A)rho * (A)a_at + (A)c * grad);
         a_at = a;
-        var = v > a * a ? v - a * a : (T)0;
+        const A square = (A)a * (A)a;
+        var = var > square ? var - square : (A)0;
     }
-    T u = grad / (sqrt(var) + eps);
+    A u = grad / (sqrt(var) + (A)eps);
     if (slots > (centered ? 2 : 1)) {
         T& b_at = ((T*)table[row + (centered ? 4 : 3)])[e];
-        const T b = mom * b_at + u;
+        const T b = (T)((A)mom * (A)b_at + u);
         b_at = b;
-        u = b;
+        u = (A)b;
     }
-    p = w - lr * u;
+    p = (T)(w - (A)lr * u);
     """)
 
 
@@ -209,8 +216,9 @@ CHECK_GRADIENTS = cupy.ElementwiseKernel(
 )
 # Then one thread records the step: the sums, the first non-finite step, the float16 loss
 # scale and the flag "apply the update", as record_step and _move_scale do (the same formulas
-# in the same order; ``state`` is F, ``scaling`` float32 and only read where ``scaled``), and
-# clears the marks for the next step.
+# in the same order; ``state`` is F, ``scaling`` float32 and only read where ``scaled``),
+# adds ``stats``' ``extra`` entries after [loss, correct] (the top-k counts) to the state's
+# from step_record.top_k_start on, and clears the marks for the next step.
 _RECORD = """
     const long long marks = 4 + grads;
     const F loss = (F)stats[0];
@@ -240,6 +248,7 @@ _RECORD = """
     const bool fresh = error && state[2] < 0;
     state[0] = state[0] + loss * (F)samples;
     state[1] = state[1] + (F)stats[1];
+    for (int k = 0; k < extra; ++k) state[marks + 2 * grads + k] += (F)stats[2 + k];
     if (fresh) {
         state[2] = (F)step;
         state[3] = loss;
@@ -251,7 +260,8 @@ _RECORD = """
     for (int k = 0; k < 2 * grads; ++k) state[marks + k] = (F)0;
     apply[0] = !any_bad && state[2] < 0;
 """
-_RECORD_PARAMS = ("int32 grads, raw S stats, float64 samples, bool scaled, int32 growth")
+_RECORD_PARAMS = ("int32 grads, int32 extra, raw S stats, float64 samples, bool scaled,"
+                  " int32 growth")
 _RECORD_OUT = "raw F state, raw float32 scaling, raw bool apply"
 # (the step number by value in an eager step, read from a device scalar in a captured one)
 RECORD_STEP = cupy.ElementwiseKernel(_RECORD_PARAMS + ", float64 step", _RECORD_OUT, _RECORD,

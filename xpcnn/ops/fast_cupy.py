@@ -113,7 +113,7 @@ from .cuda_updates import (
 )
 from .cudnn_conv import ALIGNMENT, SWITCHES
 from .kernels import StandardKernels, alike
-from .step_record import BAD_GRADS, GROWTH_INTERVAL, square_limit
+from .step_record import BAD_GRADS, GROWTH_INTERVAL, square_limit, top_k_start
 from .windows import Pads, accumulator, pad, unpad
 
 
@@ -565,8 +565,11 @@ class CupyKernels(StandardKernels):
                          size=threads)
         return y, mean, inv_std
 
+    batch_norm_reads_relu_y = False  # (its kernels recompute z on the fly: no y kept)
+
     def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
-                            beta: Any, relu: bool, input_grad: bool) -> tuple[Any, Any, Any]:
+                            beta: Any, relu: bool, input_grad: bool,
+                            relu_y: Any = None) -> tuple[Any, Any, Any]:
         t = gamma.dtype
         acc = accumulator(cupy, t)
         # (a non-contiguous gradient made whole: one copy, no more passes)
@@ -574,7 +577,7 @@ class CupyKernels(StandardKernels):
         if not (_fits_batch_norm(dy, t, gamma, beta) and _fits_batch_norm(x, acc, mean, inv_std)
                 and np.can_cast(x.dtype, t) and x.shape == dy.shape):
             return super().batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu,
-                                               input_grad)
+                                               input_grad, relu_y)
         cols = dy.shape[-1]
         rows = dy.size // cols
         per, blocks = row_blocks(rows)
@@ -813,11 +816,14 @@ class CupyKernels(StandardKernels):
                     g[...] = copy
         apply = cupy.empty(1, cupy.bool_)
         stats = cupy.ascontiguousarray(stats)
+        # (the top-k counts after [loss, correct], added where the state keeps them)
+        extra = stats.size - 2
+        assert state.size == top_k_start(len(grads)) + extra, "stats of another state"
         if _by_value(step):
-            RECORD_STEP(len(grads), stats, n, scaled, GROWTH_INTERVAL, float(step),
+            RECORD_STEP(len(grads), extra, stats, n, scaled, GROWTH_INTERVAL, float(step),
                         state, scaling, apply, size=1)
         else:
-            RECORD_STEP_AT(len(grads), stats, n, scaled, GROWTH_INTERVAL,
+            RECORD_STEP_AT(len(grads), extra, stats, n, scaled, GROWTH_INTERVAL,
                            cupy.reshape(step, (1,)), state, scaling, apply, size=1)
         return cupy.reshape(apply, ())
 

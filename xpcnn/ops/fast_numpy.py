@@ -103,6 +103,80 @@ def _half_float(dtype: Any) -> bool:
     return dtype.itemsize == 2 and dtype.kind in "fV"
 
 
+_CAST_BLOCK = 1 << 15  # elements per block of the casts below (their scratch stays in L2)
+_CAST_SMALL = 1 << 13  # fewer: NumPy's own cast (the blocks' ~15 ufunc calls cost more)
+_HALF_TO_SINGLE: Any = None  # float32 of every float16 bit pattern, as NumPy casts it
+
+
+def _u32(v: int) -> Any:
+    return np.uint32(v)
+
+
+def half_from_single(x: Any, out: Any) -> None:
+    """``out[...] = x`` (float32 -> float16), NumPy's bits for every input, faster.
+
+    NumPy's cast is a scalar loop that branches on zeros and subnormals (1.4 ns an element
+    on normal values, 5 after a ReLU, 60 on subnormal results here). This one is branch-free
+    bit arithmetic in cache-sized blocks (1.3-1.6 ns on all): with e = max(exponent of |x|,
+    -14) (float16's smallest normal), |x| + 2**(e+13) in float32 rounds |x| to a multiple of
+    2**(e-10), float16's spacing there, to nearest even in hardware; the sum's low bits are
+    the rounded significand, to which e's float16 exponent is added (a carry of the
+    significand steps the exponent, 65520 and up reach inf, clamped there). NaN: NumPy's bits
+    (rare: recast alone)."""
+    if x.size < _CAST_SMALL or not (x.flags.c_contiguous and out.flags.c_contiguous):
+        with np.errstate(over="ignore"):
+            np.copyto(out, x, casting="unsafe")
+        return
+    u, o = x.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16)
+    n = u.size
+    a, b, s = (np.empty(min(n, _CAST_BLOCK), np.uint32) for _ in range(3))
+    af, bf, sf = a.view(np.float32), b.view(np.float32), s.view(np.float32)
+    bias = (113 << 10) + (13 << 10)  # e's float16 exponent from b >> 13 (below), less one
+    for i in range(0, n, _CAST_BLOCK):
+        j = min(n, i + _CAST_BLOCK)
+        ub, ab, bb, sb = u[i:j], a[:j - i], b[:j - i], s[:j - i]
+        np.bitwise_and(ub, _u32(0x7FFFFFFF), out=ab)  # |x|
+        np.bitwise_and(ab, _u32(0x7F800000), out=bb)  # 2**exponent
+        # 2**-14 .. 2**16 (past 65536 everything is inf; the sum stays finite below)
+        np.clip(bb, _u32(0x38800000), _u32(0x47800000), out=bb)
+        np.add(bb, _u32(13 << 23), out=bb)  # M = 2**(e+13)
+        with np.errstate(invalid="ignore"):  # (a signalling NaN: recast below)
+            np.add(af[:j - i], bf[:j - i], out=sf[:j - i])  # |x| + M, rounded by the FPU
+        np.subtract(sb, bb, out=sb)  # the rounded |x| / 2**(e-10)
+        np.right_shift(bb, 13, out=bb)
+        np.add(sb, bb, out=sb)
+        np.minimum(sb, _u32(0x7C00 + bias), out=sb)  # inf
+        np.right_shift(ub, 16, out=bb)
+        np.bitwise_and(bb, _u32(0x8000), out=bb)  # the sign
+        np.add(sb, bb, out=sb)
+        np.subtract(sb, _u32(bias), out=o[i:j], casting="unsafe")
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = x[nan].astype(np.float16)
+
+
+def single_from_half(h: Any, out: Any) -> None:
+    """``out[...] = h`` (float16 -> float32), NumPy's bits (a table NumPy fills once, read
+    by the bits: 0.75 ns an element against NumPy's 1.2, 4 after a ReLU, 8 on subnormals)."""
+    global _HALF_TO_SINGLE
+    if h.size < _CAST_SMALL:
+        np.copyto(out, h)
+        return
+    if _HALF_TO_SINGLE is None:
+        _HALF_TO_SINGLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    # (mode="clip": the indices are in range; "raise" buffers ``out``)
+    np.take(_HALF_TO_SINGLE, h.view(np.uint16), out=out, mode="clip")
+
+
+def _as_single(a: Any) -> Any:
+    """A half-float array in float32 (a new array)."""
+    if a.dtype != np.float16:
+        return a.astype(np.float32)
+    out = np.empty(a.shape, np.float32)
+    single_from_half(a, out)
+    return out
+
+
 class NumpyKernels(StandardKernels):
     """The NumPy versions: ``out=`` writes, in-place ufuncs and threaded chunk loops."""
 
@@ -245,7 +319,7 @@ class NumpyKernels(StandardKernels):
     # path's products accumulate in float32 too.
     @staticmethod
     def _single(*arrays: Any) -> list[Any]:
-        return [a.astype(np.float32) if _half_float(a.dtype) else a for a in arrays]
+        return [_as_single(a) if _half_float(a.dtype) else a for a in arrays]
 
     def patch_dtype(self, dtype: Any) -> Any:
         # A convolution casts each chunk of a half-float input to float32 once, as it copies
@@ -253,8 +327,18 @@ class NumpyKernels(StandardKernels):
         # kh*kw times over by _single (a 5x5 layer's mixed float16 step: 9.5x float32's).
         return np.dtype(np.float32) if _half_float(dtype) else dtype
 
+    def copy_into(self, dst: Any, src: Any) -> None:
+        if src.dtype == np.float16 and dst.dtype == np.float32:
+            single_from_half(src, dst)  # (NumPy's cast branches on zeros: 5x slower after ReLU)
+        else:
+            dst[...] = src
+
     @staticmethod
     def _rounded_to(a: Any, dtype: Any) -> Any:
+        if a.dtype == np.float32 and dtype == np.float16:
+            out = np.empty(a.shape, np.float16)
+            half_from_single(a, out)  # (inf where it overflows: what loss scaling looks for)
+            return out
         with np.errstate(over="ignore"):  # inf is what loss scaling looks for
             return a.astype(dtype)
 
@@ -304,8 +388,12 @@ class NumpyKernels(StandardKernels):
                     relu: bool = False) -> None:
         if _half_float(out.dtype):
             a, b = self._single(a, b)
-            with np.errstate(over="ignore"):  # inf is what loss scaling looks for
-                np.copyto(out, np.matmul(a, b), casting="unsafe")  # rounded once
+            product = np.matmul(a, b)
+            if out.dtype == np.float16:
+                half_from_single(product, out)  # rounded once (inf where it overflows)
+            else:
+                with np.errstate(over="ignore"):  # inf is what loss scaling looks for
+                    np.copyto(out, product, casting="unsafe")  # rounded once
         else:
             np.matmul(a, b, out=out)
         if bias is not None:  # (convolutions carry theirs in the product: bias_in_patches)
@@ -378,7 +466,7 @@ class NumpyKernels(StandardKernels):
         # that; max is associative, so this is the window's maximum. Blocks of ~1 MB keep the
         # buffer and the output in cache (1.1-1.6x faster than kh*kw strided passes over the
         # whole batch's output, on the reference models' pools).
-        if self._half_bits(x) and x.dtype == np.float16:  # (by keys: see max_pool_train)
+        if self._half_bits(x):  # (by keys: see max_pool_train)
             return self.max_pool_train(x, kernel, strides, out_hw)[0]
         kh, kw = kernel
         ho, wo = out_hw
@@ -440,12 +528,14 @@ class NumpyKernels(StandardKernels):
         index = np.min_scalar_type(2 * taps - 1).type  # (for misses + taps, below)
         first = np.empty(y.shape, index)
         order = np.arange(taps, dtype=index).reshape(taps, 1, 1, 1, 1)
-        # float16: the maximum and its first tap found on int16 keys that order values as
-        # np.maximum does (-0.0 and +0.0 equal, every NaN above +inf), then y that tap's value:
-        # np.maximum.reduce's bits (the first of equals, the first NaN), without NumPy's
-        # float16 loop (see _half_table). Not bfloat16: ml_dtypes' maximum gives the second of
-        # equals and one NaN for all.
-        keys = self._half_bits(x) and x.dtype == np.float16
+        # 2-byte floats: the maximum and its first tap found on int16 keys that order values
+        # as np.maximum does (-0.0 and +0.0 equal, every NaN above +inf), then y that tap's
+        # value: np.maximum.reduce's bits (the first of equals, the first NaN), without
+        # NumPy's float16 loop or ml_dtypes' bfloat16 one (see _half_table). ml_dtypes'
+        # maximum keeps the second of equals (so y is the last equal tap's value: +0.0 or
+        # -0.0) and the first NaN; the gradient goes to the first equal tap in both.
+        keys = self._half_bits(x)
+        last_of_equals = keys and x.dtype != np.float16
 
         def work(worker: int, n0: int, n1: int) -> None:
             block = np.empty((taps, n1 - n0, *out_hw, c), x.dtype)
@@ -458,11 +548,17 @@ class NumpyKernels(StandardKernels):
                                    dtype=index)
                 np.add(rank, order, out=rank)
                 fs = np.minimum.reduce(rank, axis=0, out=first[n0:n1])
-                # y: the bits of tap fs (np.take_along_axis was 4x slower than this whole work)
+                pick = fs
+                if last_of_equals:  # (the last equal tap: taps - 1 - the least of taps - 1 - t)
+                    np.subtract(rank, order, out=rank)
+                    np.add(rank, order[::-1], out=rank)
+                    pick = np.subtract(index(taps - 1), np.minimum.reduce(rank, axis=0))
+                    np.copyto(pick, fs, where=top == 0x7FFF)  # (a NaN's window: the first)
+                # y: the bits of tap pick (np.take_along_axis was 4x slower than this whole work)
                 bits, ys = block.view(np.uint16), y[n0:n1].view(np.uint16)
-                np.multiply(bits[0], fs == 0, out=ys)
+                np.multiply(bits[0], pick == 0, out=ys)
                 for t in range(1, taps):
-                    ys |= np.multiply(bits[t], fs == t)
+                    ys |= np.multiply(bits[t], pick == t)
                 fs[top == 0x7FFF] = taps  # (a NaN's window: no route, as below)
                 return
             ys = np.maximum.reduce(block, axis=0, out=y[n0:n1])  # in tap order, as the standard
@@ -522,15 +618,16 @@ class NumpyKernels(StandardKernels):
 
     @staticmethod
     def _max_keys(v: Any) -> Any:
-        """int16 keys of float16 ``v`` in np.maximum's order: the bits of v >= +0.0, those of
-        negative v flipped and plus 1 (-0.0 to 0, the others below in order), every NaN 0x7FFF,
-        above +inf (0x7C00)."""
+        """int16 keys of 2-byte float ``v`` in np.maximum's order: the bits of v >= +0.0,
+        those of negative v flipped and plus 1 (-0.0 to 0, the others below in order), every
+        NaN 0x7FFF, above +inf (float16's 0x7C00, bfloat16's 0x7F80)."""
         i = v.view(np.int16)
         sign = np.right_shift(i, 15)  # (-1 where negative, else 0)
         keys = np.bitwise_and(sign, np.int16(0x7FFF))
         np.bitwise_xor(keys, i, out=keys)
         np.subtract(keys, sign, out=keys)
-        nan = np.bitwise_and(i, np.int16(0x7FFF), out=sign) > np.int16(0x7C00)
+        inf = np.int16(NumpyKernels._inf_bits(v.dtype))
+        nan = np.bitwise_and(i, np.int16(0x7FFF), out=sign) > inf
         np.copyto(keys, np.int16(0x7FFF), where=nan)
         return keys
 
@@ -789,20 +886,33 @@ class NumpyKernels(StandardKernels):
     # block of rows at a time while it is in cache, on the threads; each block's sums are
     # products with ones, added up in float64 (a bounded error, unlike one running sum).
 
-    def _channel_blocks(self, x: Any, dtype: Any) -> tuple[int, int, int, int]:
+    def _channel_blocks(self, x: Any, dtype: Any, budget: int = 1 << 21,
+                        least: int = 2) -> tuple[int, int, int, int]:
         """(count, k, units, units per block): x's ``count`` positions as (units, k*C) rows
-        of k positions each, in blocks of about 2 MB in ``dtype``, two blocks at least."""
+        of k positions each, in blocks of about ``budget`` bytes in ``dtype``, ``least``
+        blocks at least."""
         c = x.shape[-1]
         count = x.size // c
         k = self._widen(count // x.shape[0] if x.ndim > 2 else count, c)
         units = count // k
-        budget = (1 << 21) // (k * c * np.dtype(dtype).itemsize)
-        return count, k, units, max(1, min(-(-units // 2), budget))
+        per_block = budget // (k * c * np.dtype(dtype).itemsize)
+        return count, k, units, max(1, min(-(-units // least), per_block))
+
+    def _channel_sums(self, partials: Any, k: int) -> Any:
+        """The per-channel float64 sums (..., C) of ``partials``, (..., blocks, k*C) sums;
+        as products with ones too (NumPy's sum over k rows of 3 values took ~10 us)."""
+        ones = self._ones(max(partials.shape[-2], k), partials.dtype)
+        rows = np.matmul(ones[:partials.shape[-2]], partials)
+        return np.matmul(ones[:k], rows.reshape(*rows.shape[:-1], k, -1))
 
     @staticmethod
-    def _channel_sums(partials: Any, k: int) -> Any:
-        """The per-channel (C,) float64 sums of ``partials``, (blocks, k*C) sums."""
-        return partials.sum(axis=0).reshape(k, -1).sum(axis=0)
+    def _channel_rows(k: int, dtype: Any, *values: Any) -> Any:
+        """The (C,) ``values`` each tiled k times, in ``dtype``: the rows of one (len(values),
+        k*C) array (one allocation, not an np.tile apiece: ~6 us of Python each)."""
+        rows = np.empty((len(values), k, values[0].shape[-1]), dtype)
+        for row, v in zip(rows, values, strict=True):
+            row[...] = v
+        return rows.reshape(len(values), -1)
 
     def batch_norm_train(self, x: Any, gamma: Any, beta: Any, moving_mean: Any,
                          moving_var: Any, momentum: float, eps: float, out_dtype: Any,
@@ -910,64 +1020,85 @@ class NumpyKernels(StandardKernels):
         self.for_chunks(units, m, work)
         return dx.reshape(x.shape)
 
+    # (blocks of 256 KB for the backward passes, one where the batch is smaller: their four
+    # or five block arrays stay in a 1 MB L2 (a masked multiply over 1 MB blocks took 0.37
+    # ns a value here, over 256 KB ones 0.19); 64 KB ones paid more Python than they saved)
+    _BN_BACKWARD_BLOCK = 1 << 18
+
     def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
-                            beta: Any, relu: bool, input_grad: bool) -> tuple[Any, Any, Any]:
+                            beta: Any, relu: bool, input_grad: bool,
+                            relu_y: Any = None) -> tuple[Any, Any, Any]:
         if x.size == 0 or x.size < 2 * x.shape[-1] or dy.shape != x.shape:
             return super().batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu,
-                                               input_grad)
-        # Two passes, as few operations as the math needs: the first keeps t = x - mean in dx's
-        # memory where dx has the parameters' dtype (with relu, the mask for the whole batch
-        # too, a byte a value) and sums dy and dy * t; the second makes dx of them in place:
-        # inv_std * gamma * (dy - dbeta / count - t * inv_std * dgamma / count): 6 elementwise
-        # passes (12 with the ReLU), not 9 (15) recomputing xhat and the mask there (1.2-3x
-        # faster here). Under mixed precision (float16 x and dx) t is made again a block at a
-        # time: no whole-batch float32 temporary beside dx.
+                                               input_grad, relu_y)
+        # Two passes, as few operations as the math needs: the first sums dy and dy * t, t = x
+        # - mean, keeping for the second in dx's memory (where dx has the parameters' dtype)
+        # t, or with relu the masked dy (then t is made again there: one pass, against two
+        # for the mask); the second makes dx = inv_std * gamma * (dy - t * inv_std * dgamma /
+        # count - dbeta / count) in place. The ReLU's mask is y > 0 (one comparison), z > 0
+        # recomputed only without a y in gamma's dtype: 6 elementwise passes, 9 with the ReLU
+        # (12 with z). Under mixed precision (float16 x and dx) t is made again a block at a
+        # time and the mask kept a byte a value: no whole-batch float32 temporary beside dx.
         dtype = gamma.dtype
-        count, k, units, m = self._channel_blocks(x, dtype)
+        count, k, units, m = self._channel_blocks(x, dtype, self._BN_BACKWARD_BLOCK, 1)
         xs, dys = x.reshape(units, -1), dy.reshape(units, -1)  # (a broadcast dy: copied)
-        mt = np.tile(mean, k)
-        it, gt, bt = (np.tile(v, k) for v in (inv_std, gamma, beta)) if relu else (None,) * 3
+        from_y = relu and relu_y is not None and relu_y.dtype == dtype and \
+            relu_y.shape == x.shape
+        ys = relu_y.reshape(units, -1) if from_y else None
+        rows = self._channel_rows(k, dtype, mean, inv_std, gamma, beta)
+        mt, it, gt, bt = rows
         ones = self._ones(m, dtype)
         partials = np.empty((2, -(-units // m), xs.shape[1]))
-        keep = input_grad and x.dtype == dtype
+        keep = input_grad and x.dtype == dtype  # (dx holds t, or with relu the masked dy)
         dx = np.empty(xs.shape, x.dtype) if input_grad else None
-        mask = np.empty(xs.shape, bool) if input_grad and relu else None
+        mask = np.empty(xs.shape, bool) if input_grad and relu and not keep else None
 
         def sums(worker: int, u0: int, u1: int) -> None:
-            t = dx[u0:u1] if keep else np.empty((u1 - u0, xs.shape[1]), dtype)
-            np.subtract(xs[u0:u1], mt, out=t, dtype=dtype)
+            in_dx = keep and not relu  # (t kept in dx: dy * t made beside it)
+            t = np.subtract(xs[u0:u1], mt, out=dx[u0:u1] if in_dx else None, dtype=dtype)
             d = dys[u0:u1].astype(dtype, copy=False)
-            if relu:  # (z > 0, z as forward computes it: _affine_rows)
-                z = np.multiply(t, it)
-                np.multiply(z, gt, out=z)
-                np.add(z, bt, out=z)
-                above = np.greater(z, 0, out=None if mask is None else mask[u0:u1])
-                d = np.multiply(d, above)
-            partials[0, u0 // m] = np.matmul(ones[:u1 - u0], np.multiply(t, d))
-            partials[1, u0 // m] = np.matmul(ones[:u1 - u0], d)
+            if relu:
+                above = None if mask is None else mask[u0:u1]
+                if from_y:
+                    above = np.greater(ys[u0:u1], 0, out=above)
+                else:  # (z > 0, z as forward computes it: _affine_rows)
+                    z = np.multiply(t, it)
+                    np.multiply(z, gt, out=z)
+                    above = np.greater(np.add(z, bt, out=z), 0, out=above)
+                d = np.multiply(d, above, out=dx[u0:u1] if keep else None)
+            partials[0, u0 // m] = np.matmul(ones[:u1 - u0], d)
+            partials[1, u0 // m] = np.matmul(ones[:u1 - u0],
+                                             np.multiply(t, d, out=None if in_dx else t))
 
         self.for_chunks(units, m, sums)
         # (sum(dy * xhat) as inv_std * sum(dy * (x - mean)), summed in float64)
-        dgamma = self._channel_sums(partials[0], k) * inv_std
-        dbeta = self._channel_sums(partials[1], k)
+        dbeta, dgamma = self._channel_sums(partials, k)
+        dgamma *= inv_std
         if not input_grad:
             return None, dgamma.astype(dtype), dbeta.astype(dtype)
-        at = np.tile((dbeta / count).astype(dtype), k)
-        ct = np.tile((dgamma * inv_std / count).astype(dtype), k)
-        st = np.tile(inv_std * gamma, k)
+        at, ct, st = self._channel_rows(k, dtype, dbeta / count, dgamma * inv_std / count,
+                                        inv_std * gamma)
 
         def grads(worker: int, u0: int, u1: int) -> None:
-            t = dx[u0:u1] if keep else np.subtract(xs[u0:u1], mt, dtype=dtype)
-            d = dys[u0:u1].astype(dtype, copy=False)
-            if relu:
-                d = np.multiply(d, mask[u0:u1])
-            np.multiply(t, ct, out=t)
-            np.subtract(d, t, out=t)
-            np.subtract(t, at, out=t)
-            np.multiply(t, st, out=t)
-            if not keep:
+            out = dx[u0:u1]
+            if keep and not relu:  # (out holds t)
+                o = np.multiply(out, ct, out=out)
+                np.subtract(dys[u0:u1].astype(dtype, copy=False), o, out=o)
+            else:
+                t = np.subtract(xs[u0:u1], mt, dtype=dtype)
+                np.multiply(t, ct, out=t)
+                if keep:  # (out holds the masked dy)
+                    o = np.subtract(out, t, out=out)
+                else:
+                    d = dys[u0:u1].astype(dtype, copy=False)
+                    if relu:
+                        d = np.multiply(d, mask[u0:u1])
+                    o = np.subtract(d, t, out=t)
+            np.subtract(o, at, out=o)
+            np.multiply(o, st, out=o)
+            if o is not out:
                 with np.errstate(over="ignore"):  # inf is what loss scaling looks for
-                    np.copyto(dx[u0:u1], t, casting="unsafe")
+                    np.copyto(out, o, casting="unsafe")
 
         self.for_chunks(units, m, grads)
         return dx.reshape(x.shape), dgamma.astype(dtype), dbeta.astype(dtype)

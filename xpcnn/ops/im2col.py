@@ -118,7 +118,7 @@ def _patches(xp: Any, kern: Any, x: Any, n0: int, n1: int, pads: Pads, ws: Works
     if copied and not kern.pads_in_im2col and b == m and ws.keep:
         padded, interior, unfold = _plan(xp, kern, x, pads, ws, key, m, kernel, strides,
                                          out_hw, ones)
-        padded[interior] = x[n0:n1, ...]
+        kern.copy_into(padded[interior], x[n0:n1, ...])
         return unfold()
     src = x[n0:n1, ...]
     kk = kernel[0] * kernel[1] * c + int(ones)
@@ -129,7 +129,7 @@ def _patches(xp: Any, kern: Any, x: Any, n0: int, n1: int, pads: Pads, ws: Works
     if copied:
         src = _padded(xp, ws, key, m, x, pads, dtype)
         src = src if b == m else src[:b, ...]
-        src[:, pads[0] : pads[0] + h, pads[2] : pads[2] + w, :] = x[n0:n1, ...]
+        kern.copy_into(src[:, pads[0] : pads[0] + h, pads[2] : pads[2] + w, :], x[n0:n1, ...])
     return xp.reshape(kern.im2col_into(src, part, kernel, strides, out_hw), (rows, kk))
 
 

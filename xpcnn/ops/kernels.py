@@ -125,6 +125,10 @@ class StandardKernels:
         NumPy's kernels unfold half floats into float32, see ``NumpyKernels.patch_dtype``)."""
         return dtype
 
+    def copy_into(self, dst: Any, src: Any) -> None:
+        """``dst[...] = src``, cast to ``dst``'s dtype (a chunk into its patch dtype)."""
+        dst[...] = src
+
     def im2col_into(self, x: Any, out: Any, kernel: tuple[int, int], strides: tuple[int, int],
                     out_hw: tuple[int, int]) -> Any:
         """Patches of a padded (n, H, W, C) input into the first kh*kw*C columns of ``out``
@@ -430,18 +434,26 @@ class StandardKernels:
             unbiased = var * (count / (count - 1))
             moving_var[...] = (1 - m) * moving_var + m * unbiased
 
+    #: batch_norm_backward takes the ReLU's mask from ``relu_y`` where given (a layer keeps
+    #: its output for it only where this is True: a kernel recomputing z needs none).
+    batch_norm_reads_relu_y = True
+
     def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
-                            beta: Any, relu: bool, input_grad: bool) -> tuple[Any, Any, Any]:
+                            beta: Any, relu: bool, input_grad: bool,
+                            relu_y: Any = None) -> tuple[Any, Any, Any]:
         """Gradients of :meth:`batch_norm_train` through its batch's statistics (``x`` its
         input, ``mean`` and ``inv_std`` its statistics), ``dy`` cast to gamma's dtype; with
-        ``relu``, through the ReLU too, where z > 0, z recomputed as forward computed it:
-        (the input's in ``x``'s dtype, None without ``input_grad``; gamma's; beta's, in
-        gamma's dtype)."""
+        ``relu``, through the ReLU too, where z > 0: where ``relu_y`` (forward's output, if
+        given) > 0 where it is in gamma's dtype (the same mask: max(z, 0) > 0 exactly where
+        z > 0, NaN in neither), else z recomputed as forward computed it (a float16 output
+        rounds a tiny z to 0): (the input's in ``x``'s dtype, None without ``input_grad``;
+        gamma's; beta's, in gamma's dtype)."""
         xp = self.xp
         xhat = (xp.astype(x, mean.dtype, copy=False) - mean) * inv_std
         dy = xp.astype(dy, gamma.dtype, copy=False)
         if relu:
-            dy = self.relu_backward(dy, xhat * gamma + beta)
+            from_y = relu_y is not None and relu_y.dtype == gamma.dtype
+            dy = self.relu_backward(dy, relu_y if from_y else xhat * gamma + beta)
         axes = tuple(range(dy.ndim - 1))
         dgamma, dbeta = xp.sum(dy * xhat, axis=axes), xp.sum(dy, axis=axes)
         if not input_grad:

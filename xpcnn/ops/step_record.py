@@ -10,9 +10,9 @@ dtype, which would make an optimiser's squared-gradient state infinite), then tw
 gradient, 0 between steps (a fast version's scratch within a step: CuPy's marks there each
 gradient that has a non-finite element / an overflowing square, and clears them as it records
 the step, so that no launch zeroes them first)], then, where top-k metrics are compiled, one
-count per distinct k (from :func:`top_k_start` on; :class:`xpcnn.totals.RunningTotals` adds
-them after :func:`record_step`, which, as CuPy's fused version, leaves them alone). A step
-that is not finite is remembered only if it is the first; from it on no update applies.
+count per distinct k (from :func:`top_k_start` on; :func:`record_step` adds a step's, as it
+adds its loss and correct count, whether or not the step is finite). A step that is not finite
+is remembered only if it is the first; from it on no update applies.
 
 The float16 loss-scaling state is [scale, good steps in a row] (float32): a step whose
 gradients overflow while the scale is above its floor, float32's smallest normal number,
@@ -56,9 +56,10 @@ def square_limit(xp: Any, dtype: Any) -> float:
 def record_step(xp: Any, state: Any, stats: Any, grads: list[Any], n: float, step: Any,
                 scaling: Any, squares: bool) -> Any:
     """Record training step ``step`` (1-based; a number, or a 0-d device array) on a batch of
-    ``n`` samples into ``state``, in place; ``stats`` is its [mean loss, correct count],
-    ``scaling`` the float16 loss-scaling state (moved in place) or None. With ``scaling``,
-    the gradients are of the scaled loss: they are divided by the scale first, in place. With
+    ``n`` samples into ``state``, in place; ``stats`` is its [mean loss, correct count, top-k
+    counts...] (the counts added from :func:`top_k_start` on, one each), ``scaling`` the
+    float16 loss-scaling state (moved in place) or None. With ``scaling``, the gradients are
+    of the scaled loss: they are divided by the scale first, in place. With
     ``squares``, a gradient element whose square overflows is an error too. Returns the 0-d
     boolean "apply this step's update"."""
     f = state.dtype
@@ -86,9 +87,11 @@ def record_step(xp: Any, state: Any, stats: Any, grads: list[Any], n: float, ste
                                                          state[BAD_STEP] < 0)
     fresh = xp.logical_and(error, state[BAD_STEP] < 0)
     first = xp.concat([state[BAD_STEP:BAD_LOSS] * 0 + step, stats[:1], flags])
-    marks = BAD_GRADS + len(grads)
-    state[...] = xp.concat([state[:BAD_STEP] + batch_sums(xp, stats, n),
-                            xp.where(fresh, first, state[BAD_STEP:marks]), state[marks:]])
+    marks, tail = BAD_GRADS + len(grads), top_k_start(len(grads))
+    sums = batch_sums(xp, stats, n)
+    state[...] = xp.concat([state[:BAD_STEP] + sums[:BAD_STEP],
+                            xp.where(fresh, first, state[BAD_STEP:marks]), state[marks:tail],
+                            state[tail:] + sums[BAD_STEP:]])
     return xp.logical_and(xp.logical_not(any_bad), state[BAD_STEP] < 0)
 
 

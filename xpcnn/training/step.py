@@ -609,6 +609,7 @@ class TrainingStep(_Network):
         if not math.isfinite(loss):
             noted = batches[step]
             self._raise_for_labels(noted.yb, step)
+            self._raise_for_weights(f"the loss is {loss}", step)  # (no batch needed)
             anew = noted.read_anew  # (before the read)
             self._raise_non_finite(f"the loss is {loss}",
                                    noted.input_batch(step, f"the loss is {loss}"), step, anew)
@@ -673,19 +674,38 @@ class TrainingStep(_Network):
             for array, value in draws:  # (the array itself is back with the attributes)
                 array[...] = value
 
+    def _raise_for_weights(self, what: str, step: int) -> None:
+        """Raise :class:`NonFiniteError` where a layer's weights are not finite at step
+        ``step``, whose loss is not (``what``): they were so before it, as the update of the
+        step before left them (its loss and gradients finite, so it ran: an overflow of the
+        update itself, which nothing undoes, as no copy of the weights is kept), or as they
+        were set since. Checked only here, once training has stopped: a check of every
+        weight at every step would cost a pass over them."""
+        xp = self.backend.xp
+        layer = next((la for la in self.layers if not all(
+            bool(xp.all(xp.isfinite(a))) for a in la._arrays().values())), None)
+        if layer is None:
+            return
+        cause = (f"the update of step {step - 1} itself overflowed them (its loss and "
+                 "gradients were finite, the weights after it are not: a learning rate too "
+                 "large?), or they were set so since (set_weights); the model holds them, "
+                 f"that update included (optimizer.iterations {step - 1})" if step > 1 else
+                 "they were set so before training (set_weights, a file); the model holds them")
+        raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
+                             f"values appear in the weights of layer {layer.name!r}, not "
+                             f"finite before that step: {cause}. Restore a checkpoint or the "
+                             "weights you saved")
+
     def _raise_non_finite(self, what: str, xb: Any, step: int, anew: bool = False) -> None:
-        """Name the step and the first layer whose output is not finite, then raise. ``anew``:
-        ``xb`` is the step's batch read again, whose values may differ (a dataset's random
-        transforms): where it gives no non-finite output, no place is named."""
+        """Name the step and the first layer whose output is not finite (the weights are, see
+        :meth:`_raise_for_weights`), then raise. ``anew``: ``xb`` is the step's batch read
+        again, whose values may differ (a dataset's random transforms): where it gives no
+        non-finite output, no place is named."""
         xp = self.backend.xp
         where = "the loss"
         finite = lambda a: bool(xp.all(xp.isfinite(a)))  # noqa: E731
-        weights = next((la for la in self.layers if not all(map(finite, la._arrays().values()))),
-                       None)
         if not finite(xb):
             where = "the input batch"
-        elif weights is not None:
-            where = f"the weights of layer {weights.name!r}"
         else:
             x = xp.astype(xb, self._param_dtype, copy=False)
             with self._put_back(), compute_scope(self.backend):

@@ -53,6 +53,7 @@ from ..data.arrays import (
     check_source,
     is_map_dataset,
     is_stream,
+    unpack_x_y,
 )
 from ..data.sources import ArrayBatches, Batches, DatasetBatches, unpack
 from ..data.streams import IterableBatches, prune_streams
@@ -600,6 +601,7 @@ class Trainer(TrainingStep):
         refusal), the next call on that iterator starts with that batch.
         """
         self._require_compiled("fit")
+        x, y, sample_weight = unpack_x_y(self, x, y, sample_weight)  # (an (x, y) pair as x)
         epochs = checks.non_negative_int(epochs, "epochs")
         initial_epoch = checks.non_negative_int(initial_epoch, "initial_epoch")
         # (None, as Keras takes it: the default)
@@ -1000,6 +1002,7 @@ class Trainer(TrainingStep):
         instead) weighs each sample's term of the loss (the sum still divided by N), not the
         accuracy, as fit's does. ``batch_size`` and ``verbose`` may be positional, in Keras'
         order; the rest are keyword-only (Keras' next is ``sample_weight``, xpcnn's ``steps``)."""
+        x, y, sample_weight = unpack_x_y(self, x, y, sample_weight)  # (an (x, y) pair as x)
         batch_size = checks.positive_int(256 if batch_size is None else batch_size,
                                          "batch_size")
         return_dict = checks.flag(return_dict, "return_dict")
@@ -1115,6 +1118,7 @@ class Trainer(TrainingStep):
         works as it is); ``batch_size`` and ``verbose`` may be positional, as in Keras. As in
         PyTorch and Keras, a row's last bits may differ with ``batch_size`` (by a unit in the
         last place or so: the matrix products sum in another order for another shape)."""
+        x, _, _ = unpack_x_y(self, x, None, None, targets=False)  # (an (x, y) pair: y ignored)
         batch_size = checks.positive_int(256 if batch_size is None else batch_size,
                                          "batch_size")
         verbose = checks.verbosity(verbose)
