@@ -234,12 +234,20 @@ def torch_autocast() -> Any:
     """torch.autocast on the CPU in --precision's half dtype (a no-op context in float32).
     PyTorch's CPU autocast takes bfloat16 and float16 (float16 since 2.4: its convolutions
     and products then run in float16 on the CPU; where a build refuses it, the caller
-    prints xpcnn alone)."""
+    prints xpcnn alone). A build without the dtype warns and turns autocast off, which
+    would time float32 under a half-float label: that is raised, as a refusal."""
     import contextlib
+    import warnings
     if ARGS.precision == "float32":
         return contextlib.nullcontext()
     half = torch.float16 if ARGS.precision == "mixed_float16" else torch.bfloat16
-    return torch.autocast("cpu", dtype=half)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        context = torch.autocast("cpu", dtype=half)
+    if not context._enabled:
+        raise RuntimeError(f"this PyTorch's CPU autocast does not take {half}: "
+                           f"{'; '.join(str(w.message) for w in said) or 'disabled'}")
+    return context
 
 
 def functional_model(name: str, sequential: Any) -> Any:
@@ -469,7 +477,8 @@ def torch_timing_child(name: str) -> None:
 def _child(flag: str, spec: str, lib: str) -> dict[str, Any] | None:
     cmd = [sys.executable, os.path.abspath(__file__), flag, spec,
            "--batch-size", str(ARGS.batch_size), "--warmup", str(ARGS.warmup),
-           "--steps", str(ARGS.steps), "--blocks", str(ARGS.blocks)]
+           "--steps", str(ARGS.steps), "--blocks", str(ARGS.blocks),
+           "--precision", ARGS.precision]  # (the memory and own-process timing: the same)
     if ARGS.threads:
         cmd += ["--threads", str(ARGS.threads)]
     if ARGS.torch_channels_last:
@@ -656,12 +665,19 @@ def bench_model(name: str, peak: float) -> dict[str, Any]:
         row["initial_logits_rel_diff"] = check_same_model(model, net, x,
                                                           ARGS.torch_channels_last)
         t_train, t_infer = torch_steps(net, x, y, ARGS.torch_channels_last)
-        if not ARGS.torch_own_process:
-            fns_train["torch"], fns_infer["torch"] = t_train, t_infer
+        try:  # (one step each first: a half dtype this PyTorch's CPU autocast lacks)
+            t_train()
+            t_infer()
+        except RuntimeError as e:  # (xpcnn alone, as --layers does)
+            row["torch_error"] = str(e).splitlines()[0]
+        else:
+            if not ARGS.torch_own_process:
+                fns_train["torch"], fns_infer["torch"] = t_train, t_infer
+    with_torch = torch is not None and "torch_error" not in row
     load_before = load_average()
     tr = block_timing(fns_train, ARGS.steps, ARGS.blocks, ARGS.warmup)
     inf = block_timing(fns_infer, ARGS.steps, ARGS.blocks, ARGS.warmup)
-    if torch is not None and ARGS.torch_own_process:
+    if with_torch and ARGS.torch_own_process:
         own = _child("--_torch_timing", name, "torch")
         if own is not None:
             tr["torch"], inf["torch"] = own["train"], own["infer"]
@@ -682,7 +698,7 @@ def bench_model(name: str, peak: float) -> dict[str, Any]:
             if mem is not None:
                 row[lib]["train_peak_mib"] = mem["peak_mib"]
                 row["memory_method"] = mem["method"]
-    if torch is not None:
+    if "torch" in row:
         row["train_ratio"] = row["xpcnn"]["train_img_s"] / row["torch"]["train_img_s"]
         row["infer_ratio"] = row["xpcnn"]["infer_img_s"] / row["torch"]["infer_img_s"]
         if "train_peak_mib" in row["xpcnn"] and "train_peak_mib" in row["torch"]:
@@ -725,6 +741,14 @@ def print_table(result: dict[str, Any]) -> None:
           f"Median of {result['steps']} steps per library after {result['warmup']} warm-up, "
           f"{result['timing']} ({result['blocks']} blocks). "
           f"Peak memory: {result['memory_method']}.")
+    print(f"Precision: {result['precision']}" + ("" if result["precision"] == "float32" else
+          " (xpcnn: half-float activations and gradients; PyTorch: torch.autocast('cpu'))"))
+    if result["precision"] == "mixed_float16":
+        print("Loss scaling: xpcnn scales the loss (dynamic, as Keras' LossScaleOptimizer); "
+              "PyTorch runs without a GradScaler.")
+    failed = {r["torch_error"] for r in result["models"] if "torch_error" in r}
+    if failed:
+        print(f"PyTorch could not run some models (xpcnn alone): {'; '.join(sorted(failed))}")
     print(f"Load average before/after each model: "
           f"{ {r['model']: r['load_average'] for r in result['models']} }")
 

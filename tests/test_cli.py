@@ -155,6 +155,11 @@ def test_a_resumed_run_adds_to_its_log_and_a_refused_one_leaves_it(tmp_path, cap
     err = capsys.readouterr().err  # (the flags to keep: was the library's "compile it")
     assert "compiled otherwise" in err and log.read_bytes() == before
     assert "give the same --model, --epochs, --optimizer, --lr, --schedule and --precision" in err
+    # (another --precision is refused too: fit's resume takes a file's precision, which a
+    # callback may have compiled the run in, but the command line has no such callback)
+    assert main([*run, "--epochs", "2", "--resume", "--precision", "mixed_float16"]) == 2
+    err = capsys.readouterr().err
+    assert "compiled otherwise" in err and "precision" in err and log.read_bytes() == before
     run[run.index("--batch-size") + 1] = "8"
     assert main([*run, "--epochs", "2", "--resume"]) == 2
     err = capsys.readouterr().err

@@ -557,6 +557,17 @@ def test_direct_convolution_weight_gradient_compiles_for_bfloat16(fast_cupy, arc
     assert code == 0, log
 
 
+@pytest.mark.parametrize("dtype", ["float", "double"])
+@pytest.mark.parametrize("arch", [75, 90])
+def test_kernel_gradient_parts_sum_compiles(fast_cupy, dtype, arch):
+    """The kernel-gradient parts summed into the kernel's (K, kh*kw*C) layout and the bias
+    beside it (float32 parts for float16, bfloat16 and float32 data, float64 for float64)."""
+    kernel = fast_cupy.cuda_conv._SUM_PARTS
+    source = _elementwise_as_kernel(kernel, {"P": dtype})
+    code, log = _compile(source, kernel.name, arch)
+    assert code == 0, log
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float", "double"])
 @pytest.mark.parametrize("arch", [75, 90])
 def test_convolution_input_gradient_gather_compiles(fast_cupy, dtype, arch):

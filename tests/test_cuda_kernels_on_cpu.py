@@ -958,6 +958,8 @@ def test_convolution_kernels(fast, monkeypatch, rng, algorithm, kernel, strides,
         got, got_bias = conv.conv2d_weight_grad(x, dy, kernel, strides, pads, out_hw,
                                                 with_bias)
         assert got.dtype == want.dtype
+        # (the (K, kh*kw*C) layout of the layer's kernel beneath: nobody copies it)
+        assert got.T.flags.c_contiguous
         np.testing.assert_allclose(got, want, rtol=tol * 10, atol=tol * np.abs(want).max())
         if with_bias:
             np.testing.assert_allclose(got_bias, want_bias, rtol=tol * 10, atol=tol * 10)

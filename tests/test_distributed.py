@@ -1106,9 +1106,9 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
     payload has another length on some ranks (validation data on rank 0 alone, a layer more)
     is refused saying so, before any payload is exchanged; one on rank 0 alone while rank 1
     trains (an evaluate in a callback) runs on a communicator of its own: no pairing with
-    training, a timeout saying that a rank may not be making the call."""
-    # (rank 0 evaluating in a callback while rank 1 trains: each waits for the other, then
-    # says so, after a short timeout)
+    training; at an epoch's end it meets rank 1's agreement to stop, refused naming both."""
+    # (rank 0 evaluating in a callback while rank 1 trains: a short timeout, should either
+    # wait)
     waits = case == "evaluate in a rank-0 callback"
     proc, seconds = two_ranks(tmp_path, _REFUSED_ON_EVERY_RANK, case,
                               collective_timeout=10 if waits else 60)
@@ -1154,8 +1154,8 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
                          "train_on_batch in a job of one process)" for r in (0, 1)], lines
     elif case == "raises at an epoch's end":  # (was: rank 0 waited the whole timeout)
         assert lines == [
-            "rank 0 refused: DistributedError: drawing the first batch of epoch 2 failed on 1 "
-            "other rank(s): their error says why",
+            "rank 0 refused: DistributedError: drawing the first batch of epoch 2 failed on "
+            "rank(s) [1]: their error says why",
             "rank 1 refused: OSError: shard-0002.npz: No such file or directory"], lines
     elif case == "uneven batches":
         assert lines == [
@@ -1178,8 +1178,8 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
                                             "(their classes and save_freq) on rank(s) [1] than "
                                             "on rank 0",
                 "evaluate on rank 0, then fit": "the ranks are in different calls: rank(s) [0] "
-                                                "in evaluate (the data's checksums), rank(s) [1] "
-                                                "in fit (the layers' and compile's settings): "
+                                                "in evaluate (the checks of its data), rank(s) "
+                                                "[1] in fit (the checks of its arguments): "
                                                 "fit and evaluate must be called on every rank"
                 }[case]
         assert len(lines) == 2 and all(line.startswith(f"rank {r} refused: DistributedError: "
@@ -1194,15 +1194,14 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
         assert lines == [f"rank {r} refused: DistributedError: the model has another number "
                          "of layers on rank(s) [1] than on rank 0 (5 against 4): every rank "
                          "must build the same model" for r in (0, 1)], lines
-    elif case == "evaluate in a rank-0 callback":  # (was: a garbled name on rank 0)
+    elif case == "evaluate in a rank-0 callback":  # (was: a garbled name on rank 0, then
+        # a wait of the whole timeout on both: rank 1 now agrees on stop_training at the
+        # epoch's end, a tagged check too)
         assert lines == [
-            "rank 0 refused: DistributedError: rank 0 of 2 waited 10 s for the other ranks in "
-            "evaluate (the data's checksums): one of them is stuck or has died, or is not "
-            "making this call: fit and evaluate must be called on every rank, in the same "
-            "order (XPCNN_DIST_TIMEOUT sets the limit)",
-            "rank 1 refused: DistributedError: rank 1 of 2 waited 10 s for the other ranks in "
-            "the gradient allreduce: one of them is stuck or has died (XPCNN_DIST_TIMEOUT sets "
-            "the limit)"], lines
+            f"rank {r} refused: DistributedError: the ranks are in different calls: rank(s) "
+            "[0] in evaluate (the checks of its data), rank(s) [1] in fit (the agreement to "
+            "stop): fit and evaluate must be called on every rank, in the same order (predict "
+            "and save may be called on rank 0 alone)" for r in (0, 1)], lines
     elif case in ("checkpoint on rank 0 alone", "dataset checkpoint on rank 0 alone"):
         # (was: rank 0 resumed, rank 1 started afresh and their gradients were averaged: a
         # wrong model, silently, or a wait and "stuck"; with a dataset, "in different calls")
@@ -1221,7 +1220,7 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
     else:
         assert lines[0].startswith("rank 0 refused: InputError: ") and "m.npz" in lines[0]
         assert lines[1] == ("rank 1 refused: DistributedError: the callbacks' on_train_begin "
-                            "failed on 1 other rank(s): their error says why"), lines
+                            "failed on rank(s) [0]: their error says why"), lines
 
 
 _RUN_OUT_ALIKE = '''
@@ -1427,3 +1426,135 @@ def test_the_rank_checksums_are_one_tagged_sum_and_name_the_differing_ranks(monk
     assert [distributed._differing_ranks(sums, i) for i in range(3)] == [[], [2], [1]]
     assert not hasattr(distributed, "check_same_data")  # (DataParallel's method alone has it)
     assert callable(distributed.refuse_different_data)
+
+
+_RANKS_APART = '''
+import os
+import sys
+import zlib
+import numpy as np
+import xpcnn
+from xpcnn import distributed
+from xpcnn.callbacks import LambdaCallback
+from xpcnn.errors import XpcnnError
+from xpcnn.layers import Dense, Flatten, Softmax
+
+rank = distributed.world().rank
+case = sys.argv[1]
+rng = np.random.default_rng(0)
+x, y = rng.random((48, 4, 4, 3)).astype(np.float32), rng.integers(0, 3, 48)
+ck = os.path.join(os.path.dirname(__file__), "ck.npz")
+
+
+def make(seed=0):
+    m = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=seed)
+    m.compile(optimizer="sgd")
+    return m
+
+
+def stop(where):  # (each rank's own decision: rank 0 at its 3rd step, rank 1 at its 4th)
+    return LambdaCallback(**{where: lambda batch, logs: batch == 2 + rank and setattr(
+        model, "stop_training", True)})
+
+
+said = []
+model = make(seed=rank if case == "per-rank seed" else 0)
+try:
+    if case == "weights on rank 0":  # (the Horovod habit: loaded on rank 0, the rest synced)
+        pretrained = make(5)
+        pretrained.build((None, 4, 4, 3))
+        model.build((None, 4, 4, 3))
+        if rank == 0:
+            model.set_weights(pretrained.get_weights())
+        try:
+            model.evaluate(x, y, batch_size=4)
+        except XpcnnError as e:
+            said.append(f"rank {rank} refused: {type(e).__name__}: {e}")
+        distributed.broadcast_weights(model)  # (the fix the refusal names)
+        same = model.evaluate(x, y, batch_size=4) == pretrained.evaluate(x, y, batch_size=4)
+        said.append(f"rank {rank} after broadcast_weights: rank 0's scores {same}")
+    elif case == "per-rank seed":
+        model.fit(x, y, batch_size=4, verbose=0)
+    elif case.endswith("on rank 1"):  # (that node's copy of the data, or rank 1's argument)
+        if rank == 1:
+            x[3, 0, 0, 0] = np.nan if case.startswith("fit nan") else x[3, 0, 0, 0]
+            y[3] = 7 if case.startswith("evaluate label") else y[3]
+        weights = {0: 1.0, 5 if rank and case.startswith("fit class") else 1: 2.0}
+        if case.startswith("evaluate"):
+            model.evaluate(x, y, batch_size=4)
+        else:
+            model.fit(x, y, batch_size=4, verbose=0, class_weight=weights)
+    else:  # (stop_training set on each rank at its own step, or epoch)
+        epoch_end = case.startswith("stop at epoch end")
+        cb = LambdaCallback(on_epoch_end=lambda epoch, logs: rank == 1 and setattr(
+            model, "stop_training", True)) if epoch_end else stop("on_train_batch_end")
+        checkpoint = {"checkpoint": ck} if case.endswith("checkpoint") else {}
+        model.fit(x, y, batch_size=4, epochs=3, verbose=0, callbacks=[cb], **checkpoint)
+        crc = zlib.crc32(b"".join(w.tobytes() for w in model.get_weights()))
+        said.append(f"rank {rank} stopped after {model.optimizer.iterations} steps, "
+                    f"epochs {model.history.epoch}, weights {crc}")
+        if checkpoint:  # (a run that stop_training ended trains no more, as in one process)
+            again = make()
+            history = again.fit(x, y, batch_size=4, epochs=3, verbose=0, checkpoint=ck,
+                                resume=True)
+            said.append(f"rank {rank} resumed: {again.optimizer.iterations} steps, epochs "
+                        f"{history.epoch}")
+except XpcnnError as e:
+    said.append(f"rank {rank} refused: {type(e).__name__}: {e}")
+os.write(1, ("\\n".join(said) + "\\n").encode())
+'''
+
+
+@needs_mpi
+@pytest.mark.parametrize("case", ["weights on rank 0", "stop at a step",
+                                  "stop at a step, checkpoint", "stop at epoch end",
+                                  "stop at epoch end, checkpoint", "per-rank seed",
+                                  "fit nan on rank 1", "fit class_weight key on rank 1",
+                                  "evaluate label on rank 1"])
+def test_what_differs_between_the_ranks_at_evaluate_or_a_stop_is_agreed_or_refused(tmp_path,
+                                                                                    case):
+    """Weights loaded on rank 0 alone (the Horovod habit, which fit's broadcast serves): was
+    an evaluate whose loss mixed the two models' scores, silently; now refused on every rank,
+    naming the ranks and the first layer, and broadcast_weights gives rank 0's. A
+    stop_training set on one rank alone (a signal handler, a callback on rank-local state):
+    was the other rank waiting in the allreduce for the timeout, or, with a checkpoint, the
+    Ctrl-C agreement paired with another collective and a false TrainingInterrupted; now
+    every rank stops at the same step, and the resumed run trains no more (as one process's,
+    stopped). A per-rank model seed (fit's shuffling seed) was blamed on the data. A refusal of
+    rank 1's own data or argument as fit or evaluate starts left rank 0 waiting for the
+    timeout: now every rank fails at once, rank 0 naming rank 1."""
+    proc, seconds = two_ranks(tmp_path, _RANKS_APART, case, collective_timeout=5)
+    assert proc.returncode == 0 and seconds < 30, proc.stderr
+    lines = sorted(proc.stdout.splitlines())
+    if case == "weights on rank 0":
+        refusal = ("refused: DistributedError: evaluate on several ranks found other weights "
+                   "on rank(s) [1] than on rank 0, first in layer 'dense' (Dense): ")
+        assert len(lines) == 4 and all(line.startswith(f"rank {r} {refusal}") and
+                                       "xpcnn.distributed.broadcast_weights(model)" in line
+                                       for r, line in ((0, lines[1]), (1, lines[3]))), lines
+        assert [lines[0], lines[2]] == [f"rank {r} after broadcast_weights: rank 0's scores "
+                                        "True" for r in (0, 1)], lines
+    elif case.endswith("on rank 1"):
+        call = case.split()[0]
+        own = {"fit nan on rank 1": "NonFiniteError: x holds NaN or infinite values: sample 3",
+               "fit class_weight key on rank 1": "InputError: ",
+               "evaluate label on rank 1": "InputError: labels in y must be in [0, 2]"}[case]
+        assert lines[0] == (f"rank 0 refused: DistributedError: {call}'s checks of its data "
+                            "failed on rank(s) [1]: their error says why"), lines
+        assert lines[1].startswith(f"rank 1 refused: {own}") and len(lines) == 2, lines
+    elif case == "per-rank seed":
+        assert lines == [f"rank {r} refused: DistributedError: fit on several ranks shuffles "
+                         "with another seed on rank(s) [1] than on rank 0 (fit's seed, by "
+                         "default the model's: Sequential(seed=...)), so each rank would take "
+                         "its slices of other batches: give the model the same seed on every "
+                         "rank (not seed + rank: rank 0's initial weights go to every rank "
+                         "anyway), or pass the same fit(seed=...)" for r in (0, 1)], lines
+    else:
+        steps, epochs = (6, [0]) if "epoch end" in case else (3, [0])
+        stopped = [line for line in lines if "stopped" in line]
+        assert [line.split(", weights")[0] for line in stopped] == [
+            f"rank {r} stopped after {steps} steps, epochs {epochs}" for r in (0, 1)], lines
+        assert stopped[0].split("weights")[1] == stopped[1].split("weights")[1], lines
+        if case.endswith("checkpoint"):
+            assert [line for line in lines if "resumed" in line] == [
+                f"rank {r} resumed: {steps} steps, epochs {epochs}" for r in (0, 1)], lines

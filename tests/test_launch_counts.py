@@ -400,13 +400,14 @@ def test_clipping_takes_at_most_one_launch_and_no_gradient_copy(fast_cupy, clip,
 # A strided or over-padded convolution's input gradient was im2col + matmul + col2im, a
 # scatter per kernel tap (42, 25, 122 and 42 launches; 1.88, 1.36 and 4.84 MiB at the peak for
 # the strided three); now one gather launch (22 each; 1.41, 1.36 and 2.82 MiB). (A stride-1 one
-# keeps its rotated-kernel copy and the tiled kernel: 23.)
+# keeps its rotated-kernel copy and the tiled kernel: 23.) Then 18 (19): the kernel gradients
+# come back in the kernels' own layout, which the record and the update copied (2 a layer).
 HAND_WRITTEN_PINNED = {
-    "3x3 stride 1 'same'": (23, lambda: Conv2D(32, 3, padding="same")),
-    "3x3 stride 2 'same'": (22, lambda: Conv2D(32, 3, strides=2, padding="same")),
-    "1x1 stride 2": (22, lambda: Conv2D(32, 1, strides=2)),
-    "7x7 stride 2 'same'": (22, lambda: Conv2D(32, 7, strides=2, padding="same")),
-    "3x3 padding 3": (22, lambda: Conv2D(32, 3, padding=3)),
+    "3x3 stride 1 'same'": (19, lambda: Conv2D(32, 3, padding="same")),
+    "3x3 stride 2 'same'": (18, lambda: Conv2D(32, 3, strides=2, padding="same")),
+    "1x1 stride 2": (18, lambda: Conv2D(32, 1, strides=2)),
+    "7x7 stride 2 'same'": (18, lambda: Conv2D(32, 7, strides=2, padding="same")),
+    "3x3 padding 3": (18, lambda: Conv2D(32, 3, padding=3)),
 }
 
 
@@ -435,9 +436,10 @@ def test_hand_written_convolution_input_gradients_take_one_launch(fast_cupy, mon
 def test_a_mixed_precision_step_runs_on_the_hand_written_kernels(fast_cupy, monkeypatch):
     """Mixed float16 with cuDNN unloaded: the float16 convolutions ask the GPU's compute
     capability (tensor cores from 7.0), which the emulated cuDNN's device lacked (an
-    AttributeError at the first convolution). The step's launches: those of float32 (22, as
-    the 3x3 stride 2 'same' case above) and the weights' and gradients' casts (2), the
-    input's cast to float16, and the unscaled gradients' two copies back."""
+    AttributeError at the first convolution). The step's launches: those of float32 (18, as
+    the 3x3 stride 2 'same' case above) and the weights' and gradients' casts (2) and the
+    input's cast to float16 (the kernel gradients' copies for the record and the update, and
+    the unscaled copies' two back: 27 launches, no longer made)."""
     import xpcnn.ops.cudnn_conv as cudnn_conv
 
     monkeypatch.setattr(cudnn_conv, "load", lambda: None)
@@ -452,4 +454,28 @@ def test_a_mixed_precision_step_runs_on_the_hand_written_kernels(fast_cupy, monk
         x = device_array(rng.standard_normal((16, 16, 16, 16)).astype(np.float32))
         y = device_array(rng.integers(0, 10, 16))
         launches = _second_step(counter, model, x, y)
-    assert launch_count(launches) == 27, breakdown(launches)
+    assert launch_count(launches) == 21, breakdown(launches)
+
+
+# Launches of one eager step of cifar on the hand-written kernels (cuDNN unloaded), at batch 8
+# (the launches are the same at any batch): 51 and 54 while each convolution's kernel gradient
+# came back as a transposed view, copied by the step's record and by the update (and, under
+# loss scaling, its unscaled copy copied back: two more); the parts were summed by a reduction.
+HAND_WRITTEN_CIFAR = {"float32": 43, "mixed_float16": 42}
+
+
+@pytest.mark.parametrize("precision", list(HAND_WRITTEN_CIFAR))
+def test_hand_written_kernel_gradients_need_no_copy(fast_cupy, monkeypatch, precision):
+    """The parts of a kernel gradient are summed straight into the (K, kh, kw, C) layout of
+    the kernel, its bias gradient beside it, in one launch: the record and the update read
+    every gradient in place."""
+    import xpcnn.ops.cudnn_conv as cudnn_conv
+
+    monkeypatch.setattr(cudnn_conv, "load", lambda: None)
+    launches = step_launches("cifar", precision, batch=8, warmup=1)
+    assert launch_count(launches) == HAND_WRITTEN_CIFAR[precision], breakdown(launches)
+    after = [launch for launch in launches if launch.kind == "copy"
+             and launch.where in ("RunningTotals.add", "SGD._fused_update")]
+    assert not after, breakdown(launches)
+    sums = [launch for launch in launches if launch.name == "xpcnn_conv_sum_parts"]
+    assert len(sums) == 4 and not [launch for launch in launches if launch.kind == "reduction"]

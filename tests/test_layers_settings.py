@@ -259,6 +259,7 @@ def test_a_keras_keyword_given_the_value_xpcnn_has_is_taken(make):
     lambda L: L.Dropout(0.5, seed=None, noise_shape=None),
     lambda L: L.Dense(4, kernel_regularizer=None, bias_constraint=None, lora_rank=None,
                       lora_alpha=None, quantization_config=None),
+    lambda L: L.Conv2D(8, 3, lora_rank=None, lora_alpha=None),  # (Keras 3's BaseConv's)
     lambda L: L.BatchNorm2D(beta_regularizer=None, gamma_constraint=None, renorm_clipping=None),
     lambda L: L.RandomFlip(seed=None, data_format=None), lambda L: L.ReLU(max_value=None),
 ])
@@ -275,6 +276,8 @@ def test_keras_none_defaults_spelled_out_are_taken(make):
         L.Dense(4, kernel_regularizer="l2")
     with pytest.raises(InputError, match="take no regularizer"):  # (not a Keras Dropout's)
         L.Dropout(0.5, kernel_regularizer=None)
+    with pytest.raises(InputError, match=r"Conv2D\(lora_rank=4\): .*Conv2D has no LoRA"):
+        L.Conv2D(8, 3, lora_rank=4)  # (a real rank still refused)
 
 
 def test_a_keras_keyword_refusal_leaves_other_keywords_and_users_constructors_alone():

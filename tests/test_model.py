@@ -1568,6 +1568,23 @@ def test_an_emptied_sequential_keeps_its_input_for_the_next_add(empty):
         model.pop(), model.add(xpcnn.Input((4, 4, 1)))
 
 
+def test_an_emptied_sequential_built_by_its_data_keeps_that_input_as_keras():
+    """One built by its first data, no input declared, keeps that input when emptied, as
+    Keras 3's Sequential does (it inserts an InputLayer at any build): refilled, it is built
+    for it, and data of another shape is refused (README, Sequential's row)."""
+    rng = np.random.default_rng(2)
+    model = xpcnn.Sequential([Flatten(), Dense(3)])
+    model.predict(rng.random((2, 4, 4, 1)).astype(np.float32), verbose=0)
+    model.pop(), model.pop()
+    assert not model.built and model.input_shape == (None, 4, 4, 1)
+    model.add(Flatten())
+    model.add(Dense(2))
+    assert model.built and model.output_shape == (None, 2) and model.input_shape == (None, 4, 4, 1)
+    with pytest.raises(InputError, match=r"per-sample shape \(6, 6, 3\) but the model expects "
+                                         r"\(4, 4, 1\)"):
+        model.predict(rng.random((2, 6, 6, 3)).astype(np.float32), verbose=0)
+
+
 def _small_dense_model():
     model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], seed=0)
     model.compile(optimizer=xpcnn.optim.SGD(0.1))
@@ -2026,6 +2043,61 @@ def test_an_x_y_pair_given_as_x_is_unpacked_as_keras_does(built):
     twin.fit(x, y, sample_weight=w, epochs=2, batch_size=4, verbose=0, shuffle=False)
     for a, b in zip(model.get_weights(), twin.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_a_pair_whose_second_array_cannot_be_labels_is_two_inputs_refused(built):
+    """x = (x, y) is unpacked only where its second array could be labels (rank 1 or 2): two
+    batches of images, of other per-sample shapes, are refused as two inputs by fit, evaluate
+    and predict alike (was: predict ignored the second, evaluate took it as labels)."""
+    rng = np.random.default_rng(4)
+    xa = rng.normal(size=(4, 6, 6, 3)).astype(np.float32)
+    xb = rng.normal(size=(4, 5, 5, 3)).astype(np.float32)
+    model = _small(built)
+    one = r"\(N, 6, 6, 3\)" if built else r"\(N, H, W, C\)"
+    two = (rf"^x is a tuple of 2 arrays \(shapes \(4, 6, 6, 3\), \(4, 5, 5, 3\)\), but model "
+           rf"'sequential' has one input, {one}")
+    for call in (model.predict, model.evaluate, functools.partial(model.fit, epochs=1),
+                 functools.partial(model.fit, y=np.zeros(4, int))):
+        with pytest.raises(InputError, match=two):
+            call((xa, xb), verbose=0)
+    assert model.built == built
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_a_pair_with_labels_of_a_wrong_shape_gets_the_labels_refusal(built):
+    """x = (images, masks): the masks are no batch of the model's images, so the pair is read
+    as (x, y) and the labels' check names their shape (review RD: was called two inputs)."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(4, 6, 6, 3)).astype(np.float32)
+    masks = rng.normal(size=(4, 6, 6)).astype(np.float32)
+    model = _small(built)
+    with pytest.raises(InputError, match=r"^y must be integer labels of shape \(4,\) or "
+                                         r"one-hot rows of shape \(4, \d+\); got shape "
+                                         r"\(4, 6, 6\)"):
+        model.fit((x, masks), epochs=1, verbose=0)
+
+
+def test_a_pair_of_one_flat_shape_is_refused_as_ambiguous():
+    """A flat model whose features equal its classes: (x, one_hot) reads as (x, y) or as two
+    inputs, refused naming both and how to pass them (was: "y ... is missing" from fit)."""
+    rng = np.random.default_rng(5)
+    model = xpcnn.Sequential([Dense(10), Softmax()], input_shape=(10,), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1))
+    x = rng.random((8, 10)).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 8)]
+    ambiguous = (r"x is a tuple of arrays of shapes \(8, 10\), \(8, 10\).*, which is "
+                 r"ambiguous for model 'sequential', of input \(N, 10\): \(x, y\) with one-hot "
+                 r"labels, or two batches of its one input\? Pass ")
+    for call, apart in ((model.fit, r"x and y apart, fit\(x, y\)$"),
+                        (model.evaluate, r"x and y apart, evaluate\(x, y\)$"),
+                        (model.predict, r"x alone, predict\(x\)$")):
+        with pytest.raises(InputError, match=rf"^{call.__name__}: {ambiguous}{apart}"):
+            call((x, y), verbose=0)
+    with pytest.raises(InputError, match=rf"^fit: {ambiguous}"):
+        model.fit((x, y, None), verbose=0)
+    assert np.isfinite(model.fit(x, y, verbose=0).history["loss"][0])  # (apart: taken)
+    assert model.evaluate((x, y[:, :3].argmax(1))) == model.evaluate(x, y[:, :3].argmax(1))
 
 
 def test_lists_of_samples_keep_their_meaning_beside_one_element_lists():

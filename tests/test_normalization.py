@@ -124,6 +124,29 @@ def test_adapt_builds_the_layer_for_the_datas_shape_as_keras(rng):
     np.testing.assert_allclose(other(x[:1, :3, :3, :2]), x[:1, :3, :3, :2] / 2, rtol=1e-6)
 
 
+def test_a_refused_call_leaves_an_adapted_layer_as_it_was(rng):
+    """A call on other channels is refused and changes nothing: the layer stays provisional,
+    built for the adapted shape, and takes that shape after (was: built for the refused
+    shape, no longer provisional, so a call on the adapted data was refused)."""
+    x = images(rng, np.float32)
+    norm = Normalization()
+    norm.adapt(x)
+    before, state = norm.get_weights(), norm.state
+    with pytest.raises(InputError, match="3 channel statistics but the input has 2 channels"):
+        norm(x[:2, :3, :3, :2])
+    with pytest.raises(InputError, match="3 channel statistics but the input has 2 channels"):
+        norm.build((3, 3, 2))
+    assert norm.built and norm.provisional and norm.input_shape == (5, 4, 3)
+    assert norm.state is state  # (the same dict, put back: review RD)
+    for got, want in zip(norm.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    mean, std = reference(x)
+    np.testing.assert_allclose(norm(x), (x - mean) / std, atol=1e-3)  # (float32 of ~1e3)
+    model = xpcnn.Sequential([norm], input_shape=(6, 6, 3))  # (still rebuilt by a model)
+    assert norm.input_shape == (6, 6, 3) and not norm.provisional
+    assert model.predict(x[:2, :1, :1].repeat(6, 1).repeat(6, 2), verbose=0).shape == (2, 6, 6, 3)
+
+
 def test_an_unadapted_layer_is_refused_where_it_is_built_or_called(rng):
     adapt_first = r"has no mean and std yet: call layer.adapt\(data\).*Normalization\(mean, std\)"
     with pytest.raises(InputError, match=adapt_first):

@@ -222,3 +222,64 @@ def test_older_float64_files_saying_float32_still_load_and_resume(tmp_path):
     again = _model([Flatten(), Dense(3)], precision="float32", dtype="float64")
     restore_checkpoint(again, tmp_path / "c.npz")
     again.fit(x, y, verbose=0)
+
+
+# -- mixed_float16's loss scale across compile ---------------------------------------------------
+
+
+def _scaled_model(optimizer):
+    m = xpcnn.Sequential(device="cpu", seed=0)
+    for la in [Conv2D(2, 3), BatchNorm2D(), Flatten(), Dense(4)]:
+        m.add(la)
+    m.compile(optimizer=optimizer, precision="mixed_float16")
+    m.build((8, 8, 3))
+    m.loss_scale = 2.0**17  # (float16 gradients overflow: the first step lowers the scale)
+    return m
+
+
+def test_compiling_again_with_the_optimizer_it_holds_keeps_the_loss_scale():
+    """compile(optimizer=model.optimizer, ..., precision="mixed_float16") again (for other
+    metrics, say) kept the optimiser's slots and step count but put the loss scale back to
+    2**15 and its good steps to 0, silently: Keras 3's LossScaleOptimizer keeps its scale and
+    PyTorch's GradScaler is never reset. The run goes on as one never compiled again does, bit
+    for bit; another optimiser, or another precision in between, starts a scale afresh."""
+    rng = np.random.default_rng(0)
+    batches = [(rng.normal(size=(4, 8, 8, 3)).astype(np.float32), rng.integers(0, 4, 4))
+               for _ in range(6)]
+    reference = _scaled_model(xpcnn.optim.Adam(1e-2))
+    with np.errstate(all="ignore"):
+        for xb, yb in batches:
+            reference.train_on_batch(xb, yb)
+        model = _scaled_model(xpcnn.optim.Adam(1e-2))
+        for xb, yb in batches[:3]:
+            model.train_on_batch(xb, yb)
+        opt, scaling = model.optimizer, model._scaling
+        scale, good = model.loss_scale, model._good_steps
+        assert scale < 2.0**17 and good > 0
+        model.compile(optimizer=opt, metrics=["accuracy", "sparse_top_k_categorical_accuracy"],
+                      precision="mixed_float16")
+        # (the same array: a captured step or another rank may hold it)
+        assert model._scaling is scaling and (model.loss_scale, model._good_steps) == (scale,
+                                                                                      good)
+        assert opt.iterations == 3 and opt.slots
+        for xb, yb in batches[3:]:
+            model.train_on_batch(xb, yb)
+    assert (model.loss_scale, model._good_steps) == (reference.loss_scale,
+                                                     reference._good_steps)
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+    model.compile(optimizer=xpcnn.optim.Adam(1e-2), precision="mixed_float16")  # (a new one)
+    assert (model.loss_scale, model._good_steps) == (2.0**15, 0)
+    model.loss_scale = 256.0
+    model.compile(optimizer=model.optimizer, precision="float32")
+    assert model.loss_scale == 1.0
+    model.compile(optimizer=model.optimizer, precision="mixed_float16")
+    assert (model.loss_scale, model._good_steps) == (2.0**15, 0)
+    # (an optimiser assigned, model.optimizer = ..., is another one as in compile: its slots
+    # are fresh, and so is its scale; review RD: it kept the last one's, then compile did)
+    model.loss_scale = 256.0
+    model.optimizer = xpcnn.optim.Adam(1e-2)
+    assert (model.loss_scale, model._good_steps) == (2.0**15, 0)
+    model.loss_scale = 256.0
+    model.compile(optimizer=model.optimizer, precision="mixed_float16")
+    assert model.loss_scale == 256.0

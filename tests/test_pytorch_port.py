@@ -313,6 +313,50 @@ def test_batchnorms_num_batches_tracked_is_dropped_by_set_weights():
         model.layers[1].set_weights(model.layers[1].get_weights()[:3])
 
 
+class _Steps(xpcnn.layers.Layer):
+    """A user's layer with a scalar weight, which a 0-d integer may set."""
+
+    weight_names = ("steps",)
+
+    def _build(self, input_shape, rng):
+        self._param("steps", np.zeros(()), trainable=False)
+        return input_shape
+
+    def forward(self, x, training=False, options=None):
+        return x
+
+
+class _CountingBatchNorm(BatchNorm2D):
+    weight_names = (*BatchNorm2D.weight_names, "steps")
+
+    def _build(self, input_shape, rng):
+        shape = super()._build(input_shape, rng)
+        self._param("steps", np.zeros(()), trainable=False)
+        return shape
+
+
+def test_a_scalar_weight_after_a_moving_variance_is_kept_where_the_count_fits():
+    """A 0-d integer right after a moving_variance is dropped as num_batches_tracked only
+    where the list does not fit as given and fits without it: a user's scalar weight there,
+    in a list of the right count, is set (was: dropped, the list then refused one short),
+    by the model's set_weights and by the layer's."""
+    model = xpcnn.Sequential([Conv2D(2, 3), BatchNorm2D(), _Steps()], input_shape=(5, 5, 1))
+    values = model.get_weights()
+    model.set_weights([*values[:-1], np.array(7)])
+    assert model.layers[2].get_weights()[0] == 7
+    model.set_weights([*values[:-1], np.array(7), np.array(8)])  # (a state_dict's: dropped)
+    assert model.layers[2].get_weights()[0] == 8
+    with pytest.raises(InputError, match=r"expects 7 arrays .*got 9 \(1 num_batches_tracked "
+                                         r"dropped\)$"):  # (fits neither way: the hint kept)
+        model.set_weights([*values[:-1], np.array(7), np.array(8), np.array(9)])
+    layer = _CountingBatchNorm()
+    layer.build((4, 4, 2))
+    layer.set_weights([*layer.get_weights()[:4], np.array(5)])
+    assert layer.get_weights()[4] == 5
+    layer.set_weights([*layer.get_weights()[:4], np.array(6), np.array(9)])  # (a state_dict's)
+    assert layer.get_weights()[4] == 9
+
+
 @needs_torch
 def test_normalization_takes_torch_parameters():
     layer = Normalization(mean=torch.nn.Parameter(torch.tensor([0.5, 1.0, 2.0])),

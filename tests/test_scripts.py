@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -693,3 +694,78 @@ if "--json" in args:
     extras = stages[at("gpu_extra.json")]
     assert "--models" in extras and "--conv-layers" in extras and "--conv-layers" not in \
         stages[grid]
+
+
+def _bench_module(monkeypatch: pytest.MonkeyPatch, *argv: str):
+    """scripts/bench.py imported (it parses sys.argv at import), its ARGS parsed from argv."""
+    monkeypatch.setattr(sys, "argv", ["bench.py"])
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench
+
+    monkeypatch.setattr(bench, "ARGS", bench.parse_args(list(argv)))
+    return bench
+
+
+def test_the_model_table_runs_its_children_and_labels_its_rows_in_its_precision(monkeypatch,
+                                                                                capsys):
+    """bench.py --precision reaches the child processes (peak memory, --torch-own-process
+    timing: were float32 under a mixed label), and the table says the precision, and that
+    PyTorch's float16 runs without a GradScaler while xpcnn scales its loss."""
+    import types
+
+    bench = _bench_module(monkeypatch, "--models", "mnist", "--precision", "mixed_float16")
+    seen = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: (
+        seen.append(cmd), types.SimpleNamespace(returncode=1, stderr="", stdout=""))[1])
+    assert bench.measure_memory("torch", "mnist") is None
+    (cmd,) = seen
+    assert cmd[cmd.index("--precision") + 1] == "mixed_float16"
+    row = {"model": "mnist", "load_average": [0.0, 0.0], "torch_error": "no float16 here",
+           "xpcnn": {"train_img_s": 1.0, "train_gflop_s": 1.0, "train_peak_share": 0.1,
+                     "infer_img_s": 1.0, "infer_gflop_s": 1.0, "infer_peak_share": 0.1}}
+    bench.print_table({"machine": {"cpu": "cpu", "cores": 2, "matmul_peak_gflop_s": 10.0,
+                                   "blas": "blas"}, "threads": 2, "models": [row],
+                       "steps": 1, "warmup": 0, "blocks": 1, "timing": "one process",
+                       "memory_method": "skipped", "precision": "mixed_float16"})
+    out = capsys.readouterr().out
+    assert "Precision: mixed_float16" in out and "without a GradScaler" in out
+    assert "PyTorch could not run some models (xpcnn alone): no float16 here" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs PyTorch")
+def test_the_model_table_times_xpcnn_alone_where_pytorch_refuses_the_precision(monkeypatch):
+    """A RuntimeError from PyTorch's steps (a half dtype its CPU autocast lacks) leaves the
+    row to xpcnn, with the error, as --layers does (was: the traceback ended the run)."""
+    bench = _bench_module(monkeypatch, "--models", "mnist", "--batch-size", "2", "--steps", "1",
+                          "--blocks", "1", "--warmup", "0", "--no-memory",
+                          "--torch-own-process")
+
+    def refused() -> None:
+        raise RuntimeError("\"addmm\" not implemented for 'Half'\nmore")
+
+    monkeypatch.setattr(bench, "torch_steps", lambda *args: (refused, refused))
+    monkeypatch.setattr(bench, "_child", lambda *args: pytest.fail("PyTorch timed anyway"))
+    row = bench.bench_model("mnist", 10.0)
+    assert row["torch_error"] == "\"addmm\" not implemented for 'Half'"
+    assert "torch" not in row and "train_ratio" not in row and row["xpcnn"]["train_img_s"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs PyTorch")
+def test_an_autocast_that_turns_itself_off_is_a_refusal_not_a_float32_row(monkeypatch):
+    """A PyTorch whose CPU autocast lacks the half dtype warns and turns itself off: timed,
+    its float32 would stand under a half-float label (review RC). bench.torch_autocast raises
+    it as the refusal that prints xpcnn alone."""
+    import torch
+
+    bench = _bench_module(monkeypatch, "--models", "mnist", "--precision", "mixed_float16")
+    assert bench.torch_autocast()._enabled  # (this PyTorch takes float16 on the CPU)
+    real = torch.autocast
+
+    def lacking(device_type, dtype=None, **kwargs):
+        warnings.warn("In CPU autocast, but the target dtype is not supported. Disabling "
+                      "autocast.", stacklevel=2)
+        return real(device_type, dtype=dtype, enabled=False)
+
+    monkeypatch.setattr(torch, "autocast", lacking)
+    with pytest.raises(RuntimeError, match="does not take torch.float16: In CPU autocast, but"):
+        bench.torch_autocast()

@@ -9,7 +9,8 @@ fit has validation data), ``validation_freq`` (see :func:`validates`) and ``clas
 table, or None).
 Setting ``model.stop_training = True`` in any hook ends training after the current batch (or
 epoch): ``on_epoch_end`` and ``on_train_end`` still run and ``fit`` returns the
-:class:`History`. ``model.stop_evaluating`` / ``model.stop_predicting`` (Keras 3's, reset by
+:class:`History`; on several ranks, set on any rank (a signal handler's, say), every rank stops
+at the same step. ``model.stop_evaluating`` / ``model.stop_predicting`` (Keras 3's, reset by
 each call; each thread's own) end evaluate (fit's validation too) / predict after the current
 batch: its means are those of the batches seen, predict returns the rows so far. On several
 ranks each rank stops where its own callbacks set the flag (evaluation has no exchange between

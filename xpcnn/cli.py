@@ -662,7 +662,7 @@ def _main(argv: list[str] | None) -> int:
 RESUME_ADVICE = ResumeAdvice(
     run="the same --dataset, --val-split, --limit, --batch-size, --seed and --data-dir files",
     compile="give the same --model, --epochs, --optimizer, --lr, --schedule and --precision",
-    fresh="no --resume (or another --checkpoint)")
+    fresh="no --resume (or another --checkpoint)", takes_precision=False)
 
 
 def _fail(prog: str, message: str, status: int, as_json: bool) -> int:

@@ -18,7 +18,11 @@ on four ranks; ``fit`` needs no change. As in ChainerMN, Horovod and PyTorch DDP
   arrays for GPU ranks (on its own stream), MPI ``Iallreduce`` on host arrays for CPU ranks;
 * random layers (Dropout, RandomFlip, RandomCrop) draw the numbers of the global batch and
   take their slice, so each sample gets the numbers it gets in one process;
-* ``evaluate`` and the training metrics are summed over the ranks; only rank 0 prints progress
+* ``evaluate`` and the training metrics are summed over the ranks (``evaluate`` refuses weights
+  that differ between the ranks, as loaded on rank 0 alone: :func:`broadcast_weights`;
+  ``predict`` runs whole on each rank with that rank's own model, no exchange); a
+  ``model.stop_training`` set on any rank stops every rank at the same step (an agreement
+  after each step's callbacks and after ``on_epoch_end``); only rank 0 prints progress
   and writes files (models, checkpoints, figures): a save that every rank calls returns on
   each once rank 0 has written, and one that rank 0 calls alone returns at once
   (:func:`write_on_root`);
@@ -620,6 +624,8 @@ class DataParallel:
 
         self.random_layers = [la for la in model.layers if isinstance(la, RandomLayer)]
         self.total, self.weight = 0, 1.0  # the global batch's size, this rank's share of it
+        # whether the ranks agreed to stop at this step (agree_to_stop); None: not asked yet
+        self.stop_agreed: bool | None = None
 
     # the batch
     def set_batch(self, local: int) -> None:
@@ -740,16 +746,8 @@ class DataParallel:
             class_weights=class_weights, arguments=arguments)
 
     def agree(self, error: BaseException | None, what: str) -> None:
-        """Raise, on every rank, where ``what`` failed on any (``error``: this rank's): a
-        refusal on one rank alone (a path only rank 0 checks) otherwise left the others
-        waiting in the first allreduce until the timeout."""
-        failed = host_sum(self.world, [float(error is not None)], f"fit ({what})",
-                          tagged=True)[0]
-        if error is not None:
-            raise error
-        if failed:
-            raise DistributedError(f"{what} failed on {int(failed)} other rank(s): their "
-                                   "error says why")
+        """:func:`agree` in fit."""
+        agree(self.world, error, what)
 
     def check_same_start(self, start: Any, paths: Sequence[str]) -> None:
         """After the callbacks' ``on_train_begin``, before any step: refuse, on every rank
@@ -779,6 +777,32 @@ class DataParallel:
             "groups resume at the same point, from files of other runs): every rank must "
             "read the same file: give a path that every rank reads (a shared file system, not "
             "a node-local disk), or copy rank 0's file to that path on every node")
+
+    def agree_to_stop(self, interrupted: bool = False) -> tuple[bool, bool]:
+        """Whether any rank's ``model.stop_training`` is set, and whether any rank got a
+        Ctrl-C (``interrupted``: this one's), after a step's callbacks (a checkpoint's asks
+        with its Ctrl-C, else fit itself) and after ``on_epoch_end``: set on one rank alone (a
+        signal handler, a callback deciding on that rank's own state), it left the others
+        waiting in the next step's allreduce. One tagged host sum (on ``World.checks``: never
+        paired with training's collectives); where any rank stops, every rank's
+        ``stop_training`` is set (never cleared here: a signal's since the exchange waits
+        for the next). The answer is kept for fit's loop (:meth:`agreed_stop`)."""
+        model = self.model
+        got = host_sum(self.world, [float(model.stop_training), float(interrupted)],
+                       "fit (the agreement to stop)", tagged=True)
+        if got[0]:
+            model.stop_training = True
+        self.stop_agreed = got[0] > 0
+        return got[0] > 0, got[1] > 0
+
+    def agreed_stop(self) -> bool:
+        """In fit's loop, after a step's callbacks or ``on_epoch_end``: whether every rank
+        stops there (agreed now, unless a checkpoint's callback agreed since the last
+        call)."""
+        if self.stop_agreed is None:
+            self.agree_to_stop()
+        stop, self.stop_agreed = bool(self.stop_agreed), None
+        return stop
 
     def broadcast_weights(self) -> None:
         """Every rank takes rank 0's weights (its parameters and BatchNorm statistics)."""
@@ -810,9 +834,44 @@ class DataParallel:
             la.state[k] = backend.asarray(a / self.world.size, dtype=la.dtype)
 
 
+def agree(here: World, error: BaseException | None, what: str, tag: str | None = None
+          ) -> None:
+    """Raise, on every rank, where ``what`` (a part of fit, else ``tag`` names the call and the
+    part, for :func:`host_sum`) failed on any (``error``:
+    this rank's, raised again here; the others a :class:`DistributedError` naming the ranks
+    that failed): a refusal on one rank alone (a path only rank 0 checks, a NaN in that node's
+    copy of the data) otherwise left the others waiting in the next exchange until the
+    timeout. One tagged host sum of a flag a rank."""
+    failed = np.zeros(here.size)
+    failed[here.rank] = error is not None
+    got = host_sum(here, failed, f"fit ({what})" if tag is None else tag, tagged=True)
+    if error is not None:
+        raise error
+    ranks = [r for r in range(here.size) if got[r]]
+    if ranks:
+        raise DistributedError(f"{what} failed on rank(s) {ranks}: their error says why")
+
+
+@contextlib.contextmanager
+def agreeing(what: str, tag: str) -> Iterator[None]:
+    """Around checks that may refuse on one rank alone (its copy of the data): on several
+    ranks, an :class:`Exception` inside is :func:`agree`'d, so that every rank fails at once;
+    nothing in one process."""
+    here = world()
+    if here.size == 1:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:  # (raised again by agree, after the others learn of it)
+        error = e
+    agree(here, error, what, tag)
+
+
 def refuse_different_data(here: World, sources: Sequence[tuple[str, Any]], call: str = "fit",
                           class_weights: np.ndarray | None = None,
-                          arguments: dict[str, Any] | None = None) -> None:
+                          arguments: dict[str, Any] | None = None, model: Any = None) -> None:
     """Refuse, on every rank alike, data that differs between the ranks (each rank takes its
     slice of every batch of the same data: per-rank shards, a PyTorch habit, trained or
     evaluated half of it, silently, and data of other lengths gave the ranks other logs, whose
@@ -825,8 +884,12 @@ def refuse_different_data(here: World, sources: Sequence[tuple[str, Any]], call:
     with its own: the averaged gradient was a silent mix); and one a value of ``arguments``
     (fit's epochs, its callbacks...: where they differed, a rank waited for the others
     until the timeout, then blamed a stuck rank, or the ranks averaged the gradients of
-    different epochs)."""
+    different epochs). With ``model`` (evaluate's), one a layer of a CRC-32 of its weights and
+    state, read to the host (on CuPy, a copy of every weight from the device once a call): the
+    ranks' sums of their slices' scores mixed the models of ranks that loaded other weights
+    (rank 0 alone, the Horovod habit, which fit's broadcast serves but evaluate has not)."""
     arguments = arguments or {}
+    layers = [] if model is None else list(model.layers)
     row: list[float] = []
     for what, data in sources:
         mark = data.same_data_mark()
@@ -835,8 +898,14 @@ def refuse_different_data(here: World, sources: Sequence[tuple[str, Any]], call:
             mark = {"data": mark, "class_weight": [float(w) for w in class_weights]}
         row.append(-1.0 if mark is None else _crc(mark))
     row += [_crc(v) for v in arguments.values()]
+    row += [_weights_crc(model.backend, la) for la in layers]
 
     def other_count(counts: list[tuple[int, ...]]) -> str:
+        if len({c[2] for c in counts}) > 1:
+            ranks = [r for r in range(here.size) if counts[r][2] != counts[0][2]]
+            return (f"the model has another number of layers on rank(s) {ranks} than on rank "
+                    f"0 ({', '.join(str(counts[r][2]) for r in ranks)} against "
+                    f"{counts[0][2]}): every rank must build the same model")
         # (fit's sources are its training data and, on some ranks only here, its validation)
         more = [r for r in range(here.size) if counts[r][0] > min(c[0] for c in counts)]
         fewer = [r for r in range(here.size) if r not in more]
@@ -848,9 +917,16 @@ def refuse_different_data(here: World, sources: Sequence[tuple[str, Any]], call:
                 f"must call {call} with the same arguments and callbacks")
 
     sums = _rank_checksums(here, row, f"{call} (the data's checksums)",
-                           [len(sources), len(arguments)], other_count)
+                           [len(sources), len(arguments), len(layers)], other_count)
     for i, name in enumerate(arguments, len(sources)):
         ranks = _differing_ranks(sums, i)
+        if ranks and name == SEED_ARGUMENT:
+            raise DistributedError(
+                f"{call} on several ranks shuffles with another seed on rank(s) {ranks} than "
+                "on rank 0 (fit's seed, by default the model's: Sequential(seed=...)), so "
+                "each rank would take its slices of other batches: give the model the same "
+                "seed on every rank (not seed + rank: rank 0's initial weights go to every "
+                "rank anyway), or pass the same fit(seed=...)")
         if ranks:
             raise DistributedError(
                 f"{call} on several ranks was given another {name} on rank(s) {ranks} than on "
@@ -868,6 +944,42 @@ def refuse_different_data(here: World, sources: Sequence[tuple[str, Any]], call:
                 ", batch_size, seed or shuffle): "
                 f"every rank passes the same {whole}, and each takes its own slice of every "
                 "batch; do not split the data into per-rank shards")
+    for i, la in enumerate(layers, len(sources) + len(arguments)):
+        ranks = _differing_ranks(sums, i)
+        if ranks:
+            raise DistributedError(
+                f"{call} on several ranks found other weights on rank(s) {ranks} than on rank "
+                f"0, first in layer {la.name!r} ({type(la).__name__}): each rank scores its "
+                "slice of every batch and the sums are added up, a mix of the models; load "
+                "the weights on every rank (model.load_weights(path) on all, not on rank 0 "
+                "alone), or call xpcnn.distributed.broadcast_weights(model) on every rank to "
+                "give every rank rank 0's")
+
+
+def _weights_crc(backend: Any, layer: Any) -> int:
+    """CRC-32 of the bytes of ``layer``'s weights and state, in order (host copies)."""
+    crc = 0
+    for a in [*layer.params.values(), *layer.state.values()]:
+        crc = zlib.crc32(np.ascontiguousarray(backend.to_numpy(a)).tobytes(), crc)
+    return crc
+
+
+def broadcast_weights(model: Any) -> None:
+    """Give every rank rank 0's weights (parameters and state), as ``fit`` does as it starts:
+    for weights loaded on rank 0 alone (the Horovod and DDP habit) before ``evaluate``, which
+    refuses weights that differ between the ranks. A collective: call it on every rank, with
+    the same built model (checked first, in a tagged exchange). Nothing in one process."""
+    here = world()
+    if here.size == 1:
+        return
+    model._require_built("broadcast_weights")
+    weights = [np.ascontiguousarray(w) for w in model.get_weights()]
+    host_sum(here, [0.0], "broadcast_weights", tagged=True, layout=[
+        len(weights), sum(w.nbytes for w in weights)])
+    comm = here.comm if here.checks is None else here.checks  # (after the tag: paired)
+    _wait(here, [comm.Ibcast(w, root=0) for w in weights], "broadcast_weights")
+    if not here.is_root:
+        model.set_weights(weights)
 
 
 def _rank_checksums(here: World, row: Sequence[float], what: str, layout: Sequence[int] = (),
@@ -910,12 +1022,19 @@ def _compile_settings(model: Any) -> dict[str, Any]:
         "metrics": list(getattr(model, "metrics", ()) or ())}
 
 
+#: The name of fit's shuffling seed among :func:`fit_arguments` (its refusal says more).
+SEED_ARGUMENT = "seed"
+
+
 def fit_arguments(epochs: int, initial_epoch: int, steps_per_epoch: Any, validation_steps: Any,
-                  validation_freq: Any, callbacks: Sequence[Any]) -> dict[str, Any]:
+                  validation_freq: Any, callbacks: Sequence[Any], seed: int = 0
+                  ) -> dict[str, Any]:
     """fit's arguments that every rank must share beyond its data, by name, for
     :func:`refuse_different_data`: the ``callbacks`` (fit's own History and progress bar left out by
-    the caller: rank 0 alone shows one) by class, and the save frequency of those that save."""
-    return {"epochs": epochs, "initial_epoch": initial_epoch,
+    the caller: rank 0 alone shows one) by class, and the save frequency of those that save;
+    the shuffling ``seed`` (the model's where fit is given none: a per-rank model seed, a
+    PyTorch habit, was blamed on the data, whose checksums include it)."""
+    return {SEED_ARGUMENT: seed, "epochs": epochs, "initial_epoch": initial_epoch,
             "steps_per_epoch": steps_per_epoch, "validation_steps": validation_steps,
             "validation_freq": sorted(validation_freq) if isinstance(
                 validation_freq, frozenset) else validation_freq,  # (a set's order varies)

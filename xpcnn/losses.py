@@ -75,13 +75,29 @@ def _labels_as_scores(y_true: Any, y_pred: Any) -> bool:
     return bool(whole) and not bool(np.all((scores == 0) | (scores == 1)))
 
 
+def _same_settings(a: Any, b: Any) -> bool:
+    """Whether two losses hold the same attributes (compared by ==, by identity where that
+    gives no single truth value)."""
+    if vars(a).keys() != vars(b).keys():
+        return False
+    for key, value in vars(a).items():
+        try:
+            if not bool(value == vars(b)[key]):
+                return False
+        except (TypeError, ValueError):  # (an array's == has no single truth value)
+            if value is not vars(b)[key]:
+                return False
+    return True
+
+
 #: Keras' loss keywords that mean what xpcnn's loss does with these values, and what it does.
 _KERAS_DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "reduction": ("sum_over_batch_size",), "axis": (-1, 1), "ignore_class": (None,)}
+    "reduction": ("sum_over_batch_size", "mean"), "axis": (-1, 1), "ignore_class": (None,)}
 _KERAS_ONLY = {
-    "reduction": ("'sum_over_batch_size', Keras' default: the mean over the batch (with sample "
-                  "weights, their weighted sum divided by N); with SGD, a sum's steps are "
-                  "the mean's at the learning rate times the batch size"),
+    "reduction": ("'sum_over_batch_size' (or 'mean', the same in Keras 3), Keras' default: "
+                  "the mean over the batch (with sample weights, their weighted sum divided "
+                  "by N); with SGD, a sum's steps are the mean's at the learning rate times "
+                  "the batch size"),
     "axis": ("-1 (or 1), Keras' default: the classes are the last axis of scores "
              "(N, classes)"),
     "ignore_class": ("None, Keras' default: to leave samples of a class out, give them "
@@ -148,6 +164,8 @@ class SoftmaxCrossEntropy:
         """Refuse to save a subclass whose constructor takes settings that its ``get_config()``
         does not give, or that gives settings the constructor does not take (run at save)."""
         config = self.get_config()
+        # (Keras' keywords are not saved: xpcnn's constructor takes them only as what it does
+        # anyway; a subclass that takes one itself is checked below, by its rebuilt copy)
         missing = unsaved_settings(self, config, (*_KERAS_DEFAULTS, *(
             () if self.from_logits is not None else ("from_logits",))))
         untaken = untaken_settings(self, config)
@@ -160,12 +178,23 @@ class SoftmaxCrossEntropy:
                 "super().get_config()), so that a saved model rebuilds it")
         settings = {k: v for k, v in config.items() if k != "class"}
         try:  # (as a file rebuilds it: a constructor that passes **kwargs on may refuse them)
-            type(self)(**settings)
+            rebuilt = type(self)(**settings)
         except (TypeError, ValueError) as e:
             raise InputError(f"loss class {type(self).__name__} cannot be rebuilt from its "
                              f"get_config() {settings} ({e}): define get_config() returning "
                              "the constructor's arguments, so that a saved model rebuilds "
                              "it") from e
+        # A subclass's Keras keyword passed on to this constructor changes nothing (taken only
+        # as what it does); one the subclass keeps for itself (axis=1 meaning its own axis)
+        # would load as its default: refused where the rebuilt loss differs from this one.
+        unsaved = [k for k in _KERAS_DEFAULTS
+                   if k not in config and k in named_parameters(type(self).__init__)]
+        if unsaved and not _same_settings(rebuilt, self):
+            raise InputError(
+                f"loss class {type(self).__name__}'s get_config() does not return {unsaved}, "
+                "which its constructor takes, and the loss rebuilt without them differs from "
+                "this one: define get_config() returning the constructor's arguments (with "
+                "super().get_config()), so that a saved model rebuilds it")
 
     def check_outputs(self, ends_in_softmax: bool, last: str) -> None:
         """Refuse a model whose outputs are not what ``from_logits`` says they are:

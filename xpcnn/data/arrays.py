@@ -332,14 +332,18 @@ def _is_input_batch(model: Any, a: Any) -> bool:
     return len(first) >= 4 or _builds_for(model, first[1:]) and not _builds_for(model, first)
 
 
-def unpack_x_y(model: Any, x: Any, y: Any, sample_weight: Any, targets: bool = True
-               ) -> tuple[Any, Any, Any]:
+def unpack_x_y(model: Any, x: Any, y: Any, sample_weight: Any, targets: bool = True,
+               call: str = "fit") -> tuple[Any, Any, Any]:
     """``x``, ``y`` and ``sample_weight`` of fit, evaluate or predict (``targets`` False: its
-    ``y`` and weights are None), where ``x`` may be an ``(x, y)`` pair or an ``(x, y,
-    sample_weight)`` triple of arrays, its first of the model's input rank, as Keras 3 reads
-    one (its ``unpack_x_y_sample_weight``; predict ignores y). Refused where ``y`` (or the
-    weights) are given too. Anything else is returned as it was: where y is another batch of
-    x's shape (two inputs?), refused by :func:`one_input`, naming the model's one input."""
+    ``y`` and weights are None; ``call``: which, for errors), where ``x`` may be an ``(x, y)``
+    pair or an ``(x, y, sample_weight)`` triple of arrays, its first of the model's input
+    rank and its second no image batch, as Keras 3 reads one (its
+    ``unpack_x_y_sample_weight``; predict ignores y; labels of a wrong shape, such as masks,
+    are then refused by the labels' check, naming their shapes). Refused where ``y`` (or the
+    weights) are given too, or where both are (N, F) of one shape (labels, or two inputs?).
+    Anything else is returned as it was: where the second is a batch of images too, or of
+    the first's per-sample shape (two inputs?), refused by :func:`one_input`, naming the one
+    input."""
     if not isinstance(x, list | tuple) or len(x) not in (2, 3) or not all(
             array_api_compat.is_array_api_obj(a) for a in x[:2]) or not (
             len(x) == 2 or x[2] is None or array_api_compat.is_array_api_obj(x[2])) or \
@@ -347,8 +351,19 @@ def unpack_x_y(model: Any, x: Any, y: Any, sample_weight: Any, targets: bool = T
         return x, y, sample_weight
     shapes = ", ".join(str(tuple(a.shape)) if a is not None else "None" for a in x)
     pair = f"{type(x).__name__} ({'x, y, sample_weight' if len(x) == 3 else 'x, y'})"
-    if _is_input_batch(model, x[1]) and tuple(x[1].shape[1:]) == tuple(x[0].shape[1:]):
-        return x, y, sample_weight  # (two inputs? refused by one_input, naming the one)
+    first, second = tuple(x[0].shape), tuple(x[1].shape)
+    alone = y is None and (len(x) == 2 or sample_weight is None)
+    if len(first) == len(second) == 2 and first == second and (alone or not targets):
+        # (a flat model whose features equal its classes: one-hot labels, or two inputs?)
+        call = call if targets else "predict"
+        apart = f"x and y apart, {call}(x, y)" if targets else "x alone, predict(x)"
+        raise InputError(f"{call}: x is a {type(x).__name__} of arrays of shapes {shapes}, "
+                         f"which is ambiguous for model {model.name!r}, of input (N, "
+                         f"{first[1]}): (x, y) with one-hot labels, or two batches of its one "
+                         f"input? Pass {apart}")
+    if len(second) >= 3 and _is_input_batch(model, x[1]) or second[1:] == first[1:]:
+        one_input(model, x)  # (two inputs? refused here, naming the one, before a missing y)
+        return x, y, sample_weight
     if targets and (y is not None or len(x) == 3 and sample_weight is not None):
         given = "y" if y is not None else "sample_weight"
         raise InputError(f"x is a {pair} of arrays of shapes {shapes}, and {given} is given "

@@ -117,7 +117,8 @@ _BN_MOMENTUM = ("its momentum is PyTorch's too, the new batch's share (Keras' mo
 KERAS_KEYWORDS: dict[str, dict[str, str]] = {
     "Conv2D": {"data_format": _CHANNELS_LAST, "bias_initializer": _ZEROS,
                "dilation_rate": "xpcnn's Conv2D has no dilation (dilation_rate 1 only)",
-               "groups": "xpcnn's Conv2D has no groups (groups=1 only)"},
+               "groups": "xpcnn's Conv2D has no groups (groups=1 only)",
+               **{k: "xpcnn's Conv2D has no LoRA" for k in ("lora_rank", "lora_alpha")}},
     "Dense": {"bias_initializer": _ZEROS,
               **{k: "xpcnn's Dense has no LoRA or quantization"
                  for k in ("lora_rank", "lora_alpha", "quantization_config")}},
@@ -161,7 +162,8 @@ def _no_penalty(*names: str) -> dict[str, tuple[Any, ...]]:
 
 KERAS_DEFAULTS: dict[str, dict[str, tuple[Any, ...]]] = {
     "Conv2D": {"data_format": _LAST, "dilation_rate": (1, (1, 1)),
-               "groups": (1,), "bias_initializer": ("zeros",), **_no_penalty("kernel", "bias")},
+               "groups": (1,), "bias_initializer": ("zeros",), **_no_penalty("kernel", "bias"),
+               "lora_rank": (None,), "lora_alpha": (None,)},
     "Dense": {"bias_initializer": ("zeros",), **_no_penalty("kernel", "bias"),
               "lora_rank": (None,), "lora_alpha": (None,), "quantization_config": (None,)},
     "_Pool2D": {"data_format": _LAST},

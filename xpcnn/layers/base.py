@@ -271,7 +271,11 @@ def _integer_scalar(w: Any) -> bool:
 def without_num_batches_tracked(names: list[str], weights: Any) -> list[int]:
     """The indices of ``weights`` (given for weights ``names``, in order) that are weights:
     a 0-d integer array right after a ``moving_variance`` is PyTorch BatchNorm's
-    ``num_batches_tracked`` (its state_dict's next value), dropped."""
+    ``num_batches_tracked`` (its state_dict's next value), dropped, but where the list has
+    the count as given (a user layer's scalar weight there is kept). A count that fits
+    neither way keeps the drops, for :func:`weight_count_hint`."""
+    if len(weights) == len(names):
+        return list(range(len(weights)))
     kept, j = [], 0
     for name in names:
         if j >= len(weights):
@@ -470,6 +474,26 @@ class Layer:
 
     def _build_now(self, input_shape: Shape, backend: Backend | Any, dtype: str,
                    compute_dtype: str | None, rng: np.random.Generator | None) -> Shape:
+        # A refused rebuild of a built layer changes nothing (an adapted Normalization called
+        # on other channels stayed built for them): its attributes, dicts copied, put back.
+        # (the dicts themselves put back too, params, state and grads: the same objects)
+        saved = dict(vars(self)) if self.built else None
+        contents = {k: dict(v) for k, v in vars(self).items() if type(v) is dict} \
+            if self.built else {}
+        try:
+            return self._build_unchecked(input_shape, backend, dtype, compute_dtype, rng)
+        except BaseException:
+            if saved is not None:
+                Layer.rebuilds += 1  # (built again as it was)
+                vars(self).clear()
+                vars(self).update(saved)
+                for k, items in contents.items():
+                    saved[k].clear()
+                    saved[k].update(items)
+            raise
+
+    def _build_unchecked(self, input_shape: Shape, backend: Backend | Any, dtype: str,
+                         compute_dtype: str | None, rng: np.random.Generator | None) -> Shape:
         for each in (dtype, compute_dtype or dtype):
             dtype_name(each)  # a float dtype (int8 weights were taken: all zeros, silently)
         Layer.rebuilds += 1
@@ -857,7 +881,8 @@ class Layer:
         # looked for only where w's dtype can hold them (no pass over float32 weights).
         largest = float(self.xp.finfo(self.dtype).max)
         wide = float(largest_value(np, w.dtype))
-        finite = w[np.isfinite(w)] if wide > largest else w[:0]
+        flat = w.reshape(-1)  # (a user's scalar weight: a 0-d array takes no w[:0])
+        finite = flat[np.isfinite(flat)] if wide > largest else flat[:0]
         peak = max(float(finite.max()), -float(finite.min())) if finite.size else 0.0
         if peak > largest:
             dtype = dtype_name(self.dtype)

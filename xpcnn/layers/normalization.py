@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
+import weakref
 from typing import Any
 
 import numpy as np
@@ -162,13 +164,18 @@ class BatchNorm2D(Layer):
             mean = inv_std = None
         if training:
             # Backward recomputes xhat from the input, as cuDNN's does: an input the size of
-            # the output's, not a float32 xhat beside it; on the CPU the ReLU's mask comes
-            # from the output y (3 fewer passes than recomputing z), kept as PyTorch's ReLU
-            # keeps its output: a convolution or Dense after it keeps y anyway until its own
-            # backward, a global pool does not (4 bytes a value more there). Not kept where
-            # the kernels recompute z (CUDA), nor a float16 y (mixed precision: a tiny z
-            # rounds to 0). (The ReLU's gradient is left to the next layer where it takes
-            # it: skip_relu_grad. Nothing is kept where no backward runs, keep_for_backward.)
+            # the output's, not a float32 xhat beside it; with the NumPy or standard kernels
+            # the ReLU's mask comes from the output y (3 fewer passes than recomputing z),
+            # kept as PyTorch's ReLU keeps its output. A convolution or Dense after it keeps
+            # y anyway until its own backward; a layer that keeps no input (a pool, Add,
+            # Concatenate, or none: the last layer) leaves y held here alone from forward to
+            # backward, 4 bytes a value more meanwhile. At backward a y nothing else holds
+            # becomes dx (NumPy's kernels): no dx beside it, so a step's peak there is lower
+            # than with z recomputed (49.7 against 64.8 MiB, Conv2D(64) -> BN+ReLU ->
+            # Conv2D or GlobalAvgPool2D at batch 64 on 32x32). Not kept where the kernels
+            # recompute z (CuPy's), nor a float16 y (mixed precision: a tiny z rounds to 0).
+            # (The ReLU's gradient is left to the next layer where it takes it:
+            # skip_relu_grad. Nothing is kept where no backward runs, keep_for_backward.)
             relu_grad = relu and not options.skip_relu_grad
             keep_y = (relu_grad and mean is not None and kernels.batch_norm_reads_relu_y
                       and y.dtype == gamma.dtype)
@@ -179,11 +186,20 @@ class BatchNorm2D(Layer):
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
         x, mean, inv_std, relu, y = self._cache
         self._cache = None
+        # y held by this frame alone (no next layer's cache, no user's reference, no view of
+        # it: a view holds its base), the count NumPy's temporary elision relies on: its
+        # buffer may become dx, so keeping y adds nothing to the backward's peak.
+        # (the count of an object this frame's local alone holds, measured here: a tracer
+        # reading f_locals adds one to both, on CPython before 3.13; review RC)
+        probe = object()
+        spare = (y is not None and sys.getrefcount(y) <= sys.getrefcount(probe)
+                 and not weakref.getweakrefcount(y))
         kernels = kernels_for(self.backend)
         gamma, beta = self.params["gamma"], self.params["beta"]
         if mean is not None:  # (the dtypes: see forward, and x's for the input's gradient)
             dx, self.grads["gamma"], self.grads["beta"] = kernels.batch_norm_backward(
-                dy, x, mean, inv_std, gamma, beta, relu, options.need_input_grad, relu_y=y)
+                dy, x, mean, inv_std, gamma, beta, relu, options.need_input_grad, relu_y=y,
+                spare_y=spare)
             return dx
         if not options.need_input_grad:  # (frozen: no parameter gradients)
             return None

@@ -113,7 +113,7 @@ from .cuda_updates import (
 )
 from .cudnn_conv import ALIGNMENT, SWITCHES
 from .kernels import StandardKernels, alike
-from .step_record import BAD_GRADS, GROWTH_INTERVAL, square_limit, top_k_start
+from .step_record import BAD_GRADS, GROWTH_INTERVAL, square_limit
 from .windows import Pads, accumulator, pad, unpad
 
 
@@ -569,7 +569,8 @@ class CupyKernels(StandardKernels):
 
     def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
                             beta: Any, relu: bool, input_grad: bool,
-                            relu_y: Any = None) -> tuple[Any, Any, Any]:
+                            relu_y: Any = None, spare_y: bool = False
+                            ) -> tuple[Any, Any, Any]:
         t = gamma.dtype
         acc = accumulator(cupy, t)
         # (a non-contiguous gradient made whole: one copy, no more passes)
@@ -818,7 +819,8 @@ class CupyKernels(StandardKernels):
         stats = cupy.ascontiguousarray(stats)
         # (the top-k counts after [loss, correct], added where the state keeps them)
         extra = stats.size - 2
-        assert state.size == top_k_start(len(grads)) + extra, "stats of another state"
+        # (the kernel writes the state past the marks: top_k_start inline, no call a step)
+        assert state.size == BAD_GRADS + 3 * len(grads) + extra, "stats of another state"
         if _by_value(step):
             RECORD_STEP(len(grads), extra, stats, n, scaled, GROWTH_INTERVAL, float(step),
                         state, scaling, apply, size=1)

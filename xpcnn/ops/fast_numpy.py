@@ -113,21 +113,30 @@ def _u32(v: int) -> Any:
 
 
 def half_from_single(x: Any, out: Any) -> None:
-    """``out[...] = x`` (float32 -> float16), NumPy's bits for every input, faster.
+    """``out[...] = x`` (float32 -> float16), NumPy's bits for every input (in the default
+    round-to-nearest FPU mode: another library's fesetround changes this one's bits, not
+    NumPy's), faster where it counts.
 
-    NumPy's cast is a scalar loop that branches on zeros and subnormals (1.4 ns an element
-    on normal values, 5 after a ReLU, 60 on subnormal results here). This one is branch-free
-    bit arithmetic in cache-sized blocks (1.3-1.6 ns on all): with e = max(exponent of |x|,
-    -14) (float16's smallest normal), |x| + 2**(e+13) in float32 rounds |x| to a multiple of
-    2**(e-10), float16's spacing there, to nearest even in hardware; the sum's low bits are
-    the rounded significand, to which e's float16 exponent is added (a carry of the
-    significand steps the exponent, 65520 and up reach inf, clamped there). NaN: NumPy's bits
-    (rare: recast alone)."""
-    if x.size < _CAST_SMALL or not (x.flags.c_contiguous and out.flags.c_contiguous):
+    NumPy's cast is a scalar loop that branches on zeros and subnormals (measured on 2 cores
+    here: 1.4-1.5 ns an element on all-normal values, ~5 after a ReLU, 65-90 on subnormal
+    results). This one is branch-free bit arithmetic in cache-sized blocks, 1.3-1.6 ns an
+    element on every kind of value (1.64 at a review): about NumPy's on all-normal data (no
+    gain there; a per-block test choosing NumPy's cast would cost 0.18 ns an element, more
+    than it could save), several times faster once zeros or small values are among them (a
+    step's activations and gradients: the gain). With e =
+    max(exponent of |x|, -14) (float16's smallest normal), |x| + 2**(e+13) in float32 rounds
+    |x| to a multiple of 2**(e-10), float16's spacing there, to nearest even in hardware; the
+    sum's low bits are the rounded significand, to which e's float16 exponent is added (a
+    carry of the significand steps the exponent, 65520 and up reach inf, clamped there).
+    NaN: NumPy's bits (a block's largest |x| bits tell; rare: its NaNs recast alone). An
+    ``out`` sharing memory with ``x``: NumPy's cast."""
+    if x.size < _CAST_SMALL or not (x.flags.c_contiguous and out.flags.c_contiguous) or \
+            np.may_share_memory(x, out):
         with np.errstate(over="ignore"):
             np.copyto(out, x, casting="unsafe")
         return
     u, o = x.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16)
+    xf = u.view(np.float32)
     n = u.size
     a, b, s = (np.empty(min(n, _CAST_BLOCK), np.uint32) for _ in range(3))
     af, bf, sf = a.view(np.float32), b.view(np.float32), s.view(np.float32)
@@ -136,6 +145,9 @@ def half_from_single(x: Any, out: Any) -> None:
         j = min(n, i + _CAST_BLOCK)
         ub, ab, bb, sb = u[i:j], a[:j - i], b[:j - i], s[:j - i]
         np.bitwise_and(ub, _u32(0x7FFFFFFF), out=ab)  # |x|
+        # (a NaN's |x| bits are above inf's: one max over the block, in cache, no n-byte
+        # mask beside the arrays; was 22-43% of the gain in a mixed-precision step)
+        nan = ab.max() > 0x7F800000
         np.bitwise_and(ab, _u32(0x7F800000), out=bb)  # 2**exponent
         # 2**-14 .. 2**16 (past 65536 everything is inf; the sum stays finite below)
         np.clip(bb, _u32(0x38800000), _u32(0x47800000), out=bb)
@@ -150,9 +162,9 @@ def half_from_single(x: Any, out: Any) -> None:
         np.bitwise_and(bb, _u32(0x8000), out=bb)  # the sign
         np.add(sb, bb, out=sb)
         np.subtract(sb, _u32(bias), out=o[i:j], casting="unsafe")
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = x[nan].astype(np.float16)
+        if nan:
+            where = np.isnan(xf[i:j])
+            o[i:j][where] = xf[i:j][where].astype(np.float16).view(np.uint16)
 
 
 def single_from_half(h: Any, out: Any) -> None:
@@ -923,7 +935,7 @@ class NumpyKernels(StandardKernels):
         dtype = gamma.dtype
         count, k, units, m = self._channel_blocks(x, dtype)
         xs = x.reshape(units, -1)
-        y = np.empty(xs.shape, out_dtype)
+        y = np.empty(x.shape, out_dtype)  # (owning its memory: backward may write dx there)
         ones = self._ones(m, dtype)
         partials = np.empty((-(-units // m), xs.shape[1]))
 
@@ -942,9 +954,9 @@ class NumpyKernels(StandardKernels):
         var = (self._channel_sums(partials, k) / count).astype(dtype)
         self._update_running(moving_mean, moving_var, mean, var, momentum, count)
         inv_std = 1.0 / np.sqrt(var + eps)
-        self._affine_rows(xs, y, (mt, *(np.tile(v, k) for v in (inv_std, gamma, beta))), relu,
-                          dtype, m)
-        return y.reshape(x.shape), mean, inv_std
+        self._affine_rows(xs, y.reshape(xs.shape),
+                          (mt, *(np.tile(v, k) for v in (inv_std, gamma, beta))), relu, dtype, m)
+        return y, mean, inv_std
 
     def _affine_rows(self, xs: Any, y: Any, rows: tuple[Any, Any, Any, Any], relu: bool,
                      dtype: Any, m: int) -> None:
@@ -1027,10 +1039,11 @@ class NumpyKernels(StandardKernels):
 
     def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
                             beta: Any, relu: bool, input_grad: bool,
-                            relu_y: Any = None) -> tuple[Any, Any, Any]:
+                            relu_y: Any = None, spare_y: bool = False
+                            ) -> tuple[Any, Any, Any]:
         if x.size == 0 or x.size < 2 * x.shape[-1] or dy.shape != x.shape:
             return super().batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu,
-                                               input_grad, relu_y)
+                                               input_grad, relu_y, spare_y)
         # Two passes, as few operations as the math needs: the first sums dy and dy * t, t = x
         # - mean, keeping for the second in dx's memory (where dx has the parameters' dtype)
         # t, or with relu the masked dy (then t is made again there: one pass, against two
@@ -1039,6 +1052,8 @@ class NumpyKernels(StandardKernels):
         # recomputed only without a y in gamma's dtype: 6 elementwise passes, 9 with the ReLU
         # (12 with z). Under mixed precision (float16 x and dx) t is made again a block at a
         # time and the mask kept a byte a value: no whole-batch float32 temporary beside dx.
+        # A spare y (held by nothing else) becomes dx: each block's mask read before its
+        # masked dy overwrites it, so keeping y costs no memory here.
         dtype = gamma.dtype
         count, k, units, m = self._channel_blocks(x, dtype, self._BN_BACKWARD_BLOCK, 1)
         xs, dys = x.reshape(units, -1), dy.reshape(units, -1)  # (a broadcast dy: copied)
@@ -1050,7 +1065,9 @@ class NumpyKernels(StandardKernels):
         ones = self._ones(m, dtype)
         partials = np.empty((2, -(-units // m), xs.shape[1]))
         keep = input_grad and x.dtype == dtype  # (dx holds t, or with relu the masked dy)
-        dx = np.empty(xs.shape, x.dtype) if input_grad else None
+        in_y = (keep and from_y and spare_y and relu_y.flags.c_contiguous
+                and relu_y.flags.owndata and relu_y.flags.writeable)
+        dx = ys if in_y else np.empty(xs.shape, x.dtype) if input_grad else None
         mask = np.empty(xs.shape, bool) if input_grad and relu and not keep else None
 
         def sums(worker: int, u0: int, u1: int) -> None:

@@ -87,7 +87,9 @@ def record_step(xp: Any, state: Any, stats: Any, grads: list[Any], n: float, ste
                                                          state[BAD_STEP] < 0)
     fresh = xp.logical_and(error, state[BAD_STEP] < 0)
     first = xp.concat([state[BAD_STEP:BAD_LOSS] * 0 + step, stats[:1], flags])
-    marks, tail = BAD_GRADS + len(grads), top_k_start(len(grads))
+    marks = BAD_GRADS + len(grads)
+    # (no top-k metric, no counts: nothing to place, no call a step for where they start)
+    tail = top_k_start(len(grads)) if stats.shape[0] > 2 else state.shape[0]
     sums = batch_sums(xp, stats, n)
     state[...] = xp.concat([state[:BAD_STEP] + sums[:BAD_STEP],
                             xp.where(fresh, first, state[BAD_STEP:marks]), state[marks:tail],

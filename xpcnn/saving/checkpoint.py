@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from .. import checks, distributed
-from ..backend import DeviceLike
+from ..backend import PRECISIONS, DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterrupted, warn
 from ..files import remove_leftovers, written_file
 from ..history import EpochRecord
@@ -397,8 +397,11 @@ def _check_architecture(model: Any, config: dict[str, Any], npz: NpzArchive) -> 
     check_layers(model, mconf, path)
 
 
-def _check_compile(model: Any, config: dict[str, Any], path: str) -> None:
-    """Refuse a checkpoint of other compile settings (its architecture checked already)."""
+def _check_compile(model: Any, config: dict[str, Any], path: str,
+                   take_precision: bool = False) -> str | None:
+    """Refuse a checkpoint of other compile settings (its architecture checked already). With
+    ``take_precision`` (fit's resume), one that differs in precision alone is not refused: its
+    precision is returned, for the caller to compile the model in (None: the same)."""
     mconf = config["model"]
     mine = normal(model_config(model, checked=False).get("compile"))
     theirs = compile_settings(mconf.get("compile"))
@@ -407,12 +410,18 @@ def _check_compile(model: Any, config: dict[str, Any], path: str) -> None:
         theirs = {**theirs, "precision": "float64"}
     if _acc_logged_as_accuracy(model, theirs):
         theirs = {**theirs, "metrics": ["acc"]}
+    if mine != theirs and take_precision and isinstance(theirs, dict) and \
+            isinstance(mine, dict) and isinstance(theirs.get("precision"), str) and \
+            theirs["precision"] in PRECISIONS and \
+            {**theirs, "precision": mine.get("precision")} == mine:
+        return str(theirs["precision"])
     if mine != theirs:
         diff = "; ".join(f"{k} is {a!r} there and {b!r} here"
                          for k, a, b in _differences(theirs, mine)[:4])
         raise InputError(f"{path} was written by a model compiled otherwise ({diff}): "
                          f"{_ADVICE.get().compile} to resume (a schedule spans the whole run: "
                          "its length counts the steps of all its epochs)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -424,6 +433,9 @@ class ResumeAdvice:
     run: str = "the same data, batch_size, seed, shuffle and class_weight"
     compile: str = "compile it the same way"
     fresh: str = "resume=False"
+    #: fit's resume of a file of another precision alone resumes in it (a callback compiled
+    #: the run so); the command line has no such callback: there the flag changed, refused
+    takes_precision: bool = True
 
 
 #: A Python caller's.
@@ -724,6 +736,26 @@ def progress_within(model: Any, epoch: int, step: int) -> Progress:
     return Progress(epoch, step, loss_sum, correct, seen, time.perf_counter() - t0, top_k)
 
 
+class _compiled_in:
+    """Compile ``model`` in ``precision``, its loss, optimiser (slots and step count kept),
+    metrics and CUDA graphs setting as they are, as a callback's
+    ``compile(optimizer=model.optimizer, precision=...)`` does; called, puts back the
+    precision it had (``was``) and its loss scale."""
+
+    def __init__(self, model: Any, precision: str) -> None:
+        self.model, self.was, self.scaling = model, model.precision, model._scaling
+        self._compile(precision)
+
+    def _compile(self, precision: str) -> None:
+        m = self.model
+        m.compile(loss=m.loss, optimizer=m.optimizer, metrics=list(m._metric_objects),
+                  precision=precision, cuda_graphs=m.cuda_graphs)
+
+    def __call__(self) -> None:
+        self._compile(self.was)
+        self.model._scaling = self.scaling
+
+
 def _as_it_is(callback: Any) -> Callable[[], None]:
     """A call that puts ``callback`` back as it is now: by its ``get_state()`` and
     ``set_state``, or, where its state is not there yet (a user's ``get_state`` reading what
@@ -937,7 +969,10 @@ class FitCheckpoints:
         # length, which those would otherwise be blamed for; all before the model is touched)
         _check_architecture(self.model, config, npz)
         _check_run(self.path, run, mine)
-        _check_compile(self.model, config, self.path)
+        # (a file of another precision alone: a callback compiled the run in it, which the
+        # rerun call would do again at the same point; resumed in it, as that run went on)
+        precision = _check_compile(self.model, config, self.path,
+                                   take_precision=_ADVICE.get().takes_precision)
         progress = read_progress(config.get("progress"), self.path)
         # (no sample seen inside an epoch, but sums: corrupt; none of either is a train_step
         # of the user's that records nothing)
@@ -956,7 +991,11 @@ class FitCheckpoints:
             raise DataFormatError(f"{self.path}: invalid checkpoint: stopped is {stopped!r}, "
                                   "expected true or false")
         before = [_as_it_is(cb) for cb in self.callbacks]
-        try:  # (a refused resume leaves the callbacks as they were too)
+        switched = None
+        try:  # (a refused resume leaves the callbacks, and the precision, as they were too)
+            if precision is not None:
+                switched = _compiled_in(self.model, precision)
+                before.insert(0, switched)  # (first: a callback's put-back may raise)
             # (states None: they start afresh, as they are)
             for cb, state in zip(self.callbacks, states or (), strict=states is not None):
                 try:
@@ -969,6 +1008,10 @@ class FitCheckpoints:
             for put_back in before:
                 put_back()
             raise
+        if switched is not None:
+            warn(f"{self.path} was written by the model compiled with precision {precision!r} "
+                 f"(by a callback, say), and this one has {switched.was!r}: resumed in "
+                 f"{precision!r}, as the file says")
         for logger in self.loggers:  # (each finds its own file's, by its absolute path, as
             # resolved when fit began: CSVLogger.on_train_begin, which runs before this)
             logger.backup = csv_logs.get(os.path.abspath(logger.path))
@@ -1054,11 +1097,14 @@ class FitCheckpoints:
         """Whether to checkpoint and stop after this step: a Ctrl-C reached this process or,
         on several ranks, any rank. The signal reaches each rank at its own point of the loop,
         and the checkpoint is collective (the BatchNorm average), so the ranks agree on it
-        first: one host allreduce of one number a step."""
+        first, in fit's agreement on ``stop_training`` (one tagged host sum a step:
+        :meth:`~xpcnn.distributed.DataParallel.agree_to_stop`), which this callback, fit's
+        last, makes for the step: the checkpoint then records the stop that every rank
+        makes."""
         parallel = self.model._parallel
         if not self.stopping:
-            self.stopping = self.interrupted if parallel is None else distributed.host_sum(
-                parallel.world, [self.interrupted], "the agreement on a Ctrl-C")[0] > 0
+            self.stopping = self.interrupted if parallel is None else \
+                parallel.agree_to_stop(self.interrupted)[1]
         return self.stopping
 
     def _stop_if_interrupted(self, epoch: int, step: int) -> None:

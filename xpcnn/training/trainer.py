@@ -293,7 +293,9 @@ class Trainer(TrainingStep):
         the low precision, float32 master weights, softmax, loss and normalisation statistics,
         and dynamic loss scaling for float16. A float64 model (``Sequential(dtype="float64")``)
         computes in float64 under ``"float32"`` or ``"float64"``; its ``precision`` says
-        ``"float64"``.
+        ``"float64"``. Compiled again with the optimiser it holds (``optimizer=model.optimizer``)
+        and ``"mixed_float16"`` still, the loss scale and its count of good steps go on, as the
+        optimiser's slots do (Keras' LossScaleOptimizer); otherwise the scale starts at 2**15.
 
         ``cuda_graphs``: capture the training step in a CUDA graph and replay it
         (:mod:`xpcnn.cuda_graphs`); None (the default) does so on CuPy wherever the model
@@ -325,13 +327,18 @@ class Trainer(TrainingStep):
                 layer.check_compute_dtype(self.backend.xp, compute)
         if self.built:
             self._check_loss_outputs(loss)
+        # (the loss scale goes on with the optimiser whose slots and step count go on: the one
+        # bound already, as Keras' LossScaleOptimizer keeps its scale and PyTorch's GradScaler
+        # is never reset; the same array, which captured graphs and ranks may hold)
+        kept_scaling = self._scaling if optimizer is self._optimizer and \
+            precision == self.precision == "mixed_float16" else None
         self.loss, self._optimizer = loss, self._own(optimizer)
         self.cuda_graphs, self._graphs, self.cuda_graphs_reason = cuda_graphs, None, ""
         self.metrics = tuple(m.name for m in resolved)
         self._metric_objects, self._top_ks = resolved, metric_settings.top_k_of(resolved)
         self._metric_slots = metric_settings.slots(resolved)
-        self._scaling = loss_scaling(self.backend, 2.0**15) if precision == "mixed_float16" \
-            else None
+        self._scaling = kept_scaling if kept_scaling is not None else loss_scaling(
+            self.backend, 2.0**15) if precision == "mixed_float16" else None
         new = "float64" if full else precision
         # (another precision, and the rebuild for it, under no pass of another thread: a
         # predict's batch runs in one precision, see PassLock)
@@ -353,7 +360,12 @@ class Trainer(TrainingStep):
             self._release()
             self._optimizer = None
         else:
-            self._optimizer = self._own(get_optimizer(optimizer))
+            owned = self._own(get_optimizer(optimizer))
+            if owned is not self._optimizer and self._scaling is not None:
+                # (the loss scale goes on with the optimiser whose slots go on, as in compile:
+                # another one starts at Keras' initial scale)
+                self._scaling = loss_scaling(self.backend, 2.0**15)
+            self._optimizer = owned
         # (a captured step holds the optimiser it was captured with, as after compile)
         self._graphs, self.cuda_graphs_reason = None, ""
 
@@ -601,44 +613,54 @@ class Trainer(TrainingStep):
         refusal), the next call on that iterator starts with that batch.
         """
         self._require_compiled("fit")
-        x, y, sample_weight = unpack_x_y(self, x, y, sample_weight)  # (an (x, y) pair as x)
-        epochs = checks.non_negative_int(epochs, "epochs")
-        initial_epoch = checks.non_negative_int(initial_epoch, "initial_epoch")
-        # (None, as Keras takes it: the default)
-        batch_size = checks.positive_int(32 if batch_size is None else batch_size, "batch_size")
-        validation_batch_size = max(batch_size, 256) if validation_batch_size is None else \
-            checks.positive_int(validation_batch_size, "validation_batch_size")
-        validation_freq = parse_validation_freq(validation_freq)
-        seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
-        shuffle = checks.flag(shuffle, "shuffle")
-        verbose = checks.verbosity(verbose)
-        if not distributed.is_root():
-            verbose = 0
-        callbacks, backups, history, bar = self._fit_callbacks(
-            callbacks, checkpoint, checkpoint_every, resume, verbose)
-        check_fit_data(x, y, validation_data, validation_split, steps_per_epoch,
-                       validation_steps, class_weight, sample_weight)
-        if self._train_step_overridden():  # (before training: see _call_train_step)
-            _check_takes_a_batch(self.train_step)
-            if sample_weight is not None:
-                _check_takes_sample_weight(self.train_step)
+        # (on several ranks, every check of fit's that may refuse on one rank alone, its
+        # copy of the data say, is agreed on: the others otherwise waited for the timeout)
+        with distributed.agreeing("fit's checks of its arguments",
+                                  "fit (the checks of its arguments)"):
+            # (an (x, y) pair as x)
+            x, y, sample_weight = unpack_x_y(self, x, y, sample_weight)
+            epochs = checks.non_negative_int(epochs, "epochs")
+            initial_epoch = checks.non_negative_int(initial_epoch, "initial_epoch")
+            # (None, as Keras takes it: the default)
+            batch_size = checks.positive_int(32 if batch_size is None else batch_size,
+                                             "batch_size")
+            validation_batch_size = max(batch_size, 256) if validation_batch_size is None else \
+                checks.positive_int(validation_batch_size, "validation_batch_size")
+            validation_freq = parse_validation_freq(validation_freq)
+            seed = self.seed if seed is None else checks.non_negative_int(seed, "seed")
+            shuffle = checks.flag(shuffle, "shuffle")
+            verbose = checks.verbosity(verbose)
+            if not distributed.is_root():
+                verbose = 0
+            callbacks, backups, history, bar = self._fit_callbacks(
+                callbacks, checkpoint, checkpoint_every, resume, verbose)
+            check_fit_data(x, y, validation_data, validation_split, steps_per_epoch,
+                           validation_steps, class_weight, sample_weight)
+            if self._train_step_overridden():  # (before training: see _call_train_step)
+                _check_takes_a_batch(self.train_step)
+                if sample_weight is not None:
+                    _check_takes_sample_weight(self.train_step)
         self._rebuild_if_shared()
         with self._undone_if_refused():
-            self._statistics_from_checkpoint(backups)  # (before the data builds the model)
-            x, y, sample_weight, validation_data, split = self._split_validation(
-                x, y, sample_weight, validation_data, validation_split)
-            data = self._batches(x, y, batch_size, steps_per_epoch, shuffle=shuffle, seed=seed,
-                                 checked=split, weights=sample_weight)
-            self._check_loss_outputs(self.loss)  # type: ignore[arg-type]  # (built by now)
-            x_val, y_val, w_val = (None, None, None) if validation_data is None else \
-                validation_triple(validation_data)
-            validation = None if validation_data is None else self._batches(
-                x_val, y_val, validation_batch_size, validation_steps, "x_val",
-                checked=split, steps_name="validation_steps", weights=w_val)
-            class_weights = None if class_weight is None else checks.as_class_weights(
-                class_weight, self.num_classes, self.dtype_name)
-            if class_weights is not None:
-                self._check_class_products(data, class_weights)
+            with distributed.agreeing("fit's checks of its data",
+                                      "fit (the checks of its data)"):
+                # (before the data builds the model)
+                self._statistics_from_checkpoint(backups)
+                x, y, sample_weight, validation_data, split = self._split_validation(
+                    x, y, sample_weight, validation_data, validation_split)
+                data = self._batches(x, y, batch_size, steps_per_epoch, shuffle=shuffle,
+                                     seed=seed, checked=split, weights=sample_weight)
+                # (built by now)
+                self._check_loss_outputs(self.loss)  # type: ignore[arg-type]
+                x_val, y_val, w_val = (None, None, None) if validation_data is None else \
+                    validation_triple(validation_data)
+                validation = None if validation_data is None else self._batches(
+                    x_val, y_val, validation_batch_size, validation_steps, "x_val",
+                    checked=split, steps_name="validation_steps", weights=w_val)
+                class_weights = None if class_weight is None else checks.as_class_weights(
+                    class_weight, self.num_classes, self.dtype_name)
+                if class_weights is not None:
+                    self._check_class_products(data, class_weights)
             self.history = history
             # (shared by the callbacks, which keep it: the source and the stateful callbacks
             # are taken out when fit ends, so that model.history does not keep the user's
@@ -667,7 +689,7 @@ class Trainer(TrainingStep):
                         data, validation, class_weights, distributed.fit_arguments(
                             epochs, initial_epoch, steps_per_epoch, validation_steps,
                             validation_freq, [cb for cb in callbacks
-                                              if cb is not history and cb is not bar]))
+                                              if cb is not history and cb is not bar], seed))
                     self._parallel.broadcast_weights()
                 if initial_epoch < epochs:
                     self._refuse_unready(data, initial_epoch, resuming=any(
@@ -752,7 +774,7 @@ class Trainer(TrainingStep):
                         self._epoch_validated = bool(val)
                     logs["seconds"] = time.perf_counter() - self._epoch_t0
                     cbs.on_epoch_end(epoch, logs)
-                    if self.stop_training:
+                    if self._stop_agreed():
                         break
         except NonFiniteError as error:
             if not cbs.on_non_finite(error):
@@ -777,6 +799,11 @@ class Trainer(TrainingStep):
         # (a checkpoint that rank 0 alone finds, on a node-local disk: refused before a step)
         self._parallel.check_same_start(self._resume_at, [
             cb.path for cb in cbs.callbacks if isinstance(cb, BackupAndRestore)])
+
+    def _stop_agreed(self) -> bool:
+        """Whether fit stops here (after a step's callbacks, or ``on_epoch_end``):
+        ``stop_training``, on several ranks set on any (every rank then stops at this step)."""
+        return self.stop_training if self._parallel is None else self._parallel.agreed_stop()
 
     def _end_fit(self) -> None:
         """What fit set up for its steps ends with it: its class weights (steps outside fit
@@ -831,7 +858,7 @@ class Trainer(TrainingStep):
                 self._position = (epoch, step)
                 self._epochs_begun = number + 1  # (one that trained no step, refused, is not)
                 cbs.on_train_batch_end(step - 1, logs.make(self._batch_logs))
-                if self.stop_training:
+                if self._stop_agreed():
                     break
             logs.settle()
         if self._parallel is not None and data.place(first) is None:
@@ -1002,7 +1029,7 @@ class Trainer(TrainingStep):
         instead) weighs each sample's term of the loss (the sum still divided by N), not the
         accuracy, as fit's does. ``batch_size`` and ``verbose`` may be positional, in Keras'
         order; the rest are keyword-only (Keras' next is ``sample_weight``, xpcnn's ``steps``)."""
-        x, y, sample_weight = unpack_x_y(self, x, y, sample_weight)  # (an (x, y) pair as x)
+        x, y, sample_weight = unpack_x_y(self, x, y, sample_weight, call="evaluate")
         batch_size = checks.positive_int(256 if batch_size is None else batch_size,
                                          "batch_size")
         return_dict = checks.flag(return_dict, "return_dict")
@@ -1012,11 +1039,14 @@ class Trainer(TrainingStep):
         self._rebuild_if_shared()
         refuse_stream_weights(x, sample_weight)
         with self._undone_if_refused():
-            data = self._batches(x, y, batch_size, steps, steps_name="steps",
-                                 weights=sample_weight)
+            with distributed.agreeing("evaluate's checks of its data",
+                                      "evaluate (the checks of its data)"):
+                data = self._batches(x, y, batch_size, steps, steps_name="steps",
+                                     weights=sample_weight)
             here = distributed.world()
             if here.size > 1:  # (each rank evaluates its slice of the same data)
-                distributed.refuse_different_data(here, [("evaluation", data)], "evaluate")
+                distributed.refuse_different_data(here, [("evaluation", data)], "evaluate",
+                                                  model=self)  # (and the weights)
             # (a user's bar too takes evaluate's verbose from these params, as in Keras 3)
             cbs = CallbackList(callbacks, self, inference_params(verbose, data))
             self._check_loss_outputs(loss)
