@@ -1437,7 +1437,7 @@ import xpcnn
 from xpcnn import distributed
 from xpcnn.callbacks import LambdaCallback
 from xpcnn.errors import XpcnnError
-from xpcnn.layers import Dense, Flatten, Softmax
+from xpcnn.layers import BatchNorm2D, Dense, Flatten, Softmax
 
 rank = distributed.world().rank
 case = sys.argv[1]
@@ -1475,6 +1475,19 @@ try:
         said.append(f"rank {rank} after broadcast_weights: rank 0's scores {same}")
     elif case == "per-rank seed":
         model.fit(x, y, batch_size=4, verbose=0)
+    elif case == "broadcast to an unbuilt rank":  # (rank 0's load_weights built it alone)
+        if rank == 0:
+            model.build((None, 4, 4, 3))
+        distributed.broadcast_weights(model)
+    elif case == "evaluate mid-fit, BatchNorm":  # (validating every few batches, in Keras)
+        model = xpcnn.Sequential([BatchNorm2D(), Flatten(), Dense(3), Softmax()], seed=0)
+        model.compile(optimizer="sgd")
+        scores = []
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[LambdaCallback(
+            on_train_batch_end=lambda batch, logs: batch == 2 and scores.append(
+                model.evaluate(x, y, batch_size=8, verbose=0)))])
+        crc = zlib.crc32(b"".join(w.tobytes() for w in model.get_weights()))
+        said.append(f"rank {rank} evaluated {len(scores)} times, weights {crc}")
     elif case.endswith("on rank 1"):  # (that node's copy of the data, or rank 1's argument)
         if rank == 1:
             x[3, 0, 0, 0] = np.nan if case.startswith("fit nan") else x[3, 0, 0, 0]
@@ -1510,7 +1523,8 @@ os.write(1, ("\\n".join(said) + "\\n").encode())
                                   "stop at a step, checkpoint", "stop at epoch end",
                                   "stop at epoch end, checkpoint", "per-rank seed",
                                   "fit nan on rank 1", "fit class_weight key on rank 1",
-                                  "evaluate label on rank 1"])
+                                  "evaluate label on rank 1", "broadcast to an unbuilt rank",
+                                  "evaluate mid-fit, BatchNorm"])
 def test_what_differs_between_the_ranks_at_evaluate_or_a_stop_is_agreed_or_refused(tmp_path,
                                                                                     case):
     """Weights loaded on rank 0 alone (the Horovod habit, which fit's broadcast serves): was
@@ -1542,6 +1556,17 @@ def test_what_differs_between_the_ranks_at_evaluate_or_a_stop_is_agreed_or_refus
         assert lines[0] == (f"rank 0 refused: DistributedError: {call}'s checks of its data "
                             "failed on rank(s) [1]: their error says why"), lines
         assert lines[1].startswith(f"rank 1 refused: {own}") and len(lines) == 2, lines
+    elif case == "broadcast to an unbuilt rank":  # (review RE: rank 0 was left waiting)
+        assert lines == [
+            "rank 0 refused: DistributedError: broadcast_weights' check that the model is "
+            "built failed on rank(s) [1]: their error says why",
+            "rank 1 refused: InputError: the model must be built before broadcast_weights: "
+            "call build(input_shape) or fit/predict on data first"], lines
+    elif case == "evaluate mid-fit, BatchNorm":  # (review RE: each rank's own statistics
+        # inside the epoch were refused as other weights; averaged first, as at its end)
+        assert [line.split(", weights")[0] for line in lines] == [
+            f"rank {r} evaluated 2 times" for r in (0, 1)], lines
+        assert lines[0].split("weights")[1] == lines[1].split("weights")[1], lines
     elif case == "per-rank seed":
         assert lines == [f"rank {r} refused: DistributedError: fit on several ranks shuffles "
                          "with another seed on rank(s) [1] than on rank 0 (fit's seed, by "

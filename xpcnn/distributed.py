@@ -972,7 +972,11 @@ def broadcast_weights(model: Any) -> None:
     here = world()
     if here.size == 1:
         return
-    model._require_built("broadcast_weights")
+    # (weights loaded on rank 0 alone built its model alone: every rank fails at once, the
+    # unbuilt named, where one left the others in the exchange below; review RE)
+    with agreeing("broadcast_weights' check that the model is built",
+                  "broadcast_weights (the model built)"):
+        model._require_built("broadcast_weights")
     weights = [np.ascontiguousarray(w) for w in model.get_weights()]
     host_sum(here, [0.0], "broadcast_weights", tagged=True, layout=[
         len(weights), sum(w.nbytes for w in weights)])

@@ -751,7 +751,7 @@ class Trainer(TrainingStep):
     def _fit_epochs(self, data: Batches, validation: Batches | None, cbs: CallbackList,
                     params: dict[str, Any], epochs: int, initial_epoch: int) -> History:
         """fit's epochs, once its callbacks began, then ``on_train_end``."""
-        start = self._resume_at
+        start, parallel = self._resume_at, self._parallel
         logs: dict[str, float] = {}  # (the last epoch's, for on_train_end, as in Keras)
         first_epoch = start.epoch if start else initial_epoch
         try:
@@ -774,7 +774,7 @@ class Trainer(TrainingStep):
                         self._epoch_validated = bool(val)
                     logs["seconds"] = time.perf_counter() - self._epoch_t0
                     cbs.on_epoch_end(epoch, logs)
-                    if self._stop_agreed():
+                    if self.stop_training if parallel is None else parallel.agreed_stop():
                         break
         except NonFiniteError as error:
             if not cbs.on_non_finite(error):
@@ -799,11 +799,6 @@ class Trainer(TrainingStep):
         # (a checkpoint that rank 0 alone finds, on a node-local disk: refused before a step)
         self._parallel.check_same_start(self._resume_at, [
             cb.path for cb in cbs.callbacks if isinstance(cb, BackupAndRestore)])
-
-    def _stop_agreed(self) -> bool:
-        """Whether fit stops here (after a step's callbacks, or ``on_epoch_end``):
-        ``stop_training``, on several ranks set on any (every rank then stops at this step)."""
-        return self.stop_training if self._parallel is None else self._parallel.agreed_stop()
 
     def _end_fit(self) -> None:
         """What fit set up for its steps ends with it: its class weights (steps outside fit
@@ -831,6 +826,7 @@ class Trainer(TrainingStep):
             self.stop_training = True
             return None
         step = first = start.step if start else 0
+        parallel = self._parallel
         self._position = (epoch, step)
         self._epoch_t0 = time.perf_counter() - (start.seconds if start else 0.0)
         self._running_totals().reset(*((start.loss_sum, start.correct, start.seen, start.top_k)
@@ -858,7 +854,9 @@ class Trainer(TrainingStep):
                 self._position = (epoch, step)
                 self._epochs_begun = number + 1  # (one that trained no step, refused, is not)
                 cbs.on_train_batch_end(step - 1, logs.make(self._batch_logs))
-                if self._stop_agreed():
+                # (stop_training, on several ranks set on any: every rank stops at this step;
+                # inline: no call a step in one process)
+                if self.stop_training if parallel is None else parallel.agreed_stop():
                     break
             logs.settle()
         if self._parallel is not None and data.place(first) is None:
@@ -1044,6 +1042,9 @@ class Trainer(TrainingStep):
                 data = self._batches(x, y, batch_size, steps, steps_name="steps",
                                      weights=sample_weight)
             here = distributed.world()
+            if self._parallel is not None:  # (inside fit, from a callback: each rank's
+                self._parallel.average_state()  # BatchNorm statistics of its own slices, as
+                # at an epoch's end, every rank being here; linear, so the epoch ends alike)
             if here.size > 1:  # (each rank evaluates its slice of the same data)
                 distributed.refuse_different_data(here, [("evaluation", data)], "evaluate",
                                                   model=self)  # (and the weights)
