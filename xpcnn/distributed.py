@@ -806,11 +806,8 @@ class DataParallel:
 
     def broadcast_weights(self) -> None:
         """Every rank takes rank 0's weights (its parameters and BatchNorm statistics)."""
-        weights = [np.ascontiguousarray(w) for w in self.model.get_weights()]
-        _wait(self.world, [self.world.comm.Ibcast(w, root=0) for w in weights],
-              "the broadcast of the initial weights")
-        if not self.world.is_root:
-            self.model.set_weights(weights)
+        _take_root_weights(self.world, self.model, _host_weights(self.model), self.world.comm,
+                           "the broadcast of the initial weights")
 
     def average_state(self) -> None:
         """Average the layers' non-trainable state (BatchNorm's running statistics), which
@@ -977,11 +974,23 @@ def broadcast_weights(model: Any) -> None:
     with agreeing("broadcast_weights' check that the model is built",
                   "broadcast_weights (the model built)"):
         model._require_built("broadcast_weights")
-    weights = [np.ascontiguousarray(w) for w in model.get_weights()]
+    weights = _host_weights(model)
     host_sum(here, [0.0], "broadcast_weights", tagged=True, layout=[
         len(weights), sum(w.nbytes for w in weights)])
     comm = here.comm if here.checks is None else here.checks  # (after the tag: paired)
-    _wait(here, [comm.Ibcast(w, root=0) for w in weights], "broadcast_weights")
+    _take_root_weights(here, model, weights, comm, "broadcast_weights")
+
+
+def _host_weights(model: Any) -> list[np.ndarray]:
+    """``model``'s weights (parameters and state), as contiguous host arrays to broadcast."""
+    return [np.ascontiguousarray(w) for w in model.get_weights()]
+
+
+def _take_root_weights(here: World, model: Any, weights: list[np.ndarray], comm: Any,
+                       what: str) -> None:
+    """Broadcast rank 0's ``weights`` (this rank's host copies, overwritten) on ``comm`` and
+    set them on every other rank's ``model``."""
+    _wait(here, [comm.Ibcast(w, root=0) for w in weights], what)
     if not here.is_root:
         model.set_weights(weights)
 

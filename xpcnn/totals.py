@@ -172,7 +172,12 @@ class RunningTotals:
 SCALE_RANGE = (1.1754943508222875e-38, 3.4028234663852886e38)
 
 
-def loss_scaling(backend: Any, scale: float, good_steps: int = 0) -> Any:
+#: A new float16 loss scale: Keras' LossScaleOptimizer's initial_scale (PyTorch's GradScaler
+#: starts at 65536).
+INITIAL_SCALE = 2.0**15
+
+
+def loss_scaling(backend: Any, scale: float = INITIAL_SCALE, good_steps: int = 0) -> Any:
     """The float16 loss-scaling state on the device: [scale, good steps in a row], float32
     like the gradients it multiplies."""
     return backend.asarray([scale, good_steps], dtype="float32")

@@ -338,7 +338,7 @@ class Trainer(TrainingStep):
         self._metric_objects, self._top_ks = resolved, metric_settings.top_k_of(resolved)
         self._metric_slots = metric_settings.slots(resolved)
         self._scaling = kept_scaling if kept_scaling is not None else loss_scaling(
-            self.backend, 2.0**15) if precision == "mixed_float16" else None
+            self.backend) if precision == "mixed_float16" else None
         new = "float64" if full else precision
         # (another precision, and the rebuild for it, under no pass of another thread: a
         # predict's batch runs in one precision, see PassLock)
@@ -364,7 +364,7 @@ class Trainer(TrainingStep):
             if owned is not self._optimizer and self._scaling is not None:
                 # (the loss scale goes on with the optimiser whose slots go on, as in compile:
                 # another one starts at Keras' initial scale)
-                self._scaling = loss_scaling(self.backend, 2.0**15)
+                self._scaling = loss_scaling(self.backend)
             self._optimizer = owned
         # (a captured step holds the optimiser it was captured with, as after compile)
         self._graphs, self.cuda_graphs_reason = None, ""
