@@ -164,8 +164,27 @@ def test_a_resumed_run_adds_to_its_log_and_a_refused_one_leaves_it(tmp_path, cap
     assert main([*run, "--epochs", "2", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "they differ in batch_size" in err and "resume with the same --dataset, " \
-        "--val-split, --limit, --batch-size, --seed and --data-dir files, or start afresh " \
-        "with no --resume" in err
+        "--val-split, --limit, --batch-size, --seed, --early-stopping and --data-dir files, " \
+        "or start afresh with no --resume" in err
+
+
+def test_a_warning_is_one_line_of_the_command_naming_its_flag(tmp_path, capsys):
+    """A warning on the command line (a resume adding --early-stopping, whose state the
+    checkpoint does not hold) is one line as the command's other messages, naming the flag
+    (was Python's: "/.../xpcnn/__main__.py:9: RuntimeWarning: xpcnn: ... callbacks that keep
+    one are ['EarlyStopping'] ...", then the source line "sys.exit(main())")."""
+    run = ["train", "--limit", "16", "--batch-size", "8", "--epochs", "1", "--quiet",
+           "--checkpoint", str(tmp_path / "ck.npz")]
+    assert main(run) == 0
+    capsys.readouterr()
+    assert main([*run, "--resume", "--early-stopping", "1"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    warned = [line for line in err if "warning" in line]
+    assert warned == [f"xpcnn train: warning: {tmp_path / 'ck.npz'} holds the states of the "
+                      "callbacks [], and this run's callbacks that keep one are "
+                      "[--early-stopping]: they start afresh (the same callbacks, in the same "
+                      "order, go on from the file)"], err
+    assert not any("RuntimeWarning" in line or "sys.exit" in line for line in err), err
 
 
 def test_paths_with_a_tilde_are_the_home_folders(tmp_path, monkeypatch, capsys):

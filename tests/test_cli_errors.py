@@ -74,8 +74,10 @@ def bad_cases(tmp: Path) -> list[tuple[list[str], str]]:
         cases += [(["train", flag, str(p)], flag) for p in
                   (folder, missing / "m.npz", UNWRITABLE / "m.npz", a_file / "m.npz",
                    "/dev/null", "")]
+    # ("": `--plots "$OUT"` with OUT unset trained, exit 0, with no figures and no evaluation
+    # each epoch)
     cases += [(["train", "--plots", str(p)], "--plots") for p in
-              (a_file, missing / "plots", UNWRITABLE / "plots")]
+              (a_file, missing / "plots", UNWRITABLE / "plots", "")]
     cases += [
         (["train", "--resume"], "--resume"),
         (["train", "--checkpoint-every", "5"], "--checkpoint-every"),
@@ -110,7 +112,7 @@ def bad_cases(tmp: Path) -> list[tuple[list[str], str]]:
     cases += [([*vis, "--max-maps", v], "--max-maps") for v in ("0", "33", "abc")]
     cases += [([*vis, "--dpi", v], "--dpi") for v in ("0", "5", "1000", "nan", "abc")]
     cases += [([*vis, "--out", str(p)], "--out") for p in
-              (a_file, missing / "figs", UNWRITABLE / "figs")]
+              (a_file, missing / "figs", UNWRITABLE / "figs", "")]  # ("": the working folder)
     cases += [([*vis, "--data-dir", str(missing)], "--data-dir"),
               ([*vis, "--data-dir", ""], "--data-dir"),
               ([*vis, "--device", "tpu"], "--device"),
@@ -437,6 +439,57 @@ def test_an_output_written_in_place_may_be_a_pipe_one_written_by_a_rename_may_no
     output_file("--json", str(fifo), False)
     with pytest.raises(UsageError, match="exists and is not a regular file"):
         output_file("--save", str(fifo))
+
+
+_RECIPE_JSON = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from _common import ScriptParser
+from xpcnn.cli import output_file
+p = ScriptParser()
+p.check(output_file, "--json", "/dev/stdout", replaced=False)  # (as the recipes check it)
+print("the recipe's lines", flush=True)
+with open("/dev/stdout", "w") as f:  # (as the recipes write it)
+    json.dump({"test_accuracy": 0.5}, f)
+"""
+
+
+def test_dev_stdout_as_an_output_whatever_stdout_is(tmp_path):
+    """An output naming /dev/stdout, in a subprocess. Where stdout is a pipe, a file written
+    in place (the recipes' --json) goes into it (was refused: "cannot write in
+    '/proc/<pid>/fd'", as realpath made it '/proc/<pid>/fd/pipe:[n]'); one written anew and
+    renamed (--log) is refused as a pipe. Where stdout is a file (`> out.txt`), both are
+    refused before any work (the rename replaced the shell's file, so the --json result
+    went to a file no longer there; a plain write overwrote the lines printed)."""
+    scripts = str(ROOT / "scripts")
+    # (the xpcnn under test, which may not be ROOT's)
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(Path(xpcnn.__file__).parents[1]),
+                                                    str(ROOT)])}
+    piped = subprocess.run([sys.executable, "-c", _RECIPE_JSON, scripts], capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == "the recipe's lines\n" + '{"test_accuracy": 0.5}'
+    train = _cli("train", "--limit", "16", "--epochs", "1", "--quiet", "--json", "--log",
+                 "/dev/stdout")
+    piped = subprocess.run(train, capture_output=True, text=True, env=env, timeout=120)
+    assert piped.returncode == 2 and piped.stderr == (
+        "xpcnn train: error: argument --log: '/dev/stdout' exists and is not a regular file (a "
+        "device or a pipe), where the file is written anew and renamed over the old one; give "
+        "a file path such as 'log.csv'\n")
+    out = tmp_path / "out.txt"
+    redirected = "is this command's standard output, redirected to the file " \
+        f"{str(out)!r}: written by name, it would overwrite what is printed there, or be " \
+        "overwritten by it; give a file of its own, or pipe the output (| cat > file)"
+    for argv in ([sys.executable, "-c", _RECIPE_JSON, scripts], train):
+        with open(out, "w") as f:
+            done = subprocess.run(argv, stdout=f, stderr=subprocess.PIPE, text=True, env=env,
+                                  timeout=120)
+        assert done.returncode == 2 and redirected in done.stderr, done.stderr
+        assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
+        if argv is train:  # (--json: the file holds the one JSON object, the error)
+            assert json.loads(out.read_text())["error"] == done.stderr.strip()
+        else:
+            assert out.read_text() == ""
 
 
 def test_output_flags_check_a_path_as_the_writers_do(tmp_path):

@@ -588,8 +588,9 @@ def test_the_update_with_device_scalars_is_the_standard_one_bit_for_bit(make, dt
 @needs_compiler
 def test_what_keeps_a_step_eager(monkeypatch):
     """Only the backend: not CuPy, CuPy without its fast path, or without cuDNN (its matrix
-    products would go to cuBLAS, which CuPy cannot capture). Layers (random ones too) and
-    optimisers never do (the other tests here capture them)."""
+    products would go to cuBLAS, which CuPy cannot capture). xpcnn's layers (random ones too)
+    and optimisers never do (the other tests here capture them); a user's layer does, unless
+    its class sets ``capturable = True`` (test_a_users_layer_keeps_the_steps_eager_...)."""
     import sys
 
     from cudnn_emulator import fake_cudnn, import_cudnn_conv
@@ -873,3 +874,102 @@ def test_a_shared_layer_built_again_by_another_model_makes_the_step_captured_aga
     assert graphs.decide(xb, yb) == "warmup"
     a.train_on_batch(xb, yb)
     assert pool._inv_counts is not None  # (made in the warm-up, not inside a capture)
+
+
+class _WarmupGate(xpcnn.layers.Layer):
+    """A user's layer keeping a host number between steps: its input times min(1, t / 4), t the
+    training passes so far (a warm-up)."""
+
+    def __init__(self, name=None):
+        super().__init__(name)
+        self.t = 0
+
+    def forward(self, x, training=False, options=None):
+        if training:
+            self.t += 1
+        self._g = min(1.0, self.t / 4)
+        return x * self._g
+
+    def backward(self, dy, options=None):
+        return dy * self._g
+
+
+class _DeviceScale(xpcnn.layers.Layer):
+    """A user's layer whose every per-step value is a device array (its trained scale),
+    declared capturable."""
+
+    capturable = True
+    weight_names = ("w",)
+
+    def _build(self, input_shape, rng):
+        self._param("w", np.full(input_shape[-1], 0.5))
+        return input_shape
+
+    def forward(self, x, training=False, options=None):
+        self._x = x
+        return x * self.params["w"]
+
+    def backward(self, dy, options=None):
+        self.grads["w"] = self.xp.sum(dy * self._x, axis=0)
+        return dy * self.params["w"]
+
+
+def _user_net(user):
+    return [Conv2D(4, 3, padding="same"), ReLU(), GlobalAvgPool2D(), Dense(6), user, Dense(10)]
+
+
+@pytest.mark.parametrize("user", [_WarmupGate, _DeviceScale])
+def test_a_users_layer_keeps_the_steps_eager_unless_its_class_sets_capturable(monkeypatch,
+                                                                             user):
+    """A replay runs no Python: a user's layer that counts its steps on the host repeated the
+    captured step's count in every replay, silently (was: captured as any layer, on CuPy by
+    default). A model holding a user's layer now trains eagerly, the layer named in
+    ``cuda_graphs_reason``, unless its class sets ``capturable = True`` (its per-step values
+    all on the device): then its steps are captured and replayed. Either way the fit is the
+    eager one."""
+    monkeypatch.setattr(step_module, "graph_blockers", lambda backend: [])  # (as on CuPy)
+    x, y = _data(32)
+    eager = _model(_user_net(user(name="user")), optim.SGD(0.05))
+    eager.compile(optimizer=optim.SGD(0.05), cuda_graphs=False)
+    eager.fit(x, y, epochs=3, batch_size=8, verbose=0, shuffle=False)
+    graphed = _model(_user_net(user(name="user")), optim.SGD(0.05))
+    graphed.build((12, 12, 3))
+    graphs = graphed._step_graphs()
+    if user is _WarmupGate:
+        assert graphs is None
+        assert graphed.cuda_graphs_reason.startswith(
+            "layer 'user' is of a user's class, _WarmupGate, which does not set capturable = "
+            "True: a step replayed from a CUDA graph runs none of its Python")
+    else:
+        capture = graphs.capture = FakeCapture(graphed._graph_arrays, graphed.layers)
+    graphed.fit(x, y, epochs=3, batch_size=8, verbose=0, shuffle=False)
+    if user is _WarmupGate:
+        assert graphed.get_layer("user").t == eager.get_layer("user").t == 12
+    else:
+        assert (capture.captures, capture.launches) == (1, 10)  # (its launch, 9 replays)
+    assert graphed.optimizer.iterations == 12
+    for a, b in zip(graphed.get_weights(), eager.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_users_layer_added_after_the_capture_makes_the_steps_eager():
+    """The layers built again with a user's layer among them (one added to a Sequential that
+    was replaying its captured step): the next step runs eagerly for good, the graphs of the
+    old layers dropped, and the reason names the layer."""
+    x, y = _data(16)
+    model = _model([Conv2D(4, 3, padding="same"), ReLU(), GlobalAvgPool2D(), Dense(10)],
+                   optim.SGD(0.01))
+    model.build((12, 12, 3))
+    graphs, capture = _runner(model)
+    for _ in range(4):  # two warm-up steps, the capture, a replay
+        model.train_on_batch(x, y)
+    assert (capture.captures, capture.launches) == (1, 2)
+    model.add(_WarmupGate(name="gate"))
+    xb, yb = model._to_device(x), np.asarray(y)
+    assert graphs.decide(xb, yb) == "eager" and not graphs.graphs
+    assert graphs.reason.startswith("layer 'gate' is of a user's class, _WarmupGate")
+    for _ in range(2):
+        model.train_on_batch(x, y)
+    assert (capture.captures, capture.launches) == (1, 2)
+    assert model.get_layer("gate").t == 2
+    assert model.cuda_graphs_reason == graphs.reason and model._step_graphs() is None

@@ -977,6 +977,70 @@ def _conv_launches(monkeypatch):
     return launches
 
 
+def _kernel_reads(monkeypatch):
+    """The launches from now on, as (name, the kernel array read: a raw kernel's second
+    argument, an elementwise kernel's None)."""
+    launches = []
+    raw, elementwise = RawKernel.__call__, ElementwiseKernel.__call__
+    monkeypatch.setattr(RawKernel, "__call__", lambda self, grid, block, args, *a, **k:
+                        launches.append((self.name, args[1]))
+                        or raw(self, grid, block, args, *a, **k))
+    monkeypatch.setattr(ElementwiseKernel, "__call__", lambda self, *a, **k:
+                        launches.append((self.name, None)) or elementwise(self, *a, **k))
+    return launches
+
+
+@pytest.mark.parametrize("kernel, strides, shape, filters, padding", EMULATED_TILED_CONV)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_tiled_convolution_reads_the_layers_kernel_in_place(
+        fast, monkeypatch, rng, kernel, strides, shape, filters, padding, dtype):
+    """HandWrittenConv's forward, and its input gradient where that is a stride-1
+    convolution, on the tiled kernel: one launch, which reads the (K, kh, kw, C) kernel
+    itself (a copy to the (kh*kw*C, K) matrix, or to the rotated one, was one more launch and
+    buffer each), bit for bit the result of the kernel matrix copied row-major (the product's
+    order is the same) and of the rotated copy, which the standard version's values match.
+    A matrix of neither layout is copied first, to the same bits."""
+    module = sys.modules[type(fast).__module__]
+    conv = fast.conv_kernels
+    for flag in ("runs_forward", "runs_weight_grad", "tiled"):
+        monkeypatch.setattr(conv, flag, getattr(conv, flag))  # put back after the test
+    conv.set_algorithm("tiled")
+    pads = windows.resolve_padding(padding, shape[1:3], kernel, strides)
+    out_hw = windows.output_size(shape[1:3], kernel, strides, pads)
+    geometry = ConvGeometry(shape[1:3], shape[3], filters, kernel, strides, pads, out_hw)
+    engine = module.cuda_conv.HandWrittenConv(geometry, fast)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((filters, *kernel, shape[3])).astype(dtype)
+    w2 = np.ascontiguousarray(np.reshape(w, (filters, -1)).T)
+    wide = np.zeros((w2.shape[0], 2 * filters), dtype)
+    wide[:, ::2] = w2  # (a view of it: neither row- nor column-major)
+    for bias, relu in ((rng.standard_normal(filters).astype(dtype), True), (None, False)):
+        with pytest.MonkeyPatch.context() as counted:
+            launches = _kernel_reads(counted)
+            got = engine.forward(x, w, bias, relu)
+        assert [name for name, _ in launches] == ["xpcnn_conv_tiled"]
+        assert np.shares_memory(launches[0][1], w)
+        want = conv.conv2d(x, w2, bias, kernel, strides, pads, out_hw, relu)
+        np.testing.assert_array_equal(np.reshape(got, want.shape), want)
+        np.testing.assert_array_equal(
+            conv.conv2d(x, wide[:, ::2], bias, kernel, strides, pads, out_hw, relu), want)
+    if not ops.input_grad_as_conv(pads, kernel, strides):
+        return  # (the gather: test_strided_and_over_padded_input_gradients_take_one_launch)
+    dy = rng.standard_normal((shape[0], *out_hw, filters)).astype(dtype)
+    with pytest.MonkeyPatch.context() as counted:
+        launches = _kernel_reads(counted)
+        got = engine.input_grad(dy, w)
+    assert [name for name, _ in launches] == ["xpcnn_conv_tiled"]
+    assert np.shares_memory(launches[0][1], w)
+    assert got.shape == shape and got.dtype == dtype
+    rotated = conv.conv2d(dy, ops.flipped_kernel_matrix(xpn, w), None, kernel, (1, 1),
+                          ops.output_grad_pads(pads, kernel), shape[1:3], False)
+    np.testing.assert_array_equal(np.reshape(got, rotated.shape), rotated)
+    want = KernelsConv(geometry, STD).input_grad(dy.astype(np.float64), w.astype(np.float64))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
 # (a stride-1 "same" convolution: with the direct kernels chosen it takes the gather too)
 @pytest.mark.parametrize("kernel, strides, shape, filters, pads",
                          [*CONV_INPUT_GRAD, ((3, 3), (1, 1), (2, 6, 7, 3), 5, (1, 1, 1, 1))])

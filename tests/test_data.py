@@ -450,6 +450,42 @@ def test_arrays_of_another_library_or_device_are_refused(data):
         model.fit(bad, y, verbose=0)
 
 
+@pytest.mark.parametrize("bad, match", [
+    (2.5, r"y must be integer class labels, got dtype float64: y\[13\] is 2\.5, one of 1 that "
+          r"are not whole numbers"),
+    (np.nan, r"y must be integer class labels, got dtype float64 holding NaN \(1 labels\): "
+             r"y\[13\] is nan"),
+    (7, r"labels in y must be in \[0, 3\] for a model with 4 outputs; found values from 0 to "
+        r"7: y\[13\] is 7, the first of 1 out of range"),
+    (-1, r"found values from -1 to \d: y\[13\] is -1, the first of 1 out of range"),
+    ("one-hot", r"one-hot y must hold probabilities, each row >= 0 and summing to 1; y\[13\] "
+                r"sums to 2 "),
+    ("one-hot inf", r"one-hot y holds NaN or infinite values: y\[13\] is the first of 1 such "
+                    r"rows"),
+], ids=["half", "nan", "too large", "negative", "one-hot", "one-hot inf"])
+def test_a_datasets_bad_label_is_named_by_its_dataset_index(data, bad, match):
+    """A map-style dataset's sample 13 with a bad label, in a shuffled batch: named y[13], as a
+    bad image is x[13] (was: "label 1", its position in the batch, or no sample at all)."""
+    x, y = data
+    if isinstance(bad, str):
+        y = np.eye(4)[y]
+        y[13] = [1, 1, 0, 0] if bad == "one-hot" else [np.inf, 0, 0, 0]
+    else:
+        y = y.astype(np.float64 if isinstance(bad, float) else np.int64)
+        y[13] = bad
+    with pytest.raises(InputError, match=match):
+        make().fit(MapDataset(x, y), batch_size=BATCH, seed=SEED, verbose=0)
+
+
+def test_an_out_of_range_label_in_arrays_is_named_by_its_position(data):
+    x, y = data
+    y = y.copy()
+    y[[9, 30]] = 4
+    with pytest.raises(InputError, match=r"found values from 0 to 4: label 9 is 4, the first of "
+                                         r"2 out of range$"):
+        make().fit(x, y, verbose=0)
+
+
 def test_streamed_device_labels_are_checked_like_host_labels(data):
     """A label out of range would silently match no class (the loss kernels compare labels
     with class numbers): streamed device labels are checked as host ones are."""

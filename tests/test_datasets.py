@@ -8,6 +8,7 @@ import gzip
 import os
 import pickle
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,48 @@ def test_corrupt_gzip(tmp_path, rng, where):
     with pytest.raises(DataFormatError) as e:
         load_mnist(tmp_path, download=False)
     assert str(path) in str(e.value)
+
+
+def test_a_gzip_stream_damaged_inside_is_reported_damaged_not_as_a_lying_header(tmp_path, rng):
+    """One byte flipped at places across the deflate stream of compressible images: every one
+    is reported as a damaged file, to download again (was: about half as "more data than the
+    header's ... declares", read no further than one byte past the claim, so the CRC at the
+    end of the stream was never checked)."""
+    images = np.zeros((200, 28, 28), np.uint8)
+    for im in images:  # (a rectangle each: compressed by Huffman codes, not stored blocks)
+        (r, c), (h, w) = rng.integers(2, 20, 2), rng.integers(3, 9, 2)
+        im[r:r + h, c:c + w] = rng.integers(100, 256)
+    raw = idx_bytes(images)
+    packed = gz(raw)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    longer, messages = 0, []
+    for pos in range(len(packed) // 4, len(packed) - 20, len(packed) // 60):
+        damaged = bytearray(packed)
+        damaged[pos] ^= 0xFF
+        path.write_bytes(damaged)
+        with pytest.raises(DataFormatError) as e:
+            read_idx_file(path, kind="images")
+        messages.append(str(e.value))
+        try:  # (what the damaged stream inflates to, its CRC unchecked: raw deflate)
+            inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(damaged[10:]))
+        except zlib.error:
+            continue
+        longer += len(inflated) > len(raw)
+    assert longer  # (some inflate past the header's claim: the case that blamed the header)
+    assert [m for m in messages if "header" in m] == []
+    for message in messages:
+        assert message.startswith(f"{path}: the file is damaged: corrupt or truncated gzip "
+                                  "data (") and message.endswith(
+            "; delete it and download it again"), message
+
+
+def test_an_intact_gzip_stream_longer_than_its_header_still_blames_the_header(tmp_path):
+    path = tmp_path / "some-idx-ubyte.gz"
+    path.write_bytes(gz(idx_header("images", 1, 2, 2) + b"\x00" * 5))
+    with pytest.raises(DataFormatError, match=r"more data than the header's 1x2x2 declares") \
+            as e:
+        read_idx_file(path, kind="images")
+    assert "damaged" not in str(e.value)
 
 
 def test_not_gzip_at_all(tmp_path, rng):

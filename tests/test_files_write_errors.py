@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import errno
 import os
+import re
+import stat
+import threading
 
 import numpy as np
 import numpy.lib.format
@@ -13,6 +16,7 @@ import pytest
 import xpcnn
 from xpcnn.callbacks import CSVLogger
 from xpcnn.cli import main
+from xpcnn.errors import InputError
 from xpcnn.files import atomic_file
 
 
@@ -124,3 +128,53 @@ def test_a_figure_that_cannot_be_written_is_named_and_the_old_one_kept(tmp_path,
     with pytest.raises(OSError, match=r"could not write .*h\.png.*left as it was"):
         viz.plot_history({"loss": [1.0, 0.5]}, path, dpi=30)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["h.png"]
+
+
+def _drain(fifo, got: list[bytes], stop: threading.Event) -> None:
+    """A FIFO's reader: what each writer (one an epoch: CSVLogger opens it for each row)
+    writes, until ``stop`` (set, then one empty writer unblocks the open)."""
+    while not stop.is_set():
+        with open(fifo, "rb") as f:
+            got.append(f.read())
+
+
+def test_a_pipe_or_a_device_is_written_in_place_and_never_replaced(tmp_path):
+    """A CSVLogger (like tee, Keras' CSVLogger and torch.save) writes into a FIFO, a pipe named
+    by /dev/fd/N (which realpath makes '/proc/<pid>/fd/pipe:[n]', no path: it was refused as
+    "cannot write in '/proc/<pid>/fd'", and so was /dev/stdout where the output is a pipe) and
+    /dev/null, in place; a model file, written anew and renamed over the old one, is refused
+    such a path for what it is, and the pipe or device stays."""
+    model = xpcnn.Sequential([xpcnn.layers.Dense(2)], input_shape=(3,), seed=0)
+    model.compile(optimizer="sgd")
+    x, y = np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1])
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    stop = threading.Event()
+    reader = threading.Thread(target=_drain, args=(fifo, got, stop), daemon=True)
+    reader.start()
+    r, w = os.pipe()
+    try:
+        for path in (f"/dev/fd/{w}", str(fifo), os.devnull):
+            model.fit(x, y, epochs=2, verbose=0, callbacks=[CSVLogger(path)])
+            with pytest.raises(InputError, match=re.escape(
+                    f"the model file {path!r} exists and is not a regular file (a device or a "
+                    "pipe)")):
+                model.save(path)
+            with pytest.raises(FileExistsError, match="is not a regular file: not replaced"), \
+                    atomic_file(path):
+                pass
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            piped = f.read()
+    finally:
+        stop.set()
+        with open(fifo, "wb"):  # (a writer: the reader's open returns, it sees stop)
+            pass
+        reader.join(timeout=30)
+    for text in (piped.decode(), b"".join(got).decode()):
+        rows = list(csv.reader(text.splitlines()))
+        assert rows[0] == ["epoch", "accuracy", "loss", "seconds"], text
+        assert [row[0] for row in rows[1:]] == ["0", "1"], text
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["fifo"]  # (no temporary left beside it)

@@ -3,6 +3,7 @@ freezing, and functional models saved, loaded and checked against a PyTorch twin
 
 import json
 import os
+import re
 import sys
 
 import array_api_strict as xs
@@ -24,6 +25,7 @@ from xpcnn.layers import (
     GlobalAvgPool2D,
     MaxPool2D,
     ReLU,
+    Rescaling,
     Softmax,
 )
 from xpcnn.layers.base import Options
@@ -459,6 +461,49 @@ def test_keras_habits_xpcnn_does_not_share_get_clear_errors():
     drop = Dropout(0.5)
     drop.build((3,))
     assert drop(np.ones((2, 3))).tolist() == [[1.0] * 3] * 2  # on a batch: inference by default
+
+
+def test_keras_operators_on_symbolic_tensors_name_the_layer_that_does_it():
+    """Keras 3's operators on symbolic tensors (its residual x = x + y, x * 0.5, x[..., 0]) were
+    bare TypeErrors ("unsupported operand type(s) for +") and np.asarray(x) a 0-d object
+    array: each is refused naming the layer to write, and that way computes what the
+    operator would (checked against NumPy)."""
+    inputs = xpcnn.Input((4, 4, 3))
+    a = Conv2D(3, 1, name="c")(inputs)
+    layers_only = "on a symbolic tensor (Keras 3's operator): a functional model's tensors are " \
+        "transformed by layers only; "
+    for op, written, way in [
+            (lambda: a + inputs, "a + b", "write Add()([a, b])"),
+            (lambda: a - inputs, "a - b", "write Add()([a, Rescaling(-1.0)(b)])"),
+            (lambda: a * 0.5, "a * c", "write Rescaling(c)(a), with c = 0.5"),
+            (lambda: 0.5 * a, "c * a", "write Rescaling(c)(a), with c = 0.5"),
+            (lambda: a / 4, "a / c", "write Rescaling(1 / c)(a), with c = 4"),
+            (lambda: 2.0 - a, "c - a", "write Rescaling(-1.0, offset=c)(a), with c = 2.0"),
+            (lambda: a + 1, "a + c", "write Rescaling(1.0, offset=c)(a), with c = 1"),
+            (lambda: a * inputs, "a * b", "xpcnn has no layer for it: write it as a layer of "
+                                          "your own"),
+            (lambda: a + "x", "a + x", "layers take symbolic tensors, not str")]:
+        with pytest.raises(InputError, match=re.escape(f"{written} {layers_only}{way}")):
+            op()
+    with pytest.raises(InputError, match=re.escape("-a on a symbolic tensor (Keras 3's "
+                                                   "operator)") + ".*Rescaling\\(-1.0\\)\\(a\\)"):
+        -a  # noqa: B018
+    with pytest.raises(InputError, match=r"\[\(Ellipsis, 0\)\] \(Keras 3's slicing\): .* xpcnn "
+                                         "has no layer that slices; write it as a layer of your "
+                                         "own"):
+        a[..., 0]  # noqa: B018
+    with pytest.raises(InputError, match="holds no values: it stands for a batch in a "
+                                         "functional model's graph; model.predict"):
+        np.asarray(a)
+    # (the ways named compute what the operators would)
+    x = np.random.default_rng(0).standard_normal((2, 4, 4, 3))
+    model = xpcnn.Model(inputs, a, dtype="float64", seed=0)
+    conv = model.predict(x, verbose=0)
+    for way, expected in [(Add()([a, Rescaling(-1.0)(inputs)]), conv - x),
+                          (Rescaling(0.5)(a), conv * 0.5), (Rescaling(1 / 4)(a), conv / 4),
+                          (Rescaling(-1.0, offset=2.0)(a), 2.0 - conv)]:
+        got = xpcnn.Model(inputs, way, dtype="float64").predict(x, verbose=0)
+        np.testing.assert_allclose(got, expected, rtol=1e-15, atol=1e-15)
 
 
 def test_a_layer_taken_out_of_a_model_does_its_own_work(data):

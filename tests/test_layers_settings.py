@@ -213,6 +213,10 @@ def test_keras_random_crop_keywords_get_the_same_clear_error(args, kwargs, said)
     (lambda L: L.Rescaling(1 / 255, dtype="float16"), r"Rescaling\(dtype='float16'\)"),
     # (layers with no settings of their own: Keras' MNIST tutorial's first line included)
     (lambda L: L.Flatten(input_shape=(28, 28)), r"Flatten\(input_shape=\(28, 28\)\): .*Sequen"),
+    # (Keras 2's: was Python's bare "unexpected keyword argument")
+    (lambda L: L.Dense(4, input_dim=3), r"Dense\(input_dim=3\): Keras' keyword.*input_shape="),
+    (lambda L: L.Conv2D(4, 3, batch_input_shape=(None, 8, 8, 1)),
+     r"Conv2D\(batch_input_shape=.*batch_input_shape\[1:\] \(the batch size is fit's\)"),
     (lambda L: L.Flatten(data_format="channels_first"), r"Flatten\(data_format="),
     (lambda L: L.Conv2D(8, 3, groups=True), r"Conv2D\(groups=True\): .*groups=1 only"),
     (lambda L: L.GlobalAvgPool2D(keepdims=True), r"gives \(N, C\)"),

@@ -448,6 +448,88 @@ def test_a_subclass_forward_that_returns_other_shapes_is_refused_by_name():
     assert model.optimizer.iterations == 0
 
 
+class KerasCall(SoftmaxCrossEntropy):
+    """Twice the cross-entropy as Keras' guide writes a loss: call(y_true, y_pred)."""
+
+    def call(self, y_true, y_pred):
+        return 2.0 * SoftmaxCrossEntropy(from_logits=False)(y_true, y_pred)
+
+
+class DunderCall(SoftmaxCrossEntropy):
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        return 2.0 * super().__call__(y_true, y_pred, sample_weight)
+
+
+class BothCalls(KerasCall, DunderCall):
+    pass
+
+
+@pytest.mark.parametrize(("cls", "written"), [
+    (KerasCall, r"defines call\(\), Keras' hook of a loss, without overriding forward\(\): fit "
+                r"never calls it"),
+    (DunderCall, r"overrides __call__\(\) without overriding forward\(\): fit never calls it"),
+    (BothCalls, r"defines call\(\), Keras' hook of a loss, and overrides __call__\(\) without "
+                r"overriding forward\(\): fit never calls them")], ids=["call", "__call__", "both"])
+def test_a_keras_call_or_a_dunder_call_without_forward_is_refused_at_compile(cls, written):
+    """Such a subclass compiled, and fit trained and logged the plain cross-entropy, never
+    calling it (and loss(y, p) disagreed with evaluate): refused at compile, naming forward,
+    the model left compiled as it was. With forward overridden too, fit trains by forward."""
+    model = net("layer", dtype="float64")
+    model.compile(loss=SoftmaxCrossEntropy(), optimizer=xpcnn.optim.SGD(0.1))
+    kept = model.loss
+    with pytest.raises(InputError, match=rf"loss class {cls.__name__} {written}, and would "
+                       r"train and log xpcnn's cross-entropy instead\. fit trains by "
+                       r"forward\(self, xp, logits, y, dtype, weights=None\), returning \(the "
+                       r"loss as a 0-d array, its gradient with respect to the logits"):
+        model.compile(loss=cls(from_logits=False), optimizer=xpcnn.optim.SGD(0.1))
+    assert model.loss is kept
+
+    class WithForward(cls, Doubled):
+        pass
+
+    model.compile(loss=WithForward(from_logits=False), optimizer=xpcnn.optim.SGD(0.1))
+    x = X.astype(np.float64)
+    kernel, bias = model.get_weights()
+    assert model.evaluate(x, Y, verbose=0)[0] == pytest.approx(
+        sgd_reference(x, Y, kernel, bias, 2.0)[0], rel=1e-12)
+
+
+def test_a_forward_that_cannot_take_the_hooks_arguments_is_refused_at_compile():
+    """PyTorch's forward(input, target) compiled and failed at the first step with a bare
+    TypeError from inside the loss; refused at compile, naming the hook's arguments."""
+    class TorchStyle(SoftmaxCrossEntropy):
+        def forward(self, input, target):
+            return super().forward(np, input, target, np.float32)
+
+    model = net("layer")
+    with pytest.raises(InputError, match=r"TorchStyle\.forward\(input, target\) cannot take the "
+                                         r"arguments fit calls it with, \(xp, logits, y, dtype, "
+                                         r"weights\): a loss's forward is forward\(self, xp, "
+                                         r"logits, y, dtype, weights=None\)"):
+        model.compile(loss=TorchStyle(), optimizer="sgd")
+    assert model.loss is None
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_subclass_forward_is_what_the_loss_object_gives_on_probabilities(weighted):
+    """Called on probabilities (from_logits=False), a subclass's loss object gave the plain
+    cross-entropy while evaluate gave its forward's loss (twice it): now forward's, on
+    log(p), equal to evaluate's and to a hand-computed float64 reference."""
+    model = net("layer", dtype="float64")
+    loss = Doubled(from_logits=False)
+    model.compile(loss=loss, optimizer=xpcnn.optim.SGD(0.1), metrics=[])
+    x = X.astype(np.float64)
+    w = np.linspace(0.5, 2.0, len(Y)) if weighted else None
+    kernel, bias = model.get_weights()
+    z = x.reshape(len(x), -1) @ kernel + bias
+    logp = z - z.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    want = -2.0 * np.mean((1.0 if w is None else w) * logp[np.arange(len(Y)), Y])
+    got = float(loss(Y, model.predict(x, verbose=0), sample_weight=w))
+    assert got == pytest.approx(want, rel=1e-12)
+    assert got == pytest.approx(model.evaluate(x, Y, sample_weight=w, verbose=0), rel=1e-12)
+
+
 def test_a_loss_subclass_is_saved_by_its_class_and_loads_as_it(tmp_path, monkeypatch):
     """A model file names a subclass's class, so load_model rebuilds it and trains with its
     forward (was: loaded as SoftmaxCrossEntropy, its forward silently lost); xpcnn's own loss

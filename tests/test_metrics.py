@@ -343,6 +343,55 @@ def test_a_users_metric_class_is_refused_and_a_subclass_of_a_top_k_saves_as_it(t
     assert loaded.evaluate(x, y, return_dict=True) == model.evaluate(x, y, return_dict=True)
 
 
+@pytest.mark.parametrize("hook", ["update_state", "result", "reset_state", "reset_states",
+                                  "merge_state", "__call__"])
+def test_a_top_k_subclass_written_with_keras_hooks_is_refused(hook):
+    """A subclass of a top-k class written as Keras' guide writes a metric (update_state,
+    result, ...) compiled, and its name logged the top-k accuracy, its hooks never called:
+    refused at compile, naming them, the model's metrics left as they were."""
+    def never(self, *args, **kwargs):
+        raise AssertionError("never called")
+
+    cls = type("Confident", (SparseTopKCategoricalAccuracy,), {hook: never})
+    model = logits_model(["accuracy"])
+    with pytest.raises(InputError, match=rf"metric 'confident' \(Confident\) is not one xpcnn "
+                                         rf"counts as it is written: it defines {hook}\(\) "
+                                         r"\(Keras' hooks of a metric\), which xpcnn never calls, "
+                                         r"and would log the top-k accuracy under its name"):
+        model.compile(optimizer=optim.SGD(0.0), metrics=[cls(k=1, name="confident")])
+    assert model.metrics_names == ("loss", "accuracy")
+
+
+def test_a_users_metric_without_a_name_is_refused_naming_its_class():
+    """Keras' Metric subclass passes its name to Metric.__init__, which xpcnn's lacks: the
+    refusal read metric.name and crashed with a bare AttributeError."""
+    class F1(xpcnn.metrics.Metric):
+        def __init__(self, name="f1"):
+            self.tp = 0.0
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            self.tp += 1.0
+
+        def result(self):
+            return self.tp
+
+    model = logits_model(["accuracy"])
+    with pytest.raises(InputError, match=r"^metric F1 is not one xpcnn counts: the model counts "
+                                         r"its metrics on the device"):
+        model.compile(optimizer=optim.SGD(0.0), metrics=["accuracy", F1()])
+    assert model.metrics_names == ("loss", "accuracy")
+
+
+def test_a_top_k_subclass_that_skips_super_init_is_refused_by_name():
+    class Top3(SparseTopKCategoricalAccuracy):
+        def __init__(self):
+            self.top = 3
+
+    with pytest.raises(InputError, match=r"metric Top3 has no k or name: its __init__ must call "
+                                         r"super\(\)\.__init__\(k, name\)"):
+        logits_model([Top3()])
+
+
 def test_keras_names_of_the_accuracy_and_numpy_and_huge_k_are_taken():
     """Keras' "sparse_categorical_accuracy" and "categorical_accuracy" were refused; a NumPy
     integer k was refused; k = 2**63 failed deep inside (an int beyond int64) under

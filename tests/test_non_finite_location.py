@@ -84,3 +84,65 @@ def test_a_layer_non_finite_in_training_mode_alone_is_named(device, monkeypatch)
     assert not any(v for k, v in caches.items() if k.endswith("._backward_ready"))
     with pytest.raises(InputError, match="needs a forward"):
         model.layers[0].backward(np.ones((8, 4, 4, 1), np.float32))
+
+
+class RunningCentre(Layer):
+    """A user's layer with statistics of its own: the input less a running mean of it, which
+    every training pass moves in place (frozen too: it is given ``training=True``, as every
+    layer in a training pass is), times a trained scale."""
+
+    weight_names = ("w", "mean")
+
+    def _build(self, input_shape, rng):
+        self._param("w", np.ones(input_shape[-1]))
+        self._param("mean", np.zeros(input_shape[-1]), trainable=False)
+        return input_shape
+
+    def forward(self, x, training=False, options=None):
+        xp = self.xp
+        if training:
+            batch_mean = xp.astype(xp.mean(x, axis=0), self.dtype)
+            self.state["mean"][...] = 0.5 * self.state["mean"] + 0.5 * batch_mean
+            self._centred = x - xp.astype(self.state["mean"], x.dtype)
+        else:
+            self._centred = x - xp.astype(self.state["mean"], x.dtype)
+        return self._centred * xp.astype(self.params["w"], x.dtype)
+
+    def backward(self, dy, options=None):
+        self.grads["w"] = self.xp.sum(dy * self._centred, axis=0)
+        return dy * self.xp.astype(self.params["w"], dy.dtype)
+
+
+@pytest.mark.parametrize("trainable", [True, False], ids=["trained", "frozen"])
+@pytest.mark.parametrize("skipped", ["float16 overflow", "non-finite loss"])
+def test_a_skipped_step_puts_a_user_layers_own_statistics_back_frozen_too(skipped, trainable):
+    """A step the device skips (a float16 overflow, or a non-finite loss: NonFiniteError)
+    leaves the state of a user's layer as it was, a frozen one's too (was: only trainable
+    layers' state was put back, so a frozen one kept the skipped batch's update, infinite
+    after a non-finite step, in every later prediction and checkpoint). The next good step
+    moves it as usual: the layer does move its state in training while frozen."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(3.0, 1.0, (8, 6)).astype(np.float32), np.arange(8) % 4
+    model = xpcnn.Sequential([Dense(5), RunningCentre(name="centre", trainable=trainable),
+                              Dense(4), Softmax()], seed=0)
+    precision = "mixed_float16" if skipped == "float16 overflow" else "float32"
+    model.compile(optimizer=xpcnn.optim.SGD(0.1), precision=precision)
+    model.build((6,))
+    centre = model.get_layer("centre")
+    before = np.array(centre.state["mean"], copy=True)
+    if skipped == "float16 overflow":
+        model.loss_scale = 3e38  # (every scaled gradient overflows float16: the step is skipped)
+        weights = model.get_weights()
+        model.train_on_batch(x, y)
+        assert model.loss_scale < 3e38  # (halved: the step was skipped, the weights kept)
+        for a, b in zip(model.get_weights()[:2], weights[:2], strict=True):
+            np.testing.assert_array_equal(a, b)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"), \
+                pytest.raises(NonFiniteError, match="training stopped at step 1"):
+            model.train_on_batch(np.full((8, 6), 3e37, np.float32), y)
+    np.testing.assert_array_equal(centre.state["mean"], before)
+    model.loss_scale = 1.0  # (a finite step, its float16 gradients held)
+    model.train_on_batch(x, y)
+    assert np.all(np.isfinite(centre.state["mean"])) and \
+        not np.array_equal(centre.state["mean"], before)

@@ -824,3 +824,50 @@ def test_the_streaming_moments_are_a_function_of_the_batches_alone(rng):
     layer.adapt([x[:5], x[5:5], x[5:]], batch_size=3)  # (the numbers adapt keeps, bit for bit)
     assert (layer._mean, layer._std) == (mean.tolist(), std.tolist())
     assert _moments(iter([(x[:0], "the data")]), None)[0] == 0
+
+
+def test_batchnorm_backward_keeps_float32s_accuracy_on_a_channel_of_spread_below_eps(
+        rng, monkeypatch):
+    """A BatchNorm2D's backward on the NumPy kernels gets the eps its forward used: the
+    kernels tell the batch's spread from it (variance = 1 / inv_std**2 - eps), which decides
+    whether their sums may run on x itself. A channel of spread 1e-3 at eps 1e-3 (|mean| *
+    inv_std 12.6, |mean| / std 400) keeps float32's accuracy there, an eps changed between
+    forward and backward changing nothing (was: dgamma 1e-4 off its largest value)."""
+    import array_api_compat.numpy as xpn
+
+    from xpcnn.layers.base import Options
+    from xpcnn.ops.fast_numpy import KERNELS as FAST
+    from xpcnn.ops.kernels import StandardKernels
+
+    x = (0.4 + 1e-3 * rng.standard_normal((64, 16, 16, 8))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    bn = BatchNorm2D(eps=1e-3)
+    bn.build(x.shape[1:], backend="cpu", rng=rng)
+    gamma, beta = bn.params["gamma"], bn.params["beta"]
+    gamma[...] = rng.uniform(0.5, 1.5, 8)
+    given = []
+    plain = type(FAST).batch_norm_backward
+
+    def spy(self, *args, **kwargs):
+        given.append(kwargs.get("eps"))
+        return plain(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(FAST), "batch_norm_backward", spy)
+    y = bn.forward(x, training=True, options=Options())
+    bn.eps = 0.5
+    bn.backward(dy, Options())
+    assert given == [1e-3]
+    c = x.shape[-1]
+    _, mean, inv_std = FAST.batch_norm_train(x, gamma, beta, np.zeros(c, np.float32),
+                                             np.ones(c, np.float32), 0.1, 1e-3, np.float32,
+                                             False)
+    want = StandardKernels(xpn).batch_norm_backward(
+        *(a.astype(np.float64) for a in (dy, x, mean, inv_std, gamma, beta)), False, True)
+    xhat = (x.astype(np.float64) - mean) * inv_std.astype(np.float64)
+    condition = np.sum(np.abs(dy * xhat), axis=(0, 1, 2))  # (sum |dm * xhat|)
+    assert y.dtype == bn.grads["gamma"].dtype == np.float32
+    assert np.all(np.abs(bn.grads["gamma"] - want[1]) < 2.0**-25 * condition)
+    np.testing.assert_allclose(bn.grads["gamma"], want[1], rtol=0,
+                               atol=1e-6 * np.max(np.abs(want[1])))
+    np.testing.assert_allclose(bn.grads["beta"], want[2], rtol=0,
+                               atol=1e-6 * np.max(np.abs(want[2])))

@@ -25,7 +25,7 @@ from xpcnn.callbacks import (
     ModelCheckpoint,
     ReduceLROnPlateau,
 )
-from xpcnn.errors import InputError
+from xpcnn.errors import DataFormatError, InputError
 from xpcnn.layers import Dense, Flatten, Rescaling, Softmax
 from xpcnn.saving.npz import NpzArchive
 
@@ -892,6 +892,91 @@ def test_a_run_whose_callback_changed_settings_resumes_bit_for_bit(data, tmp_pat
     assert_same(state(model), state(reference))
     assert [la.get_config() for la in model.layers] == \
         [la.get_config() for la in reference.layers]
+
+
+def running_class(as_setting: bool) -> type:
+    """A user's layer keeping a running mean at its ``momentum``, a plain attribute, or a
+    :class:`~xpcnn.layers.base.Setting` where ``as_setting`` (one class, its code edited)."""
+    from xpcnn.layers import Layer, Setting
+
+    class Running(Layer):
+        weight_names = ("w", "mean")
+        if as_setting:
+            momentum = Setting()
+
+        def __init__(self, momentum=0.1, name=None):
+            super().__init__(name)
+            self.momentum = momentum
+
+        def get_config(self):
+            return {**super().get_config(), "momentum": self.momentum}
+
+        def _build(self, shape, rng):
+            self._param("w", np.ones(shape[-1]))
+            self._param("mean", np.zeros(shape[-1]), trainable=False)
+            return shape
+
+        def forward(self, x, training=False, options=None):
+            if training:
+                self.state["mean"][...] = ((1 - self.momentum) * self.state["mean"]
+                                           + self.momentum * self.xp.mean(x, axis=0))
+                self._x = x
+            return (x - self.state["mean"]) * self.params["w"]
+
+        def backward(self, dy, options=None):
+            self.grads["w"] = self.xp.sum(dy * (self._x - self.state["mean"]), axis=0)
+            return dy * self.params["w"]
+
+    return Running
+
+
+class MomentumSchedule(Callback):
+    """Changes the user's layer's momentum at given optimiser steps."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        value = {10: 0.15, 20: 0.05}.get(self.model.optimizer.iterations)
+        if value is not None:
+            self.model.get_layer("run").momentum = value
+
+
+def running_model(cls):
+    model = xpcnn.Sequential([Rescaling(1 / 255), Flatten(), Dense(6), cls(0.3, name="run"),
+                              Dense(10), Softmax()], seed=3)
+    model.compile(optimizer=xpcnn.optim.Adam(3e-2))
+    return model
+
+
+def test_a_users_layer_setting_a_callback_changed_resumes_once_declared_a_setting(data,
+                                                                                  tmp_path):
+    """A callback changing a user layer's plain attribute mid-run made its checkpoints "a model
+    of another architecture" with no way out but editing the constructor's value to the file's.
+    The refusal names the way: declaring the attribute a ``Setting``, as Dropout's rate is.
+    Declared, the same checkpoint resumes and ends as the uninterrupted run, bit for bit."""
+    x, y, _ = data
+    plain, declared = running_class(False), running_class(True)
+    reference = running_model(declared)
+    reference.fit(x, y, callbacks=[MomentumSchedule()], **FIT)
+    path = tmp_path / "run.npz"
+    with pytest.raises(KeyboardInterrupt):
+        running_model(plain).fit(x, y, checkpoint=path, checkpoint_every=3,
+                                 callbacks=[MomentumSchedule(), InterruptAfter(14)], **FIT)
+    for resume in (lambda m: m.fit(x, y, checkpoint=path, resume=True,
+                                   callbacks=[MomentumSchedule()], **FIT),
+                   lambda m: m.load_weights(path)):
+        with pytest.raises(DataFormatError, match=r"layer 3 is Running\(momentum=0\.15\), this "
+                                                  r"model's is Running\(momentum=0\.3\)\. If a "
+                                                  r"callback changes \['momentum'\] while the "
+                                                  r"model trains, declare it in Running's class "
+                                                  r"body as a setting, `momentum = Setting\(\)`"):
+            resume(running_model(plain))
+    model = running_model(declared)
+    model.fit(x, y, checkpoint=path, checkpoint_every=3, resume=True,
+              callbacks=[MomentumSchedule()], **FIT)
+    assert_same(state(model), state(reference))
+    assert model.get_layer("run").momentum == 0.05
+    kept = running_model(declared)
+    kept.load_weights(path)  # (load_weights keeps the model's own value)
+    assert kept.get_layer("run").momentum == 0.3
 
 
 def test_fits_docstring_spells_checkpoint_as_a_call_that_works(tmp_path):

@@ -228,8 +228,13 @@ def test_sample_weights_on_the_device_and_a_train_step_that_takes_them(data):
                                                    r"sample 0 has weight"),
     ({"sample_weight": np.ones(40, bool)}, "must hold real numbers, one weight a sample"),
     ({"class_weight": [1.0, 2.0]}, "class_weight must be a dict mapping class indices"),
-    ({"class_weight": {4: 1.0}}, r"keys must be class indices in \[0, 3\] for a model with "
-                                 r"4 outputs, got 4"),
+    ({"class_weight": {4: 1.0}}, r"keys must be class indices in \[0, 3\] for a model of 4 "
+                                 r"classes \(its output's size\), got 4"),
+    # (Keras' class weights keyed by output name: was "for a model with 4 outputs, got 'out'")
+    ({"class_weight": {"out": {0: 1.0, 1: 2.0}}},
+     r"class_weight is a dict \(keys \['out'\]\): an xpcnn model has one output, whose class "
+     r"weights are one dict mapping class indices to weights, e\.g\. \{0: 1\.0, 1: 5\.0\}, "
+     r"not keyed by output name; pass class_weight\['out'\] itself"),
     ({"class_weight": {True: 1.0}}, "keys must be class indices"),
     ({"class_weight": {0: -2.0}}, r"class_weight\[0\] must be a number >= 0, got -2\.0"),
     ({"class_weight": {0: float("inf")}}, r"class_weight\[0\] must be a number >= 0"),

@@ -21,10 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str, script: str = "compare_revisions.py",
-         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+         env: dict[str, str] | None = None, cwd: Path | None = None
+         ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, cwd=cwd)
 
 
 def test_compare_revisions_times_two_checkouts():
@@ -325,6 +326,21 @@ SCRIPT_USAGE_ERRORS = [
     ("tour.py", ["--out", "SPOT/x/tour"], "--out", "does not exist"),
     ("mnist_recipe.py", ["--json", ""], "--json", "an empty path; give a file path such as"),
     ("train_from_folder.py", ["DATA/nothere"], "FOLDER", "the folder"),
+    # (was: "" taken as the current folder, to train on or write the demo's class folders in;
+    # --make-demo over or under a file, or where no file can be made, a traceback)
+    ("train_from_folder.py", [""], "FOLDER", "an empty path; give a folder"),
+    ("train_from_folder.py", ["--make-demo", "", "--count", "3"], "FOLDER",
+     "an empty path; give a folder"),
+    ("train_from_folder.py", ["--make-demo", "DEMO/a/0.png", "--count", "3"], "FOLDER",
+     "0.png' exists and is not a folder"),
+    ("train_from_folder.py", ["--make-demo", "DEMO/a/0.png/sub", "--count", "3"], "FOLDER",
+     "0.png/sub': 'DEMO/a/0.png' exists and is not a folder"),
+    ("train_from_folder.py", ["--make-demo", "SPOT/" + "x" * 300, "--count", "3"], "FOLDER",
+     "cannot write (File name too long)"),
+    # (was "x is an empty dataset (len() is 0)", naming neither the flag nor the images)
+    ("train_from_folder.py", ["DEMO", "--val-split", "0.95"], "--val-split",
+     "0.95 of the 8 training images holds out 8 and leaves none to train on; choose a smaller "
+     "fraction"),
     # (a download refused: one line naming --data-dir, as xpcnn train's; was a traceback)
     ("mnist_recipe.py", [], "", "Could not download MNIST"),
     ("cifar_recipe.py", [], "", "Could not download CIFAR-10"),
@@ -347,8 +363,11 @@ def test_the_scripts_refuse_what_cannot_work_before_any_work(tmp_path, script, a
     for i in range(8):
         Image.fromarray(np.full((32, 32, 3), 30 * i, np.uint8)).save(
             demo / "ab"[i % 2] / f"{i}.png")
-    args = [a.replace("DATA", str(data)).replace("DEMO", str(demo)).replace("SPOT", str(spot))
-            for a in args]
+    def placed(text: str) -> str:
+        return text.replace("DATA", str(data)).replace("DEMO", str(demo)).replace("SPOT",
+                                                                                  str(spot))
+
+    args, says = [placed(a) for a in args], placed(says)
     if script != "train_from_folder.py" and "--data-dir" not in args:
         args += ["--data-dir", str(data)]
     if script == "tour.py" and "--out" not in args:
@@ -356,7 +375,7 @@ def test_the_scripts_refuse_what_cannot_work_before_any_work(tmp_path, script, a
     if "--epochs" not in args:  # (short runs where the old scripts went on to train)
         args += ["--epochs", "0" if script == "tour.py" else "1"]
     refused = "http://127.0.0.1:9/"  # (nothing listens: a download fails at once)
-    out = _run(*args, script=script,
+    out = _run(*args, script=script, cwd=spot,  # (nothing written in the current folder either)
                env={"XPCNN_MNIST_URL": refused, "XPCNN_CIFAR10_URL": refused})
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     (line,) = out.stderr.splitlines()
@@ -378,17 +397,27 @@ def test_the_tour_refuses_a_corrupt_data_file_in_one_line(tmp_path):
 
 
 def _image_folder(root: Path, odd: str) -> Path:
-    """Two class folders of 32x32 PNGs, and ``b/odd.png``: not an image, or 40x40."""
+    """Two class folders of 32x32 PNGs, and ``b/odd.png``: not an image, 40x40, a PNG cut short
+    after its header, or a TIFF (named .png) of float or 32-bit integer pixels."""
     from PIL import Image
 
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)
         for i in range(6):
             Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+    odd_file = root / "b" / "odd.png"
     if odd == "unreadable":
-        (root / "b" / "odd.png").write_text("not an image")
+        odd_file.write_text("not an image")
+    elif odd == "other size":
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(odd_file)
+    elif odd == "cut short":
+        noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(odd_file)
+        whole = odd_file.read_bytes()
+        odd_file.write_bytes(whole[:len(whole) // 2])  # (its header whole, its pixels not)
     else:
-        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "b" / "odd.png")
+        dtype = {"float pixels": np.float32, "32-bit pixels": np.int32}[odd]
+        Image.fromarray(np.full((32, 32), 70_000, dtype)).save(odd_file, format="TIFF")
     return root
 
 
@@ -396,10 +425,13 @@ def _image_folder(root: Path, odd: str) -> Path:
     ("unreadable", "b/odd.png: cannot read the image (cannot identify image file"),
     ("other size", "b/odd.png: 40x40 pixels, where {root}/a/0.png is 32x32: the images of a "
                    "folder are all of one size"),
+    ("float pixels", "b/odd.png: a TIFF image of Pillow mode 'F', which is not read"),
+    ("32-bit pixels", "b/odd.png: a TIFF image of Pillow mode 'I', which is not read"),
 ])
 def test_training_from_a_folder_names_a_bad_image_before_training(tmp_path, odd, says):
     """Was a traceback from inside training, naming neither file nor sizes for one of another
-    size (the batch's stacking failed)."""
+    size (the batch's stacking failed); float and 32-bit pixels were clipped at 255
+    (convert("RGB")) and trained on silently."""
     pytest.importorskip("PIL")
     root = _image_folder(tmp_path / "images", odd)
     log = tmp_path / "log.csv"
@@ -410,6 +442,57 @@ def test_training_from_a_folder_names_a_bad_image_before_training(tmp_path, odd,
     assert line.startswith(f"train_from_folder.py: error: {root}/")
     assert says.format(root=root) in line
     assert not log.exists()  # (refused before the training began)
+
+
+def test_training_from_a_folder_decodes_every_image_before_training(tmp_path, monkeypatch):
+    """A held-out image cut short (read only after the first epoch: it was found after a whole
+    epoch had trained) is found before the model is built: no epoch's progress bar starts."""
+    pytest.importorskip("PIL")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # (the bars shown, as a user sees them)
+    root = _image_folder(tmp_path / "images", "cut short")
+    # (seed 10 holds out b/odd.png, the last of the 13 files, among 3)
+    out = _run(str(root), "--epochs", "1", "--val-split", "0.2", "--seed", "10",
+               "--batch-size", "4", script="train_from_folder.py")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.splitlines() == [f"train_from_folder.py: error: {root}/b/odd.png: "
+                                       "cannot decode the image (image file is truncated)"]
+
+
+def _sixteen_bit_ramp() -> np.ndarray:
+    """A 16-bit black-to-white ramp with every high byte and low byte."""
+    ramp = np.linspace(0, 65535, 24 * 24).round().astype(np.uint16).reshape(24, 24)
+    ramp[0, :8] = [0, 255, 256, 511, 32767, 32768, 65280, 65535]  # (each side of a step)
+    return ramp
+
+
+@pytest.mark.parametrize("older_pillow", [False, True])
+def test_a_16_bit_greyscale_png_is_scaled_to_8_bits_as_keras_reads_it(tmp_path, monkeypatch,
+                                                                        older_pillow):
+    """Pillow opens a 16-bit greyscale PNG as "I;16" (older versions: "I"), which
+    convert("RGB") clipped at 255: 97% of a ramp came out white. Keras'
+    image_dataset_from_directory (TensorFlow's decode_png to uint8, libpng's png_set_strip_16)
+    keeps each value's high byte, v >> 8, the grey in all 3 channels; so does the folder, and
+    the same picture saved with 8 bits reads the same."""
+    image_module = pytest.importorskip("PIL.Image")
+    png_plugin = pytest.importorskip("PIL.PngImagePlugin")
+    if older_pillow:  # (how Pillow before "I;16" opened them: 32-bit integer pixels)
+        monkeypatch.setitem(png_plugin._MODES, (16, 0), ("I", "I;16B"))
+    script = _folder_script()
+    ramp = _sixteen_bit_ramp()
+    for c in ("deep", "flat"):
+        (tmp_path / c).mkdir()
+    image_module.fromarray(ramp).save(tmp_path / "deep" / "ramp.png")
+    high_bytes = (ramp // 256).astype(np.uint8)  # (the reference: v >> 8 by division)
+    image_module.fromarray(high_bytes).save(tmp_path / "flat" / "ramp.png")
+    folder = script.ImageFolder(tmp_path)
+    with image_module.open(folder.files[0][0]) as opened:
+        assert opened.mode == ("I" if older_pillow else "I;16")
+    deep, flat = folder[0][0], folder[1][0]
+    assert deep.dtype == np.uint8 and deep.shape == (24, 24, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(deep[:, :, channel], high_bytes)
+    np.testing.assert_array_equal(deep[0, :8, 0], [0, 0, 1, 1, 127, 128, 255, 255])
+    np.testing.assert_array_equal(deep, flat)
 
 
 def test_training_from_a_folder_without_pillow_is_refused_at_once(tmp_path):

@@ -14,6 +14,7 @@ from cuda_emulator import compiler
 import xpcnn
 from xpcnn import layers as L
 from xpcnn import optim
+from xpcnn.metrics import SparseTopKCategoricalAccuracy
 from xpcnn.ops.fast_numpy import NumpyKernels
 
 # -- optimisers -------------------------------------------------------------------------------
@@ -299,3 +300,104 @@ def test_defining_class_names_the_class_whose_attribute_a_class_uses():
     assert defined_by(relu, "forward") is Leaky and defined_by(relu, "backward") is L.ReLU
     relu.backward = lambda dy, options=None: dy  # (set on the instance: the instance)
     assert defined_by(relu, "backward") is relu
+
+
+# -- model subclasses: a train_step override under train_on_batch, as under fit ---------------
+
+_TOB_X = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
+_TOB_Y = np.arange(16) % 4
+
+
+def _four_class(cls=xpcnn.Sequential, metrics=None):
+    model = cls([L.Dense(5), L.ReLU(), L.Dense(4), L.Softmax()], seed=0)
+    metrics = ["accuracy", SparseTopKCategoricalAccuracy(2, "top2")] if metrics is None else \
+        metrics
+    model.compile(optimizer=optim.SGD(0.1), metrics=metrics)
+    return model
+
+
+class _KerasLogs(xpcnn.Sequential):
+    """Keras' guide's train_step: super's step, and a dict of logs returned."""
+
+    def train_step(self, xb, yb, sample_weight=None):
+        loss, correct = super().train_step(xb, yb, sample_weight=sample_weight)
+        return {"loss": loss, "accuracy": correct, "extra": 0.5}
+
+
+class _Triple(xpcnn.Sequential):
+    def train_step(self, xb, yb, sample_weight=None):
+        loss, correct = super().train_step(xb, yb, sample_weight=sample_weight)
+        return loss, correct, correct
+
+
+@pytest.mark.parametrize("cls", [_KerasLogs, _Triple])
+def test_train_on_batch_takes_what_fit_takes_from_a_train_step_calling_super(cls):
+    """A train_step that calls super().train_step and returns something else (Keras' dict of
+    logs, three numbers): fit logs super's record of the step, and so does train_on_batch,
+    equal to a plain model's, its top-k metric too (was: refused by train_on_batch after the
+    step had updated the weights, so that a retry trained twice)."""
+    w = np.linspace(0.5, 1.5, 16).astype(np.float32)
+    model, plain = _four_class(cls), _four_class()
+    for _ in range(2):
+        got = model.train_on_batch(_TOB_X, _TOB_Y, sample_weight=w, return_dict=True)
+        want = plain.train_on_batch(_TOB_X, _TOB_Y, sample_weight=w, return_dict=True)
+        assert got == want and set(got) == {"loss", "accuracy", "top2"}
+    assert model.optimizer.iterations == plain.optimizer.iterations == 2
+    for a, b in zip(model.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    logs = [{k: v for k, v in m.fit(_TOB_X, _TOB_Y, epochs=1, batch_size=16, verbose=0,
+                                   shuffle=False).history.items() if k != "seconds"}
+            for m in (_four_class(cls), _four_class())]
+    assert logs[0] == logs[1] and set(logs[0]) == {"loss", "accuracy", "top2"}
+
+
+def _unchanged(model, before, iterations):
+    assert model.optimizer.iterations == iterations
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_train_on_batch_refuses_a_keras_train_step_of_data_before_any_step():
+    """Keras 3's ``train_step(self, data)``: train_on_batch refuses it with fit's message, the
+    model as it was (was: a bare TypeError from inside the call)."""
+
+    class KerasData(xpcnn.Sequential):
+        def train_step(self, data):
+            x, y = data
+            return super().train_step(x, y)
+
+    model = _four_class(KerasData, metrics=["accuracy"])
+    model.build((6,))
+    before = model.get_weights()
+    for call in (lambda: model.train_on_batch(_TOB_X, _TOB_Y),
+                 lambda: model.fit(_TOB_X, _TOB_Y, epochs=1, verbose=0)):
+        with pytest.raises(xpcnn.errors.InputError,
+                           match=r"^this model's train_step takes 1 argument\(s\) \(data\); "
+                                 r"fit calls it as train_step\(xb, yb\) \(train_on_batch too\)"):
+            call()
+        _unchanged(model, before, 0)
+
+
+def test_train_on_batch_refuses_a_train_step_of_its_own_returning_no_pair_as_fit_does():
+    """A train_step that runs a step of its own (no super().train_step) is logged by what it
+    returns, by fit and train_on_batch alike: a pair, else refused by both, naming what it
+    returned (that step's update is its own: nothing xpcnn can know before it)."""
+
+    class OwnStep(xpcnn.Sequential):
+        def train_step(self, xb, yb, sample_weight=None):
+            return self.returns
+
+    model = _four_class(OwnStep, metrics=["accuracy"])
+    model.returns = (2.0, 4)
+    assert model.train_on_batch(_TOB_X, _TOB_Y) == [2.0, 0.25]
+    before = model.get_weights()
+    model.returns = {"loss": 2.0, "accuracy": 4}
+    with pytest.raises(xpcnn.errors.InputError,
+                       match=r"^train_on_batch, as fit, takes what this model's train_step "
+                             r"\(which did not call super\(\).train_step\) returns as the "
+                             r"batch's \(loss, correct count\); it returned dict"):
+        model.train_on_batch(_TOB_X, _TOB_Y)
+    with pytest.raises(xpcnn.errors.InputError, match=r"^fit logs what this model's train_step "
+                                                      r"\(which did not call super"):
+        model.fit(_TOB_X, _TOB_Y, epochs=1, verbose=0)
+    _unchanged(model, before, 0)

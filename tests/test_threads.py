@@ -174,6 +174,277 @@ def test_an_inference_pass_between_a_training_pass_and_its_backward_leaves_the_i
         np.testing.assert_array_equal(dx, alone)
 
 
+# -- a user's layer that keeps what its backward needs in every pass ----------------------------
+class KeepsEveryPass(layer_base.Layer):
+    """A user's layer keeping its input in every pass, not only in training as xpcnn's own
+    layers (and the README's advice) do: another thread's inference pass between its training
+    forward and its backward bound its own batch there, and the step trained on it."""
+
+    weight_names = ("w",)
+
+    def _build(self, input_shape, rng):
+        self._param("w", np.ones(input_shape[-1]))
+        return input_shape
+
+    def forward(self, x, training=False, options=None):
+        self._x = x
+        return x * self.params["w"]
+
+    def backward(self, dy, options=None):
+        self.grads["w"] = self.xp.sum(dy * self._x, axis=0)
+        return dy * self.params["w"]
+
+
+def _keeping_model(layer=None):
+    model = xpcnn.Sequential([Dense(5), layer or KeepsEveryPass(name="keeps"),
+                              Dense(4, name="head"), Softmax()], input_shape=(6,), seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1))
+    return model
+
+
+def _vectors():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 6)).astype(np.float32)
+    return x, np.arange(8) % 4, 100 * rng.normal(size=(8, 6)).astype(np.float32)
+
+
+@pytest.mark.parametrize("at", ["head", "keeps"])
+def test_a_predict_between_a_user_layers_training_forward_and_backward_leaves_what_it_kept(at):
+    """A predict in another thread, run (and waited for) in the training step's backward
+    before the user's layer's backward (at the next layer's, or its own): the step trained on
+    the served batch's activations, silently. Now the inference pass runs on a copy of the
+    layer's attributes: the step is the step alone, the served outputs those of the model
+    before the step."""
+    x, y, served = _vectors()
+    alone = _keeping_model()
+    before = alone.predict(served, verbose=0)
+    alone.train_on_batch(x, y)
+    model = _keeping_model()
+    out, errors = {}, []
+
+    def during():
+        thread = _start(lambda: out.update(served=model.predict(served, verbose=0)), errors)
+        thread.join(60)
+        return thread
+
+    with _pausing(model.get_layer(at), "backward", during) as threads:
+        model.train_on_batch(x, y)
+    assert not threads[0].is_alive() and not errors, errors
+    np.testing.assert_array_equal(out["served"], before)
+    for a, b in zip(model.get_weights(), alone.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class BindsLate(KeepsEveryPass):
+    """Its inference pass waits for ``hold()`` before it binds its input (a slow pass), and
+    sets ``bound`` once it has. It binds in its own body, not through
+    ``super().forward``: that call goes through KeepsEveryPass's wrapper again, which would
+    send the late binding to a copy once the training pass marks the layer, with or without
+    the wait this test is about."""
+
+    hold = None
+
+    def forward(self, x, training=False, options=None):
+        if training or self.hold is None:
+            self._x = x
+            return x * self.params["w"]
+        self.hold()
+        self._x = x
+        self.bound.set()
+        return x * self.params["w"]
+
+
+def test_a_training_forward_waits_for_an_inference_pass_running_on_the_users_layer():
+    """An inference pass already inside the user's layer's forward when the training step
+    reaches it bound its batch after the training pass had: the step trained on it. Now the
+    training forward waits for it (the inference pass below goes on once the training pass
+    waits, or, where none waits, once the training pass has reached the next layer, which then
+    waits for the binding: without the wait, the late binding lands on the layer between its
+    training forward and its backward)."""
+    x, y, served = _vectors()
+    alone = _keeping_model()
+    alone.train_on_batch(x, y)
+    layer = BindsLate(name="keeps")
+    layer.bound = threading.Event()
+    model = _keeping_model(layer)
+    entered, head_ran, errors = threading.Event(), threading.Event(), []
+
+    def at_head():
+        head_ran.set()
+        assert layer.bound.wait(60)
+
+    def hold():
+        entered.set()
+        deadline = time.monotonic() + 60
+        while not (layer_base.waiting_passes() or head_ran.is_set()) and \
+                time.monotonic() < deadline:
+            time.sleep(0.001)
+        layer.hold = None  # (once)
+
+    layer.hold = hold
+    thread = _start(lambda: model.predict(served, verbose=0), errors)
+    assert entered.wait(60)
+    with _pausing(model.get_layer("head"), "forward", at_head):
+        model.train_on_batch(x, y)
+    thread.join(60)
+    assert not thread.is_alive() and not errors, errors
+    assert layer.bound.is_set()
+    for a, b in zip(model.get_weights(), alone.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _step_with_a_predict_in_its_backward(make_layer, at="head"):
+    """A step of a model with ``make_layer()`` between Dense layers, with a predict in another
+    thread run (and waited for) in the backward of layer ``at``, before the user's layer's
+    backward: (the served outputs, those of the model before the step, the thread's errors,
+    the model's weights after the step, those of the step alone)."""
+    x, y, served = _vectors()
+    alone = _keeping_model(make_layer())
+    before = alone.predict(served, verbose=0)
+    alone.train_on_batch(x, y)
+    model = _keeping_model(make_layer())
+    out, errors = {}, []
+
+    def during():
+        thread = _start(lambda: out.update(served=model.predict(served, verbose=0)), errors)
+        thread.join(60)
+        assert not thread.is_alive()
+
+    with _pausing(model.get_layer(at), "backward", during):
+        model.train_on_batch(x, y)
+    return out.get("served"), before, errors, model.get_weights(), alone.get_weights()
+
+
+class Slotted(layer_base.Layer):
+    """KeepsEveryPass keeping its input, and a factor, in slots (outside ``__dict__``)."""
+
+    __slots__ = ("_x", "scale")
+    weight_names = ("w",)
+
+    def __init__(self, name=None):
+        super().__init__(name)
+        self.scale = 2.0
+
+    def _build(self, input_shape, rng):
+        self._param("w", np.ones(input_shape[-1]))
+        return input_shape
+
+    def forward(self, x, training=False, options=None):
+        self._x = x
+        return x * self.params["w"] * self.scale
+
+    def backward(self, dy, options=None):
+        self.grads["w"] = self.xp.sum(dy * self._x * self.scale, axis=0)
+        return dy * self.params["w"] * self.scale
+
+
+def test_a_predict_during_a_step_runs_a_user_layer_with_slots_on_a_copy_of_its_slots():
+    """A user's layer with ``__slots__``: the copy an inference pass runs on between a training
+    forward and its backward lacked the slots' values (an AttributeError from inside the
+    user's forward, in the serving thread); without a copy, the served batch bound in the slot
+    was what the step trained on. Now the copy carries the slots: the predict serves the model
+    before the step, and the step is the step alone."""
+    served, before, errors, weights, alone = _step_with_a_predict_in_its_backward(
+        lambda: Slotted(name="keeps"))
+    assert not errors, errors
+    np.testing.assert_array_equal(served, before)
+    for a, b in zip(weights, alone, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class KeepsInAContainer(layer_base.Layer):
+    """A user's layer keeping its input in a dict (``self.cache["x"] = x``) or a list
+    (``self.seen.append(x)``) made in its constructor, in every pass."""
+
+    weight_names = ("w",)
+    container = "dict"
+
+    def __init__(self, name=None):
+        super().__init__(name)
+        self.cache, self.seen = {}, []
+
+    def _build(self, input_shape, rng):
+        self._param("w", np.ones(input_shape[-1]))
+        return input_shape
+
+    def forward(self, x, training=False, options=None):
+        if self.container == "dict":
+            self.cache["x"] = x
+        else:
+            self.seen.append(x)
+        return x * self.params["w"]
+
+    def backward(self, dy, options=None):
+        x = self.cache["x"] if self.container == "dict" else self.seen[-1]
+        self.grads["w"] = self.xp.sum(dy * x, axis=0)
+        return dy * self.params["w"]
+
+
+@pytest.mark.parametrize("container", ["dict", "list"])
+def test_a_predict_during_a_step_fills_a_copy_of_a_user_layers_containers(container,
+                                                                           monkeypatch):
+    """A predict between a user's layer's training forward and its backward put its batch in
+    the layer's own dict or list (the copy of its attributes shared them): the step trained on
+    the served batch, silently. Now the copy's dicts, lists and sets are its own."""
+    monkeypatch.setattr(KeepsInAContainer, "container", container)
+    served, before, errors, weights, alone = _step_with_a_predict_in_its_backward(
+        lambda: KeepsInAContainer(name="keeps"))
+    assert not errors, errors
+    np.testing.assert_array_equal(served, before)
+    for a, b in zip(weights, alone, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class RecordsInInference(KeepsEveryPass):
+    """KeepsEveryPass also recording, in an inference pass, what it served (a figure's
+    attention map, say)."""
+
+    def forward(self, x, training=False, options=None):
+        self._x = x
+        if not training:
+            self.recorded = x
+        return x * self.params["w"]
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_step_stopped_between_a_user_layers_forward_and_backward_leaves_it_as_before(stop):
+    """A step stopped (Ctrl-C, an error in a later layer) after a user's layer's training
+    forward and before its backward left the layer marked as waiting for its backward: every
+    later inference pass, in any thread, ran on a throwaway copy, and what its forward recorded
+    there was lost. Now the step's end clears the mark: a predict records on the layer itself,
+    and the next step, with a predict in its backward, is still the step alone, its backward
+    clearing the mark in its turn."""
+    x, y, served = _vectors()
+    alone = _keeping_model(RecordsInInference(name="keeps"))
+    alone.train_on_batch(x, y)
+    layer = RecordsInInference(name="keeps")
+    model = _keeping_model(layer)
+
+    def interrupt():
+        raise stop("stopped")
+
+    with pytest.raises(stop), _pausing(model.get_layer("head"), "forward", interrupt):
+        model.train_on_batch(x, y)
+    model.predict(served, verbose=0)
+    assert "recorded" in vars(layer) and layer.recorded.shape[0] == served.shape[0]
+    del layer.recorded
+    errors = []
+
+    def during():
+        thread = _start(lambda: model.predict(served, verbose=0), errors)
+        thread.join(60)
+        assert not thread.is_alive()
+
+    with _pausing(model.get_layer("head"), "backward", during):
+        model.train_on_batch(x, y)
+    assert not errors, errors
+    assert "recorded" not in vars(layer)  # (the predict in the step recorded on its copy)
+    for a, b in zip(model.get_weights(), alone.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    model.predict(served, verbose=0)  # (after a whole step, its backward cleared the mark)
+    assert "recorded" in vars(layer)
+
+
 # -- the pass lock: builds wait for the passes of other threads, passes for the builds ----------
 def _pausing(layer, method, during):
     """A context in which the first call of ``layer``'s ``method`` (that layer's only) runs

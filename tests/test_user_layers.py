@@ -3,6 +3,8 @@ clear InputError naming its class and what xpcnn expects, not a bare error from 
 a silently wrong model; and a user's subclass of a softmax layer runs as written (the loss
 never stands in for a forward it would skip)."""
 
+import warnings
+
 import array_api_strict as xs
 import numpy as np
 import pytest
@@ -21,7 +23,8 @@ Y = np.arange(8) % 4
 
 
 class Scale(Layer):
-    """A right user's layer: one parameter, scaling each feature."""
+    """A right user's layer: one parameter, scaling each feature; what its backward needs
+    kept only in a training pass, as xpcnn's own layers keep it (README)."""
 
     weight_names = ("w",)
 
@@ -30,7 +33,8 @@ class Scale(Layer):
         return input_shape
 
     def forward(self, x, training=False, options=None):
-        self._x = x
+        if training:
+            self._x = x
         return x * self.params["w"]
 
     def backward(self, dy, options=None):
@@ -298,6 +302,154 @@ def test_keras_and_pytorch_habits_are_named():
     _model(Flexible()).fit(X, Y, epochs=1, verbose=0)
 
 
+def test_keras_build_and_add_weight_are_named():
+    """Keras' build(self, input_shape) override ended in a bare TypeError from inside xpcnn
+    at the model's first build ("takes 2 positional arguments but 6 were given"), and
+    add_weight in a bare AttributeError; both now name xpcnn's _build and _param. A build
+    override that takes what a model passes is a layer's own business, and runs."""
+    with pytest.raises(InputError, match=r"layer class Keras overrides build\(self, "
+                                         r"input_shape\), Keras' hook: .*_build\(self, "
+                                         r"input_shape, rng\).*self\._param\(name, value\)"):
+        class Keras(Layer):
+            weight_names = ("w",)
+
+            def build(self, input_shape):
+                self._param("w", np.ones(input_shape[-1]))
+
+    class AddWeight(Scale):
+        def _build(self, input_shape, rng):
+            self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+            return input_shape
+
+    with pytest.raises(InputError, match=r"layer 'addweight' \(AddWeight\) called "
+                                         r"add_weight\(\), Keras' way .*self\._param\(name, "
+                                         r"value\).*weight_names"):
+        _model(AddWeight()).fit(X, Y, epochs=1, verbose=0)
+
+    built = []
+
+    class Counting(Scale):
+        def build(self, input_shape, *args, **kwargs):
+            built.append(input_shape)
+            return super().build(input_shape, *args, **kwargs)
+
+    _model(Counting()).fit(X, Y, epochs=1, verbose=0)
+    assert built == [(5,)]
+
+
+class KerasKwargs(Layer):
+    """Keras' style: its own setting, the rest passed on to the base class."""
+
+    def __init__(self, factor=2.0, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+    def forward(self, x, training=False, options=None):
+        return x * self.factor
+
+    def backward(self, dy, options=None):
+        return dy * self.factor
+
+
+@pytest.mark.parametrize("given, kind, why", [
+    ({"input_shape": (6,)}, "Keras'", r"give the model the input shape: "
+                                     r"Sequential\(\[\.\.\.\], input_shape="),
+    ({"dtype": "mixed_float16"}, "Keras'", r"a layer's dtype is its model's: Sequential\(dtype=.*"
+                                          r"compile\(precision='mixed_float16'\)"),
+    ({"device": "cuda"}, "PyTorch's", r"a layer's device is its model's"),
+    ({"input_dim": 6}, "Keras'", r"give the model the input shape: "
+                                 r"Sequential\(\[\.\.\.\], input_shape="),
+    ({"batch_input_shape": (None, 6)}, "Keras'", r"give the model the per-sample input "
+                                                 r"shape, batch_input_shape\[1:\]"),
+    ({"dynamic": True}, "Keras'", r"a user's layer's forward is plain Python"),
+])
+def test_keras_keywords_passed_on_to_the_base_class_are_named(given, kind, why):
+    """Keras' input_shape= and dtype= given to a user's layer passing **kwargs on to
+    super().__init__ ended in Python's bare "Layer.__init__() got an unexpected keyword
+    argument": refused now as Dense refuses them, naming the user's class and what to pass
+    instead."""
+    key = next(iter(given))
+    with pytest.raises(InputError, match=rf"^KerasKwargs\({key}=.*\): {kind} keyword, which "
+                                         r"xpcnn's layers do not take \(KerasKwargs passes it on "
+                                         r"to xpcnn's Layer.__init__, which takes name and "
+                                         rf"trainable\): {why}"):
+        KerasKwargs(2.0, **given)
+
+
+def test_the_base_class_takes_keras_float32_dtype_as_input_does_in_a_float32_model():
+    """Keras' default ``dtype='float32'`` (and ``dynamic=False``), passed on to the base
+    class, was refused where ``xpcnn.Input(dtype='float32')`` took it: taken now, as the
+    model's own dtype where the model computes in float32; a model of another dtype or
+    precision refuses the layer at its build, naming it (it would not compute in float32)."""
+    def model(precision="float32", dtype="float32"):
+        m = xpcnn.Sequential([L.Dense(4), KerasKwargs(2.0, dtype="float32", dynamic=False,
+                                                      name="k"), L.Dense(3), L.Softmax()],
+                             dtype=dtype, seed=0)
+        m.compile(optimizer="sgd", precision=precision)
+        return m
+
+    taken, plain = model(), xpcnn.Sequential([L.Dense(4), KerasKwargs(2.0), L.Dense(3),
+                                              L.Softmax()], seed=0)
+    plain.compile(optimizer="sgd")
+    for m in (taken, plain):
+        m.fit(X, Y % 3, epochs=1, verbose=0)
+    for a, b in zip(taken.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for precision, dtype, said in (("float32", "float64", "float64, computed in float64"),
+                                   ("mixed_float16", "float32", "float32, computed in float16")):
+        with pytest.raises(InputError, match=r"layer 'k' \(KerasKwargs\) was made with "
+                                             r"dtype='float32'.*its model's weights are "
+                                             rf"{said}: .*leave dtype out"):
+            model(precision, dtype).build((6,))
+
+
+def test_the_base_class_takes_keras_defaults_and_names_an_unknown_keyword():
+    layer = KerasKwargs(3.0, dtype=None, name="k", trainable=False)  # (Keras' default: taken)
+    assert (layer.name, layer.trainable, layer.factor) == ("k", False, 3.0)
+    with pytest.raises(TypeError, match=r"KerasKwargs\(\.\.\., units=4\): an unexpected "
+                                        r"keyword argument \(KerasKwargs passes it on to xpcnn's "
+                                        r"Layer.__init__, which takes name and trainable only\)"):
+        KerasKwargs(units=4)
+    with pytest.raises(InputError, match=r"KerasKwargs.from_config: the configuration .* "
+                                         r"does not fit"):
+        KerasKwargs.from_config({"factor": 2.0, "units": 4})
+
+
+class NumpyLeaky(Layer):
+    def forward(self, x, training=False, options=None):
+        if training:
+            self._x = x
+        return self.xp.where(x > 0, x, 0.1 * x)
+
+    def backward(self, dy, options=None):
+        return np.where(np.asarray(self._x) > 0, np.asarray(dy), 0.1 * np.asarray(dy))
+
+
+class NumpyGrad(Scale):
+    def backward(self, dy, options=None):
+        self.grads["w"] = np.sum(np.asarray(dy) * np.asarray(self._x), axis=0)
+        return dy * self.params["w"]
+
+
+@pytest.mark.parametrize("cls, where", [(NumpyLeaky, "returned a numpy.ndarray for its input"),
+                                        (NumpyGrad, r"put a numpy.ndarray in grads\['w'\]")])
+def test_a_gradient_of_another_library_is_named_by_its_type(cls, where):
+    """A NumPy call in a user's backward on array_api_strict (CuPy alike) was refused by a
+    message naming the expected shape and dtype as the wrong ones (they were right), and
+    strict warned of comparing dtypes across libraries on the way: the array's type and the
+    model's are named now, with self.xp, before any dtype is compared."""
+    m = _model(cls(), xs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (strict's warning of a dtype of another library)
+        with pytest.raises(InputError, match=rf"\({cls.__name__}\)'s backward {where}, where "
+                                             r"the model's arrays are array_api_strict.Array: "
+                                             r"compute it with self.xp"):
+            m.fit(X, Y, epochs=1, verbose=0)
+
+
 def test_each_classs_backward_runs_once_for_one_forward():
     """A subclass's backward calling super().backward, over two levels of subclasses, trains
     as the base class does; one calling it twice for one forward is refused by name (the
@@ -330,3 +482,46 @@ def test_each_classs_backward_runs_once_for_one_forward():
     with pytest.raises(InputError, match=r"layer 'twice': backward\(\) needs a forward.*calls "
                                          r"super\(\)\.backward once"):
         trained(Twice)
+
+
+def _base_functions_called(model):
+    """The functions of xpcnn/layers/base.py that one training step of ``model`` calls, by
+    name, with their call counts."""
+    import cProfile
+    import pstats
+    from pathlib import Path
+
+    from xpcnn.layers import base
+
+    model.train_on_batch(X, Y)  # (the plan made, the optimiser's slots too)
+    profile = cProfile.Profile(builtins=False)
+    profile.enable()
+    model.train_on_batch(X, Y)
+    profile.disable()
+    called: dict[str, int] = {}
+    for (path, _, name), (_, n, *_) in pstats.Stats(profile).stats.items():
+        if Path(path) == Path(base.__file__):
+            called[name] = called.get(name, 0) + n
+    return called
+
+
+#: base.py's functions keeping a user's layer's training pass from other threads' inference
+#: passes (a copy of the layer, the pending mark and its clearing).
+_PROTECTION = {"_user_passes", "_training_pass", "_inference_copy", "_backward_done",
+               "end_training_passes"}
+
+
+def test_a_model_of_xpcnn_layers_calls_nothing_of_the_user_layer_protection_per_step():
+    """The protection of a user's layer's training pass from other threads' inference passes
+    costs a model of xpcnn's own layers no call a step (was: two more for each layer, 16 in a
+    step of 8 layers): its layers' forward and backward wrappers (``checked``) are the plain
+    ones. A model with a user's layer calls it (the names are the protection's)."""
+    builtin = xpcnn.Sequential([L.Dense(8), L.ReLU(), L.Dense(4), L.Softmax()],
+                               input_shape=(6,), seed=0)
+    builtin.compile(optimizer="sgd")
+    called = _base_functions_called(builtin)
+    assert not _PROTECTION & set(called) and called.get("checked"), called
+    users = xpcnn.Sequential([L.Dense(8), Scale(), L.Dense(4), L.Softmax()], input_shape=(6,),
+                             seed=0)
+    users.compile(optimizer="sgd")
+    assert {"_user_passes", "_backward_done"} <= set(_base_functions_called(users))

@@ -707,3 +707,12 @@ def test_mixed_float16_gives_up_lowering_the_loss_scale_at_its_floor(model, monk
                        r"gradients: train with precision='float32' or 'mixed_bfloat16'"):
         model.fit(X, Y, epochs=1, batch_size=5, verbose=0)
     assert model.loss_scale == floor and model.optimizer.iterations == 2
+
+
+@pytest.mark.parametrize("images", [(2, 28, 28, 1), (2, 1, 28, 28)])
+def test_images_given_to_a_model_of_flat_inputs_get_the_shape_refusal(images):
+    # (the channels-first hint read the expected shape's third axis: a bare IndexError for a
+    # model of (784,) inputs)
+    flat = xpcnn.Sequential([xpcnn.Input((784,)), Dense(3)])
+    with pytest.raises(InputError, match=r"per-sample shape .* but the model expects \(784,\)"):
+        flat.predict(np.zeros(images, np.float32))

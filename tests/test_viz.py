@@ -104,6 +104,73 @@ def test_stage_tour_is_as_wide_as_the_maps_it_shows(tmp_path, image):
     assert [len(ax.get_xticks()) for ax in image_axes(fig)[1:]] == [3, 3, 3, 3, 3, 4]
 
 
+def drawn(fig, ax, row, col):
+    """The RGBA (0..255) that the Agg canvas drew at the centre of pixel (row, col) of the
+    image on ``ax``: what the PNG shows, not what was asked of imshow (the canvas of the
+    figure as it was saved)."""
+    canvas = np.asarray(fig.canvas.buffer_rgba())
+    x, y = ax.transData.transform((col, row))  # (display: from the bottom left)
+    return canvas[canvas.shape[0] - 1 - int(y), int(x)].astype(int)
+
+
+def grey(level):
+    return [level, level, level, 255]
+
+
+def one_conv(channels):
+    model = xpcnn.Sequential([Conv2D(2, 3), Flatten(), Dense(2)], seed=0)
+    model.build((8, 8, channels))
+    return model
+
+
+@pytest.mark.parametrize("level, dtype, channels", [
+    (255, np.uint8, 1), (128, np.uint8, 1), (0, np.uint8, 1), (0.5, np.float32, 1),
+    (1.0, np.float64, 2), (128, np.uint8, 2), (255, np.uint8, 3), (128, np.uint8, 3)])
+def test_input_images_are_drawn_at_their_true_levels(tmp_path, level, dtype, channels):
+    """A constant image is drawn at its level, whatever its channels: a greyscale one was
+    drawn stretched to its own min..max (a white or grey image came out black), unlike the
+    same image as RGB; its channels beside it too."""
+    img = np.full((8, 8, channels), level, dtype)
+    want = round(level * 255) if level <= 1 else level
+    fig = viz.plot_stage_tour(one_conv(channels), img, tmp_path / "t.png", dpi=30)
+    picture, chans = image_axes(fig)[:2]
+    for row, col in ((0, 0), (4, 7)):
+        np.testing.assert_allclose(drawn(fig, picture, row, col), grey(want), atol=1)
+        np.testing.assert_allclose(drawn(fig, chans, row, col), grey(want), atol=1)
+    demo = viz.plot_notebook_demo(img, tmp_path / "d.png", dpi=30)
+    for ax in image_axes(demo)[::3]:  # (the original, once a row)
+        np.testing.assert_allclose(drawn(demo, ax, 3, 3), grey(want), atol=1)
+
+
+def test_a_dim_greyscale_image_is_drawn_dim_as_the_same_rgb_image(tmp_path):
+    """Levels 0..40 of 255 are drawn dark, as RGB ones are (was: stretched to full white)."""
+    dim = np.tile(np.linspace(0, 40, 8).astype(np.uint8)[None, :, None], (8, 1, 1))
+    shown = {}
+    for c in (1, 3):
+        fig = viz.plot_stage_tour(one_conv(c), np.repeat(dim, c, axis=2), tmp_path / "t.png",
+                                  dpi=30)
+        picture = image_axes(fig)[0]
+        shown[c] = [drawn(fig, picture, 2, col) for col in range(8)]
+    np.testing.assert_array_equal(shown[1], shown[3])
+    np.testing.assert_allclose([p[0] for p in shown[1]], dim[0, :, 0], atol=1)
+
+
+def test_four_channels_are_drawn_as_rgba(tmp_path):
+    """An (H, W, 4) image is RGBA, as imshow and Keras' array_to_img take it (was: channel 0
+    alone in grey, so opaque red came out black): transparent pixels show the white axes."""
+    img = np.zeros((8, 8, 4), np.uint8)
+    img[..., 0] = 255
+    img[:4, :, 3] = 255  # opaque red above
+    img[4:, :4, 3] = 0  # transparent bottom left
+    img[4:, 4:, 3] = 128  # half-transparent red bottom right
+    fig = viz.plot_stage_tour(one_conv(4), img, tmp_path / "t.png", dpi=30)
+    picture, chans = image_axes(fig)[:2]
+    np.testing.assert_allclose(drawn(fig, picture, 1, 1), [255, 0, 0, 255], atol=1)
+    np.testing.assert_allclose(drawn(fig, picture, 6, 1), grey(255), atol=1)
+    np.testing.assert_allclose(drawn(fig, picture, 6, 6), [255, 127, 127, 255], atol=2)
+    assert [t.get_text() for t in chans.get_xticklabels()] == ["R", "G", "B", "A"]
+
+
 @pytest.mark.parametrize("names", [["a", "b"], ["a", "b", "c", "d"], "abc"])
 def test_stage_tour_refuses_class_names_that_do_not_name_the_outputs(tmp_path, image, names):
     with pytest.raises(InputError, match=r"^class_names must be one name for each of the "
@@ -492,6 +559,25 @@ def test_cli_visualize_errors(tmp_path, small_shapes, capsys):
     assert "expects images of shape (12, 12, 3) but shapes images are (32, 32, 3)" in \
         capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_cli_visualize_refuses_a_model_for_flat_inputs(tmp_path, small_shapes, capsys):
+    """A model of flat (784,) inputs is refused in one line, exit status 2, naming its input
+    shape (was: a bare ValueError from sizing the figure, exit status 1)."""
+    model = xpcnn.Sequential([Dense(10), Softmax()], seed=0)
+    model.build((784,))
+    model.save(tmp_path / "flat.npz")
+    assert main(["visualize", "--model", str(tmp_path / "flat.npz"), "--out",
+                 str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (f"xpcnn visualize: error: the model {tmp_path / 'flat.npz'} takes inputs "
+                    "of shape (784,), not images (H, W, C): xpcnn visualize shows models of "
+                    "images")
+    assert not list(tmp_path.glob("*.png"))
+    with pytest.raises(InputError, match=r"^the model takes inputs of shape \(784,\), not "
+                                         r"images \(H, W, C\): the stage tour shows models of "
+                                         r"images$"):
+        viz.plot_stage_tour(model, np.zeros((28, 28, 1), np.uint8), tmp_path / "t.png")
 
 
 def test_cli_visualize_names_labels_beyond_the_models_outputs(tmp_path, small_shapes, capsys):

@@ -1526,7 +1526,9 @@ class TerminateOnNaN(Callback):
     """End training cleanly, instead of raising :class:`NonFiniteError`, when a step's loss or
     gradient is not finite: ``fit`` returns the History of the epochs done, and the weights and
     optimiser state are those before the first non-finite step (found when the device's flag is
-    next read, not by a wait for the device every step)."""
+    next read, not by a wait for the device every step). On several ranks every rank stops at
+    that step, and rank 0 prints the error of the rank whose slice of the batch made it (its
+    layer, as in one process), named (:mod:`xpcnn.distributed`)."""
 
     def on_non_finite(self, error: NonFiniteError) -> None:
         say_on_root(f"TerminateOnNaN: {error}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import functools
 import inspect
 import math
@@ -15,7 +16,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .errors import InputError, NonFiniteError, of_xpcnn, warn
-from .files import check_name_length, names_a_folder, try_writing_in, written_file
+from .files import (
+    STREAM_NAMES,
+    check_name_length,
+    names_a_folder,
+    standard_stream,
+    try_writing_in,
+    written_file,
+)
 
 
 @functools.cache
@@ -70,7 +78,7 @@ def check_sample_shape(x: np.ndarray, expected: tuple[int, ...], what: str = "x"
         hint = ""
         if tuple(x.shape) == expected:
             hint = f": one sample? add the batch axis, {what}[None]"
-        elif len(sample) == 3 and sample == (expected[2], expected[0], expected[1]):
+        elif len(sample) == len(expected) == 3 and sample == (expected[2], *expected[:2]):
             hint = (f": channels first (N, C, H, W), as PyTorch keeps images? pass "
                     f"{what}.transpose(0, 2, 3, 1)")
         elif expected[1:] == sample:  # (Keras' model.build((32, H, W, C)): a batch of 32)
@@ -142,13 +150,16 @@ def declared_shape(sample: tuple[int, ...], model_name: str) -> None:
                         f"Declare {(w, c, h)} and pass images as x.transpose(0, 2, 3, 1)")
 
 
-def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray, np.ndarray]:
+def as_labels(y: Any, n: int, classes: int, what: str = "y", index: Any = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     """Integer labels (N,) or one-hot/probability rows (N, classes); labels (N, 1), as
     ``keras.datasets`` gives them (or a float column, read from a CSV file), are taken as (N,)
     (a classifier has at least 2 classes, so they cannot be one-hot rows); float labels must
     be whole numbers.
 
-    Returns (targets as given, int64 class indices) after checking lengths and ranges.
+    Returns (targets as given, int64 class indices) after checking lengths and ranges. Errors
+    name the first bad label: ``what[index[i]]`` where ``y`` is a batch of a dataset's samples
+    ``index`` (a shuffled batch's position would not find it), its position in ``y`` otherwise.
     """
     # (Keras' targets keyed by output name: was "a single value")
     refuse_keyed(y, what, f"labels are one array, integer labels ({n},) or one-hot rows "
@@ -161,30 +172,40 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y") -> tuple[np.ndarray
     if arr.ndim == 2 and arr.shape[1] == 1 and classes > 1 and (integer or floating):
         arr = arr[:, 0]
     check_label_layout(arr.shape, integer, floating, arr.dtype, n, classes, what)
+
+    def named(i: int, kind: str) -> str:  # (the i-th of this batch, as the user finds it)
+        return f"{kind} {i}" if index is None else f"{what}[{int(index[i])}]"
+
     if arr.ndim == 1:
         if floating and not np.all(arr == np.round(arr)):
             bad = np.flatnonzero(arr != np.round(arr))  # (NaN compares unequal)
             nans = int(np.isnan(arr[bad]).sum())
             holding = f" holding NaN ({nans} labels)" if nans else ""
             raise InputError(f"{what} must be integer class labels, got dtype {arr.dtype}"
-                             f"{holding}: label {int(bad[0])} is {arr[bad[0]]}, one of "
-                             f"{bad.size} that are not whole numbers")
+                             f"{holding}: {named(int(bad[0]), 'label')} is {arr[bad[0]]}, one "
+                             f"of {bad.size} that are not whole numbers")
         lo, hi = arr.min(), arr.max()
         if lo < 0 or hi >= classes:
+            bad = np.flatnonzero((arr < 0) | (arr >= classes))
             raise InputError(f"labels in {what} must be in [0, {classes - 1}] for a model with "
-                             f"{classes} outputs; found values from {lo} to {hi}")
+                             f"{classes} outputs; found values from {lo} to {hi}: "
+                             f"{named(int(bad[0]), 'label')} is {arr[bad[0]]}, the first of "
+                             f"{bad.size} out of range")
         labels = arr.astype(np.int64)
         return labels, labels
-    if not np.all(np.isfinite(arr)):
-        raise InputError(f"one-hot {what} holds NaN or infinite values")
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise InputError(f"one-hot {what} holds NaN or infinite values: "
+                         f"{named(int(bad[0]), 'row')} is the first of {bad.size} such rows")
     # (the loss's gradient, softmax - target, holds for rows of probabilities only)
     sums = arr.sum(axis=1, dtype=np.float64)
     bad = np.flatnonzero((arr.min(axis=1) < 0) | (np.abs(sums - 1) > 1e-3))
     if bad.size:
         i = int(bad[0])
         raise InputError(f"one-hot {what} must hold probabilities, each row >= 0 and summing "
-                         f"to 1; row {i} sums to {sums[i]:.6g} with a least value of "
-                         f"{arr[i].min():.6g} ({bad.size} such rows)")
+                         f"to 1; {named(i, 'row')} sums to {sums[i]:.6g} with a least value "
+                         f"of {arr[i].min():.6g} ({bad.size} such rows)")
     return arr, np.argmax(arr, axis=1).astype(np.int64)
 
 
@@ -242,6 +263,10 @@ def check_class_weight_type(class_weight: Any) -> None:
     if class_weight is not None and not isinstance(class_weight, Mapping):
         raise InputError("class_weight must be a dict mapping class indices to weights, e.g. "
                          f"{{0: 1.0, 1: 5.0}}, got {type(class_weight).__name__}")
+    if class_weight and any(isinstance(v, Mapping) for v in class_weight.values()):
+        # (Keras' class weights keyed by output name, {"out": {0: 1.0, 1: 2.0}})
+        refuse_keyed(class_weight, "class_weight", "class weights are one dict mapping class "
+                     "indices to weights, e.g. {0: 1.0, 1: 5.0}")
 
 
 def as_class_weights(class_weight: Any, classes: int, dtype: Any = np.float64) -> np.ndarray:
@@ -255,7 +280,8 @@ def as_class_weights(class_weight: Any, classes: int, dtype: Any = np.float64) -
         if isinstance(key, bool | np.bool_) or not isinstance(key, numbers.Integral) or \
                 not 0 <= int(key) < classes:
             raise InputError(f"class_weight's keys must be class indices in [0, {classes - 1}] "
-                             f"for a model with {classes} outputs, got {key!r}")
+                             f"for a model of {classes} classes (its output's size), got "
+                             f"{key!r}")
         what = f"class_weight[{int(key)}]"
         table[int(key)] = number(value, what, 0.0)
         with np.errstate(over="ignore"):
@@ -429,12 +455,21 @@ def file_path(path: Any, what: str) -> str:
     return os.fspath(path)
 
 
+#: Why a file that is the process's standard output or error is not written by name, and
+#: what to do instead.
+STREAM_AS_FILE = ("written by name, it would overwrite what is printed there, or be "
+                  "overwritten by it; give a file of its own, or pipe the output "
+                  "(| cat > file), which is then written in place")
+
+
 class PathProblem(NamedTuple):
     """Why a file cannot be written at a path (:func:`output_file_problem`), for its caller to
     word: ``kind`` "names a folder" (a last component ``.`` or ``..``, or a separator at the
-    end), "is a folder", "not a regular file", "no folder" (``folder``, where the file or its
-    missing folders would go, is not an existing folder) or "cannot write" (in ``folder``
-    where it is known); ``error``, the OSError behind the last two."""
+    end), "is a folder", "not a regular file", "standard output" or "standard error" (the
+    process's own, redirected to the regular file ``folder``), "no folder"
+    (``folder``, where the file or its missing folders would go, is not an existing folder) or
+    "cannot write" (in ``folder`` where it is known); ``error``, the OSError behind the last
+    two."""
 
     kind: str
     folder: str = ""
@@ -456,8 +491,18 @@ def output_file_problem(path: str, replaced: bool = True, new_folders: bool = Tr
         return PathProblem("cannot write", error=e)
     if os.path.isdir(target):
         return PathProblem("is a folder")
-    if replaced and os.path.exists(target) and not os.path.isfile(target):
-        return PathProblem("not a regular file")
+    if os.path.exists(target) and not os.path.isfile(target):  # (a device, a pipe)
+        if replaced:
+            return PathProblem("not a regular file")
+        if not os.access(target, os.W_OK):  # (opened in place: no temporary, no folder)
+            return PathProblem("cannot write", error=PermissionError(
+                errno.EACCES, os.strerror(errno.EACCES), target))
+        return None
+    if (fd := standard_stream(path)) is not None:  # (the kernel's link: a deleted file's too)
+        # (written apart from the output, at its own offset, it overwrites what is printed
+        # there or is overwritten by it; replaced, the shell's file is unlinked with the rest
+        # of the output)
+        return PathProblem(f"standard {STREAM_NAMES[fd]}", target)
     folder, base = os.path.split(target)
     missing = [base]  # (the names to be created: the file's, and those of missing folders)
     while new_folders and not os.path.exists(folder):  # (created when the file is written)
@@ -480,7 +525,9 @@ def output_file(path: Any, what: str, replaced: bool = True) -> str:
     """A path a file can be written at (a symbolic link's target, which is what gets written):
     not a folder (a last component ``.`` or ``..`` names one too), nor, where the file is
     ``replaced`` by an atomic rename (model files, checkpoints, exports), anything but a regular
-    file (a device such as /dev/null, a pipe: the rename would put a file in its place); its
+    file (a device such as /dev/null, a pipe: the rename would put a file in its place; a
+    file written in place may be one, ``/dev/stdout`` where the output is a pipe too); nor the
+    process's own standard output or error redirected to a file (``/dev/stdout`` then); its
     ``..`` steps resolve as the OS resolves them (from folders that exist); its names fit the
     file system; and its nearest existing folder takes the temporary file the writers make
     (they create the missing folders below it). Checked before any work, so that a long run
@@ -500,6 +547,9 @@ def output_file(path: Any, what: str, replaced: bool = True) -> str:
         raise InputError(f"{what} {path!r} exists and is not a regular file (a device or a "
                          "pipe): xpcnn writes a new file and renames it over the old one, so "
                          "give the path of a file")
+    if kind.startswith("standard "):
+        raise InputError(f"{what} {path!r} is this process's {kind}, redirected to the file "
+                         f"{folder!r}: {STREAM_AS_FILE}")
     where = f" in {folder!r}" if folder else ""
     raise InputError(f"cannot write {what} {path!r}{where}: {error.strerror or error}"
                      ) from error

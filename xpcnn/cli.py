@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -145,7 +146,12 @@ def output_file(flag: str, path: str | None, replaced: bool = True) -> None:
         raise UsageError(f"argument {flag}: {path!r} is a folder; give a file path such as "
                          f"{str(Path(path) / example)!r}")
     if kind == "not a regular file":
-        raise UsageError(f"argument {flag}: {path!r} exists and is not a regular file")
+        raise UsageError(f"argument {flag}: {path!r} exists and is not a regular file (a "
+                         "device or a pipe), where the file is written anew and renamed over "
+                         f"the old one; give a file path such as {example!r}")
+    if kind.startswith("standard "):
+        raise UsageError(f"argument {flag}: {path!r} is this command's {kind}, redirected to "
+                         f"the file {folder!r}: {checks.STREAM_AS_FILE}")
     if kind == "no folder":
         raise _no_folder(flag, path, folder)
     assert error is not None  # (a "cannot write" comes with the OS's error)
@@ -154,6 +160,8 @@ def output_file(flag: str, path: str | None, replaced: bool = True) -> None:
 
 def output_folder(flag: str, path: str) -> None:
     """A folder to write into: it exists, or its parent does (it is created then)."""
+    if not path:  # (Path("") is the working folder; `--plots "$OUT"` with OUT unset, say)
+        raise UsageError(f"argument {flag}: an empty path; give a folder")
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UsageError(f"argument {flag}: {path!r} exists and is not a folder")
@@ -407,7 +415,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 verbose=0 if args.quiet or args.json else 2 if args.epoch_lines else 1,
                 checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every or "epoch",
                 resume=args.resume, callbacks=callbacks,
-                validation_data=(x_test, y_test) if args.plots or
+                validation_data=(x_test, y_test) if args.plots is not None or
                 args.early_stopping is not None else None)
     except TrainingInterrupted as e:
         raise Interrupted(f"interrupted at {e.where}; the checkpoint {e.checkpoint} holds the "
@@ -430,7 +438,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.export:
         model.export(args.export)
         say(f"exported the model as ONNX to {args.export}")
-    if args.plots and distributed.is_root():
+    if args.plots is not None and distributed.is_root():
         from .datasets import class_names
         from .viz import write_training_plots
 
@@ -639,7 +647,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
         as_json = args.json
-        with data_dir_spelled(DATA_DIR_FLAG):
+        with data_dir_spelled(DATA_DIR_FLAG), warnings.catch_warnings():
+            warnings.showwarning = partial(_show_warning, prog)
             result = COMMANDS[args.command](args)
     except Interrupted as e:
         return _fail(prog, str(e), 130, as_json)
@@ -657,10 +666,28 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+#: The callbacks the command makes, as its warnings name them: by their flags.
+CALLBACK_FLAGS = {"EarlyStopping": "--early-stopping", "CSVLogger": "--log"}
+
+
+def _show_warning(prog: str, message: Warning | str, category: type[Warning], filename: str,
+                  lineno: int, file: Any = None, line: str | None = None) -> None:
+    """A warning as the command's other messages: one line ``xpcnn train: warning: ...`` on
+    stderr (not Python's, which showed a source line of xpcnn's own ``__main__.py``), the
+    callbacks the command made named by their flags."""
+    text = " ".join(str(message).split()).removeprefix("xpcnn: ")
+    for name, flag in CALLBACK_FLAGS.items():  # (in lists of names: ['EarlyStopping'])
+        text = text.replace(repr(name), flag)
+    here = distributed.world()
+    rank = f" (rank {here.rank} of {here.size})" if here.size > 1 else ""
+    print(f"{prog}{rank}: warning: {text}", file=sys.stderr if file is None else file)
+
+
 #: What a refused ``--resume`` says to keep the same: the flags that decide the run's data,
-#: batches and compile settings.
+#: batches, callbacks and compile settings.
 RESUME_ADVICE = ResumeAdvice(
-    run="the same --dataset, --val-split, --limit, --batch-size, --seed and --data-dir files",
+    run="the same --dataset, --val-split, --limit, --batch-size, --seed, --early-stopping and "
+        "--data-dir files",
     compile="give the same --model, --epochs, --optimizer, --lr, --schedule and --precision",
     fresh="no --resume (or another --checkpoint)", takes_precision=False)
 

@@ -21,6 +21,10 @@ replayed graph is one launch. What a captured step needs, and how it gets it:
   replay. The last warm-up step checks that none is rebound (else the step stays eager, with
   the reason), and each replay that the captured arrays are still the model's (replaced ones,
   by ``set_weights``, ``load_weights`` or a checkpoint, make the step capture again).
+- No Python: a replay runs none, so a user's layer, whose forward and backward may keep
+  per-step numbers on the host, keeps the steps eager unless its class sets
+  ``capturable = True`` (:func:`layer_blockers`, checked again where the layers are built
+  again: a layer added).
 - No cuBLAS: CuPy 14 refuses to capture it, so matrix products run as cuDNN graphs during the
   warm-up and the capture (``CupyKernels.capturable``).
 - No host reads inside the step, and no copies from the host. The optimiser update is CuPy's
@@ -59,13 +63,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import of_xpcnn
+
 StepFn = Callable[[Any, Any, Any, "dict[str, Any]"], Any]
 ArraysFn = Callable[..., "list[Any]"]
 
 
 def blockers(backend: Any) -> list[str]:
-    """Why training steps on ``backend`` cannot be captured (none: they can). Neither the
-    layers nor the optimiser can keep a step eager (see the module doc); the backend can."""
+    """Why training steps on ``backend`` cannot be captured (none: they can). No optimiser
+    keeps a step eager, nor do xpcnn's own layers (see the module doc); the backend can, and
+    so can a user's layer (:func:`layer_blockers`)."""
     if backend.name != "cupy":
         return [f"CUDA graphs need the CuPy backend, not {backend.name}"]
     from .ops import cudnn_conv
@@ -77,6 +84,25 @@ def blockers(backend: Any) -> list[str]:
     if cudnn_conv.load() is None:
         return ["cuDNN could not be loaded: the matrix products would go to cuBLAS, which "
                 "CuPy cannot capture"]
+    return []
+
+
+def layer_blockers(layers: list[Any]) -> list[str]:
+    """Why ``layers`` keep the training steps eager (none: they do not): a layer of a user's
+    class (a subclass of a built-in included) whose class does not set ``capturable = True``.
+    A replayed step runs no Python, so whatever a user's forward or backward keeps on the host
+    from step to step (a step counter, a Python float a callback schedules) would stay as the
+    captured step left it, silently; xpcnn's own layers keep such numbers on the device, or
+    capture again when a setting changes (see the module doc)."""
+    for layer in layers:
+        cls = type(layer)
+        if not of_xpcnn(cls.__module__) and cls.capturable is not True:
+            return [f"layer {layer.name!r} is of a user's class, {cls.__name__}, which does not "
+                    "set capturable = True: a step replayed from a CUDA graph runs none of its "
+                    "Python, so a number its forward or backward keeps on the host between "
+                    "steps (a step counter, a float a callback sets) would stay as captured; "
+                    "set capturable = True on the class where every per-step value lives in "
+                    "its device arrays (params and state, written in place)"]
     return []
 
 
@@ -167,6 +193,8 @@ class StepGraphs:
     else chose the captured work, read before each step: the layers' settings changes
     (``Layer.settings_changes``) and the kernels' cuDNN switches
     (:meth:`~xpcnn.ops.fast_cupy.CupyKernels.graph_switches`), as the trainer combines them;
+    ``blockers`` (None: none) why the step must now run eagerly for good, asked where the
+    switches changed (the layers built again: :func:`layer_blockers`);
     ``capture`` the CUDA side (:class:`CupyCapture` by default; tests give a stand-in). The
     scalars are in the parameters' dtype, those named in ``exact`` (a step count, Adam's
     learning rate) in float64.
@@ -176,7 +204,8 @@ class StepGraphs:
                  advance: Callable[[], None], backend: Any, capturable: Any,
                  capture: Any = None, warmup: int = 2, exact: tuple[str, ...] = (),
                  capture_tables: Callable[[], Any] | None = None, max_graphs: int = 4,
-                 switches: Callable[[], Any] | None = None) -> None:
+                 switches: Callable[[], Any] | None = None,
+                 blockers: Callable[[], list[str]] | None = None) -> None:
         if warmup < 2:
             raise ValueError("at least two warm-up steps: the first may create arrays (the "
                              "optimiser's slots), the last checks that none is rebound")
@@ -185,6 +214,7 @@ class StepGraphs:
         self.backend, self.capturable = backend, capturable
         self.capture_tables = capture_tables or _nothing_deferred
         self.switches = switches or _no_switches
+        self.blockers = blockers or list
         self._switched: Any = None  # (the switches the graphs were captured under)
         self.capture = capture  # (made on first use: CuPy is imported only then)
         self.warmup, self.exact, self.max_graphs = warmup, exact, max_graphs
@@ -213,6 +243,11 @@ class StepGraphs:
         self._shape = shape = (tuple(xb.shape), xb.dtype, tuple(yb.shape), yb.dtype,
                                None if wb is None else (tuple(wb.shape), wb.dtype))
         switched = self.switches()
+        blocked = self.blockers() if switched != self._switched else None
+        if blocked:  # (the graphs captured before are of other layers: dropped)
+            self.reason = blocked[0]
+            self.graphs, self.warm, self._captured, self._last = {}, {}, [], None
+            return "eager"
         if (self.graphs or self.warm) and (self._replaced() or switched != self._switched):
             # weights replaced, slots dropped (a layer frozen), a layer's setting or cuDNN's
             # switches changed (the graphs replay their capture's values and plans): warm up

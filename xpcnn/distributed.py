@@ -36,7 +36,22 @@ on four ranks; ``fit`` needs no change. As in ChainerMN, Horovod and PyTorch DDP
   dies is reported by ``mpiexec`` (which ends the others), and an MPI wait (the CPU ranks'
   allreduce, the weight broadcast, the sums of ``evaluate``) longer than ``timeout`` seconds
   (``XPCNN_DIST_TIMEOUT``, default 600) raises on the waiting rank. NCCL's waits are on the
-  device and have no such limit: a GPU rank that hangs without dying is not detected.
+  device and have no such limit: a GPU rank that hangs without dying is not detected;
+* a ``fit`` or ``evaluate`` that an error ends on one rank alone (its data's, a callback's),
+  caught by the script or not, ends it on the others at once: that rank tells them (a small
+  message, :func:`together`), and a rank waiting in one of the call's MPI exchanges raises a
+  :class:`DistributedError` naming that rank and its error. Each call makes its exchanges on
+  communicators of its own, so a script that catches the error on every rank and calls
+  ``fit`` again goes on (an exchange left unfinished stays with the call that failed, whose
+  communicators are then kept for good: after about a thousand such calls MPI has none left,
+  and fit and evaluate say to restart the job; the others' are freed). An
+  error that a callback catches (a nested ``evaluate``'s) tells no one: the others then wait
+  in the call's next exchange until the timeout, or are refused there as in another call.
+  A non-finite step (NaN or infinity, found where a rank reads its running totals: rank 0's
+  progress bar alone, say) is raised on every rank at the same step, in the agreement after
+  its callbacks or at the epoch's end, naming the rank whose slice of the batch made it and
+  that rank's layer, as one process does (so :class:`~xpcnn.callbacks.TerminateOnNaN` stops
+  every rank there, printing where).
 
 BatchNorm normalises each rank's slice with that slice's own statistics (as DDP does by
 default), so a BatchNorm model does not train exactly as in one process; its running
@@ -58,12 +73,19 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from . import checks
-from .errors import DeviceError, InputError, MissingDependencyError, NonFiniteError, XpcnnError
+from .errors import (
+    DeviceError,
+    InputError,
+    MissingDependencyError,
+    NonFiniteError,
+    XpcnnError,
+    add_note,
+)
 from .ops.kernels import fast_kernels
 
 #: Bytes of gradients per bucket, as PyTorch DDP: 1 MiB for the first (the last layers': it
@@ -102,6 +124,11 @@ class World:
     # comm's duplicate for the tagged sums (host_sum's checks, names and payloads): a check on
     # one rank alone (an evaluate in a rank-0 callback) never pairs with the others' training
     checks: Any = None
+    # comm's duplicate for a rank's notice that its fit or evaluate failed (see together)
+    notices: Any = None
+    # comm's duplicate from which each fit and evaluate duplicates communicators of its own
+    # (see together), at its start: nothing else is exchanged on it
+    calls: Any = None
 
     @property
     def is_root(self) -> bool:
@@ -145,8 +172,14 @@ def init(comm: Any = None, timeout: float | None = None) -> World:
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     several = comm.Get_size() > 1
     here = World(comm.Get_rank(), comm.Get_size(), node.Get_rank(), node.Get_size(), comm,
-                 timeout, comm.Dup() if several else None, comm.Dup() if several else None)
+                 timeout, *(comm.Dup() if several else None for _ in range(4)))
     node.Free()
+    # (a new world's calls are numbered afresh: the old one's notices are not its own; the
+    # old one's last call's communicators are never agreed on, so never freed)
+    if _CALL["ended"] is not None:
+        _LEFT.extend(_CALL["ended"][0])
+    _CALL.update(number=0, inside=0, comms=None, waits=0, gave_up=False, open=[], ended=None)
+    _HEARD.clear()
     if here.size > 1:
         _abort_all_on_error(here)
         if not _REPORTS_END:  # (run before mpi4py's MPI_Finalize, registered earlier)
@@ -235,7 +268,11 @@ class MpiSum:
         self.world, self.mpi = here, MPI
 
     def start(self, buf: Any) -> Any:
-        return self.world.comm.Iallreduce(self.mpi.IN_PLACE, buf, op=self.mpi.SUM)
+        request = _comm(self.world).Iallreduce(self.mpi.IN_PLACE, buf, op=self.mpi.SUM)
+        # (kept until waited for: one an error leaves unfinished keeps its call's
+        # communicators, see together; completed ones are null, and dropped here)
+        _CALL["open"] = [r for r in _CALL["open"] if r] + [request]
+        return request
 
     def progress(self, handles: list[Any]) -> None:
         """Let MPI move the started reductions on (MPICH progresses only inside MPI calls)."""
@@ -258,7 +295,7 @@ class NcclSum:
 
         self.cupy, self.nccl = cupy, nccl
         uid = nccl.get_unique_id() if here.rank == 0 else None
-        uid = here.comm.bcast(uid, root=0)
+        uid = _comm(here).bcast(uid, root=0)
         with device:
             self.comm = nccl.NcclCommunicator(here.size, uid, here.rank)
             self.stream = cupy.cuda.Stream(non_blocking=True)
@@ -287,29 +324,241 @@ class NcclSum:
 
 
 def _wait(here: World, requests: list[Any], what: str, hint: str = "") -> None:
-    """Wait for MPI requests for at most ``here.timeout`` seconds (``hint``: more of what the
-    error says may have happened)."""
+    """Wait for MPI requests (collectives) for at most ``here.timeout`` seconds (``hint``: more
+    of what the error says may have happened); stopped by another rank's failure
+    (:func:`together`). A wait given up leaves its requests unfinished: they are kept, with
+    their buffers, to the end (MPI may still write there), and so are its call's
+    communicators, never used again (see :func:`together`)."""
     from mpi4py import MPI
 
-    _poll(here, lambda: MPI.Request.Testall(requests), lambda: DistributedError(
-        f"rank {here.rank} of {here.size} waited {here.timeout:g} s for the other ranks in "
-        f"{what}: one of them is stuck or has died{hint} (XPCNN_DIST_TIMEOUT sets the limit)"))
+    try:
+        _poll(here, lambda: MPI.Request.Testall(requests), lambda: DistributedError(
+            f"rank {here.rank} of {here.size} waited {here.timeout:g} s for the other ranks in "
+            f"{what}: one of them is stuck or has died{hint} (XPCNN_DIST_TIMEOUT sets the "
+            "limit)"), what)
+    except BaseException:
+        _LEFT.extend(requests)
+        _CALL["gave_up"] = True
+        raise
+    _CALL["waits"] += 1
 
 
-def _poll(here: World, done: Callable[[], bool], late: Callable[[], Exception]) -> None:
+def _poll(here: World, done: Callable[[], bool], late: Callable[[], Exception], what: str,
+          exchange: bool = True) -> None:
     """Call ``done`` until it is true, for at most ``here.timeout`` seconds (then raise
-    ``late()``). MPI moves a non-blocking operation on only inside MPI calls, so this polls
+    ``late()``), or until another rank's notice that its fit or evaluate failed (inside one
+    here: :func:`together`), raised here naming that rank and its error (``what``: what this
+    rank waited for), unless the wait is an ``exchange`` (a collective) that the failing rank
+    completed before it failed: that one completes here too (the notice is raised at the
+    call's next). MPI moves a non-blocking operation on only inside MPI calls, so this polls
     without sleeping (yielding the core to any other thread that wants it) for a second,
-    then every millisecond."""
-    start = time.monotonic()
+    then every millisecond; notices are looked for every millisecond."""
+    start, listen = time.monotonic(), 0.0
     while not done():
         waited = time.monotonic() - start
+        if waited >= listen:
+            listen = waited + 1e-3
+            failed = _heard(here)
+            if failed is not None and not (exchange and failed[4] > _CALL["waits"]):
+                raise _failed_there(here, failed, what)
         if waited > here.timeout:
             raise late()
         if waited < 1.0:
             os.sched_yield()
         else:
             time.sleep(1e-3)
+
+
+# -- each fit and evaluate on communicators of its own; one rank's failure ends it on all ------
+
+#: The tag of a rank's notice that its fit or evaluate failed, on ``World.notices``.
+_NOTICE_TAG = 2
+# This process's fit and evaluate calls on several ranks: how many began (each rank's n-th
+# pairs with the others' n-th as it begins, so a number names the same call on every rank),
+# whether one runs, its communicators (see together), how many of its exchanges (waits of
+# _wait) completed here (a notice carries the failing rank's count), whether this rank gave up
+# a wait in it, its reductions started and not yet waited for (MpiSum), the last call's
+# communicators and whether an exchange of that call was left unfinished here (decided on at
+# the next call's start), and how many calls' communicators were kept for good.
+_CALL: dict[str, Any] = {"number": 0, "inside": 0, "comms": None, "waits": 0, "gave_up": False,
+                         "open": [], "ended": None, "kept": 0}
+# notices received (call number, rank, call, error, exchanges completed there); kept while
+# their call runs, so that each later wait in it raises too
+_HEARD: list[tuple[int, int, str, str, int]] = []
+_TOLD: list[Any] = []  # this rank's notices (their send requests) not known to be delivered
+# communicators and requests of exchanges left unfinished on some rank: never freed (a freed
+# communicator's context is reused, and a message of that exchange still on its way would
+# then pair with a later call's), nor their buffers (MPI may still write there)
+_LEFT: list[Any] = []
+
+
+def _comm(here: World, checks: bool = False) -> Any:
+    """The communicator of ``here``'s collectives (``checks``: of its tagged sums, see
+    :func:`host_sum`), that of the fit or evaluate running, if one is (:func:`together`)."""
+    comms = _CALL["comms"]
+    if comms is not None and here is _WORLD.get("world"):
+        return comms[1] if checks else comms[0]
+    return here.checks if checks and here.checks is not None else here.comm
+
+
+@contextlib.contextmanager
+def together(call: str) -> Iterator[None]:
+    """Around ``call`` (fit, evaluate) on several ranks. It begins by duplicating
+    ``World.calls`` (twice: for its collectives and its tagged sums) on every rank, and makes
+    every exchange on those duplicates: where an error ended an earlier call on one rank, and
+    an exchange of that call was left unfinished on another, the ranks' next calls still pair
+    exactly (each rank's n-th call with the others' n-th), so a script that catches the error
+    on every rank and calls again goes on. Where an error ends it on this rank (its data's, a
+    callback's, a step's), every other rank is told at once (a small message on
+    ``World.notices``, not waited for), and one waiting inside the same call raises a
+    :class:`DistributedError` naming this rank and its error (it otherwise waited for the
+    timeout, blaming a stuck rank). Calls within calls (an evaluate in a callback of fit) are
+    the outer one's. Nothing in one process.
+
+    A call's duplicates are freed at the next call's start, where every rank agrees (its
+    first exchange) that none left an exchange of that call unfinished (gave up a wait, or
+    ended with a reduction started and not completed): so every rank frees them, or none
+    (``MPI_Comm_free`` is collective), and a message of an abandoned exchange still on its
+    way never meets a later call's communicator. Otherwise they are kept for good; MPI has a
+    few thousand (MPICH: 2048 a process), so a job in which about a thousand calls ended
+    that way is told to restart (:func:`_own_communicators`)."""
+    here = world()
+    if here.size == 1 or _CALL["inside"]:
+        yield
+        return
+    comms = _own_communicators(here, call)
+    _CALL.update(number=_CALL["number"] + 1, inside=1, comms=comms, waits=0, gave_up=False,
+                 open=[])
+    try:
+        _settle_last_call(here, call)
+        yield
+    except BaseException as error:
+        # (not a Ctrl-C, which mpiexec gives every rank; nor the error of another's notice)
+        if not isinstance(error, KeyboardInterrupt) and \
+                getattr(error, "heard_from", None) is None:
+            _tell(here, call, error)
+        raise
+    finally:
+        _CALL.update(inside=0, comms=None, ended=(comms, _left_unfinished()))
+
+
+def _left_unfinished() -> bool:
+    """Whether the call ending here left an exchange unfinished on this rank: a wait given up,
+    or a reduction started (MpiSum) that is not complete now (an error between a step's start
+    of its sums and their wait); those requests are kept with their buffers."""
+    started = [r for r in _CALL["open"] if r]
+    _CALL["open"] = []
+    if started:
+        from mpi4py import MPI
+
+        try:
+            done = MPI.Request.Testall(started)
+        except Exception:  # (an MPI error in the exchange: unfinished)
+            done = False
+        if not done:
+            _LEFT.extend(started)
+            return True
+    return bool(_CALL["gave_up"])
+
+
+def _settle_last_call(here: World, call: str) -> None:
+    """As a call begins, in its first exchange: free the last call's communicators on every
+    rank where no rank left an exchange of that call unfinished; keep them for good
+    otherwise (this rank's or another's)."""
+    ended, _CALL["ended"] = _CALL["ended"], None
+    unfinished = 1.0 if ended is None or ended[1] else 0.0  # (no last call here: keep)
+    agreed = False
+    try:
+        agreed = host_sum(here, [unfinished], f"the start of {call}")[0] == 0
+    finally:
+        if ended is not None:
+            if agreed:
+                for comm in ended[0]:
+                    comm.Free()
+            else:
+                _LEFT.extend(ended[0])
+                _CALL["kept"] += 1
+
+
+def _own_communicators(here: World, call: str) -> tuple[Any, Any]:
+    """Two duplicates of ``here.calls``, made on every rank as ``call`` begins (with the
+    timeout: a rank not making the call is named as such). MPI's refusal to make them (it has
+    no context left: too many kept, see :func:`together`) is a :class:`DistributedError`."""
+    from mpi4py import MPI
+
+    made: list[Any] = []
+    try:
+        for _ in range(2):  # (one by one: a first made before the second fails is kept)
+            made.append(here.calls.Idup())
+        requests = [request for _, request in made]
+        _poll(here, lambda: MPI.Request.Testall(requests), lambda: DistributedError(
+            f"rank {here.rank} of {here.size} waited {here.timeout:g} s for the other ranks to "
+            f"begin {call}: one of them is stuck or has died, or is not making this call: fit "
+            "and evaluate must be called on every rank, in the same order; the ranks' calls "
+            "no longer pair, so end the job (XPCNN_DIST_TIMEOUT sets the limit)"),
+            f"the start of {call}")
+    except MPI.Exception as e:
+        _LEFT.extend(made)
+        said = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DistributedError(
+            f"rank {here.rank} of {here.size} could not make the communicators of this {call} "
+            f"(MPI: {said}): MPI has a limited number of communicators (MPICH: 2048 a "
+            f"process), and {_CALL['kept']} earlier fit or evaluate calls of this job ended "
+            "with an exchange left unfinished (a rank failed or timed out while another "
+            "waited), each keeping its two for good; end the job and start it again (from "
+            "its last checkpoint)") from e
+    except BaseException:
+        _LEFT.extend(made)
+        raise
+    return made[0][0], made[1][0]
+
+
+def _tell(here: World, call: str, error: BaseException) -> None:
+    """Send every other rank the notice that ``call`` failed here with ``error``. Never
+    raises: where the notice cannot be sent, ``error`` says so in a note."""
+    try:
+        said = _message(error).encode(errors="replace")[:_MESSAGE_BYTES].decode(
+            errors="ignore")  # (a character cut in two)
+        _TOLD[:] = [r for r in _TOLD if not r.Test()]
+        notice = (_CALL["number"], here.rank, call, said, _CALL["waits"])
+        for rank in range(here.size):
+            if rank != here.rank:
+                _TOLD.append(here.notices.isend(notice, dest=rank, tag=_NOTICE_TAG))
+    except Exception as failed:
+        add_note(error, f"xpcnn could not tell the other ranks of this error "
+                        f"({type(failed).__name__}: they wait for this rank until the timeout)")
+
+
+def _message(error: BaseException) -> str:
+    """``error``'s type and message; its type alone where its message cannot be made."""
+    try:
+        return f"{type(error).__name__}: {error}"
+    except Exception:  # (a __str__ that raises)
+        return f"{type(error).__name__} (its message could not be made)"
+
+
+def _heard(here: World) -> tuple[int, int, str, str, int] | None:
+    """Inside a call (:func:`together`), another rank's notice that the same call failed there,
+    if one has come; notices of earlier calls (an error every rank raised, whose notices no
+    one waited for) are dropped."""
+    if here.notices is None or not _CALL["inside"]:
+        return None
+    while here.notices.iprobe(tag=_NOTICE_TAG):
+        _HEARD.append(here.notices.recv(tag=_NOTICE_TAG))
+    number = _CALL["number"]
+    _HEARD[:] = [n for n in _HEARD if n[0] >= number]
+    return next((n for n in _HEARD if n[0] == number), None)
+
+
+def _failed_there(here: World, failed: tuple[int, int, str, str, int], what: str
+                  ) -> DistributedError:
+    """The error of another rank's notice ``failed``, heard while this rank waited in
+    ``what``."""
+    _, rank, call, said, _ = failed
+    error = DistributedError(f"rank {rank} of {here.size} failed in {call}: {said} (rank "
+                             f"{here.rank} stopped waiting for it in {what})")
+    error.heard_from = rank  # type: ignore[attr-defined]
+    return error
 
 
 #: Bytes of each rank's name of the operation it is in, exchanged before a tagged sum.
@@ -325,8 +574,9 @@ def host_sum(here: World, values: Sequence[float], what: str, tagged: bool = Fal
              ) -> list[float]:
     """The sum over the ranks of a few host numbers (float64), with the timeout. ``tagged``
     (the checks made once a call, never a training step's sums): on a communicator of their
-    own (``World.checks``: never paired with training's collectives), the ranks first tell
-    each other ``what`` they are in and the payload's length and ``layout`` (at most
+    own (``World.checks``, or the one their fit or evaluate made, see :func:`together`: never
+    paired with training's collectives), the ranks first tell each other ``what`` they are
+    in and the payload's length and ``layout`` (at most
     :data:`_LAYOUT_INTS` - 1 counts of what its columns are), in an exchange of a size that
     every tagged sum shares (:func:`_same_operation`): a rank in another call (an
     ``evaluate`` on rank 0 alone as the others begin ``fit``) is refused on every rank,
@@ -337,9 +587,9 @@ def host_sum(here: World, values: Sequence[float], what: str, tagged: bool = Fal
     if here.size > 1:
         from mpi4py import MPI
 
-        comm = here.comm
+        comm = _comm(here)
         if tagged:  # (name and payload on one communicator: they never pair apart)
-            comm = here.comm if here.checks is None else here.checks
+            comm = _comm(here, checks=True)
             _same_operation(here, comm, what, [buf.size, *layout], other_layout)
         _wait(here, [comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)], what)
     return [float(v) for v in buf]
@@ -469,7 +719,8 @@ def _reported(here: World, path: str) -> tuple[int, bool, str]:
         f"rank 0 did not report its write of {path} within {here.timeout:g} s "
         f"(XPCNN_DIST_TIMEOUT; rank {here.rank} of {here.size} waited for it): every rank must "
         "call save, save_weights, export or save_checkpoint with the same path, or rank 0 "
-        "alone (if rank == 0: model.save(path)), never another rank alone"))
+        "alone (if rank == 0: model.save(path)), never another rank alone"),
+        f"rank 0's report of its write of {path}", exchange=False)
     _, status, wrote, said = got[0]
     return int(status), bool(wrote), str(said)
 
@@ -486,6 +737,11 @@ def _end_reports() -> None:
 
     if MPI.Is_finalized():
         return
+    for request in _TOLD:  # (notices to ranks that had left the call, or ended)
+        if not request.Test():
+            request.Free()
+    while here.notices.iprobe(tag=_NOTICE_TAG):
+        here.notices.recv(tag=_NOTICE_TAG)
     if here.is_root:
         for request in _SENT:
             if not request.Test():
@@ -626,6 +882,10 @@ class DataParallel:
         self.total, self.weight = 0, 1.0  # the global batch's size, this rank's share of it
         # whether the ranks agreed to stop at this step (agree_to_stop); None: not asked yet
         self.stop_agreed: bool | None = None
+        # a NonFiniteError that this step's callbacks raised here (holding_non_finite), and
+        # whether the agreement found one on any rank
+        self.held: NonFiniteError | None = None
+        self.non_finite_agreed = False
 
     # the batch
     def set_batch(self, local: int) -> None:
@@ -788,36 +1048,84 @@ class DataParallel:
         ``stop_training`` is set (never cleared here: a signal's since the exchange waits
         for the next). The answer is kept for fit's loop (:meth:`agreed_stop`)."""
         model = self.model
-        got = host_sum(self.world, [float(model.stop_training), float(interrupted)],
+        got = host_sum(self.world, [float(model.stop_training), float(interrupted),
+                                    float(self.held is not None)],
                        "fit (the agreement to stop)", tagged=True)
         if got[0]:
             model.stop_training = True
         self.stop_agreed = got[0] > 0
+        self.non_finite_agreed = self.non_finite_agreed or got[2] > 0
         return got[0] > 0, got[1] > 0
 
     def agreed_stop(self) -> bool:
         """In fit's loop, after a step's callbacks or ``on_epoch_end``: whether every rank
         stops there (agreed now, unless a checkpoint's callback agreed since the last
-        call)."""
+        call); where a rank held a non-finite step's error, every rank raises it
+        (:meth:`agree_non_finite`)."""
         if self.stop_agreed is None:
             self.agree_to_stop()
         stop, self.stop_agreed = bool(self.stop_agreed), None
+        if self.non_finite_agreed:
+            self.non_finite_agreed = False
+            self.agree_non_finite(self.held)
         return stop
+
+    @contextlib.contextmanager
+    def holding_non_finite(self) -> Iterator[None]:
+        """Around each of a step's callbacks: a :class:`NonFiniteError` it raises here (a read
+        of the running totals on this rank alone: rank 0's progress bar, every half second) is
+        held (the first of the step's) for the step's agreement (:meth:`agreed_stop`), which
+        raises it on every rank alike (raised at once, it ended fit on this rank alone, and
+        the others waited for it in the next step's exchanges until the timeout). Each
+        callback is held apart, so that every rank runs the same callbacks: a later one that
+        exchanges (a save on every rank) would otherwise wait for this rank until the
+        timeout."""
+        try:
+            yield
+        except NonFiniteError as error:
+            if self.held is None:
+                self.held = error
+
+    def agree_non_finite(self, error: BaseException | None) -> NoReturn:
+        """Raise, on every rank at once, the error of the non-finite step that a rank found
+        (``error``: this rank's own, from a read of its running totals; where None, they are
+        read now: every rank's flag the same step, the loss and gradients being summed),
+        naming the rank whose slice of the batch made it, as its own error does (its batch
+        and layer, as in one process): the others' said only that another rank's had. One
+        tagged host sum of every rank's error message."""
+        self.held = None
+        if error is None:
+            try:
+                self.model._read_totals()
+            except (NonFiniteError, InputError) as e:  # (InputError: labels that are no class)
+                error = e
+        here = self.world
+        table = np.zeros((here.size, 1 + _MESSAGE_BYTES))
+        if error is not None:
+            said = str(error).encode()[:_MESSAGE_BYTES]
+            table[here.rank, 0] = 1 if isinstance(error, NonFiniteError) else 2
+            table[here.rank, 1:1 + len(said)] = np.frombuffer(said, dtype=np.uint8)
+        got = np.asarray(host_sum(here, table.ravel(), "fit (where a non-finite step arose)",
+                                  tagged=True)).reshape(table.shape)
+        kinds = [int(k) for k in got[:, 0]]
+        views = [bytes(row[1:].astype(np.uint8)).rstrip(b"\0").decode(errors="ignore")
+                 for row in got]
+        raise _agreed_non_finite(here, error, kinds, views)
 
     def broadcast_weights(self) -> None:
         """Every rank takes rank 0's weights (its parameters and BatchNorm statistics)."""
-        _take_root_weights(self.world, self.model, _host_weights(self.model), self.world.comm,
+        _take_root_weights(self.world, self.model, _host_weights(self.model), _comm(self.world),
                            "the broadcast of the initial weights")
 
     def average_state(self) -> None:
         """Average the layers' non-trainable state (BatchNorm's running statistics), which
-        each rank updates from its own slices. A frozen layer's are left alone: it runs in
-        inference mode and never changes them (rank 0's were broadcast at the start), and the
-        average of equal values is not always that value in floating point (three alike
-        float64 statistics, summed and divided by 3, moved by an ulp at each epoch's end); so
-        are state that training never moves (``updates_state`` False: adapted statistics)."""
-        layers = [la for la in self.model.layers if la.state and la.trainable
-                  and la.updates_state]
+        each rank updates from its own slices (:attr:`~xpcnn.layers.base.Layer.moves_state`).
+        A frozen built-in layer's are left alone: it runs in inference mode and never changes
+        them (rank 0's were broadcast at the start), and the average of equal values is not
+        always that value in floating point (three alike float64 statistics, summed and
+        divided by 3, moved by an ulp at each epoch's end); so are state that training never
+        moves (``updates_state`` False: adapted statistics)."""
+        layers = [la for la in self.model.layers if la.moves_state]
         if not layers:
             return
         from mpi4py import MPI
@@ -825,10 +1133,43 @@ class DataParallel:
         backend = self.model.backend
         host = [(la, k, np.array(backend.to_numpy(a), dtype=np.float64))
                 for la in layers for k, a in la.state.items()]
-        _wait(self.world, [self.world.comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+        _wait(self.world, [_comm(self.world).Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM)
                            for _, _, a in host], "the average of the BatchNorm statistics")
         for la, k, a in host:
             la.state[k] = backend.asarray(a / self.world.size, dtype=la.dtype)
+
+
+#: Words of a rank's non-finite error that name no place in its own batch: its batch and outputs
+#: are finite (another rank's made the summed loss non-finite), or they could not be looked at
+#: again (xpcnn.training.step's and xpcnn.totals' messages).
+_NAMES_NO_PLACE = ("another rank's", "is not named")
+
+
+def _agreed_non_finite(here: World, error: BaseException | None, kinds: list[int],
+                       views: list[str]) -> BaseException:
+    """The error this rank raises for a non-finite step, from every rank's ``views`` (their
+    errors' messages; ``kinds``: 1 a NonFiniteError, 2 an InputError, 0 none): where the
+    ranks' views differ, the view of the rank whose own batch made it (this rank's where it is
+    one), its rank named; a rank whose labels were no classes is named by the others in a
+    :class:`DistributedError` (its own InputError is raised there)."""
+    found = [r for r in range(here.size) if kinds[r] == 2 or kinds[r] == 1 and not any(
+        words in views[r] for words in _NAMES_NO_PLACE)]
+    if not found or len({v for k, v in zip(kinds, views, strict=True) if k}) == 1:
+        if error is not None:  # (every rank's view alike: a gradient's, the weights')
+            return error
+        r = next((r for r in range(here.size) if kinds[r]), None)
+        if r is None:
+            return DistributedError("a rank held a non-finite step's error, but no rank's "
+                                    "running totals flag one (read and dropped by a callback?)")
+        return NonFiniteError(f"{views[r]} (rank {r} of {here.size}'s view)")
+    source = here.rank if here.rank in found else found[0]
+    if kinds[source] == 2:
+        return error if source == here.rank and error is not None else DistributedError(
+            f"rank {source} of {here.size} stopped training: InputError: {views[source]}")
+    others = [r for r in found if r != source]
+    return NonFiniteError(
+        f"{views[source]} (on rank {source} of {here.size}, in its slice of the global batch"
+        + (f"; rank(s) {others} found one in theirs too" if others else "") + ")")
 
 
 def agree(here: World, error: BaseException | None, what: str, tag: str | None = None
@@ -977,7 +1318,7 @@ def broadcast_weights(model: Any) -> None:
     weights = _host_weights(model)
     host_sum(here, [0.0], "broadcast_weights", tagged=True, layout=[
         len(weights), sum(w.nbytes for w in weights)])
-    comm = here.comm if here.checks is None else here.checks  # (after the tag: paired)
+    comm = _comm(here, checks=True)  # (after the tag: paired)
     _take_root_weights(here, model, weights, comm, "broadcast_weights")
 
 

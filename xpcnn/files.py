@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterator
 from typing import IO
 
@@ -29,6 +30,10 @@ def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[
     """
     if names_a_folder(path):
         raise IsADirectoryError(f"{os.fspath(path)!r} names a folder: not written")
+    if (fd := standard_stream(path)) is not None:  # (the rename would put a new file in the
+        # place of the one a shell redirected the output to: all printed after it is lost)
+        raise FileExistsError(f"{os.fspath(path)!r} is this process's standard "
+                              f"{STREAM_NAMES[fd]}: not replaced")
     path = written_file(path)  # (its trailing separator dropped: checked above)
     if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
         # (the rename would put a file in the place of a device such as /dev/null, or a pipe)
@@ -83,6 +88,28 @@ def replaceable(path: str | os.PathLike[str]) -> bool:
     return not os.path.exists(path) or os.path.isfile(path)
 
 
+#: The standard streams by file descriptor, as messages name them.
+STREAM_NAMES = {1: "output", 2: "error"}
+
+
+def standard_stream(path: str | os.PathLike[str]) -> int | None:
+    """1 or 2 where ``path`` is this process's standard output or error (the same file as file
+    descriptor 1 or 2: ``/dev/stdout``, ``/proc/self/fd/1``, or the file a shell redirected it
+    to, reached by its own name), else None."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    for fd in STREAM_NAMES:
+        try:
+            own = os.fstat(fd)
+        except OSError:  # (closed)
+            continue
+        if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+            return fd
+    return None
+
+
 def names_a_folder(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` names a folder whatever is there: it ends in a separator, or its last
     component is ``.`` or ``..`` (both of which realpath drops or collapses)."""
@@ -97,7 +124,14 @@ def written_file(path: str | os.PathLike[str]) -> str:
     in the target's folder, replaces the target and leaves the link. OSError where the links
     loop, or where a ``..`` follows something that is not an existing folder (``missing/..``,
     which open() refuses and realpath would collapse as text); :func:`xpcnn.checks.output_file`
-    says so before any work."""
+    says so before any work. A device or a pipe (``/dev/null``, a FIFO, ``/dev/stdout`` where
+    the output is a pipe, which ``realpath`` makes ``/proc/<pid>/fd/pipe:[n]``, no path at all)
+    is ``path`` itself, absolute: nothing is replaced there, and opening the path reaches it."""
+    try:
+        if not stat.S_ISREG(mode := os.stat(path).st_mode) and not stat.S_ISDIR(mode):
+            return os.path.abspath(path)
+    except (OSError, ValueError):  # (absent, or a loop: as below)
+        pass
     try:
         return os.path.realpath(path, strict=True)
     except OSError as e:  # (a new file, or a link to one: its path, links followed; the

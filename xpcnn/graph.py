@@ -43,14 +43,65 @@ from .structure import where
 Inbound = tuple[int, ...]
 
 
-def Input(shape: tuple[int, ...] | list[int], name: str = "input") -> SymbolicTensor:  # noqa: N802
-    """The symbolic input of a functional model: per-sample ``shape``, e.g. (32, 32, 3)."""
+#: Keras 3's other keywords of ``keras.Input``: the values xpcnn does (taken), and what to do
+#: instead of another.
+_INPUT_KEYWORDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "sparse": ((None, False), "xpcnn's inputs are dense arrays (sparse=False only)"),
+    "ragged": ((None, False), "xpcnn's inputs are dense arrays of one shape (ragged=False only)"),
+    "batch_shape": ((None,), "give the per-sample shape, Input(shape=batch_shape[1:]): the batch "
+                             "size is fit's"),
+    "tensor": ((None,), "xpcnn.Input makes the symbolic tensor itself; a model's input data "
+                        "are given to fit and predict"),
+    "optional": ((False,), "an xpcnn model's one input is always given (optional=False only)"),
+}
+
+
+def Input(shape: tuple[int, ...] | list[int] | None = None, name: str | None = "input", *,  # noqa: N802
+          batch_size: int | None = None, dtype: Any = None, **keras: Any) -> SymbolicTensor:
+    """The symbolic input of a functional model: per-sample ``shape``, e.g. (32, 32, 3).
+    Keras' ``batch_size`` and ``dtype`` are taken at the values xpcnn does (None; None or
+    float32: the model casts its batches to its own dtype), and so are Keras' other keywords
+    (``sparse=False``...); another value is refused, naming what to do instead."""
+    if isinstance(name, int | np.integer) and not isinstance(name, bool):
+        raise InputError(f"Input({shape!r}, {name!r}): xpcnn's second positional argument is "
+                         "the input's name, Input(shape, name); Keras 3's is batch_size, "
+                         "Input(shape=None, batch_size=None, dtype=None, ...), which xpcnn "
+                         "takes only as None: the batch size is fit's, evaluate's and "
+                         "predict's (fit(x, y, batch_size=...)), not the model's: leave it out")
+    if batch_size is not None:
+        raise InputError(f"Input(batch_size={batch_size!r}): the batch size is fit's, "
+                         "evaluate's and predict's (fit(x, y, batch_size=...)), not the model's, "
+                         "which takes batches of any size: leave batch_size out")
+    if dtype is not None and not _float32(dtype):
+        raise InputError(f"Input(dtype={dtype!r}): xpcnn's Input takes dtype only as None or "
+                         "'float32' (Keras' default): a model casts its batches (uint8 images "
+                         "too) to its own dtype, set by Model(inputs, outputs, dtype='float64') "
+                         "or Sequential(dtype=...); for mixed precision, "
+                         "compile(precision='mixed_float16')")
+    for key, value in keras.items():
+        taken, instead = _INPUT_KEYWORDS.get(key, ((), ""))
+        if not instead:
+            raise InputError(f"Input({key}={value!r}): Input takes shape, name and Keras' "
+                             f"batch_size, dtype, {', '.join(_INPUT_KEYWORDS)} (at xpcnn's "
+                             "values)")
+        if not checks.is_one_of(value, taken):
+            raise InputError(f"Input({key}={value!r}): Keras' keyword, which xpcnn's Input takes "
+                             f"only as {' or '.join(map(repr, taken))}: {instead}")
     ok = isinstance(shape, tuple | list) and all(
         isinstance(d, int | np.integer) and not isinstance(d, bool) and d > 0 for d in shape)
     if not ok or not shape:
         raise InputError(f"Input shape must be positive sizes such as (H, W, C) (no batch "
                          f"axis), got {shape!r}")
-    return SymbolicTensor(tuple(int(d) for d in shape), None, checks.name(name, "input name"))
+    return SymbolicTensor(tuple(int(d) for d in shape), None,
+                          checks.name("input" if name is None else name, "input name"))
+
+
+def _float32(dtype: Any) -> bool:
+    """Whether ``dtype`` (a name, NumPy's type or dtype) is float32."""
+    try:
+        return np.dtype(dtype) == np.float32
+    except (TypeError, ValueError):
+        return False
 
 
 def _one(t: Any, what: str) -> SymbolicTensor:
@@ -486,10 +537,9 @@ def backward(plan: Plan, dz: Any, on_layer: Callable[[Layer], None] | None = Non
                 step.layer.grads.pop(k, None)  # earlier step's trained on again)
             dx = step.layer.backward(grads.pop(step.output), step.options)
             _check_state_kept(step.layer, held, "backward")
-            _check_param_grads(step.layer)
+            _check_param_grads(step.layer, dz)
             if step.options.need_input_grad:
-                _check_input_grads(step.layer, dx, int(dz.shape[0]),
-                                   [i in plan.needs_grad for i in step.inputs])
+                _check_input_grads(step.layer, dx, dz, [i in plan.needs_grad for i in step.inputs])
         else:
             dx = step.layer.backward(grads.pop(step.output), step.options)
         if on_layer is not None:
@@ -529,11 +579,38 @@ def _check_state_kept(layer: Layer, held: tuple[tuple[str, Any], ...], what: str
                      "a new one is neither)")
 
 
-def _check_input_grads(layer: Layer, dx: Any, batch: int, needed: list[bool]) -> None:
+def _array_type(a: Any) -> str:
+    """The type of array ``a`` by its library, as a user knows it: ``numpy.ndarray``,
+    ``array_api_strict.Array``, ``cupy.ndarray``."""
+    return f"{type(a).__module__.partition('.')[0]}.{type(a).__qualname__}"
+
+
+def _foreign(g: Any, model_array: Any) -> str | None:
+    """Where ``g``, an array a user's backward gave, is another library's than the model's
+    (``model_array`` is one of its arrays; NumPy's scalars, a sum without ``axis=``, are
+    NumPy's): its type, as :func:`_array_type` names it. None where it is the model's, or no
+    array at all (named by the shape checks)."""
+    if isinstance(g, type(model_array)) or not hasattr(g, "shape") or not hasattr(g, "dtype"):
+        return None
+    if isinstance(g, np.generic) and isinstance(model_array, np.ndarray):
+        return None
+    return _array_type(g)
+
+
+def _use_xp(model_array: Any) -> str:
+    """What the error of another library's gradient adds (see :func:`_foreign`)."""
+    return (f", where the model's arrays are {_array_type(model_array)}: compute it with "
+            "self.xp, the layer's array namespace (self.xp.sum, self.xp.where...), not "
+            "another library's")
+
+
+def _check_input_grads(layer: Layer, dx: Any, dz: Any, needed: list[bool]) -> None:
     """A user's layer's backward returned one gradient for each of its inputs (a list for a
-    merge layer), each that is ``needed`` a float array shaped as that input, (batch, *its
-    per-sample shape): a wrong one failed deep inside the next layer's backward or the sum of
-    two gradients (one not needed, None say, is not read)."""
+    merge layer), each that is ``needed`` a float array of the model's library (that of the
+    model's gradient ``dz``) shaped as that input, (batch, *its per-sample shape): a wrong one
+    failed deep inside the next layer's backward or the sum of two gradients (one not needed,
+    None say, is not read)."""
+    batch = int(dz.shape[0])
     shapes = layer.input_shape if layer.multi_input else (layer.input_shape,)
     if layer.multi_input and (not isinstance(dx, list | tuple) or len(dx) != len(shapes)):
         got = f"a list of {len(dx)}" if isinstance(dx, list | tuple) else f"one {type(dx).__name__}"
@@ -544,13 +621,17 @@ def _check_input_grads(layer: Layer, dx: Any, batch: int, needed: list[bool]) ->
                                              strict=True)):
         if not need:
             continue
+        input_ = f"its input {k}" if layer.multi_input else "its input"
+        foreign = _foreign(g, dz)
+        if foreign is not None:  # (first: a dtype of another library is no dtype of the model's)
+            raise InputError(f"layer {layer.name!r} ({type(layer).__name__})'s backward "
+                             f"returned a {foreign} for {input_}{_use_xp(dz)}")
         got_shape = tuple(g.shape) if hasattr(g, "shape") and hasattr(g, "dtype") else None
         if got_shape is None or got_shape[0] != batch or got_shape[1:] != shape \
                 or not checks.real_floating(layer.xp, g.dtype):
             want = (batch, *shape)
             got = ("None" if g is None else f"a {type(g).__name__}" if got_shape is None
                    else f"a gradient of shape {got_shape} and dtype {g.dtype}")
-            input_ = f"its input {k}" if layer.multi_input else "its input"
             raise InputError(f"layer {layer.name!r} ({type(layer).__name__})'s backward "
                              f"returned {got} for {input_}, of shape {want}: backward returns "
                              "the gradient of the loss with respect to the input, a float "
@@ -575,16 +656,21 @@ def _check_output(layer: Layer, y: Any, x: Any) -> None:
                      "returned")
 
 
-def _check_param_grads(layer: Layer) -> None:
+def _check_param_grads(layer: Layer, dz: Any) -> None:
     """Each gradient a user's trained layer's backward put in ``grads`` is a float array of
-    its parameter's shape: a scalar (a sum without ``axis=``) was broadcast by the optimiser,
-    every element moved alike, silently; a per-sample one failed deep inside its update."""
+    the model's library (that of its gradient ``dz``) and of its parameter's shape: a scalar
+    (a sum without ``axis=``) was broadcast by the optimiser, every element moved alike,
+    silently; a per-sample one failed deep inside its update."""
     if not layer.trainable:
         return
     for k, g in layer.grads.items():
         p = layer.params.get(k)
         if p is None:
             continue
+        foreign = _foreign(g, dz)
+        if foreign is not None:
+            raise InputError(f"layer {layer.name!r} ({type(layer).__name__})'s backward put "
+                             f"a {foreign} in grads[{k!r}]{_use_xp(dz)}")
         shape = getattr(g, "shape", None)
         if shape is not None and tuple(shape) == tuple(p.shape) \
                 and checks.real_floating(layer.xp, g.dtype):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Any
 
@@ -119,7 +120,9 @@ class SoftmaxCrossEntropy:
     is refused, as Keras would take the log of logits); None (the default), either.
 
     A subclass that overrides :meth:`forward` (or :meth:`targets`) is trained by it: its
-    steps take the standard path, not the fused kernels.
+    steps take the standard path, not the fused kernels. Keras' hook, ``call(y_true,
+    y_pred)``, or an override of ``__call__``, without :meth:`forward` is refused at compile
+    (:meth:`check_hooks`): fit needs the gradient that forward returns with the loss.
     """
 
     name = "cross_entropy"
@@ -213,6 +216,41 @@ class SoftmaxCrossEntropy:
                 "(Keras would take the log of logits): end the model in Softmax() (or a "
                 "softmax activation), or pass from_logits=True (or None)")
 
+    def check_hooks(self) -> None:
+        """Refuse (at compile) a subclass whose loss fit would not be the one it trains: one
+        that writes its loss as Keras' ``call(y_true, y_pred)`` or overrides ``__call__``
+        without overriding :meth:`forward` (xpcnn computes gradients without automatic
+        differentiation, so fit trains by forward, which returns the gradient too), or a
+        forward that cannot take ``(xp, logits, y, dtype, weights)`` (PyTorch's
+        ``forward(input, target)``), which would fail deep inside the first step."""
+        name = type(self).__name__
+        hook = ("forward(self, xp, logits, y, dtype, weights=None), returning (the loss as a "
+                "0-d array, its gradient with respect to the logits, of their shape)")
+        if not self._replaced("forward"):
+            written = [what for m, what in (("call", "defines call(), Keras' hook of a loss,"),
+                                            ("__call__", "overrides __call__()"))
+                       if defined_by(self, m) not in (None, SoftmaxCrossEntropy)]
+            if written:
+                raise InputError(
+                    f"loss class {name} {' and '.join(written)} without overriding forward(): "
+                    f"fit never calls {'them' if len(written) > 1 else 'it'}, and would "
+                    "train and log xpcnn's cross-entropy instead. fit trains by " + hook +
+                    ", as xpcnn has no automatic differentiation to take the gradient of a "
+                    "loss written as a function of y_pred; calling the loss object, "
+                    "loss(y_true, y_pred), runs forward too. "
+                    "Override forward instead (super().forward(xp, logits, y, dtype, "
+                    "weights) gives the cross-entropy and its gradient)")
+            return
+        try:
+            inspect.signature(self.forward).bind("xp", "logits", "y", "dtype", "weights")
+        except TypeError:
+            raise InputError(
+                f"{name}.forward{inspect.signature(self.forward)} cannot take the arguments "
+                "fit calls it with, (xp, logits, y, dtype, weights): a loss's forward is " +
+                hook + " (PyTorch's forward(input, target) is not this hook)") from None
+        except ValueError:  # (no signature to read, a builtin's: the step's call says)
+            pass
+
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         """The mean loss of a batch, as Keras' and PyTorch's loss objects give it, called in
         Keras' order, ``loss(y_true, y_pred)`` (PyTorch's, ``loss(input, target)``, is the
@@ -220,7 +258,9 @@ class SoftmaxCrossEntropy:
         of ``y_pred``'s namespace and device (``float()`` reads it). ``y_pred`` (N, classes) are
         logits (``from_logits=True``, through :meth:`forward`, a subclass's own included) or
         probabilities (``False``; no clipping: a target class of probability 0 gives an
-        infinite loss, as its log); ``None`` is refused, as it cannot say which. ``y_true``:
+        infinite loss, as its log; a subclass's :meth:`forward` is given their log, the
+        logits a final softmax took up to a shift of each row, which the softmax ignores);
+        ``None`` is refused, as it cannot say which. ``y_true``:
         integer labels (N,) or one-hot/probability rows, checked as ``fit`` checks them;
         ``sample_weight`` (N,): each sample's share, the weighted sum still divided by N (Keras'
         "sum_over_batch_size"). Computed in float32 or float64 (``y_pred``'s; float32 for a
@@ -291,8 +331,12 @@ class SoftmaxCrossEntropy:
                 np.float64 if dtype == xp.float64 else np.float32)), device=device)
         if self.from_logits:  # (asarray: NumPy's sums are scalars, not 0-d arrays)
             return xp.asarray(self.forward(xp, z, t, dtype, w)[0])
+        logp = xp.log(z)
+        if self._replaced("forward"):  # (the subclass's loss, as evaluate computes it: a
+            # softmax of log(p) is p; was the plain cross-entropy, not the loss fit trains)
+            return xp.asarray(self.forward(xp, logp, t, dtype, w)[0])
         # (probabilities: the cross-entropy of log(p), no softmax; no gradient wanted here)
-        return xp.asarray(nll(xp, xp.log(z), self.targets(xp, t, classes, dtype), w))
+        return xp.asarray(nll(xp, logp, self.targets(xp, t, classes, dtype), w))
 
     def _replaced(self, method: str) -> bool:
         """Whether a subclass (or the instance) replaces ``method``."""
@@ -368,6 +412,7 @@ LOSSES = {"cross_entropy": SoftmaxCrossEntropy,
 
 def get_loss(loss: str | SoftmaxCrossEntropy) -> SoftmaxCrossEntropy:
     if isinstance(loss, SoftmaxCrossEntropy):
+        loss.check_hooks()
         return loss
     # Keras' per-output forms: a model has one output, so [loss] is loss (as [y] is y)
     if isinstance(loss, list | tuple) and len(loss) == 1:

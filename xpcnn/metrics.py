@@ -18,7 +18,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from .checks import refuse_keyed
+from .checks import defined_by, refuse_keyed
 from .errors import InputError
 
 #: The names compile takes for the accuracy (argmax at the target's class): Keras' too, whose
@@ -131,16 +131,41 @@ NAMES = (*ACCURACY_NAMES, SparseTopKCategoricalAccuracy.default_name,
          TopKCategoricalAccuracy.default_name)
 
 
+#: Keras' hooks of a stateful metric, which xpcnn never calls (it counts on the device).
+KERAS_HOOKS = ("update_state", "result", "reset_state", "reset_states", "merge_state",
+               "__call__")
+
+
+def _not_counted(metric: Metric, why: str) -> InputError:
+    """The refusal of a metric xpcnn does not count, named by its name where it has one (a
+    Keras-style subclass gives its name to Keras' Metric.__init__, which xpcnn's lacks)."""
+    name = getattr(metric, "name", None)
+    named = f"{name!r} ({type(metric).__name__})" if isinstance(name, str) else \
+        type(metric).__name__
+    return InputError(f"metric {named} is not one xpcnn counts{why}: the model counts its "
+                      "metrics on the device, the accuracy and the top-k accuracies "
+                      "(SparseTopKCategoricalAccuracy, TopKCategoricalAccuracy, or a subclass "
+                      "of them giving k and name); compute another from predict, in a "
+                      "callback")
+
+
 def get_metric(metric: str | Metric) -> Metric:
-    """The metric a name (or an object) stands for; InputError for an unknown one."""
+    """The metric a name (or an object) stands for; InputError for an unknown one, a user's
+    own Metric class, or a top-k subclass that defines Keras' hooks (:data:`KERAS_HOOKS`),
+    which would be logged as the top-k accuracy under its name."""
+    if isinstance(metric, _TopK):
+        hooks = [f"{h}()" for h in KERAS_HOOKS if defined_by(metric, h) is not None]
+        if hooks:
+            raise _not_counted(metric, f" as it is written: it defines {', '.join(hooks)} "
+                                       "(Keras' hooks of a metric), which xpcnn never calls, "
+                                       "and would log the top-k accuracy under its name")
+        if not all(hasattr(metric, a) for a in ("k", "name")):
+            raise InputError(f"metric {type(metric).__name__} has no k or name: its "
+                             "__init__ must call super().__init__(k, name)")
     if isinstance(metric, _Accuracy | _TopK):
         return metric
     if isinstance(metric, Metric):  # (a user's Metric was logged with the accuracy's value)
-        raise InputError(f"metric {metric.name!r} ({type(metric).__name__}) is not one xpcnn "
-                         "counts: the model counts its metrics on the device, the accuracy and "
-                         "the top-k accuracies (SparseTopKCategoricalAccuracy, "
-                         "TopKCategoricalAccuracy, or a subclass of them); compute another "
-                         "from predict, in a callback")
+        raise _not_counted(metric, "")
     if isinstance(metric, str):
         if metric in ACCURACY_NAMES:
             return _Accuracy(metric)

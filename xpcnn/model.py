@@ -29,7 +29,7 @@ from .layers.weight import Weight
 from .ops.kernels import compute_scope, kernels_for
 from .passes import PASSES, exclusive_if
 from .saving import load_weights, register_model, save_model
-from .saving.model_file import FORMAT, VERSION, layers_from_config
+from .saving.model_file import FORMAT, VERSION, layers_from_config, record_layer_classes
 from .structure import check_structure, final_softmax
 from .training import Trainer
 
@@ -636,8 +636,9 @@ class Model(Trainer):
         """The architecture as JSON-ready data, enough with the weights to rebuild the model:
         its class, name, seed, dtype, input shape, and each layer's class and constructor
         arguments, with the tensors it reads (``inbound``, see :mod:`xpcnn.graph`) unless it
-        reads the layer before it, and ``trainable: false`` if frozen; ``input_name``, where
-        ``Input(name=...)`` gave the input another name than "input"."""
+        reads the layer before it, and ``trainable: false`` if frozen (a user's layer: its
+        class's ``module`` and ``qualname`` too, which tell two classes of one name apart);
+        ``input_name``, where ``Input(name=...)`` gave the input another name than "input"."""
         layers = []
         for k, (la, ins) in enumerate(zip(self.layers, self._inbound(), strict=True)):
             # (a frozen layer's "trainable": false is the layer spec's, as files have held it:
@@ -657,6 +658,9 @@ class Model(Trainer):
             "layers": layers}
         if self._input_name != "input":  # (files of models with the default stay as they were)
             config["input_name"] = self._input_name
+        # (a user's layer's class by module and qualified name too, as files record it: else
+        # from_config(get_config()) made blocks.Gate and heads.Gate both the last Gate defined)
+        record_layer_classes(config, self.layers, checked=False)
         return config
 
     @classmethod

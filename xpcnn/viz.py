@@ -155,12 +155,18 @@ def _unit_scale(img: np.ndarray) -> np.ndarray:
     return np.clip(x, 0.0, 1.0)
 
 
-def _display_image(img: np.ndarray) -> tuple[np.ndarray, str | None]:
-    """An (H, W, C) image as something imshow shows faithfully, and the colormap it needs."""
+def _display_image(img: np.ndarray) -> np.ndarray:
+    """An (H, W, C) image as RGB or RGBA in [0, 1], which imshow draws at those levels (a 2-D
+    array it would stretch to its own min..max: a constant white image came out black).
+
+    1 channel is grey; 3 are RGB; 4 are RGBA, as imshow and Keras' ``array_to_img`` take them
+    (transparent pixels show the white axes behind); any other number shows channel 0 in grey
+    (the row of channels beside it shows each).
+    """
     x = _unit_scale(img)
-    if x.shape[2] == 3:
-        return x, None
-    return x[:, :, 0], "gray"
+    if x.shape[2] in (3, 4):
+        return x
+    return np.repeat(x[:, :, :1], 3, axis=2)
 
 
 def _image_for(x: Any, index: int, what: str = "images") -> np.ndarray:
@@ -184,6 +190,14 @@ def _ready_model(model: Any, sample_shape: tuple[int, ...]) -> Model:
     if not model.built:
         model.build(sample_shape)
     return model
+
+
+def _check_takes_images(model: Model, whose: str, what: str) -> None:
+    """Refuse a model of flat inputs (784,): ``what`` shows the maps of (H, W, C) images."""
+    shape = tuple(model._input_shape or ())
+    if len(shape) != 3:
+        raise InputError(f"{whose} takes inputs of shape {shape}, not images (H, W, C): "
+                         f"{what} shows models of images")
 
 
 def _check_class_names(class_names: Any, output_shape: tuple[int, ...]) -> None:
@@ -255,7 +269,7 @@ def _tour_layout(shapes: Sequence[tuple[int, ...]], max_maps: int, titled: bool
     input and of every layer's output."""
     # Each row of maps as wide as the most maps a row shows, not max_maps (2000 made the
     # figure 2000 inches wide for 4 maps).
-    slots = max(min(s[2], max_maps) for s in shapes if len(s) == 3)
+    slots = max((min(s[2], max_maps) for s in shapes if len(s) == 3), default=1)
     return slots, (1.0 * slots + 2.2, 1.15 * len(shapes) + (0.4 if titled else 0.0))
 
 
@@ -265,9 +279,14 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
                     dpi: float = 100) -> Figure:
     """The feature maps after every layer of ``model`` for one ``image``, written to ``path``.
 
-    Row 0 is the original image beside its channels; row ``i + 1`` is layer ``i``'s output:
-    its first ``max_maps`` feature maps on one colour scale per row (diverging, blue-white-red,
-    where the row has negative values; viridis otherwise), or a bar chart for flat outputs
+    Row 0 is the original image beside its channels, both at their true levels (uint8 0..255
+    and floats in [0, 1] from black to white; floats in another range stretched to their own
+    min..max): 1 channel is drawn grey, 3 as RGB, 4 as RGBA (transparent pixels show white),
+    any other number as channel 0 in grey. Row ``i + 1`` is layer ``i``'s output: its first
+    ``max_maps`` feature maps on one colour scale per row fitted to that row's values (so a
+    row shows where its maps respond most, not absolute levels: its label gives the range;
+    diverging, blue-white-red, where the row has negative values; viridis from 0 otherwise),
+    or a bar chart for flat outputs
     (``class_names``, one per output, label the output vector, and the logits under a final
     Softmax layer). The text at the left of each row names the layer, its type, output shape
     and value range. Returns the Figure: two axes per row (label or original, then maps),
@@ -277,6 +296,7 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
     max_maps = checks.positive_int(max_maps, "max_maps")
     img = _as_image(image)
     model = _ready_model(model, img.shape)
+    _check_takes_images(model, "the model", "the stage tour")
     _check_class_names(class_names, model.output_shape[1:])
     outs = [model.backend.to_numpy(o)[0].astype(np.float64) for o in model.layer_outputs(img[None])]
     nrows = len(outs) + 1
@@ -290,15 +310,15 @@ def plot_stage_tour(model: Model, image: Any, path: str | os.PathLike[str],
 
     # Row 0: the original image, then its channels.
     ax = fig.add_subplot(gs[0, 0])
-    shown, cmap = _display_image(img)
-    ax.imshow(shown, cmap=cmap, interpolation="nearest")
+    ax.imshow(_display_image(img), interpolation="nearest")
     ax.set_title(f"input {tuple(img.shape)}", fontsize=8)
     _bare(ax)
     k = min(img.shape[2], max_maps)
-    names = ["R", "G", "B"] if img.shape[2] == 3 else [f"channel {c}" for c in range(k)]
-    chan = img.astype(np.float64)[:, :, :k]
-    _show_mosaic(fig.add_subplot(gs[0, 1]), chan, slots, float(chan.min()),
-                 float(chan.max()), "gray", names[:k])
+    names = {3: ["R", "G", "B"], 4: ["R", "G", "B", "A"]}.get(
+        img.shape[2], [f"channel {c}" for c in range(k)])
+    # (the channels on the image's own fixed scale: black 0, white full)
+    _show_mosaic(fig.add_subplot(gs[0, 1]), _unit_scale(img)[:, :, :k], slots, 0.0, 1.0,
+                 "gray", names[:k])
 
     # Class names label the output and, under a final Softmax, the logits before it.
     last = len(outs) - 1
@@ -362,10 +382,12 @@ def plot_notebook_demo(image: Any, path: str | os.PathLike[str],
     """The notebook's figures: edge filters, ReLU ceiling, max pooling, FeatureNorm.
 
     ``image`` (H, W, C), uint8 or float, is scaled to [0, 1] and sent through
-    :func:`notebook_demo_model`. Each row is one stage: the original image, then the vertical
-    and the horizontal edge map after that stage, on one colour scale per row (the ReLU rows
-    span [0, ceiling], so the flattened peaks show). Returns the Figure (a 4 x 3 grid of images
-    plus one colour bar per row).
+    :func:`notebook_demo_model`. Each row is one stage: the original image (at its true
+    levels, drawn as :func:`plot_stage_tour` draws it), then the vertical and the horizontal
+    edge map after that stage, on one colour scale per row, shown by the row's colour bar:
+    fitted to the row's values, except the ReLU and pooling rows, which span [0, ceiling] so
+    the flattened peaks show. Returns the Figure (a 4 x 3 grid of images plus one colour bar
+    per row).
     """
     path = _png_path(path)  # (before any work)
     img = _as_image(image)
@@ -384,10 +406,10 @@ def plot_notebook_demo(image: Any, path: str | os.PathLike[str],
     fig = _new_figure(figsize, dpi)
     fig.suptitle("The notebook's edge filters, stage by stage", fontsize=12)
     axes = fig.subplots(len(stages), 3, squeeze=False)
-    shown, cmap = _display_image(img)
+    shown = _display_image(img)
     for r, ((name, what), out) in enumerate(zip(stages, outs, strict=True)):
         ax = axes[r, 0]
-        ax.imshow(shown, cmap=cmap, interpolation="nearest")
+        ax.imshow(shown, interpolation="nearest")
         _bare(ax)
         ax.set_ylabel(f"{r + 1}. {name}\n{what}", fontsize=9)
         if r == 0:
@@ -764,6 +786,8 @@ def visualize_command(args: Any) -> dict[str, Any]:
     from .saving import load_model
 
     model = load_model(args.model, device=args.device)
+    # (before _check_sizes, which sizes the maps of (H, W, C) inputs)
+    _check_takes_images(model, f"the model {args.model}", "xpcnn visualize")
     _check_sizes(model, args)  # (before loading the dataset)
     train, test = load_dataset(args.dataset, data_dir=args.data_dir)
     split = args.split or ("test" if test is not None else "train")

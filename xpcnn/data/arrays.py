@@ -406,7 +406,7 @@ def check_arrays(model: Any, x: Any, y: Any = None, what: str = "x", index: Any 
     y_what = "y" if what == "x" else what.replace("x", "y")
     n = int(x.shape[0])
     targets, _ = checks.as_labels(_on_host(_one_target(y, n), model.backend, y_what), n,
-                                  model.num_classes, y_what)
+                                  model.num_classes, y_what, index)
     return x, targets
 
 

@@ -50,15 +50,15 @@ class IterableBatches(Batches):
     No batch an iterator gave is lost to it: this source holds none. What it draws outside an
     epoch (the first batch, to build the model; :meth:`has_batch`'s, on a thread of its own)
     waits in the iterator's stream (:class:`_Stream`), which every epoch reads first; an epoch
-    closed early (a callback's ``stop_training``, an error, a Ctrl-C) puts what its reader drew
-    ahead back there, in order, and an error of the iterator drawn after them, so a call
-    refused or stopped before its epoch, or after, leaves them to the next call on that
-    iterator. A batch the checks refuse is dropped (named by the error), the first one too.
-    An iterator that a running call reads is refused to a second call (from one of the first
-    one's callbacks, say). A re-iterable's first batch waits in :attr:`_first` with the pass
-    that drew it, which the first epoch goes on with (a second pass would draw again from a
-    shuffling DataLoader's random numbers, and start its workers again); a later call starts
-    a pass of its own."""
+    closed early (a callback's ``stop_training``, an error, a Ctrl-C) puts back there the batch
+    whose step did not run (:func:`step_ran`) and what its reader drew ahead, in order, and an
+    error of the iterator drawn after them, so a call refused or stopped before its epoch, or
+    after, leaves them to the next call on that iterator. A batch the checks refuse is dropped
+    (named by the error), the first one too. An iterator that a running call reads is refused
+    to a second call (from one of the first one's callbacks, say). A re-iterable's first batch
+    waits in :attr:`_first` with the pass that drew it, which the first epoch goes on with (a
+    second pass would draw again from a shuffling DataLoader's random numbers, and start its
+    workers again); a later call starts a pass of its own."""
 
     def __init__(self, model: Any, data: Iterable[Any], steps: int | None,
                  with_targets: bool = True, what: str = "x") -> None:
@@ -302,16 +302,19 @@ def _draw(stream: _Stream, iterator: Iterator[Any],
 
 class _GivingBack(Iterator[tuple[Any, ...]]):
     """The batches of an epoch over ``iterator``, ``batches``; ``drawn`` holds what the
-    background thread drew and this loop has not taken yet. Closed, it stops the thread (waits
-    for it), then puts ``drawn`` back in front of the stream's pending batches (those the
-    thread had not drawn yet), in order."""
+    background thread drew and this loop has not taken yet, ``taken`` the batch (as drawn) it
+    took last until its step runs (:func:`step_ran`) or the loop takes the next. Closed, it
+    stops the thread (waits for it), then puts ``taken`` and ``drawn`` back in front of the
+    stream's pending batches (those the thread had not drawn yet), in order."""
 
     def __init__(self, batches: Iterator[tuple[Any, ...]], drawn: collections.deque[Any],
                  iterator: Iterator[Any]) -> None:
         self.batches, self.drawn, self.iterator = batches, drawn, iterator
+        self.taken: Any = _NONE
         self.closed = False
 
     def __next__(self) -> tuple[Any, ...]:
+        self.taken = _NONE  # (the loop is done with the last one)
         try:
             batch = next(self.batches)
         except StopIteration:
@@ -326,7 +329,7 @@ class _GivingBack(Iterator[tuple[Any, ...]]):
             if self.drawn:
                 self.drawn.popleft()
             raise
-        self.drawn.popleft()
+        self.taken = self.drawn.popleft()
         return batch
 
     def close(self) -> None:
@@ -341,6 +344,9 @@ class _GivingBack(Iterator[tuple[Any, ...]]):
         finally:  # (a second Ctrl-C while the thread is waited for loses nothing either)
             stream = stream_of(self.iterator)
             stream.reading = False
+            if self.taken is not _NONE:  # (its step did not run: a Ctrl-C, an error)
+                self.drawn.appendleft(self.taken)
+                self.taken = _NONE
             # (the deque itself becomes the pending one: a reader left inside next() adds its
             # batch to it, after those drawn before it)
             self.drawn.extend(stream.pending)
@@ -348,6 +354,15 @@ class _GivingBack(Iterator[tuple[Any, ...]]):
             if stream.failure is not None:  # (kept for the next call, not taken by this loop)
                 _detached(stream.failure)
             _forget_if_idle(self.iterator)
+
+
+def step_ran(batches: Iterator[Any]) -> None:
+    """The step of the batch that an epoch's loop took last from ``batches`` ran (fit's
+    update was applied, or skipped on the device as non-finite; evaluate's sums or predict's
+    outputs have it): an iterator's epoch closed now does not give that batch back (it would
+    train twice). Nothing for other sources' batches."""
+    if isinstance(batches, _GivingBack):
+        batches.taken = _NONE
 
 
 # -- the iterator registry --------------------------------------------------------------------

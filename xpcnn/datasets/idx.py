@@ -71,7 +71,10 @@ def read_idx_file(
 
     The header is read first: a raw file's size is compared with it before the payload is read,
     and a gzipped file is decompressed in chunks up to one byte past the claimed size, so a lying
-    header costs neither time nor memory.
+    header costs neither time nor memory. A gzipped file whose header or payload does not match
+    is read on to the end of its gzip stream (in chunks, at most ``max_bytes`` more) before that
+    is reported: one damaged inside its deflate stream fails gzip's CRC check there and is
+    reported as damaged, to be downloaded again, not as a header that does not fit its data.
     """
     if kind not in _NDIM:
         raise InputError(f"kind must be 'images' or 'labels', got {kind!r}")
@@ -87,18 +90,23 @@ def read_idx_file(
             return _read_stream(raw, size, kind, num_classes, max_bytes, source)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         # A damaged gzip stream raises BadGzipFile or zlib.error; one cut short, EOFError.
-        raise DataFormatError(f"{source}: corrupt or truncated gzip data ({e})") from e
+        raise DataFormatError(f"{source}: the file is damaged: corrupt or truncated gzip data "
+                              f"({e}); delete it and download it again") from e
 
 
 def _read_stream(
     f: BinaryIO, size: int | None, kind: str, num_classes: int, max_bytes: int, source: str
 ) -> np.ndarray:
     head = f.read(4)
-    _parse_header(head, kind, source)  # magic only: we know the header length after this
-    ndim = head[3]
-    head += f.read(4 * ndim)
-    dims, offset = _parse_header(head, kind, source)
-    expected = _payload_size(dims, kind, max_bytes, source)
+    try:
+        _parse_header(head, kind, source)  # magic only: we know the header length after this
+        ndim = head[3]
+        head += f.read(4 * ndim)
+        dims, offset = _parse_header(head, kind, source)
+    except DataFormatError:
+        _unless_damaged(f, size, max_bytes)
+        raise
+    expected = _payload_size(dims, kind, max_bytes, source)  # (a claim past it: refused unread)
     if size is not None:
         _check_payload(size - offset, expected, dims, source)
     # Read one byte more than claimed, to notice trailing garbage, and in chunks, so memory
@@ -110,6 +118,7 @@ def _read_stream(
             break
         buf += chunk
     if len(buf) > expected:
+        _unless_damaged(f, size, max_bytes)
         raise DataFormatError(
             f"{source}: more data than the header's {_dims_text(dims)} declares "
             "(extra bytes after the last item)"
@@ -119,6 +128,18 @@ def _read_stream(
     # The bytearray is ours and writable: the array can use it without a copy.
     arr = np.frombuffer(buf, dtype=np.uint8)
     return _finish(arr, dims, kind, num_classes, source)
+
+
+def _unless_damaged(f: BinaryIO, size: int | None, max_bytes: int) -> None:
+    """Before a header or a size that does not match the data is reported: a gzip stream
+    (``size`` None) is read on to its end, at most ``max_bytes`` more, so that gzip checks its
+    CRC and a damaged file, whose inflated bytes can pass for a wrong header or a longer
+    payload, is reported as damaged (gzip's error) rather than as a lying header."""
+    if size is not None:
+        return
+    left = max_bytes
+    while left > 0 and (chunk := f.read(min(_CHUNK, left))):
+        left -= len(chunk)
 
 
 def _parse_header(head: bytes, kind: str, source: str) -> tuple[tuple[int, ...], int]:

@@ -1,7 +1,7 @@
 """Layers: one family a file, all following the contract in :mod:`xpcnn.layers.base`."""
 
 from .activation import ReLU, Softmax
-from .base import LAYER_TYPES, Layer
+from .base import LAYER_TYPES, Layer, Setting
 from .conv import Conv2D
 from .dense import Dense, Flatten
 from .dropout import Dropout
@@ -13,5 +13,5 @@ from .preprocessing import Normalization, RandomCrop, RandomFlip, Rescaling
 __all__ = [
     "LAYER_TYPES", "Add", "AvgPool2D", "BatchNorm2D", "Concatenate", "Conv2D", "Dense",
     "Dropout", "FeatureNorm", "Flatten", "GlobalAvgPool2D", "Layer", "MaxPool2D",
-    "Normalization", "RandomCrop", "RandomFlip", "ReLU", "Rescaling", "Softmax",
+    "Normalization", "RandomCrop", "RandomFlip", "ReLU", "Rescaling", "Setting", "Softmax",
 ]

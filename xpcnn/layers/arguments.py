@@ -104,6 +104,12 @@ _KERAS_COMMON = {
     "autocast": "a layer's computing dtype is the model's compile(precision=...)",
     "input_shape": ("give the model the input shape: Sequential([...], input_shape=(28, 28, 1)) "
                     "or xpcnn.Input((28, 28, 1))"),
+    # (Keras 2's, which Keras 3 dropped)
+    "input_dim": ("give the model the input shape: Sequential([...], input_shape=(28, 28, 1)) "
+                  "or xpcnn.Input((28, 28, 1))"),
+    "batch_input_shape": ("give the model the per-sample input shape, batch_input_shape[1:] "
+                          "(the batch size is fit's): Sequential([...], input_shape=(28, 28, "
+                          "1)) or xpcnn.Input((28, 28, 1))"),
     "activity_regularizer": _NO_REGULARIZER,
     **{f"{w}_regularizer": _NO_REGULARIZER for w in ("kernel", "bias", "beta", "gamma")},
     **{f"{w}_constraint": _NO_CONSTRAINT for w in ("kernel", "bias", "beta", "gamma")},

@@ -19,6 +19,7 @@ the :class:`~xpcnn.layers.weight.Weight` handles of ``weights``, in Keras layout
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import itertools
@@ -26,6 +27,7 @@ import json
 import math
 import re
 import threading
+import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from ..backend import Backend, dtype_name, get_backend
 from ..checks import (
     defining_class,
     flag,
+    is_one_of,
     largest_value,
     named_parameters,
     real_floating,
@@ -49,6 +52,9 @@ from ..checks import (
 from ..errors import InputError, of_xpcnn, warn
 from ..passes import exclusive_if
 from .arguments import (
+    _ANY_LAYER,
+    _KERAS_COMMON,
+    _TORCH_COMMON,
     Shape,
     building_for,
     on_host,
@@ -300,13 +306,105 @@ def weight_count_hint(names: list[str], weights: Any, kept: list[int]) -> str:
     return said
 
 
+#: A keyword of a user's Keras 2 layer, beyond those every layer refuses (``_KERAS_COMMON``,
+#: Keras 2's ``input_dim`` and ``batch_input_shape`` among them): what to do instead.
+_KERAS2_COMMON = {
+    "dynamic": "a user's layer's forward is plain Python already (no graph is traced)",
+}
+
+
+def _refuse_base_keywords(cls: type, given: dict[str, Any]) -> bool:
+    """Refuse the keywords a user's layer (Keras' ``__init__(self, ..., **kwargs)``) passed on
+    to :class:`Layer`'s constructor that it does not take: a Keras or PyTorch one (Keras'
+    ``input_shape=``, Keras 2's ``input_dim=``) naming what to pass instead, as a built-in
+    layer refuses it (its value where that is what xpcnn does, ``dtype=None``, is taken);
+    another as Python refuses a keyword (a TypeError: ``from_config`` names the configuration
+    then). Returns whether ``dtype`` is Keras' default float32, taken as Input takes it: the
+    layer's build then refuses a model of another dtype or precision."""
+    name = cls.__name__
+    float32 = False
+    for key, value in given.items():
+        if key in _ANY_LAYER and is_one_of(value, _ANY_LAYER[key]):
+            continue
+        if key == "dtype" and _is_float32(value):
+            float32 = True
+            continue
+        if key == "dynamic" and value is False:  # (Keras' default: what xpcnn does)
+            continue
+        via = (f"{name} passes it on to xpcnn's Layer.__init__, which takes name and trainable"
+               if defining_class(cls, "__init__") is not Layer else
+               f"{name}'s constructor is xpcnn's Layer.__init__, which takes name and trainable")
+        why = _KERAS_COMMON.get(key) or _KERAS2_COMMON.get(key)
+        if key == "dtype":
+            why = (f"{why} (dtype is taken only as None, or 'float32', Keras' default, in a "
+                   "float32 model)")
+        if why is not None:
+            raise InputError(f"{name}({key}={value!r}): Keras' keyword, which xpcnn's layers do "
+                             f"not take ({via}): {why}")
+        torch_why = _TORCH_COMMON.get(key)
+        if isinstance(torch_why, str):
+            raise InputError(f"{name}({key}={value!r}): PyTorch's keyword, which xpcnn's layers "
+                             f"do not take ({via}): {torch_why}")
+        raise TypeError(f"{name}(..., {key}={value!r}): an unexpected keyword argument ({via} "
+                        "only)")
+    return float32
+
+
+def _is_float32(dtype: Any) -> bool:
+    """Whether ``dtype`` (a name, NumPy's type or dtype) is float32."""
+    try:
+        return np.dtype(dtype) == np.float32
+    except (TypeError, ValueError):
+        return False
+
+
+def _refuse_keras_build(cls: type) -> None:
+    """Refuse a layer class overriding ``build`` with a signature that cannot take what a
+    model passes (``build(input_shape, backend, dtype, compute_dtype, rng)``): Keras'
+    ``build(self, input_shape)`` hook, which ended in a bare TypeError from inside xpcnn at
+    the model's first build."""
+    build = cls.__dict__.get("build")
+    if build is None:
+        return
+    try:
+        signature = inspect.signature(build)
+    except (TypeError, ValueError):  # (a callable inspect cannot read: left to its call)
+        return
+    try:
+        signature.bind(*[None] * 6)  # (self, input_shape, backend, dtype, compute_dtype, rng)
+    except TypeError:
+        raise InputError(
+            f"layer class {cls.__name__} overrides build{signature}, Keras' hook: xpcnn's "
+            "build(input_shape, backend, dtype, compute_dtype, rng) is the model's, which calls "
+            "the layer's _build(self, input_shape, rng): define that instead, making the "
+            "weights with self._param(name, value) (value a NumPy array, e.g. "
+            "np.ones(input_shape[-1])), naming them in weight_names, and returning the "
+            "per-sample output shape (input_shape has no batch axis)") from None
+
+
 class Layer:
     """Base class: subclasses define ``_build``, ``forward``, ``backward`` and ``get_config``,
     name the arrays they make in :attr:`weight_names`, and update the arrays in ``state`` in
     place (``a[...] = new``: a step skipped on the device puts back the arrays it snapshot).
     A model checks a user's layer (a class not xpcnn's own) in its training steps: a state
     array replaced rather than updated, or a ``backward`` returning a gradient not shaped as
-    the input, is refused by name (:mod:`xpcnn.graph`)."""
+    the input, is refused by name (:mod:`xpcnn.graph`).
+
+    A layer keeps what its ``backward`` needs only in a training pass (``if training: self._x
+    = x``), as xpcnn's own do: another thread may predict with the model while it trains,
+    between a training forward and its backward. A user's layer that keeps in every pass is
+    covered where it binds attributes or fills containers: from a training forward to its
+    backward, another thread's inference pass runs its ``forward`` on a throwaway copy of its
+    attributes and slots (``self._x = x`` there binds the copy's), whose dicts, lists and sets
+    are copied one level (``self.cache["x"] = x``, ``self.seen.append(x)`` fill the copy's),
+    and a training forward waits for the inference passes running on the layer itself. Not
+    covered: an array written in place (``self._x[...] = x``, or into an array held in a
+    container), an object held in an attribute and changed (its own attributes), and storage
+    kept outside the instance (a dict keyed by ``self``): those are shared by both passes, so
+    keep them in training only. What an inference pass records on the copy (a counter, an
+    attention map) is dropped with it; so is, in an inference pass that started before the
+    training pass, what a ``super().forward`` call binds after the training pass has begun.
+    One layer in two models training in two threads at once is not covered."""
 
     #: Keras-layout order of ``get_weights``: names in ``params`` then ``state``, every one a
     #: layer makes (a file is checked against them before any layer is built).
@@ -320,6 +418,13 @@ class Layer:
     #: False where the training pass never changes ``state`` (adapted statistics, fixed):
     #: a skipped step need not put it back, nor several ranks average it.
     updates_state: ClassVar[bool] = True
+    #: True where a training step of this class may be captured in a CUDA graph and replayed
+    #: (:func:`xpcnn.cuda_graphs.layer_blockers`): every per-step value lives in its device
+    #: arrays. xpcnn's own layers are; a user's class is not until it says so.
+    capturable: ClassVar[bool] = False
+    # (a user's layer's training pass until its backward: the marking thread's id, see
+    # _user_passes; read as a class attribute by every layer's backward, with no call)
+    _pending_backward: int = 0
     #: True where backward can take its output's gradient as the parts its readers sent back
     #: and sum them in its own pass (see :attr:`Options.sum_output_grads`).
     can_sum_output_grads: ClassVar[bool] = False
@@ -364,6 +469,7 @@ class Layer:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _refuse_keras_build(cls)  # (before it is registered: the class statement fails whole)
         # Only a layer with a forward pass of its own or inherited can be named in a file: a
         # base class (RandomLayer) would load, then fail at the first batch.
         if cls.forward is not Layer.forward:
@@ -372,7 +478,8 @@ class Layer:
         # backward consumes it: a backward without one gets a clear error, not a missing
         # attribute from deep inside.
         if "forward" in cls.__dict__:
-            cls.forward = _marks_training_pass(cls.__dict__["forward"])
+            cls.forward = _marks_training_pass(cls.__dict__["forward"],
+                                               users=not of_xpcnn(cls.__module__))
         if "backward" in cls.__dict__:
             cls.backward = _needs_training_pass(cls.__dict__["backward"])
         # Every layer takes trainable= and its get_config() says where it is frozen, as in
@@ -386,7 +493,9 @@ class Layer:
                 not getattr(cls.__dict__["get_config"], "_writes_trainable", False):
             cls.get_config = _writes_trainable(cls.__dict__["get_config"])
 
-    def __init__(self, name: str | None = None, trainable: bool = True) -> None:
+    def __init__(self, name: str | None = None, trainable: bool = True, **keras: Any) -> None:
+        if keras and _refuse_base_keywords(type(self), keras):  # (Keras' input_shape= or
+            self._keras_dtype = "float32"  # dtype=, passed on by a user's **kwargs)
         self.name = name
         self.params: dict[str, Any] = {}
         # (each in the parameter's dtype or, under mixed precision, as computed (float16
@@ -494,8 +603,16 @@ class Layer:
 
     def _build_unchecked(self, input_shape: Shape, backend: Backend | Any, dtype: str,
                          compute_dtype: str | None, rng: np.random.Generator | None) -> Shape:
-        for each in (dtype, compute_dtype or dtype):
-            dtype_name(each)  # a float dtype (int8 weights were taken: all zeros, silently)
+        names = {dtype_name(each) for each in (dtype, compute_dtype or dtype)}  # (float
+        # dtypes: int8 weights were taken, all zeros, silently)
+        if "_keras_dtype" in vars(self) and names != {"float32"}:
+            raise InputError(f"layer {self.name!r} ({type(self).__name__}) was made with "
+                             "dtype='float32', Keras' default, which xpcnn takes where the "
+                             "model computes in float32; its model's weights are "
+                             f"{dtype_name(dtype)}, computed in "
+                             f"{dtype_name(compute_dtype or dtype)}: a layer's dtype is its "
+                             "model's (Sequential(dtype=...), compile(precision=...)): leave "
+                             "dtype out")
         Layer.rebuilds += 1
         self.provisional = False
         self.backend = get_backend(backend)
@@ -523,6 +640,17 @@ class Layer:
     def _param(self, name: str, value: np.ndarray, trainable: bool = True) -> None:
         target = self.params if trainable else self.state
         target[name] = self.backend.asarray(value, dtype=self.dtype)
+
+    def add_weight(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Refused: Keras' way to make a weight, which xpcnn's layers make with
+        :meth:`_param` in ``_build`` (an attribute holding Keras' returned variable would not
+        be the array the optimiser updates, saves and loads)."""
+        raise InputError(f"layer {self.name!r} ({type(self).__name__}) called add_weight(), "
+                         "Keras' way to make a weight: in xpcnn, _build(self, input_shape, rng) "
+                         "makes it with self._param(name, value) (value a NumPy array, e.g. "
+                         "rng.normal(size=shape) or np.ones(shape); trainable=False for state), "
+                         "names it in the class's weight_names, and forward reads it as "
+                         "self.params[name]")
 
     # -- computing -----------------------------------------------------------------------
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
@@ -793,6 +921,16 @@ class Layer:
         return self.to_keras_layout(name, self.backend.to_numpy(self._arrays()[name])).copy()
 
     @property
+    def moves_state(self) -> bool:
+        """Whether a training pass may change ``state`` (a skipped step puts it back, several
+        ranks average it): where it ``updates_state`` and trains, or is a user's class, frozen
+        too, as every layer gets ``training=True`` in a training pass and a user's may move
+        its own statistics then (xpcnn's own frozen ones, BatchNorm2D, run in inference mode
+        and never do)."""
+        return bool(self.state) and self.updates_state and (
+            self.trainable or not of_xpcnn(type(self).__module__))
+
+    @property
     def weights(self) -> list[Weight]:
         """Every weight as a :class:`~xpcnn.layers.weight.Weight`, in :meth:`get_weights`'
         order; none before the layer is built, as in Keras."""
@@ -998,6 +1136,15 @@ class Layer:
         return f"{type(self).__name__}({args})"
 
 
+# (help() and the checks of constructors (checks.untaken_settings) see Layer.__init__ as taking
+# name and trainable alone: its **keras is there only to refuse Keras' keywords by name)
+Layer.__init__.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    *(inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=a)
+      for n, d, a in (("name", None, "str | None"), ("trainable", True, "bool")))],
+    return_annotation=None)
+
+
 class RandomLayer(Layer):
     """A layer that draws random numbers on the device.
 
@@ -1168,13 +1315,43 @@ def _other_shape(layer: Layer, x: Any) -> bool:
     return tuple(getattr(x, "shape", (None,))[1:]) != layer.input_shape
 
 
-def _marks_training_pass(forward: Callable[..., Any]) -> Callable[..., Any]:
+# Guards the passes of users' layers in several threads (see _user_passes): notified as an
+# inference pass leaves a layer. One for all layers: its holds are a few instructions.
+_PASSES_OF_USERS_LAYERS = threading.Condition()
+
+#: how long a waiting training pass sleeps before it looks again (a Ctrl-C lands between waits)
+_POLL = 0.05
+
+# (how many training passes of users' layers wait for inference passes: see waiting_passes)
+_waiting = 0
+
+
+def waiting_passes() -> int:
+    """How many training passes of users' layers wait for another thread's inference pass
+    running on the layer (for tests, as :meth:`xpcnn.passes.PassLock.waiting`)."""
+    return _waiting
+
+
+def _marks_training_pass(forward: Callable[..., Any], users: bool = False
+                         ) -> Callable[..., Any]:
+    """``forward`` checked for a built layer and marking a training pass for its backward;
+    for a user's class (``users``) also keeping what that pass binds for its backward from
+    another thread's inference pass (see :func:`_user_passes`). xpcnn's own classes get the
+    plain wrapper: they pay no call for that protection."""
+    if users:
+        @functools.wraps(forward)
+        def users_checked(self: Layer, x: Any, *args: Any, **kwargs: Any) -> Any:
+            if not self.built:
+                _unbuilt(self)
+            return _user_passes(forward, self, x, kwargs.get("training", args[0] if args
+                                                             else False), args, kwargs)
+
+        return users_checked
+
     @functools.wraps(forward)
     def checked(self: Layer, x: Any, *args: Any, **kwargs: Any) -> Any:
         if not self.built:
-            raise InputError(f"layer {self.name!r} ({type(self).__name__}) must be built before "
-                             "it runs on a batch: layer.build(input_shape), per sample (e.g. "
-                             "(32, 32, 3)), or use it in a model, which builds it")
+            _unbuilt(self)
         # An inference pass leaves the training pass's flag (and its caches: each layer's
         # forward keeps them only in training) alone: another thread may predict with the
         # model while it trains, between a training pass and its backward.
@@ -1188,6 +1365,121 @@ def _marks_training_pass(forward: Callable[..., Any]) -> Callable[..., Any]:
         return y
 
     return checked
+
+
+def _unbuilt(layer: Layer) -> NoReturn:
+    raise InputError(f"layer {layer.name!r} ({type(layer).__name__}) must be built before "
+                     "it runs on a batch: layer.build(input_shape), per sample (e.g. "
+                     "(32, 32, 3)), or use it in a model, which builds it")
+
+
+def _training_pass(forward: Callable[..., Any], layer: Layer, x: Any, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+    """``forward`` in training, ``_backward_ready`` for one backward once it returns."""
+    layer._backward_ready = False
+    y = forward(layer, x, *args, **kwargs)
+    # (a pass told to keep nothing for backward, Options.keep_for_backward, has none)
+    options = kwargs.get("options", args[1] if len(args) > 1 else None)
+    layer._backward_ready = getattr(options, "keep_for_backward", True)
+    return y
+
+
+# The users' layers whose training pass waits for its backward (``_pending_backward``, the
+# marking thread's id): a step that stops before the backward clears the marks its thread set
+# (end_training_passes). Weak: a layer dropped while marked is not kept.
+_MARKED: weakref.WeakSet[Layer] = weakref.WeakSet()
+
+
+def _slot_names(cls: type) -> list[str]:
+    """The slots (``__slots__``, as stored: private names mangled) of ``cls`` and its bases."""
+    return [name for c in cls.__mro__ for name, v in vars(c).items()
+            if isinstance(v, types.MemberDescriptorType) and v.__objclass__ is c
+            and name not in ("__dict__", "__weakref__")]
+
+
+def _own(value: Any) -> Any:
+    """``value`` for an inference pass's copy of a layer: a dict, list or set copied (one
+    level: its items are shared), so that the pass's ``self.cache["x"] = x`` or
+    ``self.seen.append(x)`` is the copy's; anything else as it is."""
+    return copy.copy(value) if isinstance(value, dict | list | set) else value
+
+
+def _inference_copy(layer: Layer) -> Layer:
+    """A throwaway copy of ``layer`` for an inference pass: its attributes and slots (not
+    through ``copy.copy``, which runs a user's ``__copy__`` or ``__reduce_ex__``), containers
+    copied one level (:func:`_own`)."""
+    view = object.__new__(type(layer))
+    vars(view).update({k: _own(v) for k, v in vars(layer).items()})
+    for name in _slot_names(type(layer)):
+        try:
+            value = getattr(layer, name)
+        except AttributeError:  # (a slot never set)
+            continue
+        setattr(view, name, _own(value))
+    return view
+
+
+def _user_passes(forward: Callable[..., Any], layer: Layer, x: Any, training: Any,
+                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A user's layer's ``forward``, which may keep what its backward needs in every pass
+    (``self._x = x``): from a training pass to its backward (``_pending_backward``), an
+    inference pass (another thread's predict) runs on a copy of the layer
+    (:func:`_inference_copy`), so that what it binds is the copy's, not what the backward
+    reads; a training pass first waits for the inference passes of other threads running on
+    the layer itself."""
+    global _waiting
+    me = threading.get_ident()
+    state = vars(layer)
+    if not training:
+        with _PASSES_OF_USERS_LAYERS:
+            pending = layer._pending_backward
+            if not pending:
+                running = state.setdefault("_inference_passes", {})
+                running[me] = running.get(me, 0) + 1
+        if pending:
+            return forward(_inference_copy(layer), x, *args, **kwargs)
+        try:
+            return forward(layer, x, *args, **kwargs)
+        finally:
+            with _PASSES_OF_USERS_LAYERS:
+                running[me] -= 1
+                if not running[me]:
+                    del running[me]
+                _PASSES_OF_USERS_LAYERS.notify_all()
+    with _PASSES_OF_USERS_LAYERS:
+        # (first: the inference passes starting from now run on copies, so that a server's
+        # threads, one in the layer at all times, cannot keep the training pass waiting)
+        layer._pending_backward = me
+        _MARKED.add(layer)
+        while any(t != me for t in state.get("_inference_passes", ())):
+            _waiting += 1
+            try:
+                _PASSES_OF_USERS_LAYERS.wait(_POLL)
+            finally:
+                _waiting -= 1
+    try:
+        return _training_pass(forward, layer, x, args, kwargs)
+    finally:
+        if not layer._backward_ready:  # (refused, or told to keep nothing: no backward comes)
+            _backward_done(layer)
+
+
+def _backward_done(layer: Layer) -> None:
+    """The training pass of a user's layer is over: inference passes run on it again."""
+    with _PASSES_OF_USERS_LAYERS:
+        layer._pending_backward = 0
+        _MARKED.discard(layer)
+
+
+def end_training_passes() -> None:
+    """A training step of this thread stopped before its backward had run for every user's
+    layer its forward ran (an error, Ctrl-C): their inference passes run on them again, not on
+    copies (where what a pass records, for a figure say, was lost)."""
+    me = threading.get_ident()
+    with _PASSES_OF_USERS_LAYERS:
+        for layer in [la for la in _MARKED if la._pending_backward == me]:
+            layer._pending_backward = 0
+            _MARKED.discard(layer)
 
 
 def _needs_training_pass(backward: Callable[..., Any]) -> Callable[..., Any]:
@@ -1210,5 +1502,7 @@ def _needs_training_pass(backward: Callable[..., Any]) -> Callable[..., Any]:
             return backward(self, dy, *args, **kwargs)
         finally:
             del self._backward_ran
+            if self._pending_backward:  # (a user's layer's; an attribute read for xpcnn's own)
+                _backward_done(self)
 
     return checked

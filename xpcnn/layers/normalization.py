@@ -165,7 +165,7 @@ class BatchNorm2D(Layer):
         if training:
             # Backward recomputes xhat from the input, as cuDNN's does: an input the size of
             # the output's, not a float32 xhat beside it; with the NumPy or standard kernels
-            # the ReLU's mask comes from the output y (3 fewer passes than recomputing z),
+            # the ReLU's mask comes from the output y (4 fewer passes than recomputing z),
             # kept as PyTorch's ReLU keeps its output. A convolution or Dense after it keeps
             # y anyway until its own backward; a layer that keeps no input (a pool, Add,
             # Concatenate, or none: the last layer) leaves y held here alone from forward to
@@ -179,12 +179,14 @@ class BatchNorm2D(Layer):
             relu_grad = relu and not options.skip_relu_grad
             keep_y = (relu_grad and mean is not None and kernels.batch_norm_reads_relu_y
                       and y.dtype == gamma.dtype)
-            self._cache = ((x, mean, inv_std, relu_grad, y if keep_y else None)
+            # (forward's eps beside its statistics: the NumPy kernels' backward reads the
+            # batch's spread from the two)
+            self._cache = ((x, mean, inv_std, relu_grad, y if keep_y else None, self.eps)
                            if options.keep_for_backward else None)
         return y
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        x, mean, inv_std, relu, y = self._cache
+        x, mean, inv_std, relu, y, eps = self._cache
         self._cache = None
         # y held by this frame alone (no next layer's cache, no user's reference, no view of
         # it: a view holds its base), the count NumPy's temporary elision relies on: its
@@ -197,9 +199,10 @@ class BatchNorm2D(Layer):
         kernels = kernels_for(self.backend)
         gamma, beta = self.params["gamma"], self.params["beta"]
         if mean is not None:  # (the dtypes: see forward, and x's for the input's gradient)
+            # (forward's eps: NumPy's sums need the batch's spread, the others ignore it)
             dx, self.grads["gamma"], self.grads["beta"] = kernels.batch_norm_backward(
                 dy, x, mean, inv_std, gamma, beta, relu, options.need_input_grad, relu_y=y,
-                spare_y=spare)
+                spare_y=spare, eps=eps)
             return dx
         if not options.need_input_grad:  # (frozen: no parameter gradients)
             return None

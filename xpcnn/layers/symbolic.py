@@ -5,7 +5,8 @@ call of a layer on symbolic tensors is a :class:`Node` that makes one (Keras' in
 from __future__ import annotations
 
 import itertools
-from typing import Any
+import numbers
+from typing import Any, NoReturn
 
 from ..errors import InputError
 from .arguments import Shape
@@ -32,6 +33,45 @@ class SymbolicTensor:
     def __repr__(self) -> str:
         return f"<SymbolicTensor {self.name!r} shape={self.shape}>"
 
+    # Keras 3's operators on symbolic tensors (its residual ``x = x + y``): a graph here is of
+    # layers only, so each is refused naming the layer that does it (was a bare TypeError).
+    def __add__(self, other: Any) -> NoReturn:
+        _refuse_operator("+", other, "Add()([a, b])", "Rescaling(1.0, offset=c)(a)")
+
+    def __radd__(self, other: Any) -> NoReturn:
+        _refuse_operator("+", other, "Add()([b, a])", "Rescaling(1.0, offset=c)(a)", True)
+
+    def __sub__(self, other: Any) -> NoReturn:
+        _refuse_operator("-", other, "Add()([a, Rescaling(-1.0)(b)])",
+                         "Rescaling(1.0, offset=-c)(a)")
+
+    def __rsub__(self, other: Any) -> NoReturn:
+        _refuse_operator("-", other, "Add()([b, Rescaling(-1.0)(a)])",
+                         "Rescaling(-1.0, offset=c)(a)", True)
+
+    def __mul__(self, other: Any) -> NoReturn:
+        _refuse_operator("*", other, None, "Rescaling(c)(a)")
+
+    def __rmul__(self, other: Any) -> NoReturn:
+        _refuse_operator("*", other, None, "Rescaling(c)(a)", True)
+
+    def __truediv__(self, other: Any) -> NoReturn:
+        _refuse_operator("/", other, None, "Rescaling(1 / c)(a)")
+
+    def __neg__(self) -> NoReturn:
+        raise InputError(f"-a on a symbolic tensor (Keras 3's operator): {_LAYERS_ONLY}; write "
+                         "Rescaling(-1.0)(a)")
+
+    def __getitem__(self, index: Any) -> NoReturn:
+        raise InputError(f"{self!r}[{index!r}] (Keras 3's slicing): {_LAYERS_ONLY}, and "
+                         f"xpcnn has no layer that slices; {_OWN_LAYER}")
+
+    def __array__(self, *args: Any, **kwargs: Any) -> NoReturn:
+        # (np.asarray made a 0-d object array of it, which failed far from here)
+        raise InputError(f"{self!r} holds no values: it stands for a batch in a functional "
+                         "model's graph; model.predict(x) gives a model's values, and "
+                         "xpcnn.Model(model.input, layer.output).predict(x) a layer's")
+
 
 class Node:
     """One call of a layer on symbolic tensors, and the ``output`` tensor it makes, of
@@ -47,6 +87,29 @@ class Node:
         self.multi = multi  # the layer takes a list (a merge layer)
         self.order = next(Node._counter)
         self.output = SymbolicTensor(shape, self, layer.name)
+
+
+_LAYERS_ONLY = "a functional model's tensors are transformed by layers only"
+#: A computation no built-in layer does, in a graph.
+_OWN_LAYER = ("write it as a layer of your own (a Layer subclass with build, forward and "
+              "backward, as the README's layers contract says)")
+
+
+def _refuse_operator(op: str, other: Any, tensors: str | None, number: str,
+                     reflected: bool = False) -> NoReturn:
+    """Keras 3's operator ``op`` on a symbolic tensor ``a`` and ``other``, a tensor ``b`` or a
+    number ``c`` (on its left where ``reflected``): the layer that does it (``tensors`` or
+    ``number``; None where none does)."""
+    if isinstance(other, SymbolicTensor):
+        name = "b"
+        way = f"write {tensors}" if tensors else f"xpcnn has no layer for it: {_OWN_LAYER}"
+    elif isinstance(other, numbers.Real):
+        name, way = "c", f"write {number}, with c = {other!r}"
+    else:
+        name, way = "x", f"layers take symbolic tensors, not {type(other).__name__}"
+    written = f"{name} {op} a" if reflected else f"a {op} {name}"
+    raise InputError(f"{written} on a symbolic tensor (Keras 3's operator): {_LAYERS_ONLY}; "
+                     f"{way}")
 
 
 def is_symbolic(x: Any) -> bool:

@@ -144,6 +144,7 @@ __device__ __forceinline__ void xpcnn_tap(const int kk, const int KK, const int 
 # The tile product on the CUDA cores (float32 / float64): acc[i][j] += As[t][tm*TM + i] *
 # Bs[t][tn*TN + j] over the slice's BK rows, in registers; thread (tm, tn) owns its result.
 _FMA_PRODUCT = """#define APAD 1
+#define BPAD 1
 #define XPCNN_TILE_INIT \
     ACC acc[TM][TN]; \
     for (int i = 0; i < TM; ++i) \
@@ -169,6 +170,7 @@ _FMA_PRODUCT = """#define APAD 1
 # PTX's wmma, written inline: CUDA's C++ wrapper for them (mma.h) is missing from the CUDA
 # headers that pip installs beside CuPy.
 _WMMA_PRODUCT = """#define APAD 8
+#define BPAD 8
 #define WROWS (BM / (NT / 32))
 #define XPCNN_TILE_INIT \
     float acc[WROWS / 16][BN / 16][8]; \
@@ -182,7 +184,7 @@ _WMMA_PRODUCT = """#define APAD 8
             xpcnn_load_a(a, &As[kt][tid / 32 * WROWS + i * 16], BM + APAD); \
             for (int j = 0; j < BN / 16; ++j) { \
                 unsigned b[FRAG]; \
-                xpcnn_load_b(b, &Bs[kt][j * 16], BN); \
+                xpcnn_load_b(b, &Bs[kt][j * 16], BN + BPAD); \
                 xpcnn_mma(acc[i][j], a, b); \
             } \
         } \
@@ -239,9 +241,10 @@ extern "C" __global__ void xpcnn_conv_tiled(
         const TYPE* x, const TYPE* w, const TYPE* bias, TYPE* y, const int has_bias,
         const int relu, const long long M, const int H, const int W, const int C,
         const int Ho, const int Wo, const int K, const int kw, const int KK, const int sh,
-        const int sw, const int top, const int left) {
+        const int sw, const int top, const int left, const int by_filter,
+        const long long w_base, const long long w_tap, const long long w_c) {
     __shared__ __align__(32) TYPE As[BK][BM + APAD];  // patch values, As[t][r]
-    __shared__ __align__(32) TYPE Bs[BK][BN];         // kernel rows
+    __shared__ __align__(32) TYPE Bs[BK][BN + BPAD];  // kernel-matrix rows
     __shared__ long long row_at[BM]; // where the row's window starts in x (may lie outside)
     __shared__ int row_h[BM];        // the row's top-left input position; -2^29 past M
     __shared__ int row_w[BM];
@@ -267,12 +270,21 @@ extern "C" __global__ void xpcnn_conv_tiled(
     }
     XPCNN_TILE_INIT
     // Thread tid gathers kernel-matrix row gt of each slice for the tile rows tid / BK + e *
-    // (NT / BK), and kernel values at (tid / BN + e * (NT / BN), tid % BN), into registers:
-    // the next slice's loads are in flight while the product of this one runs.
+    // (NT / BK), and BE kernel-matrix values, into registers: the next slice's loads are in
+    // flight while the product of this one runs. The kernel matrix's value (kk, n), kk = tap *
+    // C + c, is read where it lies, in one of two layouts, each with the fill that keeps a
+    // warp's loads on consecutive addresses. by_filter: the layer's (K, kh, kw, C) kernel,
+    // w[n * KK + kk], contiguous along kk: the thread reads row gt of columns tid / BK + e *
+    // (NT / BK), half a warp 16 consecutive kk of one filter (BPAD keeps the stores to Bs off
+    // one bank). Else w[w_base + tap * w_tap + c * w_c + n], contiguous along n (a row-major
+    // (KK, K) matrix; the rotated kernel of a stride-1 input gradient): the thread reads
+    // column tid % BN, a warp 32 consecutive n, of BE consecutive rows from (tid / BN) * BE,
+    // their (tap, c) stepped on from one division.
     static_assert(NT % BK == 0 && NT % BN == 0, "whole rows of the slice per pass");
     const int gt = tid % BK;
+    constexpr int BE = BK * BN / NT;
     TYPE pa[BM * BK / NT];
-    TYPE pb[BK * BN / NT];
+    TYPE pb[BE];
     auto fetch = [&](const int k0) {
         int th, tw;
         long long tat;
@@ -283,17 +295,37 @@ extern "C" __global__ void xpcnn_conv_tiled(
             const int ww = row_w[r] + tw;
             pa[e] = (hh >= 0 && hh < H && ww >= 0 && ww < W) ? x[row_at[r] + tat] : (TYPE)0;
         }
-        for (int e = 0; e < BK * BN / NT; ++e) {
-            const int kr = k0 + tid / BN + e * (NT / BN);
+        if (by_filter) {
+            const int kr = k0 + gt;
+            for (int e = 0; e < BE; ++e) {
+                const int n = n0 + tid / BK + e * (NT / BK);
+                pb[e] = (kr < KK && n < K) ? w[(long long)n * KK + kr] : (TYPE)0;
+            }
+        } else {
             const int n = n0 + tid % BN;
-            pb[e] = (kr < KK && n < K) ? w[(long long)kr * K + n] : (TYPE)0;
+            int kr = k0 + tid / BN * BE;
+            int tap = kr / C;
+            int c = kr - tap * C;
+            for (int e = 0; e < BE; ++e) {
+                pb[e] = (kr < KK && n < K) ? w[w_base + tap * w_tap + c * w_c + n] : (TYPE)0;
+                ++kr;
+                if (++c == C) {
+                    c = 0;
+                    ++tap;
+                }
+            }
         }
     };
     __syncthreads();  // the row tables
     fetch(0);
     for (int k0 = 0; k0 < KK; k0 += BK) {
         for (int e = 0; e < BM * BK / NT; ++e) As[gt][tid / BK + e * (NT / BK)] = pa[e];
-        for (int e = 0; e < BK * BN / NT; ++e) Bs[tid / BN + e * (NT / BN)][tid % BN] = pb[e];
+        for (int e = 0; e < BE; ++e) {
+            if (by_filter)
+                Bs[gt][tid / BK + e * (NT / BK)] = pb[e];
+            else
+                Bs[tid / BN * BE + e][tid % BN] = pb[e];
+        }
         __syncthreads();
         if (k0 + BK < KK) fetch(k0 + BK);
         XPCNN_TILE_PRODUCT
@@ -325,7 +357,7 @@ extern "C" __global__ void xpcnn_conv_weight_grad_tiled(
         const int kw, const int KK, const int extra, const int sh, const int sw, const int top,
         const int left) {
     __shared__ __align__(32) TYPE As[BK][BM + APAD];  // patch values, As[t][r] for row t,
-    __shared__ __align__(32) TYPE Bs[BK][BN];         // kernel row r; output gradient rows
+    __shared__ __align__(32) TYPE Bs[BK][BN + BPAD];  // kernel row r; output gradient rows
     __shared__ long long row_at[2][BK]; // where the row's window starts in x (may lie
     __shared__ int row_h[2][BK];        // outside), its top-left input position (-2^29 past
     __shared__ int row_w[2][BK];        // the end): for this slice and the next
@@ -598,25 +630,52 @@ class ConvKernels:
                strides: tuple[int, int], pads: tuple[int, int, int, int],
                out_hw: tuple[int, int], relu: bool) -> Any:
         """Convolution of (N, H, W, C) ``x``, zero-padded by ``pads``, with the (kh*kw*C, K)
-        kernel matrix ``w2`` (+ bias, then ReLU): the (N*Ho*Wo, K) output rows, one launch."""
-        x, w2 = cupy.ascontiguousarray(x), cupy.ascontiguousarray(w2)
-        n, h, w, c = x.shape
+        kernel matrix ``w2`` (+ bias, then ReLU): the (N*Ho*Wo, K) output rows, one launch.
+        The tiled kernel reads ``w2`` in place where it is row-major or the transposed view of
+        a contiguous (K, kh*kw*C) array (the layer's (K, kh, kw, C) kernel, as
+        :class:`HandWrittenConv` passes it); the direct one reads it row-major, copied where it
+        is not (reading the kernel's layout, a warp's loads would be 32 lines, not one)."""
+        x = cupy.ascontiguousarray(x)
+        c = x.shape[3]
         k = w2.shape[1]
+        tiled = self._tiled_for("xpcnn_conv_tiled", _CONV_TILED_SOURCE, x.dtype)
+        if tiled is not None:
+            if w2.flags.c_contiguous:  # (by_filter, w_base, w_tap, w_c): see the kernel
+                w, layout = w2, (0, 0, c * k, k)
+            elif w2.T.flags.c_contiguous:
+                w, layout = w2.T, (1, 0, 0, 0)
+            else:
+                w, layout = cupy.ascontiguousarray(w2), (0, 0, c * k, k)
+            return self._tiled_conv(tiled, x, w, layout, bias, kernel, strides, pads, out_hw,
+                                    relu, k)
+        w2 = cupy.ascontiguousarray(w2)
+        n, h, w_, _ = x.shape
+        y = cupy.empty((n * out_hw[0] * out_hw[1], k), x.dtype)
+        b = w2 if bias is None else cupy.ascontiguousarray(bias)  # (unread without a bias)
+        _CONV(x, w2, b, bias is not None, relu, h, w_, c, out_hw[0], out_hw[1], k, kernel[0],
+              kernel[1], strides[0], strides[1], pads[0], pads[2], y)
+        return y
+
+    @staticmethod
+    def _tiled_conv(tiled: Any, x: Any, w: Any, layout: tuple[int, int, int, int], bias: Any,
+                    kernel: tuple[int, int], strides: tuple[int, int],
+                    pads: tuple[int, int, int, int], out_hw: tuple[int, int], relu: bool,
+                    k: int) -> Any:
+        """The (N*Ho*Wo, ``k``) output rows of ``xpcnn_conv_tiled`` on contiguous ``x``, the
+        kernel matrix read from contiguous ``w`` as ``layout`` says (by_filter, w_base, w_tap,
+        w_c: see the kernel's source)."""
+        n, h, w_, c = x.shape
         rows = n * out_hw[0] * out_hw[1]
         y = cupy.empty((rows, k), x.dtype)
-        b = w2 if bias is None else cupy.ascontiguousarray(bias)  # (unread without a bias)
-        tiled = self._tiled_for("xpcnn_conv_tiled", _CONV_TILED_SOURCE, x.dtype)
-        if tiled is not None and rows:
-            i32 = np.int32
+        if rows:
+            b = w if bias is None else cupy.ascontiguousarray(bias)  # (unread without a bias)
+            i32, i64 = np.int32, np.int64
             grid = (-(-rows // _TILE_M), -(-k // _TILE_N))
             tiled(grid, (_TILE_THREADS,),
-                  (x, w2, b, y, i32(bias is not None), i32(relu), np.int64(rows), i32(h),
-                   i32(w), i32(c), i32(out_hw[0]), i32(out_hw[1]), i32(k), i32(kernel[1]),
-                   i32(w2.shape[0]), i32(strides[0]), i32(strides[1]), i32(pads[0]),
-                   i32(pads[2])))
-            return y
-        _CONV(x, w2, b, bias is not None, relu, h, w, c, out_hw[0], out_hw[1], k, kernel[0],
-              kernel[1], strides[0], strides[1], pads[0], pads[2], y)
+                  (x, w, b, y, i32(bias is not None), i32(relu), i64(rows), i32(h), i32(w_),
+                   i32(c), i32(out_hw[0]), i32(out_hw[1]), i32(k), i32(kernel[1]),
+                   i32(kernel[0] * kernel[1] * c), i32(strides[0]), i32(strides[1]),
+                   i32(pads[0]), i32(pads[2]), i32(layout[0]), *(i64(v) for v in layout[1:])))
         return y
 
     def tiles(self, dtype: Any) -> bool:
@@ -628,10 +687,25 @@ class ConvKernels:
                           in_hw: tuple[int, int]) -> Any:
         """Input gradient (N, H, W, C) of :meth:`conv2d` for the (N, Ho, Wo, K) output
         gradient ``dy`` and the (K, kh, kw, C) kernel ``w``, any strides and padding: one
-        launch, accumulated in float32 at least (float64 for float64)."""
+        launch, accumulated in float32 at least (float64 for float64). A stride-1 one
+        (:func:`~xpcnn.ops.im2col.input_grad_as_conv`) runs on the tiled kernel where that
+        runs: the padded output gradient convolved with the rotated kernel (as
+        :func:`~xpcnn.ops.im2col.conv_input_grad`), read from ``w`` in place (no rotated
+        copy); shared-memory tiles, where the gather ``xpcnn_conv_input_grad`` that runs
+        every other makes two global loads a product."""
         dy, w = cupy.ascontiguousarray(dy), cupy.ascontiguousarray(w)
         n, ho, wo, k = dy.shape
         c = w.shape[3]
+        tiled = (self._tiled_for("xpcnn_conv_tiled", _CONV_TILED_SOURCE, dy.dtype)
+                 if im2col.input_grad_as_conv(pads, kernel, strides) else None)
+        if tiled is not None:
+            # rotated kernel matrix row tap * K + f, column c: w[f, kh-1-a, kw-1-b, c] for
+            # tap = a*kw + b, at w[(taps-1)*C - tap*C + f*taps*C + c]
+            taps = kernel[0] * kernel[1]
+            dx = self._tiled_conv(tiled, dy, w, (0, (taps - 1) * c, -c, taps * c), None,
+                                  kernel, (1, 1), im2col.output_grad_pads(pads, kernel), in_hw,
+                                  False, c)
+            return cupy.reshape(dx, (n, *in_hw, c))
         dx = cupy.empty((n, *in_hw, c), dy.dtype)
         _CONV_INPUT_GRAD(dy, w, ho, wo, k, in_hw[0], in_hw[1], c, kernel[0], kernel[1],
                          strides[0], strides[1], pads[0], pads[2], dx)
@@ -682,13 +756,16 @@ class HandWrittenConv(KernelsConv):
     ``"tiled"``; the rest on the im2col + cuBLAS loops of
     :class:`~xpcnn.ops.convolution.KernelsConv`. The input gradient of a stride-1 convolution
     runs on the tiled forward kernel where that runs, every other one (strided, padded by a
-    kernel's size or more, or the direct kernels chosen) on ``xpcnn_conv_input_grad``."""
+    kernel's size or more, or the direct kernels chosen) on ``xpcnn_conv_input_grad``
+    (:meth:`ConvKernels.conv2d_input_grad`); the tiled kernel reads the (K, kh, kw, C)
+    kernel in place for both, no matrix or rotated copy made."""
 
     def forward(self, x: Any, w: Any, bias: Any | None, relu: bool) -> Any:
         conv = self.kern.conv_kernels
         if not conv.runs_forward:
             return super().forward(x, w, bias, relu)
         g = self.geometry
+        # (the matrix a transposed view of the kernel, which the tiled kernel reads in place)
         y = conv.conv2d(x, self._matrix(w), bias, g.kernel, g.strides, g.pads, g.out_hw, relu)
         return self.xp.reshape(y, (x.shape[0], *g.out_hw, g.filters))
 
@@ -696,13 +773,6 @@ class HandWrittenConv(KernelsConv):
         conv, g = self.kern.conv_kernels, self.geometry
         if not conv.runs_forward:
             return super().input_grad(dy, w)
-        if im2col.input_grad_as_conv(g.pads, g.kernel, g.strides) and conv.tiles(dy.dtype):
-            # stride 1 on the tiled kernel: the padded output gradient convolved with the
-            # rotated kernel (im2col.conv_input_grad); shared-memory tiles, where the gather
-            # below makes two global loads a product
-            dx = conv.conv2d(dy, im2col.flipped_kernel_matrix(self.xp, w), None, g.kernel,
-                             (1, 1), im2col.output_grad_pads(g.pads, g.kernel), g.in_hw, False)
-            return self.xp.reshape(dx, (dy.shape[0], *g.in_hw, g.channels))
         return conv.conv2d_input_grad(dy, w, g.kernel, g.strides, g.pads, g.in_hw)
 
     def weight_grad(self, x: Any, dy: Any, with_bias: bool, relu_y: Any = None

@@ -569,8 +569,8 @@ class CupyKernels(StandardKernels):
 
     def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
                             beta: Any, relu: bool, input_grad: bool,
-                            relu_y: Any = None, spare_y: bool = False
-                            ) -> tuple[Any, Any, Any]:
+                            relu_y: Any = None, spare_y: bool = False, *,
+                            eps: float | None = None) -> tuple[Any, Any, Any]:
         t = gamma.dtype
         acc = accumulator(cupy, t)
         # (a non-contiguous gradient made whole: one copy, no more passes)

@@ -1032,87 +1032,145 @@ class NumpyKernels(StandardKernels):
         self.for_chunks(units, m, work)
         return dx.reshape(x.shape)
 
-    # (blocks of 256 KB for the backward passes, one where the batch is smaller: their four
-    # or five block arrays stay in a 1 MB L2 (a masked multiply over 1 MB blocks took 0.37
-    # ns a value here, over 256 KB ones 0.19); 64 KB ones paid more Python than they saved)
-    _BN_BACKWARD_BLOCK = 1 << 18
+    # (blocks of 512 KB for the backward passes, one where the batch is smaller: 5-15% faster
+    # than 256 KB ones here at 128x8x8x64 .. 128x28x28x16 with two block temporaries made
+    # once, 1 MB ones no faster; 64 KB ones paid more Python than they saved)
+    _BN_BACKWARD_BLOCK = 1 << 19
+    # (the largest |mean| / std for which backward works on x, not x - mean: see
+    # batch_norm_backward)
+    _BN_NEAR = 2.0
+
+    @staticmethod
+    def _worst(a: Any) -> float:
+        """The largest of ``a``'s values, inf where one is NaN."""
+        worst = float(np.max(a))
+        return np.inf if np.isnan(worst) else worst
 
     def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
                             beta: Any, relu: bool, input_grad: bool,
-                            relu_y: Any = None, spare_y: bool = False
-                            ) -> tuple[Any, Any, Any]:
+                            relu_y: Any = None, spare_y: bool = False, *,
+                            eps: float | None = None) -> tuple[Any, Any, Any]:
+        """The standard version's gradients. ``eps``, forward's, tells the batch's spread
+        (var = 1 / inv_std**2 - eps), which decides whether the passes may work on x itself:
+        without it they work on x - mean."""
         if x.size == 0 or x.size < 2 * x.shape[-1] or dy.shape != x.shape:
             return super().batch_norm_backward(dy, x, mean, inv_std, gamma, beta, relu,
                                                input_grad, relu_y, spare_y)
-        # Two passes, as few operations as the math needs: the first sums dy and dy * t, t = x
-        # - mean, keeping for the second in dx's memory (where dx has the parameters' dtype)
-        # t, or with relu the masked dy (then t is made again there: one pass, against two
-        # for the mask); the second makes dx = inv_std * gamma * (dy - t * inv_std * dgamma /
-        # count - dbeta / count) in place. The ReLU's mask is y > 0 (one comparison), z > 0
-        # recomputed only without a y in gamma's dtype: 6 elementwise passes, 9 with the ReLU
-        # (12 with z). Under mixed precision (float16 x and dx) t is made again a block at a
-        # time and the mask kept a byte a value: no whole-batch float32 temporary beside dx.
-        # A spare y (held by nothing else) becomes dx: each block's mask read before its
-        # masked dy overwrites it, so keeping y costs no memory here.
+        # Two passes over blocks of rows, each block read once a pass while it is in cache
+        # (the time goes to reading memory: a pass fewer over a cold array is worth more than
+        # an operation fewer on a block in cache). The first sums dm (dy, with relu masked)
+        # and dm * x, products with ones; the second makes dx = s * dm - c * x + v per
+        # channel (s = inv_std * gamma; c, v from the sums): 5 elementwise passes (6 before,
+        # x - mean made in both). The ReLU's mask is y > 0 where forward's y has gamma's
+        # dtype (kept by the layer), written as 1.0 / 0.0 into dm's memory and multiplied by
+        # dy there (a multiply by a bool array converts it a value at a time: 4x slower): 7
+        # passes (9 before); 11 with z > 0 recomputed (no such y). Where dx has the
+        # parameters' dtype it keeps dm from the first pass to the second; under mixed
+        # precision (float16 x and dx) the mask is kept a byte a value: no whole-batch
+        # float32 temporary beside dx. A spare y (held by nothing else) becomes dx: each
+        # block's y read before its dm overwrites it, so keeping y costs no memory here.
+        # Accuracy: each product dm * x is rounded relative to |x| ~ |mean| + std, each of
+        # dm * (x - mean) relative to std, so taking the mean's share off after the sums
+        # loses a factor 1 + |mean| / std more of sum(dm * xhat) (std = sqrt(var); a channel
+        # of variance near eps or below, or constant, has |mean| / std in the 100s where
+        # |mean| * inv_std is 10; dx from x loses less, c * x less c * mean): x - mean stands
+        # for x in both passes where |mean| / std > _BN_NEAR in a channel, or without eps (6
+        # passes, 9 with the ReLU, 12 with z, as before: without the ReLU the first pass's x -
+        # mean kept in dx's memory for the second; a constant channel's dgamma is 0 there, as
+        # before). The same arithmetic whether the mask comes from y or z, and with the ReLU
+        # or after a ReLU layer's backward: the same gradients, bit for bit. (Sums of dy * y
+        # would spare the first pass reading x, 0-10% here, but lose a factor |beta| /
+        # (|gamma| * std * inv_std), and those bits.)
         dtype = gamma.dtype
         count, k, units, m = self._channel_blocks(x, dtype, self._BN_BACKWARD_BLOCK, 1)
         xs, dys = x.reshape(units, -1), dy.reshape(units, -1)  # (a broadcast dy: copied)
         from_y = relu and relu_y is not None and relu_y.dtype == dtype and \
             relu_y.shape == x.shape
         ys = relu_y.reshape(units, -1) if from_y else None
-        rows = self._channel_rows(k, dtype, mean, inv_std, gamma, beta)
-        mt, it, gt, bt = rows
+        mean64, inv64, gamma64 = np.array((mean, inv_std, gamma), np.float64)
+        with np.errstate(all="ignore"):
+            # (std * inv_std; NaN without eps: the spread unknown)
+            spread = np.sqrt(1.0 - eps * inv64 ** 2) if eps is not None else np.nan
+            away = np.abs(mean64) * inv64  # (|mean| / sqrt(var + eps))
+            shift = not self._worst(away / spread) <= self._BN_NEAR  # (|mean| / std)
+        if shift or (relu and not from_y):
+            mt, it, gt, bt = self._channel_rows(k, dtype, mean, inv_std, gamma, beta)
         ones = self._ones(m, dtype)
         partials = np.empty((2, -(-units // m), xs.shape[1]))
-        keep = input_grad and x.dtype == dtype  # (dx holds t, or with relu the masked dy)
+        keep = input_grad and relu and x.dtype == dtype  # (dx holds dm)
+        t_in_dx = input_grad and not relu and shift and x.dtype == dtype  # (dx holds t)
         in_y = (keep and from_y and spare_y and relu_y.flags.c_contiguous
                 and relu_y.flags.owndata and relu_y.flags.writeable)
         dx = ys if in_y else np.empty(xs.shape, x.dtype) if input_grad else None
         mask = np.empty(xs.shape, bool) if input_grad and relu and not keep else None
+        # (each thread's block temporaries, made at its first block, not per operation: one,
+        # and one for dm or dx in gamma's dtype where dx does not hold them; by the worker
+        # indices for_chunks hands out, however many threads it counts)
+        temps = 2 if (relu and not keep) or (input_grad and x.dtype != dtype) else 1
+        scratch: dict[int, Any] = {}
+
+        def blocks(worker: int, rows: int) -> Any:
+            s = scratch.get(worker)
+            if s is None:
+                s = scratch[worker] = np.empty((temps, m, xs.shape[1]), dtype)
+            return s[:, :rows]
 
         def sums(worker: int, u0: int, u1: int) -> None:
-            in_dx = keep and not relu  # (t kept in dx: dy * t made beside it)
-            t = np.subtract(xs[u0:u1], mt, out=dx[u0:u1] if in_dx else None, dtype=dtype)
-            d = dys[u0:u1].astype(dtype, copy=False)
+            tmp, *other = blocks(worker, u1 - u0)
+            t = (np.subtract(xs[u0:u1], mt, out=dx[u0:u1] if t_in_dx else tmp, dtype=dtype)
+                 if shift else xs[u0:u1])
             if relu:
-                above = None if mask is None else mask[u0:u1]
+                d = dx[u0:u1] if keep else other[0]  # (dm's memory)
                 if from_y:
-                    above = np.greater(ys[u0:u1], 0, out=above)
+                    z = ys[u0:u1]
                 else:  # (z > 0, z as forward computes it: _affine_rows)
-                    z = np.multiply(t, it)
+                    z = (np.multiply(t, it, out=d) if shift else
+                         np.multiply(np.subtract(t, mt, out=d, dtype=dtype), it, out=d))
                     np.multiply(z, gt, out=z)
-                    above = np.greater(np.add(z, bt, out=z), 0, out=above)
-                d = np.multiply(d, above, out=dx[u0:u1] if keep else None)
+                    np.add(z, bt, out=z)
+                if mask is None:
+                    np.multiply(np.greater(z, 0, out=d, casting="unsafe"), dys[u0:u1],
+                                out=d)
+                else:
+                    np.multiply(dys[u0:u1], np.greater(z, 0, out=mask[u0:u1]), out=d)
+            else:
+                d = dys[u0:u1].astype(dtype, copy=False)
+            p = np.multiply(t, d, out=tmp, dtype=dtype)  # (before the sums: 10% faster here)
             partials[0, u0 // m] = np.matmul(ones[:u1 - u0], d)
-            partials[1, u0 // m] = np.matmul(ones[:u1 - u0],
-                                             np.multiply(t, d, out=None if in_dx else t))
+            partials[1, u0 // m] = np.matmul(ones[:u1 - u0], p)
 
         self.for_chunks(units, m, sums)
-        # (sum(dy * xhat) as inv_std * sum(dy * (x - mean)), summed in float64)
-        dbeta, dgamma = self._channel_sums(partials, k)
-        dgamma *= inv_std
+        # (float64 from here: sum(dm * xhat) from sum(dm) and sum(dm * x), or sum(dm * (x -
+        # mean)))
+        dbeta, summed = self._channel_sums(partials, k)
+        dgamma = (summed - (0.0 if shift else mean64) * dbeta) * inv64
         if not input_grad:
             return None, dgamma.astype(dtype), dbeta.astype(dtype)
-        at, ct, st = self._channel_rows(k, dtype, dbeta / count, dgamma * inv_std / count,
-                                        inv_std * gamma)
+        scale = inv64 * gamma64
+        c = dgamma * inv64 / count
+        ct, st, vt = self._channel_rows(k, dtype, scale * c, scale,
+                                        scale * ((0.0 if shift else c * mean64) - dbeta / count))
 
         def grads(worker: int, u0: int, u1: int) -> None:
+            tmp, *other = blocks(worker, u1 - u0)
             out = dx[u0:u1]
-            if keep and not relu:  # (out holds t)
-                o = np.multiply(out, ct, out=out)
-                np.subtract(dys[u0:u1].astype(dtype, copy=False), o, out=o)
+            if t_in_dx:  # (out holds x - mean: the operations below, in their order)
+                q = np.multiply(out, ct, out=out)
+                np.subtract(np.multiply(dys[u0:u1], st, out=tmp, dtype=dtype), q, out=q)
+                np.add(q, vt, out=q)
+                return
+            o = out if out.dtype == dtype else other[0]
+            t = np.subtract(xs[u0:u1], mt, out=tmp, dtype=dtype) if shift else xs[u0:u1]
+            q = np.multiply(t, ct, out=tmp, dtype=dtype)
+            if keep:  # (out holds dm)
+                d = out
+            elif relu:
+                d = np.multiply(dys[u0:u1], mask[u0:u1], out=o)
             else:
-                t = np.subtract(xs[u0:u1], mt, dtype=dtype)
-                np.multiply(t, ct, out=t)
-                if keep:  # (out holds the masked dy)
-                    o = np.subtract(out, t, out=out)
-                else:
-                    d = dys[u0:u1].astype(dtype, copy=False)
-                    if relu:
-                        d = np.multiply(d, mask[u0:u1])
-                    o = np.subtract(d, t, out=t)
-            np.subtract(o, at, out=o)
-            np.multiply(o, st, out=o)
+                d = dys[u0:u1]
+            np.multiply(d, st, out=o, dtype=dtype)
+            np.subtract(o, q, out=o)
+            np.add(o, vt, out=o)
             if o is not out:
                 with np.errstate(over="ignore"):  # inf is what loss scaling looks for
                     np.copyto(out, o, casting="unsafe")

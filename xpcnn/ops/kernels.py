@@ -440,8 +440,8 @@ class StandardKernels:
 
     def batch_norm_backward(self, dy: Any, x: Any, mean: Any, inv_std: Any, gamma: Any,
                             beta: Any, relu: bool, input_grad: bool,
-                            relu_y: Any = None, spare_y: bool = False
-                            ) -> tuple[Any, Any, Any]:
+                            relu_y: Any = None, spare_y: bool = False, *,
+                            eps: float | None = None) -> tuple[Any, Any, Any]:
         """Gradients of :meth:`batch_norm_train` through its batch's statistics (``x`` its
         input, ``mean`` and ``inv_std`` its statistics), ``dy`` cast to gamma's dtype; with
         ``relu``, through the ReLU too, where z > 0: where ``relu_y`` (forward's output, if
@@ -450,7 +450,8 @@ class StandardKernels:
         rounds a tiny z to 0): (the input's in ``x``'s dtype, None without ``input_grad``;
         gamma's; beta's, in gamma's dtype). ``spare_y``: nothing else holds ``relu_y``, so
         a kernel may write the input's gradient into its memory (NumPy's does; here, with
-        no ``out=`` in the standard, it is only read)."""
+        no ``out=`` in the standard, it is only read). ``eps``: forward's, which tells a
+        kernel the batch's spread (NumPy's chooses its sums' form by it; unused here)."""
         xp = self.xp
         xhat = (xp.astype(x, mean.dtype, copy=False) - mean) * inv_std
         dy = xp.astype(dy, gamma.dtype, copy=False)

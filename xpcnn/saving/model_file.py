@@ -1,7 +1,8 @@
 """Model files: the architecture as JSON and the weights as arrays in one .npz, read without pickle.
 
 A model is rebuilt from its file through two registries: the layers by class name
-(:data:`~xpcnn.layers.base.LAYER_TYPES`) and the model class by name (:data:`MODEL_TYPES`,
+(:data:`~xpcnn.layers.base.LAYER_TYPES`; a user's also by the module and qualified name the file
+records, :func:`layer_class`) and the model class by name (:data:`MODEL_TYPES`,
 filled by :func:`register_model`), so nothing here imports the model module, which imports this.
 
 Files from outside are untrusted. Before any array is inflated, every entry must be one the
@@ -25,7 +26,7 @@ import numpy as np
 
 from .. import checks, distributed
 from ..backend import PRECISIONS, DeviceLike, precision_dtype
-from ..errors import DataFormatError, InputError, NonFiniteError
+from ..errors import DataFormatError, InputError, NonFiniteError, of_xpcnn, warn
 from ..files import written_file
 from ..graph import Inbound, check_graph, inbound_of
 from ..layers import BatchNorm2D, Conv2D, Dense, Normalization
@@ -81,13 +82,14 @@ def model_config(model: Any, compiled: bool = True, checked: bool = True) -> dic
     file's): InputError where a user's layer, optimiser or schedule takes settings its
     get_config() does not give."""
     if checked:
-        check_model_class(type(model))
+        check_model_class(type(model), model)
         for layer in model.layers:
             layer.check_config()
         if getattr(model, "built", False):  # (a setting changed since its build: a softmax
             check_structure(model.layers)  # activation moved before the end, say)
         check_sample_sizes(model)
     config: dict[str, Any] = {"format": FORMAT, "version": VERSION, **model.get_config()}
+    record_layer_classes(config, model.layers, checked)
     if compiled and model.loss is not None and model.optimizer is not None:
         if checked:
             model.loss.check_config()
@@ -99,6 +101,43 @@ def model_config(model: Any, compiled: bool = True, checked: bool = True) -> dic
                              # another k or name: xpcnn.metrics.Metric.get_config)
                              "metrics": [m.get_config() for m in model._metric_objects]}
     return config
+
+
+def class_record(cls: type) -> tuple[str, str] | None:
+    """What tells a user's layer class from another of its name: its module and qualified
+    name (as Keras' ``module`` and ``registered_name``); None for xpcnn's own, whose names are
+    theirs alone."""
+    return None if of_xpcnn(cls.__module__) else (cls.__module__, cls.__qualname__)
+
+
+def _shown(record: tuple[str, str]) -> str:
+    return f"{record[0]}.{record[1]}"
+
+
+def record_layer_classes(config: dict[str, Any], layers: list[Layer], checked: bool) -> None:
+    """Add to each user's layer's spec in ``config`` its class's module and qualified name:
+    files name a layer by its class's ``__name__``, which two classes of a user's may share
+    (``blocks.Gate`` and ``heads.Gate``); the file then loads each as itself
+    (:func:`layer_class`). ``checked`` (to write a file): InputError where two distinct classes
+    of the model have the same module and qualified name too (made by one function called twice),
+    which no file could tell apart."""
+    specs = config.get("layers")
+    if not (isinstance(specs, list) and len(specs) == len(layers)):
+        return  # (a user's model get_config of its own making: its layers as it gives them)
+    seen: dict[tuple[str, str, str], tuple[int, type]] = {}
+    for i, (spec, la) in enumerate(zip(specs, layers, strict=True)):
+        cls = type(la)
+        record = class_record(cls)
+        if record is None or not isinstance(spec, dict) or spec.get("class") != cls.__name__:
+            continue
+        first = seen.setdefault((cls.__name__, *record), (i, cls))
+        if checked and first[1] is not cls:
+            raise InputError(f"layers {first[0]} and {i} are of two distinct classes, both "
+                             f"{_shown(record)} (a class made again, by a function called twice "
+                             "or a notebook cell run again): a file names a layer by its class's "
+                             "module and name, so it could not tell them apart; give them "
+                             "distinct names, or make the model again from one of them")
+        spec["module"], spec["qualname"] = record
 
 
 def _base_model_class(cls: type) -> type | None:
@@ -113,12 +152,13 @@ def _defines(cls: type, base: type, method: str) -> bool:
     return any(method in vars(c) for c in cls.__mro__[:cls.__mro__.index(base)])
 
 
-def check_model_class(cls: type) -> None:
+def check_model_class(cls: type, model: Any = None) -> None:
     """Refuse to save a model whose class (a user's subclass) ``from_config`` cannot rebuild:
     its constructor takes named parameters that its xpcnn base's does not (``get_config`` does
     not give them: the file would load them with their defaults, or not at all), or cannot take
     the call its base's ``from_config`` makes; unless the class defines its own ``get_config``
-    and ``from_config``, as Keras asks of a model subclass."""
+    and ``from_config``, as Keras asks of a model subclass. ``model`` (of ``cls``): its
+    ``get_config()`` is read for the message."""
     base = _base_model_class(cls)
     if base is None or cls is base or (_defines(cls, base, "get_config")
                                        and _defines(cls, base, "from_config")):
@@ -137,14 +177,32 @@ def check_model_class(cls: type) -> None:
             why = (f"its constructor cannot take what {base.__name__}.from_config passes "
                    f"({'the layers, then ' if args else ''}device, seed, dtype and name by "
                    f"keyword: {e})")
+    elif _defines(cls, base, "get_config"):  # (Keras' contract half kept: name the other half)
+        given = _config_keys(model)
+        gives = "gives them" if given is not None and all(p in given for p in taken) else \
+            "is its own"
+        why = (f"its constructor takes {taken}, which {base.__name__}'s does not; its "
+               f"get_config() {gives}, but the from_config it inherits from {base.__name__} "
+               "passes only the layers, device, seed, dtype and name on")
     else:
         why = (f"its constructor takes {taken}, which {base.__name__}'s does not and its "
                "get_config() does not give")
+    fix = ("" if _defines(cls, base, "get_config") else
+           "get_config() (returning them, with super().get_config()) and ")
     raise InputError(f"model class {cls.__name__} cannot be saved: {why}, so a saved model "
-                     f"would not load as it is; define get_config() (returning them, with "
-                     "super().get_config()) and a classmethod from_config(config, layers, "
-                     f"device) that makes the model from them, as Keras asks of a model "
+                     f"would not load as it is; define {fix}a classmethod from_config(config, "
+                     "layers, device) that makes the model from them, as Keras asks of a model "
                      "subclass")
+
+
+def _config_keys(model: Any) -> list[str] | None:
+    """The keys ``model.get_config()`` gives; None where there is no model, or its get_config
+    fails or gives no dict (the refusal that asks for this is said whatever it is)."""
+    try:
+        config = None if model is None else model.get_config()
+    except Exception:  # (a user's get_config, its own faults: the refusal stands without it)
+        return None
+    return list(config) if isinstance(config, dict) else None
 
 
 def compile_settings(compiled: Any) -> Any:
@@ -299,7 +357,7 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
     try:
         cls = MODEL_TYPES.get(config.get("class", "Sequential"))
         if cls is None:
-            raise DataFormatError(f"{path}: unknown model class {config.get('class')!r}")
+            raise DataFormatError(_undefined(path, "model", config.get("class"), None))
         compiled = compile_settings(config.get("compile"))
         loss = optimizer = None
         if compiled is not None:
@@ -379,9 +437,7 @@ def layers_from_config(config: Any, path: str) -> tuple[list[Layer], tuple[int, 
                     and isinstance(spec.get("config"), dict)):
                 raise DataFormatError(f"{path}: invalid model configuration: layer {i} is not "
                                       "a dict of its 'class' (a name) and 'config' (a dict)")
-            cls = LAYER_TYPES.get(spec["class"])
-            if cls is None or spec["class"].startswith("_"):
-                raise DataFormatError(f"{path}: unknown layer type {spec['class']!r}")
+            cls = layer_class(spec, i, specs, path)
             trainable = spec.get("trainable", True)  # (written only where False)
             if not isinstance(trainable, bool):
                 raise DataFormatError(f"{path}: invalid model configuration: layer {i}'s "
@@ -398,6 +454,86 @@ def layers_from_config(config: Any, path: str) -> tuple[list[Layer], tuple[int, 
         raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
                               ) from e
     return layers, input_shape_of(config, path)
+
+
+def _record_of(spec: dict[str, Any], i: int, path: str) -> tuple[str, str] | None:
+    """The module and qualified name a layer ``spec`` records for its class (None in a file
+    written before they were, or of one of xpcnn's layers)."""
+    module, qualname = spec.get("module"), spec.get("qualname")
+    if module is None and qualname is None:
+        return None
+    if not (isinstance(module, str) and isinstance(qualname, str)):
+        raise DataFormatError(f"{path}: invalid model configuration: layer {i}'s class is "
+                              f"recorded as module {module!r}, qualname {qualname!r}, expected "
+                              "two strings")
+    return module, qualname
+
+
+def _user_layer_classes(name: str) -> list[type[Layer]]:
+    """The user's layer classes named ``name`` defined in this process (the registry keeps
+    only the last of a name)."""
+    found, todo = [], [Layer]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            if sub.__name__ == name and class_record(sub) is not None:
+                found.append(sub)
+    return found
+
+
+def _same_place(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Whether records ``a`` and ``b`` name one class: the same module and qualified name, or
+    the same qualified name where one is a script's (``__main__``), which another script
+    imports by its module's name."""
+    return a == b or (a[1] == b[1] and "__main__" in (a[0], b[0]))
+
+
+def layer_class(spec: dict[str, Any], i: int, specs: list[Any], path: str) -> type[Layer]:
+    """The class that the file's layer ``i`` (``spec``, of all the layers' ``specs``) is of:
+    by its class name, among a user's classes of that name the one of the module and qualified
+    name the file records (:func:`record_layer_classes`), so that two of one name each load as
+    themselves. The file's class not defined here under that name (it moved to another module,
+    say): the one of its name that is, with a warning, unless the file holds another class of
+    that name, which it might be (a DataFormatError then)."""
+    name = spec["class"]
+    # (any name a class registers under: xpcnn's base classes, without a forward of their
+    # own, are not registered; a user's "_Scale" is, and loads)
+    registered = LAYER_TYPES.get(name)
+    record = _record_of(spec, i, path)
+    if record is None or (registered is not None and class_record(registered) in (None, record)):
+        if registered is None:
+            raise DataFormatError(_undefined(path, "layer", name, record))
+        return registered
+    same = [c for c in _user_layer_classes(name) if class_record(c) == record]
+    if same:
+        return same[-1]  # (the last defined: a notebook cell run again)
+    theirs = None if registered is None else class_record(registered)
+    if registered is None or theirs is None:  # (xpcnn's own were taken above)
+        raise DataFormatError(_undefined(path, "layer", name, record))
+    others = {r for k, s in enumerate(specs) if isinstance(s, dict) and s.get("class") == name
+              for r in [_record_of(s, k, path)] if r is not None and r != record}
+    if others:
+        raise DataFormatError(
+            f"{path}: layer {i} is of class {_shown(record)}, which is not defined here, and the "
+            f"file holds other classes named {name!r} too ({', '.join(map(_shown, others))}), "
+            f"so {_shown(theirs)}, the class of that name here, cannot stand in for it: define "
+            f"(or import) {_shown(record)} before loading the file")
+    if not _same_place(record, theirs):
+        warn(f"{path}: layer {i} was saved as a {_shown(record)}, which is not defined here; it "
+             f"loads as a {_shown(theirs)}, the layer class named {name!r} here (define or "
+             f"import {_shown(record)} first where that is another class)", UserWarning)
+    return registered
+
+
+def _undefined(path: str, kind: str, name: Any, record: tuple[str, str] | None) -> str:
+    """The message for a file's ``kind`` (layer, model) class ``name`` that is not defined,
+    as for a user's loss or optimiser (:func:`xpcnn.checks.registered`)."""
+    known = sorted(LAYER_TYPES if kind == "layer" else MODEL_TYPES)
+    where = f" ({_shown(record)} where it was saved)" if record is not None else ""
+    # (a layer "type", as its message has said)
+    return (f"{path}: unknown {kind} {'type' if kind == 'layer' else 'class'} {name!r}{where}: "
+            f"define (or import) a user's {kind} class before loading a file that names it; "
+            f"known: {known}")
 
 
 def check_model_fields(config: dict[str, Any], path: str) -> None:
@@ -668,7 +804,10 @@ def load_weights(model: Any, path: str | os.PathLike[str]) -> None:
             raise DataFormatError(f"{npz.path}: not an xpcnn model file or checkpoint")
         check_file_entries(npz, config, checkpoint, optimizer=False)
         adapt_to_file(model, config)
-        check_layers(model, config, npz.path)  # (before building: an unbuilt model too)
+        # (before building: an unbuilt model too; how to declare a setting only for a
+        # checkpoint, a run's file, where a callback may have changed it, not for a model
+        # file, whose other value is likely set in code: another model)
+        check_layers(model, config, npz.path, setting_hint=checkpoint)
         build_for_file(model, config, npz)
         check_weight_shapes(model, config, npz)
         set_weights_from_file(model, npz)
@@ -770,18 +909,65 @@ def _architecture(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def check_layers(model: Any, config: dict[str, Any], path: str) -> None:
+def _setting_hint(model: Any, i: int, a: tuple[str, dict[str, Any]],
+                  b: tuple[str, dict[str, Any]]) -> str:
+    """Where layer ``i`` of ``model``, a user's, differs from the file's (``a``, ``b``: class and
+    settings) only in the values of settings of its own: how to make them settings a callback
+    may change (:class:`~xpcnn.layers.base.Setting`), which a resume takes from the file."""
+    if (a[0] != b[0] or i >= len(model.layers) or of_xpcnn(type(model.layers[i]).__module__)
+            or a[1].keys() != b[1].keys()):
+        return ""
+    changed = [k for k in a[1] if a[1][k] != b[1][k]]
+    if "inbound" in changed:  # (another graph: no setting)
+        return ""
+    example = changed[0]
+    return (f". If a callback changes {changed} while the model trains, declare "
+            f"{'each' if len(changed) > 1 else 'it'} in {a[0]}'s class body as a setting, "
+            f"`{example} = Setting()` (from xpcnn.layers import Setting), as Dropout's rate "
+            "is one: a resume then takes the file's value, load_weights keeps the model's, and "
+            "this file loads as it is")
+
+
+def _check_same_classes(theirs: list[Any], ours: list[Any], path: str) -> None:
+    """Refuse a file whose layer is of another class of the same name as the model's, where
+    the file or the model holds several classes of that name (``blocks.Gate`` and
+    ``heads.Gate``): their names alone would not tell a swap. (One class of a name, recorded
+    elsewhere, is taken as the model's: a class moved to another module, or a script's.)"""
+    records: dict[str, set[tuple[str, str]]] = {}
+    pairs = []
+    for i, (a, b) in enumerate(zip(theirs, ours, strict=False)):
+        ra, rb = (_record_of(a, i, path) if isinstance(a, dict) else None,
+                  _record_of(b, i, path))
+        for spec, r in ((a, ra), (b, rb)):
+            if r is not None:
+                records.setdefault(spec["class"], set()).add(r)
+        if ra is not None and rb is not None and a["class"] == b["class"]:
+            pairs.append((i, a["class"], ra, rb))
+    for i, name, ra, rb in pairs:
+        if not _same_place(ra, rb) and len(records[name]) > 1:
+            raise DataFormatError(f"{path} holds a model of another architecture: its layer {i} "
+                                  f"is a {_shown(ra)}, this model's is a {_shown(rb)}")
+
+
+def check_layers(model: Any, config: dict[str, Any], path: str, setting_hint: bool = True
+                 ) -> None:
     """Refuse a file whose model has other layers (classes, settings, graph) than ``model``,
     built or not, naming the first difference. The settings that may change while a model
     trains (:func:`~xpcnn.layers.base.setting_names`: Dropout's rate, BatchNorm2D's momentum,
     ReLU's max_value...) are not compared: a callback may have changed them before the file was
-    written (a checkpoint's resume takes the file's, ``load_weights`` keeps the model's)."""
+    written (a checkpoint's resume takes the file's, ``load_weights`` keeps the model's).
+    ``setting_hint`` (a checkpoint's, resumed or loaded): a user's layer differing in its own
+    settings' values alone is refused with how to declare them settings
+    (:func:`_setting_hint`); not for ``load_weights`` of a model file, where a value set
+    otherwise in code makes another model."""
     try:
+        mine = normal(model_config(model, compiled=False, checked=False))
         theirs = _architecture(config)
-        ours = _architecture(normal(model_config(model, compiled=False, checked=False)))
+        ours = _architecture(mine)
     except (KeyError, TypeError, AttributeError) as e:
         raise DataFormatError(f"{path}: invalid model configuration ({type(e).__name__}: {e})"
                               ) from e
+    _check_same_classes(config["layers"], mine["layers"], path)
 
     def show(layer: tuple[str, dict[str, Any]]) -> str:
         return f"{layer[0]}({', '.join(f'{k}={v!r}' for k, v in layer[1].items())})"
@@ -797,7 +983,8 @@ def check_layers(model: Any, config: dict[str, Any], path: str) -> None:
             b = (b[0], {k: v for k, v in b[1].items() if k not in changeable})
         if a != b:
             raise DataFormatError(f"{path} holds a model of another architecture: its layer {i} "
-                                  f"is {show(a)}, this model's is {show(b)}")
+                                  f"is {show(a)}, this model's is {show(b)}"
+                                  f"{_setting_hint(model, i, a, b) if setting_hint else ''}")
     if len(theirs) != len(ours):
         raise DataFormatError(f"{path} holds a model of another architecture: {len(theirs)} "
                               f"layers, this model has {len(ours)}")

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from .. import checks, distributed
-from ..cuda_graphs import StepGraphs
+from ..cuda_graphs import StepGraphs, layer_blockers
 from ..cuda_graphs import blockers as graph_blockers
 from ..data.arrays import (
     check_arrays,
@@ -52,7 +52,7 @@ from ..data.replay import replay_of
 from ..data.sources import ArrayBatches, DatasetBatches
 from ..data.streams import IterableBatches
 from ..errors import InputError, NonFiniteError, warn
-from ..layers.base import Layer, RandomLayer
+from ..layers.base import Layer, RandomLayer, end_training_passes
 from ..ops.kernels import compute_scope, kernels_for
 from ..ops.step_record import BAD_GRADS, BAD_LOSS, BAD_STEP
 from ..totals import READ_EVERY, SCALE_RANGE, RunningTotals
@@ -185,7 +185,13 @@ class TrainingStep(_Network):
         """:meth:`_one_step`, inside the model's ``_shared_pass()`` across the whole step (its
         forward, backward and update: no other thread builds or rebuilds its layers meanwhile)."""
         with self._shared_pass():
-            return self._one_step(xb, yb, keep, weights)
+            try:
+                return self._one_step(xb, yb, keep, weights)
+            except BaseException:
+                # (stopped between a user's layer's forward and its backward, Ctrl-C or an
+                # error: its inference passes run on it again, not on throwaway copies)
+                end_training_passes()
+                raise
 
     def _one_step(self, xb: Any, yb: Any, keep: bool, weights: Any = None) -> Any:
         """:meth:`train_step` on a batch that passed its checks (or fit's, made and checked
@@ -250,7 +256,10 @@ class TrainingStep(_Network):
         """One training step on one batch of host or device arrays, checked at once (the host
         waits for the device): its ``[loss, accuracy]`` (the loss alone without metrics, a dict
         with ``return_dict``, as in Keras), or :class:`NonFiniteError`. ``sample_weight`` and
-        ``class_weight`` weigh the loss as :meth:`~xpcnn.training.Trainer.fit`'s do."""
+        ``class_weight`` weigh the loss as :meth:`~xpcnn.training.Trainer.fit`'s do. A
+        ``train_step`` that a subclass overrides is called and logged as fit calls and logs it:
+        super's record of the step where it called ``super().train_step``, else the (loss,
+        correct count) it returns."""
         return_dict = checks.flag(return_dict, "return_dict")
         self._require_compiled("train_on_batch")
         if self._parallel is not None:
@@ -271,6 +280,8 @@ class TrainingStep(_Network):
                 "passes the whole arrays; each takes its slice of every batch, and the "
                 "gradients are averaged); or run train_on_batch in a job of one process")
         checks.check_class_weight_type(class_weight)
+        if self._train_step_overridden():  # (refused before any step, as fit refuses it)
+            _check_takes_a_batch(self.train_step)
         self._rebuild_if_shared()
         with self._unbuilt_if_refused():
             x, targets = check_arrays(self, x, y)
@@ -288,22 +299,18 @@ class TrainingStep(_Network):
             with compute_scope(self.backend):
                 xb, yb, wb = (to_device(self.backend, a) for a in (x, targets, weights))
                 out = self._call_train_step(xb, yb, wb)
-                try:  # (a pair, or any two numbers that unpack: an array of 2, say)
-                    if isinstance(out, Mapping | str):  # (Keras' dict of logs: its keys)
-                        raise TypeError
-                    loss, correct = out
-                except (TypeError, ValueError):
-                    raise InputError("train_on_batch needs train_step to return (loss, correct "
-                                     f"count), as Model.train_step does; this model's returned "
-                                     f"{type(out).__name__} {out!r:.80}") from None
+                if self._last_stats is None:  # (a subclass's own step, no super().train_step)
+                    loss, correct = _returned_pair(out)
         finally:
             self._class_weights = previous
         self._read_totals()
         n = int(x.shape[0])
-        # (the top-k counts of the step, where super().train_step ran it: 0 where a
-        # subclass's own step recorded none)
-        tops = [0.0] * len(self._top_ks) if not self._top_ks or self._last_stats is None \
-            else [float(v) for v in self.backend.to_numpy(self._last_stats)[2:]]
+        if self._last_stats is not None:
+            # (super().train_step ran: its record of the step, as fit logs it, whatever the
+            # override returns, Keras' dict of logs included)
+            loss, correct, *tops = (float(v) for v in self.backend.to_numpy(self._last_stats))
+        else:  # (a subclass's own step counted no top-k metric)
+            tops = [0.0] * len(self._top_ks)
         return self._returned(self._logs_of([float(loss), float(correct) / n,
                                               *(t / n for t in tops)]), return_dict)
 
@@ -357,8 +364,7 @@ class TrainingStep(_Network):
         if eager:  # (taken before this step moves anything: a rate that overflowed raises here)
             scalars = opt.step_scalars()
         # (normalisation statistics move in the forward pass: a skipped step puts them back)
-        moving = [a for la in self.layers if la.trainable and la.updates_state
-                  for a in la.state.values()]
+        moving = [a for la in self.layers if la.moves_state for a in la.state.values()]
         before = kernels.snapshot_state(moving) if moving else None
         trained = self._trained()
         stats, grads = self._loss_and_grads(xb, yb, kernels, trained, weights)
@@ -502,7 +508,7 @@ class TrainingStep(_Network):
                 self.cuda_graphs_reason = self._graphs.reason
                 return None
             return self._graphs
-        reasons = graph_blockers(self.backend)
+        reasons = graph_blockers(self.backend) + layer_blockers(self.layers)
         if reasons:
             self.cuda_graphs_reason = reasons[0]
             if self.cuda_graphs:
@@ -534,7 +540,8 @@ class TrainingStep(_Network):
             # without weights, as AvgPool2D's table, are new), as cuDNN's switches, choose other
             # captured work)
             switches=lambda: (Layer.settings_changes, self._builds,
-                              kernel_switches() if kernel_switches is not None else None))
+                              kernel_switches() if kernel_switches is not None else None),
+            blockers=lambda: layer_blockers(self.layers))
         return self._graphs
 
     def _graph_arrays(self, named: bool = True) -> list[Any]:
@@ -737,6 +744,21 @@ class TrainingStep(_Network):
                              f"values appear in {where}")
 
 
+def _returned_pair(out: Any) -> tuple[Any, Any]:
+    """The (loss, correct count) that a subclass's ``train_step`` which did not call
+    ``super().train_step`` returned to train_on_batch (a pair, or any two numbers that unpack:
+    an array of 2, say), else refused as fit refuses it."""
+    try:
+        if isinstance(out, Mapping | str):  # (Keras' dict of logs: its keys would unpack)
+            raise TypeError
+        loss, correct = out
+    except (TypeError, ValueError):
+        raise InputError("train_on_batch, as fit, takes what this model's train_step (which did "
+                         "not call super().train_step) returns as the batch's (loss, correct "
+                         f"count); it returned {type(out).__name__} {out!r:.80}") from None
+    return loss, correct
+
+
 def _check_takes_sample_weight(train_step: Callable[..., Any]) -> None:
     """A ``train_step`` that a subclass overrides gets fit's sample weights as
     ``sample_weight=``: refused before training where it cannot take them (they would be
@@ -750,8 +772,8 @@ def _check_takes_sample_weight(train_step: Callable[..., Any]) -> None:
 
 def _check_takes_a_batch(train_step: Callable[..., Any]) -> None:
     """A ``train_step`` that a subclass overrides is called as ``train_step(xb, yb)``: refused
-    before training where it takes one argument, as Keras 3's ``train_step(self, data)``
-    does (was: a bare TypeError from the first step)."""
+    before training (fit) or its step (train_on_batch) where it takes one argument, as Keras
+    3's ``train_step(self, data)`` does (was: a bare TypeError from the first step)."""
     try:
         params = inspect.signature(train_step).parameters.values()
     except (TypeError, ValueError):
@@ -761,10 +783,11 @@ def _check_takes_a_batch(train_step: Callable[..., Any]) -> None:
         raise InputError(
             f"this model's train_step takes {len(positional)} argument(s) "
             f"({', '.join(p.name for p in positional) or 'none'}); fit calls it as "
-            "train_step(xb, yb), and with sample weights train_step(xb, yb, sample_weight=wb) "
-            "(Keras' train_step(self, data) gets data = (xb, yb) instead): define "
-            "train_step(self, xb, yb, sample_weight=None) and return super().train_step(xb, "
-            "yb, sample_weight=sample_weight) or your own (loss, correct count)")
+            "train_step(xb, yb) (train_on_batch too), and with sample weights "
+            "train_step(xb, yb, sample_weight=wb) (Keras' train_step(self, data) gets data = "
+            "(xb, yb) instead): define train_step(self, xb, yb, sample_weight=None) and "
+            "return super().train_step(xb, yb, sample_weight=sample_weight) or your own (loss, "
+            "correct count)")
 
 
 @functools.lru_cache(maxsize=16)

@@ -56,7 +56,7 @@ from ..data.arrays import (
     unpack_x_y,
 )
 from ..data.sources import ArrayBatches, Batches, DatasetBatches, unpack
-from ..data.streams import IterableBatches, prune_streams
+from ..data.streams import IterableBatches, prune_streams, step_ran
 from ..errors import InputError, NonFiniteError, warn
 from ..layers.base import Layer
 from ..layers.preprocessing import Normalization
@@ -113,6 +113,18 @@ def _prunes_streams(call: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             prune_streams()
     return pruning
+
+
+def _together(call: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``call`` (fit, evaluate) in :func:`xpcnn.distributed.together`: on several ranks, an
+    error that ends it on one rank ends it on the others at once, with that rank's message."""
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def together(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with distributed.together(call):
+                return method(self, *args, **kwargs)
+        return together
+    return wrap
 
 
 def _with_progress_bar(callbacks: list[Callback], verbose: int, call: str) -> list[Callback]:
@@ -551,6 +563,7 @@ class Trainer(TrainingStep):
     @_prunes_streams
     @_in_one_thread("fit")  # (a second fit would replace the first one's History, position
     # and class weights, and end its data-parallel mode: Keras does not support it either)
+    @_together("fit")
     def fit(self, x: Any, y: Any = None, *, epochs: int = 1, batch_size: int | None = 32,
             validation_data: Any = None, validation_split: float = 0.0, shuffle: bool = True,
             seed: int | None = None, verbose: int | str = 1,
@@ -848,15 +861,26 @@ class Trainer(TrainingStep):
                 logs.settle()  # (last batch's logs, if a callback kept them: before this step)
                 xb, yb, wb = unpack(batch)
                 cbs.on_train_batch_begin(step)
-                with compute_scope(self.backend):
-                    self._fit_step(data, step, xb, yb, wb)
+                self._fit_step_of(batches, data, step, xb, yb, wb)
                 step += 1
                 self._position = (epoch, step)
                 self._epochs_begun = number + 1  # (one that trained no step, refused, is not)
-                cbs.on_train_batch_end(step - 1, logs.make(self._batch_logs))
-                # (stop_training, on several ranks set on any: every rank stops at this step;
-                # inline: no call a step in one process)
-                if self.stop_training if parallel is None else parallel.agreed_stop():
+                if parallel is None:
+                    cbs.on_train_batch_end(step - 1, logs.make(self._batch_logs))
+                    if self.stop_training:
+                        break
+                    continue
+                # (on several ranks, a non-finite step found by a read on this rank alone,
+                # the progress bar's, or kept logs', is raised on every rank at the agreement,
+                # every rank running every callback: one that saves on all too)
+                batch_logs = logs.make(self._batch_logs)
+                for cb in cbs.callbacks:
+                    with parallel.holding_non_finite():
+                        cb.on_train_batch_end(step - 1, batch_logs)
+                with parallel.holding_non_finite():
+                    logs.settle()
+                # (stop_training, on several ranks set on any: every rank stops at this step)
+                if parallel.agreed_stop():
                     break
             logs.settle()
         if self._parallel is not None and data.place(first) is None:
@@ -878,7 +902,36 @@ class Trainer(TrainingStep):
                 warn(f"the training data gave {step} of its {data.steps} batches "
                      f"(steps_per_epoch) in epoch {epoch + 1}: the epoch ends there, and the "
                      "next starts a new pass over it")
-        return self._batch_logs()
+        if parallel is None:
+            return self._batch_logs()
+        try:  # (every rank reads here: a non-finite step is named alike on all)
+            return self._batch_logs()
+        except (NonFiniteError, InputError) as error:
+            parallel.agree_non_finite(error)
+
+    def _fit_step_of(self, batches: Iterator[Any], data: Batches, step: int, xb: Any, yb: Any,
+                     wb: Any) -> None:
+        """:meth:`_fit_step` in the compute scope on the batch fit's loop took from
+        ``batches``, which an iterator's epoch closed by an error (a Ctrl-C) gives back where
+        the step raised before it ran on the device: no batch is lost, none trained twice."""
+        opt = self.optimizer
+        assert opt is not None
+        count, seen = opt.iterations, self._seen()
+        try:
+            with compute_scope(self.backend):
+                self._fit_step(data, step, xb, yb, wb)
+        except BaseException:
+            # (it ran where the optimiser counted its update, or the running totals its
+            # samples: its update skipped as non-finite, a read of the totals then setting the
+            # count back to the last good step's)
+            if opt.iterations > count or self._seen() > seen:
+                step_ran(batches)
+            raise
+        step_ran(batches)
+
+    def _seen(self) -> float:
+        """The samples of the training steps recorded in the running totals (0 before any)."""
+        return 0.0 if self._totals is None else self._totals.seen
 
     def _fit_step(self, data: Batches, step: int, xb: Any, yb: Any, wb: Any) -> None:
         """fit's training step ``step`` of its epoch on the batch (xb, yb, weights wb), inside
@@ -1014,6 +1067,7 @@ class Trainer(TrainingStep):
                 (x[-n_val:, ...], targets[-n_val:], tail), True)
 
     @_prunes_streams
+    @_together("evaluate")
     def evaluate(self, x: Any, y: Any = None, batch_size: int | None = 256,
                  verbose: int | str = 0, *,
                  steps: int | None = None, callbacks: list[Callback] | None = None,
@@ -1081,6 +1135,7 @@ class Trainer(TrainingStep):
                             xp, logits, yb, self._param_dtype, kernels, weights=wb)
                         totals.add_stats(self._with_top_k(stats, logits, yb),
                                          int(xb.shape[0]))
+                    step_ran(batches)  # (counted: an iterator's epoch closed now keeps it)
                     # (this rank's running means, as Keras' batch logs)
                     cbs.on_test_batch_end(step, logs.make(
                         lambda seen=totals.seen: self._running_logs(totals, seen)))
@@ -1171,6 +1226,7 @@ class Trainer(TrainingStep):
                         cbs.on_predict_batch_begin(step)
                         with compute_scope(self.backend):
                             out.append(self._outputs(xb))
+                        step_ran(batches)  # (its rows made: an epoch closed now keeps it)
                         cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
                         if self.stop_predicting:  # (a callback's, as in Keras 3: the rows so far)
                             break
