@@ -364,7 +364,9 @@ class TrainingStep(_Network):
         if eager:  # (taken before this step moves anything: a rate that overflowed raises here)
             scalars = opt.step_scalars()
         # (normalisation statistics move in the forward pass: a skipped step puts them back)
-        moving = [a for la in self.layers if la.moves_state for a in la.state.values()]
+        # (la.state first: no property call a step for the layers without state)
+        moving = [a for la in self.layers if la.state and la.moves_state
+                  for a in la.state.values()]
         before = kernels.snapshot_state(moving) if moving else None
         trained = self._trained()
         stats, grads = self._loss_and_grads(xb, yb, kernels, trained, weights)
