@@ -89,6 +89,14 @@ def check_sample_shape(x: np.ndarray, expected: tuple[int, ...], what: str = "x"
                          f"{x.shape}{hint}")
 
 
+def is_float32(dtype: Any) -> bool:
+    """Whether ``dtype`` (a name, NumPy's type or dtype) is float32."""
+    try:
+        return np.dtype(dtype) == np.float32
+    except (TypeError, ValueError):
+        return False
+
+
 def is_one_of(value: Any, accepted: tuple[Any, ...]) -> bool:
     """Whether ``value`` is one of ``accepted``, of the same type (True is no 1; a list is
     read as a tuple): a keyword of another library given the value that is xpcnn's behaviour

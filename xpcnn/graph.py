@@ -56,6 +56,12 @@ _INPUT_KEYWORDS: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 
 
+#: Why Input takes no batch size (Keras' keyword, and its second positional argument).
+_BATCH_SIZE_IS_FITS = ("the batch size is fit's, evaluate's and predict's (fit(x, y, "
+                       "batch_size=...)), not the model's, which takes batches of any size: "
+                       "leave batch_size out")
+
+
 def Input(shape: tuple[int, ...] | list[int] | None = None, name: str | None = "input", *,  # noqa: N802
           batch_size: int | None = None, dtype: Any = None, **keras: Any) -> SymbolicTensor:
     """The symbolic input of a functional model: per-sample ``shape``, e.g. (32, 32, 3).
@@ -65,14 +71,11 @@ def Input(shape: tuple[int, ...] | list[int] | None = None, name: str | None = "
     if isinstance(name, int | np.integer) and not isinstance(name, bool):
         raise InputError(f"Input({shape!r}, {name!r}): xpcnn's second positional argument is "
                          "the input's name, Input(shape, name); Keras 3's is batch_size, "
-                         "Input(shape=None, batch_size=None, dtype=None, ...), which xpcnn "
-                         "takes only as None: the batch size is fit's, evaluate's and "
-                         "predict's (fit(x, y, batch_size=...)), not the model's: leave it out")
+                         f"Input(shape=None, batch_size=None, dtype=None, ...), which xpcnn "
+                         f"takes only as None: {_BATCH_SIZE_IS_FITS}")
     if batch_size is not None:
-        raise InputError(f"Input(batch_size={batch_size!r}): the batch size is fit's, "
-                         "evaluate's and predict's (fit(x, y, batch_size=...)), not the model's, "
-                         "which takes batches of any size: leave batch_size out")
-    if dtype is not None and not _float32(dtype):
+        raise InputError(f"Input(batch_size={batch_size!r}): {_BATCH_SIZE_IS_FITS}")
+    if dtype is not None and not checks.is_float32(dtype):
         raise InputError(f"Input(dtype={dtype!r}): xpcnn's Input takes dtype only as None or "
                          "'float32' (Keras' default): a model casts its batches (uint8 images "
                          "too) to its own dtype, set by Model(inputs, outputs, dtype='float64') "
@@ -94,14 +97,6 @@ def Input(shape: tuple[int, ...] | list[int] | None = None, name: str | None = "
                          f"axis), got {shape!r}")
     return SymbolicTensor(tuple(int(d) for d in shape), None,
                           checks.name("input" if name is None else name, "input name"))
-
-
-def _float32(dtype: Any) -> bool:
-    """Whether ``dtype`` (a name, NumPy's type or dtype) is float32."""
-    try:
-        return np.dtype(dtype) == np.float32
-    except (TypeError, ValueError):
-        return False
 
 
 def _one(t: Any, what: str) -> SymbolicTensor:

@@ -40,6 +40,7 @@ from ..backend import Backend, dtype_name, get_backend
 from ..checks import (
     defining_class,
     flag,
+    is_float32,
     is_one_of,
     largest_value,
     named_parameters,
@@ -326,7 +327,7 @@ def _refuse_base_keywords(cls: type, given: dict[str, Any]) -> bool:
     for key, value in given.items():
         if key in _ANY_LAYER and is_one_of(value, _ANY_LAYER[key]):
             continue
-        if key == "dtype" and _is_float32(value):
+        if key == "dtype" and is_float32(value):
             float32 = True
             continue
         if key == "dynamic" and value is False:  # (Keras' default: what xpcnn does)
@@ -348,14 +349,6 @@ def _refuse_base_keywords(cls: type, given: dict[str, Any]) -> bool:
         raise TypeError(f"{name}(..., {key}={value!r}): an unexpected keyword argument ({via} "
                         "only)")
     return float32
-
-
-def _is_float32(dtype: Any) -> bool:
-    """Whether ``dtype`` (a name, NumPy's type or dtype) is float32."""
-    try:
-        return np.dtype(dtype) == np.float32
-    except (TypeError, ValueError):
-        return False
 
 
 def _refuse_keras_build(cls: type) -> None:
