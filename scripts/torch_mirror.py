@@ -128,9 +128,16 @@ def mirror_layer(layer: L.Layer, exact_random: bool = True) -> list[nn.Module]:
         pool = nn.MaxPool2d(layer.pool_size, layer.strides)
         return [_pad_module(layer.pads, -math.inf), pool] if any(layer.pads) else [pool]
     if isinstance(layer, L.AvgPool2D):
-        if any(layer.pads):
-            raise NotImplementedError("padded AvgPool2D has no direct PyTorch twin here")
-        return [nn.AvgPool2d(layer.pool_size, layer.strides)]
+        top, bottom, left, right = layer.pads
+        ph, pw = layer.pool_size
+        # The mean over the real inputs of each window: PyTorch's count_include_pad=False,
+        # which takes symmetric padding of at most half the window only.
+        if top != bottom or left != right or 2 * top > ph or 2 * left > pw:
+            raise NotImplementedError(f"AvgPool2D padded {layer.pads} (top, bottom, left, "
+                                      "right) has no PyTorch twin here: nn.AvgPool2d pads "
+                                      "symmetrically, by half the window at most")
+        return [nn.AvgPool2d(layer.pool_size, layer.strides, padding=(top, left),
+                             count_include_pad=False)]
     if isinstance(layer, L.GlobalAvgPool2D):
         return [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     if isinstance(layer, L.Flatten):
@@ -161,7 +168,12 @@ def mirror_layer(layer: L.Layer, exact_random: bool = True) -> list[nn.Module]:
     if isinstance(layer, L.Add):
         return [Merge(lambda xs: sum(xs[1:], xs[0]))]
     if isinstance(layer, L.Concatenate):
-        return [Merge(lambda xs: torch.cat(xs, dim=1))]  # channels: axis 1 in NCHW and (N, C)
+        rank = len(layer.output_shape) + 1
+        if rank not in (2, 4):
+            raise NotImplementedError(f"no PyTorch twin for Concatenate of rank-{rank} tensors")
+        # The twin's maps are NCHW: xpcnn's H, W, C axes (1, 2, 3) are its 2, 3, 1.
+        dim = {1: 2, 2: 3, 3: 1}[layer.batch_axis] if rank == 4 else layer.batch_axis
+        return [Merge(lambda xs: torch.cat(xs, dim=dim))]
     raise NotImplementedError(f"no PyTorch twin for {type(layer).__name__}")
 
 

@@ -43,9 +43,10 @@ def make_model(precision: str = "float32") -> xpcnn.Sequential:
 
 def train(checkpoint: str | None = None, resume: bool = False, every: int | str = EVERY,
           step_delay: float = 0.0, model: xpcnn.Sequential | None = None,
-          steps_run: list[int] | None = None) -> tuple[xpcnn.Sequential, xpcnn.History]:
+          steps_run: list[int] | None = None, callbacks: list | None = None
+          ) -> tuple[xpcnn.Sequential, xpcnn.History]:
     """``steps_run``, where given, gets one element per step this call runs (a resumed run
-    runs only the steps after its checkpoint)."""
+    runs only the steps after its checkpoint); ``callbacks``: fit's, besides."""
     model = model or make_model()
     if step_delay:
         step = model.train_step
@@ -61,7 +62,8 @@ def train(checkpoint: str | None = None, resume: bool = False, every: int | str 
     counted = [] if steps_run is None else [xpcnn.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: steps_run.append(batch))]
     history = model.fit(x, y, epochs=EPOCHS, batch_size=BATCH, verbose=0, checkpoint=checkpoint,
-                        resume=resume, callbacks=counted, **every)
+                        resume=resume, callbacks=[*counted, *(callbacks or [])],
+                        **every)
     return model, history
 
 

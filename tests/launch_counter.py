@@ -521,17 +521,20 @@ def measured_step(counter: Counter, model: Any, x: Any, y: Any) -> list[Launch]:
 
 
 def step_launches(model_name: str, precision: str = "float32", batch: int = 128,
-                  warmup: int = 2, optimizer: str = "sgd") -> list[Launch]:
+                  warmup: int = 2, optimizer: str = "sgd", warmup_batch: int | None = None
+                  ) -> list[Launch]:
     """The launches of one eager training step (after ``warmup`` steps) of reference model
     ``model_name`` on a batch of uint8 images already on the device, with ``optimizer`` (SGD
     with momentum 0.9 as scripts/bench_gpu.py trains, by default); the emulated CuPy and
     cuDNN must be loaded (see :func:`emulated`). :data:`MEMORY` then holds that step's peak
-    device memory."""
+    device memory. ``warmup_batch``: the warm-up steps on that many of the batch's rows only
+    (they build the model and its optimiser state, which no batch size changes; a step on
+    the emulator takes time in proportion to its batch)."""
     fast_cupy = sys.modules["xpcnn.ops.fast_cupy"]
     with counting(fast_cupy) as counter:
         model, x, y = counted_model(model_name, precision, batch, optimizer)
         for _ in range(warmup):
-            model.train_step(x, y)
+            model.train_step(x[:warmup_batch], y[:warmup_batch])
         launches = measured_step(counter, model, x, y)
     # (an array that is no DeviceArray would have its operations go uncounted)
     untracked = [name for name, a in model._graph_arrays() if not isinstance(a, DeviceArray)]

@@ -607,7 +607,7 @@ def test_train_step_never_trains_on_labels_that_are_no_class(labels, on):
     loss, _ = model.train_step(xb, bad)  # queued: the host does not wait for the device
     assert not np.isfinite(float(loss))
     with pytest.raises(InputError, match=r"training stopped at step 1: labels in y must be in "
-                                         r"\[0, 3\] for a model with 4 outputs"):
+                                         r"\[0, 3\] for a model of 4 classes"):
         for _ in range(READ_EVERY):  # the host reads the totals every READ_EVERY steps
             model.train_step(xb, good)
     assert model.optimizer.iterations == 0  # no update from that step on
@@ -1417,3 +1417,30 @@ def test_a_users_layer_filling_its_gradient_on_some_steps_only_is_named(parallel
             model.train_step(model._to_device(x), model.backend.asarray(y))
 
     run_ranks([model], step)
+
+
+def test_a_regularizer_refusal_gives_keras_l2_strength_and_activity_has_no_equivalent():
+    """Keras' l2(l) adds l * sum(w**2), whose gradient is 2*l*w: the refusal says
+    weight_decay=2*l, and that weight decay reaches every parameter (was: weight_decay=1e-4
+    for what a port writes as l2(1e-4), half the decay); an activity regularizer penalises
+    outputs, and its refusal says xpcnn has no equivalent (was: the same weight-decay advice,
+    which penalises no output)."""
+    for make, key in ((lambda: Dense(3, kernel_regularizer="l2"), "kernel_regularizer"),
+                      (lambda: Conv2D(3, 3, bias_regularizer="l2"), "bias_regularizer"),
+                      (lambda: BatchNorm2D(gamma_regularizer="l2"), "gamma_regularizer")):
+        with pytest.raises(InputError, match=rf"\({key}='l2'\): Keras' keyword, .* take no "
+                                             r"regularizer: give the optimizer a weight_decay, "
+                                             r"which decays every parameter \(biases and "
+                                             r"normalisation weights too\): Keras' l2\(l\) is "
+                                             r"weight_decay=2\*l on optim.SGD or optim.Adam "
+                                             r"\(l2\(1e-4\): optim.SGD\(0.01, "
+                                             r"weight_decay=2e-4\)\); l1 has no equivalent$"):
+            make()
+    for make in (lambda: Dense(3, activity_regularizer="l1"),
+                 lambda: Conv2D(3, 3, activity_regularizer="l2")):
+        with pytest.raises(InputError, match=r"\(activity_regularizer='l\d'\): Keras' keyword, "
+                                             r".*: xpcnn has no equivalent: an activity "
+                                             r"regularizer penalises the layer's outputs, not "
+                                             r"its weights, so an optimizer's weight_decay is "
+                                             r"no substitute$"):
+            make()

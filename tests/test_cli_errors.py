@@ -10,6 +10,8 @@ ends with one line saying where the run stopped, after writing a checkpoint ther
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import re
@@ -17,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import ckpt_train
@@ -353,6 +356,73 @@ def test_ctrl_c_without_a_checkpoint_says_where_it_stopped(tmp_path):
     assert re.fullmatch(r"xpcnn train: interrupted at epoch \d+, after step \d/8; nothing was "
                         r"kept \(--checkpoint PATH keeps the training state, and --resume "
                         r"continues from it\)", err), err
+
+
+class _Dropped:
+    """An object whose weak reference's callback gets the Ctrl-C: Python raises its
+    KeyboardInterrupt in the callback, where it is reported as "Exception ignored" and dropped."""
+
+
+def _dropped_ctrl_c(raised: bool = True) -> None:
+    """A Ctrl-C whose KeyboardInterrupt Python raises inside a weakref callback, and drops
+    (``raised`` False: under BackupAndRestore's handler, which raises none)."""
+    seen = []
+    gone = _Dropped()
+    ref = weakref.ref(gone, lambda r: (signal.raise_signal(signal.SIGINT), seen.append("on")))
+    del gone  # (the callback runs here; the KeyboardInterrupt is raised inside it)
+    assert ref() is None and seen == ([] if raised else ["on"])  # (raised there: dropped)
+
+
+@pytest.mark.parametrize("where", ["step 3", "the last epoch's end", "caught on purpose",
+                                   "step 3, with a checkpoint"])
+def test_a_ctrl_c_python_drops_still_stops_fit(tmp_path, ctrl_c_raises, monkeypatch, where):
+    """A Ctrl-C whose KeyboardInterrupt is raised in a weakref callback (or a __del__) stops
+    fit after that step, or on leaving where it came after the last step, with no "Exception
+    ignored" report of it (was: lost, and fit trained on; the CLI's Ctrl-C test timed out
+    waiting for it now and then). One a step catches on purpose is not dropped: fit goes on.
+    Other errors a callback drops are still reported."""
+    reported = []
+
+    def report(unraisable):
+        reported.append(type(unraisable.exc_value))
+
+    monkeypatch.setattr(sys, "unraisablehook", report)
+    model = ckpt_train.make_model()
+    step, count = model.train_step, [0]
+
+    def step_then_dropped_ctrl_c(xb, yb):
+        out = step(xb, yb)
+        count[0] += 1
+        if count[0] == 2:  # (an error of the user's a callback drops: reported, as always)
+            gone = _Dropped()
+            ref = weakref.ref(gone, lambda r: 1 / 0)  # noqa: F841
+            del gone
+        if count[0] == 3 and where.startswith("step 3"):
+            _dropped_ctrl_c(raised="checkpoint" not in where)
+        if count[0] == 3 and where == "caught on purpose":
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        return out
+
+    model.train_step = step_then_dropped_ctrl_c
+    last = xpcnn.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: (
+        _dropped_ctrl_c() if epoch == ckpt_train.EPOCHS - 1 else None))
+    path = tmp_path / "c.npz"
+    train = functools.partial(ckpt_train.train, str(path) if "checkpoint" in where else None,
+                              model=model, callbacks=[last])
+    steps = ckpt_train.EPOCHS * 8
+    if where == "caught on purpose":
+        train(callbacks=[])
+        assert count[0] == steps
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            train()
+        assert count[0] == model.optimizer.iterations == (3 if "step" in where else steps)
+    assert reported == [ZeroDivisionError]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert sys.unraisablehook is report  # (put back too)
+    if "checkpoint" in where:  # (BackupAndRestore's first Ctrl-C waits for the step)
+        assert load_checkpoint(path).model.optimizer.iterations == 3
 
 
 @pytest.mark.parametrize("stop, where", [(11, "epoch 2, step 3/8"), (16, "epoch 2, step 8/8")])

@@ -546,7 +546,7 @@ def test_a_replayed_step_on_labels_that_are_no_class_is_skipped_and_named_as_eag
         assert moving and all(np.array_equal(a, b) for a, b in zip(
             moving, [a for la in model.layers for a in la.state.values()], strict=True))
         with pytest.raises(InputError, match=r"training stopped at step 5: labels in y must be "
-                                             r"in \[0, 9\] for a model with 10 outputs; found "
+                                             r"in \[0, 9\] for a model of 10 classes; found "
                                              r"values from 0 to 10"):
             model._read_totals()
         assert model.optimizer.iterations == 4

@@ -1084,8 +1084,12 @@ def test_strided_and_over_padded_input_gradients_take_one_launch(
                                    atol=tol * np.abs(want).max())
 
 
-@pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
-@pytest.mark.parametrize("labels_dtype", [np.int64, np.int32, np.uint8])
+# (int64 labels at every shape; the labels' other dtypes change only how the kernel reads a
+# label, so they run at one shape of each kernel: a row a thread, a row a warp)
+@pytest.mark.parametrize("rows, classes, smoothing, levels, labels_dtype", [
+    *((*case, np.int64) for case in SOFTMAX_CROSS_ENTROPY),
+    *((*case, labels) for case in (SOFTMAX_CROSS_ENTROPY[1], SOFTMAX_CROSS_ENTROPY[7])
+      for labels in (np.int32, np.uint8))])
 @pytest.mark.parametrize("dtype", WITH_HALF)
 def test_softmax_cross_entropy(fast, monkeypatch, rng, rows, classes, smoothing, levels,
                                labels_dtype, dtype):
@@ -1174,8 +1178,13 @@ def test_softmax(fast, monkeypatch, rng, rows, classes, smoothing, levels, dtype
                     STD.softmax(z.astype(np.float64), dtype))
 
 
-@pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
-@pytest.mark.parametrize("dtype", WITH_HALF)
+# (each target form at every shape in float32; the other dtypes change only the types the
+# same steps run in, which test_softmax_cross_entropy crosses with every shape, so here they
+# run at one shape of each kernel: a row a thread over 3 blocks, a row a warp past the last row)
+@pytest.mark.parametrize("rows, classes, smoothing, levels, dtype", [
+    *((*case, np.float32) for case in SOFTMAX_CROSS_ENTROPY),
+    *((*case, dtype) for case in (SOFTMAX_CROSS_ENTROPY[5], SOFTMAX_CROSS_ENTROPY[7])
+      for dtype in (np.float16, BFLOAT16, np.float64))])
 @pytest.mark.parametrize("targets, weighted", [("labels", True), ("one-hot", False),
                                                ("soft", True)])
 def test_softmax_cross_entropy_of_target_rows_and_weights(fast, monkeypatch, rng, rows,

@@ -455,7 +455,7 @@ def test_arrays_of_another_library_or_device_are_refused(data):
           r"are not whole numbers"),
     (np.nan, r"y must be integer class labels, got dtype float64 holding NaN \(1 labels\): "
              r"y\[13\] is nan"),
-    (7, r"labels in y must be in \[0, 3\] for a model with 4 outputs; found values from 0 to "
+    (7, r"labels in y must be in \[0, 3\] for a model of 4 classes; found values from 0 to "
         r"7: y\[13\] is 7, the first of 1 out of range"),
     (-1, r"found values from -1 to \d: y\[13\] is -1, the first of 1 out of range"),
     ("one-hot", r"one-hot y must hold probabilities, each row >= 0 and summing to 1; y\[13\] "
@@ -497,7 +497,7 @@ def test_streamed_device_labels_are_checked_like_host_labels(data):
     wrong[5] = 4  # a fifth class of a 4-class model
     for source in (iter([(put(x), put(wrong))]), MapDataset(put(x), put(wrong))):
         with pytest.raises(InputError, match=r"labels in y must be in \[0, 3\] for a model "
-                                             "with 4 outputs; found values from 0 to 4"):
+                                             "of 4 classes; found values from 0 to 4"):
             model.fit(source, steps_per_epoch=1 if isinstance(source, Iterator) else None,
                       verbose=0)
     with pytest.raises(InputError, match=r"y has 43 labels but x has 44"):

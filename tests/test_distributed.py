@@ -977,126 +977,133 @@ from xpcnn.errors import XpcnnError
 from xpcnn.layers import Dense, Flatten, Normalization, Softmax
 
 rank = distributed.world().rank
-x = np.random.default_rng(0).random((16, 4, 4, 3)).astype(np.float32)
-y = np.arange(16) % 3
-norm = Normalization()
-norm.adapt(x[rank::2] if sys.argv[1] == "shards" else x)
-# (a layer more on rank 1: was checksums of other lengths exchanged, other layers named)
-extra = [Dense(5)] if sys.argv[1] == "layers differ in count" and rank == 1 else []
-model = xpcnn.Sequential([norm, Flatten(), *extra, Dense(3), Softmax()], seed=0)
-# (a learning rate of each rank's own: the ranks' weights drifted apart, silently)
-model.compile(optimizer=xpcnn.optim.SGD(0.01 * (1 + rank * (sys.argv[1] == "lr"))))
-# (a path only rank 0 checks, inside a regular file: refused there alone)
-callbacks = [ModelCheckpoint(__file__ + "/m.npz")] if sys.argv[1] == "path" else []
-if sys.argv[1] == "early stopping on rank 0" and rank == 0:  # (a 600 s wait, then "stuck")
-    from xpcnn.callbacks import EarlyStopping
-    callbacks = [EarlyStopping(monitor="loss", patience=0, min_delta=10)]
-checkpoint = os.path.join(os.path.dirname(__file__), "ck.npz")
-# (per-rank data: a PyTorch habit; or arrays of other lengths)
-xs, ys = {"data shards": (x[rank::2], y[rank::2]),
-          "lengths": (x[:16 - 4 * rank], y[:16 - 4 * rank])}.get(sys.argv[1], (x, y))
 
 
-class Subset:  # (PyTorch's, as random_split makes them: equal lengths)
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.dataset[self.indices[i]]
-
-
-class Pairs:
-    def __len__(self):
-        return 16
-
-    def __getitem__(self, i):
-        return x[i], y[i]
-
-
-def step_in_a_callback(epoch, logs):
-    model.train_on_batch(x[:5], y[:5])
+def one(index, case):  # (each case's model and data its own: the cases run one by one)
+    x = np.random.default_rng(0).random((16, 4, 4, 3)).astype(np.float32)
+    y = np.arange(16) % 3
+    norm = Normalization()
+    norm.adapt(x[rank::2] if case == "shards" else x)
+    # (a layer more on rank 1: was checksums of other lengths exchanged, other layers named)
+    extra = [Dense(5)] if case == "layers differ in count" and rank == 1 else []
+    model = xpcnn.Sequential([norm, Flatten(), *extra, Dense(3), Softmax()], seed=0)
+    # (a learning rate of each rank's own: the ranks' weights drifted apart, silently)
+    model.compile(optimizer=xpcnn.optim.SGD(0.01 * (1 + rank * (case == "lr"))))
+    # (a path only rank 0 checks, inside a regular file: refused there alone)
+    callbacks = [ModelCheckpoint(__file__ + "/m.npz")] if case == "path" else []
+    if case == "early stopping on rank 0" and rank == 0:  # (a 600 s wait, then "stuck")
+        from xpcnn.callbacks import EarlyStopping
+        callbacks = [EarlyStopping(monitor="loss", patience=0, min_delta=10)]
+    checkpoint = os.path.join(os.path.dirname(__file__), f"ck{index}.npz")
+    # (per-rank data: a PyTorch habit; or arrays of other lengths)
+    xs, ys = {"data shards": (x[rank::2], y[rank::2]),
+              "lengths": (x[:16 - 4 * rank], y[:16 - 4 * rank])}.get(case, (x, y))
 
 
-try:
-    if sys.argv[1] == "train_on_batch":
-        model.train_on_batch(x[:4], y[:4])
-    elif sys.argv[1] == "train_on_batch in fit":  # (from a callback: was an accuracy summed
-        from xpcnn.callbacks import LambdaCallback  # over the ranks, a step mis-weighted)
-        model.fit(x, y, batch_size=3, verbose=0,
-                  callbacks=[LambdaCallback(on_epoch_end=step_in_a_callback)])
-    elif sys.argv[1] == "subset shards":
-        model.fit(Subset(Pairs(), list(range(rank, 16, 2))), batch_size=4, verbose=0)
-    elif sys.argv[1] == "validation shards":
-        model.fit(x, y, batch_size=4, validation_data=(x[rank::2], y[rank::2]), verbose=0)
-    elif sys.argv[1] == "evaluate shards":
-        model.evaluate(x[rank::2], y[rank::2])
-    elif sys.argv[1] == "raises at an epoch's end":  # (rank 1's generator, as epoch 2 begins)
-        def batches():
-            for i in range(4):
-                if rank == 1 and i == 2:
-                    raise OSError("shard-0002.npz: No such file or directory")
-                yield x[4 * i:4 * i + 4], y[4 * i:4 * i + 4]
-        model.fit(batches(), steps_per_epoch=2, epochs=2, verbose=0)
-    elif sys.argv[1] == "uneven batches":  # (rank 1's generator one batch short)
-        batches = ((x[i:i + 4], y[i:i + 4]) for i in range(0, 16 - 4 * rank, 4))
-        model.fit(batches, steps_per_epoch=4, epochs=1, verbose=0)
-    elif sys.argv[1] == "short at an epoch's end":  # (rank 1's runs out as epoch 1 ends)
-        batches = ((x[i % 16:i % 16 + 4], y[i % 16:i % 16 + 4])
-                   for i in range(0, 8 if rank else 40, 4))
-        model.fit(batches, steps_per_epoch=2, epochs=3, verbose=0)
-    elif sys.argv[1] == "class weights":  # (each rank weighed its slices with its own)
-        model.fit(x, y, batch_size=4, verbose=0, class_weight={0: 1.0 + 9 * rank})
-    elif sys.argv[1] == "class weights alike":  # (a table of ones is none)
-        model.fit(x, y, batch_size=4, verbose=0, class_weight={0: 1.0} if rank else None)
-    elif sys.argv[1] == "epochs":  # (rank 0 waited for rank 1's steps until the timeout)
-        model.fit(x, y, batch_size=4, epochs=1 + rank, verbose=0)
-    elif sys.argv[1] == "early stopping on rank 0":
-        model.fit(x, y, batch_size=4, epochs=3, verbose=0, callbacks=callbacks)
-    elif sys.argv[1] == "evaluate on rank 0, then fit":  # (paired with fit's collectives)
-        if rank == 0:
-            model.evaluate(x, y, verbose=0)
-        model.fit(x, y, batch_size=4, verbose=0)
-    elif sys.argv[1] == "checkpoint on rank 0 alone":  # (a node-local disk: rank 0 resumed,
-        model.fit(x, y, batch_size=4, verbose=0, checkpoint=checkpoint)  # rank 1 afresh)
-        model.fit(x, y, batch_size=4, epochs=2, verbose=0, resume=True,
-                  checkpoint=checkpoint if rank == 0 else checkpoint + ".rank1.npz")
-    elif sys.argv[1] == "dataset checkpoint on rank 0 alone":  # (rank 1 alone drew a first
-        model.fit(Pairs(), batch_size=4, verbose=0, checkpoint=checkpoint)  # batch: refused
-        model.fit(Pairs(), batch_size=4, epochs=2, verbose=0, resume=True,  # as other calls)
-                  checkpoint=checkpoint if rank == 0 else checkpoint + ".rank1.npz")
-    elif sys.argv[1] == "validation on rank 0 alone":  # (was: checksums of other lengths,
-        model.fit(x, y, batch_size=4, verbose=0,  # read as "another epochs")
-                  validation_data=(x, y) if rank == 0 else None)
-    elif sys.argv[1] == "evaluate in a rank-0 callback":  # (its name's exchange paired with
-        from xpcnn.callbacks import LambdaCallback  # rank 1's gradient allreduce: garbled)
-        model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[LambdaCallback(
-            on_epoch_end=lambda epoch, logs: rank == 0 and model.evaluate(x, y, verbose=0))])
+    class Subset:  # (PyTorch's, as random_split makes them: equal lengths)
+        def __init__(self, dataset, indices):
+            self.dataset, self.indices = dataset, indices
+
+        def __len__(self):
+            return len(self.indices)
+
+        def __getitem__(self, i):
+            return self.dataset[self.indices[i]]
+
+
+    class Pairs:
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return x[i], y[i]
+
+
+    def step_in_a_callback(epoch, logs):
+        model.train_on_batch(x[:5], y[:5])
+
+
+    try:
+        if case == "train_on_batch":
+            model.train_on_batch(x[:4], y[:4])
+        elif case == "train_on_batch in fit":  # (from a callback: was an accuracy summed
+            from xpcnn.callbacks import LambdaCallback  # over the ranks, a step mis-weighted)
+            model.fit(x, y, batch_size=3, verbose=0,
+                      callbacks=[LambdaCallback(on_epoch_end=step_in_a_callback)])
+        elif case == "subset shards":
+            model.fit(Subset(Pairs(), list(range(rank, 16, 2))), batch_size=4, verbose=0)
+        elif case == "validation shards":
+            model.fit(x, y, batch_size=4, validation_data=(x[rank::2], y[rank::2]), verbose=0)
+        elif case == "evaluate shards":
+            model.evaluate(x[rank::2], y[rank::2])
+        elif case == "raises at an epoch's end":  # (rank 1's generator, as epoch 2 begins)
+            def batches():
+                for i in range(4):
+                    if rank == 1 and i == 2:
+                        raise OSError("shard-0002.npz: No such file or directory")
+                    yield x[4 * i:4 * i + 4], y[4 * i:4 * i + 4]
+            model.fit(batches(), steps_per_epoch=2, epochs=2, verbose=0)
+        elif case == "uneven batches":  # (rank 1's generator one batch short)
+            batches = ((x[i:i + 4], y[i:i + 4]) for i in range(0, 16 - 4 * rank, 4))
+            model.fit(batches, steps_per_epoch=4, epochs=1, verbose=0)
+        elif case == "short at an epoch's end":  # (rank 1's runs out as epoch 1 ends)
+            batches = ((x[i % 16:i % 16 + 4], y[i % 16:i % 16 + 4])
+                       for i in range(0, 8 if rank else 40, 4))
+            model.fit(batches, steps_per_epoch=2, epochs=3, verbose=0)
+        elif case == "class weights":  # (each rank weighed its slices with its own)
+            model.fit(x, y, batch_size=4, verbose=0, class_weight={0: 1.0 + 9 * rank})
+        elif case == "class weights alike":  # (a table of ones is none)
+            model.fit(x, y, batch_size=4, verbose=0, class_weight={0: 1.0} if rank else None)
+        elif case == "epochs":  # (rank 0 waited for rank 1's steps until the timeout)
+            model.fit(x, y, batch_size=4, epochs=1 + rank, verbose=0)
+        elif case == "early stopping on rank 0":
+            model.fit(x, y, batch_size=4, epochs=3, verbose=0, callbacks=callbacks)
+        elif case == "evaluate on rank 0, then fit":  # (paired with fit's collectives)
+            if rank == 0:
+                model.evaluate(x, y, verbose=0)
+            model.fit(x, y, batch_size=4, verbose=0)
+        elif case == "checkpoint on rank 0 alone":  # (a node-local disk: rank 0 resumed,
+            model.fit(x, y, batch_size=4, verbose=0, checkpoint=checkpoint)  # rank 1 afresh)
+            model.fit(x, y, batch_size=4, epochs=2, verbose=0, resume=True,
+                      checkpoint=checkpoint if rank == 0 else checkpoint + ".rank1.npz")
+        elif case == "dataset checkpoint on rank 0 alone":  # (rank 1 alone drew a first
+            model.fit(Pairs(), batch_size=4, verbose=0, checkpoint=checkpoint)  # batch: refused
+            model.fit(Pairs(), batch_size=4, epochs=2, verbose=0, resume=True,  # as other calls)
+                      checkpoint=checkpoint if rank == 0 else checkpoint + ".rank1.npz")
+        elif case == "validation on rank 0 alone":  # (was: checksums of other lengths,
+            model.fit(x, y, batch_size=4, verbose=0,  # read as "another epochs")
+                      validation_data=(x, y) if rank == 0 else None)
+        elif case == "evaluate in a rank-0 callback":  # (its name's exchange paired with
+            from xpcnn.callbacks import LambdaCallback  # rank 1's gradient allreduce: garbled)
+            model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[LambdaCallback(
+                on_epoch_end=lambda epoch, logs: rank == 0 and model.evaluate(x, y, verbose=0))])
+        else:
+            model.fit(xs, ys, epochs=1, batch_size=4, verbose=0, callbacks=callbacks)
+    except (XpcnnError, OSError) as e:
+        said = f"rank {rank} refused: {type(e).__name__}: {e}"
     else:
-        model.fit(xs, ys, epochs=1, batch_size=4, verbose=0, callbacks=callbacks)
-except (XpcnnError, OSError) as e:
-    said = f"rank {rank} refused: {type(e).__name__}: {e}"
-else:
-    said = f"rank {rank} trained"
-os.write(1, (said + "\\n").encode())  # (one write: the ranks' lines do not interleave)
+        said = f"rank {rank} trained"
+    os.write(1, f"{case}| {said}\\n".encode())  # (one write: the ranks' lines do not
+    # interleave)
+
+
+for index, case in enumerate(sys.argv[1:]):
+    one(index, case)
 '''
 
 
+REFUSED_CASES = ["shards", "path", "same", "data shards", "lengths", "train_on_batch",
+                 "uneven batches", "subset shards", "validation shards", "evaluate shards",
+                 "train_on_batch in fit", "short at an epoch's end", "class weights",
+                 "class weights alike", "raises at an epoch's end", "lr", "epochs",
+                 "early stopping on rank 0", "evaluate on rank 0, then fit",
+                 "checkpoint on rank 0 alone", "dataset checkpoint on rank 0 alone",
+                 "validation on rank 0 alone", "layers differ in count",
+                 "evaluate in a rank-0 callback"]
+
+
 @needs_mpi
-@pytest.mark.parametrize("case", ["shards", "path", "same", "data shards", "lengths",
-                                  "train_on_batch", "uneven batches", "subset shards",
-                                  "validation shards", "evaluate shards",
-                                  "train_on_batch in fit", "short at an epoch's end",
-                                  "class weights", "class weights alike",
-                                  "raises at an epoch's end", "lr", "epochs",
-                                  "early stopping on rank 0", "evaluate on rank 0, then fit",
-                                  "checkpoint on rank 0 alone",
-                                  "dataset checkpoint on rank 0 alone",
-                                  "validation on rank 0 alone", "layers differ in count",
-                                  "evaluate in a rank-0 callback"])
-def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp_path, case):
+def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp_path):
     """A Normalization adapted on each rank's own shard (their models predicted apart, rank 0's
     alone saved), and a refusal of one rank's own (a path rank 0 alone checks; the others
     waited in the first allreduce for the whole timeout, then blamed a stuck rank): every
@@ -1110,15 +1117,31 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
     is refused saying so, before any payload is exchanged; one on rank 0 alone while rank 1
     trains (an evaluate in a callback) runs on a communicator of its own: no pairing with
     training; at an epoch's end it meets rank 1's agreement to stop, refused naming both."""
-    # (rank 0 evaluating in a callback while rank 1 trains: a short timeout, should either
-    # wait)
-    waits = case == "evaluate in a rank-0 callback"
-    proc, seconds = two_ranks(tmp_path, _REFUSED_ON_EVERY_RANK, case,
-                              collective_timeout=10 if waits else 60)
-    assert proc.returncode == 0 and seconds < 50, proc.stderr
-    lines = sorted(proc.stdout.splitlines())
+    # (the cases one after the other in one job, each checked on its own lines: a job a case
+    # took ~1 s each to start; rank 0 evaluating in a callback while rank 1 trains in a job of
+    # its own, with a short timeout, should either wait)
+    waits = "evaluate in a rank-0 callback"
+    said: dict[str, list[str]] = {case: [] for case in REFUSED_CASES}
+    for cases, timeout in (([c for c in REFUSED_CASES if c != waits], 60), ([waits], 10)):
+        proc, seconds = two_ranks(tmp_path, _REFUSED_ON_EVERY_RANK, *cases,
+                                  collective_timeout=timeout)
+        assert proc.returncode == 0 and seconds < 50, proc.stderr
+        for line in proc.stdout.splitlines():
+            case, _, line = line.partition("| ")
+            said[case].append(line)
+    failed = []  # (every case checked, each failure named by its case)
+    for case, lines in said.items():
+        try:
+            assert len(lines) == 2, lines  # (a line from each rank)
+            _check_refused_on_every_rank(case, sorted(lines))
+        except AssertionError as e:
+            failed.append(f"{case}: {e}")
+    assert not failed, "\n\n".join(failed)
+
+
+def _check_refused_on_every_rank(case: str, lines: list[str]) -> None:
     if case in ("same", "class weights alike"):
-        assert lines == ["rank 0 trained", "rank 1 trained"], proc.stdout
+        assert lines == ["rank 0 trained", "rank 1 trained"], lines
     elif case == "class weights":  # (was: trained, each rank with its own weights)
         assert all("DistributedError: fit on several ranks was given other training data on "
                    "rank(s) [1] than on rank 0 (other samples or sizes, or other sample "
@@ -1873,8 +1896,9 @@ os.write(1, ("\\n".join(said) + "\\n").encode())
 
 
 def _weights_alike(lines: list[str], name: str, steps: int) -> None:
-    """Both ranks' ``name`` trained ``steps`` steps to the same weights."""
-    mine = [line for line in lines if f" {name}: " in line]
+    """Both ranks' ``name`` trained ``steps`` steps to the same weights (the ranks' lines in
+    either order: mpiexec interleaves their outputs as they come)."""
+    mine = sorted(line for line in lines if f" {name}: " in line)
     assert [line.split(", weights")[0] for line in mine] == [
         f"rank {r} {name}: {steps} steps" for r in (0, 1)], lines
     assert len({line.split("weights")[1] for line in mine}) == 1, lines

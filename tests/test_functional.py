@@ -16,6 +16,7 @@ import xpcnn
 from xpcnn.errors import DataFormatError, InputError
 from xpcnn.layers import (
     Add,
+    AvgPool2D,
     BatchNorm2D,
     Concatenate,
     Conv2D,
@@ -146,6 +147,46 @@ def test_a_frozen_layer_and_a_frozen_batchnorm_match_pytorch(data):
         for a, b in zip(layer.get_weights(), old, strict=True):
             np.testing.assert_array_equal(a, b)
     assert len(model.trainable_layers) == len([la for la in model.layers if la.params]) - 2
+
+
+def _twin_outputs(model, x):
+    torch, twin, _ = _twin(model)
+    with torch.no_grad():
+        out = twin.eval()(torch.from_numpy(x)).numpy()
+    return out.transpose(0, 2, 3, 1) if out.ndim == 4 else out
+
+
+@pytest.mark.parametrize("axis", [1, 2, 3, -1, -2, -3])
+def test_the_pytorch_twin_concatenates_along_the_layers_axis(axis, rng):
+    """The twin's maps are NCHW: Concatenate's H, W, C axes are its 2, 3, 1 (was: every
+    Concatenate joined channels, a twin of another shape, a torch error further on); on
+    flat inputs the axis is the same."""
+    inputs = xpcnn.Input((4, 5, 3))
+    joined = Concatenate(axis=axis)([Conv2D(3, 1)(inputs), inputs])
+    flat = Concatenate(axis=1 if axis > 0 else -1)([GlobalAvgPool2D()(joined), Flatten()(inputs)])
+    for outputs in (joined, Dense(2)(flat)):
+        model = xpcnn.Model(inputs, outputs, seed=0, dtype="float64")
+        x = rng.standard_normal((2, 4, 5, 3))
+        np.testing.assert_allclose(_twin_outputs(model, x), model.predict(x, verbose=0),
+                                   rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pool", [lambda: MaxPool2D(3, 1, 1), lambda: AvgPool2D(3, 1, 1),
+                                  lambda: AvgPool2D(3, 2, "same"), lambda: AvgPool2D((2, 3), 1, 1)])
+def test_the_pytorch_twin_of_a_symmetrically_padded_pool_matches(pool, rng):
+    """A padded AvgPool2D's mean leaves the padding out: nn.AvgPool2d(count_include_pad=False)
+    where the padding is symmetric (was: NotImplementedError for any padding)."""
+    model = xpcnn.Sequential([Conv2D(2, 1), pool(), Flatten(), Dense(3)],
+                             input_shape=(7, 7, 2), seed=0, dtype="float64")
+    x = rng.standard_normal((2, 7, 7, 2))
+    np.testing.assert_allclose(_twin_outputs(model, x), model.predict(x, verbose=0),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_the_pytorch_twin_refuses_an_asymmetrically_padded_avgpool(rng):
+    model = xpcnn.Sequential([AvgPool2D(2, 1, "same")], input_shape=(5, 5, 2))
+    with pytest.raises(NotImplementedError, match=r"AvgPool2D padded \(0, 1, 0, 1\)"):
+        _twin(model)
 
 
 # -- gradients ---------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ by a MiB or more.
     PYTHONPATH=$PWD:tests python tests/launch_counter.py  # the breakdowns, batch 128
 """
 
+import functools
+
 import numpy as np
 import pytest
 from cuda_emulator import RawKernel, needs_compiler
@@ -114,7 +116,7 @@ def check_memory(model: str, precision: str) -> None:
 @pytest.mark.parametrize(("model", "precision"), list(PINNED))
 def test_launches_and_memory_of_a_training_step(fast_cupy, model, precision):
     check_launches(model, precision, step_launches(model, precision, BATCH.get(model, 128),
-                                                   warmup=1))
+                                                   warmup=1, warmup_batch=8))
     check_memory(model, precision)
 
 
@@ -152,7 +154,7 @@ def test_an_activation_kept_longer_fails_the_memory_pin(fast_cupy, monkeypatch):
         return y
 
     monkeypatch.setattr(MaxPool2D, "forward", keeping)
-    step_launches("mnist", "float32", warmup=1)
+    step_launches("mnist", "float32", warmup=1, warmup_batch=8)
     pinned = PINNED_MIB["mnist", "float32"]
     assert MEMORY.peak / 2**20 == pytest.approx(pinned + 4.5, abs=1.0)
     with pytest.raises(AssertionError, match=r"MiB at a step's peak, pinned (.|\n)*"
@@ -384,11 +386,18 @@ def _mlp_step(fast_cupy, precision, **clip):
 CLIP_LAUNCHES = {"clipnorm": 1, "global_clipnorm": 1, "clipvalue": 0}
 
 
+@functools.cache
+def _plain_mlp_step(fast_cupy, precision) -> tuple[int, int]:
+    """The launches and peak bytes of :func:`_mlp_step` without clipping (the same for every
+    clipping compared with it: made once a precision)."""
+    launches = launch_count(_mlp_step(fast_cupy, precision))
+    return launches, MEMORY.peak
+
+
 @pytest.mark.parametrize("precision", ["float32", "mixed_float16"])
 @pytest.mark.parametrize("clip", list(CLIP_LAUNCHES))
 def test_clipping_takes_at_most_one_launch_and_no_gradient_copy(fast_cupy, clip, precision):
-    plain = launch_count(_mlp_step(fast_cupy, precision))
-    plain_peak = MEMORY.peak
+    plain, plain_peak = _plain_mlp_step(fast_cupy, precision)
     launches = _mlp_step(fast_cupy, precision, **{clip: 0.5})
     assert launch_count(launches) == plain + CLIP_LAUNCHES[clip], breakdown(launches)
     assert abs(MEMORY.peak - plain_peak) < 0.1 * 2**20, MEMORY.breakdown()
@@ -485,7 +494,7 @@ def test_hand_written_kernel_gradients_need_no_copy(fast_cupy, monkeypatch, prec
     import xpcnn.ops.cudnn_conv as cudnn_conv
 
     monkeypatch.setattr(cudnn_conv, "load", lambda: None)
-    launches = step_launches("cifar", precision, batch=8, warmup=1)
+    launches = step_launches("cifar", precision, batch=8, warmup=1, warmup_batch=2)
     assert launch_count(launches) == HAND_WRITTEN_CIFAR[precision], breakdown(launches)
     after = [launch for launch in launches if launch.kind == "copy"
              and launch.where in ("RunningTotals.add", "SGD._fused_update")]

@@ -1039,3 +1039,119 @@ print("loaded as", type(loaded.layers[1]).__module__)
     assert (config["layers"][1].get("module"), config["layers"][1].get("qualname")) == (
         "__main__", "Gate")
     assert done.stdout.strip() == "loaded as gates"
+
+
+# -- the optimiser's rate and step count ---------------------------------------------------------
+
+
+def _rate_model(optimizer) -> xpcnn.Sequential:
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], dtype="float64", seed=0)
+    model.compile(loss="cross_entropy", optimizer=optimizer)
+    return model
+
+
+_RATE_DATA = (np.random.default_rng(1).standard_normal((24, 2, 2, 1)),
+              np.random.default_rng(2).integers(0, 3, 24))
+
+
+def test_a_model_file_loads_the_rate_set_on_a_schedule_and_the_schedule_goes_on(tmp_path):
+    """A rate set with optimizer.lr on a schedule is the loaded optimiser's rate, and the
+    schedule goes on from its place: the file keeps the step count with the factor, as a
+    checkpoint does and as Keras' file keeps the optimiser's iterations (was: the factor alone,
+    applied at step 0: 0.8 loaded where 0.2 was set, the factor times the schedule's first
+    rate); the next steps' rates are those the saved model would have used."""
+    from xpcnn import optim
+
+    model = _rate_model(optim.Adam(optim.StepDecay(0.1, 3, 0.5)))
+    model.fit(*_RATE_DATA, epochs=2, batch_size=8, verbose=0)  # (6 steps: 0.025 now)
+    model.optimizer.lr = 0.2
+    model.save(tmp_path / "m.npz")
+    loaded = xpcnn.load_model(tmp_path / "m.npz")
+    opt, again = model.optimizer, loaded.optimizer
+    assert (again.lr, again.iterations, again.lr_factor) == (0.2, 6, opt.lr_factor)
+    assert again.get_config() == opt.get_config() and not again.slots  # (its state afresh)
+    rates = []
+    for o in (opt, again):
+        rates.append([])
+        for _ in range(5):
+            rates[-1].append(o.lr)
+            o.iterations += 1
+    assert rates[0] == rates[1] and rates[0][3] == 0.1  # (the schedule's next halving)
+
+
+def test_a_model_file_keeps_the_rate_reduce_lr_on_plateau_left_on_a_decayed_schedule(tmp_path):
+    """(was: the loaded rate was 39 times the trained one, the cosine's start scaled)"""
+    from xpcnn import optim
+    from xpcnn.callbacks import ReduceLROnPlateau
+
+    model = _rate_model(optim.SGD(optim.CosineDecay(0.1, 30, min_lr=1e-4)))
+    model.fit(*_RATE_DATA, epochs=9, batch_size=8, verbose=0,
+              callbacks=[ReduceLROnPlateau("loss", 0.5, 0, min_delta=10.0)])
+    model.save(tmp_path / "m.npz")
+    assert xpcnn.load_model(tmp_path / "m.npz").optimizer.lr == model.optimizer.lr < 1e-4
+    save_checkpoint(model, tmp_path / "c.npz")  # (load_model of a checkpoint: the same)
+    from_checkpoint = xpcnn.load_model(tmp_path / "c.npz").optimizer
+    assert (from_checkpoint.lr, from_checkpoint.iterations) == (model.optimizer.lr, 27)
+
+
+def test_a_model_file_with_a_bad_step_count_is_refused(tmp_path):
+    """compile's iterations is checked as lr_factor is: a whole number >= 0, else the file is
+    named as corrupt; a file without it (written before it was kept) loads at step 0."""
+    from xpcnn import optim
+    from xpcnn.saving.npz import decode_json, write_npz_atomic
+
+    model = _rate_model(optim.SGD(optim.StepDecay(0.1, 3, 0.5)))
+    model.fit(*_RATE_DATA, epochs=1, batch_size=8, verbose=0)
+    path = tmp_path / "m.npz"
+    model.save(path)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    config = decode_json(arrays[CONFIG_KEY], str(path))
+    assert config["compile"]["iterations"] == 3 and "lr_factor" not in config["compile"]
+    for bad in (-1, 2.0, True, "3", None):
+        config["compile"]["iterations"] = bad
+        write_npz_atomic(path, {**arrays, CONFIG_KEY: encode_json(config)})
+        with pytest.raises(DataFormatError, match=rf"invalid model configuration: compile "
+                                                  rf"iterations is {bad!r}, expected a whole "
+                                                  "number >= 0"):
+            xpcnn.load_model(path)
+    del config["compile"]["iterations"]
+    write_npz_atomic(path, {**arrays, CONFIG_KEY: encode_json(config)})
+    assert xpcnn.load_model(path).optimizer.iterations == 0
+
+
+def test_a_loaded_models_optimiser_takes_new_settings_and_refuses_a_schedule_by_its_step(
+        tmp_path):
+    """A loaded model's optimiser has its step count and no slots: its settings (momentum,
+    nesterov) may change before it trains, as before the file kept the step count (was:
+    refused, "its state and a captured step are made for it", neither of which it had), and
+    train as a new optimiser's would; once it has trained they are fixed. A schedule set on it
+    would start at the step loaded, not 0: refused, naming that and a new compile."""
+    from xpcnn import optim
+
+    model = _rate_model(optim.SGD(0.1, momentum=0.9))
+    model.fit(*_RATE_DATA, epochs=1, batch_size=8, verbose=0)
+    model.save(tmp_path / "m.npz")
+    loaded = xpcnn.load_model(tmp_path / "m.npz")
+    opt = loaded.optimizer
+    assert (opt.iterations, opt.slots) == (3, {})
+    opt.momentum, opt.nesterov = 0.5, True
+    twin = xpcnn.load_model(tmp_path / "m.npz")
+    twin.compile(loss="cross_entropy", optimizer=optim.SGD(0.1, momentum=0.5, nesterov=True))
+    for m in (loaded, twin):
+        m.fit(*_RATE_DATA, epochs=1, batch_size=8, verbose=0, shuffle=False)
+    for a, b in zip(loaded.get_weights(), twin.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InputError, match=r"^SGD's momentum cannot change once it has trained"):
+        opt.momentum = 0.7
+    fresh = xpcnn.load_model(tmp_path / "m.npz").optimizer
+    for set_it in (lambda s: setattr(fresh, "lr", s), lambda s: setattr(fresh, "schedule", s)):
+        with pytest.raises(InputError, match=r"^cannot set the learning rate to a schedule "
+                                             r"\(CosineDecay\) on this SGD, which is at step 3 "
+                                             r"\(a loaded model's optimiser goes on from the "
+                                             r"step its file kept\): the new schedule would "
+                                             r"start at its step 3, not 0. Compile with a new "
+                                             r"optimiser .* set a number"):
+            set_it(optim.CosineDecay(0.05, 100))
+    fresh.lr = 0.05
+    assert fresh.lr == 0.05 and isinstance(fresh.schedule, optim.Constant)

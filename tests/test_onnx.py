@@ -2,6 +2,7 @@
 
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -269,6 +270,85 @@ def test_an_unknown_layer_type_is_named_and_a_registered_converter_exports_it(
     register_converter("Doubling")(
         lambda layer, graph, inputs: graph.op("Mul", [inputs[0], graph.constant("two", 2.0)]))
     check_model(model, rng.normal(0, 2, (2, 2, 2, 1)).astype(np.float32), tmp_path)
+
+
+class ToVector(Layer):
+    """A user's layer whose converter needs an int64 operand (Reshape's shape)."""
+
+    def _build(self, input_shape, rng):
+        return (int(np.prod(input_shape)),)
+
+    def forward(self, x, training=False, options=None):
+        return self.xp.reshape(x, (x.shape[0], -1))
+
+
+def test_a_users_converter_writes_int64_constants_and_a_bad_constant_is_named(
+        tmp_path, monkeypatch):
+    """GraphBuilder.constant(..., dtype=np.int64) for an operand ONNX takes as integers (was:
+    float32 only, onnx's own InferenceError from inside export); another dtype, or a value
+    int64 would change, is refused naming the layer and the constant."""
+    rng = np.random.default_rng(6)
+    model = xpcnn.Sequential([ToVector(), Dense(3)], input_shape=(2, 3, 2), seed=0)
+    randomize(model, rng)
+    monkeypatch.setitem(CONVERTERS, "ToVector", None)  # removed again after the test
+    for value, dtype, match in [
+            ([0, 1.5], np.int64, r"layer 'tovector' constant 'shape': int64 takes integers "
+                                 r"within its range, got float64 values \[0.0, 1.5\]"),
+            ([0, -1], np.float64, r"layer 'tovector' constant 'shape': dtype must be "
+                                  r"np.float32 or np.int64, got <class 'numpy.float64'>")]:
+        register_converter("ToVector")(lambda layer, graph, inputs, value=value, dtype=dtype:
+                                       graph.op("Reshape", [inputs[0], graph.constant(
+                                           "shape", value, dtype=dtype)]))
+        with pytest.raises(InputError, match=match):
+            model.export(tmp_path / "m.onnx")
+    register_converter("ToVector")(lambda layer, graph, inputs: graph.op(
+        "Reshape", [inputs[0], graph.constant("shape", [0, -1], dtype=np.int64)]))
+    check_model(model, rng.normal(0, 2, (4, 2, 3, 2)).astype(np.float32), tmp_path)
+
+
+def test_an_empty_int64_constant_is_taken():
+    """GraphBuilder.constant(name, [], dtype=np.int64): an empty list, which NumPy makes
+    float64, holds no value int64 would change: taken (was: refused as float64 values []), as
+    ReduceSum's empty axes, which sum over every axis."""
+    graph = GraphBuilder(onnx)
+    axes = graph.constant("axes", [], dtype=np.int64)
+    graph.op("ReduceSum", ["input", axes], "output", keepdims=0)
+    held = onnx.numpy_helper.to_array(graph.initializers[-1])
+    assert (held.dtype, held.shape) == (np.int64, (0,))
+    helper = onnx.helper
+    model = helper.make_model(
+        helper.make_graph(graph.nodes, "sum", [helper.make_tensor_value_info(
+            "input", onnx.TensorProto.FLOAT, [2, 3])], [helper.make_tensor_value_info(
+                "output", onnx.TensorProto.FLOAT, [])], graph.initializers),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert session.run(None, {"input": x})[0] == 15.0
+
+
+def test_a_float64_weight_beyond_float32s_range_is_refused_naming_its_layer(tmp_path):
+    """The graph computes in float32: a float64 model's finite weight beyond its range would
+    be infinity there (was: exported, inf and NaN where predict gives [[1, 2]], only NumPy's
+    overflow warning). One below float32's range rounds as any weight does, within float32's
+    smallest step (1e-45): exported, without a warning."""
+    model = xpcnn.Sequential([Flatten(), Dense(2), Dense(2)], input_shape=(2, 1, 1),
+                             dtype="float64", seed=0)
+    model.layers[1].set_weights([np.array([[1e39, 0.0], [0.0, 1.0]]), np.zeros(2)])
+    model.layers[2].set_weights([np.array([[1e-39, 0.0], [0.0, 1.0]]), [1e-50, 0.0]])
+    with pytest.raises(InputError, match=r"^layer 'dense' constant 'kernel' holds values beyond "
+                                         r"the range of float32 \(up to 1e\+39; float32 ends "
+                                         r"at 3.4e\+38\): the ONNX graph computes in float32, "
+                                         r"where they would become infinity$"):
+        model.export(tmp_path / "m.onnx")
+    assert not os.listdir(tmp_path)
+    model.layers[1].set_weights([np.array([[1e30, 0.0], [0.0, 1.0]]), np.zeros(2)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.export(tmp_path / "m.onnx")
+    x = np.array([[[[1.0]], [[2.0]]]], np.float32)
+    np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", x), model.predict(x, verbose=0),
+                               rtol=1e-6)
 
 
 def test_a_functional_model_with_merges_and_a_reused_tensor_matches_predict(tmp_path):

@@ -799,6 +799,50 @@ def test_an_optimizer_setting_cannot_change_once_it_has_trained():
         model.fit(x, y, epochs=1, batch_size=4, verbose=0)
 
 
+def test_the_settings_are_fixed_by_a_step_run_not_by_the_step_count():
+    """What fixes the settings is the state made for them: slots, or a step run (one captured
+    in a CUDA graph bakes them in, slots or none), not the step count alone, which a model file
+    puts back (was: refused at any step count, naming state the optimiser did not have); an
+    optimiser whose slots are emptied (compiled into another model) takes them again."""
+    import xpcnn
+    from xpcnn.layers import Dense, Softmax
+
+    kept = optim.SGD(0.1)
+    kept.iterations = 5  # (as a model file puts it back)
+    kept.momentum, kept.nesterov = 0.9, True
+    p = [np.zeros(2)]
+    kept.step(xpn, p, [np.ones(2)])
+    assert sorted(kept.slots) == ["momentum"] and kept.iterations == 6
+    np.testing.assert_allclose(p[0], -0.1 * 1.9)  # (Nesterov's first step: g + 0.9 g)
+    plain = optim.SGD(0.1)  # (no slots: the step run fixes them)
+    plain.step(xpn, [np.zeros(2)], [np.ones(2)])
+    assert plain.slots == {}
+    with pytest.raises(InputError, match=r"^SGD's momentum cannot change once it has trained"):
+        plain.momentum = 0.9
+    model = xpcnn.Sequential([Dense(3), Softmax()], input_shape=(4,), seed=0)
+    model.compile(optimizer=plain)
+    model.fit(np.ones((4, 4), np.float32), np.arange(4) % 3, batch_size=2, verbose=0)
+    model.compile(optimizer="sgd")  # (releases plain)
+    xpcnn.Sequential([Dense(3), Softmax()], input_shape=(4,), seed=0).compile(optimizer=plain)
+    plain.momentum = 0.9
+    assert plain.momentum == 0.9
+
+
+def test_adamw_refuses_weight_decay_none_naming_its_default():
+    """weight_decay=None is Keras' "no decay" where the class's default is 0; AdamW's default
+    is 0.01 and Keras 3's AdamW refuses None: refused too, naming the default (was: taken as
+    no decay, silently Adam), as an attribute too."""
+    with pytest.raises(InputError, match=r"^AdamW\(weight_decay=None\): AdamW's weight_decay is "
+                                         r"a number, 0.01 by default \(Keras 3's AdamW refuses "
+                                         r"None too\); give 0.0 for no decay$"):
+        optim.AdamW(1e-3, weight_decay=None)
+    opt = optim.AdamW(1e-3)
+    with pytest.raises(InputError, match=r"^AdamW's weight_decay cannot be set to None"):
+        opt.weight_decay = None
+    assert opt.weight_decay == 0.01 and optim.AdamW(weight_decay=0.0).weight_decay == 0.0
+    assert optim.Adam(weight_decay=None).weight_decay == 0.0
+
+
 def test_a_rate_set_before_compile_is_kept_and_another_models_state_is_not():
     """opt.lr set before compile is the first step's rate, as in Keras (was: reset to the
     constructor's by compile); an optimiser that another model trained starts afresh."""
@@ -881,7 +925,10 @@ def test_a_rate_is_set_by_scaling_the_schedule_and_refused_where_it_gives_zero()
     opt = optim.SGD(0.5)
     opt.learning_rate = 0.25
     assert (opt.lr, opt.lr_factor) == (0.25, 0.5)
-    assert opt.get_config()["lr"] == {"class": "Constant", "lr": 0.5}
+    # (the compile settings, which checkpoints resume under, keep the constructor's rate;
+    # get_config the rate now, as Keras')
+    assert opt.compile_config()["lr"] == {"class": "Constant", "lr": 0.5}
+    assert opt.get_config()["lr"] == {"class": "Constant", "lr": 0.25}
     for bad in (-0.1, math.inf, math.nan, "0.1"):
         with pytest.raises(InputError, match=rf"^cannot set the learning rate to {bad!r}: "
                                              "expected a finite number >= 0$"):
@@ -1290,3 +1337,172 @@ def test_cosine_decays_third_argument_is_keyword_only_as_it_is_no_keras_alpha():
     with pytest.raises(TypeError):
         optim.CosineDecay(0.5, 10, 0.2)
     assert optim.CosineDecay(0.5, 10, min_lr=0.5 * 0.2)(10) == pytest.approx(0.1)
+
+
+def test_keras_weight_decay_and_l2_as_the_docstrings_and_readme_state_them(rng):
+    """The Keras equivalences the docstrings, the README's table and the regularizer refusal
+    give (F1, F2): Keras 3's Adam(weight_decay=wd) decays decoupled (its base optimiser's
+    p -= p * wd * lr before the update, written out here with Keras' epsilon placement and a
+    negligible epsilon) and is xpcnn's AdamW, not its Adam (coupled L2); Keras' l2(l) adds
+    l * sum(w**2) to the loss, and torch's autograd of that penalty into Adam or SGD is xpcnn's
+    weight_decay=2*l."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    lr, wd, b1, b2, eps = 0.05, 0.1, 0.9, 0.999, 1e-14
+    p0 = rng.standard_normal(5)
+    grads = [rng.standard_normal(5) for _ in range(6)]
+    keras, m, v = p0.copy(), np.zeros(5), np.zeros(5)
+    for t, g in enumerate(grads, 1):
+        keras -= keras * wd * lr
+        m, v = m + (g - m) * (1 - b1), v + (g * g - v) * (1 - b2)
+        keras -= lr * math.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps)
+    adamw = run_xpcnn(optim.AdamW(lr, b1, b2, eps, weight_decay=wd), [p0], [[g] for g in grads])
+    adam = run_xpcnn(optim.Adam(lr, b1, b2, eps, weight_decay=wd), [p0], [[g] for g in grads])
+    np.testing.assert_allclose(adamw[0], keras, rtol=1e-10)
+    assert np.abs(adam[0] - keras).max() > 1e-3
+    lam = 1e-2
+    for ours, theirs in ((optim.SGD(lr, momentum=0.9, weight_decay=2 * lam),
+                          functools.partial(torch.optim.SGD, lr=lr, momentum=0.9)),
+                         (optim.Adam(lr, weight_decay=2 * lam),
+                          functools.partial(torch.optim.Adam, lr=lr))):
+        mine = run_xpcnn(ours, [p0], [[g] for g in grads])
+        w = torch.tensor(p0, requires_grad=True)
+        topt = theirs([w])
+        for g in grads:
+            topt.zero_grad()
+            ((w * torch.from_numpy(g)).sum() + lam * (w * w).sum()).backward()
+            topt.step()
+        np.testing.assert_allclose(mine[0], w.detach().numpy(), rtol=1e-10, atol=1e-13)
+
+
+def test_get_config_keeps_a_rate_set_with_lr():
+    """A rate set with optimizer.lr (or by a callback) on a constant rate is kept by get_config,
+    as Keras keeps the current learning_rate (was: the constructor's rate, so
+    optimizer_from_config(get_config()) trained at another rate); a schedule is given alone
+    (see the next test); compile_config, which files write as the compile settings, keeps the
+    constructor's schedule."""
+    opt = optim.Adam(0.01)
+    opt.learning_rate = 0.5
+    again = optim.optimizer_from_config(opt.get_config())
+    assert again.lr == 0.5 and again.lr_factor == 1.0
+    assert again.get_config() == opt.get_config()
+    assert opt.compile_config()["lr"] == {"class": "Constant", "lr": 0.01}
+    opt.check_config()
+
+
+def test_get_config_of_a_schedule_is_the_schedule_alone_at_any_step():
+    """On a schedule, get_config gives the schedule alone, as Keras' (whose rate on a schedule
+    cannot be set), at any step: optimizer_from_config starts it at its step 0, at the
+    schedule's first rate (was: the factor of a rate set, applied at step 0, 0.8 rebuilt where
+    0.2 was set at step 6); a model file keeps the step count and the rate set."""
+    opt = optim.Adam(optim.StepDecay(0.1, 3, 0.5))
+    opt.iterations = 6  # (as after 6 steps: the schedule gives 0.025)
+    opt.lr = 0.2
+    config = opt.get_config()
+    assert config == optim.Adam(optim.StepDecay(0.1, 3, 0.5)).get_config() == \
+        opt.compile_config()
+    again = optim.optimizer_from_config(config)
+    assert (again.lr, again.iterations, again.lr_factor) == (0.1, 0, 1.0)
+    opt.check_config()
+
+
+class _Linear(optim.Schedule):
+    def __init__(self, lr, slope):
+        self.lr, self.slope = lr, slope
+
+    def __call__(self, step):
+        return self.lr - self.slope * step
+
+
+class _Gives(optim.Schedule):
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, step):
+        return self.value
+
+
+@pytest.mark.parametrize("value", [-0.05, None, "0.1", 1j, True, np.array([0.1]),
+                                   np.array(True), np.array(0.1j)])
+def test_a_schedule_giving_a_negative_or_non_number_rate_is_an_input_error(value):
+    """A user's schedule returning a rate below 0, or no real number, is a bug in it: an
+    InputError naming the schedule class and the step (was: NonFiniteError for a negative rate,
+    which TerminateOnNaN took for a numerical event, ending fit quietly; a bare TypeError for
+    None), from lr and from the step alike; a rate that overflows stays NonFiniteError. A 0-d
+    array of a real dtype (np.where's) is a number: taken (was: refused as none)."""
+    from xpcnn.errors import NonFiniteError
+
+    opt = optim.SGD(_Gives(value))
+    for read in (lambda: opt.lr, opt.step_scalars, lambda: setattr(opt, "lr", 0.1),
+                 lambda: opt.step(xpn, [np.zeros(2)], [np.ones(2)])):
+        with pytest.raises(InputError, match=rf"^schedule _Gives gave the learning rate "
+                                             rf"{re.escape(repr(value))} for step 1 \(its "
+                                             r"__call__\(0\): steps count from 0\); expected a "
+                                             r"number >= 0$"):
+            read()
+    assert opt.iterations == 0
+    with pytest.raises(NonFiniteError, match=r"^the learning rate for step 1 is inf"):
+        optim.SGD(_Gives(math.inf)).step_scalars()
+    assert optim.SGD(_Gives(np.float32(0.5))).step_scalars() == {"lr": 0.5}
+    for taken in (np.where(True, 0.25, 0.0), np.array(0.25, np.float32), np.array(2, np.uint8)):
+        opt = optim.SGD(_Gives(taken))
+        p = [np.zeros(2)]
+        opt.step(xpn, p, [np.ones(2)])
+        assert opt.lr == float(taken) and type(opt.lr) is float
+        np.testing.assert_array_equal(p[0], -float(taken))
+
+
+def test_a_schedule_going_negative_mid_fit_stops_fit_even_with_terminate_on_nan():
+    """TerminateOnNaN ends a run on a numerical event; a schedule's bug is an InputError that
+    reaches the caller (was: fit returned normally after 3 steps)."""
+    import xpcnn
+    from xpcnn.callbacks import TerminateOnNaN
+    from xpcnn.layers import Dense, Flatten, Softmax
+
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((24, 2, 2, 1)), rng.integers(0, 3, 24)
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], dtype="float64")
+    model.compile(optimizer=optim.SGD(_Linear(0.25, 0.1)))
+    with pytest.raises(InputError, match=r"^schedule _Linear gave the learning rate "
+                                         r"-0.05\d* for step 4 \(its __call__\(3\)"):
+        model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[TerminateOnNaN()])
+    assert model.optimizer.iterations == 3
+
+
+@pytest.mark.parametrize("cls", [optim.SGD, optim.Adam, optim.AdamW, optim.RMSprop])
+@pytest.mark.parametrize("key, value, why", [
+    ("use_ema", True, r"not offered: xpcnn keeps no moving average of the weights"),
+    ("ema_momentum", 0.9, r"not offered: xpcnn keeps no moving average"),
+    ("ema_overwrite_frequency", 10, r"not offered: xpcnn keeps no moving average"),
+    ("loss_scale_factor", 128.0, r"compile\(precision='mixed_float16'\) scales the loss"),
+    ("gradient_accumulation_steps", 4, r"not offered: .* a batch_size that many times larger"),
+    ("decay", 1e-4, r"Keras 2's decay .* give lr a Schedule"),
+    ("name", "my_optimizer", r"xpcnn's optimisers have no name"),
+    ("jit_compile", "xla", r"xpcnn compiles no XLA"),
+])
+def test_keras_optimiser_keywords_are_refused_by_name(cls, key, value, why):
+    """Keras 3's optimiser keywords (and Keras 2's decay and jit_compile) that xpcnn's do not
+    take: an InputError naming the keyword and what to do instead (was: Python's bare "got an
+    unexpected keyword argument"), as PyTorch's keywords are refused."""
+    name = cls.__name__
+    with pytest.raises(InputError, match=rf"^{name}\({key}={re.escape(repr(value))}\): Keras' "
+                                         rf"keyword, which xpcnn's {name} does not take: {why}"):
+        cls(0.01, **{key: value})
+
+
+@pytest.mark.parametrize("cls, keras_name", [(optim.SGD, "SGD"), (optim.Adam, "adam"),
+                                             (optim.AdamW, "adamw"),
+                                             (optim.RMSprop, "rmsprop")])
+def test_keras_optimiser_defaults_spelled_out_are_taken(cls, keras_name):
+    """Keras' own defaults of those keywords, as a port writes them out, are xpcnn's behaviour:
+    taken, as the layers take Keras' defaults (was: a TypeError for each), and the optimiser is
+    the plain one; so is Keras' weight_decay=None (no decay) where the class's default is 0
+    (AdamW's is not: see the next test)."""
+    plain = cls(0.01)
+    none = {} if cls is optim.AdamW else {"weight_decay": None}
+    for name in (None, keras_name):
+        spelled = cls(learning_rate=0.01, **none, clipnorm=None, clipvalue=None,
+                      global_clipnorm=None, use_ema=False, ema_momentum=0.99,
+                      ema_overwrite_frequency=None, loss_scale_factor=None,
+                      gradient_accumulation_steps=None, name=name, decay=None, jit_compile=True)
+        assert spelled.get_config() == plain.get_config()
+    assert cls(0.01, decay=0.0, jit_compile=False).get_config() == cls(0.01).get_config()

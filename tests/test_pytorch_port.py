@@ -2,6 +2,7 @@
 layer signatures, torch Parameters, optimisers given the parameters, a loss called in
 PyTorch's order) are warned of or refused naming both ways, never taken silently."""
 
+import re
 import warnings
 
 import numpy as np
@@ -212,6 +213,7 @@ def _small():
 
 
 @needs_torch
+@pytest.mark.filterwarnings("ignore:.*nn.Flatten orders")  # (its order: another test's)
 def test_torch_parameters_are_taken_as_weights():
     model = _small()
     new = [np.random.default_rng(k).standard_normal(w.shape) for k, w in
@@ -230,6 +232,7 @@ def test_torch_parameters_are_taken_as_weights():
 
 
 @needs_torch
+@pytest.mark.filterwarnings("ignore:.*nn.Flatten orders")  # (its order: another test's)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_torch_tensors_set_as_weights_are_copied_not_aliased(dtype):
     """A CPU tensor's NumPy read is a view of it: the weights copy it, so that a change of
@@ -274,7 +277,8 @@ def test_a_state_dicts_weights_in_pytorchs_layout_are_refused_saying_how_to_conv
                                          r"nn.Linear layout.* weight.T$"):
         model.set_weights(state)
     state[2] = state[2].T
-    model.set_weights(state)  # (the same function, in xpcnn's layout; Flatten's order aside)
+    with pytest.warns(UserWarning, match=r"nn.Flatten orders"):  # (its columns' order)
+        model.set_weights(state)  # (in xpcnn's layout; Flatten's order aside)
     np.testing.assert_array_equal(model.get_weights()[0], state[0].detach().numpy())
 
 
@@ -584,3 +588,130 @@ def test_a_pytorch_weight_whose_layouts_share_a_shape_warns_unless_converted():
         model.layers[3].set_weights([lin.weight.T, lin.bias])
         model.layers[3].set_weights([lin.weight.detach().numpy(), lin.bias.detach().numpy()])
     np.testing.assert_array_equal(model.layers[3].get_weights()[0], lin.weight.detach().numpy())
+
+
+def _linear_after_flatten_warnings(model, weights) -> list[str]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model.set_weights(weights)
+    return [str(w.message) for w in seen if "nn.Flatten" in str(w.message)]
+
+
+@needs_torch
+def test_a_linear_weight_after_a_flatten_of_a_map_warns_with_the_reorder_that_fixes_it():
+    """PyTorch's nn.Flatten orders a map's features (C, H, W), xpcnn's (H, W, C): a Linear's
+    weight.T after it has the right shape and computes another function. A torch tensor given
+    there warns, in a Sequential and in a functional model (through a Dropout), with the
+    reorder, which gives PyTorch's outputs; a NumPy array stays silent (was: taken silently,
+    outputs 0.5 apart)."""
+    torch.manual_seed(0)
+    tm = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                             torch.nn.Linear(4 * 4 * 5, 3)).double().eval()
+    model = xpcnn.Sequential([Conv2D(4, 3, activation="relu"), Flatten(), Dense(3)],
+                             input_shape=(6, 7, 2), dtype="float64")
+    conv, lin = tm[0], tm[3]
+    said = _linear_after_flatten_warnings(
+        model, [conv.weight.permute(2, 3, 1, 0), conv.bias, lin.weight.T, lin.bias])
+    assert len(said) == 1 and said[0].startswith(
+        "xpcnn: layer 'dense' weight 'kernel': a torch tensor for a Dense reading Flatten "
+        "'flatten' of a (4, 5, 4) map")
+    reorder = re.search(r"(weight\.reshape\(.*?\)\.permute\(.*?\)\.reshape\(.*?\)) in place of "
+                        r"weight\.T", said[0]).group(1)
+    kernel = eval(reorder, {"weight": lin.weight.detach()})  # (the message's own formula)
+    assert _linear_after_flatten_warnings(
+        model, [a.detach().numpy() for a in
+                (conv.weight.permute(2, 3, 1, 0), conv.bias, kernel, lin.bias)]) == []
+    x = np.random.default_rng(0).standard_normal((2, 6, 7, 2))
+    with torch.no_grad():
+        want = tm(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(model.predict(x, verbose=0), want, rtol=1e-12, atol=1e-12)
+
+    inputs = xpcnn.Input((6, 7, 2))
+    features = xpcnn.layers.Dropout(0.5)(Flatten()(Conv2D(4, 3)(inputs)))
+    hidden = Dense(80, name="hidden")(features)
+    graph = xpcnn.Model(inputs, Dense(3, name="head")(hidden))
+    lin80 = torch.nn.Linear(80, 80)
+    said = _linear_after_flatten_warnings(graph, [conv.weight.permute(2, 3, 1, 0), conv.bias,
+                                                  lin80.weight.T, lin80.bias,
+                                                  lin.weight.T, lin.bias])
+    assert len(said) == 1 and "layer 'hidden' weight 'kernel'" in said[0]  # (not the head)
+
+
+@needs_torch
+@pytest.mark.parametrize("shape, pool", [((1, 1, 8), Flatten()), ((4, 2, 1), Flatten()),
+                                         ((4, 2, 8), GlobalAvgPool2D())])
+def test_a_linear_weight_after_one_order_of_features_does_not_warn(shape, pool):
+    """A Flatten of one position or one channel, or a global pool, orders the features as
+    PyTorch does: no warning there."""
+    model = xpcnn.Sequential([pool, Dense(3)], input_shape=shape)
+    lin = torch.nn.Linear(model.layers[0].output_shape[0], 3)
+    assert _linear_after_flatten_warnings(model, [lin.weight.T, lin.bias]) == []
+
+
+@needs_torch
+def test_a_state_dict_cast_as_a_whole_names_its_num_batches_tracked_in_the_count_error():
+    """.float() on every value turns num_batches_tracked into a 0-d float, which is not
+    dropped: the count error names it (was: only "expects 8 arrays, got 9")."""
+    tm = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
+                             torch.nn.Conv2d(4, 2, 1), torch.nn.BatchNorm2d(2))
+    model = xpcnn.Sequential([Conv2D(4, 3), BatchNorm2D(), Conv2D(2, 1), BatchNorm2D()],
+                             input_shape=(6, 6, 1))
+    values = [(v.permute(2, 3, 1, 0) if v.ndim == 4 else v).float()
+              for v in tm.state_dict().values()]
+    with pytest.raises(InputError, match=r"expects 12 arrays .*got 14; arrays 6, 13 are 0-d, "
+                                         r"right after a BatchNorm2D's moving_variance, as "
+                                         r"PyTorch BatchNorm's num_batches_tracked cast to "
+                                         r"float .*remove them$"):
+        model.set_weights(values)
+    values[6] = values[6].long()  # (one dropped as it should be, the other named)
+    with pytest.raises(InputError, match=r"got 14 \(1 num_batches_tracked dropped\); array 13 "
+                                         r"is 0-d, .*remove it$"):
+        model.set_weights(values)
+    with pytest.raises(InputError, match=r"expects 4 weight arrays .*got 5; array 4 is 0-d, "
+                                         r"right after"):
+        model.layers[1].set_weights(values[2:6] + [values[13]])
+    model.set_weights(values[:13])  # (the float one removed)
+
+
+@needs_torch
+def test_a_state_dict_a_module_or_its_parameters_are_told_the_port_recipe():
+    """(was: "expects a list of arrays ..., got OrderedDict", "got Sequential")"""
+    tm = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    model = xpcnn.Sequential([Conv2D(4, 3), BatchNorm2D()], input_shape=(6, 6, 1))
+    recipe = (r"with each Conv2d weight .permute\(2, 3, 1, 0\) and each Linear weight .T "
+              r"\(Keras' layouts\)$")
+    for given, got, how in [
+            (tm.state_dict(), "OrderedDict", r"from a PyTorch state_dict, pass "
+                                             r"list\(state_dict.values\(\)\), "),
+            (tm, "Sequential", r"from a PyTorch module, pass "
+                               r"list\(module.state_dict\(\).values\(\)\), "),
+            (tm.parameters(), "generator", r"pass list\(...\) of it; from a PyTorch module, "
+                                           r"list\(module.state_dict\(\).values\(\)\) "
+                                           r"\(parameters\(\) leaves out BatchNorm's running "
+                                           r"statistics\), "),
+            (tm.state_dict().values(), "odict_values", r"pass list\(...\) of it; ")]:
+        with pytest.raises(InputError, match=r"set_weights expects a list of arrays \(as "
+                                             r"get_weights returns\), got " + got + ": " + how
+                                             + ".*" + recipe):
+            model.set_weights(given)
+    with pytest.raises(InputError, match=r"layer 'batchnorm2d' set_weights expects a list of "
+                                         r"arrays .*got OrderedDict: from a PyTorch state_dict"):
+        model.layers[1].set_weights(tm[1].state_dict())
+
+
+@needs_torch
+def test_a_square_conv2d_weight_of_a_channels_last_model_warns_unless_converted():
+    """A channels_last Conv2d weight is still PyTorch's (out, in, kh, kw) tensor, though not
+    contiguous: taken unconverted, it warns as a contiguous one does (was: silent, a wrong
+    model); its permute(2, 3, 1, 0) does not."""
+    conv = torch.nn.Conv2d(3, 3, 3).to(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    layer = xpcnn.Sequential([Conv2D(3, 3)], input_shape=(5, 5, 3)).layers[0]
+    with pytest.warns(UserWarning, match=r"a channels_last torch tensor of shape \(3, 3, 3, 3\), "
+                                         r"the same in PyTorch's layout as in Keras'"):
+        layer.set_weights([conv.weight, conv.bias])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.set_weights([conv.weight.permute(2, 3, 1, 0), conv.bias])
+    np.testing.assert_array_equal(layer.get_weights()[0],
+                                  conv.weight.detach().numpy().transpose(2, 3, 1, 0))

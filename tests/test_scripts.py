@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -142,16 +143,15 @@ def test_the_per_layer_tables_dry_run(tmp_path):
     """scripts/bench.py --layers (each layer as written, its own ReLU included, as its PyTorch
     twin) and bench_gpu.py --profile (the layers a training step runs, on the CPU here)."""
     out_json = tmp_path / "layers.json"
-    out = _run("--layers", "--models", "notebook", "--batch-size", "4", "--steps", "1",
+    # (both models in one run: one interpreter and PyTorch import fewer)
+    out = _run("--layers", "--models", "notebook,configs", "--batch-size", "2", "--steps", "1",
                "--warmup", "0", "--json", str(out_json), script="bench.py")
     assert out.returncode == 0, out.stderr
     rows = json.loads(out_json.read_text())["layers"]
-    assert [r["layer"] for r in rows][:3] == ["conv2d", "relu", "conv2d_1"]
+    notebook = [r for r in rows if r["model"] == "notebook"]
+    assert [r["layer"] for r in notebook][:3] == ["conv2d", "relu", "conv2d_1"]
     assert all(r["xpcnn"]["forward_ms"] > 0 for r in rows)
-    out = _run("--layers", "--models", "configs", "--batch-size", "2", "--steps", "1",
-               "--warmup", "0", "--json", str(out_json), script="bench.py")
-    assert out.returncode == 0, out.stderr
-    rows = json.loads(out_json.read_text())["layers"]  # (each after a layer with weights)
+    rows = rows[len(notebook):]  # (each after a layer with weights)
     assert [r["layer"] for r in rows][:2] == ["conv3x3/2 same", "conv1x1/2"]
     assert all(r["input_grad"] and r["model"] == "configs" for r in rows)
     assert ("torch" in rows[0]) == (importlib.util.find_spec("torch") is not None)
@@ -347,17 +347,41 @@ SCRIPT_USAGE_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("script, args, flag, says", SCRIPT_USAGE_ERRORS)
-def test_the_scripts_refuse_what_cannot_work_before_any_work(tmp_path, script, args, flag,
-                                                             says):
-    """One line (no traceback), exit status 2, before the data is loaded (a download would
-    fail at once here) or anything trained or drawn; was: a path to write checked only after
-    training (IsADirectoryError, an InputError's traceback), negative --epochs and --limit
-    taken (an untrained network, images sliced from the end), tracebacks for the others."""
-    pytest.importorskip("PIL")
+# Runs each case given on stdin (its arguments, its current folder) as `python <script> ...`
+# would, in one interpreter: its __main__ afresh, warnings as in a fresh process; prints each
+# one's [exit status, stdout, stderr] (a traceback as the interpreter prints it).
+_RUN_CASES = r"""
+import contextlib, io, json, os, runpy, sys, traceback, warnings
+script = sys.argv[1]
+sys.path[0] = os.path.dirname(script)  # (as `python <script>` puts its folder first)
+results = []
+for args, cwd in json.load(sys.stdin):
+    os.chdir(cwd)
+    sys.argv = [script, *args]
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings():
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+            status = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+    results.append([status, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def _refusal_case(root: Path, script: str, args: list[str]
+                  ) -> tuple[list[str], Path, Callable[[str], str]]:
+    """The case's folders under ``root`` (DATA empty, DEMO 8 PNG images in two classes, SPOT
+    empty), its arguments placed in them, SPOT and the function that places a message."""
     from PIL import Image
 
-    data, demo, spot = tmp_path / "data", tmp_path / "demo", tmp_path / "spot"
+    data, demo, spot = root / "data", root / "demo", root / "spot"
     for folder in (data, spot, demo / "a", demo / "b"):
         folder.mkdir(parents=True)
     for i in range(8):
@@ -367,16 +391,66 @@ def test_the_scripts_refuse_what_cannot_work_before_any_work(tmp_path, script, a
         return text.replace("DATA", str(data)).replace("DEMO", str(demo)).replace("SPOT",
                                                                                   str(spot))
 
-    args, says = [placed(a) for a in args], placed(says)
+    args = [placed(a) for a in args]
     if script != "train_from_folder.py" and "--data-dir" not in args:
         args += ["--data-dir", str(data)]
     if script == "tour.py" and "--out" not in args:
         args += ["--out", str(spot / "tour")]
     if "--epochs" not in args:  # (short runs where the old scripts went on to train)
         args += ["--epochs", "0" if script == "tour.py" else "1"]
-    refused = "http://127.0.0.1:9/"  # (nothing listens: a download fails at once)
-    out = _run(*args, script=script, cwd=spot,  # (nothing written in the current folder either)
-               env={"XPCNN_MNIST_URL": refused, "XPCNN_CIFAR10_URL": refused})
+    return args, spot, placed
+
+
+_REFUSED_ENV = {"XPCNN_MNIST_URL": "http://127.0.0.1:9/",  # (nothing listens: a download
+                "XPCNN_CIFAR10_URL": "http://127.0.0.1:9/"}  # fails at once)
+
+
+@pytest.fixture(scope="module")
+def refusal(tmp_path_factory):
+    """``refusal(script, args)``: the script's run on the case's arguments, its SPOT folder
+    (its current folder) and the function that places a message. The last case of each script
+    in SCRIPT_USAGE_ERRORS runs as `python scripts/<script> ...` itself (the exit status the
+    interpreter's); the script's others all in one interpreter, as _RUN_CASES runs them
+    (one start a script instead of one a case)."""
+    pytest.importorskip("PIL")
+    runs: dict[tuple[str, tuple[str, ...]], tuple] = {}  # (the script's cases run together)
+
+    def run(script: str, args: list[str]) -> tuple:
+        if (script, tuple(args)) in runs:
+            return runs[script, tuple(args)]
+        *together, alone = [case[1] for case in
+                            (getattr(c, "values", c) for c in SCRIPT_USAGE_ERRORS)
+                            if case[0] == script]
+        if args == alone:
+            placed_args, spot, placed = _refusal_case(tmp_path_factory.mktemp("refusal"),
+                                                      script, args)
+            return (_run(*placed_args, script=script, cwd=spot, env=_REFUSED_ENV), spot,
+                    placed)
+        cases = [_refusal_case(tmp_path_factory.mktemp("refusal"), script, a)
+                 for a in together]
+        out = subprocess.run([sys.executable, "-c", _RUN_CASES, str(ROOT / "scripts" / script)],
+                             input=json.dumps([[a, str(spot)] for a, spot, _ in cases]),
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, **_REFUSED_ENV}, cwd=cases[0][1])
+        assert out.returncode == 0, out.stderr
+        for a, (placed_args, spot, placed), (status, stdout, stderr) in zip(
+                together, cases, json.loads(out.stdout), strict=True):
+            runs[script, tuple(a)] = (subprocess.CompletedProcess(
+                [script, *placed_args], status, stdout, stderr), spot, placed)
+        return runs[script, tuple(args)]
+
+    return run
+
+
+@pytest.mark.parametrize("script, args, flag, says", SCRIPT_USAGE_ERRORS)
+def test_the_scripts_refuse_what_cannot_work_before_any_work(refusal, script, args, flag,
+                                                             says):
+    """One line (no traceback), exit status 2, before the data is loaded (a download would
+    fail at once here) or anything trained or drawn; was: a path to write checked only after
+    training (IsADirectoryError, an InputError's traceback), negative --epochs and --limit
+    taken (an untrained network, images sliced from the end), tracebacks for the others."""
+    out, spot, placed = refusal(script, args)
+    says = placed(says)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     (line,) = out.stderr.splitlines()
     assert line.startswith(f"{script}: error: {f'argument {flag}: ' if flag else ''}"), line

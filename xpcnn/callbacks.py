@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checks, distributed, history, metrics
+from . import checks, ctrl_c, distributed, history, metrics
 from .errors import InputError, NonFiniteError, add_note, warn
 from .files import atomic_file, naming_the_file, replaceable, written_file
 from .saving import save_checkpoint
@@ -294,8 +294,10 @@ class CallbackList:
         """A context around the training loop in which each :class:`BackupAndRestore` turns a
         Ctrl-C into a checkpoint and a clean stop (see :meth:`FitCheckpoints.interruptible`),
         and which closes the progress bar of an epoch that did not end (an error, a Ctrl-C:
-        left open, it would push every later bar a line down), however the loop ends."""
+        left open, it would push every later bar a line down), however the loop ends; inside,
+        a Ctrl-C whose KeyboardInterrupt Python dropped is raised again (:mod:`xpcnn.ctrl_c`)."""
         scope = contextlib.ExitStack()
+        scope.enter_context(ctrl_c.remembered())
         for cb in self.callbacks:
             if isinstance(cb, BackupAndRestore):
                 scope.enter_context(cb.saver.interruptible())

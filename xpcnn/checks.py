@@ -195,8 +195,8 @@ def as_labels(y: Any, n: int, classes: int, what: str = "y", index: Any = None
         lo, hi = arr.min(), arr.max()
         if lo < 0 or hi >= classes:
             bad = np.flatnonzero((arr < 0) | (arr >= classes))
-            raise InputError(f"labels in {what} must be in [0, {classes - 1}] for a model with "
-                             f"{classes} outputs; found values from {lo} to {hi}: "
+            raise InputError(f"labels in {what} must be in [0, {classes - 1}] for a model of "
+                             f"{classes} classes; found values from {lo} to {hi}: "
                              f"{named(int(bad[0]), 'label')} is {arr[bad[0]]}, the first of "
                              f"{bad.size} out of range")
         labels = arr.astype(np.int64)

@@ -21,9 +21,18 @@ import numpy as np
 
 from . import checks, distributed, graph
 from .backend import PRECISIONS, DeviceLike, dtype_name, get_backend, precision_dtype
-from .errors import DataFormatError, InputError
+from .errors import DataFormatError, InputError, warn
 from .layers.arguments import per_sample
-from .layers.base import Layer, held_by, holders_of, weight_count_hint, without_num_batches_tracked
+from .layers.base import (
+    Layer,
+    held_by,
+    holders_of,
+    is_torch_tensor,
+    not_a_weight_list,
+    weight_count_hint,
+    without_num_batches_tracked,
+)
+from .layers.dense import Dense, Flatten
 from .layers.symbolic import SymbolicTensor, refuse_training_in_graph
 from .layers.weight import Weight
 from .ops.kernels import compute_scope, kernels_for
@@ -836,7 +845,7 @@ class Model(Trainer):
         self._require_built("set_weights")
         if not isinstance(weights, list | tuple):
             raise InputError(f"set_weights expects a list of arrays (as get_weights returns), got "
-                             f"{type(weights).__name__}")
+                             f"{type(weights).__name__}{not_a_weight_list(weights)}")
         names = [la.present_weight_names() for la in self.layers]
         every = [n for ns in names for n in ns]
         kept = without_num_batches_tracked(every, weights)  # (PyTorch state_dict values)
@@ -847,6 +856,9 @@ class Model(Trainer):
         starts = np.cumsum([0, *map(len, names)]).tolist()
         checked = [la.checked_weights([weights[i] for i in kept[a:b]])
                    for la, a, b in zip(self.layers, starts[:-1], starts[1:], strict=True)]
+        for k, (la, a) in enumerate(zip(self.layers, starts[:-1], strict=True)):
+            if isinstance(la, Dense) and is_torch_tensor(weights[kept[a]]):  # (its kernel)
+                _warn_if_after_flatten(self, k)
         for la, pairs in zip(self.layers, checked, strict=True):
             la.assign_weights(pairs)
 
@@ -1204,6 +1216,36 @@ def _changes(name: str) -> Callable[..., Any]:
 for _name in ("append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
               "__setitem__", "__delitem__", "__iadd__", "__imul__"):
     setattr(LayerList, _name, _changes(_name))
+
+
+def _warn_if_after_flatten(model: Model, k: int) -> None:
+    """Warn where Dense ``model.layers[k]``, given a torch tensor as its kernel, reads a
+    Flatten of a map with several positions and channels (through layers that keep each
+    feature in its place: Dropout, ReLU, BatchNorm2D): PyTorch's nn.Flatten orders the
+    features (C, H, W), xpcnn's (H, W, C), so a Linear's weight.T computes another function,
+    with shapes that fit (a NumPy array given is taken as converted)."""
+    dense, inbound, j = model.layers[k], model._inbound(), k
+    while len(inbound[j]) == 1 and inbound[j][0] > 0:
+        j = inbound[j][0] - 1
+        source = model.layers[j]
+        if isinstance(source, Flatten):
+            break
+        if isinstance(source, Dense) or source.output_shape != source.input_shape:
+            return
+    else:
+        return
+    if len(source.input_shape) != 3:
+        return
+    h, w, c = source.input_shape
+    if h * w == 1 or c == 1:  # (one order then)
+        return
+    out = dense.output_shape[0]
+    warn(f"layer {dense.name!r} weight 'kernel': a torch tensor for a Dense reading Flatten "
+         f"{source.name!r} of a ({h}, {w}, {c}) map, whose features PyTorch's nn.Flatten orders "
+         f"(C, H, W) and xpcnn's (H, W, C): a PyTorch Linear's weight needs its columns "
+         f"reordered, weight.reshape({out}, {c}, {h}, {w}).permute(2, 3, 1, 0).reshape(-1, "
+         f"{out}) in place of weight.T; pass a NumPy array (taken as converted, the reordered "
+         "weight's .numpy()) to silence it", UserWarning)
 
 
 def _sample_shape(input_shape: Any) -> tuple[int, ...]:

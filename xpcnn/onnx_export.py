@@ -7,8 +7,9 @@
 any other model's output as it is (logits, features). Layers that act only in
 training (RandomFlip, RandomCrop, Dropout) are identities, BatchNorm2D uses its running
 statistics. The graph computes in float32 whatever the model's dtype or precision, with the
-weights rounded to float32. Its input is float32 by default; ``input_dtype="uint8"`` takes raw
-image bytes and casts them (the model's own Rescaling still scales them).
+weights rounded to float32 (a finite one beyond float32's range is refused, naming its
+layer). Its input is float32 by default; ``input_dtype="uint8"`` takes raw image bytes and
+casts them (the model's own Rescaling still scales them).
 
 Tensors stay (N, H, W, C) between layers as in xpcnn; Conv and the pools, which ONNX defines on
 (N, C, H, W), are wrapped in a transpose each way (runtimes cancel each adjacent pair), so a
@@ -85,10 +86,36 @@ class GraphBuilder:
                                                      **attributes))
         return output
 
-    def constant(self, hint: str, value: Any) -> str:
-        """A float32 constant (an initializer); returns its name."""
+    def constant(self, hint: str, value: Any, dtype: Any = np.float32) -> str:
+        """A constant (an initializer) holding ``value``; returns its name. ``dtype`` is
+        float32, what the graph computes in, or int64, for an operand ONNX wants as integers
+        (a Reshape's shape, a Slice's starts). Refused, naming the layer: a finite value that
+        float32 would hold as infinity (a float64 model's weight), and a value int64 would
+        change."""
+        where = f"layer {self.scope!r} constant {hint!r}" if self.scope else f"constant {hint!r}"
+        try:
+            wanted = np.dtype(dtype)
+        except TypeError:  # (no dtype at all)
+            wanted = None
+        if wanted not in (np.float32, np.int64):
+            raise InputError(f"{where}: dtype must be np.float32 or np.int64, got {dtype!r}")
+        given = np.asarray(value)
+        with np.errstate(over="ignore", invalid="ignore"):  # (said below, not as NumPy warns)
+            array = given.astype(wanted)
+        if array.dtype == np.float32:
+            # (values below float32's range round to 0 or a subnormal: an error below float32's
+            # smallest step, as any rounding of the weights to float32)
+            wrong = np.isinf(array) & np.isfinite(given)
+            if wrong.any():
+                raise InputError(f"{where} holds values beyond the range of float32 (up to "
+                                 f"{np.abs(given[wrong]).max():.3g}; float32 ends at "
+                                 f"{np.finfo(np.float32).max:.3g}): the ONNX graph computes in "
+                                 "float32, where they would become infinity")
+        # (an empty operand holds no value to change, [] included, which NumPy makes float64)
+        elif given.size and (given.dtype.kind not in "iu" or (array != given).any()):
+            raise InputError(f"{where}: int64 takes integers within its range, got "
+                             f"{given.dtype} values {given.reshape(-1)[:4].tolist()}")
         name = self.name(hint)
-        array = np.asarray(value, dtype=np.float32)
         self.initializers.append(self.onnx.numpy_helper.from_array(array, name))
         return name
 

@@ -137,6 +137,32 @@ TORCH_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "capturable": (False,), "differentiable": (False,)}
 
 
+_NO_EMA = "not offered: xpcnn keeps no moving average of the weights (use_ema=False only)"
+#: Keras 3's optimiser keywords (and Keras 2's decay and jit_compile) that xpcnn's do not take:
+#: what instead.
+KERAS_KEYWORDS: dict[str, str] = {
+    "name": "xpcnn's optimisers have no name (files name them by class)",
+    "use_ema": _NO_EMA, "ema_momentum": _NO_EMA, "ema_overwrite_frequency": _NO_EMA,
+    "loss_scale_factor": ("compile(precision='mixed_float16') scales the loss itself, "
+                          "dynamically (model.loss_scale)"),
+    "gradient_accumulation_steps": ("not offered: xpcnn updates after each batch; fit with a "
+                                    "batch_size that many times larger for the gradient of "
+                                    "as many samples"),
+    "decay": ("Keras 2's decay (lr / (1 + decay * step)) is not offered: give lr a Schedule, "
+              "a subclass of xpcnn.optim.Schedule whose __call__(step) returns that"),
+    "jit_compile": "xpcnn compiles no XLA (jit_compile=True or False only)",
+}
+#: Keras' defaults of :data:`KERAS_KEYWORDS`, which are xpcnn's behaviour: taken (``name``'s
+#: Keras default, the class's own name in lower case, as well: see _refuse_foreign_arguments).
+# (Keras 3 ignores decay=None; Keras 2's default was 0; jit_compile=True was Keras 2's default,
+# a speed hint that changes no number)
+KERAS_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "name": (None,), "use_ema": (False,), "ema_momentum": (0.99,),
+    "ema_overwrite_frequency": (None,), "loss_scale_factor": (None,),
+    "gradient_accumulation_steps": (None,), "decay": (None, 0, 0.0),
+    "jit_compile": (True, False)}
+
+
 def _instead(name: str, key: str, value: Any, taken: Collection[str]) -> str:
     """What xpcnn's ``name`` takes in place of PyTorch's ``key=value`` (:data:`TORCH_KEYWORDS`)."""
     keras = TORCH_KEYWORDS[key]
@@ -153,24 +179,35 @@ def _instead(name: str, key: str, value: Any, taken: Collection[str]) -> str:
     return f"xpcnn's names are Keras', {names}, a number each: {name}(beta_1=..., beta_2=...)"
 
 
-def _refuse_torch_arguments(name: str, init: Callable[..., None], args: tuple[Any, ...],
-                            kwargs: dict[str, Any]) -> None:
+def _refuse_foreign_arguments(name: str, init: Callable[..., None], args: tuple[Any, ...],
+                              kwargs: dict[str, Any]) -> None:
     """Refuse PyTorch's way of making an optimiser, SGD(model.parameters(), lr=...) (Python's
-    "multiple values for argument 'lr'" named no way out), and its keywords that ``init``
-    does not take (:data:`TORCH_KEYWORDS`), naming xpcnn's; those given PyTorch's default
-    (:data:`TORCH_DEFAULTS`), xpcnn's behaviour, are dropped from ``kwargs``."""
+    "multiple values for argument 'lr'" named no way out), and PyTorch's and Keras' keywords
+    that ``init`` does not take (:data:`TORCH_KEYWORDS`, :data:`KERAS_KEYWORDS`), naming
+    xpcnn's way; those given their library's default (:data:`TORCH_DEFAULTS`,
+    :data:`KERAS_DEFAULTS`), xpcnn's behaviour, are dropped from ``kwargs``."""
     if args and isinstance(args[0], list | tuple | set | dict | Iterator):
         raise InputError(f"{name}(...) was given {type(args[0]).__name__} as its first argument, "
                          "the learning rate: PyTorch's order, "
                          f"torch.optim.{name}(params, lr)? " + _BINDS.format(name=name))
     taken = named_parameters(init)
     for key, value in list(kwargs.items()):
-        if key in TORCH_KEYWORDS and key not in taken and is_one_of(value,
-                                                                    TORCH_DEFAULTS.get(key, ())):
-            del kwargs[key]  # (PyTorch's default: xpcnn's behaviour, said out loud)
-        elif key in TORCH_KEYWORDS and key not in taken:
+        if key in taken:
+            continue
+        if key in TORCH_KEYWORDS:
+            if is_one_of(value, TORCH_DEFAULTS.get(key, ())):
+                del kwargs[key]  # (PyTorch's default: xpcnn's behaviour, said out loud)
+                continue
             raise InputError(f"{name}({key}={value!r}): PyTorch's keyword, which xpcnn's {name} "
                              f"does not take: {_instead(name, key, value, taken)}")
+        if key in KERAS_KEYWORDS:
+            # (Keras' default name is the class's: "adam", "SGD", "rmsprop")
+            if is_one_of(value, KERAS_DEFAULTS[key]) or key == "name" and \
+                    isinstance(value, str) and value.lower() == name.lower():
+                del kwargs[key]
+                continue
+            raise InputError(f"{name}({key}={value!r}): Keras' keyword, which xpcnn's {name} "
+                             f"does not take: {KERAS_KEYWORDS[key]}")
 
 
 def _takes_learning_rate(init: Callable[..., None]) -> Callable[..., None]:
@@ -180,7 +217,7 @@ def _takes_learning_rate(init: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(init)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
-        _refuse_torch_arguments(type(self).__name__, init, args, kwargs)
+        _refuse_foreign_arguments(type(self).__name__, init, args, kwargs)
         if "learning_rate" in kwargs:
             if args or "lr" in kwargs:
                 given = args[0] if args else kwargs["lr"]
@@ -448,10 +485,12 @@ class Optimizer:
     exact_scalars: tuple[str, ...] = ()
 
     @_takes_learning_rate
-    def __init__(self, lr: float | Schedule, weight_decay: float = 0.0,
+    def __init__(self, lr: float | Schedule, weight_decay: float | None = 0.0,
                  clipnorm: float | None = None, clipvalue: float | None = None,
                  global_clipnorm: float | None = None) -> None:
         self.schedule = as_schedule(lr)
+        if weight_decay is None:  # (Keras' default spelled out where it is 0: no decay)
+            weight_decay = 0.0
         if not _real(weight_decay) or weight_decay < 0:
             raise InputError(f"weight_decay must be >= 0 and finite, got {weight_decay!r}")
         self.weight_decay = float(weight_decay)
@@ -473,14 +512,17 @@ class Optimizer:
     def __setattr__(self, name: str, value: Any) -> None:
         # A setting of the constructor is fixed once the optimiser has stepped: its slots were
         # made for it, and a captured CUDA graph bakes it in (the rate alone goes through
-        # device memory). Refused rather than applied in one place and not the other. So is
-        # the schedule: a checkpoint resumes under the compile settings, the schedule included.
-        # (Cheap for what a step sets, iterations, slots, applied: two dictionary look-ups.)
-        trained = self.__dict__.get("iterations", 0)
-        if trained and name == "schedule":
+        # device memory). Refused rather than applied in one place and not the other; not
+        # where only the step count was put back (a loaded model's: no slots, no step run).
+        # The schedule is refused at any step but 0: a checkpoint resumes under the compile
+        # settings, the schedule included, and a new one would start at that step.
+        # (Cheap for what a step sets, iterations, slots, applied: a few dictionary look-ups.)
+        if name == "schedule" and self.__dict__.get("iterations", 0):
             self._refuse_schedule(value)
+        elif name == "slots" and not value:  # (its state emptied: a step is made afresh)
+            self.__dict__.pop("_stepped", None)
         if name in _fixed(type(self)):
-            if trained:
+            if self._trained():
                 raise InputError(f"{type(self).__name__}'s {name} cannot change once it has "
                                  "trained (its state and a captured step are made for it): "
                                  f"create another {type(self).__name__}(...) and compile with "
@@ -542,13 +584,29 @@ class Optimizer:
             raise InputError(f"{type(self).__name__}'s {name} cannot be set to {value!r} "
                              f"({whose} constructor refuses it): {error}") from error
 
+    def _trained(self) -> bool:
+        """Whether state binds the settings: slots, an update count, or a step run (eager or
+        captured in a CUDA graph) since the slots were last emptied."""
+        state = self.__dict__
+        return bool(state.get("slots")) or state.get("applied") is not None or \
+            state.get("_stepped", False)
+
     def _refuse_schedule(self, value: Any) -> None:
         what = type(value).__name__ if isinstance(value, Schedule) else repr(value)
+        name, step = type(self).__name__, self.iterations
+        if not self._trained():  # (a loaded model's: its file kept the step count alone)
+            raise InputError(
+                f"cannot set the learning rate to a schedule ({what}) on this {name}, which "
+                f"is at step {step} (a loaded model's optimiser goes on from the step its file "
+                f"kept): the new schedule would start at its step {step}, not 0. Compile with "
+                f"a new optimiser made with it to start it from step 0, "
+                f"model.compile(optimizer={name}(schedule, ...)), or set a number "
+                "(optimizer.lr = rate: the schedule goes on scaled to it)")
         raise InputError(
-            f"cannot set the learning rate to a schedule ({what}) once {type(self).__name__} "
-            f"has trained ({self.iterations} steps): a checkpoint resumes under the schedule it "
+            f"cannot set the learning rate to a schedule ({what}) once {name} "
+            f"has trained ({step} steps): a checkpoint resumes under the schedule it "
             "was compiled with, and the new schedule would start at its step "
-            f"{self.iterations}, not 0. Set a number instead (optimizer.lr = rate: the "
+            f"{step}, not 0. Set a number instead (optimizer.lr = rate: the "
             "schedule goes on scaled to it, which checkpoints keep), use a "
             "LearningRateScheduler callback for a rate per epoch, or compile with a new "
             "optimiser made with the schedule (a Schedule can be set before training)")
@@ -567,10 +625,29 @@ class Optimizer:
     def _slot_names_for_settings(self) -> tuple[str, ...]:
         return ()
 
+    def _scheduled(self) -> float:
+        """The schedule's rate for the next step, as a float. A value that is not a number (a
+        0-d array of a real dtype is one), or one below 0, is a bug in the schedule
+        (InputError naming it: not a NonFiniteError, which TerminateOnNaN would take for a
+        numerical event and end the run quietly); NaN and infinity (a schedule that
+        overflowed) are left to :meth:`step_scalars`."""
+        value = self.schedule(self.iterations)
+        if type(value) is float and not value < 0:  # (every step: the common case first)
+            return value
+        if getattr(value, "shape", None) == () and \
+                getattr(getattr(value, "dtype", None), "kind", None) in ("i", "u", "f"):
+            value = float(value)  # (a 0-d array, np.where's: a number to NumPy and Python)
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or value < 0:
+            name = type(self.schedule).__name__
+            raise InputError(f"schedule {name} gave the learning rate {value!r} for step "
+                             f"{self.iterations + 1} (its __call__({self.iterations}): steps "
+                             "count from 0); expected a number >= 0")
+        return float(value)
+
     @property
     def lr(self) -> float:
         """The learning rate the next step will use."""
-        return self.schedule(self.iterations) * self.lr_factor
+        return self._scheduled() * self.lr_factor
 
     @property
     def learning_rate(self) -> float:
@@ -589,8 +666,9 @@ class Optimizer:
         back (and trains) as ``value`` itself, where a float can. Refused where the schedule
         gives 0 at this step (a constant rate of 0 included), which no factor scales.
 
-        A :class:`Schedule` replaces the schedule, before training only (refused after: a
-        checkpoint resumes under the compile settings, the schedule included)."""
+        A :class:`Schedule` replaces the schedule at step 0 only (refused after training: a
+        checkpoint resumes under the compile settings, the schedule included; and on a loaded
+        model's optimiser past step 0, where it would start at that step)."""
         # (a schedule, or a rate set before the base class's __init__ ran, as a Keras-style
         # subclass may: the schedule itself)
         if isinstance(value, Schedule) or "schedule" not in self.__dict__:
@@ -601,7 +679,7 @@ class Optimizer:
         if not _real(value) or value < 0:
             raise InputError(f"cannot set the learning rate to {value!r}: expected a finite "
                              "number >= 0")
-        base = self.schedule(self.iterations)
+        base = self._scheduled()
         if not 0 < base < math.inf:
             instead = ("make the optimiser with the rate to start from (a LearningRateScheduler "
                        "then sets each epoch's), or set a schedule before training "
@@ -616,8 +694,9 @@ class Optimizer:
 
     def step_scalars(self) -> dict[str, float]:
         """The numbers of the next step that change from one step to the next, by name (here
-        the learning rate). NonFiniteError where the learning rate is not a finite number
-        >= 0 (a schedule that overflowed, or one built with inf)."""
+        the learning rate). NonFiniteError where the learning rate is not finite (a schedule
+        that overflowed, or one built with inf); InputError where the schedule gives a rate
+        below 0 or no number (:meth:`_scheduled`)."""
         lr = self.lr
         if not 0 <= lr < math.inf:
             raise NonFiniteError(f"the learning rate for step {self.iterations + 1} is {lr}; "
@@ -645,6 +724,7 @@ class Optimizer:
             if self.counts_updates:  # (float64 where the namespace has it: an exact count)
                 self.applied = xp.zeros((), dtype=getattr(xp, "float64", xp.float32),
                                         device=params[0].device if params else None)
+        self.__dict__["_stepped"] = True  # (its settings are now bound: see _trained)
         if scalars is None:
             scalars = self.step_scalars()
             self.iterations += 1
@@ -776,11 +856,26 @@ class Optimizer:
 
     def get_config(self) -> dict[str, Any]:
         """The constructor's arguments, by name, with the class (the clipping settings only
-        where set); a subclass whose constructor takes more must give them too
-        (:meth:`check_config`, at save)."""
+        where set), and a constant rate as it is now, as Keras' keeps the current
+        learning_rate: one set with ``optimizer.lr`` (or by a callback) is ``lr``. Another
+        schedule is given alone, as Keras' (whose rate on a schedule cannot be set):
+        :func:`optimizer_from_config` starts it at its step 0, with neither the step count nor
+        a rate set on it (a model file keeps both). A subclass whose constructor takes more
+        must give them too (:meth:`check_config`, at save)."""
         clips = {k: v for k, v in self._clips() if v is not None}
-        return {"class": type(self).__name__, "lr": self.schedule.get_config(),
+        rate = Constant(self.lr) if type(self.schedule) is Constant and \
+            self.lr_factor != 1.0 else self.schedule
+        return {"class": type(self).__name__, "lr": rate.get_config(),
                 "weight_decay": self.weight_decay, **clips}
+
+    def compile_config(self) -> dict[str, Any]:
+        """:meth:`get_config` with the schedule as it was made, a constant rate unscaled: the
+        compile settings that model files and checkpoints write (a checkpoint resumes under
+        them, compiled with an optimiser made the same way), the factor beside them."""
+        config = self.get_config()
+        if "lr" in config:
+            config["lr"] = self.schedule.get_config()
+        return config
 
     def _clips(self) -> tuple[tuple[str, float | None], ...]:
         return (("clipnorm", self.clipnorm), ("clipvalue", self.clipvalue),
@@ -796,7 +891,7 @@ class Optimizer:
         ``get_config()`` does not give (but those it leaves out at their defaults,
         :meth:`_left_out`), and its schedule likewise. Run at save, not in get_config, which is
         also called elsewhere."""
-        config = self.get_config()
+        config = self.compile_config()
         missing = unsaved_settings(self, config, self._left_out())
         untaken = untaken_settings(self, config)
         if missing:
@@ -815,11 +910,16 @@ class Optimizer:
 
 class SGD(Optimizer):
     """SGD with optional momentum, Nesterov momentum and L2 weight decay (PyTorch semantics:
-    g += wd * p; b = momentum * b + g; step along b, or g + momentum * b with Nesterov)."""
+    g += wd * p; b = momentum * b + g; step along b, or g + momentum * b with Nesterov).
+
+    ``weight_decay`` is PyTorch's coupled L2, which goes through the momentum; Keras 3's SGD
+    ``weight_decay`` is decoupled (p -= lr * wd * p before the update), which xpcnn's SGD does
+    not offer: the same number gives other weights. Keras' ``l2(l)`` kernel regularizer is
+    ``weight_decay=2 * l`` here (every parameter decayed, biases included)."""
 
     @_takes_learning_rate
     def __init__(self, lr: float | Schedule = 0.01, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0, *, clipnorm: float | None = None,
+                 weight_decay: float | None = 0.0, *, clipnorm: float | None = None,
                  clipvalue: float | None = None, global_clipnorm: float | None = None) -> None:
         super().__init__(lr, weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
                          global_clipnorm=global_clipnorm)
@@ -861,7 +961,11 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     """Adam (Kingma and Ba) with bias correction; ``weight_decay`` adds L2 to the gradient.
     ``amsgrad`` (Reddi et al., as PyTorch's): the denominator takes the largest second moment
-    so far, vhat = max(vhat, v), a third slot."""
+    so far, vhat = max(vhat, v), a third slot.
+
+    ``weight_decay`` is PyTorch's Adam's, coupled L2 (g += wd * p, then scaled by the second
+    moment); Keras 3's Adam ``weight_decay`` is decoupled: Keras' ``Adam(weight_decay=wd)`` is
+    xpcnn's ``AdamW(weight_decay=wd)`` (up to where epsilon goes), not ``Adam``'s."""
 
     keeps_squares = True
     counts_updates = True
@@ -870,7 +974,7 @@ class Adam(Optimizer):
 
     @_takes_learning_rate
     def __init__(self, lr: float | Schedule = 1e-3, beta_1: float = 0.9, beta_2: float = 0.999,
-                 epsilon: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
+                 epsilon: float = 1e-8, weight_decay: float | None = 0.0, amsgrad: bool = False, *,
                  clipnorm: float | None = None, clipvalue: float | None = None,
                  global_clipnorm: float | None = None) -> None:
         super().__init__(lr, weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
@@ -941,7 +1045,8 @@ class Adam(Optimizer):
 
 
 class AdamW(Adam):
-    """Adam with decoupled weight decay (Loshchilov and Hutter): p *= 1 - lr * weight_decay."""
+    """Adam with decoupled weight decay (Loshchilov and Hutter): p *= 1 - lr * weight_decay,
+    as PyTorch's AdamW, and as Keras 3's Adam and AdamW decay with ``weight_decay``."""
 
     decoupled = True
 
@@ -950,6 +1055,11 @@ class AdamW(Adam):
                  epsilon: float = 1e-8, weight_decay: float = 0.01, amsgrad: bool = False, *,
                  clipnorm: float | None = None, clipvalue: float | None = None,
                  global_clipnorm: float | None = None) -> None:
+        if weight_decay is None:  # (Keras' "no decay" where the default is 0, as Keras 3's
+            # AdamW, whose default is not, refuses it: taken, it silently dropped the decay)
+            raise InputError("AdamW(weight_decay=None): AdamW's weight_decay is a number, 0.01 "
+                             "by default (Keras 3's AdamW refuses None too); give 0.0 for no "
+                             "decay")
         super().__init__(lr, beta_1, beta_2, epsilon, weight_decay, amsgrad, clipnorm=clipnorm,
                          clipvalue=clipvalue, global_clipnorm=global_clipnorm)
 
@@ -961,13 +1071,17 @@ class RMSprop(Optimizer):
     the mean gradient a = rho * a + (1 - rho) * g, and v - a^2 for v below; u = g / (sqrt(v)
     + epsilon) (Keras adds epsilon under the root instead; a centered v - a^2 that rounds
     below 0 counts as 0, where PyTorch's goes NaN); with ``momentum``, b = momentum * b + u, and
-    p -= lr * b, else p -= lr * u."""
+    p -= lr * b, else p -= lr * u.
+
+    ``weight_decay`` is PyTorch's coupled L2 (g += wd * p, above); Keras 3's RMSprop
+    ``weight_decay`` is decoupled (p -= lr * wd * p before the update), which xpcnn's RMSprop
+    does not offer: the same number gives other weights."""
 
     keeps_squares = True
 
     @_takes_learning_rate
     def __init__(self, lr: float | Schedule = 1e-3, rho: float = 0.9, momentum: float = 0.0,
-                 epsilon: float = 1e-7, centered: bool = False, weight_decay: float = 0.0,
+                 epsilon: float = 1e-7, centered: bool = False, weight_decay: float | None = 0.0,
                  *, clipnorm: float | None = None, clipvalue: float | None = None,
                  global_clipnorm: float | None = None) -> None:
         super().__init__(lr, weight_decay, clipnorm=clipnorm, clipvalue=clipvalue,
@@ -1033,6 +1147,7 @@ def get_optimizer(optimizer: str | Optimizer) -> Optimizer:
 
 
 def optimizer_from_config(config: dict[str, Any]) -> Optimizer:
+    """The optimiser that ``config`` (:meth:`Optimizer.get_config`'s) describes, at step 0."""
     config = dict(config)
     cls = registered(OPTIMIZER_CLASSES, config.pop("class"), "optimizer")
     config["lr"] = schedule_from_config(config["lr"])

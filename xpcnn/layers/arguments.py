@@ -90,8 +90,15 @@ def check_activation(activation: str | None, allowed: tuple[str, ...] = ("relu",
 
 _CHANNELS_LAST = ("xpcnn's images are always (N, H, W, C), Keras' 'channels_last': transpose "
                   "channels-first arrays beforehand (x.transpose(0, 2, 3, 1))")
-_NO_REGULARIZER = ("xpcnn's layers take no regularizer: give the optimizer a weight_decay "
-                   "(optim.SGD(0.01, weight_decay=1e-4), optim.AdamW)")
+# (Keras' l2(l) adds l * sum(w**2) to the loss, whose gradient is 2*l*w; SGD's, Adam's and
+# RMSprop's weight_decay adds weight_decay * w to every parameter's gradient)
+_NO_REGULARIZER = ("xpcnn's layers take no regularizer: give the optimizer a weight_decay, "
+                   "which decays every parameter (biases and normalisation weights too): Keras' "
+                   "l2(l) is weight_decay=2*l on optim.SGD or optim.Adam (l2(1e-4): "
+                   "optim.SGD(0.01, weight_decay=2e-4)); l1 has no equivalent")
+_NO_ACTIVITY_REGULARIZER = ("xpcnn has no equivalent: an activity regularizer penalises the "
+                            "layer's outputs, not its weights, so an optimizer's weight_decay "
+                            "is no substitute")
 _NO_CONSTRAINT = "xpcnn's layers take no weight constraint"
 _ZEROS = ("the bias starts at zeros (Keras' default), with no other initializer: set other "
           "values with set_weights()")
@@ -110,7 +117,7 @@ _KERAS_COMMON = {
     "batch_input_shape": ("give the model the per-sample input shape, batch_input_shape[1:] "
                           "(the batch size is fit's): Sequential([...], input_shape=(28, 28, "
                           "1)) or xpcnn.Input((28, 28, 1))"),
-    "activity_regularizer": _NO_REGULARIZER,
+    "activity_regularizer": _NO_ACTIVITY_REGULARIZER,
     **{f"{w}_regularizer": _NO_REGULARIZER for w in ("kernel", "bias", "beta", "gamma")},
     **{f"{w}_constraint": _NO_CONSTRAINT for w in ("kernel", "bias", "beta", "gamma")},
 }

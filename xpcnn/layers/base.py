@@ -29,7 +29,7 @@ import re
 import threading
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, ValuesView
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn
 
@@ -248,20 +248,52 @@ def _torch_layout(keras: tuple[int, ...], given: tuple[int, ...]) -> str:
     return ""
 
 
+def is_torch_tensor(w: Any) -> bool:
+    """Whether ``w`` is a torch tensor (a Parameter too), told without importing torch."""
+    return type(w).__module__.startswith("torch") and hasattr(w, "is_contiguous")
+
+
 def _unconverted_torch_weight(w: Any, keras: tuple[int, ...]) -> str | None:
     """The warning for a torch tensor given as a weight whose Keras and PyTorch layouts have
     the same shape (a square nn.Linear weight, an n x n kernel of n filters over n channels),
-    where it is still as PyTorch keeps it: contiguous, where the conversion (``.T``,
-    ``.permute(2, 3, 1, 0)``) gives a view that is not. None otherwise."""
-    if not type(w).__module__.startswith("torch") or not hasattr(w, "is_contiguous"):
+    where it is still as PyTorch keeps it: contiguous, or a Conv2d weight of a channels_last
+    model (the same (out, in, kh, kw) tensor, laid out otherwise), where the conversion
+    (``.T``, ``.permute(2, 3, 1, 0)``) gives a view that is neither. None otherwise."""
+    if not is_torch_tensor(w):
         return None
     square = len(keras) in (2, 4) and len(set(keras)) == 1 and keras[0] > 1
-    if not square or not w.is_contiguous():
+    if not square:
+        return None
+    import torch  # (w is a torch tensor: torch is imported already)
+
+    if w.is_contiguous():
+        order = "contiguous"
+    elif len(keras) == 4 and w.is_contiguous(memory_format=torch.channels_last):
+        order = "channels_last"
+    else:
         return None
     conversion = "weight.T" if len(keras) == 2 else "weight.permute(2, 3, 1, 0)"
-    return (f"a contiguous torch tensor of shape {keras}, the same in PyTorch's layout as in "
+    return (f"a {order} torch tensor of shape {keras}, the same in PyTorch's layout as in "
             f"Keras': taken in Keras' layout, as given. A PyTorch layer's weight needs "
             f"{conversion} (a view, which this warning knows); pass a NumPy array to silence it")
+
+
+def not_a_weight_list(weights: Any) -> str:
+    """What a set_weights refusal of ``weights``, no list or tuple, adds for PyTorch's ways of
+    holding weights: a state_dict, the module itself, ``parameters()`` (an iterator) or
+    ``state_dict().values()``."""
+    convert = ("each Conv2d weight .permute(2, 3, 1, 0) and each Linear weight .T (Keras' "
+               "layouts)")
+    if isinstance(weights, Mapping):
+        return f": from a PyTorch state_dict, pass list(state_dict.values()), with {convert}"
+    if callable(getattr(weights, "state_dict", None)):
+        return (": from a PyTorch module, pass list(module.state_dict().values()), with "
+                f"{convert}")
+    if isinstance(weights, Iterator | ValuesView):
+        return (": pass list(...) of it; from a PyTorch module, list(module.state_dict()."
+                "values()) (parameters() leaves out BatchNorm's running statistics), with "
+                f"{convert}")
+    return ""
 
 
 def _integer_scalar(w: Any) -> bool:
@@ -283,20 +315,30 @@ def without_num_batches_tracked(names: list[str], weights: Any) -> list[int]:
     neither way keeps the drops, for :func:`weight_count_hint`."""
     if len(weights) == len(names):
         return list(range(len(weights)))
-    kept, j = [], 0
+    return _skipping_after_moving_variance(names, weights, _integer_scalar)[0]
+
+
+def _skipping_after_moving_variance(names: list[str], weights: Any, skip: Callable[[Any], bool]
+                                    ) -> tuple[list[int], list[int]]:
+    """``weights`` read along ``names``, skipping a value for which ``skip`` holds right after
+    each ``moving_variance``: the indices kept (any beyond ``names`` too), and those skipped."""
+    kept, skipped, j = [], [], 0
     for name in names:
         if j >= len(weights):
             break
         kept.append(j)
         j += 1
-        if name == "moving_variance" and j < len(weights) and _integer_scalar(weights[j]):
+        if name == "moving_variance" and j < len(weights) and skip(weights[j]):
+            skipped.append(j)
             j += 1
-    return kept + list(range(j, len(weights)))
+    return kept + list(range(j, len(weights))), skipped
 
 
 def weight_count_hint(names: list[str], weights: Any, kept: list[int]) -> str:
     """What a set_weights count error adds: the num_batches_tracked dropped, or, where one
-    integer scalar elsewhere is the whole surplus, that it is one not in its place."""
+    integer scalar elsewhere is the whole surplus, that it is one not in its place, or, where
+    0-d values right after moving_variances are the whole surplus, that they are
+    num_batches_tracked cast to float (a state_dict's values cast as a whole)."""
     dropped = len(weights) - len(kept)
     said = f" ({dropped} num_batches_tracked dropped)" if dropped else ""
     scalars = [i for i in kept if _integer_scalar(weights[i])]
@@ -304,6 +346,15 @@ def weight_count_hint(names: list[str], weights: Any, kept: list[int]) -> str:
         said += (f"; array {scalars[0]} is a 0-d integer, as PyTorch BatchNorm's "
                  "num_batches_tracked: it is dropped only right after a BatchNorm2D's "
                  "moving_variance, remove it")
+    fits, skipped = _skipping_after_moving_variance(
+        names, weights, lambda w: getattr(w, "ndim", None) == 0)
+    cast = [str(i) for i in skipped if not _integer_scalar(weights[i])]
+    if cast and len(fits) == len(names):
+        which, it = (f"array {cast[0]} is", "it") if len(cast) == 1 else \
+            (f"arrays {', '.join(cast)} are", "them")
+        said += (f"; {which} 0-d, right after a BatchNorm2D's moving_variance, as PyTorch "
+                 "BatchNorm's num_batches_tracked cast to float (a state_dict's values cast as "
+                 f"a whole): it is dropped only as a 0-d integer, remove {it}")
     return said
 
 
@@ -978,7 +1029,7 @@ class Layer:
             # (one array was read as a list of its rows, None or a generator failed in len())
             raise InputError(f"layer {self.name!r} set_weights expects a list of arrays (as "
                              f"get_weights returns: {', '.join(names) or 'none'}), got "
-                             f"{type(weights).__name__}")
+                             f"{type(weights).__name__}{not_a_weight_list(weights)}")
         kept = without_num_batches_tracked(names, weights)
         if len(kept) != len(names):
             raise InputError(

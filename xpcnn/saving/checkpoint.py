@@ -42,7 +42,6 @@ import contextvars
 import math
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import checks, distributed
+from .. import checks, ctrl_c, distributed
 from ..backend import PRECISIONS, DeviceLike
 from ..errors import DataFormatError, InputError, NonFiniteError, TrainingInterrupted, warn
 from ..files import remove_leftovers, written_file
@@ -927,8 +926,7 @@ class FitCheckpoints:
         interrupts at once (the last checkpoint written stays). Only where Ctrl-C has Python's
         own meaning (KeyboardInterrupt, in the main thread): a SIGINT handler of the
         program's own, or SIGINT ignored, is left alone."""
-        if (threading.current_thread() is not threading.main_thread()
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        if not ctrl_c.python_handles_it():
             yield
             return
 

@@ -95,7 +95,7 @@ def model_config(model: Any, compiled: bool = True, checked: bool = True) -> dic
             model.loss.check_config()
             model.optimizer.check_config()
         config["compile"] = {"loss": model.loss.get_config(),
-                             "optimizer": model.optimizer.get_config(),
+                             "optimizer": model.optimizer.compile_config(),
                              "precision": model.precision,
                              # (names, as before top-k metrics; a dict where one has
                              # another k or name: xpcnn.metrics.Metric.get_config)
@@ -242,10 +242,15 @@ def save_model(model: Any, path: str | os.PathLike[str], weights_only: bool = Fa
     def write() -> None:
         target = written_file(checks.output_file(path, what))
         config = model_config(model, compiled=not weights_only)
-        if "compile" in config and model.optimizer.lr_factor != 1.0:
-            # (the rate a callback or the user set, as Keras' file keeps the optimiser's
-            # learning rate; a checkpoint keeps it with the rest of the optimiser's state)
-            config["compile"]["lr_factor"] = float(model.optimizer.lr_factor)
+        if "compile" in config:
+            # (the rate a callback or the user set, and the schedule's place, as Keras' file
+            # keeps the learning rate and the step count; the loaded rate is the one saved; a
+            # checkpoint keeps them with the rest of the optimiser's state)
+            opt = model.optimizer
+            if opt.lr_factor != 1.0:
+                config["compile"]["lr_factor"] = float(opt.lr_factor)
+            if opt.iterations:
+                config["compile"]["iterations"] = int(opt.iterations)
         arrays = {CONFIG_KEY: config_entry(config, f"{path} was not written"),
                   **weight_arrays(model, refusal)}
         write_npz_atomic(target, arrays)
@@ -307,8 +312,8 @@ def load_model(path: str | os.PathLike[str], device: DeviceLike = "cpu",
     """Load a model written by ``Model.save`` onto ``device``.
 
     A checkpoint (:mod:`xpcnn.saving.checkpoint`) loads too: its model, with the weights it
-    holds and the learning rate it was at (as a model file keeps it); so does a file of
-    ``Model.save_weights``, which holds the architecture: its model uncompiled.
+    holds and the learning rate and step count it was at (as a model file keeps them); so does
+    a file of ``Model.save_weights``, which holds the architecture: its model uncompiled.
     ``compile=False`` (as in Keras) leaves the model uncompiled whatever the file holds: its
     compile settings and optimiser state are not read (a user's optimiser or schedule class
     need not be defined), and ``fit`` asks for ``compile`` first.
@@ -320,10 +325,11 @@ def load_model(path: str | os.PathLike[str], device: DeviceLike = "cpu",
         if not compile and isinstance(config, dict):
             config = {k: v for k, v in config.items() if k != "compile"}
         state = raw.get("optimizer") if checkpoint else None
-        factor = state.get("lr_factor") if isinstance(state, dict) else None
-        if factor is not None and isinstance(config, dict) and isinstance(
+        kept = {k: state[k] for k in ("lr_factor", "iterations") if k in state} \
+            if isinstance(state, dict) else {}
+        if kept and isinstance(config, dict) and isinstance(
                 config.get("compile"), dict):  # (checked there as a model file's)
-            config = {**config, "compile": {**config["compile"], "lr_factor": factor}}
+            config = {**config, "compile": {**config["compile"], **kept}}
         return model_from_file(config, npz, device, with_slots=checkpoint)
 
 
@@ -382,12 +388,16 @@ def model_from_file(config: Any, npz: NpzArchive, device: DeviceLike = "cpu",
                                 "uncompiled (then compile it in 'float32' there)")
             model.compile(loss=loss, optimizer=optimizer, metrics=metrics,
                           precision=compiled["precision"])
-            factor = compiled.get("lr_factor", 1.0)  # (written where it is not 1)
+            # (each written where it is not 1 or 0; files before iterations was: step 0)
+            factor, iterations = compiled.get("lr_factor", 1.0), compiled.get("iterations", 0)
             if isinstance(factor, bool) or not isinstance(factor, int | float) or not (
                     0 <= factor < math.inf):
                 raise DataFormatError(f"{path}: invalid model configuration: compile lr_factor "
                                       f"is {factor!r}, expected a finite number >= 0")
-            model.optimizer.lr_factor = float(factor)
+            if type(iterations) is not int or iterations < 0:
+                raise DataFormatError(f"{path}: invalid model configuration: compile iterations "
+                                      f"is {iterations!r}, expected a whole number >= 0")
+            model.optimizer.iterations, model.optimizer.lr_factor = iterations, float(factor)
     except DataFormatError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import checks, distributed
+from .. import checks, ctrl_c, distributed
 from .. import metrics as metric_settings
 from ..backend import PRECISIONS, Backend, precision_dtype
 from ..callbacks import (
@@ -787,6 +787,7 @@ class Trainer(TrainingStep):
                         self._epoch_validated = bool(val)
                     logs["seconds"] = time.perf_counter() - self._epoch_t0
                     cbs.on_epoch_end(epoch, logs)
+                    ctrl_c.raise_if_dropped()  # (one dropped in validation or a callback)
                     if self.stop_training if parallel is None else parallel.agreed_stop():
                         break
         except NonFiniteError as error:
@@ -865,6 +866,7 @@ class Trainer(TrainingStep):
                 step += 1
                 self._position = (epoch, step)
                 self._epochs_begun = number + 1  # (one that trained no step, refused, is not)
+                ctrl_c.raise_if_dropped()
                 if parallel is None:
                     cbs.on_train_batch_end(step - 1, logs.make(self._batch_logs))
                     if self.stop_training:
