@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs > 0:
         model.compile(optimizer=xpcnn.optim.Adam(1e-3))
         print(f"training the notebook's network on {len(x_tr)} {name} images for "
-              f"{args.epochs} epochs")
+              f"{args.epochs} epoch{'s' * (args.epochs != 1)}")
         history = model.fit(x_tr, y_tr, epochs=args.epochs, batch_size=64,
                             validation_data=(x_val, y_val), seed=args.seed)
         written.append(out / "4_history.png")

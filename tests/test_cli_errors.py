@@ -549,12 +549,16 @@ def test_dev_stdout_as_an_output_whatever_stdout_is(tmp_path):
     out = tmp_path / "out.txt"
     redirected = "is this command's standard output, redirected to the file " \
         f"{str(out)!r}: written by name, it would overwrite what is printed there, or be " \
-        "overwritten by it; give a file of its own, or pipe the output (| cat > file)"
+        "overwritten by it; give a file of its own"
+    # (a pipe is advised where the file is written in place, the recipe's --json, alone: was
+    # advised for --log too, whose pipe is then refused as "not a regular file" above)
+    pipe = ", or pipe the output (| cat > file), which is then written in place\n"
     for argv in ([sys.executable, "-c", _RECIPE_JSON, scripts], train):
         with open(out, "w") as f:
             done = subprocess.run(argv, stdout=f, stderr=subprocess.PIPE, text=True, env=env,
                                   timeout=120)
         assert done.returncode == 2 and redirected in done.stderr, done.stderr
+        assert done.stderr.endswith(redirected + ("\n" if argv is train else pipe)), done.stderr
         assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
         if argv is train:  # (--json: the file holds the one JSON object, the error)
             assert json.loads(out.read_text())["error"] == done.stderr.strip()

@@ -465,9 +465,14 @@ def file_path(path: Any, what: str) -> str:
 
 #: Why a file that is the process's standard output or error is not written by name, and
 #: what to do instead.
-STREAM_AS_FILE = ("written by name, it would overwrite what is printed there, or be "
-                  "overwritten by it; give a file of its own, or pipe the output "
-                  "(| cat > file), which is then written in place")
+def stream_as_file(replaced: bool) -> str:
+    """Why a path that is this process's output, redirected to a file, is refused, and what
+    instead: a file written in place (a figure, a CSVLogger's) also goes into a pipe; one
+    written anew and renamed over the old is refused a pipe too."""
+    return ("written by name, it would overwrite what is printed there, or be overwritten by "
+            "it; give a file of its own" + ("" if replaced else
+                                            ", or pipe the output (| cat > file), which is "
+                                            "then written in place"))
 
 
 class PathProblem(NamedTuple):
@@ -557,7 +562,7 @@ def output_file(path: Any, what: str, replaced: bool = True) -> str:
                          "give the path of a file")
     if kind.startswith("standard "):
         raise InputError(f"{what} {path!r} is this process's {kind}, redirected to the file "
-                         f"{folder!r}: {STREAM_AS_FILE}")
+                         f"{folder!r}: {stream_as_file(replaced)}")
     where = f" in {folder!r}" if folder else ""
     raise InputError(f"cannot write {what} {path!r}{where}: {error.strerror or error}"
                      ) from error

@@ -151,7 +151,7 @@ def output_file(flag: str, path: str | None, replaced: bool = True) -> None:
                          f"the old one; give a file path such as {example!r}")
     if kind.startswith("standard "):
         raise UsageError(f"argument {flag}: {path!r} is this command's {kind}, redirected to "
-                         f"the file {folder!r}: {checks.STREAM_AS_FILE}")
+                         f"the file {folder!r}: {checks.stream_as_file(replaced)}")
     if kind == "no folder":
         raise _no_folder(flag, path, folder)
     assert error is not None  # (a "cannot write" comes with the OS's error)
@@ -394,9 +394,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                           weight_decay=5e-4)}[args.optimizer]()
     model.compile(optimizer=optimizer, precision=args.precision)
     ranks = distributed.world().size
+    others = f" and {ranks - 1} other rank(s), a global batch of {ranks * args.batch_size}" \
+        if ranks > 1 else ""
     say(f"training {model_name} on {args.dataset} ({len(x)} images {x.shape[1:]}) for {epochs} "
-        f"epochs on {model.backend.label}" + (f" and {ranks - 1} other rank(s), a global batch "
-                                             f"of {ranks * args.batch_size}" if ranks > 1 else ""))
+        f"epoch{'s' * (epochs != 1)} on {model.backend.label}{others}")
     callbacks: list[Callback] = []
     if args.early_stopping is not None:
         callbacks.append(EarlyStopping("val_loss", patience=args.early_stopping,
