@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import re
 
 import array_api_strict as xs
 import numpy as np
@@ -461,6 +462,37 @@ def test_a_failed_compile_leaves_the_model_and_the_optimizer_as_they_were(model)
     assert optimizer.iterations == 1
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("weighted_metrics", ["accuracy"], r"None or \[\]: xpcnn's metrics are never weighted .* "
+                                       r"compute a weighted accuracy from predict"),
+    ("loss_weights", [1.0], "one output and one loss"),
+    ("loss_weights", {"out": 1.0}, "one output and one loss"),
+    ("run_eagerly", True, r"compile\(cuda_graphs=False\) never does"),
+    ("steps_per_execution", 8, r"xpcnn runs one step a call; compile\(cuda_graphs=None\)"),
+    ("steps_per_execution", True, "runs one step a call"),  # (True is no 1)
+    ("jit_compile", True, r"xpcnn compiles no XLA .* CUDA graph"),
+    ("auto_scale_loss", False, r"precision='mixed_float16'\) always scales the loss"),
+])
+def test_keras_compile_keywords_are_taken_at_their_defaults_and_refused_otherwise(
+        model, key, value, message):
+    """Keras 3's compile keywords: taken at their defaults (xpcnn's behaviour), refused
+    otherwise, naming what to do instead (was: TypeError: compile() got an unexpected keyword
+    argument), and a refused one leaves the model uncompiled."""
+    other = xpcnn.Sequential(four_class_net(), seed=1)
+    with pytest.raises(InputError, match=rf"^compile\({key}={re.escape(repr(value))}\): Keras' "
+                                         rf"keyword, which xpcnn's compile takes only as .*"
+                                         rf"{message}"):
+        other.compile(optimizer=optim.SGD(0.1), **{key: value})
+    assert other.optimizer is None and other.loss is None
+    model.compile(optimizer=optim.SGD(0.1), loss_weights=None, weighted_metrics=None,
+                  run_eagerly=False, steps_per_execution=1, jit_compile="auto",
+                  auto_scale_loss=True)
+    model.compile(optimizer=optim.SGD(0.1), weighted_metrics=[], jit_compile=False)
+    assert model.metrics_names == ("loss", "accuracy")
+    model.fit(X, Y, verbose=0)
+    assert model.optimizer.iterations == 1
+
+
 def test_validation_steps_with_validation_arrays_is_refused_as_steps_is(model):
     with pytest.raises(InputError, match=r"^validation_steps is for generators; arrays give "
                                          r"ceil\(N / batch_size\) batches$"):
@@ -791,6 +823,19 @@ def test_a_layer_called_on_an_integer_or_bool_batch_runs_in_its_float_dtype(case
     y = built(layer, shape)(batch)
     assert y.dtype == np.float32
     np.testing.assert_array_equal(y, expected)
+
+
+@pytest.mark.parametrize("layer", [xpcnn.layers.Normalization(0.5, 2.0), xpcnn.layers.ReLU(),
+                                   xpcnn.layers.Conv2D(2, 3), MaxPool2D(2)],
+                         ids=lambda la: type(la).__name__)
+def test_a_layer_called_on_a_complex_batch_refuses_it(layer):
+    """As a model refuses complex images: a layer called on a complex batch (was: Conv2D and
+    Normalization cast it, dropping the imaginary part with NumPy's ComplexWarning alone;
+    ReLU gave a complex batch back)."""
+    with pytest.raises(InputError, match=rf"layer '\w+' \({type(layer).__name__}\) takes "
+                       r"batches of real numbers \(floats, integers or bools\), got dtype "
+                       r"complex128"):
+        layer(np.full((1, 4, 4, 1), 1 + 1j))
 
 
 def test_dropout_on_an_integer_batch_drops_and_scales_as_on_floats():

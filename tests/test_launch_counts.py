@@ -178,7 +178,9 @@ def test_a_bias_gradient_takes_one_launch(fast_cupy, rows):
 
 def _check_one_loss_launch(fast_cupy, classes, targets, weighted, class_weights=False):
     """An eager float32 step of Flatten -> Dense -> Softmax at batch 128 takes 8 launches,
-    its loss one."""
+    its loss one; 10 with sample weights given to train_step itself, which checks their values
+    on the device (a comparison and a where: a bad weight skips the step as a bad label does;
+    fit's, checked on the host, add none)."""
     import launch_counter
 
     import xpcnn
@@ -197,7 +199,7 @@ def _check_one_loss_launch(fast_cupy, classes, targets, weighted, class_weights=
         if class_weights:
             model._use_class_weights(rng.uniform(0.5, 2.0, classes))  # (as fit's class_weight)
         launches = _second_step(counter, model, x, y, w)
-    assert launch_count(launches) == 8, breakdown(launches)
+    assert launch_count(launches) == 8 + 2 * weighted, breakdown(launches)
     loss = [launch for launch in launches if "forward_with_accuracy" in launch.where]
     assert launch_count(loss) == 1, breakdown(launches)
 
@@ -220,7 +222,8 @@ def test_class_weights_are_looked_up_in_the_loss_launch(fast_cupy, classes, targ
                                                          weighted):
     """fit's class_weight costs no launch: its table is indexed by the labels in the loss's
     kernel, 8 launches an eager float32 step of Flatten -> Dense -> Softmax at batch 128 as
-    without it (the lookup's standard operations before the loss: 13, 14 for one-hot rows)."""
+    without it (10 with sample weights given to train_step: their check, as without it; the
+    lookup's standard operations before the loss: 13, 14 for one-hot rows)."""
     _check_one_loss_launch(fast_cupy, classes, targets, weighted, class_weights=True)
 
 

@@ -2,6 +2,8 @@
 layer, the metrics logged under the names compile was given, and a SoftmaxCrossEntropy
 subclass's own ``forward`` trained on (xpcnn's own class keeping its fused kernels)."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -651,6 +653,145 @@ def test_loss_object_called_on_array_api_strict():
     assert float(got) == pytest.approx(_torch_loss(logits, np.arange(5) % 3), rel=1e-12)
 
 
+def _keras_on_probabilities(probs, y, smoothing=0.0, weights=None):
+    """Keras 3's categorical_crossentropy(from_logits=False) (its NumPy backend's formula: each
+    row divided by its sum, clipped to [1e-7, 1 - 1e-7], then its log), with
+    CategoricalCrossentropy's label smoothing and sum_over_batch_size weighting, in float64."""
+    p = np.asarray(probs, np.float64)
+    p = np.clip(p / p.sum(axis=-1, keepdims=True), 1e-7, 1.0 - 1e-7)
+    t = np.eye(p.shape[1])[y] if np.asarray(y).ndim == 1 else np.asarray(y, np.float64)
+    t = t * (1.0 - smoothing) + smoothing / p.shape[1]
+    per = -(t * np.log(p)).sum(axis=1)
+    return float(((1.0 if weights is None else weights) * per).sum() / len(per))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_object_on_probabilities_clips_as_keras(dtype, smoothing):
+    """(was: a probability of 0, underflowed from a confident softmax, gave inf and a
+    divide-by-zero RuntimeWarning.) Called on probabilities, the loss is Keras': each row
+    normalised and clipped to [1e-7, 1 - 1e-7] before its log, finite, with no warning; fit and
+    evaluate still train on the logits before the softmax, unclipped."""
+    model = net("layer", input_shape=(2,), dtype=dtype)
+    model.set_weights([np.array([[400.0, -400.0, 0.0], [-400.0, 400.0, 0.0]], dtype),
+                       np.zeros(3, dtype)])
+    model.compile(loss=SoftmaxCrossEntropy(smoothing, from_logits=False), metrics=[],
+                  optimizer=xpcnn.optim.SGD(0.0))
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.01, 0.0]], dtype)
+    y = np.array([1, 1, 2, 0])
+    probs = model.predict(x, verbose=0)
+    assert (probs == 0).any() and (probs == 1).any()  # (underflowed, as the report's model)
+    w = np.array([1.0, 0.5, 2.0, 1.5])
+    loss = SoftmaxCrossEntropy(smoothing, from_logits=False)
+    rel = 1e-6 if dtype == "float32" else 1e-12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for weights in (None, w):
+            got = loss(y, probs, sample_weight=weights)
+            assert got.dtype == np.dtype(dtype) and np.isfinite(got)
+            assert float(got) == pytest.approx(
+                _keras_on_probabilities(probs, y, smoothing, weights), rel=rel)
+        # (float16 probabilities over many classes, some 0, computed in float32)
+        many = np.zeros((2, 10000), np.float16)
+        many[:, :4] = 0.25
+        got = loss(np.array([0, 9999]), many)
+        assert got.dtype == np.float32
+        assert float(got) == pytest.approx(_keras_on_probabilities(many, [0, 9999], smoothing),
+                                           rel=1e-6)
+    # (training is unchanged: on the logits, so the confident mistake costs its logit gap)
+    z = x @ model.get_weights()[0]
+    logp = z - z.max(axis=1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    t = np.eye(3)[y] * (1.0 - smoothing) + smoothing / 3
+    assert model.evaluate(x, y, verbose=0) == pytest.approx(-(t * logp).sum(axis=1).mean(),
+                                                            rel=rel)
+    assert model.evaluate(x, y, verbose=0) > 150.0  # (800 / 4 from row 0 alone: not clipped)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_loss_object_takes_torch_tensors(dtype):
+    """(was: a torch tensor went through np.asarray, so the loss came back a NumPy array, and a
+    bfloat16 one was refused as "not an array of numbers".) The loss of torch tensors is a 0-d
+    torch tensor, computed in float64, else float32 (bfloat16 and float16 too), equal to
+    PyTorch's cross_entropy of the same values; probabilities give the same tensor type."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    f = torch.nn.functional
+    rng = np.random.default_rng(5)
+    logits = torch.tensor(rng.normal(size=(6, 4)) * 3).to(getattr(torch, dtype))
+    labels = torch.tensor(rng.integers(0, 4, 6))
+    w = torch.tensor(rng.random(6), dtype=torch.float64)
+    want_dtype = torch.float64 if dtype == "float64" else torch.float32
+    z = logits.to(want_dtype)  # (the values given, computed at least in float32)
+    rel = 1e-12 if dtype == "float64" else 1e-6
+    for smoothing in (0.0, 0.2):
+        got = SoftmaxCrossEntropy(smoothing, from_logits=True)(labels, logits, sample_weight=w)
+        per = f.cross_entropy(z.double(), labels, reduction="none", label_smoothing=smoothing)
+        assert isinstance(got, torch.Tensor) and got.shape == () and got.dtype == want_dtype
+        assert float(got) == pytest.approx(float((w * per).sum() / 6), rel=rel)
+        probs = torch.softmax(z.double(), dim=1).to(getattr(torch, dtype))
+        got = SoftmaxCrossEntropy(smoothing, from_logits=False)(labels, probs)
+        assert isinstance(got, torch.Tensor) and got.dtype == want_dtype
+        assert float(got) == pytest.approx(
+            _keras_on_probabilities(probs.double().numpy(), labels.numpy(), smoothing),
+            rel=rel)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_loss_object_takes_minus_inf_logits_as_pytorch(smoothing, one_hot):
+    """(was: refused as "NaN or infinite values".) A logit of -inf, PyTorch's way to mask a
+    class out, is a class of probability 0: the loss is PyTorch's of the labels, finite where
+    no target weight falls on a masked class (inf where one does, as in PyTorch), with no
+    warning; one-hot rows give the labels' loss (PyTorch's probability targets give NaN, as
+    0 * -inf). +inf, NaN and a row with every class masked (PyTorch's NaN) are refused."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(5, 4))
+    logits[[0, 1, 3], [1, 3, 0]] = -np.inf
+    labels = np.array([0, 2, 3, 1, 2])
+    y = np.eye(4)[labels] if one_hot else labels
+    loss = SoftmaxCrossEntropy(smoothing, from_logits=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for dtype in (np.float64, np.float32):
+            got = float(loss(y, logits.astype(dtype)))
+            want = _torch_loss(logits, labels, smoothing)
+            assert got == pytest.approx(want, rel=1e-12 if dtype == np.float64 else 1e-6)
+            assert np.isfinite(got) == (smoothing == 0.0)  # (smoothing weighs masked classes)
+        masked_target = logits.copy()
+        masked_target[2, 3] = -np.inf
+        assert float(loss(y, masked_target)) == _torch_loss(masked_target, labels,
+                                                             smoothing) == np.inf
+    for bad, message in ((np.inf, r"y_pred holds NaN or \+inf values; logits must be finite, "
+                                  r"or -inf for a class of probability 0"),
+                         (np.nan, r"y_pred holds NaN or \+inf values")):
+        z = logits.copy()
+        z[4, 2] = bad
+        with pytest.raises(InputError, match=message):
+            loss(y, z)
+    z = logits.copy()
+    z[3] = -np.inf
+    assert np.isnan(float(torch.nn.functional.cross_entropy(torch.tensor(z[3:4]),
+                                                            torch.tensor(labels[3:4]))))
+    with pytest.raises(InputError, match=r"y_pred's row 3 is all -inf \(1 such rows\): a row "
+                                         r"of logits needs one finite value"):
+        loss(y, z)
+
+
+def test_a_zero_loss_is_positive_zero():
+    """(was: -0.0, where evaluate gives 0.0.) All-zero sample weights, or a target of
+    probability 1, give a loss of +0.0, on logits and on a subclass's or xpcnn's path."""
+    z = np.array([[0.0, -800.0, -800.0], [-900.0, 0.0, -900.0]])
+    for loss, scores, w in ((SoftmaxCrossEntropy(from_logits=True), z, None),
+                            (SoftmaxCrossEntropy(from_logits=True), z, np.zeros(2)),
+                            (SoftmaxCrossEntropy(from_logits=True), np.zeros((2, 3)),
+                             np.zeros(2)),
+                            (SoftmaxCrossEntropy(from_logits=False), np.eye(3)[:2],
+                             np.zeros(2))):
+        got = loss(np.array([0, 1]), scores, sample_weight=w)
+        assert float(got) == 0.0 and not np.signbit(got), (scores, w)
+
+
 def array_api_namespace(a):
     import array_api_compat
     return array_api_compat.array_namespace(a)
@@ -677,7 +818,9 @@ def test_loss_object_checks_y_pred_where_it_is(monkeypatch, from_logits, bad):
     monkeypatch.setattr(losses, "to_host", lambda a: read.append(a) or to_host(a))
     loss = SoftmaxCrossEntropy(from_logits=from_logits)
     if bad == "nan":
-        with pytest.raises(InputError, match=r"^y_pred holds NaN or infinite values$"):
+        with pytest.raises(InputError, match=r"^y_pred holds NaN or \+inf values; logits must "
+                           r"be finite, or -inf for a class of probability 0$" if from_logits
+                           else r"^y_pred holds NaN or infinite values$"):
             loss(Y[:6], y_pred, sample_weight=np.ones(6))
     elif bad == "row" and not from_logits:
         with pytest.raises(InputError, match=r"from_logits=False\) takes y_pred as "
@@ -715,7 +858,7 @@ def test_loss_object_called_matches_evaluate(last):
     (lambda: SoftmaxCrossEntropy(from_logits=True)(Y[:2], np.zeros((2, 3), int)),
      r"y_pred must hold real floating-point scores, got dtype int64"),
     (lambda: SoftmaxCrossEntropy(from_logits=True)(Y[:2], np.full((2, 3), np.nan)),
-     r"y_pred holds NaN or infinite values"),
+     r"y_pred holds NaN or \+inf values"),
     (lambda: SoftmaxCrossEntropy(from_logits=False)(Y[:2], np.ones((2, 3))),
      r"from_logits=False\) takes y_pred as probabilities, each row >= 0 and summing to 1; row 0 "
      r"sums to 3"),

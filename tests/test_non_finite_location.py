@@ -146,3 +146,28 @@ def test_a_skipped_step_puts_a_user_layers_own_statistics_back_frozen_too(skippe
     model.train_on_batch(x, y)
     assert np.all(np.isfinite(centre.state["mean"])) and \
         not np.array_equal(centre.state["mean"], before)
+
+
+@pytest.mark.parametrize("device", ["cpu", xs], ids=["numpy", "strict"])
+def test_train_steps_weights_are_named_only_where_they_made_the_loss_non_finite(device):
+    """train_step's sample weights are checked when the host reads a step whose loss is not
+    finite: a bad one is named (tests/test_sample_weights.py), good ones are not blamed for a
+    NaN image, which is named as before."""
+    model = xpcnn.Sequential([Flatten(), Dense(3), Softmax()], device=device, seed=0)
+    model.compile(optimizer=xpcnn.optim.SGD(0.1))
+    model.build((4, 4, 1))
+    x = np.ones((8, 4, 4, 1), np.float32)
+    x[5, 1, 2, 0] = np.nan
+    yb, wb = model.backend.asarray(np.zeros(8, np.int64)), model.backend.asarray(np.ones(8))
+    model.train_step(model.backend.asarray(x), yb, sample_weight=wb)
+    with pytest.raises(NonFiniteError, match=r"training stopped at step 1: the loss is nan; the "
+                                             r"first non-finite values appear in the input "
+                                             r"batch"):
+        model._read_totals()
+    wb = model.backend.asarray(np.r_[np.ones(7), -2.0])
+    model.train_step(model.backend.asarray(np.ones_like(x)), yb, sample_weight=wb)
+    with pytest.raises(InputError, match=r"training stopped at step 1: sample_weight must be "
+                                         r"finite \(in float32\) and >= 0; sample 7 has weight "
+                                         r"-2\.0 \(1 such samples\)"):
+        model._read_totals()
+    assert model.optimizer.iterations == 0

@@ -4,6 +4,8 @@ backend without its dtype, and a float64 model's precision."""
 
 from __future__ import annotations
 
+import warnings
+
 import array_api_strict
 import ml_dtypes
 import numpy as np
@@ -283,3 +285,34 @@ def test_compiling_again_with_the_optimizer_it_holds_keeps_the_loss_scale():
     model.loss_scale = 256.0
     model.compile(optimizer=model.optimizer, precision="mixed_float16")
     assert model.loss_scale == 256.0
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16", "float32"])
+def test_evaluate_warns_once_where_float16_logits_overflow(precision):
+    """Logits near 1e5: beyond float16's 65504, so under mixed_float16 evaluate's loss is NaN
+    (as Keras' is) with one warning a call, naming the precision and the way out, from the
+    sums it reads at its end (was: no word); bfloat16 and float32 hold them, and do not warn."""
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(16, 8)).astype(np.float32), rng.integers(0, 4, 16)
+    model = xpcnn.Sequential([xpcnn.Input((8,)), Dense(4)], seed=0)
+    model.compile(optimizer="sgd", precision=precision)
+    w, b = model.get_weights()
+    model.set_weights([w * 1e5, b])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, _ = model.evaluate(x, y, batch_size=4)  # (4 batches, one warning)
+        model.test_on_batch(x, y)
+    said = [str(c.message) for c in caught if str(c.message).startswith("xpcnn:")]
+    if precision != "mixed_float16":
+        assert np.isfinite(loss) and not said
+        return
+    assert np.isnan(loss) and len(said) == 2
+    assert said[0] == said[1]
+    assert said[0].startswith(
+        "xpcnn: evaluate's loss is nan under precision 'mixed_float16': where the data and "
+        "weights are finite, float16 logits beyond its largest value, 65504, overflowed") and \
+        "compile with precision='mixed_bfloat16'" in said[0]
+    model.set_weights([w, b])  # (in range: no word)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isfinite(model.evaluate(x, y)[0])

@@ -5,6 +5,7 @@ mean (a weight of 0 drops a sample, a class's weight is the weight of each of it
 through fit, evaluate, train_on_batch and train_step, on NumPy's fast path, under
 array_api_strict and through captured steps."""
 
+import re
 import warnings
 
 import array_api_strict as xs
@@ -17,6 +18,7 @@ from xpcnn import optim
 from xpcnn.errors import InputError
 from xpcnn.layers import Conv2D, Dense, Flatten, GlobalAvgPool2D, ReLU, Rescaling, Softmax
 from xpcnn.models import build_layers
+from xpcnn.totals import READ_EVERY
 
 
 @pytest.fixture
@@ -216,6 +218,42 @@ def test_sample_weights_on_the_device_and_a_train_step_that_takes_them(data):
     reference = _model()
     reference.fit(x, y, batch_size=16, verbose=0, sample_weight=np.where(y == 0, 2.0, 1.0))
     _same(deaf, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("on", ["numpy", "array_api_strict", "mixed_float16"])
+@pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf, 1e39])
+def test_train_step_never_trains_on_weights_that_fit_refuses(data, bad, on):
+    """train_step's sample_weight, checked on the device with no host read, as its labels
+    are: a weight below 0 or not finite (in the model's float32) makes the step's loss NaN,
+    its update and every later one skipped (the float16 loss scale kept: no overflow to
+    rescale), and the host names the weight when it next reads the totals. (was: a negative
+    weight trained, a gradient ascent on that sample, with no error; a NaN or infinite one
+    stopped training naming the loss)"""
+    x, y, w = data
+    model = xpcnn.Sequential(_net(), device=xs if on == "array_api_strict" else np, seed=2)
+    model.compile(optimizer=optim.SGD(0.1, momentum=0.9),
+                  precision="mixed_float16" if on == "mixed_float16" else "float32")
+    model.build((8, 8, 3))
+    xb, yb = model.backend.asarray(x[:8]), model.backend.asarray(y[:8])
+    good = w[:8].copy()
+    weights = good.copy()
+    weights[[3, 6]] = bad
+    before, scale = model.get_weights(), model.loss_scale
+    loss, _ = model.train_step(xb, yb, sample_weight=model.backend.asarray(weights))
+    assert not np.isfinite(float(loss))
+    with pytest.raises(InputError, match=(
+            r"training stopped at step 1: sample_weight must be finite \(in float32\) and >= "
+            rf"0; sample 3 has weight {re.escape(repr(bad))} \(2 such samples\); nothing was "
+            "updated from that step on")):
+        for _ in range(READ_EVERY):  # the host reads the totals every READ_EVERY steps
+            model.train_step(xb, yb, sample_weight=model.backend.asarray(good))
+    assert model.optimizer.iterations == 0 and model.loss_scale == scale
+    for a, b in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # the weights fit takes train the next steps, read without an error
+    model.train_step(xb, yb, sample_weight=model.backend.asarray(good))
+    assert model.train_on_batch(x[:8], y[:8], sample_weight=good)[0] > 0
+    assert model.optimizer.iterations == 2
 
 
 @pytest.mark.parametrize("kwargs, message", [

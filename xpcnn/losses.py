@@ -9,7 +9,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .backend import to_host
+from .backend import dtype_name, to_host
 from .checks import (
     as_labels,
     as_sample_weights,
@@ -255,12 +255,15 @@ class SoftmaxCrossEntropy:
         """The mean loss of a batch, as Keras' and PyTorch's loss objects give it, called in
         Keras' order, ``loss(y_true, y_pred)`` (PyTorch's, ``loss(input, target)``, is the
         reverse): a 0-d array
-        of ``y_pred``'s namespace and device (``float()`` reads it). ``y_pred`` (N, classes) are
-        logits (``from_logits=True``, through :meth:`forward`, a subclass's own included) or
-        probabilities (``False``; no clipping: a target class of probability 0 gives an
-        infinite loss, as its log; a subclass's :meth:`forward` is given their log, the
-        logits a final softmax took up to a shift of each row, which the softmax ignores);
-        ``None`` is refused, as it cannot say which. ``y_true``:
+        of ``y_pred``'s namespace and device (a torch tensor's too; ``float()`` reads it).
+        ``y_pred`` (N, classes) are logits (``from_logits=True``, through :meth:`forward`, a
+        subclass's own included; -inf gives a class probability 0, as PyTorch's
+        ``cross_entropy`` takes it to mask classes, while +inf and NaN are refused) or
+        probabilities (``False``; each row divided by its sum and clipped to [1e-7, 1 - 1e-7]
+        before its log, as Keras does, so a probability that underflowed to 0 gives a finite
+        loss; a subclass's :meth:`forward` is given that log, the logits a final softmax took
+        up to a shift of each row, which the softmax ignores); ``None`` is refused, as it
+        cannot say which. ``y_true``:
         integer labels (N,) or one-hot/probability rows, checked as ``fit`` checks them;
         ``sample_weight`` (N,): each sample's share, the weighted sum still divided by N (Keras'
         "sum_over_batch_size"). Computed in float32 or float64 (``y_pred``'s; float32 for a
@@ -271,8 +274,8 @@ class SoftmaxCrossEntropy:
                 "logits or probabilities: construct it with from_logits=True (logits, as "
                 "PyTorch's cross_entropy takes) or from_logits=False (probabilities, the "
                 "outputs of a softmax) to call it")
-        if hasattr(y_pred, "__array_namespace__"):
-            xp = array_api_compat.array_namespace(y_pred)
+        if array_api_compat.is_array_api_obj(y_pred):  # (torch's tensors have no
+            xp = array_api_compat.array_namespace(y_pred)  # __array_namespace__)
         else:
             try:
                 y_pred = np.asarray(y_pred)
@@ -298,15 +301,26 @@ class SoftmaxCrossEntropy:
         z = xp.astype(y_pred, dtype, copy=False)
         device = array_api_compat.device(z)
         # (checked where it is, a device array on its device: one read of two counts, no copy)
-        flags = [xp.logical_not(xp.all(xp.isfinite(z)))]
-        if self.from_logits is False:  # (a log of logits would be a wrong, finite loss)
+        if self.from_logits:  # (a logit of -inf is a class of probability 0, as in PyTorch)
+            flags = [xp.any(xp.isnan(z) | (z == xp.inf)),
+                     xp.max(z, axis=1) == -xp.inf]  # (a row of no class: PyTorch's NaN)
+        else:  # (a log of logits would be a wrong, finite loss)
+            flags = [xp.logical_not(xp.all(xp.isfinite(z)))]
             sums = xp.sum(z, axis=1, dtype=xp.float64)
-            bad = (xp.min(z, axis=1) < 0) | (xp.abs(sums - 1) > 1e-3)
+            # (bfloat16 keeps 8 significant bits: its softmax's rows sum to 1 within ~2^-8)
+            tol = 1e-2 if dtype_name(y_pred.dtype) == "bfloat16" else 1e-3
+            bad = (xp.min(z, axis=1) < 0) | (xp.abs(sums - 1) > tol)
             flags.append(bad)
         counts = to_host(xp.stack([xp.sum(xp.astype(f, xp.int64)) for f in flags]))
         if counts[0]:
-            raise InputError("y_pred holds NaN or infinite values")
-        if len(counts) > 1 and counts[1]:
+            raise InputError("y_pred holds NaN or +inf values; logits must be finite, or -inf "
+                             "for a class of probability 0" if self.from_logits else
+                             "y_pred holds NaN or infinite values")
+        if self.from_logits and counts[1]:
+            i = int(xp.argmax(xp.astype(flags[1], xp.int8)))
+            raise InputError(f"y_pred's row {i} is all -inf ({int(counts[1])} such rows): a "
+                             "row of logits needs one finite value, a class of probability > 0")
+        if not self.from_logits and counts[1]:
             i = int(xp.argmax(xp.astype(bad, xp.int8)))  # (the first such row)
             raise InputError(
                 f"{type(self).__name__}(from_logits=False) takes y_pred as probabilities, "
@@ -331,7 +345,9 @@ class SoftmaxCrossEntropy:
                 np.float64 if dtype == xp.float64 else np.float32)), device=device)
         if self.from_logits:  # (asarray: NumPy's sums are scalars, not 0-d arrays)
             return xp.asarray(self.forward(xp, z, t, dtype, w)[0])
-        logp = xp.log(z)
+        # (Keras' log of probabilities: normalised, then clipped, so a probability that
+        # underflowed to 0 gives a large finite loss, not inf and a divide-by-zero warning)
+        logp = xp.log(xp.clip(z / xp.sum(z, axis=1, keepdims=True), 1e-7, 1.0 - 1e-7))
         if self._replaced("forward"):  # (the subclass's loss, as evaluate computes it: a
             # softmax of log(p) is p; was the plain cross-entropy, not the loss fit trains)
             return xp.asarray(self.forward(xp, logp, t, dtype, w)[0])

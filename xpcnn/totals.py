@@ -16,8 +16,11 @@ reads it anew (a dataset: its random transforms draw anew; older ones are read a
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .errors import NonFiniteError
 from .ops.kernels import kernels_for
@@ -37,14 +40,15 @@ KEPT_INPUTS = 2
 
 class Noted:
     """What an unread step keeps for a deferred error: its labels ``yb`` (small; the check of
-    their values), and its input batch ``xb`` where its source cannot read it again as it was
+    their values), its sample weights ``wb`` where no host checked them (train_step's; else
+    None), and its input batch ``xb`` where its source cannot read it again as it was
     (``replay`` None or not exact; dropped after :data:`KEPT_INPUTS` later such steps)."""
 
-    __slots__ = ("replay", "xb", "yb")
+    __slots__ = ("replay", "wb", "xb", "yb")
 
-    def __init__(self, xb: Any, yb: Any, replay: Replay | None) -> None:
+    def __init__(self, xb: Any, yb: Any, replay: Replay | None, wb: Any = None) -> None:
         self.xb = None if replay is not None and replay.exact else xb
-        self.yb, self.replay = yb, replay
+        self.yb, self.wb, self.replay = yb, wb, replay
 
     @property
     def read_anew(self) -> bool:
@@ -86,6 +90,17 @@ class RunningTotals:
         self.pending: list[tuple[int, Noted]] = []  # (step, what it noted) since the last read
         self._held: collections.deque[Noted] = collections.deque()  # (those holding an xb)
         self.seen = 0.0  # samples the sums are of (on the host: the steps' sizes are known there)
+        self._nan: Any = None  # (see nan)
+
+    @property
+    def nan(self) -> Any:
+        """What a step puts in place of a bad weight of train_step's: made on first use, once,
+        not a launch a step (nor one for an evaluate, which never uses it); float32, so that a
+        float32 or wider weight keeps its dtype (from a float32 host value: PyTorch's asarray
+        refuses a float64 one cast on copy)."""
+        if self._nan is None:
+            self._nan = self.backend.asarray(np.float32(math.nan), dtype="float32")
+        return self._nan
 
     def _vector(self, values: list[float]) -> Any:
         return self.backend.asarray(values, dtype=self.dtype)
@@ -141,12 +156,12 @@ class RunningTotals:
         return kernels_for(self.backend).record_step(self.state, stats, grads, float(n), step,
                                                      scaling, squares)
 
-    def note(self, step: int, xb: Any, yb: Any, replay: Replay | None) -> None:
-        """Note step ``step`` (1-based) on input batch ``xb`` and labels ``yb`` for a deferred
-        error: ``replay`` reads ``xb`` again (:func:`xpcnn.data.replay.replay_of`); where it
-        is None or not exact, ``xb`` is held too, until :data:`KEPT_INPUTS` later steps hold
-        theirs."""
-        noted = Noted(xb, yb, replay)
+    def note(self, step: int, xb: Any, yb: Any, replay: Replay | None, wb: Any = None) -> None:
+        """Note step ``step`` (1-based) on input batch ``xb``, labels ``yb`` and unchecked
+        sample weights ``wb`` (or None) for a deferred error: ``replay`` reads ``xb`` again
+        (:func:`xpcnn.data.replay.replay_of`); where it is None or not exact, ``xb`` is held
+        too, until :data:`KEPT_INPUTS` later steps hold theirs."""
+        noted = Noted(xb, yb, replay, wb)
         self.pending.append((step, noted))
         if noted.xb is not None:
             self._held.append(noted)

@@ -765,8 +765,13 @@ class Layer:
 
     def _as_float(self, a: Any) -> Any:
         # (real_floating first: NumPy's isdtype refuses ml_dtypes' bfloat16)
-        return a if real_floating(self.xp, a.dtype) or not self.xp.isdtype(
-            a.dtype, ("bool", "integral")) else self.xp.astype(a, self.dtype)
+        if real_floating(self.xp, a.dtype):
+            return a
+        if self.xp.isdtype(a.dtype, ("bool", "integral")):
+            return self.xp.astype(a, self.dtype)
+        # (complex: was cast with NumPy's ComplexWarning alone, or passed through by ReLU)
+        raise InputError(f"layer {self.name!r} ({type(self).__name__}) takes batches of real "
+                         f"numbers (floats, integers or bools), got dtype {a.dtype}")
 
     def _call_symbolic(self, x: SymbolicTensor | list[SymbolicTensor], record: bool = True
                        ) -> SymbolicTensor:

@@ -80,7 +80,7 @@ def nll(xp: Any, logp: Any, t: Any, weights: Any = None) -> Any:
     terms = t * xp.where(t != 0, logp, xp.zeros_like(logp))  # (no 0 * -inf computed)
     if weights is not None:
         terms = xp.reshape(weights, (-1, 1)) * terms
-    return -xp.sum(terms) / logp.shape[0]
+    return (0.0 - xp.sum(terms)) / logp.shape[0]  # (0.0 - : a zero loss is 0.0, not -0.0)
 
 
 def loss_and_correct(xp: Any, loss: Any, z: Any, y: Any) -> Any:

@@ -19,6 +19,40 @@ from ..data.arrays import check_source, is_stream, one_input
 from ..data.sources import Batches
 from ..errors import InputError, warn
 
+_GRAPHS = ("compile(cuda_graphs=None), the default, captures each training step on CuPy in a "
+           "CUDA graph and replays it, xpcnn's way to cut a step's launch cost")
+#: Keras 3's compile keywords that xpcnn's compile takes only at their Keras default, xpcnn's
+#: behaviour (spelled out: taken): (the values taken, what to do instead of another value).
+KERAS_COMPILE: dict[str, tuple[tuple[Any, ...], str]] = {
+    "loss_weights": ((None,), "an xpcnn model has one output and one loss, so there is no "
+                              "other loss to weigh it against; to scale it, weigh its samples "
+                              "(fit's sample_weight=np.full(len(x), w))"),
+    "weighted_metrics": ((None, ()), "xpcnn's metrics are never weighted (Keras' metrics, not "
+                                     "weighted_metrics): sample_weight weighs the loss alone; "
+                                     "compute a weighted accuracy from predict (in a callback, "
+                                     "on_epoch_end)"),
+    "run_eagerly": ((False,), "xpcnn has no compiled step function to leave: each step runs "
+                              "its Python (a print or breakpoint in a layer runs every step) "
+                              "except where a CUDA graph replays it; compile(cuda_graphs=False) "
+                              "never does"),
+    "steps_per_execution": ((1,), "xpcnn runs one step a call; " + _GRAPHS),
+    "jit_compile": (("auto", False), "xpcnn compiles no XLA (nor torch.compile); " + _GRAPHS),
+    "auto_scale_loss": ((True,), "compile(precision='mixed_float16') always scales the loss, "
+                                 "dynamically (model.loss_scale); 'mixed_bfloat16' and "
+                                 "'float32' need no scaling"),
+}
+
+
+def check_keras_compile(given: dict[str, Any]) -> None:
+    """Keras 3's compile keywords in ``given`` (name: value), refused where not one of the
+    values :data:`KERAS_COMPILE` takes, naming what to do instead."""
+    for key, value in given.items():
+        taken, instead = KERAS_COMPILE[key]
+        if not checks.is_one_of(value, taken):
+            shown = " or ".join(repr(list(v) if isinstance(v, tuple) else v) for v in taken)
+            raise InputError(f"compile({key}={value!r}): Keras' keyword, which xpcnn's compile "
+                             f"takes only as {shown}: {instead}")
+
 
 def batch_length(model: Any, x: Any) -> int:
     """The number of samples in ``x``, one batch of arrays (the ``*_on_batch`` methods) of

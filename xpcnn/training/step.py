@@ -6,7 +6,8 @@ running totals there (:mod:`xpcnn.totals`), and a step whose loss or gradients a
 is recorded there, its update (and every later one) skipped. The host reads the totals behind
 the steps (every :data:`~xpcnn.totals.READ_EVERY` steps, in fit's logs, in ``train_on_batch``)
 and only then raises what those steps deferred: :class:`~xpcnn.errors.NonFiniteError` naming
-the step and the layer, :class:`~xpcnn.errors.InputError` for labels that are no class. On
+the step and the layer, :class:`~xpcnn.errors.InputError` for labels that are no class (or
+``train_step``'s sample weights below 0 or not finite). On
 CuPy the step is captured in a CUDA graph and replayed (:mod:`xpcnn.cuda_graphs`) where the
 model allows it.
 
@@ -172,34 +173,39 @@ class TrainingStep(_Network):
         (:class:`InputError`); the labels' values on the device, where a label that is no class
         (or a one-hot row that is no probabilities) makes the step's loss NaN: its update and
         every later one are skipped, and :class:`InputError` names the labels when the host
-        next reads the totals. No step ever trains on labels that match no class.
+        next reads the totals. No step ever trains on labels that match no class. So with
+        the weights: one below 0 or not finite makes the step's loss NaN (skipped), and
+        :class:`InputError` names ``sample_weight``, as fit refuses it.
         """
         self._check_step_batch(xb, yb)
         if sample_weight is not None:
             self._check_step_weights(xb, sample_weight)
         with compute_scope(self.backend):
-            stats = self._train_step(xb, yb, keep=True, weights=sample_weight)
+            stats = self._train_step(xb, yb, keep=True, weights=sample_weight, checked=False)
         return stats[0], stats[1]
 
-    def _train_step(self, xb: Any, yb: Any, keep: bool, weights: Any = None) -> Any:
+    def _train_step(self, xb: Any, yb: Any, keep: bool, weights: Any = None,
+                    checked: bool = True) -> Any:
         """:meth:`_one_step`, inside the model's ``_shared_pass()`` across the whole step (its
         forward, backward and update: no other thread builds or rebuilds its layers meanwhile)."""
         with self._shared_pass():
             try:
-                return self._one_step(xb, yb, keep, weights)
+                return self._one_step(xb, yb, keep, weights, checked)
             except BaseException:
                 # (stopped between a user's layer's forward and its backward, Ctrl-C or an
                 # error: its inference passes run on it again, not on throwaway copies)
                 end_training_passes()
                 raise
 
-    def _one_step(self, xb: Any, yb: Any, keep: bool, weights: Any = None) -> Any:
+    def _one_step(self, xb: Any, yb: Any, keep: bool, weights: Any = None,
+                  checked: bool = True) -> Any:
         """:meth:`train_step` on a batch that passed its checks (or fit's, made and checked
         by fit), inside the backend's ``compute_scope``: the step, captured or replayed where
         it can be, and its record in the running totals. Returns the batch's [loss, correct
         count, top-k counts...]; after a replay they are the graph's own outputs, which the
         next replay rewrites, unless ``keep`` asks for copies. ``weights``: the samples'
-        weights (N,) or None."""
+        weights (N,) or None; ``checked``: their values were checked on the host (fit's,
+        train_on_batch's), else (train_step's) on the device, :func:`_nan_unless_weights`."""
         # (first: an earlier step's deferred error, read here where a layer was frozen since,
         # is raised before anything of this step changes the model, its optimiser's slots too)
         totals = self._running_totals()  # (the layers are built as needed: _shared_pass)
@@ -210,13 +216,17 @@ class TrainingStep(_Network):
         # (a data-parallel step runs uncaptured: its allreduces are outside any graph)
         graphs = None if self._parallel is not None else self._step_graphs()
         step = self.optimizer.iterations + 1  # type: ignore[union-attr]
-        stats = None if graphs is None else graphs.run(xb, yb, weights)
+        # (outside the captured step, which fit's checked weights replay too)
+        used = weights if checked or weights is None else _nan_unless_weights(
+            self.backend.xp, weights, totals.nan)
+        stats = None if graphs is None else graphs.run(xb, yb, used)
         if stats is None:
-            stats = self._device_step(xb, yb, step, weights=weights)
+            stats = self._device_step(xb, yb, step, weights=used)
         elif keep:
             stats = self.backend.xp.asarray(stats, copy=True)
-        # (its input batch is read again for a deferred error where the source can: not held)
-        totals.note(step, xb, yb, replay_of(xb))
+        # (its input batch is read again for a deferred error where the source can: not held;
+        # unchecked weights are kept, as the labels are, to be checked and named then)
+        totals.note(step, xb, yb, replay_of(xb), None if checked else weights)
         totals.seen += self._global_batch(xb)
         self._last_stats = stats
         if len(totals.pending) >= READ_EVERY:
@@ -338,7 +348,8 @@ class TrainingStep(_Network):
 
     def _check_step_weights(self, xb: Any, weights: Any) -> None:
         """:meth:`train_step`'s ``sample_weight``, from its shape and dtype: floats on the
-        model's device, one a sample (their values are fit's and train_on_batch's to check)."""
+        model's device, one a sample (their values are checked on the device, with no host
+        read: :meth:`_one_step`)."""
         check_on_device(weights, self.backend, "sample_weight", instead="")
         if tuple(weights.shape) != (xb.shape[0],) or not checks.real_floating(
                 self.backend.xp, weights.dtype):
@@ -618,6 +629,7 @@ class TrainingStep(_Network):
         if not math.isfinite(loss):
             noted = batches[step]
             self._raise_for_labels(noted.yb, step)
+            self._raise_for_sample_weights(noted.wb, step)
             self._raise_for_weights(f"the loss is {loss}", step)  # (no batch needed)
             anew = noted.read_anew  # (before the read)
             self._raise_non_finite(f"the loss is {loss}",
@@ -652,6 +664,18 @@ class TrainingStep(_Network):
         if yb.shape[0]:  # (not this rank's empty part of a short batch)
             try:
                 checks.as_labels(self.backend.to_numpy(yb), int(yb.shape[0]), self.num_classes)
+            except InputError as e:
+                raise InputError(f"training stopped at step {step}: {e}; nothing was updated "
+                                 "from that step on") from None
+
+    def _raise_for_sample_weights(self, wb: Any, step: int) -> None:
+        """Raise :class:`InputError` where train_step's ``sample_weight`` of step ``step``
+        (None: none, or checked on the host) holds one below 0 or not finite (the step made
+        its loss NaN for it, :func:`_nan_unless_weights`), named as ``fit`` names it."""
+        if wb is not None and wb.shape[0]:  # (not this rank's empty part of a short batch)
+            try:
+                checks.as_sample_weights(self.backend.to_numpy(wb), int(wb.shape[0]),
+                                         dtype=self.dtype_name)
             except InputError as e:
                 raise InputError(f"training stopped at step {step}: {e}; nothing was updated "
                                  "from that step on") from None
@@ -744,6 +768,15 @@ class TrainingStep(_Network):
                          "finite, another rank's made it (that rank's error names where)")
         raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
                              f"values appear in {where}")
+
+
+def _nan_unless_weights(xp: Any, weights: Any, nan: Any) -> Any:
+    """train_step's sample ``weights`` (N,) with ``nan`` (a 0-d NaN) in place of each one below
+    0, on the device (two launches on a GPU, no host read): the weighted loss is then NaN, and
+    the step skipped as a non-finite one, as a label that is no class skips it (a NaN or
+    infinite weight makes the loss so as it is; a negative one would give a finite loss, and
+    its gradient would train away from that sample's label)."""
+    return xp.where(weights >= 0, weights, nan)
 
 
 def _returned_pair(out: Any) -> tuple[Any, Any]:

@@ -72,6 +72,7 @@ from ..totals import SCALE_RANGE, RunningTotals, loss_scaling
 from .arguments import (
     batch_length,
     check_fit_data,
+    check_keras_compile,
     checkpoint_callback,
     drop_sources,
     inference_params,
@@ -283,11 +284,19 @@ class Trainer(TrainingStep):
                 optimizer: str | Optimizer = "adam",
                 metrics: str | metric_settings.Metric | list[str | metric_settings.Metric]
                 | tuple[str | metric_settings.Metric, ...] | None = ("accuracy",),
-                precision: str = "float32", cuda_graphs: bool | None = None) -> None:
+                precision: str = "float32", cuda_graphs: bool | None = None,
+                loss_weights: Any = None, weighted_metrics: Any = None,
+                run_eagerly: bool = False, steps_per_execution: int = 1,
+                jit_compile: bool | str = "auto", auto_scale_loss: bool = True) -> None:
         """Choose the loss, the optimiser, the metrics and the precision.
 
         Every argument is keyword-only: Keras' ``compile(optimizer, loss)`` order differs,
-        and a positional call gets a TypeError instead of another meaning.
+        and a positional call gets a TypeError instead of another meaning. Keras 3's other
+        keywords are taken at their defaults (``loss_weights=None``,
+        ``weighted_metrics=None``, ``run_eagerly=False``, ``steps_per_execution=1``,
+        ``jit_compile="auto"`` or False, ``auto_scale_loss=True``: xpcnn's behaviour) and
+        refused otherwise, naming what to do instead
+        (:data:`~xpcnn.training.arguments.KERAS_COMPILE`).
 
         ``metrics``: ``["accuracy"]`` (the default), ``["acc"]``,
         ``"sparse_top_k_categorical_accuracy"``, ``"top_k_categorical_accuracy"`` (k = 5),
@@ -316,6 +325,10 @@ class Trainer(TrainingStep):
         """
         # Every argument is checked before anything changes: a failed compile leaves the
         # model (and the optimizer, which it would bind) as they were.
+        check_keras_compile({"loss_weights": loss_weights, "weighted_metrics": weighted_metrics,
+                             "run_eagerly": run_eagerly,
+                             "steps_per_execution": steps_per_execution,
+                             "jit_compile": jit_compile, "auto_scale_loss": auto_scale_loss})
         if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
             raise InputError(f"cuda_graphs must be True, False or None, got {cuda_graphs!r}")
         loss, optimizer = get_loss(loss), get_optimizer(optimizer)
@@ -1108,7 +1121,15 @@ class Trainer(TrainingStep):
             cbs = CallbackList(callbacks, self, inference_params(verbose, data))
             self._check_loss_outputs(loss)
             with cbs.closing_bars():
-                return self._returned(self._evaluate(data, cbs, loss), return_dict)
+                logs = self._evaluate(data, cbs, loss)
+            if not math.isfinite(logs["loss"]) and self.precision == "mixed_float16":
+                # (once a call, from the sums read at its end: no host read a batch)
+                warn(f"evaluate's loss is {logs['loss']} under precision 'mixed_float16': "
+                     "where the data and weights are finite, float16 logits beyond its largest "
+                     "value, 65504, overflowed (predict gives NaN rows there); compile with "
+                     "precision='mixed_bfloat16' (float32's range) or 'float32' (xpcnn has no "
+                     "float32 last layer inside a float16 model, Keras' way out)")
+            return self._returned(logs, return_dict)
 
     def _evaluate(self, data: Batches, cbs: CallbackList, loss: SoftmaxCrossEntropy | None,
                   epoch: int | None = None) -> dict[str, float]:
