@@ -4,7 +4,7 @@
         [--optimizer sgd|adam] [--batchnorm] [--dataset]
         [--checkpoint PATH --every N [--resume]]
         [--fail-rank R --fail-step S --fail-how kill|raise|hang] [--freeze A B]
-        [--interrupt S] [--save-freq N]
+        [--interrupt S] [--save-freq N] [--sources arrays dataset weighted]
 
 trains one epoch (``--epochs``) with ``--batch`` samples per rank and writes, from every rank,
 its final weights and history to ``OUT.rank<R>.npz`` (with plain ``np.savez``: each rank its own
@@ -13,6 +13,8 @@ file, to compare them). ``--fail-rank`` makes rank R die (SIGKILL), raise or han
 ``--interrupt S``: rank R sends itself a Ctrl-C (SIGINT) before its step S + R; checkpoints take
 a moment to write.
 ``--save-freq N``: a ModelCheckpoint of the model every N steps, to ``OUT.b<batch>.npz``.
+``--sources``: one run after another in the job, each writing ``OUT.<source>.rank<R>.npz``, from
+arrays, a map-style dataset (``--dataset``) or weighted arrays (``--weighted``).
 In one process (no mpiexec), :func:`train` is the reference run.
 """
 
@@ -159,7 +161,14 @@ def main() -> None:
                    help="freeze the convolution before step A, unfreeze it before step B")
     p.add_argument("--interrupt", type=int, default=0, help="rank R's Ctrl-C before step S + R")
     p.add_argument("--save-freq", type=int, default=0, help="a ModelCheckpoint every N steps")
-    train(**vars(p.parse_args()))
+    p.add_argument("--sources", nargs="+", choices=["arrays", "dataset", "weighted"],
+                   help="several runs in one job (a job takes ~1 s to start)")
+    args = vars(p.parse_args())
+    sources = args.pop("sources")
+    for source in sources or [None]:
+        train(**{**args, **({} if source is None else {
+            "out": f"{args['out']}.{source}", "dataset": source == "dataset",
+            "weighted": source == "weighted"})})
 
 
 if __name__ == "__main__":

@@ -524,8 +524,12 @@ BATCH_NORM_DTYPES = [(np.float16, np.float16), (np.float32, np.float32),
 
 
 @pytest.mark.parametrize(("shape", "most", "fewest", "dtype", "compute", "relu"),
-                         [(*case, *dtypes, relu) for case in BATCH_NORM_SHAPES
-                          for dtypes in BATCH_NORM_DTYPES for relu in (False, True)]
+                         # (every dtype pair at every shape, the fused ReLU with half of
+                         # them in turn: it masks values, not the reductions' layout or
+                         # types; each dtype pair runs with and without it)
+                         [(*case, *dtypes, (i + j) % 2 == 1)
+                          for i, case in enumerate(BATCH_NORM_SHAPES)
+                          for j, dtypes in enumerate(BATCH_NORM_DTYPES)]
                          + [((128, 30, 30, 3), 512, 1024, np.float32, np.float32, True)])
 def test_batch_norm_in_two_launches_each_way(fast, monkeypatch, rng, shape, most, fewest, dtype,
                                              compute, relu):
@@ -1085,12 +1089,13 @@ def test_strided_and_over_padded_input_gradients_take_one_launch(
 
 
 # (int64 labels at every shape; the labels' other dtypes change only how the kernel reads a
-# label, so they run at one shape of each kernel: a row a thread, a row a warp)
-@pytest.mark.parametrize("rows, classes, smoothing, levels, labels_dtype", [
-    *((*case, np.int64) for case in SOFTMAX_CROSS_ENTROPY),
-    *((*case, labels) for case in (SOFTMAX_CROSS_ENTROPY[1], SOFTMAX_CROSS_ENTROPY[7])
-      for labels in (np.int32, np.uint8))])
-@pytest.mark.parametrize("dtype", WITH_HALF)
+# label, so they run at one shape of each kernel: a row a thread, a row a warp, each with every
+# logits' dtype over the two shapes, which instantiates every (labels, logits) pair once)
+@pytest.mark.parametrize("rows, classes, smoothing, levels, labels_dtype, dtype", [
+    *((*case, np.int64, dtype) for case in SOFTMAX_CROSS_ENTROPY for dtype in WITH_HALF),
+    *((*case, labels, WITH_HALF[(i + j) % len(WITH_HALF)])
+      for i, case in enumerate((SOFTMAX_CROSS_ENTROPY[1], SOFTMAX_CROSS_ENTROPY[7]))
+      for j, labels in enumerate((np.int32, np.uint8, np.int32, np.uint8)))])
 def test_softmax_cross_entropy(fast, monkeypatch, rng, rows, classes, smoothing, levels,
                                labels_dtype, dtype):
     """The loss, its gradient and the rows' sums in one launch (its last block summing the
@@ -1180,13 +1185,17 @@ def test_softmax(fast, monkeypatch, rng, rows, classes, smoothing, levels, dtype
 
 # (each target form at every shape in float32; the other dtypes change only the types the
 # same steps run in, which test_softmax_cross_entropy crosses with every shape, so here they
-# run at one shape of each kernel: a row a thread over 3 blocks, a row a warp past the last row)
-@pytest.mark.parametrize("rows, classes, smoothing, levels, dtype", [
-    *((*case, np.float32) for case in SOFTMAX_CROSS_ENTROPY),
-    *((*case, dtype) for case in (SOFTMAX_CROSS_ENTROPY[5], SOFTMAX_CROSS_ENTROPY[7])
-      for dtype in (np.float16, BFLOAT16, np.float64))])
-@pytest.mark.parametrize("targets, weighted", [("labels", True), ("one-hot", False),
-                                               ("soft", True)])
+# run at one shape of each kernel: a row a thread over 3 blocks, a row a warp past the last row,
+# each (dtype, target form) pair, the kernel's instantiation, at one of the two: the slow warp
+# shape with each dtype and each form once, the 3-block one with the 6 other pairs)
+TARGET_FORMS = [("labels", True), ("one-hot", False), ("soft", True)]
+
+
+@pytest.mark.parametrize("rows, classes, smoothing, levels, dtype, targets, weighted", [
+    *((*case, np.float32, *form) for case in SOFTMAX_CROSS_ENTROPY for form in TARGET_FORMS),
+    *((*SOFTMAX_CROSS_ENTROPY[5 if i != j else 7], dtype, *form)
+      for i, dtype in enumerate((np.float16, BFLOAT16, np.float64))
+      for j, form in enumerate(TARGET_FORMS))])
 def test_softmax_cross_entropy_of_target_rows_and_weights(fast, monkeypatch, rng, rows,
                                                           classes, smoothing, levels, dtype,
                                                           targets, weighted):
@@ -1259,10 +1268,14 @@ def test_softmax_cross_entropy_of_target_rows_and_weights(fast, monkeypatch, rng
             assert np.isnan(got[0]) and not np.isnan(g[:rows // 2]).any()
 
 
-@pytest.mark.parametrize("rows, classes, smoothing, levels", SOFTMAX_CROSS_ENTROPY)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("targets, weighted", [("labels", False), ("labels", True),
-                                               ("one-hot", False), ("one-hot", True)])
+# (each target form in both dtypes at every shape, weighted or not in turn: every kernel
+# instantiation, (targets, weighted, dtype), still runs, at 4 of the shapes, and the shape
+# sets the grid alone (a row a thread or a warp, blocks), so the 4-way cross adds no path)
+@pytest.mark.parametrize("rows, classes, smoothing, levels, dtype, targets, weighted", [
+    (*case, DTYPES[(i + j) % 2], targets, weighted)
+    for i, case in enumerate(SOFTMAX_CROSS_ENTROPY)
+    for j, (targets, weighted) in enumerate([("labels", False), ("labels", True),
+                                             ("one-hot", False), ("one-hot", True)])])
 def test_softmax_cross_entropy_looks_up_class_weights(fast, monkeypatch, rng, rows, classes,
                                                       smoothing, levels, dtype, targets,
                                                       weighted):
@@ -1563,8 +1576,12 @@ def test_a_declined_fused_update_clips_before_the_standard_one(fast, monkeypatch
         assert_same(a, b)
 
 
-@pytest.mark.parametrize("net", [gap_net, every_layer_net])
-@pytest.mark.parametrize("algorithm", ["direct", "tiled", "direct-forward", "im2col"])
+# (gap_net with every convolution algorithm; every_layer_net, whose other layers take the same
+# kernels whatever the algorithm, with the two whose kernels run all three passes, the other two
+# being theirs forward and im2col's, which the standard path runs, for the kernel's gradient)
+@pytest.mark.parametrize("net, algorithm", [
+    *((gap_net, algorithm) for algorithm in ["direct", "tiled", "direct-forward", "im2col"]),
+    (every_layer_net, "direct"), (every_layer_net, "tiled")])
 def test_training_with_the_cuda_kernels(fast, monkeypatch, net, algorithm):
     """Whole training runs with every CuPy kernel in place of the NumPy ones end with the
     standard path's weights."""
@@ -2146,9 +2163,12 @@ def test_the_recorded_loss_scale_never_doubles_to_infinity(fast, scale):
         assert_same(g, w)
 
 
-@pytest.mark.parametrize("rows, classes", TOP_K)
-@pytest.mark.parametrize("targets", [np.int64, np.int32, np.uint8, "one-hot", "float16"])
-@pytest.mark.parametrize("dtype", WITH_HALF)
+# (every target form and every logits' dtype at each shape, and each pair of them at one shape:
+# the kernel's instantiation is of the pair (Z, L, Y), its grid of the shape alone, so the
+# triples crossed add no path)
+@pytest.mark.parametrize("rows, classes, targets, dtype", [
+    (*shape, targets, WITH_HALF[(i + j) % len(WITH_HALF)]) for i, shape in enumerate(TOP_K)
+    for j, targets in enumerate([np.int64, np.int32, np.uint8, "one-hot", "float16"])])
 def test_top_k_counts_in_one_launch(fast, monkeypatch, rng, rows, classes, targets, dtype):
     """The top-k metrics' counts for every k in one launch, as the standard version counts
     them: ties in, NaN scores greater than none, non-finite targets and labels of no class

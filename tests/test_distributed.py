@@ -98,19 +98,29 @@ def assert_same_as_one_process(out: Path, ranks: int, reference, rtol: float, at
 
 
 @needs_mpi
-@pytest.mark.parametrize("ranks,samples,source", [(2, 48, "arrays"), (3, 50, "arrays"),
-                                                  (3, 50, "dataset"), (3, 50, "weighted")])
+@pytest.mark.parametrize("ranks,samples,sources", [(2, 48, ["arrays"]),
+                                                   (3, 50, ["arrays", "dataset", "weighted"])])
 def test_ranks_train_as_one_process_on_the_combined_batch_float64(tmp_path, ranks, samples,
-                                                                   source):
+                                                                   sources):
     """A whole epoch with flips, crops and dropout; with 3 ranks and 50 samples the last global
     batch has 2 samples, so one rank has none. The ranks read arrays, or a map-style dataset;
     the single process, arrays; "weighted": arrays with sample and class weights."""
+    # (the sources one after the other in one job, each compared on its own: a job took ~1 s
+    # to start)
     batch = 12 // ranks
     proc, _ = mpirun(ranks, tmp_path / "run", "--batch", str(batch), "--samples", str(samples),
-                     *({"dataset": ["--dataset"], "weighted": ["--weighted"]}.get(source, [])))
+                     "--sources", *sources)
     assert proc.returncode == 0, proc.stderr
-    reference = dist_train.train(batch=12, samples=samples, weighted=source == "weighted")
-    assert_same_as_one_process(tmp_path / "run", ranks, reference, rtol=0, atol=1e-12)
+    references = {weighted: dist_train.train(batch=12, samples=samples, weighted=weighted)
+                  for weighted in {source == "weighted" for source in sources}}
+    failed = []  # (every source checked, each failure named)
+    for source in sources:
+        try:
+            assert_same_as_one_process(tmp_path / f"run.{source}", ranks,
+                                       references[source == "weighted"], rtol=0, atol=1e-12)
+        except AssertionError as e:
+            failed.append(f"{source}: {e}")
+    assert not failed, "\n\n".join(failed)
 
 
 @needs_mpi
@@ -1466,10 +1476,6 @@ from xpcnn.errors import XpcnnError
 from xpcnn.layers import BatchNorm2D, Dense, Flatten, Softmax
 
 rank = distributed.world().rank
-case = sys.argv[1]
-rng = np.random.default_rng(0)
-x, y = rng.random((48, 4, 4, 3)).astype(np.float32), rng.integers(0, 3, 48)
-ck = os.path.join(os.path.dirname(__file__), "ck.npz")
 
 
 def make(seed=0):
@@ -1478,81 +1484,91 @@ def make(seed=0):
     return m
 
 
-def stop(where):  # (each rank's own decision: rank 0 at its 3rd step, rank 1 at its 4th)
-    return LambdaCallback(**{where: lambda batch, logs: batch == 2 + rank and setattr(
-        model, "stop_training", True)})
+def one(index, case):  # (each case's model, data and checkpoint its own: run one by one)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((48, 4, 4, 3)).astype(np.float32), rng.integers(0, 3, 48)
+    ck = os.path.join(os.path.dirname(__file__), f"ck{index}.npz")
 
+    def stop(where):  # (each rank's own decision: rank 0 at its 3rd step, rank 1 at its 4th)
+        return LambdaCallback(**{where: lambda batch, logs: batch == 2 + rank and setattr(
+            model, "stop_training", True)})
 
-said = []
-model = make(seed=rank if case == "per-rank seed" else 0)
-try:
-    if case == "weights on rank 0":  # (the Horovod habit: loaded on rank 0, the rest synced)
-        pretrained = make(5)
-        pretrained.build((None, 4, 4, 3))
-        model.build((None, 4, 4, 3))
-        if rank == 0:
-            model.set_weights(pretrained.get_weights())
-        try:
-            model.evaluate(x, y, batch_size=4)
-        except XpcnnError as e:
-            said.append(f"rank {rank} refused: {type(e).__name__}: {e}")
-        distributed.broadcast_weights(model)  # (the fix the refusal names)
-        same = model.evaluate(x, y, batch_size=4) == pretrained.evaluate(x, y, batch_size=4)
-        said.append(f"rank {rank} after broadcast_weights: rank 0's scores {same}")
-    elif case == "per-rank seed":
-        model.fit(x, y, batch_size=4, verbose=0)
-    elif case == "broadcast to an unbuilt rank":  # (rank 0's load_weights built it alone)
-        if rank == 0:
+    said = []
+    model = make(seed=rank if case == "per-rank seed" else 0)
+    try:
+        if case == "weights on rank 0":  # (the Horovod habit: loaded on rank 0, the rest
+            pretrained = make(5)  # synced)
+            pretrained.build((None, 4, 4, 3))
             model.build((None, 4, 4, 3))
-        distributed.broadcast_weights(model)
-    elif case == "evaluate mid-fit, BatchNorm":  # (validating every few batches, in Keras)
-        model = xpcnn.Sequential([BatchNorm2D(), Flatten(), Dense(3), Softmax()], seed=0)
-        model.compile(optimizer="sgd")
-        scores = []
-        model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[LambdaCallback(
-            on_train_batch_end=lambda batch, logs: batch == 2 and scores.append(
-                model.evaluate(x, y, batch_size=8, verbose=0)))])
-        crc = zlib.crc32(b"".join(w.tobytes() for w in model.get_weights()))
-        said.append(f"rank {rank} evaluated {len(scores)} times, weights {crc}")
-    elif case.endswith("on rank 1"):  # (that node's copy of the data, or rank 1's argument)
-        if rank == 1:
-            x[3, 0, 0, 0] = np.nan if case.startswith("fit nan") else x[3, 0, 0, 0]
-            y[3] = 7 if case.startswith("evaluate label") else y[3]
-        weights = {0: 1.0, 5 if rank and case.startswith("fit class") else 1: 2.0}
-        if case.startswith("evaluate"):
-            model.evaluate(x, y, batch_size=4)
-        else:
-            model.fit(x, y, batch_size=4, verbose=0, class_weight=weights)
-    else:  # (stop_training set on each rank at its own step, or epoch)
-        epoch_end = case.startswith("stop at epoch end")
-        cb = LambdaCallback(on_epoch_end=lambda epoch, logs: rank == 1 and setattr(
-            model, "stop_training", True)) if epoch_end else stop("on_train_batch_end")
-        checkpoint = {"checkpoint": ck} if case.endswith("checkpoint") else {}
-        model.fit(x, y, batch_size=4, epochs=3, verbose=0, callbacks=[cb], **checkpoint)
-        crc = zlib.crc32(b"".join(w.tobytes() for w in model.get_weights()))
-        said.append(f"rank {rank} stopped after {model.optimizer.iterations} steps, "
-                    f"epochs {model.history.epoch}, weights {crc}")
-        if checkpoint:  # (a run that stop_training ended trains no more, as in one process)
-            again = make()
-            history = again.fit(x, y, batch_size=4, epochs=3, verbose=0, checkpoint=ck,
-                                resume=True)
-            said.append(f"rank {rank} resumed: {again.optimizer.iterations} steps, epochs "
-                        f"{history.epoch}")
-except XpcnnError as e:
-    said.append(f"rank {rank} refused: {type(e).__name__}: {e}")
-os.write(1, ("\\n".join(said) + "\\n").encode())
+            if rank == 0:
+                model.set_weights(pretrained.get_weights())
+            try:
+                model.evaluate(x, y, batch_size=4)
+            except XpcnnError as e:
+                said.append(f"rank {rank} refused: {type(e).__name__}: {e}")
+            distributed.broadcast_weights(model)  # (the fix the refusal names)
+            same = (model.evaluate(x, y, batch_size=4)
+                    == pretrained.evaluate(x, y, batch_size=4))
+            said.append(f"rank {rank} after broadcast_weights: rank 0's scores {same}")
+        elif case == "per-rank seed":
+            model.fit(x, y, batch_size=4, verbose=0)
+        elif case == "broadcast to an unbuilt rank":  # (rank 0's load_weights built it alone)
+            if rank == 0:
+                model.build((None, 4, 4, 3))
+            distributed.broadcast_weights(model)
+        elif case == "evaluate mid-fit, BatchNorm":  # (validating every few batches, in Keras)
+            model = xpcnn.Sequential([BatchNorm2D(), Flatten(), Dense(3), Softmax()], seed=0)
+            model.compile(optimizer="sgd")
+            scores = []
+            model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[LambdaCallback(
+                on_train_batch_end=lambda batch, logs: batch == 2 and scores.append(
+                    model.evaluate(x, y, batch_size=8, verbose=0)))])
+            crc = zlib.crc32(b"".join(w.tobytes() for w in model.get_weights()))
+            said.append(f"rank {rank} evaluated {len(scores)} times, weights {crc}")
+        elif case.endswith("on rank 1"):  # (that node's copy of the data, or rank 1's argument)
+            if rank == 1:
+                x[3, 0, 0, 0] = np.nan if case.startswith("fit nan") else x[3, 0, 0, 0]
+                y[3] = 7 if case.startswith("evaluate label") else y[3]
+            weights = {0: 1.0, 5 if rank and case.startswith("fit class") else 1: 2.0}
+            if case.startswith("evaluate"):
+                model.evaluate(x, y, batch_size=4)
+            else:
+                model.fit(x, y, batch_size=4, verbose=0, class_weight=weights)
+        else:  # (stop_training set on each rank at its own step, or epoch)
+            epoch_end = case.startswith("stop at epoch end")
+            cb = LambdaCallback(on_epoch_end=lambda epoch, logs: rank == 1 and setattr(
+                model, "stop_training", True)) if epoch_end else stop("on_train_batch_end")
+            checkpoint = {"checkpoint": ck} if case.endswith("checkpoint") else {}
+            model.fit(x, y, batch_size=4, epochs=3, verbose=0, callbacks=[cb], **checkpoint)
+            crc = zlib.crc32(b"".join(w.tobytes() for w in model.get_weights()))
+            said.append(f"rank {rank} stopped after {model.optimizer.iterations} steps, "
+                        f"epochs {model.history.epoch}, weights {crc}")
+            if checkpoint:  # (a run that stop_training ended trains no more, as in one
+                again = make()  # process)
+                history = again.fit(x, y, batch_size=4, epochs=3, verbose=0, checkpoint=ck,
+                                    resume=True)
+                said.append(f"rank {rank} resumed: {again.optimizer.iterations} steps, epochs "
+                            f"{history.epoch}")
+    except XpcnnError as e:
+        said.append(f"rank {rank} refused: {type(e).__name__}: {e}")
+    # (one write: the ranks' lines do not interleave)
+    os.write(1, "".join(f"{case}| {line}\\n" for line in said).encode())
+
+
+for index, case in enumerate(sys.argv[1:]):
+    one(index, case)
 '''
 
 
+RANKS_APART_CASES = ["weights on rank 0", "stop at a step", "stop at a step, checkpoint",
+                     "stop at epoch end", "stop at epoch end, checkpoint", "per-rank seed",
+                     "fit nan on rank 1", "fit class_weight key on rank 1",
+                     "evaluate label on rank 1", "broadcast to an unbuilt rank",
+                     "evaluate mid-fit, BatchNorm"]
+
+
 @needs_mpi
-@pytest.mark.parametrize("case", ["weights on rank 0", "stop at a step",
-                                  "stop at a step, checkpoint", "stop at epoch end",
-                                  "stop at epoch end, checkpoint", "per-rank seed",
-                                  "fit nan on rank 1", "fit class_weight key on rank 1",
-                                  "evaluate label on rank 1", "broadcast to an unbuilt rank",
-                                  "evaluate mid-fit, BatchNorm"])
-def test_what_differs_between_the_ranks_at_evaluate_or_a_stop_is_agreed_or_refused(tmp_path,
-                                                                                    case):
+def test_what_differs_between_the_ranks_at_evaluate_or_a_stop_is_agreed_or_refused(tmp_path):
     """Weights loaded on rank 0 alone (the Horovod habit, which fit's broadcast serves): was
     an evaluate whose loss mixed the two models' scores, silently; now refused on every rank,
     naming the ranks and the first layer, and broadcast_weights gives rank 0's. A
@@ -1563,9 +1579,26 @@ def test_what_differs_between_the_ranks_at_evaluate_or_a_stop_is_agreed_or_refus
     stopped). A per-rank model seed (fit's shuffling seed) was blamed on the data. A refusal of
     rank 1's own data or argument as fit or evaluate starts left rank 0 waiting for the
     timeout: now every rank fails at once, rank 0 naming rank 1."""
-    proc, seconds = two_ranks(tmp_path, _RANKS_APART, case, collective_timeout=5)
-    assert proc.returncode == 0 and seconds < 30, proc.stderr
-    lines = sorted(proc.stdout.splitlines())
+    # (the cases one after the other in one job, each checked on its own lines, as
+    # test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank does: a job a
+    # case took ~1 s each to start; a case left waiting fails the job's time limit)
+    proc, seconds = two_ranks(tmp_path, _RANKS_APART, *RANKS_APART_CASES,
+                              collective_timeout=5)
+    assert proc.returncode == 0 and seconds < 40, proc.stderr
+    said: dict[str, list[str]] = {case: [] for case in RANKS_APART_CASES}
+    for line in proc.stdout.splitlines():
+        case, _, line = line.partition("| ")
+        said[case].append(line)
+    failed = []  # (every case checked, each failure named by its case)
+    for case, lines in said.items():
+        try:
+            _check_ranks_apart(case, sorted(lines))
+        except AssertionError as e:
+            failed.append(f"{case}: {e}")
+    assert not failed, "\n\n".join(failed)
+
+
+def _check_ranks_apart(case: str, lines: list[str]) -> None:
     if case == "weights on rank 0":
         refusal = ("refused: DistributedError: evaluate on several ranks found other weights "
                    "on rank(s) [1] than on rank 0, first in layer 'dense' (Dense): ")
@@ -1688,31 +1721,51 @@ if case == "non-finite":  # (a sample that overflows Dense in float32: step 3, r
         attempt(name, lambda m: m.fit(bad, y, batch_size=4, epochs=2, shuffle=False, verbose=0,
                                       callbacks=cbs))
     attempt("then evaluate", lambda m: m.evaluate(x, y, batch_size=4))
-else:
+    os.write(1, ("\\n".join(said) + "\\n").encode())
+else:  # (the cases given one after the other, each line led by its case)
     fits = {"dataset": lambda m: m.fit(Samples(), batch_size=4, epochs=2, verbose=0),
             "iterable": lambda m: m.fit(batches(), steps_per_epoch=6, epochs=2, verbose=0),
             "on_train_batch_end": lambda m: m.fit(x, y, batch_size=4, verbose=0,
                                                   callbacks=[refuse("on_train_batch_end")]),
             "on_epoch_end": lambda m: m.fit(x, y, batch_size=4, epochs=3, verbose=0,
                                             callbacks=[refuse("on_epoch_end")])}
-    model = attempt("fit", fits[case])
-    attempt("then evaluate", lambda m: m.evaluate(x, y, batch_size=4))
-os.write(1, ("\\n".join(said) + "\\n").encode())
+    for case in sys.argv[1:]:
+        said.clear()
+        attempt("fit", fits[case])
+        attempt("then evaluate", lambda m: m.evaluate(x, y, batch_size=4))
+        os.write(1, "".join(f"{case}| {line}\\n" for line in said).encode())
 '''
 
 
+FAILING_CASES = ["dataset", "iterable", "on_train_batch_end", "on_epoch_end"]
+
+
 @needs_mpi
-@pytest.mark.parametrize("case", ["dataset", "iterable", "on_train_batch_end", "on_epoch_end"])
-def test_data_or_a_callback_failing_on_one_rank_ends_every_rank_at_once(tmp_path, case):
+def test_data_or_a_callback_failing_on_one_rank_ends_every_rank_at_once(tmp_path):
     """A map-style dataset or an iterable of batches that raises on rank 1 alone, mid-epoch,
     and a callback that raises there alone (after a batch, after an epoch): rank 0 waited in
     the next exchange for the whole timeout, then blamed a stuck rank; now it stops at once
     with rank 1's error (rank 1 tells the others as the error leaves its fit), where it
     waited. The exchange it left unfinished stays with that fit (each call exchanges on
     communicators of its own), so the evaluate that every rank calls next runs."""
-    proc, seconds = two_ranks(tmp_path, _ONE_RANK_FAILS, case, collective_timeout=30)
+    # (the cases one after the other in one job, each checked on its own lines: a job a case
+    # took ~1 s to start; a case that waited for the timeout fails the job's time limit)
+    proc, seconds = two_ranks(tmp_path, _ONE_RANK_FAILS, *FAILING_CASES, collective_timeout=30)
     assert proc.returncode == 0 and seconds < 30, proc.stdout + proc.stderr
-    lines = sorted(proc.stdout.splitlines())
+    said: dict[str, list[str]] = {case: [] for case in FAILING_CASES}
+    for line in proc.stdout.splitlines():
+        case, _, line = line.partition("| ")
+        said[case].append(line)
+    failed = []  # (every case checked, each failure named by its case)
+    for case, lines in said.items():
+        try:
+            _check_failing_on_one_rank(case, sorted(lines))
+        except AssertionError as e:
+            failed.append(f"{case}: {e}")
+    assert not failed, "\n\n".join(failed)
+
+
+def _check_failing_on_one_rank(case: str, lines: list[str]) -> None:
     own, waited = {"dataset": ("OSError: rank 1 could not read a sample",
                                "the gradient allreduce"),
                    "iterable": ("OSError: rank 1 could not read batch 3", "the batch sizes"),
@@ -1720,6 +1773,7 @@ def test_data_or_a_callback_failing_on_one_rank_ends_every_rank_at_once(tmp_path
                                           "fit (the agreement to stop)"),
                    "on_epoch_end": ("ValueError: rank 1's on_epoch_end refused",
                                     "fit (the agreement to stop)")}[case]
+    assert len(lines) == 4, lines
     assert [lines[0], lines[2]] == [
         f"rank 0 fit: DistributedError: rank 1 of 2 failed in fit: {own} (rank 0 stopped "
         f"waiting for it in {waited})", f"rank 1 fit: {own}"], lines
@@ -1849,15 +1903,19 @@ def refusing(error):  # (a callback raising on rank 1 alone, after its 2nd batch
 
 
 if case.startswith("retry"):  # (rank 1 fails; then every rank calls fit again, twice)
-    _, failing, delay = case.split()
-    if failing == "dataset":
-        fit("fit #0", model(), (Samples(),), epochs=2)
-    else:
-        fit("fit #0", model(), callbacks=refusing(ValueError("rank 1's callback refused")))
-    if rank == 1:  # (a slow rank: logging, building the next model)
-        time.sleep(float(delay))
-    for attempt in (1, 2):  # (other epochs each: calls paired wrongly are refused)
-        fit(f"fit #{attempt}", model(), epochs=attempt)
+    for case in sys.argv[1:]:  # (the cases one after the other, each line led by its case)
+        said.clear()
+        _, failing, delay = case.split()
+        if failing == "dataset":
+            fit("fit #0", model(), (Samples(),), epochs=2)
+        else:
+            fit("fit #0", model(), callbacks=refusing(ValueError("rank 1's callback refused")))
+        if rank == 1:  # (a slow rank: logging, building the next model)
+            time.sleep(float(delay))
+        for attempt in (1, 2):  # (other epochs each: calls paired wrongly are refused)
+            fit(f"fit #{attempt}", model(), epochs=attempt)
+        os.write(1, "".join(f"{case}| {line}\\n" for line in said).encode())
+    said.clear()
 elif case == "earlier call's notice":  # (fit #0 fails on every rank; rank 1 slow in fit #1)
     def everyone_refuses(i, logs):
         if i == 1:
@@ -1904,10 +1962,11 @@ def _weights_alike(lines: list[str], name: str, steps: int) -> None:
     assert len({line.split("weights")[1] for line in mine}) == 1, lines
 
 
+RETRY_CASES = ["retry callback 0", "retry callback 0.5", "retry dataset 0.5"]
+
+
 @needs_mpi
-@pytest.mark.parametrize("case", ["retry callback 0", "retry callback 0.5",
-                                  "retry dataset 0.5"])
-def test_every_rank_calls_fit_again_after_one_rank_failed(tmp_path, case):
+def test_every_rank_calls_fit_again_after_one_rank_failed(tmp_path):
     """Rank 1 fails in fit (a callback, or its data), then every rank calls fit again, twice
     (rank 1 at once, or half a second later). Were: rank 1's next call met rank 0's wait in
     the failed fit (rank 1 refused as in "different calls", rank 0's later calls paired with
@@ -1915,9 +1974,24 @@ def test_every_rank_calls_fit_again_after_one_rank_failed(tmp_path, case):
     every later call refused on every rank. Each call now exchanges on communicators of its
     own: the retries pair exactly (other epochs each: a wrong pairing is refused), and train
     alike on both ranks."""
-    proc, seconds = two_ranks(tmp_path, _RETRIES, case, collective_timeout=15)
-    assert proc.returncode == 0 and seconds < 15, proc.stdout + proc.stderr
-    lines = sorted(proc.stdout.splitlines())
+    # (the cases one after the other in one job, each checked on its own lines: a job a case
+    # took ~1 s to start; a case that waited for the timeout fails the job's time limit)
+    proc, seconds = two_ranks(tmp_path, _RETRIES, *RETRY_CASES, collective_timeout=15)
+    assert proc.returncode == 0 and seconds < 20, proc.stdout + proc.stderr
+    said: dict[str, list[str]] = {case: [] for case in RETRY_CASES}
+    for line in filter(None, proc.stdout.splitlines()):  # (the script's last write: empty)
+        case, _, line = line.partition("| ")
+        said[case].append(line)
+    failed = []  # (every case checked, each failure named by its case)
+    for case, lines in said.items():
+        try:
+            _check_retried(case, sorted(lines))
+        except AssertionError as e:
+            failed.append(f"{case}: {e}")
+    assert not failed, "\n\n".join(failed)
+
+
+def _check_retried(case: str, lines: list[str]) -> None:
     own, waited = ("OSError: rank 1 could not read a sample", "the gradient allreduce") \
         if "dataset" in case else ("ValueError: rank 1's callback refused",
                                    "fit (the agreement to stop)")
