@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -1112,6 +1113,29 @@ REFUSED_CASES = ["shards", "path", "same", "data shards", "lengths", "train_on_b
                  "evaluate in a rank-0 callback"]
 
 
+def _by_case(lines: Iterable[str], cases: Iterable[str]) -> dict[str, list[str]]:
+    """A job's ``case| line`` output lines, each case's lines apart (a job runs several cases
+    one after the other: a job a case took ~1 s each to start)."""
+    said: dict[str, list[str]] = {case: [] for case in cases}
+    for line in lines:
+        case, _, line = line.partition("| ")
+        said[case].append(line)
+    return said
+
+
+def _check_each_case(said: dict[str, list[str]], check: Callable[[str, list[str]], None]
+                     ) -> None:
+    """``check(case, lines)`` on every case's lines, sorted (the ranks' lines come in either
+    order); every failing case named."""
+    failed = []
+    for case, lines in said.items():
+        try:
+            check(case, sorted(lines))
+        except AssertionError as e:
+            failed.append(f"{case}: {e}")
+    assert not failed, "\n\n".join(failed)
+
+
 @needs_mpi
 def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp_path):
     """A Normalization adapted on each rank's own shard (their models predicted apart, rank 0's
@@ -1131,22 +1155,18 @@ def test_what_one_rank_refuses_or_ranks_build_apart_is_refused_on_every_rank(tmp
     # took ~1 s each to start; rank 0 evaluating in a callback while rank 1 trains in a job of
     # its own, with a short timeout, should either wait)
     waits = "evaluate in a rank-0 callback"
-    said: dict[str, list[str]] = {case: [] for case in REFUSED_CASES}
+    out = []
     for cases, timeout in (([c for c in REFUSED_CASES if c != waits], 60), ([waits], 10)):
         proc, seconds = two_ranks(tmp_path, _REFUSED_ON_EVERY_RANK, *cases,
                                   collective_timeout=timeout)
         assert proc.returncode == 0 and seconds < 50, proc.stderr
-        for line in proc.stdout.splitlines():
-            case, _, line = line.partition("| ")
-            said[case].append(line)
-    failed = []  # (every case checked, each failure named by its case)
-    for case, lines in said.items():
-        try:
-            assert len(lines) == 2, lines  # (a line from each rank)
-            _check_refused_on_every_rank(case, sorted(lines))
-        except AssertionError as e:
-            failed.append(f"{case}: {e}")
-    assert not failed, "\n\n".join(failed)
+        out += proc.stdout.splitlines()
+
+    def check(case: str, lines: list[str]) -> None:
+        assert len(lines) == 2, lines  # (a line from each rank)
+        _check_refused_on_every_rank(case, lines)
+
+    _check_each_case(_by_case(out, REFUSED_CASES), check)
 
 
 def _check_refused_on_every_rank(case: str, lines: list[str]) -> None:
@@ -1585,17 +1605,7 @@ def test_what_differs_between_the_ranks_at_evaluate_or_a_stop_is_agreed_or_refus
     proc, seconds = two_ranks(tmp_path, _RANKS_APART, *RANKS_APART_CASES,
                               collective_timeout=5)
     assert proc.returncode == 0 and seconds < 40, proc.stderr
-    said: dict[str, list[str]] = {case: [] for case in RANKS_APART_CASES}
-    for line in proc.stdout.splitlines():
-        case, _, line = line.partition("| ")
-        said[case].append(line)
-    failed = []  # (every case checked, each failure named by its case)
-    for case, lines in said.items():
-        try:
-            _check_ranks_apart(case, sorted(lines))
-        except AssertionError as e:
-            failed.append(f"{case}: {e}")
-    assert not failed, "\n\n".join(failed)
+    _check_each_case(_by_case(proc.stdout.splitlines(), RANKS_APART_CASES), _check_ranks_apart)
 
 
 def _check_ranks_apart(case: str, lines: list[str]) -> None:
@@ -1752,17 +1762,7 @@ def test_data_or_a_callback_failing_on_one_rank_ends_every_rank_at_once(tmp_path
     # took ~1 s to start; a case that waited for the timeout fails the job's time limit)
     proc, seconds = two_ranks(tmp_path, _ONE_RANK_FAILS, *FAILING_CASES, collective_timeout=30)
     assert proc.returncode == 0 and seconds < 30, proc.stdout + proc.stderr
-    said: dict[str, list[str]] = {case: [] for case in FAILING_CASES}
-    for line in proc.stdout.splitlines():
-        case, _, line = line.partition("| ")
-        said[case].append(line)
-    failed = []  # (every case checked, each failure named by its case)
-    for case, lines in said.items():
-        try:
-            _check_failing_on_one_rank(case, sorted(lines))
-        except AssertionError as e:
-            failed.append(f"{case}: {e}")
-    assert not failed, "\n\n".join(failed)
+    _check_each_case(_by_case(proc.stdout.splitlines(), FAILING_CASES), _check_failing_on_one_rank)
 
 
 def _check_failing_on_one_rank(case: str, lines: list[str]) -> None:
@@ -1978,17 +1978,8 @@ def test_every_rank_calls_fit_again_after_one_rank_failed(tmp_path):
     # took ~1 s to start; a case that waited for the timeout fails the job's time limit)
     proc, seconds = two_ranks(tmp_path, _RETRIES, *RETRY_CASES, collective_timeout=15)
     assert proc.returncode == 0 and seconds < 20, proc.stdout + proc.stderr
-    said: dict[str, list[str]] = {case: [] for case in RETRY_CASES}
-    for line in filter(None, proc.stdout.splitlines()):  # (the script's last write: empty)
-        case, _, line = line.partition("| ")
-        said[case].append(line)
-    failed = []  # (every case checked, each failure named by its case)
-    for case, lines in said.items():
-        try:
-            _check_retried(case, sorted(lines))
-        except AssertionError as e:
-            failed.append(f"{case}: {e}")
-    assert not failed, "\n\n".join(failed)
+    lines = filter(None, proc.stdout.splitlines())  # (the script's last write: empty)
+    _check_each_case(_by_case(lines, RETRY_CASES), _check_retried)
 
 
 def _check_retried(case: str, lines: list[str]) -> None:
