@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
+import array_api_compat
 import numpy as np
 
 from . import checks, distributed, graph
@@ -27,7 +28,6 @@ from .layers.base import (
     Layer,
     held_by,
     holders_of,
-    is_torch_tensor,
     not_a_weight_list,
     weight_count_hint,
     without_num_batches_tracked,
@@ -857,7 +857,8 @@ class Model(Trainer):
         checked = [la.checked_weights([weights[i] for i in kept[a:b]])
                    for la, a, b in zip(self.layers, starts[:-1], starts[1:], strict=True)]
         for k, (la, a) in enumerate(zip(self.layers, starts[:-1], strict=True)):
-            if isinstance(la, Dense) and is_torch_tensor(weights[kept[a]]):  # (its kernel)
+            if isinstance(la, Dense) and array_api_compat.is_torch_array(
+                    weights[kept[a]]):  # (its kernel)
                 _warn_if_after_flatten(self, k)
         for la, pairs in zip(self.layers, checked, strict=True):
             la.assign_weights(pairs)

@@ -138,29 +138,25 @@ TORCH_DEFAULTS: dict[str, tuple[Any, ...]] = {
 
 
 _NO_EMA = "not offered: xpcnn keeps no moving average of the weights (use_ema=False only)"
-#: Keras 3's optimiser keywords (and Keras 2's decay and jit_compile) that xpcnn's do not take:
-#: what instead.
-KERAS_KEYWORDS: dict[str, str] = {
-    "name": "xpcnn's optimisers have no name (files name them by class)",
-    "use_ema": _NO_EMA, "ema_momentum": _NO_EMA, "ema_overwrite_frequency": _NO_EMA,
-    "loss_scale_factor": ("compile(precision='mixed_float16') scales the loss itself, "
-                          "dynamically (model.loss_scale)"),
-    "gradient_accumulation_steps": ("not offered: xpcnn updates after each batch; fit with a "
-                                    "batch_size that many times larger for the gradient of "
-                                    "as many samples"),
-    "decay": ("Keras 2's decay (lr / (1 + decay * step)) is not offered: give lr a Schedule, "
-              "a subclass of xpcnn.optim.Schedule whose __call__(step) returns that"),
-    "jit_compile": "xpcnn compiles no XLA (jit_compile=True or False only)",
+#: Keras 3's optimiser keywords (and Keras 2's decay and jit_compile) that xpcnn's do not
+#: take: (their Keras defaults, xpcnn's behaviour, taken; what instead of another value).
+#: ``name``'s Keras default, the class's own name in any case, is taken as well (see
+#: _refuse_foreign_arguments). (Keras 3 ignores decay=None; Keras 2's default was 0;
+#: jit_compile=True was Keras 2's default, a speed hint that changes no number)
+KERAS_KEYWORDS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "name": ((None,), "xpcnn's optimisers have no name (files name them by class)"),
+    "use_ema": ((False,), _NO_EMA), "ema_momentum": ((0.99,), _NO_EMA),
+    "ema_overwrite_frequency": ((None,), _NO_EMA),
+    "loss_scale_factor": ((None,), "compile(precision='mixed_float16') scales the loss itself, "
+                                   "dynamically (model.loss_scale)"),
+    "gradient_accumulation_steps": ((None,), "not offered: xpcnn updates after each batch; fit "
+                                             "with a batch_size that many times larger for the "
+                                             "gradient of as many samples"),
+    "decay": ((None, 0, 0.0), "Keras 2's decay (lr / (1 + decay * step)) is not offered: give "
+                              "lr a Schedule, a subclass of xpcnn.optim.Schedule whose "
+                              "__call__(step) returns that"),
+    "jit_compile": ((True, False), "xpcnn compiles no XLA (jit_compile=True or False only)"),
 }
-#: Keras' defaults of :data:`KERAS_KEYWORDS`, which are xpcnn's behaviour: taken (``name``'s
-#: Keras default, the class's own name in lower case, as well: see _refuse_foreign_arguments).
-# (Keras 3 ignores decay=None; Keras 2's default was 0; jit_compile=True was Keras 2's default,
-# a speed hint that changes no number)
-KERAS_DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "name": (None,), "use_ema": (False,), "ema_momentum": (0.99,),
-    "ema_overwrite_frequency": (None,), "loss_scale_factor": (None,),
-    "gradient_accumulation_steps": (None,), "decay": (None, 0, 0.0),
-    "jit_compile": (True, False)}
 
 
 def _instead(name: str, key: str, value: Any, taken: Collection[str]) -> str:
@@ -184,8 +180,8 @@ def _refuse_foreign_arguments(name: str, init: Callable[..., None], args: tuple[
     """Refuse PyTorch's way of making an optimiser, SGD(model.parameters(), lr=...) (Python's
     "multiple values for argument 'lr'" named no way out), and PyTorch's and Keras' keywords
     that ``init`` does not take (:data:`TORCH_KEYWORDS`, :data:`KERAS_KEYWORDS`), naming
-    xpcnn's way; those given their library's default (:data:`TORCH_DEFAULTS`,
-    :data:`KERAS_DEFAULTS`), xpcnn's behaviour, are dropped from ``kwargs``."""
+    xpcnn's way; those given their library's default (:data:`TORCH_DEFAULTS`, the Keras
+    table's own), xpcnn's behaviour, are dropped from ``kwargs``."""
     if args and isinstance(args[0], list | tuple | set | dict | Iterator):
         raise InputError(f"{name}(...) was given {type(args[0]).__name__} as its first argument, "
                          "the learning rate: PyTorch's order, "
@@ -201,13 +197,14 @@ def _refuse_foreign_arguments(name: str, init: Callable[..., None], args: tuple[
             raise InputError(f"{name}({key}={value!r}): PyTorch's keyword, which xpcnn's {name} "
                              f"does not take: {_instead(name, key, value, taken)}")
         if key in KERAS_KEYWORDS:
+            defaults, instead = KERAS_KEYWORDS[key]
             # (Keras' default name is the class's: "adam", "SGD", "rmsprop")
-            if is_one_of(value, KERAS_DEFAULTS[key]) or key == "name" and \
+            if is_one_of(value, defaults) or key == "name" and \
                     isinstance(value, str) and value.lower() == name.lower():
                 del kwargs[key]
                 continue
             raise InputError(f"{name}({key}={value!r}): Keras' keyword, which xpcnn's {name} "
-                             f"does not take: {KERAS_KEYWORDS[key]}")
+                             f"does not take: {instead}")
 
 
 def _takes_learning_rate(init: Callable[..., None]) -> Callable[..., None]:

@@ -248,18 +248,13 @@ def _torch_layout(keras: tuple[int, ...], given: tuple[int, ...]) -> str:
     return ""
 
 
-def is_torch_tensor(w: Any) -> bool:
-    """Whether ``w`` is a torch tensor (a Parameter too), told without importing torch."""
-    return type(w).__module__.startswith("torch") and hasattr(w, "is_contiguous")
-
-
 def _unconverted_torch_weight(w: Any, keras: tuple[int, ...]) -> str | None:
     """The warning for a torch tensor given as a weight whose Keras and PyTorch layouts have
     the same shape (a square nn.Linear weight, an n x n kernel of n filters over n channels),
     where it is still as PyTorch keeps it: contiguous, or a Conv2d weight of a channels_last
     model (the same (out, in, kh, kw) tensor, laid out otherwise), where the conversion
     (``.T``, ``.permute(2, 3, 1, 0)``) gives a view that is neither. None otherwise."""
-    if not is_torch_tensor(w):
+    if not array_api_compat.is_torch_array(w):
         return None
     square = len(keras) in (2, 4) and len(set(keras)) == 1 and keras[0] > 1
     if not square:

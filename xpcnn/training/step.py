@@ -33,7 +33,7 @@ import contextlib
 import functools
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -662,23 +662,17 @@ class TrainingStep(_Network):
         loss made that step's loss NaN for them,
         :meth:`SoftmaxCrossEntropy.forward_with_accuracy`), named as ``fit`` names them."""
         if yb.shape[0]:  # (not this rank's empty part of a short batch)
-            try:
+            with _stopped_at(step):
                 checks.as_labels(self.backend.to_numpy(yb), int(yb.shape[0]), self.num_classes)
-            except InputError as e:
-                raise InputError(f"training stopped at step {step}: {e}; nothing was updated "
-                                 "from that step on") from None
 
     def _raise_for_sample_weights(self, wb: Any, step: int) -> None:
         """Raise :class:`InputError` where train_step's ``sample_weight`` of step ``step``
         (None: none, or checked on the host) holds one below 0 or not finite (the step made
         its loss NaN for it, :func:`_nan_unless_weights`), named as ``fit`` names it."""
         if wb is not None and wb.shape[0]:  # (not this rank's empty part of a short batch)
-            try:
+            with _stopped_at(step):
                 checks.as_sample_weights(self.backend.to_numpy(wb), int(wb.shape[0]),
                                          dtype=self.dtype_name)
-            except InputError as e:
-                raise InputError(f"training stopped at step {step}: {e}; nothing was updated "
-                                 "from that step on") from None
 
     @contextlib.contextmanager
     def _put_back(self) -> Any:
@@ -768,6 +762,16 @@ class TrainingStep(_Network):
                          "finite, another rank's made it (that rank's error names where)")
         raise NonFiniteError(f"training stopped at step {step}: {what}; the first non-finite "
                              f"values appear in {where}")
+
+
+@contextlib.contextmanager
+def _stopped_at(step: int) -> Iterator[None]:
+    """A deferred check's :class:`InputError`, told as what stopped training at ``step``."""
+    try:
+        yield
+    except InputError as e:
+        raise InputError(f"training stopped at step {step}: {e}; nothing was updated from "
+                         "that step on") from None
 
 
 def _nan_unless_weights(xp: Any, weights: Any, nan: Any) -> Any:
