@@ -683,17 +683,26 @@ STRESS = r"""
 import _thread, random, sys, threading, time
 from xpcnn.passes import PassLock
 
+# The harness itself takes no Python-level lock in the main thread: an Event's set or clear
+# is a Python ``with`` on its condition, which a Ctrl-C can split, leaving it held and both
+# threads waiting for ever (was: one CI run in many, timed out after 120 s). Flags are plain
+# lists; the pesterer fires under a C-level lock, whose ``with`` a Ctrl-C cannot split, and
+# counts what it fired, so the main thread knows when every Ctrl-C has landed.
 sys.setswitchinterval(1e-6)
-armed, quit_ = threading.Event(), threading.Event()
+armed, quit_, fired, firing = [False], [False], [0], threading.Lock()
 
 def pester():  # (one Ctrl-C a round, at a random moment of the passes' enter and exit)
     r = random.Random(0)
-    while not quit_.is_set():
-        armed.wait()
+    while not quit_[0]:
+        if not armed[0]:
+            time.sleep(1e-5)
+            continue
         time.sleep(r.random() * 3e-5)
-        if armed.is_set() and not quit_.is_set():
-            armed.clear()
-            _thread.interrupt_main()
+        with firing:
+            if armed[0]:
+                armed[0] = False
+                fired[0] += 1
+                _thread.interrupt_main()
 
 pesterer = threading.Thread(target=pester, daemon=True)
 pesterer.start()
@@ -701,34 +710,32 @@ lock, leaks, interrupts = PassLock(), 0, 0
 deadline = time.monotonic() + float(sys.argv[1])
 while time.monotonic() < deadline:
     try:
-        armed.set()
+        armed[0] = True
         for _ in range(2000):
             with lock.shared:
                 with lock.shared:
                     pass
-        armed.clear()
-        time.sleep(1e-4)
     except KeyboardInterrupt:
         interrupts += 1
-    armed.clear()
-    try:
-        time.sleep(1e-4)
-    except KeyboardInterrupt:
-        interrupts += 1
+    while True:  # (disarmed, and this round's Ctrl-C landed, if one was fired)
+        try:
+            armed[0] = False
+            with firing:
+                pass
+            while interrupts < fired[0]:
+                time.sleep(1e-4)
+            break
+        except KeyboardInterrupt:
+            interrupts += 1
     probe = threading.Thread(target=lambda: lock.exclusive("probe").__enter__(), daemon=True)
     probe.start()  # (another thread's build: it must get the lock at once, held by no pass)
     probe.join(1)
     if probe.is_alive():
         leaks += 1
     lock = PassLock()
-quit_.set()
-armed.set()  # (wakes it to see quit_)
-while pesterer.is_alive():  # (a Ctrl-C it sent just before lands here, not in the print)
-    try:
-        pesterer.join()
-    except KeyboardInterrupt:
-        interrupts += 1
-print(interrupts, leaks)
+quit_[0] = True
+pesterer.join()
+print(interrupts, fired[0], leaks)
 """
 
 
@@ -747,8 +754,8 @@ def test_a_ctrl_c_anywhere_in_a_pass_leaves_the_pass_lock_free(tmp_path):
                               Path(xpcnn.__file__).resolve().parents[1])},
                           preexec_fn=_sigint_as_at_a_terminal)
     assert done.returncode == 0, done.stderr[-2000:]
-    interrupts, leaks = map(int, done.stdout.split())
-    assert interrupts > 100 and leaks == 0, (interrupts, leaks)
+    interrupts, fired, leaks = map(int, done.stdout.split())
+    assert interrupts == fired > 100 and leaks == 0, (interrupts, fired, leaks)
 
 
 def _sigint_as_at_a_terminal() -> None:
