@@ -773,6 +773,44 @@ def test_keras_learning_rate_reads_and_sets_the_rate_and_a_model_file_keeps_it(t
     assert xpcnn.load_model(tmp_path / "c.npz").optimizer.learning_rate == 0.025
 
 
+def test_keras_learning_rate_assign_sets_the_rate_a_callback_trains_with():
+    """Keras code sets the rate through its variable, ``optimizer.learning_rate.assign(r)``,
+    and reads it with ``.numpy()`` (was: an AttributeError, the rate being a float): a
+    callback doing so trains exactly as one setting ``optimizer.lr``; the rate read is kept
+    in logs, pickled and copied as a plain float, holding no optimiser."""
+    import copy
+    import pickle
+
+    import xpcnn
+    from xpcnn.layers import Dense, Softmax
+
+    x = np.random.default_rng(0).standard_normal((16, 4))
+    y = np.arange(16) % 3
+
+    def run(set_rate):
+        model = xpcnn.Sequential([Dense(3), Softmax()], input_shape=(4,), seed=0,
+                                 dtype="float64")
+        model.compile(optimizer=optim.Adam(optim.StepDecay(0.1, 100)))
+        rates = []
+        model.fit(x, y, epochs=3, batch_size=4, verbose=0, callbacks=[
+            xpcnn.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: (
+                set_rate(model.optimizer, 0.1 / 2 ** epoch),
+                rates.append(model.optimizer.learning_rate.numpy())))])
+        return model, rates
+
+    kept, rates = run(lambda opt, r: opt.learning_rate.assign(r))
+    reference, _ = run(lambda opt, r: setattr(opt, "lr", r))
+    assert rates == [0.1, 0.05, 0.025]
+    for a, b in zip(kept.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    rate = kept.optimizer.learning_rate
+    assert rate == kept.optimizer.lr == 0.025
+    for plain in (pickle.loads(pickle.dumps(rate)), copy.copy(rate), copy.deepcopy(rate)):
+        assert type(plain) is float and plain == 0.025
+    with pytest.raises(InputError, match="cannot set the learning rate to -1"):
+        rate.assign(-1)
+
+
 def test_an_optimizer_setting_cannot_change_once_it_has_trained():
     """SGD's momentum set after training (was: a bare KeyError deep in the update, its slot
     missing) and Adam's beta_1 (was: taken by eager steps and not by a captured CUDA graph,

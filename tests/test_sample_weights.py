@@ -92,6 +92,35 @@ def test_weighted_steps_match_pytorch_in_float64():
     assert model._class_weights is None  # (train_on_batch's class weights end with it)
 
 
+def test_train_on_batch_checks_its_weights_once_on_the_host(data, monkeypatch):
+    """train_on_batch checks its weights on the host, as fit does, and its step does not check
+    them again on the device (was: the public train_step's device check too, two launches
+    more a step on CuPy); train_step called directly checks them there, and both train alike."""
+    from xpcnn.training import step as step_module
+
+    checked = []
+    device_check = step_module._nan_unless_weights
+
+    def counted(*args):
+        checked.append(1)
+        return device_check(*args)
+
+    monkeypatch.setattr(step_module, "_nan_unless_weights", counted)
+    x, y, w = data
+    models = []
+    for call in ("train_on_batch", "train_step"):
+        model = _model()
+        model.build((8, 8, 3))
+        if call == "train_on_batch":
+            model.train_on_batch(x[:8], y[:8], sample_weight=w[:8])
+            assert checked == []
+        else:
+            model.train_step(*(model.backend.asarray(a) for a in (x[:8], y[:8], w[:8])))
+            assert checked == [1]
+        models.append(model)
+    _same(*models, rtol=0, atol=0)
+
+
 def test_a_weight_of_zero_drops_a_sample(data):
     """A whole-batch SGD step weighing half the samples 0 and the rest 2 is the step on that
     rest alone (the sum over N of twice their losses is the mean of theirs)."""

@@ -434,6 +434,32 @@ def _factor(value: float, base: float) -> float:
     return best
 
 
+class LearningRate(float):
+    """What ``optimizer.learning_rate`` reads: the next step's rate, a float, with the two
+    methods Keras code calls on its rate variable: ``assign(rate)`` sets it (as setting
+    ``optimizer.learning_rate`` does; a Keras callback's
+    ``self.model.optimizer.learning_rate.assign(...)`` works as it is) and ``numpy()`` reads
+    it. Pickled and copied as a plain float: a rate kept in logs keeps no optimiser."""
+
+    __slots__ = ("_optimizer",)
+
+    def __new__(cls, value: float, optimizer: Optimizer) -> LearningRate:
+        rate = super().__new__(cls, value)
+        rate._optimizer = optimizer
+        return rate
+
+    def assign(self, value: float | Schedule) -> None:
+        """Set the optimiser's learning rate to ``value`` (see :attr:`Optimizer.lr`)."""
+        self._optimizer.lr = value
+
+    def numpy(self) -> float:
+        """The rate as a number (Keras' variable gives a NumPy scalar)."""
+        return float(self)
+
+    def __reduce__(self) -> tuple[type, tuple[float]]:
+        return float, (float(self),)
+
+
 class Optimizer:
     """Base: subclasses define ``_update(xp, i, p, g, scalars, apply)`` for parameter ``i``,
     with the step's numbers in ``scalars`` (as :meth:`step_scalars` names them), writing every
@@ -647,10 +673,11 @@ class Optimizer:
         return self._scheduled() * self.lr_factor
 
     @property
-    def learning_rate(self) -> float:
+    def learning_rate(self) -> LearningRate:
         """Keras' name of :attr:`lr`: the learning rate the next step will use, to read and
-        to set."""
-        return self.lr
+        to set, also by Keras' ``optimizer.learning_rate.assign(rate)``
+        (:class:`LearningRate`)."""
+        return LearningRate(self.lr, self)
 
     @learning_rate.setter
     def learning_rate(self, value: float | Schedule) -> None:

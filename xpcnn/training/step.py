@@ -308,9 +308,13 @@ class TrainingStep(_Network):
         try:
             with compute_scope(self.backend):
                 xb, yb, wb = (to_device(self.backend, a) for a in (x, targets, weights))
-                out = self._call_train_step(xb, yb, wb)
-                if self._last_stats is None:  # (a subclass's own step, no super().train_step)
-                    loss, correct = _returned_pair(out)
+                if self._train_step_overridden():
+                    out = self._call_train_step(xb, yb, wb)
+                    if self._last_stats is None:  # (its own step, no super().train_step)
+                        loss, correct = _returned_pair(out)
+                else:  # (checked above, as fit's batches: train_step's checks would repeat,
+                    # its weights' on the device too)
+                    self._train_step(xb, yb, keep=True, weights=wb)
         finally:
             self._class_weights = previous
         self._read_totals()
