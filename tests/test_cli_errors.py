@@ -425,6 +425,37 @@ def test_a_ctrl_c_python_drops_still_stops_fit(tmp_path, ctrl_c_raises, monkeypa
         assert load_checkpoint(path).model.optimizer.iterations == 3
 
 
+@pytest.mark.parametrize("call, batch", [("evaluate", 1), ("evaluate", 3), ("predict", 1),
+                                         ("predict", 3)])
+def test_a_ctrl_c_python_drops_stops_evaluate_and_predict(ctrl_c_raises, monkeypatch, call,
+                                                          batch):
+    """evaluate and predict called on their own: a Ctrl-C whose KeyboardInterrupt Python
+    drops (raised in a weakref callback) stops them after that batch, or on leaving after the
+    last one (batch 3 of 3), as in fit (was: lost, and they ran on to the end)."""
+    reported = []
+    report = reported.append
+    monkeypatch.setattr(sys, "unraisablehook", report)
+    model = ckpt_train.make_model()
+    x, y = (a[:24] for a in ckpt_train.data())
+    seen = []
+
+    def batch_end(b, logs):
+        seen.append(b)
+        if b == batch - 1:
+            _dropped_ctrl_c()
+
+    hook = "on_test_batch_end" if call == "evaluate" else "on_predict_batch_end"
+    cb = xpcnn.callbacks.LambdaCallback(**{hook: batch_end})
+    run = (functools.partial(model.evaluate, x, y) if call == "evaluate" else
+           functools.partial(model.predict, x))
+    with pytest.raises(KeyboardInterrupt):
+        run(batch_size=8, callbacks=[cb])
+    assert seen == list(range(batch)) and reported == []
+    assert sys.unraisablehook is report  # (put back)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    run(batch_size=8)  # (no Ctrl-C left over: the next call runs to its end)
+
+
 @pytest.mark.parametrize("stop, where", [(11, "epoch 2, step 3/8"), (16, "epoch 2, step 8/8")])
 def test_fit_interrupted_then_resumed_ends_with_the_same_weights(tmp_path, ctrl_c_raises, stop,
                                                                  where):

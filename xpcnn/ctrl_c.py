@@ -1,11 +1,11 @@
-"""A Ctrl-C during fit is never lost.
+"""A Ctrl-C during fit, evaluate or predict is never lost.
 
 Python raises its KeyboardInterrupt in whatever Python code the main thread runs next, a
 weak reference's callback or a ``__del__`` included; raised there, it is reported as
 "Exception ignored in ..." (``sys.unraisablehook``) and dropped, and training went on as if
 the key had not been pressed (a WeakKeyDictionary's entry removed in the first step did it
 about once in fifteen presses). Inside :func:`remembered`, that report is held back and the
-KeyboardInterrupt raised again: by the training loop after the step (:func:`raise_if_dropped`),
+KeyboardInterrupt raised again: by the loop after the step or batch (:func:`raise_if_dropped`),
 or on leaving, where it was dropped after the last one. A KeyboardInterrupt that code catches
 on purpose is not dropped: it is left alone.
 """
@@ -43,7 +43,7 @@ def remembered() -> Iterator[None]:
     """Inside, a Ctrl-C Python drops is raised again (see the module's text)."""
     global _dropped, _report
     if not python_handles_it() or sys.unraisablehook is _hold_back_a_dropped_ctrl_c:
-        yield  # (another thread's fit, or fit called inside a callback of fit)
+        yield  # (another thread's loop, or one inside fit's: its hook is in place)
         return
     _dropped, _report = False, sys.unraisablehook
     sys.unraisablehook = _hold_back_a_dropped_ctrl_c

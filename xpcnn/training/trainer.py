@@ -1143,8 +1143,9 @@ class Trainer(TrainingStep):
         logs = BatchLogs(cbs.lazy_test)
         self.stop_evaluating = False
         cbs.on_test_begin()
-        # (each batch in the compute scope, the callbacks outside it: see _fit_epoch)
-        with self.backend.on_device(), contextlib.closing(
+        # (each batch in the compute scope, the callbacks outside it: see _fit_epoch; a
+        # Ctrl-C Python drops raised again, as in fit)
+        with ctrl_c.remembered(), self.backend.on_device(), contextlib.closing(
                 data.epoch(0)) as batches:  # type: ignore[type-var]
             for step, batch in enumerate(batches):
                 logs.settle()  # (last batch's logs, if a callback kept them: before this)
@@ -1164,6 +1165,7 @@ class Trainer(TrainingStep):
                         lambda seen=totals.seen: self._running_logs(totals, seen)))
                 else:  # (no hook for this rank's empty part, but its bar counts the batch)
                     cbs.count_on_bars()
+                ctrl_c.raise_if_dropped()
                 if self.stop_evaluating:
                     break
             logs.settle()
@@ -1242,8 +1244,9 @@ class Trainer(TrainingStep):
             # (the bar closed as the batches end, however they end)
             with cbs.closing_bars():
                 cbs.on_predict_begin()
-                # (each batch in the compute scope, the callbacks outside it: see _fit_epoch)
-                with self.backend.on_device(), contextlib.closing(
+                # (each batch in the compute scope, the callbacks outside it: see _fit_epoch;
+                # a Ctrl-C Python drops raised again, as in fit)
+                with ctrl_c.remembered(), self.backend.on_device(), contextlib.closing(
                         data.epoch(0)) as batches:  # type: ignore[type-var]
                     for step, (xb, _) in enumerate(batches):
                         cbs.on_predict_batch_begin(step)
@@ -1251,6 +1254,7 @@ class Trainer(TrainingStep):
                             out.append(self._outputs(xb))
                         step_ran(batches)  # (its rows made: an epoch closed now keeps it)
                         cbs.on_predict_batch_end(step, {"outputs": out[-1]})  # (on the device)
+                        ctrl_c.raise_if_dropped()
                         if self.stop_predicting:  # (a callback's, as in Keras 3: the rows so far)
                             break
                     if not out:  # (as evaluate says)
