@@ -153,34 +153,103 @@ def test_a_keras_batchnorm_momentum_is_warned_about():
         BatchNorm2D(momentum=0.5).momentum = 0.01
 
 
-def test_keras_random_crop_height_and_width_get_a_clear_error():
-    """``RandomCrop(28, 28)`` (Keras' height, width) failed with "layer name must be a
-    non-empty string or None, got 28"."""
-    from xpcnn.layers import RandomCrop
-
-    with pytest.raises(InputError, match=r"RandomCrop\(28, 28\): xpcnn's RandomCrop\(padding=4\) "
-                                         r"pads .* crops it back to the input size .*Keras' "
-                                         r"RandomCrop\(height, width\)"):
-        RandomCrop(28, 28)
-    assert RandomCrop(2, "crop").name == "crop"
+_CROP = (r"xpcnn's RandomCrop\(padding=4\) pads each image by `padding` zeros and crops it "
+         r"back to the input size .*Keras' RandomCrop\(height, width\)")
 
 
 @pytest.mark.parametrize("args, kwargs, said", [
-    ((), {"height": 28, "width": 28}, r"RandomCrop\(height=28, width=28\): xpcnn's RandomCrop"),
-    ((28, 28), {"seed": 1}, r"RandomCrop\(28, 28, seed=1\): xpcnn's RandomCrop"),
-    ((), {"width": 20}, r"RandomCrop\(width=20\): xpcnn's RandomCrop\(padding=4\) pads"),
-    ((), {"seed": 1}, r"RandomCrop\(seed=1\): xpcnn's random layers take no seed of their own: "
-                      r"the model's seed \(Sequential\(seed=...\)\)")])
-def test_keras_random_crop_keywords_get_the_same_clear_error(args, kwargs, said):
-    """Keras' ``RandomCrop(height=28, width=28)`` and ``RandomCrop(28, 28, seed=1)`` were a
-    bare "unexpected keyword argument" TypeError; another unknown keyword still is one."""
+    ((28, 28), {}, r"RandomCrop\(28, 28\): Keras' order, RandomCrop\(height, width, seed, "
+                   r"data_format\), reads height=28, width=28; xpcnn's order is "
+                   r"RandomCrop\(padding, name\), its second argument the layer's name\. "
+                   + _CROP),
+    ((28, 28, 1), {}, r"reads height=28, width=28, seed=1; .*" + _CROP + r".*random layers take "
+                      "no seed"),
+    ((), {"height": 28, "width": 28}, r"RandomCrop\(height=28\): Keras' keyword, which "
+                                      r"xpcnn's RandomCrop does not take: " + _CROP),
+    ((28, 28), {"seed": 1}, r"RandomCrop\(seed=1\): Keras' keyword.*random layers take no "
+                            r"seed of their own: the model's seed \(Sequential\(seed=...\)\)"),
+    ((), {"data_format": "channels_first"}, r"RandomCrop\(data_format='channels_first'\): "
+                                            r".*x.transpose\(0, 2, 3, 1\)"),
+    ((4,), {"dtype": "float32"}, r"RandomCrop\(dtype='float32'\): .*its model's"),
+    ((4,), {"input_shape": (32, 32, 3)}, r"RandomCrop\(input_shape=\(32, 32, 3\)\): .*give "
+                                         "the model the input shape"),
+    ((32,), {"padding": 4}, r"RandomCrop\(32, padding=4\): padding given by position and by "
+                            r"keyword: xpcnn's order is RandomCrop\(padding, name\).*"
+                            r"torchvision's order, RandomCrop\(size, padding\)\? xpcnn's "
+                            r"RandomCrop takes no size.* is RandomCrop\(padding=4\)"),
+    ((), {"size": 32}, r"RandomCrop\(size=32\): PyTorch's keyword.*takes no size"),
+    ((4,), {"fill": 255}, r"RandomCrop\(fill=255\): .*pads with zeros \(fill=0 only\)"),
+    ((4,), {"padding_mode": "reflect"}, r"padding_mode='constant' only"),
+    ((4,), {"pad_if_needed": True}, r"always fits: leave pad_if_needed out"),
+])
+def test_random_crop_refuses_keras_and_torchvision_arguments_by_name(args, kwargs, said):
+    """RandomCrop's **keras skipped the keyword tables: dtype=None, data_format=,
+    input_shape=, fill=... were bare TypeErrors, seed=None refused, torchvision's
+    RandomCrop(32, padding=4) "got multiple values for argument 'padding'"."""
     from xpcnn.layers import RandomCrop
 
     with pytest.raises(InputError, match=said):
         RandomCrop(*args, **kwargs)
+
+
+def test_random_crop_takes_the_defaults_the_other_layers_take():
+    from xpcnn.layers import RandomCrop
+
+    for kwargs in ({"dtype": None}, {"data_format": "channels_last"}, {"data_format": None},
+                   {"seed": None}, {"fill": 0}, {"padding_mode": "constant"},
+                   {"pad_if_needed": False}):
+        assert RandomCrop(3, **kwargs).get_config() == {"name": "randomcrop", "padding": 3}
+    assert RandomCrop(3, None, None).padding == 3  # (Keras' seed=None, positional)
+    assert RandomCrop(2, "crop").name == "crop"
     with pytest.raises(TypeError, match="unexpected keyword argument 'paddin'"):
         RandomCrop(paddin=2)
     assert RandomCrop.from_config(RandomCrop(3, trainable=False).get_config()).padding == 3
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda L: L.RandomFlip("horizontal", 42),
+     r"RandomFlip\('horizontal', 42\): Keras' order, RandomFlip\(mode, seed, data_format\), "
+     r"reads mode='horizontal', seed=42; xpcnn's order is RandomFlip\(mode, name\), its second "
+     r"argument the layer's name\. xpcnn's random layers take no seed of their own"),
+    (lambda L: L.RandomFlip("horizontal", None, "channels_first"),
+     r"reads mode='horizontal', seed=None, data_format='channels_first'.*always \(N, H, W, C\)"),
+    (lambda L: L.Dropout(0.5, (None, 1, 8)),
+     r"Dropout\(0.5, \(None, 1, 8\)\): Keras' order, Dropout\(rate, noise_shape, seed\), reads "
+     r"rate=0.5, noise_shape=\(None, 1, 8\); xpcnn's order is Dropout\(rate, name\).*drops each "
+     r"value on its own \(no noise_shape\)"),
+    (lambda L: L.Dropout(0.5, None, 3), r"reads rate=0.5, noise_shape=None, seed=3; .*random "
+                                        "layers take no seed"),
+    (lambda L: L.Dropout(0.5, "drop", None, 1), r"Dropout\(0.5, 'drop', None, 1\): Keras' order"),
+    (lambda L: L.RandomFlip(p=0.3), r"RandomFlip\(p=0.3\): PyTorch's keyword.*probability 1/2"),
+    # (the name a keyword: Keras' positionals named as Keras reads them, review R1)
+    (lambda L: L.Dropout(0.5, (None, 1, 8), name="d"),
+     r"Dropout\(0.5, \(None, 1, 8\), name='d'\): Keras' order.*noise_shape=\(None, 1, 8\);.*"
+     r"\(no noise_shape\)"),
+    (lambda L: L.RandomFlip("horizontal", 42, name="flip"),
+     r"reads mode='horizontal', seed=42; .*take no seed of their own"),
+])
+def test_keras_positional_arguments_are_refused_by_their_keras_name(make, said):
+    """Keras' second positional argument (RandomFlip's seed, Dropout's noise_shape) was read
+    as the layer's name ("layer name must be a non-empty string or None, got 42"), a third
+    was a bare TypeError."""
+    import xpcnn.layers as L
+
+    with pytest.raises(InputError, match=said):
+        make(L)
+
+
+def test_keras_positional_defaults_and_names_are_taken():
+    from xpcnn.layers import Dropout, RandomFlip
+
+    assert Dropout(0.5, None, None).get_config() == {"name": "dropout", "rate": 0.5}
+    assert Dropout(0.5, "d").name == "d" and RandomFlip("horizontal", "f").name == "f"
+    assert RandomFlip("horizontal", None, "channels_last").get_config() == {"name": "randomflip"}
+    assert RandomFlip(p=0.5).get_config() == {"name": "randomflip"}
+    # Keras' defaults by position, the name by keyword (was: "name given by position and by
+    # keyword", review R1)
+    assert Dropout(0.5, None, name="drop").get_config() == {"name": "drop", "rate": 0.5}
+    assert Dropout(0.5, None, None, name="drop").name == "drop"
+    assert RandomFlip("horizontal", None, name="flip").get_config() == {"name": "flip"}
 
 
 @pytest.mark.parametrize("make, said", [

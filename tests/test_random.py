@@ -4,7 +4,9 @@ against the definition bit for bit, the numbers' statistics, and the layers' sta
 the device, carried by ``to``, restored by checkpoints, sliced for data parallelism)."""
 
 import importlib.util
+import itertools
 import math
+import threading
 
 import array_api_compat.numpy as xpn
 import array_api_strict as xps
@@ -542,3 +544,120 @@ def test_dropout_rate_assigned_after_build_is_checked_for_the_layers_dtypes():
     drop.rate = 0.999  # (float16 draws it)
     assert drop.rate == 0.999 and Layer.settings_changes == changes + 1
     model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+
+
+def test_layers_built_outside_a_model_draw_no_models_streams(monkeypatch):
+    """The n-th standalone build drew from [0, n], the generator of layer n of a model of the
+    default seed 0: a RandomFlip called on a batch before such a model's first RandomFlip
+    flipped every image twice or never (64 of 64 back to the original), and a Dense built
+    alone got the weights of a model's Dense at its index. A standalone key is none of a
+    model's [seed, k], whatever the seed (2**32 and k = 1: the words of [0, 1, 1])."""
+    from xpcnn.layers import Dense, Flatten
+    from xpcnn.layers import base as layer_base
+
+    monkeypatch.setattr(layer_base, "_STANDALONE_BUILDS", itertools.count())  # (a fresh process)
+    x = np.random.default_rng(0).random((64, 4, 4, 1)).astype(np.float32)
+    augment = RandomFlip()
+    xa = np.asarray(augment(x))  # (standalone build 0)
+    dense = Dense(8)
+    dense.build((8,))  # (standalone build 1)
+    model = xpcnn.Sequential([RandomFlip(), Flatten(), Dense(2)], seed=0)
+    model.build((4, 4, 1))
+    y = np.asarray(model.layer_outputs(xa, training=True)[0])
+    assert 16 < np.all(y == x, axis=(1, 2, 3)).sum() < 48  # (independent: about half)
+    twin = xpcnn.Sequential([Dense(8), Dense(8)], seed=0)
+    twin.build((8,))
+    assert not np.array_equal(dense.get_weights()[0], twin.layers[1].get_weights()[0])
+    alone = set()
+    for _ in range(24):  # (standalone builds 2 to 25)
+        layer = Dropout(0.5)
+        layer.build((2,))
+        alone.add(layer.seed)
+    for seed in (0, 1, 2**32, 2**64 + 5):
+        model = xpcnn.Sequential([Dropout(0.5) for _ in range(26)], seed=seed)
+        model.build((2,))
+        assert not alone & {la.seed for la in model.layers}, seed
+
+
+def test_a_draw_is_read_and_counted_in_one_step(monkeypatch):
+    """A thread between reading a draw and counting it holds back another thread's read (review
+    R1: the test below passes on code that reads the draw, then counts it unlocked; here the
+    second thread read the same draw in that window)."""
+    state = np.array([12345, 7], np.int64)
+    key = random.draw_key
+    first_read, second_read = threading.Event(), threading.Event()
+
+    def draw_key(s):
+        k = key(s)
+        if not first_read.is_set():
+            first_read.set()
+            second_read.wait(0.5)  # (the other thread reads here, unless it is held back)
+        else:
+            second_read.set()
+        return k
+
+    monkeypatch.setattr(random, "draw_key", draw_key)
+    keys = [None, None]
+
+    def take(i: int) -> None:
+        keys[i] = np.asarray(random.take_draw(state)).copy()
+
+    first = threading.Thread(target=take, args=(0,))
+    first.start()
+    assert first_read.wait(10)
+    second = threading.Thread(target=take, args=(1,))
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert keys[0].tobytes() != keys[1].tobytes()  # (draws 7 and 8)
+    np.testing.assert_array_equal(state, [12345, 9])
+
+
+@pytest.mark.parametrize("kernels", ["numpy", "array_api_strict"])
+def test_two_threads_drawing_from_one_state_take_two_draws(kernels, monkeypatch):
+    """A draw's number was read, its numbers computed (the GIL released), and only then
+    counted: a thread reading the state in between drew the same numbers (two threads calling
+    one Dropout got one mask, twice). Here each thread waits, while computing its numbers,
+    until the other computes its own: they were one draw, counted twice; now two draws."""
+    barrier = threading.Barrier(2, timeout=10)
+    waited = threading.local()
+
+    def wait_once() -> None:  # (a thread's first computation of numbers: its draw's)
+        if not getattr(waited, "done", False):
+            waited.done = True
+            barrier.wait()
+
+    if kernels == "numpy":
+        k, xp, state = NUMPY_KERNELS, np, np.array([12345, 7], np.int64)
+        chunks = type(k).for_chunks  # (computes the numbers from the draw's key)
+
+        def for_chunks(self, *args):
+            wait_once()
+            return chunks(self, *args)
+
+        monkeypatch.setattr(type(k), "for_chunks", for_chunks)
+    else:
+        k, xp = StandardKernels(xps), xps
+        state = xps.asarray([12345, 7], dtype=xps.int64)
+        arange = xps.arange  # (the numbers' indices, made once the draw's key is)
+
+        def waiting_arange(*args, **kwargs):
+            wait_once()
+            return arange(*args, **kwargs)
+
+        monkeypatch.setattr(xps, "arange", waiting_arange)
+    drawn = [None, None]
+
+    def draw(i: int) -> None:
+        drawn[i] = np.asarray(k.uniform(state, (1000,), xp.float64))
+
+    workers = [threading.Thread(target=draw, args=(i,)) for i in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not barrier.broken
+    want = [np.asarray(random.uniform(xpn, np.array([12345, d]), (1000,), np.float64))
+            for d in (7, 8)]
+    assert {u.tobytes() for u in drawn} == {u.tobytes() for u in want}  # (draws 7 and 8)
+    np.testing.assert_array_equal(np.asarray(state), [12345, 9])

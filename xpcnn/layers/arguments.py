@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -158,9 +159,15 @@ KERAS_KEYWORDS: dict[str, dict[str, str]] = {
              "layer of your own (see the README's layer contract)",
              "threshold": "xpcnn's ReLU has no threshold (0 only)"},
     "RandomFlip": {"seed": _SEED, "data_format": _CHANNELS_LAST},
+    "RandomCrop": {**{k: "xpcnn's RandomCrop(padding=4) pads each image by `padding` zeros and "
+                      "crops it back to the input size at a random offset; it takes no height "
+                      "and width as Keras' RandomCrop(height, width) does, which crops to a "
+                      "smaller size. For Keras' behaviour, crop the images beforehand or add a "
+                      "layer of your own" for k in ("height", "width")},
+                   "seed": _SEED, "data_format": _CHANNELS_LAST},
     "Normalization": {"axis": "xpcnn's Normalization normalizes each channel, the last axis",
-                      "invert": "xpcnn's Normalization has no invert=: multiply by the std and "
-                      "add the mean yourself"},
+                      "invert": "xpcnn's Normalization has no invert=: multiply by the std "
+                      "(at least 1e-7, as the layer divides by it) and add the mean yourself"},
 }
 
 
@@ -192,6 +199,7 @@ KERAS_DEFAULTS: dict[str, dict[str, tuple[Any, ...]]] = {
                     **_no_penalty("beta", "gamma")},
     "ReLU": {"negative_slope": (0, 0.0), "threshold": (0, 0.0)},
     "RandomFlip": {"data_format": _LAST, "seed": (None,)},
+    "RandomCrop": {"data_format": _LAST, "seed": (None,)},
     "Normalization": {"axis": (-1,), "invert": (False,)},
 }
 
@@ -237,6 +245,16 @@ TORCH_KEYWORDS: dict[str, dict[str, tuple[str, ...] | str]] = {
                     "end_dim=-1 only)") for k in ("start_dim", "end_dim")},
     "Softmax": {"dim": ("xpcnn's Softmax is over the last axis (dim=-1 only; for (N, classes) "
                         "scores that is PyTorch's dim=1)")},
+    # (torchvision's transforms: RandomCrop, and RandomHorizontalFlip's p)
+    "RandomCrop": {"size": ("xpcnn's RandomCrop takes no size: it crops each padded image back "
+                            "to the input's own size (torchvision's RandomCrop(32, padding=4) of "
+                            "32x32 images is RandomCrop(padding=4))"),
+                   "fill": "xpcnn's RandomCrop pads with zeros (fill=0 only)",
+                   "padding_mode": ("xpcnn's RandomCrop pads with zeros "
+                                    "(padding_mode='constant' only)"),
+                   "pad_if_needed": ("xpcnn's RandomCrop crops to the input's own size, which "
+                                     "always fits: leave pad_if_needed out")},
+    "RandomFlip": {"p": "xpcnn's RandomFlip flips with probability 1/2 (p=0.5 only)"},
 }
 #: PyTorch's keywords of :data:`TORCH_KEYWORDS` taken where their value is what xpcnn's layer
 #: does (PyTorch's default spelled out, mostly).
@@ -250,6 +268,8 @@ TORCH_DEFAULTS: dict[str, dict[str, tuple[Any, ...]]] = {
     "ReLU": {"inplace": (False,)},
     "Flatten": {"start_dim": (1,), "end_dim": (-1,)},
     "Softmax": {"dim": (-1,)},
+    "RandomCrop": {"fill": (0, 0.0), "padding_mode": ("constant",), "pad_if_needed": (False,)},
+    "RandomFlip": {"p": (0.5,)},
 }
 # (PyTorch's defaults; Keras' too for dtype and for every layer's activity_regularizer)
 _ANY_LAYER = {"device": (None,), "dtype": (None,), "activity_regularizer": (None,)}
@@ -295,6 +315,65 @@ def refuse_foreign_keywords(cls: type, init: Any, given: dict[str, Any]) -> dict
                              f"{_torch_instead(name, key, value, torch_why)}")
         kept[key] = value
     return kept
+
+
+#: Keras 3's positional order of the layers whose second argument is not xpcnn's (the layer's
+#: name): by the name of the xpcnn class whose constructor is called.
+KERAS_ORDER: dict[str, tuple[str, ...]] = {
+    "Dropout": ("rate", "noise_shape", "seed"),
+    "RandomFlip": ("mode", "seed", "data_format"),
+    "RandomCrop": ("height", "width", "seed", "data_format"),
+}
+#: torchvision's positional order where it differs from xpcnn's, likewise.
+TORCH_ORDER: dict[str, tuple[str, ...]] = {"RandomCrop": ("size", "padding")}
+
+
+def keras_positional(init: Callable[..., None]) -> Callable[..., None]:
+    """``init``, a constructor of :data:`KERAS_ORDER`, refusing the positional arguments it
+    reads otherwise than Keras (or torchvision) does, named as those read them: one where xpcnn's
+    name goes that is no name (Keras' RandomFlip("horizontal", 42): its seed), one beyond
+    xpcnn's arguments, one also given by keyword (torchvision's RandomCrop(32, padding=4));
+    Python's TypeError and "layer name must be a string" named none of them. Beyond xpcnn's
+    arguments, Keras' defaults are taken, as :func:`refuse_foreign_keywords` takes them."""
+    owner = init.__qualname__.partition(".")[0]
+    params = named_parameters(init)
+    keras = KERAS_ORDER[owner]
+    defaults = KERAS_DEFAULTS.get(owner, {})
+    at_name = params.index("name")
+
+    @functools.wraps(init)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        # (the positionals read as Keras reads them from here on: those beyond xpcnn's, and
+        # from the name's place where the name is a keyword, Keras' Dropout(0.5, None, name=))
+        keras_from = at_name if "name" in kwargs else len(params)
+        twice = [k for k in params[:min(len(args), keras_from)] if k in kwargs]
+        foreign = [i for i, v in enumerate(args)
+                   if i == at_name < keras_from and not (v is None or isinstance(v, str))
+                   or i >= keras_from and not (i < len(keras)
+                                               and is_one_of(v, defaults.get(keras[i], ())))]
+        if twice or foreign:
+            raise InputError(_positional_error(owner, params, args, kwargs, twice, foreign))
+        init(self, *args[:keras_from], **kwargs)
+
+    return checked
+
+
+def _positional_error(owner: str, params: list[str], args: tuple[Any, ...],
+                      kwargs: dict[str, Any], twice: list[str], foreign: list[int]) -> str:
+    """The message of :func:`keras_positional`'s refusal."""
+    shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+    ours = f"xpcnn's order is {owner}({', '.join(params)}), its second argument the layer's name"
+    if twice:
+        torch = TORCH_ORDER.get(owner)
+        why = (f"; torchvision's order, {owner}({', '.join(torch)})? "
+               f"{TORCH_KEYWORDS[owner][torch[0]]}" if torch else "")
+        return f"{owner}({shown}): {twice[0]} given by position and by keyword: {ours}{why}"
+    keras = KERAS_ORDER[owner]
+    reading = ", ".join(f"{k}={v!r}" for k, v in zip(keras, args, strict=False))
+    whys = dict.fromkeys(KERAS_KEYWORDS[owner][keras[i]] for i in foreign
+                         if i < len(keras) and keras[i] in KERAS_KEYWORDS[owner])
+    return (f"{owner}({shown}): Keras' order, {owner}({', '.join(keras)}), reads {reading}; "
+            f"{ours}{''.join(f'. {why}' for why in whys)}")
 
 
 #: How PyTorch's positional layer signatures differ from xpcnn's (Keras'), for the errors

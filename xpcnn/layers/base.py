@@ -224,9 +224,19 @@ def _count_change(layer: Layer, old: Any, new: Any) -> None:
 
 
 # The n-th layer built outside a model (called on a batch, or layer.build(shape) with no rng)
-# draws from np.random.default_rng([0, n]): each its own weights and random stream, as Keras'
-# global seed generator gives them, and the same in every fresh process.
+# draws from _standalone_rng(n): each its own weights and random stream, as Keras' global seed
+# generator gives them, and the same in every fresh process.
 _STANDALONE_BUILDS = itertools.count()
+
+
+def _standalone_rng(n: int) -> np.random.Generator:
+    """The generator of the n-th standalone build: SeedSequence(0, spawn_key=(n,)), the words
+    [0, 0, 0, 0, n]. A model's layer k draws from [seed, k], the words of seed then of k: the
+    same only for seed 0 and k = n * 2**96, so no model's layer, whatever the seed, repeats a
+    standalone layer's weights or stream (was [0, n]: layer n of a model of the default seed;
+    [0, n, 1] would be layer 1 of seed n * 2**32)."""
+    return np.random.default_rng(np.random.SeedSequence(0, spawn_key=(n,)))
+
 
 # Held while a layer called on a batch builds itself at its first call: threads calling an
 # unbuilt layer at once build it once (each built its own weights, and counted a standalone
@@ -661,7 +671,7 @@ class Layer:
         self.input_shape = _shape(input_shape, self)
         self._clear_cache()  # (a convolution's engine was for the old shape, say)
         if rng is None:  # (a model hands each of its layers its own: see _STANDALONE_BUILDS)
-            rng = np.random.default_rng([0, next(_STANDALONE_BUILDS)])
+            rng = _standalone_rng(next(_STANDALONE_BUILDS))
         self.output_shape = tuple(self._build(self.input_shape, rng))
         unnamed = [k for k in self._arrays() if k not in self.weight_names]
         if unnamed:  # (a user's layer: its weights would be trained, and never saved)

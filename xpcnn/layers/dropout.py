@@ -12,7 +12,7 @@ from ..checks import number
 from ..errors import InputError
 from ..ops import random
 from ..ops.kernels import kernels_for
-from .arguments import Shape
+from .arguments import Shape, keras_positional
 from .base import DEFAULT, Options, RandomLayer, Setting
 
 
@@ -35,6 +35,7 @@ class Dropout(RandomLayer):
     can_apply_input_relu_grad = True
     input_values = "passes"  # (in the input's dtype)
 
+    @keras_positional  # (Keras' Dropout(rate, noise_shape, seed))
     def __init__(self, rate: float, name: str | None = None) -> None:
         super().__init__(name)
         self.rate = rate

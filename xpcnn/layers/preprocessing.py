@@ -19,22 +19,31 @@ from ..backend import dtype_name, get_backend
 from ..checks import flag, number, positive_int, real_floating, real_numbers
 from ..errors import InputError
 from ..ops.kernels import kernels_for
-from .arguments import Shape, on_host, require_rank
+from .arguments import Shape, keras_positional, on_host, require_rank
 from .base import DEFAULT, Layer, Options, RandomLayer, Setting
 
 
 class Rescaling(Layer):
-    """y = x * scale + offset, e.g. ``Rescaling(1 / 255)`` for uint8 images."""
+    """y = x * scale + offset, e.g. ``Rescaling(1 / 255)`` for uint8 images; ``scale`` and
+    ``offset`` a number, or one per channel (a list or 1-D array, over the last axis, as in
+    Keras 3: ``Rescaling([1 / 0.229, 1 / 0.224, 1 / 0.225])``)."""
 
-    # The model's uint8 batch cast and scaled in one pass (one launch on CuPy).
+    # The model's uint8 batch cast and scaled in one pass (one launch on CuPy; per-channel
+    # values in the namespace's own operations).
     casts_input = True
     input_values = "normalises"  # (in the parameters' dtype)
+
+    def _factors_set(self) -> None:
+        if vars(self).get("built"):  # (a built layer's arrays made again, checked against
+            self._make_factors()  # its channels: refused, the old value kept)
+
     # (a change after build captures a CUDA-graph step again, checked as the constructor's:
     # see Setting)
-    scale = Setting(lambda value: number(value, "Rescaling scale"))
-    offset = Setting(lambda value: number(value, "Rescaling offset"))
+    scale = Setting(lambda value: _factor(value, "Rescaling scale"), on_set=_factors_set)
+    offset = Setting(lambda value: _factor(value, "Rescaling offset"), on_set=_factors_set)
 
-    def __init__(self, scale: float, offset: float = 0.0, name: str | None = None) -> None:
+    def __init__(self, scale: float | list[float], offset: float | list[float] = 0.0,
+                 name: str | None = None) -> None:
         super().__init__(name)
         self.scale = scale
         self.offset = offset
@@ -42,15 +51,45 @@ class Rescaling(Layer):
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "scale": self.scale, "offset": self.offset}
 
+    def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
+        self._make_factors(input_shape)
+        return input_shape
+
+    def _make_factors(self, input_shape: Shape | None = None) -> None:
+        """The (C,) arrays of per-channel values, in the layer's dtype (None where both are
+        numbers: the kernels take those as Python numbers), checked against the channels."""
+        shape = self.input_shape if input_shape is None else input_shape
+        factors = {"scale": self.scale, "offset": self.offset}
+        for what, v in factors.items():
+            if isinstance(v, list) and len(v) not in (1, shape[-1]):
+                raise InputError(f"layer {self.name!r} (Rescaling): its {what} has {len(v)} "
+                                 f"values, one per channel, but the input has {shape[-1]} "
+                                 f"channels (its shape {tuple(shape)}): give {shape[-1]} "
+                                 "values, or one number for all")
+        self._factors = None if not any(isinstance(v, list) for v in factors.values()) else \
+            tuple(self.backend.asarray(np.broadcast_to(np.asarray(v, np.float64), (shape[-1],)),
+                                       dtype=self.dtype) for v in factors.values())
+
+    def to(self, backend: Any) -> None:
+        super().to(backend)
+        self._make_factors()
+
     def forward(self, x: Any, training: bool = False, options: Options = DEFAULT) -> Any:
         # Computed in the parameters' dtype (the model's batch cast as it is read) and stored
         # in the compute dtype (float16 under mixed precision, as a Keras mixed policy's layer
         # gives it), which the next layer would cast it to in a pass of its own.
-        return kernels_for(self.backend).rescale(x, self.scale, self.offset, self.dtype,
-                                                 self.compute_dtype)
+        if self._factors is None:
+            return kernels_for(self.backend).rescale(x, self.scale, self.offset, self.dtype,
+                                                     self.compute_dtype)
+        xp, (scale, offset) = self.xp, self._factors
+        y = xp.astype(x, self.dtype, copy=False) * scale + offset
+        return xp.astype(y, self.compute_dtype, copy=False)
 
     def backward(self, dy: Any, options: Options = DEFAULT) -> Any:
-        return dy * self.scale
+        if self._factors is None:
+            return dy * self.scale
+        # (in dy's dtype, the compute dtype, as a number's product keeps it: float16 stays)
+        return dy * self.xp.astype(self._factors[0], dy.dtype)
 
 
 class Normalization(Layer):
@@ -100,7 +139,6 @@ class Normalization(Layer):
             raise InputError(f"Normalization needs mean and {what} of equal length (or one of "
                              f"length 1), {what} positive; got mean={mean!r}, {what}={spread!r}")
         self._std = spreads if variance is None else np.sqrt(spreads).tolist()
-        _check_inverse(self.std, np.float64, f"Normalization {what}")
 
     @property
     def mean(self) -> list[float] | None:
@@ -132,8 +170,6 @@ class Normalization(Layer):
                 "Normalization(mean, std)")
         if value is not None:
             value = _statistic(value, what)
-            if what == "std":
-                _check_inverse(value, np.float64, "Normalization std")
         vars(self)["_" + what] = value
 
     def get_config(self) -> dict[str, Any]:
@@ -162,8 +198,9 @@ class Normalization(Layer):
         return super().__call__(x, training)
 
     def _statistics(self, c: int) -> tuple[np.ndarray, np.ndarray]:
-        """The (c,) shift and scale on the host: the mean, and 1 / std divided in float64."""
-        return np.broadcast_to(self.mean, (c,)), 1.0 / np.broadcast_to(self.std, (c,))
+        """The (c,) shift and scale on the host: the mean, and 1 / std divided in float64
+        (:func:`_inverse`)."""
+        return np.broadcast_to(self.mean, (c,)), _inverse(np.broadcast_to(self.std, (c,)))
 
     def _build(self, input_shape: Shape, rng: np.random.Generator) -> Shape:
         self._require_statistics()
@@ -181,14 +218,10 @@ class Normalization(Layer):
                                  f"{float(np.max(variance)):.3g}) is beyond the range of "
                                  f"{self.dtype}, the dtype that holds it; adapt it on "
                                  "rescaled data")
-            _check_inverse(np.sqrt(variance), self._host_dtype(),
-                           f"layer {self.name!r} (Normalization): its std", stored=True)
             self._param("variance", variance, trainable=False)
             self._derive()
             return input_shape
         shift, scale = self._statistics(c)
-        _check_inverse(self.std, self._host_dtype(), f"layer {self.name!r} (Normalization): "
-                       "its std")
         self._shift = self.backend.asarray(shift, dtype=self.dtype)
         self._scale = self.backend.asarray(scale, dtype=self.dtype)
         return input_shape
@@ -204,7 +237,8 @@ class Normalization(Layer):
         self._shift = self.state["mean"]
         variance = self.state["variance"]
         self._scale = self.backend.asarray(
-            1.0 / np.sqrt(self.backend.to_numpy(variance).astype(np.float64)), dtype=self.dtype)
+            _inverse(np.sqrt(self.backend.to_numpy(variance).astype(np.float64))),
+            dtype=self.dtype)
         self._scale_of = variance
 
     def _arrays_now(self) -> tuple[Any, Any]:
@@ -216,19 +250,11 @@ class Normalization(Layer):
         return self._shift, self._scale
 
     def weight_problem(self, name: str, w: np.ndarray) -> str | None:
-        # (a variance of 0 divides by 0, a negative or NaN one is no variance: every
-        # prediction was NaN or infinite)
-        if name == "variance" and not np.all((w > 0) & np.isfinite(w)):
-            return (f"holds variances that are not positive and finite "
-                    f"({float(np.min(w)):.3g}), expected values > 0: (x - mean) / "
-                    "sqrt(variance) divides by them")
-        if name == "variance":
-            held = self._host_dtype()
-            tiny = _tiny_channels(np.sqrt(np.asarray(w, np.float64)), held, stored=True)
-            if tiny:
-                return (f"holds variances too small for {held} ({tiny}): 1 / sqrt(variance) "
-                        f"is not finite in {held}, the layer's dtype, so every output would "
-                        "be infinite or NaN; expected larger variances (rescale the data)")
+        # (a negative or NaN one is no variance: every prediction was NaN)
+        if name == "variance" and not np.all((w >= 0) & np.isfinite(w)):
+            return (f"holds variances that are negative or not finite "
+                    f"({float(np.min(w)):.3g}), expected finite values >= 0: (x - mean) / "
+                    "sqrt(variance) divides by their square roots")
         return None
 
     def assign_weights(self, checked: list[tuple[str, np.ndarray]]) -> None:
@@ -271,10 +297,14 @@ class Normalization(Layer):
         values (data far from 0 keeps its precision), and the chunks combined (Chan et al.), so
         no float64 copy of the whole data is made. A built layer keeps its input's channel
         count, and ``predict`` (a model holding it, compiled or not) uses the new statistics at
-        once. Refused: no values, NaN or infinity, a constant channel (std 0), a std whose
-        inverse the layer's dtype cannot hold (below ~3e-39 in float32: here, or where the
-        layer is built); a failed call leaves the statistics as they were."""
+        once. A constant channel (std 0) gives 0, as in Keras (a std below 1e-7 divides as
+        1e-7). Refused: no values, NaN or infinity, a variance beyond the layer's dtype; a
+        failed call leaves the statistics as they were."""
         rows = None if batch_size is None else positive_int(batch_size, "adapt batch_size")
+        if isinstance(data, dict):  # (iterated, its keys were read as batches)
+            raise InputError(f"Normalization.adapt takes images (N, H, W, C) as an array or "
+                             f"an iterable of such batches, not a dict (keys {list(data)}): "
+                             "give it the images, adapt(data[key])")
         single = array_api_compat.is_array_api_obj(data)
         try:
             batches = iter([data] if single else data)
@@ -297,7 +327,7 @@ class Normalization(Layer):
 
         first: list[Any] = []
 
-        count, mean, std, lo, hi = _moments(checked(), rows)
+        count, mean, std = _moments(checked(), rows)
         if count == 0:
             raise InputError("Normalization.adapt got no values: the data is empty (no "
                              "samples, or an axis of size 0); give it the training images")
@@ -305,16 +335,7 @@ class Normalization(Layer):
         if not (np.isfinite(mean).all() and np.isfinite(std).all()):
             raise InputError("Normalization.adapt: the data's mean or std overflows float64 "
                              f"(mean {mean.tolist()}, std {std.tolist()}); rescale the data")
-        constant = np.flatnonzero((lo == hi) | (std == 0))
-        if constant.size:
-            which = ", ".join(f"{int(j)} (every value {float(lo[j]):g})" for j in constant)
-            raise InputError(f"Normalization.adapt: channel{'s' * (constant.size > 1)} "
-                             f"{which} of the data {'is' if constant.size == 1 else 'are'} "
-                             "constant, std 0, which (x - mean) / std cannot divide by: drop "
-                             "that channel from the data, or give mean and std yourself, "
-                             "Normalization(mean, std) with a std > 0 for it")
         if not self.built or self.provisional:  # (checked in the layer's dtype when built)
-            _check_inverse(std, np.float64, "Normalization.adapt: the data's std")
             self._mean, self._std = mean.tolist(), std.tolist()
             self.adapted = True
             self.built, self.state = False, {}
@@ -324,7 +345,7 @@ class Normalization(Layer):
             try:
                 self.build(*first[0])
                 self.provisional = True
-            except InputError:  # (a std float32 cannot invert: checked at a model's build,
+            except InputError:  # (a variance beyond float32: checked at a model's build,
                 self.built, self.state = False, {}  # which may be float64's)
             return
         largest = float(self.xp.finfo(self.dtype).max)
@@ -332,8 +353,6 @@ class Normalization(Layer):
             raise InputError(f"Normalization.adapt: the data's variance (up to "
                              f"{float(np.max(std * std)):.3g}) is beyond the range of the "
                              f"layer's dtype, {self.dtype}, which holds it; rescale the data")
-        _check_inverse(std, self._host_dtype(), "Normalization.adapt: the data's std",
-                       stored=True)
         self._mean, self._std = mean.tolist(), std.tolist()
         shift, scale = self._arrays_now()
         if not self.adapted:
@@ -350,7 +369,7 @@ class Normalization(Layer):
         self.state["variance"][...] = self.backend.asarray(std * std, dtype=self.dtype)
         variance = self.backend.to_numpy(self.state["variance"]).astype(np.float64)
         shift[...] = self.backend.asarray(mean, dtype=self.dtype)
-        scale[...] = self.backend.asarray(1.0 / np.sqrt(variance), dtype=self.dtype)
+        scale[...] = self.backend.asarray(_inverse(np.sqrt(variance)), dtype=self.dtype)
 
     def _adapt_channels(self, batch: Any, where: str, channels: int | None) -> int:
         """The channel count of one batch given to :meth:`adapt`, checked: an array (N, ..., C)
@@ -388,51 +407,57 @@ def _built_on(batch: Any) -> tuple[Shape, Any]:
 
 def _statistic(value: Any, what: str) -> list[float]:
     """A Normalization statistic given (``what``: "mean", "std" or "variance"), a number or
-    one per channel, as a list of floats, checked: finite, a spread > 0."""
-    low = None if what == "mean" else 0.0
-    return [number(v, f"Normalization {what}", low, low_open=low is not None)
-            for v in np.atleast_1d(on_host(value, f"Normalization {what}")).tolist()]
+    one per channel, as a list of floats, checked: finite, a spread >= 0 (at most 1e-7 is
+    divided by as 1e-7, as Keras does)."""
+    return _values(value, f"Normalization {what}", None if what == "mean" else 0.0)
 
 
-def _tiny_channels(std: Any, dtype: Any, stored: bool = False) -> str:
-    """The channels of ``std`` (C,) (or one for all) whose inverse is not finite in ``dtype``
-    (``stored``: the inverse of the square root of the variance as ``dtype`` holds it, as an
-    adapted layer computes it), named with their std ("" where none is)."""
-    std = np.atleast_1d(np.asarray(std, np.float64))
-    with np.errstate(divide="ignore", over="ignore", under="ignore"):
-        held = np.sqrt((std * std).astype(dtype).astype(np.float64)) if stored else std
-        bad = np.flatnonzero(~np.isfinite((1.0 / held).astype(dtype)))
-    shown = ", ".join(f"channel {int(j)}: {float(std[j]):.3g}" for j in bad[:4])
-    return shown + (f" and {bad.size - 4} more" if bad.size > 4 else "")
+def _values(value: Any, what: str, low: float | None = None) -> list[float]:
+    """``value``, a number or one per channel (a list, a tuple or a 1-D array), as a list of
+    floats, each finite (and at least ``low``)."""
+    host = on_host(value, what)
+    # (a list's items as given: NumPy would read [1, "a"] as two strings)
+    values = np.asarray(host, dtype=object) if isinstance(host, list | tuple) else \
+        np.asarray(host)
+    if values.ndim > 1 or values.shape == (0,):
+        got = "none" if values.shape == (0,) else f"an array of shape {values.shape}"
+        kept = (f" (keepdims' shape? pass value.reshape(-1), its {values.shape[-1]} "
+                "values)" if values.ndim > 1 and values.size ==
+                values.shape[-1] else "")
+        raise InputError(f"{what} must be a number or one per channel (a list or 1-D array "
+                         f"of the channels' values, the last axis), got {got}{kept}")
+    return [number(v, what, low) for v in np.atleast_1d(values).tolist()]
 
 
-def _check_inverse(std: Any, dtype: Any, what: str, stored: bool = False) -> None:
-    """Refuse a ``std`` whose inverse, the scale the layer multiplies by, is not finite in
-    ``dtype`` (a float32 layer's 1 / 1e-39 is infinity: every output infinite or NaN);
-    ``stored`` as in :func:`_tiny_channels`."""
-    tiny = _tiny_channels(std, dtype, stored)
-    if tiny:
-        raise InputError(f"{what} is too small for {np.dtype(dtype).name} ({tiny}): 1 / std "
-                         f"is not finite in {np.dtype(dtype).name}, so every output would be "
-                         "infinite or NaN; expected a larger std (rescale the data, or drop "
-                         "that channel)")
+def _factor(value: Any, what: str) -> float | list[float]:
+    """A Rescaling scale or offset: a number as a float, one per channel as a list."""
+    values = _values(value, what)
+    per_channel = isinstance(value, list | tuple) or getattr(value, "ndim", 0) == 1
+    return values if per_channel else values[0]
+
+
+#: The least std divided by, as Keras' backend.epsilon(): a constant channel gives 0.
+_EPSILON = 1e-7
+
+
+def _inverse(std: Any) -> np.ndarray:
+    """1 / max(std, 1e-7) in float64 (Keras divides by maximum(sqrt(variance), epsilon))."""
+    return 1.0 / np.maximum(np.asarray(std, np.float64), _EPSILON)
 
 
 def _moments(batches: Iterable[tuple[Any, str]], rows: int | None
-             ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+             ) -> tuple[int, np.ndarray, np.ndarray]:
     """The per-channel statistics of :meth:`Normalization.adapt`'s ``batches`` (each an array
     (N, ..., C), of one C, with how errors name it): the count of values per channel, their
-    mean, population std, least and largest, as (C,) float64 host arrays (count 0 and empty
+    mean and population std, as (C,) float64 host arrays (count 0 and empty
     arrays where the batches hold no values). Summed in float64, ``rows`` samples at a time
     (None: at most 4 M values, 64 K a channel), less the first values, and the chunks
     combined by Chan et al.'s update."""
-    count, mean, m2 = 0, np.zeros(0), np.zeros(0)
-    lo, hi, shift = np.zeros(0), np.zeros(0), None  # (of the values less shift)
+    count, mean, m2, shift = 0, np.zeros(0), np.zeros(0), None  # (of the values less shift)
     for batch, where in batches:
         if count == 0:
             c = int(batch.shape[-1])
             mean, m2 = np.zeros(c), np.zeros(c)
-            lo, hi = np.full(c, np.inf), np.full(c, -np.inf)
         # (at most 4 M values, and 64 K a channel: NumPy sums along the samples one after
         # another, its rounding error growing with their number)
         step = rows or max(1, min((1 << 22) // max(1, math.prod(batch.shape[1:])),
@@ -443,27 +468,25 @@ def _moments(batches: Iterable[tuple[Any, str]], rows: int | None
             chunk = _chunk_moments(batch[start:min(start + step, n), ...], where, start, shift)
             if chunk is None:
                 continue
-            k, chunk_mean, chunk_m2, chunk_lo, chunk_hi, shift = chunk
+            k, chunk_mean, chunk_m2, shift = chunk
             # Chan, Golub and LeVeque's pairwise update: exact in real arithmetic, and no
             # cancellation of large sums of squares.
             total = count + k
             delta = chunk_mean - mean
             mean = mean + delta * (k / total)
             m2 = m2 + chunk_m2 + delta * delta * (count / total * k)
-            lo, hi = np.minimum(lo, chunk_lo), np.maximum(hi, chunk_hi)
             count = total
     if count == 0:
-        return 0, mean, m2, lo, hi
-    return count, mean + shift, np.sqrt(m2 / count), lo + shift, hi + shift
+        return 0, mean, m2
+    return count, mean + shift, np.sqrt(m2 / count)
 
 
 def _chunk_moments(x: Any, where: str, first: int, shift: np.ndarray | None
-                   ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                              np.ndarray] | None:
+                   ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray] | None:
     """A part of a batch for :meth:`Normalization.adapt` (samples ``first`` onwards of
     ``where``), computed in float64 in its own namespace (on its device), less ``shift`` per
     channel (None: its first values, returned last): its count of values per channel, their
-    mean, sum of squared deviations from it, least and largest, as (C,) host arrays; None
+    mean and sum of squared deviations from it, as (C,) host arrays; None
     where it holds no values. (Shifted, data far from 0, 1e9 + noise, keeps its precision:
     the chunks' means are combined near 0.)"""
     xp = array_api_compat.array_namespace(x)
@@ -486,8 +509,7 @@ def _chunk_moments(x: Any, where: str, first: int, shift: np.ndarray | None
     n = values.shape[0]
     mean = xp.sum(values, axis=0) / n
     deviations = values - mean
-    return (n, host(mean), host(xp.sum(deviations * deviations, axis=0)),
-            host(xp.min(values, axis=0)), host(xp.max(values, axis=0)), shift)
+    return n, host(mean), host(xp.sum(deviations * deviations, axis=0)), shift
 
 
 def _images_dtype(layer: Layer, x: Any, options: Options) -> Any:
@@ -518,6 +540,7 @@ class RandomFlip(RandomLayer):
     has_gradient = False
     training_when_called = True  # (``layer(images)`` flips, as Keras 3's: see Layer)
 
+    @keras_positional  # (Keras' RandomFlip(mode, seed, data_format))
     def __init__(self, mode: str = "horizontal", name: str | None = None) -> None:
         super().__init__(name)
         # (Keras' first argument: not taken for a name)
@@ -555,8 +578,9 @@ def _check_padding(padding: Any) -> int:
 
 class RandomCrop(RandomLayer):
     """Pad each training image by ``padding`` zeros and crop it back at a random offset, to
-    the input's size (not Keras' ``RandomCrop(height, width, seed)``, which crops to a size: its
-    height, width and seed, positional or named, are refused with a clear error)."""
+    the input's size (not Keras' ``RandomCrop(height, width, seed)``, which crops to a size, nor
+    torchvision's ``RandomCrop(size, padding)``: their height, width, size and seed, positional
+    or named, are refused with a clear error)."""
 
     # The model's uint8 batch cast as it is cropped (one launch on CuPy, the draw included).
     casts_input = True
@@ -566,27 +590,8 @@ class RandomCrop(RandomLayer):
     # (a change after build captures a CUDA-graph step again, checked as the constructor's)
     padding = Setting(_check_padding)
 
-    def __init__(self, padding: int = 4, name: str | None = None, **keras: Any) -> None:
-        # (**keras only catches Keras' RandomCrop(height=, width=, seed=) to refuse them clearly:
-        # a bare "unexpected keyword argument 'height'" said nothing)
-        keras_size = isinstance(name, int | np.integer) and not isinstance(name, bool)
-        if keras_size or "height" in keras or "width" in keras:
-            # (Keras' RandomCrop(28, 28): "layer name must be a string, got 28" said nothing)
-            given = ", ".join([*(repr(v) for v in (padding, name) if keras_size),
-                               *(f"{k}={v!r}" for k, v in keras.items())])
-            raise InputError(f"RandomCrop({given}): xpcnn's RandomCrop(padding=4) "
-                             "pads each image by `padding` zeros and crops it back to the input "
-                             "size at a random offset; it takes no height and width as Keras' "
-                             "RandomCrop(height, width) does, which crops to a smaller size. "
-                             "For Keras' behaviour, crop the images beforehand or add a "
-                             "layer of your own")
-        if "seed" in keras:
-            raise InputError(f"RandomCrop(seed={keras['seed']!r}): xpcnn's random layers take no "
-                             "seed of their own: the model's seed (Sequential(seed=...)) draws "
-                             "each one's")
-        if keras:
-            raise TypeError(f"RandomCrop() got an unexpected keyword argument "
-                            f"{next(iter(keras))!r}")
+    @keras_positional  # (Keras' RandomCrop(height, width, seed); torchvision's (size, padding))
+    def __init__(self, padding: int = 4, name: str | None = None) -> None:
         super().__init__(name)
         self.padding = padding
 

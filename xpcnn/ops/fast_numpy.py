@@ -1192,11 +1192,11 @@ class NumpyKernels(StandardKernels):
 
     def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
         # the definition's arithmetic in place on uint64 views (logical shifts, no masks), in
-        # chunks that stay in cache, on the threads
-        seed, draw = state[0:1], state[1:2]
-        key = random.mix(random.mix(seed) + (draw + 1) * random.GAMMA).view(np.uint64)
+        # chunks that stay in cache, on the threads; the draw taken (and counted) first, as
+        # one step across threads
         bits = random.significant_bits(np, dtype)
         out = np.empty(int(np.prod(shape)), dtype)
+        key = random.take_draw(state).view(np.uint64)
         gamma, mix_1, mix_2 = (np.int64(c).view(np.uint64)
                                for c in (random.GAMMA, random.MIX_1, random.MIX_2))
 
@@ -1214,7 +1214,6 @@ class NumpyKernels(StandardKernels):
             np.multiply(z, 2.0**-bits, out=out[a:b], casting="unsafe")
 
         self.for_chunks(out.size, self._UNIFORM_CHUNK, fill)
-        state[1:2] += 1  # (the draw counted, as the standard version counts it)
         return out.reshape(shape)
 
     _UNIFORM_CHUNK = 1 << 16  # (measured best of 2**12-2**18 for a 1.2M-number mask)

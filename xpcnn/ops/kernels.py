@@ -24,7 +24,7 @@ from .. import backend as backend_module
 from .convolution import ConvEngine, ConvGeometry, KernelsConv
 from .im2col import im2col_into
 from .pool import max_pool, max_pool_backward, sum_pool, sum_pool_backward
-from .random import uniform
+from .random import numbers, take_draw
 from .softmax import (
     cross_entropy,
     loss_and_correct,
@@ -240,10 +240,9 @@ class StandardKernels:
     def uniform(self, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
         """Random numbers in [0, 1) from a device-held random state (see
         :mod:`xpcnn.ops.random`, the definition), the draw counted in ``state`` (in place: its
-        draws so far plus one)."""
-        u = uniform(self.xp, state, shape, dtype, first)
-        state[1:2] += 1
-        return u
+        draws so far plus one), the draw taken as one step across threads
+        (:func:`~xpcnn.ops.random.take_draw`)."""
+        return numbers(self.xp, take_draw(state), shape, dtype, first)
 
     def random_flip(self, state: Any, x: Any, out_dtype: Any, first: int = 0) -> Any:
         """Each image of ``x`` (N, H, W, C; any real dtype: a model's uint8 batch) mirrored

@@ -13,6 +13,10 @@ generators", 2014; the generator behind Java's SplittableRandom), applied twice:
 draw does not depend on how many elements are drawn, so a process that holds samples
 ``start:start + n`` of a data-parallel global batch draws exactly those samples' numbers.
 
+Taking a draw (reading its number and counting it) is one step across threads
+(:func:`take_draw`): a random layer shared by two models training side by side, or called from
+data-loader threads, gives each call a draw of its own.
+
 This module is the definition, in the Array API standard. The fast paths
 (:mod:`xpcnn.ops.fast_numpy`, :mod:`xpcnn.ops.fast_cupy`) compute the same bits, and the tests
 hold them to it.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Any
 
 
@@ -58,14 +63,42 @@ def mix(z: Any) -> Any:
     return z ^ _shift_right(z, 31)
 
 
-def uniform(xp: Any, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
+def draw_key(state: Any) -> Any:
+    """The key of the draw that ``state`` ([seed, draw], an int64 device array) names: a
+    1-element int64 device array (never a host scalar)."""
+    seed, draw = state[0:1], state[1:2]
+    return mix(mix(seed) + (draw + 1) * GAMMA)
+
+
+# Held while a draw is taken: a draw's number read and counted by one thread between another's
+# read and count was drawn twice (two threads calling one layer got one mask). One for all
+# states: held for a few 1-element operations, never while the numbers are computed. Host-only:
+# on CuPy, the read and the count queue on the stream in this order, and a CUDA graph's capture
+# records them as it would without the lock.
+_DRAW_LOCK = threading.Lock()
+
+
+def take_draw(state: Any) -> Any:
+    """The :func:`draw_key` of the draw that ``state`` names, the draw counted in ``state`` (in
+    place) in the same step: no other thread takes the same draw."""
+    with _DRAW_LOCK:
+        taken = draw_key(state)  # (a new array: counting changes the state, not the key)
+        state[1:2] += 1
+    return taken
+
+
+def numbers(xp: Any, key: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
     """Numbers in [0, 1) of ``shape`` and float ``dtype``: elements ``first`` onwards of the
-    draw that ``state`` ([seed, draw], an int64 device array) names. The state is read, not
-    advanced (the caller counts its draws)."""
-    seed, draw = state[0:1], state[1:2]  # (1-element arrays: never host scalars)
-    key = mix(mix(seed) + (draw + 1) * GAMMA)
+    draw whose :func:`draw_key` is ``key``."""
     count = math.prod(shape)
-    index = xp.arange(first + 1, first + count + 1, dtype=xp.int64, device=state.device)
+    index = xp.arange(first + 1, first + count + 1, dtype=xp.int64, device=key.device)
     bits = significant_bits(xp, dtype)
     z = _shift_right(mix(key + index * GAMMA), 64 - bits)
     return xp.reshape(xp.astype(z, dtype) * 2.0**-bits, shape)
+
+
+def uniform(xp: Any, state: Any, shape: tuple[int, ...], dtype: Any, first: int = 0) -> Any:
+    """Numbers in [0, 1) of ``shape`` and float ``dtype``: elements ``first`` onwards of the
+    draw that ``state`` ([seed, draw], an int64 device array) names. The state is read, not
+    advanced (a caller that counts its draws takes them with :func:`take_draw`)."""
+    return numbers(xp, draw_key(state), shape, dtype, first)
