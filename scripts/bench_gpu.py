@@ -594,7 +594,7 @@ def card_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--models", default="notebook,mnist,cifar",
@@ -635,7 +635,7 @@ def main() -> int:
     p.add_argument("--no-cudnn", action="store_true",
                    help="convolutions on the hand-written kernels alone (XPCNN_CUDNN=0)")
     p.add_argument("--json", default=None, metavar="PATH")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.no_cudnn:
         os.environ["XPCNN_CUDNN"] = "0"
     if args.device.startswith("cuda"):

@@ -121,7 +121,7 @@ def measure(name: str, precision: str, args: argparse.Namespace, fast_cupy: Any
     return min(host_times(stats) for stats in profiles), launches, profiles
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", choices=sorted(INPUT_SHAPES),
                    default=["notebook", "mnist", "cifar"])
@@ -131,7 +131,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=15, help="profiled steps (the least is kept)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=0, help="also list the top N xpcnn functions")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     print(f"batch {args.batch}, per step, the least of {args.repeat} steps")
     print(f"{'model':9s} {'precision':14s} {'xpcnn us':>9s} {'calls':>6s} {'launches':>9s}")
     # Freed arrays kept for reuse, as CuPy's memory pool keeps them (the NumPy fast path's

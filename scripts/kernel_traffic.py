@@ -108,7 +108,7 @@ def sites(trace: Trace, kernel: str) -> list[str]:
     return lines
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", choices=sorted(INPUT_SHAPES), default=MODELS)
     p.add_argument("--precisions", nargs="+", choices=("float32", "mixed_float16"),
@@ -118,7 +118,7 @@ def main() -> int:
     p.add_argument("--sites", action="store_true", help="list the access sites of the "
                    "kernels above --worst times their minimum")
     p.add_argument("--worst", type=float, default=1.2)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     with emulated() as fast_cupy, np.errstate(over="ignore"):  # (float16's first steps)
         for name in args.models:
             for precision in args.precisions:

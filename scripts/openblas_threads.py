@@ -25,7 +25,7 @@ import numpy as np
 from xpcnn.backend import get_backend
 from xpcnn.ops.fast_numpy import KERNELS as FAST
 from xpcnn.ops.kernels import compute_scope
-m, k, n, repeat, warm = json.loads(sys.argv[1])
+m, k, n, repeat, warm, idle = json.loads(sys.argv[1])
 rng = np.random.default_rng(0)
 a = rng.standard_normal((m, k), dtype=np.float32)
 b = rng.standard_normal((k, n), dtype=np.float32)
@@ -43,7 +43,7 @@ def ms(f):
 if warm:  # OpenBLAS's thread server run once, then left to go idle
     FAST._blas.set(FAST._cores)
     a @ b
-    time.sleep(1.5)
+    time.sleep(idle)
 FAST._blas.set(1)
 pool = ThreadPoolExecutor(2)
 two = lambda: [f.result() for f in [pool.submit(np.matmul, a, b, out=o) for o in outs]]
@@ -58,11 +58,14 @@ print(json.dumps(result))
 """
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--shape", default="128,6272,128", help="M,K,N of (M, K) @ (K, N)")
     p.add_argument("--repeat", type=int, default=10)
-    args = p.parse_args()
+    p.add_argument("--idle", type=float, default=1.5, metavar="SECONDS",
+                   help="how long OpenBLAS's thread server is left to go idle after its run "
+                   "(default 1.5; a dry run may take 0)")
+    args = p.parse_args(argv)
     m, k, n = (int(v) for v in args.shape.split(","))
     from xpcnn.ops.fast_numpy import KERNELS
 
@@ -75,7 +78,7 @@ def main() -> int:
     for warm in (False, True):
         start = time.perf_counter()
         out = subprocess.run([sys.executable, "-c", CHILD, json.dumps([m, k, n, args.repeat,
-                                                                       warm])],
+                                                                       warm, args.idle])],
                              capture_output=True, text=True, check=True)
         state = ("after OpenBLAS's thread server ran once" if warm
                  else "before OpenBLAS's thread server ever ran")

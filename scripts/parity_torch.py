@@ -123,7 +123,7 @@ def training_run(args: argparse.Namespace, name: str, x: np.ndarray, y: np.ndarr
             "torch_test_accuracy": acc_t, "difference_points": 100 * (acc_x - acc_t)}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = ScriptParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="mnist", choices=("shapes", "mnist", "fashion-mnist",
                                                           "cifar10"))
@@ -146,7 +146,7 @@ def main() -> int:
                    "together to the end, showing float32 rounding as the only difference)")
     p.add_argument("--threads", type=POSITIVE, default=2)
     p.add_argument("--json", default=None, metavar="PATH")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     p.check(input_folder, "--data-dir", args.data_dir)  # (before the data and the training)
     p.check(output_file, "--json", args.json, replaced=False)
     torch.set_num_threads(args.threads)

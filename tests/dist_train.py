@@ -112,8 +112,8 @@ def train(out: str | None = None, batch: int = 4, samples: int = 50, epochs: int
         write = checkpoint_file.save_checkpoint
 
         def slow_write(*args, **kwargs):
-            if here.is_root:  # (the writer: longer than a failing rank's grace before abort)
-                time.sleep(3 * distributed.ABORT_GRACE_SECONDS)
+            if here.is_root:  # (the writer: longer than a failing rank's grace before abort,
+                time.sleep(2 * distributed.ABORT_GRACE_SECONDS)  # twice it)
             write(*args, **kwargs)
 
         checkpoint_file.save_checkpoint = slow_write

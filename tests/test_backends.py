@@ -240,7 +240,8 @@ def test_a_frozen_trunk_keeps_nothing_for_backward_and_trains_as_before(device, 
 def _train_add_relu_net(device, data, precision):
     model = xpcnn.Model(*add_relu_net(), device=device, seed=0)
     model.compile(optimizer=_sgd(), precision=precision)
-    model.fit(*data, epochs=2, batch_size=16, verbose=0)
+    # (one epoch, 3 steps: a gradient summed or masked otherwise changes the first update)
+    model.fit(*data, epochs=1, batch_size=16, verbose=0)
     return model
 
 
@@ -525,7 +526,7 @@ def test_a_training_step_never_waits_for_the_device(data, optimizer, monkeypatch
         rate, weight_decay=1e-3)}[optimizer]
     x, y = xs.asarray(data[0]), xs.asarray(data[1])
     counts = []
-    for batch_size in (20, 4):  # 2 and 10 steps an epoch (both under READ_EVERY)
+    for batch_size in (20, 8):  # 2 and 5 steps an epoch (both under READ_EVERY)
         model = xpcnn.Sequential(every_layer_net(), device=xs, seed=0)
         model.compile(optimizer=opt())
         model.fit(x, y, epochs=1, batch_size=batch_size, verbose=0)  # (builds, makes scratch)

@@ -1,6 +1,7 @@
 """scripts/bench_batchnorm.py runs (its figures are not checked: timings belong to the
 benchmark, not the tests)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,41 +10,82 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench_batchnorm.py"
+
+# Runs each argument list given on stdin as `python scripts/bench_batchnorm.py ...` would, in
+# one interpreter (one start, and one PyTorch import, for them all): its __main__ afresh each
+# time; prints each one's [exit status, stdout, stderr] (a SystemExit's message and a traceback
+# as the interpreter prints them).
+_RUN_CASES = r"""
+import contextlib, io, json, os, runpy, sys, traceback
+script = sys.argv[1]
+sys.path[0] = os.path.dirname(script)  # (as `python <script>` puts its folder first)
+results = []
+for args in json.load(sys.stdin):
+    sys.argv = [script, *args]
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+            status = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+    results.append([status, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_batchnorm.py"), *args],
-                          capture_output=True, text=True, timeout=300, env={**os.environ})
-
-
-@pytest.mark.parametrize("regime", [(), ("--offset", "20", "--beta-per-gamma", "20")])
-def test_bench_batchnorm_times_two_checkouts_and_pytorch(regime):
-    # the working tree against itself: a row per shape and ReLU, each with its ratios; in
-    # the default regime and in backward's guarded one (x - mean summed)
-    pytest.importorskip("torch", reason="the table's PyTorch columns need PyTorch")
-    out = _run("--old", str(ROOT), "--shapes", "2x4x4x8,3x5x5x4", "--rounds", "1",
-               "--steps", "1", "--warmup", "0", "--clock", "thread", *regime)
+def _run_all(*cases: list[str]) -> list[subprocess.CompletedProcess]:
+    """Each case's run of the script (its arguments), all in one child interpreter."""
+    out = subprocess.run([sys.executable, "-c", _RUN_CASES, str(SCRIPT)],
+                         input=json.dumps(cases), capture_output=True, text=True, timeout=300,
+                         env={**os.environ})
     assert out.returncode == 0, out.stderr
-    assert f"x ~ N({regime[1] if regime else 0}, 1)" in out.stdout.splitlines()[0]
-    rows = [line.split() for line in out.stdout.splitlines()[2:]]
-    assert [row[:2] for row in rows] == [["2x4x4x8", "yes"], ["2x4x4x8", "no"],
-                                         ["3x5x5x4", "yes"], ["3x5x5x4", "no"]]
-    for row in rows:  # (old, new, torch: f+b and bwd ms; new/torch twice; new/old)
-        assert len(row) == 2 + 6 + 3 and all(r.endswith("x") for r in row[-3:])
-        assert all(float(v) > 0 for v in row[2:8])
+    return [subprocess.CompletedProcess([str(SCRIPT), *args], status, stdout, stderr)
+            for args, (status, stdout, stderr) in zip(cases, json.loads(out.stdout),
+                                                      strict=True)]
+
+
+def test_bench_batchnorm_times_two_checkouts_and_pytorch():
+    # the working tree against itself: a row per shape and ReLU, each with its ratios; in
+    # the default regime and in backward's guarded one (x - mean summed) (both runs in one
+    # interpreter: PyTorch imported once)
+    pytest.importorskip("torch", reason="the table's PyTorch columns need PyTorch")
+    regimes = [(), ("--offset", "20", "--beta-per-gamma", "20")]
+    runs = _run_all(*[["--old", str(ROOT), "--shapes", "2x4x4x8,3x5x5x4", "--rounds", "1",
+                       "--steps", "1", "--warmup", "0", "--clock", "thread", *regime]
+                      for regime in regimes])
+    for regime, out in zip(regimes, runs, strict=True):
+        assert out.returncode == 0, (regime, out.stderr)
+        assert f"x ~ N({regime[1] if regime else 0}, 1)" in out.stdout.splitlines()[0], regime
+        rows = [line.split() for line in out.stdout.splitlines()[2:]]
+        assert [row[:2] for row in rows] == [["2x4x4x8", "yes"], ["2x4x4x8", "no"],
+                                             ["3x5x5x4", "yes"], ["3x5x5x4", "no"]], regime
+        for row in rows:  # (old, new, torch: f+b and bwd ms; new/torch twice; new/old)
+            assert len(row) == 2 + 6 + 3 and all(r.endswith("x") for r in row[-3:]), regime
+            assert all(float(v) > 0 for v in row[2:8]), regime
 
 
 def test_bench_batchnorm_names_what_is_wrong(tmp_path):
-    out = _run("--old", str(tmp_path), "--no-torch")
-    assert out.returncode != 0 and "no xpcnn/__init__.py" in out.stderr
-    for shapes in ("4x4x8", "4xfourx4x8", "0x4x4x8"):
-        out = _run("--shapes", shapes, "--no-torch")
-        assert out.returncode != 0 and f"{shapes!r} is not NxHxWxC" in out.stderr
-    out = _run("--threads", "2", "--clock", "thread", "--no-torch")
-    assert out.returncode != 0 and "only with --threads 1" in out.stderr
-    # (checked before PyTorch takes the thread count: was its RuntimeError's traceback)
-    out = _run("--threads", "0")
-    assert out.returncode != 0 and "--threads, --steps and --rounds must be >= 1" in out.stderr
-    assert "Traceback" not in out.stderr
-    out = _run("--offset", "nan", "--no-torch")
-    assert out.returncode != 0 and "--offset and --beta-per-gamma must be finite" in out.stderr
+    # (each refusal a run of its own, all in one interpreter)
+    shapes = ("4x4x8", "4xfourx4x8", "0x4x4x8")
+    old, *bad_shapes, clock, threads, offset = _run_all(
+        ["--old", str(tmp_path), "--no-torch"],
+        *[["--shapes", s, "--no-torch"] for s in shapes],
+        ["--threads", "2", "--clock", "thread", "--no-torch"],
+        # (checked before PyTorch takes the thread count: was its RuntimeError's traceback)
+        ["--threads", "0"],
+        ["--offset", "nan", "--no-torch"])
+    assert old.returncode != 0 and "no xpcnn/__init__.py" in old.stderr
+    for spec, out in zip(shapes, bad_shapes, strict=True):
+        assert out.returncode != 0 and f"{spec!r} is not NxHxWxC" in out.stderr
+    assert clock.returncode != 0 and "only with --threads 1" in clock.stderr
+    assert threads.returncode != 0
+    assert "--threads, --steps and --rounds must be >= 1" in threads.stderr
+    assert "Traceback" not in threads.stderr
+    assert offset.returncode != 0
+    assert "--offset and --beta-per-gamma must be finite" in offset.stderr

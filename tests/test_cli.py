@@ -9,7 +9,25 @@ import numpy as np
 import pytest
 
 import xpcnn
+import xpcnn.datasets
 from xpcnn.cli import main
+
+
+def _small_shapes(monkeypatch) -> None:
+    """The shapes dataset of 40 training and 20 test images: generating the default sizes and
+    evaluating on the test set cost most of a short run (for the tests of the command's logs,
+    files and messages, which do not depend on the data's size)."""
+    real = xpcnn.datasets.load_dataset
+
+    def load(name, data_dir=None, download=True, **kw):
+        return real(name, data_dir, download, **{"n_train": 40, "n_test": 20, **kw})
+
+    monkeypatch.setattr(xpcnn.datasets, "load_dataset", load)
+
+
+@pytest.fixture
+def small_shapes(monkeypatch):
+    _small_shapes(monkeypatch)
 
 
 def test_info_on_a_machine_without_cupy(monkeypatch, capsys):
@@ -50,12 +68,13 @@ def test_info_names_each_gpu_with_its_compute_capability(monkeypatch, capsys):
     assert info["auto_device"] == "cpu"
 
 
-def test_train_with_early_stopping_and_a_csv_log(tmp_path, capsys):
+def test_train_with_early_stopping_and_a_csv_log(tmp_path, capsys, small_shapes):
     log = tmp_path / "log.csv"
     # (a rate at which the held-out loss soon stops falling: at the default one it fell every
-    # epoch, and a run without early stopping passed too)
-    args = ["train", "--limit", "64", "--val-split", "0.25", "--epochs", "6", "--batch-size",
-            "16", "--lr", "0.1", "--quiet", "--json", "--early-stopping", "1", "--log", str(log)]
+    # epoch, and a run without early stopping passed too; 32 images, 8 held out, stop after
+    # epoch 2, as 64 in batches of 16 stopped after epoch 3)
+    args = ["train", "--limit", "32", "--val-split", "0.25", "--epochs", "6", "--batch-size",
+            "8", "--lr", "0.1", "--quiet", "--json", "--early-stopping", "1", "--log", str(log)]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     history = result["history"]
@@ -72,11 +91,11 @@ def test_train_with_early_stopping_and_a_csv_log(tmp_path, capsys):
     assert "argument --early-stopping: expected a whole number >= 0" in capsys.readouterr().err
 
 
-def test_train_with_epoch_lines_for_log_files(tmp_path, capsys):
+def test_train_with_epoch_lines_for_log_files(tmp_path, capsys, small_shapes):
     """--epoch-lines: fit's verbose=2, one line an epoch with its loss and accuracy (those the
     CSV log holds)."""
     log = tmp_path / "log.csv"
-    assert main(["train", "--limit", "64", "--epochs", "2", "--batch-size", "16",
+    assert main(["train", "--limit", "32", "--epochs", "2", "--batch-size", "8",
                  "--epoch-lines", "--log", str(log)]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = [r.split(",") for r in log.read_text().splitlines()[1:]]  # epoch,accuracy,loss,...
@@ -133,13 +152,14 @@ def test_importing_xpcnn_main_runs_no_command():
     importlib.import_module("xpcnn.__main__")  # (was SystemExit: the command ran on import)
 
 
-def test_a_resumed_run_adds_to_its_log_and_a_refused_one_leaves_it(tmp_path, capsys):
+def test_a_resumed_run_adds_to_its_log_and_a_refused_one_leaves_it(tmp_path, capsys,
+                                                                  small_shapes):
     """--log with --resume holds the epochs before the interruption, then the resumed ones
     (was: the file started afresh, the epochs before the interruption lost); a resume
     refused before training (another --epochs, hence another schedule) leaves the log as it
     was (was: emptied)."""
     log, ck = tmp_path / "log.csv", tmp_path / "run.npz"
-    run = ["train", "--limit", "32", "--batch-size", "16", "--quiet", "--schedule", "constant",
+    run = ["train", "--limit", "16", "--batch-size", "8", "--quiet", "--schedule", "constant",
            "--checkpoint", str(ck), "--log", str(log)]
     assert main([*run, "--epochs", "1"]) == 0
     first = log.read_text()
@@ -160,7 +180,7 @@ def test_a_resumed_run_adds_to_its_log_and_a_refused_one_leaves_it(tmp_path, cap
     assert main([*run, "--epochs", "2", "--resume", "--precision", "mixed_float16"]) == 2
     err = capsys.readouterr().err
     assert "compiled otherwise" in err and "precision" in err and log.read_bytes() == before
-    run[run.index("--batch-size") + 1] = "8"
+    run[run.index("--batch-size") + 1] = "4"
     assert main([*run, "--epochs", "2", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "they differ in batch_size" in err and "resume with the same --dataset, " \
@@ -168,7 +188,7 @@ def test_a_resumed_run_adds_to_its_log_and_a_refused_one_leaves_it(tmp_path, cap
         "or start afresh with no --resume" in err
 
 
-def test_a_warning_is_one_line_of_the_command_naming_its_flag(tmp_path, capsys):
+def test_a_warning_is_one_line_of_the_command_naming_its_flag(tmp_path, capsys, small_shapes):
     """A warning on the command line (a resume adding --early-stopping, whose state the
     checkpoint does not hold) is one line as the command's other messages, naming the flag
     (was Python's: "/.../xpcnn/__main__.py:9: RuntimeWarning: xpcnn: ... callbacks that keep
@@ -187,7 +207,8 @@ def test_a_warning_is_one_line_of_the_command_naming_its_flag(tmp_path, capsys):
     assert not any("RuntimeWarning" in line or "sys.exit" in line for line in err), err
 
 
-def test_paths_with_a_tilde_are_the_home_folders(tmp_path, monkeypatch, capsys):
+def test_paths_with_a_tilde_are_the_home_folders(tmp_path, monkeypatch, capsys,
+                                                 small_shapes):
     """--save=~/m.npz (a shell leaves ~ as it is after '='): written in the home folder, where
     it was checked (was: checked there, written to a folder named '~' here)."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -212,21 +233,33 @@ def test_a_model_made_for_other_images_is_refused_naming_the_flag(tmp_path, caps
                            "mnist's 28x28x1 images: the residual networks normalise RGB images")
 
 
-def _visualize_once(tmp_path, capsys) -> tuple[list[str], list[str]]:
-    model = tmp_path / "m.npz"
-    assert main(["train", "--limit", "16", "--epochs", "1", "--quiet", "--save",
-                 str(model)]) == 0
-    capsys.readouterr()
-    return [str(model)], ["visualize", "--model", str(model), "--max-maps", "2", "--dpi", "20"]
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory) -> str:
+    """A model `xpcnn train` saved, for the visualize tests (which only read it): trained once."""
+    import contextlib
+    import io
+
+    model = tmp_path_factory.mktemp("visualize") / "m.npz"
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        _small_shapes(m)
+        assert main(["train", "--limit", "16", "--epochs", "1", "--quiet", "--save",
+                     str(model)]) == 0
+    return str(model)
+
+
+def _visualize_once(trained_model) -> tuple[list[str], list[str]]:
+    return [trained_model], ["visualize", "--model", trained_model, "--max-maps", "2", "--dpi",
+                             "20"]
 
 
 def test_visualize_on_a_rank_other_than_0_writes_and_prints_nothing(tmp_path, monkeypatch,
-                                                                     capsys):
+                                                                     capsys, trained_model):
     """As `xpcnn train`: under mpiexec, rank 0 writes the figures and speaks for all (was:
     every rank wrote the same files at once, and printed)."""
     from xpcnn import distributed
 
-    _, visualize = _visualize_once(tmp_path, capsys)
+    _, visualize = _visualize_once(trained_model)
     monkeypatch.setattr(distributed, "is_root", lambda: False)
     assert main([*visualize, "--out", str(tmp_path / "figs")]) == 0
     assert capsys.readouterr() == ("", "")
@@ -245,13 +278,13 @@ def _mpiexec() -> str | None:
 
 
 @pytest.mark.skipif(_mpiexec() is None, reason='needs mpiexec and mpi4py: pip install -e ".[mpi]"')
-def test_visualize_under_mpiexec_writes_and_speaks_once(tmp_path, capsys):
+def test_visualize_under_mpiexec_writes_and_speaks_once(tmp_path, trained_model):
     import os
     import subprocess
     from pathlib import Path
 
     mpiexec = _mpiexec()
-    _, visualize = _visualize_once(tmp_path, capsys)
+    _, visualize = _visualize_once(trained_model)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
            "OPENBLAS_NUM_THREADS": "1"}
     cli = "import sys; from xpcnn.cli import main; sys.exit(main())"
@@ -269,7 +302,7 @@ def test_visualize_under_mpiexec_writes_and_speaks_once(tmp_path, capsys):
 
 
 def test_a_run_stopped_between_a_log_row_and_its_checkpoint_resumes_to_the_same_log(
-        tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch, capsys, small_shapes):
     """A run stopped after an epoch's --log row but before its checkpoint (a second Ctrl-C
     during the write) and resumed: the log holds the uninterrupted run's rows, each epoch once
     (was: epochs 0, 1, 1, 2: the resumed run replayed epoch 1 and appended its row again); the
@@ -277,7 +310,7 @@ def test_a_run_stopped_between_a_log_row_and_its_checkpoint_resumes_to_the_same_
     step 0/2")."""
     import xpcnn.saving.checkpoint as ck
 
-    run = ["train", "--limit", "32", "--batch-size", "16", "--epochs", "3", "--quiet",
+    run = ["train", "--limit", "16", "--batch-size", "8", "--epochs", "3", "--quiet",
            "--schedule", "constant"]
     assert main([*run, "--log", str(tmp_path / "ref.csv")]) == 0
     real, calls = ck.save_checkpoint, []

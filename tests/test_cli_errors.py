@@ -199,6 +199,18 @@ def small_shapes(monkeypatch):
     monkeypatch.setattr(xpcnn.datasets, "load_dataset", load)
 
 
+@pytest.fixture
+def shapes_64(monkeypatch):
+    """The shapes dataset of 64 training images (TRAIN's --limit) and 20 test ones: generating
+    the default sizes and evaluating on the test set cost most of a short in-process run."""
+    real = xpcnn.datasets.load_dataset
+
+    def load(name, data_dir=None, download=True, **kw):
+        return real(name, data_dir, download, **{"n_train": 64, "n_test": 20, **kw})
+
+    monkeypatch.setattr(xpcnn.datasets, "load_dataset", load)
+
+
 def test_the_plots_and_other_outputs_are_refused_on_one_file(tmp_path, traps, capsys):
     """--save DIR/history.png --plots DIR: the figure overwrote the saved model (exit 0);
     --save X --plots X: the model saved to X, then the figures failed (exit 2, after training)."""
@@ -352,7 +364,16 @@ def test_ctrl_c_writes_a_checkpoint_at_the_step_and_resume_continues(tmp_path):
 
 
 def test_ctrl_c_without_a_checkpoint_says_where_it_stopped(tmp_path):
-    err = _ctrl_c(*TRAIN, "--epochs", "1000", wait=lambda proc: time.sleep(1.5))
+    log = tmp_path / "log.csv"
+
+    def until_an_epoch_is_logged(proc):
+        # Training has run a while: the first epoch's --log row is there (was a fixed 1.5 s).
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and (
+                not log.exists() or len(log.read_text().splitlines()) < 2):
+            time.sleep(0.05)
+
+    err = _ctrl_c(*TRAIN, "--epochs", "1000", "--log", str(log), wait=until_an_epoch_is_logged)
     assert re.fullmatch(r"xpcnn train: interrupted at epoch \d+, after step \d/8; nothing was "
                         r"kept \(--checkpoint PATH keeps the training state, and --resume "
                         r"continues from it\)", err), err
@@ -629,7 +650,7 @@ def test_json_to_a_reader_that_has_gone_ends_quietly():
     read, write = os.pipe()
     os.close(read)  # (no reader: the print meets a broken pipe)
     try:
-        run = subprocess.run(_cli("train", "--limit", "64", "--epochs", "1", "--json"),
+        run = subprocess.run(_cli("train", "--limit", "16", "--epochs", "1", "--json"),
                              stdout=write, stderr=subprocess.PIPE, text=True, env=_env(),
                              timeout=300)
     finally:
@@ -666,7 +687,8 @@ def _double_ctrl_c_at_save(monkeypatch, at: int) -> None:
     (1, "nothing was kept (no checkpoint had been written to {ck} yet)"),
 ])
 def test_a_second_ctrl_c_says_what_the_checkpoint_file_holds(tmp_path, ctrl_c_raises,
-                                                             monkeypatch, capsys, at, kept):
+                                                             monkeypatch, capsys, at, kept,
+                                                             shapes_64):
     """Ctrl-C twice with --checkpoint: the last checkpoint written stays, and the message says
     so and how to resume (was: "nothing was kept (--checkpoint PATH keeps the training
     state...)" though the file was there and resumed); "nothing was kept" only where no
@@ -688,7 +710,7 @@ def test_a_second_ctrl_c_says_what_the_checkpoint_file_holds(tmp_path, ctrl_c_ra
 
 
 def test_a_second_ctrl_c_before_this_run_wrote_its_checkpoint(tmp_path, ctrl_c_raises,
-                                                              monkeypatch, capsys):
+                                                              monkeypatch, capsys, shapes_64):
     """(no --resume: the file an earlier run left, which this run would have replaced, is not
     this run's work)"""
     ck = tmp_path / "ck.npz"
@@ -715,7 +737,7 @@ def test_a_reader_that_has_gone_loses_no_work(tmp_path, stream, unbuffered):
     env = _env()
     if not unbuffered:  # (block-buffered into a pipe: the broken pipe is met at the end)
         del env["PYTHONUNBUFFERED"]
-    argv = ["train", "--limit", "64", "--batch-size", "16", "--epochs", "3", "--save",
+    argv = ["train", "--limit", "16", "--batch-size", "8", "--epochs", "3", "--save",
             str(model), "--log", str(log), *(["--epoch-lines"] if stream == "stdout" else
                                              ["--json"])]
     pipes = {"stdout": write, "stderr": subprocess.PIPE} if stream == "stdout" else \

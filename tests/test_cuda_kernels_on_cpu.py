@@ -2205,8 +2205,11 @@ def _launch_grids(module, monkeypatch):
     return grids
 
 
+# (more blocks than the last block's threads with int64 labels alone: the merge of the blocks'
+# counts reads no target; one-hot rows are read a warp a row at 17 x 77, and by every shape of
+# test_top_k_counts_in_one_launch)
 @pytest.mark.parametrize("rows, classes, targets", [
-    (2100, 3, np.int64), (2100, 3, "one-hot"), (17, 77, "one-hot"), (40, 33, np.int32)])
+    (2100, 3, np.int64), (17, 77, "one-hot"), (40, 33, np.int32)])
 def test_top_k_counts_spread_a_warp_a_row_over_the_gpu(fast, monkeypatch, rng, rows, classes,
                                                         targets):
     """The top-k counts run a warp a row (lanes on consecutive classes), 8 rows a block, in

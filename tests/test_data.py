@@ -46,9 +46,9 @@ def make(device="cpu"):
     return model
 
 
-def trained(x, y=None, device="cpu", **fit):
+def trained(x, y=None, device="cpu", epochs=EPOCHS, **fit):
     model = make(device)
-    model.fit(x, y, epochs=EPOCHS, batch_size=BATCH, seed=SEED, verbose=0, **fit)
+    model.fit(x, y, epochs=epochs, batch_size=BATCH, seed=SEED, verbose=0, **fit)
     return model
 
 
@@ -270,16 +270,17 @@ def test_big_endian_images_train_on_a_device_as_native_ones_do(data, library, tm
     big = x.astype(">f4")  # (as a file written on another machine holds them)
     np.save(tmp_path / "x.npy", big)
     mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
-    expected = trained(native, y, device=device)
+    # (one epoch: each source converts every batch of it; a second ran the same code again)
+    expected = trained(native, y, device=device, epochs=1)
     # (each was "The array_api_strict namespace does not support the dtype '>f4'", or
     # torch's "byte order different from the native byte order")
-    assert_same_weights(trained(big, y, device=device), expected)
-    assert_same_weights(trained(mapped, y, device=device), expected)
-    assert_same_weights(trained(shuffled_batches(big, y), steps_per_epoch=6, shuffle=False,
-                                device=device), expected)
+    assert_same_weights(trained(big, y, device=device, epochs=1), expected)
+    assert_same_weights(trained(mapped, y, device=device, epochs=1), expected)
+    assert_same_weights(trained(shuffled_batches(big, y, 1), steps_per_epoch=6, shuffle=False,
+                                device=device, epochs=1), expected)
     np.testing.assert_array_equal(expected.predict(big), expected.predict(native))
     monkeypatch.setattr(xpcnn.data.sources, "DEVICE_BUDGET_BYTES", 0)  # one upload per batch
-    assert_same_weights(trained(big, y, device=device), expected)
+    assert_same_weights(trained(big, y, device=device, epochs=1), expected)
 
 
 def test_a_dataset_of_host_and_device_samples_mixed_is_refused(data):
@@ -502,7 +503,7 @@ def test_streamed_device_labels_are_checked_like_host_labels(data):
                       verbose=0)
     with pytest.raises(InputError, match=r"y has 43 labels but x has 44"):
         model.evaluate(iter([(put(x), put(y[:-1]))]), steps=1)
-    batches = list(shuffled_batches(x, y))
+    batches = list(shuffled_batches(x, y, 1))  # (one epoch: a second ran the same code again)
     on_device = make(device)
     on_device.fit(iter([(put(a), put(b)) for a, b in batches]), steps_per_epoch=len(batches),
                   verbose=0)
@@ -510,8 +511,8 @@ def test_streamed_device_labels_are_checked_like_host_labels(data):
     on_host.fit(iter(batches), steps_per_epoch=len(batches), verbose=0)
     assert_same_weights(on_device, on_host)
     # a map-style dataset of device samples is batched on the device
-    assert_same_weights(trained(MapDataset(put(x), put(y)), device=device),
-                        trained(MapDataset(x, y), device=device))
+    assert_same_weights(trained(MapDataset(put(x), put(y)), device=device, epochs=1),
+                        trained(MapDataset(x, y), device=device, epochs=1))
 
 
 def test_a_dataset_whose_samples_cannot_be_stacked_is_refused(data):
@@ -814,12 +815,13 @@ def test_validation_split_and_validation_data_on_the_device(data):
     x, y = data
     device = (xps, xps.Device("device1"))
     put = lambda a: xps.asarray(a, device=xps.Device("device1"))  # noqa: E731
-    on_device = trained(put(x), put(y), device=device, validation_split=0.25)
-    on_host = trained(x, y, device=device, validation_split=0.25)
+    # (one epoch each: a second ran the same code again)
+    on_device = trained(put(x), put(y), device=device, validation_split=0.25, epochs=1)
+    on_host = trained(x, y, device=device, validation_split=0.25, epochs=1)
     assert_same_weights(on_device, on_host)
     assert on_device.history.history == {**on_host.history.history,
                                          "seconds": on_device.history.history["seconds"]}
-    streamed = trained(x[:33], y[:33], device=device,
+    streamed = trained(x[:33], y[:33], device=device, epochs=1,
                        validation_data=MapDataset(x[33:], y[33:]))
     assert streamed.history.history["val_loss"] == on_host.history.history["val_loss"]
 

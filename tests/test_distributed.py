@@ -304,6 +304,8 @@ def test_a_rank_that_hangs_ends_the_job_after_the_collective_timeout(tmp_path):
     proc, seconds = mpirun(2, tmp_path / "run", "--batch", "2", "--samples", "60",
                            "--fail-rank", "1", "--fail-step", "3", "--fail-how", "hang",
                            collective_timeout=4)
+    # (4 s, not less: the ranks' first exchanges wait for both to start, which a loaded CI
+    # machine can spread by seconds)
     assert proc.returncode != 0 and 4 < seconds < 60
     assert "rank 0 of 2 failed" in proc.stderr
     assert "rank 0 of 2 waited 4 s for the other ranks in the gradient allreduce" in proc.stderr
@@ -604,13 +606,13 @@ def test_xpcnn_train_under_mpiexec_speaks_and_writes_once(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
     cli = "import sys; from xpcnn.cli import main; sys.exit(main())"
     proc = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", cli, "train", "--dataset",
-                           "shapes", "--limit", "256", "--epochs", "2", "--batch-size", "32",
+                           "shapes", "--limit", "128", "--epochs", "2", "--batch-size", "32",
                            "--json", "--save", str(tmp_path / "m.npz"), "--log",
                            str(tmp_path / "log.csv"), "--early-stopping", "3"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1 and '"train_samples": 256' in lines[0]  # rank 0's JSON alone
+    assert len(lines) == 1 and '"train_samples": 128' in lines[0]  # rank 0's JSON alone
     assert "a global batch of 64" in proc.stderr
     xpcnn.load_model(tmp_path / "m.npz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "m.npz"]
@@ -702,8 +704,8 @@ from xpcnn.layers import Dense, Flatten
 rank, out = distributed.world().rank, sys.argv[1]
 if rank == 0:  # (a slow file system: the others must wait for the file, not race it)
     def slow(write):
-        def slowly(*args, **kwargs):
-            time.sleep(1.0)
+        def slowly(*args, **kwargs):  # (0.3 s: well past rank 1's next read, had it not
+            time.sleep(0.3)  # waited; 4 writes of 1 s each cost the test 4 s)
             return write(*args, **kwargs)
         return slowly
     model_file.write_npz_atomic = slow(model_file.write_npz_atomic)
@@ -1296,32 +1298,45 @@ def batches(n):
         yield np.full((2, 4, 4, 1), float(i), np.float32), np.array([0, 1])
 
 
-model = xpcnn.Sequential([Flatten(), Dense(3)], seed=0)
-model.compile(loss="cross_entropy", optimizer="sgd")
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    if sys.argv[1] == "validation":  # (rank 0's validation generator runs out first)
-        history = model.fit(batches(100), steps_per_epoch=2, epochs=4, verbose=0,
-                            validation_data=batches(4 + 2 * rank), validation_steps=2)
-    else:  # (both training generators run out as epoch 2 ends)
-        history = model.fit(batches(4), steps_per_epoch=2, epochs=4, verbose=0)
-said = [f"rank {rank} epochs {history.epoch} val {len(history.history.get('val_loss', []))}"]
-said += [f"rank {rank} warned: {w.message}" for w in caught]
-os.write(1, ("\\n".join(said) + "\\n").encode())
+for case in sys.argv[1:]:  # (the cases one after the other, each line led by its case)
+    model = xpcnn.Sequential([Flatten(), Dense(3)], seed=0)
+    model.compile(loss="cross_entropy", optimizer="sgd")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if case == "validation":  # (rank 0's validation generator runs out first)
+            history = model.fit(batches(100), steps_per_epoch=2, epochs=4, verbose=0,
+                                validation_data=batches(4 + 2 * rank), validation_steps=2)
+        else:  # (both training generators run out as epoch 2 ends)
+            history = model.fit(batches(4), steps_per_epoch=2, epochs=4, verbose=0)
+    said = [f"rank {rank} epochs {history.epoch} val "
+            f"{len(history.history.get('val_loss', []))}"]
+    said += [f"rank {rank} warned: {w.message}" for w in caught]
+    os.write(1, "".join(f"{case}| {line}\\n" for line in said).encode())
 '''
 
 
+RUN_OUT_CASES = ["validation", "training"]
+
+
+@pytest.fixture(scope="module")
+def run_out_job(tmp_path_factory) -> dict[str, list[str]]:
+    """Each case's lines of one _RUN_OUT_ALIKE job of both cases (a job took ~1 s to start),
+    which ended well and in time: 2 cases in 25 s, each one's limit before."""
+    proc, seconds = two_ranks(tmp_path_factory.mktemp("run_out"), _RUN_OUT_ALIKE,
+                              *RUN_OUT_CASES)
+    assert proc.returncode == 0 and seconds < 25, proc.stderr
+    return _by_case(proc.stdout.splitlines(), RUN_OUT_CASES)
+
+
 @needs_mpi
-@pytest.mark.parametrize("case", ["validation", "training"])
-def test_data_that_runs_out_ends_fit_alike_on_every_rank(tmp_path, case):
+@pytest.mark.parametrize("case", RUN_OUT_CASES)
+def test_data_that_runs_out_ends_fit_alike_on_every_rank(run_out_job, case):
     """A validation generator that runs out on one rank alone: every rank stops after that
     epoch, with its val_* logs (the sums of the ranks that gave batches), and the same warning
     naming the rank (was: that rank alone stopped, saying "no val_* logs" while it had them,
     and the other waited in the next epoch's allreduce for the whole timeout). A training
     generator that runs out as an epoch ends, on every rank: fit ends cleanly on all."""
-    proc, seconds = two_ranks(tmp_path, _RUN_OUT_ALIKE, case)
-    assert proc.returncode == 0 and seconds < 25, proc.stderr
-    lines = sorted(proc.stdout.splitlines())
+    lines = sorted(run_out_job[case])
     if case == "validation":
         warning = ("xpcnn: the validation data ran out after 0 of its 2 batches "
                    "(validation_steps) on rank(s) [0] in epoch 3: training stops after this "
@@ -1668,7 +1683,6 @@ from xpcnn.callbacks import Callback, LambdaCallback, TerminateOnNaN
 from xpcnn.layers import Dense, Flatten
 
 rank = distributed.world().rank
-case = sys.argv[1]
 rng = np.random.default_rng(0)
 x, y = rng.random((48, 4, 4, 1)).astype(np.float32), rng.integers(0, 3, 48)
 
@@ -1722,7 +1736,7 @@ def attempt(what, call):
     return model
 
 
-if case == "non-finite":  # (a sample that overflows Dense in float32: step 3, rank 1's slice)
+def non_finite():  # (a sample that overflows Dense in float32: step 3, rank 1's slice)
     bad = x.copy()
     bad[2 * 8 + 5] = 3e38
     for name, cbs in [("at the epoch's end", [TerminateOnNaN()]),
@@ -1730,28 +1744,45 @@ if case == "non-finite":  # (a sample that overflows Dense in float32: step 3, r
                       ("without TerminateOnNaN", [])]:
         attempt(name, lambda m: m.fit(bad, y, batch_size=4, epochs=2, shuffle=False, verbose=0,
                                       callbacks=cbs))
-    attempt("then evaluate", lambda m: m.evaluate(x, y, batch_size=4))
-    os.write(1, ("\\n".join(said) + "\\n").encode())
-else:  # (the cases given one after the other, each line led by its case)
-    fits = {"dataset": lambda m: m.fit(Samples(), batch_size=4, epochs=2, verbose=0),
-            "iterable": lambda m: m.fit(batches(), steps_per_epoch=6, epochs=2, verbose=0),
-            "on_train_batch_end": lambda m: m.fit(x, y, batch_size=4, verbose=0,
-                                                  callbacks=[refuse("on_train_batch_end")]),
-            "on_epoch_end": lambda m: m.fit(x, y, batch_size=4, epochs=3, verbose=0,
-                                            callbacks=[refuse("on_epoch_end")])}
-    for case in sys.argv[1:]:
-        said.clear()
+
+
+# (the cases given one after the other, each line led by its case)
+fits = {"dataset": lambda m: m.fit(Samples(), batch_size=4, epochs=2, verbose=0),
+        "iterable": lambda m: m.fit(batches(), steps_per_epoch=6, epochs=2, verbose=0),
+        "on_train_batch_end": lambda m: m.fit(x, y, batch_size=4, verbose=0,
+                                              callbacks=[refuse("on_train_batch_end")]),
+        "on_epoch_end": lambda m: m.fit(x, y, batch_size=4, epochs=3, verbose=0,
+                                        callbacks=[refuse("on_epoch_end")])}
+for case in sys.argv[1:]:
+    said.clear()
+    if case == "non-finite":
+        non_finite()
+    else:
         attempt("fit", fits[case])
-        attempt("then evaluate", lambda m: m.evaluate(x, y, batch_size=4))
-        os.write(1, "".join(f"{case}| {line}\\n" for line in said).encode())
+    attempt("then evaluate", lambda m: m.evaluate(x, y, batch_size=4))
+    os.write(1, "".join(f"{case}| {line}\\n" for line in said).encode())
 '''
 
 
 FAILING_CASES = ["dataset", "iterable", "on_train_batch_end", "on_epoch_end"]
+# (and "non-finite", last, as its TerminateOnNaN prints lines that no case leads: in one job
+# that the two tests below share, a job taking ~1 s to start)
+ONE_RANK_FAILS_JOB = [*FAILING_CASES, "non-finite"]
+
+
+@pytest.fixture(scope="module")
+def one_rank_fails_job(tmp_path_factory) -> subprocess.CompletedProcess:
+    """The _ONE_RANK_FAILS job of every case of ONE_RANK_FAILS_JOB, which ended well and in
+    time: 5 cases in 30 s, where each took about 1 s and a case that waited for a collective's
+    timeout takes 30 (and says so in its lines)."""
+    proc, seconds = two_ranks(tmp_path_factory.mktemp("one_rank_fails"), _ONE_RANK_FAILS,
+                              *ONE_RANK_FAILS_JOB, collective_timeout=30)
+    assert proc.returncode == 0 and seconds < 30, proc.stdout + proc.stderr
+    return proc
 
 
 @needs_mpi
-def test_data_or_a_callback_failing_on_one_rank_ends_every_rank_at_once(tmp_path):
+def test_data_or_a_callback_failing_on_one_rank_ends_every_rank_at_once(one_rank_fails_job):
     """A map-style dataset or an iterable of batches that raises on rank 1 alone, mid-epoch,
     and a callback that raises there alone (after a batch, after an epoch): rank 0 waited in
     the next exchange for the whole timeout, then blamed a stuck rank; now it stops at once
@@ -1760,9 +1791,9 @@ def test_data_or_a_callback_failing_on_one_rank_ends_every_rank_at_once(tmp_path
     communicators of its own), so the evaluate that every rank calls next runs."""
     # (the cases one after the other in one job, each checked on its own lines: a job a case
     # took ~1 s to start; a case that waited for the timeout fails the job's time limit)
-    proc, seconds = two_ranks(tmp_path, _ONE_RANK_FAILS, *FAILING_CASES, collective_timeout=30)
-    assert proc.returncode == 0 and seconds < 30, proc.stdout + proc.stderr
-    _check_each_case(_by_case(proc.stdout.splitlines(), FAILING_CASES), _check_failing_on_one_rank)
+    said = _by_case((line for line in one_rank_fails_job.stdout.splitlines()
+                     if line.partition("| ")[0] in FAILING_CASES), FAILING_CASES)
+    _check_each_case(said, _check_failing_on_one_rank)
 
 
 def _check_failing_on_one_rank(case: str, lines: list[str]) -> None:
@@ -1782,7 +1813,8 @@ def _check_failing_on_one_rank(case: str, lines: list[str]) -> None:
 
 
 @needs_mpi
-def test_a_non_finite_step_names_the_rank_whose_slice_made_it_on_every_rank(tmp_path):
+def test_a_non_finite_step_names_the_rank_whose_slice_made_it_on_every_rank(
+        one_rank_fails_job):
     """A sample of rank 1's slice overflows the Dense layer at step 3. With TerminateOnNaN,
     rank 0 printed its own view, 'another rank's made it', naming neither the rank nor the
     layer; now every rank's error names rank 1 and the layer, as one process names the layer
@@ -1791,12 +1823,12 @@ def test_a_non_finite_step_names_the_rank_whose_slice_made_it_on_every_rank(tmp_
     the timeout; now the error is held for the step's agreement to stop, and every rank stops
     at that step. Without TerminateOnNaN, each rank raises the same NonFiniteError. The ranks
     stop alike, so they go on together (evaluate)."""
-    proc, seconds = two_ranks(tmp_path, _ONE_RANK_FAILS, "non-finite", collective_timeout=30)
-    assert proc.returncode == 0 and seconds < 30, proc.stdout + proc.stderr
+    proc = one_rank_fails_job
     view = ("training stopped at step 3: the loss is nan; the first non-finite values appear in "
             "the output of layer 'dense' (on rank 1 of 2, in its slice of the global batch)")
     assert proc.stdout.count(f"TerminateOnNaN: {view}\n") == 2, proc.stdout  # (rank 0 prints)
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    lines = sorted(line.removeprefix("non-finite| ") for line in proc.stdout.splitlines()
+                   if line.startswith("non-finite| "))
     assert lines == [
         f"rank {r} {line}" for r in (0, 1) for line in sorted([
             "at the epoch's end: returned after 2 steps",
@@ -1854,7 +1886,6 @@ from xpcnn.callbacks import Callback, LambdaCallback, TerminateOnNaN
 from xpcnn.layers import Dense, Flatten
 
 rank = distributed.world().rank
-case = sys.argv[1]
 rng = np.random.default_rng(0)
 x, y = rng.random((48, 4, 4, 1)).astype(np.float32), rng.integers(0, 3, 48)
 said = []
@@ -1902,9 +1933,8 @@ def refusing(error):  # (a callback raising on rank 1 alone, after its 2nd batch
     return [LambdaCallback(on_train_batch_end=refuse)]
 
 
-if case.startswith("retry"):  # (rank 1 fails; then every rank calls fit again, twice)
-    for case in sys.argv[1:]:  # (the cases one after the other, each line led by its case)
-        said.clear()
+def run(case):
+    if case.startswith("retry"):  # (rank 1 fails; then every rank calls fit again, twice)
         _, failing, delay = case.split()
         if failing == "dataset":
             fit("fit #0", model(), (Samples(),), epochs=2)
@@ -1914,42 +1944,46 @@ if case.startswith("retry"):  # (rank 1 fails; then every rank calls fit again, 
             time.sleep(float(delay))
         for attempt in (1, 2):  # (other epochs each: calls paired wrongly are refused)
             fit(f"fit #{attempt}", model(), epochs=attempt)
-        os.write(1, "".join(f"{case}| {line}\\n" for line in said).encode())
+    elif case == "earlier call's notice":  # (fit #0 fails on every rank; rank 1 slow in fit #1)
+        def everyone_refuses(i, logs):
+            if i == 1:
+                raise ValueError(f"rank {rank}'s callback refused")
+
+        def slow_on_rank_1(i, logs):
+            if rank == 1 and i == 2:
+                time.sleep(0.5)
+
+        fit("fit #0", model(), callbacks=[LambdaCallback(on_train_batch_end=everyone_refuses)])
+        time.sleep(0.3)  # (rank 1's notice of fit #0 has come before fit #1)
+        fit("fit #1", model(), callbacks=[LambdaCallback(on_train_batch_end=slow_on_rank_1)])
+    elif case == "unprintable":
+        fit("fit", model(), callbacks=refusing(Unprintable()))
+    elif case == "save on every rank":  # (step 3 is non-finite, found by a read on rank 0 alone)
+        bad = x.copy()
+        bad[2 * 8 + 5] = 3e38
+
+        class ReadsOnRank0(Callback):
+            async_safe = True
+
+            def on_train_batch_end(self, batch, logs=None):
+                if rank == 0:
+                    logs["loss"]
+
+        class SavesEveryStep(Callback):  # (async-safe: it reads no logs)
+            async_safe = True
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.model.save_weights(os.path.join(os.path.dirname(__file__),
+                                                     "w.weights.npz"))
+
+        fit("fit", model(), (bad, y), epochs=2,
+            callbacks=[ReadsOnRank0(), SavesEveryStep(), TerminateOnNaN()])
+
+
+for case in sys.argv[1:]:  # (the cases one after the other, each line led by its case)
     said.clear()
-elif case == "earlier call's notice":  # (fit #0 fails on every rank; rank 1 slow in fit #1)
-    def everyone_refuses(i, logs):
-        if i == 1:
-            raise ValueError(f"rank {rank}'s callback refused")
-
-    def slow_on_rank_1(i, logs):
-        if rank == 1 and i == 2:
-            time.sleep(0.5)
-
-    fit("fit #0", model(), callbacks=[LambdaCallback(on_train_batch_end=everyone_refuses)])
-    time.sleep(0.3)  # (rank 1's notice of fit #0 has come before fit #1)
-    fit("fit #1", model(), callbacks=[LambdaCallback(on_train_batch_end=slow_on_rank_1)])
-elif case == "unprintable":
-    fit("fit", model(), callbacks=refusing(Unprintable()))
-elif case == "save on every rank":  # (step 3 is non-finite, found by a read on rank 0 alone)
-    bad = x.copy()
-    bad[2 * 8 + 5] = 3e38
-
-    class ReadsOnRank0(Callback):
-        async_safe = True
-
-        def on_train_batch_end(self, batch, logs=None):
-            if rank == 0:
-                logs["loss"]
-
-    class SavesEveryStep(Callback):  # (async-safe: it reads no logs)
-        async_safe = True
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.model.save_weights(os.path.join(sys.argv[2], "w.weights.npz"))
-
-    fit("fit", model(), (bad, y), epochs=2,
-        callbacks=[ReadsOnRank0(), SavesEveryStep(), TerminateOnNaN()])
-os.write(1, ("\\n".join(said) + "\\n").encode())
+    run(case)
+    os.write(1, "".join(f"{case}| {line}\\n" for line in said).encode())
 '''
 
 
@@ -1963,10 +1997,33 @@ def _weights_alike(lines: list[str], name: str, steps: int) -> None:
 
 
 RETRY_CASES = ["retry callback 0", "retry callback 0.5", "retry dataset 0.5"]
+# (every case of _RETRIES, in one job that the tests below share: a job took ~1 s to start;
+# "save on every rank" last, as its TerminateOnNaN prints lines that no case leads)
+RETRIES_JOB = [*RETRY_CASES, "earlier call's notice", "unprintable", "save on every rank"]
+
+
+@pytest.fixture(scope="module")
+def retries_job(tmp_path_factory) -> tuple[subprocess.CompletedProcess, float, Path]:
+    """The _RETRIES job of every case of RETRIES_JOB: its process, its seconds and its folder
+    (the script's, where "save on every rank" saves)."""
+    folder = tmp_path_factory.mktemp("retries")
+    proc, seconds = two_ranks(folder, _RETRIES, *RETRIES_JOB, collective_timeout=15)
+    return proc, seconds, folder
+
+
+def _retries_case(retries_job, *cases: str) -> dict[str, list[str]]:
+    """The lines of ``cases`` in the shared job, which ended well and in time: 6 cases in
+    25 s, where each took 1 to 2 s and a case that waited for a collective's timeout takes 15
+    (and says so in its lines)."""
+    proc, seconds, _ = retries_job
+    assert proc.returncode == 0 and seconds < 25, proc.stdout + proc.stderr
+    said = _by_case((line for line in proc.stdout.splitlines()
+                     if line.partition("| ")[0] in RETRIES_JOB), RETRIES_JOB)
+    return {case: said[case] for case in cases}
 
 
 @needs_mpi
-def test_every_rank_calls_fit_again_after_one_rank_failed(tmp_path):
+def test_every_rank_calls_fit_again_after_one_rank_failed(retries_job):
     """Rank 1 fails in fit (a callback, or its data), then every rank calls fit again, twice
     (rank 1 at once, or half a second later). Were: rank 1's next call met rank 0's wait in
     the failed fit (rank 1 refused as in "different calls", rank 0's later calls paired with
@@ -1976,10 +2033,7 @@ def test_every_rank_calls_fit_again_after_one_rank_failed(tmp_path):
     alike on both ranks."""
     # (the cases one after the other in one job, each checked on its own lines: a job a case
     # took ~1 s to start; a case that waited for the timeout fails the job's time limit)
-    proc, seconds = two_ranks(tmp_path, _RETRIES, *RETRY_CASES, collective_timeout=15)
-    assert proc.returncode == 0 and seconds < 20, proc.stdout + proc.stderr
-    lines = filter(None, proc.stdout.splitlines())  # (the script's last write: empty)
-    _check_each_case(_by_case(lines, RETRY_CASES), _check_retried)
+    _check_each_case(_retries_case(retries_job, *RETRY_CASES), _check_retried)
 
 
 def _check_retried(case: str, lines: list[str]) -> None:
@@ -1994,16 +2048,13 @@ def _check_retried(case: str, lines: list[str]) -> None:
 
 
 @needs_mpi
-def test_a_notice_of_an_earlier_call_does_not_end_a_later_one(tmp_path):
+def test_a_notice_of_an_earlier_call_does_not_end_a_later_one(retries_job):
     """fit #0 fails on every rank alike (each rank's own callback), so each rank's notice of
     it is sent but waited for by no one; fit #1 then runs with rank 1 half a second slower at
     a step, rank 0 waiting there with rank 1's notice of fit #0 in hand. A notice names its
     call: that one is not taken for fit #1's (a rank that took any notice raised "rank 1 of 2
     failed in fit" for a call that had ended; review RF's r6)."""
-    proc, seconds = two_ranks(tmp_path, _RETRIES, "earlier call's notice",
-                              collective_timeout=15)
-    assert proc.returncode == 0 and seconds < 15, proc.stdout + proc.stderr
-    lines = sorted(proc.stdout.splitlines())
+    lines = sorted(_retries_case(retries_job, "earlier call's notice")["earlier call's notice"])
     assert lines[:1] + lines[2:3] == [
         "rank 0 fit #0: ValueError: rank 0's callback refused", "rank 1 fit #0: ValueError"], lines
     _weights_alike(lines, "fit #1", 6)
@@ -2011,7 +2062,8 @@ def test_a_notice_of_an_earlier_call_does_not_end_a_later_one(tmp_path):
 
 @needs_mpi
 @pytest.mark.parametrize("case", ["unprintable", "save on every rank"])
-def test_the_failing_rank_keeps_its_error_and_every_rank_runs_every_callback(tmp_path, case):
+def test_the_failing_rank_keeps_its_error_and_every_rank_runs_every_callback(retries_job,
+                                                                              case):
     """An error whose message cannot be made (its __str__ raises) stays the failing rank's
     error, and the others are told its type (was: rank 1 raised the notice's RuntimeError,
     and rank 0 waited for the whole timeout). A non-finite step found by a read of the logs on
@@ -2019,9 +2071,8 @@ def test_the_failing_rank_keeps_its_error_and_every_rank_runs_every_callback(tmp
     (was: the held error skipped rank 0's later callbacks, so rank 1 waited for rank 0's write
     and rank 0 for rank 1 in the agreement, until the timeout), and TerminateOnNaN stops both
     at that step."""
-    proc, seconds = two_ranks(tmp_path, _RETRIES, case, str(tmp_path), collective_timeout=15)
-    assert proc.returncode == 0 and seconds < 15, proc.stdout + proc.stderr
-    lines = sorted(proc.stdout.splitlines())
+    lines = sorted(_retries_case(retries_job, case)[case])
+    proc, _, folder = retries_job
     if case == "unprintable":
         assert lines == [
             "rank 0 fit: DistributedError: rank 1 of 2 failed in fit: Unprintable (its message "
@@ -2031,9 +2082,9 @@ def test_the_failing_rank_keeps_its_error_and_every_rank_runs_every_callback(tmp
         # (the ranks' prints may share a line: rank 0's TerminateOnNaN message ends with no
         # newline of its own where rank 1's report comes in the middle of it)
         assert "TerminateOnNaN: training stopped at step 3" in proc.stdout, lines
-        _weights_alike(re.findall(r"rank \d fit: \d+ steps, weights \d+", proc.stdout),
-                       "fit", 2)
-        assert (tmp_path / "w.weights.npz").exists()
+        _weights_alike(re.findall(r"save on every rank\| (rank \d fit: \d+ steps, weights \d+)",
+                                  proc.stdout), "fit", 2)
+        assert (folder / "w.weights.npz").exists()
 
 
 class _Notices:

@@ -1,7 +1,9 @@
 """The benchmark helpers under scripts/ run (their figures are not checked: timings belong to the
 benchmarks, not the tests)."""
 
+import contextlib
 import gzip
+import importlib
 import importlib.util
 import json
 import os
@@ -27,6 +29,39 @@ def _run(*args: str, script: str = "compare_revisions.py",
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+@contextlib.contextmanager
+def _script_state(torch: bool = False):
+    """A script's main run in this process (where the test is not about the process: no
+    interpreter to start, nor PyTorch to import): sys.path, sys.argv and os.environ put back
+    afterwards; with ``torch`` (a script that runs PyTorch), PyTorch on one thread inside, as
+    under pytest-xdist (conftest.py's OMP_NUM_THREADS=1: on a shared machine its threads
+    spin-wait for cores), unless the script sets its count, and its count put back after."""
+    path, argv, environ = list(sys.path), list(sys.argv), dict(os.environ)
+    module = None
+    if torch and importlib.util.find_spec("torch") is not None:
+        import torch as module
+    threads = module.get_num_threads() if module is not None else None
+    try:
+        if module is not None:
+            module.set_num_threads(1)
+        yield
+    finally:
+        sys.path[:], sys.argv[:] = path, argv
+        os.environ.clear()
+        os.environ.update(environ)
+        if module is not None and module.get_num_threads() != threads:
+            module.set_num_threads(threads)
+
+
+def _main(script: str, *argv: str, torch: bool = False) -> int:
+    """``python scripts/<script> *argv`` in this process: the script's main(argv), the script
+    imported as running it does (its folder first on sys.path)."""
+    with _script_state(torch):
+        sys.path.insert(0, str(ROOT / "scripts"))
+        sys.argv = [str(ROOT / "scripts" / script), *argv]
+        return importlib.import_module(script.removesuffix(".py")).main(list(argv))
 
 
 def test_compare_revisions_times_two_checkouts():
@@ -67,18 +102,26 @@ def test_the_keras_callbacks_check_says_it_skipped_without_keras():
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_the_gpu_benchmark_dry_runs_on_the_cpu(layout, tmp_path):
+def test_the_gpu_benchmark_dry_runs_on_the_cpu(layout, tmp_path, capsys):
     """scripts/bench_gpu.py as the device check runs it, on the CPU, with PyTorch in the layout
     asked for (its twin is fed NCHW by default, as in scripts/bench.py). The kernel census in
-    NCHW alone: on the CPU it records no device work in either layout."""
+    NCHW alone: on the CPU it records no device work in either layout. (Its main in this
+    process: PyTorch imported once.)"""
     pytest.importorskip("torch")
     out_json = tmp_path / "gpu.json"
     args = ["--device", "cpu", "--models", "mnist", "--batch-sizes", "4", "--steps", "1",
             "--warmup", "0", "--precisions", "float32", "--no-standard", "--fit-batches", "2",
             "--json", str(out_json)]
-    out = _run(*args, *(["--torch-channels-last"] if layout == "channels_last" else
-                        ["--kernels", "mnist:4:float32"]), script="bench_gpu.py")
-    assert out.returncode == 0, out.stderr
+    # (the kernel census, NCHW's, compiles a model with cuda_graphs=True: it warns where none
+    # can be captured)
+    census_warns = pytest.warns(RuntimeWarning, match="training steps run without CUDA graphs: "
+                                "CUDA graphs need the CuPy backend, not numpy")
+    with census_warns if layout == "nchw" else contextlib.nullcontext():
+        assert _main("bench_gpu.py", *args, *(["--torch-channels-last"]
+                                              if layout == "channels_last"
+                                              else ["--kernels", "mnist:4:float32"]),
+                     torch=True) == 0
+    out = capsys.readouterr()
     report = json.loads(out_json.read_text())
     assert report["software"]["torch_memory_format"] == layout
     (row,) = report["rows"]
@@ -89,7 +132,7 @@ def test_the_gpu_benchmark_dry_runs_on_the_cpu(layout, tmp_path):
     assert row["xpcnn"]["peak_tflops"] is None  # no datasheet peak for a CPU
     targets = report["software"]["issue_18_targets"]  # (batch 4, no GPU memory: one check)
     assert [targets[k]["measured"] for k in targets if k != "lines"] == [1, 0, 0]
-    assert "issue 18's targets:\n  fit >= 1.0x PyTorch eager: " in out.stdout
+    assert "issue 18's targets:\n  fit >= 1.0x PyTorch eager: " in out.out
     if layout == "nchw":
         (census,) = report["kernels"]  # (a dry run: the CPU profile holds no device events)
         assert census["spec"] == "mnist:4:float32" and census["torch eager"]["kernels"] == 0
@@ -139,14 +182,17 @@ def test_the_gpu_benchmarks_kernel_census_counts_per_step():
                           {"kernel": "xpcnn_bias_relu", "per_step": 1.0, "us": 4.0}]
 
 
-def test_the_per_layer_tables_dry_run(tmp_path):
+def test_the_per_layer_tables_dry_run(tmp_path, monkeypatch, capsys):
     """scripts/bench.py --layers (each layer as written, its own ReLU included, as its PyTorch
-    twin) and bench_gpu.py --profile (the layers a training step runs, on the CPU here)."""
+    twin) and bench_gpu.py --profile (the layers a training step runs, on the CPU here). (Each
+    script's main in this process, as running it calls it: PyTorch imported once.)"""
     out_json = tmp_path / "layers.json"
-    # (both models in one run: one interpreter and PyTorch import fewer)
-    out = _run("--layers", "--models", "notebook,configs", "--batch-size", "2", "--steps", "1",
-               "--warmup", "0", "--json", str(out_json), script="bench.py")
-    assert out.returncode == 0, out.stderr
+    # (both models in one run)
+    bench = _bench_module(monkeypatch, "--layers", "--models", "notebook,configs",
+                          "--batch-size", "2", "--steps", "1", "--warmup", "0", "--threads", "1",
+                          "--json", str(out_json))
+    with _script_state(torch=True):
+        bench.main()
     rows = json.loads(out_json.read_text())["layers"]
     notebook = [r for r in rows if r["model"] == "notebook"]
     assert [r["layer"] for r in notebook][:3] == ["conv2d", "relu", "conv2d_1"]
@@ -156,40 +202,44 @@ def test_the_per_layer_tables_dry_run(tmp_path):
     assert all(r["input_grad"] and r["model"] == "configs" for r in rows)
     assert ("torch" in rows[0]) == (importlib.util.find_spec("torch") is not None)
     for precision in ("mixed_float16", "mixed_bfloat16"):  # (PyTorch under CPU autocast)
-        out = _run("--layers", "--models", "mnist", "--batch-size", "2", "--steps", "1",
-                   "--warmup", "0", "--precision", precision, "--json", str(out_json),
-                   script="bench.py")
-        assert out.returncode == 0, out.stderr
+        monkeypatch.setattr(bench, "ARGS", bench.parse_args([
+            "--layers", "--models", "mnist", "--batch-size", "2", "--steps", "1", "--warmup",
+            "0", "--threads", "1", "--precision", precision, "--json", str(out_json)]))
+        capsys.readouterr()
+        with _script_state(torch=True):
+            bench.main()
         got = json.loads(out_json.read_text())
         assert got["precision"] == precision and len(got["layers"]) >= 4
-        assert f"Precision: {precision}" in out.stdout
-    out = _run("--device", "cpu", "--models", "notebook", "--batch-sizes", "4", "--steps", "1",
-               "--warmup", "0", "--precisions", "float32", "--no-standard", "--profile",
-               "notebook:4:float32", script="bench_gpu.py")
-    assert out.returncode == 0, out.stderr
-    profile = out.stdout[out.stdout.index("per layer, notebook"):]
+        assert f"Precision: {precision}" in capsys.readouterr().out
+    assert _main("bench_gpu.py", "--device", "cpu", "--models", "notebook", "--batch-sizes",
+                 "4", "--steps", "1", "--warmup", "0", "--precisions", "float32",
+                 "--no-standard", "--profile", "notebook:4:float32", torch=True) == 0
+    out = capsys.readouterr().out
+    profile = out[out.index("per layer, notebook"):]
     assert "conv2d_1" in profile and "relu_1" not in profile  # ReLU() fused, as in training
 
 
-def test_training_from_a_folder_of_png_files(tmp_path):
+def test_training_from_a_folder_of_png_files(tmp_path, capsys):
     """scripts/train_from_folder.py: a demo folder of PNG files, then a run that reads it a batch
-    at a time, with early stopping and a CSV log."""
+    at a time, with early stopping and a CSV log. (Its main in this process; its usage errors
+    as a process's, exit status included, are test_the_scripts_refuse_what_cannot_work_...'s.)"""
     pytest.importorskip("PIL")
     folder, log = tmp_path / "images", tmp_path / "log.csv"
-    out = _run(str(folder), "--make-demo", "--count", "60", script="train_from_folder.py")
-    assert out.returncode == 0, out.stderr
+    assert _main("train_from_folder.py", str(folder), "--make-demo", "--count", "60") == 0
     assert len(list(folder.rglob("*.png"))) == 60
-    out = _run(str(folder), "--epochs", "2", "--batch-size", "16", "--val-split", "0.2",
-               "--early-stopping", "1", "--log", str(log), "--json",
-               script="train_from_folder.py")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    capsys.readouterr()
+    assert _main("train_from_folder.py", str(folder), "--epochs", "2", "--batch-size", "16",
+                 "--val-split", "0.2", "--early-stopping", "1", "--log", str(log),
+                 "--json") == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["train_images"], result["held_out_images"]) == (48, 12)
     assert 0.0 <= result["accuracy"] <= 1.0 and len(result["history"]["val_loss"]) >= 1
     assert log.read_text().splitlines()[0].startswith("epoch,")
-    out = _run(str(tmp_path / "missing"), script="train_from_folder.py")
-    assert out.returncode == 2 and "argument FOLDER: the folder" in out.stderr
-    assert "missing' does not exist" in out.stderr
+    with pytest.raises(SystemExit) as exit_:
+        _main("train_from_folder.py", str(tmp_path / "missing"))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument FOLDER: the folder" in err
+    assert "missing' does not exist" in err
 
 
 def _folder_script():
@@ -585,22 +635,25 @@ def test_training_from_a_folder_without_pillow_is_refused_at_once(tmp_path):
                           'pip install "xpcnn[viz]"\n')
 
 
-def test_parity_refuses_a_missing_data_folder_in_one_line(tmp_path):
+def test_parity_refuses_a_missing_data_folder_in_one_line(tmp_path, capsys):
+    # (its main in this process: the usage error's exit, status 2, a traceback none)
     pytest.importorskip("torch")
-    out = _run("--data-dir", str(tmp_path / "missing"), script="parity_torch.py")
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr == (f"parity_torch.py: error: argument --data-dir: the folder "
-                          f"'{tmp_path / 'missing'}' does not exist\n")
+    with pytest.raises(SystemExit) as exit_:
+        _main("parity_torch.py", "--data-dir", str(tmp_path / "missing"), torch=True)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    assert err == (f"parity_torch.py: error: argument --data-dir: the folder "
+                   f"'{tmp_path / 'missing'}' does not exist\n")
 
 
-def test_parity_checks_no_more_steps_than_a_short_training_set_holds():
+def test_parity_checks_no_more_steps_than_a_short_training_set_holds(capsys):
     """--limit below --check-steps batches: the float64 check stops after one epoch's batches
-    (it ran on into empty batches, a traceback)."""
+    (it ran on into empty batches, a traceback). (Its main in this process; 10 images in
+    batches of 4: 3 batches, the last one short, as 100 in batches of 32 had it.)"""
     pytest.importorskip("torch")
-    out = _run("--dataset", "shapes", "--limit", "100", "--batch-size", "32", "--check-steps",
-               "20", "--epochs", "1", script="parity_torch.py")
-    assert out.returncode == 0, out.stderr
-    assert "first 4 steps in float64" in out.stdout
+    assert _main("parity_torch.py", "--dataset", "shapes", "--limit", "10", "--batch-size",
+                 "4", "--check-steps", "20", "--epochs", "1", "--threads", "1", torch=True) == 0
+    assert "first 3 steps in float64" in capsys.readouterr().out
 
 
 def test_counting_a_step_records_device_operations():
@@ -672,14 +725,14 @@ def test_the_gpu_only_code_names_what_xpcnn_has(name):
 
 
 @needs_compiler
-def test_the_host_step_profile_dry_runs():
+def test_the_host_step_profile_dry_runs(capsys):
     """scripts/bench_host_step.py: xpcnn's own time and calls in one eager step on the
     emulated CuPy path, its launches as tests/test_launch_counts.py pins them, and its top
-    functions xpcnn's own."""
-    out = _run("--models", "mnist", "--precisions", "float32", "--warmup", "1", "--repeat", "1",
-               "--top", "3", script="bench_host_step.py")
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+    functions xpcnn's own. (Its main in this process, at batch 8: a step's launches do not
+    depend on the batch, as tests/test_launch_counts.py's warm-up at 8 has it.)"""
+    assert _main("bench_host_step.py", "--models", "mnist", "--precisions", "float32",
+                 "--batch", "8", "--warmup", "1", "--repeat", "1", "--top", "3") == 0
+    lines = capsys.readouterr().out.splitlines()
     name, precision, us, calls, launches = next(r for r in lines if r.startswith("mnist")).split()
     assert (name, precision) == ("mnist", "float32") and float(us) > 0 and int(calls) > 0
     assert int(launches) == PINNED["mnist", "float32"]
@@ -687,11 +740,13 @@ def test_the_host_step_profile_dry_runs():
     assert len(top) == 3 and all(" xpcnn/" in r for r in top)
 
 
-def test_the_openblas_threading_table_runs():
-    """scripts/openblas_threads.py on a small product: both states, each with its four rows."""
-    out = _run("--shape", "16,64,8", "--repeat", "2", script="openblas_threads.py")
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+def test_the_openblas_threading_table_runs(capsys):
+    """scripts/openblas_threads.py on a small product: both states, each with its four rows.
+    (Its main in this process: each state is measured in a fresh process of its own all the
+    same; the thread server left idle 0 s, not 1.5, in the second.)"""
+    assert _main("openblas_threads.py", "--shape", "16,64,8", "--repeat", "2",
+                 "--idle", "0") == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("float32 (16, 64) @ (64, 8)")
     states = [i for i, line in enumerate(lines) if not line.startswith(" ")][1:]
     assert [lines[i].split(" (")[0] for i in states] == [
@@ -701,15 +756,14 @@ def test_the_openblas_threading_table_runs():
 
 
 @needs_compiler
-def test_the_column_sum_accuracy_script_runs():
-    out = _run("--rows", "300", script="column_sum_accuracy.py")
-    assert out.returncode == 0, out.stderr
-    assert [line.split()[:3] for line in out.stdout.splitlines()] == [
+def test_the_column_sum_accuracy_script_runs(capsys):
+    assert _main("column_sum_accuracy.py", "--rows", "300") == 0  # (in this process)
+    assert [line.split()[:3] for line in capsys.readouterr().out.splitlines()] == [
         ["300", "rows,", "float32"], ["300", "rows,", "float16"]]
 
 
 @needs_compiler
-def test_the_memory_comparison_with_pytorch_dry_runs(tmp_path):
+def test_the_memory_comparison_with_pytorch_dry_runs(tmp_path, capsys):
     """scripts/memory_vs_torch.py at a tiny batch: a row of peaks whose ratio is the two
     printed, each side's peak above what it holds between steps (PyTorch: parameters, last
     gradients and momentum; xpcnn: parameters and momentum), the per-layer breakdown, and
@@ -718,18 +772,18 @@ def test_the_memory_comparison_with_pytorch_dry_runs(tmp_path):
     gpu = tmp_path / "gpu.json"
     gpu.write_text(json.dumps({"rows": [{"model": "mnist", "batch": 4, "precision": "float32",
                                          "torch": {"peak_mib": 20.0}}]}))
-    out = _run("--models", "mnist", "--batch", "4", "--precisions", "float32", "--details",
-               "--gpu-json", str(gpu), script="memory_vs_torch.py")
-    assert out.returncode == 0, out.stderr
-    row = next(line for line in out.stdout.splitlines() if line.startswith("mnist "))
+    assert _main("memory_vs_torch.py", "--models", "mnist", "--batch", "4", "--precisions",
+                 "float32", "--details", "--gpu-json", str(gpu), torch=True) == 0
+    out = capsys.readouterr().out  # (its main in this process: PyTorch imported once)
+    row = next(line for line in out.splitlines() if line.startswith("mnist "))
     xpcnn, as_bench, torch, with_scratch, ratio, saved, on_gpu, gpu_ratio = row.split()[2:]
     params_mib = 1_199_882 * 4 / 2**20  # (mnist's parameters, float32)
     assert 2 * params_mib < float(xpcnn) <= float(as_bench)  # (3 bytes an input: 0.01 MiB)
     assert 3 * params_mib < float(torch) <= float(with_scratch)
     assert ratio == f"{float(as_bench) / float(torch):.2f}x" and float(saved) > 0
     assert on_gpu == "20.00" and gpu_ratio == f"{float(as_bench) / 20:.2f}x"
-    assert "xpcnn at the step's start: parameters 4.58, optimiser slots 4.58" in out.stdout
-    assert "torch at the step's start: parameters 4.58, gradients (last step's) 4.58" in out.stdout
+    assert "xpcnn at the step's start: parameters 4.58, optimiser slots 4.58" in out
+    assert "torch at the step's start: parameters 4.58, gradients (last step's) 4.58" in out
 
 
 def test_the_memory_comparisons_peak_follows_the_allocations():
@@ -782,21 +836,24 @@ def test_the_loss_kernel_comparison_runs_on_the_emulated_kernels():
     assert all(set(r["ms"]) == want and min(r["ms"].values()) > 0 for r in rows)
 
 
-def test_the_memory_comparison_names_the_models_it_has_no_twin_for():
-    out = _run("--models", "mnist,resnet20", script="memory_vs_torch.py")
-    assert out.returncode == 2 and "no twin for 'resnet20' here; expected some of" in out.stderr
+def test_the_memory_comparison_names_the_models_it_has_no_twin_for(capsys):
+    # (its main in this process: argparse's exit, status 2, before anything is measured)
+    with pytest.raises(SystemExit) as exit_:
+        _main("memory_vs_torch.py", "--models", "mnist,resnet20")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no twin for 'resnet20' here; expected some of" in err
 
 
 @needs_compiler
-def test_the_kernel_traffic_table_dry_runs():
+def test_the_kernel_traffic_table_dry_runs(capsys):
     """scripts/kernel_traffic.py: a row per kernel of one emulated eager step, traced, and a
     total whose launches with those not traced (cuDNN, cuBLAS) are the step's launches as
     tests/test_launch_counts.py pins them. (mnist-bn: more kinds of kernel than mnist, and a
-    tenth of its parameters, whose update is most of a traced step's records.)"""
-    out = _run("--models", "mnist-bn", "--precisions", "float32", "--batch", "2", "--warmup",
-               "1", script="kernel_traffic.py")
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+    tenth of its parameters, whose update is most of a traced step's records. Its main in this
+    process.)"""
+    assert _main("kernel_traffic.py", "--models", "mnist-bn", "--precisions", "float32",
+                 "--batch", "2", "--warmup", "1") == 0
+    lines = capsys.readouterr().out.splitlines()
     rows = {r.split()[0]: r.split()[1:] for r in lines if r.startswith("  xpcnn_")}
     assert {"xpcnn_sgd", "xpcnn_max_pool", "xpcnn_softmax_cross_entropy",
             "xpcnn_batch_norm_apply", "xpcnn_batch_norm_dx"} <= set(rows)
@@ -860,6 +917,8 @@ def _bench_module(monkeypatch: pytest.MonkeyPatch, *argv: str):
     import bench
 
     monkeypatch.setattr(bench, "ARGS", bench.parse_args(list(argv)))
+    # (--threads as the script reads it at import)
+    monkeypatch.setattr(bench, "THREADS", bench.ARGS.threads or os.cpu_count() or 1)
     return bench
 
 

@@ -123,13 +123,18 @@ def one_conv(channels):
     return model
 
 
-@pytest.mark.parametrize("level, dtype, channels", [
-    (255, np.uint8, 1), (128, np.uint8, 1), (0, np.uint8, 1), (0.5, np.float32, 1),
-    (1.0, np.float64, 2), (128, np.uint8, 2), (255, np.uint8, 3), (128, np.uint8, 3)])
-def test_input_images_are_drawn_at_their_true_levels(tmp_path, level, dtype, channels):
+@pytest.mark.parametrize("level, dtype, channels, with_demo", [
+    (255, np.uint8, 1, True), (128, np.uint8, 1, False), (0, np.uint8, 1, False),
+    (0.5, np.float32, 1, True), (1.0, np.float64, 2, True), (128, np.uint8, 2, False),
+    (255, np.uint8, 3, False), (128, np.uint8, 3, True)])
+def test_input_images_are_drawn_at_their_true_levels(tmp_path, level, dtype, channels,
+                                                     with_demo):
     """A constant image is drawn at its level, whatever its channels: a greyscale one was
     drawn stretched to its own min..max (a white or grey image came out black), unlike the
-    same image as RGB; its channels beside it too."""
+    same image as RGB; its channels beside it too. (The notebook demonstration, 0.6 s a
+    figure, draws its original through the same _display_image as the stage tour, checked
+    here for every case: it is drawn for one case of each dtype kind and channel count, the
+    white greyscale image of the bug among them.)"""
     img = np.full((8, 8, channels), level, dtype)
     want = round(level * 255) if level <= 1 else level
     fig = viz.plot_stage_tour(one_conv(channels), img, tmp_path / "t.png", dpi=30)
@@ -137,6 +142,8 @@ def test_input_images_are_drawn_at_their_true_levels(tmp_path, level, dtype, cha
     for row, col in ((0, 0), (4, 7)):
         np.testing.assert_allclose(drawn(fig, picture, row, col), grey(want), atol=1)
         np.testing.assert_allclose(drawn(fig, chans, row, col), grey(want), atol=1)
+    if not with_demo:
+        return
     demo = viz.plot_notebook_demo(img, tmp_path / "d.png", dpi=30)
     for ax in image_axes(demo)[::3]:  # (the original, once a row)
         np.testing.assert_allclose(drawn(demo, ax, 3, 3), grey(want), atol=1)
@@ -425,6 +432,11 @@ def test_a_figure_path_of_another_format_is_refused(tmp_path, image, name):
                                          r"\.png, got '.*demo\."):
         viz.plot_notebook_demo(image, tmp_path / name)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_figure_path_ending_in_png_in_capitals_is_drawn(tmp_path, image):
+    """(The other side of the refusal above, drawn once: it was drawn after each of its four
+    refused names, the same figure, 0.7 s each.)"""
     viz.plot_notebook_demo(image, tmp_path / "demo.PNG")
     assert (tmp_path / "demo.PNG").read_bytes().startswith(b"\x89PNG")
 
@@ -658,15 +670,21 @@ def test_cli_visualize_suggests_a_dpi_that_fits_every_figure_and_fewer_maps_only
 
 # -- the tour script on the real data -----------------------------------------------------
 @pytest.mark.slow
-def test_tour_script_on_cifar(tmp_path):
+def test_tour_script_on_cifar(tmp_path, monkeypatch, capsys):
+    """scripts/tour.py's main in this process, imported as running the script does (its
+    folder first on sys.path): a child process spent more time starting Python and importing
+    xpcnn and matplotlib than drawing (the command line itself: tests/test_scripts.py)."""
+    import importlib
+
     data = os.environ["XPCNN_DATA_DIR"]
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "tour.py"), "--data-dir", data,
-                          "--epochs", "0", "--out", str(tmp_path)], capture_output=True,
-                         text=True, cwd=ROOT, timeout=600)
-    assert out.returncode == 0, out.stderr
+    argv = ["--data-dir", data, "--epochs", "0", "--out", str(tmp_path)]
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "scripts" / "tour.py"), *argv])
+    assert importlib.import_module("tour").main(argv) == 0
+    stdout = capsys.readouterr().out
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["1_notebook_demo.png", "2_stage_tour.png", "3_filters_1_conv2d.png",
                      "3_filters_3_conv2d_1.png"]
     for name in names:
-        assert f"wrote {tmp_path / name}" in out.stdout
+        assert f"wrote {tmp_path / name}" in stdout
         assert mpl_image.imread(tmp_path / name).var() > 0
