@@ -7,6 +7,7 @@ import functools
 import math
 import os
 import random
+import re
 import shutil
 import warnings
 import zlib
@@ -521,6 +522,40 @@ def drive(callback, scores, monitor="score", model=None, validation_freq=1):
             break
     callback.on_train_end(seen[-1])
     return model, len(seen), seen
+
+
+MONITORS = [lambda **k: EarlyStopping(mode="min", **k),
+            lambda **k: ReduceLROnPlateau(mode="min", **k),
+            lambda **k: ModelCheckpoint("m.npz", save_best_only=True, mode="min", **k)]
+
+
+@pytest.mark.parametrize("make", MONITORS)
+@pytest.mark.parametrize("monitor", [None, 3, ["loss"], ""])
+def test_a_monitor_that_is_no_name_is_refused_when_made(make, monitor):
+    """(hunt H2: was taken, then a bare AttributeError ('removeprefix') when training began,
+    naming neither the callback nor its argument; a list got mode='auto''s advice to pass a
+    mode, which led to the same error)"""
+    with pytest.raises(InputError, match=r"(EarlyStopping|ReduceLROnPlateau|ModelCheckpoint) "
+                                         r"monitor must be the name of a log, a str such as "
+                                         rf"'val_loss', got {re.escape(repr(monitor))}$"):
+        make(monitor=monitor)
+
+
+@pytest.mark.parametrize("make", MONITORS)
+@pytest.mark.parametrize("value", [None, "abc", "0.5", np.array([1.0, 2.0])])
+def test_a_monitored_log_that_is_no_number_is_named(make, value):
+    """A monitored log that a callback set to no number is an InputError naming the callback,
+    the monitor and the value (hunt H2: was a bare TypeError or ValueError from float(), and a
+    text that parses, "0.5", was taken as the number); numbers of any kind are taken."""
+    callback = make(monitor="score")
+    with pytest.raises(InputError, match=r"monitors 'score', whose value in the epoch logs is "
+                                         rf"{re.escape(repr(value))}: expected a number"):
+        callback.current({"score": value})
+    for number in (np.float32(0.5), np.array(0.25), 1, math.nan):
+        assert callback.current({"score": number}) == float(number) or math.isnan(number)
+    if not isinstance(make(), ModelCheckpoint):  # (as fit calls it: the epoch's end)
+        with pytest.raises(InputError, match="whose value in the epoch logs is 'abc'"):
+            drive(make(monitor="score"), [1.0, "abc"])
 
 
 EARLY_STOPPING = [  # (settings (mode "min"), scores, epochs run, epoch restored)

@@ -682,6 +682,9 @@ class _Monitor(Callback):
     def __init__(self, monitor: str, mode: str, min_delta: float = 0.0,
                  watched: bool = True) -> None:
         super().__init__()
+        if not isinstance(monitor, str) or not monitor:
+            raise InputError(f"{type(self).__name__} monitor must be the name of a log, a str "
+                             f"such as 'val_loss', got {monitor!r}")
         if mode not in ("auto", "min", "max"):
             raise InputError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
         # (a name compile's strings do not give stays "auto" until the model is known: a
@@ -706,7 +709,13 @@ class _Monitor(Callback):
         iterator gave no batch): the epoch is then skipped, as in Keras; any other missing
         name is an error."""
         if logs and self.monitor in logs:
-            return float(logs[self.monitor])
+            value = logs[self.monitor]
+            if not isinstance(value, str | bytes | bool) and value is not None:
+                with contextlib.suppress(TypeError, ValueError):
+                    return float(value)
+            raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, whose value in "
+                             f"the epoch logs is {value!r}: expected a number (a callback "
+                             "adding it to the logs gives a float)")
         if self._validation_metric() and not self._epoch_validated():
             return None
         raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, which the epoch "
