@@ -304,9 +304,11 @@ class ElementwiseKernel:
         if not lib.exists():
             src = lib.with_suffix(".cpp")
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            if traced:
+            if traced:  # (its headers precompiled for its own flags: -g, -fsanitize)
+                source, found = _with_precompiled_headers(source, TRACE.compile_flags(fp),
+                                                          self.build_dir)
                 src.write_text(source)
-                TRACE.build(src, tmp, fp)
+                TRACE.build(src, tmp, fp, found)
             else:
                 source, found = _with_precompiled_headers(source, [*fp, "-fPIC"], self.build_dir)
                 src.write_text(source)

@@ -341,10 +341,18 @@ class Trace:
         self._sources: dict[Path, list[str]] = {}
 
     # -- what cuda_emulator calls -------------------------------------------------------------
-    def build(self, source: Path, library: Path, flags: list[str]) -> None:
-        """Compile ``source`` instrumented, and link it to the hooks into ``library``."""
+    @staticmethod
+    def compile_flags(flags: list[str]) -> list[str]:
+        """The flags of a traced compile of a kernel given the emulator's ``flags``: those its
+        precompiled headers are built with too (a PCH serves only the same flags)."""
+        return [*flags, *_TRACED_FLAGS, "-fPIC"]
+
+    def build(self, source: Path, library: Path, flags: list[str],
+              found: tuple[str, ...] | list[str] = ()) -> None:
+        """Compile ``source`` instrumented (``found``: the flags that find its precompiled
+        headers), and link it to the hooks into ``library``."""
         obj = library.with_suffix(".o")
-        subprocess.run([cuda_emulator.compiler(), *flags, *_TRACED_FLAGS, "-fPIC", "-c",
+        subprocess.run([cuda_emulator.compiler(), *self.compile_flags(flags), *found, "-c",
                         "-o", str(obj), str(source)], check=True, capture_output=True)
         subprocess.run([cuda_emulator.compiler(), "-shared", "-Wl,-z,defs", "-o", str(library),
                         str(obj), str(self.hooks_path)], check=True, capture_output=True)

@@ -299,23 +299,23 @@ def test_elementwise_kernels(fast, rng, dtype):
                                   STD.mask_multiply(dy, mask[:1]))
     # a model's uint8 batch cast, scaled and shifted in one launch, and a batch already of the
     # dtype, given in the dtype or in another (a compute dtype)
+    # (the source's cast to the dtype and the result's to ``out`` are apart in the kernel, each
+    # a typedef of its own: each source and each ``out`` once, not crossed; was the 6 pairs)
     images = rng.integers(0, 256, x.shape).astype(np.uint8)
-    for source in (images, x):
+    pairs = [(images, dtype), (x, np.float16), (images, np.float64)]
+    for source, out in pairs:
         for offset in (0.0, -0.75):
-            for out in (dtype, np.float16, np.float64):
-                got = fast.rescale(source, 1 / 255, offset, dtype, out)
-                assert got.dtype == out
-                assert_same(got, STD.rescale(source, 1 / 255, offset, dtype,
-                                                               out))
+            got = fast.rescale(source, 1 / 255, offset, dtype, out)
+            assert got.dtype == out
+            assert_same(got, STD.rescale(source, 1 / 255, offset, dtype, out))
     # and normalised per channel in one launch (computed in the dtype, given in another)
     shift = rng.standard_normal(x.shape[-1]).astype(dtype) * 100
     scale = rng.random(x.shape[-1]).astype(dtype) * 3
-    for source in (images, x):
-        for out in (dtype, np.float16, np.float64):
-            got = fast.normalize(source, shift, scale, dtype, out)
-            want = STD.normalize(source, shift, scale, dtype, out)
-            assert got.dtype == want.dtype == out
-            assert_same(got, want)
+    for source, out in pairs:  # (as the rescale's)
+        got = fast.normalize(source, shift, scale, dtype, out)
+        want = STD.normalize(source, shift, scale, dtype, out)
+        assert got.dtype == want.dtype == out
+        assert_same(got, want)
     assert_same(STD.normalize(images, shift, scale, dtype, dtype),
                                   (images.astype(dtype) - shift) * scale)
     # with the gradient of a ReLU before (a dropout's, apply_input_relu_grad), whose zeros are
@@ -1088,14 +1088,16 @@ def test_strided_and_over_padded_input_gradients_take_one_launch(
                                    atol=tol * np.abs(want).max())
 
 
-# (int64 labels at every shape; the labels' other dtypes change only how the kernel reads a
-# label, so they run at one shape of each kernel: a row a thread, a row a warp, each with every
-# logits' dtype over the two shapes, which instantiates every (labels, logits) pair once)
+# (int64 labels at every shape with every logits' dtype; the labels' other dtypes change only
+# how the kernel reads a label, ``(long long)labels[i]``, apart from the logits' typedef (Z, T,
+# U, A), so each runs at one shape of each kernel (a row a thread, a row a warp) with one
+# float32 or float64 logits' dtype, each kernel seeing both of these; was every (labels,
+# logits) pair, whose half-precision logits' reads, roundings and scales the int64 cases run)
 @pytest.mark.parametrize("rows, classes, smoothing, levels, labels_dtype, dtype", [
     *((*case, np.int64, dtype) for case in SOFTMAX_CROSS_ENTROPY for dtype in WITH_HALF),
-    *((*case, labels, WITH_HALF[(i + j) % len(WITH_HALF)])
+    *((*case, labels, DTYPES[(i + j) % 2])
       for i, case in enumerate((SOFTMAX_CROSS_ENTROPY[1], SOFTMAX_CROSS_ENTROPY[7]))
-      for j, labels in enumerate((np.int32, np.uint8, np.int32, np.uint8)))])
+      for j, labels in enumerate((np.int32, np.uint8)))])
 def test_softmax_cross_entropy(fast, monkeypatch, rng, rows, classes, smoothing, levels,
                                labels_dtype, dtype):
     """The loss, its gradient and the rows' sums in one launch (its last block summing the
@@ -1240,8 +1242,12 @@ def test_softmax_cross_entropy_of_target_rows_and_weights(fast, monkeypatch, rng
     # targets of a float32 loss rounded to it first, as the standard version's cast)
     scaling = np.array([2.0**15, 7.0], np.float32)
     # (soft rows of float16 would not sum to 1 within 1e-3: no class, in both versions)
+    # (with float32 logits alone, which run at every shape, both kernels: a target's and a
+    # weight's read, ``xpcnn_as_t``, is of their typedef and T, here float64 whatever the
+    # logits; the logits' own read and their gradient's rounding from a wider T are those of
+    # test_softmax_cross_entropy's float16/bfloat16/float32 logits; was every logits' dtype)
     for target_dtype in {"one-hot": [np.float16, BFLOAT16, np.float64], "soft": [np.float64],
-                         "labels": [np.uint8, np.int64]}[targets]:
+                         "labels": [np.uint8, np.int64]}[targets] if dtype == np.float32 else ():
         yd = y.astype(target_dtype)
         wd = None if w is None else w.astype(np.float64)
         got = fast.softmax_cross_entropy(z, yd, smoothing, scaling, np.float64, weights=wd)
@@ -1268,14 +1274,24 @@ def test_softmax_cross_entropy_of_target_rows_and_weights(fast, monkeypatch, rng
             assert np.isnan(got[0]) and not np.isnan(g[:rows // 2]).any()
 
 
-# (each target form in both dtypes at every shape, weighted or not in turn: every kernel
-# instantiation, (targets, weighted, dtype), still runs, at 4 of the shapes, and the shape
-# sets the grid alone (a row a thread or a warp, blocks), so the 4-way cross adds no path)
+# (the kernel (a row a thread or a warp), the dtype, the target form and the weights, each
+# pair of them once: a covering array of 5 of their 16 combinations, as the code crosses them
+# only in pairs (the table's and the weights' reads rounded to T, their product rounded to T,
+# the label the table is looked up by of the target form); every shape runs, those of a row
+# a thread each with the 2 combinations of that kernel, those of a row a warp (37 classes of
+# float32 or float64, 300, 1000) 2 of its 3; was all 4 (form, weighted) at each shape, the
+# dtype alternating: every combination)
+_CLASS_WEIGHTED = {"thread": [(np.float32, "labels", False), (np.float64, "one-hot", True)],
+                   "warp": [(np.float32, "one-hot", True), (np.float64, "labels", True),
+                            (np.float64, "one-hot", False)]}
+
+
 @pytest.mark.parametrize("rows, classes, smoothing, levels, dtype, targets, weighted", [
-    (*case, DTYPES[(i + j) % 2], targets, weighted)
-    for i, case in enumerate(SOFTMAX_CROSS_ENTROPY)
-    for j, (targets, weighted) in enumerate([("labels", False), ("labels", True),
-                                             ("one-hot", False), ("one-hot", True)])])
+    *((*case, *combo) for case in SOFTMAX_CROSS_ENTROPY if case[1] < 37
+      for combo in _CLASS_WEIGHTED["thread"]),
+    *((*case, *_CLASS_WEIGHTED["warp"][(i + j) % 3])
+      for i, case in enumerate(c for c in SOFTMAX_CROSS_ENTROPY if c[1] >= 37)
+      for j in range(2))])
 def test_softmax_cross_entropy_looks_up_class_weights(fast, monkeypatch, rng, rows, classes,
                                                       smoothing, levels, dtype, targets,
                                                       weighted):
@@ -2163,12 +2179,18 @@ def test_the_recorded_loss_scale_never_doubles_to_infinity(fast, scale):
         assert_same(g, w)
 
 
-# (every target form and every logits' dtype at each shape, and each pair of them at one shape:
-# the kernel's instantiation is of the pair (Z, L, Y), its grid of the shape alone, so the
-# triples crossed add no path)
+# (every target form at each shape with float32 logits, and the logits' other dtypes at one
+# shape each: the kernel's instantiation is of (Z, L, Y), its grid of the shape alone, and the
+# logits' typedef is apart from the targets' (the logits compared with each other only, a
+# target read as an index or as a row's first largest entry), so each dtype of each role runs
+# at least once; was every (logits, targets) pair, each at one shape)
+TOP_K_TARGETS = [np.int64, np.int32, np.uint8, "one-hot", "float16"]
+
+
 @pytest.mark.parametrize("rows, classes, targets, dtype", [
-    (*shape, targets, WITH_HALF[(i + j) % len(WITH_HALF)]) for i, shape in enumerate(TOP_K)
-    for j, targets in enumerate([np.int64, np.int32, np.uint8, "one-hot", "float16"])])
+    *((*shape, targets, np.float32) for shape in TOP_K for targets in TOP_K_TARGETS),
+    (*TOP_K[1], np.int32, np.float16), (*TOP_K[2], "float16", BFLOAT16),
+    (*TOP_K[3], "one-hot", np.float64), (*TOP_K[2], np.uint8, np.float64)])
 def test_top_k_counts_in_one_launch(fast, monkeypatch, rng, rows, classes, targets, dtype):
     """The top-k metrics' counts for every k in one launch, as the standard version counts
     them: ties in, NaN scores greater than none, non-finite targets and labels of no class
