@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -225,3 +226,18 @@ def http_server(routes: dict[str, Route]) -> Iterator[Server]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def small_shapes(monkeypatch: Any, n_train: int, n_test: int = 20) -> None:
+    """``load_dataset`` gives the shapes dataset at these sizes (for the CLI's tests of its logs,
+    files and messages, which do not depend on the data's size: generating the default sizes and
+    evaluating on their test set cost most of a short run)."""
+    import xpcnn.datasets
+
+    real = xpcnn.datasets.load_dataset
+
+    def load(name, data_dir=None, download=True, **kw):
+        return real(name, data_dir, download, **{"n_train": n_train, "n_test": n_test, **kw})
+
+    monkeypatch.setattr(xpcnn.datasets, "load_dataset", load)
+

@@ -8,42 +8,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_scripts import _RUN_CASES
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_batchnorm.py"
 
-# Runs each argument list given on stdin as `python scripts/bench_batchnorm.py ...` would, in
-# one interpreter (one start, and one PyTorch import, for them all): its __main__ afresh each
-# time; prints each one's [exit status, stdout, stderr] (a SystemExit's message and a traceback
-# as the interpreter prints them).
-_RUN_CASES = r"""
-import contextlib, io, json, os, runpy, sys, traceback
-script = sys.argv[1]
-sys.path[0] = os.path.dirname(script)  # (as `python <script>` puts its folder first)
-results = []
-for args in json.load(sys.stdin):
-    sys.argv = [script, *args]
-    out, err, status = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(script, run_name="__main__")
-        except SystemExit as e:
-            if e.code is not None and not isinstance(e.code, int):
-                print(e.code, file=sys.stderr)
-            status = e.code if isinstance(e.code, int) else int(e.code is not None)
-        except BaseException:
-            traceback.print_exc()
-            status = 1
-    results.append([status, out.getvalue(), err.getvalue()])
-print(json.dumps(results))
-"""
 
 
 def _run_all(*cases: list[str]) -> list[subprocess.CompletedProcess]:
     """Each case's run of the script (its arguments), all in one child interpreter."""
+    # (test_scripts' runner: one start, and one PyTorch import, for them all)
     out = subprocess.run([sys.executable, "-c", _RUN_CASES, str(SCRIPT)],
-                         input=json.dumps(cases), capture_output=True, text=True, timeout=300,
-                         env={**os.environ})
+                         input=json.dumps([[args, str(ROOT)] for args in cases]),
+                         capture_output=True, text=True, timeout=300, env={**os.environ})
     assert out.returncode == 0, out.stderr
     return [subprocess.CompletedProcess([str(SCRIPT), *args], status, stdout, stderr)
             for args, (status, stdout, stderr) in zip(cases, json.loads(out.stdout),

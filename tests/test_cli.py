@@ -4,6 +4,7 @@ import json
 import sys
 import types
 
+import datasets_helpers
 import ml_dtypes
 import numpy as np
 import pytest
@@ -13,21 +14,9 @@ import xpcnn.datasets
 from xpcnn.cli import main
 
 
-def _small_shapes(monkeypatch) -> None:
-    """The shapes dataset of 40 training and 20 test images: generating the default sizes and
-    evaluating on the test set cost most of a short run (for the tests of the command's logs,
-    files and messages, which do not depend on the data's size)."""
-    real = xpcnn.datasets.load_dataset
-
-    def load(name, data_dir=None, download=True, **kw):
-        return real(name, data_dir, download, **{"n_train": 40, "n_test": 20, **kw})
-
-    monkeypatch.setattr(xpcnn.datasets, "load_dataset", load)
-
-
 @pytest.fixture
 def small_shapes(monkeypatch):
-    _small_shapes(monkeypatch)
+    datasets_helpers.small_shapes(monkeypatch, 40)
 
 
 def test_info_on_a_machine_without_cupy(monkeypatch, capsys):
@@ -242,7 +231,7 @@ def trained_model(tmp_path_factory) -> str:
     model = tmp_path_factory.mktemp("visualize") / "m.npz"
     with pytest.MonkeyPatch.context() as m, contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
-        _small_shapes(m)
+        datasets_helpers.small_shapes(m, 40)
         assert main(["train", "--limit", "16", "--epochs", "1", "--quiet", "--save",
                      str(model)]) == 0
     return str(model)

@@ -23,6 +23,7 @@ import weakref
 from pathlib import Path
 
 import ckpt_train
+import datasets_helpers
 import numpy as np
 import pytest
 from datasets_helpers import http_server
@@ -191,24 +192,14 @@ def test_a_failed_download_tells_how_to_give_a_folder_on_the_command_line(
 
 @pytest.fixture
 def small_shapes(monkeypatch):
-    real = xpcnn.datasets.load_dataset
-
-    def load(name, data_dir=None, download=True, **kw):
-        return real(name, data_dir, download, **{"n_train": 40, "n_test": 20, **kw})
-
-    monkeypatch.setattr(xpcnn.datasets, "load_dataset", load)
+    datasets_helpers.small_shapes(monkeypatch, 40)
 
 
 @pytest.fixture
 def shapes_64(monkeypatch):
     """The shapes dataset of 64 training images (TRAIN's --limit) and 20 test ones: generating
     the default sizes and evaluating on the test set cost most of a short in-process run."""
-    real = xpcnn.datasets.load_dataset
-
-    def load(name, data_dir=None, download=True, **kw):
-        return real(name, data_dir, download, **{"n_train": 64, "n_test": 20, **kw})
-
-    monkeypatch.setattr(xpcnn.datasets, "load_dataset", load)
+    datasets_helpers.small_shapes(monkeypatch, 64)
 
 
 def test_the_plots_and_other_outputs_are_refused_on_one_file(tmp_path, traps, capsys):
